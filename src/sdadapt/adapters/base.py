@@ -1,0 +1,143 @@
+"""What every adapter family shares: the base-layer geometry and the adapter module contract.
+
+An adapter module never replaces the layer it adapts. It lives beside it (see ``inject.py``) and
+computes the *delta output* ``Δy`` that a forward hook adds to the base layer's output, so the
+base layer keeps its class, its ``forward`` and its ``state_dict()`` keys.
+
+Weights are always shaped ``(out, in, *kernel)`` so one formula serves ``nn.Linear``
+(``kernel = ()``) and ``nn.Conv2d`` (``kernel = (kh, kw)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerGeometry", "AdapterModule", "geometry_of"]
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Shape and convolution parameters of the base layer an adapter sits on.
+
+    ``kernel == ()`` means a linear layer; otherwise a 2-D convolution with the given
+    ``stride``/``padding``/``dilation``/``padding_mode`` (groups is always 1).
+    """
+
+    out_features: int
+    in_features: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    padding_mode: str = "zeros"
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.kernel) > 0
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features, *self.kernel)
+
+    def conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        """Apply ``weight`` (r, in, *kernel) with this layer's stride/padding/dilation.
+
+        For a linear layer this is ``x @ weight.T``; for a conv it is ``F.conv2d`` honouring a
+        non-zero ``padding_mode`` exactly as ``nn.Conv2d`` does.
+        """
+        if not self.is_conv:
+            return F.linear(x, weight)
+        if self.padding_mode != "zeros":
+            ph, pw = self.padding  # type: ignore[misc]
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            return F.conv2d(x, weight, None, self.stride, 0, self.dilation)
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation)
+
+
+def geometry_of(module: nn.Module, *, name: str = "<module>") -> LayerGeometry:
+    """Read the :class:`LayerGeometry` of an ``nn.Linear`` or ``nn.Conv2d`` (subclasses count).
+
+    Raises:
+        TypeError: for any other module type, or a grouped convolution, naming ``name``.
+    """
+    if isinstance(module, nn.Linear):
+        return LayerGeometry(module.out_features, module.in_features)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise TypeError(
+                f"{name}: Conv2d with groups={module.groups} is not supported by sdadapt adapters "
+                "(only groups=1); exclude it from the targets, e.g. `targets & ~by_name('{name}')`."
+            )
+        return LayerGeometry(
+            module.out_channels,
+            module.in_channels,
+            tuple(module.kernel_size),
+            tuple(module.stride),
+            module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            tuple(module.dilation),
+            module.padding_mode,
+        )
+    raise TypeError(
+        f"{name}: cannot adapt a {type(module).__name__}; sdadapt adapters wrap nn.Linear or "
+        "nn.Conv2d (subclasses count). Narrow the targets with by_type(nn.Linear, nn.Conv2d)."
+    )
+
+
+class AdapterModule(nn.Module):
+    """Contract of one adapter family's module.
+
+    Subclasses implement:
+      * ``delta_weight()`` -> (out, in, *kernel): the scaled weight delta, via the family's pure
+        function (the merge path);
+      * ``forward(x)`` -> Δy: the delta *output* for the base layer's input ``x`` (the training
+        path), equal to ``geometry.conv(x, delta_weight())`` up to dropout;
+      * ``file_tensors()`` / ``from_file_tensors()``: the family's canonical tensors, keyed by
+        the suffixes files use (``lora_down.weight``, ``lora_up.weight``, ``alpha`` ...).
+
+    ``multiplier`` is a 0-dim buffer (not saved) so the strength can change at run time without
+    recompiling a ``torch.compile``'d model.
+    """
+
+    family: ClassVar[str] = ""
+    #: suffixes this family owns in files (used to recognise a family from keys)
+    file_keys: ClassVar[tuple[str, ...]] = ()
+
+    geometry: LayerGeometry
+    multiplier: Tensor
+
+    def __init__(self, geometry: LayerGeometry) -> None:
+        super().__init__()
+        self.geometry = geometry
+        self.register_buffer("multiplier", torch.ones(()), persistent=False)
+        self.enabled = True
+        self.merged = False
+        self.module_dropout = 0.0
+
+    def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def file_tensors(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """Forward hook registered on the base layer: ``y + Δy`` unless merged or disabled."""
+        if self.merged or not self.enabled:
+            return output
+        if self.training and self.module_dropout > 0 and float(torch.rand(())) < self.module_dropout:
+            return output
+        x = args[0]
+        dtype = self.delta_dtype()
+        delta = self(x if x.dtype == dtype else x.to(dtype))
+        return output + delta.to(output.dtype)
+
+    def delta_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

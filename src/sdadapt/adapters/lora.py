@@ -1,0 +1,299 @@
+"""LoRA and LoCon: low-rank deltas on linear and convolution layers.
+
+Math (Hu et al. 2021; kohya's LoCon for convolutions). For a base weight ``W`` of shape
+``(out, in, *k)``::
+
+    ΔW = scale · up ⋅ down            up: (out, r, 1..), down: (r, in, *k)
+    y  = W x + scale · up(down(x))    scale = alpha / r   (rank-stabilised: alpha / sqrt(r))
+
+For a convolution, ``down`` is a convolution with the base layer's kernel, stride, padding and
+dilation and ``up`` is a 1x1 convolution, so ``ΔW[o, i] = Σ_r up[o, r] · down[r, i]`` — the same
+formula as the linear case after flattening the kernel into the input axis.
+
+Files store ``alpha`` such that ``alpha / r`` is always the scale (a rank-stabilised adapter stores
+``alpha · sqrt(r)``, as LyCORIS does), so readers never need to know how the scale was chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AdapterModule, LayerGeometry
+
+__all__ = [
+    "LoRAConfig",
+    "LoRAModule",
+    "lora_delta_weight",
+    "lora_forward",
+    "lora_scale",
+    "pissa_factors",
+]
+
+
+def lora_scale(alpha: float | None, rank: int, *, rank_stabilized: bool = False) -> float:
+    """The scale a LoRA applies: ``alpha / r`` (``alpha / sqrt(r)`` rank-stabilised).
+
+    ``alpha`` of ``None`` or ``0`` means ``alpha = r`` (scale 1), the convention of kohya, A1111,
+    ComfyUI and diffusers for files without an alpha.
+    """
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+    if alpha is None or alpha == 0:
+        alpha = float(rank) if not rank_stabilized else math.sqrt(rank)
+    return float(alpha) / (math.sqrt(rank) if rank_stabilized else rank)
+
+
+def lora_delta_weight(up: Tensor, down: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    """``ΔW = scale · up ⋅ down`` for linear and convolution layers alike.
+
+    Args:
+        up: (out, r) or (out, r, 1, 1).
+        down: (r, in) or (r, in, kh, kw).
+        scale: scalar (float or 0-dim tensor).
+
+    Returns:
+        (out, in, *kernel): the delta in ``down``'s kernel layout, dtype of the inputs.
+    """
+    out_features, rank = up.shape[0], up.shape[1]
+    if down.shape[0] != rank:
+        raise ValueError(f"LoRA up has rank {rank} but down has rank {down.shape[0]}")
+    # (out, r) @ (r, in*k) -> (out, in*k) -> (out, in, *k)
+    delta = up.reshape(out_features, rank) @ down.reshape(rank, -1)
+    return (delta * scale).reshape(out_features, *down.shape[1:])
+
+
+def lora_forward(
+    x: Tensor,
+    up: Tensor,
+    down: Tensor,
+    scale: float | Tensor,
+    geometry: LayerGeometry,
+    *,
+    dropout: float = 0.0,
+    rank_dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """The delta output ``scale · up(down(x))`` without forming ``ΔW``.
+
+    Args:
+        x: the base layer's input, (..., in) for linear, (B, in, H, W) for conv.
+        up, down: as in :func:`lora_delta_weight`.
+        geometry: the base layer's geometry (conv stride/padding/dilation for ``down``).
+        dropout: dropout on the rank activations (kohya's placement; cheaper than peft's
+            dropout on the input, which keeps a second copy of ``x`` alive).
+        rank_dropout: drops whole rank channels per sample and rescales by ``1/(1-p)``.
+
+    Returns:
+        Δy with the base layer's output shape: (..., out) or (B, out, H', W').
+    """
+    h = geometry.conv(x, down)  # (..., r) or (B, r, H', W')
+    if training and dropout > 0:
+        h = F.dropout(h, p=dropout, training=True)
+    if training and rank_dropout > 0:
+        rank = down.shape[0]
+        keep = (torch.rand(h.shape[0], rank, device=h.device) > rank_dropout).to(h.dtype)
+        if geometry.is_conv:
+            keep = keep[:, :, None, None]  # (B, r, 1, 1)
+        else:
+            keep = keep.view(h.shape[0], *([1] * (h.dim() - 2)), rank)  # (B, 1.., r)
+        h = h * keep
+        scale = scale / (1.0 - rank_dropout)
+    if geometry.is_conv:
+        return F.conv2d(h, up) * scale  # up: (out, r, 1, 1)
+    return F.linear(h, up) * scale  # up: (out, r)
+
+
+def pissa_factors(weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PiSSA initialisation (Meng et al. 2024): principal singular directions of ``W``.
+
+    ``W = U S Vᵀ``; ``up = U_r sqrt(S_r) / sqrt(scale)``, ``down = sqrt(S_r) V_rᵀ / sqrt(scale)``,
+    so ``scale · up ⋅ down`` is the best rank-r approximation of ``W`` and the base keeps the
+    residual.
+
+    Args:
+        weight: (out, in, *k) base weight.
+
+    Returns:
+        ``(up (out, r), down (r, in, *k), residual (out, in, *k))`` in float32.
+    """
+    out_features = weight.shape[0]
+    w = weight.detach().float().reshape(out_features, -1)  # (out, in*k)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = (s[:rank] / scale).sqrt()  # (r,)
+    up = u[:, :rank] * root  # (out, r)
+    down = (root[:, None] * vh[:rank]).reshape(rank, *weight.shape[1:])  # (r, in, *k)
+    residual = weight.float() - lora_delta_weight(up, down, scale)
+    return up, down, residual
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA / LoCon hyper-parameters.
+
+    Attributes:
+        rank: r for linear and 1x1 conv layers.
+        alpha: scale numerator; ``None`` means ``alpha = rank`` (scale 1).
+        conv_rank, conv_alpha: r and alpha for kxk convolutions (kohya's ``conv_dim`` /
+            ``conv_alpha``); ``None`` uses ``rank`` / ``alpha``.
+        rank_stabilized: scale ``alpha / sqrt(r)`` (rsLoRA) instead of ``alpha / r``.
+        dropout, rank_dropout, module_dropout: training-time regularisers (kohya semantics).
+        init: ``"kaiming"`` (kohya: down ~ kaiming-uniform(a=sqrt 5), up = 0), ``"gaussian"``
+            (peft/diffusers: down ~ N(0, 1/r), up = 0) or ``"pissa"`` (SVD of the base weight;
+            the base keeps the residual, restored by ``remove()``).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    rank_stabilized: bool = False
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
+
+    def __post_init__(self) -> None:
+        for field in ("rank", "conv_rank"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"LoRAConfig.{field} must be a positive int, got {value!r}")
+        for field in ("dropout", "rank_dropout", "module_dropout"):
+            value = getattr(self, field)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"LoRAConfig.{field} must be in [0, 1), got {value!r}")
+        if self.init not in ("kaiming", "gaussian", "pissa"):
+            raise ValueError(
+                f"LoRAConfig.init must be 'kaiming', 'gaussian' or 'pissa', got {self.init!r}"
+            )
+
+    def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
+        """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
+        is_kxk = geometry.is_conv and any(k != 1 for k in geometry.kernel)
+        if is_kxk and self.conv_rank is not None:
+            return self.conv_rank, self.conv_alpha
+        return self.rank, self.alpha
+
+
+class LoRAModule(AdapterModule):
+    """One LoRA/LoCon adapter for one base layer (a thin shell over the functions above).
+
+    Parameters: ``lora_down`` (r, in, *k), ``lora_up`` (out, r[, 1, 1]); buffer ``alpha``
+    (0-dim, saved) with the file convention ``scale = alpha / r``.
+    """
+
+    family: ClassVar[str] = "lora"
+    file_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "alpha")
+
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        rank_stabilized: bool = False,
+        dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        init: str = "kaiming",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(geometry)
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+        scale = lora_scale(alpha, rank, rank_stabilized=rank_stabilized)
+        factory = {"dtype": dtype, "device": device}
+        up_shape = (geometry.out_features, rank, *([1] * len(geometry.kernel)))
+        self.lora_down = nn.Parameter(torch.empty(rank, geometry.in_features, *geometry.kernel, **factory))
+        self.lora_up = nn.Parameter(torch.zeros(up_shape, **factory))
+        # stored alpha follows the file convention scale = alpha / r
+        self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_down, std=1.0 / rank)
+        elif init != "pissa":  # pissa factors are set by the injector, which owns the base weight
+            raise ValueError(f"unknown LoRA init {init!r}; use 'kaiming', 'gaussian' or 'pissa'")
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[0]
+
+    @property
+    def scale(self) -> Tensor:
+        """``alpha / r · multiplier`` as a 0-dim tensor (no recompilation when it changes)."""
+        return self.alpha / self.rank * self.multiplier
+
+    def delta_weight(self) -> Tensor:
+        """(out, in, *k): ``scale · up ⋅ down``."""
+        return lora_delta_weight(self.lora_up, self.lora_down, self.scale.to(self.lora_up.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Δy for base input ``x`` (see :func:`lora_forward`)."""
+        return lora_forward(
+            x,
+            self.lora_up,
+            self.lora_down,
+            self.scale.to(x.dtype),
+            self.geometry,
+            dropout=self.dropout,
+            rank_dropout=self.rank_dropout,
+            training=self.training,
+        )
+
+    def init_from_base(self, weight: Tensor) -> Tensor:
+        """PiSSA: set ``up``/``down`` from ``weight``'s SVD and return the residual base weight."""
+        scale = float(self.alpha) / self.rank
+        up, down, residual = pissa_factors(weight, self.rank, scale)
+        with torch.no_grad():
+            self.lora_up.copy_(up.reshape(self.lora_up.shape))
+            self.lora_down.copy_(down)
+        return residual
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up, "alpha": self.alpha}
+
+    @classmethod
+    def from_file_tensors(
+        cls, geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
+    ) -> "LoRAModule":
+        """Build from ``{"lora_down.weight", "lora_up.weight"[, "alpha"]}``; rank from shapes.
+
+        Raises:
+            ValueError: if a tensor is missing or its shape does not fit the base layer.
+        """
+        missing = [k for k in ("lora_down.weight", "lora_up.weight") if k not in tensors]
+        if missing:
+            raise ValueError(f"{name}: LoRA tensors {missing} are missing (have {sorted(tensors)})")
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        rank = down.shape[0]
+        want_down = (rank, geometry.in_features, *geometry.kernel)
+        want_up = (geometry.out_features, rank, *([1] * len(geometry.kernel)))
+        down_ok = tuple(down.shape) == want_down or (
+            not geometry.is_conv and down.dim() == 4 and tuple(down.shape) == (*want_down, 1, 1)
+        )
+        up_ok = tuple(up.shape) == want_up or (
+            not geometry.is_conv and up.dim() == 4 and tuple(up.shape) == (*want_up, 1, 1)
+        )
+        if not (down_ok and up_ok):
+            raise ValueError(
+                f"{name}: LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the "
+                f"base layer of weight shape {geometry.weight_shape}; expected down {want_down} and "
+                f"up {want_up}. The file was made for a different model (or a different rank/kernel)."
+            )
+        alpha = tensors.get("alpha")
+        alpha_value = float(alpha) if alpha is not None else None
+        module = cls(geometry, rank, alpha_value, dtype=down.dtype, device=down.device)
+        with torch.no_grad():
+            module.lora_down.copy_(down.reshape(module.lora_down.shape))
+            module.lora_up.copy_(up.reshape(module.lora_up.shape))
+        return module

@@ -1,0 +1,87 @@
+"""Every foreign file format as one translation to and from sdadapt's canonical adapter state.
+
+Canonical state: ``{component: {"<layer path>.<tensor>": tensor}}`` with component one of
+``unet``, ``text_encoder``, ``text_encoder_2``; layer paths in diffusers (UNet) and
+transformers-4 (``text_model.…``, CLIP) spelling; tensors ``lora_down.weight``,
+``lora_up.weight`` and ``alpha`` (scale = alpha / r).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from .detect import describe_file, detect_kind
+from .diffusers import from_diffusers, load_diffusers, load_peft, save_diffusers, save_peft, to_diffusers
+from .files import WeightFileError, read_weights, write_safetensors
+from .kohya import from_kohya, load_kohya, save_kohya, to_kohya
+from .layers import LayerNotFoundError, canonical_state, resolve_layers
+
+__all__ = [
+    "load_lora",
+    "save_lora",
+    "from_kohya",
+    "to_kohya",
+    "load_kohya",
+    "save_kohya",
+    "from_diffusers",
+    "to_diffusers",
+    "load_diffusers",
+    "save_diffusers",
+    "load_peft",
+    "save_peft",
+    "describe_file",
+    "detect_kind",
+    "read_weights",
+    "write_safetensors",
+    "canonical_state",
+    "resolve_layers",
+    "WeightFileError",
+    "LayerNotFoundError",
+]
+
+
+def load_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+    """Read a kohya, diffusers or peft LoRA file, whichever it is.
+
+    Returns:
+        ``({component: canonical state}, metadata)``; a peft adapter has the single component
+        ``"model"``.
+
+    Raises:
+        WeightFileError: unreadable file, or a file that is not a LoRA (says what it is).
+    """
+    if os.path.isdir(path):
+        return {"model": load_peft(path)}, {}
+    state, metadata = read_weights(path)
+    kind = detect_kind(list(state), metadata)
+    if kind == "kohya-lora":
+        return load_kohya(path)
+    if kind == "diffusers-lora":
+        return load_diffusers(path)
+    if kind == "peft-lora":
+        return {"model": load_peft(path)}, metadata
+    raise WeightFileError(
+        f"{path}: this is a {kind} file, not a LoRA that sdadapt can load"
+        + (" yet (LyCORIS LoHa/LoKr/DoRA support is tracked separately)" if kind == "lycoris" else "")
+        + "; run `python -m sdadapt inspect FILE` to see what it holds."
+    )
+
+
+def save_lora(
+    path: str | os.PathLike,
+    components: Mapping[str, Mapping[str, Tensor]],
+    *,
+    format: str = "kohya",
+    base_model: str = "sd1",
+    **options,
+) -> None:
+    """Write a LoRA as ``format="kohya"`` (A1111, ComfyUI, kohya) or ``"diffusers"`` (diffusers/peft)."""
+    if format == "kohya":
+        save_kohya(path, components, base_model=base_model, **options)
+    elif format == "diffusers":
+        save_diffusers(path, components, **options)
+    else:
+        raise ValueError(f"format must be 'kohya' or 'diffusers', got {format!r}")

@@ -1,0 +1,181 @@
+"""What is this weights file? Classification from key names and metadata alone."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import Tensor
+
+from .files import read_safetensors_header, read_weights
+from .kohya import is_kohya_state
+
+__all__ = ["FILE_KINDS", "detect_kind", "describe_file"]
+
+FILE_KINDS = (
+    "kohya-lora",
+    "lycoris",
+    "diffusers-lora",
+    "peft-lora",
+    "custom-diffusion",
+    "embedding",
+    "hypernetwork",
+    "checkpoint",
+    "unknown",
+)
+
+_LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a", "hada_t1", "lora_mid", "diff", "diff_b", "dora_scale", "lokr_t2")
+_CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "encoder.down.", "text_model.", "encoder.layers.", "input_blocks.")
+
+
+def _suffix(key: str) -> str:
+    return key.split(".", 1)[1] if "." in key else ""
+
+
+def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
+    """Classify by keys/metadata; one of :data:`FILE_KINDS`."""
+    if not keys:
+        return "unknown"
+    key_set = set(keys)
+    if any("custom_diffusion" in k for k in keys):
+        return "custom-diffusion"
+    if all(k.split("_", 2)[0] == "lora" for k in keys) and is_kohya_state(dict.fromkeys(keys)):  # type: ignore[arg-type]
+        suffixes = {_suffix(k) for k in keys}
+        if metadata.get("ss_network_module", "").startswith("lycoris") or suffixes & set(_LYCORIS_MARKERS):
+            return "lycoris"
+        return "kohya-lora"
+    if any(k.startswith("base_model.model.") for k in keys) and any("lora_" in k for k in keys):
+        return "peft-lora"
+    if any(k.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") for k in keys) and any(
+        ("lora" in k) for k in keys
+    ):
+        return "diffusers-lora"
+    if any(k.startswith("string_to_param") for k in keys) or key_set in ({"emb_params"}, {"clip_l", "clip_g"}):
+        return "embedding"
+    if any(k.split(".", 1)[0].isdigit() and ".linear." in k for k in keys):
+        return "hypernetwork"
+    if any(k.startswith(_CHECKPOINT_MARKERS) for k in keys) or any(k.startswith("state_dict.") for k in keys):
+        return "checkpoint"
+    if len(keys) == 1 or len(keys) <= 2 and all("." not in k for k in keys):
+        return "embedding"  # diffusers concept file {token: tensor}
+    return "unknown"
+
+
+def describe_file(path: str | os.PathLike) -> dict:
+    """A JSON-able summary: kind, modules, ranks, alphas, dtypes, size, metadata.
+
+    Safetensors files are summarised from the header alone where possible (no tensor data
+    is read except the 0-dim alphas); legacy pickles are read with ``weights_only=True``.
+    """
+    file = Path(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: Counter[str] = Counter()
+    tensors: dict[str, Tensor] | None = None
+    with open(file, "rb") as handle:
+        head = handle.read(2)
+    if file.suffix.lower() == ".safetensors" or not (head[:2] == b"PK" or head[:1] == b"\x80"):
+        header, metadata = read_safetensors_header(file)
+        for key, info in header.items():
+            shapes[key] = tuple(info["shape"])
+            dtypes[str(info["dtype"]).lower()] += 1
+    else:
+        tensors, metadata = read_weights(file)
+        for key, value in tensors.items():
+            shapes[key] = tuple(value.shape)
+            dtypes[str(value.dtype).replace("torch.", "")] += 1
+    keys = list(shapes)
+    kind = detect_kind(keys, metadata)
+    summary: dict = {
+        "file": str(file),
+        "kind": kind,
+        "tensors": len(keys),
+        "size_bytes": file.stat().st_size,
+        "dtypes": dict(dtypes),
+        "metadata": dict(metadata),
+    }
+    if kind in ("kohya-lora", "lycoris", "diffusers-lora", "peft-lora"):
+        summary.update(_adapter_summary(file, shapes, tensors, kind))
+    return summary
+
+
+def _adapter_summary(file: Path, shapes: dict[str, tuple[int, ...]], tensors, kind: str) -> dict:
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        layer, _, suffix = key.partition(".") if kind in ("kohya-lora", "lycoris") else _split_diffusers(key)
+        modules.setdefault(layer, {})[suffix] = shape
+    ranks: Counter[int] = Counter()
+    algorithms: Counter[str] = Counter()
+    components: Counter[str] = Counter()
+    for layer, parts in modules.items():
+        algo, rank = _algorithm(parts)
+        algorithms[algo] += 1
+        if rank is not None:
+            ranks[rank] += 1
+        components[_component(layer, kind)] += 1
+    alphas: Counter[str] = Counter()
+    alpha_keys = [k for k in shapes if k.endswith(".alpha")]
+    if alpha_keys:
+        if tensors is None:
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in alpha_keys:
+                    alphas[_fmt(float(handle.get_tensor(key)))] += 1
+        else:
+            for key in alpha_keys:
+                alphas[_fmt(float(tensors[key]))] += 1
+    return {
+        "modules": len(modules),
+        "components": dict(components),
+        "algorithms": dict(algorithms),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": dict(alphas) if alphas else {"absent (alpha = rank)": len(modules)},
+    }
+
+
+def _split_diffusers(key: str) -> tuple[str, str, str]:
+    for marker in (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_linear_layer.", "_lora.", ".lora_magnitude_vector"):
+        index = key.find(marker)
+        if index >= 0:
+            return key[:index], ".", key[index + 1 :]
+    return key.rsplit(".", 1)[0], ".", key.rsplit(".", 1)[-1]
+
+
+def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
+    names = set(parts)
+    if {"hada_w1_a", "hada_w1_b"} <= names:
+        return "loha", parts["hada_w1_b"][0]
+    if any(n.startswith("lokr_") for n in names):
+        for low in ("lokr_w1_b", "lokr_w2_b"):
+            if low in names:
+                return "lokr", parts[low][0]
+        return "lokr", None
+    if "diff" in names:
+        return "full", None
+    for down in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight"):
+        if down in names:
+            shape = parts[down]
+            algo = "locon" if len(shape) == 4 and shape[2] * shape[3] > 1 else "lora"
+            if "dora_scale" in names or "lora_magnitude_vector" in names:
+                algo = "dora"
+            return algo, shape[0]
+    for name, shape in parts.items():
+        if "down" in name:
+            return "lora", shape[0]
+    return "unknown", None
+
+
+def _component(layer: str, kind: str) -> str:
+    if kind in ("kohya-lora", "lycoris"):
+        for prefix in ("lora_unet", "lora_te1", "lora_te2", "lora_te"):
+            if layer.startswith(prefix + "_"):
+                return {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}[prefix]
+    if kind == "peft-lora":
+        return "model"
+    return layer.split(".", 1)[0]
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if value.is_integer() else f"{value:g}"

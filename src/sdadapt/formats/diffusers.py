@@ -1,0 +1,268 @@
+"""diffusers pipeline LoRA files and peft adapter folders.
+
+diffusers (``pytorch_lora_weights.safetensors``): keys ``<component>.<layer>.lora_A.weight`` (down,
+(r, in[, k, k])) and ``.lora_B.weight`` (up, (out, r[, 1, 1])), component ``unet``,
+``text_encoder``, ``text_encoder_2``. No alpha tensors: the scale comes from the safetensors
+metadata ``lora_adapter_metadata`` (JSON of peft ``LoraConfig`` fields, keys prefixed by component:
+``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern`` ...); without it
+``alpha = r`` (scale 1). sdadapt writes exact per-layer ``rank_pattern``/``alpha_pattern`` so
+diffusers rebuilds the same scales.
+
+Older spellings read too: ``…to_q.lora.down.weight`` / ``…q_proj.lora_linear_layer.up.weight``
+("new diffusers" format) and ``…attn1.processor.to_q_lora.down.weight`` (attention-processor era).
+
+peft (``adapter_model.safetensors`` + ``adapter_config.json``): keys
+``base_model.model.<layer>.lora_A.weight``, scale from the config's ``r``/``lora_alpha``/patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .files import WeightFileError, atomic_write, check_finite, read_weights, write_safetensors
+from .layers import COMPONENTS, canonical_state, split_key
+
+__all__ = [
+    "to_diffusers",
+    "from_diffusers",
+    "save_diffusers",
+    "load_diffusers",
+    "to_peft",
+    "from_peft",
+    "save_peft",
+    "load_peft",
+    "METADATA_KEY",
+]
+
+METADATA_KEY = "lora_adapter_metadata"
+
+# spelling of (down, up) in diffusers files, longest first
+_DOWN_UP_SPELLINGS = (
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+)
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def _config_for(state: Mapping[str, Tensor]) -> dict:
+    """peft ``LoraConfig`` fields that reproduce each layer's rank and alpha exactly."""
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for key, value in state.items():
+        layer, suffix = split_key(key)
+        if suffix == "lora_down.weight":
+            ranks[layer] = int(value.shape[0])
+    for layer, rank in ranks.items():
+        alpha = state.get(f"{layer}.alpha")
+        alphas[layer] = float(alpha) if alpha is not None else float(rank)
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    lora_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r)
+    return {
+        "r": r,
+        "lora_alpha": _int_if_whole(lora_alpha),
+        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {k: _int_if_whole(v) for k, v in alphas.items() if v != lora_alpha},
+        "target_modules": sorted(ranks),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+    }
+
+
+def _int_if_whole(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _peft_keys(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        layer, suffix = split_key(key)
+        if suffix == "lora_down.weight":
+            out[f"{prefix}{layer}.lora_A.weight"] = value
+        elif suffix == "lora_up.weight":
+            out[f"{prefix}{layer}.lora_B.weight"] = value
+        elif suffix != "alpha":
+            raise ValueError(f"{key}: diffusers/peft LoRA files hold only LoRA tensors, not {suffix!r}")
+    return out
+
+
+def to_diffusers(components: Mapping[str, Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Canonical component states -> (diffusers state dict, safetensors metadata with alphas)."""
+    state: dict[str, Tensor] = {}
+    config: dict[str, object] = {}
+    for component, comp_state in components.items():
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; use one of {COMPONENTS}")
+        canonical = canonical_state(component, comp_state)
+        state.update(_peft_keys(canonical, f"{component}."))
+        config.update({f"{component}.{k}": v for k, v in _config_for(canonical).items()})
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+    return state, metadata
+
+
+def _pattern_value(patterns: Mapping[str, object], layer: str, default: object) -> object:
+    """peft's pattern lookup: the key matches the layer name or a dotted suffix of it."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", layer):
+            return value
+    return default
+
+
+def _normalise_spelling(key: str) -> tuple[str, str] | None:
+    """A diffusers/peft key -> (layer, "lora_down.weight"|"lora_up.weight"|"alpha") or None."""
+    match = _OLD_PROCESSOR.search(key)
+    if match:
+        proj = "to_out.0" if match.group(1) == "to_out" else match.group(1)
+        layer = key[: match.start()] + "." + proj
+        return layer, "lora_down.weight" if match.group(2) == "down" else "lora_up.weight"
+    for down, up in _DOWN_UP_SPELLINGS:
+        if key.endswith(down):
+            return key[: -len(down)], "lora_down.weight"
+        if key.endswith(up):
+            return key[: -len(up)], "lora_up.weight"
+    if key.endswith(".alpha"):
+        return key[: -len(".alpha")], "alpha"
+    return None
+
+
+def _with_alphas(layers: dict[str, dict[str, Tensor]], config: Mapping | None) -> dict[str, Tensor]:
+    """Add the canonical ``alpha`` (scale · r) to every layer from a peft-style config."""
+    out: dict[str, Tensor] = {}
+    config = dict(config or {})
+    rsl = bool(config.get("use_rslora", False))
+    for layer, tensors in layers.items():
+        if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
+            raise WeightFileError(f"{layer}: has {sorted(tensors)} but LoRA needs both down (lora_A) and up (lora_B)")
+        rank = int(tensors["lora_down.weight"].shape[0])
+        if "alpha" in tensors:
+            alpha = float(tensors["alpha"])
+        elif config:
+            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, layer, config.get("lora_alpha", rank)))  # type: ignore[arg-type]
+            if rsl:  # peft scale = alpha / sqrt(r); store alpha' with alpha' / r == scale
+                alpha = alpha * rank / rank**0.5
+        else:
+            alpha = float(rank)
+        out[f"{layer}.lora_down.weight"] = tensors["lora_down.weight"]
+        out[f"{layer}.lora_up.weight"] = tensors["lora_up.weight"]
+        out[f"{layer}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return out
+
+
+def from_diffusers(
+    state: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None, *, source: str = "<state>"
+) -> dict[str, dict[str, Tensor]]:
+    """diffusers state (any spelling) -> ``{component: canonical state}`` with alphas.
+
+    Raises:
+        WeightFileError: keys without a component prefix or LoRA tensor name (listed).
+    """
+    config_all: dict = {}
+    if metadata and metadata.get(METADATA_KEY):
+        config_all = json.loads(metadata[METADATA_KEY])
+    grouped: dict[str, dict[str, dict[str, Tensor]]] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        component, _, rest = key.partition(".")
+        parsed = _normalise_spelling(rest) if component in COMPONENTS else None
+        if parsed is None:
+            unknown.append(key)
+            continue
+        layer, suffix = parsed
+        grouped.setdefault(component, {}).setdefault(layer, {})[suffix] = value
+    if unknown:
+        raise WeightFileError(
+            f"{source}: {len(unknown)} key(s) are not diffusers LoRA keys, e.g. {unknown[:5]}; expected "
+            f"'<component>.<layer>.lora_A.weight' / '.lora_B.weight' with component in {COMPONENTS}."
+        )
+    out = {}
+    for component, layers in grouped.items():
+        config = {k[len(component) + 1 :]: v for k, v in config_all.items() if k.startswith(component + ".")}
+        out[component] = _with_alphas(layers, config)
+    return out
+
+
+def save_diffusers(
+    path: str | os.PathLike,
+    components: Mapping[str, Mapping[str, Tensor]],
+    *,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write a diffusers LoRA file (``pipe.load_lora_weights`` reads it) atomically."""
+    state, metadata = to_diffusers(components)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    check_finite(state, source=str(path))
+    write_safetensors(path, state, metadata)
+
+
+def load_diffusers(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+    """Read a diffusers LoRA file: ``({component: canonical state}, metadata)``."""
+    state, metadata = read_weights(path)
+    check_finite(state, source=str(path))
+    return from_diffusers(state, metadata, source=str(path)), metadata
+
+
+# ---------------------------------------------------------------------------------------- peft
+_PEFT_PREFIX = "base_model.model."
+
+
+def to_peft(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
+    """One model's adapter state (live layer paths) -> (peft state dict, adapter_config dict)."""
+    peft_state = _peft_keys(state, _PEFT_PREFIX)
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, **_config_for(state)}
+    return peft_state, config
+
+
+def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: str = "<state>") -> dict[str, Tensor]:
+    """peft adapter state + config -> canonical state (layer paths as in the peft-wrapped model)."""
+    layers: dict[str, dict[str, Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        rest = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+        parsed = _normalise_spelling(rest)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        layers.setdefault(parsed[0], {})[parsed[1]] = value
+    if unknown:
+        raise WeightFileError(f"{source}: {len(unknown)} key(s) are not peft LoRA keys, e.g. {unknown[:5]}")
+    if config and config.get("peft_type", "LORA") != "LORA":
+        raise WeightFileError(f"{source}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config and config.get("use_dora"):
+        raise WeightFileError(f"{source}: DoRA adapters are not LoRA; load them with the DoRA family")
+    return _with_alphas(layers, config)
+
+
+def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` reads it)."""
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    peft_state, config = to_peft(state)
+    check_finite(peft_state, source=str(target))
+    write_safetensors(target / "adapter_model.safetensors", peft_state, {"format": "pt"})
+    atomic_write(target / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+
+def load_peft(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a peft adapter folder (or its ``adapter_model.safetensors``) into a canonical state."""
+    target = Path(folder)
+    weights = target / "adapter_model.safetensors" if target.is_dir() else target
+    if not weights.exists() and target.is_dir():
+        weights = target / "adapter_model.bin"
+    config_file = weights.parent / "adapter_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    state, _ = read_weights(weights)
+    check_finite(state, source=str(weights))
+    return from_peft(state, config, source=str(weights))

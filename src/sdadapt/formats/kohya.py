@@ -1,0 +1,252 @@
+"""kohya sd-scripts LoRA / LoCon files (also what A1111, ComfyUI and LyCORIS read and write).
+
+Key = ``<prefix>_<layer path with "." -> "_">.<tensor>``; prefixes ``lora_unet``, ``lora_te``
+(SD1/SD2 text encoder), ``lora_te1`` / ``lora_te2`` (SDXL's two text encoders). Tensors
+``lora_down.weight`` (r, in[, kh, kw]), ``lora_up.weight`` (out, r[, 1, 1]) and a 0-dim ``alpha``
+(scale = alpha / r; absent means alpha = r).
+
+The trap: SD1/SD2 files name UNet layers with **diffusers** paths
+(``lora_unet_down_blocks_0_attentions_0_...``) while SDXL files use **LDM** paths
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``). :func:`from_kohya` returns
+canonical diffusers paths either way, :func:`to_kohya` writes each base model's convention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+
+import torch
+from torch import Tensor
+
+from .files import WeightFileError, check_finite, read_weights, write_safetensors
+from .layers import canonical_state, split_key, underscore_to_path
+from .unet_names import attention_up_blocks, diffusers_to_ldm_unet, is_ldm_unet_path, ldm_to_diffusers_unet
+
+__all__ = [
+    "BASE_MODELS",
+    "to_kohya",
+    "from_kohya",
+    "is_kohya_state",
+    "kohya_metadata",
+    "save_kohya",
+    "load_kohya",
+]
+
+#: base model -> (ss_base_model_version, ss_v2, modelspec architecture, implementation)
+BASE_MODELS: dict[str, tuple[str, str, str, str]] = {
+    "sd1": ("sd_v1", "False", "stable-diffusion-v1/lora", "diffusers"),
+    "sd2": ("sd_v2", "True", "stable-diffusion-v2-512/lora", "diffusers"),
+    "sd2-v": ("sd_v2_v", "True", "stable-diffusion-v2-768-v/lora", "diffusers"),
+    "sdxl": (
+        "sdxl_base_v1-0",
+        "False",
+        "stable-diffusion-xl-v1-base/lora",
+        "https://github.com/Stability-AI/generative-models",
+    ),
+}
+
+_PREFIX_TO_COMPONENT = {
+    "lora_unet": "unet",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+}
+
+
+def _prefixes(base_model: str) -> dict[str, str]:
+    if base_model == "sdxl":
+        return {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    return {"unet": "lora_unet", "text_encoder": "lora_te"}
+
+
+def _check_base_model(base_model: str) -> None:
+    if base_model not in BASE_MODELS:
+        raise ValueError(f"base_model must be one of {sorted(BASE_MODELS)}, got {base_model!r}")
+
+
+def to_kohya(
+    components: Mapping[str, Mapping[str, Tensor]],
+    *,
+    base_model: str = "sd1",
+    up_blocks_with_attention: set[int] | None = None,
+) -> dict[str, Tensor]:
+    """Canonical component states -> one flat kohya state dict.
+
+    Args:
+        components: ``{"unet": state, "text_encoder": state[, "text_encoder_2": state]}`` with
+            canonical (or live) layer paths, e.g. from ``AdapterHandle.state_dict()``.
+        base_model: ``"sd1"``, ``"sd2"``, ``"sd2-v"`` or ``"sdxl"`` (decides UNet naming and
+            text-encoder prefixes).
+        up_blocks_with_attention: for SDXL-style LDM naming of upsamplers; derived from the
+            state's own paths when ``None``.
+
+    Raises:
+        ValueError: unknown base model or component.
+    """
+    _check_base_model(base_model)
+    prefixes = _prefixes(base_model)
+    out: dict[str, Tensor] = {}
+    for component, state in components.items():
+        if component not in prefixes:
+            raise ValueError(
+                f"component {component!r} has no kohya prefix for base_model={base_model!r}; "
+                f"use one of {sorted(prefixes)}"
+            )
+        canonical = canonical_state(component, state)
+        layers = [split_key(k)[0] for k in canonical]
+        up_attention = up_blocks_with_attention
+        if up_attention is None and base_model == "sdxl":
+            up_attention = attention_up_blocks(layers) or {0, 1}
+        for key, value in canonical.items():
+            layer, suffix = split_key(key)
+            if component == "unet" and base_model == "sdxl":
+                layer = diffusers_to_ldm_unet(layer, up_blocks_with_attention=up_attention) or layer
+            out[f"{prefixes[component]}_{layer.replace('.', '_')}.{suffix}"] = value
+    return out
+
+
+def is_kohya_state(state: Mapping[str, Tensor]) -> bool:
+    """True when every key starts with a kohya prefix (``lora_unet_``, ``lora_te*_``)."""
+    return bool(state) and all(k.split("_", 2)[0] == "lora" and _component_of(k) is not None for k in state)
+
+
+def _component_of(key: str) -> tuple[str, str] | None:
+    name = key.split(".", 1)[0]
+    for prefix in sorted(_PREFIX_TO_COMPONENT, key=len, reverse=True):
+        if name.startswith(prefix + "_"):
+            return _PREFIX_TO_COMPONENT[prefix], name[len(prefix) + 1 :]
+    return None
+
+
+def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[str, dict[str, Tensor]]:
+    """Flat kohya state -> ``{component: canonical state}`` (UNet paths in diffusers naming).
+
+    Raises:
+        WeightFileError: a key has no kohya prefix or an unknown tensor name (lists them).
+    """
+    out: dict[str, dict[str, Tensor]] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        found = _component_of(key)
+        if found is None or "." not in key:
+            unknown.append(key)
+            continue
+        component, name = found
+        suffix = key.split(".", 1)[1]
+        try:
+            split_key(f"x.{suffix}")
+        except ValueError:
+            unknown.append(key)
+            continue
+        path = underscore_to_path(name)
+        if component == "unet" and is_ldm_unet_path(path):
+            path = ldm_to_diffusers_unet(path) or path
+        out.setdefault(component, {})[f"{path}.{suffix}"] = value
+    if unknown:
+        raise WeightFileError(
+            f"{source}: {len(unknown)} key(s) are not kohya LoRA keys, e.g. {unknown[:5]}; expected "
+            "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with .lora_down.weight / "
+            ".lora_up.weight / .alpha. Is this a diffusers/peft file? Use load_lora() to auto-detect."
+        )
+    return out
+
+
+def kohya_metadata(
+    components: Mapping[str, Mapping[str, Tensor]],
+    *,
+    base_model: str = "sd1",
+    title: str = "sdadapt-lora",
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The ``ss_*`` minimum set and ModelSpec 1.0.1 fields kohya writes (all strings).
+
+    ``ss_network_dim``/``ss_network_alpha`` are the most common rank and alpha; ``ss_network_args``
+    records ``conv_dim``/``conv_alpha`` when convolutions have their own rank.
+    """
+    _check_base_model(base_model)
+    version, v2, architecture, implementation = BASE_MODELS[base_model]
+    ranks: dict[tuple[int, float], int] = {}
+    conv_ranks: dict[tuple[int, float], int] = {}
+    for state in components.values():
+        groups: dict[str, dict[str, Tensor]] = {}
+        for key, value in state.items():
+            layer, suffix = split_key(key)
+            groups.setdefault(layer, {})[suffix] = value
+        for tensors in groups.values():
+            down = tensors.get("lora_down.weight")
+            if down is None:
+                continue
+            rank = down.shape[0]
+            alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
+            bucket = conv_ranks if down.dim() == 4 and down.shape[-1] * down.shape[-2] > 1 else ranks
+            bucket[(rank, alpha)] = bucket.get((rank, alpha), 0) + 1
+    dim, alpha = max(ranks, key=ranks.get) if ranks else (None, None)
+    args: dict[str, str] = {}
+    if conv_ranks:
+        conv_dim, conv_alpha = max(conv_ranks, key=conv_ranks.get)
+        args = {"conv_dim": str(conv_dim), "conv_alpha": _num(conv_alpha)}
+    from .. import __version__
+
+    meta = {
+        "ss_v2": v2,
+        "ss_base_model_version": version,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": _num(alpha) if alpha is not None else "None",
+        "ss_network_args": json.dumps(args),
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": "1024x1024" if base_model == "sdxl" else ("768x768" if base_model == "sd2-v" else "512x512"),
+        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.implementation_version": f"sdadapt/{__version__}",
+    }
+    if base_model == "sd2-v":
+        meta["modelspec.prediction_type"] = "v"
+    meta.update(dict(extra or {}))
+    return meta
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def save_kohya(
+    path: str | os.PathLike,
+    components: Mapping[str, Mapping[str, Tensor]],
+    *,
+    base_model: str = "sd1",
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> None:
+    """Write a kohya LoRA ``.safetensors`` atomically, with kohya/ModelSpec metadata.
+
+    Args:
+        components: ``{"unet": handle.state_dict(), "text_encoder": ...}``.
+        dtype: cast adapter weights (not ``alpha``, kept float32) e.g. to ``torch.float16``.
+        metadata: extra string metadata merged over the generated fields.
+    """
+    state = to_kohya(components, base_model=base_model)
+    if dtype is not None:
+        state = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in state.items()}
+    check_finite(state, source=str(path))
+    title = title or os.path.splitext(os.path.basename(str(path)))[0]
+    meta = kohya_metadata(components, base_model=base_model, title=title, extra=metadata)
+    write_safetensors(path, state, meta)
+
+
+def load_kohya(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+    """Read a kohya LoRA file: ``({component: canonical state}, metadata)``.
+
+    Raises:
+        WeightFileError: unreadable/truncated file, non-kohya keys, NaN/inf weights.
+    """
+    state, metadata = read_weights(path)
+    check_finite(state, source=str(path))
+    return from_kohya(state, source=str(path)), metadata

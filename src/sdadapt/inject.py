@@ -1,0 +1,341 @@
+"""Explicit, exactly reversible injection of adapters into any model.
+
+How it works: for each chosen base layer ``layer`` (an ``nn.Linear`` or ``nn.Conv2d``), sdadapt
+
+1. adds one child container ``layer.sdadapt`` (an :class:`AdapterSlot`) holding the adapters by
+   name, so they follow ``.to()``/``.cuda()``/``.half()`` and show up in ``state_dict()`` under
+   ``<layer>.sdadapt.<name>.*`` — the base keys (``<layer>.weight``, ``<layer>.bias``) never change;
+2. registers a forward hook on ``layer`` that adds the adapter's Δy to the output.
+
+The layer keeps its class and its own ``forward`` (nothing is rebound), so code that checks
+``isinstance(attn.to_q, nn.Linear)`` keeps working, and ``remove()`` leaves the model exactly as
+it was: same module objects, same keys, same weights (bit for bit, PiSSA residuals included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .adapters.base import AdapterModule, geometry_of
+from .adapters.lora import LoRAConfig, LoRAModule
+from .targets import Target, select
+
+__all__ = ["AdapterSlot", "AdapterHandle", "inject", "load_adapter", "adapter_names"]
+
+
+class AdapterSlot(nn.ModuleDict):
+    """The ``sdadapt`` child of an adapted layer: adapters by name, plus merge bookkeeping.
+
+    While any adapter is merged the slot keeps one copy of the layer's original weight; the
+    merged weight is always recomputed as ``original + Σ merged deltas`` (in float32, cast once),
+    so merge/unmerge in any order is exact and unmerging everything restores the original bits.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.original_weight: Tensor | None = None
+        self.merged_names: list[str] = []
+
+    def refresh_weight(self, layer: nn.Module) -> None:
+        weight = layer.weight
+        if not self.merged_names:
+            if self.original_weight is not None:
+                with torch.no_grad():
+                    weight.copy_(self.original_weight)
+                self.original_weight = None
+            return
+        if self.original_weight is None:
+            self.original_weight = weight.detach().clone()
+        total = self.original_weight.float()
+        for name in self.merged_names:
+            adapter: AdapterModule = self[name]  # type: ignore[assignment]
+            total = total + adapter.delta_weight().detach().float().reshape(weight.shape).to(total.device)
+        with torch.no_grad():
+            weight.copy_(total.to(weight.dtype))
+
+
+def _slot_of(layer: nn.Module, *, create: bool) -> AdapterSlot | None:
+    slot = layer._modules.get("sdadapt")
+    if slot is None and create:
+        slot = AdapterSlot()
+        layer.add_module("sdadapt", slot)
+    if slot is not None and not isinstance(slot, AdapterSlot):
+        raise TypeError(f"{type(layer).__name__} already has a child called 'sdadapt' that is not sdadapt's")
+    return slot  # type: ignore[return-value]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters currently injected anywhere in ``model``."""
+    names: list[str] = []
+    for module in model.modules():
+        if isinstance(module, AdapterSlot):
+            names.extend(n for n in module.keys() if n not in names)
+    return names
+
+
+class AdapterHandle:
+    """What one ``inject`` (or ``load_adapter``) changed, and how to undo it.
+
+    Attributes:
+        name: the adapter name (several named adapters can live on one model).
+        modules: ``{layer qualified name: adapter module}`` in model order.
+    """
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self.model = model
+        self.name = name
+        self.modules: dict[str, AdapterModule] = {}
+        self._layers: dict[str, nn.Module] = {}
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._pissa_originals: dict[str, Tensor] = {}
+        self._removed = False
+
+    # ------------------------------------------------------------------ construction
+    def _attach(self, layer_name: str, layer: nn.Module, adapter: AdapterModule) -> None:
+        slot = _slot_of(layer, create=True)
+        assert slot is not None
+        if self.name in slot:
+            raise ValueError(
+                f"{layer_name}: an adapter named {self.name!r} is already injected; pick another "
+                "name=... or remove() the existing one first"
+            )
+        slot[self.name] = adapter
+        self.modules[layer_name] = adapter
+        self._layers[layer_name] = layer
+        self._hooks[layer_name] = layer.register_forward_hook(adapter.hook)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of the layers this adapter changed."""
+        return list(self.modules)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable adapter parameters (for the optimiser)."""
+        for adapter in self.modules.values():
+            yield from adapter.parameters()
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __repr__(self) -> str:
+        return f"AdapterHandle(name={self.name!r}, layers={len(self.modules)}, removed={self._removed})"
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Tensor]:
+        """Canonical adapter state: ``{"<layer name>.<file key>": tensor}`` (detached)."""
+        self._check_alive()
+        return {
+            f"{layer}.{key}": value.detach()
+            for layer, adapter in self.modules.items()
+            for key, value in adapter.file_tensors().items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Copy a canonical state (as from :meth:`state_dict`) into the adapters; exact keys."""
+        self._check_alive()
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"adapter {self.name!r}: state keys do not match; missing {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''}"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"adapter {self.name!r}: {key} has shape {tuple(value.shape)}, the adapter has "
+                    f"{tuple(own[key].shape)}; was it trained with another rank?"
+                )
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value)
+        for layer_name, adapter in self.modules.items():
+            if adapter.merged:
+                _slot_of(self._layers[layer_name], create=False).refresh_weight(self._layers[layer_name])  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ switches
+    def set_scale(self, scale: float) -> None:
+        """Set the run-time strength (multiplier) of this adapter; no recompilation needed."""
+        self._check_alive()
+        for adapter in self.modules.values():
+            adapter.multiplier.fill_(float(scale))
+        for layer_name, adapter in self.modules.items():
+            if adapter.merged:
+                _slot_of(self._layers[layer_name], create=False).refresh_weight(self._layers[layer_name])  # type: ignore[union-attr]
+
+    def enable(self) -> None:
+        self._check_alive()
+        for adapter in self.modules.values():
+            adapter.enabled = True
+
+    def disable(self) -> None:
+        """Bypass the adapter (the model behaves as its base); merged adapters are unmerged first."""
+        self._check_alive()
+        self.unmerge()
+        for adapter in self.modules.values():
+            adapter.enabled = False
+
+    def merge(self) -> None:
+        """Fold the deltas into the base weights (faster inference); exact to undo."""
+        self._check_alive()
+        for layer_name, adapter in self.modules.items():
+            if adapter.merged:
+                continue
+            layer = self._layers[layer_name]
+            slot = _slot_of(layer, create=False)
+            adapter.merged = True
+            slot.merged_names.append(self.name)  # type: ignore[union-attr]
+            slot.refresh_weight(layer)  # type: ignore[union-attr]
+
+    def unmerge(self) -> None:
+        """Take merged deltas out again; with nothing else merged the original bits come back."""
+        self._check_alive()
+        for layer_name, adapter in self.modules.items():
+            if not adapter.merged:
+                continue
+            layer = self._layers[layer_name]
+            slot = _slot_of(layer, create=False)
+            adapter.merged = False
+            slot.merged_names.remove(self.name)  # type: ignore[union-attr]
+            slot.refresh_weight(layer)  # type: ignore[union-attr]
+
+    def remove(self) -> None:
+        """Undo the injection: hooks, adapter children and PiSSA residuals; idempotent."""
+        if self._removed:
+            return
+        self.unmerge()
+        for layer_name, layer in self._layers.items():
+            self._hooks[layer_name].remove()
+            slot = _slot_of(layer, create=False)
+            if slot is not None:
+                del slot[self.name]
+                if len(slot) == 0:
+                    del layer._modules["sdadapt"]
+            if layer_name in self._pissa_originals:
+                with torch.no_grad():
+                    layer.weight.copy_(self._pissa_originals[layer_name])
+        self._pissa_originals.clear()
+        self._removed = True
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise RuntimeError(f"adapter {self.name!r} was removed; inject it again to use it")
+
+
+def _named_layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise KeyError(f"{type(model).__name__} has no module {name!r}") from exc
+
+
+def _freeze_base(model: nn.Module) -> None:
+    for param_name, param in model.named_parameters():
+        if ".sdadapt." not in f".{param_name}":
+            param.requires_grad_(False)
+
+
+def inject(
+    model: nn.Module,
+    targets: Target | str | Iterable[str],
+    config: LoRAConfig,
+    *,
+    name: str = "default",
+    freeze_base: bool = True,
+    dtype: torch.dtype | None = torch.float32,
+) -> AdapterHandle:
+    """Add one adapter per chosen layer of ``model`` and return the handle naming them.
+
+    Args:
+        model: any ``nn.Module`` (a diffusers UNet, an LDM UNet, a CLIP text encoder, your own).
+        targets: a :class:`~sdadapt.targets.Target`, a preset name or glob(s).
+        config: the family's config (:class:`~sdadapt.adapters.lora.LoRAConfig`).
+        name: adapter name; several named adapters can be injected side by side.
+        freeze_base: set ``requires_grad=False`` on every existing parameter of ``model``.
+        dtype: adapter parameter dtype (``None``: the base layer's dtype). float32 by default,
+            the usual choice for training under autocast.
+
+    Returns:
+        An :class:`AdapterHandle`; its ``parameters()`` are the trainable adapter weights.
+
+    Raises:
+        NoTargetsError: the target matched nothing. TypeError: a target is not Linear/Conv2d.
+    """
+    chosen = select(model, targets)
+    if freeze_base:
+        _freeze_base(model)
+    handle = AdapterHandle(model, name)
+    built: list[tuple[str, nn.Module, AdapterModule]] = []
+    for layer_name, layer in chosen:
+        geometry = geometry_of(layer, name=layer_name)
+        adapter = _build(config, geometry, layer, dtype)
+        built.append((layer_name, layer, adapter))
+    for layer_name, layer, adapter in built:
+        if isinstance(config, LoRAConfig) and config.init == "pissa":
+            residual = adapter.init_from_base(layer.weight)  # type: ignore[attr-defined]
+            handle._pissa_originals[layer_name] = layer.weight.detach().clone()
+            with torch.no_grad():
+                layer.weight.copy_(residual.to(layer.weight.dtype))
+        handle._attach(layer_name, layer, adapter)
+    return handle
+
+
+def _build(config: LoRAConfig, geometry, layer: nn.Module, dtype: torch.dtype | None) -> AdapterModule:
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"unsupported adapter config {type(config).__name__}; use LoRAConfig")
+    rank, alpha = config.rank_alpha_for(geometry)
+    return LoRAModule(
+        geometry,
+        rank,
+        alpha,
+        rank_stabilized=config.rank_stabilized,
+        dropout=config.dropout,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+        init=config.init,
+        dtype=dtype or layer.weight.dtype,
+        device=layer.weight.device,
+    )
+
+
+def load_adapter(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    name: str = "default",
+    freeze_base: bool = True,
+    dtype: torch.dtype | None = torch.float32,
+) -> AdapterHandle:
+    """Inject adapters built from a canonical state dict (ranks and family read from the tensors).
+
+    ``state`` keys are ``"<layer name>.<file key>"`` with layer names as :func:`resolve_layers`
+    produces them from files (see ``sdadapt.formats``).
+
+    Raises:
+        KeyError: a layer name matches no module of ``model`` (nearest names suggested).
+        ValueError: a tensor's shape does not fit its layer.
+    """
+    from .formats.layers import group_by_layer, resolve_layers
+
+    groups = group_by_layer(state)
+    resolved = resolve_layers(model, list(groups))
+    if freeze_base:
+        _freeze_base(model)
+    handle = AdapterHandle(model, name)
+    built = []
+    for key_name, layer_name in resolved.items():
+        layer = _named_layer(model, layer_name)
+        geometry = geometry_of(layer, name=layer_name)
+        adapter = LoRAModule.from_file_tensors(geometry, groups[key_name], name=layer_name)
+        if dtype is not None:
+            adapter.to(dtype)
+        built.append((layer_name, layer, adapter.to(layer.weight.device)))
+    for layer_name, layer, adapter in built:
+        handle._attach(layer_name, layer, adapter)
+    return handle
