@@ -104,9 +104,10 @@ def lora_forward(
             keep = keep.view(h.shape[0], *([1] * (h.dim() - 2)), rank)  # (B, 1.., r)
         h = h * keep
         scale = scale / (1.0 - rank_dropout)
+    h = h * scale  # scale the r-channel activation, cheaper than scaling the output
     if geometry.is_conv:
-        return F.conv2d(h, up) * scale  # up: (out, r, 1, 1)
-    return F.linear(h, up) * scale  # up: (out, r)
+        return F.conv2d(h, up)  # up: (out, r, 1, 1)
+    return F.linear(h, up)  # up: (out, r)
 
 
 def pissa_factors(weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
