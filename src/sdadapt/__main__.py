@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.run(args))
-    except (WeightFileError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (WeightFileError, OSError, ValueError) as exc:
+        # one line, no traceback: the message names the file and the fix
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

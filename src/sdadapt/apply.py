@@ -62,6 +62,7 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
         for layer_name, layer, adapter in deltas:
             weight = layer.weight
             applied.originals[layer_name] = (layer, weight.detach().clone())
-            delta = adapter.float().delta_weight().reshape(weight.shape).to(weight.device)
-            weight.copy_((weight.float() + scale * delta).to(weight.dtype))
+            acc = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
+            delta = adapter.to(acc).delta_weight().reshape(weight.shape).to(weight.device)
+            weight.copy_((weight.to(acc) + scale * delta).to(weight.dtype))
     return applied

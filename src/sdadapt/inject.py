@@ -49,10 +49,11 @@ class AdapterSlot(nn.ModuleDict):
             return
         if self.original_weight is None:
             self.original_weight = weight.detach().clone()
-        total = self.original_weight.float()
+        # accumulate in at least float32 (float64 weights keep float64 precision)
+        total = self.original_weight.to(torch.promote_types(weight.dtype, torch.float32))
         for name in self.merged_names:
             adapter: AdapterModule = self[name]  # type: ignore[assignment]
-            total = total + adapter.delta_weight().detach().float().reshape(weight.shape).to(total.device)
+            total = total + adapter.delta_weight().detach().to(total).reshape(weight.shape)
         with torch.no_grad():
             weight.copy_(total.to(weight.dtype))
 
@@ -95,14 +96,9 @@ class AdapterHandle:
 
     # ------------------------------------------------------------------ construction
     def _attach(self, layer_name: str, layer: nn.Module, adapter: AdapterModule) -> None:
+        _check_name_free(layer_name, layer, self.name)
         slot = _slot_of(layer, create=True)
-        assert slot is not None
-        if self.name in slot:
-            raise ValueError(
-                f"{layer_name}: an adapter named {self.name!r} is already injected; pick another "
-                "name=... or remove() the existing one first"
-            )
-        slot[self.name] = adapter
+        slot[self.name] = adapter  # type: ignore[index]
         self.modules[layer_name] = adapter
         self._layers[layer_name] = layer
         self._hooks[layer_name] = layer.register_forward_hook(adapter.hook)
@@ -155,9 +151,7 @@ class AdapterHandle:
         with torch.no_grad():
             for key, value in state.items():
                 own[key].copy_(value)
-        for layer_name, adapter in self.modules.items():
-            if adapter.merged:
-                _slot_of(self._layers[layer_name], create=False).refresh_weight(self._layers[layer_name])  # type: ignore[union-attr]
+        self._refresh_merged()
 
     # ------------------------------------------------------------------ switches
     def set_scale(self, scale: float) -> None:
@@ -165,9 +159,7 @@ class AdapterHandle:
         self._check_alive()
         for adapter in self.modules.values():
             adapter.multiplier.fill_(float(scale))
-        for layer_name, adapter in self.modules.items():
-            if adapter.merged:
-                _slot_of(self._layers[layer_name], create=False).refresh_weight(self._layers[layer_name])  # type: ignore[union-attr]
+        self._refresh_merged()
 
     def enable(self) -> None:
         self._check_alive()
@@ -182,27 +174,39 @@ class AdapterHandle:
             adapter.enabled = False
 
     def merge(self) -> None:
-        """Fold the deltas into the base weights (faster inference); exact to undo."""
+        """Fold the deltas into the base weights (faster inference); exact to undo.
+
+        Raises:
+            RuntimeError: the adapter is disabled (``enable()`` it first).
+        """
         self._check_alive()
-        for layer_name, adapter in self.modules.items():
-            if adapter.merged:
-                continue
-            layer = self._layers[layer_name]
-            slot = _slot_of(layer, create=False)
-            adapter.merged = True
-            slot.merged_names.append(self.name)  # type: ignore[union-attr]
-            slot.refresh_weight(layer)  # type: ignore[union-attr]
+        if any(not adapter.enabled for adapter in self.modules.values()):
+            raise RuntimeError(f"adapter {self.name!r} is disabled; enable() it before merge()")
+        self._set_merged(True)
 
     def unmerge(self) -> None:
         """Take merged deltas out again; with nothing else merged the original bits come back."""
         self._check_alive()
+        self._set_merged(False)
+
+    def _refresh_merged(self) -> None:
+        """Recompute merged weights after the adapter's tensors or scale changed."""
         for layer_name, adapter in self.modules.items():
-            if not adapter.merged:
+            if adapter.merged:
+                layer = self._layers[layer_name]
+                _slot_of(layer, create=False).refresh_weight(layer)  # type: ignore[union-attr]
+
+    def _set_merged(self, merged: bool) -> None:
+        for layer_name, adapter in self.modules.items():
+            if adapter.merged == merged:
                 continue
             layer = self._layers[layer_name]
             slot = _slot_of(layer, create=False)
-            adapter.merged = False
-            slot.merged_names.remove(self.name)  # type: ignore[union-attr]
+            adapter.merged = merged
+            if merged:
+                slot.merged_names.append(self.name)  # type: ignore[union-attr]
+            else:
+                slot.merged_names.remove(self.name)  # type: ignore[union-attr]
             slot.refresh_weight(layer)  # type: ignore[union-attr]
 
     def remove(self) -> None:
@@ -218,14 +222,32 @@ class AdapterHandle:
                 if len(slot) == 0:
                     del layer._modules["sdadapt"]
             if layer_name in self._pissa_originals:
-                with torch.no_grad():
-                    layer.weight.copy_(self._pissa_originals[layer_name])
+                _set_base_weight(layer, self._pissa_originals[layer_name])
         self._pissa_originals.clear()
         self._removed = True
 
     def _check_alive(self) -> None:
         if self._removed:
             raise RuntimeError(f"adapter {self.name!r} was removed; inject it again to use it")
+
+
+def _base_weight(layer: nn.Module) -> Tensor:
+    """The layer's weight without merged deltas (other adapters may be merged into it)."""
+    slot = _slot_of(layer, create=False)
+    if slot is not None and slot.original_weight is not None:
+        return slot.original_weight
+    return layer.weight.detach()
+
+
+def _set_base_weight(layer: nn.Module, value: Tensor) -> None:
+    """Replace the layer's unmerged weight by ``value``, keeping merged deltas on top of it."""
+    slot = _slot_of(layer, create=False)
+    with torch.no_grad():
+        if slot is not None and slot.original_weight is not None:
+            slot.original_weight = value.detach().to(slot.original_weight.dtype).clone()
+            slot.refresh_weight(layer)
+        else:
+            layer.weight.copy_(value)
 
 
 def _named_layer(model: nn.Module, name: str) -> nn.Module:
@@ -268,22 +290,33 @@ def inject(
         NoTargetsError: the target matched nothing. TypeError: a target is not Linear/Conv2d.
     """
     chosen = select(model, targets)
-    if freeze_base:
-        _freeze_base(model)
     handle = AdapterHandle(model, name)
     built: list[tuple[str, nn.Module, AdapterModule]] = []
+    # build (and validate) everything first, so a failure leaves the model untouched
     for layer_name, layer in chosen:
         geometry = geometry_of(layer, name=layer_name)
+        _check_name_free(layer_name, layer, name)
         adapter = _build(config, geometry, layer, dtype)
         built.append((layer_name, layer, adapter))
+    if freeze_base:
+        _freeze_base(model)
     for layer_name, layer, adapter in built:
         if isinstance(config, LoRAConfig) and config.init == "pissa":
-            residual = adapter.init_from_base(layer.weight)  # type: ignore[attr-defined]
-            handle._pissa_originals[layer_name] = layer.weight.detach().clone()
-            with torch.no_grad():
-                layer.weight.copy_(residual.to(layer.weight.dtype))
+            base = _base_weight(layer)  # without other adapters' merged deltas
+            residual = adapter.init_from_base(base)  # type: ignore[attr-defined]
+            handle._pissa_originals[layer_name] = base.detach().clone()
+            _set_base_weight(layer, residual.to(layer.weight.dtype))
         handle._attach(layer_name, layer, adapter)
     return handle
+
+
+def _check_name_free(layer_name: str, layer: nn.Module, name: str) -> None:
+    slot = _slot_of(layer, create=False)
+    if slot is not None and name in slot:
+        raise ValueError(
+            f"{layer_name}: an adapter named {name!r} is already injected; pick another "
+            "name=... or remove() the existing one first"
+        )
 
 
 def _build(config: LoRAConfig, geometry, layer: nn.Module, dtype: torch.dtype | None) -> AdapterModule:
@@ -325,17 +358,18 @@ def load_adapter(
 
     groups = group_by_layer(state)
     resolved = resolve_layers(model, list(groups))
-    if freeze_base:
-        _freeze_base(model)
     handle = AdapterHandle(model, name)
     built = []
     for key_name, layer_name in resolved.items():
         layer = _named_layer(model, layer_name)
         geometry = geometry_of(layer, name=layer_name)
+        _check_name_free(layer_name, layer, name)
         adapter = LoRAModule.from_file_tensors(geometry, groups[key_name], name=layer_name)
         if dtype is not None:
             adapter.to(dtype)
         built.append((layer_name, layer, adapter.to(layer.weight.device)))
+    if freeze_base:  # only once everything fitted: a failed load leaves the model untouched
+        _freeze_base(model)
     for layer_name, layer, adapter in built:
         handle._attach(layer_name, layer, adapter)
     return handle

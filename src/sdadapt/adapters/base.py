@@ -53,10 +53,26 @@ class LayerGeometry:
         if not self.is_conv:
             return F.linear(x, weight)
         if self.padding_mode != "zeros":
-            ph, pw = self.padding  # type: ignore[misc]
-            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            x = F.pad(x, self._explicit_padding(), mode=self.padding_mode)
             return F.conv2d(x, weight, None, self.stride, 0, self.dilation)
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation)
+
+    def _explicit_padding(self) -> tuple[int, int, int, int]:
+        """``F.pad`` amounts (left, right, top, bottom), as ``nn.Conv2d`` pads for a non-zero mode.
+
+        ``padding="same"`` pads ``d·(k-1)`` per axis, the smaller half first (like ``nn.Conv2d``);
+        ``"valid"`` pads nothing.
+        """
+        if isinstance(self.padding, str):
+            if self.padding == "valid":
+                return (0, 0, 0, 0)
+            pads: list[int] = []
+            for k, d in zip(reversed(self.kernel), reversed(self.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)  # type: ignore[return-value]
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
 
 
 def geometry_of(module: nn.Module, *, name: str = "<module>") -> LayerGeometry:
@@ -71,7 +87,7 @@ def geometry_of(module: nn.Module, *, name: str = "<module>") -> LayerGeometry:
         if module.groups != 1:
             raise TypeError(
                 f"{name}: Conv2d with groups={module.groups} is not supported by sdadapt adapters "
-                "(only groups=1); exclude it from the targets, e.g. `targets & ~by_name('{name}')`."
+                f"(only groups=1); exclude it from the targets, e.g. `targets & ~by_name('{name}')`."
             )
         return LayerGeometry(
             module.out_channels,

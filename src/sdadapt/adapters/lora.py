@@ -141,7 +141,8 @@ class LoRAConfig:
         rank: r for linear and 1x1 conv layers.
         alpha: scale numerator; ``None`` means ``alpha = rank`` (scale 1).
         conv_rank, conv_alpha: r and alpha for kxk convolutions (kohya's ``conv_dim`` /
-            ``conv_alpha``); ``None`` uses ``rank`` / ``alpha``.
+            ``conv_alpha``); each ``None`` falls back to ``rank`` / ``alpha`` (kohya's own CLI
+            default for ``conv_alpha`` is 1.0 — pass it explicitly to match).
         rank_stabilized: scale ``alpha / sqrt(r)`` (rsLoRA) instead of ``alpha / r``.
         dropout, rank_dropout, module_dropout: training-time regularisers (kohya semantics).
         init: ``"kaiming"`` (kohya: down ~ kaiming-uniform(a=sqrt 5), up = 0), ``"gaussian"``
@@ -176,8 +177,9 @@ class LoRAConfig:
     def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
         """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
         is_kxk = geometry.is_conv and any(k != 1 for k in geometry.kernel)
-        if is_kxk and self.conv_rank is not None:
-            return self.conv_rank, self.conv_alpha
+        if is_kxk:
+            rank = self.conv_rank if self.conv_rank is not None else self.rank
+            return rank, self.conv_alpha if self.conv_alpha is not None else self.alpha
         return self.rank, self.alpha
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
 
-from .files import read_safetensors_header, read_weights
+from .files import _check_is_file, read_safetensors_header, read_weights, sniff_format
 from .kohya import is_kohya_state
 
 __all__ = ["FILE_KINDS", "detect_kind", "describe_file"]
@@ -28,6 +29,23 @@ FILE_KINDS = (
 
 _LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a", "hada_t1", "lora_mid", "diff", "diff_b", "dora_scale", "lokr_t2")
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "encoder.down.", "text_model.", "encoder.layers.", "input_blocks.")
+
+
+# safetensors header dtypes -> torch names, so a .safetensors and a .pt report dtypes alike
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def _suffix(key: str) -> str:
@@ -70,16 +88,17 @@ def describe_file(path: str | os.PathLike) -> dict:
     is read except the 0-dim alphas); legacy pickles are read with ``weights_only=True``.
     """
     file = Path(path)
+    if file.is_dir() and (file / "adapter_model.safetensors").is_file():
+        file = file / "adapter_model.safetensors"  # a peft adapter folder
+    _check_is_file(file)
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: Counter[str] = Counter()
     tensors: dict[str, Tensor] | None = None
-    with open(file, "rb") as handle:
-        head = handle.read(2)
-    if file.suffix.lower() == ".safetensors" or not (head[:2] == b"PK" or head[:1] == b"\x80"):
+    if sniff_format(file) != "pickle":
         header, metadata = read_safetensors_header(file)
         for key, info in header.items():
             shapes[key] = tuple(info["shape"])
-            dtypes[str(info["dtype"]).lower()] += 1
+            dtypes[_SAFETENSORS_DTYPES.get(str(info["dtype"]), str(info["dtype"]).lower())] += 1
     else:
         tensors, metadata = read_weights(file)
         for key, value in tensors.items():
@@ -96,11 +115,13 @@ def describe_file(path: str | os.PathLike) -> dict:
         "metadata": dict(metadata),
     }
     if kind in ("kohya-lora", "lycoris", "diffusers-lora", "peft-lora"):
-        summary.update(_adapter_summary(file, shapes, tensors, kind))
+        summary.update(_adapter_summary(file, shapes, tensors, kind, metadata))
     return summary
 
 
-def _adapter_summary(file: Path, shapes: dict[str, tuple[int, ...]], tensors, kind: str) -> dict:
+def _adapter_summary(
+    file: Path, shapes: dict[str, tuple[int, ...]], tensors, kind: str, metadata: Mapping[str, str] | None = None
+) -> dict:
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
         layer, _, suffix = key.partition(".") if kind in ("kohya-lora", "lycoris") else _split_diffusers(key)
@@ -108,31 +129,87 @@ def _adapter_summary(file: Path, shapes: dict[str, tuple[int, ...]], tensors, ki
     ranks: Counter[int] = Counter()
     algorithms: Counter[str] = Counter()
     components: Counter[str] = Counter()
+    layer_ranks: dict[str, int | None] = {}
     for layer, parts in modules.items():
         algo, rank = _algorithm(parts)
         algorithms[algo] += 1
+        layer_ranks[layer] = rank
         if rank is not None:
             ranks[rank] += 1
         components[_component(layer, kind)] += 1
     alphas: Counter[str] = Counter()
-    alpha_keys = [k for k in shapes if k.endswith(".alpha")]
+    alpha_keys = {k[: -len(".alpha")]: k for k in shapes if k.endswith(".alpha")}
     if alpha_keys:
         if tensors is None:
             from safetensors import safe_open
 
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in alpha_keys:
-                    alphas[_fmt(float(handle.get_tensor(key)))] += 1
+                values = {layer: handle.get_tensor(key) for layer, key in alpha_keys.items() if _is_scalar(shapes[key])}
         else:
-            for key in alpha_keys:
-                alphas[_fmt(float(tensors[key]))] += 1
+            values = {layer: tensors[key] for layer, key in alpha_keys.items() if _is_scalar(shapes[key])}
+        values = {layer: float(value) for layer, value in values.items()}  # malformed alphas: "absent"
+    else:
+        values = {}
+    configs = _peft_configs(file, kind, metadata or {}) if kind in ("diffusers-lora", "peft-lora") else None
+    for layer, rank in layer_ranks.items():
+        alpha = values.get(layer)
+        if alpha is None and configs and rank is not None:
+            alpha = _config_alpha(configs, layer, rank, kind)
+        alphas[_fmt(alpha) if alpha is not None else "absent (alpha = rank)"] += 1
     return {
         "modules": len(modules),
         "components": dict(components),
         "algorithms": dict(algorithms),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
-        "alphas": dict(alphas) if alphas else {"absent (alpha = rank)": len(modules)},
+        "alphas": dict(alphas),
     }
+
+
+def _is_scalar(shape: tuple[int, ...]) -> bool:
+    n = 1
+    for size in shape:
+        n *= size
+    return n == 1
+
+
+def _peft_configs(file: Path, kind: str, metadata: Mapping[str, str]) -> dict[str, dict]:
+    """``{component: peft LoraConfig dict}`` that scales a diffusers file / peft adapter ("" for peft)."""
+    import json
+
+    try:
+        if kind == "peft-lora":
+            config_file = file.parent / "adapter_config.json"
+            return {"": json.loads(config_file.read_text())} if config_file.is_file() else {}
+        config_all = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config_all, dict):
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in config_all.items():
+        component, _, field = key.partition(".")
+        out.setdefault(component, {})[field] = value
+    return out
+
+
+def _config_alpha(configs: dict[str, dict], layer: str, rank: int, kind: str) -> float | None:
+    """The alpha (scale · r) peft gives ``layer`` under its config, or None without a config."""
+    from .diffusers import _pattern_value
+
+    if kind == "peft-lora":
+        component, name = "", layer[len("base_model.model.") :] if layer.startswith("base_model.model.") else layer
+    else:
+        component, _, name = layer.partition(".")
+    config = configs.get(component)
+    if not isinstance(config, dict) or not config:
+        return None
+    try:
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank)))  # type: ignore[arg-type]
+    except (TypeError, ValueError, AttributeError, re.error):
+        return None  # a malformed config: report the alpha as unknown rather than fail
+    if config.get("use_rslora"):
+        alpha = alpha * rank / rank**0.5
+    return alpha
 
 
 def _split_diffusers(key: str) -> tuple[str, str, str]:
@@ -146,11 +223,11 @@ def _split_diffusers(key: str) -> tuple[str, str, str]:
 def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
     names = set(parts)
     if {"hada_w1_a", "hada_w1_b"} <= names:
-        return "loha", parts["hada_w1_b"][0]
+        return "loha", _rows(parts["hada_w1_b"])
     if any(n.startswith("lokr_") for n in names):
         for low in ("lokr_w1_b", "lokr_w2_b"):
             if low in names:
-                return "lokr", parts[low][0]
+                return "lokr", _rows(parts[low])
         return "lokr", None
     if "diff" in names:
         return "full", None
@@ -160,11 +237,16 @@ def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
             algo = "locon" if len(shape) == 4 and shape[2] * shape[3] > 1 else "lora"
             if "dora_scale" in names or "lora_magnitude_vector" in names:
                 algo = "dora"
-            return algo, shape[0]
+            return algo, _rows(shape)
     for name, shape in parts.items():
         if "down" in name:
-            return "lora", shape[0]
+            return "lora", _rows(shape)
     return "unknown", None
+
+
+def _rows(shape: tuple[int, ...]) -> int | None:
+    """The rank a factor's first axis holds; None for a malformed 0-dim tensor."""
+    return shape[0] if shape else None
 
 
 def _component(layer: str, kind: str) -> str:

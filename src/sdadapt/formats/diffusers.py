@@ -6,10 +6,16 @@ diffusers (``pytorch_lora_weights.safetensors``): keys ``<component>.<layer>.lor
 metadata ``lora_adapter_metadata`` (JSON of peft ``LoraConfig`` fields, keys prefixed by component:
 ``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern`` ...); without it
 ``alpha = r`` (scale 1). sdadapt writes exact per-layer ``rank_pattern``/``alpha_pattern`` so
-diffusers rebuilds the same scales.
+diffusers rebuilds the same scales. Text-encoder keys keep the ecosystem's ``text_model.`` paths,
+but the metadata names text-encoder layers *without* ``text_model.`` (``encoder.layers.0.mlp.fc1``):
+diffusers strips ``text_model.`` from the tensor keys for transformers-5 ``CLIPTextModel`` (which has
+no ``text_model``) but passes the metadata to peft unchanged, and peft matches ``target_modules`` and
+patterns as dotted suffixes — so the short names fit transformers 4 and 5 models alike.
 
 Older spellings read too: ``…to_q.lora.down.weight`` / ``…q_proj.lora_linear_layer.up.weight``
-("new diffusers" format) and ``…attn1.processor.to_q_lora.down.weight`` (attention-processor era).
+("new diffusers" format) and the attention-processor era's ``…attn1.processor.to_q_lora.down.weight``
+(UNet) and ``…self_attn.to_q_lora.down.weight`` (text encoder; ``to_out_lora`` is ``out_proj``) —
+what diffusers' ``lora_state_dict`` still returns for a kohya file.
 
 peft (``adapter_model.safetensors`` + ``adapter_config.json``): keys
 ``base_model.model.<layer>.lora_A.weight``, scale from the config's ``r``/``lora_alpha``/patterns.
@@ -51,20 +57,27 @@ _DOWN_UP_SPELLINGS = (
     (".lora_A.weight", ".lora_B.weight"),
     (".lora_down.weight", ".lora_up.weight"),
 )
-_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# attention-processor era: UNet `attn1.processor.to_q_lora.down.weight` (-> attn1.to_q, to_out -> to_out.0),
+# CLIP `self_attn.to_q_lora.down.weight` (-> self_attn.q_proj, to_out -> out_proj)
+_OLD_ATTENTION = re.compile(r"(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_CLIP_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
-def _config_for(state: Mapping[str, Tensor]) -> dict:
-    """peft ``LoraConfig`` fields that reproduce each layer's rank and alpha exactly."""
+def _config_for(state: Mapping[str, Tensor], *, strip_prefix: str = "") -> dict:
+    """peft ``LoraConfig`` fields that reproduce each layer's rank and alpha exactly.
+
+    ``strip_prefix`` is removed from the layer names used in ``target_modules`` and the patterns
+    (peft matches them as dotted suffixes of the live module names).
+    """
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for key, value in state.items():
         layer, suffix = split_key(key)
         if suffix == "lora_down.weight":
-            ranks[layer] = int(value.shape[0])
-    for layer, rank in ranks.items():
-        alpha = state.get(f"{layer}.alpha")
-        alphas[layer] = float(alpha) if alpha is not None else float(rank)
+            name = layer[len(strip_prefix) :] if strip_prefix and layer.startswith(strip_prefix) else layer
+            alpha = state.get(f"{layer}.alpha")
+            ranks[name] = int(value.shape[0])
+            alphas[name] = float(alpha) if alpha is not None else float(value.shape[0])
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     lora_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r)
     return {
@@ -107,7 +120,8 @@ def to_diffusers(components: Mapping[str, Mapping[str, Tensor]]) -> tuple[dict[s
             raise ValueError(f"unknown component {component!r}; use one of {COMPONENTS}")
         canonical = canonical_state(component, comp_state)
         state.update(_peft_keys(canonical, f"{component}."))
-        config.update({f"{component}.{k}": v for k, v in _config_for(canonical).items()})
+        strip = "text_model." if component.startswith("text_encoder") else ""
+        config.update({f"{component}.{k}": v for k, v in _config_for(canonical, strip_prefix=strip).items()})
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
     return state, metadata
 
@@ -122,11 +136,14 @@ def _pattern_value(patterns: Mapping[str, object], layer: str, default: object) 
 
 def _normalise_spelling(key: str) -> tuple[str, str] | None:
     """A diffusers/peft key -> (layer, "lora_down.weight"|"lora_up.weight"|"alpha") or None."""
-    match = _OLD_PROCESSOR.search(key)
+    match = _OLD_ATTENTION.search(key)
     if match:
-        proj = "to_out.0" if match.group(1) == "to_out" else match.group(1)
-        layer = key[: match.start()] + "." + proj
-        return layer, "lora_down.weight" if match.group(2) == "down" else "lora_up.weight"
+        parent, proj = key[: match.start()], match.group(2)
+        if not match.group(1) and parent.endswith("self_attn"):  # CLIP attention
+            proj = _OLD_CLIP_PROJ[proj]
+        elif proj == "to_out":
+            proj = "to_out.0"
+        return f"{parent}.{proj}", "lora_down.weight" if match.group(3) == "down" else "lora_up.weight"
     for down, up in _DOWN_UP_SPELLINGS:
         if key.endswith(down):
             return key[: -len(down)], "lora_down.weight"
@@ -165,6 +182,9 @@ def from_diffusers(
 ) -> dict[str, dict[str, Tensor]]:
     """diffusers state (any spelling) -> ``{component: canonical state}`` with alphas.
 
+    The alphas come from alpha tensors if present, else from the ``lora_adapter_metadata`` config of
+    the component (``lora_alpha``/``alpha_pattern``, ``use_rslora``), else ``alpha = r``.
+
     Raises:
         WeightFileError: keys without a component prefix or LoRA tensor name (listed).
     """
@@ -189,7 +209,9 @@ def from_diffusers(
     out = {}
     for component, layers in grouped.items():
         config = {k[len(component) + 1 :]: v for k, v in config_all.items() if k.startswith(component + ".")}
-        out[component] = _with_alphas(layers, config)
+        # alphas from the file's own layer names (the patterns were written for them), then
+        # canonical paths (a transformers-5 text encoder's `encoder.layers...` gets `text_model.`)
+        out[component] = canonical_state(component, _with_alphas(layers, config))
     return out
 
 

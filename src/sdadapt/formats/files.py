@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -27,6 +29,7 @@ __all__ = [
     "write_safetensors",
     "atomic_write",
     "check_finite",
+    "sniff_format",
 ]
 
 _LEGACY_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
@@ -65,8 +68,11 @@ def write_safetensors(
 ) -> Path:
     """Write ``tensors`` (contiguous CPU copies) and string ``metadata`` atomically.
 
+    Tensors that share memory (tied weights, views of one buffer) are written as independent
+    copies, which safetensors requires.
+
     Raises:
-        WeightFileError: a metadata value is not a string, or tensors share memory.
+        WeightFileError: a metadata key or value is not a string.
     """
     from safetensors.torch import save_file
 
@@ -74,8 +80,45 @@ def write_safetensors(
     bad = {k: type(v).__name__ for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
         raise WeightFileError(f"{path}: safetensors metadata must be str -> str; non-strings: {bad}")
-    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    payload: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        if value.numel():
+            storage = value.untyped_storage().data_ptr()
+            if storage in seen:
+                value = value.clone()
+            seen.add(value.untyped_storage().data_ptr())
+        payload[key] = value
     return atomic_write(path, lambda tmp: save_file(payload, tmp, metadata=meta))
+
+
+def sniff_format(path: str | os.PathLike) -> str:
+    """``"safetensors"``, ``"pickle"`` (a ``torch.save`` zip archive or legacy pickle) or ``"unknown"``.
+
+    Decided from the first bytes, not the extension. A safetensors file starts with an 8-byte
+    little-endian header length followed by ``{``; its first byte is that length's low byte, so
+    it can be ``0x80`` or ``"P"`` — which is why "starts with 0x80 -> pickle" alone misreads about
+    one safetensors file in 256.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 2 <= header_len <= 100_000_000:
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pickle"
+    return "unknown"
+
+
+def _check_is_file(file: Path) -> None:
+    if file.is_dir():
+        raise WeightFileError(f"{file}: is a folder, not a weights file; pass the file inside it")
+    if not file.is_file():
+        raise WeightFileError(f"{file}: no such file")
+    if file.stat().st_size == 0:
+        raise WeightFileError(f"{file}: the file is empty (0 bytes); the download or save did not finish")
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
@@ -85,8 +128,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
     missing, truncated or non-safetensors file.
     """
     file = Path(path)
-    if not file.is_file():
-        raise WeightFileError(f"{file}: no such file")
+    _check_is_file(file)
     size = file.stat().st_size
     with open(file, "rb") as handle:
         head = handle.read(8)
@@ -94,6 +136,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
             raise WeightFileError(f"{file}: {size} bytes is too short to be a safetensors file (truncated?)")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(size - 8, 100_000_000):
+            if header_len <= 100_000_000 and handle.read(1) in (b"{", b""):
+                raise WeightFileError(
+                    f"{file}: truncated safetensors file (the {header_len}-byte header alone is longer "
+                    f"than the {size}-byte file); download or copy it again"
+                )
             raise WeightFileError(_not_safetensors(file, head))
         raw = handle.read(header_len)
     try:
@@ -103,6 +150,14 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
     if not isinstance(header, dict):
         raise WeightFileError(_not_safetensors(file, head))
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightFileError(f"{file}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    bad = [k for k, v in header.items() if not _valid_entry(v)]
+    if bad:
+        raise WeightFileError(
+            f"{file}: corrupt safetensors header (entries without a valid dtype/shape/data_offsets, "
+            f"e.g. {bad[:3]}); download or copy it again"
+        )
     end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if 8 + header_len + end > size:
         raise WeightFileError(
@@ -110,6 +165,20 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
             f"the file has {size}); download or copy it again"
         )
     return header, metadata
+
+
+def _valid_entry(entry: object) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    return (
+        isinstance(shape, list)
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(n, int) and n >= 0 for n in offsets)
+        and offsets[0] <= offsets[1]
+    )
 
 
 def _not_safetensors(file: Path, head: bytes) -> str:
@@ -142,8 +211,42 @@ def _flatten(obj: object, prefix: str, out: dict[str, Tensor], extras: dict[str,
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
             _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, extras)
+    elif isinstance(obj, (list, tuple)) and _holds_tensor(obj):
+        # e.g. A1111 hypernetworks: {768: (k_state_dict, v_state_dict), ...} -> "768.0.linear.0.weight"
+        for index, value in enumerate(obj):
+            _flatten(value, f"{prefix}.{index}" if prefix else str(index), out, extras)
     elif prefix:
         extras[prefix] = obj
+
+
+def _holds_tensor(obj: object) -> bool:
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_holds_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensor(v) for v in obj)
+    return False
+
+
+def _torch_load_error(file: Path, exc: Exception) -> WeightFileError:
+    """A one-paragraph reason for a failed ``torch.load(weights_only=True)``, without torch's essay."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return WeightFileError(
+            f"{file}: holds a pickled Python object ({unsafe.group(1)}) that only full unpickling, "
+            "i.e. running code from the file, can rebuild; sdadapt reads legacy files only with "
+            "torch.load(weights_only=True). If you trust the file, load it yourself and re-save its "
+            "tensors as a plain dict or as .safetensors."
+        )
+    detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+    detail = " ".join(detail.split()).split(" Check the documentation")[0]
+    detail = detail.split(". ")[0].strip().rstrip(".")[:200]
+    return WeightFileError(
+        f"{file}: corrupt or truncated torch.save file ({detail or type(exc).__name__}); "
+        "download or copy it again"
+    )
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -156,27 +259,26 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
         WeightFileError: missing, truncated, unsafe (needs full unpickling) or unknown file.
     """
     file = Path(path)
-    if not file.is_file():
-        raise WeightFileError(f"{file}: no such file")
-    with open(file, "rb") as handle:
-        head = handle.read(8)
-    is_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
-    if not is_pickle and file.suffix.lower() not in _LEGACY_SUFFIXES:
-        return read_safetensors(file)
-    if not is_pickle:
+    _check_is_file(file)
+    kind = sniff_format(file)
+    if kind == "safetensors" or (kind == "unknown" and file.suffix.lower() not in _LEGACY_SUFFIXES):
+        return read_safetensors(file)  # (for "unknown": raises the precise safetensors error)
+    if kind == "unknown":
         try:
             return read_safetensors(file)
         except WeightFileError:
-            raise WeightFileError(f"{file}: neither a safetensors file nor a torch.save archive") from None
+            raise WeightFileError(
+                f"{file}: neither a safetensors file nor a torch.save archive (corrupt, or another format); "
+                "download or copy it again"
+            ) from None
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError / RuntimeError variants
-        text = str(exc).split("\n")[0]
-        raise WeightFileError(
-            f"{file}: cannot be read safely with torch.load(weights_only=True): {text}. sdadapt never "
-            "runs arbitrary pickled code; if you trust the file, re-save its tensors as a plain dict "
-            "or as .safetensors."
-        ) from exc
+        # an open handle, not the path: torch >= 2.1x hands any "*.safetensors" *path* to the
+        # safetensors reader, which fails on a pickle that carries that extension
+        with warnings.catch_warnings(), open(file, "rb") as handle:
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol ..." on garbage
+            obj = torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError / EOFError variants
+        raise _torch_load_error(file, exc) from exc
     tensors: dict[str, Tensor] = {}
     extras: dict[str, object] = {}
     _flatten(obj, "", tensors, extras)

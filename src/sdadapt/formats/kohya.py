@@ -3,7 +3,8 @@
 Key = ``<prefix>_<layer path with "." -> "_">.<tensor>``; prefixes ``lora_unet``, ``lora_te``
 (SD1/SD2 text encoder), ``lora_te1`` / ``lora_te2`` (SDXL's two text encoders). Tensors
 ``lora_down.weight`` (r, in[, kh, kw]), ``lora_up.weight`` (out, r[, 1, 1]) and a 0-dim ``alpha``
-(scale = alpha / r; absent means alpha = r).
+(scale = alpha / r; absent means alpha = r). sdadapt writes and returns ``alpha`` as float32 (files from
+``diffusers.utils.convert_state_dict_to_kohya`` hold int64 alphas, half-precision files fp16 ones).
 
 The trap: SD1/SD2 files name UNet layers with **diffusers** paths
 (``lora_unet_down_blocks_0_attentions_0_...``) while SDXL files use **LDM** paths
@@ -22,8 +23,8 @@ import torch
 from torch import Tensor
 
 from .files import WeightFileError, check_finite, read_weights, write_safetensors
-from .layers import canonical_state, split_key, underscore_to_path
-from .unet_names import attention_up_blocks, diffusers_to_ldm_unet, is_ldm_unet_path, ldm_to_diffusers_unet
+from .layers import canonical_layer_path, canonical_state, split_key, underscore_to_path
+from .unet_names import attention_up_blocks, diffusers_to_ldm_unet
 
 __all__ = [
     "BASE_MODELS",
@@ -104,6 +105,8 @@ def to_kohya(
             layer, suffix = split_key(key)
             if component == "unet" and base_model == "sdxl":
                 layer = diffusers_to_ldm_unet(layer, up_blocks_with_attention=up_attention) or layer
+            if suffix == "alpha":
+                value = value.to(torch.float32)
             out[f"{prefixes[component]}_{layer.replace('.', '_')}.{suffix}"] = value
     return out
 
@@ -122,7 +125,8 @@ def _component_of(key: str) -> tuple[str, str] | None:
 
 
 def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[str, dict[str, Tensor]]:
-    """Flat kohya state -> ``{component: canonical state}`` (UNet paths in diffusers naming).
+    """Flat kohya state -> ``{component: canonical state}`` (UNet paths in diffusers naming,
+    text-encoder paths with ``text_model.``).
 
     Raises:
         WeightFileError: a key has no kohya prefix or an unknown tensor name (lists them).
@@ -141,9 +145,11 @@ def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[
         except ValueError:
             unknown.append(key)
             continue
-        path = underscore_to_path(name)
-        if component == "unet" and is_ldm_unet_path(path):
-            path = ldm_to_diffusers_unet(path) or path
+        # canonical paths: SDXL's LDM UNet names -> diffusers; a text encoder's layers without
+        # `text_model.` (diffusers' convert_state_dict_to_kohya on transformers 5) get it back
+        path = canonical_layer_path(component, underscore_to_path(name))
+        if suffix == "alpha":
+            value = value.to(torch.float32)
         out.setdefault(component, {})[f"{path}.{suffix}"] = value
     if unknown:
         raise WeightFileError(

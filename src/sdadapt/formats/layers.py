@@ -99,7 +99,8 @@ _UNDERSCORE_TOKENS = (
     "linear_1 linear_2 add_embedding input_blocks middle_block output_blocks in_layers out_layers "
     "emb_layers skip_connection time_embed label_emb text_model self_attn q_proj k_proj v_proj "
     "out_proj token_embedding position_embedding final_layer_norm layer_norm1 layer_norm2 "
-    "text_projection add_k_proj add_v_proj to_add_out norm_out proj_attn"
+    "text_projection add_k_proj add_v_proj to_add_out norm_out proj_attn time_proj add_time_proj "
+    "conv_act activation_fn"
 ).split()
 _TOKEN_PIECES = sorted((t.split("_") for t in _UNDERSCORE_TOKENS), key=len, reverse=True)
 
