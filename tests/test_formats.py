@@ -503,14 +503,6 @@ def test_load_lora_names_what_a_non_lora_file_is(tmp_path, state, kind):
 # ------------------------------------------------------------------------ applying to models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models gain nothing from threads, and 2 OpenMP threads on a busy 2-core machine can
-    # make a forward pass 100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny():
@@ -655,17 +647,7 @@ def test_ldm_named_files_apply_to_diffusers_unets(tmp_path, layout):
 @pytest.mark.parametrize(
     "layout",
     [
-        pytest.param(
-            "sd1",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=LayerNotFoundError,
-                reason="known bug (formats/layers.py resolve_layers): on an LDM-named SD1 UNet the "
-                "upsampler container `output_blocks.2.1` is read as `up_blocks.0.attentions.2`, so "
-                "up block 0 is thought to have attention and `up_blocks.0.upsamplers.0.conv` is "
-                "looked up as output_blocks.2.2.conv instead of output_blocks.2.1.conv",
-            ),
-        ),
+        "sd1",
         "sdxl",
     ],
 )

@@ -35,14 +35,6 @@ SD1 = StableDiffusionLoraLoaderMixin
 SDXL = StableDiffusionXLLoraLoaderMixin
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine torch's
-    thread pool makes every small conv tens of times slower; run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------- helpers

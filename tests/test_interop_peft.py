@@ -31,14 +31,6 @@ UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv
 CLIP_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded machine torch's
-    thread pool makes every small conv tens of times slower; run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ids() -> torch.Tensor:

@@ -181,9 +181,12 @@ def resolve_layers(model: nn.Module, layer_paths: list[str]) -> dict[str, str]:
     live_ldm = any(is_ldm_unet_path(n) or n.startswith(_LDM_UNET_PREFIXES) for n in live)
     up_attention = None if live_ldm else attention_up_blocks(live)
     if live_ldm:
-        # an LDM model: learn which output blocks have attention from its own names
+        # an LDM model: learn which output blocks have attention from its own weight layers
+        # (a bare container like `output_blocks.2.1` may be an upsampler, not an attention block)
         up_attention = set()
-        for name in live:
+        for name, module in live.items():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
             bare = name
             for prefix in _LDM_UNET_PREFIXES:
                 if bare.startswith(prefix):
