@@ -197,7 +197,7 @@ def test_module_forward_equals_functional(case, init, rank_stabilized):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         module.lora_up.copy_(_rand(gen, *module.lora_up.shape))
-        module.multiplier.fill_(1.5)
+        module.set_multiplier(1.5)
     x = _input(geometry, size, batch, gen)
     expected_scale = lora_scale(alpha, rank, rank_stabilized=rank_stabilized) * 1.5
     assert math.isclose(float(module.scale), expected_scale, rel_tol=1e-6)
@@ -290,9 +290,9 @@ def test_multiplier_scales_delta_linearly():
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         one = module(x)
-        module.multiplier.fill_(-2.5)
+        module.set_multiplier(-2.5)
         torch.testing.assert_close(module(x), -2.5 * one)
-        module.multiplier.fill_(0.0)
+        module.set_multiplier(0.0)
         assert torch.count_nonzero(module(x)) == 0
 
 
@@ -476,3 +476,18 @@ def test_padding_modes_match_conv_with_merged_weight(padding_mode, conv_kwargs):
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(x), rtol=1e-10, atol=1e-10)
+
+
+def test_loading_alpha_through_state_dict_refreshes_the_cached_scale():
+    geometry = LayerGeometry(6, 5)
+    module = LoRAModule(geometry, 2, 2.0)
+    torch.nn.init.normal_(module.lora_up)
+    x = torch.randn(3, 5)
+    before = module(x)
+    state = module.state_dict()
+    state["alpha"] = torch.tensor(6.0)  # scale 1 -> 3
+    module.load_state_dict(state)
+    assert float(module.scale) == pytest.approx(3.0)
+    torch.testing.assert_close(module(x), 3.0 * before)
+    module.set_multiplier(0.5)
+    torch.testing.assert_close(module(x), 1.5 * before)

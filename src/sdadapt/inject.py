@@ -151,6 +151,8 @@ class AdapterHandle:
         with torch.no_grad():
             for key, value in state.items():
                 own[key].copy_(value)
+        for adapter in self.modules.values():
+            adapter.refresh_scale()
         self._refresh_merged()
 
     # ------------------------------------------------------------------ switches
@@ -158,7 +160,7 @@ class AdapterHandle:
         """Set the run-time strength (multiplier) of this adapter; no recompilation needed."""
         self._check_alive()
         for adapter in self.modules.values():
-            adapter.multiplier.fill_(float(scale))
+            adapter.set_multiplier(scale)
         self._refresh_merged()
 
     def enable(self) -> None:

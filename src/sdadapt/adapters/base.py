@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGeometry", "AdapterModule", "geometry_of"]
+__all__ = ["LayerGeometry", "AdapterModule", "geometry_of", "refresh_scale_after_load"]
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,10 @@ class AdapterModule(nn.Module):
       * ``file_tensors()`` / ``from_file_tensors()``: the family's canonical tensors, keyed by
         the suffixes files use (``lora_down.weight``, ``lora_up.weight``, ``alpha`` ...).
 
-    ``multiplier`` is a 0-dim buffer (not saved) so the strength can change at run time without
-    recompiling a ``torch.compile``'d model.
+    ``multiplier`` is the run-time strength (a Python float, not saved). Families fold it into a
+    0-dim ``scale`` buffer (:meth:`refresh_scale`) that ``forward`` reads, so changing the strength
+    is an in-place buffer update: no recompilation of a ``torch.compile``'d model, and one multiply
+    per layer on the hot path.
     """
 
     family: ClassVar[str] = ""
@@ -124,18 +126,25 @@ class AdapterModule(nn.Module):
     file_keys: ClassVar[tuple[str, ...]] = ()
 
     geometry: LayerGeometry
-    multiplier: Tensor
 
     def __init__(self, geometry: LayerGeometry) -> None:
         super().__init__()
         self.geometry = geometry
-        self.register_buffer("multiplier", torch.ones(()), persistent=False)
+        self.multiplier = 1.0
         self.enabled = True
         self.merged = False
         self.module_dropout = 0.0
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def set_multiplier(self, value: float) -> None:
+        """Set the run-time strength and refresh the cached scale."""
+        self.multiplier = float(value)
+        self.refresh_scale()
+
+    def refresh_scale(self) -> None:
+        """Recompute cached scale buffers from the family's tensors and ``multiplier``."""
 
     def file_tensors(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -156,4 +165,10 @@ class AdapterModule(nn.Module):
         return output + delta.to(output.dtype)
 
     def delta_dtype(self) -> torch.dtype:
+        """dtype the adapter computes in (its parameters')."""
         return next(self.parameters()).dtype
+
+
+def refresh_scale_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook: a loaded ``alpha`` changes the cached scale."""
+    module.refresh_scale()  # type: ignore[operator]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry
+from .base import AdapterModule, LayerGeometry, refresh_scale_after_load
 
 __all__ = [
     "LoRAConfig",
@@ -217,6 +217,9 @@ class LoRAModule(AdapterModule):
         self.lora_up = nn.Parameter(torch.zeros(up_shape, **factory))
         # stored alpha follows the file convention scale = alpha / r
         self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
+        # alpha / r · multiplier, cached (not saved): one multiply per call on the hot path
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
+        self.register_load_state_dict_post_hook(refresh_scale_after_load)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
@@ -231,14 +234,17 @@ class LoRAModule(AdapterModule):
     def rank(self) -> int:
         return self.lora_down.shape[0]
 
-    @property
-    def scale(self) -> Tensor:
-        """``alpha / r · multiplier`` as a 0-dim tensor (no recompilation when it changes)."""
-        return self.alpha / self.rank * self.multiplier
+    def refresh_scale(self) -> None:
+        """``scale ← alpha / r · multiplier`` (in place: compiled graphs see the new value)."""
+        with torch.no_grad():
+            self.scale.fill_(float(self.alpha) / self.rank * self.multiplier)
+
+    def delta_dtype(self) -> torch.dtype:
+        return self.lora_down.dtype
 
     def delta_weight(self) -> Tensor:
         """(out, in, *k): ``scale · up ⋅ down``."""
-        return lora_delta_weight(self.lora_up, self.lora_down, self.scale.to(self.lora_up.dtype))
+        return lora_delta_weight(self.lora_up, self.lora_down, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         """Δy for base input ``x`` (see :func:`lora_forward`)."""
@@ -246,7 +252,7 @@ class LoRAModule(AdapterModule):
             x,
             self.lora_up,
             self.lora_down,
-            self.scale.to(x.dtype),
+            self.scale,
             self.geometry,
             dropout=self.dropout,
             rank_dropout=self.rank_dropout,
