@@ -1,0 +1,682 @@
+"""Memory-lean optimiser pieces in pure torch: low-precision states, bf16 stochastic rounding,
+fused backward, Adafactor and LR schedules.
+
+What each piece saves, per trained parameter (fp32 AdamW keeps 4 B weight + 4 B grad + 8 B state):
+
+* ``AdamW(state_dtype="int8")``: the two moments in 8-bit block-wise codes, 2.03 B instead of 8 B.
+* ``AdamW(state_dtype=torch.bfloat16)``: 4 B instead of 8 B.
+* bf16 weights with stochastic rounding (``stochastic_rounding=True``): no fp32 master copy
+  (2 B instead of 4 B + 4 B) without losing updates smaller than half a bf16 ulp.
+* ``Adafactor``: a factored second moment, ``O + I·k·k`` floats for an ``(O, I, k, k)`` weight.
+* :func:`fuse_optimizer_into_backward`: each gradient is applied and freed as soon as it is
+  accumulated, so at most one parameter's gradient lives at a time (no 4 B/param grad buffer).
+
+Every optimiser computes its update in float32 whatever the parameter and state dtypes are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AdamW",
+    "Adafactor",
+    "FusedBackward",
+    "copy_stochastic_",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "fuse_optimizer_into_backward",
+    "lr_at",
+    "quantize_blockwise",
+    "set_lr",
+    "stochastic_round_to_bf16",
+]
+
+Schedule = Literal["constant", "warmup", "cosine", "cosine_with_restarts", "linear"]
+_SCHEDULES = ("constant", "warmup", "cosine", "cosine_with_restarts", "linear")
+_STATE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", "float32": "float32",
+                 "bfloat16": "bfloat16", "int8": "int8"}
+
+
+# ------------------------------------------------------------------------ stochastic rounding
+def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Round float32 to bfloat16 stochastically: unbiased, ``E[result] = x``.
+
+    bfloat16 is the top 16 bits of a float32. With ``u ~ U{0, …, 2¹⁶−1}``::
+
+        bits(result) = (bits(x) + u) & 0xFFFF0000
+
+    rounds ``|x|`` up to the next bf16 with probability ``low16(x) / 2¹⁶``, which is exactly the
+    fraction of the way ``x`` lies between its two bf16 neighbours (the spacing is linear in the
+    bit pattern within a binade, and a carry into the exponent lands on the next bf16), so the
+    rounding error has mean zero. Updates far below half an ulp (``|Δw| < 2⁻⁹·|w|``), which
+    round-to-nearest loses every time, survive on average.
+
+    Args:
+        x: float32 tensor, any shape. Infinities and NaNs are kept; finite values above the
+            largest bf16 may round to ``±inf`` (as round-to-nearest does slightly higher).
+        generator: for reproducible draws (on ``x``'s device); default: torch's global RNG.
+
+    Returns:
+        bfloat16 tensor of ``x``'s shape.
+
+    Example:
+        >>> w = torch.ones(10_000, dtype=torch.bfloat16)
+        >>> step = torch.full((10_000,), -1e-4)          # 1/78 of an ulp at 1.0
+        >>> nearest = (w.float() + step).bfloat16()       # all still exactly 1.0
+        >>> sr = stochastic_round_to_bf16(w.float() + step)  # mean ≈ 1 - 1e-4
+    """
+    if x.dtype != torch.float32:
+        raise ValueError(f"stochastic_round_to_bf16 takes float32 input, got {x.dtype}; call x.float() first")
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = x.contiguous().view(torch.int32) + noise  # carries into the exponent are correct
+    bits.bitwise_and_(-65536)  # -65536 == 0xFFFF0000: keep sign, exponent, 7 mantissa bits
+    rounded = bits.view(torch.float32)
+    # a NaN whose payload sits only in the low half would truncate to inf: keep NaNs NaN
+    rounded = torch.where(torch.isnan(x), x, rounded)
+    return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def copy_stochastic_(target: Tensor, source: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``target ← stochastic_round_to_bf16(source)`` in place; returns ``target``.
+
+    Args:
+        target: bfloat16 tensor (e.g. a bf16 weight).
+        source: float32 tensor of ``target``'s shape (e.g. the weight after an fp32 update).
+    """
+    if target.dtype != torch.bfloat16:
+        raise ValueError(f"copy_stochastic_ writes into a bfloat16 tensor, got {target.dtype}; use target.copy_(source)")
+    if source.shape != target.shape:
+        raise ValueError(f"copy_stochastic_: source shape {tuple(source.shape)} != target shape {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(stochastic_round_to_bf16(source.float(), generator))
+    return target
+
+
+# --------------------------------------------------------------------- 8-bit block quantisation
+def dynamic_map(*, signed: bool) -> Tensor:
+    """The 8-bit code book for block-wise quantised optimiser states (after bitsandbytes'
+    dynamic tree map, made symmetric).
+
+    Codes are normalised values ``y = x / absmax(block) ∈ [-1, 1]``: ``0``, ``±1`` and, for each
+    decade ``i = 0 … 6`` of ``[10⁻⁷, 1]``, the midpoints of ``n_i`` equal bins of
+    ``[10^(i-7), 10^(i-6)]`` (``n_i = 2^i`` signed, ``2^(i+1)`` unsigned; the top signed decade
+    gives one bin to ``-1``). Large values keep ~2 significant digits, values down to
+    ``10⁻⁷·absmax`` keep ~1 — a linear 8-bit map would zero everything below ``absmax/255``.
+
+    Returns:
+        float32, sorted ascending: 255 codes (signed) or 256 codes (unsigned).
+    """
+    magnitudes: list[float] = []
+    for i in range(7):
+        bins = 2 ** (i + 1) if not signed else (2**i if i < 6 else 63)
+        edges = torch.linspace(0.1, 1.0, bins + 1, dtype=torch.float64) * 10.0 ** (i - 6)
+        magnitudes += ((edges[:-1] + edges[1:]) / 2).tolist()
+    values = [0.0, 1.0, *magnitudes]
+    if signed:
+        values += [-v for v in values if v > 0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def quantize_blockwise(x: Tensor, code: Tensor, *, block_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Nearest-code 8-bit quantisation per block of ``block_size`` consecutive elements.
+
+    ``absmax_b = max_{i∈b} |x_i|``, ``codes_i = argmin_c |code[c] − x_i / absmax_b|``.
+
+    Args:
+        x: any shape, read flattened (float32 recommended).
+        code: sorted code book from :func:`dynamic_map` (its device is used).
+
+    Returns:
+        ``(codes (x.numel(),) uint8, absmax (ceil(numel / block_size),) float32)``.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size}")
+    flat = x.detach().reshape(-1).float()  # (n,)
+    n = flat.numel()
+    blocks = -(-n // block_size)
+    padded = torch.zeros(blocks * block_size, dtype=torch.float32, device=flat.device)
+    padded[:n] = flat
+    padded = padded.view(blocks, block_size)  # (nb, bs)
+    absmax = padded.abs().amax(dim=1)  # (nb,)
+    y = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # (nb, bs) in [-1, 1]
+    boundaries = (code[1:] + code[:-1]) / 2  # (len(code) - 1,)
+    codes = torch.bucketize(y.reshape(-1)[:n], boundaries).to(torch.uint8)  # (n,)
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Tensor, *, block_size: int = 256) -> Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``x_i ≈ code[codes_i] · absmax_{block(i)}``.
+
+    Returns:
+        float32, flat ``(codes.numel(),)``; reshape to the original shape.
+    """
+    n = codes.numel()
+    values = code[codes.long()]  # (n,)
+    scale = absmax.repeat_interleave(block_size)[:n]  # (n,)
+    return values * scale
+
+
+# --------------------------------------------------------------------------------- AdamW
+def _check_common(lr: float, weight_decay: float) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be a non-negative float, got {lr!r}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+def _write_weight(p: Tensor, w: Tensor, stochastic: bool, generator: torch.Generator | None) -> None:
+    """Write the fp32 working weight ``w`` back into a low-precision parameter ``p``."""
+    if w is p:
+        return
+    if stochastic and p.dtype == torch.bfloat16:
+        copy_stochastic_(p, w, generator)
+    else:
+        p.copy_(w)
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter 2019) with float32, bfloat16 or 8-bit states.
+
+    Per step ``t`` with gradient ``g`` (all arithmetic in float32)::
+
+        w ← w · (1 − lr·λ)                                   decoupled weight decay
+        m ← β₁ m + (1 − β₁) g          v ← β₂ v + (1 − β₂) g²
+        w ← w − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
+
+    — the same operations in the same order as ``torch.optim.AdamW``, so float32 states on float32
+    weights reproduce it to rounding.
+
+    State storage (``state_dtype``):
+
+    * ``torch.float32``: 8 B/param.
+    * ``torch.bfloat16``: 4 B/param, written back with stochastic rounding (round-to-nearest would
+      freeze ``v``: ``β₂ = 0.999`` changes it by less than half a bf16 ulp).
+    * ``"int8"``: 2 B/param + 8 B per block of ``block_size``: ``m`` as signed and ``√v`` as
+      unsigned :func:`dynamic_map` codes with one float32 absmax per block (storing ``√v`` spans
+      7 decades of gradient magnitude instead of 3.5). Each step dequantises, updates in float32,
+      takes the step with the fresh float32 moments, then requantises.
+
+    bf16/fp16 parameters are updated in float32 and written back with stochastic rounding
+    (bf16, ``stochastic_rounding=True``) or round-to-nearest — so no fp32 master copy is needed.
+
+    Args:
+        params: parameters or parameter groups (a group may override any option below).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        state_dtype: ``torch.float32``, ``torch.bfloat16`` or ``"int8"``.
+        stochastic_rounding: stochastic rounding when writing bf16 weights.
+        block_size: elements per absmax block of int8 states.
+        generator: RNG for stochastic rounding (default: torch's global RNG).
+
+    Example:
+        >>> opt = AdamW(model.parameters(), lr=1e-4, state_dtype="int8")
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> opt.state_bytes()  # ≈ 2.03 bytes per parameter
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        state_dtype: torch.dtype | str = torch.float32,
+        stochastic_rounding: bool = True,
+        block_size: int = 256,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_common(lr, weight_decay)
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        state_dtype=_state_dtype_name(state_dtype),
+                        stochastic_rounding=bool(stochastic_rounding), block_size=block_size)
+        super().__init__(params, defaults)
+        self.generator = generator
+        self._codes: dict[tuple[torch.device, bool], Tensor] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``, validating a group's own
+        ``state_dtype`` and ``block_size``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["state_dtype"] = _state_dtype_name(group["state_dtype"])
+        if not isinstance(group["block_size"], int) or group["block_size"] <= 0:
+            raise ValueError(f"block_size must be a positive int, got {group['block_size']!r}")
+
+    def _code(self, device: torch.device, signed: bool) -> Tensor:
+        key = (device, signed)
+        if key not in self._codes:
+            self._codes[key] = dynamic_map(signed=signed).to(device)
+        return self._codes[key]
+
+    def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
+        state["step"] = 0
+        kind = group["state_dtype"]
+        if kind == "int8":
+            blocks = -(-p.numel() // group["block_size"])
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[f"{name}_codes"] = torch.zeros(p.numel(), dtype=torch.uint8, device=p.device)
+                state[f"{name}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            # absmax 0 decodes every code to 0: fresh moments are zeros
+        else:
+            dtype = torch.float32 if kind == "float32" else torch.bfloat16
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _load_moments(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        kind = group["state_dtype"]
+        if kind == "float32":
+            return state["exp_avg"], state["exp_avg_sq"]  # updated in place
+        if kind == "bfloat16":
+            return state["exp_avg"].float(), state["exp_avg_sq"].float()
+        bs = group["block_size"]
+        m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], self._code(p.device, True), block_size=bs)
+        root_v = dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
+                                      self._code(p.device, False), block_size=bs)
+        return m.view(p.shape), root_v.square_().view(p.shape)
+
+    def _store_moments(self, state: dict[str, Any], p: Tensor, group: dict[str, Any], m: Tensor, v: Tensor) -> None:
+        kind = group["state_dtype"]
+        if kind == "bfloat16":
+            copy_stochastic_(state["exp_avg"], m, self.generator)
+            copy_stochastic_(state["exp_avg_sq"], v, self.generator)
+        elif kind == "int8":
+            bs = group["block_size"]
+            state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_blockwise(m, self._code(p.device, True), block_size=bs)
+            state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize_blockwise(
+                v.sqrt(), self._code(p.device, False), block_size=bs)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step for every parameter that has a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("sdadapt.optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                state = self.state[p]
+                if not state:
+                    self._init_state(state, p, group)
+                state["step"] += 1
+                step = state["step"]
+                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+                w = p if p.dtype == torch.float32 else p.float()  # fp32 working weight
+                m, v = self._load_moments(state, p, group)
+                w.mul_(1 - lr * wd)
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias_correction1 = 1 - beta1**step
+                bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+                w.addcdiv_(m, denom, value=-lr / bias_correction1)
+                _write_weight(p, w, group["stochastic_rounding"], self.generator)
+                self._store_moments(state, p, group, m, v)
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes held by optimiser state tensors (moments, codes, absmax)."""
+        return _state_bytes(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but keeps the saved state dtypes
+        (torch would cast float32 moments/absmax to a bf16 parameter's dtype)."""
+        _load_keeping_dtypes(self, state_dict)
+
+
+def _state_dtype_name(state_dtype: torch.dtype | str) -> str:
+    if isinstance(state_dtype, (torch.dtype, str)) and state_dtype in _STATE_DTYPES:
+        return _STATE_DTYPES[state_dtype]
+    raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16 or 'int8', got {state_dtype!r}")
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor))
+
+
+def _load_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_state = state_dict["state"]
+    torch.optim.Optimizer.load_state_dict(optimizer, state_dict)
+    for index, p in zip(saved_ids, params):
+        for key, value in saved_state.get(index, {}).items():
+            if isinstance(value, Tensor):
+                optimizer.state[p][key] = value.to(device=p.device, copy=True)
+
+
+# ------------------------------------------------------------------------------ Adafactor
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern 2018) with transformers'/kohya's conventions and defaults.
+
+    For a gradient ``G`` viewed as a matrix ``(R, C)`` (see ``factor_conv_as_matrix``), step ``t``::
+
+        β₂ₜ = 1 − t^decay_rate                         (decay_rate = −0.8)
+        r ← β₂ₜ r + (1 − β₂ₜ) mean_cols(G² + ε₁)      (R,)
+        c ← β₂ₜ c + (1 − β₂ₜ) mean_rows(G² + ε₁)      (C,)
+        U = G / √(r cᵀ / mean(r))                      factored second moment
+        U ← U / max(1, RMS(U) / d) · ρ                d = clip_threshold
+        m ← β₁ m + (1 − β₁) U ;  U ← m               only if beta1 is not None
+        w ← w − ρ λ w − U
+
+    1-D parameters keep a full ``v`` (``U = G / √v``). ``ρ = lr`` unless ``relative_step``
+    (``ρ = min(10⁻², 1/√t)``, or ``min(10⁻⁶ t, 1/√t)`` with ``warmup_init``); with
+    ``scale_parameter`` it is multiplied by ``max(ε₂, RMS(w))``. Updates are computed in float32;
+    bf16 weights are written back with stochastic rounding (kohya's fused Adafactor).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: required unless ``relative_step=True`` (then it must be ``None``).
+        eps: ``(ε₁, ε₂)``, default ``(1e-30, 1e-3)``.
+        clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step,
+            warmup_init: as ``transformers.optimization.Adafactor`` (whose defaults for
+            ``scale_parameter`` and ``relative_step`` are ``True``; here they are ``False``,
+            the usual choice for diffusion fine-tuning with an explicit LR).
+        factor_conv_as_matrix: factor a ``≥3``-D weight ``(O, I, k, k)`` as ``(O, I·k·k)``
+            (``O + I·k·k`` floats of state). ``False`` factors the last two dims as transformers
+            does, which for a 3×3 kernel keeps ``6·O·I`` floats — more than the weight's ``9·O·I``
+            only by 3×, i.e. almost no saving.
+        stochastic_rounding: stochastic rounding when writing bf16 weights.
+        generator: RNG for stochastic rounding (default: torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = False,
+        relative_step: bool = False,
+        warmup_init: bool = False,
+        factor_conv_as_matrix: bool = True,
+        stochastic_rounding: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if lr is None and not relative_step:
+            raise ValueError("Adafactor needs an explicit lr=..., or relative_step=True for the time-dependent step size")
+        if lr is not None and relative_step:
+            raise ValueError("Adafactor: pass either lr=... or relative_step=True, not both (lr must be None)")
+        if warmup_init and not relative_step:
+            raise ValueError("Adafactor: warmup_init=True needs relative_step=True")
+        _check_common(0.0 if lr is None else lr, weight_decay)
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Adafactor beta1 must be None or in [0, 1), got {beta1!r}")
+        if not decay_rate < 0.0:
+            raise ValueError(f"Adafactor decay_rate must be negative (β₂ₜ = 1 − t^decay_rate), got {decay_rate!r}")
+        if not clip_threshold > 0.0:
+            raise ValueError(f"Adafactor clip_threshold must be > 0, got {clip_threshold!r}")
+        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
+                        beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                        relative_step=relative_step, warmup_init=warmup_init,
+                        factor_conv_as_matrix=factor_conv_as_matrix, stochastic_rounding=bool(stochastic_rounding))
+        super().__init__(params, defaults)
+        self.generator = generator
+
+    @staticmethod
+    def _rms(x: Tensor) -> Tensor:
+        return x.norm(2) / (x.numel() ** 0.5)
+
+    @staticmethod
+    def _factored_view(x: Tensor, group: dict[str, Any]) -> Tensor:
+        """The matrix (or batch of matrices) whose rows/columns are factored."""
+        if x.dim() > 2 and group["factor_conv_as_matrix"]:
+            return x.reshape(x.shape[0], -1)  # (O, I·k·k)
+        return x  # (..., R, C)
+
+    def _step_size(self, group: dict[str, Any], step: int, w: Tensor) -> float:
+        rho = group["lr"]
+        if group["relative_step"]:
+            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+            rho = min(min_step, 1.0 / math.sqrt(step))
+        if group["scale_parameter"]:
+            rho = max(group["eps"][1], float(self._rms(w))) * rho
+        return rho
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Adafactor step for every parameter that has a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            eps1 = group["eps"][0]
+            beta1 = group["beta1"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("sdadapt.optim.Adafactor does not support sparse gradients")
+                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+                g = self._factored_view(grad, group)  # (R, C), (..., R, C) or (n,)
+                factored = g.dim() >= 2
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if beta1 is not None:
+                        state["exp_avg"] = torch.zeros_like(g)
+                    if factored:
+                        state["exp_avg_sq_row"] = g.new_zeros(g.shape[:-1])  # (..., R)
+                        state["exp_avg_sq_col"] = g.new_zeros(g.shape[:-2] + g.shape[-1:])  # (..., C)
+                    else:
+                        state["exp_avg_sq"] = torch.zeros_like(g)
+                state["step"] += 1
+                w = p if p.dtype == torch.float32 else p.float()
+                rho = self._step_size(group, state["step"], w)
+                beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+                update = g.square() + eps1
+                if factored:
+                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+                    row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+                    col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+                    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # (..., R, 1)
+                    c_factor = col.unsqueeze(-2).rsqrt()  # (..., 1, C)
+                    update = torch.mul(r_factor, c_factor).mul_(g)  # (..., R, C)
+                else:
+                    v = state["exp_avg_sq"]
+                    v.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+                    update = v.rsqrt().mul_(g)
+                update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+                update.mul_(rho)
+                if beta1 is not None:
+                    m = state["exp_avg"]
+                    m.mul_(beta1).add_(update, alpha=1 - beta1)
+                    update = m
+                if group["weight_decay"] != 0:
+                    w.add_(w, alpha=-group["weight_decay"] * rho)
+                w.add_(-update.view(p.shape))
+                _write_weight(p, w, group["stochastic_rounding"], self.generator)
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes held by optimiser state tensors."""
+        return _state_bytes(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, keeping the saved (float32) state dtypes."""
+        _load_keeping_dtypes(self, state_dict)
+
+
+# ---------------------------------------------------------------------------- fused backward
+class FusedBackward:
+    """Handle of :func:`fuse_optimizer_into_backward`: one optimiser per parameter, stepped by
+    gradient hooks. ``remove()`` undoes the hooks; the parameters are otherwise untouched."""
+
+    def __init__(self, params: Sequence[Tensor], optimizers: Sequence[torch.optim.Optimizer], hooks: Sequence[Any]) -> None:
+        self.params = tuple(params)
+        self.optimizers = tuple(optimizers)
+        self._hooks = list(hooks)
+
+    def remove(self) -> None:
+        """Remove the hooks: later backward passes accumulate ``.grad`` as usual."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def set_lr(self, lr: float) -> None:
+        """Set every optimiser's (every group's) ``lr`` — call it before each backward with
+        :func:`lr_at` to run a schedule."""
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizers": [optimizer.state_dict() for each parameter, in order]}``."""
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (same parameters, same order)."""
+        saved = state_dict.get("optimizers")
+        if saved is None or len(saved) != len(self.optimizers):
+            have = "none" if saved is None else len(saved)
+            raise ValueError(f"state_dict holds {have} optimisers but this handle has {len(self.optimizers)}; "
+                             "fuse the same parameters in the same order before loading")
+        for optimizer, sd in zip(self.optimizers, saved):
+            optimizer.load_state_dict(sd)
+
+    def state_bytes(self) -> int:
+        """Bytes held by all the optimisers' state tensors."""
+        return sum(_state_bytes(o) for o in self.optimizers)
+
+
+def fuse_optimizer_into_backward(
+    params: Iterable[Tensor],
+    make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+) -> FusedBackward:
+    """Step the optimiser inside ``backward()``: each parameter's update runs as soon as its
+    gradient is accumulated, and the gradient is freed at once (``p.grad = None``).
+
+    Peak memory drops by the gradient buffer (4 B/param in fp32) minus one parameter's gradient.
+    The update equals the usual ``backward(); step(); zero_grad()`` for any per-parameter
+    optimiser (AdamW, Adafactor, SGD…), but anything needing all gradients at once is
+    impossible: global gradient-norm clipping, gradient accumulation over micro-batches,
+    optimisers coupling parameters (Prodigy, D-Adaptation), AMP ``GradScaler``.
+
+    Args:
+        params: leaf tensors; those with ``requires_grad=False`` are skipped (a frozen base
+            can be passed along with the adapter). Duplicates are fused once.
+        make_optimizer: builds one optimiser for a one-element parameter list, e.g.
+            ``lambda ps: AdamW(ps, lr=1e-4, state_dtype="int8")``.
+
+    Returns:
+        :class:`FusedBackward` with ``remove()``, ``set_lr(lr)``, ``state_dict()``,
+        ``load_state_dict()``, ``state_bytes()``.
+
+    Raises:
+        ValueError: a parameter is not a leaf tensor, or none requires grad.
+
+    Example:
+        >>> fused = fuse_optimizer_into_backward(model.parameters(), lambda ps: AdamW(ps, lr=1e-3))
+        >>> for step, batch in enumerate(loader):
+        ...     fused.set_lr(lr_at(step, base_lr=1e-3, schedule="cosine", total_steps=1000))
+        ...     loss_fn(model, batch).backward()    # no optimizer.step(), no zero_grad()
+    """
+    trainable: list[Tensor] = []
+    seen: set[int] = set()
+    for p in params:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        if not p.is_leaf:
+            raise ValueError("fuse_optimizer_into_backward needs leaf tensors (parameters); "
+                             "got a tensor computed from others — pass the parameters it came from")
+        seen.add(id(p))
+        trainable.append(p)
+    if not trainable:
+        raise ValueError("fuse_optimizer_into_backward: no parameter requires grad; unfreeze the ones to train")
+    optimizers = [make_optimizer([p]) for p in trainable]
+    hooks = []
+    for p, optimizer in zip(trainable, optimizers):
+
+        def _step_and_free(param: Tensor, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.step()
+            param.grad = None
+
+        hooks.append(p.register_post_accumulate_grad_hook(_step_and_free))
+    return FusedBackward(trainable, optimizers, hooks)
+
+
+# ------------------------------------------------------------------------------- LR schedules
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set ``lr`` in every parameter group of ``optimizer``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    schedule: Schedule = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    num_cycles: int = 1,
+    min_lr: float = 0.0,
+) -> float:
+    """The learning rate at optimiser step ``step`` (0-based), as diffusers' ``get_scheduler``.
+
+    With ``s = step``, ``W = warmup_steps``, ``T = total_steps``, ``p = (s − W) / max(1, T − W)``
+    clamped to ``[0, 1]`` and ``f`` the decay factor, for ``s < W`` every schedule but
+    ``"constant"`` warms up linearly, ``lr = base · s / W``; afterwards
+    ``lr = min_lr + (base − min_lr) · f``::
+
+        constant, warmup        f = 1
+        linear                  f = (T − s) / max(1, T − W)              (= 1 − p when T > W)
+        cosine                  f = ½ (1 + cos(π p))                     (one half-wave)
+        cosine_with_restarts    f = ½ (1 + cos(π ((num_cycles · p) mod 1))), 0 once p = 1
+
+    Past ``total_steps`` the rate stays at ``min_lr`` (diffusers' cosine would rise again).
+
+    Raises:
+        ValueError: unknown schedule, ``warmup_steps`` with ``"constant"`` (use ``"warmup"``),
+            a decaying schedule without ``total_steps``, or negative / inconsistent values.
+    """
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(_SCHEDULES)}; got {schedule!r}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= min_lr <= base_lr:
+        raise ValueError(f"need 0 <= min_lr <= base_lr, got min_lr={min_lr}, base_lr={base_lr}")
+    if schedule == "constant":
+        if warmup_steps:
+            raise ValueError("schedule='constant' has no warmup; use schedule='warmup' for a warmup then constant LR")
+        return float(base_lr)
+    if step < warmup_steps:
+        return base_lr * step / max(1, warmup_steps)
+    if schedule == "warmup":
+        return float(base_lr)
+    if total_steps is None or total_steps <= 0:
+        raise ValueError(f"schedule={schedule!r} needs total_steps=<number of optimiser steps> (> 0)")
+    if not isinstance(num_cycles, int) or num_cycles < 1:
+        raise ValueError(f"num_cycles must be a positive int, got {num_cycles!r}")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":  # diffusers' form: 0 already at step W when T == W
+        factor = (total_steps - step) / max(1, total_steps - warmup_steps)
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:  # cosine_with_restarts
+        factor = 0.0 if progress >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0)))
+    return min_lr + (base_lr - min_lr) * max(0.0, factor)
