@@ -1,0 +1,505 @@
+"""Diffusion math as pure functions: schedules, noising, targets, SNR weights, losses, samplers.
+
+Notation (DDPM/DDIM, as in diffusers): ``ᾱ_t = alphas_cumprod[t]``, ``x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε``,
+``SNR(t) = ᾱ_t / (1-ᾱ_t)``, ``v = √ᾱ_t·ε - √(1-ᾱ_t)·x0``, ``σ_t = √((1-ᾱ_t)/ᾱ_t)`` (Euler / k-diffusion).
+
+Every sampler takes any callable ``model(x (B,C,H,W), t (B,), cond) -> prediction (B,C,H,W)``, where
+the prediction is ε, v or x0 per ``prediction_type``. ``alphas_cumprod`` is a (T,) tensor; its dtype is
+the dtype the math runs in (pass ``.double()`` for references).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "noise_schedule",
+    "rescale_zero_terminal_snr",
+    "alphas_cumprod_of",
+    "add_noise",
+    "target_for",
+    "predicted_x0",
+    "predicted_noise",
+    "snr",
+    "sigmas_of",
+    "min_snr_weight",
+    "debiased_weight",
+    "p2_weight",
+    "offset_noise",
+    "pyramid_noise",
+    "perturbed_noise",
+    "huber_c_for",
+    "diffusion_loss",
+    "sample_timesteps",
+    "ddim_timesteps",
+    "ddim_step",
+    "ddim_sample",
+    "ddim_invert",
+    "guided",
+    "euler_sample",
+]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+Model = Callable[[Tensor, Tensor, object], Tensor]
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+# ----------------------------------------------------------------------------------- schedules
+def noise_schedule(
+    name: str = "scaled_linear",
+    *,
+    num_steps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    zero_terminal_snr: bool = False,
+) -> Tensor:
+    """Betas ``(num_steps,)`` float64 of a named schedule (diffusers' ``beta_schedule`` names).
+
+    * ``"scaled_linear"`` (SD1/SD2/SDXL): ``β = linspace(√β_start, √β_end, T)²``
+    * ``"linear"``: ``β = linspace(β_start, β_end, T)``
+    * ``"cosine"`` (``"squaredcos_cap_v2"``): ``β_i = min(1 - ᾱ((i+1)/T)/ᾱ(i/T), 0.999)``,
+      ``ᾱ(s) = cos²((s + 0.008)/1.008 · π/2)``
+
+    ``zero_terminal_snr`` applies :func:`rescale_zero_terminal_snr` (Lin et al. 2023).
+    """
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    if name == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+    elif name == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    elif name in ("cosine", "squaredcos_cap_v2"):
+
+        def alpha_bar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor(
+            [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999) for i in range(num_steps)],
+            dtype=torch.float64,
+        )
+    else:
+        raise ValueError(f"unknown schedule {name!r}; use 'scaled_linear', 'linear' or 'cosine'")
+    return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Shift and scale ``√ᾱ`` so the last step has SNR 0 and the first is unchanged (T,) -> (T,)."""
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod_of(betas: Tensor) -> Tensor:
+    """``ᾱ_t = Π_{s≤t} (1 - β_s)`` (T,) -> (T,)."""
+    return torch.cumprod(1 - betas, 0)
+
+
+def _at(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """``values[t]`` shaped (B, 1, 1, ...) to broadcast against ``like`` (B, ...)."""
+    out = values.to(like.device)[t.to(like.device).long()]
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+# ------------------------------------------------------------------------ noising and targets
+def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """``x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε`` for x0, ε (B, ...) and integer t (B,). Computes in the dtype
+    of ``alphas_cumprod`` (or x0's if wider) and returns x0's dtype."""
+    a = _at(alphas_cumprod, t, x0)
+    out = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return out.to(x0.dtype)
+
+
+def target_for(prediction_type: str, x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """The regression target: ε, ``v = √ᾱ_t·ε - √(1-ᾱ_t)·x0`` or x0 (B, ...)."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    a = _at(alphas_cumprod, t, x0)
+    return (a.sqrt() * noise - (1 - a).sqrt() * x0).to(x0.dtype)
+
+
+def predicted_x0(prediction_type: str, x_t: Tensor, output: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """x0 implied by a model output at x_t: ε → ``(x_t - √(1-ᾱ)ε)/√ᾱ``; v → ``√ᾱ x_t - √(1-ᾱ) v``."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "sample":
+        return output
+    a = _at(alphas_cumprod, t, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+    return a.sqrt() * x_t - (1 - a).sqrt() * output
+
+
+def predicted_noise(prediction_type: str, x_t: Tensor, output: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """ε implied by a model output: v → ``√ᾱ v + √(1-ᾱ) x_t``; x0 → ``(x_t - √ᾱ x0)/√(1-ᾱ)``."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return output
+    a = _at(alphas_cumprod, t, x_t)
+    if prediction_type == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * x_t
+    return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+
+
+# ------------------------------------------------------------------------------ loss weights
+def snr(t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """``SNR(t) = ᾱ_t / (1 - ᾱ_t)`` (B,); ``inf`` where ᾱ_t = 1, 0 at a zero-terminal-SNR end."""
+    a = alphas_cumprod.to(t.device)[t.long()]
+    return a / (1 - a)
+
+
+def sigmas_of(alphas_cumprod: Tensor) -> Tensor:
+    """``σ_t = √((1-ᾱ_t)/ᾱ_t)`` (T,), the k-diffusion noise level of each DDPM step."""
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+_TINY_SNR = 1e-8  # SNR(T) = 0 under zero-terminal SNR; the weights below take their limit there
+
+
+def min_snr_weight(snr_t: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-γ weight (Hang et al. 2023) expressed for the loss on each target (B,) -> (B,).
+
+    ε-loss: ``min(SNR, γ)/SNR``; v-loss: ``min(SNR, γ)/(SNR + 1)``; x0-loss: ``min(SNR, γ)``.
+    These make all three equal ``min(SNR, γ)·‖x0 - x̂0‖²``, as in diffusers' training examples.
+    """
+    _check_prediction_type(prediction_type)
+    clipped = torch.minimum(snr_t, torch.full_like(snr_t, gamma))
+    if prediction_type == "epsilon":
+        return clipped.clamp_min(_TINY_SNR) / snr_t.clamp_min(_TINY_SNR)
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1)
+    return clipped
+
+
+def debiased_weight(snr_t: Tensor, prediction_type: str = "epsilon") -> Tensor:
+    """Debiased estimation (Yu et al. 2024, kohya's ``--debiased_estimation_loss``) (B,) -> (B,):
+    ``1/√SNR`` for ε (``1/(SNR+1)`` for v), SNR clamped to ``[1e-8, 1000]`` like kohya."""
+    s = snr_t.clamp(_TINY_SNR, 1000.0)
+    return 1 / (s + 1) if prediction_type == "v_prediction" else 1 / s.sqrt()
+
+
+def p2_weight(snr_t: Tensor, *, gamma: float = 1.0, k: float = 1.0) -> Tensor:
+    """Perception-prioritized weight (Choi et al. 2022): ``1/(k + SNR)^γ`` (B,) -> (B,)."""
+    return (k + snr_t) ** -gamma
+
+
+# ------------------------------------------------------------------------------- noise helpers
+def offset_noise(noise: Tensor, strength: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """``ε + strength·n``, n ~ N(0, 1) of shape (B, C, 1, 1): learns overall brightness (Guttenberg)."""
+    b, c = noise.shape[:2]
+    shift = torch.randn((b, c, *([1] * (noise.ndim - 2))), generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + strength * shift
+
+
+def pyramid_noise(
+    noise: Tensor, *, iterations: int = 6, discount: float = 0.4, generator: torch.Generator | None = None
+) -> Tensor:
+    """Multi-resolution ("pyramid") noise, kohya's ``multires_noise``: add bilinearly upsampled noise
+    at scales ``r^i`` (r ~ U[2, 4)) with weight ``discount^i``, then renormalise to unit std (B,C,H,W)."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = float(torch.rand((), generator=generator)) * 2 + 2
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        coarse = torch.randn((b, c, hn, wn), generator=generator, device=noise.device, dtype=noise.dtype)
+        out = out + F.interpolate(coarse, size=(h, w), mode="bilinear") * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
+
+
+def perturbed_noise(noise: Tensor, gamma: float, *, generator: torch.Generator | None = None) -> Tensor:
+    """Input perturbation (Ning et al. 2023): the model input uses ``ε + γ·ε'`` while the target keeps ε."""
+    return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+
+
+def huber_c_for(
+    t: Tensor, *, huber_c: float, schedule: str = "constant", alphas_cumprod: Tensor | None = None
+) -> Tensor:
+    """Per-sample Huber ``c`` (B,), kohya's ``--huber_schedule``: ``constant``: c;
+    ``exponential``: ``exp(-α t)`` with ``α = -ln(c)/T``; ``snr``: ``(1-c)/(1+σ_t)² + c``."""
+    tf = t.double()
+    if schedule == "constant":
+        return torch.full(t.shape, huber_c, dtype=torch.float32, device=t.device)
+    if alphas_cumprod is None:
+        raise ValueError(f"huber schedule {schedule!r} needs alphas_cumprod")
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / alphas_cumprod.shape[0]
+        return torch.exp(-alpha * tf).float()
+    if schedule == "snr":
+        sigma = sigmas_of(alphas_cumprod.double().to(t.device))[t.long()]
+        return ((1 - huber_c) / (1 + sigma) ** 2 + huber_c).float()
+    raise ValueError(f"unknown huber schedule {schedule!r}; use 'constant', 'exponential' or 'snr'")
+
+
+def diffusion_loss(
+    prediction: Tensor,
+    target: Tensor,
+    *,
+    weights: Tensor | None = None,
+    kind: str = "l2",
+    huber_c: float | Tensor = 0.1,
+) -> Tensor:
+    """Mean over the batch of ``w_b · mean_{c,h,w} ℓ(pred - target)`` (0-dim).
+
+    ``kind``: ``"l2"`` (squared error), ``"huber"`` (kohya's pseudo-Huber ``2c(√(d² + c²) - c)``),
+    ``"smooth_l1"`` (``2(√(d² + c²) - c)``), ``"l1"``. ``huber_c`` is a float or (B,) per sample.
+    ``weights`` (B,) multiply each sample's mean loss.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    d = prediction - target
+    if kind in ("huber", "smooth_l1"):
+        c = torch.as_tensor(huber_c, dtype=d.dtype, device=d.device)
+        if c.ndim == 1:
+            c = c.reshape(-1, *([1] * (d.ndim - 1)))
+        per = torch.sqrt(d * d + c * c) - c
+        per = 2 * c * per if kind == "huber" else 2 * per
+    elif kind == "l2":
+        per = d * d
+    elif kind == "l1":
+        per = d.abs()
+    else:
+        raise ValueError(f"unknown loss {kind!r}; use 'l2', 'huber', 'smooth_l1' or 'l1'")
+    per_sample = per.flatten(1).mean(1)  # (B,)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample)
+    return per_sample.mean()
+
+
+def sample_timesteps(
+    batch: int,
+    num_steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    low: int = 0,
+    high: int | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Uniform integer timesteps in ``[low, high)`` (B,) int64 (``high`` defaults to ``num_steps``)."""
+    high = num_steps if high is None else high
+    if not 0 <= low < high <= num_steps:
+        raise ValueError(f"timestep range [{low}, {high}) must lie inside [0, {num_steps})")
+    t = torch.randint(low, high, (batch,), generator=generator, device=generator.device if generator else None)
+    return t.to(device) if device is not None else t
+
+
+# ------------------------------------------------------------------------------------ samplers
+def ddim_timesteps(num_inference_steps: int, *, num_train_steps: int = 1000, spacing: str = "leading", steps_offset: int = 1) -> Tensor:
+    """Descending inference timesteps (n,) int64, diffusers' ``timestep_spacing`` rules.
+
+    ``leading`` (SD's DDIM config): ``arange(n)·(T//n) + steps_offset``; ``trailing``:
+    ``round(arange(T, 0, -T/n)) - 1``; ``linspace``: ``round(linspace(0, T-1, n))``.
+    """
+    n, T = num_inference_steps, num_train_steps
+    if not 1 <= n <= T:
+        raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
+    if spacing == "leading":
+        steps = torch.arange(n, dtype=torch.float64) * (T // n) + steps_offset
+    elif spacing == "trailing":
+        steps = torch.arange(T, 0, -T / n, dtype=torch.float64).round().flip(0) - 1
+    elif spacing == "linspace":
+        steps = torch.linspace(0, T - 1, n, dtype=torch.float64).round()
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; use 'leading', 'trailing' or 'linspace'")
+    return steps.flip(0).long()
+
+
+def ddim_step(
+    output: Tensor,
+    t: int,
+    t_prev: int,
+    x_t: Tensor,
+    alphas_cumprod: Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    eta: float = 0.0,
+    final_alpha_cumprod: float | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12) (B,C,H,W).
+
+    ``x_prev = √ᾱ_prev·x̂0 + √(1-ᾱ_prev-s²)·ε̂ + s·z`` with ``s = η·√((1-ᾱ_prev)/(1-ᾱ_t)·(1-ᾱ_t/ᾱ_prev))``.
+    ``t_prev < 0`` uses ``final_alpha_cumprod`` (default ᾱ_0, diffusers' ``set_alpha_to_one=False``).
+    With ``t_prev > t`` (and η = 0) this is the DDIM inversion step.
+    """
+    ac = alphas_cumprod
+    a_t = ac[t].to(x_t.device)
+    if t_prev >= 0:
+        a_prev = ac[t_prev].to(x_t.device)
+    else:
+        a_prev = torch.as_tensor(ac[0] if final_alpha_cumprod is None else final_alpha_cumprod, dtype=ac.dtype, device=x_t.device)
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    x0 = predicted_x0(prediction_type, x_t, output, tt, ac)
+    eps = predicted_noise(prediction_type, x_t, output, tt, ac)
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt() if eta else a_t.new_zeros(())
+    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
+    if eta:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs `noise` (B,C,H,W)")
+        x_prev = x_prev + std * noise
+    return x_prev.to(x_t.dtype)
+
+
+def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float) -> Model:
+    """Classifier-free guidance: ``u + s·(c - u)``; tensor conds run as one batch of 2B."""
+    if uncond is None or guidance_scale == 1.0:
+        return lambda x, t, _c: model(x, t, cond)
+
+    def run(x: Tensor, t: Tensor, _c: object) -> Tensor:
+        if isinstance(cond, Tensor) and isinstance(uncond, Tensor):
+            out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        else:
+            out_u, out_c = model(x, t, uncond), model(x, t, cond)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    return run
+
+
+def ddim_sample(
+    model: Model,
+    x_T: Tensor,
+    cond: object,
+    *,
+    alphas_cumprod: Tensor,
+    num_steps: int = 50,
+    uncond: object | None = None,
+    guidance_scale: float = 1.0,
+    prediction_type: str = "epsilon",
+    eta: float = 0.0,
+    spacing: str = "leading",
+    steps_offset: int = 1,
+    final_alpha_cumprod: float | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """DDIM sampling from x_T (B,C,H,W) (unit-variance noise) to x0, with optional CFG.
+
+    ``callback(i, t, x)`` sees each intermediate. Matches diffusers' ``DDIMScheduler`` with the
+    same ``timestep_spacing``/``steps_offset`` and ``set_alpha_to_one=False``, ``clip_sample=False``
+    (pass ``final_alpha_cumprod=1.0`` for ``set_alpha_to_one=True``: the last step returns x̂0).
+    """
+    T = alphas_cumprod.shape[0]
+    steps = ddim_timesteps(num_steps, num_train_steps=T, spacing=spacing, steps_offset=steps_offset)
+    ratio = T // num_steps
+    fn = guided(model, cond, uncond, guidance_scale)
+    x = x_T
+    for i, t in enumerate(steps.tolist()):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = fn(x, tt, cond)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta else None
+        x = ddim_step(
+            out, t, t - ratio, x, alphas_cumprod,
+            prediction_type=prediction_type, eta=eta, final_alpha_cumprod=final_alpha_cumprod, noise=noise,
+        )
+        if callback is not None:
+            callback(i, tt, x)
+    return x
+
+
+def ddim_invert(
+    model: Model,
+    x0: Tensor,
+    cond: object,
+    *,
+    alphas_cumprod: Tensor,
+    num_steps: int = 50,
+    uncond: object | None = None,
+    guidance_scale: float = 1.0,
+    prediction_type: str = "epsilon",
+    spacing: str = "leading",
+    steps_offset: int = 1,
+) -> list[Tensor]:
+    """Deterministic DDIM inversion x0 -> x_T (as in null-text inversion, Mokady et al. 2023).
+
+    Returns ``[x0, x_{t_1}, ..., x_{t_n}]`` (n+1 tensors (B,C,H,W)), ascending in t: each step runs
+    the model at the current latent with the *next* (higher) timestep and applies the DDIM update
+    toward it. Reversing these steps with :func:`ddim_sample` (same steps) reconstructs x0 up to
+    the model's local linearity.
+    """
+    T = alphas_cumprod.shape[0]
+    steps = ddim_timesteps(num_steps, num_train_steps=T, spacing=spacing, steps_offset=steps_offset).flip(0)
+    ratio = T // num_steps
+    fn = guided(model, cond, uncond, guidance_scale)
+    latents = [x0]
+    x = x0
+    for t in steps.tolist():
+        t_from = t - ratio  # the lower timestep we come from; < 0 at the first step
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = fn(x, tt, cond)
+        eps = predicted_noise(prediction_type, x, out, tt, alphas_cumprod) if prediction_type != "epsilon" else out
+        a_from = alphas_cumprod[t_from] if t_from >= 0 else alphas_cumprod[0]
+        a_to = alphas_cumprod[t]
+        x0_hat = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+        x = (a_to.sqrt() * x0_hat + (1 - a_to).sqrt() * eps).to(x0.dtype)
+        latents.append(x)
+    return latents
+
+
+def euler_sample(
+    model: Model,
+    x_T: Tensor,
+    cond: object,
+    *,
+    alphas_cumprod: Tensor,
+    num_steps: int = 30,
+    uncond: object | None = None,
+    guidance_scale: float = 1.0,
+    prediction_type: str = "epsilon",
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """Euler sampler on σ (k-diffusion / diffusers ``EulerDiscreteScheduler``) from unit noise x_T.
+
+    ``x ← x_T·σ_init``; per step: model input ``x/√(σ²+1)`` at (float) timestep t, ``x̂0`` from
+    the prediction, ``d = (x - x̂0)/σ``, ``x ← x + d·(σ_next - σ)``; σ interpolated in t, σ_last = 0.
+    """
+    _check_prediction_type(prediction_type)
+    T = alphas_cumprod.shape[0]
+    sig_all = sigmas_of(alphas_cumprod.double())
+    if spacing == "linspace":
+        ts = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).flip(0)
+    elif spacing == "leading":
+        ts = (torch.arange(num_steps, dtype=torch.float64) * (T // num_steps)).round().flip(0) + steps_offset
+    elif spacing == "trailing":
+        ts = torch.arange(T, 0, -T / num_steps, dtype=torch.float64).round() - 1
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; use 'linspace', 'leading' or 'trailing'")
+    lo = ts.floor().long().clamp(0, T - 1)
+    hi = (lo + 1).clamp(max=T - 1)
+    frac = ts - lo.double()
+    sigmas = torch.cat([sig_all[lo] * (1 - frac) + sig_all[hi] * frac, torch.zeros(1, dtype=torch.float64)])
+    sigma_max = float(sigmas[0])
+    init = sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+    fn = guided(model, cond, uncond, guidance_scale)
+    x = x_T * init
+    for i in range(num_steps):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        t = torch.full((x.shape[0],), float(ts[i]), device=x.device, dtype=x.dtype)
+        out = fn(x / (s * s + 1) ** 0.5, t, cond)
+        if prediction_type == "epsilon":
+            x0 = x - s * out
+        elif prediction_type == "v_prediction":
+            x0 = out * (-s / (s * s + 1) ** 0.5) + x / (s * s + 1)
+        else:
+            x0 = out
+        x = x + (x - x0) / s * (s_next - s)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+

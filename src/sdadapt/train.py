@@ -1,0 +1,358 @@
+"""The training step every method uses — short enough to read in one screen.
+
+    state = TrainState(seed=0)
+    for batch in loader:                      # {"latents": (B,C,H,W), "cond": ..., ["loss_weight": (B,)]}
+        metrics = train_step(unet_fn, batch, params=params, optimizer=opt, state=state,
+                             config=StepConfig(min_snr_gamma=5), alphas_cumprod=ac)
+
+``model`` is any callable ``model(noisy_latents, timesteps, cond) -> prediction``; wrap a
+diffusers UNet as ``lambda x, t, c: unet(x, t, c).sample``. Speed comes from doing less: pass
+cached latents/text states, give the optimiser only the trainable parameters, and keep metrics
+as tensors (no host sync per step; call ``.item()`` when you log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import diffusion
+from .formats.files import atomic_write, read_safetensors, write_safetensors
+
+__all__ = [
+    "StepConfig",
+    "TrainState",
+    "EMA",
+    "train_step",
+    "prepare_batch",
+    "step_loss",
+    "clip_and_step",
+    "save_training_state",
+    "load_training_state",
+]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What one step does (defaults: plain epsilon MSE, uniform timesteps, clip 1.0)."""
+
+    prediction_type: str = "epsilon"
+    loss: str = "l2"  # "l2" | "huber" | "smooth_l1" | "l1"
+    huber_c: float = 0.1
+    huber_schedule: str = "constant"  # "constant" | "exponential" | "snr" (kohya's)
+    min_snr_gamma: float | None = None
+    debiased_estimation: bool = False
+    p2_gamma: float | None = None  # P2 weight 1/(1 + SNR)^γ
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    pyramid_noise_iterations: int = 0
+    pyramid_noise_discount: float = 0.4
+    timestep_range: tuple[int, int] | None = None  # [low, high) of training timesteps
+    max_grad_norm: float | None = 1.0
+    accumulation_steps: int = 1
+    mixed_precision: str | None = None  # None | "bf16" | "fp16"
+    channels_last: bool = False  # feed NHWC latents (use with model.to(memory_format=torch.channels_last))
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in (None, "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}")
+
+
+class EMA:
+    """Exponential moving average of parameters (diffusers' EMAModel warm-up rule).
+
+    ``decay_t = min(decay, (1 + t) / (10 + t))``; shadows are float32 copies.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], *, decay: float = 0.9999) -> None:
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, param in zip(self.shadow, self.params):
+            shadow.lerp_(param.detach().float(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, params: Iterable[nn.Parameter] | None = None) -> None:
+        for shadow, param in zip(self.shadow, params or self.params):
+            param.copy_(shadow.to(param.dtype))
+
+
+class TrainState:
+    """Step counters, the step's random generator, the fp16 loss scaler and the EMA."""
+
+    def __init__(self, *, seed: int = 0, device: torch.device | str = "cpu", ema: EMA | None = None) -> None:
+        self.step = 0  # optimiser steps taken
+        self.micro_step = 0  # batches seen
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.scaler: torch.amp.GradScaler | None = None
+        self.ema = ema
+
+
+def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState, num_steps: int):
+    g = state.generator
+    noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+    if config.noise_offset:
+        noise = diffusion.offset_noise(noise, config.noise_offset, generator=g)
+    if config.pyramid_noise_iterations:
+        noise = diffusion.pyramid_noise(
+            noise, iterations=config.pyramid_noise_iterations, discount=config.pyramid_noise_discount, generator=g
+        )
+    low, high = config.timestep_range or (0, num_steps)
+    t = diffusion.sample_timesteps(latents.shape[0], num_steps, generator=g, low=low, high=high).to(latents.device)
+    # input perturbation: the model sees noise + γ·ε', the target keeps the unperturbed noise
+    noisy_input = diffusion.perturbed_noise(noise, config.input_perturbation, generator=g) if config.input_perturbation else noise
+    return noise, noisy_input, t
+
+
+def prepare_batch(
+    batch: Mapping[str, object],
+    *,
+    state: TrainState,
+    config: StepConfig,
+    alphas_cumprod: Tensor,
+    encode_latents: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor | object]:
+    """Everything before the model: ``{"x_t", "t", "cond", "target", "weights" (B,), "huber_c"}``.
+
+    Draws noise and timesteps from ``state.generator`` (always, so runs stay reproducible even when
+    the batch fixes ``"noise"``/``"timesteps"``), noises the latents, builds the target for
+    ``config.prediction_type`` and the per-sample loss weights (batch ``"loss_weight"`` × min-SNR ×
+    debiased × P2).
+    """
+    latents = batch.get("latents")
+    if latents is None and encode_latents is not None and isinstance(batch.get("images"), Tensor):
+        with torch.no_grad():
+            latents = encode_latents(batch["images"])  # type: ignore[arg-type]
+    if not isinstance(latents, Tensor):
+        raise TypeError(
+            "batch['latents'] must be a (B, C, H, W) tensor of clean latents (x0); or pass "
+            "batch['images'] with encode_latents=vae_encode (e.g. lambda im: vae.encode(im).latent_dist.sample() * 0.18215)"
+        )
+    noise, noisy_input, t = _noise_and_timesteps(latents, config, state, alphas_cumprod.shape[0])
+    if batch.get("noise") is not None:  # fixed noise/timesteps (tests, data-parallel sharding, methods)
+        noise = noisy_input = batch["noise"]  # type: ignore[assignment]
+    if batch.get("timesteps") is not None:
+        t = batch["timesteps"]  # type: ignore[assignment]
+    x_t = diffusion.add_noise(latents, noisy_input, t, alphas_cumprod)
+    if config.channels_last and x_t.ndim == 4:
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    target = diffusion.target_for(config.prediction_type, latents, noise, t, alphas_cumprod)
+
+    weights = batch.get("loss_weight")
+    weights = torch.ones(latents.shape[0], device=latents.device) if weights is None else weights.float()  # type: ignore[union-attr]
+    if config.min_snr_gamma is not None or config.debiased_estimation or config.p2_gamma is not None:
+        snr = diffusion.snr(t, alphas_cumprod)
+        if config.min_snr_gamma is not None:
+            weights = weights * diffusion.min_snr_weight(snr, config.min_snr_gamma, config.prediction_type)
+        if config.debiased_estimation:
+            weights = weights * diffusion.debiased_weight(snr, config.prediction_type)
+        if config.p2_gamma is not None:
+            weights = weights * diffusion.p2_weight(snr, gamma=config.p2_gamma)
+    huber_c: float | Tensor = config.huber_c
+    if config.loss in ("huber", "smooth_l1") and config.huber_schedule != "constant":
+        huber_c = diffusion.huber_c_for(t, huber_c=config.huber_c, schedule=config.huber_schedule, alphas_cumprod=alphas_cumprod)
+    return {"x_t": x_t, "t": t, "cond": batch.get("cond"), "target": target, "weights": weights.float(), "huber_c": huber_c}
+
+
+def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig) -> Tensor:
+    """Forward under the configured autocast and the weighted loss (0-dim, float32)."""
+    x_t: Tensor = prepared["x_t"]  # type: ignore[assignment]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
+    autocast = torch.autocast(x_t.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with autocast:
+        prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
+    return diffusion.diffusion_loss(
+        prediction.float(), prepared["target"].float(), weights=prepared["weights"],  # type: ignore[union-attr]
+        kind=config.loss, huber_c=prepared["huber_c"],  # type: ignore[arg-type]
+    )
+
+
+def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, state: TrainState, config: StepConfig) -> Tensor:
+    """Unscale (fp16), clip, optimiser step, zero grads; returns the pre-clip grad norm (nan if unclipped)."""
+    grad_norm = torch.full((), float("nan"), device=params[0].device)
+    if state.scaler:
+        state.scaler.unscale_(optimizer)
+    if config.max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    if state.scaler:
+        state.scaler.step(optimizer)
+        state.scaler.update()
+    else:
+        optimizer.step()
+    return grad_norm
+
+
+def train_step(
+    model: Callable[[Tensor, Tensor, object], Tensor],
+    batch: Mapping[str, object],
+    *,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config: StepConfig,
+    alphas_cumprod: Tensor,
+    lr_scheduler: object | None = None,
+    encode_latents: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """One micro-batch: noise, forward, weighted loss, backward; every ``accumulation_steps``
+    micro-batches also unscale, clip, optimiser step, zero grads, EMA and LR-scheduler step.
+
+    Args:
+        model: ``model(x_t (B,C,H,W), t (B,), cond) -> prediction (B,C,H,W)``.
+        batch: ``{"latents": x0 (B,C,H,W), "cond": anything the model takes,
+            "loss_weight": optional (B,) per-sample weights (e.g. DreamBooth prior weight),
+            "noise": optional fixed ε (B,C,H,W), "timesteps": optional fixed t (B,)}``.
+            The step's generator is advanced the same way either way, so runs stay reproducible.
+        params: the trainable parameters (clipping and EMA act on these).
+        alphas_cumprod: (T,) of the noise schedule, on the latents' device.
+        encode_latents: used (under ``no_grad``) when the batch carries ``"images"`` instead of
+            cached ``"latents"``. Text conditioning: put what your ``model`` takes in ``"cond"``
+            (cached hidden states, or token ids when ``model`` runs a trainable text encoder —
+            it then runs inside the same autocast region, as textual inversion needs).
+
+    Returns:
+        ``{"loss": 0-dim tensor (unscaled, this micro-batch), "stepped": bool tensor,
+        "grad_norm": 0-dim tensor (nan when not stepped)}`` — tensors, no host sync.
+    """
+    prepared = prepare_batch(batch, state=state, config=config, alphas_cumprod=alphas_cumprod, encode_latents=encode_latents)
+    loss = step_loss(model, prepared, config)
+    if config.mixed_precision == "fp16" and state.scaler is None:
+        state.scaler = torch.amp.GradScaler(loss.device.type)
+    scaled = loss / config.accumulation_steps
+    (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+    state.micro_step += 1
+
+    grad_norm = torch.full((), float("nan"), device=loss.device)
+    stepped = state.micro_step % config.accumulation_steps == 0
+    if stepped:
+        grad_norm = clip_and_step(params, optimizer, state, config)
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if state.ema is not None:
+            state.ema.update()
+        if lr_scheduler is not None:
+            lr_scheduler.step()  # type: ignore[attr-defined]
+    return {"loss": loss.detach(), "stepped": torch.tensor(stepped), "grad_norm": grad_norm.detach()}
+
+
+# ------------------------------------------------------------------------------ resumable state
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, object]] = {}
+    for index, entry in sd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save_training_state(
+    folder: str | os.PathLike,
+    *,
+    named_params: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config: StepConfig | None = None,
+) -> None:
+    """Write ``state.safetensors`` (weights, optimiser tensors, EMA, RNG states) + ``state.json``.
+
+    Both files are written atomically; the JSON (written last) records the step, so a crash
+    between the two leaves a folder whose JSON still describes the previous complete state.
+    """
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {f"param.{k}": v.detach() for k, v in named_params.items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    tensors.update(opt_tensors)
+    if state.ema is not None:
+        tensors.update({f"ema.{i}": s for i, s in enumerate(state.ema.shadow)})
+    tensors["rng.step_generator"] = state.generator.get_state()
+    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    if state.scaler is not None:
+        scaler_sd = state.scaler.state_dict()
+    else:
+        scaler_sd = None
+    meta = {
+        "format": "sdadapt-training-state/1",
+        "step": state.step,
+        "micro_step": state.micro_step,
+        "ema_updates": state.ema.updates if state.ema else None,
+        "optimizer": opt_meta,
+        "scaler": scaler_sd,
+        "config": asdict(config) if config else None,
+    }
+    write_safetensors(target / "state.safetensors", tensors, {"step": str(state.step)})
+    atomic_write(target / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, default=float)))
+
+
+def load_training_state(
+    folder: str | os.PathLike,
+    *,
+    named_params: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+) -> dict:
+    """Restore what :func:`save_training_state` wrote, in place; returns the JSON record.
+
+    Raises:
+        ValueError: the folder is incomplete, from another step, or its parameters do not match.
+    """
+    target = Path(folder)
+    meta_file, tensor_file = target / "state.json", target / "state.safetensors"
+    if not meta_file.is_file() or not tensor_file.is_file():
+        raise ValueError(f"{target}: not a training state (needs state.json and state.safetensors)")
+    meta = json.loads(meta_file.read_text())
+    tensors, file_meta = read_safetensors(tensor_file)
+    if file_meta.get("step") != str(meta["step"]):
+        raise ValueError(f"{target}: state.safetensors (step {file_meta.get('step')}) and state.json (step {meta['step']}) disagree; the save was interrupted")
+    missing = [k for k in named_params if f"param.{k}" not in tensors]
+    if missing:
+        raise ValueError(f"{target}: parameters {missing[:5]} are not in the saved state")
+    with torch.no_grad():
+        for name, param in named_params.items():
+            param.copy_(tensors[f"param.{name}"])
+    opt_state: dict[int, dict[str, object]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    for index, scalars in meta["optimizer"]["scalars"].items():
+        opt_state.setdefault(int(index), {}).update(scalars)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
+    state.step, state.micro_step = meta["step"], meta["micro_step"]
+    state.generator.set_state(tensors["rng.step_generator"])
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    if state.ema is not None:
+        for i, shadow in enumerate(state.ema.shadow):
+            shadow.copy_(tensors[f"ema.{i}"])
+        state.ema.updates = meta["ema_updates"] or 0
+    if meta["scaler"] is not None:
+        state.scaler = torch.amp.GradScaler(next(iter(named_params.values())).device.type)
+        state.scaler.load_state_dict(meta["scaler"])
+    return meta

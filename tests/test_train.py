@@ -1,0 +1,317 @@
+"""The training step: learning, accumulation, weighting, resume and data-parallel equivalence."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+import sdadapt
+from sdadapt.targets import by_type
+from sdadapt.train import EMA, StepConfig, TrainState, load_training_state, save_training_state, train_step
+
+
+class ToyDenoiser(nn.Module):
+    """A small conditional denoiser with LoRA-able Linear/Conv2d layers and dropout."""
+
+    def __init__(self, channels: int = 4, width: int = 16, cond_dim: int = 8) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
+        self.time = nn.Linear(1, width)
+        self.cond = nn.Linear(cond_dim, width)
+        self.mid = nn.Conv2d(width, width, 3, padding=1)
+        self.drop = nn.Dropout(0.1)
+        self.conv_out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, t, cond):
+        h = self.conv_in(x)
+        h = h + self.time(t.float()[:, None] / 1000)[:, :, None, None] + self.cond(cond)[:, :, None, None]
+        h = self.drop(torch.nn.functional.silu(self.mid(torch.nn.functional.silu(h))))
+        return self.conv_out(h)
+
+
+def _data(n: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 8, generator=g)
+
+
+def _alphas():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def _setup(seed: int = 0, rank: int = 4):
+    torch.manual_seed(seed)
+    model = ToyDenoiser()
+    handle = sdadapt.inject(model, by_type(nn.Conv2d, nn.Linear), sdadapt.LoRAConfig(rank=rank, init="gaussian"))
+    params = list(handle.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    return model, handle, params, optimizer
+
+
+def test_lora_training_lowers_the_loss():
+    model, handle, params, optimizer = _setup()
+    latents, cond = _data()
+    state, config, alphas = TrainState(seed=1), StepConfig(), _alphas()
+    losses = []
+    for _ in range(60):
+        metrics = train_step(model, {"latents": latents, "cond": cond}, params=params, optimizer=optimizer,
+                             state=state, config=config, alphas_cumprod=alphas)
+        losses.append(float(metrics["loss"]))
+    assert state.step == 60
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    # only adapter parameters changed; frozen base has no grads and no optimizer state
+    assert all(p.grad is None for n, p in model.named_parameters() if ".sdadapt." not in n)
+
+
+def test_step_matches_a_hand_written_reference_with_min_snr_and_loss_weights():
+    model, handle, params, optimizer = _setup()
+    model.drop.p = 0.0
+    latents, cond = _data(4)
+    alphas = _alphas()
+    noise = torch.randn_like(latents)
+    t = torch.tensor([5, 200, 600, 990])
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0])
+    before = [p.detach().clone() for p in params]
+    batch = {"latents": latents, "cond": cond, "noise": noise, "timesteps": t, "loss_weight": weights}
+    metrics = train_step(model, batch, params=params, optimizer=torch.optim.SGD(params, lr=0.0), state=TrainState(),
+                         config=StepConfig(min_snr_gamma=5.0, max_grad_norm=None), alphas_cumprod=alphas)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))  # lr 0: nothing moved
+    # reference in float64: x_t, epsilon target, min-SNR weight times the per-sample weight
+    a = alphas.double()[t][:, None, None, None]
+    x_t = (a.sqrt() * latents.double() + (1 - a).sqrt() * noise.double()).float()
+    snr = (a / (1 - a)).flatten()
+    w = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr * weights.double()
+    with torch.no_grad():
+        pred = model(x_t, t, cond).double()
+    ref = (((pred - noise.double()) ** 2).mean(dim=(1, 2, 3)) * w).mean()
+    torch.testing.assert_close(metrics["loss"].double(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    latents, cond = _data(8)
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(3))
+    alphas = _alphas()
+    results = []
+    for accumulation, chunks in ((1, 1), (4, 4)):
+        model, handle, params, _ = _setup(seed=5)
+        model.drop.p = 0.0
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        config = StepConfig(accumulation_steps=accumulation, max_grad_norm=None)
+        state = TrainState()
+        for part in range(chunks):
+            sl = slice(part * 8 // chunks, (part + 1) * 8 // chunks)
+            train_step(model, {"latents": latents[sl], "cond": cond[sl], "noise": noise[sl], "timesteps": t[sl]},
+                       params=params, optimizer=optimizer, state=state, config=config, alphas_cumprod=alphas)
+        assert state.step == 1
+        results.append([p.detach().clone() for p in params])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def _run(steps: int, *, folder=None, resume_at: int | None = None, ema: bool = True):
+    model, handle, params, optimizer = _setup(seed=11)
+    latents, cond = _data(4, seed=2)
+    state = TrainState(seed=7, ema=EMA(params, decay=0.99) if ema else None)
+    config = StepConfig(min_snr_gamma=5.0, noise_offset=0.05, accumulation_steps=2)
+    losses = []
+    start = 0
+    if folder is not None and resume_at is None:
+        meta = load_training_state(folder, named_params={f"p{i}": p for i, p in enumerate(params)},
+                                   optimizer=optimizer, state=state)
+        start = meta["micro_step"]
+    for i in range(start, steps):
+        metrics = train_step(model, {"latents": latents, "cond": cond}, params=params, optimizer=optimizer,
+                             state=state, config=config, alphas_cumprod=_alphas())
+        losses.append(metrics["loss"].item())
+        if resume_at is not None and i + 1 == resume_at:
+            save_training_state(folder, named_params={f"p{i}": p for i, p in enumerate(params)},
+                                optimizer=optimizer, state=state, config=config)
+            break
+    return losses, [p.detach().clone() for p in params], state
+
+
+def test_resume_gives_bit_identical_losses(tmp_path):
+    straight, final, _ = _run(8)
+    first, _, _ = _run(8, folder=tmp_path, resume_at=4)
+    rest, resumed_final, state = _run(8, folder=tmp_path)
+    assert first + rest == straight  # bit-identical, dropout RNG included
+    for p, q in zip(final, resumed_final):
+        assert torch.equal(p, q)
+    assert state.step == 4 and state.ema.updates == 4
+
+
+def test_interrupted_state_is_detected(tmp_path):
+    _run(4, folder=tmp_path, resume_at=2)
+    (tmp_path / "state.json").write_text((tmp_path / "state.json").read_text().replace('"step": 1', '"step": 7'))
+    with pytest.raises(ValueError, match="disagree"):
+        _run(4, folder=tmp_path)
+
+
+def test_bf16_autocast_step_runs_and_learns():
+    model, handle, params, optimizer = _setup()
+    latents, cond = _data()
+    state, config = TrainState(seed=1), StepConfig(mixed_precision="bf16")
+    losses = [float(train_step(model, {"latents": latents, "cond": cond}, params=params, optimizer=optimizer,
+                               state=state, config=config, alphas_cumprod=_alphas())["loss"]) for _ in range(40)]
+    assert all(map(lambda v: v == v, losses))
+    assert sum(losses[-8:]) < sum(losses[:8])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, handle, params, _ = _setup(seed=5)
+    model.drop.p = 0.0
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    latents, cond = _data(8)
+    noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    t = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(10))
+    sl = slice(rank * 4, rank * 4 + 4)
+    state = TrainState()
+    for _ in range(3):
+        train_step(ddp, {"latents": latents[sl], "cond": cond[sl], "noise": noise[sl], "timesteps": t[sl]},
+                   params=params, optimizer=optimizer, state=state, config=StepConfig(), alphas_cumprod=_alphas())
+    if rank == 0:
+        torch.save([p.detach() for p in params], out)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_single_process_with_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    ddp_params = torch.load(out, weights_only=True)
+
+    model, handle, params, _ = _setup(seed=5)
+    model.drop.p = 0.0
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    latents, cond = _data(8)
+    noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    t = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(10))
+    state = TrainState()
+    for _ in range(3):
+        train_step(model, {"latents": latents, "cond": cond, "noise": noise, "timesteps": t}, params=params,
+                   optimizer=optimizer, state=state, config=StepConfig(), alphas_cumprod=_alphas())
+    for p, q in zip(params, ddp_params):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ step options / capture
+def _losses_with(config, steps=6, seed=0, batch_extra=None):
+    model, handle, params, optimizer = _setup(seed=seed)
+    model.drop.p = 0.0
+    latents, cond = _data(4)
+    state = TrainState(seed=2)
+    out = []
+    for _ in range(steps):
+        out.append(train_step(model, {"latents": latents, "cond": cond, **(batch_extra or {})}, params=params,
+                              optimizer=optimizer, state=state, config=config, alphas_cumprod=_alphas())["loss"].item())
+    return out, params
+
+
+def test_channels_last_gives_the_same_training():
+    a, pa = _losses_with(StepConfig())
+    b, pb = _losses_with(StepConfig(channels_last=True))
+    assert a == pytest.approx(b, rel=1e-5)
+    for p, q in zip(pa, pb):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_p2_and_huber_schedule_weights_reach_the_loss():
+    model, handle, params, _ = _setup()
+    model.drop.p = 0.0
+    latents, cond = _data(4)
+    noise, t = torch.randn_like(latents), torch.tensor([5, 200, 600, 990])
+    ac = _alphas()
+    batch = {"latents": latents, "cond": cond, "noise": noise, "timesteps": t}
+    opt = torch.optim.SGD(params, lr=0.0)
+    cfg = StepConfig(p2_gamma=0.5, loss="huber", huber_c=0.2, huber_schedule="snr", max_grad_norm=None)
+    loss = train_step(model, batch, params=params, optimizer=opt, state=TrainState(), config=cfg, alphas_cumprod=ac)["loss"]
+    a = ac.double()[t]
+    snr = a / (1 - a)
+    sigma = ((1 - a) / a).sqrt()
+    c = (0.8 / (1 + sigma) ** 2 + 0.2)[:, None, None, None]
+    x_t = (a.sqrt()[:, None, None, None] * latents.double() + (1 - a).sqrt()[:, None, None, None] * noise.double()).float()
+    with torch.no_grad():
+        d = model(x_t, t, cond).double() - noise.double()
+    per = (2 * c * (torch.sqrt(d * d + c * c) - c)).mean(dim=(1, 2, 3)) * (1 + snr) ** -0.5
+    torch.testing.assert_close(loss.double(), per.mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_images_are_encoded_without_grad_when_latents_are_absent():
+    model, handle, params, optimizer = _setup()
+    model.drop.p = 0.0
+    latents, cond = _data(4)
+    enc = torch.nn.Conv2d(4, 4, 1)
+    common = dict(params=params, optimizer=torch.optim.SGD(params, lr=0.0), config=StepConfig(), alphas_cumprod=_alphas())
+    a = train_step(model, {"images": latents, "cond": cond}, state=TrainState(seed=4), encode_latents=enc, **common)["loss"]
+    with torch.no_grad():
+        pre = enc(latents)
+    b = train_step(model, {"latents": pre, "cond": cond}, state=TrainState(seed=4), **common)["loss"]
+    assert torch.equal(a, b) and enc.weight.grad is None
+    with pytest.raises(TypeError, match="encode_latents"):
+        train_step(model, {"images": latents, "cond": cond}, state=TrainState(), **common)
+
+
+def test_fp16_loss_scaler_path_learns():
+    losses, _ = _losses_with(StepConfig(mixed_precision="fp16"), steps=3)
+    assert all(v == v for v in losses)
+
+
+def test_captured_step_falls_back_to_eager_with_identical_results_on_cpu():
+    from sdadapt.step_capture import CapturedStep, capture_problems
+
+    a, pa = _losses_with(StepConfig(min_snr_gamma=5.0), steps=5)
+    model, handle, params, optimizer = _setup(seed=0)
+    model.drop.p = 0.0
+    latents, cond = _data(4)
+    state = TrainState(seed=2)
+    step = CapturedStep(model, params=params, optimizer=optimizer, config=StepConfig(min_snr_gamma=5.0), alphas_cumprod=_alphas())
+    assert any("CUDA" in p for p in step.problems) and any("capturable" in p for p in step.problems)
+    b = [step({"latents": latents, "cond": cond}, state=state)["loss"].item() for _ in range(5)]
+    assert a == b and state.step == 5
+    for p, q in zip(pa, params):
+        assert torch.equal(p, q)
+    assert any("accumulation" in p for p in capture_problems(params, optimizer, StepConfig(accumulation_steps=2)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_step_matches_eager_steps():
+    from sdadapt.step_capture import CapturedStep
+
+    results = []
+    for captured in (False, True):
+        torch.manual_seed(0)
+        model = ToyDenoiser().cuda()
+        model.drop.p = 0.0
+        handle = sdadapt.inject(model, by_type(nn.Conv2d, nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
+        params = list(handle.parameters())
+        opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2, device="cuda"), capturable=True)
+        latents, cond = (x.cuda() for x in _data(4))
+        state = TrainState(seed=2, device="cuda")
+        config = StepConfig(mixed_precision="bf16")
+        ac = _alphas().cuda()
+        if captured:
+            step = CapturedStep(model, params=params, optimizer=opt, config=config, alphas_cumprod=ac, warmup_steps=2)
+            losses = [step({"latents": latents, "cond": cond}, state=state)["loss"].item() for _ in range(6)]
+            assert step.captured
+        else:
+            losses = [train_step(model, {"latents": latents, "cond": cond}, params=params, optimizer=opt, state=state,
+                                 config=config, alphas_cumprod=ac)["loss"].item() for _ in range(6)]
+        results.append((losses, [p.detach().clone() for p in params]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-3)
+    for p, q in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
