@@ -43,19 +43,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
 import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import UNET_CONFIGS, RssSampler, glibc_return_freed_memory, malloc_trim, sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("none", "peft", "sdadapt")
@@ -63,52 +64,9 @@ PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 CONFIGS = {
     # small but not trivial: attention at both resolutions, 16x16 latents
-    "tiny": dict(
-        unet=dict(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64,
-            attention_head_dim=8,
-            norm_num_groups=16,
-        ),
-        latent=16,
-        tokens=16,
-        batch=2,
-        steps=30,
-        warmup=3,
-    ),
+    "tiny": dict(unet=UNET_CONFIGS["tiny"], latent=16, tokens=16, batch=2, steps=30, warmup=3),
     # the public runwayml/stable-diffusion-v1-5 unet/config.json, random weights
-    "sd15": dict(
-        unet=dict(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            norm_num_groups=32,
-            norm_eps=1e-5,
-            act_fn="silu",
-            center_input_sample=False,
-            downsample_padding=1,
-            flip_sin_to_cos=True,
-            freq_shift=0,
-            mid_block_scale_factor=1,
-        ),
-        latent=64,
-        tokens=77,
-        batch=4,
-        steps=20,
-        warmup=3,
-    ),
+    "sd15": dict(unet=UNET_CONFIGS["sd15"], latent=64, tokens=77, batch=4, steps=20, warmup=3),
 }
 # SD1.5 on a CPU: allowed only this small
 CPU_SD15_MAX_BATCH = 2
@@ -208,11 +166,6 @@ def clear_grads(params, batch) -> None:
     batch[2].grad = None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------------------- equivalence
 def check_equivalence(base, rank: int, batch, device, dtype) -> dict:
     """peft and sdadapt with identical non-zero LoRA weights compute the same function and gradients.
@@ -283,72 +236,6 @@ def check_equivalence(base, rank: int, batch, device, dtype) -> dict:
 
 
 # --------------------------------------------------------------------------------------- memory
-class RssSampler:
-    """Peak RSS (bytes) of this process while active, sampled by a thread."""
-
-    def __init__(self, interval: float = 0.0005) -> None:
-        self.interval = interval
-        try:
-            import psutil
-
-            self._process = psutil.Process()
-            self.method = "psutil RSS sampling thread (0.5 ms)"
-        except ImportError:  # pragma: no cover - psutil is optional
-            self._process = None
-            self.method = "resource.getrusage ru_maxrss (process-lifetime max; growth beyond earlier peaks only)"
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def rss(self) -> int:
-        if self._process is not None:
-            return self._process.memory_info().rss
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def __enter__(self) -> "RssSampler":
-        self.peak = self.rss()
-        self._stop.clear()
-        if self._process is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-
-def glibc_return_freed_memory() -> bool:
-    """Make big allocations mmap-backed (returned to the OS on free) so RSS follows live memory."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) == 1
-        libc.malloc_trim(0)
-        return ok
-    except (OSError, AttributeError):
-        return False
-
-
-def malloc_trim() -> None:
-    if platform.system() == "Linux":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 def measure_memory(models, params, batch, device) -> tuple[dict, str]:
     out: dict[str, dict] = {}
     if device.type == "cuda":

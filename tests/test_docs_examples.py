@@ -49,3 +49,12 @@ def test_quickstart_example_learns_and_round_trips():
     diff = re.search(r"max \|diff\| = ([\d.e+-]+)", out.stdout)
     assert diff and float(diff.group(1)) < 1e-4
     assert "undo restores the base exactly: True" in out.stdout
+
+
+def test_training_page_example_learns_and_resumes(capsys):
+    namespace: dict = {}
+    exec(compile(_python_blocks("training.md")[0], "docs/training.md", "exec"), namespace)
+    losses = [float(v) for v in namespace["losses"]]
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
+    assert namespace["state"].step == 40 and namespace["x0"].shape == (2, 4, 8, 8)
+    assert torch.isfinite(namespace["x0"]).all()

@@ -315,3 +315,26 @@ def test_cuda_graph_step_matches_eager_steps():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-3)
     for p, q in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+def test_fused_backward_optimizer_equals_the_plain_step():
+    from sdadapt.optim import AdamW, fuse_optimizer_into_backward
+
+    cfg = StepConfig(max_grad_norm=None)
+    runs = []
+    for fused in (False, True):
+        model, handle, params, _ = _setup(seed=3)
+        model.drop.p = 0.0
+        opt = fuse_optimizer_into_backward(params, lambda ps: AdamW(ps, lr=1e-2)) if fused else AdamW(params, lr=1e-2)
+        latents, cond = _data(4)
+        state = TrainState(seed=1)
+        losses = [train_step(model, {"latents": latents, "cond": cond}, params=params, optimizer=opt, state=state,
+                             config=cfg, alphas_cumprod=_alphas())["loss"].item() for _ in range(4)]
+        runs.append((losses, [p.detach().clone() for p in params]))
+        assert all(p.grad is None for p in params)
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    for p, q in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="max_grad_norm=None"):
+        train_step(model, {"latents": latents, "cond": cond}, params=params, optimizer=opt, state=state,
+                   config=StepConfig(), alphas_cumprod=_alphas())

@@ -8,12 +8,13 @@ Quick start::
     sdadapt.formats.save_kohya("my_lora.safetensors", {"unet": handle.state_dict()})
 """
 
-from . import formats, targets
+from . import checkpointing, diffusion, formats, latent_cache, optim, step_capture, targets, train
 from .adapters import LoRAConfig, LoRAModule, lora_delta_weight, lora_forward
 from .apply import AppliedDelta, apply_lora
 from .formats import WeightFileError, load_lora, save_lora
 from .inject import AdapterHandle, adapter_names, inject, load_adapter
 from .targets import NoTargetsError, by_name, by_regex, by_type, select
+from .train import StepConfig, TrainState, train_step
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,15 @@ __all__ = [
     "__version__",
     "targets",
     "formats",
+    "diffusion",
+    "train",
+    "optim",
+    "checkpointing",
+    "latent_cache",
+    "step_capture",
+    "train_step",
+    "StepConfig",
+    "TrainState",
     "LoRAConfig",
     "LoRAModule",
     "lora_delta_weight",

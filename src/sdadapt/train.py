@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import diffusion
 from .formats.files import atomic_write, read_safetensors, write_safetensors
+from .optim import FusedBackward
 
 __all__ = [
     "StepConfig",
@@ -204,7 +205,7 @@ def train_step(
     batch: Mapping[str, object],
     *,
     params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | FusedBackward,
     state: TrainState,
     config: StepConfig,
     alphas_cumprod: Tensor,
@@ -221,6 +222,9 @@ def train_step(
             "noise": optional fixed ε (B,C,H,W), "timesteps": optional fixed t (B,)}``.
             The step's generator is advanced the same way either way, so runs stay reproducible.
         params: the trainable parameters (clipping and EMA act on these).
+        optimizer: a torch optimiser over ``params``, or the :class:`~sdadapt.optim.FusedBackward`
+            handle of :func:`~sdadapt.optim.fuse_optimizer_into_backward` (the update then
+            happens inside ``backward()``; needs ``max_grad_norm=None``, no accumulation, no fp16).
         alphas_cumprod: (T,) of the noise schedule, on the latents' device.
         encode_latents: used (under ``no_grad``) when the batch carries ``"images"`` instead of
             cached ``"latents"``. Text conditioning: put what your ``model`` takes in ``"cond"``
@@ -231,6 +235,12 @@ def train_step(
         ``{"loss": 0-dim tensor (unscaled, this micro-batch), "stepped": bool tensor,
         "grad_norm": 0-dim tensor (nan when not stepped)}`` — tensors, no host sync.
     """
+    fused = isinstance(optimizer, FusedBackward)
+    if fused and (config.max_grad_norm is not None or config.accumulation_steps != 1 or config.mixed_precision == "fp16"):
+        raise ValueError(
+            "an optimiser fused into backward steps each parameter as its gradient arrives: use "
+            "StepConfig(max_grad_norm=None, accumulation_steps=1) and bf16 instead of fp16"
+        )
     prepared = prepare_batch(batch, state=state, config=config, alphas_cumprod=alphas_cumprod, encode_latents=encode_latents)
     loss = step_loss(model, prepared, config)
     if config.mixed_precision == "fp16" and state.scaler is None:
@@ -242,8 +252,9 @@ def train_step(
     grad_norm = torch.full((), float("nan"), device=loss.device)
     stepped = state.micro_step % config.accumulation_steps == 0
     if stepped:
-        grad_norm = clip_and_step(params, optimizer, state, config)
-        optimizer.zero_grad(set_to_none=True)
+        if not fused:
+            grad_norm = clip_and_step(params, optimizer, state, config)  # type: ignore[arg-type]
+            optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
         state.step += 1
         if state.ema is not None:
             state.ema.update()
