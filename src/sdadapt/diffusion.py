@@ -355,14 +355,33 @@ def ddim_step(
     return x_prev.to(x_t.dtype)
 
 
+def _cat_conditions(a: object, b: object) -> object | None:
+    """Batch two conditions along dim 0: tensors, or dicts of tensors/None with the same keys."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape[1:] == b.shape[1:]:
+        return torch.cat([a, b])
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        out = {}
+        for key in a:
+            if a[key] is None and b[key] is None:
+                out[key] = None
+            elif isinstance(a[key], Tensor) and isinstance(b[key], Tensor) and a[key].shape[1:] == b[key].shape[1:]:
+                out[key] = torch.cat([a[key], b[key]])
+            else:
+                return None
+        return out
+    return None
+
+
 def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float) -> Model:
-    """Classifier-free guidance: ``u + s·(c - u)``; tensor conds run as one batch of 2B."""
+    """Classifier-free guidance: ``u + s·(c - u)``; tensor conditions (or dicts of tensors with
+    the same keys) run as one batch of 2B, anything else as two calls."""
     if uncond is None or guidance_scale == 1.0:
         return lambda x, t, _c: model(x, t, cond)
 
     def run(x: Tensor, t: Tensor, _c: object) -> Tensor:
-        if isinstance(cond, Tensor) and isinstance(uncond, Tensor):
-            out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        both = _cat_conditions(uncond, cond)
+        if both is not None:
+            out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         else:
             out_u, out_c = model(x, t, uncond), model(x, t, cond)
         return out_u + guidance_scale * (out_c - out_u)

@@ -1,0 +1,204 @@
+"""Images in and out without requiring PIL: PNG writer, PNG reader, grids, image folders.
+
+PNG is written by a small encoder (zlib + CRC from the standard library), so ``demo`` works on a
+bare install; PIL is used for reading when it is installed (JPEG, WebP, 16-bit, palette, interlaced
+PNGs...). Without PIL the reader handles 8-bit non-interlaced grayscale / RGB / RGBA PNGs — what
+most tools write — and says how to get the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .formats.files import atomic_write
+
+__all__ = ["write_png", "read_image", "image_grid", "load_image_folder", "ImageFolderError", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageFolderError(ValueError):
+    """An image folder is empty, unreadable or lacks captions; the message names the file."""
+
+
+def _to_uint8(image: Tensor) -> np.ndarray:
+    """(3, H, W) float in [-1, 1] (or (H, W, 3) uint8) -> (H, W, 3) uint8."""
+    if image.dtype == torch.uint8:
+        arr = image.cpu().numpy()
+        return arr if arr.shape[-1] in (1, 3, 4) else arr.transpose(1, 2, 0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"expected a (C, H, W) image with C in 1/3/4, got {tuple(image.shape)}")
+    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(1, 2, 0).numpy()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """(H, W, C) uint8, C in 1/3/4 -> PNG bytes (filter 0 on every row, zlib level 6)."""
+    h, w, c = pixels.shape
+    colour_type = {1: 0, 3: 2, 4: 6}[c]
+    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
+    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")
+
+
+def write_png(path: str | os.PathLike, image: Tensor) -> Path:
+    """Write one image — (C, H, W) float in [-1, 1] or (H, W, C) uint8 — as PNG, atomically."""
+    data = encode_png(_to_uint8(image))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def image_grid(images: Tensor, *, columns: int, padding: int = 2, fill: float = 1.0) -> Tensor:
+    """(N, C, H, W) -> one (C, rows·(H+p)+p, columns·(W+p)+p) image, row-major."""
+    n, c, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.full((c, rows * (h + padding) + padding, columns * (w + padding) + padding), fill, dtype=images.dtype)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    p = a.astype(np.int16) + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c)).astype(np.uint8)
+
+
+def decode_png(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
+    """PNG bytes -> (H, W, C) uint8 for 8-bit non-interlaced gray/gray+alpha/RGB/RGBA images."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise ImageFolderError(f"{source}: not a PNG file")
+    pos, idat, header = 8, [], None
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if len(body) != length:
+            raise ImageFolderError(f"{source}: truncated PNG (chunk {kind!r} cut short)")
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or not idat:
+        raise ImageFolderError(f"{source}: PNG without IHDR/IDAT (corrupt or truncated)")
+    w, h, depth, colour_type, _, _, interlace = header
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(colour_type)
+    if depth != 8 or channels is None or interlace:
+        raise ImageFolderError(
+            f"{source}: PNG with bit depth {depth}, colour type {colour_type}, interlace {interlace} needs PIL "
+            "(pip install pillow); without it 8-bit non-interlaced gray/RGB/RGBA PNGs are read"
+        )
+    try:
+        raw = zlib.decompress(b"".join(idat))
+    except zlib.error as exc:
+        raise ImageFolderError(f"{source}: corrupt PNG data ({exc})") from None
+    stride = w * channels
+    if len(raw) != h * (stride + 1):
+        raise ImageFolderError(f"{source}: PNG data has {len(raw)} bytes, expected {h * (stride + 1)}")
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, stride + 1)
+    out = np.zeros((h, stride), dtype=np.uint8)
+    prev = np.zeros(stride, dtype=np.uint8)
+    for y in range(h):
+        f, line = rows[y, 0], rows[y, 1:].copy()
+        if f == 1:
+            for x in range(channels, stride):
+                line[x] = (int(line[x]) + int(line[x - channels])) & 0xFF
+        elif f == 2:
+            line = (line.astype(np.uint16) + prev).astype(np.uint8)
+        elif f == 3:
+            for x in range(stride):
+                left = int(line[x - channels]) if x >= channels else 0
+                line[x] = (int(line[x]) + (left + int(prev[x])) // 2) & 0xFF
+        elif f == 4:
+            for x in range(stride):
+                a = line[x - channels] if x >= channels else np.uint8(0)
+                c = prev[x - channels] if x >= channels else np.uint8(0)
+                line[x] = (int(line[x]) + int(_paeth(np.array(a), np.array(prev[x]), np.array(c)))) & 0xFF
+        elif f != 0:
+            raise ImageFolderError(f"{source}: unknown PNG filter {f} in row {y}")
+        out[y], prev = line, line
+    return out.reshape(h, w, channels)
+
+
+def read_image(path: str | os.PathLike, *, size: int | None = None) -> Tensor:
+    """An image file as (3, H, W) float32 in [-1, 1] (alpha composited on white; gray -> RGB).
+
+    ``size`` resizes (area/bilinear) the shorter side to ``size`` and centre-crops a square.
+    """
+    file = Path(path)
+    try:
+        from PIL import Image  # optional
+
+        with Image.open(file) as im:
+            arr = np.asarray(im.convert("RGBA"))
+    except ImportError:
+        if file.suffix.lower() != ".png":
+            raise ImageFolderError(f"{file}: reading {file.suffix} images needs PIL (pip install pillow); PNGs work without it") from None
+        arr = decode_png(file.read_bytes(), source=str(file))
+    except OSError as exc:
+        raise ImageFolderError(f"{file}: unreadable image ({exc})") from None
+    x = torch.from_numpy(arr.astype(np.float32) / 255.0)  # (H, W, C)
+    if x.shape[-1] in (2, 4):  # alpha over white
+        alpha = x[..., -1:]
+        x = x[..., :-1] * alpha + (1 - alpha)
+    if x.shape[-1] == 1:
+        x = x.expand(*x.shape[:2], 3)
+    image = x.permute(2, 0, 1) * 2 - 1
+    if size is not None:
+        c, h, w = image.shape
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        mode = "area" if scale < 1 else "bilinear"
+        image = torch.nn.functional.interpolate(image[None], size=(nh, nw), mode=mode, **({} if mode == "area" else {"align_corners": False}))[0]
+        top, left = (nh - size) // 2, (nw - size) // 2
+        image = image[:, top : top + size, left : left + size]
+    return image.contiguous()
+
+
+def load_image_folder(folder: str | os.PathLike, *, size: int, default_caption: str | None = None) -> tuple[Tensor, list[str]]:
+    """Images of a folder (N, 3, size, size) and their captions.
+
+    A caption is the ``.txt`` (or ``.caption``) file of the same stem, kohya's convention; images
+    without one take ``default_caption`` (the ``--prompt``), else it is an error naming them.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ImageFolderError(f"{root}: not a folder of images")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageFolderError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    images, captions, missing = [], [], []
+    for file in files:
+        images.append(read_image(file, size=size))
+        text = None
+        for suffix in (".txt", ".caption"):
+            caption_file = file.with_suffix(suffix)
+            if caption_file.is_file():
+                text = caption_file.read_text(encoding="utf-8").strip()
+                break
+        if not text:
+            if default_caption is None:
+                missing.append(file.name)
+            text = default_caption or ""
+        captions.append(text)
+    if missing:
+        raise ImageFolderError(
+            f"{root}: {len(missing)} image(s) have no caption file ({', '.join(missing[:5])}); "
+            "add NAME.txt beside each image or pass --prompt for all of them"
+        )
+    return torch.stack(images), captions

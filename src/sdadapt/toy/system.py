@@ -1,0 +1,136 @@
+"""The toy text-to-image system: UNet + text encoder + tokenizer + judge CLIP + noise schedule.
+
+"Latents" are pixel-unshuffled images: a 32x32 RGB image in [-1, 1] is a (12, 16, 16) tensor
+(``pixel_unshuffle(image, 2)``), an exact, free and invertible "VAE" so the toy diffuses at
+16x16 like SD diffuses at 64x64. Conditioning is a dict ``{"context": (B, L, D) text states,
+"image_embeds": (B, E) toy-CLIP image embedding or zeros}``, so the model callable has the
+``model(x, t, cond)`` shape every sdadapt sampler and the training step take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import diffusion
+from ..formats.files import WeightFileError, read_safetensors, write_safetensors
+from .clip import ToyCLIP
+from .text_encoder import ToyTextEncoder
+from .tokenizer import ToyTokenizer
+from .unet import ToyUNet
+
+__all__ = ["ToySystem", "build_toy", "load_toy", "save_toy", "DEFAULT_WEIGHTS"]
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "toy-v1.safetensors"
+SCHEDULE = dict(name="linear", beta_start=0.0001, beta_end=0.02)
+
+
+class ToySystem(nn.Module):
+    """All parts of the toy model; ``sample(["a red circle"])`` makes images."""
+
+    image_size = 32
+    prediction_type = "epsilon"
+
+    def __init__(self, unet: ToyUNet, text_encoder: ToyTextEncoder, clip: ToyCLIP) -> None:
+        super().__init__()
+        self.unet, self.text_encoder, self.clip = unet, text_encoder, clip
+        self.tokenizer = ToyTokenizer()
+        betas = diffusion.noise_schedule(SCHEDULE["name"], beta_start=SCHEDULE["beta_start"], beta_end=SCHEDULE["beta_end"])
+        self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod_of(betas).float(), persistent=False)
+
+    # --------------------------------------------------------------------------- conversions
+    @staticmethod
+    def encode_images(images: Tensor) -> Tensor:
+        """(B, 3, 32, 32) in [-1, 1] -> latents (B, 12, 16, 16)."""
+        return F.pixel_unshuffle(images, 2)
+
+    @staticmethod
+    def decode_latents(latents: Tensor) -> Tensor:
+        """latents (B, 12, 16, 16) -> images (B, 3, 32, 32) clamped to [-1, 1]."""
+        return F.pixel_shuffle(latents, 2).clamp(-1, 1)
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        return self.tokenizer(prompts).to(self.alphas_cumprod.device)
+
+    def condition(self, prompts: list[str] | Tensor, *, image_embeds: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"context": (B, L, D), "image_embeds": (B, E)}`` for prompts (or token ids)."""
+        ids = prompts if isinstance(prompts, Tensor) else self.tokenize(prompts)
+        context = self.text_encoder(ids)[0]
+        if image_embeds is None:
+            image_embeds = context.new_zeros(ids.shape[0], self.unet.config["image_embed_dim"])
+        return {"context": context, "image_embeds": image_embeds}
+
+    def denoiser(self):
+        """``model(x_t, t, cond) -> ε`` over a :meth:`condition` dict."""
+
+        def model(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+            return self.unet(x, t, cond["context"], cond.get("image_embeds"))
+
+        return model
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 4.0,
+               negative: str = "", image_embeds: Tensor | None = None, model=None, cond: dict | None = None) -> Tensor:
+        """DDIM + classifier-free guidance; returns images (B, 3, 32, 32) in [-1, 1].
+
+        ``model`` / ``cond`` override the denoiser and the prompt conditioning (methods that
+        change how conditioning is built pass their own).
+        """
+        device = self.alphas_cumprod.device
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(len(prompts), 12, 16, 16, generator=g).to(device)
+        cond = cond or self.condition(prompts, image_embeds=image_embeds)
+        uncond = self.condition([negative] * len(prompts))
+        latents = diffusion.ddim_sample(
+            model or self.denoiser(), x, cond, alphas_cumprod=self.alphas_cumprod, num_steps=steps,
+            uncond=uncond, guidance_scale=guidance, final_alpha_cumprod=1.0,
+        )
+        return self.decode_latents(latents)
+
+
+def build_toy(*, seed: int = 0) -> ToySystem:
+    """A freshly initialised (untrained) toy system."""
+    torch.manual_seed(seed)
+    vocab = len(ToyTokenizer())
+    return ToySystem(ToyUNet(widths=(32, 64)), ToyTextEncoder(vocab_size=vocab), ToyCLIP(vocab_size=vocab))
+
+
+def save_toy(system: ToySystem, path: str | os.PathLike, *, metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float16) -> None:
+    """Write every part's weights (``unet.*``, ``text_encoder.*``, ``clip.*``) + configs, atomically."""
+    tensors = {}
+    for part in ("unet", "text_encoder", "clip"):
+        for key, value in getattr(system, part).state_dict().items():
+            tensors[f"{part}.{key}"] = value.to(dtype) if value.is_floating_point() else value
+    meta = {"format": "sdadapt-toy/1", "config": json.dumps({p: getattr(system, p).config for p in ("unet", "text_encoder", "clip")})}
+    meta.update(metadata or {})
+    write_safetensors(path, tensors, meta)
+
+
+def load_toy(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> ToySystem:
+    """Load the shipped pretrained toy system (or a file written by :func:`save_toy`), float32, eval mode."""
+    file = Path(path) if path is not None else DEFAULT_WEIGHTS
+    if not file.is_file():
+        raise WeightFileError(f"{file}: toy weights not found; run `python -m sdadapt.toy.pretrain --out {file}` to build them")
+    tensors, meta = read_safetensors(file)
+    if meta.get("format") != "sdadapt-toy/1":
+        raise WeightFileError(f"{file}: not a toy-system file (metadata format {meta.get('format')!r})")
+    config = json.loads(meta["config"])
+    unet_cfg = dict(config["unet"])
+    unet_cfg["widths"] = tuple(unet_cfg["widths"])
+    tcfg = dict(config["text_encoder"])
+    system = ToySystem(
+        ToyUNet(**unet_cfg),
+        ToyTextEncoder(**tcfg),
+        ToyCLIP(**config["clip"]),
+    )
+    for part in ("unet", "text_encoder", "clip"):
+        prefix = f"{part}."
+        state = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith(prefix)}
+        getattr(system, part).load_state_dict(state, strict=True)
+    system.requires_grad_(False)
+    return system.eval().to(device)

@@ -1,0 +1,115 @@
+"""`python -m sdadapt train` on a tiny random diffusers pipeline folder, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sdadapt
+from sdadapt.__main__ import main
+from sdadapt.images import write_png
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _tiny_pipeline(root):
+    """A Stable-Diffusion-layout folder with random tiny models (no hub access)."""
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
+    ).save_pretrained(root / "unet")
+    diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+    ).save_pretrained(root / "vae")
+    chars = _bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"), model_max_length=12)
+    tok.save_pretrained(root / "tokenizer")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=12, eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
+    )).save_pretrained(root / "text_encoder")
+    diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                            prediction_type="v_prediction").save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def _images(folder, n=3, size=32, captions=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        write_png(folder / f"img{i}.png", torch.rand(3, size, size, generator=g) * 2 - 1)
+        if captions:
+            (folder / f"img{i}.txt").write_text(f"a photo {i}")
+    return folder
+
+
+def test_train_lora_on_a_diffusers_folder_writes_a_loadable_kohya_file(tmp_path, capsys):
+    root = _tiny_pipeline(tmp_path / "pipe")
+    images = _images(tmp_path / "imgs")
+    out = tmp_path / "out.safetensors"
+    code = main(["train", "lora", "--images", str(images), "--model", str(root), "--steps", "3", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out
+    state, metadata = sdadapt.load_lora(out)
+    assert set(state) == {"unet", "text_encoder"} and metadata["ss_network_module"] == "networks.lora"
+    # the trained LoRA applies to the same diffusers UNet and changes its output
+    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 12, 32)
+    with torch.no_grad():
+        before = unet(x, torch.tensor([10]), ctx).sample
+        handle = sdadapt.load_adapter(unet, state["unet"])
+        after = unet(x, torch.tensor([10]), ctx).sample
+    assert len(handle) > 0 and not torch.allclose(before, after)
+
+
+def test_diffusers_system_follows_the_scheduler_config(tmp_path):
+    from sdadapt.diffusers_system import DiffusersSystem
+
+    system = DiffusersSystem.from_folder(_tiny_pipeline(tmp_path / "pipe"))
+    ref = diffusers.DDPMScheduler.from_pretrained(tmp_path / "pipe" / "scheduler")
+    assert system.prediction_type == "v_prediction" and system.image_size == 32
+    torch.testing.assert_close(system.alphas_cumprod, ref.alphas_cumprod, atol=1e-5, rtol=1e-4)
+    latents = system.encode_images(torch.zeros(1, 3, 32, 32))
+    assert latents.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (lambda p: (p / "empty").mkdir(), ["--images", "{p}/empty", "--model", "{pipe}"], "no images"),
+        (lambda p: _images(p / "nocap", captions=False), ["--images", "{p}/nocap", "--model", "{pipe}"], "no caption file"),
+        (lambda p: (_images(p / "bad"), (p / "bad" / "zz.png").write_bytes(b"garbage")), ["--images", "{p}/bad", "--model", "{pipe}"], "zz.png"),
+        (lambda p: (_images(p / "ok"), (p / "notamodel").mkdir()), ["--images", "{p}/ok", "--model", "{p}/notamodel"], "not a diffusers Stable Diffusion folder"),
+    ],
+)
+def test_train_errors_are_one_clear_line(tmp_path, capsys, setup, args, message):
+    pipe = _tiny_pipeline(tmp_path / "pipe")
+    setup(tmp_path)
+    capsys.readouterr()
+    argv = ["train", "lora", "--steps", "1", *[a.format(p=tmp_path, pipe=pipe) for a in args]]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' own loading bars)
+    assert last.startswith("error:") and message in last
