@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("-o", "--out", default=None, help="output file (default: <folder>-<method>.safetensors)")
     train.set_defaults(run=_cmd_train)
+    from .merge import lora_commands  # extract-lora, resize-lora, merge-lora, combine-loras
+
+    lora_commands.register(sub)
     return parser
 
 

@@ -1,0 +1,173 @@
+"""Where each LoRA layer lives in a full checkpoint: canonical layer path <-> checkpoint tensor.
+
+A LoRA file names layers canonically (:mod:`sdadapt.formats`): diffusers paths for the UNet,
+``text_model.encoder.layers.N...`` for CLIP text encoders, with components ``unet``,
+``text_encoder``, ``text_encoder_2``. A checkpoint stores the same weights under other keys:
+
+| checkpoint | keys | component |
+|---|---|---|
+| LDM single file (SD1/SD2/SDXL) | ``model.diffusion_model.<LDM UNet path>.weight`` | unet |
+| SD1 | ``cond_stage_model.transformer.text_model.<path>.weight`` | text_encoder |
+| SD2 (OpenCLIP-H) | ``cond_stage_model.model.transformer.resblocks.N.<...>`` | text_encoder |
+| SDXL | ``conditioner.embedders.0.transformer.text_model.<path>.weight`` | text_encoder |
+| SDXL (OpenCLIP-bigG) | ``conditioner.embedders.1.model.transformer.resblocks.N.<...>`` | text_encoder_2 |
+| diffusers UNet file | ``down_blocks.0...weight`` (optionally ``unet.``-prefixed) | unet |
+| diffusers text encoder (prefixed) | ``text_encoder[_2].[text_model.]encoder.layers...weight`` | text_encoder[_2] |
+
+OpenCLIP blocks map as ``resblocks.N.attn.out_proj`` -> ``layers.N.self_attn.out_proj``,
+``mlp.c_fc`` -> ``mlp.fc1``, ``mlp.c_proj`` -> ``mlp.fc2``; the fused ``attn.in_proj_weight``
+``(3d, d)`` holds ``[q; k; v]``, so the LoRA layers ``q_proj``/``k_proj``/``v_proj`` are its row
+thirds ``[0, d)``, ``[d, 2d)``, ``[2d, 3d)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..formats.unet_names import is_ldm_unet_path, ldm_to_diffusers_unet
+from ..targets import TEXT_ENCODER, UNET_KOHYA, UNET_LOCON
+
+__all__ = [
+    "LayerSlot",
+    "checkpoint_layers",
+    "detect_base_model",
+    "is_lora_target",
+]
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """One LoRA-able weight of a checkpoint.
+
+    Attributes:
+        component: ``"unet"``, ``"text_encoder"`` or ``"text_encoder_2"``.
+        layer: canonical layer path (diffusers UNet path, or ``text_model.…`` for CLIP).
+        key: the checkpoint tensor key holding the weight.
+        rows: for fused weights, the ``(start, stop)`` rows of ``key`` that are this layer; else ``None``.
+    """
+
+    component: str
+    layer: str
+    key: str
+    rows: tuple[int, int] | None = None
+
+    def row_slice(self) -> slice | None:
+        return None if self.rows is None else slice(*self.rows)
+
+
+_LDM_UNET = ("model.diffusion_model.",)
+_DIFFUSERS_UNET_HEADS = {
+    "down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+    "add_embedding", "encoder_hid_proj", "class_embedding",
+}
+#: prefix -> component for HF CLIP text encoders (path after the prefix starts at text_model./encoder.)
+_HF_CLIP = (
+    ("cond_stage_model.transformer.", "text_encoder"),
+    ("conditioner.embedders.0.transformer.", "text_encoder"),
+    ("text_encoder_2.", "text_encoder_2"),
+    ("text_encoder.", "text_encoder"),
+)
+#: prefix -> component for OpenCLIP text encoders (path after the prefix starts at transformer.resblocks.)
+_OPEN_CLIP = (
+    ("cond_stage_model.model.", "text_encoder"),
+    ("conditioner.embedders.1.model.", "text_encoder_2"),
+)
+_OPEN_CLIP_RENAMES = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def detect_base_model(keys: Iterable[str]) -> str:
+    """``"sdxl"``, ``"sd2"`` or ``"sd1"`` from a checkpoint's keys (diffusers UNet files: ``"sdxl"``
+    when they have ``add_embedding``, else ``"sd1"`` — SD1 and SD2 LoRAs use the same naming)."""
+    keys = list(keys)
+    if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in keys):
+        return "sdxl"
+    if any(k.startswith(("add_embedding.", "unet.add_embedding.")) for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    return "sd1"
+
+
+def _unet_layer(path: str) -> str | None:
+    if is_ldm_unet_path(path):
+        return ldm_to_diffusers_unet(path)
+    return path if path.split(".", 1)[0] in _DIFFUSERS_UNET_HEADS else None
+
+
+def _slots_for_key(key: str, shape: tuple[int, ...]) -> list[LayerSlot]:
+    if key.endswith(".weight") and len(shape) in (2, 4):
+        path = key[: -len(".weight")]
+        for prefix in _LDM_UNET:
+            if path.startswith(prefix):
+                layer = _unet_layer(path[len(prefix) :])
+                return [LayerSlot("unet", layer, key)] if layer else []
+        bare = path[len("unet.") :] if path.startswith("unet.") else path
+        if bare.split(".", 1)[0] in _DIFFUSERS_UNET_HEADS:
+            return [LayerSlot("unet", bare, key)]
+        for prefix, component in _HF_CLIP:
+            if path.startswith(prefix):
+                rest = path[len(prefix) :]
+                if rest.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+                    rest = "text_model." + rest
+                if rest.startswith("text_model."):
+                    return [LayerSlot(component, rest, key)]
+                return []
+    for prefix, component in _OPEN_CLIP:
+        if not key.startswith(prefix + "transformer.resblocks."):
+            continue
+        rest = key[len(prefix + "transformer.resblocks.") :]
+        index, _, inner = rest.partition(".")
+        if not index.isdigit():
+            return []
+        base = f"text_model.encoder.layers.{index}"
+        if inner == "attn.in_proj_weight" and len(shape) == 2 and shape[0] % 3 == 0:
+            d = shape[0] // 3
+            return [
+                LayerSlot(component, f"{base}.self_attn.{name}", key, (i * d, (i + 1) * d))
+                for i, name in enumerate(("q_proj", "k_proj", "v_proj"))
+            ]
+        if inner.endswith(".weight") and len(shape) == 2:
+            module = inner[: -len(".weight")]
+            if module in _OPEN_CLIP_RENAMES:
+                return [LayerSlot(component, f"{base}.{_OPEN_CLIP_RENAMES[module]}", key)]
+        return []
+    return []
+
+
+def checkpoint_layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[tuple[str, str], LayerSlot]:
+    """Every Linear/Conv2d weight of a checkpoint that a LoRA could target, by canonical name.
+
+    Args:
+        shapes: ``{checkpoint key: shape}`` (e.g. from a lazy source's header).
+
+    Returns:
+        ``{(component, canonical layer path): LayerSlot}`` in checkpoint key order.
+    """
+    out: dict[tuple[str, str], LayerSlot] = {}
+    for key, shape in shapes.items():
+        for slot in _slots_for_key(key, tuple(shape)):
+            out.setdefault((slot.component, slot.layer), slot)
+    return out
+
+
+_LINEAR_STANDIN = nn.Linear(1, 1, device="meta")
+_CONV_STANDIN = nn.Conv2d(1, 1, 1, device="meta")
+
+
+def is_lora_target(component: str, layer: str, shape: tuple[int, ...], *, conv: bool) -> bool:
+    """Whether kohya's LoRA (``conv=False``) or LoCon (``conv=True``) target set includes the layer.
+
+    UNet: :data:`sdadapt.targets.UNET_KOHYA` (every Linear/1x1 conv inside the transformer blocks)
+    or :data:`~sdadapt.targets.UNET_LOCON` (also resnets, down/upsamplers); kxk convolutions only
+    with ``conv=True``. Text encoders: :data:`~sdadapt.targets.TEXT_ENCODER` (q/k/v/out, fc1/fc2).
+    """
+    standin = _CONV_STANDIN if len(shape) == 4 else _LINEAR_STANDIN
+    if component == "unet":
+        is_kxk = len(shape) == 4 and shape[2] * shape[3] > 1
+        if is_kxk and not conv:
+            return False
+        return (UNET_LOCON if conv else UNET_KOHYA)(layer, standin)
+    return len(shape) == 2 and TEXT_ENCODER(layer, standin)

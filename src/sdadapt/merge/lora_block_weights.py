@@ -1,0 +1,101 @@
+"""LoRA Block Weight (LBW) vectors: a strength per UNet block when merging a LoRA.
+
+The convention of hako-mikan's *sd-webui-lora-block-weight* and kohya's ``svd_merge_lora.py``:
+one 26-slot layout for every model,
+
+    slot 0 BASE (text encoders) | 1..12 IN00..IN11 | 13 M00 | 14..25 OUT00..OUT11
+
+where a layer's block is its LDM block number (``input_blocks.n`` -> IN{n},
+``middle_block`` -> M00, ``output_blocks.n`` -> OUT{n}); SDXL only has IN00..IN08 and
+OUT00..OUT08. Accepted vector lengths name a subset of the slots:
+
+| length | model | slots |
+|---|---|---|
+| 26 | SD1/SD2 | all |
+| 17 | SD1/SD2 | BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03..OUT11 (blocks with attention) |
+| 20 | SDXL | BASE, IN00..IN08, M00, OUT00..OUT08 |
+| 12 | SDXL | BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05 (blocks with attention) |
+
+Slots a shorter vector does not name keep weight 1 (kohya's rule). Layers outside the block
+structure follow the usual policy: ``conv_in``, ``time_embedding``, ``add_embedding`` -> IN00,
+``conv_norm_out``/``conv_out`` -> the last OUT block (OUT11; SDXL OUT08).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ..formats.unet_names import diffusers_to_ldm_unet
+
+__all__ = ["BLOCK_IDS", "LBW_SLOTS", "expand_block_weights", "block_slot", "lora_block_weight_fn"]
+
+#: the 26 slot names
+BLOCK_IDS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+
+_SD1_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)))
+_SDXL_20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
+_SDXL_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
+#: vector length -> (model family, slot names it sets)
+LBW_SLOTS: dict[int, tuple[str, tuple[str, ...]]] = {
+    26: ("sd1", BLOCK_IDS),
+    17: ("sd1", _SD1_17),
+    20: ("sdxl", _SDXL_20),
+    12: ("sdxl", _SDXL_12),
+}
+
+
+def expand_block_weights(vector: Sequence[float], *, base_model: str | None = None) -> list[float]:
+    """A 12/17/20/26-value vector -> 26 slot weights (unnamed slots 1.0).
+
+    Raises:
+        ValueError: another length, or an SDXL vector for an SD1/SD2 model (or the reverse).
+    """
+    values = [float(v) for v in vector]
+    if len(values) not in LBW_SLOTS:
+        raise ValueError(
+            f"a LoRA block-weight vector has 12 or 20 values (SDXL) or 17 or 26 values (SD1/SD2), got {len(values)}"
+        )
+    family, slots = LBW_SLOTS[len(values)]
+    if base_model is not None:
+        model_family = "sdxl" if base_model == "sdxl" else "sd1"
+        if model_family != family:
+            wanted = "12 or 20" if model_family == "sdxl" else "17 or 26"
+            raise ValueError(
+                f"a {len(values)}-value block-weight vector is for {'SDXL' if family == 'sdxl' else 'SD1/SD2'}, "
+                f"but the checkpoint is {base_model}; give {wanted} values"
+            )
+    weights = [1.0] * len(BLOCK_IDS)
+    for name, value in zip(slots, values):
+        weights[BLOCK_IDS.index(name)] = value
+    return weights
+
+
+def block_slot(component: str, layer: str, *, base_model: str = "sd1") -> int:
+    """The LBW slot (index into :data:`BLOCK_IDS`) of a canonical LoRA layer path.
+
+    Args:
+        component: ``"unet"`` or a text encoder (-> BASE).
+        layer: diffusers UNet path (``down_blocks.1.attentions.0.proj_in``) or an LDM one.
+    """
+    if component != "unet":
+        return 0
+    ldm = diffusers_to_ldm_unet(layer, up_blocks_with_attention={0, 1} if base_model == "sdxl" else None) or layer
+    head, _, rest = ldm.partition(".")
+    number = rest.split(".", 1)[0]
+    if head == "input_blocks" and number.isdigit():
+        return 1 + int(number)
+    if head == "middle_block":
+        return 13
+    if head == "output_blocks" and number.isdigit():
+        return 14 + int(number)
+    if head in ("time_embed", "label_emb"):
+        return 1
+    if head == "out":
+        return 14 + (8 if base_model == "sdxl" else 11)
+    return 0  # not a UNet block path: treated like the text encoders (BASE)
+
+
+def lora_block_weight_fn(vector: Sequence[float], base_model: str) -> Callable[[str, str], float]:
+    """``(component, layer) -> block weight`` for one LBW vector on a ``base_model`` checkpoint."""
+    weights = expand_block_weights(vector, base_model=base_model)
+    return lambda component, layer: weights[block_slot(component, layer, base_model=base_model)]

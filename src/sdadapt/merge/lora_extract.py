@@ -1,0 +1,372 @@
+"""LoRA extraction: the best rank-r factors of a weight difference (truncated SVD).
+
+Math. For a layer with base weight ``W`` and tuned weight ``W'`` (shape ``(out, in, *k)``), the
+difference ``Δ = W' − W`` is flattened to ``D`` of shape ``(out, in·kh·kw)`` and decomposed
+``D = U S Vᵀ``. Keeping the top ``r`` singular triplets gives the best rank-r approximation in
+Frobenius (and spectral) norm (Eckart–Young)::
+
+    ‖D − U_r S_r V_rᵀ‖_F = sqrt(Σ_{i>r} σ_i²)
+
+kohya's layout puts the singular values into ``up``: ``up = U_r S_r`` (out, r), ``down = V_rᵀ``
+(r, in·k) — then both are clamped to ``[−h, h]`` where ``h`` is the ``clamp_quantile`` quantile of
+the signed values of ``up`` and ``down`` together (kohya's rule; it trims outliers so half-precision
+files do not overflow, at a small cost in accuracy). ``split="sqrt"`` instead moves ``sqrt(S)``
+onto each side after clamping (``up = U_r sqrt(S_r)``, ``down = sqrt(S_r) V_rᵀ``): the product and
+therefore the LoRA are identical, only the balance of the factors changes.
+
+The scale ``alpha / r`` is divided out of the factors, so ``(alpha / r) · up ⋅ down`` is the
+approximation whatever ``alpha`` is; ``alpha = None`` writes ``alpha = r`` (scale 1), as kohya's
+``extract_lora_from_models.py`` does.
+
+Dynamic rank (kohya's ``resize_lora.py`` rules, capped at ``rank``):
+
+* ``sv_ratio``      keep ``σ_i > σ_0 / param``                            (param ≥ 1)
+* ``sv_cumulative`` smallest ``n`` with ``Σ_{i<n} σ_i / Σ σ ≥ param``       (0 < param ≤ 1)
+* ``sv_fro``        smallest ``n`` with ``Σ_{i<n} σ_i² / Σ σ² ≥ param²``    (0 < param ≤ 1; param is
+  the fraction of the Frobenius norm kept)
+
+each clamped to ``[1, len(σ) − 1]`` and then **plus one**, exactly as kohya does (so files match
+kohya's ranks); a zero difference (``σ_0 ≤ 1e-6``) gets rank 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RANK_METHODS",
+    "ExtractedLayer",
+    "truncated_svd",
+    "select_rank",
+    "clamp_factors",
+    "signed_quantile",
+    "factors_from_svd",
+    "low_rank_factors",
+    "extract_layer",
+]
+
+RankMethod = Literal["fixed", "sv_ratio", "sv_cumulative", "sv_fro"]
+#: rank-selection methods: a fixed rank, or kohya's three dynamic rules
+RANK_METHODS: tuple[str, ...] = ("fixed", "sv_ratio", "sv_cumulative", "sv_fro")
+#: a difference whose largest singular value is at most this is "zero" (kohya's MIN_SV)
+MIN_SINGULAR_VALUE = 1e-6
+
+
+@dataclass(frozen=True)
+class ExtractedLayer:
+    """One layer's LoRA factors and what the truncation cost.
+
+    Attributes:
+        up: (out, r) or (out, r, 1, 1).
+        down: (r, in) or (r, in, kh, kw).
+        alpha: scale numerator; ``(alpha / r) · up ⋅ down`` approximates the difference.
+        singular_values: (q,) every singular value computed (all of them for a full SVD, the top
+            ``q`` for a randomized one), float32/float64, descending.
+        residual_norm: ``‖D − D_r‖_F`` of the rank-r truncation *before clamping*
+            (``sqrt(Σ_{i≥r} σ_i²)``; for a randomized SVD measured as ``‖D − U_r S_r V_rᵀ‖_F``).
+        norm: ``‖D‖_F`` (so ``1 − residual²/norm²`` is the energy kept).
+    """
+
+    up: Tensor
+    down: Tensor
+    alpha: float
+    singular_values: Tensor
+    residual_norm: float
+    norm: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def truncated_svd(
+    matrix: Tensor,
+    rank: int,
+    *,
+    randomized: bool = False,
+    niter: int = 2,
+    oversample: int = 8,
+    seed: int | None = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U (m, q), S (q,), Vh (q, n))`` of a 2-D matrix, descending ``S``.
+
+    Full ``torch.linalg.svd`` (``q = min(m, n)``), or with ``randomized=True`` Halko et al.'s
+    randomized range finder (``torch.svd_lowrank`` with ``q = min(rank + oversample, m, n)`` and
+    ``niter`` power iterations) — much faster for large matrices when ``rank`` is small. The
+    randomized path draws from a private generator seeded with ``seed`` (reproducible; global RNG
+    untouched); ``seed=None`` uses the global RNG.
+
+    Args:
+        matrix: (m, n), any float dtype; computed in float32 (float64 stays float64).
+        rank: how many leading triplets the caller needs (only used by the randomized path).
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"truncated_svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    m, n = matrix.shape
+    a = matrix.to(_compute_dtype(matrix))
+    full = min(m, n)
+    q = min(rank + max(oversample, 0), full)
+    if not randomized or q >= full:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u, s, vh
+    if seed is None:
+        u, s, v = torch.svd_lowrank(a, q=q, niter=niter)
+    else:
+        devices = [a.device] if a.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(a, q=q, niter=niter)
+    return u, s, v.mT
+
+
+def select_rank(
+    singular_values: Tensor,
+    *,
+    method: str = "fixed",
+    param: float | None = None,
+    max_rank: int,
+    total_energy: float | None = None,
+) -> int:
+    """The rank to keep for one layer (kohya's ``resize_lora.py`` rules, see the module doc).
+
+    Args:
+        singular_values: (q,) descending.
+        method: ``"fixed"`` (``max_rank``), ``"sv_ratio"``, ``"sv_cumulative"`` or ``"sv_fro"``.
+        param: the dynamic method's target (ratio ≥ 1, or a fraction in (0, 1]).
+        max_rank: the cap (and the rank for ``"fixed"``); never more than ``len(singular_values)``.
+        total_energy: ``Σ σ²`` over *all* singular values for ``sv_fro`` when ``singular_values``
+            is a truncated (randomized) spectrum; default ``Σ`` of the given values.
+
+    Returns:
+        a rank in ``[1, min(max_rank, q)]``.
+    """
+    if method not in RANK_METHODS:
+        raise ValueError(f"rank method must be one of {RANK_METHODS}, got {method!r}")
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    s = singular_values.detach().to(torch.float64).flatten()
+    count = s.numel()
+    if count == 0:
+        raise ValueError("select_rank got no singular values")
+    cap = min(max_rank, count)
+    if method == "fixed":
+        return cap
+    if param is None:
+        raise ValueError(f"rank method {method!r} needs a parameter (e.g. --dynamic-param)")
+    if method == "sv_ratio":
+        if not param >= 1:
+            raise ValueError(f"sv_ratio's parameter is σ_max/σ_min and must be >= 1, got {param}")
+        index = int((s > s[0] / param).sum())
+    elif method == "sv_cumulative":
+        if not 0 < param <= 1:
+            raise ValueError(f"sv_cumulative's parameter is a fraction in (0, 1], got {param}")
+        total = float(s.sum())
+        cumulative = torch.cumsum(s, 0) / (total if total > 0 else 1.0)
+        index = int(torch.searchsorted(cumulative, torch.tensor([param], dtype=torch.float64))[0]) + 1
+    else:  # sv_fro
+        if not 0 < param <= 1:
+            raise ValueError(f"sv_fro's parameter is a Frobenius fraction in (0, 1], got {param}")
+        energy = float((s * s).sum()) if total_energy is None else float(total_energy)
+        cumulative = torch.cumsum(s * s, 0) / (energy if energy > 0 else 1.0)
+        index = int(torch.searchsorted(cumulative, torch.tensor([param * param], dtype=torch.float64))[0]) + 1
+    if float(s[0]) <= MIN_SINGULAR_VALUE:
+        return 1
+    index = max(1, min(index, count - 1)) + 1  # kohya: clamp, then one extra rank
+    return max(1, min(index, cap))
+
+
+def signed_quantile(values: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values.flatten(), q)`` (linear interpolation) without its 16M-element limit."""
+    flat = values.flatten()
+    if flat.numel() <= 16_000_000:
+        return torch.quantile(flat, q)
+    ordered = torch.sort(flat).values
+    position = q * (ordered.numel() - 1)
+    lo = int(math.floor(position))
+    hi = min(lo + 1, ordered.numel() - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
+
+
+def clamp_factors(up: Tensor, down: Tensor, quantile: float | None) -> tuple[Tensor, Tensor]:
+    """kohya's outlier clamp: ``h = quantile(cat(up, down), q)``; both clamped to ``[−h, h]``.
+
+    ``quantile`` of ``None`` or ``>= 1`` disables it. The quantile is of the *signed* values, as in
+    kohya's ``extract_lora_from_models.py`` (so ``0.99`` clamps roughly the largest 2% of ``|x|``
+    for symmetric factors).
+    """
+    if quantile is None or quantile >= 1.0:
+        return up, down
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"clamp_quantile must be in (0, 1] (or None to disable), got {quantile}")
+    limit = signed_quantile(torch.cat([up.flatten(), down.flatten()]), quantile)
+    return up.clamp(-limit, limit), down.clamp(-limit, limit)
+
+
+def factors_from_svd(
+    u: Tensor,
+    s: Tensor,
+    vh: Tensor,
+    *,
+    rank: int,
+    method: str = "fixed",
+    param: float | None = None,
+    alpha: float | None = None,
+    scale: float | None = None,
+    clamp_quantile: float | None = 0.99,
+    split: Literal["up", "sqrt"] = "up",
+    norm_sq: float | None = None,
+) -> tuple[Tensor, Tensor, float, float]:
+    """LoRA factors from an SVD ``(U (m, q), S (q,), Vh (q, n))`` of a difference ``D``.
+
+    Args:
+        rank: fixed rank, or the cap of a dynamic ``method``.
+        alpha: the alpha to write (``None`` → ``alpha = r``, scale 1); or
+        scale: the scale ``alpha / r`` to keep (resize: ``alpha = scale · r_new``).
+        split: ``"up"`` (kohya: ``S`` in ``up``) or ``"sqrt"`` (``sqrt(S)`` on both sides).
+        norm_sq: ``‖D‖_F²`` when ``S`` is not the whole spectrum (randomized SVD).
+
+    Returns:
+        ``(up (m, r), down (r, n), alpha, residual ‖D − D_r‖_F before clamping)``.
+    """
+    if split not in ("up", "sqrt"):
+        raise ValueError(f"split must be 'up' or 'sqrt', got {split!r}")
+    if alpha is not None and scale is not None:
+        raise ValueError("pass alpha or scale, not both")
+    full = norm_sq is None
+    total = float((s * s).sum()) if full else float(norm_sq)
+    r = select_rank(s, method=method, param=param, max_rank=rank, total_energy=total)
+    if full:
+        residual = float(torch.sqrt((s[r:] ** 2).sum()))
+    else:
+        residual = math.sqrt(max(total - float((s[:r] ** 2).sum()), 0.0))
+    up = u[:, :r] * s[:r]  # (m, r): kohya layout, singular values in up
+    down = vh[:r]  # (r, n)
+    up, down = clamp_factors(up, down, clamp_quantile)
+    if split == "sqrt":
+        root = torch.where(s[:r] > 0, s[:r].sqrt(), torch.ones_like(s[:r]))  # (r,)
+        up = up / root
+        down = down * root[:, None]
+    if scale is not None:
+        alpha_value = float(scale) * r
+    else:
+        alpha_value = float(r) if alpha is None else float(alpha)
+    if not alpha_value > 0:
+        raise ValueError(f"alpha must be positive, got {alpha_value} (alpha={alpha}, scale={scale})")
+    factor = alpha_value / r
+    if factor != 1.0:  # the factors absorb 1/scale so that scale · up ⋅ down is the truncation
+        if split == "up":
+            up = up / factor
+        else:
+            up, down = up / math.sqrt(factor), down / math.sqrt(factor)
+    return up.contiguous(), down.contiguous(), alpha_value, residual
+
+
+def low_rank_factors(
+    matrix: Tensor,
+    *,
+    rank: int,
+    method: str = "fixed",
+    param: float | None = None,
+    alpha: float | None = None,
+    clamp_quantile: float | None = 0.99,
+    split: Literal["up", "sqrt"] = "up",
+    randomized: bool = False,
+    niter: int = 2,
+    oversample: int = 8,
+    seed: int | None = 0,
+) -> tuple[Tensor, Tensor, float, Tensor, float, float]:
+    """Rank-r LoRA factors of a 2-D matrix (SVD, rank choice, clamp, split, alpha).
+
+    Args:
+        matrix: (m, n).
+        rank: fixed rank, or the cap for a dynamic method.
+        alpha: ``None`` → ``alpha = r``; otherwise the factors absorb ``r / alpha``.
+
+    Returns:
+        ``(up (m, r), down (r, n), alpha, singular values (q,), residual ‖·‖_F, ‖matrix‖_F)``.
+    """
+    a = matrix.to(_compute_dtype(matrix))
+    norm_sq = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+    # sv_cumulative needs Σσ over the whole spectrum, which a randomized SVD does not give
+    use_randomized = randomized and method != "sv_cumulative"
+    u, s, vh = truncated_svd(a, rank, randomized=use_randomized, niter=niter, oversample=oversample, seed=seed)
+    full = s.numel() == min(a.shape)
+    up, down, alpha_value, residual = factors_from_svd(
+        u, s, vh, rank=rank, method=method, param=param, alpha=alpha, clamp_quantile=clamp_quantile,
+        split=split, norm_sq=None if full else norm_sq,
+    )
+    if not full:  # ‖D‖² − Σσ² cancels catastrophically in float32: measure the residual directly
+        r = down.shape[0]
+        residual = float(torch.linalg.norm(a - (u[:, :r] * s[:r]) @ vh[:r]))
+    return up, down, alpha_value, s, residual, math.sqrt(norm_sq)
+
+
+def extract_layer(
+    base: Tensor,
+    tuned: Tensor,
+    *,
+    rank: int,
+    method: str = "fixed",
+    param: float | None = None,
+    alpha: float | None = None,
+    clamp_quantile: float | None = 0.99,
+    split: Literal["up", "sqrt"] = "up",
+    randomized: bool = False,
+    niter: int = 2,
+    seed: int | None = 0,
+    device: torch.device | str | None = None,
+) -> ExtractedLayer:
+    """LoRA factors of ``tuned − base`` for a Linear or Conv2d weight.
+
+    Args:
+        base, tuned: (out, in) or (out, in, kh, kw), equal shapes; any float dtype (computed in
+            float32, or float64 if both are float64).
+        rank: fixed rank, or the cap of a dynamic ``method``; also capped at ``min(out, in·kh·kw)``.
+        device: where to run the SVD (e.g. ``"cuda"``); results come back on ``base``'s device.
+
+    Returns:
+        :class:`ExtractedLayer` with ``up`` (out, r[, 1, 1]) and ``down`` (r, in[, kh, kw]) such that
+        ``(alpha / r) · up ⋅ down`` (see :func:`sdadapt.lora_delta_weight`) approximates
+        ``tuned − base``.
+    """
+    if base.shape != tuned.shape:
+        raise ValueError(f"base weight {tuple(base.shape)} and tuned weight {tuple(tuned.shape)} differ in shape")
+    if base.dim() not in (2, 4):
+        raise ValueError(f"LoRA layers are Linear (2-D) or Conv2d (4-D) weights, got shape {tuple(base.shape)}")
+    dtype = torch.float64 if base.dtype == torch.float64 and tuned.dtype == torch.float64 else torch.float32
+    home = base.device
+    target = torch.device(device) if device is not None else home
+    out_features = base.shape[0]
+    # (out, in, *k) -> (out, in*k)
+    diff = (tuned.to(target, dtype) - base.to(target, dtype)).reshape(out_features, -1)
+    up, down, alpha_value, s, residual, norm = low_rank_factors(
+        diff,
+        rank=rank,
+        method=method,
+        param=param,
+        alpha=alpha,
+        clamp_quantile=clamp_quantile,
+        split=split,
+        randomized=randomized,
+        niter=niter,
+        seed=seed,
+    )
+    r = down.shape[0]
+    if base.dim() == 4:
+        up = up.reshape(out_features, r, 1, 1)
+        down = down.reshape(r, *base.shape[1:])
+    return ExtractedLayer(
+        up=up.to(home), down=down.to(home), alpha=alpha_value, singular_values=s.to(home),
+        residual_norm=residual, norm=norm,
+    )
