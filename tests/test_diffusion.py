@@ -277,14 +277,28 @@ def test_ddim_sampling_matches_diffusers(pred, eta):
     torch.testing.assert_close(ours, xr, atol=2e-5, rtol=1e-4)
 
 
-def _run_ddim_with_noises(x, cond, uncond, pred, eta, noises):
+def _run_ddim_with_noises(x, cond, uncond, pred, eta, noises, clip=None):
     ac = diffusers.DDIMScheduler(**SD_CONFIG).alphas_cumprod
     steps = D.ddim_timesteps(12)
     fn = D.guided(_fake_model, cond, uncond, 7.5)
     for i, t in enumerate(steps.tolist()):
         out = fn(x, torch.full((2,), t), cond)
-        x = D.ddim_step(out, t, t - 1000 // 12, x, ac, prediction_type=pred, eta=eta, noise=noises[i])
+        x = D.ddim_step(out, t, t - 1000 // 12, x, ac, prediction_type=pred, eta=eta, noise=noises[i], clip_sample=clip)
     return x
+
+
+def test_ddim_clip_sample_matches_diffusers():
+    ref = diffusers.DDIMScheduler(**SD_CONFIG, clip_sample=True, clip_sample_range=0.5, set_alpha_to_one=False, steps_offset=1)
+    ref.set_timesteps(12)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    cond, uncond = torch.tensor([0.2, -0.1]), torch.zeros(2)
+    xr = x.clone()
+    for t in ref.timesteps:
+        u, c = _fake_model(xr, t.expand(2), uncond), _fake_model(xr, t.expand(2), cond)
+        xr = ref.step(u + 7.5 * (c - u), t, xr).prev_sample
+    ours = _run_ddim_with_noises(x, cond, uncond, "epsilon", 0.0, [None] * 12, clip=0.5)
+    torch.testing.assert_close(ours, xr, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ours, _run_ddim_with_noises(x, cond, uncond, "epsilon", 0.0, [None] * 12))
 
 
 def test_ddim_sample_equals_manual_loop_and_batches_cfg():

@@ -9,7 +9,16 @@ Quick start::
 """
 
 from . import checkpointing, diffusion, formats, latent_cache, optim, step_capture, targets, train
-from .adapters import LoRAConfig, LoRAModule, lora_delta_weight, lora_forward
+from .adapters import (
+    DoRAConfig,
+    FullConfig,
+    LoHaConfig,
+    LoKrConfig,
+    LoRAConfig,
+    LoRAModule,
+    lora_delta_weight,
+    lora_forward,
+)
 from .apply import AppliedDelta, apply_lora
 from .formats import WeightFileError, load_lora, save_lora
 from .inject import AdapterHandle, adapter_names, inject, load_adapter
@@ -35,6 +44,10 @@ __all__ = [
     "LoRAModule",
     "lora_delta_weight",
     "lora_forward",
+    "LoHaConfig",
+    "LoKrConfig",
+    "DoRAConfig",
+    "FullConfig",
     "inject",
     "load_adapter",
     "adapter_names",

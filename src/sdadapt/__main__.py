@@ -22,7 +22,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"tensors:    {summary['tensors']}")
     print(f"size:       {summary['size_bytes'] / 2**20:.2f} MiB ({summary['size_bytes']} bytes)")
     print(f"dtypes:     {', '.join(f'{k} x{v}' for k, v in summary['dtypes'].items())}")
-    for field in ("modules", "components", "algorithms", "ranks", "alphas"):
+    for field in ("modules", "components", "family", "algorithms", "ranks", "alphas"):
         if field in summary:
             value = summary[field]
             text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)

@@ -1,8 +1,10 @@
 """Apply a LoRA to a model's weights in place, without injecting modules — and undo it exactly.
 
 This is what inference front-ends do at load time: ``W += multiplier · ΔW`` for every layer of
-the file, keeping a copy of each touched weight so :meth:`AppliedDelta.undo` restores the original
-bits. Undo nested applications in reverse order (like a stack).
+the file (any family: LoRA/LoCon, LoHa, LoKr, full ``diff``/``diff_b``; DoRA moves ``W`` towards
+its ``W'`` by the multiplier), keeping a copy of each touched weight (and bias) so
+:meth:`AppliedDelta.undo` restores the original bits. Undo nested applications in reverse order
+(like a stack).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import geometry_of
-from .adapters.lora import LoRAModule
+from .adapters.registry import adapter_from_file_tensors
 from .formats.layers import group_by_layer, resolve_layers
 
 __all__ = ["AppliedDelta", "apply_lora"]
@@ -24,6 +26,7 @@ class AppliedDelta:
 
     def __init__(self) -> None:
         self.originals: dict[str, tuple[nn.Module, Tensor]] = {}
+        self.original_biases: dict[str, Tensor] = {}
 
     @property
     def names(self) -> list[str]:
@@ -32,9 +35,12 @@ class AppliedDelta:
     def undo(self) -> None:
         """Restore every touched weight bit for bit; idempotent."""
         with torch.no_grad():
-            for layer, original in self.originals.values():
+            for name, (layer, original) in self.originals.items():
                 layer.weight.copy_(original)
+                if name in self.original_biases:
+                    layer.bias.copy_(self.original_biases[name])
         self.originals.clear()
+        self.original_biases.clear()
 
 
 def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 1.0) -> AppliedDelta:
@@ -44,7 +50,8 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
 
     Args:
         model: the model to modify in place.
-        state: ``{"<layer>.lora_down.weight" / ".lora_up.weight" / ".alpha": tensor}``.
+        state: canonical keys of any family, e.g. ``{"<layer>.lora_down.weight" / ".lora_up.weight" /
+            ".alpha": tensor}`` or ``hada_*`` / ``lokr_*`` / ``diff`` / ``dora_scale`` tensors.
         scale: strength multiplier (the ``<lora:name:scale>`` number).
 
     Raises:
@@ -55,7 +62,9 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
     deltas = []
     for key_name, layer_name in resolved.items():
         layer = model.get_submodule(layer_name)
-        adapter = LoRAModule.from_file_tensors(geometry_of(layer, name=layer_name), groups[key_name], name=layer_name)
+        adapter = adapter_from_file_tensors(geometry_of(layer, name=layer_name), groups[key_name], name=layer_name)
+        if adapter.bias_delta() is not None and getattr(layer, "bias", None) is None:
+            raise ValueError(f"{layer_name}: the file has a bias delta (diff_b) but the layer has no bias")
         deltas.append((layer_name, layer, adapter))
     applied = AppliedDelta()
     with torch.no_grad():
@@ -63,6 +72,12 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
             weight = layer.weight
             applied.originals[layer_name] = (layer, weight.detach().clone())
             acc = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
-            delta = adapter.to(acc).delta_weight().reshape(weight.shape).to(weight.device)
-            weight.copy_((weight.to(acc) + scale * delta).to(weight.dtype))
+            adapter = adapter.to(device=weight.device, dtype=acc)
+            adapter.set_multiplier(scale)  # DoRA: W + t·(W' − W); others: t·ΔW
+            delta = adapter.merge_delta(weight.to(acc)).reshape(weight.shape)
+            weight.copy_((weight.to(acc) + delta).to(weight.dtype))
+            bias_delta = adapter.bias_delta()
+            if bias_delta is not None:
+                applied.original_biases[layer_name] = layer.bias.detach().clone()
+                layer.bias.copy_((layer.bias.to(acc) + bias_delta).to(layer.bias.dtype))
     return applied

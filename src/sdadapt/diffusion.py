@@ -330,12 +330,15 @@ def ddim_step(
     eta: float = 0.0,
     final_alpha_cumprod: float | None = None,
     noise: Tensor | None = None,
+    clip_sample: float | None = None,
 ) -> Tensor:
     """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12) (B,C,H,W).
 
     ``x_prev = √ᾱ_prev·x̂0 + √(1-ᾱ_prev-s²)·ε̂ + s·z`` with ``s = η·√((1-ᾱ_prev)/(1-ᾱ_t)·(1-ᾱ_t/ᾱ_prev))``.
     ``t_prev < 0`` uses ``final_alpha_cumprod`` (default ᾱ_0, diffusers' ``set_alpha_to_one=False``).
-    With ``t_prev > t`` (and η = 0) this is the DDIM inversion step.
+    With ``t_prev > t`` (and η = 0) this is the DDIM inversion step. ``clip_sample=r`` clamps x̂0
+    to [-r, r] (diffusers' ``clip_sample``/``clip_sample_range``; ε̂ is not recomputed, as there) —
+    pixel-space models need it, since early x̂0 = (x - √(1-ᾱ)ε̂)/√ᾱ amplifies ε̂'s error by 1/√ᾱ.
     """
     ac = alphas_cumprod
     a_t = ac[t].to(x_t.device)
@@ -346,6 +349,8 @@ def ddim_step(
     tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     x0 = predicted_x0(prediction_type, x_t, output, tt, ac)
     eps = predicted_noise(prediction_type, x_t, output, tt, ac)
+    if clip_sample is not None:
+        x0 = x0.clamp(-clip_sample, clip_sample)
     std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt() if eta else a_t.new_zeros(())
     x_prev = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
     if eta:
@@ -403,6 +408,7 @@ def ddim_sample(
     spacing: str = "leading",
     steps_offset: int = 1,
     final_alpha_cumprod: float | None = None,
+    clip_sample: float | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
@@ -424,6 +430,7 @@ def ddim_sample(
         x = ddim_step(
             out, t, t - ratio, x, alphas_cumprod,
             prediction_type=prediction_type, eta=eta, final_alpha_cumprod=final_alpha_cumprod, noise=noise,
+            clip_sample=clip_sample,
         )
         if callback is not None:
             callback(i, tt, x)

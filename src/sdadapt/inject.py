@@ -19,8 +19,9 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from .adapters.base import AdapterModule, geometry_of
-from .adapters.lora import LoRAConfig, LoRAModule
+from .adapters.base import AdapterModule, LayerGeometry, geometry_of
+from .adapters.lora import LoRAConfig
+from .adapters.registry import adapter_from_file_tensors, build_adapter, family_of_config
 from .targets import Target, select
 
 __all__ = ["AdapterSlot", "AdapterHandle", "inject", "load_adapter", "adapter_names"]
@@ -29,33 +30,52 @@ __all__ = ["AdapterSlot", "AdapterHandle", "inject", "load_adapter", "adapter_na
 class AdapterSlot(nn.ModuleDict):
     """The ``sdadapt`` child of an adapted layer: adapters by name, plus merge bookkeeping.
 
-    While any adapter is merged the slot keeps one copy of the layer's original weight; the
-    merged weight is always recomputed as ``original + Σ merged deltas`` (in float32, cast once),
-    so merge/unmerge in any order is exact and unmerging everything restores the original bits.
+    While any adapter is merged the slot keeps one copy of the layer's original weight (and bias,
+    when a merged adapter changes it); the merged weight is always recomputed as
+    ``original + Σ merge deltas`` (in float32, cast once), each adapter's delta taken against the
+    *original* weight (what DoRA's norm needs), so merge/unmerge in any order is exact and
+    unmerging everything restores the original bits.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.original_weight: Tensor | None = None
+        self.original_bias: Tensor | None = None
         self.merged_names: list[str] = []
 
+    @torch.no_grad()
     def refresh_weight(self, layer: nn.Module) -> None:
         weight = layer.weight
+        bias: Tensor | None = getattr(layer, "bias", None)
         if not self.merged_names:
             if self.original_weight is not None:
-                with torch.no_grad():
-                    weight.copy_(self.original_weight)
+                weight.copy_(self.original_weight)
                 self.original_weight = None
+            if self.original_bias is not None and bias is not None:
+                bias.copy_(self.original_bias)
+            self.original_bias = None
             return
         if self.original_weight is None:
             self.original_weight = weight.detach().clone()
         # accumulate in at least float32 (float64 weights keep float64 precision)
-        total = self.original_weight.to(torch.promote_types(weight.dtype, torch.float32))
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        total = self.original_weight.to(acc)
+        bias_total: Tensor | None = None
         for name in self.merged_names:
             adapter: AdapterModule = self[name]  # type: ignore[assignment]
-            total = total + adapter.delta_weight().detach().to(total).reshape(weight.shape)
-        with torch.no_grad():
-            weight.copy_(total.to(weight.dtype))
+            total = total + adapter.merge_delta(self.original_weight).detach().to(total).reshape(weight.shape)
+            bias_delta = adapter.bias_delta()
+            if bias_delta is not None and bias is not None:
+                if self.original_bias is None:
+                    self.original_bias = bias.detach().clone()
+                start = bias_total if bias_total is not None else self.original_bias.to(acc)
+                bias_total = start + bias_delta.detach().to(start)
+        weight.copy_(total.to(weight.dtype))
+        if bias_total is not None:
+            bias.copy_(bias_total.to(bias.dtype))  # type: ignore[union-attr]
+        elif self.original_bias is not None and bias is not None:  # no bias delta merged any more
+            bias.copy_(self.original_bias)
+            self.original_bias = None
 
 
 def _slot_of(layer: nn.Module, *, create: bool) -> AdapterSlot | None:
@@ -199,6 +219,13 @@ class AdapterHandle:
                 _slot_of(layer, create=False).refresh_weight(layer)  # type: ignore[union-attr]
 
     def _set_merged(self, merged: bool) -> None:
+        if merged:
+            for layer_name, adapter in self.modules.items():
+                if adapter.bias_delta() is not None and getattr(self._layers[layer_name], "bias", None) is None:
+                    raise RuntimeError(
+                        f"adapter {self.name!r}: {layer_name} has a bias delta (diff_b) but the layer has no "
+                        "bias to merge it into; keep this adapter unmerged (its hook adds the bias)"
+                    )
         for layer_name, adapter in self.modules.items():
             if adapter.merged == merged:
                 continue
@@ -268,7 +295,7 @@ def _freeze_base(model: nn.Module) -> None:
 def inject(
     model: nn.Module,
     targets: Target | str | Iterable[str],
-    config: LoRAConfig,
+    config: object,
     *,
     name: str = "default",
     freeze_base: bool = True,
@@ -279,7 +306,9 @@ def inject(
     Args:
         model: any ``nn.Module`` (a diffusers UNet, an LDM UNet, a CLIP text encoder, your own).
         targets: a :class:`~sdadapt.targets.Target`, a preset name or glob(s).
-        config: the family's config (:class:`~sdadapt.adapters.lora.LoRAConfig`).
+        config: the family's config: :class:`~sdadapt.adapters.lora.LoRAConfig`,
+            ``LoHaConfig``, ``LoKrConfig``, ``FullConfig`` or ``DoRAConfig`` (see
+            :mod:`sdadapt.adapters.registry`).
         name: adapter name; several named adapters can be injected side by side.
         freeze_base: set ``requires_grad=False`` on every existing parameter of ``model``.
         dtype: adapter parameter dtype (``None``: the base layer's dtype). float32 by default,
@@ -289,8 +318,10 @@ def inject(
         An :class:`AdapterHandle`; its ``parameters()`` are the trainable adapter weights.
 
     Raises:
-        NoTargetsError: the target matched nothing. TypeError: a target is not Linear/Conv2d.
+        NoTargetsError: the target matched nothing. TypeError: a target is not Linear/Conv2d, or
+            the config is of no registered family.
     """
+    family_of_config(config)  # an unknown config fails before anything is selected
     chosen = select(model, targets)
     handle = AdapterHandle(model, name)
     built: list[tuple[str, nn.Module, AdapterModule]] = []
@@ -308,6 +339,8 @@ def inject(
             residual = adapter.init_from_base(base)  # type: ignore[attr-defined]
             handle._pissa_originals[layer_name] = base.detach().clone()
             _set_base_weight(layer, residual.to(layer.weight.dtype))
+        elif adapter.uses_base_weight:  # DoRA: magnitude = ‖W‖ (without other merged deltas)
+            adapter.init_from_base(_base_weight(layer))  # type: ignore[attr-defined]
         handle._attach(layer_name, layer, adapter)
     return handle
 
@@ -321,22 +354,8 @@ def _check_name_free(layer_name: str, layer: nn.Module, name: str) -> None:
         )
 
 
-def _build(config: LoRAConfig, geometry, layer: nn.Module, dtype: torch.dtype | None) -> AdapterModule:
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"unsupported adapter config {type(config).__name__}; use LoRAConfig")
-    rank, alpha = config.rank_alpha_for(geometry)
-    return LoRAModule(
-        geometry,
-        rank,
-        alpha,
-        rank_stabilized=config.rank_stabilized,
-        dropout=config.dropout,
-        rank_dropout=config.rank_dropout,
-        module_dropout=config.module_dropout,
-        init=config.init,
-        dtype=dtype or layer.weight.dtype,
-        device=layer.weight.device,
-    )
+def _build(config: object, geometry: LayerGeometry, layer: nn.Module, dtype: torch.dtype | None) -> AdapterModule:
+    return build_adapter(config, geometry, dtype=dtype or layer.weight.dtype, device=layer.weight.device)
 
 
 def load_adapter(
@@ -347,7 +366,8 @@ def load_adapter(
     freeze_base: bool = True,
     dtype: torch.dtype | None = torch.float32,
 ) -> AdapterHandle:
-    """Inject adapters built from a canonical state dict (ranks and family read from the tensors).
+    """Inject adapters built from a canonical state dict (ranks and family read from the tensors:
+    LoRA/LoCon, LoHa, LoKr, full ``diff``, DoRA over any of them).
 
     ``state`` keys are ``"<layer name>.<file key>"`` with layer names as :func:`resolve_layers`
     produces them from files (see ``sdadapt.formats``).
@@ -366,7 +386,7 @@ def load_adapter(
         layer = _named_layer(model, layer_name)
         geometry = geometry_of(layer, name=layer_name)
         _check_name_free(layer_name, layer, name)
-        adapter = LoRAModule.from_file_tensors(geometry, groups[key_name], name=layer_name)
+        adapter = adapter_from_file_tensors(geometry, groups[key_name], name=layer_name)
         if dtype is not None:
             adapter.to(dtype)
         built.append((layer_name, layer, adapter.to(layer.weight.device)))

@@ -1,7 +1,13 @@
 """Adapter families: pure delta math plus a thin ``nn.Module`` each."""
 
 from .base import AdapterModule, LayerGeometry, geometry_of
+from .dora import DoRAConfig, DoRAModule, dora_weight, weight_norm
+from .full import FullConfig, FullModule
+from .loha import LoHaConfig, LoHaModule, loha_delta_weight
+from .lokr import LoKrConfig, LoKrModule, factorization, lokr_delta_weight
 from .lora import LoRAConfig, LoRAModule, lora_delta_weight, lora_forward, lora_scale, pissa_factors
+from .registry import FAMILIES, AdapterFamily, adapter_from_file_tensors, build_adapter, register_family
+from .tucker import rebuild_tucker
 
 __all__ = [
     "AdapterModule",
@@ -13,4 +19,23 @@ __all__ = [
     "lora_forward",
     "lora_scale",
     "pissa_factors",
+    "LoHaConfig",
+    "LoHaModule",
+    "loha_delta_weight",
+    "LoKrConfig",
+    "LoKrModule",
+    "lokr_delta_weight",
+    "factorization",
+    "DoRAConfig",
+    "DoRAModule",
+    "dora_weight",
+    "weight_norm",
+    "FullConfig",
+    "FullModule",
+    "rebuild_tucker",
+    "FAMILIES",
+    "AdapterFamily",
+    "register_family",
+    "build_adapter",
+    "adapter_from_file_tensors",
 ]

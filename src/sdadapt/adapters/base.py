@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGeometry", "AdapterModule", "geometry_of", "refresh_scale_after_load"]
+__all__ = ["LayerGeometry", "AdapterModule", "geometry_of", "refresh_scale_after_load", "rank_alpha_for"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,16 @@ class LayerGeometry:
     padding: tuple[int, int] | str = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     padding_mode: str = "zeros"
+    has_bias: bool = False
 
     @property
     def is_conv(self) -> bool:
         return len(self.kernel) > 0
+
+    @property
+    def is_kxk(self) -> bool:
+        """A convolution with a kernel larger than 1x1 (kohya's ``conv_dim`` layers)."""
+        return self.is_conv and any(k != 1 for k in self.kernel)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -82,7 +88,7 @@ def geometry_of(module: nn.Module, *, name: str = "<module>") -> LayerGeometry:
         TypeError: for any other module type, or a grouped convolution, naming ``name``.
     """
     if isinstance(module, nn.Linear):
-        return LayerGeometry(module.out_features, module.in_features)
+        return LayerGeometry(module.out_features, module.in_features, has_bias=module.bias is not None)
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise TypeError(
@@ -97,6 +103,7 @@ def geometry_of(module: nn.Module, *, name: str = "<module>") -> LayerGeometry:
             module.padding if isinstance(module.padding, str) else tuple(module.padding),
             tuple(module.dilation),
             module.padding_mode,
+            module.bias is not None,
         )
     raise TypeError(
         f"{name}: cannot adapt a {type(module).__name__}; sdadapt adapters wrap nn.Linear or "
@@ -115,6 +122,11 @@ class AdapterModule(nn.Module):
       * ``file_tensors()`` / ``from_file_tensors()``: the family's canonical tensors, keyed by
         the suffixes files use (``lora_down.weight``, ``lora_up.weight``, ``alpha`` ...).
 
+    Families whose merged weight is not ``W + ΔW`` (DoRA: ``m · (W + ΔW) / ‖W + ΔW‖``) set
+    ``uses_base_weight = True`` and override :meth:`merge_delta` / :meth:`delta_output`, which get
+    the layer's weight *without* merged deltas; a family with a bias delta (``diff_b``) overrides
+    :meth:`bias_delta`. The injector and ``apply_lora`` only ever call these three.
+
     ``multiplier`` is the run-time strength (a Python float, not saved). Families fold it into a
     0-dim ``scale`` buffer (:meth:`refresh_scale`) that ``forward`` reads, so changing the strength
     is an in-place buffer update: no recompilation of a ``torch.compile``'d model, and one multiply
@@ -124,6 +136,8 @@ class AdapterModule(nn.Module):
     family: ClassVar[str] = ""
     #: suffixes this family owns in files (used to recognise a family from keys)
     file_keys: ClassVar[tuple[str, ...]] = ()
+    #: the delta depends on the base weight (DoRA); the hook then passes it to delta_output
+    uses_base_weight: ClassVar[bool] = False
 
     geometry: LayerGeometry
 
@@ -137,6 +151,21 @@ class AdapterModule(nn.Module):
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def merge_delta(self, base_weight: Tensor) -> Tensor:
+        """(out, in, *kernel): what merging adds to ``base_weight`` (the weight without merged deltas).
+
+        Additive families return :meth:`delta_weight` and ignore ``base_weight``.
+        """
+        return self.delta_weight()
+
+    def bias_delta(self) -> Tensor | None:
+        """(out,): what merging adds to the layer's bias, or ``None`` (most families)."""
+        return None
+
+    def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
+        """Δy for base input ``x``; ``base_weight`` is only read when ``uses_base_weight``."""
+        return self(x)
 
     def set_multiplier(self, value: float) -> None:
         """Set the run-time strength and refresh the cached scale."""
@@ -161,7 +190,14 @@ class AdapterModule(nn.Module):
             return output
         x = args[0]
         dtype = self.delta_dtype()
-        delta = self(x if x.dtype == dtype else x.to(dtype))
+        x = x if x.dtype == dtype else x.to(dtype)
+        if self.uses_base_weight:
+            # the weight without merged deltas of other adapters (the slot keeps the original)
+            slot = module._modules.get("sdadapt")
+            original = getattr(slot, "original_weight", None)
+            delta = self.delta_output(x, module.weight if original is None else original)
+        else:
+            delta = self(x)
         return output + delta.to(output.dtype)
 
     def delta_dtype(self) -> torch.dtype:
@@ -172,3 +208,19 @@ class AdapterModule(nn.Module):
 def refresh_scale_after_load(module: nn.Module, incompatible_keys: object) -> None:
     """``load_state_dict`` post-hook: a loaded ``alpha`` changes the cached scale."""
     module.refresh_scale()  # type: ignore[operator]
+
+
+def rank_alpha_for(
+    geometry: LayerGeometry,
+    rank: int,
+    alpha: float | None,
+    conv_rank: int | None,
+    conv_alpha: float | None,
+) -> tuple[int, float | None]:
+    """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha`` when given."""
+    if geometry.is_kxk:
+        return (
+            conv_rank if conv_rank is not None else rank,
+            conv_alpha if conv_alpha is not None else alpha,
+        )
+    return rank, alpha

@@ -10,6 +10,11 @@ For a convolution, ``down`` is a convolution with the base layer's kernel, strid
 dilation and ``up`` is a 1x1 convolution, so ``ΔW[o, i] = Σ_r up[o, r] · down[r, i]`` — the same
 formula as the linear case after flattening the kernel into the input axis.
 
+Tucker LoCon (LyCORIS ``use_tucker``, kxk convolutions only): ``down`` (r, in, 1, 1) is a 1x1
+convolution, ``mid`` (r, r, kh, kw) carries the kernel, stride, padding and dilation, and ``up`` is
+1x1 again; ``ΔW = scale · rebuild_tucker(mid, upᵀ, down)`` (see :mod:`.tucker`), stored in files as
+``lora_mid.weight``.
+
 Files store ``alpha`` such that ``alpha / r`` is always the scale (a rank-stabilised adapter stores
 ``alpha · sqrt(r)``, as LyCORIS does), so readers never need to know how the scale was chosen.
 """
@@ -24,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry, refresh_scale_after_load
+from .base import AdapterModule, LayerGeometry, rank_alpha_for, refresh_scale_after_load
+from .tucker import rebuild_tucker
 
 __all__ = [
     "LoRAConfig",
@@ -49,20 +55,27 @@ def lora_scale(alpha: float | None, rank: int, *, rank_stabilized: bool = False)
     return float(alpha) / (math.sqrt(rank) if rank_stabilized else rank)
 
 
-def lora_delta_weight(up: Tensor, down: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+def lora_delta_weight(
+    up: Tensor, down: Tensor, scale: float | Tensor = 1.0, *, mid: Tensor | None = None
+) -> Tensor:
     """``ΔW = scale · up ⋅ down`` for linear and convolution layers alike.
 
     Args:
         up: (out, r) or (out, r, 1, 1).
-        down: (r, in) or (r, in, kh, kw).
+        down: (r, in) or (r, in, kh, kw); (r, in, 1, 1) with a Tucker ``mid``.
         scale: scalar (float or 0-dim tensor).
+        mid: optional Tucker core (r, r, kh, kw) (LyCORIS ``lora_mid``).
 
     Returns:
-        (out, in, *kernel): the delta in ``down``'s kernel layout, dtype of the inputs.
+        (out, in, *kernel): the delta in ``down``'s (or ``mid``'s) kernel layout, dtype of the inputs.
     """
     out_features, rank = up.shape[0], up.shape[1]
     if down.shape[0] != rank:
         raise ValueError(f"LoRA up has rank {rank} but down has rank {down.shape[0]}")
+    if mid is not None:
+        # W[o, i, *k] = Σ_ab mid[a, b, *k] · up[o, a] · down[b, i]
+        w_out = up.reshape(out_features, rank).transpose(0, 1)  # (r, out)
+        return rebuild_tucker(mid, w_out, down.reshape(rank, -1)) * scale
     # (out, r) @ (r, in*k) -> (out, in*k) -> (out, in, *k)
     delta = up.reshape(out_features, rank) @ down.reshape(rank, -1)
     return (delta * scale).reshape(out_features, *down.shape[1:])
@@ -78,6 +91,7 @@ def lora_forward(
     dropout: float = 0.0,
     rank_dropout: float = 0.0,
     training: bool = False,
+    mid: Tensor | None = None,
 ) -> Tensor:
     """The delta output ``scale · up(down(x))`` without forming ``ΔW``.
 
@@ -88,11 +102,17 @@ def lora_forward(
         dropout: dropout on the rank activations (kohya's placement; cheaper than peft's
             dropout on the input, which keeps a second copy of ``x`` alive).
         rank_dropout: drops whole rank channels per sample and rescales by ``1/(1-p)``.
+        mid: Tucker core (r, r, kh, kw): then ``down`` is a 1x1 conv and ``mid`` carries the
+            layer's kernel, stride, padding and dilation.
 
     Returns:
         Δy with the base layer's output shape: (..., out) or (B, out, H', W').
     """
-    h = geometry.conv(x, down)  # (..., r) or (B, r, H', W')
+    if mid is None:
+        h = geometry.conv(x, down)  # (..., r) or (B, r, H', W')
+    else:
+        # a pointwise conv commutes with any padding mode, so padding once in `mid` is exact
+        h = geometry.conv(F.conv2d(x, down), mid)  # (B, r, H', W')
     if training and dropout > 0:
         h = F.dropout(h, p=dropout, training=True)
     if training and rank_dropout > 0:
@@ -148,6 +168,8 @@ class LoRAConfig:
         init: ``"kaiming"`` (kohya: down ~ kaiming-uniform(a=sqrt 5), up = 0), ``"gaussian"``
             (peft/diffusers: down ~ N(0, 1/r), up = 0) or ``"pissa"`` (SVD of the base weight;
             the base keeps the residual, restored by ``remove()``).
+        use_tucker: kxk convolutions get a Tucker core ``lora_mid`` (r, r, kh, kw) between a 1x1
+            ``down`` and ``up`` (LyCORIS LoCon ``use_tucker``); other layers are unaffected.
     """
 
     rank: int = 4
@@ -159,6 +181,7 @@ class LoRAConfig:
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
+    use_tucker: bool = False
 
     def __post_init__(self) -> None:
         for field in ("rank", "conv_rank"):
@@ -173,25 +196,24 @@ class LoRAConfig:
             raise ValueError(
                 f"LoRAConfig.init must be 'kaiming', 'gaussian' or 'pissa', got {self.init!r}"
             )
+        if self.use_tucker and self.init == "pissa":
+            raise ValueError("LoRAConfig: init='pissa' has no Tucker form; use use_tucker=False with PiSSA")
 
     def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
         """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
-        is_kxk = geometry.is_conv and any(k != 1 for k in geometry.kernel)
-        if is_kxk:
-            rank = self.conv_rank if self.conv_rank is not None else self.rank
-            return rank, self.conv_alpha if self.conv_alpha is not None else self.alpha
-        return self.rank, self.alpha
+        return rank_alpha_for(geometry, self.rank, self.alpha, self.conv_rank, self.conv_alpha)
 
 
 class LoRAModule(AdapterModule):
     """One LoRA/LoCon adapter for one base layer (a thin shell over the functions above).
 
-    Parameters: ``lora_down`` (r, in, *k), ``lora_up`` (out, r[, 1, 1]); buffer ``alpha``
-    (0-dim, saved) with the file convention ``scale = alpha / r``.
+    Parameters: ``lora_down`` (r, in, *k), ``lora_up`` (out, r[, 1, 1]) and, for Tucker LoCon,
+    ``lora_mid`` (r, r, *k) with ``lora_down`` (r, in, 1, 1); buffer ``alpha`` (0-dim, saved) with
+    the file convention ``scale = alpha / r``.
     """
 
     family: ClassVar[str] = "lora"
-    file_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "alpha")
+    file_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 
     def __init__(
         self,
@@ -204,6 +226,7 @@ class LoRAModule(AdapterModule):
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         init: str = "kaiming",
+        use_tucker: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -213,8 +236,11 @@ class LoRAModule(AdapterModule):
         scale = lora_scale(alpha, rank, rank_stabilized=rank_stabilized)
         factory = {"dtype": dtype, "device": device}
         up_shape = (geometry.out_features, rank, *([1] * len(geometry.kernel)))
-        self.lora_down = nn.Parameter(torch.empty(rank, geometry.in_features, *geometry.kernel, **factory))
+        tucker = use_tucker and geometry.is_kxk
+        down_kernel = (1,) * len(geometry.kernel) if tucker else geometry.kernel
+        self.lora_down = nn.Parameter(torch.empty(rank, geometry.in_features, *down_kernel, **factory))
         self.lora_up = nn.Parameter(torch.zeros(up_shape, **factory))
+        self.lora_mid = nn.Parameter(torch.empty(rank, rank, *geometry.kernel, **factory)) if tucker else None
         # stored alpha follows the file convention scale = alpha / r
         self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
         # alpha / r · multiplier, cached (not saved): one multiply per call on the hot path
@@ -223,6 +249,8 @@ class LoRAModule(AdapterModule):
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
+        if self.lora_mid is not None:  # LyCORIS: mid ~ kaiming-uniform(a=sqrt 5)
+            nn.init.kaiming_uniform_(self.lora_mid, a=math.sqrt(5))
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
         elif init == "gaussian":
@@ -244,7 +272,7 @@ class LoRAModule(AdapterModule):
 
     def delta_weight(self) -> Tensor:
         """(out, in, *k): ``scale · up ⋅ down``."""
-        return lora_delta_weight(self.lora_up, self.lora_down, self.scale)
+        return lora_delta_weight(self.lora_up, self.lora_down, self.scale, mid=self.lora_mid)
 
     def forward(self, x: Tensor) -> Tensor:
         """Δy for base input ``x`` (see :func:`lora_forward`)."""
@@ -257,6 +285,7 @@ class LoRAModule(AdapterModule):
             dropout=self.dropout,
             rank_dropout=self.rank_dropout,
             training=self.training,
+            mid=self.lora_mid,
         )
 
     def init_from_base(self, weight: Tensor) -> Tensor:
@@ -269,13 +298,41 @@ class LoRAModule(AdapterModule):
         return residual
 
     def file_tensors(self) -> dict[str, Tensor]:
-        return {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up, "alpha": self.alpha}
+        tensors = {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up, "alpha": self.alpha}
+        if self.lora_mid is not None:
+            tensors["lora_mid.weight"] = self.lora_mid
+        return tensors
+
+    @classmethod
+    def from_config(
+        cls,
+        config: LoRAConfig,
+        geometry: LayerGeometry,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> "LoRAModule":
+        """A fresh module for one layer (rank and alpha per :meth:`LoRAConfig.rank_alpha_for`)."""
+        rank, alpha = config.rank_alpha_for(geometry)
+        return cls(
+            geometry,
+            rank,
+            alpha,
+            rank_stabilized=config.rank_stabilized,
+            dropout=config.dropout,
+            rank_dropout=config.rank_dropout,
+            module_dropout=config.module_dropout,
+            init=config.init,
+            use_tucker=config.use_tucker,
+            dtype=dtype,
+            device=device,
+        )
 
     @classmethod
     def from_file_tensors(
         cls, geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
     ) -> "LoRAModule":
-        """Build from ``{"lora_down.weight", "lora_up.weight"[, "alpha"]}``; rank from shapes.
+        """Build from ``{"lora_down.weight", "lora_up.weight"[, "lora_mid.weight"][, "alpha"]}``; rank from shapes.
 
         Raises:
             ValueError: if a tensor is missing or its shape does not fit the base layer.
@@ -284,8 +341,17 @@ class LoRAModule(AdapterModule):
         if missing:
             raise ValueError(f"{name}: LoRA tensors {missing} are missing (have {sorted(tensors)})")
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        mid = tensors.get("lora_mid.weight")
         rank = down.shape[0]
-        want_down = (rank, geometry.in_features, *geometry.kernel)
+        if mid is not None:
+            want_mid = (rank, rank, *geometry.kernel)
+            if not geometry.is_kxk or tuple(mid.shape) != want_mid:
+                raise ValueError(
+                    f"{name}: LoRA lora_mid.weight {tuple(mid.shape)} does not fit the base layer of weight "
+                    f"shape {geometry.weight_shape}: a Tucker core needs a kxk convolution and shape {want_mid}."
+                )
+        down_kernel = (1,) * len(geometry.kernel) if mid is not None else geometry.kernel
+        want_down = (rank, geometry.in_features, *down_kernel)
         want_up = (geometry.out_features, rank, *([1] * len(geometry.kernel)))
         down_ok = tuple(down.shape) == want_down or (
             not geometry.is_conv and down.dim() == 4 and tuple(down.shape) == (*want_down, 1, 1)
@@ -301,8 +367,10 @@ class LoRAModule(AdapterModule):
             )
         alpha = tensors.get("alpha")
         alpha_value = float(alpha) if alpha is not None else None
-        module = cls(geometry, rank, alpha_value, dtype=down.dtype, device=down.device)
+        module = cls(geometry, rank, alpha_value, use_tucker=mid is not None, dtype=down.dtype, device=down.device)
         with torch.no_grad():
             module.lora_down.copy_(down.reshape(module.lora_down.shape))
             module.lora_up.copy_(up.reshape(module.lora_up.shape))
+            if mid is not None:
+                module.lora_mid.copy_(mid)  # type: ignore[union-attr]
         return module

@@ -3,7 +3,9 @@
 Canonical state: ``{component: {"<layer path>.<tensor>": tensor}}`` with component one of
 ``unet``, ``text_encoder``, ``text_encoder_2``; layer paths in diffusers (UNet) and
 transformers-4 (``text_model.…``, CLIP) spelling; tensors ``lora_down.weight``,
-``lora_up.weight`` and ``alpha`` (scale = alpha / r).
+``lora_up.weight`` and ``alpha`` (scale = alpha / r), or the LyCORIS names of the other families
+(``hada_*``, ``lokr_*``, ``lora_mid.weight``, ``diff``/``diff_b``, ``dora_scale``; see
+``docs/lycoris.md``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ __all__ = [
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
-    """Read a kohya, diffusers or peft LoRA file, whichever it is.
+    """Read a kohya, LyCORIS (LoHa/LoKr/LoCon/full/DoRA), diffusers or peft LoRA file, whichever it is.
 
     Returns:
         ``({component: canonical state}, metadata)``; a peft adapter has the single component
@@ -57,7 +59,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], di
         return {"model": load_peft(path)}, {}
     state, metadata = read_weights(path)
     kind = detect_kind(list(state), metadata)
-    if kind == "kohya-lora":
+    if kind in ("kohya-lora", "lycoris"):
         return load_kohya(path)
     if kind == "diffusers-lora":
         return load_diffusers(path)
@@ -65,8 +67,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], di
         return {"model": load_peft(path)}, metadata
     raise WeightFileError(
         f"{path}: this is a {kind} file, not a LoRA that sdadapt can load"
-        + (" yet (LyCORIS LoHa/LoKr/DoRA support is tracked separately)" if kind == "lycoris" else "")
-        + "; run `python -m sdadapt inspect FILE` to see what it holds."
+        "; run `python -m sdadapt inspect FILE` to see what it holds."
     )
 
 
@@ -78,7 +79,8 @@ def save_lora(
     base_model: str = "sd1",
     **options,
 ) -> None:
-    """Write a LoRA as ``format="kohya"`` (A1111, ComfyUI, kohya) or ``"diffusers"`` (diffusers/peft)."""
+    """Write a LoRA as ``format="kohya"`` (A1111, ComfyUI, kohya; LyCORIS naming for LoHa/LoKr/full/DoRA)
+    or ``"diffusers"`` (diffusers/peft; LoRA and output-axis DoRA only)."""
     if format == "kohya":
         save_kohya(path, components, base_model=base_model, **options)
     elif format == "diffusers":

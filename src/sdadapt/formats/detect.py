@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from ..adapters.registry import algorithm_of_keys
 from .files import _check_is_file, read_safetensors_header, read_weights, sniff_format
 from .kohya import is_kohya_state
 
@@ -27,7 +28,7 @@ FILE_KINDS = (
     "unknown",
 )
 
-_LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a", "hada_t1", "lora_mid", "diff", "diff_b", "dora_scale", "lokr_t2")
+_LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a", "hada_t1", "lora_mid.weight", "diff", "diff_b", "dora_scale", "lokr_t2")
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "encoder.down.", "text_model.", "encoder.layers.", "input_blocks.")
 
 
@@ -156,9 +157,11 @@ def _adapter_summary(
         if alpha is None and configs and rank is not None:
             alpha = _config_alpha(configs, layer, rank, kind)
         alphas[_fmt(alpha) if alpha is not None else "absent (alpha = rank)"] += 1
+    families = sorted({_family_label(a) for a in algorithms if a != "unknown"})
     return {
         "modules": len(modules),
         "components": dict(components),
+        "family": families[0] if len(families) == 1 else ("mixed: " + ", ".join(families) if families else "unknown"),
         "algorithms": dict(algorithms),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": dict(alphas),
@@ -220,22 +223,31 @@ def _split_diffusers(key: str) -> tuple[str, str, str]:
     return key.rsplit(".", 1)[0], ".", key.rsplit(".", 1)[-1]
 
 
+def _family_label(algorithm: str) -> str:
+    """``loha-tucker+dora`` -> ``loha+dora``; ``locon`` -> ``lora`` (the family, not the layer kind)."""
+    if algorithm == "dora":  # DoRA over a plain LoRA/LoCon layer
+        return "lora+dora"
+    base, plus, rest = algorithm.partition("+")
+    base = base.replace("-tucker", "").replace("locon", "lora")
+    return base + plus + rest
+
+
 def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
+    """(per-layer algorithm label, rank) from one layer's tensor names and shapes."""
     names = set(parts)
-    if {"hada_w1_a", "hada_w1_b"} <= names:
-        return "loha", _rows(parts["hada_w1_b"])
-    if any(n.startswith("lokr_") for n in names):
-        for low in ("lokr_w1_b", "lokr_w2_b"):
-            if low in names:
-                return "lokr", _rows(parts[low])
-        return "lokr", None
-    if "diff" in names:
-        return "full", None
+    if "lora_magnitude_vector" in names:  # peft/diffusers DoRA
+        names = (names - {"lora_magnitude_vector"}) | {"dora_scale"}
+    if names & {"hada_w1_a", "hada_w1_b", "lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a", "diff", "diff_b", "lora_mid.weight"}:
+        algo = algorithm_of_keys(names)
+        for low in ("hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_down.weight"):
+            if low in names and algo != "unknown":
+                return algo, _rows(parts[low])
+        return algo, None
     for down in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight"):
         if down in names:
             shape = parts[down]
             algo = "locon" if len(shape) == 4 and shape[2] * shape[3] > 1 else "lora"
-            if "dora_scale" in names or "lora_magnitude_vector" in names:
+            if "dora_scale" in names:
                 algo = "dora"
             return algo, _rows(shape)
     for name, shape in parts.items():

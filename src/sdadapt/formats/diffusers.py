@@ -19,6 +19,11 @@ what diffusers' ``lora_state_dict`` still returns for a kohya file.
 
 peft (``adapter_model.safetensors`` + ``adapter_config.json``): keys
 ``base_model.model.<layer>.lora_A.weight``, scale from the config's ``r``/``lora_alpha``/patterns.
+
+DoRA (``use_dora``): peft/diffusers add ``<layer>.lora_magnitude_vector``, (out,) for linear and
+(1, out, 1, 1) for conv, the magnitude per output row. It is read into the canonical ``dora_scale``
+(out, 1[, 1, 1]) and written back from it; a per-input-column ``dora_scale`` (older LyCORIS) has
+no peft form and is refused (save it as kohya/LyCORIS instead).
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def _config_for(state: Mapping[str, Tensor], *, strip_prefix: str = "") -> dict:
         "alpha_pattern": {k: _int_if_whole(v) for k, v in alphas.items() if v != lora_alpha},
         "target_modules": sorted(ranks),
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": any(split_key(key)[1] == "dora_scale" for key in state),
         "lora_dropout": 0.0,
         "bias": "none",
         "init_lora_weights": True,
@@ -106,9 +111,25 @@ def _peft_keys(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
             out[f"{prefix}{layer}.lora_A.weight"] = value
         elif suffix == "lora_up.weight":
             out[f"{prefix}{layer}.lora_B.weight"] = value
+        elif suffix == "dora_scale":
+            out[f"{prefix}{layer}.lora_magnitude_vector"] = _peft_magnitude(key, value, state.get(f"{layer}.lora_up.weight"))
         elif suffix != "alpha":
             raise ValueError(f"{key}: diffusers/peft LoRA files hold only LoRA tensors, not {suffix!r}")
     return out
+
+
+def _peft_magnitude(key: str, dora_scale: Tensor, up: Tensor | None) -> Tensor:
+    """Canonical output-axis ``dora_scale`` (out, 1[, 1, 1]) -> peft magnitude (out,) / (1, out, 1, 1)."""
+    out_features = up.shape[0] if up is not None else dora_scale.shape[0]
+    if dora_scale.shape[0] != out_features or dora_scale[0].numel() != 1:
+        raise ValueError(
+            f"{key}: dora_scale of shape {tuple(dora_scale.shape)} is per input column (older LyCORIS); "
+            "diffusers/peft DoRA keeps the magnitude per output row and cannot express it. Save this "
+            "adapter with format='kohya' (LyCORIS naming) instead."
+        )
+    if dora_scale.dim() == 4:
+        return dora_scale.reshape(1, out_features, 1, 1)
+    return dora_scale.reshape(out_features)
 
 
 def to_diffusers(components: Mapping[str, Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -151,6 +172,9 @@ def _normalise_spelling(key: str) -> tuple[str, str] | None:
             return key[: -len(up)], "lora_up.weight"
     if key.endswith(".alpha"):
         return key[: -len(".alpha")], "alpha"
+    for magnitude in (".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
+        if key.endswith(magnitude):
+            return key[: -len(magnitude)], "dora_scale"
     return None
 
 
@@ -174,6 +198,14 @@ def _with_alphas(layers: dict[str, dict[str, Tensor]], config: Mapping | None) -
         out[f"{layer}.lora_down.weight"] = tensors["lora_down.weight"]
         out[f"{layer}.lora_up.weight"] = tensors["lora_up.weight"]
         out[f"{layer}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if "dora_scale" in tensors:  # peft magnitude (out,) / (1, out, 1, 1) -> (out, 1[, 1, 1])
+            magnitude, down = tensors["dora_scale"], tensors["lora_down.weight"]
+            out_features = tensors["lora_up.weight"].shape[0]
+            if magnitude.numel() != out_features:
+                raise WeightFileError(
+                    f"{layer}: lora_magnitude_vector has {magnitude.numel()} values but the layer has {out_features} outputs"
+                )
+            out[f"{layer}.dora_scale"] = magnitude.reshape(out_features, 1, *([1] * (down.dim() - 2)))
     return out
 
 
@@ -262,8 +294,6 @@ def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: st
         raise WeightFileError(f"{source}: {len(unknown)} key(s) are not peft LoRA keys, e.g. {unknown[:5]}")
     if config and config.get("peft_type", "LORA") != "LORA":
         raise WeightFileError(f"{source}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config and config.get("use_dora"):
-        raise WeightFileError(f"{source}: DoRA adapters are not LoRA; load them with the DoRA family")
     return _with_alphas(layers, config)
 
 

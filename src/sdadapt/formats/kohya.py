@@ -10,6 +10,13 @@ The trap: SD1/SD2 files name UNet layers with **diffusers** paths
 (``lora_unet_down_blocks_0_attentions_0_...``) while SDXL files use **LDM** paths
 (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``). :func:`from_kohya` returns
 canonical diffusers paths either way, :func:`to_kohya` writes each base model's convention.
+
+LyCORIS files (``lycoris.kohya``) use the same prefixes and paths with their own tensor names:
+``hada_w1_a/b``, ``hada_w2_a/b`` (+ ``hada_t1/t2``) for LoHa, ``lokr_w1[_a/_b]``,
+``lokr_w2[_a/_b]`` (+ ``lokr_t2``) for LoKr, ``lora_mid.weight`` for Tucker LoCon, ``diff`` /
+``diff_b`` for full deltas and ``dora_scale`` next to any of them for DoRA. They pass through
+unchanged (exact keys, exact bits; ``alpha`` as float32); :func:`kohya_metadata` then records
+``ss_network_module = "lycoris.kohya"`` and the ``algo``.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from datetime import datetime, timezone
 import torch
 from torch import Tensor
 
+from ..adapters.registry import algorithm_of_keys
 from .files import WeightFileError, check_finite, read_weights, write_safetensors
-from .layers import canonical_layer_path, canonical_state, split_key, underscore_to_path
+from .layers import FILE_KEYS, canonical_layer_path, canonical_state, split_key, underscore_to_path
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet
 
 __all__ = [
@@ -153,9 +161,10 @@ def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[
         out.setdefault(component, {})[f"{path}.{suffix}"] = value
     if unknown:
         raise WeightFileError(
-            f"{source}: {len(unknown)} key(s) are not kohya LoRA keys, e.g. {unknown[:5]}; expected "
-            "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with .lora_down.weight / "
-            ".lora_up.weight / .alpha. Is this a diffusers/peft file? Use load_lora() to auto-detect."
+            f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
+            "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with one of "
+            f"{', '.join(sorted(FILE_KEYS))}. Is this a diffusers/peft file? Use load_lora() to auto-detect. "
+            "(LyCORIS IA3, GLoRA, (B)OFT and norm modules are not supported.)"
         )
     return out
 
@@ -170,36 +179,54 @@ def kohya_metadata(
     """The ``ss_*`` minimum set and ModelSpec 1.0.1 fields kohya writes (all strings).
 
     ``ss_network_dim``/``ss_network_alpha`` are the most common rank and alpha; ``ss_network_args``
-    records ``conv_dim``/``conv_alpha`` when convolutions have their own rank.
+    records ``conv_dim``/``conv_alpha`` when convolutions have their own rank. A state with LyCORIS
+    tensors (LoHa, LoKr, Tucker, full, DoRA) gets ``ss_network_module = "lycoris.kohya"`` and
+    ``algo`` (plus ``dora_wd``/``use_tucker``) in the args, as LyCORIS writes them.
     """
     _check_base_model(base_model)
     version, v2, architecture, implementation = BASE_MODELS[base_model]
     ranks: dict[tuple[int, float], int] = {}
     conv_ranks: dict[tuple[int, float], int] = {}
+    algorithms: dict[str, int] = {}
     for state in components.values():
         groups: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
             layer, suffix = split_key(key)
             groups.setdefault(layer, {})[suffix] = value
         for tensors in groups.values():
-            down = tensors.get("lora_down.weight")
-            if down is None:
+            algorithm = algorithm_of_keys(tensors)
+            algorithms[algorithm] = algorithms.get(algorithm, 0) + 1
+            rank_tensor, is_kxk = _rank_tensor(tensors)
+            if rank_tensor is None:
                 continue
-            rank = down.shape[0]
+            rank = rank_tensor.shape[0]
             alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-            bucket = conv_ranks if down.dim() == 4 and down.shape[-1] * down.shape[-2] > 1 else ranks
+            bucket = conv_ranks if is_kxk else ranks
             bucket[(rank, alpha)] = bucket.get((rank, alpha), 0) + 1
     dim, alpha = max(ranks, key=ranks.get) if ranks else (None, None)
     args: dict[str, str] = {}
     if conv_ranks:
         conv_dim, conv_alpha = max(conv_ranks, key=conv_ranks.get)
         args = {"conv_dim": str(conv_dim), "conv_alpha": _num(conv_alpha)}
+    network_module = "networks.lora"
+    if set(algorithms) - {"lora", "unknown"}:
+        network_module = "lycoris.kohya"
+        counts: dict[str, int] = {}
+        for algorithm, n in algorithms.items():  # "locon-tucker+dora" -> LyCORIS algo "lora"
+            base = algorithm.split("+")[0].replace("-tucker", "")
+            base = "lora" if base in ("locon", "dora") else base
+            counts[base] = counts.get(base, 0) + n
+        args["algo"] = max(counts, key=counts.get)
+        if any("dora" in a for a in algorithms):
+            args["dora_wd"] = "True"
+        if any("tucker" in a for a in algorithms):
+            args["use_tucker"] = "True"
     from .. import __version__
 
     meta = {
         "ss_v2": v2,
         "ss_base_model_version": version,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(dim),
         "ss_network_alpha": _num(alpha) if alpha is not None else "None",
         "ss_network_args": json.dumps(args),
@@ -216,6 +243,19 @@ def kohya_metadata(
         meta["modelspec.prediction_type"] = "v"
     meta.update(dict(extra or {}))
     return meta
+
+
+def _rank_tensor(tensors: Mapping[str, Tensor]) -> tuple[Tensor | None, bool]:
+    """(the tensor whose first axis is the layer's rank, whether the layer is a kxk conv)."""
+    down = tensors.get("lora_down.weight")
+    if down is not None:
+        mid = tensors.get("lora_mid.weight")
+        kernel = (mid if mid is not None else down).shape[2:]
+        return down, len(kernel) == 2 and kernel[0] * kernel[1] > 1
+    for key, kxk_marker in (("hada_w1_b", "hada_t1"), ("lokr_w1_b", "lokr_t2"), ("lokr_w2_b", "lokr_t2")):
+        if key in tensors:
+            return tensors[key], kxk_marker in tensors
+    return None, False
 
 
 def _num(value: float) -> str:

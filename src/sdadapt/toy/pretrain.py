@@ -23,7 +23,8 @@ import torch
 from ..optim import lr_at, set_lr
 from ..train import EMA, StepConfig, TrainState, train_step
 from .shapes import COLOURS, SHAPES, sample_scenes, scene_batch
-from .system import DEFAULT_WEIGHTS, ToySystem, build_toy, save_toy
+from ..formats.files import read_safetensors_header
+from .system import DEFAULT_WEIGHTS, ToySystem, build_toy, load_toy, save_toy
 
 __all__ = ["pretrain_clip", "pretrain_generator", "held_in_accuracy", "main"]
 
@@ -60,6 +61,7 @@ def pretrain_generator(system: ToySystem, *, steps: int, batch: int = 32, seed: 
     unet, te = system.unet, system.text_encoder
     unet.train().requires_grad_(True)
     te.train().requires_grad_(True)
+    system.clip.requires_grad_(False)
     params = [*unet.parameters(), *te.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     state = TrainState(seed=seed, ema=EMA(params, decay=0.999))
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="UNet/text-encoder peak learning rate")
+    parser.add_argument("--init", default=None, help="continue from these toy weights (use --clip-steps 0 to keep its CLIP)")
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -118,14 +122,21 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    system = build_toy(seed=args.seed)
-    pretrain_clip(system, steps=args.clip_steps, seed=args.seed, log=log)
+    previous = None
+    if args.init:
+        system = load_toy(args.init)
+        previous = read_safetensors_header(args.init)[1].get("recipe")
+    else:
+        system = build_toy(seed=args.seed)
+    if args.clip_steps:
+        pretrain_clip(system, steps=args.clip_steps, seed=args.seed, log=log)
     clip_time = time.perf_counter() - start
-    pretrain_generator(system, steps=args.unet_steps, batch=args.batch, seed=args.seed, log=log)
+    pretrain_generator(system, steps=args.unet_steps, batch=args.batch, seed=args.seed, lr=args.lr, log=log)
     total = time.perf_counter() - start
     accuracy = held_in_accuracy(system)
     log(f"held-in accuracy {accuracy}; {total / 60:.1f} min")
     recipe = {"seed": args.seed, "clip_steps": args.clip_steps, "unet_steps": args.unet_steps, "batch": args.batch,
+              "lr": args.lr, "init": json.loads(previous) if previous else None,
               "clip_seconds": round(clip_time), "total_seconds": round(total), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "held_in": accuracy,
               "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS)}}

@@ -74,7 +74,7 @@ class ToySystem(nn.Module):
         return model
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 4.0,
+    def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 2.0,
                negative: str = "", image_embeds: Tensor | None = None, model=None, cond: dict | None = None) -> Tensor:
         """DDIM + classifier-free guidance; returns images (B, 3, 32, 32) in [-1, 1].
 
@@ -88,7 +88,7 @@ class ToySystem(nn.Module):
         uncond = self.condition([negative] * len(prompts))
         latents = diffusion.ddim_sample(
             model or self.denoiser(), x, cond, alphas_cumprod=self.alphas_cumprod, num_steps=steps,
-            uncond=uncond, guidance_scale=guidance, final_alpha_cumprod=1.0,
+            uncond=uncond, guidance_scale=guidance, final_alpha_cumprod=1.0, clip_sample=1.0,
         )
         return self.decode_latents(latents)
 

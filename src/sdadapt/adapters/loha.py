@@ -1,0 +1,244 @@
+"""LoHa: the Hadamard product of two low-rank products (LyCORIS ``algo=loha``; FedPara, Hyeon-Woo 2022).
+
+For a base weight ``W`` of shape ``(out, in, *k)``::
+
+    ΔW = scale · (w1_a ⋅ w1_b) ⊙ (w2_a ⋅ w2_b)      w*_a: (out, r), w*_b: (r, in·kh·kw)
+    scale = alpha / r  (r = hada_w1_b.shape[0]; alpha absent or 0 means alpha = r)
+
+The product is formed flat, ``(out, in·kh·kw)``, and reshaped to ``(out, in, kh, kw)``: files
+keep ``w*_b`` flattened, as LyCORIS and peft do. The rank of ΔW is up to r², for the parameters of
+two rank-r LoRAs.
+
+Tucker form (``use_tucker``, kxk convolutions only; files ``hada_t1``/``hada_t2``)::
+
+    ΔW = scale · T(t1, w1_a, w1_b) ⊙ T(t2, w2_a, w2_b)   t*: (r, r, kh, kw), w*_a: (r, out), w*_b: (r, in)
+
+with ``T`` = :func:`~sdadapt.adapters.tucker.rebuild_tucker` (note ``w*_a`` is transposed there).
+
+Init (LyCORIS): ``w1_b, w2_b ~ N(0, 1)``, ``w1_a ~ N(0, 0.1)``, ``w2_a = 0`` (so ΔW = 0),
+cores ``~ N(0, 0.1)``. Files: ``hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b[, hada_t1, hada_t2], alpha``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterModule, LayerGeometry, rank_alpha_for, refresh_scale_after_load
+from .lora import lora_scale
+from .tucker import rebuild_tucker
+
+__all__ = ["LoHaConfig", "LoHaModule", "loha_delta_weight"]
+
+_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def loha_delta_weight(
+    w1_a: Tensor,
+    w1_b: Tensor,
+    w2_a: Tensor,
+    w2_b: Tensor,
+    scale: float | Tensor = 1.0,
+    *,
+    kernel: tuple[int, ...] = (),
+    t1: Tensor | None = None,
+    t2: Tensor | None = None,
+) -> Tensor:
+    """``ΔW = scale · (w1_a ⋅ w1_b) ⊙ (w2_a ⋅ w2_b)`` (Tucker halves when ``t1``/``t2`` are given).
+
+    Args:
+        w1_a, w2_a: (out, r); Tucker: (r, out).
+        w1_b, w2_b: (r, in·kh·kw); Tucker: (r, in).
+        scale: scalar (float or 0-dim tensor).
+        kernel: ``(kh, kw)`` of a convolution (``()`` for linear), to unflatten the result.
+        t1, t2: Tucker cores (r, r, kh, kw), both or neither.
+
+    Returns:
+        (out, in, *kernel).
+    """
+    if (t1 is None) != (t2 is None):
+        raise ValueError("LoHa Tucker form needs both hada_t1 and hada_t2")
+    if t1 is not None:
+        return rebuild_tucker(t1, w1_a, w1_b) * rebuild_tucker(t2, w2_a, w2_b) * scale  # type: ignore[arg-type]
+    out_features = w1_a.shape[0]
+    # (out, r) @ (r, in*k) -> (out, in*k), twice, elementwise product
+    delta = (w1_a.reshape(out_features, -1) @ w1_b.reshape(w1_b.shape[0], -1)) * (
+        w2_a.reshape(out_features, -1) @ w2_b.reshape(w2_b.shape[0], -1)
+    )
+    return (delta * scale).reshape(out_features, -1, *kernel)
+
+
+@dataclass(frozen=True)
+class LoHaConfig:
+    """LoHa hyper-parameters.
+
+    Attributes:
+        rank: r for linear and 1x1 conv layers (ΔW can reach rank r²).
+        alpha: scale numerator (``None``: alpha = rank, scale 1).
+        conv_rank, conv_alpha: r and alpha for kxk convolutions (fall back to rank/alpha).
+        use_tucker: Tucker cores for kxk convolutions (LyCORIS ``use_tucker``).
+        rank_stabilized: scale ``alpha / sqrt(r)``; files store ``alpha·sqrt(r)`` like LyCORIS.
+        module_dropout: probability to skip the whole module per training step.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    use_tucker: bool = False
+    rank_stabilized: bool = False
+    module_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field in ("rank", "conv_rank"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"LoHaConfig.{field} must be a positive int, got {value!r}")
+        if not 0.0 <= self.module_dropout < 1.0:
+            raise ValueError(f"LoHaConfig.module_dropout must be in [0, 1), got {self.module_dropout!r}")
+
+    def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
+        """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
+        return rank_alpha_for(geometry, self.rank, self.alpha, self.conv_rank, self.conv_alpha)
+
+
+def _factor_shapes(geometry: LayerGeometry, rank: int, tucker: bool) -> dict[str, tuple[int, ...]]:
+    out_f, in_f = geometry.out_features, geometry.in_features
+    if tucker:
+        core = (rank, rank, *geometry.kernel)
+        return {"hada_w1_a": (rank, out_f), "hada_w1_b": (rank, in_f), "hada_w2_a": (rank, out_f),
+                "hada_w2_b": (rank, in_f), "hada_t1": core, "hada_t2": core}
+    flat_in = in_f * int(torch.tensor(geometry.kernel).prod()) if geometry.kernel else in_f
+    return {"hada_w1_a": (out_f, rank), "hada_w1_b": (rank, flat_in), "hada_w2_a": (out_f, rank),
+            "hada_w2_b": (rank, flat_in)}
+
+
+class LoHaModule(AdapterModule):
+    """One LoHa adapter for one base layer (a thin shell over :func:`loha_delta_weight`).
+
+    Parameters ``hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b`` (+ ``hada_t1, hada_t2`` in Tucker
+    form, on kxk convolutions from configs, on any convolution from files); buffer ``alpha`` (0-dim, saved, ``scale = alpha / r``). The forward path builds ΔW and
+    applies it with the layer's own convolution: ``Δy = geometry.conv(x, ΔW)``.
+    """
+
+    family: ClassVar[str] = "loha"
+    file_keys: ClassVar[tuple[str, ...]] = (*_FACTORS, "hada_t1", "hada_t2", "alpha")
+
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        use_tucker: bool = False,
+        rank_stabilized: bool = False,
+        module_dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(geometry)
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"LoHa rank must be a positive int, got {rank!r}")
+        self.tucker = use_tucker and geometry.is_conv  # configs ask for it on kxk convs only
+        factory = {"dtype": dtype, "device": device}
+        for key, shape in _factor_shapes(geometry, rank, self.tucker).items():
+            setattr(self, key, nn.Parameter(torch.empty(shape, **factory)))
+        if not self.tucker:
+            self.hada_t1 = self.hada_t2 = None
+        scale = lora_scale(alpha, rank, rank_stabilized=rank_stabilized)
+        self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
+        self.register_load_state_dict_post_hook(refresh_scale_after_load)
+        self.module_dropout = module_dropout
+        with torch.no_grad():  # LyCORIS init: w2_a = 0 makes ΔW = 0
+            nn.init.normal_(self.hada_w1_b, std=1.0)
+            nn.init.normal_(self.hada_w2_b, std=1.0)
+            nn.init.normal_(self.hada_w1_a, std=0.1)
+            nn.init.zeros_(self.hada_w2_a)
+            if self.tucker:
+                nn.init.normal_(self.hada_t1, std=0.1)
+                nn.init.normal_(self.hada_t2, std=0.1)
+
+    @property
+    def rank(self) -> int:
+        return self.hada_w1_b.shape[0]
+
+    def refresh_scale(self) -> None:
+        """``scale ← alpha / r · multiplier`` (in place)."""
+        with torch.no_grad():
+            self.scale.fill_(float(self.alpha) / self.rank * self.multiplier)
+
+    def delta_dtype(self) -> torch.dtype:
+        return self.hada_w1_a.dtype
+
+    def delta_weight(self) -> Tensor:
+        """(out, in, *k): ``scale · (w1_a ⋅ w1_b) ⊙ (w2_a ⋅ w2_b)``."""
+        return loha_delta_weight(
+            self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale,
+            kernel=self.geometry.kernel, t1=self.hada_t1, t2=self.hada_t2,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Δy = ``geometry.conv(x, ΔW)``."""
+        return self.geometry.conv(x, self.delta_weight())
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {key: getattr(self, key) for key in _FACTORS}
+        if self.tucker:
+            tensors["hada_t1"], tensors["hada_t2"] = self.hada_t1, self.hada_t2  # type: ignore[assignment]
+        tensors["alpha"] = self.alpha
+        return tensors
+
+    @classmethod
+    def from_config(
+        cls,
+        config: LoHaConfig,
+        geometry: LayerGeometry,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> "LoHaModule":
+        """A fresh module for one layer (ΔW = 0)."""
+        rank, alpha = config.rank_alpha_for(geometry)
+        return cls(
+            geometry, rank, alpha, use_tucker=config.use_tucker and geometry.is_kxk,
+            rank_stabilized=config.rank_stabilized,
+            module_dropout=config.module_dropout, dtype=dtype, device=device,
+        )
+
+    @classmethod
+    def from_file_tensors(
+        cls, geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
+    ) -> "LoHaModule":
+        """Build from ``hada_*`` tensors (+ optional ``alpha``); rank from ``hada_w1_b``.
+
+        Raises:
+            ValueError: a tensor is missing or its shape does not fit the base layer.
+        """
+        missing = [k for k in _FACTORS if k not in tensors]
+        tucker = "hada_t1" in tensors or "hada_t2" in tensors
+        if tucker:
+            missing += [k for k in ("hada_t1", "hada_t2") if k not in tensors]
+        if missing:
+            raise ValueError(f"{name}: LoHa tensors {missing} are missing (have {sorted(tensors)})")
+        rank = tensors["hada_w1_b"].shape[0]
+        if tucker and not geometry.is_conv:  # peft writes 1x1 cores too (use_effective_conv2d)
+            raise ValueError(f"{name}: LoHa Tucker cores (hada_t1/t2) need a convolution; the layer's weight is {geometry.weight_shape}")
+        want = _factor_shapes(geometry, rank, tucker)
+        bad = {k: tuple(tensors[k].shape) for k in want if tuple(tensors[k].shape) != want[k]}
+        if bad:
+            raise ValueError(
+                f"{name}: LoHa shapes {bad} do not fit the base layer of weight shape {geometry.weight_shape}; "
+                f"expected {dict((k, want[k]) for k in bad)} for rank {rank}. The file was made for another model."
+            )
+        alpha = tensors.get("alpha")
+        first = tensors["hada_w1_a"]
+        module = cls(geometry, rank, float(alpha) if alpha is not None else None, use_tucker=tucker,
+                     dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for key in want:
+                getattr(module, key).copy_(tensors[key])
+        return module

@@ -1,0 +1,188 @@
+"""Adapter families by name: config type, module type, how to recognise their file tensors.
+
+The injector (:func:`sdadapt.inject`, :func:`sdadapt.load_adapter`), :func:`sdadapt.apply_lora`,
+the file formats and ``sdadapt inspect`` all dispatch through here, so a new family is one
+:func:`register_family` call. Each family also names a few representative configs
+(``examples``): the property suite in ``tests/test_adapter_families.py`` runs over them, so a new
+family is tested (identity at init, module == functional, merge/unmerge, save/load) without new
+test code.
+
+DoRA is a wrapper: a layer's tensors with ``dora_scale`` are DoRA over the family the remaining
+tensors name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import AdapterModule, LayerGeometry
+from .dora import DoRAConfig, DoRAModule
+from .full import FullConfig, FullModule
+from .loha import LoHaConfig, LoHaModule
+from .lokr import LoKrConfig, LoKrModule
+from .lora import LoRAConfig, LoRAModule
+
+__all__ = [
+    "AdapterFamily",
+    "FAMILIES",
+    "register_family",
+    "family_of_config",
+    "family_of_keys",
+    "build_adapter",
+    "adapter_from_file_tensors",
+    "algorithm_of_keys",
+]
+
+
+@dataclass(frozen=True)
+class AdapterFamily:
+    """One adapter family.
+
+    Attributes:
+        name: ``"lora"``, ``"loha"``, ``"lokr"``, ``"full"``, ``"dora"``.
+        config_type: its frozen config dataclass.
+        module_type: its :class:`AdapterModule` (with ``from_config`` / ``from_file_tensors``).
+        recognises: ``file keys of one layer -> bool``.
+        examples: representative configs for the property suite and docs.
+    """
+
+    name: str
+    config_type: type
+    module_type: type[AdapterModule]
+    recognises: Callable[[set[str]], bool]
+    examples: tuple = ()
+
+
+#: registered families by name, in recognition order (DoRA first: it wraps the others)
+FAMILIES: dict[str, AdapterFamily] = {}
+
+
+def register_family(family: AdapterFamily) -> None:
+    """Add (or replace) a family."""
+    FAMILIES[family.name] = family
+
+
+register_family(
+    AdapterFamily(
+        "dora",
+        DoRAConfig,
+        DoRAModule,
+        lambda keys: "dora_scale" in keys,
+        (
+            DoRAConfig(LoRAConfig(rank=2, alpha=1.0)),
+            DoRAConfig(LoRAConfig(rank=2, alpha=3.0), wd_on_out=False),
+            DoRAConfig(LoHaConfig(rank=2, alpha=1.0)),
+            DoRAConfig(LoKrConfig(rank=2, alpha=1.0, factor=2), wd_on_out=False),
+        ),
+    )
+)
+register_family(
+    AdapterFamily(
+        "lora",
+        LoRAConfig,
+        LoRAModule,
+        lambda keys: "lora_down.weight" in keys or "lora_up.weight" in keys,
+        (LoRAConfig(rank=2, alpha=1.0), LoRAConfig(rank=3, alpha=2.0, use_tucker=True)),
+    )
+)
+register_family(
+    AdapterFamily(
+        "loha",
+        LoHaConfig,
+        LoHaModule,
+        lambda keys: any(k.startswith("hada_") for k in keys),
+        (LoHaConfig(rank=2, alpha=1.0), LoHaConfig(rank=3, alpha=2.0, use_tucker=True)),
+    )
+)
+register_family(
+    AdapterFamily(
+        "lokr",
+        LoKrConfig,
+        LoKrModule,
+        lambda keys: any(k.startswith("lokr_") for k in keys),
+        (
+            LoKrConfig(rank=1, alpha=0.5, factor=2),
+            LoKrConfig(rank=1, alpha=2.0, factor=2, decompose_both=True),
+            LoKrConfig(rank=2, alpha=1.0, full_matrix=True),
+            LoKrConfig(rank=1, alpha=3.0, factor=2, use_tucker=True),
+        ),
+    )
+)
+register_family(
+    AdapterFamily("full", FullConfig, FullModule, lambda keys: "diff" in keys or "diff_b" in keys, (FullConfig(),))
+)
+
+
+def family_of_config(config: object) -> AdapterFamily:
+    """The family whose config type ``config`` is.
+
+    Raises:
+        TypeError: not a registered config (lists the known ones).
+    """
+    for family in FAMILIES.values():
+        if isinstance(config, family.config_type):
+            return family
+    known = ", ".join(f.config_type.__name__ for f in FAMILIES.values())
+    raise TypeError(f"unsupported adapter config {type(config).__name__}; use one of {known}")
+
+
+def family_of_keys(keys: Iterable[str], *, name: str = "<module>") -> AdapterFamily:
+    """The family one layer's file keys belong to (``dora_scale`` -> DoRA).
+
+    Raises:
+        ValueError: no family recognises the keys.
+    """
+    key_set = set(keys)
+    for family in FAMILIES.values():
+        if family.recognises(key_set):
+            return family
+    raise ValueError(
+        f"{name}: tensors {sorted(key_set)} belong to no adapter family sdadapt knows "
+        f"({', '.join(FAMILIES)}); LyCORIS IA3, GLoRA, (B)OFT and norm modules are not supported"
+    )
+
+
+def build_adapter(
+    config: object,
+    geometry: LayerGeometry,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> AdapterModule:
+    """A fresh adapter module of ``config``'s family for a layer of ``geometry``."""
+    return family_of_config(config).module_type.from_config(  # type: ignore[attr-defined]
+        config, geometry, dtype=dtype, device=device
+    )
+
+
+def adapter_from_file_tensors(
+    geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
+) -> AdapterModule:
+    """An adapter module built from one layer's file tensors (family from the keys)."""
+    family = family_of_keys(tensors, name=name)
+    return family.module_type.from_file_tensors(geometry, tensors, name=name)  # type: ignore[attr-defined]
+
+
+def algorithm_of_keys(keys: Iterable[str]) -> str:
+    """A per-layer label for reports: ``lora``, ``locon-tucker``, ``loha``, ``lokr-tucker``,
+    ``full``, ``dora`` (over LoRA), ``loha+dora`` ...; ``unknown`` if no family matches.
+
+    ``lora`` vs ``locon`` needs shapes; callers that have them refine it.
+    """
+    key_set = set(keys)
+    try:
+        family = family_of_keys(key_set)
+    except ValueError:
+        return "unknown"
+    if family.name == "dora":
+        inner = algorithm_of_keys(key_set - {"dora_scale"})
+        return "dora" if inner in ("lora", "locon") else f"{inner}+dora"
+    if family.name == "lora" and "lora_mid.weight" in key_set:
+        return "locon-tucker"
+    if (family.name == "loha" and "hada_t1" in key_set) or (family.name == "lokr" and "lokr_t2" in key_set):
+        return f"{family.name}-tucker"
+    return family.name
