@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .finetune import FullAdaptation, class_images, prepare_full
 from .fit import Adaptation, FitConfig, fit
-from .lora import AdapterAdaptation, prepare_locon, prepare_lora
+from .lora import AdapterAdaptation, prepare_dora, prepare_locon, prepare_loha, prepare_lokr, prepare_lora
 
 __all__ = [
     "Method",
@@ -28,6 +28,9 @@ __all__ = [
     "prepare_lora",
     "prepare_locon",
     "prepare_full",
+    "prepare_loha",
+    "prepare_lokr",
+    "prepare_dora",
 ]
 
 
@@ -54,5 +57,8 @@ def register_method(method: Method) -> None:
 
 register_method(Method("lora", "LoRA r8 on the UNet transformer blocks and the text encoder (kohya file)", prepare_lora, 2e-3, 300))
 register_method(Method("locon", "LoRA + conv LoRA on every UNet block layer (kohya LoCon file)", prepare_locon, 2e-3, 300))
+register_method(Method("loha", "LoHa r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_loha, 2e-3, 300))
+register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 2e-3, 300))
+register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 2e-3, 300))
 register_method(Method("full", "native fine-tune of the whole UNet", prepare_full, 2e-4, 300))
 register_method(Method("dreambooth", "fine-tune of the UNet with prior preservation", prepare_full, 2e-4, 300, prior_preservation=True))

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from torch import nn
 
-from ..adapters.lora import LoRAConfig
+from ..adapters import DoRAConfig, LoHaConfig, LoKrConfig, LoRAConfig
 from ..formats import save_lora
 from ..inject import AdapterHandle, inject
 from ..targets import TEXT_ENCODER, UNET_KOHYA, UNET_LOCON, Target
 
-__all__ = ["AdapterAdaptation", "prepare_lora", "prepare_locon"]
+__all__ = ["AdapterAdaptation", "prepare_lora", "prepare_locon", "prepare_loha", "prepare_lokr", "prepare_dora"]
 
 
 class AdapterAdaptation:
@@ -53,3 +53,22 @@ def prepare_locon(system, *, rank: int = 8, alpha: float | None = None, text_enc
     config = LoRAConfig(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=max(1, rank // 2), conv_alpha=max(1, rank // 2))
     text = LoRAConfig(rank=rank, alpha=alpha if alpha is not None else rank) if text_encoder else None
     return AdapterAdaptation(system, unet_targets=UNET_LOCON, unet_config=config, text_config=text)
+
+
+def _kohya_set(system, config, text_encoder: bool) -> AdapterAdaptation:
+    return AdapterAdaptation(system, unet_targets=UNET_KOHYA, unet_config=config, text_config=config if text_encoder else None)
+
+
+def prepare_loha(system, *, rank: int = 4, text_encoder: bool = True) -> AdapterAdaptation:
+    """LoHa (Hadamard product of two rank-r pairs; ΔW up to rank r²) on kohya's layer set (LyCORIS file)."""
+    return _kohya_set(system, LoHaConfig(rank=rank, alpha=rank), text_encoder)
+
+
+def prepare_lokr(system, *, rank: int = 4, text_encoder: bool = True) -> AdapterAdaptation:
+    """LoKr (Kronecker product, most-square factor) on kohya's layer set (LyCORIS file)."""
+    return _kohya_set(system, LoKrConfig(rank=rank, alpha=rank), text_encoder)
+
+
+def prepare_dora(system, *, rank: int = 8, text_encoder: bool = True) -> AdapterAdaptation:
+    """DoRA: LoRA r8 direction + a trained per-output-row magnitude (LyCORIS ``dora_scale`` file)."""
+    return _kohya_set(system, DoRAConfig(inner=LoRAConfig(rank=rank, alpha=rank)), text_encoder)
