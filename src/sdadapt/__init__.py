@@ -8,7 +8,7 @@ Quick start::
     sdadapt.formats.save_kohya("my_lora.safetensors", {"unet": handle.state_dict()})
 """
 
-from . import checkpointing, diffusion, formats, latent_cache, optim, step_capture, targets, train
+from . import checkpointing, diffusion, formats, latent_cache, merge, optim, step_capture, targets, train
 from .adapters import (
     DoRAConfig,
     FullConfig,
@@ -31,6 +31,7 @@ __all__ = [
     "__version__",
     "targets",
     "formats",
+    "merge",
     "diffusion",
     "train",
     "optim",

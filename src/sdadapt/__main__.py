@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .merge import lora_commands  # extract-lora, resize-lora, merge-lora, combine-loras
 
     lora_commands.register(sub)
+    from .merge.commands import register as register_merge
+
+    register_merge(sub)
     return parser
 
 

@@ -20,6 +20,20 @@ from .diffusers import from_diffusers, load_diffusers, load_peft, save_diffusers
 from .files import WeightFileError, read_weights, write_safetensors
 from .kohya import from_kohya, load_kohya, save_kohya, to_kohya
 from .layers import LayerNotFoundError, canonical_state, resolve_layers
+from .model_keys import (
+    DIFFUSERS_COMPONENTS,
+    KeyMapError,
+    KeyReport,
+    KeySource,
+    apply_plan,
+    checkpoint_architecture,
+    checkpoint_naming,
+    convert_checkpoint,
+    diffusers_to_ldm,
+    key_plan,
+    ldm_to_diffusers,
+    split_components,
+)
 
 __all__ = [
     "load_lora",
@@ -42,6 +56,18 @@ __all__ = [
     "resolve_layers",
     "WeightFileError",
     "LayerNotFoundError",
+    "DIFFUSERS_COMPONENTS",
+    "KeySource",
+    "KeyReport",
+    "KeyMapError",
+    "checkpoint_naming",
+    "checkpoint_architecture",
+    "key_plan",
+    "apply_plan",
+    "convert_checkpoint",
+    "ldm_to_diffusers",
+    "diffusers_to_ldm",
+    "split_components",
 ]
 
 

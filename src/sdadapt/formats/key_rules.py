@@ -63,7 +63,8 @@ class KeyRule:
             raise ValueError(f"KeyRule kind must be one of {_KINDS}, got {self.kind!r}")
         ldm_words = {k: list(v) for k, v in self.words.items()}
         diffusers_words = {k: list(v.values()) for k, v in self.words.items()}
-        object.__setattr__(self, "_patterns", {"ldm": _compile(self.ldm, ldm_words), "diffusers": _compile(self.diffusers, diffusers_words)})
+        patterns = {"ldm": _compile(self.ldm, ldm_words), "diffusers": _compile(self.diffusers, diffusers_words)}
+        object.__setattr__(self, "_patterns", patterns)
 
     def match(self, side: str, key: str) -> dict[str, str] | None:
         m = self._patterns[side].match(key)  # type: ignore[attr-defined]
@@ -110,15 +111,31 @@ def plan_by_rules(
         for rule in rules:
             fields = rule.match(source, local)
             if fields is not None:
-                _plan_one(rule, fields, key, tuple(shape), shapes, builder, to=to, source_prefix=source_prefix,
-                          target_prefix=target_prefix, counts=counts, real_keys=real_keys)
+                _plan_one(
+                    rule, fields, key, tuple(shape), shapes, builder,
+                    to=to, source_prefix=source_prefix, target_prefix=target_prefix,
+                    counts=counts, real_keys=real_keys,
+                )
                 break
         else:
             left.append(key)
     return left
 
 
-def _plan_one(rule, fields, key, shape, shapes, builder, *, to, source_prefix, target_prefix, counts, real_keys) -> None:
+def _plan_one(
+    rule: KeyRule,
+    fields: dict[str, str],
+    key: str,
+    shape: tuple[int, ...],
+    shapes: Mapping[str, tuple[int, ...]],
+    builder: PlanBuilder,
+    *,
+    to: str,
+    source_prefix: str,
+    target_prefix: str,
+    counts: Mapping[str, int],
+    real_keys: Mapping[str, str],
+) -> None:
     source = "ldm" if to == "diffusers" else "diffusers"
     real = real_keys.get(key, key)
     if rule.kind == "fused_qkv":
@@ -127,7 +144,8 @@ def _plan_one(rule, fields, key, shape, shapes, builder, *, to, source_prefix, t
                 builder.mismatched.append(f"{real}: shape {shape}, expected dim 0 divisible by 3 (fused q, k, v)")
                 return
             for index, qkv in enumerate("qkv"):
-                target = target_prefix + rule.render("diffusers", {**rule.translate(fields, to=to, counts=counts), "qkv": qkv})
+                local = rule.render("diffusers", {**rule.translate(fields, to=to, counts=counts), "qkv": qkv})
+                target = target_prefix + local
                 builder.add(target, KeySource((real,), (shape[0] // 3, *shape[1:]), part=(index, 3)), by=real)
             return
         members = tuple(source_prefix + rule.render("diffusers", {**fields, "qkv": qkv}) for qkv in "qkv")
@@ -142,7 +160,8 @@ def _plan_one(rule, fields, key, shape, shapes, builder, *, to, source_prefix, t
             return
         fields = {k: v for k, v in fields.items() if k != "qkv"}
         target = target_prefix + rule.render("ldm", rule.translate(fields, to=to, counts=counts))
-        builder.add(target, KeySource(tuple(real_keys.get(m, m) for m in members), (3 * shape[0], *shape[1:])), by=real)
+        parts = tuple(real_keys.get(m, m) for m in members)
+        builder.add(target, KeySource(parts, (3 * shape[0], *shape[1:])), by=real)
         return
     target = target_prefix + rule.render(to, rule.translate(fields, to=to, counts=counts))
     if rule.kind == "same" or len(shape) == 1:

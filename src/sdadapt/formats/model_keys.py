@@ -144,7 +144,8 @@ def checkpoint_architecture(shapes: Mapping[str, tuple[int, ...]]) -> str:
         if any(k.startswith(("text_encoder_2.", "unet.add_embedding.")) for k in keys):
             return "sdxl"
         unet = "unet."
-        token = next((k for k in keys if add_text_model(k, "text_encoder.") == "text_encoder.text_model.embeddings.token_embedding.weight"), None)
+        wanted = "text_encoder.text_model.embeddings.token_embedding.weight"
+        token = next((k for k in keys if add_text_model(k, "text_encoder.") == wanted), None)
     proj_in = [shapes[k] for k in keys if k.startswith(unet) and k.endswith(".proj_in.weight")]
     if proj_in:
         return "sd2" if len(proj_in[0]) == 2 else "sd1"
@@ -179,7 +180,7 @@ def key_plan(
             differences are ``mismatched``.
 
     Returns:
-        ``(plan, report)``: ``{target key: KeySource}`` in source order, and what was left out.
+        ``(plan, report)``: ``{target key: KeySource}`` (grouped by component), and what was left out.
     """
     if to not in ("ldm", "diffusers"):
         raise ValueError(f"to must be 'ldm' or 'diffusers', got {to!r}")
@@ -214,13 +215,16 @@ def _plan_to_diffusers(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder)
             schedule.append(key)
         else:
             builder.unmatched.append(key)
-    builder.drop(ema, "EMA copies of the UNet (model_ema.*, flattened names); diffusers' single-file loader also"
-                      " ignores them unless extract_ema=True — the live model.diffusion_model.* weights are converted")
-    builder.drop(schedule, "noise-schedule buffers of the LDM wrapper; diffusers keeps the schedule in the scheduler config")
+    builder.drop(
+        ema,
+        "EMA copies of the UNet (model_ema.*, flattened names); diffusers' single-file loader also ignores them"
+        " unless extract_ema=True — the live model.diffusion_model.* weights are converted",
+    )
+    builder.drop(schedule, "noise-schedule buffers of the LDM wrapper; diffusers keeps them in the scheduler config")
     for prefix, part in groups.items():
         if part:
-            _plan_family(_LDM_PARTS[prefix][1], part, builder, to="diffusers", source_prefix=prefix,
-                         target_prefix=_LDM_PARTS[prefix][0] + ".")
+            component, family = _LDM_PARTS[prefix]
+            _plan_family(family, part, builder, to="diffusers", source_prefix=prefix, target_prefix=component + ".")
 
 
 def _plan_to_ldm(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder, architecture: str | None) -> None:
@@ -242,11 +246,13 @@ def _plan_to_ldm(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder, archi
             builder.unmatched.extend(part)
             builder.notes.append(f"{component} exists only in SDXL checkpoints, not in {architecture}")
             continue
-        family = next(fam for p, (_, fam) in _LDM_PARTS.items() if p == prefix)
+        family = _LDM_PARTS[prefix][1]
         _plan_family(family, part, builder, to="ldm", source_prefix=component + ".", target_prefix=prefix)
 
 
-def _plan_family(family: str, part: dict, builder: PlanBuilder, *, to: str, source_prefix: str, target_prefix: str) -> None:
+def _plan_family(
+    family: str, part: dict, builder: PlanBuilder, *, to: str, source_prefix: str, target_prefix: str
+) -> None:
     if family == "unet":
         plan_unet(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix)
     elif family == "vae":
@@ -254,8 +260,8 @@ def _plan_family(family: str, part: dict, builder: PlanBuilder, *, to: str, sour
     elif family == "clip":
         plan_clip(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix)
     else:
-        plan_open_clip(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix,
-                       sd2=family == "open_clip_sd2")
+        sd2 = family == "open_clip_sd2"
+        plan_open_clip(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix, sd2=sd2)
 
 
 def _fit_to_target(builder: PlanBuilder, target: dict[str, tuple[int, ...]], to: str) -> None:
@@ -334,12 +340,16 @@ def convert_checkpoint(
     return dict(apply_plan(plan, state.__getitem__)), report
 
 
-def ldm_to_diffusers(state: Mapping[str, Tensor], *, strict: bool = True, architecture: str | None = None) -> dict[str, Tensor]:
+def ldm_to_diffusers(
+    state: Mapping[str, Tensor], *, strict: bool = True, architecture: str | None = None
+) -> dict[str, Tensor]:
     """LDM single-file state dict -> flat diffusers state (``unet.…``, ``text_encoder.…``, ``vae.…``)."""
     return convert_checkpoint(state, to="diffusers", strict=strict, architecture=architecture)[0]
 
 
-def diffusers_to_ldm(state: Mapping[str, Tensor], *, strict: bool = True, architecture: str | None = None) -> dict[str, Tensor]:
+def diffusers_to_ldm(
+    state: Mapping[str, Tensor], *, strict: bool = True, architecture: str | None = None
+) -> dict[str, Tensor]:
     """Flat diffusers state (component-prefixed) -> LDM single-file state dict."""
     return convert_checkpoint(state, to="ldm", strict=strict, architecture=architecture)[0]
 

@@ -22,7 +22,9 @@ from .unet_names import attention_up_blocks, diffusers_to_ldm_unet, ldm_to_diffu
 __all__ = ["DIFFUSERS_UNET_KEY", "plan_unet", "layers_per_block_of"]
 
 _BLOCK = r"(?:down_blocks\.\d+|up_blocks\.\d+)"
-_TRANSFORMER_PARAM = r"transformer_blocks\.\d+\.(?:norm[123]|attn[12]\.to_[qkv]|attn[12]\.to_out\.0|ff\.net\.0\.proj|ff\.net\.2)"
+_TRANSFORMER_PARAM = (
+    r"transformer_blocks\.\d+\.(?:norm[123]|attn[12]\.to_[qkv]|attn[12]\.to_out\.0|ff\.net\.0\.proj|ff\.net\.2)"
+)
 #: every parameter name of an SD1/SD2/SDXL diffusers UNet2DConditionModel
 DIFFUSERS_UNET_KEY = re.compile(
     r"(?:"
@@ -54,7 +56,9 @@ def layers_per_block_of(local_keys: Iterable[str], *, naming: str) -> int:
     return layers if layers > 0 and rest == 0 else 2
 
 
-def plan_unet(shapes: Mapping[str, tuple[int, ...]], builder: PlanBuilder, *, to: str, source_prefix: str, target_prefix: str) -> None:
+def plan_unet(
+    shapes: Mapping[str, tuple[int, ...]], builder: PlanBuilder, *, to: str, source_prefix: str, target_prefix: str
+) -> None:
     """Plan UNet keys (all under ``source_prefix``); unknown ones go to the report's unmatched."""
     local = {key[len(source_prefix) :]: key for key in shapes}
     layers = layers_per_block_of(local, naming="ldm" if to == "diffusers" else "diffusers")
@@ -66,7 +70,11 @@ def plan_unet(shapes: Mapping[str, tuple[int, ...]], builder: PlanBuilder, *, to
             valid = new is not None and DIFFUSERS_UNET_KEY.match(new)
         else:
             valid = DIFFUSERS_UNET_KEY.match(path)
-            new = diffusers_to_ldm_unet(path, layers_per_block=layers, up_blocks_with_attention=with_attention) if valid else None
+            new = (
+                diffusers_to_ldm_unet(path, layers_per_block=layers, up_blocks_with_attention=with_attention)
+                if valid
+                else None
+            )
         if valid and new is not None:
             builder.add(target_prefix + new, KeySource((key,), tuple(shapes[key])), by=key)
         else:

@@ -26,13 +26,31 @@ VAE_RULES = (
     KeyRule("{side}.norm_out.{p}", "{side}.conv_norm_out.{p}", words={"side": _SIDE}),
     KeyRule("quant_conv.{p}", "quant_conv.{p}"),
     KeyRule("post_quant_conv.{p}", "post_quant_conv.{p}"),
-    KeyRule("encoder.down.{i}.block.{j}.{layer}.{p}", "encoder.down_blocks.{i}.resnets.{j}.{layer}.{p}", words={"layer": _RESNET}),
+    KeyRule(
+        "encoder.down.{i}.block.{j}.{layer}.{p}",
+        "encoder.down_blocks.{i}.resnets.{j}.{layer}.{p}",
+        words={"layer": _RESNET},
+    ),
     KeyRule("encoder.down.{i}.downsample.conv.{p}", "encoder.down_blocks.{i}.downsamplers.0.conv.{p}"),
-    KeyRule("decoder.up.{b}.block.{j}.{layer}.{p}", "decoder.up_blocks.{b}.resnets.{j}.{layer}.{p}", words={"layer": _RESNET}, flip="b"),
+    KeyRule(
+        "decoder.up.{b}.block.{j}.{layer}.{p}",
+        "decoder.up_blocks.{b}.resnets.{j}.{layer}.{p}",
+        words={"layer": _RESNET},
+        flip="b",
+    ),
     KeyRule("decoder.up.{b}.upsample.conv.{p}", "decoder.up_blocks.{b}.upsamplers.0.conv.{p}", flip="b"),
-    KeyRule("{side}.mid.{res}.{layer}.{p}", "{side}.mid_block.{res}.{layer}.{p}", words={"side": _SIDE, "res": _MID_RESNET, "layer": _RESNET}),
+    KeyRule(
+        "{side}.mid.{res}.{layer}.{p}",
+        "{side}.mid_block.{res}.{layer}.{p}",
+        words={"side": _SIDE, "res": _MID_RESNET, "layer": _RESNET},
+    ),
     KeyRule("{side}.mid.attn_1.norm.{p}", "{side}.mid_block.attentions.0.group_norm.{p}", words={"side": _SIDE}),
-    KeyRule("{side}.mid.attn_1.{proj}.{p}", "{side}.mid_block.attentions.0.{proj}.{p}", kind="conv1x1", words={"side": _SIDE, "proj": _ATTENTION}),
+    KeyRule(
+        "{side}.mid.attn_1.{proj}.{p}",
+        "{side}.mid_block.attentions.0.{proj}.{p}",
+        kind="conv1x1",
+        words={"side": _SIDE, "proj": _ATTENTION},
+    ),
 )
 
 
@@ -42,8 +60,12 @@ def _up_block_count(keys, *, to: str, prefix: str) -> int:
     return len({int(i) for i in found if i.isdigit()})
 
 
-def plan_vae(shapes: Mapping[str, tuple[int, ...]], builder: PlanBuilder, *, to: str, source_prefix: str, target_prefix: str) -> None:
+def plan_vae(
+    shapes: Mapping[str, tuple[int, ...]], builder: PlanBuilder, *, to: str, source_prefix: str, target_prefix: str
+) -> None:
     """Plan the VAE keys of ``shapes`` (all under ``source_prefix``); unknown ones go to unmatched."""
     counts = {"b": _up_block_count(shapes, to=to, prefix=source_prefix)}
-    left = plan_by_rules(VAE_RULES, shapes, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix, counts=counts)
+    left = plan_by_rules(
+        VAE_RULES, shapes, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix, counts=counts
+    )
     builder.unmatched.extend(left)

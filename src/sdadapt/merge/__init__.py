@@ -1,9 +1,36 @@
-"""Merging: LoRA tools (extract, resize, combine, merge into a checkpoint) and their file jobs.
+"""Merging: checkpoint merge operators, block weights, the streaming engine and recipes; LoRA tools.
 
-(Created by the LoRA-tools helper with only its own names; the merge engine adds its operators,
-block weights, streaming engine and recipes here.)
+See docs/merge.md (checkpoint merges) and docs/lora-tools.md (LoRA extract/resize/combine/merge).
 """
 
+from . import operators
+from .blocks import (
+    BLOCKS_SD,
+    BLOCKS_SDXL,
+    block_alpha_fn,
+    diffusers_block,
+    key_block,
+    ldm_block,
+    lora_block_weights,
+    parse_block_weights,
+)
+from .engine import MergedSource, MergeError, MergeReport, merge_file, merge_state_dicts
+from .operators import (
+    OPERATORS,
+    add_difference,
+    dare,
+    key_generator,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    task_vector_merge,
+    ties,
+    train_difference,
+    weighted_sum,
+)
+from .recipe import KeyPolicy, MergeStep, load_recipe
+from .sources import TensorSource, open_source, sha256_of
+from .writer import write_streaming
 from .checkpoint_layers import LayerSlot, checkpoint_layers, detect_base_model, is_lora_target
 from .lora_block_weights import BLOCK_IDS, block_slot, expand_block_weights
 from .lora_combine import add_delta, combine_lora_states, concat_layers, layer_delta
@@ -12,6 +39,41 @@ from .lora_files import combine_loras, extract_lora, merge_loras_into_checkpoint
 from .lora_resize import factored_svd, resize_layer, resize_lora_state
 
 __all__ = [
+    # checkpoint merge operators
+    "operators",
+    "OPERATORS",
+    "weighted_sum",
+    "add_difference",
+    "train_difference",
+    "slerp",
+    "task_arithmetic",
+    "task_vector_merge",
+    "ties",
+    "dare",
+    "model_stock",
+    "key_generator",
+    # block weights
+    "BLOCKS_SD",
+    "BLOCKS_SDXL",
+    "parse_block_weights",
+    "ldm_block",
+    "diffusers_block",
+    "key_block",
+    "block_alpha_fn",
+    "lora_block_weights",
+    # streaming engine, files, recipes
+    "MergeStep",
+    "KeyPolicy",
+    "MergedSource",
+    "MergeReport",
+    "MergeError",
+    "merge_file",
+    "merge_state_dicts",
+    "load_recipe",
+    "TensorSource",
+    "open_source",
+    "sha256_of",
+    "write_streaming",
     # LoRA math
     "extract_layer",
     "ExtractedLayer",

@@ -1,7 +1,14 @@
-"""Lazy tensor sources: one tensor at a time from a .safetensors file (or a legacy pickle).
+"""Lazy tensor sources: one tensor at a time from a weights file.
 
-Placeholder written by the LoRA-tools helper with the interface the merge-engine helper announced
-(``TensorSource``, ``open_source``, ``sha256_of``); the merge engine's own version replaces it.
+A :class:`TensorSource` answers ``keys()``, ``shape(key)``, ``dtype(key)`` from the file's header
+alone and reads a tensor's bytes only when ``get(key)`` is called. For ``.safetensors`` files the
+bytes are read with plain positioned reads straight into a fresh tensor — no ``mmap`` — so a
+process that streams a whole checkpoint only ever holds the tensors it still references (mapped
+file pages would otherwise count toward its resident memory until the end of the merge).
+
+Legacy ``.ckpt`` / ``.pt`` / ``.bin`` / ``.pth`` files can only be read whole, through
+:func:`sdadapt.formats.files.read_weights` (``torch.load(weights_only=True)``); they become an
+in-memory source with the same API. Convert them to safetensors once to merge in bounded memory.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from math import prod
 from pathlib import Path
 
 import torch
@@ -16,29 +24,51 @@ from torch import Tensor
 
 from ..formats.files import WeightFileError, read_safetensors_header, read_weights, sniff_format
 
-__all__ = ["TensorSource", "open_source", "sha256_of"]
+__all__ = ["TensorSource", "open_source", "sha256_of", "short_hash", "legacy_hash", "SAFETENSORS_DTYPES"]
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+#: safetensors dtype names -> torch dtypes (the ones torch can hold)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e4m3fn"):
+    SAFETENSORS_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
+    SAFETENSORS_DTYPES["F8_E5M2"] = torch.float8_e5m2
 
 
 class TensorSource:
-    """A weights file read lazily: ``keys()``, ``shape(key)``, ``dtype(key)``, ``get(key)``."""
+    """A read-only, lazy view of one weights file.
+
+    Attributes:
+        path: the file.
+        metadata: the safetensors ``__metadata__`` (strings), or a legacy file's non-tensor
+            entries JSON-encoded.
+
+    ``get(key)`` returns a fresh CPU tensor the caller owns (writing to it never changes the
+    source). Use as a context manager or call :meth:`close`.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._handle = None
         self._tensors: dict[str, Tensor] | None = None
+        self._header: dict[str, dict] = {}
+        self._data_start = 0
         if sniff_format(self.path) == "safetensors":
-            from safetensors import safe_open
-
             header, metadata = read_safetensors_header(self.path)  # validates, names the file on error
             self._header = header
             self.metadata: dict[str, str] = dict(metadata)
-            self._handle = safe_open(str(self.path), "pt", device="cpu")
+            with open(self.path, "rb") as handle:
+                self._data_start = 8 + int.from_bytes(handle.read(8), "little")
+            self._handle = open(self.path, "rb")  # noqa: SIM115 - closed by close()
         else:
             tensors, metadata = read_weights(self.path)
             if tensors and all(k.startswith("state_dict.") for k in tensors):
@@ -46,13 +76,24 @@ class TensorSource:
             self._tensors = tensors
             self.metadata = dict(metadata)
 
+    @property
+    def lazy(self) -> bool:
+        """True for safetensors (read tensor by tensor), False for legacy files read whole."""
+        return self._tensors is None
+
     def keys(self) -> list[str]:
-        return list(self._header) if self._tensors is None else list(self._tensors)
+        """Tensor names in file order (safetensors: order of their bytes in the file)."""
+        if self._tensors is not None:
+            return list(self._tensors)
+        return sorted(self._header, key=lambda k: self._header[k]["data_offsets"][0])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
-    def __contains__(self, key: str) -> bool:
+    def __len__(self) -> int:
+        return len(self._header if self._tensors is None else self._tensors)
+
+    def __contains__(self, key: object) -> bool:
         return key in (self._header if self._tensors is None else self._tensors)
 
     def _check(self, key: str) -> None:
@@ -60,53 +101,104 @@ class TensorSource:
             raise KeyError(f"{self.path}: has no tensor {key!r}")
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading it."""
         self._check(key)
         if self._tensors is not None:
             return tuple(self._tensors[key].shape)
-        return tuple(self._header[key]["shape"])
+        return tuple(int(d) for d in self._header[key]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
+        """dtype of ``key`` without reading it."""
         self._check(key)
         if self._tensors is not None:
             return self._tensors[key].dtype
         name = self._header[key]["dtype"]
-        if name not in _SAFETENSORS_DTYPES:
-            raise WeightFileError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
-        return _SAFETENSORS_DTYPES[name]
+        if name not in SAFETENSORS_DTYPES:
+            raise WeightFileError(f"{self.path}: tensor {key!r} has dtype {name}, which torch cannot hold")
+        return SAFETENSORS_DTYPES[name]
+
+    def nbytes(self, key: str) -> int:
+        """Size of ``key``'s data in bytes."""
+        return prod(self.shape(key)) * torch.empty((), dtype=self.dtype(key)).element_size()
 
     def get(self, key: str) -> Tensor:
+        """Read ``key``: a fresh, contiguous CPU tensor the caller may keep or modify."""
         self._check(key)
         if self._tensors is not None:
-            return self._tensors[key]
-        return self._handle.get_tensor(key)
+            return self._tensors[key].clone()
+        if self._handle is None:
+            raise ValueError(f"{self.path}: the source is closed")
+        entry = self._header[key]
+        start, end = (int(v) for v in entry["data_offsets"])
+        dtype, shape = self.dtype(key), self.shape(key)
+        out = torch.empty(shape, dtype=dtype)
+        size = end - start
+        if size != out.numel() * out.element_size():
+            raise WeightFileError(
+                f"{self.path}: tensor {key!r} has {size} bytes for shape {shape} {dtype}; the file is corrupt"
+            )
+        if size:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+            self._handle.seek(self._data_start + start)
+            got = self._handle.readinto(view)
+            if got != size:
+                raise WeightFileError(f"{self.path}: truncated while reading {key!r}; download or copy it again")
+        return out
 
     def close(self) -> None:
+        """Release the file handle (or the in-memory tensors of a legacy file)."""
+        if self._handle is not None:
+            self._handle.close()
         self._handle = None
-        self._tensors = None
+        if self._tensors is not None:
+            self._tensors = {}
 
-    def __enter__(self) -> "TensorSource":
+    def __enter__(self) -> TensorSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"TensorSource({str(self.path)!r}, {len(self)} tensors{'' if self.lazy else ', in memory'})"
+
 
 def open_source(path: str | os.PathLike) -> TensorSource:
-    """Open a weights file lazily (safetensors) or through ``torch.load(weights_only=True)``.
+    """Open a weights file lazily (safetensors) or whole through ``torch.load(weights_only=True)``.
+
+    A legacy checkpoint whose tensors all sit under ``state_dict`` (A1111 ``.ckpt``) is seen
+    without that prefix, like its safetensors conversion.
 
     Raises:
-        WeightFileError: missing, truncated or unreadable file (names it).
+        WeightFileError: missing, empty, truncated, corrupt file, or a pickle that needs full
+            unpickling (the message names the file and the fix).
     """
     file = Path(path)
+    if file.is_dir():
+        raise WeightFileError(f"{file}: is a folder, not a weights file; pass the .safetensors file inside it")
     if not file.exists():
         raise WeightFileError(f"{file}: no such file")
     return TensorSource(file)
 
 
-def sha256_of(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (A1111's full hash)."""
+def sha256_of(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of the whole file, read in ``chunk``-byte pieces (A1111's "sha256" / full hash)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def short_hash(sha256: str) -> str:
+    """The AutoV2 short hash civitai and A1111 show: the first 10 hex digits of the sha256."""
+    return sha256[:10]
+
+
+def legacy_hash(path: str | os.PathLike) -> str:
+    """A1111's old 8-digit model hash: sha256 of 64 KiB at offset 1 MiB (``modules.sd_models.model_hash``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(0x100000)
+        digest.update(handle.read(0x10000))
+    return digest.hexdigest()[:8]

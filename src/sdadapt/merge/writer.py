@@ -1,14 +1,20 @@
-"""An incremental, atomic safetensors writer: the header from a plan, then tensors as they come.
+"""An incremental, atomic safetensors writer: the header from a plan, then each tensor as it comes.
 
-Placeholder written by the LoRA-tools helper with the interface the merge-engine helper announced
-(``write_streaming``); the merge engine's own version replaces it.
+The layout is the one ``safetensors.torch.save_file`` produces for the same tensors and metadata:
+8-byte little-endian header length, a compact JSON header (``__metadata__`` first, then the
+tensors), padded with spaces to a multiple of 8, then the tensors' bytes back to back, ordered by
+dtype (widest first, safetensors' own rule) and then by name. Because every offset is known from
+the plan, tensors may arrive in **any order**: each is written at its offset (a seek), so the
+caller can produce them in whatever order suits its reads. Memory: one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
+from math import prod
 from pathlib import Path
 
 import torch
@@ -16,13 +22,82 @@ from torch import Tensor
 
 from ..formats.files import WeightFileError, atomic_write
 
-__all__ = ["write_streaming"]
+__all__ = ["write_streaming", "safetensors_layout", "planned_size", "check_disk_space", "DTYPE_NAMES"]
 
-_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+#: torch dtype -> (safetensors name, rank in safetensors' ``Dtype`` enum; files order data by it, descending)
+_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+    torch.bool: ("BOOL", 0),
+    torch.uint8: ("U8", 4),
+    torch.int8: ("I8", 5),
+    torch.int16: ("I16", 9),
+    torch.float16: ("F16", 11),
+    torch.bfloat16: ("BF16", 12),
+    torch.int32: ("I32", 13),
+    torch.float32: ("F32", 15),
+    torch.float64: ("F64", 17),
+    torch.int64: ("I64", 18),
 }
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPES[torch.float8_e5m2] = ("F8_E5M2", 6)
+    _DTYPES[torch.float8_e4m3fn] = ("F8_E4M3", 7)
+#: torch dtype -> safetensors dtype name
+DTYPE_NAMES = {dtype: name for dtype, (name, _) in _DTYPES.items()}
+
+_DISK_MARGIN = 16 << 20  # leave this much free beyond the planned file
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return prod(int(d) for d in shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def safetensors_layout(
+    plan: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """``(header bytes incl. the 8-byte length prefix and padding, {key: (start, end) data offsets})``.
+
+    Raises:
+        WeightFileError: a dtype safetensors cannot store, or non-string metadata.
+    """
+    for key, (dtype, _) in plan.items():
+        if dtype not in _DTYPES:
+            raise WeightFileError(f"tensor {key!r}: safetensors cannot store dtype {dtype}")
+    order = sorted(plan, key=lambda k: (-_DTYPES[plan[k][0]][1], k))
+    header: dict[str, object] = {}
+    if metadata:
+        bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise WeightFileError(f"safetensors metadata must be str -> str; non-strings: {bad}")
+        header["__metadata__"] = dict(metadata)
+    offsets: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for key in order:
+        dtype, shape = plan[key]
+        size = _nbytes(dtype, shape)
+        header[key] = {"dtype": _DTYPES[dtype][0], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size]}
+        offsets[key] = (offset, offset + size)
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+def planned_size(plan: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None) -> int:
+    """Bytes the file for ``plan`` will take."""
+    head, offsets = safetensors_layout(plan, metadata)
+    return len(head) + max((end for _, end in offsets.values()), default=0)
+
+
+def check_disk_space(path: str | os.PathLike, size: int) -> None:
+    """Raise ``OSError`` (ENOSPC wording) when ``path``'s folder has less than ``size`` + 16 MiB free."""
+    folder = Path(path).parent if str(Path(path).parent) else Path(".")
+    if not folder.is_dir():
+        raise WeightFileError(f"{path}: folder {folder} does not exist; create it first")
+    free = shutil.disk_usage(folder).free
+    if free < size + _DISK_MARGIN:
+        raise OSError(
+            f"{path}: not enough disk space: the output needs {size / 2**30:.2f} GiB, {folder} has "
+            f"{free / 2**30:.2f} GiB free; free some space or write elsewhere"
+        )
 
 
 def write_streaming(
@@ -34,49 +109,70 @@ def write_streaming(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write ``tensors`` (in ``plan`` order) to a safetensors file without holding them all.
+    """Write a ``.safetensors`` file incrementally, holding one tensor at a time.
+
+    Args:
+        path: output file; written to a temporary file in the same folder, fsynced, renamed.
+        plan: ``{key: (dtype, shape)}`` of every tensor the file will hold.
+        tensors: ``(key, tensor)`` pairs, any order, each key exactly once; each is checked against
+            the plan, moved to CPU and written at its offset, then dropped.
+        metadata: string ``__metadata__`` entries.
+        overwrite: replace an existing ``path``.
+        progress: ``progress(done, total)`` after each tensor.
+
+    Returns:
+        ``path``.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false.
-        WeightFileError: a tensor arrives out of order or disagrees with the plan.
+        OSError: not enough free disk space for the planned file (checked before writing).
+        WeightFileError: a tensor not in the plan, repeated, with another dtype/shape, or a planned
+            tensor that never arrives (no file is left behind).
     """
     target = Path(path)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists; pass overwrite=True to replace it")
-    header: dict[str, object] = {}
-    offset = 0
-    for key, (dtype, shape) in plan.items():
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        size = numel * torch.empty((), dtype=dtype).element_size()
-        header[key] = {"dtype": _NAMES[dtype], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    keys = list(plan)
+        raise FileExistsError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
+    if target.is_dir():
+        raise WeightFileError(f"{target}: is a folder; give a file name for the output")
+    head, offsets = safetensors_layout(plan, metadata)
+    total_bytes = len(head) + max((end for _, end in offsets.values()), default=0)
+    check_disk_space(target, total_bytes)
+    total = len(plan)
 
     def write(tmp: str) -> None:
+        done: set[str] = set()
         with open(tmp, "wb") as handle:
-            handle.write(len(raw).to_bytes(8, "little"))
-            handle.write(raw)
-            count = 0
+            handle.write(head)
+            position = len(head)
             for key, value in tensors:
-                if count >= len(keys) or key != keys[count]:
-                    raise WeightFileError(f"{target}: tensor {key!r} arrived out of plan order")
+                if key not in plan:
+                    raise WeightFileError(f"{target}: tensor {key!r} is not in the plan")
+                if key in done:
+                    raise WeightFileError(f"{target}: tensor {key!r} arrived twice")
                 dtype, shape = plan[key]
                 if value.dtype != dtype or tuple(value.shape) != tuple(shape):
                     raise WeightFileError(
-                        f"{target}: tensor {key!r} is {value.dtype} {tuple(value.shape)}, the plan says {dtype} {tuple(shape)}"
+                        f"{target}: tensor {key!r} is {value.dtype} {tuple(value.shape)}, "
+                        f"the plan says {dtype} {tuple(shape)}"
                     )
-                data = value.detach().to("cpu").contiguous().reshape(-1)
-                handle.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-                count += 1
+                start, end = offsets[key]
+                if end > start:
+                    data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                    at = len(head) + start
+                    if position != at:
+                        handle.seek(at)
+                    handle.write(memoryview(data.numpy()))
+                    position = len(head) + end
+                    del data
+                del value
+                done.add(key)
                 if progress is not None:
-                    progress(count, len(keys))
-            if count != len(keys):
-                raise WeightFileError(f"{target}: {len(keys) - count} planned tensor(s) never arrived")
+                    progress(len(done), total)
+            if len(done) != total:
+                missing = sorted(set(plan) - done)
+                raise WeightFileError(
+                    f"{target}: {len(missing)} planned tensor(s) never arrived, e.g. {missing[:5]}"
+                )
+            handle.truncate(total_bytes)
 
     return atomic_write(target, write)

@@ -1,0 +1,213 @@
+"""Block weights: one merge strength per UNet block (MBW), on LDM or diffusers keys.
+
+Block lists (supermerger's, BASE first):
+
+* SD1 / SD2 — 26 values: ``BASE, IN00..IN11, M00, OUT00..OUT11``
+* SDXL — 20 values: ``BASE, IN00..IN08, M00, OUT00..OUT08``
+
+Also accepted: 25 (SD1/SD2) or 19 (SDXL) values without BASE (bbc-mc's layout; BASE then comes
+from ``base_alpha``), and a 26-value SD1 vector on an SDXL model, reduced the way supermerger does
+(IN00..IN08, M00, OUT00..OUT08 kept; IN09..IN11 and OUT09..OUT11 dropped).
+
+Which block a key belongs to (policy, the majority of the tools):
+
+=====================================  =====================================================
+``model.diffusion_model.input_blocks.N``  ``IN{N}``  (diffusers ``conv_in``, ``down_blocks.*``)
+``model.diffusion_model.middle_block``     ``M00``  (``mid_block``)
+``model.diffusion_model.output_blocks.N`` ``OUT{N}`` (``up_blocks.*``)
+``time_embed`` / ``label_emb``             ``IN00`` (bbc-mc, sd-meh, supermerger; sd-mecha uses BASE)
+``out.0`` / ``out.2``                      the last OUT block: ``OUT11`` (SDXL ``OUT08``)
+text encoders, VAE, everything else        ``BASE``
+EMA copies (``model_ema.*``), unknown UNet keys  ``BASE``, and listed as unmatched in the report
+=====================================  =====================================================
+
+Diffusers keys (``unet.down_blocks.0...``) are mapped to their LDM module path with the shared UNet
+name map (:mod:`sdadapt.formats.unet_names`) and get the same block.
+
+LoRA block-weight vectors (12/17/20/26 values, kohya/hako-mikan layout) are applied to a LoRA state
+by :func:`lora_block_weights`, built on :mod:`.lora_block_weights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from torch import Tensor
+
+from ..formats.unet_names import diffusers_to_ldm_unet
+from .lora_block_weights import block_slot, expand_block_weights
+
+__all__ = [
+    "BLOCKS_SD",
+    "BLOCKS_SDXL",
+    "block_names",
+    "parse_block_weights",
+    "ldm_block",
+    "diffusers_block",
+    "key_block",
+    "block_alpha_fn",
+    "lora_block_weights",
+]
+
+BLOCKS_SD: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+BLOCKS_SDXL: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
+
+_UNET_LDM = "model.diffusion_model."
+_UNET_DIFFUSERS = "unet."
+
+
+def block_names(architecture: str) -> tuple[str, ...]:
+    """The block list of ``"sd1"``, ``"sd2"`` (26 names) or ``"sdxl"`` (20 names)."""
+    if architecture in ("sd1", "sd2"):
+        return BLOCKS_SD
+    if architecture == "sdxl":
+        return BLOCKS_SDXL
+    raise ValueError(f"architecture must be 'sd1', 'sd2' or 'sdxl', got {architecture!r}")
+
+
+def parse_block_weights(
+    weights: str | Sequence[float], *, architecture: str, base_alpha: float | None = None
+) -> dict[str, float]:
+    """A block-weight vector -> ``{block name: weight}`` for ``architecture``.
+
+    Args:
+        weights: comma-separated text (``"0,1,...,1"``) or numbers: 26 (SD1/SD2) / 20 (SDXL) with
+            BASE first, 25 / 19 without BASE, or 26 on SDXL (reduced as supermerger does).
+        base_alpha: BASE's weight for the 25/19-value forms (required there).
+
+    Raises:
+        ValueError: a count that fits neither form (says which counts fit), a non-number, or a
+            missing ``base_alpha``.
+    """
+    if isinstance(weights, str):
+        try:
+            values = [float(v) for v in weights.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise ValueError(f"block weights must be comma-separated numbers, got {weights!r}") from None
+    else:
+        values = [float(v) for v in weights]
+    names = block_names(architecture)
+    if len(values) == len(names):
+        return dict(zip(names, values))
+    if len(values) == len(names) - 1:
+        if base_alpha is None:
+            raise ValueError(
+                f"{len(values)} block weights have no BASE value; pass base_alpha (the text encoder/VAE weight) "
+                f"or give {len(names)} values with BASE first"
+            )
+        return dict(zip(names, [float(base_alpha), *values]))
+    if architecture == "sdxl" and len(values) == len(BLOCKS_SD):
+        full = dict(zip(BLOCKS_SD, values))
+        return {name: full[name] for name in BLOCKS_SDXL}
+    raise ValueError(
+        f"{len(values)} block weights do not fit {architecture}: give {len(names)} values "
+        f"({', '.join(names[:3])}, ..., {names[-1]}) or {len(names) - 1} without BASE plus base_alpha"
+        + (" (or an SD1 26-value vector)" if architecture == "sdxl" else "")
+    )
+
+
+def ldm_block(key: str, *, architecture: str) -> str | None:
+    """Block of an LDM checkpoint key; ``None`` for a UNet (or EMA) key outside the known blocks.
+
+    >>> ldm_block("model.diffusion_model.input_blocks.4.1.proj_in.weight", architecture="sd1")
+    'IN04'
+    """
+    names = block_names(architecture)
+    if key.startswith("model_ema."):
+        return None
+    if not key.startswith(_UNET_LDM):
+        return "BASE"
+    return _unet_block(key[len(_UNET_LDM) :], names)
+
+
+def _unet_block(path: str, names: tuple[str, ...]) -> str | None:
+    parts = path.split(".")
+    last_out = names[-1]
+    if parts[0] in ("time_embed", "label_emb"):
+        return "IN00"
+    if parts[0] == "out":
+        return last_out
+    if parts[0] == "middle_block":
+        return "M00"
+    if parts[0] in ("input_blocks", "output_blocks") and len(parts) > 1 and parts[1].isdigit():
+        name = f"{'IN' if parts[0] == 'input_blocks' else 'OUT'}{int(parts[1]):02d}"
+        return name if name in names else None
+    return None
+
+
+def diffusers_block(key: str, *, architecture: str) -> str | None:
+    """Block of a flat diffusers key (``unet.down_blocks.1.attentions.0.proj_in.weight`` -> ``IN04``)."""
+    names = block_names(architecture)
+    if not key.startswith(_UNET_DIFFUSERS):
+        return "BASE"
+    module, _, _param = key[len(_UNET_DIFFUSERS) :].rpartition(".")
+    ldm = diffusers_to_ldm_unet(module, up_blocks_with_attention={0, 1} if architecture == "sdxl" else None)
+    return None if ldm is None else _unet_block(ldm, names)
+
+
+def key_block(key: str, *, architecture: str, naming: str) -> str | None:
+    """Block of ``key`` in a checkpoint of ``naming`` (``"ldm"`` or ``"diffusers"``)."""
+    if naming == "ldm":
+        return ldm_block(key, architecture=architecture)
+    if naming == "diffusers":
+        return diffusers_block(key, architecture=architecture)
+    raise ValueError(f"naming must be 'ldm' or 'diffusers', got {naming!r}")
+
+
+def block_alpha_fn(
+    weights: Mapping[str, float], *, architecture: str, naming: str
+) -> Callable[[str], tuple[float, str | None]]:
+    """``key -> (alpha, block)``; unknown keys get BASE's weight and block ``None`` (to report them)."""
+    names = block_names(architecture)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ValueError(f"block weights lack {missing}; give every block of {architecture}: {', '.join(names)}")
+
+    def alpha(key: str) -> tuple[float, str | None]:
+        block = key_block(key, architecture=architecture, naming=naming)
+        return (float(weights[block]) if block is not None else float(weights["BASE"])), block
+
+    return alpha
+
+
+def lora_block_weights(
+    component_state: Mapping[str, Mapping[str, Tensor]], weights: Sequence[float] | str, *, base_model: str | None = None
+) -> dict[str, dict[str, Tensor]]:
+    """Scale each LoRA layer's delta by its block's weight (LoRA Block Weight, 12/17/20/26 values).
+
+    Args:
+        component_state: the canonical LoRA state ``{component: {"<layer>.lora_up.weight": ...}}``
+            (as :func:`sdadapt.formats.load_lora` returns); not modified.
+        weights: 17/26 values (SD1/SD2) or 12/20 values (SDXL), see :mod:`.lora_block_weights`
+            for the slots; slots a short vector does not name keep 1. Text encoders take BASE.
+        base_model: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; default: from the vector length.
+
+    Returns:
+        A new state: every ``*.lora_up.weight`` (and LyCORIS ``*.hada_w1_a`` / ``*.lokr_w1(_a)`` /
+        ``*.diff`` / ``*.diff_b``, ``*.lora_up.bias``) multiplied by the layer's weight; the delta is
+        linear in each of them, so the layer's delta scales exactly by that weight. Other tensors
+        are shared, not copied.
+
+    Raises:
+        ValueError: a vector length other than 12/17/20/26, or one for another model family.
+    """
+    if isinstance(weights, str):
+        weights = [float(v) for v in weights.replace(" ", "").split(",") if v]
+    values = [float(v) for v in weights]
+    if base_model is None:
+        base_model = "sdxl" if len(values) in (12, 20) else "sd1"
+    slots = expand_block_weights(values, base_model=base_model)
+    scaled_suffixes = (".lora_up.weight", ".lora_up.bias", ".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".diff", ".diff_b")
+    out: dict[str, dict[str, Tensor]] = {}
+    for component, state in component_state.items():
+        new: dict[str, Tensor] = {}
+        for key, tensor in state.items():
+            suffix = next((s for s in scaled_suffixes if key.endswith(s)), None)
+            if suffix is None:
+                new[key] = tensor
+                continue
+            layer = key[: -len(suffix)]
+            w = slots[block_slot(component, layer, base_model=base_model)]
+            new[key] = tensor if w == 1.0 else tensor * w
+        out[component] = new
+    return out

@@ -1,0 +1,678 @@
+"""The streaming merge engine: plan every key from headers, then read-merge-write one key at a time.
+
+Memory: at any moment the engine holds one key's tensors — each input's copy, their float32
+working copies and the result — so peak memory is a small multiple of the largest tensor times
+the number of inputs, independent of the model's size. Inputs are read with positioned reads
+(:mod:`.sources`), the output is written incrementally (:mod:`.writer`).
+
+Flow for a :class:`~sdadapt.merge.recipe.MergeStep`:
+
+1. open the inputs (files lazily; nested steps become :class:`MergedSource` s — a chain of merges
+   needs no intermediate file); inputs in the other naming (LDM vs diffusers) are converted to the
+   first input's naming through :func:`sdadapt.formats.model_keys.key_plan`;
+2. plan: for every key of the first input decide ``merge`` / ``copy`` / ``reset`` / ``drop`` by the
+   :class:`~sdadapt.merge.recipe.KeyPolicy` (and the keys only other inputs have), check shapes
+   (dim-1 channel mismatch of inpainting / instruct-pix2pix models merges the shared channels),
+   refuse different architectures naming the keys — all before a byte is written;
+3. stream: for each output key, in the output file's order, read the inputs' tensors, apply the
+   operator (per-key seeded generator for random ones) in ``compute_dtype`` on ``device``, cast
+   once to the output dtype, write.
+
+Everything decided is in the :class:`MergeReport`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..formats.files import WeightFileError, read_safetensors_header, sniff_format
+from .blocks import block_alpha_fn, parse_block_weights
+from .operators import Operator, get_operator, key_generator
+from .recipe import DTYPES, RECIPE_KEY, MergeStep, a1111_metadata, leaf_paths, recipe_to_json
+from .sources import legacy_hash, open_source, sha256_of
+from .writer import safetensors_layout, write_streaming
+
+__all__ = [
+    "MergeError",
+    "MergeReport",
+    "MergedSource",
+    "DictSource",
+    "key_component",
+    "resolve_seeds",
+    "merge_file",
+    "merge_state_dicts",
+    "iter_merged",
+]
+
+
+class MergeError(ValueError):
+    """Inputs that cannot be merged as asked; the message names the keys and the fix."""
+
+
+class Source(Protocol):
+    """What the engine reads: the :class:`~sdadapt.merge.sources.TensorSource` API."""
+
+    path: Path
+    metadata: dict[str, str]
+
+    def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> torch.dtype: ...
+    def get(self, key: str) -> Tensor: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class MergeReport:
+    """What the engine did with every key that was not simply merged.
+
+    Attributes:
+        merged: keys computed by the operator.
+        copied: ``key -> reason`` for keys taken unchanged (dtype aside) from one input.
+        dropped: ``key -> reason`` for keys left out of the output.
+        channel_merged: keys merged on their shared dim-1 channels only (inpainting/ip2p ``conv_in``).
+        reset: ``position_ids`` keys rewritten as ``arange``.
+        broken_position_ids: ``position_ids`` keys of the first input that were not ``0..n-1``.
+        unmatched_blocks: keys that got the BASE block weight because no block fits them.
+        notes: one line per decision worth knowing (conversions, architecture, seeds).
+        flags: ``is_inpainting`` / ``is_instruct_pix2pix``.
+    """
+
+    merged: list[str] = field(default_factory=list)
+    copied: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    channel_merged: list[str] = field(default_factory=list)
+    reset: list[str] = field(default_factory=list)
+    broken_position_ids: list[str] = field(default_factory=list)
+    unmatched_blocks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    flags: dict[str, bool] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts, and reasons grouped with example keys."""
+        lines = [f"merged {len(self.merged)} tensors, copied {len(self.copied)}, dropped {len(self.dropped)}"]
+        for label, table in (("copied", self.copied), ("dropped", self.dropped)):
+            groups: dict[str, list[str]] = {}
+            for key, reason in table.items():
+                groups.setdefault(reason, []).append(key)
+            for reason, keys in groups.items():
+                lines.append(f"  {label} {len(keys)} ({reason}), e.g. {keys[0]}")
+        if self.channel_merged:
+            lines.append(f"  merged only the shared input channels of {', '.join(self.channel_merged)}")
+        if self.broken_position_ids:
+            lines.append(f"  position_ids not 0..n-1 in the first input: {', '.join(self.broken_position_ids)}"
+                         + ("" if self.reset else " (use reset_position_ids / --reset-position-ids to fix)"))
+        if self.reset:
+            lines.append(f"  reset {', '.join(self.reset)} to 0..n-1")
+        if self.unmatched_blocks:
+            lines.append(f"  {len(self.unmatched_blocks)} keys outside the UNet blocks got BASE's weight, "
+                         f"e.g. {self.unmatched_blocks[0]}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+class DictSource:
+    """An in-memory state dict with the :class:`~sdadapt.merge.sources.TensorSource` API."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], *, name: str = "<memory>", metadata: Mapping[str, str] | None = None):
+        self.path = Path(name)
+        self.metadata = dict(metadata or {})
+        self._tensors = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> Tensor:
+        return self._tensors[key].detach().to("cpu").clone()
+
+    def close(self) -> None:
+        pass
+
+
+class _ConvertedSource:
+    """A source seen in another naming through a key plan (targets materialised on demand)."""
+
+    def __init__(self, source: Source, plan: Mapping[str, Any]):
+        self.path = source.path
+        self.metadata = source.metadata
+        self._source = source
+        self._plan = dict(plan)
+
+    def keys(self) -> list[str]:
+        return list(self._plan)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._plan
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._plan[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._source.dtype(self._plan[key].keys[0])
+
+    def get(self, key: str) -> Tensor:
+        from ..formats.model_keys import apply_plan
+
+        ((_, tensor),) = apply_plan({key: self._plan[key]}, self._source.get)
+        return tensor.contiguous()
+
+    def close(self) -> None:
+        self._source.close()
+
+
+_COMPONENT_PREFIXES = (
+    ("model.diffusion_model.", "unet"),
+    ("first_stage_model.", "vae"),
+    ("cond_stage_model.", "text_encoder"),
+    ("conditioner.embedders.0.", "text_encoder"),
+    ("conditioner.embedders.1.", "text_encoder_2"),
+    ("model_ema.", "ema"),
+    ("unet.", "unet"),
+    ("vae.", "vae"),
+    ("text_encoder.", "text_encoder"),
+    ("text_encoder_2.", "text_encoder_2"),
+)
+
+
+def key_component(key: str) -> str:
+    """``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``, ``"vae"``, ``"ema"`` or ``"other"`` (LDM or diffusers keys)."""
+    for prefix, component in _COMPONENT_PREFIXES:
+        if key.startswith(prefix):
+            return component
+    return "other"
+
+
+def resolve_seeds(step: MergeStep) -> MergeStep:
+    """``step`` with a fresh random seed for every random operator whose seed is ``None`` (recursively)."""
+    inputs = tuple(resolve_seeds(i) if isinstance(i, MergeStep) else i for i in step.inputs)
+    seed = step.seed
+    if seed is None and get_operator(step.operator).random:
+        seed = secrets.randbits(31)
+    return replace(step, inputs=inputs, seed=seed)
+
+
+@dataclass(frozen=True)
+class _Action:
+    kind: str  # "merge" | "copy" | "reset"
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: int = 0  # copy: which input
+    inputs: tuple[int, ...] = ()  # merge: the inputs taking part, first one = the first input
+    channels: int | None = None  # merge only [:, :channels]
+    strength: float | None = None  # per-key alpha (two-model ops) or lam factor (task vectors)
+
+
+def _naming(source: Source) -> str | None:
+    from ..formats.model_keys import KeyMapError, checkpoint_naming
+
+    try:
+        return checkpoint_naming(source.keys())
+    except KeyMapError:
+        return None
+
+
+def _architecture(source: Source) -> str | None:
+    from ..formats.model_keys import KeyMapError, checkpoint_architecture
+
+    try:
+        return checkpoint_architecture({k: source.shape(k) for k in source.keys()})
+    except KeyMapError:
+        return None
+
+
+def _is_position_ids(key: str) -> bool:
+    return key.endswith("position_ids")
+
+
+class MergedSource:
+    """The result of a :class:`MergeStep` as a lazy source: ``keys()``, ``shape``, ``dtype``, ``get``.
+
+    ``get(key)`` computes that key's merged tensor (reading only that key from the inputs). Use it
+    directly, feed it to another step (chains), or write it with :func:`merge_file`.
+
+    Args:
+        step: the recipe step.
+        sources: already-open sources for ``step.inputs`` (instead of opening the paths); the
+            caller keeps ownership.
+        device: where the operators compute (``"cuda"`` to use a GPU per tensor).
+        intermediate: this step feeds another: merged floats stay float32 when ``step.dtype`` is None.
+
+    Raises:
+        MergeError / WeightFileError: see :func:`merge_file`.
+    """
+
+    def __init__(
+        self,
+        step: MergeStep,
+        *,
+        sources: Sequence[Source] | None = None,
+        device: str | torch.device = "cpu",
+        intermediate: bool = False,
+    ) -> None:
+        self.step = step
+        self.path = Path(f"<merge {step.operator}>")
+        self.metadata: dict[str, str] = {}
+        self.device = torch.device(device)
+        self.report = MergeReport()
+        self.operator: Operator = get_operator(step.operator)
+        self._own: list[Source] = []
+        self._check_arity()
+        self._options = self._validated_options()
+        if self.operator.random and step.seed is None:
+            raise ValueError(f"{step.operator}: a random operator needs a seed (use resolve_seeds to pick and record one)")
+        if sources is None:
+            opened: list[Source] = []
+            try:
+                for item in step.inputs:
+                    if isinstance(item, MergeStep):
+                        opened.append(MergedSource(item, device=device, intermediate=True))
+                    else:
+                        opened.append(open_source(item))
+            except BaseException:
+                for source in opened:
+                    source.close()
+                raise
+            self._own = opened
+            sources = opened
+        elif len(sources) != len(step.inputs):
+            raise ValueError(f"{len(sources)} sources for {len(step.inputs)} inputs")
+        try:
+            self._sources: list[Source] = self._align_naming(list(sources))
+            self._actions = self._plan(intermediate)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- planning
+
+    def _check_arity(self) -> None:
+        n, op = len(self.step.inputs), self.operator
+        want = {"ab": "2 inputs (A, B)", "abc": "3 inputs (A, B, C)"}
+        if op.inputs == "ab" and n != 2 or op.inputs == "abc" and n != 3:
+            raise ValueError(f"{self.step.operator} takes {want[op.inputs]}, got {n}")
+        if op.inputs == "base+models" and n < 1 + op.min_models:
+            raise ValueError(f"{self.step.operator} takes a base and at least {op.min_models} model(s), got {n} input(s)")
+        if op.inputs in ("ab", "abc") and self.step.alpha is None and self.step.block_weights is None:
+            raise ValueError(f"{self.step.operator} needs alpha (or block_weights)")
+        if self.step.weights is not None and op.inputs != "base+models":
+            raise ValueError(f"{self.step.operator} takes alpha, not per-model weights")
+        if self.step.weights is not None and len(self.step.weights) != n - 1:
+            raise ValueError(f"{self.step.operator}: {len(self.step.weights)} weights for {n - 1} models (one per model after the base)")
+
+    def _validated_options(self) -> dict[str, Any]:
+        allowed = set(self.operator.options)
+        bad = sorted(set(self.step.options) - allowed)
+        if bad:
+            raise ValueError(
+                f"{self.step.operator} has no option(s) {bad}; it takes {sorted(allowed) or 'none'}"
+            )
+        return dict(self.step.options)
+
+    def _align_naming(self, sources: list[Source]) -> list[Source]:
+        first = _naming(sources[0])
+        if first is None:
+            return sources
+        out = [sources[0]]
+        for index, source in enumerate(sources[1:], start=1):
+            naming = _naming(source)
+            if naming is None or naming == first:
+                out.append(source)
+                continue
+            from ..formats.model_keys import key_plan
+
+            plan, report = key_plan(
+                {k: source.shape(k) for k in source.keys()}, to=first, architecture=_architecture(sources[0])
+            )
+            self.report.notes.append(
+                f"input {index + 1} ({source.path.name}) is in {naming} naming; converted to {first} "
+                f"({len(plan)} keys, {len(report.dropped)} dropped, {len(report.unmatched)} unknown)"
+            )
+            out.append(_ConvertedSource(source, plan))
+        return out
+
+    def _plan(self, intermediate: bool) -> dict[str, _Action]:
+        step, policy, report = self.step, self.step.policy, self.report
+        sources = self._sources
+        primary = sources[0]
+        names = [s.path.name for s in sources]
+        first_keys = primary.keys()
+        first_set = set(first_keys)
+        out_dtype = DTYPES[step.dtype] if step.dtype is not None else None
+        discard = re.compile(policy.discard) if policy.discard else None
+
+        archs = [_architecture(s) for s in sources]
+        known = {a for a in archs if a is not None}
+        if len(known) > 1:
+            listing = ", ".join(f"{n}: {a}" for n, a in zip(names, archs) if a)
+            raise MergeError(f"the inputs are different architectures ({listing}); merge models of one family")
+        architecture = archs[0] or next(iter(known), None)
+        alpha_fn: Callable[[str], tuple[float, str | None]] | None = None
+        if step.block_weights is not None:
+            if architecture is None:
+                raise MergeError(
+                    f"{names[0]}: cannot tell SD1/SD2/SDXL from its keys, so block weights cannot be placed; "
+                    "block weights need a full LDM or diffusers checkpoint"
+                )
+            naming = _naming(primary) or "ldm"
+            weights = parse_block_weights(step.block_weights, architecture=architecture, base_alpha=step.base_alpha)
+            alpha_fn = block_alpha_fn(weights, architecture=architecture, naming=naming)
+            report.notes.append(f"block weights for {architecture} on {naming} keys")
+
+        self._declared: dict[str, torch.dtype] = {}  # the dtype each key would have in a file
+
+        def float_dtype(dtype: torch.dtype, merged: bool) -> torch.dtype:
+            if not dtype.is_floating_point:
+                return dtype
+            if out_dtype is not None:
+                return out_dtype
+            return torch.float32 if (intermediate and merged) else dtype
+
+        actions: dict[str, _Action] = {}
+        mismatched: list[str] = []
+        wide_first: list[str] = []
+        declared = getattr(primary, "declared_dtype", primary.dtype)
+        for key in first_keys:
+            component = key_component(key)
+            dtype, shape = declared(key), primary.shape(key)
+            self._declared[key] = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
+            if discard is not None and discard.search(key):
+                report.dropped[key] = "matches discard pattern"
+                continue
+            if component == "ema" and policy.ema == "prune":
+                report.dropped[key] = "EMA pruned"
+                continue
+            if _is_position_ids(key):
+                value = primary.get(key)
+                expected = torch.arange(shape[-1]).expand(shape) if shape else None
+                if expected is not None and not torch.equal(value.to(torch.float64), expected.to(torch.float64)):
+                    report.broken_position_ids.append(key)
+                if policy.reset_position_ids:
+                    actions[key] = _Action("reset", torch.int64, shape)
+                    report.reset.append(key)
+                else:
+                    actions[key] = _Action("copy", dtype, shape)
+                    report.copied[key] = "position ids are never interpolated"
+                continue
+            if not dtype.is_floating_point:
+                actions[key] = _Action("copy", dtype, shape)
+                report.copied[key] = "integer/bool tensor, never interpolated"
+                continue
+            wanted = component == "ema" if policy.ema == "merge" else component in policy.components
+            if component == "ema" and policy.ema == "copy":
+                wanted = False
+            if not wanted:
+                actions[key] = _Action("copy", float_dtype(dtype, False), shape)
+                report.copied[key] = f"{component} not merged by the policy"
+                continue
+            taking, channels, lacking = [0], None, []
+            for index, source in enumerate(sources[1:], start=1):
+                if key not in source:
+                    lacking.append(index)
+                    continue
+                other = tuple(source.shape(key))
+                if other == shape:
+                    taking.append(index)
+                elif len(other) == len(shape) >= 2 and other[0] == shape[0] and other[2:] == shape[2:]:
+                    if other[1] > shape[1]:
+                        wide_first.append(f"{key}: {names[0]} {shape}, {names[index]} {other}")
+                    elif policy.channel_mismatch == "error":
+                        mismatched.append(f"{key}: {names[0]} {shape} vs {names[index]} {other}")
+                    else:
+                        taking.append(index)
+                        channels = min(channels or shape[1], other[1])
+                else:
+                    mismatched.append(f"{key}: {names[0]} {shape} vs {names[index]} {other}")
+            kind = self.operator.inputs
+            if kind in ("ab", "abc") and lacking:
+                actions[key] = _Action("copy", float_dtype(dtype, False), shape)
+                report.copied[key] = f"missing in {', '.join(names[i] for i in lacking)}: kept {names[0]}"
+                continue
+            if kind == "base+models" and len(taking) - 1 < self.operator.min_models:
+                actions[key] = _Action("copy", float_dtype(dtype, False), shape)
+                report.copied[key] = "too few models have it: kept the base"
+                continue
+            strength = None
+            if alpha_fn is not None:
+                strength, block = alpha_fn(key)
+                if block is None:
+                    report.unmatched_blocks.append(key)
+            if channels is not None:
+                report.channel_merged.append(key)
+                if key.endswith("input_blocks.0.0.weight") or key.endswith("conv_in.weight"):
+                    report.flags["is_inpainting"] = shape[1] == 9
+                    report.flags["is_instruct_pix2pix"] = shape[1] == 8
+            actions[key] = _Action("merge", float_dtype(dtype, True), shape, inputs=tuple(taking),
+                                   channels=channels, strength=strength)
+            report.merged.append(key)
+        if wide_first:
+            raise MergeError(
+                "the first input must be the model with more input channels (inpainting / instruct-pix2pix "
+                f"first, as in A1111): {'; '.join(wide_first[:5])}"
+            )
+        if mismatched:
+            raise MergeError(
+                f"{len(mismatched)} tensor(s) differ in shape, so the inputs are not the same architecture: "
+                f"{'; '.join(mismatched[:10])}{' ...' if len(mismatched) > 10 else ''}"
+            )
+        others: dict[str, int] = {}
+        for index, source in enumerate(sources[1:], start=1):
+            for key in source.keys():
+                if key not in first_set and key not in others:
+                    others[key] = index
+        for key, index in others.items():
+            if discard is not None and discard.search(key):
+                continue
+            if key_component(key) == "ema" and policy.ema == "prune":
+                continue
+            if policy.only_in_others == "copy":
+                dtype = sources[index].dtype(key)
+                actions[key] = _Action("copy", float_dtype(dtype, False), sources[index].shape(key), source=index)
+                report.copied[key] = f"only in {names[index]}: copied"
+            else:
+                report.dropped[key] = f"not in {names[0]} (only_in_others='drop')"
+        return actions
+
+    # ---------------------------------------------------------------- source API
+
+    def keys(self) -> list[str]:
+        return list(self._actions)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._actions
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._actions[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._actions[key].dtype
+
+    def declared_dtype(self, key: str) -> torch.dtype:
+        """The dtype ``key`` gets in a file (a nested step hands float32 on, but a chain's output
+        with ``dtype=None`` takes the dtype of the first file input, as if the steps were files)."""
+        return self._declared.get(key, self._actions[key].dtype)
+
+    def plan(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``{key: (dtype, shape)}`` of the output (for :func:`~sdadapt.merge.writer.write_streaming`)."""
+        return {k: (a.dtype, a.shape) for k, a in self._actions.items()}
+
+    def get(self, key: str) -> Tensor:
+        """Compute ``key``'s output tensor (CPU, output dtype)."""
+        action = self._actions[key]
+        if action.kind == "copy":
+            value = self._sources[action.source].get(key)
+            return value if value.dtype == action.dtype else value.to(action.dtype)
+        if action.kind == "reset":
+            n = action.shape[-1]
+            return torch.arange(n, dtype=torch.int64).expand(action.shape).contiguous()
+        return self._merge(key, action)
+
+    def _merge(self, key: str, action: _Action) -> Tensor:
+        step, op = self.step, self.operator
+        compute = DTYPES[step.compute_dtype]
+        tensors = [self._sources[i].get(key) for i in action.inputs]
+        first = tensors[0]
+        if action.channels is not None:
+            c = action.channels
+            tensors = [t[:, :c] for t in tensors]
+        tensors = [t.to(self.device) for t in tensors]
+        kwargs: dict[str, Any] = dict(self._options)
+        kwargs["compute_dtype"] = compute
+        if op.random:
+            kwargs["generator"] = key_generator(int(step.seed), key)  # type: ignore[arg-type]
+        if op.inputs == "ab":
+            result = op.fn(tensors, self._alpha(action), **kwargs)
+        elif op.inputs == "abc":
+            result = op.fn(tensors[:2], self._alpha(action), base=tensors[2], **kwargs)
+        else:
+            weights = self._model_weights(action)
+            if action.strength is not None:
+                kwargs["lam"] = float(kwargs.get("lam", 1.0)) * action.strength
+            result = op.fn(tensors[1:], weights, base=tensors[0], **kwargs)
+        del tensors
+        result = result.to("cpu")
+        if action.channels is not None:
+            full = first.to(compute)
+            full[:, : action.channels] = result
+            result = full
+        return result.to(action.dtype)
+
+    def _alpha(self, action: _Action) -> float:
+        return float(action.strength if action.strength is not None else self.step.alpha)  # type: ignore[arg-type]
+
+    def _model_weights(self, action: _Action) -> list[float] | float:
+        if self.step.weights is None:
+            return 1.0
+        return [self.step.weights[i - 1] for i in action.inputs[1:]]
+
+    def close(self) -> None:
+        for source in self._own:
+            source.close()
+        self._own = []
+
+    def __enter__(self) -> MergedSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _output_order(plan: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
+    _, offsets = safetensors_layout(plan)
+    return sorted(offsets, key=lambda k: offsets[k][0])
+
+
+def merge_file(
+    step: MergeStep,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    save_recipe: bool = True,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    known_hashes: Mapping[str, str] | None = None,
+    verify_hashes: bool = False,
+) -> MergeReport:
+    """Run ``step`` and write the result to ``out`` (safetensors, atomic, streaming).
+
+    Args:
+        step: the recipe (random operators without a seed get a fresh one, recorded in the file).
+        out: output ``.safetensors`` path.
+        overwrite: replace an existing ``out``.
+        save_recipe: write ``sdadapt_merge_recipe`` + A1111 ``sd_merge_recipe``/``sd_merge_models``
+            (hashes every input file: one extra read of each); False writes only ``format``.
+        device: where the operators compute.
+        progress: ``progress(done, total)`` per written tensor.
+        known_hashes: ``{input path: sha256}`` recorded earlier (a replayed recipe); with
+            ``verify_hashes`` each file is hashed and must match.
+
+    Returns:
+        the :class:`MergeReport`.
+
+    Raises:
+        FileExistsError: ``out`` exists and not ``overwrite`` (checked first).
+        WeightFileError: a missing, corrupt or unreadable input (named), or an input whose sha256
+            differs from the recorded one.
+        MergeError: inputs of different architectures / shapes (the keys are named).
+        OSError: not enough free disk space for the planned output.
+    """
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
+    step = resolve_seeds(step)
+    for path in leaf_paths(step):
+        if not Path(path).is_file():
+            raise WeightFileError(f"{path}: no such file")
+    hashes: dict[str, str] = {}
+    if verify_hashes and known_hashes:
+        for path, expected in known_hashes.items():
+            actual = sha256_of(path)
+            if actual != expected:
+                raise WeightFileError(
+                    f"{path}: sha256 {actual[:12]}... differs from the recipe's {expected[:12]}...; the input "
+                    "changed since the merge was made (pass the original file, or skip the check)"
+                )
+            hashes[path] = actual
+    with MergedSource(step, device=device) as merged:
+        metadata = {"format": "pt"}
+        if save_recipe:
+            for path in leaf_paths(step):
+                if path not in hashes:
+                    hashes[path] = sha256_of(path)
+            input_meta = {path: _file_metadata(path) for path in leaf_paths(step)}
+            metadata.update(a1111_metadata(
+                step, hashes=hashes, legacy_hashes={p: legacy_hash(p) for p in hashes},
+                input_metadata=input_meta, flags=merged.report.flags,
+            ))
+            metadata[RECIPE_KEY] = recipe_to_json(step, hashes=hashes)
+        if step.seed is not None:
+            merged.report.notes.append(f"seed {step.seed}")
+        plan = merged.plan()
+        order = _output_order(plan)
+        write_streaming(target, plan, ((k, merged.get(k)) for k in order), metadata=metadata,
+                        overwrite=overwrite, progress=progress)
+        return merged.report
+
+
+def _file_metadata(path: str) -> dict[str, str]:
+    if sniff_format(path) != "safetensors":
+        return {}
+    return dict(read_safetensors_header(path)[1])
+
+
+def merge_state_dicts(
+    step: MergeStep, states: Sequence[Mapping[str, Tensor]], *, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], MergeReport]:
+    """Run ``step`` over in-memory state dicts (one per input) and return ``(merged, report)``.
+
+    ``step.inputs`` only names the inputs here (any strings); nested steps are not allowed.
+    """
+    if any(isinstance(i, MergeStep) for i in step.inputs):
+        raise ValueError("merge_state_dicts takes flat steps; run nested steps first")
+    step = resolve_seeds(step)
+    sources = [DictSource(s, name=str(n)) for s, n in zip(states, step.inputs)]
+    merged = MergedSource(step, sources=sources, device=device)
+    return {k: merged.get(k) for k in merged.keys()}, merged.report
+
+
+def iter_merged(source: MergedSource) -> Iterator[tuple[str, Tensor]]:
+    """``(key, tensor)`` of a merged source in output-file order."""
+    for key in _output_order(source.plan()):
+        yield key, source.get(key)

@@ -1,0 +1,320 @@
+"""Merge recipes: what to merge and how, as data — JSON in, JSON out, stored in the output file.
+
+A :class:`MergeStep` names an operator, its inputs (file paths or other steps: a chain of merges
+runs without intermediate files), its strengths, the seed of random operators, the output dtype
+and the :class:`KeyPolicy`. Written outputs carry, unless opted out:
+
+* ``sdadapt_merge_recipe`` — the full machine-readable recipe (every option, the seed, the sha256
+  of each input file, the library version); ``python -m sdadapt merge --recipe FILE`` replays it
+  bit-exactly (FILE is that JSON or any file whose metadata holds it);
+* ``sd_merge_recipe`` / ``sd_merge_models`` — AUTOMATIC1111's convention (read by the webui, civitai
+  and supermerger): the primary/secondary/tertiary input sha256, method and multiplier, and a map
+  ``sha256 -> {name, legacy_hash, sd_merge_recipe}`` that also folds in the inputs' own maps, so the
+  ancestry of a merge of merges stays in the file;
+* ``format = "pt"`` (as A1111 writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from ..formats.files import WeightFileError, read_safetensors_header
+
+__all__ = [
+    "KeyPolicy",
+    "MergeStep",
+    "DTYPES",
+    "RECIPE_KEY",
+    "RECIPE_FORMAT",
+    "step_to_dict",
+    "step_from_dict",
+    "recipe_to_json",
+    "load_recipe",
+    "leaf_paths",
+    "a1111_metadata",
+]
+
+RECIPE_KEY = "sdadapt_merge_recipe"
+RECIPE_FORMAT = "sdadapt-merge-recipe"
+RECIPE_VERSION = 1
+#: dtype names used by recipes and the command line
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """Which keys merge and what happens to the others (the engine reports every decision).
+
+    Attributes:
+        components: parts whose float tensors are merged: any of ``"unet"``, ``"text_encoder"``,
+            ``"text_encoder_2"``, ``"vae"``. Keys of the other parts are copied from the first
+            input (and ``"other"`` keys — schedule buffers etc. — always are).
+        ema: ``"prune"`` (drop ``model_ema.*``), ``"copy"`` (keep the first input's) or ``"merge"``.
+        only_in_others: keys the first input lacks: ``"drop"`` (A1111) or ``"copy"`` (from the first
+            input that has them, supermerger).
+        channel_mismatch: shapes differing only in dim 1 (9-/8-channel inpainting or
+            instruct-pix2pix ``conv_in`` against 4): ``"merge-common"`` merges the shared channels and
+            keeps the first input's extra ones (A1111), ``"error"`` refuses.
+        reset_position_ids: write CLIP ``position_ids`` as ``arange`` int64 (fixes files broken by
+            older mergers). They are never interpolated either way.
+        discard: regular expression; output keys it matches (``re.search``) are removed.
+    """
+
+    components: tuple[str, ...] = _COMPONENTS
+    ema: str = "prune"
+    only_in_others: str = "drop"
+    channel_mismatch: str = "merge-common"
+    reset_position_ids: bool = False
+    discard: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "components", tuple(self.components))
+        bad = [c for c in self.components if c not in _COMPONENTS]
+        if bad:
+            raise ValueError(f"unknown components {bad}; choose from {', '.join(_COMPONENTS)}")
+        for name, value, allowed in (
+            ("ema", self.ema, ("prune", "copy", "merge")),
+            ("only_in_others", self.only_in_others, ("drop", "copy")),
+            ("channel_mismatch", self.channel_mismatch, ("merge-common", "error")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"KeyPolicy.{name} must be one of {allowed}, got {value!r}")
+
+
+Input = Union[str, "MergeStep"]
+
+
+@dataclass(frozen=True)
+class MergeStep:
+    """One merge: ``operator`` over ``inputs`` (paths or nested steps), and all its settings.
+
+    Attributes:
+        operator: a name in :data:`sdadapt.merge.operators.OPERATORS`.
+        inputs: ``(A, B)``, ``(A, B, C)`` or ``(BASE, M1, M2, ...)`` as the operator takes them; the
+            first input decides the output's keys, naming and (with ``dtype=None``) dtypes.
+        alpha: strength of the two-model operators (A1111's multiplier: the weight of B).
+        weights: per-model weights of the task-vector operators (default 1 each).
+        options: operator options (``density``, ``drop``, ``lam``, ``consensus``, ``normalize``, ``rescale``).
+        block_weights: per-block strengths (26 SD1/SD2 or 20 SDXL values, BASE first, see
+            :mod:`sdadapt.merge.blocks`); they replace ``alpha`` per key (task vectors: scale ``lam``).
+        base_alpha: BASE weight for a 25/19-value ``block_weights``.
+        seed: seed of random operators (per-key generators are derived from it and the key name).
+        dtype: output dtype name (``"fp16"``, ``"bf16"``, ``"fp32"``) or ``None`` = the first
+            input's dtype per key. Nested steps with ``None`` hand float32 to the next step.
+        compute_dtype: dtype the operators compute in.
+        policy: the :class:`KeyPolicy`.
+    """
+
+    operator: str
+    inputs: tuple[Input, ...]
+    alpha: float | None = None
+    weights: tuple[float, ...] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    block_weights: tuple[float, ...] | None = None
+    base_alpha: float | None = None
+    seed: int | None = None
+    dtype: str | None = None
+    compute_dtype: str = "fp32"
+    policy: KeyPolicy = field(default_factory=KeyPolicy)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(str(i) if isinstance(i, os.PathLike) else i for i in self.inputs))
+        object.__setattr__(self, "options", dict(self.options))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if self.block_weights is not None:
+            object.__setattr__(self, "block_weights", tuple(float(w) for w in self.block_weights))
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {self.dtype!r}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(DTYPES)}, got {self.compute_dtype!r}")
+        for item in self.inputs:
+            if not isinstance(item, (str, MergeStep)):
+                raise TypeError(f"MergeStep inputs are paths or MergeSteps, got {type(item).__name__}")
+
+
+def step_to_dict(step: MergeStep, hashes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """JSON-ready dict of ``step``; file inputs become ``{"path", "sha256"}`` when ``hashes`` has them."""
+    out: dict[str, Any] = {"operator": step.operator, "inputs": []}
+    for item in step.inputs:
+        if isinstance(item, MergeStep):
+            out["inputs"].append({"step": step_to_dict(item, hashes)})
+        else:
+            entry: dict[str, Any] = {"path": item}
+            if hashes and item in hashes:
+                entry["sha256"] = hashes[item]
+            out["inputs"].append(entry)
+    for f in fields(MergeStep):
+        if f.name in ("operator", "inputs"):
+            continue
+        value = getattr(step, f.name)
+        if f.name == "policy":
+            value = {p.name: (list(v) if isinstance(v := getattr(value, p.name), tuple) else v) for p in fields(KeyPolicy)}
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            value = dict(sorted(value.items()))  # canonical: the same options give the same bytes
+        out[f.name] = value
+    return out
+
+
+def step_from_dict(data: Mapping[str, Any]) -> MergeStep:
+    """Inverse of :func:`step_to_dict` (recorded hashes are ignored here; see :func:`load_recipe`)."""
+    try:
+        inputs = tuple(step_from_dict(i["step"]) if "step" in i else str(i["path"]) for i in data["inputs"])
+        kwargs = {f.name: data[f.name] for f in fields(MergeStep) if f.name not in ("operator", "inputs") and f.name in data}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"malformed merge recipe step ({exc!r}); expected keys operator, inputs, ...") from None
+    for name in ("weights", "block_weights"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = tuple(kwargs[name])
+    if "policy" in kwargs:
+        kwargs["policy"] = KeyPolicy(**kwargs["policy"])
+    return MergeStep(operator=str(data["operator"]), inputs=inputs, **kwargs)
+
+
+def recipe_to_json(step: MergeStep, *, hashes: Mapping[str, str] | None = None) -> str:
+    """The full recipe as compact JSON (format tag, library version, the step tree with input hashes)."""
+    from .. import __version__
+
+    return json.dumps(
+        {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "library": f"sdadapt {__version__}",
+         "step": step_to_dict(step, hashes)},
+        separators=(",", ":"),
+    )
+
+
+def leaf_paths(step: MergeStep) -> list[str]:
+    """Every file path in the step tree, depth first, without repeats."""
+    seen: dict[str, None] = {}
+    for item in step.inputs:
+        if isinstance(item, MergeStep):
+            seen.update(dict.fromkeys(leaf_paths(item)))
+        else:
+            seen[item] = None
+    return list(seen)
+
+
+def load_recipe(path: str | os.PathLike) -> tuple[MergeStep, dict[str, str]]:
+    """``(step, {input path: recorded sha256})`` from a recipe JSON file or a merged file's metadata.
+
+    Input paths are used as recorded when they exist (then a replay writes the same bytes); else
+    relative to the recipe's folder, else the file of that name in the recipe's folder (the
+    tensors are then still bit-identical; the recorded paths in the new recipe differ).
+
+    Raises:
+        WeightFileError: the file holds no sdadapt recipe (an A1111-only recipe cannot be replayed:
+            it lacks the operator details), or the JSON is malformed.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise WeightFileError(f"{file}: no such recipe file")
+    if file.suffix.lower() == ".json":
+        text = file.read_text()
+    else:
+        _, metadata = read_safetensors_header(file)
+        if RECIPE_KEY not in metadata:
+            hint = " (it has an A1111 sd_merge_recipe, which does not record enough to replay)" if "sd_merge_recipe" in metadata else ""
+            raise WeightFileError(f"{file}: no {RECIPE_KEY} metadata{hint}; pass the recipe .json instead")
+        text = metadata[RECIPE_KEY]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WeightFileError(f"{file}: malformed recipe JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
+        raise WeightFileError(f"{file}: not an sdadapt merge recipe (no \"format\": \"{RECIPE_FORMAT}\")")
+    if int(data.get("version", 0)) > RECIPE_VERSION:
+        raise WeightFileError(f"{file}: recipe version {data['version']} is newer than this sdadapt reads ({RECIPE_VERSION})")
+    hashes: dict[str, str] = {}
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        node = dict(node)
+        new_inputs = []
+        for item in node.get("inputs", []):
+            if "step" in item:
+                new_inputs.append({"step": resolve(item["step"])})
+                continue
+            recorded = Path(item["path"])
+            resolved = item["path"]  # as recorded when it exists: then the replay is byte-identical
+            if not recorded.exists():
+                for candidate in (file.parent / recorded, file.parent / recorded.name):
+                    if candidate.exists():
+                        resolved = str(candidate)
+                        break
+            if "sha256" in item:
+                hashes[resolved] = item["sha256"]
+            new_inputs.append({"path": resolved})
+        node["inputs"] = new_inputs
+        return node
+
+    try:
+        step = step_from_dict(resolve(data["step"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightFileError(f"{file}: malformed recipe ({exc})") from None
+    return step, hashes
+
+
+_A1111_METHODS = {"weighted-sum": "Weighted sum", "add-difference": "Add difference"}
+
+
+def a1111_metadata(
+    step: MergeStep,
+    *,
+    hashes: Mapping[str, str],
+    legacy_hashes: Mapping[str, str],
+    input_metadata: Mapping[str, Mapping[str, str]],
+    flags: Mapping[str, bool] | None = None,
+) -> dict[str, str]:
+    """``sd_merge_recipe`` and ``sd_merge_models`` in A1111's shape (values JSON strings).
+
+    ``hashes``/``legacy_hashes``/``input_metadata`` are keyed by input path; nested steps
+    contribute their leaf files to ``sd_merge_models`` and ``null`` as a model hash.
+    """
+    direct = [None if isinstance(i, MergeStep) else hashes.get(i) for i in step.inputs]
+    direct += [None] * (3 - len(direct))
+    recipe = {
+        "type": "sdadapt",
+        "primary_model_hash": direct[0],
+        "secondary_model_hash": direct[1],
+        "tertiary_model_hash": direct[2],
+        "interp_method": _A1111_METHODS.get(step.operator, step.operator),
+        "multiplier": step.alpha,
+        "save_as_half": step.dtype == "fp16",
+        "custom_name": "",
+        "config_source": 0,
+        "bake_in_vae": "None",
+        "discard_weights": step.policy.discard or "",
+        "is_inpainting": bool((flags or {}).get("is_inpainting", False)),
+        "is_instruct_pix2pix": bool((flags or {}).get("is_instruct_pix2pix", False)),
+        "block_weights": list(step.block_weights) if step.block_weights is not None else None,
+        "seed": step.seed,
+    }
+    models: dict[str, Any] = {}
+    for path in leaf_paths(step):
+        sha = hashes.get(path)
+        if sha is None:
+            continue
+        meta = input_metadata.get(path, {})
+        own = meta.get("sd_merge_recipe")
+        try:
+            own_recipe = json.loads(own) if own else None
+        except json.JSONDecodeError:
+            own_recipe = None
+        models[sha] = {"name": Path(path).stem, "legacy_hash": legacy_hashes.get(path), "sd_merge_recipe": own_recipe}
+        try:
+            ancestry = json.loads(meta.get("sd_merge_models", "{}"))
+        except json.JSONDecodeError:
+            ancestry = {}
+        if isinstance(ancestry, dict):
+            for key, value in ancestry.items():
+                models.setdefault(key, value)
+    return {"sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
+

@@ -1,0 +1,137 @@
+"""``python -m sdadapt merge ...``: every command form, --help, errors, recipe replay."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdadapt.__main__ import main
+from sdadapt.merge.engine import merge_file
+from sdadapt.merge.recipe import MergeStep
+from test_merge_engine import U, load_file_metadata, mini, save
+
+
+@pytest.fixture
+def files(tmp_path):
+    return [save(tmp_path, f"{n}.safetensors", mini(i)) for i, n in enumerate("abcd")]
+
+
+def run(*argv: str) -> int:
+    return main(["merge", *argv])
+
+
+def same_tensors(x, y) -> bool:
+    a, b = load_file(x), load_file(y)
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("weighted-sum", ["--alpha"]), ("add-difference", ["--alpha"]), ("ties", ["--density", "--lam"]),
+    ("dare", ["--drop", "--seed", "--consensus"]), ("slerp", ["--alpha"]), ("block-weighted", ["--weights", "--base-alpha"]),
+    ("model-stock", []), ("train-difference", ["--alpha"]),
+])
+def test_every_command_has_help(command, flags, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(command, "--help")
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f in text for f in [*flags, "--overwrite", "--dtype", "--no-recipe", "--reset-position-ids"])
+
+
+def test_merge_help_names_the_recipe_replay(capsys):
+    with pytest.raises(SystemExit):
+        run("--help")
+    text = capsys.readouterr().out
+    assert "--recipe" in text and "weight of the SECOND" in text
+
+
+@pytest.mark.parametrize("argv, step", [
+    (["weighted-sum", "{a}", "{b}", "--alpha", "0.3"], MergeStep("weighted-sum", ("{a}", "{b}"), alpha=0.3)),
+    (["add-difference", "{a}", "{b}", "{c}", "--alpha", "1.0"], MergeStep("add-difference", ("{a}", "{b}", "{c}"), alpha=1.0)),
+    (["ties", "{a}", "{b}", "{c}", "{d}", "--density", "0.2"],
+     MergeStep("ties", ("{a}", "{b}", "{c}", "{d}"), options={"density": 0.2, "lam": 1.0})),
+    (["dare", "{a}", "{b}", "{c}", "--drop", "0.9", "--seed", "0"],
+     MergeStep("dare", ("{a}", "{b}", "{c}"), options={"drop": 0.9, "consensus": "sum", "lam": 1.0}, seed=0)),
+    (["slerp", "{a}", "{b}", "--alpha", "0.5"], MergeStep("slerp", ("{a}", "{b}"), alpha=0.5)),
+    (["block-weighted", "{a}", "{b}", "--weights", ",".join(["0"] + ["1"] * 25)],
+     MergeStep("weighted-sum", ("{a}", "{b}"), block_weights=tuple([0.0] + [1.0] * 25))),
+    (["model-stock", "{a}", "{b}", "{c}", "--dtype", "fp32"], MergeStep("model-stock", ("{a}", "{b}", "{c}"), dtype="fp32")),
+])
+def test_commands_write_what_the_library_writes(tmp_path, files, argv, step, capsys):
+    names = dict(zip("abcd", files))
+    fill = [a.format(**names) for a in argv]
+    assert run(*fill, "-o", str(tmp_path / "cli.safetensors"), "-q") == 0
+    assert "wrote" in capsys.readouterr().out
+    inputs = tuple(i.format(**names) for i in step.inputs)
+    merge_file(MergeStep(step.operator, inputs, alpha=step.alpha, options=step.options, seed=step.seed, dtype=step.dtype,
+                         block_weights=step.block_weights), tmp_path / "lib.safetensors")
+    assert same_tensors(tmp_path / "cli.safetensors", tmp_path / "lib.safetensors")
+    assert (tmp_path / "cli.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()  # recipe too
+
+
+def test_recipe_replay_is_bit_exact(tmp_path, files, capsys):
+    out = tmp_path / "dare.safetensors"
+    assert run("dare", *files[:3], "--drop", "0.5", "--seed", "3", "--dtype", "bf16", "-o", str(out), "-q") == 0
+    assert run("--recipe", str(out), "-o", str(tmp_path / "replay.safetensors"), "-q") == 0
+    assert (tmp_path / "replay.safetensors").read_bytes() == out.read_bytes()
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(load_file_metadata(out)["sdadapt_merge_recipe"])
+    assert run("--recipe", str(recipe), "-o", str(tmp_path / "from_json.safetensors"), "-q") == 0
+    assert (tmp_path / "from_json.safetensors").read_bytes() == out.read_bytes()
+    assert json.loads(recipe.read_text())["step"]["seed"] == 3
+
+
+def test_errors_are_one_line_and_name_the_problem(tmp_path, files, capsys):
+    a, b = files[:2]
+    assert run("weighted-sum", a, str(tmp_path / "missing.safetensors"), "--alpha", "0.5", "-o", str(tmp_path / "o.safetensors")) == 2
+    assert "missing.safetensors: no such file" in capsys.readouterr().err
+    (tmp_path / "exists.safetensors").write_bytes(b"x")
+    assert run("weighted-sum", a, b, "--alpha", "0.5", "-o", str(tmp_path / "exists.safetensors")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run("weighted-sum", a, b, "--alpha", "0.5", "-o", str(tmp_path / "exists.safetensors"), "--overwrite", "-q") == 0
+    wide = mini(5)
+    wide[U + "out.2.weight"] = torch.zeros(4, 16, 3, 3, dtype=torch.float16)
+    other = save(tmp_path, "other.safetensors", wide)
+    assert run("weighted-sum", a, other, "--alpha", "0.5", "-o", str(tmp_path / "m.safetensors")) == 2
+    assert "out.2.weight" in capsys.readouterr().err
+    assert run("block-weighted", a, b, "--weights", "1,1,1", "-o", str(tmp_path / "bw.safetensors")) == 2
+    assert "give 26 values" in capsys.readouterr().err
+    assert run("--recipe", a, "-o", str(tmp_path / "r.safetensors")) == 2
+    assert "no sdadapt_merge_recipe" in capsys.readouterr().err
+
+
+def test_not_enough_disk_space_is_checked_before_writing(tmp_path, files, monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    assert run("weighted-sum", *files[:2], "--alpha", "0.5", "-o", str(tmp_path / "o.safetensors")) == 2
+    assert "not enough disk space" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_progress_bar_goes_to_stderr_and_the_module_runs(tmp_path, files):
+    out = subprocess.run(
+        [sys.executable, "-m", "sdadapt", "merge", "weighted-sum", *files[:2], "--alpha", "0.5", "-o", str(tmp_path / "o.safetensors")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "merged" in out.stdout and "wrote" in out.stdout
+    assert "merge weighted-sum" in out.stderr  # the bar (tqdm or built-in), not on stdout
+
+
+def test_docs_example_runs(tmp_path, capsys):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "merge.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert blocks
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/merge.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "Add difference" in out and "True" in out
+    assert namespace["report"].flags["is_inpainting"]
