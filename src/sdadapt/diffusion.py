@@ -467,7 +467,7 @@ def ddim_invert(
         t_from = t - ratio  # the lower timestep we come from; < 0 at the first step
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         out = fn(x, tt, cond)
-        eps = predicted_noise(prediction_type, x, out, tt, alphas_cumprod) if prediction_type != "epsilon" else out
+        eps = predicted_noise(prediction_type, x, out, tt, alphas_cumprod)
         a_from = alphas_cumprod[t_from] if t_from >= 0 else alphas_cumprod[0]
         a_to = alphas_cumprod[t]
         x0_hat = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
