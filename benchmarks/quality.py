@@ -24,33 +24,34 @@ from pathlib import Path
 
 import torch
 
-from sdadapt.methods import METHODS, FitConfig, class_images, fit
+from sdadapt.jobs import prior_images
+from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.toy import load_toy
 from sdadapt.toy.evaluate import CONCEPTS, concept_data, score
-from sdadapt.toy.shapes import sample_scenes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("concept_accuracy", "image_image", "image_text", "prior_accuracy")
 
 
-def run_one(method: str | None, concept: str, seed: int, *, images: int, steps: int | None) -> dict:
+def run_one(method: str | None, concept: str, seed: int, *, images: int, steps: int | None, prior: bool | None) -> dict:
     system = load_toy()
     train_images, captions = concept_data(concept, images, seed=seed)
-    row = {"method": method or "baseline", "concept": concept, "seed": seed, "size_bytes": 0, "train_seconds": 0.0}
+    row = {"method": method or "baseline", "concept": concept, "seed": seed, "prior_images": 0, "size_bytes": 0,
+           "train_seconds": 0.0}
     if method is not None:
         spec = METHODS[method]
-        prior = None
-        if spec.prior_preservation:
-            prompts = [f"a {s.colour} {s.shape}" for s in sample_scenes(2 * images, seed=seed + 77)]
-            prior = (*class_images(system, prompts, seed=seed), 1.0)
-        adaptation = spec.prepare(system)
+        prior_data = prior_images(system, spec, enabled=prior, count=2 * images, seed=seed)
+        if prior is not None and (prior_data is not None) != (spec.prior != "off"):
+            row["method"] = f"{method} {'+' if prior else 'no '}prior"
+        row["prior_images"] = 0 if prior_data is None else len(prior_data[1])
+        adaptation = spec.adapt(system, seed=seed)
         config = FitConfig(steps=steps or spec.steps, learning_rate=spec.learning_rate, seed=seed)
         start = time.perf_counter()
-        fit(system, adaptation, train_images, captions, config=config, prior=prior)
+        fit(system, adaptation, train_images, captions, config=config, prior=prior_data)
         row["train_seconds"] = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             row["size_bytes"] = adaptation.save(Path(tmp) / f"a{spec.file_suffix}").stat().st_size
-    scores, _ = score(system, concept, train_images, seeds=(100 + seed,))
+    scores, _ = score(system, concept, train_images, seeds=(100 + seed, 200 + seed))
     row.update(scores)
     return row
 
@@ -62,20 +63,20 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (method, concept), rs in groups.items():
         entry = {"method": method, "concept": concept, "seeds": len(rs)}
-        for key in (*METRICS, "size_bytes", "train_seconds"):
+        for key in (*METRICS, "prior_images", "size_bytes", "train_seconds"):
             entry[key] = statistics.fmean(r[key] for r in rs)
         out.append(entry)
     return out
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| method | concept | concept acc. | image-image | image-text | prior acc. | file size | train time |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | concept | concept acc. | image-image | image-text | prior acc. | class images | file size | train time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         size = "—" if not s["size_bytes"] else f"{s['size_bytes'] / 2**20:.2f} MiB"
         tt = "—" if not s["train_seconds"] else f"{s['train_seconds']:.0f} s"
         lines.append(f"| {s['method']} | {s['concept']} | {s['concept_accuracy']:.2f} | {s['image_image']:.3f} | "
-                     f"{s['image_text']:.3f} | {s['prior_accuracy']:.2f} | {size} | {tt} |")
+                     f"{s['image_text']:.3f} | {s['prior_accuracy']:.2f} | {s['prior_images']:.0f} | {size} | {tt} |")
     return "\n".join(lines)
 
 
@@ -86,20 +87,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="override every method's default steps")
+    parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
+                        help="force prior preservation on/off for every method (default: each method's own)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the no-adaptation rows")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = parser.parse_args(argv)
     rows = []
     for concept in args.concepts:
         for seed in args.seeds:
-            for method in [None, *args.methods]:
-                row = run_one(method, concept, seed, images=args.images, steps=args.steps)
+            for method in ([] if args.no_baseline else [None]) + args.methods:
+                if method is not None and METHODS[method].prior == "required" and args.prior is False:
+                    continue
+                row = run_one(method, concept, seed, images=args.images, steps=args.steps, prior=args.prior)
                 rows.append(row)
                 print(f"{row['method']:>10} {concept:>7} seed {seed}: " + " ".join(f"{k} {row[k]:.3f}" for k in METRICS),
                       file=sys.stderr, flush=True)
     summary = summarise(rows)
     print(markdown(summary))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"torch": torch.__version__, "images": args.images, "rows": rows, "summary": summary}, indent=1))
+    args.out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "images": args.images,
+                                    "rows": rows, "summary": summary}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

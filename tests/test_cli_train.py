@@ -113,3 +113,18 @@ def test_train_errors_are_one_clear_line(tmp_path, capsys, setup, args, message)
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' own loading bars)
     assert last.startswith("error:") and message in last
+
+
+def test_dreambooth_on_a_diffusers_folder_needs_and_uses_a_class_prompt(tmp_path, capsys):
+    root = _tiny_pipeline(tmp_path / "pipe")
+    images = _images(tmp_path / "imgs", n=2)
+    argv = ["train", "dreambooth", "--images", str(images), "--model", str(root), "--steps", "2"]
+    assert main(argv) == 2
+    assert "--class-prompt" in capsys.readouterr().err.strip().splitlines()[-1]
+    out = tmp_path / "db.safetensors"
+    code = main([*argv, "--class-prompt", "a photo", "--class-images", "3", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "+ 3 class images" in capsys.readouterr().out and out.is_file()
+    # a LoRA without --class-prompt on a user's model trains without prior preservation
+    assert main(["train", "lora", "--images", str(images), "--model", str(root), "--steps", "1", "-o", str(tmp_path / "l.safetensors")]) == 0
+    assert "class images" not in capsys.readouterr().out

@@ -18,7 +18,7 @@ def test_method_trains_saves_and_removes_exactly(name, tmp_path):
     method = METHODS[name]
     adaptation = method.prepare(system)
     images, captions = concept_data("cross", 4, seed=0)
-    prior = (images.flip(0), captions[::-1], 0.5) if method.prior_preservation else None
+    prior = (images.flip(0), captions[::-1], 0.5) if method.prior != "off" else None
     before = [p.detach().clone() for p in adaptation.params]
     losses = fit(system, adaptation, images, captions, config=FitConfig(steps=2, batch_size=2, learning_rate=method.learning_rate),
                  prior=prior)
@@ -47,3 +47,54 @@ def test_fit_rejects_bad_input():
         fit(system, adaptation, torch.zeros(2, 3, 32, 32), ["a"], config=FitConfig(steps=1))
     with pytest.raises(ValueError, match="steps"):
         FitConfig(steps=0)
+
+
+def test_prior_images_follow_the_method_default_and_the_switches():
+    from sdadapt.jobs import prior_images
+    from sdadapt.toy.shapes import HELD_OUT_COLOURS, HELD_OUT_SHAPES
+
+    system = build_toy(seed=2)
+    images, prompts, weight = prior_images(system, METHODS["lora"], count=3, seed=4, weight=0.5)
+    assert images.shape == (3, 3, 32, 32) and weight == 0.5 and len(prompts) == 3
+    assert not any(word in p.split() for p in prompts for word in HELD_OUT_SHAPES + HELD_OUT_COLOURS)
+    # they are what the unadapted model draws for those prompts (DreamBooth's class images)
+    torch.testing.assert_close(images, system.sample(prompts, seed=4), rtol=0, atol=0)
+    assert prior_images(system, METHODS["full"], count=3) is None
+    assert prior_images(system, METHODS["lora"], enabled=False, count=3) is None
+    _, prompts, _ = prior_images(system, METHODS["full"], class_prompt="a red circle", count=2)
+    assert prompts == ["a red circle"] * 2
+    with pytest.raises(ValueError, match="use 'full'"):
+        prior_images(system, METHODS["dreambooth"], enabled=False, count=3)
+    with pytest.raises(ValueError, match="at least one"):
+        prior_images(system, METHODS["dreambooth"], count=0)
+    with pytest.raises(ValueError, match="weight"):
+        prior_images(system, METHODS["dreambooth"], count=2, weight=-1.0)
+
+
+def test_prior_images_on_a_user_model_need_a_class_prompt():
+    from sdadapt.jobs import prior_images
+
+    class NotToy:  # any system that is not the toy one: no built-in class prompts
+        pass
+
+    with pytest.raises(ValueError, match="--class-prompt"):
+        prior_images(NotToy(), METHODS["dreambooth"], count=2)
+    with pytest.raises(ValueError, match="--class-prompt"):
+        prior_images(NotToy(), METHODS["lora"], enabled=True, count=2)
+    assert prior_images(NotToy(), METHODS["lora"], count=2) is None
+
+
+@pytest.mark.parametrize("name", ["lora", "loha", "dora"])
+def test_same_seed_same_training_run_and_the_global_rng_is_left_alone(name):
+    images, captions = concept_data("cross", 4, seed=0)
+    runs = []
+    for _ in range(2):
+        system = build_toy(seed=1)
+        rng = torch.get_rng_state()
+        adaptation = METHODS[name].adapt(system, seed=3)
+        assert torch.equal(torch.get_rng_state(), rng)
+        fit(system, adaptation, images, captions, config=FitConfig(steps=3, batch_size=2, seed=3))
+        runs.append([p.detach().clone() for p in adaptation.params])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+    other = METHODS[name].adapt(build_toy(seed=1), seed=4)
+    assert any(not torch.equal(p, q) for p, q in zip(other.params, METHODS[name].adapt(build_toy(seed=1), seed=3).params))

@@ -31,7 +31,7 @@ from sdadapt.formats.model_keys import (
     split_components,
 )
 
-from tiny_models import tiny_clip, tiny_unet_sd1, tiny_unet_sdxl
+from tiny_models import tiny_clip, tiny_unet_sd1, tiny_unet_sd2, tiny_unet_sdxl
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -54,24 +54,6 @@ def tiny_vae(seed: int = 0, *, blocks: int = 2, layers: int = 1):
         latent_channels=4,
         norm_num_groups=4,
         layers_per_block=layers,
-    ).eval()
-
-
-def tiny_unet_sd2(seed: int = 0):
-    """SD2-style: Linear proj_in/proj_out (use_linear_projection), per-block head dims."""
-    torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(4, 8),
-        norm_num_groups=8,
-        use_linear_projection=True,
     ).eval()
 
 

@@ -28,9 +28,12 @@ def test_demo_lora_clearly_beats_the_baseline_and_writes_its_files(tmp_path, cap
     rows = {line[:28].strip(): [float(v) for v in line[28:].split()] for line in out.splitlines()[1:5]}
     before, after = rows["held-out concept accuracy"]
     assert before <= 0.25 and after > before, rows
-    # measured at 150 steps: image-image 0.14 -> 0.35, image-text 0.38 -> 0.58
+    # measured at 150 steps (16 class images, seed 0): accuracy 0.08 -> 0.17, image-image 0.14 -> 0.30, image-text 0.38 -> 0.55,
+    # prior accuracy 0.92 -> 0.92 (without prior preservation LoRA drifts: docs/demo.md, quality table)
     assert rows["image-image similarity"][1] >= rows["image-image similarity"][0] + 0.1, rows
     assert rows["image-text similarity"][1] >= rows["image-text similarity"][0] + 0.1, rows
+    assert rows["prior (held-in) accuracy"][1] >= rows["prior (held-in) accuracy"][0] - 0.1, rows
+    assert "prior images:      16" in out
     grid = decode_png((tmp_path / "before_after.png").read_bytes())
     assert grid.shape[2] == 3 and grid.shape[0] > 64 and np.ptp(grid) > 100
     state, metadata = sdadapt.load_lora(tmp_path / "cross-lora.safetensors")

@@ -161,3 +161,35 @@ def test_image_conditioning_changes_the_prediction():
         plain = system.unet(x, torch.tensor([10]), cond["context"], cond["image_embeds"])
         with_image = system.unet(x, torch.tensor([10]), cond["context"], torch.randn(1, 64))
     assert not torch.allclose(plain, with_image)
+
+
+def test_pretrain_is_deterministic_and_records_its_recipe_chain(tmp_path):
+    import json
+
+    from sdadapt.formats.files import read_safetensors, read_safetensors_header
+    from sdadapt.toy.pretrain import main as pretrain
+
+    tiny = ["--clip-steps", "2", "--unet-steps", "2", "--batch", "4"]
+    first, second, third = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    assert pretrain([*tiny, "--out", str(first)]) == 0
+    assert pretrain([*tiny, "--out", str(second)]) == 0
+    a, b = read_safetensors(first)[0], read_safetensors(second)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the weights moved away from the seed's initialisation
+    assert any(not torch.equal(a[k], v) for k, v in read_safetensors(_init_file(tmp_path))[0].items())
+    # --init continues from a file and keeps its recipe inside the new one
+    assert pretrain(["--init", str(first), "--clip-steps", "0", "--unet-steps", "1", "--batch", "4", "--seed", "1",
+                     "--out", str(third)]) == 0
+    recipe = json.loads(read_safetensors_header(third)[1]["recipe"])
+    assert recipe["seed"] == 1 and recipe["unet_steps"] == 1 and recipe["init"]["unet_steps"] == 2
+    c = read_safetensors(third)[0]
+    clip_keys = [k for k in c if k.startswith("clip.")]
+    assert clip_keys and all(torch.equal(a[k], c[k]) for k in clip_keys)  # --clip-steps 0 kept the judge
+
+
+def _init_file(tmp_path):
+    from sdadapt.toy import build_toy, save_toy
+
+    path = tmp_path / "init.safetensors"
+    save_toy(build_toy(seed=0), path)
+    return path

@@ -6,46 +6,50 @@ import pytest
 import torch
 
 
-def tiny_unet_sd1(seed: int = 0):
-    """SD1-style UNet2DConditionModel: conv proj_in/proj_out, cross-attention dim 32."""
+_SD_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    use_linear_projection=False,
+)
+
+
+def _unet(seed: int, **changes):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        use_linear_projection=False,
-    ).eval()
+    return diffusers.UNet2DConditionModel(**{**_SD_UNET, **changes}).eval()
+
+
+def tiny_unet_sd1(seed: int = 0):
+    """SD1-style UNet2DConditionModel: conv proj_in/proj_out, cross-attention dim 32."""
+    return _unet(seed)
+
+
+def tiny_unet_sd2(seed: int = 0):
+    """SD2-style: Linear proj_in/proj_out (use_linear_projection), per-block head dims."""
+    return _unet(seed, attention_head_dim=(4, 8), use_linear_projection=True)
 
 
 def tiny_unet_sdxl(seed: int = 0):
     """SDXL-style UNet: linear projections, text_time add-embedding, no attention in block 0."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(32, 64),
+    return _unet(
+        seed,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
         attention_head_dim=(4, 8),
-        norm_num_groups=8,
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=8 * 6 + 32,
-    ).eval()
+    )
 
 
 def unet_inputs(unet, *, batch: int = 2, seed: int = 1, sdxl: bool = False):

@@ -55,8 +55,8 @@ class ProgressBar:
                 pass
         if self._tqdm is not None:
             self._tqdm.total = total
+            self._tqdm.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self._tqdm.update(step - self._tqdm.n)
-            self._tqdm.set_postfix(loss=f"{loss:.4f}")
             if step == total:
                 self._tqdm.close()
             return
@@ -87,9 +87,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     print(f"teaching the toy model the held-out concept {args.concept!r} with {args.method} "
           f"from {args.images} images (the model has never seen it)", file=sys.stderr)
-    result = run_demo(method=args.method, concept=args.concept, images=args.images, steps=args.steps, seed=args.seed,
-                      out=args.out, progress=ProgressBar(args.method))
+    result = run_demo(method=args.method, concept=args.concept, images=args.images, steps=args.steps, prior=args.prior,
+                      seed=args.seed, out=args.out, progress=ProgressBar(args.method))
     print(_score_table(result["before"], result["after"]))
+    print(f"prior images:      {result['prior_images'] or 'none (no prior preservation)'}")
     print(f"before/after grid: {result['files']['grid']}")
     print(f"adapter:           {result['files']['adapter']}")
     print(f"time:              {result['seconds']:.0f} s")
@@ -100,11 +101,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .jobs import run_train
 
     result = run_train(args.method, images=args.images, prompt=args.prompt, model=args.model, out=args.out,
-                       steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+                       steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, class_prompt=args.class_prompt,
+                       class_count=args.class_images, prior=args.prior, prior_weight=args.prior_weight, seed=args.seed,
                        progress=ProgressBar(args.method))
     losses = result["losses"]
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    print(f"trained {result['method']} on {result['images']} images in {result['seconds']:.0f} s; "
+    prior = f" + {result['prior_images']} class images" if result["prior_images"] else ""
+    print(f"trained {result['method']} on {result['images']} images{prior} in {result['seconds']:.0f} s; "
           f"loss {sum(head) / len(head):.4f} -> {sum(tail) / len(tail):.4f}")
     print(f"wrote {result['file']}")
     return 0
@@ -139,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--concept", choices=["cross", "purple"], default="cross", help="held-out shape or colour to teach")
     demo.add_argument("--images", type=int, default=8, help="training images (default 8)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
+    demo.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
+                      help="regularise with the model's own images of held-in prompts (prior preservation; "
+                      "default: the method's — on for the LoRA family and dreambooth)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="sdadapt-demo", help="output folder (default ./sdadapt-demo)")
     demo.set_defaults(run=_cmd_demo)
@@ -156,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--class-prompt", default=None,
+                       help="prior preservation: the class your images belong to, e.g. 'a photo of a dog'; the "
+                       "unadapted model's images of it are trained on alongside yours (DreamBooth / reg images)")
+    train.add_argument("--class-images", type=int, default=None, help="how many class images (default: 2 x your images)")
+    train.add_argument("--prior-weight", type=float, default=1.0, help="weight of the class images' loss (default 1)")
+    train.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
+                       help="force prior preservation on/off (default: on with --class-prompt, on the toy model "
+                       "for the LoRA family and dreambooth)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("-o", "--out", default=None, help="output file (default: <folder>-<method>.safetensors)")
     train.set_defaults(run=_cmd_train)

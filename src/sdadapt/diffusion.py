@@ -305,7 +305,11 @@ def ddim_timesteps(num_inference_steps: int, *, num_train_steps: int = 1000, spa
     ``leading`` (SD's DDIM config): ``arange(n)·(T//n) + steps_offset``; ``trailing``:
     ``round(arange(T, 0, -T/n)) - 1``; ``linspace``: ``round(linspace(0, T-1, n))``.
     """
-    n, T = num_inference_steps, num_train_steps
+    return _timestep_grid(num_inference_steps, num_train_steps, spacing, steps_offset, round_linspace=True).long()
+
+
+def _timestep_grid(n: int, T: int, spacing: str, steps_offset: int, *, round_linspace: bool) -> Tensor:
+    """Descending float64 timesteps (n,) by diffusers' ``timestep_spacing`` (Euler keeps linspace unrounded)."""
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
     if spacing == "leading":
@@ -313,10 +317,11 @@ def ddim_timesteps(num_inference_steps: int, *, num_train_steps: int = 1000, spa
     elif spacing == "trailing":
         steps = torch.arange(T, 0, -T / n, dtype=torch.float64).round().flip(0) - 1
     elif spacing == "linspace":
-        steps = torch.linspace(0, T - 1, n, dtype=torch.float64).round()
+        steps = torch.linspace(0, T - 1, n, dtype=torch.float64)
+        steps = steps.round() if round_linspace else steps
     else:
         raise ValueError(f"unknown spacing {spacing!r}; use 'leading', 'trailing' or 'linspace'")
-    return steps.flip(0).long()
+    return steps.flip(0)
 
 
 def ddim_step(
@@ -498,14 +503,7 @@ def euler_sample(
     _check_prediction_type(prediction_type)
     T = alphas_cumprod.shape[0]
     sig_all = sigmas_of(alphas_cumprod.double())
-    if spacing == "linspace":
-        ts = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).flip(0)
-    elif spacing == "leading":
-        ts = (torch.arange(num_steps, dtype=torch.float64) * (T // num_steps)).round().flip(0) + steps_offset
-    elif spacing == "trailing":
-        ts = torch.arange(T, 0, -T / num_steps, dtype=torch.float64).round() - 1
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}; use 'linspace', 'leading' or 'trailing'")
+    ts = _timestep_grid(num_steps, T, spacing, steps_offset, round_linspace=False)  # (n,) float t, descending
     lo = ts.floor().long().clamp(0, T - 1)
     hi = (lo + 1).clamp(max=T - 1)
     frac = ts - lo.double()

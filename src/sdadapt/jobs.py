@@ -15,7 +15,7 @@ import torch
 from .images import image_grid, load_image_folder, write_png
 from .methods import METHODS, FitConfig, class_images, fit
 
-__all__ = ["run_demo", "run_train", "load_system"]
+__all__ = ["run_demo", "run_train", "load_system", "prior_images"]
 
 Progress = Callable[[int, int, float], None]
 
@@ -26,15 +26,58 @@ def _method(name: str):
     return METHODS[name]
 
 
-def _prior(system, method, count: int, seed: int):
-    """DreamBooth's prior-preservation data: what the unadapted model makes for held-in prompts."""
-    if not method.prior_preservation:
-        return None
-    from .toy.shapes import sample_scenes
+def _is_toy(system) -> bool:
+    from .toy.system import ToySystem
 
-    prompts = [f"a {s.colour} {s.shape}" for s in sample_scenes(count, seed=seed + 77)]
+    return isinstance(system, ToySystem)
+
+
+def prior_images(
+    system,
+    method,
+    *,
+    class_prompt: str | None = None,
+    enabled: bool | None = None,
+    count: int,
+    seed: int = 0,
+    weight: float = 1.0,
+) -> tuple[torch.Tensor, list[str], float] | None:
+    """Class images for prior preservation, or ``None`` when the run goes without.
+
+    Used when ``enabled`` (``None``: the method's ``prior`` default, or whenever a
+    ``class_prompt`` is given). The prompts are ``class_prompt`` repeated, or on the toy model
+    random held-in "a {colour} {shape}" prompts; the images are what the *unadapted* ``system``
+    makes for them (so call this before preparing the adaptation).
+
+    Returns:
+        ``(images (count, 3, H, W), prompts, weight)`` for :func:`sdadapt.methods.fit`, or ``None``.
+
+    Raises:
+        ValueError: a method that requires prior preservation run without it, or prior
+            preservation asked for on a user's model with no ``class_prompt``.
+    """
+    wanted = enabled if enabled is not None else (method.prior != "off" or class_prompt is not None)
+    if method.prior == "required" and not wanted:
+        raise ValueError(f"{method.name} is fine-tuning *with* prior preservation; to fine-tune without it use 'full'")
+    if not wanted:
+        return None
+    if count < 1:
+        raise ValueError(f"need at least one class image for prior preservation, got {count}")
+    if not weight >= 0:
+        raise ValueError(f"the prior-preservation weight must be >= 0, got {weight}")
+    if class_prompt is not None:
+        prompts = [class_prompt] * count
+    elif _is_toy(system):
+        from .toy.evaluate import class_prompts
+
+        prompts = class_prompts(count, seed=seed)
+    elif method.prior == "required" or enabled:
+        raise ValueError(f"prior preservation for {method.name} needs a class prompt: pass --class-prompt "
+                         "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog')")
+    else:
+        return None
     images, captions = class_images(system, prompts, seed=seed)
-    return images, captions, 1.0
+    return images, captions, weight
 
 
 def run_demo(
@@ -43,6 +86,7 @@ def run_demo(
     concept: str = "cross",
     images: int = 8,
     steps: int | None = None,
+    prior: bool | None = None,
     seed: int = 0,
     out: str | Path = "sdadapt-demo",
     weights: str | Path | None = None,
@@ -50,9 +94,11 @@ def run_demo(
 ) -> dict:
     """Teach the pretrained toy model a held-out concept; score before and after; write files.
 
-    Writes ``OUT/before_after.png`` (rows: training images, before, after), the adapter file
-    ``OUT/<concept>-<method>.safetensors`` and returns
-    ``{"before": scores, "after": scores, "files": {...}, "seconds": ..., "losses": [...]}``.
+    ``prior``: regularise with the model's own images of held-in prompts (``None``: the method's
+    default — on for the LoRA family and DreamBooth). Writes ``OUT/before_after.png`` (rows:
+    training images, before, after), the adapter file ``OUT/<concept>-<method>.safetensors`` and
+    returns ``{"before": scores, "after": scores, "files": {...}, "seconds": ..., "losses": [...],
+    "prior_images": n}``.
     """
     from .toy import load_toy
     from .toy.evaluate import concept_data, score
@@ -62,10 +108,10 @@ def run_demo(
     system = load_toy(weights)
     train_images, captions = concept_data(concept, images, seed=seed)
     before, before_images = score(system, concept, train_images)
-    prior = _prior(system, spec, count=2 * images, seed=seed)
-    adaptation = spec.prepare(system)
+    prior_data = prior_images(system, spec, enabled=prior, count=2 * images, seed=seed)
+    adaptation = spec.adapt(system, seed=seed)
     config = FitConfig(steps=steps or spec.steps, learning_rate=spec.learning_rate, seed=seed)
-    losses = fit(system, adaptation, train_images, captions, config=config, prior=prior, callback=progress)
+    losses = fit(system, adaptation, train_images, captions, config=config, prior=prior_data, callback=progress)
     after, after_images = score(system, concept, train_images)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +128,7 @@ def run_demo(
         "before": before,
         "after": after,
         "losses": losses,
+        "prior_images": 0 if prior_data is None else len(prior_data[1]),
         "seconds": time.perf_counter() - start,
         "files": {"grid": str(picture), "adapter": str(adapter)},
     }
@@ -108,21 +155,30 @@ def run_train(
     steps: int | None = None,
     learning_rate: float | None = None,
     batch_size: int = 4,
+    class_prompt: str | None = None,
+    class_count: int | None = None,
+    prior: bool | None = None,
+    prior_weight: float = 1.0,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict:
-    """Train ``method`` on a folder of images + captions (``NAME.txt``, or ``prompt`` for all)."""
+    """Train ``method`` on a folder of images + captions (``NAME.txt``, or ``prompt`` for all).
+
+    Prior preservation (see :func:`prior_images`): ``class_prompt`` with ``class_count`` class
+    images (default twice the instance images) weighted ``prior_weight``; on the toy model the
+    held-in prompts stand in when no ``class_prompt`` is given.
+    """
     spec = _method(method)
     system = load_system(model)
     pictures, captions = load_image_folder(images, size=system.image_size, default_caption=prompt)
-    prior = _prior(system, spec, count=2 * len(captions), seed=seed) if model == "toy" else None
-    if spec.prior_preservation and prior is None:
-        raise ValueError(f"{method} needs class images for prior preservation; with --model PATH use 'full' or a LoRA method")
-    adaptation = spec.prepare(system)
+    prior_data = prior_images(system, spec, class_prompt=class_prompt, enabled=prior, seed=seed, weight=prior_weight,
+                              count=class_count if class_count is not None else 2 * len(captions))
+    adaptation = spec.adapt(system, seed=seed)
     config = FitConfig(steps=steps or spec.steps, learning_rate=learning_rate or spec.learning_rate,
                        batch_size=batch_size, seed=seed)
     start = time.perf_counter()
-    losses = fit(system, adaptation, pictures, captions, config=config, prior=prior, callback=progress)
+    losses = fit(system, adaptation, pictures, captions, config=config, prior=prior_data, callback=progress)
     target = Path(out) if out is not None else Path(f"{Path(images).name}-{method}{spec.file_suffix}")
     saved = adaptation.save(target, metadata={"sdadapt_train": f"{method}, {config.steps} steps, {len(captions)} images"})
-    return {"method": method, "images": len(captions), "losses": losses, "seconds": time.perf_counter() - start, "file": str(saved)}
+    return {"method": method, "images": len(captions), "prior_images": 0 if prior_data is None else len(prior_data[1]),
+            "losses": losses, "seconds": time.perf_counter() - start, "file": str(saved)}

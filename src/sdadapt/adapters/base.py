@@ -210,6 +210,24 @@ def refresh_scale_after_load(module: nn.Module, incompatible_keys: object) -> No
     module.refresh_scale()  # type: ignore[operator]
 
 
+def check_ranks_and_rates(config, *, ranks: tuple[str, ...] = ("rank", "conv_rank"),
+                          rates: tuple[str, ...] = ("module_dropout",)) -> None:
+    """Validate a family config's rank fields (positive ints or ``None``) and rate fields (in [0, 1)).
+
+    Raises:
+        ValueError: naming the config class and field, e.g. ``LoHaConfig.rank must be a positive int``.
+    """
+    name = type(config).__name__
+    for field in ranks:
+        value = getattr(config, field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+    for field in rates:
+        value = getattr(config, field)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}.{field} must be in [0, 1), got {value!r}")
+
+
 def rank_alpha_for(
     geometry: LayerGeometry,
     rank: int,

@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry, rank_alpha_for, refresh_scale_after_load
+from .base import AdapterModule, LayerGeometry, check_ranks_and_rates, rank_alpha_for, refresh_scale_after_load
 from .lora import lora_scale
 from .tucker import rebuild_tucker
 
@@ -211,14 +211,9 @@ class LoKrConfig:
     module_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for field in ("rank", "conv_rank"):
-            value = getattr(self, field)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"LoKrConfig.{field} must be a positive int, got {value!r}")
+        check_ranks_and_rates(self)
         if not isinstance(self.factor, int) or self.factor == 0 or self.factor < -1:
             raise ValueError(f"LoKrConfig.factor must be -1 or a positive int, got {self.factor!r}")
-        if not 0.0 <= self.module_dropout < 1.0:
-            raise ValueError(f"LoKrConfig.module_dropout must be in [0, 1), got {self.module_dropout!r}")
 
     def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
         """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry, rank_alpha_for, refresh_scale_after_load
+from .base import AdapterModule, LayerGeometry, check_ranks_and_rates, rank_alpha_for, refresh_scale_after_load
 from .tucker import rebuild_tucker
 
 __all__ = [
@@ -184,14 +184,7 @@ class LoRAConfig:
     use_tucker: bool = False
 
     def __post_init__(self) -> None:
-        for field in ("rank", "conv_rank"):
-            value = getattr(self, field)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"LoRAConfig.{field} must be a positive int, got {value!r}")
-        for field in ("dropout", "rank_dropout", "module_dropout"):
-            value = getattr(self, field)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"LoRAConfig.{field} must be in [0, 1), got {value!r}")
+        check_ranks_and_rates(self, rates=("dropout", "rank_dropout", "module_dropout"))
         if self.init not in ("kaiming", "gaussian", "pissa"):
             raise ValueError(
                 f"LoRAConfig.init must be 'kaiming', 'gaussian' or 'pissa', got {self.init!r}"

@@ -136,6 +136,18 @@ def weighted_sum(
     return a.mul_(1.0 - alpha).add_(b, alpha=alpha)
 
 
+def _difference_inputs(tensors: Sequence[Tensor], weights: float | Sequence[float], base: Tensor | None, name: str,
+                       compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Checked ``(A, B, C, α)`` in ``compute_dtype`` for the A/B/C difference operators."""
+    _count(tensors, 2, name)
+    if base is None:
+        raise ValueError(f"{name}: needs base= (the C model the difference B − C is taken from)")
+    _same_shape(tensors, base, name)
+    alpha = _alpha(weights, name)
+    a, b = (_up(t, compute_dtype) for t in tensors)
+    return a, b, _up(base, compute_dtype), alpha
+
+
 def add_difference(
     tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
@@ -145,13 +157,8 @@ def add_difference(
     Returns:
         ``(*S)`` in ``compute_dtype``.
     """
-    _count(tensors, 2, "add_difference")
-    if base is None:
-        raise ValueError("add_difference: needs base= (the C model the difference B − C is taken from)")
-    _same_shape(tensors, base, "add_difference")
-    alpha = _alpha(weights, "add_difference")
-    a, b = (_up(t, compute_dtype) for t in tensors)
-    return a.add_(b.sub_(_up(base, compute_dtype)), alpha=alpha)
+    a, b, c, alpha = _difference_inputs(tensors, weights, base, "add_difference", compute_dtype)
+    return a.add_(b.sub_(c), alpha=alpha)
 
 
 def train_difference(
@@ -163,13 +170,8 @@ def train_difference(
     ``w`` is 0 where both distances are 0; where ``B == C`` the result is ``A``.
     ``tensors = (A, B)``, ``base = C``.
     """
-    _count(tensors, 2, "train_difference")
-    if base is None:
-        raise ValueError("train_difference: needs base= (the C model)")
-    _same_shape(tensors, base, "train_difference")
-    alpha = _alpha(weights, "train_difference")
-    a, b = (_up(t, compute_dtype) for t in tensors)
-    diff = b - _up(base, compute_dtype)  # (*S) B − C
+    a, b, c, alpha = _difference_inputs(tensors, weights, base, "train_difference", compute_dtype)
+    diff = b - c  # (*S) B − C
     far = (b - a).abs_()  # (*S) |B − A|
     denominator = diff.abs() + far
     w = torch.where(denominator > 0, far / denominator.clamp_min(torch.finfo(compute_dtype).tiny), torch.zeros_like(far))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
 
 from .finetune import FullAdaptation, class_images, prepare_full
 from .fit import Adaptation, FitConfig, fit
@@ -17,6 +20,7 @@ from .lora import AdapterAdaptation, prepare_dora, prepare_locon, prepare_loha, 
 
 __all__ = [
     "Method",
+    "Prior",
     "METHODS",
     "register_method",
     "Adaptation",
@@ -34,17 +38,37 @@ __all__ = [
 ]
 
 
+Prior = Literal["off", "auto", "required"]
+
+
 @dataclass(frozen=True)
 class Method:
-    """One training method: ``prepare(system) -> Adaptation`` plus its defaults."""
+    """One training method: ``prepare(system) -> Adaptation`` plus its defaults.
+
+    ``prior`` says whether it regularises with *class images* (DreamBooth's prior preservation,
+    kohya's "reg images": what the unadapted model makes for a class prompt, trained on alongside
+    the instance images): ``"off"`` only when asked, ``"auto"`` whenever class prompts are known
+    (always on the toy model; with ``--class-prompt`` on a user's model), ``"required"`` always
+    (an error without class prompts).
+    """
 
     name: str
     summary: str
     prepare: Callable[..., Adaptation]
     learning_rate: float
     steps: int
-    prior_preservation: bool = False
+    prior: Prior = "off"
     file_suffix: str = ".safetensors"
+
+    def adapt(self, system, *, seed: int = 0) -> Adaptation:
+        """``prepare(system)`` with the adapters' random initialisation drawn from ``seed``.
+
+        The global torch RNG is forked, so the caller's random state is left as it was and the
+        same seed gives the same adapters (hence the same training run) every time.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.prepare(system)
 
 
 METHODS: dict[str, Method] = {}
@@ -55,10 +79,10 @@ def register_method(method: Method) -> None:
     METHODS[method.name] = method
 
 
-register_method(Method("lora", "LoRA r8 on the UNet transformer blocks and the text encoder (kohya file)", prepare_lora, 2e-3, 300))
-register_method(Method("locon", "LoRA + conv LoRA on every UNet block layer (kohya LoCon file)", prepare_locon, 2e-3, 300))
-register_method(Method("loha", "LoHa r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_loha, 2e-3, 300))
-register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 2e-3, 300))
-register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 2e-3, 300))
-register_method(Method("full", "native fine-tune of the whole UNet", prepare_full, 2e-4, 300))
-register_method(Method("dreambooth", "fine-tune of the UNet with prior preservation", prepare_full, 2e-4, 300, prior_preservation=True))
+register_method(Method("lora", "LoRA r8 on the UNet transformer blocks and the text encoder (kohya file)", prepare_lora, 3e-3, 600, "auto"))
+register_method(Method("locon", "LoRA + conv LoRA on every UNet block layer (kohya LoCon file)", prepare_locon, 3e-3, 600, "auto"))
+register_method(Method("loha", "LoHa r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_loha, 3e-3, 600, "auto"))
+register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 3e-3, 600, "auto"))
+register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto"))
+register_method(Method("full", "native fine-tune of the whole UNet", prepare_full, 2e-4, 600))
+register_method(Method("dreambooth", "fine-tune of the UNet with prior preservation", prepare_full, 2e-4, 600, "required"))

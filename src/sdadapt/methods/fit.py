@@ -46,7 +46,7 @@ class FitConfig:
     batch_size: int = 4
     learning_rate: float = 1e-3
     warmup_steps: int = 20
-    schedule: str = "warmup"
+    schedule: str = "cosine"
     seed: int = 0
     step: StepConfig = field(default_factory=lambda: StepConfig(min_snr_gamma=5.0))
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .shapes import COLOURS, HELD_OUT_COLOURS, HELD_OUT_SHAPES, SHAPES, Scene, sample_scenes, scene_batch
 
-__all__ = ["CONCEPTS", "concept_data", "concept_prompts", "score"]
+__all__ = ["CONCEPTS", "concept_data", "concept_prompts", "class_prompts", "score"]
 
 CONCEPTS = HELD_OUT_SHAPES + HELD_OUT_COLOURS
 _HELD_IN_SHAPES = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES)
@@ -44,6 +44,15 @@ def concept_prompts(concept: str) -> list[tuple[str, Scene]]:
     if _attribute(concept) == "shape":
         return [(f"a {c} {concept}", Scene(concept, c)) for c in _HELD_IN_COLOURS]
     return [(f"a {concept} {s}", Scene(s, concept)) for s in _HELD_IN_SHAPES]
+
+
+def class_prompts(count: int, *, seed: int = 0) -> list[str]:
+    """Prompts for prior-preservation class images on the toy model: random held-in "a {colour} {shape}".
+
+    The toy world has no single class noun ("dog"); its class is "a coloured shape", so the
+    regularisation set is what the unadapted model draws for held-in shapes and colours.
+    """
+    return [f"a {s.colour} {s.shape}" for s in sample_scenes(count, seed=seed + 77)]
 
 
 @torch.no_grad()
