@@ -26,12 +26,6 @@ def _method(name: str):
     return METHODS[name]
 
 
-def _is_toy(system) -> bool:
-    from .toy.system import ToySystem
-
-    return isinstance(system, ToySystem)
-
-
 def prior_images(
     system,
     method,
@@ -45,9 +39,10 @@ def prior_images(
     """Class images for prior preservation, or ``None`` when the run goes without.
 
     Used when ``enabled`` (``None``: the method's ``prior`` default, or whenever a
-    ``class_prompt`` is given). The prompts are ``class_prompt`` repeated, or on the toy model
-    random held-in "a {colour} {shape}" prompts; the images are what the *unadapted* ``system``
-    makes for them (so call this before preparing the adaptation).
+    ``class_prompt`` is given). The prompts are ``class_prompt`` repeated, or the system's own
+    ``class_prompts(count, seed=)`` when it has one (the toy model: random held-in
+    "a {colour} {shape}"); the images are what the *unadapted* ``system`` makes for them (so
+    call this before preparing the adaptation).
 
     Returns:
         ``(images (count, 3, H, W), prompts, weight)`` for :func:`sdadapt.methods.fit`, or ``None``.
@@ -67,10 +62,8 @@ def prior_images(
         raise ValueError(f"the prior-preservation weight must be >= 0, got {weight}")
     if class_prompt is not None:
         prompts = [class_prompt] * count
-    elif _is_toy(system):
-        from .toy.evaluate import class_prompts
-
-        prompts = class_prompts(count, seed=seed)
+    elif hasattr(system, "class_prompts"):  # a system with its own default class (the toy one)
+        prompts = system.class_prompts(count, seed=seed)
     elif method.prior == "required" or enabled:
         raise ValueError(f"prior preservation for {method.name} needs a class prompt: pass --class-prompt "
                          "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog')")

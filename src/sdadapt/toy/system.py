@@ -73,6 +73,13 @@ class ToySystem(nn.Module):
 
         return model
 
+    @staticmethod
+    def class_prompts(count: int, *, seed: int = 0) -> list[str]:
+        """Prior-preservation prompts when the user gives no class prompt: random held-in "a {colour} {shape}"."""
+        from .evaluate import class_prompts
+
+        return class_prompts(count, seed=seed)
+
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 2.0,
                negative: str = "", image_embeds: Tensor | None = None, model=None, cond: dict | None = None) -> Tensor:
