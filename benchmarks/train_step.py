@@ -9,10 +9,10 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     to_q/to_k/to_v/to_out.0 (``unet.add_adapter``, LoRA params upcast to fp32), ``torch.optim.AdamW``
     (foreach), grad clipping 1.0; full fine-tune: fp32 UNet + AdamW; textual inversion: the whole
     token-embedding matrix trainable, non-placeholder rows restored after each step.
-``sdadapt`` — :func:`sdadapt.train.train_step` on latents and text states encoded once
-    (:mod:`sdadapt.latent_cache` in real runs), adapters injected by ``sdadapt.inject`` with a
+``sdadapt`` — :func:`sdadapt.training.step.train_step` on latents and text states encoded once
+    (:mod:`sdadapt.training.latent_cache` in real runs), adapters injected by ``sdadapt.inject`` with a
     frozen base in the compute dtype, channels_last on CUDA, fused AdamW on CUDA; batch 1 on CUDA
-    uses :class:`sdadapt.step_capture.CapturedStep` (one CUDA graph per step). Full fine-tune
+    uses :class:`sdadapt.training.step_capture.CapturedStep` (one CUDA graph per step). Full fine-tune
     "lean" on CUDA: bf16 weights with stochastic rounding, int8 AdamW states fused into backward
     (no gradient buffers, so no global clipping), gradient checkpointing on transformer and ResNet
     blocks; on CPU fp32 weights and fused ``torch.optim.AdamW`` (time, not memory, is short). Textual
@@ -191,8 +191,8 @@ def build_reference(mode: str, models: Models, device, mp_dtype, batch):
 # ------------------------------------------------------------------------------------ sdadapt
 def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: bool):
     import sdadapt
-    from sdadapt import diffusion
-    from sdadapt.train import StepConfig, TrainState, train_step
+    from sdadapt.training import diffusion
+    from sdadapt.training.step import StepConfig, TrainState, train_step
 
     cuda = device.type == "cuda"
     weight_dtype = mp_dtype or torch.float32
@@ -216,7 +216,7 @@ def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: b
         else:
             optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     elif mode == "full":
-        from sdadapt.optim import AdamW, fuse_optimizer_into_backward
+        from sdadapt.training.optim import AdamW, fuse_optimizer_into_backward
 
         unet.requires_grad_(True)
         unet.train()
@@ -225,7 +225,7 @@ def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: b
             from diffusers.models.attention import BasicTransformerBlock
             from diffusers.models.resnet import ResnetBlock2D
 
-            from sdadapt.checkpointing import enable_checkpointing
+            from sdadapt.training.grad_checkpointing import enable_checkpointing
 
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock, ResnetBlock2D))
             optimizer = fuse_optimizer_into_backward(params, lambda ps: AdamW(ps, lr=1e-5, state_dtype="int8"))
@@ -249,7 +249,7 @@ def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: b
         capture = False
     config = StepConfig(mixed_precision={torch.bfloat16: "bf16"}.get(mp_dtype), max_grad_norm=max_norm, channels_last=cuda)
     if cuda and capture:
-        from sdadapt.step_capture import CapturedStep
+        from sdadapt.training.step_capture import CapturedStep
 
         captured = CapturedStep(model, params=params, optimizer=optimizer, config=config, alphas_cumprod=ac)
 

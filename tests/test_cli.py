@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdadapt.__main__ import main
+from sdadapt.cli import main
 from sdadapt.formats import save_diffusers, save_kohya, save_peft, to_kohya, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]

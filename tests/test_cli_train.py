@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sdadapt
-from sdadapt.__main__ import main
+from sdadapt.cli import main
 from sdadapt.images import write_png
 
 diffusers = pytest.importorskip("diffusers")

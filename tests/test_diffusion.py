@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdadapt import diffusion as D
+from sdadapt.training import diffusion as D
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdadapt.formats.files import WeightFileError
-from sdadapt.latent_cache import CacheMismatchError, LatentCache, LatentCacheWriter
+from sdadapt.training.latent_cache import CacheMismatchError, LatentCache, LatentCacheWriter
 
 
 def _items(n=7):
@@ -81,7 +81,7 @@ def test_writer_rejects_inconsistent_items(tmp_path):
 
 def test_cached_batches_train_like_fresh_tensors(tmp_path):
     """A step fed from the cache sees exactly the tensors it would have computed."""
-    from sdadapt.train import StepConfig, TrainState, train_step
+    from sdadapt.training.step import StepConfig, TrainState, train_step
 
     items = [(f"i{k}", torch.randn(4, 8, 8), torch.randn(6)) for k in range(4)]
     _write(tmp_path / "c", items)

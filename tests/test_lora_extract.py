@@ -16,16 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdadapt.adapters.lora import lora_delta_weight
-from sdadapt.merge.checkpoint_layers import checkpoint_layers, detect_base_model, is_lora_target
-from sdadapt.merge.lora_combine import add_delta, combine_lora_states, concat_layers, layer_delta
-from sdadapt.merge.lora_extract import (
+from sdadapt.loratools.checkpoint_layers import checkpoint_layers, detect_base_model, is_lora_target
+from sdadapt.loratools.combine import add_delta, combine_lora_states, concat_layers, layer_delta
+from sdadapt.loratools.extract import (
     clamp_factors,
     extract_layer,
     low_rank_factors,
     select_rank,
     truncated_svd,
 )
-from sdadapt.merge.lora_resize import factored_svd, resize_layer, resize_lora_state
+from sdadapt.loratools.resize import factored_svd, resize_layer, resize_lora_state
 
 SETTINGS = settings(max_examples=15, deadline=None)
 
@@ -385,7 +385,7 @@ def _kohya_sd1_slot(kind: str, i: int, j: int) -> int:
 @SETTINGS
 @given(st.integers(0, 3), st.integers(0, 2), st.sampled_from(["down", "downsample", "up", "upsample"]))
 def test_block_slot_matches_kohya_index(i, j, kind):
-    from sdadapt.merge.lora_block_weights import block_slot
+    from sdadapt.loratools.block_weights import block_slot
 
     if kind == "down":
         if j > 1:
@@ -405,7 +405,7 @@ def test_block_slot_matches_kohya_index(i, j, kind):
 
 
 def test_block_weight_vectors_expand_like_kohya():
-    from sdadapt.merge.lora_block_weights import BLOCK_IDS, block_slot, expand_block_weights
+    from sdadapt.loratools.block_weights import BLOCK_IDS, block_slot, expand_block_weights
 
     vector17 = [float(v) for v in range(2, 19)]  # BASE=2, IN01=3, ...
     weights = expand_block_weights(vector17, base_model="sd1")

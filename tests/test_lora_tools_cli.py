@@ -25,12 +25,12 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, tiny_unet_sdxl, unet_inputs  # noqa: E402
 
 import sdadapt  # noqa: E402
-from sdadapt.__main__ import main  # noqa: E402
+from sdadapt.cli import main  # noqa: E402
 from sdadapt.formats import load_lora  # noqa: E402
 from sdadapt.formats.unet_names import diffusers_to_ldm_unet, ldm_to_diffusers_unet  # noqa: E402
-from sdadapt.merge import lora_files  # noqa: E402
-from sdadapt.merge.checkpoint_layers import is_lora_target  # noqa: E402
-from sdadapt.merge.lora_combine import layer_delta  # noqa: E402
+from sdadapt.loratools import jobs as lora_files  # noqa: E402
+from sdadapt.loratools.checkpoint_layers import is_lora_target  # noqa: E402
+from sdadapt.loratools.combine import layer_delta  # noqa: E402
 from sdadapt.formats.layers import group_by_layer  # noqa: E402
 
 LDM = "model.diffusion_model."
@@ -429,7 +429,7 @@ def test_clear_errors(sd1, tmp_path, capsys, monkeypatch):
 
 
 def test_merge_with_block_weights(sd1, tmp_path, capsys):
-    from sdadapt.merge.lora_block_weights import BLOCK_IDS, block_slot
+    from sdadapt.loratools.block_weights import BLOCK_IDS, block_slot
 
     files = sd1["files"]
     lora = tmp_path / "lbw.safetensors"

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import sdadapt
-from sdadapt.__main__ import main as cli_main
+from sdadapt.cli import main as cli_main
 from sdadapt.formats import describe_file, load_lora, save_lora
 from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, tiny_unet_sdxl, unet_inputs
 

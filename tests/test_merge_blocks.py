@@ -16,7 +16,7 @@ from sdadapt.merge.blocks import (
     lora_block_weights,
     parse_block_weights,
 )
-from sdadapt.merge.lora_combine import layer_delta
+from sdadapt.loratools.combine import layer_delta
 
 pytest.importorskip("diffusers")
 from merge_layouts import layout  # noqa: E402

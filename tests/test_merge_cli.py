@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdadapt.__main__ import main
+from sdadapt.cli import main
 from sdadapt.merge.engine import merge_file
 from sdadapt.merge.recipe import MergeStep
 from test_merge_engine import U, load_file_metadata, mini, save

@@ -1,4 +1,4 @@
-"""sdadapt.optim against torch / transformers / diffusers and naive float64 references, plus
+"""sdadapt.training.optim against torch / transformers / diffusers and naive float64 references, plus
 statistical tests of stochastic rounding and invariants of the fused backward pass."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sdadapt.optim import (
+from sdadapt.training.optim import (
     Adafactor,
     AdamW,
     copy_stochastic_,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sdadapt
-from sdadapt.__main__ import main
+from sdadapt.cli import main
 from sdadapt.images import decode_png
 from sdadapt.toy import DEFAULT_WEIGHTS, load_toy
 from sdadapt.toy.pretrain import held_in_accuracy

@@ -11,7 +11,7 @@ from torch import nn
 
 import sdadapt
 from sdadapt.targets import by_type
-from sdadapt.train import EMA, StepConfig, TrainState, load_training_state, save_training_state, train_step
+from sdadapt.training.step import EMA, StepConfig, TrainState, load_training_state, save_training_state, train_step
 
 
 class ToyDenoiser(nn.Module):
@@ -272,7 +272,7 @@ def test_fp16_loss_scaler_path_learns():
 
 
 def test_captured_step_falls_back_to_eager_with_identical_results_on_cpu():
-    from sdadapt.step_capture import CapturedStep, capture_problems
+    from sdadapt.training.step_capture import CapturedStep, capture_problems
 
     a, pa = _losses_with(StepConfig(min_snr_gamma=5.0), steps=5)
     model, handle, params, optimizer = _setup(seed=0)
@@ -290,7 +290,7 @@ def test_captured_step_falls_back_to_eager_with_identical_results_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_step_matches_eager_steps():
-    from sdadapt.step_capture import CapturedStep
+    from sdadapt.training.step_capture import CapturedStep
 
     results = []
     for captured in (False, True):
@@ -318,7 +318,7 @@ def test_cuda_graph_step_matches_eager_steps():
 
 
 def test_fused_backward_optimizer_equals_the_plain_step():
-    from sdadapt.optim import AdamW, fuse_optimizer_into_backward
+    from sdadapt.training.optim import AdamW, fuse_optimizer_into_backward
 
     cfg = StepConfig(max_grad_norm=None)
     runs = []

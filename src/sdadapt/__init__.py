@@ -8,7 +8,7 @@ Quick start::
     sdadapt.formats.save_kohya("my_lora.safetensors", {"unet": handle.state_dict()})
 """
 
-from . import checkpointing, diffusion, formats, latent_cache, merge, optim, step_capture, targets, train
+from . import formats, loratools, merge, targets, training
 from .adapters import (
     DoRAConfig,
     FullConfig,
@@ -23,7 +23,7 @@ from .apply import AppliedDelta, apply_lora
 from .formats import WeightFileError, load_lora, save_lora
 from .inject import AdapterHandle, adapter_names, inject, load_adapter
 from .targets import NoTargetsError, by_name, by_regex, by_type, select
-from .train import StepConfig, TrainState, train_step
+from .training import StepConfig, TrainState, train_step
 
 __version__ = "0.1.0"
 
@@ -32,12 +32,8 @@ __all__ = [
     "targets",
     "formats",
     "merge",
-    "diffusion",
-    "train",
-    "optim",
-    "checkpointing",
-    "latent_cache",
-    "step_capture",
+    "loratools",
+    "training",
     "train_step",
     "StepConfig",
     "TrainState",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import diffusion
+from .training import diffusion
 
 __all__ = ["DiffusersSystem", "ModelFolderError"]
 

@@ -1,6 +1,7 @@
-"""Merging: checkpoint merge operators, block weights, the streaming engine and recipes; LoRA tools.
+"""Checkpoint merging: operators, block weights, the streaming engine and recipes.
 
-See docs/merge.md (checkpoint merges) and docs/lora-tools.md (LoRA extract/resize/combine/merge).
+See docs/merge.md. The LoRA file tools (extract, resize, combine, bake into a checkpoint) are
+:mod:`sdadapt.loratools` (docs/lora-tools.md).
 """
 
 from . import operators
@@ -31,12 +32,6 @@ from .operators import (
 from .recipe import KeyPolicy, MergeStep, load_recipe
 from .sources import TensorSource, open_source, sha256_of
 from .writer import write_streaming
-from .checkpoint_layers import LayerSlot, checkpoint_layers, detect_base_model, is_lora_target
-from .lora_block_weights import BLOCK_IDS, block_slot, expand_block_weights
-from .lora_combine import add_delta, combine_lora_states, concat_layers, layer_delta
-from .lora_extract import ExtractedLayer, extract_layer, low_rank_factors, select_rank, truncated_svd
-from .lora_files import combine_loras, extract_lora, merge_loras_into_checkpoint, resize_lora
-from .lora_resize import factored_svd, resize_layer, resize_lora_state
 
 __all__ = [
     # checkpoint merge operators
@@ -74,30 +69,4 @@ __all__ = [
     "open_source",
     "sha256_of",
     "write_streaming",
-    # LoRA math
-    "extract_layer",
-    "ExtractedLayer",
-    "low_rank_factors",
-    "select_rank",
-    "truncated_svd",
-    "resize_layer",
-    "resize_lora_state",
-    "factored_svd",
-    "concat_layers",
-    "combine_lora_states",
-    "layer_delta",
-    "add_delta",
-    # checkpoints and block weights
-    "LayerSlot",
-    "checkpoint_layers",
-    "detect_base_model",
-    "is_lora_target",
-    "BLOCK_IDS",
-    "block_slot",
-    "expand_block_weights",
-    # file jobs
-    "extract_lora",
-    "resize_lora",
-    "combine_loras",
-    "merge_loras_into_checkpoint",
 ]

@@ -25,7 +25,7 @@ Diffusers keys (``unet.down_blocks.0...``) are mapped to their LDM module path w
 name map (:mod:`sdadapt.formats.unet_names`) and get the same block.
 
 LoRA block-weight vectors (12/17/20/26 values, kohya/hako-mikan layout) are applied to a LoRA state
-by :func:`lora_block_weights`, built on :mod:`.lora_block_weights`.
+by :func:`lora_block_weights`, built on :mod:`sdadapt.loratools.block_weights`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from torch import Tensor
 
 from ..formats.unet_names import diffusers_to_ldm_unet
-from .lora_block_weights import block_slot, expand_block_weights
+from ..loratools.block_weights import block_slot, expand_block_weights
 
 __all__ = [
     "BLOCKS_SD",
@@ -178,7 +178,7 @@ def lora_block_weights(
     Args:
         component_state: the canonical LoRA state ``{component: {"<layer>.lora_up.weight": ...}}``
             (as :func:`sdadapt.formats.load_lora` returns); not modified.
-        weights: 17/26 values (SD1/SD2) or 12/20 values (SDXL), see :mod:`.lora_block_weights`
+        weights: 17/26 values (SD1/SD2) or 12/20 values (SDXL), see :mod:`sdadapt.loratools.block_weights`
             for the slots; slots a short vector does not name keep 1. Text encoders take BASE.
         base_model: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; default: from the vector length.
 

@@ -22,8 +22,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ..optim import lr_at, set_lr
-from ..train import StepConfig, TrainState, train_step
+from ..training.optim import lr_at, set_lr
+from ..training.step import StepConfig, TrainState, train_step
 
 __all__ = ["Adaptation", "FitConfig", "fit"]
 

@@ -1,7 +1,7 @@
 """Build the shipped toy weights: ``python -m sdadapt.toy.pretrain [--out FILE] [--unet-steps N]``.
 
 1. The judge CLIP, contrastively, on every concept (held-out ones included).
-2. The text encoder + UNet jointly, with :func:`sdadapt.train.train_step` (ε-prediction, linear
+2. The text encoder + UNet jointly, with :func:`sdadapt.training.step.train_step` (ε-prediction, linear
    DDPM schedule, min-SNR-5, EMA 0.999), on every concept *except* the held-out shape and colour;
    10 % of captions dropped (for classifier-free guidance), 25 % of samples also conditioned on the
    judge's image embedding of their own image (image variations / CLIP inversion).
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from ..optim import lr_at, set_lr
-from ..train import EMA, StepConfig, TrainState, train_step
+from ..training.optim import lr_at, set_lr
+from ..training.step import EMA, StepConfig, TrainState, train_step
 from .shapes import COLOURS, SHAPES, sample_scenes, scene_batch
 from ..formats.files import read_safetensors_header
 from .system import DEFAULT_WEIGHTS, ToySystem, build_toy, load_toy, save_toy

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .. import diffusion
+from ..training import diffusion
 from ..formats.files import WeightFileError, read_safetensors, write_safetensors
 from .clip import ToyCLIP
 from .text_encoder import ToyTextEncoder

@@ -15,12 +15,12 @@ they train for real, let ``torch.compile`` (if you compiled the model) and cuDNN
 allocate the optimiser state; call ``warmup_steps + 1`` captures the graph and replays it, and
 every later call only copies the new batch into the static input buffers and replays.
 Noise and timesteps are drawn eagerly from ``state.generator`` before each replay (so runs are
-reproducible and identical to :func:`~sdadapt.train.train_step`'s); dropout inside the model
+reproducible and identical to :func:`~sdadapt.training.step.train_step`'s); dropout inside the model
 uses the default CUDA generator, which graphs support. Changing the learning rate: give the
 optimiser a tensor ``lr`` and ``fill_`` it. Requirements, checked with clear errors: a CUDA
 device, a ``capturable`` optimiser, ``accumulation_steps == 1``, no fp16 loss scaler (use bf16),
 the same shapes every call. On CPU, or when a requirement is not met and ``strict=False``, the
-object runs plain :func:`~sdadapt.train.train_step` semantics eagerly.
+object runs plain :func:`~sdadapt.training.step.train_step` semantics eagerly.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .train import StepConfig, TrainState, clip_and_step, prepare_batch, step_loss
+from .step import StepConfig, TrainState, clip_and_step, prepare_batch, step_loss
 
 __all__ = ["CapturedStep", "CaptureError", "capture_problems"]
 
@@ -114,7 +114,7 @@ class CapturedStep:
                 raise CaptureError(f"batch field {key!r} is not a tensor and changed; captured steps need tensors")
 
     def __call__(self, batch: Mapping[str, object], *, state: TrainState) -> dict[str, Tensor]:
-        """One optimiser step on ``batch`` (same keys as :func:`~sdadapt.train.train_step`)."""
+        """One optimiser step on ``batch`` (same keys as :func:`~sdadapt.training.step.train_step`)."""
         prepared = prepare_batch(batch, state=state, config=self.config, alphas_cumprod=self.alphas_cumprod)
         self.calls += 1
         if self.problems:  # CPU or not capturable: eager, same semantics

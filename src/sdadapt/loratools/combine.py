@@ -15,7 +15,7 @@ Math. LoRA ``i`` changes a layer by ``Δ_i = (alpha_i / r_i) · up_i ⋅ down_i`
   so ``up ⋅ down = Σ_i s_i Δ_i`` exactly — no cross terms (kohya's ``merge_lora.py`` without
   ``--concat`` adds the factors instead, which is exact only for a single LoRA).
 * **SVD re-compression**: the concatenation, then the best rank-r factors of ``Σ s_i Δ_i``
-  computed from the thin factors (see :func:`sdadapt.merge.lora_resize.factored_svd`), ``alpha = r``
+  computed from the thin factors (see :func:`sdadapt.loratools.resize.factored_svd`), ``alpha = r``
   (kohya's ``svd_merge_lora.py`` without forming the dense deltas).
 """
 
@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ..adapters.lora import lora_delta_weight, lora_scale
 from ..formats.layers import group_by_layer
-from .lora_extract import factors_from_svd
-from .lora_resize import factored_svd
+from .extract import factors_from_svd
+from .resize import factored_svd
 
 __all__ = [
     "layer_delta",

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch.utils.checkpoint
 from torch import nn
 
-from .targets import Target, select
+from ..targets import Target, select
 
 __all__ = ["CheckpointHandle", "enable_checkpointing"]
 

@@ -6,8 +6,8 @@ output before doing any work (exists → needs ``overwrite=True``; not enough fr
 error naming both numbers), and writes atomically (a temporary file in the target folder, renamed
 at the end). LoRAs are written in kohya format (:func:`sdadapt.formats.save_kohya`) with per-layer
 alphas, which kohya, A1111, ComfyUI and diffusers load; the math lives in
-:mod:`~sdadapt.merge.lora_extract`, :mod:`~sdadapt.merge.lora_resize` and
-:mod:`~sdadapt.merge.lora_combine`.
+:mod:`~sdadapt.loratools.extract`, :mod:`~sdadapt.loratools.resize` and
+:mod:`~sdadapt.loratools.combine`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from ..formats import WeightFileError, load_lora, save_kohya
 from ..formats.files import read_safetensors_header, sniff_format
 from ..formats.kohya import BASE_MODELS
 from ..formats.layers import group_by_layer
-from .lora_block_weights import expand_block_weights, lora_block_weight_fn
+from .block_weights import expand_block_weights, lora_block_weight_fn
 from .checkpoint_layers import LayerSlot, checkpoint_layers, detect_base_model, is_lora_target
-from .lora_combine import add_delta, combine_lora_states, layer_delta
-from .lora_extract import RANK_METHODS, extract_layer
-from .lora_resize import resize_lora_state
+from .combine import add_delta, combine_lora_states, layer_delta
+from .extract import RANK_METHODS, extract_layer
+from .resize import resize_lora_state
 
 if TYPE_CHECKING:
-    from .sources import TensorSource
+    from ..merge.sources import TensorSource
 
 __all__ = [
     "LayerReport",
@@ -234,7 +234,7 @@ def extract_lora(
             nothing to extract, not enough disk space.
         FileExistsError: ``out`` exists and ``overwrite`` is false.
     """
-    from .sources import open_source
+    from ..merge.sources import open_source
 
     _check_method(method, param)
     _check_dtype(dtype)
@@ -456,7 +456,7 @@ def combine_loras(
     overwrite: bool = False,
 ) -> LoRAJobReport:
     """Combine several LoRA files into one that applies ``Σ s_i Δ_i`` (see
-    :func:`sdadapt.merge.lora_combine.combine_lora_states`): ``mode="concat"`` exact (rank = sum of
+    :func:`sdadapt.loratools.combine.combine_lora_states`): ``mode="concat"`` exact (rank = sum of
     ranks), ``mode="svd"`` re-compressed to ``rank``."""
     _check_method(method, param)
     _check_dtype(dtype)
@@ -524,7 +524,7 @@ def merge_loras_into_checkpoint(
         loras: kohya or diffusers LoRA files.
         strengths: one multiplier for all LoRAs or one per LoRA.
         block_weights: per LoRA, ``None`` or a LoRA block-weight vector (kohya's LBW: 12/20 values
-            for SDXL, 17/26 for SD1/SD2; see :mod:`sdadapt.merge.lora_block_weights`).
+            for SDXL, 17/26 for SD1/SD2; see :mod:`sdadapt.loratools.block_weights`).
         dtype: cast floating tensors of the output (default: keep each tensor's dtype).
         skip_unmatched: merge what matches and report the rest, instead of raising.
 
@@ -533,8 +533,8 @@ def merge_loras_into_checkpoint(
             not enough disk space.
         FileExistsError: ``out`` exists and ``overwrite`` is false.
     """
-    from .sources import open_source
-    from .writer import write_streaming
+    from ..merge.sources import open_source
+    from ..merge.writer import write_streaming
 
     _check_dtype(dtype)
     if not loras:

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .formats.files import WeightFileError, atomic_write, write_safetensors
+from ..formats.files import WeightFileError, atomic_write, write_safetensors
 
 __all__ = ["LatentCacheWriter", "LatentCache", "CacheMismatchError"]
 

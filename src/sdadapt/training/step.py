@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import diffusion
-from .formats.files import atomic_write, read_safetensors, write_safetensors
+from ..formats.files import atomic_write, read_safetensors, write_safetensors
 from .optim import FusedBackward
 
 __all__ = [
@@ -222,8 +222,8 @@ def train_step(
             "noise": optional fixed ε (B,C,H,W), "timesteps": optional fixed t (B,)}``.
             The step's generator is advanced the same way either way, so runs stay reproducible.
         params: the trainable parameters (clipping and EMA act on these).
-        optimizer: a torch optimiser over ``params``, or the :class:`~sdadapt.optim.FusedBackward`
-            handle of :func:`~sdadapt.optim.fuse_optimizer_into_backward` (the update then
+        optimizer: a torch optimiser over ``params``, or the :class:`~sdadapt.training.optim.FusedBackward`
+            handle of :func:`~sdadapt.training.optim.fuse_optimizer_into_backward` (the update then
             happens inside ``backward()``; needs ``max_grad_norm=None``, no accumulation, no fp16).
         alphas_cumprod: (T,) of the noise schedule, on the latents' device.
         encode_latents: used (under ``no_grad``) when the batch carries ``"images"`` instead of

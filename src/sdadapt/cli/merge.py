@@ -56,7 +56,7 @@ class ProgressBar:
 
 
 def _policy(args: argparse.Namespace):
-    from .recipe import KeyPolicy
+    from ..merge.recipe import KeyPolicy
 
     return KeyPolicy(
         components=tuple(args.components.split(",")) if args.components else KeyPolicy().components,
@@ -68,7 +68,7 @@ def _policy(args: argparse.Namespace):
 
 
 def _run(step, args: argparse.Namespace, *, out: str, known_hashes=None, verify: bool = False) -> int:
-    from .engine import merge_file
+    from ..merge.engine import merge_file
 
     progress = None if args.quiet else ProgressBar(f"merge {step.operator}")
     started = time.perf_counter()
@@ -80,7 +80,7 @@ def _run(step, args: argparse.Namespace, *, out: str, known_hashes=None, verify:
 
 
 def _step(args: argparse.Namespace, operator: str, inputs: list[str], **fields: Any):
-    from .recipe import MergeStep
+    from ..merge.recipe import MergeStep
 
     return MergeStep(operator=operator, inputs=tuple(inputs), dtype=None if args.dtype == "keep" else args.dtype,
                      compute_dtype=args.compute_dtype, policy=_policy(args), **fields)
@@ -133,7 +133,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         return 2
     if not args.recipe_out:
         raise ValueError("merge --recipe needs -o OUT (the file to write)")
-    from .recipe import load_recipe
+    from ..merge.recipe import load_recipe
 
     step, hashes = load_recipe(args.recipe)
     if args.device is None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdadapt.checkpointing import enable_checkpointing
+from sdadapt.training.grad_checkpointing import enable_checkpointing
 from sdadapt.targets import NoTargetsError, by_regex
 
 

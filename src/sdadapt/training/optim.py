@@ -312,7 +312,7 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise ValueError("sdadapt.optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                    raise ValueError("sdadapt.training.optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
                 state = self.state[p]
                 if not state:
                     self._init_state(state, p, group)
@@ -469,7 +469,7 @@ class Adafactor(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise ValueError("sdadapt.optim.Adafactor does not support sparse gradients")
+                    raise ValueError("sdadapt.training.optim.Adafactor does not support sparse gradients")
                 grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
                 g = self._factored_view(grad, group)  # (R, C), (..., R, C) or (n,)
                 factored = g.dim() >= 2

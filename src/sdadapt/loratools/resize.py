@@ -5,7 +5,7 @@ unscaled product ``P = up ⋅ down`` (out, in·k) — computed from the thin fac
 matrix: with ``up = Q₁R₁`` and ``downᵀ = Q₂R₂`` (QR), ``P = Q₁ (R₁R₂ᵀ) Q₂ᵀ`` and the SVD of the
 small ``r × r`` core gives ``P``'s exactly — then keeps ``r'`` singular triplets (fixed, or
 kohya's ``sv_ratio`` / ``sv_cumulative`` / ``sv_fro`` rules, see
-:mod:`sdadapt.merge.lora_extract`) and writes
+:mod:`sdadapt.loratools.extract`) and writes
 
     alpha' = (alpha / r) · r'      so   alpha' / r' = alpha / r   (kohya's resize_lora.py)
 
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..adapters.lora import lora_scale
 from ..formats.layers import group_by_layer
-from .lora_extract import factors_from_svd
+from .extract import factors_from_svd
 
 __all__ = ["factored_svd", "resize_layer", "resize_lora_state", "ResizedLayer"]
 

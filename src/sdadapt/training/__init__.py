@@ -1,0 +1,32 @@
+"""Training: diffusion math, the compact step, optimisers, step capture, latent cache, gradient checkpointing.
+
+| module | what it owns |
+|---|---|
+| :mod:`.diffusion` | schedules, noising, ε/v/x0 targets, SNR weights, losses, DDIM/Euler samplers, inversion |
+| :mod:`.step` | the one-screen :func:`train_step`, :class:`StepConfig`, resumable :class:`TrainState`, EMA |
+| :mod:`.optim` | lean optimisers (fp32/bf16/int8 AdamW states, Adafactor), fused backward, LR schedules |
+| :mod:`.step_capture` | the whole step in one CUDA graph (:class:`CapturedStep`) |
+| :mod:`.latent_cache` | encode latents and text states once into safetensors shards |
+| :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
+"""
+
+from . import diffusion, grad_checkpointing, latent_cache, optim, step, step_capture
+from .grad_checkpointing import CheckpointHandle, enable_checkpointing
+from .step import EMA, StepConfig, TrainState, train_step
+from .step_capture import CapturedStep
+
+__all__ = [
+    "diffusion",
+    "step",
+    "optim",
+    "step_capture",
+    "latent_cache",
+    "grad_checkpointing",
+    "train_step",
+    "StepConfig",
+    "TrainState",
+    "EMA",
+    "CapturedStep",
+    "enable_checkpointing",
+    "CheckpointHandle",
+]
