@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import geometry_of
-from .adapters.registry import adapter_from_file_tensors
+from .adapters.registry import file_layer_delta
 from .formats.layers import group_by_layer, resolve_layers
 
 __all__ = ["AppliedDelta", "apply_lora"]
@@ -59,25 +59,25 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
     """
     groups = group_by_layer(state)
     resolved = resolve_layers(model, list(groups))
-    deltas = []
+    deltas = []  # every delta first: a bad layer leaves the model untouched
     for key_name, layer_name in resolved.items():
         layer = model.get_submodule(layer_name)
-        adapter = adapter_from_file_tensors(geometry_of(layer, name=layer_name), groups[key_name], name=layer_name)
-        if adapter.bias_delta() is not None and getattr(layer, "bias", None) is None:
+        weight = layer.weight.detach()
+        acc = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
+        delta, bias_delta = file_layer_delta(
+            groups[key_name], geometry_of(layer, name=layer_name), base_weight=weight, scale=scale, dtype=acc,
+            name=layer_name,
+        )
+        if bias_delta is not None and getattr(layer, "bias", None) is None:
             raise ValueError(f"{layer_name}: the file has a bias delta (diff_b) but the layer has no bias")
-        deltas.append((layer_name, layer, adapter))
+        deltas.append((layer_name, layer, delta, bias_delta))
     applied = AppliedDelta()
     with torch.no_grad():
-        for layer_name, layer, adapter in deltas:
+        for layer_name, layer, delta, bias_delta in deltas:
             weight = layer.weight
             applied.originals[layer_name] = (layer, weight.detach().clone())
-            acc = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
-            adapter = adapter.to(device=weight.device, dtype=acc)
-            adapter.set_multiplier(scale)  # DoRA: W + t·(W' − W); others: t·ΔW
-            delta = adapter.merge_delta(weight.to(acc)).reshape(weight.shape)
-            weight.copy_((weight.to(acc) + delta).to(weight.dtype))
-            bias_delta = adapter.bias_delta()
+            weight.copy_((weight.to(delta.dtype) + delta.reshape(weight.shape)).to(weight.dtype))
             if bias_delta is not None:
                 applied.original_biases[layer_name] = layer.bias.detach().clone()
-                layer.bias.copy_((layer.bias.to(acc) + bias_delta).to(layer.bias.dtype))
+                layer.bias.copy_((layer.bias.to(bias_delta.dtype) + bias_delta.to(layer.bias.device)).to(layer.bias.dtype))
     return applied

@@ -35,6 +35,7 @@ __all__ = [
     "build_adapter",
     "adapter_from_file_tensors",
     "algorithm_of_keys",
+    "file_layer_delta",
 ]
 
 
@@ -165,6 +166,51 @@ def adapter_from_file_tensors(
     """An adapter module built from one layer's file tensors (family from the keys)."""
     family = family_of_keys(tensors, name=name)
     return family.module_type.from_file_tensors(geometry, tensors, name=name)  # type: ignore[attr-defined]
+
+
+def file_layer_delta(
+    tensors: dict[str, Tensor],
+    geometry: LayerGeometry,
+    *,
+    base_weight: Tensor | None = None,
+    scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    name: str = "<layer>",
+) -> tuple[Tensor, Tensor | None]:
+    """What one layer of an adapter file changes: ``(ΔW, Δb)`` at strength ``scale``.
+
+    The ONE delta path for files: the family comes from the keys (:func:`family_of_keys`), the
+    module from its ``from_file_tensors`` and the delta from its ``merge_delta`` / ``bias_delta``
+    — the code :func:`sdadapt.inject` and :func:`sdadapt.apply_lora` run. For additive families
+    ``ΔW = scale · Δ``; for DoRA (not linear in its factors) ``ΔW = scale · (W' − W)``, the
+    effective change moved by ``scale``, so ``W + ΔW`` at ``scale = 1`` is exactly DoRA's ``W'``.
+
+    Args:
+        tensors: one layer's file tensors by suffix (``{"lora_down.weight": ..., "alpha": ...}``,
+            ``hada_*``, ``lokr_*``, ``diff``/``diff_b``, ``dora_scale`` ...).
+        geometry: the base layer's shape (``LayerGeometry(out, in, kernel)``).
+        base_weight: (out, in, *kernel) the base weight; required by families that read it (DoRA).
+        scale: strength (``<lora:name:scale>``, times a block weight).
+        dtype: compute dtype (float32; float64 for references). The math runs on
+            ``base_weight``'s device when it is given, else on the tensors'.
+
+    Returns:
+        ``ΔW`` (out, in, *kernel) and ``Δb`` (out,) or ``None``, in ``dtype``.
+
+    Raises:
+        ValueError: keys of no family, tensors that do not fit ``geometry``, or a missing
+            ``base_weight`` for DoRA — naming ``name``.
+    """
+    device = base_weight.device if base_weight is not None else None
+    module = adapter_from_file_tensors(geometry, tensors, name=name).to(device=device, dtype=dtype)
+    if module.uses_base_weight and base_weight is None:
+        raise ValueError(f"{name}: a {module.family} layer needs the base weight to compute its delta")
+    module.set_multiplier(scale)
+    with torch.no_grad():
+        base = None if base_weight is None else base_weight.to(dtype).reshape(geometry.weight_shape)
+        delta = module.merge_delta(base)  # type: ignore[arg-type]
+        bias = module.bias_delta()
+    return delta.reshape(geometry.weight_shape), bias
 
 
 def algorithm_of_keys(keys: Iterable[str]) -> str:
