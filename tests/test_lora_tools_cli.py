@@ -28,7 +28,7 @@ import sdadapt  # noqa: E402
 from sdadapt.cli import main  # noqa: E402
 from sdadapt.formats import load_lora  # noqa: E402
 from sdadapt.formats.unet_names import diffusers_to_ldm_unet, ldm_to_diffusers_unet  # noqa: E402
-from sdadapt.loratools import jobs as lora_files  # noqa: E402
+from sdadapt.loratools import output as lora_files  # noqa: E402
 from sdadapt.loratools.checkpoint_layers import is_lora_target  # noqa: E402
 from sdadapt.loratools.combine import layer_delta  # noqa: E402
 from sdadapt.formats.layers import group_by_layer  # noqa: E402

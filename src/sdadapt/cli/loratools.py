@@ -1,6 +1,6 @@
 """``python -m sdadapt extract-lora | resize-lora | merge-lora | combine-loras``.
 
-Thin argparse shells over :mod:`sdadapt.loratools.jobs`; heavy imports happen when a command runs.
+Thin argparse shells over :mod:`sdadapt.loratools`; heavy imports happen when a command runs.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _print_skipped(report) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from ..loratools.jobs import extract_lora
+    from ..loratools.extract import extract_lora
 
     report = extract_lora(
         args.base, args.tuned, args.out, rank=args.rank, conv_rank=args.conv_rank, alpha=args.alpha,
@@ -94,7 +94,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
-    from ..loratools.jobs import resize_lora
+    from ..loratools.resize import resize_lora
 
     report = resize_lora(
         args.lora, args.out, rank=args.rank, conv_rank=args.conv_rank, method=args.dynamic_method or "fixed",
@@ -119,7 +119,7 @@ def _block_weights(texts: list[str] | None) -> list[list[float]] | None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from ..loratools.jobs import merge_loras_into_checkpoint
+    from ..loratools.bake import merge_loras_into_checkpoint
 
     report = merge_loras_into_checkpoint(
         args.base, args.loras, args.out, strengths=args.scale, block_weights=_block_weights(args.block_weights),
@@ -135,7 +135,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_combine(args: argparse.Namespace) -> int:
-    from ..loratools.jobs import combine_loras
+    from ..loratools.combine import combine_loras
 
     if args.mode == "svd" and args.rank is None:
         raise ValueError("--mode svd needs --rank")

@@ -22,15 +22,27 @@ Math. LoRA ``i`` changes a layer by ``Δ_i = (alpha_i / r_i) · up_i ⋅ down_i`
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..adapters.lora import lora_delta_weight, lora_scale
+from ..formats import WeightFileError, save_kohya
 from ..formats.layers import group_by_layer
-from .extract import factors_from_svd
+from .extract import check_rank_method, factors_from_svd
+from .output import (
+    LoRAJobReport,
+    check_base_model,
+    check_output,
+    check_save_dtype,
+    load_components,
+    lora_base_model,
+    per_file,
+)
 from .resize import factored_svd
 
 __all__ = [
@@ -38,6 +50,7 @@ __all__ = [
     "add_delta",
     "concat_layers",
     "combine_lora_states",
+    "combine_loras",
 ]
 
 
@@ -211,3 +224,53 @@ def combine_lora_states(
         out[f"{layer}.lora_up.weight"] = up.to(dtype or torch.float32)
         out[f"{layer}.alpha"] = combined["alpha"]
     return out
+
+
+# -------------------------------------------------------------------------------- the file job
+def combine_loras(
+    loras: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    strengths: Sequence[float] | float = 1.0,
+    mode: str = "concat",
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    method: str = "fixed",
+    param: float | None = None,
+    clamp_quantile: float | None = None,
+    base_model: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> LoRAJobReport:
+    """Combine several LoRA files into one that applies ``Σ s_i Δ_i`` (see
+    :func:`sdadapt.loratools.combine.combine_lora_states`): ``mode="concat"`` exact (rank = sum of
+    ranks), ``mode="svd"`` re-compressed to ``rank``."""
+    check_rank_method(method, param)
+    check_save_dtype(dtype)
+    check_base_model(base_model)
+    if not loras:
+        raise ValueError("combine_loras needs at least one LoRA file")
+    values = per_file(strengths, len(loras), "strength")
+    loaded = [load_components(path) for path in loras]
+    check_output(out, overwrite=overwrite, needed_bytes=0)
+    models = {lora_base_model(p, c, m) for p, (c, m) in zip(loras, loaded)}
+    if base_model is None and len(models) > 1:
+        raise WeightFileError(f"the LoRAs are for different base models ({sorted(models)}); combine LoRAs of one model")
+    model = base_model or models.pop()
+    names = sorted({c for components, _ in loaded for c in components})
+    combined: dict[str, dict[str, Tensor]] = {}
+    for component in names:
+        present = [(c[component], s) for (c, _), s in zip(loaded, values) if component in c]
+        combined[component] = combine_lora_states(
+            [p[0] for p in present], [p[1] for p in present], mode=mode, rank=rank, conv_rank=conv_rank,  # type: ignore[arg-type]
+            method=method, param=param, clamp_quantile=clamp_quantile, dtype=dtype,
+        )
+    report = LoRAJobReport(path=Path(out), base_model=model)
+    meta = {
+        "ss_training_comment": "combined by sdadapt: "
+        + ", ".join(f"{s:g} x {Path(p).name}" for p, s in zip(loras, values)) + f" ({mode})",
+    }
+    needed = sum(t.numel() * t.element_size() for s in combined.values() for t in s.values()) + 2**20
+    check_output(out, overwrite=overwrite, needed_bytes=needed)
+    save_kohya(out, combined, base_model=model, metadata=meta)
+    return report

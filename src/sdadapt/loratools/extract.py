@@ -31,12 +31,37 @@ kohya's ranks); a zero difference (``σ_0 ≤ 1e-6``) gets rank 1.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
+
+from ..formats import WeightFileError, save_kohya
+from .checkpoint_layers import (
+    LayerSlot,
+    checkpoint_layers,
+    detect_base_model,
+    is_lora_target,
+)
+from .output import (
+    LayerReport,
+    LoRAJobReport,
+    Progress,
+    check_base_model,
+    check_inputs,
+    check_output,
+    check_save_dtype,
+    slot_shape,
+)
+
+if TYPE_CHECKING:
+    from ..merge.sources import TensorSource
 
 __all__ = [
     "RANK_METHODS",
@@ -48,6 +73,8 @@ __all__ = [
     "factors_from_svd",
     "low_rank_factors",
     "extract_layer",
+    "check_rank_method",
+    "extract_lora",
 ]
 
 RankMethod = Literal["fixed", "sv_ratio", "sv_cumulative", "sv_fro"]
@@ -370,3 +397,195 @@ def extract_layer(
         up=up.to(home), down=down.to(home), alpha=alpha_value, singular_values=s.to(home),
         residual_norm=residual, norm=norm,
     )
+
+
+def check_rank_method(method: str, param: float | None) -> None:
+    if method not in RANK_METHODS:
+        raise ValueError(f"rank method must be one of {RANK_METHODS}, got {method!r}")
+    if method != "fixed" and param is None:
+        raise ValueError(f"rank method {method!r} needs its parameter (dynamic_param / --dynamic-param)")
+
+
+# -------------------------------------------------------------------------------- the file job
+def extract_lora(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    rank: int = 4,
+    conv_rank: int | None = None,
+    alpha: float | None = None,
+    conv_alpha: float | None = None,
+    method: str = "fixed",
+    param: float | None = None,
+    clamp_quantile: float | None = 0.99,
+    min_diff: float = 0.01,
+    min_layer_diff: float = 0.0,
+    split: str = "up",
+    randomized: bool = False,
+    niter: int = 2,
+    device: str | torch.device | None = None,
+    base_model: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> LoRAJobReport:
+    """Extract a LoRA (``tuned − base``) from two checkpoints and write it in kohya format.
+
+    Targets are kohya's: every Linear / 1x1 conv in the UNet's transformer blocks, and the text
+    encoders' q/k/v/out and MLP layers; with ``conv_rank`` also the resnets, down- and upsamplers
+    (LoCon; kxk convs get ``conv_rank``/``conv_alpha``).
+
+    Args:
+        base, tuned: LDM single-file checkpoints (``.safetensors`` or ``.ckpt``) or diffusers UNet
+            files, same architecture.
+        rank: fixed rank, or the cap of a dynamic ``method`` (``sv_ratio``/``sv_cumulative``/
+            ``sv_fro`` with ``param``).
+        alpha: alpha to write (default ``alpha = rank`` of each layer, scale 1).
+        clamp_quantile: kohya's outlier clamp (0.99); ``None``/1.0 disables it.
+        min_diff: a text encoder whose largest ``|Δ|`` is at most this is left out entirely
+            (kohya's rule and default: text encoders barely change in most fine-tunes).
+        min_layer_diff: any layer whose largest ``|Δ|`` is at most this is left out (default 0:
+            only identical layers).
+        randomized, niter: randomized SVD (:func:`torch.svd_lowrank`) for speed on big layers.
+        device: run the SVDs there (e.g. ``"cuda"``); default ``"cuda"`` when available.
+        base_model: kohya naming/metadata; default detected from the checkpoint's keys.
+        dtype: dtype of the written factors (default float32; alphas are always float32).
+
+    Returns:
+        :class:`LoRAJobReport` (ranks, alphas, truncation errors, skipped layers).
+
+    Raises:
+        WeightFileError: missing/unreadable inputs, different architectures (lists the keys),
+            nothing to extract, not enough disk space.
+        FileExistsError: ``out`` exists and ``overwrite`` is false.
+    """
+    from ..merge.sources import open_source
+
+    check_rank_method(method, param)
+    check_save_dtype(dtype)
+    check_base_model(base_model)
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise ValueError(f"ranks must be >= 1, got rank={rank}, conv_rank={conv_rank}")
+    check_inputs(base, tuned)
+    check_output(out, overwrite=overwrite, needed_bytes=0)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with open_source(base) as base_src, open_source(tuned) as tuned_src:
+        base_shapes = {k: tuple(base_src.shape(k)) for k in base_src.keys()}
+        tuned_shapes = {k: tuple(tuned_src.shape(k)) for k in tuned_src.keys()}
+        base_layers = checkpoint_layers(base_shapes)
+        tuned_layers = checkpoint_layers(tuned_shapes)
+        if not base_layers:
+            sample = ", ".join(list(base_shapes)[:5])
+            raise WeightFileError(
+                f"{base}: no UNet or text-encoder weights found (keys look like: {sample}); expected an LDM "
+                "checkpoint (model.diffusion_model.*, cond_stage_model.*, conditioner.*) or a diffusers UNet file"
+            )
+        _check_same_architecture(base, tuned, base_layers, tuned_layers, base_shapes, tuned_shapes)
+        model = base_model or detect_base_model(base_shapes)
+        conv = conv_rank is not None
+        todo = [
+            (name, slot)
+            for name, slot in base_layers.items()
+            if is_lora_target(slot.component, slot.layer, slot_shape(base_shapes[slot.key], slot), conv=conv)
+        ]
+        if not todo:
+            raise WeightFileError(f"{base}: none of its layers is a LoRA target (attention/MLP Linear layers)")
+        report = LoRAJobReport(path=Path(out), base_model=model)
+        components: dict[str, dict[str, Tensor]] = {}
+        max_diff: dict[str, float] = {}
+        cache: dict[str, tuple[Tensor, Tensor]] = {}
+        for done, ((component, layer), slot) in enumerate(todo, 1):
+            base_w, tuned_w = _read_pair(base_src, tuned_src, slot, tuned_layers[(component, layer)], cache)
+            diff = float((tuned_w.float() - base_w.float()).abs().max()) if base_w.numel() else 0.0
+            max_diff[component] = max(max_diff.get(component, 0.0), diff)
+            name = f"{component}:{layer}"
+            if diff <= min_layer_diff:
+                report.skipped[name] = f"max |Δ| = {diff:.3g} <= min_layer_diff {min_layer_diff:g}"
+            else:
+                is_kxk = base_w.dim() == 4 and base_w.shape[2] * base_w.shape[3] > 1
+                extracted = extract_layer(
+                    base_w, tuned_w,
+                    rank=conv_rank if is_kxk and conv_rank is not None else rank,
+                    alpha=conv_alpha if is_kxk and conv_alpha is not None else alpha,
+                    method=method, param=param, clamp_quantile=clamp_quantile, split=split,  # type: ignore[arg-type]
+                    randomized=randomized, niter=niter, device=device,
+                )
+                state = components.setdefault(component, {})
+                write_dtype = dtype or torch.float32
+                state[f"{layer}.lora_down.weight"] = extracted.down.to(write_dtype)
+                state[f"{layer}.lora_up.weight"] = extracted.up.to(write_dtype)
+                state[f"{layer}.alpha"] = torch.tensor(extracted.alpha, dtype=torch.float32)
+                report.layers[name] = LayerReport(extracted.rank, extracted.alpha, extracted.residual_norm, extracted.norm)
+            if progress is not None:
+                progress(done, len(todo), layer)
+    for component, largest in max_diff.items():
+        if component.startswith("text_encoder") and largest <= min_diff and component in components:
+            for layer_key in [k for k in components[component] if k.endswith(".alpha")]:
+                name = f"{component}:{layer_key[: -len('.alpha')]}"
+                report.layers.pop(name, None)
+                report.skipped[name] = f"text encoder unchanged: its max |Δ| = {largest:.3g} <= min_diff {min_diff:g}"
+            del components[component]
+    if not components:
+        raise WeightFileError(
+            f"{tuned}: no layer differs from {base} by more than the thresholds (min_diff={min_diff:g}, "
+            f"min_layer_diff={min_layer_diff:g}); is it really a fine-tune of that base?"
+        )
+    meta = {
+        "ss_training_comment": f"extracted by sdadapt from {Path(tuned).name} - {Path(base).name}",
+        "sdadapt.extract": json.dumps(
+            {"rank": rank, "conv_rank": conv_rank, "alpha": alpha, "conv_alpha": conv_alpha, "method": method,
+             "param": param, "clamp_quantile": clamp_quantile, "min_diff": min_diff, "split": split,
+             "randomized": randomized}
+        ),
+    }
+    if method != "fixed":
+        meta.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
+    needed = sum(t.numel() * t.element_size() for s in components.values() for t in s.values()) + 2**20
+    check_output(out, overwrite=overwrite, needed_bytes=needed)
+    save_kohya(out, components, base_model=model, metadata=meta)
+    return report
+
+
+def _check_same_architecture(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    base_layers: Mapping[tuple[str, str], LayerSlot],
+    tuned_layers: Mapping[tuple[str, str], LayerSlot],
+    base_shapes: Mapping[str, tuple[int, ...]],
+    tuned_shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    problems: list[str] = []
+    for name, slot in base_layers.items():
+        other = tuned_layers.get(name)
+        if other is None:
+            problems.append(f"{slot.key} (in {Path(base).name} only)")
+        elif slot_shape(base_shapes[slot.key], slot) != slot_shape(tuned_shapes[other.key], other):
+            problems.append(
+                f"{slot.key}: shape {slot_shape(base_shapes[slot.key], slot)} vs {slot_shape(tuned_shapes[other.key], other)}"
+            )
+    for name, slot in tuned_layers.items():
+        if name not in base_layers:
+            problems.append(f"{slot.key} (in {Path(tuned).name} only)")
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise WeightFileError(
+            f"{base} and {tuned} are different architectures ({len(problems)} layer(s) differ):\n  "
+            + "\n  ".join(problems[:10]) + more
+            + "\nExtract from a fine-tune of the same base model (SD1 vs SD2 vs SDXL, same UNet/text encoders)."
+        )
+
+
+def _read_pair(
+    base_src: TensorSource, tuned_src: TensorSource, slot: LayerSlot, tuned_slot: LayerSlot, cache: dict
+) -> tuple[Tensor, Tensor]:
+    """Base and tuned weights of one layer (fused in_proj weights are read once for q, k and v)."""
+    if slot.key not in cache:
+        cache.clear()
+        cache[slot.key] = (base_src.get(slot.key), tuned_src.get(tuned_slot.key))
+    base_w, tuned_w = cache[slot.key]
+    if slot.rows is not None:
+        base_w = base_w[slot.rows[0] : slot.rows[1]]
+        tuned_w = tuned_w[tuned_slot.rows[0] : tuned_slot.rows[1]]  # type: ignore[index]
+    return base_w, tuned_w

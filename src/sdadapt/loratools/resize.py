@@ -15,18 +15,31 @@ default (kohya's resize does not clamp).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..adapters.lora import lora_scale
+from ..formats import save_kohya
 from ..formats.layers import group_by_layer
-from .extract import factors_from_svd
+from .extract import check_rank_method, factors_from_svd
+from .output import (
+    LayerReport,
+    LoRAJobReport,
+    Progress,
+    check_base_model,
+    check_output,
+    check_save_dtype,
+    load_components,
+    lora_base_model,
+)
 
-__all__ = ["factored_svd", "resize_layer", "resize_lora_state", "ResizedLayer"]
+__all__ = ["factored_svd", "resize_layer", "resize_lora_state", "ResizedLayer", "resize_lora"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +166,66 @@ def resize_lora_state(
         out[f"{layer}.alpha"] = torch.tensor(resized.alpha, dtype=torch.float32)
         report[layer] = resized
     return out, report
+
+
+# -------------------------------------------------------------------------------- the file job
+_REGENERATED = {
+    "ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.date", "modelspec.implementation_version",
+    "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256",
+}
+
+
+def resize_lora(
+    lora: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    rank: int,
+    conv_rank: int | None = None,
+    method: str = "fixed",
+    param: float | None = None,
+    clamp_quantile: float | None = None,
+    split: str = "up",
+    base_model: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> LoRAJobReport:
+    """Resize every layer of a LoRA file to ``rank`` (or a dynamic rank) keeping ``alpha / rank``.
+
+    Args:
+        lora: kohya or diffusers LoRA file.
+        rank: new rank (cap for dynamic ``method``) for Linear/1x1 layers; ``conv_rank`` for kxk
+            convs (default ``rank``).
+        base_model: naming of the output; default from the file's metadata/keys.
+        dtype: dtype of the written factors (default: each layer's own).
+
+    Returns:
+        :class:`LoRAJobReport` with each layer's new rank, alpha and the error it added.
+    """
+    check_rank_method(method, param)
+    check_save_dtype(dtype)
+    check_base_model(base_model)
+    components, metadata = load_components(lora)
+    check_output(out, overwrite=overwrite, needed_bytes=0)
+    model = base_model or lora_base_model(lora, components, metadata)
+    report = LoRAJobReport(path=Path(out), base_model=model)
+    resized: dict[str, dict[str, Tensor]] = {}
+    for done, (component, state) in enumerate(components.items(), 1):
+        new_state, layers = resize_lora_state(
+            state, rank=rank, conv_rank=conv_rank, method=method, param=param,
+            clamp_quantile=clamp_quantile, split=split, dtype=dtype,  # type: ignore[arg-type]
+        )
+        resized[component] = new_state
+        for layer, info in layers.items():
+            report.layers[f"{component}:{layer}"] = LayerReport(info.rank, info.alpha, info.residual_norm, info.norm)
+        if progress is not None:
+            progress(done, len(components), component)
+    kept = {k: v for k, v in metadata.items() if k not in _REGENERATED}
+    note = f"resized by sdadapt to rank {rank}" + (f" ({method} {param})" if method != "fixed" else "")
+    kept["ss_training_comment"] = note + (f"; {metadata['ss_training_comment']}" if metadata.get("ss_training_comment") else "")
+    if method != "fixed":
+        kept.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
+    needed = sum(t.numel() * t.element_size() for s in resized.values() for t in s.values()) + 2**20
+    check_output(out, overwrite=overwrite, needed_bytes=needed)
+    save_kohya(out, resized, base_model=model, metadata=kept, title=kept.get("modelspec.title"))
+    return report
