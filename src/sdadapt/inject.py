@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import AdapterModule, LayerGeometry, geometry_of
-from .adapters.lora import LoRAConfig
 from .adapters.registry import adapter_from_file_tensors, build_adapter, family_of_config
 from .targets import Target, select
 
@@ -111,7 +110,7 @@ class AdapterHandle:
         self.modules: dict[str, AdapterModule] = {}
         self._layers: dict[str, nn.Module] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._pissa_originals: dict[str, Tensor] = {}
+        self._base_originals: dict[str, Tensor] = {}
         self._removed = False
 
     # ------------------------------------------------------------------ construction
@@ -250,9 +249,9 @@ class AdapterHandle:
                 del slot[self.name]
                 if len(slot) == 0:
                     del layer._modules["sdadapt"]
-            if layer_name in self._pissa_originals:
-                _set_base_weight(layer, self._pissa_originals[layer_name])
-        self._pissa_originals.clear()
+            if layer_name in self._base_originals:
+                _set_base_weight(layer, self._base_originals[layer_name])
+        self._base_originals.clear()
         self._removed = True
 
     def _check_alive(self) -> None:
@@ -334,13 +333,11 @@ def inject(
     if freeze_base:
         _freeze_base(model)
     for layer_name, layer, adapter in built:
-        if isinstance(config, LoRAConfig) and config.init == "pissa":
-            base = _base_weight(layer)  # without other adapters' merged deltas
-            residual = adapter.init_from_base(base)  # type: ignore[attr-defined]
-            handle._pissa_originals[layer_name] = base.detach().clone()
+        base = _base_weight(layer)  # without other adapters' merged deltas
+        residual = adapter.init_from_base(base)  # DoRA: m = ‖W‖; PiSSA: principal factors
+        if residual is not None:  # the family replaces the base weight (PiSSA's residual)
+            handle._base_originals[layer_name] = base.detach().clone()
             _set_base_weight(layer, residual.to(layer.weight.dtype))
-        elif adapter.uses_base_weight:  # DoRA: magnitude = ‖W‖ (without other merged deltas)
-            adapter.init_from_base(_base_weight(layer))  # type: ignore[attr-defined]
         handle._attach(layer_name, layer, adapter)
     return handle
 

@@ -133,9 +133,23 @@ class AdapterModule(nn.Module):
     per layer on the hot path.
     """
 
+    # ---- the family's file vocabulary: everything outside adapters/ derives from these ----
     family: ClassVar[str] = ""
-    #: suffixes this family owns in files (used to recognise a family from keys)
+    #: every per-layer tensor suffix this family writes (``"lora_down.weight"``, ``"alpha"`` ...)
     file_keys: ClassVar[tuple[str, ...]] = ()
+    #: suffixes whose presence identifies the family (a layer with any of them is this family's)
+    marker_keys: ClassVar[tuple[str, ...]] = ()
+    #: suffixes whose axis 0 is the layer's rank, in order of preference (none: no rank)
+    rank_keys: ClassVar[tuple[str, ...]] = ()
+    #: suffixes present only in the Tucker variant (``lora_mid.weight``, ``hada_t1`` ...)
+    tucker_keys: ClassVar[tuple[str, ...]] = ()
+    #: suffixes the delta is linear in: multiplying each present one by ``s`` scales (ΔW, Δb) by
+    #: ``s`` (block weights on a file state); empty when the merged weight is not linear (DoRA)
+    linear_keys: ClassVar[tuple[str, ...]] = ()
+    #: LyCORIS' ``algo`` name for files of this family (``ss_network_args``)
+    lycoris_algo: ClassVar[str] = ""
+    #: the family wraps another family's tensors (DoRA: ``dora_scale`` beside LoRA/LoHa/LoKr ones)
+    wraps_family: ClassVar[bool] = False
     #: the delta depends on the base weight (DoRA); the hook then passes it to delta_output
     uses_base_weight: ClassVar[bool] = False
 
@@ -162,6 +176,28 @@ class AdapterModule(nn.Module):
     def bias_delta(self) -> Tensor | None:
         """(out,): what merging adds to the layer's bias, or ``None`` (most families)."""
         return None
+
+    def init_from_base(self, weight: Tensor) -> Tensor | None:
+        """Initialise from the base layer's weight (out, in, *kernel) at injection.
+
+        The injection hook every family may implement: DoRA sets its magnitude ``‖W‖``; a
+        PiSSA-initialised LoRA takes ``W``'s principal directions and returns the residual weight
+        the base layer must hold from then on (restored exactly by ``remove()``). Return ``None``
+        to leave the base weight alone (the default: most families ignore it).
+        """
+        return None
+
+    @classmethod
+    def file_rank(cls, shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, bool]:
+        """(rank, is a kxk conv) of one layer from its file tensors' shapes, for reports and
+        kohya metadata. The rank is axis 0 of the first :attr:`rank_keys` present (``None``
+        when the family has no rank, e.g. full deltas or LoKr with two full factors); a layer
+        is kxk when a Tucker key is present or a 4-D rank tensor has a kernel larger than 1x1."""
+        for key in cls.rank_keys:
+            if key in shapes and shapes[key]:
+                shape = shapes[key]
+                return shape[0], any(k in shapes for k in cls.tucker_keys) or (len(shape) == 4 and shape[2] * shape[3] > 1)
+        return None, any(k in shapes for k in cls.tucker_keys)
 
     def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
         """Δy for base input ``x``; ``base_weight`` is only read when ``uses_base_weight``."""

@@ -121,7 +121,12 @@ class DoRAModule(AdapterModule):
     """
 
     family: ClassVar[str] = "dora"
+    #: DoRA wraps another family: its own key beside that family's tensors (LyCORIS ``dora_wd``)
     file_keys: ClassVar[tuple[str, ...]] = ("dora_scale",)
+    marker_keys: ClassVar[tuple[str, ...]] = ("dora_scale",)
+    wraps_family: ClassVar[bool] = True
+    #: m ⊙ (W + ΔW)/‖W + ΔW‖ is not linear in any tensor: block weights scale W' − W instead
+    linear_keys: ClassVar[tuple[str, ...]] = ()
     uses_base_weight: ClassVar[bool] = True
 
     def __init__(
@@ -154,6 +159,14 @@ class DoRAModule(AdapterModule):
 
     def delta_dtype(self) -> torch.dtype:
         return self.inner.delta_dtype()
+
+    @classmethod
+    def file_rank(cls, shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, bool]:
+        """The wrapped family's rank (see :meth:`AdapterModule.file_rank`)."""
+        from .registry import family_of_keys
+
+        inner = {k: v for k, v in shapes.items() if k not in cls.file_keys}
+        return family_of_keys(inner).module_type.file_rank(inner)
 
     def init_from_base(self, weight: Tensor) -> None:
         """``m ← ‖W‖`` in this module's orientation, so that ``W' = W`` at init."""

@@ -44,6 +44,9 @@ class FullModule(AdapterModule):
 
     family: ClassVar[str] = "full"
     file_keys: ClassVar[tuple[str, ...]] = ("diff", "diff_b")
+    marker_keys: ClassVar[tuple[str, ...]] = ("diff", "diff_b")
+    linear_keys: ClassVar[tuple[str, ...]] = ("diff", "diff_b")
+    lycoris_algo: ClassVar[str] = "full"
 
     def __init__(
         self,

@@ -121,6 +121,11 @@ class LoHaModule(AdapterModule):
 
     family: ClassVar[str] = "loha"
     file_keys: ClassVar[tuple[str, ...]] = (*_FACTORS, "hada_t1", "hada_t2", "alpha")
+    marker_keys: ClassVar[tuple[str, ...]] = (*_FACTORS, "hada_t1", "hada_t2")
+    rank_keys: ClassVar[tuple[str, ...]] = ("hada_w1_b",)
+    tucker_keys: ClassVar[tuple[str, ...]] = ("hada_t1", "hada_t2")
+    linear_keys: ClassVar[tuple[str, ...]] = ("hada_w1_a",)
+    lycoris_algo: ClassVar[str] = "loha"
 
     def __init__(
         self,

@@ -229,6 +229,12 @@ class LoKrModule(AdapterModule):
 
     family: ClassVar[str] = "lokr"
     file_keys: ClassVar[tuple[str, ...]] = (*_KEYS, "alpha")
+    marker_keys: ClassVar[tuple[str, ...]] = _KEYS
+    rank_keys: ClassVar[tuple[str, ...]] = ("lokr_w1_b", "lokr_w2_b")
+    tucker_keys: ClassVar[tuple[str, ...]] = ("lokr_t2",)
+    #: ΔW = c · kron(W1, W2) is linear in W1, whichever form (full or W1_a·W1_b) the file holds
+    linear_keys: ClassVar[tuple[str, ...]] = ("lokr_w1", "lokr_w1_a")
+    lycoris_algo: ClassVar[str] = "lokr"
 
     def __init__(
         self,

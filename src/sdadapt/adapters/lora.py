@@ -207,6 +207,11 @@ class LoRAModule(AdapterModule):
 
     family: ClassVar[str] = "lora"
     file_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
+    marker_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight")
+    rank_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight",)
+    tucker_keys: ClassVar[tuple[str, ...]] = ("lora_mid.weight",)
+    linear_keys: ClassVar[tuple[str, ...]] = ("lora_up.weight",)
+    lycoris_algo: ClassVar[str] = "lora"
 
     def __init__(
         self,
@@ -242,6 +247,7 @@ class LoRAModule(AdapterModule):
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
+        self.init = init
         if self.lora_mid is not None:  # LyCORIS: mid ~ kaiming-uniform(a=sqrt 5)
             nn.init.kaiming_uniform_(self.lora_mid, a=math.sqrt(5))
         if init == "kaiming":
@@ -281,8 +287,11 @@ class LoRAModule(AdapterModule):
             mid=self.lora_mid,
         )
 
-    def init_from_base(self, weight: Tensor) -> Tensor:
-        """PiSSA: set ``up``/``down`` from ``weight``'s SVD and return the residual base weight."""
+    def init_from_base(self, weight: Tensor) -> Tensor | None:
+        """PiSSA (``init="pissa"``): set ``up``/``down`` from ``weight``'s SVD and return the
+        residual base weight; other inits ignore the base weight (``None``)."""
+        if self.init != "pissa":
+            return None
         scale = float(self.alpha) / self.rank
         up, down, residual = pissa_factors(weight, self.rank, scale)
         with torch.no_grad():

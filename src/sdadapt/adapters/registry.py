@@ -13,7 +13,7 @@ tensors name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,35 +36,69 @@ __all__ = [
     "adapter_from_file_tensors",
     "algorithm_of_keys",
     "file_layer_delta",
+    "file_keys",
+    "file_rank",
+    "lycoris_algo_of_keys",
+    "scale_file_tensors",
+    "unregister_family",
 ]
 
 
 @dataclass(frozen=True)
 class AdapterFamily:
-    """One adapter family.
+    """One adapter family: its config, its module, and representative configs.
+
+    The family's file vocabulary lives on its module class (``module_type.file_keys``,
+    ``marker_keys``, ``rank_keys``, ``tucker_keys``, ``linear_keys``, ``lycoris_algo``; see
+    :class:`~sdadapt.adapters.base.AdapterModule`); recognition, key splitting, kohya metadata,
+    ``inspect`` and the LoRA file tools all derive from it, so a new family is one module file
+    plus one :func:`register_family` line.
 
     Attributes:
         name: ``"lora"``, ``"loha"``, ``"lokr"``, ``"full"``, ``"dora"``.
         config_type: its frozen config dataclass.
         module_type: its :class:`AdapterModule` (with ``from_config`` / ``from_file_tensors``).
-        recognises: ``file keys of one layer -> bool``.
-        examples: representative configs for the property suite and docs.
+        examples: representative configs for the property suites and docs.
     """
 
     name: str
     config_type: type
     module_type: type[AdapterModule]
-    recognises: Callable[[set[str]], bool]
     examples: tuple = ()
 
+    def recognises(self, keys: set[str]) -> bool:
+        """Whether one layer's file keys hold any of this family's marker keys."""
+        return not keys.isdisjoint(self.module_type.marker_keys)
 
-#: registered families by name, in recognition order (DoRA first: it wraps the others)
+
+#: registered families by name, in recognition order (wrappers such as DoRA first)
 FAMILIES: dict[str, AdapterFamily] = {}
 
 
-def register_family(family: AdapterFamily) -> None:
-    """Add (or replace) a family."""
-    FAMILIES[family.name] = family
+def register_family(family: AdapterFamily, *, first: bool = False) -> None:
+    """Add (or replace) a family. A wrapper family (``wraps_family``, like DoRA) is put ahead in
+    recognition order, so it is recognised before the families it wraps; ``first=True`` does that
+    for any family."""
+    FAMILIES.pop(family.name, None)
+    if first or family.module_type.wraps_family:
+        rest = dict(FAMILIES)
+        FAMILIES.clear()
+        FAMILIES[family.name] = family
+        FAMILIES.update(rest)
+    else:
+        FAMILIES[family.name] = family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family (tests that register a toy family clean up with this)."""
+    FAMILIES.pop(name, None)
+
+
+def file_keys() -> tuple[str, ...]:
+    """Every per-layer tensor suffix of every registered family, longest first (for splitting
+    ``"<layer>.<suffix>"`` keys)."""
+    keys = {key for family in FAMILIES.values() for key in family.module_type.file_keys}
+    return tuple(sorted(keys, key=lambda k: (-len(k), k)))
 
 
 register_family(
@@ -72,7 +106,6 @@ register_family(
         "dora",
         DoRAConfig,
         DoRAModule,
-        lambda keys: "dora_scale" in keys,
         (
             DoRAConfig(LoRAConfig(rank=2, alpha=1.0)),
             DoRAConfig(LoRAConfig(rank=2, alpha=3.0), wd_on_out=False),
@@ -83,20 +116,12 @@ register_family(
 )
 register_family(
     AdapterFamily(
-        "lora",
-        LoRAConfig,
-        LoRAModule,
-        lambda keys: "lora_down.weight" in keys or "lora_up.weight" in keys,
-        (LoRAConfig(rank=2, alpha=1.0), LoRAConfig(rank=3, alpha=2.0, use_tucker=True)),
+        "lora", LoRAConfig, LoRAModule, (LoRAConfig(rank=2, alpha=1.0), LoRAConfig(rank=3, alpha=2.0, use_tucker=True))
     )
 )
 register_family(
     AdapterFamily(
-        "loha",
-        LoHaConfig,
-        LoHaModule,
-        lambda keys: any(k.startswith("hada_") for k in keys),
-        (LoHaConfig(rank=2, alpha=1.0), LoHaConfig(rank=3, alpha=2.0, use_tucker=True)),
+        "loha", LoHaConfig, LoHaModule, (LoHaConfig(rank=2, alpha=1.0), LoHaConfig(rank=3, alpha=2.0, use_tucker=True))
     )
 )
 register_family(
@@ -104,7 +129,6 @@ register_family(
         "lokr",
         LoKrConfig,
         LoKrModule,
-        lambda keys: any(k.startswith("lokr_") for k in keys),
         (
             LoKrConfig(rank=1, alpha=0.5, factor=2),
             LoKrConfig(rank=1, alpha=2.0, factor=2, decompose_both=True),
@@ -113,9 +137,7 @@ register_family(
         ),
     )
 )
-register_family(
-    AdapterFamily("full", FullConfig, FullModule, lambda keys: "diff" in keys or "diff_b" in keys, (FullConfig(),))
-)
+register_family(AdapterFamily("full", FullConfig, FullModule, (FullConfig(),)))
 
 
 def family_of_config(config: object) -> AdapterFamily:
@@ -224,11 +246,53 @@ def algorithm_of_keys(keys: Iterable[str]) -> str:
         family = family_of_keys(key_set)
     except ValueError:
         return "unknown"
-    if family.name == "dora":
-        inner = algorithm_of_keys(key_set - {"dora_scale"})
-        return "dora" if inner in ("lora", "locon") else f"{inner}+dora"
-    if family.name == "lora" and "lora_mid.weight" in key_set:
-        return "locon-tucker"
-    if (family.name == "loha" and "hada_t1" in key_set) or (family.name == "lokr" and "lokr_t2" in key_set):
-        return f"{family.name}-tucker"
-    return family.name
+    module = family.module_type
+    if module.wraps_family:  # DoRA: label the wrapped family's layer, then the wrapper
+        inner = algorithm_of_keys(key_set - set(module.file_keys))
+        if inner == "unknown":
+            return "unknown"
+        return family.name if inner in ("lora", "locon") else f"{inner}+{family.name}"
+    label = "locon" if family.name == "lora" and not key_set.isdisjoint(module.tucker_keys) else family.name
+    return f"{label}-tucker" if not key_set.isdisjoint(module.tucker_keys) else label
+
+
+def file_rank(shapes: dict[str, tuple[int, ...]], *, name: str = "<module>") -> tuple[int | None, bool]:
+    """(rank or ``None``, is a kxk conv) of one layer from its file tensors' shapes (any family).
+
+    Raises:
+        ValueError: keys of no family.
+    """
+    return family_of_keys(shapes, name=name).module_type.file_rank(shapes)
+
+
+def lycoris_algo_of_keys(keys: Iterable[str]) -> str | None:
+    """LyCORIS' ``algo`` for a layer (the wrapped family's for DoRA); ``None`` if unknown."""
+    key_set = set(keys)
+    try:
+        family = family_of_keys(key_set)
+    except ValueError:
+        return None
+    if family.module_type.wraps_family:  # the wrapped family names the algorithm
+        return lycoris_algo_of_keys(key_set - set(family.module_type.file_keys))
+    return family.module_type.lycoris_algo
+
+
+def scale_file_tensors(tensors: dict[str, Tensor], factor: float, *, name: str = "<layer>") -> dict[str, Tensor]:
+    """One layer's file tensors with the delta scaled by ``factor`` (block weights on a file
+    state): the family's :attr:`~AdapterModule.linear_keys` are multiplied, the rest shared.
+
+    Raises:
+        ValueError: the family's merged weight is not linear in any tensor (DoRA): bake the file
+            with a strength instead (:func:`file_layer_delta` ``scale=``, ``merge-lora``).
+    """
+    if factor == 1.0:
+        return dict(tensors)
+    family = family_of_keys(tensors, name=name)
+    linear = [k for k in family.module_type.linear_keys if k in tensors]
+    if not linear:
+        raise ValueError(
+            f"{name}: a {family.name} layer's delta is not linear in any of its tensors, so it cannot be "
+            "scaled inside the file; apply it with a strength instead (merge-lora --block-weights / "
+            "file_layer_delta(scale=...), which scale its effective change W' - W)"
+        )
+    return {k: (v * factor if k in linear else v) for k, v in tensors.items()}

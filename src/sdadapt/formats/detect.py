@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..adapters.registry import algorithm_of_keys
+from ..adapters.registry import algorithm_of_keys, file_rank
 from .files import _check_is_file, read_safetensors_header, read_weights, sniff_format
 from .kohya import is_kohya_state
 
@@ -28,7 +28,6 @@ FILE_KINDS = (
     "unknown",
 )
 
-_LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a", "hada_t1", "lora_mid.weight", "diff", "diff_b", "dora_scale", "lokr_t2")
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "encoder.down.", "text_model.", "encoder.layers.", "input_blocks.")
 
 
@@ -61,8 +60,13 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
     if any("custom_diffusion" in k for k in keys):
         return "custom-diffusion"
     if all(k.split("_", 2)[0] == "lora" for k in keys) and is_kohya_state(dict.fromkeys(keys)):  # type: ignore[arg-type]
-        suffixes = {_suffix(k) for k in keys}
-        if metadata.get("ss_network_module", "").startswith("lycoris") or suffixes & set(_LYCORIS_MARKERS):
+        layers: dict[str, set[str]] = {}
+        for key in keys:
+            layers.setdefault(key.split(".", 1)[0], set()).add(_suffix(key))
+        plain = ("lora", "unknown")  # anything else (LoHa, Tucker, DoRA ...) is a LyCORIS file
+        if metadata.get("ss_network_module", "").startswith("lycoris") or any(
+            algorithm_of_keys(names) not in plain for names in layers.values()
+        ):
             return "lycoris"
         return "kohya-lora"
     if any(k.startswith("base_model.model.") for k in keys) and any("lora_" in k for k in keys):
@@ -232,33 +236,32 @@ def _family_label(algorithm: str) -> str:
     return base + plus + rest
 
 
+#: diffusers / peft spellings of a LoRA layer's tensors -> the canonical ones the families use
+_LORA_SPELLINGS = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_linear_layer.down.weight": "lora_down.weight",
+    "lora_linear_layer.up.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale",
+}
+
+
 def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
-    """(per-layer algorithm label, rank) from one layer's tensor names and shapes."""
-    names = set(parts)
-    if "lora_magnitude_vector" in names:  # peft/diffusers DoRA
-        names = (names - {"lora_magnitude_vector"}) | {"dora_scale"}
-    if names & {"hada_w1_a", "hada_w1_b", "lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a", "diff", "diff_b", "lora_mid.weight"}:
-        algo = algorithm_of_keys(names)
-        for low in ("hada_w1_b", "lokr_w1_b", "lokr_w2_b", "lora_down.weight"):
-            if low in names and algo != "unknown":
-                return algo, _rows(parts[low])
+    """(per-layer algorithm label, rank) from one layer's tensor names and shapes, through the
+    families' own vocabulary (:mod:`sdadapt.adapters.registry`)."""
+    canonical = {_LORA_SPELLINGS.get(name, name): shape for name, shape in parts.items()}
+    algo = algorithm_of_keys(canonical)
+    if algo == "unknown":
+        return "unknown", None
+    try:
+        rank, is_kxk = file_rank(canonical)
+    except ValueError:  # a wrapper whose wrapped tensors are incomplete
         return algo, None
-    for down in ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight"):
-        if down in names:
-            shape = parts[down]
-            algo = "locon" if len(shape) == 4 and shape[2] * shape[3] > 1 else "lora"
-            if "dora_scale" in names:
-                algo = "dora"
-            return algo, _rows(shape)
-    for name, shape in parts.items():
-        if "down" in name:
-            return "lora", _rows(shape)
-    return "unknown", None
-
-
-def _rows(shape: tuple[int, ...]) -> int | None:
-    """The rank a factor's first axis holds; None for a malformed 0-dim tensor."""
-    return shape[0] if shape else None
+    if algo == "lora" and is_kxk:
+        algo = "locon"
+    return algo, rank
 
 
 def _component(layer: str, kind: str) -> str:

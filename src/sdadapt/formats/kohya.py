@@ -29,9 +29,9 @@ from datetime import datetime, timezone
 import torch
 from torch import Tensor
 
-from ..adapters.registry import algorithm_of_keys
+from ..adapters.registry import algorithm_of_keys, file_keys, file_rank, lycoris_algo_of_keys
 from .files import WeightFileError, check_finite, read_weights, write_safetensors
-from .layers import FILE_KEYS, canonical_layer_path, canonical_state, split_key, underscore_to_path
+from .layers import canonical_layer_path, canonical_state, split_key, underscore_to_path
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet
 
 __all__ = [
@@ -163,7 +163,7 @@ def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[
         raise WeightFileError(
             f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
             "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with one of "
-            f"{', '.join(sorted(FILE_KEYS))}. Is this a diffusers/peft file? Use load_lora() to auto-detect. "
+            f"{', '.join(sorted(file_keys()))}. Is this a diffusers/peft file? Use load_lora() to auto-detect. "
             "(LyCORIS IA3, GLoRA, (B)OFT and norm modules are not supported.)"
         )
     return out
@@ -188,6 +188,7 @@ def kohya_metadata(
     ranks: dict[tuple[int, float], int] = {}
     conv_ranks: dict[tuple[int, float], int] = {}
     algorithms: dict[str, int] = {}
+    lycoris_algos: dict[str, int] = {}
     for state in components.values():
         groups: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
@@ -196,10 +197,14 @@ def kohya_metadata(
         for tensors in groups.values():
             algorithm = algorithm_of_keys(tensors)
             algorithms[algorithm] = algorithms.get(algorithm, 0) + 1
-            rank_tensor, is_kxk = _rank_tensor(tensors)
-            if rank_tensor is None:
+            lycoris = lycoris_algo_of_keys(tensors)
+            if lycoris is not None:
+                lycoris_algos[lycoris] = lycoris_algos.get(lycoris, 0) + 1
+            if algorithm == "unknown":
                 continue
-            rank = rank_tensor.shape[0]
+            rank, is_kxk = file_rank({k: tuple(v.shape) for k, v in tensors.items()})
+            if rank is None:
+                continue
             alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
             bucket = conv_ranks if is_kxk else ranks
             bucket[(rank, alpha)] = bucket.get((rank, alpha), 0) + 1
@@ -211,12 +216,7 @@ def kohya_metadata(
     network_module = "networks.lora"
     if set(algorithms) - {"lora", "unknown"}:
         network_module = "lycoris.kohya"
-        counts: dict[str, int] = {}
-        for algorithm, n in algorithms.items():  # "locon-tucker+dora" -> LyCORIS algo "lora"
-            base = algorithm.split("+")[0].replace("-tucker", "")
-            base = "lora" if base in ("locon", "dora") else base
-            counts[base] = counts.get(base, 0) + n
-        args["algo"] = max(counts, key=counts.get)
+        args["algo"] = max(lycoris_algos, key=lycoris_algos.get)
         if any("dora" in a for a in algorithms):
             args["dora_wd"] = "True"
         if any("tucker" in a for a in algorithms):
@@ -243,19 +243,6 @@ def kohya_metadata(
         meta["modelspec.prediction_type"] = "v"
     meta.update(dict(extra or {}))
     return meta
-
-
-def _rank_tensor(tensors: Mapping[str, Tensor]) -> tuple[Tensor | None, bool]:
-    """(the tensor whose first axis is the layer's rank, whether the layer is a kxk conv)."""
-    down = tensors.get("lora_down.weight")
-    if down is not None:
-        mid = tensors.get("lora_mid.weight")
-        kernel = (mid if mid is not None else down).shape[2:]
-        return down, len(kernel) == 2 and kernel[0] * kernel[1] > 1
-    for key, kxk_marker in (("hada_w1_b", "hada_t1"), ("lokr_w1_b", "lokr_t2"), ("lokr_w2_b", "lokr_t2")):
-        if key in tensors:
-            return tensors[key], kxk_marker in tensors
-    return None, False
 
 
 def _num(value: float) -> str:

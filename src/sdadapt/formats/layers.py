@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping
 
 from torch import Tensor, nn
 
+from ..adapters.registry import file_keys
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet, is_ldm_unet_path, ldm_to_diffusers_unet
 
 __all__ = [
-    "FILE_KEYS",
     "split_key",
     "group_by_layer",
     "underscore_to_path",
@@ -31,37 +31,6 @@ __all__ = [
 
 #: component names used for multi-model adapter files (diffusers pipeline attribute names)
 COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
-
-#: every per-layer tensor suffix sdadapt understands (longest first when matching)
-FILE_KEYS: tuple[str, ...] = tuple(
-    sorted(
-        (
-            "lora_down.weight",
-            "lora_up.weight",
-            "lora_mid.weight",
-            "alpha",
-            "dora_scale",
-            "hada_w1_a",
-            "hada_w1_b",
-            "hada_w2_a",
-            "hada_w2_b",
-            "hada_t1",
-            "hada_t2",
-            "lokr_w1",
-            "lokr_w1_a",
-            "lokr_w1_b",
-            "lokr_w2",
-            "lokr_w2_a",
-            "lokr_w2_b",
-            "lokr_t2",
-            "diff",
-            "diff_b",
-        ),
-        key=len,
-        reverse=True,
-    )
-)
-
 
 class LayerNotFoundError(KeyError):
     """Adapter layer names that match no module of the model (nearest names in the message)."""
@@ -76,10 +45,11 @@ def split_key(key: str) -> tuple[str, str]:
     Raises:
         ValueError: the key ends in no known adapter tensor name.
     """
-    for suffix in FILE_KEYS:
+    suffixes = file_keys()  # every registered family's tensor names, longest first
+    for suffix in suffixes:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
-    raise ValueError(f"{key!r} does not end in a known adapter tensor name ({', '.join(FILE_KEYS[:6])}, ...)")
+    raise ValueError(f"{key!r} does not end in a known adapter tensor name ({', '.join(suffixes[:6])}, ...)")
 
 
 def group_by_layer(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
