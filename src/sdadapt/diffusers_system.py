@@ -46,6 +46,11 @@ class DiffusersSystem(nn.Module):
         )
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod_of(betas).float(), persistent=False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        # SD2's text encoder is OpenCLIP-H as a CLIPTextModel: gelu and 1024 wide (SD1's CLIP-L:
+        # quick_gelu, 768); a v-predicting SD2 is SD2-v (768 px) for file metadata
+        config = text_encoder.config
+        is_sd2 = getattr(config, "hidden_act", "quick_gelu") == "gelu" or int(getattr(config, "hidden_size", 768)) == 1024
+        self.base_model = ("sd2-v" if self.prediction_type == "v_prediction" else "sd2") if is_sd2 else "sd1"
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
         self.image_size = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
 

@@ -1,4 +1,5 @@
-"""Training methods, by name: each builds an :class:`~sdadapt.methods.fit.Adaptation` on a system.
+"""Training methods, by name: each builds an :class:`~sdadapt.methods.fit.Adaptation` on a system
+(anything implementing the :class:`~sdadapt.methods.system.System` protocol).
 
 ``METHODS[name]`` is a :class:`Method` — how to prepare the adaptation, its default fitting
 options, and whether it needs DreamBooth's prior images. The ``demo`` and ``train`` commands and
@@ -16,10 +17,20 @@ import torch
 
 from .finetune import FullAdaptation, class_images, prepare_full
 from .fit import Adaptation, FitConfig, fit
-from .lora import AdapterAdaptation, prepare_dora, prepare_locon, prepare_loha, prepare_lokr, prepare_lora
+from .lora import (
+    AdapterAdaptation,
+    prepare_dora,
+    prepare_locon,
+    prepare_loha,
+    prepare_lokr,
+    prepare_lora,
+)
+from .system import System, check_system
 
 __all__ = [
     "Method",
+    "System",
+    "check_system",
     "Prior",
     "METHODS",
     "register_method",
@@ -66,6 +77,7 @@ class Method:
         The global torch RNG is forked, so the caller's random state is left as it was and the
         same seed gives the same adapters (hence the same training run) every time.
         """
+        check_system(system)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.prepare(system)

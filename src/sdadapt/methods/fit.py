@@ -1,9 +1,8 @@
 """The shared fitting loop: a handful of images + captions, any adaptation, sdadapt's train step.
 
-A *system* is anything with the toy system's duck type — ``encode_images(images) -> latents``,
-``tokenize(prompts) -> ids``, ``condition(ids) -> cond``, ``denoiser() -> model(x, t, cond)``,
-``alphas_cumprod`` — (:class:`sdadapt.toy.ToySystem`, or the diffusers-directory system of the
-``train`` command). An *adaptation* (:class:`Adaptation`) owns the trainable parameters, can save
+A *system* implements :class:`sdadapt.methods.system.System` (``encode_images``, ``tokenize``,
+``condition``, ``denoiser``, ``alphas_cumprod``, ``prediction_type`` ...): :class:`sdadapt.toy.ToySystem`,
+the diffusers-folder system of the ``train`` command, or your own. An *adaptation* (:class:`Adaptation`) owns the trainable parameters, can save
 itself in its method's file format and can be removed, leaving the system as it was.
 
 Latents are encoded once; the text encoder runs inside each step (its LoRA, or a trainable
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from ..training.optim import lr_at, set_lr
 from ..training.step import StepConfig, TrainState, train_step
+from .system import System
 
 __all__ = ["Adaptation", "FitConfig", "fit"]
 
@@ -58,7 +58,7 @@ class FitConfig:
 
 
 def fit(
-    system,
+    system: System,
     adaptation: Adaptation,
     images: Tensor,
     captions: list[str],

@@ -23,6 +23,7 @@ class AdapterAdaptation:
     """Adapters injected into ``system.unet`` (and ``system.text_encoder``); ``params`` trains them."""
 
     def __init__(self, system, *, unet_targets: Target, unet_config, text_config=None, name: str = "default") -> None:
+        self.base_model = system.base_model  # file naming and metadata (System protocol)
         self.handles: dict[str, AdapterHandle] = {"unet": inject(system.unet, unet_targets, unet_config, name=name)}
         if text_config is not None:
             try:
@@ -33,7 +34,7 @@ class AdapterAdaptation:
         self.params: list[nn.Parameter] = [p for h in self.handles.values() for p in h.parameters()]
 
     def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
-        save_lora(path, {c: h.state_dict() for c, h in self.handles.items()}, format="kohya", base_model="sd1",
+        save_lora(path, {c: h.state_dict() for c, h in self.handles.items()}, format="kohya", base_model=self.base_model,
                   metadata=dict(metadata or {}))
         return Path(path)
 

@@ -35,6 +35,8 @@ class ToySystem(nn.Module):
 
     image_size = 32
     prediction_type = "epsilon"
+    #: files name its layers like SD1's (diffusers UNet paths, CLIP text encoder): kohya "sd1" naming
+    base_model = "sd1"
 
     def __init__(self, unet: ToyUNet, text_encoder: ToyTextEncoder, clip: ToyCLIP) -> None:
         super().__init__()
