@@ -1,15 +1,20 @@
 """A local diffusers Stable Diffusion folder as a trainable system (SD1.x / SD2.x layouts).
 
 Needs the optional ``diffusers`` and ``transformers`` packages (``pip install "sdadapt[interop]"``).
-It has the toy system's duck type (``encode_images``, ``tokenize``, ``condition``, ``denoiser``,
-``alphas_cumprod``, ``prediction_type``, ``image_size``, ``sample``) so every method and the ``train``
-command work on it. Latents are the VAE posterior mean times ``scaling_factor``, encoded once.
+It implements :class:`sdadapt.methods.system.System`, so every method and the ``train`` command
+work on it. Latents are the VAE posterior mean times ``scaling_factor``, encoded once.
+
+:meth:`DiffusersSystem.save_model` writes the whole (fine-tuned) model as users load it: an LDM
+single-file checkpoint (``.safetensors``: A1111, ComfyUI, diffusers' ``from_single_file``) or a
+diffusers folder (``save_pretrained`` layout: ``from_pretrained``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +23,10 @@ from torch import Tensor, nn
 from .training import diffusion
 
 __all__ = ["DiffusersSystem", "ModelFolderError"]
+
+
+#: the parts :meth:`DiffusersSystem.save_model` writes into a folder
+_WRITTEN = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 class ModelFolderError(ValueError):
@@ -34,9 +43,19 @@ def _require(name: str):
 class DiffusersSystem(nn.Module):
     """UNet + VAE + CLIP text encoder + tokenizer + noise schedule of a diffusers folder."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict) -> None:
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, *, model_index: dict | None = None) -> None:
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.model_index = {  # what save_model writes (the loaded folder's entries win)
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
+            **dict(model_index or {}),
+        }
         betas = diffusion.noise_schedule(
             {"squaredcos_cap_v2": "cosine"}.get(scheduler_config.get("beta_schedule", "scaled_linear"), scheduler_config.get("beta_schedule", "scaled_linear")),
             num_steps=scheduler_config.get("num_train_timesteps", 1000),
@@ -81,9 +100,90 @@ class DiffusersSystem(nn.Module):
             CLIPTextModel.from_pretrained(root / "text_encoder"),
             CLIPTokenizer.from_pretrained(root / "tokenizer"),
             scheduler_config,
+            model_index=json.loads((root / "model_index.json").read_text()),
         )
         system.requires_grad_(False)
         return system.eval().to(device)
+
+    def save_model(
+        self, path: str | os.PathLike, *, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+    ) -> Path:
+        """Write the whole model: UNet, text encoder and VAE (the VAE as loaded).
+
+        ``path`` ending in ``.safetensors`` → one LDM ("compvis") checkpoint, keys through
+        :func:`sdadapt.formats.model_keys.diffusers_to_ldm` (``model.diffusion_model.*``,
+        ``cond_stage_model.*``, ``first_stage_model.*``) with ModelSpec metadata; any other path → a
+        diffusers folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``).
+        Both are written atomically (a temporary file or folder beside ``path``, renamed last).
+
+        Args:
+            dtype: cast floating tensors (``torch.float16`` / ``bfloat16``); default: as trained.
+            metadata: extra string metadata (LDM file) — e.g. the training recipe.
+
+        Raises:
+            FileExistsError: ``path`` exists (remove it or write elsewhere).
+        """
+        target = Path(path)
+        if target.exists():
+            raise FileExistsError(f"{target}: already exists; remove it or choose another output")
+        if target.suffix.lower() == ".safetensors":
+            return self._save_ldm(target, dtype, metadata or {})
+        if target.suffix:
+            raise ValueError(f"{target}: write a .safetensors LDM checkpoint or a folder (a path without a suffix)")
+        return self._save_folder(target, dtype)
+
+    def _save_ldm(self, target: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
+        from .formats.files import write_safetensors
+        from .formats.model_keys import diffusers_to_ldm
+
+        state = {}
+        for component in ("unet", "text_encoder", "vae"):
+            for key, value in getattr(self, component).state_dict().items():
+                if component == "text_encoder" and not key.startswith("text_model."):
+                    key = "text_model." + key  # transformers 5 drops the prefix; LDM files keep it
+                state[f"{component}.{key}"] = value.detach()
+        ldm = diffusers_to_ldm(state)
+        if dtype is not None:
+            ldm = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ldm.items()}
+        architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
+        meta = {
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": architecture.get(self.base_model, self.base_model),
+            "modelspec.implementation": "https://github.com/Stability-AI/stablediffusion" if self.base_model != "sd1"
+            else "https://github.com/CompVis/stable-diffusion",
+            "modelspec.title": target.stem,
+            "modelspec.resolution": f"{self.image_size}x{self.image_size}",
+            **({"modelspec.prediction_type": "v"} if self.prediction_type == "v_prediction" else {}),
+            **metadata,
+        }
+        return write_safetensors(target, ldm, meta)
+
+    def _save_folder(self, target: Path, dtype: torch.dtype | None) -> Path:
+        folder = target.parent if str(target.parent) else Path(".")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{target}: folder {folder} does not exist; create it first")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+        try:
+            for component in ("unet", "vae", "text_encoder"):
+                module = getattr(self, component)
+                if dtype is not None:
+                    import copy
+
+                    module = copy.deepcopy(module).to(dtype)
+                module.save_pretrained(tmp / component)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
+            index = {k: v for k, v in self.model_index.items() if k.startswith("_") or k in _WRITTEN}
+            if index.get("_class_name", "").startswith("StableDiffusion"):  # parts not written: absent
+                index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
+                             requires_safety_checker=False)
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:

@@ -75,6 +75,16 @@ class ToySystem(nn.Module):
 
         return model
 
+    def save_model(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                   metadata: dict[str, str] | None = None) -> Path:
+        """Write the whole toy system (``unet.*``, ``text_encoder.*``, ``clip.*`` + configs) as
+        :func:`save_toy` does; ``load_toy(path)`` and ``--model PATH`` load it. Default float32."""
+        target = Path(path)
+        if target.exists():
+            raise FileExistsError(f"{target}: already exists; remove it or choose another output")
+        save_toy(self, target, metadata=metadata, dtype=dtype or torch.float32)
+        return target
+
     @staticmethod
     def class_prompts(count: int, *, seed: int = 0) -> list[str]:
         """Prior-preservation prompts when the user gives no class prompt: random held-in "a {colour} {shape}"."""
