@@ -19,8 +19,13 @@ Implemented by :class:`sdadapt.toy.ToySystem` and :class:`sdadapt.diffusers_syst
 | ``denoiser()`` | ``model(x_t, t, cond) -> prediction``: the UNet call the training step and samplers use |
 | ``sample(prompts, *, seed, steps, guidance, negative)`` | DDIM + classifier-free guidance → images (B, 3, H, W) |
 
-Optional: ``class_prompts(count, *, seed)`` — default class prompts for prior preservation when
-the user gives none (the toy system draws held-in prompts).
+Optional:
+
+- ``class_prompts(count, *, seed)`` — default class prompts for prior preservation when the user
+  gives none (the toy system draws held-in prompts);
+- ``save_model(path, *, dtype, metadata)`` — write the whole (fine-tuned) model the way its users
+  load it (the diffusers-folder system: an LDM single-file checkpoint or a diffusers folder; the toy:
+  a toy-system file). Fine-tuning and DreamBooth save through it.
 """
 
 from __future__ import annotations
