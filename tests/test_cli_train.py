@@ -128,3 +128,26 @@ def test_dreambooth_on_a_diffusers_folder_needs_and_uses_a_class_prompt(tmp_path
     # a LoRA without --class-prompt on a user's model trains without prior preservation
     assert main(["train", "lora", "--images", str(images), "--model", str(root), "--steps", "1", "-o", str(tmp_path / "l.safetensors")]) == 0
     assert "class images" not in capsys.readouterr().out
+
+
+def test_train_output_options_overwrite_dtype_quiet(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    root = _tiny_pipeline(tmp_path / "pipe")
+    images = _images(tmp_path / "imgs", n=2)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    argv = ["train", "lora", "--images", str(images), "--model", str(root), "--steps", "1", "-o", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2  # refused before any training: no bar drawn, the file untouched
+    err = capsys.readouterr().err
+    assert "--overwrite" in err.strip().splitlines()[-1] and "step/s" not in err and out.read_bytes() == b"precious"
+    assert main([*argv, "--overwrite", "--dtype", "fp16", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and "step/s" not in captured.err and "ETA" not in captured.err
+    tensors = load_file(str(out))
+    matrices = {k: v for k, v in tensors.items() if v.dim() > 0}
+    assert matrices and all(v.dtype == torch.float16 for v in matrices.values())
+    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.endswith(".alpha"))  # alphas stay float32
+    state, _ = sdadapt.load_lora(out)  # still a loadable kohya file
+    assert set(state) == {"unet", "text_encoder"}

@@ -359,8 +359,9 @@ def test_checkpoint_layers_map_ldm_diffusers_and_openclip_keys():
     assert ("text_encoder_2", "text_model.encoder.layers.1.mlp.fc2") in layers
     assert len(layers) == 12  # 5 UNet, 1 + 6 text-encoder layers (norm weights are not layers)
     assert detect_base_model(shapes) == "sdxl"
-    assert detect_base_model(["cond_stage_model.transformer.text_model.x"]) == "sd1"
-    assert detect_base_model(["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]) == "sd2"
+    assert detect_base_model({"cond_stage_model.transformer.text_model.x": (1,)}) == "sd1"
+    assert detect_base_model({"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (6, 2)}) == "sd2"
+    assert detect_base_model({"first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)}) == "sd1"  # nothing tells
     # kohya's target sets
     assert is_lora_target("unet", "down_blocks.0.attentions.0.proj_in", (32, 32, 1, 1), conv=False)
     assert not is_lora_target("unet", "down_blocks.0.resnets.0.conv1", (32, 32, 3, 3), conv=False)

@@ -11,6 +11,7 @@ through diffusers' own LoRA loader), below it the error is the Eckart–Young bo
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -28,7 +29,6 @@ import sdadapt  # noqa: E402
 from sdadapt.cli import main  # noqa: E402
 from sdadapt.formats import load_lora  # noqa: E402
 from sdadapt.formats.unet_names import diffusers_to_ldm_unet, ldm_to_diffusers_unet  # noqa: E402
-from sdadapt.loratools import output as lora_files  # noqa: E402
 from sdadapt.loratools.checkpoint_layers import is_lora_target  # noqa: E402
 from sdadapt.loratools.combine import layer_delta  # noqa: E402
 from sdadapt.formats.layers import group_by_layer  # noqa: E402
@@ -287,8 +287,8 @@ def test_merge_two_loras_with_scales_matches_naive_sum(sd1, tmp_path, capsys):
     assert _run(capsys, "extract-lora", files["tuned_unet"], files["base_unet"], "--rank", 1, "--alpha", 0.5, "-o", b,
                 "--quiet")[0] == 0
     out = tmp_path / "merged_unet.safetensors"
-    code, _, _ = _run(capsys, "merge-lora", files["base_unet"], a, b, "--scale", 0.5, -1.5, "--save-dtype", "fp16",
-                      "-o", out, "--quiet")
+    code, _, _ = _run(capsys, "merge-lora", files["base_unet"], a, b, "--scale", 0.5, -1.5, "--dtype", "fp16",
+                      "-o", out, "-q")
     assert code == 0
     base, merged = load_file(str(files["base_unet"])), load_file(str(out))
     la, lb = group_by_layer(load_lora(a)[0]["unet"]), group_by_layer(load_lora(b)[0]["unet"])
@@ -301,7 +301,7 @@ def test_merge_two_loras_with_scales_matches_naive_sum(sd1, tmp_path, capsys):
         assert torch.allclose(merged[key].double(), want, atol=2e-3, rtol=1e-3), key
     # combine-loras: one exact LoRA for 0.5·A − 1.5·B, same merge result
     combined = tmp_path / "combined.safetensors"
-    code, _, _ = _run(capsys, "combine-loras", a, b, "--scale", 0.5, -1.5, "-o", combined, "--quiet")
+    code, _, _ = _run(capsys, "combine-loras", a, b, "--scale=0.5,-1.5", "-o", combined, "--quiet")  # the comma form
     assert code == 0
     lc = group_by_layer(load_lora(combined)[0]["unet"])
     for layer in la:
@@ -401,13 +401,13 @@ def test_clear_errors(sd1, tmp_path, capsys, monkeypatch):
     class Usage:
         free = 1000
 
-    monkeypatch.setattr(lora_files.shutil, "disk_usage", lambda folder: Usage())
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: Usage())
     code, _, err = _run(capsys, "merge-lora", files["base"], files["base"], "-o", fresh, "--quiet")
     assert code == 2  # (the LoRA argument is a checkpoint: refused as not a LoRA)
     lora = tmp_path / "ok.safetensors"
     monkeypatch.undo()
     assert _run(capsys, "extract-lora", files["base"], files["tuned"], "--rank", 1, "-o", lora, "--quiet")[0] == 0
-    monkeypatch.setattr(lora_files.shutil, "disk_usage", lambda folder: Usage())
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: Usage())
     code, _, err = _run(capsys, "merge-lora", files["base"], lora, "-o", fresh, "--quiet")
     assert code == 2 and "not enough disk space" in err and "MiB" in err
     assert not fresh.exists() and not list(tmp_path.glob(".fresh*"))

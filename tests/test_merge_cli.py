@@ -32,8 +32,9 @@ def same_tensors(x, y) -> bool:
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("weighted-sum", ["--alpha"]), ("add-difference", ["--alpha"]), ("ties", ["--density", "--lam"]),
-    ("dare", ["--drop", "--seed", "--consensus"]), ("slerp", ["--alpha"]), ("block-weighted", ["--weights", "--base-alpha"]),
+    ("weighted-sum", ["--alpha"]), ("add-difference", ["--alpha"]), ("ties", ["--density", "--lam", "--normalize"]),
+    ("dare", ["--drop", "--seed", "--consensus", "--rescale"]), ("slerp", ["--alpha"]),
+    ("block-weighted", ["--weights", "--base-alpha"]), ("task-arithmetic", ["--lam", "--weights"]),
     ("model-stock", []), ("train-difference", ["--alpha"]),
 ])
 def test_every_command_has_help(command, flags, capsys):
@@ -41,7 +42,7 @@ def test_every_command_has_help(command, flags, capsys):
         run(command, "--help")
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert all(f in text for f in [*flags, "--overwrite", "--dtype", "--no-recipe", "--reset-position-ids"])
+    assert all(f in text for f in [*flags, "-o OUT", "--overwrite", "--quiet", "--dtype", "--no-recipe", "--reset-position-ids"])
 
 
 def test_merge_help_names_the_recipe_replay(capsys):
@@ -55,9 +56,14 @@ def test_merge_help_names_the_recipe_replay(capsys):
     (["weighted-sum", "{a}", "{b}", "--alpha", "0.3"], MergeStep("weighted-sum", ("{a}", "{b}"), alpha=0.3)),
     (["add-difference", "{a}", "{b}", "{c}", "--alpha", "1.0"], MergeStep("add-difference", ("{a}", "{b}", "{c}"), alpha=1.0)),
     (["ties", "{a}", "{b}", "{c}", "{d}", "--density", "0.2"],
-     MergeStep("ties", ("{a}", "{b}", "{c}", "{d}"), options={"density": 0.2, "lam": 1.0})),
+     MergeStep("ties", ("{a}", "{b}", "{c}", "{d}"), options={"density": 0.2, "lam": 1.0, "normalize": True})),
     (["dare", "{a}", "{b}", "{c}", "--drop", "0.9", "--seed", "0"],
-     MergeStep("dare", ("{a}", "{b}", "{c}"), options={"drop": 0.9, "consensus": "sum", "lam": 1.0}, seed=0)),
+     MergeStep("dare", ("{a}", "{b}", "{c}"), options={"drop": 0.9, "consensus": "sum", "lam": 1.0, "rescale": True},
+               seed=0)),
+    (["ties", "{a}", "{b}", "{c}", "--weights", "0.5,2", "--no-normalize", "--lam", "0.7"],
+     MergeStep("ties", ("{a}", "{b}", "{c}"), weights=(0.5, 2.0), options={"density": 0.2, "lam": 0.7, "normalize": False})),
+    (["block-weighted", "{a}", "{b}", "{c}", "--weights", ",".join(["1"] * 25), "--base-alpha", "0.5"],
+     MergeStep("add-difference", ("{a}", "{b}", "{c}"), block_weights=tuple([1.0] * 25), base_alpha=0.5)),
     (["slerp", "{a}", "{b}", "--alpha", "0.5"], MergeStep("slerp", ("{a}", "{b}"), alpha=0.5)),
     (["block-weighted", "{a}", "{b}", "--weights", ",".join(["0"] + ["1"] * 25)],
      MergeStep("weighted-sum", ("{a}", "{b}"), block_weights=tuple([0.0] + [1.0] * 25))),
@@ -69,8 +75,9 @@ def test_commands_write_what_the_library_writes(tmp_path, files, argv, step, cap
     assert run(*fill, "-o", str(tmp_path / "cli.safetensors"), "-q") == 0
     assert "wrote" in capsys.readouterr().out
     inputs = tuple(i.format(**names) for i in step.inputs)
-    merge_file(MergeStep(step.operator, inputs, alpha=step.alpha, options=step.options, seed=step.seed, dtype=step.dtype,
-                         block_weights=step.block_weights), tmp_path / "lib.safetensors")
+    merge_file(MergeStep(step.operator, inputs, alpha=step.alpha, weights=step.weights, options=step.options, seed=step.seed,
+                         dtype=step.dtype, block_weights=step.block_weights, base_alpha=step.base_alpha),
+               tmp_path / "lib.safetensors")
     assert same_tensors(tmp_path / "cli.safetensors", tmp_path / "lib.safetensors")
     assert (tmp_path / "cli.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()  # recipe too
 
@@ -135,3 +142,24 @@ def test_docs_example_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Add difference" in out and "True" in out
     assert namespace["report"].flags["is_inpainting"]
+
+
+def test_recipe_replay_takes_the_shared_output_options(tmp_path, files, capsys):
+    out = tmp_path / "ws.safetensors"
+    assert run("weighted-sum", *files[:2], "--alpha", "0.5", "-o", str(out), "-q") == 0
+    replay = tmp_path / "replay.safetensors"
+    assert run("--recipe", str(out), "-o", str(replay), "--dtype", "fp32", "-q") == 0
+    assert capsys.readouterr().err == ""  # -q: no bar
+    assert all(v.dtype == torch.float32 for v in load_file(replay).values() if v.is_floating_point())
+    assert json.loads(load_file_metadata(replay)["sdadapt_merge_recipe"])["step"]["dtype"] == "fp32"
+    assert run("--recipe", str(out), "-o", str(replay), "-q") == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert run("--recipe", str(out), "-o", str(replay), "--overwrite", "-q") == 0
+    assert replay.read_bytes() == out.read_bytes()  # --dtype keep: as recorded, bit-exact
+
+
+def test_output_options_before_the_operator_are_refused(tmp_path, files, capsys):
+    assert run("-q", "weighted-sum", *files[:2], "--alpha", "0.5", "-o", str(tmp_path / "o.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: -q before the operator name") and "put them after it" in err
+    assert not (tmp_path / "o.safetensors").exists()

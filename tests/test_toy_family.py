@@ -156,7 +156,7 @@ def test_a_family_defined_in_a_test_file_works_everywhere(outer_family, tmp_path
     out = tmp_path / "baked.safetensors"
     assert main(["merge-lora", str(checkpoint), str(path), "--scale", "0.5", "-o", str(out), "-q"]) == 0
     applied = sdadapt.apply_lora(unet, components["unet"], scale=0.5)
-    want = _ldm_unet(unet.state_dict())
+    want = _ldm_unet({k: v.clone() for k, v in unet.state_dict().items()})  # state_dict() aliases the weights
     applied.undo()
     from safetensors.torch import load_file
 

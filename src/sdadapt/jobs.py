@@ -17,7 +17,33 @@ from .methods import METHODS, FitConfig, class_images, fit
 
 __all__ = ["run_demo", "run_train", "load_system", "prior_images"]
 
+#: ``progress(step, total, loss)`` after each training step
 Progress = Callable[[int, int, float], None]
+
+
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """Before any training: an existing output is kept unless ``overwrite``."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path}: already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def _check_dtype(spec, dtype: torch.dtype | None) -> None:
+    if dtype is not None and spec.file_suffix != ".safetensors":
+        raise ValueError(f"{spec.name} writes {spec.file_suffix} files, which keep their own dtype; leave out --dtype")
+    if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16 (or None), got {dtype}")
+
+
+def _cast_file(path: Path, dtype: torch.dtype | None) -> None:
+    """Rewrite the safetensors file ``path`` with its float tensors in ``dtype`` (scalars, e.g. alphas, kept)."""
+    if dtype is None:
+        return
+    from .formats.files import read_safetensors, write_safetensors
+
+    tensors, metadata = read_safetensors(path)
+    cast = {k: v.to(dtype) if v.is_floating_point() and v.dim() > 0 else v for k, v in tensors.items()}
+    write_safetensors(path, cast, metadata)
 
 
 def _method(name: str):
@@ -84,6 +110,8 @@ def run_demo(
     out: str | Path = "sdadapt-demo",
     weights: str | Path | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Teach the pretrained toy model a held-out concept; score before and after; write files.
 
@@ -91,12 +119,17 @@ def run_demo(
     default — on for the LoRA family and DreamBooth). Writes ``OUT/before_after.png`` (rows:
     training images, before, after), the adapter file ``OUT/<concept>-<method>.safetensors`` and
     returns ``{"before": scores, "after": scores, "files": {...}, "seconds": ..., "losses": [...],
-    "prior_images": n}``.
+    "prior_images": n}``. Existing files there are refused before training unless ``overwrite``;
+    ``dtype`` casts the adapter's float tensors (default: as trained, float32).
     """
     from .toy import load_toy
     from .toy.evaluate import concept_data, score
 
     spec = _method(method)
+    folder = Path(out)
+    adapter_path, picture_path = folder / f"{concept}-{method}{spec.file_suffix}", folder / "before_after.png"
+    _refuse_existing([adapter_path, picture_path], overwrite)
+    _check_dtype(spec, dtype)
     start = time.perf_counter()
     system = load_toy(weights)
     train_images, captions = concept_data(concept, images, seed=seed)
@@ -106,15 +139,15 @@ def run_demo(
     config = FitConfig(steps=steps or spec.steps, learning_rate=spec.learning_rate, seed=seed)
     losses = fit(system, adaptation, train_images, captions, config=config, prior=prior_data, callback=progress)
     after, after_images = score(system, concept, train_images)
-    folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    adapter = adaptation.save(folder / f"{concept}-{method}{spec.file_suffix}",
+    adapter = adaptation.save(adapter_path,
                               metadata={"sdadapt_demo": f"{method} on toy concept {concept!r}, {config.steps} steps"})
+    _cast_file(adapter, dtype)
     n = before_images.shape[0] // 2
     rows = [train_images[:n], before_images[:n], after_images[:n]]
     grid = image_grid(torch.cat([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, 0, 0, n - r.shape[0]), value=1.0) for r in rows]),
                       columns=n)
-    picture = write_png(folder / "before_after.png", torch.nn.functional.interpolate(grid[None], scale_factor=2, mode="nearest")[0])
+    picture = write_png(picture_path, torch.nn.functional.interpolate(grid[None], scale_factor=2, mode="nearest")[0])
     return {
         "method": method,
         "concept": concept,
@@ -127,12 +160,22 @@ def run_demo(
     }
 
 
+def _is_toy_file(model: str) -> bool:
+    from .formats.files import read_safetensors_header, sniff_format
+
+    path = Path(model)
+    if not path.is_file() or sniff_format(path) != "safetensors":
+        return False
+    return read_safetensors_header(path)[1].get("format") == "sdadapt-toy/1"
+
+
 def load_system(model: str, *, device: str = "cpu"):
-    """``"toy"`` -> the shipped toy system; a path -> a diffusers Stable Diffusion folder."""
-    if model == "toy":
+    """``"toy"`` -> the shipped toy system; a toy-system file (a toy fine-tune) -> that system;
+    a folder -> a diffusers Stable Diffusion folder."""
+    if model == "toy" or _is_toy_file(model):
         from .toy import load_toy
 
-        return load_toy(device=device)
+        return load_toy(None if model == "toy" else model, device=device)
     from .diffusers_system import DiffusersSystem
 
     return DiffusersSystem.from_folder(model, device=device)
@@ -154,14 +197,21 @@ def run_train(
     prior_weight: float = 1.0,
     seed: int = 0,
     progress: Progress | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Train ``method`` on a folder of images + captions (``NAME.txt``, or ``prompt`` for all).
 
     Prior preservation (see :func:`prior_images`): ``class_prompt`` with ``class_count`` class
     images (default twice the instance images) weighted ``prior_weight``; on the toy model the
-    held-in prompts stand in when no ``class_prompt`` is given.
+    held-in prompts stand in when no ``class_prompt`` is given. ``out`` (default
+    ``<folder>-<method>.safetensors``) is refused before training when it exists unless
+    ``overwrite``; ``dtype`` casts the written float tensors (default: as trained, float32).
     """
     spec = _method(method)
+    target = Path(out) if out is not None else Path(f"{Path(images).name}-{method}{spec.file_suffix}")
+    _refuse_existing([target], overwrite)
+    _check_dtype(spec, dtype)
     system = load_system(model)
     pictures, captions = load_image_folder(images, size=system.image_size, default_caption=prompt)
     prior_data = prior_images(system, spec, class_prompt=class_prompt, enabled=prior, seed=seed, weight=prior_weight,
@@ -171,7 +221,7 @@ def run_train(
                        batch_size=batch_size, seed=seed)
     start = time.perf_counter()
     losses = fit(system, adaptation, pictures, captions, config=config, prior=prior_data, callback=progress)
-    target = Path(out) if out is not None else Path(f"{Path(images).name}-{method}{spec.file_suffix}")
     saved = adaptation.save(target, metadata={"sdadapt_train": f"{method}, {config.steps} steps, {len(captions)} images"})
+    _cast_file(saved, dtype)
     return {"method": method, "images": len(captions), "prior_images": 0 if prior_data is None else len(prior_data[1]),
             "losses": losses, "seconds": time.perf_counter() - start, "file": str(saved)}

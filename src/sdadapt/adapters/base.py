@@ -188,6 +188,13 @@ class AdapterModule(nn.Module):
         return None
 
     @classmethod
+    def weight_shape_from_file_tensors(cls, tensors: dict[str, Tensor]) -> tuple[int, ...] | None:
+        """The base weight's shape ``(out, in, *kernel)`` one layer's file tensors imply (shapes
+        only), or ``None`` when the file alone cannot tell (the default; the LoRA file tools then
+        ask for the base checkpoint)."""
+        return None
+
+    @classmethod
     def file_rank(cls, shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, bool]:
         """(rank, is a kxk conv) of one layer from its file tensors' shapes, for reports and
         kohya metadata. The rank is axis 0 of the first :attr:`rank_keys` present (``None``

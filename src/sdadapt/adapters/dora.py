@@ -241,3 +241,15 @@ class DoRAModule(AdapterModule):
         with torch.no_grad():
             module.dora_scale.copy_(scale)
         return module
+
+    @classmethod
+    def weight_shape_from_file_tensors(cls, tensors: dict[str, Tensor]) -> tuple[int, ...] | None:
+        """The base weight's shape the wrapped family's tensors imply (``None`` when they cannot tell;
+        only shapes are read). ``dora_scale`` alone does not fix it (one of its axes is 1)."""
+        from .registry import weight_shape_of_file_tensors
+
+        inner = {k: v for k, v in tensors.items() if k not in cls.file_keys}
+        try:
+            return weight_shape_of_file_tensors(inner)
+        except ValueError:
+            return None

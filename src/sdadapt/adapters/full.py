@@ -134,3 +134,9 @@ class FullModule(AdapterModule):
             if diff_b is not None:
                 module.diff_b.copy_(diff_b)  # type: ignore[union-attr]
         return module
+
+    @classmethod
+    def weight_shape_from_file_tensors(cls, tensors: dict[str, Tensor]) -> tuple[int, ...] | None:
+        """The base weight's shape: ``diff.shape`` (``None`` without ``diff``; only shapes are read)."""
+        diff = tensors.get("diff")
+        return None if diff is None else tuple(int(n) for n in diff.shape)

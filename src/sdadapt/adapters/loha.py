@@ -242,3 +242,16 @@ class LoHaModule(AdapterModule):
             for key in want:
                 getattr(module, key).copy_(tensors[key])
         return module
+
+    @classmethod
+    def weight_shape_from_file_tensors(cls, tensors: dict[str, Tensor]) -> tuple[int, ...] | None:
+        """The base weight's shape ``(out, in, *kernel)`` the file tensors imply, or ``None`` (only shapes are read).
+
+        Tucker form: ``(hada_w1_a.shape[1], hada_w1_b.shape[1], *hada_t1.shape[2:])``. Plain form:
+        ``None`` — its factors ``(out, r)`` / ``(r, in·kh·kw)`` are the same for a Linear layer of
+        ``in·kh·kw`` inputs and for a kxk convolution stored flattened, so only the base model can tell.
+        """
+        w1_a, w1_b, t1 = tensors.get("hada_w1_a"), tensors.get("hada_w1_b"), tensors.get("hada_t1")
+        if w1_a is None or w1_b is None or t1 is None or w1_a.dim() != 2 or w1_b.dim() != 2:
+            return None
+        return (int(w1_a.shape[1]), int(w1_b.shape[1]), *(int(k) for k in t1.shape[2:]))

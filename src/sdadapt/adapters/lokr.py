@@ -347,3 +347,28 @@ class LoKrModule(AdapterModule):
             for key in layout.shapes:
                 getattr(module, key).copy_(tensors[key])
         return module
+
+    @classmethod
+    def weight_shape_from_file_tensors(cls, tensors: dict[str, Tensor]) -> tuple[int, ...] | None:
+        """The base weight's shape ``(a·b, c·d, *kernel)`` the file tensors imply, or ``None`` (only shapes are read).
+
+        ``w1`` (a, c) comes from ``lokr_w1`` or ``lokr_w1_a (a, r) ⋅ lokr_w1_b (r, c)``; ``w2``
+        (b, d, *kernel) from ``lokr_w2`` or, in Tucker form, ``lokr_w2_a (r, b)``, ``lokr_w2_b (r, d)``
+        and ``lokr_t2 (r, r, *kernel)``. ``None`` when ``w2`` is a plain low-rank pair: its
+        ``lokr_w2_b`` (r, d·kh·kw) is the same for a Linear layer and a flattened kxk convolution.
+        """
+        if "lokr_w1" in tensors:
+            a, c = (int(n) for n in tensors["lokr_w1"].shape[:2])
+        elif "lokr_w1_a" in tensors and "lokr_w1_b" in tensors:
+            a, c = int(tensors["lokr_w1_a"].shape[0]), int(tensors["lokr_w1_b"].shape[1])
+        else:
+            return None
+        if "lokr_w2" in tensors:
+            w2 = tensors["lokr_w2"]
+            b, d, kernel = int(w2.shape[0]), int(w2.shape[1]), tuple(w2.shape[2:])
+        elif "lokr_t2" in tensors and "lokr_w2_a" in tensors and "lokr_w2_b" in tensors:
+            b, d = int(tensors["lokr_w2_a"].shape[1]), int(tensors["lokr_w2_b"].shape[1])
+            kernel = tuple(tensors["lokr_t2"].shape[2:])
+        else:
+            return None
+        return (a * b, c * d, *(int(k) for k in kernel))

@@ -376,3 +376,18 @@ class LoRAModule(AdapterModule):
             if mid is not None:
                 module.lora_mid.copy_(mid)  # type: ignore[union-attr]
         return module
+
+    @classmethod
+    def weight_shape_from_file_tensors(cls, tensors: dict[str, Tensor]) -> tuple[int, ...] | None:
+        """The base weight's shape ``(out, in, *kernel)`` one layer's file tensors imply (only shapes are read).
+
+        ``(lora_up.shape[0], lora_down.shape[1], *kernel)`` with the kernel of ``lora_mid.weight``
+        (Tucker) or ``lora_down.weight``; a Linear layer saved with 1x1 factors reads as
+        ``(out, in, 1, 1)``. ``None`` when a factor is missing.
+        """
+        down, up = tensors.get("lora_down.weight"), tensors.get("lora_up.weight")
+        if down is None or up is None or down.dim() < 2:
+            return None
+        mid = tensors.get("lora_mid.weight")
+        kernel = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
+        return (int(up.shape[0]), int(down.shape[1]), *(int(k) for k in kernel))

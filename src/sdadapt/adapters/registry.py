@@ -13,7 +13,7 @@ tensors name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,7 @@ __all__ = [
     "adapter_from_file_tensors",
     "algorithm_of_keys",
     "file_layer_delta",
+    "weight_shape_of_file_tensors",
     "file_keys",
     "file_rank",
     "lycoris_algo_of_keys",
@@ -233,6 +234,21 @@ def file_layer_delta(
         delta = module.merge_delta(base)  # type: ignore[arg-type]
         bias = module.bias_delta()
     return delta.reshape(geometry.weight_shape), bias
+
+
+def weight_shape_of_file_tensors(tensors: Mapping[str, Tensor], *, name: str = "<layer>") -> tuple[int, ...] | None:
+    """The base layer's weight shape ``(out, in, *kernel)`` one layer's file tensors imply, or ``None``.
+
+    Dispatches to the family's ``weight_shape_from_file_tensors`` (family from the keys). ``None``
+    means the file alone cannot tell — e.g. LoHa, or LoKr with a low-rank ``w2``, store a kxk
+    convolution's factors flattened ``(r, in·kh·kw)``, the same as a Linear layer's — so the
+    caller needs the base model's layer shape (``resize-lora``/``combine-loras --base CKPT``).
+    Only tensor shapes are read (meta tensors do).
+
+    Raises:
+        ValueError: keys of no family, naming ``name``.
+    """
+    return family_of_keys(tensors, name=name).module_type.weight_shape_from_file_tensors(dict(tensors))
 
 
 def algorithm_of_keys(keys: Iterable[str]) -> str:

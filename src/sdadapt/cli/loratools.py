@@ -7,44 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-__all__ = ["register", "LineProgress"]
+from .options import ExtendNumbers, add_output_options, numbers, progress_bar, torch_dtype
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+__all__ = ["register"]
+
 _BASE_MODELS = ("sd1", "sd2", "sd2-v", "sdxl")
-
-
-class LineProgress:
-    """``progress(done, total, label)`` as a one-line stderr bar (redrawn about 50 times per job)."""
-
-    def __init__(self, title: str) -> None:
-        self.title = title
-        self.start = time.perf_counter()
-
-    def __call__(self, done: int, total: int, label: str) -> None:
-        if done != total and done % max(1, total // 50):
-            return
-        width = 30
-        filled = int(width * done / max(total, 1))
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (total - done) if done else 0.0
-        sys.stderr.write(f"\r{self.title} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:.0f}s<{eta:.0f}s")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    return getattr(torch, _DTYPES[name])
-
-
-def _progress(args: argparse.Namespace, title: str):
-    return None if args.quiet else LineProgress(title)
 
 
 def _clamp(value: float) -> float | None:
@@ -85,8 +53,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         conv_alpha=args.conv_alpha, method=args.dynamic_method or "fixed", param=args.dynamic_param,
         clamp_quantile=_clamp(args.clamp_quantile), min_diff=args.min_diff, min_layer_diff=args.min_layer_diff,
         split=args.split, randomized=args.randomized, niter=args.niter, device=args.device,
-        base_model=args.base_model, dtype=_dtype(args.save_dtype), overwrite=args.overwrite,
-        progress=_progress(args, "extract"),
+        base_model=args.base_model, dtype=torch_dtype(args.dtype), overwrite=args.overwrite,
+        progress=progress_bar(args, "extract", unit="layer"),
     )
     _print_skipped(report)
     print(_summary(report, "wrote"))
@@ -99,32 +67,22 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     report = resize_lora(
         args.lora, args.out, rank=args.rank, conv_rank=args.conv_rank, method=args.dynamic_method or "fixed",
         param=args.dynamic_param, clamp_quantile=_clamp(args.clamp_quantile), split=args.split,
-        base_model=args.base_model, dtype=_dtype(args.save_dtype), overwrite=args.overwrite,
-        progress=_progress(args, "resize"),
+        base_model=args.base_model, dtype=torch_dtype(args.dtype), overwrite=args.overwrite,
+        progress=progress_bar(args, "resize", unit="component"), base=args.base,
     )
+    _print_skipped(report)
     print(_summary(report, "wrote"))
     return 0
-
-
-def _block_weights(texts: list[str] | None) -> list[list[float]] | None:
-    if not texts:
-        return None
-    vectors = []
-    for text in texts:
-        try:
-            vectors.append([float(v) for v in text.replace(" ", "").split(",") if v])
-        except ValueError:
-            raise ValueError(f"--block-weights {text!r}: expected comma-separated numbers, e.g. '1,0,0,0,1,1,...'") from None
-    return vectors
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from ..loratools.bake import merge_loras_into_checkpoint
 
     report = merge_loras_into_checkpoint(
-        args.base, args.loras, args.out, strengths=args.scale, block_weights=_block_weights(args.block_weights),
-        dtype=_dtype(args.save_dtype), skip_unmatched=args.skip_unmatched, overwrite=args.overwrite,
-        progress=_progress(args, "merge"),
+        args.base, args.loras, args.out, strengths=list(args.scale),
+        block_weights=[list(v) for v in args.block_weights] if args.block_weights else None,
+        dtype=torch_dtype(args.dtype), skip_unmatched=args.skip_unmatched, overwrite=args.overwrite,
+        progress=progress_bar(args, "merge-lora", unit="tensor"),
     )
     if report.unmatched:
         print(f"skipped {len(report.unmatched)} LoRA layer(s) that match nothing:", file=sys.stderr)
@@ -140,33 +98,38 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     if args.mode == "svd" and args.rank is None:
         raise ValueError("--mode svd needs --rank")
     report = combine_loras(
-        args.loras, args.out, strengths=args.scale, mode=args.mode, rank=args.rank, conv_rank=args.conv_rank,
+        args.loras, args.out, strengths=list(args.scale), mode=args.mode, rank=args.rank, conv_rank=args.conv_rank,
         method=args.dynamic_method or "fixed", param=args.dynamic_param, clamp_quantile=_clamp(args.clamp_quantile),
-        base_model=args.base_model, dtype=_dtype(args.save_dtype), overwrite=args.overwrite,
+        base_model=args.base_model, dtype=torch_dtype(args.dtype), overwrite=args.overwrite, base=args.base,
     )
+    _print_skipped(report)
     print(f"wrote {report.path} ({args.mode}) from {len(args.loras)} LoRAs")
     return 0
 
 
-def _common(parser: argparse.ArgumentParser, *, base_model: bool = True) -> None:
-    parser.add_argument("-o", "--out", required=True, help="output .safetensors file (written atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--save-dtype", choices=sorted(_DTYPES), default=None,
-                        help="dtype of the written weights (default: fp32 for new LoRAs, each tensor's own otherwise)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+def _common(parser: argparse.ArgumentParser, *, base_model: bool = True, keep: str) -> None:
+    output = add_output_options(parser, dtype_help=keep)
     if base_model:
-        parser.add_argument("--base-model", choices=_BASE_MODELS, default=None,
+        output.add_argument("--base-model", choices=_BASE_MODELS, default=None,
                             help="kohya naming/metadata of the output (default: detected from the input)")
 
 
-def _dynamic(parser: argparse.ArgumentParser, clamp_default: float, *, split: bool = True) -> None:
+def _scale(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--scale", type=numbers, nargs="+", action=ExtendNumbers, default=(1.0,), metavar="S",
+                        help=f"strength: one for all LoRAs or one per LoRA, as 1,0.5 or 1 0.5 ({what})")
+
+
+def _dynamic(parser: argparse.ArgumentParser, *, split: bool = True) -> None:
     parser.add_argument("--dynamic-method", choices=["sv_ratio", "sv_cumulative", "sv_fro"], default=None,
                         help="choose each layer's rank (capped at --rank): sv_ratio keeps σ > σ_max/P, "
                         "sv_cumulative keeps a fraction P of Σσ, sv_fro a fraction P of the Frobenius norm "
                         "(kohya's rules, including kohya's +1)")
     parser.add_argument("--dynamic-param", type=float, default=None, help="P of --dynamic-method")
-    parser.add_argument("--clamp-quantile", type=float, default=clamp_default,
-                        help=f"clamp factor values to this quantile like kohya (default {clamp_default:g}; 1 = off)")
+    parser.add_argument("--clamp-quantile", type=float, default=1.0, metavar="Q",
+                        help="clamp the factors to [-h, h], h = the Q quantile of their signed values (kohya's "
+                        "outlier clamp; --clamp-quantile 0.99 gives the files kohya's extract_lora_from_models.py "
+                        "writes). It guards fp16 files against outliers but can cost much accuracy; the printed "
+                        "error includes it. Default 1: off")
     if split:
         parser.add_argument("--split", choices=["up", "sqrt"], default="up",
                             help="where the singular values go: all in up (kohya, default) or sqrt on each side")
@@ -187,7 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     extract.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 convs; enables LoCon extraction")
     extract.add_argument("--alpha", type=float, default=None, help="alpha to write (default: alpha = rank, scale 1)")
     extract.add_argument("--conv-alpha", type=float, default=None, help="alpha of 3x3 convs (default: their rank)")
-    _dynamic(extract, 0.99)
+    _dynamic(extract)
     extract.add_argument("--min-diff", type=float, default=0.01,
                          help="leave out a text encoder whose largest |difference| is at most this (kohya, default 0.01)")
     extract.add_argument("--min-layer-diff", type=float, default=0.0,
@@ -195,20 +158,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     extract.add_argument("--randomized", action="store_true", help="randomized low-rank SVD (faster on big layers)")
     extract.add_argument("--niter", type=int, default=2, help="power iterations of --randomized (default 2)")
     extract.add_argument("--device", default=None, help="where to run the SVDs (default: cuda when available)")
-    _common(extract)
+    _common(extract, keep="float32")
     extract.set_defaults(run=_cmd_extract)
 
     resize = sub.add_parser(
         "resize-lora",
-        help="resize a LoRA to a smaller or per-layer dynamic rank (same strength)",
-        description="Reduce a LoRA's rank by SVD of each layer's delta; alpha is rescaled so alpha/rank (the "
-        "strength) is unchanged. Reads kohya or diffusers LoRAs, writes kohya.",
+        help="resize a LoRA (or LoHa/LoKr/full/DoRA file) to a LoRA of a smaller or per-layer dynamic rank",
+        description="Reduce an adapter's rank by SVD of each layer's delta and write a kohya LoRA. Every family "
+        "is accepted: LoRA/LoCon layers keep alpha/rank (the strength); LoHa, LoKr, full-diff, Tucker and DoRA "
+        "layers become the truncated SVD of their dense delta (alpha = rank). Reads kohya, LyCORIS or diffusers "
+        "files. DoRA, and LoHa/LoKr layers whose flattened factors do not tell the layer's shape, need --base.",
     )
-    resize.add_argument("lora", help="LoRA file (kohya or diffusers)")
+    resize.add_argument("lora", help="adapter file of any family (kohya, LyCORIS or diffusers)")
+    resize.add_argument("--base", default=None, metavar="CKPT",
+                        help="the checkpoint the file was made for: gives the layer shapes LoHa/LoKr files cannot "
+                        "tell, and DoRA's base weights")
     resize.add_argument("--rank", type=int, default=4, help="new rank (the cap with --dynamic-method; default 4)")
     resize.add_argument("--conv-rank", type=int, default=None, help="new rank of 3x3 conv layers (default --rank)")
-    _dynamic(resize, 1.0)
-    _common(resize)
+    _dynamic(resize)
+    _common(resize, keep="each layer's own")
     resize.set_defaults(run=_cmd_resize)
 
     merge = sub.add_parser(
@@ -219,27 +187,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     merge.add_argument("base", help="checkpoint (LDM single file or diffusers UNet file)")
     merge.add_argument("loras", nargs="+", metavar="LORA", help="LoRA files (kohya or diffusers)")
-    merge.add_argument("--scale", type=float, nargs="+", default=[1.0],
-                       help="strength: one for all LoRAs or one per LoRA (default 1.0)")
-    merge.add_argument("--block-weights", action="append", default=None, metavar="W,W,...",
+    _scale(merge, "default 1")
+    merge.add_argument("--block-weights", type=numbers, action="append", default=None, metavar="W,W,...",
                        help="LoRA block weights (12/20 values SDXL, 17/26 SD1/SD2, kohya LBW order); "
                        "once for all LoRAs or once per LoRA")
     merge.add_argument("--skip-unmatched", action="store_true",
                        help="merge the LoRA layers that match the checkpoint and report the rest (default: error)")
-    _common(merge, base_model=False)
+    _common(merge, base_model=False, keep="each checkpoint tensor's own")
     merge.set_defaults(run=_cmd_merge)
 
     combine = sub.add_parser(
         "combine-loras",
-        help="combine several LoRAs into one (exact rank concatenation, or SVD to a rank)",
-        description="One LoRA equal to sum(scale_i * LoRA_i): --mode concat is exact (rank = sum of ranks); "
-        "--mode svd re-compresses each layer to --rank.",
+        help="combine several adapter files (any family) into one LoRA (exact concatenation, or SVD to a rank)",
+        description="One kohya LoRA equal to sum(scale_i * delta_i) for files of any family (LoRA/LoCon, LoHa, "
+        "LoKr, full, Tucker, DoRA). --mode concat is exact: LoRA ranks are concatenated and the other families' "
+        "dense deltas factored at their numerical rank (capped by --rank/--conv-rank if given); --mode svd "
+        "re-compresses each layer to --rank. DoRA, and LoHa/LoKr layers whose flattened factors do not tell the "
+        "layer's shape, need --base; "
+        "DoRA files apply in the order given.",
     )
     combine.add_argument("loras", nargs="+", metavar="LORA")
-    combine.add_argument("--scale", type=float, nargs="+", default=[1.0], help="one for all or one per LoRA")
+    combine.add_argument("--base", default=None, metavar="CKPT",
+                         help="the checkpoint the files were made for: gives the layer shapes LoHa/LoKr files "
+                         "cannot tell, and DoRA's base weights")
+    _scale(combine, "default 1")
     combine.add_argument("--mode", choices=["concat", "svd"], default="concat")
-    combine.add_argument("--rank", type=int, default=None, help="target rank of --mode svd")
+    combine.add_argument("--rank", type=int, default=None,
+                         help="target rank of --mode svd (with --mode concat: cap of the non-LoRA layers' rank)")
     combine.add_argument("--conv-rank", type=int, default=None, help="target rank of 3x3 convs (--mode svd)")
-    _dynamic(combine, 1.0, split=False)
-    _common(combine)
+    _dynamic(combine, split=False)
+    _common(combine, keep="float32")
     combine.set_defaults(run=_cmd_combine)

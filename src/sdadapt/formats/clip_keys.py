@@ -27,7 +27,15 @@ from collections.abc import Mapping
 from .key_rules import KeyRule, plan_by_rules
 from .key_source import KeySource, PlanBuilder
 
-__all__ = ["CLIP_RULES", "OPEN_CLIP_RULES", "SD2_UNUSED_FROM_LAYER", "plan_clip", "plan_open_clip", "add_text_model"]
+__all__ = [
+    "CLIP_RULES",
+    "OPEN_CLIP_RULES",
+    "SD2_UNUSED_FROM_LAYER",
+    "plan_clip",
+    "plan_open_clip",
+    "add_text_model",
+    "open_clip_to_diffusers",
+]
 
 #: first OpenCLIP-H layer SD2 never uses (it reads the output of layer 22, the penultimate one)
 SD2_UNUSED_FROM_LAYER = 23
@@ -69,6 +77,33 @@ OPEN_CLIP_RULES = (
 )
 
 _FLAT_HEADS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def open_clip_to_diffusers(key: str) -> tuple[tuple[str, ...], str] | None:
+    """The diffusers (transformers CLIP) key(s) of one OpenCLIP key, by :data:`OPEN_CLIP_RULES`.
+
+    Args:
+        key: relative to the OpenCLIP model (``transformer.resblocks.3.mlp.c_fc.weight``, without
+            the ``cond_stage_model.model.`` / ``conditioner.embedders.1.model.`` prefix).
+
+    Returns:
+        ``(keys, kind)``: one key for a rename (``kind`` ``"same"``, or ``"transpose"`` for
+        ``text_projection``), or the q, k, v keys, in the row order of the fused tensor, for
+        ``attn.in_proj_weight``/``_bias`` (``kind`` ``"fused_qkv"``: row thirds); ``None`` for a
+        key no rule knows.
+
+    >>> open_clip_to_diffusers("transformer.resblocks.0.attn.out_proj.weight")
+    (('text_model.encoder.layers.0.self_attn.out_proj.weight',), 'same')
+    """
+    for rule in OPEN_CLIP_RULES:
+        fields = rule.match("ldm", key)
+        if fields is None:
+            continue
+        fields = rule.translate(fields, to="diffusers", counts={})
+        if rule.kind == "fused_qkv":
+            return tuple(rule.render("diffusers", {**fields, "qkv": qkv}) for qkv in "qkv"), rule.kind
+        return (rule.render("diffusers", fields),), rule.kind
+    return None
 _POSITION_IDS = "text_model.embeddings.position_ids"
 _SD2_UNUSED = (
     f"SD2 conditions on OpenCLIP-H's penultimate layer: layers >= {SD2_UNUSED_FROM_LAYER} and text_projection"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 import warnings
@@ -23,6 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "WeightFileError",
+    "DiskSpaceError",
+    "check_output_file",
     "read_safetensors",
     "read_safetensors_header",
     "read_weights",
@@ -39,6 +42,68 @@ class WeightFileError(ValueError):
     """A weights file that cannot be used; the message names the file and the fix."""
 
 
+class DiskSpaceError(WeightFileError, OSError):
+    """Not enough free disk space for an output file: an ``OSError`` (as a full disk is) and a
+    :class:`WeightFileError` (so every command reports it as a clear file error)."""
+
+
+def _output_folder(target: Path) -> Path:
+    """The folder ``target`` goes into; it must exist."""
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise WeightFileError(f"{target}: folder {folder} does not exist; create it first")
+    return folder
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    needed_bytes: int = 0,
+    margin_bytes: int = 0,
+    suffix: str | None = ".safetensors",
+) -> Path:
+    """The one output check, before any work: name, existing file, folder, free disk space.
+
+    Args:
+        path: the file to be written (atomically: a temporary file beside it, so replacing an
+            existing file needs the full size free too).
+        overwrite: whether an existing ``path`` may be replaced.
+        needed_bytes: the output's size (0: skip the space check, e.g. before the size is known).
+        margin_bytes: free space to leave beyond ``needed_bytes``.
+        suffix: the required file suffix (``None``: any).
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        WeightFileError: a wrong suffix, ``path`` is a folder, or its folder does not exist.
+        DiskSpaceError: less than ``needed_bytes + margin_bytes`` free (names both sizes).
+    """
+    target = Path(path)
+    if suffix is not None and target.suffix.lower() != suffix:
+        raise WeightFileError(f"{target}: sdadapt writes {suffix} files only; name the output *{suffix}")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
+    if target.is_dir():
+        raise WeightFileError(f"{target}: is a folder; give a file name such as {target / ('out' + (suffix or ''))}")
+    folder = _output_folder(target)
+    if needed_bytes > 0 or margin_bytes > 0:
+        free = shutil.disk_usage(folder).free
+        if free < needed_bytes + margin_bytes:
+            margin = f" (plus {_size_text(margin_bytes)} to spare)" if margin_bytes else ""
+            raise DiskSpaceError(
+                f"{target}: not enough disk space in {folder}: the output needs about {_size_text(needed_bytes)}"
+                f"{margin}, {_size_text(free)} are free; free some space or write elsewhere"
+            )
+    return target
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then atomically rename the result to ``path``.
 
@@ -46,9 +111,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     ``write`` raises.
     """
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise WeightFileError(f"{target}: folder {folder} does not exist; create it first")
+    folder = _output_folder(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
@@ -229,10 +292,31 @@ def _holds_tensor(obj: object) -> bool:
     return False
 
 
+#: pickle globals that execute code (modules torch's weights-only unpickler blocks outright, and
+#: builtins that evaluate or import): a file that names one is an attack, not an odd format
+_CODE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "shutil", "socket", "runpy",
+                 "importlib", "pty", "webbrowser", "ctypes", "code", "pickle", "marshal", "commands", "platform")
+_CODE_BUILTINS = ("eval", "exec", "compile", "__import__", "getattr", "setattr", "open", "execfile", "apply", "input", "breakpoint")
+
+
+def _runs_code(name: str, text: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    if "is blocked" in text:  # torch: "... whose module posix is blocked"
+        return True
+    return module.split(".")[0] in _CODE_MODULES or (not module and attr in _CODE_BUILTINS)
+
+
 def _torch_load_error(file: Path, exc: Exception) -> WeightFileError:
     """A one-paragraph reason for a failed ``torch.load(weights_only=True)``, without torch's essay."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
+    if unsafe and _runs_code(unsafe.group(1), text):
+        return WeightFileError(
+            f"{file}: this file tries to run code when it is loaded (its pickle calls {unsafe.group(1)}); "
+            "sdadapt refused it without running anything (legacy files are read only with "
+            "torch.load(weights_only=True)). Do not open it with plain torch.load or pickle; get the "
+            "file from a trusted source, preferably as .safetensors."
+        )
     if unsafe:
         return WeightFileError(
             f"{file}: holds a pickled Python object ({unsafe.group(1)}) that only full unpickling, "

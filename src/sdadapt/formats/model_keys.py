@@ -118,39 +118,53 @@ def checkpoint_naming(keys: Iterable[str]) -> str:
     )
 
 
-def checkpoint_architecture(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from the keys and shapes of either naming.
+#: key prefixes only SDXL checkpoints have (second text encoder, the UNet's label/add embedding)
+_SDXL_MARKERS = (
+    "conditioner.embedders.", "model.diffusion_model.label_emb.", "text_encoder_2.", "unet.add_embedding.",
+    "add_embedding.",
+)
+#: where UNet keys live: LDM, component-prefixed diffusers, and a bare diffusers UNet state dict
+_UNET_PREFIXES = ("model.diffusion_model.", "unet.", "down_blocks.", "mid_block.", "up_blocks.")
 
-    Evidence, first that applies: SDXL has a second text encoder (``conditioner.embedders.1`` /
-    ``text_encoder_2``) or a ``label_emb``/``add_embedding`` in the UNet; the LDM text-encoder prefix
+
+def checkpoint_architecture(shapes: Mapping[str, tuple[int, ...]], *, default: str | None = None) -> str:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"`` from the keys and shapes of a checkpoint — the one detector.
+
+    Reads LDM files, component-prefixed diffusers states (``unet.…``, ``text_encoder.…``) and bare
+    diffusers UNet state dicts (``down_blocks.…``, as diffusers UNet files hold). Evidence, first
+    that applies: SDXL has a second text encoder (``conditioner.embedders`` / ``text_encoder_2``)
+    or a ``label_emb``/``add_embedding`` in the UNet; the LDM text-encoder prefix
     (``cond_stage_model.model`` = OpenCLIP = SD2, ``cond_stage_model.transformer`` = SD1); the UNet's
     transformer ``proj_in`` (Linear = SD2, 1x1 conv = SD1); the CLIP width (1024 = SD2, 768 = SD1).
+    (SD2's v-prediction variant has the same keys and shapes: no detector can tell it.)
+
+    Args:
+        shapes: ``{key: shape}`` (tensors work too).
+        default: the answer when nothing tells (e.g. ``"sd1"``, whose LoRA naming SD2 shares);
+            ``None`` (default) raises instead.
 
     Raises:
-        KeyMapError: no evidence (e.g. a VAE alone — it is the same in all three).
+        KeyMapError: no evidence and no ``default`` (e.g. a VAE alone — it is the same in all three).
     """
+    if default is not None and default not in ARCHITECTURES:
+        raise ValueError(f"default must be one of {ARCHITECTURES} or None, got {default!r}")
     shapes = _shapes(shapes)
-    naming = checkpoint_naming(shapes)
     keys = list(shapes)
-    if naming == "ldm":
-        if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in keys):
-            return "sdxl"
-        if any(k.startswith("cond_stage_model.model.") for k in keys):
-            return "sd2"
-        if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-            return "sd1"
-        unet, token = "model.diffusion_model.", None
-    else:
-        if any(k.startswith(("text_encoder_2.", "unet.add_embedding.")) for k in keys):
-            return "sdxl"
-        unet = "unet."
-        wanted = "text_encoder.text_model.embeddings.token_embedding.weight"
-        token = next((k for k in keys if add_text_model(k, "text_encoder.") == wanted), None)
-    proj_in = [shapes[k] for k in keys if k.startswith(unet) and k.endswith(".proj_in.weight")]
+    if any(k.startswith(_SDXL_MARKERS) for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    proj_in = [shapes[k] for k in keys if k.startswith(_UNET_PREFIXES) and k.endswith(".proj_in.weight")]
     if proj_in:
         return "sd2" if len(proj_in[0]) == 2 else "sd1"
+    wanted = "text_encoder.text_model.embeddings.token_embedding.weight"
+    token = next((k for k in keys if add_text_model(k, "text_encoder.") == wanted), None)
     if token is not None and shapes[token][-1] in (768, 1024):
         return "sd1" if shapes[token][-1] == 768 else "sd2"
+    if default is not None:
+        return default
     raise KeyMapError(
         f"cannot tell SD1, SD2 or SDXL from keys {name_keys(keys, limit=5)} (no text encoder prefix,"
         " UNet proj_in or CLIP width to go by); pass architecture='sd1', 'sd2' or 'sdxl'"

@@ -1,20 +1,38 @@
-"""Bake LoRAs into a checkpoint: ``W ← W + Σ_i s_i · b_i(layer) · Δ_i`` for every matched weight."""
+"""Bake adapter files into a checkpoint: ``W ← W + Σ_i s_i · b_i(layer) · Δ_i`` for every matched weight.
+
+Every family a file can hold (LoRA/LoCon, LoHa, LoKr, Tucker variants, full ``diff``/``diff_b``,
+DoRA over any of them) goes through the one delta path,
+:func:`sdadapt.adapters.registry.file_layer_delta` — the code ``inject``/``apply_lora`` run — with
+``scale = strength × block weight``. For DoRA that moves the weight towards DoRA's ``W'``:
+``W + s · (W' − W)``. Bias deltas (``diff_b``) go to the layer's ``.bias`` tensor.
+
+Order. Additive families commute; DoRA does not (its ``W'`` depends on the weight it adapts). The
+files are applied in the order given, each DoRA layer on the weight *with the earlier files'
+deltas already in it* — so ``merge-lora BASE A B`` equals ``apply_lora`` of A, then of B, on the
+loaded model (up to the one final cast).
+
+The baked checkpoint is a lazy source (:class:`BakedCheckpoint`, the merge engine's ``Source``
+API) written by the engine's own writer, :func:`sdadapt.merge.engine.write_source`: one tensor in
+memory at a time.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..adapters.base import LayerGeometry
+from ..adapters.registry import adapter_from_file_tensors, file_layer_delta, weight_shape_of_file_tensors
 from ..formats import WeightFileError
 from ..formats.layers import group_by_layer
 from .block_weights import expand_block_weights, lora_block_weight_fn
 from .checkpoint_layers import LayerSlot, checkpoint_layers, detect_base_model
-from .combine import add_delta, layer_delta
 from .output import (
     BakeReport,
     Progress,
@@ -23,11 +41,231 @@ from .output import (
     check_save_dtype,
     load_components,
     per_file,
+    same_layer_shape,
     slot_shape,
     weight_bytes,
 )
 
-__all__ = ["merge_loras_into_checkpoint"]
+__all__ = ["BakedCheckpoint", "merge_loras_into_checkpoint"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One file layer scheduled onto one checkpoint tensor."""
+
+    tensors: Mapping[str, Tensor]  # the layer's file tensors by suffix
+    scale: float  # strength × block weight
+    rows: slice | None  # the rows of a fused weight (OpenCLIP in_proj), None = all
+    geometry: LayerGeometry  # the layer's shape as the family sees it
+    uses_base: bool  # the family reads the base weight (DoRA)
+    name: str  # "file: component:layer" for messages
+    weight_key: str  # the checkpoint weight (for a bias entry: the weight its family may read)
+
+
+class BakedCheckpoint:
+    """A checkpoint with adapter files baked in, as a lazy source: ``keys()``, ``shape``, ``dtype``, ``get``.
+
+    Every layer of every file is matched and checked when the object is built (nothing is computed
+    yet); ``get(key)`` reads that key from ``base`` and adds the deltas scheduled on it, in float32
+    (float64 stays float64), cast once to the output dtype. Keys, shapes and order are ``base``'s.
+    Write it with :func:`sdadapt.merge.engine.write_source`, or feed it to a merge step.
+
+    Args:
+        base: checkpoint (LDM single file, diffusers UNet file; ``.safetensors`` or legacy).
+        loras: adapter files (kohya, LyCORIS or diffusers) of any family.
+        strengths: one multiplier for all files or one per file.
+        block_weights: per file, ``None`` or a LoRA block-weight vector (see
+            :mod:`sdadapt.loratools.block_weights`); checked before any file is read.
+        dtype: output dtype of floating tensors (default: each tensor's own).
+        skip_unmatched: leave out layers that match no checkpoint tensor (listed in ``report``)
+            instead of raising.
+
+    Attributes:
+        report: :class:`~sdadapt.loratools.output.BakeReport` (``merged`` fills as keys are computed).
+
+    Raises:
+        WeightFileError: layers that match no tensor, or that do not fit their tensor (shapes,
+            no family, a bias delta without a bias) — every such layer listed in one message.
+    """
+
+    def __init__(
+        self,
+        base: str | os.PathLike,
+        loras: Sequence[str | os.PathLike],
+        *,
+        strengths: Sequence[float] | float = 1.0,
+        block_weights: Sequence[Sequence[float] | None] | None = None,
+        dtype: torch.dtype | None = None,
+        skip_unmatched: bool = False,
+    ) -> None:
+        from ..merge.sources import open_source
+
+        check_save_dtype(dtype)
+        if not loras:
+            raise ValueError("merge needs at least one LoRA file")
+        self.strengths = per_file(strengths, len(loras), "strength")
+        self.block_weights = _vectors(block_weights, len(loras))
+        check_inputs(base, *loras)
+        self.loras = [Path(p) for p in loras]
+        loaded = [load_components(path)[0] for path in loras]
+        self.path = Path(base)
+        self.report = BakeReport(path=Path(f"<baked {self.path.name}>"))
+        self._source = open_source(base)
+        try:
+            self._shapes = {k: tuple(self._source.shape(k)) for k in self._source.keys()}
+            self._dtypes = {
+                k: (dtype if dtype is not None and self._source.dtype(k).is_floating_point else self._source.dtype(k))
+                for k in self._shapes
+            }
+            self._plan, self._bias_plan = self._schedule(loaded, skip_unmatched)
+        except BaseException:
+            self._source.close()
+            raise
+        self.metadata = dict(self._source.metadata or {})
+        self.metadata["sdadapt.merge_lora"] = json.dumps(
+            {
+                "base": self.path.name,
+                "loras": [
+                    {"name": p.name, "strength": s, "block_weights": list(v) if v is not None else None}
+                    for p, s, v in zip(self.loras, self.strengths, self.block_weights)
+                ],
+            }
+        )
+
+    # ------------------------------------------------------------------------------ planning
+    def _schedule(
+        self, loaded: Sequence[Mapping[str, Mapping[str, Tensor]]], skip_unmatched: bool
+    ) -> tuple[dict[str, list[_Entry]], dict[str, list[_Entry]]]:
+        slots = checkpoint_layers(self._shapes)
+        model = detect_base_model(self._shapes)
+        plan: dict[str, list[_Entry]] = {}
+        bias_plan: dict[str, list[_Entry]] = {}
+        unmatched: list[str] = []
+        problems: list[str] = []
+        for path, components, strength, vector in zip(self.loras, loaded, self.strengths, self.block_weights):
+            weigh = _block_weigher(vector, model)
+            for component, state in components.items():
+                for layer, tensors in group_by_layer(state).items():
+                    label = f"{path.name}: {component}:{layer}"
+                    slot = slots.get((component, layer))
+                    if slot is None:
+                        unmatched.append(label)
+                        continue
+                    checked = self._check_layer(tensors, slot, f"{component}:{layer}")
+                    if isinstance(checked, str):
+                        problems.append(f"{path.name}: {checked}")
+                        continue
+                    geometry, uses_base, bias_key = checked
+                    scale = strength * weigh(component, layer)
+                    if scale == 0.0:
+                        continue
+                    entry = _Entry(tensors, scale, slot.row_slice(), geometry, uses_base, label, slot.key)
+                    plan.setdefault(slot.key, []).append(entry)
+                    if bias_key is not None:
+                        bias_plan.setdefault(bias_key, []).append(entry)
+        if problems:
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise WeightFileError(
+                f"{len(problems)} LoRA layer(s) do not fit the shapes of {self.path}:\n  " + "\n  ".join(problems[:10])
+                + more + "\nThe LoRA was made for a different model (SD1 vs SD2 vs SDXL, or another fine-tune size)."
+            )
+        if unmatched and not skip_unmatched:
+            more = f"\n  ... and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""
+            raise WeightFileError(
+                f"{len(unmatched)} LoRA layer(s) match no tensor of {self.path}:\n  " + "\n  ".join(unmatched[:10])
+                + more + "\nIs the LoRA for this model (SD1 vs SD2 vs SDXL; a UNet-only file has no text encoder)? "
+                "Pass --skip-unmatched (skip_unmatched=True) to merge the layers that do match."
+            )
+        self.report.unmatched = unmatched
+        return plan, bias_plan
+
+    def _check_layer(
+        self, tensors: Mapping[str, Tensor], slot: LayerSlot, name: str
+    ) -> tuple[LayerGeometry, bool, str | None] | str:
+        """``(geometry, uses the base weight, bias key or None)`` of a layer on its slot, or why it does not fit.
+
+        The family decides (its ``from_file_tensors`` raises for tensors that do not fit); a file
+        layer saved Linear for a 1x1 convolution (or the reverse) takes the file's own geometry and
+        its delta is reshaped onto the tensor.
+        """
+        want = slot_shape(self._shapes[slot.key], slot)
+        try:
+            implied = weight_shape_of_file_tensors(tensors, name=name)
+        except ValueError as exc:
+            return str(exc)
+        if implied is not None and not same_layer_shape(implied, want):
+            return f"{name}: delta {implied} vs {slot.key} {want}"
+        shape = implied if implied is not None else want
+        bias_key = _bias_key(slot.key)
+        geometry = LayerGeometry(
+            int(shape[0]), int(shape[1]), tuple(int(k) for k in shape[2:]), has_bias=bias_key in self._shapes
+        )
+        try:
+            module = _validated_module(geometry, tensors, name)
+            has_bias_delta = module.bias_delta() is not None
+        except ValueError as exc:
+            return f"{exc!s} (checkpoint tensor {slot.key} {want})"
+        if not has_bias_delta:
+            return geometry, module.uses_base_weight, None
+        if bias_key not in self._shapes:
+            return f"{name}: has a bias delta but the checkpoint has no {bias_key}"
+        return geometry, module.uses_base_weight, bias_key
+
+    # ------------------------------------------------------------------------------ source API
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def get(self, key: str) -> Tensor:
+        """``key``'s tensor with its scheduled deltas added (CPU, output dtype)."""
+        value = self._source.get(key)
+        entries, bias_entries = self._plan.get(key, []), self._bias_plan.get(key, [])
+        if not entries and not bias_entries:
+            return value if value.dtype == self._dtypes[key] else value.to(self._dtypes[key])
+        compute = torch.float64 if value.dtype == torch.float64 else torch.float32
+        merged = value.to(compute).clone()
+        for entry in entries:
+            target = merged if entry.rows is None else merged[entry.rows]
+            # DoRA sees the weight with the earlier files' deltas in it (apply_lora in turn)
+            delta, _ = file_layer_delta(
+                dict(entry.tensors), entry.geometry, base_weight=target if entry.uses_base else None,
+                scale=entry.scale, dtype=compute, name=entry.name,
+            )
+            target.add_(delta.reshape(target.shape))
+        for entry in bias_entries:
+            weight = None
+            if entry.uses_base:
+                weight = self._source.get(entry.weight_key)
+                weight = weight if entry.rows is None else weight[entry.rows]
+            _, bias = file_layer_delta(
+                dict(entry.tensors), entry.geometry, base_weight=weight, scale=entry.scale, dtype=compute,
+                name=entry.name,
+            )
+            target = merged if entry.rows is None else merged[entry.rows]
+            target.add_(bias.reshape(target.shape))  # type: ignore[union-attr]
+        self.report.merged[key] = len(entries) + len(bias_entries)
+        return merged.to(self._dtypes[key])
+
+    def planned_bytes(self) -> int:
+        """Bytes of the tensors the output file will hold."""
+        return sum(weight_bytes({k: s}, self._dtypes[k]) for k, s in self._shapes.items())
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> BakedCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def merge_loras_into_checkpoint(
@@ -42,138 +280,81 @@ def merge_loras_into_checkpoint(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> BakeReport:
-    """Bake LoRAs into a checkpoint: ``W ← W + Σ_i s_i · b_i(layer) · Δ_i`` for every matched weight.
+    """Bake adapter files of any family into a checkpoint: ``W ← W + Σ_i s_i · b_i(layer) · Δ_i``.
 
     Streams ``base`` one tensor at a time; each touched tensor is merged in float32 and cast once
     (to its own dtype, or ``dtype``). UNet layers are matched through the LDM <-> diffusers naming,
     text encoders through the CLIP/OpenCLIP naming (q/k/v onto the thirds of a fused
-    ``in_proj_weight``). Keys, order and untouched tensors of ``base`` are kept.
+    ``in_proj_weight``). Keys and untouched tensors of ``base`` are kept. DoRA layers see the
+    weight with the earlier files' deltas in it (see the module doc).
 
     Args:
-        loras: kohya or diffusers LoRA files.
-        strengths: one multiplier for all LoRAs or one per LoRA.
-        block_weights: per LoRA, ``None`` or a LoRA block-weight vector (kohya's LBW: 12/20 values
-            for SDXL, 17/26 for SD1/SD2; see :mod:`sdadapt.loratools.block_weights`).
+        loras: kohya, LyCORIS or diffusers adapter files (LoRA/LoCon, LoHa, LoKr, full, DoRA ...).
+        strengths: one multiplier for all files or one per file.
+        block_weights: per file, ``None`` or a LoRA block-weight vector (kohya's LBW: 12/20 values
+            for SDXL, 17/26 for SD1/SD2; see :mod:`sdadapt.loratools.block_weights`); the family's
+            delta is computed at ``strength × block weight``.
         dtype: cast floating tensors of the output (default: keep each tensor's dtype).
         skip_unmatched: merge what matches and report the rest, instead of raising.
 
     Raises:
-        WeightFileError: LoRA layers that match no checkpoint tensor (lists them), missing files,
-            not enough disk space.
+        WeightFileError: layers that match no checkpoint tensor or do not fit it (lists them),
+            missing files, not enough disk space.
         FileExistsError: ``out`` exists and ``overwrite`` is false.
     """
-    from ..merge.sources import open_source
-    from ..merge.writer import write_streaming
+    from ..merge.engine import write_source
 
     check_save_dtype(dtype)
     if not loras:
         raise ValueError("merge needs at least one LoRA file")
-    values = per_file(strengths, len(loras), "strength")
-    vectors: list[Sequence[float] | None] = [None] * len(loras)
-    if block_weights is not None:
-        if len(block_weights) not in (1, len(loras)):
-            raise ValueError(
-                f"give one block-weight vector for all LoRAs or one per LoRA: {len(loras)} LoRAs, "
-                f"{len(block_weights)} vectors"
-            )
-        vectors = list(block_weights) * (len(loras) if len(block_weights) == 1 else 1)
-        for vector in vectors:
-            if vector is not None:
-                expand_block_weights(vector)  # the length check, before any file is read
+    _vectors(block_weights, len(loras))  # the length checks, before any file is read
     check_inputs(base, *loras)
     check_output(out, overwrite=overwrite, needed_bytes=0)
-    loaded = [load_components(path)[0] for path in loras]
-    report = BakeReport(path=Path(out))
-    with open_source(base) as src:
-        shapes = {k: tuple(src.shape(k)) for k in src.keys()}
-        slots = checkpoint_layers(shapes)
-        model = detect_base_model(shapes)
-        # checkpoint key -> [(lora index, component, layer, tensors, strength, rows)]
-        plan: dict[str, list[tuple[Mapping[str, Tensor], float, slice | None, str]]] = {}
-        unmatched: list[str] = []
-        mismatched: list[str] = []
-        for index, (path, components, strength, vector) in enumerate(zip(loras, loaded, values, vectors)):
-            weigh = _block_weigher(vector, model)
-            for component, state in components.items():
-                for layer, tensors in group_by_layer(state).items():
-                    slot = slots.get((component, layer))
-                    if slot is None:
-                        unmatched.append(f"{Path(path).name}: {component}:{layer}")
-                        continue
-                    problem = _shape_problem(tensors, slot_shape(shapes[slot.key], slot), slot)
-                    if problem:
-                        mismatched.append(f"{Path(path).name}: {component}:{layer}: {problem}")
-                        continue
-                    factor = strength * weigh(component, layer)
-                    if factor == 0.0:
-                        continue
-                    plan.setdefault(slot.key, []).append((tensors, factor, slot.row_slice(), f"{component}:{layer}"))
-        if mismatched:
-            more = f"\n  ... and {len(mismatched) - 10} more" if len(mismatched) > 10 else ""
-            raise WeightFileError(
-                f"{len(mismatched)} LoRA layer(s) do not fit the shapes of {base}:\n  " + "\n  ".join(mismatched[:10])
-                + more + "\nThe LoRA was made for a different model (SD1 vs SD2 vs SDXL, or another fine-tune size)."
-            )
-        if unmatched and not skip_unmatched:
-            more = f"\n  ... and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""
-            raise WeightFileError(
-                f"{len(unmatched)} LoRA layer(s) match no tensor of {base}:\n  " + "\n  ".join(unmatched[:10]) + more
-                + "\nIs the LoRA for this model (SD1 vs SD2 vs SDXL; a UNet-only file has no text encoder)? "
-                "Pass --skip-unmatched (skip_unmatched=True) to merge the layers that do match."
-            )
-        report.unmatched = unmatched
-        out_dtypes = {k: (dtype if dtype is not None and src.dtype(k).is_floating_point else src.dtype(k)) for k in shapes}
-        check_output(
-            out, overwrite=overwrite,
-            needed_bytes=sum(weight_bytes({k: s}, out_dtypes[k]) for k, s in shapes.items()) + 2**20,
+    with BakedCheckpoint(
+        base, loras, strengths=strengths, block_weights=block_weights, dtype=dtype, skip_unmatched=skip_unmatched
+    ) as baked:
+        baked.report.path = Path(out)
+        check_output(out, overwrite=overwrite, needed_bytes=baked.planned_bytes() + 2**20)
+        write_source(out, baked, overwrite=overwrite, progress=progress)
+        return baked.report
+
+
+def _vectors(
+    block_weights: Sequence[Sequence[float] | None] | None, count: int
+) -> list[Sequence[float] | None]:
+    """One block-weight vector (or ``None``) per file; each vector's length checked."""
+    if block_weights is None:
+        return [None] * count
+    if len(block_weights) not in (1, count):
+        raise ValueError(
+            f"give one block-weight vector for all LoRAs or one per LoRA: {count} LoRAs, "
+            f"{len(block_weights)} vectors"
         )
-        total = len(shapes)
-
-        def tensors():
-            for done, key in enumerate(shapes, 1):
-                value = src.get(key)
-                entries = plan.get(key)
-                if entries:
-                    deltas = [(layer_delta(t, name=name), f, rows) for t, f, rows, name in entries]
-                    value = add_delta(value, deltas, dtype=out_dtypes[key], name=key)
-                    report.merged[key] = len(entries)
-                elif value.dtype != out_dtypes[key]:
-                    value = value.to(out_dtypes[key])
-                if progress is not None:
-                    progress(done, total, key)
-                yield key, value
-
-        metadata = dict(src.metadata or {})
-        metadata["sdadapt.merge_lora"] = json.dumps(
-            {
-                "base": Path(base).name,
-                "loras": [
-                    {"name": Path(p).name, "strength": s, "block_weights": list(v) if v is not None else None}
-                    for p, s, v in zip(loras, values, vectors)
-                ],
-            }
-        )
-        write_streaming(
-            out, {k: (out_dtypes[k], shapes[k]) for k in shapes}, tensors(), metadata=metadata, overwrite=overwrite
-        )
-    return report
+    vectors = list(block_weights) * (count if len(block_weights) == 1 else 1)
+    for vector in vectors:
+        if vector is not None:
+            expand_block_weights(vector)
+    return vectors
 
 
-def _shape_problem(tensors: Mapping[str, Tensor], want: tuple[int, ...], slot: LayerSlot) -> str | None:
-    """Why a LoRA layer cannot be added to a weight of shape ``want`` (``None`` if it can)."""
-    down, up = tensors.get("lora_down.weight"), tensors.get("lora_up.weight")
-    if down is None or up is None:
-        return f"has {sorted(tensors)}, not lora_down/lora_up (only LoRA/LoCon layers can be merged)"
-    implied = (int(up.shape[0]), *(int(d) for d in down.shape[1:]))
-    numel = 1
-    for d in implied:
-        numel *= d
-    wanted = 1
-    for d in want:
-        wanted *= d
-    if implied[0] != want[0] or numel != wanted:
-        return f"LoRA delta {implied} vs {slot.key} {want}"
-    return None
+def _validated_module(geometry: LayerGeometry, tensors: Mapping[str, Tensor], name: str):
+    """The family's module for ``tensors`` on ``geometry`` — built on the meta device (shapes only, no
+    copy of the weights) when the family allows it; its ``from_file_tensors`` raises ValueError
+    for tensors that do not fit."""
+    shapes_only = {k: v if v.dim() == 0 else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+    try:
+        return adapter_from_file_tensors(geometry, shapes_only, name=name)
+    except ValueError:
+        raise
+    except Exception:  # a family that reads values while building: build it for real
+        return adapter_from_file_tensors(geometry, dict(tensors), name=name)
+
+
+def _bias_key(weight_key: str) -> str:
+    """``x.weight`` -> ``x.bias``; OpenCLIP's fused ``in_proj_weight`` -> ``in_proj_bias``."""
+    if weight_key.endswith("_weight"):
+        return weight_key[: -len("_weight")] + "_bias"
+    return weight_key[: -len("weight")] + "bias" if weight_key.endswith("weight") else weight_key + ".bias"
 
 
 def _block_weigher(vector: Sequence[float] | None, model: str) -> Callable[[str, str], float]:

@@ -16,30 +16,30 @@ OUT00..OUT08. Accepted vector lengths name a subset of the slots:
 | 20 | SDXL | BASE, IN00..IN08, M00, OUT00..OUT08 |
 | 12 | SDXL | BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05 (blocks with attention) |
 
-Slots a shorter vector does not name keep weight 1 (kohya's rule). Layers outside the block
-structure follow the usual policy: ``conv_in``, ``time_embedding``, ``add_embedding`` -> IN00,
-``conv_norm_out``/``conv_out`` -> the last OUT block (OUT11; SDXL OUT08).
+Slots a shorter vector does not name keep weight 1 (kohya's rule). A layer's block is
+:func:`sdadapt.merge.blocks.unet_block`'s — the map checkpoint block merges use too: ``conv_in``,
+``time_embedding``, ``add_embedding`` -> IN00, ``conv_norm_out``/``conv_out`` -> the last OUT block
+(OUT11; SDXL OUT08); text encoders and paths outside the UNet's blocks -> BASE.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..formats.unet_names import diffusers_to_ldm_unet
+from ..merge.blocks import BLOCKS_SD, BLOCKS_SDXL, unet_block
 
 __all__ = ["BLOCK_IDS", "LBW_SLOTS", "expand_block_weights", "block_slot", "lora_block_weight_fn"]
 
-#: the 26 slot names
-BLOCK_IDS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+#: the 26 slot names (the SD1/SD2 block list of checkpoint merges)
+BLOCK_IDS: tuple[str, ...] = BLOCKS_SD
 
 _SD1_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)))
-_SDXL_20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
 _SDXL_12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
 #: vector length -> (model family, slot names it sets)
 LBW_SLOTS: dict[int, tuple[str, tuple[str, ...]]] = {
     26: ("sd1", BLOCK_IDS),
     17: ("sd1", _SD1_17),
-    20: ("sdxl", _SDXL_20),
+    20: ("sdxl", BLOCKS_SDXL),
     12: ("sdxl", _SDXL_12),
 }
 
@@ -76,23 +76,12 @@ def block_slot(component: str, layer: str, *, base_model: str = "sd1") -> int:
     Args:
         component: ``"unet"`` or a text encoder (-> BASE).
         layer: diffusers UNet path (``down_blocks.1.attentions.0.proj_in``) or an LDM one.
+        base_model: ``"sd1"``, ``"sd2"``, ``"sd2-v"`` or ``"sdxl"`` (SDXL ends at OUT08).
     """
     if component != "unet":
         return 0
-    ldm = diffusers_to_ldm_unet(layer, up_blocks_with_attention={0, 1} if base_model == "sdxl" else None) or layer
-    head, _, rest = ldm.partition(".")
-    number = rest.split(".", 1)[0]
-    if head == "input_blocks" and number.isdigit():
-        return 1 + int(number)
-    if head == "middle_block":
-        return 13
-    if head == "output_blocks" and number.isdigit():
-        return 14 + int(number)
-    if head in ("time_embed", "label_emb"):
-        return 1
-    if head == "out":
-        return 14 + (8 if base_model == "sdxl" else 11)
-    return 0  # not a UNet block path: treated like the text encoders (BASE)
+    block = unet_block(layer, architecture="sdxl" if base_model == "sdxl" else "sd1")
+    return 0 if block is None else BLOCK_IDS.index(block)  # not a UNet block path: BASE, like the text encoders
 
 
 def lora_block_weight_fn(vector: Sequence[float], base_model: str) -> Callable[[str, str], float]:

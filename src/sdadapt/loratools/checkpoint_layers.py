@@ -14,19 +14,22 @@ A LoRA file names layers canonically (:mod:`sdadapt.formats`): diffusers paths f
 | diffusers UNet file | ``down_blocks.0...weight`` (optionally ``unet.``-prefixed) | unet |
 | diffusers text encoder (prefixed) | ``text_encoder[_2].[text_model.]encoder.layers...weight`` | text_encoder[_2] |
 
-OpenCLIP blocks map as ``resblocks.N.attn.out_proj`` -> ``layers.N.self_attn.out_proj``,
-``mlp.c_fc`` -> ``mlp.fc1``, ``mlp.c_proj`` -> ``mlp.fc2``; the fused ``attn.in_proj_weight``
-``(3d, d)`` holds ``[q; k; v]``, so the LoRA layers ``q_proj``/``k_proj``/``v_proj`` are its row
-thirds ``[0, d)``, ``[d, 2d)``, ``[2d, 3d)``.
+OpenCLIP blocks map by the checkpoint converter's own rules
+(:data:`sdadapt.formats.clip_keys.OPEN_CLIP_RULES`): ``resblocks.N.attn.out_proj`` ->
+``layers.N.self_attn.out_proj``, ``mlp.c_fc`` -> ``mlp.fc1``, ``mlp.c_proj`` -> ``mlp.fc2``; the fused
+``attn.in_proj_weight`` ``(3d, d)`` holds ``[q; k; v]``, so the LoRA layers
+``q_proj``/``k_proj``/``v_proj`` are its row thirds ``[0, d)``, ``[d, 2d)``, ``[2d, 3d)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
+from ..formats.clip_keys import open_clip_to_diffusers
+from ..formats.model_keys import checkpoint_architecture
 from ..formats.unet_names import is_ldm_unet_path, ldm_to_diffusers_unet
 from ..targets import TEXT_ENCODER, UNET_KOHYA, UNET_LOCON
 
@@ -75,20 +78,14 @@ _OPEN_CLIP = (
     ("cond_stage_model.model.", "text_encoder"),
     ("conditioner.embedders.1.model.", "text_encoder_2"),
 )
-_OPEN_CLIP_RENAMES = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_ENCODER_LAYERS = "text_model.encoder.layers."
 
 
-def detect_base_model(keys: Iterable[str]) -> str:
-    """``"sdxl"``, ``"sd2"`` or ``"sd1"`` from a checkpoint's keys (diffusers UNet files: ``"sdxl"``
-    when they have ``add_embedding``, else ``"sd1"`` — SD1 and SD2 LoRAs use the same naming)."""
-    keys = list(keys)
-    if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in keys):
-        return "sdxl"
-    if any(k.startswith(("add_embedding.", "unet.add_embedding.")) for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    return "sd1"
+def detect_base_model(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """``"sdxl"``, ``"sd2"`` or ``"sd1"`` of a checkpoint ``{key: shape}``: the package's one detector,
+    :func:`sdadapt.formats.model_keys.checkpoint_architecture`, with ``"sd1"`` when nothing tells
+    (SD1 and SD2 LoRAs share their naming)."""
+    return checkpoint_architecture(shapes, default="sd1")
 
 
 def _unet_layer(path: str) -> str | None:
@@ -118,22 +115,19 @@ def _slots_for_key(key: str, shape: tuple[int, ...]) -> list[LayerSlot]:
     for prefix, component in _OPEN_CLIP:
         if not key.startswith(prefix + "transformer.resblocks."):
             continue
-        rest = key[len(prefix + "transformer.resblocks.") :]
-        index, _, inner = rest.partition(".")
-        if not index.isdigit():
+        mapped = open_clip_to_diffusers(key[len(prefix) :])
+        if mapped is None or len(shape) != 2:
             return []
-        base = f"text_model.encoder.layers.{index}"
-        if inner == "attn.in_proj_weight" and len(shape) == 2 and shape[0] % 3 == 0:
-            d = shape[0] // 3
-            return [
-                LayerSlot(component, f"{base}.self_attn.{name}", key, (i * d, (i + 1) * d))
-                for i, name in enumerate(("q_proj", "k_proj", "v_proj"))
-            ]
-        if inner.endswith(".weight") and len(shape) == 2:
-            module = inner[: -len(".weight")]
-            if module in _OPEN_CLIP_RENAMES:
-                return [LayerSlot(component, f"{base}.{_OPEN_CLIP_RENAMES[module]}", key)]
-        return []
+        names, kind = mapped
+        # LoRA layers: the encoder layers' Linear weights (renamed, or the row thirds of in_proj)
+        if kind not in ("same", "fused_qkv") or not all(n.startswith(_ENCODER_LAYERS) and n.endswith(".weight") for n in names):
+            return []
+        if kind == "same":
+            return [LayerSlot(component, names[0][: -len(".weight")], key)]
+        if shape[0] % len(names):
+            return []
+        d = shape[0] // len(names)
+        return [LayerSlot(component, name[: -len(".weight")], key, (i * d, (i + 1) * d)) for i, name in enumerate(names)]
     return []
 
 

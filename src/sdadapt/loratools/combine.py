@@ -1,12 +1,11 @@
-"""Combining LoRAs with each other and merging them into base weights.
+"""Combining adapter files with each other (and the per-layer helpers the LoRA tools share).
 
-Math. LoRA ``i`` changes a layer by ``Δ_i = (alpha_i / r_i) · up_i ⋅ down_i``. With strengths
-``s_i``:
+Every family's delta comes from the one delta path,
+:func:`sdadapt.adapters.registry.file_layer_delta`; this module holds no family math. With
+strengths ``s_i`` a layer's combination is ``Σ_i s_i · Δ_i``.
 
-* **merge into a weight**: ``W' = W + Σ_i s_i · Δ_i``, computed in float32 and cast once to the
-  output dtype. A fused attention projection (OpenCLIP's ``in_proj_weight`` (3d, d) = [q; k; v])
-  takes a q/k/v delta on its third of the rows.
-* **exact combination (concat)**: with ``c_i = s_i · alpha_i / r_i``::
+* **exact combination (concat)** of LoRA/LoCon layers, ``Δ_i = (alpha_i / r_i) · up_i ⋅ down_i``
+  (the scale from :func:`sdadapt.adapters.lora.lora_scale`); with ``c_i = s_i · alpha_i / r_i``::
 
       up   = [ sqrt|c_1| · up_1,  ...,  sqrt|c_n| · up_n ]                  (out, R),  R = Σ r_i
       down = [ sign(c_1) sqrt|c_1| · down_1; ...; sign(c_n) sqrt|c_n| · down_n ]   (R, in, *k)
@@ -14,9 +13,20 @@ Math. LoRA ``i`` changes a layer by ``Δ_i = (alpha_i / r_i) · up_i ⋅ down_i`
 
   so ``up ⋅ down = Σ_i s_i Δ_i`` exactly — no cross terms (kohya's ``merge_lora.py`` without
   ``--concat`` adds the factors instead, which is exact only for a single LoRA).
-* **SVD re-compression**: the concatenation, then the best rank-r factors of ``Σ s_i Δ_i``
-  computed from the thin factors (see :func:`sdadapt.loratools.resize.factored_svd`), ``alpha = r``
-  (kohya's ``svd_merge_lora.py`` without forming the dense deltas).
+  Layers of any other family (LoHa, LoKr, full ``diff``, LoCon-Tucker, DoRA) are densified,
+  summed, and factored by SVD at their **numerical rank** (exact up to floating-point error;
+  ``rank``/``conv_rank``, when given, cap it — then it is the best rank-r approximation of that
+  part), then concatenated with the LoRA factors.
+* **SVD re-compression** (``mode="svd"``): the best rank-r factors of ``Σ s_i Δ_i``, ``alpha = r``
+  — from the thin factors when every input is LoRA/LoCon
+  (:func:`sdadapt.loratools.resize.factored_svd`, kohya's ``svd_merge_lora.py`` without forming
+  the dense deltas), else from the dense sum.
+
+DoRA is not additive: its ``Δ = W' − W`` depends on the weight it is applied to. Inputs are taken
+in order, each DoRA layer on the base weight plus the earlier inputs' deltas — exactly what
+``apply_lora`` of each file in turn (or ``merge-lora`` of them) does; DoRA therefore needs the base
+checkpoint (``base=PATH`` / ``--base CKPT``), as do LoHa/LoKr files whose layer shapes the file
+alone cannot tell.
 """
 
 from __future__ import annotations
@@ -30,20 +40,25 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..adapters.lora import lora_delta_weight, lora_scale
+from ..adapters.base import LayerGeometry
+from ..adapters.lora import lora_scale
+from ..adapters.registry import weight_shape_of_file_tensors
 from ..formats import WeightFileError, save_kohya
 from ..formats.layers import group_by_layer
 from .extract import check_rank_method, factors_from_svd
 from .output import (
+    BaseLayers,
     LoRAJobReport,
     check_base_model,
     check_output,
     check_save_dtype,
+    layer_geometry,
     load_components,
     lora_base_model,
     per_file,
+    same_layer_shape,
 )
-from .resize import factored_svd
+from .resize import dense_layer_delta, dense_lora_factors, factored_svd, is_plain_lora, needs_base_weight
 
 __all__ = [
     "layer_delta",
@@ -54,30 +69,41 @@ __all__ = [
 ]
 
 
-def layer_delta(tensors: Mapping[str, Tensor], *, name: str = "<layer>") -> Tensor:
-    """``ΔW = (alpha / r) · up ⋅ down`` of one LoRA layer, float32 (float64 stays float64).
+def layer_delta(
+    tensors: Mapping[str, Tensor],
+    *,
+    geometry: LayerGeometry | None = None,
+    base_weight: Tensor | None = None,
+    scale: float = 1.0,
+    name: str = "<layer>",
+) -> Tensor:
+    """ΔW of one file layer of any family at strength ``scale``, float32 (float64 stays float64).
+
+    A thin user of :func:`sdadapt.adapters.registry.file_layer_delta` (the one delta path).
 
     Args:
-        tensors: ``{"lora_down.weight": (r, in[, kh, kw]), "lora_up.weight": (out, r[, 1, 1])[, "alpha"]}``.
+        tensors: one layer's file tensors by suffix (``lora_down.weight``/``lora_up.weight``/``alpha``,
+            ``hada_*``, ``lokr_*``, ``diff``, ``dora_scale`` ...).
+        geometry: the base layer's shape; default: what the tensors imply
+            (:func:`sdadapt.adapters.registry.weight_shape_of_file_tensors`).
+        base_weight: (out, in, *kernel) the base weight, for DoRA.
 
     Returns:
-        (out, in[, kh, kw]).
+        (out, in, *kernel).
 
     Raises:
-        ValueError: missing tensors or a LyCORIS layer (names the layer).
+        ValueError: keys of no family, tensors that do not fit, a shape the file cannot tell
+            without ``geometry``, or DoRA without ``base_weight`` — naming the layer.
     """
-    if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
-        raise ValueError(
-            f"{name}: has {sorted(tensors)}, not lora_down.weight/lora_up.weight; only LoRA/LoCon layers "
-            "can be merged here"
-        )
-    if "lora_mid.weight" in tensors:
-        raise ValueError(f"{name}: LoCon layers with a Tucker mid weight are not supported")
-    down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-    dtype = torch.float64 if down.dtype == torch.float64 and up.dtype == torch.float64 else torch.float32
-    alpha = tensors.get("alpha")
-    scale = lora_scale(None if alpha is None else float(alpha), down.shape[0])
-    return lora_delta_weight(up.to(dtype), down.to(dtype), scale)
+    if geometry is None:
+        shape = weight_shape_of_file_tensors(tensors, name=name)
+        if shape is None:
+            raise ValueError(
+                f"{name}: the tensors {sorted(tensors)} do not tell the layer's shape (a convolution's factors "
+                "stored flattened); pass geometry= (the base checkpoint's layer shape)"
+            )
+        geometry = LayerGeometry(shape[0], shape[1], tuple(shape[2:]))
+    return dense_layer_delta(tensors, geometry, scale=scale, base_weight=base_weight, name=name)[0]
 
 
 def add_delta(
@@ -175,19 +201,31 @@ def combine_lora_states(
     param: float | None = None,
     clamp_quantile: float | None = None,
     dtype: torch.dtype | None = None,
+    base: BaseLayers | None = None,
+    component: str = "unet",
+    dropped: dict[str, str] | None = None,
 ) -> dict[str, Tensor]:
-    """Combine several LoRAs of one component into one: ``Σ s_i Δ_i`` per layer.
+    """Combine several adapters of one component into one LoRA: ``Σ s_i Δ_i`` per layer.
 
-    A layer present in only some of the LoRAs combines those. ``mode="concat"`` is exact (rank =
-    sum of ranks); ``mode="svd"`` re-compresses each layer to ``rank`` (``conv_rank`` for kxk
-    convs; a dynamic ``method`` caps at it) with ``alpha = r``.
+    A layer present in only some of the inputs combines those. ``mode="concat"`` is exact: LoRA
+    factors are concatenated (rank = sum of ranks) and the other families' summed dense delta is
+    factored at its numerical rank (capped by ``rank``/``conv_rank`` when given). ``mode="svd"``
+    re-compresses each layer to ``rank`` (``conv_rank`` for kxk convs; a dynamic ``method`` caps
+    at it) with ``alpha = r``. See the module doc for DoRA's order.
 
     Args:
-        states: canonical component states (``{"<layer>.lora_down.weight", ...}``).
+        states: canonical component states of any family (``{"<layer>.<file key>": tensor}``).
         dtype: dtype of the written factors (default float32).
+        base: the base checkpoint's layers, for DoRA and for layers whose shape no input tells.
+        component: the component the states belong to (to find layers in ``base``).
+        dropped: receives ``{"component:layer.bias": reason}`` for bias deltas (``diff_b``), which
+            a LoRA cannot hold and the output leaves out.
 
     Returns:
-        the combined canonical state.
+        the combined canonical LoRA state (``lora_down.weight``, ``lora_up.weight``, ``alpha``).
+
+    Raises:
+        ValueError: bad options; layers whose inputs disagree on the shape, or that need ``base``.
     """
     if len(states) != len(strengths):
         raise ValueError(f"need one strength per LoRA, got {len(states)} LoRAs and {len(strengths)} strengths")
@@ -203,27 +241,96 @@ def combine_lora_states(
             entry[1].append(float(strength))
     out: dict[str, Tensor] = {}
     for layer, (layer_tensors, layer_strengths) in per_layer.items():
-        combined = concat_layers(layer_tensors, layer_strengths, name=layer)
-        down, up = combined["lora_down.weight"], combined["lora_up.weight"]
-        if mode == "svd":
-            total = down.shape[0]
-            is_kxk = down.dim() == 4 and down.shape[2] * down.shape[3] > 1
-            target = (conv_rank if conv_rank is not None else rank) if is_kxk else rank
-            u, s, vh = factored_svd(up.reshape(up.shape[0], total), down.reshape(total, -1))
-            new_up, new_down, alpha, _ = factors_from_svd(
-                u, s, vh, rank=min(int(target), s.numel()), method=method, param=param,
-                clamp_quantile=clamp_quantile,
-            )
-            r = new_down.shape[0]
-            if down.dim() == 4:
-                new_up = new_up.reshape(up.shape[0], r, 1, 1)
-                new_down = new_down.reshape(r, *down.shape[1:])
-            down, up = new_down, new_up
-            combined["alpha"] = torch.tensor(alpha, dtype=torch.float32)
-        out[f"{layer}.lora_down.weight"] = down.to(dtype or torch.float32)
-        out[f"{layer}.lora_up.weight"] = up.to(dtype or torch.float32)
+        if all(is_plain_lora(t) for t in layer_tensors):
+            combined = _combine_plain(layer_tensors, layer_strengths, mode=mode, rank=rank, conv_rank=conv_rank,
+                                      method=method, param=param, clamp_quantile=clamp_quantile, name=layer)
+        else:
+            combined = _combine_dense(layer_tensors, layer_strengths, mode=mode, rank=rank, conv_rank=conv_rank,
+                                      method=method, param=param, clamp_quantile=clamp_quantile, base=base,
+                                      component=component, layer=layer, dropped=dropped)
+        out[f"{layer}.lora_down.weight"] = combined["lora_down.weight"].to(dtype or torch.float32)
+        out[f"{layer}.lora_up.weight"] = combined["lora_up.weight"].to(dtype or torch.float32)
         out[f"{layer}.alpha"] = combined["alpha"]
     return out
+
+
+def _combine_plain(
+    layers: Sequence[Mapping[str, Tensor]], strengths: Sequence[float], *, mode: str, rank: int | None,
+    conv_rank: int | None, method: str, param: float | None, clamp_quantile: float | None, name: str,
+) -> dict[str, Tensor]:
+    """LoRA/LoCon layers only: concatenation, then (svd) the SVD of the product from the thin factors."""
+    combined = concat_layers(layers, strengths, name=name)
+    down, up = combined["lora_down.weight"], combined["lora_up.weight"]
+    if mode == "svd":
+        total = down.shape[0]
+        is_kxk = down.dim() == 4 and down.shape[2] * down.shape[3] > 1
+        target = (conv_rank if conv_rank is not None else rank) if is_kxk else rank
+        u, s, vh = factored_svd(up.reshape(up.shape[0], total), down.reshape(total, -1))
+        new_up, new_down, alpha, _ = factors_from_svd(
+            u, s, vh, rank=min(int(target), s.numel()), method=method, param=param,  # type: ignore[arg-type]
+            clamp_quantile=clamp_quantile,
+        )
+        r = new_down.shape[0]
+        if down.dim() == 4:
+            new_up = new_up.reshape(up.shape[0], r, 1, 1)
+            new_down = new_down.reshape(r, *down.shape[1:])
+        combined = {"lora_down.weight": new_down, "lora_up.weight": new_up,
+                    "alpha": torch.tensor(alpha, dtype=torch.float32)}
+    return combined
+
+
+def _combine_dense(
+    layers: Sequence[Mapping[str, Tensor]], strengths: Sequence[float], *, mode: str, rank: int | None,
+    conv_rank: int | None, method: str, param: float | None, clamp_quantile: float | None,
+    base: BaseLayers | None, component: str, layer: str, dropped: dict[str, str] | None,
+) -> dict[str, Tensor]:
+    """A layer with at least one non-LoRA input: dense deltas through the registry, then SVD."""
+    name = f"{component}:{layer}"
+    implied = [weight_shape_of_file_tensors(t, name=name) for t in layers]
+    known = [s for s in implied if s is not None]
+    if any(not same_layer_shape(known[0], s) for s in known[1:]):
+        raise ValueError(f"{name}: the inputs disagree on the layer's shape {sorted(set(known))}; they were made "
+                         "for different models")
+    # a LoRA input's own shape first, so the dense factors concatenate with its factors
+    plain_first = sorted(range(len(layers)), key=lambda i: not is_plain_lora(layers[i]))
+    geometry = layer_geometry(layers[plain_first[0]], component=component, layer=layer, base=base,
+                              shapes=[implied[i] for i in plain_first])
+    target = (conv_rank if conv_rank is not None else rank) if geometry.is_kxk else rank
+    uses_base = [needs_base_weight(t, name=name) for t in layers]
+    running: Tensor | None = None  # the weight the next DoRA input sees: W + the earlier inputs' deltas
+    if any(uses_base):
+        weight = base.weight(component, layer) if base is not None else None
+        running = None if weight is None else weight.to(torch.float32).reshape(geometry.weight_shape)
+    last_dora = max((i for i, u in enumerate(uses_base) if u), default=-1)
+    dense: Tensor | None = None
+    plain_layers: list[Mapping[str, Tensor]] = []
+    plain_strengths: list[float] = []
+    for index, (tensors, strength) in enumerate(zip(layers, strengths)):
+        keep_factors = mode == "concat" and is_plain_lora(tensors)
+        if keep_factors:
+            plain_layers.append(tensors)
+            plain_strengths.append(strength)
+            if index >= last_dora:  # no later DoRA input needs this delta
+                continue
+        delta, bias = dense_layer_delta(tensors, geometry, scale=strength,
+                                        base_weight=running if uses_base[index] else None, name=name)
+        if bias is not None and dropped is not None:
+            dropped[f"{name}.bias"] = "bias delta (diff_b) not written: a LoRA holds weight deltas only"
+        if running is not None and index < last_dora:
+            running = running + delta.to(running.dtype)
+        if not keep_factors:
+            dense = delta if dense is None else dense + delta
+    if dense is None:  # pragma: no cover - a dense layer has a non-LoRA input
+        raise AssertionError(name)
+    if mode == "svd":
+        factored = dense_lora_factors(dense, rank=target, method=method, param=param, clamp_quantile=clamp_quantile)
+    else:
+        factored = dense_lora_factors(dense, rank=target)
+    pseudo = {"lora_down.weight": factored.down, "lora_up.weight": factored.up,
+              "alpha": torch.tensor(factored.alpha, dtype=torch.float32)}
+    if not plain_layers:
+        return pseudo
+    return concat_layers([*plain_layers, pseudo], [*plain_strengths, 1.0], name=name)
 
 
 # -------------------------------------------------------------------------------- the file job
@@ -241,10 +348,22 @@ def combine_loras(
     base_model: str | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    base: str | os.PathLike | None = None,
 ) -> LoRAJobReport:
-    """Combine several LoRA files into one that applies ``Σ s_i Δ_i`` (see
-    :func:`sdadapt.loratools.combine.combine_lora_states`): ``mode="concat"`` exact (rank = sum of
-    ranks), ``mode="svd"`` re-compressed to ``rank``."""
+    """Combine several adapter files of any family into one kohya LoRA that applies ``Σ s_i Δ_i``
+    (see :func:`sdadapt.loratools.combine.combine_lora_states`): ``mode="concat"`` exact (LoRA
+    ranks concatenated; other families at their numerical rank, capped by ``rank`` if given),
+    ``mode="svd"`` re-compressed to ``rank``.
+
+    Args:
+        base: the checkpoint the adapters were made for (LDM single file or diffusers UNet file);
+            needed for DoRA layers and for layers whose shape no input tells (LoHa, LoKr with a
+            low-rank ``w2``: the error says so).
+
+    Returns:
+        the :class:`LoRAJobReport`; bias deltas (``diff_b``), which a LoRA cannot hold, are
+        listed in ``skipped``.
+    """
     check_rank_method(method, param)
     check_save_dtype(dtype)
     check_base_model(base_model)
@@ -259,13 +378,20 @@ def combine_loras(
     model = base_model or models.pop()
     names = sorted({c for components, _ in loaded for c in components})
     combined: dict[str, dict[str, Tensor]] = {}
-    for component in names:
-        present = [(c[component], s) for (c, _), s in zip(loaded, values) if component in c]
-        combined[component] = combine_lora_states(
-            [p[0] for p in present], [p[1] for p in present], mode=mode, rank=rank, conv_rank=conv_rank,  # type: ignore[arg-type]
-            method=method, param=param, clamp_quantile=clamp_quantile, dtype=dtype,
-        )
-    report = LoRAJobReport(path=Path(out), base_model=model)
+    skipped: dict[str, str] = {}
+    layers_of_base = BaseLayers(base) if base is not None else None
+    try:
+        for component in names:
+            present = [(c[component], s) for (c, _), s in zip(loaded, values) if component in c]
+            combined[component] = combine_lora_states(
+                [p[0] for p in present], [p[1] for p in present], mode=mode, rank=rank, conv_rank=conv_rank,  # type: ignore[arg-type]
+                method=method, param=param, clamp_quantile=clamp_quantile, dtype=dtype, base=layers_of_base,
+                component=component, dropped=skipped,
+            )
+    finally:
+        if layers_of_base is not None:
+            layers_of_base.close()
+    report = LoRAJobReport(path=Path(out), base_model=model, skipped=skipped)
     meta = {
         "ss_training_comment": "combined by sdadapt: "
         + ", ".join(f"{s:g} x {Path(p).name}" for p, s in zip(loras, values)) + f" ({mode})",

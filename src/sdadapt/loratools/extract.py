@@ -8,11 +8,19 @@ Frobenius (and spectral) norm (Eckart–Young)::
     ‖D − U_r S_r V_rᵀ‖_F = sqrt(Σ_{i>r} σ_i²)
 
 kohya's layout puts the singular values into ``up``: ``up = U_r S_r`` (out, r), ``down = V_rᵀ``
-(r, in·k) — then both are clamped to ``[−h, h]`` where ``h`` is the ``clamp_quantile`` quantile of
-the signed values of ``up`` and ``down`` together (kohya's rule; it trims outliers so half-precision
-files do not overflow, at a small cost in accuracy). ``split="sqrt"`` instead moves ``sqrt(S)``
-onto each side after clamping (``up = U_r sqrt(S_r)``, ``down = sqrt(S_r) V_rᵀ``): the product and
-therefore the LoRA are identical, only the balance of the factors changes.
+(r, in·k). Optionally (``clamp_quantile``, off by default) both are then clamped to ``[−h, h]``
+where ``h`` is the ``clamp_quantile`` quantile of the signed values of ``up`` and ``down`` together
+— kohya's ``extract_lora_from_models.py`` rule (its default 0.99). It trims outliers so
+half-precision files do not overflow, but it can cost a lot of accuracy: the clamp is
+scale-blind, so when ``up`` carries large singular values most of the clipped entries are ``up``'s
+largest (a rank-3 difference extracted at rank 8 can lose a quarter of a layer's ``‖D‖_F``).
+``split="sqrt"`` instead moves ``sqrt(S)`` onto each side after clamping (``up = U_r sqrt(S_r)``,
+``down = sqrt(S_r) V_rᵀ``): the product and therefore the LoRA are identical, only the balance of
+the factors changes.
+
+The error reported for a layer is measured on the factors as returned — after the clamp and the
+cast to the output dtype — so it is the error of what is written (:func:`lowrank_error`); without
+clamp and cast it is the Eckart–Young bound.
 
 The scale ``alpha / r`` is divided out of the factors, so ``(alpha / r) · up ⋅ down`` is the
 approximation whatever ``alpha`` is; ``alpha = None`` writes ``alpha = r`` (scale 1), as kohya's
@@ -70,6 +78,7 @@ __all__ = [
     "select_rank",
     "clamp_factors",
     "signed_quantile",
+    "lowrank_error",
     "factors_from_svd",
     "low_rank_factors",
     "extract_layer",
@@ -94,9 +103,10 @@ class ExtractedLayer:
         alpha: scale numerator; ``(alpha / r) · up ⋅ down`` approximates the difference.
         singular_values: (q,) every singular value computed (all of them for a full SVD, the top
             ``q`` for a randomized one), float32/float64, descending.
-        residual_norm: ``‖D − D_r‖_F`` of the rank-r truncation *before clamping*
-            (``sqrt(Σ_{i≥r} σ_i²)``; for a randomized SVD measured as ``‖D − U_r S_r V_rᵀ‖_F``).
-        norm: ``‖D‖_F`` (so ``1 − residual²/norm²`` is the energy kept).
+        residual_norm: ``‖D − (alpha / r) · up ⋅ down‖_F`` of these very factors — after the clamp
+            and the cast to the requested dtype — so the error of what is written (equal to the
+            Eckart–Young ``sqrt(Σ_{i≥r} σ_i²)`` without clamp and cast).
+        norm: ``‖D‖_F`` (so ``residual / norm`` is the relative error).
     """
 
     up: Tensor
@@ -240,6 +250,40 @@ def clamp_factors(up: Tensor, down: Tensor, quantile: float | None) -> tuple[Ten
     return up.clamp(-limit, limit), down.clamp(-limit, limit)
 
 
+def lowrank_error(
+    target: Tensor | tuple[Tensor, Tensor], up: Tensor, down: Tensor, *, scale: float = 1.0
+) -> float:
+    """``‖target − scale · up ⋅ down‖_F``, computed in float64 from the factors as given.
+
+    Args:
+        target: the matrix ``D`` the LoRA should reproduce: dense (m, n), or factored as a pair
+            ``(left (m, k), right (k, n))`` with ``D = left ⋅ right`` (never formed: the norm is
+            that of ``R_a R_bᵀ`` from the QRs of ``[left, −scale·up]`` and ``[right; down]ᵀ``).
+        up: (m, r) or (m, r, 1, 1); down: (r, n) or (r, in, kh, kw) with ``in·kh·kw = n`` —
+            any dtype (e.g. the fp16 factors a file holds; they are widened exactly).
+        scale: the LoRA scale ``alpha / r``.
+    """
+    m = up.shape[0]
+    r = down.shape[0]
+    a = up.reshape(m, r).to(torch.float64) * scale  # (m, r)
+    b = down.reshape(r, -1).to(torch.float64)  # (r, n)
+    if isinstance(target, Tensor):
+        if target.shape != (m, b.shape[1]):
+            raise ValueError(f"target {tuple(target.shape)} does not match up ⋅ down ({m}, {b.shape[1]})")
+        rows = max(1, (1 << 22) // max(b.shape[1], 1))  # at most ~4M float64 values at a time
+        total = 0.0
+        for start in range(0, m, rows):
+            block = target[start : start + rows].to(torch.float64) - a[start : start + rows] @ b
+            total += float(block.square().sum())
+        return math.sqrt(total)
+    left, right = target
+    stacked_left = torch.cat([left.to(torch.float64), -a], dim=1)  # (m, k + r)
+    stacked_right = torch.cat([right.to(torch.float64), b], dim=0)  # (k + r, n)
+    _, r_left = torch.linalg.qr(stacked_left)
+    _, r_right = torch.linalg.qr(stacked_right.mT)
+    return float(torch.linalg.matrix_norm(r_left @ r_right.mT))
+
+
 def factors_from_svd(
     u: Tensor,
     s: Tensor,
@@ -250,9 +294,11 @@ def factors_from_svd(
     param: float | None = None,
     alpha: float | None = None,
     scale: float | None = None,
-    clamp_quantile: float | None = 0.99,
+    clamp_quantile: float | None = None,
     split: Literal["up", "sqrt"] = "up",
     norm_sq: float | None = None,
+    dtype: torch.dtype | None = None,
+    target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float, float]:
     """LoRA factors from an SVD ``(U (m, q), S (q,), Vh (q, n))`` of a difference ``D``.
 
@@ -260,23 +306,24 @@ def factors_from_svd(
         rank: fixed rank, or the cap of a dynamic ``method``.
         alpha: the alpha to write (``None`` → ``alpha = r``, scale 1); or
         scale: the scale ``alpha / r`` to keep (resize: ``alpha = scale · r_new``).
+        clamp_quantile: kohya's outlier clamp (e.g. 0.99); ``None`` (default) or ``>= 1``: off.
         split: ``"up"`` (kohya: ``S`` in ``up``) or ``"sqrt"`` (``sqrt(S)`` on both sides).
         norm_sq: ``‖D‖_F²`` when ``S`` is not the whole spectrum (randomized SVD).
+        dtype: dtype of the returned factors (what will be written); default the SVD's.
+        target: ``D`` itself (m, n) when at hand; the residual is then measured against it.
 
     Returns:
-        ``(up (m, r), down (r, n), alpha, residual ‖D − D_r‖_F before clamping)``.
+        ``(up (m, r), down (r, n), alpha, residual)`` where ``residual = ‖D − (alpha/r)·up⋅down‖_F``
+        of the returned factors (after clamp and cast). Without ``target``, ``D`` is taken as
+        ``U S Vh`` (factored, never formed) and, with ``norm_sq``, the energy ``U S Vh`` misses is
+        added in quadrature (exact when it is orthogonal to the approximation, as without a clamp).
     """
     if split not in ("up", "sqrt"):
         raise ValueError(f"split must be 'up' or 'sqrt', got {split!r}")
     if alpha is not None and scale is not None:
         raise ValueError("pass alpha or scale, not both")
-    full = norm_sq is None
-    total = float((s * s).sum()) if full else float(norm_sq)
-    r = select_rank(s, method=method, param=param, max_rank=rank, total_energy=total)
-    if full:
-        residual = float(torch.sqrt((s[r:] ** 2).sum()))
-    else:
-        residual = math.sqrt(max(total - float((s[:r] ** 2).sum()), 0.0))
+    kept_sq = float((s.double() ** 2).sum())
+    r = select_rank(s, method=method, param=param, max_rank=rank, total_energy=kept_sq if norm_sq is None else norm_sq)
     up = u[:, :r] * s[:r]  # (m, r): kohya layout, singular values in up
     down = vh[:r]  # (r, n)
     up, down = clamp_factors(up, down, clamp_quantile)
@@ -296,7 +343,17 @@ def factors_from_svd(
             up = up / factor
         else:
             up, down = up / math.sqrt(factor), down / math.sqrt(factor)
-    return up.contiguous(), down.contiguous(), alpha_value, residual
+    if dtype is not None:
+        up, down = up.to(dtype), down.to(dtype)
+    up, down = up.contiguous(), down.contiguous()
+    # the error of the factors as returned: after the clamp and the cast
+    if target is not None:
+        residual = lowrank_error(target, up, down, scale=factor)
+    else:
+        residual = lowrank_error((u * s, vh), up, down, scale=factor)
+        if norm_sq is not None:
+            residual = math.sqrt(residual**2 + max(float(norm_sq) - kept_sq, 0.0))
+    return up, down, alpha_value, residual
 
 
 def low_rank_factors(
@@ -306,22 +363,27 @@ def low_rank_factors(
     method: str = "fixed",
     param: float | None = None,
     alpha: float | None = None,
-    clamp_quantile: float | None = 0.99,
+    clamp_quantile: float | None = None,
     split: Literal["up", "sqrt"] = "up",
     randomized: bool = False,
     niter: int = 2,
     oversample: int = 8,
     seed: int | None = 0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, float, Tensor, float, float]:
-    """Rank-r LoRA factors of a 2-D matrix (SVD, rank choice, clamp, split, alpha).
+    """Rank-r LoRA factors of a 2-D matrix (SVD, rank choice, clamp, split, alpha, cast).
 
     Args:
         matrix: (m, n).
         rank: fixed rank, or the cap for a dynamic method.
         alpha: ``None`` → ``alpha = r``; otherwise the factors absorb ``r / alpha``.
+        clamp_quantile: kohya's outlier clamp (e.g. 0.99); ``None`` (default): off.
+        dtype: dtype of the returned factors (what will be written); default float32 (float64
+            for a float64 matrix).
 
     Returns:
-        ``(up (m, r), down (r, n), alpha, singular values (q,), residual ‖·‖_F, ‖matrix‖_F)``.
+        ``(up (m, r), down (r, n), alpha, singular values (q,), residual, ‖matrix‖_F)`` with
+        ``residual = ‖matrix − (alpha/r)·up⋅down‖_F`` measured directly on the returned factors.
     """
     a = matrix.to(_compute_dtype(matrix))
     norm_sq = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
@@ -331,11 +393,8 @@ def low_rank_factors(
     full = s.numel() == min(a.shape)
     up, down, alpha_value, residual = factors_from_svd(
         u, s, vh, rank=rank, method=method, param=param, alpha=alpha, clamp_quantile=clamp_quantile,
-        split=split, norm_sq=None if full else norm_sq,
+        split=split, norm_sq=None if full else norm_sq, dtype=dtype, target=a,
     )
-    if not full:  # ‖D‖² − Σσ² cancels catastrophically in float32: measure the residual directly
-        r = down.shape[0]
-        residual = float(torch.linalg.norm(a - (u[:, :r] * s[:r]) @ vh[:r]))
     return up, down, alpha_value, s, residual, math.sqrt(norm_sq)
 
 
@@ -347,12 +406,13 @@ def extract_layer(
     method: str = "fixed",
     param: float | None = None,
     alpha: float | None = None,
-    clamp_quantile: float | None = 0.99,
+    clamp_quantile: float | None = None,
     split: Literal["up", "sqrt"] = "up",
     randomized: bool = False,
     niter: int = 2,
     seed: int | None = 0,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> ExtractedLayer:
     """LoRA factors of ``tuned − base`` for a Linear or Conv2d weight.
 
@@ -360,23 +420,26 @@ def extract_layer(
         base, tuned: (out, in) or (out, in, kh, kw), equal shapes; any float dtype (computed in
             float32, or float64 if both are float64).
         rank: fixed rank, or the cap of a dynamic ``method``; also capped at ``min(out, in·kh·kw)``.
+        clamp_quantile: kohya's outlier clamp (0.99 is kohya's); ``None`` (default): off.
         device: where to run the SVD (e.g. ``"cuda"``); results come back on ``base``'s device.
+        dtype: dtype of the returned factors, i.e. of the file they go to (default: the compute
+            dtype); ``residual_norm`` is measured after this cast.
 
     Returns:
         :class:`ExtractedLayer` with ``up`` (out, r[, 1, 1]) and ``down`` (r, in[, kh, kw]) such that
         ``(alpha / r) · up ⋅ down`` (see :func:`sdadapt.lora_delta_weight`) approximates
-        ``tuned − base``.
+        ``tuned − base`` to ``residual_norm``.
     """
     if base.shape != tuned.shape:
         raise ValueError(f"base weight {tuple(base.shape)} and tuned weight {tuple(tuned.shape)} differ in shape")
     if base.dim() not in (2, 4):
         raise ValueError(f"LoRA layers are Linear (2-D) or Conv2d (4-D) weights, got shape {tuple(base.shape)}")
-    dtype = torch.float64 if base.dtype == torch.float64 and tuned.dtype == torch.float64 else torch.float32
+    dtype_compute = torch.float64 if base.dtype == torch.float64 and tuned.dtype == torch.float64 else torch.float32
     home = base.device
     target = torch.device(device) if device is not None else home
     out_features = base.shape[0]
     # (out, in, *k) -> (out, in*k)
-    diff = (tuned.to(target, dtype) - base.to(target, dtype)).reshape(out_features, -1)
+    diff = (tuned.to(target, dtype_compute) - base.to(target, dtype_compute)).reshape(out_features, -1)
     up, down, alpha_value, s, residual, norm = low_rank_factors(
         diff,
         rank=rank,
@@ -388,6 +451,7 @@ def extract_layer(
         randomized=randomized,
         niter=niter,
         seed=seed,
+        dtype=dtype,
     )
     r = down.shape[0]
     if base.dim() == 4:
@@ -418,7 +482,7 @@ def extract_lora(
     conv_alpha: float | None = None,
     method: str = "fixed",
     param: float | None = None,
-    clamp_quantile: float | None = 0.99,
+    clamp_quantile: float | None = None,
     min_diff: float = 0.01,
     min_layer_diff: float = 0.0,
     split: str = "up",
@@ -442,7 +506,9 @@ def extract_lora(
         rank: fixed rank, or the cap of a dynamic ``method`` (``sv_ratio``/``sv_cumulative``/
             ``sv_fro`` with ``param``).
         alpha: alpha to write (default ``alpha = rank`` of each layer, scale 1).
-        clamp_quantile: kohya's outlier clamp (0.99); ``None``/1.0 disables it.
+        clamp_quantile: kohya's outlier clamp of the factors; ``0.99`` (kohya's default) gives
+            kohya's ``extract_lora_from_models.py`` files. Default ``None`` (off): the clamp can cost
+            a large part of a layer's accuracy, which the report then shows.
         min_diff: a text encoder whose largest ``|Δ|`` is at most this is left out entirely
             (kohya's rule and default: text encoders barely change in most fine-tunes).
         min_layer_diff: any layer whose largest ``|Δ|`` is at most this is left out (default 0:
@@ -453,7 +519,9 @@ def extract_lora(
         dtype: dtype of the written factors (default float32; alphas are always float32).
 
     Returns:
-        :class:`LoRAJobReport` (ranks, alphas, truncation errors, skipped layers).
+        :class:`LoRAJobReport` (ranks, alphas, skipped layers, and per layer the error
+        ``‖Δ − (alpha/r)·up⋅down‖_F`` of the factors as written: after the clamp and the cast to
+        ``dtype``).
 
     Raises:
         WeightFileError: missing/unreadable inputs, different architectures (lists the keys),
@@ -505,17 +573,17 @@ def extract_lora(
                 report.skipped[name] = f"max |Δ| = {diff:.3g} <= min_layer_diff {min_layer_diff:g}"
             else:
                 is_kxk = base_w.dim() == 4 and base_w.shape[2] * base_w.shape[3] > 1
+                # the factors come back in the file's dtype: the reported error is that of the file
                 extracted = extract_layer(
                     base_w, tuned_w,
                     rank=conv_rank if is_kxk and conv_rank is not None else rank,
                     alpha=conv_alpha if is_kxk and conv_alpha is not None else alpha,
                     method=method, param=param, clamp_quantile=clamp_quantile, split=split,  # type: ignore[arg-type]
-                    randomized=randomized, niter=niter, device=device,
+                    randomized=randomized, niter=niter, device=device, dtype=dtype or torch.float32,
                 )
                 state = components.setdefault(component, {})
-                write_dtype = dtype or torch.float32
-                state[f"{layer}.lora_down.weight"] = extracted.down.to(write_dtype)
-                state[f"{layer}.lora_up.weight"] = extracted.up.to(write_dtype)
+                state[f"{layer}.lora_down.weight"] = extracted.down
+                state[f"{layer}.lora_up.weight"] = extracted.up
                 state[f"{layer}.alpha"] = torch.tensor(extracted.alpha, dtype=torch.float32)
                 report.layers[name] = LayerReport(extracted.rank, extracted.alpha, extracted.residual_norm, extracted.norm)
             if progress is not None:

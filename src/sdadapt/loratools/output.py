@@ -10,7 +10,6 @@ alphas, which kohya, A1111, ComfyUI and diffusers load.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,10 @@ import torch
 from torch import Tensor
 
 from ..formats import WeightFileError, load_lora
-from ..formats.files import read_safetensors_header, sniff_format
+from ..formats.files import check_output_file, read_safetensors_header, sniff_format
 from ..formats.kohya import BASE_MODELS
-from .checkpoint_layers import LayerSlot
+from ..adapters.base import LayerGeometry
+from .checkpoint_layers import LayerSlot, checkpoint_layers
 
 __all__ = [
     "Progress",
@@ -37,6 +37,9 @@ __all__ = [
     "per_file",
     "slot_shape",
     "weight_bytes",
+    "BaseLayers",
+    "same_layer_shape",
+    "layer_geometry",
 ]
 
 #: ``progress(done, total, label)``; called after each unit of work
@@ -47,7 +50,8 @@ _SAVE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One written layer: rank, alpha and the Frobenius error it carries (before clamping)."""
+    """One written layer: rank, alpha, ``residual_norm`` = ``‖Δ − (alpha/r)·up⋅down‖_F`` of the factors
+    as written (after any clamp and the cast to the file's dtype) and ``norm`` = ``‖Δ‖_F``."""
 
     rank: int
     alpha: float
@@ -83,31 +87,10 @@ class BakeReport:
 
 
 # ----------------------------------------------------------------------------------- checks
-def check_output(path: str | os.PathLike, *, overwrite: bool, needed_bytes: int) -> Path:
-    """Refuse an existing output (unless ``overwrite``), a missing folder, or too little disk space.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-        WeightFileError: the folder does not exist, or has less than ``needed_bytes`` free (the
-            temporary file is written beside the target, so an overwrite needs the full size too).
-    """
-    target = Path(path)
-    if target.suffix.lower() != ".safetensors":
-        raise WeightFileError(f"{target}: sdadapt writes .safetensors files only; name the output *.safetensors")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
-    if target.is_dir():
-        raise WeightFileError(f"{target}: is a folder; give a file name such as {target / 'out.safetensors'}")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise WeightFileError(f"{target}: folder {folder} does not exist; create it first")
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes:
-        raise WeightFileError(
-            f"{target}: not enough disk space in {folder}: the output needs about "
-            f"{needed_bytes / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some space or write elsewhere"
-        )
-    return target
+#: the package's one output check (:func:`sdadapt.formats.files.check_output_file`): refuses an
+#: existing output (unless ``overwrite``), a non-``.safetensors`` name, a folder, a missing folder,
+#: or less than ``needed_bytes`` free disk space
+check_output = check_output_file
 
 
 def check_inputs(*paths: str | os.PathLike) -> None:
@@ -184,3 +167,112 @@ def slot_shape(shape: tuple[int, ...], slot: LayerSlot) -> tuple[int, ...]:
     if slot.rows is None:
         return shape
     return (slot.rows[1] - slot.rows[0], *shape[1:])
+
+
+# ------------------------------------------------------------------- the base model's layers
+class BaseLayers:
+    """A base checkpoint's LoRA-able layers, for jobs whose input files cannot tell a layer's shape.
+
+    LoHa and LoKr store a kxk convolution's factors flattened, and DoRA's delta depends on the
+    base weight; ``resize-lora`` / ``combine-loras`` then read the layer from the model the LoRA
+    was made for (``--base CKPT``): an LDM single file or a diffusers UNet file, matched through
+    :func:`~sdadapt.loratools.checkpoint_layers.checkpoint_layers` (fused OpenCLIP ``in_proj``
+    rows included). Reads lazily, one tensor per :meth:`weight` call. Use as a context manager.
+
+    Raises:
+        WeightFileError: a missing file, or one with no LoRA-able layer.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from ..merge.sources import open_source
+
+        check_inputs(path)
+        self.path = Path(path)
+        self._source = open_source(path)
+        try:
+            self._shapes = {k: tuple(self._source.shape(k)) for k in self._source.keys()}
+            self.slots = checkpoint_layers(self._shapes)
+        except BaseException:
+            self._source.close()
+            raise
+        if not self.slots:
+            self._source.close()
+            raise WeightFileError(
+                f"{path}: has no layer a LoRA could target; pass the base model as an LDM single-file "
+                "checkpoint or a diffusers UNet file"
+            )
+
+    def shape(self, component: str, layer: str) -> tuple[int, ...] | None:
+        """(out, in, *kernel) of a canonical layer (its rows for a fused weight), ``None`` if absent."""
+        slot = self.slots.get((component, layer))
+        return None if slot is None else slot_shape(self._shapes[slot.key], slot)
+
+    def weight(self, component: str, layer: str) -> Tensor | None:
+        """The layer's base weight (out, in, *kernel) in the file's dtype, ``None`` if absent."""
+        slot = self.slots.get((component, layer))
+        if slot is None:
+            return None
+        value = self._source.get(slot.key)
+        return value if slot.rows is None else value[slot.row_slice()].clone()
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> BaseLayers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A 1x1 kernel dropped: a Linear layer and a 1x1 convolution take the same delta."""
+    return tuple(shape[:2]) if len(shape) > 2 and all(k == 1 for k in shape[2:]) else tuple(shape)
+
+
+def same_layer_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """``a`` and ``b`` are one layer's weight shape, up to a 1x1 kernel (Linear vs 1x1 conv)."""
+    return _squeezed(tuple(a)) == _squeezed(tuple(b))
+
+
+def layer_geometry(
+    tensors: Mapping[str, Tensor],
+    *,
+    component: str,
+    layer: str,
+    base: BaseLayers | None = None,
+    shapes: Sequence[tuple[int, ...] | None] = (),
+) -> LayerGeometry:
+    """The :class:`LayerGeometry` of one file layer, for computing its dense delta.
+
+    The shape comes from the file tensors (:func:`sdadapt.adapters.registry.weight_shape_of_file_tensors`),
+    else from ``shapes`` (what other files' tensors of the same layer imply), else from the base
+    checkpoint; when both the file and ``base`` know it they must agree (up to a 1x1 kernel).
+
+    Raises:
+        ValueError: the shape cannot be told (names the layer and asks for ``--base``), the base
+            has no such layer, or the shapes disagree.
+    """
+    from ..adapters.registry import weight_shape_of_file_tensors
+
+    name = f"{component}:{layer}"
+    shape = weight_shape_of_file_tensors(tensors, name=name)
+    if shape is None:
+        shape = next((s for s in shapes if s is not None), None)
+    base_shape = base.shape(component, layer) if base is not None else None
+    if base is not None and base_shape is None:
+        raise ValueError(f"{name}: the base checkpoint {base.path.name} has no such layer; is it the LoRA's model?")
+    if shape is None:
+        if base_shape is None:
+            raise ValueError(
+                f"{name}: the file does not tell the layer's shape (LoHa, and LoKr with a low-rank w2, store a "
+                "convolution's factors flattened (r, in*kh*kw), like a Linear layer's); pass the base checkpoint "
+                "the LoRA was made for: base=PATH (--base CKPT)"
+            )
+        shape = base_shape
+    elif base_shape is not None and not same_layer_shape(shape, base_shape):
+        raise ValueError(
+            f"{name}: the file's delta has shape {shape}, the base checkpoint's layer {base_shape}; "
+            f"{base.path.name if base is not None else 'the base'} is not the model the LoRA was made for"
+        )
+    return LayerGeometry(int(shape[0]), int(shape[1]), tuple(int(k) for k in shape[2:]))

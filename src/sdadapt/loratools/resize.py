@@ -11,47 +11,73 @@ kohya's ``sv_ratio`` / ``sv_cumulative`` / ``sv_fro`` rules, see
 
 The result is the best rank-r' approximation of the old delta (Eckart–Young); no clamping by
 default (kohya's resize does not clamp).
+
+Every other family (LoHa, LoKr, full ``diff``, LoCon with a Tucker core, DoRA over any of them)
+goes through the one delta path, :func:`sdadapt.adapters.registry.file_layer_delta`: its dense
+delta ``ΔW`` (out, in, *k) is decomposed by a truncated SVD (:mod:`sdadapt.loratools.extract`)
+and written as LoRA factors with ``alpha = r'`` (scale 1) — a plain LoRA that every loader reads.
+The layer's shape comes from the file when it can tell, else from the base checkpoint
+(``base=PATH`` / ``--base CKPT``: LoHa and LoKr store a convolution's factors flattened); DoRA
+always needs the base checkpoint, since its delta ``W' − W`` depends on ``W``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ..adapters.base import LayerGeometry
 from ..adapters.lora import lora_scale
+from ..adapters.registry import family_of_keys, file_layer_delta
 from ..formats import save_kohya
 from ..formats.layers import group_by_layer
-from .extract import check_rank_method, factors_from_svd
+from .extract import check_rank_method, factors_from_svd, truncated_svd
 from .output import (
+    BaseLayers,
     LayerReport,
     LoRAJobReport,
     Progress,
     check_base_model,
     check_output,
     check_save_dtype,
+    layer_geometry,
     load_components,
     lora_base_model,
 )
 
-__all__ = ["factored_svd", "resize_layer", "resize_lora_state", "ResizedLayer", "resize_lora"]
+__all__ = [
+    "factored_svd",
+    "resize_layer",
+    "resize_lora_state",
+    "ResizedLayer",
+    "resize_lora",
+    "is_plain_lora",
+    "needs_base_weight",
+    "numerical_rank",
+    "dense_lora_factors",
+    "dense_layer_delta",
+]
 
 
 @dataclass(frozen=True)
 class ResizedLayer:
     """A resized layer: ``up`` (out, r'[, 1, 1]), ``down`` (r', in[, kh, kw]), ``alpha``, and
-    ``residual_norm`` = ‖old ΔW − new ΔW‖_F before clamping, ``norm`` = ‖old ΔW‖_F."""
+    ``residual_norm`` = ‖old ΔW − new ΔW‖_F (as :func:`~sdadapt.loratools.extract.factors_from_svd`
+    measures it), ``norm`` = ‖old ΔW‖_F;
+    ``bias_dropped`` = ‖Δb‖ of a bias delta (``diff_b``) the LoRA cannot hold (0: none)."""
 
     up: Tensor
     down: Tensor
     alpha: float
     residual_norm: float
     norm: float
+    bias_dropped: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -118,6 +144,93 @@ def resize_layer(
     return ResizedLayer(new_up, new_down, new_alpha, residual, norm)
 
 
+def is_plain_lora(tensors: Mapping[str, Tensor]) -> bool:
+    """A LoRA/LoCon layer without a Tucker core (and not under DoRA): the layers the factored
+    (exact, thin-factor) paths take."""
+    try:
+        family = family_of_keys(tensors)
+    except ValueError:
+        return False
+    return family.name == "lora" and "lora_down.weight" in tensors and "lora_up.weight" in tensors and (
+        "lora_mid.weight" not in tensors
+    )
+
+
+def needs_base_weight(tensors: Mapping[str, Tensor], *, name: str = "<layer>") -> bool:
+    """Whether the layer's family computes its delta from the base weight (DoRA)."""
+    return bool(family_of_keys(tensors, name=name).module_type.uses_base_weight)
+
+
+def numerical_rank(singular_values: Tensor, shape: tuple[int, int]) -> int:
+    """``#{σ_i > σ_0 · max(m, n) · eps}`` (at least 1): the rank an SVD of an (m, n) matrix can
+    resolve in its dtype (``torch.linalg.matrix_rank``'s default tolerance)."""
+    s = singular_values
+    if s.numel() == 0:
+        return 1
+    tolerance = float(s[0]) * max(shape) * torch.finfo(s.dtype).eps
+    return max(1, int((s > tolerance).sum()))
+
+
+def dense_lora_factors(
+    delta: Tensor,
+    *,
+    rank: int | None,
+    method: str = "fixed",
+    param: float | None = None,
+    clamp_quantile: float | None = None,
+    split: Literal["up", "sqrt"] = "up",
+) -> ResizedLayer:
+    """LoRA factors of a dense delta by truncated SVD, ``alpha = r`` (scale 1).
+
+    Args:
+        delta: ΔW (out, in[, kh, kw]), float32 (float64 stays float64).
+        rank: fixed rank, or the cap of a dynamic ``method``; ``None`` keeps the numerical rank
+            (:func:`numerical_rank`): ``up ⋅ down == ΔW`` up to floating-point error.
+
+    Returns:
+        :class:`ResizedLayer` with ``up`` (out, r[, 1, 1]), ``down`` (r, in[, kh, kw]),
+        ``residual_norm = ‖ΔW − up ⋅ down‖_F`` (``sqrt(Σ_{i≥r} σ_i²)`` without a clamp) and
+        ``norm = ‖ΔW‖_F``.
+    """
+    out_features = delta.shape[0]
+    matrix = delta.reshape(out_features, -1)
+    u, s, vh = truncated_svd(matrix, 1)  # the full SVD: every singular value, for the rank rules
+    cap = numerical_rank(s, tuple(matrix.shape)) if rank is None else min(int(rank), s.numel())
+    up, down, alpha, residual = factors_from_svd(
+        u, s, vh, rank=cap, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
+    )
+    r = down.shape[0]
+    if delta.dim() == 4:
+        up, down = up.reshape(out_features, r, 1, 1), down.reshape(r, *delta.shape[1:])
+    return ResizedLayer(up, down, alpha, residual, float(torch.sqrt((s * s).sum())))
+
+
+def dense_layer_delta(
+    tensors: Mapping[str, Tensor],
+    geometry: LayerGeometry,
+    *,
+    scale: float = 1.0,
+    base_weight: Tensor | None = None,
+    name: str = "<layer>",
+) -> tuple[Tensor, Tensor | None]:
+    """``(ΔW (out, in, *kernel), Δb (out,) or None)`` of one file layer of any family at strength
+    ``scale``, float32 (float64 if the layer's tensors are) —
+    :func:`sdadapt.adapters.registry.file_layer_delta`.
+
+    Raises:
+        ValueError: tensors that do not fit ``geometry``, or a DoRA layer without ``base_weight``
+            (the message asks for the base checkpoint).
+    """
+    floats = [t for t in tensors.values() if t.is_floating_point() and t.dim() > 0]
+    dtype = torch.float64 if floats and all(t.dtype == torch.float64 for t in floats) else torch.float32
+    if base_weight is None and needs_base_weight(tensors, name=name):
+        raise ValueError(
+            f"{name}: a DoRA layer's delta W' - W depends on the base weight; pass the base checkpoint the "
+            "LoRA was made for: base=PATH (--base CKPT)"
+        )
+    return file_layer_delta(dict(tensors), geometry, base_weight=base_weight, scale=scale, dtype=dtype, name=name)
+
+
 def resize_lora_state(
     state: Mapping[str, Tensor],
     *,
@@ -128,39 +241,58 @@ def resize_lora_state(
     clamp_quantile: float | None = None,
     split: Literal["up", "sqrt"] = "up",
     dtype: torch.dtype | None = None,
+    base: BaseLayers | None = None,
+    component: str = "unet",
 ) -> tuple[dict[str, Tensor], dict[str, ResizedLayer]]:
-    """Resize every layer of one component's canonical LoRA state.
+    """Resize every layer of one component's canonical adapter state to a LoRA of ``rank``.
+
+    LoRA/LoCon layers keep ``alpha / r`` and are re-factored from their thin factors
+    (:func:`resize_layer`); every other family (LoHa, LoKr, full, LoCon-Tucker, DoRA) becomes the
+    truncated SVD of its dense delta with ``alpha = r'`` (:func:`dense_lora_factors`).
 
     Args:
-        state: ``{"<layer>.lora_down.weight", "<layer>.lora_up.weight"[, "<layer>.alpha"]}``.
+        state: canonical keys ``"<layer>.<file key>"`` of any family.
         rank: new rank (cap for dynamic methods) for Linear and 1x1 conv layers.
         conv_rank: the same for kxk convolutions (default ``rank``).
         dtype: dtype of the written factors (default: each layer's own).
+        base: the base checkpoint's layers — needed where the file cannot tell a layer's shape
+            (LoHa; LoKr with a low-rank ``w2``) and for DoRA (its delta depends on ``W``).
+        component: the component ``state`` belongs to (to find its layers in ``base``).
 
     Returns:
-        ``(new state, {layer: ResizedLayer})``; ``alpha`` tensors are float32 0-dim.
+        ``(new state, {layer: ResizedLayer})``; ``alpha`` tensors are float32 0-dim. A bias delta
+        (``diff_b`` of a full layer) is not written — a LoRA holds weight deltas only — and its
+        norm is reported as ``ResizedLayer.bias_dropped``.
 
     Raises:
-        ValueError: a layer is not a plain LoRA (e.g. LoHa/LoKr tensors), naming it.
+        ValueError: a layer of no known family, one whose shape needs ``base``, or tensors that do
+            not fit the base's layer — naming the layer and the fix.
     """
     out: dict[str, Tensor] = {}
     report: dict[str, ResizedLayer] = {}
     for layer, tensors in group_by_layer(state).items():
-        if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
-            raise ValueError(
-                f"layer {layer!r} has tensors {sorted(tensors)}, not lora_down/lora_up; only plain "
-                "LoRA/LoCon layers can be resized"
+        name = f"{component}:{layer}"
+        if is_plain_lora(tensors):
+            down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+            is_kxk = down.dim() == 4 and down.shape[2] * down.shape[3] > 1
+            target = (conv_rank if conv_rank is not None else rank) if is_kxk else rank
+            resized = resize_layer(
+                up, down, tensors.get("alpha"), rank=target, method=method, param=param,
+                clamp_quantile=clamp_quantile, split=split,
             )
-        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-        if "lora_mid.weight" in tensors:
-            raise ValueError(f"layer {layer!r} is a LoCon with a Tucker mid weight; resizing it is not supported")
-        is_kxk = down.dim() == 4 and down.shape[2] * down.shape[3] > 1
-        target = (conv_rank if conv_rank is not None else rank) if is_kxk else rank
-        resized = resize_layer(
-            up, down, tensors.get("alpha"), rank=target, method=method, param=param,
-            clamp_quantile=clamp_quantile, split=split,
-        )
-        write_dtype = dtype or down.dtype
+            own_dtype = down.dtype
+        else:
+            geometry = layer_geometry(tensors, component=component, layer=layer, base=base)
+            weight = base.weight(component, layer) if base is not None and needs_base_weight(tensors, name=name) else None
+            delta, bias = dense_layer_delta(tensors, geometry, base_weight=weight, name=name)
+            target = (conv_rank if conv_rank is not None else rank) if geometry.is_kxk else rank
+            resized = dense_lora_factors(
+                delta, rank=target, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
+            )
+            if bias is not None:
+                resized = replace(resized, bias_dropped=float(bias.norm()))
+            own_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point() and t.dim() > 0), torch.float32)
+        write_dtype = dtype or own_dtype
         out[f"{layer}.lora_down.weight"] = resized.down.to(write_dtype)
         out[f"{layer}.lora_up.weight"] = resized.up.to(write_dtype)
         out[f"{layer}.alpha"] = torch.tensor(resized.alpha, dtype=torch.float32)
@@ -170,7 +302,7 @@ def resize_lora_state(
 
 # -------------------------------------------------------------------------------- the file job
 _REGENERATED = {
-    "ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.date", "modelspec.implementation_version",
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.date", "modelspec.implementation_version",
     "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256",
 }
 
@@ -189,18 +321,27 @@ def resize_lora(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    base: str | os.PathLike | None = None,
 ) -> LoRAJobReport:
-    """Resize every layer of a LoRA file to ``rank`` (or a dynamic rank) keeping ``alpha / rank``.
+    """Resize every layer of an adapter file of any family to a LoRA of ``rank`` (or a dynamic rank).
+
+    LoRA/LoCon layers keep ``alpha / rank``; LoHa, LoKr, full-diff, LoCon-Tucker and DoRA layers
+    become the truncated SVD of their dense delta, ``alpha = rank`` (see the module doc). The
+    output is a kohya LoRA.
 
     Args:
-        lora: kohya or diffusers LoRA file.
+        lora: kohya, LyCORIS or diffusers adapter file.
         rank: new rank (cap for dynamic ``method``) for Linear/1x1 layers; ``conv_rank`` for kxk
             convs (default ``rank``).
         base_model: naming of the output; default from the file's metadata/keys.
         dtype: dtype of the written factors (default: each layer's own).
+        base: the checkpoint the adapter was made for (LDM single file or diffusers UNet file);
+            needed for DoRA layers and where the file cannot tell a layer's shape (LoHa, LoKr with
+            a low-rank ``w2``: the error says so).
 
     Returns:
-        :class:`LoRAJobReport` with each layer's new rank, alpha and the error it added.
+        :class:`LoRAJobReport` with each layer's new rank, alpha and the error it added; bias
+        deltas (``diff_b``), which a LoRA cannot hold, are listed in ``skipped``.
     """
     check_rank_method(method, param)
     check_save_dtype(dtype)
@@ -210,16 +351,24 @@ def resize_lora(
     model = base_model or lora_base_model(lora, components, metadata)
     report = LoRAJobReport(path=Path(out), base_model=model)
     resized: dict[str, dict[str, Tensor]] = {}
-    for done, (component, state) in enumerate(components.items(), 1):
-        new_state, layers = resize_lora_state(
-            state, rank=rank, conv_rank=conv_rank, method=method, param=param,
-            clamp_quantile=clamp_quantile, split=split, dtype=dtype,  # type: ignore[arg-type]
-        )
-        resized[component] = new_state
-        for layer, info in layers.items():
-            report.layers[f"{component}:{layer}"] = LayerReport(info.rank, info.alpha, info.residual_norm, info.norm)
-        if progress is not None:
-            progress(done, len(components), component)
+    layers_of_base = BaseLayers(base) if base is not None else None
+    try:
+        for done, (component, state) in enumerate(components.items(), 1):
+            new_state, layers = resize_lora_state(
+                state, rank=rank, conv_rank=conv_rank, method=method, param=param,
+                clamp_quantile=clamp_quantile, split=split, dtype=dtype,  # type: ignore[arg-type]
+                base=layers_of_base, component=component,
+            )
+            resized[component] = new_state
+            for layer, info in layers.items():
+                report.layers[f"{component}:{layer}"] = LayerReport(info.rank, info.alpha, info.residual_norm, info.norm)
+                if info.bias_dropped > 0:
+                    report.skipped[f"{component}:{layer}.bias"] = _bias_note(info.bias_dropped)
+            if progress is not None:
+                progress(done, len(components), component)
+    finally:
+        if layers_of_base is not None:
+            layers_of_base.close()
     kept = {k: v for k, v in metadata.items() if k not in _REGENERATED}
     note = f"resized by sdadapt to rank {rank}" + (f" ({method} {param})" if method != "fixed" else "")
     kept["ss_training_comment"] = note + (f"; {metadata['ss_training_comment']}" if metadata.get("ss_training_comment") else "")
@@ -229,3 +378,7 @@ def resize_lora(
     check_output(out, overwrite=overwrite, needed_bytes=needed)
     save_kohya(out, resized, base_model=model, metadata=kept, title=kept.get("modelspec.title"))
     return report
+
+
+def _bias_note(norm: float) -> str:
+    return f"bias delta (diff_b, norm {norm:.3g}) not written: a LoRA holds weight deltas only"

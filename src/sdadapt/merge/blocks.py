@@ -22,7 +22,9 @@ EMA copies (``model_ema.*``), unknown UNet keys  ``BASE``, and listed as unmatch
 =====================================  =====================================================
 
 Diffusers keys (``unet.down_blocks.0...``) are mapped to their LDM module path with the shared UNet
-name map (:mod:`sdadapt.formats.unet_names`) and get the same block.
+name map (:mod:`sdadapt.formats.unet_names`) and get the same block. :func:`unet_block` is the one
+layer -> block map: checkpoint block weights (:func:`ldm_block`, :func:`diffusers_block`) and LoRA
+block weights (:func:`sdadapt.loratools.block_weights.block_slot`) both call it.
 
 LoRA block-weight vectors (12/17/20/26 values, kohya/hako-mikan layout) are applied to a LoRA state
 by :func:`lora_block_weights`, built on :mod:`sdadapt.loratools.block_weights`.
@@ -34,14 +36,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
-from ..formats.unet_names import diffusers_to_ldm_unet
-from ..loratools.block_weights import block_slot, expand_block_weights
+from ..formats.unet_names import diffusers_to_ldm_unet, is_ldm_unet_path
 
 __all__ = [
     "BLOCKS_SD",
     "BLOCKS_SDXL",
     "block_names",
     "parse_block_weights",
+    "unet_block",
     "ldm_block",
     "diffusers_block",
     "key_block",
@@ -106,27 +108,34 @@ def parse_block_weights(
     )
 
 
-def ldm_block(key: str, *, architecture: str) -> str | None:
-    """Block of an LDM checkpoint key; ``None`` for a UNet (or EMA) key outside the known blocks.
+def unet_block(path: str, *, architecture: str) -> str | None:
+    """The block of a UNet module (or parameter) path — the one layer -> block map of the package.
 
-    >>> ldm_block("model.diffusion_model.input_blocks.4.1.proj_in.weight", architecture="sd1")
+    Args:
+        path: without the checkpoint prefix; LDM (``input_blocks.4.1.proj_in[.weight]``) or
+            diffusers (``down_blocks.1.attentions.0.proj_in``; a module path, as LoRA layers are).
+        architecture: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+
+    Returns:
+        ``IN{N}`` / ``M00`` / ``OUT{N}`` of the LDM block the path lives in; ``IN00`` for the time
+        and label embeddings (``time_embed``/``label_emb``; diffusers ``time_embedding``/
+        ``add_embedding``), the last OUT block for ``out.*`` (``conv_norm_out``/``conv_out``);
+        ``None`` for anything else (not a UNet path, or a block number the architecture lacks).
+
+    >>> unet_block("down_blocks.1.attentions.0.proj_in", architecture="sd1")
     'IN04'
     """
     names = block_names(architecture)
-    if key.startswith("model_ema."):
-        return None
-    if not key.startswith(_UNET_LDM):
-        return "BASE"
-    return _unet_block(key[len(_UNET_LDM) :], names)
-
-
-def _unet_block(path: str, names: tuple[str, ...]) -> str | None:
+    if not is_ldm_unet_path(path):
+        converted = diffusers_to_ldm_unet(path, up_blocks_with_attention={0, 1} if architecture == "sdxl" else None)
+        if converted is None:
+            return None
+        path = converted
     parts = path.split(".")
-    last_out = names[-1]
     if parts[0] in ("time_embed", "label_emb"):
         return "IN00"
     if parts[0] == "out":
-        return last_out
+        return names[-1]
     if parts[0] == "middle_block":
         return "M00"
     if parts[0] in ("input_blocks", "output_blocks") and len(parts) > 1 and parts[1].isdigit():
@@ -135,14 +144,28 @@ def _unet_block(path: str, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def ldm_block(key: str, *, architecture: str) -> str | None:
+    """Block of an LDM checkpoint key; ``None`` for a UNet (or EMA) key outside the known blocks.
+
+    >>> ldm_block("model.diffusion_model.input_blocks.4.1.proj_in.weight", architecture="sd1")
+    'IN04'
+    """
+    block_names(architecture)  # checks the name
+    if key.startswith("model_ema."):
+        return None
+    if not key.startswith(_UNET_LDM):
+        return "BASE"
+    path = key[len(_UNET_LDM) :]
+    return unet_block(path, architecture=architecture) if is_ldm_unet_path(path) else None
+
+
 def diffusers_block(key: str, *, architecture: str) -> str | None:
     """Block of a flat diffusers key (``unet.down_blocks.1.attentions.0.proj_in.weight`` -> ``IN04``)."""
-    names = block_names(architecture)
+    block_names(architecture)  # checks the name
     if not key.startswith(_UNET_DIFFUSERS):
         return "BASE"
     module, _, _param = key[len(_UNET_DIFFUSERS) :].rpartition(".")
-    ldm = diffusers_to_ldm_unet(module, up_blocks_with_attention={0, 1} if architecture == "sdxl" else None)
-    return None if ldm is None else _unet_block(ldm, names)
+    return None if is_ldm_unet_path(module) else unet_block(module, architecture=architecture)
 
 
 def key_block(key: str, *, architecture: str, naming: str) -> str | None:
@@ -191,6 +214,8 @@ def lora_block_weights(
     Raises:
         ValueError: a vector length other than 12/17/20/26, or one for another model family.
     """
+    from ..loratools.block_weights import block_slot, expand_block_weights  # (it imports this module)
+
     if isinstance(weights, str):
         weights = [float(v) for v in weights.replace(" ", "").split(",") if v]
     values = [float(v) for v in weights]

@@ -51,6 +51,7 @@ __all__ = [
     "merge_file",
     "merge_state_dicts",
     "iter_merged",
+    "write_source",
 ]
 
 
@@ -318,13 +319,11 @@ class MergedSource:
             raise ValueError(f"{self.step.operator}: {len(self.step.weights)} weights for {n - 1} models (one per model after the base)")
 
     def _validated_options(self) -> dict[str, Any]:
-        allowed = set(self.operator.options)
-        bad = sorted(set(self.step.options) - allowed)
-        if bad:
-            raise ValueError(
-                f"{self.step.operator} has no option(s) {bad}; it takes {sorted(allowed) or 'none'}"
-            )
-        return dict(self.step.options)
+        """The step's keyword options checked against the operator's declaration (typed copies)."""
+        from .operators import check_options
+
+        step = self.step
+        return check_options(step.operator, step.options, alpha=step.alpha, weights=step.weights, seed=step.seed)
 
     def _align_naming(self, sources: list[Source]) -> list[Source]:
         first = _naming(sources[0])
@@ -579,6 +578,52 @@ def _output_order(plan: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> li
     return sorted(offsets, key=lambda k: offsets[k][0])
 
 
+def write_source(
+    out: str | os.PathLike,
+    source: Source,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """Write every key of ``source`` to ``out``: safetensors, atomic, streaming (one tensor in memory).
+
+    The one writer of merged sources: :func:`merge_file` writes a :class:`MergedSource` with it,
+    ``merge-lora`` its baked checkpoint (:class:`sdadapt.loratools.bake.BakedCheckpoint`). The plan
+    is ``{key: (source.dtype(key), source.shape(key))}``; ``source.get(key)`` must return exactly
+    that, and is called once per key in output-file order (the writer appends; sources read with
+    positioned reads, so their own order does not matter).
+
+    Args:
+        out: output ``.safetensors`` path.
+        source: anything with the :class:`Source` API (``keys``, ``shape``, ``dtype``, ``get``).
+        metadata: the file's ``__metadata__`` (default: ``source.metadata``).
+        overwrite: replace an existing ``out``.
+        progress: ``progress(done, total, key)`` after each written tensor.
+
+    Returns:
+        ``out`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileExistsError: ``out`` exists and not ``overwrite``.
+        OSError: not enough free disk space for the planned file.
+        WeightFileError: a tensor that does not match the plan (no file is left behind).
+    """
+    plan = {key: (source.dtype(key), tuple(source.shape(key))) for key in source.keys()}
+    current: list[str] = []
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        for key in _output_order(plan):
+            current[:] = [key]
+            yield key, source.get(key)
+
+    report = None if progress is None else (lambda done, total: progress(done, total, current[0]))
+    return write_streaming(
+        out, plan, tensors(), metadata=dict(source.metadata or {}) if metadata is None else metadata,
+        overwrite=overwrite, progress=report,
+    )
+
+
 def merge_file(
     step: MergeStep,
     out: str | os.PathLike,
@@ -644,10 +689,8 @@ def merge_file(
             metadata[RECIPE_KEY] = recipe_to_json(step, hashes=hashes)
         if step.seed is not None:
             merged.report.notes.append(f"seed {step.seed}")
-        plan = merged.plan()
-        order = _output_order(plan)
-        write_streaming(target, plan, ((k, merged.get(k)) for k in order), metadata=metadata,
-                        overwrite=overwrite, progress=progress)
+        write_source(target, merged, metadata=metadata, overwrite=overwrite,
+                     progress=None if progress is None else (lambda done, total, key: progress(done, total)))
         return merged.report
 
 

@@ -32,14 +32,20 @@ model_stock                ``t·mean(θᵢ) + (1 − t)·base``, ``t = k·cos/(1
 
 All task-vector operators are :func:`task_vector_merge` with fixed switches
 (sparsify × consensus × rescale), as in mergekit.
+
+:data:`OPERATORS` declares each operator once — its inputs (``A B``, ``A B C`` or
+``BASE MODEL...``) and its options (:class:`OperatorOption`: name, type, default, help). The engine
+feeds the function from it, :func:`check_options` validates recipes against it (an undeclared
+option is refused, naming it), and the ``python -m sdadapt merge`` sub-commands are generated from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,7 +67,11 @@ __all__ = [
     "key_generator",
     "key_seed",
     "Operator",
+    "OperatorOption",
     "OPERATORS",
+    "REQUIRED",
+    "STEP_FIELDS",
+    "check_options",
     "get_operator",
 ]
 
@@ -452,35 +462,252 @@ def model_stock(
 # registry
 
 
+#: the option names that are :class:`~sdadapt.merge.recipe.MergeStep` fields rather than entries of
+#: ``MergeStep.options``: the engine turns ``alpha`` / ``weights`` into the operator's ``weights``
+#: argument and ``seed`` into per-key generators; every other option is a keyword of ``fn``
+STEP_FIELDS: frozenset[str] = frozenset({"alpha", "weights", "seed"})
+
+_INPUT_NAMES: dict[str, tuple[str, ...]] = {"ab": ("A", "B"), "abc": ("A", "B", "C"), "base+models": ("BASE", "MODEL")}
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+_REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class OperatorOption:
+    """One setting of an operator, declared once for recipes, their validation and the command line.
+
+    Attributes:
+        name: the recipe name (a :data:`STEP_FIELDS` name or a keyword of the operator's ``fn``);
+            the command-line flag is ``--name`` with ``_`` as ``-``.
+        type: ``float``, ``int``, ``str`` or ``bool``; ``per_model`` options are sequences of it.
+        default: the value when not given; :data:`REQUIRED` (no default) makes the flag required.
+        help: one line for ``--help``.
+        choices: the allowed values (``str`` options).
+        per_model: one value per MODEL (``weights``), given as comma-separated numbers.
+    """
+
+    name: str
+    type: type
+    default: Any = None
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    per_model: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, operator: str, value: Any) -> Any:
+        """``value`` converted to the declared type; ``ValueError`` naming the option otherwise."""
+        if value is None and not self.required and self.default is None:
+            return None
+        if self.per_model:
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"{operator}: option {self.name!r} is a list of numbers (one per model), got {value!r}")
+            return tuple(_checked_scalar(operator, self.name, float, v) for v in value)
+        checked = _checked_scalar(operator, self.name, self.type, value)
+        if self.choices is not None and checked not in self.choices:
+            raise ValueError(f"{operator}: option {self.name!r} must be one of {', '.join(map(str, self.choices))}, "
+                             f"got {value!r}")
+        return checked
+
+
+#: :attr:`OperatorOption.default` of an option that must be given
+REQUIRED: Any = _REQUIRED
+
+
+def _checked_scalar(operator: str, name: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, kind):
+        return value
+    raise ValueError(f"{operator}: option {name!r} must be {'a number' if kind in (int, float) else kind.__name__}"
+                     f"{' (an integer)' if kind is int else ''}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Operator:
-    """A registered operator and how the engine feeds it.
+    """A registered operator: its function, its inputs and its options — the one declaration the
+    engine, recipe validation and the ``python -m sdadapt merge`` sub-commands are made from.
 
     Attributes:
         fn: the pure function.
         inputs: how to read the input list: ``"ab"`` (A, B), ``"abc"`` (A, B, base=C) or
-            ``"base+models"`` (base first, then ≥ ``min_models`` models).
-        random: takes a ``generator`` (seeded per key).
-        options: keyword options the function accepts beyond ``weights`` (for recipes/CLI).
+            ``"base+models"`` (BASE first, then ≥ ``min_models`` MODELs).
+        options: every setting it takes (:class:`OperatorOption`): ``alpha`` / ``weights`` / ``seed``
+            (:data:`STEP_FIELDS`) and the keyword options of ``fn``. Anything else is refused.
         min_models: fewest fine-tuned models for ``"base+models"``.
+        summary: one line for the command list.
+        description: the formula and what the options do (the command's ``--help``).
     """
 
     fn: Callable[..., Tensor]
     inputs: str
-    random: bool = False
-    options: tuple[str, ...] = ()
+    options: tuple[OperatorOption, ...] = ()
     min_models: int = 1
+    summary: str = ""
+    description: str = ""
 
+    def __post_init__(self) -> None:
+        if self.inputs not in _INPUT_NAMES:
+            raise ValueError(f"Operator.inputs must be one of {', '.join(_INPUT_NAMES)}, got {self.inputs!r}")
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Operator options repeat a name: {names}")
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """``("A", "B")``, ``("A", "B", "C")`` or ``("BASE", "MODEL")`` (MODEL repeats)."""
+        return _INPUT_NAMES[self.inputs]
+
+    @property
+    def variadic(self) -> bool:
+        """Whether the last input repeats (``BASE MODEL [MODEL ...]``)."""
+        return self.inputs == "base+models"
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    @property
+    def keyword_options(self) -> tuple[OperatorOption, ...]:
+        """The options that go to ``fn`` as keywords (``MergeStep.options``)."""
+        return tuple(o for o in self.options if o.name not in STEP_FIELDS)
+
+    @property
+    def random(self) -> bool:
+        """Takes a ``generator`` (seeded per key from the step's ``seed``)."""
+        return "seed" in self.option_names
+
+    def option(self, name: str) -> OperatorOption:
+        for o in self.options:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+
+def check_options(
+    name: str,
+    options: Mapping[str, Any],
+    *,
+    alpha: float | None = None,
+    weights: Sequence[float] | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Check a step's settings against operator ``name``'s declaration.
+
+    ``options`` are the keyword options (``MergeStep.options``); ``alpha`` / ``weights`` / ``seed``
+    the step's fields (``None`` = not given). Every given name must be declared by the operator
+    and every value of the declared type and choices.
+
+    Returns:
+        The keyword options, values converted to the declared types (``1`` -> ``1.0``).
+
+    Raises:
+        ValueError: an unknown operator, an option it does not declare (the message names it
+            and lists the declared ones) or a bad value.
+    """
+    op = get_operator(name)
+    declared = {o.name: o for o in op.options}
+    given = dict(options)
+    misplaced = sorted(set(given) & STEP_FIELDS)
+    if misplaced:
+        raise ValueError(f"{name}: {', '.join(misplaced)} is a step field (MergeStep.{misplaced[0]}), not an entry "
+                         "of options")
+    fields = {"alpha": alpha, "weights": weights, "seed": seed}
+    unknown = sorted(k for k in given if k not in declared)
+    unknown += [k for k, v in fields.items() if v is not None and k not in declared]
+    if unknown:
+        takes = ", ".join(op.option_names) or "no options"
+        raise ValueError(f"{name} has no option {', '.join(repr(k) for k in unknown)}; it takes {takes}")
+    for key, value in fields.items():
+        if value is not None:
+            declared[key].check(name, value)
+    return {key: declared[key].check(name, value) for key, value in given.items()}
+
+
+def _alpha_option(help_text: str, default: Any = _REQUIRED) -> OperatorOption:
+    return OperatorOption("alpha", float, default, help_text)
+
+
+_LAM = OperatorOption("lam", float, 1.0, "scale of the merged task vector")
+_WEIGHTS = OperatorOption("weights", float, None, "one weight per MODEL, comma-separated (default 1 each)",
+                          per_model=True)
 
 OPERATORS: dict[str, Operator] = {
-    "weighted-sum": Operator(weighted_sum, "ab"),
-    "slerp": Operator(slerp, "ab"),
-    "add-difference": Operator(add_difference, "abc"),
-    "train-difference": Operator(train_difference, "abc"),
-    "task-arithmetic": Operator(task_arithmetic, "base+models", options=("lam",)),
-    "ties": Operator(ties, "base+models", options=("density", "lam", "normalize")),
-    "dare": Operator(dare, "base+models", random=True, options=("drop", "consensus", "rescale", "lam")),
-    "model-stock": Operator(model_stock, "base+models", min_models=2),
+    "weighted-sum": Operator(
+        weighted_sum, "ab", (_alpha_option("weight of B: 0 gives A, 1 gives B"),),
+        summary="(1-alpha)*A + alpha*B",
+        description="A1111 weighted sum: (1 - alpha)*A + alpha*B; alpha is B's weight (0 gives A back, 1 gives B).",
+    ),
+    "slerp": Operator(
+        slerp, "ab", (_alpha_option("interpolation point: 0 = A, 1 = B"),),
+        summary="spherical interpolation of A and B",
+        description="Spherical interpolation per tensor (lerp when nearly parallel); alpha 0 = A, 1 = B.",
+    ),
+    "add-difference": Operator(
+        add_difference, "abc", (_alpha_option("strength of B - C", 1.0),),
+        summary="A + alpha*(B - C)",
+        description="A1111 add difference: A + alpha*(B - C). Inpainting recipe: A = sd15-inpainting, B = your "
+        "model, C = sd15, alpha 1.",
+    ),
+    "train-difference": Operator(
+        train_difference, "abc", (_alpha_option("strength of B - C", 1.0),),
+        summary="A + 1.8*alpha*w*(B - C)",
+        description="supermerger train difference: the B - C difference scaled per element by "
+        "|B - A| / (|B - C| + |B - A|).",
+    ),
+    "task-arithmetic": Operator(
+        task_arithmetic, "base+models", (_LAM, _WEIGHTS),
+        summary="BASE + lam*sum(w_i*(M_i - BASE))",
+        description="Task arithmetic: add the weighted task vectors (MODEL - BASE) to BASE.",
+    ),
+    "ties": Operator(
+        ties, "base+models",
+        (OperatorOption("density", float, 0.2, "kept fraction of each task vector, by magnitude"), _LAM, _WEIGHTS,
+         OperatorOption("normalize", bool, True, "average the agreeing entries (TIES' disjoint mean); "
+                        "--no-normalize sums them")),
+        summary="TIES: trim, elect sign, disjoint mean",
+        description="TIES-merging: trim every task vector (MODEL - BASE) to its top --density by magnitude (paper "
+        "default 0.2), elect the sign of their sum, average the agreeing entries, add lam times that to BASE.",
+    ),
+    "dare": Operator(
+        dare, "base+models",
+        (OperatorOption("drop", float, 0.9, "drop probability p of each task-vector entry"),
+         OperatorOption("seed", int, 0, "merge seed; recorded in the file"),
+         OperatorOption("consensus", str, "sum", "sum: TIES sign election (DARE-TIES); count: sign of the vote "
+                        "count; none: plain sum (DARE-linear)", choices=("sum", "count", "none")),
+         OperatorOption("rescale", bool, True, "rescale the kept entries by 1/(1-p); --no-rescale keeps them as "
+                        "they are"),
+         _LAM, _WEIGHTS),
+        summary="DARE: random drop and rescale",
+        description="DARE: drop each task-vector entry with probability --drop (paper 0.9), rescale survivors by "
+        "1/(1-drop), then TIES sign consensus (or a plain sum). Randomness is seeded per key from --seed, so the "
+        "result does not depend on order or threads.",
+    ),
+    "model-stock": Operator(
+        model_stock, "base+models", min_models=2,
+        summary="Model Stock: interpolate the mean toward BASE",
+        description="Model Stock: t*mean(models) + (1-t)*BASE with t = k*cos/(1+(k-1)*cos) from the angle between "
+        "the task vectors, per tensor. Takes no options.",
+    ),
 }
 
 

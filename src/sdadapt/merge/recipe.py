@@ -26,6 +26,7 @@ from typing import Any, Union
 import torch
 
 from ..formats.files import WeightFileError, read_safetensors_header
+from .operators import check_options
 
 __all__ = [
     "KeyPolicy",
@@ -97,12 +98,15 @@ class MergeStep:
     """One merge: ``operator`` over ``inputs`` (paths or nested steps), and all its settings.
 
     Attributes:
-        operator: a name in :data:`sdadapt.merge.operators.OPERATORS`.
+        operator: a name in :data:`sdadapt.merge.operators.OPERATORS`; ``alpha``, ``weights`` and
+            ``seed`` may only be set when that operator declares them.
         inputs: ``(A, B)``, ``(A, B, C)`` or ``(BASE, M1, M2, ...)`` as the operator takes them; the
             first input decides the output's keys, naming and (with ``dtype=None``) dtypes.
         alpha: strength of the two-model operators (A1111's multiplier: the weight of B).
         weights: per-model weights of the task-vector operators (default 1 each).
-        options: operator options (``density``, ``drop``, ``lam``, ``consensus``, ``normalize``, ``rescale``).
+        options: the operator's keyword options (``density``, ``drop``, ``lam``, ``consensus``,
+            ``normalize``, ``rescale``): only those its :class:`~sdadapt.merge.operators.Operator`
+            declares, of the declared types — anything else is refused when the step is made.
         block_weights: per-block strengths (26 SD1/SD2 or 20 SDXL values, BASE first, see
             :mod:`sdadapt.merge.blocks`); they replace ``alpha`` per key (task vectors: scale ``lam``).
         base_alpha: BASE weight for a 25/19-value ``block_weights``.
@@ -139,6 +143,8 @@ class MergeStep:
         for item in self.inputs:
             if not isinstance(item, (str, MergeStep)):
                 raise TypeError(f"MergeStep inputs are paths or MergeSteps, got {type(item).__name__}")
+        # the operator's declaration decides which settings exist (the same check the engine and the CLI use)
+        check_options(self.operator, self.options, alpha=self.alpha, weights=self.weights, seed=self.seed)
 
 
 def step_to_dict(step: MergeStep, hashes: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable, Mapping
 from math import prod
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..formats.files import WeightFileError, atomic_write
+from ..formats.files import WeightFileError, atomic_write, check_output_file
 
 __all__ = ["write_streaming", "safetensors_layout", "planned_size", "check_disk_space", "DTYPE_NAMES"]
 
@@ -88,16 +87,9 @@ def planned_size(plan: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metada
 
 
 def check_disk_space(path: str | os.PathLike, size: int) -> None:
-    """Raise ``OSError`` (ENOSPC wording) when ``path``'s folder has less than ``size`` + 16 MiB free."""
-    folder = Path(path).parent if str(Path(path).parent) else Path(".")
-    if not folder.is_dir():
-        raise WeightFileError(f"{path}: folder {folder} does not exist; create it first")
-    free = shutil.disk_usage(folder).free
-    if free < size + _DISK_MARGIN:
-        raise OSError(
-            f"{path}: not enough disk space: the output needs {size / 2**30:.2f} GiB, {folder} has "
-            f"{free / 2**30:.2f} GiB free; free some space or write elsewhere"
-        )
+    """Raise :class:`~sdadapt.formats.files.DiskSpaceError` (an ``OSError``) when ``path``'s folder has
+    less than ``size`` + 16 MiB free (:func:`~sdadapt.formats.files.check_output_file`, the one check)."""
+    check_output_file(path, overwrite=True, needed_bytes=size, margin_bytes=_DISK_MARGIN, suffix=None)
 
 
 def write_streaming(

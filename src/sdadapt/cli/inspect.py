@@ -1,0 +1,47 @@
+"""``python -m sdadapt inspect FILE``: say what a weights file is (read-only: no output options)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["register"]
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ..formats import describe_file
+
+    summary = describe_file(args.file)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    print(f"file:       {summary['file']}")
+    print(f"kind:       {summary['kind']}")
+    print(f"tensors:    {summary['tensors']}")
+    print(f"size:       {summary['size_bytes'] / 2**20:.2f} MiB ({summary['size_bytes']} bytes)")
+    print(f"dtypes:     {', '.join(f'{k} x{v}' for k, v in summary['dtypes'].items())}")
+    for field in ("modules", "components", "family", "algorithms", "ranks", "alphas"):
+        if field in summary:
+            value = summary[field]
+            text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+            print(f"{field + ':':<11} {text}")
+    metadata = summary["metadata"]
+    print(f"metadata:   {len(metadata)} entries")
+    for key in sorted(metadata):
+        value = metadata[key]
+        if len(value) > 100:
+            value = value[:97] + "..."
+        print(f"  {key}: {value}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``inspect`` to a CLI."""
+    inspect = sub.add_parser(
+        "inspect",
+        help="say what a weights file is (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint)",
+        description="Detect what a weights file is and print its module count, ranks, alphas, dtypes, size and metadata.",
+    )
+    inspect.add_argument("file", help=".safetensors (or legacy .pt/.ckpt/.bin, read with weights_only=True)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(run=_cmd_inspect)

@@ -1,0 +1,270 @@
+"""The options every command shares, added the same way everywhere, and the one progress bar.
+
+* :func:`add_output_options` — ``-o/--out``, ``--overwrite``, ``-q/--quiet`` and
+  ``--dtype {keep,fp32,fp16,bf16}`` (the output dtype; ``keep`` = the command's natural dtype) in
+  an "output" group; every command that writes a file calls it.
+* :func:`numbers` — the argparse type of every comma-separated list of numbers (``--weights``,
+  ``--scale``, ``--block-weights``, ...); :class:`ExtendNumbers` lets an ``nargs="+"`` option take
+  ``1 0.5`` as well as ``1,0.5``.
+* :class:`ProgressBar` — ``bar(done, total, info=None)`` on stderr: tqdm when installed, else a
+  one-line bar with the count, the rate and the ETA. ``info`` is a float (shown as the loss) or a
+  string (the item just finished). Library code only calls such a callback; it never prints.
+
+Nothing heavy is imported here (``python -m sdadapt --help`` stays fast); torch only inside
+:func:`torch_dtype`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+__all__ = [
+    "DTYPE_CHOICES",
+    "OUTPUT_OPTIONS",
+    "add_output_options",
+    "numbers",
+    "ExtendNumbers",
+    "torch_dtype",
+    "dtype_name",
+    "ProgressBar",
+    "progress_bar",
+    "close_progress",
+]
+
+#: the ``--dtype`` choices, in the order ``--help`` shows them
+DTYPE_CHOICES: tuple[str, ...] = ("keep", "fp32", "fp16", "bf16")
+#: the option strings :func:`add_output_options` adds
+OUTPUT_OPTIONS: tuple[str, ...] = ("-o", "--out", "--overwrite", "-q", "--quiet", "--dtype")
+_TORCH_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def add_output_options(
+    parser: argparse.ArgumentParser,
+    *,
+    out_help: str = "output .safetensors file (written atomically)",
+    required: bool = True,
+    default: str | None = None,
+    dtype_help: str = "each tensor's own dtype",
+    dest_prefix: str = "",
+) -> argparse._ArgumentGroup:
+    """Add ``-o/--out``, ``--overwrite``, ``-q/--quiet`` and ``--dtype`` to ``parser`` (an "output" group).
+
+    Args:
+        out_help: what OUT is.
+        required: whether ``-o`` must be given (``default`` is used otherwise).
+        dtype_help: what ``--dtype keep`` (the default) means for this command.
+        dest_prefix: prefix of the attribute names (for a parser whose sub-commands add the same
+            options, so the two levels do not overwrite each other).
+
+    Returns:
+        The group, for command-specific output options.
+    """
+    group = parser.add_argument_group("output")
+    group.add_argument("-o", "--out", dest=f"{dest_prefix}out", metavar="OUT", required=required, default=default,
+                       help=out_help)
+    group.add_argument("--overwrite", dest=f"{dest_prefix}overwrite", action="store_true",
+                       help="replace OUT if it exists (default: refuse)")
+    group.add_argument("-q", "--quiet", dest=f"{dest_prefix}quiet", action="store_true",
+                       help="no progress bar or progress messages on stderr (results still print)")
+    group.add_argument("--dtype", dest=f"{dest_prefix}dtype", choices=DTYPE_CHOICES, default="keep",
+                       help=f"dtype of the written float tensors (default keep: {dtype_help})")
+    return group
+
+
+def numbers(text: str) -> tuple[float, ...]:
+    """argparse type for comma-separated numbers: ``"0,1, 0.5"`` -> ``(0.0, 1.0, 0.5)``.
+
+    Refuses an empty list, empty items (``"1,,2"``, ``"1,"``), words and non-finite values with
+    an ``ArgumentTypeError`` that names the bad item (argparse prints it after the option name).
+    """
+    example = "e.g. 0.5,1,1 (write --option=-1,2 when the first value is negative)"
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, {example}; got an empty string")
+    values = []
+    for position, item in enumerate(text.split(","), start=1):
+        item = item.strip()
+        if not item:
+            raise argparse.ArgumentTypeError(f"empty item {position} in {text!r}; expected comma-separated numbers, {example}")
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number (in {text!r}); expected comma-separated "
+                                             f"numbers, {example}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{item!r} is not a finite number (in {text!r})")
+        values.append(value)
+    return tuple(values)
+
+
+class ExtendNumbers(argparse.Action):
+    """``nargs="+"`` with ``type=numbers``: ``--scale 1 0.5``, ``--scale 1,0.5`` -> ``(1.0, 0.5)``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, tuple(v for group in values for v in group))
+
+
+def torch_dtype(name: str | None):
+    """``--dtype`` -> ``torch.dtype``; ``"keep"``/``None`` -> ``None`` (the command's natural dtype)."""
+    if name in (None, "keep"):
+        return None
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[name])
+
+
+def dtype_name(name: str | None) -> str | None:
+    """``--dtype`` -> the recipe's dtype name (``"fp16"`` ...); ``"keep"``/``None`` -> ``None``."""
+    return None if name in (None, "keep") else name
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+_OPEN: list[ProgressBar] = []  # bars that have drawn but not finished (closed by close_progress)
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ProgressBar:
+    """``bar(done, total, info=None)`` on stderr, created lazily at the first call.
+
+    tqdm draws it when installed (``use_tqdm=None``); else one line, redrawn at most every
+    ``min_interval`` seconds (and always at the first and the last unit)::
+
+        merge weighted-sum [#########.....................]  30/100  12.5 tensor/s  ETA 0:06
+
+    ``info``: a float is shown as ``loss 0.1234``, a string (the item just done) after the ETA.
+
+    Args:
+        label: what runs (the bar's title).
+        unit: what is counted (``"step"``, ``"tensor"``, ``"layer"``).
+        stream: where to draw (default ``sys.stderr``, looked up at each call).
+        use_tqdm: ``None`` = tqdm when importable, ``False`` = always the built-in bar.
+        clock: seconds (``time.perf_counter``); tests pass a fake one.
+    """
+
+    width = 30
+
+    def __init__(self, label: str, *, unit: str = "it", stream: TextIO | None = None, use_tqdm: bool | None = None,
+                 min_interval: float = 0.1, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.label = label
+        self.unit = unit
+        self._stream = stream
+        self._use_tqdm = use_tqdm
+        self.min_interval = min_interval
+        self._clock = clock
+        self._start: float | None = None
+        self._last_draw = -math.inf
+        self._tqdm: Any = None
+        self._line_open = False
+        self._last_len = 0
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr
+
+    def __call__(self, done: int, total: int, info: float | str | None = None) -> None:
+        if self._start is None:
+            self._begin(total)
+        if self._tqdm is not None:
+            self._tqdm_update(done, total, info)
+            return
+        now = self._clock()
+        if done < total and done > 1 and now - self._last_draw < self.min_interval:
+            return
+        self._last_draw = now
+        self._draw(done, total, info, now)
+
+    def _begin(self, total: int) -> None:
+        self._start = self._clock()
+        if self._use_tqdm is not False:
+            try:
+                from tqdm import tqdm  # optional
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._tqdm = tqdm(desc=self.label, total=total, unit=self.unit, file=self.stream, dynamic_ncols=True)
+        _OPEN.append(self)
+
+    def _tqdm_update(self, done: int, total: int, info: float | str | None) -> None:
+        bar = self._tqdm
+        if bar.total != total:
+            bar.total = total
+        if isinstance(info, (int, float)) and not isinstance(info, bool):
+            bar.set_postfix(loss=f"{info:.4f}", refresh=False)
+        elif isinstance(info, str):
+            bar.set_postfix_str(_shorten(info), refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            self.close()
+
+    def _draw(self, done: int, total: int, info: float | str | None, now: float) -> None:
+        elapsed = max(now - (self._start or now), 0.0)
+        filled = int(self.width * min(done, total) / total) if total > 0 else self.width
+        count = f"{done:>{len(str(total))}}/{total}"
+        if elapsed > 0 and done > 0:
+            rate = done / elapsed
+            rate_text = f"{rate:.3g} {self.unit}/s"
+            eta_text = f"ETA {_clock_text(max(total - done, 0) / rate)}"
+        else:
+            rate_text, eta_text = f"? {self.unit}/s", "ETA ?"
+        parts = [f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}]", count, rate_text, eta_text]
+        if isinstance(info, (int, float)) and not isinstance(info, bool):
+            parts.append(f"loss {info:.4f}")
+        elif isinstance(info, str) and info:
+            parts.append(_shorten(info))
+        line = "  ".join(parts)
+        stream = self.stream
+        finished = done >= total
+        if finished:
+            line += f"  in {_clock_text(elapsed)}"
+        stream.write("\r" + line.ljust(self._last_len))  # blanks what a longer previous line left
+        self._last_len = len(line)
+        if finished:
+            stream.write("\n")
+            self._line_open = False
+            self._forget()
+        else:
+            self._line_open = True
+        stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line (a job that stopped early leaves no half-drawn line behind)."""
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+            self._use_tqdm = False  # a later call draws the built-in bar rather than reopening tqdm
+        elif self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
+        self._forget()
+
+    def _forget(self) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
+
+
+def _shorten(text: str, limit: int = 48) -> str:
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+def progress_bar(args: argparse.Namespace, label: str, *, unit: str = "it") -> ProgressBar | None:
+    """The bar for a command run with ``args`` (``None`` with ``-q``)."""
+    return None if getattr(args, "quiet", False) else ProgressBar(label, unit=unit)
+
+
+def close_progress() -> None:
+    """Close every bar still drawing (called before an error message, so it starts a line)."""
+    for bar in list(_OPEN):
+        bar.close()
+
