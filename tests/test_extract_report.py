@@ -173,3 +173,23 @@ def test_factored_residual_includes_clamp_and_cast():
         assert residual == pytest.approx(naive, rel=1e-4), (clamp, dtype)
     assert lowrank_error((up, down), up, down) == pytest.approx(0.0, abs=1e-9)
     assert lowrank_error(dense, up, down, scale=0.5) == pytest.approx(0.5 * float(torch.linalg.norm(dense)), rel=1e-6)
+
+
+def test_resize_reports_the_error_of_the_factors_it_writes_in_fp16():
+    """resize-lora of an fp16 LoRA: the reported error includes the cast to fp16 (the file's error)."""
+    from sdadapt.loratools.resize import resize_lora_state
+    from sdadapt.adapters.lora import lora_delta_weight
+
+    g = torch.Generator().manual_seed(0)
+    up = (torch.randn(16, 8, generator=g)).half()
+    down = (torch.randn(8, 12, generator=g)).half()
+    state = {"a.lora_up.weight": up, "a.lora_down.weight": down, "a.alpha": torch.tensor(8.0)}
+    out, report = resize_lora_state(state, rank=8)  # full rank: the only error is the fp16 cast
+    assert out["a.lora_up.weight"].dtype == torch.float16
+    want = lora_delta_weight(up.double(), down.double(), 1.0)
+    r = out["a.lora_down.weight"].shape[0]
+    got = lora_delta_weight(out["a.lora_up.weight"].double(), out["a.lora_down.weight"].double(),
+                            float(out["a.alpha"]) / r)
+    file_error = float((want - got).norm())
+    assert file_error > 1e-6, "the cast must cost something, or this test proves nothing"
+    assert abs(report["a"].residual_norm - file_error) <= 1e-6 * max(1.0, file_error) + 1e-9

@@ -13,9 +13,9 @@ from sdadapt.merge.blocks import (
     block_alpha_fn,
     diffusers_block,
     ldm_block,
-    lora_block_weights,
     parse_block_weights,
 )
+from sdadapt.loratools.block_weights import lora_block_weights
 from sdadapt.loratools.combine import layer_delta
 
 pytest.importorskip("diffusers")
@@ -142,3 +142,35 @@ def test_lora_block_weights_sdxl_ldm_names_and_short_vectors():
         lora_block_weights(state, [1.0] * 17, base_model="sdxl")
     with pytest.raises(ValueError, match="12 or 20"):
         lora_block_weights(state, [1.0] * 7)
+
+
+def test_lora_block_weights_scale_every_linear_family_and_refuse_dora():
+    """Block weights on a file state scale each family's delta exactly (its declared linear tensors);
+    DoRA, whose merged weight is linear in none, is refused with a pointer to merge-lora."""
+    from sdadapt.adapters.base import LayerGeometry
+    from sdadapt.adapters.registry import FAMILIES, build_adapter, file_layer_delta
+
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # IN01 on SD1
+    geometry = LayerGeometry(8, 6)
+    vector = [1.0] * 26
+    vector[2] = 0.3  # IN01
+    base = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    for name, family in FAMILIES.items():
+        for config in family.examples:
+            module = build_adapter(config, geometry)
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            if module.uses_base_weight:
+                module.init_from_base(base)
+            tensors = {k: v.detach() for k, v in module.file_tensors().items()}
+            state = {"unet": {f"{layer}.{k}": v for k, v in tensors.items()}}
+            if not family.module_type.linear_keys:
+                with pytest.raises(ValueError, match="not linear"):
+                    lora_block_weights(state, vector)
+                continue
+            scaled = lora_block_weights(state, vector)["unet"]
+            got, _ = file_layer_delta({k[len(layer) + 1:]: v for k, v in scaled.items()}, geometry, base_weight=base,
+                                      dtype=torch.float64)
+            want, _ = file_layer_delta(tensors, geometry, base_weight=base, scale=0.3, dtype=torch.float64)
+            torch.testing.assert_close(got, want, msg=f"{name} {config}")

@@ -181,12 +181,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     merge = sub.add_parser(
         "merge-lora",
-        help="bake one or more LoRAs into a checkpoint",
-        description="Write BASE with LoRAs merged in: W + scale * (alpha/rank) * up @ down per layer, in float32, "
-        "cast once. Streams BASE tensor by tensor; keys and untouched tensors are kept.",
+        help="bake one or more adapter files (LoRA, LoCon, LoHa, LoKr, Tucker, full, DoRA) into a checkpoint",
+        description="Write BASE with adapter files merged in: W + scale * block_weight * delta per layer, where delta "
+        "is each file's own family's (LoRA/LoCon (alpha/rank)*up@down, LoHa, LoKr, Tucker, full diff; DoRA moves W "
+        "towards its W' by the scale), in float32, cast once. Streams BASE tensor by tensor; keys and untouched "
+        "tensors are kept.",
     )
     merge.add_argument("base", help="checkpoint (LDM single file or diffusers UNet file)")
-    merge.add_argument("loras", nargs="+", metavar="LORA", help="LoRA files (kohya or diffusers)")
+    merge.add_argument("loras", nargs="+", metavar="LORA", help="adapter files (kohya, LyCORIS or diffusers)")
     _scale(merge, "default 1")
     merge.add_argument("--block-weights", type=numbers, action="append", default=None, metavar="W,W,...",
                        help="LoRA block weights (12/20 values SDXL, 17/26 SD1/SD2, kohya LBW order); "

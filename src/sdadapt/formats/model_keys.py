@@ -35,6 +35,7 @@ from .vae_keys import plan_vae
 
 __all__ = [
     "DIFFUSERS_COMPONENTS",
+    "LDM_PARTS",
     "ARCHITECTURES",
     "KeySource",
     "KeyReport",
@@ -52,8 +53,9 @@ __all__ = [
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
 
-#: LDM prefix -> (diffusers component, key family); SD1/SD2 and SDXL text encoders differ in prefix
-_LDM_PARTS = {
+#: LDM prefix -> (diffusers component, key family); SD1/SD2 and SDXL text encoders differ in prefix.
+#: The one table of where each part lives in an LDM file (the LoRA tools and the merge engine read it)
+LDM_PARTS = {
     "model.diffusion_model.": ("unet", "unet"),
     "first_stage_model.": ("vae", "vae"),
     "cond_stage_model.transformer.": ("text_encoder", "clip"),
@@ -217,10 +219,10 @@ def key_plan(
 
 
 def _plan_to_diffusers(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder) -> None:
-    groups: dict[str, dict] = {prefix: {} for prefix in _LDM_PARTS}
+    groups: dict[str, dict] = {prefix: {} for prefix in LDM_PARTS}
     ema, schedule = [], []
     for key, shape in shapes.items():
-        prefix = next((p for p in _LDM_PARTS if key.startswith(p)), None)
+        prefix = next((p for p in LDM_PARTS if key.startswith(p)), None)
         if prefix is not None:
             groups[prefix][key] = shape
         elif key.startswith("model_ema."):
@@ -237,7 +239,7 @@ def _plan_to_diffusers(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder)
     builder.drop(schedule, "noise-schedule buffers of the LDM wrapper; diffusers keeps them in the scheduler config")
     for prefix, part in groups.items():
         if part:
-            component, family = _LDM_PARTS[prefix]
+            component, family = LDM_PARTS[prefix]
             _plan_family(family, part, builder, to="diffusers", source_prefix=prefix, target_prefix=component + ".")
 
 
@@ -260,7 +262,7 @@ def _plan_to_ldm(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder, archi
             builder.unmatched.extend(part)
             builder.notes.append(f"{component} exists only in SDXL checkpoints, not in {architecture}")
             continue
-        family = _LDM_PARTS[prefix][1]
+        family = LDM_PARTS[prefix][1]
         _plan_family(family, part, builder, to="ldm", source_prefix=component + ".", target_prefix=prefix)
 
 

@@ -14,8 +14,13 @@ Every family's delta comes from :mod:`sdadapt.adapters` (the registry): these to
 family math of their own.
 """
 
-from .bake import merge_loras_into_checkpoint
-from .block_weights import BLOCK_IDS, block_slot, expand_block_weights
+from .bake import BakedCheckpoint, merge_loras_into_checkpoint
+from .block_weights import (
+    BLOCK_IDS,
+    block_slot,
+    expand_block_weights,
+    lora_block_weights,
+)
 from .checkpoint_layers import (
     LayerSlot,
     checkpoint_layers,
@@ -60,10 +65,12 @@ __all__ = [
     "BLOCK_IDS",
     "block_slot",
     "expand_block_weights",
+    "lora_block_weights",
     "extract_lora",
     "resize_lora",
     "combine_loras",
     "merge_loras_into_checkpoint",
+    "BakedCheckpoint",
     "LayerReport",
     "LoRAJobReport",
     "BakeReport",

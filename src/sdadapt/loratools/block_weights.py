@@ -24,11 +24,16 @@ Slots a shorter vector does not name keep weight 1 (kohya's rule). A layer's blo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+from torch import Tensor
+
+from ..adapters.registry import scale_file_tensors
+from ..formats.layers import group_by_layer
 
 from ..merge.blocks import BLOCKS_SD, BLOCKS_SDXL, unet_block
 
-__all__ = ["BLOCK_IDS", "LBW_SLOTS", "expand_block_weights", "block_slot", "lora_block_weight_fn"]
+__all__ = ["BLOCK_IDS", "LBW_SLOTS", "expand_block_weights", "block_slot", "lora_block_weight_fn", "lora_block_weights"]
 
 #: the 26 slot names (the SD1/SD2 block list of checkpoint merges)
 BLOCK_IDS: tuple[str, ...] = BLOCKS_SD
@@ -88,3 +93,44 @@ def lora_block_weight_fn(vector: Sequence[float], base_model: str) -> Callable[[
     """``(component, layer) -> block weight`` for one LBW vector on a ``base_model`` checkpoint."""
     weights = expand_block_weights(vector, base_model=base_model)
     return lambda component, layer: weights[block_slot(component, layer, base_model=base_model)]
+
+
+def lora_block_weights(
+    component_state: Mapping[str, Mapping[str, Tensor]], weights: Sequence[float] | str, *, base_model: str | None = None
+) -> dict[str, dict[str, Tensor]]:
+    """Scale each adapter layer's delta by its block's weight (LoRA Block Weight, 12/17/20/26 values).
+
+    Args:
+        component_state: a canonical adapter state ``{component: {"<layer>.<tensor>": ...}}`` of any
+            family whose delta is linear in one of its tensors (as :func:`sdadapt.formats.load_lora`
+            returns); not modified.
+        weights: 17/26 values (SD1/SD2) or 12/20 values (SDXL), see the module docs for the slots;
+            slots a short vector does not name keep 1. Text encoders take BASE.
+        base_model: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; default: from the vector length.
+
+    Returns:
+        A new state in which each layer's family-declared linear tensors
+        (:attr:`~sdadapt.adapters.base.AdapterModule.linear_keys`: ``lora_up.weight``, ``hada_w1_a``,
+        ``lokr_w1``, ``diff``/``diff_b`` ...) are multiplied by the layer's weight, so its delta
+        scales exactly by it; other tensors are shared, not copied.
+
+    Raises:
+        ValueError: a vector length other than 12/17/20/26, one for another model family, or a
+            layer whose merged weight is not linear in any tensor (DoRA): bake such files with
+            ``merge-lora --block-weights``, which scales their effective change instead.
+    """
+    if isinstance(weights, str):
+        weights = [float(v) for v in weights.replace(" ", "").split(",") if v]
+    values = [float(v) for v in weights]
+    if base_model is None:
+        base_model = "sdxl" if len(values) in (12, 20) else "sd1"
+    slots = expand_block_weights(values, base_model=base_model)
+    out: dict[str, dict[str, Tensor]] = {}
+    for component, state in component_state.items():
+        new: dict[str, Tensor] = {}
+        for layer, tensors in group_by_layer(state).items():
+            w = slots[block_slot(component, layer, base_model=base_model)]
+            scaled = scale_file_tensors(tensors, w, name=f"{component}:{layer}")
+            new.update({f"{layer}.{suffix}": tensor for suffix, tensor in scaled.items()})
+        out[component] = new
+    return out

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..formats.clip_keys import open_clip_to_diffusers
-from ..formats.model_keys import checkpoint_architecture
+from ..formats.model_keys import LDM_PARTS, checkpoint_architecture
 from ..formats.unet_names import is_ldm_unet_path, ldm_to_diffusers_unet
 from ..targets import TEXT_ENCODER, UNET_KOHYA, UNET_LOCON
 
@@ -61,23 +61,20 @@ class LayerSlot:
         return None if self.rows is None else slice(*self.rows)
 
 
-_LDM_UNET = ("model.diffusion_model.",)
+_LDM_UNET = tuple(p for p, (component, _) in LDM_PARTS.items() if component == "unet")
 _DIFFUSERS_UNET_HEADS = {
     "down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
     "add_embedding", "encoder_hid_proj", "class_embedding",
 }
-#: prefix -> component for HF CLIP text encoders (path after the prefix starts at text_model./encoder.)
+#: prefix -> component for HF CLIP text encoders (path after the prefix starts at text_model./encoder.):
+#: the LDM prefixes of the key map's "clip" parts, then the diffusers component prefixes
 _HF_CLIP = (
-    ("cond_stage_model.transformer.", "text_encoder"),
-    ("conditioner.embedders.0.transformer.", "text_encoder"),
+    *((p, component) for p, (component, family) in LDM_PARTS.items() if family == "clip"),
     ("text_encoder_2.", "text_encoder_2"),
     ("text_encoder.", "text_encoder"),
 )
 #: prefix -> component for OpenCLIP text encoders (path after the prefix starts at transformer.resblocks.)
-_OPEN_CLIP = (
-    ("cond_stage_model.model.", "text_encoder"),
-    ("conditioner.embedders.1.model.", "text_encoder_2"),
-)
+_OPEN_CLIP = tuple((p, component) for p, (component, family) in LDM_PARTS.items() if family.startswith("open_clip"))
 _ENCODER_LAYERS = "text_model.encoder.layers."
 
 

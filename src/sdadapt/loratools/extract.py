@@ -310,7 +310,8 @@ def factors_from_svd(
         split: ``"up"`` (kohya: ``S`` in ``up``) or ``"sqrt"`` (``sqrt(S)`` on both sides).
         norm_sq: ``‖D‖_F²`` when ``S`` is not the whole spectrum (randomized SVD).
         dtype: dtype of the returned factors (what will be written); default the SVD's.
-        target: ``D`` itself (m, n) when at hand; the residual is then measured against it.
+        target: ``D`` itself when at hand — dense (m, n) or factored ``(left, right)`` — the residual
+            is then measured against it.
 
     Returns:
         ``(up (m, r), down (r, n), alpha, residual)`` where ``residual = ‖D − (alpha/r)·up⋅down‖_F``

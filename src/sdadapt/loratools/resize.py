@@ -115,6 +115,7 @@ def resize_layer(
     param: float | None = None,
     clamp_quantile: float | None = None,
     split: Literal["up", "sqrt"] = "up",
+    dtype: torch.dtype | None = None,
 ) -> ResizedLayer:
     """Resize one LoRA layer to ``rank`` (or a dynamic rank capped at ``rank``) keeping its scale.
 
@@ -122,6 +123,8 @@ def resize_layer(
         up: (out, r[, 1, 1]); down: (r, in[, kh, kw]); alpha: the file's alpha (``None`` = r).
         rank: new rank (fixed) or cap (dynamic); a rank above the old one keeps the old rank
             (resizing never adds directions).
+        dtype: dtype of the factors to write; ``residual_norm`` is the error of those (after the
+            clamp and the cast).
 
     Returns:
         :class:`ResizedLayer` with ``(alpha' / r') · up' ⋅ down'`` the best rank-r' approximation of
@@ -131,10 +134,12 @@ def resize_layer(
     scale = lora_scale(None if alpha is None else float(alpha), old_rank)
     out_features = up.shape[0]
     # SVD of the delta itself, D = scale · up ⋅ down; factors_from_svd divides the scale back out
-    u, s, vh = factored_svd(up.reshape(out_features, old_rank) * scale, down.reshape(old_rank, -1))
+    left, right = up.reshape(out_features, old_rank) * scale, down.reshape(old_rank, -1)
+    u, s, vh = factored_svd(left, right)
     new_up, new_down, new_alpha, residual = factors_from_svd(
         u, s, vh, rank=min(rank, s.numel()), method=method, param=param, scale=scale,
-        clamp_quantile=clamp_quantile, split=split,
+        clamp_quantile=clamp_quantile, split=split, dtype=dtype,
+        target=(left.double(), right.double()),  # the old delta exactly (factored, never formed)
     )
     norm = float(torch.sqrt((s * s).sum()))
     r = new_down.shape[0]
@@ -179,8 +184,10 @@ def dense_lora_factors(
     param: float | None = None,
     clamp_quantile: float | None = None,
     split: Literal["up", "sqrt"] = "up",
+    dtype: torch.dtype | None = None,
 ) -> ResizedLayer:
-    """LoRA factors of a dense delta by truncated SVD, ``alpha = r`` (scale 1).
+    """LoRA factors of a dense delta by truncated SVD, ``alpha = r`` (scale 1); ``dtype`` is the
+    dtype to write (the reported error is that of the written factors).
 
     Args:
         delta: ΔW (out, in[, kh, kw]), float32 (float64 stays float64).
@@ -198,6 +205,7 @@ def dense_lora_factors(
     cap = numerical_rank(s, tuple(matrix.shape)) if rank is None else min(int(rank), s.numel())
     up, down, alpha, residual = factors_from_svd(
         u, s, vh, rank=cap, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
+        dtype=dtype, target=matrix,
     )
     r = down.shape[0]
     if delta.dim() == 4:
@@ -278,23 +286,22 @@ def resize_lora_state(
             target = (conv_rank if conv_rank is not None else rank) if is_kxk else rank
             resized = resize_layer(
                 up, down, tensors.get("alpha"), rank=target, method=method, param=param,
-                clamp_quantile=clamp_quantile, split=split,
+                clamp_quantile=clamp_quantile, split=split, dtype=dtype or down.dtype,
             )
-            own_dtype = down.dtype
         else:
             geometry = layer_geometry(tensors, component=component, layer=layer, base=base)
             weight = base.weight(component, layer) if base is not None and needs_base_weight(tensors, name=name) else None
             delta, bias = dense_layer_delta(tensors, geometry, base_weight=weight, name=name)
             target = (conv_rank if conv_rank is not None else rank) if geometry.is_kxk else rank
+            own_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point() and t.dim() > 0), torch.float32)
             resized = dense_lora_factors(
                 delta, rank=target, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
+                dtype=dtype or own_dtype,
             )
             if bias is not None:
                 resized = replace(resized, bias_dropped=float(bias.norm()))
-            own_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point() and t.dim() > 0), torch.float32)
-        write_dtype = dtype or own_dtype
-        out[f"{layer}.lora_down.weight"] = resized.down.to(write_dtype)
-        out[f"{layer}.lora_up.weight"] = resized.up.to(write_dtype)
+        out[f"{layer}.lora_down.weight"] = resized.down
+        out[f"{layer}.lora_up.weight"] = resized.up
         out[f"{layer}.alpha"] = torch.tensor(resized.alpha, dtype=torch.float32)
         report[layer] = resized
     return out, report

@@ -12,13 +12,22 @@ from .blocks import (
     diffusers_block,
     key_block,
     ldm_block,
-    lora_block_weights,
     parse_block_weights,
 )
-from .engine import MergedSource, MergeError, MergeReport, merge_file, merge_state_dicts
+from .engine import (
+    MergedSource,
+    MergeError,
+    MergeReport,
+    merge_file,
+    merge_state_dicts,
+    write_source,
+)
 from .operators import (
     OPERATORS,
+    REQUIRED,
+    OperatorOption,
     add_difference,
+    check_options,
     dare,
     key_generator,
     model_stock,
@@ -37,6 +46,9 @@ __all__ = [
     # checkpoint merge operators
     "operators",
     "OPERATORS",
+    "OperatorOption",
+    "REQUIRED",
+    "check_options",
     "weighted_sum",
     "add_difference",
     "train_difference",
@@ -55,7 +67,6 @@ __all__ = [
     "diffusers_block",
     "key_block",
     "block_alpha_fn",
-    "lora_block_weights",
     # streaming engine, files, recipes
     "MergeStep",
     "KeyPolicy",
@@ -64,6 +75,7 @@ __all__ = [
     "MergeError",
     "merge_file",
     "merge_state_dicts",
+    "write_source",
     "load_recipe",
     "TensorSource",
     "open_source",

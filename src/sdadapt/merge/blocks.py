@@ -26,15 +26,14 @@ name map (:mod:`sdadapt.formats.unet_names`) and get the same block. :func:`unet
 layer -> block map: checkpoint block weights (:func:`ldm_block`, :func:`diffusers_block`) and LoRA
 block weights (:func:`sdadapt.loratools.block_weights.block_slot`) both call it.
 
-LoRA block-weight vectors (12/17/20/26 values, kohya/hako-mikan layout) are applied to a LoRA state
-by :func:`lora_block_weights`, built on :mod:`sdadapt.loratools.block_weights`.
+LoRA block-weight vectors (12/17/20/26 values, kohya/hako-mikan layout) are
+:mod:`sdadapt.loratools.block_weights`; they use :func:`unet_block` too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from torch import Tensor
 
 from ..formats.unet_names import diffusers_to_ldm_unet, is_ldm_unet_path
 
@@ -48,7 +47,6 @@ __all__ = [
     "diffusers_block",
     "key_block",
     "block_alpha_fn",
-    "lora_block_weights",
 ]
 
 BLOCKS_SD: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
@@ -191,48 +189,3 @@ def block_alpha_fn(
         return (float(weights[block]) if block is not None else float(weights["BASE"])), block
 
     return alpha
-
-
-def lora_block_weights(
-    component_state: Mapping[str, Mapping[str, Tensor]], weights: Sequence[float] | str, *, base_model: str | None = None
-) -> dict[str, dict[str, Tensor]]:
-    """Scale each LoRA layer's delta by its block's weight (LoRA Block Weight, 12/17/20/26 values).
-
-    Args:
-        component_state: the canonical LoRA state ``{component: {"<layer>.lora_up.weight": ...}}``
-            (as :func:`sdadapt.formats.load_lora` returns); not modified.
-        weights: 17/26 values (SD1/SD2) or 12/20 values (SDXL), see :mod:`sdadapt.loratools.block_weights`
-            for the slots; slots a short vector does not name keep 1. Text encoders take BASE.
-        base_model: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; default: from the vector length.
-
-    Returns:
-        A new state: every ``*.lora_up.weight`` (and LyCORIS ``*.hada_w1_a`` / ``*.lokr_w1(_a)`` /
-        ``*.diff`` / ``*.diff_b``, ``*.lora_up.bias``) multiplied by the layer's weight; the delta is
-        linear in each of them, so the layer's delta scales exactly by that weight. Other tensors
-        are shared, not copied.
-
-    Raises:
-        ValueError: a vector length other than 12/17/20/26, or one for another model family.
-    """
-    from ..loratools.block_weights import block_slot, expand_block_weights  # (it imports this module)
-
-    if isinstance(weights, str):
-        weights = [float(v) for v in weights.replace(" ", "").split(",") if v]
-    values = [float(v) for v in weights]
-    if base_model is None:
-        base_model = "sdxl" if len(values) in (12, 20) else "sd1"
-    slots = expand_block_weights(values, base_model=base_model)
-    scaled_suffixes = (".lora_up.weight", ".lora_up.bias", ".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".diff", ".diff_b")
-    out: dict[str, dict[str, Tensor]] = {}
-    for component, state in component_state.items():
-        new: dict[str, Tensor] = {}
-        for key, tensor in state.items():
-            suffix = next((s for s in scaled_suffixes if key.endswith(s)), None)
-            if suffix is None:
-                new[key] = tensor
-                continue
-            layer = key[: -len(suffix)]
-            w = slots[block_slot(component, layer, base_model=base_model)]
-            new[key] = tensor if w == 1.0 else tensor * w
-        out[component] = new
-    return out

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..formats.files import WeightFileError, read_safetensors_header, sniff_format
+from ..formats.model_keys import DIFFUSERS_COMPONENTS, LDM_PARTS
 from .blocks import block_alpha_fn, parse_block_weights
 from .operators import Operator, get_operator, key_generator
 from .recipe import DTYPES, RECIPE_KEY, MergeStep, a1111_metadata, leaf_paths, recipe_to_json
@@ -179,17 +180,11 @@ class _ConvertedSource:
         self._source.close()
 
 
+#: key prefix -> component: the key map's LDM parts, EMA copies, then the diffusers components
 _COMPONENT_PREFIXES = (
-    ("model.diffusion_model.", "unet"),
-    ("first_stage_model.", "vae"),
-    ("cond_stage_model.", "text_encoder"),
-    ("conditioner.embedders.0.", "text_encoder"),
-    ("conditioner.embedders.1.", "text_encoder_2"),
+    *((prefix, component) for prefix, (component, _) in LDM_PARTS.items()),
     ("model_ema.", "ema"),
-    ("unet.", "unet"),
-    ("vae.", "vae"),
-    ("text_encoder.", "text_encoder"),
-    ("text_encoder_2.", "text_encoder_2"),
+    *((f"{component}.", component) for component in DIFFUSERS_COMPONENTS),
 )
 
 
