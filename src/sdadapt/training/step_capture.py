@@ -89,14 +89,17 @@ class CapturedStep:
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
-    def _capture(self, prepared: Mapping[str, object]) -> None:
+    def _capture(self, prepared: Mapping[str, object], state: TrainState) -> None:
+        # nothing may be created or seeded inside capture: the caller's state (and its generator,
+        # made before) is used, never a fresh TrainState (a new CUDA generator cannot be built
+        # while a graph is being captured)
         self._static = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in prepared.items()}
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss = step_loss(self.model, self._static, self.config)
             loss.backward()
-            grad_norm = clip_and_step(self.params, self.optimizer, TrainState(device=loss.device), self.config)
+            grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)
         self.graph = graph
         self._outputs = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
@@ -127,7 +130,7 @@ class CapturedStep:
             torch.cuda.current_stream().wait_stream(side)
         else:
             if self.graph is None:
-                self._capture(prepared)
+                self._capture(prepared, state)
             else:
                 self._copy_in(prepared)
             self.graph.replay()  # type: ignore[union-attr]
