@@ -10,6 +10,7 @@ seeds) and writes JSON to ``benchmarks/results/quality.json``.
 
     python benchmarks/quality.py                      # all methods, both concepts, 2 seeds
     python benchmarks/quality.py --methods lora full --seeds 0
+    python benchmarks/quality.py --methods clip-inversion --weights toy-image   # on the image variant
 """
 
 from __future__ import annotations
@@ -33,25 +34,37 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("concept_accuracy", "image_image", "image_text", "prior_accuracy")
 
 
-def run_one(method: str | None, concept: str, seed: int, *, images: int, steps: int | None, prior: bool | None) -> dict:
-    system = load_toy()
+def _weights(name: str | None):
+    if name == "toy-image":
+        from sdadapt.toy.image_variant import IMAGE_WEIGHTS
+
+        return IMAGE_WEIGHTS
+    return name
+
+
+def run_one(method: str | None, concept: str, seed: int, *, images: int, steps: int | None, prior: bool | None,
+            weights: str | None = None) -> dict:
+    system = load_toy(_weights(weights))
     train_images, captions = concept_data(concept, images, seed=seed)
-    row = {"method": method or "baseline", "concept": concept, "seed": seed, "prior_images": 0, "size_bytes": 0,
-           "train_seconds": 0.0}
+    row = {"method": (method or "baseline") + (f" [{weights}]" if weights else ""), "concept": concept, "seed": seed,
+           "prior_images": 0, "size_bytes": 0, "train_seconds": 0.0}
     if method is not None:
         spec = METHODS[method]
         prior_data = prior_images(system, spec, enabled=prior, count=2 * images, seed=seed)
         if prior is not None and (prior_data is not None) != (spec.prior != "off"):
-            row["method"] = f"{method} {'+' if prior else 'no '}prior"
+            row["method"] = f"{method} {'+' if prior else 'no '}prior" + (f" [{weights}]" if weights else "")
         row["prior_images"] = 0 if prior_data is None else len(prior_data[1])
-        adaptation = spec.adapt(system, seed=seed)
+        # trigger-word methods (textual inversion, DreamArtist) learn the concept's own word
+        adaptation = spec.adapt(system, seed=seed, **({"token": concept} if spec.trigger else {}))
         config = FitConfig(steps=steps or spec.steps, learning_rate=spec.learning_rate, seed=seed)
         start = time.perf_counter()
         fit(system, adaptation, train_images, captions, config=config, prior=prior_data)
         row["train_seconds"] = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             row["size_bytes"] = adaptation.save(Path(tmp) / f"a{spec.file_suffix}").stat().st_size
-    scores, _ = score(system, concept, train_images, seeds=(100 + seed, 200 + seed))
+    # an adaptation that samples its own way (DreamArtist: the learned negative) is scored as it samples
+    sampler = getattr(adaptation, "sample", None) if method is not None else None
+    scores, _ = score(system, concept, train_images, seeds=(100 + seed, 200 + seed), sampler=sampler)
     row.update(scores)
     return row
 
@@ -90,6 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
                         help="force prior preservation on/off for every method (default: each method's own)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the no-adaptation rows")
+    parser.add_argument("--weights", default=None,
+                        help="toy weights to adapt: a toy-system file or 'toy-image' (the image variant); default the shipped toy-v1")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = parser.parse_args(argv)
     rows = []
@@ -98,7 +113,7 @@ def main(argv=None) -> int:
             for method in ([] if args.no_baseline else [None]) + args.methods:
                 if method is not None and METHODS[method].prior == "required" and args.prior is False:
                     continue
-                row = run_one(method, concept, seed, images=args.images, steps=args.steps, prior=args.prior)
+                row = run_one(method, concept, seed, images=args.images, steps=args.steps, prior=args.prior, weights=args.weights)
                 rows.append(row)
                 print(f"{row['method']:>10} {concept:>7} seed {seed}: " + " ".join(f"{k} {row[k]:.3f}" for k in METRICS),
                       file=sys.stderr, flush=True)

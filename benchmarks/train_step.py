@@ -16,8 +16,8 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     "lean" on CUDA: bf16 weights with stochastic rounding, int8 AdamW states fused into backward
     (no gradient buffers, so no global clipping), gradient checkpointing on transformer and ResNet
     blocks; on CPU fp32 weights and fused ``torch.optim.AdamW`` (time, not memory, is short). Textual
-    inversion: one trainable vector added at the placeholder positions by a hook on the token
-    embedding (no gradient for the 38M-entry matrix).
+    inversion: one trainable row spliced in at the placeholder positions by
+    :class:`sdadapt.embeddings.TokenRows` (hooks on the token embedding; no gradient for the 38M-entry matrix).
 
 Reported per row: ms/step (median after warm-up), images/s, peak memory (CUDA:
 ``max_memory_allocated`` from before the variant's models are built, so weights + optimiser state
@@ -122,18 +122,6 @@ def unet_call(unet):
     return model
 
 
-def placeholder_hook(te, vector: torch.nn.Parameter, token: int = PLACEHOLDER):
-    """Textual inversion without a gradient for the whole embedding matrix: add (v - e_token) where id == token."""
-    emb = te.get_input_embeddings()
-
-    def hook(module, args, output):
-        ids = args[0]
-        mask = (ids == token).unsqueeze(-1).to(output.dtype)
-        return output + mask * (vector.to(output.dtype) - module.weight[token].detach())
-
-    return emb.register_forward_hook(hook)
-
-
 # ---------------------------------------------------------------------------------- reference
 def build_reference(mode: str, models: Models, device, mp_dtype, batch):
     from diffusers import DDPMScheduler
@@ -235,9 +223,11 @@ def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: b
         capture = False
     else:  # ti: the text encoder runs every step, its input has one trainable vector
         te = tes[0]
-        vector = torch.nn.Parameter(te.get_input_embeddings().weight[PLACEHOLDER].detach().float().clone())
-        placeholder_hook(te, vector)
-        params = [vector]
+        from sdadapt.embeddings import TokenRows
+
+        table = te.get_input_embeddings()  # the library's token rows: a (1, dim) float32 parameter spliced in by hooks
+        rows = TokenRows(table, [PLACEHOLDER], table.weight[PLACEHOLDER:PLACEHOLDER + 1], trainable=True)
+        params = [rows.rows]
         optimizer = torch.optim.AdamW(params, lr=5e-4, fused=True)
         ids, extra = batch["ids"], cond["added"]
 

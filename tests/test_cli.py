@@ -257,11 +257,11 @@ def _corrupt_files(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("case", ["missing", "empty", "junk", "truncated", "unsafe", "folder"])
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
-def test_bad_file_exits_2_with_one_line_naming_it(tmp_path, capsys, case, as_json):
+def test_bad_file_exits_3_with_one_line_naming_it(tmp_path, capsys, case, as_json):
     path = _corrupt_files(tmp_path)[case]
     code = main(["inspect", str(path), *(["--json"] if as_json else [])])
     out, err = capsys.readouterr()
-    assert code == 2
+    assert code == 3  # WeightFileError (docs/security.md: the exit-code table)
     assert out == ""
     assert err.startswith("error: ")
     assert err.count("\n") == 1 and err.endswith("\n"), f"not one line: {err!r}"
@@ -284,7 +284,7 @@ def test_cli_error_in_a_subprocess(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "sdadapt", "inspect", str(path), "--json"], capture_output=True, text=True, env=env, timeout=120
     )
-    assert result.returncode == 2
+    assert result.returncode == 3  # WeightFileError
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in result.stderr

@@ -23,7 +23,7 @@ from test_merge_engine import U, load_file_metadata, mini, save
 READ_ONLY = {"inspect"}
 #: the settings every merge sub-command shares, beyond its operator's declared options
 MERGE_SHARED = {"help", "out", "overwrite", "quiet", "dtype", "no_recipe", "compute_dtype", "device", "components",
-                "keep_ema", "copy_extra_keys", "reset_position_ids", "discard"}
+                "keep_ema", "copy_extra_keys", "reset_position_ids", "discard", "allow_nonfinite"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -281,7 +281,7 @@ def test_a_recipe_with_an_undeclared_option_is_refused_naming_it(tmp_path, capsy
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
     capsys.readouterr()
-    assert main(["merge", "--recipe", str(path), "-o", str(tmp_path / "replay.safetensors")]) == 2
+    assert main(["merge", "--recipe", str(path), "-o", str(tmp_path / "replay.safetensors")]) == 3  # WeightFileError
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
     assert "'sharpness'" in err and "ties has no option" in err and "density" in err  # names it and what is allowed

@@ -139,7 +139,7 @@ def test_train_output_options_overwrite_dtype_quiet(tmp_path, capsys):
     out.write_bytes(b"precious")
     argv = ["train", "lora", "--images", str(images), "--model", str(root), "--steps", "1", "-o", str(out)]
     capsys.readouterr()
-    assert main(argv) == 2  # refused before any training: no bar drawn, the file untouched
+    assert main(argv) == 8  # refused before any training (OutputExistsError): no bar drawn, the file untouched
     err = capsys.readouterr().err
     assert "--overwrite" in err.strip().splitlines()[-1] and "step/s" not in err and out.read_bytes() == b"precious"
     assert main([*argv, "--overwrite", "--dtype", "fp16", "-q"]) == 0

@@ -58,3 +58,21 @@ def test_training_page_example_learns_and_resumes(capsys):
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
     assert namespace["state"].step == 40 and namespace["x0"].shape == (2, 4, 8, 8)
     assert torch.isfinite(namespace["x0"]).all()
+
+
+def test_textual_inversion_page_example_trains_saves_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes purple.safetensors into the working folder
+    namespace: dict = {}
+    exec(compile(_python_blocks("textual-inversion.md")[0], "docs/textual-inversion.md", "exec"), namespace)
+    emb = namespace["emb"]
+    assert emb.name == "purple" and emb.vectors["text_encoder"].shape == (1, 64)
+    assert namespace["pictures"].shape == (2, 3, 32, 32) and (tmp_path / "purple.safetensors").is_file()
+    assert namespace["system"].tokenizer.added == {}  # handle.remove() took the word out again
+
+
+def test_dreamartist_page_example_writes_the_pair_that_reproduces_the_samples(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_python_blocks("dreamartist.md")[0], "docs/dreamartist.md", "exec"), namespace)
+    assert (tmp_path / "purple.pt").is_file() and (tmp_path / "purple-neg.pt").is_file()
+    assert namespace["negative"].vectors["text_encoder"].shape == (2, 64)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sdadapt
+import sdadapt.errors
 from sdadapt.formats import files as files_mod
 from sdadapt.formats import load_diffusers, load_kohya, read_weights, write_safetensors
 from sdadapt.formats.files import read_safetensors, read_safetensors_header
@@ -87,7 +88,7 @@ def test_non_string_metadata_is_rejected_and_nothing_is_written(tmp_path, metada
 
 
 def _failing_save_file(written: list[str]):
-    def save_file(tensors, filename, metadata=None):
+    def save_file(filename, head, offsets, payload):
         # write part of a file, then die the way a full disk or a kill would
         with open(filename, "wb") as handle:
             handle.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"partial")
@@ -98,13 +99,12 @@ def _failing_save_file(written: list[str]):
 
 
 def test_write_is_atomic_no_file_and_no_temp_left_on_failure(tmp_path, monkeypatch):
-    import safetensors.torch
-
     written: list[str] = []
-    monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file(written))
+    monkeypatch.setattr(files_mod, "_write_payload", _failing_save_file(written))
     path = tmp_path / "lora.safetensors"
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="disk filled up") as info:  # a DiskSpaceError naming the file
         write_safetensors(path, _tensors(), {"a": "b"})
+    assert isinstance(info.value, sdadapt.errors.DiskSpaceError) and str(path) in str(info.value)
     assert written, "the patched save_file was not used"
     assert Path(written[0]).parent == tmp_path  # the temp file lives next to the target
     assert Path(written[0]).name != "lora.safetensors"
@@ -113,13 +113,11 @@ def test_write_is_atomic_no_file_and_no_temp_left_on_failure(tmp_path, monkeypat
 
 
 def test_failed_write_leaves_an_existing_file_untouched(tmp_path, monkeypatch):
-    import safetensors.torch
-
     path = tmp_path / "lora.safetensors"
     write_safetensors(path, {"old": torch.ones(3)}, {"version": "1"})
     before = path.read_bytes()
     stat = path.stat()
-    monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file([]))
+    monkeypatch.setattr(files_mod, "_write_payload", _failing_save_file([]))
     with pytest.raises(OSError):
         write_safetensors(path, {"new": torch.zeros(5)}, {"version": "2"})
     assert path.read_bytes() == before
@@ -130,13 +128,11 @@ def test_failed_write_leaves_an_existing_file_untouched(tmp_path, monkeypatch):
 
 
 def test_interrupt_during_write_also_cleans_up(tmp_path, monkeypatch):
-    import safetensors.torch
-
-    def interrupted(tensors, filename, metadata=None):
+    def interrupted(filename, head, offsets, payload):
         Path(filename).write_bytes(b"xx")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    monkeypatch.setattr(files_mod, "_write_payload", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_safetensors(tmp_path / "k.safetensors", _tensors())
     assert _listing(tmp_path) == []

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sdadapt
+from sdadapt.errors import NonFiniteError
 from sdadapt.formats import (
     LayerNotFoundError,
     WeightFileError,
@@ -420,7 +421,7 @@ def test_kohya_metadata_per_base_model(tmp_path, base_model, version, v2, archit
 def test_save_kohya_refuses_nan(tmp_path):
     state = _lora_for(["mid_block.attentions.0.proj_in"], rank=2, alpha=1)
     state["mid_block.attentions.0.proj_in.lora_up.weight"][0, 0] = float("nan")
-    with pytest.raises(WeightFileError, match="proj_in.lora_up.weight"):
+    with pytest.raises(NonFiniteError, match="proj_in.lora_up.weight"):  # an output: not a broken input file
         save_kohya(tmp_path / "nan.safetensors", {"unet": state})
     assert list(tmp_path.iterdir()) == []
 

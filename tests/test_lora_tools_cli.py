@@ -380,7 +380,7 @@ def test_clear_errors(sd1, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out.safetensors"
     # missing input
     code, _, err = _run(capsys, "extract-lora", tmp_path / "nope.safetensors", files["tuned"], "-o", out)
-    assert code == 2 and "nope.safetensors: no such file" in err
+    assert code == 3 and "nope.safetensors: no such file" in err  # WeightFileError
     # different architectures: names the keys
     other = load_file(str(files["tuned"]))
     key = f"{LDM}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -389,12 +389,12 @@ def test_clear_errors(sd1, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "other_arch.safetensors"
     save_file(other, bad)
     code, _, err = _run(capsys, "extract-lora", files["base"], bad, "-o", out, "--quiet")
-    assert code == 2 and "different architectures" in err
+    assert code == 3 and "different architectures" in err
     assert "attn2.to_k.weight: shape" in err and "output_blocks.5.1.proj_out.weight" in err
     # existing output needs --overwrite (and is left untouched)
     out.write_bytes(b"precious")
     code, _, err = _run(capsys, "extract-lora", files["base"], files["tuned"], "-o", out, "--quiet")
-    assert code == 2 and "--overwrite" in err and out.read_bytes() == b"precious"
+    assert code == 8 and "--overwrite" in err and out.read_bytes() == b"precious"  # OutputExistsError
     # not enough disk space: refused before writing anything
     fresh = tmp_path / "fresh.safetensors"
 
@@ -403,13 +403,13 @@ def test_clear_errors(sd1, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: Usage())
     code, _, err = _run(capsys, "merge-lora", files["base"], files["base"], "-o", fresh, "--quiet")
-    assert code == 2  # (the LoRA argument is a checkpoint: refused as not a LoRA)
+    assert code == 3  # (the LoRA argument is a checkpoint: refused as not a LoRA)
     lora = tmp_path / "ok.safetensors"
     monkeypatch.undo()
     assert _run(capsys, "extract-lora", files["base"], files["tuned"], "--rank", 1, "-o", lora, "--quiet")[0] == 0
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: Usage())
     code, _, err = _run(capsys, "merge-lora", files["base"], lora, "-o", fresh, "--quiet")
-    assert code == 2 and "not enough disk space" in err and "MiB" in err
+    assert code == 9 and "not enough disk space" in err and "MiB" in err  # DiskSpaceError
     assert not fresh.exists() and not list(tmp_path.glob(".fresh*"))
     monkeypatch.undo()
     # a LoRA for another model: lists the layers that match nothing
@@ -419,7 +419,7 @@ def test_clear_errors(sd1, tmp_path, capsys, monkeypatch):
     foreign = {f"down_blocks.2.attentions.0.proj_in.{k}": v for k, v in one_layer.items()}  # SD1 has 2 levels here
     sdadapt.save_lora(xl_lora, {"unet": foreign}, base_model="sd1")
     code, _, err = _run(capsys, "merge-lora", files["base"], xl_lora, "-o", fresh, "--quiet")
-    assert code == 2 and "match no tensor" in err and "down_blocks.2.attentions.0.proj_in" in err
+    assert code == 3 and "match no tensor" in err and "down_blocks.2.attentions.0.proj_in" in err
     assert "--skip-unmatched" in err
     # bad options
     code, _, err = _run(capsys, "resize-lora", lora, "--dynamic-method", "sv_fro", "-o", fresh)
@@ -463,7 +463,7 @@ def test_merge_refuses_lora_of_another_size_and_non_safetensors_output(sd1, tmp_
     sdadapt.save_lora(lora, {"unet": wrong})
     out = tmp_path / "m.safetensors"
     code, _, err = _run(capsys, "merge-lora", files["base"], lora, "-o", out, "--quiet")
-    assert code == 2 and "do not fit the shapes" in err and "(32, 48)" in err and "(32, 32)" in err
+    assert code == 3 and "do not fit the shapes" in err and "(32, 48)" in err and "(32, 32)" in err
     assert not out.exists()
     code, _, err = _run(capsys, "merge-lora", files["base"], lora, "-o", tmp_path / "m.ckpt", "--quiet")
-    assert code == 2 and ".safetensors files only" in err
+    assert code == 7 and ".safetensors files only" in err  # OutputError

@@ -96,26 +96,26 @@ def test_recipe_replay_is_bit_exact(tmp_path, files, capsys):
 
 def test_errors_are_one_line_and_name_the_problem(tmp_path, files, capsys):
     a, b = files[:2]
-    assert run("weighted-sum", a, str(tmp_path / "missing.safetensors"), "--alpha", "0.5", "-o", str(tmp_path / "o.safetensors")) == 2
+    assert run("weighted-sum", a, str(tmp_path / "missing.safetensors"), "--alpha", "0.5", "-o", str(tmp_path / "o.safetensors")) == 3  # WeightFileError
     assert "missing.safetensors: no such file" in capsys.readouterr().err
     (tmp_path / "exists.safetensors").write_bytes(b"x")
-    assert run("weighted-sum", a, b, "--alpha", "0.5", "-o", str(tmp_path / "exists.safetensors")) == 2
+    assert run("weighted-sum", a, b, "--alpha", "0.5", "-o", str(tmp_path / "exists.safetensors")) == 8  # OutputExistsError
     assert "--overwrite" in capsys.readouterr().err
     assert run("weighted-sum", a, b, "--alpha", "0.5", "-o", str(tmp_path / "exists.safetensors"), "--overwrite", "-q") == 0
     wide = mini(5)
     wide[U + "out.2.weight"] = torch.zeros(4, 16, 3, 3, dtype=torch.float16)
     other = save(tmp_path, "other.safetensors", wide)
-    assert run("weighted-sum", a, other, "--alpha", "0.5", "-o", str(tmp_path / "m.safetensors")) == 2
+    assert run("weighted-sum", a, other, "--alpha", "0.5", "-o", str(tmp_path / "m.safetensors")) == 6  # MergeError
     assert "out.2.weight" in capsys.readouterr().err
     assert run("block-weighted", a, b, "--weights", "1,1,1", "-o", str(tmp_path / "bw.safetensors")) == 2
     assert "give 26 values" in capsys.readouterr().err
-    assert run("--recipe", a, "-o", str(tmp_path / "r.safetensors")) == 2
+    assert run("--recipe", a, "-o", str(tmp_path / "r.safetensors")) == 3
     assert "no sdadapt_merge_recipe" in capsys.readouterr().err
 
 
 def test_not_enough_disk_space_is_checked_before_writing(tmp_path, files, monkeypatch, capsys):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    assert run("weighted-sum", *files[:2], "--alpha", "0.5", "-o", str(tmp_path / "o.safetensors")) == 2
+    assert run("weighted-sum", *files[:2], "--alpha", "0.5", "-o", str(tmp_path / "o.safetensors")) == 9  # DiskSpaceError
     assert "not enough disk space" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -152,7 +152,7 @@ def test_recipe_replay_takes_the_shared_output_options(tmp_path, files, capsys):
     assert capsys.readouterr().err == ""  # -q: no bar
     assert all(v.dtype == torch.float32 for v in load_file(replay).values() if v.is_floating_point())
     assert json.loads(load_file_metadata(replay)["sdadapt_merge_recipe"])["step"]["dtype"] == "fp32"
-    assert run("--recipe", str(out), "-o", str(replay), "-q") == 2  # exists
+    assert run("--recipe", str(out), "-o", str(replay), "-q") == 8  # exists: OutputExistsError
     assert "--overwrite" in capsys.readouterr().err
     assert run("--recipe", str(out), "-o", str(replay), "--overwrite", "-q") == 0
     assert replay.read_bytes() == out.read_bytes()  # --dtype keep: as recorded, bit-exact

@@ -16,7 +16,7 @@ def test_method_trains_saves_and_removes_exactly(name, tmp_path):
     system = build_toy(seed=1)
     originals = {part: {k: v.clone() for k, v in getattr(system, part).state_dict().items()} for part in ("unet", "text_encoder")}
     method = METHODS[name]
-    adaptation = method.prepare(system)
+    adaptation = method.prepare(system, **({"token": "cross"} if method.trigger else {}))  # trigger-word methods learn "cross"
     images, captions = concept_data("cross", 4, seed=0)
     prior = (images.flip(0), captions[::-1], 0.5) if method.prior != "off" else None
     before = [p.detach().clone() for p in adaptation.params]
@@ -31,6 +31,17 @@ def test_method_trains_saves_and_removes_exactly(name, tmp_path):
         for component, handle in adaptation.handles.items():
             loaded = sdadapt.load_adapter(getattr(fresh, component), state[component])
             assert len(loaded) == len(handle)
+    elif isinstance(adaptation, sdadapt.methods.HypernetworkAdaptation):
+        loaded = sdadapt.load_hypernetwork(path)  # the A1111 .pt
+        handle = sdadapt.inject_hypernetwork(build_toy(seed=1).unet, loaded)
+        assert len(handle) == len(adaptation.handle)
+    elif isinstance(adaptation, (sdadapt.methods.TextualInversion, sdadapt.methods.DreamArtist)):
+        # an embedding file (DreamArtist: + out-neg.pt); A1111's trigger is the file stem
+        loaded = sdadapt.load_embedding(path)
+        assert loaded.name == "out" and torch.equal(loaded.vectors["text_encoder"], adaptation.params[0].detach())
+    elif isinstance(adaptation, sdadapt.methods.ClipInversionAdaptation):
+        loaded = sdadapt.load_image_vectors(path)  # the image-space vector and the word it is bound to
+        assert loaded.tokens == ("cross",) and torch.equal(loaded.vectors[0], adaptation.params[0].detach())
     else:
         tensors, meta = sdadapt.formats.files.read_safetensors(path)
         assert torch.equal(tensors["unet.conv_in.weight"], system.unet.state_dict()["conv_in.weight"])

@@ -8,7 +8,7 @@ Quick start::
     sdadapt.formats.save_kohya("my_lora.safetensors", {"unet": handle.state_dict()})
 """
 
-from . import formats, loratools, merge, targets, training
+from . import aesthetic, embeddings, formats, hypernetworks, inversion, loratools, merge, targets, training
 from .adapters import (
     DoRAConfig,
     FullConfig,
@@ -19,9 +19,38 @@ from .adapters import (
     lora_delta_weight,
     lora_forward,
 )
+from .aesthetic import (
+    aesthetic_embedding,
+    aesthetic_sample,
+    load_aesthetic_embedding,
+    personalize_text_encoder,
+    save_aesthetic_embedding,
+)
 from .apply import AppliedDelta, apply_lora
+from .embeddings import Embedding, EmbeddingHandle, initial_embedding, inject_embedding
 from .formats import WeightFileError, load_lora, save_lora
+from .formats.embeddings import load_embedding, save_embedding
+from .hypernetworks import (
+    Hypernetwork,
+    HypernetworkConfig,
+    HypernetworkHandle,
+    inject_hypernetwork,
+    load_hypernetwork,
+    save_hypernetwork,
+)
 from .inject import AdapterHandle, adapter_names, inject, load_adapter
+from .inversion import (
+    ImageVectors,
+    Inversion,
+    clip_invert,
+    generate_with_vectors,
+    invert_image,
+    load_image_vectors,
+    load_inversion,
+    regenerate_image,
+    save_image_vectors,
+    save_inversion,
+)
 from .targets import NoTargetsError, by_name, by_regex, by_type, select
 from .training import StepConfig, TrainState, train_step
 
@@ -34,6 +63,7 @@ __all__ = [
     "merge",
     "loratools",
     "training",
+    "hypernetworks",
     "train_step",
     "StepConfig",
     "TrainState",
@@ -54,6 +84,36 @@ __all__ = [
     "load_lora",
     "save_lora",
     "WeightFileError",
+    "Hypernetwork",
+    "HypernetworkConfig",
+    "HypernetworkHandle",
+    "load_hypernetwork",
+    "save_hypernetwork",
+    "inject_hypernetwork",
+    "embeddings",
+    "Embedding",
+    "EmbeddingHandle",
+    "load_embedding",
+    "save_embedding",
+    "inject_embedding",
+    "initial_embedding",
+    "inversion",
+    "Inversion",
+    "invert_image",
+    "regenerate_image",
+    "save_inversion",
+    "load_inversion",
+    "ImageVectors",
+    "clip_invert",
+    "generate_with_vectors",
+    "save_image_vectors",
+    "load_image_vectors",
+    "aesthetic",
+    "aesthetic_embedding",
+    "load_aesthetic_embedding",
+    "save_aesthetic_embedding",
+    "personalize_text_encoder",
+    "aesthetic_sample",
     "NoTargetsError",
     "by_name",
     "by_regex",

@@ -1,8 +1,24 @@
-"""A local diffusers Stable Diffusion folder as a trainable system (SD1.x / SD2.x layouts).
+"""Stable Diffusion (SD1.x, SD2.x, SDXL) as a trainable system: a diffusers folder or a single file.
 
-Needs the optional ``diffusers`` and ``transformers`` packages (``pip install "sdadapt[interop]"``).
-It implements :class:`sdadapt.methods.system.System`, so every method and the ``train`` command
-work on it. Latents are the VAE posterior mean times ``scaling_factor``, encoded once.
+Needs the optional ``diffusers`` and ``transformers`` packages (``pip install "sdadapt[interop]"``)
+for the model classes; nothing is downloaded. It implements :class:`sdadapt.methods.system.System`,
+so every method, ``train`` and ``generate`` work on it.
+
+* :meth:`DiffusersSystem.from_folder` — a diffusers pipeline folder (``save_pretrained`` layout),
+  SD1/SD2 (``StableDiffusionPipeline``) or SDXL (``text_encoder_2/``, ``tokenizer_2/``).
+* :meth:`DiffusersSystem.from_single_file` — an LDM single-file checkpoint (``.safetensors``, or
+  ``.ckpt`` read with ``weights_only``): keys through :mod:`sdadapt.formats.model_keys`, configs
+  from the shapes (:mod:`sdadapt.formats.single_file`), the CLIP tokenizer from sdadapt's shipped
+  vocabulary (:mod:`sdadapt.clip_tokenizer`) or ``tokenizer=DIR``.
+* :func:`load_model` — either, from one path.
+
+Conditioning: SD1 takes CLIP-L's last hidden state (``clip_skip=2``: the penultimate one,
+final-normed, as A1111/kohya do), SD2 the 23-layer OpenCLIP-H's. SDXL concatenates both encoders'
+penultimate states (768 + 1280 = 2048 wide), adds the second encoder's projected pooled output
+(``text_embeds``) and the size/crop conditioning ``time_ids = (orig_h, orig_w, crop_top,
+crop_left, target_h, target_w)``; an empty negative prompt is all zeros (diffusers'
+``force_zeros_for_empty_prompt``). Latents are the VAE posterior mean times its scaling factor
+(SD1/SD2 0.18215, SDXL 0.13025).
 
 :meth:`DiffusersSystem.save_model` writes the whole (fine-tuned) model as users load it: an LDM
 single-file checkpoint (``.safetensors``: A1111, ComfyUI, diffusers' ``from_single_file``) or a
@@ -11,53 +27,91 @@ diffusers folder (``save_pretrained`` layout: ``from_pretrained``).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .training import diffusion
 
-__all__ = ["DiffusersSystem", "ModelFolderError"]
+__all__ = ["DiffusersSystem", "ModelFolderError", "load_model"]
 
 
 #: the parts :meth:`DiffusersSystem.save_model` writes into a folder
-_WRITTEN = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_WRITTEN = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+#: the noise schedule of every SD1/SD2/SDXL base model (the DDPM scaled-linear one)
+SD_SCHEDULE = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+               "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon"}
 
 
 class ModelFolderError(ValueError):
-    """The folder is not a diffusers Stable Diffusion pipeline this command can train."""
+    """The folder or file is not a Stable Diffusion model this command can train."""
 
 
 def _require(name: str):
     try:
         return __import__(name)
     except ImportError:
-        raise ImportError(f"training a diffusers model folder needs `{name}`: pip install \"sdadapt[interop]\"") from None
+        raise ImportError(f"Stable Diffusion models need `{name}`: pip install \"sdadapt[interop]\"") from None
+
+
+def _token_ids(tokenizer: Any, prompts: list[str]) -> Tensor:
+    """(B, L) ids from sdadapt's :class:`~sdadapt.clip_tokenizer.CLIPTokenizer` or a transformers tokenizer."""
+    from .clip_tokenizer import CLIPTokenizer
+
+    if isinstance(tokenizer, CLIPTokenizer):
+        return tokenizer(prompts)
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 class DiffusersSystem(nn.Module):
-    """UNet + VAE + CLIP text encoder + tokenizer + noise schedule of a diffusers folder."""
+    """UNet + VAE + CLIP text encoder(s) + tokenizer(s) + noise schedule of a Stable Diffusion model.
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, *, model_index: dict | None = None) -> None:
+    Args:
+        unet, vae, text_encoder, tokenizer: diffusers/transformers modules; the tokenizer may be
+            sdadapt's :class:`~sdadapt.clip_tokenizer.CLIPTokenizer` or a transformers one.
+        scheduler_config: the diffusers scheduler config (schedule, ``prediction_type``).
+        text_encoder_2, tokenizer_2: SDXL's second (OpenCLIP-bigG, with projection) encoder.
+        model_index: the loaded folder's ``model_index.json`` (what :meth:`save_model` writes).
+        clip_skip: 1 = the last layer (default); 2 = the penultimate (A1111/kohya "clip skip"),
+            SD1/SD2 only (SDXL always reads the penultimate layers).
+        source: the folder or file the model came from (kohya's ``ss_sd_model_name``).
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, *, text_encoder_2=None,
+                 tokenizer_2=None, model_index: dict | None = None, clip_skip: int = 1,
+                 source: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.is_sdxl = text_encoder_2 is not None
         self.scheduler_config = dict(scheduler_config)
+        if clip_skip < 1:
+            raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+        self.clip_skip = int(clip_skip)
+        self.source = str(source) if source is not None else None
+        pipeline = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
         self.model_index = {  # what save_model writes (the loaded folder's entries win)
-            "_class_name": "StableDiffusionPipeline",
+            "_class_name": pipeline,
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
+            **({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"]} if self.is_sdxl else {}),
             **dict(model_index or {}),
         }
+        beta_schedule = scheduler_config.get("beta_schedule", "scaled_linear")
         betas = diffusion.noise_schedule(
-            {"squaredcos_cap_v2": "cosine"}.get(scheduler_config.get("beta_schedule", "scaled_linear"), scheduler_config.get("beta_schedule", "scaled_linear")),
+            {"squaredcos_cap_v2": "cosine"}.get(beta_schedule, beta_schedule),
             num_steps=scheduler_config.get("num_train_timesteps", 1000),
             beta_start=scheduler_config.get("beta_start", 0.00085),
             beta_end=scheduler_config.get("beta_end", 0.012),
@@ -65,19 +119,37 @@ class DiffusersSystem(nn.Module):
         )
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod_of(betas).float(), persistent=False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
-        # SD2's text encoder is OpenCLIP-H as a CLIPTextModel: gelu and 1024 wide (SD1's CLIP-L:
-        # quick_gelu, 768); a v-predicting SD2 is SD2-v (768 px) for file metadata
-        config = text_encoder.config
-        is_sd2 = getattr(config, "hidden_act", "quick_gelu") == "gelu" or int(getattr(config, "hidden_size", 768)) == 1024
-        self.base_model = ("sd2-v" if self.prediction_type == "v_prediction" else "sd2") if is_sd2 else "sd1"
+        if self.is_sdxl:
+            self.base_model = "sdxl"
+        else:
+            # SD2's text encoder is OpenCLIP-H as a CLIPTextModel: gelu and 1024 wide (SD1's CLIP-L:
+            # quick_gelu, 768); a v-predicting SD2 is SD2-v (768 px) for file metadata
+            config = text_encoder.config
+            is_sd2 = getattr(config, "hidden_act", "quick_gelu") == "gelu" or int(getattr(config, "hidden_size", 768)) == 1024
+            self.base_model = ("sd2-v" if self.prediction_type == "v_prediction" else "sd2") if is_sd2 else "sd1"
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
-        self.image_size = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+        #: pixels per latent cell (8 for every SD VAE)
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_size = int(unet.config.sample_size) * self.vae_factor
+        #: image sides must be multiples of this (the VAE's and the UNet's downsampling together)
+        self.size_multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        #: SDXL takes the original size and crop of each training image (``time_ids``)
+        self.size_conditioning = self.is_sdxl
 
+    @property
+    def architecture(self) -> str:
+        """``"sd1"``, ``"sd2"`` or ``"sdxl"`` (the LDM key layout)."""
+        return "sdxl" if self.is_sdxl else ("sd1" if self.base_model == "sd1" else "sd2")
+
+    # ------------------------------------------------------------------------------- loading
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> DiffusersSystem:
+    def from_folder(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", clip_skip: int = 1,
+                    prediction_type: str | None = None) -> DiffusersSystem:
+        """A diffusers Stable Diffusion folder (SD1/SD2 or SDXL)."""
         root = Path(folder)
         if not root.is_dir():
-            raise ModelFolderError(f"{root}: no such folder; --model takes 'toy' or a diffusers Stable Diffusion folder")
+            raise ModelFolderError(f"{root}: no such folder; --model takes 'toy', a diffusers Stable Diffusion folder "
+                                   "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint")
         needed = ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
         missing = [n for n in needed if not (root / n).exists()]
         if missing:
@@ -85,15 +157,25 @@ class DiffusersSystem(nn.Module):
                 f"{root}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}); expected "
                 "model_index.json and unet/ vae/ text_encoder/ tokenizer/ scheduler/ as save_pretrained writes them"
             )
-        if (root / "text_encoder_2").exists():
-            raise ModelFolderError(f"{root}: an SDXL pipeline (text_encoder_2/); `train` handles SD1.x/SD2.x folders so far")
+        sdxl = (root / "text_encoder_2").exists()
+        if sdxl and not (root / "tokenizer_2").exists():
+            raise ModelFolderError(f"{root}: an SDXL folder (text_encoder_2/) without tokenizer_2/")
+        from .formats.pickles import check_folder_pickles
+
+        check_folder_pickles(root)  # a .bin/.pt that would run code: refused before diffusers sees it (issue 17)
         _require("diffusers")
         _require("transformers")
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         scheduler_file = root / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+        if prediction_type is not None:
+            scheduler_config["prediction_type"] = prediction_type
+        extra = {}
+        if sdxl:
+            extra = {"text_encoder_2": CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2"),
+                     "tokenizer_2": CLIPTokenizer.from_pretrained(root / "tokenizer_2")}
         system = cls(
             UNet2DConditionModel.from_pretrained(root / "unet"),
             AutoencoderKL.from_pretrained(root / "vae"),
@@ -101,20 +183,80 @@ class DiffusersSystem(nn.Module):
             CLIPTokenizer.from_pretrained(root / "tokenizer"),
             scheduler_config,
             model_index=json.loads((root / "model_index.json").read_text()),
+            clip_skip=clip_skip,
+            source=root,
+            **extra,
         )
         system.requires_grad_(False)
         return system.eval().to(device)
 
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                         prediction_type: str | None = None, clip_skip: int = 1,
+                         device: str | torch.device = "cpu") -> DiffusersSystem:
+        """An SD1/SD2/SDXL single-file checkpoint (see the module docstring).
+
+        Args:
+            tokenizer: a tokenizer folder (``vocab.json`` + ``merges.txt``; for SDXL a folder
+                holding ``tokenizer/`` and ``tokenizer_2/`` works too) or a
+                ``bpe_simple_vocab_16e6.txt.gz``; default: sdadapt's shipped CLIP vocabulary.
+            prediction_type: ``"epsilon"`` or ``"v_prediction"``; default: the file's ModelSpec
+                metadata, else epsilon (SD2-768-v files rarely say so: pass it).
+
+        Raises:
+            WeightFileError: not a full SD checkpoint (names what it lacks).
+            ImportError: diffusers/transformers missing.
+        """
+        from .clip_tokenizer import CLIPTokenizer
+        from .formats.model_keys import split_components
+        from .formats.single_file import read_single_file, text_encoder_config, unet_config, vae_config
+
+        _require("diffusers")
+        _require("transformers")
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        checkpoint = read_single_file(path)
+        architecture = checkpoint.architecture
+        prediction = prediction_type or checkpoint.prediction_type
+        parts = checkpoint.components
+        configs = checkpoint.configs
+        pooled = parts.get("text_encoder_2", {}).get("text_projection.weight")
+        unet = _build(UNet2DConditionModel, configs.get("unet") or unet_config(
+            parts["unet"], architecture=architecture, prediction_type=prediction,
+            pooled_dim=int(pooled.shape[0]) if pooled is not None else None))
+        vae = _build(AutoencoderKL, configs.get("vae") or vae_config(parts["vae"], architecture=architecture))
+        te_config = configs.get("text_encoder") or text_encoder_config(parts["text_encoder"], open_clip=architecture == "sd2")
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
+        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+        extra: dict[str, Any] = {}
+        if architecture == "sdxl":
+            te2_config = configs.get("text_encoder_2") or text_encoder_config(parts["text_encoder_2"], open_clip=True)
+            modules["text_encoder_2"] = extra["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te2_config))
+        states = split_components({f"{c}.{k}": v for c, part in parts.items() for k, v in part.items()},
+                                  expected={c: m.state_dict().keys() for c, m in modules.items()})
+        for name, module in modules.items():
+            _load(module, states[name], name=name, source=checkpoint.path)
+        first, second = _tokenizers(tokenizer, architecture, text_encoder.config, CLIPTokenizer)
+        if architecture == "sdxl":
+            extra["tokenizer_2"] = second
+        schedule = {**SD_SCHEDULE, "prediction_type": prediction}
+        system = cls(unet, vae, text_encoder, first, schedule, clip_skip=clip_skip, source=checkpoint.path, **extra)
+        system.requires_grad_(False)
+        return system.eval().to(device)
+
+    # ------------------------------------------------------------------------------- saving
     def save_model(
         self, path: str | os.PathLike, *, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
     ) -> Path:
-        """Write the whole model: UNet, text encoder and VAE (the VAE as loaded).
+        """Write the whole model: UNet, text encoder(s) and VAE (the VAE as loaded).
 
         ``path`` ending in ``.safetensors`` → one LDM ("compvis") checkpoint, keys through
         :func:`sdadapt.formats.model_keys.diffusers_to_ldm` (``model.diffusion_model.*``,
-        ``cond_stage_model.*``, ``first_stage_model.*``) with ModelSpec metadata; any other path → a
-        diffusers folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``).
-        Both are written atomically (a temporary file or folder beside ``path``, renamed last).
+        ``cond_stage_model.*`` or SDXL's ``conditioner.embedders.*``, ``first_stage_model.*``) with
+        ModelSpec metadata and the exact component configs (``sdadapt.configs``); any other path → a
+        diffusers folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``, SDXL
+        also ``text_encoder_2/ tokenizer_2/``). Both are written atomically.
 
         Args:
             dtype: cast floating tensors (``torch.float16`` / ``bfloat16``); default: as trained.
@@ -132,52 +274,75 @@ class DiffusersSystem(nn.Module):
             raise ValueError(f"{target}: write a .safetensors LDM checkpoint or a folder (a path without a suffix)")
         return self._save_folder(target, dtype)
 
+    def _components(self) -> dict[str, nn.Module]:
+        parts = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        if self.is_sdxl:
+            parts["text_encoder_2"] = self.text_encoder_2
+        return parts
+
     def _save_ldm(self, target: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
         from .formats.files import write_safetensors
         from .formats.model_keys import diffusers_to_ldm
+        from .formats.single_file import CONFIG_METADATA_KEY
 
         state = {}
-        for component in ("unet", "text_encoder", "vae"):
-            for key, value in getattr(self, component).state_dict().items():
-                if component == "text_encoder" and not key.startswith("text_model."):
+        for component, module in self._components().items():
+            for key, value in module.state_dict().items():
+                if key.endswith("position_ids"):
+                    continue
+                if component.startswith("text_encoder") and not key.startswith(("text_model.", "text_projection")):
                     key = "text_model." + key  # transformers 5 drops the prefix; LDM files keep it
                 state[f"{component}.{key}"] = value.detach()
-        ldm = diffusers_to_ldm(state)
+        ldm = diffusers_to_ldm(state, architecture=self.architecture)
         if dtype is not None:
             ldm = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ldm.items()}
-        architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
+        architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+                        "sdxl": "stable-diffusion-xl-v1-base"}
+        configs = {name: _plain_config(module.config) for name, module in self._components().items()}
+        implementation = {"sd1": "https://github.com/CompVis/stable-diffusion",
+                          "sdxl": "https://github.com/Stability-AI/generative-models"}
         meta = {
             "modelspec.sai_model_spec": "1.0.1",
             "modelspec.architecture": architecture.get(self.base_model, self.base_model),
-            "modelspec.implementation": "https://github.com/Stability-AI/stablediffusion" if self.base_model != "sd1"
-            else "https://github.com/CompVis/stable-diffusion",
+            "modelspec.implementation": implementation.get(self.base_model, "https://github.com/Stability-AI/stablediffusion"),
             "modelspec.title": target.stem,
             "modelspec.resolution": f"{self.image_size}x{self.image_size}",
             **({"modelspec.prediction_type": "v"} if self.prediction_type == "v_prediction" else {}),
+            CONFIG_METADATA_KEY: json.dumps(configs),
             **metadata,
         }
         return write_safetensors(target, ldm, meta)
 
     def _save_folder(self, target: Path, dtype: torch.dtype | None) -> Path:
+        from .clip_tokenizer import CLIPTokenizer
+
         folder = target.parent if str(target.parent) else Path(".")
         if not folder.is_dir():
             raise FileNotFoundError(f"{target}: folder {folder} does not exist; create it first")
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700: the folder gets the umask's mode like any other
         try:
-            for component in ("unet", "vae", "text_encoder"):
-                module = getattr(self, component)
+            for component, module in self._components().items():
                 if dtype is not None:
-                    import copy
-
                     module = copy.deepcopy(module).to(dtype)
                 module.save_pretrained(tmp / component)
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            for name in ("tokenizer", "tokenizer_2") if self.is_sdxl else ("tokenizer",):
+                tokenizer = getattr(self, name)
+                if isinstance(tokenizer, CLIPTokenizer):
+                    tokenizer.save_folder(tmp / name)
+                else:
+                    tokenizer.save_pretrained(tmp / name)
             (tmp / "scheduler").mkdir()
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
             index = {k: v for k, v in self.model_index.items() if k.startswith("_") or k in _WRITTEN}
             if index.get("_class_name", "").startswith("StableDiffusion"):  # parts not written: absent
                 index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
                              requires_safety_checker=False)
+                if self.is_sdxl:
+                    index.pop("safety_checker")
+                    index.pop("requires_safety_checker")
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
             os.replace(tmp, target)
         except BaseException:
@@ -185,36 +350,200 @@ class DiffusersSystem(nn.Module):
             raise
         return target
 
+    # ------------------------------------------------------------------------------- the protocol
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8)."""
+        """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) (posterior mean × scaling factor)."""
         return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
-        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+        """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample.float().clamp(-1, 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latent (C, h, w) of a ``height`` x ``width`` image."""
+        return int(self.unet.config.in_channels), height // self.vae_factor, width // self.vae_factor
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(self.alphas_cumprod.device)
+        """Token ids (B, 77); SDXL: both tokenizers' ids stacked, (B, 2, 77)."""
+        device = self.alphas_cumprod.device
+        ids = _token_ids(self.tokenizer, prompts)
+        if not self.is_sdxl:
+            return ids.to(device)
+        return torch.stack([ids, _token_ids(self.tokenizer_2, prompts)], dim=1).to(device)
 
-    def condition(self, ids: Tensor) -> Tensor:
-        return self.text_encoder(ids)[0]
+    def _hidden(self, encoder, ids: Tensor, *, penultimate: bool) -> Any:
+        out = encoder(ids, output_hidden_states=penultimate or self.clip_skip > 1)
+        if self.is_sdxl:
+            return out
+        if self.clip_skip > 1:
+            hidden = out.hidden_states[-self.clip_skip]
+            final_norm = getattr(getattr(encoder, "text_model", encoder), "final_layer_norm")
+            return final_norm(hidden)
+        return out[0]
+
+    def condition(self, ids: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """Token ids -> the UNet's conditioning.
+
+        SD1/SD2: (B, 77, D) text states. SDXL: ``{"context": (B, 77, 2048), "text_embeds":
+        (B, 1280), "time_ids": (B, 6)}``; pass ``{"ids": (B, 2, 77), "time_ids": (B, 6)}`` to set
+        the size/crop conditioning (default: the native size, no crop).
+        """
+        time_ids = None
+        if isinstance(ids, dict):
+            time_ids, ids = ids.get("time_ids"), ids["ids"]
+        if not self.is_sdxl:
+            return self._hidden(self.text_encoder, ids, penultimate=False)
+        if ids.ndim != 3 or ids.shape[1] != 2:
+            raise ValueError(f"SDXL conditions on (B, 2, L) ids (both tokenizers), got {tuple(ids.shape)}")
+        first = self.text_encoder(ids[:, 0], output_hidden_states=True)
+        second = self.text_encoder_2(ids[:, 1], output_hidden_states=True)
+        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        if time_ids is None:
+            size = float(self.image_size)
+            time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=context.device).expand(ids.shape[0], 6)
+        return {"context": context, "text_embeds": second.text_embeds, "time_ids": time_ids.to(context)}
 
     def denoiser(self):
-        def model(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-            return self.unet(x, t, cond).sample
+        """``model(x_t, t, cond) -> prediction`` over :meth:`condition`'s output."""
+        if not self.is_sdxl:
+            def model(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+                return self.unet(x, t, cond).sample
 
-        return model
+            return model
+
+        def model_xl(x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+            added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+            return self.unet(x, t, cond["context"], added_cond_kwargs=added).sample
+
+        return model_xl
+
+    def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None) -> Any:
+        if self.is_sdxl and not negative:  # SDXL base: force_zeros_for_empty_prompt
+            return {k: (torch.zeros_like(v) if k != "time_ids" else v) for k, v in cond.items()}
+        ids = self.tokenize([negative] * count)
+        return self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "") -> Tensor:
-        size = self.image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
+    def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
+               sampler: str = "ddim", height: int | None = None, width: int | None = None) -> Tensor:
+        """DDIM or Euler with classifier-free guidance -> images (B, 3, H, W) in [-1, 1].
+
+        ``height``/``width`` default to :attr:`image_size` and must be multiples of
+        :attr:`size_multiple`. The starting noise is drawn on the CPU from ``seed``.
+        """
+        height, width = height or self.image_size, width or self.image_size
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"image size {width}x{height}: both sides must be multiples of {self.size_multiple}")
+        if sampler not in ("ddim", "euler"):
+            raise ValueError(f"sampler must be 'ddim' or 'euler', got {sampler!r}")
+        device = self.alphas_cumprod.device
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(len(prompts), self.unet.config.in_channels, size, size, generator=g).to(self.alphas_cumprod.device)
-        latents = diffusion.ddim_sample(
-            self.denoiser(), x, self.condition(self.tokenize(prompts)), alphas_cumprod=self.alphas_cumprod,
-            num_steps=steps, uncond=self.condition(self.tokenize([negative] * len(prompts))), guidance_scale=guidance,
-            prediction_type=self.prediction_type,
-        )
+        x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
+        ids = self.tokenize(prompts)
+        time_ids = None
+        if self.is_sdxl:
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
+            time_ids = time_ids.expand(len(prompts), 6)
+            cond = self.condition({"ids": ids, "time_ids": time_ids})
+        else:
+            cond = self.condition(ids)
+        uncond = self._uncond(negative, cond, len(prompts), time_ids)
+        run = diffusion.ddim_sample if sampler == "ddim" else diffusion.euler_sample
+        latents = run(self.denoiser(), x, cond, alphas_cumprod=self.alphas_cumprod, num_steps=steps, uncond=uncond,
+                      guidance_scale=guidance, prediction_type=self.prediction_type)
         return self.decode_latents(latents)
+
+
+def _plain_config(config: Any) -> dict:
+    """A model's constructor config as JSON-able plain values (diffusers FrozenDict / transformers config)."""
+    if hasattr(config, "to_diff_dict"):
+        raw = config.to_dict()
+        keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
+                "projection_dim", "layer_norm_eps")
+        return {k: raw[k] for k in keep if k in raw}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def _build(cls, config: dict):
+    """Construct a diffusers model without its random initialisation (meta device, weights assigned on load)."""
+    try:
+        with torch.device("meta"):
+            return cls(**config)
+    except Exception as exc:  # a config the shapes implied but the class refuses
+        raise ModelFolderError(f"cannot build {cls.__name__} from the checkpoint's shapes ({exc})") from None
+
+
+def _load(module: nn.Module, state: dict[str, Tensor], *, name: str, source: Path) -> None:
+    from .formats.files import WeightFileError
+
+    on_meta = any(p.is_meta for p in module.parameters())
+    wanted = module.state_dict()
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in wanted]
+    mismatched = [k for k in wanted if k in state and tuple(state[k].shape) != tuple(wanted[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
+        raise WeightFileError(f"{source}: the {name} weights do not fit the model their shapes describe ({'; '.join(parts)})")
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True,
+                           assign=on_meta)
+    leftover = [n for n, b in module.named_buffers() if b.is_meta]
+    if leftover:  # non-persistent buffers a meta construction could not fill
+        raise WeightFileError(f"{source}: the {name} has buffers the file does not hold ({', '.join(leftover[:3])})")
+
+
+def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any, cls) -> tuple[Any, Any]:
+    """The first (and SDXL's second) transformers tokenizer: from sdadapt's shipped CLIP vocabulary,
+    a tokenizer folder, a model folder holding ``tokenizer/`` (+ ``tokenizer_2/``), or a vocabulary file.
+
+    Padding follows the diffusers model folders: ``<|endoftext|>`` for SD1 and SDXL's first
+    encoder, ``!`` for SD2 and SDXL's second.
+    """
+    from transformers import CLIPTokenizer as Transformers
+
+    length = int(getattr(config, "max_position_embeddings", 77))
+    first_pad = "!" if architecture == "sd2" else "eos"
+    if source is None:
+        first = cls.load(None, max_length=length, pad=first_pad).to_transformers()
+        second = cls.load(None, max_length=length, pad="!").to_transformers() if architecture == "sdxl" else None
+        return first, second
+    root = Path(source)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such tokenizer folder or vocabulary file")
+    if root.is_dir() and (root / "tokenizer").is_dir():  # a diffusers model folder
+        first = Transformers.from_pretrained(root / "tokenizer")
+        second = Transformers.from_pretrained(root / "tokenizer_2") if (root / "tokenizer_2").is_dir() else None
+    elif root.is_dir():
+        if not (root / "vocab.json").is_file() or not (root / "merges.txt").is_file():
+            raise FileNotFoundError(f"{root}: not a CLIP tokenizer folder (needs vocab.json and merges.txt)")
+        first, second = Transformers.from_pretrained(root), None
+    else:
+        first, second = cls.load(root, max_length=length, pad=first_pad).to_transformers(), None
+    if architecture == "sdxl" and second is None:
+        second = copy.deepcopy(first)
+        second.pad_token = "!"
+    return first, second
+
+
+def load_model(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None,
+               clip_skip: int = 1, device: str | torch.device = "cpu") -> DiffusersSystem:
+    """A diffusers folder or a single-file checkpoint as a :class:`DiffusersSystem`.
+
+    Raises:
+        ModelFolderError: neither a folder nor a file.
+        WeightFileError: a file that is not a full SD1/SD2/SDXL checkpoint.
+    """
+    path = Path(model)
+    if path.is_dir():
+        if tokenizer is not None:
+            raise ValueError("--tokenizer is for single-file checkpoints; a diffusers folder has its own tokenizer/")
+        return DiffusersSystem.from_folder(path, device=device, clip_skip=clip_skip, prediction_type=prediction_type)
+    if path.is_file():
+        return DiffusersSystem.from_single_file(path, tokenizer=tokenizer, prediction_type=prediction_type,
+                                                clip_skip=clip_skip, device=device)
+    raise ModelFolderError(f"{path}: no such file or folder; --model takes 'toy', a diffusers Stable Diffusion folder "
+                           "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint")

@@ -2,12 +2,15 @@
 
 * :mod:`.inspect` — ``inspect``;
 * :mod:`.train` — ``demo``, ``train``;
+* :mod:`.generate` — ``generate``;
+* :mod:`.invert` — ``invert``;
 * :mod:`.loratools` — ``extract-lora``, ``resize-lora``, ``merge-lora``, ``combine-loras``;
 * :mod:`.merge` — ``merge`` and one sub-command per merge operator;
 * :mod:`.options` — the options they all share (``-o/--out``, ``--overwrite``, ``-q/--quiet``,
   ``--dtype``, comma-separated numbers) and the progress bar.
 
-Here: the parser and :func:`main`, which maps errors to one ``error: ...`` line and exit code 2.
+Here: the parser and :func:`main`, which maps every error to one ``error: ...`` line and the exit code
+of its class (:mod:`sdadapt.errors`; the table is in ``--help`` and ``docs/security.md``).
 """
 
 from __future__ import annotations
@@ -18,39 +21,82 @@ import sys
 __all__ = ["main", "build_parser"]
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``error: PROG: message (see PROG --help)``, exit 2), like
+    every other error of the command line; sub-command parsers inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from .options import safe_text
+
+        self.exit(2, f"error: {safe_text(self.prog)}: {safe_text(' '.join(message.split()))} "
+                     f"(see {safe_text(self.prog)} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m sdadapt`` parser with every command (each module's ``register``)."""
-    from . import inspect, loratools, merge, train
+    from . import generate, inspect, invert, loratools, merge, train
+    from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    from ..errors import exit_code_table
+
+    parser = _OneLineErrors(
         prog="python -m sdadapt",
         description="sdadapt: adapt Stable-Diffusion-style models (LoRA family, embeddings, merges). Every command "
         "that writes a file takes -o/--out, --overwrite, -q/--quiet and --dtype {keep,fp32,fp16,bf16}.",
+        epilog="exit codes (errors print one line: error: ...; see docs/security.md):\n" + exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"sdadapt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     inspect.register(sub)
     train.register(sub)  # demo, train
+    generate.register(sub)
+    invert.register(sub)
     loratools.register(sub)  # extract-lora, resize-lora, merge-lora, combine-loras
     merge.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; ``error: <one line>`` on stderr and exit code 2 for the errors a user can fix."""
+    """Run one command. Every error a user can cause ends as one ``error: ...`` line on stderr (control
+    characters escaped) and the exit code of its class (:data:`sdadapt.errors.EXIT_CODES`; the
+    table is in ``--help``): no traceback, nothing half-written left behind. SIGTERM is handled like
+    Ctrl-C (the partial output is removed): exit 143, resp. 130. An unexpected exception — a bug —
+    is one line too (exit 1); ``SDADAPT_TRACEBACK=1`` shows its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
-    from ..formats import WeightFileError
-    from .options import close_progress
+    from .options import close_progress, escaping_streams, terminate_as_interrupt
 
-    try:
-        return int(args.run(args))
-    except (WeightFileError, OSError, ValueError, ImportError) as exc:
-        close_progress()  # the message starts its own line, not the end of a half-drawn bar
-        # one line, no traceback: the message names the file and the fix
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    finally:
-        close_progress()
+    with escaping_streams(), terminate_as_interrupt():
+        try:
+            return int(args.run(args))
+        except BaseException as exc:  # noqa: BLE001 - every exit goes through one message and one code
+            if isinstance(exc, SystemExit):
+                raise
+            close_progress()  # the message starts its own line, not the end of a half-drawn bar
+            return _report(exc)
+        finally:
+            close_progress()
+
+
+def _report(exc: BaseException) -> int:
+    """Print ``error: <one line>`` for ``exc`` and return its exit code."""
+    import os
+    import traceback
+
+    from ..errors import INTERNAL_ERROR_CODE, exit_code_for
+    from .options import error_line, translate_error
+
+    exc = translate_error(exc)
+    code = exit_code_for(exc)
+    message = error_line(exc)
+    if code == INTERNAL_ERROR_CODE:
+        if os.environ.get("SDADAPT_TRACEBACK"):
+            traceback.print_exception(exc, file=sys.stderr)
+        message = (f"internal error ({type(exc).__name__}: {message}); this is a bug in sdadapt — please report it "
+                   "(set SDADAPT_TRACEBACK=1 to see where)")
+    print(f"error: {message}", file=sys.stderr)
+    return code

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import safe_text
+
 __all__ = ["register"]
 
 
@@ -13,25 +15,25 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     summary = describe_file(args.file)
     if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(json.dumps(summary, indent=2, sort_keys=True))  # (ensure_ascii: control characters come out as \u escapes)
         return 0
-    print(f"file:       {summary['file']}")
+    print(f"file:       {safe_text(summary['file'])}")
     print(f"kind:       {summary['kind']}")
     print(f"tensors:    {summary['tensors']}")
     print(f"size:       {summary['size_bytes'] / 2**20:.2f} MiB ({summary['size_bytes']} bytes)")
     print(f"dtypes:     {', '.join(f'{k} x{v}' for k, v in summary['dtypes'].items())}")
-    for field in ("modules", "components", "family", "algorithms", "ranks", "alphas"):
+    for field in ("model", "modules", "components", "family", "algorithms", "ranks", "alphas"):
         if field in summary:
             value = summary[field]
             text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
-            print(f"{field + ':':<11} {text}")
+            print(f"{field + ':':<11} {safe_text(text)}")
     metadata = summary["metadata"]
     print(f"metadata:   {len(metadata)} entries")
     for key in sorted(metadata):
-        value = metadata[key]
+        value = safe_text(metadata[key])  # text from the file: control characters (ESC, BEL ...) shown escaped
         if len(value) > 100:
             value = value[:97] + "..."
-        print(f"  {key}: {value}")
+        print(f"  {safe_text(key)[:200]}: {value}")
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import ExtendNumbers, add_output_options, numbers, progress_bar, torch_dtype
+from .options import ExtendNumbers, add_output_options, numbers, progress_bar, safe_text, torch_dtype
 
 __all__ = ["register"]
 
@@ -26,12 +26,13 @@ def _summary(report, verb: str) -> str:
         by_component[component] = by_component.get(component, 0) + 1
     ranks = sorted({info.rank for info in report.layers.values()})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
-    parts = ", ".join(f"{c} {n}" for c, n in by_component.items())
-    line = f"{verb} {report.path}: {len(report.layers)} layers ({parts}), rank {rank_text}, base model {report.base_model}"
+    parts = ", ".join(f"{safe_text(c)} {n}" for c, n in by_component.items())
+    line = (f"{verb} {safe_text(report.path)}: {len(report.layers)} layers ({parts}), rank {rank_text}, "
+            f"base model {report.base_model}")
     if report.layers:
         worst = max(report.layers.items(), key=lambda kv: kv[1].residual_norm / max(kv[1].norm, 1e-30))
         rel = worst[1].residual_norm / max(worst[1].norm, 1e-30)
-        line += f"\nlargest relative error ‖Δ − LoRA‖/‖Δ‖ = {rel:.3g} ({worst[0]})"
+        line += f"\nlargest relative error ‖Δ − LoRA‖/‖Δ‖ = {rel:.3g} ({safe_text(worst[0])})"
     return line
 
 
@@ -40,7 +41,7 @@ def _print_skipped(report) -> None:
         return
     print(f"skipped {len(report.skipped)} layer(s):", file=sys.stderr)
     for name, reason in list(report.skipped.items())[:10]:
-        print(f"  {name}: {reason}", file=sys.stderr)
+        print(f"  {safe_text(name)}: {safe_text(reason)}", file=sys.stderr)
     if len(report.skipped) > 10:
         print(f"  ... and {len(report.skipped) - 10} more", file=sys.stderr)
 
@@ -82,13 +83,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         args.base, args.loras, args.out, strengths=list(args.scale),
         block_weights=[list(v) for v in args.block_weights] if args.block_weights else None,
         dtype=torch_dtype(args.dtype), skip_unmatched=args.skip_unmatched, overwrite=args.overwrite,
-        progress=progress_bar(args, "merge-lora", unit="tensor"),
+        progress=progress_bar(args, "merge-lora", unit="tensor"), allow_nonfinite=args.allow_nonfinite,
     )
     if report.unmatched:
         print(f"skipped {len(report.unmatched)} LoRA layer(s) that match nothing:", file=sys.stderr)
         for name in report.unmatched[:10]:
-            print(f"  {name}", file=sys.stderr)
-    print(f"wrote {report.path}: {len(report.merged)} tensors changed by {len(args.loras)} LoRA(s)")
+            print(f"  {safe_text(name)}", file=sys.stderr)
+    print(f"wrote {safe_text(report.path)}: {len(report.merged)} tensors changed by {len(args.loras)} LoRA(s)")
     return 0
 
 
@@ -103,7 +104,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
         base_model=args.base_model, dtype=torch_dtype(args.dtype), overwrite=args.overwrite, base=args.base,
     )
     _print_skipped(report)
-    print(f"wrote {report.path} ({args.mode}) from {len(args.loras)} LoRAs")
+    print(f"wrote {safe_text(report.path)} ({args.mode}) from {len(args.loras)} LoRAs")
     return 0
 
 
@@ -195,6 +196,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "once for all LoRAs or once per LoRA")
     merge.add_argument("--skip-unmatched", action="store_true",
                        help="merge the LoRA layers that match the checkpoint and report the rest (default: error)")
+    merge.add_argument("--allow-nonfinite", action="store_true",
+                       help="let NaN/inf already in BASE pass through unchanged (default: refused, naming the "
+                       "tensor); NaN/inf the LoRAs produce is always refused")
     _common(merge, base_model=False, keep="each checkpoint tensor's own")
     merge.set_defaults(run=_cmd_merge)
 

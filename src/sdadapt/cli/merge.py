@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from .options import add_output_options, dtype_name, numbers, progress_bar
+from .options import add_output_options, dtype_name, numbers, progress_bar, safe_text
 
 __all__ = ["register", "operator_dest"]
 
@@ -51,9 +51,10 @@ def _run(step, args: argparse.Namespace, *, out: str, quiet: bool, overwrite: bo
     progress = None if quiet else progress_bar(args, f"merge {step.operator}", unit="tensor")
     started = time.perf_counter()
     report = merge_file(step, out, overwrite=overwrite, save_recipe=save_recipe, device=args.device,
-                        progress=progress, known_hashes=known_hashes, verify_hashes=verify)
-    print(report.summary())
-    print(f"wrote {out} in {time.perf_counter() - started:.1f} s")
+                        progress=progress, known_hashes=known_hashes, verify_hashes=verify,
+                        allow_nonfinite=getattr(args, "allow_nonfinite", False))
+    print(safe_text(report.summary(), keep_newlines=True))
+    print(f"wrote {safe_text(out)} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -124,7 +125,12 @@ def _settings(parser: argparse.ArgumentParser) -> None:
                        help="copy keys only later inputs have (default: dropped, as A1111 does)")
     group.add_argument("--reset-position-ids", action="store_true",
                        help="write CLIP position_ids as 0..n-1 (fixes files broken by older mergers)")
-    group.add_argument("--discard", default=None, metavar="REGEX", help="drop output keys matching REGEX")
+    group.add_argument("--discard", default=None, metavar="REGEX",
+                       help="drop output keys matching REGEX (re.search; matched in linear time: no backreferences "
+                       "or lookaround)")
+    group.add_argument("--allow-nonfinite", action="store_true",
+                       help="let NaN/inf already in an input pass through unchanged (default: refused, naming the "
+                       "tensor); NaN/inf the merge itself produces is always refused")
 
 
 _INPUT_HELP = {
@@ -187,6 +193,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="replay a recipe: its .json, or a merged .safetensors that carries one")
     merge.add_argument("--no-verify", action="store_true",
                        help="with --recipe: do not check the inputs' sha256 against the recorded ones")
+    merge.add_argument("--allow-nonfinite", action="store_true",
+                       help="with --recipe: let NaN/inf already in an input pass through (default: refused)")
     merge.add_argument("--device", default=None, help=argparse.SUPPRESS)
     add_output_options(merge, out_help="output .safetensors file of --recipe", required=False,
                        dtype_help="the dtype the recipe records", dest_prefix="recipe_")

@@ -17,10 +17,14 @@ Nothing heavy is imported here (``python -m sdadapt --help`` stays fast); torch 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 __all__ = [
@@ -34,6 +38,11 @@ __all__ = [
     "ProgressBar",
     "progress_bar",
     "close_progress",
+    "safe_text",
+    "error_line",
+    "translate_error",
+    "escaping_streams",
+    "terminate_as_interrupt",
 ]
 
 #: the ``--dtype`` choices, in the order ``--help`` shows them
@@ -268,3 +277,158 @@ def close_progress() -> None:
     for bar in list(_OPEN):
         bar.close()
 
+
+
+# ------------------------------------------------------------------------------ terminal safety
+#: C0 controls but newline/tab, DEL, C1 controls, and the Unicode bidi/line-separator controls that
+#: can make printed text lie (ESC sequences clear the screen, set the window title, write the clipboard)
+_CONTROL_KEEP_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_ALL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(text: object, *, keep_newlines: bool = False) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``, ``\\x07``, ``\\u202e`` ...),
+    so text from a file (metadata, key names) cannot drive the terminal. ``keep_newlines`` leaves
+    ``\\n`` and ``\\t`` as they are (multi-line reports); otherwise they are escaped too."""
+    return (_CONTROL_KEEP_LINES if keep_newlines else _CONTROL_ALL).sub(_escape, str(text))
+
+
+_ADVICE = re.compile(r"[^.]*weights_only[`'\"]?\s*(?:set to|=)\s*[`'\"]?False[^.]*\.?", re.IGNORECASE)
+
+
+def _unpickling_refusal(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain that is torch/pickle refusing to unpickle (None: none is)."""
+    import pickle
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, pickle.UnpicklingError) or "Weights only load failed" in str(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def error_line(exc: BaseException, *, limit: int = 2000) -> str:
+    """The one line ``python -m sdadapt`` prints for ``exc`` (without ``error: ``): whitespace
+    collapsed, control characters escaped, at most ``limit`` characters, and never torch's advice to
+    retry with ``weights_only=False``."""
+    from ..errors import Interrupted, SdadaptError
+
+    if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+        text = "interrupted (Ctrl-C); the partial output (if any) was removed"
+    elif isinstance(exc, MemoryError) and not isinstance(exc, SdadaptError):
+        text = f"out of memory{(' (' + str(exc) + ')') if str(exc) else ''}; try smaller inputs or a machine with more memory"
+    else:
+        refusal = None if isinstance(exc, SdadaptError) else _unpickling_refusal(exc)
+        if refusal is not None:
+            where = re.search(r"['\"]([^'\"]+\.(?:bin|pt|pth|ckpt))['\"]", str(exc))
+            text = (
+                f"{where.group(1) + ': ' if where else ''}a pickle file was refused by torch.load(weights_only=True): "
+                "it tries to run code or holds objects only full unpickling could rebuild. sdadapt never runs code "
+                "from files; get the model as .safetensors from a trusted source"
+            )
+        else:
+            text = str(exc) or type(exc).__name__
+            if isinstance(exc, KeyError) and exc.args:
+                text = f"missing key {exc.args[0]!r}"
+    text = _ADVICE.sub("", text)
+    text = safe_text(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def translate_error(exc: BaseException) -> BaseException:
+    """A third-party exception that has a documented meaning, as the :mod:`sdadapt.errors` class it
+    is (so it gets that exit code): torch refusing to unpickle → :class:`UnsafeFileError`; a CUDA-less
+    build or an unknown device string → :class:`InputError`; a ``RecursionError`` or a safetensors
+    library error from a file → :class:`WeightFileError`. Anything else comes back unchanged."""
+    from ..errors import InputError, SdadaptError, UnsafeFileError, WeightFileError
+
+    if isinstance(exc, (SdadaptError, KeyboardInterrupt, SystemExit)):
+        return exc
+    text = " ".join(str(exc).split())
+    if _unpickling_refusal(exc) is not None:
+        return UnsafeFileError(error_line(exc))
+    if isinstance(exc, AssertionError) and "not compiled with CUDA" in text:
+        return InputError("--device: this torch build has no CUDA; use --device cpu (or install a CUDA build of torch)")
+    if isinstance(exc, RuntimeError) and ("device type at start of device string" in text or "Invalid device" in text):
+        return InputError(f"--device: not a device this torch knows ({text[:160]}); use cpu, cuda or mps")
+    if isinstance(exc, RecursionError):
+        return WeightFileError("an input is nested too deeply to read (RecursionError); it is corrupt or hostile")
+    if type(exc).__name__ == "SafetensorError":
+        return WeightFileError(f"an unreadable safetensors file ({text[:300]}); download or copy it again")
+    return exc
+
+
+class _EscapingStream:
+    """A text stream that escapes control characters (newlines, tabs and the progress bar's ``\\r`` pass)."""
+
+    _PATTERN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._PATTERN.sub(_escape, text))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def escaping_streams() -> Iterator[None]:
+    """While the block runs, ``sys.stdout``/``sys.stderr`` escape control characters (anything a
+    command prints from a file — a key name, a metadata value — cannot drive the terminal)."""
+    saved = sys.stdout, sys.stderr
+    if not isinstance(sys.stdout, _EscapingStream):
+        sys.stdout = _EscapingStream(sys.stdout)  # type: ignore[assignment]
+    if not isinstance(sys.stderr, _EscapingStream):
+        sys.stderr = _EscapingStream(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM, SIGHUP and SIGINT raise :class:`sdadapt.errors.Interrupted` —
+    once: signals that arrive while the partial output is being removed are ignored — so every
+    ``finally``/``except BaseException`` on the way up (the atomic writer's cleanup) runs. Only
+    in the main thread (where Python delivers signals); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from ..errors import Interrupted
+
+    fired: list[int] = []
+
+    def handler(number: int, frame: Any) -> None:
+        if fired:
+            return  # already unwinding: let the cleanup finish
+        fired.append(number)
+        raise Interrupted(number)
+
+    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    saved = {}
+    for number in wanted:
+        try:
+            saved[number] = signal.signal(number, handler)
+        except (ValueError, OSError):  # not settable here
+            pass
+    try:
+        yield
+    finally:
+        for number, previous in saved.items():
+            signal.signal(number, previous)

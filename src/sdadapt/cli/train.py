@@ -1,13 +1,64 @@
-"""``python -m sdadapt demo`` and ``python -m sdadapt train METHOD``: training from the shell."""
+"""``python -m sdadapt demo`` and ``python -m sdadapt train METHOD``: training from the shell.
+
+``train`` takes kohya-like flags and a TOML config (``--config train.toml``: keys are the flag
+names with underscores, kohya's own names are read too; flags given on the command line win).
+Every option is checked before the model loads or the first step runs. Method-specific options
+(``--network-dim`` for the LoRA family, ``--text-encoder`` for fine-tuning, each method's
+registered :class:`sdadapt.methods.MethodOption` s) are added from the method registry.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+from pathlib import Path
+from typing import Any
 
 from .options import add_output_options, progress_bar, torch_dtype
 
-__all__ = ["register"]
+__all__ = ["register", "read_config", "KOHYA_KEYS", "KOHYA_IGNORED"]
+
+#: an option the command line did not give (the TOML file or the default then decides)
+_UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
+
+#: kohya sd-scripts config names -> sdadapt's (TOML keys)
+KOHYA_KEYS = {
+    "pretrained_model_name_or_path": "model",
+    "train_data_dir": "images",
+    "max_train_steps": "steps",
+    "max_train_epochs": "epochs",
+    "train_batch_size": "batch_size",
+    "optimizer_type": "optimizer",
+    "prior_loss_weight": "prior_weight",
+    "save_precision": "dtype",
+    "dataset_repeats": "repeats",
+    "class_tokens": "prompt",
+    "network_dim": "rank",
+    "network_alpha": "alpha",
+    "conv_dim": "conv_rank",
+    "output_name": "output_name",
+    "output_dir": "output_dir",
+}
+#: kohya options that change nothing here (sdadapt always does it, or picks it itself)
+KOHYA_IGNORED = {
+    "cache_latents": "latents are always cached (per bucket)",
+    "cache_latents_to_disk": "latents are cached in memory",
+    "xformers": "torch picks the attention kernel",
+    "sdpa": "torch picks the attention kernel",
+    "mem_eff_attn": "torch picks the attention kernel",
+    "max_data_loader_n_workers": "images are read once, before training",
+    "persistent_data_loader_workers": "images are read once, before training",
+    "save_model_as": "sdadapt writes .safetensors (hypernetworks: .pt)",
+    "logging_dir": "the CSV log and TensorBoard events go beside the output",
+    "log_prefix": "the CSV log and TensorBoard events go beside the output",
+    "network_module": "the method decides the network (lora, locon, loha, lokr, dora)",
+    "lowram": "",
+    "full_fp16": "use --mixed-precision",
+    "full_bf16": "use --mixed-precision",
+}
+_DTYPES = {"float": "fp32", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
+           "bfloat16": "bf16", "keep": "keep"}
 
 
 def _score_table(before: dict, after: dict) -> str:
@@ -19,12 +70,34 @@ def _score_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def _message(line: str) -> None:
+    """A line on stderr above the progress bar that is drawing (tqdm's ``write``, or the built-in
+    bar's line cleared first and redrawn at its next update)."""
+    from . import options
+
+    for bar in list(options._OPEN):
+        if bar._tqdm is not None:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+            return
+        if bar._line_open:
+            bar.stream.write("\r" + " " * bar._last_len + "\r")
+            bar._line_open = False
+            bar._last_draw = float("-inf")
+    print(line, file=sys.stderr)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..jobs import run_demo
 
     if not args.quiet:
         print(f"teaching the toy model the held-out concept {args.concept!r} with {args.method} "
-              f"from {args.images} images (the model has never seen it)", file=sys.stderr)
+              f"from {_plural(args.images, 'image')} (the model has never seen it)", file=sys.stderr)
     result = run_demo(method=args.method, concept=args.concept, images=args.images, steps=args.steps, prior=args.prior,
                       seed=args.seed, out=args.out, overwrite=args.overwrite, dtype=torch_dtype(args.dtype),
                       progress=progress_bar(args, args.method, unit="step"))
@@ -36,21 +109,314 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from ..jobs import run_train
+# ----------------------------------------------------------------------------------- config
+def _resolution(text: Any) -> tuple[int, int]:
+    """``512``, ``"512"`` or ``"768,512"`` (WIDTH,HEIGHT, kohya's order) -> (height, width)."""
+    if isinstance(text, int):
+        return (text, text)
+    if isinstance(text, (list, tuple)) and len(text) == 2:
+        return (int(text[1]), int(text[0]))
+    parts = [p.strip() for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be SIZE or WIDTH,HEIGHT (e.g. 512 or 768,512), got {text!r}") from None
+    if len(values) == 1:
+        return (values[0], values[0])
+    if len(values) == 2:
+        return (values[1], values[0])
+    raise argparse.ArgumentTypeError(f"resolution must be SIZE or WIDTH,HEIGHT (e.g. 512 or 768,512), got {text!r}")
 
-    result = run_train(args.method, images=args.images, prompt=args.prompt, model=args.model, out=args.out,
-                       steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, class_prompt=args.class_prompt,
-                       class_count=args.class_images, prior=args.prior, prior_weight=args.prior_weight, seed=args.seed,
-                       overwrite=args.overwrite, dtype=torch_dtype(args.dtype),
-                       progress=progress_bar(args, args.method, unit="step"))
+
+def _load_toml(path: Path) -> dict:
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise ImportError("reading --config TOML files on Python 3.10 needs tomli: pip install tomli "
+                              "(Python 3.11+ reads TOML itself)") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid TOML ({exc})") from None
+
+
+def read_config(path: str | Path, *, fields: set[str], method_options: set[str]) -> tuple[dict, dict, list[str]]:
+    """A TOML config -> ``(train options, method options, notes)``.
+
+    Keys are sdadapt's option names (``batch_size``, ``network_dim`` ...; dashes work too) or
+    kohya's (``max_train_steps``, ``train_batch_size``, ``network_args = ["conv_dim=4"]`` ...);
+    tables (``[training_arguments]`` ...) are flattened. kohya options that change nothing here
+    are listed in the notes; unknown keys are an error that suggests the closest name.
+    """
+    file = Path(path)
+    raw = _load_toml(file)
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    options: dict[str, Any] = {}
+    methods: dict[str, Any] = {}
+    notes: list[str] = []
+    output_dir = output_name = None
+    for key, value in flat.items():
+        name = key.replace("-", "_")
+        name = KOHYA_KEYS.get(name, name)
+        if name in KOHYA_IGNORED:
+            notes.append(f"ignored {key} ({KOHYA_IGNORED[name]})" if KOHYA_IGNORED[name] else f"ignored {key}")
+            continue
+        if name == "output_dir":
+            output_dir = value
+            continue
+        if name == "output_name":
+            output_name = value
+            continue
+        if name == "network_args":
+            for item in value if isinstance(value, list) else [value]:
+                arg, _, setting = str(item).partition("=")
+                arg = {"conv_dim": "conv_rank"}.get(arg.strip(), arg.strip())
+                if arg not in method_options:
+                    raise ValueError(f"--config {file}: network_args {item!r}: sdadapt knows conv_dim and conv_alpha here")
+                methods[arg] = setting.strip()
+            continue
+        if name == "network_train_unet_only":
+            methods["text_encoder"] = not value
+            continue
+        if name == "v_parameterization":
+            if value:
+                options["prediction_type"] = "v_prediction"
+            continue
+        if name == "reg_data_dir":
+            raise ValueError(f"--config {file}: reg_data_dir: sdadapt makes class (regularisation) images from "
+                             "class_prompt instead; set class_prompt = 'a photo of a <class>'")
+        if name in method_options:
+            methods[name] = value
+        elif name in fields:
+            options[name] = value
+        else:
+            close = difflib.get_close_matches(name, sorted(fields | method_options | set(KOHYA_KEYS)), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"--config {file}: unknown option {key!r}{hint}")
+    if output_name is not None or output_dir is not None:
+        if "out" in options:
+            raise ValueError(f"--config {file}: give out, or output_dir/output_name, not both")
+        name = str(output_name or "last")
+        options["out"] = str(Path(str(output_dir or ".")) / (name if Path(name).suffix else name + ".safetensors"))
+    if "resolution" in options:
+        options["resolution"] = _resolution(options["resolution"])
+    if "dtype" in options:
+        options["dtype"] = _DTYPES.get(str(options["dtype"]).lower(), options["dtype"])
+    if "mixed_precision" in options and str(options["mixed_precision"]).lower() in ("none", "fp32"):
+        options["mixed_precision"] = "no"
+    return options, methods, notes
+
+
+# ----------------------------------------------------------------------------------- train
+def _method_options():
+    """Every method option by name: ``{name: (MethodOption, [methods that take it])}``."""
+    from ..methods import METHODS
+
+    options: dict[str, tuple[Any, list[str]]] = {}
+    for method in METHODS.values():
+        for option in method.options:
+            entry = options.setdefault(option.name, (option, []))
+            entry[1].append(method.name)
+    return options
+
+
+def _convert(option, value: Any) -> Any:
+    """A TOML/CLI value through the option's type (TOML already typed: bools and numbers pass)."""
+    if option.type is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(f"{option.option_strings[0]} takes true or false, got {value!r}")
+        return bool(value)
+    try:
+        return option.type(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{option.option_strings[0]}: {value!r} is not a valid {getattr(option.type, '__name__', 'value')}") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..jobs import TrainOptions, run_train
+
+    method_options = _method_options()
+    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options"}
+    given = {k: v for k, v in vars(args).items() if v is not _UNSET and k in fields}
+    given_methods = {name: getattr(args, f"mo_{name}") for name in method_options
+                     if getattr(args, f"mo_{name}", _UNSET) is not _UNSET}
+    notes: list[str] = []
+    values: dict[str, Any] = {}
+    chosen: dict[str, Any] = {}
+    if args.config is not None:
+        values, chosen, notes = read_config(args.config, fields=fields, method_options=set(method_options))
+    if not given.get("overwrite"):
+        given.pop("overwrite", None)
+    if given.get("dtype") == "keep" and "dtype" in values:
+        given.pop("dtype")
+    values.update(given)
+    chosen.update(given_methods)
+    if values.get("images") is None:
+        raise ValueError("no images: pass --images DIR (or images = 'DIR' in the --config file)")
+    for name, value in list(chosen.items()):
+        option, owners = method_options[name]
+        if args.method not in owners:
+            raise ValueError(f"{option.option_strings[0]} is an option of {', '.join(sorted(owners))}, not {args.method}")
+        chosen[name] = _convert(option, value)
+    dtype = values.pop("dtype", "keep")
+    if dtype not in ("keep", "fp32", "fp16", "bf16"):
+        raise ValueError(f"dtype must be keep, fp32, fp16 or bf16, got {dtype!r}")
+    quiet = bool(args.quiet)
+    options = TrainOptions(**values, method_options=chosen, dtype=torch_dtype(dtype))
+
+    def log(line: str) -> None:
+        if not quiet:
+            _message(line)
+
+    for note in notes:
+        log(f"config: {note}")
+
+    def bars(label: str, unit: str):
+        return progress_bar(argparse.Namespace(quiet=quiet), label, unit=unit)
+
+    result = run_train(args.method, options, progress=progress_bar(argparse.Namespace(quiet=quiet), args.method, unit="step"),
+                       bars=bars, log=log)
     losses = result["losses"]
-    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    prior = f" + {result['prior_images']} class images" if result["prior_images"] else ""
-    print(f"trained {result['method']} on {result['images']} images{prior} in {result['seconds']:.0f} s; "
-          f"loss {sum(head) / len(head):.4f} -> {sum(tail) / len(tail):.4f}")
+    prior = f" + {_plural(result['prior_images'], 'class image')}" if result["prior_images"] else ""
+    resumed = f" (resumed at step {result['resumed_from']})" if result["resumed_from"] is not None else ""
+    if losses:
+        head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
+        trend = f"; loss {sum(head) / len(head):.4f} -> {sum(tail) / len(tail):.4f}"
+    else:
+        trend = ""
+    print(f"trained {result['method']} on {_plural(result['images'], 'image')}{prior} for {_plural(result['steps'], 'step')} "
+          f"({_plural(result['epochs'], 'epoch')}){resumed} in {result['seconds']:.0f} s{trend}")
     print(f"wrote {result['file']}")
+    print(f"log:  {result['log']}" + (f" (TensorBoard: {result['tensorboard']})" if result["tensorboard"] else ""))
+    if result["samples"]:
+        print(f"samples: {_plural(len(result['samples']), 'image')} in {Path(result['samples'][0]).parent}")
+    if result["state"]:
+        print(f"state: {result['state']} (continue with --resume)")
     return 0
+
+
+def _add_train_arguments(train: argparse.ArgumentParser) -> None:
+    """Every ``train`` flag, default ``_UNSET`` (the TOML file, then :class:`sdadapt.jobs.TrainOptions`, decide)."""
+    from ..methods.fit import OPTIMIZERS, SCHEDULES
+
+    def add(group, *flags, **kw):
+        kw.setdefault("default", _UNSET)
+        group.add_argument(*flags, **kw)
+
+    bool_flag = argparse.BooleanOptionalAction
+    train.add_argument("--config", default=None, metavar="TOML",
+                       help="read options from a TOML file (sdadapt or kohya option names); flags given here win")
+    data = train.add_argument_group("data (kohya folder layout: images + NAME.txt captions, N_name repeat folders)")
+    add(data, "--images", "--train-data-dir", dest="images", metavar="DIR",
+        help="folder of .png/.jpg images with NAME.txt captions; sub-folders N_name repeat their images N times per epoch")
+    add(data, "--prompt", "--class-tokens", dest="prompt", help="caption of images without a caption file")
+    add(data, "--caption-extension", metavar="EXT", help="caption file suffix (default .txt; .caption is read too)")
+    add(data, "--repeats", type=int, metavar="N", help="repeats of images directly in --images (default 1)")
+    add(data, "--shuffle-caption", action=bool_flag, help="shuffle the comma-separated tags at each draw")
+    add(data, "--keep-tokens", type=int, metavar="N", help="the first N tags never move (with --shuffle-caption)")
+    add(data, "--caption-dropout-rate", type=float, metavar="P", help="train on the empty caption with probability P")
+    add(data, "--caption-tag-dropout-rate", type=float, metavar="P", help="drop each movable tag with probability P")
+    add(data, "--resolution", type=_resolution, metavar="SIZE|W,H",
+        help="training resolution (default: the model's: SD1/SD2 512, SDXL 1024, toy 32)")
+    add(data, "--enable-bucket", "--bucket", dest="enable_bucket", action=bool_flag,
+        help="aspect-ratio bucketing (default on); --no-bucket scales and centre-crops every image to the square resolution")
+    add(data, "--min-bucket-reso", type=int, metavar="PX", help="smallest bucket side (default resolution/2)")
+    add(data, "--max-bucket-reso", type=int, metavar="PX", help="largest bucket side (default resolution x 2)")
+    add(data, "--bucket-reso-steps", type=int, metavar="PX", help="bucket sides are multiples of this (default 64)")
+    add(data, "--bucket-no-upscale", action=bool_flag, help="never enlarge an image: small images get their own bucket")
+
+    model = train.add_argument_group("model")
+    add(model, "--model", "--pretrained-model-name-or-path", dest="model", metavar="toy|PATH",
+        help="'toy' (built in, the default), a diffusers folder, or an SD1/SD2/SDXL single-file checkpoint (.safetensors/.ckpt)")
+    add(model, "--tokenizer", metavar="DIR", help="CLIP tokenizer for a single-file checkpoint (default: the shipped CLIP vocabulary)")
+    add(model, "--prediction-type", choices=("epsilon", "v_prediction"),
+        help="what the UNet predicts (default: the model's; SD2-768-v files: v_prediction)")
+    add(model, "--v-parameterization", dest="prediction_type", action="store_const", const="v_prediction",
+        help="= --prediction-type v_prediction (kohya's flag)")
+    add(model, "--clip-skip", type=int, metavar="N", help="condition on the N-th last text-encoder layer (SD1/SD2; default 1)")
+    add(model, "--device", metavar="DEV", help="auto (default: cuda when present), cpu, cuda, cuda:N, mps")
+
+    method = train.add_argument_group("method options (each method takes the ones its --help line names)")
+    for name, (option, owners) in _method_options().items():
+        kwargs: dict[str, Any] = {"dest": f"mo_{name}", "default": _UNSET,
+                                  "help": f"{option.help} [{', '.join(sorted(owners))}]"}
+        if option.type is bool:
+            kwargs["action"] = bool_flag
+        else:
+            kwargs["metavar"] = option.metavar or name.upper()
+        method.add_argument(*option.option_strings, **kwargs)
+
+    optim = train.add_argument_group("optimisation")
+    add(optim, "--steps", "--max-train-steps", dest="steps", type=int, metavar="N",
+        help="optimiser steps (default: the method's, 600); or --epochs")
+    add(optim, "--epochs", "--max-train-epochs", dest="epochs", type=int, metavar="N",
+        help="train N epochs (each image x its repeats once per epoch)")
+    add(optim, "--batch-size", "--train-batch-size", dest="batch_size", type=int, metavar="N", help="default 4")
+    add(optim, "--gradient-accumulation-steps", type=int, metavar="N", help="batches per optimiser step (default 1)")
+    add(optim, "--lr", "--learning-rate", dest="learning_rate", type=float, metavar="LR", help="default: the method's")
+    add(optim, "--unet-lr", type=float, metavar="LR", help="learning rate of the UNet's parameters (overrides --lr)")
+    add(optim, "--text-encoder-lr", type=float, metavar="LR",
+        help="learning rate inside the text encoder(s) (default: --lr; 0 freezes them)")
+    add(optim, "--optimizer", "--optimizer-type", dest="optimizer", metavar="NAME",
+        help=f"{', '.join(OPTIMIZERS)} (default adamw; kohya's AdamW8bit etc. work)")
+    add(optim, "--weight-decay", type=float, metavar="W", help="default 0.01")
+    add(optim, "--lr-scheduler", choices=SCHEDULES, help="default cosine")
+    add(optim, "--lr-warmup-steps", type=float, metavar="N",
+        help="linear warm-up steps, or a fraction of the steps below 1 (default: min(20, steps/10))")
+    add(optim, "--lr-scheduler-num-cycles", type=int, metavar="N", help="cycles of cosine_with_restarts (default 1)")
+    add(optim, "--max-grad-norm", type=float, metavar="X", help="gradient clipping (default 1; 0 = off)")
+    add(optim, "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast the forward pass (default no)")
+    add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off)")
+    add(optim, "--noise-offset", type=float, metavar="X", help="offset noise strength (e.g. 0.05; default 0)")
+    add(optim, "--ema-decay", type=float, metavar="D", help="save the EMA of the weights (e.g. 0.999; default off)")
+    add(optim, "--seed", type=int, help="default 0")
+    add(optim, "--stop-on-nan", action=bool_flag, help="stop at the first NaN/inf loss, naming the step (default on)")
+
+    prior = train.add_argument_group("prior preservation (DreamBooth class images)")
+    add(prior, "--class-prompt", help="the class your images belong to, e.g. 'a photo of a dog': the unadapted model's images "
+        "of it are trained on alongside yours")
+    add(prior, "--class-images", type=int, metavar="N", help="how many class images (default: 2 x your images)")
+    add(prior, "--prior-weight", "--prior-loss-weight", dest="prior_weight", type=float, metavar="W",
+        help="weight of the class images' loss (default 1)")
+    add(prior, "--prior", action=bool_flag, help="force prior preservation on/off (default: on with --class-prompt, on the "
+        "toy model for the LoRA family and dreambooth)")
+
+    save = train.add_argument_group("saving, resuming, samples and logs")
+    add(save, "--save-every-n-steps", type=int, metavar="N", help="also save OUT-stepNNNNNN every N steps (+ the state)")
+    add(save, "--save-every-n-epochs", type=int, metavar="N", help="also save OUT-epochNNNN every N epochs (+ the state)")
+    add(save, "--save-state", action=bool_flag, help="write the resumable state OUT-state/ with each save (default on)")
+    add(save, "--resume", metavar="DIR", help="continue a run from its state folder (same method, model and settings)")
+    add(save, "--sample-prompts", metavar="FILE",
+        help="prompts file (kohya format: one a line, --n NEG --w W --h H --d SEED --l CFG --s STEPS); images in OUT-samples/")
+    add(save, "--sample-every-n-steps", type=int, metavar="N", help="sample every N steps (default: at the end)")
+    add(save, "--sample-every-n-epochs", type=int, metavar="N", help="sample every N epochs")
+    add(save, "--sample-sampler", choices=("ddim", "euler"), help="default ddim")
+    add(save, "--sample-steps", type=int, metavar="N", help="sampler steps of samples without --s (default 20)")
+    add(save, "--log-with", choices=("auto", "csv", "tensorboard"),
+        help="the CSV log OUT-log.csv is always written; auto (default) adds TensorBoard events when installed")
+    add(save, "--training-comment", metavar="TEXT", help="stored as ss_training_comment")
+    group = add_output_options(train, out_help="output file (default: <images folder>-<method>.safetensors; full/dreambooth: "
+                               "an LDM .safetensors or a diffusers folder)", required=False,
+                               dtype_help="float32, as trained")
+    del group
+    train.set_defaults(out=_UNSET)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +434,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--method", choices=methods, default="lora")
     demo.add_argument("--concept", choices=["cross", "purple"], default="cross", help="held-out shape or colour to teach")
     demo.add_argument("--images", type=int, default=8, help="training images (default 8)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
+    demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the method's)")
     demo.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
                       help="regularise with the model's own images of held-in prompts (prior preservation; "
                       "default: the method's — on for the LoRA family and dreambooth)")
@@ -80,26 +446,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     train = sub.add_parser(
         "train",
-        help="train a method on your own folder of images and captions",
-        description="Train METHOD on the images in --images (captions from NAME.txt beside each image, or --prompt "
-        "for all) on the toy model or a local diffusers Stable Diffusion folder, and write the result.",
+        help="train a method on your own images (toy, diffusers folder, SD1/SD2/SDXL single file; kohya-like options)",
+        description="Train METHOD on a folder of captioned images (kohya layout) on the toy model, a diffusers Stable "
+        "Diffusion folder or an SD1/SD2/SDXL single-file checkpoint, with aspect-ratio buckets, and write the result "
+        "(LoRA family: a kohya/LyCORIS .safetensors with kohya's ss_* metadata). Options come from flags and/or "
+        "--config train.toml (flags win); everything is checked before the first step. Writes OUT, OUT-log.csv, and "
+        "with the options OUT-stepN / OUT-samples/ / OUT-state/ (resume with --resume). See docs/train.md.",
     )
     train.add_argument("method", choices=methods)
-    train.add_argument("--images", required=True, help="folder of .png/.jpg images (+ optional NAME.txt captions)")
-    train.add_argument("--prompt", default=None, help="caption for images without a .txt file")
-    train.add_argument("--model", default="toy", help="'toy' (built in) or a diffusers SD1.x/SD2.x folder")
-    train.add_argument("--steps", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
-    train.add_argument("--batch-size", type=int, default=4)
-    train.add_argument("--class-prompt", default=None,
-                       help="prior preservation: the class your images belong to, e.g. 'a photo of a dog'; the "
-                       "unadapted model's images of it are trained on alongside yours (DreamBooth / reg images)")
-    train.add_argument("--class-images", type=int, default=None, help="how many class images (default: 2 x your images)")
-    train.add_argument("--prior-weight", type=float, default=1.0, help="weight of the class images' loss (default 1)")
-    train.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
-                       help="force prior preservation on/off (default: on with --class-prompt, on the toy model "
-                       "for the LoRA family and dreambooth)")
-    train.add_argument("--seed", type=int, default=0)
-    add_output_options(train, out_help="output file (default: <images folder>-<method>.safetensors)", required=False,
-                       dtype_help="float32, as trained")
+    _add_train_arguments(train)
     train.set_defaults(run=_cmd_train)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave it out for the default)")
+    return value

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .detect import describe_file, detect_kind
 from .diffusers import from_diffusers, load_diffusers, load_peft, save_diffusers, save_peft, to_diffusers
+from .embeddings import EMBEDDING_FORMATS, load_embedding, save_embedding
 from .files import WeightFileError, read_weights, write_safetensors
 from .kohya import from_kohya, load_kohya, save_kohya, to_kohya
 from .layers import LayerNotFoundError, canonical_state, resolve_layers
@@ -49,6 +50,9 @@ __all__ = [
     "load_peft",
     "save_peft",
     "describe_file",
+    "load_embedding",
+    "save_embedding",
+    "EMBEDDING_FORMATS",
     "detect_kind",
     "read_weights",
     "write_safetensors",

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_rank
-from .files import _check_is_file, read_safetensors_header, read_weights, sniff_format
+from .files import _check_is_file, read_safetensors_header, read_safetensors_scalars, sniff_format
 from .kohya import is_kohya_state
 
 __all__ = ["FILE_KINDS", "detect_kind", "describe_file"]
@@ -56,6 +56,8 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
     """Classify by keys/metadata; one of :data:`FILE_KINDS`."""
     if not keys:
         return "unknown"
+    if metadata.get("format") == "sdadapt-toy/1":  # the shipped toy model and its fine-tunes (save_toy)
+        return "checkpoint"
     key_set = set(keys)
     if any("custom_diffusion" in k for k in keys):
         return "custom-diffusion"
@@ -77,8 +79,8 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         return "diffusers-lora"
     if any(k.startswith("string_to_param") for k in keys) or key_set in ({"emb_params"}, {"clip_l", "clip_g"}):
         return "embedding"
-    if any(k.split(".", 1)[0].isdigit() and ".linear." in k for k in keys):
-        return "hypernetwork"
+    if any(k.split(".", 1)[0].isdigit() and (".linear." in k or ".linear1." in k) for k in keys):
+        return "hypernetwork"  # A1111: "<width>.<0|1>.linear.<i>.*" (old files: linear1/linear2)
     if any(k.startswith(_CHECKPOINT_MARKERS) for k in keys) or any(k.startswith("state_dict.") for k in keys):
         return "checkpoint"
     if len(keys) == 1 or len(keys) <= 2 and all("." not in k for k in keys):
@@ -89,10 +91,20 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
 def describe_file(path: str | os.PathLike) -> dict:
     """A JSON-able summary: kind, modules, ranks, alphas, dtypes, size, metadata.
 
-    Safetensors files are summarised from the header alone where possible (no tensor data
-    is read except the 0-dim alphas); legacy pickles are read with ``weights_only=True``.
+    Bounded work, whatever the file claims: safetensors files are summarised from their validated
+    header (no tensor data is read except the 0-dim alphas); legacy pickles from their pickle
+    stream alone, run through a restricted unpickler that reads no tensor data, imports nothing
+    and refuses code (:func:`sdadapt.formats.pickles.pickle_header`).
     """
-    file = Path(path)
+    from .header import _no_gc
+
+    with _no_gc():  # ~10 objects per tensor, none cyclic: the collector's passes would dominate
+        return _describe(Path(path))
+
+
+def _describe(file: Path) -> dict:
+    from .pickles import pickle_header, pickle_scalars
+
     if file.is_dir() and (file / "adapter_model.safetensors").is_file():
         file = file / "adapter_model.safetensors"  # a peft adapter folder
     _check_is_file(file)
@@ -105,10 +117,13 @@ def describe_file(path: str | os.PathLike) -> dict:
             shapes[key] = tuple(info["shape"])
             dtypes[_SAFETENSORS_DTYPES.get(str(info["dtype"]), str(info["dtype"]).lower())] += 1
     else:
-        tensors, metadata = read_weights(file)
-        for key, value in tensors.items():
-            shapes[key] = tuple(value.shape)
-            dtypes[str(value.dtype).replace("torch.", "")] += 1
+        found = pickle_header(file)
+        metadata = dict(found.extras)
+        for key, stub in found.tensors.items():
+            shapes[key] = stub.shape
+            dtypes[stub.dtype] += 1
+        alpha_stubs = {k: v for k, v in found.tensors.items() if k.endswith(".alpha")}
+        tensors = {k: torch.tensor(v) for k, v in pickle_scalars(file, alpha_stubs).items()} if alpha_stubs else {}
     keys = list(shapes)
     kind = detect_kind(keys, metadata)
     summary: dict = {
@@ -121,7 +136,43 @@ def describe_file(path: str | os.PathLike) -> dict:
     }
     if kind in ("kohya-lora", "lycoris", "diffusers-lora", "peft-lora"):
         summary.update(_adapter_summary(file, shapes, tensors, kind, metadata))
+    if kind == "hypernetwork":
+        summary.update(_hypernetwork_summary(keys, metadata))
+    if kind == "checkpoint":
+        summary.update(_checkpoint_summary(shapes, metadata))
+    if kind == "embedding":  # trigger word, vectors, widths, encoders, which tool wrote it
+        from .embeddings import embedding_summary
+
+        summary.update(embedding_summary(file, shapes, metadata))
     return summary
+
+
+def _checkpoint_summary(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> dict:
+    """Which model a whole checkpoint is: sdadapt's toy (``format: sdadapt-toy/1``), else SD1/SD2/SDXL."""
+    if metadata.get("format") == "sdadapt-toy/1":
+        return {"model": "sdadapt toy text-to-image model (32x32, load with --model FILE or sdadapt.toy.load_toy)"}
+    from .model_keys import KeyMapError, checkpoint_architecture
+
+    try:
+        architecture = checkpoint_architecture(shapes)
+    except KeyMapError:
+        return {}
+    names = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+    return {"model": f"{names[architecture]} ({architecture})"}
+
+
+def _hypernetwork_summary(keys: list[str], metadata: Mapping[str, str]) -> dict:
+    """Context widths and the A1111 settings that shape the MLPs (metadata values are JSON)."""
+    from .header import load_json
+
+    out: dict = {"widths": list(dict.fromkeys(int(k.split(".", 1)[0]) for k in keys if k.split(".", 1)[0].isdigit()))}
+    for key in ("layer_structure", "activation_func", "is_layer_norm", "activate_output", "dropout_structure"):
+        if key in metadata:
+            try:
+                out[key] = load_json(metadata[key], source=key, what="hypernetwork metadata", max_depth=8)
+            except ValueError:
+                out[key] = metadata[key]
+    return out
 
 
 def _adapter_summary(
@@ -144,30 +195,31 @@ def _adapter_summary(
         components[_component(layer, kind)] += 1
     alphas: Counter[str] = Counter()
     alpha_keys = {k[: -len(".alpha")]: k for k in shapes if k.endswith(".alpha")}
-    if alpha_keys:
-        if tensors is None:
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                values = {layer: handle.get_tensor(key) for layer, key in alpha_keys.items() if _is_scalar(shapes[key])}
-        else:
-            values = {layer: tensors[key] for layer, key in alpha_keys.items() if _is_scalar(shapes[key])}
-        values = {layer: float(value) for layer, value in values.items()}  # malformed alphas: "absent"
-    else:
-        values = {}
+    values: dict[str, float] = {}
+    if alpha_keys and tensors is not None:
+        values = {layer: float(tensors[key]) for layer, key in alpha_keys.items() if key in tensors}
+    elif alpha_keys:
+        wanted = {key: layer for layer, key in alpha_keys.items() if _is_scalar(shapes[key])}
+        for key, value in read_safetensors_scalars(file, list(wanted)).items():
+            values[wanted[key]] = value  # other dtypes: reported as "absent"
     configs = _peft_configs(file, kind, metadata or {}) if kind in ("diffusers-lora", "peft-lora") else None
     for layer, rank in layer_ranks.items():
         alpha = values.get(layer)
         if alpha is None and configs and rank is not None:
             alpha = _config_alpha(configs, layer, rank, kind)
-        alphas[_fmt(alpha) if alpha is not None else "absent (alpha = rank)"] += 1
+        if alpha is not None:
+            alphas[_fmt(alpha)] += 1
+        else:  # an alpha tensor sdadapt did not read (old-format pickle) is not an absent one
+            alphas["in the file (not read)" if layer in alpha_keys else "absent (alpha = rank)"] += 1
     families = sorted({_family_label(a) for a in algorithms if a != "unknown"})
     return {
         "modules": len(modules),
         "components": dict(components),
         "family": families[0] if len(families) == 1 else ("mixed: " + ", ".join(families) if families else "unknown"),
         "algorithms": dict(algorithms),
-        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "ranks": {**{str(k): v for k, v in sorted(ranks.items())},
+                  **({"unfactored (full matrix, e.g. a small LoKr factor)": unranked} if (unranked := sum(
+                      1 for r in layer_ranks.values() if r is None) - algorithms.get("unknown", 0)) > 0 else {})},
         "alphas": dict(alphas),
     }
 
@@ -181,13 +233,16 @@ def _is_scalar(shape: tuple[int, ...]) -> bool:
 
 def _peft_configs(file: Path, kind: str, metadata: Mapping[str, str]) -> dict[str, dict]:
     """``{component: peft LoraConfig dict}`` that scales a diffusers file / peft adapter ("" for peft)."""
-    import json
+    from .header import load_json
 
     try:
         if kind == "peft-lora":
             config_file = file.parent / "adapter_config.json"
-            return {"": json.loads(config_file.read_text())} if config_file.is_file() else {}
-        config_all = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+            if not config_file.is_file() or config_file.stat().st_size > 16 << 20:
+                return {}
+            return {"": load_json(config_file.read_bytes(), source=str(config_file), what="adapter_config.json")}
+        config_all = load_json(metadata.get("lora_adapter_metadata") or "{}", source=str(file),
+                               what="lora_adapter_metadata")
     except (OSError, ValueError):
         return {}
     if not isinstance(config_all, dict):
@@ -201,6 +256,7 @@ def _peft_configs(file: Path, kind: str, metadata: Mapping[str, str]) -> dict[st
 
 def _config_alpha(configs: dict[str, dict], layer: str, rank: int, kind: str) -> float | None:
     """The alpha (scale · r) peft gives ``layer`` under its config, or None without a config."""
+    from ..patterns import PatternError
     from .diffusers import _pattern_value
 
     if kind == "peft-lora":
@@ -212,8 +268,8 @@ def _config_alpha(configs: dict[str, dict], layer: str, rank: int, kind: str) ->
         return None
     try:
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank)))  # type: ignore[arg-type]
-    except (TypeError, ValueError, AttributeError, re.error):
-        return None  # a malformed config: report the alpha as unknown rather than fail
+    except (TypeError, ValueError, AttributeError, OverflowError, PatternError):
+        return None  # a malformed config or pattern: report the alpha as unknown rather than fail
     if config.get("use_rslora"):
         alpha = alpha * rank / rank**0.5
     return alpha

@@ -29,6 +29,7 @@ no peft form and is refused (save it as kohya/LyCORIS instead).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -38,7 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .files import WeightFileError, atomic_write, check_finite, read_weights, write_safetensors
+from ..patterns import peft_pattern_value
+from .files import WeightFileError, atomic_write, check_finite, check_finite_output, check_input_file, read_weights, write_safetensors
+from .header import load_json
 from .layers import COMPONENTS, canonical_state, split_key
 
 __all__ = [
@@ -147,12 +150,18 @@ def to_diffusers(components: Mapping[str, Mapping[str, Tensor]]) -> tuple[dict[s
     return state, metadata
 
 
-def _pattern_value(patterns: Mapping[str, object], layer: str, default: object) -> object:
-    """peft's pattern lookup: the key matches the layer name or a dotted suffix of it."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", layer):
-            return value
-    return default
+def _pattern_value(patterns: Mapping[str, object], layer: str, default: object, *, source: str = "alpha_pattern") -> object:
+    """peft's pattern lookup: the key matches the layer name or a dotted suffix of it.
+
+    The keys are regular expressions *from the file*: matched in linear time by
+    :func:`sdadapt.patterns.peft_pattern_value` (never by a backtracking ``re``); an invalid or
+    unsupported key raises :class:`~sdadapt.patterns.PatternError` naming ``source``.
+    """
+    if not isinstance(patterns, Mapping):
+        raise WeightFileError(f"{source}: must be an object mapping patterns to values, got {type(patterns).__name__}")
+    if len(patterns) > 100_000:
+        raise WeightFileError(f"{source}: {len(patterns)} patterns, more than any real adapter has; refusing it")
+    return peft_pattern_value(patterns, layer, default, what=source)
 
 
 def _normalise_spelling(key: str) -> tuple[str, str] | None:
@@ -178,19 +187,35 @@ def _normalise_spelling(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _with_alphas(layers: dict[str, dict[str, Tensor]], config: Mapping | None) -> dict[str, Tensor]:
+def _config_number(value: object, *, source: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WeightFileError(f"{source}: {what} must be a number, got {str(value)[:60]!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise WeightFileError(f"{source}: {what} is {number}; the file is broken")
+    return number
+
+
+def _with_alphas(layers: dict[str, dict[str, Tensor]], config: Mapping | None, *, source: str = "<state>") -> dict[str, Tensor]:
     """Add the canonical ``alpha`` (scale · r) to every layer from a peft-style config."""
     out: dict[str, Tensor] = {}
     config = dict(config or {})
     rsl = bool(config.get("use_rslora", False))
     for layer, tensors in layers.items():
         if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
-            raise WeightFileError(f"{layer}: has {sorted(tensors)} but LoRA needs both down (lora_A) and up (lora_B)")
+            raise WeightFileError(f"{source}: layer {layer}: has {sorted(tensors)} but LoRA needs both down (lora_A) "
+                                  "and up (lora_B)")
+        if tensors["lora_down.weight"].dim() == 0:
+            raise WeightFileError(f"{source}: layer {layer}: lora_A is a 0-dim tensor; the file is corrupt")
         rank = int(tensors["lora_down.weight"].shape[0])
         if "alpha" in tensors:
+            if tensors["alpha"].numel() != 1:
+                raise WeightFileError(f"{source}: layer {layer}: alpha has {tensors['alpha'].numel()} values, not one")
             alpha = float(tensors["alpha"])
         elif config:
-            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, layer, config.get("lora_alpha", rank)))  # type: ignore[arg-type]
+            value = _pattern_value(config.get("alpha_pattern") or {}, layer, config.get("lora_alpha", rank),
+                                   source=f"{source}: {METADATA_KEY} alpha_pattern")
+            alpha = _config_number(value, source=source, what=f"the alpha of {layer}")
             if rsl:  # peft scale = alpha / sqrt(r); store alpha' with alpha' / r == scale
                 alpha = alpha * rank / rank**0.5
         else:
@@ -222,7 +247,9 @@ def from_diffusers(
     """
     config_all: dict = {}
     if metadata and metadata.get(METADATA_KEY):
-        config_all = json.loads(metadata[METADATA_KEY])
+        config_all = load_json(metadata[METADATA_KEY], source=source, what=METADATA_KEY, max_depth=8)
+        if not isinstance(config_all, dict):
+            raise WeightFileError(f"{source}: {METADATA_KEY} must be a JSON object, got {type(config_all).__name__}")
     grouped: dict[str, dict[str, dict[str, Tensor]]] = {}
     unknown: list[str] = []
     for key, value in state.items():
@@ -243,7 +270,7 @@ def from_diffusers(
         config = {k[len(component) + 1 :]: v for k, v in config_all.items() if k.startswith(component + ".")}
         # alphas from the file's own layer names (the patterns were written for them), then
         # canonical paths (a transformers-5 text encoder's `encoder.layers...` gets `text_model.`)
-        out[component] = canonical_state(component, _with_alphas(layers, config))
+        out[component] = canonical_state(component, _with_alphas(layers, config, source=source))
     return out
 
 
@@ -254,10 +281,12 @@ def save_diffusers(
     dtype: torch.dtype | None = None,
 ) -> None:
     """Write a diffusers LoRA file (``pipe.load_lora_weights`` reads it) atomically."""
+    from ..checks import cast_checked
+
     state, metadata = to_diffusers(components)
     if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    check_finite(state, source=str(path))
+        state = {k: cast_checked(v, dtype, key=k, hint="save in float32") for k, v in state.items()}
+    check_finite_output(state, path=path)
     write_safetensors(path, state, metadata)
 
 
@@ -292,9 +321,11 @@ def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: st
         layers.setdefault(parsed[0], {})[parsed[1]] = value
     if unknown:
         raise WeightFileError(f"{source}: {len(unknown)} key(s) are not peft LoRA keys, e.g. {unknown[:5]}")
+    if config is not None and not isinstance(config, Mapping):
+        raise WeightFileError(f"{source}: adapter_config.json must be a JSON object, got {type(config).__name__}")
     if config and config.get("peft_type", "LORA") != "LORA":
-        raise WeightFileError(f"{source}: peft_type {config.get('peft_type')!r} is not LORA")
-    return _with_alphas(layers, config)
+        raise WeightFileError(f"{source}: peft_type {str(config.get('peft_type'))[:40]!r} is not LORA")
+    return _with_alphas(layers, config, source=source)
 
 
 def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
@@ -302,7 +333,7 @@ def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     peft_state, config = to_peft(state)
-    check_finite(peft_state, source=str(target))
+    check_finite_output(peft_state, path=target / "adapter_model.safetensors")
     write_safetensors(target / "adapter_model.safetensors", peft_state, {"format": "pt"})
     atomic_write(target / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
@@ -314,7 +345,12 @@ def load_peft(folder: str | os.PathLike) -> dict[str, Tensor]:
     if not weights.exists() and target.is_dir():
         weights = target / "adapter_model.bin"
     config_file = weights.parent / "adapter_config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    config = None
+    if config_file.exists():
+        check_input_file(config_file, what="adapter_config.json")
+        if config_file.stat().st_size > 16 << 20:
+            raise WeightFileError(f"{config_file}: {config_file.stat().st_size} bytes, not a peft adapter config")
+        config = load_json(config_file.read_bytes(), source=str(config_file), what="adapter_config.json", max_depth=8)
     state, _ = read_weights(weights)
     check_finite(state, source=str(weights))
     return from_peft(state, config, source=str(weights))

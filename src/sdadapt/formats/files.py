@@ -1,20 +1,29 @@
 """Reading and writing weight files safely.
 
-* safetensors first; legacy ``.pt/.ckpt/.bin`` only through ``torch.load(weights_only=True)``
-  (never plain unpickling) and always mapped to CPU;
-* every write is atomic: a temporary file in the target folder, fsync, then ``os.replace``, so a
-  crash never leaves a half-written file under the final name;
-* every failure names the file and says what to do.
+* safetensors first, every header through the one validator (:mod:`.header`); legacy
+  ``.pt/.ckpt/.bin`` only through ``torch.load(weights_only=True)`` (never plain unpickling),
+  after a size check of the archive (:mod:`.pickles`), and always mapped to CPU; a pickle that
+  would run code is an :class:`~sdadapt.errors.UnsafeFileError` however torch words its refusal;
+* every write is atomic: a temporary file ``.NAME.<pid>-<random>.tmp`` in the target folder
+  (locked while it is written), fsync, then a rename — ``os.replace`` with ``overwrite``, else a
+  link that fails if the output appeared meanwhile — so a crash or a signal never leaves a
+  half-written file under the final name; the output gets the permissions a normal new file would
+  (the umask; an overwritten file keeps its mode); temporary files a killed run left are removed by
+  the next run that writes into the same folder;
+* every failure names the file and says what to do (:mod:`sdadapt.errors`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,41 +31,64 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import (
+    DiskSpaceError,
+    NonFiniteError,
+    OutputError,
+    OutputExistsError,
+    ResourceError,
+    UnsafeFileError,
+    WeightFileError,
+)
+from .header import MAX_HEADER_BYTES, parse_header, read_tensor, safetensors_layout
+
 __all__ = [
     "WeightFileError",
+    "UnsafeFileError",
+    "OutputError",
+    "OutputExistsError",
     "DiskSpaceError",
+    "check_input_file",
     "check_output_file",
     "read_safetensors",
     "read_safetensors_header",
+    "read_safetensors_tensors",
+    "read_safetensors_scalars",
     "read_weights",
     "write_safetensors",
     "atomic_write",
+    "remove_stale_temporaries",
     "check_finite",
+    "check_finite_output",
     "sniff_format",
 ]
 
 _LEGACY_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
-
-
-class WeightFileError(ValueError):
-    """A weights file that cannot be used; the message names the file and the fix."""
-
-
-class DiskSpaceError(WeightFileError, OSError):
-    """Not enough free disk space for an output file: an ``OSError`` (as a full disk is) and a
-    :class:`WeightFileError` (so every command reports it as a clear file error)."""
+#: a temporary file of ours older than this is stale even if its writer cannot be identified
+_STALE_AFTER_S = 3600.0
 
 
 def _output_folder(target: Path) -> Path:
     """The folder ``target`` goes into; it must exist."""
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise WeightFileError(f"{target}: folder {folder} does not exist; create it first")
+        raise OutputError(f"{target}: folder {folder} does not exist; create it first")
     return folder
 
 
 def _size_text(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**10:.1f} KiB" if size >= 2**10 else f"{size} bytes"
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):
+        return False
 
 
 def check_output_file(
@@ -67,7 +99,7 @@ def check_output_file(
     margin_bytes: int = 0,
     suffix: str | None = ".safetensors",
 ) -> Path:
-    """The one output check, before any work: name, existing file, folder, free disk space.
+    """The one output check, before any work: name, existing file, folder, permissions, free space.
 
     Args:
         path: the file to be written (atomically: a temporary file beside it, so replacing an
@@ -81,18 +113,26 @@ def check_output_file(
         ``Path(path)``.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-        WeightFileError: a wrong suffix, ``path`` is a folder, or its folder does not exist.
+        OutputExistsError: ``path`` exists and ``overwrite`` is false (a ``FileExistsError``).
+        OutputError: a wrong suffix, ``path`` is a folder, its folder does not exist, is read-only
+            or not writable (a :class:`WeightFileError` and an ``OSError``).
         DiskSpaceError: less than ``needed_bytes + margin_bytes`` free (names both sizes).
     """
     target = Path(path)
     if suffix is not None and target.suffix.lower() != suffix:
-        raise WeightFileError(f"{target}: sdadapt writes {suffix} files only; name the output *{suffix}")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputError(f"{target}: sdadapt writes {suffix} files only; name the output *{suffix}")
     if target.is_dir():
-        raise WeightFileError(f"{target}: is a folder; give a file name such as {target / ('out' + (suffix or ''))}")
+        raise OutputError(f"{target}: is a folder; give a file name such as {target / ('out' + (suffix or ''))}")
+    if os.path.lexists(target) and not overwrite:
+        raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
+    if os.path.lexists(target) and not target.is_file():
+        raise OutputError(f"{target}: exists and is not a regular file (a device, pipe or link to one); "
+                          "write to a file name")
     folder = _output_folder(target)
+    if _read_only(folder):
+        raise OutputError(f"{target}: folder {folder} is on a read-only file system; write elsewhere")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{target}: no permission to create files in {folder}; write elsewhere")
     if needed_bytes > 0 or margin_bytes > 0:
         free = shutil.disk_usage(folder).free
         if free < needed_bytes + margin_bytes:
@@ -104,56 +144,305 @@ def check_output_file(
     return target
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename the result to ``path``.
+# --------------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    The temporary file lives in the same folder (so the rename is atomic) and is removed if
-    ``write`` raises.
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix" or pid <= 0:
+        return True  # cannot tell: assume alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _lock(fd: int, *, blocking: bool) -> bool:
+    """An exclusive advisory lock on ``fd`` (True: held; always True where locks do not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, the pid and age rules decide
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
+
+
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[A-Za-z0-9_]{6,}\.tmp\Z")
+_OUR_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth", ".json", ".toml", ".png")
+_SCANNED: set[str] = set()  # folders this process has already cleaned
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary files killed writers left in ``path``'s folder; return what was removed.
+
+    Ours are ``.NAME.<pid>-<random>.tmp`` (and, from older versions, ``.NAME.<random>.tmp`` with a
+    weights/JSON ``NAME``). One is stale when no process holds its lock and either its writer's pid
+    is gone, or it was last modified over an hour ago. A concurrent writer's file is never touched.
+    Each folder is scanned once per process (a folder of 10 000 shards is not listed per write).
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        key = str(folder.resolve())
+    except OSError:
+        return []
+    if key in _SCANNED:
+        return []
+    _SCANNED.add(key)
+    if len(_SCANNED) > 10_000:
+        _SCANNED.clear()
+    removed: list[Path] = []
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(".tmp")]
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        match = _TEMP_NAME.match(name)
+        if match is None or (match.group("pid") is None and not match.group("name").lower().endswith(_OUR_SUFFIXES)):
+            continue
+        candidate = folder / name
+        try:
+            info = candidate.lstat()
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _lock(fd, blocking=False):
+                continue  # a live writer holds it
+            pid = match.group("pid")
+            old = now - info.st_mtime > _STALE_AFTER_S
+            if (pid is not None and int(pid) != os.getpid() and not _pid_alive(int(pid))) or old:
+                try:
+                    os.unlink(candidate)
+                    removed.append(candidate)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _write_failure(target: Path, exc: OSError, tmp: str | None) -> OutputError:
+    """A one-line :class:`OutputError` for an ``OSError`` raised while writing ``target``."""
+    folder = target.parent if str(target.parent) else Path(".")
+    code = exc.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        written = 0
+        if tmp is not None:
+            try:
+                written = os.path.getsize(tmp)
+            except OSError:
+                pass
+        try:
+            free = _size_text(shutil.disk_usage(folder).free)
+        except OSError:
+            free = "an unknown amount"
+        quota = " (disk quota exceeded)" if code != errno.ENOSPC else ""
+        return DiskSpaceError(
+            f"{target}: the disk filled up while writing{quota} after {_size_text(written)}; {free} free now in "
+            f"{folder}; free some space or write elsewhere (the partial file was removed)"
+        )
+    if code == errno.EROFS:
+        return OutputError(f"{target}: folder {folder} is on a read-only file system; write elsewhere")
+    if code in (errno.EACCES, errno.EPERM):
+        return OutputError(f"{target}: no permission to write in {folder}; write elsewhere")
+    if code == errno.EFBIG:
+        return OutputError(f"{target}: the file is too large for this file system (e.g. FAT32's 4 GiB limit) "
+                           "or for the file-size limit (ulimit -f); write elsewhere (the partial file was removed)")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return OutputError(f"{target}: writing failed ({reason}); the partial file was removed")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> Path:
+    """Call ``write(tmp_path)`` then move the result to ``path`` atomically.
+
+    The temporary file lives in the same folder (so the rename is atomic), is locked while it is
+    written and is removed if anything goes wrong (an exception, Ctrl-C, a signal turned into
+    :class:`~sdadapt.errors.Interrupted`). Stale temporary files a killed earlier run left in the
+    folder are removed first (:func:`remove_stale_temporaries`). The result gets the permissions a normal new file would (the
+    umask), or keeps those of the file it replaces.
+
+    Args:
+        overwrite: replace an existing ``path`` (``os.replace``). False: the final step is a link
+            that fails if ``path`` appeared while the file was being written — an existing file is
+            never replaced without ``overwrite``, even one created mid-write.
+
+    Raises:
+        OutputExistsError: ``path`` exists and not ``overwrite`` (before or after the write).
+        OutputError / DiskSpaceError: the folder is missing, read-only, full, or a write failed.
     """
     target = Path(path)
     folder = _output_folder(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    if not overwrite and os.path.lexists(target):
+        raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
+    remove_stale_temporaries(target)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _write_failure(target, exc, None) from None
+    try:
+        if os.name == "posix":
+            _lock(fd, blocking=True)
+        else:  # (Windows cannot rename an open file; it has no advisory locks either)
+            os.close(fd)
+            fd = -1
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode) if target.is_file() else 0o666 & ~_umask()
+            write(tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, mode)
+            if overwrite:
+                os.replace(tmp, target)
+            else:
+                _move_no_replace(tmp, target)
+        except OSError as exc:
+            if isinstance(exc, (OutputError, FileExistsError)):
+                raise
+            raise _write_failure(target, exc, tmp) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        finally:
+            if fd >= 0:
+                os.close(fd)
         raise
+    if fd >= 0:
+        os.close(fd)
     return target
 
 
+def _move_no_replace(tmp: str, target: Path) -> None:
+    """Rename ``tmp`` to ``target`` unless ``target`` exists (a hard link: atomic no-replace)."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputExistsError(
+            f"{target}: appeared while the output was being written; pass --overwrite (overwrite=True) to "
+            "replace it (nothing was changed)"
+        ) from None
+    except OSError as exc:  # no hard links here (FAT, some network file systems): check, then rename
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(target):
+            raise OutputExistsError(f"{target}: appeared while the output was being written; pass --overwrite "
+                                    "(overwrite=True) to replace it (nothing was changed)") from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
 def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike,
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = True,
+    allow_nonfinite: bool = True,
 ) -> Path:
-    """Write ``tensors`` (contiguous CPU copies) and string ``metadata`` atomically.
+    """Write ``tensors`` (CPU copies) and string ``metadata`` atomically, in the byte layout of
+    ``safetensors.torch.save_file`` (one writer for every sdadapt file: I/O errors become
+    :class:`~sdadapt.errors.OutputError`/``DiskSpaceError`` naming the file).
 
     Tensors that share memory (tied weights, views of one buffer) are written as independent
     copies, which safetensors requires.
 
+    Args:
+        overwrite: replace an existing file (default True, the historical behaviour of this
+            function; commands pass their ``--overwrite``).
+        allow_nonfinite: False refuses float tensors holding NaN/inf (:class:`NonFiniteError`).
+
     Raises:
-        WeightFileError: a metadata key or value is not a string.
+        WeightFileError: a metadata key or value is not a string, or a dtype safetensors cannot store.
+        NonFiniteError: NaN/inf with ``allow_nonfinite=False``.
+        OutputExistsError / OutputError / DiskSpaceError: see :func:`atomic_write`.
     """
-    from safetensors.torch import save_file
+    from ..checks import has_nonfinite
 
     meta = dict(metadata or {})
     bad = {k: type(v).__name__ for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
         raise WeightFileError(f"{path}: safetensors metadata must be str -> str; non-strings: {bad}")
     payload: dict[str, Tensor] = {}
-    seen: set[int] = set()
     for key, value in tensors.items():
         value = value.detach().to("cpu").contiguous()
-        if value.numel():
-            storage = value.untyped_storage().data_ptr()
-            if storage in seen:
-                value = value.clone()
-            seen.add(value.untyped_storage().data_ptr())
+        if not allow_nonfinite and has_nonfinite(value):
+            raise NonFiniteError(f"{path}: tensor {key!r} holds NaN or inf; refusing to write it")
         payload[key] = value
-    return atomic_write(path, lambda tmp: save_file(payload, tmp, metadata=meta))
+    try:
+        head, offsets = safetensors_layout({k: (v.dtype, tuple(v.shape)) for k, v in payload.items()}, meta)
+    except WeightFileError as exc:
+        raise WeightFileError(f"{path}: {exc}") from None
+    total = len(head) + max((end for _, end in offsets.values()), default=0)
+    check_output_file(path, overwrite=overwrite, needed_bytes=total, suffix=None)
+
+    return atomic_write(path, lambda tmp: _write_payload(tmp, head, offsets, payload), overwrite=overwrite)
+
+
+def _write_payload(tmp: str, head: bytes, offsets: Mapping[str, tuple[int, int]], payload: Mapping[str, Tensor]) -> None:
+    """The bytes of a safetensors file: header, then each tensor's data in offset order."""
+    with open(tmp, "wb") as handle:
+        handle.write(head)
+        for key in sorted(offsets, key=lambda k: offsets[k][0]):
+            value = payload[key]
+            if value.numel():
+                handle.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+
+
+# ------------------------------------------------------------------------------------ reading
+def check_input_file(path: str | os.PathLike, *, what: str = "weights file") -> Path:
+    """``Path(path)`` if it is a readable, non-empty regular file; else a :class:`WeightFileError`
+    that says what it is instead (missing, a folder, a device such as ``/dev/zero``, empty ...)."""
+    file = Path(path)
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        raise WeightFileError(f"{file}: no such file") from None
+    except PermissionError:
+        raise WeightFileError(f"{file}: permission denied (cannot look at it); check the file's permissions") from None
+    except OSError as exc:
+        raise WeightFileError(f"{file}: cannot be opened ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise WeightFileError(f"{file}: is a folder, not a {what}; pass the file inside it")
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a character device" if stat.S_ISCHR(info.st_mode) else "a block device" if stat.S_ISBLK(info.st_mode)
+                else "a pipe" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a file")
+        raise WeightFileError(f"{file}: is {kind}, not a regular file; pass a {what}")
+    if info.st_size == 0:
+        raise WeightFileError(f"{file}: the file is empty (0 bytes); the download or save did not finish")
+    if not os.access(file, os.R_OK):
+        raise WeightFileError(f"{file}: permission denied (not readable); check the file's permissions")
+    return file
+
+
+_check_is_file = check_input_file  # (the historical name, used across formats/)
+
+
+def _open(file: Path):
+    try:
+        return open(file, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:
+        raise WeightFileError(f"{file}: cannot be read ({exc.strerror or exc})") from None
 
 
 def sniff_format(path: str | os.PathLike) -> str:
@@ -164,88 +453,82 @@ def sniff_format(path: str | os.PathLike) -> str:
     it can be ``0x80`` or ``"P"`` — which is why "starts with 0x80 -> pickle" alone misreads about
     one safetensors file in 256.
     """
-    with open(path, "rb") as handle:
+    with _open(Path(path)) as handle:
         head = handle.read(9)
     if len(head) == 9 and head[8:9] == b"{":
         (header_len,) = struct.unpack("<Q", head[:8])
-        if 2 <= header_len <= 100_000_000:
+        if 2 <= header_len <= MAX_HEADER_BYTES:
             return "safetensors"
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "pickle"
     return "unknown"
 
 
-def _check_is_file(file: Path) -> None:
-    if file.is_dir():
-        raise WeightFileError(f"{file}: is a folder, not a weights file; pass the file inside it")
-    if not file.is_file():
-        raise WeightFileError(f"{file}: no such file")
-    if file.stat().st_size == 0:
-        raise WeightFileError(f"{file}: the file is empty (0 bytes); the download or save did not finish")
+_HEADER_CACHE: dict[tuple, tuple[dict[str, dict], dict[str, str], int]] = {}
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
-    """Parse only the JSON header: ``({key: {"dtype", "shape", "data_offsets"}}, metadata)``.
+def _header_and_start(file: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """(validated header, metadata, byte offset of the data section); the last few files' headers are
+    cached by (path, size, mtime, inode), so a command that reads one file's header several times
+    (inspect: summary, then the alphas) parses it once. Callers get copies of the two dicts."""
+    info = file.stat()
+    key = (str(file.resolve()), info.st_size, info.st_mtime_ns, info.st_ino)
+    hit = _HEADER_CACHE.get(key)
+    if hit is None:
+        hit = _parse_file_header(file, info.st_size)
+        if len(_HEADER_CACHE) >= 4:
+            _HEADER_CACHE.pop(next(iter(_HEADER_CACHE)))
+        _HEADER_CACHE[key] = hit
+    header, metadata, start = hit
+    return dict(header), dict(metadata), start
 
-    Cheap for multi-GB files (reads 8 bytes + the header). Raises :class:`WeightFileError` for a
-    missing, truncated or non-safetensors file.
-    """
-    file = Path(path)
-    _check_is_file(file)
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
+
+def _parse_file_header(file: Path, size: int) -> tuple[dict[str, dict], dict[str, str], int]:
+    with _open(file) as handle:
         head = handle.read(8)
         if len(head) < 8:
             raise WeightFileError(f"{file}: {size} bytes is too short to be a safetensors file (truncated?)")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100_000_000):
-            if header_len <= 100_000_000 and handle.read(1) in (b"{", b""):
+        if header_len > MAX_HEADER_BYTES:
+            if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                raise WeightFileError(_not_safetensors(file, head))
+            raise WeightFileError(
+                f"{file}: not a safetensors file, or a corrupt one (its first 8 bytes give a {header_len}-byte "
+                f"header, over the format's {MAX_HEADER_BYTES}-byte limit)"
+            )
+        if header_len > size - 8:
+            if handle.read(1) in (b"{", b""):
                 raise WeightFileError(
                     f"{file}: truncated safetensors file (the {header_len}-byte header alone is longer "
                     f"than the {size}-byte file); download or copy it again"
                 )
             raise WeightFileError(_not_safetensors(file, head))
         raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WeightFileError(_not_safetensors(file, head)) from None
-    if not isinstance(header, dict):
+    if len(raw) != header_len:
+        raise WeightFileError(f"{file}: truncated while reading its header; download or copy it again")
+    if not raw.startswith(b"{"):
         raise WeightFileError(_not_safetensors(file, head))
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise WeightFileError(f"{file}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    bad = [k for k, v in header.items() if not _valid_entry(v)]
-    if bad:
-        raise WeightFileError(
-            f"{file}: corrupt safetensors header (entries without a valid dtype/shape/data_offsets, "
-            f"e.g. {bad[:3]}); download or copy it again"
-        )
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + header_len + end > size:
-        raise WeightFileError(
-            f"{file}: truncated safetensors file (header promises {8 + header_len + end} bytes, "
-            f"the file has {size}); download or copy it again"
-        )
+    header, metadata = parse_header(raw, file=file, data_size=size - 8 - header_len)
+    return header, metadata, 8 + header_len
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """Parse and validate only the header: ``({key: {"dtype", "shape", "data_offsets"}}, metadata)``,
+    keys in the order of their data.
+
+    Cheap for multi-GB files (reads 8 bytes + the header). Every rule of the format is checked
+    (:func:`sdadapt.formats.header.parse_header`), so a reader may trust the entries.
+
+    Raises:
+        WeightFileError: a missing, non-regular, truncated, malformed or non-safetensors file.
+    """
+    file = check_input_file(path)
+    header, metadata, _ = _header_and_start(file)
     return header, metadata
 
 
-def _valid_entry(entry: object) -> bool:
-    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
-        return False
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    return (
-        isinstance(shape, list)
-        and all(isinstance(n, int) and n >= 0 for n in shape)
-        and isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(isinstance(n, int) and n >= 0 for n in offsets)
-        and offsets[0] <= offsets[1]
-    )
-
-
 def _not_safetensors(file: Path, head: bytes) -> str:
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         kind = "a pickle/zip (torch.save) file"
     else:
         kind = "not a safetensors file"
@@ -255,68 +538,145 @@ def _not_safetensors(file: Path, head: bytes) -> str:
     )
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """``(tensors on CPU, metadata)`` of a safetensors file, validated first."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _check_memory(file: Path, needed: int) -> None:
+    from .pickles import available_memory
 
-    _, metadata = read_safetensors_header(path)
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except SafetensorError as exc:  # pragma: no cover - header checks catch the common cases
-        raise WeightFileError(f"{path}: unreadable safetensors file ({exc})") from exc
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"{file}: reading it whole needs {_size_text(needed)} of memory, {_size_text(available)} are available "
+            "(its header claims that much data; check it with `python -m sdadapt inspect`)"
+        )
+
+
+def read_safetensors_tensors(path: str | os.PathLike, keys: list[str]) -> dict[str, Tensor]:
+    """Only ``keys`` of a safetensors file (validated header, positioned reads). Keys the file lacks
+    are skipped."""
+    file = check_input_file(path)
+    header, _, start = _header_and_start(file)
+    out: dict[str, Tensor] = {}
+    with _open(file) as handle:
+        for key in keys:
+            if key in header:
+                out[key] = read_tensor(handle, start, header[key], file=file, key=key)
+    return out
+
+
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b",
+                   "U8": "<B", "BF16": "bf16"}
+
+
+def read_safetensors_scalars(path: str | os.PathLike, keys: list[str]) -> dict[str, float]:
+    """The values of one-element tensors (e.g. the LoRA alphas ``inspect`` reports) as floats, read
+    with a few bytes each (no tensor is built: 100k alphas take a fraction of a second). Keys the
+    file lacks, or of other sizes or dtypes, are skipped."""
+    file = check_input_file(path)
+    header, _, start = _header_and_start(file)
+    out: dict[str, float] = {}
+    with _open(file) as handle:
+        for key in keys:
+            entry = header.get(key)
+            if entry is None or entry["dtype"] not in _SCALAR_FORMATS:
+                continue
+            begin, end = entry["data_offsets"]
+            fmt = _SCALAR_FORMATS[entry["dtype"]]
+            width = 2 if fmt == "bf16" else struct.calcsize(fmt)
+            if end - begin != width:
+                continue
+            handle.seek(start + begin)
+            raw = handle.read(width)
+            if len(raw) != width:
+                continue
+            out[key] = struct.unpack("<f", b"\0\0" + raw)[0] if fmt == "bf16" else float(struct.unpack(fmt, raw)[0])
+    return out
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors on CPU, metadata)`` of a safetensors file, validated first.
+
+    Each tensor is allocated from a validated header entry and filled with positioned reads
+    (no ``mmap``, nothing allocated for a claim the file cannot back).
+
+    Raises:
+        WeightFileError: see :func:`read_safetensors_header`.
+        ResourceError: the tensors need more memory than is available.
+    """
+    file = check_input_file(path)
+    header, metadata, start = _header_and_start(file)
+    _check_memory(file, sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values()))
+    tensors: dict[str, Tensor] = {}
+    with _open(file) as handle:
+        for key, entry in header.items():
+            tensors[key] = read_tensor(handle, start, entry, file=file, key=key)
     return tensors, dict(metadata)
 
 
-def _flatten(obj: object, prefix: str, out: dict[str, Tensor], extras: dict[str, object]) -> None:
+def _flatten(obj: object, prefix: str, out: dict[str, Tensor], extras: dict[str, object], depth: int = 0) -> None:
+    if depth > 64:
+        raise WeightFileError(f"{prefix}: nested over 64 levels deep")
     if isinstance(obj, Tensor):
         out[prefix] = obj
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, extras)
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, extras, depth + 1)
     elif isinstance(obj, (list, tuple)) and _holds_tensor(obj):
         # e.g. A1111 hypernetworks: {768: (k_state_dict, v_state_dict), ...} -> "768.0.linear.0.weight"
         for index, value in enumerate(obj):
-            _flatten(value, f"{prefix}.{index}" if prefix else str(index), out, extras)
+            _flatten(value, f"{prefix}.{index}" if prefix else str(index), out, extras, depth + 1)
     elif prefix:
         extras[prefix] = obj
 
 
-def _holds_tensor(obj: object) -> bool:
+def _holds_tensor(obj: object, depth: int = 0) -> bool:
     if isinstance(obj, Tensor):
         return True
+    if depth > 64:
+        return False
     if isinstance(obj, Mapping):
-        return any(_holds_tensor(v) for v in obj.values())
+        return any(_holds_tensor(v, depth + 1) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return any(_holds_tensor(v) for v in obj)
+        return any(_holds_tensor(v, depth + 1) for v in obj)
     return False
 
 
-#: pickle globals that execute code (modules torch's weights-only unpickler blocks outright, and
-#: builtins that evaluate or import): a file that names one is an attack, not an odd format
-_CODE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "shutil", "socket", "runpy",
-                 "importlib", "pty", "webbrowser", "ctypes", "code", "pickle", "marshal", "commands", "platform")
-_CODE_BUILTINS = ("eval", "exec", "compile", "__import__", "getattr", "setattr", "open", "execfile", "apply", "input", "breakpoint")
-
-
 def _runs_code(name: str, text: str) -> bool:
+    from .pickles import runs_code
+
     module, _, attr = name.rpartition(".")
     if "is blocked" in text:  # torch: "... whose module posix is blocked"
         return True
-    return module.split(".")[0] in _CODE_MODULES or (not module and attr in _CODE_BUILTINS)
+    return runs_code(module, attr)
 
 
-def _torch_load_error(file: Path, exc: Exception) -> WeightFileError:
-    """A one-paragraph reason for a failed ``torch.load(weights_only=True)``, without torch's essay."""
+def _unsafe_error(file: Path, name: str) -> UnsafeFileError:
+    return UnsafeFileError(
+        f"{file}: this file tries to run code when it is loaded (its pickle calls {name}); "
+        "sdadapt refused it without running anything (legacy files are read only with "
+        "torch.load(weights_only=True)). Do not open it with plain torch.load or pickle; get the "
+        "file from a trusted source, preferably as .safetensors."
+    )
+
+
+def _torch_load_error(file: Path, exc: BaseException) -> WeightFileError:
+    """A one-paragraph reason for a failed ``torch.load(weights_only=True)``, without torch's essay
+    (and never its advice to retry with ``weights_only=False``).
+
+    The file's pickle stream is scanned (nothing runs, nothing is imported): a file that names
+    code is an :class:`~sdadapt.errors.UnsafeFileError` whatever torch's message says.
+    """
+    from .pickles import scan_pickle_file
+
+    malformed = True
+    try:
+        malformed = scan_pickle_file(file).malformed is not None
+    except UnsafeFileError as unsafe:
+        return unsafe
+    except (WeightFileError, ResourceError, OSError):
+        pass
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
     if unsafe and _runs_code(unsafe.group(1), text):
-        return WeightFileError(
-            f"{file}: this file tries to run code when it is loaded (its pickle calls {unsafe.group(1)}); "
-            "sdadapt refused it without running anything (legacy files are read only with "
-            "torch.load(weights_only=True)). Do not open it with plain torch.load or pickle; get the "
-            "file from a trusted source, preferably as .safetensors."
-        )
+        return _unsafe_error(file, unsafe.group(1))
     if unsafe:
         return WeightFileError(
             f"{file}: holds a pickled Python object ({unsafe.group(1)}) that only full unpickling, "
@@ -324,9 +684,18 @@ def _torch_load_error(file: Path, exc: Exception) -> WeightFileError:
             "torch.load(weights_only=True). If you trust the file, load it yourself and re-save its "
             "tensors as a plain dict or as .safetensors."
         )
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand and not malformed:
+        return WeightFileError(
+            f"{file}: a pickle that torch.load(weights_only=True) cannot read (pickle opcode {operand.group(1)}: "
+            "written by plain pickle.dump with a newer protocol, not by torch.save); if you trust the file, load it "
+            "yourself and re-save it with torch.save or as .safetensors"
+        )
     detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
     detail = " ".join(detail.split()).split(" Check the documentation")[0]
     detail = detail.split(". ")[0].strip().rstrip(".")[:200]
+    if "weights_only" in detail.lower() and "false" in detail.lower():
+        detail = type(exc).__name__
     return WeightFileError(
         f"{file}: corrupt or truncated torch.save file ({detail or type(exc).__name__}); "
         "download or copy it again"
@@ -340,10 +709,13 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     their non-tensor entries come back JSON-encoded in the metadata dict.
 
     Raises:
-        WeightFileError: missing, truncated, unsafe (needs full unpickling) or unknown file.
+        WeightFileError: missing, not a regular file, truncated, corrupt or unknown file.
+        UnsafeFileError: a pickle that would run code (refused unrun).
+        ResourceError: the file needs more memory than is available (or a zip bomb's expansion).
     """
-    file = Path(path)
-    _check_is_file(file)
+    from .pickles import check_archive
+
+    file = check_input_file(path)
     kind = sniff_format(file)
     if kind == "safetensors" or (kind == "unknown" and file.suffix.lower() not in _LEGACY_SUFFIXES):
         return read_safetensors(file)  # (for "unknown": raises the precise safetensors error)
@@ -355,26 +727,60 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
                 f"{file}: neither a safetensors file nor a torch.save archive (corrupt, or another format); "
                 "download or copy it again"
             ) from None
+    import zipfile
+
+    if zipfile.is_zipfile(file):
+        check_archive(file)
+    else:
+        _check_memory(file, file.stat().st_size)
     try:
         # an open handle, not the path: torch >= 2.1x hands any "*.safetensors" *path* to the
         # safetensors reader, which fails on a pickle that carries that extension
-        with warnings.catch_warnings(), open(file, "rb") as handle:
+        with warnings.catch_warnings(), _open(file) as handle:
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol ..." on garbage
             obj = torch.load(handle, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise ResourceError(f"{file}: not enough memory to load it (legacy pickles are read whole); convert it to "
+                            ".safetensors on a larger machine") from None
+    except RecursionError:
+        raise WeightFileError(f"{file}: its pickle is nested too deeply; corrupt or hostile, refused") from None
     except Exception as exc:  # torch raises UnpicklingError / RuntimeError / EOFError variants
-        raise _torch_load_error(file, exc) from exc
+        raise _torch_load_error(file, exc) from None
     tensors: dict[str, Tensor] = {}
     extras: dict[str, object] = {}
-    _flatten(obj, "", tensors, extras)
-    metadata = {k: json.dumps(v, default=str) for k, v in extras.items()}
+    try:
+        _flatten(obj, "", tensors, extras)
+    except WeightFileError as exc:
+        raise WeightFileError(f"{file}: {exc}; not a checkpoint layout sdadapt reads") from None
+    metadata = {}
+    for key, value in extras.items():
+        try:
+            metadata[key] = json.dumps(value, default=str)
+        except (ValueError, RecursionError):
+            metadata[key] = f"<{type(value).__name__}>"
     return tensors, metadata
 
 
 def check_finite(tensors: Mapping[str, Tensor], *, source: str) -> None:
-    """Raise :class:`WeightFileError` naming the first tensors that contain NaN or inf."""
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    """Raise :class:`WeightFileError` naming the first tensors of an *input* that contain NaN or inf."""
+    from ..checks import has_nonfinite
+
+    bad = [k for k, v in tensors.items() if has_nonfinite(v)]
     if bad:
         raise WeightFileError(
             f"{source}: {len(bad)} tensor(s) contain NaN or inf, e.g. {bad[:5]}; the training that "
             "made this file diverged — use an earlier checkpoint."
+        )
+
+
+def check_finite_output(tensors: Mapping[str, Tensor], *, path: str | os.PathLike) -> None:
+    """Raise :class:`~sdadapt.errors.NonFiniteError` naming the tensors of an *output* about to be
+    written to ``path`` that hold NaN or inf (nothing is written)."""
+    from ..checks import has_nonfinite
+
+    bad = [k for k, v in tensors.items() if has_nonfinite(v)]
+    if bad:
+        raise NonFiniteError(
+            f"{path}: refusing to write it: {len(bad)} tensor(s) hold NaN or inf, e.g. {bad[:5]} (a diverged "
+            "training, non-finite inputs, or a computation that overflowed); nothing was written"
         )

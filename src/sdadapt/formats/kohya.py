@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_keys, file_rank, lycoris_algo_of_keys
-from .files import WeightFileError, check_finite, read_weights, write_safetensors
+from .files import WeightFileError, check_finite, check_finite_output, read_weights, write_safetensors
 from .layers import canonical_layer_path, canonical_state, split_key, underscore_to_path
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet
 
@@ -257,21 +257,30 @@ def save_kohya(
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, str] | None = None,
     title: str | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Write a kohya LoRA ``.safetensors`` atomically, with kohya/ModelSpec metadata.
 
     Args:
         components: ``{"unet": handle.state_dict(), "text_encoder": ...}``.
-        dtype: cast adapter weights (not ``alpha``, kept float32) e.g. to ``torch.float16``.
+        dtype: cast adapter weights (not ``alpha``, kept float32) e.g. to ``torch.float16``
+            (values the dtype cannot hold are refused before the cast, naming the tensor).
         metadata: extra string metadata merged over the generated fields.
+        overwrite: replace an existing file (False: refuse, also if it appears while writing).
+
+    Raises:
+        NonFiniteError: a tensor holds NaN/inf or overflows ``dtype``; nothing is written.
     """
+    from ..checks import cast_checked
+
     state = to_kohya(components, base_model=base_model)
     if dtype is not None:
-        state = {k: (v if k.endswith(".alpha") else v.to(dtype)) for k, v in state.items()}
-    check_finite(state, source=str(path))
+        state = {k: (v if k.endswith(".alpha") else cast_checked(v, dtype, key=k, hint="save in float32"))
+                 for k, v in state.items()}
+    check_finite_output(state, path=path)
     title = title or os.path.splitext(os.path.basename(str(path)))[0]
     meta = kohya_metadata(components, base_model=base_model, title=title, extra=metadata)
-    write_safetensors(path, state, meta)
+    write_safetensors(path, state, meta, overwrite=overwrite)
 
 
 def load_kohya(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:

@@ -29,6 +29,8 @@ from torch import Tensor
 
 from ..adapters.base import LayerGeometry
 from ..adapters.registry import adapter_from_file_tensors, file_layer_delta, weight_shape_of_file_tensors
+from ..checks import cast_checked, check_result, finite_numbers, has_nonfinite
+from ..errors import InputError
 from ..formats import WeightFileError
 from ..formats.layers import group_by_layer
 from .block_weights import expand_block_weights, lora_block_weight_fn
@@ -37,6 +39,7 @@ from .output import (
     BakeReport,
     Progress,
     check_inputs,
+    check_not_input,
     check_output,
     check_save_dtype,
     load_components,
@@ -79,6 +82,8 @@ class BakedCheckpoint:
         dtype: output dtype of floating tensors (default: each tensor's own).
         skip_unmatched: leave out layers that match no checkpoint tensor (listed in ``report``)
             instead of raising.
+        allow_nonfinite: let NaN/inf already in ``base`` pass through (default: ``get`` refuses
+            them); NaN/inf the deltas produce (e.g. an alpha of 1e38) is always refused.
 
     Attributes:
         report: :class:`~sdadapt.loratools.output.BakeReport` (``merged`` fills as keys are computed).
@@ -97,12 +102,14 @@ class BakedCheckpoint:
         block_weights: Sequence[Sequence[float] | None] | None = None,
         dtype: torch.dtype | None = None,
         skip_unmatched: bool = False,
+        allow_nonfinite: bool = False,
     ) -> None:
         from ..merge.sources import open_source
 
+        self.allow_nonfinite = allow_nonfinite
         check_save_dtype(dtype)
         if not loras:
-            raise ValueError("merge needs at least one LoRA file")
+            raise InputError("merge needs at least one LoRA file")
         self.strengths = per_file(strengths, len(loras), "strength")
         self.block_weights = _vectors(block_weights, len(loras))
         check_inputs(base, *loras)
@@ -229,7 +236,9 @@ class BakedCheckpoint:
         value = self._source.get(key)
         entries, bias_entries = self._plan.get(key, []), self._bias_plan.get(key, [])
         if not entries and not bias_entries:
-            return value if value.dtype == self._dtypes[key] else value.to(self._dtypes[key])
+            if not self.allow_nonfinite and has_nonfinite(value):
+                check_result(value, key=key, inputs=[value], what=f"{self.path.name}'s tensor")
+            return cast_checked(value, self._dtypes[key], key=key, hint="write float32 (--dtype fp32)")
         compute = torch.float64 if value.dtype == torch.float64 else torch.float32
         merged = value.to(compute).clone()
         for entry in entries:
@@ -252,7 +261,13 @@ class BakedCheckpoint:
             target = merged if entry.rows is None else merged[entry.rows]
             target.add_(bias.reshape(target.shape))  # type: ignore[union-attr]
         self.report.merged[key] = len(entries) + len(bias_entries)
-        return merged.to(self._dtypes[key])
+        if has_nonfinite(merged):
+            names = ", ".join(entry.name for entry in entries + bias_entries)
+            check_result(merged, key=key, inputs=[value], allow_nonfinite=self.allow_nonfinite,
+                         what=f"the merged weight ({names})",
+                         hint="the LoRA's deltas overflow (check its alphas and the --scale)")
+        return cast_checked(merged, self._dtypes[key], key=key,
+                            hint="write float32 (--dtype fp32) or lower --scale")
 
     def planned_bytes(self) -> int:
         """Bytes of the tensors the output file will hold."""
@@ -279,6 +294,7 @@ def merge_loras_into_checkpoint(
     skip_unmatched: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> BakeReport:
     """Bake adapter files of any family into a checkpoint: ``W ← W + Σ_i s_i · b_i(layer) · Δ_i``.
 
@@ -296,22 +312,29 @@ def merge_loras_into_checkpoint(
             delta is computed at ``strength × block weight``.
         dtype: cast floating tensors of the output (default: keep each tensor's dtype).
         skip_unmatched: merge what matches and report the rest, instead of raising.
+        allow_nonfinite: let NaN/inf already in ``base`` pass through (default: refused).
 
     Raises:
         WeightFileError: layers that match no checkpoint tensor or do not fit it (lists them),
-            missing files, not enough disk space.
-        FileExistsError: ``out`` exists and ``overwrite`` is false.
+            missing files.
+        InputError: a strength that is not finite or beyond ±100; ``out`` is one of the inputs.
+        NonFiniteError: a merged tensor would hold NaN/inf or overflow ``dtype`` (names the key).
+        OutputExistsError: ``out`` exists and ``overwrite`` is false (also if it appears meanwhile).
+        DiskSpaceError: not enough disk space.
     """
     from ..merge.engine import write_source
 
     check_save_dtype(dtype)
     if not loras:
-        raise ValueError("merge needs at least one LoRA file")
+        raise InputError("merge needs at least one LoRA file")
+    per_file(strengths, len(loras), "strength")
     _vectors(block_weights, len(loras))  # the length checks, before any file is read
     check_inputs(base, *loras)
     check_output(out, overwrite=overwrite, needed_bytes=0)
+    check_not_input(out, base, *loras)
     with BakedCheckpoint(
-        base, loras, strengths=strengths, block_weights=block_weights, dtype=dtype, skip_unmatched=skip_unmatched
+        base, loras, strengths=strengths, block_weights=block_weights, dtype=dtype, skip_unmatched=skip_unmatched,
+        allow_nonfinite=allow_nonfinite,
     ) as baked:
         baked.report.path = Path(out)
         check_output(out, overwrite=overwrite, needed_bytes=baked.planned_bytes() + 2**20)
@@ -333,6 +356,7 @@ def _vectors(
     vectors = list(block_weights) * (count if len(block_weights) == 1 else 1)
     for vector in vectors:
         if vector is not None:
+            finite_numbers(vector, name="block weight", low=-100.0, high=100.0)
             expand_block_weights(vector)
     return vectors
 

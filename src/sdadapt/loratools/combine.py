@@ -43,15 +43,20 @@ from torch import Tensor
 from ..adapters.base import LayerGeometry
 from ..adapters.lora import lora_scale
 from ..adapters.registry import weight_shape_of_file_tensors
+from ..checks import cast_checked, check_result, positive_int
+from ..errors import InputError
 from ..formats import WeightFileError, save_kohya
 from ..formats.layers import group_by_layer
-from .extract import check_rank_method, factors_from_svd
+from .extract import check_clamp, check_rank_method, factors_from_svd
 from .output import (
     BaseLayers,
     LoRAJobReport,
     check_base_model,
+    check_inputs,
+    check_not_input,
     check_output,
     check_save_dtype,
+    layer_errors,
     layer_geometry,
     load_components,
     lora_base_model,
@@ -204,8 +209,12 @@ def combine_lora_states(
     base: BaseLayers | None = None,
     component: str = "unet",
     dropped: dict[str, str] | None = None,
+    source: str = "<states>",
 ) -> dict[str, Tensor]:
     """Combine several adapters of one component into one LoRA: ``Σ s_i Δ_i`` per layer.
+
+    Errors name ``source`` (the input files) and the layer; factors that are not finite or do not
+    fit ``dtype`` are refused (:class:`~sdadapt.errors.NonFiniteError`).
 
     A layer present in only some of the inputs combines those. ``mode="concat"`` is exact: LoRA
     factors are concatenated (rank = sum of ranks) and the other families' summed dense delta is
@@ -240,16 +249,20 @@ def combine_lora_states(
             entry[0].append(tensors)
             entry[1].append(float(strength))
     out: dict[str, Tensor] = {}
+    hint = "write float32 (--dtype fp32) or lower --scale"
     for layer, (layer_tensors, layer_strengths) in per_layer.items():
-        if all(is_plain_lora(t) for t in layer_tensors):
-            combined = _combine_plain(layer_tensors, layer_strengths, mode=mode, rank=rank, conv_rank=conv_rank,
-                                      method=method, param=param, clamp_quantile=clamp_quantile, name=layer)
-        else:
-            combined = _combine_dense(layer_tensors, layer_strengths, mode=mode, rank=rank, conv_rank=conv_rank,
-                                      method=method, param=param, clamp_quantile=clamp_quantile, base=base,
-                                      component=component, layer=layer, dropped=dropped)
-        out[f"{layer}.lora_down.weight"] = combined["lora_down.weight"].to(dtype or torch.float32)
-        out[f"{layer}.lora_up.weight"] = combined["lora_up.weight"].to(dtype or torch.float32)
+        with layer_errors(source, f"{component}:{layer}"):
+            if all(is_plain_lora(t) for t in layer_tensors):
+                combined = _combine_plain(layer_tensors, layer_strengths, mode=mode, rank=rank, conv_rank=conv_rank,
+                                          method=method, param=param, clamp_quantile=clamp_quantile, name=layer)
+            else:
+                combined = _combine_dense(layer_tensors, layer_strengths, mode=mode, rank=rank, conv_rank=conv_rank,
+                                          method=method, param=param, clamp_quantile=clamp_quantile, base=base,
+                                          component=component, layer=layer, dropped=dropped)
+            for part in ("lora_down.weight", "lora_up.weight"):
+                value = combined[part]
+                check_result(value, key=f"{layer}.{part}", what="the combined factors", hint="lower --scale")
+                out[f"{layer}.{part}"] = cast_checked(value, dtype or torch.float32, key=f"{layer}.{part}", hint=hint)
         out[f"{layer}.alpha"] = combined["alpha"]
     return out
 
@@ -368,10 +381,15 @@ def combine_loras(
     check_save_dtype(dtype)
     check_base_model(base_model)
     if not loras:
-        raise ValueError("combine_loras needs at least one LoRA file")
+        raise InputError("combine_loras needs at least one LoRA file")
+    positive_int(rank, name="rank (--rank)", allow_none=True)
+    positive_int(conv_rank, name="conv_rank (--conv-rank)", allow_none=True)
+    check_clamp(clamp_quantile)
     values = per_file(strengths, len(loras), "strength")
-    loaded = [load_components(path) for path in loras]
     check_output(out, overwrite=overwrite, needed_bytes=0)
+    check_inputs(*loras, *([base] if base is not None else []))
+    check_not_input(out, *loras, base)
+    loaded = [load_components(path) for path in loras]
     models = {lora_base_model(p, c, m) for p, (c, m) in zip(loras, loaded)}
     if base_model is None and len(models) > 1:
         raise WeightFileError(f"the LoRAs are for different base models ({sorted(models)}); combine LoRAs of one model")
@@ -386,7 +404,7 @@ def combine_loras(
             combined[component] = combine_lora_states(
                 [p[0] for p in present], [p[1] for p in present], mode=mode, rank=rank, conv_rank=conv_rank,  # type: ignore[arg-type]
                 method=method, param=param, clamp_quantile=clamp_quantile, dtype=dtype, base=layers_of_base,
-                component=component, dropped=skipped,
+                component=component, dropped=skipped, source=", ".join(str(p) for p in loras),
             )
     finally:
         if layers_of_base is not None:
@@ -398,5 +416,5 @@ def combine_loras(
     }
     needed = sum(t.numel() * t.element_size() for s in combined.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
-    save_kohya(out, combined, base_model=model, metadata=meta)
+    save_kohya(out, combined, base_model=model, metadata=meta, overwrite=overwrite)
     return report

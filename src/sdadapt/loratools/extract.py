@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from ..checks import cast_checked, check_device, finite_number, has_nonfinite, positive_int
+from ..errors import InputError
 from ..formats import WeightFileError, save_kohya
 from .checkpoint_layers import (
     LayerSlot,
@@ -63,8 +65,10 @@ from .output import (
     Progress,
     check_base_model,
     check_inputs,
+    check_not_input,
     check_output,
     check_save_dtype,
+    layer_errors,
     slot_shape,
 )
 
@@ -80,6 +84,7 @@ __all__ = [
     "signed_quantile",
     "lowrank_error",
     "factors_from_svd",
+    "check_clamp",
     "low_rank_factors",
     "extract_layer",
     "check_rank_method",
@@ -345,7 +350,8 @@ def factors_from_svd(
         else:
             up, down = up / math.sqrt(factor), down / math.sqrt(factor)
     if dtype is not None:
-        up, down = up.to(dtype), down.to(dtype)
+        hint = "write float32 (--dtype fp32)"
+        up, down = cast_checked(up, dtype, key="lora_up", hint=hint), cast_checked(down, dtype, key="lora_down", hint=hint)
     up, down = up.contiguous(), down.contiguous()
     # the error of the factors as returned: after the clamp and the cast
     if target is not None:
@@ -465,10 +471,24 @@ def extract_layer(
 
 
 def check_rank_method(method: str, param: float | None) -> None:
+    """A known rank method with its parameter: finite, and in the method's range."""
     if method not in RANK_METHODS:
-        raise ValueError(f"rank method must be one of {RANK_METHODS}, got {method!r}")
+        raise InputError(f"rank method must be one of {RANK_METHODS}, got {str(method)[:40]!r}")
     if method != "fixed" and param is None:
-        raise ValueError(f"rank method {method!r} needs its parameter (dynamic_param / --dynamic-param)")
+        raise InputError(f"rank method {method!r} needs its parameter (dynamic_param / --dynamic-param)")
+    if param is not None:
+        if method == "sv_ratio":
+            finite_number(param, name="--dynamic-param of sv_ratio (sigma_max/sigma_min)", low=1.0, high=1e12)
+        elif method in ("sv_cumulative", "sv_fro"):
+            finite_number(param, name=f"--dynamic-param of {method} (a fraction)", low=0.0, high=1.0, low_open=True)
+        else:
+            finite_number(param, name="--dynamic-param")
+
+
+def check_clamp(clamp_quantile: float | None) -> None:
+    """``None`` (off) or a finite quantile in (0, 1]."""
+    finite_number(clamp_quantile, name="clamp_quantile (--clamp-quantile)", low=0.0, high=1.0, low_open=True,
+                  allow_none=True)
 
 
 # -------------------------------------------------------------------------------- the file job
@@ -534,12 +554,19 @@ def extract_lora(
     check_rank_method(method, param)
     check_save_dtype(dtype)
     check_base_model(base_model)
-    if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise ValueError(f"ranks must be >= 1, got rank={rank}, conv_rank={conv_rank}")
-    check_inputs(base, tuned)
+    positive_int(rank, name="rank (--rank)")
+    positive_int(conv_rank, name="conv_rank (--conv-rank)", allow_none=True)
+    finite_number(alpha, name="alpha (--alpha)", low=0.0, low_open=True, high=1e6, allow_none=True)
+    finite_number(conv_alpha, name="conv_alpha (--conv-alpha)", low=0.0, low_open=True, high=1e6, allow_none=True)
+    finite_number(min_diff, name="min_diff (--min-diff)", low=0.0)
+    finite_number(min_layer_diff, name="min_layer_diff (--min-layer-diff)", low=0.0)
+    check_clamp(clamp_quantile)
+    if isinstance(niter, bool) or not isinstance(niter, int) or not 0 <= niter <= 100:
+        raise InputError(f"niter (--niter) must be a whole number in [0, 100], got {niter!r}")
+    device = check_device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
     check_output(out, overwrite=overwrite, needed_bytes=0)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_inputs(base, tuned)
+    check_not_input(out, base, tuned)
     with open_source(base) as base_src, open_source(tuned) as tuned_src:
         base_shapes = {k: tuple(base_src.shape(k)) for k in base_src.keys()}
         tuned_shapes = {k: tuple(tuned_src.shape(k)) for k in tuned_src.keys()}
@@ -567,6 +594,12 @@ def extract_lora(
         cache: dict[str, tuple[Tensor, Tensor]] = {}
         for done, ((component, layer), slot) in enumerate(todo, 1):
             base_w, tuned_w = _read_pair(base_src, tuned_src, slot, tuned_layers[(component, layer)], cache)
+            for path, weight, key in ((base, base_w, slot.key), (tuned, tuned_w, tuned_layers[(component, layer)].key)):
+                if has_nonfinite(weight):
+                    raise WeightFileError(
+                        f"{path}: tensor {key!r} holds NaN/inf ({int((~torch.isfinite(weight)).sum())} values); a LoRA "
+                        "cannot be extracted from a broken checkpoint — use an intact copy"
+                    )
             diff = float((tuned_w.float() - base_w.float()).abs().max()) if base_w.numel() else 0.0
             max_diff[component] = max(max_diff.get(component, 0.0), diff)
             name = f"{component}:{layer}"
@@ -575,13 +608,14 @@ def extract_lora(
             else:
                 is_kxk = base_w.dim() == 4 and base_w.shape[2] * base_w.shape[3] > 1
                 # the factors come back in the file's dtype: the reported error is that of the file
-                extracted = extract_layer(
-                    base_w, tuned_w,
-                    rank=conv_rank if is_kxk and conv_rank is not None else rank,
-                    alpha=conv_alpha if is_kxk and conv_alpha is not None else alpha,
-                    method=method, param=param, clamp_quantile=clamp_quantile, split=split,  # type: ignore[arg-type]
-                    randomized=randomized, niter=niter, device=device, dtype=dtype or torch.float32,
-                )
+                with layer_errors(tuned, name):
+                    extracted = extract_layer(
+                        base_w, tuned_w,
+                        rank=conv_rank if is_kxk and conv_rank is not None else rank,
+                        alpha=conv_alpha if is_kxk and conv_alpha is not None else alpha,
+                        method=method, param=param, clamp_quantile=clamp_quantile, split=split,  # type: ignore[arg-type]
+                        randomized=randomized, niter=niter, device=device, dtype=dtype or torch.float32,
+                    )
                 state = components.setdefault(component, {})
                 state[f"{layer}.lora_down.weight"] = extracted.down
                 state[f"{layer}.lora_up.weight"] = extracted.up
@@ -613,7 +647,7 @@ def extract_lora(
         meta.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
     needed = sum(t.numel() * t.element_size() for s in components.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
-    save_kohya(out, components, base_model=model, metadata=meta)
+    save_kohya(out, components, base_model=model, metadata=meta, overwrite=overwrite)
     return report
 
 

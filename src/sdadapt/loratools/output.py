@@ -10,15 +10,18 @@ alphas, which kohya, A1111, ComfyUI and diffusers load.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..checks import finite_numbers
+from ..errors import InputError, NonFiniteError, ResourceError, SdadaptError
 from ..formats import WeightFileError, load_lora
-from ..formats.files import check_output_file, read_safetensors_header, sniff_format
+from ..formats.files import check_input_file, check_output_file, read_safetensors_header, sniff_format
 from ..formats.kohya import BASE_MODELS
 from ..adapters.base import LayerGeometry
 from .checkpoint_layers import LayerSlot, checkpoint_layers
@@ -30,6 +33,9 @@ __all__ = [
     "BakeReport",
     "check_output",
     "check_inputs",
+    "check_not_input",
+    "layer_errors",
+    "MAX_LORA_STRENGTH",
     "check_base_model",
     "check_save_dtype",
     "lora_base_model",
@@ -94,19 +100,64 @@ check_output = check_output_file
 
 
 def check_inputs(*paths: str | os.PathLike) -> None:
+    """Every path is a readable, non-empty regular file (else a :class:`WeightFileError` saying what it is)."""
     for path in paths:
-        if not Path(path).exists():
-            raise WeightFileError(f"{path}: no such file")
+        if Path(path).is_dir() and (Path(path) / "adapter_model.safetensors").is_file():
+            continue  # a peft adapter folder (load_lora reads it)
+        check_input_file(path)
+
+
+def check_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """Refuse an output path that is one of the inputs (``--overwrite`` would replace an input)."""
+    target = Path(out)
+    if not target.exists():
+        return
+    for path in inputs:
+        if path is not None and Path(path).exists() and os.path.samefile(path, target):
+            raise InputError(f"{target}: is also an input ({path}); write the output to another file")
+
+
+@contextmanager
+def layer_errors(source: str | os.PathLike, layer: str) -> Iterator[None]:
+    """Errors while computing one layer, as one line naming the file and the layer.
+
+    Tensors that do not fit together (a rank that does not match, shapes torch cannot multiply)
+    become :class:`WeightFileError`; an SVD that does not converge (NaN/inf or extreme values) a
+    :class:`NonFiniteError`; torch running out of memory a :class:`ResourceError`.
+    """
+    try:
+        yield
+    except SdadaptError as exc:
+        text = str(exc)
+        if str(source) in text:
+            raise
+        raise type(exc)(f"{source}: layer {layer}: {text}") from None
+    except torch.linalg.LinAlgError as exc:
+        raise NonFiniteError(f"{source}: layer {layer}: the SVD did not converge ({_first_line(exc)}); the weights "
+                             "hold NaN/inf or extreme values") from None
+    except ValueError as exc:  # the families' own checks: the message says what does not fit
+        raise WeightFileError(f"{source}: layer {layer}: {_first_line(exc)}") from None
+    except (IndexError, RuntimeError) as exc:  # torch refusing shapes that cannot be multiplied
+        text = _first_line(exc)
+        if isinstance(exc, RuntimeError) and ("memory" in text.lower() or "alloc" in text.lower()):
+            raise ResourceError(f"{source}: layer {layer}: out of memory ({text})") from None
+        raise WeightFileError(f"{source}: layer {layer}: its tensors do not fit together ({text}); the file is "
+                              "corrupt or not what it claims") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)
 
 
 def check_base_model(base_model: str | None) -> None:
     if base_model is not None and base_model not in BASE_MODELS:
-        raise ValueError(f"base_model must be one of {sorted(BASE_MODELS)}, got {base_model!r}")
+        raise InputError(f"base_model must be one of {sorted(BASE_MODELS)}, got {base_model!r}")
 
 
 def check_save_dtype(dtype: torch.dtype | None) -> None:
     if dtype not in _SAVE_DTYPES:
-        raise ValueError(f"save dtype must be float32, float16 or bfloat16 (or None), got {dtype}")
+        raise InputError(f"save dtype must be float32, float16 or bfloat16 (or None), got {dtype}")
 
 
 def lora_base_model(path: str | os.PathLike, components: Mapping[str, object], metadata: Mapping[str, str]) -> str:
@@ -152,15 +203,22 @@ def load_components(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor
     return components, metadata
 
 
+#: the largest |strength| of a LoRA in merge-lora / combine-loras
+MAX_LORA_STRENGTH = 100.0
+
+
 def per_file(values: Sequence[float] | float, count: int, what: str) -> list[float]:
-    if isinstance(values, (int, float)):
-        return [float(values)] * count
-    values = [float(v) for v in values]
-    if len(values) == 1:
-        return values * count
-    if len(values) != count:
-        raise ValueError(f"give one {what} for all LoRAs or one per LoRA: {count} LoRAs, {len(values)} {what}s")
-    return values
+    """One finite value in [-100, 100] per file (a single value repeats); :class:`InputError` otherwise."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise InputError(f"{what}: give one number or one per LoRA, got {str(values)[:60]!r}")
+    checked = list(finite_numbers(values, name=f"{what} (--scale)", low=-MAX_LORA_STRENGTH, high=MAX_LORA_STRENGTH))
+    if len(checked) == 1:
+        return checked * count
+    if len(checked) != count:
+        raise InputError(f"give one {what} for all LoRAs or one per LoRA: {count} LoRAs, {len(checked)} {what}s")
+    return checked
 
 
 def slot_shape(shape: tuple[int, ...], slot: LayerSlot) -> tuple[int, ...]:
@@ -250,8 +308,8 @@ def layer_geometry(
     checkpoint; when both the file and ``base`` know it they must agree (up to a 1x1 kernel).
 
     Raises:
-        ValueError: the shape cannot be told (names the layer and asks for ``--base``), the base
-            has no such layer, or the shapes disagree.
+        InputError: the shape cannot be told (names the layer and asks for ``--base``).
+        WeightFileError: the base has no such layer, or the shapes disagree (both ``ValueError`` s).
     """
     from ..adapters.registry import weight_shape_of_file_tensors
 
@@ -261,17 +319,17 @@ def layer_geometry(
         shape = next((s for s in shapes if s is not None), None)
     base_shape = base.shape(component, layer) if base is not None else None
     if base is not None and base_shape is None:
-        raise ValueError(f"{name}: the base checkpoint {base.path.name} has no such layer; is it the LoRA's model?")
+        raise WeightFileError(f"{name}: the base checkpoint {base.path.name} has no such layer; is it the LoRA's model?")
     if shape is None:
         if base_shape is None:
-            raise ValueError(
+            raise InputError(
                 f"{name}: the file does not tell the layer's shape (LoHa, and LoKr with a low-rank w2, store a "
                 "convolution's factors flattened (r, in*kh*kw), like a Linear layer's); pass the base checkpoint "
                 "the LoRA was made for: base=PATH (--base CKPT)"
             )
         shape = base_shape
     elif base_shape is not None and not same_layer_shape(shape, base_shape):
-        raise ValueError(
+        raise WeightFileError(
             f"{name}: the file's delta has shape {shape}, the base checkpoint's layer {base_shape}; "
             f"{base.path.name if base is not None else 'the base'} is not the model the LoRA was made for"
         )

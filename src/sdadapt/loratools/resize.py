@@ -23,6 +23,7 @@ always needs the base checkpoint, since its delta ``W' − W`` depends on ``W``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -35,17 +36,22 @@ from torch import Tensor
 from ..adapters.base import LayerGeometry
 from ..adapters.lora import lora_scale
 from ..adapters.registry import family_of_keys, file_layer_delta
+from ..checks import positive_int
+from ..errors import InputError
 from ..formats import save_kohya
 from ..formats.layers import group_by_layer
-from .extract import check_rank_method, factors_from_svd, truncated_svd
+from .extract import check_clamp, check_rank_method, factors_from_svd, truncated_svd
 from .output import (
     BaseLayers,
     LayerReport,
     LoRAJobReport,
     Progress,
     check_base_model,
+    check_inputs,
+    check_not_input,
     check_output,
     check_save_dtype,
+    layer_errors,
     layer_geometry,
     load_components,
     lora_base_model,
@@ -130,8 +136,19 @@ def resize_layer(
         :class:`ResizedLayer` with ``(alpha' / r') · up' ⋅ down'`` the best rank-r' approximation of
         ``(alpha / r) · up ⋅ down``.
     """
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] or down.shape[0] < 1:
+        raise ValueError(
+            f"lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} do not fit together (up is (out, r[, 1, 1]), "
+            "down (r, in[, kh, kw]) with the same rank r)"
+        )
+    if up.dim() == 4 and up.shape[2:] != (1, 1):
+        raise ValueError(f"lora_up of a convolution must be (out, r, 1, 1), got {tuple(up.shape)}")
     old_rank = down.shape[0]
+    if alpha is not None and (isinstance(alpha, Tensor) and alpha.numel() != 1):
+        raise ValueError(f"alpha has {alpha.numel()} values, not one")
     scale = lora_scale(None if alpha is None else float(alpha), old_rank)
+    if not math.isfinite(scale):
+        raise ValueError(f"alpha {float(alpha):g} is not finite")
     out_features = up.shape[0]
     # SVD of the delta itself, D = scale · up ⋅ down; factors_from_svd divides the scale back out
     left, right = up.reshape(out_features, old_rank) * scale, down.reshape(old_rank, -1)
@@ -232,7 +249,7 @@ def dense_layer_delta(
     floats = [t for t in tensors.values() if t.is_floating_point() and t.dim() > 0]
     dtype = torch.float64 if floats and all(t.dtype == torch.float64 for t in floats) else torch.float32
     if base_weight is None and needs_base_weight(tensors, name=name):
-        raise ValueError(
+        raise InputError(
             f"{name}: a DoRA layer's delta W' - W depends on the base weight; pass the base checkpoint the "
             "LoRA was made for: base=PATH (--base CKPT)"
         )
@@ -251,6 +268,7 @@ def resize_lora_state(
     dtype: torch.dtype | None = None,
     base: BaseLayers | None = None,
     component: str = "unet",
+    source: str = "<state>",
 ) -> tuple[dict[str, Tensor], dict[str, ResizedLayer]]:
     """Resize every layer of one component's canonical adapter state to a LoRA of ``rank``.
 
@@ -266,6 +284,7 @@ def resize_lora_state(
         base: the base checkpoint's layers — needed where the file cannot tell a layer's shape
             (LoHa; LoKr with a low-rank ``w2``) and for DoRA (its delta depends on ``W``).
         component: the component ``state`` belongs to (to find its layers in ``base``).
+        source: the file ``state`` came from, for messages.
 
     Returns:
         ``(new state, {layer: ResizedLayer})``; ``alpha`` tensors are float32 0-dim. A bias delta
@@ -273,38 +292,55 @@ def resize_lora_state(
         norm is reported as ``ResizedLayer.bias_dropped``.
 
     Raises:
-        ValueError: a layer of no known family, one whose shape needs ``base``, or tensors that do
-            not fit the base's layer — naming the layer and the fix.
+        WeightFileError: a layer of no known family, one whose shape needs ``base``, tensors that do
+            not fit together or the base's layer — naming the file, the layer and the fix.
+        NonFiniteError: factors that overflow ``dtype``, or an SVD that does not converge.
     """
     out: dict[str, Tensor] = {}
     report: dict[str, ResizedLayer] = {}
     for layer, tensors in group_by_layer(state).items():
         name = f"{component}:{layer}"
-        if is_plain_lora(tensors):
-            down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-            is_kxk = down.dim() == 4 and down.shape[2] * down.shape[3] > 1
-            target = (conv_rank if conv_rank is not None else rank) if is_kxk else rank
-            resized = resize_layer(
-                up, down, tensors.get("alpha"), rank=target, method=method, param=param,
-                clamp_quantile=clamp_quantile, split=split, dtype=dtype or down.dtype,
+        with layer_errors(source, name):
+            out_layer, resized = _resize_one(
+                layer, name, tensors, rank=rank, conv_rank=conv_rank, method=method, param=param,
+                clamp_quantile=clamp_quantile, split=split, dtype=dtype, base=base, component=component,
             )
-        else:
-            geometry = layer_geometry(tensors, component=component, layer=layer, base=base)
-            weight = base.weight(component, layer) if base is not None and needs_base_weight(tensors, name=name) else None
-            delta, bias = dense_layer_delta(tensors, geometry, base_weight=weight, name=name)
-            target = (conv_rank if conv_rank is not None else rank) if geometry.is_kxk else rank
-            own_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point() and t.dim() > 0), torch.float32)
-            resized = dense_lora_factors(
-                delta, rank=target, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
-                dtype=dtype or own_dtype,
-            )
-            if bias is not None:
-                resized = replace(resized, bias_dropped=float(bias.norm()))
-        out[f"{layer}.lora_down.weight"] = resized.down
-        out[f"{layer}.lora_up.weight"] = resized.up
-        out[f"{layer}.alpha"] = torch.tensor(resized.alpha, dtype=torch.float32)
+        out.update(out_layer)
         report[layer] = resized
     return out, report
+
+
+def _resize_one(
+    layer: str, name: str, tensors: Mapping[str, Tensor], *, rank: int, conv_rank: int | None, method: str,
+    param: float | None, clamp_quantile: float | None, split: Literal["up", "sqrt"], dtype: torch.dtype | None,
+    base: BaseLayers | None, component: str,
+) -> tuple[dict[str, Tensor], ResizedLayer]:
+    """One layer of :func:`resize_lora_state`: ``({file key: tensor}, ResizedLayer)``."""
+    out: dict[str, Tensor] = {}
+    if is_plain_lora(tensors):
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        is_kxk = down.dim() == 4 and down.shape[2] * down.shape[3] > 1
+        target = (conv_rank if conv_rank is not None else rank) if is_kxk else rank
+        resized = resize_layer(
+            up, down, tensors.get("alpha"), rank=target, method=method, param=param,
+            clamp_quantile=clamp_quantile, split=split, dtype=dtype or down.dtype,
+        )
+    else:
+        geometry = layer_geometry(tensors, component=component, layer=layer, base=base)
+        weight = base.weight(component, layer) if base is not None and needs_base_weight(tensors, name=name) else None
+        delta, bias = dense_layer_delta(tensors, geometry, base_weight=weight, name=name)
+        target = (conv_rank if conv_rank is not None else rank) if geometry.is_kxk else rank
+        own_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point() and t.dim() > 0), torch.float32)
+        resized = dense_lora_factors(
+            delta, rank=target, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
+            dtype=dtype or own_dtype,
+        )
+        if bias is not None:
+            resized = replace(resized, bias_dropped=float(bias.norm()))
+    out[f"{layer}.lora_down.weight"] = resized.down
+    out[f"{layer}.lora_up.weight"] = resized.up
+    out[f"{layer}.alpha"] = torch.tensor(resized.alpha, dtype=torch.float32)
+    return out, resized
 
 
 # -------------------------------------------------------------------------------- the file job
@@ -353,8 +389,13 @@ def resize_lora(
     check_rank_method(method, param)
     check_save_dtype(dtype)
     check_base_model(base_model)
-    components, metadata = load_components(lora)
+    positive_int(rank, name="rank (--rank)")
+    positive_int(conv_rank, name="conv_rank (--conv-rank)", allow_none=True)
+    check_clamp(clamp_quantile)
     check_output(out, overwrite=overwrite, needed_bytes=0)
+    check_inputs(lora, *([base] if base is not None else []))
+    check_not_input(out, lora, base)
+    components, metadata = load_components(lora)
     model = base_model or lora_base_model(lora, components, metadata)
     report = LoRAJobReport(path=Path(out), base_model=model)
     resized: dict[str, dict[str, Tensor]] = {}
@@ -364,7 +405,7 @@ def resize_lora(
             new_state, layers = resize_lora_state(
                 state, rank=rank, conv_rank=conv_rank, method=method, param=param,
                 clamp_quantile=clamp_quantile, split=split, dtype=dtype,  # type: ignore[arg-type]
-                base=layers_of_base, component=component,
+                base=layers_of_base, component=component, source=str(lora),
             )
             resized[component] = new_state
             for layer, info in layers.items():
@@ -383,7 +424,7 @@ def resize_lora(
         kept.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
     needed = sum(t.numel() * t.element_size() for s in resized.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
-    save_kohya(out, resized, base_model=model, metadata=kept, title=kept.get("modelspec.title"))
+    save_kohya(out, resized, base_model=model, metadata=kept, title=kept.get("modelspec.title"), overwrite=overwrite)
     return report
 
 

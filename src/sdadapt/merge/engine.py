@@ -24,7 +24,6 @@ Everything decided is in the :class:`MergeReport`.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,13 +33,16 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..formats.files import WeightFileError, read_safetensors_header, sniff_format
+from ..checks import cast_checked, check_device, check_result, has_nonfinite
+from ..errors import InputError, MergeError, NonFiniteError
+from ..formats.files import WeightFileError, check_output_file, read_safetensors_header, sniff_format
+from ..patterns import compile_pattern
 from ..formats.model_keys import DIFFUSERS_COMPONENTS, LDM_PARTS
 from .blocks import block_alpha_fn, parse_block_weights
 from .operators import Operator, get_operator, key_generator
 from .recipe import DTYPES, RECIPE_KEY, MergeStep, a1111_metadata, leaf_paths, recipe_to_json
 from .sources import legacy_hash, open_source, sha256_of
-from .writer import safetensors_layout, write_streaming
+from .writer import _DISK_MARGIN, planned_size, safetensors_layout, write_streaming
 
 __all__ = [
     "MergeError",
@@ -56,8 +58,6 @@ __all__ = [
 ]
 
 
-class MergeError(ValueError):
-    """Inputs that cannot be merged as asked; the message names the keys and the fix."""
 
 
 class Source(Protocol):
@@ -250,9 +250,12 @@ class MergedSource:
             caller keeps ownership.
         device: where the operators compute (``"cuda"`` to use a GPU per tensor).
         intermediate: this step feeds another: merged floats stay float32 when ``step.dtype`` is None.
+        allow_nonfinite: let NaN/inf that an *input* already holds pass through (``get`` otherwise
+            refuses them); NaN/inf the merge itself produces is always refused.
 
     Raises:
         MergeError / WeightFileError: see :func:`merge_file`.
+        InputError: a device this torch cannot use, an invalid ``discard`` pattern, bad options.
     """
 
     def __init__(
@@ -262,11 +265,13 @@ class MergedSource:
         sources: Sequence[Source] | None = None,
         device: str | torch.device = "cpu",
         intermediate: bool = False,
+        allow_nonfinite: bool = False,
     ) -> None:
         self.step = step
         self.path = Path(f"<merge {step.operator}>")
         self.metadata: dict[str, str] = {}
-        self.device = torch.device(device)
+        self.device = check_device(device)
+        self.allow_nonfinite = allow_nonfinite
         self.report = MergeReport()
         self.operator: Operator = get_operator(step.operator)
         self._own: list[Source] = []
@@ -279,7 +284,8 @@ class MergedSource:
             try:
                 for item in step.inputs:
                     if isinstance(item, MergeStep):
-                        opened.append(MergedSource(item, device=device, intermediate=True))
+                        opened.append(MergedSource(item, device=device, intermediate=True,
+                                                   allow_nonfinite=allow_nonfinite))
                     else:
                         opened.append(open_source(item))
             except BaseException:
@@ -303,15 +309,15 @@ class MergedSource:
         n, op = len(self.step.inputs), self.operator
         want = {"ab": "2 inputs (A, B)", "abc": "3 inputs (A, B, C)"}
         if op.inputs == "ab" and n != 2 or op.inputs == "abc" and n != 3:
-            raise ValueError(f"{self.step.operator} takes {want[op.inputs]}, got {n}")
+            raise InputError(f"{self.step.operator} takes {want[op.inputs]}, got {n}")
         if op.inputs == "base+models" and n < 1 + op.min_models:
-            raise ValueError(f"{self.step.operator} takes a base and at least {op.min_models} model(s), got {n} input(s)")
+            raise InputError(f"{self.step.operator} takes a base and at least {op.min_models} model(s), got {n} input(s)")
         if op.inputs in ("ab", "abc") and self.step.alpha is None and self.step.block_weights is None:
-            raise ValueError(f"{self.step.operator} needs alpha (or block_weights)")
+            raise InputError(f"{self.step.operator} needs alpha (or block_weights)")
         if self.step.weights is not None and op.inputs != "base+models":
-            raise ValueError(f"{self.step.operator} takes alpha, not per-model weights")
+            raise InputError(f"{self.step.operator} takes alpha, not per-model weights")
         if self.step.weights is not None and len(self.step.weights) != n - 1:
-            raise ValueError(f"{self.step.operator}: {len(self.step.weights)} weights for {n - 1} models (one per model after the base)")
+            raise InputError(f"{self.step.operator}: {len(self.step.weights)} weights for {n - 1} models (one per model after the base)")
 
     def _validated_options(self) -> dict[str, Any]:
         """The step's keyword options checked against the operator's declaration (typed copies)."""
@@ -350,7 +356,7 @@ class MergedSource:
         first_keys = primary.keys()
         first_set = set(first_keys)
         out_dtype = DTYPES[step.dtype] if step.dtype is not None else None
-        discard = re.compile(policy.discard) if policy.discard else None
+        discard = compile_pattern(policy.discard, what="discard (--discard)") if policy.discard else None
 
         archs = [_architecture(s) for s in sources]
         known = {a for a in archs if a is not None}
@@ -482,7 +488,30 @@ class MergedSource:
                 report.copied[key] = f"only in {names[index]}: copied"
             else:
                 report.dropped[key] = f"not in {names[0]} (only_in_others='drop')"
+        if not report.merged:
+            raise self._nothing_merged(sources, names, first_set)
         return actions
+
+    def _nothing_merged(self, sources: Sequence[Source], names: list[str], first_set: set[str]) -> MergeError:
+        """The error for a plan that merges no tensor (unrelated files, an empty input, a policy
+        that excludes everything)."""
+        if not first_set:
+            return MergeError(f"{names[0]}: holds no tensors; nothing to merge")
+        empty = [names[i] for i, s in enumerate(sources) if not s.keys()]
+        if empty:
+            return MergeError(f"{', '.join(empty)}: hold(s) no tensors; nothing to merge")
+        shared = [i for i, s in enumerate(sources[1:], start=1) if any(k in first_set for k in s.keys())]
+        if len(shared) < len(sources) - 1:
+            strangers = [names[i] for i in range(1, len(sources)) if i not in shared]
+            return MergeError(
+                f"{names[0]} and {', '.join(strangers)} share no weights (no tensor name in common): they are not "
+                "the same kind of model, so there is nothing to merge; check the input files"
+            )
+        return MergeError(
+            f"nothing to merge: the inputs share {len(first_set & set(sources[1].keys()))} tensor name(s), but none is "
+            f"a floating-point weight of the merged components ({', '.join(self.step.policy.components)}) that every "
+            "input has with the same shape; check --components, --discard and the input files"
+        )
 
     # ---------------------------------------------------------------- source API
 
@@ -508,11 +537,23 @@ class MergedSource:
         return {k: (a.dtype, a.shape) for k, a in self._actions.items()}
 
     def get(self, key: str) -> Tensor:
-        """Compute ``key``'s output tensor (CPU, output dtype)."""
+        """Compute ``key``'s output tensor (CPU, output dtype).
+
+        Raises:
+            NonFiniteError: the tensor would hold NaN/inf (unless they come from an input and
+                ``allow_nonfinite``), or values the output dtype cannot hold.
+        """
         action = self._actions[key]
         if action.kind == "copy":
             value = self._sources[action.source].get(key)
-            return value if value.dtype == action.dtype else value.to(action.dtype)
+            if not self.allow_nonfinite and has_nonfinite(value):
+                name = self._sources[action.source].path.name
+                raise NonFiniteError(
+                    f"tensor {key!r} of {name} holds NaN/inf ({int((~torch.isfinite(value)).sum())} values); it would be "
+                    "copied into the output — the input is broken. Pass --allow-nonfinite (allow_nonfinite=True) to "
+                    "carry it through unchanged"
+                )
+            return cast_checked(value, action.dtype, key=key, hint="write float32 (--dtype fp32)")
         if action.kind == "reset":
             n = action.shape[-1]
             return torch.arange(n, dtype=torch.int64).expand(action.shape).contiguous()
@@ -540,13 +581,24 @@ class MergedSource:
             if action.strength is not None:
                 kwargs["lam"] = float(kwargs.get("lam", 1.0)) * action.strength
             result = op.fn(tensors[1:], weights, base=tensors[0], **kwargs)
-        del tensors
         result = result.to("cpu")
         if action.channels is not None:
             full = first.to(compute)
             full[:, : action.channels] = result
             result = full
-        return result.to(action.dtype)
+        if has_nonfinite(result):
+            check_result(result, key=key, inputs=[t.to("cpu") for t in tensors] + [first], allow_nonfinite=self.allow_nonfinite,
+                         what=f"the {step.operator} merge", hint=self._strength_hint())
+        del tensors, first
+        return cast_checked(result, action.dtype, key=key, hint="write float32 (--dtype fp32) or lower the strength")
+
+    def _strength_hint(self) -> str:
+        step = self.step
+        parts = [f"alpha {step.alpha:g}" if step.alpha is not None else "",
+                 f"weights {list(step.weights)}" if step.weights is not None else "",
+                 f"lam {step.options['lam']:g}" if "lam" in step.options else ""]
+        given = ", ".join(p for p in parts if p)
+        return f"check the strengths ({given})" if given else "check the inputs"
 
     def _alpha(self, action: _Action) -> float:
         return float(action.strength if action.strength is not None else self.step.alpha)  # type: ignore[arg-type]
@@ -629,54 +681,72 @@ def merge_file(
     progress: Callable[[int, int], None] | None = None,
     known_hashes: Mapping[str, str] | None = None,
     verify_hashes: bool = False,
+    allow_nonfinite: bool = False,
 ) -> MergeReport:
     """Run ``step`` and write the result to ``out`` (safetensors, atomic, streaming).
+
+    Order: the output is checked (name, folder, existing file), the inputs opened and the whole
+    plan made (architectures, shapes, shared weights), the free disk space checked against the
+    planned size — and only then are the inputs hashed (minutes for large files) and the tensors
+    merged. Every merged tensor is checked before it is written (NaN/inf, float16 overflow).
 
     Args:
         step: the recipe (random operators without a seed get a fresh one, recorded in the file).
         out: output ``.safetensors`` path.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out``. Without it, a file that appears at ``out`` while
+            the merge runs is not replaced either (the final move refuses).
         save_recipe: write ``sdadapt_merge_recipe`` + A1111 ``sd_merge_recipe``/``sd_merge_models``
             (hashes every input file: one extra read of each); False writes only ``format``.
         device: where the operators compute.
         progress: ``progress(done, total)`` per written tensor.
         known_hashes: ``{input path: sha256}`` recorded earlier (a replayed recipe); with
             ``verify_hashes`` each file is hashed and must match.
+        allow_nonfinite: let NaN/inf already in an input pass through (default: refused, naming
+            the tensor); NaN/inf produced by the merge is always refused.
 
     Returns:
         the :class:`MergeReport`.
 
     Raises:
-        FileExistsError: ``out`` exists and not ``overwrite`` (checked first).
+        OutputExistsError: ``out`` exists and not ``overwrite`` (checked first, and again at the end).
         WeightFileError: a missing, corrupt or unreadable input (named), or an input whose sha256
             differs from the recorded one.
-        MergeError: inputs of different architectures / shapes (the keys are named).
-        OSError: not enough free disk space for the planned output.
+        InputError: ``out`` is one of the inputs; a device this torch cannot use; bad options.
+        MergeError: inputs of different architectures / shapes, or sharing no weights.
+        DiskSpaceError: not enough free disk space for the planned output.
+        NonFiniteError: a merged tensor would hold NaN/inf or overflow the output dtype.
     """
-    target = Path(out)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
+    from ..formats.files import check_input_file
+
+    target = check_output_file(out, overwrite=overwrite, suffix=None)
+    device = check_device(device)
     step = resolve_seeds(step)
-    for path in leaf_paths(step):
-        if not Path(path).is_file():
-            raise WeightFileError(f"{path}: no such file")
-    hashes: dict[str, str] = {}
-    if verify_hashes and known_hashes:
-        for path, expected in known_hashes.items():
-            actual = sha256_of(path)
-            if actual != expected:
-                raise WeightFileError(
-                    f"{path}: sha256 {actual[:12]}... differs from the recipe's {expected[:12]}...; the input "
-                    "changed since the merge was made (pass the original file, or skip the check)"
-                )
-            hashes[path] = actual
-    with MergedSource(step, device=device) as merged:
+    leaves = leaf_paths(step)
+    for path in leaves:
+        check_input_file(path)
+        if target.exists() and os.path.samefile(path, target):
+            raise InputError(f"{target}: is also an input of the merge; write the output to another file")
+    with MergedSource(step, device=device, allow_nonfinite=allow_nonfinite) as merged:
+        plan = merged.plan()
+        estimate = {"format": "pt", "sdadapt_merge_recipe": "x" * 4096}
+        check_output_file(target, overwrite=overwrite, needed_bytes=planned_size(plan, estimate),
+                          margin_bytes=_DISK_MARGIN, suffix=None)
+        hashes: dict[str, str] = {}
+        if verify_hashes and known_hashes:
+            for path, expected in known_hashes.items():
+                actual = sha256_of(path)
+                if actual != expected:
+                    raise WeightFileError(
+                        f"{path}: sha256 {actual[:12]}... differs from the recipe's {expected[:12]}...; the input "
+                        "changed since the merge was made (pass the original file, or skip the check)"
+                    )
+                hashes[path] = actual
         metadata = {"format": "pt"}
         if save_recipe:
-            for path in leaf_paths(step):
+            for path in leaves:
                 if path not in hashes:
                     hashes[path] = sha256_of(path)
-            input_meta = {path: _file_metadata(path) for path in leaf_paths(step)}
+            input_meta = {path: _file_metadata(path) for path in leaves}
             metadata.update(a1111_metadata(
                 step, hashes=hashes, legacy_hashes={p: legacy_hash(p) for p in hashes},
                 input_metadata=input_meta, flags=merged.report.flags,

@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = [
     "weighted_sum",
     "add_difference",
@@ -73,6 +75,7 @@ __all__ = [
     "STEP_FIELDS",
     "check_options",
     "get_operator",
+    "MAX_MERGE_STRENGTH",
 ]
 
 SLERP_PARALLEL = 0.9995  # |cos| above this: lerp (mergekit's threshold)
@@ -490,6 +493,8 @@ class OperatorOption:
         help: one line for ``--help``.
         choices: the allowed values (``str`` options).
         per_model: one value per MODEL (``weights``), given as comma-separated numbers.
+        low, high: the range of a number (``high_open``: ``high`` itself excluded); every number
+            must also be finite. A value outside is an :class:`~sdadapt.errors.InputError`.
     """
 
     name: str
@@ -498,6 +503,9 @@ class OperatorOption:
     help: str = ""
     choices: tuple[Any, ...] | None = None
     per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
 
     @property
     def required(self) -> bool:
@@ -513,13 +521,29 @@ class OperatorOption:
             return None
         if self.per_model:
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-                raise ValueError(f"{operator}: option {self.name!r} is a list of numbers (one per model), got {value!r}")
-            return tuple(_checked_scalar(operator, self.name, float, v) for v in value)
+                raise InputError(f"{operator}: option {self.name!r} is a list of numbers (one per model), got {value!r}")
+            return tuple(self._in_range(operator, _checked_scalar(operator, self.name, float, v)) for v in value)
         checked = _checked_scalar(operator, self.name, self.type, value)
         if self.choices is not None and checked not in self.choices:
-            raise ValueError(f"{operator}: option {self.name!r} must be one of {', '.join(map(str, self.choices))}, "
+            raise InputError(f"{operator}: option {self.name!r} must be one of {', '.join(map(str, self.choices))}, "
                              f"got {value!r}")
-        return checked
+        return self._in_range(operator, checked)
+
+    def _in_range(self, operator: str, value: Any) -> Any:
+        if self.type not in (int, float) or isinstance(value, bool):
+            return value
+        if not math.isfinite(value):
+            raise InputError(f"{operator}: option {self.name!r} ({self.flag}) must be a finite number, got {value}")
+        low_ok = self.low is None or value >= self.low
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (low_ok and high_ok):
+            span = f"[{_g(self.low)}, {_g(self.high)}{')' if self.high_open else ']'}"
+            raise InputError(f"{operator}: option {self.name!r} ({self.flag}) must be in {span}, got {value:g}")
+        return value
+
+
+def _g(value: float | None) -> str:
+    return "-inf" if value is None else f"{value:g}"
 
 
 #: :attr:`OperatorOption.default` of an option that must be given
@@ -538,8 +562,8 @@ def _checked_scalar(operator: str, name: str, kind: type, value: Any) -> Any:
             return value
     elif isinstance(value, kind):
         return value
-    raise ValueError(f"{operator}: option {name!r} must be {'a number' if kind in (int, float) else kind.__name__}"
-                     f"{' (an integer)' if kind is int else ''}, got {value!r}")
+    raise InputError(f"{operator}: option {name!r} must be {'a number' if kind in (int, float) else kind.__name__}"
+                     f"{' (an integer)' if kind is int else ''}, got {str(value)[:80]!r}")
 
 
 @dataclass(frozen=True)
@@ -629,27 +653,33 @@ def check_options(
     given = dict(options)
     misplaced = sorted(set(given) & STEP_FIELDS)
     if misplaced:
-        raise ValueError(f"{name}: {', '.join(misplaced)} is a step field (MergeStep.{misplaced[0]}), not an entry "
+        raise InputError(f"{name}: {', '.join(misplaced)} is a step field (MergeStep.{misplaced[0]}), not an entry "
                          "of options")
     fields = {"alpha": alpha, "weights": weights, "seed": seed}
     unknown = sorted(k for k in given if k not in declared)
     unknown += [k for k, v in fields.items() if v is not None and k not in declared]
     if unknown:
         takes = ", ".join(op.option_names) or "no options"
-        raise ValueError(f"{name} has no option {', '.join(repr(k) for k in unknown)}; it takes {takes}")
+        raise InputError(f"{name} has no option {', '.join(repr(k) for k in unknown)}; it takes {takes}")
     for key, value in fields.items():
         if value is not None:
             declared[key].check(name, value)
     return {key: declared[key].check(name, value) for key, value in given.items()}
 
 
+#: the largest |alpha|, |lam| and |weight| a merge accepts: beyond it the result is no model, and
+#: float16 outputs overflow
+MAX_MERGE_STRENGTH = 100.0
+
+
 def _alpha_option(help_text: str, default: Any = _REQUIRED) -> OperatorOption:
-    return OperatorOption("alpha", float, default, help_text)
+    return OperatorOption("alpha", float, default, help_text, low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
 
 
-_LAM = OperatorOption("lam", float, 1.0, "scale of the merged task vector")
+_LAM = OperatorOption("lam", float, 1.0, "scale of the merged task vector", low=-MAX_MERGE_STRENGTH,
+                      high=MAX_MERGE_STRENGTH)
 _WEIGHTS = OperatorOption("weights", float, None, "one weight per MODEL, comma-separated (default 1 each)",
-                          per_model=True)
+                          per_model=True, low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
 
 OPERATORS: dict[str, Operator] = {
     "weighted-sum": Operator(
@@ -681,7 +711,7 @@ OPERATORS: dict[str, Operator] = {
     ),
     "ties": Operator(
         ties, "base+models",
-        (OperatorOption("density", float, 0.2, "kept fraction of each task vector, by magnitude"), _LAM, _WEIGHTS,
+        (OperatorOption("density", float, 0.2, "kept fraction of each task vector, by magnitude", low=0.0, high=1.0), _LAM, _WEIGHTS,
          OperatorOption("normalize", bool, True, "average the agreeing entries (TIES' disjoint mean); "
                         "--no-normalize sums them")),
         summary="TIES: trim, elect sign, disjoint mean",
@@ -690,8 +720,9 @@ OPERATORS: dict[str, Operator] = {
     ),
     "dare": Operator(
         dare, "base+models",
-        (OperatorOption("drop", float, 0.9, "drop probability p of each task-vector entry"),
-         OperatorOption("seed", int, 0, "merge seed; recorded in the file"),
+        (OperatorOption("drop", float, 0.9, "drop probability p of each task-vector entry", low=0.0, high=1.0,
+                        high_open=True),
+         OperatorOption("seed", int, 0, "merge seed; recorded in the file", low=0, high=2**63 - 1),
          OperatorOption("consensus", str, "sum", "sum: TIES sign election (DARE-TIES); count: sign of the vote "
                         "count; none: plain sum (DARE-linear)", choices=("sum", "count", "none")),
          OperatorOption("rescale", bool, True, "rescale the kept entries by 1/(1-p); --no-rescale keeps them as "
@@ -716,4 +747,4 @@ def get_operator(name: str) -> Operator:
     try:
         return OPERATORS[name]
     except KeyError:
-        raise ValueError(f"unknown merge operator {name!r}; known: {', '.join(sorted(OPERATORS))}") from None
+        raise InputError(f"unknown merge operator {str(name)[:60]!r}; known: {', '.join(sorted(OPERATORS))}") from None

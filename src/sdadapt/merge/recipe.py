@@ -25,8 +25,12 @@ from typing import Any, Union
 
 import torch
 
-from ..formats.files import WeightFileError, read_safetensors_header
-from .operators import check_options
+from ..checks import finite_number, finite_numbers
+from ..errors import InputError
+from ..formats.files import WeightFileError, check_input_file, read_safetensors_header
+from ..formats.header import load_json
+from ..patterns import compile_pattern
+from .operators import MAX_MERGE_STRENGTH, check_options
 
 __all__ = [
     "KeyPolicy",
@@ -66,7 +70,9 @@ class KeyPolicy:
             keeps the first input's extra ones (A1111), ``"error"`` refuses.
         reset_position_ids: write CLIP ``position_ids`` as ``arange`` int64 (fixes files broken by
             older mergers). They are never interpolated either way.
-        discard: regular expression; output keys it matches (``re.search``) are removed.
+        discard: regular expression; output keys it matches (``re.search`` semantics) are removed.
+            It is validated here and matched in linear time (:mod:`sdadapt.patterns`: no
+            backreferences or lookaround), so a hostile recipe cannot hang a merge.
     """
 
     components: tuple[str, ...] = _COMPONENTS
@@ -77,17 +83,23 @@ class KeyPolicy:
     discard: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.components, str) or not isinstance(self.components, (list, tuple)):
+            raise InputError(f"KeyPolicy.components must be a list of names, got {str(self.components)[:60]!r}")
         object.__setattr__(self, "components", tuple(self.components))
         bad = [c for c in self.components if c not in _COMPONENTS]
         if bad:
-            raise ValueError(f"unknown components {bad}; choose from {', '.join(_COMPONENTS)}")
+            raise InputError(f"unknown components {[str(b)[:40] for b in bad][:5]}; choose from {', '.join(_COMPONENTS)}")
+        if not isinstance(self.reset_position_ids, bool):
+            raise InputError(f"KeyPolicy.reset_position_ids must be true or false, got {self.reset_position_ids!r}")
+        if self.discard is not None:
+            compile_pattern(self.discard, what="discard (--discard)")
         for name, value, allowed in (
             ("ema", self.ema, ("prune", "copy", "merge")),
             ("only_in_others", self.only_in_others, ("drop", "copy")),
             ("channel_mismatch", self.channel_mismatch, ("merge-common", "error")),
         ):
-            if value not in allowed:
-                raise ValueError(f"KeyPolicy.{name} must be one of {allowed}, got {value!r}")
+            if not isinstance(value, str) or value not in allowed:
+                raise InputError(f"KeyPolicy.{name} must be one of {allowed}, got {str(value)[:40]!r}")
 
 
 Input = Union[str, "MergeStep"]
@@ -130,12 +142,25 @@ class MergeStep:
     policy: KeyPolicy = field(default_factory=KeyPolicy)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.operator, str):
+            raise InputError(f"MergeStep.operator must be a name, got {str(self.operator)[:40]!r}")
         object.__setattr__(self, "inputs", tuple(str(i) if isinstance(i, os.PathLike) else i for i in self.inputs))
+        if not isinstance(self.options, Mapping):
+            raise InputError(f"MergeStep.options must map option names to values, got {str(self.options)[:40]!r}")
         object.__setattr__(self, "options", dict(self.options))
         if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            object.__setattr__(self, "weights", finite_numbers(_sequence(self.weights, "weights"), name="weights",
+                                                               low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH))
         if self.block_weights is not None:
-            object.__setattr__(self, "block_weights", tuple(float(w) for w in self.block_weights))
+            object.__setattr__(self, "block_weights", finite_numbers(
+                _sequence(self.block_weights, "block_weights"), name="block_weights", low=-MAX_MERGE_STRENGTH,
+                high=MAX_MERGE_STRENGTH))
+        if self.base_alpha is not None:
+            finite_number(self.base_alpha, name="base_alpha", low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise InputError(f"MergeStep.seed must be a non-negative integer, got {str(self.seed)[:40]!r}")
+        if not isinstance(self.policy, KeyPolicy):
+            raise InputError(f"MergeStep.policy must be a KeyPolicy, got {type(self.policy).__name__}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or None, got {self.dtype!r}")
         if self.compute_dtype not in DTYPES:
@@ -172,19 +197,76 @@ def step_to_dict(step: MergeStep, hashes: Mapping[str, str] | None = None) -> di
     return out
 
 
-def step_from_dict(data: Mapping[str, Any]) -> MergeStep:
-    """Inverse of :func:`step_to_dict` (recorded hashes are ignored here; see :func:`load_recipe`)."""
-    try:
-        inputs = tuple(step_from_dict(i["step"]) if "step" in i else str(i["path"]) for i in data["inputs"])
-        kwargs = {f.name: data[f.name] for f in fields(MergeStep) if f.name not in ("operator", "inputs") and f.name in data}
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"malformed merge recipe step ({exc!r}); expected keys operator, inputs, ...") from None
+#: deepest chain of nested steps a recipe may hold
+MAX_RECIPE_DEPTH = 16
+_STEP_KEYS = frozenset(f.name for f in fields(MergeStep))
+_POLICY_KEYS = frozenset(f.name for f in fields(KeyPolicy))
+
+
+def _sequence(value: Any, name: str) -> Any:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+        raise InputError(f"{name} must be a list of numbers, got {str(value)[:60]!r}")
+    return value
+
+
+def _typed(data: Mapping[str, Any], name: str, kinds: tuple[type, ...], what: str, where: str) -> None:
+    value = data.get(name)
+    if value is not None and (isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds)):
+        raise InputError(f"{where}: {name} must be {what}, got {str(value)[:60]!r}")
+
+
+def step_from_dict(data: Mapping[str, Any], *, _depth: int = 0, _where: str = "step") -> MergeStep:
+    """Inverse of :func:`step_to_dict` (recorded hashes are ignored here; see :func:`load_recipe`).
+
+    Every field's type is checked (the message names the field and where it sits in the recipe);
+    steps nest at most :data:`MAX_RECIPE_DEPTH` deep.
+
+    Raises:
+        InputError: a missing or mistyped field, an unknown field, nesting too deep, or a value the
+            operator refuses.
+    """
+    if _depth > MAX_RECIPE_DEPTH:
+        raise InputError(f"{_where}: steps are nested more than {MAX_RECIPE_DEPTH} deep")
+    if not isinstance(data, Mapping):
+        raise InputError(f"{_where}: a step must be an object, got {type(data).__name__}")
+    unknown = sorted(str(k)[:40] for k in data if k not in _STEP_KEYS)
+    if unknown:
+        raise InputError(f"{_where}: unknown field(s) {unknown[:5]}; a step has {', '.join(sorted(_STEP_KEYS))}")
+    if not isinstance(data.get("operator"), str):
+        raise InputError(f"{_where}: operator must be a name, got {str(data.get('operator'))[:40]!r}")
+    raw_inputs = data.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InputError(f"{_where}: inputs must be a non-empty list, got {str(raw_inputs)[:60]!r}")
+    inputs: list[Any] = []
+    for index, item in enumerate(raw_inputs, 1):
+        place = f"{_where}.inputs[{index}]"
+        if isinstance(item, Mapping) and "step" in item:
+            inputs.append(step_from_dict(item["step"], _depth=_depth + 1, _where=f"{place}.step"))
+        elif isinstance(item, Mapping) and isinstance(item.get("path"), str) and item["path"]:
+            inputs.append(item["path"])
+        else:
+            raise InputError(f"{place}: an input is {{\"path\": \"FILE\"}} or {{\"step\": {{...}}}}, got {str(item)[:60]!r}")
+    _typed(data, "alpha", (int, float), "a number", _where)
+    _typed(data, "base_alpha", (int, float), "a number", _where)
+    _typed(data, "seed", (int,), "a non-negative integer", _where)
+    _typed(data, "dtype", (str,), f"one of {', '.join(DTYPES)}", _where)
+    _typed(data, "compute_dtype", (str,), f"one of {', '.join(DTYPES)}", _where)
+    _typed(data, "options", (dict,), "an object", _where)
+    _typed(data, "policy", (dict,), "an object", _where)
+    kwargs = {name: data[name] for name in _STEP_KEYS - {"operator", "inputs"} if name in data}
     for name in ("weights", "block_weights"):
         if kwargs.get(name) is not None:
-            kwargs[name] = tuple(kwargs[name])
+            kwargs[name] = tuple(_sequence(kwargs[name], f"{_where}: {name}"))
     if "policy" in kwargs:
-        kwargs["policy"] = KeyPolicy(**kwargs["policy"])
-    return MergeStep(operator=str(data["operator"]), inputs=inputs, **kwargs)
+        policy = kwargs["policy"]
+        bad = sorted(str(k)[:40] for k in policy if k not in _POLICY_KEYS)
+        if bad:
+            raise InputError(f"{_where}: policy has unknown field(s) {bad[:5]}; it has {', '.join(sorted(_POLICY_KEYS))}")
+        _typed(policy, "discard", (str,), "a pattern (a string)", f"{_where}.policy")
+        if "components" in policy:
+            policy = {**policy, "components": tuple(_sequence(policy["components"], f"{_where}.policy.components"))}
+        kwargs["policy"] = KeyPolicy(**policy)
+    return MergeStep(operator=data["operator"], inputs=tuple(inputs), **kwargs)
 
 
 def recipe_to_json(step: MergeStep, *, hashes: Mapping[str, str] | None = None) -> str:
@@ -221,50 +303,69 @@ def load_recipe(path: str | os.PathLike) -> tuple[MergeStep, dict[str, str]]:
             it lacks the operator details), or the JSON is malformed.
     """
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise WeightFileError(f"{file}: no such recipe file")
+    check_input_file(file, what="recipe (.json or merged .safetensors)")
     if file.suffix.lower() == ".json":
-        text = file.read_text()
+        if file.stat().st_size > 16 << 20:
+            raise WeightFileError(f"{file}: {file.stat().st_size} bytes is not a merge recipe (recipes are small JSON)")
+        try:
+            text = file.read_bytes()
+        except OSError as exc:
+            raise WeightFileError(f"{file}: cannot be read ({exc.strerror or exc})") from None
     else:
         _, metadata = read_safetensors_header(file)
         if RECIPE_KEY not in metadata:
             hint = " (it has an A1111 sd_merge_recipe, which does not record enough to replay)" if "sd_merge_recipe" in metadata else ""
             raise WeightFileError(f"{file}: no {RECIPE_KEY} metadata{hint}; pass the recipe .json instead")
         text = metadata[RECIPE_KEY]
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise WeightFileError(f"{file}: malformed recipe JSON ({exc})") from None
+    data = load_json(text, source=str(file), what="the merge recipe", max_depth=4 * MAX_RECIPE_DEPTH + 8)
     if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
         raise WeightFileError(f"{file}: not an sdadapt merge recipe (no \"format\": \"{RECIPE_FORMAT}\")")
-    if int(data.get("version", 0)) > RECIPE_VERSION:
-        raise WeightFileError(f"{file}: recipe version {data['version']} is newer than this sdadapt reads ({RECIPE_VERSION})")
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise WeightFileError(f"{file}: malformed recipe (version must be an integer, got {str(version)[:40]!r})")
+    if version > RECIPE_VERSION:
+        raise WeightFileError(f"{file}: recipe version {version} is newer than this sdadapt reads ({RECIPE_VERSION})")
     hashes: dict[str, str] = {}
 
-    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+    def resolve(node: Any, depth: int) -> Any:
+        if not isinstance(node, dict) or depth > MAX_RECIPE_DEPTH or not isinstance(node.get("inputs"), list):
+            return node  # step_from_dict names what is wrong
         node = dict(node)
-        new_inputs = []
-        for item in node.get("inputs", []):
-            if "step" in item:
-                new_inputs.append({"step": resolve(item["step"])})
+        new_inputs: list[Any] = []
+        for item in node["inputs"]:
+            if isinstance(item, dict) and "step" in item:
+                new_inputs.append({"step": resolve(item["step"], depth + 1)})
+                continue
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"]:
+                new_inputs.append(item)
                 continue
             recorded = Path(item["path"])
             resolved = item["path"]  # as recorded when it exists: then the replay is byte-identical
-            if not recorded.exists():
-                for candidate in (file.parent / recorded, file.parent / recorded.name):
-                    if candidate.exists():
-                        resolved = str(candidate)
-                        break
-            if "sha256" in item:
-                hashes[resolved] = item["sha256"]
+            try:
+                if not recorded.exists():
+                    for candidate in (file.parent / recorded, file.parent / recorded.name):
+                        if candidate.exists():
+                            resolved = str(candidate)
+                            break
+            except (OSError, ValueError):  # a path the OS cannot look up (NUL byte, too long)
+                raise WeightFileError(f"{file}: malformed recipe (input path {item['path'][:80]!r})") from None
+            sha = item.get("sha256")
+            if sha is not None:
+                if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower()):
+                    raise WeightFileError(f"{file}: malformed recipe (sha256 of {item['path'][:80]!r} is not 64 hex digits)")
+                hashes[resolved] = sha.lower()
             new_inputs.append({"path": resolved})
         node["inputs"] = new_inputs
         return node
 
     try:
-        step = step_from_dict(resolve(data["step"]))
+        step = step_from_dict(resolve(data.get("step"), 0))
+    except WeightFileError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
-        raise WeightFileError(f"{file}: malformed recipe ({exc})") from None
+        raise WeightFileError(f"{file}: malformed recipe ({' '.join(str(exc).split())})") from None
     return step, hashes
 
 
@@ -310,14 +411,14 @@ def a1111_metadata(
             continue
         meta = input_metadata.get(path, {})
         own = meta.get("sd_merge_recipe")
-        try:
-            own_recipe = json.loads(own) if own else None
-        except json.JSONDecodeError:
+        try:  # the inputs' own metadata: bounded depth, and anything malformed is left out
+            own_recipe = load_json(own, source=path, what="sd_merge_recipe", max_depth=16) if own else None
+        except ValueError:
             own_recipe = None
         models[sha] = {"name": Path(path).stem, "legacy_hash": legacy_hashes.get(path), "sd_merge_recipe": own_recipe}
         try:
-            ancestry = json.loads(meta.get("sd_merge_models", "{}"))
-        except json.JSONDecodeError:
+            ancestry = load_json(meta.get("sd_merge_models", "{}"), source=path, what="sd_merge_models", max_depth=16)
+        except ValueError:
             ancestry = {}
         if isinstance(ancestry, dict):
             for key, value in ancestry.items():

@@ -22,26 +22,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..formats.files import WeightFileError, read_safetensors_header, read_weights, sniff_format
+from ..formats.files import WeightFileError, _header_and_start, check_input_file, read_weights, sniff_format
+from ..formats.header import TORCH_DTYPES, read_tensor
 
 __all__ = ["TensorSource", "open_source", "sha256_of", "short_hash", "legacy_hash", "SAFETENSORS_DTYPES"]
 
-#: safetensors dtype names -> torch dtypes (the ones torch can hold)
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    SAFETENSORS_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
-    SAFETENSORS_DTYPES["F8_E5M2"] = torch.float8_e5m2
+#: safetensors dtype names -> torch dtypes (the ones this torch can hold)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = dict(TORCH_DTYPES)
 
 
 class TensorSource:
@@ -62,13 +49,17 @@ class TensorSource:
         self._tensors: dict[str, Tensor] | None = None
         self._header: dict[str, dict] = {}
         self._data_start = 0
+        check_input_file(self.path)
         if sniff_format(self.path) == "safetensors":
-            header, metadata = read_safetensors_header(self.path)  # validates, names the file on error
+            # the one validator (sdadapt.formats.header): offsets contiguous, sizes = shape x itemsize,
+            # all within the file — get() can then trust every entry before allocating anything
+            header, metadata, self._data_start = _header_and_start(self.path)
             self._header = header
             self.metadata: dict[str, str] = dict(metadata)
-            with open(self.path, "rb") as handle:
-                self._data_start = 8 + int.from_bytes(handle.read(8), "little")
-            self._handle = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+            try:
+                self._handle = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+            except OSError as exc:
+                raise WeightFileError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
         else:
             tensors, metadata = read_weights(self.path)
             if tensors and all(k.startswith("state_dict.") for k in tensors):
@@ -128,22 +119,10 @@ class TensorSource:
             return self._tensors[key].clone()
         if self._handle is None:
             raise ValueError(f"{self.path}: the source is closed")
-        entry = self._header[key]
-        start, end = (int(v) for v in entry["data_offsets"])
-        dtype, shape = self.dtype(key), self.shape(key)
-        out = torch.empty(shape, dtype=dtype)
-        size = end - start
-        if size != out.numel() * out.element_size():
-            raise WeightFileError(
-                f"{self.path}: tensor {key!r} has {size} bytes for shape {shape} {dtype}; the file is corrupt"
-            )
-        if size:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
-            self._handle.seek(self._data_start + start)
-            got = self._handle.readinto(view)
-            if got != size:
-                raise WeightFileError(f"{self.path}: truncated while reading {key!r}; download or copy it again")
-        return out
+        try:
+            return read_tensor(self._handle, self._data_start, self._header[key], file=self.path, key=key)
+        except OSError as exc:  # e.g. EIO from a failing disk: the input, not the output
+            raise WeightFileError(f"{self.path}: reading tensor {key!r} failed ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         """Release the file handle (or the in-memory tensors of a legacy file)."""
@@ -173,12 +152,7 @@ def open_source(path: str | os.PathLike) -> TensorSource:
         WeightFileError: missing, empty, truncated, corrupt file, or a pickle that needs full
             unpickling (the message names the file and the fix).
     """
-    file = Path(path)
-    if file.is_dir():
-        raise WeightFileError(f"{file}: is a folder, not a weights file; pass the .safetensors file inside it")
-    if not file.exists():
-        raise WeightFileError(f"{file}: no such file")
-    return TensorSource(file)
+    return TensorSource(check_input_file(path))
 
 
 def sha256_of(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:

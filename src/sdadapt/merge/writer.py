@@ -1,6 +1,7 @@
 """An incremental, atomic safetensors writer: the header from a plan, then each tensor as it comes.
 
-The layout is the one ``safetensors.torch.save_file`` produces for the same tensors and metadata:
+The layout (:func:`sdadapt.formats.header.safetensors_layout`, shared with
+:func:`sdadapt.formats.files.write_safetensors`) is the one ``safetensors.torch.save_file`` produces:
 8-byte little-endian header length, a compact JSON header (``__metadata__`` first, then the
 tensors), padded with spaces to a multiple of 8, then the tensors' bytes back to back, ordered by
 dtype (widest first, safetensors' own rule) and then by name. Because every offset is known from
@@ -10,74 +11,23 @@ caller can produce them in whatever order suits its reads. Memory: one tensor at
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from math import prod
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..formats.files import WeightFileError, atomic_write, check_output_file
+from ..formats.header import DTYPE_NAMES as _DTYPE_NAMES
+from ..formats.header import safetensors_layout
 
 __all__ = ["write_streaming", "safetensors_layout", "planned_size", "check_disk_space", "DTYPE_NAMES"]
 
-#: torch dtype -> (safetensors name, rank in safetensors' ``Dtype`` enum; files order data by it, descending)
-_DTYPES: dict[torch.dtype, tuple[str, int]] = {
-    torch.bool: ("BOOL", 0),
-    torch.uint8: ("U8", 4),
-    torch.int8: ("I8", 5),
-    torch.int16: ("I16", 9),
-    torch.float16: ("F16", 11),
-    torch.bfloat16: ("BF16", 12),
-    torch.int32: ("I32", 13),
-    torch.float32: ("F32", 15),
-    torch.float64: ("F64", 17),
-    torch.int64: ("I64", 18),
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _DTYPES[torch.float8_e5m2] = ("F8_E5M2", 6)
-    _DTYPES[torch.float8_e4m3fn] = ("F8_E4M3", 7)
 #: torch dtype -> safetensors dtype name
-DTYPE_NAMES = {dtype: name for dtype, (name, _) in _DTYPES.items()}
+DTYPE_NAMES = _DTYPE_NAMES
 
 _DISK_MARGIN = 16 << 20  # leave this much free beyond the planned file
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return prod(int(d) for d in shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def safetensors_layout(
-    plan: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
-) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """``(header bytes incl. the 8-byte length prefix and padding, {key: (start, end) data offsets})``.
-
-    Raises:
-        WeightFileError: a dtype safetensors cannot store, or non-string metadata.
-    """
-    for key, (dtype, _) in plan.items():
-        if dtype not in _DTYPES:
-            raise WeightFileError(f"tensor {key!r}: safetensors cannot store dtype {dtype}")
-    order = sorted(plan, key=lambda k: (-_DTYPES[plan[k][0]][1], k))
-    header: dict[str, object] = {}
-    if metadata:
-        bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
-        if bad:
-            raise WeightFileError(f"safetensors metadata must be str -> str; non-strings: {bad}")
-        header["__metadata__"] = dict(metadata)
-    offsets: dict[str, tuple[int, int]] = {}
-    offset = 0
-    for key in order:
-        dtype, shape = plan[key]
-        size = _nbytes(dtype, shape)
-        header[key] = {"dtype": _DTYPES[dtype][0], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size]}
-        offsets[key] = (offset, offset + size)
-        offset += size
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, offsets
 
 
 def planned_size(plan: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None) -> int:
@@ -116,16 +66,15 @@ def write_streaming(
         ``path``.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-        OSError: not enough free disk space for the planned file (checked before writing).
+        OutputExistsError: ``path`` exists and ``overwrite`` is false — checked first and again,
+            atomically, when the finished file is moved into place.
+        DiskSpaceError: not enough free disk space for the planned file (checked before writing).
+        OutputError: the folder is missing or read-only, or a write failed (nothing is left behind).
         WeightFileError: a tensor not in the plan, repeated, with another dtype/shape, or a planned
             tensor that never arrives (no file is left behind).
     """
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
-    if target.is_dir():
-        raise WeightFileError(f"{target}: is a folder; give a file name for the output")
+    check_output_file(target, overwrite=overwrite, suffix=None)
     head, offsets = safetensors_layout(plan, metadata)
     total_bytes = len(head) + max((end for _, end in offsets.values()), default=0)
     check_disk_space(target, total_bytes)
@@ -167,4 +116,4 @@ def write_streaming(
                 )
             handle.truncate(total_bytes)
 
-    return atomic_write(target, write)
+    return atomic_write(target, write, overwrite=overwrite)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from .clip_inversion import ClipInversionAdaptation, prepare_clip_inversion
+from .dreamartist import DreamArtist, prepare_dreamartist, sample_dreamartist
 from .finetune import FullAdaptation, class_images, prepare_full
 from .fit import Adaptation, FitConfig, fit
+from .hypernetwork import HypernetworkAdaptation, prepare_hypernetwork
 from .lora import (
     AdapterAdaptation,
     prepare_dora,
@@ -26,9 +29,12 @@ from .lora import (
     prepare_lora,
 )
 from .system import System, check_system
+from .textual_inversion import TextualInversion, prepare_textual_inversion, template_captions
 
 __all__ = [
     "Method",
+    "MethodOption",
+    "LORA_OPTIONS",
     "System",
     "check_system",
     "Prior",
@@ -46,10 +52,65 @@ __all__ = [
     "prepare_loha",
     "prepare_lokr",
     "prepare_dora",
+    "ClipInversionAdaptation",
+    "prepare_clip_inversion",
+    "HypernetworkAdaptation",
+    "prepare_hypernetwork",
+    "TextualInversion",
+    "prepare_textual_inversion",
+    "template_captions",
+    "DreamArtist",
+    "prepare_dreamartist",
+    "sample_dreamartist",
 ]
 
 
 Prior = Literal["off", "auto", "required"]
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """An option of some methods' ``prepare``: a ``train`` flag, a TOML config key, a keyword.
+
+    ``python -m sdadapt train METHOD`` adds one flag per option name over all methods (``flags``,
+    default ``--name-with-dashes``), passes the value as ``prepare(system, name=value)`` when the
+    user gives it, and refuses it for a method that does not declare it. In a ``--config`` TOML
+    file the key is ``name``.
+
+    Attributes:
+        name: the ``prepare`` keyword and the TOML key (``snake_case``).
+        type: converts the command-line text (``int``, ``float``, ``str``; ``bool`` makes an
+            on/off ``--flag`` / ``--no-flag``).
+        help: the ``--help`` text.
+        flags: the option strings (e.g. ``("--network-dim", "--rank")``).
+        metavar: the value's name in ``--help``.
+    """
+
+    name: str
+    type: Callable[[str], Any] = str
+    help: str = ""
+    flags: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def option_strings(self) -> tuple[str, ...]:
+        return self.flags or ("--" + self.name.replace("_", "-"),)
+
+
+#: the LoRA family's network options (kohya's --network_dim, --network_alpha, conv_dim/conv_alpha ...)
+LORA_OPTIONS = (
+    MethodOption("rank", int, "network rank (kohya --network_dim; default: the method's)", ("--network-dim", "--rank"), "R"),
+    MethodOption("alpha", float, "network alpha: scale = alpha / rank (kohya --network_alpha; default: = rank)",
+                 ("--network-alpha", "--alpha"), "A"),
+    MethodOption("conv_rank", int, "rank of the 3x3 convolutions (kohya conv_dim; LoCon targets them; default: none, "
+                 "locon: rank/2)", ("--conv-dim", "--conv-rank"), "R"),
+    MethodOption("conv_alpha", float, "alpha of the 3x3 convolutions (kohya conv_alpha; default: = conv rank)",
+                 ("--conv-alpha",), "A"),
+    MethodOption("text_encoder", bool, "train the text encoder(s) too (LoRA family: on by default, --no-text-encoder "
+                 "is kohya's --network_train_unet_only; full/dreambooth: off by default)", ("--text-encoder",)),
+    MethodOption("targets", str, "UNet layers: kohya (transformer blocks, the default), attention (q/k/v/out only), "
+                 "locon (every block layer incl. ResNets)", ("--network-targets",), "PRESET"),
+)
 
 
 @dataclass(frozen=True)
@@ -70,17 +131,31 @@ class Method:
     steps: int
     prior: Prior = "off"
     file_suffix: str = ".safetensors"
+    #: options ``prepare`` takes as keywords (``train`` flags and TOML keys; see :class:`MethodOption`)
+    options: tuple[MethodOption, ...] = ()
+    #: the method learns a trigger word: ``prepare`` needs ``token=WORD``, the word the captions use
+    #: (textual inversion, DreamArtist); ``demo`` and the quality benchmark pass the concept word
+    trigger: bool = False
 
-    def adapt(self, system, *, seed: int = 0) -> Adaptation:
-        """``prepare(system)`` with the adapters' random initialisation drawn from ``seed``.
+    def adapt(self, system, *, seed: int = 0, **options: Any) -> Adaptation:
+        """``prepare(system, **options)`` with the adapters' random initialisation drawn from ``seed``.
 
         The global torch RNG is forked, so the caller's random state is left as it was and the
         same seed gives the same adapters (hence the same training run) every time.
+
+        Raises:
+            ValueError: an option this method does not declare (names the ones it has).
         """
+        known = {o.name for o in self.options}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"{self.name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known)) or 'none'}")
+        if self.trigger and not options.get("token"):
+            raise ValueError(f"{self.name} learns a trigger word: pass token=WORD (--token), the word the captions use, e.g. '<sks>'")
         check_system(system)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.prepare(system)
+            return self.prepare(system, **options)
 
 
 METHODS: dict[str, Method] = {}
@@ -91,10 +166,43 @@ def register_method(method: Method) -> None:
     METHODS[method.name] = method
 
 
-register_method(Method("lora", "LoRA r8 on the UNet transformer blocks and the text encoder (kohya file)", prepare_lora, 3e-3, 600, "auto"))
-register_method(Method("locon", "LoRA + conv LoRA on every UNet block layer (kohya LoCon file)", prepare_locon, 3e-3, 600, "auto"))
-register_method(Method("loha", "LoHa r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_loha, 3e-3, 600, "auto"))
-register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 3e-3, 600, "auto"))
-register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto"))
-register_method(Method("full", "native fine-tune of the whole UNet", prepare_full, 2e-4, 600))
-register_method(Method("dreambooth", "fine-tune of the UNet with prior preservation", prepare_full, 2e-4, 600, "required"))
+register_method(Method("lora", "LoRA r8 on the UNet transformer blocks and the text encoder (kohya file)", prepare_lora, 3e-3, 600, "auto", options=LORA_OPTIONS))
+register_method(Method("locon", "LoRA + conv LoRA on every UNet block layer (kohya LoCon file)", prepare_locon, 3e-3, 600, "auto", options=LORA_OPTIONS))
+register_method(Method("loha", "LoHa r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_loha, 3e-3, 600, "auto", options=LORA_OPTIONS))
+register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 3e-3, 600, "auto", options=LORA_OPTIONS))
+register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto", options=LORA_OPTIONS))
+_FULL_OPTIONS = (MethodOption("text_encoder", bool, "train the text encoder(s) too (LoRA family: on by default, "
+                              "--no-text-encoder is kohya's --network_train_unet_only; full/dreambooth: off by default)",
+                              ("--text-encoder",)),)
+register_method(Method("full", "native fine-tune of the whole UNet", prepare_full, 2e-4, 600, options=_FULL_OPTIONS))
+register_method(Method("dreambooth", "fine-tune of the UNet with prior preservation", prepare_full, 2e-4, 600, "required",
+                       options=_FULL_OPTIONS))
+register_method(Method("hypernetwork", "A1111 hypernetwork (1,2,1 relu+LayerNorm K/V MLPs on every attention context width; .pt)",
+                       prepare_hypernetwork, 3e-2, 600, "auto", file_suffix=".pt"))
+#: textual inversion's options (``train textual-inversion --token "<sks>" --init-word WORD --vectors K``); DreamArtist shares them
+EMBEDDING_OPTIONS = (
+    MethodOption("token", str, "the trigger word the captions use (textual inversion, DreamArtist), e.g. '<sks>'", ("--token",), "WORD"),
+    MethodOption("init_word", str, "start the vectors from this word's token embeddings (default: the trigger's own row "
+                 "when the vocabulary has it, else random)", ("--init-word",), "WORD"),
+    MethodOption("vectors", int, "vectors per trigger word: it becomes this many tokens (default 1)", ("--vectors",), "K"),
+    MethodOption("norm_weight", float, "textual inversion: weight of the norm penalty keeping the vectors at the "
+                 "vocabulary's scale (default 0: off)", ("--norm-weight",), "W"),
+)
+DREAMARTIST_OPTIONS = EMBEDDING_OPTIONS[:3] + (
+    MethodOption("negative_vectors", int, "DreamArtist: vectors of the negative embedding (default: = --vectors)",
+                 ("--negative-vectors",), "K"),
+    MethodOption("cfg_scale", float, "DreamArtist: training CFG scale (default 3), the low end with --cfg-high", ("--cfg-scale",), "S"),
+    MethodOption("cfg_high", float, "DreamArtist: dynamic CFG from --cfg-scale (t=0) to this (t=T)", ("--cfg-high",), "S"),
+    MethodOption("cfg_schedule", str, "DreamArtist: dynamic CFG shape ln, cos or cos2 (default ln)", ("--cfg-schedule",), "TYPE"),
+    MethodOption("neg_lr_weight", float, "DreamArtist: the negative embedding's learning rate relative to the positive's",
+                 ("--neg-lr-weight",), "W"),
+    MethodOption("rec_weight", float, "DreamArtist: weight of the reconstruction loss through the decoder (default 0: off)",
+                 ("--rec-weight",), "W"),
+)
+register_method(Method("textual-inversion", "textual inversion: new token vectors for the trigger word (--token), nothing else trains",
+                       prepare_textual_inversion, 1e-2, 400, options=EMBEDDING_OPTIONS, trigger=True))
+register_method(Method("dreamartist", "DreamArtist: positive + negative embeddings trained through CFG (<name>.pt + <name>-neg.pt)",
+                       prepare_dreamartist, 1e-2, 400, file_suffix=".pt", options=DREAMARTIST_OPTIONS, trigger=True))
+register_method(Method("clip-inversion", "CLIP inversion: one vector in the image-embedding space, bound to the trigger word "
+                       "(toy; best on the toy-image variant)", prepare_clip_inversion, 5e-2, 600,
+                       options=EMBEDDING_OPTIONS[:1], trigger=True))

@@ -28,7 +28,9 @@ class FullAdaptation:
         self.system = system
         self.parts: dict[str, nn.Module] = {"unet": system.unet}
         if text_encoder:
-            self.parts["text_encoder"] = system.text_encoder
+            for name in ("text_encoder", "text_encoder_2"):  # SDXL has two
+                if isinstance(getattr(system, name, None), nn.Module):
+                    self.parts[name] = getattr(system, name)
         self._original = {name: {k: v.detach().clone() for k, v in part.state_dict().items()} for name, part in self.parts.items()}
         self._requires_grad = {name: [p.requires_grad for p in part.parameters()] for name, part in self.parts.items()}
         for part in self.parts.values():
@@ -64,7 +66,20 @@ def prepare_full(system, *, text_encoder: bool = False) -> FullAdaptation:
 
 
 @torch.no_grad()
-def class_images(system, prompts: list[str], *, seed: int = 0, steps: int = 25, batch: int = 16) -> tuple[Tensor, list[str]]:
-    """DreamBooth's prior: the images the (still unadapted) system makes for ``prompts``."""
-    chunks = [system.sample(prompts[i : i + batch], seed=seed + i, steps=steps) for i in range(0, len(prompts), batch)]
+def class_images(system, prompts: list[str], *, seed: int = 0, steps: int = 25, batch: int = 16,
+                 progress=None, size: tuple[int, int] | None = None) -> tuple[Tensor, list[str]]:
+    """DreamBooth's prior: the images the (still unadapted) system makes for ``prompts``.
+
+    ``progress(done, total, info)`` after each chunk of ``batch`` images; ``size`` (height, width)
+    for systems whose ``sample`` takes ``height``/``width`` (the training resolution), else their own size.
+    """
+    import inspect
+
+    sized = size is not None and "height" in inspect.signature(system.sample).parameters
+    extra = {"height": size[0], "width": size[1]} if sized else {}  # type: ignore[index]
+    chunks = []
+    for i in range(0, len(prompts), batch):
+        chunks.append(system.sample(prompts[i : i + batch], seed=seed + i, steps=steps, **extra))
+        if progress is not None:
+            progress(min(i + batch, len(prompts)), len(prompts), None)
     return torch.cat(chunks), list(prompts)

@@ -1,35 +1,79 @@
-"""The shared fitting loop: a handful of images + captions, any adaptation, sdadapt's train step.
+"""The shared fitting loop: images + captions, any adaptation, sdadapt's train step.
 
 A *system* implements :class:`sdadapt.methods.system.System` (``encode_images``, ``tokenize``,
 ``condition``, ``denoiser``, ``alphas_cumprod``, ``prediction_type`` ...): :class:`sdadapt.toy.ToySystem`,
-the diffusers-folder system of the ``train`` command, or your own. An *adaptation* (:class:`Adaptation`) owns the trainable parameters, can save
-itself in its method's file format and can be removed, leaving the system as it was.
+:class:`sdadapt.diffusers_system.DiffusersSystem`, or your own. An *adaptation* (:class:`Adaptation`)
+owns the trainable parameters, can save itself in its method's file format and can be removed,
+leaving the system as it was.
+
+Two kinds of data:
+
+* ``images`` (N, 3, H, W) + ``captions``: one size; each step draws a random batch (with
+  replacement) — the demo and the quality benchmark use this;
+* a :class:`sdadapt.training.data.Dataset`: aspect-ratio buckets with cached latents, epochs of
+  shuffled one-bucket batches (kohya-style repeats), captions shuffled/dropped per draw, SDXL size
+  and crop conditioning per image.
 
 Latents are encoded once; the text encoder runs inside each step (its LoRA, or a trainable
-embedding, gets gradients; when nothing in it trains it costs one forward).
+embedding, gets gradients; when nothing in it trains it costs one forward). Options beyond the
+step's (:class:`FitConfig`): optimiser, LR schedule and warm-up, text-encoder LR, gradient
+accumulation (``step.accumulation_steps``: a step is one optimiser step), EMA, and what happens
+on a non-finite loss. ``on_step`` sees every optimiser step (logs, samples, periodic saves with
+:meth:`FitProgress.save_state`), and ``resume`` continues from such a saved state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ..training.optim import lr_at, set_lr
-from ..training.step import StepConfig, TrainState, train_step
+from ..training.optim import lr_at
+from ..training.step import (
+    EMA,
+    StepConfig,
+    TrainState,
+    load_training_state,
+    prepare_batch,
+    save_training_state,
+    step_loss,
+    train_step,
+)
 from .system import System
 
-__all__ = ["Adaptation", "FitConfig", "fit"]
+__all__ = ["Adaptation", "FitConfig", "FitProgress", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES", "fit",
+           "make_optimizer"]
+
+#: optimiser names (kohya's spellings are accepted case-insensitively by :func:`make_optimizer`)
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor")
+_OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw-8bit": "adamw8bit",
+                      "pagedadamw8bit": "adamw8bit", "adamw-bf16": "adamw-bf16", "adamw_bf16": "adamw-bf16",
+                      "adamwbf16": "adamw-bf16", "adafactor": "adafactor"}
+#: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``)
+SCHEDULES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear")
 
 
 class Adaptation(Protocol):
-    """What a method hands the loop: parameters to train, a file to write, a way back."""
+    """What a method hands the loop: parameters to train, a file to write, a way back.
+
+    Optional members the loop uses when present (embedding methods need them):
+
+    * ``tokenize(captions) -> cond ids`` instead of ``system.tokenize`` (textual inversion spells a
+      multi-vector trigger out; DreamArtist stacks positive and negative ids ``(N, 2, L)``);
+    * ``training_model(system) -> model(x_t, t, ids)`` instead of ``denoiser ∘ condition``
+      (DreamArtist's classifier-free-guided prediction);
+    * ``extra_loss(prepared, prediction) -> 0-dim`` added to the step's loss (or ``None``);
+    * ``lr_scales``: one learning-rate factor per entry of ``params`` (DreamArtist's negative lr weight).
+    """
 
     params: list[nn.Parameter]
 
@@ -38,9 +82,37 @@ class Adaptation(Protocol):
     def remove(self) -> None: ...
 
 
+try:  # the command line's exit code for NaN/inf results (sdadapt.errors), when present
+    from ..errors import NonFiniteError as _NonFinite
+except ImportError:  # pragma: no cover
+    _NonFinite = ValueError  # type: ignore[misc,assignment]
+
+
+class NonFiniteLossError(_NonFinite):  # type: ignore[misc,valid-type]
+    """The loss became NaN or infinite: the run diverged (``step`` is 1-based)."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(f"the loss is {loss} at step {step}: training diverged (lower the learning rate, or use "
+                         "--mixed-precision no / bf16 instead of fp16)")
+
+
 @dataclass(frozen=True)
 class FitConfig:
-    """Loop options (the step's own options are in ``step``)."""
+    """Loop options (the step's own options — min-SNR, noise offset, mixed precision, gradient
+    accumulation, clipping — are in ``step``).
+
+    Attributes:
+        steps: optimiser steps (each ``step.accumulation_steps`` batches).
+        optimizer: one of :data:`OPTIMIZERS` (``adamw8bit``/``adamw-bf16``: sdadapt's lean AdamW
+            with 8-bit / bf16 states; ``adafactor``: factored second moments, fixed LR).
+        schedule: one of :data:`SCHEDULES`; ``num_cycles`` for ``cosine_with_restarts``.
+        text_encoder_lr: LR of parameters inside the text encoder(s) (default: ``learning_rate``;
+            0 freezes them — kohya's ``--network_train_unet_only``).
+        ema_decay: keep an exponential moving average of the trained parameters; the adaptation
+            holds the averaged weights when ``fit`` returns.
+        stop_on_nonfinite: raise :class:`NonFiniteLossError` at the first NaN/inf loss.
+    """
 
     steps: int = 300
     batch_size: int = 4
@@ -49,72 +121,315 @@ class FitConfig:
     schedule: str = "cosine"
     seed: int = 0
     step: StepConfig = field(default_factory=lambda: StepConfig(min_snr_gamma=5.0))
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    text_encoder_lr: float | None = None
+    num_cycles: int = 1
+    ema_decay: float | None = None
+    stop_on_nonfinite: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.text_encoder_lr is not None and not self.text_encoder_lr >= 0:
+            raise ValueError(f"text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999; got {self.ema_decay}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    def lr_at(self, step: int, base: float) -> float:
+        """The LR of a group with base LR ``base`` at optimiser step ``step`` (0-based)."""
+        schedule = {"constant_with_warmup": "warmup"}.get(self.schedule, self.schedule)
+        if schedule == "constant" and self.warmup_steps:
+            schedule = "warmup"
+        return lr_at(step, base_lr=base, schedule=schedule, warmup_steps=self.warmup_steps,  # type: ignore[arg-type]
+                     total_steps=self.steps, num_cycles=self.num_cycles)
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
+    """The optimiser ``config.optimizer`` over parameter ``groups`` (``{"params": [...], "lr": ...}``)."""
+    name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    from ..training.optim import Adafactor, AdamW
+
+    if name == "adafactor":
+        return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    state_dtype: Any = "int8" if name == "adamw8bit" else torch.bfloat16
+    return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=state_dtype)
+
+
+@dataclass
+class FitProgress:
+    """What ``on_step`` sees after each optimiser step.
+
+    Attributes:
+        step: optimiser steps done (1-based), of ``total``.
+        loss: this step's loss (mean over its accumulated batches).
+        lr: the base group's learning rate at this step.
+        epoch: the epoch this step's last batch belongs to (1-based; dataset mode, else 1).
+        epoch_end: whether this step finished an epoch.
+        epochs_done: complete epochs so far (dataset mode, else 0).
+    """
+
+    step: int
+    total: int
+    loss: float
+    lr: float
+    epoch: int
+    epoch_end: bool
+    epochs_done: int
+    _save_state: Callable[[Path], None]
+    _averaged: Callable[[], contextlib.AbstractContextManager]
+
+    def save_state(self, folder: str | os.PathLike) -> None:
+        """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``."""
+        self._save_state(Path(folder))
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """Within the block the adaptation holds its EMA weights (no-op without EMA): save files here."""
+        return self._averaged()
+
+
+def _in_text_encoder(system: System) -> set[int]:
+    ids: set[int] = set()
+    for name in ("text_encoder", "text_encoder_2"):
+        module = getattr(system, name, None)
+        if isinstance(module, nn.Module):
+            ids.update(id(p) for p in module.parameters())
+    return ids
+
+
+def _condition_batch(system: System, ids: Tensor, sizes: Tensor | None) -> Any:
+    if sizes is not None and getattr(system, "size_conditioning", False):
+        return {"ids": ids, "time_ids": sizes}
+    return ids
 
 
 def fit(
     system: System,
     adaptation: Adaptation,
-    images: Tensor,
-    captions: list[str],
+    images: Tensor | Any,
+    captions: list[str] | None = None,
     *,
     config: FitConfig,
     prior: tuple[Tensor, list[str], float] | None = None,
     callback: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[FitProgress], None] | None = None,
+    resume: str | os.PathLike | None = None,
 ) -> list[float]:
-    """Train ``adaptation.params`` on ``images`` (N, 3, H, W) in [-1, 1] with their ``captions``.
+    """Train ``adaptation.params`` on ``images`` with their ``captions``.
 
     Args:
-        prior: DreamBooth prior preservation: ``(class_images, class_captions, weight)``; each
-            step adds as many class samples as instance samples, their loss weighted by ``weight``.
+        images: (N, 3, H, W) in [-1, 1] (with ``captions``), or a
+            :class:`~sdadapt.training.data.Dataset` whose latents are encoded
+            (:func:`~sdadapt.training.data.encode_buckets`).
+        prior: DreamBooth prior preservation: ``(class_images, class_captions, weight)``. With
+            tensors each step adds as many class samples as instance samples, their loss weighted
+            by ``weight``; with a dataset the class batch runs as a second forward, loss
+            ``instance + weight · class`` (DreamBooth's formulation).
         callback: ``callback(step, total, loss)`` after each step (the CLI draws a bar with it).
+        on_step: ``on_step(FitProgress)`` after each step (logs, samples, periodic saves).
+        resume: a folder :meth:`FitProgress.save_state` wrote: weights, optimiser, RNG and EMA
+            are restored and training continues at its step (the data order continues too).
 
     Returns:
-        the loss of every step (floats; one host sync per step, cheap next to a toy step).
+        the loss of every step run (floats; one host sync per step).
+
+    Raises:
+        NonFiniteLossError: a NaN/inf loss with ``config.stop_on_nonfinite``.
+        ValueError: empty data, no trainable parameters, or a state that does not fit.
     """
-    if images.ndim != 4 or images.shape[0] != len(captions) or len(captions) == 0:
-        raise ValueError(f"need N >= 1 images (N, 3, H, W) and N captions; got {tuple(images.shape)} and {len(captions)} captions")
+    from ..training.data import Dataset
+
+    dataset = images if isinstance(images, Dataset) else None
+    if dataset is None:
+        if captions is None or images.ndim != 4 or images.shape[0] != len(captions) or len(captions) == 0:
+            raise ValueError(f"need N >= 1 images (N, 3, H, W) and N captions; got {tuple(getattr(images, 'shape', ()))} "
+                             f"and {0 if captions is None else len(captions)} captions")
+    elif not dataset.latents:
+        raise ValueError("the dataset has no latents yet: call sdadapt.training.data.encode_buckets(dataset, system.encode_images)")
     params = adaptation.params
     if not params:
         raise ValueError("the adaptation has no trainable parameters")
+    tokenize = getattr(adaptation, "tokenize", None) or system.tokenize
+    device = system.alphas_cumprod.device
     with torch.no_grad():
-        latents = system.encode_images(images)
-        ids = system.tokenize(captions)
+        if dataset is None:
+            latents = system.encode_images(images)
+            ids = tokenize(captions)
+            device = latents.device
         if prior is not None:
-            prior_latents, prior_ids = system.encode_images(prior[0]), system.tokenize(prior[1])
+            prior_latents, prior_ids = system.encode_images(prior[0].to(device)), tokenize(prior[1])
     step_config = config.step
     prediction_type = getattr(system, "prediction_type", "epsilon")
     if step_config.prediction_type != prediction_type:  # the system's scheduler decides what it predicts
         step_config = dataclasses.replace(step_config, prediction_type=prediction_type)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
-    state = TrainState(seed=config.seed, device=latents.device)
-    denoiser = system.denoiser()
+    accumulation = step_config.accumulation_steps
 
-    def model(x: Tensor, t: Tensor, token_ids: Tensor) -> Tensor:
-        return denoiser(x, t, system.condition(token_ids))
+    # parameter groups: (lr scale, in a text encoder) -> params
+    scales = list(getattr(adaptation, "lr_scales", None) or [1.0] * len(params))
+    if len(scales) != len(params):
+        raise ValueError(f"the adaptation has {len(params)} parameters but {len(scales)} lr_scales")
+    text_ids = _in_text_encoder(system) if config.text_encoder_lr is not None else set()
+    frozen = [p for p in params if id(p) in text_ids] if config.text_encoder_lr == 0 else []
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for param, scale in zip(params, scales):
+        if frozen and id(param) in text_ids:
+            continue
+        groups.setdefault((float(scale), id(param) in text_ids), []).append(param)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is in the text encoder and its learning rate is 0")
+    trained = [p for ps in groups.values() for p in ps]
+    bases = {key: (config.text_encoder_lr if key[1] else config.learning_rate) for key in groups}
+    optimizer = make_optimizer([{"params": ps, "lr": bases[key] * key[0], "lr_scale": key[0], "base_lr": bases[key]}
+                                for key, ps in groups.items()], config)
+    ema = EMA(trained, decay=config.ema_decay) if config.ema_decay is not None else None
+    state = TrainState(seed=config.seed, device=device, ema=ema)
+    named = {f"p{i}": p for i, p in enumerate(trained)}
+    if resume is not None:
+        load_training_state(resume, named_params=named, optimizer=optimizer, state=state)
+        if state.step >= config.steps:
+            raise ValueError(f"{resume}: the saved state is at step {state.step}, which is not before the last step "
+                             f"({config.steps}); raise --steps to train further")
 
-    g = torch.Generator().manual_seed(config.seed + 1)
+    extra_loss = getattr(adaptation, "extra_loss", None)
+    make_model = getattr(adaptation, "training_model", None)
+    if make_model is not None:
+        model = make_model(system)
+    else:
+        denoiser = system.denoiser()
+
+        def model(x: Tensor, t: Tensor, token_ids: Any) -> Tensor:
+            return denoiser(x, t, system.condition(token_ids))
+
+    # ------------------------------------------------------------------ batches
+    if dataset is None:
+        g = torch.Generator().manual_seed(config.seed + 1)
+        per_epoch = 0
+
+        def draw(micro: int) -> tuple[dict[str, Any], Any]:
+            idx = torch.randint(len(captions), (config.batch_size,), generator=g)  # type: ignore[arg-type]
+            batch = {"latents": latents[idx], "cond": ids[idx]}
+            if prior is not None:
+                pidx = torch.randint(len(prior[1]), (config.batch_size,), generator=g)
+                batch = {
+                    "latents": torch.cat([latents[idx], prior_latents[pidx]]),
+                    "cond": torch.cat([ids[idx], prior_ids[pidx]]),
+                    "loss_weight": torch.cat([torch.ones(config.batch_size),
+                                              torch.full((config.batch_size,), float(prior[2]))]).to(latents.device),
+                }
+            return batch, extra_loss
+
+        for _ in range(state.step * accumulation):  # a resumed run continues the same draws
+            draw(0)
+    else:
+        per_epoch = len(epoch_batches_of(dataset, config))
+        epoch_cache: dict[int, list] = {}
+        prior_sizes = None
+        if prior is not None and getattr(system, "size_conditioning", False):
+            h, w = prior[0].shape[-2:]
+            prior_sizes = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device).expand(len(prior[1]), 6)
+
+        def draw(micro: int) -> tuple[dict[str, Any], Any]:
+            epoch, position = divmod(micro, per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[epoch] = list(epoch_batches_of(dataset, config, epoch=epoch))
+            bucket, positions = epoch_cache[epoch][position]
+            members = dataset.members[bucket]
+            records = [dataset.records[members[p]] for p in positions]
+            rng = random.Random(f"{config.seed}/captions/{micro}")
+            texts = [dataset.captions.apply(r.caption, rng) for r in records]
+            sizes = torch.tensor([[*r.size, *r.crop, *r.bucket] for r in records], dtype=torch.float32, device=device)
+            batch = {"latents": dataset.latents[bucket][positions].to(device),
+                     "cond": _condition_batch(system, tokenize(texts), sizes)}
+            loss_fn = extra_loss
+            if prior is not None:
+                pick = random.Random(f"{config.seed}/prior/{micro}")
+                pidx = torch.tensor([pick.randrange(len(prior[1])) for _ in positions])
+                prior_batch = {"latents": prior_latents[pidx],
+                               "cond": _condition_batch(system, prior_ids[pidx],
+                                                        None if prior_sizes is None else prior_sizes[pidx])}
+                loss_fn = _with_prior(model, prior_batch, float(prior[2]), state, step_config, system.alphas_cumprod,
+                                      extra_loss)
+            return batch, loss_fn
+
+    @contextlib.contextmanager
+    def averaged() -> Iterator[None]:
+        if ema is None:
+            yield
+            return
+        backup = [p.detach().clone() for p in trained]
+        ema.copy_to(trained)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(trained, backup):
+                    p.copy_(b)
+
+    def save_state(folder: Path) -> None:
+        save_training_state(folder, named_params=named, optimizer=optimizer, state=state, config=step_config)
+
+    for p in frozen:
+        p.requires_grad_(False)
     losses: list[float] = []
-    for step in range(config.steps):
-        set_lr(optimizer, lr_at(step, base_lr=config.learning_rate, schedule=config.schedule,  # type: ignore[arg-type]
-                                warmup_steps=config.warmup_steps, total_steps=config.steps))
-        idx = torch.randint(len(captions), (config.batch_size,), generator=g)
-        batch = {"latents": latents[idx], "cond": ids[idx]}
-        if prior is not None:
-            pidx = torch.randint(len(prior[1]), (config.batch_size,), generator=g)
-            batch = {
-                "latents": torch.cat([latents[idx], prior_latents[pidx]]),
-                "cond": torch.cat([ids[idx], prior_ids[pidx]]),
-                "loss_weight": torch.cat([torch.ones(config.batch_size), torch.full((config.batch_size,), float(prior[2]))]).to(latents.device),
-            }
-        metrics = train_step(model, batch, params=params, optimizer=optimizer, state=state, config=step_config,
-                             alphas_cumprod=system.alphas_cumprod)
-        losses.append(float(metrics["loss"]))
-        if callback is not None:
-            callback(step + 1, config.steps, losses[-1])
+    try:
+        for step in range(state.step, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step, group["base_lr"]) * group["lr_scale"]
+            total = 0.0
+            for micro in range(step * accumulation, (step + 1) * accumulation):
+                batch, loss_fn = draw(micro)
+                metrics = train_step(model, batch, params=trained, optimizer=optimizer, state=state, config=step_config,
+                                     alphas_cumprod=system.alphas_cumprod, extra_loss=loss_fn)
+                total += float(metrics["loss"])
+            loss = total / accumulation
+            losses.append(loss)
+            if not math.isfinite(loss) and config.stop_on_nonfinite:
+                raise NonFiniteLossError(step + 1, loss)
+            if callback is not None:
+                callback(step + 1, config.steps, loss)
+            if on_step is not None:
+                micro_done = (step + 1) * accumulation
+                epoch = (micro_done - 1) // per_epoch + 1 if per_epoch else 1
+                on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(step, config.learning_rate), epoch,
+                                    bool(per_epoch) and micro_done % per_epoch < accumulation,
+                                    micro_done // per_epoch if per_epoch else 0, save_state, averaged))
+        if ema is not None:
+            ema.copy_to(trained)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return losses
+
+
+def epoch_batches_of(dataset: Any, config: FitConfig, *, epoch: int = 0) -> list:
+    """The dataset's batches for ``epoch`` (see :func:`sdadapt.training.data.epoch_batches`)."""
+    from ..training.data import epoch_batches
+
+    return epoch_batches(dataset, config.batch_size, seed=config.seed, epoch=epoch)
+
+
+def _with_prior(model, prior_batch: dict, weight: float, state: TrainState, config: StepConfig, alphas_cumprod: Tensor,
+                extra_loss) -> Callable[[Any, Tensor], Tensor]:
+    """``extra_loss`` plus ``weight`` × the class batch's diffusion loss (a second forward)."""
+
+    def loss(prepared: Any, prediction: Tensor) -> Tensor:
+        prior_prepared = prepare_batch(prior_batch, state=state, config=config, alphas_cumprod=alphas_cumprod)
+        total = weight * step_loss(model, prior_prepared, config)
+        if extra_loss is not None:
+            total = total + extra_loss(prepared, prediction)
+        return total
+
+    return loss

@@ -26,6 +26,12 @@ Optional:
 - ``save_model(path, *, dtype, metadata)`` — write the whole (fine-tuned) model the way its users
   load it (the diffusers-folder system: an LDM single-file checkpoint or a diffusers folder; the toy:
   a toy-system file). Fine-tuning and DreamBooth save through it.
+- ``size_multiple`` — image sides must be multiples of it (SD: 64; default 4): bucket sizes follow it;
+- ``size_conditioning`` — ``True`` when ``condition`` takes ``{"ids": ids, "time_ids": (B, 6)}`` with
+  each image's original size, crop and target size (SDXL); the fit loop then passes them per image;
+- ``sample(..., sampler=, height=, width=)`` — when ``sample`` takes these keywords, ``generate`` and
+  training samples use them (Euler, other sizes); else DDIM at ``image_size`` (Euler through the protocol);
+- ``text_encoder_2`` — a second text encoder (SDXL): the LoRA family adapts it too, ``text_encoder_lr`` covers it.
 """
 
 from __future__ import annotations

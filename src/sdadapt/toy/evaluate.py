@@ -10,10 +10,13 @@ as a drop).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .shapes import COLOURS, HELD_OUT_COLOURS, HELD_OUT_SHAPES, SHAPES, Scene, sample_scenes, scene_batch
+from .tokenizer import ToyTokenizer
 
 __all__ = ["CONCEPTS", "concept_data", "concept_prompts", "class_prompts", "score"]
 
@@ -57,21 +60,27 @@ def class_prompts(count: int, *, seed: int = 0) -> list[str]:
 
 @torch.no_grad()
 def score(system, concept: str, train_images: Tensor, *, seeds: tuple[int, ...] = (0, 1), steps: int = 25,
-          prior_count: int = 12) -> tuple[dict[str, float], Tensor]:
+          prior_count: int = 12, sampler: Callable[..., Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
     """Scores of ``system`` on ``concept`` and the generated concept images (for grids).
+
+    ``sampler(prompts, seed=, steps=)`` draws the images (default ``system.sample``; an adaptation
+    that samples its own way, as DreamArtist with its learned negative, passes its ``sample``).
+    The judge reads prompts with its own, unmodified vocabulary (words an embedding method added
+    to ``system.tokenizer`` do not reach it).
 
     Returns ``({"concept_accuracy", "image_image", "image_text", "prior_accuracy"}, images (N,3,32,32))``.
     """
     clip, attribute = system.clip, _attribute(concept)
+    sample = sampler or system.sample
     pairs = concept_prompts(concept)
     prompts = [p for p, _ in pairs] * len(seeds)
-    images = torch.cat([system.sample([p for p, _ in pairs], seed=s, steps=steps) for s in seeds])
+    images = torch.cat([sample([p for p, _ in pairs], seed=s, steps=steps) for s in seeds])
     predicted = clip.classify(images, attribute=attribute)
     gen = clip.encode_image(images)
     real = clip.encode_image(train_images)
-    text = clip.encode_text(system.tokenizer(prompts))
+    text = clip.encode_text(ToyTokenizer()(prompts).to(gen.device))
     prior_scenes = sample_scenes(prior_count, seed=1234)
-    prior_images = system.sample([f"a {s.colour} {s.shape}" for s in prior_scenes], seed=99, steps=steps)
+    prior_images = sample([f"a {s.colour} {s.shape}" for s in prior_scenes], seed=99, steps=steps)
     shapes = clip.classify(prior_images, attribute="shape")
     colours = clip.classify(prior_images, attribute="colour")
     scores = {

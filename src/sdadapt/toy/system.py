@@ -24,9 +24,11 @@ from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
 from .unet import ToyUNet
 
-__all__ = ["ToySystem", "build_toy", "load_toy", "save_toy", "DEFAULT_WEIGHTS"]
+__all__ = ["ToySystem", "build_toy", "load_toy", "save_toy", "DEFAULT_WEIGHTS", "IMAGE_WEIGHTS", "load_toy_image"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "toy-v1.safetensors"
+#: the image-embedding-conditioned variant (:mod:`sdadapt.toy.image_variant` builds it)
+IMAGE_WEIGHTS = Path(__file__).resolve().parent / "weights" / "toy-image-v1.safetensors"
 SCHEDULE = dict(name="linear", beta_start=0.0001, beta_end=0.02)
 
 
@@ -44,6 +46,9 @@ class ToySystem(nn.Module):
         self.tokenizer = ToyTokenizer()
         betas = diffusion.noise_schedule(SCHEDULE["name"], beta_start=SCHEDULE["beta_start"], beta_end=SCHEDULE["beta_end"])
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod_of(betas).float(), persistent=False)
+        #: image-embedding words (CLIP inversion, sdadapt.inversion): ``(token ids (k,), vector (E,))`` pairs; a
+        #: prompt holding any of a pair's tokens gets ``vector`` added to its ``image_embeds``. Empty: no effect.
+        self.image_tokens: list[tuple[Tensor, Tensor]] = []
 
     # --------------------------------------------------------------------------- conversions
     @staticmethod
@@ -65,6 +70,9 @@ class ToySystem(nn.Module):
         context = self.text_encoder(ids)[0]
         if image_embeds is None:
             image_embeds = context.new_zeros(ids.shape[0], self.unet.config["image_embed_dim"])
+        for token_ids, vector in self.image_tokens:
+            hit = torch.isin(ids, token_ids.to(ids.device)).any(dim=1, keepdim=True)  # (B, 1)
+            image_embeds = image_embeds + hit.to(image_embeds.dtype) * vector.to(image_embeds)  # (B, E)
         return {"context": context, "image_embeds": image_embeds}
 
     def denoiser(self):
@@ -153,3 +161,10 @@ def load_toy(path: str | os.PathLike | None = None, *, device: str | torch.devic
         getattr(system, part).load_state_dict(state, strict=True)
     system.requires_grad_(False)
     return system.eval().to(device)
+
+
+def load_toy_image(*, device: str | torch.device = "cpu") -> ToySystem:
+    """The shipped toy image variant (``load_toy(IMAGE_WEIGHTS)``): a :class:`ToySystem` whose UNet
+    follows the toy CLIP image embedding passed as ``condition(..., image_embeds=(B, 64))``
+    (time embedding + one cross-attention token; see :mod:`sdadapt.toy.image_variant`)."""
+    return load_toy(IMAGE_WEIGHTS, device=device)

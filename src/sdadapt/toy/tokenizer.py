@@ -5,6 +5,10 @@ Ids: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ``<eos>`` 3 (not 2: transformers' CL
 tokens ``<new0>`` … ``<new15>`` and ``sks`` (DreamBooth's rare token) that the pretrained model
 never sees. Sequences are ``<bos> words <eos>`` padded with ``<pad>`` to :data:`MAX_LENGTH`; the
 text encoder pools at the ``<eos>`` position like CLIP.
+
+*Added words* (:meth:`ToyTokenizer.add_word`) map one prompt word to several ids — how a
+textual-inversion trigger with ``k`` vectors becomes ``k`` tokens (``sdadapt.embeddings`` gives a
+new trigger the next free spare tokens, ``<new0>`` first).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class ToyTokenizer:
     def __init__(self) -> None:
         self.vocab = VOCAB
         self.ids = {word: i for i, word in enumerate(VOCAB)}
+        #: added words: prompt word -> the ids it becomes (textual-inversion triggers)
+        self.added: dict[str, tuple[int, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -50,11 +56,35 @@ class ToyTokenizer:
             raise KeyError(f"{word!r} is not in the toy vocabulary; new concepts use one of {list(SPARE_TOKENS)}")
         return self.ids[word]
 
+    def add_word(self, word: str, ids: tuple[int, ...] | list[int]) -> None:
+        """Make the prompt word ``word`` (lower case, one word) encode as ``ids``.
+
+        Raises:
+            ValueError: not one lower-case word, already added, or ids outside the vocabulary.
+        """
+        if not word or word != word.lower() or len(word.replace(",", " ").split()) != 1:
+            raise ValueError(f"the toy tokenizer adds single lower-case words (no spaces or commas), got {word!r}")
+        if word in self.added:
+            raise ValueError(f"{word!r} is already an added word ({len(self.added[word])} tokens); remove it first")
+        if not ids or any(not 0 <= int(i) < len(self.vocab) for i in ids):
+            raise ValueError(f"ids for {word!r} must be 1+ ids of the {len(self.vocab)}-word vocabulary, got {list(ids)}")
+        self.added[word] = tuple(int(i) for i in ids)
+
+    def remove_word(self, word: str) -> None:
+        """Undo :meth:`add_word` (``KeyError`` if ``word`` was not added)."""
+        del self.added[word]
+
+    def free_spare_ids(self) -> list[int]:
+        """Ids of the spare ``<newN>`` tokens no added word uses, in order."""
+        used = {i for ids in self.added.values() for i in ids}
+        return [self.ids[t] for t in SPARE_TOKENS if t.startswith("<new") and self.ids[t] not in used]
+
     def encode(self, text: str) -> list[int]:
         words = text.lower().replace(",", " ").split()
-        if len(words) > MAX_LENGTH - 2:
-            raise ValueError(f"prompt {text!r} has {len(words)} words; the toy text encoder takes at most {MAX_LENGTH - 2}")
-        ids = [self.bos_id] + [self.ids.get(w, self.unk_id) for w in words] + [self.eos_id]
+        body = [i for w in words for i in self.added.get(w, (self.ids.get(w, self.unk_id),))]
+        if len(body) > MAX_LENGTH - 2:
+            raise ValueError(f"prompt {text!r} has {len(body)} tokens; the toy text encoder takes at most {MAX_LENGTH - 2}")
+        ids = [self.bos_id] + body + [self.eos_id]
         return ids + [self.pad_id] * (MAX_LENGTH - len(ids))
 
     def __call__(self, texts: list[str] | str) -> Tensor:

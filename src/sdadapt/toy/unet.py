@@ -13,6 +13,11 @@ and file format applies unchanged::
 
 ``attn1``/``attn2`` have ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` Linears; ``proj_in`` and
 ``proj_out`` are 1x1 convs as in SD1.
+
+With ``image_token=True`` (the toy image variant, :mod:`sdadapt.toy.image_variant`) the image
+embedding also enters every cross-attention as one extra context token
+``image_token_proj(image_embeds)`` appended after the text tokens (as image-variation models and
+IP-Adapter feed image embeddings); the default ``False`` builds the shipped text-to-image UNet.
 """
 
 from __future__ import annotations
@@ -178,7 +183,7 @@ class ToyUNet(nn.Module):
     """``unet(x (B,12,16,16), t (B,), context (B,L,D), image_embeds=None (B,E)) -> (B,12,16,16)``."""
 
     def __init__(self, *, in_channels: int = 12, widths: tuple[int, int] = (48, 96), context_dim: int = 64,
-                 image_embed_dim: int = 64, groups: int = 16) -> None:
+                 image_embed_dim: int = 64, groups: int = 16, image_token: bool = False) -> None:
         super().__init__()
         w0, w1 = widths
         temb = w0 * 4
@@ -187,6 +192,9 @@ class ToyUNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, w0, 3, padding=1)
         self.time_embedding = _TimestepEmbedding(w0, temb)
         self.image_embedding = nn.Linear(image_embed_dim, temb)
+        if image_token:
+            self.config["image_token"] = True
+            self.image_token_proj = nn.Linear(image_embed_dim, context_dim)
         self.down_blocks = nn.ModuleList([
             _Block([w0], w0, temb, context_dim, groups, down=True, up=False),
             _Block([w0], w1, temb, context_dim, groups, down=False, up=False),
@@ -206,6 +214,8 @@ class ToyUNet(nn.Module):
         temb = self.time_embedding(timestep_embedding(t, self.time_proj_dim).to(x.dtype))
         if image_embeds is not None:
             temb = temb + self.image_embedding(image_embeds.to(temb.dtype))
+            if hasattr(self, "image_token_proj"):  # (B, L, D) -> (B, L+1, D)
+                context = torch.cat([context, self.image_token_proj(image_embeds.to(context.dtype))[:, None]], dim=1)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:

@@ -169,20 +169,31 @@ def prepare_batch(
     huber_c: float | Tensor = config.huber_c
     if config.loss in ("huber", "smooth_l1") and config.huber_schedule != "constant":
         huber_c = diffusion.huber_c_for(t, huber_c=config.huber_c, schedule=config.huber_schedule, alphas_cumprod=alphas_cumprod)
-    return {"x_t": x_t, "t": t, "cond": batch.get("cond"), "target": target, "weights": weights.float(), "huber_c": huber_c}
+    return {"x_t": x_t, "t": t, "cond": batch.get("cond"), "target": target, "weights": weights.float(), "huber_c": huber_c,
+            "latents": latents}
 
 
-def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig) -> Tensor:
-    """Forward under the configured autocast and the weighted loss (0-dim, float32)."""
+#: ``extra_loss(prepared, prediction) -> 0-dim tensor`` added to the diffusion loss (e.g. DreamArtist's
+#: reconstruction loss, textual inversion's norm penalty); ``prepared`` is :func:`prepare_batch`'s dict
+ExtraLoss = Callable[[Mapping[str, object], Tensor], Tensor]
+
+
+def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig,
+              extra_loss: ExtraLoss | None = None) -> Tensor:
+    """Forward under the configured autocast and the weighted loss (0-dim, float32), plus
+    ``extra_loss(prepared, prediction)`` when given."""
     x_t: Tensor = prepared["x_t"]  # type: ignore[assignment]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
     autocast = torch.autocast(x_t.device.type, dtype=dtype) if dtype is not None else nullcontext()
     with autocast:
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
-    return diffusion.diffusion_loss(
+    loss = diffusion.diffusion_loss(
         prediction.float(), prepared["target"].float(), weights=prepared["weights"],  # type: ignore[union-attr]
         kind=config.loss, huber_c=prepared["huber_c"],  # type: ignore[arg-type]
     )
+    if extra_loss is not None:
+        loss = loss + extra_loss(prepared, prediction.float())
+    return loss
 
 
 def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, state: TrainState, config: StepConfig) -> Tensor:
@@ -211,6 +222,7 @@ def train_step(
     alphas_cumprod: Tensor,
     lr_scheduler: object | None = None,
     encode_latents: Callable[[Tensor], Tensor] | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> dict[str, Tensor]:
     """One micro-batch: noise, forward, weighted loss, backward; every ``accumulation_steps``
     micro-batches also unscale, clip, optimiser step, zero grads, EMA and LR-scheduler step.
@@ -230,6 +242,8 @@ def train_step(
             cached ``"latents"``. Text conditioning: put what your ``model`` takes in ``"cond"``
             (cached hidden states, or token ids when ``model`` runs a trainable text encoder —
             it then runs inside the same autocast region, as textual inversion needs).
+        extra_loss: ``extra_loss(prepared, prediction) -> 0-dim`` added to the loss before backward
+            (``prepared`` also holds the clean ``"latents"``), e.g. a reconstruction or norm term.
 
     Returns:
         ``{"loss": 0-dim tensor (unscaled, this micro-batch), "stepped": bool tensor,
@@ -242,7 +256,7 @@ def train_step(
             "StepConfig(max_grad_norm=None, accumulation_steps=1) and bf16 instead of fp16"
         )
     prepared = prepare_batch(batch, state=state, config=config, alphas_cumprod=alphas_cumprod, encode_latents=encode_latents)
-    loss = step_loss(model, prepared, config)
+    loss = step_loss(model, prepared, config, extra_loss)
     if config.mixed_precision == "fp16" and state.scaler is None:
         state.scaler = torch.amp.GradScaler(loss.device.type)
     scaled = loss / config.accumulation_steps

@@ -1,8 +1,4 @@
-"""The jobs behind ``python -m sdadapt demo`` and ``python -m sdadapt train``, as functions.
-
-Both return plain dicts (scores, paths, timings) and report progress through a callback; the
-command line draws the bar and prints the tables.
-"""
+"""``python -m sdadapt demo``: teach the toy model a held-out concept, score before and after."""
 
 from __future__ import annotations
 
@@ -12,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .images import image_grid, load_image_folder, write_png
-from .methods import METHODS, FitConfig, class_images, fit
+from ..images import image_grid, write_png
+from ..methods import METHODS, FitConfig, class_images, fit
 
-__all__ = ["run_demo", "run_train", "load_system", "prior_images"]
+__all__ = ["run_demo", "prior_images", "Progress"]
 
 #: ``progress(step, total, loss)`` after each training step
 Progress = Callable[[int, int, float], None]
@@ -39,7 +35,7 @@ def _cast_file(path: Path, dtype: torch.dtype | None) -> None:
     """Rewrite the safetensors file ``path`` with its float tensors in ``dtype`` (scalars, e.g. alphas, kept)."""
     if dtype is None:
         return
-    from .formats.files import read_safetensors, write_safetensors
+    from ..formats.files import read_safetensors, write_safetensors
 
     tensors, metadata = read_safetensors(path)
     cast = {k: v.to(dtype) if v.is_floating_point() and v.dim() > 0 else v for k, v in tensors.items()}
@@ -61,6 +57,8 @@ def prior_images(
     count: int,
     seed: int = 0,
     weight: float = 1.0,
+    progress=None,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, list[str], float] | None:
     """Class images for prior preservation, or ``None`` when the run goes without.
 
@@ -95,7 +93,7 @@ def prior_images(
                          "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog')")
     else:
         return None
-    images, captions = class_images(system, prompts, seed=seed)
+    images, captions = class_images(system, prompts, seed=seed, progress=progress, size=size)
     return images, captions, weight
 
 
@@ -122,8 +120,8 @@ def run_demo(
     "prior_images": n}``. Existing files there are refused before training unless ``overwrite``;
     ``dtype`` casts the adapter's float tensors (default: as trained, float32).
     """
-    from .toy import load_toy
-    from .toy.evaluate import concept_data, score
+    from ..toy import load_toy
+    from ..toy.evaluate import concept_data, score
 
     spec = _method(method)
     folder = Path(out)
@@ -135,10 +133,12 @@ def run_demo(
     train_images, captions = concept_data(concept, images, seed=seed)
     before, before_images = score(system, concept, train_images)
     prior_data = prior_images(system, spec, enabled=prior, count=2 * images, seed=seed)
-    adaptation = spec.adapt(system, seed=seed)
+    # trigger-word methods (textual inversion, DreamArtist) learn the concept's own word
+    adaptation = spec.adapt(system, seed=seed, **({"token": concept} if spec.trigger else {}))
     config = FitConfig(steps=steps or spec.steps, learning_rate=spec.learning_rate, seed=seed)
     losses = fit(system, adaptation, train_images, captions, config=config, prior=prior_data, callback=progress)
-    after, after_images = score(system, concept, train_images)
+    # scored as the adaptation samples (DreamArtist: with its learned negative)
+    after, after_images = score(system, concept, train_images, sampler=getattr(adaptation, "sample", None))
     folder.mkdir(parents=True, exist_ok=True)
     adapter = adaptation.save(adapter_path,
                               metadata={"sdadapt_demo": f"{method} on toy concept {concept!r}, {config.steps} steps"})
@@ -158,70 +158,3 @@ def run_demo(
         "seconds": time.perf_counter() - start,
         "files": {"grid": str(picture), "adapter": str(adapter)},
     }
-
-
-def _is_toy_file(model: str) -> bool:
-    from .formats.files import read_safetensors_header, sniff_format
-
-    path = Path(model)
-    if not path.is_file() or sniff_format(path) != "safetensors":
-        return False
-    return read_safetensors_header(path)[1].get("format") == "sdadapt-toy/1"
-
-
-def load_system(model: str, *, device: str = "cpu"):
-    """``"toy"`` -> the shipped toy system; a toy-system file (a toy fine-tune) -> that system;
-    a folder -> a diffusers Stable Diffusion folder."""
-    if model == "toy" or _is_toy_file(model):
-        from .toy import load_toy
-
-        return load_toy(None if model == "toy" else model, device=device)
-    from .diffusers_system import DiffusersSystem
-
-    return DiffusersSystem.from_folder(model, device=device)
-
-
-def run_train(
-    method: str,
-    *,
-    images: str | Path,
-    prompt: str | None,
-    model: str = "toy",
-    out: str | Path | None = None,
-    steps: int | None = None,
-    learning_rate: float | None = None,
-    batch_size: int = 4,
-    class_prompt: str | None = None,
-    class_count: int | None = None,
-    prior: bool | None = None,
-    prior_weight: float = 1.0,
-    seed: int = 0,
-    progress: Progress | None = None,
-    overwrite: bool = False,
-    dtype: torch.dtype | None = None,
-) -> dict:
-    """Train ``method`` on a folder of images + captions (``NAME.txt``, or ``prompt`` for all).
-
-    Prior preservation (see :func:`prior_images`): ``class_prompt`` with ``class_count`` class
-    images (default twice the instance images) weighted ``prior_weight``; on the toy model the
-    held-in prompts stand in when no ``class_prompt`` is given. ``out`` (default
-    ``<folder>-<method>.safetensors``) is refused before training when it exists unless
-    ``overwrite``; ``dtype`` casts the written float tensors (default: as trained, float32).
-    """
-    spec = _method(method)
-    target = Path(out) if out is not None else Path(f"{Path(images).name}-{method}{spec.file_suffix}")
-    _refuse_existing([target], overwrite)
-    _check_dtype(spec, dtype)
-    system = load_system(model)
-    pictures, captions = load_image_folder(images, size=system.image_size, default_caption=prompt)
-    prior_data = prior_images(system, spec, class_prompt=class_prompt, enabled=prior, seed=seed, weight=prior_weight,
-                              count=class_count if class_count is not None else 2 * len(captions))
-    adaptation = spec.adapt(system, seed=seed)
-    config = FitConfig(steps=steps or spec.steps, learning_rate=learning_rate or spec.learning_rate,
-                       batch_size=batch_size, seed=seed)
-    start = time.perf_counter()
-    losses = fit(system, adaptation, pictures, captions, config=config, prior=prior_data, callback=progress)
-    saved = adaptation.save(target, metadata={"sdadapt_train": f"{method}, {config.steps} steps, {len(captions)} images"})
-    _cast_file(saved, dtype)
-    return {"method": method, "images": len(captions), "prior_images": 0 if prior_data is None else len(prior_data[1]),
-            "losses": losses, "seconds": time.perf_counter() - start, "file": str(saved)}

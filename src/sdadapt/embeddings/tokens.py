@@ -1,0 +1,209 @@
+"""The tokenizer side of an embedding: give a trigger word ``k`` token ids, and take them back.
+
+A small interface, :class:`TokenizerSide`, with two implementations picked by :func:`tokenizer_side`:
+
+* :class:`CLIPTokenizerSide` — transformers tokenizers (``CLIPTokenizer``; anything with
+  ``add_tokens``/``convert_tokens_to_ids``). It adds the tokens diffusers adds
+  (``name``, ``name_1`` … ``name_{k-1}``, each one id at the end of the vocabulary), so a prompt is
+  expanded as diffusers' ``maybe_convert_prompt`` does (:func:`expand_prompt`) — and a diffusers
+  pipeline around the same tokenizer expands it itself. ``remove()`` restores the tokenizer's
+  added-token table exactly as it was (newest addition first).
+* :class:`WordTableSide` — tokenizers with an added-word table (the toy tokenizer:
+  ``add_word``/``remove_word``/``free_spare_ids``). A trigger that is already a vocabulary word keeps
+  its own id for its first vector; every other vector takes the next free spare token
+  (``<new0>``, ``<new1>`` …). The tokenizer expands the word itself, so prompts need no rewriting.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Protocol, runtime_checkable
+
+__all__ = ["CLIPTokenizerSide", "TokenizerSide", "WordTableSide", "expand_prompt", "token_strings", "tokenizer_side"]
+
+
+def token_strings(name: str, count: int) -> list[str]:
+    """diffusers' names for a ``count``-vector token: ``[name, name_1, …, name_{count-1}]``."""
+    return [name] + [f"{name}_{i}" for i in range(1, count)]
+
+
+def expand_prompt(prompt: str, name: str, count: int) -> str:
+    """Replace the trigger ``name`` by ``"name name_1 … name_{count-1}"`` (diffusers' prompt rule).
+
+    Idempotent: an occurrence already followed by `` name_1`` (or itself ``name_<i>``) is left as is.
+    """
+    if count <= 1 or name not in prompt:
+        return prompt
+    escaped = re.escape(name)
+    pattern = re.compile(rf"{escaped}(?!_\d)(?! {escaped}_1(?!\d))")
+    return pattern.sub(lambda _m: " ".join(token_strings(name, count)), prompt)
+
+
+@runtime_checkable
+class TokenizerSide(Protocol):
+    """What :func:`sdadapt.inject_embedding` needs from a tokenizer."""
+
+    #: True when the tokenizer turns the trigger word into its ``k`` ids by itself
+    expands_itself: bool
+
+    def add(self, name: str, count: int) -> list[int]:
+        """Register ``name`` with ``count`` tokens; their ids, in vector order."""
+        ...
+
+    def expand(self, prompt: str) -> str:
+        """The prompt as the tokenizer must see it (multi-vector triggers spelled out)."""
+        ...
+
+    def word_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS/padding (for init words)."""
+        ...
+
+    def known_single_token(self, word: str) -> int | None:
+        """The id of ``word`` when the vocabulary has it as exactly one token, else ``None``."""
+        ...
+
+    def remove(self) -> None:
+        """Undo :meth:`add`."""
+        ...
+
+
+class CLIPTokenizerSide:
+    """A transformers tokenizer: tokens ``name``, ``name_1`` … appended to the vocabulary."""
+
+    expands_itself = False
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.name: str | None = None
+        self.count = 0
+        self._before: list | None = None
+        self._after: list | None = None
+
+    def _backend(self):
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is None or not hasattr(backend, "to_str"):
+            raise TypeError(
+                f"{type(self.tokenizer).__name__} is not a fast (tokenizers-backed) transformers tokenizer; "
+                "sdadapt adds and removes embedding tokens on fast tokenizers (CLIPTokenizer in transformers 5, CLIPTokenizerFast)"
+            )
+        return backend
+
+    def _added_tokens(self) -> list:
+        """The serialized tokenizer's added-token list (what ``add_tokens`` changes; padding and
+        truncation settings, which every call may change, are not part of it)."""
+        return json.loads(self._backend().to_str())["added_tokens"]
+
+    def add(self, name: str, count: int) -> list[int]:
+        if self.name is not None:
+            raise RuntimeError(f"this tokenizer side already holds {self.name!r}; make one side per embedding")
+        strings = token_strings(name, count)
+        vocab = self.tokenizer.get_vocab()
+        taken = [s for s in strings if s in vocab]
+        if taken:
+            raise ValueError(
+                f"the tokenizer already has the token(s) {taken}: another embedding named {name!r} is loaded, or "
+                "the word is a vocabulary token; remove that embedding first or choose another trigger word"
+            )
+        self._before = self._added_tokens()
+        added = self.tokenizer.add_tokens(strings)
+        if added != len(strings):  # pragma: no cover - guarded by the vocabulary check above
+            self._restore()
+            raise ValueError(f"the tokenizer added {added} of the tokens {strings}")
+        self._after = self._added_tokens()
+        self.name, self.count = name, count
+        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
+
+    def _restore(self) -> None:
+        from tokenizers import Tokenizer
+
+        state = json.loads(self._backend().to_str())
+        state["added_tokens"] = self._before
+        self.tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+
+    def expand(self, prompt: str) -> str:
+        return prompt if self.name is None else expand_prompt(prompt, self.name, self.count)
+
+    def word_ids(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def known_single_token(self, word: str) -> int | None:
+        ids = self.word_ids(word)
+        return ids[0] if len(ids) == 1 else None
+
+    def remove(self) -> None:
+        if self.name is None:
+            return
+        if self._added_tokens() != self._after:
+            raise RuntimeError(
+                f"tokens were added to the tokenizer after the embedding {self.name!r}; remove embeddings "
+                "in the reverse order of injection"
+            )
+        self._restore()
+        self.name, self.count = None, 0
+
+
+class WordTableSide:
+    """A tokenizer with an added-word table (the toy tokenizer)."""
+
+    expands_itself = True
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.word: str | None = None
+
+    def add(self, name: str, count: int) -> list[int]:
+        if self.word is not None:
+            raise RuntimeError(f"this tokenizer side already holds {self.word!r}; make one side per embedding")
+        word = name.lower()
+        if word in self.tokenizer.added:
+            raise ValueError(f"{name!r} is already loaded as an embedding trigger; remove that embedding first or choose another word")
+        own = self.tokenizer.ids.get(word)
+        if own is not None and any(own in ids for ids in self.tokenizer.added.values()):
+            raise ValueError(f"{name!r} is a spare token another loaded embedding already uses; choose another trigger word")
+        if own is not None and own in self.tokenizer.free_spare_ids():  # the trigger *is* a spare token, e.g. "<new3>"
+            spare = [i for i in self.tokenizer.free_spare_ids() if i != own]
+        else:
+            spare = self.tokenizer.free_spare_ids()
+        needed = count - (own is not None)
+        if needed > len(spare):
+            raise ValueError(
+                f"{name!r} needs {needed} spare token(s) but the toy tokenizer has {len(spare)} free "
+                f"(16 spare <newN> tokens, the rest held by {sorted(self.tokenizer.added)}); use fewer vectors"
+            )
+        ids = ([own] if own is not None else []) + spare[:needed]
+        self.tokenizer.add_word(word, ids)
+        self.word = word
+        return ids
+
+    def expand(self, prompt: str) -> str:
+        return prompt
+
+    def word_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        body = ids[1 : ids.index(self.tokenizer.eos_id)]
+        return body
+
+    def known_single_token(self, word: str) -> int | None:
+        return self.tokenizer.ids.get(word.lower())
+
+    def remove(self) -> None:
+        if self.word is not None:
+            self.tokenizer.remove_word(self.word)
+            self.word = None
+
+
+def tokenizer_side(tokenizer) -> TokenizerSide:
+    """The :class:`TokenizerSide` for ``tokenizer`` (a new one per embedding).
+
+    Raises:
+        TypeError: a tokenizer sdadapt cannot add tokens to (says which kinds work).
+    """
+    if all(hasattr(tokenizer, a) for a in ("add_word", "remove_word", "free_spare_ids", "added", "ids")):
+        return WordTableSide(tokenizer)
+    if all(hasattr(tokenizer, a) for a in ("add_tokens", "convert_tokens_to_ids", "get_vocab")):
+        return CLIPTokenizerSide(tokenizer)
+    raise TypeError(
+        f"cannot add embedding tokens to a {type(tokenizer).__name__}: sdadapt works with transformers tokenizers "
+        "(CLIPTokenizer) and the toy tokenizer (added-word table)"
+    )

@@ -1,0 +1,365 @@
+"""Textual-inversion embedding files: A1111, kohya and diffusers, each one bijective translation.
+
+| format | ``.pt`` / ``.bin`` (``torch.save`` of) | ``.safetensors`` |
+|---|---|---|
+| ``"a1111"`` | ``{"string_to_token": {"*": 265}, "string_to_param": {"*": (k, dim)}, "name", "step", "sd_checkpoint", "sd_checkpoint_name"}`` (A1111's ``Embedding.save``) | ``{"emb_params": (k, dim)}``, metadata ``name``/``step``/``sd_checkpoint``/``sd_checkpoint_name`` (A1111 reads any one-tensor file) |
+| ``"kohya"`` | ``{"emb_params": (k, dim)}`` | the same + ``ss_*``/``modelspec.*`` metadata (architecture ``…/textual-inversion``) |
+| ``"diffusers"`` | ``{name: (k, dim)}`` (``learned_embeds.bin``) | the same, metadata ``{"format": "pt"}`` (``learned_embeds.safetensors``) |
+| SDXL, every format | ``{"clip_l": (k, 768), "clip_g": (k, 1280)}`` | the same + the format's metadata |
+
+Reading (:func:`embedding_from_state`) follows A1111's loader: a ``string_to_param`` dict (exactly
+one tensor), else ``clip_l`` + ``clip_g`` (SDXL), else any dict holding exactly one tensor (kohya
+``emb_params``, diffusers ``{token: tensor}``; a 1-D tensor is one vector). Legacy pickles are read
+with ``torch.load(weights_only=True)`` only: a file that would run code is refused unrun.
+
+The trigger word (:attr:`Embedding.name`) is the **file stem**, as A1111 uses it — except for
+diffusers' default file names ``learned_embeds.{bin,safetensors}``, whose token is their dict key.
+sdadapt writes the name into the file too (``name`` field / diffusers key), so a file named
+``<name>.<ext>`` has the same trigger in A1111, kohya-based UIs and diffusers.
+
+Round trips: ``file -> Embedding -> file`` gives the same tensors (dtype and bits), fields and
+metadata for every file sdadapt writes (an A1111 ``.pt`` whose ``name`` field equals its stem, as
+A1111 writes them); ``Embedding -> file -> Embedding`` gives the same name, vectors, step and
+metadata plus the format's own metadata fields. Extra metadata of a ``.pt`` goes under
+``"sdadapt_metadata"`` (a str -> str dict A1111 ignores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..embeddings.embedding import ENCODER_KEY, SDXL_KEYS, Embedding
+from .files import (
+    WeightFileError,
+    _check_is_file,
+    _torch_load_error,
+    atomic_write,
+    read_safetensors,
+    sniff_format,
+    write_safetensors,
+)
+
+__all__ = [
+    "A1111_TOKEN",
+    "EMBEDDING_FORMATS",
+    "embedding_from_state",
+    "embedding_state",
+    "embedding_summary",
+    "from_a1111",
+    "load_embedding",
+    "save_embedding",
+    "to_a1111",
+    "to_diffusers",
+    "to_kohya",
+]
+
+EMBEDDING_FORMATS = ("a1111", "kohya", "diffusers")
+#: A1111's constant ``string_to_token`` value (the id of ``*`` in CLIP's vocabulary)
+A1111_TOKEN = 265
+_A1111_FIELDS = ("sd_checkpoint", "sd_checkpoint_name")
+_SUFFIXES = {"a1111": (".pt", ".safetensors", ".bin"), "kohya": (".safetensors", ".pt"), "diffusers": (".safetensors", ".bin")}
+_DIFFUSERS_DEFAULT_STEM = "learned_embeds"
+_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+                  "sdxl": "stable-diffusion-xl-v1-base"}
+_SS_VERSIONS = {"sd1": ("sd_v1", "False"), "sd2": ("sd_v2", "True"), "sd2-v": ("sd_v2_v", "True"), "sdxl": ("sdxl_base_v1-0", "False")}
+
+
+def _single(embedding: Embedding) -> Tensor:
+    return embedding.vectors[ENCODER_KEY]
+
+
+def _sdxl_tensors(embedding: Embedding) -> dict[str, Tensor]:
+    return {k: embedding.vectors[k] for k in SDXL_KEYS}
+
+
+# ------------------------------------------------------------------------------ A1111 .pt dict
+def to_a1111(embedding: Embedding) -> dict:
+    """The dict A1111's ``Embedding.save`` writes (``torch.save`` it); SDXL: ``{"clip_l", "clip_g"}``."""
+    if embedding.is_sdxl:
+        return _sdxl_tensors(embedding)
+    meta = dict(embedding.metadata)
+    out: dict = {
+        "string_to_token": {"*": A1111_TOKEN},
+        "string_to_param": {"*": _single(embedding)},
+        "name": embedding.name,
+        "step": embedding.step,
+        "sd_checkpoint": meta.pop("sd_checkpoint", None),
+        "sd_checkpoint_name": meta.pop("sd_checkpoint_name", None),
+    }
+    if meta:
+        out["sdadapt_metadata"] = meta
+    return out
+
+
+def from_a1111(data: Mapping, *, name: str, source: str = "<state>") -> Embedding:
+    """An A1111 ``.pt`` dict (``string_to_param``) -> :class:`Embedding` named ``name`` (the file stem).
+
+    Raises:
+        WeightFileError: ``string_to_param`` does not hold exactly one tensor.
+    """
+    params = data["string_to_param"]
+    tensors = [v for v in params.values()] if isinstance(params, Mapping) else []
+    if len(tensors) != 1 or not isinstance(tensors[0], Tensor):
+        raise WeightFileError(f"{source}: an A1111 embedding's string_to_param must hold exactly one tensor, it holds {len(tensors)}")
+    metadata = {k: str(data[k]) for k in _A1111_FIELDS if data.get(k) is not None}
+    extra = data.get("sdadapt_metadata")
+    if isinstance(extra, Mapping):
+        metadata.update({str(k): str(v) for k, v in extra.items()})
+    step = data.get("step")
+    return Embedding(name, {ENCODER_KEY: tensors[0]}, step=step if isinstance(step, int) else None, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------ safetensors-style
+def _a1111_safetensors(embedding: Embedding) -> tuple[dict[str, Tensor], dict[str, str]]:
+    meta = {"name": embedding.name}
+    if embedding.step is not None:
+        meta["step"] = str(embedding.step)
+    meta.update(embedding.metadata)
+    tensors = _sdxl_tensors(embedding) if embedding.is_sdxl else {"emb_params": _single(embedding)}
+    return tensors, meta
+
+
+def _guess_base_model(embedding: Embedding) -> str:
+    if embedding.is_sdxl:
+        return "sdxl"
+    return "sd2" if embedding.dims[ENCODER_KEY] == 1024 else "sd1"
+
+
+def to_kohya(embedding: Embedding, *, base_model: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """kohya's ``save_weights``: ``{"emb_params": (k, dim)}`` (SDXL ``{"clip_l", "clip_g"}``) and
+    ModelSpec 1.0.1 + ``ss_*`` metadata; ``embedding.metadata`` is laid over the generated fields."""
+    from .. import __version__
+
+    base = base_model or _guess_base_model(embedding)
+    if base not in _ARCHITECTURES:
+        raise ValueError(f"base_model must be one of {sorted(_ARCHITECTURES)}, got {base_model!r}")
+    version, v2 = _SS_VERSIONS[base]
+    meta = {
+        "ss_output_name": embedding.name,
+        "ss_base_model_version": version,
+        "ss_v2": v2,
+        "ss_num_vectors_per_token": str(embedding.count),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{_ARCHITECTURES[base]}/textual-inversion",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if base == "sdxl" else "diffusers",
+        "modelspec.title": embedding.name,
+        "modelspec.resolution": {"sdxl": "1024x1024", "sd2-v": "768x768"}.get(base, "512x512"),
+        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.implementation_version": f"sdadapt/{__version__}",
+    }
+    if embedding.step is not None:
+        meta["step"] = str(embedding.step)
+    meta.update(embedding.metadata)
+    tensors = _sdxl_tensors(embedding) if embedding.is_sdxl else {"emb_params": _single(embedding)}
+    return tensors, meta
+
+
+def to_diffusers(embedding: Embedding) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """diffusers' ``save_progress``: ``{token: (k, dim)}`` with metadata ``{"format": "pt"}`` (SDXL:
+    ``clip_l``/``clip_g``); the token is ``metadata["token"]`` when set (a loaded file's own), else the name."""
+    meta = {"format": "pt"}
+    if embedding.step is not None:
+        meta["step"] = str(embedding.step)
+    meta.update(embedding.metadata)
+    token = meta.pop("token", embedding.name)
+    tensors = _sdxl_tensors(embedding) if embedding.is_sdxl else {token: _single(embedding)}
+    return tensors, meta
+
+
+def embedding_state(embedding: Embedding, *, format: str = "a1111", suffix: str = ".pt",
+                    base_model: str | None = None) -> tuple[dict, dict[str, str]]:
+    """``(object to save, safetensors metadata)`` for ``format`` and file ``suffix``.
+
+    For ``.pt``/``.bin`` the object is the dict ``torch.save`` writes (metadata: ``{}``; kohya and
+    diffusers pickles carry only tensors, as those tools write them).
+
+    Raises:
+        ValueError: unknown format, or a suffix the format does not use.
+    """
+    if format not in EMBEDDING_FORMATS:
+        raise ValueError(f"unknown embedding format {format!r}; choose one of {list(EMBEDDING_FORMATS)}")
+    suffix = suffix.lower()
+    if suffix not in _SUFFIXES[format]:
+        raise ValueError(f"{format} embeddings are written as {' or '.join(_SUFFIXES[format])} files, not {suffix or 'no suffix'!r}")
+    if format == "a1111":
+        return (to_a1111(embedding), {}) if suffix != ".safetensors" else _a1111_safetensors(embedding)
+    tensors, meta = to_kohya(embedding, base_model=base_model) if format == "kohya" else to_diffusers(embedding)
+    return (tensors, meta) if suffix == ".safetensors" else (dict(tensors), {})
+
+
+# ------------------------------------------------------------------------------ reading
+def _stem_name(file: Path) -> str:
+    return file.stem
+
+
+def embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str] | None = None,
+                         source: str = "<state>") -> Embedding:
+    """A loaded file's object (``torch.load`` result or safetensors dict) -> :class:`Embedding`.
+
+    ``name`` is the trigger (the file stem); ``metadata`` the safetensors metadata. When ``name``
+    is diffusers' default stem ``learned_embeds``, the file's token (its dict key) is the name; a
+    diffusers token that differs from ``name`` is kept as ``metadata["token"]`` (and written back
+    as the key by :func:`to_diffusers`).
+
+    Raises:
+        WeightFileError: not an embedding (says what the file holds).
+    """
+    meta = dict(metadata or {})
+    if not isinstance(obj, Mapping):
+        raise WeightFileError(
+            f"{source}: not a textual-inversion embedding (the file holds a {type(obj).__name__}, not a dict); "
+            "expected A1111 string_to_param, kohya emb_params, diffusers {token: tensor} or SDXL clip_l/clip_g"
+        )
+    if "string_to_param" in obj:
+        return from_a1111(obj, name=name, source=source)
+    step = meta.pop("step", None)
+    step_value = int(step) if step is not None and step.lstrip("-").isdigit() else None
+    if step is not None and step_value is None:
+        meta["step"] = step  # not an int: keep it as plain metadata
+    if all(k in obj for k in SDXL_KEYS):
+        tensors = {k: obj[k] for k in SDXL_KEYS}
+        bad = [k for k, v in tensors.items() if not isinstance(v, Tensor)]
+        if bad:
+            raise WeightFileError(f"{source}: SDXL embedding entries {bad} are not tensors")
+        meta.pop("name", None)
+        return Embedding(name, tensors, step=step_value, metadata=meta)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if len(tensors) != 1:
+        raise WeightFileError(
+            f"{source}: not a textual-inversion embedding: it holds {len(tensors)} tensors ({sorted(tensors)[:5]}); "
+            "an embedding file holds string_to_param (A1111), one tensor (kohya emb_params, diffusers {token: tensor}) "
+            "or clip_l + clip_g (SDXL). Run `python -m sdadapt inspect FILE` to see what it is."
+        )
+    (key, value), = tensors.items()
+    if name == _DIFFUSERS_DEFAULT_STEM and key != "emb_params":
+        name = key  # diffusers' default file name says nothing; its token is the key
+    if key != "emb_params" and key != name:
+        meta["token"] = key  # a diffusers token that differs from the trigger
+    meta.pop("name", None)
+    if value.ndim not in (1, 2):
+        raise WeightFileError(f"{source}: the embedding tensor {key!r} has shape {tuple(value.shape)}; expected (vectors, dim) or (dim,)")
+    return Embedding(name, {ENCODER_KEY: value}, step=step_value, metadata=meta)
+
+
+def _load_pickle(file: Path) -> object:
+    try:
+        with warnings.catch_warnings(), open(file, "rb") as handle:
+            warnings.simplefilter("ignore")
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError / RuntimeError / EOFError variants
+        raise _torch_load_error(file, exc) from exc
+
+
+def load_embedding(path: str | os.PathLike) -> Embedding:
+    """Read a textual-inversion embedding, whichever tool wrote it.
+
+    Reads A1111 ``.pt`` (``string_to_param``), A1111/kohya ``.safetensors``/``.pt``
+    (``emb_params``), diffusers ``learned_embeds.safetensors``/``.bin`` (``{token: tensor}``; 1-D
+    tensors as one vector) and SDXL ``{clip_l, clip_g}`` files, in any float dtype (kept).
+    Pickles go through ``torch.load(weights_only=True)`` only.
+
+    Returns:
+        an :class:`~sdadapt.Embedding` named by the file stem (the word A1111 prompts use;
+        for ``learned_embeds.*`` the file's token).
+
+    Raises:
+        WeightFileError: missing/corrupt file, a pickle that tries to run code (refused, never
+            run), or a file that is not an embedding.
+
+    Example::
+
+        emb = sdadapt.load_embedding("embeddings/my-style.pt")
+        emb.name, emb.count, emb.dims          # ('my-style', 4, {'text_encoder': 768})
+    """
+    file = Path(path)
+    _check_is_file(file)
+    if sniff_format(file) == "pickle":
+        obj, metadata = _load_pickle(file), {}
+    else:
+        obj, metadata = read_safetensors(file)
+    embedding = embedding_from_state(obj, name=_stem_name(file), metadata=metadata, source=str(file))
+    bad = [k for k, v in embedding.vectors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightFileError(f"{file}: the {', '.join(bad)} vectors contain NaN or inf; the training that made it diverged")
+    return embedding
+
+
+def save_embedding(path: str | os.PathLike, embedding: Embedding, *, format: str = "a1111",
+                   base_model: str | None = None) -> Path:
+    """Write ``embedding`` atomically as ``format`` (``"a1111"``, ``"kohya"`` or ``"diffusers"``).
+
+    The suffix picks the container: A1111 ``.pt`` (the full dict A1111 writes) or ``.safetensors``;
+    kohya ``.safetensors`` (with ``ss_``/ModelSpec metadata; ``base_model`` ``"sd1"``/``"sd2"``/``"sdxl"``,
+    default from the widths) or ``.pt``; diffusers ``.safetensors`` or ``.bin``. Tensors are
+    written as they are (dtype kept; cast with ``embedding.to(torch.float16)`` first to halve the size).
+    A1111 prompts use the file stem: name the file ``<embedding.name>.<ext>``.
+
+    Raises:
+        ValueError: unknown format, or a suffix that format does not use.
+        WeightFileError: NaN/inf vectors, or a missing output folder.
+    """
+    target = Path(path)
+    obj, metadata = embedding_state(embedding, format=format, suffix=target.suffix, base_model=base_model)
+    bad = [k for k, v in embedding.vectors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightFileError(f"{target}: embedding {embedding.name!r} has NaN or inf in its {', '.join(bad)} vectors; not written")
+    if target.suffix.lower() == ".safetensors":
+        return write_safetensors(target, obj, metadata)
+    cpu = _to_cpu(obj)
+    return atomic_write(target, lambda tmp: torch.save(cpu, tmp))
+
+
+def _to_cpu(obj):
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu").contiguous().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------------------ inspect
+def embedding_summary(file: Path, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> dict:
+    """``inspect`` fields of an embedding file from its key shapes and metadata (no tensor data read):
+    ``name``, ``vectors``, ``dims``, ``encoders``, ``written_by``."""
+    keys = set(shapes)
+    if any(k.startswith("string_to_param") for k in keys):
+        blocks = {ENCODER_KEY: next(shapes[k] for k in keys if k.startswith("string_to_param"))}
+        writer = "A1111 (.pt string_to_param)"
+    elif set(SDXL_KEYS) <= keys:
+        blocks = {k: shapes[k] for k in SDXL_KEYS}
+        writer = "kohya / A1111 SDXL (clip_l + clip_g)"
+    elif len(keys) == 1:
+        (key,) = keys
+        blocks = {ENCODER_KEY: shapes[key]}
+        if key == "emb_params":
+            writer = "kohya / A1111 (emb_params)"
+        else:
+            writer = f"diffusers ({{token: tensor}}, token {key!r})"
+    else:
+        return {}
+    if any(len(shape) not in (1, 2) for shape in blocks.values()):
+        return {}  # one tensor, but not (k, dim) / (dim,): not an embedding after all
+    if str(metadata.get("modelspec.implementation_version", "")).startswith("sdadapt"):
+        writer += ", sdadapt"
+    elif metadata.get("format") == "pt":
+        writer += ", diffusers training script" if "diffusers" in writer else ""
+    name = file.stem
+    if name == _DIFFUSERS_DEFAULT_STEM and len(keys) == 1 and "emb_params" not in keys:
+        name = next(iter(keys))
+    counts = {shape[0] if len(shape) == 2 else 1 for shape in blocks.values()}
+    return {
+        "name": name,
+        "vectors": counts.pop() if len(counts) == 1 else sorted(counts),
+        "dims": {k: int(shape[-1]) for k, shape in blocks.items()},
+        "encoders": list(blocks),
+        "written_by": writer,
+        "step": json.loads(metadata["step"]) if str(metadata.get("step", "")).lstrip("-").isdigit() else None,
+    }

@@ -1,0 +1,281 @@
+"""Single-file Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL): read, split, and the model configs.
+
+A single file (``.safetensors``, or a legacy ``.ckpt`` read with ``torch.load(weights_only=True)``)
+holds the UNet, the text encoder(s) and the VAE in LDM naming. This module turns it into
+diffusers-named component states through the one key map (:mod:`.model_keys`) and derives each
+component's constructor config from the tensor shapes, so the models can be built offline (no
+config download, unlike diffusers' own single-file loader):
+
+| component | read from the shapes | fixed by the architecture |
+|---|---|---|
+| UNet | channels per block, layers per block, which blocks attend, transformer depth per block, cross-attention width, linear/conv ``proj_in``, SDXL's add-embedding | attention heads (SD1: 8; SD2/SDXL: 64-wide heads), GroupNorm groups (32) |
+| VAE | channels per block, layers per block, latent channels | scaling factor (SD1/SD2 0.18215, SDXL 0.13025) |
+| CLIP text encoder(s) | width, depth, MLP width, vocabulary, positions, projection | 64-wide heads, activation (CLIP-L quick-GELU, OpenCLIP GELU) |
+
+Files written by sdadapt carry the exact configs in their ``sdadapt.configs`` metadata (JSON),
+which wins over the rules (tiny test models with other head counts round-trip).
+
+Nothing here imports diffusers or transformers: configs are plain dicts for their constructors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+from .files import WeightFileError, read_weights
+from .key_source import KeyMapError
+from .model_keys import checkpoint_architecture, convert_checkpoint
+
+__all__ = [
+    "SingleFile",
+    "read_single_file",
+    "split_single_file",
+    "unet_config",
+    "vae_config",
+    "text_encoder_config",
+    "file_hashes",
+    "CONFIG_METADATA_KEY",
+    "SCALING_FACTORS",
+]
+
+#: metadata key of the exact component configs in files sdadapt writes (JSON)
+CONFIG_METADATA_KEY = "sdadapt.configs"
+#: VAE latent scaling per architecture
+SCALING_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+_NATIVE_SIZE = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+
+
+@dataclass
+class SingleFile:
+    """A single-file checkpoint split into diffusers-named components.
+
+    Attributes:
+        path: the file.
+        architecture: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        components: ``{"unet" | "vae" | "text_encoder" | "text_encoder_2": {diffusers key: tensor}}``
+            (text-encoder keys in the ``text_model.…`` spelling).
+        metadata: the file's string metadata.
+        configs: the exact configs of a file sdadapt wrote (``{}`` otherwise).
+        dropped: keys left out on purpose (EMA copies, schedule buffers, SD2's unused layer ...).
+    """
+
+    path: Path
+    architecture: str
+    components: dict[str, dict[str, Tensor]]
+    metadata: dict[str, str]
+    configs: dict[str, dict] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def prediction_type(self) -> str:
+        """``"v_prediction"`` when the file says so (ModelSpec ``prediction_type`` ``v``), else ``"epsilon"``."""
+        value = self.metadata.get("modelspec.prediction_type", "").lower()
+        return "v_prediction" if value in ("v", "v_prediction", "v-prediction") else "epsilon"
+
+
+def _unwrap(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``.ckpt`` files nest the weights under ``state_dict``: drop that level."""
+    if any(k.startswith("state_dict.") for k in state):
+        return {k[len("state_dict."):]: v for k, v in state.items() if k.startswith("state_dict.")}
+    return state
+
+
+def read_single_file(path: str | os.PathLike) -> SingleFile:
+    """Read and split an SD1/SD2/SDXL single-file checkpoint (see :class:`SingleFile`).
+
+    Raises:
+        WeightFileError: unreadable or unsafe file, not a Stable Diffusion checkpoint (names what
+            it found), or parts missing (a UNet-only or VAE-only file).
+    """
+    file = Path(path)
+    state, metadata = read_weights(file)
+    state = _unwrap(state)
+    return split_single_file(state, metadata=metadata, path=file)
+
+
+def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str] | None = None,
+                      path: str | os.PathLike = "<state>") -> SingleFile:
+    """An LDM state dict -> :class:`SingleFile` (the key map, with the report's dropped keys)."""
+    file = Path(path)
+    meta = dict(metadata or {})
+    if not any(k.startswith("model.diffusion_model.") for k in state):
+        raise WeightFileError(
+            f"{file}: not a Stable Diffusion single-file checkpoint (no model.diffusion_model.* UNet keys; "
+            f"found e.g. {', '.join(list(state)[:3]) or 'no tensors'}); --model takes 'toy', a diffusers folder "
+            "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint"
+        )
+    try:
+        architecture = checkpoint_architecture({k: tuple(v.shape) for k, v in state.items()})
+        converted, report = convert_checkpoint(state, to="diffusers", strict=False)
+    except KeyMapError as exc:
+        raise WeightFileError(f"{file}: {exc}") from None
+    components: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in converted.items():
+        component, _, local = key.partition(".")
+        components.setdefault(component, {})[local] = tensor
+    needed = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if architecture == "sdxl" else [])
+    missing = [c for c in needed if c not in components]
+    if missing:
+        raise WeightFileError(
+            f"{file}: this {architecture} checkpoint lacks its {', '.join(missing)} (a UNet-only or pruned file?); "
+            "training and sampling need a full checkpoint with UNet, text encoder(s) and VAE"
+        )
+    configs: dict[str, dict] = {}
+    if CONFIG_METADATA_KEY in meta:
+        try:
+            configs = dict(json.loads(meta[CONFIG_METADATA_KEY]))
+        except (ValueError, TypeError):
+            configs = {}
+    if report.unmatched or report.missing or report.mismatched:
+        raise WeightFileError(f"{file}: cannot read this {architecture} checkpoint: {report.problems()}")
+    return SingleFile(file, architecture, components, meta, configs, list(report.dropped))
+
+
+# ------------------------------------------------------------------------------------- configs
+def _indices(keys, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def unet_config(state: Mapping[str, Tensor], *, architecture: str, prediction_type: str = "epsilon",
+                pooled_dim: int | None = None) -> dict:
+    """``UNet2DConditionModel(**config)`` arguments from a diffusers-named UNet state (see the module table).
+
+    ``pooled_dim``: SDXL's pooled text width (the second encoder's projection, 1280): the rest of
+    the add-embedding's input is six sinusoidal size/crop embeddings, which gives their width.
+
+    Raises:
+        WeightFileError: the state lacks the keys every SD UNet has.
+    """
+    keys = list(state)
+    try:
+        conv_in = state["conv_in.weight"]  # (C0, in, 3, 3)
+        conv_out = state["conv_out.weight"]  # (out, C0, 3, 3)
+    except KeyError:
+        raise WeightFileError("the checkpoint's UNet has no conv_in/conv_out weights") from None
+    downs = _indices(keys, r"down_blocks\.(\d+)\.")
+    channels = [int(state[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in downs]
+    layers = len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
+    attends = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys) for i in downs]
+    ups = _indices(keys, r"up_blocks\.(\d+)\.")
+    up_attends = [any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys) for i in ups]
+    depth = [max(1, len(_indices(keys, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\."))) for i in downs]
+    to_k = next((state[k] for k in keys if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((state[k] for k in keys if k.endswith(".proj_in.weight")), None)
+    if architecture == "sd1":
+        heads: int | list[int] = 8
+    else:
+        heads = [max(1, c // 64) for c in channels]
+    config: dict = {
+        "sample_size": 96 if architecture == "sd2" and prediction_type == "v_prediction" else _NATIVE_SIZE.get(architecture, 512) // 8,
+        "in_channels": int(conv_in.shape[1]),
+        "out_channels": int(conv_out.shape[0]),
+        "layers_per_block": layers,
+        "block_out_channels": channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attends],
+        "cross_attention_dim": int(to_k.shape[1]) if to_k is not None else 768,
+        "attention_head_dim": heads,
+        "use_linear_projection": proj_in is not None and proj_in.ndim == 2,
+        "transformer_layers_per_block": depth if len(set(depth)) > 1 else depth[0],
+        "norm_num_groups": 32,
+    }
+    if not any(k.startswith("mid_block.attentions.") for k in keys):
+        config["mid_block_type"] = "UNetMidBlock2D" if any(k.startswith("mid_block.") for k in keys) else None
+    if "add_embedding.linear_1.weight" in state:
+        width = int(state["add_embedding.linear_1.weight"].shape[1])
+        pooled = pooled_dim if pooled_dim is not None else 1280
+        if (width - pooled) % 6 or width <= pooled:
+            raise WeightFileError(f"the SDXL add-embedding takes {width} inputs, which is not {pooled} pooled + 6 size embeddings")
+        config.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=width,
+                      addition_time_embed_dim=(width - pooled) // 6)
+    if architecture == "sd2":
+        config["upcast_attention"] = prediction_type == "v_prediction"
+    return config
+
+
+def vae_config(state: Mapping[str, Tensor], *, architecture: str) -> dict:
+    """``AutoencoderKL(**config)`` arguments from a diffusers-named VAE state."""
+    keys = list(state)
+    downs = _indices(keys, r"encoder\.down_blocks\.(\d+)\.")
+    channels = [int(state[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in downs]
+    layers = len(_indices(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
+    try:
+        latent = int(state["decoder.conv_in.weight"].shape[1])
+        config = {
+            "in_channels": int(state["encoder.conv_in.weight"].shape[1]),
+            "out_channels": int(state["decoder.conv_out.weight"].shape[0]),
+        }
+    except KeyError:
+        raise WeightFileError("the checkpoint's VAE has no encoder/decoder conv_in/conv_out weights") from None
+    config.update({
+        "latent_channels": latent,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+        "norm_num_groups": 32,
+        "scaling_factor": SCALING_FACTORS.get(architecture, 0.18215),
+        "sample_size": _NATIVE_SIZE.get(architecture, 512),
+    })
+    return config
+
+
+def text_encoder_config(state: Mapping[str, Tensor], *, open_clip: bool) -> dict:
+    """``CLIPTextConfig(**config)`` arguments from a diffusers-named text-encoder state.
+
+    Args:
+        open_clip: OpenCLIP (SD2's encoder, SDXL's second): GELU; else OpenAI CLIP-L: quick-GELU.
+    """
+    keys = {k.removeprefix("text_model."): v for k, v in state.items()}
+    try:
+        token = keys["embeddings.token_embedding.weight"]  # (V, D)
+        position = keys["embeddings.position_embedding.weight"]  # (L, D)
+        fc1 = keys["encoder.layers.0.mlp.fc1.weight"]  # (I, D)
+    except KeyError:
+        raise WeightFileError("the checkpoint's text encoder lacks its embeddings or layers") from None
+    width = int(token.shape[1])
+    config = {
+        "vocab_size": int(token.shape[0]),
+        "hidden_size": width,
+        "intermediate_size": int(fc1.shape[0]),
+        "num_hidden_layers": len(_indices(keys, r"encoder\.layers\.(\d+)\.")),
+        "num_attention_heads": max(1, width // 64),
+        "max_position_embeddings": int(position.shape[0]),
+        "hidden_act": "gelu" if open_clip else "quick_gelu",
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+    }
+    if "text_projection.weight" in state:
+        config["projection_dim"] = int(state["text_projection.weight"].shape[0])
+    return config
+
+
+def file_hashes(path: str | os.PathLike, *, full: bool = True) -> dict[str, str]:
+    """The hashes kohya records for a base model: ``{"legacy": A1111's old 8-hex hash, "sha256": ...}``.
+
+    ``legacy`` (kohya's ``ss_sd_model_hash``): sha256 of the 64 KiB at offset 1 MiB, first 8 hex
+    digits. ``sha256`` (``ss_new_sd_model_hash``; its first 10 digits are A1111's "AutoV2"): of the
+    whole file — a few seconds per GB, skipped with ``full=False``.
+    """
+    file = Path(path)
+    with open(file, "rb") as handle:
+        handle.seek(0x100000)
+        legacy = hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+        out = {"legacy": legacy}
+        if full:
+            digest = hashlib.sha256()
+            handle.seek(0)
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+            out["sha256"] = digest.hexdigest()
+    return out

@@ -1,0 +1,423 @@
+"""Invert one real image, keep the result in a file, regenerate or edit from it.
+
+Model level (any ``model(x, t, cond)``, conditions as tensors or dicts of tensors):
+:func:`invert_latents` -> :class:`Inversion` -> :func:`sample_inversion`. System level (a
+:class:`~sdadapt.methods.system.System`: the toy model, a diffusers folder, your own):
+:func:`invert_image` / :func:`regenerate_image`, which add the VAE (``encode_images`` /
+``decode_latents``) and the prompts (``tokenize`` + ``condition``).
+
+Methods (``method=``): ``"null-text"`` (Mokady et al. 2023: per-step optimised null embeddings),
+``"negative-prompt"`` (Miyake et al. 2023: the prompt's own embedding as the null embedding, no
+optimisation) and ``"ddim"`` (plain DDIM inversion: the empty prompt's embedding at every step —
+the baseline that drifts under strong guidance).
+
+An inversion file (:func:`save_inversion`, safetensors, strings-only metadata, written
+atomically) holds everything the sampler needs besides the model: ``x_T``, the per-step null
+embeddings, the source condition, the unconditional template, the timesteps and ``alphas_cumprod``
+(so regeneration never depends on re-running the text encoder), plus the guidance and scheduler
+settings as metadata. Regeneration is deterministic: the same model and file give the same bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..formats.files import WeightFileError, read_safetensors, write_safetensors
+from ..training import diffusion
+from .core import (
+    Model,
+    Progress,
+    condition_embedding,
+    ddim_pivot,
+    default_embedding_key,
+    negative_prompt_embeddings,
+    null_text_optimize,
+    sample_with_embeddings,
+)
+
+__all__ = [
+    "INVERSION_METHODS",
+    "Inversion",
+    "invert_latents",
+    "sample_inversion",
+    "invert_image",
+    "regenerate_image",
+    "save_inversion",
+    "load_inversion",
+]
+
+INVERSION_METHODS = ("null-text", "negative-prompt", "ddim")
+_FORMAT = "sdadapt-inversion/1"
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """One inverted image: what :func:`sample_inversion` needs besides the model.
+
+    Attributes:
+        method: ``"null-text"``, ``"negative-prompt"`` or ``"ddim"``.
+        x_T: (B, C, h, w) the latent at the noisiest timestep (the end of the pivot).
+        null_embeddings: (n, B, *E) float32, row ``i`` the null embedding of sampling step ``i``.
+        timesteps: (n,) int64, the sampling timesteps, descending.
+        cond: the source prompt's condition (a tensor (B, *E) or a dict of tensors).
+        uncond: the unconditional condition its ``embedding_key`` part is replaced in, per step.
+        alphas_cumprod: (T,) the noise schedule the inversion ran with.
+        guidance: the classifier-free guidance scale the null embeddings are made for.
+        embedding_key: ``None`` (tensor conditions) or the dict entry holding the text embedding.
+        prediction_type, spacing, steps_offset: the scheduler settings (diffusers' names).
+        prompt: the source prompt (informational).
+        info: extra string metadata (model, source image, timings).
+    """
+
+    method: str
+    x_T: Tensor
+    null_embeddings: Tensor
+    timesteps: Tensor
+    cond: Any
+    uncond: Any
+    alphas_cumprod: Tensor
+    guidance: float
+    embedding_key: str | None = None
+    prediction_type: str = "epsilon"
+    spacing: str = "leading"
+    steps_offset: int = 1
+    prompt: str = ""
+    info: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+def _check_method(method: str) -> None:
+    if method not in INVERSION_METHODS:
+        raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(INVERSION_METHODS)}")
+
+
+def invert_latents(
+    model: Model,
+    x0: Tensor,
+    cond: object,
+    uncond: object,
+    *,
+    alphas_cumprod: Tensor,
+    method: str = "null-text",
+    guidance: float = 7.5,
+    num_steps: int = 50,
+    embedding_key: str | None = None,
+    prediction_type: str = "epsilon",
+    spacing: str = "leading",
+    steps_offset: int = 1,
+    init: str = "null",
+    inner_steps: int = 10,
+    learning_rate: float = 1e-2,
+    lr_decay: float = 1e-2,
+    epsilon: float = 1e-5,
+    epsilon_slope: float = 2e-5,
+    prompt: str = "",
+    progress: Progress | None = None,
+) -> Inversion:
+    """Invert clean latents ``x0`` (B, C, h, w) made from the prompt whose condition is ``cond``.
+
+    Runs the guidance-1 DDIM pivot (:func:`~.core.ddim_pivot`), then builds the null embeddings
+    by ``method``; ``init="negative-prompt"`` starts null-text optimisation from the conditional
+    embedding instead of the empty prompt's. ``embedding_key`` defaults to
+    :func:`~.core.default_embedding_key` of ``uncond``. The other options are
+    :func:`~.core.null_text_optimize`'s. ``progress(done, total, label)`` reports ``"invert"``
+    (the pivot, once at the end) and ``"null-text"`` steps.
+    """
+    _check_method(method)
+    if init not in ("null", "negative-prompt"):
+        raise ValueError(f"init must be 'null' or 'negative-prompt', got {init!r}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    key = default_embedding_key(uncond) if embedding_key is None else embedding_key
+    T = alphas_cumprod.shape[0]
+    pivot = ddim_pivot(model, x0, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                       prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset)
+    if progress is not None:
+        progress(num_steps, num_steps, "invert")
+    if method == "negative-prompt":
+        nulls = negative_prompt_embeddings(cond, num_steps, embedding_key=key)
+    elif method == "ddim":
+        nulls = negative_prompt_embeddings(uncond, num_steps, embedding_key=key)
+    else:
+        start = condition_embedding(cond, key) if init == "negative-prompt" else None
+        nulls = null_text_optimize(
+            model, pivot, cond, uncond, alphas_cumprod=alphas_cumprod, guidance=guidance, embedding_key=key,
+            inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
+            epsilon_slope=epsilon_slope, init=start, prediction_type=prediction_type, spacing=spacing,
+            steps_offset=steps_offset, progress=progress,
+        )
+    info = {}
+    if method == "null-text":
+        info["options"] = json.dumps({"init": init, "inner_steps": inner_steps, "learning_rate": learning_rate,
+                                      "lr_decay": lr_decay, "epsilon": epsilon, "epsilon_slope": epsilon_slope})
+    return Inversion(
+        method=method,
+        x_T=pivot[-1].detach(),
+        null_embeddings=nulls,
+        timesteps=diffusion.ddim_timesteps(num_steps, num_train_steps=T, spacing=spacing, steps_offset=steps_offset),
+        cond=_detach(cond),
+        uncond=_detach(uncond),
+        alphas_cumprod=alphas_cumprod.detach(),
+        guidance=float(guidance),
+        embedding_key=key,
+        prediction_type=prediction_type,
+        spacing=spacing,
+        steps_offset=steps_offset,
+        prompt=prompt,
+        info=info,
+    )
+
+
+def _detach(cond: object) -> object:
+    if isinstance(cond, Tensor):
+        return cond.detach()
+    if isinstance(cond, dict):
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in cond.items()}
+    raise TypeError(f"a condition must be a tensor or a dict of tensors, got {type(cond).__name__}")
+
+
+def _to(cond: object, device: torch.device) -> object:
+    if isinstance(cond, Tensor):
+        return cond.to(device)
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}  # type: ignore[union-attr]
+
+
+def sample_inversion(
+    model: Model,
+    inversion: Inversion,
+    *,
+    cond: object | None = None,
+    source_steps: int = 0,
+    guidance: float | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Regenerate latents (B, C, h, w) from an inversion: its reconstruction, or an edit.
+
+    Args:
+        cond: an edit's condition (default: the source prompt's — the reconstruction).
+        source_steps: prompt switching for edits: the first ``source_steps`` sampling steps keep
+            the source condition (the layout settles there), the rest use ``cond``.
+        guidance: override the scale (the null embeddings are made for ``inversion.guidance``).
+        device: where to run (default: the inversion's tensors' device).
+    """
+    n = inversion.num_steps
+    if not 0 <= source_steps <= n:
+        raise ValueError(f"source_steps must be in [0, {n}], got {source_steps}")
+    dev = torch.device(device) if device is not None else inversion.x_T.device
+    source = _to(inversion.cond, dev)
+    target = source if cond is None else cond
+    conds = [source] * source_steps + [target] * (n - source_steps)
+    label = "reconstruct" if cond is None else "edit"
+    return sample_with_embeddings(
+        model, inversion.x_T.to(dev), conds, _to(inversion.uncond, dev), inversion.null_embeddings.to(dev),
+        alphas_cumprod=inversion.alphas_cumprod.to(dev), guidance=inversion.guidance if guidance is None else guidance,
+        embedding_key=inversion.embedding_key, prediction_type=inversion.prediction_type, spacing=inversion.spacing,
+        steps_offset=inversion.steps_offset, progress=progress, label=label,
+    )
+
+
+# ----------------------------------------------------------------------------- system level
+def _prompt_condition(system, prompt: str) -> object:
+    return system.condition(system.tokenize([prompt]))
+
+
+def _as_batch(image: Tensor, size: int) -> Tensor:
+    x = image if image.ndim == 4 else image[None]
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] != 1:
+        raise ValueError(f"expected one RGB image (3, H, W) or (1, 3, H, W) in [-1, 1], got {tuple(image.shape)}")
+    if x.shape[-2:] != (size, size):
+        raise ValueError(
+            f"the image is {x.shape[-1]}x{x.shape[-2]}, the model works at {size}x{size}: resize it first "
+            "(sdadapt.images.read_image(path, size=system.image_size) resizes the shorter side and centre-crops)"
+        )
+    return x
+
+
+def invert_image(
+    system,
+    image: Tensor,
+    prompt: str,
+    *,
+    method: str = "null-text",
+    guidance: float = 7.5,
+    num_steps: int = 50,
+    negative: str = "",
+    init: str = "null",
+    inner_steps: int = 10,
+    learning_rate: float = 1e-2,
+    lr_decay: float = 1e-2,
+    epsilon: float = 1e-5,
+    epsilon_slope: float = 2e-5,
+    spacing: str = "leading",
+    steps_offset: int = 1,
+    progress: Progress | None = None,
+) -> Inversion:
+    """Invert one image (3, H, W) or (1, 3, H, W) in [-1, 1] at the system's size, with its caption.
+
+    ``system`` is any :class:`~sdadapt.methods.system.System` (``encode_images``, ``tokenize``,
+    ``condition``, ``denoiser``, ``alphas_cumprod``, ``prediction_type``, ``image_size``).
+    ``negative`` is the prompt of the starting null embedding (default ``""``, the paper's);
+    the other options are :func:`invert_latents`'.
+
+    Raises:
+        ValueError: an unknown method, or an image not of the system's size.
+    """
+    _check_method(method)
+    device = system.alphas_cumprod.device
+    x = _as_batch(image, system.image_size).to(device)
+    with torch.no_grad():
+        x0 = system.encode_images(x)
+        cond, uncond = _prompt_condition(system, prompt), _prompt_condition(system, negative)
+    return invert_latents(
+        system.denoiser(), x0, cond, uncond, alphas_cumprod=system.alphas_cumprod, method=method, guidance=guidance,
+        num_steps=num_steps, prediction_type=system.prediction_type, spacing=spacing, steps_offset=steps_offset,
+        init=init, inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
+        epsilon_slope=epsilon_slope, prompt=prompt, progress=progress,
+    )
+
+
+@torch.no_grad()
+def regenerate_image(
+    system,
+    inversion: Inversion,
+    *,
+    prompt: str | None = None,
+    source_steps: int = 0,
+    progress: Progress | None = None,
+) -> Tensor:
+    """The image (1, 3, H, W) in [-1, 1] regenerated from ``inversion``: the reconstruction, or
+    with ``prompt`` the edit (same ``x_T`` and null embeddings, the new prompt's condition).
+
+    Raises:
+        ValueError: the inversion was made on a model with another noise schedule or prediction type.
+    """
+    device = system.alphas_cumprod.device
+    ac = system.alphas_cumprod
+    if inversion.alphas_cumprod.shape != ac.shape or not torch.allclose(inversion.alphas_cumprod.to(ac), ac, rtol=1e-5, atol=1e-7):
+        raise ValueError("this inversion was made with another noise schedule: regenerate it with the model it was made on"
+                         f"{' (' + inversion.info['model'] + ')' if 'model' in inversion.info else ''}")
+    if inversion.prediction_type != system.prediction_type:
+        raise ValueError(f"this inversion was made for a {inversion.prediction_type} model, the system predicts "
+                         f"{system.prediction_type}: use the model it was made on")
+    cond = None if prompt is None else _prompt_condition(system, prompt)
+    latents = sample_inversion(system.denoiser(), inversion, cond=cond, source_steps=source_steps, device=device,
+                               progress=progress)
+    return system.decode_latents(latents)
+
+
+# ------------------------------------------------------------------------------------ files
+def _flatten(prefix: str, cond: object, tensors: dict[str, Tensor]) -> str:
+    """Put a condition's tensors under ``prefix`` / ``prefix.<key>``; return its layout as JSON."""
+    if isinstance(cond, Tensor):
+        tensors[prefix] = cond
+        return json.dumps({"kind": "tensor"})
+    layout = {"kind": "dict", "keys": [], "none": []}
+    for key, value in cond.items():  # type: ignore[union-attr]
+        if value is None:
+            layout["none"].append(key)
+        elif isinstance(value, Tensor):
+            tensors[f"{prefix}.{key}"] = value
+            layout["keys"].append(key)
+        else:
+            raise TypeError(f"condition entry {key!r} is a {type(value).__name__}; an inversion file holds tensors only")
+    return json.dumps(layout)
+
+
+def _unflatten(prefix: str, layout: str, tensors: Mapping[str, Tensor], file: Path) -> object:
+    spec = json.loads(layout)
+    try:
+        if spec["kind"] == "tensor":
+            return tensors[prefix]
+        out: dict[str, Tensor | None] = {key: tensors[f"{prefix}.{key}"] for key in spec["keys"]}
+        out.update({key: None for key in spec["none"]})
+        return out
+    except KeyError as exc:
+        raise WeightFileError(f"{file}: inversion file lacks tensor {exc}; the file is damaged") from None
+
+
+def save_inversion(path: str | os.PathLike, inversion: Inversion, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``inversion`` as safetensors (float tensors as they are, strings-only metadata), atomically.
+
+    Tensors: ``x_T``, ``null_embeddings``, ``timesteps``, ``alphas_cumprod``, ``cond[.<key>]``,
+    ``uncond[.<key>]``. Metadata: ``format`` (``sdadapt-inversion/1``), ``method``, ``guidance``,
+    ``embedding_key``, ``prediction_type``, ``spacing``, ``steps_offset``, ``prompt``, the
+    conditions' layouts, ``inversion.info`` and ``metadata``.
+    """
+    tensors: dict[str, Tensor] = {
+        "x_T": inversion.x_T,
+        "null_embeddings": inversion.null_embeddings,
+        "timesteps": inversion.timesteps.long(),
+        "alphas_cumprod": inversion.alphas_cumprod,
+    }
+    meta = {
+        **{str(k): str(v) for k, v in inversion.info.items()},
+        **dict(metadata or {}),
+        "format": _FORMAT,
+        "method": inversion.method,
+        "guidance": repr(float(inversion.guidance)),
+        "embedding_key": "" if inversion.embedding_key is None else inversion.embedding_key,
+        "prediction_type": inversion.prediction_type,
+        "spacing": inversion.spacing,
+        "steps_offset": str(int(inversion.steps_offset)),
+        "prompt": inversion.prompt,
+        "cond_layout": _flatten("cond", inversion.cond, tensors),
+        "uncond_layout": _flatten("uncond", inversion.uncond, tensors),
+    }
+    return write_safetensors(path, tensors, meta)
+
+
+_RESERVED = {"format", "method", "guidance", "embedding_key", "prediction_type", "spacing", "steps_offset", "prompt",
+             "cond_layout", "uncond_layout"}
+
+
+def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Inversion:
+    """Read a file written by :func:`save_inversion` (tensors on ``device``).
+
+    Raises:
+        WeightFileError: not an inversion file, or a damaged one (the message names the file).
+    """
+    file = Path(path)
+    tensors, meta = read_safetensors(file)
+    if meta.get("format") != _FORMAT:
+        raise WeightFileError(f"{file}: not an sdadapt inversion file (metadata format {meta.get('format')!r}); "
+                              "write one with save_inversion / `python -m sdadapt invert`")
+    missing = [k for k in ("x_T", "null_embeddings", "timesteps", "alphas_cumprod") if k not in tensors]
+    if missing:
+        raise WeightFileError(f"{file}: inversion file lacks {', '.join(missing)}; the file is damaged")
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    if tensors["null_embeddings"].shape[0] != tensors["timesteps"].shape[0]:
+        raise WeightFileError(f"{file}: {tensors['null_embeddings'].shape[0]} null embeddings for "
+                              f"{tensors['timesteps'].shape[0]} timesteps; the file is damaged")
+    try:
+        guidance = float(meta["guidance"])
+        steps_offset = int(meta["steps_offset"])
+    except (KeyError, ValueError) as exc:
+        raise WeightFileError(f"{file}: bad inversion metadata ({exc})") from None
+    return Inversion(
+        method=meta.get("method", "null-text"),
+        x_T=tensors["x_T"],
+        null_embeddings=tensors["null_embeddings"],
+        timesteps=tensors["timesteps"],
+        cond=_unflatten("cond", meta.get("cond_layout", '{"kind": "tensor"}'), tensors, file),
+        uncond=_unflatten("uncond", meta.get("uncond_layout", '{"kind": "tensor"}'), tensors, file),
+        alphas_cumprod=tensors["alphas_cumprod"],
+        guidance=guidance,
+        embedding_key=meta.get("embedding_key") or None,
+        prediction_type=meta.get("prediction_type", "epsilon"),
+        spacing=meta.get("spacing", "leading"),
+        steps_offset=steps_offset,
+        prompt=meta.get("prompt", ""),
+        info={k: v for k, v in meta.items() if k not in _RESERVED},
+    )

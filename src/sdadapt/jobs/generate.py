@@ -1,0 +1,158 @@
+"""``python -m sdadapt generate``: images from a model with LoRA-family files and embeddings applied."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .models import load_system, resolve_device
+from .train import _toy_vocabulary
+
+__all__ = ["run_generate"]
+
+
+def _lora_spec(text: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:SCALE`` (a Windows drive letter is not a scale)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path and not (len(path) == 1 and path.isalpha()):
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def run_generate(
+    *,
+    prompt: str,
+    out: str | os.PathLike,
+    model: str = "toy",
+    negative: str = "",
+    loras: list[str] | tuple[str, ...] = (),
+    embeddings: list[str] | tuple[str, ...] = (),
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    sampler: str = "ddim",
+    width: int | None = None,
+    height: int | None = None,
+    count: int = 1,
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+    prediction_type: str | None = None,
+    clip_skip: int = 1,
+    device: str = "auto",
+    progress: Callable[..., None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Make ``count`` images of ``prompt`` on a model with LoRA-family files and embeddings applied.
+
+    Args:
+        loras: ``"FILE"`` or ``"FILE:SCALE"`` (any family sdadapt reads: kohya, LyCORIS, diffusers,
+            peft), merged into the weights at that strength.
+        embeddings: textual-inversion files; their trigger words (the file names) work in the prompts.
+        steps: sampler steps (default 25; the toy 25).
+        count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
+
+    Returns:
+        ``{"files": [...], "seconds": ..., "loras": [...], "embeddings": [...], "unknown_words": [...]}``.
+
+    Raises:
+        FileExistsError: an output exists and ``overwrite`` is false (checked before loading anything).
+        ValueError: an empty prompt, a bad size or sampler, a LoRA that does not fit the model.
+    """
+    from ..formats.files import WeightFileError
+    from ..images import write_png
+    from ..sampling import SAMPLERS, generate, unknown_words
+
+    say = log or (lambda line: None)
+    if not prompt or not prompt.strip():
+        raise ValueError("--prompt is empty; say what the image should show")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if count < 1 or (steps is not None and steps < 1):
+        raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")
+    target = Path(out)
+    if target.suffix.lower() != ".png":
+        raise WeightFileError(f"{target}: generate writes PNG images; name the output *.png")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise WeightFileError(f"{target}: folder {folder} does not exist; create it first")
+    files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
+    existing = [f for f in files if f.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+    parsed = [_lora_spec(text) for text in loras]
+    for path, _ in parsed:
+        if not path.is_file():
+            raise FileNotFoundError(f"--lora {path}: no such file")
+    for path in embeddings:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--embedding {path}: no such file")
+    start = time.perf_counter()
+    system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
+                         clip_skip=clip_skip)
+    applied = []
+    for path, scale in parsed:
+        applied.append(_apply_lora_file(system, path, scale))
+        say(f"applied {path} at {scale:g} ({applied[-1]['layers']} layers)")
+    handles = []
+    for path in embeddings:
+        handles.append(_inject_embedding_file(system, Path(path)))
+        say(f"embedding {handles[-1].name!r} from {path}")
+    text, negative_text = prompt, negative
+    for handle in handles:
+        text, negative_text = handle.expand(text), handle.expand(negative_text) if negative_text else negative_text
+    unknown = unknown_words(system, text)
+    if unknown:
+        say(f"warning: the toy model does not know {', '.join(unknown)} (it reads them as <unk>); its words: "
+            f"{', '.join(_toy_vocabulary(system))}")
+    written = []
+    for i, file in enumerate(files):
+        image = generate(system, [text], negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
+                         sampler=sampler, height=height, width=width)[0]
+        written.append(str(write_png(file, image)))
+        if progress is not None:
+            progress(i + 1, len(files), file.name)
+    return {"files": written, "seconds": time.perf_counter() - start, "loras": applied,
+            "embeddings": [h.name for h in handles], "unknown_words": unknown}
+
+
+def _apply_lora_file(system, path: Path, scale: float) -> dict:
+    """Merge a LoRA-family file into the system's weights (``apply_lora`` per component)."""
+    from ..apply import apply_lora
+    from ..formats import load_lora
+
+    components, metadata = load_lora(path)
+    layers = 0
+    for component, state in components.items():
+        module = getattr(system, component, None)
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"--lora {path}: it adapts a {component}, which this model does not have "
+                             f"(a LoRA for {metadata.get('ss_base_model_version', 'another model')}?)")
+        try:
+            applied = apply_lora(module, state, scale=scale)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"--lora {path}: does not fit this model's {component} ({' '.join(str(exc).split())[:300]})") from None
+        layers += len(applied.names)
+    return {"file": str(path), "scale": scale, "layers": layers}
+
+
+def _inject_embedding_file(system, path: Path):
+    """Load a textual-inversion file and inject it (SDXL: both encoders)."""
+    try:
+        from ..embeddings import inject_embedding
+        from ..formats.embeddings import load_embedding
+    except ImportError:  # pragma: no cover - the embeddings package ships with sdadapt
+        raise ImportError("--embedding needs sdadapt.embeddings") from None
+    embedding = load_embedding(path)
+    if getattr(system, "text_encoder_2", None) is not None:
+        encoders = (system.text_encoder, system.text_encoder_2)
+        tokenizers = (system.tokenizer, system.tokenizer_2)
+    else:
+        encoders, tokenizers = system.text_encoder, system.tokenizer
+    return inject_embedding(encoders, tokenizers, embedding)

@@ -1,0 +1,56 @@
+"""Which model ``--model`` names: the toy, a toy-system file, a diffusers folder, a single-file checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_system", "resolve_device"]
+
+
+def _is_toy_file(model: str) -> bool:
+    from ..formats.files import read_safetensors_header, sniff_format
+
+    path = Path(model)
+    if not path.is_file() or sniff_format(path) != "safetensors":
+        return False
+    return read_safetensors_header(path)[1].get("format") == "sdadapt-toy/1"
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"``/``None`` -> ``"cuda"`` when available, else ``"cpu"``; others checked.
+
+    Raises:
+        ValueError: a CUDA/MPS device on a machine without one (names what is there).
+    """
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = str(device).split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: no MPS device here; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
+    return str(device)
+
+
+def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None, prediction_type: str | None = None,
+                clip_skip: int = 1):
+    """``"toy"`` -> the shipped toy system; ``"toy-image"`` -> its image-embedding variant (CLIP
+    inversion); a toy-system file (a toy fine-tune) -> that system;
+    a folder -> a diffusers Stable Diffusion folder (SD1/SD2/SDXL); a ``.safetensors``/``.ckpt``
+    file -> an SD1/SD2/SDXL single-file checkpoint (``tokenizer``: see
+    :meth:`sdadapt.diffusers_system.DiffusersSystem.from_single_file`)."""
+    if model in ("toy", "toy-image") or _is_toy_file(model):
+        if tokenizer is not None or prediction_type is not None or clip_skip != 1:
+            raise ValueError("--tokenizer, --prediction-type and --clip-skip are for Stable Diffusion models, not the toy")
+        from ..toy import load_toy, load_toy_image
+
+        if model == "toy-image":
+            return load_toy_image(device=device)
+        return load_toy(None if model == "toy" else model, device=device)
+    from ..diffusers_system import load_model
+
+    return load_model(model, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, device=device)

@@ -1,0 +1,625 @@
+"""``python -m sdadapt train METHOD``: a whole training run from :class:`TrainOptions` (see docs/train.md).
+
+Order of work: every option and output checked (nothing existing replaced without ``overwrite``),
+the dataset read and bucketed (one report line per image), the model loaded, latents cached per
+bucket, class images made, then :func:`sdadapt.methods.fit` with an ``on_step`` that writes the
+CSV/TensorBoard log, periodic saves with the resumable state, and samples; the final file gets
+kohya's ``ss_*`` training metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..methods import FitConfig, fit
+from ..training.step import StepConfig
+from .demo import Progress, _check_dtype, _method, prior_images
+from .models import load_system, resolve_device
+
+__all__ = ["TrainOptions", "run_train", "Bars"]
+
+#: ``bars(label, unit) -> progress(done, total, info)``: one progress bar per phase (the CLI draws them)
+Bars = Callable[[str, str], Callable[..., None]]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything ``python -m sdadapt train METHOD`` takes (flag ``--foo-bar`` = field ``foo_bar``,
+    also the TOML config key). ``None`` means the method's or the model's default.
+
+    Data: ``images`` (kohya folder layout), ``prompt`` (caption of images without one),
+    ``caption_extension``, ``repeats`` (of images outside ``N_name`` folders), ``shuffle_caption``,
+    ``keep_tokens``, ``caption_dropout_rate``, ``caption_tag_dropout_rate``, ``resolution``
+    ((height, width); default the model's), ``enable_bucket``, ``min_bucket_reso``,
+    ``max_bucket_reso``, ``bucket_reso_steps``, ``bucket_no_upscale``.
+
+    Model: ``model`` (``toy``, a diffusers folder, a single file), ``tokenizer``,
+    ``prediction_type``, ``clip_skip``, ``device``; ``method_options`` (the method's own, e.g.
+    ``{"rank": 16}``; see :class:`sdadapt.methods.MethodOption`).
+
+    Optimisation: ``steps`` or ``epochs``, ``batch_size``, ``gradient_accumulation_steps``,
+    ``learning_rate`` (``unet_lr`` overrides it), ``text_encoder_lr``, ``optimizer``,
+    ``weight_decay``, ``lr_scheduler``, ``lr_warmup_steps`` (a count, or a fraction of the steps
+    when < 1), ``lr_scheduler_num_cycles``, ``max_grad_norm`` (0 = no clipping),
+    ``mixed_precision`` (``no``/``fp16``/``bf16``), ``min_snr_gamma`` (0 = off), ``noise_offset``,
+    ``ema_decay``, ``seed``, ``stop_on_nan``.
+
+    Prior preservation: ``class_prompt``, ``class_images``, ``prior``, ``prior_weight``.
+
+    Outputs: ``out``, ``overwrite``, ``dtype``, ``save_every_n_steps``, ``save_every_n_epochs``,
+    ``save_state`` (write the resumable state with each save), ``resume`` (a state folder),
+    ``sample_prompts`` (kohya prompt file), ``sample_every_n_steps``, ``sample_every_n_epochs``,
+    ``sample_sampler``, ``sample_steps``, ``log_with`` (``auto``/``csv``/``tensorboard``),
+    ``training_comment``.
+    """
+
+    images: str | os.PathLike
+    prompt: str | None = None
+    caption_extension: str = ".txt"
+    repeats: int = 1
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    resolution: tuple[int, int] | None = None
+    enable_bucket: bool = True
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int | None = None
+    bucket_no_upscale: bool = False
+    model: str = "toy"
+    tokenizer: str | None = None
+    prediction_type: str | None = None
+    clip_skip: int = 1
+    device: str = "auto"
+    method_options: dict = field(default_factory=dict)
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float | None = None
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: float | None = None
+    lr_scheduler_num_cycles: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    min_snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    ema_decay: float | None = None
+    seed: int = 0
+    stop_on_nan: bool = True
+    class_prompt: str | None = None
+    class_images: int | None = None
+    prior: bool | None = None
+    prior_weight: float = 1.0
+    out: str | os.PathLike | None = None
+    overwrite: bool = False
+    dtype: torch.dtype | None = None
+    save_every_n_steps: int | None = None
+    save_every_n_epochs: int | None = None
+    save_state: bool = True
+    resume: str | os.PathLike | None = None
+    sample_prompts: str | os.PathLike | None = None
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_sampler: str = "ddim"
+    sample_steps: int = 20
+    log_with: str = "auto"
+    training_comment: str | None = None
+
+    def __post_init__(self) -> None:
+        from ..methods.fit import _OPTIMIZER_ALIASES, OPTIMIZERS, SCHEDULES
+        from ..sampling import SAMPLERS
+
+        positive = ("steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
+                    "sample_every_n_epochs", "class_images", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 1, got {value}" + (" (leave it out for the method's default)" if name == "steps" else ""))
+        for name in ("batch_size", "gradient_accumulation_steps", "repeats", "sample_steps", "lr_scheduler_num_cycles", "clip_skip"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "unet_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.text_encoder_lr is not None and not self.text_encoder_lr >= 0:
+            raise ValueError(f"--text-encoder-lr must be >= 0, got {self.text_encoder_lr}")
+        for name in ("keep_tokens", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lr_warmup_steps is not None and not self.lr_warmup_steps >= 0:
+            raise ValueError(f"--lr-warmup-steps must be >= 0 (a count, or a fraction of the steps below 1), got {self.lr_warmup_steps}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("--prompt is empty; give the caption words, or leave it out and put NAME.txt captions beside the images")
+        if self.class_prompt is not None and not self.class_prompt.strip():
+            raise ValueError("--class-prompt is empty; give the class, e.g. 'a photo of a dog'")
+        if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), "
+                             f"got {self.optimizer!r}")
+        if self.lr_scheduler not in SCHEDULES:
+            raise ValueError(f"--lr-scheduler must be one of {', '.join(SCHEDULES)}, got {self.lr_scheduler!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.sample_sampler not in SAMPLERS:
+            raise ValueError(f"--sample-sampler must be one of {', '.join(SAMPLERS)}, got {self.sample_sampler!r}")
+        if self.log_with not in ("auto", "csv", "tensorboard"):
+            raise ValueError(f"--log-with must be auto, csv or tensorboard, got {self.log_with!r}")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if (self.sample_every_n_steps or self.sample_every_n_epochs) and self.sample_prompts is None:
+            raise ValueError("--sample-every-n-steps/--sample-every-n-epochs need --sample-prompts FILE (one prompt a line)")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in (0, 1), e.g. 0.999; got {self.ema_decay}")
+        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
+            raise ValueError(f"--resolution must be SIZE or WIDTH,HEIGHT, got {self.resolution}")
+
+
+@dataclass
+class _Outputs:
+    """Every path a run writes, known before the first step."""
+
+    final: Path
+    state: Path
+    log: Path
+    tensorboard: Path
+    samples: Path
+
+    def periodic(self, *, step: int | None = None, epoch: int | None = None) -> Path:
+        tag = f"step{step:06d}" if step is not None else f"epoch{epoch:04d}"
+        return self.final.with_name(f"{self.final.stem}-{tag}{self.final.suffix}")
+
+
+def _outputs(spec, options: TrainOptions) -> _Outputs:
+    final = Path(options.out) if options.out is not None else Path(f"{Path(options.images).name}-{spec.name}{spec.file_suffix}")
+    stem = final.with_suffix("") if final.suffix else final
+    state = Path(options.resume) if options.resume is not None else stem.with_name(stem.name + "-state")
+    return _Outputs(final, state, stem.with_name(stem.name + "-log.csv"), stem.with_name(stem.name + "-tensorboard"),
+                    stem.with_name(stem.name + "-samples"))
+
+
+def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: list[Path]) -> None:
+    """Before any work: the folder exists, nothing is silently replaced, the names are valid."""
+    from ..formats.files import WeightFileError
+
+    final = outputs.final
+    folder = final.parent if str(final.parent) else Path(".")
+    if not folder.is_dir():
+        raise WeightFileError(f"{final}: folder {folder} does not exist; create it first")
+    if final.is_dir():
+        raise WeightFileError(f"{final}: is a folder; give a file name such as {final / ('out' + spec.file_suffix)}")
+    whole_model = spec.prepare.__name__ == "prepare_full"  # full / dreambooth: a .safetensors file or a folder
+    if final.suffix.lower() != spec.file_suffix and not (whole_model and not final.suffix):
+        kinds = f"{spec.file_suffix} files" + (" or diffusers folders (a name without a suffix)" if whole_model else "")
+        raise WeightFileError(f"{final}: {spec.name} writes {kinds}; name the output *{spec.file_suffix}")
+    if not os.access(folder, os.W_OK):
+        raise WeightFileError(f"{final}: cannot write into {folder} (permission denied)")
+    existing = [p for p in [final, *planned] if p.exists()]
+    if options.resume is None and outputs.state.exists() and options.save_state and (options.save_every_n_steps or options.save_every_n_epochs):
+        existing.append(outputs.state)
+    if options.resume is None and outputs.log.exists():
+        existing.append(outputs.log)
+    if existing and not options.overwrite:
+        names = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise FileExistsError(f"{names}: already exist(s); pass --overwrite to replace, or choose another -o")
+
+
+def _stamp(path: Path, *, metadata: dict[str, str], dtype: torch.dtype | None, hashes: bool) -> None:
+    """Rewrite a safetensors adapter file: float tensors in ``dtype``, ``metadata`` added, and
+    kohya's ``sshs_model_hash``/``sshs_legacy_hash`` of the result (what A1111 shows)."""
+    import hashlib
+
+    from ..formats.files import read_safetensors, write_safetensors
+
+    tensors, meta = read_safetensors(path)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() and v.dim() > 0 else v for k, v in tensors.items()}
+    meta.update(metadata)
+    if hashes:
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous() for k, v in tensors.items()}, {k: v for k, v in meta.items() if k.startswith("ss_")})
+        header = int.from_bytes(data[:8], "little")
+        meta["sshs_model_hash"] = hashlib.sha256(data[8 + header:]).hexdigest()
+        meta["sshs_legacy_hash"] = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    write_safetensors(path, tensors, meta)
+
+
+def _model_file(model: str) -> Path | None:
+    if model == "toy":
+        from ..toy.system import DEFAULT_WEIGHTS
+
+        return DEFAULT_WEIGHTS
+    path = Path(model)
+    return path if path.is_file() else None
+
+
+class _Hashes:
+    """The base model's hashes, computed once at the first save (a big file takes seconds)."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self._value = model, None
+
+    def get(self) -> dict[str, str]:
+        if self._value is None:
+            from ..formats.single_file import file_hashes
+
+            file = _model_file(self.model)
+            self._value = file_hashes(file) if file is not None else {}
+        return self._value
+
+
+def _save(adaptation, spec, path: Path, *, metadata: dict[str, str], dtype: torch.dtype | None) -> Path:
+    """The method's file, with ``metadata``; safetensors adapter files get dtype and kohya hashes."""
+    whole_model = "dtype" in inspect.signature(adaptation.save).parameters
+    if whole_model:
+        saved = Path(adaptation.save(path, metadata=metadata, dtype=dtype))
+    else:
+        saved = Path(adaptation.save(path, metadata=metadata))
+        if saved.suffix.lower() == ".safetensors":
+            _stamp(saved, metadata={}, dtype=dtype, hashes=True)
+    return saved
+
+
+def _replace(path: Path) -> None:
+    """Remove an existing output the user allowed to be replaced (writers refuse existing paths)."""
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_train(method: str, options: TrainOptions | None = None, *, progress: Progress | None = None,
+              bars: Bars | None = None, log: Callable[[str], None] | None = None, **fields) -> dict:
+    """Train ``method`` on a folder of images (see :class:`TrainOptions`); everything is checked
+    before the first step, and nothing existing is replaced without ``overwrite``.
+
+    Args:
+        options: the run; or give its fields as keywords (``images=..., steps=...``; the old
+            ``class_count`` is ``class_images``).
+        progress: ``progress(step, total, loss)`` after each step.
+        bars: ``bars(label, unit)`` makes the progress callback of the other phases (caching
+            latents, class images, samples).
+        log: ``log(line)`` for what the run does (the per-image dataset report, saves, samples).
+
+    Returns:
+        ``{"method", "images", "prior_images", "losses", "seconds", "file", "steps", "epochs",
+        "report", "saved", "samples", "log", "state", "resumed_from"}``.
+
+    Raises:
+        FileExistsError: an output exists and ``overwrite`` is false.
+        NonFiniteLossError: the loss became NaN/inf (the message names the step and the last save).
+        KeyboardInterrupt: after saving the weights and the state so far (``--resume`` continues).
+    """
+    from ..methods.fit import NonFiniteLossError
+    from ..sampling import parse_sample_prompts
+    from ..training.data import CaptionOptions, Dataset, encode_buckets, find_images, plan_dataset
+    from ..training.monitor import RunLog, tensorboard_available
+
+    if options is None:
+        if "class_count" in fields:
+            fields["class_images"] = fields.pop("class_count")
+        options = TrainOptions(**fields)
+    elif fields:
+        options = dataclasses.replace(options, **fields)
+    say = log or (lambda line: None)
+    spec = _method(method)
+    known = {o.name for o in spec.options}
+    unknown = sorted(set(options.method_options) - known)
+    if unknown:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unknown)
+        raise ValueError(f"{flags}: not an option of {method} (its options: "
+                         f"{', '.join(o.option_strings[0] for o in spec.options) or 'none'})")
+    if getattr(spec, "trigger", False) and not options.method_options.get("token"):
+        raise ValueError(f"{method} learns a trigger word: pass --token WORD, the word the captions use (e.g. '<sks>')")
+    _check_dtype(spec, options.dtype)
+    outputs = _outputs(spec, options)
+    samples = parse_sample_prompts(options.sample_prompts) if options.sample_prompts is not None else []
+    if options.log_with == "tensorboard" and not tensorboard_available():
+        raise ImportError("--log-with tensorboard needs the tensorboard package: pip install tensorboard (the CSV log "
+                          "needs nothing)")
+    resume_record = None
+    if options.resume is not None:
+        resume_record = _check_resume(Path(options.resume), method, options)
+    # the outputs that need no model to name: checked before anything is loaded
+    _check_outputs(spec, options, outputs, planned=[])
+    device = resolve_device(options.device)
+    start_time = time.perf_counter()
+    records, notes = find_images(options.images, default_caption=options.prompt,
+                                 caption_extension=options.caption_extension, repeats=options.repeats)
+    say(f"loading {options.model} on {device}")
+    system = load_system(options.model, device=device, tokenizer=options.tokenizer,
+                         prediction_type=options.prediction_type, clip_skip=options.clip_skip)
+    native = int(system.image_size)
+    height, width = options.resolution or (native, native)
+    multiple = int(getattr(system, "size_multiple", 4))
+    if height % multiple or width % multiple:
+        raise ValueError(f"--resolution {width}x{height}: this model needs sides that are multiples of {multiple}")
+    side = int((height * width) ** 0.5)
+    step_size = options.bucket_reso_steps or max(multiple, min(64, side // 8 // multiple * multiple))
+    if step_size % multiple:
+        raise ValueError(f"--bucket-reso-steps {step_size} must be a multiple of {multiple} for this model")
+    if options.enable_bucket and (height % step_size or width % step_size):
+        raise ValueError(f"--resolution {width}x{height} must be a multiple of the bucket step {step_size}")
+    plan_dataset(records, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
+                 min_size=options.min_bucket_reso, max_size=options.max_bucket_reso, no_upscale=options.bucket_no_upscale)
+    captions = CaptionOptions(shuffle=options.shuffle_caption, keep_tokens=options.keep_tokens,
+                              dropout=options.caption_dropout_rate, tag_dropout=options.caption_tag_dropout_rate)
+    dataset = Dataset(records, captions=captions, notes=notes)
+    from ..sampling import unknown_words
+
+    unknown_caption_words = sorted({w for r in records for w in unknown_words(system, r.caption)})
+    if unknown_caption_words:
+        dataset.notes.append(f"the toy tokenizer does not know {', '.join(unknown_caption_words[:8])} (they become <unk>); "
+                             f"its words: {', '.join(_toy_vocabulary(system))}")
+    per_epoch = dataset.batches_per_epoch(options.batch_size)
+    accumulation = options.gradient_accumulation_steps
+    if options.epochs is not None:
+        total = max(1, math.ceil(options.epochs * per_epoch / accumulation))
+    else:
+        total = options.steps or spec.steps
+    epochs = math.ceil(total * accumulation / per_epoch)
+    start = int(resume_record["step"]) if resume_record else 0
+    if start >= total:
+        raise ValueError(f"{options.resume}: the saved state is at step {start} of {total}; raise --steps to train further")
+    # every periodic file is known now: check them all before the first step
+    steps_per_epoch = per_epoch / accumulation
+    planned: dict[int, Path] = {}
+    if options.save_every_n_steps:
+        planned.update({s: outputs.periodic(step=s) for s in range(options.save_every_n_steps, total, options.save_every_n_steps)})
+    if options.save_every_n_epochs:
+        for e in range(options.save_every_n_epochs, epochs, options.save_every_n_epochs):
+            s = min(total, math.ceil(e * steps_per_epoch))
+            if s < total:
+                planned.setdefault(s, outputs.periodic(epoch=e))
+    planned = {s: p for s, p in planned.items() if s > start}
+    sample_points = set()
+    if samples:
+        if options.sample_every_n_steps:
+            sample_points.update(range(options.sample_every_n_steps, total + 1, options.sample_every_n_steps))
+        if options.sample_every_n_epochs:
+            sample_points.update(min(total, math.ceil(e * steps_per_epoch))
+                                 for e in range(options.sample_every_n_epochs, epochs + 1, options.sample_every_n_epochs))
+        if not sample_points:
+            sample_points.add(total)
+        sample_points = {s for s in sample_points if s > start}
+    sample_files = [outputs.samples / f"step{s:06d}-{i:02d}.png" for s in sorted(sample_points) for i in range(len(samples))]
+    _check_outputs(spec, options, outputs, planned=[*planned.values(), *sample_files])
+    mixed = None if options.mixed_precision == "no" else options.mixed_precision
+    warmup = options.lr_warmup_steps
+    warmup_steps = (min(20, total // 10) if warmup is None else int(round(warmup * total)) if warmup < 1 else int(warmup))
+    config = FitConfig(
+        steps=total, batch_size=options.batch_size, learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate,
+        warmup_steps=warmup_steps, schedule=options.lr_scheduler, seed=options.seed, optimizer=options.optimizer,
+        weight_decay=options.weight_decay, text_encoder_lr=options.text_encoder_lr, num_cycles=options.lr_scheduler_num_cycles,
+        ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan,
+        step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
+                        max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed),
+    )
+    tensorboard = options.log_with == "tensorboard" or (options.log_with == "auto" and tensorboard_available())
+    for line in dataset.report():
+        say(line)
+
+    # ------------------------------------------------------------------ the expensive part
+    encode_buckets(dataset, system.encode_images,
+                   progress=bars("caching latents", "image") if bars is not None else None)
+    count = options.class_images if options.class_images is not None else 2 * len(records)
+    prior_data = prior_images(system, spec, class_prompt=options.class_prompt, enabled=options.prior, seed=options.seed,
+                              weight=options.prior_weight, count=count, size=(height, width),
+                              progress=bars("class images", "image") if bars is not None else None)
+    adaptation = spec.adapt(system, seed=options.seed, **options.method_options)
+    hashes = _Hashes(options.model)
+    started_at = time.time()
+    saved: list[str] = []
+    sample_written: list[str] = []
+
+    def metadata(step: int, epoch: int) -> dict[str, str]:
+        return _training_metadata(spec, options, config, dataset, system, outputs.final, hashes, steps=step, epoch=epoch,
+                                  epochs=epochs, per_epoch=per_epoch, height=height, width=width, started=started_at,
+                                  prior=0 if prior_data is None else len(prior_data[1]), buckets=step_size)
+
+    def write_samples(step: int) -> None:
+        from ..images import write_png
+        from ..sampling import generate, with_defaults
+
+        outputs.samples.mkdir(exist_ok=True)
+        for i, sample in enumerate(samples):
+            sample = with_defaults(sample, seed=options.seed, steps=options.sample_steps, guidance=None)
+            sized = "height" in inspect.signature(system.sample).parameters  # else the model's own size only
+            image = generate(system, [sample.prompt], negative=sample.negative, seed=sample.seed, steps=sample.steps,
+                             guidance=sample.guidance, sampler=options.sample_sampler,
+                             height=sample.height or (height if sized else None),
+                             width=sample.width or (width if sized else None))[0]
+            path = write_png(outputs.samples / f"step{step:06d}-{i:02d}.png", image)
+            sample_written.append(str(path))
+        say(f"step {step}: {len(samples)} sample image{'s' if len(samples) != 1 else ''} in {outputs.samples}")
+
+    def save_now(progress_info, path: Path) -> None:
+        with progress_info.averaged():
+            _replace(path)
+            _save(adaptation, spec, path, metadata=metadata(progress_info.step, progress_info.epoch), dtype=options.dtype)
+        saved.append(str(path))
+        if options.save_state:
+            progress_info.save_state(outputs.state)
+            _write_run_record(outputs.state, method, options, progress_info.step, total)
+        say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
+
+    run_log = RunLog(outputs.log, tensorboard=outputs.tensorboard if tensorboard else None, append=options.resume is not None,
+                     after_step=start)
+
+    last: dict = {}
+
+    def on_step(info) -> None:
+        last["info"] = info
+        run_log.step(info.step, info.epoch, info.loss, info.lr)
+        if info.step in planned:
+            save_now(info, planned[info.step])
+        if info.step in sample_points:
+            write_samples(info.step)
+
+    try:
+        losses = fit(system, adaptation, dataset, config=config, prior=prior_data, callback=progress, on_step=on_step,
+                     resume=options.resume)
+    except NonFiniteLossError as exc:
+        where = (f"the last good save is {saved[-1]}" + (f" (resume from {outputs.state})" if options.save_state else "")
+                 if saved else "nothing was saved (use --save-every-n-steps N to keep checkpoints)")
+        raise _with_note(exc, where) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: keep what was trained (further signals are ignored meanwhile)
+        info = last.get("info")
+        if info is None or info.step >= total:
+            raise
+        path = outputs.periodic(step=info.step)
+        if path.exists() and not options.overwrite:
+            raise
+        save_now(info, path)
+        from ..errors import Interrupted
+
+        raise Interrupted(getattr(exc, "signal_number", 2),
+                          f"interrupted after step {info.step} of {total}: saved {path}"
+                          + (f"; continue with --resume {outputs.state}" if options.save_state else "")) from None
+    finally:
+        run_log.close()
+    if options.overwrite:
+        _replace(outputs.final)
+    file = _save(adaptation, spec, outputs.final, metadata=metadata(total, epochs), dtype=options.dtype)
+    return {"method": method, "images": len(records), "prior_images": 0 if prior_data is None else len(prior_data[1]),
+            "losses": losses, "seconds": time.perf_counter() - start_time, "file": str(file), "steps": total,
+            "epochs": epochs, "report": dataset.report(), "saved": saved, "samples": sample_written,
+            "log": str(outputs.log), "tensorboard": str(outputs.tensorboard) if tensorboard else None,
+            "state": str(outputs.state) if saved and options.save_state else None,
+            "resumed_from": start if options.resume is not None else None}
+
+
+def _with_note(exc: Exception, note: str) -> Exception:
+    exc.args = (f"{exc.args[0]}; {note}",)
+    return exc
+
+
+def _toy_vocabulary(system) -> list[str]:
+    vocab = getattr(getattr(system, "tokenizer", None), "vocab", ())
+    return [w for w in vocab if not w.startswith("<")]
+
+
+_RUN_RECORD = "run.json"
+
+
+def _write_run_record(folder: Path, method: str, options: TrainOptions, step: int, total: int) -> None:
+    from ..formats.files import atomic_write
+
+    record = {"format": "sdadapt-train-run/1", "method": method, "model": str(options.model), "step": step,
+              "total_steps": total, "batch_size": options.batch_size, "seed": options.seed,
+              "images": str(options.images), "method_options": options.method_options,
+              "optimizer": options.optimizer, "gradient_accumulation_steps": options.gradient_accumulation_steps}
+    atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
+
+
+def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
+    """The saved run's record, after checking it is a state of the same method, model and optimiser."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--resume {folder}: no such folder (give the -state folder a run with --save-every-n-steps wrote)")
+    record_file = folder / _RUN_RECORD
+    if not record_file.is_file() or not (folder / "state.json").is_file():
+        raise ValueError(f"--resume {folder}: not a training state folder (it needs run.json, state.json and state.safetensors)")
+    record = json.loads(record_file.read_text())
+    state_step = json.loads((folder / "state.json").read_text()).get("step")
+    if state_step != record.get("step"):
+        raise ValueError(f"--resume {folder}: run.json (step {record.get('step')}) and state.json (step {state_step}) disagree; "
+                         "the save was interrupted")
+    mismatches = [f"{name} {record.get(name)!r} (now {value!r})" for name, value in (
+        ("method", method), ("model", str(options.model)), ("optimizer", options.optimizer),
+        ("batch_size", options.batch_size), ("seed", options.seed),
+        ("gradient_accumulation_steps", options.gradient_accumulation_steps)) if record.get(name) != value]
+    if record.get("method_options", {}) != options.method_options:
+        mismatches.append(f"method options {record.get('method_options')} (now {options.method_options})")
+    if mismatches:
+        raise ValueError(f"--resume {folder}: the saved run differs: {'; '.join(mismatches)}; resume with the same settings")
+    return record
+
+
+def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, system, final: Path, hashes: _Hashes, *,
+                       steps: int, epoch: int, epochs: int, per_epoch: int, height: int, width: int, started: float,
+                       prior: int, buckets: int) -> dict[str, str]:
+    """kohya's ``ss_*`` training metadata (what A1111's and kohya's metadata viewers show)."""
+    base = hashes.get()
+    model_file = _model_file(options.model)
+    meta = {
+        "ss_session_id": str(random.Random(f"{options.seed}/{started}").randrange(2**32)),
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": final.stem,
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_text_encoder_lr": str(config.text_encoder_lr if config.text_encoder_lr is not None else config.learning_rate),
+        "ss_num_train_images": str(dataset.samples_per_epoch),
+        "ss_num_reg_images": str(prior),
+        "ss_num_batches_per_epoch": str(per_epoch),
+        "ss_num_epochs": str(epochs),
+        "ss_epoch": str(epoch),
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(config.steps),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_total_batch_size": str(config.batch_size * config.step.accumulation_steps),
+        "ss_gradient_accumulation_steps": str(config.step.accumulation_steps),
+        "ss_lr_warmup_steps": str(config.warmup_steps),
+        "ss_lr_scheduler": config.schedule,
+        "ss_optimizer": config.optimizer,
+        "ss_mixed_precision": options.mixed_precision,
+        "ss_full_fp16": "False",
+        "ss_clip_skip": str(options.clip_skip),
+        "ss_resolution": f"({width}, {height})",
+        "ss_enable_bucket": str(options.enable_bucket),
+        "ss_min_bucket_reso": str(min(min(r.bucket) for r in dataset.records)),
+        "ss_max_bucket_reso": str(max(max(r.bucket) for r in dataset.records)),
+        "ss_bucket_reso_steps": str(buckets),
+        "ss_bucket_no_upscale": str(options.bucket_no_upscale),
+        "ss_bucket_info": json.dumps(dataset.bucket_info()),
+        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
+        "ss_caption_dropout_rate": str(options.caption_dropout_rate),
+        "ss_caption_tag_dropout_rate": str(options.caption_tag_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": "0",
+        "ss_shuffle_caption": str(options.shuffle_caption),
+        "ss_keep_tokens": str(options.keep_tokens),
+        "ss_flip_aug": "False",
+        "ss_color_aug": "False",
+        "ss_random_crop": "False",
+        "ss_cache_latents": "True",
+        "ss_seed": str(options.seed),
+        "ss_noise_offset": str(options.noise_offset),
+        "ss_min_snr_gamma": str(options.min_snr_gamma or None),
+        "ss_max_grad_norm": str(options.max_grad_norm),
+        "ss_prior_loss_weight": str(options.prior_weight),
+        "ss_ema_decay": str(options.ema_decay),
+        "ss_v_parameterization": str(getattr(system, "prediction_type", "epsilon") == "v_prediction"),
+        "ss_sd_model_name": model_file.name if model_file is not None else Path(str(options.model)).name,
+        "ss_sd_model_hash": base.get("legacy", ""),
+        "ss_new_sd_model_hash": base.get("sha256", ""),
+        "ss_training_comment": options.training_comment or "",
+        "ss_sdadapt_method": spec.name,
+        "modelspec.resolution": f"{width}x{height}",
+    }
+    return meta

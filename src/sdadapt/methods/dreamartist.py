@@ -1,0 +1,305 @@
+"""DreamArtist (Dong et al. 2022): a positive and a negative embedding trained jointly through CFG.
+
+The positive trigger ``name`` and the negative ``name-neg`` are two textual-inversion embeddings.
+Each step runs the UNet on ``[x_t, x_t]`` with the negative caption (the trigger replaced by
+``name-neg``) and the positive caption, and trains both embeddings on the classifier-free-guided
+prediction — the learned negative plays the unconditional branch::
+
+    ε̂ = ε_neg + s · (ε_pos − ε_neg)                         (cfg_combine)
+    s(t) = s_low + (s_high − s_low) · f(t / (T − 1))          (cfg_scale_at; f: ln = r, cos = sin(rπ/2), cos2 = 1 − cos(rπ/2))
+    loss = ‖ε̂ − ε‖² (the shared step's loss) [+ λ_rec · |D(x̂0(ε̂)) − D(x0)|₁, through the decoder]
+
+(the DreamArtist repositories' ``p_losses_hook`` / ``DreamArtistPTContext``). Files: two A1111
+``.pt`` embeddings, ``<name>.pt`` and ``<name>-neg.pt`` — in A1111 put ``<name>`` in the prompt
+and ``<name>-neg`` in the negative prompt, CFG scale near the training value.
+:func:`sample_dreamartist` does that with sdadapt.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..embeddings import Embedding, EmbeddingHandle, initial_embedding, inject_embedding
+from ..formats.embeddings import load_embedding, save_embedding
+from ..training import diffusion
+from .textual_inversion import (
+    _Frozen,
+    _trained_modules,
+    _word_pattern,
+    system_text_parts,
+)
+
+__all__ = [
+    "CFG_SCHEDULES",
+    "DreamArtist",
+    "cfg_combine",
+    "cfg_scale_at",
+    "load_dreamartist",
+    "negative_name",
+    "prepare_dreamartist",
+    "replace_word",
+    "sample_dreamartist",
+]
+
+CFG_SCHEDULES = ("ln", "cos", "cos2")
+
+
+def cfg_combine(positive: Tensor, negative: Tensor, scale: Tensor | float) -> Tensor:
+    """Classifier-free guidance ``ε_neg + s·(ε_pos − ε_neg)``; ``scale`` a float or ``(B, 1, 1, 1)``."""
+    return negative + scale * (positive - negative)
+
+
+def cfg_scale_at(t: Tensor, *, low: float, high: float | None = None, schedule: str = "ln", num_timesteps: int = 1000) -> Tensor:
+    """The guidance scale per sample ``(B,)`` float64: ``low`` when ``high`` is ``None`` or equal;
+    else ``low + (high − low)·f(r)``, ``r = t / (T − 1)``, ``f`` = ``r`` (``"ln"``), ``sin(rπ/2)`` (``"cos"``)
+    or ``1 − cos(rπ/2)`` (``"cos2"``) — DreamArtist's ``"low-high:type"`` dynamic CFG.
+
+    Raises:
+        ValueError: an unknown schedule.
+    """
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"unknown CFG schedule {schedule!r}; choose one of {list(CFG_SCHEDULES)}")
+    if high is None or high == low:
+        return torch.full(t.shape, float(low), dtype=torch.float64, device=t.device)
+    r = t.double() / (num_timesteps - 1)
+    if schedule == "cos":
+        r = torch.sin(r * math.pi / 2)  # = cos((r - 1)·π/2), DreamArtist's spelling
+    elif schedule == "cos2":
+        r = 1 - torch.cos(r * math.pi / 2)
+    return low + (high - low) * r
+
+
+def negative_name(name: str) -> str:
+    """DreamArtist's negative trigger: ``<name>-neg``."""
+    return f"{name}-neg"
+
+
+def replace_word(text: str, word: str, replacement: str) -> str:
+    """``text`` with every whole-word ``word`` (case-insensitive) replaced by ``replacement``."""
+    return _word_pattern(word).sub(lambda _m: replacement, text)
+
+
+class DreamArtist:
+    """Positive and negative embeddings injected into a system, trained through CFG by the fit loop.
+
+    Attributes:
+        params: ``[positive rows…, negative rows…]`` (one per text encoder each).
+        lr_scales: ``1`` for the positive rows, ``neg_lr_weight`` for the negative ones.
+        positive, negative: the :class:`~sdadapt.embeddings.EmbeddingHandle` s.
+    """
+
+    def __init__(self, system, positive: Embedding, negative: Embedding, *, cfg_scale: float = 3.0,
+                 cfg_high: float | None = None, cfg_schedule: str = "ln", neg_lr_weight: float = 1.0,
+                 rec_weight: float = 0.0) -> None:
+        cfg_scale_at(torch.zeros(1), low=cfg_scale, high=cfg_high, schedule=cfg_schedule)  # validates the schedule
+        if neg_lr_weight < 0 or rec_weight < 0:
+            raise ValueError(f"neg_lr_weight and rec_weight must be >= 0, got {neg_lr_weight} and {rec_weight}")
+        encoders, tokenizers, _ = system_text_parts(system)
+        self.system, self.token, self.base_model = system, positive.name, system.base_model
+        self.negative_token = negative.name
+        self.cfg_scale, self.cfg_high, self.cfg_schedule = float(cfg_scale), cfg_high, cfg_schedule
+        self.rec_weight = float(rec_weight)
+        self._frozen = _Frozen(_trained_modules(system))
+        self.positive: EmbeddingHandle | None = None
+        try:
+            self.positive = inject_embedding(encoders, tokenizers, positive, trainable=True)
+            self.negative: EmbeddingHandle = inject_embedding(encoders, tokenizers, negative, trainable=True)
+        except BaseException:
+            if self.positive is not None:
+                self.positive.remove()
+            self._frozen.restore()
+            raise
+        pos, neg = self.positive.parameters(), self.negative.parameters()
+        self.params: list[nn.Parameter] = pos + neg
+        self.lr_scales = [1.0] * len(pos) + [float(neg_lr_weight)] * len(neg)
+        #: fit-loop hook: the reconstruction loss through the system's decoder, or None
+        self.extra_loss = self._reconstruction_loss if rec_weight > 0 else None
+
+    # ------------------------------------------------------------------ prompts
+    def negative_prompt(self, prompt: str) -> str:
+        """The prompt with the trigger replaced by the negative trigger (what the negative branch sees)."""
+        return replace_word(prompt, self.token, self.negative_token)
+
+    def _expand(self, prompt: str) -> str:
+        return self.negative.expand(self.positive.expand(prompt))  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ fit-loop hooks
+    def tokenize(self, captions: list[str]) -> Tensor:
+        """``(N, 2, L)``: ids of each caption (``[:, 0]``) and of its negative caption (``[:, 1]``)."""
+        pos = self.system.tokenize([self._expand(c) for c in captions])
+        neg = self.system.tokenize([self._expand(self.negative_prompt(c)) for c in captions])
+        return torch.stack([pos, neg], dim=1)
+
+    def training_model(self, system):
+        """``model(x_t, t, ids (B, 2, …)) -> ε̂`` — one UNet batch ``[negative; positive]``, CFG-combined
+        (``ids`` may also be ``{"ids": (B, 2, …), "time_ids": …}``, SDXL's size-conditioned batch)."""
+        denoiser = system.denoiser()
+        num_timesteps = int(system.alphas_cumprod.shape[0])
+
+        def model(x: Tensor, t: Tensor, ids) -> Tensor:
+            positive, negative = _pair(ids)
+            cond = system.condition(_batch(negative, positive))
+            out_neg, out_pos = denoiser(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
+            scale = cfg_scale_at(t, low=self.cfg_scale, high=self.cfg_high, schedule=self.cfg_schedule,
+                                 num_timesteps=num_timesteps).to(out_pos.dtype).view(-1, *([1] * (x.ndim - 1)))
+            return cfg_combine(out_pos, out_neg, scale)
+
+        return model
+
+    def _reconstruction_loss(self, prepared, prediction: Tensor) -> Tensor:
+        system = self.system
+        x0_hat = diffusion.predicted_x0(system.prediction_type, prepared["x_t"], prediction, prepared["t"], system.alphas_cumprod)
+        decoded = system.decode_latents(x0_hat)
+        if not decoded.requires_grad:
+            raise ValueError(
+                f"{type(system).__name__}.decode_latents gives no gradients (it runs under no_grad), so the "
+                "reconstruction loss cannot train the embeddings; use rec_weight=0 with this system"
+            )
+        with torch.no_grad():
+            target = system.decode_latents(prepared["latents"])
+        return self.rec_weight * (decoded.float() - target.float()).abs().mean()
+
+    # ------------------------------------------------------------------ use
+    def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float | None = None,
+               negative: str | None = None) -> Tensor:
+        """Images with the learned negative as the unconditional prompt (see :func:`sample_dreamartist`)."""
+        return _sample(self.system, prompts, self._expand, negative_token=self.negative_token,
+                       guidance=self._guidance(guidance), seed=seed, steps=steps, negative=negative)
+
+    def _guidance(self, guidance: float | None) -> float:
+        if guidance is not None:
+            return float(guidance)
+        return self.cfg_scale if self.cfg_high is None else (self.cfg_scale + self.cfg_high) / 2
+
+    def embeddings(self) -> tuple[Embedding, Embedding]:
+        """The current ``(positive, negative)`` embeddings."""
+        return self.positive.embedding(), self.negative.embedding()  # type: ignore[union-attr]
+
+    def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
+        """Write ``<name>.pt`` (at ``path``) and ``<name>-neg.pt`` beside it, A1111's dicts (``.safetensors``
+        by suffix, kohya's layout). Returns the positive file's path."""
+        target = Path(path)
+        fmt = "kohya" if target.suffix.lower() == ".safetensors" else "a1111"
+        negative_path = target.with_name(negative_name(target.stem) + target.suffix)
+        info = dict(metadata or {})
+        info["dreamartist_cfg"] = f"{self.cfg_scale:g}" if self.cfg_high is None else f"{self.cfg_scale:g}-{self.cfg_high:g}:{self.cfg_schedule}"
+        pos, neg = self.embeddings()
+        save_embedding(negative_path, Embedding(negative_path.stem, neg.vectors, metadata=info), format=fmt, base_model=self.base_model)
+        return save_embedding(target, Embedding(target.stem, pos.vectors, metadata=info), format=fmt, base_model=self.base_model)
+
+    def remove(self) -> None:
+        """Both embeddings out (negative first), ``requires_grad`` flags back."""
+        self.negative.remove()
+        self.positive.remove()  # type: ignore[union-attr]
+        self._frozen.restore()
+
+
+def _pair(ids):
+    """``(B, 2, …)`` ids (or ``{"ids": (B, 2, …), …}``) -> ``(positive, negative)`` in the same form."""
+    if isinstance(ids, dict):
+        positive, negative = _pair(ids["ids"])
+        return {**ids, "ids": positive}, {**ids, "ids": negative}
+    return ids[:, 0], ids[:, 1]
+
+
+def _batch(first, second):
+    """``first`` and ``second`` (tensors, or dicts of tensors) stacked along the batch."""
+    if isinstance(first, dict):
+        return {k: _batch(first[k], second[k]) if first[k] is not None else None for k in first}
+    return torch.cat([first, second])
+
+
+def prepare_dreamartist(
+    system,
+    *,
+    token: str,
+    init_word: str | None = None,
+    vectors: int = 1,
+    negative_vectors: int | None = None,
+    cfg_scale: float = 3.0,
+    cfg_high: float | None = None,
+    cfg_schedule: str = "ln",
+    neg_lr_weight: float = 1.0,
+    rec_weight: float = 0.0,
+    noise: float = 1e-3,
+) -> DreamArtist:
+    """DreamArtist on ``system`` (the registered method ``dreamartist``).
+
+    Args:
+        token: the positive trigger word the captions use; the negative is ``token-neg``.
+        init_word, vectors: as textual inversion's; the negative starts from the same init vectors
+            (cycled to ``negative_vectors``) plus ``N(0, noise²)``, as DreamArtist does.
+        negative_vectors: ``k`` of the negative (default: ``vectors``).
+        cfg_scale, cfg_high, cfg_schedule: the training guidance scale, or with ``cfg_high`` the
+            dynamic schedule from ``cfg_scale`` (t = 0) to ``cfg_high`` (t = T−1).
+        neg_lr_weight: the negative's learning rate relative to the positive's.
+        rec_weight: weight of the L1 reconstruction loss through ``system.decode_latents`` (0: off;
+            needs a decoder with gradients, as the toy model's).
+    """
+    encoders, tokenizers, sdxl = system_text_parts(system)
+    k_neg = negative_vectors or vectors
+    positive = initial_embedding(encoders, tokenizers, token, vectors=vectors, init_word=init_word, sdxl=sdxl)
+    start = {key: v[torch.arange(k_neg) % v.shape[0]] for key, v in positive.vectors.items()}
+    negative = Embedding(negative_name(token), {key: v + noise * torch.randn_like(v) for key, v in start.items()})
+    return DreamArtist(system, positive, negative, cfg_scale=cfg_scale, cfg_high=cfg_high, cfg_schedule=cfg_schedule,
+                       neg_lr_weight=neg_lr_weight, rec_weight=rec_weight)
+
+
+def _sample(system, prompts, expand, *, negative_token: str, guidance: float, seed: int, steps: int,
+            negative: str | None) -> Tensor:
+    negative_prompt = negative if negative is not None else negative_token
+    return system.sample([expand(p) for p in prompts], seed=seed, steps=steps, guidance=guidance,
+                         negative=expand(negative_prompt))
+
+
+@torch.no_grad()
+def sample_dreamartist(
+    system,
+    prompts: list[str],
+    positive: Embedding,
+    negative: Embedding,
+    *,
+    guidance: float = 3.0,
+    seed: int = 0,
+    steps: int = 25,
+    negative_prompt: str | None = None,
+) -> Tensor:
+    """Sample with a DreamArtist pair: ``positive`` injected for the prompts, ``negative`` as the
+    unconditional branch (negative prompt = the negative trigger, as in A1111), CFG ``guidance``.
+
+    The embeddings are injected for the call and removed after it (the system is left as it was).
+
+    Args:
+        prompts: prompts that use ``positive.name``.
+        negative_prompt: the negative prompt (default: ``negative.name`` alone); it should contain
+            ``negative.name``.
+
+    Returns:
+        images ``(B, 3, H, W)`` in [-1, 1] from ``system.sample``.
+    """
+    encoders, tokenizers, _ = system_text_parts(system)
+    pos = inject_embedding(encoders, tokenizers, positive)
+    try:
+        neg = inject_embedding(encoders, tokenizers, negative)
+        try:
+            return _sample(system, prompts, lambda p: neg.expand(pos.expand(p)), negative_token=negative.name,
+                           guidance=guidance, seed=seed, steps=steps, negative=negative_prompt)
+        finally:
+            neg.remove()
+    finally:
+        pos.remove()
+
+
+def load_dreamartist(path: str | os.PathLike) -> tuple[Embedding, Embedding]:
+    """``(positive, negative)`` from ``<name>.pt`` and the ``<name>-neg.pt`` beside it (any embedding format).
+
+    Raises:
+        WeightFileError: either file missing or not an embedding.
+    """
+    target = Path(path)
+    return load_embedding(target), load_embedding(target.with_name(negative_name(target.stem) + target.suffix))

@@ -1,0 +1,248 @@
+"""Textual inversion (Gal et al. 2022): learn ``k`` new token vectors for a trigger word; nothing else trains.
+
+The trigger's rows are injected with :func:`sdadapt.inject_embedding` (hooks on the token
+embedding; only the ``(k, dim)`` rows get gradients and optimiser state) and trained with the
+shared step on cached latents through the fit loop; the system's UNet and text encoder are frozen
+while it trains (their ``requires_grad`` flags come back on ``remove()``). Saved with
+:func:`sdadapt.save_embedding`: ``.safetensors`` in kohya's layout (``emb_params``; A1111, ComfyUI,
+kohya read it, diffusers with ``token=``) or ``.pt`` as A1111's own dict.
+
+Captions: the images' own captions containing the trigger word, or :func:`template_captions`
+(the textual-inversion paper's "a photo of a {}" object templates, or the style templates);
+:func:`trigger_captions` mixes both and refuses captions without the trigger.
+On the toy model the trigger may be a held-out word ("purple"): its own (never trained) row is the
+starting point and stays the first token; extra vectors take the spare ``<newN>`` tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..embeddings import (
+    Embedding,
+    EmbeddingHandle,
+    find_token_embedding,
+    initial_embedding,
+    inject_embedding,
+)
+from ..formats.embeddings import save_embedding
+
+__all__ = [
+    "OBJECT_TEMPLATES",
+    "STYLE_TEMPLATES",
+    "TextualInversion",
+    "mentions",
+    "norm_penalty",
+    "prepare_textual_inversion",
+    "system_text_parts",
+    "template_captions",
+    "trigger_captions",
+]
+
+#: the textual-inversion paper's object templates (``imagenet_templates_small`` in diffusers' and kohya's scripts)
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
+    "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}", "a photo of the cool {}",
+    "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}", "a rendition of the {}",
+    "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}",
+    "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)
+#: the paper's style templates (``imagenet_style_templates_small``)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a cropped painting in the style of {}", "a good painting in the style of {}",
+    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
+)
+
+
+def template_captions(token: str, count: int, *, templates: Sequence[str] = OBJECT_TEMPLATES, seed: int = 0) -> list[str]:
+    """``count`` captions, each a random template (seeded) with ``{}`` -> ``token``.
+
+    Raises:
+        ValueError: no templates, or a template without ``{}``.
+    """
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("templates must be non-empty strings with a '{}' where the trigger word goes")
+    rng = random.Random(seed)
+    return [rng.choice(list(templates)).format(token) for _ in range(count)]
+
+
+def trigger_captions(
+    captions: Sequence[str | None],
+    token: str,
+    *,
+    templates: Sequence[str] = OBJECT_TEMPLATES,
+    seed: int = 0,
+) -> list[str]:
+    """Training captions for a trigger word: an image's own caption (it must mention ``token``),
+    or for an image without one (``None`` or empty) a random template with ``token``.
+
+    Raises:
+        ValueError: a caption that does not mention ``token`` (its image would not train the
+            vectors; names the first few), or no captions.
+    """
+    if not captions:
+        raise ValueError("no captions: need one per image (None or '' for a template caption)")
+    fill = iter(template_captions(token, len(captions), templates=templates, seed=seed))
+    out = [c if c else next(fill) for c in captions]
+    missing = [c for c in out if not mentions(c, token)]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} caption(s) do not mention the trigger word {token!r} (e.g. {missing[0]!r}); put the word in "
+            "every caption, or leave captions out to use template captions"
+        )
+    return out
+
+
+def _word_pattern(word: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.IGNORECASE)
+
+
+def mentions(caption: str, token: str) -> bool:
+    """Whether ``caption`` uses ``token`` as a word (case-insensitive; ``purple-neg`` does not mention ``purple``)."""
+    return _word_pattern(token).search(caption) is not None
+
+
+def norm_penalty(rows: Tensor, target: float) -> Tensor:
+    """``mean_i (‖v_i‖ − target)²`` over the rows ``(k, dim)``: keeps learned vectors at the scale of
+    the vocabulary's own (``target`` = mean row norm of the token table), so they stay editable in prompts."""
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # (k, dim), at least float32
+    return (rows.norm(dim=-1) - target).pow(2).mean()
+
+
+def system_text_parts(system) -> tuple[object, object, bool]:
+    """``(text encoder(s), tokenizer(s), is_sdxl)`` of a system: ``text_encoder`` + ``tokenizer``, and
+    for an SDXL-style system also ``text_encoder_2`` + ``tokenizer_2`` (as ``{"clip_l", "clip_g"}``).
+
+    Raises:
+        TypeError: the system has no ``tokenizer`` (embedding methods add tokens to it).
+    """
+    tokenizer = getattr(system, "tokenizer", None)
+    if tokenizer is None:
+        raise TypeError(
+            f"{type(system).__name__} has no `tokenizer`: embedding methods (textual inversion, DreamArtist) add the "
+            "trigger word to the tokenizer that `tokenize` uses; give the system a `tokenizer` attribute"
+        )
+    if getattr(system, "text_encoder_2", None) is not None:
+        return ({"clip_l": system.text_encoder, "clip_g": system.text_encoder_2},
+                {"clip_l": tokenizer, "clip_g": getattr(system, "tokenizer_2", None) or tokenizer}, True)
+    return system.text_encoder, tokenizer, False
+
+
+class _Frozen:
+    """Freeze modules' parameters for training; put every ``requires_grad`` flag back on ``restore``."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+
+    def restore(self) -> None:
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+def _trained_modules(system) -> list[nn.Module]:
+    return [m for m in (getattr(system, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if isinstance(m, nn.Module)]
+
+
+def _table_norm(text_encoder) -> float:
+    encoders = text_encoder.values() if isinstance(text_encoder, dict) else [text_encoder]
+    norms = [find_token_embedding(e)[1].weight.detach().float().norm(dim=-1).mean() for e in encoders]
+    return float(torch.stack(norms).mean())
+
+
+class TextualInversion:
+    """A trigger word's rows injected into a system, trainable, with the fit loop's optional hooks.
+
+    Attributes:
+        params: the ``(k, dim)`` row parameter(s) — one per text encoder.
+        handle: the :class:`~sdadapt.embeddings.EmbeddingHandle` (``handle.embedding()`` is the current state).
+        token: the trigger word.
+    """
+
+    def __init__(self, system, embedding: Embedding, *, norm_weight: float = 0.0) -> None:
+        if norm_weight < 0:
+            raise ValueError(f"norm_weight must be >= 0, got {norm_weight}")
+        encoders, tokenizers, _ = system_text_parts(system)
+        self.system, self.token, self.base_model = system, embedding.name, system.base_model
+        self.norm_weight = norm_weight
+        self._target_norm = _table_norm(encoders)
+        self._frozen = _Frozen(_trained_modules(system))
+        try:
+            self.handle: EmbeddingHandle = inject_embedding(encoders, tokenizers, embedding, trainable=True)
+        except BaseException:
+            self._frozen.restore()
+            raise
+        self.params: list[nn.Parameter] = self.handle.parameters()
+        #: fit-loop hook: an extra loss term (norm regularisation), or None
+        self.extra_loss = self._norm_loss if norm_weight > 0 else None
+
+    # ------------------------------------------------------------------ fit-loop hooks
+    def tokenize(self, captions: list[str]) -> Tensor:
+        """Token ids of ``captions`` with the trigger spelled as its ``k`` tokens (captions that do
+        not mention the trigger train nothing: see :func:`trigger_captions`)."""
+        return self.system.tokenize([self.handle.expand(c) for c in captions])
+
+    def _norm_loss(self, prepared, prediction: Tensor) -> Tensor:
+        return self.norm_weight * sum(norm_penalty(p, self._target_norm) for p in self.params)
+
+    def expand(self, prompt: str) -> str:
+        """A prompt as the system's tokenizer must see it (see :meth:`EmbeddingHandle.expand`)."""
+        return self.handle.expand(prompt)
+
+    # ------------------------------------------------------------------ results
+    def embedding(self, *, step: int | None = None, metadata: dict[str, str] | None = None) -> Embedding:
+        return self.handle.embedding(step=step, metadata=metadata)
+
+    def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None, format: str | None = None) -> Path:
+        """Write the embedding: ``.safetensors`` as kohya's layout (``emb_params`` + ModelSpec
+        metadata; A1111 reads it), ``.pt`` as A1111's dict, or ``format`` explicitly. The trigger
+        A1111 uses is the file stem."""
+        target = Path(path)
+        fmt = format or ("kohya" if target.suffix.lower() == ".safetensors" else "a1111")
+        emb = self.handle.embedding(metadata=metadata)
+        emb = Embedding(target.stem, emb.vectors, metadata=emb.metadata)
+        return save_embedding(target, emb, format=fmt, base_model=self.base_model)
+
+    def remove(self) -> None:
+        """Rows out of the encoder, tokens out of the tokenizer, ``requires_grad`` flags back."""
+        self.handle.remove()
+        self._frozen.restore()
+
+
+def prepare_textual_inversion(
+    system,
+    *,
+    token: str,
+    init_word: str | None = None,
+    vectors: int = 1,
+    norm_weight: float = 0.0,
+) -> TextualInversion:
+    """Textual inversion of ``token`` on ``system`` (the registered method ``textual-inversion``).
+
+    Args:
+        token: the trigger word the captions use (a new word such as ``"<sks>"``, or on the toy
+            model a held-out word such as ``"purple"``).
+        init_word: start every vector from this word's token rows (cycled over its tokens);
+            ``None``: the trigger's own row when the vocabulary knows it as one token, else random
+            (see :func:`sdadapt.embeddings.initial_embedding`).
+        vectors: ``k``, how many tokens the trigger becomes.
+        norm_weight: weight of :func:`norm_penalty` (0: off).
+    """
+    encoders, tokenizers, sdxl = system_text_parts(system)
+    embedding = initial_embedding(encoders, tokenizers, token, vectors=vectors, init_word=init_word, sdxl=sdxl)
+    return TextualInversion(system, embedding, norm_weight=norm_weight)

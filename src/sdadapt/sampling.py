@@ -1,0 +1,144 @@
+"""Making images with any system: prompts files, DDIM/Euler with classifier-free guidance.
+
+* :func:`generate` — ``prompts -> images (B, 3, H, W)`` in [-1, 1] on any
+  :class:`~sdadapt.methods.system.System`, with the sampler, size, steps, guidance and seed the
+  ``generate`` command and training samples take.
+* :func:`parse_sample_prompts` — kohya's sample-prompt file format: one prompt a line with optional
+  ``--n negative``, ``--w width``, ``--h height``, ``--d seed``, ``--l guidance``, ``--s steps``
+  (``#`` lines and blank lines are skipped).
+* :func:`unknown_words` — words a word-level tokenizer (the toy's) does not know and would map
+  to ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .training import diffusion
+
+__all__ = ["SamplePrompt", "SAMPLERS", "generate", "parse_sample_prompts", "unknown_words", "with_defaults"]
+
+SAMPLERS = ("ddim", "euler")
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One image to make. ``None`` fields take the command's (or the system's) defaults."""
+
+    prompt: str
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    guidance: float | None = None
+    steps: int | None = None
+
+
+_FLAGS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+          "l": ("guidance", float), "s": ("steps", int)}
+
+
+def parse_sample_prompts(source: str | os.PathLike) -> list[SamplePrompt]:
+    """Read a kohya-style sample-prompt file (see the module docstring).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: no prompt in it, or a bad option (names the line).
+    """
+    file = Path(source)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such sample-prompt file")
+    prompts = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.split(" --")
+        prompt, options = parts[0].strip(), {}
+        for part in parts[1:]:
+            key, _, value = part.partition(" ")
+            if key not in _FLAGS:
+                raise ValueError(f"{file}:{number}: unknown option --{key} (use --n, --w, --h, --d, --l or --s)")
+            name, kind = _FLAGS[key]
+            try:
+                options[name] = kind(value.strip()) if kind is not str else value.strip()
+            except ValueError:
+                raise ValueError(f"{file}:{number}: --{key} needs a {kind.__name__}, got {value.strip()!r}") from None
+        if not prompt:
+            raise ValueError(f"{file}:{number}: a line with options but no prompt")
+        prompts.append(SamplePrompt(prompt, **options))
+    if not prompts:
+        raise ValueError(f"{file}: no prompts in the file (one prompt a line)")
+    return prompts
+
+
+def unknown_words(system, prompt: str) -> list[str]:
+    """Words of ``prompt`` a word-level tokenizer maps to ``<unk>`` (the toy's); ``[]`` for BPE tokenizers."""
+    tokenizer = getattr(system, "tokenizer", None)
+    ids, added = getattr(tokenizer, "ids", None), getattr(tokenizer, "added", {})
+    if not isinstance(ids, dict):
+        return []
+    words = prompt.lower().replace(",", " ").split()
+    return list(dict.fromkeys(w for w in words if w not in ids and w not in added))
+
+
+def _takes(method, name: str) -> bool:
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, steps: int = 25,
+             guidance: float | None = None, sampler: str = "ddim", height: int | None = None,
+             width: int | None = None) -> Tensor:
+    """Images for ``prompts``: (B, 3, H, W) in [-1, 1].
+
+    The system's own ``sample`` when it takes the request (every system does DDIM at its own
+    size; the Stable Diffusion systems also Euler and other sizes); otherwise Euler through the
+    System protocol (``tokenize``, ``condition``, ``denoiser``, ``decode_latents``), the latent
+    shape probed with ``encode_images``. ``guidance`` ``None``: the system's default (SD 7.5, toy 2).
+
+    Raises:
+        ValueError: an unknown sampler, or a size the system cannot make.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    size = int(getattr(system, "image_size", 0))
+    custom = (height not in (None, size)) or (width not in (None, size))
+    options: dict = {"seed": seed, "steps": steps, "negative": negative}
+    if guidance is not None:
+        options["guidance"] = guidance
+    if _takes(system.sample, "sampler"):
+        return system.sample(prompts, sampler=sampler, height=height, width=width, **options)
+    if custom:
+        raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
+    if sampler == "ddim":
+        return system.sample(prompts, **options)
+    height = width = size
+    probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(prompts), *probe.shape[1:], generator=g).to(probe.device)
+    cond = system.condition(system.tokenize(prompts))
+    uncond = system.condition(system.tokenize([negative] * len(prompts)))
+    scale = guidance if guidance is not None else float(inspect.signature(system.sample).parameters["guidance"].default)
+    latents = diffusion.euler_sample(system.denoiser(), x, cond, alphas_cumprod=system.alphas_cumprod, num_steps=steps,
+                                     uncond=uncond, guidance_scale=scale,
+                                     prediction_type=getattr(system, "prediction_type", "epsilon"))
+    return system.decode_latents(latents)
+
+
+def with_defaults(prompt: SamplePrompt, *, seed: int, steps: int, guidance: float | None) -> SamplePrompt:
+    """``prompt`` with its missing seed/steps/guidance filled in."""
+    return replace(prompt, seed=prompt.seed if prompt.seed is not None else seed,
+                   steps=prompt.steps if prompt.steps is not None else steps,
+                   guidance=prompt.guidance if prompt.guidance is not None else guidance)

@@ -1,0 +1,74 @@
+"""The shipped offline CLIP tokenizer tokenizes exactly like transformers' CLIPTokenizer (same vocabulary)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sdadapt.clip_tokenizer import DEFAULT_VOCABULARY, CLIPTokenizer, split_words
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [
+    "a photo of a cat",
+    "A  PHOTO\tof   sks dog, (masterpiece:1.2), best quality!!",
+    "I'm you're they've it's we'll he'd",
+    "café naïve résumé 東京 カタカナ 😀 ½ ² ٣ 123,456.78",
+    "",
+    "   leading and trailing   ",
+    "x's !'s ''s '",
+    "<|endoftext|> hi <|startoftext|>",
+    "word " * 100,  # truncated to 77 with <|endoftext|> last
+    "A\u0301 e\u0301",  # NFC
+    "don't_stop-the.music/now?",
+    "\u00a0nbsp\u2003em\u3000ideographic",
+]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    ours = CLIPTokenizer.from_file()
+    folder = ours.save_folder(tmp_path_factory.mktemp("tok"))
+    return ours, transformers.CLIPTokenizer.from_pretrained(folder)
+
+
+def _theirs(tokenizer, text):
+    return tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+
+
+def test_the_shipped_vocabulary_is_clips():
+    tokenizer = CLIPTokenizer.from_file()
+    assert DEFAULT_VOCABULARY.is_file() and len(tokenizer) == 49408
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (49406, 49407, 49407)
+    # the ids every SD user has seen: "a photo of a cat" in CLIP-L's vocabulary
+    assert tokenizer.encode("a photo of a cat")[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_same_ids_as_transformers(pair, text):
+    ours, theirs = pair
+    assert ours.encode(text) == _theirs(theirs, text)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# (unassigned code points, Cn, are left out: Python's and the tokenizers library's Unicode versions differ there)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cn")), max_size=40)
+       | st.lists(st.sampled_from(["a", "photo", "of", "'s", "'ll", ",", "!!", "1", "23", "é", "東", " ", "\t", "_", "x-y"]),
+                  max_size=30).map("".join))
+def test_same_ids_as_transformers_on_any_text(pair, text):
+    ours, theirs = pair
+    assert ours.encode(text) == _theirs(theirs, text)
+
+
+def test_padding_variants_and_round_trips(tmp_path, pair):
+    ours, _ = pair
+    bang = CLIPTokenizer.from_file(pad="!")  # SD2 / SDXL's second encoder
+    ids = bang("a cat")[0].tolist()
+    assert ids[:4] == [49406, 320, 2368, 49407] and set(ids[4:]) == {0}
+    again = CLIPTokenizer.from_folder(bang.save_folder(tmp_path / "t"))
+    assert again("a cat").tolist() == bang("a cat").tolist()
+    assert ours.decode(ours("a photo of a cat, café")[0]) == "a photo of a cat , café"
+    assert split_words("it's 12ab!?") == ["it", "'s", "1", "2", "ab", "!?"]
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        CLIPTokenizer.from_folder(tmp_path)
