@@ -22,8 +22,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"tensors:    {summary['tensors']}")
     print(f"size:       {summary['size_bytes'] / 2**20:.2f} MiB ({summary['size_bytes']} bytes)")
     print(f"dtypes:     {', '.join(f'{k} x{v}' for k, v in summary['dtypes'].items())}")
-    for field in ("model", "modules", "components", "family", "algorithms", "ranks", "alphas"):
-        if field in summary:
+    fields = ("model", "modules", "components", "family", "algorithms", "ranks", "alphas",  # adapters, checkpoints
+              "name", "vectors", "dims", "encoders", "written_by", "step",  # embeddings
+              "widths", "layer_structure", "activation_func")  # hypernetworks
+    for field in fields:
+        if summary.get(field) is not None:
             value = summary[field]
             text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
             print(f"{field + ':':<11} {safe_text(text)}")
