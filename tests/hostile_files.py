@@ -607,7 +607,8 @@ def judge(case: Case, outcome: Outcome, before: dict[Path, str], marker: Path | 
                     bad = [f"unreadable output: {exc}"]
                 if bad:
                     problems["nonfinite"] = f"{case.out.name}: {bad[:3]}"
-        stray = leftovers(case.out.parent)
+        # this run's temporaries only (runs in parallel share the folder)
+        stray = [n for n in leftovers(case.out.parent) if n.startswith(f".{case.out.name}.")]
         if stray:
             problems["leftover"] = f"temporary files left: {stray[:3]}"
     for path, digest in before.items():
