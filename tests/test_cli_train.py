@@ -10,21 +10,10 @@ import torch
 import sdadapt
 from sdadapt.cli import main
 from sdadapt.images import write_png
+from embedding_models import tiny_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def _tiny_pipeline(root):
@@ -39,13 +28,7 @@ def _tiny_pipeline(root):
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
     ).save_pretrained(root / "vae")
-    chars = _bytes_to_unicode()
-    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (root / "tokenizer").mkdir(parents=True)
-    (root / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"), model_max_length=12)
-    tok.save_pretrained(root / "tokenizer")
+    vocab = tiny_tokenizer(root / "tokenizer").get_vocab()  # byte-level CLIP tokenizer, built offline
     transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=12, eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_output_options, progress_bar
+from .options import add_output_options, positive_int, progress_bar
 
 __all__ = ["register"]
 
@@ -29,15 +29,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``generate`` to a CLI."""
@@ -57,16 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--embedding", action="append", default=[], metavar="FILE",
                           help="a textual-inversion embedding; repeat for several")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--steps", type=_positive, default=None, help="sampler steps (default 25)")
+    generate.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 25)")
     generate.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
                           help="classifier-free guidance scale (default: the model's, SD 7.5, toy 2)")
     generate.add_argument("--sampler", choices=("ddim", "euler"), default="ddim")
-    generate.add_argument("--width", type=_positive, default=None, help="default: the model's size")
-    generate.add_argument("--height", type=_positive, default=None, help="default: the model's size")
-    generate.add_argument("--count", type=_positive, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")
+    generate.add_argument("--width", type=positive_int, default=None, help="default: the model's size")
+    generate.add_argument("--height", type=positive_int, default=None, help="default: the model's size")
+    generate.add_argument("--count", type=positive_int, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
     generate.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
-    generate.add_argument("--clip-skip", type=_positive, default=1)
+    generate.add_argument("--clip-skip", type=positive_int, default=1)
     generate.add_argument("--device", default="auto")
     group = add_output_options(generate, out_help="output .png", dtype_help="not used (images)")
     del group

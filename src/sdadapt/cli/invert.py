@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_output_options, progress_bar
+from .options import add_output_options, positive_int, progress_bar
 
 __all__ = ["register"]
 
@@ -28,15 +28,6 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``invert`` to a CLI."""
@@ -54,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     invert.add_argument("--prompt", required=True, help="the image's caption")
     invert.add_argument("--method", choices=("null-text", "negative-prompt", "ddim"), default="null-text")
     invert.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    invert.add_argument("--steps", type=_positive, default=50, help="DDIM steps (default 50)")
+    invert.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     invert.add_argument("--model", default="toy", metavar="toy|toy-image|PATH",
                         help="'toy' (built in), 'toy-image' (the image-embedding toy) or a diffusers folder")
     invert.add_argument("--edit-prompt", default=None, help="also write OUT-edit.png regenerated with this prompt")

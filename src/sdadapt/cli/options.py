@@ -32,6 +32,7 @@ __all__ = [
     "OUTPUT_OPTIONS",
     "add_output_options",
     "numbers",
+    "positive_int",
     "ExtendNumbers",
     "torch_dtype",
     "dtype_name",
@@ -83,6 +84,17 @@ def add_output_options(
     group.add_argument("--dtype", dest=f"{dest_prefix}dtype", choices=DTYPE_CHOICES, default="keep",
                        help=f"dtype of the written float tensors (default keep: {dtype_help})")
     return group
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (steps, counts, sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave it out for the default)")
+    return value
 
 
 def numbers(text: str) -> tuple[float, ...]:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .options import add_output_options, progress_bar, torch_dtype
+from .options import add_output_options, positive_int, progress_bar, torch_dtype
 
 __all__ = ["register", "read_config", "KOHYA_KEYS", "KOHYA_IGNORED"]
 
@@ -434,7 +434,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--method", choices=methods, default="lora")
     demo.add_argument("--concept", choices=["cross", "purple"], default="cross", help="held-out shape or colour to teach")
     demo.add_argument("--images", type=int, default=8, help="training images (default 8)")
-    demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the method's)")
+    demo.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the method's)")
     demo.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
                       help="regularise with the model's own images of held-in prompts (prior preservation; "
                       "default: the method's — on for the LoRA family and dreambooth)")
@@ -456,13 +456,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("method", choices=methods)
     _add_train_arguments(train)
     train.set_defaults(run=_cmd_train)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave it out for the default)")
-    return value

@@ -581,15 +581,17 @@ class MergedSource:
             if action.strength is not None:
                 kwargs["lam"] = float(kwargs.get("lam", 1.0)) * action.strength
             result = op.fn(tensors[1:], weights, base=tensors[0], **kwargs)
+        del tensors  # the inputs go before the result is checked and cast: peak memory stays a few tensors
         result = result.to("cpu")
         if action.channels is not None:
             full = first.to(compute)
             full[:, : action.channels] = result
             result = full
-        if has_nonfinite(result):
-            check_result(result, key=key, inputs=[t.to("cpu") for t in tensors] + [first], allow_nonfinite=self.allow_nonfinite,
-                         what=f"the {step.operator} merge", hint=self._strength_hint())
-        del tensors, first
+        del first
+        if has_nonfinite(result):  # rare: read the inputs again to say whether they carried the NaN/inf
+            check_result(result, key=key, inputs=[self._sources[i].get(key) for i in action.inputs],
+                         allow_nonfinite=self.allow_nonfinite, what=f"the {step.operator} merge",
+                         hint=self._strength_hint())
         return cast_checked(result, action.dtype, key=key, hint="write float32 (--dtype fp32) or lower the strength")
 
     def _strength_hint(self) -> str:
