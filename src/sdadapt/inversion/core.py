@@ -40,7 +40,6 @@ __all__ = [
     "with_embedding",
     "default_embedding_key",
     "prev_timestep",
-    "guided_output",
     "guided_ddim_step",
     "null_text_objective",
     "ddim_pivot",
@@ -96,11 +95,6 @@ def prev_timestep(t: int, num_steps: int, num_train_steps: int) -> int:
 
 
 # ------------------------------------------------------------------------------ the step
-def guided_output(out_uncond: Tensor, out_cond: Tensor, guidance: float) -> Tensor:
-    """Classifier-free guidance ``u + s·(c − u)`` over model outputs (B, C, H, W)."""
-    return out_uncond + guidance * (out_cond - out_uncond)
-
-
 def guided_ddim_step(
     out_uncond: Tensor,
     out_cond: Tensor,
@@ -120,7 +114,7 @@ def guided_ddim_step(
     ``x̂0 = (x_t − √(1 − ᾱ_t)·o)/√ᾱ_t``, ``ε̂ = o``. ``t_prev < 0`` uses ``final_alpha_cumprod``
     (default ᾱ_0). Differentiable in both outputs.
     """
-    out = guided_output(out_uncond, out_cond, guidance)  # (B, C, H, W)
+    out = diffusion.guidance_combine(out_uncond, out_cond, guidance)  # (B, C, H, W)
     return diffusion.ddim_step(out, t, t_prev, x_t, alphas_cumprod, prediction_type=prediction_type,
                                final_alpha_cumprod=final_alpha_cumprod)
 

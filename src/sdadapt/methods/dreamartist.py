@@ -50,8 +50,9 @@ CFG_SCHEDULES = ("ln", "cos", "cos2")
 
 
 def cfg_combine(positive: Tensor, negative: Tensor, scale: Tensor | float) -> Tensor:
-    """Classifier-free guidance ``ε_neg + s·(ε_pos − ε_neg)``; ``scale`` a float or ``(B, 1, 1, 1)``."""
-    return negative + scale * (positive - negative)
+    """Classifier-free guidance ``ε_neg + s·(ε_pos − ε_neg)``; ``scale`` a float or ``(B, 1, 1, 1)``
+    (:func:`sdadapt.training.diffusion.guidance_combine` with the learned negative as the unconditional)."""
+    return diffusion.guidance_combine(negative, positive, scale)
 
 
 def cfg_scale_at(t: Tensor, *, low: float, high: float | None = None, schedule: str = "ln", num_timesteps: int = 1000) -> Tensor:

@@ -42,6 +42,7 @@ __all__ = [
     "ddim_sample",
     "ddim_invert",
     "guided",
+    "guidance_combine",
     "euler_sample",
 ]
 
@@ -382,6 +383,12 @@ def _cat_conditions(a: object, b: object) -> object | None:
     return None
 
 
+def guidance_combine(out_uncond: Tensor, out_cond: Tensor, scale: Tensor | float) -> Tensor:
+    """Classifier-free guidance over model outputs: ``u + s·(c − u)`` (B, C, H, W); ``scale`` a float
+    or a broadcastable tensor, e.g. (B, 1, 1, 1). The one formula every sampler and method uses."""
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
 def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float) -> Model:
     """Classifier-free guidance: ``u + s·(c - u)``; tensor conditions (or dicts of tensors with
     the same keys) run as one batch of 2B, anything else as two calls."""
@@ -394,7 +401,7 @@ def guided(model: Model, cond: object, uncond: object | None, guidance_scale: fl
             out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         else:
             out_u, out_c = model(x, t, uncond), model(x, t, cond)
-        return out_u + guidance_scale * (out_c - out_u)
+        return guidance_combine(out_u, out_c, guidance_scale)
 
     return run
 
