@@ -134,3 +134,14 @@ def test_train_output_options_overwrite_dtype_quiet(tmp_path, capsys):
     assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.endswith(".alpha"))  # alphas stay float32
     state, _ = sdadapt.load_lora(out)  # still a loadable kohya file
     assert set(state) == {"unet", "text_encoder"}
+
+
+def test_dreamartist_negative_file_is_an_output_the_overwrite_check_protects(tmp_path, capsys):
+    images = _images(tmp_path / "imgs", n=2, size=32)
+    out = tmp_path / "style.pt"
+    negative = tmp_path / "style-neg.pt"
+    negative.write_bytes(b"precious")  # only the companion exists: still refused before any work
+    argv = ["train", "dreamartist", "--images", str(images), "--model", "toy", "--token", "sks", "--steps", "1", "-o", str(out)]
+    assert main(argv) == 8
+    err = capsys.readouterr().err
+    assert "style-neg.pt" in err and "--overwrite" in err and negative.read_bytes() == b"precious" and not out.exists()

@@ -216,7 +216,7 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
         raise WeightFileError(f"{final}: {spec.name} writes {kinds}; name the output *{spec.file_suffix}")
     if not os.access(folder, os.W_OK):
         raise WeightFileError(f"{final}: cannot write into {folder} (permission denied)")
-    existing = [p for p in [final, *planned] if p.exists()]
+    existing = [p for p in [*spec.outputs(final), *planned] if p.exists()]
     if options.resume is None and outputs.state.exists() and options.save_state and (options.save_every_n_steps or options.save_every_n_epochs):
         existing.append(outputs.state)
     if options.resume is None and outputs.log.exists():
@@ -408,7 +408,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             sample_points.add(total)
         sample_points = {s for s in sample_points if s > start}
     sample_files = [outputs.samples / f"step{s:06d}-{i:02d}.png" for s in sorted(sample_points) for i in range(len(samples))]
-    _check_outputs(spec, options, outputs, planned=[*planned.values(), *sample_files])
+    _check_outputs(spec, options, outputs, planned=[*(o for p in planned.values() for o in spec.outputs(p)), *sample_files])
     mixed = None if options.mixed_precision == "no" else options.mixed_precision
     warmup = options.lr_warmup_steps
     warmup_steps = (min(20, total // 10) if warmup is None else int(round(warmup * total)) if warmup < 1 else int(warmup))
@@ -460,7 +460,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
 
     def save_now(progress_info, path: Path) -> None:
         with progress_info.averaged():
-            _replace(path)
+            for output in spec.outputs(path):
+                _replace(output)
             _save(adaptation, spec, path, metadata=metadata(progress_info.step, progress_info.epoch), dtype=options.dtype)
         saved.append(str(path))
         if options.save_state:

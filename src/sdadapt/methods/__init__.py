@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from .clip_inversion import ClipInversionAdaptation, prepare_clip_inversion
-from .dreamartist import DreamArtist, prepare_dreamartist, sample_dreamartist
+from .dreamartist import DreamArtist, negative_files, prepare_dreamartist, sample_dreamartist
 from .finetune import FullAdaptation, class_images, prepare_full
 from .fit import Adaptation, FitConfig, fit
 from .hypernetwork import HypernetworkAdaptation, prepare_hypernetwork
@@ -136,6 +137,14 @@ class Method:
     #: the method learns a trigger word: ``prepare`` needs ``token=WORD``, the word the captions use
     #: (textual inversion, DreamArtist); ``demo`` and the quality benchmark pass the concept word
     trigger: bool = False
+    #: the files ``save(path)`` writes beside ``path`` (DreamArtist's ``<name>-neg.pt``, Custom Diffusion's
+    #: token embedding): ``train`` checks them before the first step and replaces them only with ``--overwrite``
+    companion_files: Callable[[Path], tuple[Path, ...]] | None = None
+
+    def outputs(self, path: Path) -> tuple[Path, ...]:
+        """``path`` and the files saving there writes beside it."""
+        path = Path(path)
+        return (path, *(self.companion_files(path) if self.companion_files is not None else ()))
 
     def adapt(self, system, *, seed: int = 0, **options: Any) -> Adaptation:
         """``prepare(system, **options)`` with the adapters' random initialisation drawn from ``seed``.
@@ -202,7 +211,8 @@ DREAMARTIST_OPTIONS = EMBEDDING_OPTIONS[:3] + (
 register_method(Method("textual-inversion", "textual inversion: new token vectors for the trigger word (--token), nothing else trains",
                        prepare_textual_inversion, 1e-2, 400, options=EMBEDDING_OPTIONS, trigger=True))
 register_method(Method("dreamartist", "DreamArtist: positive + negative embeddings trained through CFG (<name>.pt + <name>-neg.pt)",
-                       prepare_dreamartist, 1e-2, 400, file_suffix=".pt", options=DREAMARTIST_OPTIONS, trigger=True))
+                       prepare_dreamartist, 1e-2, 400, file_suffix=".pt", options=DREAMARTIST_OPTIONS, trigger=True,
+                       companion_files=negative_files))
 register_method(Method("clip-inversion", "CLIP inversion: one vector in the image-embedding space, bound to the trigger word "
                        "(toy; best on the toy-image variant)", prepare_clip_inversion, 5e-2, 600,
                        options=EMBEDDING_OPTIONS[:1], trigger=True))

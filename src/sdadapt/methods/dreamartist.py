@@ -37,6 +37,7 @@ from .textual_inversion import (
 __all__ = [
     "CFG_SCHEDULES",
     "DreamArtist",
+    "negative_files",
     "cfg_combine",
     "cfg_scale_at",
     "load_dreamartist",
@@ -78,6 +79,12 @@ def cfg_scale_at(t: Tensor, *, low: float, high: float | None = None, schedule: 
 def negative_name(name: str) -> str:
     """DreamArtist's negative trigger: ``<name>-neg``."""
     return f"{name}-neg"
+
+
+def negative_files(path: Path) -> tuple[Path, ...]:
+    """The negative file :meth:`DreamArtist.save` writes beside ``path``: ``<stem>-neg<suffix>``."""
+    path = Path(path)
+    return (path.with_name(negative_name(path.stem) + path.suffix),)
 
 
 def replace_word(text: str, word: str, replacement: str) -> str:
@@ -186,7 +193,7 @@ class DreamArtist:
         by suffix, kohya's layout). Returns the positive file's path."""
         target = Path(path)
         fmt = "kohya" if target.suffix.lower() == ".safetensors" else "a1111"
-        negative_path = target.with_name(negative_name(target.stem) + target.suffix)
+        (negative_path,) = negative_files(target)
         info = dict(metadata or {})
         info["dreamartist_cfg"] = f"{self.cfg_scale:g}" if self.cfg_high is None else f"{self.cfg_scale:g}-{self.cfg_high:g}:{self.cfg_schedule}"
         pos, neg = self.embeddings()
