@@ -9,9 +9,13 @@ prompt). Two variants compute the *same* conditioning:
    full 77-token prompt, normalised; ``loss = −sim``; ``zero_grad``; ``backward``; ``step``), then
    the personalised ``last_hidden_state`` and ``z·(1 − w) + z'·w``. (Conservative: the extension
    copies the whole ``CLIPModel`` — the 303M-parameter vision tower too — and calls
-   ``gc.collect()`` per prompt; the reference here copies only the text model + projection and
+   ``gc.collect()`` per prompt; this reference copies only the text model + projection and
    does not collect.)
-2. ``sdadapt`` — :func:`sdadapt.personalize_text_encoder`: no copy (``torch.func.functional_call``
+2. ``deepcopy-full`` (with ``--reference full``) — the same, but as the extension really does it:
+   ``copy.deepcopy`` of the whole CLIP model, image tower included (for ``clip-l`` a
+   ``CLIPVisionModelWithProjection`` with CLIP ViT-L/14's configuration, 303M parameters, random
+   weights; for the toy its judge CLIP), then ``gc.collect()`` after each prompt.
+3. ``sdadapt`` — :func:`sdadapt.personalize_text_encoder`: no copy (``torch.func.functional_call``
    over cloned tensors), token rows in use only, loss steps up to ``<eos>``, fused Adam.
 
 Both get the unpersonalised conditioning ``z`` precomputed (the pipeline computes it anyway).
@@ -33,6 +37,7 @@ Usage::
 
     python benchmarks/aesthetic.py --threads 1              # toy + clip-l, CPU, a few minutes (the docs' numbers)
     python benchmarks/aesthetic.py --models toy --repeats 50
+    python benchmarks/aesthetic.py --threads 1 --reference full  # + the extension's full-CLIPModel copy
     python benchmarks/aesthetic.py --models toy --quality   # + quality (~3 min)
     python benchmarks/aesthetic.py --device cuda
 
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -58,6 +64,10 @@ from _bench import CLIP_CONFIGS, sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("deepcopy", "sdadapt")
+FULL_VARIANTS = ("deepcopy", "deepcopy-full", "sdadapt")
+#: CLIP ViT-L/14's image tower (openai/clip-vit-large-patch14 vision_config)
+CLIP_L_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
 CLIP_BOS, CLIP_EOS = 49406, 49407
 # plausible CLIP-BPE ids (the weights are random, only the lengths matter): 8 and 40 prompt tokens
 CLIP_PROMPTS = {"short": [320, 1125, 539, 320, 3540, 525, 320, 2185],
@@ -66,9 +76,16 @@ TOY_PROMPTS = {"short": "a red circle", "long": "a large red circle on the left 
 
 
 # ------------------------------------------------------------------------------------ reference
-def deepcopy_personalize(model, ids, target, z, *, projection, steps: int, lr: float, weight: float, adam: dict | None = None):
-    """The A1111 extension's per-prompt personalisation (see the module docstring); returns (B, L, D)."""
-    model = copy.deepcopy(model)
+def deepcopy_personalize(model, ids, target, z, *, projection, steps: int, lr: float, weight: float, adam: dict | None = None,
+                         image_tower=None):
+    """The A1111 extension's per-prompt personalisation (see the module docstring); returns (B, L, D).
+
+    ``image_tower``: copied together with the text model (the extension deep-copies the whole
+    ``CLIPModel``), and ``gc.collect()`` runs at the end, as in the extension."""
+    if image_tower is not None:
+        model, tower = copy.deepcopy((model, image_tower))
+    else:
+        model = copy.deepcopy(model)
     model.requires_grad_(True)
     tuned = [p for n, p in model.named_parameters() if "text_projection" not in n]
     optimizer = torch.optim.Adam(tuned, lr=lr, **(adam or {}))
@@ -85,12 +102,15 @@ def deepcopy_personalize(model, ids, target, z, *, projection, steps: int, lr: f
             out = model(ids)
             zn = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     del model, optimizer
+    if image_tower is not None:
+        del tower
+        gc.collect()
     return z * (1 - weight) + zn * weight
 
 
 # ------------------------------------------------------------------------------------ models
-def build(name: str, device: torch.device, seed: int):
-    """``(encoder, projection or None, {prompt name: ids (1, L)})``."""
+def build(name: str, device: torch.device, seed: int, *, image_tower: bool = False):
+    """``(encoder, projection or None, {prompt name: ids (1, L)}, image tower or None)``."""
     torch.manual_seed(seed)
     if name == "toy":
         from sdadapt.aesthetic import toy_text_projection
@@ -98,8 +118,9 @@ def build(name: str, device: torch.device, seed: int):
 
         system = load_toy(device=device)
         projection = toy_text_projection(system)
-        return system.text_encoder, projection, {k: system.tokenize([p]) for k, p in TOY_PROMPTS.items()}
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+        return (system.text_encoder, projection, {k: system.tokenize([p]) for k, p in TOY_PROMPTS.items()},
+                system.clip if image_tower else None)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -109,7 +130,8 @@ def build(name: str, device: torch.device, seed: int):
     for key, body in CLIP_PROMPTS.items():
         ids = [CLIP_BOS] + body + [CLIP_EOS]
         prompts[key] = torch.tensor([ids + [CLIP_EOS] * (77 - len(ids))], device=device)  # A1111 pads with <eos>
-    return model, None, prompts
+    tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L_VISION)).eval().to(device) if image_tower else None
+    return model, None, prompts, tower
 
 
 def hidden_of(encoder, ids):
@@ -121,7 +143,9 @@ def hidden_of(encoder, ids):
 def measure(model_name: str, args, device: torch.device) -> list[dict]:
     import sdadapt
 
-    encoder, projection, prompts = build(model_name, device, args.seed)
+    full = args.reference == "full"
+    variants = FULL_VARIANTS if full else VARIANTS
+    encoder, projection, prompts, tower = build(model_name, device, args.seed, image_tower=full)
     params = sum(p.numel() for p in encoder.parameters())
     width = encoder.config["dim"] if isinstance(encoder.config, dict) else encoder.config.projection_dim
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -135,9 +159,9 @@ def measure(model_name: str, args, device: torch.device) -> list[dict]:
         before = {k: v.clone() for k, v in encoder.state_dict().items()}
 
         def run(variant: str, ids=ids, z=z):
-            if variant == "deepcopy":
+            if variant in ("deepcopy", "deepcopy-full"):
                 return deepcopy_personalize(encoder, ids, target, z, projection=projection, steps=args.steps, lr=args.lr,
-                                            weight=args.weight)
+                                            weight=args.weight, image_tower=tower if variant == "deepcopy-full" else None)
             return sdadapt.personalize_text_encoder(encoder, ids, embedding, steps=args.steps, lr=args.lr, weight=args.weight,
                                                     projection=projection, base=z)
 
@@ -150,9 +174,9 @@ def measure(model_name: str, args, device: torch.device) -> list[dict]:
                              f"(tolerance {args.tolerance}), encoder unchanged: {same}")
         if effect < 1e-6:
             raise SystemExit(f"{model_name}/{prompt}: the personalisation changed nothing ({effect:.3g}); comparison vacuous")
-        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for i in range(warmup + repeats):
-            for variant in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+            for variant in (variants if i % 2 == 0 else variants[::-1]):
                 sync(device)
                 start = time.perf_counter()
                 run(variant)
@@ -160,15 +184,24 @@ def measure(model_name: str, args, device: torch.device) -> list[dict]:
                 if i >= warmup:
                     times[variant].append(time.perf_counter() - start)
         ref_ms, our_ms = (statistics.median(times[v]) * 1e3 for v in VARIANTS)
+        extra = {}
+        if full:
+            full_ms = statistics.median(times["deepcopy-full"]) * 1e3
+            extra = {"deepcopy_full_ms": full_ms, "deepcopy_full_ms_min": min(times["deepcopy-full"]) * 1e3,
+                     "speedup_full": full_ms / our_ms, "speedup_full_best": min(times["deepcopy-full"]) / min(times["sdadapt"]),
+                     "image_tower_parameters": sum(p.numel() for p in tower.parameters())}
         row = {"model": model_name, "parameters": params, "prompt": prompt, "prompt_tokens": int(ids.shape[1]),
                "loss_tokens": int((ids[0] == (encoder.eos_id if model_name == "toy" else CLIP_EOS)).int().argmax()) + 1,
                "deepcopy_ms": ref_ms, "sdadapt_ms": our_ms, "speedup": ref_ms / our_ms,
                "deepcopy_ms_min": min(times["deepcopy"]) * 1e3, "sdadapt_ms_min": min(times["sdadapt"]) * 1e3,
                "speedup_best": min(times["deepcopy"]) / min(times["sdadapt"]),
-               "max_abs_diff": diff, "personalisation_effect": effect, "encoder_bit_identical": same, "repeats": repeats}
+               "max_abs_diff": diff, "personalisation_effect": effect, "encoder_bit_identical": same, "repeats": repeats,
+               **extra}
         rows.append(row)
         print(f"# {model_name:>6} {prompt:>5}: deepcopy {ref_ms:9.1f} ms  sdadapt {our_ms:8.1f} ms  "
-              f"x{row['speedup']:.2f}  max|Δ| {diff:.1e}", file=sys.stderr, flush=True)
+              f"x{row['speedup']:.2f}  max|Δ| {diff:.1e}"
+              + (f"  deepcopy-full {extra['deepcopy_full_ms']:9.1f} ms x{extra['speedup_full']:.2f}" if full else ""),
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -233,6 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max |conditioning difference| allowed")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reference", choices=("text", "full"), default="text",
+                        help="text: the reference deep-copies the text model only (conservative, default); full: also "
+                        "time the extension's own way, the whole CLIP model (image tower too) + gc.collect()")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quality", action="store_true", help="also run the toy quality table")
@@ -249,10 +285,16 @@ def markdown(rows: list[dict]) -> str:
     header = ("| model | params | prompt (loss tokens / all) | deepcopy (A1111), median (best) | sdadapt, median (best) | "
               "speed-up, median (best) | max abs diff |")
     lines = [header, "|---|---:|---|---:|---:|---:|---:|"]
+    full = any("deepcopy_full_ms" in r for r in rows)
+    if full:
+        lines[0] += " deepcopy of the whole CLIP model + gc (the extension), median (best) | speed-up vs it |"
+        lines[1] += "---:|---:|"
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.2f} M | {r['prompt']} ({r['loss_tokens']}/{r['prompt_tokens']}) | "
                      f"{_ms(r['deepcopy_ms'])} ({_ms(r['deepcopy_ms_min'])}) | {_ms(r['sdadapt_ms'])} ({_ms(r['sdadapt_ms_min'])}) | "
-                     f"{r['speedup']:.2f}x ({r['speedup_best']:.2f}x) | {r['max_abs_diff']:.1e} |")
+                     f"{r['speedup']:.2f}x ({r['speedup_best']:.2f}x) | {r['max_abs_diff']:.1e} |"
+                     + (f" {_ms(r['deepcopy_full_ms'])} ({_ms(r['deepcopy_full_ms_min'])}) | {r['speedup_full']:.2f}x "
+                        f"({r['speedup_full_best']:.2f}x) |" if full else ""))
     return "\n".join(lines)
 
 
@@ -278,7 +320,7 @@ def main(argv=None) -> int:
     print(markdown(rows))
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.machine(), "steps": args.steps, "lr": args.lr, "weight": args.weight,
-              "tolerance": args.tolerance, "rows": rows}
+              "tolerance": args.tolerance, "reference": args.reference, "rows": rows}
     if args.quality:
         result["quality"] = quality(args, device)
         print()

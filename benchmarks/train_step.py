@@ -1,4 +1,4 @@
-"""Training step: the diffusers-example recipe vs sdadapt's step, same model, same batch size.
+"""Training step: the diffusers-example recipe, the UNet-only peft step and sdadapt's steps, same model.
 
 For each mode (``lora``, ``full``, ``ti``) and batch size, one process builds one set of random
 weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
@@ -9,29 +9,39 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     to_q/to_k/to_v/to_out.0 (``unet.add_adapter``, LoRA params upcast to fp32), ``torch.optim.AdamW``
     (foreach), grad clipping 1.0; full fine-tune: fp32 UNet + AdamW; textual inversion: the whole
     token-embedding matrix trainable, non-placeholder rows restored after each step.
-``sdadapt`` — :func:`sdadapt.training.step.train_step` on latents and text states encoded once
-    (:mod:`sdadapt.training.latent_cache` in real runs), adapters injected by ``sdadapt.inject`` with a
-    frozen base in the compute dtype, channels_last on CUDA, fused AdamW on CUDA; batch 1 on CUDA
-    uses :class:`sdadapt.training.step_capture.CapturedStep` (one CUDA graph per step). Full fine-tune
-    "lean" on CUDA: bf16 weights with stochastic rounding, int8 AdamW states fused into backward
-    (no gradient buffers, so no global clipping), gradient checkpointing on transformer and ResNet
-    blocks; on CPU fp32 weights and fused ``torch.optim.AdamW`` (time, not memory, is short). Textual
-    inversion: one trainable row spliced in at the placeholder positions by
-    :class:`sdadapt.embeddings.TokenRows` (hooks on the token embedding; no gradient for the 38M-entry matrix).
+``peft-unet`` (LoRA) — the same peft UNet step on latents and text states encoded once (what kohya,
+    OneTrainer and any latent cache give): the kernel-for-kernel comparison with sdadapt's step.
+``sdadapt`` — :func:`sdadapt.training.step.train_step` on cached latents/text states, adapters
+    injected by ``sdadapt.inject`` over a frozen base in the compute dtype, channels_last on CUDA,
+    fused AdamW. ``sdadapt-captured``: :class:`sdadapt.training.step_capture.CapturedStep` (one CUDA
+    graph per step, capturable AdamW; on CPU it falls back to the eager step). ``sdadapt-compiled``:
+    ``torch.compile`` of the injected UNet (``--compile-backend``); ``sdadapt-compiled-captured``: both
+    (the compiled kernels replayed inside the step's CUDA graph). Full fine-tune:
+    ``sdadapt-lean`` — bf16 weights with stochastic rounding, bf16 gradients, int8 AdamW states updated
+    with multi-tensor ops (``foreach=True``), gradient checkpointing of the transformer blocks only;
+    ``sdadapt-lean-fused`` — int8 AdamW fused into backward (per-parameter hooks, no gradient
+    buffers, no clipping) with checkpointing on every transformer and ResNet block (the smallest);
+    ``sdadapt-fast`` — bf16 weights + stochastic rounding, bf16 AdamW states, ``foreach``, clipping,
+    no checkpointing. Textual inversion: one trainable row spliced in at the placeholder positions by
+    :class:`sdadapt.embeddings.TokenRows` (no gradient for the 38M-entry matrix).
 
-Reported per row: ms/step (median after warm-up), images/s, peak memory (CUDA:
-``max_memory_allocated`` from before the variant's models are built, so weights + optimiser state
-+ activations; CPU: peak RSS growth over the variant's lifetime, approximate), achieved TFLOP/s
-(UNet (+TE) forward+backward FLOPs counted once with ``torch.utils.flop_counter`` divided by the
-step time — the reference's extra per-step encoding is not counted as useful work).
+Reported per row: ms/step (median after warm-up), images/s, speed-up over the reference and (LoRA)
+over ``peft-unet``, peak memory (CUDA: ``max_memory_allocated`` from before the variant's models
+are built, so weights + optimiser state + activations; CPU: peak RSS growth, approximate), achieved
+TFLOP/s (the UNet (+TE) forward+backward FLOPs of one step, counted once per mode and batch with
+``torch.utils.flop_counter`` on the benchmark's device, divided by the step time — the reference's
+extra per-step encoding is not counted as useful work) and that as a fraction of the device's bf16
+peak (measured here with an 8192³ bf16 matmul on CUDA, or ``--peak-tflops``; blank on CPU).
 
 Usage::
 
-    python benchmarks/train_step.py                              # tiny, CPU, batch 1 and 8, ~1-2 min
+    python benchmarks/train_step.py                              # tiny, CPU, batch 1 and 8, ~2 min
     python benchmarks/train_step.py --config sd15 --batch 1 8    # SD1.5 at 512 px (GPU)
+    python benchmarks/train_step.py --config sd15 --modes lora --variants peft-unet sdadapt-captured
     python benchmarks/train_step.py --config sdxl --batch 1      # SDXL at 1024 px (GPU)
 
-Writes ``benchmarks/results/train_step-<config>-<device>.json`` (``--out`` to change).
+Writes ``benchmarks/results/train_step-<config>-<device>.json`` (``--out`` to change) and, with
+``--markdown``, the table as a file too. ``benchmarks/gpu_check.sh`` runs the GPU rows in one go.
 """
 
 from __future__ import annotations
@@ -123,10 +133,15 @@ def unet_call(unet):
 
 
 # ---------------------------------------------------------------------------------- reference
-def build_reference(mode: str, models: Models, device, mp_dtype, batch):
+def _ddpm():
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def build_reference(mode: str, models: Models, device, mp_dtype, batch, *, cached: bool = False):
+    """The diffusers-example step; ``cached=True`` (LoRA only): on latents/text states encoded once."""
+    sched = _ddpm()
     weight_dtype = mp_dtype or torch.float32
     if mode == "full":
         unet, vae, tes = models.copy(device, weight_dtype, unet_dtype=torch.float32)
@@ -154,14 +169,24 @@ def build_reference(mode: str, models: Models, device, mp_dtype, batch):
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     sched.alphas_cumprod = sched.alphas_cumprod.to(device)
     autocast = torch.autocast(device.type, dtype=mp_dtype) if mp_dtype else torch.autocast(device.type, enabled=False)
+    if cached:
+        with torch.no_grad(), autocast:
+            cached_latents = encode_latents(vae, batch["pixels"]).to(weight_dtype)
+            cached_cond = encode_text(tes, batch)
+        del vae, tes
+        tes = []
 
     def step():
-        latents = encode_latents(vae, batch["pixels"]).to(weight_dtype)
+        if cached:
+            latents, cond = cached_latents, cached_cond
+        else:
+            latents = encode_latents(vae, batch["pixels"]).to(weight_dtype)
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],), device=device)
         noisy = sched.add_noise(latents, noise, t)
         with autocast:
-            cond = encode_text(tes, batch)
+            if not cached:
+                cond = encode_text(tes, batch)
             pred = unet(noisy, t, cond["ehs"], added_cond_kwargs=cond["added"], return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
@@ -177,13 +202,15 @@ def build_reference(mode: str, models: Models, device, mp_dtype, batch):
 
 
 # ------------------------------------------------------------------------------------ sdadapt
-def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: bool):
+def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch, args):
     import sdadapt
     from sdadapt.training import diffusion
+    from sdadapt.training.optim import AdamW, fuse_optimizer_into_backward
     from sdadapt.training.step import StepConfig, TrainState, train_step
 
     cuda = device.type == "cuda"
-    weight_dtype = mp_dtype or torch.float32
+    lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast")
+    weight_dtype = torch.bfloat16 if lean else (mp_dtype or torch.float32)
     unet, vae, tes = models.copy(device, weight_dtype)
     if cuda:
         unet.to(memory_format=torch.channels_last)
@@ -196,31 +223,36 @@ def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: b
     max_norm = 1.0
     model = unet_call(unet)
     data = {"latents": latents, "cond": cond}
+    capture = variant in ("sdadapt-captured", "sdadapt-compiled-captured")
     if mode == "lora":
         handle = sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, sdadapt.LoRAConfig(rank=16, alpha=16, init="gaussian"))
         params = list(handle.parameters())
-        if cuda and capture:
+        if capture and cuda:  # (CPU optimisers are not capturable: CapturedStep runs eagerly there)
             optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=device), capturable=True)
         else:
             optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        if variant in ("sdadapt-compiled", "sdadapt-compiled-captured"):
+            model = unet_call(torch.compile(unet, backend=args.compile_backend))
     elif mode == "full":
-        from sdadapt.training.optim import AdamW, fuse_optimizer_into_backward
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        from sdadapt.training.grad_checkpointing import enable_checkpointing
 
         unet.requires_grad_(True)
         unet.train()
         params = list(unet.parameters())
-        if cuda:
-            from diffusers.models.attention import BasicTransformerBlock
-            from diffusers.models.resnet import ResnetBlock2D
-
-            from sdadapt.training.grad_checkpointing import enable_checkpointing
-
+        if variant == "sdadapt-lean-fused":  # smallest: no gradient buffers, every block recomputed
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock, ResnetBlock2D))
             optimizer = fuse_optimizer_into_backward(params, lambda ps: AdamW(ps, lr=1e-5, state_dtype="int8"))
             max_norm = None
-        else:  # memory is not what a CPU run is short of: plain fused AdamW, fewer Python calls
-            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-        capture = False
+        elif variant == "sdadapt-lean":  # bf16 grads, int8 states in multi-tensor steps, attention recomputed
+            enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock))
+            optimizer = AdamW(params, lr=1e-5, state_dtype="int8", foreach=True)
+        elif variant == "sdadapt-fast":  # bf16 weights and states, multi-tensor AdamW, nothing recomputed
+            optimizer = AdamW(params, lr=1e-5, state_dtype=torch.bfloat16, foreach=True)
+        else:
+            raise SystemExit(f"variant {variant} does not apply to mode full")
     else:  # ti: the text encoder runs every step, its input has one trainable vector
         te = tes[0]
         from sdadapt.embeddings import TokenRows
@@ -236,12 +268,13 @@ def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: b
             return unet(x, t, c["ehs"], added_cond_kwargs=c["added"] if extra is not None else None, return_dict=False)[0]
 
         data = {"latents": latents, "cond": None}
-        capture = False
-    config = StepConfig(mixed_precision={torch.bfloat16: "bf16"}.get(mp_dtype), max_grad_norm=max_norm, channels_last=cuda)
-    if cuda and capture:
+    mixed = "bf16" if (mp_dtype == torch.bfloat16 or lean) else None
+    config = StepConfig(mixed_precision=mixed, max_grad_norm=max_norm, channels_last=cuda)
+    if capture:
         from sdadapt.training.step_capture import CapturedStep
 
-        captured = CapturedStep(model, params=params, optimizer=optimizer, config=config, alphas_cumprod=ac)
+        # strict on CUDA: a step that cannot be captured fails the row instead of timing eager steps under this label
+        captured = CapturedStep(model, params=params, optimizer=optimizer, config=config, alphas_cumprod=ac, strict=cuda)
 
         def step():
             return captured(data, state=state)["loss"]
@@ -253,30 +286,58 @@ def build_ours(mode: str, models: Models, device, mp_dtype, batch, *, capture: b
     return step, unet, tes
 
 
+VARIANTS = {
+    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-captured", "sdadapt-compiled", "sdadapt-compiled-captured"),
+    "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast"),
+    "ti": ("reference", "sdadapt"),
+}
+
+
 # ------------------------------------------------------------------------------------ measure
-def count_flops(models: Models, mode: str, batch: dict, config: dict) -> float:
-    """UNet (+ text encoder for TI) forward + backward FLOPs of one step, counted on CPU meta-free copies."""
+def count_flops(models: Models, mode: str, batch: dict, device: torch.device, mp_dtype) -> float:
+    """UNet (+ text encoder for TI) forward + backward FLOPs of one step, counted on ``device``
+    (FlopCounterMode counts the matmul/conv/attention ops as they run; on a GPU this takes a step,
+    on a CPU at 512 px it would take minutes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet, vae, tes = models.copy(torch.device("cpu"), torch.float32)
+    unet, vae, tes = models.copy(device, mp_dtype or torch.float32)
     with torch.no_grad():
-        latents = encode_latents(vae, batch["pixels"].cpu())
-    cpu_batch = {k: v.cpu() for k, v in batch.items()}
+        latents = encode_latents(vae, batch["pixels"])
+    del vae
     if mode == "full":
         unet.requires_grad_(True)
     elif mode == "lora":
         import sdadapt
 
         sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, sdadapt.LoRAConfig(rank=16, alpha=16))
+    autocast = torch.autocast(device.type, dtype=mp_dtype) if mp_dtype else torch.autocast(device.type, enabled=False)
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, autocast:
         if mode == "ti":
             tes[0].get_input_embeddings().weight.requires_grad_(True)
-        cond = encode_text(tes, cpu_batch)
+        cond = encode_text(tes, batch)
         x = latents.clone().requires_grad_(mode == "ti")
-        out = unet(x, torch.full((latents.shape[0],), 500), cond["ehs"], added_cond_kwargs=cond["added"], return_dict=False)[0]
+        out = unet(x, torch.full((latents.shape[0],), 500, device=device), cond["ehs"], added_cond_kwargs=cond["added"],
+                   return_dict=False)[0]
         out.float().pow(2).mean().backward()
+    del unet, tes
     return float(counter.get_total_flops())
+
+
+def measure_bf16_peak(device: torch.device) -> float | None:
+    """TFLOP/s of a dense 8192³ bf16 matmul on a CUDA device (mean of 10 after 3 warm-ups); None on CPU."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
 def _fresh(device) -> int:
@@ -289,65 +350,100 @@ def _fresh(device) -> int:
     return RssSampler().rss()
 
 
-def _build(kind, mode, models, device, mp_dtype, batch, args):
-    if kind == "reference":
-        return build_reference(mode, models, device, mp_dtype, batch)
-    return build_ours(mode, models, device, mp_dtype, batch, capture=not args.no_capture and batch["ids"].shape[0] == 1)
+def _build(variant, mode, models, device, mp_dtype, batch, args):
+    if variant in ("reference", "peft-unet"):
+        return build_reference(mode, models, device, mp_dtype, batch, cached=variant == "peft-unet")
+    return build_ours(mode, variant, models, device, mp_dtype, batch, args)
 
 
-def peak_memory(kind, mode, models, device, mp_dtype, batch, args) -> float:
-    """MiB: CUDA peak allocated over build + 3 steps; CPU peak RSS growth over the same."""
+def peak_memory_cpu(variant, mode, models, device, mp_dtype, batch, args) -> float:
+    """MiB of peak RSS growth over build + 3 steps (CPU only; CUDA peaks come from the timed run)."""
     before = _fresh(device)
     sampler = RssSampler()
     with sampler:
-        step, *keep = _build(kind, mode, models, device, mp_dtype, batch, args)
+        step, *keep = _build(variant, mode, models, device, mp_dtype, batch, args)
         for _ in range(3):
             step()
-        sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.peak - before
+    peak = sampler.peak - before
     del step, keep
     _fresh(device)
     return peak / 2**20
 
 
-def timings(mode, models, device, mp_dtype, batch, args) -> dict[str, float]:
-    """Median ms/step of both variants. CPU: steps interleaved (alternating order) so load from
-    other processes hits both alike; CUDA: one variant after the other (the GPU is not shared)."""
-    kinds = ("reference", "sdadapt")
-    times: dict[str, list[float]] = {k: [] for k in kinds}
+def profile_steps(step, device, steps: int) -> dict:
+    """``torch.profiler`` over ``steps`` steps: the top ops by device (CUDA) or CPU self time, and
+    how busy the device was — kernel time / wall time; the rest is host gaps (launches, Python,
+    syncs). The profiler's own overhead lowers the busy fraction a little."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def timed(step) -> torch.Tensor:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy_us = sum(getattr(e, key, 0.0) for e in averages) if device.type == "cuda" else None
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {"steps": steps, "wall_ms_per_step": wall / steps * 1e3,
+            "device_busy_fraction": None if busy_us is None else busy_us / 1e6 / wall,
+            "table": averages.table(sort_by=sort, row_limit=15, max_name_column_width=60)}
+
+
+def measure(mode, variants, models, device, mp_dtype, batch, args) -> dict[str, dict[str, float]]:
+    """``{variant: {"ms": median ms/step, "mem": peak MiB}}``. CPU: steps interleaved (alternating
+    order) so load from other processes hits all alike; CUDA: one variant after the other, peak
+    allocated memory over its build, warm-up and timed steps."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    out: dict[str, dict[str, float]] = {}
+
+    def timed(step):
         sync(device)
         start = time.perf_counter()
         loss = step()
         sync(device)
         return loss, time.perf_counter() - start
 
+    def check(loss, variant):
+        if not torch.isfinite(loss).all():
+            raise SystemExit(f"non-finite loss in {variant}: the benchmark is broken")
+
     if device.type == "cpu":
-        steps = {k: _build(k, mode, models, device, mp_dtype, batch, args)[0] for k in kinds}
+        steps = {k: _build(k, mode, models, device, mp_dtype, batch, args)[0] for k in variants}
         for _ in range(args.warmup):
-            for k in kinds:
+            for k in variants:
                 steps[k]()
         for i in range(args.steps):
-            for k in (kinds if i % 2 == 0 else kinds[::-1]):
+            for k in (variants if i % 2 == 0 else variants[::-1]):
                 loss, dt = timed(steps[k])
                 times[k].append(dt)
-                if not torch.isfinite(loss).all():
-                    raise SystemExit(f"non-finite loss in {k}: the benchmark is broken")
+                check(loss, k)
+        profiles = {k: profile_steps(steps[k], device, args.profile) for k in variants} if args.profile else {}
         del steps
-    else:
-        for k in kinds:
-            step, *keep = _build(k, mode, models, device, mp_dtype, batch, args)
-            for _ in range(args.warmup):
-                step()
-            for _ in range(args.steps):
-                loss, dt = timed(step)
-                times[k].append(dt)
-            if not torch.isfinite(loss).all():
-                raise SystemExit(f"non-finite loss in {k}: the benchmark is broken")
-            del step, keep
-            _fresh(device)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        for k in variants:
+            out[k] = {"ms": statistics.median(times[k]) * 1e3,
+                      "mem": peak_memory_cpu(k, mode, models, device, mp_dtype, batch, args)}
+            if k in profiles:
+                out[k]["profile"] = profiles[k]
+        return out
+    for k in variants:
+        _fresh(device)
+        step, *keep = _build(k, mode, models, device, mp_dtype, batch, args)
+        for _ in range(args.warmup):
+            step()
+        for _ in range(args.steps):
+            loss, dt = timed(step)
+            times[k].append(dt)
+        check(loss, k)
+        out[k] = {"ms": statistics.median(times[k]) * 1e3, "mem": torch.cuda.max_memory_allocated(device) / 2**20}
+        if args.profile:
+            out[k]["profile"] = profile_steps(step, device, args.profile)
+        del step, keep, loss
+        _fresh(device)
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -355,19 +451,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="subset of: " + ", ".join(sorted({v for vs in VARIANTS.values() for v in vs}))
+                        + " (default: all of each mode; sdadapt-compiled only on CUDA); list reference to compare against it")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-capture", action="store_true", help="never use the CUDA-graph step")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of sdadapt-compiled")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the device (default: measured on CUDA)")
+    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting (TFLOP/s columns blank)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N steps of every variant (top ops, device busy fraction) into the JSON/markdown")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
     args.steps = args.steps or cfg["steps"]
     args.warmup = cfg["warmup"] if args.warmup is None else args.warmup
+    known = {v for vs in VARIANTS.values() for v in vs}
+    if args.variants and not set(args.variants) <= known:
+        parser.error(f"unknown variants {sorted(set(args.variants) - known)}; choose from {sorted(known)}")
     if args.config != "tiny" and args.device == "cpu":
         parser.error(f"--config {args.config} needs a GPU (a CPU step takes minutes); use --config tiny")
     return args
+
+
+def variants_of(mode: str, args, device) -> tuple[str, ...]:
+    """The mode's variants that ``--variants`` names (all by default; no compile on CPU by default)."""
+    if args.variants is not None:
+        return tuple(v for v in VARIANTS[mode] if v in args.variants)
+    return tuple(v for v in VARIANTS[mode] if device.type == "cuda" or "compiled" not in v)
 
 
 def run(args) -> dict:
@@ -376,18 +490,27 @@ def run(args) -> dict:
     mp_dtype = torch.bfloat16 if device.type == "cuda" else None
     if device.type == "cpu":
         glibc_return_freed_memory()
+    peak = args.peak_tflops or measure_bf16_peak(device)
     models = Models(cfg, args.seed)
     rows = []
     for mode in args.modes:
+        variants = variants_of(mode, args, device)
+        if not variants:
+            continue
         for b in args.batch:
             batch = make_batch(cfg, b, device, args.seed + 1)
-            flops = count_flops(models, mode, batch, cfg) if args.config == "tiny" or device.type == "cuda" else float("nan")
-            ms = timings(mode, models, device, mp_dtype, batch, args)
-            for kind in ("reference", "sdadapt"):
+            flops = float("nan")
+            if not args.no_flops and (args.config == "tiny" or device.type == "cuda"):
+                flops = count_flops(models, mode, batch, device, mp_dtype)
+                _fresh(device)
+            measured = measure(mode, variants, models, device, mp_dtype, batch, args)
+            for kind, m in measured.items():
+                tflops = flops / (m["ms"] / 1e3) / 1e12
                 rows.append(dict(
-                    mode=mode, batch=b, variant=kind, ms_per_step=ms[kind], images_per_s=b / ms[kind] * 1e3,
-                    peak_mem_mib=peak_memory(kind, mode, models, device, mp_dtype, batch, args),
-                    tflops=flops / (ms[kind] / 1e3) / 1e12,
+                    mode=mode, batch=b, variant=kind, ms_per_step=m["ms"], images_per_s=b / m["ms"] * 1e3,
+                    peak_mem_mib=m["mem"], flops_per_step=flops, tflops=tflops,
+                    peak_fraction=tflops / peak if peak else None,
+                    **({"profile": m["profile"]} if "profile" in m else {}),
                 ))
     return {
         "config": args.config,
@@ -398,29 +521,52 @@ def run(args) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
         "mixed_precision": str(mp_dtype),
+        "bf16_peak_tflops": peak,
         "rows": rows,
     }
 
 
+def _ratio(base: dict | None, row: dict) -> str:
+    if base is None or base is row:
+        return "—"
+    return f"{base['ms_per_step'] / row['ms_per_step']:.2f}x"
+
+
 def markdown_table(result: dict) -> str:
-    lines = ["| mode | batch | variant | ms/step | images/s | speed-up | peak mem (MiB) | TFLOP/s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
-    ref = {(r["mode"], r["batch"]): r for r in result["rows"] if r["variant"] == "reference"}
+    peak = result.get("bf16_peak_tflops")
+    lines = [f"{result['config']} on {result['device_name']} (torch {result['torch']}, {result['mixed_precision']}"
+             + (f", bf16 peak {peak:.0f} TFLOP/s measured" if peak else "") + ")", "",
+             "| mode | batch | variant | ms/step | images/s | vs reference | vs peft-unet | peak mem (MiB) | TFLOP/s | % of bf16 peak |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by_key = {(r["mode"], r["batch"], r["variant"]): r for r in result["rows"]}
     for r in result["rows"]:
-        base = ref[(r["mode"], r["batch"])]
-        speed = "—" if r["variant"] == "reference" else f"{base['ms_per_step'] / r['ms_per_step']:.2f}x"
+        ref = by_key.get((r["mode"], r["batch"], "reference"))
+        peft = by_key.get((r["mode"], r["batch"], "peft-unet"))
+        fraction = "" if r.get("peak_fraction") is None else f"{100 * r['peak_fraction']:.1f}"
+        tflops = "" if r["tflops"] != r["tflops"] else f"{r['tflops']:.3f}"
         lines.append(f"| {r['mode']} | {r['batch']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.1f} | "
-                     f"{speed} | {r['peak_mem_mib']:.0f} | {r['tflops']:.3f} |")
+                     f"{_ratio(ref, r)} | {_ratio(peft, r)} | {r['peak_mem_mib']:.0f} | {tflops} | {fraction} |")
+    for r in result["rows"]:
+        prof = r.get("profile")
+        if prof:
+            busy = prof["device_busy_fraction"]
+            lines += ["", f"### profile: {r['mode']} batch {r['batch']} {r['variant']} — {prof['wall_ms_per_step']:.1f} ms/step "
+                      f"under the profiler" + ("" if busy is None else f", device busy {100 * busy:.0f} % of the wall time"),
+                      "", "```", prof["table"].rstrip(), "```"]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print(markdown_table(result))
+    table = markdown_table(result)
+    print(table)
     out = args.out or RESULTS / f"train_step-{args.config}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
     print(f"wrote {out}")
     return 0
 

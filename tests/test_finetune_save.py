@@ -100,3 +100,15 @@ def test_diffusers_folder_reads_back_with_from_pretrained(diffusers_system, tmp_
         assert torch.equal(pipe.text_encoder.state_dict()[key], value.to(torch.float16)), key
     assert system.unet.dtype == torch.float32, "saving in fp16 must not cast the live model"
     adaptation.remove()
+
+
+def test_toy_fine_tune_refuses_an_ema_beside_its_weights(tmp_path):
+    from sdadapt.methods.finetune import EMAWeights
+
+    system = load_toy()
+    adaptation = _tune(system)
+    ema = EMAWeights(adaptation.unet_weights(), 0.99, 3)
+    with pytest.raises(TypeError, match="cannot store an EMA"):
+        adaptation.save(tmp_path / "tuned.safetensors", ema=ema)
+    assert not (tmp_path / "tuned.safetensors").exists()
+    adaptation.remove()

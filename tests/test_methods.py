@@ -39,6 +39,10 @@ def test_method_trains_saves_and_removes_exactly(name, tmp_path):
         # an embedding file (DreamArtist: + out-neg.pt); A1111's trigger is the file stem
         loaded = sdadapt.load_embedding(path)
         assert loaded.name == "out" and torch.equal(loaded.vectors["text_encoder"], adaptation.params[0].detach())
+    elif isinstance(adaptation, sdadapt.methods.CustomDiffusion):
+        # diffusers' Custom Diffusion file (full attn2 K/V) + the modifier token beside it
+        loaded = sdadapt.load_custom_diffusion(path)
+        assert loaded.tokens == ["cross"] and loaded.weights.keys() == adaptation.state_dict().keys()
     elif isinstance(adaptation, sdadapt.methods.ClipInversionAdaptation):
         loaded = sdadapt.load_image_vectors(path)  # the image-space vector and the word it is bound to
         assert loaded.tokens == ("cross",) and torch.equal(loaded.vectors[0], adaptation.params[0].detach())

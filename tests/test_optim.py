@@ -355,6 +355,65 @@ def test_adamw_state_dict_resumes_exactly(state_dtype, param_dtype):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("chunk", [1 << 24, 300])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_adamw_foreach_is_bit_identical_to_the_per_parameter_path(state_dtype, param_dtype, chunk, monkeypatch):
+    """Multi-tensor step == one parameter at a time: weights, every state tensor and the
+    stochastic-rounding stream, with sizes that are not whole int8 blocks, a parameter whose
+    gradient is missing on some steps, two groups, an LR change, and chunks of a few parameters."""
+    import sdadapt.training.optim as optim
+
+    monkeypatch.setattr(optim, "_FOREACH_CHUNK_ELEMENTS", chunk)
+    shapes = [(20, 13), (300,), (7,), (3, 4, 3, 3)]
+    grads = _grad_sequence(shapes, 6, seed=3)
+    for step, step_grads in enumerate(grads):
+        if step % 2:
+            step_grads[2] = None  # a parameter without gradient this step: skipped, its step count lags
+    runs = []
+    for foreach in (False, True):
+        gen = torch.Generator().manual_seed(5)
+        torch.manual_seed(0)
+        params = [torch.randn(s).to(param_dtype).requires_grad_() for s in shapes]
+        opt = AdamW([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.3}], lr=1e-2,
+                    state_dtype=state_dtype, block_size=64, generator=gen, foreach=foreach)
+        for step, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = None if g is None else g.to(param_dtype)
+            if step == 3:
+                set_lr(opt, 3e-3)
+            opt.step()
+        runs.append((params, opt, gen.get_state()))
+    (pa, oa, ga), (pb, ob, gb) = runs
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+        sa, sb = oa.state[p], ob.state[q]
+        assert sa.keys() == sb.keys()
+        for key, value in sa.items():
+            other = sb[key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+    assert torch.equal(ga, gb)  # the same number of stochastic-rounding draws
+
+
+def test_foreach_chunks_bound_the_elements():
+    from sdadapt.training.optim import _chunks
+
+    params = [torch.zeros(n) for n in (5, 5, 20, 3, 3, 3)]
+    assert [[p.numel() for p in c] for c in _chunks(params, 10)] == [[5, 5], [20], [3, 3, 3]]
+
+
+def test_quantize_many_equals_one_tensor_at_a_time():
+    from sdadapt.training.optim import _quantize_many
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, generator=g) * 10.0 ** torch.randint(-6, 2, (n,), generator=g) for n in (1, 63, 64, 65, 200)]
+    code = dynamic_map(signed=True)
+    codes, absmax = _quantize_many(xs, code, block_size=64)
+    for x, c, a in zip(xs, codes, absmax):
+        c_ref, a_ref = quantize_blockwise(x, code, block_size=64)
+        assert torch.equal(c, c_ref) and torch.equal(a, a_ref)
+
+
 def test_adamw_rejects_bad_options():
     p = [torch.zeros(3, requires_grad=True)]
     with pytest.raises(ValueError, match="state_dtype"):

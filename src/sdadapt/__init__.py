@@ -8,7 +8,7 @@ Quick start::
     sdadapt.formats.save_kohya("my_lora.safetensors", {"unet": handle.state_dict()})
 """
 
-from . import aesthetic, embeddings, formats, hypernetworks, inversion, loratools, merge, targets, training
+from . import aesthetic, custom_diffusion, embeddings, formats, hypernetworks, inversion, loratools, merge, targets, training
 from .adapters import (
     DoRAConfig,
     FullConfig,
@@ -27,8 +27,15 @@ from .aesthetic import (
     save_aesthetic_embedding,
 )
 from .apply import AppliedDelta, apply_lora
+from .custom_diffusion import (
+    CustomDiffusionHandle,
+    apply_custom_diffusion,
+    merge_custom_diffusion,
+    save_custom_diffusion,
+)
 from .embeddings import Embedding, EmbeddingHandle, initial_embedding, inject_embedding
 from .formats import WeightFileError, load_lora, save_lora
+from .formats.custom_diffusion import load_custom_diffusion
 from .formats.embeddings import load_embedding, save_embedding
 from .hypernetworks import (
     Hypernetwork,
@@ -114,6 +121,12 @@ __all__ = [
     "save_aesthetic_embedding",
     "personalize_text_encoder",
     "aesthetic_sample",
+    "custom_diffusion",
+    "CustomDiffusionHandle",
+    "apply_custom_diffusion",
+    "save_custom_diffusion",
+    "load_custom_diffusion",
+    "merge_custom_diffusion",
     "NoTargetsError",
     "by_name",
     "by_regex",

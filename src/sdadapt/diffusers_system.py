@@ -247,7 +247,8 @@ class DiffusersSystem(nn.Module):
 
     # ------------------------------------------------------------------------------- saving
     def save_model(
-        self, path: str | os.PathLike, *, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+        self, path: str | os.PathLike, *, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
+        ema: Any = None,
     ) -> Path:
         """Write the whole model: UNet, text encoder(s) and VAE (the VAE as loaded).
 
@@ -261,6 +262,15 @@ class DiffusersSystem(nn.Module):
         Args:
             dtype: cast floating tensors (``torch.float16`` / ``bfloat16``); default: as trained.
             metadata: extra string metadata (LDM file) — e.g. the training recipe.
+            ema: an average of the UNet to store *beside* the weights
+                (:class:`sdadapt.methods.finetune.EMAWeights`: ``unet`` state dict, ``decay``,
+                ``updates``). LDM file: CompVis ``LitEma``'s layout — ``model_ema.<LDM UNet key without
+                "model." and without dots>`` plus ``model_ema.decay`` (float32) and
+                ``model_ema.num_updates`` (int32); A1111/ComfyUI load the raw weights and ignore them,
+                diffusers' converters read them with ``extract_ema=True``. Folder: ``unet_ema/``
+                as diffusers' ``EMAModel.save_pretrained`` writes it (a UNet folder whose config also
+                holds ``decay``, ``optimization_step`` ...; ``EMAModel.from_pretrained`` reads it; the
+                pipeline ignores it).
 
         Raises:
             FileExistsError: ``path`` exists (remove it or write elsewhere).
@@ -269,10 +279,10 @@ class DiffusersSystem(nn.Module):
         if target.exists():
             raise FileExistsError(f"{target}: already exists; remove it or choose another output")
         if target.suffix.lower() == ".safetensors":
-            return self._save_ldm(target, dtype, metadata or {})
+            return self._save_ldm(target, dtype, metadata or {}, ema)
         if target.suffix:
             raise ValueError(f"{target}: write a .safetensors LDM checkpoint or a folder (a path without a suffix)")
-        return self._save_folder(target, dtype)
+        return self._save_folder(target, dtype, ema)
 
     def _components(self) -> dict[str, nn.Module]:
         parts = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
@@ -280,7 +290,7 @@ class DiffusersSystem(nn.Module):
             parts["text_encoder_2"] = self.text_encoder_2
         return parts
 
-    def _save_ldm(self, target: Path, dtype: torch.dtype | None, metadata: dict[str, str]) -> Path:
+    def _save_ldm(self, target: Path, dtype: torch.dtype | None, metadata: dict[str, str], ema: Any = None) -> Path:
         from .formats.files import write_safetensors
         from .formats.model_keys import diffusers_to_ldm
         from .formats.single_file import CONFIG_METADATA_KEY
@@ -294,8 +304,14 @@ class DiffusersSystem(nn.Module):
                     key = "text_model." + key  # transformers 5 drops the prefix; LDM files keep it
                 state[f"{component}.{key}"] = value.detach()
         ldm = diffusers_to_ldm(state, architecture=self.architecture)
+        if ema is not None:  # CompVis LitEma: model_ema.<key after "model." with the dots removed>
+            averaged = diffusers_to_ldm({f"unet.{k}": v.detach() for k, v in ema.unet.items()}, architecture=self.architecture)
+            ldm.update({"model_ema." + "".join(k.split(".")[1:]): v for k, v in averaged.items()})
         if dtype is not None:
             ldm = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ldm.items()}
+        if ema is not None:
+            ldm["model_ema.decay"] = torch.tensor(float(ema.decay), dtype=torch.float32)
+            ldm["model_ema.num_updates"] = torch.tensor(int(ema.updates), dtype=torch.int32)
         architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
                         "sdxl": "stable-diffusion-xl-v1-base"}
         configs = {name: _plain_config(module.config) for name, module in self._components().items()}
@@ -313,7 +329,7 @@ class DiffusersSystem(nn.Module):
         }
         return write_safetensors(target, ldm, meta)
 
-    def _save_folder(self, target: Path, dtype: torch.dtype | None) -> Path:
+    def _save_folder(self, target: Path, dtype: torch.dtype | None, ema: Any = None) -> Path:
         from .clip_tokenizer import CLIPTokenizer
 
         folder = target.parent if str(target.parent) else Path(".")
@@ -328,6 +344,8 @@ class DiffusersSystem(nn.Module):
                 if dtype is not None:
                     module = copy.deepcopy(module).to(dtype)
                 module.save_pretrained(tmp / component)
+            if ema is not None:
+                self._save_ema_folder(tmp / "unet_ema", ema, dtype)
             for name in ("tokenizer", "tokenizer_2") if self.is_sdxl else ("tokenizer",):
                 tokenizer = getattr(self, name)
                 if isinstance(tokenizer, CLIPTokenizer):
@@ -349,6 +367,19 @@ class DiffusersSystem(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
+
+    def _save_ema_folder(self, folder: Path, ema: Any, dtype: torch.dtype | None) -> None:
+        """``unet_ema/`` as diffusers' ``EMAModel.save_pretrained``: the UNet config plus the EMA's own fields."""
+        from .formats.files import write_safetensors
+
+        folder.mkdir()
+        config = json.loads(self.unet.to_json_string())
+        # EMAModel.state_dict() minus shadow_params; sdadapt's EMA is diffusers' default warm-up rule
+        config.update(decay=float(ema.decay), min_decay=0.0, optimization_step=int(ema.updates), update_after_step=0,
+                      use_ema_warmup=False, inv_gamma=1.0, power=2 / 3)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach() for k, v in ema.unet.items()}
+        write_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors, {"format": "pt"})
 
     # ------------------------------------------------------------------------------- the protocol
     @torch.no_grad()
@@ -427,11 +458,14 @@ class DiffusersSystem(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
-               sampler: str = "ddim", height: int | None = None, width: int | None = None) -> Tensor:
+               sampler: str = "ddim", height: int | None = None, width: int | None = None, cond: Any = None) -> Tensor:
         """DDIM or Euler with classifier-free guidance -> images (B, 3, H, W) in [-1, 1].
 
         ``height``/``width`` default to :attr:`image_size` and must be multiples of
-        :attr:`size_multiple`. The starting noise is drawn on the CPU from ``seed``.
+        :attr:`size_multiple`. The starting noise is drawn on the CPU from ``seed``. ``cond``: the
+        prompts' conditioning, precomputed (as :meth:`condition` returns it: SD1/SD2 (B, 77, D),
+        SDXL the dict) — methods that build it themselves (aesthetic gradients) pass it; the
+        unconditional branch is still made from ``negative``.
         """
         height, width = height or self.image_size, width or self.image_size
         if height % self.size_multiple or width % self.size_multiple:
@@ -441,14 +475,15 @@ class DiffusersSystem(nn.Module):
         device = self.alphas_cumprod.device
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
-        ids = self.tokenize(prompts)
         time_ids = None
         if self.is_sdxl:
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
             time_ids = time_ids.expand(len(prompts), 6)
-            cond = self.condition({"ids": ids, "time_ids": time_ids})
-        else:
-            cond = self.condition(ids)
+        if cond is None:
+            ids = self.tokenize(prompts)
+            cond = self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
+        elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:
+            time_ids = cond["time_ids"]
         uncond = self._uncond(negative, cond, len(prompts), time_ids)
         run = diffusion.ddim_sample if sampler == "ddim" else diffusion.euler_sample
         latents = run(self.denoiser(), x, cond, alphas_cumprod=self.alphas_cumprod, num_steps=steps, uncond=uncond,

@@ -98,7 +98,7 @@ def _takes(method, name: str) -> bool:
 @torch.no_grad()
 def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, steps: int = 25,
              guidance: float | None = None, sampler: str = "ddim", height: int | None = None,
-             width: int | None = None) -> Tensor:
+             width: int | None = None, cond: object | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1].
 
     The system's own ``sample`` when it takes the request (every system does DDIM at its own
@@ -106,8 +106,14 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     System protocol (``tokenize``, ``condition``, ``denoiser``, ``decode_latents``), the latent
     shape probed with ``encode_images``. ``guidance`` ``None``: the system's default (SD 7.5, toy 2).
 
+    ``cond``: the prompts' conditioning, precomputed — what ``system.condition`` returns for them
+    ((B, L, D) text states, or the system's dict), e.g. personalised by aesthetic gradients
+    (:func:`sdadapt.aesthetic.aesthetic_sample`); ``None``: ``system.condition`` of ``prompts``.
+    The unconditional branch is always the system's own conditioning of ``negative``.
+
     Raises:
         ValueError: an unknown sampler, or a size the system cannot make.
+        TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -118,6 +124,12 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     options: dict = {"seed": seed, "steps": steps, "negative": negative}
     if guidance is not None:
         options["guidance"] = guidance
+    own_sampler = _takes(system.sample, "sampler") or sampler == "ddim"  # else Euler through the protocol, below
+    if cond is not None and own_sampler:
+        if not _takes(system.sample, "cond"):
+            raise TypeError(f"{type(system).__name__}.sample takes no cond= argument, so a precomputed conditioning "
+                            "cannot be passed in; add a cond=None override to its sample method")
+        options["cond"] = cond
     if _takes(system.sample, "sampler"):
         return system.sample(prompts, sampler=sampler, height=height, width=width, **options)
     if custom:
@@ -128,7 +140,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(prompts), *probe.shape[1:], generator=g).to(probe.device)
-    cond = system.condition(system.tokenize(prompts))
+    if cond is None:
+        cond = system.condition(system.tokenize(prompts))
     uncond = system.condition(system.tokenize([negative] * len(prompts)))
     scale = guidance if guidance is not None else float(inspect.signature(system.sample).parameters["guidance"].default)
     latents = diffusion.euler_sample(system.denoiser(), x, cond, alphas_cumprod=system.alphas_cumprod, num_steps=steps,

@@ -11,7 +11,6 @@ embedding over held-in toy prompts — which plays the role of CLIP's ``text_pro
 
 from __future__ import annotations
 
-import inspect
 import itertools
 
 import torch
@@ -120,22 +119,24 @@ def aesthetic_conditioning(system, prompts: list[str], embedding: Tensor, *, pro
 def aesthetic_sample(system, prompts: list[str], embedding: Tensor, *, projection: Tensor | nn.Module | None = None,
                      aesthetic_steps: int = 5, lr: float = 1e-4, weight: float = 0.9, slerp: bool = False,
                      text: str | None = None, text_angle: float = 0.1, text_negative: bool = False,
-                     seed: int = 0, steps: int = 25, guidance: float | None = None, negative: str = "") -> Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for ``prompts`` with aesthetic gradients (``--aesthetic``).
+                     seed: int = 0, steps: int = 25, guidance: float | None = None, negative: str = "",
+                     sampler: str = "ddim", height: int | None = None, width: int | None = None) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for ``prompts`` with aesthetic gradients (``generate --aesthetic``).
 
-    The prompts' conditioning is :func:`aesthetic_conditioning`; the negative/unconditional branch
-    uses the unmodified encoder (as the original does for the empty prompt). ``steps`` and
-    ``guidance`` are the sampler's (``guidance`` default: the system's own default).
+    The prompts' conditioning is :func:`aesthetic_conditioning`, passed to
+    :func:`sdadapt.sampling.generate` as ``cond=`` (the one sampling path ``generate`` uses); the
+    negative/unconditional branch uses the unmodified encoder (as the original does for the
+    empty prompt). ``steps``, ``guidance``, ``sampler``, ``height``/``width`` are the sampler's
+    (``guidance`` default: the system's own default). With ``weight=0`` (or ``aesthetic_steps=0``)
+    the images equal plain ``generate`` bit for bit.
 
     Raises:
-        TypeError: ``system.sample`` takes no ``cond=`` override (the toy system does).
+        TypeError: ``system.sample`` takes no ``cond=`` override (the toy and Stable Diffusion systems do).
     """
-    sample = system.sample
-    if "cond" not in inspect.signature(sample).parameters:
-        raise TypeError(f"{type(system).__name__}.sample takes no cond= argument, so the personalised conditioning "
-                        "cannot be passed in; use aesthetic_conditioning with your own sampler")
+    from ..sampling import generate
+
     cond = aesthetic_conditioning(system, prompts, embedding, projection=projection, aesthetic_steps=aesthetic_steps,
                                   lr=lr, weight=weight, slerp=slerp, text=text, text_angle=text_angle,
                                   text_negative=text_negative)
-    options = {} if guidance is None else {"guidance": guidance}
-    return sample(prompts, seed=seed, steps=steps, negative=negative, cond=cond, **options)
+    return generate(system, prompts, negative=negative, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
+                    height=height, width=width, cond=cond)

@@ -3,9 +3,11 @@
 * :mod:`.inspect` — ``inspect``;
 * :mod:`.train` — ``demo``, ``train``;
 * :mod:`.generate` — ``generate``;
+* :mod:`.aesthetic` — ``aesthetic-embedding``;
 * :mod:`.invert` — ``invert``;
 * :mod:`.loratools` — ``extract-lora``, ``resize-lora``, ``merge-lora``, ``combine-loras``;
 * :mod:`.merge` — ``merge`` and one sub-command per merge operator;
+* :mod:`.custom_diffusion` — ``merge-custom-diffusion``;
 * :mod:`.options` — the options they all share (``-o/--out``, ``--overwrite``, ``-q/--quiet``,
   ``--dtype``, comma-separated numbers) and the progress bar.
 
@@ -34,7 +36,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m sdadapt`` parser with every command (each module's ``register``)."""
-    from . import generate, inspect, invert, loratools, merge, train
+    from . import aesthetic, custom_diffusion, generate, inspect, invert, loratools, merge, train
     from .. import __version__
 
     from ..errors import exit_code_table
@@ -51,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.register(sub)
     train.register(sub)  # demo, train
     generate.register(sub)
+    aesthetic.register(sub)  # aesthetic-embedding
     invert.register(sub)
     loratools.register(sub)  # extract-lora, resize-lora, merge-lora, combine-loras
     merge.register(sub)
+    custom_diffusion.register(sub)  # merge-custom-diffusion
     return parser
 
 

@@ -22,6 +22,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, device=args.device,
+        aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
+        aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
+        aesthetic_text=args.aesthetic_text,
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     for file in result["files"]:
@@ -59,6 +62,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     generate.add_argument("--clip-skip", type=positive_int, default=1)
     generate.add_argument("--device", default="auto")
+    aesthetic = generate.add_argument_group(
+        "aesthetic gradients",
+        "personalise the text encoder toward an aesthetic embedding (python -m sdadapt aesthetic-embedding) for a few "
+        "steps before sampling; the negative prompt uses the unmodified encoder (docs/aesthetic-gradients.md)")
+    aesthetic.add_argument("--aesthetic", default=None, metavar="FILE",
+                           help="an aesthetic embedding (.pt of the A1111 extension, or .safetensors)")
+    aesthetic.add_argument("--aesthetic-steps", type=int, default=5, metavar="N",
+                           help="Adam steps on the text encoder (default 5, A1111's; 0 = off)")
+    aesthetic.add_argument("--aesthetic-lr", type=float, default=1e-4, metavar="LR", help="learning rate (default 1e-4)")
+    aesthetic.add_argument("--aesthetic-weight", type=float, default=0.9, metavar="W",
+                           help="mix of the personalised conditioning, 0..1 (default 0.9; 0 = the plain image)")
+    aesthetic.add_argument("--aesthetic-slerp", action="store_true", help="mix by A1111's slerp instead of linearly")
+    aesthetic.add_argument("--aesthetic-text", default=None, metavar="TEXT",
+                           help="A1111's aesthetic text: turn the target slightly toward this phrase's CLIP features")
+    aesthetic.add_argument("--aesthetic-clip", default=None, metavar="DIR",
+                           help="the CLIP model (folder or checkpoint) with the text_projection; needed for Stable "
+                           "Diffusion models (openai/clip-vit-large-patch14 for SD1), not for the toy")
     group = add_output_options(generate, out_help="output .png", dtype_help="not used (images)")
     del group
     generate.set_defaults(run=_cmd_generate)

@@ -34,8 +34,11 @@ KOHYA_KEYS = {
     "save_precision": "dtype",
     "dataset_repeats": "repeats",
     "class_tokens": "prompt",
+    "token_string": "token",
+    "num_vectors_per_token": "vectors",
     "network_dim": "rank",
     "network_alpha": "alpha",
+    "stop_text_encoder_training": "text_encoder_steps",
     "conv_dim": "conv_rank",
     "output_name": "output_name",
     "output_dir": "output_dir",
@@ -189,6 +192,10 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
         if name == "network_train_unet_only":
             methods["text_encoder"] = not value
             continue
+        if name in ("use_object_template", "use_style_template"):  # kohya's textual-inversion caption templates
+            if value:
+                options["templates"] = "object" if name == "use_object_template" else "style"
+            continue
         if name == "v_parameterization":
             if value:
                 options["prediction_type"] = "v_prediction"
@@ -304,6 +311,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {result['method']} on {_plural(result['images'], 'image')}{prior} for {_plural(result['steps'], 'step')} "
           f"({_plural(result['epochs'], 'epoch')}){resumed} in {result['seconds']:.0f} s{trend}")
     print(f"wrote {result['file']}")
+    if result.get("lora"):
+        lora = result["lora"]
+        print(f"wrote {lora['file']}: rank-{lora['rank']} LoRA of the change, {lora['layers']} layers, largest relative "
+              f"error ‖Δ − LoRA‖/‖Δ‖ = {lora['max_relative_error']:.3g} ({lora['worst_layer']})")
     print(f"log:  {result['log']}" + (f" (TensorBoard: {result['tensorboard']})" if result["tensorboard"] else ""))
     if result["samples"]:
         print(f"samples: {_plural(len(result['samples']), 'image')} in {Path(result['samples'][0]).parent}")
@@ -333,6 +344,12 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--keep-tokens", type=int, metavar="N", help="the first N tags never move (with --shuffle-caption)")
     add(data, "--caption-dropout-rate", type=float, metavar="P", help="train on the empty caption with probability P")
     add(data, "--caption-tag-dropout-rate", type=float, metavar="P", help="drop each movable tag with probability P")
+    add(data, "--caption-template", metavar="TEXT",
+        help="trigger-word methods (--token): what a caption without the token becomes; {token} = the trigger word, "
+        "{caption} = the image's caption (A1111's [name], [filewords] work too); default '{token}, {caption}'")
+    add(data, "--templates", choices=("object", "style"),
+        help="trigger-word methods: captions of images without one, the textual-inversion paper's 'object' templates "
+        "('a photo of a {token}' ..., default) or 'style' ('a painting in the style of {token}' ...)")
     add(data, "--resolution", type=_resolution, metavar="SIZE|W,H",
         help="training resolution (default: the model's: SD1/SD2 512, SDXL 1024, toy 32)")
     add(data, "--enable-bucket", "--bucket", dest="enable_bucket", action=bool_flag,
@@ -386,8 +403,18 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off)")
     add(optim, "--noise-offset", type=float, metavar="X", help="offset noise strength (e.g. 0.05; default 0)")
     add(optim, "--ema-decay", type=float, metavar="D", help="save the EMA of the weights (e.g. 0.999; default off)")
+    add(optim, "--ema-save", choices=("weights", "beside"),
+        help="full/dreambooth with --ema-decay: weights (default) saves the EMA as the model's weights; beside saves the "
+        "raw weights with the EMA beside them (model_ema.* keys in an LDM file, unet_ema/ in a diffusers folder)")
+    add(optim, "--text-encoder-steps", "--stop-text-encoder-training", dest="text_encoder_steps", type=int, metavar="N",
+        help="train the text encoder for the first N steps only (kohya's --stop_text_encoder_training; default: every step)")
     add(optim, "--seed", type=int, help="default 0")
     add(optim, "--stop-on-nan", action=bool_flag, help="stop at the first NaN/inf loss, naming the step (default on)")
+    add(optim, "--gradient-checkpointing", action=bool_flag,
+        help="recompute the UNet blocks' activations in backward instead of keeping them: less memory, ~1 more forward")
+    add(optim, "--fused-backward-pass", action=bool_flag,
+        help="full/dreambooth: step the optimiser inside backward, freeing each gradient at once (no model-sized gradient "
+        "buffer); needs --max-grad-norm 0, no accumulation, no fp16")
 
     prior = train.add_argument_group("prior preservation (DreamBooth class images)")
     add(prior, "--class-prompt", help="the class your images belong to, e.g. 'a photo of a dog': the unadapted model's images "
@@ -412,6 +439,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(save, "--log-with", choices=("auto", "csv", "tensorboard"),
         help="the CSV log OUT-log.csv is always written; auto (default) adds TensorBoard events when installed")
     add(save, "--training-comment", metavar="TEXT", help="stored as ss_training_comment")
+    add(save, "--extract-lora", type=int, metavar="RANK",
+        help="full/dreambooth: also write OUT-loraRANK.safetensors, the kohya LoRA of the change (tuned - base)")
     group = add_output_options(train, out_help="output file (default: <images folder>-<method>.safetensors; full/dreambooth: "
                                "an LDM .safetensors or a diffusers folder)", required=False,
                                dtype_help="float32, as trained")

@@ -126,7 +126,7 @@ def run_demo(
     spec = _method(method)
     folder = Path(out)
     adapter_path, picture_path = folder / f"{concept}-{method}{spec.file_suffix}", folder / "before_after.png"
-    _refuse_existing([adapter_path, picture_path], overwrite)
+    _refuse_existing([*spec.outputs(adapter_path), picture_path], overwrite)
     _check_dtype(spec, dtype)
     start = time.perf_counter()
     system = load_toy(weights)

@@ -46,6 +46,13 @@ def run_generate(
     prediction_type: str | None = None,
     clip_skip: int = 1,
     device: str = "auto",
+    aesthetic: str | os.PathLike | None = None,
+    aesthetic_steps: int = 5,
+    aesthetic_lr: float = 1e-4,
+    aesthetic_weight: float = 0.9,
+    aesthetic_slerp: bool = False,
+    aesthetic_clip: str | os.PathLike | None = None,
+    aesthetic_text: str | None = None,
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -57,6 +64,13 @@ def run_generate(
         embeddings: textual-inversion files; their trigger words (the file names) work in the prompts.
         steps: sampler steps (default 25; the toy 25).
         count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
+        aesthetic: an aesthetic-gradient embedding file (``.pt``/``.safetensors``): the prompt's text
+            conditioning is personalised toward it (``aesthetic_steps`` Adam steps at ``aesthetic_lr``,
+            mixed in at ``aesthetic_weight``, linearly or by ``aesthetic_slerp``; A1111's defaults 5,
+            1e-4, 0.9) once, then every image is sampled with it (``aesthetic_weight=0``: the plain
+            images bit for bit). ``aesthetic_clip``: the CLIP model (folder or checkpoint) whose
+            ``text_projection`` maps the text into the embedding's space — needed for Stable
+            Diffusion models; the toy uses its fitted one. ``aesthetic_text``: A1111's "aesthetic text".
 
     Returns:
         ``{"files": [...], "seconds": ..., "loras": [...], "embeddings": [...], "unknown_words": [...]}``.
@@ -93,6 +107,10 @@ def run_generate(
     for path in embeddings:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--embedding {path}: no such file")
+    if aesthetic is not None:
+        from .aesthetic import check_aesthetic_request
+
+        check_aesthetic_request(model, aesthetic, clip=aesthetic_clip)
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip)
@@ -111,15 +129,25 @@ def run_generate(
     if unknown:
         say(f"warning: the toy model does not know {', '.join(unknown)} (it reads them as <unk>); its words: "
             f"{', '.join(_toy_vocabulary(system))}")
+    cond = None
+    if aesthetic is not None:
+        from .aesthetic import aesthetic_generation_conditioning
+
+        cond = aesthetic_generation_conditioning(system, text, aesthetic, steps=aesthetic_steps, lr=aesthetic_lr,
+                                                 weight=aesthetic_weight, slerp=aesthetic_slerp, clip=aesthetic_clip,
+                                                 text=aesthetic_text)
+        say(f"aesthetic {aesthetic}: {aesthetic_steps} steps at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
+            f"{' (slerp)' if aesthetic_slerp else ''}")
     written = []
     for i, file in enumerate(files):
         image = generate(system, [text], negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
-                         sampler=sampler, height=height, width=width)[0]
+                         sampler=sampler, height=height, width=width, cond=cond)[0]
         written.append(str(write_png(file, image)))
         if progress is not None:
             progress(i + 1, len(files), file.name)
     return {"files": written, "seconds": time.perf_counter() - start, "loras": applied,
-            "embeddings": [h.name for h in handles], "unknown_words": unknown}
+            "embeddings": [h.name for h in handles], "unknown_words": unknown,
+            "aesthetic": None if aesthetic is None else str(aesthetic)}
 
 
 def _apply_lora_file(system, path: Path, scale: float) -> dict:

@@ -9,6 +9,7 @@ kohya's ``ss_*`` training metadata.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..methods import FitConfig, fit
+from ..methods.finetune import EMAWeights, extracted_lora_path
 from ..training.step import StepConfig
 from .demo import Progress, _check_dtype, _method, prior_images
 from .models import load_system, resolve_device
@@ -44,6 +46,13 @@ class TrainOptions:
     ((height, width); default the model's), ``enable_bucket``, ``min_bucket_reso``,
     ``max_bucket_reso``, ``bucket_reso_steps``, ``bucket_no_upscale``.
 
+    Trigger-word methods (textual inversion, DreamArtist, Custom Diffusion): captions must mention
+    ``--token``. Images without a caption get a random one of the ``templates`` set (``object``:
+    "a photo of a {token}" …, the paper's; ``style``: "a painting in the style of {token}" …), fixed
+    per image; captions without the token become ``caption_template`` (``{token}``, ``{caption}``;
+    A1111's ``[name]``, ``[filewords]`` work too; default ``"{token}, {caption}"``); see
+    :func:`sdadapt.methods.textual_inversion.trigger_captions`.
+
     Model: ``model`` (``toy``, a diffusers folder, a single file), ``tokenizer``,
     ``prediction_type``, ``clip_skip``, ``device``; ``method_options`` (the method's own, e.g.
     ``{"rank": 16}``; see :class:`sdadapt.methods.MethodOption`).
@@ -53,7 +62,18 @@ class TrainOptions:
     ``weight_decay``, ``lr_scheduler``, ``lr_warmup_steps`` (a count, or a fraction of the steps
     when < 1), ``lr_scheduler_num_cycles``, ``max_grad_norm`` (0 = no clipping),
     ``mixed_precision`` (``no``/``fp16``/``bf16``), ``min_snr_gamma`` (0 = off), ``noise_offset``,
-    ``ema_decay``, ``seed``, ``stop_on_nan``.
+    ``ema_decay``, ``seed``, ``stop_on_nan``; ``text_encoder_steps`` (train the text encoder for
+    the first N steps only, kohya's ``stop_text_encoder_training``).
+
+    Memory: ``gradient_checkpointing`` (recompute the UNet blocks' activations in backward; any
+    method), ``fused_backward_pass`` (full, dreambooth: the optimiser steps inside backward, no
+    gradient buffer; needs ``max_grad_norm=0``, no accumulation, no fp16) — see
+    :class:`sdadapt.methods.FitConfig`.
+
+    Whole-model methods (full, dreambooth): ``ema_save`` (``weights``: the saved weights are the
+    EMA; ``beside``: the raw weights, with the EMA beside them — ``model_ema.*`` keys in an LDM file,
+    ``unet_ema/`` in a diffusers folder), ``extract_lora`` (also write ``<stem>-lora<RANK>.safetensors``,
+    the LoRA of the change).
 
     Prior preservation: ``class_prompt``, ``class_images``, ``prior``, ``prior_weight``.
 
@@ -72,6 +92,8 @@ class TrainOptions:
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
+    caption_template: str | None = None
+    templates: str = "object"
     resolution: tuple[int, int] | None = None
     enable_bucket: bool = True
     min_bucket_reso: int | None = None
@@ -101,6 +123,11 @@ class TrainOptions:
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
     ema_decay: float | None = None
+    ema_save: str = "weights"
+    text_encoder_steps: int | None = None
+    gradient_checkpointing: bool = False
+    fused_backward_pass: bool = False
+    extract_lora: int | None = None
     seed: int = 0
     stop_on_nan: bool = True
     class_prompt: str | None = None
@@ -170,11 +197,60 @@ class TrainOptions:
             raise ValueError("--sample-every-n-steps/--sample-every-n-epochs need --sample-prompts FILE (one prompt a line)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in (0, 1), e.g. 0.999; got {self.ema_decay}")
+        if self.ema_save not in ("weights", "beside"):
+            raise ValueError(f"--ema-save must be weights or beside, got {self.ema_save!r}")
+        if self.text_encoder_steps is not None and not self.text_encoder_steps >= 0:
+            raise ValueError(f"--text-encoder-steps must be >= 0 (leave it out to train the text encoder every step), "
+                             f"got {self.text_encoder_steps}")
+        if self.extract_lora is not None and self.extract_lora < 1:
+            raise ValueError(f"--extract-lora must be a LoRA rank >= 1, got {self.extract_lora}")
+        if self.fused_backward_pass:
+            clashes = [what for what, clash in (
+                (f"--max-grad-norm {self.max_grad_norm} (pass --max-grad-norm 0: the global norm needs every gradient at once)",
+                 bool(self.max_grad_norm)),
+                (f"--gradient-accumulation-steps {self.gradient_accumulation_steps}", self.gradient_accumulation_steps != 1),
+                ("--mixed-precision fp16 (its GradScaler needs every gradient at once; use bf16)", self.mixed_precision == "fp16"),
+            ) if clash]
+            if clashes:
+                raise ValueError("--fused-backward-pass steps each weight as soon as its gradient arrives, so it cannot be "
+                                 "combined with " + "; ".join(clashes))
+        from ..methods.textual_inversion import TEMPLATE_SETS, caption_template
+
+        if self.templates not in TEMPLATE_SETS:
+            raise ValueError(f"--templates must be one of {', '.join(TEMPLATE_SETS)}, got {self.templates!r}")
+        if self.caption_template is not None:
+            caption_template(self.caption_template)
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
             raise ValueError(f"--resolution must be SIZE or WIDTH,HEIGHT, got {self.resolution}")
+
+
+#: the caption find_images gives an image without one, for a trigger method (replaced by a template)
+_TEMPLATE_CAPTION = "\x00template"
+
+
+def _trigger_captions(records: list, token: str, options: TrainOptions) -> list[str]:
+    """Give every record a caption that mentions ``token`` (in place; :func:`trigger_captions`);
+    returns notes saying what was done."""
+    from ..methods.textual_inversion import DEFAULT_CAPTION_TEMPLATE, TEMPLATE_SETS, caption_template, trigger_captions
+
+    own = [None if r.caption == _TEMPLATE_CAPTION else r.caption for r in records]
+    template = caption_template(options.caption_template if options.caption_template is not None else DEFAULT_CAPTION_TEMPLATE)
+    made = trigger_captions(own, token, templates=TEMPLATE_SETS[options.templates], seed=options.seed, template=template)
+    filled = sum(c is None for c in own)
+    templated = sum(c is not None and c != m for c, m in zip(own, made))
+    for record, caption in zip(records, made):
+        record.caption = caption
+    notes = []
+    if filled:
+        example = next(m for c, m in zip(own, made) if c is None)
+        notes.append(f"{filled} image(s) without a caption: {options.templates} template captions with {token} "
+                     f"(e.g. {example!r})")
+    if templated:
+        notes.append(f"{templated} caption(s) without {token}: written as {template!r} (--caption-template)")
+    return notes
 
 
 @dataclass
@@ -210,13 +286,27 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
         raise WeightFileError(f"{final}: folder {folder} does not exist; create it first")
     if final.is_dir():
         raise WeightFileError(f"{final}: is a folder; give a file name such as {final / ('out' + spec.file_suffix)}")
-    whole_model = spec.prepare.__name__ == "prepare_full"  # full / dreambooth: a .safetensors file or a folder
-    if final.suffix.lower() != spec.file_suffix and not (whole_model and not final.suffix):
-        kinds = f"{spec.file_suffix} files" + (" or diffusers folders (a name without a suffix)" if whole_model else "")
+    whole_model = _whole_model(spec)  # full / dreambooth: a .safetensors file or a folder
+    if not whole_model and options.extract_lora is not None:
+        raise ValueError(f"--extract-lora is for the whole-model methods (full, dreambooth); {spec.name} already writes "
+                         "a small file")
+    if not whole_model and options.fused_backward_pass:
+        raise ValueError(f"--fused-backward-pass is for the whole-model methods (full, dreambooth), where the gradients "
+                         f"are as large as the model; {spec.name}'s few trained weights gain nothing from it")
+    if not whole_model and options.ema_save != "weights":
+        raise ValueError(f"--ema-save {options.ema_save} is for the whole-model methods (full, dreambooth); an adapter's "
+                         "file holds the EMA as its weights")
+    if options.ema_save == "beside" and options.ema_decay is None:
+        raise ValueError("--ema-save beside needs --ema-decay D (e.g. 0.999): there is no EMA to save without it")
+    suffixes = (spec.file_suffix, *getattr(spec, "other_suffixes", ()))
+    if final.suffix.lower() not in suffixes and not (whole_model and not final.suffix):
+        kinds = " or ".join(f"{x} files" for x in suffixes) + (" or diffusers folders (a name without a suffix)" if whole_model else "")
         raise WeightFileError(f"{final}: {spec.name} writes {kinds}; name the output *{spec.file_suffix}")
     if not os.access(folder, os.W_OK):
         raise WeightFileError(f"{final}: cannot write into {folder} (permission denied)")
     existing = [p for p in [*spec.outputs(final), *planned] if p.exists()]
+    if options.extract_lora is not None and extracted_lora_path(final, options.extract_lora).exists():
+        existing.append(extracted_lora_path(final, options.extract_lora))
     if options.resume is None and outputs.state.exists() and options.save_state and (options.save_every_n_steps or options.save_every_n_epochs):
         existing.append(outputs.state)
     if options.resume is None and outputs.log.exists():
@@ -224,6 +314,11 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
     if existing and not options.overwrite:
         names = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise FileExistsError(f"{names}: already exist(s); pass --overwrite to replace, or choose another -o")
+
+
+def _whole_model(spec) -> bool:
+    """Whether the method saves the whole tuned model (full, dreambooth) rather than an adapter file."""
+    return getattr(spec.prepare, "__name__", "") in ("prepare_full", "prepare_dreambooth")
 
 
 def _stamp(path: Path, *, metadata: dict[str, str], dtype: torch.dtype | None, hashes: bool) -> None:
@@ -271,11 +366,13 @@ class _Hashes:
         return self._value
 
 
-def _save(adaptation, spec, path: Path, *, metadata: dict[str, str], dtype: torch.dtype | None) -> Path:
-    """The method's file, with ``metadata``; safetensors adapter files get dtype and kohya hashes."""
+def _save(adaptation, spec, path: Path, *, metadata: dict[str, str], dtype: torch.dtype | None, ema=None) -> Path:
+    """The method's file, with ``metadata``; safetensors adapter files get dtype and kohya hashes; a whole
+    model gets ``ema`` (:class:`~sdadapt.methods.finetune.EMAWeights`) beside its weights when given."""
     whole_model = "dtype" in inspect.signature(adaptation.save).parameters
     if whole_model:
-        saved = Path(adaptation.save(path, metadata=metadata, dtype=dtype))
+        extra = {"ema": ema} if ema is not None else {}
+        saved = Path(adaptation.save(path, metadata=metadata, dtype=dtype, **extra))
     else:
         saved = Path(adaptation.save(path, metadata=metadata))
         if saved.suffix.lower() == ".safetensors":
@@ -308,7 +405,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
 
     Returns:
         ``{"method", "images", "prior_images", "losses", "seconds", "file", "steps", "epochs",
-        "report", "saved", "samples", "log", "state", "resumed_from"}``.
+        "report", "saved", "samples", "log", "state", "resumed_from", "lora"}`` (``lora``: with
+        ``extract_lora``, ``{"file", "rank", "layers", "max_relative_error", "worst_layer"}``, the
+        error measured on the file written; else ``None``).
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is false.
@@ -349,11 +448,20 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     _check_outputs(spec, options, outputs, planned=[])
     device = resolve_device(options.device)
     start_time = time.perf_counter()
-    records, notes = find_images(options.images, default_caption=options.prompt,
+    trigger = options.method_options.get("token") if getattr(spec, "trigger", False) else None
+    if trigger is None and (options.caption_template is not None or options.templates != "object"):
+        raise ValueError(f"--caption-template and --templates are for methods that learn a trigger word (--token); "
+                         f"{method} trains on the captions as they are")
+    records, notes = find_images(options.images, default_caption=options.prompt or (_TEMPLATE_CAPTION if trigger else None),
                                  caption_extension=options.caption_extension, repeats=options.repeats)
+    if trigger is not None:
+        notes.extend(_trigger_captions(records, trigger, options))
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
                          prediction_type=options.prediction_type, clip_skip=options.clip_skip)
+    if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
+        raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
+                         "weights (LDM files and diffusers folders do); use --ema-save weights")
     native = int(system.image_size)
     height, width = options.resolution or (native, native)
     multiple = int(getattr(system, "size_multiple", 4))
@@ -372,7 +480,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     dataset = Dataset(records, captions=captions, notes=notes)
     from ..sampling import unknown_words
 
-    unknown_caption_words = sorted({w for r in records for w in unknown_words(system, r.caption)})
+    unknown_caption_words = sorted({w for r in records for w in unknown_words(system, r.caption)}
+                                   - ({trigger.lower(), f"{trigger.lower()}-neg"} if trigger else set()))
     if unknown_caption_words:
         dataset.notes.append(f"the toy tokenizer does not know {', '.join(unknown_caption_words[:8])} (they become <unk>); "
                              f"its words: {', '.join(_toy_vocabulary(system))}")
@@ -416,7 +525,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         steps=total, batch_size=options.batch_size, learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate,
         warmup_steps=warmup_steps, schedule=options.lr_scheduler, seed=options.seed, optimizer=options.optimizer,
         weight_decay=options.weight_decay, text_encoder_lr=options.text_encoder_lr, num_cycles=options.lr_scheduler_num_cycles,
-        ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan,
+        ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan, text_encoder_steps=options.text_encoder_steps,
+        ema_into_weights=options.ema_save == "weights", gradient_checkpointing=options.gradient_checkpointing,
+        fused_backward=options.fused_backward_pass,
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
                         max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed),
     )
@@ -432,6 +543,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                               weight=options.prior_weight, count=count, size=(height, width),
                               progress=bars("class images", "image") if bars is not None else None)
     adaptation = spec.adapt(system, seed=options.seed, **options.method_options)
+    share = getattr(adaptation, "text_encoder_share", None)
+    if config.text_encoder_steps is None and share is not None:  # the method's default stop, recorded in the metadata
+        config = dataclasses.replace(config, text_encoder_steps=round(share * total))
     hashes = _Hashes(options.model)
     started_at = time.time()
     saved: list[str] = []
@@ -458,11 +572,20 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             sample_written.append(str(path))
         say(f"step {step}: {len(samples)} sample image{'s' if len(samples) != 1 else ''} in {outputs.samples}")
 
-    def save_now(progress_info, path: Path) -> None:
+    def ema_beside(progress_info) -> EMAWeights | None:
+        """The UNet's EMA now, when it is saved beside the raw weights (--ema-save beside)."""
+        if options.ema_save != "beside":
+            return None
         with progress_info.averaged():
+            return EMAWeights(adaptation.unet_weights(), float(options.ema_decay), progress_info.step)  # type: ignore[attr-defined,arg-type]
+
+    def save_now(progress_info, path: Path) -> None:
+        ema = ema_beside(progress_info)
+        with progress_info.averaged() if ema is None else contextlib.nullcontext():
             for output in spec.outputs(path):
                 _replace(output)
-            _save(adaptation, spec, path, metadata=metadata(progress_info.step, progress_info.epoch), dtype=options.dtype)
+            _save(adaptation, spec, path, metadata=metadata(progress_info.step, progress_info.epoch), dtype=options.dtype,
+                  ema=ema)
         saved.append(str(path))
         if options.save_state:
             progress_info.save_state(outputs.state)
@@ -476,6 +599,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
 
     def on_step(info) -> None:
         last["info"] = info
+        if info.step == total and options.ema_save == "beside":
+            last["ema"] = ema_beside(info)
         run_log.step(info.step, info.epoch, info.loss, info.lr)
         if info.step in planned:
             save_now(info, planned[info.step])
@@ -506,13 +631,21 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         run_log.close()
     if options.overwrite:
         _replace(outputs.final)
-    file = _save(adaptation, spec, outputs.final, metadata=metadata(total, epochs), dtype=options.dtype)
+    file = _save(adaptation, spec, outputs.final, metadata=metadata(total, epochs), dtype=options.dtype, ema=last.get("ema"))
+    lora = None
+    if options.extract_lora is not None:
+        lora_file = extracted_lora_path(outputs.final, options.extract_lora)
+        report = adaptation.extract_lora(lora_file, rank=options.extract_lora, dtype=options.dtype,  # type: ignore[attr-defined]
+                                         overwrite=options.overwrite)
+        worst = max(report.layers.items(), key=lambda kv: kv[1].residual_norm / max(kv[1].norm, 1e-30))
+        lora = {"file": str(lora_file), "rank": options.extract_lora, "layers": len(report.layers),
+                "max_relative_error": worst[1].residual_norm / max(worst[1].norm, 1e-30), "worst_layer": worst[0]}
     return {"method": method, "images": len(records), "prior_images": 0 if prior_data is None else len(prior_data[1]),
             "losses": losses, "seconds": time.perf_counter() - start_time, "file": str(file), "steps": total,
             "epochs": epochs, "report": dataset.report(), "saved": saved, "samples": sample_written,
             "log": str(outputs.log), "tensorboard": str(outputs.tensorboard) if tensorboard else None,
             "state": str(outputs.state) if saved and options.save_state else None,
-            "resumed_from": start if options.resume is not None else None}
+            "resumed_from": start if options.resume is not None else None, "lora": lora}
 
 
 def _with_note(exc: Exception, note: str) -> Exception:
@@ -590,6 +723,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_optimizer": config.optimizer,
         "ss_mixed_precision": options.mixed_precision,
         "ss_full_fp16": "False",
+        "ss_gradient_checkpointing": str(options.gradient_checkpointing),
         "ss_clip_skip": str(options.clip_skip),
         "ss_resolution": f"({width}, {height})",
         "ss_enable_bucket": str(options.enable_bucket),
@@ -615,6 +749,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_max_grad_norm": str(options.max_grad_norm),
         "ss_prior_loss_weight": str(options.prior_weight),
         "ss_ema_decay": str(options.ema_decay),
+        "ss_stop_text_encoder_training": str(config.text_encoder_steps),
         "ss_v_parameterization": str(getattr(system, "prediction_type", "epsilon") == "v_prediction"),
         "ss_sd_model_name": model_file.name if model_file is not None else Path(str(options.model)).name,
         "ss_sd_model_hash": base.get("legacy", ""),

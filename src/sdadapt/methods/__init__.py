@@ -17,8 +17,9 @@ from typing import Any, Literal
 import torch
 
 from .clip_inversion import ClipInversionAdaptation, prepare_clip_inversion
+from .custom_diffusion import CustomDiffusion, companion_token_files, prepare_custom_diffusion
 from .dreamartist import DreamArtist, negative_files, prepare_dreamartist, sample_dreamartist
-from .finetune import FullAdaptation, class_images, prepare_full
+from .finetune import FullAdaptation, class_images, prepare_dreambooth, prepare_full
 from .fit import Adaptation, FitConfig, fit
 from .hypernetwork import HypernetworkAdaptation, prepare_hypernetwork
 from .lora import (
@@ -50,6 +51,7 @@ __all__ = [
     "prepare_lora",
     "prepare_locon",
     "prepare_full",
+    "prepare_dreambooth",
     "prepare_loha",
     "prepare_lokr",
     "prepare_dora",
@@ -63,6 +65,8 @@ __all__ = [
     "DreamArtist",
     "prepare_dreamartist",
     "sample_dreamartist",
+    "CustomDiffusion",
+    "prepare_custom_diffusion",
 ]
 
 
@@ -108,7 +112,8 @@ LORA_OPTIONS = (
     MethodOption("conv_alpha", float, "alpha of the 3x3 convolutions (kohya conv_alpha; default: = conv rank)",
                  ("--conv-alpha",), "A"),
     MethodOption("text_encoder", bool, "train the text encoder(s) too (LoRA family: on by default, --no-text-encoder "
-                 "is kohya's --network_train_unet_only; full/dreambooth: off by default)", ("--text-encoder",)),
+                 "is kohya's --network_train_unet_only; dreambooth: on for the first half of the steps, see "
+                 "--text-encoder-steps; full: off by default)", ("--text-encoder",)),
     MethodOption("targets", str, "UNet layers: kohya (transformer blocks, the default), attention (q/k/v/out only), "
                  "locon (every block layer incl. ResNets)", ("--network-targets",), "PRESET"),
 )
@@ -132,6 +137,8 @@ class Method:
     steps: int
     prior: Prior = "off"
     file_suffix: str = ".safetensors"
+    #: other suffixes ``save`` writes (textual inversion: ``.pt`` = A1111's dict); ``train -o`` accepts them too
+    other_suffixes: tuple[str, ...] = ()
     #: options ``prepare`` takes as keywords (``train`` flags and TOML keys; see :class:`MethodOption`)
     options: tuple[MethodOption, ...] = ()
     #: the method learns a trigger word: ``prepare`` needs ``token=WORD``, the word the captions use
@@ -181,11 +188,11 @@ register_method(Method("loha", "LoHa r4 on the UNet transformer blocks and the t
 register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 3e-3, 600, "auto", options=LORA_OPTIONS))
 register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto", options=LORA_OPTIONS))
 _FULL_OPTIONS = (MethodOption("text_encoder", bool, "train the text encoder(s) too (LoRA family: on by default, "
-                              "--no-text-encoder is kohya's --network_train_unet_only; full/dreambooth: off by default)",
-                              ("--text-encoder",)),)
+                              "--no-text-encoder is kohya's --network_train_unet_only; dreambooth: on for the first half "
+                              "of the steps, see --text-encoder-steps; full: off by default)", ("--text-encoder",)),)
 register_method(Method("full", "native fine-tune of the whole UNet", prepare_full, 2e-4, 600, options=_FULL_OPTIONS))
-register_method(Method("dreambooth", "fine-tune of the UNet with prior preservation", prepare_full, 2e-4, 600, "required",
-                       options=_FULL_OPTIONS))
+register_method(Method("dreambooth", "fine-tune of the UNet + the text encoder (first half of the steps) with prior "
+                       "preservation", prepare_dreambooth, 1e-3, 1000, "required", options=_FULL_OPTIONS))
 register_method(Method("hypernetwork", "A1111 hypernetwork (1,2,1 relu+LayerNorm K/V MLPs on every attention context width; .pt)",
                        prepare_hypernetwork, 3e-2, 600, "auto", file_suffix=".pt"))
 #: textual inversion's options (``train textual-inversion --token "<sks>" --init-word WORD --vectors K``); DreamArtist shares them
@@ -209,10 +216,20 @@ DREAMARTIST_OPTIONS = EMBEDDING_OPTIONS[:3] + (
                  ("--rec-weight",), "W"),
 )
 register_method(Method("textual-inversion", "textual inversion: new token vectors for the trigger word (--token), nothing else trains",
-                       prepare_textual_inversion, 1e-2, 400, options=EMBEDDING_OPTIONS, trigger=True))
+                       prepare_textual_inversion, 1e-2, 400, options=EMBEDDING_OPTIONS, trigger=True,
+                       other_suffixes=(".pt",)))
 register_method(Method("dreamartist", "DreamArtist: positive + negative embeddings trained through CFG (<name>.pt + <name>-neg.pt)",
                        prepare_dreamartist, 1e-2, 400, file_suffix=".pt", options=DREAMARTIST_OPTIONS, trigger=True,
                        companion_files=negative_files))
 register_method(Method("clip-inversion", "CLIP inversion: one vector in the image-embedding space, bound to the trigger word "
                        "(toy; best on the toy-image variant)", prepare_clip_inversion, 5e-2, 600,
                        options=EMBEDDING_OPTIONS[:1], trigger=True))
+#: Custom Diffusion's options: the modifier token (+ init word) and whether Q/out train too
+CUSTOM_DIFFUSION_OPTIONS = EMBEDDING_OPTIONS[:2] + (
+    MethodOption("train_q_out", bool, "Custom Diffusion: also train the cross-attention to_q and to_out (diffusers' "
+                 "--freeze_model crossattn; default: K/V only)", ("--train-q-out",)),
+)
+register_method(Method("custom-diffusion", "Custom Diffusion: cross-attention K/V + a modifier token (--token), class images "
+                       "(diffusers file + <name>-token file)", prepare_custom_diffusion, 3e-3, 400, "auto",
+                       options=CUSTOM_DIFFUSION_OPTIONS, trigger=True, companion_files=companion_token_files,
+                       other_suffixes=(".bin",)))

@@ -72,7 +72,9 @@ class Adaptation(Protocol):
     * ``training_model(system) -> model(x_t, t, ids)`` instead of ``denoiser ∘ condition``
       (DreamArtist's classifier-free-guided prediction);
     * ``extra_loss(prepared, prediction) -> 0-dim`` added to the step's loss (or ``None``);
-    * ``lr_scales``: one learning-rate factor per entry of ``params`` (DreamArtist's negative lr weight).
+    * ``lr_scales``: one learning-rate factor per entry of ``params`` (DreamArtist's negative lr weight);
+    * ``text_encoder_share``: when ``FitConfig.text_encoder_steps`` is not given, the text encoder
+      trains for the first ``round(share · steps)`` steps (DreamBooth's default co-training).
     """
 
     params: list[nn.Parameter]
@@ -109,9 +111,26 @@ class FitConfig:
         schedule: one of :data:`SCHEDULES`; ``num_cycles`` for ``cosine_with_restarts``.
         text_encoder_lr: LR of parameters inside the text encoder(s) (default: ``learning_rate``;
             0 freezes them — kohya's ``--network_train_unet_only``).
+        text_encoder_steps: train the parameters inside the text encoder(s) for the first this
+            many optimiser steps only (kohya's ``--stop_text_encoder_training``; ``None``: every
+            step). From then on they no longer require gradients, so the text encoder builds no
+            graph; their optimiser state is kept, and the stop depends only on the step (a resumed
+            run stops at the same place).
         ema_decay: keep an exponential moving average of the trained parameters; the adaptation
-            holds the averaged weights when ``fit`` returns.
+            holds the averaged weights when ``fit`` returns (with ``ema_into_weights``).
+        ema_into_weights: with ``ema_decay``, copy the average into the trained parameters when
+            ``fit`` returns (default); ``False`` leaves the last step's raw weights there (the
+            average is read inside ``on_step``'s :meth:`FitProgress.averaged`, e.g. to save both).
         stop_on_nonfinite: raise :class:`NonFiniteLossError` at the first NaN/inf loss.
+        gradient_checkpointing: recompute the activations of the UNet's resnets and transformers
+            (:data:`~sdadapt.training.grad_checkpointing.UNET_BLOCKS`) in backward instead of keeping
+            them — less memory for about one more forward. Only the checkpointed wrappers are switched
+            to training mode for the run; every module inside keeps its mode (dropout as without),
+            so the trained weights are the same as without checkpointing.
+        fused_backward: step the optimiser inside ``backward()``, one parameter at a time as its
+            gradient arrives, freeing the gradient at once (kohya's ``--fused_backward_pass``; no
+            gradient buffer of the model's size). Same update as the usual loop; needs
+            ``step.max_grad_norm=None``, ``step.accumulation_steps=1`` and no fp16 (bf16 works).
     """
 
     steps: int = 300
@@ -127,6 +146,10 @@ class FitConfig:
     num_cycles: int = 1
     ema_decay: float | None = None
     stop_on_nonfinite: bool = True
+    text_encoder_steps: int | None = None
+    ema_into_weights: bool = True
+    gradient_checkpointing: bool = False
+    fused_backward: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -145,6 +168,18 @@ class FitConfig:
             raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999; got {self.ema_decay}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.text_encoder_steps is not None and (isinstance(self.text_encoder_steps, bool) or self.text_encoder_steps < 0):
+            raise ValueError(f"text_encoder_steps must be a step count >= 0 (or None: train the text encoder every step), "
+                             f"got {self.text_encoder_steps!r}")
+        if self.fused_backward:
+            clashes = [what for what, clash in (
+                ("gradient clipping (StepConfig.max_grad_norm; --max-grad-norm 0 turns it off)", self.step.max_grad_norm is not None),
+                ("gradient accumulation (StepConfig.accumulation_steps > 1)", self.step.accumulation_steps != 1),
+                ("fp16 mixed precision with its GradScaler (use bf16)", self.step.mixed_precision == "fp16"),
+            ) if clash]
+            if clashes:
+                raise ValueError("fused_backward (--fused-backward-pass) steps each parameter as soon as its gradient "
+                                 "arrives, so it cannot work with " + "; ".join(clashes))
 
     def lr_at(self, step: int, base: float) -> float:
         """The LR of a group with base LR ``base`` at optimiser step ``step`` (0-based)."""
@@ -280,7 +315,11 @@ def fit(
     scales = list(getattr(adaptation, "lr_scales", None) or [1.0] * len(params))
     if len(scales) != len(params):
         raise ValueError(f"the adaptation has {len(params)} parameters but {len(scales)} lr_scales")
-    text_ids = _in_text_encoder(system) if config.text_encoder_lr is not None else set()
+    text_encoder_steps = config.text_encoder_steps
+    share = getattr(adaptation, "text_encoder_share", None)
+    if text_encoder_steps is None and share is not None:
+        text_encoder_steps = round(float(share) * config.steps)
+    text_ids = _in_text_encoder(system) if config.text_encoder_lr is not None or text_encoder_steps is not None else set()
     frozen = [p for p in params if id(p) in text_ids] if config.text_encoder_lr == 0 else []
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for param, scale in zip(params, scales):
@@ -290,9 +329,14 @@ def fit(
     if not groups:
         raise ValueError("nothing to train: every parameter is in the text encoder and its learning rate is 0")
     trained = [p for ps in groups.values() for p in ps]
-    bases = {key: (config.text_encoder_lr if key[1] else config.learning_rate) for key in groups}
-    optimizer = make_optimizer([{"params": ps, "lr": bases[key] * key[0], "lr_scale": key[0], "base_lr": bases[key]}
-                                for key, ps in groups.items()], config)
+    bases = {key: (config.text_encoder_lr if key[1] and config.text_encoder_lr is not None else config.learning_rate)
+             for key in groups}
+    layout = [{"params": ps, "lr": bases[key] * key[0], "lr_scale": key[0], "base_lr": bases[key]} for key, ps in groups.items()]
+    optimizer: Any
+    if config.fused_backward:  # one optimiser per parameter, hooked into backward just before the loop
+        optimizer = _PerParameterOptimizers(layout, config)
+    else:
+        optimizer = make_optimizer(layout, config)
     ema = EMA(trained, decay=config.ema_decay) if config.ema_decay is not None else None
     state = TrainState(seed=config.seed, device=device, ema=ema)
     named = {f"p{i}": p for i, p in enumerate(trained)}
@@ -383,15 +427,38 @@ def fit(
 
     for p in frozen:
         p.requires_grad_(False)
+    # co-trained text encoder: its parameters stop at step text_encoder_steps (kohya's --stop_text_encoder_training)
+    stopping = [p for p in trained if id(p) in text_ids] if text_encoder_steps is not None else []
+    stopped: list[nn.Parameter] = []
+    if stopping and len(stopping) == len(trained) and text_encoder_steps < config.steps:  # type: ignore[operator]
+        raise ValueError(f"text_encoder_steps={text_encoder_steps} would stop every trained parameter (all are in "
+                         f"the text encoder) before step {config.steps}; leave it out or train more than the text encoder")
     losses: list[float] = []
+    checkpointed: dict[nn.Module, bool] = {}  # checkpointed block -> its mode before
+    undo: list[Callable[[], None]] = []
     try:
+        stepper: Any = optimizer
+        if config.fused_backward:
+            stepper = optimizer.fuse(trained)
+            undo.append(stepper.remove)
+        if config.gradient_checkpointing:
+            handle = _checkpoint_unet(system)
+            undo.append(handle.remove)
+            checkpointed = {module: module.training for module in handle.modules.values()}
         for step in range(state.step, config.steps):
+            for module in checkpointed:  # only the wrappers: what runs inside keeps its mode (an on_step sample may call eval())
+                module.training = True
+            if stopping and not stopped and step >= text_encoder_steps:  # type: ignore[operator]
+                for p in stopping:
+                    p.requires_grad_(False)
+                    p.grad = None
+                stopped = stopping
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step, group["base_lr"]) * group["lr_scale"]
             total = 0.0
             for micro in range(step * accumulation, (step + 1) * accumulation):
                 batch, loss_fn = draw(micro)
-                metrics = train_step(model, batch, params=trained, optimizer=optimizer, state=state, config=step_config,
+                metrics = train_step(model, batch, params=trained, optimizer=stepper, state=state, config=step_config,
                                      alphas_cumprod=system.alphas_cumprod, extra_loss=loss_fn)
                 total += float(metrics["loss"])
             loss = total / accumulation
@@ -406,12 +473,75 @@ def fit(
                 on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(step, config.learning_rate), epoch,
                                     bool(per_epoch) and micro_done % per_epoch < accumulation,
                                     micro_done // per_epoch if per_epoch else 0, save_state, averaged))
-        if ema is not None:
+        if ema is not None and config.ema_into_weights:
             ema.copy_to(trained)
     finally:
-        for p in frozen:
+        for p in [*frozen, *stopped]:
             p.requires_grad_(True)
+        for module, mode in checkpointed.items():
+            module.training = mode
+        for remove in reversed(undo):
+            remove()
     return losses
+
+
+def _checkpoint_unet(system: System) -> Any:
+    """Gradient checkpointing of ``system.unet``'s blocks (``FitConfig.gradient_checkpointing``)."""
+    from ..training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
+
+    unet = getattr(system, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise ValueError(f"gradient_checkpointing checkpoints system.unet's blocks, but {type(system).__name__} has no "
+                         "unet module; leave gradient_checkpointing off")
+    return enable_checkpointing(unet, UNET_BLOCKS)
+
+
+class _PerParameterOptimizers:
+    """The optimisers of a fused backward pass (one per parameter, :func:`make_optimizer` with its
+    group's options) seen as one: ``param_groups`` for the LR schedule, and ``state_dict`` /
+    ``load_state_dict`` in the layout that one optimiser over the same groups has, so a saved
+    training state resumes with or without ``fused_backward``."""
+
+    def __init__(self, layout: list[dict[str, Any]], config: FitConfig) -> None:
+        self.layout = [list(group["params"]) for group in layout]
+        self.optimizers = {id(p): make_optimizer([{**group, "params": [p]}], config)
+                           for group in layout for p in group["params"]}
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for ps in self.layout for p in ps for g in self.optimizers[id(p)].param_groups]
+
+    def fuse(self, params: list[nn.Parameter]) -> Any:
+        """Hook each optimiser into backward (:func:`~sdadapt.training.optim.fuse_optimizer_into_backward`)."""
+        from ..training.optim import fuse_optimizer_into_backward
+
+        return fuse_optimizer_into_backward(params, lambda ps: self.optimizers[id(ps[0])])
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        groups = []
+        index = 0
+        for ps in self.layout:
+            indices = []
+            for p in ps:
+                own = self.optimizers[id(p)].state_dict()
+                if own["state"]:
+                    state[index] = own["state"][0]
+                indices.append(index)
+                index += 1
+            groups.append({**self.optimizers[id(ps[0])].state_dict()["param_groups"][0], "params": indices})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved] != [len(ps) for ps in self.layout]:
+            raise ValueError(f"the saved optimiser has groups of {[len(g['params']) for g in saved]} parameters, this run "
+                             f"{[len(ps) for ps in self.layout]}; resume with the same method and options")
+        for group, ps in zip(saved, self.layout):
+            for index, p in zip(group["params"], ps):
+                entry = state_dict["state"].get(index)
+                self.optimizers[id(p)].load_state_dict({"state": {} if entry is None else {0: entry},
+                                                        "param_groups": [{**group, "params": [0]}]})
 
 
 def epoch_batches_of(dataset: Any, config: FitConfig, *, epoch: int = 0) -> list:

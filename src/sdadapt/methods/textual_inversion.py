@@ -9,7 +9,8 @@ kohya read it, diffusers with ``token=``) or ``.pt`` as A1111's own dict.
 
 Captions: the images' own captions containing the trigger word, or :func:`template_captions`
 (the textual-inversion paper's "a photo of a {}" object templates, or the style templates);
-:func:`trigger_captions` mixes both and refuses captions without the trigger.
+:func:`trigger_captions` mixes both and gives captions without the trigger a caption template
+(A1111's ``[name], [filewords]``: ``"{token}, {caption}"``) — or refuses them without one.
 On the toy model the trigger may be a held-out word ("purple"): its own (never trained) row is the
 starting point and stays the first token; extra vectors take the spare ``<newN>`` tokens.
 """
@@ -35,9 +36,12 @@ from ..embeddings import (
 from ..formats.embeddings import save_embedding
 
 __all__ = [
+    "DEFAULT_CAPTION_TEMPLATE",
     "OBJECT_TEMPLATES",
     "STYLE_TEMPLATES",
+    "TEMPLATE_SETS",
     "TextualInversion",
+    "caption_template",
     "mentions",
     "norm_penalty",
     "prepare_textual_inversion",
@@ -80,29 +84,78 @@ def template_captions(token: str, count: int, *, templates: Sequence[str] = OBJE
     return [rng.choice(list(templates)).format(token) for _ in range(count)]
 
 
+#: the template sets by name (``train --templates object|style``)
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+#: what a caption that lacks the trigger word becomes by default: A1111's ``[name], [filewords]``
+DEFAULT_CAPTION_TEMPLATE = "{token}, {caption}"
+_A1111_FIELDS = {"[name]": "{token}", "[filewords]": "{caption}"}
+
+
+def caption_template(text: str) -> str:
+    """Check a caption template and return it in ``str.format`` form.
+
+    ``{token}`` is the trigger word, ``{caption}`` the image's own caption (optional: without it
+    the caption is replaced). A1111's spelling works too: ``[name]``, ``[filewords]``
+    (``"a photo of a [name], [filewords]"`` = ``"a photo of a {token}, {caption}"``).
+
+    Raises:
+        ValueError: no ``{token}``, another ``{field}``, or unbalanced braces.
+    """
+    import string
+
+    for a1111, ours in _A1111_FIELDS.items():
+        text = text.replace(a1111, ours)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"caption template {text!r}: {exc} (write {{{{ and }}}} for literal braces)") from None
+    unknown = sorted(set(fields) - {"token", "caption"})
+    if unknown or "token" not in fields:
+        raise ValueError(f"caption template {text!r}: use {{token}} (the trigger word, required) and {{caption}} (the "
+                         f"image's caption){'; unknown field(s) ' + ', '.join(repr(f) for f in unknown) if unknown else ''}; "
+                         "e.g. 'a photo of {token}, {caption}' (A1111: '[name], [filewords]')")
+    return text
+
+
 def trigger_captions(
     captions: Sequence[str | None],
     token: str,
     *,
     templates: Sequence[str] = OBJECT_TEMPLATES,
     seed: int = 0,
+    template: str | None = None,
 ) -> list[str]:
-    """Training captions for a trigger word: an image's own caption (it must mention ``token``),
-    or for an image without one (``None`` or empty) a random template with ``token``.
+    """Training captions for a trigger word, one per image:
+
+    * an image's own caption that mentions ``token``: as it is;
+    * an image without a caption (``None`` or empty): a random one of ``templates`` (seeded;
+      the textual-inversion paper's "a photo of a {}" set by default) with ``token``;
+    * a caption that does not mention ``token``: ``template`` filled in
+      (:func:`caption_template`: ``{token}``, ``{caption}``; e.g. :data:`DEFAULT_CAPTION_TEMPLATE`
+      ``"{token}, {caption}"``); with ``template=None`` such a caption is refused.
 
     Raises:
-        ValueError: a caption that does not mention ``token`` (its image would not train the
-            vectors; names the first few), or no captions.
+        ValueError: a caption that does not mention ``token`` and no ``template`` (its image would
+            not train the vectors; names one), a bad template, or no captions.
     """
     if not captions:
         raise ValueError("no captions: need one per image (None or '' for a template caption)")
+    form = caption_template(template) if template is not None else None
     fill = iter(template_captions(token, len(captions), templates=templates, seed=seed))
-    out = [c if c else next(fill) for c in captions]
+    out = []
+    for caption in captions:
+        if not caption:
+            out.append(next(fill))
+        elif form is not None and not mentions(caption, token):
+            out.append(form.format(token=token, caption=caption))
+        else:
+            out.append(caption)
     missing = [c for c in out if not mentions(c, token)]
     if missing:
         raise ValueError(
             f"{len(missing)} caption(s) do not mention the trigger word {token!r} (e.g. {missing[0]!r}); put the word in "
-            "every caption, or leave captions out to use template captions"
+            "every caption, leave captions out to use template captions, or pass a caption template "
+            "(--caption-template '{token}, {caption}')"
         )
     return out
 

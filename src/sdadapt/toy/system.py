@@ -111,7 +111,7 @@ class ToySystem(nn.Module):
         device = self.alphas_cumprod.device
         g = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn(len(prompts), 12, 16, 16, generator=g).to(device)
-        cond = cond or self.condition(prompts, image_embeds=image_embeds)
+        cond = cond if cond is not None else self.condition(prompts, image_embeds=image_embeds)
         uncond = self.condition([negative] * len(prompts))
         latents = diffusion.ddim_sample(
             model or self.denoiser(), x, cond, alphas_cumprod=self.alphas_cumprod, num_steps=steps,

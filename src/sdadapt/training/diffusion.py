@@ -265,7 +265,10 @@ def diffusion_loss(
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     d = prediction - target
     if kind in ("huber", "smooth_l1"):
-        c = torch.as_tensor(huber_c, dtype=d.dtype, device=d.device)
+        # a float becomes a device tensor by a fill kernel, not a host-to-device copy (which would
+        # make the host wait for the GPU, and cannot be captured in a CUDA graph)
+        c = (huber_c.to(dtype=d.dtype, device=d.device) if isinstance(huber_c, Tensor)
+             else torch.full((), huber_c, dtype=d.dtype, device=d.device))
         if c.ndim == 1:
             c = c.reshape(-1, *([1] * (d.ndim - 1)))
         per = torch.sqrt(d * d + c * c) - c

@@ -17,9 +17,22 @@ from collections.abc import Iterable
 import torch.utils.checkpoint
 from torch import nn
 
-from ..targets import Target, select
+from ..targets import Target, by_regex, select
 
-__all__ = ["CheckpointHandle", "enable_checkpointing"]
+__all__ = ["CheckpointHandle", "UNET_BLOCKS", "enable_checkpointing"]
+
+#: what whole-UNet training checkpoints (``FitConfig.gradient_checkpointing``): each resnet and each
+#: transformer (``Transformer2DModel``/``SpatialTransformer``) of the down, mid and up blocks —
+#: diffusers names (``down_blocks.0.resnets.1``, ``mid_block.attentions.0``; the toy UNet uses them
+#: too) and LDM names (``input_blocks.1.0``, ``middle_block.1``, ``output_blocks.5.2``; ``input_blocks.0``
+#: is ``conv_in`` and is left out), with or without a ``model.diffusion_model.`` prefix. The
+#: activations kept for backward are then mostly the blocks' inputs; the stem, the time embedding
+#: and the output head run as usual.
+UNET_BLOCKS = by_regex(
+    r"(^|\.)((down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions)\.\d+"
+    r"|(input_blocks\.[1-9]\d*|middle_block|output_blocks\.\d+)\.\d+)$"
+)
+UNET_BLOCKS.description = "UNET_BLOCKS"
 
 _SUBCLASSES: dict[type, type] = {}
 

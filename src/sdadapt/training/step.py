@@ -179,12 +179,14 @@ ExtraLoss = Callable[[Mapping[str, object], Tensor], Tensor]
 
 
 def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig,
-              extra_loss: ExtraLoss | None = None) -> Tensor:
+              extra_loss: ExtraLoss | None = None, *, autocast_cache: bool = True) -> Tensor:
     """Forward under the configured autocast and the weighted loss (0-dim, float32), plus
-    ``extra_loss(prepared, prediction)`` when given."""
+    ``extra_loss(prepared, prediction)`` when given. ``autocast_cache=False`` turns off autocast's
+    cache of low-precision weight copies (what PyTorch asks for under CUDA-graph capture; same numbers)."""
     x_t: Tensor = prepared["x_t"]  # type: ignore[assignment]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
-    autocast = torch.autocast(x_t.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    autocast = (torch.autocast(x_t.device.type, dtype=dtype, cache_enabled=autocast_cache)
+                if dtype is not None else nullcontext())
     with autocast:
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
     loss = diffusion.diffusion_loss(

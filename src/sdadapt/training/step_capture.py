@@ -1,4 +1,4 @@
-"""Capture the whole training step in one CUDA graph and replay it (static shapes).
+"""Capture the whole training step in CUDA graphs and replay them (one graph per batch shape).
 
 At batch 1 a LoRA step on SD1.5 is launch-bound: hundreds of small kernels for the adapters and
 the optimiser, each a Python call. A CUDA graph records forward + loss + backward + clip +
@@ -7,30 +7,46 @@ optimiser step once and replays them with one launch::
     opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device="cuda"), capturable=True)
     step = CapturedStep(unet_fn, params=params, optimizer=opt, config=StepConfig(mixed_precision="bf16"),
                         alphas_cumprod=ac.cuda())
-    for batch in cache.batches(1, seed=0):          # every batch the same shapes (drop_last)
+    for i, batch in enumerate(cache.batches(4, seed=0)):
+        step.set_lr(lr_at(i, base_lr=1e-4, schedule="cosine", total_steps=n))   # no re-capture
         metrics = step(batch, state=state)
 
-Warm-up: the first ``warmup_steps`` calls (default 3) are ordinary eager steps on a side stream —
-they train for real, let ``torch.compile`` (if you compiled the model) and cuDNN pick kernels, and
-allocate the optimiser state; call ``warmup_steps + 1`` captures the graph and replays it, and
-every later call only copies the new batch into the static input buffers and replays.
-Noise and timesteps are drawn eagerly from ``state.generator`` before each replay (so runs are
-reproducible and identical to :func:`~sdadapt.training.step.train_step`'s); dropout inside the model
-uses the default CUDA generator, which graphs support. Changing the learning rate: give the
-optimiser a tensor ``lr`` and ``fill_`` it. Requirements, checked with clear errors: a CUDA
-device, a ``capturable`` optimiser, ``accumulation_steps == 1``, no fp16 loss scaler (use bf16),
-the same shapes every call. On CPU, or when a requirement is not met and ``strict=False``, the
-object runs plain :func:`~sdadapt.training.step.train_step` semantics eagerly.
+Shapes: each distinct batch layout (the shapes/dtypes of every tensor the step reads, e.g. one
+per batch size and resolution bucket) gets its own graph, captured once and cached; a last,
+smaller batch simply captures one more graph. Each graph keeps its own memory pool (its
+activations), so many buckets cost memory: keep the number of layouts small.
+
+Warm-up: the first ``warmup_steps`` calls (default 3) of each layout are ordinary eager steps on a
+side stream — they train for real, let ``torch.compile`` (if you compiled the model) and cuDNN pick
+kernels, and allocate the optimiser state; the next call of that layout captures its graph and
+replays it, and every later call only copies the new batch into the graph's static input buffers
+and replays.
+
+Random numbers: nothing is drawn or seeded inside a graph. Noise and timesteps are drawn eagerly
+from ``state.generator`` by :func:`~sdadapt.training.step.prepare_batch` before each replay (so a
+captured run draws exactly the noise an eager :func:`~sdadapt.training.step.train_step` run draws,
+and a saved generator state resumes it); dropout inside the model uses the default CUDA generator,
+whose offsets PyTorch registers with every graph. No generator is created while capturing, and
+autocast runs without its weight-cast cache (``cache_enabled=False``, as PyTorch asks for graphs).
+
+Learning rate: give the optimiser a tensor ``lr`` (``capturable=True``) and call :meth:`set_lr`
+(an in-place ``fill_``: the graph reads the tensor). Requirements, checked with clear errors: a CUDA
+device, a ``capturable`` torch optimiser (sdadapt's own AdamW and an optimiser fused into backward
+keep Python-side step counts and cannot be captured), ``accumulation_steps == 1``, no fp16 loss
+scaler (use bf16). On CPU, or when a requirement is not met and ``strict=False``, the object runs
+plain :func:`~sdadapt.training.step.train_step` semantics eagerly (bit-identical; tested).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from .step import StepConfig, TrainState, clip_and_step, prepare_batch, step_loss
+from .step import ExtraLoss, StepConfig, TrainState, clip_and_step, prepare_batch, step_loss
 
 __all__ = ["CapturedStep", "CaptureError", "capture_problems"]
 
@@ -39,7 +55,7 @@ class CaptureError(ValueError):
     """The step cannot be captured in a CUDA graph as configured; the message says why."""
 
 
-def capture_problems(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, config: StepConfig) -> list[str]:
+def capture_problems(params: list[nn.Parameter], optimizer: object, config: StepConfig) -> list[str]:
     """Why this configuration cannot be graph-captured (empty list: it can)."""
     problems = []
     if not torch.cuda.is_available() or params[0].device.type != "cuda":
@@ -48,13 +64,56 @@ def capture_problems(params: list[nn.Parameter], optimizer: torch.optim.Optimize
         problems.append("accumulation_steps must be 1 (capture one micro-batch = one optimiser step)")
     if config.mixed_precision == "fp16":
         problems.append("fp16 needs a dynamic loss scaler that syncs with the host; use mixed_precision='bf16'")
-    if not all(group.get("capturable", False) for group in optimizer.param_groups):
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        problems.append(f"{type(optimizer).__name__} steps inside backward through Python hooks; "
+                        "use torch.optim.AdamW(..., capturable=True)")
+    elif not all(group.get("capturable", False) for group in groups):
         problems.append(f"{type(optimizer).__name__} is not capturable; use torch.optim.AdamW(..., capturable=True)")
     return problems
 
 
+def _layout(leaves: list[object]) -> tuple[Hashable, ...]:
+    """What a graph is specialised on: every tensor's shape/dtype/device, every other leaf's value."""
+    key: list[Hashable] = []
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            key.append(("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.is_contiguous(memory_format=torch.channels_last)
+                        if leaf.ndim == 4 else True))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                raise CaptureError(f"batch field of type {type(leaf).__name__} is neither a tensor nor hashable; "
+                                   "captured steps need tensors (or constants) in the batch") from None
+            key.append(("value", leaf))
+    return tuple(key)
+
+
+@dataclass
+class _Graph:
+    """One captured step: its graph, static inputs (pytree leaves) and outputs."""
+
+    calls: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    static_leaves: list[object] = field(default_factory=list)
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+
+
 class CapturedStep:
-    """A training step that becomes one CUDA-graph replay after ``warmup_steps`` eager steps."""
+    """A training step that becomes one CUDA-graph replay per batch layout after ``warmup_steps`` eager steps.
+
+    Args:
+        model: ``model(x_t (B,C,H,W), t (B,), cond) -> prediction (B,C,H,W)`` (may be ``torch.compile``-d).
+        params: the trainable parameters (clipped and stepped).
+        optimizer: a capturable torch optimiser over ``params`` (tensor ``lr`` to change it later).
+        config: the step options (``accumulation_steps == 1``, no fp16).
+        alphas_cumprod: (T,) noise schedule on the parameters' device.
+        warmup_steps: eager steps per batch layout before its capture.
+        strict: raise :class:`CaptureError` on a CUDA machine when the step cannot be captured
+            (``False``: run eagerly instead).
+        extra_loss: as :func:`~sdadapt.training.step.train_step`'s, captured with the loss.
+    """
 
     def __init__(
         self,
@@ -66,75 +125,95 @@ class CapturedStep:
         alphas_cumprod: Tensor,
         warmup_steps: int = 3,
         strict: bool = True,
+        extra_loss: ExtraLoss | None = None,
     ) -> None:
         self.model, self.params, self.optimizer = model, params, optimizer
         self.config, self.alphas_cumprod = config, alphas_cumprod
         self.warmup_steps = warmup_steps
+        self.extra_loss = extra_loss
         self.problems = capture_problems(params, optimizer, config)
         if self.problems and strict and torch.cuda.is_available():
             raise CaptureError("cannot capture the step: " + "; ".join(self.problems))
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self._static: dict[str, object] = {}
-        self._outputs: dict[str, Tensor] = {}
+        self._graphs: dict[tuple[Hashable, ...], _Graph] = {}
         self.calls = 0
 
     @property
     def captured(self) -> bool:
-        return self.graph is not None
+        """Whether at least one graph has been captured."""
+        return any(g.graph is not None for g in self._graphs.values())
+
+    @property
+    def graph_count(self) -> int:
+        """How many graphs (batch layouts) have been captured."""
+        return sum(g.graph is not None for g in self._graphs.values())
+
+    def set_lr(self, lr: float) -> None:
+        """Set every parameter group's learning rate without re-capturing (``lr`` tensors are
+        filled in place; a float ``lr`` is replaced, which only eager steps see).
+
+        Raises:
+            CaptureError: a graph is captured and a group's ``lr`` is a Python float (baked in).
+        """
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)
+            elif self.captured:
+                raise CaptureError("the captured graph holds this optimiser's lr as a constant; build it with "
+                                   "lr=torch.tensor(lr, device='cuda') and capturable=True to change it")
+            else:
+                group["lr"] = lr
 
     def _eager(self, prepared: Mapping[str, object], state: TrainState) -> dict[str, Tensor]:
-        loss = step_loss(self.model, prepared, self.config)
+        loss = step_loss(self.model, prepared, self.config, self.extra_loss, autocast_cache=False)
         loss.backward()
-        grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)
+        grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
-    def _capture(self, prepared: Mapping[str, object], state: TrainState) -> None:
-        # nothing may be created or seeded inside capture: the caller's state (and its generator,
-        # made before) is used, never a fresh TrainState (a new CUDA generator cannot be built
-        # while a graph is being captured)
-        self._static = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in prepared.items()}
-        self.optimizer.zero_grad(set_to_none=True)
+    def _capture(self, entry: _Graph, leaves: list[object], spec: pytree.TreeSpec, state: TrainState) -> None:
+        # nothing is created or seeded inside capture: the caller's state (its generator made long
+        # before) is passed through; the static inputs are allocated before the graph begins
+        entry.static_leaves = [leaf.clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        static = pytree.tree_unflatten(entry.static_leaves, spec)
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates (and owns) the grads
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            loss = step_loss(self.model, self._static, self.config)
+            loss = step_loss(self.model, static, self.config, self.extra_loss, autocast_cache=False)
             loss.backward()
-            grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)
-        self.graph = graph
-        self._outputs = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
-
-    def _copy_in(self, prepared: Mapping[str, object]) -> None:
-        for key, value in prepared.items():
-            static = self._static[key]
-            if isinstance(value, Tensor):
-                if not isinstance(static, Tensor) or static.shape != value.shape or static.dtype != value.dtype:
-                    raise CaptureError(
-                        f"batch field {key!r} changed from {getattr(static, 'shape', None)} to {tuple(value.shape)}; "
-                        "a captured step needs the same shapes every call (batch within one bucket, drop_last=True)"
-                    )
-                static.copy_(value)
-            elif value != static:
-                raise CaptureError(f"batch field {key!r} is not a tensor and changed; captured steps need tensors")
+            grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
+        entry.graph = graph
+        entry.outputs = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
     def __call__(self, batch: Mapping[str, object], *, state: TrainState) -> dict[str, Tensor]:
-        """One optimiser step on ``batch`` (same keys as :func:`~sdadapt.training.step.train_step`)."""
+        """One optimiser step on ``batch`` (same keys as :func:`~sdadapt.training.step.train_step`).
+
+        Returns:
+            ``{"loss": 0-dim, "grad_norm": 0-dim, "stepped": True}`` — tensors, no host sync.
+        """
         prepared = prepare_batch(batch, state=state, config=self.config, alphas_cumprod=self.alphas_cumprod)
         self.calls += 1
         if self.problems:  # CPU or not capturable: eager, same semantics
             out = self._eager(prepared, state)
-        elif self.calls <= self.warmup_steps:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self._eager(prepared, state)
-            torch.cuda.current_stream().wait_stream(side)
         else:
-            if self.graph is None:
-                self._capture(prepared, state)
+            leaves, spec = pytree.tree_flatten(dict(prepared))
+            key = (spec, _layout(leaves))
+            entry = self._graphs.setdefault(key, _Graph())
+            entry.calls += 1
+            if entry.graph is None and entry.calls <= self.warmup_steps:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self._eager(prepared, state)
+                torch.cuda.current_stream().wait_stream(side)
             else:
-                self._copy_in(prepared)
-            self.graph.replay()  # type: ignore[union-attr]
-            out = {k: v.clone() for k, v in self._outputs.items()}
+                if entry.graph is None:
+                    self._capture(entry, leaves, spec, state)
+                else:
+                    for static, leaf in zip(entry.static_leaves, leaves):
+                        if isinstance(leaf, Tensor):
+                            static.copy_(leaf)  # type: ignore[union-attr]
+                entry.graph.replay()  # type: ignore[union-attr]
+                out = {k: v.clone() for k, v in entry.outputs.items()}
         state.micro_step += 1
         state.step += 1
         if state.ema is not None:

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One prepared GPU check for the training step (issue 16): CUDA tests + the SD1.5 benchmark rows.
+#
+# On a fresh GPU machine whose Python has torch, transformers and peft but not diffusers, from the
+# repository root, with the wheels of `benchmarks/gpu_check.sh --download` in .whl/ (git-ignored):
+#
+#     bash benchmarks/gpu_check.sh                   # writes $OUT (default benchmarks/results/gpu_check)
+#
+# Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560).
+# Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 470):
+# optional rows are skipped, and say so, when too little time is left. Files written (at most 8):
+#   gpu_check.log   every command's output, the pytest results included
+#   summary.md      environment + every benchmark table + torch.profiler top ops and device-busy
+#                   fraction of each profiled variant (where the time goes when a goal is missed)
+#   lora.json, compiled.json, full.json   the benchmark results (benchmarks/train_step.py JSON)
+#
+# GPU_CHECK_DRY=1 runs the same steps on a CPU with the tiny config, 2 steps per row and the
+# "eager" compile backend (about 3-4 minutes on 2 busy cores): the end-to-end rehearsal.
+# `bash benchmarks/gpu_check.sh --download` (here, with network) fetches the wheels into .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+if [[ "${1:-}" == "--download" ]]; then
+    # pure-python wheels the GPU image lacks (diffusers and its one missing dependency)
+    python3 -m pip download --no-deps --only-binary=:all: -d .whl "diffusers==0.42.1" "importlib_metadata==10.2.0"
+    exit $?
+fi
+
+DRY=${GPU_CHECK_DRY:-0}
+OUT=${OUT:-$ROOT/benchmarks/results/gpu_check}
+BUDGET=${GPU_CHECK_BUDGET:-470}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+SUMMARY=$OUT/summary.md
+: >"$LOG"
+export PYTHONUNBUFFERED=1
+
+log() { echo "[gpu_check +${SECONDS}s] $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET - SECONDS)); }
+# step NAME SECONDS CMD...: run CMD under `timeout SECONDS` (cut to the budget left), output to the log
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local remaining
+    remaining=$(left)
+    if ((remaining < 30)); then
+        log "SKIP $name: only ${remaining}s of the budget left"
+        return 0
+    fi
+    ((limit > remaining)) && limit=$remaining
+    log "START $name (timeout ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    if ((rc == 0)); then log "OK $name"; else log "FAIL $name (exit $rc$( ((rc == 124)) && echo ', timed out'))"; fi
+    return 0
+}
+
+# ------------------------------------------------------------------------------------- install
+if [[ "$DRY" != 1 ]]; then
+    if ! python3 -c "import diffusers" 2>/dev/null; then
+        if ls .whl/*.whl >/dev/null 2>&1; then
+            log "installing $(ls .whl | tr '\n' ' ')"
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site .whl/*.whl >>"$LOG" 2>&1 \
+                || log "FAIL wheel install"
+            export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
+        else
+            log "FAIL: diffusers is missing and .whl/ has no wheels (run: bash benchmarks/gpu_check.sh --download, then carry .whl)"
+        fi
+    fi
+fi
+if [[ "$DRY" != 1 ]]; then  # (a dry run leaves the local environment alone)
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1 || log "note: pip install -e . failed; using PYTHONPATH=src"
+fi
+export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
+
+{
+    echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)$([[ "$DRY" == 1 ]] && echo ' (GPU_CHECK_DRY=1: tiny config on CPU)')"
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+    python3 -c "import torch, diffusers, transformers, peft, sdadapt; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'sdadapt from', sdadapt.__file__)" 2>&1
+    echo "git $(git rev-parse --short HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) changed files"
+    echo '```'
+} >"$SUMMARY"
+cat "$SUMMARY" >>"$LOG"
+
+# ------------------------------------------------------------------------------------ CUDA tests
+step "cuda tests" 120 python3 -m pytest -q -rs -p no:cacheprovider -k cuda \
+    tests/test_train.py tests/test_train_options.py tests/test_optim.py
+
+# ------------------------------------------------------------------------------------ benchmarks
+if [[ "$DRY" == 1 ]]; then
+    BENCH=(python3 benchmarks/train_step.py --config tiny --device cpu --steps 2 --warmup 1 --compile-backend eager)
+else
+    BENCH=(python3 benchmarks/train_step.py --config sd15 --steps 10 --warmup 3)
+fi
+bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.json, table appended to the summary
+    local name=$1 limit=$2
+    shift 2
+    step "bench $name" "$limit" "${BENCH[@]}" --out "$OUT/$name.json" --markdown "$OUT/$name.md" "$@"
+    if [[ -f "$OUT/$name.md" ]]; then
+        { echo; echo "## $name: $*"; echo; cat "$OUT/$name.md"; } >>"$SUMMARY"
+        rm -f "$OUT/$name.md"
+    else
+        { echo; echo "## $name: $* — no result (see gpu_check.log)"; } >>"$SUMMARY"
+    fi
+}
+# LoRA r16 on attention: recipe, UNet-only peft on cached latents, sdadapt eager and CUDA-graph
+bench lora 200 --modes lora --batch 1 8 --variants reference peft-unet sdadapt sdadapt-captured --profile 3
+# full fine-tune at batch 1: fp32 recipe, lean (int8 foreach), lean-fused (int8 in backward), fast (bf16)
+bench full 150 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast --profile 2
+# torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the slowest
+# rows, so last; the second compile mostly hits inductor's cache)
+bench compiled 170 --modes lora --batch 8 --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops
+
+log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+cat "$SUMMARY"

@@ -1,0 +1,39 @@
+"""Custom Diffusion (Kumari et al. 2023): fine-tuned cross-attention K/V (optionally Q/out) + modifier tokens.
+
+* :mod:`.weights` — the ``attn2`` layers of any UNet (diffusers or LDM names), applying full
+  replacement weights at a strength and undoing them bit for bit (:func:`apply_custom_diffusion`);
+* :mod:`.merge` — the paper's closed-form constrained multi-concept merge
+  (:func:`merge_custom_diffusion_weights` over tensors, :func:`merge_custom_diffusion` over files).
+
+Files (diffusers' ``pytorch_custom_diffusion_weights``, modifier-token files, adobe's ``delta.bin``)
+are :mod:`sdadapt.formats.custom_diffusion`; training is the ``custom-diffusion`` method
+(:mod:`sdadapt.methods.custom_diffusion`). See ``docs/custom-diffusion.md``.
+"""
+
+from .merge import (
+    concept_features,
+    merge_custom_diffusion,
+    merge_custom_diffusion_weights,
+)
+from .weights import (
+    CrossAttentionLayer,
+    CustomDiffusionHandle,
+    apply_custom_diffusion,
+    blend_weight,
+    cross_attention_layers,
+    save_custom_diffusion,
+    unet_custom_diffusion_state,
+)
+
+__all__ = [
+    "CrossAttentionLayer",
+    "CustomDiffusionHandle",
+    "apply_custom_diffusion",
+    "blend_weight",
+    "concept_features",
+    "cross_attention_layers",
+    "merge_custom_diffusion",
+    "merge_custom_diffusion_weights",
+    "save_custom_diffusion",
+    "unet_custom_diffusion_state",
+]

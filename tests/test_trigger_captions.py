@@ -1,0 +1,145 @@
+"""Trigger-word methods train on captions that mention the trigger: template captions for images
+without one, a caption template (A1111's ``[name], [filewords]``) for captions that lack it — the
+caption function against hand-written expectations, and ``train`` on the toy model and a tiny
+diffusers folder writing files that load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sdadapt
+from sdadapt.cli import main
+from sdadapt.formats.files import read_safetensors
+from sdadapt.images import write_png
+from sdadapt.methods.textual_inversion import (
+    DEFAULT_CAPTION_TEMPLATE,
+    OBJECT_TEMPLATES,
+    STYLE_TEMPLATES,
+    caption_template,
+    mentions,
+    trigger_captions,
+)
+
+
+def _folder(path, n=3, captions=None):
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        write_png(path / f"img{i}.png", torch.rand(3, 32, 32, generator=g) * 2 - 1)
+        if captions is not None:
+            (path / f"img{i}.txt").write_text(captions[i])
+    return path
+
+
+# ----------------------------------------------------------------------------------- the caption function
+def test_caption_template_fills_captions_without_the_token():
+    own = ["a red circle", None, "a <sks> on a table", "", "a <sks>-like ring"]
+    got = trigger_captions(own, "<sks>", template=DEFAULT_CAPTION_TEMPLATE, seed=3)
+    assert got[0] == "<sks>, a red circle"  # A1111's [name], [filewords]
+    assert got[2] == "a <sks> on a table"  # mentions it: kept as it is
+    assert got[4] == "<sks>, a <sks>-like ring"  # '<sks>-like' is another word
+    assert got[1].replace("<sks>", "{}") in OBJECT_TEMPLATES and got[3].replace("<sks>", "{}") in OBJECT_TEMPLATES
+    assert all(mentions(c, "<sks>") for c in got)
+    assert trigger_captions(own, "<sks>", template=DEFAULT_CAPTION_TEMPLATE, seed=3) == got  # seeded
+    styled = trigger_captions([None, "sunset"], "zz", templates=STYLE_TEMPLATES, template="a painting by [name], [filewords]")
+    assert styled[0].replace("zz", "{}") in STYLE_TEMPLATES and styled[1] == "a painting by zz, sunset"
+    assert trigger_captions(["sunset"], "zz", template="a photo of {token}") == ["a photo of zz"]  # no {caption}: replaced
+    with pytest.raises(ValueError, match="do not mention the trigger word 'zz'.*--caption-template"):
+        trigger_captions(["sunset"], "zz")  # no template: refused, and the message says what to pass
+
+
+@pytest.mark.parametrize("bad", ["a photo of {caption}", "{token} {who}", "{token", "[filewords] only"])
+def test_bad_caption_templates_are_refused(bad):
+    with pytest.raises(ValueError, match="caption template"):
+        caption_template(bad)
+    assert caption_template("[name], [filewords]") == DEFAULT_CAPTION_TEMPLATE
+
+
+# ----------------------------------------------------------------------------------- train
+def test_train_textual_inversion_on_a_folder_without_captions(tmp_path, capsys):
+    images = _folder(tmp_path / "nocap")
+    out = tmp_path / "x.pt"
+    assert main(["train", "textual-inversion", "--images", str(images), "--token", "<sks>", "--model", "toy",
+                 "-o", str(out), "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "3 image(s) without a caption: object template captions with <sks>" in err
+    assert "<sks>" not in err.split("does not know")[-1].split("(they")[0]  # the trigger is not an unknown word
+    embedding = sdadapt.load_embedding(out)
+    assert embedding.name == "x" and embedding.vectors["text_encoder"].shape == (1, 64)
+    # the captions trained on are in the kohya metadata of a .safetensors run: every one mentions the token
+    st = tmp_path / "style.safetensors"
+    assert main(["train", "textual-inversion", "--images", str(images), "--token", "<sks>", "--model", "toy",
+                 "-o", str(st), "--steps", "1", "--templates", "style", "-q"]) == 0
+    tags = json.loads(read_safetensors(st)[1]["ss_tag_frequency"])
+    captions = [tag for folder in tags.values() for tag in folder]
+    assert captions and all(c.replace("<sks>", "{}") in STYLE_TEMPLATES for c in captions)
+
+
+def test_train_captioned_folder_gets_the_caption_template(tmp_path, capsys):
+    images = _folder(tmp_path / "cap", captions=["a red circle", "a <sks> on a white background", "a blue ring"])
+    out = tmp_path / "cd.safetensors"
+    assert main(["train", "textual-inversion", "--images", str(images), "--token", "<sks>", "--model", "toy", "-o", str(out),
+                 "--steps", "1", "--caption-template", "a photo of [name], [filewords]"]) == 0
+    assert "2 caption(s) without <sks>: written as 'a photo of {token}, {caption}'" in capsys.readouterr().err
+    tags = json.loads(read_safetensors(out)[1]["ss_tag_frequency"])
+    # kohya counts comma-separated tags: the template's head, the original captions, the kept one
+    seen = {tag for folder in tags.values() for tag in folder}
+    assert {"a photo of <sks>", "a red circle", "a blue ring", "a <sks> on a white background"} <= seen
+
+
+def test_trigger_options_are_refused_elsewhere_and_checked(tmp_path, capsys):
+    images = _folder(tmp_path / "cap", captions=["a red circle"] * 3)
+    base = ["train", "lora", "--images", str(images), "--model", "toy", "-o", str(tmp_path / "l.safetensors"), "--steps", "1"]
+    assert main([*base, "--caption-template", "{token}, {caption}"]) == 2
+    assert "methods that learn a trigger word" in capsys.readouterr().err
+    ti = ["train", "textual-inversion", "--images", str(images), "--token", "<sks>", "-o", str(tmp_path / "t.pt")]
+    assert main([*ti, "--caption-template", "{caption} only"]) == 2
+    assert "caption template" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices
+        main([*ti, "--templates", "scenery"])
+    assert exit_info.value.code == 2
+    from sdadapt.jobs import TrainOptions
+
+    with pytest.raises(ValueError, match="--templates must be one of object, style"):  # the TOML path
+        TrainOptions(images=str(images), templates="scenery")
+    assert not (tmp_path / "l.safetensors").exists() and not (tmp_path / "t.pt").exists()
+
+
+def test_dreamartist_trains_on_template_captions(tmp_path, capsys):
+    images = _folder(tmp_path / "nocap", n=2)
+    out = tmp_path / "da.pt"
+    assert main(["train", "dreamartist", "--images", str(images), "--token", "<da>", "--model", "toy", "-o", str(out),
+                 "--steps", "1", "-q"]) == 0
+    assert sdadapt.load_embedding(out).name == "da" and sdadapt.load_embedding(tmp_path / "da-neg.pt").name == "da-neg"
+
+
+def test_train_textual_inversion_on_a_diffusers_folder_without_captions(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from test_cli_train import _tiny_pipeline
+
+    pipe = _tiny_pipeline(tmp_path / "pipe")
+    images = _folder(tmp_path / "nocap", n=2)
+    out = tmp_path / "sks.pt"
+    assert main(["train", "textual-inversion", "--images", str(images), "--token", "<sks>", "--model", str(pipe),
+                 "-o", str(out), "--steps", "2", "--init-word", "photo"]) == 0, capsys.readouterr().err
+    assert "template captions with <sks>" in capsys.readouterr().err
+    embedding = sdadapt.load_embedding(out)
+    assert embedding.vectors["text_encoder"].shape == (1, 32) and torch.isfinite(embedding.vectors["text_encoder"]).all()
+
+
+def test_kohya_textual_inversion_config_keys(tmp_path, capsys):
+    images = _folder(tmp_path / "nocap", n=2)
+    config = tmp_path / "ti.toml"
+    config.write_text(f'train_data_dir = "{images.as_posix()}"\ntoken_string = "<kt>"\nnum_vectors_per_token = 2\n'
+                      f'use_style_template = true\nmax_train_steps = 1\noutput_dir = "{tmp_path.as_posix()}"\n'
+                      'output_name = "kt"\n')
+    assert main(["train", "textual-inversion", "--config", str(config), "--model", "toy"]) == 0, capsys.readouterr().err
+    assert "style template captions with <kt>" in capsys.readouterr().err
+    embedding = sdadapt.load_embedding(tmp_path / "kt.safetensors")
+    assert embedding.vectors["text_encoder"].shape == (2, 64)
+    tags = json.loads(read_safetensors(tmp_path / "kt.safetensors")[1]["ss_tag_frequency"])
+    assert all(c.replace("<kt>", "{}") in STYLE_TEMPLATES for folder in tags.values() for c in folder)
