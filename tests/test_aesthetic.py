@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from docs_pages import run_block
 import torch.nn.functional as F
 from hostile_files import evil_pickles
 from tiny_models import tiny_clip
@@ -455,17 +456,11 @@ def test_toy_projection_fits_the_judge_and_conditioning_keeps_the_layout(toy):
 
 # ----------------------------------------------------------------------------------- docs
 def test_docs_page_examples_run(tmp_path, monkeypatch, capsys):
-    import re
-
-    page = Path(__file__).resolve().parents[1] / "docs" / "aesthetic-gradients.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(blocks[0], str(page), "exec"), namespace)
+    namespace = run_block("aesthetic-gradients.md", 0)
     assert (tmp_path / "blue.pt").is_file()
     assert namespace["after"] > namespace["before"] + 0.2  # the generations moved toward the blue set
-    namespace = {}
-    exec(compile(blocks[1], str(page), "exec"), namespace)
+    namespace = run_block("aesthetic-gradients.md", 1)
     assert namespace["cond"].shape == (1, 16, 64)
     printed = capsys.readouterr().out
     assert "cosine to the blue set" in printed

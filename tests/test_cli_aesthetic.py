@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from docs_pages import code_blocks
 
 import sdadapt
 from sdadapt.aesthetic import (
@@ -197,12 +198,10 @@ def test_real_fixtures_personalise_a_stable_diffusion_model(sd_folder, fixture, 
 
 
 def test_docs_command_line_example_runs(blue_folder, tmp_path, monkeypatch, capsys):
-    import re
     import shlex
     import shutil
 
-    page = Path(__file__).resolve().parents[1] / "docs" / "aesthetic-gradients.md"
-    block = re.findall(r"```bash\n(.*?)```", page.read_text(), re.DOTALL)[0]
+    block = code_blocks("aesthetic-gradients.md", "bash")[0]
     shutil.copytree(blue_folder, tmp_path / "blue-images")
     monkeypatch.chdir(tmp_path)
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]

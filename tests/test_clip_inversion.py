@@ -27,6 +27,7 @@ from sdadapt.inversion.clip import (
 )
 from sdadapt.toy import DEFAULT_WEIGHTS, load_toy
 from sdadapt.training import diffusion
+from docs_pages import run_block
 
 needs_toy = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="toy weights not built")
 AC = diffusion.alphas_cumprod_of(diffusion.noise_schedule("scaled_linear")).float()
@@ -179,14 +180,8 @@ def test_clip_inversion_method_binds_words_and_removes_exactly(toy, tmp_path):
 
 @needs_toy
 def test_docs_example_runs(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parents[1] / "docs" / "clip-inversion.md").read_text()
-    block = re.findall(r"```python\n(.*?)```", page, re.DOTALL)[0]
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "docs/clip-inversion.md", "exec"), namespace)
+    namespace = run_block("clip-inversion.md")
     assert namespace["vectors"].vectors.shape == (1, 64) and namespace["vectors"].site == "time-embedding+token"
     assert namespace["alone"].shape == namespace["mixed"].shape == (4, 3, 32, 32)
 

@@ -17,6 +17,7 @@ from sdadapt.images import write_png
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.toy import build_toy
 from sdadapt.toy.evaluate import concept_data
+from docs_pages import run_block
 
 
 def _changed(before: dict, module) -> set[str]:
@@ -126,13 +127,7 @@ def test_train_command_on_a_diffusers_folder_loads_in_diffusers(tmp_path, capsys
 
 
 def test_docs_page_example_runs_and_the_file_is_the_trained_model():
-    import re
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parents[1] / "docs" / "custom-diffusion.md").read_text()
-    block = re.findall(r"```python\n(.*?)```", page, re.DOTALL)[0]
-    namespace: dict = {}
-    exec(compile(block, "docs/custom-diffusion.md", "exec"), namespace)
+    namespace = run_block("custom-diffusion.md")
     assert torch.equal(namespace["again"], namespace["trained"])
     fresh, original = namespace["fresh"], namespace["system"]
     assert all(torch.equal(a, b) for a, b in zip(fresh.unet.state_dict().values(), original.unet.state_dict().values()))

@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from docs_pages import code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _python_blocks(page: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), re.S)
 
 
 def test_lora_page_example_runs_and_agrees_with_diffusers():
     pytest.importorskip("diffusers")
     namespace: dict = {}
-    blocks = _python_blocks("lora.md")
+    blocks = code_blocks("lora.md")
     exec(compile(blocks[0], "docs/lora.md", "exec"), namespace)
     assert torch.allclose(namespace["y_merged"], namespace["y_adapter"], atol=1e-5)
     with torch.no_grad():
@@ -53,7 +50,7 @@ def test_quickstart_example_learns_and_round_trips():
 
 def test_training_page_example_learns_and_resumes(capsys):
     namespace: dict = {}
-    exec(compile(_python_blocks("training.md")[0], "docs/training.md", "exec"), namespace)
+    exec(compile(code_blocks("training.md")[0], "docs/training.md", "exec"), namespace)
     losses = [float(v) for v in namespace["losses"]]
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
     assert namespace["state"].step == 40 and namespace["x0"].shape == (2, 4, 8, 8)
@@ -63,7 +60,7 @@ def test_training_page_example_learns_and_resumes(capsys):
 def test_textual_inversion_page_example_trains_saves_and_reloads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the example writes purple.safetensors into the working folder
     namespace: dict = {}
-    exec(compile(_python_blocks("textual-inversion.md")[0], "docs/textual-inversion.md", "exec"), namespace)
+    exec(compile(code_blocks("textual-inversion.md")[0], "docs/textual-inversion.md", "exec"), namespace)
     emb = namespace["emb"]
     assert emb.name == "purple" and emb.vectors["text_encoder"].shape == (1, 64)
     assert namespace["pictures"].shape == (2, 3, 32, 32) and (tmp_path / "purple.safetensors").is_file()
@@ -73,6 +70,6 @@ def test_textual_inversion_page_example_trains_saves_and_reloads(tmp_path, monke
 def test_dreamartist_page_example_writes_the_pair_that_reproduces_the_samples(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(_python_blocks("dreamartist.md")[0], "docs/dreamartist.md", "exec"), namespace)
+    exec(compile(code_blocks("dreamartist.md")[0], "docs/dreamartist.md", "exec"), namespace)
     assert (tmp_path / "purple.pt").is_file() and (tmp_path / "purple-neg.pt").is_file()
     assert namespace["negative"].vectors["text_encoder"].shape == (2, 64)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import re
 import types
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from sdadapt.hypernetworks import (
     mlp_layout,
 )
 from sdadapt.toy import build_toy
+from docs_pages import run_block
 
 # --------------------------------------------------------------------------- naive A1111 reference
 # Written from modules/hypernetworks/hypernetwork.py (A1111 v1.x, see FORMATS.md §3): the module
@@ -502,10 +502,7 @@ def test_hypernetwork_in_float32_on_a_half_context_casts_back():
 
 
 def test_docs_page_example_runs():
-    page = (Path(__file__).resolve().parents[1] / "docs" / "hypernetworks.md").read_text()
-    block = re.findall(r"```python\n(.*?)```", page, re.S)[0]
-    namespace: dict = {}
-    exec(compile(block, "docs/hypernetworks.md", "exec"), namespace)
+    namespace = run_block("hypernetworks.md")
     assert namespace["hn"].name == "purple" and namespace["hn"].widths == (32, 64)
     assert "sdadapt" not in namespace["unet"]._modules
     losses = namespace["losses"]

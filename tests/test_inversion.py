@@ -28,6 +28,7 @@ from sdadapt.inversion.job import run_invert
 from sdadapt.toy import DEFAULT_WEIGHTS, load_toy
 from sdadapt.toy.shapes import Scene, caption, render
 from sdadapt.training import diffusion
+from docs_pages import run_block
 
 needs_toy = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="toy weights not built")
 
@@ -303,14 +304,8 @@ def test_invert_job_writes_its_files_and_resizes_like_train(tmp_path):
 
 @needs_toy
 def test_docs_example_runs(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parents[1] / "docs" / "null-text-inversion.md").read_text()
-    block = re.findall(r"```python\n(.*?)```", page, re.DOTALL)[0]
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "docs/null-text-inversion.md", "exec"), namespace)
+    namespace = run_block("null-text-inversion.md")
     assert (tmp_path / "red-circle.safetensors").is_file()
     assert psnr(namespace["reconstruction"][0], namespace["image"]) > 30  # the page says ~33 dB
     assert namespace["edit"].shape == (1, 3, 32, 32)

@@ -26,6 +26,7 @@ from sdadapt.loratools.extract import (
     truncated_svd,
 )
 from sdadapt.loratools.resize import factored_svd, resize_layer, resize_lora_state
+from docs_pages import run_block
 
 SETTINGS = settings(max_examples=15, deadline=None)
 
@@ -430,13 +431,7 @@ def test_block_weight_vectors_expand_like_kohya():
 
 # ------------------------------------------------------------------------------------ docs page
 def test_lora_tools_page_example_runs_and_says_what_it_claims(capsys):
-    import re
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parents[1] / "docs" / "lora-tools.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
-    namespace: dict = {}
-    exec(compile(blocks[0], "docs/lora-tools.md", "exec"), namespace)
+    namespace = run_block("lora-tools.md")
     # Eckart–Young on the single layer
     error = torch.linalg.norm(namespace["tuned_w"] - namespace["base_w"] - namespace["delta"])
     assert float(error) == pytest.approx(float(namespace["sigma"][2:].square().sum().sqrt()), rel=1e-4)

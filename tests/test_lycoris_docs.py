@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
+from docs_pages import code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_lycoris_page_example_runs_and_round_trips(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "lycoris.md").read_text(), re.S)
+    blocks = code_blocks("lycoris.md")
     assert len(blocks) == 1
     namespace: dict = {}
     exec(compile(blocks[0], "docs/lycoris.md", "exec"), namespace)

@@ -15,6 +15,7 @@ from sdadapt.cli import main
 from sdadapt.merge.engine import merge_file
 from sdadapt.merge.recipe import MergeStep
 from test_merge_engine import U, load_file_metadata, mini, save
+from docs_pages import run_block
 
 
 @pytest.fixture
@@ -131,14 +132,7 @@ def test_progress_bar_goes_to_stderr_and_the_module_runs(tmp_path, files):
 
 
 def test_docs_example_runs(tmp_path, capsys):
-    import re
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parents[1] / "docs" / "merge.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
-    assert blocks
-    namespace: dict = {}
-    exec(compile(blocks[0], "docs/merge.md", "exec"), namespace)
+    namespace = run_block("merge.md")
     out = capsys.readouterr().out
     assert "Add difference" in out and "True" in out
     assert namespace["report"].flags["is_inpainting"]

@@ -32,6 +32,7 @@ from sdadapt.formats.model_keys import (
 )
 
 from tiny_models import tiny_clip, tiny_unet_sd1, tiny_unet_sd2, tiny_unet_sdxl
+from docs_pages import run_block
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -545,9 +546,5 @@ def test_unet_any_layout_matches_diffusers(layers, attention, linear):
 
 
 def test_docs_page_example_runs():
-    page = (ROOT / "docs" / "keys.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
-    assert blocks
-    namespace: dict = {}
-    exec(compile(blocks[0], "docs/keys.md", "exec"), namespace)
+    namespace = run_block("keys.md")
     assert namespace["report"].ok

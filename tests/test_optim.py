@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from sdadapt.training.optim import (
     set_lr,
     stochastic_round_to_bf16,
 )
+from docs_pages import run_block
 
 SETTINGS = settings(max_examples=25, deadline=None)
 ROOT = Path(__file__).resolve().parents[1]
@@ -714,10 +714,6 @@ def test_lr_at_rejects_bad_arguments():
 
 # ------------------------------------------------------------------------------------- docs
 def test_docs_example_runs():
-    page = (ROOT / "docs" / "optim.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
-    assert blocks, "docs/optim.md has no python example"
-    namespace: dict = {}
-    exec(compile(blocks[0], "docs/optim.md", "exec"), namespace)
+    namespace = run_block("optim.md")
     assert namespace["final_loss"] < 0.1 * namespace["first_loss"]
     assert all(p.grad is None for p in namespace["model"].parameters())

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from docs_pages import code_blocks
 
 import sdadapt
 from sdadapt.cli import main
@@ -177,13 +178,11 @@ def test_sd1_ckpt_other_methods_and_generate(files, tmp_path, capsys):
 
 
 def test_the_worked_example_in_docs_train_md_runs(tmp_path, monkeypatch, capsys):
-    import re
     import sys
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "train.md").read_text()
-    make = re.findall(r"```python\n(.*?)```", page, re.S)[0]
-    toml = re.findall(r"```toml\n(.*?)```", page, re.S)[0]
+    make = code_blocks("train.md")[0]
+    toml = code_blocks("train.md", "toml")[0]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [str(Path(__file__).parent), *sys.path])
     exec(compile(make, "docs/train.md", "exec"), {})

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import WeightFileError
 from ..formats.custom_diffusion import KV_PARAMS, Q_OUT_PARAMS, file_key, split_file_key
-from ..formats.unet_names import is_ldm_unet_path, ldm_to_diffusers_unet
+from ..formats.layers import canonical_layer_path
 
 __all__ = [
     "CrossAttentionLayer",
@@ -41,7 +41,6 @@ __all__ = [
     "unet_custom_diffusion_state",
 ]
 
-_LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 @dataclass(frozen=True)
@@ -63,17 +62,6 @@ class CrossAttentionLayer:
         return dict(self.module.named_parameters()).get(param)
 
 
-def _diffusers_name(path: str) -> str | None:
-    inner = path
-    for prefix in _LDM_PREFIXES:
-        if inner.startswith(prefix):
-            inner = inner[len(prefix):]
-            break
-    if is_ldm_unet_path(inner):
-        return ldm_to_diffusers_unet(inner)
-    return inner
-
-
 def cross_attention_layers(unet: nn.Module) -> dict[str, CrossAttentionLayer]:
     """Every ``attn2`` module (with ``to_k``/``to_v`` Linears) of ``unet``, by diffusers path.
 
@@ -86,9 +74,8 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, CrossAttentionLayer]:
             continue
         if not isinstance(getattr(module, "to_k", None), nn.Linear) or not isinstance(getattr(module, "to_v", None), nn.Linear):
             continue
-        name = _diffusers_name(path)
-        if name is not None:
-            found[name] = CrossAttentionLayer(name, path, module)
+        name = canonical_layer_path("unet", path)  # the diffusers path of an LDM- or diffusers-named layer
+        found[name] = CrossAttentionLayer(name, path, module)
     return found
 
 
