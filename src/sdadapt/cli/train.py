@@ -58,7 +58,6 @@ KOHYA_IGNORED = {
     "network_module": "the method decides the network (lora, locon, loha, lokr, dora)",
     "lowram": "",
     "full_fp16": "use --mixed-precision",
-    "full_bf16": "use --mixed-precision",
 }
 _DTYPES = {"float": "fp32", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
            "bfloat16": "bf16", "keep": "keep"}
@@ -415,6 +414,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--fused-backward-pass", action=bool_flag,
         help="full/dreambooth: step the optimiser inside backward, freeing each gradient at once (no model-sized gradient "
         "buffer); needs --max-grad-norm 0, no accumulation, no fp16")
+    add(optim, "--full-bf16", action=bool_flag,
+        help="full/dreambooth with --mixed-precision bf16: keep the trained weights in bf16 (half the memory of fp32), "
+        "written back with stochastic rounding")
 
     prior = train.add_argument_group("prior preservation (DreamBooth class images)")
     add(prior, "--class-prompt", help="the class your images belong to, e.g. 'a photo of a dog': the unadapted model's images "

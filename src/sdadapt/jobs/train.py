@@ -68,7 +68,9 @@ class TrainOptions:
     Memory: ``gradient_checkpointing`` (recompute the UNet blocks' activations in backward; any
     method), ``fused_backward_pass`` (full, dreambooth: the optimiser steps inside backward, no
     gradient buffer; needs ``max_grad_norm=0``, no accumulation, no fp16) — see
-    :class:`sdadapt.methods.FitConfig`.
+    :class:`sdadapt.methods.FitConfig`; ``full_bf16`` (full, dreambooth, with
+    ``mixed_precision="bf16"``: the trained parts' weights in bf16, written back with stochastic
+    rounding; :meth:`~sdadapt.methods.finetune.FullAdaptation.cast`).
 
     Whole-model methods (full, dreambooth): ``ema_save`` (``weights``: the saved weights are the
     EMA; ``beside``: the raw weights, with the EMA beside them — ``model_ema.*`` keys in an LDM file,
@@ -127,6 +129,7 @@ class TrainOptions:
     text_encoder_steps: int | None = None
     gradient_checkpointing: bool = False
     fused_backward_pass: bool = False
+    full_bf16: bool = False
     extract_lora: int | None = None
     seed: int = 0
     stop_on_nan: bool = True
@@ -204,6 +207,9 @@ class TrainOptions:
                              f"got {self.text_encoder_steps}")
         if self.extract_lora is not None and self.extract_lora < 1:
             raise ValueError(f"--extract-lora must be a LoRA rank >= 1, got {self.extract_lora}")
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            raise ValueError("--full-bf16 trains bf16 weights, so the forward pass must run under bf16 autocast: add "
+                             "--mixed-precision bf16")
         if self.fused_backward_pass:
             clashes = [what for what, clash in (
                 (f"--max-grad-norm {self.max_grad_norm} (pass --max-grad-norm 0: the global norm needs every gradient at once)",
@@ -290,6 +296,9 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
     if not whole_model and options.extract_lora is not None:
         raise ValueError(f"--extract-lora is for the whole-model methods (full, dreambooth); {spec.name} already writes "
                          "a small file")
+    if not whole_model and options.full_bf16:
+        raise ValueError(f"--full-bf16 is for the whole-model methods (full, dreambooth); {spec.name}'s adapter weights "
+                         "train in float32 over the model (use --mixed-precision bf16)")
     if not whole_model and options.fused_backward_pass:
         raise ValueError(f"--fused-backward-pass is for the whole-model methods (full, dreambooth), where the gradients "
                          f"are as large as the model; {spec.name}'s few trained weights gain nothing from it")
@@ -543,6 +552,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                               weight=options.prior_weight, count=count, size=(height, width),
                               progress=bars("class images", "image") if bars is not None else None)
     adaptation = spec.adapt(system, seed=options.seed, **options.method_options)
+    if options.full_bf16:
+        adaptation.cast(torch.bfloat16)  # type: ignore[attr-defined]
     share = getattr(adaptation, "text_encoder_share", None)
     if config.text_encoder_steps is None and share is not None:  # the method's default stop, recorded in the metadata
         config = dataclasses.replace(config, text_encoder_steps=round(share * total))
@@ -564,10 +575,12 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         for i, sample in enumerate(samples):
             sample = with_defaults(sample, seed=options.seed, steps=options.sample_steps, guidance=None)
             sized = "height" in inspect.signature(system.sample).parameters  # else the model's own size only
-            image = generate(system, [sample.prompt], negative=sample.negative, seed=sample.seed, steps=sample.steps,
-                             guidance=sample.guidance, sampler=options.sample_sampler,
-                             height=sample.height or (height if sized else None),
-                             width=sample.width or (width if sized else None))[0]
+            bf16 = torch.autocast(system.alphas_cumprod.device.type, dtype=torch.bfloat16) if options.full_bf16 else None
+            with bf16 or contextlib.nullcontext():  # --full-bf16: the UNet's weights are bf16 now
+                image = generate(system, [sample.prompt], negative=sample.negative, seed=sample.seed, steps=sample.steps,
+                                 guidance=sample.guidance, sampler=options.sample_sampler,
+                                 height=sample.height or (height if sized else None),
+                                 width=sample.width or (width if sized else None))[0]
             path = write_png(outputs.samples / f"step{step:06d}-{i:02d}.png", image)
             sample_written.append(str(path))
         say(f"step {step}: {len(samples)} sample image{'s' if len(samples) != 1 else ''} in {outputs.samples}")
@@ -723,6 +736,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_optimizer": config.optimizer,
         "ss_mixed_precision": options.mixed_precision,
         "ss_full_fp16": "False",
+        "ss_full_bf16": str(options.full_bf16),
         "ss_gradient_checkpointing": str(options.gradient_checkpointing),
         "ss_clip_skip": str(options.clip_skip),
         "ss_resolution": f"({width}, {height})",

@@ -69,6 +69,7 @@ class FullAdaptation:
                     self.parts[name] = getattr(system, name)
         self._original = {name: {k: v.detach().clone() for k, v in part.state_dict().items()} for name, part in self.parts.items()}
         self._requires_grad = {name: [p.requires_grad for p in part.parameters()] for name, part in self.parts.items()}
+        self._dtypes = {name: [t.dtype for t in (*part.parameters(), *part.buffers())] for name, part in self.parts.items()}
         for part in self.parts.values():
             part.requires_grad_(True)
         self.params: list[nn.Parameter] = [p for part in self.parts.values() for p in part.parameters()]
@@ -136,9 +137,20 @@ class FullAdaptation:
                                       flat({name: part.state_dict() for name, part in self.parts.items()}))
             return extract_lora(base, tuned, out, rank=rank, dtype=dtype, overwrite=overwrite, min_layer_diff=0.0)
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Hold the trained parts' floating-point weights in ``dtype`` for training (kohya's
+        ``--full_bf16``: bf16 weights, which :func:`~sdadapt.methods.fit.make_optimizer`'s
+        optimisers write back with stochastic rounding; the forward then needs bf16 autocast).
+        The parameters stay the same objects; ``remove()`` restores the original dtypes and bits."""
+        for part in self.parts.values():
+            part.to(dtype)
+
     def remove(self) -> None:
         with torch.no_grad():
             for name, part in self.parts.items():
+                for tensor, dtype in zip((*part.parameters(), *part.buffers()), self._dtypes[name]):
+                    if tensor.dtype != dtype:
+                        tensor.data = tensor.data.to(dtype)
                 part.load_state_dict(self._original[name])
                 for p, flag in zip(part.parameters(), self._requires_grad[name]):
                     p.requires_grad_(flag)

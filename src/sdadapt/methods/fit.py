@@ -191,12 +191,20 @@ class FitConfig:
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
-    """The optimiser ``config.optimizer`` over parameter ``groups`` (``{"params": [...], "lr": ...}``)."""
+    """The optimiser ``config.optimizer`` over parameter ``groups`` (``{"params": [...], "lr": ...}``).
+
+    ``adamw`` is ``torch.optim.AdamW``, except over bf16 parameters (``--full-bf16``): there it is
+    sdadapt's :class:`~sdadapt.training.optim.AdamW` with float32 states, which writes the weights
+    back with stochastic rounding (round-to-nearest loses every update below half a bf16 ulp).
+    sdadapt's optimisers (all the others) always round bf16 weights stochastically."""
     name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
-    if name == "adamw":
+    bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
+    if name == "adamw" and not bf16:
         return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     from ..training.optim import Adafactor, AdamW
 
+    if name == "adamw":
+        return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=torch.float32)
     if name == "adafactor":
         return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     state_dtype: Any = "int8" if name == "adamw8bit" else torch.bfloat16
@@ -491,7 +499,7 @@ def _checkpoint_unet(system: System) -> Any:
 
     unet = getattr(system, "unet", None)
     if not isinstance(unet, nn.Module):
-        raise ValueError(f"gradient_checkpointing checkpoints system.unet's blocks, but {type(system).__name__} has no "
+        raise TypeError(f"gradient_checkpointing checkpoints system.unet's blocks, but {type(system).__name__} has no "
                          "unet module; leave gradient_checkpointing off")
     return enable_checkpointing(unet, UNET_BLOCKS)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..targets import Target, by_regex, select
 
-__all__ = ["CheckpointHandle", "UNET_BLOCKS", "enable_checkpointing"]
+__all__ = ["UNET_BLOCKS", "CheckpointHandle", "enable_checkpointing"]
 
 #: what whole-UNet training checkpoints (``FitConfig.gradient_checkpointing``): each resnet and each
 #: transformer (``Transformer2DModel``/``SpatialTransformer``) of the down, mid and up blocks —
