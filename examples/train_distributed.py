@@ -13,6 +13,7 @@ weights, which the script checks at the end ("ranks agree: True").
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -98,6 +99,8 @@ def main() -> None:
               f"loss {mean_loss[:3].mean():.4f} -> {mean_loss[-3:].mean():.4f}")
         print(f"ranks agree: {all(torch.equal(s, sums[0]) for s in sums)}")
     dist.barrier()  # every rank done before the group is torn down
+    model = unet = params = optimizer = full = None  # FSDP2/DDP state holds the process group: free it before destroying
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -243,6 +243,18 @@ def test_round_trip_keeps_keys_values_and_dtype(tmp_path_factory, dtype, q_out, 
         assert loaded.prompts == ["photo of a <new1> dog"]
 
 
+def test_overwriting_with_fewer_tokens_reads_only_the_recorded_token_files(tmp_path):
+    state = _random_state(_unet())
+    path = tmp_path / "cd.safetensors"
+    tokens = [sdadapt.Embedding(n, {"text_encoder": torch.randn(1, 32)}) for n in ("<a>", "<b>", "<c>")]
+    save_custom_diffusion_file(path, state, embeddings=tokens[:2])
+    save_custom_diffusion_file(path, state, embeddings=tokens[2:])  # <a>, <b>'s -token1/-token2 stay on disk
+    assert all(p.is_file() for p in token_files(path, 2))
+    assert load_custom_diffusion(path).tokens == ["<c>"]
+    save_custom_diffusion_file(path, state)  # no tokens now
+    assert load_custom_diffusion(path).embeddings == []
+
+
 def test_bin_holds_diffusers_empty_attn1_entries(tmp_path):
     state = _random_state(_unet())
     path = tmp_path / "pytorch_custom_diffusion_weights.bin"

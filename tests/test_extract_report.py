@@ -193,3 +193,16 @@ def test_resize_reports_the_error_of_the_factors_it_writes_in_fp16():
     file_error = float((want - got).norm())
     assert file_error > 1e-6, "the cast must cost something, or this test proves nothing"
     assert abs(report["a"].residual_norm - file_error) <= 1e-6 * max(1.0, file_error) + 1e-9
+
+
+def test_report_worst_layer_is_the_largest_relative_error():
+    from pathlib import Path
+
+    from sdadapt.loratools.output import LayerReport, LoRAJobReport
+
+    report = LoRAJobReport(Path("x.safetensors"), "sd1")
+    assert report.worst_layer() is None
+    report.layers = {"unet:a": LayerReport(4, 4.0, residual_norm=1.0, norm=10.0),
+                     "unet:b": LayerReport(4, 4.0, residual_norm=3.0, norm=1000.0),
+                     "unet:c": LayerReport(4, 4.0, residual_norm=0.5, norm=2.0)}
+    assert report.worst_layer() == ("unet:c", 0.25)

@@ -3,6 +3,7 @@ for LoRA on a frozen base and for a full fine-tune; the torchrun example runs.""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -88,6 +89,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save(results, out)
     dist.barrier()  # no rank tears gloo down while another still uses it (aborts under load)
+    del unet, sharded  # the sharded model holds the process group: free it before destroying the group
+    gc.collect()
     dist.destroy_process_group()
 
 

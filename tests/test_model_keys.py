@@ -26,6 +26,7 @@ from sdadapt.formats.model_keys import (
     checkpoint_naming,
     convert_checkpoint,
     diffusers_to_ldm,
+    join_components,
     key_plan,
     ldm_to_diffusers,
     split_components,
@@ -540,6 +541,20 @@ def test_unet_any_layout_matches_diffusers(layers, attention, linear):
     ldm = diffusers_to_ldm(state)
     assert_same_state(single_file.convert_ldm_unet_checkpoint(ldm, unet.config), unet.state_dict())
     assert_same_state(ldm_to_diffusers(ldm), state)
+
+
+def test_join_components_is_split_components_inverse():
+    t = torch.arange(3.0)
+    parts = {"unet": {"conv_in.weight": t},
+             "text_encoder": {"encoder.layers.0.mlp.fc1.weight": t, "embeddings.position_ids": t},  # transformers 5
+             "text_encoder_2": {"text_model.final_layer_norm.weight": t, "text_projection.weight": t}}
+    joined = join_components(parts)
+    assert sorted(joined) == ["text_encoder.text_model.encoder.layers.0.mlp.fc1.weight",
+                              "text_encoder_2.text_model.final_layer_norm.weight", "text_encoder_2.text_projection.weight",
+                              "unet.conv_in.weight"]
+    assert all(v is t for v in joined.values())
+    back = split_components(joined, expected={c: dict(p) for c, p in parts.items()})
+    assert back == {c: {k: v for k, v in p.items() if not k.endswith("position_ids")} for c, p in parts.items()}
 
 
 # ---------------------------------------------------------------- docs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -184,6 +185,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save([p.detach() for p in params], out)
     dist.barrier()  # no rank tears gloo down while another still uses it (aborts under load)
+    del ddp, optimizer  # DDP's reducer holds the process group: free it before destroying the group
+    gc.collect()
     dist.destroy_process_group()
 
 

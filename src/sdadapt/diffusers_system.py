@@ -292,17 +292,10 @@ class DiffusersSystem(nn.Module):
 
     def _save_ldm(self, target: Path, dtype: torch.dtype | None, metadata: dict[str, str], ema: Any = None) -> Path:
         from .formats.files import write_safetensors
-        from .formats.model_keys import diffusers_to_ldm
+        from .formats.model_keys import diffusers_to_ldm, join_components
         from .formats.single_file import CONFIG_METADATA_KEY
 
-        state = {}
-        for component, module in self._components().items():
-            for key, value in module.state_dict().items():
-                if key.endswith("position_ids"):
-                    continue
-                if component.startswith("text_encoder") and not key.startswith(("text_model.", "text_projection")):
-                    key = "text_model." + key  # transformers 5 drops the prefix; LDM files keep it
-                state[f"{component}.{key}"] = value.detach()
+        state = {k: v.detach() for k, v in join_components({c: m.state_dict() for c, m in self._components().items()}).items()}
         ldm = diffusers_to_ldm(state, architecture=self.architecture)
         if ema is not None:  # CompVis LitEma: model_ema.<key after "model." with the dots removed>
             averaged = diffusers_to_ldm({f"unet.{k}": v.detach() for k, v in ema.unet.items()}, architecture=self.architecture)

@@ -29,10 +29,9 @@ def _summary(report, verb: str) -> str:
     parts = ", ".join(f"{safe_text(c)} {n}" for c, n in by_component.items())
     line = (f"{verb} {safe_text(report.path)}: {len(report.layers)} layers ({parts}), rank {rank_text}, "
             f"base model {report.base_model}")
-    if report.layers:
-        worst = max(report.layers.items(), key=lambda kv: kv[1].residual_norm / max(kv[1].norm, 1e-30))
-        rel = worst[1].residual_norm / max(worst[1].norm, 1e-30)
-        line += f"\nlargest relative error ‖Δ − LoRA‖/‖Δ‖ = {rel:.3g} ({safe_text(worst[0])})"
+    worst = report.worst_layer()
+    if worst is not None:
+        line += f"\nlargest relative error ‖Δ − LoRA‖/‖Δ‖ = {worst[1]:.3g} ({safe_text(worst[0])})"
     return line
 
 

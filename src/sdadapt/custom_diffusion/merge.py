@@ -119,7 +119,10 @@ def concept_features(system, prompts: Sequence[str], *, expand=None, through: st
 
     Raises:
         MergeError: no prompts.
+        ValueError: ``through`` is neither ``"eos"`` nor ``"all"``.
     """
+    if through not in ("eos", "all"):
+        raise ValueError(f"through must be 'eos' or 'all', got {through!r}")
     if not prompts:
         raise MergeError("no prompts to take text features from")
     texts = [expand(p) for p in prompts] if expand is not None else list(prompts)

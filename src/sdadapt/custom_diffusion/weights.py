@@ -37,6 +37,7 @@ __all__ = [
     "apply_custom_diffusion",
     "blend_weight",
     "cross_attention_layers",
+    "custom_diffusion_parameters",
     "save_custom_diffusion",
     "unet_custom_diffusion_state",
 ]
@@ -79,20 +80,27 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, CrossAttentionLayer]:
     return found
 
 
+def custom_diffusion_parameters(layers: Mapping[str, CrossAttentionLayer], *, train_q_out: bool = False) -> dict[str, nn.Parameter]:
+    """``{file key: the layer's own parameter}``: ``to_k``/``to_v`` of every layer in ``layers``, and
+    ``to_q``/``to_out.0`` with ``train_q_out`` (what Custom Diffusion trains and its file holds)."""
+    params = KV_PARAMS + (Q_OUT_PARAMS if train_q_out else ())
+    out: dict[str, nn.Parameter] = {}
+    for name, layer in layers.items():
+        for param in params:
+            value = layer.parameter(param)
+            if value is not None:
+                out[file_key(name, param)] = value
+    return out
+
+
 def unet_custom_diffusion_state(unet: nn.Module, *, train_q_out: bool = False,
                                 layers: Mapping[str, CrossAttentionLayer] | None = None) -> dict[str, Tensor]:
     """The UNet's current ``attn2`` weights as a Custom Diffusion state dict (diffusers keys;
     detached CPU copies, the weights' dtype): ``to_k``/``to_v`` of every cross-attention layer, and
     ``to_q``/``to_out.0`` with ``train_q_out`` (what diffusers' ``save_attn_procs`` writes)."""
     layers = cross_attention_layers(unet) if layers is None else layers
-    params = KV_PARAMS + (Q_OUT_PARAMS if train_q_out else ())
-    out: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        for param in params:
-            value = layer.parameter(param)
-            if value is not None:
-                out[file_key(name, param)] = value.detach().to("cpu").clone()
-    return out
+    return {key: value.detach().to("cpu").clone()
+            for key, value in custom_diffusion_parameters(layers, train_q_out=train_q_out).items()}
 
 
 def blend_weight(base: Tensor, replacement: Tensor, scale: float) -> Tensor:
@@ -120,18 +128,14 @@ class CustomDiffusionHandle:
         self.layers: dict[str, CrossAttentionLayer] = {}
         self.embeddings: list = []
         self._originals: list[tuple[nn.Parameter, Tensor]] = []
-        self._replacements: dict[str, Tensor] = {}
+        self._applied: dict[str, nn.Parameter] = {}  # file key -> the UNet parameter it set
         self._removed = False
 
     def state_dict(self) -> dict[str, Tensor]:
         """The applied weights as a Custom Diffusion state dict (diffusers keys): what
         :func:`sdadapt.save_custom_diffusion` writes for this handle (the UNet's current weights)."""
         self._check_alive()
-        out: dict[str, Tensor] = {}
-        for key in self._replacements:
-            layer, param = split_file_key(key)  # type: ignore[misc]
-            out[key] = self.layers[layer].parameter(param).detach().to("cpu").clone()  # type: ignore[union-attr]
-        return out
+        return {key: param.detach().to("cpu").clone() for key, param in self._applied.items()}
 
     def modifier_embeddings(self) -> list:
         """The injected modifier tokens as :class:`~sdadapt.Embedding` values (empty without a text side)."""
@@ -222,14 +226,15 @@ def apply_custom_diffusion(
             or shapes that do not fit (the message names the layers and the file).
     """
     from ..checks import finite_number
-    from ..formats.custom_diffusion import CustomDiffusionFile, load_custom_diffusion
+    from ..formats.custom_diffusion import (
+        CustomDiffusionFile,
+        drop_placeholders,
+        load_custom_diffusion,
+    )
 
     scale = float(finite_number(scale, name="scale"))  # type: ignore[arg-type]
     if isinstance(path_or_state_dict, Mapping):
-        # diffusers' parameter-less processor entries ({} in .bin, 0-length tensors in sdadapt's files) carry nothing
-        state = {k: v for k, v in path_or_state_dict.items()
-                 if not (isinstance(v, Mapping) or (k.endswith(".processor") and v.numel() == 0))}
-        loaded = CustomDiffusionFile(state, source="<state dict>")
+        loaded = CustomDiffusionFile(drop_placeholders(path_or_state_dict), source="<state dict>")
     elif isinstance(path_or_state_dict, CustomDiffusionFile):
         loaded = path_or_state_dict
     else:
@@ -243,7 +248,7 @@ def apply_custom_diffusion(
                 target = layers[layer].parameter(param)
                 handle.layers[layer] = layers[layer]
                 handle._originals.append((target, target.detach().clone()))  # type: ignore[union-attr]
-                handle._replacements[key] = loaded.weights[key]
+                handle._applied[key] = target  # type: ignore[assignment]
                 target.copy_(blend_weight(target.detach(), loaded.weights[key], scale))  # type: ignore[union-attr]
         if text_encoder is not None and tokenizer is not None:
             from ..embeddings import inject_embedding

@@ -32,6 +32,7 @@ from .model_keys import (
     convert_checkpoint,
     diffusers_to_ldm,
     key_plan,
+    join_components,
     ldm_to_diffusers,
     split_components,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "ldm_to_diffusers",
     "diffusers_to_ldm",
     "split_components",
+    "join_components",
 ]
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "TOKENS_KEY",
     "WEIGHT_NAMES",
     "CustomDiffusionFile",
+    "drop_placeholders",
     "file_key",
     "is_custom_diffusion_state",
     "load_custom_diffusion",
@@ -194,9 +195,16 @@ def _read_token_file(file: Path) -> list[Embedding]:
     return [_token_embedding(token, value, str(file)) for token, value in tensors.items()]
 
 
+def drop_placeholders(state: Mapping[str, object]) -> dict:
+    """``state`` without diffusers' parameter-less processor entries (``{}`` in a ``.bin``, 0-length
+    tensors in sdadapt's ``.safetensors``): they carry nothing."""
+    return {k: v for k, v in state.items()
+            if not (isinstance(v, Mapping) or (k.endswith(".processor") and v.numel() == 0))}  # type: ignore[attr-defined]
+
+
 def _read_weights_file(file: Path) -> CustomDiffusionFile:
     tensors, metadata = read_weights(file)
-    tensors = {k: v for k, v in tensors.items() if not (k.endswith(".processor") and v.numel() == 0)}  # placeholders
+    tensors = drop_placeholders(tensors)
     check_finite(tensors, source=str(file))
     embeddings: list[Embedding] = []
     if any(k.startswith(("unet.", "modifier_token.")) for k in tensors):
@@ -218,7 +226,8 @@ def _read_weights_file(file: Path) -> CustomDiffusionFile:
 def load_custom_diffusion(path: str | os.PathLike) -> CustomDiffusionFile:
     """Read a Custom Diffusion result: a weights file, or a folder holding diffusers' weights file.
 
-    The modifier tokens come from the files beside it: sdadapt's ``<stem>-token*.<ext>``, or in a
+    The modifier tokens come from the files beside it: sdadapt's ``<stem>-token*.<ext>`` (as many as
+    its ``custom_diffusion_tokens`` metadata records, when it has that key), or in a
     folder every other ``.safetensors``/``.bin`` holding ``{token: (dim,)}`` (diffusers' ``<new1>.bin``);
     adobe's ``delta.bin`` carries them inside.
 
@@ -243,7 +252,12 @@ def load_custom_diffusion(path: str | os.PathLike) -> CustomDiffusionFile:
         return loaded
     loaded = _read_weights_file(target)
     if not loaded.embeddings:
-        beside = [p for p in (*token_files(target, 1), *token_files(target, 64)) if p.is_file()]
+        if TOKENS_KEY in loaded.metadata:  # sdadapt's file says how many token files it has (stale others stay out)
+            count = len(_json_list(loaded.metadata[TOKENS_KEY]))
+            candidates = token_files(target, count) if count else ()
+        else:
+            candidates = (*token_files(target, 1), *token_files(target, 64))
+        beside = [p for p in candidates if p.is_file()]
         for file in beside:
             loaded.embeddings.extend(_read_token_file(file))
     return loaded

@@ -48,6 +48,7 @@ __all__ = [
     "ldm_to_diffusers",
     "diffusers_to_ldm",
     "split_components",
+    "join_components",
 ]
 
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -405,3 +406,19 @@ def split_components(
             else:
                 out[component] = {add_text_model(k, ""): v for k, v in part.items()}
     return out
+
+
+def join_components(parts: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """``{component: state_dict}`` -> flat diffusers state (``unet.conv_in.weight`` ...), the inverse of
+    :func:`split_components`: CLIP ``position_ids`` are left out, and text-encoder keys get the
+    ``text_model.`` level that transformers 5's ``CLIPTextModel`` drops (diffusers' files and LDM keep it).
+    Tensors are the parts' own (not copied or detached)."""
+    state: dict[str, Tensor] = {}
+    for component, part in parts.items():
+        for key, value in part.items():
+            if key.endswith("position_ids"):
+                continue
+            if component.startswith("text_encoder") and not key.startswith(("text_model.", "text_projection")):
+                key = "text_model." + key
+            state[f"{component}.{key}"] = value
+    return state

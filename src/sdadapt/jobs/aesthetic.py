@@ -125,9 +125,9 @@ def run_aesthetic_embedding(
         preprocess: Callable[[Tensor], Tensor] | None = clip_image_preprocess
         source = f"CLIP {Path(clip).name}"
     else:
-        from .models import _is_toy_file, load_system
+        from .models import load_system
 
-        if model not in ("toy", "toy-image") and not _is_toy_file(model):
+        if not _is_toy_model(model):
             raise InputError(f"--model {model}: Stable Diffusion models hold CLIP's text tower only; an aesthetic "
                              "embedding needs CLIP's image tower: pass --clip DIR (a transformers CLIP model folder, "
                              "openai/clip-vit-large-patch14 for SD1), or --model toy for the toy model")
@@ -146,6 +146,13 @@ def run_aesthetic_embedding(
     written = save_aesthetic_embedding(target, stored, overwrite=overwrite, metadata=metadata)
     return {"file": str(written), "images": len(files), "dim": int(embedding.shape[-1]),
             "norm": float(embedding.norm()), "encoder": source, "seconds": time.perf_counter() - start}
+
+
+def _is_toy_model(model: str) -> bool:
+    """Whether ``--model`` names the toy (``toy``, ``toy-image`` or a toy-system file), as :func:`load_system` reads it."""
+    from .models import _is_toy_file
+
+    return model in ("toy", "toy-image") or _is_toy_file(model)
 
 
 def _is_toy(system) -> bool:
@@ -177,13 +184,11 @@ def check_aesthetic_request(model: str, path: str | os.PathLike, *, clip: str | 
         FileNotFoundError: no such file (``--aesthetic`` or ``--aesthetic-clip``).
         InputError: a Stable Diffusion model without ``clip``.
     """
-    from .models import _is_toy_file
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"--aesthetic {path}: no such file")
     if clip is not None and not Path(clip).exists():
         raise FileNotFoundError(f"--aesthetic-clip {clip}: no such file or folder")
-    if clip is None and model not in ("toy", "toy-image") and not _is_toy_file(model):
+    if clip is None and not _is_toy_model(model):
         raise InputError(_NEEDS_CLIP)
 
 

@@ -554,9 +554,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     adaptation = spec.adapt(system, seed=options.seed, **options.method_options)
     if options.full_bf16:
         adaptation.cast(torch.bfloat16)  # type: ignore[attr-defined]
-    share = getattr(adaptation, "text_encoder_share", None)
-    if config.text_encoder_steps is None and share is not None:  # the method's default stop, recorded in the metadata
-        config = dataclasses.replace(config, text_encoder_steps=round(share * total))
+    # the method's default stop (DreamBooth's text encoder), recorded in the metadata
+    config = dataclasses.replace(config, text_encoder_steps=config.text_encoder_stop(adaptation))
     hashes = _Hashes(options.model)
     started_at = time.time()
     saved: list[str] = []
@@ -650,9 +649,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         lora_file = extracted_lora_path(outputs.final, options.extract_lora)
         report = adaptation.extract_lora(lora_file, rank=options.extract_lora, dtype=options.dtype,  # type: ignore[attr-defined]
                                          overwrite=options.overwrite)
-        worst = max(report.layers.items(), key=lambda kv: kv[1].residual_norm / max(kv[1].norm, 1e-30))
+        worst_layer, worst_error = report.worst_layer()  # type: ignore[misc]  # extract_lora writes at least one layer
         lora = {"file": str(lora_file), "rank": options.extract_lora, "layers": len(report.layers),
-                "max_relative_error": worst[1].residual_norm / max(worst[1].norm, 1e-30), "worst_layer": worst[0]}
+                "max_relative_error": worst_error, "worst_layer": worst_layer}
     return {"method": method, "images": len(records), "prior_images": 0 if prior_data is None else len(prior_data[1]),
             "losses": losses, "seconds": time.perf_counter() - start_time, "file": str(file), "steps": total,
             "epochs": epochs, "report": dataset.report(), "saved": saved, "samples": sample_written,

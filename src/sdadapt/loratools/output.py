@@ -81,6 +81,13 @@ class LoRAJobReport:
     layers: dict[str, LayerReport] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def worst_layer(self) -> tuple[str, float] | None:
+        """The layer with the largest relative error ``‖Δ − LoRA‖_F / ‖Δ‖_F`` and that error (``None``: no layers)."""
+        if not self.layers:
+            return None
+        name, info = max(self.layers.items(), key=lambda kv: kv[1].residual_norm / max(kv[1].norm, 1e-30))
+        return name, info.residual_norm / max(info.norm, 1e-30)
+
 
 @dataclass
 class BakeReport:

@@ -22,14 +22,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..custom_diffusion.weights import cross_attention_layers
-from ..formats.custom_diffusion import (
-    KV_PARAMS,
-    Q_OUT_PARAMS,
-    file_key,
-    save_custom_diffusion_file,
-    token_files,
+from ..custom_diffusion.weights import (
+    cross_attention_layers,
+    custom_diffusion_parameters,
 )
+from ..formats.custom_diffusion import save_custom_diffusion_file, token_files
 from .textual_inversion import TextualInversion, mentions, prepare_textual_inversion
 
 __all__ = ["CustomDiffusion", "companion_token_files", "detach_first_token", "prepare_custom_diffusion"]
@@ -64,17 +61,11 @@ class CustomDiffusion:
         self.system, self.inversion, self.token = system, inversion, inversion.token
         self.train_q_out = train_q_out
         self.prompts: list[str] = []
-        names = KV_PARAMS + (Q_OUT_PARAMS if train_q_out else ())
         self.layers = cross_attention_layers(system.unet)
         if not self.layers:
             inversion.remove()
             raise ValueError(f"{type(system.unet).__name__} has no cross-attention (attn2) layers with to_k/to_v: nothing for Custom Diffusion to train")
-        self._weights: list[tuple[str, nn.Parameter]] = []
-        for layer_name, layer in self.layers.items():
-            for param_name in names:
-                param = layer.parameter(param_name)
-                if param is not None:
-                    self._weights.append((file_key(layer_name, param_name), param))
+        self._weights: list[tuple[str, nn.Parameter]] = list(custom_diffusion_parameters(self.layers, train_q_out=train_q_out).items())
         self._originals = [(p, p.detach().clone()) for _, p in self._weights]
         for _, param in self._weights:
             param.requires_grad_(True)  # the inversion froze everything; its restore() puts every flag back

@@ -117,21 +117,13 @@ class FullAdaptation:
             the extraction report: per layer the rank and ``‖Δ − LoRA‖_F`` of the file written.
         """
         from ..formats.files import write_safetensors
+        from ..formats.model_keys import join_components
         from ..loratools.extract import extract_lora
 
         def flat(states: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-            tensors = {}
-            for component, state in states.items():
-                for key, value in state.items():
-                    if key.endswith("position_ids"):
-                        continue
-                    if component.startswith("text_encoder") and not key.startswith(("text_model.", "text_projection")):
-                        key = "text_model." + key
-                    tensors[f"{component}.{key}"] = value.detach().float().contiguous()
-            return tensors
+            return {k: v.detach().float().contiguous() for k, v in join_components(states).items()}
 
-        folder = Path(out).parent if str(Path(out).parent) else Path(".")
-        with tempfile.TemporaryDirectory(prefix=".sdadapt-extract-", dir=folder) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".sdadapt-extract-", dir=Path(out).parent) as tmp:
             base = write_safetensors(Path(tmp) / "base.safetensors", flat(self._original))
             tuned = write_safetensors(Path(tmp) / "tuned.safetensors",
                                       flat({name: part.state_dict() for name, part in self.parts.items()}))

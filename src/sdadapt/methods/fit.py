@@ -42,6 +42,7 @@ from ..training.step import (
     EMA,
     StepConfig,
     TrainState,
+    fused_backward_clashes,
     load_training_state,
     prepare_batch,
     save_training_state,
@@ -172,14 +173,18 @@ class FitConfig:
             raise ValueError(f"text_encoder_steps must be a step count >= 0 (or None: train the text encoder every step), "
                              f"got {self.text_encoder_steps!r}")
         if self.fused_backward:
-            clashes = [what for what, clash in (
-                ("gradient clipping (StepConfig.max_grad_norm; --max-grad-norm 0 turns it off)", self.step.max_grad_norm is not None),
-                ("gradient accumulation (StepConfig.accumulation_steps > 1)", self.step.accumulation_steps != 1),
-                ("fp16 mixed precision with its GradScaler (use bf16)", self.step.mixed_precision == "fp16"),
-            ) if clash]
+            clashes = fused_backward_clashes(self.step)
             if clashes:
                 raise ValueError("fused_backward (--fused-backward-pass) steps each parameter as soon as its gradient "
                                  "arrives, so it cannot work with " + "; ".join(clashes))
+
+    def text_encoder_stop(self, adaptation: Any) -> int | None:
+        """The step the text encoder stops training at: ``text_encoder_steps``, else the first
+        ``round(share · steps)`` steps of the adaptation's ``text_encoder_share`` (``None``: every step)."""
+        share = getattr(adaptation, "text_encoder_share", None)
+        if self.text_encoder_steps is None and share is not None:
+            return round(float(share) * self.steps)
+        return self.text_encoder_steps
 
     def lr_at(self, step: int, base: float) -> float:
         """The LR of a group with base LR ``base`` at optimiser step ``step`` (0-based)."""
@@ -323,10 +328,7 @@ def fit(
     scales = list(getattr(adaptation, "lr_scales", None) or [1.0] * len(params))
     if len(scales) != len(params):
         raise ValueError(f"the adaptation has {len(params)} parameters but {len(scales)} lr_scales")
-    text_encoder_steps = config.text_encoder_steps
-    share = getattr(adaptation, "text_encoder_share", None)
-    if text_encoder_steps is None and share is not None:
-        text_encoder_steps = round(float(share) * config.steps)
+    text_encoder_steps = config.text_encoder_stop(adaptation)
     text_ids = _in_text_encoder(system) if config.text_encoder_lr is not None or text_encoder_steps is not None else set()
     frozen = [p for p in params if id(p) in text_ids] if config.text_encoder_lr == 0 else []
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
@@ -530,14 +532,12 @@ class _PerParameterOptimizers:
         groups = []
         index = 0
         for ps in self.layout:
-            indices = []
-            for p in ps:
-                own = self.optimizers[id(p)].state_dict()
+            owns = [self.optimizers[id(p)].state_dict() for p in ps]
+            for own in owns:
                 if own["state"]:
                     state[index] = own["state"][0]
-                indices.append(index)
                 index += 1
-            groups.append({**self.optimizers[id(ps[0])].state_dict()["param_groups"][0], "params": indices})
+            groups.append({**owns[0]["param_groups"][0], "params": list(range(index - len(ps), index))})
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

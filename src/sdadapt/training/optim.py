@@ -153,8 +153,10 @@ def quantize_blockwise(x: Tensor, code: Tensor, *, block_size: int = 256) -> tup
     flat = x.detach().reshape(-1).float()  # (n,)
     n = flat.numel()
     blocks = -(-n // block_size)
-    padded = torch.zeros(blocks * block_size, dtype=torch.float32, device=flat.device)
-    padded[:n] = flat
+    padded = flat
+    if blocks * block_size != n:  # zero-pad the last block
+        padded = torch.zeros(blocks * block_size, dtype=torch.float32, device=flat.device)
+        padded[:n] = flat
     padded = padded.view(blocks, block_size)  # (nb, bs)
     absmax = padded.abs().amax(dim=1)  # (nb,)
     y = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # (nb, bs) in [-1, 1]
@@ -173,12 +175,8 @@ def _quantize_many(xs: Sequence[Tensor], code: Tensor, *, block_size: int) -> tu
         pieces.append(x.detach().reshape(-1).float())
         if nb * block_size > n:
             pieces.append(x.new_zeros(nb * block_size - n, dtype=torch.float32))
-    padded = torch.cat(pieces).view(-1, block_size)  # (Σnb, bs)
-    absmax = padded.abs().amax(dim=1)  # (Σnb,)
-    y = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    boundaries = (code[1:] + code[:-1]) / 2
-    codes = torch.bucketize(y, boundaries).to(torch.uint8)  # (Σnb, bs)
-    code_parts = [c.reshape(-1)[:n].clone() for c, n in zip(codes.split(blocks), sizes)]
+    codes, absmax = quantize_blockwise(torch.cat(pieces), code, block_size=block_size)  # (Σnb·bs,), (Σnb,)
+    code_parts = [c[:n].clone() for c, n in zip(codes.split([nb * block_size for nb in blocks]), sizes)]
     return code_parts, [a.clone() for a in absmax.split(blocks)]
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "prepare_batch",
     "step_loss",
     "clip_and_step",
+    "fused_backward_clashes",
     "save_training_state",
     "load_training_state",
 ]
@@ -198,6 +199,16 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
     return loss
 
 
+def fused_backward_clashes(config: StepConfig) -> list[str]:
+    """What in ``config`` an optimiser fused into backward cannot work with (empty: nothing): it steps
+    each parameter as soon as its gradient arrives, so nothing that needs every gradient at once."""
+    return [what for what, clash in (
+        ("gradient clipping (StepConfig.max_grad_norm; --max-grad-norm 0 turns it off)", config.max_grad_norm is not None),
+        ("gradient accumulation (StepConfig.accumulation_steps > 1)", config.accumulation_steps != 1),
+        ("fp16 mixed precision with its GradScaler (use bf16)", config.mixed_precision == "fp16"),
+    ) if clash]
+
+
 def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, state: TrainState, config: StepConfig) -> Tensor:
     """Unscale (fp16), clip, optimiser step, zero grads; returns the pre-clip grad norm (nan if unclipped)."""
     grad_norm = torch.full((), float("nan"), device=params[0].device)
@@ -252,11 +263,11 @@ def train_step(
         "grad_norm": 0-dim tensor (nan when not stepped)}`` — tensors, no host sync.
     """
     fused = isinstance(optimizer, FusedBackward)
-    if fused and (config.max_grad_norm is not None or config.accumulation_steps != 1 or config.mixed_precision == "fp16"):
-        raise ValueError(
-            "an optimiser fused into backward steps each parameter as its gradient arrives: use "
-            "StepConfig(max_grad_norm=None, accumulation_steps=1) and bf16 instead of fp16"
-        )
+    clashes = fused_backward_clashes(config) if fused else []
+    if clashes:
+        raise ValueError("an optimiser fused into backward steps each parameter as its gradient arrives, so it cannot "
+                         "work with " + "; ".join(clashes) + ": use StepConfig(max_grad_norm=None, accumulation_steps=1) "
+                         "and bf16 instead of fp16")
     prepared = prepare_batch(batch, state=state, config=config, alphas_cumprod=alphas_cumprod, encode_latents=encode_latents)
     loss = step_loss(model, prepared, config, extra_loss)
     if config.mixed_precision == "fp16" and state.scaler is None:
