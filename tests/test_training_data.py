@@ -87,6 +87,11 @@ def test_missing_captions_and_empty_prompt_are_errors(tmp_path):
         find_images(tmp_path / "empty")
     with pytest.raises(ImageFolderError, match="not a folder"):
         find_images(tmp_path / "nothing")
+    # a caller that fills captions in itself (trigger-word templates) gets "" for the uncaptioned image
+    (tmp_path / "y.png").write_bytes((tmp_path / "x.png").read_bytes())
+    (tmp_path / "y.txt").write_text("a photo")
+    records, _ = find_images(tmp_path, uncaptioned=True)
+    assert [(r.path.name, r.caption) for r in records] == [("x.png", ""), ("y.png", "a photo")]
 
 
 def test_caption_options_keep_shuffle_drop():

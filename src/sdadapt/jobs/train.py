@@ -233,16 +233,12 @@ class TrainOptions:
             raise ValueError(f"--resolution must be SIZE or WIDTH,HEIGHT, got {self.resolution}")
 
 
-#: the caption find_images gives an image without one, for a trigger method (replaced by a template)
-_TEMPLATE_CAPTION = "\x00template"
-
-
 def _trigger_captions(records: list, token: str, options: TrainOptions) -> list[str]:
     """Give every record a caption that mentions ``token`` (in place; :func:`trigger_captions`);
     returns notes saying what was done."""
     from ..methods.textual_inversion import DEFAULT_CAPTION_TEMPLATE, TEMPLATE_SETS, caption_template, trigger_captions
 
-    own = [None if r.caption == _TEMPLATE_CAPTION else r.caption for r in records]
+    own = [r.caption or None for r in records]  # "": no caption (find_images(uncaptioned=True))
     template = caption_template(options.caption_template if options.caption_template is not None else DEFAULT_CAPTION_TEMPLATE)
     made = trigger_captions(own, token, templates=TEMPLATE_SETS[options.templates], seed=options.seed, template=template)
     filled = sum(c is None for c in own)
@@ -461,7 +457,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if trigger is None and (options.caption_template is not None or options.templates != "object"):
         raise ValueError(f"--caption-template and --templates are for methods that learn a trigger word (--token); "
                          f"{method} trains on the captions as they are")
-    records, notes = find_images(options.images, default_caption=options.prompt or (_TEMPLATE_CAPTION if trigger else None),
+    records, notes = find_images(options.images, default_caption=options.prompt, uncaptioned=trigger is not None,
                                  caption_extension=options.caption_extension, repeats=options.repeats)
     if trigger is not None:
         notes.extend(_trigger_captions(records, trigger, options))

@@ -72,11 +72,8 @@ def prepare_lora(system, *, rank: int = 8, alpha: float | None = None, conv_rank
     ``conv_rank`` adds the 3x3 convolutions of the blocks (kohya's ``conv_dim``: LoCon targets);
     ``targets`` picks a preset of :data:`UNET_PRESETS`.
     """
-    _check(rank, conv_rank)
-    config = LoRAConfig(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=conv_rank,
-                        conv_alpha=conv_alpha if conv_alpha is not None else conv_rank)
-    text = LoRAConfig(rank=rank, alpha=alpha if alpha is not None else rank) if text_encoder else None
-    return AdapterAdaptation(system, unet_targets=_targets(targets, conv_rank, UNET_KOHYA), unet_config=config, text_config=text)
+    return _on_kohya_layers(system, LoRAConfig, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                            text_encoder=text_encoder, targets=targets)
 
 
 def prepare_locon(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
@@ -90,7 +87,8 @@ def prepare_locon(system, *, rank: int = 8, alpha: float | None = None, conv_ran
     return AdapterAdaptation(system, unet_targets=_targets(targets, None, UNET_LOCON), unet_config=config, text_config=text)
 
 
-def _lycoris(system, make, *, rank: int, alpha, conv_rank, conv_alpha, text_encoder: bool, targets) -> AdapterAdaptation:
+def _on_kohya_layers(system, make, *, rank: int, alpha, conv_rank, conv_alpha, text_encoder: bool, targets) -> AdapterAdaptation:
+    """``make`` (a family's config class) on kohya's layer set (or ``targets``) + the text encoders; alpha defaults to the rank."""
     _check(rank, conv_rank)
     config = make(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=conv_rank,
                   conv_alpha=conv_alpha if conv_alpha is not None else conv_rank)
@@ -101,14 +99,14 @@ def _lycoris(system, make, *, rank: int, alpha, conv_rank, conv_alpha, text_enco
 def prepare_loha(system, *, rank: int = 4, alpha: float | None = None, conv_rank: int | None = None,
                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None) -> AdapterAdaptation:
     """LoHa (Hadamard product of two rank-r pairs; ΔW up to rank r²) on kohya's layer set (LyCORIS file)."""
-    return _lycoris(system, LoHaConfig, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+    return _on_kohya_layers(system, LoHaConfig, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                     text_encoder=text_encoder, targets=targets)
 
 
 def prepare_lokr(system, *, rank: int = 4, alpha: float | None = None, conv_rank: int | None = None,
                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None) -> AdapterAdaptation:
     """LoKr (Kronecker product, most-square factor) on kohya's layer set (LyCORIS file)."""
-    return _lycoris(system, LoKrConfig, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+    return _on_kohya_layers(system, LoKrConfig, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                     text_encoder=text_encoder, targets=targets)
 
 
@@ -120,5 +118,5 @@ def prepare_dora(system, *, rank: int = 8, alpha: float | None = None, conv_rank
     def make(**options):
         return DoRAConfig(inner=LoRAConfig(**options))
 
-    return _lycoris(system, make, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+    return _on_kohya_layers(system, make, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                     text_encoder=text_encoder, targets=targets)

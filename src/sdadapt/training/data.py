@@ -169,8 +169,12 @@ def find_images(
     default_caption: str | None = None,
     caption_extension: str = ".txt",
     repeats: int = 1,
+    uncaptioned: bool = False,
 ) -> tuple[list[ImageRecord], list[str]]:
     """The images of a dataset folder with captions and repeats (see the module docstring).
+
+    ``uncaptioned``: an image without any caption gets ``""`` (the caller fills it in, e.g. a
+    trigger-word method's templates) instead of an error.
 
     Returns:
         ``(records, notes)``: one record per image (sizes read from the headers), and what was
@@ -205,7 +209,8 @@ def find_images(
         for file in files:
             caption = _caption_of(file, caption_extension) or class_tokens or default_caption
             if caption is None:
-                missing.append(str(file.relative_to(base)))
+                if not uncaptioned:
+                    missing.append(str(file.relative_to(base)))
                 caption = ""
             records.append(ImageRecord(file, caption, count, label, image_size(file)))
     if not records:
