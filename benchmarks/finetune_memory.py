@@ -11,9 +11,14 @@ Variants (each in a fresh subprocess, ``--steps`` optimiser steps):
 
 ``adamw``        torch AdamW, fp32 states, the usual ``backward(); step()``
 ``adamw8bit``    sdadapt's AdamW with int8 states
-``8bit+fused``   … stepped inside backward (``FitConfig.fused_backward``): no gradient buffer
+``8bit+fused``   … stepped inside backward (``FitConfig.fused_backward``): no gradient buffer; one
+                 multi-tensor optimiser step per block (UNet resnet/transformer, other modules alone)
+``8bit+fused/param``  … one single-tensor optimiser per parameter instead (the fused backward before
+                 it grouped by block, and kohya's ``--fused_backward_pass``), for comparison
 ``8bit+ckpt``    … with gradient checkpointing of every resnet and transformer (``gradient_checkpointing``)
-``8bit+fused+ckpt``  both
+``8bit+ckpt0.5`` … of the half of them keeping the most activations (``gradient_checkpointing_fraction=0.5``:
+                 the highest-resolution blocks, transformers first)
+``8bit+fused+ckpt``  both (``8bit+fused/param+ckpt``: per parameter; ``8bit+fused+ckpt0.5``: half the blocks)
 ``bf16+8bit+fused+ckpt``  and bf16 weights with stochastic rounding (``--full-bf16``, bf16 autocast)
 
 Memory: ``VmHWM`` (peak RSS, /proc/self/status, reset with ``/proc/self/clear_refs`` right before
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import statistics
 import subprocess
@@ -46,8 +52,14 @@ VARIANTS = {
     "adamw": {"optimizer": "adamw"},
     "adamw8bit": {"optimizer": "adamw8bit"},
     "8bit+fused": {"optimizer": "adamw8bit", "fused_backward": True},
+    "8bit+fused/param": {"optimizer": "adamw8bit", "fused_backward": True, "per_parameter": True},
     "8bit+ckpt": {"optimizer": "adamw8bit", "gradient_checkpointing": True},
+    "8bit+ckpt0.5": {"optimizer": "adamw8bit", "gradient_checkpointing": True, "gradient_checkpointing_fraction": 0.5},
+    "8bit+fused+ckpt0.5": {"optimizer": "adamw8bit", "fused_backward": True, "gradient_checkpointing": True,
+                           "gradient_checkpointing_fraction": 0.5},
     "8bit+fused+ckpt": {"optimizer": "adamw8bit", "fused_backward": True, "gradient_checkpointing": True},
+    "8bit+fused/param+ckpt": {"optimizer": "adamw8bit", "fused_backward": True, "gradient_checkpointing": True,
+                              "per_parameter": True},
     "bf16+8bit+fused+ckpt": {"optimizer": "adamw8bit", "fused_backward": True, "gradient_checkpointing": True, "full_bf16": True},
 }
 
@@ -86,6 +98,22 @@ class _LatentSystem:
         return lambda x, t, context: self.unet(x, t, context).sample
 
 
+def _per_parameter_fusing() -> None:
+    """Make ``fit``'s fused backward step one single-tensor optimiser per parameter, as it did
+    before it grouped them by block."""
+    fit_module = importlib.import_module("sdadapt.methods.fit")  # the module (sdadapt.methods.fit is also the function)
+    make = fit_module.make_optimizer
+
+    def single_tensor(groups, config):
+        optimizer = make(groups, config)
+        for group in optimizer.param_groups:
+            group["foreach"] = False  # sdadapt's AdamW: its per-parameter path
+        return optimizer
+
+    fit_module._fused_blocks = lambda system, params: [[p] for p in params]
+    fit_module.make_optimizer = single_tensor
+
+
 def child(args: argparse.Namespace) -> dict:
     import diffusers
     import torch
@@ -105,6 +133,8 @@ def child(args: argparse.Namespace) -> dict:
     latents = torch.randn(2, 4, args.latent, args.latent)
     adaptation = prepare_full(system)  # what train full prepares (the registry's adapt also checks a whole System)
     options = dict(VARIANTS[args.variant])
+    if options.pop("per_parameter", False):  # the per-parameter fused backward: every parameter its own block
+        _per_parameter_fusing()
     mixed = None
     if options.pop("full_bf16", False):
         adaptation.cast(torch.bfloat16)

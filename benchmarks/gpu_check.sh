@@ -13,6 +13,7 @@
 #   summary.md      environment + every benchmark table + torch.profiler top ops and device-busy
 #                   fraction of each profiled variant (where the time goes when a goal is missed)
 #   lora.json, compiled.json, full.json   the benchmark results (benchmarks/train_step.py JSON)
+#   attention.json   SDPA backend timings (benchmarks/attention.py)
 #
 # GPU_CHECK_DRY=1 runs the same steps on a CPU with the tiny config, 2 steps per row and the
 # "eager" compile backend (about 3-4 minutes on 2 busy cores): the end-to-end rehearsal.
@@ -87,7 +88,8 @@ cat "$SUMMARY" >>"$LOG"
 
 # ------------------------------------------------------------------------------------ CUDA tests
 step "cuda tests" 120 python3 -m pytest -q -rs -p no:cacheprovider -k cuda \
-    tests/test_train.py tests/test_train_options.py tests/test_optim.py
+    tests/test_train.py tests/test_train_options.py tests/test_optim.py tests/test_attention_backends.py \
+    tests/test_optim_capturable.py tests/test_shared_input_lora.py
 
 # ------------------------------------------------------------------------------------ benchmarks
 if [[ "$DRY" == 1 ]]; then
@@ -106,10 +108,17 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
         { echo; echo "## $name: $* — no result (see gpu_check.log)"; } >>"$SUMMARY"
     fi
 }
-# LoRA r16 on attention: recipe, UNet-only peft on cached latents, sdadapt eager and CUDA-graph
-bench lora 200 --modes lora --batch 1 8 --variants reference peft-unet sdadapt sdadapt-captured --profile 3
-# full fine-tune at batch 1: fp32 recipe, lean (int8 foreach), lean-fused (int8 in backward), fast (bf16)
-bench full 150 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast --profile 2
+# which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~20 s
+if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
+step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"
+if [[ -f "$OUT/attention.md" ]]; then { echo; echo "## attention (SDPA backends)"; echo; cat "$OUT/attention.md"; } >>"$SUMMARY"; rm -f "$OUT/attention.md"; fi
+# LoRA r16 on attention: recipe, UNet-only peft on cached latents, sdadapt eager (per-adapter and
+# q/k/v down-projections batched: batch_shared_input_adapters) and CUDA-graph
+bench lora 200 --modes lora --batch 1 8 --variants reference peft-unet sdadapt sdadapt-qkv sdadapt-captured --profile 3
+# full fine-tune at batch 1: fp32 recipe, lean (int8 foreach), lean-fused (int8 in backward), fast (bf16),
+# lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True)
+bench full 180 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
+    sdadapt-lean-captured sdadapt-fast-captured --profile 2
 # torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the slowest
 # rows, so last; the second compile mostly hits inductor's cache)
 bench compiled 170 --modes lora --batch 8 --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops

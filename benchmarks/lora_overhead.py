@@ -7,12 +7,21 @@ one batch. For each variant it measures forward + backward of an MSE loss:
                  backward pass runs through the whole network (and it does in every variant:
                  all three compute the same input gradients, the adapters add their own work);
 2. ``peft``    – ``unet.add_adapter(LoraConfig(r, target_modules=[to_q, to_k, to_v, to_out.0]))``;
-3. ``sdadapt`` – ``sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, LoRAConfig(rank=r))``.
+3. ``sdadapt`` – ``sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, LoRAConfig(rank=r))``;
+4. ``sdadapt-qkv`` – the same plus ``sdadapt.batch_shared_input_adapters(handle)``: one
+                 down-projection matmul per attention input for the q/k/v LoRAs (attn1: q, k, v
+                 read the hidden states; attn2: k, v read the text context).
 
 Before anything is timed, the peft and sdadapt models are given *the same* non-zero LoRA weights
-(copied from sdadapt into peft) and must produce the same output and the same gradients.
+(copied from sdadapt into peft) and must produce the same output and the same gradients, and
+the batched sdadapt step must equal the unbatched one.
 
-Timing: the variants run interleaved (step i runs all three, in an order rotated by i) so that
+Op counts ("ops per step"): one forward+backward of each variant under ``torch.profiler``:
+``mm`` counts the matmul launches (``aten::mm``/``addmm``/``bmm``/``baddbmm``), ``ops`` the aten
+ops called from Python or autograd that are not views, casts to the same dtype or allocations
+(about one kernel each on a GPU), ``kernels`` (CUDA) the device kernels.
+
+Timing: the variants run interleaved (step i runs all four, in an order rotated by i) so that
 load from other processes and clock drift hit them alike; the reported figure is the median of
 ``--steps`` steps after ``--warmup`` steps. On CUDA every step is bracketed by
 ``torch.cuda.synchronize()``.
@@ -35,6 +44,7 @@ Usage::
     python benchmarks/lora_overhead.py --config sd15         # SD1.5 UNet, 64x64 latents (GPU)
     python benchmarks/lora_overhead.py --config sd15 --batch 1 --steps 2 --warmup 1   # CPU: slow
     python benchmarks/lora_overhead.py --profile             # + torch.profiler tables
+    python benchmarks/lora_overhead.py --config sd15 --latent 8 --batch 1 --steps 2 --warmup 1   # SD1.5 op counts on CPU
 
 Writes ``benchmarks/results/lora_overhead-<config>-<device>.json`` (``--out`` to change).
 """
@@ -59,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import UNET_CONFIGS, RssSampler, glibc_return_freed_memory, malloc_trim, sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("none", "peft", "sdadapt")
+VARIANTS = ("none", "peft", "sdadapt", "sdadapt-qkv")
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 CONFIGS = {
@@ -86,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON output path")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables for peft and sdadapt")
+    parser.add_argument("--latent", type=int, default=None,
+                        help="latent size (default: the config's); op counts do not depend on it, so a small one "
+                             "counts SD1.5's ops on a CPU in seconds")
     args = parser.parse_args(argv)
     config = CONFIGS[args.config]
     args.steps = config["steps"] if args.steps is None else args.steps
@@ -123,10 +136,12 @@ def build_base(config: dict, dtype: torch.dtype, seed: int):
     return unet
 
 
-def add_sdadapt(unet, rank: int):
+def add_sdadapt(unet, rank: int, *, batch_qkv: bool = False):
     import sdadapt
 
     handle = sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, sdadapt.LoRAConfig(rank=rank, alpha=rank, init="gaussian"))
+    if batch_qkv:
+        sdadapt.batch_shared_input_adapters(handle)
     return handle
 
 
@@ -168,10 +183,13 @@ def clear_grads(params, batch) -> None:
 
 # --------------------------------------------------------------------------------------- equivalence
 def check_equivalence(base, rank: int, batch, device, dtype) -> dict:
-    """peft and sdadapt with identical non-zero LoRA weights compute the same function and gradients.
+    """peft and sdadapt with identical non-zero LoRA weights compute the same function and gradients
+    (and sdadapt with its q/k/v down-projections batched the same as without).
 
     ``base`` (already on ``device``) is left unchanged; the adapted models are copies of it.
     """
+    import sdadapt
+
     with torch.no_grad():
         plain = base(batch[0], batch[1], encoder_hidden_states=batch[2]).sample
     sd_model = copy.deepcopy(base)
@@ -199,11 +217,13 @@ def check_equivalence(base, rank: int, batch, device, dtype) -> dict:
         raise SystemExit(f"trainable parameter counts differ: sdadapt {n_sd}, peft {n_peft}")
 
     results = {}
-    for label, model in (("sdadapt", sd_model), ("peft", peft_model)):
+    for label, model in (("sdadapt", sd_model), ("peft", peft_model), ("sdadapt-qkv", sd_model)):
+        if label == "sdadapt-qkv":
+            sdadapt.batch_shared_input_adapters(handle)
         params = trainable(model)
         out = train_step(model, params, batch)
         grads = {"x": batch[0].grad.clone(), "ctx": batch[2].grad.clone()}
-        if label == "sdadapt":
+        if label.startswith("sdadapt"):
             for name, adapter in handle.modules.items():
                 grads[f"{name}.down"] = adapter.lora_down.grad.reshape(-1).clone()
                 grads[f"{name}.up"] = adapter.lora_up.grad.reshape(-1).clone()
@@ -214,14 +234,21 @@ def check_equivalence(base, rank: int, batch, device, dtype) -> dict:
         results[label] = (out, grads)
         clear_grads(params, batch)
 
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+    def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
+        return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(floor))
+
+    # a gradient that is zero up to rounding (a 1-token attention: softmax is constant, q and k get
+    # none) is compared at the scale of the largest gradient of the step, not at its own
+    floor = 1e-3 * max(float(g.float().abs().max()) for g in results["sdadapt"][1].values())
 
     out_s, grads_s = results["sdadapt"]
     out_p, grads_p = results["peft"]
+    out_q, grads_q = results["sdadapt-qkv"]
     report = {
         "output_rel_diff": rel(out_s, out_p),
-        "grad_rel_diff_max": max(rel(grads_s[k], grads_p[k]) for k in grads_p),
+        "grad_rel_diff_max": max(rel(grads_s[k], grads_p[k], floor) for k in grads_p),
+        "qkv_output_rel_diff": rel(out_q, out_s),  # batched q/k/v down-projections vs per adapter
+        "qkv_grad_rel_diff_max": max(rel(grads_q[k], grads_s[k], floor) for k in grads_s),
         "adapter_effect_rel": rel(out_s, plain),  # the LoRA really changes the output
         "adapted_layers": len(handle.names),
         "trainable_params": n_sd,
@@ -229,6 +256,8 @@ def check_equivalence(base, rank: int, batch, device, dtype) -> dict:
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     if not (report["output_rel_diff"] < tolerance and report["grad_rel_diff_max"] < 10 * tolerance):
         raise SystemExit(f"peft and sdadapt disagree: {report}")
+    if not (report["qkv_output_rel_diff"] < tolerance and report["qkv_grad_rel_diff_max"] < 10 * tolerance):
+        raise SystemExit(f"sdadapt with and without q/k/v batching disagree: {report}")
     if report["adapter_effect_rel"] < 1e-4:
         raise SystemExit(f"the LoRA did not change the output, so the comparison is vacuous: {report}")
     del sd_model, peft_model
@@ -277,28 +306,32 @@ def run(args: argparse.Namespace) -> dict:
     import sdadapt
 
     config = CONFIGS[args.config]
+    if args.latent is not None:
+        config = {**config, "latent": args.latent}
     dtype = getattr(torch, args.dtype)
     device = args.device
     base = build_base(config, dtype, args.seed).to(device)
     batch = make_batch(config, args.batch, dtype, device, args.seed)
-    print(f"# lora_overhead: config={args.config} device={device} dtype={args.dtype} batch={args.batch} rank={args.rank} "
+    print(f"# lora_overhead: config={args.config} device={device} dtype={args.dtype} latent={config['latent']} batch={args.batch} rank={args.rank} "
           f"steps={args.steps} warmup={args.warmup} threads={torch.get_num_threads()}", flush=True)
 
     equivalence = check_equivalence(base, args.rank, batch, device, dtype)
     print(f"# equivalence ok: output rel diff {equivalence['output_rel_diff']:.2e}, grad rel diff "
           f"{equivalence['grad_rel_diff_max']:.2e}, {equivalence['adapted_layers']} layers, "
-          f"{equivalence['trainable_params']} trainable params", flush=True)
+          f"{equivalence['trainable_params']} trainable params; q/k/v batched vs not: output "
+          f"{equivalence['qkv_output_rel_diff']:.2e}, grads {equivalence['qkv_grad_rel_diff_max']:.2e}", flush=True)
 
     gc.collect()
     # identical weights: the adapted variants are copies of the base, which is the "none" variant
-    models = {"none": base, "peft": copy.deepcopy(base), "sdadapt": copy.deepcopy(base)}
+    models = {"none": base, "peft": copy.deepcopy(base), "sdadapt": copy.deepcopy(base), "sdadapt-qkv": copy.deepcopy(base)}
     add_peft(models["peft"], args.rank)
     add_sdadapt(models["sdadapt"], args.rank)
+    add_sdadapt(models["sdadapt-qkv"], args.rank, batch_qkv=True)
     params = {name: trainable(model) for name, model in models.items()}
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for step in range(args.warmup + args.steps):
-        order = VARIANTS[step % 3 :] + VARIANTS[: step % 3]
+        order = VARIANTS[step % len(VARIANTS) :] + VARIANTS[: step % len(VARIANTS)]
         for name in order:
             sync(device)
             start = time.perf_counter()
@@ -310,6 +343,7 @@ def run(args: argparse.Namespace) -> dict:
                 times[name].append(elapsed * 1000)
 
     memory, memory_method = measure_memory(models, params, batch, device)
+    ops = {name: count_ops(models[name], params[name], batch, device) for name in VARIANTS}
     baseline = statistics.median(times["none"])
     rows = []
     for name in VARIANTS:
@@ -323,6 +357,7 @@ def run(args: argparse.Namespace) -> dict:
                 "overhead_pct": 100.0 * (median - baseline) / baseline,
                 "trainable_params": sum(p.numel() for p in params[name]),
                 **memory[name],
+                **{f"{key}_per_step": value for key, value in ops[name].items()},
             }
         )
     result = {
@@ -330,6 +365,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": args.dtype,
+        "latent": config["latent"],
         "batch": args.batch,
         "rank": args.rank,
         "steps": args.steps,
@@ -347,13 +383,52 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+# not kernels: views, metadata and allocations (counted as ops they would hide the launches)
+_NOT_LAUNCHES = frozenset(
+    "aten::" + name for name in (
+        "view", "reshape", "_reshape_alias", "t", "transpose", "permute", "as_strided", "expand", "slice", "select",
+        "split", "split_with_sizes", "unsqueeze", "squeeze", "_unsafe_view", "detach", "alias", "narrow", "unflatten",
+        "flatten", "empty", "empty_like", "empty_strided", "resolve_conj", "resolve_neg", "lift_fresh", "chunk",
+        "unbind", "view_as", "contiguous", "numpy_T", "expand_as", "result_type", "is_nonzero", "item", "_local_scalar_dense",
+        "conj", "_conj", "set_", "to", "type_as", "zeros", "zeros_like", "ones_like", "full",
+    )
+)
+_MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def count_ops(model, params, batch, device) -> dict[str, int]:
+    """Launch counts of one forward+backward (see the module docstring)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    train_step(model, params, batch)  # warm (lazy init, autotuning) outside the count
+    clear_grads(params, batch)
+    sync(device)
+    with torch_profile(activities=activities) as prof:
+        train_step(model, params, batch)
+        sync(device)
+    clear_grads(params, batch)
+    events = prof.events()
+    aten = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
+    # one dispatcher entry from Python or autograd each (ops they call inside are not counted again)
+    outer = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    counts = {
+        "mm": sum(e.name in _MATMULS for e in aten),
+        "ops": sum(e.name not in _NOT_LAUNCHES for e in outer),
+    }
+    if device.type == "cuda":
+        counts["kernels"] = sum(e.device_type == DeviceType.CUDA for e in events)
+    return counts
+
+
 def profile(models, params, batch, device) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     tables = {}
-    for name in ("peft", "sdadapt"):
+    for name in ("peft", "sdadapt", "sdadapt-qkv"):
         for _ in range(2):
             train_step(models[name], params[name], batch)
             clear_grads(params[name], batch)
@@ -370,8 +445,9 @@ def profile(models, params, batch, device) -> dict:
 
 def markdown_table(result: dict) -> str:
     gpu = result["device"].startswith("cuda")
-    head = "| variant | ms/step (median) | overhead vs none | peak Δ mem (MiB) |" + (" peak alloc (MiB) |" if gpu else "") + " trainable params |"
-    rule = "|---|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|"
+    head = ("| variant | ms/step (median) | overhead vs none | peak Δ mem (MiB) |" + (" peak alloc (MiB) |" if gpu else "")
+            + " trainable params | mm per step | ops per step |" + (" kernels per step |" if gpu else ""))
+    rule = "|---|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|---:|" + ("---:|" if gpu else "")
     lines = [head, rule]
     for row in result["results"]:
         overhead = "—" if row["variant"] == "none" else f"{row['overhead_pct']:+.1f}%"
@@ -379,6 +455,7 @@ def markdown_table(result: dict) -> str:
         if gpu:
             cells.append(f"{row['peak_allocated_mib']:.0f}")
         cells.append(f"{row['trainable_params']:,}")
+        cells += [str(row["mm_per_step"]), str(row["ops_per_step"])] + ([str(row["kernels_per_step"])] if gpu else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

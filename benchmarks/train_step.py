@@ -13,16 +13,19 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     OneTrainer and any latent cache give): the kernel-for-kernel comparison with sdadapt's step.
 ``sdadapt`` — :func:`sdadapt.training.step.train_step` on cached latents/text states, adapters
     injected by ``sdadapt.inject`` over a frozen base in the compute dtype, channels_last on CUDA,
-    fused AdamW. ``sdadapt-captured``: :class:`sdadapt.training.step_capture.CapturedStep` (one CUDA
+    fused AdamW. ``sdadapt-qkv``: the same with ``sdadapt.batch_shared_input_adapters`` (the q/k/v
+    LoRAs of each attention input share one down-projection matmul). ``sdadapt-captured``: :class:`sdadapt.training.step_capture.CapturedStep` (one CUDA
     graph per step, capturable AdamW; on CPU it falls back to the eager step). ``sdadapt-compiled``:
     ``torch.compile`` of the injected UNet (``--compile-backend``); ``sdadapt-compiled-captured``: both
     (the compiled kernels replayed inside the step's CUDA graph). Full fine-tune:
     ``sdadapt-lean`` — bf16 weights with stochastic rounding, bf16 gradients, int8 AdamW states updated
     with multi-tensor ops (``foreach=True``), gradient checkpointing of the transformer blocks only;
-    ``sdadapt-lean-fused`` — int8 AdamW fused into backward (per-parameter hooks, no gradient
+    ``sdadapt-lean-fused`` — int8 AdamW fused into backward (one multi-tensor step per block, no gradient
     buffers, no clipping) with checkpointing on every transformer and ResNet block (the smallest);
     ``sdadapt-fast`` — bf16 weights + stochastic rounding, bf16 AdamW states, ``foreach``, clipping,
-    no checkpointing. Textual inversion: one trainable row spliced in at the placeholder positions by
+    no checkpointing. ``sdadapt-lean-captured``, ``sdadapt-fast-captured``: the same steps captured
+    whole in a CUDA graph (:class:`~sdadapt.training.step_capture.CapturedStep`, sdadapt's AdamW with
+    ``capturable=True`` and a tensor LR; on CPU the eager step). Textual inversion: one trainable row spliced in at the placeholder positions by
     :class:`sdadapt.embeddings.TokenRows` (no gradient for the 38M-entry matrix).
 
 Reported per row: ms/step (median after warm-up), images/s, speed-up over the reference and (LoRA)
@@ -209,7 +212,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     from sdadapt.training.step import StepConfig, TrainState, train_step
 
     cuda = device.type == "cuda"
-    lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast")
+    lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured")
     weight_dtype = torch.bfloat16 if lean else (mp_dtype or torch.float32)
     unet, vae, tes = models.copy(device, weight_dtype)
     if cuda:
@@ -223,9 +226,11 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     max_norm = 1.0
     model = unet_call(unet)
     data = {"latents": latents, "cond": cond}
-    capture = variant in ("sdadapt-captured", "sdadapt-compiled-captured")
+    capture = variant in ("sdadapt-captured", "sdadapt-compiled-captured", "sdadapt-lean-captured", "sdadapt-fast-captured")
     if mode == "lora":
         handle = sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, sdadapt.LoRAConfig(rank=16, alpha=16, init="gaussian"))
+        if variant == "sdadapt-qkv":  # one down-projection matmul per attention input for the q/k/v LoRAs
+            sdadapt.batch_shared_input_adapters(handle)
         params = list(handle.parameters())
         if capture and cuda:  # (CPU optimisers are not capturable: CapturedStep runs eagerly there)
             optimizer = torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=device), capturable=True)
@@ -242,15 +247,20 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
         unet.requires_grad_(True)
         unet.train()
         params = list(unet.parameters())
-        if variant == "sdadapt-lean-fused":  # smallest: no gradient buffers, every block recomputed
+        # captured: the step count and LR as device tensors, so the whole optimiser step is in the graph
+        lr = dict(lr=torch.tensor(1e-5, device=device), capturable=True) if capture and cuda else dict(lr=1e-5)
+        if variant == "sdadapt-lean-fused":  # smallest: one block's gradients at a time, every block recomputed
+            from sdadapt.training.param_groups import parameter_groups_by_module
+
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock, ResnetBlock2D))
-            optimizer = fuse_optimizer_into_backward(params, lambda ps: AdamW(ps, lr=1e-5, state_dtype="int8"))
+            optimizer = fuse_optimizer_into_backward(params, lambda ps: AdamW(ps, lr=1e-5, state_dtype="int8", foreach=True),
+                                                     groups=parameter_groups_by_module(unet, params=params))
             max_norm = None
-        elif variant == "sdadapt-lean":  # bf16 grads, int8 states in multi-tensor steps, attention recomputed
+        elif variant in ("sdadapt-lean", "sdadapt-lean-captured"):  # bf16 grads, int8 states in multi-tensor steps, attention recomputed
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock))
-            optimizer = AdamW(params, lr=1e-5, state_dtype="int8", foreach=True)
-        elif variant == "sdadapt-fast":  # bf16 weights and states, multi-tensor AdamW, nothing recomputed
-            optimizer = AdamW(params, lr=1e-5, state_dtype=torch.bfloat16, foreach=True)
+            optimizer = AdamW(params, state_dtype="int8", foreach=True, **lr)
+        elif variant in ("sdadapt-fast", "sdadapt-fast-captured"):  # bf16 weights and states, multi-tensor AdamW, nothing recomputed
+            optimizer = AdamW(params, state_dtype=torch.bfloat16, foreach=True, **lr)
         else:
             raise SystemExit(f"variant {variant} does not apply to mode full")
     else:  # ti: the text encoder runs every step, its input has one trainable vector
@@ -287,8 +297,8 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
 
 VARIANTS = {
-    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-captured", "sdadapt-compiled", "sdadapt-compiled-captured"),
-    "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast"),
+    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-qkv", "sdadapt-captured", "sdadapt-compiled", "sdadapt-compiled-captured"),
+    "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured"),
     "ti": ("reference", "sdadapt"),
 }
 

@@ -13,8 +13,9 @@ from torch import nn
 
 import sdadapt
 from sdadapt.custom_diffusion import cross_attention_layers, unet_custom_diffusion_state
-from sdadapt.errors import WeightFileError
+from sdadapt.errors import OutputExistsError, WeightFileError
 from sdadapt.formats.custom_diffusion import (
+    existing_token_files,
     load_custom_diffusion,
     save_custom_diffusion_file,
     split_file_key,
@@ -248,11 +249,58 @@ def test_overwriting_with_fewer_tokens_reads_only_the_recorded_token_files(tmp_p
     path = tmp_path / "cd.safetensors"
     tokens = [sdadapt.Embedding(n, {"text_encoder": torch.randn(1, 32)}) for n in ("<a>", "<b>", "<c>")]
     save_custom_diffusion_file(path, state, embeddings=tokens[:2])
-    save_custom_diffusion_file(path, state, embeddings=tokens[2:])  # <a>, <b>'s -token1/-token2 stay on disk
-    assert all(p.is_file() for p in token_files(path, 2))
+    token_files(path, 1)[0].write_bytes(b"stale")  # a -token file of some older save is in the way
+    save_custom_diffusion_file(path, state, embeddings=tokens[2:])  # <a>, <b>'s -token1/-token2 are removed
+    assert not any(p.exists() for p in token_files(path, 2))
     assert load_custom_diffusion(path).tokens == ["<c>"]
     save_custom_diffusion_file(path, state)  # no tokens now
-    assert load_custom_diffusion(path).embeddings == []
+    assert load_custom_diffusion(path).embeddings == [] and existing_token_files(path) == []
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_overwriting_three_tokens_with_one_removes_only_the_stale_token_files(tmp_path, suffix):
+    """A .bin records no token count: the save owns its <stem>-tokenN files, so an overwrite removes the
+    ones it does not rewrite (else the loader read -token2/-token3 as tokens of the new file)."""
+    state = _random_state(_unet())
+    path = tmp_path / f"cd{suffix}"
+    tokens = [sdadapt.Embedding(n, {"text_encoder": torch.randn(1, 32)}) for n in ("<a>", "<b>", "<c>", "<d>")]
+    save_custom_diffusion_file(path, state, embeddings=tokens[:3])
+    assert [p.name for p in existing_token_files(path)] == [f"cd-token{i}{suffix}" for i in (1, 2, 3)]
+    # neighbours that are not this save's token files: other stems, other suffixes, other spellings
+    others = [f"cd-token{'.safetensors' if suffix == '.bin' else '.bin'}", f"cd-token01{suffix}", f"cd-tokens{suffix}",
+              f"cd2-token1{suffix}", f"xcd-token2{suffix}", f"cd-token2{suffix}.txt", f"<new1>{suffix}", "cd-token3.png"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"not mine")
+    before = {name: (tmp_path / name).stat().st_mtime_ns for name in others}
+    with pytest.raises(OutputExistsError):
+        save_custom_diffusion_file(path, state, embeddings=tokens[3:], overwrite=False)
+    save_custom_diffusion_file(path, state, embeddings=tokens[3:])
+    assert load_custom_diffusion(path).tokens == ["<d>"]
+    assert [p.name for p in existing_token_files(path)] == [f"cd-token{suffix}"]
+    assert {name: (tmp_path / name).stat().st_mtime_ns for name in others} == before  # untouched
+    save_custom_diffusion_file(path, state, embeddings=tokens[:2])  # 1 -> 2: the single -token file goes
+    assert load_custom_diffusion(path).tokens == ["<a>", "<b>"]
+    assert [p.name for p in existing_token_files(path)] == [f"cd-token1{suffix}", f"cd-token2{suffix}"]
+    # a fresh name beside orphaned token files: refused without overwrite, cleaned with it
+    fresh = tmp_path / f"new{suffix}"
+    orphan = tmp_path / f"new-token5{suffix}"
+    orphan.write_bytes(b"old")
+    with pytest.raises(OutputExistsError, match=r"new-token5.*overwrite"):
+        save_custom_diffusion_file(fresh, state, embeddings=tokens[:1], overwrite=False)
+    assert not fresh.exists()
+
+
+def test_a_bin_without_token_metadata_reads_its_token_files_up_to_the_first_gap(tmp_path):
+    """Files another writer (or an older sdadapt) left: -token alone is the one token; else -token1,
+    -token2 ... until a number is missing."""
+    state = _random_state(_unet())
+    path = tmp_path / "cd.bin"
+    save_custom_diffusion_file(path, state)
+    for i, name in ((1, "<a>"), (2, "<b>"), (4, "<stale>")):
+        torch.save({name: torch.randn(32)}, tmp_path / f"cd-token{i}.bin")
+    assert load_custom_diffusion(path).tokens == ["<a>", "<b>"]
+    torch.save({"<one>": torch.randn(32)}, tmp_path / "cd-token.bin")
+    assert load_custom_diffusion(path).tokens == ["<one>"]
 
 
 def test_bin_holds_diffusers_empty_attn1_entries(tmp_path):

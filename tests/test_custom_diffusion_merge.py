@@ -11,6 +11,7 @@ from sdadapt.custom_diffusion import (
     concept_features,
     merge_custom_diffusion,
     merge_custom_diffusion_weights,
+    solve_concepts,
 )
 from sdadapt.custom_diffusion.weights import (
     cross_attention_layers,
@@ -106,6 +107,44 @@ def test_coinciding_features_get_the_mean_target_and_bad_shapes_are_refused():
         merge_custom_diffusion_weights(w0, ws, cs[:1], creg)
 
 
+def _naive_merge(w0, ws, cs, creg, *, ridge, rtol):
+    """The module docstring's formula, term by term in float64, for one weight."""
+    c = torch.cat(cs)
+    vt = torch.cat([w @ ci.T for w, ci in zip(ws, cs)], dim=1)
+    m = creg.T @ creg
+    m = m + ridge * torch.trace(m) / m.shape[0] * torch.eye(m.shape[0], **F64)
+    d = c @ torch.linalg.inv(m)
+    return w0 + (vt - w0 @ c.T) @ torch.linalg.pinv(d @ c.T, rtol=rtol, hermitian=True) @ d
+
+
+def test_one_solve_for_many_weights_equals_the_per_weight_formula():
+    """The feature solve is shared by every K/V of a model (same C_i, C_reg, in): reusing it gives each
+    weight what the per-weight formula gives, to float64 rounding."""
+    g = torch.Generator().manual_seed(11)
+    inp, sizes = 24, (3, 5)
+    cs = [torch.randn(s, inp, generator=g, **F64) for s in sizes]
+    creg = torch.randn(40, inp, generator=g, **F64)
+    solve = solve_concepts(cs, creg, ridge=1e-3, rtol=3e-2)
+    assert solve.in_features == inp
+    for out in (8, 16, 8, 32):  # several layers of different widths, one solve
+        w0 = torch.randn(out, inp, generator=g, **F64)
+        ws = [w0 + 0.1 * torch.randn(out, inp, generator=g, **F64) for _ in sizes]
+        reference = _naive_merge(w0, ws, cs, creg, ridge=1e-3, rtol=3e-2)
+        shared = solve.merge(w0, ws)
+        torch.testing.assert_close(shared, reference, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(merge_custom_diffusion_weights(w0, ws, cs, creg, ridge=1e-3, rtol=3e-2), reference,
+                                   atol=1e-12, rtol=1e-12)
+        w32 = solve.merge(w0.float(), [w.float() for w in ws])
+        assert w32.dtype == torch.float32  # float32 inputs: solved in float64, returned as float32
+        torch.testing.assert_close(w32.double(), shared, atol=1e-5, rtol=1e-5)
+    with pytest.raises(MergeError, match=r"\(out, 24\)"):
+        solve.merge(torch.zeros(8, 23, **F64), [torch.zeros(8, 23, **F64)] * 2)
+    with pytest.raises(MergeError, match="one weight per concept"):
+        solve.merge(torch.zeros(8, inp, **F64), [torch.zeros(8, inp, **F64)])
+    with pytest.raises(MergeError, match="width 24"):
+        solve_concepts([torch.zeros(2, 23, **F64)], creg)
+
+
 # ------------------------------------------------------------------------------ files and the command (toy model)
 @pytest.fixture(scope="module")
 def toy():
@@ -144,6 +183,19 @@ def test_merged_weights_keep_each_concepts_keys_on_its_prompts(toy, tmp_path):
         for key, w in merged.weights.items():
             torch.testing.assert_close(feats @ w.T, feats @ f.weights[key].T, atol=2e-4, rtol=1e-3)
     assert {split_file_key(k)[1] for k in merged.weights} == {"to_k.weight", "to_v.weight"}
+    # one shared solve for all keys == the per-key formula (features as the merge takes them)
+    handles = [sdadapt.inject_embedding(toy.text_encoder, toy.tokenizer, e) for g in files for e in g.embeddings]
+    try:
+        feats = [concept_features(toy, f.prompts) for f in files]
+        reg = concept_features(toy, [*toy.class_prompts(60, seed=0), ""], through="all")
+    finally:
+        for h in reversed(handles):
+            h.remove()
+    for key, w in merged.weights.items():
+        layer, param = split_file_key(key)
+        base = toy.unet.get_parameter(f"{layer}.{param}").detach().double()
+        per_key = _naive_merge(base, [f.weights[key].double() for f in files], feats, reg, ridge=1e-6, rtol=1e-10)
+        torch.testing.assert_close(w.double(), per_key.to(w.dtype).double(), atol=1e-6, rtol=1e-6)
     # the default (truncated) solve stays near the concepts: no change larger than the concepts' own
     default = merge_custom_diffusion([a, b], system=toy, reg_count=60)
     for key, w in default.weights.items():

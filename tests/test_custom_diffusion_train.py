@@ -82,6 +82,19 @@ def test_train_command_on_the_toy_writes_the_file_and_its_token(tmp_path, capsys
     pickle_out = tmp_path / "pickled.bin"  # diffusers' pickle form: pickled.bin + pickled-token.bin
     assert main([*args[:-1], str(pickle_out), "--steps", "1"]) == 0, capsys.readouterr().err
     assert token_files(pickle_out)[0].is_file() and load_custom_diffusion(pickle_out).tokens == ["<new1>"]
+    # an earlier two-token save left numbered token files: refused without --overwrite, removed with it
+    stale_out = tmp_path / "stale.bin"
+    stale = [tmp_path / "stale-token1.bin", tmp_path / "stale-token2.bin"]
+    for path in stale:
+        path.write_text("an earlier save's token")
+    neighbour = tmp_path / "stale-token01.bin"  # not this save's naming: never touched
+    neighbour.write_text("keep")
+    stale_args = [*args[:-1], str(stale_out), "--steps", "1"]
+    assert main(stale_args) == 8 and "stale-token1.bin" in capsys.readouterr().err
+    assert all(p.exists() for p in stale) and not stale_out.exists()
+    assert main([*stale_args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert not any(p.exists() for p in stale) and neighbour.read_text() == "keep"
+    assert load_custom_diffusion(stale_out).tokens == ["<new1>"]
 
 
 def test_train_command_on_a_diffusers_folder_loads_in_diffusers(tmp_path, capsys):

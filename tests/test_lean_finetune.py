@@ -11,11 +11,15 @@ earlier — inside backward, once nothing else needs that weight.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 import pytest
 import torch
 
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.toy import load_toy
+from sdadapt.training.param_groups import parameter_groups_by_module
 from sdadapt.training.step import StepConfig
 
 _NO_CLIP = StepConfig(max_grad_norm=None)
@@ -99,15 +103,27 @@ def test_fused_backward_gives_the_weights_of_the_usual_loop(optimizer, monkeypat
     _assert_same(fused, plain)
     trained = [*system.unet.parameters(), *system.text_encoder.parameters()]
     assert len(handles) == 1 and len(handles[0].params) == len(trained)
+    # one optimiser per block (UNet resnets/transformers, text-encoder layers, other modules alone), multi-tensor steps
+    blocks = [*parameter_groups_by_module(system.unet, params=trained),
+              *parameter_groups_by_module(system.text_encoder, params=trained)]
+    assert [list(map(id, g)) for g in handles[0].groups] == [list(map(id, g)) for g in blocks]
+    assert len(blocks) < len(trained) / 4
+    if optimizer == "adamw8bit":  # sdadapt's AdamW takes multi-tensor steps off the CPU only
+        make = importlib.import_module("sdadapt.methods.fit").make_optimizer
+        assert not any(o.param_groups[0]["foreach"] for o in handles[0].optimizers)
+        elsewhere = torch.nn.Parameter(torch.zeros(2, device="meta"))
+        assert make([{"params": [elsewhere]}], FitConfig(optimizer="adamw8bit")).param_groups[0]["foreach"]
     both = _train(system, fused_backward=True, gradient_checkpointing=True, **options)
     _assert_same(both, plain)
     for p in system.unet.parameters():  # the hooks are gone: a later backward accumulates .grad again
         assert p.grad is None
 
 
-def test_a_fused_runs_state_resumes_in_the_usual_loop_and_back(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw"])
+def test_a_fused_runs_state_resumes_in_the_usual_loop_and_back(tmp_path, optimizer):
+    """The per-block optimisers save the layout of one optimiser over the same groups."""
     system = load_toy()
-    options = {"steps": 4, "optimizer": "adamw8bit", "text_encoder": True, "text_encoder_lr": 5e-4}
+    options = {"steps": 4, "optimizer": optimizer, "text_encoder": True, "text_encoder_lr": 5e-4}
     straight = _train(system, **options)
 
     def saver(folder):
@@ -235,14 +251,14 @@ def test_full_bf16_keeps_small_updates_on_average_and_remove_restores_float32(mo
     config = FitConfig(steps=3, batch_size=2, learning_rate=1e-5, warmup_steps=0,
                        step=StepConfig(max_grad_norm=None, mixed_precision="bf16"))
 
-    def change(bf16):
+    def change(bf16, **options):
         adaptation = METHODS["full"].prepare(system)
         if bf16:
             adaptation.cast(torch.bfloat16)
             assert all(p.dtype == torch.bfloat16 for p in system.unet.parameters())
             assert all(p is q for p, q in zip(adaptation.params, system.unet.parameters()))
         start = {k: v.float().clone() for k, v in system.unet.state_dict().items()}
-        fit(system, adaptation, images, captions, config=config)
+        fit(system, adaptation, images, captions, config=dataclasses.replace(config, **options))
         delta = torch.cat([(v.float() - start[k]).flatten() for k, v in system.unet.state_dict().items()])
         adaptation.remove()
         for key, value in system.unet.state_dict().items():  # dtype and bits restored
@@ -252,6 +268,9 @@ def test_full_bf16_keeps_small_updates_on_average_and_remove_restores_float32(mo
     want = change(False)
     coefficient = float(change(True) @ want / (want @ want))
     assert 0.9 < coefficient < 1.1
+    # fused into backward one block at a time: the same draws in another order, the same statistics
+    fused = change(True, fused_backward=True)
+    assert 0.9 < float(fused @ want / (want @ want)) < 1.1
     params = [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
     assert type(fit_module.make_optimizer([{"params": params}], config)).__module__ == "sdadapt.training.optim"
     monkeypatch.setattr(fit_module, "make_optimizer", lambda groups, config: torch.optim.AdamW(groups, lr=config.learning_rate))

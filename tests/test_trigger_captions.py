@@ -66,7 +66,7 @@ def test_train_textual_inversion_on_a_folder_without_captions(tmp_path, capsys):
     assert main(["train", "textual-inversion", "--images", str(images), "--token", "<sks>", "--model", "toy",
                  "-o", str(out), "--steps", "2"]) == 0
     err = capsys.readouterr().err
-    assert "3 image(s) without a caption: object template captions with <sks>" in err
+    assert "3 image(s) without a caption: one of the 27 object template captions with <sks> drawn at each use" in err
     assert "<sks>" not in err.split("does not know")[-1].split("(they")[0]  # the trigger is not an unknown word
     embedding = sdadapt.load_embedding(out)
     assert embedding.name == "x" and embedding.vectors["text_encoder"].shape == (1, 64)
@@ -143,3 +143,87 @@ def test_kohya_textual_inversion_config_keys(tmp_path, capsys):
     assert embedding.vectors["text_encoder"].shape == (2, 64)
     tags = json.loads(read_safetensors(tmp_path / "kt.safetensors")[1]["ss_tag_frequency"])
     assert all(c.replace("<kt>", "{}") in STYLE_TEMPLATES for folder in tags.values() for c in folder)
+
+
+# ----------------------------------------------------------------------------------- templates drawn per use
+def test_template_captions_are_drawn_at_each_use_and_leave_captioned_images_alone():
+    import random
+
+    from sdadapt.training.data import CaptionOptions
+
+    templates = tuple(t.format("<sks>") for t in OBJECT_TEMPLATES)
+    options = CaptionOptions(templates=templates)
+    drawn = [options.apply("", random.Random(f"0/captions/{i}")) for i in range(40)]
+    assert set(drawn) <= set(templates) and len(set(drawn)) > 10
+    assert drawn == [options.apply("", random.Random(f"0/captions/{i}")) for i in range(40)]  # seeded
+    shuffled = CaptionOptions(shuffle=True, templates=templates)
+    for i in range(5):  # a captioned image draws exactly as without templates (same rng use)
+        assert shuffled.apply("a, b, c", random.Random(i)) == CaptionOptions(shuffle=True).apply("a, b, c", random.Random(i))
+    assert CaptionOptions().apply("", random.Random(0)) == ""
+    with pytest.raises(ValueError, match="tuple of non-empty captions"):
+        CaptionOptions(templates="a photo of a <sks>")
+
+
+def _template_run(system, images, *, seed, steps, save_at=None, state=None, resume=None):
+    """Textual inversion on ``images`` through fit; returns the captions tokenized per step, as
+    ``(step, caption)`` for every image drawn."""
+    from sdadapt.methods import METHODS, FitConfig, fit
+    from sdadapt.training.data import (
+        CaptionOptions,
+        Dataset,
+        encode_buckets,
+        find_images,
+        plan_dataset,
+    )
+
+    records, _ = find_images(images, uncaptioned=True)
+    records[-1].caption = "a <sks> on a table"
+    plan_dataset(records, resolution=32, buckets=False)
+    templates = tuple(t.format("<sks>") for t in OBJECT_TEMPLATES)
+    dataset = Dataset(records, captions=CaptionOptions(templates=templates))
+    encode_buckets(dataset, system.encode_images)
+    adaptation = METHODS["textual-inversion"].adapt(system, seed=seed, token="<sks>")
+    seen: list[str] = []
+    tokenize = adaptation.tokenize
+
+    def recording(captions):
+        seen.extend(captions)
+        return tokenize(captions)
+
+    adaptation.tokenize = recording
+    try:
+        fit(system, adaptation, dataset, config=FitConfig(steps=steps, batch_size=1, seed=seed, warmup_steps=0),
+            on_step=(lambda info: info.save_state(state) if info.step == save_at else None), resume=resume)
+    finally:
+        adaptation.remove()
+    return seen
+
+
+def test_uncaptioned_images_see_several_templates_across_epochs_reproducibly_and_resume_continues(tmp_path):
+    from sdadapt.toy import load_toy
+
+    system = load_toy(None)
+    images = _folder(tmp_path / "imgs", n=3)
+    full = _template_run(system, images, seed=1, steps=12, save_at=5, state=tmp_path / "state")
+    assert len(full) == 12
+    templated = [c for c in full if c != "a <sks> on a table"]
+    assert len(templated) == 8 and len(set(templated)) >= 4  # 2 uncaptioned images x 4 epochs: templates vary
+    assert all(c.replace("<sks>", "{}") in OBJECT_TEMPLATES for c in templated)
+    assert full.count("a <sks> on a table") == 4  # the captioned image keeps its caption
+    assert _template_run(system, images, seed=1, steps=12) == full  # same seed, same sequence
+    assert _template_run(system, images, seed=2, steps=12) != full
+    resumed = _template_run(system, images, seed=1, steps=12, resume=tmp_path / "state")
+    assert resumed == full[5:]  # the resumed run continues the sequence
+
+
+def test_train_draws_a_new_template_at_each_use(tmp_path):
+    """End to end: Custom Diffusion records the captions it trained on; one uncaptioned image seen 6
+    times trains on several templates (it was one template, fixed per image)."""
+    from sdadapt.formats.custom_diffusion import load_custom_diffusion
+
+    images = _folder(tmp_path / "one", n=1)
+    out = tmp_path / "cd.safetensors"
+    assert main(["train", "custom-diffusion", "--images", str(images), "--token", "<sks>", "--model", "toy", "-o", str(out),
+                 "--steps", "6", "--batch-size", "1", "--no-prior", "-q"]) == 0
+    prompts = load_custom_diffusion(out).prompts
+    assert len(prompts) >= 3 and all(p.replace("<sks>", "{}") in OBJECT_TEMPLATES for p in prompts)

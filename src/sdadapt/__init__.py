@@ -16,6 +16,8 @@ from .adapters import (
     LoKrConfig,
     LoRAConfig,
     LoRAModule,
+    SharedInputBatching,
+    batch_shared_input_adapters,
     lora_delta_weight,
     lora_forward,
 )
@@ -86,6 +88,8 @@ __all__ = [
     "load_adapter",
     "adapter_names",
     "AdapterHandle",
+    "batch_shared_input_adapters",
+    "SharedInputBatching",
     "apply_lora",
     "AppliedDelta",
     "load_lora",

@@ -7,6 +7,7 @@ from .loha import LoHaConfig, LoHaModule, loha_delta_weight
 from .lokr import LoKrConfig, LoKrModule, factorization, lokr_delta_weight
 from .lora import LoRAConfig, LoRAModule, lora_delta_weight, lora_forward, lora_scale, pissa_factors
 from .registry import FAMILIES, AdapterFamily, adapter_from_file_tensors, build_adapter, register_family
+from .shared_input import SharedInputBatching, SharedInputGroup, batch_shared_input_adapters
 from .tucker import rebuild_tucker
 
 __all__ = [
@@ -38,4 +39,7 @@ __all__ = [
     "register_family",
     "build_adapter",
     "adapter_from_file_tensors",
+    "batch_shared_input_adapters",
+    "SharedInputBatching",
+    "SharedInputGroup",
 ]

@@ -152,6 +152,9 @@ class AdapterModule(nn.Module):
     wraps_family: ClassVar[bool] = False
     #: the delta depends on the base weight (DoRA); the hook then passes it to delta_output
     uses_base_weight: ClassVar[bool] = False
+    #: ``(group, index)`` while the adapter's down-projection is shared with sibling layers that
+    #: read the same input (``shared_input.batch_shared_input_adapters``); ``None`` otherwise
+    _shared_input: tuple | None = None
 
     geometry: LayerGeometry
 
@@ -232,6 +235,11 @@ class AdapterModule(nn.Module):
         if self.training and self.module_dropout > 0 and float(torch.rand(())) < self.module_dropout:
             return output
         x = args[0]
+        shared = self._shared_input
+        if shared is not None:  # one matmul for the group's down-projections; None: not this call
+            adapted = shared[0].adapted_output(shared[1], x, output)
+            if adapted is not None:
+                return adapted
         dtype = self.delta_dtype()
         x = x if x.dtype == dtype else x.to(dtype)
         if self.uses_base_weight:

@@ -10,6 +10,7 @@
 * :mod:`.custom_diffusion` — ``merge-custom-diffusion``;
 * :mod:`.options` — the options they all share (``-o/--out``, ``--overwrite``, ``-q/--quiet``,
   ``--dtype``, comma-separated numbers) and the progress bar.
+* :mod:`.option_rules` — options that apply only with another (``only_with``), refused alone.
 
 Here: the parser and :func:`main`, which maps every error to one ``error: ...`` line and the exit code
 of its class (:mod:`sdadapt.errors`; the table is in ``--help`` and ``docs/security.md``).
@@ -20,12 +21,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .option_rules import CheckedParser
+
 __all__ = ["main", "build_parser"]
 
 
-class _OneLineErrors(argparse.ArgumentParser):
+class _OneLineErrors(CheckedParser):
     """argparse with one-line usage errors (``error: PROG: message (see PROG --help)``, exit 2), like
-    every other error of the command line; sub-command parsers inherit it."""
+    every other error of the command line, and the commands' :func:`~.option_rules.only_with` rules
+    (an option given without the one it needs); sub-command parsers inherit it."""
 
     def error(self, message: str):  # type: ignore[override]
         from .options import safe_text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .option_rules import only_with
 from .options import add_output_options, positive_int, safe_text, torch_dtype
 
 __all__ = ["register"]
@@ -78,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--rtol", type=float, default=3e-2,
                        help="keep only constraint directions above this fraction of the strongest (default 0.03; "
                        "1e-10: the paper's exact constraints, which blow up on near-collinear prompt features)")
+    only_with(merge, ["--reg-count", "--seed"], needs="no --reg-prompts", when=lambda args: args.reg_prompts is None,
+              message="{option} picks the model's class prompts, which --reg-prompts FILE replaces: leave {option} out "
+              "(or --reg-prompts, to use the class prompts)")
     add_output_options(merge, out_help="output .safetensors (or .bin) file; token files are written beside it",
                        dtype_help="the inputs' dtype")
     merge.set_defaults(run=_cmd_merge)

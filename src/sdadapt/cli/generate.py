@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .option_rules import only_with
 from .options import add_output_options, positive_int, progress_bar
 
 __all__ = ["register"]
@@ -79,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     aesthetic.add_argument("--aesthetic-clip", default=None, metavar="DIR",
                            help="the CLIP model (folder or checkpoint) with the text_projection; needed for Stable "
                            "Diffusion models (openai/clip-vit-large-patch14 for SD1), not for the toy")
+    only_with(generate, ["--aesthetic-steps", "--aesthetic-lr", "--aesthetic-weight", "--aesthetic-slerp",
+                         "--aesthetic-text", "--aesthetic-clip"],
+              needs="--aesthetic FILE", when=lambda args: args.aesthetic is not None)
     group = add_output_options(generate, out_help="output .png", dtype_help="not used (images)")
     del group
     generate.set_defaults(run=_cmd_generate)

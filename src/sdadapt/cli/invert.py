@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .option_rules import only_with
 from .options import add_output_options, positive_int, progress_bar
 
 __all__ = ["register"]
@@ -54,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     invert.add_argument("--init", choices=("null", "negative-prompt"), default="null",
                         help="null-text's start: the empty prompt (paper) or the negative-prompt inversion")
     invert.add_argument("--negative", default="", help="prompt of the starting null embedding (default empty)")
+    only_with(invert, ["--source-steps"], needs="--edit-prompt TEXT", when=lambda args: args.edit_prompt is not None)
+    only_with(invert, ["--init"], needs="--method null-text (the default)", when=lambda args: args.method == "null-text",
+              message="{option} is null-text inversion's start: it does nothing with another --method; leave {option} out")
     add_output_options(invert, out_help="output .png (the inversion is written beside it as .safetensors)",
                        dtype_help="not used: the inversion is float32 so it replays exactly")
     invert.set_defaults(run=_cmd_invert)

@@ -8,7 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import ExtendNumbers, add_output_options, numbers, progress_bar, safe_text, torch_dtype
+from .option_rules import only_with
+from .options import (
+    ExtendNumbers,
+    add_output_options,
+    numbers,
+    progress_bar,
+    safe_text,
+    torch_dtype,
+)
 
 __all__ = ["register"]
 
@@ -133,6 +141,8 @@ def _dynamic(parser: argparse.ArgumentParser, *, split: bool = True) -> None:
     if split:
         parser.add_argument("--split", choices=["up", "sqrt"], default="up",
                             help="where the singular values go: all in up (kohya, default) or sqrt on each side")
+    only_with(parser, ["--dynamic-param"], needs="--dynamic-method METHOD",
+              when=lambda args: args.dynamic_method is not None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -158,6 +168,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     extract.add_argument("--randomized", action="store_true", help="randomized low-rank SVD (faster on big layers)")
     extract.add_argument("--niter", type=int, default=2, help="power iterations of --randomized (default 2)")
     extract.add_argument("--device", default=None, help="where to run the SVDs (default: cuda when available)")
+    only_with(extract, ["--niter"], needs="--randomized", when=lambda args: args.randomized)
+    only_with(extract, ["--conv-alpha"], needs="--conv-rank R", when=lambda args: args.conv_rank is not None,
+              message="{option} is the alpha of the 3x3 convs, which only --conv-rank R extracts: add --conv-rank R, "
+              "or leave {option} out")
     _common(extract, keep="float32")
     extract.set_defaults(run=_cmd_extract)
 

@@ -87,7 +87,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if getattr(args, "operator_run", None) is not None:
         given = [flag for flag, value in (("-o", args.recipe_out), ("--overwrite", args.recipe_overwrite),
                                           ("-q", args.recipe_quiet), ("--dtype", args.recipe_dtype != "keep"),
-                                          ("--no-verify", args.no_verify)) if value]
+                                          ("--no-verify", args.no_verify),
+                                          ("--allow-nonfinite", args.recipe_allow_nonfinite)) if value]
         if given:
             raise ValueError(f"{' '.join(given)} before the operator name apply to --recipe only; put them after it: "
                              f"merge {args.operator} ... {' '.join(given)}")
@@ -105,6 +106,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.recipe_dtype != "keep":
         step = replace(step, dtype=dtype_name(args.recipe_dtype))
     args.device = args.device or "cpu"
+    args.allow_nonfinite = args.recipe_allow_nonfinite
     return _run(step, args, out=args.recipe_out, quiet=args.recipe_quiet, overwrite=args.recipe_overwrite,
                 save_recipe=True, known_hashes=hashes, verify=not args.no_verify)
 
@@ -193,7 +195,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="replay a recipe: its .json, or a merged .safetensors that carries one")
     merge.add_argument("--no-verify", action="store_true",
                        help="with --recipe: do not check the inputs' sha256 against the recorded ones")
-    merge.add_argument("--allow-nonfinite", action="store_true",
+    merge.add_argument("--allow-nonfinite", action="store_true", dest="recipe_allow_nonfinite",
                        help="with --recipe: let NaN/inf already in an input pass through (default: refused)")
     merge.add_argument("--device", default=None, help=argparse.SUPPRESS)
     add_output_options(merge, out_help="output .safetensors file of --recipe", required=False,

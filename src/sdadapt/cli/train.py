@@ -47,9 +47,9 @@ KOHYA_KEYS = {
 KOHYA_IGNORED = {
     "cache_latents": "latents are always cached (per bucket)",
     "cache_latents_to_disk": "latents are cached in memory",
-    "xformers": "torch picks the attention kernel",
-    "sdpa": "torch picks the attention kernel",
-    "mem_eff_attn": "torch picks the attention kernel",
+    "xformers": "torch picks the attention kernel (--sdpa-backends measure times them)",
+    "sdpa": "torch picks the attention kernel (--sdpa-backends measure times them)",
+    "mem_eff_attn": "torch picks the attention kernel (--sdpa-backends efficient,math asks for it)",
     "max_data_loader_n_workers": "images are read once, before training",
     "persistent_data_loader_workers": "images are read once, before training",
     "save_model_as": "sdadapt writes .safetensors (hypernetworks: .pt)",
@@ -411,9 +411,15 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--stop-on-nan", action=bool_flag, help="stop at the first NaN/inf loss, naming the step (default on)")
     add(optim, "--gradient-checkpointing", action=bool_flag,
         help="recompute the UNet blocks' activations in backward instead of keeping them: less memory, ~1 more forward")
+    add(optim, "--gradient-checkpointing-fraction", type=float, metavar="F",
+        help="checkpoint only this share (0-1] of the UNet blocks, those keeping the most activations (highest resolution "
+        "first, transformers before resnets): memory between none and all, less recompute; implies --gradient-checkpointing")
     add(optim, "--fused-backward-pass", action=bool_flag,
-        help="full/dreambooth: step the optimiser inside backward, freeing each gradient at once (no model-sized gradient "
-        "buffer); needs --max-grad-norm 0, no accumulation, no fp16")
+        help="full/dreambooth: step the optimiser inside backward one block at a time, freeing the block's gradients at "
+        "once (no model-sized gradient buffer); needs --max-grad-norm 0, no accumulation, no fp16")
+    add(optim, "--sdpa-backends", metavar="measure|LIST",
+        help="attention kernels: 'measure' times flash, memory-efficient, cuDNN and math attention on the first batch and "
+        "trains under the fastest order; or a comma list tried in order, e.g. flash,math (default: torch's choice)")
     add(optim, "--full-bf16", action=bool_flag,
         help="full/dreambooth with --mixed-precision bf16: keep the trained weights in bf16 (half the memory of fp32), "
         "written back with stochastic rounding")

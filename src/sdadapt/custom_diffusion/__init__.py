@@ -3,7 +3,8 @@
 * :mod:`.weights` — the ``attn2`` layers of any UNet (diffusers or LDM names), applying full
   replacement weights at a strength and undoing them bit for bit (:func:`apply_custom_diffusion`);
 * :mod:`.merge` — the paper's closed-form constrained multi-concept merge
-  (:func:`merge_custom_diffusion_weights` over tensors, :func:`merge_custom_diffusion` over files).
+  (:func:`merge_custom_diffusion_weights` over tensors, :func:`solve_concepts` once for every weight that
+  reads the same features, :func:`merge_custom_diffusion` over files).
 
 Files (diffusers' ``pytorch_custom_diffusion_weights``, modifier-token files, adobe's ``delta.bin``)
 are :mod:`sdadapt.formats.custom_diffusion`; training is the ``custom-diffusion`` method
@@ -11,9 +12,11 @@ are :mod:`sdadapt.formats.custom_diffusion`; training is the ``custom-diffusion`
 """
 
 from .merge import (
+    ConceptSolve,
     concept_features,
     merge_custom_diffusion,
     merge_custom_diffusion_weights,
+    solve_concepts,
 )
 from .weights import (
     CrossAttentionLayer,
@@ -26,6 +29,7 @@ from .weights import (
 )
 
 __all__ = [
+    "ConceptSolve",
     "CrossAttentionLayer",
     "CustomDiffusionHandle",
     "apply_custom_diffusion",
@@ -35,5 +39,6 @@ __all__ = [
     "merge_custom_diffusion",
     "merge_custom_diffusion_weights",
     "save_custom_diffusion",
+    "solve_concepts",
     "unet_custom_diffusion_state",
 ]

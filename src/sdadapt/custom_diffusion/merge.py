@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -38,7 +39,116 @@ from ..formats.custom_diffusion import (
     split_file_key,
 )
 
-__all__ = ["concept_features", "merge_custom_diffusion", "merge_custom_diffusion_weights"]
+__all__ = [
+    "ConceptSolve",
+    "concept_features",
+    "merge_custom_diffusion",
+    "merge_custom_diffusion_weights",
+    "solve_concepts",
+]
+
+
+@dataclass(frozen=True)
+class ConceptSolve:
+    """The part of the closed-form merge that depends only on the features (see the module docstring).
+
+    Every ``to_k``/``to_v`` of a model reads the same text features, so ``M = C_regᵀ C_reg``, its
+    solve and the pseudo-inverse of ``D Cᵀ`` — the expensive part, ``O(n·in² + in³)`` — are the same
+    for all of them: :func:`solve_concepts` computes them once, :meth:`merge` is then two small
+    products per weight. All tensors are float64.
+
+    Attributes:
+        features: ``C_i`` (s_i, in) per concept.
+        stacked: ``C`` (s, in), the concepts' features stacked.
+        solved: ``D = C M⁻¹`` (s, in).
+        inverse: ``(D Cᵀ)⁺`` (s, s).
+    """
+
+    features: tuple[Tensor, ...]
+    stacked: Tensor
+    solved: Tensor
+    inverse: Tensor
+
+    @property
+    def in_features(self) -> int:
+        """``in``: the feature width every weight must take."""
+        return int(self.stacked.shape[1])
+
+    def merge(self, base: Tensor, concept_weights: Sequence[Tensor]) -> Tensor:
+        """The merged weight ``W0 + (Vᵀ − W0 Cᵀ) (D Cᵀ)⁺ D`` (out, in) of one projection.
+
+        Args:
+            base: ``W0`` (out, in).
+            concept_weights: ``W_i`` (out, in), one per concept, in the order of :attr:`features`.
+
+        Returns:
+            ``W`` (out, in) in ``base.dtype``, on ``base.device``.
+
+        Raises:
+            MergeError: shapes that do not fit, or not one weight per concept.
+        """
+        if len(concept_weights) != len(self.features):
+            raise MergeError(f"need one weight per concept: {len(self.features)} feature blocks, "
+                             f"got {len(concept_weights)} weights")
+        if base.ndim != 2 or base.shape[1] != self.in_features:
+            raise MergeError(f"the base weight must be (out, {self.in_features}), got {tuple(base.shape)}")
+        for i, w in enumerate(concept_weights):
+            if w.shape != base.shape:
+                raise MergeError(f"concept {i}: weight {tuple(w.shape)} and features {tuple(self.features[i].shape)} "
+                                 f"do not fit the base {tuple(base.shape)}")
+        f64 = {"dtype": torch.float64, "device": self.stacked.device}
+        w0 = base.to(**f64)  # (out, in)
+        vt = torch.cat([w.to(**f64) @ f.T for w, f in zip(concept_weights, self.features)], dim=1)  # (out, s)
+        merged = w0 + (vt - w0 @ self.stacked.T) @ self.inverse @ self.solved  # (out, in)
+        return merged.to(device=base.device, dtype=base.dtype)
+
+
+def solve_concepts(
+    concept_features: Sequence[Tensor],
+    reg_features: Tensor,
+    *,
+    ridge: float = 1e-6,
+    rtol: float = 1e-10,
+    device: torch.device | str | None = None,
+) -> ConceptSolve:
+    """The feature-only part of the closed-form merge, once for every weight that reads these features.
+
+    Args:
+        concept_features: ``C_i`` (s_i, in) per concept: text features of its prompts.
+        reg_features: ``C_reg`` (n, in): text features of regularisation prompts.
+        ridge: ``M + ridge·tr(M)/in·I`` (0: exact ``M⁻¹``, needs n ≥ in independent features).
+        rtol: relative cut-off of the pseudo-inverse of ``D Cᵀ`` (coinciding feature rows).
+        device: where to solve (default: the features' device).
+
+    Returns:
+        a :class:`ConceptSolve`; ``solve.merge(W0, [W_1, …])`` is the merged weight.
+
+    Raises:
+        MergeError: no concepts, or features of different widths.
+    """
+    from ..checks import finite_number
+
+    finite_number(ridge, name="ridge", low=0.0)
+    finite_number(rtol, name="rtol", low=0.0, high=1.0)
+    if not concept_features:
+        raise MergeError("no concepts: need one feature block (s_i, in) per concept")
+    if reg_features.ndim != 2:
+        raise MergeError(f"regularisation features must be (n, in), got {tuple(reg_features.shape)}")
+    in_dim = reg_features.shape[1]
+    for i, c in enumerate(concept_features):
+        if c.ndim != 2 or c.shape[1] != in_dim:
+            raise MergeError(f"concept {i}: features {tuple(c.shape)} do not fit the regularisation features' width {in_dim}")
+    f64 = {"dtype": torch.float64, "device": device if device is not None else reg_features.device}
+    features = tuple(f.to(**f64) for f in concept_features)
+    c = torch.cat(features)  # (s, in)
+    creg = reg_features.to(**f64)  # (n, in)
+    m = creg.T @ creg  # (in, in)
+    if ridge:
+        m = m + ridge * (torch.trace(m) / in_dim).clamp_min(1e-30) * torch.eye(in_dim, **f64)
+    d = torch.linalg.solve(m, c.T).T  # (s, in) = C M⁻¹ (M symmetric)
+    gram = d @ c.T  # (s, s) = C M⁻¹ Cᵀ
+    inverse = torch.linalg.pinv(gram, rtol=rtol, hermitian=True)  # (s, s)
+    return ConceptSolve(features, c, d, inverse)
 
 
 def merge_custom_diffusion_weights(
@@ -51,6 +161,9 @@ def merge_custom_diffusion_weights(
     rtol: float = 1e-10,
 ) -> Tensor:
     """The closed-form merged weight of one projection (see the module docstring).
+
+    For many weights reading the same features, :func:`solve_concepts` once and
+    :meth:`ConceptSolve.merge` per weight give the same result without repeating the solve.
 
     Args:
         base: ``W0`` (out, in), the base model's weight.
@@ -66,10 +179,6 @@ def merge_custom_diffusion_weights(
     Raises:
         MergeError: shapes that do not fit, or no concepts.
     """
-    from ..checks import finite_number
-
-    finite_number(ridge, name="ridge", low=0.0)
-    finite_number(rtol, name="rtol", low=0.0, high=1.0)
     if not concept_weights or len(concept_weights) != len(concept_features):
         raise MergeError(f"need one feature block per concept weight, got {len(concept_weights)} weights and {len(concept_features)} feature blocks")
     if base.ndim != 2:
@@ -80,19 +189,8 @@ def merge_custom_diffusion_weights(
             raise MergeError(f"concept {i}: weight {tuple(w.shape)} and features {tuple(c.shape)} do not fit the base {tuple(base.shape)}")
     if reg_features.ndim != 2 or reg_features.shape[1] != in_dim:
         raise MergeError(f"regularisation features must be (n, {in_dim}), got {tuple(reg_features.shape)}")
-    f64 = {"dtype": torch.float64, "device": base.device}
-    w0 = base.to(**f64)
-    c = torch.cat([f.to(**f64) for f in concept_features])  # (s, in)
-    vt = torch.cat([w.to(**f64) @ f.to(**f64).T for w, f in zip(concept_weights, concept_features)], dim=1)  # (out, s)
-    creg = reg_features.to(**f64)
-    m = creg.T @ creg  # (in, in)
-    if ridge:
-        m = m + ridge * (torch.trace(m) / in_dim).clamp_min(1e-30) * torch.eye(in_dim, **f64)
-    d = torch.linalg.solve(m, c.T).T  # (s, in) = C M⁻¹ (M symmetric)
-    gram = d @ c.T  # (s, s) = C M⁻¹ Cᵀ
-    inverse = torch.linalg.pinv(gram, rtol=rtol, hermitian=True)
-    merged = w0 + (vt - w0 @ c.T) @ inverse @ d
-    return merged.to(base.dtype)
+    solve = solve_concepts(concept_features, reg_features, ridge=ridge, rtol=rtol, device=base.device)
+    return solve.merge(base, concept_weights)
 
 
 def _eos_id(tokenizer) -> int:
@@ -226,6 +324,7 @@ def merge_custom_diffusion(
             h.remove()
     keys = sorted({k for f in files for k in f.weights})
     merged: dict[str, Tensor] = {}
+    solve: ConceptSolve | None = None  # every K/V reads the same features: one solve for all of them
     for key in keys:
         layer, param = split_file_key(key)  # type: ignore[misc]
         if param not in KV_PARAMS:
@@ -236,8 +335,13 @@ def merge_custom_diffusion(
         weights = [f.weights.get(key, base) for f in files]
         if any(tuple(w.shape) != tuple(base.shape) for w in weights):
             raise MergeError(f"{key}: shapes {[tuple(w.shape) for w in weights]} do not fit the base model's {tuple(base.shape)}")
+        if base.ndim != 2 or base.shape[1] != reg.shape[1]:
+            raise MergeError(f"{key}: a {tuple(base.shape)} weight does not read the text features (width {reg.shape[1]}); "
+                             "the files are for another model")
+        if solve is None:
+            solve = solve_concepts(features, reg, ridge=ridge, rtol=rtol)
         dtype = files[0].weights.get(key, base).dtype
-        merged[key] = merge_custom_diffusion_weights(base.double(), weights, features, reg, ridge=ridge, rtol=rtol).to(dtype)
+        merged[key] = solve.merge(base.double(), weights).to(dtype)
     all_prompts = list(dict.fromkeys(p for f, own in zip(files, prompts) for p in (list(own) if own else f.prompts)))
     metadata = {PROMPTS_KEY: json.dumps(all_prompts)} if all_prompts else {}
     return CustomDiffusionFile(merged, [e for f in files for e in f.embeddings], metadata,

@@ -8,7 +8,9 @@ Read (:func:`load_custom_diffusion`):
 * a folder holding one of them plus the modifier tokens diffusers' training script writes beside
   it (``<new1>.bin`` / ``<new1>.safetensors``: ``{token: (dim,)}``, a diffusers textual-inversion file);
 * sdadapt's files: the weights file plus ``<stem>-token.<ext>`` (``-token1``, ``-token2`` ... for
-  several tokens; see :func:`token_files`);
+  several tokens; see :func:`token_files`). A ``.safetensors`` records how many (its
+  ``custom_diffusion_tokens`` metadata); beside a ``.bin`` (no metadata) ``<stem>-token.<ext>`` is
+  the one token, else ``-token1``, ``-token2`` ... up to the first gap;
 * adobe's ``delta.bin`` (``{"unet": {<diffusers param>: tensor}, "modifier_token": {token: tensor}}``).
 
 Written (:func:`save_custom_diffusion_file`): ``.safetensors`` with diffusers' keys (``format: pt``
@@ -19,14 +21,19 @@ a placeholder for the self-attention (``attn1``) beside each ``attn2`` layer —
 diffusers' loader builds a processor for every attention layer of an SD UNet: in diffusers 0.42
 ``unet.load_attn_procs(dir, weight_name=..., _pipeline=pipe)`` refuses a dict that misses layers
 (diffusers' own ``.safetensors``, attn2 only, fails there). Each modifier token
-as its own diffusers textual-inversion file (``pipe.load_textual_inversion(file)`` reads it). Every
-file is written atomically; pickles are read only with ``torch.load(weights_only=True)``.
+as its own diffusers textual-inversion file (``pipe.load_textual_inversion(file)`` reads it). A save
+owns the ``<stem>-token*`` files of its name (:func:`existing_token_files`): overwriting removes those
+of an earlier save it does not rewrite (3 tokens then 1: ``-token1``…``-token3`` go), without
+``overwrite`` any of them is refused; no other file is touched (diffusers' ``<new1>.bin`` in a
+folder never matches). Every file is written atomically; pickles are read only with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..embeddings.embedding import Embedding
-from ..errors import WeightFileError
+from ..errors import OutputError, OutputExistsError, WeightFileError
 from .files import (
     atomic_write,
     check_finite,
@@ -53,6 +60,7 @@ __all__ = [
     "WEIGHT_NAMES",
     "CustomDiffusionFile",
     "drop_placeholders",
+    "existing_token_files",
     "file_key",
     "is_custom_diffusion_state",
     "load_custom_diffusion",
@@ -161,6 +169,39 @@ def token_files(path: str | os.PathLike, count: int = 1) -> tuple[Path, ...]:
     return tuple(path.with_name(f"{path.stem}-token{i}{path.suffix}") for i in range(1, count + 1))
 
 
+def existing_token_files(path: str | os.PathLike) -> list[Path]:
+    """The files beside the weights file ``path`` named as its modifier-token files: exactly
+    ``<stem>-token<ext>`` or ``<stem>-token<N><ext>`` (``N`` = 1, 2 …, no leading zeros; ``ext`` as
+    in ``path``), sorted (``-token`` first, then by ``N``). Other files never match."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(re.escape(path.stem) + r"-token([1-9][0-9]{0,5})?" + re.escape(path.suffix))
+    found = []
+    for entry in folder.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is not None and entry.is_file():
+            found.append((int(match.group(1) or 0), entry))
+    return [entry for _, entry in sorted(found)]
+
+
+def _token_files_beside(target: Path) -> list[Path]:
+    """The token files of a weights file without token metadata (a ``.bin``, a foreign file):
+    ``<stem>-token<ext>`` alone, else ``-token1``, ``-token2`` … up to the first gap (what a save of
+    that many tokens writes; a stale higher number after a gap is not this save's)."""
+    single = token_files(target, 1)[0]
+    if single.is_file():
+        return [single]
+    found = []
+    for number in range(1, 10_000):
+        file = target.with_name(f"{target.stem}-token{number}{target.suffix}")
+        if not file.is_file():
+            break
+        found.append(file)
+    return found
+
+
 # ------------------------------------------------------------------------------------ reading
 def _adobe_state(tensors: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """adobe ``delta.bin`` (flattened: ``unet.<param>``, ``modifier_token.<token>``) -> (file keys, tokens)."""
@@ -227,9 +268,10 @@ def load_custom_diffusion(path: str | os.PathLike) -> CustomDiffusionFile:
     """Read a Custom Diffusion result: a weights file, or a folder holding diffusers' weights file.
 
     The modifier tokens come from the files beside it: sdadapt's ``<stem>-token*.<ext>`` (as many as
-    its ``custom_diffusion_tokens`` metadata records, when it has that key), or in a
-    folder every other ``.safetensors``/``.bin`` holding ``{token: (dim,)}`` (diffusers' ``<new1>.bin``);
-    adobe's ``delta.bin`` carries them inside.
+    its ``custom_diffusion_tokens`` metadata records, when it has that key; else ``<stem>-token<ext>``
+    alone, or ``-token1``, ``-token2`` … up to the first gap), or in a folder without those every
+    other ``.safetensors``/``.bin`` holding ``{token: (dim,)}`` (diffusers' ``<new1>.bin``); adobe's
+    ``delta.bin`` carries them inside.
 
     Returns:
         a :class:`CustomDiffusionFile` (weights keep the file's dtype).
@@ -243,21 +285,26 @@ def load_custom_diffusion(path: str | os.PathLike) -> CustomDiffusionFile:
         found = [target / name for name in WEIGHT_NAMES if (target / name).is_file()]
         if not found:
             raise WeightFileError(f"{target}: a folder without {' or '.join(WEIGHT_NAMES)}; pass the weights file itself")
-        loaded = _read_weights_file(found[0])
-        if not loaded.embeddings:
+        loaded = _load_with_token_files(found[0])
+        if not loaded.embeddings and TOKENS_KEY not in loaded.metadata:  # diffusers' folder: <new1>.bin ...
+            companions = {p for name in WEIGHT_NAMES for p in existing_token_files(target / name)}
             others = sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in _SUFFIXES
-                            and p.name not in WEIGHT_NAMES)
+                            and p.name not in WEIGHT_NAMES and p not in companions)
             for other in others:
                 loaded.embeddings.extend(_read_token_file(other))
         return loaded
+    return _load_with_token_files(target)
+
+
+def _load_with_token_files(target: Path) -> CustomDiffusionFile:
+    """The weights file ``target`` with the modifier tokens of its ``<stem>-token*`` files."""
     loaded = _read_weights_file(target)
     if not loaded.embeddings:
         if TOKENS_KEY in loaded.metadata:  # sdadapt's file says how many token files it has (stale others stay out)
             count = len(_json_list(loaded.metadata[TOKENS_KEY]))
-            candidates = token_files(target, count) if count else ()
+            beside = [p for p in token_files(target, count) if p.is_file()] if count else []
         else:
-            candidates = (*token_files(target, 1), *token_files(target, 64))
-        beside = [p for p in candidates if p.is_file()]
+            beside = _token_files_beside(target)
         for file in beside:
             loaded.embeddings.extend(_read_token_file(file))
     return loaded
@@ -293,6 +340,11 @@ def save_custom_diffusion_file(
     """Write the weights file ``path`` (``.safetensors`` or ``.bin``) and one diffusers
     textual-inversion file per modifier token beside it (:func:`token_files`).
 
+    The save owns the token files of its name (:func:`existing_token_files`): with ``overwrite``,
+    those an earlier save left that this one does not rewrite are removed after the new files are in
+    place (a ``.bin`` records no token count, so a stale ``-token2`` would otherwise be read as a
+    token of the new file); without it, any of them is refused. Nothing else is touched.
+
     Args:
         weights: ``{file key: tensor}`` with diffusers keys (:func:`file_key`); written as given (dtype kept).
         embeddings: the modifier tokens (their names are the tokens).
@@ -306,7 +358,8 @@ def save_custom_diffusion_file(
         WeightFileError: keys that are not Custom Diffusion weights, NaN/inf values, a suffix other
             than ``.safetensors``/``.bin``.
         OutputExistsError / OutputError: see :func:`sdadapt.formats.files.atomic_write` (all outputs
-            are checked before anything is written).
+            are checked before anything is written); a token file of an earlier save without
+            ``overwrite``; a stale token file that cannot be removed (names it).
     """
     target = Path(path)
     suffix = target.suffix.lower()
@@ -324,6 +377,10 @@ def save_custom_diffusion_file(
         check_finite(state, source=f"{file} (to be written)")
     for file in (target, *companions):
         check_output_file(file, overwrite=overwrite, suffix=None)
+    stale = [p for p in existing_token_files(target) if p not in companions]
+    if stale and not overwrite:
+        raise OutputExistsError(f"{stale[0]}: a modifier-token file of an earlier save named {target.name} (the loader "
+                                "would read it as this file's); pass --overwrite (overwrite=True) to remove it, or delete it")
     written: list[Path] = []
     if suffix == ".safetensors":
         meta = {"format": "pt", **dict(metadata or {})}
@@ -340,4 +397,12 @@ def save_custom_diffusion_file(
         for state, file in zip(states, companions):
             cpu = {k: v.detach().to("cpu").clone() for k, v in state.items()}
             written.append(atomic_write(file, lambda tmp, cpu=cpu: torch.save(cpu, tmp), overwrite=overwrite))
+    for file in stale:  # only once the new files are in place (a failed write above leaves them as they were)
+        try:
+            file.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(f"{file}: cannot remove this modifier-token file of an earlier save ({exc.strerror}); "
+                              f"{target} is written, delete {file.name} by hand or it may be read as one of its tokens") from None
     return written

@@ -48,8 +48,9 @@ class TrainOptions:
 
     Trigger-word methods (textual inversion, DreamArtist, Custom Diffusion): captions must mention
     ``--token``. Images without a caption get a random one of the ``templates`` set (``object``:
-    "a photo of a {token}" …, the paper's; ``style``: "a painting in the style of {token}" …), fixed
-    per image; captions without the token become ``caption_template`` (``{token}``, ``{caption}``;
+    "a photo of a {token}" …, the paper's; ``style``: "a painting in the style of {token}" …), drawn
+    anew each time the image is used (seeded by ``seed`` and the step: a resumed run continues the
+    same sequence); captions without the token become ``caption_template`` (``{token}``, ``{caption}``;
     A1111's ``[name]``, ``[filewords]`` work too; default ``"{token}, {caption}"``); see
     :func:`sdadapt.methods.textual_inversion.trigger_captions`.
 
@@ -66,11 +67,16 @@ class TrainOptions:
     the first N steps only, kohya's ``stop_text_encoder_training``).
 
     Memory: ``gradient_checkpointing`` (recompute the UNet blocks' activations in backward; any
-    method), ``fused_backward_pass`` (full, dreambooth: the optimiser steps inside backward, no
+    method; ``gradient_checkpointing_fraction`` in ``(0, 1]`` recomputes only that share of the
+    blocks, those keeping the most activations, and turns checkpointing on), ``fused_backward_pass`` (full, dreambooth: the optimiser steps inside backward, no
     gradient buffer; needs ``max_grad_norm=0``, no accumulation, no fp16) — see
     :class:`sdadapt.methods.FitConfig`; ``full_bf16`` (full, dreambooth, with
     ``mixed_precision="bf16"``: the trained parts' weights in bf16, written back with stochastic
     rounding; :meth:`~sdadapt.methods.finetune.FullAdaptation.cast`).
+
+    Speed: ``sdpa_backends`` — ``"measure"`` (time flash / memory-efficient / cuDNN / math attention on
+    the first batch's attention calls and train under the fastest order) or a comma list such as
+    ``"flash,math"`` (tried in that order); default: torch's choice (:mod:`sdadapt.training.attention`).
 
     Whole-model methods (full, dreambooth): ``ema_save`` (``weights``: the saved weights are the
     EMA; ``beside``: the raw weights, with the EMA beside them — ``model_ema.*`` keys in an LDM file,
@@ -128,7 +134,9 @@ class TrainOptions:
     ema_save: str = "weights"
     text_encoder_steps: int | None = None
     gradient_checkpointing: bool = False
+    gradient_checkpointing_fraction: float | None = None
     fused_backward_pass: bool = False
+    sdpa_backends: str | None = None
     full_bf16: bool = False
     extract_lora: int | None = None
     seed: int = 0
@@ -210,6 +218,14 @@ class TrainOptions:
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError("--full-bf16 trains bf16 weights, so the forward pass must run under bf16 autocast: add "
                              "--mixed-precision bf16")
+        if self.sdpa_backends is not None and self.sdpa_backends != "measure":
+            from ..training.attention import SDPA_BACKENDS
+
+            names = [n.strip() for n in self.sdpa_backends.split(",") if n.strip()]
+            unknown = [n for n in names if n not in SDPA_BACKENDS]
+            if unknown or not names:
+                raise ValueError(f"--sdpa-backends must be 'measure' or a comma list of {', '.join(SDPA_BACKENDS)} "
+                                 f"(tried in that order, e.g. flash,math); got {self.sdpa_backends!r}")
         if self.fused_backward_pass:
             clashes = [what for what, clash in (
                 (f"--max-grad-norm {self.max_grad_norm} (pass --max-grad-norm 0: the global norm needs every gradient at once)",
@@ -233,9 +249,11 @@ class TrainOptions:
             raise ValueError(f"--resolution must be SIZE or WIDTH,HEIGHT, got {self.resolution}")
 
 
-def _trigger_captions(records: list, token: str, options: TrainOptions) -> list[str]:
-    """Give every record a caption that mentions ``token`` (in place; :func:`trigger_captions`);
-    returns notes saying what was done."""
+def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple[list[str], tuple[str, ...]]:
+    """Give every captioned record a caption that mentions ``token`` (in place; :func:`trigger_captions`);
+    returns notes saying what was done, and the template captions the uncaptioned records (``""``)
+    draw from at each use (:attr:`~sdadapt.training.data.CaptionOptions.templates`; ``()`` when
+    every image has a caption)."""
     from ..methods.textual_inversion import DEFAULT_CAPTION_TEMPLATE, TEMPLATE_SETS, caption_template, trigger_captions
 
     own = [r.caption or None for r in records]  # "": no caption (find_images(uncaptioned=True))
@@ -243,15 +261,35 @@ def _trigger_captions(records: list, token: str, options: TrainOptions) -> list[
     made = trigger_captions(own, token, templates=TEMPLATE_SETS[options.templates], seed=options.seed, template=template)
     filled = sum(c is None for c in own)
     templated = sum(c is not None and c != m for c, m in zip(own, made))
-    for record, caption in zip(records, made):
-        record.caption = caption
+    for record, caption, mine in zip(records, made, own):
+        record.caption = caption if mine is not None else ""  # "": a template drawn at each use
+    templates = tuple(t.format(token) for t in TEMPLATE_SETS[options.templates]) if filled else ()
     notes = []
     if filled:
-        example = next(m for c, m in zip(own, made) if c is None)
-        notes.append(f"{filled} image(s) without a caption: {options.templates} template captions with {token} "
-                     f"(e.g. {example!r})")
+        notes.append(f"{filled} image(s) without a caption: one of the {len(templates)} {options.templates} template "
+                     f"captions with {token} drawn at each use (e.g. {templates[0]!r})")
     if templated:
         notes.append(f"{templated} caption(s) without {token}: written as {template!r} (--caption-template)")
+    return notes, templates
+
+
+def _inactive_option_notes(options: TrainOptions) -> list[str]:
+    """Options that act only together with another one, given without it: said in the run report, not
+    refused — kohya configs (and GUIs writing them) carry these values whatever the other setting is."""
+    notes = []
+    if not options.enable_bucket:
+        unused = [flag for flag, value in (("--min-bucket-reso", options.min_bucket_reso), ("--max-bucket-reso", options.max_bucket_reso),
+                                           ("--bucket-reso-steps", options.bucket_reso_steps),
+                                           ("--bucket-no-upscale", options.bucket_no_upscale)) if value]
+        if unused:
+            notes.append(f"{', '.join(unused)}: not used without bucketing (--no-bucket); every image is scaled and "
+                         "centre-cropped to the resolution")
+    if options.keep_tokens and not (options.shuffle_caption or options.caption_tag_dropout_rate):
+        notes.append(f"--keep-tokens {options.keep_tokens}: not used without --shuffle-caption or --caption-tag-dropout-rate "
+                     "(it keeps the first tags from moving or dropping)")
+    if options.lr_scheduler_num_cycles != 1 and options.lr_scheduler != "cosine_with_restarts":
+        notes.append(f"--lr-scheduler-num-cycles {options.lr_scheduler_num_cycles}: not used by --lr-scheduler "
+                     f"{options.lr_scheduler} (only cosine_with_restarts has cycles)")
     return notes
 
 
@@ -460,7 +498,11 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     records, notes = find_images(options.images, default_caption=options.prompt, uncaptioned=trigger is not None,
                                  caption_extension=options.caption_extension, repeats=options.repeats)
     if trigger is not None:
-        notes.extend(_trigger_captions(records, trigger, options))
+        trigger_notes, templates = _trigger_captions(records, trigger, options)
+        notes.extend(trigger_notes)
+    else:
+        templates = ()
+    notes.extend(_inactive_option_notes(options))
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
                          prediction_type=options.prediction_type, clip_skip=options.clip_skip)
@@ -481,11 +523,12 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     plan_dataset(records, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
                  min_size=options.min_bucket_reso, max_size=options.max_bucket_reso, no_upscale=options.bucket_no_upscale)
     captions = CaptionOptions(shuffle=options.shuffle_caption, keep_tokens=options.keep_tokens,
-                              dropout=options.caption_dropout_rate, tag_dropout=options.caption_tag_dropout_rate)
+                              dropout=options.caption_dropout_rate, tag_dropout=options.caption_tag_dropout_rate,
+                              templates=templates)
     dataset = Dataset(records, captions=captions, notes=notes)
     from ..sampling import unknown_words
 
-    unknown_caption_words = sorted({w for r in records for w in unknown_words(system, r.caption)}
+    unknown_caption_words = sorted({w for c in [*(r.caption for r in records), *templates] for w in unknown_words(system, c)}
                                    - ({trigger.lower(), f"{trigger.lower()}-neg"} if trigger else set()))
     if unknown_caption_words:
         dataset.notes.append(f"the toy tokenizer does not know {', '.join(unknown_caption_words[:8])} (they become <unk>); "
@@ -531,10 +574,14 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         warmup_steps=warmup_steps, schedule=options.lr_scheduler, seed=options.seed, optimizer=options.optimizer,
         weight_decay=options.weight_decay, text_encoder_lr=options.text_encoder_lr, num_cycles=options.lr_scheduler_num_cycles,
         ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan, text_encoder_steps=options.text_encoder_steps,
-        ema_into_weights=options.ema_save == "weights", gradient_checkpointing=options.gradient_checkpointing,
-        fused_backward=options.fused_backward_pass,
+        ema_into_weights=options.ema_save == "weights",
+        gradient_checkpointing=options.gradient_checkpointing or options.gradient_checkpointing_fraction is not None,
+        gradient_checkpointing_fraction=1.0 if options.gradient_checkpointing_fraction is None else options.gradient_checkpointing_fraction,
+        fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
-                        max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed),
+                        max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed,
+                        sdpa_backends=None if options.sdpa_backends in (None, "measure")
+                        else tuple(n.strip() for n in options.sdpa_backends.split(",") if n.strip())),
     )
     tensorboard = options.log_with == "tensorboard" or (options.log_with == "auto" and tensorboard_available())
     for line in dataset.report():
@@ -606,6 +653,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     last: dict = {}
 
     def on_step(info) -> None:
+        if "info" not in last and config.measure_attention:
+            say(f"attention kernels measured on the first batch: {', '.join(info.sdpa_backends or ('torch default',))} "
+                "(fastest first)")
         last["info"] = info
         if info.step == total and options.ema_save == "beside":
             last["ema"] = ema_beside(info)
@@ -732,7 +782,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_mixed_precision": options.mixed_precision,
         "ss_full_fp16": "False",
         "ss_full_bf16": str(options.full_bf16),
-        "ss_gradient_checkpointing": str(options.gradient_checkpointing),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_clip_skip": str(options.clip_skip),
         "ss_resolution": f"({width}, {height})",
         "ss_enable_bucket": str(options.enable_bucket),

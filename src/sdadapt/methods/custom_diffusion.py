@@ -26,7 +26,7 @@ from ..custom_diffusion.weights import (
     cross_attention_layers,
     custom_diffusion_parameters,
 )
-from ..formats.custom_diffusion import save_custom_diffusion_file, token_files
+from ..formats.custom_diffusion import existing_token_files, save_custom_diffusion_file, token_files
 from .textual_inversion import TextualInversion, mentions, prepare_textual_inversion
 
 __all__ = ["CustomDiffusion", "companion_token_files", "detach_first_token", "prepare_custom_diffusion"]
@@ -44,8 +44,11 @@ def detach_first_token(module: nn.Module, inputs, output: Tensor) -> Tensor:
 
 
 def companion_token_files(path: Path) -> tuple[Path, ...]:
-    """The token file :meth:`CustomDiffusion.save` writes beside ``path``: ``<stem>-token<suffix>``."""
-    return token_files(path, 1)
+    """The token files a save to ``path`` owns: the ``<stem>-token<suffix>`` it writes, and any
+    ``<stem>-token<N><suffix>`` already there (an earlier multi-token save; saving removes them), so
+    ``train`` refuses to touch them without ``--overwrite``."""
+    written = token_files(path, 1)
+    return (*written, *(p for p in existing_token_files(path) if p not in written))
 
 
 class CustomDiffusion:

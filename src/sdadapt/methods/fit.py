@@ -128,10 +128,23 @@ class FitConfig:
             them — less memory for about one more forward. Only the checkpointed wrappers are switched
             to training mode for the run; every module inside keeps its mode (dropout as without),
             so the trained weights are the same as without checkpointing.
-        fused_backward: step the optimiser inside ``backward()``, one parameter at a time as its
-            gradient arrives, freeing the gradient at once (kohya's ``--fused_backward_pass``; no
-            gradient buffer of the model's size). Same update as the usual loop; needs
+        gradient_checkpointing_fraction: with ``gradient_checkpointing``, checkpoint only this share
+            (in ``(0, 1]``) of those blocks, the ones keeping the most activations (highest
+            resolution first, transformers before resnets:
+            :func:`~sdadapt.training.grad_checkpointing.blocks_by_activation_memory`): memory
+            between none and all, less recompute than all. Same trained weights either way.
+        fused_backward: step the optimiser inside ``backward()``, one block at a time (a UNet
+            resnet or transformer, a text-encoder layer:
+            :func:`~sdadapt.training.param_groups.parameter_groups_by_module`) as soon as the block's
+            gradients have arrived, freeing them at once (kohya's ``--fused_backward_pass``, which
+            steps each parameter alone; no gradient buffer of the model's size: about one block's
+            gradients live at a time). Same update as the usual loop; needs
             ``step.max_grad_norm=None``, ``step.accumulation_steps=1`` and no fp16 (bf16 works).
+        measure_attention: before the first step, time each SDPA kernel (flash, memory-efficient,
+            cuDNN, math) on the attention calls of one training forward of the first batch and
+            train under the fastest order (:mod:`sdadapt.training.attention`; replaces
+            ``step.sdpa_backends``; :attr:`FitProgress.sdpa_backends` tells which). Seconds on a GPU;
+            the run's random draws are the same as without it.
     """
 
     steps: int = 300
@@ -151,6 +164,8 @@ class FitConfig:
     ema_into_weights: bool = True
     gradient_checkpointing: bool = False
     fused_backward: bool = False
+    gradient_checkpointing_fraction: float = 1.0
+    measure_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -172,6 +187,11 @@ class FitConfig:
         if self.text_encoder_steps is not None and (isinstance(self.text_encoder_steps, bool) or self.text_encoder_steps < 0):
             raise ValueError(f"text_encoder_steps must be a step count >= 0 (or None: train the text encoder every step), "
                              f"got {self.text_encoder_steps!r}")
+        if not 0.0 < self.gradient_checkpointing_fraction <= 1.0:
+            raise ValueError(f"gradient_checkpointing_fraction must be in (0, 1], got {self.gradient_checkpointing_fraction!r}")
+        if self.gradient_checkpointing_fraction < 1.0 and not self.gradient_checkpointing:
+            raise ValueError("gradient_checkpointing_fraction < 1 chooses which blocks gradient checkpointing recomputes; "
+                             "set gradient_checkpointing=True too")
         if self.fused_backward:
             clashes = fused_backward_clashes(self.step)
             if clashes:
@@ -201,19 +221,25 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     ``adamw`` is ``torch.optim.AdamW``, except over bf16 parameters (``--full-bf16``): there it is
     sdadapt's :class:`~sdadapt.training.optim.AdamW` with float32 states, which writes the weights
     back with stochastic rounding (round-to-nearest loses every update below half a bf16 ulp).
-    sdadapt's optimisers (all the others) always round bf16 weights stochastically."""
+    sdadapt's optimisers (all the others) always round bf16 weights stochastically. sdadapt's AdamW
+    takes its multi-tensor step (``foreach=True``: the same result, far fewer kernel launches) on
+    an accelerator, as torch's optimisers do, and its per-parameter step on CPU, where a launch
+    costs nothing and the batched passes' buffers (up to ~0.5 GB per 2²⁴-element chunk) would only
+    add memory."""
     name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
     bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
+    foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])
     if name == "adamw" and not bf16:
         return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     from ..training.optim import Adafactor, AdamW
 
     if name == "adamw":
-        return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=torch.float32)
+        return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=torch.float32,
+                     foreach=foreach)
     if name == "adafactor":
         return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     state_dtype: Any = "int8" if name == "adamw8bit" else torch.bfloat16
-    return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=state_dtype)
+    return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=state_dtype, foreach=foreach)
 
 
 @dataclass
@@ -227,6 +253,8 @@ class FitProgress:
         epoch: the epoch this step's last batch belongs to (1-based; dataset mode, else 1).
         epoch_end: whether this step finished an epoch.
         epochs_done: complete epochs so far (dataset mode, else 0).
+        sdpa_backends: the attention-kernel order the step runs under (``StepConfig.sdpa_backends``,
+            or the one ``FitConfig.measure_attention`` measured; ``None``: torch's choice).
     """
 
     step: int
@@ -238,6 +266,7 @@ class FitProgress:
     epochs_done: int
     _save_state: Callable[[Path], None]
     _averaged: Callable[[], contextlib.AbstractContextManager]
+    sdpa_backends: tuple[str, ...] | None = None
 
     def save_state(self, folder: str | os.PathLike) -> None:
         """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``."""
@@ -343,8 +372,8 @@ def fit(
              for key in groups}
     layout = [{"params": ps, "lr": bases[key] * key[0], "lr_scale": key[0], "base_lr": bases[key]} for key, ps in groups.items()]
     optimizer: Any
-    if config.fused_backward:  # one optimiser per parameter, hooked into backward just before the loop
-        optimizer = _PerParameterOptimizers(layout, config)
+    if config.fused_backward:  # one optimiser per block, hooked into backward just before the loop
+        optimizer = _FusedOptimizers(layout, config, _fused_blocks(system, trained))
     else:
         optimizer = make_optimizer(layout, config)
     ema = EMA(trained, decay=config.ema_decay) if config.ema_decay is not None else None
@@ -386,6 +415,9 @@ def fit(
 
         for _ in range(state.step * accumulation):  # a resumed run continues the same draws
             draw(0)
+
+        def first_batch() -> dict[str, Any]:
+            return {"latents": latents[:config.batch_size], "cond": ids[:config.batch_size]}
     else:
         per_epoch = len(epoch_batches_of(dataset, config))
         epoch_cache: dict[int, list] = {}
@@ -418,6 +450,9 @@ def fit(
                                       extra_loss)
             return batch, loss_fn
 
+        def first_batch() -> dict[str, Any]:
+            return draw(state.step * accumulation)[0]  # a dataset's draws depend only on the position
+
     @contextlib.contextmanager
     def averaged() -> Iterator[None]:
         if ema is None:
@@ -437,6 +472,9 @@ def fit(
 
     for p in frozen:
         p.requires_grad_(False)
+    if config.measure_attention:
+        step_config = dataclasses.replace(step_config, sdpa_backends=_fastest_attention(
+            model, first_batch(), step_config, system.alphas_cumprod, device))
     # co-trained text encoder: its parameters stop at step text_encoder_steps (kohya's --stop_text_encoder_training)
     stopping = [p for p in trained if id(p) in text_ids] if text_encoder_steps is not None else []
     stopped: list[nn.Parameter] = []
@@ -452,7 +490,7 @@ def fit(
             stepper = optimizer.fuse(trained)
             undo.append(stepper.remove)
         if config.gradient_checkpointing:
-            handle = _checkpoint_unet(system)
+            handle = _checkpoint_unet(system, config.gradient_checkpointing_fraction)
             undo.append(handle.remove)
             checkpointed = {module: module.training for module in handle.modules.values()}
         for step in range(state.step, config.steps):
@@ -482,7 +520,8 @@ def fit(
                 epoch = (micro_done - 1) // per_epoch + 1 if per_epoch else 1
                 on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(step, config.learning_rate), epoch,
                                     bool(per_epoch) and micro_done % per_epoch < accumulation,
-                                    micro_done // per_epoch if per_epoch else 0, save_state, averaged))
+                                    micro_done // per_epoch if per_epoch else 0, save_state, averaged,
+                                    step_config.sdpa_backends))
         if ema is not None and config.ema_into_weights:
             ema.copy_to(trained)
     finally:
@@ -495,49 +534,96 @@ def fit(
     return losses
 
 
-def _checkpoint_unet(system: System) -> Any:
-    """Gradient checkpointing of ``system.unet``'s blocks (``FitConfig.gradient_checkpointing``)."""
+def _fastest_attention(model: Callable[[Tensor, Tensor, Any], Tensor], batch: dict[str, Any], config: StepConfig,
+                       alphas_cumprod: Tensor, device: torch.device) -> tuple[str, ...] | None:
+    """The SDPA kernel order :func:`~sdadapt.training.attention.fastest_sdpa_backends` measures on the
+    attention calls of one training forward of ``batch`` (own noise generator, the global RNG
+    forked: the run's draws stay as they were)."""
+    from ..training.attention import fastest_sdpa_backends, record_attention_calls
+    from ..training.step import prepare_batch, step_loss
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        prepared = prepare_batch(batch, state=TrainState(seed=0, device=device), config=config, alphas_cumprod=alphas_cumprod)
+        calls = record_attention_calls(lambda: step_loss(model, prepared, config))
+        return fastest_sdpa_backends(calls) if calls else config.sdpa_backends  # no attention: nothing to choose
+
+
+def _checkpoint_unet(system: System, fraction: float = 1.0) -> Any:
+    """Gradient checkpointing of ``system.unet``'s blocks (``FitConfig.gradient_checkpointing``), the
+    ``fraction`` of them keeping the most activations."""
     from ..training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
 
     unet = getattr(system, "unet", None)
     if not isinstance(unet, nn.Module):
         raise TypeError(f"gradient_checkpointing checkpoints system.unet's blocks, but {type(system).__name__} has no "
                          "unet module; leave gradient_checkpointing off")
-    return enable_checkpointing(unet, UNET_BLOCKS)
+    return enable_checkpointing(unet, UNET_BLOCKS, fraction=fraction)
 
 
-class _PerParameterOptimizers:
-    """The optimisers of a fused backward pass (one per parameter, :func:`make_optimizer` with its
-    group's options) seen as one: ``param_groups`` for the LR schedule, and ``state_dict`` /
-    ``load_state_dict`` in the layout that one optimiser over the same groups has, so a saved
-    training state resumes with or without ``fused_backward``."""
+def _fused_blocks(system: System, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """``params`` in the blocks a fused backward steps one after another: those of ``system.unet``
+    and the text encoder(s) by :func:`~sdadapt.training.param_groups.parameter_groups_by_module`,
+    any other parameter alone."""
+    from ..training.param_groups import parameter_groups_by_module
 
-    def __init__(self, layout: list[dict[str, Any]], config: FitConfig) -> None:
+    blocks: list[list[nn.Parameter]] = []
+    placed: set[int] = set()
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(system, name, None)
+        if isinstance(module, nn.Module):
+            for block in parameter_groups_by_module(module, params=params):
+                block = [p for p in block if id(p) not in placed]
+                placed.update(id(p) for p in block)
+                if block:
+                    blocks.append(block)
+    return blocks + [[p] for p in params if id(p) not in placed]
+
+
+class _FusedOptimizers:
+    """The optimisers of a fused backward pass — one per block (split where a block spans two of
+    ``layout``'s groups), each :func:`make_optimizer` with its group's options — seen as one:
+    ``param_groups`` for the LR schedule, and ``state_dict`` / ``load_state_dict`` in the layout
+    that one optimiser over the same groups has, so a saved training state resumes with or without
+    ``fused_backward``."""
+
+    def __init__(self, layout: list[dict[str, Any]], config: FitConfig, blocks: list[list[nn.Parameter]]) -> None:
         self.layout = [list(group["params"]) for group in layout]
-        self.optimizers = {id(p): make_optimizer([{**group, "params": [p]}], config)
-                           for group in layout for p in group["params"]}
+        where = {id(p): i for i, ps in enumerate(self.layout) for p in ps}
+        self.groups: list[list[nn.Parameter]] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        for block in blocks:
+            split: dict[int, list[nn.Parameter]] = {}
+            for p in block:
+                split.setdefault(where[id(p)], []).append(p)
+            for i, ps in split.items():
+                self.groups.append(ps)
+                self.optimizers.append(make_optimizer([{**layout[i], "params": ps}], config))
+        # parameter -> (its optimiser, its index there)
+        self._slot = {id(p): (k, j) for k, ps in enumerate(self.groups) for j, p in enumerate(ps)}
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        return [g for ps in self.layout for p in ps for g in self.optimizers[id(p)].param_groups]
+        return [g for optimizer in self.optimizers for g in optimizer.param_groups]
 
     def fuse(self, params: list[nn.Parameter]) -> Any:
-        """Hook each optimiser into backward (:func:`~sdadapt.training.optim.fuse_optimizer_into_backward`)."""
+        """Hook the optimisers into backward (:func:`~sdadapt.training.optim.fuse_optimizer_into_backward`)."""
         from ..training.optim import fuse_optimizer_into_backward
 
-        return fuse_optimizer_into_backward(params, lambda ps: self.optimizers[id(ps[0])])
+        return fuse_optimizer_into_backward(params, lambda ps: self.optimizers[self._slot[id(ps[0])][0]], groups=self.groups)
 
     def state_dict(self) -> dict[str, Any]:
+        owns = [optimizer.state_dict() for optimizer in self.optimizers]
         state: dict[int, Any] = {}
         groups = []
         index = 0
         for ps in self.layout:
-            owns = [self.optimizers[id(p)].state_dict() for p in ps]
-            for own in owns:
-                if own["state"]:
-                    state[index] = own["state"][0]
+            for p in ps:
+                k, j = self._slot[id(p)]
+                if j in owns[k]["state"]:
+                    state[index] = owns[k]["state"][j]
                 index += 1
-            groups.append({**owns[0]["param_groups"][0], "params": list(range(index - len(ps), index))})
+            options = owns[self._slot[id(ps[0])][0]]["param_groups"][0]
+            groups.append({**options, "params": list(range(index - len(ps), index))})
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -545,11 +631,11 @@ class _PerParameterOptimizers:
         if [len(g["params"]) for g in saved] != [len(ps) for ps in self.layout]:
             raise ValueError(f"the saved optimiser has groups of {[len(g['params']) for g in saved]} parameters, this run "
                              f"{[len(ps) for ps in self.layout]}; resume with the same method and options")
-        for group, ps in zip(saved, self.layout):
-            for index, p in zip(group["params"], ps):
-                entry = state_dict["state"].get(index)
-                self.optimizers[id(p)].load_state_dict({"state": {} if entry is None else {0: entry},
-                                                        "param_groups": [{**group, "params": [0]}]})
+        index_of = {id(p): index for group, ps in zip(saved, self.layout) for index, p in zip(group["params"], ps)}
+        group_of = {id(p): group for group, ps in zip(saved, self.layout) for p in ps}
+        for ps, optimizer in zip(self.groups, self.optimizers):
+            entries = {j: state_dict["state"][index_of[id(p)]] for j, p in enumerate(ps) if index_of[id(p)] in state_dict["state"]}
+            optimizer.load_state_dict({"state": entries, "param_groups": [{**group_of[id(ps[0])], "params": list(range(len(ps)))}]})
 
 
 def epoch_batches_of(dataset: Any, config: FitConfig, *, epoch: int = 0) -> list:

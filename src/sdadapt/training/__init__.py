@@ -5,18 +5,21 @@
 | :mod:`.diffusion` | schedules, noising, ε/v/x0 targets, SNR weights, losses, DDIM/Euler samplers, inversion |
 | :mod:`.step` | the one-screen :func:`train_step`, :class:`StepConfig`, resumable :class:`TrainState`, EMA |
 | :mod:`.optim` | lean optimisers (fp32/bf16/int8 AdamW states, Adafactor), fused backward, LR schedules |
+| :mod:`.attention` | which SDPA kernel to use, measured on the model's own attention calls |
 | :mod:`.step_capture` | the whole step as CUDA-graph replays, one graph per batch layout (:class:`CapturedStep`) |
 | :mod:`.distributed` | FSDP2 sharding block by block for data-parallel runs (:func:`~.distributed.fully_shard_blocks`) |
 | :mod:`.latent_cache` | encode latents and text states once into safetensors shards |
 | :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
+| :mod:`.param_groups` | parameter groups, one per block, for an optimiser fused into backward |
 """
 
-from . import diffusion, distributed, grad_checkpointing, latent_cache, optim, step, step_capture
+from . import attention, diffusion, distributed, grad_checkpointing, latent_cache, optim, param_groups, step, step_capture
 from .grad_checkpointing import CheckpointHandle, enable_checkpointing
 from .step import EMA, StepConfig, TrainState, train_step
 from .step_capture import CapturedStep
 
 __all__ = [
+    "attention",
     "diffusion",
     "step",
     "optim",
@@ -24,6 +27,7 @@ __all__ = [
     "distributed",
     "latent_cache",
     "grad_checkpointing",
+    "param_groups",
     "train_step",
     "StepConfig",
     "TrainState",

@@ -6,10 +6,12 @@ sub-folders are skipped and reported. An image's caption is ``NAME.txt`` (or ``N
 beside it; without one it takes the folder's ``name`` part (kohya's class tokens) or the
 default caption (``--prompt``), else it is an error naming the images.
 
-**Captions** (:class:`CaptionOptions`, applied each time an image is drawn): split at commas into
-tags; the first ``keep_tokens`` stay in place, the rest are shuffled (``shuffle``) and each dropped
-with probability ``tag_dropout``; the whole caption is replaced by ``""`` with probability
-``dropout`` (kohya's ``caption_dropout_rate``: it trains the unconditional prediction).
+**Captions** (:class:`CaptionOptions`, applied each time an image is drawn): an image without a
+caption (``""``, :func:`find_images` with ``uncaptioned=True``) gets one of ``templates`` drawn
+anew (kohya's textual-inversion templates: ``add_replacement("", templates)``); then split at
+commas into tags; the first ``keep_tokens`` stay in place, the rest are shuffled (``shuffle``) and
+each dropped with probability ``tag_dropout``; the whole caption is replaced by ``""`` with
+probability ``dropout`` (kohya's ``caption_dropout_rate``: it trains the unconditional prediction).
 
 **Buckets** (:func:`bucket_sizes`, :func:`plan_dataset`): sizes whose area is at most the
 training resolution's, sides multiples of ``step`` between ``min_size`` and ``max_size`` — kohya's
@@ -58,6 +60,9 @@ class CaptionOptions:
     """How a caption changes each time its image is drawn (kohya's caption options).
 
     Attributes:
+        templates: captions for images without one (caption ``""``), the trigger word already in
+            place (``"a photo of a <sks>"`` …): one drawn at each use, before the options below
+            (``train --templates``). Empty: such an image trains on ``""``.
         shuffle: shuffle the comma-separated tags (``--shuffle-caption``).
         keep_tokens: the first N tags never move or drop (``--keep-tokens``; e.g. the trigger word).
         dropout: probability of training on the empty caption (``--caption-dropout-rate``).
@@ -70,8 +75,12 @@ class CaptionOptions:
     dropout: float = 0.0
     tag_dropout: float = 0.0
     separator: str = ","
+    templates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.templates, str) or not all(isinstance(t, str) and t.strip() for t in self.templates):
+            raise ValueError("caption templates must be a tuple of non-empty captions, e.g. ('a photo of a <sks>',)")
+        object.__setattr__(self, "templates", tuple(self.templates))
         if self.keep_tokens < 0:
             raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
         for name in ("dropout", "tag_dropout"):
@@ -82,12 +91,15 @@ class CaptionOptions:
     @property
     def active(self) -> bool:
         """Whether captions change between draws at all."""
-        return self.shuffle or self.dropout > 0 or self.tag_dropout > 0
+        return self.shuffle or self.dropout > 0 or self.tag_dropout > 0 or bool(self.templates)
 
     def apply(self, caption: str, rng: random.Random) -> str:
-        """One draw of ``caption`` (the same ``rng`` state gives the same result)."""
+        """One draw of ``caption`` (the same ``rng`` state gives the same result); ``""`` draws one
+        of :attr:`templates` first."""
         if not self.active:
             return caption
+        if not caption and self.templates:
+            caption = self.templates[rng.randrange(len(self.templates))]
         if self.dropout and rng.random() < self.dropout:
             return ""
         tags = [t.strip() for t in caption.split(self.separator)]
@@ -347,10 +359,12 @@ class Dataset:
         return sum(-(-n // batch_size) for n in count.values())
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """``{folder: {tag: images with it}}`` (kohya's ``ss_tag_frequency``)."""
+        """``{folder: {tag: images with it}}`` (kohya's ``ss_tag_frequency``; an image without a
+        caption counts the tags of every template it draws from)."""
         out: dict[str, Counter] = {}
         for r in self.records:
-            tags = {t.strip() for t in r.caption.split(self.captions.separator) if t.strip()}
+            captions = [r.caption] if r.caption or not self.captions.templates else self.captions.templates
+            tags = {t.strip() for c in captions for t in c.split(self.captions.separator) if t.strip()}
             out.setdefault(r.folder, Counter()).update(tags)
         return {k: dict(v) for k, v in out.items()}
 

@@ -8,10 +8,18 @@ How: like ``torch.nn.utils.parametrize``, each chosen module's class is swapped 
 whose ``__call__`` runs the original call under checkpoint. The module's own ``forward`` is not
 touched, its ``state_dict()`` keys and ``isinstance`` checks are unchanged, and ``remove()``
 restores the original class. Modules run without checkpointing in eval mode or with grad off.
+
+Checkpointing only part of a UNet: ``enable_checkpointing(unet, UNET_BLOCKS, fraction=0.5)``
+checkpoints the half of the blocks that keep the most activations — the highest-resolution ones,
+transformers before resnets (:func:`blocks_by_activation_memory` gives the order) — so memory drops
+most for the least recompute. Inside a CUDA-graph capture the recompute does not save and restore
+the CUDA RNG state (PyTorch cannot read it while capturing): exact for UNets without dropout (the
+SD/SDXL default); a block with active dropout then recomputes with fresh dropout masks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch.utils.checkpoint
@@ -19,7 +27,7 @@ from torch import nn
 
 from ..targets import Target, by_regex, select
 
-__all__ = ["UNET_BLOCKS", "CheckpointHandle", "enable_checkpointing"]
+__all__ = ["UNET_BLOCKS", "CheckpointHandle", "blocks_by_activation_memory", "enable_checkpointing"]
 
 #: what whole-UNet training checkpoints (``FitConfig.gradient_checkpointing``): each resnet and each
 #: transformer (``Transformer2DModel``/``SpatialTransformer``) of the down, mid and up blocks —
@@ -44,13 +52,71 @@ def _checkpointed_class(cls: type) -> type:
         def __call__(self, *args, **kwargs):  # noqa: N807
             if self.training and torch.is_grad_enabled():
                 return torch.utils.checkpoint.checkpoint(
-                    super(sub, self).__call__, *args, use_reentrant=False, **kwargs
+                    super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not _capturing(), **kwargs
                 )
             return super(sub, self).__call__(*args, **kwargs)
 
         sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_sdadapt_base_class": cls})
         _SUBCLASSES[cls] = sub
     return sub
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph (never on a CPU-only build)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _outermost(model: nn.Module, targets: Target | str | Iterable[str]) -> dict[str, nn.Module]:
+    chosen: dict[str, nn.Module] = {}
+    for name, module in select(model, targets):
+        if not any(name.startswith(outer + ".") for outer in chosen):
+            chosen[name] = module
+    return chosen
+
+
+def _base_class(module: nn.Module) -> type:
+    """The module's own class (not the checkpointing subclass swapped in)."""
+    return getattr(type(module), "_sdadapt_base_class", type(module))
+
+
+def blocks_by_activation_memory(model: nn.Module, targets: Target | str | Iterable[str] = UNET_BLOCKS) -> list[str]:
+    """The outermost modules ``targets`` selects, those keeping the most activations first.
+
+    Order, for a UNet: resolution level first — the level of a block is the number of
+    downsamplers minus the number of upsamplers registered before it (modules whose class name
+    contains ``Downsample``/``Upsample``: diffusers' ``Downsample2D``, LDM's ``Downsample``), the mid
+    block (``mid_block``/``middle_block``) taking the deepest level; at one level transformers
+    (class name containing ``Transformer``: they keep attention and the 4x-wide feed-forward) before
+    resnets; then forward (registration) order. Each level down halves the activations of a block
+    (a quarter of the pixels, twice the channels). A model without samplers is one level.
+
+    Returns:
+        module names, e.g. ``["up_blocks.3.attentions.0", ..., "mid_block.resnets.1"]`` for SD1.5.
+    """
+    return _ranked(model, _outermost(model, targets))
+
+
+def _ranked(model: nn.Module, chosen: dict[str, nn.Module]) -> list[str]:
+    """The names of ``chosen`` (``model``'s modules) in :func:`blocks_by_activation_memory`'s order."""
+    levels: dict[str, int] = {}
+    level = deepest = 0
+    for name, module in model.named_modules():
+        if name in chosen:
+            levels[name] = level
+        kind = _base_class(module).__name__
+        if "Downsample" in kind:
+            level += 1
+            deepest = max(deepest, level)
+        elif "Upsample" in kind:
+            level -= 1
+    order = {name: i for i, name in enumerate(chosen)}
+
+    def key(name: str) -> tuple[int, int, int]:
+        mid = any(part in ("mid_block", "middle_block") for part in name.split("."))
+        kind = _base_class(chosen[name]).__name__
+        return (deepest if mid else levels[name], 0 if "Transformer" in kind else 1, order[name])
+
+    return sorted(chosen, key=key)
 
 
 class CheckpointHandle:
@@ -71,16 +137,27 @@ class CheckpointHandle:
         self.modules = {}
 
 
-def enable_checkpointing(model: nn.Module, targets: Target | str | Iterable[str]) -> CheckpointHandle:
-    """Checkpoint every module ``targets`` selects (outermost only: nested picks are skipped).
+def enable_checkpointing(model: nn.Module, targets: Target | str | Iterable[str], *, fraction: float = 1.0) -> CheckpointHandle:
+    """Checkpoint the modules ``targets`` selects (outermost only: nested picks are skipped).
+
+    Args:
+        fraction: in ``(0, 1]``: checkpoint only ``ceil(fraction · n)`` of the ``n`` selected
+            modules, those keeping the most activations (:func:`blocks_by_activation_memory`:
+            highest resolution first, transformers before resnets). ``1.0``: all of them.
 
     Raises:
         NoTargetsError: the target matched nothing.
+        ValueError: ``fraction`` outside ``(0, 1]``.
     """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1] (the share of the selected blocks to checkpoint), got {fraction!r}")
+    picked = _outermost(model, targets)  # (raises NoTargetsError when nothing matches)
+    if fraction < 1.0:
+        ranked = _ranked(model, picked)
+        keep = set(ranked[: max(1, math.ceil(fraction * len(ranked) - 1e-9))])
+        picked = {name: module for name, module in picked.items() if name in keep}
     chosen: dict[str, nn.Module] = {}
-    for name, module in select(model, targets):
-        if any(name.startswith(outer + ".") for outer in chosen):
-            continue  # already inside a checkpointed module
+    for name, module in picked.items():
         if getattr(type(module), "_sdadapt_base_class", None) is None:
             module.__class__ = _checkpointed_class(type(module))
             chosen[name] = module

@@ -8,8 +8,9 @@ What each piece saves, per trained parameter (fp32 AdamW keeps 4 B weight + 4 B 
 * bf16 weights with stochastic rounding (``stochastic_rounding=True``): no fp32 master copy
   (2 B instead of 4 B + 4 B) without losing updates smaller than half a bf16 ulp.
 * ``Adafactor``: a factored second moment, ``O + I·k·k`` floats for an ``(O, I, k, k)`` weight.
-* :func:`fuse_optimizer_into_backward`: each gradient is applied and freed as soon as it is
-  accumulated, so at most one parameter's gradient lives at a time (no 4 B/param grad buffer).
+* :func:`fuse_optimizer_into_backward`: each gradient is applied and freed as soon as it (or its
+  group's last one) is accumulated, so only the open groups' gradients live at a time (no 4 B/param
+  grad buffer).
 
 Every optimiser computes its update in float32 whatever the parameter and state dtypes are.
 """
@@ -188,7 +189,7 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Tensor, *, block_s
     """
     n = codes.numel()
     values = code[codes.long()]  # (n,)
-    scale = absmax.repeat_interleave(block_size)[:n]  # (n,)
+    scale = _block_scales(absmax, block_size, n)  # (n,)
     return values * scale
 
 
@@ -249,7 +250,21 @@ class AdamW(torch.optim.Optimizer):
             (tested); on CUDA the multi-tensor kernels may round differently in the last bit.
             Parameters go in chunks of 2²⁴ elements, so the float32 working copies of bf16
             weights and low-precision moments stay under ~0.5 GB.
-            Needs every gradient at once (not with :func:`fuse_optimizer_into_backward`).
+            With :func:`fuse_optimizer_into_backward`, give it ``groups`` (one parameter per
+            optimiser leaves nothing to batch).
+        capturable: torch's meaning — the step can be recorded in a CUDA graph and replayed
+            (:class:`~sdadapt.training.step_capture.CapturedStep`): each parameter's step count is
+            a float32 0-dim tensor on its device (``state["step"]``), the bias corrections and step
+            sizes are tensor ops on it, ``lr`` may be a 0-dim tensor on the parameters' device
+            (change it in place with :func:`set_lr`; the graph reads it), int8 states are
+            re-quantised into their existing tensors, and nothing syncs with the host or
+            allocates by data. The scalars are computed in float64 and rounded to float32 as the
+            Python floats of ``capturable=False`` are, so on CPU both modes give bit-identical
+            results (tested); on CUDA ``capturable=False`` divides by a host scalar through its
+            reciprocal, so the two may differ in the last bit. Under a CUDA graph the
+            stochastic-rounding draws come from ``generator`` — a CUDA generator other than the
+            default one must be registered with the graph (``CapturedStep`` does it).
+            Saved states resume in either mode (``load_state_dict`` converts the step counts).
 
     Example:
         >>> opt = AdamW(model.parameters(), lr=1e-4, state_dtype="int8")
@@ -261,7 +276,7 @@ class AdamW(torch.optim.Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         *,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
@@ -270,8 +285,9 @@ class AdamW(torch.optim.Optimizer):
         block_size: int = 256,
         generator: torch.Generator | None = None,
         foreach: bool = False,
+        capturable: bool = False,
     ) -> None:
-        _check_common(lr, weight_decay)
+        _check_common(_lr_value(lr), weight_decay)
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         if not eps >= 0.0:
@@ -280,7 +296,8 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         state_dtype=_state_dtype_name(state_dtype),
-                        stochastic_rounding=bool(stochastic_rounding), block_size=block_size, foreach=bool(foreach))
+                        stochastic_rounding=bool(stochastic_rounding), block_size=block_size, foreach=bool(foreach),
+                        capturable=bool(capturable))
         super().__init__(params, defaults)
         self.generator = generator
         self._codes: dict[tuple[torch.device, bool], Tensor] = {}
@@ -293,6 +310,13 @@ class AdamW(torch.optim.Optimizer):
         group["state_dtype"] = _state_dtype_name(group["state_dtype"])
         if not isinstance(group["block_size"], int) or group["block_size"] <= 0:
             raise ValueError(f"block_size must be a positive int, got {group['block_size']!r}")
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"a tensor lr must hold one value, got shape {tuple(lr.shape)}")
+            if not group["capturable"]:
+                raise ValueError("a tensor lr needs AdamW(..., capturable=True) (the non-capturable step takes lr as "
+                                 "a Python float); pass lr=float(lr) or capturable=True")
 
     def _code(self, device: torch.device, signed: bool) -> Tensor:
         key = (device, signed)
@@ -301,7 +325,8 @@ class AdamW(torch.optim.Optimizer):
         return self._codes[key]
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
-        state["step"] = 0
+        # capturable: a float32 0-dim count on the parameter's device, stepped in place (as torch's)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if group["capturable"] else 0
         kind = group["state_dtype"]
         if kind == "int8":
             blocks = -(-p.numel() // group["block_size"])
@@ -333,9 +358,13 @@ class AdamW(torch.optim.Optimizer):
             copy_stochastic_(state["exp_avg_sq"], v, self.generator)
         elif kind == "int8":
             bs = group["block_size"]
-            state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_blockwise(m, self._code(p.device, True), block_size=bs)
-            state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize_blockwise(
-                v.sqrt(), self._code(p.device, False), block_size=bs)
+            for name, signed, values in (("exp_avg", True, m), ("exp_avg_sq", False, v.sqrt())):
+                codes, absmax = quantize_blockwise(values, self._code(p.device, signed), block_size=bs)
+                if group["capturable"]:  # into the tensors a captured graph reads on its next replay
+                    state[f"{name}_codes"].copy_(codes)
+                    state[f"{name}_absmax"].copy_(absmax)
+                else:
+                    state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -345,8 +374,10 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            eps = group["eps"]
             beta1, beta2 = group["betas"]
+            if group["capturable"]:
+                _check_capturable_lr(group)
             if group.get("foreach"):
                 for chunk in _chunks([p for p in group["params"] if p.grad is not None], _FOREACH_CHUNK_ELEMENTS):
                     self._foreach_step(group, chunk)
@@ -359,18 +390,19 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(state, p, group)
-                state["step"] += 1
-                step = state["step"]
+                state["step"] += 1  # in place for a capturable step tensor
+                decay, step_sizes, bias_corrections2_sqrt = _adamw_scalars(group, [state["step"]])
                 grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
                 w = p if p.dtype == torch.float32 else p.float()  # fp32 working weight
                 m, v = self._load_moments(state, p, group)
-                w.mul_(1 - lr * wd)
+                w.mul_(decay)
                 m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1**step
-                bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-                w.addcdiv_(m, denom, value=-lr / bias_correction1)
+                denom = (v.sqrt() / bias_corrections2_sqrt[0]).add_(eps)
+                if group["capturable"]:  # addcdiv_ takes its value as a number: same (value·m)/denom, same rounding
+                    w.add_(m.mul(step_sizes[0]).div_(denom))
+                else:
+                    w.addcdiv_(m, denom, value=step_sizes[0])
                 _write_weight(p, w, group["stochastic_rounding"], self.generator)
                 self._store_moments(state, p, group, m, v)
         return loss
@@ -381,13 +413,17 @@ class AdamW(torch.optim.Optimizer):
             return
         if any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
             raise ValueError("sdadapt.training.optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        eps = group["eps"]
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:
                 self._init_state(state, p, group)
-            state["step"] += 1
+            if not group["capturable"]:
+                state["step"] += 1
+        if group["capturable"]:
+            torch._foreach_add_([state["step"] for state in states], 1)
+        decay, step_sizes, bias_corrections2_sqrt = _adamw_scalars(group, [state["step"] for state in states])
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]  # type: ignore[union-attr]
         weights = [p if p.dtype == torch.float32 else p.float() for p in params]  # fp32 working weights
         if group["state_dtype"] == "int8":
@@ -395,14 +431,21 @@ class AdamW(torch.optim.Optimizer):
         else:
             moments = [self._load_moments(state, p, group) for state, p in zip(states, params)]
             ms, vs = [m for m, _ in moments], [v for _, v in moments]
-        torch._foreach_mul_(weights, 1 - lr * wd)
+        torch._foreach_mul_(weights, decay)
         torch._foreach_lerp_(ms, grads, 1 - beta1)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
         denoms = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denoms, [(1 - beta2 ** state["step"]) ** 0.5 for state in states])
+        torch._foreach_div_(denoms, bias_corrections2_sqrt)
         torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(weights, ms, denoms, [-lr / (1 - beta1 ** state["step"]) for state in states])
+        if group["capturable"]:  # no tensor-scalar addcdiv: the same (value·m)/denom, same rounding
+            steps = torch._foreach_mul(ms, step_sizes)
+            torch._foreach_div_(steps, denoms)
+            del denoms
+            torch._foreach_add_(weights, steps)
+            del steps
+        else:
+            torch._foreach_addcdiv_(weights, ms, denoms, step_sizes)
         # write back: every stochastically rounded tensor in the per-parameter path's order (w, m, v of
         # parameter 1, then of parameter 2, ...) through one rounding pass, the rest by plain copies
         rounded_to: list[Tensor] = []
@@ -434,7 +477,7 @@ class AdamW(torch.optim.Optimizer):
         out = []
         for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             codes = torch.cat([state[f"{name}_codes"] for state in states])  # (Σn,)
-            scales = torch.cat([state[f"{name}_absmax"].repeat_interleave(bs)[:p.numel()] for state, p in zip(states, params)])
+            scales = torch.cat([_block_scales(state[f"{name}_absmax"], bs, p.numel()) for state, p in zip(states, params)])
             flat = self._code(device, signed)[codes.long()] * scales  # (Σn,) float32
             out.append([part.view(p.shape) for part, p in zip(flat.split([p.numel() for p in params]), params)])
         ms, roots = out
@@ -446,6 +489,10 @@ class AdamW(torch.optim.Optimizer):
         bs, device = group["block_size"], params[0].device
         for name, signed, values in (("exp_avg", True, ms), ("exp_avg_sq", False, torch._foreach_sqrt(vs))):
             codes, absmax = _quantize_many(values, self._code(device, signed), block_size=bs)
+            if group["capturable"]:  # into the tensors a captured graph reads on its next replay
+                torch._foreach_copy_([state[f"{name}_codes"] for state in states] + [state[f"{name}_absmax"] for state in states],
+                                     codes + absmax)
+                continue
             for state, c, a in zip(states, codes, absmax):
                 state[f"{name}_codes"], state[f"{name}_absmax"] = c, a
 
@@ -455,8 +502,30 @@ class AdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but keeps the saved state dtypes
-        (torch would cast float32 moments/absmax to a bf16 parameter's dtype)."""
+        (torch would cast float32 moments/absmax to a bf16 parameter's dtype) and this optimiser's
+        ``capturable`` mode: step counts saved as ints become device tensors and vice versa, and a
+        tensor ``lr`` stays the same tensor (filled with the saved value), so a graph that reads it
+        keeps working. States saved in either mode resume in either."""
+        modes = [(group["capturable"], group["lr"]) for group in self.param_groups]
         _load_keeping_dtypes(self, state_dict)
+        for group, (capturable, lr) in zip(self.param_groups, modes):
+            group["capturable"] = capturable
+            if isinstance(lr, Tensor):
+                lr.fill_(_lr_value(group["lr"]))
+                group["lr"] = lr
+            elif isinstance(group["lr"], Tensor) and not capturable:
+                group["lr"] = _lr_value(group["lr"])
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "step" not in state:
+                    continue
+                step = state["step"]
+                if capturable and not isinstance(step, Tensor):
+                    state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+                elif capturable:
+                    state["step"] = step.to(dtype=torch.float32, device=p.device)
+                elif isinstance(step, Tensor):
+                    state["step"] = int(step.item())  # one host read at load time
 
 
 #: parameters' elements updated together by one multi-tensor step: the fp32 working copies of bf16
@@ -476,6 +545,49 @@ def _chunks(params: list[Tensor], limit: int) -> list[list[Tensor]]:
         out[-1].append(p)
         size += p.numel()
     return out
+
+
+def _lr_value(lr: float | Tensor) -> float:
+    """A Python float of ``lr`` (a tensor lr is read once: for validation and loading only)."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"a tensor lr must hold one value, got shape {tuple(lr.shape)}")
+        return float(lr.item())
+    return float(lr)
+
+
+def _check_capturable_lr(group: dict[str, Any]) -> None:
+    lr, params = group["lr"], group["params"]
+    if isinstance(lr, Tensor) and params and lr.device != params[0].device:
+        raise ValueError(f"capturable AdamW: the lr tensor is on {lr.device} but the parameters are on {params[0].device}; "
+                         f"create it there (torch.tensor(lr, device={str(params[0].device)!r}))")
+
+
+def _adamw_scalars(group: dict[str, Any], steps: Sequence[int | Tensor]) -> tuple[Any, list[Any], list[Any]]:
+    """``(1 − lr·λ, [−lr / (1 − β₁ᵗ)], [√(1 − β₂ᵗ)])`` for the step counts ``steps`` of a group's parameters.
+
+    Not capturable: Python floats (the kernels round them to float32). Capturable: the same values
+    from the step-count tensors, computed in float64 on their device and rounded to float32 0-dim
+    tensors — one stacked computation for all of ``steps``, no host read. A float64 ``pow`` kernel
+    may differ from Python's in the last of its 53 bits; after rounding to float32 no difference
+    was found (steps 1–20 000, β ∈ {0.9, 0.99, 0.999}, four LRs from 5e-6 to 1e-2).
+    """
+    lr, wd = group["lr"], group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    if not group["capturable"]:
+        decay = 1 - lr * wd
+        return decay, [-lr / (1 - beta1**t) for t in steps], [(1 - beta2**t) ** 0.5 for t in steps]
+    t = torch.stack(list(steps)).to(torch.float64)  # (k,)
+    lr64 = lr.detach().reshape(()).to(device=t.device, dtype=torch.float64) if isinstance(lr, Tensor) else lr
+    decay = (1 - lr64 * wd).to(torch.float32) if isinstance(lr, Tensor) else 1 - lr * wd
+    step_sizes = (-lr64 / (1 - torch.pow(beta1, t))).to(torch.float32)  # (k,)
+    bias_corrections2_sqrt = (1 - torch.pow(beta2, t)).sqrt().to(torch.float32)  # (k,)
+    return decay, list(step_sizes.unbind(0)), list(bias_corrections2_sqrt.unbind(0))
+
+
+def _block_scales(absmax: Tensor, block_size: int, n: int) -> Tensor:
+    """Each element's block absmax: ``(nb,) -> (n,)`` (``repeat_interleave`` without a host sync)."""
+    return absmax[:, None].expand(absmax.numel(), block_size).reshape(-1)[:n]
 
 
 def _state_dtype_name(state_dtype: torch.dtype | str) -> str:
@@ -658,13 +770,61 @@ class Adafactor(torch.optim.Optimizer):
 
 # ---------------------------------------------------------------------------- fused backward
 class FusedBackward:
-    """Handle of :func:`fuse_optimizer_into_backward`: one optimiser per parameter, stepped by
-    gradient hooks. ``remove()`` undoes the hooks; the parameters are otherwise untouched."""
+    """Handle of :func:`fuse_optimizer_into_backward`: one optimiser per group of parameters,
+    stepped by gradient hooks. ``remove()`` undoes the hooks; the parameters are otherwise untouched.
 
-    def __init__(self, params: Sequence[Tensor], optimizers: Sequence[torch.optim.Optimizer], hooks: Sequence[Any]) -> None:
-        self.params = tuple(params)
+    Attributes:
+        params: the fused (trainable) parameters, in the order given.
+        groups: the parameter groups, one per optimiser (one parameter each by default).
+        optimizers: one optimiser per group, in the order of ``groups``.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[Tensor]], optimizers: Sequence[torch.optim.Optimizer],
+                 params: Sequence[Tensor] | None = None) -> None:
+        self.groups = tuple(tuple(group) for group in groups)
+        self.params = tuple(params) if params is not None else tuple(p for group in self.groups for p in group)
         self.optimizers = tuple(optimizers)
-        self._hooks = list(hooks)
+        self._hooks: list[Any] = []
+        # the backward pass being served: its autograd graph task, and per group how many of its
+        # parameters have arrived / are awaited (the parameters that require grad when it began)
+        self._task: int | None = None
+        self._arrived = [0] * len(self.groups)
+        self._awaited = [0] * len(self.groups)
+
+    def _hook(self, index: int) -> Callable[[Tensor], None]:
+        def _arrive(param: Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            if task != self._task:
+                self._begin(task)
+            self._arrived[index] += 1
+            if self._arrived[index] == self._awaited[index]:
+                self._step(index)
+
+        return _arrive
+
+    def _begin(self, task: int) -> None:
+        """The first gradient of a backward pass: count what each group awaits, queue its end."""
+        self._flush()  # a pass that raised before its end (or a nested, reentrant one) left groups open
+        self._task = task
+        self._awaited = [sum(p.requires_grad for p in group) for group in self.groups]
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end(task))
+
+    def _end(self, task: int) -> None:
+        if task == self._task:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Step the groups that got some but not all of their gradients (an unused branch)."""
+        for index, arrived in enumerate(self._arrived):
+            if arrived:
+                self._step(index)
+        self._task = None
+
+    def _step(self, index: int) -> None:
+        self.optimizers[index].step()  # skips the group's parameters without a gradient
+        for p in self.groups[index]:
+            p.grad = None
+        self._arrived[index] = 0
 
     def remove(self) -> None:
         """Remove the hooks: later backward passes accumulate ``.grad`` as usual."""
@@ -679,16 +839,16 @@ class FusedBackward:
             set_lr(optimizer, lr)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"optimizers": [optimizer.state_dict() for each parameter, in order]}``."""
+        """``{"optimizers": [optimizer.state_dict() for each group, in order]}``."""
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (same parameters, same order)."""
+        """Restore what :meth:`state_dict` returned (same parameters, same groups, same order)."""
         saved = state_dict.get("optimizers")
         if saved is None or len(saved) != len(self.optimizers):
             have = "none" if saved is None else len(saved)
             raise ValueError(f"state_dict holds {have} optimisers but this handle has {len(self.optimizers)}; "
-                             "fuse the same parameters in the same order before loading")
+                             "fuse the same parameters in the same groups and order before loading")
         for optimizer, sd in zip(self.optimizers, saved):
             optimizer.load_state_dict(sd)
 
@@ -700,64 +860,116 @@ class FusedBackward:
 def fuse_optimizer_into_backward(
     params: Iterable[Tensor],
     make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+    *,
+    groups: Iterable[Iterable[Tensor]] | None = None,
 ) -> FusedBackward:
-    """Step the optimiser inside ``backward()``: each parameter's update runs as soon as its
-    gradient is accumulated, and the gradient is freed at once (``p.grad = None``).
+    """Step the optimiser inside ``backward()``: each group of parameters is updated as soon as
+    all its gradients of this pass have accumulated, and those gradients are freed at once
+    (``p.grad = None``).
 
-    Peak memory drops by the gradient buffer (4 B/param in fp32) minus one parameter's gradient.
-    The update equals the usual ``backward(); step(); zero_grad()`` for any per-parameter
-    optimiser (AdamW, Adafactor, SGD…), but anything needing all gradients at once is
-    impossible: global gradient-norm clipping, gradient accumulation over micro-batches,
+    Peak memory drops by the gradient buffer (4 B/param in fp32): the gradients alive at once are
+    those of the groups still open — one parameter's by default; with ``groups`` that close as
+    the backward leaves them (one per UNet block, :func:`~sdadapt.training.param_groups.parameter_groups_by_module`)
+    about one block's. The update equals the usual ``backward(); step(); zero_grad()`` for any
+    per-parameter optimiser (AdamW, Adafactor, SGD…), but anything needing all gradients at once
+    is impossible: global gradient-norm clipping, gradient accumulation over micro-batches,
     optimisers coupling parameters (Prodigy, D-Adaptation), AMP ``GradScaler``.
+
+    Groups trade memory for speed: one ``step()`` per group instead of per parameter, so a
+    multi-tensor optimiser (``AdamW(foreach=True)``, torch's AdamW on CUDA) launches one set of
+    kernels per group — the per-parameter hooks and single-tensor steps are what made a fused
+    full fine-tune host-bound on a GPU. A parameter that gets no gradient in a pass (an unused
+    branch, a parameter frozen since) does not hold its group back: the groups left partly filled
+    are stepped at the end of the backward (an autograd final callback; the optimiser skips
+    parameters without a gradient). A backward that raises before its end leaves its open groups'
+    gradients in ``.grad``; they are applied at the start of the next backward (as are those of an
+    outer backward when a reentrant checkpoint runs a nested one: the same updates, more steps).
+    Stochastic rounding (bf16 weights or states) draws from its RNG in the order the groups close,
+    so there the result matches the usual loop in distribution, not bit for bit.
 
     Args:
         params: leaf tensors; those with ``requires_grad=False`` are skipped (a frozen base
             can be passed along with the adapter). Duplicates are fused once.
-        make_optimizer: builds one optimiser for a one-element parameter list, e.g.
-            ``lambda ps: AdamW(ps, lr=1e-4, state_dtype="int8")``.
+        make_optimizer: builds one optimiser for one group's parameter list, e.g.
+            ``lambda ps: AdamW(ps, lr=1e-4, state_dtype="int8", foreach=True)``.
+        groups: a partition of the trainable ``params`` into lists (frozen ones are skipped,
+            empty groups dropped); default: one group per parameter.
 
     Returns:
-        :class:`FusedBackward` with ``remove()``, ``set_lr(lr)``, ``state_dict()``,
-        ``load_state_dict()``, ``state_bytes()``.
+        :class:`FusedBackward` with ``groups``, ``optimizers``, ``remove()``, ``set_lr(lr)``,
+        ``state_dict()``, ``load_state_dict()``, ``state_bytes()``.
 
     Raises:
-        ValueError: a parameter is not a leaf tensor, or none requires grad.
+        ValueError: a parameter is not a leaf tensor, none requires grad, or ``groups`` is not a
+            partition of the trainable ``params`` (a parameter outside ``params``, one in two
+            groups, or a trainable one in none).
 
     Example:
-        >>> fused = fuse_optimizer_into_backward(model.parameters(), lambda ps: AdamW(ps, lr=1e-3))
+        >>> fused = fuse_optimizer_into_backward(model.parameters(), lambda ps: AdamW(ps, lr=1e-3, foreach=True),
+        ...                                      groups=parameter_groups_by_module(model))
         >>> for step, batch in enumerate(loader):
         ...     fused.set_lr(lr_at(step, base_lr=1e-3, schedule="cosine", total_steps=1000))
         ...     loss_fn(model, batch).backward()    # no optimizer.step(), no zero_grad()
     """
     trainable: list[Tensor] = []
-    seen: set[int] = set()
+    given: set[int] = set()
     for p in params:
-        if not p.requires_grad or id(p) in seen:
+        if id(p) in given:
+            continue
+        given.add(id(p))
+        if not p.requires_grad:
             continue
         if not p.is_leaf:
             raise ValueError("fuse_optimizer_into_backward needs leaf tensors (parameters); "
                              "got a tensor computed from others — pass the parameters it came from")
-        seen.add(id(p))
         trainable.append(p)
     if not trainable:
         raise ValueError("fuse_optimizer_into_backward: no parameter requires grad; unfreeze the ones to train")
-    optimizers = [make_optimizer([p]) for p in trainable]
-    hooks = []
-    for p, optimizer in zip(trainable, optimizers):
+    partition = [[p] for p in trainable] if groups is None else _checked_groups(groups, trainable, given)
+    optimizers = [make_optimizer(list(group)) for group in partition]
+    handle = FusedBackward(partition, optimizers, trainable)
+    for index, group in enumerate(partition):
+        hook = handle._hook(index)
+        handle._hooks += [p.register_post_accumulate_grad_hook(hook) for p in group]
+    return handle
 
-        def _step_and_free(param: Tensor, optimizer: torch.optim.Optimizer = optimizer) -> None:
-            optimizer.step()
-            param.grad = None
 
-        hooks.append(p.register_post_accumulate_grad_hook(_step_and_free))
-    return FusedBackward(trainable, optimizers, hooks)
+def _checked_groups(groups: Iterable[Iterable[Tensor]], trainable: list[Tensor], given: set[int]) -> list[list[Tensor]]:
+    """``groups`` without frozen parameters and empty groups, checked to partition ``trainable``."""
+    wanted = {id(p) for p in trainable}
+    placed: dict[int, int] = {}
+    out: list[list[Tensor]] = []
+    for index, group in enumerate(groups):
+        kept = []
+        for p in group:
+            if id(p) not in given:
+                raise ValueError(f"fuse_optimizer_into_backward: groups[{index}] holds a parameter of shape "
+                                 f"{tuple(p.shape)} that is not in params; build the groups from the same parameters")
+            if id(p) in placed:
+                raise ValueError(f"fuse_optimizer_into_backward: a parameter of shape {tuple(p.shape)} is in groups "
+                                 f"[{placed[id(p)]}] and [{index}]; each parameter belongs to one group")
+            placed[id(p)] = index
+            if id(p) in wanted:
+                kept.append(p)
+        if kept:
+            out.append(kept)
+    missing = [p for p in trainable if id(p) not in placed]
+    if missing:
+        raise ValueError(f"fuse_optimizer_into_backward: {len(missing)} trainable parameter(s) (the first of shape "
+                         f"{tuple(missing[0].shape)}) are in no group; groups must cover every trainable parameter "
+                         "(e.g. parameter_groups_by_module(model, params=params))")
+    return out
 
 
 # ------------------------------------------------------------------------------- LR schedules
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set ``lr`` in every parameter group of ``optimizer``."""
+    """Set ``lr`` in every parameter group of ``optimizer`` (a tensor ``lr``, as capturable optimisers
+    take, is filled in place so a CUDA graph reading it sees the new value)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def lr_at(

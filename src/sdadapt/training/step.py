@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import diffusion
 from ..formats.files import atomic_write, read_safetensors, write_safetensors
+from .attention import SDPA_BACKENDS, sdpa_backends
 from .optim import FusedBackward
 
 __all__ = [
@@ -61,6 +62,7 @@ class StepConfig:
     accumulation_steps: int = 1
     mixed_precision: str | None = None  # None | "bf16" | "fp16"
     channels_last: bool = False  # feed NHWC latents (use with model.to(memory_format=torch.channels_last))
+    sdpa_backends: tuple[str, ...] | None = None  # attention kernels to try in order (training.attention); None: torch's choice
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in (None, "bf16", "fp16"):
@@ -69,6 +71,12 @@ class StepConfig:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}")
+        if self.sdpa_backends is not None:
+            object.__setattr__(self, "sdpa_backends", tuple(self.sdpa_backends))  # a list from JSON/TOML
+            unknown = [name for name in self.sdpa_backends if name not in SDPA_BACKENDS]
+            if unknown or not self.sdpa_backends:
+                raise ValueError(f"sdpa_backends must be a non-empty sequence of {', '.join(SDPA_BACKENDS)} (or None), "
+                                 f"got {self.sdpa_backends!r}")
 
 
 class EMA:
@@ -188,7 +196,7 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
     autocast = (torch.autocast(x_t.device.type, dtype=dtype, cache_enabled=autocast_cache)
                 if dtype is not None else nullcontext())
-    with autocast:
+    with autocast, sdpa_backends(config.sdpa_backends):
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
     loss = diffusion.diffusion_loss(
         prediction.float(), prepared["target"].float(), weights=prepared["weights"],  # type: ignore[union-attr]

@@ -11,6 +11,11 @@ optimiser step once and replays them with one launch::
         step.set_lr(lr_at(i, base_lr=1e-4, schedule="cosine", total_steps=n))   # no re-capture
         metrics = step(batch, state=state)
 
+The lean/fast full fine-tune is captured the same way with sdadapt's own optimiser over bf16 weights::
+
+    opt = sdadapt.training.optim.AdamW(unet.parameters(), lr=torch.tensor(1e-5, device="cuda"),
+                                       state_dtype="int8", foreach=True, capturable=True)
+
 Shapes: each distinct batch layout (the shapes/dtypes of every tensor the step reads, e.g. one
 per batch size and resolution bucket) gets its own graph, captured once and cached; a last,
 smaller batch simply captures one more graph. Each graph keeps its own memory pool (its
@@ -22,19 +27,26 @@ kernels, and allocate the optimiser state; the next call of that layout captures
 replays it, and every later call only copies the new batch into the graph's static input buffers
 and replays.
 
-Random numbers: nothing is drawn or seeded inside a graph. Noise and timesteps are drawn eagerly
-from ``state.generator`` by :func:`~sdadapt.training.step.prepare_batch` before each replay (so a
+Random numbers: nothing is seeded inside a graph. Noise and timesteps are drawn eagerly from
+``state.generator`` by :func:`~sdadapt.training.step.prepare_batch` before each replay (so a
 captured run draws exactly the noise an eager :func:`~sdadapt.training.step.train_step` run draws,
 and a saved generator state resumes it); dropout inside the model uses the default CUDA generator,
-whose offsets PyTorch registers with every graph. No generator is created while capturing, and
-autocast runs without its weight-cast cache (``cache_enabled=False``, as PyTorch asks for graphs).
+whose offsets PyTorch registers with every graph. The optimiser's stochastic-rounding draws
+(sdadapt's :class:`~sdadapt.training.optim.AdamW` over bf16 weights or bf16 states) happen inside
+the graph: from the default CUDA generator, or from the optimiser's own ``generator``, which is
+registered with each graph before its capture (``CUDAGraph.register_generator_state``), so every
+replay advances it and draws fresh numbers, as eager steps would. No generator is created while
+capturing, and autocast runs without its weight-cast cache (``cache_enabled=False``, as PyTorch
+asks for graphs).
 
 Learning rate: give the optimiser a tensor ``lr`` (``capturable=True``) and call :meth:`set_lr`
 (an in-place ``fill_``: the graph reads the tensor). Requirements, checked with clear errors: a CUDA
-device, a ``capturable`` torch optimiser (sdadapt's own AdamW and an optimiser fused into backward
-keep Python-side step counts and cannot be captured), ``accumulation_steps == 1``, no fp16 loss
-scaler (use bf16). On CPU, or when a requirement is not met and ``strict=False``, the object runs
-plain :func:`~sdadapt.training.step.train_step` semantics eagerly (bit-identical; tested).
+device, a ``capturable`` optimiser (``torch.optim.AdamW(..., capturable=True)`` or sdadapt's
+``AdamW(..., capturable=True)`` with float32, bf16 or int8 states, bf16 weights with stochastic
+rounding, ``foreach`` or not; an optimiser fused into backward steps through Python hooks and
+cannot be captured), ``accumulation_steps == 1``, no fp16 loss scaler (use bf16). On CPU, or when
+a requirement is not met and ``strict=False``, the object runs plain
+:func:`~sdadapt.training.step.train_step` semantics eagerly (bit-identical; tested).
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ from torch.utils import _pytree as pytree
 
 from .step import ExtraLoss, StepConfig, TrainState, clip_and_step, prepare_batch, step_loss
 
-__all__ = ["CapturedStep", "CaptureError", "capture_problems"]
+__all__ = ["CapturedStep", "CaptureError", "capture_problems", "graph_generators"]
 
 
 class CaptureError(ValueError):
@@ -67,10 +79,23 @@ def capture_problems(params: list[nn.Parameter], optimizer: object, config: Step
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         problems.append(f"{type(optimizer).__name__} steps inside backward through Python hooks; "
-                        "use torch.optim.AdamW(..., capturable=True)")
+                        "use torch.optim.AdamW(..., capturable=True) or sdadapt.training.optim.AdamW(..., capturable=True)")
     elif not all(group.get("capturable", False) for group in groups):
-        problems.append(f"{type(optimizer).__name__} is not capturable; use torch.optim.AdamW(..., capturable=True)")
+        problems.append(f"{type(optimizer).__name__} is not capturable; build it with capturable=True "
+                        "(torch.optim.AdamW or sdadapt.training.optim.AdamW)")
     return problems
+
+
+def graph_generators(optimizer: object) -> list[torch.Generator]:
+    """The CUDA generators ``optimizer`` draws from inside a step that are not a default one
+    (PyTorch registers those with every graph itself): they must be registered with a graph before
+    its capture. Reads the ``generator`` attribute sdadapt's optimisers keep."""
+    generator = getattr(optimizer, "generator", None)
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cuda":
+        return []
+    if any(generator is default for default in torch.cuda.default_generators):
+        return []
+    return [generator]
 
 
 def _layout(leaves: list[object]) -> tuple[Hashable, ...]:
@@ -106,7 +131,8 @@ class CapturedStep:
     Args:
         model: ``model(x_t (B,C,H,W), t (B,), cond) -> prediction (B,C,H,W)`` (may be ``torch.compile``-d).
         params: the trainable parameters (clipped and stepped).
-        optimizer: a capturable torch optimiser over ``params`` (tensor ``lr`` to change it later).
+        optimizer: a capturable optimiser over ``params`` (tensor ``lr`` to change it later):
+            ``torch.optim.AdamW(..., capturable=True)`` or sdadapt's ``AdamW(..., capturable=True)``.
         config: the step options (``accumulation_steps == 1``, no fp16).
         alphas_cumprod: (T,) noise schedule on the parameters' device.
         warmup_steps: eager steps per batch layout before its capture.
@@ -177,6 +203,8 @@ class CapturedStep:
         static = pytree.tree_unflatten(entry.static_leaves, spec)
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates (and owns) the grads
         graph = torch.cuda.CUDAGraph()
+        for generator in graph_generators(self.optimizer):  # e.g. AdamW's stochastic-rounding generator
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             loss = step_loss(self.model, static, self.config, self.extra_loss, autocast_cache=False)
             loss.backward()

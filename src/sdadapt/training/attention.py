@@ -1,0 +1,212 @@
+"""Which scaled-dot-product-attention kernel to use, measured on the model's own attention calls.
+
+``F.scaled_dot_product_attention`` picks a backend by a fixed priority (flash, then memory-efficient,
+then cuDNN or math, by torch version and device). Which one is fastest depends on the GPU, the head
+size (SD1.5: 40–160, SDXL: 64), the sequence lengths (4096 image tokens against 77 text tokens) and
+the dtype, so the choice is measured instead of assumed::
+
+    calls = record_attention_calls(lambda: unet(x, t, ehs).sample.sum().backward())
+    order = fastest_sdpa_backends(calls)              # e.g. ("cudnn", "flash", "efficient", "math")
+    config = StepConfig(mixed_precision="bf16", sdpa_backends=order)   # the step runs under it
+
+:func:`record_attention_calls` sees every SDPA call a forward makes (diffusers' ``AttnProcessor2_0``,
+the toy model, any model calling ``F.scaled_dot_product_attention``) through a torch function mode,
+without patching anything; :func:`time_sdpa_backends` replays each distinct call on random tensors of
+the same shapes with each backend, forward and backward; :func:`sdpa_backends` is the context the
+step enters (a priority list: a call the first backend cannot run falls to the next).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "SDPA_BACKENDS",
+    "AttentionCall",
+    "record_attention_calls",
+    "time_sdpa_backends",
+    "fastest_sdpa_backends",
+    "sdpa_backends",
+]
+
+#: the backend names this module takes, in torch's own default priority order
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def _backend(name: str) -> object:
+    from torch.nn.attention import SDPBackend
+
+    members = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if name not in members:
+        raise ValueError(f"unknown SDPA backend {name!r}; choose from {', '.join(SDPA_BACKENDS)}")
+    return members[name]
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One distinct ``F.scaled_dot_product_attention`` call of a model run and how often it happened.
+
+    ``query`` is ``(B, H, Lq, E)``, ``key`` ``(B, H, Lk, E)``, ``value`` ``(B, H, Lk, Ev)`` (or
+    without the head axis); ``mask`` is the attention mask's shape (``None``: no mask).
+    """
+
+    query: tuple[int, ...]
+    key: tuple[int, ...]
+    value: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    is_causal: bool = False
+    mask: tuple[int, ...] | None = None
+    requires_grad: bool = False
+    count: int = 1
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+            self.seen[(tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, bool(causal),
+                       None if mask is None else tuple(mask.shape),
+                       torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))] += 1
+        return func(*args, **kwargs)
+
+
+def record_attention_calls(run: Callable[[], object]) -> list[AttentionCall]:
+    """Run ``run()`` once and return the distinct SDPA calls it made, most frequent first.
+
+    ``run`` is what the step does (e.g. a forward under the step's autocast, so the dtypes are the
+    ones training sees). Nothing is patched: a torch function mode watches the calls.
+    """
+    recorder = _Recorder()
+    with recorder:
+        run()
+    return [AttentionCall(q, k, v, dtype, device, causal, mask, grad, count)
+            for (q, k, v, dtype, device, causal, mask, grad), count in recorder.seen.most_common()]
+
+
+def _seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (kernel selection, workspace allocation)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _call_seconds(call: AttentionCall, backend: str, repeats: int) -> float | None:
+    generator = torch.Generator(device=call.device).manual_seed(0)
+
+    def tensor(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=call.device, dtype=call.dtype).requires_grad_(call.requires_grad)
+
+    q, k, v = tensor(call.query), tensor(call.key), tensor(call.value)
+    mask = None if call.mask is None else torch.zeros(call.mask, device=call.device, dtype=call.dtype)
+    grad_out = torch.randn((*call.query[:-1], call.value[-1]), generator=generator, device=call.device, dtype=call.dtype)
+
+    def once() -> None:
+        with sdpa_backends((backend,)):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=call.is_causal)
+        if call.requires_grad:
+            torch.autograd.grad(out, (q, k, v), grad_out)
+
+    try:
+        return _seconds(once, call.device, repeats)
+    except RuntimeError:  # this backend cannot run this call (head size, dtype, mask, device)
+        return None
+
+
+def time_sdpa_backends(
+    calls: Sequence[AttentionCall],
+    *,
+    backends: Sequence[str] = SDPA_BACKENDS,
+    repeats: int = 5,
+) -> dict[str, dict[str, float | None]]:
+    """Median seconds of each call (forward, and backward when the call needed gradients) with each backend.
+
+    Returns:
+        ``{backend: {"total": seconds for one model run (Σ count × call time; a call the backend
+        cannot run counts at the fastest other backend's time, as a priority list falls back),
+        "unsupported": number of distinct calls it cannot run, "call0": …, "call1": …}}``;
+        ``total`` is ``None`` for a backend that runs none of the calls.
+    """
+    for name in backends:
+        _backend(name)
+    per_call = [{name: _call_seconds(call, name, repeats) for name in backends} for call in calls]
+    table: dict[str, dict[str, float | None]] = {}
+    for name in backends:
+        row: dict[str, float | None] = {}
+        total, unsupported = 0.0, 0
+        for index, (call, times) in enumerate(zip(calls, per_call)):
+            row[f"call{index}"] = times[name]
+            if times[name] is None:
+                unsupported += 1
+                others = [t for t in times.values() if t is not None]
+                total += call.count * (min(others) if others else float("inf"))
+            else:
+                total += call.count * times[name]
+        row["unsupported"] = float(unsupported)
+        row["total"] = None if calls and unsupported == len(calls) else total
+        table[name] = row
+    return table
+
+
+def fastest_sdpa_backends(
+    calls: Sequence[AttentionCall],
+    *,
+    backends: Sequence[str] = SDPA_BACKENDS,
+    repeats: int = 5,
+) -> tuple[str, ...]:
+    """The backends that can run at least one of ``calls``, fastest total first (see
+    :func:`time_sdpa_backends`), with ``"math"`` kept last as the fallback for any call the
+    others cannot run. Pass the result to ``StepConfig(sdpa_backends=...)`` or :func:`sdpa_backends`.
+    """
+    table = time_sdpa_backends(calls, backends=backends, repeats=repeats)
+    usable = [name for name in backends if table[name]["total"] is not None and name != "math"]
+    usable.sort(key=lambda name: table[name]["total"])  # type: ignore[arg-type, return-value]
+    return (*usable, "math")
+
+
+def sdpa_backends(names: Sequence[str] | None) -> AbstractContextManager[None]:
+    """Context in which ``F.scaled_dot_product_attention`` tries ``names`` in this order (``None``:
+    torch's default choice). A call none of them can run raises torch's "no viable backend" error.
+
+    Raises:
+        ValueError: an unknown backend name, or an empty list.
+    """
+    if names is None:
+        return nullcontext()
+    names = tuple(names)
+    if not names:
+        raise ValueError(f"sdpa_backends needs at least one backend name ({', '.join(SDPA_BACKENDS)}), or None for torch's choice")
+    for name in names:
+        _backend(name)
+    return _priority(names)
+
+
+@contextmanager
+def _priority(names: tuple[str, ...]) -> Iterator[None]:
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([_backend(name) for name in names], set_priority=True):  # type: ignore[list-item]
+        yield

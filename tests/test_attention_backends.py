@@ -1,0 +1,233 @@
+"""The SDPA backend choice: recording a model's attention calls, timing backends, running the step under a priority list."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdadapt.training.attention import (
+    SDPA_BACKENDS,
+    AttentionCall,
+    fastest_sdpa_backends,
+    record_attention_calls,
+    sdpa_backends,
+    time_sdpa_backends,
+)
+from sdadapt.training.step import StepConfig, TrainState, train_step
+from tiny_models import run_unet, tiny_unet_sd1, unet_inputs
+
+
+def _attention_float64(q, k, v, mask=None, causal=False):
+    """Naive softmax(q kᵀ/√E + mask) v in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        lq, lk = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        scores = scores + mask.double()
+    return scores.softmax(-1) @ v
+
+
+def test_recorder_sees_every_call_of_a_diffusers_unet_with_its_shapes():
+    unet = tiny_unet_sd1()
+    inputs = unet_inputs(unet, batch=2)
+    calls = record_attention_calls(lambda: run_unet(unet, inputs))
+    # tiny SD1 UNet: CrossAttnDownBlock2D + CrossAttnUpBlock2D (2 + 3 transformer blocks) + mid block (1): 6 × (attn1, attn2)
+    assert sum(c.count for c in calls) == 12
+    heads = {c.query[1] for c in calls}
+    assert heads == {8}  # diffusers reads SD1's attention_head_dim=8 as the number of heads
+    self_attn = [c for c in calls if c.query[2] == c.key[2]]
+    cross = [c for c in calls if c.key[2] == inputs[0][2].shape[1]]
+    assert sum(c.count for c in self_attn) == sum(c.count for c in cross) == 6
+    assert all(c.dtype == torch.float32 and not c.requires_grad and c.mask is None for c in calls)
+    assert calls == sorted(calls, key=lambda c: -c.count)
+
+
+def test_recorder_reports_dtype_under_autocast_and_grad_need():
+    q = torch.randn(2, 3, 5, 8, requires_grad=True)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), is_causal=True)
+
+    (call,) = record_attention_calls(run)
+    assert call == AttentionCall((2, 3, 5, 8), (2, 3, 5, 8), (2, 3, 5, 8), torch.bfloat16, q.device,
+                                 is_causal=True, mask=None, requires_grad=True, count=1)
+    with torch.no_grad():
+        (call,) = record_attention_calls(lambda: F.scaled_dot_product_attention(q, q, q))
+    assert not call.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["flash", "math"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_each_cpu_backend_computes_attention(backend, causal):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16, generator=g) for _ in range(3))
+    with sdpa_backends((backend,)):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(out.double(), _attention_float64(q, k, v, causal=causal), atol=1e-5, rtol=1e-5)
+
+
+def test_priority_list_falls_back_and_unrunnable_raises():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        with sdpa_backends(("efficient",)):  # no memory-efficient kernel on CPU
+            F.scaled_dot_product_attention(q, q, q)
+    with sdpa_backends(("efficient", "math")):  # falls to math
+        out = F.scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(out.double(), _attention_float64(q, q, q), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown SDPA backend 'xformers'"):
+        sdpa_backends(("xformers",))
+    with pytest.raises(ValueError, match="at least one"):
+        sdpa_backends(())
+
+
+def test_timing_table_marks_unsupported_backends_and_fills_their_calls_from_the_fastest():
+    calls = [AttentionCall((1, 2, 16, 8), (1, 2, 16, 8), (1, 2, 16, 8), torch.float32, torch.device("cpu"),
+                           requires_grad=True, count=3),
+             AttentionCall((1, 2, 16, 8), (1, 2, 4, 8), (1, 2, 4, 8), torch.float32, torch.device("cpu"), count=2)]
+    table = time_sdpa_backends(calls, repeats=2)
+    assert set(table) == set(SDPA_BACKENDS)
+    for name in ("efficient", "cudnn"):  # CUDA-only kernels
+        assert table[name]["total"] is None and table[name]["unsupported"] == 2
+    for name in ("flash", "math"):
+        row = table[name]
+        assert row["unsupported"] == 0
+        assert row["total"] == pytest.approx(3 * row["call0"] + 2 * row["call1"])
+    order = fastest_sdpa_backends(calls, repeats=2)
+    assert order in (("flash", "math"),)  # math is always last, the CUDA-only ones are dropped
+    with pytest.raises(ValueError, match="unknown SDPA backend"):
+        time_sdpa_backends(calls, backends=("flash", "sage"))
+
+
+def _toy_step(sdpa):
+    from sdadapt.toy import ToyUNet
+
+    torch.manual_seed(0)
+    unet = ToyUNet()
+    params = [p for p in unet.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    batch = {"latents": torch.randn(2, unet.config["in_channels"], 8, 8, generator=g),
+             "cond": torch.randn(2, 6, unet.config["context_dim"], generator=g)}
+    ac = torch.linspace(0.99, 0.01, 100)
+    state = TrainState(seed=1)
+    config = StepConfig(sdpa_backends=sdpa)
+    losses = [train_step(unet, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)["loss"]
+              for _ in range(2)]
+    return torch.stack(losses), torch.cat([p.detach().flatten() for p in params])
+
+
+def test_step_under_a_backend_list_trains_like_torchs_choice_and_actually_uses_it():
+    default_losses, default_params = _toy_step(None)
+    math_losses, math_params = _toy_step(("math",))
+    torch.testing.assert_close(math_losses, default_losses, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(math_params, default_params, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="No viable backend"):  # the list really reaches the model's attention
+        _toy_step(("efficient",))
+
+
+def test_step_config_validates_and_normalises_backends():
+    assert StepConfig(sdpa_backends=["flash", "math"]).sdpa_backends == ("flash", "math")
+    with pytest.raises(ValueError, match="sdpa_backends"):
+        StepConfig(sdpa_backends=("flash", "xformers"))
+    with pytest.raises(ValueError, match="sdpa_backends"):
+        StepConfig(sdpa_backends=())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_measured_order_runs_every_call_and_matches_torchs_choice():
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(2, 8, 256, 40, device=device, dtype=torch.bfloat16, generator=g, requires_grad=True)
+    ctx = torch.randn(2, 8, 77, 40, device=device, dtype=torch.bfloat16, generator=g, requires_grad=True)
+
+    def run():
+        out = F.scaled_dot_product_attention(q, q, q) + F.scaled_dot_product_attention(q, ctx, ctx).float().sum()
+        out.float().sum().backward()
+
+    calls = record_attention_calls(run)
+    assert len(calls) == 2 and all(c.requires_grad and c.dtype == torch.bfloat16 for c in calls)
+    order = fastest_sdpa_backends(calls, repeats=3)
+    assert order[-1] == "math" and len(order) >= 2  # at least one fused CUDA kernel runs head size 40 in bf16
+    reference = F.scaled_dot_product_attention(q, ctx, ctx)
+    with sdpa_backends(order):
+        chosen = F.scaled_dot_product_attention(q, ctx, ctx)
+    torch.testing.assert_close(chosen.float(), reference.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(chosen.double(), _attention_float64(q, ctx, ctx), atol=2e-2, rtol=2e-2)
+
+
+def test_docs_example_runs_and_orders_the_cpu_backends():
+    from docs_pages import code_blocks, run_block
+
+    blocks = code_blocks("training.md", "python")
+    index = next(i for i, block in enumerate(blocks) if "fastest_sdpa_backends" in block)
+    namespace = run_block("training.md", index)
+    assert namespace["order"][-1] == "math" and set(namespace["order"]) == {"flash", "math"}
+    assert namespace["config"].sdpa_backends == namespace["order"]
+
+
+def _fit_lora(**options):
+    from sdadapt.methods import METHODS, FitConfig, fit
+    from sdadapt.toy import load_toy
+
+    system = load_toy()
+    g = torch.Generator().manual_seed(0)
+    images, captions = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1, ["a red cross", "a blue circle", "a green square"]
+    adaptation = METHODS["lora"].adapt(system, seed=0)
+    seen = []
+    try:
+        losses = fit(system, adaptation, images, captions, on_step=lambda info: seen.append(info.sdpa_backends),
+                     config=FitConfig(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=0, **options))
+        return losses, [p.detach().clone() for p in adaptation.params], seen
+    finally:
+        adaptation.remove()
+
+
+def test_fit_measures_attention_without_changing_the_run(monkeypatch):
+    import sdadapt.training.attention as attention
+
+    plain_losses, plain_params, plain_seen = _fit_lora()
+    measured = []
+    original = attention.fastest_sdpa_backends
+    monkeypatch.setattr(attention, "fastest_sdpa_backends",
+                        lambda calls, **kw: measured.append(calls) or original(calls, repeats=1))
+    losses, params, seen = _fit_lora(measure_attention=True)
+    (calls,) = measured  # once, before the first step, on the toy UNet's own calls (batch of 2, grads needed)
+    assert calls and all(c.query[0] == 2 and c.requires_grad for c in calls)
+    assert seen == [("flash", "math")] * 3 and plain_seen == [None] * 3
+    # torch's CPU default is flash too, and the probe draws from its own generator: the same run, bit for bit
+    assert losses == plain_losses
+    for a, b in zip(params, plain_params):
+        assert torch.equal(a, b)
+
+
+def test_train_sdpa_backends_flag_and_toml_key(tmp_path, capsys):
+    import dataclasses
+
+    from sdadapt.cli import main
+    from sdadapt.cli.train import _method_options, read_config
+    from sdadapt.images import write_png
+    from sdadapt.jobs import TrainOptions
+
+    config = tmp_path / "train.toml"
+    config.write_text('sdpa_backends = "flash,math"\n')
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    options, _, notes = read_config(config, fields=fields, method_options=set(_method_options()))
+    assert options == {"sdpa_backends": "flash,math"} and not notes
+    with pytest.raises(ValueError, match="--sdpa-backends must be 'measure' or a comma list"):
+        TrainOptions(images=str(tmp_path), sdpa_backends="xformers")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    write_png(images / "a.png", torch.zeros(3, 32, 32))
+    (images / "a.txt").write_text("a red circle")
+    assert main(["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "--batch-size", "1",
+                 "--sdpa-backends", "measure", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert "attention kernels measured on the first batch: flash, math (fastest first)" in capsys.readouterr().err
+    assert main(["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "--batch-size", "1",
+                 "--sdpa-backends", "efficient", "-o", str(tmp_path / "e.safetensors")]) != 0  # no such kernel on a CPU
+    assert "No viable backend" in capsys.readouterr().err
