@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,12 +23,13 @@ from pathlib import Path
 import torch
 
 
-def kept_bytes_and_seconds(unet, inputs, fraction: float | None) -> tuple[int, float]:
-    """(bytes autograd keeps for backward, seconds of forward + backward) with ``fraction`` of the
-    blocks checkpointed (``None``: none)."""
+def kept_bytes_and_seconds(unet, inputs, fraction: float | None) -> tuple[int, float, int]:
+    """(bytes autograd keeps for backward, seconds of forward + backward, blocks checkpointed) with
+    ``fraction`` of the blocks checkpointed (``None``: none)."""
     from sdadapt.training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
 
     handle = enable_checkpointing(unet, UNET_BLOCKS, fraction=fraction) if fraction else None
+    count = 0 if handle is None else len(handle.modules)
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def kept_bytes_and_seconds(unet, inputs, fraction: float | None) -> tuple[int, f
         unet.zero_grad(set_to_none=True)
         if handle is not None:
             handle.remove()
-    return sum(seen.values()), seconds
+    return sum(seen.values()), seconds, count
 
 
 def main() -> None:
@@ -73,8 +73,7 @@ def main() -> None:
           f"{len(blocks)} blocks, first {blocks[:2]}\n")
     print("| checkpointed | blocks | kept for backward | fwd+bwd s |")
     print("|---|---:|---:|---:|")
-    for fraction, kept, seconds in rows:
-        count = 0 if fraction is None else max(1, math.ceil(fraction * len(blocks) - 1e-9))  # as enable_checkpointing
+    for fraction, kept, seconds, count in rows:
         label = "none" if fraction is None else f"fraction {fraction:g}"
         print(f"| {label} | {count} | {kept / 2**20:.0f} MiB | {seconds:.2f} |")
 

@@ -112,9 +112,9 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"
 if [[ -f "$OUT/attention.md" ]]; then { echo; echo "## attention (SDPA backends)"; echo; cat "$OUT/attention.md"; } >>"$SUMMARY"; rm -f "$OUT/attention.md"; fi
-# LoRA r16 on attention: recipe, UNet-only peft on cached latents, sdadapt eager (per-adapter and
+# LoRA r16 on attention: recipe, UNet-only peft on cached latents, sdadapt eager (channels_last and not; per-adapter and
 # q/k/v down-projections batched: batch_shared_input_adapters) and CUDA-graph
-bench lora 200 --modes lora --batch 1 8 --variants reference peft-unet sdadapt sdadapt-qkv sdadapt-captured --profile 3
+bench lora 200 --modes lora --batch 1 8 --variants reference peft-unet sdadapt sdadapt-nchw sdadapt-qkv sdadapt-captured --profile 3
 # full fine-tune at batch 1: fp32 recipe, lean (int8 foreach), lean-fused (int8 in backward), fast (bf16),
 # lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True)
 bench full 180 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \

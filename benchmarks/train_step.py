@@ -13,7 +13,7 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     OneTrainer and any latent cache give): the kernel-for-kernel comparison with sdadapt's step.
 ``sdadapt`` — :func:`sdadapt.training.step.train_step` on cached latents/text states, adapters
     injected by ``sdadapt.inject`` over a frozen base in the compute dtype, channels_last on CUDA,
-    fused AdamW. ``sdadapt-qkv``: the same with ``sdadapt.batch_shared_input_adapters`` (the q/k/v
+    fused AdamW. ``sdadapt-nchw``: the same without channels_last (does NHWC help on this GPU?). ``sdadapt-qkv``: the same with ``sdadapt.batch_shared_input_adapters`` (the q/k/v
     LoRAs of each attention input share one down-projection matmul). ``sdadapt-captured``: :class:`sdadapt.training.step_capture.CapturedStep` (one CUDA
     graph per step, capturable AdamW; on CPU it falls back to the eager step). ``sdadapt-compiled``:
     ``torch.compile`` of the injected UNet (``--compile-backend``); ``sdadapt-compiled-captured``: both
@@ -215,7 +215,8 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured")
     weight_dtype = torch.bfloat16 if lean else (mp_dtype or torch.float32)
     unet, vae, tes = models.copy(device, weight_dtype)
-    if cuda:
+    channels_last = cuda and variant != "sdadapt-nchw"  # sdadapt-nchw: is NHWC worth it on this GPU?
+    if channels_last:
         unet.to(memory_format=torch.channels_last)
     with torch.no_grad():  # encoded once: what a latent cache gives every later epoch
         latents = encode_latents(vae, batch["pixels"]).to(weight_dtype)
@@ -279,7 +280,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
         data = {"latents": latents, "cond": None}
     mixed = "bf16" if (mp_dtype == torch.bfloat16 or lean) else None
-    config = StepConfig(mixed_precision=mixed, max_grad_norm=max_norm, channels_last=cuda)
+    config = StepConfig(mixed_precision=mixed, max_grad_norm=max_norm, channels_last=channels_last)
     if capture:
         from sdadapt.training.step_capture import CapturedStep
 
@@ -297,7 +298,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
 
 VARIANTS = {
-    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-qkv", "sdadapt-captured", "sdadapt-compiled", "sdadapt-compiled-captured"),
+    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-nchw", "sdadapt-qkv", "sdadapt-captured", "sdadapt-compiled", "sdadapt-compiled-captured"),
     "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured"),
     "ti": ("reference", "sdadapt"),
 }

@@ -206,6 +206,30 @@ def test_fit_measures_attention_without_changing_the_run(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_fit_measures_the_batch_the_step_trains_on_with_few_images_and_a_prior(monkeypatch):
+    """Tensor mode draws batch_size rows with replacement (one image still gives 2 rows) and adds as
+    many prior rows: the measured calls must have the step's batch of 4, not the first image alone."""
+    import sdadapt.training.attention as attention
+    from sdadapt.methods import METHODS, FitConfig, fit
+    from sdadapt.toy import load_toy
+
+    measured = []
+    monkeypatch.setattr(attention, "fastest_sdpa_backends", lambda calls, **kw: measured.append(calls) or ("math",))
+    system = load_toy()
+    g = torch.Generator().manual_seed(0)
+    image, prior_images = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    adaptation = METHODS["lora"].adapt(system, seed=0)
+    try:  # everything fit runs: the measuring forward and the training step
+        seen = record_attention_calls(lambda: fit(
+            system, adaptation, image, ["a red cross"], prior=(prior_images, ["a cross"] * 3, 1.0),
+            config=FitConfig(steps=1, batch_size=2, learning_rate=1e-3, warmup_steps=0, measure_attention=True)))
+    finally:
+        adaptation.remove()
+    (calls,) = measured
+    assert calls and {c.query[0] for c in calls} == {4}
+    assert {c.query[0] for c in seen} == {4}
+
+
 def test_train_sdpa_backends_flag_and_toml_key(tmp_path, capsys):
     import dataclasses
 

@@ -123,3 +123,29 @@ def test_merge_allow_nonfinite_before_the_operator_is_not_dropped(capsys):
     args = build_parser().parse_args(["merge", "weighted-sum", "A", "B", "--alpha", "0.5", "-o", "x.safetensors",
                                       "--allow-nonfinite"])
     assert args.allow_nonfinite is True and args.recipe_allow_nonfinite is False
+
+
+def test_a_namespace_given_to_the_parse_and_suppressed_defaults_keep_argparse_behaviour():
+    parser = CheckedParser(prog="p")
+    parser.add_argument("--y")
+    parser.add_argument("--x", type=int, default="3")
+    parser.add_argument("--s", type=int, default=argparse.SUPPRESS)
+    parser.set_defaults(t=9)
+    parser.add_argument("--t", type=int, default=argparse.SUPPRESS)
+    only_with(parser, ["--x", "--s", "--t"], needs="--y", when=lambda a: a.y is not None)
+    # typed, an option is given even when the caller's namespace already held a value for it
+    for option in (["--x", "5"], ["--s", "1"], ["--t", "2"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(option, namespace=argparse.Namespace(x=None, s=None, t=None))
+    # not typed: the namespace's value stays, as argparse leaves it
+    args = parser.parse_args([], namespace=argparse.Namespace(x="kept"))
+    assert args.x == "kept" and not hasattr(args, "s") and args.t == 9
+    # SUPPRESS: the attribute stays out (it was handed to the option's type as '==SUPPRESS==')
+    args = parser.parse_args(["--y", "1"])
+    assert vars(args) == {"y": "1", "x": 3, "t": 9}
+    assert vars(parser.parse_args(["--y", "1", "--s", "4"])) == {"y": "1", "x": 3, "s": 4, "t": 9}
+    plain = argparse.ArgumentParser()
+    for action in parser._actions[1:]:
+        plain._add_action(action)
+    plain.set_defaults(t=9)
+    assert vars(plain.parse_args(["--y", "1"])) == vars(parser.parse_args(["--y", "1"]))

@@ -389,3 +389,27 @@ def test_diffusers_training_output_folder_reads_with_its_token_file(tmp_path):
     loaded = load_custom_diffusion(tmp_path)
     assert set(loaded.weights) == set(state) and loaded.tokens == ["<new1>"]
     torch.testing.assert_close(loaded.embeddings[0].vectors["text_encoder"][0], vector)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_a_save_named_like_a_token_file_is_another_save_not_a_stale_token(tmp_path, suffix):
+    """``cd-token`` / ``cd-token3`` holding Custom Diffusion weights are the weights files of saves named so:
+    saving ``cd`` (two tokens: -token1, -token2) must neither refuse, delete nor read them as its tokens."""
+    state = _random_state(_unet())
+    tokens = [sdadapt.Embedding(n, {"text_encoder": torch.randn(1, 32)}) for n in ("<a>", "<b>", "<c>")]
+    others = [tmp_path / f"cd-token{suffix}", tmp_path / f"cd-token3{suffix}"]
+    for other in others:
+        save_custom_diffusion_file(other, state, embeddings=tokens[2:])
+    path = tmp_path / f"cd{suffix}"
+    assert existing_token_files(path) == []
+    save_custom_diffusion_file(path, state, embeddings=tokens[:2], overwrite=False)  # nothing of cd's in the way
+    save_custom_diffusion_file(path, state, embeddings=tokens[:2], overwrite=True)
+    assert load_custom_diffusion(path).tokens == ["<a>", "<b>"]
+    for other in others:
+        assert load_custom_diffusion(other).tokens == ["<c>"]  # still there, with its own token file
+    # a token file whose token merely contains the words is a token file (removed as stale)
+    odd = [sdadapt.Embedding("<custom_diffusion>", {"text_encoder": torch.randn(1, 32)})]
+    save_custom_diffusion_file(tmp_path / f"x{suffix}", state, embeddings=odd + tokens[:1])
+    save_custom_diffusion_file(tmp_path / f"x{suffix}", state, embeddings=tokens[:1])
+    assert not (tmp_path / f"x-token1{suffix}").exists() and not (tmp_path / f"x-token2{suffix}").exists()
+    assert load_custom_diffusion(tmp_path / f"x{suffix}").tokens == ["<a>"]

@@ -219,6 +219,34 @@ def test_grouped_state_resumes_and_a_backward_that_raised_does_not_stall_the_nex
     handle2.remove()
 
 
+def test_remove_after_a_backward_that_raised_drops_its_open_gradients():
+    """fit removes the hooks in a ``finally``: after an interrupted backward the open groups'
+    gradients must not stay alive on the parameters nor leak into a later, unfused backward."""
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("boom")
+
+    model = _Branchy()
+    odd = [model.head.weight, model.stem.weight]
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in odd)]
+    handle = fuse_optimizer_into_backward(model.parameters(), MAKERS["adamw-fp32-foreach"], groups=[odd, rest])
+    x, y, _ = _batches(1)[0]
+    with pytest.raises(RuntimeError, match="boom"):
+        nn.functional.mse_loss(model.head(model.frozen(Boom.apply(model.stem(x)))), y).backward()
+    assert model.head.weight.grad is not None  # its group waits for stem.weight, which never comes
+    handle.remove()
+    assert all(p.grad is None for p in model.parameters())
+    _loss(model, (x, y, False)).backward()  # unfused now: a fresh gradient, nothing stale added
+    want = torch.autograd.grad(_loss(model, (x, y, False)), model.head.weight)[0]
+    assert torch.equal(model.head.weight.grad, want)
+
+
 def test_groups_must_partition_the_trainable_parameters():
     model = _Branchy()
     make = MAKERS["adamw-fp32-foreach"]

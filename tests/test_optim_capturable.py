@@ -228,6 +228,34 @@ def test_captured_step_with_capturable_adamw_runs_eagerly_on_cpu_like_train_step
         assert torch.equal(p, q)
 
 
+def test_captured_step_set_lr_is_optim_set_lr_and_refuses_a_baked_lr_without_changing_any_group(monkeypatch):
+    """Before a capture CapturedStep.set_lr sets every group as optim.set_lr does (tensor lrs filled
+    in place, float ones replaced); once a graph holds a float lr as a constant it raises and leaves
+    every group as it was (a half-applied schedule step would leave the groups disagreeing)."""
+    from sdadapt.training.step_capture import CaptureError
+
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))]
+    lr_tensor = torch.tensor(1e-3)
+    opt = AdamW([{"params": params[:1], "lr": lr_tensor}, {"params": params[1:], "lr": 2e-3}], capturable=True)
+    step = CapturedStep(lambda x, t, c: x, params=params, optimizer=opt, config=StepConfig(),
+                        alphas_cumprod=torch.linspace(0.999, 0.01, 10), strict=False)
+    step.set_lr(LR)
+    assert opt.param_groups[0]["lr"] is lr_tensor and float(lr_tensor) == LR and opt.param_groups[1]["lr"] == LR
+    monkeypatch.setattr(CapturedStep, "captured", property(lambda self: True))
+    with pytest.raises(CaptureError, match="constant"):
+        step.set_lr(LR_LATER)
+    assert float(lr_tensor) == LR and opt.param_groups[1]["lr"] == LR
+
+
+@pytest.mark.parametrize("warmup_steps", [0, -1, 1.5])
+def test_captured_step_needs_a_warmup_step_before_capturing(warmup_steps):
+    """The optimiser state must exist before a capture: created inside it, a replay would zero it again."""
+    params = [nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="warmup_steps >= 1"):
+        CapturedStep(lambda x, t, c: x, params=params, optimizer=AdamW(params, capturable=True), config=StepConfig(),
+                     alphas_cumprod=torch.linspace(0.999, 0.01, 10), warmup_steps=warmup_steps, strict=False)
+
+
 # ------------------------------------------------------------------------------------- CUDA
 def _cuda_full_finetune(state_dtype, captured: bool, *, steps: int = 8):
     """A small bf16 conv net fully fine-tuned with capturable sdadapt AdamW (stochastic rounding from

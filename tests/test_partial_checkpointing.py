@@ -221,6 +221,16 @@ def test_train_flag_and_toml_key(tmp_path):
     assert args.gradient_checkpointing_fraction == 0.25
 
 
+@pytest.mark.parametrize("fraction", [0.0, 1.5, -0.5])
+def test_train_options_refuse_a_fraction_outside_0_1_naming_the_flag(tmp_path, fraction):
+    """Refused where the other flags are (before images are read or a model loaded), by its flag name."""
+    from sdadapt.jobs import TrainOptions
+
+    with pytest.raises(ValueError, match=r"--gradient-checkpointing-fraction must be in \(0, 1\]"):
+        TrainOptions(images=str(tmp_path), gradient_checkpointing_fraction=fraction)
+    assert TrainOptions(images=str(tmp_path), gradient_checkpointing_fraction=1.0).gradient_checkpointing_fraction == 1.0
+
+
 def test_train_cli_checkpoints_the_chosen_share_of_the_blocks(tmp_path, monkeypatch, capsys):
     """``train full --gradient-checkpointing-fraction 0.5`` (no --gradient-checkpointing) turns
     checkpointing on for ceil(n/2) blocks of the pipeline's UNet."""

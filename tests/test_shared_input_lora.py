@@ -562,3 +562,62 @@ def test_cuda_autocast_and_cuda_graph_replay_match_the_unbatched_path():
         for a, b in zip(replayed, eager):
             _assert_close(a, b, torch.bfloat16)
         batching = batch_shared_input_adapters(model)
+
+
+def test_an_attention_call_that_raises_does_not_split_the_group():
+    """An exception between to_q and to_k (out of memory, Ctrl-C, checkpointing's early stop) ends the
+    parent's call with k/v's slices untaken: that is no evidence they read another tensor."""
+    model = _qkv_with_lora((2, 3, 4))
+    batching = batch_shared_input_adapters(model)
+
+    def fail_after_q(module, args, output):
+        raise RuntimeError("out of memory (simulated)")
+
+    x = torch.randn(2, 3, 6)
+    hook = model.to_q.register_forward_hook(fail_after_q)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model(x)
+    hook.remove()
+    assert batching.stats() == {"served": 1, "fallbacks": 0, "splits": 0, "waiting": 0}
+    assert len(batching.groups[0].subsets) == 1  # q, k and v still share one matmul
+    model(x)
+    assert batching.stats() == {"served": 4, "fallbacks": 0, "splits": 0, "waiting": 0}
+
+
+@pytest.mark.parametrize("forwards", [1, 2], ids=["one-forward", "two-forwards-one-backward"])
+def test_checkpointing_recomputes_the_forward_that_learned_a_split(forwards):
+    """A model whose cross-attention has no flag learns q apart in its first forward, which runs another
+    path than later ones. Non-reentrant checkpointing recomputes that forward in backward and refuses a
+    different path (CheckpointError: "different metadata"), so a split is committed only once the
+    backward of the forward that learned it is over — also with a second forward (a prior batch) first."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, context = torch.randn(2, 3, 6), torch.randn(2, 5, 6)
+    reference = _run(_qkv_with_lora((2, 3, 4)), x, context)
+    model = _qkv_with_lora((2, 3, 4))
+    batching = batch_shared_input_adapters(model)
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, inp, ctx):
+            outs = [checkpoint(self.inner, inp, ctx, use_reentrant=False) for _ in range(forwards)]
+            return {k: sum(o[k] for o in outs) / forwards for k in outs[0]}
+
+    wrapped = Checkpointed()
+    for _ in range(3):
+        out, grads, x_grad, context_grad = _run(wrapped, x, context)
+        _assert_close(out, reference[0], torch.float32)
+        _assert_close({n.removeprefix("inner."): g for n, g in grads.items()}, reference[1], torch.float32)
+        _assert_close(x_grad, reference[2], torch.float32)
+        _assert_close(context_grad, reference[3], torch.float32)
+    (group,) = batching.groups
+    assert group.subsets == [("to_q:default",), ("to_k:default", "to_v:default")]
+    before = batching.stats()
+    with torch.no_grad():
+        model(x, context)  # learned for good: q runs its own path, k and v share one matmul
+    after = batching.stats()
+    assert (after["served"] - before["served"], after["fallbacks"] - before["fallbacks"], after["splits"]) == (
+        2, 1, before["splits"])

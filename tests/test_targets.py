@@ -25,6 +25,7 @@ from sdadapt.targets import (
     by_type,
     everything,
     select,
+    select_outermost,
 )
 
 from tiny_models import tiny_clip, tiny_unet_sd1, tiny_unet_sdxl
@@ -315,3 +316,16 @@ def test_adapters_are_never_selected():
     assert names(model, everything) == ["0", "1"]
     assert names(model, by_regex("sdadapt") | by_type(nn.Linear)) == ["0", "1"]
     handle.remove()
+
+
+def test_select_outermost_drops_modules_inside_a_selected_one(sd1):
+    """The units checkpointing, FSDP sharding and fused-backward groups use: every selected module
+    not inside another selected one, in module order; nothing selected is still an error."""
+    blocks = by_regex(r"^(down_blocks\.\d+|down_blocks\.\d+\.resnets\.\d+|mid_block\.resnets\.\d+)$")
+    chosen = select(sd1, blocks)
+    outer = select_outermost(sd1, blocks)
+    assert [n for n, _ in outer] == [n for n, _ in chosen if not n.startswith("down_blocks.") or n.count(".") == 1]
+    assert any(n.startswith("down_blocks.0.resnets.") for n, _ in chosen)  # the case that is dropped exists
+    assert all(dict(chosen)[n] is m for n, m in outer)
+    with pytest.raises(NoTargetsError):
+        select_outermost(sd1, by_name("nothing_like_this"))

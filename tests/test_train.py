@@ -154,6 +154,31 @@ def test_interrupted_state_is_detected(tmp_path):
         _run(4, folder=tmp_path)
 
 
+def test_a_save_that_fails_half_way_keeps_the_previous_state(tmp_path, monkeypatch):
+    import sdadapt.training.step as step_module
+
+    _run(8, folder=tmp_path, resume_at=2)  # the previous state: step 1 (2 micro-batches, accumulation 2)
+    before = {name: (tmp_path / name).read_bytes() for name in ("state.safetensors", "state.json")}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    real_dumps = step_module.json.dumps
+    monkeypatch.setattr(step_module.json, "dumps", disk_full)  # state.json's writer fails after the tensors were written
+    with pytest.raises(OSError):
+        _save_at(tmp_path, 4)
+    monkeypatch.setattr(step_module.json, "dumps", real_dumps)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]  # no temporaries left
+    rest, _, state = _run(8, folder=tmp_path)  # and it still resumes
+    assert state.step == 4 and len(rest) == 6
+
+
+def _save_at(folder, micro_steps):
+    """Train ``micro_steps`` batches from scratch and save the state into ``folder``."""
+    return _run(micro_steps + 4, folder=folder, resume_at=micro_steps)
+
+
 def test_bf16_autocast_step_runs_and_learns():
     model, handle, params, optimizer = _setup()
     latents, cond = _data()

@@ -160,6 +160,10 @@ def test_template_captions_are_drawn_at_each_use_and_leave_captioned_images_alon
     for i in range(5):  # a captioned image draws exactly as without templates (same rng use)
         assert shuffled.apply("a, b, c", random.Random(i)) == CaptionOptions(shuffle=True).apply("a, b, c", random.Random(i))
     assert CaptionOptions().apply("", random.Random(0)) == ""
+    # templates alone change nothing of a caption as written (its commas and spaces stayed as they were
+    # before templates made the options active: "<sks>, red,, car," became "<sks>, red, car")
+    for caption in ("<sks>, red,, car,", "a photo of <sks>  ,blue", "<sks>"):
+        assert options.apply(caption, random.Random(0)) == caption
     with pytest.raises(ValueError, match="tuple of non-empty captions"):
         CaptionOptions(templates="a photo of a <sks>")
 

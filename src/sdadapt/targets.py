@@ -27,6 +27,7 @@ __all__ = [
     "by_type",
     "everything",
     "select",
+    "select_outermost",
     "NoTargetsError",
     "UNET_ATTENTION",
     "UNET_CROSS_ATTENTION_KV",
@@ -170,4 +171,20 @@ def select(model: nn.Module, target: Target | str | Iterable[str]) -> list[tuple
             f"({len(names)} candidate modules, e.g. {sample or '<none>'}). Pick a preset that fits "
             "this model (UNet presets for UNets, TEXT_ENCODER for CLIP) or build one with by_name/by_regex."
         )
+    return chosen
+
+
+def select_outermost(model: nn.Module, target: Target | str | Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """What :func:`select` returns, without the modules inside another selected one (a block's
+    sub-blocks): the units that checkpointing, FSDP sharding and fused-backward groups work on.
+
+    Raises:
+        NoTargetsError: nothing matched (as :func:`select`).
+    """
+    chosen: list[tuple[str, nn.Module]] = []
+    outer_names: set[str] = set()
+    for name, module in select(model, target):  # parents come before their children
+        if not any(name.startswith(outer + ".") for outer in outer_names):
+            chosen.append((name, module))
+            outer_names.add(name)
     return chosen

@@ -24,7 +24,9 @@ to the unbatched path whenever the group cannot serve it:
 * a member whose slice is waiting is called on another tensor (cross-attention ``to_q``), or is
   not called at all before the parent module's forward returns: the group splits into the
   members served from the first tensor and the rest (it learns once; the first call computed a
-  slice for nothing, so a member never called gets a zero gradient that one step, not ``None``);
+  slice for nothing, so a member never called gets a zero gradient that one step, not ``None``;
+  learned in a forward that records a graph, the split takes effect when its backward is over, so
+  gradient checkpointing recomputes that forward on the same path; a call that raises learns nothing);
 * a member called again on the same tensor (its slice was taken): its own path for that call;
 * the input was changed in place between calls (its version counter moved): a fresh projection;
 * training-time dropout, rank dropout or module dropout, a merged or disabled member, members of
@@ -75,6 +77,14 @@ def _version(x: Tensor) -> int | None:
     return None if x.is_inference() else x._version
 
 
+def _tensors(output: object) -> list[Tensor]:
+    """The tensors of a module's output: a tensor, or those in a tuple, list or dict (one level)."""
+    if isinstance(output, Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return [v for v in values if isinstance(v, Tensor)]
+
+
 def _supports(adapter: object) -> bool:
     """Plain linear LoRA (no Tucker core, the stock ``forward``): what one shared matmul serves."""
     return (
@@ -97,7 +107,8 @@ class SharedInputGroup:
         names: one label per member (``"<layer>:<adapter name>"``).
         served: member calls answered from a shared projection (including the one that made it).
         fallbacks: member calls that ran the unbatched path (a singleton subset, dropout, ...).
-        splits: how often the partition was refined.
+        splits: how often the partition was refined (a split learned again by the calls before
+            the backward that commits it counts again).
     """
 
     def __init__(self, members: Sequence[LoRAModule], names: Sequence[str], subsets: Iterable[Sequence[int]]) -> None:
@@ -107,6 +118,9 @@ class SharedInputGroup:
         for subset in subsets:
             for index in subset:
                 self._subset_of[index] = tuple(subset)
+        # the partition each parent call starts from; what a call learns joins it at once when no
+        # backward can recompute that call, else once its backward is over (see start_of_parent_call)
+        self._committed = tuple(self._subset_of)
         self._waiting: dict[tuple[int, ...], _Waiting] = {}
         # (r, 1) views of each member's 0-dim ``scale`` buffer: set_scale()'s in-place fill shows
         # through them (in CUDA graphs too); rebuilt if .to() replaced a buffer
@@ -204,18 +218,52 @@ class SharedInputGroup:
             if waiting.source is source:
                 del self._waiting[subset]
 
+    def start_of_parent_call(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the members' parent: the call starts from the committed partition.
+
+        A call that learns a split (below) runs another path than the calls after it. Gradient
+        checkpointing (non-reentrant) recomputes a call in backward and refuses a path that differs
+        from the original's, so what a call recording a graph learned is committed only when that
+        backward is over; until then every call — a recomputation, another forward before the
+        backward — starts from the partition the learning call started from and learns the same."""
+        if not torch.compiler.is_compiling() and tuple(self._subset_of) != self._committed:
+            self._subset_of = list(self._committed)
+
     def end_of_parent_call(self, module: nn.Module, args: tuple, output: object) -> None:
         """Forward hook of the members' parent (``attn1``): drop what waits, so nothing computed
         in one attention call outlives it. A member whose slice was never taken does not read
-        that input: it leaves the subset of the members that did."""
-        if not self._waiting:
+        that input: it leaves the subset of the members that did — unless the call ended by an
+        exception (``output`` is ``None``: an out-of-memory error, an interrupt, checkpointing
+        stopping its recomputation early), which says nothing about who reads what."""
+        if output is None:
+            self._waiting.clear()
             return
-        for subset, waiting in self._waiting.items():
+        for subset, waiting in list(self._waiting.items()):  # (a weak-reference callback may drop one meanwhile)
             rest = tuple(i for i in subset if i in waiting.parts)
             served = tuple(i for i in subset if i not in waiting.parts)
             if served and rest:
                 self._split(served, rest)
         self._waiting.clear()
+        learned = tuple(self._subset_of)
+        if learned == self._committed or torch.compiler.is_compiling():
+            return
+        if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: the original call commits
+            return
+        recorded = [t for t in _tensors(output) if t.requires_grad]
+        if not recorded:
+            self._committed = learned
+            return
+
+        def commit_after_backward(grad: Tensor) -> None:
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._commit(learned))
+
+        for tensor in recorded:
+            tensor.register_hook(commit_after_backward)
+
+    def _commit(self, learned: tuple[tuple[int, ...], ...]) -> None:
+        if self._committed != learned:
+            self._committed = learned
+            self._subset_of = list(learned)
 
     def _split(self, *subsets: tuple[int, ...]) -> None:
         for subset in subsets:
@@ -364,5 +412,6 @@ def batch_shared_input_adapters(
         for index, member in enumerate(group.members):
             member._shared_input = (group, index)
         groups.append(group)
+        hooks.append(parent.register_forward_pre_hook(group.start_of_parent_call))
         hooks.append(parent.register_forward_hook(group.end_of_parent_call, always_call=True))
     return SharedInputBatching(groups, hooks)

@@ -12,7 +12,9 @@ add --aesthetic FILE, or leave --aesthetic-steps out``), exit 2, before anything
 
 "Given" means typed on the command line — an option whose value equals its default counts too: the
 parse starts from a namespace where the watched options hold a private marker, so argparse leaves
-it there exactly when the option was not given; the documented default is put in afterwards.
+it there exactly when the option was not given; the documented default (or the value a namespace
+passed to the parse held, which argparse would have kept) is put in afterwards, as argparse sets it
+(a string default through the option's ``type``; a ``SUPPRESS`` default leaves the attribute out).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["CheckedParser", "only_with"]
-
 
 
 class _NotGiven:
@@ -59,27 +60,44 @@ class CheckedParser(argparse.ArgumentParser):
         if not self.option_rules:
             return super().parse_known_args(args, namespace)
         namespace = argparse.Namespace() if namespace is None else namespace
-        watched = {dest for rule in self.option_rules for dest in rule.dests if not hasattr(namespace, dest)}
+        watched = {dest for rule in self.option_rules for dest in rule.dests}
+        # a value the caller's namespace already holds stays when the option is not given (argparse
+        # leaves it too), but the option is still watched: typed, it is given whatever was there
+        before = {dest: getattr(namespace, dest) for dest in watched if hasattr(namespace, dest)}
         for dest in watched:
             setattr(namespace, dest, _NOT_GIVEN)
         namespace, extras = super().parse_known_args(args, namespace)
         given = {dest for dest in watched if getattr(namespace, dest) is not _NOT_GIVEN}
         for dest in watched - given:
-            setattr(namespace, dest, self._default_of(dest))
+            if dest in before:
+                setattr(namespace, dest, before[dest])
+            else:
+                self._set_default(namespace, dest)
         for rule in self.option_rules:
             used = [flag for flag, dest in zip(rule.flags, rule.dests) if dest in given]
             if used and not rule.when(namespace):
                 self.error(rule.message.format(option=used[0]))
         return namespace, extras
 
-    def _default_of(self, dest: str) -> Any:
-        """The value argparse would have set for an option that was not given (string defaults go
-        through the option's ``type``, as argparse does)."""
-        default = self.get_default(dest)
-        for action in self._actions:
-            if action.dest == dest and isinstance(default, str) and action.type is not None:
-                return self._get_value(action, default)
-        return default
+    def _set_default(self, namespace: argparse.Namespace, dest: str) -> None:
+        """Put in what argparse would have for an option that was not given: the ``default`` of the
+        first action with that ``dest`` that is not ``SUPPRESS``, else :meth:`set_defaults`' value
+        (neither: the attribute stays out); a string default goes through the option's ``type``."""
+        actions = [action for action in self._actions if action.dest == dest]
+        defaults = [action.default for action in actions if action.default is not argparse.SUPPRESS]
+        if defaults:
+            default = defaults[0]
+        elif dest in self._defaults:
+            default = self._defaults[dest]
+        else:
+            delattr(namespace, dest)
+            return
+        if isinstance(default, str):
+            for action in actions:
+                if action.default is default:  # argparse converts only an action's own default
+                    default = self._get_value(action, default)
+                    break
+        setattr(namespace, dest, default)
 
 
 def only_with(

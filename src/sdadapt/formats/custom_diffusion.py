@@ -25,7 +25,8 @@ as its own diffusers textual-inversion file (``pipe.load_textual_inversion(file)
 owns the ``<stem>-token*`` files of its name (:func:`existing_token_files`): overwriting removes those
 of an earlier save it does not rewrite (3 tokens then 1: ``-token1``…``-token3`` go), without
 ``overwrite`` any of them is refused; no other file is touched (diffusers' ``<new1>.bin`` in a
-folder never matches). Every file is written atomically; pickles are read only with
+folder never matches). The files of one save appear together or not at all (a failed save leaves the
+earlier one as it was); pickles are read only with
 ``torch.load(weights_only=True)``.
 """
 
@@ -47,7 +48,9 @@ from .files import (
     atomic_write,
     check_finite,
     check_output_file,
+    read_safetensors_header,
     read_weights,
+    staged_outputs,
     write_safetensors,
 )
 
@@ -172,7 +175,9 @@ def token_files(path: str | os.PathLike, count: int = 1) -> tuple[Path, ...]:
 def existing_token_files(path: str | os.PathLike) -> list[Path]:
     """The files beside the weights file ``path`` named as its modifier-token files: exactly
     ``<stem>-token<ext>`` or ``<stem>-token<N><ext>`` (``N`` = 1, 2 …, no leading zeros; ``ext`` as
-    in ``path``), sorted (``-token`` first, then by ``N``). Other files never match."""
+    in ``path``), sorted (``-token`` first, then by ``N``). Other files never match, nor does one
+    holding Custom Diffusion weights: that is another save's weights file (``cd-token.safetensors``
+    is the weights of a save named so, not a token of ``cd.safetensors``)."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
@@ -181,9 +186,23 @@ def existing_token_files(path: str | os.PathLike) -> list[Path]:
     found = []
     for entry in folder.iterdir():
         match = pattern.fullmatch(entry.name)
-        if match is not None and entry.is_file():
+        if match is not None and entry.is_file() and not _holds_custom_diffusion_weights(entry):
             found.append((int(match.group(1) or 0), entry))
     return [entry for _, entry in sorted(found)]
+
+
+def _holds_custom_diffusion_weights(file: Path) -> bool:
+    """Whether ``file`` holds Custom Diffusion weights, keys such as
+    ``<layer>.attn2.processor.to_k_custom_diffusion.weight`` (a ``.safetensors`` by its header alone;
+    a token named ``<custom_diffusion>`` is no such key); an unreadable file does not."""
+    try:
+        if file.suffix.lower() == ".safetensors":
+            keys = read_safetensors_header(file)[0]
+        else:
+            keys = read_weights(file)[0]
+    except (WeightFileError, OSError):
+        return False
+    return any(split_file_key(k) is not None for k in keys)
 
 
 def _token_files_beside(target: Path) -> list[Path]:
@@ -191,12 +210,12 @@ def _token_files_beside(target: Path) -> list[Path]:
     ``<stem>-token<ext>`` alone, else ``-token1``, ``-token2`` … up to the first gap (what a save of
     that many tokens writes; a stale higher number after a gap is not this save's)."""
     single = token_files(target, 1)[0]
-    if single.is_file():
+    if single.is_file() and not _holds_custom_diffusion_weights(single):
         return [single]
     found = []
     for number in range(1, 10_000):
         file = target.with_name(f"{target.stem}-token{number}{target.suffix}")
-        if not file.is_file():
+        if not file.is_file() or _holds_custom_diffusion_weights(file):
             break
         found.append(file)
     return found
@@ -345,6 +364,11 @@ def save_custom_diffusion_file(
     place (a ``.bin`` records no token count, so a stale ``-token2`` would otherwise be read as a
     token of the new file); without it, any of them is refused. Nothing else is touched.
 
+    All or nothing: every file is written as a temporary first and all are renamed into place only
+    once each is complete (:func:`~sdadapt.formats.files.staged_outputs`), so a failed write (a full
+    disk, Ctrl-C) leaves the earlier save's weights and token files as they were — never new weights
+    beside old token files of the same name.
+
     Args:
         weights: ``{file key: tensor}`` with diffusers keys (:func:`file_key`); written as given (dtype kept).
         embeddings: the modifier tokens (their names are the tokens).
@@ -381,23 +405,24 @@ def save_custom_diffusion_file(
     if stale and not overwrite:
         raise OutputExistsError(f"{stale[0]}: a modifier-token file of an earlier save named {target.name} (the loader "
                                 "would read it as this file's); pass --overwrite (overwrite=True) to remove it, or delete it")
-    written: list[Path] = []
-    if suffix == ".safetensors":
-        meta = {"format": "pt", **dict(metadata or {})}
-        meta[TOKENS_KEY] = json.dumps([e.name for e in embeddings])
-        if prompts:
-            meta[PROMPTS_KEY] = json.dumps(list(prompts))
-        placeholders = {k: torch.zeros(0) for k in _attn1_placeholders(tensors)}  # len 0: diffusers' "empty processor"
-        written.append(write_safetensors(target, {**placeholders, **tensors}, meta, overwrite=overwrite))
-        for state, file in zip(states, companions):
-            written.append(write_safetensors(file, state, {"format": "pt"}, overwrite=overwrite))
-    else:
-        payload: dict[str, object] = {**_attn1_placeholders(tensors), **tensors}
-        written.append(atomic_write(target, lambda tmp: torch.save(payload, tmp), overwrite=overwrite))
-        for state, file in zip(states, companions):
-            cpu = {k: v.detach().to("cpu").clone() for k, v in state.items()}
-            written.append(atomic_write(file, lambda tmp, cpu=cpu: torch.save(cpu, tmp), overwrite=overwrite))
-    for file in stale:  # only once the new files are in place (a failed write above leaves them as they were)
+    with staged_outputs() as stage:  # all files renamed into place together, or none (old ones kept)
+        if suffix == ".safetensors":
+            meta = {"format": "pt", **dict(metadata or {})}
+            meta[TOKENS_KEY] = json.dumps([e.name for e in embeddings])
+            if prompts:
+                meta[PROMPTS_KEY] = json.dumps(list(prompts))
+            placeholders = {k: torch.zeros(0) for k in _attn1_placeholders(tensors)}  # len 0: diffusers' "empty processor"
+            write_safetensors(target, {**placeholders, **tensors}, meta, overwrite=overwrite, stage=stage)
+            for state, file in zip(states, companions):
+                write_safetensors(file, state, {"format": "pt"}, overwrite=overwrite, stage=stage)
+        else:
+            payload: dict[str, object] = {**_attn1_placeholders(tensors), **tensors}
+            atomic_write(target, lambda tmp: torch.save(payload, tmp), overwrite=overwrite, stage=stage)
+            for state, file in zip(states, companions):
+                cpu = {k: v.detach().to("cpu").clone() for k, v in state.items()}
+                atomic_write(file, lambda tmp, cpu=cpu: torch.save(cpu, tmp), overwrite=overwrite, stage=stage)
+        written = stage.paths
+    for file in stale:  # only once every new file is in place (a failed save above leaves all as they were)
         try:
             file.unlink()
         except FileNotFoundError:

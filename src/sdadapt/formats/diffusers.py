@@ -40,7 +40,16 @@ import torch
 from torch import Tensor
 
 from ..patterns import peft_pattern_value
-from .files import WeightFileError, atomic_write, check_finite, check_finite_output, check_input_file, read_weights, write_safetensors
+from .files import (
+    WeightFileError,
+    atomic_write,
+    check_finite,
+    check_finite_output,
+    check_input_file,
+    read_weights,
+    staged_outputs,
+    write_safetensors,
+)
 from .header import load_json
 from .layers import COMPONENTS, canonical_state, split_key
 
@@ -329,13 +338,18 @@ def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: st
 
 
 def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` reads it)."""
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` reads it).
+
+    Both appear together or not at all (:func:`~sdadapt.formats.files.staged_outputs`): a failed save
+    never leaves new weights beside an old config (whose rank and alpha would scale them wrongly)."""
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     peft_state, config = to_peft(state)
     check_finite_output(peft_state, path=target / "adapter_model.safetensors")
-    write_safetensors(target / "adapter_model.safetensors", peft_state, {"format": "pt"})
-    atomic_write(target / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    with staged_outputs() as stage:
+        write_safetensors(target / "adapter_model.safetensors", peft_state, {"format": "pt"}, stage=stage)
+        atomic_write(target / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)),
+                     stage=stage)
 
 
 def load_peft(folder: str | os.PathLike) -> dict[str, Tensor]:

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..embeddings.embedding import ENCODER_KEY, SDXL_KEYS, Embedding
 from .files import (
+    StagedOutputs,
     WeightFileError,
     _check_is_file,
     _torch_load_error,
@@ -293,14 +294,15 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
 
 
 def save_embedding(path: str | os.PathLike, embedding: Embedding, *, format: str = "a1111",
-                   base_model: str | None = None) -> Path:
+                   base_model: str | None = None, stage: StagedOutputs | None = None) -> Path:
     """Write ``embedding`` atomically as ``format`` (``"a1111"``, ``"kohya"`` or ``"diffusers"``).
 
     The suffix picks the container: A1111 ``.pt`` (the full dict A1111 writes) or ``.safetensors``;
     kohya ``.safetensors`` (with ``ss_``/ModelSpec metadata; ``base_model`` ``"sd1"``/``"sd2"``/``"sdxl"``,
     default from the widths) or ``.pt``; diffusers ``.safetensors`` or ``.bin``. Tensors are
     written as they are (dtype kept; cast with ``embedding.to(torch.float16)`` first to halve the size).
-    A1111 prompts use the file stem: name the file ``<embedding.name>.<ext>``.
+    A1111 prompts use the file stem: name the file ``<embedding.name>.<ext>``. With ``stage`` (a
+    :func:`~sdadapt.formats.files.staged_outputs` block) the file appears with the block's other outputs.
 
     Raises:
         ValueError: unknown format, or a suffix that format does not use.
@@ -312,9 +314,9 @@ def save_embedding(path: str | os.PathLike, embedding: Embedding, *, format: str
     if bad:
         raise WeightFileError(f"{target}: embedding {embedding.name!r} has NaN or inf in its {', '.join(bad)} vectors; not written")
     if target.suffix.lower() == ".safetensors":
-        return write_safetensors(target, obj, metadata)
+        return write_safetensors(target, obj, metadata, stage=stage)
     cpu = _to_cpu(obj)
-    return atomic_write(target, lambda tmp: torch.save(cpu, tmp))
+    return atomic_write(target, lambda tmp: torch.save(cpu, tmp), stage=stage)
 
 
 def _to_cpu(obj):

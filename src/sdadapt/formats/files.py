@@ -10,6 +10,10 @@
   half-written file under the final name; the output gets the permissions a normal new file would
   (the umask; an overwritten file keeps its mode); temporary files a killed run left are removed by
   the next run that writes into the same folder;
+* a save of several files (Custom Diffusion weights + token files, a DreamArtist pair, a peft
+  folder) writes them in a :func:`staged_outputs` block: every temporary file is written first,
+  then all are renamed, so a failure or Ctrl-C leaves either all new files or all the old ones,
+  never a mix;
 * every failure names the file and says what to do (:mod:`sdadapt.errors`).
 """
 
@@ -26,6 +30,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,6 +62,8 @@ __all__ = [
     "read_weights",
     "write_safetensors",
     "atomic_write",
+    "staged_outputs",
+    "StagedOutputs",
     "remove_stale_temporaries",
     "check_finite",
     "check_finite_output",
@@ -272,7 +279,13 @@ def _write_failure(target: Path, exc: OSError, tmp: str | None) -> OutputError:
     return OutputError(f"{target}: writing failed ({reason}); the partial file was removed")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> Path:
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[str], None],
+    *,
+    overwrite: bool = True,
+    stage: StagedOutputs | None = None,
+) -> Path:
     """Call ``write(tmp_path)`` then move the result to ``path`` atomically.
 
     The temporary file lives in the same folder (so the rename is atomic), is locked while it is
@@ -285,13 +298,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
         overwrite: replace an existing ``path`` (``os.replace``). False: the final step is a link
             that fails if ``path`` appeared while the file was being written — an existing file is
             never replaced without ``overwrite``, even one created mid-write.
+        stage: a :func:`staged_outputs` block: the finished temporary file is kept (locked) and
+            moved to ``path`` when the block ends, together with the block's other outputs, or
+            removed with them if the block fails.
 
     Raises:
         OutputExistsError: ``path`` exists and not ``overwrite`` (before or after the write).
         OutputError / DiskSpaceError: the folder is missing, read-only, full, or a write failed.
+        ValueError: ``stage`` has ended, or already holds an output for ``path``.
     """
     target = Path(path)
     folder = _output_folder(target)
+    if stage is not None:
+        stage._check_new(target)
     if not overwrite and os.path.lexists(target):
         raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
     remove_stale_temporaries(target)
@@ -311,6 +330,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.chmod(tmp, mode)
+            if stage is not None:  # the stage owns tmp (and its lock) from here
+                stage._entries.append(_StagedFile(tmp, target, overwrite, fd))
+                return target
             if overwrite:
                 os.replace(tmp, target)
             else:
@@ -352,6 +374,155 @@ def _move_no_replace(tmp: str, target: Path) -> None:
     os.unlink(tmp)
 
 
+@dataclass
+class _StagedFile:
+    """A finished temporary file waiting in a :class:`StagedOutputs` for its rename."""
+
+    tmp: str
+    target: Path
+    overwrite: bool
+    fd: int  # the open, locked temporary (-1 where files are not kept open: Windows)
+
+
+class StagedOutputs:
+    """Outputs written as temporary files and moved into place together: see :func:`staged_outputs`."""
+
+    def __init__(self) -> None:
+        self._entries: list[_StagedFile] = []
+        self._ended = False
+
+    def __enter__(self) -> StagedOutputs:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self._commit()
+        else:
+            self._end()
+
+    @property
+    def paths(self) -> list[Path]:
+        """The outputs staged so far, in the order they were written (and will be renamed)."""
+        return [entry.target for entry in self._entries]
+
+    def _check_new(self, target: Path) -> None:
+        if self._ended:
+            raise ValueError(f"{target}: this staged_outputs() block has ended; write inside the with-block")
+        if any(os.path.abspath(entry.target) == os.path.abspath(target) for entry in self._entries):
+            raise ValueError(f"{target}: written twice in one staged_outputs() block")
+
+    def _end(self) -> None:
+        """Remove every temporary file still here and release its lock (the targets are untouched)."""
+        self._ended = True
+        entries, self._entries = self._entries, []
+        for entry in entries:
+            try:
+                if os.path.lexists(entry.tmp):
+                    os.unlink(entry.tmp)
+            except OSError:
+                pass
+            finally:
+                if entry.fd >= 0:
+                    os.close(entry.fd)
+
+    def _commit(self) -> None:
+        """Rename every staged file into place, or (on any failure, Ctrl-C included) none."""
+        entries = list(self._entries)
+        backups: list[str | None] = []
+        try:
+            for entry in entries:  # checked for all before any rename: a refusal changes nothing
+                if not entry.overwrite and os.path.lexists(entry.target):
+                    raise OutputExistsError(
+                        f"{entry.target}: appeared while the outputs were being written; pass --overwrite "
+                        "(overwrite=True) to replace it (nothing was changed)"
+                    )
+            for entry in entries:  # (appended one by one: an interrupt here still removes those made)
+                backups.append(_backup_link(entry.target) if entry.overwrite else None)
+            moved: list[tuple[_StagedFile, str | None, bool]] = []
+            try:
+                for entry, backup in zip(entries, backups):
+                    existed = os.path.lexists(entry.target)
+                    try:
+                        if entry.overwrite:
+                            os.replace(entry.tmp, entry.target)
+                        else:
+                            _move_no_replace(entry.tmp, entry.target)
+                    except OSError as exc:
+                        if isinstance(exc, (OutputError, FileExistsError)):
+                            raise
+                        raise _write_failure(entry.target, exc, entry.tmp) from None
+                    moved.append((entry, backup, existed))
+            except BaseException:
+                _undo_moves(moved)
+                raise
+        finally:
+            for backup in backups:
+                if backup is not None and os.path.lexists(backup):
+                    try:
+                        os.unlink(backup)
+                    except OSError:
+                        pass
+            self._end()
+
+
+def _backup_link(target: Path) -> str | None:
+    """A second name (``.NAME.<pid>-<random>.tmp``, a hard link) for the file at ``target``, so a
+    failed :meth:`StagedOutputs._commit` can put it back; ``None`` when there is no file, or the file
+    system has no hard links (then a failure after its rename cannot restore it)."""
+    if not os.path.isfile(target) or os.path.islink(target):
+        return None
+    folder = _output_folder(target)
+    for _ in range(8):
+        name = str(folder / f".{target.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp")
+        try:
+            os.link(target, name)
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        return name
+    return None
+
+
+def _undo_moves(moved: list[tuple[_StagedFile, str | None, bool]]) -> None:
+    """Put back what a failed commit renamed, newest first: the backup over a replaced file, or
+    remove a file that did not exist before (best effort: the original error is what is raised)."""
+    for entry, backup, existed in reversed(moved):
+        try:
+            if backup is not None:
+                os.replace(backup, entry.target)
+            elif not existed:
+                os.unlink(entry.target)
+        except OSError:
+            pass
+
+
+def staged_outputs() -> StagedOutputs:
+    """A block whose outputs appear all together, or not at all.
+
+    Writers given ``stage=`` (:func:`atomic_write`, :func:`write_safetensors`,
+    :func:`sdadapt.save_embedding`) write and fsync their temporary file as usual but keep it; when
+    the block ends normally every file is renamed into place (after checking, for each output
+    written without ``overwrite``, that its name is still free — else none is renamed). If the
+    block raises — a failed write, a full disk, Ctrl-C — every temporary file is removed and no
+    output changes. A failure among the renames themselves puts back what was renamed (replaced
+    files from a hard-link backup, new ones removed). Only a kill or a power loss during the renames
+    (microseconds) can leave a mix::
+
+        with staged_outputs() as stage:
+            write_safetensors("cd.safetensors", weights, overwrite=True, stage=stage)
+            write_safetensors("cd-token.safetensors", token, overwrite=True, stage=stage)
+        # both files are new here, or (the block raised) both are as they were
+
+    Meant for the handful of files one save writes: each temporary stays open (locked) until the
+    block ends.
+
+    Returns:
+        a :class:`StagedOutputs` context manager (``.paths``: the outputs staged so far).
+    """
+    return StagedOutputs()
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, Tensor],
@@ -359,6 +530,7 @@ def write_safetensors(
     *,
     overwrite: bool = True,
     allow_nonfinite: bool = True,
+    stage: StagedOutputs | None = None,
 ) -> Path:
     """Write ``tensors`` (CPU copies) and string ``metadata`` atomically, in the byte layout of
     ``safetensors.torch.save_file`` (one writer for every sdadapt file: I/O errors become
@@ -371,6 +543,7 @@ def write_safetensors(
         overwrite: replace an existing file (default True, the historical behaviour of this
             function; commands pass their ``--overwrite``).
         allow_nonfinite: False refuses float tensors holding NaN/inf (:class:`NonFiniteError`).
+        stage: a :func:`staged_outputs` block: the file appears when the block ends, with its other outputs.
 
     Raises:
         WeightFileError: a metadata key or value is not a string, or a dtype safetensors cannot store.
@@ -396,7 +569,7 @@ def write_safetensors(
     total = len(head) + max((end for _, end in offsets.values()), default=0)
     check_output_file(path, overwrite=overwrite, needed_bytes=total, suffix=None)
 
-    return atomic_write(path, lambda tmp: _write_payload(tmp, head, offsets, payload), overwrite=overwrite)
+    return atomic_write(path, lambda tmp: _write_payload(tmp, head, offsets, payload), overwrite=overwrite, stage=stage)
 
 
 def _write_payload(tmp: str, head: bytes, offsets: Mapping[str, tuple[int, int]], payload: Mapping[str, Tensor]) -> None:

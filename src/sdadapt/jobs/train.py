@@ -218,14 +218,10 @@ class TrainOptions:
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError("--full-bf16 trains bf16 weights, so the forward pass must run under bf16 autocast: add "
                              "--mixed-precision bf16")
-        if self.sdpa_backends is not None and self.sdpa_backends != "measure":
-            from ..training.attention import SDPA_BACKENDS
-
-            names = [n.strip() for n in self.sdpa_backends.split(",") if n.strip()]
-            unknown = [n for n in names if n not in SDPA_BACKENDS]
-            if unknown or not names:
-                raise ValueError(f"--sdpa-backends must be 'measure' or a comma list of {', '.join(SDPA_BACKENDS)} "
-                                 f"(tried in that order, e.g. flash,math); got {self.sdpa_backends!r}")
+        if self.gradient_checkpointing_fraction is not None and not 0.0 < self.gradient_checkpointing_fraction <= 1.0:
+            raise ValueError(f"--gradient-checkpointing-fraction must be in (0, 1] (the share of the UNet blocks to "
+                             f"recompute; 1: all of them), got {self.gradient_checkpointing_fraction}")
+        _sdpa_order(self.sdpa_backends)  # raises for an unknown name
         if self.fused_backward_pass:
             clashes = [what for what, clash in (
                 (f"--max-grad-norm {self.max_grad_norm} (pass --max-grad-norm 0: the global norm needs every gradient at once)",
@@ -247,6 +243,24 @@ class TrainOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
             raise ValueError(f"--resolution must be SIZE or WIDTH,HEIGHT, got {self.resolution}")
+
+
+def _sdpa_order(value: str | None) -> tuple[str, ...] | None:
+    """The backend list of ``--sdpa-backends`` (``StepConfig.sdpa_backends``): ``None`` for torch's
+    choice and for ``"measure"`` (measured in ``fit``), else the comma list's names in order.
+
+    Raises:
+        ValueError: an unknown backend name or an empty list, naming the ones there are.
+    """
+    if value is None or value == "measure":
+        return None
+    from ..training.attention import SDPA_BACKENDS
+
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names or any(n not in SDPA_BACKENDS for n in names):
+        raise ValueError(f"--sdpa-backends must be 'measure' or a comma list of {', '.join(SDPA_BACKENDS)} "
+                         f"(tried in that order, e.g. flash,math); got {value!r}")
+    return names
 
 
 def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple[list[str], tuple[str, ...]]:
@@ -580,8 +594,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
                         max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed,
-                        sdpa_backends=None if options.sdpa_backends in (None, "measure")
-                        else tuple(n.strip() for n in options.sdpa_backends.split(",") if n.strip())),
+                        sdpa_backends=_sdpa_order(options.sdpa_backends)),
     )
     tensorboard = options.log_with == "tensorboard" or (options.log_with == "auto" and tensorboard_available())
     for line in dataset.report():

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..embeddings import Embedding, EmbeddingHandle, initial_embedding, inject_embedding
 from ..formats.embeddings import load_embedding, save_embedding
+from ..formats.files import staged_outputs
 from ..training import diffusion
 from .textual_inversion import (
     _Frozen,
@@ -190,15 +191,22 @@ class DreamArtist:
 
     def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
         """Write ``<name>.pt`` (at ``path``) and ``<name>-neg.pt`` beside it, A1111's dicts (``.safetensors``
-        by suffix, kohya's layout). Returns the positive file's path."""
+        by suffix, kohya's layout). Returns the positive file's path.
+
+        The pair appears together or not at all (:func:`~sdadapt.formats.files.staged_outputs`): a
+        failed save leaves an earlier pair as it was, never a new positive beside an old negative."""
         target = Path(path)
         fmt = "kohya" if target.suffix.lower() == ".safetensors" else "a1111"
         (negative_path,) = negative_files(target)
         info = dict(metadata or {})
         info["dreamartist_cfg"] = f"{self.cfg_scale:g}" if self.cfg_high is None else f"{self.cfg_scale:g}-{self.cfg_high:g}:{self.cfg_schedule}"
         pos, neg = self.embeddings()
-        save_embedding(negative_path, Embedding(negative_path.stem, neg.vectors, metadata=info), format=fmt, base_model=self.base_model)
-        return save_embedding(target, Embedding(target.stem, pos.vectors, metadata=info), format=fmt, base_model=self.base_model)
+        with staged_outputs() as stage:
+            save_embedding(negative_path, Embedding(negative_path.stem, neg.vectors, metadata=info), format=fmt,
+                           base_model=self.base_model, stage=stage)
+            save_embedding(target, Embedding(target.stem, pos.vectors, metadata=info), format=fmt,
+                           base_model=self.base_model, stage=stage)
+        return target
 
     def remove(self) -> None:
         """Both embeddings out (negative first), ``requires_grad`` flags back."""

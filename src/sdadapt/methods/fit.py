@@ -400,24 +400,28 @@ def fit(
         g = torch.Generator().manual_seed(config.seed + 1)
         per_epoch = 0
 
+        def batch_of(idx: Tensor, pidx: Tensor | None) -> dict[str, Any]:
+            """The batch of the images ``idx`` (B,) and, with a prior, the class images ``pidx`` (B,)."""
+            if pidx is None or prior is None:
+                return {"latents": latents[idx], "cond": ids[idx]}
+            return {
+                "latents": torch.cat([latents[idx], prior_latents[pidx]]),
+                "cond": torch.cat([ids[idx], prior_ids[pidx]]),
+                "loss_weight": torch.cat([torch.ones(config.batch_size),
+                                          torch.full((config.batch_size,), float(prior[2]))]).to(latents.device),
+            }
+
         def draw(micro: int) -> tuple[dict[str, Any], Any]:
             idx = torch.randint(len(captions), (config.batch_size,), generator=g)  # type: ignore[arg-type]
-            batch = {"latents": latents[idx], "cond": ids[idx]}
-            if prior is not None:
-                pidx = torch.randint(len(prior[1]), (config.batch_size,), generator=g)
-                batch = {
-                    "latents": torch.cat([latents[idx], prior_latents[pidx]]),
-                    "cond": torch.cat([ids[idx], prior_ids[pidx]]),
-                    "loss_weight": torch.cat([torch.ones(config.batch_size),
-                                              torch.full((config.batch_size,), float(prior[2]))]).to(latents.device),
-                }
-            return batch, extra_loss
+            pidx = torch.randint(len(prior[1]), (config.batch_size,), generator=g) if prior is not None else None
+            return batch_of(idx, pidx), extra_loss
 
         for _ in range(state.step * accumulation):  # a resumed run continues the same draws
             draw(0)
 
-        def first_batch() -> dict[str, Any]:
-            return {"latents": latents[:config.batch_size], "cond": ids[:config.batch_size]}
+        def first_batch() -> dict[str, Any]:  # draw()'s layout (with the prior rows) without advancing its generator
+            rows = torch.arange(config.batch_size)
+            return batch_of(rows % len(captions), None if prior is None else rows % len(prior[1]))  # type: ignore[arg-type]
     else:
         per_epoch = len(epoch_batches_of(dataset, config))
         epoch_cache: dict[int, list] = {}

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +72,15 @@ class AttentionCall:
 
 
 class _Recorder(TorchFunctionMode):
+    """Counts each distinct ``F.scaled_dot_product_attention`` call (shapes, dtype, device, causal,
+    mask shape, gradient need) that runs while it is active; every call goes through unchanged."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.seen: Counter = Counter()
+        self.seen: Counter[tuple[Any, ...]] = Counter()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v = args[:3]

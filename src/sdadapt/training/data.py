@@ -102,6 +102,8 @@ class CaptionOptions:
             caption = self.templates[rng.randrange(len(self.templates))]
         if self.dropout and rng.random() < self.dropout:
             return ""
+        if not (self.shuffle or self.dropout or self.tag_dropout):  # templates only: a caption stays as written
+            return caption
         tags = [t.strip() for t in caption.split(self.separator)]
         tags = [t for t in tags if t]
         fixed, rest = tags[: self.keep_tokens], tags[self.keep_tokens:]

@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InputError
-from ..targets import Target, select
+from ..targets import Target, select_outermost
 
 __all__ = ["fully_shard_blocks"]
 
@@ -58,11 +58,7 @@ def fully_shard_blocks(model: nn.Module, blocks: Target | str, **fsdp_options: A
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("fully_shard_blocks needs torch.distributed initialised: call "
                          "torch.distributed.init_process_group(...) first (torchrun sets the rank variables)")
-    chosen: list[tuple[str, nn.Module]] = []
-    for name, module in select(model, blocks):
-        if module is model or any(name.startswith(outer + ".") for outer, _ in chosen):
-            continue
-        chosen.append((name, module))
+    chosen = select_outermost(model, blocks)
     for _, module in chosen:
         fully_shard(module, **fsdp_options)
     fully_shard(model, **fsdp_options)

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch.utils.checkpoint
 from torch import nn
 
-from ..targets import Target, by_regex, select
+from ..targets import Target, by_regex, select_outermost
 
 __all__ = ["UNET_BLOCKS", "CheckpointHandle", "blocks_by_activation_memory", "enable_checkpointing"]
 
@@ -67,11 +67,7 @@ def _capturing() -> bool:
 
 
 def _outermost(model: nn.Module, targets: Target | str | Iterable[str]) -> dict[str, nn.Module]:
-    chosen: dict[str, nn.Module] = {}
-    for name, module in select(model, targets):
-        if not any(name.startswith(outer + ".") for outer in chosen):
-            chosen[name] = module
-    return chosen
+    return dict(select_outermost(model, targets))
 
 
 def _base_class(module: nn.Module) -> type:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..targets import NoTargetsError, Target, by_regex, select
+from ..targets import NoTargetsError, Target, by_regex, select_outermost
 from .grad_checkpointing import UNET_BLOCKS
 
 __all__ = ["TEXT_ENCODER_LAYERS", "TRAINING_BLOCKS", "parameter_groups_by_module"]
@@ -64,13 +64,9 @@ def parameter_groups_by_module(
     """
     wanted = None if params is None else {id(p) for p in params}
     try:
-        names = [name for name, _ in select(model, blocks)]
+        outermost = {name for name, _ in select_outermost(model, blocks)}
     except NoTargetsError:
-        names = []
-    outermost: set[str] = set()
-    for name in names:  # select lists parents before children
-        if not any(name.startswith(outer + ".") for outer in outermost):
-            outermost.add(name)
+        outermost = set()
     groups: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if (not p.requires_grad) if wanted is None else id(p) not in wanted:

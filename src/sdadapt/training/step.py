@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import diffusion
-from ..formats.files import atomic_write, read_safetensors, write_safetensors
+from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .optim import FusedBackward
 
@@ -322,8 +322,10 @@ def save_training_state(
 ) -> None:
     """Write ``state.safetensors`` (weights, optimiser tensors, EMA, RNG states) + ``state.json``.
 
-    Both files are written atomically; the JSON (written last) records the step, so a crash
-    between the two leaves a folder whose JSON still describes the previous complete state.
+    Both files are written as temporaries and renamed into place together
+    (:func:`~sdadapt.formats.files.staged_outputs`): a crash or Ctrl-C while saving leaves the
+    previous complete state as it was; both files record the step, so a folder mixing two saves
+    (only a kill during the renames themselves) is refused by :func:`load_training_state`.
     """
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
@@ -350,8 +352,10 @@ def save_training_state(
         "scaler": scaler_sd,
         "config": asdict(config) if config else None,
     }
-    write_safetensors(target / "state.safetensors", tensors, {"step": str(state.step)})
-    atomic_write(target / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, default=float)))
+    with staged_outputs() as stage:  # both files renamed into place together, or neither
+        write_safetensors(target / "state.safetensors", tensors, {"step": str(state.step)}, stage=stage)
+        atomic_write(target / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, default=float)),
+                     stage=stage)
 
 
 def load_training_state(

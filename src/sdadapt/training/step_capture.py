@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .optim import set_lr
 from .step import ExtraLoss, StepConfig, TrainState, clip_and_step, prepare_batch, step_loss
 
 __all__ = ["CapturedStep", "CaptureError", "capture_problems", "graph_generators"]
@@ -135,7 +136,8 @@ class CapturedStep:
             ``torch.optim.AdamW(..., capturable=True)`` or sdadapt's ``AdamW(..., capturable=True)``.
         config: the step options (``accumulation_steps == 1``, no fp16).
         alphas_cumprod: (T,) noise schedule on the parameters' device.
-        warmup_steps: eager steps per batch layout before its capture.
+        warmup_steps: eager steps per batch layout before its capture (>= 1: they create the
+            optimiser state, which a capture would otherwise record, zeroed again at every replay).
         strict: raise :class:`CaptureError` on a CUDA machine when the step cannot be captured
             (``False``: run eagerly instead).
         extra_loss: as :func:`~sdadapt.training.step.train_step`'s, captured with the loss.
@@ -153,6 +155,9 @@ class CapturedStep:
         strict: bool = True,
         extra_loss: ExtraLoss | None = None,
     ) -> None:
+        if not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"CapturedStep needs warmup_steps >= 1, got {warmup_steps!r}: the eager steps before a "
+                             "capture create the optimiser state (captured, its creation would reset it at every replay)")
         self.model, self.params, self.optimizer = model, params, optimizer
         self.config, self.alphas_cumprod = config, alphas_cumprod
         self.warmup_steps = warmup_steps
@@ -178,16 +183,13 @@ class CapturedStep:
         filled in place; a float ``lr`` is replaced, which only eager steps see).
 
         Raises:
-            CaptureError: a graph is captured and a group's ``lr`` is a Python float (baked in).
+            CaptureError: a graph is captured and a group's ``lr`` is a Python float (baked in);
+                no group is changed then.
         """
-        for group in self.optimizer.param_groups:
-            if isinstance(group["lr"], Tensor):
-                group["lr"].fill_(lr)
-            elif self.captured:
-                raise CaptureError("the captured graph holds this optimiser's lr as a constant; build it with "
-                                   "lr=torch.tensor(lr, device='cuda') and capturable=True to change it")
-            else:
-                group["lr"] = lr
+        if self.captured and not all(isinstance(group["lr"], Tensor) for group in self.optimizer.param_groups):
+            raise CaptureError("the captured graph holds this optimiser's lr as a constant; build it with "
+                               "lr=torch.tensor(lr, device='cuda') and capturable=True to change it")
+        set_lr(self.optimizer, lr)
 
     def _eager(self, prepared: Mapping[str, object], state: TrainState) -> dict[str, Tensor]:
         loss = step_loss(self.model, prepared, self.config, self.extra_loss, autocast_cache=False)
