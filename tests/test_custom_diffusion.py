@@ -413,3 +413,19 @@ def test_a_save_named_like_a_token_file_is_another_save_not_a_stale_token(tmp_pa
     save_custom_diffusion_file(tmp_path / f"x{suffix}", state, embeddings=tokens[:1])
     assert not (tmp_path / f"x-token1{suffix}").exists() and not (tmp_path / f"x-token2{suffix}").exists()
     assert load_custom_diffusion(tmp_path / f"x{suffix}").tokens == ["<a>"]
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_a_token_file_never_replaces_the_weights_of_a_save_named_like_it(tmp_path, suffix):
+    """Saving ``cd`` with one token writes ``cd-token``: where that is another save's weights file it is
+    refused even with ``overwrite`` (before, the token file silently replaced those weights)."""
+    state = _random_state(_unet())
+    other = tmp_path / f"cd-token{suffix}"
+    save_custom_diffusion_file(other, state, embeddings=[sdadapt.Embedding("<c>", {"text_encoder": torch.randn(1, 32)})])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    token = [sdadapt.Embedding("<a>", {"text_encoder": torch.randn(1, 32)})]
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="another save"):
+            save_custom_diffusion_file(tmp_path / f"cd{suffix}", state, embeddings=token, overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert load_custom_diffusion(other).tokens == ["<c>"]

@@ -66,6 +66,23 @@ MAKERS = {
 }
 
 
+class _Boom(torch.autograd.Function):
+    """Identity forward, a backward that raises: a backward interrupted half-way (stem's gradient never comes)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("boom")
+
+
+def _backward_that_raises(model: _Branchy, x, y) -> None:
+    """A backward that reaches the head's parameters, then raises before the stem's."""
+    with pytest.raises(RuntimeError, match="boom"):
+        nn.functional.mse_loss(model.head(model.frozen(_Boom.apply(model.stem(x)))), y).backward()
+
 def _usual_loop(make, batches, lrs):
     model = _Branchy()
     optimizer = make([p for p in model.parameters() if p.requires_grad])
@@ -192,23 +209,13 @@ def test_grouped_state_resumes_and_a_backward_that_raised_does_not_stall_the_nex
     with pytest.raises(ValueError, match="same groups"):
         handle2.load_state_dict({"optimizers": saved["optimizers"][:-1]})
 
-    class Boom(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            raise RuntimeError("boom")
-
     # a group whose first gradient arrives before the backward raises, its second never
     model = _Branchy()
     odd = [model.head.weight, model.stem.weight, model.head.bias]
     rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in odd)]
     handle3 = fuse_optimizer_into_backward(model.parameters(), make, groups=[odd[:2], odd[2:], rest])
     x, y, _ = batches[0]
-    with pytest.raises(RuntimeError, match="boom"):
-        nn.functional.mse_loss(model.head(model.frozen(Boom.apply(model.stem(x)))), y).backward()
+    _backward_that_raises(model, x, y)
     assert model.head.weight.grad is not None and model.head.bias.grad is None  # left open / closed by the count
     head = model.head.weight.detach().clone()
     _loss(model, batches[1]).backward()  # applies what was left, then runs as usual
@@ -222,23 +229,12 @@ def test_grouped_state_resumes_and_a_backward_that_raised_does_not_stall_the_nex
 def test_remove_after_a_backward_that_raised_drops_its_open_gradients():
     """fit removes the hooks in a ``finally``: after an interrupted backward the open groups'
     gradients must not stay alive on the parameters nor leak into a later, unfused backward."""
-
-    class Boom(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            raise RuntimeError("boom")
-
     model = _Branchy()
     odd = [model.head.weight, model.stem.weight]
     rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in odd)]
     handle = fuse_optimizer_into_backward(model.parameters(), MAKERS["adamw-fp32-foreach"], groups=[odd, rest])
     x, y, _ = _batches(1)[0]
-    with pytest.raises(RuntimeError, match="boom"):
-        nn.functional.mse_loss(model.head(model.frozen(Boom.apply(model.stem(x)))), y).backward()
+    _backward_that_raises(model, x, y)
     assert model.head.weight.grad is not None  # its group waits for stem.weight, which never comes
     handle.remove()
     assert all(p.grad is None for p in model.parameters())

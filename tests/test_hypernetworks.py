@@ -232,18 +232,24 @@ def test_hypernetwork_container_and_bad_widths():
 
 
 # --------------------------------------------------------------------------- injection
+def _a1111_attention(attn, references, x, context=None):
+    """A1111's CrossAttention.forward with hypernetworks on ``attn``'s projections (the toy attention
+    or diffusers' ``Attention``: ``to_q``/``to_k``/``to_v``/``to_out``/``heads``); x (B, N, D) -> (B, N, D)."""
+    context = x if context is None else context
+    context_k, context_v = a1111_apply_hypernetworks(references, context)
+    b, n, _ = x.shape
+    q = attn.to_q(x).view(b, n, attn.heads, -1).transpose(1, 2)
+    k = attn.to_k(context_k).view(b, context_k.shape[1], attn.heads, -1).transpose(1, 2)
+    v = attn.to_v(context_v).view(b, context_v.shape[1], attn.heads, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 def _a1111_attention_forward(references):
     """The toy attention as A1111's CrossAttention.forward computes it, with hypernetworks."""
 
     def forward(self, x, context=None):
-        context = x if context is None else context
-        context_k, context_v = a1111_apply_hypernetworks(references, context)
-        b, n, d = x.shape
-        q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k = self.to_k(context_k).view(b, context_k.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.to_v(context_v).view(b, context_v.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        return self.to_out[1](self.to_out[0](out))
+        return _a1111_attention(self, references, x, context)
 
     return forward
 
@@ -360,14 +366,7 @@ def test_injection_on_a_tiny_diffusers_unet_matches_a_reference_processor():
 
     class A1111Processor:  # diffusers' attention with A1111's context_k / context_v
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-            context_k, context_v = a1111_apply_hypernetworks(refs, context)
-            b, n, _ = hidden_states.shape
-            q = attn.to_q(hidden_states).view(b, n, attn.heads, -1).transpose(1, 2)
-            k = attn.to_k(context_k).view(b, context_k.shape[1], attn.heads, -1).transpose(1, 2)
-            v = attn.to_v(context_v).view(b, context_v.shape[1], attn.heads, -1).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
-            return attn.to_out[1](attn.to_out[0](out))
+            return _a1111_attention(attn, refs, hidden_states, encoder_hidden_states)
 
     reference = _plain_copy(unet)
     reference.set_attn_processor(A1111Processor())

@@ -26,6 +26,7 @@ from sdadapt.training.optim import (
     stochastic_round_to_bf16,
 )
 from docs_pages import run_block
+from optimizer_states import assert_same_optimizer_state
 
 SETTINGS = settings(max_examples=25, deadline=None)
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,13 +386,7 @@ def test_adamw_foreach_is_bit_identical_to_the_per_parameter_path(state_dtype, p
             opt.step()
         runs.append((params, opt, gen.get_state()))
     (pa, oa, ga), (pb, ob, gb) = runs
-    for p, q in zip(pa, pb):
-        assert torch.equal(p, q)
-        sa, sb = oa.state[p], ob.state[q]
-        assert sa.keys() == sb.keys()
-        for key, value in sa.items():
-            other = sb[key]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+    assert_same_optimizer_state(pa, oa, pb, ob)
     assert torch.equal(ga, gb)  # the same number of stochastic-rounding draws
 
 

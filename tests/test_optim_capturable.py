@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from optimizer_states import assert_same_optimizer_state
 from torch import nn
 
 from sdadapt.training.optim import AdamW, set_lr
@@ -64,19 +65,6 @@ def _run(opt, params, grads, param_dtype, *, lr_change_at: int | None = None) ->
         opt.step()
 
 
-def _assert_same_state(oa, pa, ob, pb) -> None:
-    for p, q in zip(pa, pb):
-        assert torch.equal(p, q)
-        sa, sb = oa.state[p], ob.state[q]
-        assert sa.keys() == sb.keys()
-        for key, value in sa.items():
-            other = sb[key]
-            if key == "step":  # an int in one mode, a float32 0-dim tensor in the other
-                assert float(value) == float(other)
-            else:
-                assert torch.equal(value, other), key
-
-
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, "int8"])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
@@ -99,7 +87,7 @@ def test_capturable_is_bit_identical_to_the_python_scalar_step(state_dtype, para
             assert all(opt.state[p]["step"].dtype == torch.float32 for p in params)
         runs.append((params, opt, gen.get_state()))
     (pa, oa, ga), (pb, ob, gb) = runs
-    _assert_same_state(oa, pa, ob, pb)
+    assert_same_optimizer_state(pa, oa, pb, ob, step_as_number=True)  # step: an int or a 0-dim tensor
     assert torch.equal(ga, gb)  # the same stochastic-rounding draws
 
 
@@ -151,7 +139,7 @@ def test_state_resumes_across_modes(state_dtype, saved_capturable):
     step = opt2.state[resumed[0]]["step"]
     assert (type(step) is int) if saved_capturable else (isinstance(step, torch.Tensor) and step.dtype == torch.float32)
     _run(opt2, resumed, grads[5:], torch.bfloat16)
-    _assert_same_state(opt, params, opt2, resumed)
+    assert_same_optimizer_state(params, opt, resumed, opt2, step_as_number=True)  # step: an int or a 0-dim tensor
 
 
 def test_training_state_files_resume_a_capturable_run_in_the_other_mode(tmp_path):
@@ -174,7 +162,7 @@ def test_training_state_files_resume_a_capturable_run_in_the_other_mode(tmp_path
     load_training_state(tmp_path / "b", named_params={f"p{i}": p for i, p in enumerate(back_params)},
                         optimizer=back, state=TrainState())
     _run(back, back_params, grads[3:], torch.float32)
-    _assert_same_state(opt, params, back, back_params)
+    assert_same_optimizer_state(params, opt, back_params, back, step_as_number=True)  # step: an int or a 0-dim tensor
 
 
 def test_tensor_lr_needs_capturable_and_the_parameters_device():

@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+from optimizer_states import assert_same_optimizer_state
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdadapt.training import optim
@@ -107,16 +108,7 @@ def _train(foreach: bool, state_dtype, kind: str, capturable: bool, steps: int =
 
 def _assert_same(a, b) -> None:
     (pa, oa, ga), (pb, ob, gb) = a, b
-    for p, q in zip(pa, pb):
-        assert p.dtype == q.dtype and torch.equal(p, q)
-        sa, sb = oa.state[p], ob.state[q]
-        assert sa.keys() == sb.keys()
-        for key, value in sa.items():
-            other = sb[key]
-            if isinstance(value, torch.Tensor):
-                assert value.dtype == other.dtype and value.shape == other.shape and torch.equal(value, other), key
-            else:
-                assert value == other, key
+    assert_same_optimizer_state(pa, oa, pb, ob)
     assert torch.equal(ga.get_state(), gb.get_state())  # the same stochastic-rounding draws
 
 
@@ -187,3 +179,55 @@ def test_a_state_saved_by_the_per_parameter_step_resumes_in_the_batched_one(stat
                 resumed_opt.step()
             runs.append((resumed, resumed_opt, resumed_gen))
         _assert_same(*runs)
+
+
+@pytest.mark.parametrize("other", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@STATE_DTYPES
+def test_a_group_with_parameters_on_two_devices_steps_each_device_on_its_own(state_dtype, param_dtype, other):
+    """One group holding parameters on two devices (a model split across devices; CPU and meta or
+    CUDA, interleaved): the batched step concatenates per device, so it runs, and the CPU parameters
+    and their state come out as the per-parameter step leaves them (before, the batched casts and
+    the int8 code concatenation mixed devices and raised)."""
+    def train(foreach: bool):
+        torch.manual_seed(0)
+        params = [torch.randn(n, dtype=param_dtype).to(device).requires_grad_()
+                  for n, device in [(300, "cpu"), (40, other), (7, "cpu"), (260, other), (5, "cpu")]]
+        opt = AdamW(params, lr=1e-2, state_dtype=state_dtype, foreach=foreach, stochastic_rounding=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(param_dtype).to(p.device)
+            opt.step()
+        return [p for p in params if p.device.type == "cpu"], opt
+
+    (per_param, opt_a), (batched, opt_b) = train(False), train(True)
+    for p, q in zip(per_param, batched):
+        assert torch.equal(p, q)
+        for key, value in opt_a.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, opt_b.state[q][key]), key
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@STATE_DTYPES
+def test_empty_and_fp16_parameters_step_as_in_the_per_parameter_path(state_dtype, param_dtype):
+    """Zero-size parameters (a whole chunk of them too) and fp16 weights with a channels_last conv:
+    the batched casts and the int8 padding handle them, bit for bit as one parameter at a time."""
+    def train(foreach: bool, shapes):
+        torch.manual_seed(0)
+        params = [torch.randn(s).to(param_dtype).requires_grad_() for s in shapes]
+        params[-1].data = params[-1].data.to(memory_format=torch.channels_last)
+        opt = AdamW(params, lr=1e-2, state_dtype=state_dtype, foreach=foreach, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(param_dtype)
+            opt.step()
+        return params, opt
+
+    for shapes in ([(0, 3), (0, 2, 3, 3)], [(0, 3), (0,), (2, 3, 3, 3)], [(0, 3), (300,), (0,), (7,), (2, 3, 3, 3)]):
+        (pa, oa), (pb, ob) = train(False, shapes), train(True, shapes)
+        assert_same_optimizer_state(pa, oa, pb, ob)
+        assert pb[-1].is_contiguous(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,36 @@ def test_a_failed_rename_puts_back_what_was_already_renamed(tmp_path, monkeypatc
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("second_exists", [True, False])
+def test_ctrl_c_right_after_a_rename_also_puts_that_file_back(tmp_path, monkeypatch, second_exists):
+    """Python delivers a SIGINT that arrives during a rename system call just after the call
+    returns: the rename has happened but the commit has not noted it yet. That file is put back as
+    well (before: it stayed new beside the restored old ones — the mix staging exists to prevent)."""
+    (tmp_path / "a.bin").write_bytes(b"old a")
+    if second_exists:
+        (tmp_path / "b.bin").write_bytes(b"old b")
+    before = _snapshot(tmp_path)
+    real_replace, real_link = os.replace, os.link
+    interrupted: list[str] = []
+
+    def interrupted_after_b(real):
+        def move(src, dst, *args, **kwargs):
+            result = real(src, dst, *args, **kwargs)
+            if Path(dst).name == "b.bin" and not interrupted:  # once: putting b back is a rename to b too
+                interrupted.append(str(src))
+                raise KeyboardInterrupt
+            return result
+        return move
+
+    monkeypatch.setattr(os, "replace", interrupted_after_b(real_replace))
+    monkeypatch.setattr(os, "link", interrupted_after_b(real_link))
+    with pytest.raises(KeyboardInterrupt), staged_outputs() as stage:
+        atomic_write(tmp_path / "a.bin", _write_bytes(b"new a"), stage=stage)
+        atomic_write(tmp_path / "b.bin", _write_bytes(b"new b"), overwrite=second_exists, stage=stage)
+        atomic_write(tmp_path / "c.bin", _write_bytes(b"new c"), overwrite=False, stage=stage)
+    assert _snapshot(tmp_path) == before
+
+
 def test_a_target_twice_or_a_write_after_the_block_is_refused(tmp_path):
     with pytest.raises(ValueError, match="written twice"), staged_outputs() as stage:
         atomic_write(tmp_path / "a.bin", _write_bytes(b"1"), stage=stage)
@@ -166,6 +197,36 @@ def test_a_target_twice_or_a_write_after_the_block_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has ended"):
         atomic_write(tmp_path / "b.bin", _write_bytes(b"2"), stage=stage)
     assert _snapshot(tmp_path) == {"a.bin": b"1"}
+
+
+def test_a_write_from_another_thread_that_finishes_after_the_block_is_refused_and_removed(tmp_path):
+    """A stage shared with a worker thread: a write still running when the block ends (its renames
+    done) is refused when it finishes — its temporary removed and its lock released — instead of
+    returning as if staged while its file never appears (before: a silent lost output, a leaked
+    temporary and an open descriptor)."""
+    started, release = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def slow(tmp: str) -> None:
+        started.set()
+        release.wait(10)
+        Path(tmp).write_bytes(b"late")
+
+    def worker(stage) -> None:
+        try:
+            outcome["returned"] = atomic_write(tmp_path / "late.bin", slow, stage=stage)
+        except ValueError as exc:
+            outcome["raised"] = exc
+
+    with staged_outputs() as stage:
+        atomic_write(tmp_path / "a.bin", _write_bytes(b"a"), stage=stage)
+        thread = threading.Thread(target=worker, args=(stage,))
+        thread.start()
+        assert started.wait(10)
+    release.set()
+    thread.join(10)
+    assert "returned" not in outcome and "has ended" in str(outcome["raised"])
+    assert _snapshot(tmp_path) == {"a.bin": b"a"}  # no temporary left behind
 
 
 # ------------------------------------------------------------------------------ Custom Diffusion

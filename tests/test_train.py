@@ -160,14 +160,18 @@ def test_a_save_that_fails_half_way_keeps_the_previous_state(tmp_path, monkeypat
     _run(8, folder=tmp_path, resume_at=2)  # the previous state: step 1 (2 micro-batches, accumulation 2)
     before = {name: (tmp_path / name).read_bytes() for name in ("state.safetensors", "state.json")}
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    real_atomic_write = step_module.atomic_write
 
-    real_dumps = step_module.json.dumps
-    monkeypatch.setattr(step_module.json, "dumps", disk_full)  # state.json's writer fails after the tensors were written
-    with pytest.raises(OSError):
+    def state_json_fills_the_disk(path, write, **kwargs):  # state.json, written after state.safetensors
+        def write_then_fail(tmp):
+            write(tmp)
+            raise OSError(28, "No space left on device")
+        return real_atomic_write(path, write_then_fail, **kwargs)
+
+    monkeypatch.setattr(step_module, "atomic_write", state_json_fills_the_disk)
+    with pytest.raises(OSError, match="disk filled up"):
         _save_at(tmp_path, 4)
-    monkeypatch.setattr(step_module.json, "dumps", real_dumps)
+    monkeypatch.setattr(step_module, "atomic_write", real_atomic_write)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]  # no temporaries left
     rest, _, state = _run(8, folder=tmp_path)  # and it still resumes

@@ -25,7 +25,8 @@ as its own diffusers textual-inversion file (``pipe.load_textual_inversion(file)
 owns the ``<stem>-token*`` files of its name (:func:`existing_token_files`): overwriting removes those
 of an earlier save it does not rewrite (3 tokens then 1: ``-token1``…``-token3`` go), without
 ``overwrite`` any of them is refused; no other file is touched (diffusers' ``<new1>.bin`` in a
-folder never matches). The files of one save appear together or not at all (a failed save leaves the
+folder never matches; a token-file name holding another save's weights — ``cd-token.safetensors``
+saved as weights — is refused, even with ``overwrite``). The files of one save appear together or not at all (a failed save leaves the
 earlier one as it was); pickles are read only with
 ``torch.load(weights_only=True)``.
 """
@@ -383,7 +384,8 @@ def save_custom_diffusion_file(
             than ``.safetensors``/``.bin``.
         OutputExistsError / OutputError: see :func:`sdadapt.formats.files.atomic_write` (all outputs
             are checked before anything is written); a token file of an earlier save without
-            ``overwrite``; a stale token file that cannot be removed (names it).
+            ``overwrite``; a token file name that holds another save's weights (even with
+            ``overwrite``); a stale token file that cannot be removed (names it).
     """
     target = Path(path)
     suffix = target.suffix.lower()
@@ -399,6 +401,10 @@ def save_custom_diffusion_file(
     states = [_token_state(e) for e in embeddings]
     for state, file in zip(states, companions):
         check_finite(state, source=f"{file} (to be written)")
+    for file in companions:
+        if file.is_file() and _holds_custom_diffusion_weights(file):  # even with overwrite: not this save's file
+            raise OutputExistsError(f"{file}: holds the Custom Diffusion weights of another save, and {target.name}'s "
+                                    "modifier-token file would replace them; save under another name, or move that file")
     for file in (target, *companions):
         check_output_file(file, overwrite=overwrite, suffix=None)
     stale = [p for p in existing_token_files(target) if p not in companions]

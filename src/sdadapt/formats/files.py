@@ -27,6 +27,7 @@ import shutil
 import stat
 import struct
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -331,7 +332,7 @@ def atomic_write(
                 os.fsync(handle.fileno())
             os.chmod(tmp, mode)
             if stage is not None:  # the stage owns tmp (and its lock) from here
-                stage._entries.append(_StagedFile(tmp, target, overwrite, fd))
+                stage._add(_StagedFile(tmp, target, overwrite, fd))
                 return target
             if overwrite:
                 os.replace(tmp, target)
@@ -390,6 +391,7 @@ class StagedOutputs:
     def __init__(self) -> None:
         self._entries: list[_StagedFile] = []
         self._ended = False
+        self._lock = threading.Lock()  # a stage may be shared with worker threads
 
     def __enter__(self) -> StagedOutputs:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
@@ -411,23 +413,28 @@ class StagedOutputs:
         if any(os.path.abspath(entry.target) == os.path.abspath(target) for entry in self._entries):
             raise ValueError(f"{target}: written twice in one staged_outputs() block")
 
+    def _add(self, entry: _StagedFile) -> None:
+        """Take over a finished temporary file; refused (``ValueError``, the caller removes it) when
+        the block has ended meanwhile — a write from another thread that outlived the block — or
+        another thread staged the same target."""
+        with self._lock:
+            self._check_new(entry.target)
+            self._entries.append(entry)
+
+    def _close(self) -> list[_StagedFile]:
+        """End the block (later writes are refused) and hand over the staged files."""
+        with self._lock:
+            self._ended = True
+            entries, self._entries = self._entries, []
+        return entries
+
     def _end(self) -> None:
         """Remove every temporary file still here and release its lock (the targets are untouched)."""
-        self._ended = True
-        entries, self._entries = self._entries, []
-        for entry in entries:
-            try:
-                if os.path.lexists(entry.tmp):
-                    os.unlink(entry.tmp)
-            except OSError:
-                pass
-            finally:
-                if entry.fd >= 0:
-                    os.close(entry.fd)
+        _remove_temporaries(self._close())
 
     def _commit(self) -> None:
         """Rename every staged file into place, or (on any failure, Ctrl-C included) none."""
-        entries = list(self._entries)
+        entries = self._close()
         backups: list[str | None] = []
         try:
             for entry in entries:  # checked for all before any rename: a refusal changes nothing
@@ -441,7 +448,9 @@ class StagedOutputs:
             moved: list[tuple[_StagedFile, str | None, bool]] = []
             try:
                 for entry, backup in zip(entries, backups):
-                    existed = os.path.lexists(entry.target)
+                    # noted before the rename: Ctrl-C during the system call is raised just after it
+                    # returns, and that rename must be undone too (_undo_moves skips one not done)
+                    moved.append((entry, backup, os.path.lexists(entry.target)))
                     try:
                         if entry.overwrite:
                             os.replace(entry.tmp, entry.target)
@@ -451,7 +460,6 @@ class StagedOutputs:
                         if isinstance(exc, (OutputError, FileExistsError)):
                             raise
                         raise _write_failure(entry.target, exc, entry.tmp) from None
-                    moved.append((entry, backup, existed))
             except BaseException:
                 _undo_moves(moved)
                 raise
@@ -462,7 +470,20 @@ class StagedOutputs:
                         os.unlink(backup)
                     except OSError:
                         pass
-            self._end()
+            _remove_temporaries(entries)
+
+
+def _remove_temporaries(entries: list[_StagedFile]) -> None:
+    """Remove the staged temporary files still there (those not renamed) and release their locks."""
+    for entry in entries:
+        try:
+            if os.path.lexists(entry.tmp):
+                os.unlink(entry.tmp)
+        except OSError:
+            pass
+        finally:
+            if entry.fd >= 0:
+                os.close(entry.fd)
 
 
 def _backup_link(target: Path) -> str | None:
@@ -486,15 +507,29 @@ def _backup_link(target: Path) -> str | None:
 
 def _undo_moves(moved: list[tuple[_StagedFile, str | None, bool]]) -> None:
     """Put back what a failed commit renamed, newest first: the backup over a replaced file, or
-    remove a file that did not exist before (best effort: the original error is what is raised)."""
+    remove a file that did not exist before (best effort: the original error is what is raised).
+    An entry whose rename did not happen is left alone (its target may be another writer's file)."""
     for entry, backup, existed in reversed(moved):
         try:
+            if not _renamed(entry):
+                continue
             if backup is not None:
                 os.replace(backup, entry.target)
             elif not existed:
                 os.unlink(entry.target)
         except OSError:
             pass
+
+
+def _renamed(entry: _StagedFile) -> bool:
+    """Whether ``entry.target`` is now the staged file: the same inode as its still-open temporary
+    (where it is not kept open, Windows: whether the temporary's name is gone)."""
+    if entry.fd < 0:
+        return not os.path.lexists(entry.tmp)
+    try:
+        return os.path.samestat(os.fstat(entry.fd), os.lstat(entry.target))
+    except OSError:
+        return False
 
 
 def staged_outputs() -> StagedOutputs:
@@ -505,9 +540,10 @@ def staged_outputs() -> StagedOutputs:
     the block ends normally every file is renamed into place (after checking, for each output
     written without ``overwrite``, that its name is still free — else none is renamed). If the
     block raises — a failed write, a full disk, Ctrl-C — every temporary file is removed and no
-    output changes. A failure among the renames themselves puts back what was renamed (replaced
-    files from a hard-link backup, new ones removed). Only a kill or a power loss during the renames
-    (microseconds) can leave a mix::
+    output changes. A failure among the renames themselves (Ctrl-C included) puts back what was
+    renamed (replaced files from a hard-link backup, new ones removed). Only a kill or a power loss
+    during the renames (microseconds) can leave a mix — or, on a file system without hard links
+    (FAT, some network shares: no backup), a rename that fails after one that replaced a file::
 
         with staged_outputs() as stage:
             write_safetensors("cd.safetensors", weights, overwrite=True, stage=stage)
@@ -515,7 +551,8 @@ def staged_outputs() -> StagedOutputs:
         # both files are new here, or (the block raised) both are as they were
 
     Meant for the handful of files one save writes: each temporary stays open (locked) until the
-    block ends.
+    block ends. Worker threads may write into one stage; a write that finishes after the block
+    ended raises ``ValueError`` (its temporary removed), never returns as if staged.
 
     Returns:
         a :class:`StagedOutputs` context manager (``.paths``: the outputs staged so far).

@@ -310,7 +310,7 @@ class AdamW(torch.optim.Optimizer):
             kernel launches on a GPU. Same arithmetic in the same order and the same
             stochastic-rounding draws, so the result is bit-identical to ``foreach=False`` on CPU
             (tested); on CUDA the multi-tensor kernels may round differently in the last bit.
-            Parameters go in chunks of 2²⁴ elements, so the float32 working copies of bf16
+            Parameters go in chunks of 2²⁴ elements on one device each, so the float32 working copies of bf16
             weights and low-precision moments stay under ~0.5 GB.
             With :func:`fuse_optimizer_into_backward`, give it ``groups`` (one parameter per
             optimiser leaves nothing to batch).
@@ -495,7 +495,7 @@ class AdamW(torch.optim.Optimizer):
         decay, step_sizes, bias_corrections2_sqrt = _adamw_scalars(group, [state["step"] for state in states])
         # float32 working copies, each kind in one batched pass (a fixed number of ops per chunk):
         # float32 tensors are used as they are (updated in place), the others cast in one go
-        grads = _float32_many([p.grad for p in params if p.grad is not None])  # all of them: step() passes those with one
+        grads = _float32_many([p.grad for p in params])  # type: ignore[misc]  (step() passes only parameters with one)
         weights = _float32_many(params)
         if group["state_dtype"] == "int8":
             ms, vs = self._load_int8_moments(states, params, group)
@@ -628,11 +628,13 @@ _FOREACH_CHUNK_ELEMENTS = 1 << 24
 
 
 def _chunks(params: list[Tensor], limit: int) -> list[list[Tensor]]:
-    """Consecutive runs of ``params`` of at most ``limit`` elements each (a bigger tensor alone)."""
+    """Consecutive runs of ``params`` of at most ``limit`` elements each (a bigger tensor alone), all
+    on one device (the batched step concatenates a chunk's tensors; the order, and so the
+    stochastic-rounding draws, stay the per-parameter step's)."""
     out: list[list[Tensor]] = []
     size = 0
     for p in params:
-        if not out or size + p.numel() > limit:
+        if not out or size + p.numel() > limit or p.device != out[-1][0].device:
             out.append([])
             size = 0
         out[-1].append(p)
