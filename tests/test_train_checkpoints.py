@@ -218,3 +218,34 @@ def test_sdxl_saves_as_a_diffusers_folder_that_loads_back_and_in_diffusers(files
     single = system.save_model(tmp_path / "xl.safetensors", dtype=torch.float16)
     back = DiffusersSystem.from_single_file(single)  # the exact configs travel in the file's metadata
     assert back.unet.config.addition_time_embed_dim == 8 and back.base_model == "sdxl"
+
+
+def test_an_overwriting_save_that_fails_keeps_the_previous_outputs(tmp_path, monkeypatch, capsys):
+    """``train --overwrite`` used to delete the old outputs before saving: an interrupted or failed save left none."""
+    import sdadapt.jobs.train as train_job
+    from sdadapt.cli import main
+    from sdadapt.images import write_png
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    write_png(images / "a.png", torch.zeros(3, 32, 32))
+    (images / "a.txt").write_text("a red circle")
+    out = tmp_path / "l.safetensors"
+    args = ["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "--batch-size", "1",
+            "--no-save-state", "-o", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    before = out.read_bytes()
+    real_save = train_job._save
+
+    def save_then_fail(adaptation, spec, path, **kwargs):
+        real_save(adaptation, spec, path, **kwargs)  # the new file is in place…
+        raise OSError(28, "No space left on device")  # …and then the save fails (e.g. stamping the hashes)
+
+    monkeypatch.setattr(train_job, "_save", save_then_fail)
+    assert main([*args, "--overwrite", "--seed", "3"]) != 0
+    assert out.read_bytes() == before  # the previous output is back
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("l.")) == ["l.safetensors"]
+    monkeypatch.setattr(train_job, "_save", real_save)
+    assert main([*args, "--overwrite", "--seed", "3"]) == 0, capsys.readouterr().err
+    assert out.read_bytes() != before
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]

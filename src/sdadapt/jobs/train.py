@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -437,14 +437,38 @@ def _save(adaptation, spec, path: Path, *, metadata: dict[str, str], dtype: torc
     return saved
 
 
-def _replace(path: Path) -> None:
-    """Remove an existing output the user allowed to be replaced (writers refuse existing paths)."""
+def _remove(path: Path) -> None:
     import shutil
 
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+@contextlib.contextmanager
+def _replacing(paths) -> Iterator[None]:
+    """Around a save that writes ``paths`` anew (the user allowed replacing them; the writers refuse
+    existing paths): the existing ones are renamed aside first (``NAME.replaced-<pid>`` in the same
+    folder), put back if the save raises (an error, a full disk, Ctrl-C) and removed once it
+    succeeded — an interrupted save leaves the previous outputs, not none. Only a kill during the
+    save leaves the ``.replaced-<pid>`` names behind (the previous outputs, to rename back)."""
+    aside: list[tuple[Path, Path]] = []
+    try:
+        for path in paths:
+            if path.exists() or path.is_symlink():
+                moved = path.with_name(f"{path.name}.replaced-{os.getpid()}")
+                _remove(moved)  # (a leftover of an earlier, killed run of this pid number)
+                os.replace(path, moved)
+                aside.append((path, moved))
+        yield
+    except BaseException:
+        for path, moved in reversed(aside):
+            _remove(path)  # what the failed save wrote there
+            os.replace(moved, path)
+        raise
+    for _, moved in aside:
+        _remove(moved)
 
 
 def run_train(method: str, options: TrainOptions | None = None, *, progress: Progress | None = None,
@@ -649,9 +673,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
 
     def save_now(progress_info, path: Path) -> None:
         ema = ema_beside(progress_info)
-        with progress_info.averaged() if ema is None else contextlib.nullcontext():
-            for output in spec.outputs(path):
-                _replace(output)
+        with progress_info.averaged() if ema is None else contextlib.nullcontext(), _replacing(spec.outputs(path)):
             _save(adaptation, spec, path, metadata=metadata(progress_info.step, progress_info.epoch), dtype=options.dtype,
                   ema=ema)
         saved.append(str(path))
@@ -700,9 +722,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                           + (f"; continue with --resume {outputs.state}" if options.save_state else "")) from None
     finally:
         run_log.close()
-    if options.overwrite:
-        _replace(outputs.final)
-    file = _save(adaptation, spec, outputs.final, metadata=metadata(total, epochs), dtype=options.dtype, ema=last.get("ema"))
+    with _replacing(spec.outputs(outputs.final) if options.overwrite else ()):
+        file = _save(adaptation, spec, outputs.final, metadata=metadata(total, epochs), dtype=options.dtype, ema=last.get("ema"))
     lora = None
     if options.extract_lora is not None:
         lora_file = extracted_lora_path(outputs.final, options.extract_lora)
