@@ -20,6 +20,7 @@ Variants (each in a fresh subprocess, ``--steps`` optimiser steps):
                  the highest-resolution blocks, transformers first)
 ``8bit+fused+ckpt``  both (``8bit+fused/param+ckpt``: per parameter; ``8bit+fused+ckpt0.5``: half the blocks)
 ``bf16+8bit+fused+ckpt``  and bf16 weights with stochastic rounding (``--full-bf16``, bf16 autocast)
+                 (``bf16+8bit+fused+ckpt0.5``: checkpointing half the blocks)
 
 Memory: ``VmHWM`` (peak RSS, /proc/self/status, reset with ``/proc/self/clear_refs`` right before
 ``fit``) minus the RSS then (the UNet built and prepared, including the copy of the original
@@ -61,6 +62,8 @@ VARIANTS = {
     "8bit+fused/param+ckpt": {"optimizer": "adamw8bit", "fused_backward": True, "gradient_checkpointing": True,
                               "per_parameter": True},
     "bf16+8bit+fused+ckpt": {"optimizer": "adamw8bit", "fused_backward": True, "gradient_checkpointing": True, "full_bf16": True},
+    "bf16+8bit+fused+ckpt0.5": {"optimizer": "adamw8bit", "fused_backward": True, "gradient_checkpointing": True,
+                                "gradient_checkpointing_fraction": 0.5, "full_bf16": True},
 }
 
 
@@ -185,7 +188,7 @@ def main() -> None:
     base = rows[0]["peak_mib"]
     print(f"UNet: SD1.5 layout, channels {args.channels}, {params / 1e6:.1f} M parameters "
           f"({params * 4 / 2**20:.0f} MiB fp32); latents {args.latent}x{args.latent}, batch 1, {args.steps} steps\n")
-    print("| variant | trained weights | peak memory above the loaded model | weights + peak | vs adamw | s/step |")
+    print(f"| variant | trained weights | peak memory above the loaded model | weights + peak | vs {rows[0]['variant']} | s/step |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         total = row["weights_mib"] + row["peak_mib"]

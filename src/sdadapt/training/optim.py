@@ -12,7 +12,8 @@ What each piece saves, per trained parameter (fp32 AdamW keeps 4 B weight + 4 B 
   group's last one) is accumulated, so only the open groups' gradients live at a time (no 4 B/param
   grad buffer).
 
-Every optimiser computes its update in float32 whatever the parameter and state dtypes are.
+Every optimiser computes its update in float32 whatever the parameter and state dtypes are (a
+float64 parameter is updated at float32 precision: use ``torch.optim.AdamW`` for float64 work).
 """
 
 from __future__ import annotations
