@@ -303,3 +303,30 @@ def test_full_bf16_from_the_command_line_with_samples_and_its_refusals(tmp_path,
     with pytest.raises(ValueError, match="whole-model"):
         run_train("lora", TrainOptions(images=_images(tmp_path / "imgs2"), steps=1, full_bf16=True, mixed_precision="bf16",
                                        out=tmp_path / "l.safetensors"))
+
+
+def _original_copy_test(device: str) -> None:
+    system = load_toy()
+    system.unet.to(device)
+    before = {k: v.detach().clone() for k, v in system.unet.state_dict().items()}
+    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
+    adaptation = METHODS["full"].prepare(system)
+    # the originals live in host memory: on a GPU they would cost a second copy of the weights there
+    assert all(v.device.type == "cpu" for part in adaptation._original.values() for v in part.values())
+    if device == "cuda":
+        assert torch.cuda.memory_allocated() - allocated < 1 << 20
+    with torch.no_grad():
+        for p in adaptation.params:
+            p.add_(1.0)
+    adaptation.remove()
+    after = system.unet.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].device.type == device for k, v in before.items())
+
+
+def test_full_fine_tune_keeps_its_originals_in_host_memory_and_removes_exactly():
+    _original_copy_test("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_full_fine_tune_keeps_its_originals_off_the_gpu():
+    _original_copy_test("cuda")

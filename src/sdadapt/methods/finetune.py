@@ -52,7 +52,7 @@ def extracted_lora_path(path: str | os.PathLike, rank: int) -> Path:
 
 
 class FullAdaptation:
-    """The chosen parts' own parameters, unfrozen; originals kept for an exact ``remove()``.
+    """The chosen parts' own parameters, unfrozen; originals kept (in host memory) for an exact ``remove()``.
 
     ``text_encoder_share``: with the text encoder trained, the share of the steps it trains for
     when ``FitConfig.text_encoder_steps`` is not given (``None``: every step).
@@ -67,7 +67,10 @@ class FullAdaptation:
             for name in ("text_encoder", "text_encoder_2"):  # SDXL has two
                 if isinstance(getattr(system, name, None), nn.Module):
                     self.parts[name] = getattr(system, name)
-        self._original = {name: {k: v.detach().clone() for k, v in part.state_dict().items()} for name, part in self.parts.items()}
+        # in host memory whatever the model's device: only remove() and extract_lora read it, and on a GPU
+        # the copy (3.3 GB fp32 for SD1.5's UNet) would otherwise put a lean fine-tune over 8 GB
+        self._original = {name: {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
+                          for name, part in self.parts.items()}
         self._requires_grad = {name: [p.requires_grad for p in part.parameters()] for name, part in self.parts.items()}
         self._dtypes = {name: [t.dtype for t in (*part.parameters(), *part.buffers())] for name, part in self.parts.items()}
         for part in self.parts.values():
