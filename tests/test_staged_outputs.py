@@ -368,3 +368,54 @@ def test_a_peft_save_that_fails_on_the_config_keeps_the_earlier_weights_and_conf
     save_peft(tmp_path, _lora_state(2, 8.0, 1))
     loaded = load_peft(tmp_path)
     assert all(torch.equal(loaded[k], v) for k, v in _lora_state(2, 8.0, 1).items())
+
+
+# ------------------------------------------------------------ a signal the moment a temporary appears
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_signal_just_after_the_temporary_file_is_made_still_removes_it(tmp_path, monkeypatch, staged):
+    """The window test_hostile_inputs' SIGTERM-mid-merge test hit under load (1 run in 12): the
+    handler ran inside ``mkstemp``, after the file was made and before its name was known, so the
+    cleanup could not remove it."""
+    import signal
+    import tempfile
+
+    from sdadapt.cli.options import terminate_as_interrupt
+    from sdadapt.errors import Interrupted
+
+    real = tempfile.mkstemp
+    made: list[str] = []
+
+    def mkstemp_then_signal(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        made.append(name)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at once unless held
+        for _ in range(1000):  # bytecode boundaries where a pending Python handler runs
+            pass
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    out = tmp_path / "a.bin"
+    with pytest.raises(Interrupted), terminate_as_interrupt():
+        if staged:
+            with staged_outputs() as stage:
+                atomic_write(out, lambda tmp: Path(tmp).write_bytes(b"x"), stage=stage)
+        else:
+            atomic_write(out, lambda tmp: Path(tmp).write_bytes(b"x"))
+    assert made and sorted(os.listdir(tmp_path)) == []
+
+
+def test_signals_held_delivers_a_held_signal_when_the_block_ends(tmp_path):
+    import signal
+
+    from sdadapt.cli.options import terminate_as_interrupt
+    from sdadapt.errors import Interrupted
+
+    reached = []
+    with pytest.raises(Interrupted), terminate_as_interrupt():
+        with files.signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+            reached.append("end of block")
+        reached.append("after the block")  # not reached: the held signal raises as the block ends
+    assert reached == ["end of block"]

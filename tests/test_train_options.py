@@ -4,6 +4,7 @@ method options, TOML configs; `generate` on the toy model."""
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -120,6 +121,24 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_run(images, tmp_path, capsys,
     assert main(_train(images, "--steps", "5", "--batch-size", "1", "-o", tmp_path / "z.safetensors", "--resume",
                        tmp_path / "cut-state")) == 2
     assert "batch_size" in capsys.readouterr().err
+    # so is one whose captions would differ (the caption draws continue where the saved run stopped)
+    assert main(_train(images, "--steps", "5", "-o", tmp_path / "y.safetensors", "--resume", tmp_path / "cut-state")) == 2
+    assert "shuffle_caption True (now False)" in capsys.readouterr().err
+    assert main(_train(images, "--steps", "5", "--shuffle-caption", "--caption-dropout-rate", "0.1", "-o",
+                       tmp_path / "x.safetensors", "--resume", tmp_path / "cut-state")) == 2
+    assert "caption_dropout_rate 0.0 (now 0.1)" in capsys.readouterr().err
+
+
+def test_a_state_recorded_before_the_caption_options_were_still_resumes(images, tmp_path):
+    out = tmp_path / "a.safetensors"
+    assert main(_train(images, "--steps", "2", "--save-every-n-steps", "1", "-o", out, "-q")) == 0
+    record_file = tmp_path / "a-state" / "run.json"
+    record = json.loads(record_file.read_text())
+    assert record["captions"]["templates"] == "object" and record["captions"]["shuffle_caption"] is False
+    del record["captions"]
+    record_file.write_text(json.dumps(record))
+    assert main(_train(images, "--steps", "3", "-o", tmp_path / "b.safetensors", "--resume", tmp_path / "a-state",
+                       "-q")) == 0
 
 
 def test_generate_on_the_toy_model_with_a_lora_and_unknown_words(images, tmp_path, capsys):

@@ -324,15 +324,18 @@ class DiffusersSystem(nn.Module):
 
     def _save_folder(self, target: Path, dtype: torch.dtype | None, ema: Any = None) -> Path:
         from .clip_tokenizer import CLIPTokenizer
+        from .formats.files import signals_held
 
         folder = target.parent if str(target.parent) else Path(".")
         if not folder.is_dir():
             raise FileNotFoundError(f"{target}: folder {folder} does not exist; create it first")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700: the folder gets the umask's mode like any other
+        tmp = None
         try:
+            with signals_held():  # a signal between making the folder and naming it would leave it behind
+                tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700: the folder gets the umask's mode like any other
             for component, module in self._components().items():
                 if dtype is not None:
                     module = copy.deepcopy(module).to(dtype)
@@ -357,7 +360,8 @@ class DiffusersSystem(nn.Module):
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
             os.replace(tmp, target)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
 
@@ -391,11 +395,13 @@ class DiffusersSystem(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """Token ids (B, 77); SDXL: both tokenizers' ids stacked, (B, 2, 77)."""
+        from .training.host_syncs import copy_to_device
+
         device = self.alphas_cumprod.device
         ids = _token_ids(self.tokenizer, prompts)
-        if not self.is_sdxl:
-            return ids.to(device)
-        return torch.stack([ids, _token_ids(self.tokenizer_2, prompts)], dim=1).to(device)
+        if self.is_sdxl:
+            ids = torch.stack([ids, _token_ids(self.tokenizer_2, prompts)], dim=1)
+        return copy_to_device(ids, device)  # (a training step tokenises each batch: no wait on a GPU)
 
     def _hidden(self, encoder, ids: Tensor, *, penultimate: bool) -> Any:
         out = encoder(ids, output_hidden_states=penultimate or self.clip_skip > 1)

@@ -19,20 +19,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,6 +69,7 @@ __all__ = [
     "staged_outputs",
     "StagedOutputs",
     "remove_stale_temporaries",
+    "signals_held",
     "check_finite",
     "check_finite_output",
     "sniff_format",
@@ -280,6 +284,37 @@ def _write_failure(target: Path, exc: OSError, tmp: str | None) -> OutputError:
     return OutputError(f"{target}: writing failed ({reason}); the partial file was removed")
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back while the block runs: one that arrives is noted and
+    raised again when the block ends, to whatever handler was there (main thread only; elsewhere
+    a no-op). For making a temporary file or folder and taking its name in one step — a handler
+    raising between the two would leave it behind. (Not a signal mask: a process-directed signal
+    goes to any thread that does not block it, and Python runs its handler in the main thread.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    for number in _HELD_SIGNALS:
+        if signal.getsignal(number) is None:  # a handler installed outside Python: left alone
+            continue
+        try:
+            previous[number] = signal.signal(number, lambda received, frame: pending.append(received))
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(pending):
+            signal.raise_signal(number)
+
+
+_HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[str], None],
@@ -315,11 +350,13 @@ def atomic_write(
     if not overwrite and os.path.lexists(target):
         raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
     remove_stale_temporaries(target)
+    fd, tmp = -1, ""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise _write_failure(target, exc, None) from None
-    try:
+        try:
+            with signals_held():  # a signal right after the file is made would leave it unnamed, so unremoved
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise _write_failure(target, exc, None) from None
         if os.name == "posix":
             _lock(fd, blocking=True)
         else:  # (Windows cannot rename an open file; it has no advisory locks either)
@@ -344,7 +381,7 @@ def atomic_write(
             raise _write_failure(target, exc, tmp) from None
     except BaseException:
         try:
-            if os.path.exists(tmp):
+            if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
         finally:
             if fd >= 0:
@@ -444,7 +481,8 @@ class StagedOutputs:
                         "(overwrite=True) to replace it (nothing was changed)"
                     )
             for entry in entries:  # (appended one by one: an interrupt here still removes those made)
-                backups.append(_backup_link(entry.target) if entry.overwrite else None)
+                with signals_held():  # (and none is made unnoted)
+                    backups.append(_backup_link(entry.target) if entry.overwrite else None)
             moved: list[tuple[_StagedFile, str | None, bool]] = []
             try:
                 for entry, backup in zip(entries, backups):

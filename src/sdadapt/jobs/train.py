@@ -453,14 +453,17 @@ def _replacing(paths) -> Iterator[None]:
     folder), put back if the save raises (an error, a full disk, Ctrl-C) and removed once it
     succeeded — an interrupted save leaves the previous outputs, not none. Only a kill during the
     save leaves the ``.replaced-<pid>`` names behind (the previous outputs, to rename back)."""
+    from ..formats.files import signals_held
+
     aside: list[tuple[Path, Path]] = []
     try:
         for path in paths:
             if path.exists() or path.is_symlink():
                 moved = path.with_name(f"{path.name}.replaced-{os.getpid()}")
                 _remove(moved)  # (a leftover of an earlier, killed run of this pid number)
-                os.replace(path, moved)
-                aside.append((path, moved))
+                with signals_held():  # a signal between the rename and the note would lose the way back
+                    os.replace(path, moved)
+                    aside.append((path, moved))
         yield
     except BaseException:
         for path, moved in reversed(aside):
@@ -759,8 +762,18 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
     record = {"format": "sdadapt-train-run/1", "method": method, "model": str(options.model), "step": step,
               "total_steps": total, "batch_size": options.batch_size, "seed": options.seed,
               "images": str(options.images), "method_options": options.method_options,
-              "optimizer": options.optimizer, "gradient_accumulation_steps": options.gradient_accumulation_steps}
+              "optimizer": options.optimizer, "gradient_accumulation_steps": options.gradient_accumulation_steps,
+              "captions": _caption_record(options)}
     atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
+
+
+def _caption_record(options: TrainOptions) -> dict[str, object]:
+    """The options that decide which caption each step trains on (a resumed run continues their draws)."""
+    return {"prompt": options.prompt, "caption_extension": options.caption_extension,
+            "shuffle_caption": options.shuffle_caption, "keep_tokens": options.keep_tokens,
+            "caption_dropout_rate": options.caption_dropout_rate,
+            "caption_tag_dropout_rate": options.caption_tag_dropout_rate,
+            "caption_template": options.caption_template, "templates": options.templates}
 
 
 def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
@@ -781,6 +794,11 @@ def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
         ("gradient_accumulation_steps", options.gradient_accumulation_steps)) if record.get(name) != value]
     if record.get("method_options", {}) != options.method_options:
         mismatches.append(f"method options {record.get('method_options')} (now {options.method_options})")
+    saved_captions = record.get("captions")  # absent in records written before it was recorded: not checked
+    if saved_captions is not None:
+        now = _caption_record(options)
+        mismatches += [f"{name} {saved_captions.get(name)!r} (now {value!r})" for name, value in now.items()
+                       if saved_captions.get(name) != value]
     if mismatches:
         raise ValueError(f"--resume {folder}: the saved run differs: {'; '.join(mismatches)}; resume with the same settings")
     return record

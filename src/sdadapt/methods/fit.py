@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..training.host_syncs import copy_to_device
 from ..training.optim import lr_at
 from ..training.step import (
     EMA,
@@ -286,6 +287,12 @@ def _in_text_encoder(system: System) -> set[int]:
     return ids
 
 
+def _index_on(index: Tensor, data: Tensor) -> Tensor:
+    """A host ``index`` (B,) int64 on ``data``'s device, copied without making the host wait
+    (:func:`~sdadapt.training.host_syncs.copy_to_device`), for ``data[index]``."""
+    return copy_to_device(index, data.device)
+
+
 def _condition_batch(system: System, ids: Tensor, sizes: Tensor | None) -> Any:
     if sizes is not None and getattr(system, "size_conditioning", False):
         return {"ids": ids, "time_ids": sizes}
@@ -320,7 +327,7 @@ def fit(
             are restored and training continues at its step (the data order continues too).
 
     Returns:
-        the loss of every step run (floats; one host sync per step).
+        the loss of every step run (floats; one host read per optimiser step: docs/training.md#host-syncs).
 
     Raises:
         NonFiniteLossError: a NaN/inf loss with ``config.stop_on_nonfinite``.
@@ -400,15 +407,24 @@ def fit(
         g = torch.Generator().manual_seed(config.seed + 1)
         per_epoch = 0
 
+        # the prior's per-sample loss weights are the same every step: made once, on the device
+        prior_weights = None if prior is None else torch.cat([
+            torch.ones(config.batch_size, device=latents.device),
+            torch.full((config.batch_size,), float(prior[2]), device=latents.device)])
+
         def batch_of(idx: Tensor, pidx: Tensor | None) -> dict[str, Any]:
-            """The batch of the images ``idx`` (B,) and, with a prior, the class images ``pidx`` (B,)."""
+            """The batch of the images ``idx`` (B,) and, with a prior, the class images ``pidx`` (B,)
+            (host index tensors: copied to the data's device without making the host wait)."""
+            rows = _index_on(idx, latents)
+            id_rows = rows if ids.device == latents.device else _index_on(idx, ids)
             if pidx is None or prior is None:
-                return {"latents": latents[idx], "cond": ids[idx]}
+                return {"latents": latents[rows], "cond": ids[id_rows]}
+            prior_rows = _index_on(pidx, prior_latents)
+            prior_id_rows = prior_rows if prior_ids.device == prior_latents.device else _index_on(pidx, prior_ids)
             return {
-                "latents": torch.cat([latents[idx], prior_latents[pidx]]),
-                "cond": torch.cat([ids[idx], prior_ids[pidx]]),
-                "loss_weight": torch.cat([torch.ones(config.batch_size),
-                                          torch.full((config.batch_size,), float(prior[2]))]).to(latents.device),
+                "latents": torch.cat([latents[rows], prior_latents[prior_rows]]),
+                "cond": torch.cat([ids[id_rows], prior_ids[prior_id_rows]]),
+                "loss_weight": prior_weights,
             }
 
         def draw(micro: int) -> tuple[dict[str, Any], Any]:
@@ -440,16 +456,20 @@ def fit(
             records = [dataset.records[members[p]] for p in positions]
             rng = random.Random(f"{config.seed}/captions/{micro}")
             texts = [dataset.captions.apply(r.caption, rng) for r in records]
-            sizes = torch.tensor([[*r.size, *r.crop, *r.bucket] for r in records], dtype=torch.float32, device=device)
-            batch = {"latents": dataset.latents[bucket][positions].to(device),
+            # host-made tensors (the cached latents are on the host) reach the device without a wait
+            sizes = copy_to_device(torch.tensor([[*r.size, *r.crop, *r.bucket] for r in records], dtype=torch.float32),
+                                   device)
+            batch = {"latents": copy_to_device(dataset.latents[bucket][positions], device),
                      "cond": _condition_batch(system, tokenize(texts), sizes)}
             loss_fn = extra_loss
             if prior is not None:
                 pick = random.Random(f"{config.seed}/prior/{micro}")
                 pidx = torch.tensor([pick.randrange(len(prior[1])) for _ in positions])
-                prior_batch = {"latents": prior_latents[pidx],
-                               "cond": _condition_batch(system, prior_ids[pidx],
-                                                        None if prior_sizes is None else prior_sizes[pidx])}
+                prior_rows = _index_on(pidx, prior_latents)
+                prior_id_rows = prior_rows if prior_ids.device == prior_latents.device else _index_on(pidx, prior_ids)
+                prior_batch = {"latents": prior_latents[prior_rows],
+                               "cond": _condition_batch(system, prior_ids[prior_id_rows],
+                                                        None if prior_sizes is None else prior_sizes[prior_rows])}
                 loss_fn = _with_prior(model, prior_batch, float(prior[2]), state, step_config, system.alphas_cumprod,
                                       extra_loss)
             return batch, loss_fn
@@ -507,13 +527,13 @@ def fit(
                 stopped = stopping
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step, group["base_lr"]) * group["lr_scale"]
-            total = 0.0
+            total: Tensor | float = 0.0  # summed on the device in float64, as Python would add the floats
             for micro in range(step * accumulation, (step + 1) * accumulation):
                 batch, loss_fn = draw(micro)
                 metrics = train_step(model, batch, params=trained, optimizer=stepper, state=state, config=step_config,
                                      alphas_cumprod=system.alphas_cumprod, extra_loss=loss_fn)
-                total += float(metrics["loss"])
-            loss = total / accumulation
+                total = total + metrics["loss"].double()
+            loss = float(total) / accumulation  # the one host read per optimiser step (callbacks, NaN check, result)
             losses.append(loss)
             if not math.isfinite(loss) and config.stop_on_nonfinite:
                 raise NonFiniteLossError(step + 1, loss)

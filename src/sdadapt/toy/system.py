@@ -62,7 +62,9 @@ class ToySystem(nn.Module):
         return F.pixel_shuffle(latents, 2).clamp(-1, 1)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        return self.tokenizer(prompts).to(self.alphas_cumprod.device)
+        from ..training.host_syncs import copy_to_device
+
+        return copy_to_device(self.tokenizer(prompts), self.alphas_cumprod.device)  # no wait on a GPU
 
     def condition(self, prompts: list[str] | Tensor, *, image_embeds: Tensor | None = None) -> dict[str, Tensor]:
         """``{"context": (B, L, D), "image_embeds": (B, E)}`` for prompts (or token ids)."""

@@ -11,9 +11,21 @@
 | :mod:`.latent_cache` | encode latents and text states once into safetensors shards |
 | :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
 | :mod:`.param_groups` | parameter groups, one per block, for an optimiser fused into backward |
+| :mod:`.host_syncs` | host syncs found on any device (:class:`~.host_syncs.HostSyncs`), copies that do not wait |
 """
 
-from . import attention, diffusion, distributed, grad_checkpointing, latent_cache, optim, param_groups, step, step_capture
+from . import (
+    attention,
+    diffusion,
+    distributed,
+    grad_checkpointing,
+    host_syncs,
+    latent_cache,
+    optim,
+    param_groups,
+    step,
+    step_capture,
+)
 from .grad_checkpointing import CheckpointHandle, enable_checkpointing
 from .step import EMA, StepConfig, TrainState, train_step
 from .step_capture import CapturedStep
@@ -28,6 +40,7 @@ __all__ = [
     "latent_cache",
     "grad_checkpointing",
     "param_groups",
+    "host_syncs",
     "train_step",
     "StepConfig",
     "TrainState",

@@ -213,14 +213,31 @@ def pyramid_noise(
     at scales ``r^i`` (r ~ U[2, 4)) with weight ``discount^i``, then renormalise to unit std (B,C,H,W)."""
     b, c, h, w = noise.shape
     out = noise.clone()
+    uniform = _host_uniform(generator)
     for i in range(iterations):
-        r = float(torch.rand((), generator=generator)) * 2 + 2
+        r = uniform() * 2 + 2
         hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
         coarse = torch.randn((b, c, hn, wn), generator=generator, device=noise.device, dtype=noise.dtype)
         out = out + F.interpolate(coarse, size=(h, w), mode="bilinear") * discount**i
         if hn == 1 or wn == 1:
             break
     return out / out.std()
+
+
+def _host_uniform(generator: torch.Generator | None) -> Callable[[], float]:
+    """A source of U[0, 1) Python floats for what must be decided on the host (pyramid noise's
+    scales set tensor shapes). A CPU generator (or ``None``: the global CPU RNG) draws them itself.
+    An accelerator's generator cannot be read without making the host wait, so the draws come from
+    a CPU generator seeded by its seed and offset — host-side numbers that advance with every draw
+    made on the device: reproducible from (and resumed with) the generator's state, no sync."""
+    if generator is None or generator.device.type == "cpu":
+        return lambda: float(torch.rand((), generator=generator))
+    try:
+        seed, offset = generator.initial_seed(), generator.get_offset()
+    except (RuntimeError, AttributeError, NotImplementedError):  # no offset to read: one draw read back (a sync)
+        return lambda: float(torch.rand((), generator=generator, device=generator.device))
+    host = torch.Generator().manual_seed((seed ^ (offset * 0x9E3779B97F4A7C15)) % (1 << 63))
+    return lambda: float(torch.rand((), generator=host))
 
 
 def perturbed_noise(noise: Tensor, gamma: float, *, generator: torch.Generator | None = None) -> Tensor:
@@ -294,11 +311,15 @@ def sample_timesteps(
     high: int | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Uniform integer timesteps in ``[low, high)`` (B,) int64 (``high`` defaults to ``num_steps``)."""
+    """Uniform integer timesteps in ``[low, high)`` (B,) int64 (``high`` defaults to ``num_steps``), drawn
+    on ``generator``'s device (without one: on ``device``, from its default generator), then moved to
+    ``device`` when given."""
     high = num_steps if high is None else high
     if not 0 <= low < high <= num_steps:
         raise ValueError(f"timestep range [{low}, {high}) must lie inside [0, {num_steps})")
-    t = torch.randint(low, high, (batch,), generator=generator, device=generator.device if generator else None)
+    # drawn where the generator lives (else on ``device``): no host-made tensor copied to the device
+    t = torch.randint(low, high, (batch,), generator=generator,
+                      device=generator.device if generator is not None else device)
     return t.to(device) if device is not None else t
 
 

@@ -125,7 +125,7 @@ def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState,
             noise, iterations=config.pyramid_noise_iterations, discount=config.pyramid_noise_discount, generator=g
         )
     low, high = config.timestep_range or (0, num_steps)
-    t = diffusion.sample_timesteps(latents.shape[0], num_steps, generator=g, low=low, high=high).to(latents.device)
+    t = diffusion.sample_timesteps(latents.shape[0], num_steps, generator=g, low=low, high=high, device=latents.device)
     # input perturbation: the model sees noise + γ·ε', the target keeps the unperturbed noise
     noisy_input = diffusion.perturbed_noise(noise, config.input_perturbation, generator=g) if config.input_perturbation else noise
     return noise, noisy_input, t
