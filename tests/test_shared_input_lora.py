@@ -463,7 +463,8 @@ def test_torch_compile_traces_the_unbatched_path():
     with torch.no_grad():
         out = compiled(x)
     _assert_close(plain, out, torch.float32)
-    assert batching.stats()["served"] == 0 and batching.stats()["fallbacks"] >= 3
+    # traced calls leave the bookkeeping alone (a counter read in the graph would recompile it per call)
+    assert batching.stats() == {"served": 0, "fallbacks": 0, "splits": 0, "waiting": 0}
 
 
 def test_set_scale_dtype_change_and_deepcopy_keep_the_scales_right():

@@ -229,12 +229,24 @@ class AdapterModule(nn.Module):
         raise NotImplementedError
 
     def hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        """Forward hook registered on the base layer: ``y + Δy`` unless merged or disabled."""
+        """Forward hook registered on the base layer: ``y + Δy`` unless merged or disabled.
+
+        Traceable by ``torch.compile`` without a graph break (``tests/test_compile_graphs.py``):
+        no tensor is read back to Python on the traced path."""
         if self.merged or not self.enabled:
             return output
-        if self.training and self.module_dropout > 0 and float(torch.rand(())) < self.module_dropout:
-            return output
-        x = args[0]
+        if self.training and self.module_dropout > 0:
+            if torch.compiler.is_compiling():
+                # a traced graph cannot branch on a random draw without a host sync (a graph
+                # break per layer): draw on the device and select, same distribution
+                keep = torch.rand((), device=output.device) >= self.module_dropout
+                return torch.where(keep, self._delta_added(module, args[0], output), output)
+            if float(torch.rand(())) < self.module_dropout:
+                return output
+        return self._delta_added(module, args[0], output)
+
+    def _delta_added(self, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+        """``output + Δy`` for the base layer ``module``'s input ``x`` (the hook past its switches)."""
         shared = self._shared_input
         if shared is not None:  # one matmul for the group's down-projections; None: not this call
             adapted = shared[0].adapted_output(shared[1], x, output)

@@ -146,6 +146,10 @@ class DoRAModule(AdapterModule):
         ones = [1] * len(geometry.kernel)
         shape = (geometry.out_features, 1, *ones) if wd_on_out else (1, geometry.in_features, *ones)
         self.dora_scale = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
+        # ``multiplier`` as a 0-dim buffer (not saved): set_scale() fills it in place, so a
+        # torch.compile'd model neither specialises on the strength nor recompiles when it changes
+        strength_dtype = torch.promote_types(dtype or torch.float32, torch.float32)  # float64 DoRA: a float64 strength
+        self.register_buffer("strength", torch.tensor(1.0, dtype=strength_dtype, device=device), persistent=False)
         self.module_dropout = inner.module_dropout
 
     @property
@@ -153,9 +157,12 @@ class DoRAModule(AdapterModule):
         return self.inner.rank
 
     def refresh_scale(self) -> None:
-        """The inner adapter always runs at strength 1; ``multiplier`` interpolates the result."""
+        """The inner adapter always runs at strength 1; ``multiplier`` interpolates the result
+        (through the ``strength`` buffer, updated in place)."""
         self.inner.multiplier = 1.0
         self.inner.refresh_scale()
+        with torch.no_grad():
+            self.strength.fill_(self.multiplier)
 
     def delta_dtype(self) -> torch.dtype:
         return self.inner.delta_dtype()
@@ -186,7 +193,7 @@ class DoRAModule(AdapterModule):
     def merge_delta(self, base_weight: Tensor) -> Tensor:
         """``t · (W' − W)`` for strength t = ``multiplier``."""
         base = base_weight.to(self.delta_dtype())
-        return (self.adapted_weight(base) - base.reshape(self.geometry.weight_shape)) * self.multiplier
+        return (self.adapted_weight(base) - base.reshape(self.geometry.weight_shape)) * self.strength
 
     def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
         return self(x, base_weight)

@@ -31,6 +31,9 @@ to the unbatched path whenever the group cannot serve it:
 * the input was changed in place between calls (its version counter moved): a fresh projection;
 * training-time dropout, rank dropout or module dropout, a merged or disabled member, members of
   different dtypes or devices, or tracing by ``torch.compile`` (Inductor fuses the graph itself).
+  A traced call touches none of the group's bookkeeping (no counter, no weak reference, no
+  partition change), so the compiled model is one graph that never recompiles for it; its calls
+  are not counted in :meth:`SharedInputBatching.stats`.
 
 Slices wait only until the last member took its own, and never longer than the parent module's
 forward (a forward hook on ``attn1``/``attn2`` drops any left) or the input tensor (the group
@@ -106,7 +109,9 @@ class SharedInputGroup:
     Attributes:
         names: one label per member (``"<layer>:<adapter name>"``).
         served: member calls answered from a shared projection (including the one that made it).
-        fallbacks: member calls that ran the unbatched path (a singleton subset, dropout, ...).
+        fallbacks: member calls that ran the unbatched path (a singleton subset, dropout, ...);
+            calls traced by ``torch.compile`` are not counted (a counter read in a traced graph
+            would be guarded on, and recompile it at every call).
         splits: how often the partition was refined (a split learned again by the calls before
             the backward that commits it counts again).
     """
@@ -148,8 +153,10 @@ class SharedInputGroup:
     def adapted_output(self, index: int, x: Tensor, output: Tensor) -> Tensor | None:
         """``output + Δy`` (..., out) of member ``index`` for its base layer's input ``x`` (..., in)
         and output ``output``, or ``None``: the member runs its own (unbatched) path this call."""
+        if torch.compiler.is_compiling():  # the unbatched path, with no Python state read or written
+            return None
         subset = self._subset_of[index]
-        if len(subset) < 2 or not self._usable(self.members[index]) or torch.compiler.is_compiling():
+        if len(subset) < 2 or not self._usable(self.members[index]):
             self.fallbacks += 1
             return None
         waiting = self._waiting.get(subset)

@@ -59,13 +59,21 @@ class HypernetworkHandle:
         name: the injection name (the child ``model.sdadapt.<name>``).
         layers: ``{layer qualified name: (width, 0 = K | 1 = V)}`` in model order.
         unused_widths: widths of the file no layer of this model takes (e.g. SD2's 1024 on SD1).
-        strength: the current multiplier.
+        strength: the current multiplier (a float; assigning it is :meth:`set_strength`).
+
+    The hooks read the strength from a 0-dim tensor that :meth:`set_strength` fills in place, so
+    a ``torch.compile``'d model neither specialises on it nor recompiles when it changes (only
+    switching to or from 0, which skips the MLPs, retraces once).
     """
 
     def __init__(self, model: nn.Module, hypernetwork: Hypernetwork, name: str, strength: float) -> None:
         self.model = model
         self.hypernetwork = hypernetwork
         self.name = name
+        first = next(hypernetwork.parameters())
+        # (0-dim) in the hypernetwork's dtype (at least float32) and device; the hooks multiply by it
+        self._strength_tensor = torch.tensor(strength, dtype=torch.promote_types(first.dtype, torch.float32),
+                                             device=first.device)
         self.strength = strength
         self.layers: dict[str, tuple[int, int]] = {}
         self.unused_widths: tuple[int, ...] = ()
@@ -83,6 +91,17 @@ class HypernetworkHandle:
         """The hypernetwork's parameters (for the optimiser)."""
         return self.hypernetwork.parameters()
 
+    @property
+    def strength(self) -> float:
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        self._strength = _check_strength(value)
+        self._active = self._strength != 0  # the hooks branch on this bool, never on the value
+        with torch.no_grad():
+            self._strength_tensor.fill_(self._strength)
+
     def set_strength(self, strength: float) -> None:
         """Set the multiplier (A1111's ``<hypernet:name:multiplier>``); 0 makes the model its base exactly.
 
@@ -90,7 +109,7 @@ class HypernetworkHandle:
             ValueError: not a finite number. RuntimeError: the handle was removed.
         """
         self._check_alive()
-        self.strength = _check_strength(strength)
+        self.strength = strength
 
     def remove(self) -> None:
         """Take the hooks and the ``sdadapt.<name>`` child away; idempotent."""
@@ -112,11 +131,15 @@ class HypernetworkHandle:
 
     def _pre_hook(self, mlp: HypernetworkMLP):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            strength = self.strength
-            if strength == 0:
+            if not self._active:  # strength 0: the base model exactly
                 return None
             context: Tensor = args[0] if args else kwargs["input"]
-            dtype = mlp.linear[0].weight.dtype  # A1111 runs hypernetworks in their own (float32) dtype
+            weight = mlp.linear[0].weight
+            dtype = weight.dtype  # A1111 runs hypernetworks in their own (float32) dtype
+            strength = self._strength_tensor
+            want = torch.promote_types(dtype, torch.float32)
+            if strength.device != weight.device or strength.dtype != want:  # moved/cast after injection: follow once
+                strength = self._strength_tensor = torch.tensor(self._strength, dtype=want, device=weight.device)
             out = mlp(context if context.dtype == dtype else context.to(dtype), strength=strength).to(context.dtype)
             if args:
                 return (out, *args[1:]), kwargs

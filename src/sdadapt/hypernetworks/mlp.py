@@ -214,14 +214,15 @@ def hypernetwork_mlp(x: Tensor, params: Mapping[str, Tensor], layout: tuple[MLPL
 
 
 def hypernetwork_context(
-    context: Tensor, params: Mapping[str, Tensor], layout: tuple[MLPLayer, ...], *, strength: float = 1.0,
+    context: Tensor, params: Mapping[str, Tensor], layout: tuple[MLPLayer, ...], *, strength: float | Tensor = 1.0,
     training: bool = False,
 ) -> Tensor:
     """``context + mlp(context) · strength``: ``(B, L, D) -> (B, L, D)`` (any leading dims).
 
-    ``strength == 0`` returns ``context`` itself (exact identity, nothing computed).
+    A number ``strength == 0`` returns ``context`` itself (exact identity, nothing computed); a
+    0-dim tensor ``strength`` is only multiplied (never compared: no host sync, no graph break).
     """
-    if strength == 0:
+    if not isinstance(strength, Tensor) and strength == 0:
         return context
     return context + hypernetwork_mlp(context, params, layout, training=training) * strength
 
@@ -272,9 +273,9 @@ class HypernetworkMLP(nn.Module):
     """One MLP (A1111's ``HypernetworkModule``): holds ``linear`` (the Sequential, so the state-dict
     keys are A1111's ``linear.<index>.*``) and calls :func:`hypernetwork_context`.
 
-    ``forward(context (..., dim), *, strength=1.0) -> (..., dim)``. Parameters start as A1111's
-    initialisation (:func:`init_hypernetwork_mlp_`) unless ``init=False`` (then they are
-    PyTorch's defaults, to be overwritten by a loaded state).
+    ``forward(context (..., dim), *, strength=1.0) -> (..., dim)``; ``strength`` is a number or a
+    0-dim tensor. Parameters start as A1111's initialisation (:func:`init_hypernetwork_mlp_`)
+    unless ``init=False`` (then they are PyTorch's defaults, to be overwritten by a loaded state).
     """
 
     def __init__(self, dim: int, config: HypernetworkConfig, *, init: bool = True, dtype: torch.dtype | None = None,
@@ -291,7 +292,7 @@ class HypernetworkMLP(nn.Module):
         """``{"linear.<index>.weight": parameter, ...}`` (live parameters, for the functional path)."""
         return {f"linear.{key}": value for key, value in self.linear.named_parameters()}
 
-    def forward(self, context: Tensor, *, strength: float = 1.0) -> Tensor:
+    def forward(self, context: Tensor, *, strength: float | Tensor = 1.0) -> Tensor:
         return hypernetwork_context(context, self.params(), self.layout, strength=strength, training=self.training)
 
     def extra_repr(self) -> str:
