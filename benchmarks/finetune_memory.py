@@ -22,6 +22,10 @@ Variants (each in a fresh subprocess, ``--steps`` optimiser steps):
 ``bf16+8bit+fused+ckpt``  and bf16 weights with stochastic rounding (``--full-bf16``, bf16 autocast)
                  (``bf16+8bit+fused+ckpt0.5``: checkpointing half the blocks)
 
+``--foreach`` makes sdadapt's AdamW take its multi-tensor step (``foreach=True``, chunks of 2²⁴
+elements, a bigger tensor cut into pieces) as ``fit`` does on an accelerator; on a CPU ``fit`` takes
+the per-parameter step, whose working memory is one whole tensor's.
+
 Memory: ``VmHWM`` (peak RSS, /proc/self/status, reset with ``/proc/self/clear_refs`` right before
 ``fit``) minus the RSS then (the UNet built and prepared, including the copy of the original
 weights the fine-tune keeps for ``remove()``): what training adds — optimiser state, gradients,
@@ -117,6 +121,23 @@ def _per_parameter_fusing() -> None:
     fit_module.make_optimizer = single_tensor
 
 
+def _multi_tensor_steps() -> None:
+    """Make ``fit``'s sdadapt AdamW take its multi-tensor step (``foreach=True``), as it does on an
+    accelerator (on a CPU it takes the per-parameter one)."""
+    fit_module = importlib.import_module("sdadapt.methods.fit")
+    make = fit_module.make_optimizer
+    from sdadapt.training.optim import AdamW
+
+    def multi_tensor(groups, config):
+        optimizer = make(groups, config)
+        if isinstance(optimizer, AdamW):
+            for group in optimizer.param_groups:
+                group["foreach"] = True
+        return optimizer
+
+    fit_module.make_optimizer = multi_tensor
+
+
 def child(args: argparse.Namespace) -> dict:
     import diffusers
     import torch
@@ -138,6 +159,8 @@ def child(args: argparse.Namespace) -> dict:
     options = dict(VARIANTS[args.variant])
     if options.pop("per_parameter", False):  # the per-parameter fused backward: every parameter its own block
         _per_parameter_fusing()
+    elif args.foreach:
+        _multi_tensor_steps()
     mixed = None
     if options.pop("full_bf16", False):
         adaptation.cast(torch.bfloat16)
@@ -162,7 +185,7 @@ def child(args: argparse.Namespace) -> dict:
     fit(system, adaptation, latents, ["a", "b"], config=config, callback=callback)
     peak = _status_kib("VmHWM")
     return {"variant": args.variant, "params": params, "weights_mib": weights / 2**20, "peak_mib": (peak - before) / 1024, "rss_before_mib": before / 1024,
-            "s_per_step": statistics.median(times[1:] or times), "steps": args.steps}
+            "s_per_step": statistics.median(times[1:] or times), "steps": args.steps, "foreach": args.foreach}
 
 
 def main() -> None:
@@ -170,6 +193,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs=4, default=[64, 128, 256, 256])
     parser.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--foreach", action="store_true",
+                        help="sdadapt's AdamW takes its multi-tensor step, as fit does on an accelerator")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "finetune_memory.json")
@@ -180,7 +205,7 @@ def main() -> None:
     rows = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--latent", str(args.latent),
-                   "--channels", *map(str, args.channels)]
+                   "--channels", *map(str, args.channels), *(["--foreach"] if args.foreach else [])]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{variant}: {rows[-1]['peak_mib']:.0f} MiB, {rows[-1]['s_per_step']:.2f} s/step", file=sys.stderr)

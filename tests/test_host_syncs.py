@@ -22,7 +22,7 @@ from sdadapt.toy import build_toy
 from sdadapt.toy.evaluate import concept_data
 from sdadapt.training import diffusion
 from sdadapt.training.host_syncs import HostSyncs, copy_to_device
-from sdadapt.training.optim import AdamW, fuse_optimizer_into_backward
+from sdadapt.training.optim import Adafactor, AdamW, fuse_optimizer_into_backward
 from sdadapt.training.step import EMA, StepConfig, TrainState, train_step
 from sdadapt.training.step_capture import CapturedStep
 
@@ -137,6 +137,7 @@ _OPTIMIZERS = {
     "int8 AdamW foreach": lambda ps: AdamW(ps, lr=1e-3, state_dtype="int8", foreach=True),
     "bf16-state AdamW": lambda ps: AdamW(ps, lr=1e-3, state_dtype=torch.bfloat16),
     "fused backward": lambda ps: fuse_optimizer_into_backward(ps, lambda group: AdamW(group, lr=1e-3)),
+    "Adafactor scaled": lambda ps: Adafactor(ps, scale_parameter=True, relative_step=True, weight_decay=0.01),
 }
 _CASES = [  # (optimiser, StepConfig, EMA)
     ("torch AdamW", StepConfig(), False),  # clipping at 1.0
@@ -148,6 +149,7 @@ _CASES = [  # (optimiser, StepConfig, EMA)
     ("bf16-state AdamW", StepConfig(prediction_type="v_prediction", debiased_estimation=True, p2_gamma=1.0,
                                     timestep_range=(100, 900), accumulation_steps=2), True),
     ("fused backward", StepConfig(max_grad_norm=None), False),
+    ("Adafactor scaled", StepConfig(), False),  # the weight's RMS scales the step on the device
 ]
 
 

@@ -225,8 +225,8 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     sdadapt's optimisers (all the others) always round bf16 weights stochastically. sdadapt's AdamW
     takes its multi-tensor step (``foreach=True``: the same result, far fewer kernel launches) on
     an accelerator, as torch's optimisers do, and its per-parameter step on CPU, where a launch
-    costs nothing and the batched passes' buffers (up to ~0.5 GB per 2²⁴-element chunk) would only
-    add memory."""
+    costs nothing and the batched passes' buffers (~0.55–0.7 GB per 2²⁴-element chunk; a larger
+    tensor is cut into chunk-sized pieces) would only add memory."""
     name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
     bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
     foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -311,8 +311,18 @@ class AdamW(torch.optim.Optimizer):
             kernel launches on a GPU. Same arithmetic in the same order and the same
             stochastic-rounding draws, so the result is bit-identical to ``foreach=False`` on CPU
             (tested); on CUDA the multi-tensor kernels may round differently in the last bit.
-            Parameters go in chunks of 2²⁴ elements on one device each, so the float32 working copies of bf16
-            weights and low-precision moments stay under ~0.5 GB.
+            Parameters go in chunks of 2²⁴ elements (int8: counted padded to whole blocks) on one
+            device each, so the float32 working copies of bf16 weights and low-precision moments
+            stay under ~0.7 GB; a parameter larger than a chunk is cut into pieces at
+            ``block_size`` boundaries of its row-major flat index (whole dim-0 rows at multiples of
+            ``lcm(row, block_size)`` elements when it, its gradient or a moment is not contiguous,
+            e.g. channels_last; left whole if a row run does not fit), each updated in a chunk
+            (sharing it with other parameters) — its step count still advances once per step and
+            its state keeps the per-parameter layout. Without stochastic rounding (float32 weights
+            or ``stochastic_rounding=False``, float32 or int8 states) this is bit-identical to
+            ``foreach=False`` too (tested); with it, a cut parameter's draws come in another order
+            (its weight piece, moment pieces, then the next piece's: the same number of draws), so
+            there it matches in distribution — every rounding still unbiased — not bit for bit.
             With :func:`fuse_optimizer_into_backward`, give it ``groups`` (one parameter per
             optimiser leaves nothing to batch).
         capturable: torch's meaning — the step can be recorded in a CUDA graph and replayed
@@ -449,8 +459,7 @@ class AdamW(torch.optim.Optimizer):
             if group["capturable"]:
                 _check_capturable_lr(group)
             if group.get("foreach"):
-                for chunk in _chunks([p for p in group["params"] if p.grad is not None], _FOREACH_CHUNK_ELEMENTS):
-                    self._foreach_step(group, chunk)
+                self._foreach_group_step(group)
                 continue
             for p in group["params"]:
                 if p.grad is None:
@@ -477,32 +486,52 @@ class AdamW(torch.optim.Optimizer):
                 self._store_moments(state, p, group, m, v)
         return loss
 
-    def _foreach_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """The per-parameter update of :meth:`step` as multi-tensor ops over ``params`` (all with grads)."""
+    def _foreach_group_step(self, group: dict[str, Any]) -> None:
+        """The multi-tensor step of one group: every parameter with a gradient gets its state and
+        one step count more (once per step, however many pieces it is cut into), then the chunks
+        of :func:`_chunks` are updated one at a time."""
+        params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
         if any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
             raise ValueError("sdadapt.training.optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
-        eps = group["eps"]
-        beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
+        steps_by_device: dict[torch.device, list[Tensor]] = {}
+        for p in params:
+            state = self.state[p]
             if not state:
                 self._init_state(state, p, group)
-            if not group["capturable"]:
+            if group["capturable"]:
+                steps_by_device.setdefault(state["step"].device, []).append(state["step"])
+            else:
                 state["step"] += 1
-        if group["capturable"]:
-            torch._foreach_add_([state["step"] for state in states], 1)
+        for steps in steps_by_device.values():  # one multi-tensor add per device
+            torch._foreach_add_(steps, 1)
+        block_size, int8 = group["block_size"], group["state_dtype"] == "int8"
+        for chunk in _chunks(params, _FOREACH_CHUNK_ELEMENTS, block_size=block_size, padded=int8,
+                             cut=lambda p: _cut(p, self.state[p], block_size, _FOREACH_CHUNK_ELEMENTS)):
+            self._foreach_step(group, chunk)
+
+    def _foreach_step(self, group: dict[str, Any], pieces: list[_Piece]) -> None:
+        """The per-parameter update of :meth:`step` as multi-tensor ops over one chunk's ``pieces``
+        (of parameters with a gradient, their state made and their step counted already)."""
+        eps = group["eps"]
+        beta1, beta2 = group["betas"]
+        states = [self.state[piece.param] for piece in pieces]
         decay, step_sizes, bias_corrections2_sqrt = _adamw_scalars(group, [state["step"] for state in states])
-        # float32 working copies, each kind in one batched pass (a fixed number of ops per chunk):
-        # float32 tensors are used as they are (updated in place), the others cast in one go
-        grads = _float32_many([p.grad for p in params])  # type: ignore[misc]  (step() passes only parameters with one)
-        weights = _float32_many(params)
+        # what each piece updates: views of the parameter (the tensor itself when whole) and of its
+        # state; float32 working copies, each kind in one batched pass (a fixed number of ops per
+        # chunk): float32 tensors are used as they are (updated in place), the others cast in one go
+        targets = [piece.of(piece.param) for piece in pieces]
+        grads = _float32_many([piece.of(piece.param.grad) for piece in pieces])  # type: ignore[arg-type]
+        weights = _float32_many(targets)
         if group["state_dtype"] == "int8":
-            ms, vs = self._load_int8_moments(states, params, group)
+            ms, vs = self._load_int8_moments(states, pieces, targets, group)
+            moment_targets: list[Tensor] = []
         else:
-            moments = _float32_many([state["exp_avg"] for state in states] + [state["exp_avg_sq"] for state in states])
-            ms, vs = moments[:len(params)], moments[len(params):]
+            moment_targets = ([piece.of(state["exp_avg"]) for piece, state in zip(pieces, states)]
+                              + [piece.of(state["exp_avg_sq"]) for piece, state in zip(pieces, states)])
+            moments = _float32_many(moment_targets)
+            ms, vs = moments[:len(pieces)], moments[len(pieces):]
         torch._foreach_mul_(weights, decay)
         torch._foreach_lerp_(ms, grads, 1 - beta1)
         torch._foreach_mul_(vs, beta2)
@@ -524,56 +553,61 @@ class AdamW(torch.optim.Optimizer):
         rounded_from: list[Tensor] = []
         copied_to: list[Tensor] = []
         copied_from: list[Tensor] = []
-        for p, w, state, m, v in zip(params, weights, states, ms, vs):
-            if w is not p:
-                if group["stochastic_rounding"] and p.dtype == torch.bfloat16:
-                    rounded_to.append(p)
+        count = len(pieces)
+        for i, (target, w, m, v) in enumerate(zip(targets, weights, ms, vs)):
+            if w is not target:
+                if group["stochastic_rounding"] and target.dtype == torch.bfloat16:
+                    rounded_to.append(target)
                     rounded_from.append(w)
                 else:
-                    copied_to.append(p)
+                    copied_to.append(target)
                     copied_from.append(w)
             if group["state_dtype"] == "bfloat16":
-                rounded_to += [state["exp_avg"], state["exp_avg_sq"]]
+                rounded_to += [moment_targets[i], moment_targets[count + i]]
                 rounded_from += [m, v]
         if copied_to:
             torch._foreach_copy_(copied_to, copied_from)
         if rounded_to:
             _copy_stochastic_many(rounded_to, rounded_from, self.generator)
         if group["state_dtype"] == "int8":
-            self._store_int8_moments(states, params, group, ms, vs)
+            self._store_int8_moments(states, pieces, group, ms, vs)
 
-    def _load_int8_moments(self, states: list[dict[str, Any]], params: list[Tensor],
+    def _load_int8_moments(self, states: list[dict[str, Any]], pieces: list[_Piece], targets: list[Tensor],
                            group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Dequantise every parameter's int8 moments in one batched pass per moment.
+        """Dequantise every piece's int8 moments in one batched pass per moment.
 
-        The codes are concatenated with each parameter's padded to whole blocks (so the chunk is a
+        The codes are concatenated with each piece's padded to whole blocks (so the chunk is a
         ``(Σnb, bs)`` grid of blocks, each scaled by its absmax in one broadcast multiply) and the
-        moments returned are views ``params[i].shape`` into the padded float32 buffer — a fixed
-        number of ops whatever the number of parameters. The padding decodes to values nobody reads.
+        moments returned are views of ``targets[i].shape`` (the piece of the weight) into the padded
+        float32 buffer — a fixed number of ops whatever the number of parameters. The padding
+        decodes to values nobody reads. A piece of a split parameter starts on a block boundary, so
+        its codes and absmaxes are slices of the parameter's.
         """
-        bs, device = group["block_size"], params[0].device
-        sizes = [p.numel() for p in params]
-        pad = torch.zeros(bs - 1, dtype=torch.uint8, device=device)  # (bs-1,) codes padding every parameter
+        bs, device = group["block_size"], targets[0].device
+        sizes = [piece.numel() for piece in pieces]
+        pad = torch.zeros(bs - 1, dtype=torch.uint8, device=device)  # (bs-1,) codes padding every piece
         out = []
         for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-            codes = torch.cat(_padded_to_blocks([state[f"{name}_codes"] for state in states], bs, pad))  # (Σnb·bs,)
-            absmax = torch.cat([state[f"{name}_absmax"] for state in states])  # (Σnb,)
+            codes = torch.cat(_padded_to_blocks([piece.codes(state[f"{name}_codes"]) for piece, state in zip(pieces, states)],
+                                                bs, pad))  # (Σnb·bs,)
+            absmax = torch.cat([piece.absmax(state[f"{name}_absmax"], bs) for piece, state in zip(pieces, states)])  # (Σnb,)
             values = self._code(device, signed)[codes.long()]  # (Σnb·bs,) float32
             flat = values.view(-1, bs).mul_(absmax[:, None]).view(-1)  # (Σnb·bs,): code · absmax of its block
             out.append(flat)
         m_flat, root_flat = out
         v_flat = root_flat.square_()
-        ms = [_shaped(part, p.shape) for part, p in zip(_unpadded_views(m_flat, sizes, bs), params)]
-        vs = [_shaped(part, p.shape) for part, p in zip(_unpadded_views(v_flat, sizes, bs), params)]
+        ms = [_shaped(part, t.shape) for part, t in zip(_unpadded_views(m_flat, sizes, bs), targets)]
+        vs = [_shaped(part, t.shape) for part, t in zip(_unpadded_views(v_flat, sizes, bs), targets)]
         return ms, vs
 
-    def _store_int8_moments(self, states: list[dict[str, Any]], params: list[Tensor], group: dict[str, Any],
+    def _store_int8_moments(self, states: list[dict[str, Any]], pieces: list[_Piece], group: dict[str, Any],
                             ms: list[Tensor], vs: list[Tensor]) -> None:
-        """Re-quantise every parameter's moments in one batched pass per moment (blocks never straddle
-        parameters) and copy the codes and absmax into the state tensors with one multi-tensor copy:
-        in place, so a captured graph reads the new values on its next replay and each state tensor
-        keeps a storage of its own (``state_dict`` saves per-parameter tensors, not the chunk)."""
-        bs, device = group["block_size"], params[0].device
+        """Re-quantise every piece's moments in one batched pass per moment (blocks never straddle
+        pieces) and copy the codes and absmax into (slices of) the state tensors with one
+        multi-tensor copy: in place, so a captured graph reads the new values on its next replay and
+        each state tensor keeps a storage of its own (``state_dict`` saves per-parameter tensors, not
+        the chunk)."""
+        bs, device = group["block_size"], ms[0].device
         # one copy per dtype: CUDA's multi-tensor kernels take lists of one dtype (mixed lists run
         # one copy kernel per tensor)
         code_targets: list[Tensor] = []
@@ -583,9 +617,9 @@ class AdamW(torch.optim.Optimizer):
         for name, signed, values in (("exp_avg", True, ms), ("exp_avg_sq", False, torch._foreach_sqrt(vs))):
             codes, absmax = _quantize_many(values, self._code(device, signed), block_size=bs,
                                            boundaries=self._code_boundaries(device, signed))
-            code_targets += [state[f"{name}_codes"] for state in states]
+            code_targets += [piece.codes(state[f"{name}_codes"]) for piece, state in zip(pieces, states)]
             code_sources += codes
-            absmax_targets += [state[f"{name}_absmax"] for state in states]
+            absmax_targets += [piece.absmax(state[f"{name}_absmax"], bs) for piece, state in zip(pieces, states)]
             absmax_sources += absmax
         torch._foreach_copy_(code_targets, code_sources)
         torch._foreach_copy_(absmax_targets, absmax_sources)
@@ -622,26 +656,113 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = int(step.item())  # one host read at load time
 
 
-#: parameters' elements updated together by one multi-tensor step: the fp32 working copies of bf16
-#: weights and of bf16/int8 moments, the int8 (de)quantisation and the batched stochastic rounding's
-#: buffers exist for one chunk at a time — measured ~34 B/element with fp32 weights, ~42 B with bf16
-#: (int8 states), so ~0.55–0.7 GB for a full chunk; a tensor larger than the chunk is not split (SD1.5's
-#: largest, a 29.5M-element up-block conv, costs ~0.95–1.2 GB: the lean fine-tune's peak)
+#: elements updated together by one multi-tensor step: the fp32 working copies of bf16 weights and
+#: of bf16/int8 moments, the int8 (de)quantisation and the batched stochastic rounding's buffers exist
+#: for one chunk at a time — measured ~34 B/element with fp32 weights, ~42 B with bf16 (int8 states),
+#: so ~0.55–0.7 GB for a full chunk. Counted padded to whole blocks with int8 states, and a tensor
+#: larger than a chunk is cut into pieces at block boundaries (:func:`_cut`), so no chunk exceeds it
+#: (before the cut, SD1.5's largest tensor, a 29.5M-element up-block conv, cost ~0.95–1.2 GB alone).
 _FOREACH_CHUNK_ELEMENTS = 1 << 24
 
 
-def _chunks(params: list[Tensor], limit: int) -> list[list[Tensor]]:
-    """Consecutive runs of ``params`` of at most ``limit`` elements each (a bigger tensor alone), all
-    on one device (the batched step concatenates a chunk's tensors; the order, and so the
-    stochastic-rounding draws, stay the per-parameter step's)."""
-    out: list[list[Tensor]] = []
+class _Piece(NamedTuple):
+    """Elements ``[start, stop)`` of a parameter's row-major (logical) flat index, updated in one chunk:
+    the whole parameter, or one piece of a parameter larger than a chunk (``start`` on a block
+    boundary). ``flat``: a slice of the flattened tensors (all contiguous); otherwise whole rows of
+    dim 0, which are views in any memory layout (channels_last)."""
+
+    param: Tensor
+    start: int
+    stop: int
+    whole: bool = True
+    flat: bool = True
+
+    def numel(self) -> int:
+        """Elements in the piece."""
+        return self.stop - self.start
+
+    def of(self, t: Tensor) -> Tensor:
+        """The piece of ``t`` — the parameter, its gradient or a moment of its shape — as a view
+        (``t`` itself when whole): ``(stop − start,)`` flat, or ``(rows, *t.shape[1:])``."""
+        if self.whole:
+            return t
+        if self.flat:
+            return t.view(-1)[self.start:self.stop]
+        row = t.numel() // t.shape[0]
+        return t[self.start // row:self.stop // row]
+
+    def codes(self, t: Tensor) -> Tensor:
+        """The piece of an int8 state's ``(n,)`` codes."""
+        return t if self.whole else t[self.start:self.stop]
+
+    def absmax(self, t: Tensor, block_size: int) -> Tensor:
+        """The piece of an int8 state's ``(ceil(n / block_size),)`` absmaxes: its blocks'."""
+        return t if self.whole else t[self.start // block_size:-(-self.stop // block_size)]
+
+
+def _cut(p: Tensor, state: dict[str, Any], block_size: int, limit: int) -> tuple[int, bool] | None:
+    """How a parameter larger than a chunk may be cut: ``(unit, flat)`` — pieces are whole
+    multiples of ``unit`` elements (of the row-major flat index), slices of the flattened tensors
+    when ``flat`` else runs of dim-0 rows — or ``None`` (not cut: updated alone, as one piece).
+
+    Flat when the parameter, its gradient and its float moments are all contiguous (the unit is then
+    ``block_size``). Otherwise (channels_last, strided) a flat slice would be a copy, so the cut runs
+    between rows of dim 0 at multiples of ``lcm(row, block_size)`` elements (an int8 block never
+    straddles two pieces); ``None`` if that unit is larger than ``limit`` or the tensor is 1-D.
+    """
+    dense = [t for t in (p, p.grad, state.get("exp_avg"), state.get("exp_avg_sq")) if t is not None]
+    if all(t.is_contiguous() for t in dense):
+        return (block_size, True) if block_size <= limit else None
+    if p.dim() < 2 or p.shape[0] == 0:
+        return None
+    unit = math.lcm(p.numel() // p.shape[0], block_size)
+    return (unit, False) if unit <= limit else None
+
+
+def _chunks(params: Sequence[Tensor], limit: int, *, block_size: int = 1, padded: bool = False,
+            cut: Callable[[Tensor], tuple[int, bool] | None] | None = None) -> list[list[_Piece]]:
+    """Consecutive runs of ``params``' pieces of at most ``limit`` elements each, all on one device
+    (the batched step concatenates a chunk's tensors). The order stays the per-parameter step's,
+    pieces of a cut parameter in turn, so the stochastic-rounding draws stay its draws wherever only
+    weights are rounded (bf16 moments are rounded piece by piece with their weight piece).
+
+    Args:
+        limit: elements per chunk; with ``padded`` each piece counts ``ceil(n / block_size)·block_size``
+            (int8 states pad every piece to whole blocks).
+        cut: for a parameter larger than ``limit``, ``(unit, flat)`` as :func:`_cut` gives, or
+            ``None``: such a parameter is then a chunk of its own (the default, without ``cut``).
+            A cut one fills the room left in the current chunk and whole chunks with pieces of
+            multiples of ``unit`` (the last piece shares its chunk with what follows).
+    """
+    def size_of(n: int) -> int:
+        return -(-n // block_size) * block_size if padded else n
+
+    out: list[list[_Piece]] = []
     size = 0
     for p in params:
-        if not out or size + p.numel() > limit or p.device != out[-1][0].device:
-            out.append([])
-            size = 0
-        out[-1].append(p)
-        size += p.numel()
+        n = p.numel()
+        if out and p.device != out[-1][0].param.device:
+            size = limit + 1  # a new chunk
+        how = cut(p) if cut is not None and size_of(n) > limit else None
+        if how is None:
+            if not out or size + size_of(n) > limit:
+                out.append([])
+                size = 0
+            out[-1].append(_Piece(p, 0, n))
+            size += size_of(n)
+            continue
+        unit, flat = how
+        start = 0
+        while start < n:
+            take = max(0, limit - size) // unit * unit if out else 0
+            if take == 0:
+                out.append([])
+                size = 0
+                take = limit // unit * unit
+            stop = min(n, start + take)
+            out[-1].append(_Piece(p, start, stop, whole=False, flat=flat))
+            size += size_of(stop - start)
+            start = stop
     return out
 
 
@@ -792,13 +913,15 @@ class Adafactor(torch.optim.Optimizer):
             return x.reshape(x.shape[0], -1)  # (O, I·k·k)
         return x  # (..., R, C)
 
-    def _step_size(self, group: dict[str, Any], step: int, w: Tensor) -> float:
+    def _step_size(self, group: dict[str, Any], step: int, w: Tensor) -> float | Tensor:
+        """ρ: a number, or with ``scale_parameter`` a float64 0-dim tensor on ``w``'s device
+        (``max(ε₂, RMS(w)) · ρ`` computed there as Python would: no host read of the RMS)."""
         rho = group["lr"]
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             rho = min(min_step, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            rho = max(group["eps"][1], float(self._rms(w))) * rho
+            return self._rms(w).double().clamp(min=group["eps"][1]) * rho
         return rho
 
     @torch.no_grad()
@@ -852,7 +975,10 @@ class Adafactor(torch.optim.Optimizer):
                     m.mul_(beta1).add_(update, alpha=1 - beta1)
                     update = m
                 if group["weight_decay"] != 0:
-                    w.add_(w, alpha=-group["weight_decay"] * rho)
+                    if isinstance(rho, Tensor):  # w + w·(−λρ), the decay factor rounded to float32 as alpha= is
+                        w.addcmul_(w, (rho * -group["weight_decay"]).float())
+                    else:
+                        w.add_(w, alpha=-group["weight_decay"] * rho)
                 w.add_(-update.view(p.shape))
                 _write_weight(p, w, group["stochastic_rounding"], self.generator)
         return loss
