@@ -273,3 +273,91 @@ def test_hypernetwork_strength_tensor_follows_a_cast_and_assignment():
         torch.testing.assert_close(model(context), want, rtol=1e-15, atol=1e-15)
     with pytest.raises(ValueError, match="strength"):
         handle.strength = float("nan")
+
+
+def test_hypernetwork_strength_set_after_an_inference_mode_run_or_injection():
+    """The strength tensor is made anew on the first forward after a move or cast — often inside
+    ``torch.inference_mode()`` (generating) — or at injection, maybe there too. It must stay a normal
+    tensor: set_strength fills it in place outside inference mode, and training multiplies by it."""
+
+    class KV(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.to_k, self.to_v = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, context):
+            return self.to_k(context) - self.to_v(context)
+
+    torch.manual_seed(0)
+    context = torch.randn(2, 3, 8, dtype=torch.float64)
+    model, hn = KV(), Hypernetwork([8], HypernetworkConfig(activation="relu"))
+    handle = sdadapt.inject_hypernetwork(model, hn, strength=0.7)
+    model.double()
+    with torch.inference_mode():
+        generated = model(context)  # the first forward after the cast: a new strength tensor
+    handle.set_strength(0.5)
+    out = model(context)
+    out.square().sum().backward()  # the strength enters autograd
+    assert not torch.equal(out.detach(), generated)
+    assert all(p.grad is not None for p in hn.parameters())
+
+    model, hn = KV(), Hypernetwork([8], HypernetworkConfig(activation="relu"))
+    with torch.inference_mode():
+        handle = sdadapt.inject_hypernetwork(model, hn, strength=0.7)
+    handle.set_strength(0.25)
+    model(context.float()).square().sum().backward()
+    assert all(p.grad is not None for p in hn.parameters())
+
+
+def test_module_dropout_inside_a_cuda_graph_capture_is_recorded_not_decided_once(monkeypatch):
+    """A CUDA graph (``CapturedStep``) records the device ops run while capturing and replays them;
+    a keep/drop decision made on the host at capture would drop the same layers at every replay
+    (never training them). While capturing, module dropout must draw on the device and select.
+    Simulated on a CPU: ``make_fx`` records the ops the same way, and its graph is replayed."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5))
+    handle = sdadapt.inject(net, ["0"], LoRAConfig(rank=2, module_dropout=0.5))
+    perturb(list(handle.parameters()))
+    net.train()
+    x = torch.randn(3, 6)
+    graph = make_fx(net)(x)  # (a host decision raises here: a traced tensor read back to Python)
+    with torch.no_grad():
+        handle.disable()
+        base = net(x)
+        handle.enable()
+        adapted = nn.functional.linear(x, net[0].weight, net[0].bias) + handle.modules["0"](x)
+        replays = [graph(x) for _ in range(40)]
+    kept = [torch.allclose(out, adapted, **TOLERANCE) for out in replays]
+    assert all(k != torch.equal(out, base) for k, out in zip(kept, replays))  # the whole delta or none
+    assert 0 < sum(kept) < len(kept)  # P(all 40 alike) = 2^-39
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_draw_module_dropout_afresh():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5))
+    handle = sdadapt.inject(net, ["0"], LoRAConfig(rank=2, module_dropout=0.5))
+    perturb(list(handle.parameters()))
+    net.cuda().train()
+    x = torch.randn(3, 6, device="cuda")
+    with torch.no_grad():
+        handle.disable()
+        base = net(x).clone()
+        handle.enable()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            net(x)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = net(x)
+        dropped = []
+        for _ in range(40):
+            graph.replay()
+            dropped.append(torch.equal(out, base))
+    assert 0 < sum(dropped) < len(dropped)

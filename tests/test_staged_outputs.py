@@ -419,3 +419,123 @@ def test_signals_held_delivers_a_held_signal_when_the_block_ends(tmp_path):
             reached.append("end of block")
         reached.append("after the block")  # not reached: the held signal raises as the block ends
     assert reached == ["end of block"]
+
+
+def test_a_signal_while_the_handlers_are_put_back_still_puts_back_the_others(monkeypatch):
+    """signals_held puts SIGINT's handler back first: a SIGINT that arrives right then raises from
+    it at once. SIGTERM and SIGHUP must get their handlers back all the same (not stay with the
+    hold's noting handler, which would swallow every later SIGTERM)."""
+    import signal
+
+    class Stop(Exception):
+        pass
+
+    def raising(number, frame):
+        raise Stop
+
+    def quiet(number, frame):
+        pass
+
+    real = signal.signal
+    saved = {number: real(number, handler) for number, handler in
+             ((signal.SIGINT, raising), (signal.SIGTERM, quiet), (signal.SIGHUP, quiet))}
+
+    sent: list[int] = []
+
+    def put_back_then_signal(number, handler):
+        previous = real(number, handler)
+        if handler is raising and not sent:
+            sent.append(number)
+            os.kill(os.getpid(), signal.SIGINT)  # the restored handler runs at once
+        return previous
+
+    try:
+        with pytest.raises(Stop):
+            with files.signals_held():
+                monkeypatch.setattr(signal, "signal", put_back_then_signal)
+        monkeypatch.undo()
+        assert sent and signal.getsignal(signal.SIGTERM) is quiet and signal.getsignal(signal.SIGHUP) is quiet
+    finally:
+        monkeypatch.undo()
+        for number, handler in saved.items():
+            real(number, handler)
+
+
+def test_a_signal_while_the_hold_is_set_up_puts_back_the_handlers_already_swapped(monkeypatch):
+    """The hold swaps SIGINT's handler, then SIGTERM's, then SIGHUP's: a SIGHUP arriving between two
+    swaps runs its own (raising) handler at once; SIGINT and SIGTERM must get theirs back."""
+    import signal
+
+    class Stop(Exception):
+        pass
+
+    def raising(number, frame):
+        raise Stop
+
+    def quiet(number, frame):
+        pass
+
+    real = signal.signal
+    saved = {number: real(number, handler) for number, handler in
+             ((signal.SIGINT, quiet), (signal.SIGTERM, quiet), (signal.SIGHUP, raising))}
+    sent: list[int] = []
+
+    def swap_then_signal(number, handler):
+        previous = real(number, handler)
+        if number == signal.SIGTERM and not sent:
+            sent.append(number)
+            os.kill(os.getpid(), signal.SIGHUP)  # its handler is not swapped yet: raises now
+        return previous
+
+    monkeypatch.setattr(signal, "signal", swap_then_signal)
+    try:
+        with pytest.raises(Stop):
+            with files.signals_held():
+                pass
+        monkeypatch.undo()
+        assert sent and signal.getsignal(signal.SIGINT) is quiet and signal.getsignal(signal.SIGTERM) is quiet
+    finally:
+        monkeypatch.undo()
+        for number, handler in saved.items():
+            real(number, handler)
+
+
+def test_terminate_as_interrupt_puts_back_every_handler_when_a_signal_arrives_during_the_restore(monkeypatch):
+    """The CLI's signal block restores the handlers it replaced the same way: a SIGINT whose
+    restored handler raises at once must not leave SIGTERM and SIGHUP with the block's handler
+    (which, having fired, would swallow every later signal)."""
+    import signal
+
+    from sdadapt.cli.options import terminate_as_interrupt
+
+    class Stop(Exception):
+        pass
+
+    def raising(number, frame):
+        raise Stop
+
+    def quiet(number, frame):
+        pass
+
+    real = signal.signal
+    saved = {number: real(number, handler) for number, handler in
+             ((signal.SIGINT, raising), (signal.SIGTERM, quiet), (signal.SIGHUP, quiet))}
+    sent: list[int] = []
+
+    def put_back_then_signal(number, handler):
+        previous = real(number, handler)
+        if handler is raising and not sent:
+            sent.append(number)
+            os.kill(os.getpid(), signal.SIGINT)  # the restored handler runs at once
+        return previous
+
+    try:
+        with pytest.raises(Stop):
+            with terminate_as_interrupt():
+                monkeypatch.setattr(signal, "signal", put_back_then_signal)
+        monkeypatch.undo()
+        assert sent and signal.getsignal(signal.SIGTERM) is quiet and signal.getsignal(signal.SIGHUP) is quiet
+    finally:
+        monkeypatch.undo()
+        for number, handler in saved.items():
+            real(number, handler)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .training import diffusion
+from .training.host_syncs import copy_to_device
 
 __all__ = ["DiffusersSystem", "ModelFolderError", "load_model"]
 
@@ -395,8 +396,6 @@ class DiffusersSystem(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """Token ids (B, 77); SDXL: both tokenizers' ids stacked, (B, 2, 77)."""
-        from .training.host_syncs import copy_to_device
-
         device = self.alphas_cumprod.device
         ids = _token_ids(self.tokenizer, prompts)
         if self.is_sdxl:

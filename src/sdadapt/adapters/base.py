@@ -236,9 +236,10 @@ class AdapterModule(nn.Module):
         if self.merged or not self.enabled:
             return output
         if self.training and self.module_dropout > 0:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or _graph_capturing():
                 # a traced graph cannot branch on a random draw without a host sync (a graph
-                # break per layer): draw on the device and select, same distribution
+                # break per layer), and a CUDA graph would replay the draw made at capture (the
+                # same layers dropped at every step): draw on the device and select, same distribution
                 keep = torch.rand((), device=output.device) >= self.module_dropout
                 return torch.where(keep, self._delta_added(module, args[0], output), output)
             if float(torch.rand(())) < self.module_dropout:
@@ -266,6 +267,12 @@ class AdapterModule(nn.Module):
     def delta_dtype(self) -> torch.dtype:
         """dtype the adapter computes in (its parameters')."""
         return next(self.parameters()).dtype
+
+
+def _graph_capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a host decision made now
+    would be replayed unchanged by every replay)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def refresh_scale_after_load(module: nn.Module, incompatible_keys: object) -> None:

@@ -433,14 +433,19 @@ def terminate_as_interrupt() -> Iterator[None]:
         raise Interrupted(number)
 
     wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    saved = {}
-    for number in wanted:
-        try:
-            saved[number] = signal.signal(number, handler)
-        except (ValueError, OSError):  # not settable here
-            pass
+    from ..formats.files import _put_back
+
+    saved: list[tuple[int, Any]] = []  # noted before each swap: a signal mid-setup still restores them
     try:
+        for number in wanted:
+            previous = signal.getsignal(number)
+            if previous is None:  # a handler installed outside Python: left alone
+                continue
+            saved.append((number, previous))
+            try:
+                signal.signal(number, handler)
+            except (ValueError, OSError):  # not settable here
+                saved.pop()
         yield
     finally:
-        for number, previous in saved.items():
-            signal.signal(number, previous)
+        _put_back(saved)  # every one, even when a signal arrives as the first is put back

@@ -420,6 +420,10 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--sdpa-backends", metavar="measure|LIST",
         help="attention kernels: 'measure' times flash, memory-efficient, cuDNN and math attention on the first batch and "
         "trains under the fastest order; or a comma list tried in order, e.g. flash,math (default: torch's choice)")
+    add(optim, "--cuda-graph", action=bool_flag,
+        help="replay each optimiser step (forward, backward, optimiser) as one CUDA graph per batch layout after 3 eager "
+        "steps: far fewer kernel launches at small batches; AdamW optimisers, no accumulation, no fp16, no prior "
+        "preservation, no --fused-backward-pass (on a CPU: eager steps)")
     add(optim, "--full-bf16", action=bool_flag,
         help="full/dreambooth with --mixed-precision bf16: keep the trained weights in bf16 (half the memory of fp32), "
         "written back with stochastic rounding")

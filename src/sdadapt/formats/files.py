@@ -296,20 +296,33 @@ def signals_held() -> Iterator[None]:
         return
     pending: list[int] = []
     previous: dict[int, Any] = {}
-    for number in _HELD_SIGNALS:
-        if signal.getsignal(number) is None:  # a handler installed outside Python: left alone
-            continue
-        try:
-            previous[number] = signal.signal(number, lambda received, frame: pending.append(received))
-        except (ValueError, OSError):
-            pass
-    try:
+    try:  # (from the first swap: a signal to a handler not yet swapped raises with the others put back)
+        for number in _HELD_SIGNALS:
+            handler = signal.getsignal(number)
+            if handler is None:  # a handler installed outside Python: left alone
+                continue
+            previous[number] = handler  # (noted first: putting back a handler never swapped is harmless)
+            try:
+                signal.signal(number, lambda received, frame: pending.append(received))
+            except (ValueError, OSError):
+                pass
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        _put_back(list(previous.items()))
         for number in dict.fromkeys(pending):
             signal.raise_signal(number)
+
+
+def _put_back(handlers: list[tuple[int, Any]]) -> None:
+    """Install each ``(signal number, handler)``, all of them even when one just put back raises
+    (a signal that arrives the moment its handler is back runs it at once)."""
+    try:
+        while handlers:
+            signal.signal(*handlers[0])
+            handlers.pop(0)
+    finally:
+        for number, handler in handlers:  # (cut short: the rest, then the exception goes on)
+            signal.signal(number, handler)
 
 
 _HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))

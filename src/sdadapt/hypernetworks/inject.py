@@ -72,8 +72,8 @@ class HypernetworkHandle:
         self.name = name
         first = next(hypernetwork.parameters())
         # (0-dim) in the hypernetwork's dtype (at least float32) and device; the hooks multiply by it
-        self._strength_tensor = torch.tensor(strength, dtype=torch.promote_types(first.dtype, torch.float32),
-                                             device=first.device)
+        self._strength_tensor = _strength_tensor(strength, dtype=torch.promote_types(first.dtype, torch.float32),
+                                                 device=first.device)
         self.strength = strength
         self.layers: dict[str, tuple[int, int]] = {}
         self.unused_widths: tuple[int, ...] = ()
@@ -139,13 +139,21 @@ class HypernetworkHandle:
             strength = self._strength_tensor
             want = torch.promote_types(dtype, torch.float32)
             if strength.device != weight.device or strength.dtype != want:  # moved/cast after injection: follow once
-                strength = self._strength_tensor = torch.tensor(self._strength, dtype=want, device=weight.device)
+                strength = self._strength_tensor = _strength_tensor(self._strength, dtype=want, device=weight.device)
             out = mlp(context if context.dtype == dtype else context.to(dtype), strength=strength).to(context.dtype)
             if args:
                 return (out, *args[1:]), kwargs
             return args, {**kwargs, "input": out}
 
         return hook
+
+
+def _strength_tensor(value: float, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a 0-dim tensor the setter can fill in place later: a normal tensor even when made
+    under ``torch.inference_mode()`` (an injection or a first forward after ``.to()`` there), which
+    could neither be filled outside it nor enter a training step's autograd."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _check_strength(strength: float) -> float:

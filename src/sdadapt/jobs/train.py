@@ -77,6 +77,9 @@ class TrainOptions:
     Speed: ``sdpa_backends`` — ``"measure"`` (time flash / memory-efficient / cuDNN / math attention on
     the first batch's attention calls and train under the fastest order) or a comma list such as
     ``"flash,math"`` (tried in that order); default: torch's choice (:mod:`sdadapt.training.attention`).
+    ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
+    steps: :attr:`sdadapt.methods.FitConfig.cuda_graph`; AdamW optimisers, no accumulation, no fp16,
+    no fused backward, no prior preservation; on a CPU the steps run eagerly).
 
     Whole-model methods (full, dreambooth): ``ema_save`` (``weights``: the saved weights are the
     EMA; ``beside``: the raw weights, with the EMA beside them — ``model_ema.*`` keys in an LDM file,
@@ -137,6 +140,7 @@ class TrainOptions:
     gradient_checkpointing_fraction: float | None = None
     fused_backward_pass: bool = False
     sdpa_backends: str | None = None
+    cuda_graph: bool = False
     full_bf16: bool = False
     extract_lora: int | None = None
     seed: int = 0
@@ -232,6 +236,18 @@ class TrainOptions:
             if clashes:
                 raise ValueError("--fused-backward-pass steps each weight as soon as its gradient arrives, so it cannot be "
                                  "combined with " + "; ".join(clashes))
+        if self.cuda_graph:
+            clashes = [what for what, clash in (
+                ("--fused-backward-pass", self.fused_backward_pass),
+                (f"--gradient-accumulation-steps {self.gradient_accumulation_steps}", self.gradient_accumulation_steps != 1),
+                ("--mixed-precision fp16 (use bf16)", self.mixed_precision == "fp16"),
+                (f"--optimizer {self.optimizer} (use adamw, adamw8bit or adamw-bf16)",
+                 self.optimizer.lower() in ("adafactor",)),
+                ("prior preservation (--prior / --class-prompt)", bool(self.prior)),
+            ) if clash]
+            if clashes:
+                raise ValueError("--cuda-graph captures each optimiser step in a CUDA graph, so it cannot be combined "
+                                 "with " + "; ".join(clashes))
         from ..methods.textual_inversion import TEMPLATE_SETS, caption_template
 
         if self.templates not in TEMPLATE_SETS:
@@ -619,6 +635,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         gradient_checkpointing=options.gradient_checkpointing or options.gradient_checkpointing_fraction is not None,
         gradient_checkpointing_fraction=1.0 if options.gradient_checkpointing_fraction is None else options.gradient_checkpointing_fraction,
         fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
+        cuda_graph=options.cuda_graph,
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
                         max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed,
                         sdpa_backends=_sdpa_order(options.sdpa_backends)),
@@ -795,6 +812,9 @@ def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
     if record.get("method_options", {}) != options.method_options:
         mismatches.append(f"method options {record.get('method_options')} (now {options.method_options})")
     saved_captions = record.get("captions")  # absent in records written before it was recorded: not checked
+    if saved_captions is not None and not isinstance(saved_captions, dict):
+        raise ValueError(f"--resume {folder}: run.json's captions entry is not a table ({type(saved_captions).__name__}); "
+                         "the file was edited or damaged — resume from an intact state folder")
     if saved_captions is not None:
         now = _caption_record(options)
         mismatches += [f"{name} {saved_captions.get(name)!r} (now {value!r})" for name, value in now.items()

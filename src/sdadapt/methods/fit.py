@@ -60,6 +60,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor")
 _OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw-8bit": "adamw8bit",
                       "pagedadamw8bit": "adamw8bit", "adamw-bf16": "adamw-bf16", "adamw_bf16": "adamw-bf16",
                       "adamwbf16": "adamw-bf16", "adafactor": "adafactor"}
+#: the optimisers ``FitConfig.cuda_graph`` can capture (built ``capturable=True``)
+_CAPTURABLE_OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16")
 #: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``)
 SCHEDULES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear")
 
@@ -146,6 +148,15 @@ class FitConfig:
             train under the fastest order (:mod:`sdadapt.training.attention`; replaces
             ``step.sdpa_backends``; :attr:`FitProgress.sdpa_backends` tells which). Seconds on a GPU;
             the run's random draws are the same as without it.
+        cuda_graph: run each optimiser step — forward, loss, backward, clipping, optimiser — as a
+            CUDA-graph replay (:class:`~sdadapt.training.step_capture.CapturedStep`): each batch
+            layout (batch size × bucket) trains 3 eager steps, is captured, then replayed with one
+            launch. Noise and timesteps are drawn outside the graph from the same generator, so the
+            run draws what an eager one draws; the optimiser is built ``capturable`` with tensor
+            learning rates (the schedule fills them in place). Needs an AdamW optimiser (``adamw``,
+            ``adamw8bit``, ``adamw-bf16``), ``step.accumulation_steps == 1``, no fp16 (bf16 works),
+            no ``fused_backward``, and with a dataset no prior (its class batch is a second forward
+            drawn inside the loss). On a CPU the steps run eagerly (the same results).
     """
 
     steps: int = 300
@@ -167,6 +178,7 @@ class FitConfig:
     fused_backward: bool = False
     gradient_checkpointing_fraction: float = 1.0
     measure_attention: bool = False
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -198,6 +210,17 @@ class FitConfig:
             if clashes:
                 raise ValueError("fused_backward (--fused-backward-pass) steps each parameter as soon as its gradient "
                                  "arrives, so it cannot work with " + "; ".join(clashes))
+        if self.cuda_graph:
+            clashes = [what for what, clash in (
+                ("fused_backward (its optimisers step from Python hooks)", self.fused_backward),
+                ("gradient accumulation (a graph is one micro-batch and one optimiser step)", self.step.accumulation_steps != 1),
+                ("fp16 mixed precision (its loss scaler reads a value back each step; use bf16)", self.step.mixed_precision == "fp16"),
+                (f"optimizer {self.optimizer!r} (use adamw, adamw8bit or adamw-bf16)",
+                 _OPTIMIZER_ALIASES[self.optimizer.lower()] not in _CAPTURABLE_OPTIMIZERS),
+            ) if clash]
+            if clashes:
+                raise ValueError("cuda_graph (--cuda-graph) captures each optimiser step in a CUDA graph, so it cannot "
+                                 "work with " + "; ".join(clashes))
 
     def text_encoder_stop(self, adaptation: Any) -> int | None:
         """The step the text encoder stops training at: ``text_encoder_steps``, else the first
@@ -230,17 +253,25 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
     bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
     foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])
+    # config.cuda_graph on CUDA: capturable, each group's lr a 0-dim tensor on its parameters' device
+    # (filled in place by the schedule; a captured graph reads it). Off CUDA the steps run eagerly.
+    capturable = config.cuda_graph and all(p.device.type == "cuda" for group in groups for p in group["params"])
+    if capturable:
+        groups = [{**group, "lr": torch.tensor(float(group.get("lr", config.learning_rate)),
+                                               device=group["params"][0].device)} for group in groups]
+    extra: dict[str, Any] = {"capturable": True} if capturable else {}
     if name == "adamw" and not bf16:
-        return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, **extra)
     from ..training.optim import Adafactor, AdamW
 
     if name == "adamw":
         return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=torch.float32,
-                     foreach=foreach)
+                     foreach=foreach, **extra)
     if name == "adafactor":
         return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     state_dtype: Any = "int8" if name == "adamw8bit" else torch.bfloat16
-    return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=state_dtype, foreach=foreach)
+    return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=state_dtype, foreach=foreach,
+                 **extra)
 
 
 @dataclass
@@ -293,6 +324,16 @@ def _index_on(index: Tensor, data: Tensor) -> Tensor:
     return copy_to_device(index, data.device)
 
 
+def _mean_loss(micro_losses: list[Tensor]) -> float:
+    """The mean of an optimiser step's micro-batch losses (each 0-dim, on the device) after ONE
+    device → host read, summed in order as Python floats (bit for bit what one ``float()`` per
+    micro-batch gave). No float64 tensor is made on the device: MPS has none."""
+    total = 0.0
+    for value in torch.stack(micro_losses).tolist():
+        total += value
+    return total / len(micro_losses)
+
+
 def _condition_batch(system: System, ids: Tensor, sizes: Tensor | None) -> Any:
     if sizes is not None and getattr(system, "size_conditioning", False):
         return {"ids": ids, "time_ids": sizes}
@@ -342,6 +383,10 @@ def fit(
                              f"and {0 if captions is None else len(captions)} captions")
     elif not dataset.latents:
         raise ValueError("the dataset has no latents yet: call sdadapt.training.data.encode_buckets(dataset, system.encode_images)")
+    elif prior is not None and config.cuda_graph:
+        raise ValueError("cuda_graph (--cuda-graph) cannot capture prior preservation on a dataset: its class batch is a "
+                         "second forward whose noise is drawn inside the loss; train without --cuda-graph, or without "
+                         "the prior (--no-prior)")
     params = adaptation.params
     if not params:
         raise ValueError("the adaptation has no trainable parameters")
@@ -388,6 +433,9 @@ def fit(
     named = {f"p{i}": p for i, p in enumerate(trained)}
     if resume is not None:
         load_training_state(resume, named_params=named, optimizer=optimizer, state=state)
+        for group in optimizer.param_groups:  # a saved lr is a number: a captured graph reads a tensor
+            if config.cuda_graph and group.get("capturable") and not isinstance(group["lr"], Tensor):
+                group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
         if state.step >= config.steps:
             raise ValueError(f"{resume}: the saved state is at step {state.step}, which is not before the last step "
                              f"({config.steps}); raise --steps to train further")
@@ -517,6 +565,13 @@ def fit(
             handle = _checkpoint_unet(system, config.gradient_checkpointing_fraction)
             undo.append(handle.remove)
             checkpointed = {module: module.training for module in handle.modules.values()}
+        captured = None
+        if config.cuda_graph:
+            from ..training.step_capture import CapturedStep
+
+            captured = CapturedStep(model, params=trained, optimizer=optimizer, config=step_config,
+                                    alphas_cumprod=system.alphas_cumprod, extra_loss=extra_loss,
+                                    strict=trained[0].device.type == "cuda")  # elsewhere: eager steps
         for step in range(state.step, config.steps):
             for module in checkpointed:  # only the wrappers: what runs inside keeps its mode (an on_step sample may call eval())
                 module.training = True
@@ -525,15 +580,24 @@ def fit(
                     p.requires_grad_(False)
                     p.grad = None
                 stopped = stopping
+                if captured is not None:  # the graphs' backward still computes their gradients
+                    captured.reset()
             for group in optimizer.param_groups:
-                group["lr"] = config.lr_at(step, group["base_lr"]) * group["lr_scale"]
-            total: Tensor | float = 0.0  # summed on the device in float64, as Python would add the floats
+                lr = config.lr_at(step, group["base_lr"]) * group["lr_scale"]
+                if isinstance(group["lr"], Tensor):
+                    group["lr"].fill_(lr)  # in place: a captured graph reads this tensor
+                else:
+                    group["lr"] = lr
+            micro_losses: list[Tensor] = []
             for micro in range(step * accumulation, (step + 1) * accumulation):
                 batch, loss_fn = draw(micro)
-                metrics = train_step(model, batch, params=trained, optimizer=stepper, state=state, config=step_config,
-                                     alphas_cumprod=system.alphas_cumprod, extra_loss=loss_fn)
-                total = total + metrics["loss"].double()
-            loss = float(total) / accumulation  # the one host read per optimiser step (callbacks, NaN check, result)
+                if captured is not None:  # (loss_fn is extra_loss: a dataset's prior batch is refused with cuda_graph)
+                    metrics = captured(batch, state=state)
+                else:
+                    metrics = train_step(model, batch, params=trained, optimizer=stepper, state=state, config=step_config,
+                                         alphas_cumprod=system.alphas_cumprod, extra_loss=loss_fn)
+                micro_losses.append(metrics["loss"])
+            loss = _mean_loss(micro_losses)  # the one host read per optimiser step (callbacks, NaN check, result)
             losses.append(loss)
             if not math.isfinite(loss) and config.stop_on_nonfinite:
                 raise NonFiniteLossError(step + 1, loss)

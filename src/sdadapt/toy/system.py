@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..training import diffusion
+from ..training.host_syncs import copy_to_device
 from ..formats.files import WeightFileError, read_safetensors, write_safetensors
 from .clip import ToyCLIP
 from .text_encoder import ToyTextEncoder
@@ -62,8 +63,6 @@ class ToySystem(nn.Module):
         return F.pixel_shuffle(latents, 2).clamp(-1, 1)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        from ..training.host_syncs import copy_to_device
-
         return copy_to_device(self.tokenizer(prompts), self.alphas_cumprod.device)  # no wait on a GPU
 
     def condition(self, prompts: list[str] | Tensor, *, image_embeds: Tensor | None = None) -> dict[str, Tensor]:

@@ -253,12 +253,14 @@ def copy_to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
 
     Host → CUDA: a copy from pinned memory with ``non_blocking=True`` (PyTorch's caching host
     allocator keeps the pinned buffer until the copy has run; later work on the stream sees the
-    data). Already there: ``tensor`` itself. Anything else (to the host, or another accelerator):
+    data). The copy runs later: a ``tensor`` that is already pinned and contiguous is read then, so
+    do not change it in place afterwards (a fresh tensor — an index, token ids — is safe). Already
+    there: ``tensor`` itself. Anything else (to the host, or another accelerator):
     ``tensor.to(device)``, which may wait.
     """
     device = torch.device(device)
-    if tensor.device.type == "cpu" and device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
+    if tensor.device.type == "cpu" and device.type == "cuda":  # (contiguous: a strided one would copy unpinned)
+        return tensor.contiguous().pin_memory().to(device, non_blocking=True)
     if tensor.device == device or (tensor.device.type == device.type == "cpu"):
         return tensor.to(device, non_blocking=True)  # nothing is copied (HostSyncs sees the tensor arrive)
     return tensor.to(device)

@@ -178,6 +178,12 @@ class CapturedStep:
         """How many graphs (batch layouts) have been captured."""
         return sum(g.graph is not None for g in self._graphs.values())
 
+    def reset(self) -> None:
+        """Drop every captured graph (and its memory pool): each batch layout warms up and is
+        captured again — after a change the graphs cannot see, e.g. parameters that stopped
+        requiring gradients (a text encoder whose training ends before the UNet's)."""
+        self._graphs.clear()
+
     def set_lr(self, lr: float) -> None:
         """Set every parameter group's learning rate without re-capturing (``lr`` tensors are
         filled in place; a float ``lr`` is replaced, which only eager steps see).

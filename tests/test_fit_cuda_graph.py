@@ -1,0 +1,149 @@
+"""``FitConfig.cuda_graph`` / ``train --cuda-graph``: fit's steps through ``CapturedStep``.
+
+On a CPU the captured step runs eagerly, so a run with the option must be bit for bit the run
+without it; what it refuses is refused before the first step. The CUDA tests (skipped here;
+``benchmarks/gpu_check.sh`` runs them) compare captured and eager runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+import torch
+
+from sdadapt.cli import main
+from sdadapt.images import write_png
+from sdadapt.methods import METHODS, FitConfig, fit
+from sdadapt.toy import build_toy
+from sdadapt.toy.evaluate import concept_data
+from sdadapt.training import step_capture
+from sdadapt.training.step import StepConfig
+
+
+def _run(method: str, config: FitConfig, *, device: str = "cpu", prior: bool = False):
+    system = build_toy(seed=1)
+    adaptation = METHODS[method].adapt(system, seed=1, **({"token": "sks"} if method == "textual-inversion" else {}))
+    if device != "cpu":
+        system.to(device)
+    images, captions = concept_data("cross", 4, seed=0)
+    if method == "textual-inversion":
+        captions = [f"a sks {c}" for c in captions]
+    class_prior = (images.flip(0), captions[::-1], 0.5) if prior else None
+    losses = fit(system, adaptation, images.to(device), captions, config=config, prior=class_prior)
+    return losses, [p.detach().cpu().clone() for p in adaptation.params]
+
+
+_BASE = FitConfig(steps=6, batch_size=2, learning_rate=3e-3, warmup_steps=2, schedule="cosine",
+                  step=StepConfig(min_snr_gamma=5.0))
+
+
+@pytest.mark.parametrize("method,optimizer,prior", [("lora", "adamw", False), ("lora", "adamw8bit", True),
+                                                    ("textual-inversion", "adamw-bf16", False)])
+def test_on_a_cpu_the_captured_run_is_the_eager_run_bit_for_bit(method, optimizer, prior):
+    config = dataclasses.replace(_BASE, optimizer=optimizer)
+    eager = _run(method, config, prior=prior)
+    captured = _run(method, dataclasses.replace(config, cuda_graph=True), prior=prior)
+    assert eager[0] == captured[0]
+    for a, b in zip(eager[1], captured[1]):
+        assert torch.equal(a, b)
+
+
+def test_fit_steps_through_captured_step_and_resets_it_when_the_text_encoder_stops(monkeypatch):
+    """The loop hands each step to CapturedStep (the eager one is not called), and drops its graphs
+    when the text encoder's parameters stop requiring gradients (a captured backward still computes
+    theirs)."""
+    made: list[step_capture.CapturedStep] = []
+    resets: list[int] = []
+    real_init, real_reset = step_capture.CapturedStep.__init__, step_capture.CapturedStep.reset
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    def reset(self):
+        resets.append(self.calls)
+        real_reset(self)
+
+    monkeypatch.setattr(step_capture.CapturedStep, "__init__", init)
+    monkeypatch.setattr(step_capture.CapturedStep, "reset", reset)
+    monkeypatch.setattr(importlib.import_module("sdadapt.methods.fit"), "train_step", lambda *a, **k: pytest.fail("the eager train_step was called"))
+    _run("lora", dataclasses.replace(_BASE, cuda_graph=True, text_encoder_steps=3))
+    assert len(made) == 1 and made[0].calls == 6
+    assert resets == [3]  # before the 4th step, once
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(fused_backward=True, step=StepConfig(max_grad_norm=None)), "fused_backward"),
+    (dict(step=StepConfig(accumulation_steps=2)), "gradient accumulation"),
+    (dict(step=StepConfig(mixed_precision="fp16")), "fp16"),
+    (dict(optimizer="adafactor"), "optimizer 'adafactor'"),
+])
+def test_what_cannot_be_captured_is_refused_by_the_config(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(_BASE, cuda_graph=True, **change)
+
+
+def test_a_dataset_with_a_prior_is_refused_before_the_first_step():
+    from sdadapt.training.data import Dataset, encode_buckets, records_from_tensors
+
+    system = build_toy(seed=1)
+    adaptation = METHODS["lora"].adapt(system, seed=1)
+    images, captions = concept_data("cross", 4, seed=0)
+    dataset = Dataset(records_from_tensors(images, captions))
+    encode_buckets(dataset, system.encode_images, images=images)
+    before = [p.detach().clone() for p in adaptation.params]
+    with pytest.raises(ValueError, match="--no-prior"):
+        fit(system, adaptation, dataset, prior=(images, captions, 1.0), config=dataclasses.replace(_BASE, cuda_graph=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, adaptation.params))
+
+
+@pytest.fixture()
+def images(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        write_png(folder / f"{i}.png", torch.rand(3, 32, 32, generator=g) * 2 - 1)
+        (folder / f"{i}.txt").write_text("a red circle")
+    return folder
+
+
+def test_the_train_command_takes_cuda_graph_and_refuses_its_clashes(images, tmp_path, capsys):
+    import sdadapt
+
+    common = ["train", "lora", "--images", str(images), "--batch-size", "2", "--no-prior", "--steps", "3", "-q"]
+    assert main([*common, "-o", str(tmp_path / "plain.safetensors")]) == 0
+    assert main([*common, "--cuda-graph", "-o", str(tmp_path / "graph.safetensors")]) == 0
+    a, b = sdadapt.load_lora(tmp_path / "plain.safetensors")[0], sdadapt.load_lora(tmp_path / "graph.safetensors")[0]
+    assert all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])  # eager on a CPU: the same run
+    assert main([*common, "--cuda-graph", "--gradient-accumulation-steps", "2", "-o", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graph" in err and "--gradient-accumulation-steps 2" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,optimizer", [("lora", "adamw"), ("lora", "adamw8bit"), ("textual-inversion", "adamw")])
+def test_cuda_fit_with_cuda_graph_matches_the_eager_run(method, optimizer, monkeypatch):
+    """On a GPU: the captured run (3 eager steps per layout, then replays; the LR schedule filled into
+    the optimiser's tensor lr) trains like the eager run — losses and weights to bf16-backward
+    tolerance — and did capture."""
+    made: list[step_capture.CapturedStep] = []
+    real_init = step_capture.CapturedStep.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(step_capture.CapturedStep, "__init__", init)
+    config = dataclasses.replace(_BASE, steps=10, optimizer=optimizer,
+                                 step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16"))
+    eager = _run(method, config, device="cuda")
+    captured = _run(method, dataclasses.replace(config, cuda_graph=True), device="cuda")
+    assert made and made[0].graph_count == 1 and made[0].calls == 10
+    assert captured[0] == pytest.approx(eager[0], rel=1e-3)
+    for a, b in zip(eager[1], captured[1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
