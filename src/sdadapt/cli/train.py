@@ -424,6 +424,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="replay each optimiser step (forward, backward, optimiser) as one CUDA graph per batch layout after 3 eager "
         "steps: far fewer kernel launches at small batches; AdamW optimisers, no accumulation, no fp16, no prior "
         "preservation, no --fused-backward-pass (on a CPU: eager steps)")
+    add(optim, "--torch-compile", action=bool_flag,
+        help="torch.compile the UNet (with the adapters) and the text conditioning the step runs: the first steps "
+        "compile, then fused kernels (kohya's --torch_compile)")
+    add(optim, "--dynamo-backend", metavar="NAME",
+        help="with --torch-compile: the torch.compile backend (default inductor; aot_eager, eager, cudagraphs, ...)")
     add(optim, "--full-bf16", action=bool_flag,
         help="full/dreambooth with --mixed-precision bf16: keep the trained weights in bf16 (half the memory of fp32), "
         "written back with stochastic rounding")

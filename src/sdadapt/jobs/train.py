@@ -79,7 +79,9 @@ class TrainOptions:
     ``"flash,math"`` (tried in that order); default: torch's choice (:mod:`sdadapt.training.attention`).
     ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
     steps: :attr:`sdadapt.methods.FitConfig.cuda_graph`; AdamW optimisers, no accumulation, no fp16,
-    no fused backward, no prior preservation; on a CPU the steps run eagerly).
+    no fused backward, no prior preservation; on a CPU the steps run eagerly). ``torch_compile``
+    with ``dynamo_backend`` (default ``"inductor"``; kohya's names): ``torch.compile`` the model
+    the step calls (:attr:`sdadapt.methods.FitConfig.compile_backend`).
 
     Whole-model methods (full, dreambooth): ``ema_save`` (``weights``: the saved weights are the
     EMA; ``beside``: the raw weights, with the EMA beside them — ``model_ema.*`` keys in an LDM file,
@@ -141,6 +143,8 @@ class TrainOptions:
     fused_backward_pass: bool = False
     sdpa_backends: str | None = None
     cuda_graph: bool = False
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
     full_bf16: bool = False
     extract_lora: int | None = None
     seed: int = 0
@@ -236,6 +240,13 @@ class TrainOptions:
             if clashes:
                 raise ValueError("--fused-backward-pass steps each weight as soon as its gradient arrives, so it cannot be "
                                  "combined with " + "; ".join(clashes))
+        if self.torch_compile:
+            from ..methods.fit import _check_compile_backend
+
+            try:
+                _check_compile_backend(self.dynamo_backend)
+            except ValueError as exc:
+                raise ValueError(f"--dynamo-backend: {exc}") from None
         if self.cuda_graph:
             clashes = [what for what, clash in (
                 ("--fused-backward-pass", self.fused_backward_pass),
@@ -320,6 +331,8 @@ def _inactive_option_notes(options: TrainOptions) -> list[str]:
     if options.lr_scheduler_num_cycles != 1 and options.lr_scheduler != "cosine_with_restarts":
         notes.append(f"--lr-scheduler-num-cycles {options.lr_scheduler_num_cycles}: not used by --lr-scheduler "
                      f"{options.lr_scheduler} (only cosine_with_restarts has cycles)")
+    if options.dynamo_backend != "inductor" and not options.torch_compile:
+        notes.append(f"--dynamo-backend {options.dynamo_backend}: not used without --torch-compile")
     return notes
 
 
@@ -635,7 +648,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         gradient_checkpointing=options.gradient_checkpointing or options.gradient_checkpointing_fraction is not None,
         gradient_checkpointing_fraction=1.0 if options.gradient_checkpointing_fraction is None else options.gradient_checkpointing_fraction,
         fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
-        cuda_graph=options.cuda_graph,
+        cuda_graph=options.cuda_graph, compile_backend=options.dynamo_backend if options.torch_compile else None,
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
                         max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed,
                         sdpa_backends=_sdpa_order(options.sdpa_backends)),

@@ -157,6 +157,13 @@ class FitConfig:
             ``adamw8bit``, ``adamw-bf16``), ``step.accumulation_steps == 1``, no fp16 (bf16 works),
             no ``fused_backward``, and with a dataset no prior (its class batch is a second forward
             drawn inside the loss). On a CPU the steps run eagerly (the same results).
+        compile_backend: ``torch.compile`` the model the step calls (the UNet with the adapters
+            and, where the method trains through it, the text conditioning) with this dynamo
+            backend (``"inductor"``, ``"aot_eager"``, ...; kohya's ``--torch_compile
+            --dynamo_backend``); ``None``: eager. The first steps compile; a new batch size or
+            bucket compiles once more (then dynamic). Every adapter family traces in one graph
+            (``tests/test_compile_graphs.py``). Attention is measured (``measure_attention``) on the
+            eager model, before compiling.
     """
 
     steps: int = 300
@@ -179,6 +186,7 @@ class FitConfig:
     gradient_checkpointing_fraction: float = 1.0
     measure_attention: bool = False
     cuda_graph: bool = False
+    compile_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -210,6 +218,8 @@ class FitConfig:
             if clashes:
                 raise ValueError("fused_backward (--fused-backward-pass) steps each parameter as soon as its gradient "
                                  "arrives, so it cannot work with " + "; ".join(clashes))
+        if self.compile_backend is not None:
+            _check_compile_backend(self.compile_backend)
         if self.cuda_graph:
             clashes = [what for what, clash in (
                 ("fused_backward (its optimisers step from Python hooks)", self.fused_backward),
@@ -237,6 +247,19 @@ class FitConfig:
             schedule = "warmup"
         return lr_at(step, base_lr=base, schedule=schedule, warmup_steps=self.warmup_steps,  # type: ignore[arg-type]
                      total_steps=self.steps, num_cycles=self.num_cycles)
+
+
+def _check_compile_backend(name: str) -> str:
+    """``name`` if it is a ``torch.compile`` backend of this torch (``torch._dynamo.list_backends``),
+    else a ``ValueError`` listing them."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        usual = [b for b in ("inductor", "aot_eager", "eager", "cudagraphs") if b in known]
+        raise ValueError(f"unknown torch.compile backend {name!r}; this torch has {', '.join(usual)} "
+                         f"(and {len(known) - len(usual)} more: torch._dynamo.list_backends())")
+    return name
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
@@ -547,6 +570,8 @@ def fit(
     if config.measure_attention:
         step_config = dataclasses.replace(step_config, sdpa_backends=_fastest_attention(
             model, first_batch(), step_config, system.alphas_cumprod, device))
+    if config.compile_backend is not None:  # (draw()'s prior loss and the captured step call this one)
+        model = torch.compile(model, backend=config.compile_backend)
     # co-trained text encoder: its parameters stop at step text_encoder_steps (kohya's --stop_text_encoder_training)
     stopping = [p for p in trained if id(p) in text_ids] if text_encoder_steps is not None else []
     stopped: list[nn.Parameter] = []
