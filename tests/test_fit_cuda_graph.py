@@ -85,7 +85,7 @@ def test_what_cannot_be_captured_is_refused_by_the_config(change, message):
         dataclasses.replace(_BASE, cuda_graph=True, **change)
 
 
-def test_a_dataset_with_a_prior_is_refused_before_the_first_step():
+def _dataset_run(config: FitConfig):
     from sdadapt.training.data import Dataset, encode_buckets, records_from_tensors
 
     system = build_toy(seed=1)
@@ -93,10 +93,27 @@ def test_a_dataset_with_a_prior_is_refused_before_the_first_step():
     images, captions = concept_data("cross", 4, seed=0)
     dataset = Dataset(records_from_tensors(images, captions))
     encode_buckets(dataset, system.encode_images, images=images)
-    before = [p.detach().clone() for p in adaptation.params]
-    with pytest.raises(ValueError, match="--no-prior"):
-        fit(system, adaptation, dataset, prior=(images, captions, 1.0), config=dataclasses.replace(_BASE, cuda_graph=True))
-    assert all(torch.equal(a, b) for a, b in zip(before, adaptation.params))
+    losses = fit(system, adaptation, dataset, prior=(images.flip(0), captions[::-1], 0.7), config=config)
+    return losses, [p.detach().clone() for p in adaptation.params]
+
+
+def test_a_datasets_prior_batch_goes_through_the_captured_step_as_the_eager_one_draws_it(monkeypatch):
+    """DreamBooth on a dataset: the class batch is a second forward. Through CapturedStep(prior=...)
+    (noise drawn before the step, after the batch's) the run is the eager run bit for bit."""
+    eager = _dataset_run(_BASE)
+    calls: list[bool] = []
+    real_call = step_capture.CapturedStep.__call__
+
+    def call(self, batch, *, state, prior=None):
+        calls.append(prior is not None and prior[1] == 0.7)
+        return real_call(self, batch, state=state, prior=prior)
+
+    monkeypatch.setattr(step_capture.CapturedStep, "__call__", call)
+    captured = _dataset_run(dataclasses.replace(_BASE, cuda_graph=True))
+    assert calls == [True] * _BASE.steps
+    assert eager[0] == captured[0]
+    for a, b in zip(eager[1], captured[1]):
+        assert torch.equal(a, b)
 
 
 @pytest.fixture()
@@ -147,3 +164,49 @@ def test_cuda_fit_with_cuda_graph_matches_the_eager_run(method, optimizer, monke
     assert captured[0] == pytest.approx(eager[0], rel=1e-3)
     for a, b in zip(eager[1], captured[1]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_a_captured_step_keeps_the_class_batch_among_its_static_inputs(monkeypatch):
+    """Graph bookkeeping without a GPU (torch.cuda's graph API replaced by stand-ins): the class
+    batch's prepared tensors are static inputs of the graph, refreshed before every replay, and the
+    prior weight is part of the layout (another weight, another graph)."""
+    import contextlib
+
+    class FakeGraph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+        def register_generator_state(self, generator):
+            pass
+
+    stream = type("S", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(step_capture, "capture_problems", lambda *a: [])
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream())
+
+    system = build_toy(seed=1)
+    adaptation = METHODS["lora"].adapt(system, seed=1)
+    images, captions = concept_data("cross", 4, seed=0)
+    latents, ids = system.encode_images(images), system.tokenize(captions)
+    denoiser = system.denoiser()
+    params = adaptation.params
+    step = step_capture.CapturedStep(lambda x, t, c: denoiser(x, t, system.condition(c)), params=params,
+                                     optimizer=torch.optim.AdamW(params, lr=1e-3), config=StepConfig(),
+                                     alphas_cumprod=system.alphas_cumprod, warmup_steps=1)
+    state = step_capture.TrainState(seed=0)
+    for i in range(4):
+        rows = torch.tensor([i % 4, (i + 1) % 4])
+        step({"latents": latents[:2], "cond": ids[:2]}, state=state,
+             prior=({"latents": latents[rows], "cond": ids[rows]}, 0.5 if i < 3 else 0.25))
+    assert len(step._graphs) == 2 and step.graph_count == 1 and state.step == 4  # the 0.25 layout: warming up
+    entries = list(step._graphs.items())
+    (spec, _), first = entries[0]
+    static = torch.utils._pytree.tree_unflatten(first.static_leaves, spec)
+    assert static["prior_weight"] == 0.5 and first.graph.replays == 2  # warm-up, capture + replay, replay
+    assert torch.equal(static["prior"]["latents"], latents[torch.tensor([2, 3])])  # the last batch-0.5 call's rows

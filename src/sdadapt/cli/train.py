@@ -422,8 +422,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         "trains under the fastest order; or a comma list tried in order, e.g. flash,math (default: torch's choice)")
     add(optim, "--cuda-graph", action=bool_flag,
         help="replay each optimiser step (forward, backward, optimiser) as one CUDA graph per batch layout after 3 eager "
-        "steps: far fewer kernel launches at small batches; AdamW optimisers, no accumulation, no fp16, no prior "
-        "preservation, no --fused-backward-pass (on a CPU: eager steps)")
+        "steps: far fewer kernel launches at small batches; AdamW optimisers, no accumulation, no fp16, no "
+        "--fused-backward-pass (on a CPU: eager steps)")
     add(optim, "--torch-compile", action=bool_flag,
         help="torch.compile the UNet (with the adapters) and the text conditioning the step runs: the first steps "
         "compile, then fused kernels (kohya's --torch_compile)")

@@ -79,7 +79,7 @@ class TrainOptions:
     ``"flash,math"`` (tried in that order); default: torch's choice (:mod:`sdadapt.training.attention`).
     ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
     steps: :attr:`sdadapt.methods.FitConfig.cuda_graph`; AdamW optimisers, no accumulation, no fp16,
-    no fused backward, no prior preservation; on a CPU the steps run eagerly). ``torch_compile``
+    no fused backward; on a CPU the steps run eagerly). ``torch_compile``
     with ``dynamo_backend`` (default ``"inductor"``; kohya's names): ``torch.compile`` the model
     the step calls (:attr:`sdadapt.methods.FitConfig.compile_backend`).
 
@@ -254,7 +254,6 @@ class TrainOptions:
                 ("--mixed-precision fp16 (use bf16)", self.mixed_precision == "fp16"),
                 (f"--optimizer {self.optimizer} (use adamw, adamw8bit or adamw-bf16)",
                  self.optimizer.lower() in ("adafactor",)),
-                ("prior preservation (--prior / --class-prompt)", bool(self.prior)),
             ) if clash]
             if clashes:
                 raise ValueError("--cuda-graph captures each optimiser step in a CUDA graph, so it cannot be combined "

@@ -155,8 +155,8 @@ class FitConfig:
             run draws what an eager one draws; the optimiser is built ``capturable`` with tensor
             learning rates (the schedule fills them in place). Needs an AdamW optimiser (``adamw``,
             ``adamw8bit``, ``adamw-bf16``), ``step.accumulation_steps == 1``, no fp16 (bf16 works),
-            no ``fused_backward``, and with a dataset no prior (its class batch is a second forward
-            drawn inside the loss). On a CPU the steps run eagerly (the same results).
+            no ``fused_backward``. A dataset's prior batch (a second forward) is captured with the
+            step, its noise drawn before the replay. On a CPU the steps run eagerly (the same results).
         compile_backend: ``torch.compile`` the model the step calls (the UNet with the adapters
             and, where the method trains through it, the text conditioning) with this dynamo
             backend (``"inductor"``, ``"aot_eager"``, ...; kohya's ``--torch_compile
@@ -406,10 +406,6 @@ def fit(
                              f"and {0 if captions is None else len(captions)} captions")
     elif not dataset.latents:
         raise ValueError("the dataset has no latents yet: call sdadapt.training.data.encode_buckets(dataset, system.encode_images)")
-    elif prior is not None and config.cuda_graph:
-        raise ValueError("cuda_graph (--cuda-graph) cannot capture prior preservation on a dataset: its class batch is a "
-                         "second forward whose noise is drawn inside the loss; train without --cuda-graph, or without "
-                         "the prior (--no-prior)")
     params = adaptation.params
     if not params:
         raise ValueError("the adaptation has no trainable parameters")
@@ -498,10 +494,11 @@ def fit(
                 "loss_weight": prior_weights,
             }
 
-        def draw(micro: int) -> tuple[dict[str, Any], Any]:
+        def draw(micro: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+            """Micro-batch ``micro``: the batch (class images concatenated into it) and no separate prior batch."""
             idx = torch.randint(len(captions), (config.batch_size,), generator=g)  # type: ignore[arg-type]
             pidx = torch.randint(len(prior[1]), (config.batch_size,), generator=g) if prior is not None else None
-            return batch_of(idx, pidx), extra_loss
+            return batch_of(idx, pidx), None
 
         for _ in range(state.step * accumulation):  # a resumed run continues the same draws
             draw(0)
@@ -517,7 +514,8 @@ def fit(
             h, w = prior[0].shape[-2:]
             prior_sizes = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device).expand(len(prior[1]), 6)
 
-        def draw(micro: int) -> tuple[dict[str, Any], Any]:
+        def draw(micro: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+            """Micro-batch ``micro``: the batch, and with a prior the class batch (a second forward)."""
             epoch, position = divmod(micro, per_epoch)
             if epoch not in epoch_cache:
                 epoch_cache.clear()
@@ -532,7 +530,7 @@ def fit(
                                    device)
             batch = {"latents": copy_to_device(dataset.latents[bucket][positions], device),
                      "cond": _condition_batch(system, tokenize(texts), sizes)}
-            loss_fn = extra_loss
+            prior_batch = None
             if prior is not None:
                 pick = random.Random(f"{config.seed}/prior/{micro}")
                 pidx = torch.tensor([pick.randrange(len(prior[1])) for _ in positions])
@@ -541,9 +539,7 @@ def fit(
                 prior_batch = {"latents": prior_latents[prior_rows],
                                "cond": _condition_batch(system, prior_ids[prior_id_rows],
                                                         None if prior_sizes is None else prior_sizes[prior_rows])}
-                loss_fn = _with_prior(model, prior_batch, float(prior[2]), state, step_config, system.alphas_cumprod,
-                                      extra_loss)
-            return batch, loss_fn
+            return batch, prior_batch
 
         def first_batch() -> dict[str, Any]:
             return draw(state.step * accumulation)[0]  # a dataset's draws depend only on the position
@@ -615,10 +611,13 @@ def fit(
                     group["lr"] = lr
             micro_losses: list[Tensor] = []
             for micro in range(step * accumulation, (step + 1) * accumulation):
-                batch, loss_fn = draw(micro)
-                if captured is not None:  # (loss_fn is extra_loss: a dataset's prior batch is refused with cuda_graph)
-                    metrics = captured(batch, state=state)
+                batch, prior_batch = draw(micro)
+                class_batch = None if prior_batch is None else (prior_batch, float(prior[2]))  # type: ignore[index]
+                if captured is not None:
+                    metrics = captured(batch, state=state, prior=class_batch)
                 else:
+                    loss_fn = extra_loss if class_batch is None else _with_prior(
+                        model, *class_batch, state, step_config, system.alphas_cumprod, extra_loss)
                     metrics = train_step(model, batch, params=trained, optimizer=stepper, state=state, config=step_config,
                                          alphas_cumprod=system.alphas_cumprod, extra_loss=loss_fn)
                 micro_losses.append(metrics["loss"])

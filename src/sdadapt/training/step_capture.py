@@ -197,8 +197,25 @@ class CapturedStep:
                                "lr=torch.tensor(lr, device='cuda') and capturable=True to change it")
         set_lr(self.optimizer, lr)
 
+    def _loss(self, prepared: Mapping[str, object]) -> Tensor:
+        """The step's loss (0-dim): the batch's, plus ``prior_weight`` × the class batch's second
+        forward when ``prepared`` holds a ``"prior"`` (DreamBooth on a dataset), plus ``extra_loss`` —
+        in the order ``fit``'s eager step adds them."""
+        extra = self.extra_loss
+        prior: Mapping[str, object] | None = prepared.get("prior")  # type: ignore[assignment]
+        if prior is not None:
+            weight = prepared["prior_weight"]
+
+            def extra(batch: Mapping[str, object], prediction: Tensor) -> Tensor:
+                total = weight * step_loss(self.model, prior, self.config, autocast_cache=False)  # type: ignore[operator]
+                if self.extra_loss is not None:
+                    total = total + self.extra_loss(batch, prediction)
+                return total
+
+        return step_loss(self.model, prepared, self.config, extra, autocast_cache=False)
+
     def _eager(self, prepared: Mapping[str, object], state: TrainState) -> dict[str, Tensor]:
-        loss = step_loss(self.model, prepared, self.config, self.extra_loss, autocast_cache=False)
+        loss = self._loss(prepared)
         loss.backward()
         grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
         self.optimizer.zero_grad(set_to_none=True)
@@ -214,19 +231,29 @@ class CapturedStep:
         for generator in graph_generators(self.optimizer):  # e.g. AdamW's stochastic-rounding generator
             graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
-            loss = step_loss(self.model, static, self.config, self.extra_loss, autocast_cache=False)
+            loss = self._loss(static)
             loss.backward()
             grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
         entry.graph = graph
         entry.outputs = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
 
-    def __call__(self, batch: Mapping[str, object], *, state: TrainState) -> dict[str, Tensor]:
+    def __call__(self, batch: Mapping[str, object], *, state: TrainState,
+                 prior: tuple[Mapping[str, object], float] | None = None) -> dict[str, Tensor]:
         """One optimiser step on ``batch`` (same keys as :func:`~sdadapt.training.step.train_step`).
+
+        Args:
+            prior: ``(class_batch, weight)``: DreamBooth's prior preservation as a second forward of
+                ``class_batch`` (same keys), its loss times ``weight`` added — its noise and timesteps
+                drawn from ``state.generator`` after the batch's, outside the graph, as ``fit``'s
+                eager step draws them; ``weight`` is a constant of the graph.
 
         Returns:
             ``{"loss": 0-dim, "grad_norm": 0-dim, "stepped": True}`` — tensors, no host sync.
         """
         prepared = prepare_batch(batch, state=state, config=self.config, alphas_cumprod=self.alphas_cumprod)
+        if prior is not None:
+            prepared["prior"] = prepare_batch(prior[0], state=state, config=self.config, alphas_cumprod=self.alphas_cumprod)
+            prepared["prior_weight"] = float(prior[1])
         self.calls += 1
         if self.problems:  # CPU or not capturable: eager, same semantics
             out = self._eager(prepared, state)
