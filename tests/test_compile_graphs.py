@@ -246,20 +246,23 @@ def test_compiled_module_dropout_keeps_or_drops_each_layer_with_its_probability(
     assert 0.75 * 400 - 45 < kept < 0.75 * 400 + 45  # binomial(400, 0.75): sd ≈ 8.7
 
 
+class _KV(nn.Module):
+    """A cross-attention's K and V projections (8 → 4): what a hypernetwork hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_k, self.to_v = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, context):
+        return self.to_k(context) - self.to_v(context)
+
+
 def test_hypernetwork_strength_tensor_follows_a_cast_and_assignment():
     """The strength lives in a 0-dim tensor: it must follow ``.double()`` after injection (exact
     float64 strength) and take ``handle.strength = s`` as ``set_strength`` does."""
 
-    class KV(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.to_k, self.to_v = nn.Linear(8, 4), nn.Linear(8, 4)
-
-        def forward(self, context):
-            return self.to_k(context) - self.to_v(context)
-
     torch.manual_seed(0)
-    model = KV()
+    model = _KV()
     hn = Hypernetwork([8], HypernetworkConfig(activation="relu", layer_norm=True))
     perturb(list(hn.parameters()))
     handle = sdadapt.inject_hypernetwork(model, hn, strength=0.7)
@@ -280,17 +283,9 @@ def test_hypernetwork_strength_set_after_an_inference_mode_run_or_injection():
     ``torch.inference_mode()`` (generating) — or at injection, maybe there too. It must stay a normal
     tensor: set_strength fills it in place outside inference mode, and training multiplies by it."""
 
-    class KV(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.to_k, self.to_v = nn.Linear(8, 4), nn.Linear(8, 4)
-
-        def forward(self, context):
-            return self.to_k(context) - self.to_v(context)
-
     torch.manual_seed(0)
     context = torch.randn(2, 3, 8, dtype=torch.float64)
-    model, hn = KV(), Hypernetwork([8], HypernetworkConfig(activation="relu"))
+    model, hn = _KV(), Hypernetwork([8], HypernetworkConfig(activation="relu"))
     handle = sdadapt.inject_hypernetwork(model, hn, strength=0.7)
     model.double()
     with torch.inference_mode():
@@ -301,7 +296,7 @@ def test_hypernetwork_strength_set_after_an_inference_mode_run_or_injection():
     assert not torch.equal(out.detach(), generated)
     assert all(p.grad is not None for p in hn.parameters())
 
-    model, hn = KV(), Hypernetwork([8], HypernetworkConfig(activation="relu"))
+    model, hn = _KV(), Hypernetwork([8], HypernetworkConfig(activation="relu"))
     with torch.inference_mode():
         handle = sdadapt.inject_hypernetwork(model, hn, strength=0.7)
     handle.set_strength(0.25)

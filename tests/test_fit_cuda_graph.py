@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from sdadapt.cli import main
-from sdadapt.images import write_png
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.toy import build_toy
 from sdadapt.toy.evaluate import concept_data
@@ -33,6 +32,19 @@ def _run(method: str, config: FitConfig, *, device: str = "cpu", prior: bool = F
     class_prior = (images.flip(0), captions[::-1], 0.5) if prior else None
     losses = fit(system, adaptation, images.to(device), captions, config=config, prior=class_prior)
     return losses, [p.detach().cpu().clone() for p in adaptation.params]
+
+
+def _spy_on_captured_steps(monkeypatch) -> list[step_capture.CapturedStep]:
+    """Every CapturedStep made from now on, in order."""
+    made: list[step_capture.CapturedStep] = []
+    real_init = step_capture.CapturedStep.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(step_capture.CapturedStep, "__init__", init)
+    return made
 
 
 _BASE = FitConfig(steps=6, batch_size=2, learning_rate=3e-3, warmup_steps=2, schedule="cosine",
@@ -54,19 +66,14 @@ def test_fit_steps_through_captured_step_and_resets_it_when_the_text_encoder_sto
     """The loop hands each step to CapturedStep (the eager one is not called), and drops its graphs
     when the text encoder's parameters stop requiring gradients (a captured backward still computes
     theirs)."""
-    made: list[step_capture.CapturedStep] = []
+    made = _spy_on_captured_steps(monkeypatch)
     resets: list[int] = []
-    real_init, real_reset = step_capture.CapturedStep.__init__, step_capture.CapturedStep.reset
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        made.append(self)
+    real_reset = step_capture.CapturedStep.reset
 
     def reset(self):
         resets.append(self.calls)
         real_reset(self)
 
-    monkeypatch.setattr(step_capture.CapturedStep, "__init__", init)
     monkeypatch.setattr(step_capture.CapturedStep, "reset", reset)
     monkeypatch.setattr(importlib.import_module("sdadapt.methods.fit"), "train_step", lambda *a, **k: pytest.fail("the eager train_step was called"))
     _run("lora", dataclasses.replace(_BASE, cuda_graph=True, text_encoder_steps=3))
@@ -118,23 +125,15 @@ def test_a_datasets_prior_batch_goes_through_the_captured_step_as_the_eager_one_
         assert torch.equal(a, b)
 
 
-@pytest.fixture()
-def images(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(3):
-        write_png(folder / f"{i}.png", torch.rand(3, 32, 32, generator=g) * 2 - 1)
-        (folder / f"{i}.txt").write_text("a red circle")
-    return folder
-
-
-def test_the_train_command_takes_cuda_graph_and_refuses_its_clashes(images, tmp_path, capsys):
+def test_the_train_command_takes_cuda_graph_and_refuses_its_clashes(red_circles, tmp_path, capsys, monkeypatch):
     import sdadapt
 
-    common = ["train", "lora", "--images", str(images), "--batch-size", "2", "--no-prior", "--steps", "3", "-q"]
+    made = _spy_on_captured_steps(monkeypatch)
+    common = ["train", "lora", "--images", str(red_circles), "--batch-size", "2", "--no-prior", "--steps", "3", "-q"]
     assert main([*common, "-o", str(tmp_path / "plain.safetensors")]) == 0
+    assert not made
     assert main([*common, "--cuda-graph", "-o", str(tmp_path / "graph.safetensors")]) == 0
+    assert len(made) == 1 and made[0].calls == 3  # the flag reached fit: every step went through CapturedStep
     a, b = sdadapt.load_lora(tmp_path / "plain.safetensors")[0], sdadapt.load_lora(tmp_path / "graph.safetensors")[0]
     assert all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])  # eager on a CPU: the same run
     assert main([*common, "--cuda-graph", "--gradient-accumulation-steps", "2", "-o", str(tmp_path / "x.safetensors")]) == 2
@@ -150,14 +149,7 @@ def test_cuda_fit_with_cuda_graph_matches_the_eager_run(method, optimizer, monke
     """On a GPU: the captured run (3 eager steps per layout, then replays; the LR schedule filled into
     the optimiser's tensor lr) trains like the eager run — losses and weights to bf16-backward
     tolerance — and did capture."""
-    made: list[step_capture.CapturedStep] = []
-    real_init = step_capture.CapturedStep.__init__
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(step_capture.CapturedStep, "__init__", init)
+    made = _spy_on_captured_steps(monkeypatch)
     config = dataclasses.replace(_BASE, steps=10, optimizer=optimizer,
                                  step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16"))
     eager = _run(method, config, device="cuda")
@@ -168,30 +160,10 @@ def test_cuda_fit_with_cuda_graph_matches_the_eager_run(method, optimizer, monke
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
-def test_a_captured_step_keeps_the_class_batch_among_its_static_inputs(monkeypatch):
+def test_a_captured_step_keeps_the_class_batch_among_its_static_inputs(fake_cuda_graphs):
     """Graph bookkeeping without a GPU (torch.cuda's graph API replaced by stand-ins): the class
     batch's prepared tensors are static inputs of the graph, refreshed before every replay, and the
     prior weight is part of the layout (another weight, another graph)."""
-    import contextlib
-
-    class FakeGraph:
-        def __init__(self):
-            self.replays = 0
-
-        def replay(self):
-            self.replays += 1
-
-        def register_generator_state(self, generator):
-            pass
-
-    stream = type("S", (), {"wait_stream": lambda self, other: None})
-    monkeypatch.setattr(step_capture, "capture_problems", lambda *a: [])
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream())
-
     system = build_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     images, captions = concept_data("cross", 4, seed=0)
@@ -224,3 +196,31 @@ def test_cuda_fit_on_a_dataset_with_a_prior_captures_both_forwards():
     assert captured[0] == pytest.approx(eager[0], rel=1e-3)
     for a, b in zip(eager[1], captured[1]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_dropout_inside_checkpointed_blocks_is_refused_with_cuda_graph():
+    """Inside a graph, checkpointing cannot restore the RNG for its recompute, so dropout would draw
+    other masks in backward than in forward: refused (naming the layers); without dropout it trains
+    as the eager run does."""
+    from sdadapt.adapters.base import AdapterModule
+
+    config = dataclasses.replace(_BASE, cuda_graph=True, gradient_checkpointing=True)
+    eager = _run("lora", dataclasses.replace(config, cuda_graph=False))
+    assert _run("lora", config)[0] == eager[0]
+
+    system = build_toy(seed=1)
+    adaptation = METHODS["lora"].adapt(system, seed=1)
+    adapters = [m for m in system.unet.modules() if isinstance(m, AdapterModule)]
+    adapters[0].module_dropout = 0.1
+    images, captions = concept_data("cross", 4, seed=0)
+    before = [p.detach().clone() for p in adaptation.params]
+    with pytest.raises(ValueError, match="cannot replay the dropout of .*sdadapt"):
+        fit(system, adaptation, images, captions, config=config)
+    assert all(torch.equal(a, b) for a, b in zip(before, adaptation.params))
+    # the same run without checkpointing is fine
+    fit(system, adaptation, images, captions, config=dataclasses.replace(config, gradient_checkpointing=False, steps=1))
+
+
+def test_the_cudagraphs_compile_backend_is_refused_with_cuda_graph():
+    with pytest.raises(ValueError, match="cudagraphs compile backend"):
+        dataclasses.replace(_BASE, cuda_graph=True, compile_backend="cudagraphs")

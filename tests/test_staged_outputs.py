@@ -4,9 +4,11 @@ meanwhile or a failed rename leaves every earlier file byte-identical and no tem
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import stat
 import threading
 from pathlib import Path
@@ -421,63 +423,66 @@ def test_signals_held_delivers_a_held_signal_when_the_block_ends(tmp_path):
     assert reached == ["end of block"]
 
 
-def test_a_signal_while_the_handlers_are_put_back_still_puts_back_the_others(monkeypatch):
-    """signals_held puts SIGINT's handler back first: a SIGINT that arrives right then raises from
-    it at once. SIGTERM and SIGHUP must get their handlers back all the same (not stay with the
-    hold's noting handler, which would swallow every later SIGTERM)."""
-    import signal
+class _Stop(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
 
-    def raising(number, frame):
-        raise Stop
+def _raising(number, frame):
+    raise _Stop
 
-    def quiet(number, frame):
-        pass
 
+def _quiet(number, frame):
+    pass
+
+
+def _signal_blocks():
+    from sdadapt.cli.options import terminate_as_interrupt
+
+    return {"signals_held": files.signals_held, "terminate_as_interrupt": terminate_as_interrupt}
+
+
+@contextlib.contextmanager
+def _handlers(sigint, sigterm, sighup):
+    """Install these Python handlers for the test, put back what was there after it."""
+    saved = {number: signal.signal(number, handler) for number, handler in
+             ((signal.SIGINT, sigint), (signal.SIGTERM, sigterm), (signal.SIGHUP, sighup))}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
+@pytest.mark.parametrize("block", ["signals_held", "terminate_as_interrupt"])
+def test_a_signal_while_the_handlers_are_put_back_still_puts_back_the_others(monkeypatch, block):
+    """The block puts SIGINT's handler back first: a SIGINT that arrives right then raises from it
+    at once. SIGTERM and SIGHUP must get their handlers back all the same (not stay with the
+    block's handler, which would swallow every later SIGTERM)."""
     real = signal.signal
-    saved = {number: real(number, handler) for number, handler in
-             ((signal.SIGINT, raising), (signal.SIGTERM, quiet), (signal.SIGHUP, quiet))}
-
     sent: list[int] = []
 
     def put_back_then_signal(number, handler):
         previous = real(number, handler)
-        if handler is raising and not sent:
+        if handler is _raising and not sent:
             sent.append(number)
             os.kill(os.getpid(), signal.SIGINT)  # the restored handler runs at once
         return previous
 
-    try:
-        with pytest.raises(Stop):
-            with files.signals_held():
-                monkeypatch.setattr(signal, "signal", put_back_then_signal)
-        monkeypatch.undo()
-        assert sent and signal.getsignal(signal.SIGTERM) is quiet and signal.getsignal(signal.SIGHUP) is quiet
-    finally:
-        monkeypatch.undo()
-        for number, handler in saved.items():
-            real(number, handler)
+    with _handlers(_raising, _quiet, _quiet):
+        try:
+            with pytest.raises(_Stop):
+                with _signal_blocks()[block]():
+                    monkeypatch.setattr(signal, "signal", put_back_then_signal)
+        finally:
+            monkeypatch.undo()
+        assert sent and signal.getsignal(signal.SIGTERM) is _quiet and signal.getsignal(signal.SIGHUP) is _quiet
 
 
-def test_a_signal_while_the_hold_is_set_up_puts_back_the_handlers_already_swapped(monkeypatch):
-    """The hold swaps SIGINT's handler, then SIGTERM's, then SIGHUP's: a SIGHUP arriving between two
+@pytest.mark.parametrize("block", ["signals_held", "terminate_as_interrupt"])
+def test_a_signal_while_the_block_is_set_up_puts_back_the_handlers_already_swapped(monkeypatch, block):
+    """The block swaps SIGINT's handler, then SIGTERM's, then SIGHUP's: a SIGHUP arriving between two
     swaps runs its own (raising) handler at once; SIGINT and SIGTERM must get theirs back."""
-    import signal
-
-    class Stop(Exception):
-        pass
-
-    def raising(number, frame):
-        raise Stop
-
-    def quiet(number, frame):
-        pass
-
     real = signal.signal
-    saved = {number: real(number, handler) for number, handler in
-             ((signal.SIGINT, quiet), (signal.SIGTERM, quiet), (signal.SIGHUP, raising))}
     sent: list[int] = []
 
     def swap_then_signal(number, handler):
@@ -487,55 +492,12 @@ def test_a_signal_while_the_hold_is_set_up_puts_back_the_handlers_already_swappe
             os.kill(os.getpid(), signal.SIGHUP)  # its handler is not swapped yet: raises now
         return previous
 
-    monkeypatch.setattr(signal, "signal", swap_then_signal)
-    try:
-        with pytest.raises(Stop):
-            with files.signals_held():
-                pass
-        monkeypatch.undo()
-        assert sent and signal.getsignal(signal.SIGINT) is quiet and signal.getsignal(signal.SIGTERM) is quiet
-    finally:
-        monkeypatch.undo()
-        for number, handler in saved.items():
-            real(number, handler)
-
-
-def test_terminate_as_interrupt_puts_back_every_handler_when_a_signal_arrives_during_the_restore(monkeypatch):
-    """The CLI's signal block restores the handlers it replaced the same way: a SIGINT whose
-    restored handler raises at once must not leave SIGTERM and SIGHUP with the block's handler
-    (which, having fired, would swallow every later signal)."""
-    import signal
-
-    from sdadapt.cli.options import terminate_as_interrupt
-
-    class Stop(Exception):
-        pass
-
-    def raising(number, frame):
-        raise Stop
-
-    def quiet(number, frame):
-        pass
-
-    real = signal.signal
-    saved = {number: real(number, handler) for number, handler in
-             ((signal.SIGINT, raising), (signal.SIGTERM, quiet), (signal.SIGHUP, quiet))}
-    sent: list[int] = []
-
-    def put_back_then_signal(number, handler):
-        previous = real(number, handler)
-        if handler is raising and not sent:
-            sent.append(number)
-            os.kill(os.getpid(), signal.SIGINT)  # the restored handler runs at once
-        return previous
-
-    try:
-        with pytest.raises(Stop):
-            with terminate_as_interrupt():
-                monkeypatch.setattr(signal, "signal", put_back_then_signal)
-        monkeypatch.undo()
-        assert sent and signal.getsignal(signal.SIGTERM) is quiet and signal.getsignal(signal.SIGHUP) is quiet
-    finally:
-        monkeypatch.undo()
-        for number, handler in saved.items():
-            real(number, handler)
+    with _handlers(_quiet, _quiet, _raising):
+        monkeypatch.setattr(signal, "signal", swap_then_signal)
+        try:
+            with pytest.raises(_Stop):
+                with _signal_blocks()[block]():
+                    pass
+        finally:
+            monkeypatch.undo()
+        assert sent and signal.getsignal(signal.SIGINT) is _quiet and signal.getsignal(signal.SIGTERM) is _quiet

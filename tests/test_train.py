@@ -363,30 +363,11 @@ def test_captured_step_set_lr_reaches_the_optimizer():
     assert float_lr.param_groups[0]["lr"] == 5e-4
 
 
-class _FakeGraph:
-    """Stands in for torch.cuda.CUDAGraph on CPU: the captured block runs once, eagerly; replay counts."""
-
-    def __init__(self) -> None:
-        self.replays = 0
-
-    def replay(self) -> None:
-        self.replays += 1
-
-
-def test_captured_step_keeps_one_graph_per_batch_layout(monkeypatch):
+def test_captured_step_keeps_one_graph_per_batch_layout(fake_cuda_graphs):
     """The capture bookkeeping without a GPU (torch.cuda's graph API replaced by stand-ins): warm-up
     per layout, one capture per layout (batch size, dict conditioning included), static buffers
     refreshed before each replay, the float-LR guard."""
-    import contextlib
-
     from sdadapt.training import step_capture
-
-    monkeypatch.setattr(step_capture, "capture_problems", lambda *a: [])
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: type("S", (), {"wait_stream": lambda self, other: None})())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"wait_stream": lambda self, other: None})())
 
     model, handle, params, optimizer = _setup()
     net = model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGeometry", "AdapterModule", "geometry_of", "refresh_scale_after_load", "rank_alpha_for"]
+__all__ = ["LayerGeometry", "AdapterModule", "geometry_of", "graph_capturing", "refresh_scale_after_load", "rank_alpha_for"]
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ class AdapterModule(nn.Module):
         if self.merged or not self.enabled:
             return output
         if self.training and self.module_dropout > 0:
-            if torch.compiler.is_compiling() or _graph_capturing():
+            if torch.compiler.is_compiling() or graph_capturing():
                 # a traced graph cannot branch on a random draw without a host sync (a graph
                 # break per layer), and a CUDA graph would replay the draw made at capture (the
                 # same layers dropped at every step): draw on the device and select, same distribution
@@ -269,7 +269,7 @@ class AdapterModule(nn.Module):
         return next(self.parameters()).dtype
 
 
-def _graph_capturing() -> bool:
+def graph_capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (a host decision made now
     would be replayed unchanged by every replay)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

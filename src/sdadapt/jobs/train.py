@@ -248,13 +248,12 @@ class TrainOptions:
             except ValueError as exc:
                 raise ValueError(f"--dynamo-backend: {exc}") from None
         if self.cuda_graph:
-            clashes = [what for what, clash in (
-                ("--fused-backward-pass", self.fused_backward_pass),
-                (f"--gradient-accumulation-steps {self.gradient_accumulation_steps}", self.gradient_accumulation_steps != 1),
-                ("--mixed-precision fp16 (use bf16)", self.mixed_precision == "fp16"),
-                (f"--optimizer {self.optimizer} (use adamw, adamw8bit or adamw-bf16)",
-                 self.optimizer.lower() in ("adafactor",)),
-            ) if clash]
+            from ..methods.fit import cuda_graph_clashes
+
+            clashes = cuda_graph_clashes(fused_backward=self.fused_backward_pass,
+                                         accumulation_steps=self.gradient_accumulation_steps,
+                                         mixed_precision=self.mixed_precision, optimizer=self.optimizer,
+                                         compile_backend=self.dynamo_backend if self.torch_compile else None)
             if clashes:
                 raise ValueError("--cuda-graph captures each optimiser step in a CUDA graph, so it cannot be combined "
                                  "with " + "; ".join(clashes))

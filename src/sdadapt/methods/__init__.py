@@ -20,7 +20,7 @@ from .clip_inversion import ClipInversionAdaptation, prepare_clip_inversion
 from .custom_diffusion import CustomDiffusion, companion_token_files, prepare_custom_diffusion
 from .dreamartist import DreamArtist, negative_files, prepare_dreamartist, sample_dreamartist
 from .finetune import FullAdaptation, class_images, prepare_dreambooth, prepare_full
-from .fit import Adaptation, FitConfig, fit
+from .fit import Adaptation, FitConfig, cuda_graph_clashes, fit
 from .hypernetwork import HypernetworkAdaptation, prepare_hypernetwork
 from .lora import (
     AdapterAdaptation,
@@ -35,6 +35,7 @@ from .textual_inversion import TextualInversion, prepare_textual_inversion, temp
 
 __all__ = [
     "Method",
+    "cuda_graph_clashes",
     "MethodOption",
     "LORA_OPTIONS",
     "System",

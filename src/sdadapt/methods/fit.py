@@ -52,8 +52,8 @@ from ..training.step import (
 )
 from .system import System
 
-__all__ = ["Adaptation", "FitConfig", "FitProgress", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES", "fit",
-           "make_optimizer"]
+__all__ = ["Adaptation", "FitConfig", "FitProgress", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES", "cuda_graph_clashes",
+           "fit", "make_optimizer"]
 
 #: optimiser names (kohya's spellings are accepted case-insensitively by :func:`make_optimizer`)
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor")
@@ -221,13 +221,9 @@ class FitConfig:
         if self.compile_backend is not None:
             _check_compile_backend(self.compile_backend)
         if self.cuda_graph:
-            clashes = [what for what, clash in (
-                ("fused_backward (its optimisers step from Python hooks)", self.fused_backward),
-                ("gradient accumulation (a graph is one micro-batch and one optimiser step)", self.step.accumulation_steps != 1),
-                ("fp16 mixed precision (its loss scaler reads a value back each step; use bf16)", self.step.mixed_precision == "fp16"),
-                (f"optimizer {self.optimizer!r} (use adamw, adamw8bit or adamw-bf16)",
-                 _OPTIMIZER_ALIASES[self.optimizer.lower()] not in _CAPTURABLE_OPTIMIZERS),
-            ) if clash]
+            clashes = cuda_graph_clashes(fused_backward=self.fused_backward, accumulation_steps=self.step.accumulation_steps,
+                                         mixed_precision=self.step.mixed_precision, optimizer=self.optimizer,
+                                         compile_backend=self.compile_backend)
             if clashes:
                 raise ValueError("cuda_graph (--cuda-graph) captures each optimiser step in a CUDA graph, so it cannot "
                                  "work with " + "; ".join(clashes))
@@ -247,6 +243,22 @@ class FitConfig:
             schedule = "warmup"
         return lr_at(step, base_lr=base, schedule=schedule, warmup_steps=self.warmup_steps,  # type: ignore[arg-type]
                      total_steps=self.steps, num_cycles=self.num_cycles)
+
+
+def cuda_graph_clashes(*, fused_backward: bool, accumulation_steps: int, mixed_precision: str | None, optimizer: str,
+                       compile_backend: str | None = None) -> list[str]:
+    """What in a run's options keeps its steps from being captured in CUDA graphs
+    (:attr:`FitConfig.cuda_graph`; ``train --cuda-graph`` checks the same before loading the model),
+    each named with its ``train`` flag; empty: nothing."""
+    name = _OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer)
+    return [what for what, clash in (
+        ("fused_backward (--fused-backward-pass: its optimisers step from Python hooks)", fused_backward),
+        (f"gradient accumulation (--gradient-accumulation-steps {accumulation_steps}: a graph is one micro-batch "
+         "and one optimiser step)", accumulation_steps != 1),
+        ("fp16 mixed precision (its loss scaler reads a value back each step; use bf16)", mixed_precision == "fp16"),
+        (f"optimizer {optimizer!r} (use {', '.join(_CAPTURABLE_OPTIMIZERS)})", name not in _CAPTURABLE_OPTIMIZERS),
+        ("the cudagraphs compile backend (a graph captured inside another; use inductor)", compile_backend == "cudagraphs"),
+    ) if clash]
 
 
 def _check_compile_backend(name: str) -> str:
@@ -452,9 +464,6 @@ def fit(
     named = {f"p{i}": p for i, p in enumerate(trained)}
     if resume is not None:
         load_training_state(resume, named_params=named, optimizer=optimizer, state=state)
-        for group in optimizer.param_groups:  # a saved lr is a number: a captured graph reads a tensor
-            if config.cuda_graph and group.get("capturable") and not isinstance(group["lr"], Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
         if state.step >= config.steps:
             raise ValueError(f"{resume}: the saved state is at step {state.step}, which is not before the last step "
                              f"({config.steps}); raise --steps to train further")
@@ -590,6 +599,14 @@ def fit(
         if config.cuda_graph:
             from ..training.step_capture import CapturedStep
 
+            drawing = _dropout_modules(system.unet) if checkpointed else []  # (checkpointing needs system.unet)
+            if drawing:
+                raise ValueError(
+                    f"cuda_graph with gradient_checkpointing cannot replay the dropout of {', '.join(drawing[:3])}"
+                    f"{f' and {len(drawing) - 3} more' if len(drawing) > 3 else ''}: inside a graph the recompute draws "
+                    "other masks than the forward did (wrong gradients); set the adapters' dropout, rank_dropout and "
+                    "module_dropout to 0, or train without one of the two")
+
             captured = CapturedStep(model, params=trained, optimizer=optimizer, config=step_config,
                                     alphas_cumprod=system.alphas_cumprod, extra_loss=extra_loss,
                                     strict=trained[0].device.type == "cuda")  # elsewhere: eager steps
@@ -670,6 +687,20 @@ def _checkpoint_unet(system: System, fraction: float = 1.0) -> Any:
         raise TypeError(f"gradient_checkpointing checkpoints system.unet's blocks, but {type(system).__name__} has no "
                          "unet module; leave gradient_checkpointing off")
     return enable_checkpointing(unet, UNET_BLOCKS, fraction=fraction)
+
+
+def _dropout_modules(module: nn.Module) -> list[str]:
+    """The submodules of ``module`` that draw random numbers in a training forward: dropout layers
+    with ``p > 0`` in training mode, and adapters with a dropout, rank dropout or module dropout."""
+    found = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd):
+            if sub.p > 0 and sub.training:
+                found.append(name)
+        elif any(isinstance(getattr(sub, attr, None), float) and getattr(sub, attr) > 0
+                 for attr in ("dropout", "rank_dropout", "module_dropout")):
+            found.append(name)
+    return found
 
 
 def _fused_blocks(system: System, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:

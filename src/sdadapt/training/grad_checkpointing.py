@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import torch.utils.checkpoint
 from torch import nn
 
+from ..adapters.base import graph_capturing
 from ..targets import Target, by_regex, select_outermost
 
 __all__ = ["UNET_BLOCKS", "CheckpointHandle", "blocks_by_activation_memory", "enable_checkpointing"]
@@ -52,7 +53,7 @@ def _checkpointed_class(cls: type) -> type:
         def __call__(self, *args, **kwargs):  # noqa: N807
             if self.training and torch.is_grad_enabled():
                 return torch.utils.checkpoint.checkpoint(
-                    super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not _capturing(), **kwargs
+                    super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not graph_capturing(), **kwargs
                 )
             return super(sub, self).__call__(*args, **kwargs)
 
@@ -61,9 +62,6 @@ def _checkpointed_class(cls: type) -> type:
     return sub
 
 
-def _capturing() -> bool:
-    """Whether the current CUDA stream is being captured into a graph (never on a CPU-only build)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _outermost(model: nn.Module, targets: Target | str | Iterable[str]) -> dict[str, nn.Module]:

@@ -358,6 +358,29 @@ def save_training_state(
                      stage=stage)
 
 
+def _keep_capturable_mode(optimizer: torch.optim.Optimizer, built: list[tuple[bool | None, object]]) -> None:
+    """Put back each group's ``capturable`` flag and tensor ``lr`` as ``optimizer`` was built
+    (``built``: ``(capturable or None, lr)`` per group, read before ``load_state_dict``, which takes
+    every group setting from the file), the saved lr value kept; step counts moved where that mode
+    keeps them (capturable: float32 on the parameter's device; not: on the host, as torch's
+    optimisers make them). A capturable torch optimiser left non-capturable cannot be captured, and
+    one left capturable cannot step on a CPU."""
+    states = getattr(optimizer, "state", {})  # (fit's per-block optimisers hold theirs inside)
+    for group, (capturable, lr) in zip(optimizer.param_groups, built):
+        if capturable is None:  # an optimiser without the mode
+            continue
+        group["capturable"] = capturable
+        if isinstance(lr, Tensor):  # the tensor a captured graph reads, filled with the saved value
+            lr.fill_(float(group["lr"]))
+            group["lr"] = lr
+        elif isinstance(group["lr"], Tensor) and not capturable:
+            group["lr"] = float(group["lr"])
+        for p in group["params"]:
+            step = states.get(p, {}).get("step")
+            if isinstance(step, Tensor):
+                states[p]["step"] = step.to(dtype=torch.float32, device=p.device) if capturable else step.to("cpu")
+
+
 def load_training_state(
     folder: str | os.PathLike,
     *,
@@ -366,6 +389,9 @@ def load_training_state(
     state: TrainState,
 ) -> dict:
     """Restore what :func:`save_training_state` wrote, in place; returns the JSON record.
+
+    ``optimizer`` keeps the ``capturable`` mode it was built with (a state saved with or without
+    CUDA-graph capture resumes either way: :func:`_keep_capturable_mode`).
 
     Raises:
         ValueError: the folder is incomplete, from another step, or its parameters do not match.
@@ -391,7 +417,9 @@ def load_training_state(
             opt_state.setdefault(int(index), {})[name] = value
     for index, scalars in meta["optimizer"]["scalars"].items():
         opt_state.setdefault(int(index), {}).update(scalars)
+    built = [(group.get("capturable"), group["lr"]) for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
+    _keep_capturable_mode(optimizer, built)
     state.step, state.micro_step = meta["step"], meta["micro_step"]
     state.generator.set_state(tensors["rng.step_generator"])
     torch.set_rng_state(tensors["rng.torch_cpu"])

@@ -215,6 +215,9 @@ class CapturedStep:
         return step_loss(self.model, prepared, self.config, extra, autocast_cache=False)
 
     def _eager(self, prepared: Mapping[str, object], state: TrainState) -> dict[str, Tensor]:
+        # a replayed graph leaves its static gradients bound to .grad: an eager step after one (another
+        # layout's warm-up, a step after reset()) must not add its gradients to them
+        self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(prepared)
         loss.backward()
         grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]

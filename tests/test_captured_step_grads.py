@@ -1,0 +1,55 @@
+"""CapturedStep: every optimiser step must see only its own batch's gradient.
+
+A captured graph's backward leaves its static gradient tensors bound to ``p.grad`` after every
+replay; an eager step that follows (the warm-up of another batch layout — a new bucket, a last
+smaller batch — or any step after ``reset()``) must not add its gradient to them. torch.cuda's
+graph API is replaced by stand-ins (the "capture" runs eagerly, as a real capture leaves
+``p.grad``), so this runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sdadapt.training import step_capture
+from sdadapt.training.step import StepConfig, TrainState, step_loss
+
+
+@pytest.mark.parametrize("then", ["another layout", "reset"])
+def test_an_eager_step_after_a_capture_sees_only_its_own_gradient(fake_cuda_graphs, then):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 1, 1, dtype=torch.float64))
+
+    def model(x, t, cond):
+        return x * w
+
+    prepared_seen: list[dict] = []
+
+    def extra_loss(prepared, prediction):  # records what each step trained on (adds nothing)
+        prepared_seen.append(dict(prepared))
+        return prediction.sum() * 0
+
+    optimizer = torch.optim.SGD([w], lr=0.0)  # w stays put: each step's gradient can be recomputed
+    seen: list[torch.Tensor] = []
+    real_step = optimizer.step
+    optimizer.step = lambda *a, **k: (seen.append(w.grad.detach().clone()), real_step(*a, **k))[1]
+    config = StepConfig(max_grad_norm=None)  # the optimiser sees the raw gradient
+    alphas = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64).cumprod(0)
+    step = step_capture.CapturedStep(model, params=[w], optimizer=optimizer, config=config, alphas_cumprod=alphas,
+                                     warmup_steps=1, extra_loss=extra_loss)
+    state = TrainState(seed=0)
+    latents = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    step({"latents": latents[:2], "cond": 0}, state=state)  # warm-up (eager)
+    step({"latents": latents[:2], "cond": 0}, state=state)  # capture (+ replay)
+    assert step.graph_count == 1
+    if then == "reset":
+        step.reset()
+        step({"latents": latents[:2], "cond": 0}, state=state)  # warm-up again (eager)
+    else:
+        step({"latents": latents[:3], "cond": 0}, state=state)  # another layout's warm-up (eager)
+    assert len(seen) == len(prepared_seen) == 3
+    for got, prepared in zip(seen, prepared_seen):
+        want, = torch.autograd.grad(step_loss(model, prepared, config), w)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
