@@ -248,12 +248,17 @@ def _check_common(lr: float, weight_decay: float) -> None:
 
 
 def _float32_many(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Float32 versions of ``tensors`` (same shapes): float32 ones as they are (not copied), the
-    others concatenated, cast in one op and returned as views of that buffer — a fixed number of ops
-    whatever ``len(tensors)`` (``[t.float() for t in tensors]`` is one cast per tensor). Exact:
-    every narrower float type converts to float32 exactly."""
+    """Contiguous float32 versions of ``tensors`` (same shapes): contiguous float32 ones as they are
+    (not copied), the others (narrower floats, and float32 in another layout such as channels_last)
+    concatenated in row-major order, cast in one op and returned as views of that buffer — a fixed
+    number of ops whatever ``len(tensors)`` (``[t.float() for t in tensors]`` is one cast per
+    tensor). Exact: every narrower float type converts to float32 exactly.
+
+    Why contiguous: CUDA's multi-tensor kernels take their fast route (one launch per op) only when
+    corresponding tensors of the lists share sizes *and strides*; a channels_last weight beside its
+    row-major int8 moments would send every op of the chunk down the per-tensor route."""
     out = list(tensors)
-    low = [i for i, t in enumerate(tensors) if t.dtype != torch.float32]
+    low = [i for i, t in enumerate(tensors) if t.dtype != torch.float32 or not t.is_contiguous()]
     if low:
         flat = torch.cat([_flat(tensors[i]) for i in low]).float()  # (Σn,) float32
         for i, part in zip(low, flat.split([tensors[i].numel() for i in low])):
@@ -519,8 +524,9 @@ class AdamW(torch.optim.Optimizer):
         states = [self.state[piece.param] for piece in pieces]
         decay, step_sizes, bias_corrections2_sqrt = _adamw_scalars(group, [state["step"] for state in states])
         # what each piece updates: views of the parameter (the tensor itself when whole) and of its
-        # state; float32 working copies, each kind in one batched pass (a fixed number of ops per
-        # chunk): float32 tensors are used as they are (updated in place), the others cast in one go
+        # state; float32 row-major working copies, each kind in one batched pass (a fixed number of
+        # ops per chunk): contiguous float32 tensors are used as they are (updated in place), the
+        # others cast or copied in one go and written back below
         targets = [piece.of(piece.param) for piece in pieces]
         grads = _float32_many([piece.of(piece.param.grad) for piece in pieces])  # type: ignore[arg-type]
         weights = _float32_many(targets)
@@ -565,6 +571,11 @@ class AdamW(torch.optim.Optimizer):
             if group["state_dtype"] == "bfloat16":
                 rounded_to += [moment_targets[i], moment_targets[count + i]]
                 rounded_from += [m, v]
+            elif group["state_dtype"] == "float32":  # a moment updated in a row-major copy goes back
+                for moment, work in ((moment_targets[i], m), (moment_targets[count + i], v)):
+                    if work is not moment:
+                        copied_to.append(moment)
+                        copied_from.append(work)
         if copied_to:
             torch._foreach_copy_(copied_to, copied_from)
         if rounded_to:
