@@ -139,6 +139,9 @@ def test_the_train_command_takes_cuda_graph_and_refuses_its_clashes(red_circles,
     assert main([*common, "--cuda-graph", "--gradient-accumulation-steps", "2", "-o", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "--cuda-graph" in err and "--gradient-accumulation-steps 2" in err
+    assert main([*common, "--cuda-graph", "--torch-compile", "--dynamo-backend", "cudagraphs", "-o",
+                 str(tmp_path / "x.safetensors")]) == 2
+    assert "cudagraphs compile backend" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -163,7 +166,8 @@ def test_cuda_fit_with_cuda_graph_matches_the_eager_run(method, optimizer, monke
 def test_a_captured_step_keeps_the_class_batch_among_its_static_inputs(fake_cuda_graphs):
     """Graph bookkeeping without a GPU (torch.cuda's graph API replaced by stand-ins): the class
     batch's prepared tensors are static inputs of the graph, refreshed before every replay, and the
-    prior weight is part of the layout (another weight, another graph)."""
+    prior weight is part of the layout (another weight, another graph). Bookkeeping only: a fake
+    replay trains nothing."""
     system = build_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     images, captions = concept_data("cross", 4, seed=0)
@@ -187,12 +191,14 @@ def test_a_captured_step_keeps_the_class_batch_among_its_static_inputs(fake_cuda
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_fit_on_a_dataset_with_a_prior_captures_both_forwards():
+def test_cuda_fit_on_a_dataset_with_a_prior_captures_both_forwards(monkeypatch):
     """On a GPU: DreamBooth on a dataset (the class batch a second forward inside the graph) trains
-    like the eager run, to bf16-backward tolerance."""
+    like the eager run, to bf16-backward tolerance — and did capture (not 8 eager steps)."""
     config = dataclasses.replace(_BASE, steps=8, step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16"))
     eager = _dataset_run(config, device="cuda")
+    made = _spy_on_captured_steps(monkeypatch)
     captured = _dataset_run(dataclasses.replace(config, cuda_graph=True), device="cuda")
+    assert len(made) == 1 and made[0].graph_count >= 1 and made[0].calls == 8
     assert captured[0] == pytest.approx(eager[0], rel=1e-3)
     for a, b in zip(eager[1], captured[1]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
@@ -224,3 +230,17 @@ def test_dropout_inside_checkpointed_blocks_is_refused_with_cuda_graph():
 def test_the_cudagraphs_compile_backend_is_refused_with_cuda_graph():
     with pytest.raises(ValueError, match="cudagraphs compile backend"):
         dataclasses.replace(_BASE, cuda_graph=True, compile_backend="cudagraphs")
+
+
+def test_a_dropout_layer_in_training_mode_inside_the_unet_counts_too():
+    """The refusal's other branch: a plain ``nn.Dropout`` (p > 0, training) in the UNet, not an adapter's."""
+    from torch import nn
+
+    from sdadapt.methods.fit import _dropout_modules
+
+    system = build_toy(seed=1)
+    assert _dropout_modules(system.unet) == []
+    system.unet.extra_dropout = nn.Dropout(0.1)
+    assert _dropout_modules(system.unet) == ["extra_dropout"]
+    system.unet.extra_dropout.eval()
+    assert _dropout_modules(system.unet) == []  # not drawing in eval mode

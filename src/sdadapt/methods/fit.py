@@ -697,8 +697,8 @@ def _dropout_modules(module: nn.Module) -> list[str]:
         if isinstance(sub, nn.modules.dropout._DropoutNd):
             if sub.p > 0 and sub.training:
                 found.append(name)
-        elif any(isinstance(getattr(sub, attr, None), float) and getattr(sub, attr) > 0
-                 for attr in ("dropout", "rank_dropout", "module_dropout")):
+        elif any(isinstance(getattr(sub, attr, None), (int, float)) and not isinstance(getattr(sub, attr), bool)
+                 and getattr(sub, attr) > 0 for attr in ("dropout", "rank_dropout", "module_dropout")):
             found.append(name)
     return found
 

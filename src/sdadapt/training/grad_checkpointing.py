@@ -62,8 +62,6 @@ def _checkpointed_class(cls: type) -> type:
     return sub
 
 
-
-
 def _outermost(model: nn.Module, targets: Target | str | Iterable[str]) -> dict[str, nn.Module]:
     return dict(select_outermost(model, targets))
 

@@ -250,9 +250,10 @@ def _check_common(lr: float, weight_decay: float) -> None:
 def _float32_many(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Contiguous float32 versions of ``tensors`` (same shapes): contiguous float32 ones as they are
     (not copied), the others (narrower floats, and float32 in another layout such as channels_last)
-    concatenated in row-major order, cast in one op and returned as views of that buffer — a fixed
-    number of ops whatever ``len(tensors)`` (``[t.float() for t in tensors]`` is one cast per
-    tensor). Exact: every narrower float type converts to float32 exactly.
+    copied (cast and laid out row-major) by one multi-tensor copy into one float32 buffer and
+    returned as views of it — a fixed number of ops whatever ``len(tensors)`` (``[t.float() for t
+    in tensors]`` is one cast per tensor), no intermediate buffer. Exact: every narrower float type
+    converts to float32 exactly.
 
     Why contiguous: CUDA's multi-tensor kernels take their fast route (one launch per op) only when
     corresponding tensors of the lists share sizes *and strides*; a channels_last weight beside its
@@ -260,9 +261,12 @@ def _float32_many(tensors: Sequence[Tensor]) -> list[Tensor]:
     out = list(tensors)
     low = [i for i, t in enumerate(tensors) if t.dtype != torch.float32 or not t.is_contiguous()]
     if low:
-        flat = torch.cat([_flat(tensors[i]) for i in low]).float()  # (Σn,) float32
-        for i, part in zip(low, flat.split([tensors[i].numel() for i in low])):
-            out[i] = _shaped(part, tensors[i].shape)
+        flat = torch.empty(sum(tensors[i].numel() for i in low), dtype=torch.float32,
+                           device=tensors[low[0]].device)  # (Σn,) float32
+        parts = [_shaped(part, tensors[i].shape) for i, part in zip(low, flat.split([tensors[i].numel() for i in low]))]
+        torch._foreach_copy_(parts, [tensors[i] for i in low])
+        for i, part in zip(low, parts):
+            out[i] = part
     return out
 
 

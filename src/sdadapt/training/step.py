@@ -218,7 +218,8 @@ def fused_backward_clashes(config: StepConfig) -> list[str]:
 
 
 def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, state: TrainState, config: StepConfig) -> Tensor:
-    """Unscale (fp16), clip, optimiser step, zero grads; returns the pre-clip grad norm (nan if unclipped)."""
+    """Unscale (fp16), clip, optimiser step (the caller zeroes the gradients); returns the pre-clip grad
+    norm (nan if unclipped)."""
     grad_norm = torch.full((), float("nan"), device=params[0].device)
     if state.scaler:
         state.scaler.unscale_(optimizer)
