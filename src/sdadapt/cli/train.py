@@ -401,6 +401,19 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast the forward pass (default no)")
     add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off)")
     add(optim, "--noise-offset", type=float, metavar="X", help="offset noise strength (e.g. 0.05; default 0)")
+    add(optim, "--loss-type", choices=("l2", "l1", "huber", "smooth_l1"),
+        help="diffusion loss (default l2; kohya's names): huber / smooth_l1 with --huber-c and --huber-schedule")
+    add(optim, "--huber-c", type=float, metavar="C", help="huber / smooth_l1 loss parameter (default 0.1)")
+    add(optim, "--huber-schedule", choices=("snr", "exponential", "constant"),
+        help="how --huber-c changes with the timestep (default snr, as kohya)")
+    add(optim, "--debiased-estimation-loss", action=bool_flag, help="weight the loss by 1/sqrt(SNR) (kohya's option)")
+    add(optim, "--multires-noise-iterations", type=int, metavar="N",
+        help="multi-resolution (pyramid) noise with N levels (kohya's; e.g. 6; default off)")
+    add(optim, "--multires-noise-discount", type=float, metavar="D",
+        help="weight of each coarser noise level (default 0.3)")
+    add(optim, "--ip-noise-gamma", type=float, metavar="G", help="input perturbation noise strength (e.g. 0.1; default off)")
+    add(optim, "--min-timestep", type=int, metavar="T", help="train on timesteps >= T (default 0)")
+    add(optim, "--max-timestep", type=int, metavar="T", help="train on timesteps < T (default 1000)")
     add(optim, "--ema-decay", type=float, metavar="D", help="save the EMA of the weights (e.g. 0.999; default off)")
     add(optim, "--ema-save", choices=("weights", "beside"),
         help="full/dreambooth with --ema-decay: weights (default) saves the EMA as the model's weights; beside saves the "

@@ -64,7 +64,12 @@ class TrainOptions:
     when < 1), ``lr_scheduler_num_cycles``, ``max_grad_norm`` (0 = no clipping),
     ``mixed_precision`` (``no``/``fp16``/``bf16``), ``min_snr_gamma`` (0 = off), ``noise_offset``,
     ``ema_decay``, ``seed``, ``stop_on_nan``; ``text_encoder_steps`` (train the text encoder for
-    the first N steps only, kohya's ``stop_text_encoder_training``).
+    the first N steps only, kohya's ``stop_text_encoder_training``). kohya's loss and noise
+    options, with kohya's names and defaults: ``loss_type`` (``l2``, ``l1``, ``huber``,
+    ``smooth_l1``) with ``huber_c`` (0.1) and ``huber_schedule`` (``snr``, ``exponential``,
+    ``constant``), ``debiased_estimation_loss``, ``multires_noise_iterations`` with
+    ``multires_noise_discount`` (0.3; pyramid noise), ``ip_noise_gamma`` (input perturbation),
+    ``min_timestep`` / ``max_timestep`` (train on ``[min, max)`` of the 1000 timesteps).
 
     Memory: ``gradient_checkpointing`` (recompute the UNet blocks' activations in backward; any
     method; ``gradient_checkpointing_fraction`` in ``(0, 1]`` recomputes only that share of the
@@ -135,6 +140,15 @@ class TrainOptions:
     mixed_precision: str = "no"
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    debiased_estimation_loss: bool = False
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    min_timestep: int | None = None
+    max_timestep: int | None = None
     ema_decay: float | None = None
     ema_save: str = "weights"
     text_encoder_steps: int | None = None
@@ -168,6 +182,12 @@ class TrainOptions:
     log_with: str = "auto"
     training_comment: str | None = None
 
+    def timestep_range(self) -> tuple[int, int] | None:
+        """``[min_timestep, max_timestep)`` (kohya's defaults 0 and 1000), or ``None`` for all of them."""
+        if self.min_timestep is None and self.max_timestep is None:
+            return None
+        return (0 if self.min_timestep is None else self.min_timestep, 1000 if self.max_timestep is None else self.max_timestep)
+
     def __post_init__(self) -> None:
         from ..methods.fit import _OPTIMIZER_ALIASES, OPTIMIZERS, SCHEDULES
         from ..sampling import SAMPLERS
@@ -188,9 +208,22 @@ class TrainOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.text_encoder_lr is not None and not self.text_encoder_lr >= 0:
             raise ValueError(f"--text-encoder-lr must be >= 0, got {self.text_encoder_lr}")
-        for name in ("keep_tokens", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight"):
+        for name in ("keep_tokens", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight",
+                     "multires_noise_iterations", "ip_noise_gamma"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.loss_type not in _LOSS_TYPES:
+            raise ValueError(f"--loss-type must be one of {', '.join(_LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.huber_schedule not in _HUBER_SCHEDULES:
+            raise ValueError(f"--huber-schedule must be one of {', '.join(_HUBER_SCHEDULES)}, got {self.huber_schedule!r}")
+        if not self.huber_c > 0:
+            raise ValueError(f"--huber-c must be > 0, got {self.huber_c}")
+        if not 0 < self.multires_noise_discount <= 1:
+            raise ValueError(f"--multires-noise-discount must be in (0, 1], got {self.multires_noise_discount}")
+        low, high = self.timestep_range() or (0, 1000)
+        if not 0 <= low < high <= 1000:
+            raise ValueError(f"--min-timestep {low} / --max-timestep {high}: need 0 <= min < max <= 1000 (the range "
+                             "[min, max) of the 1000 training timesteps)")
         if self.lr_warmup_steps is not None and not self.lr_warmup_steps >= 0:
             raise ValueError(f"--lr-warmup-steps must be >= 0 (a count, or a fraction of the steps below 1), got {self.lr_warmup_steps}")
         if self.steps is not None and self.epochs is not None:
@@ -270,6 +303,10 @@ class TrainOptions:
             raise ValueError(f"--resolution must be SIZE or WIDTH,HEIGHT, got {self.resolution}")
 
 
+_LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+_HUBER_SCHEDULES = ("snr", "exponential", "constant")
+
+
 def _sdpa_order(value: str | None) -> tuple[str, ...] | None:
     """The backend list of ``--sdpa-backends`` (``StepConfig.sdpa_backends``): ``None`` for torch's
     choice and for ``"measure"`` (measured in ``fit``), else the comma list's names in order.
@@ -329,6 +366,14 @@ def _inactive_option_notes(options: TrainOptions) -> list[str]:
     if options.lr_scheduler_num_cycles != 1 and options.lr_scheduler != "cosine_with_restarts":
         notes.append(f"--lr-scheduler-num-cycles {options.lr_scheduler_num_cycles}: not used by --lr-scheduler "
                      f"{options.lr_scheduler} (only cosine_with_restarts has cycles)")
+    if options.loss_type in ("l2", "l1"):
+        unused = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
+            ("huber_c", options.huber_c, 0.1), ("huber_schedule", options.huber_schedule, "snr")) if value != default]
+        if unused:
+            notes.append(f"{', '.join(unused)}: not used by --loss-type {options.loss_type} (only huber and smooth_l1)")
+    if options.multires_noise_discount != 0.3 and not options.multires_noise_iterations:
+        notes.append(f"--multires-noise-discount {options.multires_noise_discount}: not used without "
+                     "--multires-noise-iterations")
     if options.dynamo_backend != "inductor" and not options.torch_compile:
         notes.append(f"--dynamo-backend {options.dynamo_backend}: not used without --torch-compile")
     return notes
@@ -648,6 +693,11 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
         cuda_graph=options.cuda_graph, compile_backend=options.dynamo_backend if options.torch_compile else None,
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
+                        loss=options.loss_type, huber_c=options.huber_c, huber_schedule=options.huber_schedule,
+                        debiased_estimation=options.debiased_estimation_loss,
+                        pyramid_noise_iterations=options.multires_noise_iterations,
+                        pyramid_noise_discount=options.multires_noise_discount,
+                        input_perturbation=options.ip_noise_gamma, timestep_range=options.timestep_range(),
                         max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed,
                         sdpa_backends=_sdpa_order(options.sdpa_backends)),
     )
@@ -890,6 +940,13 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_min_snr_gamma": str(options.min_snr_gamma or None),
         "ss_max_grad_norm": str(options.max_grad_norm),
         "ss_prior_loss_weight": str(options.prior_weight),
+        "ss_loss_type": options.loss_type,
+        "ss_huber_schedule": options.huber_schedule,
+        "ss_huber_c": str(options.huber_c),
+        "ss_debiased_estimation": str(options.debiased_estimation_loss),
+        "ss_multires_noise_iterations": str(options.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(options.multires_noise_discount),
+        "ss_ip_noise_gamma": str(options.ip_noise_gamma or None),
         "ss_ema_decay": str(options.ema_decay),
         "ss_stop_text_encoder_training": str(config.text_encoder_steps),
         "ss_v_parameterization": str(getattr(system, "prediction_type", "epsilon") == "v_prediction"),
