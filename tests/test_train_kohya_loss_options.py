@@ -78,3 +78,17 @@ def test_options_that_change_nothing_are_reported():
     assert any("--multires-noise-discount 0.5: not used without --multires-noise-iterations" in note for note in notes)
     assert not _inactive_option_notes(TrainOptions(images=".", loss_type="smooth_l1", huber_c=0.3,
                                                    multires_noise_iterations=2, multires_noise_discount=0.5))
+
+
+def test_kohya_keys_that_change_nothing_here_are_noted_not_refused(tmp_path):
+    """A kohya SD2 config says ``v2 = true`` (SD2 is told from the checkpoint's keys here) and often
+    carries memory and tracker settings: each is a note, not an unknown-option error."""
+    from sdadapt.cli.train import read_config
+
+    config = tmp_path / "sd2.toml"
+    config.write_text('v2 = true\nv_parameterization = true\nhighvram = true\nvae_batch_size = 4\n'
+                      'log_tracker_name = "run"\nwandb_api_key = "k"\n')
+    options, methods, notes = read_config(config, fields={"prediction_type"}, method_options=set())
+    assert options == {"prediction_type": "v_prediction"} and methods == {}
+    assert sorted(note.split(" (")[0] for note in notes) == [
+        "ignored highvram", "ignored log_tracker_name", "ignored v2", "ignored vae_batch_size", "ignored wandb_api_key"]

@@ -57,6 +57,11 @@ KOHYA_IGNORED = {
     "log_prefix": "the CSV log and TensorBoard events go beside the output",
     "network_module": "the method decides the network (lora, locon, loha, lokr, dora)",
     "lowram": "",
+    "highvram": "",
+    "vae_batch_size": "latents are encoded bucket by bucket before training",
+    "v2": "SD2 is told from the checkpoint's keys",
+    "wandb_api_key": "the CSV log and TensorBoard events go beside the output",
+    "log_tracker_name": "the CSV log and TensorBoard events go beside the output",
     "full_fp16": "use --mixed-precision",
 }
 _DTYPES = {"float": "fp32", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
