@@ -498,3 +498,30 @@ def test_fused_backward_optimizer_equals_the_plain_step():
     with pytest.raises(ValueError, match="max_grad_norm=None"):
         train_step(model, {"latents": latents, "cond": cond}, params=params, optimizer=opt, state=state,
                    config=StepConfig(), alphas_cumprod=_alphas())
+
+
+def test_a_prior_batch_is_a_second_forward_drawn_after_the_batch_and_weighted():
+    """``prepare_batch(..., prior=(class_batch, w))`` prepares the class batch after the batch (its
+    noise the generator's next draws) and ``step_loss`` adds ``w`` × its loss (then extra_loss):
+    the same as preparing and weighting the two by hand."""
+    from sdadapt.training.step import prepare_batch, step_loss
+
+    model, _, _, _ = _setup()
+    model.drop.p = 0.0
+    latents, cond = _data(4)
+    config = StepConfig(min_snr_gamma=5.0)
+
+    def extra(prepared, prediction):
+        return prediction.square().mean() * 0.01
+
+    state = TrainState(seed=5)
+    prepared = prepare_batch({"latents": latents[:2], "cond": cond[:2]}, state=state, config=config,
+                             alphas_cumprod=_alphas(), prior=({"latents": latents[2:], "cond": cond[2:]}, 0.3))
+    got = step_loss(model, prepared, config, extra)
+    by_hand_state = TrainState(seed=5)
+    main = prepare_batch({"latents": latents[:2], "cond": cond[:2]}, state=by_hand_state, config=config, alphas_cumprod=_alphas())
+    second = prepare_batch({"latents": latents[2:], "cond": cond[2:]}, state=by_hand_state, config=config, alphas_cumprod=_alphas())
+    prediction = model(main["x_t"], main["t"], main["cond"]).float()
+    want = step_loss(model, main, config) + (0.3 * step_loss(model, second, config) + extra(main, prediction))
+    assert torch.equal(got, want)
+    assert torch.equal(prepared["prior"]["x_t"], second["x_t"]) and prepared["prior_weight"] == 0.3

@@ -45,9 +45,7 @@ from ..training.step import (
     TrainState,
     fused_backward_clashes,
     load_training_state,
-    prepare_batch,
     save_training_state,
-    step_loss,
     train_step,
 )
 from .system import System
@@ -633,10 +631,8 @@ def fit(
                 if captured is not None:
                     metrics = captured(batch, state=state, prior=class_batch)
                 else:
-                    loss_fn = extra_loss if class_batch is None else _with_prior(
-                        model, *class_batch, state, step_config, system.alphas_cumprod, extra_loss)
                     metrics = train_step(model, batch, params=trained, optimizer=stepper, state=state, config=step_config,
-                                         alphas_cumprod=system.alphas_cumprod, extra_loss=loss_fn)
+                                         alphas_cumprod=system.alphas_cumprod, extra_loss=extra_loss, prior=class_batch)
                 micro_losses.append(metrics["loss"])
             loss = _mean_loss(micro_losses)  # the one host read per optimiser step (callbacks, NaN check, result)
             losses.append(loss)
@@ -788,15 +784,3 @@ def epoch_batches_of(dataset: Any, config: FitConfig, *, epoch: int = 0) -> list
     return epoch_batches(dataset, config.batch_size, seed=config.seed, epoch=epoch)
 
 
-def _with_prior(model, prior_batch: dict, weight: float, state: TrainState, config: StepConfig, alphas_cumprod: Tensor,
-                extra_loss) -> Callable[[Any, Tensor], Tensor]:
-    """``extra_loss`` plus ``weight`` × the class batch's diffusion loss (a second forward)."""
-
-    def loss(prepared: Any, prediction: Tensor) -> Tensor:
-        prior_prepared = prepare_batch(prior_batch, state=state, config=config, alphas_cumprod=alphas_cumprod)
-        total = weight * step_loss(model, prior_prepared, config)
-        if extra_loss is not None:
-            total = total + extra_loss(prepared, prediction)
-        return total
-
-    return loss

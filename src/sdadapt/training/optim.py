@@ -35,6 +35,7 @@ __all__ = [
     "fuse_optimizer_into_backward",
     "lr_at",
     "quantize_blockwise",
+    "restore_capturable_mode",
     "set_lr",
     "stochastic_round_to_bf16",
 ]
@@ -651,24 +652,37 @@ class AdamW(torch.optim.Optimizer):
         keeps working. States saved in either mode resume in either."""
         modes = [(group["capturable"], group["lr"]) for group in self.param_groups]
         _load_keeping_dtypes(self, state_dict)
-        for group, (capturable, lr) in zip(self.param_groups, modes):
-            group["capturable"] = capturable
-            if isinstance(lr, Tensor):
-                lr.fill_(_lr_value(group["lr"]))
-                group["lr"] = lr
-            elif isinstance(group["lr"], Tensor) and not capturable:
-                group["lr"] = _lr_value(group["lr"])
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or "step" not in state:
-                    continue
-                step = state["step"]
-                if capturable and not isinstance(step, Tensor):
-                    state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-                elif capturable:
-                    state["step"] = step.to(dtype=torch.float32, device=p.device)
-                elif isinstance(step, Tensor):
-                    state["step"] = int(step.item())  # one host read at load time
+        restore_capturable_mode(self, modes, host_step=lambda step: int(step.item()))  # (one host read at load time)
+
+
+def restore_capturable_mode(optimizer: torch.optim.Optimizer, built: Sequence[tuple[bool | None, object]], *,
+                            host_step: Callable[[Tensor], Any]) -> None:
+    """After ``load_state_dict`` (which takes every group setting from the file), put back each
+    group's ``capturable`` flag and tensor ``lr`` as ``optimizer`` was built — ``built``: ``(capturable
+    or None for an optimiser without the mode, lr)`` per group, read before loading — the saved lr
+    value kept (a tensor lr stays the tensor a captured graph reads, filled in place), and move the
+    step counts where that mode keeps them: capturable, float32 on the parameter's device; not,
+    ``host_step(count)`` (sdadapt's AdamW: a Python int; torch's optimisers: a CPU tensor). A
+    capturable optimiser left non-capturable cannot be captured, and one left capturable cannot step
+    on a CPU; so states saved in either mode resume in either."""
+    states = getattr(optimizer, "state", {})
+    for group, (capturable, lr) in zip(optimizer.param_groups, built):
+        if capturable is None:
+            continue
+        group["capturable"] = capturable
+        if isinstance(lr, Tensor):
+            lr.fill_(_lr_value(group["lr"]))
+            group["lr"] = lr
+        elif isinstance(group["lr"], Tensor) and not capturable:
+            group["lr"] = _lr_value(group["lr"])
+        for p in group["params"]:
+            step = states.get(p, {}).get("step")
+            if step is None:
+                continue
+            if capturable:
+                states[p]["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+            elif isinstance(step, Tensor):
+                states[p]["step"] = host_step(step)
 
 
 #: elements updated together by one multi-tensor step: the fp32 working copies of bf16 weights and

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import diffusion
 from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
 from .attention import SDPA_BACKENDS, sdpa_backends
-from .optim import FusedBackward
+from .optim import FusedBackward, restore_capturable_mode
 
 __all__ = [
     "StepConfig",
@@ -138,6 +138,7 @@ def prepare_batch(
     config: StepConfig,
     alphas_cumprod: Tensor,
     encode_latents: Callable[[Tensor], Tensor] | None = None,
+    prior: tuple[Mapping[str, object], float] | None = None,
 ) -> dict[str, Tensor | object]:
     """Everything before the model: ``{"x_t", "t", "cond", "target", "weights" (B,), "huber_c"}``.
 
@@ -145,6 +146,10 @@ def prepare_batch(
     the batch fixes ``"noise"``/``"timesteps"``), noises the latents, builds the target for
     ``config.prediction_type`` and the per-sample loss weights (batch ``"loss_weight"`` × min-SNR ×
     debiased × P2).
+
+    ``prior=(class_batch, weight)``: DreamBooth's prior preservation as a second forward — the class
+    batch prepared the same way (its draws after the batch's) under ``"prior"``, ``weight`` under
+    ``"prior_weight"``; :func:`step_loss` adds ``weight`` × its loss.
     """
     latents = batch.get("latents")
     if latents is None and encode_latents is not None and isinstance(batch.get("images"), Tensor):
@@ -178,8 +183,13 @@ def prepare_batch(
     huber_c: float | Tensor = config.huber_c
     if config.loss in ("huber", "smooth_l1") and config.huber_schedule != "constant":
         huber_c = diffusion.huber_c_for(t, huber_c=config.huber_c, schedule=config.huber_schedule, alphas_cumprod=alphas_cumprod)
-    return {"x_t": x_t, "t": t, "cond": batch.get("cond"), "target": target, "weights": weights.float(), "huber_c": huber_c,
-            "latents": latents}
+    prepared = {"x_t": x_t, "t": t, "cond": batch.get("cond"), "target": target, "weights": weights.float(),
+                "huber_c": huber_c, "latents": latents}
+    if prior is not None:
+        prepared["prior"] = prepare_batch(prior[0], state=state, config=config, alphas_cumprod=alphas_cumprod,
+                                          encode_latents=encode_latents)
+        prepared["prior_weight"] = float(prior[1])
+    return prepared
 
 
 #: ``extra_loss(prepared, prediction) -> 0-dim tensor`` added to the diffusion loss (e.g. DreamArtist's
@@ -190,7 +200,8 @@ ExtraLoss = Callable[[Mapping[str, object], Tensor], Tensor]
 def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig,
               extra_loss: ExtraLoss | None = None, *, autocast_cache: bool = True) -> Tensor:
     """Forward under the configured autocast and the weighted loss (0-dim, float32), plus
-    ``extra_loss(prepared, prediction)`` when given. ``autocast_cache=False`` turns off autocast's
+    ``prior_weight`` × the class batch's loss when ``prepared`` holds a ``"prior"``
+    (:func:`prepare_batch`'s ``prior=``), plus ``extra_loss(prepared, prediction)`` when given. ``autocast_cache=False`` turns off autocast's
     cache of low-precision weight copies (what PyTorch asks for under CUDA-graph capture; same numbers)."""
     x_t: Tensor = prepared["x_t"]  # type: ignore[assignment]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
@@ -202,6 +213,12 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
         prediction.float(), prepared["target"].float(), weights=prepared["weights"],  # type: ignore[union-attr]
         kind=config.loss, huber_c=prepared["huber_c"],  # type: ignore[arg-type]
     )
+    prior: Mapping[str, object] | None = prepared.get("prior")  # type: ignore[assignment]
+    if prior is not None:  # the class batch's second forward, then extra_loss, added to the loss as one term
+        extra = prepared["prior_weight"] * step_loss(model, prior, config, autocast_cache=autocast_cache)  # type: ignore[operator]
+        if extra_loss is not None:
+            extra = extra + extra_loss(prepared, prediction.float())
+        return loss + extra
     if extra_loss is not None:
         loss = loss + extra_loss(prepared, prediction.float())
     return loss
@@ -245,6 +262,7 @@ def train_step(
     lr_scheduler: object | None = None,
     encode_latents: Callable[[Tensor], Tensor] | None = None,
     extra_loss: ExtraLoss | None = None,
+    prior: tuple[Mapping[str, object], float] | None = None,
 ) -> dict[str, Tensor]:
     """One micro-batch: noise, forward, weighted loss, backward; every ``accumulation_steps``
     micro-batches also unscale, clip, optimiser step, zero grads, EMA and LR-scheduler step.
@@ -264,6 +282,8 @@ def train_step(
             cached ``"latents"``. Text conditioning: put what your ``model`` takes in ``"cond"``
             (cached hidden states, or token ids when ``model`` runs a trainable text encoder —
             it then runs inside the same autocast region, as textual inversion needs).
+        prior: ``(class_batch, weight)``: DreamBooth's prior preservation as a second forward
+            (:func:`prepare_batch`), ``weight`` × its loss added.
         extra_loss: ``extra_loss(prepared, prediction) -> 0-dim`` added to the loss before backward
             (``prepared`` also holds the clean ``"latents"``), e.g. a reconstruction or norm term.
 
@@ -277,7 +297,8 @@ def train_step(
         raise ValueError("an optimiser fused into backward steps each parameter as its gradient arrives, so it cannot "
                          "work with " + "; ".join(clashes) + ": use StepConfig(max_grad_norm=None, accumulation_steps=1) "
                          "and bf16 instead of fp16")
-    prepared = prepare_batch(batch, state=state, config=config, alphas_cumprod=alphas_cumprod, encode_latents=encode_latents)
+    prepared = prepare_batch(batch, state=state, config=config, alphas_cumprod=alphas_cumprod, encode_latents=encode_latents,
+                             prior=prior)
     loss = step_loss(model, prepared, config, extra_loss)
     if config.mixed_precision == "fp16" and state.scaler is None:
         state.scaler = torch.amp.GradScaler(loss.device.type)
@@ -359,29 +380,6 @@ def save_training_state(
                      stage=stage)
 
 
-def _keep_capturable_mode(optimizer: torch.optim.Optimizer, built: list[tuple[bool | None, object]]) -> None:
-    """Put back each group's ``capturable`` flag and tensor ``lr`` as ``optimizer`` was built
-    (``built``: ``(capturable or None, lr)`` per group, read before ``load_state_dict``, which takes
-    every group setting from the file), the saved lr value kept; step counts moved where that mode
-    keeps them (capturable: float32 on the parameter's device; not: on the host, as torch's
-    optimisers make them). A capturable torch optimiser left non-capturable cannot be captured, and
-    one left capturable cannot step on a CPU."""
-    states = getattr(optimizer, "state", {})  # (fit's per-block optimisers hold theirs inside)
-    for group, (capturable, lr) in zip(optimizer.param_groups, built):
-        if capturable is None:  # an optimiser without the mode
-            continue
-        group["capturable"] = capturable
-        if isinstance(lr, Tensor):  # the tensor a captured graph reads, filled with the saved value
-            lr.fill_(float(group["lr"]))
-            group["lr"] = lr
-        elif isinstance(group["lr"], Tensor) and not capturable:
-            group["lr"] = float(group["lr"])
-        for p in group["params"]:
-            step = states.get(p, {}).get("step")
-            if isinstance(step, Tensor):
-                states[p]["step"] = step.to(dtype=torch.float32, device=p.device) if capturable else step.to("cpu")
-
-
 def load_training_state(
     folder: str | os.PathLike,
     *,
@@ -392,7 +390,7 @@ def load_training_state(
     """Restore what :func:`save_training_state` wrote, in place; returns the JSON record.
 
     ``optimizer`` keeps the ``capturable`` mode it was built with (a state saved with or without
-    CUDA-graph capture resumes either way: :func:`_keep_capturable_mode`).
+    CUDA-graph capture resumes either way: :func:`~sdadapt.training.optim.restore_capturable_mode`).
 
     Raises:
         ValueError: the folder is incomplete, from another step, or its parameters do not match.
@@ -420,7 +418,7 @@ def load_training_state(
         opt_state.setdefault(int(index), {}).update(scalars)
     built = [(group.get("capturable"), group["lr"]) for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
-    _keep_capturable_mode(optimizer, built)
+    restore_capturable_mode(optimizer, built, host_step=lambda step: step.to("cpu"))  # (torch keeps counts on the host)
     state.step, state.micro_step = meta["step"], meta["micro_step"]
     state.generator.set_state(tensors["rng.step_generator"])
     torch.set_rng_state(tensors["rng.torch_cpu"])

@@ -197,28 +197,11 @@ class CapturedStep:
                                "lr=torch.tensor(lr, device='cuda') and capturable=True to change it")
         set_lr(self.optimizer, lr)
 
-    def _loss(self, prepared: Mapping[str, object]) -> Tensor:
-        """The step's loss (0-dim): the batch's, plus ``prior_weight`` × the class batch's second
-        forward when ``prepared`` holds a ``"prior"`` (DreamBooth on a dataset), plus ``extra_loss`` —
-        in the order ``fit``'s eager step adds them."""
-        extra = self.extra_loss
-        prior: Mapping[str, object] | None = prepared.get("prior")  # type: ignore[assignment]
-        if prior is not None:
-            weight = prepared["prior_weight"]
-
-            def extra(batch: Mapping[str, object], prediction: Tensor) -> Tensor:
-                total = weight * step_loss(self.model, prior, self.config, autocast_cache=False)  # type: ignore[operator]
-                if self.extra_loss is not None:
-                    total = total + self.extra_loss(batch, prediction)
-                return total
-
-        return step_loss(self.model, prepared, self.config, extra, autocast_cache=False)
-
     def _eager(self, prepared: Mapping[str, object], state: TrainState) -> dict[str, Tensor]:
         # a replayed graph leaves its static gradients bound to .grad: an eager step after one (another
         # layout's warm-up, a step after reset()) must not add its gradients to them
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(prepared)
+        loss = step_loss(self.model, prepared, self.config, self.extra_loss, autocast_cache=False)
         loss.backward()
         grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,7 +217,7 @@ class CapturedStep:
         for generator in graph_generators(self.optimizer):  # e.g. AdamW's stochastic-rounding generator
             graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
-            loss = self._loss(static)
+            loss = step_loss(self.model, static, self.config, self.extra_loss, autocast_cache=False)
             loss.backward()
             grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
         entry.graph = graph
@@ -253,10 +236,7 @@ class CapturedStep:
         Returns:
             ``{"loss": 0-dim, "grad_norm": 0-dim, "stepped": True}`` — tensors, no host sync.
         """
-        prepared = prepare_batch(batch, state=state, config=self.config, alphas_cumprod=self.alphas_cumprod)
-        if prior is not None:
-            prepared["prior"] = prepare_batch(prior[0], state=state, config=self.config, alphas_cumprod=self.alphas_cumprod)
-            prepared["prior_weight"] = float(prior[1])
+        prepared = prepare_batch(batch, state=state, config=self.config, alphas_cumprod=self.alphas_cumprod, prior=prior)
         self.calls += 1
         if self.problems:  # CPU or not capturable: eager, same semantics
             out = self._eager(prepared, state)
