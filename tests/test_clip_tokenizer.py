@@ -72,3 +72,20 @@ def test_padding_variants_and_round_trips(tmp_path, pair):
     assert split_words("it's 12ab!?") == ["it", "'s", "1", "2", "ab", "!?"]
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         CLIPTokenizer.from_folder(tmp_path)
+
+
+def test_save_folder_without_merges_loads_in_transformers(tmp_path):
+    """A byte-level vocabulary with no merges (the tests' tiny tokenizer): ``merges.txt`` is the header
+    alone, which transformers reads (a blank line after it was "Merges text file invalid at line 1")."""
+    from embedding_models import tiny_tokenizer
+
+    reference = tiny_tokenizer(tmp_path / "ref", max_length=12)
+    ours = CLIPTokenizer.from_folder(tmp_path / "ref")
+    assert not ours.ranks
+    folder = ours.save_folder(tmp_path / "saved")
+    assert (folder / "merges.txt").read_text(encoding="utf-8") == "#version: 0.2\n"
+    theirs = transformers.CLIPTokenizer.from_pretrained(folder)
+    for text in ("a cat", "", "hello, world!!"):
+        expected = reference(text, padding="max_length", max_length=12, truncation=True).input_ids
+        assert theirs(text, padding="max_length", max_length=12, truncation=True).input_ids == expected
+        assert ours.encode(text) == expected

@@ -216,7 +216,9 @@ class CLIPTokenizer:
         root.mkdir(parents=True, exist_ok=True)
         (root / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
         merges = sorted(self.ranks, key=self.ranks.get)  # type: ignore[arg-type]
-        (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+        # one merge a line after the header; no blank line when there are none (transformers refuses one)
+        (root / "merges.txt").write_text("".join(f"{line}\n" for line in ["#version: 0.2", *(" ".join(m) for m in merges)]),
+                                         encoding="utf-8")
         pad = self.decoder[self.pad_id]
         config = {"model_max_length": self.model_max_length, "bos_token": _SPECIAL[0], "eos_token": _SPECIAL[1],
                   "unk_token": _SPECIAL[1], "pad_token": pad, "tokenizer_class": "CLIPTokenizer"}
@@ -283,17 +285,21 @@ class CLIPTokenizer:
             ids.extend(cached)
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """``<|startoftext|> ids <|endoftext|>``, truncated and padded to ``model_max_length``."""
-        body = self.encode_words(text)[: self.model_max_length - 2]
+    def encode(self, text: str, *, max_length: int | None = None) -> list[int]:
+        """``<|startoftext|> ids <|endoftext|>``, truncated and padded to ``max_length``
+        (default ``model_max_length``; longer for prompts split into windows, :mod:`sdadapt.text_chunks`)."""
+        length = self.model_max_length if max_length is None else int(max_length)
+        if length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        body = self.encode_words(text)[: length - 2]
         ids = [self.bos_id, *body, self.eos_id]
-        return ids + [self.pad_id] * (self.model_max_length - len(ids))
+        return ids + [self.pad_id] * (length - len(ids))
 
-    def __call__(self, texts: list[str] | str) -> Tensor:
-        """(B, max_length) int64 ids of ``texts``."""
+    def __call__(self, texts: list[str] | str, *, max_length: int | None = None) -> Tensor:
+        """(B, max_length) int64 ids of ``texts`` (default ``model_max_length``)."""
         if isinstance(texts, str):
             texts = [texts]
-        return torch.tensor([self.encode(t) for t in texts], dtype=torch.long)
+        return torch.tensor([self.encode(t, max_length=max_length) for t in texts], dtype=torch.long)
 
     def token_count(self, text: str) -> int:
         """How many tokens ``text`` takes (without start/end): above ``max_length - 2`` it is truncated."""

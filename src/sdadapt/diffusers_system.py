@@ -18,7 +18,8 @@ penultimate states (768 + 1280 = 2048 wide), adds the second encoder's projected
 (``text_embeds``) and the size/crop conditioning ``time_ids = (orig_h, orig_w, crop_top,
 crop_left, target_h, target_w)``; an empty negative prompt is all zeros (diffusers'
 ``force_zeros_for_empty_prompt``). Latents are the VAE posterior mean times its scaling factor
-(SD1/SD2 0.18215, SDXL 0.13025).
+(SD1/SD2 0.18215, SDXL 0.13025). ``max_token_length=150`` / ``225`` (kohya's option) keeps that many
+prompt tokens, encoded in 75-token windows whose states are joined (:mod:`sdadapt.text_chunks`).
 
 :meth:`DiffusersSystem.save_model` writes the whole (fine-tuned) model as users load it: an LDM
 single-file checkpoint (``.safetensors``: A1111, ComfyUI, diffusers' ``from_single_file``) or a
@@ -62,14 +63,27 @@ def _require(name: str):
         raise ImportError(f"Stable Diffusion models need `{name}`: pip install \"sdadapt[interop]\"") from None
 
 
-def _token_ids(tokenizer: Any, prompts: list[str]) -> Tensor:
-    """(B, L) ids from sdadapt's :class:`~sdadapt.clip_tokenizer.CLIPTokenizer` or a transformers tokenizer."""
+def _token_ids(tokenizer: Any, prompts: list[str], length: int | None = None) -> Tensor:
+    """(B, L) ids from sdadapt's :class:`~sdadapt.clip_tokenizer.CLIPTokenizer` or a transformers tokenizer,
+    padded and truncated to ``length`` (default: the tokenizer's ``model_max_length``)."""
     from .clip_tokenizer import CLIPTokenizer
 
+    length = int(tokenizer.model_max_length) if length is None else length
     if isinstance(tokenizer, CLIPTokenizer):
-        return tokenizer(prompts)
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+        return tokenizer(prompts, max_length=length)
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def _window_spec(tokenizer: Any) -> dict[str, int]:
+    """``window`` (the encoder length), ``eos_id`` and ``pad_id`` of sdadapt's or a transformers CLIP
+    tokenizer: :func:`~sdadapt.text_chunks.chunk_token_ids`' keywords."""
+    from .clip_tokenizer import CLIPTokenizer
+
+    window = int(tokenizer.model_max_length)
+    if isinstance(tokenizer, CLIPTokenizer):  # (as _token_ids tells the two apart)
+        return {"window": window, "eos_id": int(tokenizer.eos_id), "pad_id": int(tokenizer.pad_id)}
+    eos, pad = int(tokenizer.eos_token_id), tokenizer.pad_token_id
+    return {"window": window, "eos_id": eos, "pad_id": eos if pad is None else int(pad)}
 
 
 class DiffusersSystem(nn.Module):
@@ -84,19 +98,26 @@ class DiffusersSystem(nn.Module):
         clip_skip: 1 = the last layer (default); 2 = the penultimate (A1111/kohya "clip skip"),
             SD1/SD2 only (SDXL always reads the penultimate layers).
         source: the folder or file the model came from (kohya's ``ss_sd_model_name``).
+        max_token_length: prompt tokens :meth:`tokenize` keeps: 75 (one CLIP window, default), 150
+            or 225 (kohya's ``--max_token_length``: the prompt is encoded in 75-token windows whose
+            states are joined, :mod:`sdadapt.text_chunks`).
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, *, text_encoder_2=None,
                  tokenizer_2=None, model_index: dict | None = None, clip_skip: int = 1,
-                 source: str | os.PathLike | None = None) -> None:
+                 source: str | os.PathLike | None = None, max_token_length: int = 75) -> None:
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.is_sdxl = text_encoder_2 is not None
+        # each tokenizer's window and <EOS>/pad ids, read once: condition() runs inside torch.compile,
+        # which cannot trace a tokenizer
+        self._window_specs = [_window_spec(t) for t in (tokenizer, tokenizer_2) if t is not None]
         self.scheduler_config = dict(scheduler_config)
         if clip_skip < 1:
             raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
         self.clip_skip = int(clip_skip)
+        self.max_token_length = max_token_length
         self.source = str(source) if source is not None else None
         pipeline = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
         self.model_index = {  # what save_model writes (the loaded folder's entries win)
@@ -138,6 +159,18 @@ class DiffusersSystem(nn.Module):
         self.size_conditioning = self.is_sdxl
 
     @property
+    def max_token_length(self) -> int:
+        """Prompt tokens :meth:`tokenize` keeps: 75, 150 or 225 (kohya's ``max_token_length``)."""
+        return self._max_token_length
+
+    @max_token_length.setter
+    def max_token_length(self, value: int) -> None:
+        from .text_chunks import chunk_count
+
+        chunk_count(value)  # raises for anything but 75, 150, 225
+        self._max_token_length = int(value)
+
+    @property
     def architecture(self) -> str:
         """``"sd1"``, ``"sd2"`` or ``"sdxl"`` (the LDM key layout)."""
         return "sdxl" if self.is_sdxl else ("sd1" if self.base_model == "sd1" else "sd2")
@@ -145,7 +178,7 @@ class DiffusersSystem(nn.Module):
     # ------------------------------------------------------------------------------- loading
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", clip_skip: int = 1,
-                    prediction_type: str | None = None) -> DiffusersSystem:
+                    prediction_type: str | None = None, max_token_length: int = 75) -> DiffusersSystem:
         """A diffusers Stable Diffusion folder (SD1/SD2 or SDXL)."""
         root = Path(folder)
         if not root.is_dir():
@@ -186,6 +219,7 @@ class DiffusersSystem(nn.Module):
             model_index=json.loads((root / "model_index.json").read_text()),
             clip_skip=clip_skip,
             source=root,
+            max_token_length=max_token_length,
             **extra,
         )
         system.requires_grad_(False)
@@ -194,7 +228,7 @@ class DiffusersSystem(nn.Module):
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                          prediction_type: str | None = None, clip_skip: int = 1,
-                         device: str | torch.device = "cpu") -> DiffusersSystem:
+                         device: str | torch.device = "cpu", max_token_length: int = 75) -> DiffusersSystem:
         """An SD1/SD2/SDXL single-file checkpoint (see the module docstring).
 
         Args:
@@ -242,7 +276,8 @@ class DiffusersSystem(nn.Module):
         if architecture == "sdxl":
             extra["tokenizer_2"] = second
         schedule = {**SD_SCHEDULE, "prediction_type": prediction}
-        system = cls(unet, vae, text_encoder, first, schedule, clip_skip=clip_skip, source=checkpoint.path, **extra)
+        system = cls(unet, vae, text_encoder, first, schedule, clip_skip=clip_skip, source=checkpoint.path,
+                     max_token_length=max_token_length, **extra)
         system.requires_grad_(False)
         return system.eval().to(device)
 
@@ -395,12 +430,30 @@ class DiffusersSystem(nn.Module):
         return int(self.unet.config.in_channels), height // self.vae_factor, width // self.vae_factor
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        """Token ids (B, 77); SDXL: both tokenizers' ids stacked, (B, 2, 77)."""
+        """Token ids (B, L); SDXL: both tokenizers' ids stacked, (B, 2, L).
+
+        ``L = 77`` for :attr:`max_token_length` 75; 152 or 227 for 150 or 225 (``n * 75 + 2``:
+        :meth:`condition` encodes them in ``n`` windows, :mod:`sdadapt.text_chunks`).
+        """
+        from .text_chunks import long_prompt_length
+
         device = self.alphas_cumprod.device
-        ids = _token_ids(self.tokenizer, prompts)
+        length = long_prompt_length(self.max_token_length, window=int(self.tokenizer.model_max_length))
+        ids = _token_ids(self.tokenizer, prompts, length)
         if self.is_sdxl:
-            ids = torch.stack([ids, _token_ids(self.tokenizer_2, prompts)], dim=1)
+            ids = torch.stack([ids, _token_ids(self.tokenizer_2, prompts, length)], dim=1)
         return copy_to_device(ids, device)  # (a training step tokenises each batch: no wait on a GPU)
+
+    def _windows(self, encoder: int, ids: Tensor) -> tuple[Tensor, int]:
+        """(B, L) ids of text encoder ``encoder`` (0, SDXL 1) -> ((B * n, C) encoder windows, n);
+        ``L = C``: the ids as they are, n = 1."""
+        from .text_chunks import chunk_token_ids
+
+        spec = self._window_specs[encoder]
+        if ids.shape[-1] == spec["window"]:
+            return ids, 1
+        chunks = chunk_token_ids(ids, **spec)  # (B, n, C)
+        return chunks.reshape(-1, spec["window"]), chunks.shape[1]
 
     def _hidden(self, encoder, ids: Tensor, *, penultimate: bool) -> Any:
         out = encoder(ids, output_hidden_states=penultimate or self.clip_skip > 1)
@@ -415,24 +468,36 @@ class DiffusersSystem(nn.Module):
     def condition(self, ids: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
         """Token ids -> the UNet's conditioning.
 
-        SD1/SD2: (B, 77, D) text states. SDXL: ``{"context": (B, 77, 2048), "text_embeds":
-        (B, 1280), "time_ids": (B, 6)}``; pass ``{"ids": (B, 2, 77), "time_ids": (B, 6)}`` to set
-        the size/crop conditioning (default: the native size, no crop).
+        SD1/SD2: (B, L, D) text states. SDXL: ``{"context": (B, L, 2048), "text_embeds":
+        (B, 1280), "time_ids": (B, 6)}``; pass ``{"ids": (B, 2, L), "time_ids": (B, 6)}`` to set
+        the size/crop conditioning (default: the native size, no crop). ``L = 77``, or
+        ``n * 75 + 2`` ids of a long prompt (:meth:`tokenize` with :attr:`max_token_length` 150 /
+        225): encoded in ``n`` windows whose states are joined as kohya does (clip skip applies to
+        each window; SDXL's ``text_embeds`` are the first window's), :mod:`sdadapt.text_chunks`.
         """
+        from .text_chunks import merge_chunk_states
+
         time_ids = None
         if isinstance(ids, dict):
             time_ids, ids = ids.get("time_ids"), ids["ids"]
         if not self.is_sdxl:
-            return self._hidden(self.text_encoder, ids, penultimate=False)
+            windows, n = self._windows(0, ids)
+            states = self._hidden(self.text_encoder, windows, penultimate=False)  # (B * n, C, D)
+            return states if n == 1 else merge_chunk_states(states, chunks=n)
         if ids.ndim != 3 or ids.shape[1] != 2:
             raise ValueError(f"SDXL conditions on (B, 2, L) ids (both tokenizers), got {tuple(ids.shape)}")
-        first = self.text_encoder(ids[:, 0], output_hidden_states=True)
-        second = self.text_encoder_2(ids[:, 1], output_hidden_states=True)
-        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        (windows_1, n), (windows_2, _) = self._windows(0, ids[:, 0]), self._windows(1, ids[:, 1])
+        first = self.text_encoder(windows_1, output_hidden_states=True)
+        second = self.text_encoder_2(windows_2, output_hidden_states=True)
+        states_1, states_2, pooled = first.hidden_states[-2], second.hidden_states[-2], second.text_embeds
+        if n > 1:  # (B * n, C, D) windows -> (B, n * (C - 2) + 2, D); the pooled output of each prompt's first window
+            states_1, states_2 = merge_chunk_states(states_1, chunks=n), merge_chunk_states(states_2, chunks=n)
+            pooled = pooled[::n]
+        context = torch.cat([states_1, states_2], dim=-1)
         if time_ids is None:
             size = float(self.image_size)
             time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=context.device).expand(ids.shape[0], 6)
-        return {"context": context, "text_embeds": second.text_embeds, "time_ids": time_ids.to(context)}
+        return {"context": context, "text_embeds": pooled, "time_ids": time_ids.to(context)}
 
     def denoiser(self):
         """``model(x_t, t, cond) -> prediction`` over :meth:`condition`'s output."""
@@ -461,7 +526,7 @@ class DiffusersSystem(nn.Module):
 
         ``height``/``width`` default to :attr:`image_size` and must be multiples of
         :attr:`size_multiple`. The starting noise is drawn on the CPU from ``seed``. ``cond``: the
-        prompts' conditioning, precomputed (as :meth:`condition` returns it: SD1/SD2 (B, 77, D),
+        prompts' conditioning, precomputed (as :meth:`condition` returns it: SD1/SD2 (B, L, D),
         SDXL the dict) — methods that build it themselves (aesthetic gradients) pass it; the
         unconditional branch is still made from ``negative``.
         """
@@ -563,20 +628,26 @@ def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any
 
 
 def load_model(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None,
-               clip_skip: int = 1, device: str | torch.device = "cpu") -> DiffusersSystem:
+               clip_skip: int = 1, device: str | torch.device = "cpu", max_token_length: int = 75) -> DiffusersSystem:
     """A diffusers folder or a single-file checkpoint as a :class:`DiffusersSystem`.
+
+    ``max_token_length``: 75 (default), 150 or 225 prompt tokens (:attr:`DiffusersSystem.max_token_length`).
 
     Raises:
         ModelFolderError: neither a folder nor a file.
         WeightFileError: a file that is not a full SD1/SD2/SDXL checkpoint.
     """
+    from .text_chunks import chunk_count
+
+    chunk_count(max_token_length)  # refused before anything loads
     path = Path(model)
     if path.is_dir():
         if tokenizer is not None:
             raise ValueError("--tokenizer is for single-file checkpoints; a diffusers folder has its own tokenizer/")
-        return DiffusersSystem.from_folder(path, device=device, clip_skip=clip_skip, prediction_type=prediction_type)
+        return DiffusersSystem.from_folder(path, device=device, clip_skip=clip_skip, prediction_type=prediction_type,
+                                           max_token_length=max_token_length)
     if path.is_file():
         return DiffusersSystem.from_single_file(path, tokenizer=tokenizer, prediction_type=prediction_type,
-                                                clip_skip=clip_skip, device=device)
+                                                clip_skip=clip_skip, device=device, max_token_length=max_token_length)
     raise ModelFolderError(f"{path}: no such file or folder; --model takes 'toy', a diffusers Stable Diffusion folder "
                            "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint")

@@ -299,6 +299,7 @@ def inject(
     name: str = "default",
     freeze_base: bool = True,
     dtype: torch.dtype | None = torch.float32,
+    layer_configs: Mapping[str, object] | None = None,
 ) -> AdapterHandle:
     """Add one adapter per chosen layer of ``model`` and return the handle naming them.
 
@@ -312,6 +313,8 @@ def inject(
         freeze_base: set ``requires_grad=False`` on every existing parameter of ``model``.
         dtype: adapter parameter dtype (``None``: the base layer's dtype). float32 by default,
             the usual choice for training under autocast.
+        layer_configs: ``{layer name: config}`` for chosen layers that take another config than
+            ``config`` (e.g. kohya's ranks per block); every name must be a chosen layer.
 
     Returns:
         An :class:`AdapterHandle`; its ``parameters()`` are the trainable adapter weights.
@@ -321,14 +324,20 @@ def inject(
             the config is of no registered family.
     """
     family_of_config(config)  # an unknown config fails before anything is selected
+    overrides = dict(layer_configs or {})
+    for override in overrides.values():
+        family_of_config(override)
     chosen = select(model, targets)
+    unknown = sorted(set(overrides) - {layer_name for layer_name, _ in chosen})
+    if unknown:
+        raise ValueError(f"layer_configs names {len(unknown)} layer(s) the target does not choose, e.g. {unknown[0]!r}")
     handle = AdapterHandle(model, name)
     built: list[tuple[str, nn.Module, AdapterModule]] = []
     # build (and validate) everything first, so a failure leaves the model untouched
     for layer_name, layer in chosen:
         geometry = geometry_of(layer, name=layer_name)
         _check_name_free(layer_name, layer, name)
-        adapter = _build(config, geometry, layer, dtype)
+        adapter = _build(overrides.get(layer_name, config), geometry, layer, dtype)
         built.append((layer_name, layer, adapter))
     if freeze_base:
         _freeze_base(model)

@@ -22,7 +22,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model=args.model, prompt=args.prompt, negative=args.negative, loras=args.lora, embeddings=args.embedding,
         seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
-        prediction_type=args.prediction_type, clip_skip=args.clip_skip, device=args.device,
+        prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
+        device=args.device,
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
         aesthetic_text=args.aesthetic_text,
@@ -62,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
     generate.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     generate.add_argument("--clip-skip", type=positive_int, default=1)
+    generate.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,
+                          help="prompt tokens kept: 75 (default, one CLIP window), 150 or 225 (75-token windows joined "
+                          "as kohya's --max_token_length; Stable Diffusion models)")
     generate.add_argument("--device", default="auto")
     aesthetic = generate.add_argument_group(
         "aesthetic gradients",

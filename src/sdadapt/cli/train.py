@@ -17,7 +17,7 @@ from typing import Any
 
 from .options import add_output_options, positive_int, progress_bar, torch_dtype
 
-__all__ = ["register", "read_config", "KOHYA_KEYS", "KOHYA_IGNORED"]
+__all__ = ["register", "read_config", "parse_network_args", "KOHYA_KEYS", "KOHYA_IGNORED"]
 
 #: an option the command line did not give (the TOML file or the default then decides)
 _UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
@@ -40,6 +40,7 @@ KOHYA_KEYS = {
     "network_alpha": "alpha",
     "stop_text_encoder_training": "text_encoder_steps",
     "conv_dim": "conv_rank",
+    "network_dropout": "dropout",
     "output_name": "output_name",
     "output_dir": "output_dir",
 }
@@ -63,6 +64,11 @@ KOHYA_IGNORED = {
     "wandb_api_key": "the CSV log and TensorBoard events go beside the output",
     "log_tracker_name": "the CSV log and TensorBoard events go beside the output",
     "full_fp16": "use --mixed-precision",
+}
+#: kohya options refused when on (off, as kohya configs write them: nothing to do)
+_REFUSED_WHEN_ON = {
+    "face_crop_aug_range": ("sdadapt finds no faces: crop the images around the faces yourself, or use random_crop "
+                            "(--random-crop: a random bucket-sized window of each scaled image at each use)"),
 }
 _DTYPES = {"float": "fp32", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
            "bfloat16": "bf16", "keep": "keep"}
@@ -186,12 +192,8 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             output_name = value
             continue
         if name == "network_args":
-            for item in value if isinstance(value, list) else [value]:
-                arg, _, setting = str(item).partition("=")
-                arg = {"conv_dim": "conv_rank"}.get(arg.strip(), arg.strip())
-                if arg not in method_options:
-                    raise ValueError(f"--config {file}: network_args {item!r}: sdadapt knows conv_dim and conv_alpha here")
-                methods[arg] = setting.strip()
+            methods.update(parse_network_args(value if isinstance(value, list) else [value], method_options=method_options,
+                                              source=f"--config {file}: network_args"))
             continue
         if name == "network_train_unet_only":
             methods["text_encoder"] = not value
@@ -204,9 +206,10 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             if value:
                 options["prediction_type"] = "v_prediction"
             continue
-        if name == "reg_data_dir":
-            raise ValueError(f"--config {file}: reg_data_dir: sdadapt makes class (regularisation) images from "
-                             "class_prompt instead; set class_prompt = 'a photo of a <class>'")
+        if name in _REFUSED_WHEN_ON:
+            if value:
+                raise ValueError(f"--config {file}: {key}: {_REFUSED_WHEN_ON[name]}")
+            continue
         if name in method_options:
             methods[name] = value
         elif name in fields:
@@ -227,6 +230,73 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     if "mixed_precision" in options and str(options["mixed_precision"]).lower() in ("none", "fp32"):
         options["mixed_precision"] = "no"
     return options, methods, notes
+
+
+#: network_args spellings -> sdadapt method option names (kohya's conv_dim, LyCORIS' old use_cp)
+_NETWORK_ARG_NAMES = {"conv_dim": "conv_rank", "use_cp": "use_tucker"}
+#: LyCORIS network_args that must agree with the method trained (they choose the network in kohya)
+_LYCORIS_METHOD_ARGS = ("algo", "dora_wd")
+#: LyCORIS algo -> the sdadapt methods it may name
+_LYCORIS_ALGOS = {"lora": ("lora", "locon"), "locon": ("locon",), "loha": ("loha",), "lokr": ("lokr",)}
+
+
+def parse_network_args(items: list, *, method_options: set[str], source: str = "--network-args") -> dict[str, str]:
+    """kohya ``network_args`` (``["conv_dim=4", "down_lr_weight=sine+0.5", ...]``) -> ``{method option: text}``.
+
+    ``conv_dim`` is ``conv_rank`` and ``use_cp`` is ``use_tucker`` here; ``algo`` and ``dora_wd``
+    (LyCORIS) are kept under their names for :func:`_check_lycoris_args`; any other key must be a
+    method option. Values stay text (each option's type converts them later).
+
+    Raises:
+        InputError: an item without ``=``, LyCORIS' ``preset``, or an unknown key (naming the known ones).
+    """
+    from ..errors import InputError
+
+    out: dict[str, str] = {}
+    for item in items:
+        arg, equals, setting = str(item).partition("=")
+        arg = arg.strip()
+        if not equals or not arg:
+            raise InputError(f"{source} {item!r}: write KEY=VALUE, e.g. conv_dim=4")
+        if arg == "preset":
+            raise InputError(f"{source} {item!r}: LyCORIS presets are not read; choose the UNet layers with "
+                             "--network-targets kohya|attention|locon (targets = '...' in a TOML)")
+        name = _NETWORK_ARG_NAMES.get(arg, arg)
+        if name not in method_options and name not in _LYCORIS_METHOD_ARGS:
+            from ..methods.lora_blocks import BLOCK_ARGS
+
+            known = sorted({*_NETWORK_ARG_NAMES, *_KNOWN_NETWORK_ARGS, *BLOCK_ARGS})
+            close = difflib.get_close_matches(arg, known, n=1)
+            raise InputError(f"{source} {item!r}: unknown network arg {arg!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                             + f"; sdadapt reads {', '.join(known)}, and algo / dora_wd naming the method trained")
+        out[name] = setting.strip()
+    return out
+
+
+#: the network_args keys sdadapt reads besides the block-wise ones (lora_blocks.BLOCK_ARGS), named in errors
+_KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker")
+
+
+def _check_lycoris_args(method: str, chosen: dict) -> None:
+    """LyCORIS' ``algo`` / ``dora_wd`` network_args must describe ``method``; then they are dropped."""
+    from ..errors import InputError
+
+    algo = chosen.pop("algo", None)
+    dora = chosen.pop("dora_wd", None)
+    if algo is not None:
+        algo = str(algo).strip().lower()  # (LyCORIS reads it case-insensitively: algo=LoCon)
+        allowed = _LYCORIS_ALGOS.get(algo)
+        if allowed is None:
+            raise InputError(f"network_args algo={algo}: sdadapt trains the LyCORIS algos "
+                             f"{', '.join(_LYCORIS_ALGOS)} (train lora/locon/loha/lokr) and DoRA (train dora); not {algo}")
+        if method not in allowed and not (method == "dora" and algo in ("lora", "locon") and dora is not None):
+            raise InputError(f"network_args algo={algo} names another network than {method}: train it with "
+                             f"`python -m sdadapt train {allowed[-1]}` (or leave algo out)")
+    if dora is not None:
+        wants = str(dora).strip().lower() in ("true", "1", "yes")
+        if wants != (method == "dora"):
+            raise InputError(f"network_args dora_wd={dora} with {method}: DoRA is its own method here — "
+                             + ("`python -m sdadapt train dora`" if wants else "leave dora_wd out"))
 
 
 # ----------------------------------------------------------------------------------- train
@@ -278,7 +348,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if given.get("dtype") == "keep" and "dtype" in values:
         given.pop("dtype")
     values.update(given)
+    if getattr(args, "network_args", None):
+        chosen.update(parse_network_args(args.network_args, method_options=set(method_options), source="--network-args"))
     chosen.update(given_methods)
+    _check_lycoris_args(args.method, chosen)
     if values.get("images") is None:
         raise ValueError("no images: pass --images DIR (or images = 'DIR' in the --config file)")
     for name, value in list(chosen.items()):
@@ -362,6 +435,15 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--max-bucket-reso", type=int, metavar="PX", help="largest bucket side (default resolution x 2)")
     add(data, "--bucket-reso-steps", type=int, metavar="PX", help="bucket sides are multiples of this (default 64)")
     add(data, "--bucket-no-upscale", action=bool_flag, help="never enlarge an image: small images get their own bucket")
+    add(data, "--flip-aug", action=bool_flag,
+        help="also cache the mirrored images' latents (twice the latent memory) and train each use of an image on the "
+        "mirrored one with probability 1/2 (kohya's --flip_aug)")
+    add(data, "--random-crop", action=bool_flag,
+        help="crop a random bucket-sized window of each scaled image at each use instead of the centre (kohya's "
+        "--random_crop); the latents are then encoded at every step, not cached")
+    add(data, "--color-aug", action=bool_flag,
+        help="kohya's --color_aug: a third of the uses get a small hue rotation (up to 16 degrees) or gamma curve "
+        "(0.95-1.05); the latents are then encoded at every step, not cached")
 
     model = train.add_argument_group("model")
     add(model, "--model", "--pretrained-model-name-or-path", dest="model", metavar="toy|PATH",
@@ -372,6 +454,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(model, "--v-parameterization", dest="prediction_type", action="store_const", const="v_prediction",
         help="= --prediction-type v_prediction (kohya's flag)")
     add(model, "--clip-skip", type=int, metavar="N", help="condition on the N-th last text-encoder layer (SD1/SD2; default 1)")
+    add(model, "--max-token-length", type=int, choices=(75, 150, 225),
+        help="caption tokens kept: 75 (default, one CLIP window), 150 or 225 (kohya's --max_token_length: encoded in "
+        "75-token windows whose states are joined; SD1/SD2/SDXL; samples use it too)")
     add(model, "--device", metavar="DEV", help="auto (default: cuda when present), cpu, cuda, cuda:N, mps")
 
     method = train.add_argument_group("method options (each method takes the ones its --help line names)")
@@ -383,6 +468,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         else:
             kwargs["metavar"] = option.metavar or name.upper()
         method.add_argument(*option.option_strings, **kwargs)
+    method.add_argument("--network-args", nargs="*", default=None, metavar="KEY=VALUE",
+                        help="kohya's --network_args: conv_dim, conv_alpha, down_lr_weight, mid_lr_weight, up_lr_weight, "
+                        "block_lr_zero_threshold, block_dims, block_alphas, conv_block_dims, conv_block_alphas, dropout, "
+                        "rank_dropout, module_dropout, use_tucker/use_cp (LyCORIS algo/dora_wd must name the method); "
+                        "each is also its own flag, e.g. --block-dims")
 
     optim = train.add_argument_group("optimisation")
     add(optim, "--steps", "--max-train-steps", dest="steps", type=int, metavar="N",
@@ -398,6 +488,12 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--optimizer", "--optimizer-type", dest="optimizer", metavar="NAME",
         help=f"{', '.join(OPTIMIZERS)} (default adamw; kohya's AdamW8bit etc. work)")
     add(optim, "--weight-decay", type=float, metavar="W", help="default 0.01")
+    add(optim, "--optimizer-args", nargs="+", metavar="KEY=VALUE",
+        help="extra optimiser arguments, as kohya's --optimizer_args (e.g. weight_decay=0.1 betas=0.9,0.99 eps=1e-6; "
+        "values read as Python literals); each optimiser takes its own keys (an unknown one is refused, naming them)")
+    add(optim, "--scale-weight-norms", type=float, metavar="MAX",
+        help="lora/locon/loha/lokr: after each step shrink every adapter whose weight-delta norm exceeds MAX onto it "
+        "(kohya's max-norm regularisation, e.g. 1; default off)")
     add(optim, "--lr-scheduler", choices=SCHEDULES, help="default cosine")
     add(optim, "--lr-warmup-steps", type=float, metavar="N",
         help="linear warm-up steps, or a fraction of the steps below 1 (default: min(20, steps/10))")
@@ -406,11 +502,20 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast the forward pass (default no)")
     add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off)")
     add(optim, "--noise-offset", type=float, metavar="X", help="offset noise strength (e.g. 0.05; default 0)")
+    add(optim, "--noise-offset-random-strength", action=bool_flag,
+        help="with --noise-offset X: each batch's offset strength drawn uniformly in [0, X) (kohya's)")
+    add(optim, "--adaptive-noise-scale", type=float, metavar="S",
+        help="with --noise-offset: each latent channel's offset grows by S x |its mean|, clamped at 0 (kohya's; e.g. 0.01)")
+    add(optim, "--zero-terminal-snr", action=bool_flag,
+        help="train on the noise schedule rescaled to zero terminal SNR (Lin et al. 2023; kohya's): the last timestep is "
+        "pure noise; for v-prediction models; samples keep the model's schedule")
     add(optim, "--loss-type", choices=("l2", "l1", "huber", "smooth_l1"),
         help="diffusion loss (default l2; kohya's names): huber / smooth_l1 with --huber-c and --huber-schedule")
     add(optim, "--huber-c", type=float, metavar="C", help="huber / smooth_l1 loss parameter (default 0.1)")
     add(optim, "--huber-schedule", choices=("snr", "exponential", "constant"),
         help="how --huber-c changes with the timestep (default snr, as kohya)")
+    add(optim, "--huber-scale", type=float, metavar="S",
+        help="multiplies the huber c of the constant and exponential schedules (default 1; kohya's)")
     add(optim, "--debiased-estimation-loss", action=bool_flag, help="weight the loss by 1/sqrt(SNR) (kohya's option)")
     add(optim, "--multires-noise-iterations", type=int, metavar="N",
         help="multi-resolution (pyramid) noise with N levels (kohya's; e.g. 6; default off)")
@@ -457,6 +562,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(prior, "--class-images", type=int, metavar="N", help="how many class images (default: 2 x your images)")
     add(prior, "--prior-weight", "--prior-loss-weight", dest="prior_weight", type=float, metavar="W",
         help="weight of the class images' loss (default 1)")
+    add(prior, "--reg-data-dir", metavar="DIR",
+        help="your own class images (kohya's reg folder: N_classname/ sub-folders, captions as --images) instead of "
+        "generated ones, repeated to match the training images per epoch (kohya's balancing)")
     add(prior, "--prior", action=bool_flag, help="force prior preservation on/off (default: on with --class-prompt, on the "
         "toy model for the LoRA family and dreambooth)")
 

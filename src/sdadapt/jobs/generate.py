@@ -45,6 +45,7 @@ def run_generate(
     tokenizer: str | None = None,
     prediction_type: str | None = None,
     clip_skip: int = 1,
+    max_token_length: int = 75,
     device: str = "auto",
     aesthetic: str | os.PathLike | None = None,
     aesthetic_steps: int = 5,
@@ -63,6 +64,10 @@ def run_generate(
             peft), merged into the weights at that strength.
         embeddings: textual-inversion files; their trigger words (the file names) work in the prompts.
         steps: sampler steps (default 25; the toy 25).
+        max_token_length: prompt tokens kept, 75 (default), 150 or 225: a longer prompt is encoded in
+            75-token windows whose states are joined, as kohya trains with ``--max_token_length``
+            (:mod:`sdadapt.text_chunks`; A1111 also splits at commas, sdadapt does not). Stable
+            Diffusion models; not with ``aesthetic``.
         count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
         aesthetic: an aesthetic-gradient embedding file (``.pt``/``.safetensors``): the prompt's text
             conditioning is personalised toward it (``aesthetic_steps`` Adam steps at ``aesthetic_lr``,
@@ -107,13 +112,19 @@ def run_generate(
     for path in embeddings:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--embedding {path}: no such file")
+    from ..text_chunks import chunk_count
+
+    chunk_count(max_token_length)  # 75, 150 or 225
+    if aesthetic is not None and max_token_length != 75:
+        raise ValueError(f"--aesthetic personalises the text encoder on one 75-token CLIP window; leave out "
+                         f"--max-token-length {max_token_length}")
     if aesthetic is not None:
         from .aesthetic import check_aesthetic_request
 
         check_aesthetic_request(model, aesthetic, clip=aesthetic_clip)
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
-                         clip_skip=clip_skip)
+                         clip_skip=clip_skip, max_token_length=max_token_length)
     applied = []
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))

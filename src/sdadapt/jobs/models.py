@@ -37,15 +37,20 @@ def resolve_device(device: str | None) -> str:
 
 
 def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None, prediction_type: str | None = None,
-                clip_skip: int = 1):
+                clip_skip: int = 1, max_token_length: int = 75):
     """``"toy"`` -> the shipped toy system; ``"toy-image"`` -> its image-embedding variant (CLIP
     inversion); a toy-system file (a toy fine-tune) -> that system;
     a folder -> a diffusers Stable Diffusion folder (SD1/SD2/SDXL); a ``.safetensors``/``.ckpt``
     file -> an SD1/SD2/SDXL single-file checkpoint (``tokenizer``: see
-    :meth:`sdadapt.diffusers_system.DiffusersSystem.from_single_file`)."""
+    :meth:`sdadapt.diffusers_system.DiffusersSystem.from_single_file`). ``max_token_length``: 75
+    (default), 150 or 225 prompt tokens, Stable Diffusion models only (:mod:`sdadapt.text_chunks`)."""
     if model in ("toy", "toy-image") or _is_toy_file(model):
         if tokenizer is not None or prediction_type is not None or clip_skip != 1:
             raise ValueError("--tokenizer, --prediction-type and --clip-skip are for Stable Diffusion models, not the toy")
+        if max_token_length != 75:
+            raise ValueError(f"--max-token-length {max_token_length}: long prompts are split into 75-token CLIP windows, "
+                             "which Stable Diffusion models have; the toy's text encoder reads at most 14 words, so "
+                             "leave the option out (75) for the toy")
         from ..toy import load_toy, load_toy_image
 
         if model == "toy-image":
@@ -53,4 +58,5 @@ def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None
         return load_toy(None if model == "toy" else model, device=device)
     from ..diffusers_system import load_model
 
-    return load_model(model, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, device=device)
+    return load_model(model, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, device=device,
+                      max_token_length=max_token_length)

@@ -25,6 +25,7 @@ import torch
 
 from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
+from ..training.optimizer_args import format_optimizer_args
 from ..training.step import StepConfig
 from .demo import Progress, _check_dtype, _method, prior_images
 from .models import load_system, resolve_device
@@ -44,7 +45,13 @@ class TrainOptions:
     ``caption_extension``, ``repeats`` (of images outside ``N_name`` folders), ``shuffle_caption``,
     ``keep_tokens``, ``caption_dropout_rate``, ``caption_tag_dropout_rate``, ``resolution``
     ((height, width); default the model's), ``enable_bucket``, ``min_bucket_reso``,
-    ``max_bucket_reso``, ``bucket_reso_steps``, ``bucket_no_upscale``.
+    ``max_bucket_reso``, ``bucket_reso_steps``, ``bucket_no_upscale``; ``flip_aug`` (kohya's: the
+    mirrored images' latents are cached too, twice the latent memory, and each use of an image trains
+    on the mirrored one with probability 1/2, drawn from ``seed`` and the step: a resumed run makes the
+    same draws; :attr:`sdadapt.training.data.Dataset.flip`); ``random_crop`` and ``color_aug``
+    (kohya's pixel augmentations, :mod:`sdadapt.training.pixel_augment`: a random bucket-sized
+    window of each scaled image, kohya's hue/gamma change; drawn at each use, so the latents are
+    encoded at every step instead of cached).
 
     Trigger-word methods (textual inversion, DreamArtist, Custom Diffusion): captions must mention
     ``--token``. Images without a caption get a random one of the ``templates`` set (``object``:
@@ -55,12 +62,17 @@ class TrainOptions:
     :func:`sdadapt.methods.textual_inversion.trigger_captions`.
 
     Model: ``model`` (``toy``, a diffusers folder, a single file), ``tokenizer``,
-    ``prediction_type``, ``clip_skip``, ``device``; ``method_options`` (the method's own, e.g.
+    ``prediction_type``, ``clip_skip``, ``max_token_length`` (75, 150 or 225 caption tokens: kohya's
+    long captions in 75-token CLIP windows, :mod:`sdadapt.text_chunks`), ``device``; ``method_options`` (the method's own, e.g.
     ``{"rank": 16}``; see :class:`sdadapt.methods.MethodOption`).
 
     Optimisation: ``steps`` or ``epochs``, ``batch_size``, ``gradient_accumulation_steps``,
     ``learning_rate`` (``unet_lr`` overrides it), ``text_encoder_lr``, ``optimizer``,
-    ``weight_decay``, ``lr_scheduler``, ``lr_warmup_steps`` (a count, or a fraction of the steps
+    ``weight_decay``, ``optimizer_args`` (kohya's ``KEY=VALUE`` strings, e.g. ``("betas=0.9,0.99",)``:
+    :mod:`sdadapt.training.optimizer_args`; a ``weight_decay`` there wins over the field, which then
+    must be left at its default or agree), ``scale_weight_norms`` (lora, locon, loha, lokr: after
+    each step shrink every adapter whose ‖ΔW‖ exceeds it onto that norm; kohya's max-norm
+    regularisation, :mod:`sdadapt.training.max_norm`), ``lr_scheduler``, ``lr_warmup_steps`` (a count, or a fraction of the steps
     when < 1), ``lr_scheduler_num_cycles``, ``max_grad_norm`` (0 = no clipping),
     ``mixed_precision`` (``no``/``fp16``/``bf16``), ``min_snr_gamma`` (0 = off), ``noise_offset``,
     ``ema_decay``, ``seed``, ``stop_on_nan``; ``text_encoder_steps`` (train the text encoder for
@@ -69,7 +81,13 @@ class TrainOptions:
     ``smooth_l1``) with ``huber_c`` (0.1) and ``huber_schedule`` (``snr``, ``exponential``,
     ``constant``), ``debiased_estimation_loss``, ``multires_noise_iterations`` with
     ``multires_noise_discount`` (0.3; pyramid noise), ``ip_noise_gamma`` (input perturbation),
-    ``min_timestep`` / ``max_timestep`` (train on ``[min, max)`` of the 1000 timesteps).
+    ``min_timestep`` / ``max_timestep`` (train on ``[min, max)`` of the 1000 timesteps);
+    ``huber_scale`` (1.0: multiplies ``huber_c`` of the ``constant`` and ``exponential`` schedules, as
+    kohya's), ``noise_offset_random_strength`` (each batch's offset strength drawn in
+    ``[0, noise_offset)``), ``adaptive_noise_scale`` (needs ``noise_offset``: the offset of each
+    latent channel grows by ``scale·|channel mean|``, clamped at 0), ``zero_terminal_snr`` (train on
+    the schedule rescaled to zero terminal SNR; samples keep the model's schedule, as kohya's; meant
+    for v-prediction models; :attr:`sdadapt.methods.FitConfig.zero_terminal_snr`).
 
     Memory: ``gradient_checkpointing`` (recompute the UNet blocks' activations in backward; any
     method; ``gradient_checkpointing_fraction`` in ``(0, 1]`` recomputes only that share of the
@@ -93,7 +111,10 @@ class TrainOptions:
     ``unet_ema/`` in a diffusers folder), ``extract_lora`` (also write ``<stem>-lora<RANK>.safetensors``,
     the LoRA of the change).
 
-    Prior preservation: ``class_prompt``, ``class_images``, ``prior``, ``prior_weight``.
+    Prior preservation: ``class_prompt``, ``class_images``, ``prior``, ``prior_weight``;
+    ``reg_data_dir`` (kohya's: a folder of your own class images in kohya's layout, ``N_classname/``,
+    read, bucketed and cached as ``images``, balanced against the training images by kohya's rule and
+    trained on as the prior batches instead of generated ones; :mod:`sdadapt.training.reg_data`).
 
     Outputs: ``out``, ``overwrite``, ``dtype``, ``save_every_n_steps``, ``save_every_n_epochs``,
     ``save_state`` (write the resumable state with each save), ``resume`` (a state folder),
@@ -118,10 +139,14 @@ class TrainOptions:
     max_bucket_reso: int | None = None
     bucket_reso_steps: int | None = None
     bucket_no_upscale: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    color_aug: bool = False
     model: str = "toy"
     tokenizer: str | None = None
     prediction_type: str | None = None
     clip_skip: int = 1
+    max_token_length: int = 75
     device: str = "auto"
     method_options: dict = field(default_factory=dict)
     steps: int | None = None
@@ -133,6 +158,8 @@ class TrainOptions:
     text_encoder_lr: float | None = None
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
+    optimizer_args: tuple[str, ...] = ()
+    scale_weight_norms: float | None = None
     lr_scheduler: str = "cosine"
     lr_warmup_steps: float | None = None
     lr_scheduler_num_cycles: int = 1
@@ -140,9 +167,13 @@ class TrainOptions:
     mixed_precision: str = "no"
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.0
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    zero_terminal_snr: bool = False
     loss_type: str = "l2"
     huber_c: float = 0.1
     huber_schedule: str = "snr"
+    huber_scale: float = 1.0
     debiased_estimation_loss: bool = False
     multires_noise_iterations: int = 0
     multires_noise_discount: float = 0.3
@@ -167,6 +198,7 @@ class TrainOptions:
     class_images: int | None = None
     prior: bool | None = None
     prior_weight: float = 1.0
+    reg_data_dir: str | os.PathLike | None = None
     out: str | os.PathLike | None = None
     overwrite: bool = False
     dtype: torch.dtype | None = None
@@ -218,6 +250,22 @@ class TrainOptions:
             raise ValueError(f"--huber-schedule must be one of {', '.join(_HUBER_SCHEDULES)}, got {self.huber_schedule!r}")
         if not self.huber_c > 0:
             raise ValueError(f"--huber-c must be > 0, got {self.huber_c}")
+        if not 0 < self.huber_scale < math.inf:
+            raise ValueError(f"--huber-scale must be > 0 (it multiplies --huber-c), got {self.huber_scale}")
+        if self.adaptive_noise_scale is not None:
+            if not math.isfinite(self.adaptive_noise_scale):
+                raise ValueError(f"--adaptive-noise-scale must be a finite number, got {self.adaptive_noise_scale}")
+            if self.adaptive_noise_scale and not self.noise_offset:
+                raise ValueError(f"--adaptive-noise-scale {self.adaptive_noise_scale} adds to the noise offset, so it needs "
+                                 "--noise-offset X too (e.g. 0.05), as kohya's")
+        if self.zero_terminal_snr and self.method_options.get("rec_weight"):
+            raise ValueError("--zero-terminal-snr with --rec-weight: DreamArtist's reconstruction loss recovers x0 with "
+                             "the model's own schedule, not the rescaled one the steps train on; use --rec-weight 0")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon" and self.debiased_estimation_loss:
+            from ..methods.fit import zero_terminal_snr_clashes
+
+            raise ValueError("--zero-terminal-snr cannot train " + "; ".join(zero_terminal_snr_clashes(
+                StepConfig(debiased_estimation=True))))
         if not 0 < self.multires_noise_discount <= 1:
             raise ValueError(f"--multires-noise-discount must be in (0, 1], got {self.multires_noise_discount}")
         low, high = self.timestep_range() or (0, 1000)
@@ -230,11 +278,24 @@ class TrainOptions:
             raise ValueError("give --steps or --epochs, not both")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("--prompt is empty; give the caption words, or leave it out and put NAME.txt captions beside the images")
+        if self.reg_data_dir is not None and self.class_images is not None:
+            raise ValueError(f"--reg-data-dir {self.reg_data_dir} gives your own class images and --class-images "
+                             f"{self.class_images} asks for generated ones: give one of the two")
+        if self.reg_data_dir is not None and self.prior is False:
+            raise ValueError(f"--reg-data-dir {self.reg_data_dir} is prior preservation with your class images, so it "
+                             "cannot go with --no-prior: leave one of the two out")
+        if self.method_options.get("dim_from_weights") and not self.method_options.get("network_weights"):
+            raise ValueError("--dim-from-weights takes the modules and ranks from --network-weights FILE: give the file too")
         if self.class_prompt is not None and not self.class_prompt.strip():
             raise ValueError("--class-prompt is empty; give the class, e.g. 'a photo of a dog'")
         if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), "
                              f"got {self.optimizer!r}")
+        _optimizer_args(self)  # (after the optimiser name is known good)
+        if self.scale_weight_norms is not None and (isinstance(self.scale_weight_norms, bool)
+                                                    or not 0 < self.scale_weight_norms < math.inf):
+            raise ValueError(f"--scale-weight-norms must be a number > 0 (the largest ‖ΔW‖ of an adapted layer, e.g. 1), "
+                             f"got {self.scale_weight_norms!r}")
         if self.lr_scheduler not in SCHEDULES:
             raise ValueError(f"--lr-scheduler must be one of {', '.join(SCHEDULES)}, got {self.lr_scheduler!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -301,9 +362,40 @@ class TrainOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
             raise ValueError(f"--resolution must be SIZE or WIDTH,HEIGHT, got {self.resolution}")
+        from ..text_chunks import MAX_TOKEN_LENGTHS
+
+        if isinstance(self.max_token_length, bool) or self.max_token_length not in MAX_TOKEN_LENGTHS:
+            raise ValueError(f"--max-token-length must be 75, 150 or 225 (caption tokens; kohya's choices, 75 = one CLIP "
+                             f"window, the default), got {self.max_token_length!r}")
+        if self.max_token_length != 75 and str(self.model) in ("toy", "toy-image"):
+            raise ValueError(f"--max-token-length {self.max_token_length} is for Stable Diffusion models (CLIP text encoders); "
+                             "the toy's text encoder reads at most 14 words: leave it out")
+
+
+def _optimizer_args(options: TrainOptions) -> tuple[tuple[str, object], ...]:
+    """``options.optimizer_args`` (``KEY=VALUE`` strings; the field is made a tuple) parsed and checked
+    against the optimiser (:func:`~sdadapt.training.optimizer_args.check_optimizer_args`), as
+    ``((key, value), ...)``. A ``weight_decay`` there and a ``--weight-decay`` other than the default
+    that disagrees is refused (which would win is not obvious; kohya has only the former)."""
+    from ..methods.fit import _OPTIMIZER_ALIASES
+    from ..training.optimizer_args import check_optimizer_args, parse_optimizer_args
+
+    items = options.optimizer_args or ()
+    items = tuple(items.split()) if isinstance(items, str) else tuple(str(item) for item in items)
+    object.__setattr__(options, "optimizer_args", items)
+    pairs = check_optimizer_args(_OPTIMIZER_ALIASES[options.optimizer.lower()],
+                                 parse_optimizer_args(items, where="--optimizer-args"), where="--optimizer-args")
+    decay = dict(pairs).get("weight_decay")
+    default = next(f.default for f in dataclasses.fields(TrainOptions) if f.name == "weight_decay")
+    if decay is not None and options.weight_decay != default and float(decay) != options.weight_decay:  # type: ignore[arg-type]
+        raise ValueError(f"--weight-decay {options.weight_decay} and --optimizer-args weight_decay={decay} disagree: "
+                         "give the weight decay once (the optimizer_args one is kohya's)")
+    return pairs
 
 
 _LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+#: the methods whose adapters --scale-weight-norms shrinks (sdadapt.training.max_norm.MAX_NORM_FAMILIES)
+_MAX_NORM_METHODS = ("lora", "locon", "loha", "lokr")
 _HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
@@ -368,15 +460,46 @@ def _inactive_option_notes(options: TrainOptions) -> list[str]:
                      f"{options.lr_scheduler} (only cosine_with_restarts has cycles)")
     if options.loss_type in ("l2", "l1"):
         unused = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
-            ("huber_c", options.huber_c, 0.1), ("huber_schedule", options.huber_schedule, "snr")) if value != default]
+            ("huber_c", options.huber_c, 0.1), ("huber_schedule", options.huber_schedule, "snr"),
+            ("huber_scale", options.huber_scale, 1.0)) if value != default]
         if unused:
             notes.append(f"{', '.join(unused)}: not used by --loss-type {options.loss_type} (only huber and smooth_l1)")
+    if options.loss_type in ("huber", "smooth_l1") and options.huber_schedule == "snr" and options.huber_scale != 1.0:
+        notes.append(f"--huber-scale {options.huber_scale}: not used by --huber-schedule snr (kohya scales only the "
+                     "constant and exponential schedules)")
+    if not options.noise_offset:
+        unused = [flag for flag, value in (("--noise-offset-random-strength", options.noise_offset_random_strength),
+                                           ("--adaptive-noise-scale 0", options.adaptive_noise_scale is not None)) if value]
+        if unused:
+            notes.append(f"{', '.join(unused)}: not used without --noise-offset")
     if options.multires_noise_discount != 0.3 and not options.multires_noise_iterations:
         notes.append(f"--multires-noise-discount {options.multires_noise_discount}: not used without "
                      "--multires-noise-iterations")
     if options.dynamo_backend != "inductor" and not options.torch_compile:
         notes.append(f"--dynamo-backend {options.dynamo_backend}: not used without --torch-compile")
+    if options.method_options.get("dim_from_weights"):  # kohya configs carry network_dim whatever the mode
+        unused = [flag for name, flag in (("rank", "--network-dim"), ("alpha", "--network-alpha"), ("conv_rank", "--conv-dim"),
+                                          ("conv_alpha", "--conv-alpha"), ("targets", "--network-targets"))
+                  if name in options.method_options]
+        if unused:
+            notes.append(f"{', '.join(unused)}: not used with --dim-from-weights (the modules, ranks and alphas come from "
+                         "--network-weights FILE)")
     return notes
+
+
+def _check_zero_terminal_snr(options: TrainOptions, prediction_type: str, notes: list[str]) -> None:
+    """Refuse what cannot train on the rescaled schedule (:func:`~sdadapt.methods.fit.zero_terminal_snr_clashes`);
+    note kohya's warning that an ε-prediction model is not what zero terminal SNR is for."""
+    from ..methods.fit import zero_terminal_snr_clashes
+
+    clashes = zero_terminal_snr_clashes(StepConfig(prediction_type=prediction_type,
+                                                   debiased_estimation=options.debiased_estimation_loss))
+    if clashes:
+        raise ValueError(f"--zero-terminal-snr ({options.model} predicts {prediction_type}) cannot train " + "; ".join(clashes))
+    if prediction_type == "epsilon":
+        notes.append(f"--zero-terminal-snr on an epsilon-prediction model ({options.model}): at the last timestep the "
+                     "input is pure noise and says nothing about the image; zero terminal SNR is meant for v-prediction "
+                     "(--v-parameterization; kohya warns the same)")
 
 
 @dataclass
@@ -571,8 +694,10 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         KeyboardInterrupt: after saving the weights and the state so far (``--resume`` continues).
     """
     from ..methods.fit import NonFiniteLossError
+    from ..methods.lora_blocks import check_block_args
     from ..sampling import parse_sample_prompts
     from ..training.data import CaptionOptions, Dataset, encode_buckets, find_images, plan_dataset
+    from ..training.pixel_augment import PixelAugment
     from ..training.monitor import RunLog, tensorboard_available
 
     if options is None:
@@ -591,6 +716,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                          f"{', '.join(o.option_strings[0] for o in spec.options) or 'none'})")
     if getattr(spec, "trigger", False) and not options.method_options.get("token"):
         raise ValueError(f"{method} learns a trigger word: pass --token WORD, the word the captions use (e.g. '<sks>')")
+    check_block_args(options.method_options)  # kohya's block-wise network_args, before the model loads
     _check_dtype(spec, options.dtype)
     outputs = _outputs(spec, options)
     samples = parse_sample_prompts(options.sample_prompts) if options.sample_prompts is not None else []
@@ -602,6 +728,14 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         resume_record = _check_resume(Path(options.resume), method, options)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
+    if options.scale_weight_norms is not None and method not in _MAX_NORM_METHODS:
+        raise ValueError(f"--scale-weight-norms {options.scale_weight_norms} shrinks LoRA-family adapters "
+                         f"({', '.join(_MAX_NORM_METHODS)}), not {method}"
+                         + (" (DoRA renormalises W + ΔW to its magnitude: shrinking ΔW does not bound the change)"
+                            if method == "dora" else ""))
+    weights_file = options.method_options.get("network_weights")
+    if weights_file is not None and not Path(weights_file).exists():  # (a peft adapter is a folder)
+        raise FileNotFoundError(f"--network-weights {weights_file}: no such file (give the LoRA/LyCORIS file to start from)")
     device = resolve_device(options.device)
     start_time = time.perf_counter()
     trigger = options.method_options.get("token") if getattr(spec, "trigger", False) else None
@@ -616,12 +750,22 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     else:
         templates = ()
     notes.extend(_inactive_option_notes(options))
+    reg = None  # --reg-data-dir: the user's class images, read and balanced before the model loads
+    if options.reg_data_dir is not None:
+        from ..training.reg_data import find_reg_images
+
+        reg = find_reg_images(options.reg_data_dir, train_samples=sum(r.repeats for r in records),
+                              default_caption=options.class_prompt, caption_extension=options.caption_extension)
+        notes.extend(reg.notes)
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
-                         prediction_type=options.prediction_type, clip_skip=options.clip_skip)
+                         prediction_type=options.prediction_type, clip_skip=options.clip_skip,
+                         max_token_length=options.max_token_length)
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")
+    if options.zero_terminal_snr:  # what the model predicts is known now: before the latents are cached
+        _check_zero_terminal_snr(options, getattr(system, "prediction_type", "epsilon"), notes)
     native = int(system.image_size)
     height, width = options.resolution or (native, native)
     multiple = int(getattr(system, "size_multiple", 4))
@@ -638,7 +782,15 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     captions = CaptionOptions(shuffle=options.shuffle_caption, keep_tokens=options.keep_tokens,
                               dropout=options.caption_dropout_rate, tag_dropout=options.caption_tag_dropout_rate,
                               templates=templates)
-    dataset = Dataset(records, captions=captions, notes=notes)
+    augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug)
+    dataset = Dataset(records, captions=captions, notes=notes, flip=options.flip_aug, augment=augment)
+    reg_dataset = None
+    if reg is not None:  # bucketed, captioned and flipped as the training images (kohya: one dataset of both)
+        plan_dataset(reg.records, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
+                     min_size=options.min_bucket_reso, max_size=options.max_bucket_reso,
+                     no_upscale=options.bucket_no_upscale)
+        reg_dataset = Dataset(reg.records, captions=dataclasses.replace(captions, templates=()), flip=options.flip_aug,
+                              augment=augment)
     from ..sampling import unknown_words
 
     unknown_caption_words = sorted({w for c in [*(r.caption for r in records), *templates] for w in unknown_words(system, c)}
@@ -685,6 +837,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     config = FitConfig(
         steps=total, batch_size=options.batch_size, learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate,
         warmup_steps=warmup_steps, schedule=options.lr_scheduler, seed=options.seed, optimizer=options.optimizer,
+        optimizer_args=_optimizer_args(options), scale_weight_norms=options.scale_weight_norms,
         weight_decay=options.weight_decay, text_encoder_lr=options.text_encoder_lr, num_cycles=options.lr_scheduler_num_cycles,
         ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan, text_encoder_steps=options.text_encoder_steps,
         ema_into_weights=options.ema_save == "weights",
@@ -692,8 +845,12 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         gradient_checkpointing_fraction=1.0 if options.gradient_checkpointing_fraction is None else options.gradient_checkpointing_fraction,
         fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
         cuda_graph=options.cuda_graph, compile_backend=options.dynamo_backend if options.torch_compile else None,
+        zero_terminal_snr=options.zero_terminal_snr,
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
+                        noise_offset_random_strength=options.noise_offset_random_strength,
+                        adaptive_noise_scale=options.adaptive_noise_scale,
                         loss=options.loss_type, huber_c=options.huber_c, huber_schedule=options.huber_schedule,
+                        huber_scale=options.huber_scale,
                         debiased_estimation=options.debiased_estimation_loss,
                         pyramid_noise_iterations=options.multires_noise_iterations,
                         pyramid_noise_discount=options.multires_noise_discount,
@@ -707,12 +864,35 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
 
     # ------------------------------------------------------------------ the expensive part
     encode_buckets(dataset, system.encode_images,
-                   progress=bars("caching latents", "image") if bars is not None else None)
-    count = options.class_images if options.class_images is not None else 2 * len(records)
-    prior_data = prior_images(system, spec, class_prompt=options.class_prompt, enabled=options.prior, seed=options.seed,
-                              weight=options.prior_weight, count=count, size=(height, width),
-                              progress=bars("class images", "image") if bars is not None else None)
+                   progress=bars("caching latents", "image") if bars is not None and not augment.active else None)
+    if augment.active:
+        say(f"{' and '.join(f for f, on in (('--random-crop', options.random_crop), ('--color-aug', options.color_aug)) if on)}: "
+            "the pixels change at every use, so nothing is cached: each batch's images are read, augmented and "
+            "encoded by the VAE before its step")
+    elif options.flip_aug:
+        cached = dataset.latent_bytes()
+        say(f"--flip-aug: the mirrored images' latents are cached too: {cached / 2**20:.1f} MiB of latents in memory "
+            f"({cached / 2 / 2**20:.1f} MiB without flips)")
+    prior_data: tuple | None
+    if reg is not None and reg_dataset is not None:
+        encode_buckets(reg_dataset, system.encode_images,
+                       progress=bars("caching class latents", "image") if bars is not None and not augment.active else None)
+        say(f"--reg-data-dir {options.reg_data_dir}: {len(reg.records)} class image(s), {reg_dataset.samples_per_epoch} "
+            f"per epoch (kohya's balancing against {dataset.samples_per_epoch} training samples); "
+            + reg_dataset.report()[-1])
+        prior_data = (reg_dataset, options.prior_weight)
+        prior_count = reg.samples
+    else:
+        count = options.class_images if options.class_images is not None else 2 * len(records)
+        prior_data = prior_images(system, spec, class_prompt=options.class_prompt, enabled=options.prior, seed=options.seed,
+                                  weight=options.prior_weight, count=count, size=(height, width),
+                                  progress=bars("class images", "image") if bars is not None else None)
+        prior_count = 0 if prior_data is None else len(prior_data[1])
     adaptation = spec.adapt(system, seed=options.seed, **options.method_options)
+    for note in getattr(adaptation, "notes", ()):  # --network-weights: what the file gave
+        say(note)
+    if weights_file is not None and options.resume is not None:
+        say(f"--resume {options.resume}: the saved state's weights replace --network-weights {weights_file}'s")
     if options.full_bf16:
         adaptation.cast(torch.bfloat16)  # type: ignore[attr-defined]
     # the method's default stop (DreamBooth's text encoder), recorded in the metadata
@@ -725,7 +905,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     def metadata(step: int, epoch: int) -> dict[str, str]:
         return _training_metadata(spec, options, config, dataset, system, outputs.final, hashes, steps=step, epoch=epoch,
                                   epochs=epochs, per_epoch=per_epoch, height=height, width=width, started=started_at,
-                                  prior=0 if prior_data is None else len(prior_data[1]), buckets=step_size)
+                                  prior=prior_count, buckets=step_size,
+                                  reg_dirs=reg.dirs if reg is not None else None)
 
     def write_samples(step: int) -> None:
         from ..images import write_png
@@ -813,7 +994,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         worst_layer, worst_error = report.worst_layer()  # type: ignore[misc]  # extract_lora writes at least one layer
         lora = {"file": str(lora_file), "rank": options.extract_lora, "layers": len(report.layers),
                 "max_relative_error": worst_error, "worst_layer": worst_layer}
-    return {"method": method, "images": len(records), "prior_images": 0 if prior_data is None else len(prior_data[1]),
+    return {"method": method, "images": len(records), "prior_images": prior_count,
             "losses": losses, "seconds": time.perf_counter() - start_time, "file": str(file), "steps": total,
             "epochs": epochs, "report": dataset.report(), "saved": saved, "samples": sample_written,
             "log": str(outputs.log), "tensorboard": str(outputs.tensorboard) if tensorboard else None,
@@ -840,9 +1021,18 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
     record = {"format": "sdadapt-train-run/1", "method": method, "model": str(options.model), "step": step,
               "total_steps": total, "batch_size": options.batch_size, "seed": options.seed,
               "images": str(options.images), "method_options": options.method_options,
-              "optimizer": options.optimizer, "gradient_accumulation_steps": options.gradient_accumulation_steps,
-              "captions": _caption_record(options)}
+              "optimizer": options.optimizer, "optimizer_args": _optimizer_args_record(options),
+              "gradient_accumulation_steps": options.gradient_accumulation_steps,
+              "captions": _caption_record(options), "augmentations": _augmentation_record(options),
+              "noise": _noise_record(options),
+              "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir)}
     atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
+
+
+def _optimizer_args_record(options: TrainOptions) -> list[str]:
+    """``--optimizer-args`` as ``KEY=repr(value)`` strings: the optimiser state a resumed run loads was
+    built with them (its hyperparameters come back with it), so resuming with others is refused."""
+    return [f"{key}={value!r}" for key, value in _optimizer_args(options)]
 
 
 def _caption_record(options: TrainOptions) -> dict[str, object]:
@@ -852,6 +1042,22 @@ def _caption_record(options: TrainOptions) -> dict[str, object]:
             "caption_dropout_rate": options.caption_dropout_rate,
             "caption_tag_dropout_rate": options.caption_tag_dropout_rate,
             "caption_template": options.caption_template, "templates": options.templates}
+
+
+def _augmentation_record(options: TrainOptions) -> dict[str, object]:
+    """The image augmentations that decide which latents each step trains on (a resumed run continues their draws)."""
+    return {"flip_aug": options.flip_aug, "random_crop": options.random_crop, "color_aug": options.color_aug}
+
+
+#: what a record written before these options existed trained with
+_NOISE_RECORD_DEFAULTS = {"noise_offset_random_strength": False, "zero_terminal_snr": False}
+
+
+def _noise_record(options: TrainOptions) -> dict[str, object]:
+    """The noise options that change a resumed run's draws (the random offset strength is one more
+    draw per batch) or the schedule its steps train on (zero terminal SNR)."""
+    return {"noise_offset_random_strength": options.noise_offset_random_strength,
+            "zero_terminal_snr": options.zero_terminal_snr}
 
 
 def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
@@ -870,6 +1076,10 @@ def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
         ("method", method), ("model", str(options.model)), ("optimizer", options.optimizer),
         ("batch_size", options.batch_size), ("seed", options.seed),
         ("gradient_accumulation_steps", options.gradient_accumulation_steps)) if record.get(name) != value]
+    saved_args = record.get("optimizer_args", [])  # absent in records written before it was recorded: none were given
+    if saved_args != _optimizer_args_record(options):
+        mismatches.append(f"optimizer_args {saved_args} (now {_optimizer_args_record(options)}; the saved optimiser "
+                          "state carries its hyperparameters)")
     if record.get("method_options", {}) != options.method_options:
         mismatches.append(f"method options {record.get('method_options')} (now {options.method_options})")
     saved_captions = record.get("captions")  # absent in records written before it was recorded: not checked
@@ -880,6 +1090,23 @@ def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
         now = _caption_record(options)
         mismatches += [f"{name} {saved_captions.get(name)!r} (now {value!r})" for name, value in now.items()
                        if saved_captions.get(name) != value]
+    saved_augmentations = record.get("augmentations", {"flip_aug": False})  # older records: trained without flips
+    if not isinstance(saved_augmentations, dict):
+        raise ValueError(f"--resume {folder}: run.json's augmentations entry is not a table "
+                         f"({type(saved_augmentations).__name__}); the file was edited or damaged — resume from an intact "
+                         "state folder")
+    mismatches += [f"{name} {saved_augmentations.get(name, False)!r} (now {value!r})"
+                   for name, value in _augmentation_record(options).items() if saved_augmentations.get(name, False) != value]
+    saved_noise = record.get("noise", _NOISE_RECORD_DEFAULTS)
+    if not isinstance(saved_noise, dict):
+        raise ValueError(f"--resume {folder}: run.json's noise entry is not a table ({type(saved_noise).__name__}); the "
+                         "file was edited or damaged — resume from an intact state folder")
+    mismatches += [f"{name} {saved_noise.get(name, _NOISE_RECORD_DEFAULTS[name])!r} (now {value!r})"
+                   for name, value in _noise_record(options).items()
+                   if saved_noise.get(name, _NOISE_RECORD_DEFAULTS[name]) != value]
+    reg_now = None if options.reg_data_dir is None else str(options.reg_data_dir)
+    if "reg_data_dir" in record and record["reg_data_dir"] != reg_now:  # (older records: not checked)
+        mismatches.append(f"reg_data_dir {record['reg_data_dir']!r} (now {reg_now!r})")
     if mismatches:
         raise ValueError(f"--resume {folder}: the saved run differs: {'; '.join(mismatches)}; resume with the same settings")
     return record
@@ -887,7 +1114,7 @@ def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
 
 def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, system, final: Path, hashes: _Hashes, *,
                        steps: int, epoch: int, epochs: int, per_epoch: int, height: int, width: int, started: float,
-                       prior: int, buckets: int) -> dict[str, str]:
+                       prior: int, buckets: int, reg_dirs: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
     """kohya's ``ss_*`` training metadata (what A1111's and kohya's metadata viewers show)."""
     base = hashes.get()
     model_file = _model_file(options.model)
@@ -911,12 +1138,14 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_gradient_accumulation_steps": str(config.step.accumulation_steps),
         "ss_lr_warmup_steps": str(config.warmup_steps),
         "ss_lr_scheduler": config.schedule,
-        "ss_optimizer": config.optimizer,
+        "ss_optimizer": config.optimizer + (f"({format_optimizer_args(config.optimizer_args)})" if config.optimizer_args else ""),
+        "ss_scale_weight_norms": str(options.scale_weight_norms),
         "ss_mixed_precision": options.mixed_precision,
         "ss_full_fp16": "False",
         "ss_full_bf16": str(options.full_bf16),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_clip_skip": str(options.clip_skip),
+        "ss_max_token_length": str(None if options.max_token_length == 75 else options.max_token_length),
         "ss_resolution": f"({width}, {height})",
         "ss_enable_bucket": str(options.enable_bucket),
         "ss_min_bucket_reso": str(min(min(r.bucket) for r in dataset.records)),
@@ -925,24 +1154,30 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_bucket_no_upscale": str(options.bucket_no_upscale),
         "ss_bucket_info": json.dumps(dataset.bucket_info()),
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
+        "ss_reg_dataset_dirs": json.dumps(reg_dirs or {}),
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_caption_dropout_rate": str(options.caption_dropout_rate),
         "ss_caption_tag_dropout_rate": str(options.caption_tag_dropout_rate),
         "ss_caption_dropout_every_n_epochs": "0",
         "ss_shuffle_caption": str(options.shuffle_caption),
         "ss_keep_tokens": str(options.keep_tokens),
-        "ss_flip_aug": "False",
-        "ss_color_aug": "False",
-        "ss_random_crop": "False",
-        "ss_cache_latents": "True",
+        "ss_flip_aug": str(options.flip_aug),
+        "ss_color_aug": str(options.color_aug),
+        "ss_random_crop": str(options.random_crop),
+        "ss_cache_latents": str(not (options.random_crop or options.color_aug)),
         "ss_seed": str(options.seed),
+        "ss_network_dropout": str(options.method_options.get("dropout")),  # kohya's --network_dropout (None: off)
         "ss_noise_offset": str(options.noise_offset),
+        "ss_noise_offset_random_strength": str(options.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": str(options.adaptive_noise_scale),
+        "ss_zero_terminal_snr": str(options.zero_terminal_snr),
         "ss_min_snr_gamma": str(options.min_snr_gamma or None),
         "ss_max_grad_norm": str(options.max_grad_norm),
         "ss_prior_loss_weight": str(options.prior_weight),
         "ss_loss_type": options.loss_type,
         "ss_huber_schedule": options.huber_schedule,
         "ss_huber_c": str(options.huber_c),
+        "ss_huber_scale": str(options.huber_scale),
         "ss_debiased_estimation": str(options.debiased_estimation_loss),
         "ss_multires_noise_iterations": str(options.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(options.multires_noise_discount),

@@ -117,6 +117,36 @@ LORA_OPTIONS = (
                  "--text-encoder-steps; full: off by default)", ("--text-encoder",)),
     MethodOption("targets", str, "UNet layers: kohya (transformer blocks, the default), attention (q/k/v/out only), "
                  "locon (every block layer incl. ResNets)", ("--network-targets",), "PRESET"),
+    # kohya's block-wise network_args (sdadapt.methods.lora_blocks) and LyCORIS-style config args
+    MethodOption("down_lr_weight", str, "kohya block lr weights of the 12 down blocks (SDXL: 9 input blocks): a comma "
+                 "list or a preset cosine, sine, linear, reverse_linear, zeros with optional +N", (), "W,W,...|PRESET"),
+    MethodOption("mid_lr_weight", str, "kohya block lr weight of the mid block (SDXL: 3 middle blocks), comma list",
+                 (), "W[,W,W]"),
+    MethodOption("up_lr_weight", str, "kohya block lr weights of the 12 up blocks (SDXL: 9 output blocks), as "
+                 "--down-lr-weight", (), "W,W,...|PRESET"),
+    MethodOption("block_lr_zero_threshold", float, "block lr weights not above this become 0: those blocks get no "
+                 "modules (kohya's; default 0)", (), "X"),
+    MethodOption("block_dims", str, "kohya ranks per block: 25 comma-separated ints (12 down, 1 mid, 12 up; SDXL 23); "
+                 "0 = no modules in that block", (), "R,R,..."),
+    MethodOption("block_alphas", str, "kohya alphas per block (25, SDXL 23; default: --network-alpha, else each "
+                 "block's rank)", (), "A,A,..."),
+    MethodOption("conv_block_dims", str, "kohya ranks of the 3x3 convolutions per block (25, SDXL 23; adds the "
+                 "convolutions)", (), "R,R,..."),
+    MethodOption("conv_block_alphas", str, "kohya alphas of the 3x3 convolutions per block (default: --conv-alpha, "
+                 "else each block's conv rank)", (), "A,A,..."),
+    MethodOption("dropout", float, "neuron dropout of the adapters' hidden units (kohya --network_dropout, LyCORIS "
+                 "dropout; default 0)", ("--network-dropout",), "P"),
+    MethodOption("rank_dropout", float, "drop each rank of the adapters with probability P per step (kohya/LyCORIS "
+                 "rank_dropout)", (), "P"),
+    MethodOption("module_dropout", float, "skip each adapter module with probability P per step (kohya/LyCORIS "
+                 "module_dropout)", (), "P"),
+    MethodOption("use_tucker", bool, "Tucker core for the 3x3 convolutions (LyCORIS use_tucker / use_cp)", ()),
+    # kohya's --network_weights / --dim_from_weights (sdadapt.methods.network_weights)
+    MethodOption("network_weights", str, "start the adapters from this LoRA/LyCORIS file (kohya --network_weights): "
+                 "its family, ranks and alphas must be the options' (else --dim-from-weights)", ("--network-weights",),
+                 "FILE"),
+    MethodOption("dim_from_weights", bool, "with --network-weights: take the modules, family, ranks and alphas from "
+                 "the file instead of --network-dim etc. (kohya --dim_from_weights)", ("--dim-from-weights",)),
 )
 
 

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..training.diffusion import zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
 from ..training.optim import lr_at
 from ..training.step import (
@@ -51,7 +52,7 @@ from ..training.step import (
 from .system import System
 
 __all__ = ["Adaptation", "FitConfig", "FitProgress", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES", "cuda_graph_clashes",
-           "fit", "make_optimizer"]
+           "fit", "make_optimizer", "zero_terminal_snr_clashes"]
 
 #: optimiser names (kohya's spellings are accepted case-insensitively by :func:`make_optimizer`)
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor")
@@ -162,6 +163,21 @@ class FitConfig:
             bucket compiles once more (then dynamic). Every adapter family traces in one graph
             (``tests/test_compile_graphs.py``). Attention is measured (``measure_attention``) on the
             eager model, before compiling.
+        zero_terminal_snr: train on the system's schedule rescaled to zero terminal SNR
+            (:func:`~sdadapt.training.diffusion.zero_terminal_snr_alphas_cumprod`, kohya's
+            ``--zero_terminal_snr``): the noising, the v target, the SNR loss weights and Huber's
+            ``snr`` schedule use the rescaled ᾱ (ᾱ_T = 0, the last step's input pure noise); the
+            system's own ``alphas_cumprod`` (samples, class images) stays as it was, as kohya's.
+        optimizer_args: extra constructor arguments of the optimiser (kohya's ``--optimizer_args``):
+            a mapping or ``((key, value), ...)``, kept as the latter (hashable); the keys each
+            optimiser takes are :data:`~sdadapt.training.optimizer_args.OPTIMIZER_ARG_KEYS` (e.g.
+            ``betas``, ``eps``, ``weight_decay``), checked when the config is made. A
+            ``weight_decay`` here wins over the ``weight_decay`` field (kohya has only this one).
+        scale_weight_norms: after each optimiser step, shrink every LoRA-family adapter whose
+            ‖ΔW‖_F (alpha / rank included) exceeds this onto that norm
+            (:func:`~sdadapt.training.max_norm.scale_weight_norms_`, kohya's ``--scale_weight_norms``;
+            lora / LoCon / LoHa / LoKr, refused for DoRA and others); on the device, inside a
+            captured CUDA-graph step too. :attr:`FitProgress.max_norm` has kohya's statistics.
     """
 
     steps: int = 300
@@ -185,6 +201,9 @@ class FitConfig:
     measure_attention: bool = False
     cuda_graph: bool = False
     compile_backend: str | None = None
+    zero_terminal_snr: bool = False
+    optimizer_args: Any = ()
+    scale_weight_norms: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -203,6 +222,14 @@ class FitConfig:
             raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999; got {self.ema_decay}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        from ..training.optimizer_args import check_optimizer_args
+
+        object.__setattr__(self, "optimizer_args", check_optimizer_args(
+            _OPTIMIZER_ALIASES[self.optimizer.lower()], self.optimizer_args or ()))
+        if self.scale_weight_norms is not None and (isinstance(self.scale_weight_norms, bool)
+                                                    or not 0 < self.scale_weight_norms < math.inf):
+            raise ValueError(f"scale_weight_norms must be a number > 0 (the largest ‖ΔW‖ of an adapted layer, e.g. 1.0) "
+                             f"or None, got {self.scale_weight_norms!r}")
         if self.text_encoder_steps is not None and (isinstance(self.text_encoder_steps, bool) or self.text_encoder_steps < 0):
             raise ValueError(f"text_encoder_steps must be a step count >= 0 (or None: train the text encoder every step), "
                              f"got {self.text_encoder_steps!r}")
@@ -241,6 +268,20 @@ class FitConfig:
             schedule = "warmup"
         return lr_at(step, base_lr=base, schedule=schedule, warmup_steps=self.warmup_steps,  # type: ignore[arg-type]
                      total_steps=self.steps, num_cycles=self.num_cycles)
+
+
+def zero_terminal_snr_clashes(step: StepConfig) -> list[str]:
+    """What in ``step`` cannot train on a zero-terminal-SNR schedule (empty: nothing).
+
+    Under the rescaled schedule the SNR falls to 0 at the last timestep (about 2e-7 one step before,
+    on SD's schedule), so debiased estimation's ε-loss weight ``1/√SNR`` has no bound (≈ 2250 at
+    t = 998, infinite at 999). kohya trains it only because its weights read the SNR of the schedule
+    *before* the rescale; v-prediction's weight ``1/(SNR + 1)`` stays in (0, 1]. Min-SNR takes its
+    limits (ε: 1, v and x0: 0) and Huber's ``snr`` schedule gives ``c`` there, so both train."""
+    if step.debiased_estimation and step.prediction_type == "epsilon":
+        return [("debiased estimation with epsilon prediction (its weight 1/sqrt(SNR) is unbounded as the SNR reaches 0; "
+                 "use a v-prediction model, which zero terminal SNR needs anyway, or leave out --debiased-estimation-loss)")]
+    return []
 
 
 def cuda_graph_clashes(*, fused_backward: bool, accumulation_steps: int, mixed_precision: str | None, optimizer: str,
@@ -282,8 +323,15 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     takes its multi-tensor step (``foreach=True``: the same result, far fewer kernel launches) on
     an accelerator, as torch's optimisers do, and its per-parameter step on CPU, where a launch
     costs nothing and the batched passes' buffers (~0.55–0.7 GB per 2²⁴-element chunk; a larger
-    tensor is cut into chunk-sized pieces) would only add memory."""
+    tensor is cut into chunk-sized pieces) would only add memory.
+
+    ``config.optimizer_args`` go to the constructor as they are (their ``weight_decay`` replaces
+    ``config.weight_decay``); Adafactor with ``relative_step=True`` gets ``lr=None`` (its step size
+    is then its own, the LR and schedule unused, as in kohya)."""
+    from ..training.optimizer_args import optimizer_kwargs
+
     name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
+    options = {"weight_decay": config.weight_decay, **optimizer_kwargs(config.optimizer_args)}
     bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
     foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])
     # config.cuda_graph on CUDA: capturable, each group's lr a 0-dim tensor on its parameters' device
@@ -294,17 +342,15 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
                                                device=group["params"][0].device)} for group in groups]
     extra: dict[str, Any] = {"capturable": True} if capturable else {}
     if name == "adamw" and not bf16:
-        return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, **extra)
+        return torch.optim.AdamW(groups, lr=config.learning_rate, **options, **extra)
     from ..training.optim import Adafactor, AdamW
 
     if name == "adamw":
-        return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=torch.float32,
-                     foreach=foreach, **extra)
+        return AdamW(groups, lr=config.learning_rate, state_dtype=torch.float32, foreach=foreach, **options, **extra)
     if name == "adafactor":
-        return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+        return Adafactor(groups, lr=None if options.get("relative_step") else config.learning_rate, **options)
     state_dtype: Any = "int8" if name == "adamw8bit" else torch.bfloat16
-    return AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, state_dtype=state_dtype, foreach=foreach,
-                 **extra)
+    return AdamW(groups, lr=config.learning_rate, state_dtype=state_dtype, foreach=foreach, **options, **extra)
 
 
 @dataclass
@@ -320,6 +366,10 @@ class FitProgress:
         epochs_done: complete epochs so far (dataset mode, else 0).
         sdpa_backends: the attention-kernel order the step runs under (``StepConfig.sdpa_backends``,
             or the one ``FitConfig.measure_attention`` measured; ``None``: torch's choice).
+        max_norm: with ``FitConfig.scale_weight_norms``, kohya's statistics of this step's max-norm
+            pass: ``{"keys_scaled": adapters shrunk, "average_key_norm": mean ‖ΔW‖ after it,
+            "max_key_norm": largest ‖ΔW‖ after it}`` (read with the loss: no extra host read);
+            ``None`` without it.
     """
 
     step: int
@@ -332,6 +382,7 @@ class FitProgress:
     _save_state: Callable[[Path], None]
     _averaged: Callable[[], contextlib.AbstractContextManager]
     sdpa_backends: tuple[str, ...] | None = None
+    max_norm: dict[str, float] | None = None
 
     def save_state(self, folder: str | os.PathLike) -> None:
         """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``."""
@@ -361,10 +412,17 @@ def _mean_loss(micro_losses: list[Tensor]) -> float:
     """The mean of an optimiser step's micro-batch losses (each 0-dim, on the device) after ONE
     device → host read, summed in order as Python floats (bit for bit what one ``float()`` per
     micro-batch gave). No float64 tensor is made on the device: MPS has none."""
+    return _read_step(micro_losses, {})[0]
+
+
+def _read_step(micro_losses: list[Tensor], stats: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
+    """:func:`_mean_loss` of ``micro_losses`` and the values of ``stats`` (0-dim tensors on the same
+    device, e.g. the max-norm statistics), all read in the one device → host read of the step."""
+    values = torch.stack([*micro_losses, *(v.to(micro_losses[0].dtype) for v in stats.values())]).tolist()
     total = 0.0
-    for value in torch.stack(micro_losses).tolist():
+    for value in values[:len(micro_losses)]:
         total += value
-    return total / len(micro_losses)
+    return total / len(micro_losses), dict(zip(stats, values[len(micro_losses):]))
 
 
 def _condition_batch(system: System, ids: Tensor, sizes: Tensor | None) -> Any:
@@ -380,7 +438,7 @@ def fit(
     captions: list[str] | None = None,
     *,
     config: FitConfig,
-    prior: tuple[Tensor, list[str], float] | None = None,
+    prior: tuple[Tensor, list[str], float] | tuple[Any, float] | None = None,
     callback: Callable[[int, int, float], None] | None = None,
     on_step: Callable[[FitProgress], None] | None = None,
     resume: str | os.PathLike | None = None,
@@ -394,7 +452,10 @@ def fit(
         prior: DreamBooth prior preservation: ``(class_images, class_captions, weight)``. With
             tensors each step adds as many class samples as instance samples, their loss weighted
             by ``weight``; with a dataset the class batch runs as a second forward, loss
-            ``instance + weight · class`` (DreamBooth's formulation).
+            ``instance + weight · class`` (DreamBooth's formulation). Or ``(reg_dataset, weight)``
+            with ``images`` a dataset: a :class:`~sdadapt.training.data.Dataset` of the user's
+            class images (kohya's ``--reg_data_dir``, :mod:`sdadapt.training.reg_data`; latents
+            encoded), drawn bucket by bucket in epochs of its own, one class batch per micro-batch.
         callback: ``callback(step, total, loss)`` after each step (the CLI draws a bar with it).
         on_step: ``on_step(FitProgress)`` after each step (logs, samples, periodic saves).
         resume: a folder :meth:`FitProgress.save_state` wrote: weights, optimiser, RNG and EMA
@@ -407,15 +468,22 @@ def fit(
         NonFiniteLossError: a NaN/inf loss with ``config.stop_on_nonfinite``.
         ValueError: empty data, no trainable parameters, or a state that does not fit.
     """
-    from ..training.data import Dataset
+    from ..training.data import Dataset, epoch_batches, flip_draws, size_conditioning
 
     dataset = images if isinstance(images, Dataset) else None
     if dataset is None:
         if captions is None or images.ndim != 4 or images.shape[0] != len(captions) or len(captions) == 0:
             raise ValueError(f"need N >= 1 images (N, 3, H, W) and N captions; got {tuple(getattr(images, 'shape', ()))} "
                              f"and {0 if captions is None else len(captions)} captions")
-    elif not dataset.latents:
+    elif not dataset.latents and not (dataset.augment.active and dataset.members):
         raise ValueError("the dataset has no latents yet: call sdadapt.training.data.encode_buckets(dataset, system.encode_images)")
+    elif dataset.flip and not dataset.augment.active and set(dataset.latents_flipped) != set(dataset.latents):
+        raise ValueError("dataset.flip is set but the mirrored images' latents are not cached: set it before "
+                         "sdadapt.training.data.encode_buckets(dataset, system.encode_images)")
+    reg = prior[0] if prior is not None and isinstance(prior[0], Dataset) else None  # the user's class images
+    if reg is not None and (dataset is None or not (reg.latents or reg.augment.active) or len(prior) != 2):  # type: ignore[arg-type]
+        raise ValueError("prior=(reg_dataset, weight) needs a dataset as the images and the class images' latents encoded "
+                         "(sdadapt.training.data.encode_buckets(reg_dataset, system.encode_images))")
     params = adaptation.params
     if not params:
         raise ValueError("the adaptation has no trainable parameters")
@@ -426,12 +494,18 @@ def fit(
             latents = system.encode_images(images)
             ids = tokenize(captions)
             device = latents.device
-        if prior is not None:
-            prior_latents, prior_ids = system.encode_images(prior[0].to(device)), tokenize(prior[1])
+        if prior is not None and reg is None:
+            prior_latents, prior_ids = system.encode_images(prior[0].to(device)), tokenize(prior[1])  # type: ignore[union-attr,index]
     step_config = config.step
+    # the schedule the steps train on (the system's own ᾱ keeps serving samples and class images)
+    alphas_cumprod = (zero_terminal_snr_alphas_cumprod(system.alphas_cumprod) if config.zero_terminal_snr
+                      else system.alphas_cumprod)
     prediction_type = getattr(system, "prediction_type", "epsilon")
     if step_config.prediction_type != prediction_type:  # the system's scheduler decides what it predicts
         step_config = dataclasses.replace(step_config, prediction_type=prediction_type)
+    clashes = zero_terminal_snr_clashes(step_config) if config.zero_terminal_snr else []
+    if clashes:
+        raise ValueError("zero_terminal_snr (--zero-terminal-snr) cannot train " + "; ".join(clashes))
     accumulation = step_config.accumulation_steps
 
     # parameter groups: (lr scale, in a text encoder) -> params
@@ -517,30 +591,49 @@ def fit(
         per_epoch = len(epoch_batches_of(dataset, config))
         epoch_cache: dict[int, list] = {}
         prior_sizes = None
-        if prior is not None and getattr(system, "size_conditioning", False):
-            h, w = prior[0].shape[-2:]
-            prior_sizes = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device).expand(len(prior[1]), 6)
+        if prior is not None and reg is None and getattr(system, "size_conditioning", False):
+            h, w = prior[0].shape[-2:]  # type: ignore[union-attr]
+            prior_sizes = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device).expand(len(prior[1]), 6)  # type: ignore[arg-type]
+        # the user's class images (--reg-data-dir): epochs of their own, on their own streams (seed + 1)
+        reg_seed = config.seed + 1
+        reg_per_epoch = len(epoch_batches(reg, config.batch_size, seed=reg_seed, epoch=0)) if reg is not None else 0
+        reg_cache: dict[int, list] = {}
+
+        def dataset_batch(data: Dataset, cache: dict[int, list], micro: int, *, batches: int, seed: int) -> dict[str, Any]:
+            """Batch ``micro`` of ``data`` (its epochs of ``batches`` batches drawn from ``seed``): latents and
+            conditioning, captions (and flips) drawn as a pure function of ``seed`` and ``micro``."""
+            epoch, position = divmod(micro, batches)
+            if epoch not in cache:
+                cache.clear()
+                cache[epoch] = epoch_batches(data, config.batch_size, seed=seed, epoch=epoch)
+            bucket, positions = cache[epoch][position]
+            members = data.members[bucket]
+            records = [data.records[members[p]] for p in positions]
+            rng = random.Random(f"{seed}/captions/{micro}")
+            texts = [data.captions.apply(r.caption, rng) for r in records]
+            # kohya's flip_aug: a seeded coin per image (its own stream; a resumed run draws the same)
+            flips = flip_draws(seed, micro, len(positions)) if data.flip else [False] * len(positions)
+            crops = [r.crop for r in records]
+            if data.augment.active:  # random crop / colour: these pixels, encoded now (nothing cached)
+                pixels, crops = data.pixel_batch(records, flips, random.Random(f"{seed}/pixels/{micro}"))
+                with torch.no_grad():
+                    latents = system.encode_images(copy_to_device(pixels, device)).float()
+            else:  # host-made tensors (the cached latents are on the host) reach the device without a wait
+                latents = copy_to_device(data.batch_latents(bucket, positions, flips), device)
+            sizes = copy_to_device(torch.tensor([size_conditioning(r, flipped=f, crop=c) for r, f, c in zip(records, flips, crops)],
+                                                dtype=torch.float32), device)
+            return {"latents": latents, "cond": _condition_batch(system, tokenize(texts), sizes)}
 
         def draw(micro: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
             """Micro-batch ``micro``: the batch, and with a prior the class batch (a second forward)."""
-            epoch, position = divmod(micro, per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache.clear()
-                epoch_cache[epoch] = list(epoch_batches_of(dataset, config, epoch=epoch))
-            bucket, positions = epoch_cache[epoch][position]
-            members = dataset.members[bucket]
-            records = [dataset.records[members[p]] for p in positions]
-            rng = random.Random(f"{config.seed}/captions/{micro}")
-            texts = [dataset.captions.apply(r.caption, rng) for r in records]
-            # host-made tensors (the cached latents are on the host) reach the device without a wait
-            sizes = copy_to_device(torch.tensor([[*r.size, *r.crop, *r.bucket] for r in records], dtype=torch.float32),
-                                   device)
-            batch = {"latents": copy_to_device(dataset.latents[bucket][positions], device),
-                     "cond": _condition_batch(system, tokenize(texts), sizes)}
+            batch = dataset_batch(dataset, epoch_cache, micro, batches=per_epoch, seed=config.seed)
+            positions = batch["latents"].shape[0]
             prior_batch = None
-            if prior is not None:
+            if reg is not None:
+                prior_batch = dataset_batch(reg, reg_cache, micro, batches=reg_per_epoch, seed=reg_seed)
+            elif prior is not None:
                 pick = random.Random(f"{config.seed}/prior/{micro}")
-                pidx = torch.tensor([pick.randrange(len(prior[1])) for _ in positions])
+                pidx = torch.tensor([pick.randrange(len(prior[1])) for _ in range(positions)])  # type: ignore[arg-type]
                 prior_rows = _index_on(pidx, prior_latents)
                 prior_id_rows = prior_rows if prior_ids.device == prior_latents.device else _index_on(pidx, prior_ids)
                 prior_batch = {"latents": prior_latents[prior_rows],
@@ -572,7 +665,7 @@ def fit(
         p.requires_grad_(False)
     if config.measure_attention:
         step_config = dataclasses.replace(step_config, sdpa_backends=_fastest_attention(
-            model, first_batch(), step_config, system.alphas_cumprod, device))
+            model, first_batch(), step_config, alphas_cumprod, device))
     if config.compile_backend is not None:  # (draw()'s prior loss and the captured step call this one)
         model = torch.compile(model, backend=config.compile_backend)
     # co-trained text encoder: its parameters stop at step text_encoder_steps (kohya's --stop_text_encoder_training)
@@ -581,6 +674,7 @@ def fit(
     if stopping and len(stopping) == len(trained) and text_encoder_steps < config.steps:  # type: ignore[operator]
         raise ValueError(f"text_encoder_steps={text_encoder_steps} would stop every trained parameter (all are in "
                          f"the text encoder) before step {config.steps}; leave it out or train more than the text encoder")
+    after_update = _max_norm_pass(system, trained, config.scale_weight_norms)  # None without scale_weight_norms
     losses: list[float] = []
     checkpointed: dict[nn.Module, bool] = {}  # checkpointed block -> its mode before
     undo: list[Callable[[], None]] = []
@@ -606,8 +700,9 @@ def fit(
                     "module_dropout to 0, or train without one of the two")
 
             captured = CapturedStep(model, params=trained, optimizer=optimizer, config=step_config,
-                                    alphas_cumprod=system.alphas_cumprod, extra_loss=extra_loss,
-                                    strict=trained[0].device.type == "cuda")  # elsewhere: eager steps
+                                    alphas_cumprod=alphas_cumprod, extra_loss=extra_loss,
+                                    strict=trained[0].device.type == "cuda",  # elsewhere: eager steps
+                                    after_update=after_update)
         for step in range(state.step, config.steps):
             for module in checkpointed:  # only the wrappers: what runs inside keeps its mode (an on_step sample may call eval())
                 module.training = True
@@ -627,14 +722,17 @@ def fit(
             micro_losses: list[Tensor] = []
             for micro in range(step * accumulation, (step + 1) * accumulation):
                 batch, prior_batch = draw(micro)
-                class_batch = None if prior_batch is None else (prior_batch, float(prior[2]))  # type: ignore[index]
+                class_batch = None if prior_batch is None else (prior_batch, float(prior[-1]))  # type: ignore[index]
                 if captured is not None:
                     metrics = captured(batch, state=state, prior=class_batch)
                 else:
                     metrics = train_step(model, batch, params=trained, optimizer=stepper, state=state, config=step_config,
-                                         alphas_cumprod=system.alphas_cumprod, extra_loss=extra_loss, prior=class_batch)
+                                         alphas_cumprod=alphas_cumprod, extra_loss=extra_loss, prior=class_batch,
+                                         after_update=after_update)
                 micro_losses.append(metrics["loss"])
-            loss = _mean_loss(micro_losses)  # the one host read per optimiser step (callbacks, NaN check, result)
+            stats = {k: metrics[k] for k in _MAX_NORM_STATS} if after_update is not None else {}
+            # the one host read per optimiser step (callbacks, NaN check, result; the max-norm statistics with it)
+            loss, read = _read_step(micro_losses, stats)
             losses.append(loss)
             if not math.isfinite(loss) and config.stop_on_nonfinite:
                 raise NonFiniteLossError(step + 1, loss)
@@ -646,7 +744,8 @@ def fit(
                 on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(step, config.learning_rate), epoch,
                                     bool(per_epoch) and micro_done % per_epoch < accumulation,
                                     micro_done // per_epoch if per_epoch else 0, save_state, averaged,
-                                    step_config.sdpa_backends))
+                                    step_config.sdpa_backends,
+                                    {**read, "keys_scaled": int(read["keys_scaled"])} if read else None))
         if ema is not None and config.ema_into_weights:
             ema.copy_to(trained)
     finally:
@@ -657,6 +756,35 @@ def fit(
         for remove in reversed(undo):
             remove()
     return losses
+
+
+#: what :func:`~sdadapt.training.max_norm.scale_weight_norms_` reports (``FitProgress.max_norm``)
+_MAX_NORM_STATS = ("keys_scaled", "average_key_norm", "max_key_norm")
+
+
+def _max_norm_pass(system: System, trained: list[nn.Parameter], max_norm: float | None) -> Callable[[], dict[str, Tensor]] | None:
+    """``scale_weight_norms`` as the step's ``after_update``: the max-norm pass over the adapters
+    that own trained parameters (UNet and text encoders), or ``None`` without ``max_norm``.
+
+    Raises:
+        ValueError: no adapter trains, or one is not of the LoRA family (DoRA, full deltas).
+    """
+    if max_norm is None:
+        return None
+    from ..training.max_norm import adapters_in, max_norm_factors, scale_weight_norms_
+
+    roots = [m for m in (getattr(system, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if isinstance(m, nn.Module)]
+    adapters = adapters_in(roots, trained)
+    if not adapters:
+        raise ValueError("scale_weight_norms (--scale-weight-norms) shrinks LoRA-family adapters (lora, locon, loha, lokr); "
+                         "this run trains none")
+    for adapter in adapters:
+        max_norm_factors(adapter)  # refuses DoRA / full deltas before the first step
+
+    def after_update() -> dict[str, Tensor]:
+        return scale_weight_norms_(adapters, max_norm)
+
+    return after_update
 
 
 def _fastest_attention(model: Callable[[Tensor, Tensor, Any], Tensor], batch: dict[str, Any], config: StepConfig,

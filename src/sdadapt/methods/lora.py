@@ -6,15 +6,24 @@ with :func:`sdadapt.save_lora` in kohya format (A1111, ComfyUI, kohya, diffusers
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from ..adapters import DoRAConfig, LoHaConfig, LoKrConfig, LoRAConfig
+from ..errors import InputError
 from ..formats import save_lora
+from ..formats.kohya import kohya_metadata
+from ..formats.layers import canonical_layer_path
+from ..formats.unet_names import attention_up_blocks
 from ..inject import AdapterHandle, inject
-from ..targets import TEXT_ENCODER, UNET_ATTENTION, UNET_KOHYA, UNET_LOCON, Target
+from ..targets import TEXT_ENCODER, UNET_ATTENTION, UNET_KOHYA, UNET_LOCON, Target, select
+from .lora_blocks import BLOCK_ARGS, BlockPlan, block_plan, kohya_block_index
 
 __all__ = ["UNET_PRESETS", "AdapterAdaptation", "prepare_lora", "prepare_locon", "prepare_loha", "prepare_lokr", "prepare_dora"]
 
@@ -26,11 +35,31 @@ _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 class AdapterAdaptation:
-    """Adapters injected into ``system.unet`` (and its text encoder(s)); ``params`` trains them."""
+    """Adapters injected into ``system.unet`` (and its text encoder(s)); ``params`` trains them.
 
-    def __init__(self, system, *, unet_targets: Target, unet_config, text_config=None, name: str = "default") -> None:
+    ``blocks`` (kohya's block-wise ``network_args``, :func:`~sdadapt.methods.lora_blocks.block_plan`)
+    gives each UNet layer its block's rank and alpha (``layer_config(rank, alpha)`` builds the
+    layer's config; rank 0 leaves the layer out) and each UNet adapter parameter its block's
+    learning-rate factor (``lr_scales``, one per entry of ``params``). ``network_args`` are added
+    to the file's ``ss_network_args``.
+    """
+
+    def __init__(self, system, *, unet_targets: Target, unet_config, text_config=None, name: str = "default",
+                 blocks: BlockPlan | None = None, layer_config: Callable[[int, float], object] | None = None,
+                 network_args: Mapping[str, str] | None = None) -> None:
         self.base_model = system.base_model  # file naming and metadata (System protocol)
-        self.handles: dict[str, AdapterHandle] = {"unet": inject(system.unet, unet_targets, unet_config, name=name)}
+        #: what building the adapters did, for the run report (``--network-weights``: modules loaded, missing, left out)
+        self.notes: list[str] = []
+        self.network_args: dict[str, str] = dict(network_args or {})
+        weights: dict[str, float] = {}
+        if blocks is not None:
+            if layer_config is None:
+                raise ValueError("AdapterAdaptation: blocks needs layer_config")
+            unet_targets, configs, weights = _block_layers(system.unet, unet_targets, blocks, layer_config)
+        else:
+            configs = None
+        self.handles: dict[str, AdapterHandle] = {
+            "unet": inject(system.unet, unet_targets, unet_config, name=name, layer_configs=configs)}
         if text_config is not None:
             try:
                 for component in _TEXT_ENCODERS:
@@ -40,16 +69,74 @@ class AdapterAdaptation:
             except Exception:
                 self.remove()
                 raise
-        self.params: list[nn.Parameter] = [p for h in self.handles.values() for p in h.parameters()]
+        self.params: list[nn.Parameter] = []
+        scales: list[float] = []
+        for component, handle in self.handles.items():
+            for layer, adapter in handle.modules.items():
+                for param in adapter.parameters():
+                    self.params.append(param)
+                    scales.append(weights.get(layer, 1.0) if component == "unet" else 1.0)
+        #: the learning-rate factor of each entry of ``params`` (kohya's block lr weights; else all 1)
+        self.lr_scales: list[float] | None = scales if blocks is not None and blocks.lr_weights is not None else None
+
+    @classmethod
+    def from_handles(cls, system, handles: Mapping[str, AdapterHandle]) -> AdapterAdaptation:
+        """The adaptation of adapters already injected into ``system`` (``{component: handle}``, e.g.
+        :func:`~sdadapt.methods.network_weights.adapters_from_weights`); every parameter at lr factor 1."""
+        adaptation = cls.__new__(cls)
+        adaptation.base_model = system.base_model
+        adaptation.network_args = {}
+        adaptation.handles = dict(handles)
+        adaptation.params = [p for handle in adaptation.handles.values() for p in handle.parameters()]
+        adaptation.lr_scales = None
+        adaptation.notes = []
+        return adaptation
 
     def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
-        save_lora(path, {c: h.state_dict() for c, h in self.handles.items()}, format="kohya", base_model=self.base_model,
-                  metadata=dict(metadata or {}))
+        states = {c: h.state_dict() for c, h in self.handles.items()}
+        metadata = dict(metadata or {})
+        if self.network_args and "ss_network_args" not in metadata:
+            args = json.loads(kohya_metadata(states, base_model=self.base_model)["ss_network_args"])
+            metadata["ss_network_args"] = json.dumps({**args, **self.network_args})
+        save_lora(path, states, format="kohya", base_model=self.base_model, metadata=metadata)
         return Path(path)
 
     def remove(self) -> None:
         for handle in self.handles.values():
             handle.remove()
+
+
+def _block_layers(unet: nn.Module, targets: Target, blocks: BlockPlan, layer_config: Callable[[int, float], object]
+                  ) -> tuple[Target, dict[str, object], dict[str, float]]:
+    """kohya's blocks on ``targets``' layers -> (the layers kept, their configs, their lr weights)."""
+    chosen = select(unet, targets)
+    up_attention = None
+    if blocks.sdxl:
+        up_attention = attention_up_blocks(canonical_layer_path("unet", n) for n, _ in chosen) or {0, 1}
+    keep: set[str] = set()
+    configs: dict[str, object] = {}
+    weights: dict[str, float] = {}
+    for layer_name, layer in chosen:
+        block = kohya_block_index(layer_name, sdxl=blocks.sdxl, up_blocks_with_attention=up_attention)
+        if block < 0:
+            raise InputError(f"UNet layer {layer_name!r} is in none of kohya's blocks, so block_dims / block lr weights "
+                             "cannot place it; use --network-targets kohya or locon")
+        kxk = isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) != (1, 1)
+        rank, alpha = blocks.rank_alpha(block, kxk=kxk)
+        if rank == 0:
+            continue  # kohya: a block of rank 0 or lr weight 0 gets no module
+        keep.add(layer_name)
+        configs[layer_name] = layer_config(rank, alpha)
+        weights[layer_name] = blocks.lr_weight(block)
+    if not keep:
+        raise InputError("every UNet block has rank 0 or learning-rate weight 0 (block_dims / down, mid, up_lr_weight): "
+                         "nothing of the UNet would train")
+    return _named(keep), configs, weights
+
+
+def _named(names: set[str]) -> Target:
+    """The layers named exactly in ``names``."""
+    return Target(lambda name, module: name in names, f"{len(names)} named layers")
 
 
 def _targets(preset: str | None, conv_rank: int | None, default: Target) -> Target:
@@ -65,58 +152,164 @@ def _check(rank: int, conv_rank: int | None) -> None:
         raise ValueError(f"network ranks must be >= 1, got rank {rank}" + (f", conv rank {conv_rank}" if conv_rank is not None else ""))
 
 
+#: LyCORIS-style network_args that set a field of the family's config (``use_cp`` = ``use_tucker``, LyCORIS' old name)
+_CONFIG_ARGS = ("dropout", "rank_dropout", "module_dropout", "use_tucker")
+
+
+def _config_extras(make, family: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields ``args`` (dropout, rank_dropout, module_dropout, use_tucker) set; refuses those ``make`` lacks."""
+    extras = {name: value for name, value in args.items() if value is not None}
+    if not extras:
+        return {}
+    config_type = make if isinstance(make, type) else LoRAConfig  # DoRA wraps a LoRAConfig
+    known = {f.name for f in dataclasses.fields(config_type)}
+    missing = sorted(set(extras) - known)
+    if missing:
+        raise InputError(f"{family} has no {', '.join(missing)} (network_args); it takes "
+                         f"{', '.join(n for n in _CONFIG_ARGS if n in known)}")
+    return extras
+
+
+def _network_args(given: Mapping[str, Any]) -> dict[str, str]:
+    """The network_args given, as kohya records them in ``ss_network_args`` (strings; lists comma-joined)."""
+    out: dict[str, str] = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        out[name] = str(value)
+    return out
+
+
+#: the keywords that start the adapters from a file (kohya's --network_weights, --dim_from_weights)
+_WEIGHT_ARGS = ("network_weights", "dim_from_weights")
+
+
+def _from_weights(system, build: Callable[[], AdapterAdaptation], *, text_encoder: bool, network: Mapping[str, Any],
+                  network_weights: str | os.PathLike | None = None, dim_from_weights: bool = False) -> AdapterAdaptation:
+    """The adaptation ``build()`` makes with the file ``network_weights`` loaded into it, or with
+    ``dim_from_weights`` the file's own modules (:mod:`sdadapt.methods.network_weights`); the
+    report's lines are in the adaptation's ``notes``."""
+    from .network_weights import adapters_from_weights, load_network_weights, read_network_weights
+
+    if network_weights is None:
+        if dim_from_weights:
+            raise InputError("--dim-from-weights takes the ranks from --network-weights FILE: give the file too")
+        return build()
+    weights = read_network_weights(network_weights, system=system)
+    if dim_from_weights:
+        given = sorted(n for n, v in network.items() if v is not None)
+        if given:
+            raise InputError(f"{', '.join(given)}: not used with --dim-from-weights (the file decides the modules, "
+                             "ranks and alphas); leave them out, or drop --dim-from-weights")
+        handles, report = adapters_from_weights(system, weights, text_encoder=text_encoder)
+        adaptation = AdapterAdaptation.from_handles(system, handles)
+    else:
+        adaptation = build()
+        try:
+            report = load_network_weights(adaptation.handles, weights, system=system)
+        except BaseException:
+            adaptation.remove()
+            raise
+    adaptation.notes = report.notes()
+    return adaptation
+
+
+def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_alpha, text_encoder: bool, targets,
+                default: Target, network: Mapping[str, Any]) -> AdapterAdaptation:
+    """``make`` (a family's config class) on ``default``'s layers (or ``targets``) + the text encoders.
+
+    ``network`` holds the kohya/LyCORIS network_args keywords (``BLOCK_ARGS`` and dropout & co.);
+    alpha defaults to the rank.
+    """
+    start = {n: network[n] for n in _WEIGHT_ARGS if n in network}  # --network-weights FILE, --dim-from-weights
+    if start:
+        rest = {n: v for n, v in network.items() if n not in _WEIGHT_ARGS}
+        return _from_weights(system, lambda: _adaptation(
+            system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+            text_encoder=text_encoder, targets=targets, default=default, network=rest), text_encoder=text_encoder,
+            network=rest, **start)
+    unknown = sorted(set(network) - set(BLOCK_ARGS) - set(_CONFIG_ARGS))
+    if unknown:
+        raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}")
+    extras = _config_extras(make, family, {n: network.get(n) for n in _CONFIG_ARGS})
+    config = make(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=conv_rank,
+                  conv_alpha=conv_alpha if conv_alpha is not None else conv_rank, **extras)
+    text = make(rank=rank, alpha=alpha if alpha is not None else rank, **extras) if text_encoder else None
+    blocks = block_plan(sdxl=system.base_model == "sdxl", rank=rank, alpha=alpha, conv_rank=conv_rank,
+                        conv_alpha=conv_alpha, **{n: network[n] for n in BLOCK_ARGS if network.get(n) is not None})
+    # kohya adds the convolutions' modules (ResnetBlock2D, down/upsamplers) with conv_dim or conv_block_dims
+    convs = conv_rank is not None or (blocks is not None and blocks.conv_dims is not None and any(blocks.conv_dims))
+    unet_targets = _targets(targets, 1 if convs else None, default)
+
+    def layer_config(layer_rank: int, layer_alpha: float) -> object:
+        return make(rank=layer_rank, alpha=layer_alpha, conv_rank=layer_rank, conv_alpha=layer_alpha, **extras)
+
+    return AdapterAdaptation(system, unet_targets=unet_targets, unet_config=config, text_config=text, blocks=blocks,
+                             layer_config=layer_config, network_args=_network_args(network))
+
+
 def prepare_lora(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
-                 conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None) -> AdapterAdaptation:
+                 conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
+                 **network_args: Any) -> AdapterAdaptation:
     """kohya's default LoRA: transformer-block Linears of the UNet (+ the text encoders').
 
     ``conv_rank`` adds the 3x3 convolutions of the blocks (kohya's ``conv_dim``: LoCon targets);
-    ``targets`` picks a preset of :data:`UNET_PRESETS`.
+    ``targets`` picks a preset of :data:`UNET_PRESETS`. ``network_args``: kohya's block-wise
+    options (:data:`~sdadapt.methods.lora_blocks.BLOCK_ARGS`: ``down_lr_weight="sine"``,
+    ``block_dims="4,4,..."`` ...) and ``dropout``, ``rank_dropout``, ``module_dropout``, ``use_tucker``.
     """
-    return _on_kohya_layers(system, LoRAConfig, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                            text_encoder=text_encoder, targets=targets)
+    _check(rank, conv_rank)
+    return _adaptation(system, LoRAConfig, "lora", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                       text_encoder=text_encoder, targets=targets, default=UNET_KOHYA, network=network_args)
 
 
 def prepare_locon(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
-                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None) -> AdapterAdaptation:
-    """LoCon: LoRA on every Linear and Conv2d of the down/mid/up blocks (ResNets included); convs rank/2 by default."""
+                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
+                  **network_args: Any) -> AdapterAdaptation:
+    """LoCon: LoRA on every Linear and Conv2d of the down/mid/up blocks (ResNets included); convs rank/2 by default.
+
+    ``network_args`` as :func:`prepare_lora`.
+    """
     _check(rank, conv_rank)
     conv = conv_rank if conv_rank is not None else max(1, rank // 2)
-    config = LoRAConfig(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=conv,
-                        conv_alpha=conv_alpha if conv_alpha is not None else conv)
-    text = LoRAConfig(rank=rank, alpha=alpha if alpha is not None else rank) if text_encoder else None
-    return AdapterAdaptation(system, unet_targets=_targets(targets, None, UNET_LOCON), unet_config=config, text_config=text)
+    return _adaptation(system, LoRAConfig, "locon", rank=rank, alpha=alpha, conv_rank=conv, conv_alpha=conv_alpha,
+                       text_encoder=text_encoder, targets=targets, default=UNET_LOCON, network=network_args)
 
 
-def _on_kohya_layers(system, make, *, rank: int, alpha, conv_rank, conv_alpha, text_encoder: bool, targets) -> AdapterAdaptation:
+def _on_kohya_layers(system, make, family: str, *, rank: int, alpha, conv_rank, conv_alpha, text_encoder: bool, targets,
+                     network: Mapping[str, Any]) -> AdapterAdaptation:
     """``make`` (a family's config class) on kohya's layer set (or ``targets``) + the text encoders; alpha defaults to the rank."""
     _check(rank, conv_rank)
-    config = make(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=conv_rank,
-                  conv_alpha=conv_alpha if conv_alpha is not None else conv_rank)
-    text = make(rank=rank, alpha=alpha if alpha is not None else rank) if text_encoder else None
-    return AdapterAdaptation(system, unet_targets=_targets(targets, conv_rank, UNET_KOHYA), unet_config=config, text_config=text)
+    return _adaptation(system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                       text_encoder=text_encoder, targets=targets, default=UNET_KOHYA, network=network)
 
 
 def prepare_loha(system, *, rank: int = 4, alpha: float | None = None, conv_rank: int | None = None,
-                 conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None) -> AdapterAdaptation:
+                 conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
+                 **network_args: Any) -> AdapterAdaptation:
     """LoHa (Hadamard product of two rank-r pairs; ΔW up to rank r²) on kohya's layer set (LyCORIS file)."""
-    return _on_kohya_layers(system, LoHaConfig, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                    text_encoder=text_encoder, targets=targets)
+    return _on_kohya_layers(system, LoHaConfig, "loha", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                            text_encoder=text_encoder, targets=targets, network=network_args)
 
 
 def prepare_lokr(system, *, rank: int = 4, alpha: float | None = None, conv_rank: int | None = None,
-                 conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None) -> AdapterAdaptation:
+                 conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
+                 **network_args: Any) -> AdapterAdaptation:
     """LoKr (Kronecker product, most-square factor) on kohya's layer set (LyCORIS file)."""
-    return _on_kohya_layers(system, LoKrConfig, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                    text_encoder=text_encoder, targets=targets)
+    return _on_kohya_layers(system, LoKrConfig, "lokr", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                            text_encoder=text_encoder, targets=targets, network=network_args)
 
 
 def prepare_dora(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
-                 conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None) -> AdapterAdaptation:
+                 conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
+                 **network_args: Any) -> AdapterAdaptation:
     """DoRA: LoRA r8 direction + a trained per-output-row magnitude (LyCORIS ``dora_scale`` file)."""
     _check(rank, conv_rank)
 
     def make(**options):
         return DoRAConfig(inner=LoRAConfig(**options))
 
-    return _on_kohya_layers(system, make, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                    text_encoder=text_encoder, targets=targets)
+    return _on_kohya_layers(system, make, "dora", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                            text_encoder=text_encoder, targets=targets, network=network_args)

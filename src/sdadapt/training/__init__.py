@@ -5,10 +5,13 @@
 | :mod:`.diffusion` | schedules, noising, ε/v/x0 targets, SNR weights, losses, DDIM/Euler samplers, inversion |
 | :mod:`.step` | the one-screen :func:`train_step`, :class:`StepConfig`, resumable :class:`TrainState`, EMA |
 | :mod:`.optim` | lean optimisers (fp32/bf16/int8 AdamW states, Adafactor), fused backward, LR schedules |
+| :mod:`.optimizer_args` | kohya's ``--optimizer_args KEY=VALUE`` parsed and checked against each optimiser |
+| :mod:`.max_norm` | kohya's max-norm regularisation of LoRA-family adapters (``--scale_weight_norms``) |
 | :mod:`.attention` | which SDPA kernel to use, measured on the model's own attention calls |
 | :mod:`.step_capture` | the whole step as CUDA-graph replays, one graph per batch layout (:class:`CapturedStep`) |
 | :mod:`.distributed` | FSDP2 sharding block by block for data-parallel runs (:func:`~.distributed.fully_shard_blocks`) |
 | :mod:`.latent_cache` | encode latents and text states once into safetensors shards |
+| :mod:`.pixel_augment` | kohya's random crop and colour augmentation, drawn at each use of an image |
 | :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
 | :mod:`.param_groups` | parameter groups, one per block, for an optimiser fused into backward |
 | :mod:`.host_syncs` | host syncs found on any device (:class:`~.host_syncs.HostSyncs`), copies that do not wait |
@@ -21,7 +24,9 @@ from . import (
     grad_checkpointing,
     host_syncs,
     latent_cache,
+    max_norm,
     optim,
+    optimizer_args,
     param_groups,
     step,
     step_capture,
@@ -35,6 +40,8 @@ __all__ = [
     "diffusion",
     "step",
     "optim",
+    "optimizer_args",
+    "max_norm",
     "step_capture",
     "distributed",
     "latent_cache",

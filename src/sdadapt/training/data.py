@@ -21,6 +21,17 @@ smaller than the resolution gets a bucket of its own size (rounded down to ``ste
 enlarged. Without bucketing every image is scaled and centre-cropped to the square resolution.
 Every image's decision is written in its :attr:`ImageRecord.note`. Batches are drawn from one
 bucket at a time; latents are encoded once per bucket (:func:`encode_buckets`).
+
+**Flips** (kohya's ``flip_aug``, :attr:`Dataset.flip`): the mirrored images' latents are cached too
+(twice the latent memory) and each use of an image takes one of the two by a fair coin
+(:func:`flip_draws`, a pure function of the seed and the micro-batch, so a resumed run makes the
+same draws); SDXL's crop conditioning of a mirrored image gives the crop's left edge as seen in the
+mirrored image (:func:`size_conditioning`).
+
+**Pixel augmentations** (kohya's ``random_crop`` and ``color_aug``, :attr:`Dataset.augment`,
+:mod:`sdadapt.training.pixel_augment`): they change the pixels at every use, so nothing is cached;
+each drawn image is read, scaled, augmented (and mirrored by the flip coin) and the batch encoded
+before its step (:meth:`Dataset.pixel_batch`).
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image
+from .pixel_augment import PixelAugment
 
 __all__ = [
     "CaptionOptions",
@@ -49,6 +61,8 @@ __all__ = [
     "plan_dataset",
     "encode_buckets",
     "epoch_batches",
+    "flip_draws",
+    "size_conditioning",
     "image_size",
 ]
 
@@ -313,15 +327,23 @@ def plan_dataset(records: list[ImageRecord], *, resolution: tuple[int, int] | in
     return sorted({r.bucket for r in records})
 
 
-def _load(record: ImageRecord) -> Tensor:
-    """The record's image scaled and cropped to its bucket: (3, bh, bw) in [-1, 1]."""
-    assert record.path is not None
+def _scaled(record: ImageRecord) -> Tensor:
+    """The record's image scaled to cover its bucket, not cropped: (3, rh, rw) in [-1, 1]."""
+    if record.path is None:
+        raise ValueError("this image was given as a tensor and has no file to read: pass the tensors to "
+                         "encode_buckets(images=...), or build the dataset from files with find_images")
     image = read_image(record.path)  # (3, H, W)
     rh, rw = record.resized
     if (rh, rw) != tuple(image.shape[1:]):
         mode = "area" if rh < image.shape[1] else "bilinear"
         image = torch.nn.functional.interpolate(image[None], size=(rh, rw), mode=mode,
                                                 **({} if mode == "area" else {"align_corners": False}))[0]
+    return image
+
+
+def _load(record: ImageRecord) -> Tensor:
+    """The record's image scaled and cropped to its bucket: (3, bh, bw) in [-1, 1]."""
+    image = _scaled(record)
     top, left = record.crop
     bh, bw = record.bucket
     return image[:, top: top + bh, left: left + bw].contiguous()
@@ -337,6 +359,13 @@ class Dataset:
         members: ``{bucket: [record index, ...]}``.
         captions: caption options applied at each draw.
         notes: what was skipped or changed, for the report.
+        flip: kohya's ``flip_aug``: :func:`encode_buckets` also caches the horizontally mirrored
+            images' latents (:attr:`latents_flipped`) and each use of an image takes the mirrored
+            one with probability 1/2 (:func:`flip_draws`).
+        latents_flipped: ``{bucket: (n_b, C, h', w')}``, the mirrored images' latents (with :attr:`flip`).
+        augment: kohya's ``random_crop`` / ``color_aug``; when active nothing is cached
+            (:func:`encode_buckets` only groups the images) and each batch's pixels come from
+            :meth:`pixel_batch`, encoded before the step.
     """
 
     records: list[ImageRecord]
@@ -344,9 +373,38 @@ class Dataset:
     members: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     notes: list[str] = field(default_factory=list)
+    flip: bool = False
+    latents_flipped: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    augment: PixelAugment = field(default_factory=PixelAugment)
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def latent_bytes(self) -> int:
+        """Bytes the cached latents take (both caches with :attr:`flip`)."""
+        return sum(t.numel() * t.element_size() for cache in (self.latents, self.latents_flipped) for t in cache.values())
+
+    def batch_latents(self, bucket: tuple[int, int], positions: list[int], flips: list[bool] | None = None) -> Tensor:
+        """The host latents (B, C, h', w') of ``positions`` in ``bucket``; where ``flips[i]`` is true,
+        the mirrored image's latents (:attr:`latents_flipped`). Without flips: exactly the plain cache's rows."""
+        plain = self.latents[bucket][positions]
+        if not flips or not any(flips):
+            return plain
+        if bucket not in self.latents_flipped:
+            raise ValueError("flipped latents asked for but not cached: set dataset.flip = True before encode_buckets")
+        mask = torch.tensor(flips, dtype=torch.bool).view(-1, *([1] * (plain.ndim - 1)))
+        return torch.where(mask, self.latents_flipped[bucket][positions], plain)
+
+    def pixel_batch(self, records: list[ImageRecord], flips: list[bool], rng: random.Random) -> tuple[Tensor, list[tuple[int, int]]]:
+        """One use of ``records`` (one bucket) with :attr:`augment`: the pixels (B, 3, bh, bw) in [-1, 1],
+        each read, scaled, augmented and mirrored where ``flips[i]``, and each crop's ``(top, left)``
+        in its scaled image; the draws come from ``rng`` in order."""
+        images, crops = [], []
+        for record, flipped in zip(records, flips, strict=True):
+            image, crop = self.augment.apply(_scaled(record), bucket=record.bucket, crop=record.crop, flipped=flipped, rng=rng)
+            images.append(image)
+            crops.append(crop)
+        return torch.stack(images), crops
 
     @property
     def samples_per_epoch(self) -> int:
@@ -404,27 +462,39 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
                    progress: Callable[[int, int, str], None] | None = None) -> None:
     """Fill ``dataset.latents`` / ``members``: each bucket's images encoded ``batch`` at a time (CPU latents).
 
-    ``images`` (N, 3, H, W): encode these tensors (one bucket) instead of reading the files.
-    ``progress(done, total, name)`` after each image.
+    With ``dataset.flip`` also ``dataset.latents_flipped``: the same images mirrored left-right
+    (``torch.flip(pixels, dims=[3])``, as kohya's ``cache_batch_latents`` with ``flip_aug``) encoded
+    in the same batches, after the plain ones. ``images`` (N, 3, H, W): encode these tensors (one
+    bucket) instead of reading the files. ``progress(done, total, name)`` after each image.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for index, record in enumerate(dataset.records):
         groups.setdefault(record.bucket, []).append(index)
     dataset.members = groups
     dataset.latents = {}
+    dataset.latents_flipped = {}
+    if dataset.augment.active:  # the pixels change at every use: encoded batch by batch in training
+        if images is not None or any(r.path is None for r in dataset.records):
+            raise ValueError("random crops and colour changes read the image files at each use; these images were "
+                             "given as tensors (build the dataset with find_images)")
+        return
     done, total = 0, len(dataset.records)
     for bucket, indices in groups.items():
-        chunks = []
+        chunks, mirrored = [], []
         for start in range(0, len(indices), batch):
             part = indices[start: start + batch]
             pixels = images[part] if images is not None else torch.stack([_load(dataset.records[i]) for i in part])
             with torch.no_grad():
                 chunks.append(encode(pixels).detach().float().cpu())
+                if dataset.flip:
+                    mirrored.append(encode(torch.flip(pixels, dims=[3])).detach().float().cpu())
             done += len(part)
             if progress is not None:
                 last = dataset.records[part[-1]]
                 progress(done, total, last.path.name if last.path is not None else "")
         dataset.latents[bucket] = torch.cat(chunks)
+        if dataset.flip:
+            dataset.latents_flipped[bucket] = torch.cat(mirrored)
 
 
 def epoch_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int) -> list[tuple[tuple[int, int], list[int]]]:
@@ -442,6 +512,33 @@ def epoch_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int) -
         batches.extend((bucket, pool[s: s + batch_size]) for s in range(0, len(pool), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def flip_draws(seed: int, micro: int, count: int) -> list[bool]:
+    """Which of micro-batch ``micro``'s ``count`` images train mirrored (kohya's ``flip_aug``: each
+    use of an image flips a fair coin, ``random.random() < 0.5``).
+
+    A pure function of ``(seed, micro)`` on its own stream (``random.Random(f"{seed}/flip/{micro}")``),
+    apart from the caption draws: turning flips on changes no caption, and a resumed run draws the
+    same flips.
+    """
+    rng = random.Random(f"{seed}/flip/{micro}")
+    return [rng.random() < 0.5 for _ in range(count)]
+
+
+def size_conditioning(record: ImageRecord, *, flipped: bool = False,
+                      crop: tuple[int, int] | None = None) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size conditioning of ``record``: ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``.
+
+    ``crop``: the ``(top, left)`` this use took (a random crop), default the record's. ``flipped``:
+    the image trains mirrored, so its crop's left edge is counted from the left of the mirrored
+    scaled image: ``resized_w - bucket_w - crop_left`` (kohya: ``target_w - crop_right`` with its
+    own crop convention).
+    """
+    top, left = record.crop if crop is None else crop
+    if flipped:
+        left = record.resized[1] - record.bucket[1] - left
+    return (*record.size, top, left, *record.bucket)
 
 
 def records_from_tensors(images: Tensor, captions: Iterable[str]) -> list[ImageRecord]:

@@ -21,6 +21,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "noise_schedule",
     "rescale_zero_terminal_snr",
+    "zero_terminal_snr_alphas_cumprod",
     "alphas_cumprod_of",
     "add_noise",
     "target_for",
@@ -32,6 +33,7 @@ __all__ = [
     "debiased_weight",
     "p2_weight",
     "offset_noise",
+    "adaptive_offset_strength",
     "pyramid_noise",
     "perturbed_noise",
     "huber_c_for",
@@ -94,13 +96,29 @@ def noise_schedule(
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Shift and scale ``√ᾱ`` so the last step has SNR 0 and the first is unchanged (T,) -> (T,)."""
-    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    ab = sqrt_ab**2
+    """Shift and scale ``√ᾱ`` so the last step has SNR 0 and the first is unchanged (T,) -> (T,):
+    the betas of :func:`zero_terminal_snr_alphas_cumprod` of these betas' ᾱ (computed in float64,
+    returned in ``betas``' dtype)."""
+    ab = zero_terminal_snr_alphas_cumprod(alphas_cumprod_of(betas.double()))
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
-    return 1 - alphas
+    return (1 - alphas).to(betas.dtype)
+
+
+def zero_terminal_snr_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """ᾱ of the schedule rescaled to zero terminal SNR (Lin et al. 2023, kohya's ``--zero_terminal_snr``)
+    (T,) -> (T,): ``√ᾱ' = (√ᾱ - √ᾱ_T)·√ᾱ_0/(√ᾱ_0 - √ᾱ_T)``, so ``ᾱ'_0 = ᾱ_0`` and ``ᾱ'_T = 0``
+    (SNR 0: the last step's input is pure noise). The same schedule as
+    :func:`rescale_zero_terminal_snr` on the betas; computed in float64 on the host (MPS has no
+    float64), returned in the input's dtype and device. Rescaling a schedule that already ends at 0
+    changes nothing.
+    """
+    sqrt_ab = alphas_cumprod.detach().to("cpu", torch.float64).sqrt()
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    if not first > last:
+        raise ValueError(f"alphas_cumprod must decrease from its first to its last step to be rescaled to zero terminal "
+                         f"SNR; got ᾱ_0 = {float(first) ** 2:.6g}, ᾱ_T = {float(last) ** 2:.6g}")
+    rescaled = (sqrt_ab - last) * first / (first - last)
+    return (rescaled**2).to(alphas_cumprod.dtype).to(alphas_cumprod.device)
 
 
 def alphas_cumprod_of(betas: Tensor) -> Tensor:
@@ -199,11 +217,27 @@ def p2_weight(snr_t: Tensor, *, gamma: float = 1.0, k: float = 1.0) -> Tensor:
 
 
 # ------------------------------------------------------------------------------- noise helpers
-def offset_noise(noise: Tensor, strength: float, *, generator: torch.Generator | None = None) -> Tensor:
-    """``ε + strength·n``, n ~ N(0, 1) of shape (B, C, 1, 1): learns overall brightness (Guttenberg)."""
+def offset_noise(noise: Tensor, strength: float | Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """``ε + strength·n``, n ~ N(0, 1) of shape (B, C, 1, 1): learns overall brightness (Guttenberg).
+
+    ``strength``: a float, or a tensor broadcasting against (B, C, 1, 1) — kohya's random strength
+    (1,) or :func:`adaptive_offset_strength`'s (B, C, 1, 1); the result keeps ``noise``'s dtype."""
     b, c = noise.shape[:2]
     shift = torch.randn((b, c, *([1] * (noise.ndim - 2))), generator=generator, device=noise.device, dtype=noise.dtype)
+    if isinstance(strength, Tensor):
+        strength = strength.to(noise.dtype)
     return noise + strength * shift
+
+
+def adaptive_offset_strength(latents: Tensor, offset: float | Tensor, *, scale: float) -> Tensor:
+    """kohya's ``--adaptive_noise_scale``: the noise-offset strength of each latent channel
+    (B, C, H, W) -> (B, C, 1, 1), ``max(0, offset + scale·|mean_{h,w} x0|)``.
+
+    ``offset`` is the noise offset (a float, or kohya's random strength, a (1,) tensor); computed in
+    float32 (at least), so a brighter or darker latent gets a larger offset."""
+    wide = latents.to(torch.promote_types(latents.dtype, torch.float32))  # bf16/fp16 latents: averaged in float32
+    mean = wide.mean(dim=tuple(range(2, latents.ndim)), keepdim=True).abs()  # (B, C, 1, 1)
+    return (offset + scale * mean).clamp_min(0.0)
 
 
 def pyramid_noise(
@@ -246,18 +280,20 @@ def perturbed_noise(noise: Tensor, gamma: float, *, generator: torch.Generator |
 
 
 def huber_c_for(
-    t: Tensor, *, huber_c: float, schedule: str = "constant", alphas_cumprod: Tensor | None = None
+    t: Tensor, *, huber_c: float, schedule: str = "constant", alphas_cumprod: Tensor | None = None, scale: float = 1.0
 ) -> Tensor:
-    """Per-sample Huber ``c`` (B,), kohya's ``--huber_schedule``: ``constant``: c;
-    ``exponential``: ``exp(-α t)`` with ``α = -ln(c)/T``; ``snr``: ``(1-c)/(1+σ_t)² + c``."""
+    """Per-sample Huber ``c`` (B,), kohya's ``--huber_schedule`` and ``--huber_scale`` (s):
+    ``constant``: ``c·s``; ``exponential``: ``exp(-α t)·s`` with ``α = -ln(c)/T``; ``snr``:
+    ``(1-c)/(1+σ_t)² + c`` (kohya does not scale this one). At a zero-terminal-SNR end (ᾱ_T = 0,
+    σ_T = ∞) ``snr`` gives c."""
     tf = t.double()
     if schedule == "constant":
-        return torch.full(t.shape, huber_c, dtype=torch.float32, device=t.device)
+        return torch.full(t.shape, huber_c * scale, dtype=torch.float32, device=t.device)
     if alphas_cumprod is None:
         raise ValueError(f"huber schedule {schedule!r} needs alphas_cumprod")
     if schedule == "exponential":
         alpha = -math.log(huber_c) / alphas_cumprod.shape[0]
-        return torch.exp(-alpha * tf).float()
+        return (torch.exp(-alpha * tf) * scale).float()
     if schedule == "snr":
         sigma = sigmas_of(alphas_cumprod.double().to(t.device))[t.long()]
         return ((1 - huber_c) / (1 + sigma) ** 2 + huber_c).float()

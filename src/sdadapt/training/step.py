@@ -14,6 +14,7 @@ as tensors (no host sync per step; call ``.item()`` when you log).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
@@ -50,10 +51,13 @@ class StepConfig:
     loss: str = "l2"  # "l2" | "huber" | "smooth_l1" | "l1"
     huber_c: float = 0.1
     huber_schedule: str = "constant"  # "constant" | "exponential" | "snr" (kohya's)
+    huber_scale: float = 1.0  # kohya's --huber_scale: multiplies c of the constant and exponential schedules
     min_snr_gamma: float | None = None
     debiased_estimation: bool = False
     p2_gamma: float | None = None  # P2 weight 1/(1 + SNR)^γ
     noise_offset: float = 0.0
+    noise_offset_random_strength: bool = False  # kohya's: the offset strength ~ U[0, noise_offset), one draw per batch
+    adaptive_noise_scale: float | None = None  # kohya's: offset += scale·|channel mean of x0|, clamped at 0
     input_perturbation: float = 0.0
     pyramid_noise_iterations: int = 0
     pyramid_noise_discount: float = 0.4
@@ -69,6 +73,13 @@ class StepConfig:
             raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        if not 0 < self.huber_scale < math.inf:
+            raise ValueError(f"huber_scale must be a finite number > 0 (it multiplies huber_c), got {self.huber_scale}")
+        if self.adaptive_noise_scale is not None and not math.isfinite(self.adaptive_noise_scale):
+            raise ValueError(f"adaptive_noise_scale must be a finite number or None, got {self.adaptive_noise_scale}")
+        if self.adaptive_noise_scale and not self.noise_offset:  # kohya: "adaptive_noise_scale requires noise_offset"
+            raise ValueError(f"adaptive_noise_scale={self.adaptive_noise_scale} adds to the noise offset, so it needs "
+                             f"noise_offset > 0 (e.g. noise_offset=0.05)")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}")
         if self.sdpa_backends is not None:
@@ -118,8 +129,14 @@ class TrainState:
 def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState, num_steps: int):
     g = state.generator
     noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
-    if config.noise_offset:
-        noise = diffusion.offset_noise(noise, config.noise_offset, generator=g)
+    if config.noise_offset:  # kohya's order: ε, then the random strength, then the offset's own draw
+        strength: float | Tensor = config.noise_offset
+        if config.noise_offset_random_strength:  # (1,) drawn on the device: no host sync
+            u = torch.rand((1,), generator=g, device=latents.device)  # float32 as kohya's; scaled in at least float32
+            strength = u.to(torch.promote_types(latents.dtype, torch.float32)) * config.noise_offset
+        if config.adaptive_noise_scale is not None:
+            strength = diffusion.adaptive_offset_strength(latents, strength, scale=config.adaptive_noise_scale)
+        noise = diffusion.offset_noise(noise, strength, generator=g)
     if config.pyramid_noise_iterations:
         noise = diffusion.pyramid_noise(
             noise, iterations=config.pyramid_noise_iterations, discount=config.pyramid_noise_discount, generator=g
@@ -180,9 +197,10 @@ def prepare_batch(
             weights = weights * diffusion.debiased_weight(snr, config.prediction_type)
         if config.p2_gamma is not None:
             weights = weights * diffusion.p2_weight(snr, gamma=config.p2_gamma)
-    huber_c: float | Tensor = config.huber_c
+    huber_c: float | Tensor = config.huber_c * config.huber_scale  # (the constant schedule: a float, no tensor made)
     if config.loss in ("huber", "smooth_l1") and config.huber_schedule != "constant":
-        huber_c = diffusion.huber_c_for(t, huber_c=config.huber_c, schedule=config.huber_schedule, alphas_cumprod=alphas_cumprod)
+        huber_c = diffusion.huber_c_for(t, huber_c=config.huber_c, schedule=config.huber_schedule, alphas_cumprod=alphas_cumprod,
+                                        scale=config.huber_scale)
     prepared = {"x_t": x_t, "t": t, "cond": batch.get("cond"), "target": target, "weights": weights.float(),
                 "huber_c": huber_c, "latents": latents}
     if prior is not None:
@@ -263,6 +281,7 @@ def train_step(
     encode_latents: Callable[[Tensor], Tensor] | None = None,
     extra_loss: ExtraLoss | None = None,
     prior: tuple[Mapping[str, object], float] | None = None,
+    after_update: Callable[[], Mapping[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """One micro-batch: noise, forward, weighted loss, backward; every ``accumulation_steps``
     micro-batches also unscale, clip, optimiser step, zero grads, EMA and LR-scheduler step.
@@ -286,10 +305,13 @@ def train_step(
             (:func:`prepare_batch`), ``weight`` × its loss added.
         extra_loss: ``extra_loss(prepared, prediction) -> 0-dim`` added to the loss before backward
             (``prepared`` also holds the clean ``"latents"``), e.g. a reconstruction or norm term.
+        after_update: called (under ``no_grad``) right after each optimiser step, before the EMA
+            update — e.g. the max-norm pass (:func:`~sdadapt.training.max_norm.scale_weight_norms_`);
+            the 0-dim tensors it returns join the metrics of the micro-batch that stepped.
 
     Returns:
         ``{"loss": 0-dim tensor (unscaled, this micro-batch), "stepped": bool tensor,
-        "grad_norm": 0-dim tensor (nan when not stepped)}`` — tensors, no host sync.
+        "grad_norm": 0-dim tensor (nan when not stepped)}`` (+ ``after_update``'s) — tensors, no host sync.
     """
     fused = isinstance(optimizer, FusedBackward)
     clashes = fused_backward_clashes(config) if fused else []
@@ -308,16 +330,20 @@ def train_step(
 
     grad_norm = torch.full((), float("nan"), device=loss.device)
     stepped = state.micro_step % config.accumulation_steps == 0
+    after: Mapping[str, Tensor] = {}
     if stepped:
         if not fused:
             grad_norm = clip_and_step(params, optimizer, state, config)  # type: ignore[arg-type]
             optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        if after_update is not None:  # (fused: the optimiser stepped inside backward)
+            with torch.no_grad():
+                after = after_update()
         state.step += 1
         if state.ema is not None:
             state.ema.update()
         if lr_scheduler is not None:
             lr_scheduler.step()  # type: ignore[attr-defined]
-    return {"loss": loss.detach(), "stepped": torch.tensor(stepped), "grad_norm": grad_norm.detach()}
+    return {"loss": loss.detach(), "stepped": torch.tensor(stepped), "grad_norm": grad_norm.detach(), **after}
 
 
 # ------------------------------------------------------------------------------ resumable state

@@ -141,6 +141,9 @@ class CapturedStep:
         strict: raise :class:`CaptureError` on a CUDA machine when the step cannot be captured
             (``False``: run eagerly instead).
         extra_loss: as :func:`~sdadapt.training.step.train_step`'s, captured with the loss.
+        after_update: as :func:`~sdadapt.training.step.train_step`'s: run after the optimiser step,
+            captured with it (so it must only launch device work: no host reads, no allocation
+            that depends on values), its 0-dim tensors returned with the step's.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class CapturedStep:
         warmup_steps: int = 3,
         strict: bool = True,
         extra_loss: ExtraLoss | None = None,
+        after_update: Callable[[], Mapping[str, Tensor]] | None = None,
     ) -> None:
         if not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"CapturedStep needs warmup_steps >= 1, got {warmup_steps!r}: the eager steps before a "
@@ -162,6 +166,7 @@ class CapturedStep:
         self.config, self.alphas_cumprod = config, alphas_cumprod
         self.warmup_steps = warmup_steps
         self.extra_loss = extra_loss
+        self.after_update = after_update
         self.problems = capture_problems(params, optimizer, config)
         if self.problems and strict and torch.cuda.is_available():
             raise CaptureError("cannot capture the step: " + "; ".join(self.problems))
@@ -205,7 +210,13 @@ class CapturedStep:
         loss.backward()
         grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
+        return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), **self._after_update()}
+
+    def _after_update(self) -> dict[str, Tensor]:
+        if self.after_update is None:
+            return {}
+        with torch.no_grad():
+            return {k: v.detach() for k, v in self.after_update().items()}
 
     def _capture(self, entry: _Graph, leaves: list[object], spec: pytree.TreeSpec, state: TrainState) -> None:
         # nothing is created or seeded inside capture: the caller's state (its generator made long
@@ -220,8 +231,9 @@ class CapturedStep:
             loss = step_loss(self.model, static, self.config, self.extra_loss, autocast_cache=False)
             loss.backward()
             grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
+            after = self._after_update()
         entry.graph = graph
-        entry.outputs = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
+        entry.outputs = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), **after}
 
     def __call__(self, batch: Mapping[str, object], *, state: TrainState,
                  prior: tuple[Mapping[str, object], float] | None = None) -> dict[str, Tensor]:

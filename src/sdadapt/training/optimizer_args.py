@@ -1,0 +1,185 @@
+"""Extra optimiser arguments (kohya's ``--optimizer_args KEY=VALUE ...``), parsed and checked.
+
+kohya reads each ``KEY=VALUE`` with ``ast.literal_eval`` (``betas=0.9,0.99`` is the tuple
+``(0.9, 0.99)``, ``relative_step=False`` a bool, ``beta1=None`` None) and passes them to the
+optimiser's constructor. sdadapt does the same for its four optimisers, with each one accepting the
+keys below — the ones its constructor takes that are the user's to choose (the learning rate,
+``capturable``, ``foreach`` and the state dtype are set by the loop) — and checks the values by
+building the optimiser on a one-element probe before any model is loaded.
+
+======================  ====================================================================
+optimiser               keys
+======================  ====================================================================
+``adamw``               ``betas``, ``eps``, ``weight_decay``
+``adamw8bit``           ``betas``, ``eps``, ``weight_decay``, ``block_size``, ``stochastic_rounding``
+``adamw-bf16``          ``betas``, ``eps``, ``weight_decay``, ``stochastic_rounding``
+``adafactor``           ``eps`` (two numbers), ``clip_threshold``, ``decay_rate``, ``beta1``,
+                        ``weight_decay``, ``scale_parameter``, ``relative_step``, ``warmup_init``,
+                        ``factor_conv_as_matrix``, ``stochastic_rounding``
+======================  ====================================================================
+
+The arguments are kept as a tuple of ``(key, value)`` pairs in the order given (values made
+hashable: sequences become tuples), so a frozen config can hold them.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Mapping
+from numbers import Real
+from typing import Any
+
+import torch
+
+__all__ = [
+    "OPTIMIZER_ARG_KEYS",
+    "OptimizerArgs",
+    "check_optimizer_args",
+    "format_optimizer_args",
+    "optimizer_kwargs",
+    "parse_optimizer_args",
+]
+
+#: ``((key, value), ...)`` in the order given
+OptimizerArgs = tuple[tuple[str, Any], ...]
+
+_ADAMW = ("betas", "eps", "weight_decay")
+#: the keys each optimiser (its canonical name, :data:`sdadapt.methods.fit.OPTIMIZERS`) accepts
+OPTIMIZER_ARG_KEYS: dict[str, tuple[str, ...]] = {
+    "adamw": _ADAMW,
+    "adamw8bit": (*_ADAMW, "block_size", "stochastic_rounding"),
+    "adamw-bf16": (*_ADAMW, "stochastic_rounding"),
+    "adafactor": ("eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter", "relative_step",
+                  "warmup_init", "factor_conv_as_matrix", "stochastic_rounding"),
+}
+_BOOLS = ("stochastic_rounding", "scale_parameter", "relative_step", "warmup_init", "factor_conv_as_matrix")
+_NUMBERS = ("weight_decay", "clip_threshold", "decay_rate")
+
+
+def parse_optimizer_args(items: Iterable[str], *, where: str = "--optimizer-args") -> OptimizerArgs:
+    """``["weight_decay=0.1", "betas=0.9,0.99"]`` -> ``(("weight_decay", 0.1), ("betas", (0.9, 0.99)))``.
+
+    Each value is read as kohya reads it (``ast.literal_eval``: numbers, ``True``/``False``,
+    ``None``, comma-separated values as a tuple); the keys are not checked here
+    (:func:`check_optimizer_args` does, against the optimiser).
+
+    Raises:
+        ValueError: an item without ``=``, an empty key, a key given twice, or a value that is not a
+            Python literal — naming ``where`` and the item.
+    """
+    if isinstance(items, str):
+        items = items.split()
+    pairs: list[tuple[str, Any]] = []
+    for item in items:
+        key, equals, text = str(item).partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise ValueError(f"{where}: {item!r} is not KEY=VALUE (e.g. weight_decay=0.1 betas=0.9,0.99)")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ValueError(f"{where}: {item!r}: the value {text.strip()!r} is not a number, True/False, None or a "
+                             "comma-separated tuple of them (kohya reads it with ast.literal_eval)") from None
+        if key in (k for k, _ in pairs):
+            raise ValueError(f"{where}: {key} is given twice")
+        pairs.append((key, _hashable(value)))
+    return tuple(pairs)
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_type(optimizer: str, key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for ``key`` (``None``: its type is right)."""
+    if key in _BOOLS:
+        return None if isinstance(value, bool) else "True or False"
+    if key in _NUMBERS:
+        return None if _is_number(value) else "a number"
+    if key == "betas":
+        return None if isinstance(value, tuple) and len(value) == 2 and all(map(_is_number, value)) else \
+            "two numbers, e.g. betas=0.9,0.999"
+    if key == "eps":
+        if optimizer == "adafactor":
+            return None if isinstance(value, tuple) and len(value) == 2 and all(map(_is_number, value)) else \
+                "two numbers (ε₁ for the second moments, ε₂ for scale_parameter), e.g. eps=1e-30,1e-3"
+        return None if _is_number(value) else "a number, e.g. eps=1e-6"
+    if key == "beta1":
+        return None if value is None or _is_number(value) else "None or a number in [0, 1)"
+    if key == "block_size":
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number, e.g. 256"
+    return None
+
+
+def optimizer_kwargs(args: OptimizerArgs | Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor keywords of ``args`` (numbers as floats, sequences as tuples)."""
+    items = args.items() if isinstance(args, Mapping) else args
+    return {key: (tuple(float(v) for v in value) if isinstance(value, tuple) else
+                  float(value) if _is_number(value) and key != "block_size" else value) for key, value in items}
+
+
+def check_optimizer_args(optimizer: str, args: OptimizerArgs | Mapping[str, Any] | Iterable[tuple[str, Any]],
+                         *, where: str = "optimizer_args") -> OptimizerArgs:
+    """``args`` for the optimiser ``optimizer`` (a canonical name of :data:`OPTIMIZER_ARG_KEYS`),
+    checked: known keys, values of the right type, and values the constructor accepts (it is built
+    once on a one-element probe tensor).
+
+    Returns:
+        the arguments as ``((key, value), ...)`` (order kept, sequences as tuples).
+
+    Raises:
+        ValueError: an unknown key (the message lists the keys this optimiser takes), a value of the
+            wrong type, or one the optimiser refuses (its own message), each naming ``where``.
+    """
+    if optimizer not in OPTIMIZER_ARG_KEYS:
+        raise ValueError(f"{where}: unknown optimizer {optimizer!r}; one of {', '.join(OPTIMIZER_ARG_KEYS)}")
+    items = args.items() if isinstance(args, Mapping) else args
+    pairs: list[tuple[str, Any]] = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"{where}: expected (key, value) pairs or a mapping, got {item!r}")
+        pairs.append((item[0], _hashable(item[1])))
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{where}: a key is given twice in {keys}")
+    allowed = OPTIMIZER_ARG_KEYS[optimizer]
+    unknown = [k for k in keys if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not an argument of "
+                         f"the {optimizer} optimizer; it takes {', '.join(allowed)}")
+    for key, value in pairs:
+        wrong = _check_type(optimizer, key, value)
+        if wrong is not None:
+            raise ValueError(f"{where}: {key}={value!r}: {key} of {optimizer} must be {wrong}")
+    if pairs:
+        _probe(optimizer, optimizer_kwargs(tuple(pairs)), where)
+    return tuple(pairs)
+
+
+def _probe(optimizer: str, kwargs: dict[str, Any], where: str) -> None:
+    """Build ``optimizer`` with ``kwargs`` over a one-element tensor: its own range checks run."""
+    from .optim import Adafactor, AdamW
+
+    probe = [torch.zeros(1, requires_grad=True)]
+    try:
+        if optimizer == "adamw":
+            torch.optim.AdamW(probe, lr=1e-3, **kwargs)
+            AdamW(probe, lr=1e-3, **kwargs)  # (--full-bf16 trains with sdadapt's AdamW)
+        elif optimizer == "adafactor":
+            Adafactor(probe, lr=None if kwargs.get("relative_step") else 1e-3, **kwargs)
+        else:
+            AdamW(probe, lr=1e-3, state_dtype="int8" if optimizer == "adamw8bit" else torch.bfloat16, **kwargs)
+    except (ValueError, TypeError) as exc:
+        shown = ",".join(f"{k}={v}" for k, v in kwargs.items())
+        raise ValueError(f"{where}: the {optimizer} optimizer refuses {shown}: {exc}") from None
+
+
+def format_optimizer_args(args: OptimizerArgs) -> str:
+    """``"k=v,k=v"`` as kohya writes them into ``ss_optimizer`` (``name(k=v,...)``; a tuple as ``(0.9, 0.99)``)."""
+    return ",".join(f"{key}={value}" for key, value in args)
