@@ -86,6 +86,13 @@ def _window_spec(tokenizer: Any) -> dict[str, int]:
     return {"window": window, "eos_id": eos, "pad_id": eos if pad is None else int(pad)}
 
 
+def _weigh_states(states: Tensor, weights: Tensor) -> Tensor:
+    """Text states (B, L, D) times per-token weights (B, L), the product in float32 rounded once to
+    the states' dtype (kohya multiplies by float32 weights; its half-precision states become
+    float32 and the UNet's autocast rounds them back)."""
+    return (states.float() * weights.float().unsqueeze(-1)).to(states.dtype)
+
+
 class DiffusersSystem(nn.Module):
     """UNet + VAE + CLIP text encoder(s) + tokenizer(s) + noise schedule of a Stable Diffusion model.
 
@@ -444,6 +451,22 @@ class DiffusersSystem(nn.Module):
             ids = torch.stack([ids, _token_ids(self.tokenizer_2, prompts, length)], dim=1)
         return copy_to_device(ids, device)  # (a training step tokenises each batch: no wait on a GPU)
 
+    def tokenize_weighted(self, prompts: list[str]) -> dict[str, Tensor]:
+        """kohya's ``--weighted_captions``: prompts with A1111 emphasis (``(word:1.2)``, ``[word]``) ->
+        ``{"ids": ids, "weights": weights}`` for :meth:`condition`, both (B, L) (SDXL: (B, 2, L), one
+        row per tokenizer); :func:`sdadapt.prompt_weights.weighted_token_ids`. A prompt without
+        brackets gives :meth:`tokenize`'s ids and weights of 1."""
+        from .prompt_weights import weighted_token_ids
+        from .text_chunks import long_prompt_length
+
+        device = self.alphas_cumprod.device
+        length = long_prompt_length(self.max_token_length, window=int(self.tokenizer.model_max_length))
+        ids, weights = weighted_token_ids(self.tokenizer, prompts, length)
+        if self.is_sdxl:
+            ids_2, weights_2 = weighted_token_ids(self.tokenizer_2, prompts, length)
+            ids, weights = torch.stack([ids, ids_2], dim=1), torch.stack([weights, weights_2], dim=1)
+        return {"ids": copy_to_device(ids, device), "weights": copy_to_device(weights, device)}
+
     def _windows(self, encoder: int, ids: Tensor) -> tuple[Tensor, int]:
         """(B, L) ids of text encoder ``encoder`` (0, SDXL 1) -> ((B * n, C) encoder windows, n);
         ``L = C``: the ids as they are, n = 1."""
@@ -474,16 +497,22 @@ class DiffusersSystem(nn.Module):
         ``n * 75 + 2`` ids of a long prompt (:meth:`tokenize` with :attr:`max_token_length` 150 /
         225): encoded in ``n`` windows whose states are joined as kohya does (clip skip applies to
         each window; SDXL's ``text_embeds`` are the first window's), :mod:`sdadapt.text_chunks`.
+        A ``"weights"`` entry (the ids' shape, :meth:`tokenize_weighted`) multiplies each token's
+        text states (SDXL: each encoder's by its row; not ``text_embeds``), kohya's weighted captions.
         """
         from .text_chunks import merge_chunk_states
 
-        time_ids = None
+        time_ids = weights = None
         if isinstance(ids, dict):
-            time_ids, ids = ids.get("time_ids"), ids["ids"]
+            time_ids, weights, ids = ids.get("time_ids"), ids.get("weights"), ids["ids"]
+        if weights is not None and weights.shape != ids.shape:
+            raise ValueError(f"token weights {tuple(weights.shape)} must have the ids' shape {tuple(ids.shape)} "
+                             "(DiffusersSystem.tokenize_weighted makes both)")
         if not self.is_sdxl:
             windows, n = self._windows(0, ids)
             states = self._hidden(self.text_encoder, windows, penultimate=False)  # (B * n, C, D)
-            return states if n == 1 else merge_chunk_states(states, chunks=n)
+            states = states if n == 1 else merge_chunk_states(states, chunks=n)  # (B, L, D)
+            return states if weights is None else _weigh_states(states, weights)
         if ids.ndim != 3 or ids.shape[1] != 2:
             raise ValueError(f"SDXL conditions on (B, 2, L) ids (both tokenizers), got {tuple(ids.shape)}")
         (windows_1, n), (windows_2, _) = self._windows(0, ids[:, 0]), self._windows(1, ids[:, 1])
@@ -493,6 +522,8 @@ class DiffusersSystem(nn.Module):
         if n > 1:  # (B * n, C, D) windows -> (B, n * (C - 2) + 2, D); the pooled output of each prompt's first window
             states_1, states_2 = merge_chunk_states(states_1, chunks=n), merge_chunk_states(states_2, chunks=n)
             pooled = pooled[::n]
+        if weights is not None:  # (B, 2, L): each encoder's states by its own tokenizer's weights
+            states_1, states_2 = _weigh_states(states_1, weights[:, 0]), _weigh_states(states_2, weights[:, 1])
         context = torch.cat([states_1, states_2], dim=-1)
         if time_ids is None:
             size = float(self.image_size)

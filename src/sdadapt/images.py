@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .formats.files import atomic_write
 
-__all__ = ["write_png", "read_image", "image_grid", "load_image_folder", "ImageFolderError", "IMAGE_SUFFIXES"]
+__all__ = ["write_png", "read_image", "read_image_channels", "image_grid", "load_image_folder", "ImageFolderError",
+           "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -135,29 +136,37 @@ def decode_png(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
     return out.reshape(h, w, channels)
 
 
-def read_image(path: str | os.PathLike, *, size: int | None = None) -> Tensor:
-    """An image file as (3, H, W) float32 in [-1, 1] (alpha composited on white; gray -> RGB).
+def read_image_channels(path: str | os.PathLike) -> np.ndarray:
+    """An image file as (H, W, 4) uint8 RGBA, not composited (gray -> RGB; alpha 255 where the file has none).
 
-    ``size`` resizes (area/bilinear) the shorter side to ``size`` and centre-crops a square.
+    Raises:
+        ImageFolderError: unreadable, or not a PNG without PIL.
     """
     file = Path(path)
     try:
         from PIL import Image  # optional
 
         with Image.open(file) as im:
-            arr = np.asarray(im.convert("RGBA"))
+            return np.asarray(im.convert("RGBA"))
     except ImportError:
         if file.suffix.lower() != ".png":
             raise ImageFolderError(f"{file}: reading {file.suffix} images needs PIL (pip install pillow); PNGs work without it") from None
         arr = decode_png(file.read_bytes(), source=str(file))
     except OSError as exc:
         raise ImageFolderError(f"{file}: unreadable image ({exc})") from None
-    x = torch.from_numpy(arr.astype(np.float32) / 255.0)  # (H, W, C)
-    if x.shape[-1] in (2, 4):  # alpha over white
-        alpha = x[..., -1:]
-        x = x[..., :-1] * alpha + (1 - alpha)
-    if x.shape[-1] == 1:
-        x = x.expand(*x.shape[:2], 3)
+    rgb = arr[..., :3] if arr.shape[-1] >= 3 else np.repeat(arr[..., :1], 3, axis=-1)
+    alpha = arr[..., -1:] if arr.shape[-1] in (2, 4) else np.full((*arr.shape[:2], 1), 255, np.uint8)
+    return np.concatenate([rgb, alpha], axis=-1)
+
+
+def read_image(path: str | os.PathLike, *, size: int | None = None) -> Tensor:
+    """An image file as (3, H, W) float32 in [-1, 1] (alpha composited on white; gray -> RGB).
+
+    ``size`` resizes (area/bilinear) the shorter side to ``size`` and centre-crops a square.
+    """
+    x = torch.from_numpy(read_image_channels(path).astype(np.float32) / 255.0)  # (H, W, 4)
+    alpha = x[..., -1:]
+    x = x[..., :-1] * alpha + (1 - alpha)  # alpha over white
     image = x.permute(2, 0, 1) * 2 - 1
     if size is not None:
         c, h, w = image.shape

@@ -10,6 +10,7 @@ registered :class:`sdadapt.methods.MethodOption` s) are added from the method re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import sys
 from pathlib import Path
@@ -64,9 +65,38 @@ KOHYA_IGNORED = {
     "wandb_api_key": "the CSV log and TensorBoard events go beside the output",
     "log_tracker_name": "the CSV log and TensorBoard events go beside the output",
     "full_fp16": "use --mixed-precision",
+    "save_last_n_steps_state": "sdadapt keeps one resumable state, OUT-state/, replaced at each save: no older state "
+                               "is left to remove",
+    "save_last_n_epochs_state": "sdadapt keeps one resumable state, OUT-state/, replaced at each save: no older state "
+                                "is left to remove",
+    "no_half_vae": "the VAE always encodes in float32 here (loaded in float32, run outside the training autocast)",
+    "mem_eff_save": "not there: sdadapt writes with safetensors' save_file, which holds about one more copy of the "
+                    "saved weights in host memory while writing",
+    "console_log_level": "sdadapt writes its report lines to stderr (--quiet silences them)",
+    "console_log_file": "sdadapt writes its report lines to stderr (--quiet silences them)",
+    "console_log_simple": "sdadapt writes its report lines to stderr (--quiet silences them)",
+    "ddp_timeout": "python -m sdadapt train runs one process (no DDP)",
+    "ddp_gradient_as_bucket_view": "python -m sdadapt train runs one process (no DDP)",
+    "ddp_static_graph": "python -m sdadapt train runs one process (no DDP)",
 }
 #: kohya options refused when on (off, as kohya configs write them: nothing to do)
 _REFUSED_WHEN_ON = {
+    "fp8_base": ("sdadapt keeps the base weights in their own dtype: kohya's fp8 base is the UNet cast to float8_e4m3fn and "
+                 "upcast by autocast op by op, which here would change the dtype every state_dict() reader and adapter "
+                 "(DoRA's norm, merges, samples outside autocast) sees, and a per-layer upcast needs a forward "
+                 "rebinding or a parametrization (new state_dict keys); use --mixed-precision bf16 and "
+                 "--gradient-checkpointing to save memory"),
+    "fp8_base_unet": ("sdadapt keeps the base weights in their own dtype (see fp8_base); use --mixed-precision bf16 "
+                      "and --gradient-checkpointing to save memory"),
+    **{name: "sdadapt uploads nothing (no network access during training): upload the output yourself, e.g. with "
+       "huggingface-cli upload" for name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
+                                             "huggingface_token", "huggingface_repo_visibility",
+                                             "save_state_to_huggingface", "async_upload")},
+    "resume_from_huggingface": ("sdadapt downloads nothing during training: download the state folder yourself and "
+                                "pass it as --resume DIR"),
+    "lr_scheduler_type": ("sdadapt runs its own schedules and loads no scheduler class: use lr_scheduler = constant, "
+                          "constant_with_warmup, cosine, cosine_with_restarts, linear or polynomial (with "
+                          "lr_scheduler_power, lr_scheduler_args = ['lr_end=...'])"),
     "face_crop_aug_range": ("sdadapt finds no faces: crop the images around the faces yourself, or use random_crop "
                             "(--random-crop: a random bucket-sized window of each scaled image at each use)"),
 }
@@ -142,21 +172,9 @@ def _resolution(text: Any) -> tuple[int, int]:
 
 
 def _load_toml(path: Path) -> dict:
-    try:
-        import tomllib  # Python >= 3.11
-    except ImportError:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ImportError:
-            raise ImportError("reading --config TOML files on Python 3.10 needs tomli: pip install tomli "
-                              "(Python 3.11+ reads TOML itself)") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"--config {path}: not valid TOML ({exc})") from None
+    from ..training.dataset_config import read_config_table
+
+    return read_config_table(path, flag="--config")  # (one TOML reader, --dataset-config's too)
 
 
 def read_config(path: str | Path, *, fields: set[str], method_options: set[str]) -> tuple[dict, dict, list[str]]:
@@ -198,6 +216,9 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
         if name == "network_train_unet_only":
             methods["text_encoder"] = not value
             continue
+        if name == "network_train_text_encoder_only":
+            methods["unet"] = not value
+            continue
         if name in ("use_object_template", "use_style_template"):  # kohya's textual-inversion caption templates
             if value:
                 options["templates"] = "object" if name == "use_object_template" else "style"
@@ -205,6 +226,11 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
         if name == "v_parameterization":
             if value:
                 options["prediction_type"] = "v_prediction"
+            continue
+        if name == "cache_text_encoder_outputs_to_disk":  # kohya: it turns cache_text_encoder_outputs on
+            if value:
+                options["cache_text_encoder_outputs"] = True
+                notes.append(f"{key}: the text encoder outputs are cached in memory (cache_text_encoder_outputs)")
             continue
         if name in _REFUSED_WHEN_ON:
             if value:
@@ -274,7 +300,8 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
 
 
 #: the network_args keys sdadapt reads besides the block-wise ones (lora_blocks.BLOCK_ARGS), named in errors
-_KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker")
+_KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "loraplus_lr_ratio",
+                       "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
 def _check_lycoris_args(method: str, chosen: dict) -> None:
@@ -313,7 +340,13 @@ def _method_options():
 
 
 def _convert(option, value: Any) -> Any:
-    """A TOML/CLI value through the option's type (TOML already typed: bools and numbers pass)."""
+    """A TOML/CLI value through the option's type (TOML already typed: bools and numbers pass); an
+    option of ``many`` values gets a list (one value alone becomes a list of one)."""
+    if getattr(option, "many", False):
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not values:
+            raise ValueError(f"{option.option_strings[0]} needs at least one value")
+        return [_convert(dataclasses.replace(option, many=False), v) for v in values]
     if option.type is bool:
         if isinstance(value, str):
             if value.lower() in ("true", "1", "yes", "on"):
@@ -352,8 +385,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         chosen.update(parse_network_args(args.network_args, method_options=set(method_options), source="--network-args"))
     chosen.update(given_methods)
     _check_lycoris_args(args.method, chosen)
-    if values.get("images") is None:
-        raise ValueError("no images: pass --images DIR (or images = 'DIR' in the --config file)")
+    if values.get("images") is None and values.get("dataset_config") is None and values.get("in_json") is None:
+        raise ValueError("no images: pass --images DIR or --dataset-config TOML (or images = 'DIR' / dataset_config = "
+                         "'TOML' in the --config file)")
     for name, value in list(chosen.items()):
         option, owners = method_options[name]
         if args.method not in owners:
@@ -414,6 +448,12 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     data = train.add_argument_group("data (kohya folder layout: images + NAME.txt captions, N_name repeat folders)")
     add(data, "--images", "--train-data-dir", dest="images", metavar="DIR",
         help="folder of .png/.jpg images with NAME.txt captions; sub-folders N_name repeat their images N times per epoch")
+    add(data, "--dataset-config", metavar="TOML",
+        help="kohya's dataset TOML ([general], one [[datasets]] block with [[datasets.subsets]]: image_dir, num_repeats, "
+        "class_tokens, is_reg, caption options per subset, or metadata_file); replaces --images and --reg-data-dir")
+    add(data, "--in-json", metavar="FILE",
+        help="kohya's fine-tuning metadata JSON (image key -> caption / tags; caption = caption,tags) for the images "
+        "in --images")
     add(data, "--prompt", "--class-tokens", dest="prompt", help="caption of images without a caption file")
     add(data, "--caption-extension", metavar="EXT", help="caption file suffix (default .txt; .caption is read too)")
     add(data, "--repeats", type=int, metavar="N", help="repeats of images directly in --images (default 1)")
@@ -421,6 +461,26 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--keep-tokens", type=int, metavar="N", help="the first N tags never move (with --shuffle-caption)")
     add(data, "--caption-dropout-rate", type=float, metavar="P", help="train on the empty caption with probability P")
     add(data, "--caption-tag-dropout-rate", type=float, metavar="P", help="drop each movable tag with probability P")
+    add(data, "--caption-dropout-every-n-epochs", type=int, metavar="N",
+        help="every N-th epoch (N, 2N, ...) trains every image on the empty caption (kohya's; default 0: never)")
+    add(data, "--caption-prefix", metavar="TEXT", help="put TEXT and a space before every caption (kohya's --caption_prefix)")
+    add(data, "--caption-suffix", metavar="TEXT", help="put a space and TEXT after every caption (kohya's --caption_suffix)")
+    add(data, "--enable-wildcard", action=bool_flag,
+        help="kohya's wildcards: a caption file of several lines trains on one line drawn at each use; {a|b|c} becomes "
+        "one of a, b, c drawn at each use ({{ and }} are literal braces)")
+    add(data, "--keep-tokens-separator", metavar="TEXT",
+        help="in a caption holding TEXT (e.g. '|||'), the tags before it never move or drop and the tags after a second "
+        "one stay at the end (instead of --keep-tokens)")
+    add(data, "--secondary-separator", metavar="TEXT",
+        help="tags joined by TEXT (e.g. ';;;') move and drop as one tag; TEXT becomes a comma after shuffling")
+    add(data, "--token-warmup-min", type=int, metavar="N",
+        help="with --token-warmup-step: the movable tags used at step 0 (default 1)")
+    add(data, "--token-warmup-step", type=float, metavar="STEPS",
+        help="the movable tags used grow from --token-warmup-min to all of them by this step (below 1: a share of "
+        "the steps; default 0: all from the start)")
+    add(data, "--weighted-captions", action=bool_flag,
+        help="read A1111 emphasis in the captions, (word:1.2) / (word) / [word], and scale each token's text "
+        "states by its weight (kohya's --weighted_captions; Stable Diffusion models)")
     add(data, "--caption-template", metavar="TEXT",
         help="trigger-word methods (--token): what a caption without the token becomes; {token} = the trigger word, "
         "{caption} = the image's caption (A1111's [name], [filewords] work too); default '{token}, {caption}'")
@@ -438,6 +498,14 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--flip-aug", action=bool_flag,
         help="also cache the mirrored images' latents (twice the latent memory) and train each use of an image on the "
         "mirrored one with probability 1/2 (kohya's --flip_aug)")
+    add(data, "--alpha-mask", action=bool_flag,
+        help="weight each image's loss by its alpha channel (transparent pixels train nothing; kohya's --alpha_mask); "
+        "the mask follows the bucket crop and flips")
+    add(data, "--masked-loss", action=bool_flag,
+        help="with --conditioning-data-dir: weight each image's loss by the red channel of its mask image (kohya's "
+        "--masked_loss)")
+    add(data, "--conditioning-data-dir", metavar="DIR",
+        help="mask images named as the training images (same size; red 255 = full loss, 0 = none), for --masked-loss")
     add(data, "--random-crop", action=bool_flag,
         help="crop a random bucket-sized window of each scaled image at each use instead of the centre (kohya's "
         "--random_crop); the latents are then encoded at every step, not cached")
@@ -467,11 +535,14 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
             kwargs["action"] = bool_flag
         else:
             kwargs["metavar"] = option.metavar or name.upper()
+            if option.many:
+                kwargs["nargs"] = "+"
         method.add_argument(*option.option_strings, **kwargs)
     method.add_argument("--network-args", nargs="*", default=None, metavar="KEY=VALUE",
                         help="kohya's --network_args: conv_dim, conv_alpha, down_lr_weight, mid_lr_weight, up_lr_weight, "
                         "block_lr_zero_threshold, block_dims, block_alphas, conv_block_dims, conv_block_alphas, dropout, "
-                        "rank_dropout, module_dropout, use_tucker/use_cp (LyCORIS algo/dora_wd must name the method); "
+                        "rank_dropout, module_dropout, use_tucker/use_cp, loraplus_lr_ratio, loraplus_unet_lr_ratio, "
+                        "loraplus_text_encoder_lr_ratio (LyCORIS algo/dora_wd must name the method); "
                         "each is also its own flag, e.g. --block-dims")
 
     optim = train.add_argument_group("optimisation")
@@ -487,10 +558,12 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="learning rate inside the text encoder(s) (default: --lr; 0 freezes them)")
     add(optim, "--optimizer", "--optimizer-type", dest="optimizer", metavar="NAME",
         help=f"{', '.join(OPTIMIZERS)} (default adamw; kohya's AdamW8bit etc. work)")
-    add(optim, "--weight-decay", type=float, metavar="W", help="default 0.01")
+    add(optim, "--weight-decay", type=float, metavar="W",
+        help="decoupled weight decay; default: the optimiser's (0.01 for the AdamW ones, 0 for Adafactor, as kohya's)")
     add(optim, "--optimizer-args", nargs="+", metavar="KEY=VALUE",
         help="extra optimiser arguments, as kohya's --optimizer_args (e.g. weight_decay=0.1 betas=0.9,0.99 eps=1e-6; "
-        "values read as Python literals); each optimiser takes its own keys (an unknown one is refused, naming them)")
+        "values read as Python literals); each optimiser takes its own keys (an unknown one is refused, naming them); "
+        "adafactor trains as kohya's: relative_step=True unless given (the LR then unused)")
     add(optim, "--scale-weight-norms", type=float, metavar="MAX",
         help="lora/locon/loha/lokr: after each step shrink every adapter whose weight-delta norm exceeds MAX onto it "
         "(kohya's max-norm regularisation, e.g. 1; default off)")
@@ -498,6 +571,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--lr-warmup-steps", type=float, metavar="N",
         help="linear warm-up steps, or a fraction of the steps below 1 (default: min(20, steps/10))")
     add(optim, "--lr-scheduler-num-cycles", type=int, metavar="N", help="cycles of cosine_with_restarts (default 1)")
+    add(optim, "--lr-scheduler-power", type=float, metavar="P",
+        help="exponent of --lr-scheduler polynomial: (LR - lr_end) x (1 - progress)^P + lr_end after the warm-up "
+        "(default 1: linear; kohya's)")
+    add(optim, "--lr-scheduler-args", nargs="+", metavar="KEY=VALUE",
+        help="kohya's --lr_scheduler_args: lr_end=X for polynomial (the LR it ends at; default 1e-7)")
     add(optim, "--max-grad-norm", type=float, metavar="X", help="gradient clipping (default 1; 0 = off)")
     add(optim, "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast the forward pass (default no)")
     add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off)")
@@ -522,6 +600,12 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--multires-noise-discount", type=float, metavar="D",
         help="weight of each coarser noise level (default 0.3)")
     add(optim, "--ip-noise-gamma", type=float, metavar="G", help="input perturbation noise strength (e.g. 0.1; default off)")
+    add(optim, "--ip-noise-gamma-random-strength", action=bool_flag,
+        help="with --ip-noise-gamma G: each batch's perturbation strength drawn uniformly in [0, G) (kohya's)")
+    add(optim, "--scale-v-pred-loss-like-noise-pred", action=bool_flag,
+        help="v-prediction models: each sample's loss x SNR/(SNR+1), the scale of an epsilon loss (kohya's)")
+    add(optim, "--v-pred-like-loss", type=float, metavar="X",
+        help="epsilon models: add X times a v-prediction-like loss, loss x (1 + X (SNR+1)/SNR) (kohya's; e.g. 0.1)")
     add(optim, "--min-timestep", type=int, metavar="T", help="train on timesteps >= T (default 0)")
     add(optim, "--max-timestep", type=int, metavar="T", help="train on timesteps < T (default 1000)")
     add(optim, "--ema-decay", type=float, metavar="D", help="save the EMA of the weights (e.g. 0.999; default off)")
@@ -543,6 +627,10 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--sdpa-backends", metavar="measure|LIST",
         help="attention kernels: 'measure' times flash, memory-efficient, cuDNN and math attention on the first batch and "
         "trains under the fastest order; or a comma list tried in order, e.g. flash,math (default: torch's choice)")
+    add(optim, "--cache-text-encoder-outputs", action=bool_flag,
+        help="encode every caption once before training and train the UNet on the cached conditioning: the steps no "
+        "longer run the text encoder (kohya's --cache_text_encoder_outputs); needs a UNet-only run (--no-text-encoder "
+        "for the LoRA family) and fixed captions (no --shuffle-caption, tag dropout, token warm-up, wildcards)")
     add(optim, "--cuda-graph", action=bool_flag,
         help="replay each optimiser step (forward, backward, optimiser) as one CUDA graph per batch layout after 3 eager "
         "steps: far fewer kernel launches at small batches; AdamW optimisers, no accumulation, no fp16, no "
@@ -582,6 +670,22 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(save, "--log-with", choices=("auto", "csv", "tensorboard"),
         help="the CSV log OUT-log.csv is always written; auto (default) adds TensorBoard events when installed")
     add(save, "--training-comment", metavar="TEXT", help="stored as ss_training_comment")
+    add(save, "--save-last-n-steps", type=int, metavar="N",
+        help="with --save-every-n-steps: keep only the step saves of the last N steps, removing older ones this run "
+        "wrote (kohya's; the final output always stays)")
+    add(save, "--save-last-n-epochs", type=int, metavar="N",
+        help="with --save-every-n-epochs / --save-n-epoch-ratio: keep only the last N epoch saves (kohya's)")
+    add(save, "--save-n-epoch-ratio", type=int, metavar="N",
+        help="save every floor(epochs / N) epochs (at least every epoch): about N epoch saves (kohya's; replaces "
+        "--save-every-n-epochs)")
+    add(save, "--save-state-on-train-end", action=bool_flag,
+        help="also write the resumable state OUT-state/ after the last step (raise --steps and --resume to train on)")
+    add(save, "--sample-at-first", action=bool_flag,
+        help="with --sample-prompts: also sample before the first step (step000000-*.png: the untrained adaptation)")
+    for field in ("title", "author", "description", "license", "tags"):
+        add(save, f"--metadata-{field}", metavar="TEXT",
+            help=f"written as modelspec.{field}" + (" (default: the output name)" if field == "title" else "")
+            + (" (comma-separated)" if field == "tags" else ""))
     add(save, "--extract-lora", type=int, metavar="RANK",
         help="full/dreambooth: also write OUT-loraRANK.safetensors, the kohya LoRA of the change (tuned - base)")
     group = add_output_options(train, out_help="output file (default: <images folder>-<method>.safetensors; full/dreambooth: "

@@ -23,12 +23,15 @@ from pathlib import Path
 
 import torch
 
+from ..images import ImageFolderError
 from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
-from ..training.optimizer_args import format_optimizer_args
+from ..training.loss_masks import LossMaskSource
 from ..training.step import StepConfig
+from . import train_optimizer
 from .demo import Progress, _check_dtype, _method, prior_images
 from .models import load_system, resolve_device
+from .save_rotation import PeriodicSave, remove_save, saves_to_remove
 
 __all__ = ["TrainOptions", "run_train", "Bars"]
 
@@ -44,7 +47,17 @@ class TrainOptions:
     Data: ``images`` (kohya folder layout), ``prompt`` (caption of images without one),
     ``caption_extension``, ``repeats`` (of images outside ``N_name`` folders), ``shuffle_caption``,
     ``keep_tokens``, ``caption_dropout_rate``, ``caption_tag_dropout_rate``, ``resolution``
-    ((height, width); default the model's), ``enable_bucket``, ``min_bucket_reso``,
+    ((height, width); default the model's); kohya's caption options with kohya's names and defaults
+    (:class:`sdadapt.training.data.CaptionOptions`): ``caption_prefix`` / ``caption_suffix`` (joined
+    on with a space), ``caption_dropout_every_n_epochs`` (every N-th epoch, counted from 1, trains on
+    empty captions), ``enable_wildcard`` (a caption file's lines: one drawn at each use; ``{a|b}``:
+    one choice drawn at each use), ``keep_tokens_separator`` (e.g. ``"|||"``: the tags before it never
+    move or drop), ``secondary_separator`` (e.g. ``";;;"``: tags joined by it move as one, then it
+    becomes a comma), ``token_warmup_min`` / ``token_warmup_step`` (the movable tags used grow from
+    ``min`` to all by that step; below 1 a share of the steps) and ``weighted_captions`` (A1111
+    emphasis ``(word:1.2)`` / ``[word]`` in the captions scales each token's text states,
+    :mod:`sdadapt.prompt_weights`; Stable Diffusion models, not trigger-word methods);
+    ``enable_bucket``, ``min_bucket_reso``,
     ``max_bucket_reso``, ``bucket_reso_steps``, ``bucket_no_upscale``; ``flip_aug`` (kohya's: the
     mirrored images' latents are cached too, twice the latent memory, and each use of an image trains
     on the mirrored one with probability 1/2, drawn from ``seed`` and the step: a resumed run makes the
@@ -68,9 +81,12 @@ class TrainOptions:
 
     Optimisation: ``steps`` or ``epochs``, ``batch_size``, ``gradient_accumulation_steps``,
     ``learning_rate`` (``unet_lr`` overrides it), ``text_encoder_lr``, ``optimizer``,
-    ``weight_decay``, ``optimizer_args`` (kohya's ``KEY=VALUE`` strings, e.g. ``("betas=0.9,0.99",)``:
+    ``weight_decay`` (``None``: the optimiser's own, 0.01 for the AdamW ones, 0 for Adafactor),
+    ``optimizer_args`` (kohya's ``KEY=VALUE`` strings, e.g. ``("betas=0.9,0.99",)``:
     :mod:`sdadapt.training.optimizer_args`; a ``weight_decay`` there wins over the field, which then
-    must be left at its default or agree), ``scale_weight_norms`` (lora, locon, loha, lokr: after
+    must be left out or agree; Adafactor gets kohya's defaults — ``relative_step=True`` unless the
+    arguments say otherwise, the LR and schedule then unused — :mod:`sdadapt.jobs.train_optimizer`),
+    ``scale_weight_norms`` (lora, locon, loha, lokr: after
     each step shrink every adapter whose ‖ΔW‖ exceeds it onto that norm; kohya's max-norm
     regularisation, :mod:`sdadapt.training.max_norm`), ``lr_scheduler``, ``lr_warmup_steps`` (a count, or a fraction of the steps
     when < 1), ``lr_scheduler_num_cycles``, ``max_grad_norm`` (0 = no clipping),
@@ -87,7 +103,15 @@ class TrainOptions:
     ``[0, noise_offset)``), ``adaptive_noise_scale`` (needs ``noise_offset``: the offset of each
     latent channel grows by ``scale·|channel mean|``, clamped at 0), ``zero_terminal_snr`` (train on
     the schedule rescaled to zero terminal SNR; samples keep the model's schedule, as kohya's; meant
-    for v-prediction models; :attr:`sdadapt.methods.FitConfig.zero_terminal_snr`).
+    for v-prediction models; :attr:`sdadapt.methods.FitConfig.zero_terminal_snr`);
+    ``ip_noise_gamma_random_strength`` (each batch's input-perturbation strength drawn in
+    ``[0, ip_noise_gamma)``), ``scale_v_pred_loss_like_noise_pred`` (v-prediction models: each
+    sample's loss × ``SNR/(SNR + 1)``, the ε-prediction loss's scale), ``v_pred_like_loss`` (ε-prediction
+    models: add that many times a v-prediction-like loss, ``loss·(1 + X·(SNR + 1)/SNR)``; SNR capped at
+    1000 in both, as kohya's: :func:`sdadapt.training.diffusion.noise_like_scale`). Masked loss
+    (:mod:`sdadapt.training.loss_masks`): ``alpha_mask`` (each image's alpha channel weights its
+    loss), ``masked_loss`` with ``conditioning_data_dir`` (the red channel of the mask image of the
+    same name in that folder weights it); the masks follow the images' buckets, crops and flips.
 
     Memory: ``gradient_checkpointing`` (recompute the UNet blocks' activations in backward; any
     method; ``gradient_checkpointing_fraction`` in ``(0, 1]`` recomputes only that share of the
@@ -100,7 +124,11 @@ class TrainOptions:
     Speed: ``sdpa_backends`` — ``"measure"`` (time flash / memory-efficient / cuDNN / math attention on
     the first batch's attention calls and train under the fastest order) or a comma list such as
     ``"flash,math"`` (tried in that order); default: torch's choice (:mod:`sdadapt.training.attention`).
-    ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
+    ``cache_text_encoder_outputs`` (kohya's: every caption encoded once before training, the steps
+    train the UNet on the cached conditioning, bit for bit what the text encoder gives; needs a
+    UNet-only run and captions fixed before training — a whole-caption dropout is fine;
+    :mod:`sdadapt.training.text_cache`; kohya's ``cache_text_encoder_outputs_to_disk`` turns it on,
+    in memory). ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
     steps: :attr:`sdadapt.methods.FitConfig.cuda_graph`; AdamW optimisers, no accumulation, no fp16,
     no fused backward; on a CPU the steps run eagerly). ``torch_compile``
     with ``dynamo_backend`` (default ``"inductor"``; kohya's names): ``torch.compile`` the model
@@ -116,14 +144,29 @@ class TrainOptions:
     read, bucketed and cached as ``images``, balanced against the training images by kohya's rule and
     trained on as the prior batches instead of generated ones; :mod:`sdadapt.training.reg_data`).
 
+    kohya's data descriptions (:mod:`sdadapt.training.dataset_config`): ``dataset_config`` (kohya's
+    dataset TOML, in place of ``images`` and ``reg_data_dir``: one ``[[datasets]]`` block whose
+    resolution, batch size and bucket keys replace these options, and subsets with their own
+    ``num_repeats``, ``class_tokens``, caption files and caption options; ``is_reg`` subsets are the
+    prior data as ``reg_data_dir``'s), ``in_json`` (kohya's fine-tuning metadata: image key ->
+    caption / tags, the images in ``images``).
+
     Outputs: ``out``, ``overwrite``, ``dtype``, ``save_every_n_steps``, ``save_every_n_epochs``,
     ``save_state`` (write the resumable state with each save), ``resume`` (a state folder),
     ``sample_prompts`` (kohya prompt file), ``sample_every_n_steps``, ``sample_every_n_epochs``,
     ``sample_sampler``, ``sample_steps``, ``log_with`` (``auto``/``csv``/``tensorboard``),
-    ``training_comment``.
+    ``training_comment``. kohya's: ``save_last_n_steps`` / ``save_last_n_epochs`` (after each
+    periodic save, remove the older saves of the run lineage out of the window, kohya's rule:
+    :mod:`sdadapt.jobs.save_rotation`; the state's ``run.json`` lists them so ``resume`` continues),
+    ``save_n_epoch_ratio`` (save every ``floor(epochs / N)`` epochs, at least 1, in place of
+    ``save_every_n_epochs``), ``save_state_on_train_end`` (the state after the last step too),
+    ``sample_at_first`` (samples before step 1, ``step000000-*.png``; not again when resuming),
+    ``lr_scheduler_power`` and ``lr_scheduler_args`` (``("lr_end=1e-6",)``) of the ``polynomial``
+    schedule (:attr:`sdadapt.methods.FitConfig.schedule`), ``metadata_title`` / ``_author`` /
+    ``_description`` / ``_license`` / ``_tags`` (written as ``modelspec.*``).
     """
 
-    images: str | os.PathLike
+    images: str | os.PathLike | None = None
     prompt: str | None = None
     caption_extension: str = ".txt"
     repeats: int = 1
@@ -133,6 +176,15 @@ class TrainOptions:
     caption_tag_dropout_rate: float = 0.0
     caption_template: str | None = None
     templates: str = "object"
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_every_n_epochs: int = 0
+    enable_wildcard: bool = False
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    weighted_captions: bool = False
     resolution: tuple[int, int] | None = None
     enable_bucket: bool = True
     min_bucket_reso: int | None = None
@@ -140,6 +192,9 @@ class TrainOptions:
     bucket_reso_steps: int | None = None
     bucket_no_upscale: bool = False
     flip_aug: bool = False
+    alpha_mask: bool = False
+    masked_loss: bool = False
+    conditioning_data_dir: str | os.PathLike | None = None
     random_crop: bool = False
     color_aug: bool = False
     model: str = "toy"
@@ -157,7 +212,7 @@ class TrainOptions:
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
     optimizer: str = "adamw"
-    weight_decay: float = 1e-2
+    weight_decay: float | None = None
     optimizer_args: tuple[str, ...] = ()
     scale_weight_norms: float | None = None
     lr_scheduler: str = "cosine"
@@ -175,9 +230,12 @@ class TrainOptions:
     huber_schedule: str = "snr"
     huber_scale: float = 1.0
     debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
     multires_noise_iterations: int = 0
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
     min_timestep: int | None = None
     max_timestep: int | None = None
     ema_decay: float | None = None
@@ -188,6 +246,7 @@ class TrainOptions:
     fused_backward_pass: bool = False
     sdpa_backends: str | None = None
     cuda_graph: bool = False
+    cache_text_encoder_outputs: bool = False
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
     full_bf16: bool = False
@@ -199,6 +258,8 @@ class TrainOptions:
     prior: bool | None = None
     prior_weight: float = 1.0
     reg_data_dir: str | os.PathLike | None = None
+    dataset_config: str | os.PathLike | None = None
+    in_json: str | os.PathLike | None = None
     out: str | os.PathLike | None = None
     overwrite: bool = False
     dtype: torch.dtype | None = None
@@ -213,6 +274,18 @@ class TrainOptions:
     sample_steps: int = 20
     log_with: str = "auto"
     training_comment: str | None = None
+    save_last_n_steps: int | None = None
+    save_last_n_epochs: int | None = None
+    save_n_epoch_ratio: int | None = None
+    save_state_on_train_end: bool = False
+    sample_at_first: bool = False
+    lr_scheduler_power: float = 1.0
+    lr_scheduler_args: tuple[str, ...] = ()
+    metadata_title: str | None = None
+    metadata_author: str | None = None
+    metadata_description: str | None = None
+    metadata_license: str | None = None
+    metadata_tags: str | None = None
 
     def timestep_range(self) -> tuple[int, int] | None:
         """``[min_timestep, max_timestep)`` (kohya's defaults 0 and 1000), or ``None`` for all of them."""
@@ -240,10 +313,13 @@ class TrainOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.text_encoder_lr is not None and not self.text_encoder_lr >= 0:
             raise ValueError(f"--text-encoder-lr must be >= 0, got {self.text_encoder_lr}")
-        for name in ("keep_tokens", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight",
+        for name in ("keep_tokens", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight",
                      "multires_noise_iterations", "ip_noise_gamma"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.weight_decay is not None and (isinstance(self.weight_decay, bool) or not self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be >= 0 (leave it out for the optimiser's default: 0.01 for AdamW, "
+                             f"0 for Adafactor), got {self.weight_decay!r}")
         if self.loss_type not in _LOSS_TYPES:
             raise ValueError(f"--loss-type must be one of {', '.join(_LOSS_TYPES)}, got {self.loss_type!r}")
         if self.huber_schedule not in _HUBER_SCHEDULES:
@@ -266,6 +342,17 @@ class TrainOptions:
 
             raise ValueError("--zero-terminal-snr cannot train " + "; ".join(zero_terminal_snr_clashes(
                 StepConfig(debiased_estimation=True))))
+        _check_v_pred_loss(self, self.prediction_type)
+        if self.zero_terminal_snr and self.v_pred_like_loss:
+            raise ValueError(f"--zero-terminal-snr with --v-pred-like-loss {self.v_pred_like_loss}: its weight "
+                             "1 + X·(SNR + 1)/SNR is infinite at the last timestep's SNR 0; leave one of the two out")
+        if self.conditioning_data_dir is not None:
+            if not self.masked_loss:
+                raise ValueError(f"--conditioning-data-dir {self.conditioning_data_dir} holds loss masks, read only with "
+                                 "--masked-loss (kohya's): add --masked-loss, or leave the folder out")
+            if not Path(self.conditioning_data_dir).is_dir():
+                raise FileNotFoundError(f"--conditioning-data-dir {self.conditioning_data_dir}: no such folder (the "
+                                        "folder of mask images named as the training images)")
         if not 0 < self.multires_noise_discount <= 1:
             raise ValueError(f"--multires-noise-discount must be in (0, 1], got {self.multires_noise_discount}")
         low, high = self.timestep_range() or (0, 1000)
@@ -284,6 +371,8 @@ class TrainOptions:
         if self.reg_data_dir is not None and self.prior is False:
             raise ValueError(f"--reg-data-dir {self.reg_data_dir} is prior preservation with your class images, so it "
                              "cannot go with --no-prior: leave one of the two out")
+        _check_data_sources(self)
+        _check_loraplus_unet_base_weights_block_lr(self.method_options)  # LoRA+, --no-unet, --base-weights, --block-lr
         if self.method_options.get("dim_from_weights") and not self.method_options.get("network_weights"):
             raise ValueError("--dim-from-weights takes the modules and ranks from --network-weights FILE: give the file too")
         if self.class_prompt is not None and not self.class_prompt.strip():
@@ -341,6 +430,8 @@ class TrainOptions:
                 _check_compile_backend(self.dynamo_backend)
             except ValueError as exc:
                 raise ValueError(f"--dynamo-backend: {exc}") from None
+        if self.cache_text_encoder_outputs:
+            _check_text_cache_captions(self)
         if self.cuda_graph:
             from ..methods.fit import cuda_graph_clashes
 
@@ -360,6 +451,7 @@ class TrainOptions:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        _check_caption_options(self)
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
             raise ValueError(f"--resolution must be SIZE or WIDTH,HEIGHT, got {self.resolution}")
         from ..text_chunks import MAX_TOKEN_LENGTHS
@@ -370,24 +462,264 @@ class TrainOptions:
         if self.max_token_length != 75 and str(self.model) in ("toy", "toy-image"):
             raise ValueError(f"--max-token-length {self.max_token_length} is for Stable Diffusion models (CLIP text encoders); "
                              "the toy's text encoder reads at most 14 words: leave it out")
+        _check_saving_options(self)
+
+
+def _check_data_sources(options: TrainOptions) -> None:
+    """``images``, ``dataset_config`` and ``in_json`` given together sensibly (raises ``ValueError``)."""
+    if options.images is None and options.dataset_config is None and options.in_json is None:
+        raise ValueError("no images: pass --images DIR (kohya's train_data_dir) or --dataset-config TOML (kohya's "
+                         "dataset_config)")
+    if options.dataset_config is not None:
+        for flag, value in (("--reg-data-dir", options.reg_data_dir), ("--in-json", options.in_json)):
+            if value is not None:
+                raise ValueError(f"--dataset-config {options.dataset_config} lists the images, so {flag} {value} would "
+                                 "not be used (kohya ignores it): "
+                                 + ("give the regularisation folder as a subset with is_reg = true" if flag == "--reg-data-dir"
+                                    else "give the metadata as a subset with metadata_file = '...'") + ", or leave one out")
+    if options.in_json is not None and options.reg_data_dir is not None:
+        raise ValueError(f"--in-json {options.in_json} is kohya's fine-tuning data, which has no regularisation images "
+                         f"(kohya ignores --reg-data-dir with it): leave --reg-data-dir {options.reg_data_dir} out, or use "
+                         "--dataset-config with an is_reg subset and DreamBooth-style training images")
+
+
+def _data_config_fallback(options: TrainOptions) -> dict[str, object]:
+    """The run's options by kohya's dataset-config names: the values a dataset TOML falls back on
+    (kohya's command-line arguments); ``resolution`` as kohya's (width, height)."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    fallback: dict[str, object] = {name: getattr(options, name) for name in _DATA_CONFIG_NAMES if name in names}
+    fallback.update(num_repeats=options.repeats, class_tokens=options.prompt, caption_separator=",",
+                    resolution=None if options.resolution is None else (options.resolution[1], options.resolution[0]))
+    return fallback
+
+
+#: kohya dataset-config keys that are TrainOptions fields of the same name (the rest are mapped in _data_config_fallback)
+_DATA_CONFIG_NAMES = ("batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                      "bucket_no_upscale", "caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
+                      "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
+                      "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
+                      "token_warmup_step", "flip_aug", "random_crop", "color_aug")
+
+
+def _read_data_config(options: TrainOptions):
+    """``--dataset-config`` / ``--in-json`` read and resolved (:mod:`sdadapt.training.dataset_config`),
+    before anything loads, each subset's caption options checked; the options its dataset block
+    decides are returned in ``.options`` together with the training subsets' caption options when
+    they all agree (so the run's metadata and checks see them)."""
+    from ..errors import InputError
+    from ..training.dataset_config import in_json_config, read_dataset_config
+
+    fallback = _data_config_fallback(options)
+    if options.dataset_config is not None:
+        config = read_dataset_config(options.dataset_config, fallback=fallback)
+    else:
+        config = in_json_config(options.in_json, image_dir=options.images, fallback=fallback)  # type: ignore[arg-type]
+    source = f"--dataset-config {options.dataset_config}" if options.dataset_config is not None else f"--in-json {options.in_json}"
+    for subset in config.subsets:
+        try:
+            _subset_caption_options(options, subset, templates=(), total_steps=1)
+        except ValueError as exc:
+            raise InputError(f"{source}: {subset.where}: {exc}") from None
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    train = config.train_subsets
+    for name in train[0].captions:
+        values = [s.captions[name] for s in train]
+        if name in names and all(v == values[0] for v in values):
+            config.options[name] = values[0]
+    return config
+
+
+def _data_config_record(config) -> dict | None:
+    """The resolved ``--dataset-config`` / ``--in-json`` (``config``; ``None``: neither) for the
+    ``--resume`` record, as JSON reads it back: its subsets decide the images, repeats and caption
+    draws a resumed run continues."""
+    return None if config is None else json.loads(json.dumps(config.record(), default=str))
+
+
+def _subset_caption_options(options: TrainOptions, subset, *, templates: tuple[str, ...], total_steps: int):
+    """A dataset-TOML subset's :class:`~sdadapt.training.data.CaptionOptions`: the run's options with
+    the subset's values, as :func:`_caption_options` builds them, and its ``caption_separator``."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    own = {k: v for k, v in subset.captions.items() if k in names}
+    captions = _caption_options(dataclasses.replace(options, **own), templates=templates, total_steps=total_steps)
+    return dataclasses.replace(captions, separator=str(subset.captions.get("caption_separator") or ","))
+
+
+def _subset_captions(options: TrainOptions, subsets: dict, records: list, *, templates: tuple[str, ...],
+                     total_steps: int) -> None:
+    """Give each record its dataset-TOML subset's caption options (in place; ``record.folder`` is
+    the subset's label; regularisation images: without the trigger-word templates)."""
+    built = {label: _subset_caption_options(options, subset, templates=() if subset.is_reg else templates,
+                                            total_steps=total_steps) for label, subset in subsets.items()}
+    for record in records:
+        record.captions = built[record.folder]
+
+
+def _check_caption_options(options: TrainOptions) -> None:
+    """kohya's caption options of ``options`` checked (before anything loads); raises ``ValueError``
+    naming the flag."""
+    for name in ("caption_prefix", "caption_suffix", "secondary_separator"):
+        value = getattr(options, name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"--{name.replace('_', '-')} must be text, got {value!r}")
+    if not isinstance(options.keep_tokens_separator, str):
+        raise ValueError(f"--keep-tokens-separator must be text (\"\": none), got {options.keep_tokens_separator!r}")
+    for name in ("caption_dropout_every_n_epochs", "token_warmup_min"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 0, got {value!r}")
+    step = options.token_warmup_step
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step < math.inf:
+        raise ValueError(f"--token-warmup-step must be >= 0 (the step by which every tag is used, or below 1 a share "
+                         f"of the steps; 0: off), got {step!r}")
+    separators = {"--keep-tokens-separator": options.keep_tokens_separator, "--secondary-separator": options.secondary_separator}
+    for flag, value in separators.items():
+        if value and "," in value:
+            raise ValueError(f"{flag} {value!r} holds the tag separator ','; choose a string without commas, e.g. "
+                             + ("'|||'" if flag == "--keep-tokens-separator" else "';;;'"))
+    if options.keep_tokens_separator and options.keep_tokens_separator == options.secondary_separator:
+        raise ValueError(f"--keep-tokens-separator and --secondary-separator are both {options.secondary_separator!r}: "
+                         "they do different things, give them different strings (e.g. '|||' and ';;;')")
+    # (with --cache-text-encoder-outputs: refused by _check_text_cache_captions, which runs first)
+    if options.weighted_captions and str(options.model) in ("toy", "toy-image"):
+        raise ValueError("--weighted-captions (A1111 emphasis, (word:1.2) / [word], in the captions) cannot work with "
+                         "the toy model (its text encoder is no CLIP; use a Stable Diffusion folder or file)")
+
+
+def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total_steps: int | None):
+    """The :class:`~sdadapt.training.data.CaptionOptions` of ``options`` (``total_steps``: the run's
+    optimiser steps, for a fractional ``token_warmup_step``; ``None`` while they are not known yet:
+    no warm-up)."""
+    from ..training.data import CaptionOptions, token_warmup_step_count
+
+    return CaptionOptions(shuffle=options.shuffle_caption, keep_tokens=options.keep_tokens,
+                          dropout=options.caption_dropout_rate, tag_dropout=options.caption_tag_dropout_rate,
+                          templates=templates, prefix=options.caption_prefix or "", suffix=options.caption_suffix or "",
+                          dropout_every_n_epochs=options.caption_dropout_every_n_epochs,
+                          wildcards=options.enable_wildcard, keep_tokens_separator=options.keep_tokens_separator,
+                          secondary_separator=options.secondary_separator or "",
+                          token_warmup_min=options.token_warmup_min,
+                          token_warmup_steps=0 if total_steps is None else
+                          token_warmup_step_count(options.token_warmup_step, total_steps))
+
+
+def _check_saving_options(options: TrainOptions) -> None:
+    """kohya's save-rotation, schedule and modelspec options (:mod:`sdadapt.jobs.save_rotation`)."""
+    for name in ("save_last_n_steps", "save_last_n_epochs", "save_n_epoch_ratio"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+    power = options.lr_scheduler_power
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 <= power < math.inf:
+        raise ValueError(f"--lr-scheduler-power must be a finite number >= 0 (the polynomial schedule's exponent; 1: "
+                         f"linear decay), got {power!r}")
+    _lr_scheduler_kwargs(options)
+    if options.sample_at_first and options.sample_prompts is None:
+        raise ValueError("--sample-at-first needs --sample-prompts FILE (one prompt a line)")
+    for name in ("metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags"):
+        value = getattr(options, name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"--{name.replace('_', '-')} must be text (written as modelspec.{name[9:]}), got {value!r}")
+
+
+#: the lr_scheduler_args keys each schedule takes (those of diffusers' schedule functions that kohya
+#: would pass through and sdadapt runs; the others are given by their own options)
+_LR_SCHEDULER_ARG_KEYS = {"polynomial": ("lr_end",)}
+
+
+def _lr_scheduler_kwargs(options: TrainOptions) -> dict[str, float]:
+    """kohya's ``--lr_scheduler_args`` (``KEY=VALUE`` strings, values read with ``ast.literal_eval``;
+    the field is made a tuple) -> keyword arguments of the schedule: ``lr_end`` of ``polynomial``
+    (diffusers' default 1e-7, the LR the decay ends at). kohya hands them to the scheduler function,
+    which takes only its own keys (others are a ``TypeError`` there): refused here, naming the fix."""
+    from ..training.optimizer_args import parse_optimizer_args
+
+    items = options.lr_scheduler_args or ()
+    items = tuple(items.split()) if isinstance(items, str) else tuple(str(item) for item in items)
+    object.__setattr__(options, "lr_scheduler_args", items)
+    pairs = parse_optimizer_args(items, where="--lr-scheduler-args")
+    allowed = _LR_SCHEDULER_ARG_KEYS.get(options.lr_scheduler, ())
+    out: dict[str, float] = {}
+    for key, value in pairs:
+        if key == "power":
+            raise ValueError("--lr-scheduler-args power=...: give the polynomial exponent as --lr-scheduler-power "
+                             "(lr_scheduler_power in a TOML; kohya passes both and fails with a duplicate argument)")
+        if key == "num_cycles":
+            raise ValueError("--lr-scheduler-args num_cycles=...: give the cycles of cosine_with_restarts as "
+                             "--lr-scheduler-num-cycles N")
+        if key not in allowed:
+            raise ValueError(f"--lr-scheduler-args {key}: not an argument of --lr-scheduler {options.lr_scheduler} here; "
+                             "the schedules take " + "; ".join(f"{name}: {', '.join(keys)}"
+                                                               for name, keys in _LR_SCHEDULER_ARG_KEYS.items())
+                             + " (the warm-up, cycles and power have their own options)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"--lr-scheduler-args {key}={value!r}: must be a finite number >= 0")
+        out[key] = float(value)
+    for name in ("learning_rate", "unet_lr"):
+        rate = getattr(options, name)
+        if "lr_end" in out and rate is not None and not out["lr_end"] < rate:
+            raise ValueError(f"--lr-scheduler-args lr_end={out['lr_end']} must be below --{name.replace('_', '-')} "
+                             f"{rate} (the polynomial schedule decays from it to lr_end)")
+    return out
+
+
+def _check_text_cache_captions(options: TrainOptions) -> None:
+    """``--cache-text-encoder-outputs`` needs captions that read the same at each use (a whole-caption
+    dropout is fine: ``""`` is cached too); kohya refuses the same options
+    (``is_text_encoder_output_cacheable``)."""
+    changing = [flag for flag, on in (
+        ("--shuffle-caption", options.shuffle_caption),
+        ("--caption-tag-dropout-rate", options.caption_tag_dropout_rate > 0),
+        ("--token-warmup-step", options.token_warmup_step > 0),
+        ("--enable-wildcard", options.enable_wildcard),
+        ("--weighted-captions (the weights scale the text states as they are encoded)", options.weighted_captions),
+    ) if on]
+    if changing:
+        raise ValueError(f"--cache-text-encoder-outputs encodes each caption once before training, but with {' and '.join(changing)} "
+                         "the captions change at each use (kohya refuses them together too); leave them out or do not cache")
+
+
+def _check_text_cache_method(method: str, spec: object, options: TrainOptions) -> None:
+    """``--cache-text-encoder-outputs`` with a method whose text conditioning trains: refused before
+    the model loads (kohya: "network for Text Encoder cannot be trained with caching Text Encoder
+    outputs"). Trigger-word methods train token embeddings (or draw templates per use); the LoRA
+    family and dreambooth train the text encoder unless ``--no-text-encoder`` or ``--text-encoder-lr 0``."""
+    if not options.cache_text_encoder_outputs:
+        return
+    if getattr(spec, "trigger", False):
+        raise ValueError(f"--cache-text-encoder-outputs: {method} trains the trigger word's embedding, so the text "
+                         "encoder's output changes at every step; train without caching")
+    if "text_encoder" in {o.name for o in spec.options} and options.text_encoder_lr != 0:
+        default = inspect.signature(spec.prepare).parameters.get("text_encoder")
+        trains = options.method_options.get("text_encoder", default.default if default is not None else False)
+        if trains:
+            raise ValueError(f"--cache-text-encoder-outputs: {method} trains the text encoder too (its output changes "
+                             "at every step); add --no-text-encoder (kohya's network_train_unet_only) or --text-encoder-lr 0")
 
 
 def _optimizer_args(options: TrainOptions) -> tuple[tuple[str, object], ...]:
     """``options.optimizer_args`` (``KEY=VALUE`` strings; the field is made a tuple) parsed and checked
     against the optimiser (:func:`~sdadapt.training.optimizer_args.check_optimizer_args`), as
-    ``((key, value), ...)``. A ``weight_decay`` there and a ``--weight-decay`` other than the default
-    that disagrees is refused (which would win is not obvious; kohya has only the former)."""
+    ``((key, value), ...)``. A ``weight_decay`` there and a ``--weight-decay``
+    that disagrees is refused (which would win is not obvious; kohya has only the former). The values
+    are checked with kohya's defaults added, as ``train`` builds the optimiser
+    (:func:`~sdadapt.training.optimizer_args.kohya_constructor_args`: Adafactor's ``warmup_init=True``
+    alone is fine, its relative step being on); the pairs returned are the given ones."""
     from ..methods.fit import _OPTIMIZER_ALIASES
-    from ..training.optimizer_args import check_optimizer_args, parse_optimizer_args
+    from ..training.optimizer_args import (
+        check_optimizer_args,
+        kohya_constructor_args,
+        parse_optimizer_args,
+    )
 
     items = options.optimizer_args or ()
     items = tuple(items.split()) if isinstance(items, str) else tuple(str(item) for item in items)
     object.__setattr__(options, "optimizer_args", items)
-    pairs = check_optimizer_args(_OPTIMIZER_ALIASES[options.optimizer.lower()],
-                                 parse_optimizer_args(items, where="--optimizer-args"), where="--optimizer-args")
+    name = _OPTIMIZER_ALIASES[options.optimizer.lower()]
+    pairs = parse_optimizer_args(items, where="--optimizer-args")
+    check_optimizer_args(name, kohya_constructor_args(name, pairs), where="--optimizer-args")
     decay = dict(pairs).get("weight_decay")
-    default = next(f.default for f in dataclasses.fields(TrainOptions) if f.name == "weight_decay")
-    if decay is not None and options.weight_decay != default and float(decay) != options.weight_decay:  # type: ignore[arg-type]
+    if decay is not None and options.weight_decay is not None and float(decay) != options.weight_decay:  # type: ignore[arg-type]
         raise ValueError(f"--weight-decay {options.weight_decay} and --optimizer-args weight_decay={decay} disagree: "
                          "give the weight decay once (the optimizer_args one is kohya's)")
     return pairs
@@ -441,9 +773,10 @@ def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple
     return notes, templates
 
 
-def _inactive_option_notes(options: TrainOptions) -> list[str]:
+def _inactive_option_notes(options: TrainOptions, *, caption_notes: bool = True) -> list[str]:
     """Options that act only together with another one, given without it: said in the run report, not
-    refused — kohya configs (and GUIs writing them) carry these values whatever the other setting is."""
+    refused — kohya configs (and GUIs writing them) carry these values whatever the other setting is.
+    ``caption_notes=False``: not the caption options' (a dataset TOML's subsets that differ decide them)."""
     notes = []
     if not options.enable_bucket:
         unused = [flag for flag, value in (("--min-bucket-reso", options.min_bucket_reso), ("--max-bucket-reso", options.max_bucket_reso),
@@ -452,9 +785,13 @@ def _inactive_option_notes(options: TrainOptions) -> list[str]:
         if unused:
             notes.append(f"{', '.join(unused)}: not used without bucketing (--no-bucket); every image is scaled and "
                          "centre-cropped to the resolution")
-    if options.keep_tokens and not (options.shuffle_caption or options.caption_tag_dropout_rate):
+    if caption_notes and options.keep_tokens and not (options.shuffle_caption or options.caption_tag_dropout_rate
+                                                      or options.token_warmup_step):
         notes.append(f"--keep-tokens {options.keep_tokens}: not used without --shuffle-caption or --caption-tag-dropout-rate "
-                     "(it keeps the first tags from moving or dropping)")
+                     "or --token-warmup-step (it keeps the first tags from moving, dropping or being warmed up)")
+    if caption_notes and options.token_warmup_min != 1 and not options.token_warmup_step:
+        notes.append(f"--token-warmup-min {options.token_warmup_min}: not used without --token-warmup-step (the step "
+                     "by which every tag is used)")
     if options.lr_scheduler_num_cycles != 1 and options.lr_scheduler != "cosine_with_restarts":
         notes.append(f"--lr-scheduler-num-cycles {options.lr_scheduler_num_cycles}: not used by --lr-scheduler "
                      f"{options.lr_scheduler} (only cosine_with_restarts has cycles)")
@@ -472,6 +809,14 @@ def _inactive_option_notes(options: TrainOptions) -> list[str]:
                                            ("--adaptive-noise-scale 0", options.adaptive_noise_scale is not None)) if value]
         if unused:
             notes.append(f"{', '.join(unused)}: not used without --noise-offset")
+    if options.ip_noise_gamma_random_strength and not options.ip_noise_gamma:
+        notes.append("--ip-noise-gamma-random-strength: not used without --ip-noise-gamma")
+    if options.masked_loss and options.conditioning_data_dir is None and not options.alpha_mask:
+        notes.append("--masked-loss: no masks to apply without --conditioning-data-dir (mask images) or --alpha-mask; "
+                     "every pixel counts fully")
+    if options.alpha_mask and options.masked_loss and options.conditioning_data_dir is not None:
+        notes.append(f"--alpha-mask: not used; the masks come from --conditioning-data-dir {options.conditioning_data_dir} "
+                     "(kohya's masked loss prefers the mask images)")
     if options.multires_noise_discount != 0.3 and not options.multires_noise_iterations:
         notes.append(f"--multires-noise-discount {options.multires_noise_discount}: not used without "
                      "--multires-noise-iterations")
@@ -484,7 +829,48 @@ def _inactive_option_notes(options: TrainOptions) -> list[str]:
         if unused:
             notes.append(f"{', '.join(unused)}: not used with --dim-from-weights (the modules, ranks and alphas come from "
                          "--network-weights FILE)")
+    notes.extend(_inactive_saving_notes(options))
     return notes
+
+
+def _inactive_saving_notes(options: TrainOptions) -> list[str]:
+    """The save-rotation and schedule options given without what they act on (kohya configs carry them)."""
+    notes = []
+    if options.save_last_n_steps and not options.save_every_n_steps:
+        notes.append(f"--save-last-n-steps {options.save_last_n_steps}: not used without --save-every-n-steps (it removes "
+                     "older step saves)")
+    if options.save_last_n_epochs and not (options.save_every_n_epochs or options.save_n_epoch_ratio):
+        notes.append(f"--save-last-n-epochs {options.save_last_n_epochs}: not used without --save-every-n-epochs or "
+                     "--save-n-epoch-ratio (it removes older epoch saves)")
+    if options.save_n_epoch_ratio and options.save_every_n_epochs:
+        notes.append(f"--save-n-epoch-ratio {options.save_n_epoch_ratio} replaces --save-every-n-epochs "
+                     f"{options.save_every_n_epochs} (as kohya's)")
+    if options.lr_scheduler_power != 1.0 and options.lr_scheduler != "polynomial":
+        notes.append(f"--lr-scheduler-power {options.lr_scheduler_power}: not used by --lr-scheduler {options.lr_scheduler} "
+                     "(only polynomial has a power)")
+    return notes
+
+
+def _check_v_pred_loss(options: TrainOptions, prediction_type: str | None) -> None:
+    """kohya's refusals: ``--scale-v-pred-loss-like-noise-pred`` only with v-prediction, ``--v-pred-like-loss``
+    only without (``prediction_type`` None: not known yet, nothing checked)."""
+    if options.v_pred_like_loss is not None and not 0 <= options.v_pred_like_loss < math.inf:
+        raise ValueError(f"--v-pred-like-loss must be a finite number >= 0 (e.g. 0.1), got {options.v_pred_like_loss}")
+    where = f"{options.model} predicts {prediction_type}"
+    if options.scale_v_pred_loss_like_noise_pred and prediction_type == "epsilon":
+        raise ValueError(f"--scale-v-pred-loss-like-noise-pred scales a v-prediction loss and {where} (kohya: "
+                         "only with --v-parameterization); leave it out")
+    if options.v_pred_like_loss and prediction_type == "v_prediction":
+        raise ValueError(f"--v-pred-like-loss {options.v_pred_like_loss} adds a v-prediction-like loss to an epsilon "
+                         f"loss and {where} (kohya: not with --v-parameterization); leave it out")
+
+
+def _loss_mask_source(options: TrainOptions) -> LossMaskSource | None:
+    """Where the training images' loss masks come from (kohya's order: the mask images of
+    ``--conditioning-data-dir`` with ``--masked-loss``, else the alpha channel with ``--alpha-mask``)."""
+    if options.masked_loss and options.conditioning_data_dir is not None:
+        return LossMaskSource(Path(options.conditioning_data_dir))
+    return LossMaskSource() if options.alpha_mask else None
 
 
 def _check_zero_terminal_snr(options: TrainOptions, prediction_type: str, notes: list[str]) -> None:
@@ -493,7 +879,8 @@ def _check_zero_terminal_snr(options: TrainOptions, prediction_type: str, notes:
     from ..methods.fit import zero_terminal_snr_clashes
 
     clashes = zero_terminal_snr_clashes(StepConfig(prediction_type=prediction_type,
-                                                   debiased_estimation=options.debiased_estimation_loss))
+                                                   debiased_estimation=options.debiased_estimation_loss,
+                                                   v_pred_like_loss=options.v_pred_like_loss or 0.0))
     if clashes:
         raise ValueError(f"--zero-terminal-snr ({options.model} predicts {prediction_type}) cannot train " + "; ".join(clashes))
     if prediction_type == "epsilon":
@@ -518,7 +905,11 @@ class _Outputs:
 
 
 def _outputs(spec, options: TrainOptions) -> _Outputs:
-    final = Path(options.out) if options.out is not None else Path(f"{Path(options.images).name}-{spec.name}{spec.file_suffix}")
+    if options.dataset_config is not None or options.images is None:
+        data_name = Path(str(options.dataset_config or options.in_json)).stem
+    else:
+        data_name = Path(options.images).name
+    final = Path(options.out) if options.out is not None else Path(f"{data_name}-{spec.name}{spec.file_suffix}")
     stem = final.with_suffix("") if final.suffix else final
     state = Path(options.resume) if options.resume is not None else stem.with_name(stem.name + "-state")
     return _Outputs(final, state, stem.with_name(stem.name + "-log.csv"), stem.with_name(stem.name + "-tensorboard"),
@@ -559,7 +950,8 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
     existing = [p for p in [*spec.outputs(final), *planned] if p.exists()]
     if options.extract_lora is not None and extracted_lora_path(final, options.extract_lora).exists():
         existing.append(extracted_lora_path(final, options.extract_lora))
-    if options.resume is None and outputs.state.exists() and options.save_state and (options.save_every_n_steps or options.save_every_n_epochs):
+    if options.resume is None and outputs.state.exists() and (options.save_state_on_train_end or options.save_state and (
+            options.save_every_n_steps or options.save_every_n_epochs or options.save_n_epoch_ratio)):
         existing.append(outputs.state)
     if options.resume is None and outputs.log.exists():
         existing.append(outputs.log)
@@ -684,7 +1076,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
 
     Returns:
         ``{"method", "images", "prior_images", "losses", "seconds", "file", "steps", "epochs",
-        "report", "saved", "samples", "log", "state", "resumed_from", "lora"}`` (``lora``: with
+        "report", "saved", "removed", "samples", "log", "state", "resumed_from", "lora"}`` (``removed``: the
+        periodic saves ``save_last_n_steps`` / ``save_last_n_epochs`` removed; ``lora``: with
         ``extract_lora``, ``{"file", "rank", "layers", "max_relative_error", "worst_layer"}``, the
         error measured on the file written; else ``None``).
 
@@ -696,9 +1089,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     from ..methods.fit import NonFiniteLossError
     from ..methods.lora_blocks import check_block_args
     from ..sampling import parse_sample_prompts
-    from ..training.data import CaptionOptions, Dataset, encode_buckets, find_images, plan_dataset
+    from ..training.data import Dataset, encode_buckets, find_images, plan_dataset
     from ..training.pixel_augment import PixelAugment
-    from ..training.monitor import RunLog, tensorboard_available
+    from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
 
     if options is None:
         if "class_count" in fields:
@@ -706,6 +1099,16 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         options = TrainOptions(**fields)
     elif fields:
         options = dataclasses.replace(options, **fields)
+    data_config = None  # kohya's dataset TOML / fine-tuning metadata, read (no image yet) before any other check
+    if options.dataset_config is not None or options.in_json is not None:
+        data_config = _read_data_config(options)
+        try:
+            options = dataclasses.replace(options, **data_config.options)
+        except ValueError as exc:  # (e.g. batch_size = 0 in the file: name the file, not only the flag)
+            from ..errors import InputError
+
+            flag = "--dataset-config" if options.dataset_config is not None else "--in-json"
+            raise InputError(f"{flag} {data_config.source}: {exc}") from None
     say = log or (lambda line: None)
     spec = _method(method)
     known = {o.name for o in spec.options}
@@ -716,7 +1119,16 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                          f"{', '.join(o.option_strings[0] for o in spec.options) or 'none'})")
     if getattr(spec, "trigger", False) and not options.method_options.get("token"):
         raise ValueError(f"{method} learns a trigger word: pass --token WORD, the word the captions use (e.g. '<sks>')")
+    if options.weighted_captions and getattr(spec, "trigger", False):
+        raise ValueError(f"--weighted-captions: {method} encodes its captions itself (the trigger word's vectors go in "
+                         "before the text encoder), so the token weights cannot reach its text states; leave it off")
     check_block_args(options.method_options)  # kohya's block-wise network_args, before the model loads
+    plus = sorted(n for n in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+                  if options.method_options.get(n) is not None)
+    if plus and method in ("loha", "lokr") and not options.method_options.get("dim_from_weights"):
+        raise ValueError(f"{', '.join(plus)}: LoRA+ speeds up the lora_up (B) factors and {method} has none (LyCORIS "
+                         "would train it at the plain rate): train lora, locon or dora, or leave the ratios out")
+    _check_text_cache_method(method, spec, options)
     _check_dtype(spec, options.dtype)
     outputs = _outputs(spec, options)
     samples = parse_sample_prompts(options.sample_prompts) if options.sample_prompts is not None else []
@@ -725,7 +1137,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                           "needs nothing)")
     resume_record = None
     if options.resume is not None:
-        resume_record = _check_resume(Path(options.resume), method, options)
+        resume_record = _check_resume(Path(options.resume), method, options, dataset=_data_config_record(data_config))
+    optimizer_defaults = train_optimizer.recorded_defaults(resume_record)  # (a run recorded before: its own)
+    relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
     if options.scale_weight_norms is not None and method not in _MAX_NORM_METHODS:
@@ -736,21 +1150,50 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     weights_file = options.method_options.get("network_weights")
     if weights_file is not None and not Path(weights_file).exists():  # (a peft adapter is a folder)
         raise FileNotFoundError(f"--network-weights {weights_file}: no such file (give the LoRA/LyCORIS file to start from)")
+    for base_file in options.method_options.get("base_weights") or ():
+        if not Path(base_file).exists():
+            raise FileNotFoundError(f"--base-weights {base_file}: no such file (give the LoRA files to merge into the model)")
     device = resolve_device(options.device)
     start_time = time.perf_counter()
     trigger = options.method_options.get("token") if getattr(spec, "trigger", False) else None
     if trigger is None and (options.caption_template is not None or options.templates != "object"):
         raise ValueError(f"--caption-template and --templates are for methods that learn a trigger word (--token); "
                          f"{method} trains on the captions as they are")
-    records, notes = find_images(options.images, default_caption=options.prompt, uncaptioned=trigger is not None,
-                                 caption_extension=options.caption_extension, repeats=options.repeats)
+    config_reg, config_subsets = None, {}  # a dataset TOML's is_reg subsets (balanced as --reg-data-dir's), its subsets
+    if data_config is not None:
+        from ..training.dataset_config import dataset_records
+
+        records, config_reg, config_subsets, notes = dataset_records(data_config, uncaptioned=trigger is not None)
+        if config_reg is not None and (options.prior is False or options.class_images is not None):
+            raise ValueError(f"--dataset-config {options.dataset_config}: its is_reg subsets are prior preservation with "
+                             "your class images, so they cannot go with "
+                             + ("--no-prior" if options.prior is False else f"--class-images {options.class_images} "
+                                "(generated ones)") + ": leave one of the two out")
+        if options.dataset_config is not None and options.images is not None:
+            notes.append(f"--images {options.images}: not used, --dataset-config {options.dataset_config} lists the image "
+                         "folders (kohya ignores train_data_dir with a dataset config too)")
+    else:
+        records, notes = find_images(options.images, default_caption=options.prompt, uncaptioned=trigger is not None,
+                                     caption_extension=options.caption_extension, repeats=options.repeats,
+                                     multiline=options.enable_wildcard)
     if trigger is not None:
         trigger_notes, templates = _trigger_captions(records, trigger, options)
         notes.extend(trigger_notes)
     else:
         templates = ()
-    notes.extend(_inactive_option_notes(options))
-    reg = None  # --reg-data-dir: the user's class images, read and balanced before the model loads
+    # (the caption options' notes only where the run's options are every training subset's)
+    agreed = data_config is None or all(name in data_config.options for name in (
+        "shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "token_warmup_step", "token_warmup_min"))
+    notes.extend(_inactive_option_notes(options, caption_notes=agreed))
+    notes.extend(train_optimizer.relative_step_notes(options, _optimizer_args(options), defaults=optimizer_defaults,
+                                                     learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate))
+    loss_masks = _loss_mask_source(options)
+    unmasked = loss_masks.missing(records) if loss_masks is not None else []
+    if unmasked:  # (kohya asserts the same before training)
+        raise ImageFolderError(f"--conditioning-data-dir {options.conditioning_data_dir}: no mask image for "
+                               f"{len(unmasked)} training image(s): {', '.join(unmasked[:5])}"
+                               f"{' ...' if len(unmasked) > 5 else ''}; give each image a mask of the same name")
+    reg = config_reg  # --reg-data-dir: the user's class images, read and balanced before the model loads
     if options.reg_data_dir is not None:
         from ..training.reg_data import find_reg_images
 
@@ -764,6 +1207,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")
+    _check_v_pred_loss(options, getattr(system, "prediction_type", "epsilon"))  # (the model's prediction is known now)
     if options.zero_terminal_snr:  # what the model predicts is known now: before the latents are cached
         _check_zero_terminal_snr(options, getattr(system, "prediction_type", "epsilon"), notes)
     native = int(system.image_size)
@@ -779,18 +1223,21 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         raise ValueError(f"--resolution {width}x{height} must be a multiple of the bucket step {step_size}")
     plan_dataset(records, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
                  min_size=options.min_bucket_reso, max_size=options.max_bucket_reso, no_upscale=options.bucket_no_upscale)
-    captions = CaptionOptions(shuffle=options.shuffle_caption, keep_tokens=options.keep_tokens,
-                              dropout=options.caption_dropout_rate, tag_dropout=options.caption_tag_dropout_rate,
-                              templates=templates)
+    captions = _caption_options(options, templates=templates, total_steps=None)  # (the warm-up once the steps are known)
     augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug)
-    dataset = Dataset(records, captions=captions, notes=notes, flip=options.flip_aug, augment=augment)
+    dataset = Dataset(records, captions=captions, notes=notes, flip=options.flip_aug, augment=augment, loss_masks=loss_masks)
     reg_dataset = None
     if reg is not None:  # bucketed, captioned and flipped as the training images (kohya: one dataset of both)
         plan_dataset(reg.records, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
                      min_size=options.min_bucket_reso, max_size=options.max_bucket_reso,
                      no_upscale=options.bucket_no_upscale)
-        reg_dataset = Dataset(reg.records, captions=dataclasses.replace(captions, templates=()), flip=options.flip_aug,
-                              augment=augment)
+        reg_flip, reg_augment = options.flip_aug, augment
+        if data_config is not None and data_config.reg_augment:  # the is_reg subsets' own (one setting for all of them)
+            reg_flip = data_config.reg_augment["flip_aug"]
+            reg_augment = PixelAugment(random_crop=data_config.reg_augment["random_crop"],
+                                       color_aug=data_config.reg_augment["color_aug"])
+        reg_dataset = Dataset(reg.records, captions=dataclasses.replace(captions, templates=()), flip=reg_flip,
+                              augment=reg_augment, loss_masks=LossMaskSource() if options.alpha_mask else None)
     from ..sampling import unknown_words
 
     unknown_caption_words = sorted({w for c in [*(r.caption for r in records), *templates] for w in unknown_words(system, c)}
@@ -805,20 +1252,33 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     else:
         total = options.steps or spec.steps
     epochs = math.ceil(total * accumulation / per_epoch)
+    if options.token_warmup_step:  # kohya's token_warmup_step below 1 is a share of the run's steps: known now
+        dataset.captions = _caption_options(options, templates=templates, total_steps=total)
+        if reg_dataset is not None:
+            reg_dataset.captions = dataclasses.replace(dataset.captions, templates=())
+    if data_config is not None:  # each subset's own caption options on its images (the warm-up's steps known now)
+        _subset_captions(options, config_subsets, [*records, *(reg.records if reg is not None else ())],
+                         templates=templates, total_steps=total)
     start = int(resume_record["step"]) if resume_record else 0
     if start >= total:
         raise ValueError(f"{options.resume}: the saved state is at step {start} of {total}; raise --steps to train further")
     # every periodic file is known now: check them all before the first step
     steps_per_epoch = per_epoch / accumulation
-    planned: dict[int, Path] = {}
+    every_epochs = options.save_every_n_epochs
+    if options.save_n_epoch_ratio:  # kohya's: floor(epochs / ratio) or 1, in place of --save-every-n-epochs
+        every_epochs = max(1, epochs // options.save_n_epoch_ratio)
+    periodic: dict[int, PeriodicSave] = {}  # step -> the save made there (its kind decides its rotation)
     if options.save_every_n_steps:
-        planned.update({s: outputs.periodic(step=s) for s in range(options.save_every_n_steps, total, options.save_every_n_steps)})
-    if options.save_every_n_epochs:
-        for e in range(options.save_every_n_epochs, epochs, options.save_every_n_epochs):
+        periodic.update({s: PeriodicSave("step", s, outputs.periodic(step=s))
+                         for s in range(options.save_every_n_steps, total, options.save_every_n_steps)})
+    if every_epochs:
+        for e in range(every_epochs, epochs, every_epochs):
             s = min(total, math.ceil(e * steps_per_epoch))
             if s < total:
-                planned.setdefault(s, outputs.periodic(epoch=e))
-    planned = {s: p for s, p in planned.items() if s > start}
+                periodic.setdefault(s, PeriodicSave("epoch", e, outputs.periodic(epoch=e)))
+    planned = {s: save.path for s, save in periodic.items() if s > start}
+    # the periodic saves this run lineage wrote and has not removed (a resumed run continues the rotation)
+    written: list[PeriodicSave] = _recorded_saves(resume_record, Path(options.resume)) if resume_record else []
     sample_points = set()
     if samples:
         if options.sample_every_n_steps:
@@ -829,23 +1289,33 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         if not sample_points:
             sample_points.add(total)
         sample_points = {s for s in sample_points if s > start}
+        if options.sample_at_first and start == 0:  # kohya's: the untrained adaptation's samples, before step 1
+            sample_points.add(0)
+        elif options.sample_at_first:
+            say("--sample-at-first: not sampled again when resuming (the first run wrote its step-0 samples)")
     sample_files = [outputs.samples / f"step{s:06d}-{i:02d}.png" for s in sorted(sample_points) for i in range(len(samples))]
     _check_outputs(spec, options, outputs, planned=[*(o for p in planned.values() for o in spec.outputs(p)), *sample_files])
     mixed = None if options.mixed_precision == "no" else options.mixed_precision
     warmup = options.lr_warmup_steps
     warmup_steps = (min(20, total // 10) if warmup is None else int(round(warmup * total)) if warmup < 1 else int(warmup))
+    if relative_step:  # Adafactor's own step size: the LR only fills the groups' (unused) lr, as kohya's adafactor schedule
+        warmup_steps = 0
     config = FitConfig(
+        lr_power=float(options.lr_scheduler_power), lr_end=_lr_scheduler_kwargs(options).get("lr_end", 1e-7),
         steps=total, batch_size=options.batch_size, learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate,
-        warmup_steps=warmup_steps, schedule=options.lr_scheduler, seed=options.seed, optimizer=options.optimizer,
-        optimizer_args=_optimizer_args(options), scale_weight_norms=options.scale_weight_norms,
-        weight_decay=options.weight_decay, text_encoder_lr=options.text_encoder_lr, num_cycles=options.lr_scheduler_num_cycles,
+        warmup_steps=warmup_steps, schedule="constant" if relative_step else options.lr_scheduler, seed=options.seed,
+        optimizer=options.optimizer, scale_weight_norms=options.scale_weight_norms,
+        optimizer_args=train_optimizer.fit_optimizer_args(options, _optimizer_args(options), optimizer_defaults),
+        weight_decay=train_optimizer.fit_weight_decay(options, optimizer_defaults), text_encoder_lr=options.text_encoder_lr,
+        num_cycles=options.lr_scheduler_num_cycles,
         ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan, text_encoder_steps=options.text_encoder_steps,
         ema_into_weights=options.ema_save == "weights",
         gradient_checkpointing=options.gradient_checkpointing or options.gradient_checkpointing_fraction is not None,
         gradient_checkpointing_fraction=1.0 if options.gradient_checkpointing_fraction is None else options.gradient_checkpointing_fraction,
         fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
         cuda_graph=options.cuda_graph, compile_backend=options.dynamo_backend if options.torch_compile else None,
-        zero_terminal_snr=options.zero_terminal_snr,
+        zero_terminal_snr=options.zero_terminal_snr, cache_text_encoder_outputs=options.cache_text_encoder_outputs,
+        weighted_captions=options.weighted_captions,
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
                         noise_offset_random_strength=options.noise_offset_random_strength,
                         adaptive_noise_scale=options.adaptive_noise_scale,
@@ -855,6 +1325,10 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                         pyramid_noise_iterations=options.multires_noise_iterations,
                         pyramid_noise_discount=options.multires_noise_discount,
                         input_perturbation=options.ip_noise_gamma, timestep_range=options.timestep_range(),
+                        input_perturbation_random_strength=options.ip_noise_gamma_random_strength,
+                        prediction_type=getattr(system, "prediction_type", "epsilon"),
+                        scale_v_pred_loss_like_noise_pred=options.scale_v_pred_loss_like_noise_pred,
+                        v_pred_like_loss=options.v_pred_like_loss or 0.0,
                         max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed,
                         sdpa_backends=_sdpa_order(options.sdpa_backends)),
     )
@@ -877,7 +1351,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if reg is not None and reg_dataset is not None:
         encode_buckets(reg_dataset, system.encode_images,
                        progress=bars("caching class latents", "image") if bars is not None and not augment.active else None)
-        say(f"--reg-data-dir {options.reg_data_dir}: {len(reg.records)} class image(s), {reg_dataset.samples_per_epoch} "
+        reg_source = f"--reg-data-dir {options.reg_data_dir}" if options.reg_data_dir is not None else "the is_reg subsets"
+        say(f"{reg_source}: {len(reg.records)} class image(s), {reg_dataset.samples_per_epoch} "
             f"per epoch (kohya's balancing against {dataset.samples_per_epoch} training samples); "
             + reg_dataset.report()[-1])
         prior_data = (reg_dataset, options.prior_weight)
@@ -889,6 +1364,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                                   progress=bars("class images", "image") if bars is not None else None)
         prior_count = 0 if prior_data is None else len(prior_data[1])
     adaptation = spec.adapt(system, seed=options.seed, **options.method_options)
+    if options.method_options.get("block_lr") is not None:  # kohya's absolute rates -> factors of the run's rate
+        adaptation.use_learning_rate(config.learning_rate)  # type: ignore[attr-defined]
     for note in getattr(adaptation, "notes", ()):  # --network-weights: what the file gave
         say(note)
     if weights_file is not None and options.resume is not None:
@@ -903,10 +1380,16 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     sample_written: list[str] = []
 
     def metadata(step: int, epoch: int) -> dict[str, str]:
-        return _training_metadata(spec, options, config, dataset, system, outputs.final, hashes, steps=step, epoch=epoch,
+        meta = _training_metadata(spec, options, config, dataset, system, outputs.final, hashes, steps=step, epoch=epoch,
                                   epochs=epochs, per_epoch=per_epoch, height=height, width=width, started=started_at,
                                   prior=prior_count, buckets=step_size,
-                                  reg_dirs=reg.dirs if reg is not None else None)
+                                  reg_dirs=reg.dirs if reg is not None else None, optimizer_defaults=optimizer_defaults)
+        if data_config is not None and options.dataset_config is not None:  # kohya's ss_datasets (a dataset config)
+            from ..training.dataset_config import kohya_datasets_metadata
+
+            meta["ss_datasets"] = json.dumps(kohya_datasets_metadata(data_config, dataset, reg, batch_size=options.batch_size,
+                                                                     resolution=(height, width)))
+        return meta
 
     def write_samples(step: int) -> None:
         from ..images import write_png
@@ -939,13 +1422,32 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             _save(adaptation, spec, path, metadata=metadata(progress_info.step, progress_info.epoch), dtype=options.dtype,
                   ema=ema)
         saved.append(str(path))
+        made = periodic.get(progress_info.step)
+        if made is not None and made.path == path:  # (not an interrupted run's save: that one stays)
+            rotate(made, progress_info.step)
         if options.save_state:
             progress_info.save_state(outputs.state)
-            _write_run_record(outputs.state, method, options, progress_info.step, total)
+            _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
+                              dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults)
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
 
+    removed: list[str] = []
+
+    def rotate(now: PeriodicSave, step: int) -> None:
+        """--save-last-n-steps / --save-last-n-epochs: remove the earlier saves of this lineage out of the window."""
+        flag = "--save-last-n-steps" if now.kind == "step" else "--save-last-n-epochs"
+        for old in saves_to_remove(written, now, every_n_steps=options.save_every_n_steps, every_n_epochs=every_epochs,
+                                   last_n_steps=options.save_last_n_steps, last_n_epochs=options.save_last_n_epochs,
+                                   protected=spec.outputs(outputs.final)):
+            for target in spec.outputs(old.path):
+                remove_save(target)
+            written.remove(old)
+            removed.append(str(old.path))
+            say(f"step {step}: removed {old.path} ({flag})")
+        written.append(now)
+
     run_log = RunLog(outputs.log, tensorboard=outputs.tensorboard if tensorboard else None, append=options.resume is not None,
-                     after_step=start)
+                     after_step=start, extra=MAX_NORM_COLUMNS if options.scale_weight_norms is not None else None)
 
     last: dict = {}
 
@@ -956,12 +1458,19 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         last["info"] = info
         if info.step == total and options.ema_save == "beside":
             last["ema"] = ema_beside(info)
-        run_log.step(info.step, info.epoch, info.loss, info.lr)
+        run_log.step(info.step, info.epoch, info.loss, info.lr, info.max_norm)  # (kohya's max-norm statistics, if on)
         if info.step in planned:
             save_now(info, planned[info.step])
+        if info.step == total and options.save_state_on_train_end:  # kohya's: the state at the end, to train further
+            info.save_state(outputs.state)
+            _write_run_record(outputs.state, method, options, info.step, total, saves=written,
+                              dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults)
+            say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
         if info.step in sample_points:
             write_samples(info.step)
 
+    if 0 in sample_points:  # --sample-at-first
+        write_samples(0)
     try:
         losses = fit(system, adaptation, dataset, config=config, prior=prior_data, callback=progress, on_step=on_step,
                      resume=options.resume)
@@ -998,7 +1507,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             "losses": losses, "seconds": time.perf_counter() - start_time, "file": str(file), "steps": total,
             "epochs": epochs, "report": dataset.report(), "saved": saved, "samples": sample_written,
             "log": str(outputs.log), "tensorboard": str(outputs.tensorboard) if tensorboard else None,
-            "state": str(outputs.state) if saved and options.save_state else None,
+            "state": str(outputs.state) if (saved and options.save_state) or options.save_state_on_train_end else None,
+            "removed": removed,
             "resumed_from": start if options.resume is not None else None, "lora": lora}
 
 
@@ -1015,17 +1525,51 @@ def _toy_vocabulary(system) -> list[str]:
 _RUN_RECORD = "run.json"
 
 
-def _write_run_record(folder: Path, method: str, options: TrainOptions, step: int, total: int) -> None:
+def _check_loraplus_unet_base_weights_block_lr(method_options: dict) -> None:
+    """LoRA+ ratios, --no-unet, --base-weights and --block-lr: checked before the model loads."""
+    from ..methods.base_weights import base_weights_multipliers
+    from ..methods.block_lr import parse_block_lr
+    from ..methods.loraplus import LORAPLUS_ARGS, loraplus_ratios
+
+    loraplus_ratios(**{n: method_options[n] for n in LORAPLUS_ARGS if method_options.get(n) is not None})
+    if method_options.get("unet") is False and method_options.get("text_encoder") is False:
+        raise ValueError("--no-unet with --no-text-encoder (kohya's network_train_text_encoder_only and "
+                         "network_train_unet_only): nothing would train; leave one of the two out")
+    files = method_options.get("base_weights")
+    if method_options.get("base_weights_multiplier") is not None and not files:
+        raise ValueError("--base-weights-multiplier scales the --base-weights files: give the files too")
+    if files:
+        files = list(files) if isinstance(files, (list, tuple)) else [files]
+        base_weights_multipliers(len(files), method_options.get("base_weights_multiplier"))
+        missing = [str(f) for f in files if not Path(f).is_file()]
+        if missing:  # (before the model loads, not after)
+            raise FileNotFoundError(f"--base-weights {missing[0]}: no such file (give the LoRA files to merge into the "
+                                    "model before training)")
+    if method_options.get("block_lr") is not None:
+        parse_block_lr(method_options["block_lr"])
+
+
+def _write_run_record(folder: Path, method: str, options: TrainOptions, step: int, total: int, *,
+                      saves: list[PeriodicSave] | None = None, dataset: dict | None = None,
+                      optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS) -> None:
+    """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
+    run lineage wrote and still has (``--save-last-n-*`` of a resumed run continues removing them);
+    ``dataset``: the resolved dataset config (:func:`_data_config_record`); ``optimizer_defaults``:
+    the defaults the optimiser was built with (:func:`sdadapt.jobs.train_optimizer.recorded_defaults`;
+    a record without it was written before Adafactor took kohya's)."""
     from ..formats.files import atomic_write
 
     record = {"format": "sdadapt-train-run/1", "method": method, "model": str(options.model), "step": step,
               "total_steps": total, "batch_size": options.batch_size, "seed": options.seed,
               "images": str(options.images), "method_options": options.method_options,
               "optimizer": options.optimizer, "optimizer_args": _optimizer_args_record(options),
+              **({"optimizer_defaults": optimizer_defaults} if optimizer_defaults != train_optimizer.LEGACY_DEFAULTS else {}),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
               "captions": _caption_record(options), "augmentations": _augmentation_record(options),
               "noise": _noise_record(options),
-              "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir)}
+              "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir),
+              "dataset": dataset,
+              "periodic_saves": [save.record() for save in saves or ()]}
     atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
 
 
@@ -1041,7 +1585,14 @@ def _caption_record(options: TrainOptions) -> dict[str, object]:
             "shuffle_caption": options.shuffle_caption, "keep_tokens": options.keep_tokens,
             "caption_dropout_rate": options.caption_dropout_rate,
             "caption_tag_dropout_rate": options.caption_tag_dropout_rate,
-            "caption_template": options.caption_template, "templates": options.templates}
+            "caption_template": options.caption_template, "templates": options.templates,
+            **{name: getattr(options, name) for name, default in _CAPTION_DEFAULTS.items() if getattr(options, name) != default}}
+
+
+#: kohya's caption options recorded for --resume only when set (records of runs without them stay as they were)
+_CAPTION_DEFAULTS = {"caption_prefix": None, "caption_suffix": None, "caption_dropout_every_n_epochs": 0,
+                     "enable_wildcard": False, "keep_tokens_separator": "", "secondary_separator": None,
+                     "token_warmup_min": 1, "token_warmup_step": 0, "weighted_captions": False}
 
 
 def _augmentation_record(options: TrainOptions) -> dict[str, object]:
@@ -1050,17 +1601,30 @@ def _augmentation_record(options: TrainOptions) -> dict[str, object]:
 
 
 #: what a record written before these options existed trained with
-_NOISE_RECORD_DEFAULTS = {"noise_offset_random_strength": False, "zero_terminal_snr": False}
+_NOISE_RECORD_DEFAULTS = {"noise_offset_random_strength": False, "zero_terminal_snr": False,
+                          "ip_noise_gamma_random_strength": False}
 
 
 def _noise_record(options: TrainOptions) -> dict[str, object]:
     """The noise options that change a resumed run's draws (the random offset strength is one more
     draw per batch) or the schedule its steps train on (zero terminal SNR)."""
     return {"noise_offset_random_strength": options.noise_offset_random_strength,
+            "ip_noise_gamma_random_strength": options.ip_noise_gamma_random_strength,
             "zero_terminal_snr": options.zero_terminal_snr}
 
 
-def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
+def _recorded_saves(record: dict, folder: Path) -> list[PeriodicSave]:
+    """The periodic saves a resumed run's lineage wrote and kept (``run.json``'s ``periodic_saves``;
+    older records have none: nothing of theirs is removed)."""
+    entries = record.get("periodic_saves", [])
+    try:
+        return [PeriodicSave.from_record(entry) for entry in (entries if isinstance(entries, list) else [entries])]
+    except ValueError as exc:
+        raise ValueError(f"--resume {folder}: run.json's periodic_saves entry is damaged ({exc}); the file was edited — "
+                         "resume from an intact state folder") from None
+
+
+def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: dict | None = None) -> dict:
     """The saved run's record, after checking it is a state of the same method, model and optimiser."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--resume {folder}: no such folder (give the -state folder a run with --save-every-n-steps wrote)")
@@ -1088,8 +1652,10 @@ def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
                          "the file was edited or damaged — resume from an intact state folder")
     if saved_captions is not None:
         now = _caption_record(options)
-        mismatches += [f"{name} {saved_captions.get(name)!r} (now {value!r})" for name, value in now.items()
-                       if saved_captions.get(name) != value]
+        for name in [*now, *(n for n in _CAPTION_DEFAULTS if n not in now)]:  # (absent: the default)
+            before, after = saved_captions.get(name, _CAPTION_DEFAULTS.get(name)), now.get(name, _CAPTION_DEFAULTS.get(name))
+            if before != after:
+                mismatches.append(f"{name} {before!r} (now {after!r})")
     saved_augmentations = record.get("augmentations", {"flip_aug": False})  # older records: trained without flips
     if not isinstance(saved_augmentations, dict):
         raise ValueError(f"--resume {folder}: run.json's augmentations entry is not a table "
@@ -1104,6 +1670,16 @@ def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
     mismatches += [f"{name} {saved_noise.get(name, _NOISE_RECORD_DEFAULTS[name])!r} (now {value!r})"
                    for name, value in _noise_record(options).items()
                    if saved_noise.get(name, _NOISE_RECORD_DEFAULTS[name]) != value]
+    if "dataset" in record and record["dataset"] != dataset:  # (older records: not checked)
+        from ..training.dataset_config import record_changes
+
+        if isinstance(record["dataset"], dict) and isinstance(dataset, dict):  # name what changed, not both whole records
+            mismatches.append("the dataset config / metadata: " + "; ".join(record_changes(record["dataset"], dataset)))
+        else:
+            def _source(entry: object) -> object:
+                return entry.get("source") if isinstance(entry, dict) else entry
+
+            mismatches.append(f"the dataset config / metadata {_source(record['dataset'])!r} (now {_source(dataset)!r})")
     reg_now = None if options.reg_data_dir is None else str(options.reg_data_dir)
     if "reg_data_dir" in record and record["reg_data_dir"] != reg_now:  # (older records: not checked)
         mismatches.append(f"reg_data_dir {record['reg_data_dir']!r} (now {reg_now!r})")
@@ -1114,7 +1690,8 @@ def _check_resume(folder: Path, method: str, options: TrainOptions) -> dict:
 
 def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, system, final: Path, hashes: _Hashes, *,
                        steps: int, epoch: int, epochs: int, per_epoch: int, height: int, width: int, started: float,
-                       prior: int, buckets: int, reg_dirs: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
+                       prior: int, buckets: int, reg_dirs: dict[str, dict[str, int]] | None = None,
+                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS) -> dict[str, str]:
     """kohya's ``ss_*`` training metadata (what A1111's and kohya's metadata viewers show)."""
     base = hashes.get()
     model_file = _model_file(options.model)
@@ -1137,8 +1714,9 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_total_batch_size": str(config.batch_size * config.step.accumulation_steps),
         "ss_gradient_accumulation_steps": str(config.step.accumulation_steps),
         "ss_lr_warmup_steps": str(config.warmup_steps),
-        "ss_lr_scheduler": config.schedule,
-        "ss_optimizer": config.optimizer + (f"({format_optimizer_args(config.optimizer_args)})" if config.optimizer_args else ""),
+        "ss_lr_scheduler": train_optimizer.ss_lr_scheduler(options, _optimizer_args(options), learning_rate=config.learning_rate,
+                                                           schedule=config.schedule, defaults=optimizer_defaults),
+        "ss_optimizer": train_optimizer.ss_optimizer(options, _optimizer_args(options), optimizer_defaults),
         "ss_scale_weight_norms": str(options.scale_weight_norms),
         "ss_mixed_precision": options.mixed_precision,
         "ss_full_fp16": "False",
@@ -1158,7 +1736,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_caption_dropout_rate": str(options.caption_dropout_rate),
         "ss_caption_tag_dropout_rate": str(options.caption_tag_dropout_rate),
-        "ss_caption_dropout_every_n_epochs": "0",
+        "ss_caption_dropout_every_n_epochs": str(options.caption_dropout_every_n_epochs),
         "ss_shuffle_caption": str(options.shuffle_caption),
         "ss_keep_tokens": str(options.keep_tokens),
         "ss_flip_aug": str(options.flip_aug),
@@ -1182,6 +1760,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_multires_noise_iterations": str(options.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(options.multires_noise_discount),
         "ss_ip_noise_gamma": str(options.ip_noise_gamma or None),
+        "ss_ip_noise_gamma_random_strength": str(options.ip_noise_gamma_random_strength),
         "ss_ema_decay": str(options.ema_decay),
         "ss_stop_text_encoder_training": str(config.text_encoder_steps),
         "ss_v_parameterization": str(getattr(system, "prediction_type", "epsilon") == "v_prediction"),
@@ -1192,4 +1771,13 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_sdadapt_method": spec.name,
         "modelspec.resolution": f"{width}x{height}",
     }
+    meta.update(_modelspec_fields(options))
     return meta
+
+
+def _modelspec_fields(options: TrainOptions) -> dict[str, str]:
+    """kohya's ``--metadata_title/author/description/license/tags`` as the ``modelspec.*`` keys it writes
+    (``library/sai_model_spec.py``; the tags as given, comma-separated); those not given are left to
+    the writer (its title is the output name, kohya's default too)."""
+    return {f"modelspec.{name}": value for name in ("title", "author", "description", "license", "tags")
+            if (value := getattr(options, f"metadata_{name}")) is not None}

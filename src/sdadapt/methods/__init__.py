@@ -90,6 +90,8 @@ class MethodOption:
         help: the ``--help`` text.
         flags: the option strings (e.g. ``("--network-dim", "--rank")``).
         metavar: the value's name in ``--help``.
+        many: the option takes one or more values (``--base-weights A B``; a TOML list), each through
+            ``type``; ``prepare`` gets a list.
     """
 
     name: str
@@ -97,6 +99,7 @@ class MethodOption:
     help: str = ""
     flags: tuple[str, ...] = ()
     metavar: str | None = None
+    many: bool = False
 
     @property
     def option_strings(self) -> tuple[str, ...]:
@@ -147,6 +150,20 @@ LORA_OPTIONS = (
                  "FILE"),
     MethodOption("dim_from_weights", bool, "with --network-weights: take the modules, family, ranks and alphas from "
                  "the file instead of --network-dim etc. (kohya --dim_from_weights)", ("--dim-from-weights",)),
+    # LoRA+ (sdadapt.methods.loraplus): kohya network_args, and top-level keys in kohya configs before 2024-04
+    MethodOption("loraplus_lr_ratio", float, "LoRA+: the lora_up (B) factors learn at R x the learning rate "
+                 "(kohya network_args loraplus_lr_ratio; the paper: 16)", ("--loraplus-lr-ratio",), "R"),
+    MethodOption("loraplus_unet_lr_ratio", float, "LoRA+ ratio of the UNet's up factors (default: --loraplus-lr-ratio)",
+                 ("--loraplus-unet-lr-ratio",), "R"),
+    MethodOption("loraplus_text_encoder_lr_ratio", float, "LoRA+ ratio of the text encoders' up factors (default: "
+                 "--loraplus-lr-ratio)", ("--loraplus-text-encoder-lr-ratio",), "R"),
+    MethodOption("unet", bool, "adapt the UNet (default on; --no-unet is kohya's --network_train_text_encoder_only: "
+                 "the text encoder(s) only)", ("--unet",)),
+    # kohya's --base_weights (sdadapt.methods.base_weights)
+    MethodOption("base_weights", str, "LoRA files merged into the model before training (kohya --base_weights); the "
+                 "file written holds only what this run learns", ("--base-weights",), "FILE", many=True),
+    MethodOption("base_weights_multiplier", float, "the --base-weights files' multipliers, in order (missing ones: 1.0)",
+                 ("--base-weights-multiplier",), "M", many=True),
 )
 
 
@@ -220,7 +237,9 @@ register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the t
 register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto", options=LORA_OPTIONS))
 _FULL_OPTIONS = (MethodOption("text_encoder", bool, "train the text encoder(s) too (LoRA family: on by default, "
                               "--no-text-encoder is kohya's --network_train_unet_only; dreambooth: on for the first half "
-                              "of the steps, see --text-encoder-steps; full: off by default)", ("--text-encoder",)),)
+                              "of the steps, see --text-encoder-steps; full: off by default)", ("--text-encoder",)),
+                 MethodOption("block_lr", str, "SDXL: the UNet's learning rate per block, 23 comma-separated values "
+                              "(kohya sdxl_train.py --block_lr; 0 freezes a block)", ("--block-lr",), "LR,LR,..."))
 register_method(Method("full", "native fine-tune of the whole UNet", prepare_full, 2e-4, 600, options=_FULL_OPTIONS))
 register_method(Method("dreambooth", "fine-tune of the UNet + the text encoder (first half of the steps) with prior "
                        "preservation", prepare_dreambooth, 1e-3, 1000, "required", options=_FULL_OPTIONS))

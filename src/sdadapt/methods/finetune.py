@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,11 +57,26 @@ class FullAdaptation:
 
     ``text_encoder_share``: with the text encoder trained, the share of the steps it trains for
     when ``FitConfig.text_encoder_steps`` is not given (``None``: every step).
+
+    ``block_lr`` (SDXL, kohya's ``--block_lr``, :mod:`~sdadapt.methods.block_lr`): the UNet's 23
+    absolute learning rates per block; blocks at 0 are frozen (left out of ``params``). ``lr_scales``
+    then needs the run's learning rate: pass ``learning_rate`` or call :meth:`use_learning_rate`.
     """
 
-    def __init__(self, system, *, text_encoder: bool = False, text_encoder_share: float | None = None) -> None:
+    def __init__(self, system, *, text_encoder: bool = False, text_encoder_share: float | None = None,
+                 block_lr: str | Sequence[float] | None = None, learning_rate: float | None = None) -> None:
         if text_encoder_share is not None and not 0.0 <= text_encoder_share <= 1.0:
             raise ValueError(f"text_encoder_share must be in [0, 1], got {text_encoder_share}")
+        blocks: list[int] | None = None
+        if block_lr is not None:
+            from ..errors import InputError
+            from .block_lr import parse_block_lr, unet_parameter_blocks
+
+            block_lr = parse_block_lr(block_lr)
+            if system.base_model != "sdxl":
+                raise InputError(f"--block-lr is kohya's sdxl_train.py option (23 SDXL blocks); the model is "
+                                 f"{system.base_model}: use --unet-lr/--learning-rate")
+            blocks = unet_parameter_blocks(system.unet)
         self.system = system
         self.parts: dict[str, nn.Module] = {"unet": system.unet}
         if text_encoder:
@@ -77,6 +93,48 @@ class FullAdaptation:
             part.requires_grad_(True)
         self.params: list[nn.Parameter] = [p for part in self.parts.values() for p in part.parameters()]
         self.text_encoder_share = text_encoder_share if len(self.parts) > 1 else None
+        #: kohya's --block_lr (absolute) and the UNet block of each of ``params`` (``None``: a text encoder's)
+        self.block_lr: list[float] | None = block_lr  # type: ignore[assignment]
+        self._param_blocks: list[int | None] = []
+        self._learning_rate: float | None = None
+        if blocks is not None:
+            unet_blocks = dict(zip((id(p) for p in system.unet.parameters()), blocks))
+            kept = []
+            for param in self.params:
+                block = unet_blocks.get(id(param))
+                if block is not None and self.block_lr[block] == 0:  # type: ignore[index]
+                    param.requires_grad_(False)  # kohya: a block at lr 0 is not optimised
+                    continue
+                kept.append(param)
+                self._param_blocks.append(block)
+            self.params = kept
+            if learning_rate is not None:
+                self.use_learning_rate(learning_rate)
+
+    def use_learning_rate(self, learning_rate: float) -> None:
+        """The run's learning rate (``FitConfig.learning_rate``), which ``lr_scales`` turns ``block_lr`` into factors of."""
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self._learning_rate = float(learning_rate)
+
+    @property
+    def lr_scales(self) -> list[float] | None:
+        """Each of ``params``' learning-rate factor: ``block_lr[block] / learning_rate`` for the UNet's, 1 for the
+        text encoders' (``None`` without ``block_lr``: all 1).
+
+        Raises:
+            ValueError: ``block_lr`` without the run's learning rate (:meth:`use_learning_rate`).
+        """
+        if self.block_lr is None:
+            return None
+        if self._learning_rate is None:
+            raise ValueError("FullAdaptation with block_lr: give the run's learning rate first "
+                             "(prepare_full(..., learning_rate=LR) or adaptation.use_learning_rate(LR))")
+        from .block_lr import block_lr_scales
+
+        unet = [b for b in self._param_blocks if b is not None]
+        scales = iter(block_lr_scales(unet, self.block_lr, learning_rate=self._learning_rate))
+        return [next(scales) if b is not None else 1.0 for b in self._param_blocks]
 
     def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None,
              dtype: torch.dtype | None = None, ema: EMAWeights | None = None) -> Path:
@@ -151,21 +209,28 @@ class FullAdaptation:
                     p.requires_grad_(flag)
 
 
-def prepare_full(system, *, text_encoder: bool = False) -> FullAdaptation:
-    """Unfreeze the UNet (and the text encoder if asked)."""
-    return FullAdaptation(system, text_encoder=text_encoder)
+def prepare_full(system, *, text_encoder: bool = False, block_lr: str | Sequence[float] | None = None,
+                 learning_rate: float | None = None) -> FullAdaptation:
+    """Unfreeze the UNet (and the text encoder if asked).
+
+    ``block_lr``: SDXL's 23 per-block learning rates (kohya ``sdxl_train.py --block_lr``; see
+    :class:`FullAdaptation`), with ``learning_rate`` the run's (``FitConfig.learning_rate``).
+    """
+    return FullAdaptation(system, text_encoder=text_encoder, block_lr=block_lr, learning_rate=learning_rate)
 
 
 #: DreamBooth's default: the text encoder co-trains for the first half of the steps
 DREAMBOOTH_TEXT_ENCODER_SHARE = 0.5
 
 
-def prepare_dreambooth(system, *, text_encoder: bool = True) -> FullAdaptation:
+def prepare_dreambooth(system, *, text_encoder: bool = True, block_lr: str | Sequence[float] | None = None,
+                       learning_rate: float | None = None) -> FullAdaptation:
     """DreamBooth's parts: the UNet and, by default, the text encoder(s) for the first half of the
     steps (diffusers' ``--train_text_encoder`` with kohya's ``--stop_text_encoder_training``;
     ``FitConfig.text_encoder_steps`` / ``--text-encoder-steps`` overrides the stop;
-    ``text_encoder=False`` trains the UNet only)."""
-    return FullAdaptation(system, text_encoder=text_encoder, text_encoder_share=DREAMBOOTH_TEXT_ENCODER_SHARE)
+    ``text_encoder=False`` trains the UNet only; ``block_lr`` as :func:`prepare_full`)."""
+    return FullAdaptation(system, text_encoder=text_encoder, text_encoder_share=DREAMBOOTH_TEXT_ENCODER_SHARE,
+                          block_lr=block_lr, learning_rate=learning_rate)
 
 
 @torch.no_grad()

@@ -15,7 +15,8 @@ Two kinds of data:
   and crop conditioning per image.
 
 Latents are encoded once; the text encoder runs inside each step (its LoRA, or a trainable
-embedding, gets gradients; when nothing in it trains it costs one forward). Options beyond the
+embedding, gets gradients; when nothing in it trains it costs one forward, which
+``FitConfig.cache_text_encoder_outputs`` saves: every caption encoded once, before the first step). Options beyond the
 step's (:class:`FitConfig`): optimiser, LR schedule and warm-up, text-encoder LR, gradient
 accumulation (``step.accumulation_steps``: a step is one optimiser step), EMA, and what happens
 on a non-finite loss. ``on_step`` sees every optimiser step (logs, samples, periodic saves with
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from ..training.diffusion import zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
@@ -62,7 +64,7 @@ _OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": 
 #: the optimisers ``FitConfig.cuda_graph`` can capture (built ``capturable=True``)
 _CAPTURABLE_OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16")
 #: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``)
-SCHEDULES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear")
+SCHEDULES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 
 
 class Adaptation(Protocol):
@@ -110,8 +112,15 @@ class FitConfig:
     Attributes:
         steps: optimiser steps (each ``step.accumulation_steps`` batches).
         optimizer: one of :data:`OPTIMIZERS` (``adamw8bit``/``adamw-bf16``: sdadapt's lean AdamW
-            with 8-bit / bf16 states; ``adafactor``: factored second moments, fixed LR).
-        schedule: one of :data:`SCHEDULES`; ``num_cycles`` for ``cosine_with_restarts``.
+            with 8-bit / bf16 states; ``adafactor``: factored second moments, fixed LR unless
+            ``optimizer_args`` say ``relative_step=True``).
+        weight_decay: the decoupled weight decay; ``None`` (default): the optimiser's own (0.01
+            for the AdamW ones, as ``torch.optim.AdamW``; 0 for Adafactor, as transformers').
+        schedule: one of :data:`SCHEDULES`; ``num_cycles`` for ``cosine_with_restarts``;
+            ``lr_power`` and ``lr_end`` for ``polynomial`` (diffusers' / kohya's polynomial decay:
+            after the warm-up ``lr = (L − lr_end)·(1 − p)^lr_power + lr_end`` with ``L`` =
+            ``learning_rate``, ``p`` the share of the decay steps done; a group with another base LR
+            (the text encoder's) is scaled by the same factor ``lr/L``, as kohya's ``LambdaLR``).
         text_encoder_lr: LR of parameters inside the text encoder(s) (default: ``learning_rate``;
             0 freezes them — kohya's ``--network_train_unet_only``).
         text_encoder_steps: train the parameters inside the text encoder(s) for the first this
@@ -178,6 +187,22 @@ class FitConfig:
             (:func:`~sdadapt.training.max_norm.scale_weight_norms_`, kohya's ``--scale_weight_norms``;
             lora / LoCon / LoHa / LoKr, refused for DoRA and others); on the device, inside a
             captured CUDA-graph step too. :attr:`FitProgress.max_norm` has kohya's statistics.
+        cache_text_encoder_outputs: encode every caption the data can draw once, before the first
+            step, and train on the cached conditioning (kohya's ``--cache_text_encoder_outputs``;
+            :mod:`sdadapt.training.text_cache`): the steps no longer run the text encoder. Exactly
+            what ``system.condition`` gives (same autocast and attention kernels), rows kept on the
+            host and copied per batch without a host wait; SDXL's size conditioning stays per image.
+            Needs captions fixed before training (no shuffled or dropped tags, no templates or
+            wildcards drawn per use; a whole-caption dropout works, ``""`` is cached too) and
+            nothing in the text path training (no text-encoder adapters or embeddings unless their
+            ``text_encoder_lr`` is 0, no adaptation ``tokenize`` / ``training_model``).
+        weighted_captions: kohya's ``--weighted_captions``: a dataset's captions are read with
+            A1111 emphasis (``(word:1.2)``, ``[word]``; :mod:`sdadapt.prompt_weights`) and each
+            token's text states are multiplied by its weight (``system.tokenize_weighted``, e.g.
+            :meth:`~sdadapt.diffusers_system.DiffusersSystem.tokenize_weighted`). Needs a
+            :class:`~sdadapt.training.data.Dataset`, a system with ``tokenize_weighted``, no
+            adaptation ``tokenize`` / ``training_model`` and no ``cache_text_encoder_outputs``;
+            generated class images' prompts stay unweighted.
     """
 
     steps: int = 300
@@ -188,7 +213,7 @@ class FitConfig:
     seed: int = 0
     step: StepConfig = field(default_factory=lambda: StepConfig(min_snr_gamma=5.0))
     optimizer: str = "adamw"
-    weight_decay: float = 1e-2
+    weight_decay: float | None = None
     text_encoder_lr: float | None = None
     num_cycles: int = 1
     ema_decay: float | None = None
@@ -204,6 +229,10 @@ class FitConfig:
     zero_terminal_snr: bool = False
     optimizer_args: Any = ()
     scale_weight_norms: float | None = None
+    cache_text_encoder_outputs: bool = False
+    weighted_captions: bool = False
+    lr_power: float = 1.0
+    lr_end: float = 1e-7
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -216,12 +245,17 @@ class FitConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if isinstance(self.lr_power, bool) or not 0 <= self.lr_power < math.inf:
+            raise ValueError(f"lr_power must be a finite number >= 0 (polynomial decay; 1: linear), got {self.lr_power!r}")
+        if self.schedule == "polynomial" and not 0 <= self.lr_end < self.learning_rate:
+            raise ValueError(f"lr_end must be >= 0 and below learning_rate {self.learning_rate} (the polynomial schedule "
+                             f"decays from it to lr_end; diffusers refuses the same), got {self.lr_end!r}")
         if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999; got {self.ema_decay}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay is not None and (isinstance(self.weight_decay, bool) or not self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0 (or None: the optimiser's default), got {self.weight_decay!r}")
         from ..training.optimizer_args import check_optimizer_args
 
         object.__setattr__(self, "optimizer_args", check_optimizer_args(
@@ -245,6 +279,10 @@ class FitConfig:
                                  "arrives, so it cannot work with " + "; ".join(clashes))
         if self.compile_backend is not None:
             _check_compile_backend(self.compile_backend)
+        if self.weighted_captions and self.cache_text_encoder_outputs:
+            raise ValueError("weighted_captions (--weighted-captions) weights each caption's text states as it is "
+                             "encoded, which cache_text_encoder_outputs does once without the weights; give one of "
+                             "the two (kohya refuses the pair too)")
         if self.cuda_graph:
             clashes = cuda_graph_clashes(fused_backward=self.fused_backward, accumulation_steps=self.step.accumulation_steps,
                                          mixed_precision=self.step.mixed_precision, optimizer=self.optimizer,
@@ -266,6 +304,10 @@ class FitConfig:
         schedule = {"constant_with_warmup": "warmup"}.get(self.schedule, self.schedule)
         if schedule == "constant" and self.warmup_steps:
             schedule = "warmup"
+        if schedule == "polynomial":  # kohya's LambdaLR: one factor from the optimiser's LR, times each group's base
+            factor = lr_at(step, base_lr=self.learning_rate, schedule="polynomial", warmup_steps=self.warmup_steps,
+                           total_steps=self.steps, min_lr=self.lr_end, power=self.lr_power) / self.learning_rate
+            return base * factor
         return lr_at(step, base_lr=base, schedule=schedule, warmup_steps=self.warmup_steps,  # type: ignore[arg-type]
                      total_steps=self.steps, num_cycles=self.num_cycles)
 
@@ -278,10 +320,14 @@ def zero_terminal_snr_clashes(step: StepConfig) -> list[str]:
     t = 998, infinite at 999). kohya trains it only because its weights read the SNR of the schedule
     *before* the rescale; v-prediction's weight ``1/(SNR + 1)`` stays in (0, 1]. Min-SNR takes its
     limits (ε: 1, v and x0: 0) and Huber's ``snr`` schedule gives ``c`` there, so both train."""
+    clashes = []
     if step.debiased_estimation and step.prediction_type == "epsilon":
-        return [("debiased estimation with epsilon prediction (its weight 1/sqrt(SNR) is unbounded as the SNR reaches 0; "
-                 "use a v-prediction model, which zero terminal SNR needs anyway, or leave out --debiased-estimation-loss)")]
-    return []
+        clashes.append("debiased estimation with epsilon prediction (its weight 1/sqrt(SNR) is unbounded as the SNR reaches 0; "
+                       "use a v-prediction model, which zero terminal SNR needs anyway, or leave out --debiased-estimation-loss)")
+    if step.v_pred_like_loss:
+        clashes.append(f"v_pred_like_loss {step.v_pred_like_loss} (its weight 1 + X·(SNR + 1)/SNR is infinite at SNR 0; "
+                       "leave out --v-pred-like-loss)")
+    return clashes
 
 
 def cuda_graph_clashes(*, fused_backward: bool, accumulation_steps: int, mixed_precision: str | None, optimizer: str,
@@ -326,12 +372,13 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     tensor is cut into chunk-sized pieces) would only add memory.
 
     ``config.optimizer_args`` go to the constructor as they are (their ``weight_decay`` replaces
-    ``config.weight_decay``); Adafactor with ``relative_step=True`` gets ``lr=None`` (its step size
+    ``config.weight_decay``; neither given: the optimiser's default, 0.01 for AdamW, 0 for Adafactor); Adafactor with ``relative_step=True`` gets ``lr=None`` (its step size
     is then its own, the LR and schedule unused, as in kohya)."""
     from ..training.optimizer_args import optimizer_kwargs
 
     name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
-    options = {"weight_decay": config.weight_decay, **optimizer_kwargs(config.optimizer_args)}
+    decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
+    options = {**decay, **optimizer_kwargs(config.optimizer_args)}
     bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
     foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])
     # config.cuda_graph on CUDA: capturable, each group's lr a 0-dim tensor on its parameters' device
@@ -425,10 +472,95 @@ def _read_step(micro_losses: list[Tensor], stats: Mapping[str, Tensor]) -> tuple
     return total / len(micro_losses), dict(zip(stats, values[len(micro_losses):]))
 
 
-def _condition_batch(system: System, ids: Tensor, sizes: Tensor | None) -> Any:
+def _take(tree: Any, rows: Tensor) -> Any:
+    """``tree[rows]`` for a tensor or each tensor of a dict (ids, or cached conditioning)."""
+    return pytree.tree_map(lambda t: t[rows], tree)
+
+
+def _cat(first: Any, second: Any) -> Any:
+    """Two batches of a tensor (or of each tensor of a dict) joined along the batch."""
+    return pytree.tree_map(lambda a, b: torch.cat([a, b]), first, second)
+
+
+def _first_leaf(tree: Any) -> Tensor:
+    return pytree.tree_leaves(tree)[0]
+
+
+def _device_of(tree: Any) -> torch.device:
+    return _first_leaf(tree).device
+
+
+def _own_text_path(adaptation: Any) -> list[str]:
+    """The adaptation's own ``tokenize`` / ``training_model`` (a text path it runs itself, which the
+    cached or weighted conditioning cannot reach)."""
+    return [name for name in ("tokenize", "training_model") if getattr(adaptation, name, None) is not None]
+
+
+def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], step_config: StepConfig, *,
+                batch_size: int, dataset: Any, reg: Any, captions: list[str] | None, prior: Any) -> Any:
+    """``FitConfig.cache_text_encoder_outputs``: the conditioning of every caption the run can draw
+    (:func:`~sdadapt.training.text_cache.cache_text_conditions`), after refusing what would make
+    it differ from the text encoder's output at the step.
+
+    Raises:
+        ValueError: the text conditioning trains (adapters or embeddings in the text path, the
+            adaptation's own ``tokenize`` / ``training_model``), the text encoder draws dropout, or
+            a caption changes at each use (:func:`~sdadapt.training.text_cache.caption_variants`).
+    """
+    from ..training.text_cache import cache_text_conditions, caption_variants, conditioning_depends_on
+
+    what = "cache_text_encoder_outputs (--cache-text-encoder-outputs) encodes each caption once before training"
+    own = _own_text_path(adaptation)
+    if own:
+        raise ValueError(f"{what}, but this method conditions through its own {' and '.join(own)} (it trains token "
+                         "embeddings or guides with them), so its conditioning changes as it trains; train without caching")
+    in_text = _in_text_encoder(system)
+    training = sum(1 for p in trained if id(p) in in_text)
+    if training:
+        raise ValueError(f"{what}, but {training} trained parameter tensors are in the text encoder(s) (kohya: 'network "
+                         "for Text Encoder cannot be trained with caching Text Encoder outputs'); train the UNet only "
+                         "(--no-text-encoder, kohya's network_train_unet_only, or text_encoder_lr=0) or do not cache")
+    encoders = [m for m in (getattr(system, n, None) for n in ("text_encoder", "text_encoder_2")) if isinstance(m, nn.Module)]
+    drawing = [name for module in encoders for name in _dropout_modules(module)]
+    if drawing:
+        raise ValueError(f"{what}, but the text encoder draws dropout at each use ({', '.join(drawing[:3])}): put it in "
+                         "eval mode or set its dropout to 0, or do not cache")
+    if dataset is None:
+        texts = [*(captions or []), *(prior[1] if prior is not None else [])]
+    else:
+        texts = [variant for data in (dataset, reg) if data is not None for record in data.records
+                 for variant in caption_variants(record.caption, data.captions if record.captions is None else record.captions)]
+        if prior is not None and reg is None:
+            texts += list(prior[1])
+    if conditioning_depends_on(system.condition, system.tokenize(texts[:1]), trained):
+        raise ValueError(f"{what}, but the text conditioning depends on trained parameters (an adapter or embedding "
+                         "in the text path); train without caching")
+    return cache_text_conditions(system, texts, batch=batch_size, mixed_precision=step_config.mixed_precision,
+                                 sdpa_backends=step_config.sdpa_backends, per_image_sizes=dataset is not None)
+
+
+def _condition_batch(system: System, ids: Tensor | dict[str, Tensor], sizes: Tensor | None) -> Any:
+    """What the step's ``system.condition`` reads: ``ids`` (or weighted ids ``{"ids", "weights"}``),
+    with a size-conditioned system's ``time_ids``."""
     if sizes is not None and getattr(system, "size_conditioning", False):
-        return {"ids": ids, "time_ids": sizes}
+        return {**ids, "time_ids": sizes} if isinstance(ids, dict) else {"ids": ids, "time_ids": sizes}
     return ids
+
+
+def _weighted_tokenizer(system: System, adaptation: Any, dataset: Any) -> Callable[[list[str]], dict[str, Tensor]]:
+    """``FitConfig.weighted_captions``: the system's ``tokenize_weighted``, after refusing what cannot use it."""
+    if dataset is None:
+        raise ValueError("weighted_captions (--weighted-captions) reads the captions of a Dataset drawn at each use; "
+                         "pass a sdadapt.training.data.Dataset, not image tensors")
+    own = _own_text_path(adaptation)
+    if own:
+        raise ValueError(f"weighted_captions (--weighted-captions): this method encodes its captions itself "
+                         f"({' and '.join(own)}), so the token weights cannot reach its text states; leave it off")
+    weighted = getattr(system, "tokenize_weighted", None)
+    if weighted is None:
+        raise ValueError(f"weighted_captions (--weighted-captions) needs a CLIP-conditioned model (a Stable Diffusion "
+                         f"folder or file); {type(system).__name__} has no tokenize_weighted")
+    return weighted
 
 
 def fit(
@@ -488,6 +620,8 @@ def fit(
     if not params:
         raise ValueError("the adaptation has no trainable parameters")
     tokenize = getattr(adaptation, "tokenize", None) or system.tokenize
+    # the dataset's captions (kohya's weighted_captions: emphasis read, weights beside the ids)
+    tokenize_captions = _weighted_tokenizer(system, adaptation, dataset) if config.weighted_captions else tokenize
     device = system.alphas_cumprod.device
     with torch.no_grad():
         if dataset is None:
@@ -542,8 +676,18 @@ def fit(
 
     extra_loss = getattr(adaptation, "extra_loss", None)
     make_model = getattr(adaptation, "training_model", None)
+    text_cache = None  # kohya's cache_text_encoder_outputs: every caption encoded once, here
+    if config.cache_text_encoder_outputs:
+        text_cache = _text_cache(system, adaptation, trained, step_config, batch_size=config.batch_size, dataset=dataset,
+                                 reg=reg, captions=captions, prior=prior)
+        if dataset is None:  # the N captions' conditioning on the device, indexed as the ids were
+            ids = text_cache.lookup(captions, device)  # type: ignore[arg-type]
+            if prior is not None:
+                prior_ids = text_cache.lookup(prior[1], device)  # type: ignore[index]
     if make_model is not None:
         model = make_model(system)
+    elif text_cache is not None:  # the batches carry the cached conditioning itself
+        model = system.denoiser()
     else:
         denoiser = system.denoiser()
 
@@ -564,14 +708,15 @@ def fit(
             """The batch of the images ``idx`` (B,) and, with a prior, the class images ``pidx`` (B,)
             (host index tensors: copied to the data's device without making the host wait)."""
             rows = _index_on(idx, latents)
-            id_rows = rows if ids.device == latents.device else _index_on(idx, ids)
+            id_rows = rows if _device_of(ids) == latents.device else _index_on(idx, _first_leaf(ids))
             if pidx is None or prior is None:
-                return {"latents": latents[rows], "cond": ids[id_rows]}
+                return {"latents": latents[rows], "cond": _take(ids, id_rows)}
             prior_rows = _index_on(pidx, prior_latents)
-            prior_id_rows = prior_rows if prior_ids.device == prior_latents.device else _index_on(pidx, prior_ids)
+            prior_id_rows = (prior_rows if _device_of(prior_ids) == prior_latents.device
+                             else _index_on(pidx, _first_leaf(prior_ids)))
             return {
                 "latents": torch.cat([latents[rows], prior_latents[prior_rows]]),
-                "cond": torch.cat([ids[id_rows], prior_ids[prior_id_rows]]),
+                "cond": _cat(_take(ids, id_rows), _take(prior_ids, prior_id_rows)),
                 "loss_weight": prior_weights,
             }
 
@@ -610,19 +755,32 @@ def fit(
             members = data.members[bucket]
             records = [data.records[members[p]] for p in positions]
             rng = random.Random(f"{seed}/captions/{micro}")
-            texts = [data.captions.apply(r.caption, rng) for r in records]
+            # the training epoch (class images too, as kohya's one dataset) and optimiser step: kohya's
+            # caption_dropout_every_n_epochs and token_warmup_step
+            texts = [(data.captions if r.captions is None else r.captions).apply(  # (a record's own: a dataset TOML subset's)
+                r.caption, rng, epoch=micro // per_epoch, step=micro // accumulation) for r in records]
             # kohya's flip_aug: a seeded coin per image (its own stream; a resumed run draws the same)
             flips = flip_draws(seed, micro, len(positions)) if data.flip else [False] * len(positions)
             crops = [r.crop for r in records]
+            mask = None
             if data.augment.active:  # random crop / colour: these pixels, encoded now (nothing cached)
                 pixels, crops = data.pixel_batch(records, flips, random.Random(f"{seed}/pixels/{micro}"))
                 with torch.no_grad():
                     latents = system.encode_images(copy_to_device(pixels, device)).float()
+                if data.loss_masks is not None:  # kohya's masked loss: cropped and mirrored as these pixels
+                    mask = data.pixel_masks(records, crops, flips, tuple(latents.shape[-2:]))
             else:  # host-made tensors (the cached latents are on the host) reach the device without a wait
                 latents = copy_to_device(data.batch_latents(bucket, positions, flips), device)
+                if data.loss_masks is not None:
+                    mask = data.batch_masks(bucket, positions, flips)
             sizes = copy_to_device(torch.tensor([size_conditioning(r, flipped=f, crop=c) for r, f, c in zip(records, flips, crops)],
                                                 dtype=torch.float32), device)
-            return {"latents": latents, "cond": _condition_batch(system, tokenize(texts), sizes)}
+            cond = (_condition_batch(system, tokenize_captions(texts), sizes) if text_cache is None
+                    else text_cache.lookup(texts, device, time_ids=sizes if text_cache.time_ids_dtype is not None else None))
+            out = {"latents": latents, "cond": cond}
+            if mask is not None:
+                out["loss_mask"] = copy_to_device(mask, device)
+            return out
 
         def draw(micro: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
             """Micro-batch ``micro``: the batch, and with a prior the class batch (a second forward)."""
@@ -633,12 +791,16 @@ def fit(
                 prior_batch = dataset_batch(reg, reg_cache, micro, batches=reg_per_epoch, seed=reg_seed)
             elif prior is not None:
                 pick = random.Random(f"{config.seed}/prior/{micro}")
-                pidx = torch.tensor([pick.randrange(len(prior[1])) for _ in range(positions)])  # type: ignore[arg-type]
+                picks = [pick.randrange(len(prior[1])) for _ in range(positions)]  # type: ignore[arg-type]
+                pidx = torch.tensor(picks)
                 prior_rows = _index_on(pidx, prior_latents)
                 prior_id_rows = prior_rows if prior_ids.device == prior_latents.device else _index_on(pidx, prior_ids)
+                prior_sizes_used = None if prior_sizes is None else prior_sizes[prior_rows]
                 prior_batch = {"latents": prior_latents[prior_rows],
-                               "cond": _condition_batch(system, prior_ids[prior_id_rows],
-                                                        None if prior_sizes is None else prior_sizes[prior_rows])}
+                               "cond": _condition_batch(system, prior_ids[prior_id_rows], prior_sizes_used)
+                               if text_cache is None else
+                               text_cache.lookup([prior[1][i] for i in picks], device,  # type: ignore[index]
+                                                 time_ids=prior_sizes_used if text_cache.time_ids_dtype is not None else None)}
             return batch, prior_batch
 
         def first_batch() -> dict[str, Any]:

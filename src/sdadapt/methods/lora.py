@@ -23,7 +23,9 @@ from ..formats.layers import canonical_layer_path
 from ..formats.unet_names import attention_up_blocks
 from ..inject import AdapterHandle, inject
 from ..targets import TEXT_ENCODER, UNET_ATTENTION, UNET_KOHYA, UNET_LOCON, Target, select
+from .base_weights import BaseWeights, merge_base_weights
 from .lora_blocks import BLOCK_ARGS, BlockPlan, block_plan, kohya_block_index
+from .loraplus import LORAPLUS_ARGS, loraplus_lr_scales, loraplus_ratios
 
 __all__ = ["UNET_PRESETS", "AdapterAdaptation", "prepare_lora", "prepare_locon", "prepare_loha", "prepare_lokr", "prepare_dora"]
 
@@ -41,7 +43,10 @@ class AdapterAdaptation:
     gives each UNet layer its block's rank and alpha (``layer_config(rank, alpha)`` builds the
     layer's config; rank 0 leaves the layer out) and each UNet adapter parameter its block's
     learning-rate factor (``lr_scales``, one per entry of ``params``). ``network_args`` are added
-    to the file's ``ss_network_args``.
+    to the file's ``ss_network_args``. ``unet_config=None`` adapts the text encoder(s) only (kohya's
+    ``--network_train_text_encoder_only``). :meth:`use_loraplus` gives the up factors LoRA+'s
+    ratio; ``base_weights`` (files merged into the model before, :mod:`~sdadapt.methods.base_weights`)
+    are taken out again by :meth:`remove`.
     """
 
     def __init__(self, system, *, unet_targets: Target, unet_config, text_config=None, name: str = "default",
@@ -51,15 +56,20 @@ class AdapterAdaptation:
         #: what building the adapters did, for the run report (``--network-weights``: modules loaded, missing, left out)
         self.notes: list[str] = []
         self.network_args: dict[str, str] = dict(network_args or {})
+        #: the files merged into the base model before the adapters (kohya's --base_weights); remove() undoes them
+        self.base_weights: BaseWeights | None = None
+        if unet_config is None and text_config is None:
+            raise InputError("neither the UNet nor a text encoder would be adapted: nothing to train")
         weights: dict[str, float] = {}
         if blocks is not None:
-            if layer_config is None:
-                raise ValueError("AdapterAdaptation: blocks needs layer_config")
+            if layer_config is None or unet_config is None:
+                raise ValueError("AdapterAdaptation: blocks needs layer_config and a UNet config")
             unet_targets, configs, weights = _block_layers(system.unet, unet_targets, blocks, layer_config)
         else:
             configs = None
-        self.handles: dict[str, AdapterHandle] = {
-            "unet": inject(system.unet, unet_targets, unet_config, name=name, layer_configs=configs)}
+        self.handles: dict[str, AdapterHandle] = {}
+        if unet_config is not None:
+            self.handles["unet"] = inject(system.unet, unet_targets, unet_config, name=name, layer_configs=configs)
         if text_config is not None:
             try:
                 for component in _TEXT_ENCODERS:
@@ -69,15 +79,27 @@ class AdapterAdaptation:
             except Exception:
                 self.remove()
                 raise
-        self.params: list[nn.Parameter] = []
-        scales: list[float] = []
+        self.params: list[nn.Parameter] = [param for _, _, _, param in self._entries()]
+        scales = [weights.get(layer, 1.0) if component == "unet" else 1.0 for component, layer, _, _ in self._entries()]
+        #: the learning-rate factor of each entry of ``params`` (kohya's block lr weights, LoRA+; else all 1)
+        self.lr_scales: list[float] | None = scales if blocks is not None and blocks.lr_weights is not None else None
+
+    def _entries(self):
+        """``(component, layer, parameter name in its adapter, parameter)`` of every adapter parameter, in ``params`` order."""
         for component, handle in self.handles.items():
             for layer, adapter in handle.modules.items():
-                for param in adapter.parameters():
-                    self.params.append(param)
-                    scales.append(weights.get(layer, 1.0) if component == "unet" else 1.0)
-        #: the learning-rate factor of each entry of ``params`` (kohya's block lr weights; else all 1)
-        self.lr_scales: list[float] | None = scales if blocks is not None and blocks.lr_weights is not None else None
+                for param_name, param in adapter.named_parameters():
+                    yield component, layer, param_name, param
+
+    def use_loraplus(self, *, unet_ratio: float | None, text_encoder_ratio: float | None, family: str = "the adapters"
+                     ) -> None:
+        """LoRA+: the ``lora_up`` factors' learning-rate factors times the UNet's / text encoders' ratio
+        (:func:`~sdadapt.methods.loraplus.loraplus_lr_scales`; ``None``: no LoRA+ there)."""
+        if unet_ratio is None and text_encoder_ratio is None:
+            return
+        entries = [(component != "unet", param_name) for component, _, param_name, _ in self._entries()]
+        self.lr_scales = loraplus_lr_scales(entries, self.lr_scales or [1.0] * len(entries), unet_ratio=unet_ratio,
+                                            text_encoder_ratio=text_encoder_ratio, family=family)
 
     @classmethod
     def from_handles(cls, system, handles: Mapping[str, AdapterHandle]) -> AdapterAdaptation:
@@ -87,9 +109,10 @@ class AdapterAdaptation:
         adaptation.base_model = system.base_model
         adaptation.network_args = {}
         adaptation.handles = dict(handles)
-        adaptation.params = [p for handle in adaptation.handles.values() for p in handle.parameters()]
+        adaptation.params = [param for _, _, _, param in adaptation._entries()]
         adaptation.lr_scales = None
         adaptation.notes = []
+        adaptation.base_weights = None
         return adaptation
 
     def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
@@ -102,8 +125,11 @@ class AdapterAdaptation:
         return Path(path)
 
     def remove(self) -> None:
+        """Take the adapters out, then undo the ``base_weights`` merge: the system exactly as before."""
         for handle in self.handles.values():
             handle.remove()
+        if self.base_weights is not None:
+            self.base_weights.undo()
 
 
 def _block_layers(unet: nn.Module, targets: Target, blocks: BlockPlan, layer_config: Callable[[int, float], object]
@@ -216,20 +242,76 @@ def _from_weights(system, build: Callable[[], AdapterAdaptation], *, text_encode
     return adaptation
 
 
+#: kohya's --base_weights / --base_weights_multiplier (sdadapt.methods.base_weights; not network_args)
+_BASE_ARGS = ("base_weights", "base_weights_multiplier")
+
+
 def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_alpha, text_encoder: bool, targets,
-                default: Target, network: Mapping[str, Any]) -> AdapterAdaptation:
+                default: Target, network: Mapping[str, Any], unet: bool = True) -> AdapterAdaptation:
     """``make`` (a family's config class) on ``default``'s layers (or ``targets``) + the text encoders.
 
-    ``network`` holds the kohya/LyCORIS network_args keywords (``BLOCK_ARGS`` and dropout & co.);
-    alpha defaults to the rank.
+    ``network`` holds the kohya/LyCORIS network_args keywords (``BLOCK_ARGS``, dropout & co., the
+    LoRA+ ratios) and ``base_weights`` / ``base_weights_multiplier`` (merged into the model first);
+    alpha defaults to the rank. ``unet=False``: the text encoders only.
     """
+    if any(network.get(n) is not None for n in _BASE_ARGS):  # kohya merges them before the network is built
+        files = network.get("base_weights")
+        if not files:
+            raise InputError("--base-weights-multiplier scales the --base-weights files: give the files too")
+        rest = {n: v for n, v in network.items() if n not in _BASE_ARGS}
+        merged = merge_base_weights(system, [files] if isinstance(files, (str, os.PathLike)) else files,
+                                    multipliers=network.get("base_weights_multiplier"))
+        try:
+            adaptation = _adaptation(system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank,
+                                     conv_alpha=conv_alpha, text_encoder=text_encoder, targets=targets, default=default,
+                                     network=rest, unet=unet)
+        except BaseException:
+            merged.undo()
+            raise
+        adaptation.base_weights = merged
+        adaptation.notes = merged.notes() + list(adaptation.notes)
+        return adaptation
+    plus = {n: network[n] for n in LORAPLUS_ARGS if network.get(n) is not None}
+    if plus:
+        unet_ratio, text_ratio = loraplus_ratios(**plus)
+        if not unet and "loraplus_unet_lr_ratio" in plus:
+            raise InputError("loraplus_unet_lr_ratio with --no-unet (network_train_text_encoder_only): no UNet modules "
+                             "train; leave it out")
+        if not text_encoder and "loraplus_text_encoder_lr_ratio" in plus:
+            raise InputError("loraplus_text_encoder_lr_ratio with --no-text-encoder (network_train_unet_only): no text "
+                             "encoder modules train; leave it out")
+        rest = {n: v for n, v in network.items() if n not in LORAPLUS_ARGS}
+        adaptation = _adaptation(system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                                 text_encoder=text_encoder, targets=targets, default=default, network=rest, unet=unet)
+        try:
+            adaptation.use_loraplus(unet_ratio=unet_ratio if unet else None,
+                                    text_encoder_ratio=text_ratio if text_encoder else None, family=family)
+        except BaseException:
+            adaptation.remove()
+            raise
+        adaptation.network_args.update(_network_args(plus))  # kohya keeps them in ss_network_args
+        return adaptation
+    if not unet:
+        if not text_encoder:
+            raise InputError("--no-unet with --no-text-encoder (kohya's network_train_text_encoder_only and "
+                             "network_train_unet_only): nothing would train; leave one of the two out")
+        given = sorted(n for n in BLOCK_ARGS if network.get(n) is not None)
+        if given or targets is not None or conv_rank is not None:
+            named = given + (["--network-targets"] if targets is not None else []) + (["conv_dim"] if conv_rank is not None else [])
+            raise InputError(f"{', '.join(named)}: UNet options, but --no-unet (network_train_text_encoder_only) "
+                             "adapts the text encoder(s) only; leave them out")
+        if network.get("dim_from_weights"):
+            raise InputError("--dim-from-weights with --no-unet: the file's modules decide what trains; leave --no-unet "
+                             "out (or give --network-dim and drop --dim-from-weights)")
+        if not any(isinstance(getattr(system, c, None), nn.Module) for c in _TEXT_ENCODERS):
+            raise InputError("--no-unet (network_train_text_encoder_only): the model has no text encoder to adapt")
     start = {n: network[n] for n in _WEIGHT_ARGS if n in network}  # --network-weights FILE, --dim-from-weights
     if start:
         rest = {n: v for n, v in network.items() if n not in _WEIGHT_ARGS}
         return _from_weights(system, lambda: _adaptation(
             system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-            text_encoder=text_encoder, targets=targets, default=default, network=rest), text_encoder=text_encoder,
-            network=rest, **start)
+            text_encoder=text_encoder, targets=targets, default=default, network=rest, unet=unet),
+            text_encoder=text_encoder, network=rest, **start)
     unknown = sorted(set(network) - set(BLOCK_ARGS) - set(_CONFIG_ARGS))
     if unknown:
         raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}")
@@ -238,7 +320,8 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
                   conv_alpha=conv_alpha if conv_alpha is not None else conv_rank, **extras)
     text = make(rank=rank, alpha=alpha if alpha is not None else rank, **extras) if text_encoder else None
     blocks = block_plan(sdxl=system.base_model == "sdxl", rank=rank, alpha=alpha, conv_rank=conv_rank,
-                        conv_alpha=conv_alpha, **{n: network[n] for n in BLOCK_ARGS if network.get(n) is not None})
+                        conv_alpha=conv_alpha, **{n: network[n] for n in BLOCK_ARGS if network.get(n) is not None}
+                        ) if unet else None
     # kohya adds the convolutions' modules (ResnetBlock2D, down/upsamplers) with conv_dim or conv_block_dims
     convs = conv_rank is not None or (blocks is not None and blocks.conv_dims is not None and any(blocks.conv_dims))
     unet_targets = _targets(targets, 1 if convs else None, default)
@@ -246,28 +329,32 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
     def layer_config(layer_rank: int, layer_alpha: float) -> object:
         return make(rank=layer_rank, alpha=layer_alpha, conv_rank=layer_rank, conv_alpha=layer_alpha, **extras)
 
-    return AdapterAdaptation(system, unet_targets=unet_targets, unet_config=config, text_config=text, blocks=blocks,
-                             layer_config=layer_config, network_args=_network_args(network))
+    return AdapterAdaptation(system, unet_targets=unet_targets, unet_config=config if unet else None, text_config=text,
+                             blocks=blocks, layer_config=layer_config, network_args=_network_args(network))
 
 
 def prepare_lora(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
-                 **network_args: Any) -> AdapterAdaptation:
+                 unet: bool = True, **network_args: Any) -> AdapterAdaptation:
     """kohya's default LoRA: transformer-block Linears of the UNet (+ the text encoders').
 
     ``conv_rank`` adds the 3x3 convolutions of the blocks (kohya's ``conv_dim``: LoCon targets);
     ``targets`` picks a preset of :data:`UNET_PRESETS`. ``network_args``: kohya's block-wise
     options (:data:`~sdadapt.methods.lora_blocks.BLOCK_ARGS`: ``down_lr_weight="sine"``,
-    ``block_dims="4,4,..."`` ...) and ``dropout``, ``rank_dropout``, ``module_dropout``, ``use_tucker``.
+    ``block_dims="4,4,..."`` ...), ``dropout``, ``rank_dropout``, ``module_dropout``, ``use_tucker``,
+    the LoRA+ ratios (:data:`~sdadapt.methods.loraplus.LORAPLUS_ARGS`: ``loraplus_lr_ratio=16`` ...),
+    ``network_weights`` / ``dim_from_weights`` and ``base_weights=[FILE, ...]`` with
+    ``base_weights_multiplier=[M, ...]`` (merged into the model first; :meth:`AdapterAdaptation.remove`
+    undoes them). ``unet=False`` adapts the text encoder(s) only (kohya's ``--network_train_text_encoder_only``).
     """
     _check(rank, conv_rank)
     return _adaptation(system, LoRAConfig, "lora", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                       text_encoder=text_encoder, targets=targets, default=UNET_KOHYA, network=network_args)
+                       text_encoder=text_encoder, targets=targets, default=UNET_KOHYA, network=network_args, unet=unet)
 
 
 def prepare_locon(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
                   conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
-                  **network_args: Any) -> AdapterAdaptation:
+                  unet: bool = True, **network_args: Any) -> AdapterAdaptation:
     """LoCon: LoRA on every Linear and Conv2d of the down/mid/up blocks (ResNets included); convs rank/2 by default.
 
     ``network_args`` as :func:`prepare_lora`.
@@ -275,36 +362,36 @@ def prepare_locon(system, *, rank: int = 8, alpha: float | None = None, conv_ran
     _check(rank, conv_rank)
     conv = conv_rank if conv_rank is not None else max(1, rank // 2)
     return _adaptation(system, LoRAConfig, "locon", rank=rank, alpha=alpha, conv_rank=conv, conv_alpha=conv_alpha,
-                       text_encoder=text_encoder, targets=targets, default=UNET_LOCON, network=network_args)
+                       text_encoder=text_encoder, targets=targets, default=UNET_LOCON, network=network_args, unet=unet)
 
 
 def _on_kohya_layers(system, make, family: str, *, rank: int, alpha, conv_rank, conv_alpha, text_encoder: bool, targets,
-                     network: Mapping[str, Any]) -> AdapterAdaptation:
+                     network: Mapping[str, Any], unet: bool = True) -> AdapterAdaptation:
     """``make`` (a family's config class) on kohya's layer set (or ``targets``) + the text encoders; alpha defaults to the rank."""
     _check(rank, conv_rank)
     return _adaptation(system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                       text_encoder=text_encoder, targets=targets, default=UNET_KOHYA, network=network)
+                       text_encoder=text_encoder, targets=targets, default=UNET_KOHYA, network=network, unet=unet)
 
 
 def prepare_loha(system, *, rank: int = 4, alpha: float | None = None, conv_rank: int | None = None,
                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
-                 **network_args: Any) -> AdapterAdaptation:
+                 unet: bool = True, **network_args: Any) -> AdapterAdaptation:
     """LoHa (Hadamard product of two rank-r pairs; ΔW up to rank r²) on kohya's layer set (LyCORIS file)."""
     return _on_kohya_layers(system, LoHaConfig, "loha", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                            text_encoder=text_encoder, targets=targets, network=network_args)
+                            text_encoder=text_encoder, targets=targets, network=network_args, unet=unet)
 
 
 def prepare_lokr(system, *, rank: int = 4, alpha: float | None = None, conv_rank: int | None = None,
                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
-                 **network_args: Any) -> AdapterAdaptation:
+                 unet: bool = True, **network_args: Any) -> AdapterAdaptation:
     """LoKr (Kronecker product, most-square factor) on kohya's layer set (LyCORIS file)."""
     return _on_kohya_layers(system, LoKrConfig, "lokr", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                            text_encoder=text_encoder, targets=targets, network=network_args)
+                            text_encoder=text_encoder, targets=targets, network=network_args, unet=unet)
 
 
 def prepare_dora(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
-                 **network_args: Any) -> AdapterAdaptation:
+                 unet: bool = True, **network_args: Any) -> AdapterAdaptation:
     """DoRA: LoRA r8 direction + a trained per-output-row magnitude (LyCORIS ``dora_scale`` file)."""
     _check(rank, conv_rank)
 
@@ -312,4 +399,4 @@ def prepare_dora(system, *, rank: int = 8, alpha: float | None = None, conv_rank
         return DoRAConfig(inner=LoRAConfig(**options))
 
     return _on_kohya_layers(system, make, "dora", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                            text_encoder=text_encoder, targets=targets, network=network_args)
+                            text_encoder=text_encoder, targets=targets, network=network_args, unet=unet)

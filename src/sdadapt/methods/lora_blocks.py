@@ -42,6 +42,7 @@ __all__ = [
     "preset_lr_weights",
     "block_lr_weights",
     "kohya_block_index",
+    "sdxl_block_index",
     "BlockPlan",
     "block_plan",
     "check_block_args",
@@ -153,6 +154,22 @@ def block_lr_weights(*, down: Weights = None, mid: Weights = None, up: Weights =
     return weights
 
 
+def sdxl_block_index(ldm_path: str) -> int:
+    """kohya's SDXL block (0..22) of an LDM UNet path (``input_blocks.4.1.proj_in[.weight]``); -1: none.
+
+    kohya's numbering (``networks/lora.py`` ``get_block_index``, ``sdxl_train.py``
+    ``get_block_params_to_optimize``): ``time_embed`` / ``label_emb`` -> 0, ``input_blocks.N`` ->
+    1 + N, ``middle_block.N`` -> 10 + N, ``output_blocks.N`` -> 13 + N, ``out`` -> 22.
+    """
+    parts = ldm_path.split(".")
+    if parts[0] in ("time_embed", "label_emb"):
+        return 0
+    if parts[0] == "out":
+        return 22
+    first = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}.get(parts[0])
+    return -1 if first is None or len(parts) < 2 or not parts[1].isdigit() else first + int(parts[1])
+
+
 def kohya_block_index(path: str, *, sdxl: bool, up_blocks_with_attention: set[int] | None = None) -> int:
     """The kohya block (index into :func:`block_lr_weights` / ``block_dims``) of a UNet layer; -1: none.
 
@@ -163,12 +180,7 @@ def kohya_block_index(path: str, *, sdxl: bool, up_blocks_with_attention: set[in
     """
     layer = canonical_layer_path("unet", path)
     if sdxl:
-        layer = diffusers_to_ldm_unet(layer, up_blocks_with_attention=up_blocks_with_attention) or layer
-        parts = layer.split(".")
-        if len(parts) < 2 or not parts[1].isdigit():
-            return 22 if parts[0] == "out" else (0 if parts[0] in ("time_embed", "label_emb") else -1)
-        first = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}.get(parts[0])
-        return -1 if first is None else first + int(parts[1])
+        return sdxl_block_index(diffusers_to_ldm_unet(layer, up_blocks_with_attention=up_blocks_with_attention) or layer)
     name = "lora_unet_" + layer.replace(".", "_")
     match = _UPDOWN.search(name)
     if match:

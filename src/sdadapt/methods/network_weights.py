@@ -107,10 +107,11 @@ def _base_model_of(metadata: Mapping[str, str]) -> str | None:
     return None
 
 
-def read_network_weights(path: str | os.PathLike, *, system) -> NetworkWeights:
+def read_network_weights(path: str | os.PathLike, *, system, flag: str = "--network-weights") -> NetworkWeights:
     """Read the adapter file ``path`` for a run on ``system`` (any format :func:`sdadapt.load_lora` reads).
 
-    A peft adapter (one component) is taken as the UNet's.
+    A peft adapter (one component) is taken as the UNet's. ``flag`` names the option in errors
+    (``--base-weights`` reads its files here too).
 
     Raises:
         FileNotFoundError: no such file.
@@ -121,20 +122,20 @@ def read_network_weights(path: str | os.PathLike, *, system) -> NetworkWeights:
 
     file = Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"--network-weights {file}: no such file (give the LoRA/LyCORIS file to start from)")
+        raise FileNotFoundError(f"{flag} {file}: no such file (give the LoRA/LyCORIS file)")
     components, metadata = load_lora(file)
     if "model" in components:  # a peft adapter: the UNet's
         components = {"unet": components.pop("model"), **components}
     mine = "sd2" if system.base_model.startswith("sd2") else system.base_model
     theirs = _base_model_of(metadata)
     if theirs is not None and theirs != mine:
-        raise WeightFileError(f"--network-weights {file}: made for {theirs.upper()} (its metadata says "
+        raise WeightFileError(f"{flag} {file}: made for {theirs.upper()} (its metadata says "
                               f"{metadata.get('ss_base_model_version') or metadata.get('modelspec.architecture')}), "
-                              f"but the model is {mine.upper()}; start from a file trained on this base model")
+                              f"but the model is {mine.upper()}; use a file trained on this base model")
     lacking = sorted(c for c in components if not isinstance(getattr(system, c, None), nn.Module))
     if lacking:
-        raise WeightFileError(f"--network-weights {file}: holds {', '.join(lacking)} modules the model has no place for "
-                              f"(an SDXL file on an SD1/SD2 model?); start from a file trained on this base model")
+        raise WeightFileError(f"{flag} {file}: holds {', '.join(lacking)} modules the model has no place for "
+                              f"(an SDXL file on an SD1/SD2 model?); use a file trained on this base model")
     return NetworkWeights(file, {c: dict(s) for c, s in components.items()}, dict(metadata))
 
 

@@ -11,7 +11,9 @@
 | :mod:`.step_capture` | the whole step as CUDA-graph replays, one graph per batch layout (:class:`CapturedStep`) |
 | :mod:`.distributed` | FSDP2 sharding block by block for data-parallel runs (:func:`~.distributed.fully_shard_blocks`) |
 | :mod:`.latent_cache` | encode latents and text states once into safetensors shards |
+| :mod:`.text_cache` | every caption's conditioning encoded once for ``fit`` (kohya's ``--cache_text_encoder_outputs``) |
 | :mod:`.pixel_augment` | kohya's random crop and colour augmentation, drawn at each use of an image |
+| :mod:`.dataset_config` | kohya's dataset TOML and fine-tuning metadata (``--in_json``) resolved into subsets |
 | :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
 | :mod:`.param_groups` | parameter groups, one per block, for an optimiser fused into backward |
 | :mod:`.host_syncs` | host syncs found on any device (:class:`~.host_syncs.HostSyncs`), copies that do not wait |
@@ -30,6 +32,7 @@ from . import (
     param_groups,
     step,
     step_capture,
+    text_cache,
 )
 from .grad_checkpointing import CheckpointHandle, enable_checkpointing
 from .step import EMA, StepConfig, TrainState, train_step
@@ -48,6 +51,7 @@ __all__ = [
     "grad_checkpointing",
     "param_groups",
     "host_syncs",
+    "text_cache",
     "train_step",
     "StepConfig",
     "TrainState",

@@ -32,6 +32,11 @@ mirrored image (:func:`size_conditioning`).
 :mod:`sdadapt.training.pixel_augment`): they change the pixels at every use, so nothing is cached;
 each drawn image is read, scaled, augmented (and mirrored by the flip coin) and the batch encoded
 before its step (:meth:`Dataset.pixel_batch`).
+
+**Loss masks** (kohya's ``alpha_mask`` / ``masked_loss``, :attr:`Dataset.loss_masks`,
+:mod:`sdadapt.training.loss_masks`): each image's mask is scaled and cropped as the image and
+cached at the latents' size beside them (:meth:`Dataset.batch_masks` mirrors it with the flip
+coin); with pixel augmentations it is cropped at each use's window (:meth:`Dataset.pixel_masks`).
 """
 
 from __future__ import annotations
@@ -50,10 +55,13 @@ import torch
 from torch import Tensor
 
 from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image
+from .loss_masks import LossMaskSource, mask_like_image
 from .pixel_augment import PixelAugment
 
 __all__ = [
     "CaptionOptions",
+    "expand_wildcards",
+    "token_warmup_step_count",
     "ImageRecord",
     "Dataset",
     "find_images",
@@ -64,6 +72,7 @@ __all__ = [
     "flip_draws",
     "size_conditioning",
     "image_size",
+    "cover",
 ]
 
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
@@ -72,6 +81,13 @@ _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 @dataclass(frozen=True)
 class CaptionOptions:
     """How a caption changes each time its image is drawn (kohya's caption options).
+
+    The steps of one draw, in kohya's order (``BaseDataset.process_caption``): a template for an
+    uncaptioned image; ``prefix`` / ``suffix`` joined on with a space; the whole caption dropped
+    (``dropout``, or every ``dropout_every_n_epochs``-th epoch); wildcards (``wildcards``); the tags
+    split, kept (``keep_tokens``, ``keep_tokens_separator``), cut to the warm-up's count
+    (``token_warmup_*``), dropped (``tag_dropout``) and shuffled; ``secondary_separator`` made a
+    ``separator``.
 
     Attributes:
         templates: captions for images without one (caption ``""``), the trigger word already in
@@ -82,6 +98,26 @@ class CaptionOptions:
         dropout: probability of training on the empty caption (``--caption-dropout-rate``).
         tag_dropout: probability of dropping each movable tag (``--caption-tag-dropout-rate``).
         separator: the tag separator.
+        prefix, suffix: text put before / after every caption with a space between (kohya's
+            ``caption_prefix`` / ``caption_suffix``; ``""``: none). Part of the caption from then
+            on: it can be dropped, shuffled and counted by ``keep_tokens`` like any tag.
+        dropout_every_n_epochs: every N-th epoch (epochs counted from 1, as kohya's: epochs N, 2N,
+            …) trains every image on the empty caption (``--caption-dropout-every-n-epochs``; 0: never).
+        wildcards: kohya's ``enable_wildcard``: a caption of several lines trains on one line drawn
+            at each use, and each ``{a|b|c}`` becomes one of its choices drawn at each use
+            (``{{`` / ``}}`` are literal braces).
+        keep_tokens_separator: kohya's ``keep_tokens_separator`` (e.g. ``"|||"``): in a caption that
+            holds it, the tags before it never move or drop (``keep_tokens`` is then not used), and
+            the tags after a second one stay at the end. The separator itself never reaches the
+            text encoder (kohya leaves it in when nothing shuffles or drops tags).
+        secondary_separator: kohya's ``secondary_separator`` (e.g. ``";;;"``): tags joined by it
+            move and drop as one tag, and it is replaced by ``separator`` at the end.
+        token_warmup_min: with ``token_warmup_steps``, the number of movable tags at step 0
+            (kohya's ``token_warmup_min``, default 1).
+        token_warmup_steps: kohya's ``token_warmup_step`` as a step count: before that step only the
+            first ``⌊step·(n − min)/token_warmup_steps⌋ + min`` of a caption's ``n`` movable tags are
+            used (in caption order, before dropout and shuffle); 0: off. The fraction form
+            (``< 1``: a share of the steps) is resolved by :func:`token_warmup_step_count`.
     """
 
     shuffle: bool = False
@@ -90,6 +126,14 @@ class CaptionOptions:
     tag_dropout: float = 0.0
     separator: str = ","
     templates: tuple[str, ...] = ()
+    prefix: str = ""
+    suffix: str = ""
+    dropout_every_n_epochs: int = 0
+    wildcards: bool = False
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    token_warmup_min: int = 1
+    token_warmup_steps: float = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.templates, str) or not all(isinstance(t, str) and t.strip() for t in self.templates):
@@ -101,31 +145,104 @@ class CaptionOptions:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"caption {name.replace('_', ' ')} must be a probability in [0, 1], got {value}")
+        for name in ("prefix", "suffix", "keep_tokens_separator", "secondary_separator"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"caption {name.replace('_', ' ')} must be a string (\"\": none), got {getattr(self, name)!r}")
+        if self.dropout_every_n_epochs < 0:
+            raise ValueError(f"caption dropout_every_n_epochs must be >= 0 (0: never), got {self.dropout_every_n_epochs}")
+        if self.token_warmup_min < 0:
+            raise ValueError(f"token_warmup_min must be >= 0 (the tags used at step 0), got {self.token_warmup_min}")
+        if not self.token_warmup_steps >= 0:
+            raise ValueError(f"token_warmup_steps must be >= 0 (0: off), got {self.token_warmup_steps}")
+        for name in ("keep_tokens_separator", "secondary_separator"):
+            if getattr(self, name) and getattr(self, name) == self.separator:
+                raise ValueError(f"caption {name.replace('_', ' ')} {getattr(self, name)!r} is the tag separator "
+                                 "itself: choose another string, e.g. '|||'")
 
     @property
     def active(self) -> bool:
-        """Whether captions change between draws at all."""
-        return self.shuffle or self.dropout > 0 or self.tag_dropout > 0 or bool(self.templates)
+        """Whether captions change between draws or are rewritten at all."""
+        return (self.shuffle or self.dropout > 0 or self.tag_dropout > 0 or bool(self.templates)
+                or bool(self.prefix or self.suffix or self.keep_tokens_separator or self.secondary_separator)
+                or self.wildcards or self.dropout_every_n_epochs > 0 or self.token_warmup_steps > 0)
 
-    def apply(self, caption: str, rng: random.Random) -> str:
-        """One draw of ``caption`` (the same ``rng`` state gives the same result); ``""`` draws one
-        of :attr:`templates` first."""
+    def apply(self, caption: str, rng: random.Random, *, epoch: int = 0, step: int = 0) -> str:
+        """One draw of ``caption`` (the same ``rng`` state, ``epoch`` and ``step`` give the same
+        result); ``""`` draws one of :attr:`templates` first.
+
+        Args:
+            epoch: the training epoch, counted from 0 (for :attr:`dropout_every_n_epochs`).
+            step: the optimiser step, counted from 0 (for :attr:`token_warmup_steps`).
+        """
         if not self.active:
             return caption
         if not caption and self.templates:
             caption = self.templates[rng.randrange(len(self.templates))]
+        if self.prefix:
+            caption = f"{self.prefix} {caption}"
+        if self.suffix:
+            caption = f"{caption} {self.suffix}"
         if self.dropout and rng.random() < self.dropout:
             return ""
-        if not (self.shuffle or self.dropout or self.tag_dropout):  # templates only: a caption stays as written
-            return caption
-        tags = [t.strip() for t in caption.split(self.separator)]
-        tags = [t for t in tags if t]
-        fixed, rest = tags[: self.keep_tokens], tags[self.keep_tokens:]
+        if self.dropout_every_n_epochs and (epoch + 1) % self.dropout_every_n_epochs == 0:
+            return ""
+        if self.wildcards:
+            caption = expand_wildcards(caption, rng)
+        splits = bool(self.shuffle or self.dropout or self.tag_dropout or self.token_warmup_steps
+                      or (self.keep_tokens_separator and self.keep_tokens_separator in caption))
+        if splits:
+            caption = self._tags(caption, rng, step)
+        if self.secondary_separator:
+            caption = caption.replace(self.secondary_separator, self.separator)
+        return caption
+
+    def _tags(self, caption: str, rng: random.Random, step: int) -> str:
+        """The tag steps of :meth:`apply`: split, keep, warm up, drop, shuffle, join."""
+        def split(text: str) -> list[str]:
+            return [t for t in (t.strip() for t in text.split(self.separator)) if t]
+
+        suffix: list[str] = []
+        if self.keep_tokens_separator and self.keep_tokens_separator in caption:
+            head, rest = caption.split(self.keep_tokens_separator, 1)
+            if self.keep_tokens_separator in rest:
+                rest, tail = rest.split(self.keep_tokens_separator, 1)
+                suffix = split(tail)
+            fixed, rest_tags = split(head), split(rest)
+        else:
+            tags = split(caption)
+            fixed, rest_tags = tags[: self.keep_tokens], tags[self.keep_tokens:]
+        if self.token_warmup_steps and step < self.token_warmup_steps:
+            count = math.floor(step * ((len(rest_tags) - self.token_warmup_min) / self.token_warmup_steps)) + self.token_warmup_min
+            rest_tags = rest_tags[:count]
         if self.tag_dropout:
-            rest = [t for t in rest if rng.random() >= self.tag_dropout]
+            rest_tags = [t for t in rest_tags if rng.random() >= self.tag_dropout]
         if self.shuffle:
-            rng.shuffle(rest)
-        return f"{self.separator} ".join(fixed + rest)
+            rng.shuffle(rest_tags)
+        return f"{self.separator} ".join(fixed + rest_tags + suffix)
+
+
+def expand_wildcards(caption: str, rng: random.Random) -> str:
+    """kohya's ``enable_wildcard`` on one caption: a caption of several lines becomes one of its
+    lines, then each ``{a|b|c}`` one of its choices (drawn from ``rng`` in order); ``{{`` and ``}}``
+    stay literal ``{`` and ``}``."""
+    if "\n" in caption:
+        caption = rng.choice(caption.split("\n"))
+    if "{" not in caption:
+        return caption
+    opening, closing = "\x00<", ">\x00"  # placeholders for the escaped braces (never in a caption file)
+    while opening in caption or closing in caption:
+        opening, closing = opening + "<", closing + ">"
+    caption = caption.replace("{{", opening).replace("}}", closing)
+    caption = re.sub(r"\{([^}]+)\}", lambda match: rng.choice(match.group(1).split("|")), caption)
+    return caption.replace(opening, "{").replace(closing, "}")
+
+
+def token_warmup_step_count(value: float, total_steps: int) -> float:
+    """kohya's ``token_warmup_step`` as a step count: below 1 a share of the run,
+    ``⌊value·total_steps⌋``; from 1 on the steps themselves (0: no warm-up)."""
+    if not value >= 0:
+        raise ValueError(f"token_warmup_step must be >= 0 (a step count, or a share of the steps below 1), got {value}")
+    return float(math.floor(value * total_steps)) if value < 1 else float(value)
 
 
 @dataclass
@@ -142,6 +259,8 @@ class ImageRecord:
         resized: the (height, width) it is scaled to before cropping.
         crop: (top, left) of the crop in the scaled image (SDXL's crop conditioning).
         note: what was done, in words.
+        captions: this image's own caption options, used instead of the dataset's
+            (:attr:`Dataset.captions`) — kohya's per-subset options of a dataset TOML; ``None``: the dataset's.
     """
 
     path: Path | None
@@ -153,6 +272,7 @@ class ImageRecord:
     resized: tuple[int, int] = (0, 0)
     crop: tuple[int, int] = (0, 0)
     note: str = ""
+    captions: CaptionOptions | None = None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -182,11 +302,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _caption_of(file: Path, extension: str) -> str | None:
+def _caption_of(file: Path, extension: str, *, lines: bool = False) -> str | None:
+    """The caption file's text, white space collapsed; ``lines``: each non-empty line so, joined by ``"\n"``."""
     for suffix in dict.fromkeys((extension, ".txt", ".caption")):
         caption_file = file.with_suffix(suffix)
         if caption_file.is_file():
             text = caption_file.read_text(encoding="utf-8").strip()
+            if lines:
+                return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip()) or None
             return " ".join(text.split()) or None
     return None
 
@@ -198,11 +321,17 @@ def find_images(
     caption_extension: str = ".txt",
     repeats: int = 1,
     uncaptioned: bool = False,
+    multiline: bool = False,
+    subfolders: bool = True,
 ) -> tuple[list[ImageRecord], list[str]]:
     """The images of a dataset folder with captions and repeats (see the module docstring).
 
     ``uncaptioned``: an image without any caption gets ``""`` (the caller fills it in, e.g. a
-    trigger-word method's templates) instead of an error.
+    trigger-word method's templates) instead of an error. ``multiline``: a caption file's lines
+    stay lines (``"\n"``-joined, empty ones left out; kohya's ``enable_wildcard`` draws one of
+    them at each use, :attr:`CaptionOptions.wildcards`); otherwise they are joined into one line.
+    ``subfolders=False``: only the images directly in ``root`` (a subset of kohya's dataset TOML:
+    its ``N_name`` sub-folders are not read).
 
     Returns:
         ``(records, notes)``: one record per image (sizes read from the headers), and what was
@@ -220,7 +349,7 @@ def find_images(
         raise ValueError("the default caption (--prompt) is empty; give words, or leave it out and use NAME.txt captions")
     sets: list[tuple[Path, int, str | None, str]] = [(base, repeats, None, ".")]
     notes: list[str] = []
-    for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in sorted(p for p in base.iterdir() if subfolders and p.is_dir() and not p.name.startswith(".")):
         match = _REPEAT_FOLDER.match(sub.name)
         if match is None:
             notes.append(f"skipped folder {sub.name}/ (kohya dataset folders are named N_name, e.g. 10_{sub.name})")
@@ -235,7 +364,7 @@ def find_images(
     for folder, count, class_tokens, label in sets:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         for file in files:
-            caption = _caption_of(file, caption_extension) or class_tokens or default_caption
+            caption = _caption_of(file, caption_extension, lines=multiline) or class_tokens or default_caption
             if caption is None:
                 if not uncaptioned:
                     missing.append(str(file.relative_to(base)))
@@ -332,13 +461,18 @@ def _scaled(record: ImageRecord) -> Tensor:
     if record.path is None:
         raise ValueError("this image was given as a tensor and has no file to read: pass the tensors to "
                          "encode_buckets(images=...), or build the dataset from files with find_images")
-    image = read_image(record.path)  # (3, H, W)
-    rh, rw = record.resized
-    if (rh, rw) != tuple(image.shape[1:]):
-        mode = "area" if rh < image.shape[1] else "bilinear"
-        image = torch.nn.functional.interpolate(image[None], size=(rh, rw), mode=mode,
-                                                **({} if mode == "area" else {"align_corners": False}))[0]
-    return image
+    return cover(read_image(record.path), record.resized)  # (3, H, W) -> (3, rh, rw)
+
+
+def cover(image: Tensor, resized: tuple[int, int]) -> Tensor:
+    """``image`` (C, H, W) scaled to ``resized`` (rh, rw) by the bucket rule: area-averaged down,
+    bilinear up; unchanged at that size. Images and their loss masks (:mod:`.loss_masks`) both go through it."""
+    rh, rw = resized
+    if (rh, rw) == tuple(image.shape[1:]):
+        return image
+    mode = "area" if rh < image.shape[1] else "bilinear"
+    return torch.nn.functional.interpolate(image[None], size=(rh, rw), mode=mode,
+                                           **({} if mode == "area" else {"align_corners": False}))[0]
 
 
 def _load(record: ImageRecord) -> Tensor:
@@ -363,6 +497,10 @@ class Dataset:
             images' latents (:attr:`latents_flipped`) and each use of an image takes the mirrored
             one with probability 1/2 (:func:`flip_draws`).
         latents_flipped: ``{bucket: (n_b, C, h', w')}``, the mirrored images' latents (with :attr:`flip`).
+        loss_masks: kohya's masked loss (``alpha_mask``, ``masked_loss``): where each image's loss
+            mask comes from; :func:`encode_buckets` caches the masks at the latents' size
+            (:attr:`masks`) and :meth:`batch_masks` / :meth:`pixel_masks` give a batch's.
+        masks: ``{bucket: (n_b, 1, h', w')}`` float32 masks in [0, 1] (with :attr:`loss_masks`, cached latents).
         augment: kohya's ``random_crop`` / ``color_aug``; when active nothing is cached
             (:func:`encode_buckets` only groups the images) and each batch's pixels come from
             :meth:`pixel_batch`, encoded before the step.
@@ -376,13 +514,36 @@ class Dataset:
     flip: bool = False
     latents_flipped: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     augment: PixelAugment = field(default_factory=PixelAugment)
+    loss_masks: LossMaskSource | None = None
+    masks: dict[tuple[int, int], Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def latent_bytes(self) -> int:
-        """Bytes the cached latents take (both caches with :attr:`flip`)."""
-        return sum(t.numel() * t.element_size() for cache in (self.latents, self.latents_flipped) for t in cache.values())
+        """Bytes the cached latents take (both caches with :attr:`flip`; the loss masks with :attr:`loss_masks`)."""
+        return sum(t.numel() * t.element_size() for cache in (self.latents, self.latents_flipped, self.masks)
+                   for t in cache.values())
+
+    def batch_masks(self, bucket: tuple[int, int], positions: list[int], flips: list[bool] | None = None) -> Tensor:
+        """The cached loss masks (B, 1, h', w') of ``positions`` in ``bucket``, mirrored where
+        ``flips[i]`` (as the latents :meth:`batch_latents` gives)."""
+        if bucket not in self.masks:
+            raise ValueError("loss masks asked for but not cached: set dataset.loss_masks before encode_buckets")
+        plain = self.masks[bucket][positions]
+        if not flips or not any(flips):
+            return plain
+        mirror = torch.tensor(flips, dtype=torch.bool).view(-1, 1, 1, 1)
+        return torch.where(mirror, torch.flip(plain, dims=[3]), plain)
+
+    def pixel_masks(self, records: list[ImageRecord], crops: list[tuple[int, int]], flips: list[bool],
+                    size: tuple[int, int]) -> Tensor:
+        """The loss masks (B, 1, h', w') of one :meth:`pixel_batch` use: each record's mask cropped at the
+        ``(top, left)`` its image took, mirrored where ``flips[i]``, area-averaged to the latents' ``size``."""
+        if self.loss_masks is None:
+            raise ValueError("no loss masks: set dataset.loss_masks (a LossMaskSource)")
+        return torch.stack([mask_like_image(self.loss_masks.read(r), r, size=size, crop=c, flipped=f)
+                            for r, c, f in zip(records, crops, flips, strict=True)])
 
     def batch_latents(self, bucket: tuple[int, int], positions: list[int], flips: list[bool] | None = None) -> Tensor:
         """The host latents (B, C, h', w') of ``positions`` in ``bucket``; where ``flips[i]`` is true,
@@ -424,7 +585,8 @@ class Dataset:
         out: dict[str, Counter] = {}
         for r in self.records:
             captions = [r.caption] if r.caption or not self.captions.templates else self.captions.templates
-            tags = {t.strip() for c in captions for t in c.split(self.captions.separator) if t.strip()}
+            tags = {t.strip() for c in captions for line in c.split("\n") for t in line.split(self.captions.separator)
+                    if t.strip()}
             out.setdefault(r.folder, Counter()).update(tags)
         return {k: dict(v) for k, v in out.items()}
 
@@ -464,8 +626,10 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
 
     With ``dataset.flip`` also ``dataset.latents_flipped``: the same images mirrored left-right
     (``torch.flip(pixels, dims=[3])``, as kohya's ``cache_batch_latents`` with ``flip_aug``) encoded
-    in the same batches, after the plain ones. ``images`` (N, 3, H, W): encode these tensors (one
-    bucket) instead of reading the files. ``progress(done, total, name)`` after each image.
+    in the same batches, after the plain ones. With ``dataset.loss_masks`` also ``dataset.masks``: each
+    image's loss mask scaled and cropped as the image, at the latents' size (:mod:`.loss_masks`).
+    ``images`` (N, 3, H, W): encode these tensors (one bucket) instead of reading the files.
+    ``progress(done, total, name)`` after each image.
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for index, record in enumerate(dataset.records):
@@ -473,6 +637,10 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
     dataset.members = groups
     dataset.latents = {}
     dataset.latents_flipped = {}
+    dataset.masks = {}
+    if dataset.loss_masks is not None and (images is not None or any(r.path is None for r in dataset.records)):
+        raise ValueError("loss masks are read from the image files (their alpha channel or a mask image of the same "
+                         "name); these images were given as tensors (build the dataset with find_images)")
     if dataset.augment.active:  # the pixels change at every use: encoded batch by batch in training
         if images is not None or any(r.path is None for r in dataset.records):
             raise ValueError("random crops and colour changes read the image files at each use; these images were "
@@ -480,7 +648,7 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
         return
     done, total = 0, len(dataset.records)
     for bucket, indices in groups.items():
-        chunks, mirrored = [], []
+        chunks, mirrored, masks = [], [], []
         for start in range(0, len(indices), batch):
             part = indices[start: start + batch]
             pixels = images[part] if images is not None else torch.stack([_load(dataset.records[i]) for i in part])
@@ -488,6 +656,10 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
                 chunks.append(encode(pixels).detach().float().cpu())
                 if dataset.flip:
                     mirrored.append(encode(torch.flip(pixels, dims=[3])).detach().float().cpu())
+            if dataset.loss_masks is not None:
+                size = tuple(chunks[-1].shape[-2:])
+                masks.extend(mask_like_image(dataset.loss_masks.read(dataset.records[i]), dataset.records[i], size=size)
+                             for i in part)
             done += len(part)
             if progress is not None:
                 last = dataset.records[part[-1]]
@@ -495,6 +667,8 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
         dataset.latents[bucket] = torch.cat(chunks)
         if dataset.flip:
             dataset.latents_flipped[bucket] = torch.cat(mirrored)
+        if dataset.loss_masks is not None:
+            dataset.masks[bucket] = torch.stack(masks)
 
 
 def epoch_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int) -> list[tuple[tuple[int, int], list[int]]]:

@@ -32,6 +32,8 @@ __all__ = [
     "min_snr_weight",
     "debiased_weight",
     "p2_weight",
+    "noise_like_scale",
+    "v_pred_like_weight",
     "offset_noise",
     "adaptive_offset_strength",
     "pyramid_noise",
@@ -216,6 +218,24 @@ def p2_weight(snr_t: Tensor, *, gamma: float = 1.0, k: float = 1.0) -> Tensor:
     return (k + snr_t) ** -gamma
 
 
+def noise_like_scale(snr_t: Tensor) -> Tensor:
+    """kohya's ``get_snr_scale`` (B,) -> (B,): ``s = SNR'/(SNR' + 1)`` with ``SNR' = min(SNR, 1000)``.
+
+    For the same prediction, ``‖ε - ε̂‖² = SNR·‖x0 - x̂0‖²`` and ``‖v - v̂‖² = (SNR + 1)·‖x0 - x̂0‖²``,
+    so ``s·‖v - v̂‖²`` is the ε-prediction loss (kohya's ``--scale_v_pred_loss_like_noise_pred``) and
+    ``‖ε - ε̂‖²/s`` the v-prediction one (``--v_pred_like_loss``). In ``[0, 1000/1001]``; 0 where SNR = 0.
+    """
+    s = torch.minimum(snr_t, torch.full_like(snr_t, 1000.0))
+    return s / (s + 1)
+
+
+def v_pred_like_weight(snr_t: Tensor, strength: float) -> Tensor:
+    """kohya's ``--v_pred_like_loss`` as a weight (B,) -> (B,): ``1 + strength / s`` with ``s`` from
+    :func:`noise_like_scale` — ``loss + strength·loss/s`` adds ``strength`` × a v-prediction-like loss
+    to an ε loss. Infinite where SNR = 0 (a zero-terminal-SNR schedule's last step), as kohya's."""
+    return 1 + strength / noise_like_scale(snr_t)
+
+
 # ------------------------------------------------------------------------------- noise helpers
 def offset_noise(noise: Tensor, strength: float | Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     """``ε + strength·n``, n ~ N(0, 1) of shape (B, C, 1, 1): learns overall brightness (Guttenberg).
@@ -274,8 +294,11 @@ def _host_uniform(generator: torch.Generator | None) -> Callable[[], float]:
     return lambda: float(torch.rand((), generator=host))
 
 
-def perturbed_noise(noise: Tensor, gamma: float, *, generator: torch.Generator | None = None) -> Tensor:
-    """Input perturbation (Ning et al. 2023): the model input uses ``ε + γ·ε'`` while the target keeps ε."""
+def perturbed_noise(noise: Tensor, gamma: float | Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """Input perturbation (Ning et al. 2023): the model input uses ``ε + γ·ε'`` while the target keeps ε.
+
+    ``gamma``: a float, or a (1,) device tensor (kohya's ``--ip_noise_gamma_random_strength``:
+    ``γ = u·gamma``, ``u ~ U[0, 1)`` drawn before ε', one per batch)."""
     return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
 
 
@@ -307,12 +330,15 @@ def diffusion_loss(
     weights: Tensor | None = None,
     kind: str = "l2",
     huber_c: float | Tensor = 0.1,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Mean over the batch of ``w_b · mean_{c,h,w} ℓ(pred - target)`` (0-dim).
+    """Mean over the batch of ``w_b · mean_{c,h,w} m_{b,h,w}·ℓ(pred - target)`` (0-dim).
 
     ``kind``: ``"l2"`` (squared error), ``"huber"`` (kohya's pseudo-Huber ``2c(√(d² + c²) - c)``),
     ``"smooth_l1"`` (``2(√(d² + c²) - c)``), ``"l1"``. ``huber_c`` is a float or (B,) per sample.
-    ``weights`` (B,) multiply each sample's mean loss.
+    ``weights`` (B,) multiply each sample's mean loss. ``mask`` (B, 1, H, W) in [0, 1], the
+    prediction's spatial size: kohya's masked loss (``apply_masked_loss``) — each element's loss
+    times its pixel's mask value, still averaged over every element (masked-out ones count as 0).
     """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
@@ -332,6 +358,11 @@ def diffusion_loss(
         per = d.abs()
     else:
         raise ValueError(f"unknown loss {kind!r}; use 'l2', 'huber', 'smooth_l1' or 'l1'")
+    if mask is not None:
+        if mask.ndim != per.ndim or mask.shape[0] != per.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != per.shape[2:]:
+            raise ValueError(f"mask {tuple(mask.shape)} must be (B, 1, *spatial) of the prediction {tuple(per.shape)}: "
+                             "resize it to the latents' size (F.interpolate(mask, size, mode='area'), as kohya's)")
+        per = per * mask.to(per.dtype)  # (B, C, H, W) · (B, 1, H, W)
     per_sample = per.flatten(1).mean(1)  # (B,)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)

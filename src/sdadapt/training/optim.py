@@ -40,8 +40,8 @@ __all__ = [
     "stochastic_round_to_bf16",
 ]
 
-Schedule = Literal["constant", "warmup", "cosine", "cosine_with_restarts", "linear"]
-_SCHEDULES = ("constant", "warmup", "cosine", "cosine_with_restarts", "linear")
+Schedule = Literal["constant", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
+_SCHEDULES = ("constant", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 _STATE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", "float32": "float32",
                  "bfloat16": "bfloat16", "int8": "int8"}
 
@@ -1243,6 +1243,7 @@ def lr_at(
     total_steps: int | None = None,
     num_cycles: int = 1,
     min_lr: float = 0.0,
+    power: float = 1.0,
 ) -> float:
     """The learning rate at optimiser step ``step`` (0-based), as diffusers' ``get_scheduler``.
 
@@ -1255,6 +1256,8 @@ def lr_at(
         linear                  f = (T − s) / max(1, T − W)              (= 1 − p when T > W)
         cosine                  f = ½ (1 + cos(π p))                     (one half-wave)
         cosine_with_restarts    f = ½ (1 + cos(π ((num_cycles · p) mod 1))), 0 once p = 1
+        polynomial              f = (1 − p) ** power                     (diffusers' polynomial decay with
+                                                                 lr_end = min_lr; power 1: linear to min_lr)
 
     Past ``total_steps`` the rate stays at ``min_lr`` (diffusers' cosine would rise again).
 
@@ -1282,11 +1285,15 @@ def lr_at(
         raise ValueError(f"schedule={schedule!r} needs total_steps=<number of optimiser steps> (> 0)")
     if not isinstance(num_cycles, int) or num_cycles < 1:
         raise ValueError(f"num_cycles must be a positive int, got {num_cycles!r}")
+    if schedule == "polynomial" and not 0.0 <= power < math.inf:
+        raise ValueError(f"power must be a finite number >= 0 (1: linear decay), got {power!r}")
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "linear":  # diffusers' form: 0 already at step W when T == W
         factor = (total_steps - step) / max(1, total_steps - warmup_steps)
     elif schedule == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "polynomial":
+        factor = 0.0 if step > total_steps else (1.0 - progress) ** power  # (diffusers: lr_end past the end)
     else:  # cosine_with_restarts
         factor = 0.0 if progress >= 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0)))
     return min_lr + (base_lr - min_lr) * max(0.0, factor)

@@ -20,6 +20,14 @@ optimiser               keys
 
 The arguments are kept as a tuple of ``(key, value)`` pairs in the order given (values made
 hashable: sequences become tuples), so a frozen config can hold them.
+
+kohya trains Adafactor with ``transformers.optimization.Adafactor`` after its ``get_optimizer``
+fills in ``relative_step=True`` when the arguments leave it out (and turns it back on when
+``warmup_init=True`` comes with ``relative_step=False``): :func:`kohya_optimizer_args` gives those
+arguments (what kohya's ``ss_optimizer`` shows), :func:`kohya_constructor_args` adds transformers'
+defaults where sdadapt's :class:`~sdadapt.training.optim.Adafactor` has others
+(:data:`TRANSFORMERS_ADAFACTOR_DEFAULTS`), so ``python -m sdadapt train`` builds the optimiser
+kohya trains with. The other optimisers' arguments pass through unchanged.
 """
 
 from __future__ import annotations
@@ -33,9 +41,12 @@ import torch
 
 __all__ = [
     "OPTIMIZER_ARG_KEYS",
+    "TRANSFORMERS_ADAFACTOR_DEFAULTS",
     "OptimizerArgs",
     "check_optimizer_args",
     "format_optimizer_args",
+    "kohya_constructor_args",
+    "kohya_optimizer_args",
     "optimizer_kwargs",
     "parse_optimizer_args",
 ]
@@ -52,6 +63,12 @@ OPTIMIZER_ARG_KEYS: dict[str, tuple[str, ...]] = {
     "adafactor": ("eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter", "relative_step",
                   "warmup_init", "factor_conv_as_matrix", "stochastic_rounding"),
 }
+#: ``transformers.optimization.Adafactor``'s defaults (the optimiser kohya builds) where sdadapt's
+#: ``Adafactor`` has its own: ``scale_parameter`` (sdadapt: False) and the factoring of ``≥3``-D
+#: weights (transformers factors the last two dims; sdadapt's default views ``(O, I, k, k)`` as
+#: ``(O, I·k·k)``). ``weight_decay`` 0, ``eps``, ``clip_threshold``, ``decay_rate``, ``beta1`` and
+#: ``warmup_init`` are the same in both.
+TRANSFORMERS_ADAFACTOR_DEFAULTS: OptimizerArgs = (("scale_parameter", True), ("factor_conv_as_matrix", False))
 _BOOLS = ("stochastic_rounding", "scale_parameter", "relative_step", "warmup_init", "factor_conv_as_matrix")
 _NUMBERS = ("weight_decay", "clip_threshold", "decay_rate")
 
@@ -183,3 +200,42 @@ def _probe(optimizer: str, kwargs: dict[str, Any], where: str) -> None:
 def format_optimizer_args(args: OptimizerArgs) -> str:
     """``"k=v,k=v"`` as kohya writes them into ``ss_optimizer`` (``name(k=v,...)``; a tuple as ``(0.9, 0.99)``)."""
     return ",".join(f"{key}={value}" for key, value in args)
+
+
+def kohya_optimizer_args(optimizer: str, args: OptimizerArgs) -> OptimizerArgs:
+    """The arguments kohya's ``get_optimizer`` builds ``optimizer`` with from the user's ``args``.
+
+    For ``adafactor``: ``relative_step=True`` appended when ``args`` leave it out (kohya's default),
+    and made ``True`` when ``warmup_init=True`` comes with ``relative_step=False`` (kohya's
+    correction: the warm-up belongs to the relative step); the other keys as given, in their order.
+    Other optimisers: ``args`` unchanged. kohya writes these into ``ss_optimizer``.
+
+    Args:
+        optimizer: a canonical name of :data:`OPTIMIZER_ARG_KEYS`.
+        args: ``((key, value), ...)`` as :func:`check_optimizer_args` returns them.
+
+    Example:
+        >>> kohya_optimizer_args("adafactor", (("scale_parameter", False),))
+        (('scale_parameter', False), ('relative_step', True))
+    """
+    pairs = dict(args)
+    if optimizer == "adafactor" and ("relative_step" not in pairs  # kohya's default
+                                     or (not pairs["relative_step"] and pairs.get("warmup_init", False))):
+        pairs["relative_step"] = True  # (appended when missing, as kohya's dict)
+    return tuple(pairs.items())
+
+
+def kohya_constructor_args(optimizer: str, args: OptimizerArgs) -> OptimizerArgs:
+    """:func:`kohya_optimizer_args` plus, for ``adafactor``, :data:`TRANSFORMERS_ADAFACTOR_DEFAULTS`
+    where ``args`` leave them out: the keywords for sdadapt's optimiser that train as kohya's
+    ``transformers.optimization.Adafactor`` does (given keys always win).
+
+    Example:
+        >>> dict(kohya_constructor_args("adafactor", ()))
+        {'scale_parameter': True, 'factor_conv_as_matrix': False, 'relative_step': True}
+    """
+    kohya = kohya_optimizer_args(optimizer, args)
+    if optimizer != "adafactor":
+        return kohya
+    given = {key for key, _ in kohya}
+    return (*((key, value) for key, value in TRANSFORMERS_ADAFACTOR_DEFAULTS if key not in given), *kohya)

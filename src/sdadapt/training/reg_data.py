@@ -28,7 +28,7 @@ from pathlib import Path
 from ..images import ImageFolderError
 from .data import ImageRecord, find_images
 
-__all__ = ["balanced_repeats", "RegImages", "find_reg_images"]
+__all__ = ["balanced_repeats", "RegImages", "find_reg_images", "balance_reg_images"]
 
 
 def balanced_repeats(repeats: Sequence[int], train_samples: int) -> list[int]:
@@ -112,14 +112,32 @@ def find_reg_images(
         entry = dirs.setdefault(Path(record.folder).name if record.folder != "." else root.name,
                                 {"n_repeats": record.repeats, "img_count": 0})
         entry["img_count"] += 1
+    reg = balance_reg_images(records, train_samples=train_samples, source="--reg-data-dir", dirs=dirs)
+    reg.notes[:0] = [f"--reg-data-dir: {n}" for n in notes]
+    return reg
+
+
+def balance_reg_images(records: Sequence[ImageRecord], *, train_samples: int, source: str,
+                       dirs: dict[str, dict[str, int]] | None = None) -> RegImages:
+    """Regularisation images already read (each ``repeats`` its folder's) balanced against
+    ``train_samples`` by kohya's rule (:func:`balanced_repeats`).
+
+    ``source`` names where they came from in the notes (``--reg-data-dir``, a dataset TOML);
+    ``dirs``: :attr:`RegImages.dirs` (default: by each record's ``folder``).
+    """
+    if dirs is None:
+        dirs = {}
+        for record in records:
+            entry = dirs.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})
+            entry["img_count"] += 1
     samples = sum(r.repeats for r in records)
     counts = balanced_repeats([r.repeats for r in records], train_samples)
     used = [replace(r, repeats=n) for r, n in zip(records, counts) if n]
-    notes = [f"--reg-data-dir: {n}" for n in notes]
+    notes = []
     if samples > train_samples and len(used) < len(records):
-        notes.append(f"--reg-data-dir: {samples} regularisation samples (images x repeats) for {train_samples} training "
+        notes.append(f"{source}: {samples} regularisation samples (images x repeats) for {train_samples} training "
                      f"samples per epoch: only the first {len(used)} of {len(records)} images are used (kohya's balancing)")
     elif sum(counts) > samples:
-        notes.append(f"--reg-data-dir: {samples} regularisation samples (images x repeats) for {train_samples} training "
+        notes.append(f"{source}: {samples} regularisation samples (images x repeats) for {train_samples} training "
                      f"samples per epoch: repeated to {sum(counts)} per epoch (kohya's balancing)")
     return RegImages(used, samples, dirs, notes)

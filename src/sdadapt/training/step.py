@@ -55,10 +55,13 @@ class StepConfig:
     min_snr_gamma: float | None = None
     debiased_estimation: bool = False
     p2_gamma: float | None = None  # P2 weight 1/(1 + SNR)^γ
+    scale_v_pred_loss_like_noise_pred: bool = False  # kohya's: v loss × SNR'/(SNR' + 1), SNR' = min(SNR, 1000) (v-prediction only)
+    v_pred_like_loss: float = 0.0  # kohya's: ε loss × (1 + X·(SNR' + 1)/SNR'), adds X × a v-like loss (not v-prediction)
     noise_offset: float = 0.0
     noise_offset_random_strength: bool = False  # kohya's: the offset strength ~ U[0, noise_offset), one draw per batch
     adaptive_noise_scale: float | None = None  # kohya's: offset += scale·|channel mean of x0|, clamped at 0
     input_perturbation: float = 0.0
+    input_perturbation_random_strength: bool = False  # kohya's ip_noise_gamma_random_strength: γ ~ U[0, γ), one draw per batch
     pyramid_noise_iterations: int = 0
     pyramid_noise_discount: float = 0.4
     timestep_range: tuple[int, int] | None = None  # [low, high) of training timesteps
@@ -82,6 +85,14 @@ class StepConfig:
                              f"noise_offset > 0 (e.g. noise_offset=0.05)")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}")
+        if self.scale_v_pred_loss_like_noise_pred and self.prediction_type != "v_prediction":  # kohya refuses it too
+            raise ValueError(f"scale_v_pred_loss_like_noise_pred scales a v-prediction loss, so it needs "
+                             f"prediction_type='v_prediction' (got {self.prediction_type!r})")
+        if not 0 <= self.v_pred_like_loss < math.inf:
+            raise ValueError(f"v_pred_like_loss must be a finite number >= 0 (0: off), got {self.v_pred_like_loss}")
+        if self.v_pred_like_loss and self.prediction_type == "v_prediction":  # kohya refuses it too
+            raise ValueError(f"v_pred_like_loss={self.v_pred_like_loss} adds a v-prediction-like loss to an epsilon "
+                             "loss, so it cannot go with prediction_type='v_prediction'")
         if self.sdpa_backends is not None:
             object.__setattr__(self, "sdpa_backends", tuple(self.sdpa_backends))  # a list from JSON/TOML
             unknown = [name for name in self.sdpa_backends if name not in SDPA_BACKENDS]
@@ -144,7 +155,13 @@ def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState,
     low, high = config.timestep_range or (0, num_steps)
     t = diffusion.sample_timesteps(latents.shape[0], num_steps, generator=g, low=low, high=high, device=latents.device)
     # input perturbation: the model sees noise + γ·ε', the target keeps the unperturbed noise
-    noisy_input = diffusion.perturbed_noise(noise, config.input_perturbation, generator=g) if config.input_perturbation else noise
+    noisy_input = noise
+    if config.input_perturbation:
+        gamma: float | Tensor = config.input_perturbation
+        if config.input_perturbation_random_strength:  # kohya's order: the (1,) strength, then ε'; on the device
+            u = torch.rand((1,), generator=g, device=latents.device)
+            gamma = u.to(torch.promote_types(latents.dtype, torch.float32)) * config.input_perturbation
+        noisy_input = diffusion.perturbed_noise(noise, gamma, generator=g)
     return noise, noisy_input, t
 
 
@@ -157,12 +174,14 @@ def prepare_batch(
     encode_latents: Callable[[Tensor], Tensor] | None = None,
     prior: tuple[Mapping[str, object], float] | None = None,
 ) -> dict[str, Tensor | object]:
-    """Everything before the model: ``{"x_t", "t", "cond", "target", "weights" (B,), "huber_c"}``.
+    """Everything before the model: ``{"x_t", "t", "cond", "target", "weights" (B,), "huber_c"}``
+    (+ ``"loss_mask"`` (B, 1, h, w) when the batch carries one: kohya's masked loss, :func:`step_loss`).
 
     Draws noise and timesteps from ``state.generator`` (always, so runs stay reproducible even when
     the batch fixes ``"noise"``/``"timesteps"``), noises the latents, builds the target for
     ``config.prediction_type`` and the per-sample loss weights (batch ``"loss_weight"`` × min-SNR ×
-    debiased × P2).
+    debiased × P2; kohya's ``scale_v_pred_loss_like_noise_pred`` and ``v_pred_like_loss`` in kohya's
+    order, between min-SNR and debiased — :func:`~sdadapt.training.diffusion.noise_like_scale`).
 
     ``prior=(class_batch, weight)``: DreamBooth's prior preservation as a second forward — the class
     batch prepared the same way (its draws after the batch's) under ``"prior"``, ``weight`` under
@@ -189,10 +208,15 @@ def prepare_batch(
 
     weights = batch.get("loss_weight")
     weights = torch.ones(latents.shape[0], device=latents.device) if weights is None else weights.float()  # type: ignore[union-attr]
-    if config.min_snr_gamma is not None or config.debiased_estimation or config.p2_gamma is not None:
+    if (config.min_snr_gamma is not None or config.debiased_estimation or config.p2_gamma is not None
+            or config.scale_v_pred_loss_like_noise_pred or config.v_pred_like_loss):
         snr = diffusion.snr(t, alphas_cumprod)
         if config.min_snr_gamma is not None:
             weights = weights * diffusion.min_snr_weight(snr, config.min_snr_gamma, config.prediction_type)
+        if config.scale_v_pred_loss_like_noise_pred:
+            weights = weights * diffusion.noise_like_scale(snr)
+        if config.v_pred_like_loss:
+            weights = weights * diffusion.v_pred_like_weight(snr, config.v_pred_like_loss)
         if config.debiased_estimation:
             weights = weights * diffusion.debiased_weight(snr, config.prediction_type)
         if config.p2_gamma is not None:
@@ -203,6 +227,8 @@ def prepare_batch(
                                         scale=config.huber_scale)
     prepared = {"x_t": x_t, "t": t, "cond": batch.get("cond"), "target": target, "weights": weights.float(),
                 "huber_c": huber_c, "latents": latents}
+    if batch.get("loss_mask") is not None:  # (B, 1, h, w) in [0, 1]: kohya's masked loss
+        prepared["loss_mask"] = batch["loss_mask"]
     if prior is not None:
         prepared["prior"] = prepare_batch(prior[0], state=state, config=config, alphas_cumprod=alphas_cumprod,
                                           encode_latents=encode_latents)
@@ -229,7 +255,7 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
     loss = diffusion.diffusion_loss(
         prediction.float(), prepared["target"].float(), weights=prepared["weights"],  # type: ignore[union-attr]
-        kind=config.loss, huber_c=prepared["huber_c"],  # type: ignore[arg-type]
+        kind=config.loss, huber_c=prepared["huber_c"], mask=prepared.get("loss_mask"),  # type: ignore[arg-type]
     )
     prior: Mapping[str, object] | None = prepared.get("prior")  # type: ignore[assignment]
     if prior is not None:  # the class batch's second forward, then extra_loss, added to the loss as one term
@@ -290,6 +316,8 @@ def train_step(
         model: ``model(x_t (B,C,H,W), t (B,), cond) -> prediction (B,C,H,W)``.
         batch: ``{"latents": x0 (B,C,H,W), "cond": anything the model takes,
             "loss_weight": optional (B,) per-sample weights (e.g. DreamBooth prior weight),
+            "loss_mask": optional (B, 1, h, w) per-pixel loss weights in [0, 1] at the latents' size
+            (kohya's masked loss, e.g. an image's alpha channel: :mod:`sdadapt.training.loss_masks`),
             "noise": optional fixed ε (B,C,H,W), "timesteps": optional fixed t (B,)}``.
             The step's generator is advanced the same way either way, so runs stay reproducible.
         params: the trainable parameters (clipping and EMA act on these).

@@ -1,0 +1,697 @@
+"""kohya's dataset TOML (``--dataset-config``) and fine-tuning metadata (``--in-json``).
+
+**The dataset TOML** (kohya's ``library/config_util.py``): ``[general]`` options for everything,
+one ``[[datasets]]`` block (its resolution, batch size and buckets) and its ``[[datasets.subsets]]``
+(each a folder of images with its own repeats, captions and options). A value is looked up in the
+subset, then its dataset, then ``[general]``, then the run's own options (the flags / main TOML:
+kohya's command-line arguments), then kohya's default — :func:`read_dataset_config` resolves every
+subset so.
+
+* A **DreamBooth-style subset** has ``image_dir`` (the images directly in it; ``N_name``
+  sub-folders are not read, as kohya), ``num_repeats``, captions from ``NAME`` + ``caption_extension``
+  beside each image or else ``class_tokens``, and ``is_reg = true`` for regularisation images (the
+  prior data: :mod:`sdadapt.training.reg_data`, balanced against the training images by kohya's rule).
+* A **fine-tuning subset** has ``metadata_file`` (kohya's metadata JSON or JSONL: image key →
+  ``caption`` and ``tags``; the caption is ``caption + caption_separator + tags``) and
+  ``image_dir`` for relative keys (a key is the file's stem, as kohya's ``merge_captions_to_metadata``
+  writes it, or its name or path). A dataset is one kind or the other, as in kohya.
+
+Caption options (shuffle, keep tokens, dropouts, prefix/suffix, wildcards, token warm-up …) may
+differ per subset: each subset's images carry their own :class:`~sdadapt.training.data.CaptionOptions`
+(:attr:`ImageRecord.captions`). ``flip_aug``, ``random_crop`` and ``color_aug`` are one setting of
+the cached dataset, so the training subsets must agree on them (and the regularisation subsets among
+themselves). Several ``[[datasets]]`` blocks (kohya trains each with its own resolution and batch
+size, batches never mixing them) are refused: put the subsets in one block. Unknown keys are an
+error naming the closest one; kohya keys sdadapt cannot honour are refused when set.
+
+**``--in-json FILE``** with ``--images DIR`` is kohya's fine-tuning data without a dataset TOML:
+one fine-tuning subset (:func:`in_json_config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..images import IMAGE_SUFFIXES, ImageFolderError
+from .data import ImageRecord, find_images, image_size
+from .reg_data import RegImages, balance_reg_images
+
+__all__ = [
+    "SUBSET_CAPTION_KEYS",
+    "DatasetConfig",
+    "SubsetConfig",
+    "dataset_records",
+    "in_json_config",
+    "kohya_datasets_metadata",
+    "read_config_table",
+    "read_dataset_config",
+    "read_metadata_file",
+    "record_changes",
+    "subset_records",
+]
+
+#: subset keys that are caption options (kohya's names; each subset may set its own)
+SUBSET_CAPTION_KEYS = ("shuffle_caption", "keep_tokens", "caption_separator", "keep_tokens_separator",
+                       "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
+                       "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+                       "token_warmup_min", "token_warmup_step")
+#: the image augmentations: one setting per cached dataset
+_AUGMENT_KEYS = ("flip_aug", "random_crop", "color_aug")
+
+# kohya's schema (config_util.ConfigSanitizer), value kinds: "bool", "int", "number", "text", "table",
+# "pair" (two numbers), "resolution" (one int or two)
+_SUBSET_COMMON = {"color_aug": "bool", "face_crop_aug_range": "pair", "flip_aug": "bool", "num_repeats": "int",
+                  "random_crop": "bool", "shuffle_caption": "bool", "keep_tokens": "int", "keep_tokens_separator": "text",
+                  "secondary_separator": "text", "caption_separator": "text", "enable_wildcard": "bool",
+                  "token_warmup_min": "int", "token_warmup_step": "number", "caption_prefix": "text",
+                  "caption_suffix": "text", "custom_attributes": "table", "resize_interpolation": "text",
+                  "caption_dropout_every_n_epochs": "int", "caption_dropout_rate": "number",
+                  "caption_tag_dropout_rate": "number"}
+_DREAMBOOTH_SHARED = {"caption_extension": "text", "class_tokens": "text", "cache_info": "bool"}
+_DREAMBOOTH_OWN = {"image_dir": "text", "is_reg": "bool", "alpha_mask": "bool"}
+_FINETUNE_OWN = {"metadata_file": "text", "image_dir": "text", "alpha_mask": "bool"}
+_DATASET_OWN = {"batch_size": "int", "bucket_no_upscale": "bool", "bucket_reso_steps": "int", "enable_bucket": "bool",
+                "max_bucket_reso": "int", "min_bucket_reso": "int", "validation_seed": "int", "validation_split": "number",
+                "resolution": "resolution", "network_multiplier": "number", "resize_interpolation": "text"}
+_GENERAL = {**_DATASET_OWN, **_SUBSET_COMMON, **_DREAMBOOTH_SHARED}
+
+#: kohya's defaults (config_util's *Params dataclasses), used when neither the file nor the run gives a value
+_KOHYA_DEFAULTS: dict[str, Any] = {
+    "num_repeats": 1, "shuffle_caption": False, "caption_separator": ",", "keep_tokens": 0, "keep_tokens_separator": "",
+    "secondary_separator": None, "enable_wildcard": False, "color_aug": False, "flip_aug": False,
+    "face_crop_aug_range": None, "random_crop": False, "caption_prefix": None, "caption_suffix": None,
+    "caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0, "caption_tag_dropout_rate": 0.0,
+    "token_warmup_min": 1, "token_warmup_step": 0, "custom_attributes": None, "validation_seed": 0,
+    "validation_split": 0.0, "resize_interpolation": None, "is_reg": False, "class_tokens": None,
+    "caption_extension": ".caption", "cache_info": False, "alpha_mask": False, "resolution": None,
+    "network_multiplier": 1.0, "batch_size": 1, "enable_bucket": False, "min_bucket_reso": 256,
+    "max_bucket_reso": 1024, "bucket_reso_steps": 64, "bucket_no_upscale": False,
+}
+
+#: kohya keys refused when set to anything but kohya's default: why, and what to do
+_REFUSED = {
+    "face_crop_aug_range": "sdadapt finds no faces: crop the images around the faces yourself, or use random_crop",
+    "alpha_mask": "the alpha-channel loss mask (kohya's masked loss) is not read from a dataset TOML here",
+    "resize_interpolation": "sdadapt scales with area averaging (down) and bilinear (up); leave it out",
+    "validation_split": "no validation split: hold the images out yourself (another folder)",
+    "network_multiplier": "one network multiplier (1) for every dataset here; leave it out",
+}
+#: kohya keys that change nothing here: the note said
+_NOTED = {
+    "cache_info": "image sizes are read from the file headers",
+    "validation_seed": "no validation split here",
+    "custom_attributes": "not used by Stable Diffusion training",
+}
+
+#: the dataset block's keys -> TrainOptions names (the rest keep their names)
+_DATASET_OPTION_NAMES = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                         "bucket_reso_steps", "bucket_no_upscale")
+
+
+def _absolute(path: Path | None) -> str | None:
+    """``path`` made absolute (from the current folder, symbolic links followed), as text."""
+    return None if path is None else str(Path(path).resolve())
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """One subset, every value resolved (subset → dataset → general → the run's options → kohya's default).
+
+    Attributes:
+        where: where it is written (``"datasets[0].subsets[1]"``, ``"--in-json"``), for messages.
+        image_dir: the images' folder (DreamBooth-style; fine-tuning: the base of relative keys).
+        metadata_file: the metadata JSON/JSONL of a fine-tuning subset (``None``: DreamBooth-style).
+        is_reg: regularisation images (the prior data).
+        num_repeats: how often each image is seen per epoch (before balancing, for ``is_reg``).
+        class_tokens: caption of images without a caption file (DreamBooth-style; a training
+            subset falls back to the run's ``class_tokens`` (``--prompt``), an ``is_reg`` subset
+            only to the file's own values).
+        caption_extension: the caption files' suffix (with its dot).
+        captions: the caption options, kohya's names (:data:`SUBSET_CAPTION_KEYS`) → values.
+        flip_aug, random_crop, color_aug: the image augmentations.
+    """
+
+    where: str
+    image_dir: Path | None
+    metadata_file: Path | None
+    is_reg: bool
+    num_repeats: int
+    class_tokens: str | None
+    caption_extension: str
+    captions: dict[str, Any]
+    flip_aug: bool = False
+    random_crop: bool = False
+    color_aug: bool = False
+
+    @property
+    def label(self) -> str:
+        """kohya's name of the subset in ``ss_dataset_dirs`` / ``ss_tag_frequency``: the folder's or
+        the metadata file's name."""
+        source = self.metadata_file if self.metadata_file is not None else self.image_dir
+        return Path(str(source)).name
+
+    def record(self) -> dict[str, Any]:
+        """The subset as plain values (the ``--resume`` record; JSON-able). Paths are absolute: a
+        relative ``image_dir`` read from another current folder is other images."""
+        return {"where": self.where, "image_dir": _absolute(self.image_dir),
+                "metadata_file": _absolute(self.metadata_file), "is_reg": self.is_reg,
+                "num_repeats": self.num_repeats, "class_tokens": self.class_tokens,
+                "caption_extension": self.caption_extension, "captions": dict(self.captions),
+                "flip_aug": self.flip_aug, "random_crop": self.random_crop, "color_aug": self.color_aug}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """A dataset TOML (or ``--in-json``) resolved.
+
+    Attributes:
+        source: the file read.
+        subsets: the subsets used, in order (duplicates and ``num_repeats < 1`` left out, as kohya).
+        options: the run options the dataset block decides (``TrainOptions`` names: ``resolution``
+            as (height, width), ``batch_size``, ``enable_bucket``, ``min_bucket_reso``,
+            ``max_bucket_reso``, ``bucket_reso_steps``, ``bucket_no_upscale``, and the training
+            subsets' ``flip_aug`` / ``random_crop`` / ``color_aug``).
+        reg_augment: the regularisation subsets' ``flip_aug`` / ``random_crop`` / ``color_aug``.
+        finetuning: fine-tuning subsets (``metadata_file``) rather than DreamBooth-style ones.
+        notes: what was skipped or changes nothing here.
+    """
+
+    source: Path
+    subsets: tuple[SubsetConfig, ...]
+    options: dict[str, Any]
+    reg_augment: dict[str, bool] = field(default_factory=dict)
+    finetuning: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def train_subsets(self) -> tuple[SubsetConfig, ...]:
+        return tuple(s for s in self.subsets if not s.is_reg)
+
+    @property
+    def reg_subsets(self) -> tuple[SubsetConfig, ...]:
+        return tuple(s for s in self.subsets if s.is_reg)
+
+    def record(self) -> dict[str, Any]:
+        """What decides the images and their draws (the ``--resume`` record; JSON-able)."""
+        return {"source": _absolute(self.source), "subsets": [s.record() for s in self.subsets],
+                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}}
+
+
+def record_changes(before: Any, after: Any, *, at: str = "") -> list[str]:
+    """What differs between two :meth:`DatasetConfig.record` values (as JSON reads them back), one
+    ``"subsets[0].num_repeats 3 (now 4)"`` per changed value (``--resume``'s message)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [change for key in dict.fromkeys([*before, *after])
+                for change in record_changes(before.get(key), after.get(key), at=f"{at}.{key}" if at else str(key))]
+    if isinstance(before, list) and isinstance(after, list):
+        if len(before) != len(after):
+            return [f"{at}: {len(before)} entries (now {len(after)})"]
+        return [change for i, (b, a) in enumerate(zip(before, after)) for change in record_changes(b, a, at=f"{at}[{i}]")]
+    return [] if before == after else [f"{at or 'the dataset'} {before!r} (now {after!r})"]
+
+
+def read_config_table(path: str | os.PathLike, *, flag: str, allow_json: bool = False) -> dict:
+    """A TOML file as a dict (``allow_json``: a ``.json`` file as JSON, as kohya's ``load_user_config``
+    reads a dataset config); ``flag`` names the option in the messages (``--config``, ``--dataset-config``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        InputError: not valid TOML / JSON.
+        ImportError: Python 3.10 without ``tomli``.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{flag} {file}: no such file")
+    if allow_json and file.suffix.lower() == ".json":
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{flag} {file}: not valid JSON ({exc})") from None
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise ImportError(f"reading {flag} TOML files on Python 3.10 needs tomli: pip install tomli (Python 3.11+ "
+                              "reads TOML itself)") from None
+    try:
+        with open(file, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{flag} {file}: not valid TOML ({exc})") from None
+
+
+def _checked(value: Any, kind: str, where: str) -> Any:
+    """``value`` of kohya's schema ``kind``, converted (resolution: kohya's (width, height))."""
+    def fail(what: str) -> InputError:
+        return InputError(f"{where}: must be {what}, got {value!r}")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("a whole number")
+        return value
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return value
+    if kind == "text":
+        if not isinstance(value, str):
+            raise fail("text (in quotes)")
+        return value
+    if kind == "table":
+        if not isinstance(value, dict):
+            raise fail("a table")
+        return value
+    if kind == "pair":
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                    for v in value)):
+            raise fail("two numbers, e.g. [0.4, 0.6]")
+        return tuple(value)
+    if kind == "resolution":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value, value)
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return (value[0], value[1])
+        raise fail("SIZE or [WIDTH, HEIGHT] (whole numbers, e.g. 512 or [768, 512])")
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _check_keys(table: Mapping[str, Any], schema: Mapping[str, str], where: str, source: str, *,
+                extra: Sequence[str] = ()) -> dict[str, Any]:
+    """The table's values checked against ``schema``; an unknown key is an error naming the closest."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in extra:
+            continue
+        if key == "conditioning_data_dir":
+            raise InputError(f"{source}: {where}.conditioning_data_dir: kohya's ControlNet / masked-loss conditioning "
+                             "images are not read here; leave it out")
+        if key not in schema:
+            close = difflib.get_close_matches(key, sorted(set(schema) | set(extra)), n=1)
+            raise InputError(f"{source}: unknown key {key!r} in {where}" + (f"; did you mean {close[0]}?" if close else "")
+                             + f" (its keys: {', '.join(sorted(set(schema) | set(extra)))})")
+        out[key] = _checked(value, schema[key], f"{source}: {where}.{key}")
+    return out
+
+
+def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any]) -> DatasetConfig:
+    """Read and resolve a kohya dataset TOML (or its JSON form); no image is read yet.
+
+    Args:
+        path: the file (``.toml``, or ``.json`` as kohya's ``load_user_config`` reads).
+        fallback: the run's own values by kohya's names (kohya's command-line arguments: the last
+            place looked before kohya's default). A key absent from it and not kohya's default in
+            the file is refused (sdadapt has no such option); ``resolution`` is (width, height).
+
+    Raises:
+        InputError: an unknown key (naming the closest), a value of the wrong kind, a missing
+            ``image_dir`` / ``metadata_file``, several ``[[datasets]]``, DreamBooth-style and
+            fine-tuning subsets in one dataset, a kohya option sdadapt cannot honour, or subsets
+            that disagree on ``flip_aug`` / ``random_crop`` / ``color_aug``.
+        FileNotFoundError: no such file.
+    """
+    file = Path(path)
+    source = f"--dataset-config {file}"
+    raw = read_config_table(file, flag="--dataset-config", allow_json=True)
+    if not isinstance(raw, dict):
+        raise InputError(f"{source}: the file must be a table with [general] and [[datasets]]")
+    for key in raw:
+        if key not in ("general", "datasets"):
+            close = difflib.get_close_matches(key, ["general", "datasets"], n=1)
+            raise InputError(f"{source}: unknown top-level key {key!r}" + (f"; did you mean {close[0]}?" if close else "")
+                             + " (a dataset TOML has [general] and [[datasets]] with [[datasets.subsets]]; the training "
+                             "options go in --config)")
+    general_raw = raw.get("general", {})
+    if not isinstance(general_raw, dict):
+        raise InputError(f"{source}: [general] must be a table")
+    datasets = raw.get("datasets", [])
+    if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
+        raise InputError(f"{source}: datasets must be [[datasets]] tables")
+    if not datasets:
+        raise InputError(f"{source}: no [[datasets]] block; add one with [[datasets.subsets]] image_dir = '...'")
+    if len(datasets) > 1:
+        raise InputError(f"{source}: {len(datasets)} [[datasets]] blocks; kohya trains each with its own resolution and "
+                         "batch size (a batch never mixes them), which sdadapt does not do — put every subset in one "
+                         "[[datasets]] block (each subset keeps its own repeats and caption options)")
+    dataset_raw = datasets[0]
+    subsets_raw = dataset_raw.get("subsets", [])
+    if not isinstance(subsets_raw, list) or not all(isinstance(s, dict) for s in subsets_raw) or not subsets_raw:
+        raise InputError(f"{source}: datasets[0] has no [[datasets.subsets]]; add one with image_dir = 'FOLDER'")
+    with_metadata = ["metadata_file" in s for s in subsets_raw]
+    finetuning = all(with_metadata)
+    if any(with_metadata) and not finetuning:
+        raise InputError(f"{source}: datasets[0] mixes DreamBooth-style subsets (image_dir) and fine-tuning subsets "
+                         "(metadata_file); kohya refuses the same (it wants two datasets, which sdadapt does not train "
+                         "together): list every image in the metadata, or give every subset an image_dir with caption files")
+    general = _check_keys(general_raw, _GENERAL, "[general]", source)
+    dataset_schema = {**_DATASET_OWN, **_SUBSET_COMMON, **({} if finetuning else _DREAMBOOTH_SHARED)}
+    dataset = _check_keys(dataset_raw, dataset_schema, "datasets[0]", source, extra=("subsets",))
+    subset_schema = {**_SUBSET_COMMON, **(_FINETUNE_OWN if finetuning else {**_DREAMBOOTH_SHARED, **_DREAMBOOTH_OWN})}
+    subset_tables = [_check_keys(s, subset_schema, f"datasets[0].subsets[{i}]", source) for i, s in enumerate(subsets_raw)]
+    required = "metadata_file" if finetuning else "image_dir"
+    for i, table in enumerate(subset_tables):
+        if required not in table:
+            raise InputError(f"{source}: datasets[0].subsets[{i}] has no {required} (each "
+                             + ("fine-tuning subset names its metadata JSON" if finetuning else
+                                "DreamBooth-style subset names its folder of images, e.g. image_dir = 'img/dog'") + ")")
+    notes: list[str] = []
+
+    def look(name: str, tables: Sequence[tuple[str, dict]]) -> tuple[Any, str | None]:
+        for where, table in tables:
+            if name in table:
+                return table[name], where
+        return None, None
+
+    def resolve(name: str, tables: Sequence[tuple[str, dict]]) -> Any:
+        value, where = look(name, tables)
+        if where is not None:
+            if name in _REFUSED and value != _KOHYA_DEFAULTS[name]:
+                raise InputError(f"{source}: {where}.{name} = {value!r}: {_REFUSED[name]}")
+            if name in _NOTED and value != _KOHYA_DEFAULTS[name]:
+                note = f"{where}.{name}: ignored ({_NOTED[name]})"
+                if note not in notes:
+                    notes.append(note)
+            if name not in fallback and name not in _REFUSED and name not in _NOTED and name not in _DREAMBOOTH_OWN \
+                    and name not in _FINETUNE_OWN and name != "caption_separator" and value != _KOHYA_DEFAULTS.get(name):
+                raise InputError(f"{source}: {where}.{name} = {value!r}: this kohya option is not supported by sdadapt "
+                                 "yet; leave it out")
+            return value
+        return fallback[name] if name in fallback else _KOHYA_DEFAULTS.get(name)
+
+    dataset_tables = [("datasets[0]", dataset), ("[general]", general)]
+    options: dict[str, Any] = {}
+    for name in _DATASET_OPTION_NAMES:
+        value = resolve(name, dataset_tables)
+        if name == "resolution" and value is not None:
+            value = (int(value[1]), int(value[0]))  # kohya's (width, height) -> (height, width)
+        options[name] = value
+    for name in ("network_multiplier", "validation_split", "validation_seed", "resize_interpolation"):
+        resolve(name, dataset_tables)  # (refused or noted when set)
+
+    subsets: list[SubsetConfig] = []
+    seen: set[str] = set()
+    for i, table in enumerate(subset_tables):
+        where = f"datasets[0].subsets[{i}]"
+        tables = [(where, table), *dataset_tables]
+        for name in ("face_crop_aug_range", "alpha_mask", "resize_interpolation", "cache_info", "custom_attributes"):
+            resolve(name, tables)
+        repeats = resolve("num_repeats", tables)
+        image_dir = table.get("image_dir")
+        metadata = table.get("metadata_file")
+        identity = str(metadata if finetuning else image_dir)
+        if identity in seen:
+            notes.append(f"{where}: ignored, it repeats {'metadata_file' if finetuning else 'image_dir'} {identity!r} of an "
+                         "earlier subset (kohya uses the first one)")
+            continue
+        if repeats < 1:
+            notes.append(f"{where}: ignored, num_repeats = {repeats} (kohya skips subsets with fewer than 1 repeat)")
+            continue
+        seen.add(identity)
+        extension = str(resolve("caption_extension", tables) or ".caption") if not finetuning else ".caption"
+        if extension and not extension.startswith("."):
+            extension = "." + extension  # (kohya adds the dot)
+        is_reg = bool(table.get("is_reg", False))
+        if finetuning:
+            class_tokens = None
+        elif is_reg:  # the file's own only: the run's --prompt (the trained subject's words) never captions prior images
+            class_tokens = look("class_tokens", tables)[0]
+        else:
+            class_tokens = resolve("class_tokens", tables)
+        subsets.append(SubsetConfig(
+            where=where, image_dir=Path(image_dir) if image_dir is not None else None,
+            metadata_file=Path(metadata) if metadata is not None else None, is_reg=is_reg,
+            num_repeats=repeats, class_tokens=class_tokens or None, caption_extension=extension,
+            captions={name: resolve(name, tables) for name in SUBSET_CAPTION_KEYS},
+            **{name: bool(resolve(name, tables)) for name in _AUGMENT_KEYS}))
+    if not any(not s.is_reg for s in subsets):
+        raise InputError(f"{source}: no training subset (every subset is is_reg = true or ignored); add one with the "
+                         "images to learn")
+    augment = _agreed(subsets, is_reg=False, source=source)
+    options.update(augment)
+    reg_augment = _agreed(subsets, is_reg=True, source=source) if any(s.is_reg for s in subsets) else {}
+    return DatasetConfig(file, tuple(subsets), options, reg_augment, finetuning, tuple(notes))
+
+
+def _agreed(subsets: Sequence[SubsetConfig], *, is_reg: bool, source: str) -> dict[str, bool]:
+    """The one ``flip_aug`` / ``random_crop`` / ``color_aug`` of the training (or regularisation) subsets."""
+    group = [s for s in subsets if s.is_reg == is_reg]
+    first = group[0]
+    for subset in group[1:]:
+        for name in _AUGMENT_KEYS:
+            if getattr(subset, name) != getattr(first, name):
+                kind = "regularisation" if is_reg else "training"
+                raise InputError(f"{source}: {subset.where}.{name} = {str(getattr(subset, name)).lower()} but "
+                                 f"{first.where} has {str(getattr(first, name)).lower()}: the {kind} images are one cached "
+                                 f"dataset here, with one {name} setting; give every {kind} subset the same {name}")
+    return {name: getattr(first, name) for name in _AUGMENT_KEYS}
+
+
+def in_json_config(metadata_file: str | os.PathLike, *, image_dir: str | os.PathLike | None,
+                   fallback: Mapping[str, Any]) -> DatasetConfig:
+    """kohya's ``--in_json`` (with ``--train_data_dir``): one fine-tuning subset, every option the run's.
+
+    Raises:
+        FileNotFoundError: no such metadata file.
+    """
+    file = Path(metadata_file)
+    if not file.is_file():
+        raise FileNotFoundError(f"--in-json {file}: no such file (kohya's fine-tuning metadata JSON: image key -> "
+                                "caption / tags)")
+    value = {name: fallback.get(name, _KOHYA_DEFAULTS[name]) for name in SUBSET_CAPTION_KEYS}
+    repeats = int(fallback.get("num_repeats", 1))
+    subset = SubsetConfig(where="--in-json", image_dir=Path(image_dir) if image_dir is not None else None,
+                          metadata_file=file, is_reg=False, num_repeats=repeats, class_tokens=None,
+                          caption_extension=".caption", captions=value,
+                          **{name: bool(fallback.get(name, False)) for name in _AUGMENT_KEYS})
+    options = {name: fallback.get(name) for name in _DATASET_OPTION_NAMES}
+    if options["resolution"] is not None:
+        options["resolution"] = (int(options["resolution"][1]), int(options["resolution"][0]))
+    options.update({name: getattr(subset, name) for name in _AUGMENT_KEYS})
+    return DatasetConfig(file, (subset,), options, {}, True, ())
+
+
+def read_metadata_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """kohya's fine-tuning metadata: ``{image key: {"caption": ..., "tags": ...}}`` from a JSON file,
+    or a JSONL file of ``{"image_path", "caption", "tags"}`` lines.
+
+    Raises:
+        InputError: not JSON / JSONL of that shape (naming the file and line).
+    """
+    file = Path(path)
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() == ".jsonl":
+        out: dict[str, dict[str, Any]] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{file}:{number}: not a JSON line ({exc})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str):
+                raise InputError(f"{file}:{number}: each line needs \"image_path\" (and \"caption\" / \"tags\")")
+            out[entry["image_path"]] = {k: entry[k] for k in ("caption", "tags") if k in entry}
+        return out
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise InputError(f"{file}: kohya's metadata is a JSON object of image key -> {{\"caption\": ..., \"tags\": ...}}")
+    return data
+
+
+def _image_of(key: str, image_dir: Path | None, where: str) -> Path | None:
+    """The image file a metadata key names: the path itself, or the key plus an image suffix (a stem)."""
+    base = Path(key)
+    if not base.is_absolute():
+        if image_dir is None:
+            raise InputError(f"{where}: image key {key!r} is a relative path, so the images' folder is needed: give "
+                             "image_dir in the subset (--images DIR with --in-json), as kohya")
+        base = image_dir / key
+    if base.is_file() and base.suffix.lower() in IMAGE_SUFFIXES:
+        return base
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (base.with_name(base.name + suffix), base.with_name(base.name + suffix.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: str = "--dataset-config") -> tuple[list[ImageRecord], list[str]]:
+    """The images of one subset, with captions and repeats; each record's ``folder`` is the
+    subset's :attr:`~SubsetConfig.label`.
+
+    DreamBooth-style: the images directly in ``image_dir``, captioned by their caption file or else
+    ``class_tokens``. Fine-tuning: the metadata's images, captioned ``caption + caption_separator +
+    tags`` (as kohya; without ``enable_wildcard`` only the caption's first line). ``uncaptioned``: an
+    image without any caption gets ``""`` (a trigger-word method's templates) instead of an error.
+
+    Raises:
+        ImageFolderError: no such folder, no images, images without a caption, missing image files
+            (naming the subset and the fix).
+    """
+    where = f"--in-json {subset.metadata_file}" if subset.where == "--in-json" else f"{source}: {subset.where}"
+    wildcards = bool(subset.captions.get("enable_wildcard"))
+    if subset.metadata_file is None:
+        folder = subset.image_dir
+        if folder is None or not folder.is_dir():
+            raise ImageFolderError(f"{where}: image_dir {folder} is not a folder (a relative path is read from the "
+                                   "current folder, as kohya)")
+        try:
+            records, notes = find_images(folder, default_caption=subset.class_tokens, caption_extension=subset.caption_extension,
+                                         repeats=subset.num_repeats, uncaptioned=uncaptioned, multiline=wildcards,
+                                         subfolders=False)
+        except ImageFolderError as exc:
+            text = str(exc).replace("or pass --prompt for all of them", "or set class_tokens for the subset")
+            raise ImageFolderError(f"{where}: {text}") from None
+        for record in records:
+            record.folder = subset.label
+        skipped = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if skipped:
+            notes.append(f"sub-folders not read ({', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}): a subset "
+                         "is the images directly in image_dir, as kohya; give each folder its own subset")
+        return records, [f"{subset.where}: {n}" for n in notes]
+    if not subset.metadata_file.is_file():
+        raise ImageFolderError(f"{where}: metadata_file {subset.metadata_file}: no such file (kohya's fine-tuning metadata "
+                               "JSON; a relative path is read from the current folder, as kohya)")
+    try:
+        metadata = read_metadata_file(subset.metadata_file)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    separator = str(subset.captions.get("caption_separator") or ",")
+    records: list[ImageRecord] = []
+    missing: list[str] = []
+    uncaptioned_keys: list[str] = []
+    for key, entry in metadata.items():
+        caption = entry.get("caption") or ""
+        tags = entry.get("tags")
+        if not isinstance(caption, str) or not (tags is None or isinstance(tags, str)):
+            raise InputError(f"{where}: {subset.metadata_file}: {key!r}: caption and tags must be text")
+        if wildcards:
+            if tags:
+                tags = tags.replace("\n", separator)
+                # (no caption line: the tags alone, where kohya's join would leave the image uncaptioned)
+                caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip()) or tags
+        elif tags:
+            caption = f"{caption}{separator}{tags}" if caption else tags
+        if not wildcards:
+            caption = caption.split("\n")[0]
+        caption = "\n".join(" ".join(line.split()) for line in caption.split("\n") if line.strip())
+        image = _image_of(key, subset.image_dir, where)
+        if image is None:
+            missing.append(key)
+            continue
+        if not caption and not uncaptioned:
+            uncaptioned_keys.append(key)
+        records.append(ImageRecord(image, caption, subset.num_repeats, subset.label, image_size(image)))
+    if missing:
+        raise ImageFolderError(f"{where}: {len(missing)} image(s) of {subset.metadata_file} not found "
+                               f"({', '.join(missing[:5])}) in {subset.image_dir}; a key is the image's stem, name or path")
+    if uncaptioned_keys:
+        raise ImageFolderError(f"{where}: {len(uncaptioned_keys)} image(s) of {subset.metadata_file} have neither a caption "
+                               f"nor tags ({', '.join(uncaptioned_keys[:5])}); add them to the metadata")
+    if not records:
+        raise ImageFolderError(f"{where}: {subset.metadata_file} lists no images")
+    return records, []
+
+
+def _labels(subsets: Sequence[SubsetConfig]) -> list[str]:
+    """Each subset's label: its :attr:`~SubsetConfig.label`, a repeated one numbered `` (2)``,
+    `` (3)`` … (kohya's ``ss_dataset_dirs`` names)."""
+    labels: list[str] = []
+    for subset in subsets:
+        label, number = subset.label, 2
+        while label in labels:
+            label, number = f"{subset.label} ({number})", number + 1
+        labels.append(label)
+    return labels
+
+
+def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False) -> tuple[
+        list[ImageRecord], RegImages | None, dict[str, SubsetConfig], list[str]]:
+    """Every subset's images: ``(training records, regularisation images, subsets by label, notes)``.
+
+    The regularisation subsets' images are balanced against the training samples (images x
+    repeats) by kohya's rule (:func:`sdadapt.training.reg_data.balance_reg_images`), as one list in
+    subset order. Each record's ``folder`` is its subset's label (the folder's or metadata file's
+    name; a repeated name gets `` (2)``, `` (3)`` … as kohya's ``ss_dataset_dirs``), the key of the
+    returned ``{label: subset}``. ``uncaptioned``: training images without any caption get ``""``
+    (a trigger-word method's templates) instead of an error.
+
+    Raises:
+        ImageFolderError: see :func:`subset_records`.
+    """
+    source = (f"--in-json {config.source}" if config.subsets and config.subsets[0].where == "--in-json"
+              else f"--dataset-config {config.source}")
+    notes = list(config.notes)
+    by_label: dict[str, SubsetConfig] = {}
+    train: list[ImageRecord] = []
+    reg_records: list[ImageRecord] = []
+    for subset, label in zip(config.subsets, _labels(config.subsets)):
+        records, subset_notes = subset_records(subset, uncaptioned=uncaptioned and not subset.is_reg, source=source)
+        by_label[label] = subset
+        for record in records:
+            record.folder = label
+        (reg_records if subset.is_reg else train).extend(records)
+        notes.extend(subset_notes)
+    reg = None
+    if reg_records:
+        reg = balance_reg_images(reg_records, train_samples=sum(r.repeats for r in train), source=source)
+        notes.extend(reg.notes)
+    return train, reg, by_label, notes
+
+
+def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages | None, *, batch_size: int,
+                            resolution: tuple[int, int]) -> list[dict[str, Any]]:
+    """kohya's ``ss_datasets`` (train_network.py with a dataset config): one entry per dataset with
+    its subsets (``img_count``, ``num_repeats``, the augmentations and caption options, the folder's
+    or metadata file's name, ``class_tokens`` / ``is_reg``).
+
+    Args:
+        dataset: the training :class:`~sdadapt.training.data.Dataset` (buckets planned).
+        reg: the regularisation images (``None``: none).
+        resolution: (height, width) of training.
+    """
+    counts: dict[str, int] = {}
+    for record in [*dataset.records, *(reg.records if reg is not None else ())]:
+        counts[record.folder] = counts.get(record.folder, 0) + 1
+    reg_counts = dict(reg.dirs) if reg is not None else {}
+    subsets = []
+    for subset, label in zip(config.subsets, _labels(config.subsets)):
+        own = subset.captions
+        entry: dict[str, Any] = {
+            "img_count": reg_counts.get(label, {}).get("img_count", counts.get(label, 0)) if subset.is_reg else counts.get(label, 0),
+            "num_repeats": subset.num_repeats, "color_aug": subset.color_aug, "flip_aug": subset.flip_aug,
+            "random_crop": subset.random_crop, "shuffle_caption": bool(own.get("shuffle_caption")),
+            "keep_tokens": own.get("keep_tokens", 0), "keep_tokens_separator": own.get("keep_tokens_separator", ""),
+            "secondary_separator": own.get("secondary_separator"), "enable_wildcard": bool(own.get("enable_wildcard")),
+            "caption_prefix": own.get("caption_prefix"), "caption_suffix": own.get("caption_suffix"),
+            "resize_interpolation": None}
+        if subset.image_dir is not None:
+            entry["image_dir"] = subset.image_dir.name
+        if config.finetuning:
+            entry["metadata_file"] = subset.metadata_file.name if subset.metadata_file is not None else None
+        else:
+            entry["class_tokens"] = subset.class_tokens
+            entry["is_reg"] = subset.is_reg
+        subsets.append(entry)
+    buckets = [r.bucket for r in dataset.records]
+    return [{"is_dreambooth": not config.finetuning, "batch_size_per_device": batch_size,
+             "num_train_images": dataset.samples_per_epoch, "num_reg_images": reg.samples if reg is not None else 0,
+             "resolution": [resolution[1], resolution[0]], "enable_bucket": bool(config.options.get("enable_bucket")),
+             "min_bucket_reso": min(min(b) for b in buckets), "max_bucket_reso": max(max(b) for b in buckets),
+             "tag_frequency": dataset.tag_frequency(), "bucket_info": dataset.bucket_info(),
+             "resize_interpolation": None, "subsets": subsets}]

@@ -1,0 +1,111 @@
+"""kohya's masked loss: a per-pixel weight in [0, 1] for each training image's loss.
+
+Where the mask comes from (:class:`LossMaskSource`):
+
+* **the image's alpha channel** (kohya's ``alpha_mask``): alpha / 255, all ones for an image
+  without one (``train_util.load_images_and_masks_for_caching``);
+* **a mask image** (kohya's ``masked_loss`` with ``conditioning_data_dir``): the red channel of the
+  image of the same name in that folder, / 255 (kohya's ``apply_masked_loss`` reads channel 0 of
+  the conditioning image, ``x/2 + 0.5`` of its [-1, 1] pixels); it must have the training image's size.
+
+The mask goes through what the image goes through (:func:`mask_like_image`): scaled to cover the
+bucket by the image's rule, cropped at the same ``(top, left)`` (random crops included), mirrored
+with the image (``flip_aug``), then area-averaged to the latents' size — kohya averages it there
+when it applies it (``F.interpolate(mask, size=loss.shape[2:], mode="area")``); doing it once at
+caching time gives the same numbers. The step multiplies each latent element's loss by its mask
+value and averages as before (:func:`sdadapt.training.diffusion.diffusion_loss`'s ``mask``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image_channels
+
+if TYPE_CHECKING:
+    from .data import ImageRecord
+
+__all__ = ["LossMaskSource", "mask_like_image"]
+
+
+@dataclass(frozen=True)
+class LossMaskSource:
+    """Where each training image's loss mask comes from.
+
+    Attributes:
+        folder: ``None``: the image's own alpha channel (kohya's ``alpha_mask``); a folder: the red
+            channel of the image of the same name there (kohya's ``masked_loss`` with
+            ``conditioning_data_dir``), looked for at the image's path relative to the images root
+            first (``folder/10_dog/a.png`` for ``10_dog/a.png``), then directly in ``folder``.
+    """
+
+    folder: Path | None = None
+
+    def mask_file(self, record: ImageRecord) -> Path:
+        """The file ``record``'s mask is read from.
+
+        Raises:
+            ImageFolderError: no mask image of that name in :attr:`folder`.
+        """
+        if record.path is None:
+            raise ValueError("this image was given as a tensor and has no file to read its loss mask from; build the "
+                             "dataset from files with find_images")
+        if self.folder is None:
+            return record.path
+        stem = record.path.stem
+        for where in (self.folder / record.folder, self.folder):
+            for suffix in IMAGE_SUFFIXES:
+                for candidate in (where / f"{stem}{suffix}", where / f"{stem}{suffix.upper()}"):
+                    if candidate.is_file():
+                        return candidate
+        raise ImageFolderError(f"{self.folder}: no mask image for {record.path.name} (looked for {stem}.png/.jpg/... in "
+                               f"{self.folder / record.folder} and {self.folder}); every training image needs one, as kohya's "
+                               "conditioning_data_dir")
+
+    def missing(self, records: list[ImageRecord]) -> list[str]:
+        """Names of the images without a mask image (empty: all have one; always empty for alpha masks)."""
+        out = []
+        for record in records:
+            try:
+                self.mask_file(record)
+            except ImageFolderError:
+                out.append(record.path.name if record.path is not None else "(tensor)")
+        return out
+
+    def read(self, record: ImageRecord) -> Tensor:
+        """``record``'s mask at the image's full size: (1, H, W) float32 in [0, 1].
+
+        Raises:
+            ImageFolderError: a mask image whose size differs from the training image's.
+        """
+        file = self.mask_file(record)
+        channels = read_image_channels(file)
+        if self.folder is not None and tuple(channels.shape[:2]) != tuple(record.size):
+            raise ImageFolderError(f"{file}: the mask is {channels.shape[1]}x{channels.shape[0]} but its image "
+                                   f"{record.path} is {record.size[1]}x{record.size[0]}; a mask must have its image's size")
+        channel = 0 if self.folder is not None else 3  # red of a mask image / the image's alpha
+        return torch.from_numpy(channels[..., channel].astype(np.float32) / 255.0)[None]
+
+
+def mask_like_image(mask: Tensor, record: ImageRecord, *, size: tuple[int, int], crop: tuple[int, int] | None = None,
+                    flipped: bool = False) -> Tensor:
+    """``mask`` (1, H, W) put through what ``record``'s image goes through, at the latents' ``size``:
+    scaled to cover the bucket (:func:`sdadapt.training.data.cover`), cropped at ``crop`` (its
+    ``(top, left)``; default the record's centre crop), mirrored left-right when ``flipped``, then
+    area-averaged to ``size`` (h', w'). Returns (1, h', w') float32."""
+    from .data import cover
+
+    top, left = record.crop if crop is None else crop
+    bh, bw = record.bucket
+    scaled = cover(mask, record.resized)
+    out = scaled[:, top: top + bh, left: left + bw]
+    if flipped:
+        out = torch.flip(out, dims=[-1])
+    return F.interpolate(out[None], size=size, mode="area")[0].contiguous()
