@@ -49,14 +49,78 @@ def fake_cuda_graphs(monkeypatch):
 
 
 @pytest.fixture()
+def prepared_batches(monkeypatch):
+    """``record(module, *keys)``: from then on each call of ``module.prepare_batch`` (``sdadapt.training.step``'s
+    or ``step_capture``'s: the eager and the captured step) appends a tuple of clones of those entries of
+    what it returns (``"x_t"``, ``"weights"`` ...) to the list ``record`` returns."""
+
+    def record(module, *keys: str) -> list[tuple[torch.Tensor, ...]]:
+        real, seen = module.prepare_batch, []
+
+        def spy(*args, **kwargs):
+            out = real(*args, **kwargs)
+            seen.append(tuple(out[key].clone() for key in keys))
+            return out
+
+        monkeypatch.setattr(module, "prepare_batch", spy)
+        return seen
+
+    return record
+
+
+@pytest.fixture()
+def train_step_batches(monkeypatch):
+    """The batches ``fit`` (``sdadapt.methods.fit``) hands to ``train_step``: a list that gets each one as its
+    step starts."""
+    import importlib
+
+    fit_module = importlib.import_module("sdadapt.methods.fit")
+    seen: list[dict] = []
+    real = fit_module.train_step
+
+    def spy(model, batch, **kwargs):
+        seen.append(batch)
+        return real(model, batch, **kwargs)
+
+    monkeypatch.setattr(fit_module, "train_step", spy)
+    return seen
+
+
+@pytest.fixture()
+def train_fit_calls(monkeypatch):
+    """What ``python -m sdadapt train`` (``sdadapt.jobs.train``) calls ``fit`` with: a list that gets, at each
+    call, a namespace of its ``system``, ``adaptation``, ``dataset`` (fit's ``images``) and ``config``."""
+    import importlib
+    import inspect
+    from types import SimpleNamespace
+
+    jobs = importlib.import_module("sdadapt.jobs.train")
+    calls: list[SimpleNamespace] = []
+    real = jobs.fit
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        calls.append(SimpleNamespace(system=bound["system"], adaptation=bound["adaptation"], dataset=bound["images"],
+                                     config=bound["config"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "fit", spy)
+    return calls
+
+
+@pytest.fixture()
 def red_circles(tmp_path):
     """A folder of three random 32x32 PNGs captioned "a red circle" (a toy-model training set)."""
-    from sdadapt.images import write_png
+    from train_inputs import captioned_pngs
 
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(3):
-        write_png(folder / f"{i}.png", torch.rand(3, 32, 32, generator=g) * 2 - 1)
-        (folder / f"{i}.txt").write_text("a red circle")
-    return folder
+    return captioned_pngs(tmp_path / "imgs", [(32, 32)] * 3)
+
+
+@pytest.fixture()
+def three_shapes(tmp_path):
+    """Three random PNGs of three shapes (32x40, 40x32, 32x32: two buckets at resolution 32, step 4)
+    captioned "a red circle"."""
+    from train_inputs import captioned_pngs
+
+    return captioned_pngs(tmp_path / "imgs", [(32, 40), (40, 32), (32, 32)])

@@ -35,12 +35,13 @@ def tiny_tokenizer(folder: Path, *, max_length: int = 12):
     return tok
 
 
-def tiny_clip_text(*, hidden: int = 32, seed: int = 0, projection: bool = False, vocab: int = 514, max_length: int = 12):
+def tiny_clip_text(*, hidden: int = 32, seed: int = 0, projection: bool = False, vocab: int = 514, max_length: int = 12,
+                   projection_dim: int = 16):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.CLIPTextConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=max_length, eos_token_id=513, bos_token_id=512, projection_dim=16,
+        max_position_embeddings=max_length, eos_token_id=513, bos_token_id=512, projection_dim=projection_dim,
     )
     cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
     return cls(config).eval()

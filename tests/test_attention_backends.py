@@ -231,17 +231,13 @@ def test_fit_measures_the_batch_the_step_trains_on_with_few_images_and_a_prior(m
 
 
 def test_train_sdpa_backends_flag_and_toml_key(tmp_path, capsys):
-    import dataclasses
+    from train_inputs import read_train_toml
 
     from sdadapt.cli import main
-    from sdadapt.cli.train import _method_options, read_config
     from sdadapt.images import write_png
     from sdadapt.jobs import TrainOptions
 
-    config = tmp_path / "train.toml"
-    config.write_text('sdpa_backends = "flash,math"\n')
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    options, _, notes = read_config(config, fields=fields, method_options=set(_method_options()))
+    options, _, notes = read_train_toml(tmp_path / "train.toml", 'sdpa_backends = "flash,math"\n')
     assert options == {"sdpa_backends": "flash,math"} and not notes
     with pytest.raises(ValueError, match="--sdpa-backends must be 'measure' or a comma list"):
         TrainOptions(images=str(tmp_path), sdpa_backends="xformers")

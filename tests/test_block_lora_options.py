@@ -282,7 +282,6 @@ def test_toml_network_args_and_kohya_keys(tmp_path):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("preset=attn-only", "LyCORIS presets are not read"),
     ("down_lr_weigth=sine", "did you mean down_lr_weight"),
     ("block_dims", "write KEY=VALUE"),
 ])

@@ -6,18 +6,19 @@ import json
 
 import pytest
 import torch
+from embedding_models import tiny_tokenizer
 
 import sdadapt
 from sdadapt.cli import main
 from sdadapt.images import write_png
-from embedding_models import tiny_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny_pipeline(root):
-    """A Stable-Diffusion-layout folder with random tiny models (no hub access)."""
+def _tiny_pipeline(root, *, prediction_type: str = "v_prediction"):
+    """A Stable-Diffusion-layout folder with random tiny models (no hub access), its scheduler
+    predicting ``prediction_type``."""
     torch.manual_seed(0)
     diffusers.UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -34,7 +35,7 @@ def _tiny_pipeline(root):
         max_position_embeddings=12, eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
     )).save_pretrained(root / "text_encoder")
     diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                            prediction_type="v_prediction").save_pretrained(root / "scheduler")
+                            prediction_type=prediction_type).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
 

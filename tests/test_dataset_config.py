@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from train_inputs import random_png
 
 from sdadapt.cli import main
 from sdadapt.errors import InputError
 from sdadapt.formats.files import read_safetensors
-from sdadapt.images import ImageFolderError, write_png
+from sdadapt.images import ImageFolderError
 from sdadapt.jobs.train import TrainOptions, _data_config_fallback
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.toy import load_toy
@@ -36,25 +37,19 @@ from sdadapt.training.dataset_config import (
 )
 
 
-def _png(path: Path, seed: int, size=(32, 32)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    write_png(path, torch.rand(3, *size, generator=g) * 2 - 1)
-
-
 @pytest.fixture()
 def layout(tmp_path):
     """Two training folders and a regularisation folder, and a dataset TOML naming them."""
     dog, cat, reg = tmp_path / "dog", tmp_path / "cat", tmp_path / "reg"
-    _png(dog / "a.png", 1)
+    random_png(dog / "a.png", 1)
     (dog / "a.txt").write_text("a red circle, small, centre")
-    _png(dog / "b.png", 2)  # no caption: the class tokens
-    _png(dog / "9_sub" / "z.png", 3)  # a kohya subset does not read sub-folders
-    _png(cat / "c.png", 4)
+    random_png(dog / "b.png", 2)  # no caption: the class tokens
+    random_png(dog / "9_sub" / "z.png", 3)  # a kohya subset does not read sub-folders
+    random_png(cat / "c.png", 4)
     (cat / "c.caption").write_text("a blue square")
     (cat / "c.txt").write_text("never read: the subset's extension is .caption")  # (.caption is tried first)
-    _png(reg / "r1.png", 5)
-    _png(reg / "r2.png", 6)
+    random_png(reg / "r1.png", 5)
+    random_png(reg / "r2.png", 6)
     toml = tmp_path / "dataset.toml"
     toml.write_text(f"""
 [general]
@@ -173,7 +168,7 @@ def test_fit_draws_each_records_own_caption_options(tmp_path, monkeypatch):
     """fit's caption of record r at micro-batch m is ``(r.captions or dataset.captions).apply(caption,
     Random(f"{seed}/captions/{m}"), ...)``, the records of the batch in order on one stream."""
     for i in range(4):
-        _png(tmp_path / f"{i}.png", i)
+        random_png(tmp_path / f"{i}.png", i)
     from sdadapt.training.data import find_images
 
     records, _ = find_images(tmp_path, default_caption="a red circle, small, blue, square")
@@ -280,7 +275,7 @@ def test_refusals_name_the_key_and_the_fix(layout, tmp_path):
     with pytest.raises(ImageFolderError, match="subsets\\[0\\]: image_dir .* is not a folder"):
         dataset_records(_read(_edited(toml, f'image_dir = "{dog}"', f'image_dir = "{tmp_path / "nope"}"')))
     (tmp_path / "bare").mkdir()
-    _png(tmp_path / "bare" / "x.png", 9)
+    random_png(tmp_path / "bare" / "x.png", 9)
     with pytest.raises(ImageFolderError, match="subsets\\[0\\]: .*set class_tokens for the subset"):
         dataset_records(_read(_edited(_edited(toml, f'image_dir = "{dog}"', f'image_dir = "{tmp_path / "bare"}"'),
                                       'class_tokens = "a red circle"', "")))
@@ -317,9 +312,9 @@ def test_option_clashes_before_the_model_loads(layout, tmp_path, capsys):
 
 def test_in_json_captions_and_tags(tmp_path, monkeypatch):
     images = tmp_path / "imgs"
-    _png(images / "a.png", 1)
-    _png(images / "b.png", 2)
-    _png(tmp_path / "elsewhere" / "c.png", 3)
+    random_png(images / "a.png", 1)
+    random_png(images / "b.png", 2)
+    random_png(tmp_path / "elsewhere" / "c.png", 3)
     metadata = {"a": {"caption": "a red circle", "tags": "small, centre"},  # key = the stem (kohya's default)
                 "b.png": {"tags": "blue, square"},  # tags only
                 str(tmp_path / "elsewhere" / "c.png"): {"caption": "a green circle\nsecond line"}}  # absolute key
@@ -358,10 +353,10 @@ def test_the_dataset_toml_in_docs_train_md_reads_as_the_page_says(tmp_path, monk
 
     (block,) = [b for b in code_blocks("train.md", "toml") if "[[datasets.subsets]]" in b]
     monkeypatch.chdir(tmp_path)  # (paths are read from the current folder, as kohya)
-    _png(tmp_path / "img" / "sks_dog" / "a.png", 1)
-    _png(tmp_path / "img" / "extra" / "b.png", 2)
+    random_png(tmp_path / "img" / "sks_dog" / "a.png", 1)
+    random_png(tmp_path / "img" / "extra" / "b.png", 2)
     (tmp_path / "img" / "extra" / "b.txt").write_text("a dog, on grass")
-    _png(tmp_path / "img" / "dogs" / "c.png", 3)
+    random_png(tmp_path / "img" / "dogs" / "c.png", 3)
     (tmp_path / "dataset.toml").write_text(block)
     config = _read(tmp_path / "dataset.toml")
     assert config.options["resolution"] == (512, 512) and config.options["batch_size"] == 2
@@ -373,8 +368,8 @@ def test_the_dataset_toml_in_docs_train_md_reads_as_the_page_says(tmp_path, monk
 
 
 def test_subsets_with_the_same_folder_name_keep_their_own_options(tmp_path):
-    _png(tmp_path / "a" / "img" / "x.png", 1)
-    _png(tmp_path / "b" / "img" / "y.png", 2)
+    random_png(tmp_path / "a" / "img" / "x.png", 1)
+    random_png(tmp_path / "b" / "img" / "y.png", 2)
     toml = tmp_path / "d.toml"
     toml.write_text(f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{tmp_path / "a" / "img"}"\n  class_tokens = "a, b"\n'
                     f'  [[datasets.subsets]]\n  image_dir = "{tmp_path / "b" / "img"}"\n  class_tokens = "c, d"\n'
@@ -404,7 +399,7 @@ def test_the_resume_record_holds_absolute_paths_and_names_what_changed(tmp_path,
     from sdadapt.training.dataset_config import record_changes
 
     for base in ("one", "two"):
-        _png(tmp_path / base / "img" / "x.png", 1)
+        random_png(tmp_path / base / "img" / "x.png", 1)
         (tmp_path / base / "d.toml").write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "img"\n'
                                                 '  class_tokens = "a circle"\n  num_repeats = 3\n')
     monkeypatch.chdir(tmp_path / "one")
@@ -420,7 +415,7 @@ def test_the_resume_record_holds_absolute_paths_and_names_what_changed(tmp_path,
 
 
 def test_fine_tuning_subsets_name_a_missing_metadata_file_and_keep_tags_only_captions(tmp_path):
-    _png(tmp_path / "imgs" / "a.png", 1)
+    random_png(tmp_path / "imgs" / "a.png", 1)
     meta = tmp_path / "meta.json"
     toml = tmp_path / "ft.toml"
     toml.write_text(f'[[datasets]]\n  [[datasets.subsets]]\n  metadata_file = "{meta}"\n  image_dir = "{tmp_path / "imgs"}"\n'

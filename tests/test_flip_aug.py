@@ -12,16 +12,16 @@ continues the same draws.
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 
 import pytest
 import torch
+from fit_runs import toy_lora_fit
 from safetensors import safe_open
+from train_inputs import lora_train_args
 
 from sdadapt.cli import main
-from sdadapt.images import write_png
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.toy import build_toy
 from sdadapt.toy.evaluate import concept_data
@@ -39,18 +39,6 @@ from sdadapt.training.data import (
 from sdadapt.training.host_syncs import HostSyncs
 
 
-@pytest.fixture()
-def images(tmp_path):
-    """Three random images of three shapes (two buckets at resolution 32, step 4), one caption."""
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i, (h, w) in enumerate([(32, 40), (40, 32), (32, 32)]):
-        write_png(folder / f"{i}.png", torch.rand(3, h, w, generator=g) * 2 - 1)
-        (folder / f"{i}.txt").write_text("a red circle")
-    return folder
-
-
 def _pixel_unshuffle_reference(image: torch.Tensor) -> torch.Tensor:
     """The toy VAE (pixel_unshuffle by 2) written out in float64: out[4c + 2dy + dx, y, x] = in[c, 2y + dy, 2x + dx]."""
     c, h, w = image.shape
@@ -62,9 +50,9 @@ def _pixel_unshuffle_reference(image: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_the_flipped_cache_is_the_latents_of_the_mirrored_images(images):
+def test_the_flipped_cache_is_the_latents_of_the_mirrored_images(three_shapes):
     system = build_toy(seed=1)
-    records, _ = find_images(images)
+    records, _ = find_images(three_shapes)
     plan_dataset(records, resolution=32, step=4)
     assert len({r.bucket for r in records}) >= 2
     flipped = Dataset(records, flip=True)
@@ -108,28 +96,6 @@ def test_the_size_conditioning_of_a_mirrored_crop_is_the_crop_of_the_mirrored_im
     assert size_conditioning(record, crop=(0, 8), flipped=True) == (30, 47, 0, 2, 32, 40)  # a random crop's window
 
 
-def _run(dataset, system_seed=1, *, steps=6, seed=0, save_at=None, state=None, resume=None, monkeypatch):
-    """fit (LoRA on a fresh toy) on ``dataset``; returns (losses, the latents batch of each micro-batch)."""
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    system = build_toy(seed=system_seed)
-    adaptation = METHODS["lora"].adapt(system, seed=1)
-    seen: list[torch.Tensor] = []
-    real = fit_module.train_step
-
-    def recording(model, batch, **kwargs):
-        seen.append(batch["latents"].clone())
-        return real(model, batch, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_step", recording)
-    try:
-        losses = fit(system, adaptation, dataset,
-                     config=FitConfig(steps=steps, batch_size=2, learning_rate=1e-3, warmup_steps=0, seed=seed),
-                     on_step=(lambda info: info.save_state(state) if info.step == save_at else None), resume=resume)
-    finally:
-        monkeypatch.setattr(fit_module, "train_step", real)
-    return losses, seen
-
-
 def _dataset(flip: bool) -> Dataset:
     system = build_toy(seed=1)
     pixels, captions = concept_data("cross", 4, seed=0)
@@ -142,7 +108,7 @@ def test_both_latents_are_trained_on_and_a_resumed_run_makes_the_same_draws(tmp_
     dataset = _dataset(True)
     (bucket,) = dataset.latents
     plain, mirrored = dataset.latents[bucket], dataset.latents_flipped[bucket]
-    losses, seen = _run(dataset, steps=6, save_at=2, state=tmp_path / "state", monkeypatch=monkeypatch)
+    losses, seen = toy_lora_fit(dataset, steps=6, save_at=2, state=tmp_path / "state", monkeypatch=monkeypatch)
     kinds = []
     for batch in seen:
         for row in batch:
@@ -151,11 +117,11 @@ def test_both_latents_are_trained_on_and_a_resumed_run_makes_the_same_draws(tmp_
             assert is_plain != is_mirrored  # every row is one image's latents, plain or mirrored
             kinds.append(is_mirrored)
     assert 0 < sum(kinds) < len(kinds)  # both occur (12 coins)
-    assert _run(dataset, steps=6, monkeypatch=monkeypatch)[0] == losses  # seeded: the same run again
-    resumed, resumed_seen = _run(dataset, steps=6, resume=tmp_path / "state", monkeypatch=monkeypatch)
+    assert toy_lora_fit(dataset, steps=6, monkeypatch=monkeypatch)[0] == losses  # seeded: the same run again
+    resumed, resumed_seen = toy_lora_fit(dataset, steps=6, resume=tmp_path / "state", monkeypatch=monkeypatch)
     assert resumed == losses[2:]  # bit for bit
     assert all(torch.equal(a, b) for a, b in zip(resumed_seen, seen[2:], strict=True))
-    other = _run(dataset, steps=6, seed=5, monkeypatch=monkeypatch)[1]  # another seed: other draws
+    other = toy_lora_fit(dataset, steps=6, seed=5, monkeypatch=monkeypatch)[1]  # another seed: other draws
     assert any(not torch.equal(a, b) for a, b in zip(other, seen))
 
 
@@ -166,15 +132,15 @@ def test_without_flip_aug_the_steps_are_as_before(monkeypatch):
     from sdadapt.methods.fit import epoch_batches_of
 
     off = _dataset(False)
-    losses, seen = _run(off, steps=4, monkeypatch=monkeypatch)
+    losses, seen = toy_lora_fit(off, steps=4, monkeypatch=monkeypatch)
     (bucket,) = off.latents
     order = epoch_batches_of(off, FitConfig(steps=4, batch_size=2, seed=0))
     assert all(torch.equal(batch, off.latents[bucket][positions]) for batch, (_, positions) in zip(seen, order, strict=False))
     same = _dataset(True)
     same.latents_flipped = {k: v.clone() for k, v in same.latents.items()}
-    assert _run(same, steps=4, monkeypatch=monkeypatch)[0] == losses
+    assert toy_lora_fit(same, steps=4, monkeypatch=monkeypatch)[0] == losses
     on = _dataset(True)
-    assert _run(on, steps=4, monkeypatch=monkeypatch)[0] != losses
+    assert toy_lora_fit(on, steps=4, monkeypatch=monkeypatch)[0] != losses
 
 
 def test_flip_set_after_encoding_is_refused():
@@ -200,25 +166,13 @@ def test_flipping_adds_no_host_sync_to_the_steps():
 
 
 # ------------------------------------------------------------------------------ train / CLI
-def _train(images, *extra):
-    return ["train", "lora", "--images", str(images), "--batch-size", "2", "--no-prior", *map(str, extra)]
-
-
-def test_train_flip_aug_from_toml_and_flag_metadata_report_and_resume(images, tmp_path, capsys, monkeypatch):
-    jobs = importlib.import_module("sdadapt.jobs.train")
-    flips: list[bool] = []
-    real_fit = jobs.fit
-
-    def fit_spy(system, adaptation, dataset, **kwargs):
-        flips.append(dataset.flip)
-        return real_fit(system, adaptation, dataset, **kwargs)
-
-    monkeypatch.setattr(jobs, "fit", fit_spy)
+def test_train_flip_aug_from_toml_and_flag_metadata_report_and_resume(three_shapes, tmp_path, capsys, train_fit_calls):
     config = tmp_path / "kohya.toml"
     config.write_text("[dataset_arguments]\nflip_aug = true\nrandom_crop = false\ncolor_aug = false\n")
     out = tmp_path / "f.safetensors"
-    assert main(_train(images, "--config", config, "--steps", "4", "--save-every-n-steps", "2", "-o", out)) == 0
+    assert main(lora_train_args(three_shapes, "--config", config, "--steps", "4", "--save-every-n-steps", "2", "-o", out)) == 0
     err = capsys.readouterr().err
+    flips = [call.dataset.flip for call in train_fit_calls]
     assert flips == [True] and "--flip-aug: the mirrored images' latents are cached too" in err
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["ss_flip_aug"] == "True"
@@ -226,39 +180,40 @@ def test_train_flip_aug_from_toml_and_flag_metadata_report_and_resume(images, tm
     assert json.loads((state / "run.json").read_text())["augmentations"] == {"flip_aug": True, "random_crop": False,
                                                                          "color_aug": False}
     # resuming needs the same setting (the draws continue); with it, the run ends where the straight one did
-    assert main(_train(images, "--steps", "4", "-o", tmp_path / "g.safetensors", "--resume", state)) == 2
+    assert main(lora_train_args(three_shapes, "--steps", "4", "-o", tmp_path / "g.safetensors", "--resume", state)) == 2
     assert "flip_aug True (now False)" in capsys.readouterr().err
     resumed = tmp_path / "r.safetensors"
-    assert main(_train(images, "--flip-aug", "--steps", "4", "-o", resumed, "--resume", state, "-q")) == 0
+    assert main(lora_train_args(three_shapes, "--flip-aug", "--steps", "4", "-o", resumed, "--resume", state, "-q")) == 0
     with safe_open(str(out), "pt") as a, safe_open(str(resumed), "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118 (safe_open is not iterable)
     # off (the default): recorded as such
     plain = tmp_path / "p.safetensors"
-    assert main(_train(images, "--steps", "1", "-o", plain, "-q")) == 0
+    assert main(lora_train_args(three_shapes, "--steps", "1", "-o", plain, "-q")) == 0
     with safe_open(str(plain), "pt") as f:
         assert f.metadata()["ss_flip_aug"] == "False"
+    flips = [call.dataset.flip for call in train_fit_calls]
     assert flips[-1] is False
 
 
-def test_a_state_recorded_before_flip_aug_resumes_as_unflipped(images, tmp_path, capsys):
+def test_a_state_recorded_before_flip_aug_resumes_as_unflipped(three_shapes, tmp_path, capsys):
     out = tmp_path / "a.safetensors"
-    assert main(_train(images, "--steps", "2", "--save-every-n-steps", "1", "-o", out, "-q")) == 0
+    assert main(lora_train_args(three_shapes, "--steps", "2", "--save-every-n-steps", "1", "-o", out, "-q")) == 0
     record_file = tmp_path / "a-state" / "run.json"
     record = json.loads(record_file.read_text())
     del record["augmentations"]
     record_file.write_text(json.dumps(record))
-    assert main(_train(images, "--steps", "3", "--flip-aug", "-o", tmp_path / "b.safetensors", "--resume",
+    assert main(lora_train_args(three_shapes, "--steps", "3", "--flip-aug", "-o", tmp_path / "b.safetensors", "--resume",
                        tmp_path / "a-state")) == 2
     assert "flip_aug False (now True)" in capsys.readouterr().err
-    assert main(_train(images, "--steps", "3", "-o", tmp_path / "c.safetensors", "--resume", tmp_path / "a-state",
+    assert main(lora_train_args(three_shapes, "--steps", "3", "-o", tmp_path / "c.safetensors", "--resume", tmp_path / "a-state",
                        "-q")) == 0
 
 
-def test_face_crop_aug_range_is_refused_and_kohyas_off_values_pass(images, tmp_path, capsys):
+def test_face_crop_aug_range_is_refused_and_kohyas_off_values_pass(three_shapes, tmp_path, capsys):
     config = tmp_path / "k.toml"
     config.write_text('face_crop_aug_range = "2.0,4.0"\n')
-    assert main(_train(images, "--config", config, "--steps", "1", "-o", tmp_path / "x.safetensors")) == 2
+    assert main(lora_train_args(three_shapes, "--config", config, "--steps", "1", "-o", tmp_path / "x.safetensors")) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "face_crop_aug_range" in last and "--random-crop" in last
     config.write_text('face_crop_aug_range = ""\nrandom_crop = false\ncolor_aug = false\nflip_aug = false\n')
-    assert main(_train(images, "--config", config, "--steps", "1", "-o", tmp_path / "y.safetensors", "-q")) == 0
+    assert main(lora_train_args(three_shapes, "--config", config, "--steps", "1", "-o", tmp_path / "y.safetensors", "-q")) == 0

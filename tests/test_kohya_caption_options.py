@@ -30,7 +30,6 @@ read with ``enable_wildcard`` keep every non-empty line. sdadapt draws from
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import random
@@ -38,6 +37,7 @@ import random
 import pytest
 import torch
 from safetensors import safe_open
+from train_inputs import captioned_pngs, lora_train_args
 
 from sdadapt.cli import build_parser, main
 from sdadapt.jobs.train import TrainOptions, _check_resume, _write_run_record
@@ -311,35 +311,14 @@ def test_a_resumed_fit_makes_the_same_caption_draws(tmp_path):
 
 
 # ----------------------------------------------------------------------------- train / CLI
-def _train(images, *extra):
-    return ["train", "lora", "--images", str(images), "--batch-size", "2", "--no-prior", *map(str, extra)]
-
-
 @pytest.fixture()
 def tagged(tmp_path):
     """Three random 32x32 PNGs with tag captions (one of two lines, with a wildcard)."""
-    from sdadapt.images import write_png
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
     captions = ["red ||| circle;;;round, square\nblue {circle|square}", "a red circle, big", "circle, red ||| small"]
-    for i, caption in enumerate(captions):
-        write_png(folder / f"{i}.png", torch.rand(3, 32, 32, generator=g) * 2 - 1)
-        (folder / f"{i}.txt").write_text(caption)
-    return folder
+    return captioned_pngs(tmp_path / "imgs", [(32, 32)] * 3, caption=captions)
 
 
-def test_a_kohya_config_with_the_caption_options_trains_records_and_resumes(tagged, tmp_path, monkeypatch, capsys):
-    jobs = importlib.import_module("sdadapt.jobs.train")
-    seen: list[Dataset] = []
-    real_fit = jobs.fit
-
-    def spy(system, adaptation, dataset, **kwargs):
-        seen.append(dataset)
-        return real_fit(system, adaptation, dataset, **kwargs)
-
-    monkeypatch.setattr(jobs, "fit", spy)
+def test_a_kohya_config_with_the_caption_options_trains_records_and_resumes(tagged, tmp_path, train_fit_calls, capsys):
     config = tmp_path / "kohya.toml"
     config.write_text("""
 [dataset_arguments]
@@ -356,7 +335,8 @@ weighted_captions = false
 caption_dropout_every_n_epochs = 3
 """)
     out = tmp_path / "k.safetensors"
-    assert main(_train(tagged, "--config", config, "--steps", "4", "--save-every-n-steps", "2", "-o", out, "-q")) == 0
+    assert main(lora_train_args(tagged, "--config", config, "--steps", "4", "--save-every-n-steps", "2", "-o", out, "-q")) == 0
+    seen = [call.dataset for call in train_fit_calls]
     captions = seen[0].captions
     assert (captions.prefix, captions.suffix, captions.wildcards, captions.keep_tokens_separator,
             captions.secondary_separator, captions.token_warmup_min, captions.token_warmup_steps,
@@ -370,11 +350,11 @@ caption_dropout_every_n_epochs = 3
         "caption_prefix": "photo", "enable_wildcard": True, "keep_tokens_separator": "|||", "secondary_separator": ";;;",
         "token_warmup_min": 2, "token_warmup_step": 0.5, "caption_dropout_every_n_epochs": 3}
     # a changed option is refused; the same ones resume to the straight run's weights
-    assert main(_train(tagged, "--config", config, "--caption-prefix", "art", "--steps", "4",
+    assert main(lora_train_args(tagged, "--config", config, "--caption-prefix", "art", "--steps", "4",
                        "-o", tmp_path / "x.safetensors", "--resume", tmp_path / "k-state")) == 2
     assert "caption_prefix 'photo' (now 'art')" in capsys.readouterr().err
     resumed = tmp_path / "r.safetensors"
-    assert main(_train(tagged, "--config", config, "--steps", "4", "-o", resumed, "--resume", tmp_path / "k-state", "-q")) == 0
+    assert main(lora_train_args(tagged, "--config", config, "--steps", "4", "-o", resumed, "--resume", tmp_path / "k-state", "-q")) == 0
     with safe_open(str(out), "pt") as a, safe_open(str(resumed), "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
 
@@ -399,7 +379,7 @@ def test_the_flags_reach_the_options():
 ])
 def test_bad_caption_options_are_refused_before_training(red_circles, tmp_path, capsys, flags, message):
     out = tmp_path / "x.safetensors"
-    assert main(_train(red_circles, *flags, "--steps", "1", "-o", out)) == 2
+    assert main(lora_train_args(red_circles, *flags, "--steps", "1", "-o", out)) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 

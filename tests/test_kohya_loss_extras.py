@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from torch import nn
+from tiny_models import ConvDenoiser
 
 from sdadapt.cli import build_parser, main
 from sdadapt.images import encode_png
@@ -221,15 +221,6 @@ def test_the_new_options_off_draw_and_weigh_what_they_did():
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
 
 
-class _Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 1)
-
-    def forward(self, x, t, cond):
-        return self.conv(x)
-
-
 _EXTRAS = StepConfig(input_perturbation=0.1, input_perturbation_random_strength=True, v_pred_like_loss=0.2,
                      min_snr_gamma=5.0, loss="huber", max_grad_norm=None)
 
@@ -239,23 +230,12 @@ def _masked_batch(seed: int = 0) -> dict:
     return {"latents": torch.randn(2, 4, 4, 4, generator=g), "cond": None, "loss_mask": torch.rand(2, 1, 4, 4, generator=g)}
 
 
-def test_eager_and_captured_steps_draw_and_mask_the_same(fake_cuda_graphs, monkeypatch):
+def test_eager_and_captured_steps_draw_and_mask_the_same(fake_cuda_graphs, prepared_batches):
     ac = _ac().float()
-
-    def recorded(module):
-        real, seen = module.prepare_batch, []
-
-        def spy(*args, **kwargs):
-            out = real(*args, **kwargs)
-            seen.append((out["x_t"].clone(), out["weights"].clone(), out["loss_mask"].clone()))
-            return out
-
-        monkeypatch.setattr(module, "prepare_batch", spy)
-        return seen
-
-    eager_seen, captured_seen = recorded(step_module), recorded(step_capture)
+    keys = ("x_t", "weights", "loss_mask")
+    eager_seen, captured_seen = prepared_batches(step_module, *keys), prepared_batches(step_capture, *keys)
     torch.manual_seed(0)
-    model = _Tiny()
+    model = ConvDenoiser()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     eager_state, captured_state = TrainState(seed=7), TrainState(seed=7)
     eager_losses = [train_step(model, _masked_batch(i), params=list(model.parameters()), optimizer=opt, state=eager_state,
@@ -277,7 +257,7 @@ def test_eager_and_captured_steps_draw_and_mask_the_same(fake_cuda_graphs, monke
 
 def test_a_zero_mask_trains_nothing():
     torch.manual_seed(0)
-    model = _Tiny()
+    model = ConvDenoiser()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     batch = {**_masked_batch(), "loss_mask": torch.zeros(2, 1, 4, 4)}
@@ -289,7 +269,7 @@ def test_a_zero_mask_trains_nothing():
 
 def test_the_new_options_make_no_host_sync():
     torch.manual_seed(0)
-    model = _Tiny()
+    model = ConvDenoiser()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
     state = TrainState(seed=0)
@@ -409,17 +389,9 @@ def test_mask_images_are_the_red_channel_and_must_match_their_image(masked_image
     assert source.missing(records) == ["c.png"]
 
 
-def test_fit_trains_on_the_masked_batches(masked_images, monkeypatch):
+def test_fit_trains_on_the_masked_batches(masked_images, train_step_batches):
     folder, pixels = masked_images
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    seen = []
-    real = fit_module.train_step
-
-    def spy(model, batch, **kwargs):
-        seen.append(batch)
-        return real(model, batch, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_step", spy)
+    seen = train_step_batches
     system = build_toy(seed=1)
     records, _ = find_images(folder)
     plan_dataset(records, resolution=32, buckets=False)
@@ -445,17 +417,9 @@ def test_fit_trains_on_the_masked_batches(masked_images, monkeypatch):
     assert used == {False, True}  # both sides were drawn (else the flip of the masks went untested here)
 
 
-def test_train_with_random_crops_and_flips_sends_the_masks_of_each_window(masked_images, tmp_path, monkeypatch):
+def test_train_with_random_crops_and_flips_sends_the_masks_of_each_window(masked_images, tmp_path, train_step_batches):
     folder, pixels = masked_images
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    seen = []
-    real = fit_module.train_step
-
-    def spy(model, batch, **kwargs):
-        seen.append(batch)
-        return real(model, batch, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_step", spy)
+    seen = train_step_batches
     out = tmp_path / "c.safetensors"
     assert main(["train", "lora", "--images", str(folder), "--alpha-mask", "--random-crop", "--flip-aug", "--no-bucket",
                  "--steps", "3", "--batch-size", "3", "--no-prior", "-o", str(out)]) == 0
@@ -470,17 +434,8 @@ def test_train_with_random_crops_and_flips_sends_the_masks_of_each_window(masked
 
 
 # ------------------------------------------------------------------------------ train: flags, TOML, metadata
-def test_a_kohya_config_with_the_options_trains_with_them_and_records_them(masked_images, tmp_path, monkeypatch):
+def test_a_kohya_config_with_the_options_trains_with_them_and_records_them(masked_images, tmp_path, train_fit_calls):
     folder = masked_images[0]
-    jobs = importlib.import_module("sdadapt.jobs.train")
-    seen = []
-    real_fit = jobs.fit
-
-    def spy(system, adaptation, dataset, *args, config, **kwargs):
-        seen.append((config, dataset))
-        return real_fit(system, adaptation, dataset, *args, config=config, **kwargs)
-
-    monkeypatch.setattr(jobs, "fit", spy)
     toml = tmp_path / "kohya.toml"
     toml.write_text("""
 [training_arguments]
@@ -492,7 +447,7 @@ alpha_mask = true
     out = tmp_path / "l.safetensors"
     assert main(["train", "lora", "--images", str(folder), "--config", str(toml), "--steps", "1", "--batch-size", "2",
                  "--no-prior", "-o", str(out)]) == 0
-    ((config, dataset),) = seen
+    ((config, dataset),) = [(call.config, call.dataset) for call in train_fit_calls]
     step = config.step
     assert (step.input_perturbation, step.input_perturbation_random_strength, step.v_pred_like_loss,
             step.scale_v_pred_loss_like_noise_pred) == (0.1, True, 0.2, False)

@@ -31,7 +31,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from torch import nn
+from tiny_models import ConvDenoiser
 
 from sdadapt.cli import main
 from sdadapt.jobs.train import (
@@ -186,37 +186,16 @@ def test_huber_scale_reaches_the_loss():
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-7)
 
 
-class _Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 1)
-
-    def forward(self, x, t, cond):
-        return self.conv(x)
-
-
 _NOISY = StepConfig(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.3, loss="huber",
                     huber_schedule="exponential", huber_scale=2.0, max_grad_norm=None)
 
 
-def test_eager_and_captured_steps_draw_the_same(fake_cuda_graphs, monkeypatch):
+def test_eager_and_captured_steps_draw_the_same(fake_cuda_graphs, prepared_batches):
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     ac = D.alphas_cumprod_of(D.noise_schedule("scaled_linear")).float()
-
-    def recorded(module):
-        real, seen = module.prepare_batch, []
-
-        def spy(*args, **kwargs):
-            out = real(*args, **kwargs)
-            seen.append(out["x_t"].clone())
-            return out
-
-        monkeypatch.setattr(module, "prepare_batch", spy)
-        return seen
-
-    eager_seen, captured_seen = recorded(step_module), recorded(step_capture)
+    eager_seen, captured_seen = prepared_batches(step_module, "x_t"), prepared_batches(step_capture, "x_t")
     torch.manual_seed(0)
-    model = _Tiny()
+    model = ConvDenoiser()
     eager_state = TrainState(seed=7)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     for _ in range(4):
@@ -229,14 +208,14 @@ def test_eager_and_captured_steps_draw_the_same(fake_cuda_graphs, monkeypatch):
         captured({"latents": latents, "cond": None}, state=captured_state)
     assert captured.graph_count == 1
     assert len(eager_seen) == len(captured_seen) == 4
-    for a, b in zip(eager_seen, captured_seen):
+    for (a,), (b,) in zip(eager_seen, captured_seen):
         assert torch.equal(a, b)
     assert torch.equal(eager_state.generator.get_state(), captured_state.generator.get_state())
 
 
 def test_the_new_noise_options_make_no_host_sync():
     torch.manual_seed(0)
-    model = _Tiny()
+    model = ConvDenoiser()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
     state = TrainState(seed=0)
@@ -312,16 +291,8 @@ def test_fit_trains_on_the_rescaled_schedule_and_leaves_the_systems(monkeypatch)
 
 
 # ------------------------------------------------------------------------------ train: flags, TOML, metadata
-def test_a_kohya_config_with_the_four_options_trains_with_them_and_records_them(red_circles, tmp_path, monkeypatch, capsys):
-    jobs = importlib.import_module("sdadapt.jobs.train")
-    seen: list[FitConfig] = []
-    real_fit = jobs.fit
-
-    def spy(*args, config, **kwargs):
-        seen.append(config)
-        return real_fit(*args, config=config, **kwargs)
-
-    monkeypatch.setattr(jobs, "fit", spy)
+def test_a_kohya_config_with_the_four_options_trains_with_them_and_records_them(red_circles, tmp_path, train_fit_calls,
+                                                                               capsys):
     config = tmp_path / "kohya.toml"
     config.write_text("""
 [training_arguments]
@@ -337,7 +308,7 @@ huber_scale = 2.5
     assert main(["train", "lora", "--images", str(red_circles), "--config", str(config), "--steps", "1",
                  "--batch-size", "2", "--no-prior", "-o", str(out)]) == 0
     assert "zero terminal SNR is meant for v-prediction" in capsys.readouterr().err  # the toy predicts ε
-    (fit_config,) = seen
+    (fit_config,) = [call.config for call in train_fit_calls]
     step = fit_config.step
     assert fit_config.zero_terminal_snr
     assert (step.noise_offset, step.noise_offset_random_strength, step.adaptive_noise_scale, step.huber_scale) == (

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from train_inputs import lora_train_args
 
 from sdadapt.cli import main
-from sdadapt.images import write_png
 from sdadapt.jobs.save_rotation import (
     PeriodicSave,
     epoch_removal_bound,
@@ -23,21 +23,6 @@ from sdadapt.jobs.save_rotation import (
 )
 from sdadapt.methods import FitConfig
 from sdadapt.training.optim import lr_at
-
-
-@pytest.fixture()
-def images(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i, (h, w) in enumerate([(32, 40), (40, 32), (32, 32)]):
-        write_png(folder / f"{i}.png", torch.rand(3, h, w, generator=g) * 2 - 1)
-        (folder / f"{i}.txt").write_text("a red circle")
-    return folder
-
-
-def _train(images, *extra):
-    return ["train", "lora", "--images", str(images), "--batch-size", "2", "--no-prior", *map(str, extra)]
 
 
 # ------------------------------------------------------------------------------ rotation rule
@@ -158,11 +143,11 @@ def test_polynomial_config_is_checked():
 
 
 # ------------------------------------------------------------------------------ end to end
-def test_train_rotation_end_state_first_samples_polynomial_and_modelspec_then_resume(images, tmp_path, capsys):
+def test_train_rotation_end_state_first_samples_polynomial_and_modelspec_then_resume(three_shapes, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --s 2\n")
     out = tmp_path / "o.safetensors"
-    assert main(_train(images, "--steps", "10", "--save-every-n-steps", "2", "--save-last-n-steps", "3",
+    assert main(lora_train_args(three_shapes, "--steps", "10", "--save-every-n-steps", "2", "--save-last-n-steps", "3",
                        "--save-state-on-train-end", "--sample-prompts", prompts, "--sample-at-first",
                        "--lr", "3e-3", "--lr-warmup-steps", "2", "--lr-scheduler", "polynomial", "--lr-scheduler-power", "2",
                        "--lr-scheduler-args", "lr_end=1e-5", "--metadata-title", "Red circles", "--metadata-author", "me",
@@ -188,7 +173,7 @@ def test_train_rotation_end_state_first_samples_polynomial_and_modelspec_then_re
     want = [_polynomial64(s, lr=3e-3, warmup=2, total=10, power=2.0, lr_end=1e-5) for s in range(10)]
     assert rates == pytest.approx(want, rel=1e-5)
     # resumed to 14 steps: the rotation continues over the first run's saves (6 and 8 go at step 12)
-    assert main(_train(images, "--steps", "14", "--save-every-n-steps", "2", "--save-last-n-steps", "3",
+    assert main(lora_train_args(three_shapes, "--steps", "14", "--save-every-n-steps", "2", "--save-last-n-steps", "3",
                        "--sample-prompts", prompts, "--sample-at-first", "--lr", "3e-3", "--lr-warmup-steps", "2",
                        "--lr-scheduler", "polynomial", "--lr-scheduler-power", "2", "--lr-scheduler-args", "lr_end=1e-5",
                        "-o", out, "--overwrite", "--resume", state)) == 0
@@ -199,7 +184,7 @@ def test_train_rotation_end_state_first_samples_polynomial_and_modelspec_then_re
     assert [s["number"] for s in json.loads((state / "run.json").read_text())["periodic_saves"]] == [12]
 
 
-def test_epoch_rotation_and_save_n_epoch_ratio_from_a_kohya_toml(images, tmp_path, capsys):
+def test_epoch_rotation_and_save_n_epoch_ratio_from_a_kohya_toml(three_shapes, tmp_path, capsys):
     config = tmp_path / "kohya.toml"
     out = tmp_path / "e.safetensors"
     # 3 images, batch 1: 3 steps an epoch; 7 epochs / ratio 3 -> every 2 epochs (saves at 2, 4, 6); keep the last 2
@@ -207,7 +192,7 @@ def test_epoch_rotation_and_save_n_epoch_ratio_from_a_kohya_toml(images, tmp_pat
                       "save_every_n_epochs = 5\nsave_last_n_epochs = 2\nsave_last_n_epochs_state = 1\n"
                       "save_last_n_steps_state = 4\nno_half_vae = true\nmem_eff_save = true\nconsole_log_level = 'INFO'\n"
                       "ddp_timeout = 30\nlr_scheduler_type = ''\nhuggingface_repo_id = ''\n")
-    assert main(["train", "lora", "--images", str(images), "--no-prior", "--config", str(config), "-o", str(out)]) == 0
+    assert main(["train", "lora", "--images", str(three_shapes), "--no-prior", "--config", str(config), "-o", str(out)]) == 0
     err = capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.glob("e-epoch*.safetensors")) == ["e-epoch0004.safetensors", "e-epoch0006.safetensors"]
     assert "e-epoch0002.safetensors (--save-last-n-epochs)" in err
@@ -233,17 +218,17 @@ def test_epoch_rotation_and_save_n_epoch_ratio_from_a_kohya_toml(images, tmp_pat
     ("sample_at_first", "true", "--sample-at-first needs --sample-prompts"),
     ("metadata_tags", "['a', 'b']", "--metadata-tags must be text"),
 ])
-def test_refusals_name_the_option_before_training(images, tmp_path, capsys, key, value, message):
+def test_refusals_name_the_option_before_training(three_shapes, tmp_path, capsys, key, value, message):
     config = tmp_path / "k.toml"
     scheduler = "lr_scheduler = 'polynomial'\nlearning_rate = 1e-3\n" if "lr_end" in value else ""
     config.write_text(f"{scheduler}{key} = {value}\n")
-    assert main(_train(images, "--config", config, "--steps", "1", "-o", tmp_path / "x.safetensors")) == 2
+    assert main(lora_train_args(three_shapes, "--config", config, "--steps", "1", "-o", tmp_path / "x.safetensors")) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_options_without_what_they_act_on_are_notes(images, tmp_path, capsys):
-    assert main(_train(images, "--steps", "2", "--save-last-n-steps", "3", "--save-last-n-epochs", "1",
+def test_options_without_what_they_act_on_are_notes(three_shapes, tmp_path, capsys):
+    assert main(lora_train_args(three_shapes, "--steps", "2", "--save-last-n-steps", "3", "--save-last-n-epochs", "1",
                        "--lr-scheduler-power", "2", "-o", tmp_path / "n.safetensors")) == 0
     err = capsys.readouterr().err
     assert "--save-last-n-steps 3: not used without --save-every-n-steps" in err
@@ -276,12 +261,12 @@ def test_remove_save_handles_files_folders_and_missing_paths(tmp_path):
     assert (leftover / "keep").is_dir() and (user / "w").is_dir()
 
 
-def test_sample_at_first_changes_no_training_draw(images, tmp_path):
+def test_sample_at_first_changes_no_training_draw(three_shapes, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle --s 2\n")
     plain, first = tmp_path / "plain.safetensors", tmp_path / "first.safetensors"
-    assert main(_train(images, "--steps", "3", "--sample-prompts", prompts, "-o", plain, "-q")) == 0
-    assert main(_train(images, "--steps", "3", "--sample-prompts", prompts, "--sample-at-first", "-o", first, "-q")) == 0
+    assert main(lora_train_args(three_shapes, "--steps", "3", "--sample-prompts", prompts, "-o", plain, "-q")) == 0
+    assert main(lora_train_args(three_shapes, "--steps", "3", "--sample-prompts", prompts, "--sample-at-first", "-o", first, "-q")) == 0
     assert (tmp_path / "first-samples" / "step000000-00.png").exists()
     assert not (tmp_path / "plain-samples" / "step000000-00.png").exists()
     with safe_open(str(plain), "pt") as a, safe_open(str(first), "pt") as b:

@@ -223,16 +223,10 @@ def test_train_full_lean_from_the_command_line_writes_the_model_the_plain_run_wr
 
 
 def test_toml_takes_kohyas_keys(tmp_path):
-    import dataclasses
+    from train_inputs import read_train_toml
 
-    from sdadapt.cli.train import _method_options, read_config
-    from sdadapt.jobs import TrainOptions
-
-    config = tmp_path / "train.toml"
-    config.write_text("[training_arguments]\ngradient_checkpointing = true\nfused_backward_pass = true\nmax_grad_norm = 0.0\n"
-                      "full_bf16 = true\n")
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    options, _, notes = read_config(config, fields=fields, method_options=set(_method_options()))
+    options, _, notes = read_train_toml(tmp_path / "train.toml", "[training_arguments]\ngradient_checkpointing = true\n"
+                                        "fused_backward_pass = true\nmax_grad_norm = 0.0\nfull_bf16 = true\n")
     assert options == {"gradient_checkpointing": True, "fused_backward_pass": True, "max_grad_norm": 0.0,
                        "full_bf16": True} and not notes
 

@@ -16,7 +16,7 @@ strategy_sdxl.py ``encode_tokens``, 2026-02):
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 
 import pytest
@@ -35,7 +35,7 @@ from sdadapt.text_chunks import (
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from embedding_models import tiny_tokenizer
+from tiny_systems import tiny_diffusers_system
 
 BOS, EOS, BANG = 512, 513, 0  # the tiny tokenizer's <|startoftext|>, <|endoftext|> and "!"
 
@@ -130,47 +130,7 @@ def test_lengths_and_refusals():
 
 
 # ------------------------------------------------------------------------------ a tiny SD system, 77-token windows
-def _clip(vocab: dict, *, hidden: int, seed: int, projection: bool = False):
-    torch.manual_seed(seed)
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, eos_token_id=EOS, bos_token_id=BOS, projection_dim=32)
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return cls(config).eval()
-
-
-def _system(tmp_path, *, pad: str = "eos", sdxl: bool = False, clip_skip: int = 1, max_token_length: int = 150):
-    """A DiffusersSystem with tiny random parts and a byte-level CLIP tokenizer of 77-token windows."""
-    from sdadapt.diffusers_system import DiffusersSystem
-
-    tokenizer = tiny_tokenizer(tmp_path / "tok", max_length=77)
-    if pad == "!":
-        tokenizer.pad_token = "!"
-    vocab = tokenizer.get_vocab()
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                  layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
-    unet_kw = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (16, 32),
-               "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8}
-    extra = {}
-    if sdxl:
-        unet = diffusers.UNet2DConditionModel(
-            **unet_kw, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)
-        second = tiny_tokenizer(tmp_path / "tok2", max_length=77)
-        second.pad_token = "!"
-        extra = {"text_encoder_2": _clip(vocab, hidden=16, seed=2, projection=True), "tokenizer_2": second}
-        text_encoder = _clip(vocab, hidden=16, seed=1)
-    else:
-        unet = diffusers.UNet2DConditionModel(**unet_kw, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        text_encoder = _clip(vocab, hidden=32, seed=1)
-    system = DiffusersSystem(unet, vae, text_encoder, tokenizer, {"prediction_type": "epsilon"}, clip_skip=clip_skip,
-                             max_token_length=max_token_length, **extra)
-    system.requires_grad_(False)
-    return system.eval()
+_system = functools.partial(tiny_diffusers_system, max_token_length=150)
 
 
 def _caption(words: int) -> str:
@@ -282,14 +242,12 @@ def test_gradient_reaches_a_clip_lora_and_an_embedding_from_the_second_window(tm
 
 # ------------------------------------------------------------------------------ train / generate
 def test_option_flag_toml_key_and_refusals(tmp_path):
+    from train_inputs import read_train_toml
+
     from sdadapt.cli import build_parser
-    from sdadapt.cli.train import _method_options, read_config
     from sdadapt.jobs import TrainOptions
 
-    config = tmp_path / "train.toml"
-    config.write_text("[training_arguments]\nmax_token_length = 225\n")
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    options, _, notes = read_config(config, fields=fields, method_options=set(_method_options()))
+    options, _, notes = read_train_toml(tmp_path / "train.toml", "[training_arguments]\nmax_token_length = 225\n")
     assert options == {"max_token_length": 225} and not notes
     assert TrainOptions(images=str(tmp_path), model="x.safetensors", **options).max_token_length == 225
     assert TrainOptions(images=str(tmp_path)).max_token_length == 75

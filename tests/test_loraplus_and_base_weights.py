@@ -330,6 +330,22 @@ def test_toml_keys_kohya_names(tmp_path):
                        "loraplus_text_encoder_lr_ratio": "2"}
 
 
+def test_a_gui_text_encoder_only_config_drops_its_conv_settings_with_a_note(tmp_path):
+    """kohya_ss GUIs write conv_dim / conv_alpha in every LoRA config; with network_train_text_encoder_only
+    kohya's create_network builds no UNet module, so they act on nothing there (a note, not the
+    "UNet options with --no-unet" refusal prepare_lora gives for a conv rank asked for in Python)."""
+    from sdadapt.cli.train import read_config
+
+    config = tmp_path / "train.toml"
+    config.write_text('network_args = ["conv_dim=8", "conv_alpha=4"]\nnetwork_train_text_encoder_only = true\n')
+    _, methods, notes = read_config(config, fields={"steps"}, method_options=_method_options())
+    assert methods == {"unet": False}
+    assert notes == ["ignored conv_dim, conv_alpha (network_train_text_encoder_only: no UNet convolution is adapted)"]
+    config.write_text('network_args = ["conv_dim=8", "conv_alpha=4"]\nnetwork_train_text_encoder_only = false\n')
+    _, methods, notes = read_config(config, fields={"steps"}, method_options=_method_options())
+    assert methods == {"unet": True, "conv_rank": "8", "conv_alpha": "4"} and notes == []
+
+
 def test_options_are_checked_before_the_model_loads(red_circles, tmp_path, capsys):
     from sdadapt.cli import main
     from sdadapt.jobs.train import TrainOptions

@@ -185,22 +185,14 @@ def test_the_metadata_string_is_kohyas():
 
 
 # ------------------------------------------------------------------------------------------ train
-def test_a_kohya_config_trains_with_them_and_records_them(red_circles, tmp_path, monkeypatch):
-    jobs = importlib.import_module("sdadapt.jobs.train")
-    seen: list[FitConfig] = []
-    real_fit = jobs.fit
-
-    def fit(*args, config, **kwargs):
-        seen.append(config)
-        return real_fit(*args, config=config, **kwargs)
-
-    monkeypatch.setattr(jobs, "fit", fit)
+def test_a_kohya_config_trains_with_them_and_records_them(red_circles, tmp_path, train_fit_calls):
     config = tmp_path / "kohya.toml"
     config.write_text('[optimizer_arguments]\noptimizer_type = "AdamW"\n'
                       'optimizer_args = [ "weight_decay=0.1", "betas=0.9,0.99", "eps=1e-6" ]\n')
     out = tmp_path / "l.safetensors"
     assert main(["train", "lora", "--images", str(red_circles), "--config", str(config), "--steps", "1",
                  "--batch-size", "2", "--no-prior", "-o", str(out), "-q"]) == 0
+    seen = [call.config for call in train_fit_calls]
     assert seen[0].optimizer_args == (("weight_decay", 0.1), ("betas", (0.9, 0.99)), ("eps", 1e-6))
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["ss_optimizer"] == "AdamW(weight_decay=0.1,betas=(0.9, 0.99),eps=1e-06)"

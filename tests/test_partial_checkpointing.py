@@ -206,16 +206,11 @@ def test_fit_with_a_fraction_trains_the_same_weights_checkpointing_the_chosen_bl
 
 
 def test_train_flag_and_toml_key(tmp_path):
-    import dataclasses
+    from train_inputs import read_train_toml
 
     from sdadapt.cli import build_parser
-    from sdadapt.cli.train import _method_options, read_config
-    from sdadapt.jobs import TrainOptions
 
-    config = tmp_path / "train.toml"
-    config.write_text("[training_arguments]\ngradient_checkpointing_fraction = 0.5\n")
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    options, _, notes = read_config(config, fields=fields, method_options=set(_method_options()))
+    options, _, notes = read_train_toml(tmp_path / "train.toml", "[training_arguments]\ngradient_checkpointing_fraction = 0.5\n")
     assert options == {"gradient_checkpointing_fraction": 0.5} and not notes
     args = build_parser().parse_args(["train", "full", "--gradient-checkpointing-fraction", "0.25"])
     assert args.gradient_checkpointing_fraction == 0.25

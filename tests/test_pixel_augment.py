@@ -15,13 +15,14 @@ kohya (library/train_util.py):
 from __future__ import annotations
 
 import colorsys
-import importlib
 import json
 import random
 
 import pytest
 import torch
+from fit_runs import toy_lora_fit
 from safetensors import safe_open
+from train_inputs import captioned_pngs, lora_train_args
 
 from sdadapt.cli import main
 from sdadapt.images import write_png
@@ -48,13 +49,7 @@ from sdadapt.training.pixel_augment import (
 @pytest.fixture()
 def images(tmp_path):
     """Random images larger than their buckets on one side (so a crop has slack), one caption."""
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i, (h, w) in enumerate([(32, 44), (44, 32), (32, 40), (36, 32)]):
-        write_png(folder / f"{i}.png", torch.rand(3, h, w, generator=g) * 2 - 1)
-        (folder / f"{i}.txt").write_text("a red circle")
-    return folder
+    return captioned_pngs(tmp_path / "imgs", [(32, 44), (44, 32), (32, 40), (36, 32)])
 
 
 def test_the_random_crop_box_is_kohyas_draw():
@@ -149,37 +144,6 @@ def _dataset(folder, *, random_crop=True, color_aug=False, flip=False) -> Datase
     return dataset
 
 
-def _run(dataset, *, steps=4, seed=0, save_at=None, state=None, resume=None, monkeypatch, sizes=None):
-    """fit (LoRA on a fresh toy); returns (losses, each micro-batch's latents); ``sizes`` collects the
-    size-conditioning rows fit made (SDXL's; the toy does not use them)."""
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    system = build_toy(seed=1)
-    adaptation = METHODS["lora"].adapt(system, seed=1)
-    seen: list[torch.Tensor] = []
-    real = fit_module.train_step
-    real_condition = fit_module._condition_batch
-
-    def recording(model, batch, **kwargs):
-        seen.append(batch["latents"].clone())
-        return real(model, batch, **kwargs)
-
-    def condition(system, ids, rows):
-        if sizes is not None:
-            sizes.append(rows.tolist())
-        return real_condition(system, ids, rows)
-
-    monkeypatch.setattr(fit_module, "train_step", recording)
-    monkeypatch.setattr(fit_module, "_condition_batch", condition)
-    try:
-        losses = fit(system, adaptation, dataset,
-                     config=FitConfig(steps=steps, batch_size=2, learning_rate=1e-3, warmup_steps=0, seed=seed),
-                     on_step=(lambda info: info.save_state(state) if info.step == save_at else None), resume=resume)
-    finally:
-        monkeypatch.setattr(fit_module, "train_step", real)
-        monkeypatch.setattr(fit_module, "_condition_batch", real_condition)
-    return losses, seen
-
-
 def test_each_step_encodes_its_own_random_crops_and_a_resume_draws_the_same(images, tmp_path, monkeypatch):
     """The latents each step trains on are the toy VAE's encoding of the crops a replay of the seeded
     draws gives (crop, then the mirror), not a cache; a resumed run trains on the same ones."""
@@ -188,7 +152,7 @@ def test_each_step_encodes_its_own_random_crops_and_a_resume_draws_the_same(imag
     dataset = _dataset(images, flip=True)
     assert not dataset.latents and dataset.members  # nothing cached
     sizes: list = []
-    losses, seen = _run(dataset, steps=4, save_at=2, state=tmp_path / "state", monkeypatch=monkeypatch, sizes=sizes)
+    losses, seen = toy_lora_fit(dataset, steps=4, save_at=2, state=tmp_path / "state", monkeypatch=monkeypatch, sizes=sizes)
     encode = build_toy(seed=1).encode_images
     config = FitConfig(steps=4, batch_size=2, seed=0)
     per_epoch = len(epoch_batches_of(dataset, config))
@@ -212,7 +176,7 @@ def test_each_step_encodes_its_own_random_crops_and_a_resume_draws_the_same(imag
         assert torch.equal(batch, encode(torch.stack(want)))
         assert sizes[micro] == rows
     assert len(offsets) > len(dataset.records)  # the same image at other offsets
-    resumed, resumed_seen = _run(dataset, steps=4, resume=tmp_path / "state", monkeypatch=monkeypatch)
+    resumed, resumed_seen = toy_lora_fit(dataset, steps=4, resume=tmp_path / "state", monkeypatch=monkeypatch)
     assert resumed == losses[2:]
     assert all(torch.equal(a, b) for a, b in zip(resumed_seen, seen[2:], strict=True))
 
@@ -222,7 +186,7 @@ def test_color_aug_changes_some_uses_and_adds_no_host_sync(images, monkeypatch):
     plain = Dataset(dataset.records)
     encode_buckets(plain, build_toy(seed=1).encode_images)
     cached = {tuple(v.flatten()[:8].tolist()) for bucket in plain.latents.values() for v in bucket}
-    _, seen = _run(dataset, steps=12, monkeypatch=monkeypatch)
+    _, seen = toy_lora_fit(dataset, steps=12, monkeypatch=monkeypatch)
     rows = [row for batch in seen for row in batch]
     changed = sum(tuple(row.flatten()[:8].tolist()) not in cached for row in rows)
     assert 0 < changed < len(rows)  # a third of the uses, roughly
@@ -245,15 +209,11 @@ def test_tensor_images_cannot_be_augmented():
         encode_buckets(dataset, build_toy(seed=1).encode_images, images=pixels)
 
 
-def _train(images, *extra):
-    return ["train", "lora", "--images", str(images), "--batch-size", "2", "--no-prior", *map(str, extra)]
-
-
 def test_train_random_crop_and_color_aug_from_toml_and_flags(images, tmp_path, capsys):
     config = tmp_path / "kohya.toml"
     config.write_text("[dataset_arguments]\nrandom_crop = true\ncolor_aug = true\n")
     out = tmp_path / "a.safetensors"
-    assert main(_train(images, "--config", config, "--steps", "4", "--save-every-n-steps", "2", "-o", out)) == 0
+    assert main(lora_train_args(images, "--config", config, "--steps", "4", "--save-every-n-steps", "2", "-o", out)) == 0
     err = capsys.readouterr().err
     assert "--random-crop and --color-aug: the pixels change at every use, so nothing is cached" in err
     with safe_open(str(out), "pt") as f:
@@ -262,14 +222,14 @@ def test_train_random_crop_and_color_aug_from_toml_and_flags(images, tmp_path, c
     state = tmp_path / "a-state"
     assert json.loads((state / "run.json").read_text())["augmentations"] == {
         "flip_aug": False, "random_crop": True, "color_aug": True}
-    assert main(_train(images, "--random-crop", "--steps", "4", "-o", tmp_path / "b.safetensors", "--resume", state)) == 2
+    assert main(lora_train_args(images, "--random-crop", "--steps", "4", "-o", tmp_path / "b.safetensors", "--resume", state)) == 2
     assert "color_aug True (now False)" in capsys.readouterr().err
     resumed = tmp_path / "r.safetensors"
-    assert main(_train(images, "--random-crop", "--color-aug", "--steps", "4", "-o", resumed, "--resume", state, "-q")) == 0
+    assert main(lora_train_args(images, "--random-crop", "--color-aug", "--steps", "4", "-o", resumed, "--resume", state, "-q")) == 0
     with safe_open(str(out), "pt") as a, safe_open(str(resumed), "pt") as b:
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118 (safe_open is not iterable)
     plain = tmp_path / "p.safetensors"
-    assert main(_train(images, "--steps", "1", "-o", plain, "-q")) == 0
+    assert main(lora_train_args(images, "--steps", "1", "-o", plain, "-q")) == 0
     with safe_open(str(plain), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_random_crop"], meta["ss_color_aug"], meta["ss_cache_latents"]) == ("False", "False", "True")

@@ -13,21 +13,27 @@ from __future__ import annotations
 import importlib
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from train_inputs import random_png
 
 from sdadapt.cli import main
 from sdadapt.formats.files import read_safetensors
-from sdadapt.images import ImageFolderError, write_png
+from sdadapt.images import ImageFolderError
 from sdadapt.jobs.train import TrainOptions
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.toy import load_toy
-from sdadapt.training.data import CaptionOptions, Dataset, encode_buckets, find_images, plan_dataset
+from sdadapt.training.data import (
+    CaptionOptions,
+    Dataset,
+    encode_buckets,
+    find_images,
+    plan_dataset,
+)
 from sdadapt.training.reg_data import balanced_repeats, find_reg_images
 
 
@@ -73,20 +79,14 @@ def test_balancing_is_kohyas_loop(repeats, train):
     assert sum(counts) >= train and sum(counts) - train < max(repeats)
 
 
-def _png(path: Path, seed: int, size=(32, 32)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    write_png(path, torch.rand(3, *size, generator=g) * 2 - 1)
-
-
 @pytest.fixture()
 def reg_folder(tmp_path):
     """kohya reg layout: 2_dog/ (two images, one with its own caption), 1_cat/ (one image)."""
     root = tmp_path / "reg"
-    _png(root / "2_dog" / "a.png", 10)
-    _png(root / "2_dog" / "b.png", 11)
+    random_png(root / "2_dog" / "a.png", 10)
+    random_png(root / "2_dog" / "b.png", 11)
     (root / "2_dog" / "b.txt").write_text("a brown dog")
-    _png(root / "1_cat" / "c.png", 12)
+    random_png(root / "1_cat" / "c.png", 12)
     return root
 
 
@@ -109,7 +109,7 @@ def test_missing_empty_and_uncaptioned_folders_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageFolderError, match="--reg-data-dir: .*no images"):
         find_reg_images(tmp_path / "empty", train_samples=3)
-    _png(tmp_path / "bare" / "x.png", 1)  # no caption file, no N_class folder
+    random_png(tmp_path / "bare" / "x.png", 1)  # no caption file, no N_class folder
     with pytest.raises(ImageFolderError, match="--class-prompt for all of them"):
         find_reg_images(tmp_path / "bare", train_samples=3)
     assert find_reg_images(tmp_path / "bare", train_samples=3, default_caption="a photo of a dog").records[0].caption == (
@@ -190,7 +190,7 @@ def test_a_run_with_a_reg_folder_writes_kohyas_metadata_and_resumes_exactly(red_
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     # another folder on resume is refused
     other = tmp_path / "other"
-    _png(other / "1_cat" / "c.png", 12)
+    random_png(other / "1_cat" / "c.png", 12)
     assert main(["train", "lora", "--images", str(red_circles), "--reg-data-dir", str(other), "--steps", "4",
                  "--batch-size", "2", "--network-dim", "2", "--prior-weight", "0.5", "--resume",
                  str(tmp_path / "a-state"), "-o", str(tmp_path / "c.safetensors")]) == 2

@@ -5,26 +5,14 @@ values are refused before the model loads, and ones that change nothing are repo
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 from safetensors import safe_open
 
 from sdadapt.cli import main
 from sdadapt.jobs.train import TrainOptions, _inactive_option_notes
-from sdadapt.training.step import StepConfig
 
 
-def test_a_kohya_config_with_loss_and_noise_options_trains_with_them(red_circles, tmp_path, monkeypatch):
-    jobs = importlib.import_module("sdadapt.jobs.train")
-    seen: list[StepConfig] = []
-    real_fit = jobs.fit
-
-    def fit(*args, config, **kwargs):
-        seen.append(config.step)
-        return real_fit(*args, config=config, **kwargs)
-
-    monkeypatch.setattr(jobs, "fit", fit)
+def test_a_kohya_config_with_loss_and_noise_options_trains_with_them(red_circles, tmp_path, train_fit_calls):
     config = tmp_path / "kohya.toml"
     config.write_text("""
 [training_arguments]
@@ -41,7 +29,7 @@ max_timestep = 900
     out = tmp_path / "l.safetensors"
     assert main(["train", "lora", "--images", str(red_circles), "--config", str(config), "--steps", "2",
                  "--batch-size", "2", "--no-prior", "-o", str(out), "-q"]) == 0
-    (step,) = seen
+    (step,) = [call.config.step for call in train_fit_calls]
     assert (step.loss, step.huber_c, step.huber_schedule, step.debiased_estimation) == ("huber", 0.2, "exponential", True)
     assert (step.pyramid_noise_iterations, step.pyramid_noise_discount, step.input_perturbation) == (3, 0.25, 0.05)
     assert step.timestep_range == (100, 900)

@@ -13,6 +13,7 @@ longer uses it).
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -21,12 +22,14 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from embedding_models import tiny_clip_text, tiny_tokenizer
+from embedding_models import tiny_tokenizer
+from test_cli_train import _tiny_pipeline
+from tiny_systems import tiny_diffusers_system
+from train_inputs import captioned_pngs
 
 from sdadapt.cli import main
 from sdadapt.clip_tokenizer import CLIPTokenizer
 from sdadapt.diffusers_system import DiffusersSystem
-from sdadapt.images import write_png
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.prompt_weights import parse_prompt_attention, weighted_token_ids
 from sdadapt.training.data import Dataset, encode_buckets, records_from_tensors
@@ -79,33 +82,7 @@ def test_weighted_ids_are_kohyas_layout_for_both_tokenizers(tmp_path, length):
     assert torch.equal(weighted_token_ids(hf, ["plain", ""], length)[0], plain)  # no brackets: the plain ids
 
 
-def _system(tmp_path, *, sdxl: bool = False, max_token_length: int = 75) -> DiffusersSystem:
-    """A DiffusersSystem of tiny random parts, byte-level CLIP tokenizers of 77-token windows."""
-    tokenizer = tiny_tokenizer(tmp_path / "tok", max_length=77)
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                  layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
-    unet_kw = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (16, 32),
-               "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8}
-    extra = {}
-    if sdxl:
-        unet = diffusers.UNet2DConditionModel(
-            **unet_kw, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16)
-        second = tiny_tokenizer(tmp_path / "tok2", max_length=77)
-        second.pad_token = "!"
-        extra = {"text_encoder_2": tiny_clip_text(hidden=16, seed=2, projection=True, max_length=77), "tokenizer_2": second}
-        text_encoder = tiny_clip_text(hidden=16, seed=1, max_length=77)
-    else:
-        unet = diffusers.UNet2DConditionModel(**unet_kw, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        text_encoder = tiny_clip_text(hidden=32, seed=1, max_length=77)
-    system = DiffusersSystem(unet, vae, text_encoder, tokenizer, {"prediction_type": "epsilon"},
-                             max_token_length=max_token_length, **extra)
-    system.requires_grad_(False)
-    return system.eval()
+_system = functools.partial(tiny_diffusers_system, max_token_length=75)
 
 
 PROMPTS = ["a (red:1.5) cat, [blue] sky", "plain words here", "((x)) " + "ab " * 50]
@@ -222,36 +199,9 @@ def test_weighted_captions_add_no_host_sync_to_the_steps(tmp_path):
         assert [(e.kind, e.op) for e in events] == [("read", "tolist")], "\n".join(map(str, events))
 
 
-def _tiny_pipeline(root):
-    """A Stable-Diffusion folder with random tiny parts (as tests/test_cli_train.py builds it)."""
-    torch.manual_seed(0)
-    diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
-    ).save_pretrained(root / "unet")
-    diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-    ).save_pretrained(root / "vae")
-    vocab = tiny_tokenizer(root / "tokenizer").get_vocab()
-    transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=12, eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
-    )).save_pretrained(root / "text_encoder")
-    diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return root
-
-
 def test_train_weighted_captions_from_a_kohya_config(tmp_path, monkeypatch, capsys):
-    root = _tiny_pipeline(tmp_path / "pipe")
-    images = tmp_path / "imgs"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        write_png(images / f"{i}.png", torch.rand(3, 32, 32, generator=g) * 2 - 1)
-        (images / f"{i}.txt").write_text(f"a (photo:1.2) {i}")
+    root = _tiny_pipeline(tmp_path / "pipe", prediction_type="epsilon")
+    images = captioned_pngs(tmp_path / "imgs", [(32, 32)] * 2, caption=[f"a (photo:1.2) {i}" for i in range(2)])
     weights: list[torch.Tensor] = []
     real = DiffusersSystem.condition
 

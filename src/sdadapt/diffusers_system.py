@@ -526,8 +526,9 @@ class DiffusersSystem(nn.Module):
             states_1, states_2 = _weigh_states(states_1, weights[:, 0]), _weigh_states(states_2, weights[:, 1])
         context = torch.cat([states_1, states_2], dim=-1)
         if time_ids is None:
-            size = float(self.image_size)
-            time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=context.device).expand(ids.shape[0], 6)
+            # made on the device (no host copy: this runs inside a captured CUDA-graph step too)
+            time_ids = context.new_full((ids.shape[0], 6), float(self.image_size))
+            time_ids[:, 2:4] = 0.0  # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
         return {"context": context, "text_embeds": pooled, "time_ids": time_ids.to(context)}
 
     def denoiser(self):

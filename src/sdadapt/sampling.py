@@ -3,9 +3,11 @@
 * :func:`generate` — ``prompts -> images (B, 3, H, W)`` in [-1, 1] on any
   :class:`~sdadapt.methods.system.System`, with the sampler, size, steps, guidance and seed the
   ``generate`` command and training samples take.
-* :func:`parse_sample_prompts` — kohya's sample-prompt file format: one prompt a line with optional
+* :func:`parse_sample_prompts` — kohya's sample-prompt files: ``.txt``, one prompt a line with optional
   ``--n negative``, ``--w width``, ``--h height``, ``--d seed``, ``--l guidance``, ``--s steps``
-  (``#`` lines and blank lines are skipped).
+  (``#`` lines and blank lines are skipped); ``.json``, a list of such lines or of tables with kohya's
+  keys (``prompt``, ``negative_prompt``, ``width``, ``height``, ``seed``, ``scale``, ``sample_steps``);
+  ``.toml``, a ``[prompt]`` table of those keys as defaults and one ``[[prompt.subset]]`` per image.
 * :func:`unknown_words` — words a word-level tokenizer (the toy's) does not know and would map
   to ``<unk>``.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .training import diffusion
 
 __all__ = ["SamplePrompt", "SAMPLERS", "generate", "parse_sample_prompts", "unknown_words", "with_defaults"]
@@ -42,6 +45,10 @@ class SamplePrompt:
 
 _FLAGS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
           "l": ("guidance", float), "s": ("steps", int)}
+#: kohya's prompt-table keys (train_util.line_to_prompt_dict / sample_image_inference) -> SamplePrompt fields
+_TABLE_KEYS = {"prompt": ("prompt", str), "negative_prompt": ("negative", str), "width": ("width", int),
+               "height": ("height", int), "seed": ("seed", int), "scale": ("guidance", float),
+               "sample_steps": ("steps", int)}
 
 
 def parse_sample_prompts(source: str | os.PathLike) -> list[SamplePrompt]:
@@ -49,33 +56,96 @@ def parse_sample_prompts(source: str | os.PathLike) -> list[SamplePrompt]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: no prompt in it, or a bad option (names the line).
+        InputError: (a ``ValueError``) no prompt in it, or a bad option or table key (names the line or entry);
+            a ``.json`` / ``.toml`` file that does not parse.
     """
     file = Path(source)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such sample-prompt file")
-    prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = text.split(" --")
-        prompt, options = parts[0].strip(), {}
-        for part in parts[1:]:
-            key, _, value = part.partition(" ")
-            if key not in _FLAGS:
-                raise ValueError(f"{file}:{number}: unknown option --{key} (use --n, --w, --h, --d, --l or --s)")
-            name, kind = _FLAGS[key]
-            try:
-                options[name] = kind(value.strip()) if kind is not str else value.strip()
-            except ValueError:
-                raise ValueError(f"{file}:{number}: --{key} needs a {kind.__name__}, got {value.strip()!r}") from None
-        if not prompt:
-            raise ValueError(f"{file}:{number}: a line with options but no prompt")
-        prompts.append(SamplePrompt(prompt, **options))
+    suffix = file.suffix.lower()
+    if suffix == ".json":
+        prompts = _json_prompts(file)
+    elif suffix == ".toml":
+        prompts = _toml_prompts(file)
+    else:
+        prompts = []
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                prompts.append(_prompt_line(text, f"{file}:{number}"))
     if not prompts:
-        raise ValueError(f"{file}: no prompts in the file (one prompt a line)")
+        raise InputError(f"{file}: no prompts in the file (one prompt a line)" if suffix not in (".json", ".toml")
+                         else f"{file}: no prompts in the file")
     return prompts
+
+
+def _prompt_line(text: str, where: str) -> SamplePrompt:
+    """One ``prompt --n NEG --w W ...`` line -> a :class:`SamplePrompt` (``where`` names it in errors)."""
+    parts = text.split(" --")
+    prompt, options = parts[0].strip(), {}
+    for part in parts[1:]:
+        key, _, value = part.partition(" ")
+        if key not in _FLAGS:
+            raise InputError(f"{where}: unknown option --{key} (use --n, --w, --h, --d, --l or --s)")
+        name, kind = _FLAGS[key]
+        try:
+            options[name] = kind(value.strip()) if kind is not str else value.strip()
+        except ValueError:
+            raise InputError(f"{where}: --{key} needs a {kind.__name__}, got {value.strip()!r}") from None
+    if not prompt:
+        raise InputError(f"{where}: a line with options but no prompt")
+    return SamplePrompt(prompt, **options)
+
+
+def _prompt_table(table: dict, where: str) -> SamplePrompt:
+    """A kohya prompt table (``{"prompt": ..., "negative_prompt": ..., "scale": ...}``) -> a :class:`SamplePrompt`."""
+    options = {}
+    for key, value in table.items():
+        if key not in _TABLE_KEYS:
+            raise InputError(f"{where}: {key!r} is not read (kohya's keys read here: {', '.join(_TABLE_KEYS)}; the "
+                             "sampler is --sample-sampler, for every prompt)")
+        name, kind = _TABLE_KEYS[key]
+        accepted = {str: (str,), int: (int,), float: (int, float)}[kind]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise InputError(f"{where}: {key} must be {'text' if kind is str else 'a whole number' if kind is int else 'a number'}"
+                             f", got {value!r}")
+        options[name] = kind(value)
+    if not str(options.pop("prompt", "")).strip():
+        raise InputError(f"{where}: no prompt (give prompt = '...')")
+    return SamplePrompt(str(table["prompt"]).strip(), **options)
+
+
+def _json_prompts(file: Path) -> list[SamplePrompt]:
+    """kohya's ``.json`` prompts: a list of prompt lines and/or prompt tables."""
+    from .training.dataset_config import read_config_table  # (one TOML/JSON reader)
+
+    data = read_config_table(file, flag="--sample-prompts", allow_json=True)
+    if not isinstance(data, list):
+        raise InputError(f"{file}: a JSON sample-prompt file is a list of prompts (lines or tables), got "
+                         f"{type(data).__name__}")
+    prompts = []
+    for i, entry in enumerate(data):
+        where = f"{file}[{i}]"
+        if isinstance(entry, str):
+            prompts.append(_prompt_line(entry.strip(), where))
+        elif isinstance(entry, dict):
+            prompts.append(_prompt_table(entry, where))
+        else:
+            raise InputError(f"{where}: a prompt line or a table, got {entry!r}")
+    return prompts
+
+
+def _toml_prompts(file: Path) -> list[SamplePrompt]:
+    """kohya's ``.toml`` prompts: ``[prompt]`` defaults and one ``[[prompt.subset]]`` table per image."""
+    from .training.dataset_config import read_config_table  # (one TOML/JSON reader)
+
+    table = read_config_table(file, flag="--sample-prompts").get("prompt")
+    if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
+        raise InputError(f"{file}: a TOML sample-prompt file has a [prompt] table (defaults) and [[prompt.subset]] "
+                         "tables, one per image")
+    defaults = {key: value for key, value in table.items() if key != "subset"}
+    return [_prompt_table({**defaults, **subset}, f"{file}: prompt.subset[{i}]")
+            for i, subset in enumerate(table["subset"])]
 
 
 def unknown_words(system, prompt: str) -> list[str]:

@@ -44,6 +44,8 @@ KOHYA_KEYS = {
     "network_dropout": "dropout",
     "output_name": "output_name",
     "output_dir": "output_dir",
+    "caption_extention": "caption_extension",  # (kohya's old misspelling, still read by sd-scripts)
+    "learning_rate_te": "text_encoder_lr",  # (train_db.py / fine_tune.py)
 }
 #: kohya options that change nothing here (sdadapt always does it, or picks it itself)
 KOHYA_IGNORED = {
@@ -58,13 +60,12 @@ KOHYA_IGNORED = {
     "logging_dir": "the CSV log and TensorBoard events go beside the output",
     "log_prefix": "the CSV log and TensorBoard events go beside the output",
     "network_module": "the method decides the network (lora, locon, loha, lokr, dora)",
-    "lowram": "",
-    "highvram": "",
+    "lowram": "where the weights are loaded first (memory only)",
+    "highvram": "where the latents are kept (memory only)",
     "vae_batch_size": "latents are encoded bucket by bucket before training",
     "v2": "SD2 is told from the checkpoint's keys",
     "wandb_api_key": "the CSV log and TensorBoard events go beside the output",
     "log_tracker_name": "the CSV log and TensorBoard events go beside the output",
-    "full_fp16": "use --mixed-precision",
     "save_last_n_steps_state": "sdadapt keeps one resumable state, OUT-state/, replaced at each save: no older state "
                                "is left to remove",
     "save_last_n_epochs_state": "sdadapt keeps one resumable state, OUT-state/, replaced at each save: no older state "
@@ -78,9 +79,37 @@ KOHYA_IGNORED = {
     "ddp_timeout": "python -m sdadapt train runs one process (no DDP)",
     "ddp_gradient_as_bucket_view": "python -m sdadapt train runs one process (no DDP)",
     "ddp_static_graph": "python -m sdadapt train runs one process (no DDP)",
+    "cpu_offload_checkpointing": "memory only (kohya's Flux/SD3 scripts move checkpointed activations to the CPU); "
+                                 "here --gradient-checkpointing / --gradient-checkpointing-fraction",
+    "tokenizer_cache_dir": "sdadapt downloads no tokenizer: --tokenizer DIR, or the shipped CLIP vocabulary",
+    "wandb_run_name": "the CSV log and TensorBoard events go beside the output",
+    "log_tracker_config": "the CSV log and TensorBoard events go beside the output",
+    "log_config": "the options are recorded in the output's ss_* metadata and OUT-state/",
+    "config_file": "the --config file is this one",
+    "skip_cache_check": "latents are cached in memory: no cache files to check",
+    "cache_info": "latents are cached in memory and image sizes read from the file headers: no cache info file",
+    "disable_mmap_load_safetensors": "how the checkpoint file is read (the same weights either way)",
+    "diffusers_xformers": "torch picks the attention kernel (--sdpa-backends measure times them)",
+    "use_safetensors": "sdadapt writes .safetensors",
+    **{name: "DeepSpeed only (deepspeed = true is refused: one process here)"
+       for name in ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+                    "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+                    "fp16_master_weights_and_gradients")},
+    **{name: "no validation loss here (validation_split above 0 is refused: it would hold images out of training)"
+       for name in ("validation_seed", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps")},
+    **{f"metadata_{name}": "not written: sdadapt writes modelspec title, author, description, license and tags "
+       "(--metadata-*), and the trigger words in ss_tag_frequency" for name in (
+           "usage_hint", "thumbnail", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")},
+    # keys the kohya_ss GUI writes that sd-scripts itself does not read
+    "epoch": "a kohya_ss GUI field; sd-scripts reads max_train_epochs / max_train_steps (read here too)",
+    "noise_offset_type": "a kohya_ss GUI field choosing which noise keys it writes; noise_offset, adaptive_noise_scale "
+                         "and multires_noise_* are read themselves",
 }
 #: kohya options refused when on (off, as kohya configs write them: nothing to do)
 _REFUSED_WHEN_ON = {
+    "full_fp16": ("kohya's full_fp16 trains the weights themselves in fp16 (no fp32 master copy), which changes the result; "
+                  "sdadapt trains fp32 weights under --mixed-precision fp16/bf16 autocast, or bf16 weights with stochastic "
+                  "rounding (--mixed-precision bf16 --full-bf16, full fine-tuning)"),
     "fp8_base": ("sdadapt keeps the base weights in their own dtype: kohya's fp8 base is the UNet cast to float8_e4m3fn and "
                  "upcast by autocast op by op, which here would change the dtype every state_dict() reader and adapter "
                  "(DoRA's norm, merges, samples outside autocast) sees, and a per-layer upcast needs a forward "
@@ -97,9 +126,39 @@ _REFUSED_WHEN_ON = {
     "lr_scheduler_type": ("sdadapt runs its own schedules and loads no scheduler class: use lr_scheduler = constant, "
                           "constant_with_warmup, cosine, cosine_with_restarts, linear or polynomial (with "
                           "lr_scheduler_power, lr_scheduler_args = ['lr_end=...'])"),
+    "no_metadata": ("sdadapt always writes kohya's ss_* metadata and the modelspec keys (resume checks, merges and "
+                    "other tools read them); remove them from the file after training if you must"),
+    **{name: ("sdadapt starts at step 0, or continues a run where it stopped, with the same draws, from its state: "
+              "--resume OUT-state") for name in ("initial_step", "initial_epoch", "skip_until_initial_step")},
+    "validation_split": ("sdadapt trains on every image and computes no validation loss: move the held-out images to "
+                         "another folder"),
+    "vae": ("sdadapt encodes the images with the model's own VAE: put the VAE into the checkpoint (a diffusers "
+            "folder's vae/) first, or leave vae out"),
+    "output_config": "sdadapt does not write the config back (and kohya would train nothing): leave it out",
+    "debug_dataset": "sdadapt has no dataset viewer (kohya shows the images and trains nothing): leave it out",
+    "dataset_class": ("sdadapt reads kohya's folder layout, dataset TOML (dataset_config) and in_json, not a "
+                      "dataset class"),
+    "deepspeed": "python -m sdadapt train runs one process, without DeepSpeed; leave it out",
+    "no_token_padding": ("sdadapt always pads the captions to the CLIP window, as the models were trained (kohya's "
+                         "no_token_padding changes the conditioning); leave it out"),
+    "use_lion_optimizer": "Lion is not an optimiser here (adamw, adamw8bit, adamw-bf16, adafactor)",
+    **{name: ("only kohya's warmup_stable_decay / inverse_sqrt / cosine_with_min_lr schedules read it, which sdadapt "
+              "does not run (lr_scheduler = constant, constant_with_warmup, cosine, cosine_with_restarts, linear or "
+              "polynomial)") for name in ("lr_decay_steps", "lr_scheduler_timescale", "lr_scheduler_min_lr_ratio")},
+    "fused_optimizer_groups": ("not there: use fused_backward_pass (--fused-backward-pass: full/dreambooth step each "
+                               "weight inside backward, no model-sized gradient buffer)"),
+    "weights": ("sdadapt starts a textual-inversion embedding from --init-word, not from an embedding file; leave "
+                "weights out"),
+    "resize_interpolation": "sdadapt scales with area averaging (down) and bilinear (up); leave it out",
+    "train_inpainting": "sdadapt trains text-to-image models, not inpainting ones",
     "face_crop_aug_range": ("sdadapt finds no faces: crop the images around the faces yourself, or use random_crop "
                             "(--random-crop: a random bucket-sized window of each scaled image at each use)"),
 }
+#: options whose 0 means "off" to kohya's GUIs (sd-scripts' default None; sd-scripts skips a 0 or cannot run with it):
+#: 0 reads as not given. (Not save_last_n_*: there kohya's 0 keeps only the newest save, refused here.)
+_ZERO_IS_UNSET = frozenset({"steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
+                            "sample_every_n_epochs", "save_n_epoch_ratio", "max_timestep", "scale_weight_norms",
+                            "clip_skip"})
 _DTYPES = {"float": "fp32", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
            "bfloat16": "bf16", "keep": "keep"}
 
@@ -183,7 +242,11 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     Keys are sdadapt's option names (``batch_size``, ``network_dim`` ...; dashes work too) or
     kohya's (``max_train_steps``, ``train_batch_size``, ``network_args = ["conv_dim=4"]`` ...);
     tables (``[training_arguments]`` ...) are flattened. kohya options that change nothing here
-    are listed in the notes; unknown keys are an error that suggests the closest name.
+    are listed in the notes; those that cannot be honoured are refused with the reason when set;
+    unknown keys are an error that suggests the closest name. As sd-scripts reads GUI-written files:
+    ``""`` and ``[]`` are not given, and so is ``0`` for the options in ``_ZERO_IS_UNSET``;
+    ``text_encoder_lr = [a, a]`` (one per encoder) is ``a``. tests/test_kohya_config_coverage.py
+    checks kohya's whole option list against this.
     """
     file = Path(path)
     raw = _load_toml(file)
@@ -197,10 +260,17 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     methods: dict[str, Any] = {}
     notes: list[str] = []
     output_dir = output_name = None
+    encoder_lrs: dict[str, float] = {}  # learning_rate_te1 / learning_rate_te2 (sdxl_train.py)
+    adam8bit = False
     for key, value in flat.items():
         name = key.replace("-", "_")
         name = KOHYA_KEYS.get(name, name)
+        if (isinstance(value, str) and not value.strip() or value == [] or value == 0 and name in _ZERO_IS_UNSET
+                or value == 0 and key == "stop_text_encoder_training"):
+            continue  # (kohya's GUI writes "" / [] / 0 for an option not used; sd-scripts reads them as not given)
         if name in KOHYA_IGNORED:
+            if value is False or isinstance(value, (int, float)) and value == 0:
+                continue  # (off: nothing to note)
             notes.append(f"ignored {key} ({KOHYA_IGNORED[name]})" if KOHYA_IGNORED[name] else f"ignored {key}")
             continue
         if name == "output_dir":
@@ -219,6 +289,20 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
         if name == "network_train_text_encoder_only":
             methods["unet"] = not value
             continue
+        if name == "train_text_encoder" and "text_encoder" in method_options:  # (fine_tune.py / sdxl_train.py)
+            methods["text_encoder"] = bool(value)
+            continue
+        if name == "use_8bit_adam":  # (kohya's old spelling of optimizer_type = "AdamW8bit")
+            adam8bit = bool(value)
+            continue
+        if name in ("learning_rate_te1", "learning_rate_te2"):
+            encoder_lrs[name] = value
+            continue
+        if name == "text_encoder_lr" and isinstance(value, list):  # kohya: one LR per text encoder
+            if len({float(v) for v in value}) > 1:
+                raise ValueError(f"--config {file}: {key} = {value}: sdadapt trains both text encoders at one learning "
+                                 "rate; give one value")
+            value = value[0]
         if name in ("use_object_template", "use_style_template"):  # kohya's textual-inversion caption templates
             if value:
                 options["templates"] = "object" if name == "use_object_template" else "style"
@@ -244,6 +328,12 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             close = difflib.get_close_matches(name, sorted(fields | method_options | set(KOHYA_KEYS)), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"--config {file}: unknown option {key!r}{hint}")
+    _settle_kohya_values(file, options, notes, encoder_lrs=encoder_lrs, adam8bit=adam8bit)
+    if methods.get("unet") is False:  # kohya's network_train_text_encoder_only: its conv settings (GUIs write them) act on
+        unused = [k for k in ("conv_rank", "conv_alpha") if methods.pop(k, None) is not None]  # UNet convs only
+        if unused:
+            notes.append(f"ignored {', '.join('conv_dim' if k == 'conv_rank' else k for k in unused)} "
+                         "(network_train_text_encoder_only: no UNet convolution is adapted)")
     if output_name is not None or output_dir is not None:
         if "out" in options:
             raise ValueError(f"--config {file}: give out, or output_dir/output_name, not both")
@@ -258,8 +348,62 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     return options, methods, notes
 
 
-#: network_args spellings -> sdadapt method option names (kohya's conv_dim, LyCORIS' old use_cp)
-_NETWORK_ARG_NAMES = {"conv_dim": "conv_rank", "use_cp": "use_tucker"}
+#: kohya's sample samplers that sdadapt does not run (``k_euler`` is euler here)
+_KOHYA_SAMPLERS = ("k_euler", "euler_a", "k_euler_a", "pndm", "lms", "k_lms", "heun", "dpm_2", "dpm_2_a", "k_dpm_2",
+                   "k_dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle")
+
+
+def _settle_kohya_values(file: Path, options: dict, notes: list[str], *, encoder_lrs: dict[str, float],
+                         adam8bit: bool) -> None:
+    """kohya's values that need the whole file: per-encoder text-encoder LRs, an empty GUI prompt file,
+    kohya's ``adafactor`` schedule, the ``wandb`` / ``all`` trackers, kohya's sampler names and
+    ``use_8bit_adam``. Edits ``options`` and ``notes`` in place; raises ``ValueError`` for what cannot be honoured."""
+    if encoder_lrs:
+        rates = {float(v) for v in encoder_lrs.values()} | ({float(options["text_encoder_lr"])}
+                                                           if "text_encoder_lr" in options else set())
+        if len(rates) > 1:
+            raise ValueError(f"--config {file}: {', '.join(encoder_lrs)}: sdadapt trains both text encoders at one "
+                             "learning rate (text_encoder_lr); give one value")
+        options["text_encoder_lr"] = rates.pop()
+    prompts = Path(str(options.get("sample_prompts", "")))
+    if prompts.suffix.lower() == ".txt" and prompts.is_file() and not any(
+            line.strip() and not line.strip().startswith("#") for line in prompts.read_text(encoding="utf-8").splitlines()):
+        dropped = [name for name in ("sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first",
+                                     "sample_sampler") if options.pop(name, None) is not None]
+        notes.append(f"ignored {', '.join(dropped)} ({prompts} holds no prompt, as the kohya_ss GUI writes it when its "
+                     "prompt box is empty: nothing is sampled, as in kohya)")
+    schedule = str(options.get("lr_scheduler", "")).lower()
+    if schedule == "adafactor" or schedule.startswith("adafactor:"):  # kohya's schedule of Adafactor's relative step
+        if str(options.get("optimizer", "")).lower() != "adafactor":
+            raise ValueError(f"--config {file}: lr_scheduler = {options['lr_scheduler']!r} is kohya's schedule for "
+                             "optimizer_type = 'Adafactor' (kohya refuses it with other optimisers)")
+        options["lr_scheduler"] = "constant"
+        notes.append(f"lr_scheduler = {schedule!r}: Adafactor's relative step sets the step size (relative_step=True "
+                     "unless optimizer_args say otherwise, as kohya's); read as constant")
+    tracker = str(options.get("log_with", "")).lower()
+    if tracker in ("wandb", "all"):  # kohya's trackers: tensorboard, wandb, all
+        options["log_with"] = "tensorboard" if tracker == "all" else "auto"
+        notes.append(f"log_with = {tracker!r}: no Weights & Biases run here (nothing leaves the machine); the CSV log "
+                     "and TensorBoard events go beside the output")
+    sampler = str(options.get("sample_sampler", "ddim")).lower()
+    if sampler in _KOHYA_SAMPLERS:  # (another name: TrainOptions names the choices)
+        if sampler == "k_euler":
+            options["sample_sampler"] = "euler"
+        elif "sample_prompts" in options:
+            raise ValueError(f"--config {file}: sample_sampler = {options['sample_sampler']!r}: sdadapt samples with "
+                             "ddim or euler; set sample_sampler = 'euler' (or 'ddim')")
+        else:
+            notes.append(f"ignored sample_sampler = {options.pop('sample_sampler')!r} (no sample_prompts: nothing is "
+                         "sampled; sdadapt samples with ddim or euler)")
+    if adam8bit:
+        if str(options.get("optimizer", "AdamW8bit")).lower().replace("_", "") != "adamw8bit":
+            raise ValueError(f"--config {file}: use_8bit_adam with optimizer_type = {options['optimizer']!r}: give one "
+                             "of the two (kohya refuses both too)")
+        options["optimizer"] = "AdamW8bit"
+
+
+#: network_args spellings -> sdadapt method option names (kohya's conv_dim, LyCORIS' old use_cp, LyCORIS' preset)
+_NETWORK_ARG_NAMES = {"conv_dim": "conv_rank", "use_cp": "use_tucker", "preset": "targets"}
 #: LyCORIS network_args that must agree with the method trained (they choose the network in kohya)
 _LYCORIS_METHOD_ARGS = ("algo", "dora_wd")
 #: LyCORIS algo -> the sdadapt methods it may name
@@ -269,12 +413,13 @@ _LYCORIS_ALGOS = {"lora": ("lora", "locon"), "locon": ("locon",), "loha": ("loha
 def parse_network_args(items: list, *, method_options: set[str], source: str = "--network-args") -> dict[str, str]:
     """kohya ``network_args`` (``["conv_dim=4", "down_lr_weight=sine+0.5", ...]``) -> ``{method option: text}``.
 
-    ``conv_dim`` is ``conv_rank`` and ``use_cp`` is ``use_tucker`` here; ``algo`` and ``dora_wd``
+    ``conv_dim`` is ``conv_rank``, ``use_cp`` is ``use_tucker`` and LyCORIS' ``preset`` is ``targets``
+    (:mod:`sdadapt.methods.lycoris_presets`) here; ``algo`` and ``dora_wd``
     (LyCORIS) are kept under their names for :func:`_check_lycoris_args`; any other key must be a
     method option. Values stay text (each option's type converts them later).
 
     Raises:
-        InputError: an item without ``=``, LyCORIS' ``preset``, or an unknown key (naming the known ones).
+        InputError: an item without ``=`` or an unknown key (naming the known ones).
     """
     from ..errors import InputError
 
@@ -284,9 +429,10 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
         arg = arg.strip()
         if not equals or not arg:
             raise InputError(f"{source} {item!r}: write KEY=VALUE, e.g. conv_dim=4")
-        if arg == "preset":
-            raise InputError(f"{source} {item!r}: LyCORIS presets are not read; choose the UNet layers with "
-                             "--network-targets kohya|attention|locon (targets = '...' in a TOML)")
+        if arg in _LYCORIS_OFF_ARGS:  # (the kohya_ss GUI writes them all, off)
+            if setting.strip().lower() in ("false", "0", "", "none"):
+                continue
+            raise InputError(f"{source} {item!r}: {_LYCORIS_OFF_ARGS[arg]}; leave it off")
         name = _NETWORK_ARG_NAMES.get(arg, arg)
         if name not in method_options and name not in _LYCORIS_METHOD_ARGS:
             from ..methods.lora_blocks import BLOCK_ARGS
@@ -299,9 +445,21 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
     return out
 
 
+#: LyCORIS network_args read only at their off value (kohya_ss writes them all): why each cannot be on
+_LYCORIS_OFF_ARGS = {
+    "use_scalar": "LyCORIS' trained scalar per module is not there",
+    "rank_dropout_scale": "rank dropout here follows kohya's LoRA (no LyCORIS rescaling option)",
+    "bypass_mode": "LyCORIS' bypass mode (for quantised base layers) is not there; it trains the same ΔW unquantised",
+    "train_norm": "training the normalisation layers is not there",
+}
 #: the network_args keys sdadapt reads besides the block-wise ones (lora_blocks.BLOCK_ARGS), named in errors
-_KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "loraplus_lr_ratio",
+_KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "preset", "factor",
+                       "decompose_both", "loraplus_lr_ratio",
                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+#: LoKr's network_args and their off spellings (dropped for the other methods)
+_LOKR_ARGS = {"factor": ("-1",), "decompose_both": ("false", "0", "", "none")}
 
 
 def _check_lycoris_args(method: str, chosen: dict) -> None:
@@ -310,6 +468,25 @@ def _check_lycoris_args(method: str, chosen: dict) -> None:
 
     algo = chosen.pop("algo", None)
     dora = chosen.pop("dora_wd", None)
+    if method != "lokr":  # the kohya_ss GUI writes LoKr's factor=-1 and decompose_both=false whatever the algo
+        for name, off in _LOKR_ARGS.items():
+            if name in chosen and str(chosen[name]).strip().lower() in off:
+                del chosen[name]
+    elif "factor" in chosen:  # (before the model loads)
+        try:
+            factor = int(str(chosen["factor"]).strip())
+        except ValueError:
+            factor = 0
+        if factor == 0 or factor < -1:
+            raise InputError(f"network_args factor={chosen['factor']}: LoKr's factor must be -1 (the most square "
+                             "split, LyCORIS' default) or a positive int")
+    targets = chosen.get("targets")
+    if isinstance(targets, str):  # a LyCORIS preset name is checked before the model loads
+        from ..methods.lora import UNET_PRESETS
+        from ..methods.lycoris_presets import lycoris_preset
+
+        if targets not in UNET_PRESETS:
+            lycoris_preset(targets)
     if algo is not None:
         algo = str(algo).strip().lower()  # (LyCORIS reads it case-insensitively: algo=LoCon)
         allowed = _LYCORIS_ALGOS.get(algo)
@@ -471,8 +648,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--keep-tokens-separator", metavar="TEXT",
         help="in a caption holding TEXT (e.g. '|||'), the tags before it never move or drop and the tags after a second "
         "one stay at the end (instead of --keep-tokens)")
+    add(data, "--caption-separator", metavar="TEXT",
+        help="the tag separator of the captions for shuffling, keeping and dropping tags (kohya's --caption_separator; "
+        "default ',')")
     add(data, "--secondary-separator", metavar="TEXT",
-        help="tags joined by TEXT (e.g. ';;;') move and drop as one tag; TEXT becomes a comma after shuffling")
+        help="tags joined by TEXT (e.g. ';;;') move and drop as one tag; TEXT becomes the caption separator (a comma) after shuffling")
     add(data, "--token-warmup-min", type=int, metavar="N",
         help="with --token-warmup-step: the movable tags used at step 0 (default 1)")
     add(data, "--token-warmup-step", type=float, metavar="STEPS",
@@ -662,7 +842,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(save, "--save-state", action=bool_flag, help="write the resumable state OUT-state/ with each save (default on)")
     add(save, "--resume", metavar="DIR", help="continue a run from its state folder (same method, model and settings)")
     add(save, "--sample-prompts", metavar="FILE",
-        help="prompts file (kohya format: one a line, --n NEG --w W --h H --d SEED --l CFG --s STEPS); images in OUT-samples/")
+        help="prompts file in kohya's formats: .txt, one a line, --n NEG --w W --h H --d SEED --l CFG --s STEPS; .json, a "
+        "list of such lines or tables; .toml, [prompt] defaults + [[prompt.subset]] tables; images in OUT-samples/")
     add(save, "--sample-every-n-steps", type=int, metavar="N", help="sample every N steps (default: at the end)")
     add(save, "--sample-every-n-epochs", type=int, metavar="N", help="sample every N epochs")
     add(save, "--sample-sampler", choices=("ddim", "euler"), help="default ddim")

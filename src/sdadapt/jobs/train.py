@@ -53,7 +53,8 @@ class TrainOptions:
     empty captions), ``enable_wildcard`` (a caption file's lines: one drawn at each use; ``{a|b}``:
     one choice drawn at each use), ``keep_tokens_separator`` (e.g. ``"|||"``: the tags before it never
     move or drop), ``secondary_separator`` (e.g. ``";;;"``: tags joined by it move as one, then it
-    becomes a comma), ``token_warmup_min`` / ``token_warmup_step`` (the movable tags used grow from
+    becomes a comma), ``caption_separator`` (the tag separator, default ``","``), ``token_warmup_min`` /
+    ``token_warmup_step`` (the movable tags used grow from
     ``min`` to all by that step; below 1 a share of the steps) and ``weighted_captions`` (A1111
     emphasis ``(word:1.2)`` / ``[word]`` in the captions scales each token's text states,
     :mod:`sdadapt.prompt_weights`; Stable Diffusion models, not trigger-word methods);
@@ -182,6 +183,7 @@ class TrainOptions:
     enable_wildcard: bool = False
     keep_tokens_separator: str = ""
     secondary_separator: str | None = None
+    caption_separator: str = ","
     token_warmup_min: int = 1
     token_warmup_step: float = 0
     weighted_captions: bool = False
@@ -488,7 +490,7 @@ def _data_config_fallback(options: TrainOptions) -> dict[str, object]:
     (kohya's command-line arguments); ``resolution`` as kohya's (width, height)."""
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     fallback: dict[str, object] = {name: getattr(options, name) for name in _DATA_CONFIG_NAMES if name in names}
-    fallback.update(num_repeats=options.repeats, class_tokens=options.prompt, caption_separator=",",
+    fallback.update(num_repeats=options.repeats, class_tokens=options.prompt, caption_separator=options.caption_separator,
                     resolution=None if options.resolution is None else (options.resolution[1], options.resolution[0]))
     return fallback
 
@@ -542,7 +544,7 @@ def _subset_caption_options(options: TrainOptions, subset, *, templates: tuple[s
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     own = {k: v for k, v in subset.captions.items() if k in names}
     captions = _caption_options(dataclasses.replace(options, **own), templates=templates, total_steps=total_steps)
-    return dataclasses.replace(captions, separator=str(subset.captions.get("caption_separator") or ","))
+    return dataclasses.replace(captions, separator=str(subset.captions.get("caption_separator") or options.caption_separator))
 
 
 def _subset_captions(options: TrainOptions, subsets: dict, records: list, *, templates: tuple[str, ...],
@@ -572,10 +574,13 @@ def _check_caption_options(options: TrainOptions) -> None:
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 <= step < math.inf:
         raise ValueError(f"--token-warmup-step must be >= 0 (the step by which every tag is used, or below 1 a share "
                          f"of the steps; 0: off), got {step!r}")
+    tag = options.caption_separator
+    if not isinstance(tag, str) or not tag.strip():
+        raise ValueError(f"--caption-separator must be text, e.g. ',' (kohya's default) or ';', got {tag!r}")
     separators = {"--keep-tokens-separator": options.keep_tokens_separator, "--secondary-separator": options.secondary_separator}
     for flag, value in separators.items():
-        if value and "," in value:
-            raise ValueError(f"{flag} {value!r} holds the tag separator ','; choose a string without commas, e.g. "
+        if value and tag in value:
+            raise ValueError(f"{flag} {value!r} holds the tag separator {tag!r}; choose a string without it, e.g. "
                              + ("'|||'" if flag == "--keep-tokens-separator" else "';;;'"))
     if options.keep_tokens_separator and options.keep_tokens_separator == options.secondary_separator:
         raise ValueError(f"--keep-tokens-separator and --secondary-separator are both {options.secondary_separator!r}: "
@@ -598,7 +603,7 @@ def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total
                           dropout_every_n_epochs=options.caption_dropout_every_n_epochs,
                           wildcards=options.enable_wildcard, keep_tokens_separator=options.keep_tokens_separator,
                           secondary_separator=options.secondary_separator or "",
-                          token_warmup_min=options.token_warmup_min,
+                          separator=options.caption_separator, token_warmup_min=options.token_warmup_min,
                           token_warmup_steps=0 if total_steps is None else
                           token_warmup_step_count(options.token_warmup_step, total_steps))
 
@@ -1592,7 +1597,7 @@ def _caption_record(options: TrainOptions) -> dict[str, object]:
 #: kohya's caption options recorded for --resume only when set (records of runs without them stay as they were)
 _CAPTION_DEFAULTS = {"caption_prefix": None, "caption_suffix": None, "caption_dropout_every_n_epochs": 0,
                      "enable_wildcard": False, "keep_tokens_separator": "", "secondary_separator": None,
-                     "token_warmup_min": 1, "token_warmup_step": 0, "weighted_captions": False}
+                     "token_warmup_min": 1, "token_warmup_step": 0, "weighted_captions": False, "caption_separator": ","}
 
 
 def _augmentation_record(options: TrainOptions) -> dict[str, object]:

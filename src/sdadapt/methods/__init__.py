@@ -38,6 +38,7 @@ __all__ = [
     "cuda_graph_clashes",
     "MethodOption",
     "LORA_OPTIONS",
+    "LOKR_OPTIONS",
     "System",
     "check_system",
     "Prior",
@@ -119,7 +120,9 @@ LORA_OPTIONS = (
                  "is kohya's --network_train_unet_only; dreambooth: on for the first half of the steps, see "
                  "--text-encoder-steps; full: off by default)", ("--text-encoder",)),
     MethodOption("targets", str, "UNet layers: kohya (transformer blocks, the default), attention (q/k/v/out only), "
-                 "locon (every block layer incl. ResNets)", ("--network-targets",), "PRESET"),
+                 "locon (every block layer incl. ResNets), or a LyCORIS preset (network_args preset=...): full, "
+                 "full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only, unet-convblock-only (UNet and "
+                 "text-encoder layers as LyCORIS)", ("--network-targets",), "PRESET"),
     # kohya's block-wise network_args (sdadapt.methods.lora_blocks) and LyCORIS-style config args
     MethodOption("down_lr_weight", str, "kohya block lr weights of the 12 down blocks (SDXL: 9 input blocks): a comma "
                  "list or a preset cosine, sine, linear, reverse_linear, zeros with optional +N", (), "W,W,...|PRESET"),
@@ -233,7 +236,14 @@ def register_method(method: Method) -> None:
 register_method(Method("lora", "LoRA r8 on the UNet transformer blocks and the text encoder (kohya file)", prepare_lora, 3e-3, 600, "auto", options=LORA_OPTIONS))
 register_method(Method("locon", "LoRA + conv LoRA on every UNet block layer (kohya LoCon file)", prepare_locon, 3e-3, 600, "auto", options=LORA_OPTIONS))
 register_method(Method("loha", "LoHa r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_loha, 3e-3, 600, "auto", options=LORA_OPTIONS))
-register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 3e-3, 600, "auto", options=LORA_OPTIONS))
+#: LoKr's options: the LoRA family's + LyCORIS' Kronecker split (network_args factor, decompose_both)
+LOKR_OPTIONS = LORA_OPTIONS + (
+    MethodOption("factor", int, "LoKr: the Kronecker split size of each dimension (LyCORIS factor; -1, the default: "
+                 "the most square split)", ("--lokr-factor",), "F"),
+    MethodOption("decompose_both", bool, "LoKr: also split the first Kronecker factor into a low-rank pair (LyCORIS "
+                 "decompose_both)", ("--decompose-both",)),
+)
+register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 3e-3, 600, "auto", options=LOKR_OPTIONS))
 register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto", options=LORA_OPTIONS))
 _FULL_OPTIONS = (MethodOption("text_encoder", bool, "train the text encoder(s) too (LoRA family: on by default, "
                               "--no-text-encoder is kohya's --network_train_unet_only; dreambooth: on for the first half "

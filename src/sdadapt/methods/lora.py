@@ -26,6 +26,7 @@ from ..targets import TEXT_ENCODER, UNET_ATTENTION, UNET_KOHYA, UNET_LOCON, Targ
 from .base_weights import BaseWeights, merge_base_weights
 from .lora_blocks import BLOCK_ARGS, BlockPlan, block_plan, kohya_block_index
 from .loraplus import LORAPLUS_ARGS, loraplus_lr_scales, loraplus_ratios
+from .lycoris_presets import LYCORIS_PRESETS, lycoris_preset
 
 __all__ = ["UNET_PRESETS", "AdapterAdaptation", "prepare_lora", "prepare_locon", "prepare_loha", "prepare_lokr", "prepare_dora"]
 
@@ -51,7 +52,7 @@ class AdapterAdaptation:
 
     def __init__(self, system, *, unet_targets: Target, unet_config, text_config=None, name: str = "default",
                  blocks: BlockPlan | None = None, layer_config: Callable[[int, float], object] | None = None,
-                 network_args: Mapping[str, str] | None = None) -> None:
+                 network_args: Mapping[str, str] | None = None, text_targets: Target = TEXT_ENCODER) -> None:
         self.base_model = system.base_model  # file naming and metadata (System protocol)
         #: what building the adapters did, for the run report (``--network-weights``: modules loaded, missing, left out)
         self.notes: list[str] = []
@@ -75,7 +76,7 @@ class AdapterAdaptation:
                 for component in _TEXT_ENCODERS:
                     module = getattr(system, component, None)
                     if isinstance(module, nn.Module):
-                        self.handles[component] = inject(module, TEXT_ENCODER, text_config, name=name)
+                        self.handles[component] = inject(module, text_targets, text_config, name=name)
             except Exception:
                 self.remove()
                 raise
@@ -169,7 +170,8 @@ def _targets(preset: str | None, conv_rank: int | None, default: Target) -> Targ
     if preset is None:
         return UNET_LOCON if conv_rank is not None and default is UNET_KOHYA else default
     if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown network targets {preset!r}; choose {', '.join(UNET_PRESETS)}")
+        raise ValueError(f"unknown network targets {preset!r}; choose {', '.join(UNET_PRESETS)} or a LyCORIS preset "
+                         f"({', '.join(LYCORIS_PRESETS)})")
     return UNET_PRESETS[preset]
 
 
@@ -178,8 +180,9 @@ def _check(rank: int, conv_rank: int | None) -> None:
         raise ValueError(f"network ranks must be >= 1, got rank {rank}" + (f", conv rank {conv_rank}" if conv_rank is not None else ""))
 
 
-#: LyCORIS-style network_args that set a field of the family's config (``use_cp`` = ``use_tucker``, LyCORIS' old name)
-_CONFIG_ARGS = ("dropout", "rank_dropout", "module_dropout", "use_tucker")
+#: LyCORIS-style network_args that set a field of the family's config (``use_cp`` = ``use_tucker``, LyCORIS' old name;
+#: ``factor`` / ``decompose_both``: LoKr's)
+_CONFIG_ARGS = ("dropout", "rank_dropout", "module_dropout", "use_tucker", "factor", "decompose_both")
 
 
 def _config_extras(make, family: str, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -189,7 +192,8 @@ def _config_extras(make, family: str, args: Mapping[str, Any]) -> dict[str, Any]
         return {}
     config_type = make if isinstance(make, type) else LoRAConfig  # DoRA wraps a LoRAConfig
     known = {f.name for f in dataclasses.fields(config_type)}
-    missing = sorted(set(extras) - known)
+    missing = sorted(n for n in set(extras) - known if extras[n])  # off (0 / False) they change nothing: kohya_ss writes them
+    extras = {n: v for n, v in extras.items() if n in known}
     if missing:
         raise InputError(f"{family} has no {', '.join(missing)} (network_args); it takes "
                          f"{', '.join(n for n in _CONFIG_ARGS if n in known)}")
@@ -296,7 +300,7 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
             raise InputError("--no-unet with --no-text-encoder (kohya's network_train_text_encoder_only and "
                              "network_train_unet_only): nothing would train; leave one of the two out")
         given = sorted(n for n in BLOCK_ARGS if network.get(n) is not None)
-        if given or targets is not None or conv_rank is not None:
+        if given or (targets is not None and targets in UNET_PRESETS) or conv_rank is not None:
             named = given + (["--network-targets"] if targets is not None else []) + (["conv_dim"] if conv_rank is not None else [])
             raise InputError(f"{', '.join(named)}: UNet options, but --no-unet (network_train_text_encoder_only) "
                              "adapts the text encoder(s) only; leave them out")
@@ -316,6 +320,27 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
     if unknown:
         raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}")
     extras = _config_extras(make, family, {n: network.get(n) for n in _CONFIG_ARGS})
+    if targets is not None and targets not in UNET_PRESETS:  # a LyCORIS preset: its UNet and text-encoder layers
+        preset = lycoris_preset(targets)
+        if text_encoder and preset.text_encoder is None:
+            text_encoder = False  # (LyCORIS' unet-* presets list no text-encoder module)
+        if unet and preset.unet is None:
+            raise InputError(f"LyCORIS preset {targets} adapts no UNet layer")
+        if not unet and not text_encoder:
+            raise InputError(f"LyCORIS preset {targets} adapts the UNet only, but --no-unet leaves it out: nothing "
+                             "would train")
+        given = sorted(n for n in BLOCK_ARGS if network.get(n) is not None)
+        if given:
+            raise InputError(f"{', '.join(given)} with LyCORIS preset {targets}: kohya's block-wise args place "
+                             "kohya's LoRA layers only; leave them out or use --network-targets kohya or locon")
+        config = make(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=conv_rank,
+                      conv_alpha=conv_alpha if conv_alpha is not None else conv_rank, **extras)
+        text = make(rank=rank, alpha=alpha if alpha is not None else rank, **extras) if text_encoder else None
+        args = _network_args(network)
+        args["preset"] = preset.name
+        return AdapterAdaptation(system, unet_targets=preset.unet, unet_config=config if unet else None,
+                                 text_config=text, network_args=args,
+                                 text_targets=preset.text_encoder if preset.text_encoder is not None else TEXT_ENCODER)
     config = make(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=conv_rank,
                   conv_alpha=conv_alpha if conv_alpha is not None else conv_rank, **extras)
     text = make(rank=rank, alpha=alpha if alpha is not None else rank, **extras) if text_encoder else None
@@ -339,7 +364,9 @@ def prepare_lora(system, *, rank: int = 8, alpha: float | None = None, conv_rank
     """kohya's default LoRA: transformer-block Linears of the UNet (+ the text encoders').
 
     ``conv_rank`` adds the 3x3 convolutions of the blocks (kohya's ``conv_dim``: LoCon targets);
-    ``targets`` picks a preset of :data:`UNET_PRESETS`. ``network_args``: kohya's block-wise
+    ``targets`` picks a preset of :data:`UNET_PRESETS` or a LyCORIS preset
+    (:data:`~sdadapt.methods.lycoris_presets.LYCORIS_PRESETS`: ``"full"`` ..., UNet and text-encoder
+    layers as ``lycoris.kohya``; kxk convolutions at ``conv_rank``, default ``rank``). ``network_args``: kohya's block-wise
     options (:data:`~sdadapt.methods.lora_blocks.BLOCK_ARGS`: ``down_lr_weight="sine"``,
     ``block_dims="4,4,..."`` ...), ``dropout``, ``rank_dropout``, ``module_dropout``, ``use_tucker``,
     the LoRA+ ratios (:data:`~sdadapt.methods.loraplus.LORAPLUS_ARGS`: ``loraplus_lr_ratio=16`` ...),
@@ -384,7 +411,11 @@ def prepare_loha(system, *, rank: int = 4, alpha: float | None = None, conv_rank
 def prepare_lokr(system, *, rank: int = 4, alpha: float | None = None, conv_rank: int | None = None,
                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
                  unet: bool = True, **network_args: Any) -> AdapterAdaptation:
-    """LoKr (Kronecker product, most-square factor) on kohya's layer set (LyCORIS file)."""
+    """LoKr (Kronecker product) on kohya's layer set (LyCORIS file).
+
+    ``network_args`` as :func:`prepare_lora`, plus LyCORIS' ``factor`` (the split size, ``-1``: the
+    most square split) and ``decompose_both`` (:class:`~sdadapt.adapters.LoKrConfig`).
+    """
     return _on_kohya_layers(system, LoKrConfig, "lokr", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                             text_encoder=text_encoder, targets=targets, network=network_args, unet=unet)
 

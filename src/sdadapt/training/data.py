@@ -97,7 +97,8 @@ class CaptionOptions:
         keep_tokens: the first N tags never move or drop (``--keep-tokens``; e.g. the trigger word).
         dropout: probability of training on the empty caption (``--caption-dropout-rate``).
         tag_dropout: probability of dropping each movable tag (``--caption-tag-dropout-rate``).
-        separator: the tag separator.
+        separator: the tag separator the tags are split at (kohya's ``caption_separator``); they are
+            joined back with ``", "`` whatever it is, as kohya's.
         prefix, suffix: text put before / after every caption with a space between (kohya's
             ``caption_prefix`` / ``caption_suffix``; ``""``: none). Part of the caption from then
             on: it can be dropped, shuffled and counted by ``keep_tokens`` like any tag.
@@ -218,7 +219,7 @@ class CaptionOptions:
             rest_tags = [t for t in rest_tags if rng.random() >= self.tag_dropout]
         if self.shuffle:
             rng.shuffle(rest_tags)
-        return f"{self.separator} ".join(fixed + rest_tags + suffix)
+        return ", ".join(fixed + rest_tags + suffix)  # (kohya joins with ", " whatever caption_separator splits at)
 
 
 def expand_wildcards(caption: str, rng: random.Random) -> str:

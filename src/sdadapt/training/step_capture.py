@@ -19,7 +19,11 @@ The lean/fast full fine-tune is captured the same way with sdadapt's own optimis
 Shapes: each distinct batch layout (the shapes/dtypes of every tensor the step reads, e.g. one
 per batch size and resolution bucket) gets its own graph, captured once and cached; a last,
 smaller batch simply captures one more graph. Each graph keeps its own memory pool (its
-activations), so many buckets cost memory: keep the number of layouts small.
+activations), so many buckets cost memory: keep the number of layouts small. The layout is the
+batch's structure too (a ``"loss_mask"`` present or not, the conditioning's dict keys: nested
+dicts are copied leaf by leaf) and the value and type of every non-tensor field (a ``prior``
+weight). Every tensor of the batch must be on the parameters' device (checked at each capture,
+:class:`CaptureError` naming the field): a graph would read a host tensor only while capturing.
 
 Warm-up: the first ``warmup_steps`` calls (default 3) of each layout are ordinary eager steps on a
 side stream — they train for real, let ``torch.compile`` (if you compiled the model) and cuDNN pick
@@ -112,8 +116,16 @@ def _layout(leaves: list[object]) -> tuple[Hashable, ...]:
             except TypeError:
                 raise CaptureError(f"batch field of type {type(leaf).__name__} is neither a tensor nor hashable; "
                                    "captured steps need tensors (or constants) in the batch") from None
-            key.append(("value", leaf))
+            key.append(("value", type(leaf), leaf))  # (the type too: True == 1 == 1.0 would share a graph)
     return tuple(key)
+
+
+def _off_device(prepared: Mapping[str, object], device: torch.device) -> list[str]:
+    """The fields of ``prepared`` (key paths) holding a tensor on another device than ``device``: a
+    graph reads those at capture only (a 0-dim host tensor is baked into a kernel as a constant, a
+    larger one is a copy the graph cannot replay), so every replay would see the capture's value."""
+    pairs, _ = pytree.tree_flatten_with_path(dict(prepared))
+    return [pytree.keystr(path) for path, leaf in pairs if isinstance(leaf, Tensor) and leaf.device != device]
 
 
 @dataclass
@@ -221,6 +233,11 @@ class CapturedStep:
     def _capture(self, entry: _Graph, leaves: list[object], spec: pytree.TreeSpec, state: TrainState) -> None:
         # nothing is created or seeded inside capture: the caller's state (its generator made long
         # before) is passed through; the static inputs are allocated before the graph begins
+        off = _off_device(pytree.tree_unflatten(leaves, spec), self.params[0].device)
+        if off:
+            raise CaptureError(f"batch field(s) {', '.join(off[:4])} are tensors on another device than the parameters "
+                               f"({self.params[0].device}): a CUDA graph would read them only when it is captured; "
+                               "move them to the parameters' device before the step")
         entry.static_leaves = [leaf.clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
         static = pytree.tree_unflatten(entry.static_leaves, spec)
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates (and owns) the grads
