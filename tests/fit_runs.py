@@ -20,8 +20,9 @@ def toy_lora_fit(dataset, *, steps: int, monkeypatch, seed: int = 0, save_at: in
     returns (the losses, a clone of each micro-batch's (B, C, h, w) latents as ``train_step`` got them).
 
     ``save_at``/``state``: the training state is saved to ``state`` after that step; ``resume``: a
-    state folder to continue from; ``sizes``: gets the size-conditioning rows fit makes (SDXL's; the
-    toy does not use them) as lists. fit's ``train_step`` (and ``_condition_batch``) are restored after.
+    state folder to continue from; ``sizes``: gets the size-conditioning rows fit makes (SDXL's; fit
+    builds them only for a size-conditioned system, so the toy is marked as one and its ``condition``
+    still gets the ids alone) as lists. fit's ``train_step`` (and ``_condition_batch``) are restored after.
     """
     fit_module = importlib.import_module("sdadapt.methods.fit")
     system = build_toy(seed=1)
@@ -35,10 +36,11 @@ def toy_lora_fit(dataset, *, steps: int, monkeypatch, seed: int = 0, save_at: in
 
     def condition(system, ids, rows):
         sizes.append(rows.tolist())
-        return real_condition(system, ids, rows)
+        return real_condition(system, ids, None)
 
     monkeypatch.setattr(fit_module, "train_step", recording)
     if sizes is not None:
+        system.size_conditioning = True
         monkeypatch.setattr(fit_module, "_condition_batch", condition)
     try:
         losses = fit(system, adaptation, dataset,

@@ -538,21 +538,62 @@ def _convert(option, value: Any) -> Any:
         raise ValueError(f"{option.option_strings[0]}: {value!r} is not a valid {getattr(option.type, '__name__', 'value')}") from None
 
 
+def _is_kohya_file(path: Path, *, fields: set[str], method_options: set[str]) -> bool:
+    """Whether the ``--config`` file is a kohya config (:func:`sdadapt.cli.kohya_defaults.is_kohya_config`;
+    tables flattened as :func:`read_config` does)."""
+    from .kohya_defaults import is_kohya_config
+
+    keys = [k for key, value in _load_toml(path).items() for k in (value if isinstance(value, dict) else (key,))]
+    flags = {flag.lstrip("-").replace("-", "_") for option, _ in _method_options().values() for flag in option.option_strings}
+    return is_kohya_config(keys, own_names=fields | method_options | flags)
+
+
+def _apply_kohya_defaults(method: str, values: dict, chosen: dict, *, method_options: dict) -> tuple[str, str | None]:
+    """Add kohya's defaults to ``values`` / ``chosen`` (in place; :func:`sdadapt.cli.kohya_defaults.kohya_defaults`)
+    -> ``(config_defaults, note)``. With ``--resume``: a run recorded without kohya's defaults (started
+    before kohya configs took them) keeps sdadapt's, and a run with them takes back its recorded seed."""
+    import json
+
+    from ..jobs.train import _RUN_RECORD
+    from ..methods import METHODS
+    from .kohya_defaults import kohya_defaults
+
+    seed = None
+    if values.get("resume") is not None:
+        try:
+            record = json.loads((Path(values["resume"]) / _RUN_RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None  # (not a state folder: the run's resume check says so)
+        if isinstance(record, dict):
+            if record.get("config_defaults", "sdadapt") != "kohya":
+                return "sdadapt", (f"--resume {values['resume']}: the run started with sdadapt's defaults for the options "
+                                   "the config leaves out (before kohya configs took kohya's): it continues with them")
+            seed = record.get("seed")
+    own = {name for name, (_, owners) in method_options.items() if method in owners}
+    options, added, note = kohya_defaults(method=method, values=values, methods=chosen, method_options=own, seed=seed,
+                                          prior=METHODS[method].prior)
+    values.update(options)
+    chosen.update(added)
+    return "kohya", note
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..jobs import TrainOptions, run_train
 
     method_options = _method_options()
-    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options"}
+    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options", "config_defaults"}
     given = {k: v for k, v in vars(args).items() if v is not _UNSET and k in fields}
     given_methods = {name: getattr(args, f"mo_{name}") for name in method_options
                      if getattr(args, f"mo_{name}", _UNSET) is not _UNSET}
     notes: list[str] = []
     values: dict[str, Any] = {}
     chosen: dict[str, Any] = {}
+    kohya = False
     if args.config is not None:
         values, chosen, notes = read_config(args.config, fields=fields, method_options=set(method_options))
+        kohya = _is_kohya_file(Path(args.config), fields=fields, method_options=set(method_options))
     if not given.get("overwrite"):
         given.pop("overwrite", None)
     if given.get("dtype") == "keep" and "dtype" in values:
@@ -562,6 +603,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         chosen.update(parse_network_args(args.network_args, method_options=set(method_options), source="--network-args"))
     chosen.update(given_methods)
     _check_lycoris_args(args.method, chosen)
+    config_defaults = "sdadapt"
+    if kohya:  # a kohya config: kohya's defaults for what it and the flags leave out
+        config_defaults, note = _apply_kohya_defaults(args.method, values, chosen, method_options=method_options)
+        if note is not None:
+            notes.append(note)
     if values.get("images") is None and values.get("dataset_config") is None and values.get("in_json") is None:
         raise ValueError("no images: pass --images DIR or --dataset-config TOML (or images = 'DIR' / dataset_config = "
                          "'TOML' in the --config file)")
@@ -574,7 +620,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if dtype not in ("keep", "fp32", "fp16", "bf16"):
         raise ValueError(f"dtype must be keep, fp32, fp16 or bf16, got {dtype!r}")
     quiet = bool(args.quiet)
-    options = TrainOptions(**values, method_options=chosen, dtype=torch_dtype(dtype))
+    options = TrainOptions(**values, method_options=chosen, dtype=torch_dtype(dtype), config_defaults=config_defaults)
 
     def log(line: str) -> None:
         if not quiet:
@@ -621,7 +667,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
 
     bool_flag = argparse.BooleanOptionalAction
     train.add_argument("--config", default=None, metavar="TOML",
-                       help="read options from a TOML file (sdadapt or kohya option names); flags given here win")
+                       help="read options from a TOML file (sdadapt or kohya option names); flags given here win; a kohya config "
+                       "(a key such as pretrained_model_name_or_path that is not sdadapt's) takes kohya's defaults for "
+                       "the options it leaves out (the run report lists them)")
     data = train.add_argument_group("data (kohya folder layout: images + NAME.txt captions, N_name repeat folders)")
     add(data, "--images", "--train-data-dir", dest="images", metavar="DIR",
         help="folder of .png/.jpg images with NAME.txt captions; sub-folders N_name repeat their images N times per epoch")

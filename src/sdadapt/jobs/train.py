@@ -165,6 +165,11 @@ class TrainOptions:
     ``lr_scheduler_power`` and ``lr_scheduler_args`` (``("lr_end=1e-6",)``) of the ``polynomial``
     schedule (:attr:`sdadapt.methods.FitConfig.schedule`), ``metadata_title`` / ``_author`` /
     ``_description`` / ``_license`` / ``_tags`` (written as ``modelspec.*``).
+
+    ``config_defaults``: whose defaults filled the options the run left out, ``"sdadapt"`` (these
+    fields') or ``"kohya"`` (a kohya ``--config`` file: kohya's argparse defaults,
+    :mod:`sdadapt.cli.kohya_defaults`); recorded in the ``--resume`` record (``run.json``) when
+    ``"kohya"``, and a resumed run must have the same.
     """
 
     images: str | os.PathLike | None = None
@@ -288,6 +293,7 @@ class TrainOptions:
     metadata_description: str | None = None
     metadata_license: str | None = None
     metadata_tags: str | None = None
+    config_defaults: str = "sdadapt"
 
     def timestep_range(self) -> tuple[int, int] | None:
         """``[min_timestep, max_timestep)`` (kohya's defaults 0 and 1000), or ``None`` for all of them."""
@@ -465,6 +471,8 @@ class TrainOptions:
             raise ValueError(f"--max-token-length {self.max_token_length} is for Stable Diffusion models (CLIP text encoders); "
                              "the toy's text encoder reads at most 14 words: leave it out")
         _check_saving_options(self)
+        if self.config_defaults not in ("sdadapt", "kohya"):
+            raise ValueError(f"config_defaults must be sdadapt or kohya, got {self.config_defaults!r}")
 
 
 def _check_data_sources(options: TrainOptions) -> None:
@@ -660,11 +668,12 @@ def _lr_scheduler_kwargs(options: TrainOptions) -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise ValueError(f"--lr-scheduler-args {key}={value!r}: must be a finite number >= 0")
         out[key] = float(value)
-    for name in ("learning_rate", "unet_lr"):
-        rate = getattr(options, name)
-        if "lr_end" in out and rate is not None and not out["lr_end"] < rate:
-            raise ValueError(f"--lr-scheduler-args lr_end={out['lr_end']} must be below --{name.replace('_', '-')} "
-                             f"{rate} (the polynomial schedule decays from it to lr_end)")
+    # the schedule's reference LR: --learning-rate (kohya's optimiser LR; --unet-lr does not change it), else --unet-lr
+    name = "learning_rate" if options.learning_rate is not None else "unet_lr"
+    rate = getattr(options, name)
+    if "lr_end" in out and rate is not None and not out["lr_end"] < rate:
+        raise ValueError(f"--lr-scheduler-args lr_end={out['lr_end']} must be below --{name.replace('_', '-')} "
+                         f"{rate} (the polynomial schedule decays from it to lr_end)")
     return out
 
 
@@ -1307,6 +1316,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         warmup_steps = 0
     config = FitConfig(
         lr_power=float(options.lr_scheduler_power), lr_end=_lr_scheduler_kwargs(options).get("lr_end", 1e-7),
+        schedule_base_lr=options.learning_rate,  # kohya's polynomial factor reads --learning_rate, not --unet-lr
         steps=total, batch_size=options.batch_size, learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate,
         warmup_steps=warmup_steps, schedule="constant" if relative_step else options.lr_scheduler, seed=options.seed,
         optimizer=options.optimizer, scale_weight_norms=options.scale_weight_norms,
@@ -1571,9 +1581,10 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               **({"optimizer_defaults": optimizer_defaults} if optimizer_defaults != train_optimizer.LEGACY_DEFAULTS else {}),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
               "captions": _caption_record(options), "augmentations": _augmentation_record(options),
-              "noise": _noise_record(options),
+              "noise": _noise_record(options), "prior": _prior_record(method, options),
               "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir),
               "dataset": dataset,
+              **({"config_defaults": options.config_defaults} if options.config_defaults != "sdadapt" else {}),
               "periodic_saves": [save.record() for save in saves or ()]}
     atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
 
@@ -1608,6 +1619,15 @@ def _augmentation_record(options: TrainOptions) -> dict[str, object]:
 #: what a record written before these options existed trained with
 _NOISE_RECORD_DEFAULTS = {"noise_offset_random_strength": False, "zero_terminal_snr": False,
                           "ip_noise_gamma_random_strength": False}
+
+
+def _prior_record(method: str, options: TrainOptions) -> dict[str, object]:
+    """Generated class images (prior preservation without ``--reg-data-dir``): whether they train (the
+    class batch's forward draws its own noise, so turning it on or off changes a resumed run's draws),
+    their prompt and their count (which class images the steps draw)."""
+    spec = _method(method)
+    on = options.prior if options.prior is not None else (spec.prior != "off" or options.class_prompt is not None)
+    return {"prior": bool(on), "class_prompt": options.class_prompt, "class_images": options.class_images}
 
 
 def _noise_record(options: TrainOptions) -> dict[str, object]:
@@ -1685,9 +1705,17 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
                 return entry.get("source") if isinstance(entry, dict) else entry
 
             mismatches.append(f"the dataset config / metadata {_source(record['dataset'])!r} (now {_source(dataset)!r})")
+    saved_prior = record.get("prior")  # (older records: not checked)
+    if isinstance(saved_prior, dict):
+        mismatches += [f"{name} {saved_prior.get(name)!r} (now {value!r})"
+                       for name, value in _prior_record(method, options).items() if saved_prior.get(name) != value]
     reg_now = None if options.reg_data_dir is None else str(options.reg_data_dir)
     if "reg_data_dir" in record and record["reg_data_dir"] != reg_now:  # (older records: not checked)
         mismatches.append(f"reg_data_dir {record['reg_data_dir']!r} (now {reg_now!r})")
+    saved_defaults = record.get("config_defaults", "sdadapt")  # (older records: sdadapt's)
+    if saved_defaults != options.config_defaults:
+        mismatches.append(f"the defaults of the options left out, {saved_defaults}'s (now {options.config_defaults}'s; "
+                          "resume with the same --config file)")
     if mismatches:
         raise ValueError(f"--resume {folder}: the saved run differs: {'; '.join(mismatches)}; resume with the same settings")
     return record
@@ -1705,7 +1733,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(time.time()),
         "ss_output_name": final.stem,
-        "ss_learning_rate": str(config.learning_rate),
+        "ss_learning_rate": str(config.schedule_base_lr or config.learning_rate),  # kohya's --learning_rate
         "ss_unet_lr": str(config.learning_rate),
         "ss_text_encoder_lr": str(config.text_encoder_lr if config.text_encoder_lr is not None else config.learning_rate),
         "ss_num_train_images": str(dataset.samples_per_epoch),

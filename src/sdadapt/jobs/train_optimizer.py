@@ -121,11 +121,21 @@ def relative_step_notes(options: TrainOptions, given: OptimizerArgs, *, learning
     unused = [f"{flag} {value}" for flag, value in (
         ("--lr-scheduler", options.lr_scheduler if options.lr_scheduler != "cosine" else None),  # (not the default)
         ("--lr-warmup-steps", options.lr_warmup_steps or None),
-        ("--unet-lr", options.unet_lr), ("--text-encoder-lr", options.text_encoder_lr or None)) if value is not None]
+        ("--unet-lr", options.unet_lr), ("--text-encoder-lr", options.text_encoder_lr or None),
+        # the per-parameter LR factors (kohya's groups' LRs, which relative_step ignores too); 0 still freezes
+        *((name, options.method_options.get(name)) for name in _LR_FACTOR_OPTIONS))
+        if value is not None]
     if unused:
-        notes.append(f"{', '.join(unused)}: not used with Adafactor's relative step (kohya ignores them too; "
-                     "pass --optimizer-args relative_step=False to train with the LR)")
+        notes.append(f"{', '.join(unused)}: not used with Adafactor's relative step (kohya ignores them too: its "
+                     "step size replaces every group's LR, so LoRA+ ratios and block LRs change nothing, while a "
+                     "weight of 0 still leaves its parameters out; pass --optimizer-args relative_step=False to train "
+                     "with the LR)")
     return notes
+
+
+#: method options that set per-parameter LR factors (unused under Adafactor's relative step, except 0: frozen)
+_LR_FACTOR_OPTIONS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "down_lr_weight",
+                      "mid_lr_weight", "up_lr_weight", "block_lr", "neg_lr_weight")
 
 
 def ss_optimizer(options: TrainOptions, given: OptimizerArgs, defaults: str = KOHYA_DEFAULTS) -> str:

@@ -113,14 +113,22 @@ class FitConfig:
         steps: optimiser steps (each ``step.accumulation_steps`` batches).
         optimizer: one of :data:`OPTIMIZERS` (``adamw8bit``/``adamw-bf16``: sdadapt's lean AdamW
             with 8-bit / bf16 states; ``adafactor``: factored second moments, fixed LR unless
-            ``optimizer_args`` say ``relative_step=True``).
+            ``optimizer_args`` say ``relative_step=True``: then its own step size replaces every
+            group's LR, so ``learning_rate``, ``text_encoder_lr``, the schedule and the adaptation's
+            ``lr_scales`` — LoRA+, block lr weights, DreamArtist's negative weight — are unused, as in
+            kohya; a parameter whose LR is 0 (``text_encoder_lr=0``, an ``lr_scales`` entry of 0)
+            is still frozen).
         weight_decay: the decoupled weight decay; ``None`` (default): the optimiser's own (0.01
             for the AdamW ones, as ``torch.optim.AdamW``; 0 for Adafactor, as transformers').
         schedule: one of :data:`SCHEDULES`; ``num_cycles`` for ``cosine_with_restarts``;
             ``lr_power`` and ``lr_end`` for ``polynomial`` (diffusers' / kohya's polynomial decay:
             after the warm-up ``lr = (L − lr_end)·(1 − p)^lr_power + lr_end`` with ``L`` =
-            ``learning_rate``, ``p`` the share of the decay steps done; a group with another base LR
-            (the text encoder's) is scaled by the same factor ``lr/L``, as kohya's ``LambdaLR``).
+            ``schedule_base_lr`` (default ``learning_rate``), ``p`` the share of the decay steps done;
+            every group — the text encoder's, LoRA+'s, block weights' — is scaled by the same factor
+            ``lr/L``, as kohya's ``LambdaLR``).
+        schedule_base_lr: the ``L`` the polynomial schedule's factor is computed from: kohya's
+            optimiser LR (``--learning_rate``), which ``--unet_lr`` does not change (``None``:
+            ``learning_rate``). ``lr_end`` must be below it, as diffusers requires.
         text_encoder_lr: LR of parameters inside the text encoder(s) (default: ``learning_rate``;
             0 freezes them — kohya's ``--network_train_unet_only``).
         text_encoder_steps: train the parameters inside the text encoder(s) for the first this
@@ -233,6 +241,7 @@ class FitConfig:
     weighted_captions: bool = False
     lr_power: float = 1.0
     lr_end: float = 1e-7
+    schedule_base_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -247,9 +256,11 @@ class FitConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if isinstance(self.lr_power, bool) or not 0 <= self.lr_power < math.inf:
             raise ValueError(f"lr_power must be a finite number >= 0 (polynomial decay; 1: linear), got {self.lr_power!r}")
-        if self.schedule == "polynomial" and not 0 <= self.lr_end < self.learning_rate:
-            raise ValueError(f"lr_end must be >= 0 and below learning_rate {self.learning_rate} (the polynomial schedule "
-                             f"decays from it to lr_end; diffusers refuses the same), got {self.lr_end!r}")
+        if self.schedule_base_lr is not None and (isinstance(self.schedule_base_lr, bool) or not 0 < self.schedule_base_lr < math.inf):
+            raise ValueError(f"schedule_base_lr must be a finite number > 0 (or None: learning_rate), got {self.schedule_base_lr!r}")
+        if self.schedule == "polynomial" and not 0 <= self.lr_end < self._schedule_lr:
+            raise ValueError(f"lr_end must be >= 0 and below learning_rate (schedule_base_lr when given) {self._schedule_lr} "
+                             f"(the polynomial schedule decays from it to lr_end; diffusers refuses the same), got {self.lr_end!r}")
         if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -299,14 +310,27 @@ class FitConfig:
             return round(float(share) * self.steps)
         return self.text_encoder_steps
 
+    @property
+    def relative_step(self) -> bool:
+        """Whether the optimiser takes its own step size (Adafactor with ``relative_step=True``): the
+        groups' LRs are then unused."""
+        return (_OPTIMIZER_ALIASES[self.optimizer.lower()] == "adafactor"
+                and bool(dict(self.optimizer_args).get("relative_step", False)))
+
+    @property
+    def _schedule_lr(self) -> float:
+        """The LR the polynomial schedule's factor is computed from (``schedule_base_lr`` or ``learning_rate``)."""
+        return self.learning_rate if self.schedule_base_lr is None else float(self.schedule_base_lr)
+
     def lr_at(self, step: int, base: float) -> float:
         """The LR of a group with base LR ``base`` at optimiser step ``step`` (0-based)."""
         schedule = {"constant_with_warmup": "warmup"}.get(self.schedule, self.schedule)
         if schedule == "constant" and self.warmup_steps:
             schedule = "warmup"
         if schedule == "polynomial":  # kohya's LambdaLR: one factor from the optimiser's LR, times each group's base
-            factor = lr_at(step, base_lr=self.learning_rate, schedule="polynomial", warmup_steps=self.warmup_steps,
-                           total_steps=self.steps, min_lr=self.lr_end, power=self.lr_power) / self.learning_rate
+            reference = self._schedule_lr
+            factor = lr_at(step, base_lr=reference, schedule="polynomial", warmup_steps=self.warmup_steps,
+                           total_steps=self.steps, min_lr=self.lr_end, power=self.lr_power) / reference
             return base * factor
         return lr_at(step, base_lr=base, schedule=schedule, warmup_steps=self.warmup_steps,  # type: ignore[arg-type]
                      total_steps=self.steps, num_cycles=self.num_cycles)
@@ -465,11 +489,14 @@ def _mean_loss(micro_losses: list[Tensor]) -> float:
 def _read_step(micro_losses: list[Tensor], stats: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
     """:func:`_mean_loss` of ``micro_losses`` and the values of ``stats`` (0-dim tensors on the same
     device, e.g. the max-norm statistics), all read in the one device → host read of the step."""
-    values = torch.stack([*micro_losses, *(v.to(micro_losses[0].dtype) for v in stats.values())]).tolist()
+    if not stats:  # (the usual step: the losses alone, no extra list or dict made)
+        values = torch.stack(micro_losses).tolist()
+    else:
+        values = torch.stack([*micro_losses, *(v.to(micro_losses[0].dtype) for v in stats.values())]).tolist()
     total = 0.0
     for value in values[:len(micro_losses)]:
         total += value
-    return total / len(micro_losses), dict(zip(stats, values[len(micro_losses):]))
+    return total / len(micro_losses), dict(zip(stats, values[len(micro_losses):])) if stats else {}
 
 
 def _take(tree: Any, rows: Tensor) -> Any:
@@ -649,13 +676,18 @@ def fit(
     text_encoder_steps = config.text_encoder_stop(adaptation)
     text_ids = _in_text_encoder(system) if config.text_encoder_lr is not None or text_encoder_steps is not None else set()
     frozen = [p for p in params if id(p) in text_ids] if config.text_encoder_lr == 0 else []
+    if config.relative_step:  # Adafactor's own step size ignores the groups' LRs: a factor of 0 freezes instead
+        frozen += [p for p, scale in zip(params, scales) if float(scale) == 0 and not (frozen and id(p) in text_ids)]
+    frozen_ids = {id(p) for p in frozen}
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for param, scale in zip(params, scales):
-        if frozen and id(param) in text_ids:
+        if id(param) in frozen_ids:
             continue
         groups.setdefault((float(scale), id(param) in text_ids), []).append(param)
     if not groups:
-        raise ValueError("nothing to train: every parameter is in the text encoder and its learning rate is 0")
+        raise ValueError("nothing to train: every parameter has a learning rate of 0 (text_encoder_lr=0 or an lr_scales "
+                         "entry of 0)" if config.relative_step else
+                         "nothing to train: every parameter is in the text encoder and its learning rate is 0")
     trained = [p for ps in groups.values() for p in ps]
     bases = {key: (config.text_encoder_lr if key[1] and config.text_encoder_lr is not None else config.learning_rate)
              for key in groups}
@@ -743,6 +775,9 @@ def fit(
         reg_seed = config.seed + 1
         reg_per_epoch = len(epoch_batches(reg, config.batch_size, seed=reg_seed, epoch=0)) if reg is not None else 0
         reg_cache: dict[int, list] = {}
+        # SDXL's size conditioning, built per batch only where something reads it (no host tensor otherwise)
+        sized = (getattr(system, "size_conditioning", False) if text_cache is None
+                 else text_cache.time_ids_dtype is not None)
 
         def dataset_batch(data: Dataset, cache: dict[int, list], micro: int, *, batches: int, seed: int) -> dict[str, Any]:
             """Batch ``micro`` of ``data`` (its epochs of ``batches`` batches drawn from ``seed``): latents and
@@ -773,10 +808,12 @@ def fit(
                 latents = copy_to_device(data.batch_latents(bucket, positions, flips), device)
                 if data.loss_masks is not None:
                     mask = data.batch_masks(bucket, positions, flips)
-            sizes = copy_to_device(torch.tensor([size_conditioning(r, flipped=f, crop=c) for r, f, c in zip(records, flips, crops)],
-                                                dtype=torch.float32), device)
+            sizes = None
+            if sized:
+                sizes = copy_to_device(torch.tensor([size_conditioning(r, flipped=f, crop=c) for r, f, c in zip(records, flips, crops)],
+                                                    dtype=torch.float32), device)
             cond = (_condition_batch(system, tokenize_captions(texts), sizes) if text_cache is None
-                    else text_cache.lookup(texts, device, time_ids=sizes if text_cache.time_ids_dtype is not None else None))
+                    else text_cache.lookup(texts, device, time_ids=sizes))
             out = {"latents": latents, "cond": cond}
             if mask is not None:
                 out["loss_mask"] = copy_to_device(mask, device)

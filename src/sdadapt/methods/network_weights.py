@@ -185,7 +185,8 @@ def _compare(layer: str, component: str, adapter, tensors: Mapping[str, Tensor],
         option = "--conv-dim" if kxk else "--network-dim"
         if rank is not None and rank != adapter.rank:
             raise InputError(f"{where} has rank {rank}, {option} gives rank {adapter.rank}; pass {option} {rank} "
-                             "or --dim-from-weights")
+                             f"or --dim-from-weights (with {'conv_block_dims' if kxk else 'block_dims'} in --network-args: "
+                             "give this module's block that rank there)")
         detail = ", ".join(f"{k} {shapes[k]} vs {tuple(own[k].shape)}" for k in own if shapes[k] != tuple(own[k].shape))
         raise InputError(f"{where}: the file's tensors do not fit the run's adapter ({detail}); pass --dim-from-weights "
                          "to build the adapters from the file")
@@ -196,7 +197,9 @@ def _compare(layer: str, component: str, adapter, tensors: Mapping[str, Tensor],
             option = "--conv-alpha" if kxk else "--network-alpha"
             raise InputError(f"{where} has alpha {file_alpha:g}, {option} gives {own_alpha:g}; pass {option} "
                              f"{file_alpha:g} or --dim-from-weights (the scale alpha/rank must be the file's for its "
-                             "weights to mean what they meant)")
+                             "weights to mean what they meant; with "
+                             f"{'conv_block_alphas' if kxk else 'block_alphas'} in --network-args: give this module's "
+                             "block that alpha there)")
 
 
 def load_network_weights(handles: Mapping[str, AdapterHandle], weights: NetworkWeights, *, system) -> NetworkWeightsReport:

@@ -189,8 +189,11 @@ class CaptionOptions:
             return ""
         if self.wildcards:
             caption = expand_wildcards(caption, rng)
-        splits = bool(self.shuffle or self.dropout or self.tag_dropout or self.token_warmup_steps
-                      or (self.keep_tokens_separator and self.keep_tokens_separator in caption))
+        # (kohya splits only to shuffle, drop tags or warm up; a whole-caption dropout alone re-spaces
+        # "a,b" as "a, b" as sdadapt always has, the same CLIP tokens, but never rewrites another
+        # separator: "x; y" would train as "x, y")
+        splits = bool(self.shuffle or (self.dropout and self.separator == ",") or self.tag_dropout
+                      or self.token_warmup_steps or (self.keep_tokens_separator and self.keep_tokens_separator in caption))
         if splits:
             caption = self._tags(caption, rng, step)
         if self.secondary_separator:
