@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -24,7 +24,11 @@ from tiny_models import tiny_clip, tiny_unet_sd1, unet_inputs
 
 # float32: the matmuls' summation order; bf16 (8-bit mantissa): each sum of products rounds at the
 # scale of its largest terms, so the absolute tolerance is relative to the tensor's largest entry
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+# bf16: the batched and the unbatched path round their intermediate sums in another order; a bf16 ulp is
+# 1.6e-2 at magnitudes 2-4, which the rank-r products and the gradient sums reach here, so two or three ulps
+# apart (hypothesis found 0.041 at ranks (4, 2, 4), bf16) is rounding, not a wrong formula (which float32 and
+# the float64 reference catch at 1e-5)
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
 
 
 class QKV(nn.Module):
@@ -113,6 +117,7 @@ def _assert_close(a, b, dtype):
 
 
 @settings(max_examples=25, deadline=None)
+@example(ranks=(4, 2, 4), batch=1, seq=2, cross=True, alpha=3.0, dtype=torch.bfloat16)  # 0.041 apart (see TOLERANCE)
 @given(
     ranks=st.tuples(*[st.integers(1, 5)] * 3),
     batch=st.integers(1, 3),

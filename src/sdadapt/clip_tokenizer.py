@@ -30,11 +30,12 @@ import os
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CLIPTokenizer", "DEFAULT_VOCABULARY", "bytes_to_unicode", "split_words"]
+__all__ = ["CLIPTokenizer", "DEFAULT_VOCABULARY", "bytes_to_unicode", "special_token_ids", "split_words"]
 
 #: the shipped CLIP BPE vocabulary (merges, one pair a line, first line a version comment)
 DEFAULT_VOCABULARY = Path(__file__).resolve().parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
@@ -318,3 +319,12 @@ class CLIPTokenizer:
             if end:
                 data.extend(b" ")
         return " ".join(data.decode("utf-8", errors="replace").split())
+
+
+def special_token_ids(tokenizer: Any) -> tuple[int, int, int]:
+    """``(bos, eos, pad)`` ids of sdadapt's :class:`CLIPTokenizer` or a transformers CLIP tokenizer
+    (no pad token: ``eos``, as SD1's)."""
+    if isinstance(tokenizer, CLIPTokenizer):
+        return int(tokenizer.bos_id), int(tokenizer.eos_id), int(tokenizer.pad_id)
+    eos, pad = int(tokenizer.eos_token_id), tokenizer.pad_token_id
+    return int(tokenizer.bos_token_id), eos, eos if pad is None else int(pad)

@@ -77,13 +77,10 @@ def _token_ids(tokenizer: Any, prompts: list[str], length: int | None = None) ->
 def _window_spec(tokenizer: Any) -> dict[str, int]:
     """``window`` (the encoder length), ``eos_id`` and ``pad_id`` of sdadapt's or a transformers CLIP
     tokenizer: :func:`~sdadapt.text_chunks.chunk_token_ids`' keywords."""
-    from .clip_tokenizer import CLIPTokenizer
+    from .clip_tokenizer import special_token_ids
 
-    window = int(tokenizer.model_max_length)
-    if isinstance(tokenizer, CLIPTokenizer):  # (as _token_ids tells the two apart)
-        return {"window": window, "eos_id": int(tokenizer.eos_id), "pad_id": int(tokenizer.pad_id)}
-    eos, pad = int(tokenizer.eos_token_id), tokenizer.pad_token_id
-    return {"window": window, "eos_id": eos, "pad_id": eos if pad is None else int(pad)}
+    _, eos, pad = special_token_ids(tokenizer)
+    return {"window": int(tokenizer.model_max_length), "eos_id": eos, "pad_id": pad}
 
 
 def _weigh_states(states: Tensor, weights: Tensor) -> Tensor:

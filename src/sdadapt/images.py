@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .formats.files import atomic_write
 
-__all__ = ["write_png", "read_image", "read_image_channels", "image_grid", "load_image_folder", "ImageFolderError",
+__all__ = ["write_png", "read_image", "read_image_channels", "scale_image", "image_grid", "load_image_folder", "ImageFolderError",
            "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -172,11 +172,21 @@ def read_image(path: str | os.PathLike, *, size: int | None = None) -> Tensor:
         c, h, w = image.shape
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        mode = "area" if scale < 1 else "bilinear"
-        image = torch.nn.functional.interpolate(image[None], size=(nh, nw), mode=mode, **({} if mode == "area" else {"align_corners": False}))[0]
+        image = scale_image(image, (nh, nw))
         top, left = (nh - size) // 2, (nw - size) // 2
         image = image[:, top : top + size, left : left + size]
     return image.contiguous()
+
+
+def scale_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """``image`` (C, H, W) scaled to ``size`` (h, w): area-averaged down, bilinear up; unchanged at
+    that size. Training images, their loss masks and :func:`read_image` all go through it."""
+    h, w = size
+    if (h, w) == tuple(image.shape[1:]):
+        return image
+    mode = "area" if h < image.shape[1] else "bilinear"
+    return torch.nn.functional.interpolate(image[None], size=(h, w), mode=mode,
+                                           **({} if mode == "area" else {"align_corners": False}))[0]
 
 
 def load_image_folder(folder: str | os.PathLike, *, size: int, default_caption: str | None = None) -> tuple[Tensor, list[str]]:

@@ -97,16 +97,6 @@ def _piece_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text).input_ids[1:-1])
 
 
-def _special_ids(tokenizer: Any) -> tuple[int, int, int]:
-    """``(bos, eos, pad)`` ids of sdadapt's or a transformers CLIP tokenizer (no pad token: ``eos``, as SD1's)."""
-    from .clip_tokenizer import CLIPTokenizer
-
-    if isinstance(tokenizer, CLIPTokenizer):
-        return int(tokenizer.bos_id), int(tokenizer.eos_id), int(tokenizer.pad_id)
-    eos, pad = int(tokenizer.eos_token_id), tokenizer.pad_token_id
-    return int(tokenizer.bos_token_id), eos, eos if pad is None else int(pad)
-
-
 def weighted_token_ids(tokenizer: Any, prompts: list[str], length: int) -> tuple[Tensor, Tensor]:
     """Token ids and per-token weights of emphasised ``prompts`` (module docstring, step 2).
 
@@ -121,7 +111,9 @@ def weighted_token_ids(tokenizer: Any, prompts: list[str], length: int) -> tuple
     """
     if length < 2:
         raise ValueError(f"a prompt needs room for <BOS> and <EOS>: length must be >= 2, got {length}")
-    bos, eos, pad = _special_ids(tokenizer)
+    from .clip_tokenizer import special_token_ids
+
+    bos, eos, pad = special_token_ids(tokenizer)
     all_ids, all_weights = [], []
     for prompt in prompts:
         ids: list[int] = []

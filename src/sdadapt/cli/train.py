@@ -236,6 +236,17 @@ def _load_toml(path: Path) -> dict:
     return read_config_table(path, flag="--config")  # (one TOML reader, --dataset-config's too)
 
 
+def _flat_config(path: Path) -> dict[str, Any]:
+    """The ``--config`` TOML's keys and values, its tables (``[training_arguments]`` ...) flattened."""
+    flat: dict[str, Any] = {}
+    for key, value in _load_toml(path).items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
 def read_config(path: str | Path, *, fields: set[str], method_options: set[str]) -> tuple[dict, dict, list[str]]:
     """A TOML config -> ``(train options, method options, notes)``.
 
@@ -249,13 +260,7 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     checks kohya's whole option list against this.
     """
     file = Path(path)
-    raw = _load_toml(file)
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
+    flat = _flat_config(file)
     options: dict[str, Any] = {}
     methods: dict[str, Any] = {}
     notes: list[str] = []
@@ -543,7 +548,7 @@ def _is_kohya_file(path: Path, *, fields: set[str], method_options: set[str]) ->
     tables flattened as :func:`read_config` does)."""
     from .kohya_defaults import is_kohya_config
 
-    keys = [k for key, value in _load_toml(path).items() for k in (value if isinstance(value, dict) else (key,))]
+    keys = list(_flat_config(path))
     flags = {flag.lstrip("-").replace("-", "_") for option, _ in _method_options().values() for flag in option.option_strings}
     return is_kohya_config(keys, own_names=fields | method_options | flags)
 

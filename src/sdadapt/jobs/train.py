@@ -388,7 +388,7 @@ class TrainOptions:
         if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), "
                              f"got {self.optimizer!r}")
-        _optimizer_args(self)  # (after the optimiser name is known good)
+        _check_optimizer_args(self)  # (after the optimiser name is known good)
         if self.scale_weight_norms is not None and (isinstance(self.scale_weight_norms, bool)
                                                     or not 0 < self.scale_weight_norms < math.inf):
             raise ValueError(f"--scale-weight-norms must be a number > 0 (the largest ‖ΔW‖ of an adapted layer, e.g. 1), "
@@ -647,10 +647,7 @@ def _lr_scheduler_kwargs(options: TrainOptions) -> dict[str, float]:
     which takes only its own keys (others are a ``TypeError`` there): refused here, naming the fix."""
     from ..training.optimizer_args import parse_optimizer_args
 
-    items = options.lr_scheduler_args or ()
-    items = tuple(items.split()) if isinstance(items, str) else tuple(str(item) for item in items)
-    object.__setattr__(options, "lr_scheduler_args", items)
-    pairs = parse_optimizer_args(items, where="--lr-scheduler-args")
+    pairs = parse_optimizer_args(_key_value_items(options, "lr_scheduler_args"), where="--lr-scheduler-args")
     allowed = _LR_SCHEDULER_ARG_KEYS.get(options.lr_scheduler, ())
     out: dict[str, float] = {}
     for key, value in pairs:
@@ -711,32 +708,41 @@ def _check_text_cache_method(method: str, spec: object, options: TrainOptions) -
                              "at every step); add --no-text-encoder (kohya's network_train_unet_only) or --text-encoder-lr 0")
 
 
+def _key_value_items(options: TrainOptions, name: str) -> tuple[str, ...]:
+    """The ``KEY=VALUE`` strings of the field ``name`` (``optimizer_args``, ``lr_scheduler_args``:
+    one string split at spaces, or a list), made a tuple in the field too (the options are frozen)."""
+    items = getattr(options, name) or ()
+    items = tuple(items.split()) if isinstance(items, str) else tuple(str(item) for item in items)
+    object.__setattr__(options, name, items)
+    return items
+
+
 def _optimizer_args(options: TrainOptions) -> tuple[tuple[str, object], ...]:
-    """``options.optimizer_args`` (``KEY=VALUE`` strings; the field is made a tuple) parsed and checked
-    against the optimiser (:func:`~sdadapt.training.optimizer_args.check_optimizer_args`), as
-    ``((key, value), ...)``. A ``weight_decay`` there and a ``--weight-decay``
+    """``options.optimizer_args`` parsed, as ``((key, value), ...)`` in the order given (checked once,
+    as the options are made, by :func:`_check_optimizer_args`)."""
+    from ..training.optimizer_args import parse_optimizer_args
+
+    return parse_optimizer_args(_key_value_items(options, "optimizer_args"), where="--optimizer-args")
+
+
+def _check_optimizer_args(options: TrainOptions) -> None:
+    """``options.optimizer_args`` (``KEY=VALUE`` strings; the field is made a tuple) checked against
+    the optimiser (:func:`~sdadapt.training.optimizer_args.check_optimizer_args`: built on a probe).
+    A ``weight_decay`` there and a ``--weight-decay``
     that disagrees is refused (which would win is not obvious; kohya has only the former). The values
     are checked with kohya's defaults added, as ``train`` builds the optimiser
     (:func:`~sdadapt.training.optimizer_args.kohya_constructor_args`: Adafactor's ``warmup_init=True``
-    alone is fine, its relative step being on); the pairs returned are the given ones."""
+    alone is fine, its relative step being on)."""
     from ..methods.fit import _OPTIMIZER_ALIASES
-    from ..training.optimizer_args import (
-        check_optimizer_args,
-        kohya_constructor_args,
-        parse_optimizer_args,
-    )
+    from ..training.optimizer_args import check_optimizer_args, kohya_constructor_args
 
-    items = options.optimizer_args or ()
-    items = tuple(items.split()) if isinstance(items, str) else tuple(str(item) for item in items)
-    object.__setattr__(options, "optimizer_args", items)
     name = _OPTIMIZER_ALIASES[options.optimizer.lower()]
-    pairs = parse_optimizer_args(items, where="--optimizer-args")
+    pairs = _optimizer_args(options)
     check_optimizer_args(name, kohya_constructor_args(name, pairs), where="--optimizer-args")
     decay = dict(pairs).get("weight_decay")
     if decay is not None and options.weight_decay is not None and float(decay) != options.weight_decay:  # type: ignore[arg-type]
         raise ValueError(f"--weight-decay {options.weight_decay} and --optimizer-args weight_decay={decay} disagree: "
                          "give the weight decay once (the optimizer_args one is kohya's)")
-    return pairs
 
 
 _LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
@@ -1164,9 +1170,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     weights_file = options.method_options.get("network_weights")
     if weights_file is not None and not Path(weights_file).exists():  # (a peft adapter is a folder)
         raise FileNotFoundError(f"--network-weights {weights_file}: no such file (give the LoRA/LyCORIS file to start from)")
-    for base_file in options.method_options.get("base_weights") or ():
-        if not Path(base_file).exists():
-            raise FileNotFoundError(f"--base-weights {base_file}: no such file (give the LoRA files to merge into the model)")
+    # (--base-weights files: checked as the options are made, _check_loraplus_unet_base_weights_block_lr)
     device = resolve_device(options.device)
     start_time = time.perf_counter()
     trigger = options.method_options.get("token") if getattr(spec, "trigger", False) else None
@@ -1617,6 +1621,7 @@ def _augmentation_record(options: TrainOptions) -> dict[str, object]:
 
 
 #: what a record written before these options existed trained with
+_AUGMENTATION_DEFAULTS = {"flip_aug": False, "random_crop": False, "color_aug": False}
 _NOISE_RECORD_DEFAULTS = {"noise_offset_random_strength": False, "zero_terminal_snr": False,
                           "ip_noise_gamma_random_strength": False}
 
@@ -1636,6 +1641,36 @@ def _noise_record(options: TrainOptions) -> dict[str, object]:
     return {"noise_offset_random_strength": options.noise_offset_random_strength,
             "ip_noise_gamma_random_strength": options.ip_noise_gamma_random_strength,
             "zero_terminal_snr": options.zero_terminal_snr}
+
+
+def _record_table_changes(folder: Path, record: dict, entry: str, now: dict[str, object], *,
+                          defaults: dict[str, object] | None = None, absent: dict | None = None) -> list[str]:
+    """The ``"name before (now after)"`` lines where ``run.json``'s table ``entry`` differs from ``now``
+    (the same table built from today's options). A name the saved table lacks (a record written before
+    that option existed), or that ``now`` leaves out (recorded only when set), reads as its ``defaults``
+    value (``None`` without one). ``absent``: the table a record without ``entry`` stands for
+    (``None``: such a record, or one whose ``entry`` is ``null``, is not checked; otherwise a ``null``
+    entry is damage).
+
+    Raises:
+        ValueError: the saved entry is not a table (the file was edited or damaged).
+    """
+    defaults = defaults or {}
+    if entry in record and (record[entry] is not None or absent is not None):
+        saved = record[entry]
+    elif absent is None:
+        return []
+    else:
+        saved = absent
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {folder}: run.json's {entry} entry is not a table ({type(saved).__name__}); the "
+                         "file was edited or damaged — resume from an intact state folder")
+    changes = []
+    for name in [*now, *(n for n in defaults if n not in now)]:
+        before, after = saved.get(name, defaults.get(name)), now.get(name, defaults.get(name))
+        if before != after:
+            changes.append(f"{name} {before!r} (now {after!r})")
+    return changes
 
 
 def _recorded_saves(record: dict, folder: Path) -> list[PeriodicSave]:
@@ -1666,35 +1701,17 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
         ("batch_size", options.batch_size), ("seed", options.seed),
         ("gradient_accumulation_steps", options.gradient_accumulation_steps)) if record.get(name) != value]
     saved_args = record.get("optimizer_args", [])  # absent in records written before it was recorded: none were given
-    if saved_args != _optimizer_args_record(options):
-        mismatches.append(f"optimizer_args {saved_args} (now {_optimizer_args_record(options)}; the saved optimiser "
+    if saved_args != (now_args := _optimizer_args_record(options)):
+        mismatches.append(f"optimizer_args {saved_args} (now {now_args}; the saved optimiser "
                           "state carries its hyperparameters)")
     if record.get("method_options", {}) != options.method_options:
         mismatches.append(f"method options {record.get('method_options')} (now {options.method_options})")
-    saved_captions = record.get("captions")  # absent in records written before it was recorded: not checked
-    if saved_captions is not None and not isinstance(saved_captions, dict):
-        raise ValueError(f"--resume {folder}: run.json's captions entry is not a table ({type(saved_captions).__name__}); "
-                         "the file was edited or damaged — resume from an intact state folder")
-    if saved_captions is not None:
-        now = _caption_record(options)
-        for name in [*now, *(n for n in _CAPTION_DEFAULTS if n not in now)]:  # (absent: the default)
-            before, after = saved_captions.get(name, _CAPTION_DEFAULTS.get(name)), now.get(name, _CAPTION_DEFAULTS.get(name))
-            if before != after:
-                mismatches.append(f"{name} {before!r} (now {after!r})")
-    saved_augmentations = record.get("augmentations", {"flip_aug": False})  # older records: trained without flips
-    if not isinstance(saved_augmentations, dict):
-        raise ValueError(f"--resume {folder}: run.json's augmentations entry is not a table "
-                         f"({type(saved_augmentations).__name__}); the file was edited or damaged — resume from an intact "
-                         "state folder")
-    mismatches += [f"{name} {saved_augmentations.get(name, False)!r} (now {value!r})"
-                   for name, value in _augmentation_record(options).items() if saved_augmentations.get(name, False) != value]
-    saved_noise = record.get("noise", _NOISE_RECORD_DEFAULTS)
-    if not isinstance(saved_noise, dict):
-        raise ValueError(f"--resume {folder}: run.json's noise entry is not a table ({type(saved_noise).__name__}); the "
-                         "file was edited or damaged — resume from an intact state folder")
-    mismatches += [f"{name} {saved_noise.get(name, _NOISE_RECORD_DEFAULTS[name])!r} (now {value!r})"
-                   for name, value in _noise_record(options).items()
-                   if saved_noise.get(name, _NOISE_RECORD_DEFAULTS[name]) != value]
+    # absent captions / prior tables (older records): not checked; absent augmentations / noise: trained without them
+    mismatches += _record_table_changes(folder, record, "captions", _caption_record(options), defaults=_CAPTION_DEFAULTS)
+    mismatches += _record_table_changes(folder, record, "augmentations", _augmentation_record(options),
+                                        defaults=_AUGMENTATION_DEFAULTS, absent={})
+    mismatches += _record_table_changes(folder, record, "noise", _noise_record(options),
+                                        defaults=_NOISE_RECORD_DEFAULTS, absent={})
     if "dataset" in record and record["dataset"] != dataset:  # (older records: not checked)
         from ..training.dataset_config import record_changes
 
@@ -1705,10 +1722,7 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
                 return entry.get("source") if isinstance(entry, dict) else entry
 
             mismatches.append(f"the dataset config / metadata {_source(record['dataset'])!r} (now {_source(dataset)!r})")
-    saved_prior = record.get("prior")  # (older records: not checked)
-    if isinstance(saved_prior, dict):
-        mismatches += [f"{name} {saved_prior.get(name)!r} (now {value!r})"
-                       for name, value in _prior_record(method, options).items() if saved_prior.get(name) != value]
+    mismatches += _record_table_changes(folder, record, "prior", _prior_record(method, options))
     reg_now = None if options.reg_data_dir is None else str(options.reg_data_dir)
     if "reg_data_dir" in record and record["reg_data_dir"] != reg_now:  # (older records: not checked)
         mismatches.append(f"reg_data_dir {record['reg_data_dir']!r} (now {reg_now!r})")
@@ -1728,6 +1742,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
     """kohya's ``ss_*`` training metadata (what A1111's and kohya's metadata viewers show)."""
     base = hashes.get()
     model_file = _model_file(options.model)
+    given_args = _optimizer_args(options)
     meta = {
         "ss_session_id": str(random.Random(f"{options.seed}/{started}").randrange(2**32)),
         "ss_training_started_at": str(started),
@@ -1747,9 +1762,9 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_total_batch_size": str(config.batch_size * config.step.accumulation_steps),
         "ss_gradient_accumulation_steps": str(config.step.accumulation_steps),
         "ss_lr_warmup_steps": str(config.warmup_steps),
-        "ss_lr_scheduler": train_optimizer.ss_lr_scheduler(options, _optimizer_args(options), learning_rate=config.learning_rate,
+        "ss_lr_scheduler": train_optimizer.ss_lr_scheduler(options, given_args, learning_rate=config.learning_rate,
                                                            schedule=config.schedule, defaults=optimizer_defaults),
-        "ss_optimizer": train_optimizer.ss_optimizer(options, _optimizer_args(options), optimizer_defaults),
+        "ss_optimizer": train_optimizer.ss_optimizer(options, given_args, optimizer_defaults),
         "ss_scale_weight_norms": str(options.scale_weight_norms),
         "ss_mixed_precision": options.mixed_precision,
         "ss_full_fp16": "False",

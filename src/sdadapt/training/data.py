@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image
+from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image, scale_image
 from .loss_masks import LossMaskSource, mask_like_image
 from .pixel_augment import PixelAugment
 
@@ -72,7 +72,6 @@ __all__ = [
     "flip_draws",
     "size_conditioning",
     "image_size",
-    "cover",
 ]
 
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
@@ -465,18 +464,7 @@ def _scaled(record: ImageRecord) -> Tensor:
     if record.path is None:
         raise ValueError("this image was given as a tensor and has no file to read: pass the tensors to "
                          "encode_buckets(images=...), or build the dataset from files with find_images")
-    return cover(read_image(record.path), record.resized)  # (3, H, W) -> (3, rh, rw)
-
-
-def cover(image: Tensor, resized: tuple[int, int]) -> Tensor:
-    """``image`` (C, H, W) scaled to ``resized`` (rh, rw) by the bucket rule: area-averaged down,
-    bilinear up; unchanged at that size. Images and their loss masks (:mod:`.loss_masks`) both go through it."""
-    rh, rw = resized
-    if (rh, rw) == tuple(image.shape[1:]):
-        return image
-    mode = "area" if rh < image.shape[1] else "bilinear"
-    return torch.nn.functional.interpolate(image[None], size=(rh, rw), mode=mode,
-                                           **({} if mode == "area" else {"align_corners": False}))[0]
+    return scale_image(read_image(record.path), record.resized)  # (3, H, W) -> (3, rh, rw)
 
 
 def _load(record: ImageRecord) -> Tensor:

@@ -194,10 +194,6 @@ class DatasetConfig:
     def train_subsets(self) -> tuple[SubsetConfig, ...]:
         return tuple(s for s in self.subsets if not s.is_reg)
 
-    @property
-    def reg_subsets(self) -> tuple[SubsetConfig, ...]:
-        return tuple(s for s in self.subsets if s.is_reg)
-
     def record(self) -> dict[str, Any]:
         """What decides the images and their draws (the ``--resume`` record; JSON-able)."""
         return {"source": _absolute(self.source), "subsets": [s.record() for s in self.subsets],

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image_channels
+from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image_channels, scale_image
 
 if TYPE_CHECKING:
     from .data import ImageRecord
@@ -97,14 +97,12 @@ class LossMaskSource:
 def mask_like_image(mask: Tensor, record: ImageRecord, *, size: tuple[int, int], crop: tuple[int, int] | None = None,
                     flipped: bool = False) -> Tensor:
     """``mask`` (1, H, W) put through what ``record``'s image goes through, at the latents' ``size``:
-    scaled to cover the bucket (:func:`sdadapt.training.data.cover`), cropped at ``crop`` (its
+    scaled to cover the bucket (:func:`sdadapt.images.scale_image`), cropped at ``crop`` (its
     ``(top, left)``; default the record's centre crop), mirrored left-right when ``flipped``, then
     area-averaged to ``size`` (h', w'). Returns (1, h', w') float32."""
-    from .data import cover
-
     top, left = record.crop if crop is None else crop
     bh, bw = record.bucket
-    scaled = cover(mask, record.resized)
+    scaled = scale_image(mask, record.resized)
     out = scaled[:, top: top + bh, left: left + bw]
     if flipped:
         out = torch.flip(out, dims=[-1])

@@ -137,14 +137,20 @@ class TrainState:
         self.ema = ema
 
 
+def _random_strength(maximum: float, latents: Tensor, generator: torch.Generator | None) -> Tensor:
+    """kohya's random strength of a noise option: (1,) ``U[0, maximum)``, drawn in float32 as kohya's
+    on the latents' device (no host sync) and scaled in at least float32."""
+    u = torch.rand((1,), generator=generator, device=latents.device)
+    return u.to(torch.promote_types(latents.dtype, torch.float32)) * maximum
+
+
 def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState, num_steps: int):
     g = state.generator
     noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
     if config.noise_offset:  # kohya's order: ε, then the random strength, then the offset's own draw
         strength: float | Tensor = config.noise_offset
-        if config.noise_offset_random_strength:  # (1,) drawn on the device: no host sync
-            u = torch.rand((1,), generator=g, device=latents.device)  # float32 as kohya's; scaled in at least float32
-            strength = u.to(torch.promote_types(latents.dtype, torch.float32)) * config.noise_offset
+        if config.noise_offset_random_strength:
+            strength = _random_strength(config.noise_offset, latents, g)
         if config.adaptive_noise_scale is not None:
             strength = diffusion.adaptive_offset_strength(latents, strength, scale=config.adaptive_noise_scale)
         noise = diffusion.offset_noise(noise, strength, generator=g)
@@ -158,9 +164,8 @@ def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState,
     noisy_input = noise
     if config.input_perturbation:
         gamma: float | Tensor = config.input_perturbation
-        if config.input_perturbation_random_strength:  # kohya's order: the (1,) strength, then ε'; on the device
-            u = torch.rand((1,), generator=g, device=latents.device)
-            gamma = u.to(torch.promote_types(latents.dtype, torch.float32)) * config.input_perturbation
+        if config.input_perturbation_random_strength:  # kohya's order: the (1,) strength, then ε'
+            gamma = _random_strength(config.input_perturbation, latents, g)
         noisy_input = diffusion.perturbed_noise(noise, gamma, generator=g)
     return noise, noisy_input, t
 
