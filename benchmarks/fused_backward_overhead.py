@@ -39,31 +39,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import UNET_CONFIGS, sync
+from optimizer_bench import OpCounter
 
 from sdadapt.training.optim import AdamW, fuse_optimizer_into_backward
 from sdadapt.training.param_groups import parameter_groups_by_module
 
 MODES = ("unfused", "fused/param", "fused/param+foreach", "fused/block")
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active that are not views (views launch no kernel),
-    and the ``_foreach_*`` ones among them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-        self.foreach = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops += 1
-            self.foreach += func.overloadpacket.__name__.startswith("_foreach")
-        return func(*args, **(kwargs or {}))
 
 
 class _Run:
@@ -75,7 +59,7 @@ class _Run:
         params = list(self.unet.parameters())
         self.steps = 0  # optimiser step() calls
         self.opt_seconds = 0.0
-        self.counter: _OpCounter | None = None
+        self.counter: OpCounter | None = None
         started = [0.0]
 
         def make(ps: list[torch.Tensor], foreach: bool) -> torch.optim.Optimizer:
@@ -143,7 +127,7 @@ def main() -> None:
             for _ in range(2):
                 run.step(inputs)
             run.steps = 0
-            run.counter = _OpCounter()
+            run.counter = OpCounter()
             run.step(inputs)
         counts = {run.mode: (run.steps, run.counter.ops, run.counter.foreach) for run in runs}  # type: ignore[union-attr]
         times: dict[str, list[float]] = {run.mode: [] for run in runs}

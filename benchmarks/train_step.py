@@ -63,7 +63,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import CLIP_CONFIGS, UNET_CONFIGS, VAE_CONFIGS, RssSampler, glibc_return_freed_memory, malloc_trim, sync  # noqa: E402
+from _bench import (  # noqa: E402
+    CLIP_CONFIGS,
+    UNET_CONFIGS,
+    VAE_CONFIGS,
+    RssSampler,
+    glibc_return_freed_memory,
+    malloc_trim,
+    sync,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -82,7 +90,11 @@ class Models:
 
     def __init__(self, config: dict, seed: int) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import (
+            CLIPTextConfig,
+            CLIPTextModel,
+            CLIPTextModelWithProjection,
+        )
 
         torch.manual_seed(seed)
         self.config = config

@@ -48,6 +48,37 @@ def fake_cuda_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream())
 
 
+class ReplayingCUDAGraph(FakeCUDAGraph):
+    """A stand-in graph whose replays compute (see :func:`replaying_cuda_graphs`): the capture ran the
+    captured code once — the step the first replay after a capture stands for — and each later
+    replay runs it again and writes its outputs into the captured output tensors."""
+
+    body = None
+    outputs: dict = {}
+
+    def replay(self) -> None:
+        self.replays += 1
+        if self.replays > 1:
+            for key, value in self.body().items():
+                self.outputs[key].copy_(value)
+
+
+@pytest.fixture()
+def replaying_cuda_graphs(fake_cuda_graphs, monkeypatch):
+    """:func:`fake_cuda_graphs` whose replays run the captured code again on the static inputs, writing
+    into the same output tensors: on a CPU, the memory a real replay reads and writes — faithful for
+    code that adds into gradients existing before the capture (``CapturedStep`` owns them), as a
+    recorded in-place add replays as an add."""
+    from sdadapt.training import step_capture
+
+    def record(graph, body):
+        graph.body, graph.outputs = body, body()
+        return graph.outputs
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", ReplayingCUDAGraph)
+    monkeypatch.setattr(step_capture, "_record", record)
+
+
 @pytest.fixture()
 def prepared_batches(monkeypatch):
     """``record(module, *keys)``: from then on each call of ``module.prepare_batch`` (``sdadapt.training.step``'s

@@ -1,16 +1,67 @@
-"""fit on the toy model, watching what each step trains on (for the data-augmentation tests)."""
+"""fit of a LoRA on the toy model: plain runs (the optimiser tests), eager against CUDA-graph runs, and
+runs watching what each step trains on (the data-augmentation tests)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.toy import build_toy
+from sdadapt.toy.evaluate import concept_data
+from sdadapt.training import step_capture
 
-__all__ = ["toy_lora_fit"]
+__all__ = ["Run", "assert_cuda_graph_run_trains_as_eager", "spy_on_captured_steps", "straight_and_resumed", "toy_lora_fit",
+           "toy_lora_run"]
+
+#: (the losses, CPU copies of the LoRA's parameters) of one run
+Run = tuple[list[float], list[torch.Tensor]]
+
+
+def toy_lora_run(config: FitConfig, *, device: str = "cpu", **fit_kwargs) -> Run:
+    """``fit`` of a LoRA (seed 1) on a fresh toy (seed 1) on ``device`` over 4 "cross" concept images
+    (seed 0) with ``config``: (the losses, CPU clones of the LoRA's parameters). ``fit_kwargs``
+    (``on_step``, ``resume``...) go to ``fit``."""
+    system = build_toy(seed=1)
+    adaptation = METHODS["lora"].adapt(system, seed=1)
+    system.to(device)
+    images, captions = concept_data("cross", 4, seed=0)
+    losses = fit(system, adaptation, images.to(device), captions, config=config, **fit_kwargs)
+    return losses, [p.detach().cpu().clone() for p in adaptation.params]
+
+
+def straight_and_resumed(config: FitConfig, folder: Path, *, at: int = 2) -> tuple[Run, Run]:
+    """``toy_lora_run(config)`` saving its training state to ``folder`` after step ``at``, and
+    ``toy_lora_run(config)`` resumed from that state: (losses, weights) of each."""
+    straight = toy_lora_run(config, on_step=lambda info: info.save_state(folder) if info.step == at else None)
+    return straight, toy_lora_run(config, resume=folder)
+
+
+def spy_on_captured_steps(monkeypatch) -> list[step_capture.CapturedStep]:
+    """Every ``CapturedStep`` made from now on (``monkeypatch`` undoes the spy), in order."""
+    made: list[step_capture.CapturedStep] = []
+    real_init = step_capture.CapturedStep.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(step_capture.CapturedStep, "__init__", init)
+    return made
+
+
+def assert_cuda_graph_run_trains_as_eager(config: FitConfig) -> None:
+    """On a GPU: ``toy_lora_run(config)`` on CUDA with ``cuda_graph=True`` (eager warm-up steps, then
+    replays) trains as the eager run: losses to 1e-3 relative, weights to bf16-backward tolerance."""
+    eager = toy_lora_run(dataclasses.replace(config, cuda_graph=False), device="cuda")
+    captured = toy_lora_run(dataclasses.replace(config, cuda_graph=True), device="cuda")
+    assert captured[0] == pytest.approx(eager[0], rel=1e-3)
+    for a, b in zip(eager[1], captured[1]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
 def toy_lora_fit(dataset, *, steps: int, monkeypatch, seed: int = 0, save_at: int | None = None,

@@ -1,13 +1,15 @@
 """One comparison for "two optimiser runs ended in the same place": the parameters and every state
-entry of each, bit for bit (used by the foreach, capturable and flat-step equivalence tests)."""
+entry of each, bit for bit (used by the foreach, capturable and flat-step equivalence tests); and a
+state handed from one optimiser to another as a saved checkpoint hands it."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["assert_same_optimizer_state"]
+__all__ = ["assert_same_optimizer_state", "load_saved_state"]
 
 
 def assert_same_optimizer_state(pa: Sequence[torch.Tensor], oa: torch.optim.Optimizer, pb: Sequence[torch.Tensor],
@@ -32,3 +34,11 @@ def assert_same_optimizer_state(pa: Sequence[torch.Tensor], oa: torch.optim.Opti
                 assert value.dtype == other.dtype and value.shape == other.shape and torch.equal(value, other), key
             else:
                 assert value == other, key
+
+
+def load_saved_state(source: torch.optim.Optimizer, target: torch.optim.Optimizer) -> None:
+    """``source.state_dict()`` through ``torch.save`` and ``torch.load(weights_only=True)`` (as a training
+    state file goes) into ``target.load_state_dict``."""
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    target.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))

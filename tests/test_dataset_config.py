@@ -269,8 +269,9 @@ def test_refusals_name_the_key_and_the_fix(layout, tmp_path):
     with pytest.raises(InputError, match="no training subset"):
         _read(_edited(_edited(toml, "num_repeats = 3", "num_repeats = 3\n  is_reg = true"), "num_repeats = 2",
                       "num_repeats = 2\n  is_reg = true"))
-    # validation_seed (used only with a validation split): accepted with a note
-    assert _read(_edited(toml, "keep_tokens = 1", "keep_tokens = 1\nvalidation_seed = 3")).notes
+    # kohya's dataset-level validation_seed / validation_split: read into the run's options (held out when training)
+    read = _read(_edited(toml, "keep_tokens = 1", "keep_tokens = 1\nvalidation_seed = 3\nvalidation_split = 0.25"))
+    assert read.options["validation_seed"] == 3 and read.options["validation_split"] == 0.25
     # a missing folder: when the images are read (before the model loads), naming the subset
     with pytest.raises(ImageFolderError, match="subsets\\[0\\]: image_dir .* is not a folder"):
         dataset_records(_read(_edited(toml, f'image_dir = "{dog}"', f'image_dir = "{tmp_path / "nope"}"')))

@@ -251,7 +251,7 @@ def test_find_images_keeps_the_lines_for_wildcards(tmp_path):
 
     write_png(tmp_path / "a.png", torch.zeros(3, 8, 8))
     (tmp_path / "a.txt").write_text("first  line {x|y}\n\n  second line \n")
-    assert find_images(tmp_path)[0][0].caption == "first line {x|y} second line"
+    assert find_images(tmp_path)[0][0].caption == "first line {x|y}"  # kohya: the first line only
     records = find_images(tmp_path, multiline=True)[0]
     assert records[0].caption == "first line {x|y}\nsecond line"
     dataset = Dataset(records, captions=CaptionOptions(wildcards=True))

@@ -19,13 +19,13 @@ with "" / 0 / false for what is not used; current ones drop those but keep ``[]`
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from contextlib import redirect_stderr
 
 import pytest
+from train_inputs import read_kohya_table, write_kohya_toml
 
-from sdadapt.cli.train import KOHYA_IGNORED, _method_options, read_config
+from sdadapt.cli.train import KOHYA_IGNORED, _method_options
 from sdadapt.jobs import TrainOptions
 
 KOHYA_OPTIONS = {
@@ -134,11 +134,10 @@ KOHYA_OPTIONS = {
 }
 
 #: options refused when set (each with its own reason): they would change what is trained, or cannot be done here
-REFUSED = {"no_metadata", "fp8_base_unet", "skip_until_initial_step", "initial_epoch", "initial_step", "validation_split",
-           "lr_scheduler_type", "use_lion_optimizer", "lr_decay_steps", "lr_scheduler_timescale",
-           "lr_scheduler_min_lr_ratio", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
+REFUSED = {"no_metadata", "fp8_base_unet", "skip_until_initial_step", "initial_epoch", "initial_step",
+           "lr_scheduler_type", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
            "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
-           "async_upload", "vae", "fp8_base", "output_config", "debug_dataset",
+           "async_upload", "fp8_base", "output_config", "debug_dataset",
            "face_crop_aug_range", "resize_interpolation", "dataset_class", "deepspeed", "no_token_padding", "weights",
            "fused_optimizer_groups", "full_fp16"}
 
@@ -151,31 +150,10 @@ _PROBE_VALUES = {"network_args": ["conv_dim=4"], "optimizer_args": ["weight_deca
                  "save_precision": "bf16", "dynamo_backend": "eager", "keep_tokens_separator": "|||"}
 
 
-def _fields() -> tuple[set[str], set[str]]:
-    return {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options"}, set(_method_options())
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def _write(path, table: dict) -> None:
-    path.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in table.items()), encoding="utf-8")
-
-
 def _outcome(tmp_path, name: str, value):
     """``("read", ...)``, ``("noted", ...)`` or ``("refused", message)`` for one key."""
-    config = tmp_path / f"{name}.toml"
-    _write(config, {name: value})
-    fields, methods = _fields()
     try:
-        options, chosen, notes = read_config(config, fields=fields, method_options=methods)
+        options, chosen, notes = read_kohya_table(tmp_path / f"{name}.toml", {name: value})
     except ValueError as exc:  # (InputError is one)
         return "refused", str(exc)
     if options or chosen:
@@ -293,7 +271,7 @@ def _train_options(tmp_path, monkeypatch, method: str, table: dict) -> tuple[Tra
 
     monkeypatch.setattr(sdadapt.jobs, "run_train", fake_run_train)
     config = tmp_path / f"config_{method}.toml"
-    _write(config, table)
+    write_kohya_toml(config, table)
     args = build_parser().parse_args(["train", method, "--config", str(config)])
     err = io.StringIO()
     with redirect_stderr(err), pytest.raises(_Stop):
@@ -353,23 +331,16 @@ def test_a_current_gui_sdxl_config_loads_with_kohyas_meaning(tmp_path, monkeypat
     ({"learning_rate_te1": 1e-5, "learning_rate_te2": 2e-5}, "one learning rate"),
     ({"use_8bit_adam": True, "optimizer_type": "Adafactor"}, "give one of the two"),
     ({"sample_prompts": "p.txt", "sample_sampler": "euler_a"}, "ddim or euler"),
-    ({"vae": "/models/vae.safetensors"}, "own VAE"),
-    ({"validation_split": 0.1}, "no validation loss"),
 ])
 def test_settings_that_would_train_something_else_are_refused(tmp_path, table, words):
-    config = tmp_path / "c.toml"
-    _write(config, table)
-    fields, methods = _fields()
     with pytest.raises(ValueError, match=words):
-        read_config(config, fields=fields, method_options=methods)
+        read_kohya_table(tmp_path / "c.toml", table)
 
 
 def test_kohyas_old_spellings_are_read(tmp_path):
-    config = tmp_path / "c.toml"
-    _write(config, {"use_8bit_adam": True, "caption_extention": ".caption", "learning_rate_te": 2e-5,
-                    "learning_rate_te1": 2e-5, "sample_sampler": "k_euler", "sample_prompts": "p.txt"})
-    fields, methods = _fields()
-    options, _, _ = read_config(config, fields=fields, method_options=methods)
+    options, _, _ = read_kohya_table(tmp_path / "c.toml", {
+        "use_8bit_adam": True, "caption_extention": ".caption", "learning_rate_te": 2e-5, "learning_rate_te1": 2e-5,
+        "sample_sampler": "k_euler", "sample_prompts": "p.txt"})
     assert options == {"optimizer": "AdamW8bit", "caption_extension": ".caption", "text_encoder_lr": 2e-5,
                        "sample_sampler": "euler", "sample_prompts": "p.txt"}
 
@@ -432,10 +403,10 @@ def test_an_older_gui_lora_config_trains_and_writes_kohyas_metadata(three_shapes
 
     (tmp_path / "out").mkdir()
     config = tmp_path / "gui.toml"
-    _write(config, {**GUI_LORA, "train_data_dir": str(three_shapes), "output_dir": str(tmp_path / "out"),
-                    "pretrained_model_name_or_path": "toy", "resolution": "32,32", "max_train_steps": 2,
-                    "mixed_precision": "no", "clip_skip": 1, "bucket_reso_steps": 8, "min_bucket_reso": 16,
-                    "max_bucket_reso": 64})
+    write_kohya_toml(config, {**GUI_LORA, "train_data_dir": str(three_shapes), "output_dir": str(tmp_path / "out"),
+                              "pretrained_model_name_or_path": "toy", "resolution": "32,32", "max_train_steps": 2,
+                              "mixed_precision": "no", "clip_skip": 1, "bucket_reso_steps": 8, "min_bucket_reso": 16,
+                              "max_bucket_reso": 64})
     assert main(["train", "lora", "--config", str(config), "--no-prior"]) == 0
     said = capsys.readouterr().err
     assert "config: ignored v2" not in said and "config: ignored full_fp16" not in said  # (off: no note)
@@ -448,10 +419,7 @@ def test_an_older_gui_lora_config_trains_and_writes_kohyas_metadata(three_shapes
 
 @pytest.mark.parametrize("tracker, becomes", [("wandb", "auto"), ("all", "tensorboard"), ("tensorboard", "tensorboard")])
 def test_kohyas_trackers_log_here_with_a_note_for_wandb(tmp_path, tracker, becomes):
-    config = tmp_path / "c.toml"
-    _write(config, {"log_with": tracker})
-    fields, methods = _fields()
-    options, _, notes = read_config(config, fields=fields, method_options=methods)
+    options, _, notes = read_kohya_table(tmp_path / "c.toml", {"log_with": tracker})
     assert options == {"log_with": becomes}
     assert any("Weights & Biases" in note for note in notes) == (tracker != "tensorboard")
 
@@ -460,13 +428,10 @@ def test_kohyas_adafactor_schedule_goes_with_the_adafactor_optimiser_only(tmp_pa
     """kohya's get_scheduler_fix: ``adafactor`` asserts an Adafactor optimiser and hands the step size to
     its relative step; sdadapt's Adafactor with relative_step leaves the schedule unused too."""
     config = tmp_path / "c.toml"
-    fields, methods = _fields()
-    _write(config, {"optimizer_type": "Adafactor", "lr_scheduler": "adafactor"})
-    options, _, notes = read_config(config, fields=fields, method_options=methods)
+    options, _, notes = read_kohya_table(config, {"optimizer_type": "Adafactor", "lr_scheduler": "adafactor"})
     assert options == {"optimizer": "Adafactor", "lr_scheduler": "constant"} and any("relative step" in n for n in notes)
-    _write(config, {"optimizer_type": "AdamW", "lr_scheduler": "adafactor"})
     with pytest.raises(ValueError, match="optimizer_type = 'Adafactor'"):
-        read_config(config, fields=fields, method_options=methods)
+        read_kohya_table(config, {"optimizer_type": "AdamW", "lr_scheduler": "adafactor"})
 
 
 def test_lycoris_gui_network_args_at_their_off_values_pass_and_on_are_refused():

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 
-from test_kohya_config_coverage import KOHYA_OPTIONS, _fields, _train_options, _write
+from test_kohya_config_coverage import KOHYA_OPTIONS, _train_options
+from train_inputs import kohya_config_names, write_kohya_toml
 
 from sdadapt.cli.kohya_defaults import is_kohya_config
 from sdadapt.jobs import TrainOptions
@@ -98,7 +99,7 @@ def test_flags_given_on_the_command_line_win(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(sdadapt.jobs, "run_train", lambda method, options, **kw: seen.setdefault("options", options))
     config = tmp_path / "k.toml"
-    _write(config, MINIMAL)
+    write_kohya_toml(config, MINIMAL)
     args = build_parser().parse_args(["train", "lora", "--config", str(config), "--lr-scheduler", "cosine",
                                       "--batch-size", "2", "--seed", "7", "--network-alpha", "8", "--bucket",
                                       "--min-snr-gamma", "5", "--quiet"])
@@ -130,7 +131,7 @@ def test_the_rule_telling_a_kohya_config(tmp_path):
     keep sdadapt's defaults; one kohya-only key makes the file a kohya config."""
     from sdadapt.cli.train import _is_kohya_file
 
-    fields, methods = _fields()
+    fields, methods = kohya_config_names()
     config = tmp_path / "c.toml"
 
     def kohya(*keys) -> bool:
@@ -158,9 +159,9 @@ def test_the_note_names_each_default_by_kohyas_name(tmp_path, monkeypatch):
 
 def _toy_config(tmp_path, images, **more) -> str:
     config = tmp_path / "kohya.toml"
-    _write(config, {"pretrained_model_name_or_path": "toy", "train_data_dir": str(images), "output_dir": str(tmp_path),
-                    "output_name": "toy_lora", "learning_rate": 1e-3, "max_train_steps": 2, "resolution": "32,32",
-                    **more})
+    write_kohya_toml(config, {"pretrained_model_name_or_path": "toy", "train_data_dir": str(images),
+                              "output_dir": str(tmp_path), "output_name": "toy_lora", "learning_rate": 1e-3,
+                              "max_train_steps": 2, "resolution": "32,32", **more})
     return str(config)
 
 

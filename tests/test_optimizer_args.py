@@ -94,8 +94,16 @@ def test_each_optimiser_takes_its_own_keys_and_values(optimizer, args, message):
 def test_every_key_each_optimiser_takes_is_a_keyword_of_its_constructor():
     import inspect
 
+    from sdadapt.training.dadapt import DAdaptAdam, DAdaptAdamPreprint, DAdaptLion
+    from sdadapt.training.lion import Lion
+    from sdadapt.training.prodigy import Prodigy
+    from sdadapt.training.schedule_free import AdamWScheduleFree, SGDScheduleFree
+
     constructors = {"adamw": [torch.optim.AdamW, AdamW], "adamw8bit": [AdamW], "adamw-bf16": [AdamW],
-                    "adafactor": [Adafactor]}
+                    "adafactor": [Adafactor], "lion": [Lion], "lion-bf16": [Lion], "sgd-nesterov": [torch.optim.SGD],
+                    "prodigy": [Prodigy], "dadapt-adam": [DAdaptAdam], "dadapt-lion": [DAdaptLion],
+                    "dadapt-adam-preprint": [DAdaptAdamPreprint],
+                    "adamw-schedulefree": [AdamWScheduleFree], "sgd-schedulefree": [SGDScheduleFree]}
     for name, keys in OPTIMIZER_ARG_KEYS.items():
         for cls in constructors[name]:
             assert set(keys) <= set(inspect.signature(cls).parameters), (name, cls)
@@ -172,11 +180,13 @@ def test_adafactor_takes_kohyas_usual_args_and_relative_step():
     assert 0 < float(moved.detach().max()) <= 1e-6 * 2
 
 
-def test_cuda_graph_still_takes_adamw_args_and_refuses_adafactor():
+def test_cuda_graph_takes_adamw_and_adafactor_args_and_refuses_sgd():
     assert FitConfig(cuda_graph=True, optimizer_args={"betas": (0.9, 0.99), "eps": 1e-6}).cuda_graph
-    assert cuda_graph_clashes(fused_backward=False, accumulation_steps=1, mixed_precision=None, optimizer="adafactor")
-    with pytest.raises(ValueError, match="optimizer 'adafactor'"):
-        FitConfig(cuda_graph=True, optimizer="adafactor", optimizer_args={"relative_step": False})
+    assert FitConfig(cuda_graph=True, optimizer="adafactor",
+                     optimizer_args={"relative_step": True, "scale_parameter": True, "warmup_init": True}).cuda_graph
+    assert not cuda_graph_clashes(fused_backward=False, mixed_precision=None, optimizer="adafactor")
+    with pytest.raises(ValueError, match="optimizer 'sgd-nesterov'"):
+        FitConfig(cuda_graph=True, optimizer="sgd-nesterov")
 
 
 def test_the_metadata_string_is_kohyas():

@@ -28,7 +28,7 @@ from sdadapt.images import read_image
         (["--resolution", "30"], "multiples of 4"),
         (["--resume", "{tmp}/nowhere"], "no such folder"),
         (["--text-encoder-lr", "-1"], "must be >= 0"),
-        (["--optimizer", "lion"], "--optimizer must be one of"),
+        (["--optimizer", "sophia"], "--optimizer must be one of"),
         (["--tokenizer", "{tmp}"], "not the toy"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     ],

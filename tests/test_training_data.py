@@ -76,6 +76,21 @@ def test_kohya_repeat_folders_captions_and_reports(tmp_path):
         image_size(tmp_path / "c.png")
 
 
+def test_a_caption_file_is_its_first_line_as_kohya_reads_it(tmp_path):
+    """kohya's ``read_caption``: ``lines[0].strip()`` unless ``enable_wildcard`` (then every non-empty
+    line, one drawn at each use). A tagger's notes or a second caption below the first are not trained."""
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"{name}.png", 16, 16)
+    (tmp_path / "a.txt").write_text("1girl,  red hair\nsecond caption\n\nnotes: reviewed\n")
+    (tmp_path / "b.txt").write_text("one line, no newline")
+    (tmp_path / "c.txt").write_text("\nbelow an empty first line\n")
+    records, _ = find_images(tmp_path, default_caption="fallback")
+    assert {r.path.name: r.caption for r in records} == {
+        "a.png": "1girl, red hair", "b.png": "one line, no newline", "c.png": "fallback"}
+    records, _ = find_images(tmp_path, default_caption="fallback", multiline=True)
+    assert {r.path.name: r.caption for r in records}["a.png"] == "1girl, red hair\nsecond caption\nnotes: reviewed"
+
+
 def test_missing_captions_and_empty_prompt_are_errors(tmp_path):
     _png(tmp_path / "x.png", 16, 16)
     with pytest.raises(ImageFolderError, match="no caption file"):

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .token_id_cache import TokenIdCache, tokenizer_state
 from .training import diffusion
 from .training.host_syncs import copy_to_device
 
@@ -117,6 +118,9 @@ class DiffusersSystem(nn.Module):
         # each tokenizer's window and <EOS>/pad ids, read once: condition() runs inside torch.compile,
         # which cannot trace a tokenizer
         self._window_specs = [_window_spec(t) for t in (tokenizer, tokenizer_2) if t is not None]
+        #: token ids of captions seen before, on the host (a training step tokenises the same captions
+        #: again: :mod:`sdadapt.token_id_cache`); ``weighted_token_cache``: :meth:`tokenize_weighted`'s
+        self.token_cache, self.weighted_token_cache = TokenIdCache(), TokenIdCache()
         self.scheduler_config = dict(scheduler_config)
         if clip_skip < 1:
             raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
@@ -443,9 +447,16 @@ class DiffusersSystem(nn.Module):
 
         device = self.alphas_cumprod.device
         length = long_prompt_length(self.max_token_length, window=int(self.tokenizer.model_max_length))
-        ids = _token_ids(self.tokenizer, prompts, length)
-        if self.is_sdxl:
-            ids = torch.stack([ids, _token_ids(self.tokenizer_2, prompts, length)], dim=1)
+
+        def encode(texts: list[str]) -> tuple[Tensor]:
+            ids = _token_ids(self.tokenizer, texts, length)  # (B, L)
+            if self.is_sdxl:
+                ids = torch.stack([ids, _token_ids(self.tokenizer_2, texts, length)], dim=1)  # (B, 2, L)
+            return (ids,)
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        state = self._token_state(length)
+        (ids,) = encode(prompts) if state is None else self.token_cache.lookup(prompts, encode, state=state)
         return copy_to_device(ids, device)  # (a training step tokenises each batch: no wait on a GPU)
 
     def tokenize_weighted(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -458,11 +469,30 @@ class DiffusersSystem(nn.Module):
 
         device = self.alphas_cumprod.device
         length = long_prompt_length(self.max_token_length, window=int(self.tokenizer.model_max_length))
-        ids, weights = weighted_token_ids(self.tokenizer, prompts, length)
-        if self.is_sdxl:
-            ids_2, weights_2 = weighted_token_ids(self.tokenizer_2, prompts, length)
-            ids, weights = torch.stack([ids, ids_2], dim=1), torch.stack([weights, weights_2], dim=1)
+
+        def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
+            ids, weights = weighted_token_ids(self.tokenizer, texts, length)  # (B, L) each
+            if self.is_sdxl:
+                ids_2, weights_2 = weighted_token_ids(self.tokenizer_2, texts, length)
+                ids, weights = torch.stack([ids, ids_2], dim=1), torch.stack([weights, weights_2], dim=1)  # (B, 2, L)
+            return ids, weights
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        state = self._token_state(length)
+        ids, weights = (encode(prompts) if state is None
+                        else self.weighted_token_cache.lookup(prompts, encode, state=state))
         return {"ids": copy_to_device(ids, device), "weights": copy_to_device(weights, device)}
+
+    def _token_state(self, length: int) -> tuple | None:
+        """What besides a prompt's text decides its ids (the length, the tokenizers' state:
+        :func:`~sdadapt.token_id_cache.tokenizer_state`); ``None``: a tokenizer not to cache."""
+        state: tuple = (length, self.is_sdxl)
+        for tokenizer in (self.tokenizer, self.tokenizer_2) if self.is_sdxl else (self.tokenizer,):
+            part = tokenizer_state(tokenizer)
+            if part is None:
+                return None
+            state += part
+        return state
 
     def _windows(self, encoder: int, ids: Tensor) -> tuple[Tensor, int]:
         """(B, L) ids of text encoder ``encoder`` (0, SDXL 1) -> ((B * n, C) encoder windows, n);

@@ -23,7 +23,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
-        device=args.device,
+        vae=args.vae, device=args.device,
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
         aesthetic_text=args.aesthetic_text,
@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--height", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--count", type=positive_int, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
+    generate.add_argument("--vae", default=None, metavar="FILE|DIR",
+                          help="a VAE that decodes the images instead of the model's (kohya's --vae): an LDM or diffusers "
+                          "VAE file, a diffusers AutoencoderKL folder, or a full checkpoint's VAE")
     generate.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     generate.add_argument("--clip-skip", type=positive_int, default=1)
     generate.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,

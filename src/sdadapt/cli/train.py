@@ -95,8 +95,6 @@ KOHYA_IGNORED = {
        for name in ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
                     "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
                     "fp16_master_weights_and_gradients")},
-    **{name: "no validation loss here (validation_split above 0 is refused: it would hold images out of training)"
-       for name in ("validation_seed", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps")},
     **{f"metadata_{name}": "not written: sdadapt writes modelspec title, author, description, license and tags "
        "(--metadata-*), and the trigger words in ss_tag_frequency" for name in (
            "usage_hint", "thumbnail", "merged_from", "trigger_phrase", "preprocessor", "is_negative_embedding")},
@@ -123,17 +121,15 @@ _REFUSED_WHEN_ON = {
                                              "save_state_to_huggingface", "async_upload")},
     "resume_from_huggingface": ("sdadapt downloads nothing during training: download the state folder yourself and "
                                 "pass it as --resume DIR"),
-    "lr_scheduler_type": ("sdadapt runs its own schedules and loads no scheduler class: use lr_scheduler = constant, "
-                          "constant_with_warmup, cosine, cosine_with_restarts, linear or polynomial (with "
-                          "lr_scheduler_power, lr_scheduler_args = ['lr_end=...'])"),
+    "lr_scheduler_type": ("sdadapt runs its own schedules (pure functions of the step, so a resumed or CUDA-graph run "
+                          "follows them) and loads no scheduler class: use lr_scheduler = constant, "
+                          "constant_with_warmup, cosine, cosine_with_restarts, linear, polynomial, cosine_with_min_lr, "
+                          "warmup_stable_decay, inverse_sqrt or piecewise_constant (with lr_scheduler_args = "
+                          "[\"step_rules='1:100,0.1'\"])"),
     "no_metadata": ("sdadapt always writes kohya's ss_* metadata and the modelspec keys (resume checks, merges and "
                     "other tools read them); remove them from the file after training if you must"),
     **{name: ("sdadapt starts at step 0, or continues a run where it stopped, with the same draws, from its state: "
               "--resume OUT-state") for name in ("initial_step", "initial_epoch", "skip_until_initial_step")},
-    "validation_split": ("sdadapt trains on every image and computes no validation loss: move the held-out images to "
-                         "another folder"),
-    "vae": ("sdadapt encodes the images with the model's own VAE: put the VAE into the checkpoint (a diffusers "
-            "folder's vae/) first, or leave vae out"),
     "output_config": "sdadapt does not write the config back (and kohya would train nothing): leave it out",
     "debug_dataset": "sdadapt has no dataset viewer (kohya shows the images and trains nothing): leave it out",
     "dataset_class": ("sdadapt reads kohya's folder layout, dataset TOML (dataset_config) and in_json, not a "
@@ -141,10 +137,6 @@ _REFUSED_WHEN_ON = {
     "deepspeed": "python -m sdadapt train runs one process, without DeepSpeed; leave it out",
     "no_token_padding": ("sdadapt always pads the captions to the CLIP window, as the models were trained (kohya's "
                          "no_token_padding changes the conditioning); leave it out"),
-    "use_lion_optimizer": "Lion is not an optimiser here (adamw, adamw8bit, adamw-bf16, adafactor)",
-    **{name: ("only kohya's warmup_stable_decay / inverse_sqrt / cosine_with_min_lr schedules read it, which sdadapt "
-              "does not run (lr_scheduler = constant, constant_with_warmup, cosine, cosine_with_restarts, linear or "
-              "polynomial)") for name in ("lr_decay_steps", "lr_scheduler_timescale", "lr_scheduler_min_lr_ratio")},
     "fused_optimizer_groups": ("not there: use fused_backward_pass (--fused-backward-pass: full/dreambooth step each "
                                "weight inside backward, no model-sized gradient buffer)"),
     "weights": ("sdadapt starts a textual-inversion embedding from --init-word, not from an embedding file; leave "
@@ -158,7 +150,7 @@ _REFUSED_WHEN_ON = {
 #: 0 reads as not given. (Not save_last_n_*: there kohya's 0 keeps only the newest save, refused here.)
 _ZERO_IS_UNSET = frozenset({"steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
                             "sample_every_n_epochs", "save_n_epoch_ratio", "max_timestep", "scale_weight_norms",
-                            "clip_skip"})
+                            "clip_skip", "lr_scheduler_timescale"})
 _DTYPES = {"float": "fp32", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
            "bfloat16": "bf16", "keep": "keep"}
 
@@ -266,7 +258,7 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     notes: list[str] = []
     output_dir = output_name = None
     encoder_lrs: dict[str, float] = {}  # learning_rate_te1 / learning_rate_te2 (sdxl_train.py)
-    adam8bit = False
+    adam8bit = lion = False
     for key, value in flat.items():
         name = key.replace("-", "_")
         name = KOHYA_KEYS.get(name, name)
@@ -299,6 +291,9 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             continue
         if name == "use_8bit_adam":  # (kohya's old spelling of optimizer_type = "AdamW8bit")
             adam8bit = bool(value)
+            continue
+        if name == "use_lion_optimizer":  # (kohya's old spelling of optimizer_type = "Lion")
+            lion = bool(value)
             continue
         if name in ("learning_rate_te1", "learning_rate_te2"):
             encoder_lrs[name] = value
@@ -333,7 +328,7 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             close = difflib.get_close_matches(name, sorted(fields | method_options | set(KOHYA_KEYS)), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"--config {file}: unknown option {key!r}{hint}")
-    _settle_kohya_values(file, options, notes, encoder_lrs=encoder_lrs, adam8bit=adam8bit)
+    _settle_kohya_values(file, options, notes, encoder_lrs=encoder_lrs, adam8bit=adam8bit, lion=lion)
     if methods.get("unet") is False:  # kohya's network_train_text_encoder_only: its conv settings (GUIs write them) act on
         unused = [k for k in ("conv_rank", "conv_alpha") if methods.pop(k, None) is not None]  # UNet convs only
         if unused:
@@ -359,10 +354,10 @@ _KOHYA_SAMPLERS = ("k_euler", "euler_a", "k_euler_a", "pndm", "lms", "k_lms", "h
 
 
 def _settle_kohya_values(file: Path, options: dict, notes: list[str], *, encoder_lrs: dict[str, float],
-                         adam8bit: bool) -> None:
+                         adam8bit: bool, lion: bool = False) -> None:
     """kohya's values that need the whole file: per-encoder text-encoder LRs, an empty GUI prompt file,
     kohya's ``adafactor`` schedule, the ``wandb`` / ``all`` trackers, kohya's sampler names and
-    ``use_8bit_adam``. Edits ``options`` and ``notes`` in place; raises ``ValueError`` for what cannot be honoured."""
+    ``use_8bit_adam`` / ``use_lion_optimizer``. Edits ``options`` and ``notes`` in place; raises ``ValueError`` for what cannot be honoured."""
     if encoder_lrs:
         rates = {float(v) for v in encoder_lrs.values()} | ({float(options["text_encoder_lr"])}
                                                            if "text_encoder_lr" in options else set())
@@ -405,6 +400,12 @@ def _settle_kohya_values(file: Path, options: dict, notes: list[str], *, encoder
             raise ValueError(f"--config {file}: use_8bit_adam with optimizer_type = {options['optimizer']!r}: give one "
                              "of the two (kohya refuses both too)")
         options["optimizer"] = "AdamW8bit"
+    if lion:  # kohya's get_optimizer: use_lion_optimizer is optimizer_type = "Lion", refused beside another
+        if adam8bit or str(options.get("optimizer", "Lion")).lower() != "lion":
+            raise ValueError(f"--config {file}: use_lion_optimizer with "
+                             f"{'use_8bit_adam' if adam8bit else 'optimizer_type = ' + repr(options['optimizer'])}: "
+                             "give one of the two (kohya refuses both too)")
+        options["optimizer"] = "Lion"
 
 
 #: network_args spellings -> sdadapt method option names (kohya's conv_dim, LyCORIS' old use_cp, LyCORIS' preset)
@@ -553,6 +554,19 @@ def _is_kohya_file(path: Path, *, fields: set[str], method_options: set[str]) ->
     return is_kohya_config(keys, own_names=fields | method_options | flags)
 
 
+def _check_kohya_step_shares(file: Path, values: dict, given: dict) -> None:
+    """Refuse a kohya config's ``lr_warmup_steps`` / ``lr_decay_steps`` given as a float of 1 or
+    more that the command line does not replace: kohya keeps a TOML value's type and reads any float
+    as a share of the steps (``int(1.0 · N)``: all N steps; the kohya_ss GUI writes 1.0 for a 100 %
+    warm-up), where sdadapt reads 1 or more as a count."""
+    for name in ("lr_warmup_steps", "lr_decay_steps"):
+        value = values.get(name)
+        if name not in given and isinstance(value, float) and value >= 1:
+            raise ValueError(f"--config {file}: {name} = {value!r} is a float, which kohya reads as a share of the steps "
+                             f"(int({value!r} · steps): {value:.0%} of them), not as {int(value)} steps; write an integer "
+                             f"for a count ({name} = {int(value)}), or a share below 1 (e.g. 0.5)")
+
+
 def _apply_kohya_defaults(method: str, values: dict, chosen: dict, *, method_options: dict) -> tuple[str, str | None]:
     """Add kohya's defaults to ``values`` / ``chosen`` (in place; :func:`sdadapt.cli.kohya_defaults.kohya_defaults`)
     -> ``(config_defaults, note)``. With ``--resume``: a run recorded without kohya's defaults (started
@@ -599,6 +613,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.config is not None:
         values, chosen, notes = read_config(args.config, fields=fields, method_options=set(method_options))
         kohya = _is_kohya_file(Path(args.config), fields=fields, method_options=set(method_options))
+        if kohya:
+            _check_kohya_step_shares(Path(args.config), values, given)
     if not given.get("overwrite"):
         given.pop("overwrite", None)
     if given.get("dtype") == "keep" and "dtype" in values:
@@ -650,6 +666,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {result['method']} on {_plural(result['images'], 'image')}{prior} for {_plural(result['steps'], 'step')} "
           f"({_plural(result['epochs'], 'epoch')}){resumed} in {result['seconds']:.0f} s{trend}")
     print(f"wrote {result['file']}")
+    if result.get("validation_losses"):  # kohya's validation loss of the held-out images (--validation-split)
+        first, last = result["validation_losses"][0], result["validation_losses"][-1]
+        print(f"validation loss ({_plural(result['validation_images'], 'held-out image')}): {first[1]:.4f} at step "
+              f"{first[0]} -> {last[1]:.4f} at step {last[0]}")
     if result.get("lora"):
         lora = result["lora"]
         print(f"wrote {lora['file']}: rank-{lora['rank']} LoRA of the change, {lora['layers']} layers, largest relative "
@@ -750,6 +770,10 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(model, "--model", "--pretrained-model-name-or-path", dest="model", metavar="toy|PATH",
         help="'toy' (built in, the default), a diffusers folder, or an SD1/SD2/SDXL single-file checkpoint (.safetensors/.ckpt)")
     add(model, "--tokenizer", metavar="DIR", help="CLIP tokenizer for a single-file checkpoint (default: the shipped CLIP vocabulary)")
+    add(model, "--vae", metavar="FILE|DIR",
+        help="a VAE that replaces the model's for the latents and samples (kohya's --vae): an LDM VAE file such as "
+        "vae-ft-mse-840000-ema-pruned.safetensors, a diffusers AutoencoderKL file or folder (sdxl-vae-fp16-fix), or a "
+        "full checkpoint's VAE; Stable Diffusion models; recorded for --resume and in ss_vae_name")
     add(model, "--prediction-type", choices=("epsilon", "v_prediction"),
         help="what the UNet predicts (default: the model's; SD2-768-v files: v_prediction)")
     add(model, "--v-parameterization", dest="prediction_type", action="store_const", const="v_prediction",
@@ -792,7 +816,7 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--optimizer", "--optimizer-type", dest="optimizer", metavar="NAME",
         help=f"{', '.join(OPTIMIZERS)} (default adamw; kohya's AdamW8bit etc. work)")
     add(optim, "--weight-decay", type=float, metavar="W",
-        help="decoupled weight decay; default: the optimiser's (0.01 for the AdamW ones, 0 for Adafactor, as kohya's)")
+        help="weight decay; default: the optimiser's (0.01 for the AdamW ones, 0 for Adafactor, Lion, SGDNesterov, Prodigy, DAdapt* and *ScheduleFree, as kohya's)")
     add(optim, "--optimizer-args", nargs="+", metavar="KEY=VALUE",
         help="extra optimiser arguments, as kohya's --optimizer_args (e.g. weight_decay=0.1 betas=0.9,0.99 eps=1e-6; "
         "values read as Python literals); each optimiser takes its own keys (an unknown one is refused, naming them); "
@@ -803,12 +827,22 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--lr-scheduler", choices=SCHEDULES, help="default cosine")
     add(optim, "--lr-warmup-steps", type=float, metavar="N",
         help="linear warm-up steps, or a fraction of the steps below 1 (default: min(20, steps/10))")
-    add(optim, "--lr-scheduler-num-cycles", type=int, metavar="N", help="cycles of cosine_with_restarts (default 1)")
+    add(optim, "--lr-scheduler-num-cycles", type=int, metavar="N",
+        help="cycles of cosine_with_restarts; half-waves of the cosine of cosine_with_min_lr and warmup_stable_decay "
+        "(default 1)")
+    add(optim, "--lr-decay-steps", type=float, metavar="N",
+        help="warmup_stable_decay: decay over the last N steps, or a fraction of the steps below 1 (default 0: no decay)")
+    add(optim, "--lr-scheduler-min-lr-ratio", type=float, metavar="R",
+        help="cosine_with_min_lr (needed) and warmup_stable_decay (default 0): the LR they end at, as a share of the LR")
+    add(optim, "--lr-scheduler-timescale", type=int, metavar="N",
+        help="inverse_sqrt: LR x 1/sqrt((step + N - warm-up)/N) after the warm-up (default: the warm-up steps, or 10000)")
     add(optim, "--lr-scheduler-power", type=float, metavar="P",
         help="exponent of --lr-scheduler polynomial: (LR - lr_end) x (1 - progress)^P + lr_end after the warm-up "
         "(default 1: linear; kohya's)")
     add(optim, "--lr-scheduler-args", nargs="+", metavar="KEY=VALUE",
-        help="kohya's --lr_scheduler_args: lr_end=X for polynomial (the LR it ends at; default 1e-7)")
+        help="kohya's --lr_scheduler_args: lr_end=X for polynomial (the LR it ends at; default 1e-7); min_lr=X for "
+        "cosine_with_min_lr; warmup_type=T decay_type=T (linear, cosine, 1-sqrt) for warmup_stable_decay; "
+        "step_rules=1:100,0.1:200,0.01 for piecewise_constant (factor 1 before step 100, 0.1 before 200, then 0.01)")
     add(optim, "--max-grad-norm", type=float, metavar="X", help="gradient clipping (default 1; 0 = off)")
     add(optim, "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast the forward pass (default no)")
     add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off)")
@@ -866,7 +900,7 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         "for the LoRA family) and fixed captions (no --shuffle-caption, tag dropout, token warm-up, wildcards)")
     add(optim, "--cuda-graph", action=bool_flag,
         help="replay each optimiser step (forward, backward, optimiser) as one CUDA graph per batch layout after 3 eager "
-        "steps: far fewer kernel launches at small batches; AdamW optimisers, no accumulation, no fp16, no "
+        "steps: far fewer kernel launches at small batches; AdamW, Adafactor, Lion, Prodigy, DAdapt or schedule-free optimisers, no fp16, no "
         "--fused-backward-pass (on a CPU: eager steps)")
     add(optim, "--torch-compile", action=bool_flag,
         help="torch.compile the UNet (with the adapters) and the text conditioning the step runs: the first steps "
@@ -904,6 +938,17 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(save, "--log-with", choices=("auto", "csv", "tensorboard"),
         help="the CSV log OUT-log.csv is always written; auto (default) adds TensorBoard events when installed")
     add(save, "--training-comment", metavar="TEXT", help="stored as ss_training_comment")
+    add(save, "--validation-split", type=float, metavar="S",
+        help="hold out this share of each subset's images (kohya's seeded draw) and log their validation loss "
+        "(CSV validation_*_loss columns, TensorBoard loss/validation/*); default 0: none")
+    add(save, "--validation-seed", type=int, metavar="N",
+        help="seed of the split and of the validation noise (default: --seed)")
+    add(save, "--validate-every-n-steps", type=int, metavar="N",
+        help="a validation pass every N optimiser steps (default: by epochs only)")
+    add(save, "--validate-every-n-epochs", type=int, metavar="N",
+        help="a validation pass at the end of every N-th epoch (default: every epoch)")
+    add(save, "--max-validation-steps", type=int, metavar="N",
+        help="score only the first N held-out batches a pass (default: all)")
     add(save, "--save-last-n-steps", type=int, metavar="N",
         help="with --save-every-n-steps: keep only the step saves of the last N steps, removing older ones this run "
         "wrote (kohya's; the final output always stays)")

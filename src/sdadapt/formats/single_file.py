@@ -42,6 +42,7 @@ __all__ = [
     "vae_config",
     "text_encoder_config",
     "file_hashes",
+    "unwrap_state_dict",
     "CONFIG_METADATA_KEY",
     "SCALING_FACTORS",
 ]
@@ -81,8 +82,9 @@ class SingleFile:
         return "v_prediction" if value in ("v", "v_prediction", "v-prediction") else "epsilon"
 
 
-def _unwrap(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``.ckpt`` files nest the weights under ``state_dict``: drop that level."""
+def unwrap_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``.ckpt`` files nest the weights under ``state_dict`` (flattened by :func:`~.files.read_weights`
+    as ``state_dict.KEY``): drop that level; other entries (``global_step`` ...) go with it."""
     if any(k.startswith("state_dict.") for k in state):
         return {k[len("state_dict."):]: v for k, v in state.items() if k.startswith("state_dict.")}
     return state
@@ -97,7 +99,7 @@ def read_single_file(path: str | os.PathLike) -> SingleFile:
     """
     file = Path(path)
     state, metadata = read_weights(file)
-    state = _unwrap(state)
+    state = unwrap_state_dict(state)
     return split_single_file(state, metadata=metadata, path=file)
 
 

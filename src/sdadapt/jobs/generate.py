@@ -46,6 +46,7 @@ def run_generate(
     prediction_type: str | None = None,
     clip_skip: int = 1,
     max_token_length: int = 75,
+    vae: str | os.PathLike | None = None,
     device: str = "auto",
     aesthetic: str | os.PathLike | None = None,
     aesthetic_steps: int = 5,
@@ -68,6 +69,8 @@ def run_generate(
             75-token windows whose states are joined, as kohya trains with ``--max_token_length``
             (:mod:`sdadapt.text_chunks`; A1111 also splits at commas, sdadapt does not). Stable
             Diffusion models; not with ``aesthetic``.
+        vae: a VAE file or folder that decodes the images instead of the model's (kohya's ``--vae``;
+            LDM or diffusers layout, or a full checkpoint's VAE: :mod:`sdadapt.external_vae`).
         count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
         aesthetic: an aesthetic-gradient embedding file (``.pt``/``.safetensors``): the prompt's text
             conditioning is personalised toward it (``aesthetic_steps`` Adam steps at ``aesthetic_lr``,
@@ -124,7 +127,7 @@ def run_generate(
         check_aesthetic_request(model, aesthetic, clip=aesthetic_clip)
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
-                         clip_skip=clip_skip, max_token_length=max_token_length)
+                         clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
     applied = []
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,14 +39,23 @@ def resolve_device(device: str | None) -> str:
 
 
 def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None, prediction_type: str | None = None,
-                clip_skip: int = 1, max_token_length: int = 75):
+                clip_skip: int = 1, max_token_length: int = 75, vae: str | os.PathLike | None = None,
+                log: Callable[[str], None] | None = None):
     """``"toy"`` -> the shipped toy system; ``"toy-image"`` -> its image-embedding variant (CLIP
     inversion); a toy-system file (a toy fine-tune) -> that system;
     a folder -> a diffusers Stable Diffusion folder (SD1/SD2/SDXL); a ``.safetensors``/``.ckpt``
     file -> an SD1/SD2/SDXL single-file checkpoint (``tokenizer``: see
     :meth:`sdadapt.diffusers_system.DiffusersSystem.from_single_file`). ``max_token_length``: 75
-    (default), 150 or 225 prompt tokens, Stable Diffusion models only (:mod:`sdadapt.text_chunks`)."""
+    (default), 150 or 225 prompt tokens, Stable Diffusion models only (:mod:`sdadapt.text_chunks`).
+    ``vae``: a VAE file or folder that replaces the model's (kohya's ``--vae``,
+    :func:`sdadapt.external_vae.replace_vae`), Stable Diffusion models only; ``log(line)`` hears what
+    was read."""
     if model in ("toy", "toy-image") or _is_toy_file(model):
+        if vae is not None:
+            from ..errors import InputError
+
+            raise InputError(f"--vae {vae}: the toy has no Stable Diffusion VAE to replace; --vae is for Stable Diffusion "
+                             "models (a diffusers folder or a single-file checkpoint)")
         if tokenizer is not None or prediction_type is not None or clip_skip != 1:
             raise ValueError("--tokenizer, --prediction-type and --clip-skip are for Stable Diffusion models, not the toy")
         if max_token_length != 75:
@@ -58,5 +69,16 @@ def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None
         return load_toy(None if model == "toy" else model, device=device)
     from ..diffusers_system import load_model
 
-    return load_model(model, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, device=device,
-                      max_token_length=max_token_length)
+    if vae is not None:
+        from ..formats.vae_file import vae_weights_file
+
+        vae_weights_file(vae)  # a missing --vae is refused before the model loads
+    system = load_model(model, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, device=device,
+                        max_token_length=max_token_length)
+    if vae is not None:
+        from ..external_vae import replace_vae
+
+        note = replace_vae(system, vae)
+        if log is not None:
+            log(note)
+    return system

@@ -28,7 +28,7 @@ from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
 from ..training.loss_masks import LossMaskSource
 from ..training.step import StepConfig
-from . import train_optimizer
+from . import train_optimizer, train_schedule
 from .demo import Progress, _check_dtype, _method, prior_images
 from .models import load_system, resolve_device
 from .save_rotation import PeriodicSave, remove_save, saves_to_remove
@@ -77,12 +77,13 @@ class TrainOptions:
 
     Model: ``model`` (``toy``, a diffusers folder, a single file), ``tokenizer``,
     ``prediction_type``, ``clip_skip``, ``max_token_length`` (75, 150 or 225 caption tokens: kohya's
-    long captions in 75-token CLIP windows, :mod:`sdadapt.text_chunks`), ``device``; ``method_options`` (the method's own, e.g.
+    long captions in 75-token CLIP windows, :mod:`sdadapt.text_chunks`), ``vae`` (kohya's ``--vae``: a VAE file or
+    folder that replaces the model's for the latents and samples, :mod:`sdadapt.external_vae`), ``device``; ``method_options`` (the method's own, e.g.
     ``{"rank": 16}``; see :class:`sdadapt.methods.MethodOption`).
 
     Optimisation: ``steps`` or ``epochs``, ``batch_size``, ``gradient_accumulation_steps``,
     ``learning_rate`` (``unet_lr`` overrides it), ``text_encoder_lr``, ``optimizer``,
-    ``weight_decay`` (``None``: the optimiser's own, 0.01 for the AdamW ones, 0 for Adafactor),
+    ``weight_decay`` (``None``: the optimiser's own, 0.01 for the AdamW ones, 0 for Adafactor, Lion and SGD),
     ``optimizer_args`` (kohya's ``KEY=VALUE`` strings, e.g. ``("betas=0.9,0.99",)``:
     :mod:`sdadapt.training.optimizer_args`; a ``weight_decay`` there wins over the field, which then
     must be left out or agree; Adafactor gets kohya's defaults — ``relative_step=True`` unless the
@@ -130,7 +131,7 @@ class TrainOptions:
     UNet-only run and captions fixed before training — a whole-caption dropout is fine;
     :mod:`sdadapt.training.text_cache`; kohya's ``cache_text_encoder_outputs_to_disk`` turns it on,
     in memory). ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
-    steps: :attr:`sdadapt.methods.FitConfig.cuda_graph`; AdamW optimisers, no accumulation, no fp16,
+    steps: :attr:`sdadapt.methods.FitConfig.cuda_graph`; AdamW, Adafactor, Lion, Prodigy or D-Adaptation optimisers, no fp16,
     no fused backward; on a CPU the steps run eagerly). ``torch_compile``
     with ``dynamo_backend`` (default ``"inductor"``; kohya's names): ``torch.compile`` the model
     the step calls (:attr:`sdadapt.methods.FitConfig.compile_backend`).
@@ -156,6 +157,10 @@ class TrainOptions:
     ``save_state`` (write the resumable state with each save), ``resume`` (a state folder),
     ``sample_prompts`` (kohya prompt file), ``sample_every_n_steps``, ``sample_every_n_epochs``,
     ``sample_sampler``, ``sample_steps``, ``log_with`` (``auto``/``csv``/``tensorboard``),
+    kohya's validation loss: ``validation_split`` (the share of each subset's images held out,
+    kohya's seeded draw: :mod:`sdadapt.training.validation`), ``validation_seed`` (default ``seed``),
+    ``validate_every_n_steps``, ``validate_every_n_epochs`` (default every epoch),
+    ``max_validation_steps`` (the loss in the CSV / TensorBoard log and the report),
     ``training_comment``. kohya's: ``save_last_n_steps`` / ``save_last_n_epochs`` (after each
     periodic save, remove the older saves of the run lineage out of the window, kohya's rule:
     :mod:`sdadapt.jobs.save_rotation`; the state's ``run.json`` lists them so ``resume`` continues),
@@ -163,7 +168,11 @@ class TrainOptions:
     ``save_every_n_epochs``), ``save_state_on_train_end`` (the state after the last step too),
     ``sample_at_first`` (samples before step 1, ``step000000-*.png``; not again when resuming),
     ``lr_scheduler_power`` and ``lr_scheduler_args`` (``("lr_end=1e-6",)``) of the ``polynomial``
-    schedule (:attr:`sdadapt.methods.FitConfig.schedule`), ``metadata_title`` / ``_author`` /
+    schedule (:attr:`sdadapt.methods.FitConfig.schedule`), ``lr_decay_steps`` (count, or share of
+    the steps below 1), ``lr_scheduler_timescale``, ``lr_scheduler_min_lr_ratio`` and the other
+    ``lr_scheduler_args`` of kohya's other schedules (``cosine_with_min_lr``,
+    ``warmup_stable_decay``, ``inverse_sqrt``, ``piecewise_constant``: which schedule reads which,
+    :mod:`sdadapt.jobs.train_schedule`), ``metadata_title`` / ``_author`` /
     ``_description`` / ``_license`` / ``_tags`` (written as ``modelspec.*``).
 
     ``config_defaults``: whose defaults filled the options the run left out, ``"sdadapt"`` (these
@@ -206,6 +215,7 @@ class TrainOptions:
     color_aug: bool = False
     model: str = "toy"
     tokenizer: str | None = None
+    vae: str | os.PathLike | None = None
     prediction_type: str | None = None
     clip_skip: int = 1
     max_token_length: int = 75
@@ -280,6 +290,11 @@ class TrainOptions:
     sample_sampler: str = "ddim"
     sample_steps: int = 20
     log_with: str = "auto"
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    max_validation_steps: int | None = None
     training_comment: str | None = None
     save_last_n_steps: int | None = None
     save_last_n_epochs: int | None = None
@@ -288,6 +303,9 @@ class TrainOptions:
     sample_at_first: bool = False
     lr_scheduler_power: float = 1.0
     lr_scheduler_args: tuple[str, ...] = ()
+    lr_decay_steps: float = 0
+    lr_scheduler_timescale: int | None = None
+    lr_scheduler_min_lr_ratio: float | None = None
     metadata_title: str | None = None
     metadata_author: str | None = None
     metadata_description: str | None = None
@@ -302,7 +320,7 @@ class TrainOptions:
         return (0 if self.min_timestep is None else self.min_timestep, 1000 if self.max_timestep is None else self.max_timestep)
 
     def __post_init__(self) -> None:
-        from ..methods.fit import _OPTIMIZER_ALIASES, OPTIMIZERS, SCHEDULES
+        from ..methods.fit import _OPTIMIZER_ALIASES, _REFUSED_OPTIMIZERS, OPTIMIZERS, SCHEDULES
         from ..sampling import SAMPLERS
 
         positive = ("steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
@@ -385,10 +403,19 @@ class TrainOptions:
             raise ValueError("--dim-from-weights takes the modules and ranks from --network-weights FILE: give the file too")
         if self.class_prompt is not None and not self.class_prompt.strip():
             raise ValueError("--class-prompt is empty; give the class, e.g. 'a photo of a dog'")
+        if self.optimizer.lower() in _REFUSED_OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.optimizer}: {_REFUSED_OPTIMIZERS[self.optimizer.lower()]}")
         if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), "
                              f"got {self.optimizer!r}")
         _check_optimizer_args(self)  # (after the optimiser name is known good)
+        prodigy = train_optimizer.prodigy_clashes(self)
+        if prodigy:
+            raise ValueError(f"--optimizer {self.optimizer} estimates one step size for every parameter group, so the groups' "
+                             "learning rates must be the same or 0; it cannot train with " + "; ".join(prodigy))
+        schedule_free = train_optimizer.schedule_free_clashes(self)
+        if schedule_free:
+            raise ValueError(f"--optimizer {self.optimizer} is schedule-free, so it cannot train with " + "; ".join(schedule_free))
         if self.scale_weight_norms is not None and (isinstance(self.scale_weight_norms, bool)
                                                     or not 0 < self.scale_weight_norms < math.inf):
             raise ValueError(f"--scale-weight-norms must be a number > 0 (the largest ‖ΔW‖ of an adapted layer, e.g. 1), "
@@ -401,6 +428,15 @@ class TrainOptions:
             raise ValueError(f"--sample-sampler must be one of {', '.join(SAMPLERS)}, got {self.sample_sampler!r}")
         if self.log_with not in ("auto", "csv", "tensorboard"):
             raise ValueError(f"--log-with must be auto, csv or tensorboard, got {self.log_with!r}")
+        if isinstance(self.validation_split, bool) or not 0 <= self.validation_split < 1:
+            raise ValueError(f"--validation-split must be in [0, 1) (the share of each subset's images held out for the "
+                             f"validation loss; 0: none), got {self.validation_split!r}")
+        for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r} (leave it out: "
+                                 + ("every epoch)" if name == "validate_every_n_epochs" else
+                                    "no validation by steps)" if name == "validate_every_n_steps" else "every held-out batch)"))
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
         if (self.sample_every_n_steps or self.sample_every_n_epochs) and self.sample_prompts is None:
@@ -417,6 +453,10 @@ class TrainOptions:
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError("--full-bf16 trains bf16 weights, so the forward pass must run under bf16 autocast: add "
                              "--mixed-precision bf16")
+        if self.full_bf16 and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "sgd-nesterov":
+            raise ValueError("--full-bf16 with --optimizer sgd-nesterov: torch's SGD writes bf16 weights with "
+                             "round-to-nearest, which drops every update smaller than half a bf16 step; leave out "
+                             "--full-bf16 or use lion / adamw (they round bf16 weights stochastically)")
         if self.gradient_checkpointing_fraction is not None and not 0.0 < self.gradient_checkpointing_fraction <= 1.0:
             raise ValueError(f"--gradient-checkpointing-fraction must be in (0, 1] (the share of the UNet blocks to "
                              f"recompute; 1: all of them), got {self.gradient_checkpointing_fraction}")
@@ -444,7 +484,6 @@ class TrainOptions:
             from ..methods.fit import cuda_graph_clashes
 
             clashes = cuda_graph_clashes(fused_backward=self.fused_backward_pass,
-                                         accumulation_steps=self.gradient_accumulation_steps,
                                          mixed_precision=self.mixed_precision, optimizer=self.optimizer,
                                          compile_backend=self.dynamo_backend if self.torch_compile else None)
             if clashes:
@@ -508,7 +547,7 @@ _DATA_CONFIG_NAMES = ("batch_size", "enable_bucket", "min_bucket_reso", "max_buc
                       "bucket_no_upscale", "caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
                       "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
                       "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
-                      "token_warmup_step", "flip_aug", "random_crop", "color_aug")
+                      "token_warmup_step", "flip_aug", "random_crop", "color_aug", "validation_split", "validation_seed")
 
 
 def _read_data_config(options: TrainOptions):
@@ -622,11 +661,7 @@ def _check_saving_options(options: TrainOptions) -> None:
         value = getattr(options, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
-    power = options.lr_scheduler_power
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 <= power < math.inf:
-        raise ValueError(f"--lr-scheduler-power must be a finite number >= 0 (the polynomial schedule's exponent; 1: "
-                         f"linear decay), got {power!r}")
-    _lr_scheduler_kwargs(options)
+    train_schedule.check_schedule_options(options)  # (the power, lr_scheduler_args, kohya's other schedules' options)
     if options.sample_at_first and options.sample_prompts is None:
         raise ValueError("--sample-at-first needs --sample-prompts FILE (one prompt a line)")
     for name in ("metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags"):
@@ -635,43 +670,8 @@ def _check_saving_options(options: TrainOptions) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be text (written as modelspec.{name[9:]}), got {value!r}")
 
 
-#: the lr_scheduler_args keys each schedule takes (those of diffusers' schedule functions that kohya
-#: would pass through and sdadapt runs; the others are given by their own options)
-_LR_SCHEDULER_ARG_KEYS = {"polynomial": ("lr_end",)}
-
-
-def _lr_scheduler_kwargs(options: TrainOptions) -> dict[str, float]:
-    """kohya's ``--lr_scheduler_args`` (``KEY=VALUE`` strings, values read with ``ast.literal_eval``;
-    the field is made a tuple) -> keyword arguments of the schedule: ``lr_end`` of ``polynomial``
-    (diffusers' default 1e-7, the LR the decay ends at). kohya hands them to the scheduler function,
-    which takes only its own keys (others are a ``TypeError`` there): refused here, naming the fix."""
-    from ..training.optimizer_args import parse_optimizer_args
-
-    pairs = parse_optimizer_args(_key_value_items(options, "lr_scheduler_args"), where="--lr-scheduler-args")
-    allowed = _LR_SCHEDULER_ARG_KEYS.get(options.lr_scheduler, ())
-    out: dict[str, float] = {}
-    for key, value in pairs:
-        if key == "power":
-            raise ValueError("--lr-scheduler-args power=...: give the polynomial exponent as --lr-scheduler-power "
-                             "(lr_scheduler_power in a TOML; kohya passes both and fails with a duplicate argument)")
-        if key == "num_cycles":
-            raise ValueError("--lr-scheduler-args num_cycles=...: give the cycles of cosine_with_restarts as "
-                             "--lr-scheduler-num-cycles N")
-        if key not in allowed:
-            raise ValueError(f"--lr-scheduler-args {key}: not an argument of --lr-scheduler {options.lr_scheduler} here; "
-                             "the schedules take " + "; ".join(f"{name}: {', '.join(keys)}"
-                                                               for name, keys in _LR_SCHEDULER_ARG_KEYS.items())
-                             + " (the warm-up, cycles and power have their own options)")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ValueError(f"--lr-scheduler-args {key}={value!r}: must be a finite number >= 0")
-        out[key] = float(value)
-    # the schedule's reference LR: --learning-rate (kohya's optimiser LR; --unet-lr does not change it), else --unet-lr
-    name = "learning_rate" if options.learning_rate is not None else "unet_lr"
-    rate = getattr(options, name)
-    if "lr_end" in out and rate is not None and not out["lr_end"] < rate:
-        raise ValueError(f"--lr-scheduler-args lr_end={out['lr_end']} must be below --{name.replace('_', '-')} "
-                         f"{rate} (the polynomial schedule decays from it to lr_end)")
-    return out
+#: kohya's --lr_scheduler_args read (:func:`sdadapt.jobs.train_schedule.lr_scheduler_kwargs`)
+_lr_scheduler_kwargs = train_schedule.lr_scheduler_kwargs
 
 
 def _check_text_cache_captions(options: TrainOptions) -> None:
@@ -812,9 +812,7 @@ def _inactive_option_notes(options: TrainOptions, *, caption_notes: bool = True)
     if caption_notes and options.token_warmup_min != 1 and not options.token_warmup_step:
         notes.append(f"--token-warmup-min {options.token_warmup_min}: not used without --token-warmup-step (the step "
                      "by which every tag is used)")
-    if options.lr_scheduler_num_cycles != 1 and options.lr_scheduler != "cosine_with_restarts":
-        notes.append(f"--lr-scheduler-num-cycles {options.lr_scheduler_num_cycles}: not used by --lr-scheduler "
-                     f"{options.lr_scheduler} (only cosine_with_restarts has cycles)")
+    notes.extend(train_schedule.schedule_notes(options))  # (the schedule options --lr-scheduler does not read)
     if options.loss_type in ("l2", "l1"):
         unused = [f"--{name.replace('_', '-')} {value}" for name, value, default in (
             ("huber_c", options.huber_c, 0.1), ("huber_schedule", options.huber_schedule, "snr"),
@@ -865,9 +863,6 @@ def _inactive_saving_notes(options: TrainOptions) -> list[str]:
     if options.save_n_epoch_ratio and options.save_every_n_epochs:
         notes.append(f"--save-n-epoch-ratio {options.save_n_epoch_ratio} replaces --save-every-n-epochs "
                      f"{options.save_every_n_epochs} (as kohya's)")
-    if options.lr_scheduler_power != 1.0 and options.lr_scheduler != "polynomial":
-        notes.append(f"--lr-scheduler-power {options.lr_scheduler_power}: not used by --lr-scheduler {options.lr_scheduler} "
-                     "(only polynomial has a power)")
     return notes
 
 
@@ -1112,6 +1107,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     from ..training.data import Dataset, encode_buckets, find_images, plan_dataset
     from ..training.pixel_augment import PixelAugment
     from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
+    from ..training.validation import VALIDATION_COLUMNS, validation_columns
 
     if options is None:
         if "class_count" in fields:
@@ -1159,6 +1155,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if options.resume is not None:
         resume_record = _check_resume(Path(options.resume), method, options, dataset=_data_config_record(data_config))
     optimizer_defaults = train_optimizer.recorded_defaults(resume_record)  # (a run recorded before: its own)
+    step_shares = train_schedule.recorded_shares(resume_record)  # (a run recorded before rounded its warm-up share)
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
@@ -1181,7 +1178,11 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if data_config is not None:
         from ..training.dataset_config import dataset_records
 
-        records, config_reg, config_subsets, notes = dataset_records(data_config, uncaptioned=trigger is not None)
+        # (its is_reg subsets balanced against the images left after the validation split, as kohya: the
+        # split is a pure function of the records, drawn again below)
+        records, config_reg, config_subsets, notes = dataset_records(
+            data_config, uncaptioned=trigger is not None,
+            kept=lambda train: _hold_out_for_validation(train, options, [])[0])
         if config_reg is not None and (options.prior is False or options.class_images is not None):
             raise ValueError(f"--dataset-config {options.dataset_config}: its is_reg subsets are prior preservation with "
                              "your class images, so they cannot go with "
@@ -1205,12 +1206,17 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     notes.extend(_inactive_option_notes(options, caption_notes=agreed))
     notes.extend(train_optimizer.relative_step_notes(options, _optimizer_args(options), defaults=optimizer_defaults,
                                                      learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate))
+    notes.extend(train_optimizer.prodigy_notes(options, learning_rate=options.unet_lr or options.learning_rate
+                                               or spec.learning_rate))
+    notes.extend(train_optimizer.schedule_free_notes(options, _optimizer_args(options)))
     loss_masks = _loss_mask_source(options)
     unmasked = loss_masks.missing(records) if loss_masks is not None else []
     if unmasked:  # (kohya asserts the same before training)
         raise ImageFolderError(f"--conditioning-data-dir {options.conditioning_data_dir}: no mask image for "
                                f"{len(unmasked)} training image(s): {', '.join(unmasked[:5])}"
                                f"{' ...' if len(unmasked) > 5 else ''}; give each image a mask of the same name")
+    # kohya's validation_split: each subset's held-out images (before the class images are balanced against the rest)
+    records, held_out = _hold_out_for_validation(records, options, notes)
     reg = config_reg  # --reg-data-dir: the user's class images, read and balanced before the model loads
     if options.reg_data_dir is not None:
         from ..training.reg_data import find_reg_images
@@ -1221,7 +1227,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
                          prediction_type=options.prediction_type, clip_skip=options.clip_skip,
-                         max_token_length=options.max_token_length)
+                         max_token_length=options.max_token_length, vae=options.vae, log=say)
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")
@@ -1241,6 +1247,10 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         raise ValueError(f"--resolution {width}x{height} must be a multiple of the bucket step {step_size}")
     plan_dataset(records, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
                  min_size=options.min_bucket_reso, max_size=options.max_bucket_reso, no_upscale=options.bucket_no_upscale)
+    if held_out:  # bucketed as the training images
+        plan_dataset(held_out, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
+                     min_size=options.min_bucket_reso, max_size=options.max_bucket_reso,
+                     no_upscale=options.bucket_no_upscale)
     captions = _caption_options(options, templates=templates, total_steps=None)  # (the warm-up once the steps are known)
     augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug)
     dataset = Dataset(records, captions=captions, notes=notes, flip=options.flip_aug, augment=augment, loss_masks=loss_masks)
@@ -1275,7 +1285,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         if reg_dataset is not None:
             reg_dataset.captions = dataclasses.replace(dataset.captions, templates=())
     if data_config is not None:  # each subset's own caption options on its images (the warm-up's steps known now)
-        _subset_captions(options, config_subsets, [*records, *(reg.records if reg is not None else ())],
+        _subset_captions(options, config_subsets, [*records, *held_out, *(reg.records if reg is not None else ())],
                          templates=templates, total_steps=total)
     start = int(resume_record["step"]) if resume_record else 0
     if start >= total:
@@ -1314,19 +1324,18 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     sample_files = [outputs.samples / f"step{s:06d}-{i:02d}.png" for s in sorted(sample_points) for i in range(len(samples))]
     _check_outputs(spec, options, outputs, planned=[*(o for p in planned.values() for o in spec.outputs(p)), *sample_files])
     mixed = None if options.mixed_precision == "no" else options.mixed_precision
-    warmup = options.lr_warmup_steps
-    warmup_steps = (min(20, total // 10) if warmup is None else int(round(warmup * total)) if warmup < 1 else int(warmup))
-    if relative_step:  # Adafactor's own step size: the LR only fills the groups' (unused) lr, as kohya's adafactor schedule
-        warmup_steps = 0
     config = FitConfig(
-        lr_power=float(options.lr_scheduler_power), lr_end=_lr_scheduler_kwargs(options).get("lr_end", 1e-7),
-        schedule_base_lr=options.learning_rate,  # kohya's polynomial factor reads --learning_rate, not --unet-lr
+        # the schedule as kohya maps its options (Adafactor's relative step: constant, no warm-up, as kohya's adafactor
+        # schedule; the polynomial / cosine_with_min_lr reference LR is --learning_rate, not --unet-lr)
+        # (a schedule-free optimiser: constant, no warm-up, as kohya's dummy scheduler — its warm-up is its own)
+        **train_schedule.schedule_fit_args(options, total=total,
+                                           relative_step=relative_step or train_optimizer.uses_schedule_free(options),
+                                           shares=step_shares, learning_rate=spec.learning_rate),
         steps=total, batch_size=options.batch_size, learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate,
-        warmup_steps=warmup_steps, schedule="constant" if relative_step else options.lr_scheduler, seed=options.seed,
+        seed=options.seed,
         optimizer=options.optimizer, scale_weight_norms=options.scale_weight_norms,
         optimizer_args=train_optimizer.fit_optimizer_args(options, _optimizer_args(options), optimizer_defaults),
         weight_decay=train_optimizer.fit_weight_decay(options, optimizer_defaults), text_encoder_lr=options.text_encoder_lr,
-        num_cycles=options.lr_scheduler_num_cycles,
         ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan, text_encoder_steps=options.text_encoder_steps,
         ema_into_weights=options.ema_save == "weights",
         gradient_checkpointing=options.gradient_checkpointing or options.gradient_checkpointing_fraction is not None,
@@ -1335,6 +1344,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         cuda_graph=options.cuda_graph, compile_backend=options.dynamo_backend if options.torch_compile else None,
         zero_terminal_snr=options.zero_terminal_snr, cache_text_encoder_outputs=options.cache_text_encoder_outputs,
         weighted_captions=options.weighted_captions,
+        validate_every_n_steps=options.validate_every_n_steps, validate_every_n_epochs=options.validate_every_n_epochs,
+        max_validation_steps=options.max_validation_steps, validation_seed=options.validation_seed,
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
                         noise_offset_random_strength=options.noise_offset_random_strength,
                         adaptive_noise_scale=options.adaptive_noise_scale,
@@ -1366,6 +1377,13 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         cached = dataset.latent_bytes()
         say(f"--flip-aug: the mirrored images' latents are cached too: {cached / 2**20:.1f} MiB of latents in memory "
             f"({cached / 2 / 2**20:.1f} MiB without flips)")
+    validation_data = None
+    if held_out:  # the held-out images' latents, cached as the others (no flips or pixel augmentation: the same each pass)
+        validation_data = Dataset(held_out, captions=dataset.captions, loss_masks=loss_masks)
+        encode_buckets(validation_data, system.encode_images,
+                       progress=bars("caching validation latents", "image") if bars is not None else None)
+        say(f"--validation-split {options.validation_split}: {len(held_out)} image(s) held out for the validation loss "
+            f"({validation_data.batches_per_epoch(options.batch_size)} batch(es) × 4 timesteps a pass)")
     prior_data: tuple | None
     if reg is not None and reg_dataset is not None:
         encode_buckets(reg_dataset, system.encode_images,
@@ -1403,6 +1421,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                                   epochs=epochs, per_epoch=per_epoch, height=height, width=width, started=started_at,
                                   prior=prior_count, buckets=step_size,
                                   reg_dirs=reg.dirs if reg is not None else None, optimizer_defaults=optimizer_defaults)
+        if options.validation_split:  # kohya's validation keys (written here when images are held out)
+            meta.update(_validation_metadata(options, len(held_out)))
         if data_config is not None and options.dataset_config is not None:  # kohya's ss_datasets (a dataset config)
             from ..training.dataset_config import kohya_datasets_metadata
 
@@ -1447,7 +1467,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         if options.save_state:
             progress_info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
-                              dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults)
+                              dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults,
+                              step_shares=step_shares)
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
 
     removed: list[str] = []
@@ -1466,7 +1487,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         written.append(now)
 
     run_log = RunLog(outputs.log, tensorboard=outputs.tensorboard if tensorboard else None, append=options.resume is not None,
-                     after_step=start, extra=MAX_NORM_COLUMNS if options.scale_weight_norms is not None else None)
+                     after_step=start, extra={**(MAX_NORM_COLUMNS if options.scale_weight_norms is not None else {}),
+                                              **(VALIDATION_COLUMNS if validation_data is not None else {})} or None)
+    validation_losses: list[tuple[int, float]] = []
 
     last: dict = {}
 
@@ -1477,22 +1500,29 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         last["info"] = info
         if info.step == total and options.ema_save == "beside":
             last["ema"] = ema_beside(info)
-        run_log.step(info.step, info.epoch, info.loss, info.lr, info.max_norm)  # (kohya's max-norm statistics, if on)
+        validation = validation_columns(info.validation_loss, info.validated)
+        if info.validation_loss is not None:
+            validation_losses.append((info.step, info.validation_loss))
+            say(f"step {info.step}: validation loss {info.validation_loss:.6g}")
+        # (kohya's max-norm statistics and the validation loss, when on)
+        run_log.step(info.step, info.epoch, info.loss, info.lr, {**(info.max_norm or {}), **validation} or None)
         if info.step in planned:
             save_now(info, planned[info.step])
         if info.step == total and options.save_state_on_train_end:  # kohya's: the state at the end, to train further
             info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, info.step, total, saves=written,
-                              dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults)
+                              dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults,
+                              step_shares=step_shares)
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
         if info.step in sample_points:
+            info.use_weights()  # (a schedule-free optimiser's averaged weights, as kohya samples)
             write_samples(info.step)
 
     if 0 in sample_points:  # --sample-at-first
         write_samples(0)
     try:
         losses = fit(system, adaptation, dataset, config=config, prior=prior_data, callback=progress, on_step=on_step,
-                     resume=options.resume)
+                     resume=options.resume, validation=validation_data)
     except NonFiniteLossError as exc:
         where = (f"the last good save is {saved[-1]}" + (f" (resume from {outputs.state})" if options.save_state else "")
                  if saved else "nothing was saved (use --save-every-n-steps N to keep checkpoints)")
@@ -1528,7 +1558,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             "log": str(outputs.log), "tensorboard": str(outputs.tensorboard) if tensorboard else None,
             "state": str(outputs.state) if (saved and options.save_state) or options.save_state_on_train_end else None,
             "removed": removed,
-            "resumed_from": start if options.resume is not None else None, "lora": lora}
+            "resumed_from": start if options.resume is not None else None, "lora": lora,
+            "validation_images": len(held_out), "validation_losses": validation_losses}
 
 
 def _with_note(exc: Exception, note: str) -> Exception:
@@ -1570,12 +1601,15 @@ def _check_loraplus_unet_base_weights_block_lr(method_options: dict) -> None:
 
 def _write_run_record(folder: Path, method: str, options: TrainOptions, step: int, total: int, *,
                       saves: list[PeriodicSave] | None = None, dataset: dict | None = None,
-                      optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS) -> None:
+                      optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
+                      step_shares: str = train_schedule.FLOOR_SHARES) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
     run lineage wrote and still has (``--save-last-n-*`` of a resumed run continues removing them);
     ``dataset``: the resolved dataset config (:func:`_data_config_record`); ``optimizer_defaults``:
     the defaults the optimiser was built with (:func:`sdadapt.jobs.train_optimizer.recorded_defaults`;
-    a record without it was written before Adafactor took kohya's)."""
+    a record without it was written before Adafactor took kohya's); ``step_shares``: how the run
+    rounds a warm-up share of the steps (:func:`sdadapt.jobs.train_schedule.recorded_shares`; a record
+    without it was written before the share was rounded down as kohya's)."""
     from ..formats.files import atomic_write
 
     record = {"format": "sdadapt-train-run/1", "method": method, "model": str(options.model), "step": step,
@@ -1583,14 +1617,101 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               "images": str(options.images), "method_options": options.method_options,
               "optimizer": options.optimizer, "optimizer_args": _optimizer_args_record(options),
               **({"optimizer_defaults": optimizer_defaults} if optimizer_defaults != train_optimizer.LEGACY_DEFAULTS else {}),
+              **({"step_shares": step_shares} if step_shares != train_schedule.LEGACY_SHARES else {}),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
               "captions": _caption_record(options), "augmentations": _augmentation_record(options),
               "noise": _noise_record(options), "prior": _prior_record(method, options),
               "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir),
+              "vae": _vae_record(options),
+              **({"validation": _validation_record(options)} if options.validation_split else {}),
               "dataset": dataset,
               **({"config_defaults": options.config_defaults} if options.config_defaults != "sdadapt" else {}),
               "periodic_saves": [save.record() for save in saves or ()]}
     atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
+
+
+def _hold_out_for_validation(records: list, options: TrainOptions, notes: list[str]) -> tuple[list, list]:
+    """kohya's ``validation_split``: ``(training records, held-out records)``, each subset (``record.folder``)
+    split by :func:`~sdadapt.training.validation.split_for_validation` with ``validation_seed`` (default
+    ``seed``); training records keep their order, held-out ones get ``repeats=1`` (each used once a pass)."""
+    if not options.validation_split:
+        if options.validate_every_n_steps or options.validate_every_n_epochs or options.max_validation_steps:
+            notes.append("--validate-every-n-* / --max-validation-steps: unused without --validation-split (no "
+                         "images are held out)")
+        return records, []
+    from ..training.validation import split_for_validation
+
+    seed = options.seed if options.validation_seed is None else options.validation_seed
+    subsets: dict[str, list] = {}
+    for record in records:
+        subsets.setdefault(record.folder, []).append(record)
+    kept: set[int] = set()
+    held_out = []
+    for group in subsets.values():
+        train, held = split_for_validation(group, split=options.validation_split, seed=seed, key=lambda r: str(r.path))
+        kept.update(id(r) for r in train)
+        held_out += [dataclasses.replace(r, repeats=1) for r in held]
+    if not held_out:
+        raise ValueError(f"--validation-split {options.validation_split} holds out no image: each subset keeps "
+                         f"ceil(n × {1 - options.validation_split:g}) of its n images for training; raise the split or "
+                         "add images")
+    return [r for r in records if id(r) in kept], held_out
+
+
+def _validation_record(options: TrainOptions) -> dict[str, object]:
+    """``run.json``'s ``validation``: what decides which images are held out (a resumed run trains on the same)."""
+    return {"validation_split": options.validation_split,
+            "validation_seed": (options.seed if options.validation_seed is None else options.validation_seed)
+            if options.validation_split else None}
+
+
+#: what a record written without validation held out
+_VALIDATION_RECORD_DEFAULTS = {"validation_split": 0.0, "validation_seed": None}
+
+
+def _validation_metadata(options: TrainOptions, held_out: int) -> dict[str, str]:
+    """kohya's ``ss_*`` validation keys (``train_network.py``)."""
+    return {"ss_validation_seed": str(options.validation_seed), "ss_validation_split": str(options.validation_split),
+            "ss_max_validation_steps": str(options.max_validation_steps),
+            "ss_validate_every_n_epochs": str(options.validate_every_n_epochs),
+            "ss_validate_every_n_steps": str(options.validate_every_n_steps),
+            "ss_num_validation_images": str(held_out)}
+
+
+def _vae_record(options: TrainOptions) -> dict[str, str] | None:
+    """``run.json``'s ``vae``: the ``--vae`` given (its absolute path and the weights file's sha256,
+    :func:`sdadapt.formats.vae_file.vae_identity`), ``None`` for the model's own VAE."""
+    if options.vae is None:
+        return None
+    from ..formats.vae_file import vae_identity
+
+    identity = vae_identity(options.vae)
+    return {"path": identity["path"], "sha256": identity["sha256"]}
+
+
+def _vae_changes(saved: object, now: dict[str, str] | None) -> list[str]:
+    """The resume mismatch line when the run's VAE differs from the saved one (another VAE encodes other
+    latents; the same weights under another path are the same VAE). A record without ``vae`` (written
+    before ``--vae`` existed) used the model's own."""
+    def sha(entry: object) -> object:
+        return entry.get("sha256") if isinstance(entry, dict) else entry
+
+    def name(entry: object) -> str:
+        return "the model's own" if entry is None else repr(entry.get("path") if isinstance(entry, dict) else entry)
+
+    if sha(saved) == sha(now):
+        return []
+    return [f"vae {name(saved)} (now {name(now)}; another VAE encodes other latents)"]
+
+
+def _vae_metadata(options: TrainOptions) -> dict[str, str]:
+    """kohya's ``ss_vae_name`` / ``ss_vae_hash`` / ``ss_new_vae_hash`` (train_network.py: only with ``--vae``)."""
+    if options.vae is None:
+        return {}
+    from ..formats.vae_file import vae_identity
+
+    identity = vae_identity(options.vae)
+    return {"ss_vae_name": identity["name"], "ss_vae_hash": identity["legacy"], "ss_new_vae_hash": identity["sha256"]}
 
 
 def _optimizer_args_record(options: TrainOptions) -> list[str]:
@@ -1712,6 +1833,9 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
                                         defaults=_AUGMENTATION_DEFAULTS, absent={})
     mismatches += _record_table_changes(folder, record, "noise", _noise_record(options),
                                         defaults=_NOISE_RECORD_DEFAULTS, absent={})
+    # (which images train: a record without it held none out)
+    mismatches += _record_table_changes(folder, record, "validation", _validation_record(options),
+                                        defaults=_VALIDATION_RECORD_DEFAULTS, absent={})
     if "dataset" in record and record["dataset"] != dataset:  # (older records: not checked)
         from ..training.dataset_config import record_changes
 
@@ -1726,6 +1850,7 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
     reg_now = None if options.reg_data_dir is None else str(options.reg_data_dir)
     if "reg_data_dir" in record and record["reg_data_dir"] != reg_now:  # (older records: not checked)
         mismatches.append(f"reg_data_dir {record['reg_data_dir']!r} (now {reg_now!r})")
+    mismatches += _vae_changes(record.get("vae"), _vae_record(options))
     saved_defaults = record.get("config_defaults", "sdadapt")  # (older records: sdadapt's)
     if saved_defaults != options.config_defaults:
         mismatches.append(f"the defaults of the options left out, {saved_defaults}'s (now {options.config_defaults}'s; "
@@ -1815,6 +1940,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_sd_model_name": model_file.name if model_file is not None else Path(str(options.model)).name,
         "ss_sd_model_hash": base.get("legacy", ""),
         "ss_new_sd_model_hash": base.get("sha256", ""),
+        **_vae_metadata(options),
         "ss_training_comment": options.training_comment or "",
         "ss_sdadapt_method": spec.name,
         "modelspec.resolution": f"{width}x{height}",

@@ -35,11 +35,16 @@ __all__ = [
     "LEGACY_WEIGHT_DECAY",
     "fit_optimizer_args",
     "fit_weight_decay",
+    "prodigy_clashes",
+    "prodigy_notes",
     "recorded_defaults",
     "relative_step_notes",
+    "schedule_free_clashes",
+    "schedule_free_notes",
     "ss_lr_scheduler",
     "ss_optimizer",
     "uses_relative_step",
+    "uses_schedule_free",
 ]
 
 #: ``run.json``'s ``optimizer_defaults`` of runs whose optimiser gets kohya's defaults
@@ -138,11 +143,100 @@ _LR_FACTOR_OPTIONS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_t
                       "mid_lr_weight", "up_lr_weight", "block_lr", "neg_lr_weight")
 
 
+#: what kohya's ``ss_optimizer`` names an optimiser by, where it is the class kohya builds (its module
+#: path and name, as ``get_optimizer`` writes ``optimizer_class.__module__ + "." + __name__``)
+_KOHYA_CLASS_NAMES = {"adamw-schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+                      "sgd-schedulefree": "schedulefree.sgd_schedulefree.SGDScheduleFree",
+                      "prodigy": "prodigyopt.prodigy.Prodigy", "dadapt-adam": "dadaptation.dadapt_adam.DAdaptAdam",
+                      "dadapt-lion": "dadaptation.dadapt_lion.DAdaptLion",
+                      "dadapt-adam-preprint": "dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint"}
+#: the optimisers estimating one step size for every group (the LRs multiply it), as the notes name
+#: them, with what kohya's warning about a low LR advises to tune instead
+_ESTIMATING = {"prodigy": ("Prodigy", "prodigyopt", "tune d_coef in --optimizer-args instead"),
+               "dadapt-adam": ("DAdaptAdam", "dadaptation", "lower it only if training is unstable"),
+               "dadapt-lion": ("DAdaptLion", "dadaptation", "lower it only if training is unstable"),
+               "dadapt-adam-preprint": ("DAdaptAdamPreprint", "dadaptation", "lower it only if training is unstable")}
+
+
 def ss_optimizer(options: TrainOptions, given: OptimizerArgs, defaults: str = KOHYA_DEFAULTS) -> str:
     """kohya's ``ss_optimizer``: the name, and the arguments kohya's ``get_optimizer`` built it with
-    (Adafactor: ``relative_step=True`` added as kohya adds it), e.g. ``adafactor(relative_step=True)``."""
+    (Adafactor: ``relative_step=True`` added as kohya adds it), e.g. ``adafactor(relative_step=True)``;
+    Prodigy as kohya names its class: ``prodigyopt.prodigy.Prodigy(decouple=True,d_coef=2)``."""
     args = tuple(given) if defaults == LEGACY_DEFAULTS else kohya_optimizer_args(_canonical(options), tuple(given))
-    return options.optimizer + (f"({format_optimizer_args(args)})" if args else "")
+    name = _KOHYA_CLASS_NAMES.get(_canonical(options), options.optimizer)
+    return name + (f"({format_optimizer_args(args)})" if args else "")
+
+
+def prodigy_clashes(options: TrainOptions) -> list[str]:
+    """What in ``options`` gives Prodigy's parameter groups different learning rates, which it
+    cannot train with (one estimated step size for all; prodigyopt raises at the first step, so
+    kohya's run fails there): a ``--text-encoder-lr`` other than the UNet's (or 0), LoRA+ ratios.
+    The same for D-Adaptation (``dadapt-adam``, ``dadapt-lion``, ``dadapt-adam-preprint``: dadaptation raises
+    the same way)."""
+    if _canonical(options) not in _ESTIMATING:
+        return []
+    clashes = []
+    unet = options.unet_lr if options.unet_lr is not None else options.learning_rate
+    if options.text_encoder_lr not in (None, 0) and (unet is None or options.text_encoder_lr != unet):
+        clashes.append(f"--text-encoder-lr {options.text_encoder_lr:g} (give the text encoder the UNet's learning rate, "
+                       "or 0 to freeze it)")
+    clashes += [f"{name} {options.method_options[name]}" for name in _LR_FACTOR_OPTIONS[:3]
+                if options.method_options.get(name) not in (None, 1, 1.0)]
+    return clashes
+
+
+def prodigy_notes(options: TrainOptions, *, learning_rate: float) -> list[str]:
+    """Run-report lines for Prodigy: its learning rate multiplies the step size it estimates (``d``),
+    and kohya's warning when that multiplier is ``≤ 0.1`` (D-Adaptation / Prodigy want about 1.0).
+    The same for D-Adaptation's DAdaptAdam, DAdaptLion and DAdaptAdamPreprint (kohya's ``DAdaptation``)."""
+    if _canonical(options) not in _ESTIMATING:
+        return []
+    name, package, instead = _ESTIMATING[_canonical(options)]
+    notes = [(f"{name} estimates its own step size d (starting at d0, 1e-6 unless --optimizer-args say d0=...); "
+              f"the learning rate {learning_rate:g} multiplies it (the step is d × lr; kohya and {package} advise "
+              "1.0), and the schedule scales that product")]
+    if learning_rate <= 0.1:  # (kohya's get_optimizer warns at the same bound)
+        notes.append(f"learning rate {learning_rate:g} is low for {name}: kohya warns at 0.1 and below and recommends "
+                     f"--learning-rate 1.0 ({instead})")
+    return notes
+
+
+def uses_schedule_free(options: TrainOptions) -> bool:
+    """Whether the optimiser is schedule-free (kohya's ``AdamWScheduleFree``, ``SGDScheduleFree``): no LR schedule, and
+    the weights saved and sampled are its eval-mode average."""
+    from ..methods.fit import _SCHEDULE_FREE_OPTIMIZERS
+
+    return _canonical(options) in _SCHEDULE_FREE_OPTIMIZERS
+
+
+def schedule_free_clashes(options: TrainOptions) -> list[str]:
+    """What in ``options`` a schedule-free optimiser cannot train with (kohya offers neither with it):
+    an EMA (the optimiser's eval-mode weights are already an average) and the fused backward pass."""
+    if not uses_schedule_free(options):
+        return []
+    return [what for what, clash in (
+        (f"--ema-decay {options.ema_decay} (its eval-mode weights are already an average of the steps)",
+         options.ema_decay is not None),
+        ("--fused-backward-pass (one optimiser per block, each with its own averaging weights)", options.fused_backward_pass),
+    ) if clash]
+
+
+def schedule_free_notes(options: TrainOptions, given: OptimizerArgs) -> list[str]:
+    """Run-report lines for a schedule-free optimiser: the LR schedule kohya leaves unused, and which
+    weights the samples and saves hold (``given``: ``--optimizer-args``, checked)."""
+    if not uses_schedule_free(options):
+        return []
+    warmup = dict(given).get("warmup_steps", 0)
+    notes = [(f"{options.optimizer} is schedule-free: a constant learning rate with the optimiser's own warm-up (--optimizer-args "
+              f"warmup_steps=N{f', here {warmup}' if warmup else ''}); samples, saves and the state hold its eval-mode "
+              "weights (the average of the steps), as kohya's optimizer_eval_fn")]
+    unused = [f"{flag} {value}" for flag, value in (
+        ("--lr-scheduler", options.lr_scheduler if options.lr_scheduler != "cosine" else None),  # (not the default)
+        ("--lr-warmup-steps", options.lr_warmup_steps or None)) if value is not None]
+    if unused:
+        notes.append(f"{', '.join(unused)}: not used with a schedule-free optimizer (kohya ignores them too: its "
+                     "scheduler is a dummy one); give the warm-up as --optimizer-args warmup_steps=N")
+    return notes
 
 
 def ss_lr_scheduler(options: TrainOptions, given: OptimizerArgs, *, learning_rate: float, schedule: str,

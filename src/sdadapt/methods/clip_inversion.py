@@ -71,7 +71,7 @@ class ClipInversionAdaptation:
 
     def remove(self) -> None:
         """Unbind the vector: the system conditions exactly as before."""
-        self.system.image_tokens[:] = [b for b in self.system.image_tokens if b is not self._binding]
+        self.system.image_tokens[:] = [b for b in self.system.image_tokens if b[1] is not self.vector]  # (ids may have moved)
 
 
 def prepare_clip_inversion(system, *, token: str | None = None, words: tuple[str, ...] | None = None) -> ClipInversionAdaptation:

@@ -41,6 +41,11 @@ from torch.utils import _pytree as pytree
 
 from ..training.diffusion import zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
+from ..training.lr_schedules import (
+    EXTRA_SCHEDULES,
+    check_extra_schedule,
+    extra_schedule_factor,
+)
 from ..training.optim import lr_at
 from ..training.step import (
     EMA,
@@ -57,14 +62,48 @@ __all__ = ["Adaptation", "FitConfig", "FitProgress", "NonFiniteLossError", "OPTI
            "fit", "make_optimizer", "zero_terminal_snr_clashes"]
 
 #: optimiser names (kohya's spellings are accepted case-insensitively by :func:`make_optimizer`)
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor", "lion", "lion-bf16", "sgd-nesterov", "prodigy",
+              "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint", "adamw-schedulefree",
+              "sgd-schedulefree")
 _OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw-8bit": "adamw8bit",
                       "pagedadamw8bit": "adamw8bit", "adamw-bf16": "adamw-bf16", "adamw_bf16": "adamw-bf16",
-                      "adamwbf16": "adamw-bf16", "adafactor": "adafactor"}
+                      "adamwbf16": "adamw-bf16", "adafactor": "adafactor", "lion": "lion", "lion-bf16": "lion-bf16",
+                      "lion_bf16": "lion-bf16", "lionbf16": "lion-bf16", "lion8bit": "lion-bf16",
+                      "pagedlion8bit": "lion-bf16", "sgd-nesterov": "sgd-nesterov", "sgd_nesterov": "sgd-nesterov",
+                      "sgdnesterov": "sgd-nesterov", "prodigy": "prodigy", "dadapt-adam": "dadapt-adam",
+                      "dadapt_adam": "dadapt-adam", "dadaptadam": "dadapt-adam", "dadapt-lion": "dadapt-lion",
+                      "dadapt_lion": "dadapt-lion", "dadaptlion": "dadapt-lion",
+                      "dadapt-adam-preprint": "dadapt-adam-preprint", "dadaptadampreprint": "dadapt-adam-preprint",
+                      "dadaptation": "dadapt-adam-preprint",
+                      "adamw-schedulefree": "adamw-schedulefree", "adamwschedulefree": "adamw-schedulefree",
+                      "adamw_schedulefree": "adamw-schedulefree", "sgd-schedulefree": "sgd-schedulefree",
+                      "sgdschedulefree": "sgd-schedulefree", "sgd_schedulefree": "sgd-schedulefree"}
+#: the schedule-free optimisers: train()/eval() mode switches, no LR schedule (kohya's *ScheduleFree)
+_SCHEDULE_FREE_OPTIMIZERS = ("adamw-schedulefree", "sgd-schedulefree")
+#: the optimisers that estimate one step size for all parameter groups (their LRs multiply it)
+_STEP_SIZE_ESTIMATING = ("prodigy", "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint")
+_DADAPT_OTHERS = ("sdadapt has D-Adaptation's Adam and Lion (DAdaptAdam, DAdaptAdamPreprint = kohya's DAdaptation, "
+                  "DAdaptLion) and Prodigy (the same authors' successor, usually preferred); use "
+                  "optimizer_type = \"DAdaptAdam\" or \"Prodigy\"")
+#: kohya optimiser names refused, with the reason and what to use (lower case)
+_REFUSED_OPTIMIZERS = {"sgdnesterov8bit": (
+    "SGDNesterov8bit is bitsandbytes' SGD with an 8-bit momentum, which sdadapt does not have; use SGDNesterov "
+    "(the same update, a float32 momentum: 4 bytes per parameter) or Lion8bit (sdadapt's Lion with a bfloat16 "
+    "momentum: 2 bytes per parameter)"),
+    "dadaptadagrad": "DAdaptAdaGrad is not in sdadapt; " + _DADAPT_OTHERS,
+    "dadaptadan": "DAdaptAdan is not in sdadapt; " + _DADAPT_OTHERS,
+    "dadaptadanip": "DAdaptAdanIP (dadaptation's experimental Adan) is not in sdadapt; " + _DADAPT_OTHERS,
+    "dadaptsgd": "DAdaptSGD is not in sdadapt; " + _DADAPT_OTHERS,
+    "radamschedulefree": ("RAdamScheduleFree is not in sdadapt; use AdamWScheduleFree with optimizer_args "
+                          "warmup_steps=N (RAdam's rectification stands in for that warm-up) or SGDScheduleFree")}
 #: the optimisers ``FitConfig.cuda_graph`` can capture (built ``capturable=True``)
-_CAPTURABLE_OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16")
-#: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``)
-SCHEDULES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+_CAPTURABLE_OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor", "lion", "lion-bf16", "prodigy",
+                          "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint", "adamw-schedulefree",
+                          "sgd-schedulefree")
+#: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``; the last four:
+#: :mod:`sdadapt.training.lr_schedules`)
+SCHEDULES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial",
+             *EXTRA_SCHEDULES)
 
 
 class Adaptation(Protocol):
@@ -117,9 +156,31 @@ class FitConfig:
             group's LR, so ``learning_rate``, ``text_encoder_lr``, the schedule and the adaptation's
             ``lr_scales`` — LoRA+, block lr weights, DreamArtist's negative weight — are unused, as in
             kohya; a parameter whose LR is 0 (``text_encoder_lr=0``, an ``lr_scales`` entry of 0)
-            is still frozen).
-        weight_decay: the decoupled weight decay; ``None`` (default): the optimiser's own (0.01
-            for the AdamW ones, as ``torch.optim.AdamW``; 0 for Adafactor, as transformers').
+            is still frozen); ``lion`` / ``lion-bf16``: sdadapt's :class:`~sdadapt.training.lion.Lion`
+            with a float32 / bf16 momentum (kohya's ``Lion``; ``Lion8bit`` and ``PagedLion8bit`` train
+            as ``lion-bf16``, docs/optim.md says why); ``sgd-nesterov``: ``torch.optim.SGD`` with
+            ``nesterov=True`` and momentum 0.9 unless ``optimizer_args`` give one (kohya's
+            ``SGDNesterov``; float32 weights only); ``prodigy``: sdadapt's
+            :class:`~sdadapt.training.prodigy.Prodigy` (kohya's ``Prodigy``, prodigyopt's algorithm):
+            it estimates the step size ``d`` itself and ``learning_rate`` multiplies it (use 1.0, as
+            kohya advises); every group's LR must be the same or 0 (no separate ``text_encoder_lr``,
+            no LoRA+ or block LR factors), and it cannot be used with ``fused_backward``;
+            ``dadapt-adam`` / ``dadapt-lion``: sdadapt's :class:`~sdadapt.training.dadapt.DAdaptAdam` /
+            :class:`~sdadapt.training.dadapt.DAdaptLion` (kohya's ``DAdaptAdam`` / ``DAdaptLion``,
+            dadaptation 3.2's algorithms; ``dadapt-adam-preprint``, kohya's ``DAdaptation``:
+            :class:`~sdadapt.training.dadapt.DAdaptAdamPreprint`), the same rules as ``prodigy``; ``adamw-schedulefree``:
+            sdadapt's :class:`~sdadapt.training.schedule_free.AdamWScheduleFree` (kohya's
+            ``AdamWScheduleFree``, schedulefree 1.4.1's algorithm): a constant LR (``schedule`` and
+            ``warmup_steps`` are unused, as kohya's dummy scheduler leaves them; its own warm-up is
+            ``optimizer_args`` ``warmup_steps``), no ``ema_decay``, no ``fused_backward``; ``fit``
+            puts it in train mode before each step and in eval mode — the averaged weights — before
+            ``on_step`` saves (:meth:`FitProgress.save_state`, :meth:`FitProgress.averaged`,
+            :meth:`FitProgress.use_weights`) and when it returns; ``sgd-schedulefree``: the same for
+            :class:`~sdadapt.training.schedule_free.SGDScheduleFree` (kohya's ``SGDScheduleFree``).
+        weight_decay: the weight decay; ``None`` (default): the optimiser's own (0.01 for the AdamW
+            ones, as ``torch.optim.AdamW``; 0 for Adafactor, Lion, SGD, Prodigy and D-Adaptation, as transformers',
+            lion-pytorch's, torch's and prodigyopt's). Decoupled for AdamW and Adafactor, multiplied by the LR
+            for Lion (lion-pytorch's), an L2 term added to the gradient for SGD (torch's).
         schedule: one of :data:`SCHEDULES`; ``num_cycles`` for ``cosine_with_restarts``;
             ``lr_power`` and ``lr_end`` for ``polynomial`` (diffusers' / kohya's polynomial decay:
             after the warm-up ``lr = (L − lr_end)·(1 − p)^lr_power + lr_end`` with ``L`` =
@@ -129,6 +190,18 @@ class FitConfig:
         schedule_base_lr: the ``L`` the polynomial schedule's factor is computed from: kohya's
             optimiser LR (``--learning_rate``), which ``--unet_lr`` does not change (``None``:
             ``learning_rate``). ``lr_end`` must be below it, as diffusers requires.
+        min_lr_ratio, decay_steps, lr_timescale, step_rules, warmup_type, decay_type: the settings
+            of kohya's other schedules (:mod:`sdadapt.training.lr_schedules`, each group's LR its
+            base LR times the factor): ``cosine_with_min_lr`` (transformers') needs ``min_lr_ratio``
+            (in [0, 1]: the factor it ends at) and reads ``num_cycles`` as half-waves of the cosine;
+            ``warmup_stable_decay`` (transformers' WSD) warms up over ``warmup_steps`` (from
+            ``min_lr_ratio``, default 0, along ``warmup_type``), holds, then decays over the last
+            ``decay_steps`` (``warmup_steps + decay_steps <= steps``) along ``decay_type`` (``linear``,
+            ``cosine`` — ``num_cycles`` half-waves — or ``1-sqrt``) to ``min_lr_ratio``;
+            ``inverse_sqrt`` is ``1/√((s + τ − W)/τ)`` after the warm-up with ``τ = lr_timescale``
+            (default ``warmup_steps``, or 10000 without a warm-up); ``piecewise_constant``
+            (diffusers') needs ``step_rules`` (``"1:100,0.1:200,0.01"``: factor 1 before step 100,
+            0.1 before step 200, then 0.01) and has no warm-up (``warmup_steps`` unused, as kohya's).
         text_encoder_lr: LR of parameters inside the text encoder(s) (default: ``learning_rate``;
             0 freezes them — kohya's ``--network_train_unet_only``).
         text_encoder_steps: train the parameters inside the text encoder(s) for the first this
@@ -169,9 +242,11 @@ class FitConfig:
             layout (batch size × bucket) trains 3 eager steps, is captured, then replayed with one
             launch. Noise and timesteps are drawn outside the graph from the same generator, so the
             run draws what an eager one draws; the optimiser is built ``capturable`` with tensor
-            learning rates (the schedule fills them in place). Needs an AdamW optimiser (``adamw``,
-            ``adamw8bit``, ``adamw-bf16``), ``step.accumulation_steps == 1``, no fp16 (bf16 works),
-            no ``fused_backward``. A dataset's prior batch (a second forward) is captured with the
+            learning rates (the schedule fills them in place). With ``step.accumulation_steps`` > 1
+            each micro-batch is a replay and each optimiser update one more (its own graph). Needs
+            an AdamW, Adafactor, Lion or Prodigy optimiser (``adamw``, ``adamw8bit``, ``adamw-bf16``,
+            ``adafactor`` — relative step too —, ``lion``, ``lion-bf16``, ``prodigy``), no fp16 (bf16 works), no
+            ``fused_backward``. A dataset's prior batch (a second forward) is captured with the
             step, its noise drawn before the replay. On a CPU the steps run eagerly (the same results).
         compile_backend: ``torch.compile`` the model the step calls (the UNet with the adapters
             and, where the method trains through it, the text conditioning) with this dynamo
@@ -211,6 +286,18 @@ class FitConfig:
             :class:`~sdadapt.training.data.Dataset`, a system with ``tokenize_weighted``, no
             adaptation ``tokenize`` / ``training_model`` and no ``cache_text_encoder_outputs``;
             generated class images' prompts stay unweighted.
+        validate_every_n_steps, validate_every_n_epochs, max_validation_steps, validation_seed: the
+            validation loss of the held-out data ``fit(..., validation=...)`` (kohya's options of the
+            same names; :mod:`sdadapt.training.validation`): a pass after every
+            ``validate_every_n_steps``-th optimiser step (``None``: none by steps) and at the end of
+            every ``validate_every_n_epochs``-th epoch (``None``: every epoch, as kohya; the last step
+            ends the last epoch; with image tensors the run is one epoch), over the first
+            ``max_validation_steps`` held-out batches (``None``: all), each batch at kohya's 4 fixed
+            timesteps with noise drawn from ``validation_seed`` (``None``: ``seed``) anew at each pass,
+            the model in eval mode under ``no_grad``. It draws nothing from the training run's
+            generators: a run with validation trains bit for bit as one without (a schedule-free
+            optimiser apart: the eval()/train() pair around each pass rounds its weights once more).
+            :attr:`FitProgress.validation_loss` has the mean.
     """
 
     steps: int = 300
@@ -242,10 +329,24 @@ class FitConfig:
     lr_power: float = 1.0
     lr_end: float = 1e-7
     schedule_base_lr: float | None = None
+    min_lr_ratio: float | None = None
+    decay_steps: int = 0
+    lr_timescale: int | None = None
+    step_rules: str | None = None
+    warmup_type: str = "linear"
+    decay_type: str = "cosine"
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    max_validation_steps: int | None = None
+    validation_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None (kohya's --{name}), got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.text_encoder_lr is not None and not self.text_encoder_lr >= 0:
@@ -261,6 +362,13 @@ class FitConfig:
         if self.schedule == "polynomial" and not 0 <= self.lr_end < self._schedule_lr:
             raise ValueError(f"lr_end must be >= 0 and below learning_rate (schedule_base_lr when given) {self._schedule_lr} "
                              f"(the polynomial schedule decays from it to lr_end; diffusers refuses the same), got {self.lr_end!r}")
+        if self.schedule in EXTRA_SCHEDULES:
+            check_extra_schedule(self.schedule, total_steps=self.steps, warmup_steps=self.warmup_steps,
+                                 decay_steps=self.decay_steps, min_lr_ratio=self.min_lr_ratio,
+                                 lr_timescale=self.lr_timescale, step_rules=self.step_rules,
+                                 warmup_type=self.warmup_type, decay_type=self.decay_type)
+        if self.optimizer.lower() in _REFUSED_OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: {_REFUSED_OPTIMIZERS[self.optimizer.lower()]}")
         if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -283,6 +391,15 @@ class FitConfig:
         if self.gradient_checkpointing_fraction < 1.0 and not self.gradient_checkpointing:
             raise ValueError("gradient_checkpointing_fraction < 1 chooses which blocks gradient checkpointing recomputes; "
                              "set gradient_checkpointing=True too")
+        if self.fused_backward and _OPTIMIZER_ALIASES[self.optimizer.lower()] in _STEP_SIZE_ESTIMATING:
+            raise ValueError("fused_backward (--fused-backward-pass) steps one block's optimiser at a time, but "
+                             f"{self.optimizer}'s step size is estimated from sums over every trained parameter at once; "
+                             "leave out fused_backward or use another optimizer")
+        if self.schedule_free:
+            clashes = _schedule_free_clashes(self)
+            if clashes:
+                raise ValueError(f"optimizer {self.optimizer!r} is schedule-free (no LR schedule; its eval-mode weights "
+                                 "are the average of its steps), so it cannot work with " + "; ".join(clashes))
         if self.fused_backward:
             clashes = fused_backward_clashes(self.step)
             if clashes:
@@ -295,9 +412,8 @@ class FitConfig:
                              "encoded, which cache_text_encoder_outputs does once without the weights; give one of "
                              "the two (kohya refuses the pair too)")
         if self.cuda_graph:
-            clashes = cuda_graph_clashes(fused_backward=self.fused_backward, accumulation_steps=self.step.accumulation_steps,
-                                         mixed_precision=self.step.mixed_precision, optimizer=self.optimizer,
-                                         compile_backend=self.compile_backend)
+            clashes = cuda_graph_clashes(fused_backward=self.fused_backward, mixed_precision=self.step.mixed_precision,
+                                         optimizer=self.optimizer, compile_backend=self.compile_backend)
             if clashes:
                 raise ValueError("cuda_graph (--cuda-graph) captures each optimiser step in a CUDA graph, so it cannot "
                                  "work with " + "; ".join(clashes))
@@ -318,12 +434,22 @@ class FitConfig:
                 and bool(dict(self.optimizer_args).get("relative_step", False)))
 
     @property
+    def schedule_free(self) -> bool:
+        """Whether the optimiser is schedule-free (``adamw-schedulefree``, ``sgd-schedulefree``): ``fit`` switches it to train
+        mode before each step and to eval mode (the averaged weights) whenever the weights are used."""
+        return _OPTIMIZER_ALIASES[self.optimizer.lower()] in _SCHEDULE_FREE_OPTIMIZERS
+
+    @property
     def _schedule_lr(self) -> float:
         """The LR the polynomial schedule's factor is computed from (``schedule_base_lr`` or ``learning_rate``)."""
         return self.learning_rate if self.schedule_base_lr is None else float(self.schedule_base_lr)
 
     def lr_at(self, step: int, base: float) -> float:
-        """The LR of a group with base LR ``base`` at optimiser step ``step`` (0-based)."""
+        """The LR of a group with base LR ``base`` at optimiser step ``step`` (0-based): ``base`` at
+        every step for a schedule-free optimiser (kohya's dummy scheduler: ``schedule`` and
+        ``warmup_steps`` unused; its own warm-up is ``optimizer_args`` ``warmup_steps``)."""
+        if self.schedule_free:
+            return base
         schedule = {"constant_with_warmup": "warmup"}.get(self.schedule, self.schedule)
         if schedule == "constant" and self.warmup_steps:
             schedule = "warmup"
@@ -332,8 +458,23 @@ class FitConfig:
             factor = lr_at(step, base_lr=reference, schedule="polynomial", warmup_steps=self.warmup_steps,
                            total_steps=self.steps, min_lr=self.lr_end, power=self.lr_power) / reference
             return base * factor
+        if schedule in EXTRA_SCHEDULES:  # (kohya's LambdaLR: each group's base LR times one factor)
+            return base * extra_schedule_factor(
+                schedule, step, total_steps=self.steps, warmup_steps=self.warmup_steps, num_cycles=self.num_cycles,
+                decay_steps=self.decay_steps, min_lr_ratio=self.min_lr_ratio, lr_timescale=self.lr_timescale,
+                step_rules=self.step_rules, warmup_type=self.warmup_type, decay_type=self.decay_type)
         return lr_at(step, base_lr=base, schedule=schedule, warmup_steps=self.warmup_steps,  # type: ignore[arg-type]
                      total_steps=self.steps, num_cycles=self.num_cycles)
+
+
+def _schedule_free_clashes(config: FitConfig) -> list[str]:
+    """What a schedule-free optimiser cannot train with (empty: nothing). (The LR schedule is not
+    among them: it is unused, as kohya's — :meth:`FitConfig.lr_at`.)"""
+    return [what for what, clash in (
+        ("ema_decay (its eval-mode weights are already an average of the steps)", config.ema_decay is not None),
+        ("fused_backward (one optimiser per block, each with its own train/eval mode and averaging weights)",
+         config.fused_backward),
+    ) if clash]
 
 
 def zero_terminal_snr_clashes(step: StepConfig) -> list[str]:
@@ -354,7 +495,7 @@ def zero_terminal_snr_clashes(step: StepConfig) -> list[str]:
     return clashes
 
 
-def cuda_graph_clashes(*, fused_backward: bool, accumulation_steps: int, mixed_precision: str | None, optimizer: str,
+def cuda_graph_clashes(*, fused_backward: bool, mixed_precision: str | None, optimizer: str,
                        compile_backend: str | None = None) -> list[str]:
     """What in a run's options keeps its steps from being captured in CUDA graphs
     (:attr:`FitConfig.cuda_graph`; ``train --cuda-graph`` checks the same before loading the model),
@@ -362,8 +503,6 @@ def cuda_graph_clashes(*, fused_backward: bool, accumulation_steps: int, mixed_p
     name = _OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer)
     return [what for what, clash in (
         ("fused_backward (--fused-backward-pass: its optimisers step from Python hooks)", fused_backward),
-        (f"gradient accumulation (--gradient-accumulation-steps {accumulation_steps}: a graph is one micro-batch "
-         "and one optimiser step)", accumulation_steps != 1),
         ("fp16 mixed precision (its loss scaler reads a value back each step; use bf16)", mixed_precision == "fp16"),
         (f"optimizer {optimizer!r} (use {', '.join(_CAPTURABLE_OPTIMIZERS)})", name not in _CAPTURABLE_OPTIMIZERS),
         ("the cudagraphs compile backend (a graph captured inside another; use inductor)", compile_backend == "cudagraphs"),
@@ -383,6 +522,12 @@ def _check_compile_backend(name: str) -> str:
     return name
 
 
+def _graph_capturable(groups: list[dict[str, Any]]) -> bool:
+    """Whether ``make_optimizer`` builds the optimiser over ``groups`` ``capturable`` when
+    ``cuda_graph`` asks for it: all their parameters are on CUDA devices (off CUDA the steps run eagerly)."""
+    return all(p.device.type == "cuda" for group in groups for p in group["params"])
+
+
 def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
     """The optimiser ``config.optimizer`` over parameter ``groups`` (``{"params": [...], "lr": ...}``).
 
@@ -390,15 +535,31 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     sdadapt's :class:`~sdadapt.training.optim.AdamW` with float32 states, which writes the weights
     back with stochastic rounding (round-to-nearest loses every update below half a bf16 ulp).
     sdadapt's optimisers (all the others) always round bf16 weights stochastically. sdadapt's AdamW
-    takes its multi-tensor step (``foreach=True``: the same result, far fewer kernel launches) on
+    (and Adafactor) takes its multi-tensor step (``foreach=True``: the same result, far fewer kernel launches) on
     an accelerator, as torch's optimisers do, and its per-parameter step on CPU, where a launch
     costs nothing and the batched passes' buffers (~0.55–0.7 GB per 2²⁴-element chunk; a larger
     tensor is cut into chunk-sized pieces) would only add memory.
 
     ``config.optimizer_args`` go to the constructor as they are (their ``weight_decay`` replaces
     ``config.weight_decay``; neither given: the optimiser's default, 0.01 for AdamW, 0 for Adafactor); Adafactor with ``relative_step=True`` gets ``lr=None`` (its step size
-    is then its own, the LR and schedule unused, as in kohya)."""
-    from ..training.optimizer_args import optimizer_kwargs
+    is then its own, the LR and schedule unused, as in kohya).
+
+    ``lion`` / ``lion-bf16`` are sdadapt's :class:`~sdadapt.training.lion.Lion` (float32 / bf16
+    momentum; multi-tensor on an accelerator, capturable as AdamW). ``sgd-nesterov`` is
+    ``torch.optim.SGD(nesterov=True)`` with momentum 0.9 unless the arguments give one (kohya's
+    default); it refuses bf16 parameters (torch's SGD writes them with round-to-nearest, which drops
+    every update below half a bf16 ulp: train in float32 or use lion / adamw, which round stochastically).
+
+    ``prodigy`` is sdadapt's :class:`~sdadapt.training.prodigy.Prodigy` (prodigyopt's algorithm, the
+    step-size estimate kept on the device; multi-tensor on an accelerator, capturable): the groups'
+    LRs multiply the estimated step size and must be equal or 0 (``ValueError`` otherwise).
+    ``dadapt-adam`` / ``dadapt-lion`` are sdadapt's :class:`~sdadapt.training.dadapt.DAdaptAdam` /
+    :class:`~sdadapt.training.dadapt.DAdaptLion` (dadaptation 3.2's algorithms), built as ``prodigy``;
+    ``dadapt-adam-preprint`` (kohya's ``DAdaptation``) :class:`~sdadapt.training.dadapt.DAdaptAdamPreprint`.
+
+    Raises:
+        InputError: ``sgd-nesterov`` over bf16 parameters."""
+    from ..training.optimizer_args import SGD_NESTEROV_MOMENTUM, optimizer_kwargs
 
     name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
     decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
@@ -407,19 +568,51 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])
     # config.cuda_graph on CUDA: capturable, each group's lr a 0-dim tensor on its parameters' device
     # (filled in place by the schedule; a captured graph reads it). Off CUDA the steps run eagerly.
-    capturable = config.cuda_graph and all(p.device.type == "cuda" for group in groups for p in group["params"])
-    if capturable:
+    capturable = config.cuda_graph and _graph_capturable(groups)
+    if capturable:  # (float64 for Adafactor, Prodigy and Lion: their step sizes / Lion's decay 1 − lr·λ are computed in float64 from the LR, as from a Python float)
         groups = [{**group, "lr": torch.tensor(float(group.get("lr", config.learning_rate)),
+                                               dtype=torch.float64 if name in ("adafactor", "lion", "lion-bf16", *_STEP_SIZE_ESTIMATING,
+                                                                               *_SCHEDULE_FREE_OPTIMIZERS) else None,
                                                device=group["params"][0].device)} for group in groups]
     extra: dict[str, Any] = {"capturable": True} if capturable else {}
     if name == "adamw" and not bf16:
         return torch.optim.AdamW(groups, lr=config.learning_rate, **options, **extra)
+    if name in _SCHEDULE_FREE_OPTIMIZERS:
+        from ..training.schedule_free import AdamWScheduleFree, SGDScheduleFree
+
+        free = AdamWScheduleFree if name == "adamw-schedulefree" else SGDScheduleFree
+        return free(groups, lr=config.learning_rate, foreach=foreach, **options, **extra)
+    if name == "prodigy":
+        from ..training.prodigy import Prodigy
+
+        return Prodigy(groups, lr=config.learning_rate, foreach=foreach, **options, **extra)
+    if name in ("dadapt-adam", "dadapt-lion", "dadapt-adam-preprint"):
+        from ..training.dadapt import DAdaptAdam, DAdaptAdamPreprint, DAdaptLion
+
+        dadapt = {"dadapt-adam": DAdaptAdam, "dadapt-lion": DAdaptLion, "dadapt-adam-preprint": DAdaptAdamPreprint}[name]
+        return dadapt(groups, lr=config.learning_rate, foreach=foreach, **options, **extra)
+    if name == "sgd-nesterov":
+        if bf16:
+            from ..errors import InputError
+
+            raise InputError("optimizer sgd-nesterov over bf16 weights (--full-bf16): torch's SGD writes them back "
+                             "with round-to-nearest, which drops every update smaller than half a bf16 step; train "
+                             "the weights in float32 (leave out --full-bf16) or use lion / adamw, which round "
+                             "bf16 weights stochastically")
+        return torch.optim.SGD(groups, lr=config.learning_rate, nesterov=True, foreach=foreach,
+                               **{"momentum": SGD_NESTEROV_MOMENTUM, **options})
+    if name in ("lion", "lion-bf16"):
+        from ..training.lion import Lion
+
+        return Lion(groups, lr=config.learning_rate, state_dtype=torch.float32 if name == "lion" else torch.bfloat16,
+                    foreach=foreach, **options, **extra)
     from ..training.optim import Adafactor, AdamW
 
     if name == "adamw":
         return AdamW(groups, lr=config.learning_rate, state_dtype=torch.float32, foreach=foreach, **options, **extra)
     if name == "adafactor":
-        return Adafactor(groups, lr=None if options.get("relative_step") else config.learning_rate, **options)
+        return Adafactor(groups, lr=None if options.get("relative_step") else config.learning_rate, foreach=foreach,
+                         **options, **extra)
     state_dtype: Any = "int8" if name == "adamw8bit" else torch.bfloat16
     return AdamW(groups, lr=config.learning_rate, state_dtype=state_dtype, foreach=foreach, **options, **extra)
 
@@ -441,6 +634,11 @@ class FitProgress:
             pass: ``{"keys_scaled": adapters shrunk, "average_key_norm": mean ‖ΔW‖ after it,
             "max_key_norm": largest ‖ΔW‖ after it}`` (read with the loss: no extra host read);
             ``None`` without it.
+        validation_loss: the mean validation loss of the held-out data, computed after this step
+            (:class:`FitConfig` ``validate_every_n_*``; one host read per pass); ``None`` when no
+            pass ran at this step.
+        validated: what asked for this step's pass: ``("step",)``, ``("epoch",)`` or both (kohya
+            logs ``loss/validation/step_average`` and ``loss/validation/epoch_average``); ``()``.
     """
 
     step: int
@@ -454,14 +652,28 @@ class FitProgress:
     _averaged: Callable[[], contextlib.AbstractContextManager]
     sdpa_backends: tuple[str, ...] | None = None
     max_norm: dict[str, float] | None = None
+    _use_weights: Callable[[], None] = lambda: None
+    validation_loss: float | None = None
+    validated: tuple[str, ...] = ()
 
     def save_state(self, folder: str | os.PathLike) -> None:
-        """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``."""
+        """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``
+        (a schedule-free optimiser's in eval mode, as kohya saves it: :meth:`use_weights`)."""
+        self._use_weights()
         self._save_state(Path(folder))
 
     def averaged(self) -> contextlib.AbstractContextManager:
-        """Within the block the adaptation holds its EMA weights (no-op without EMA): save files here."""
+        """Within the block the adaptation holds its EMA weights (no-op without EMA) — a schedule-free
+        optimiser's eval-mode weights (:meth:`use_weights`): save files here."""
+        self._use_weights()
         return self._averaged()
+
+    def use_weights(self) -> None:
+        """Put the weights to use into the trained parameters: with a schedule-free optimiser
+        (``adamw-schedulefree``, ``sgd-schedulefree``) its eval-mode average ``x`` (``optimizer.eval()``; ``fit`` calls
+        ``train()`` again before the next step); nothing for the others. Call it before sampling or
+        reading the weights in ``on_step``; :meth:`save_state` and :meth:`averaged` call it."""
+        self._use_weights()
 
 
 def _in_text_encoder(system: System) -> set[int]:
@@ -524,7 +736,8 @@ def _own_text_path(adaptation: Any) -> list[str]:
 
 
 def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], step_config: StepConfig, *,
-                batch_size: int, dataset: Any, reg: Any, captions: list[str] | None, prior: Any) -> Any:
+                batch_size: int, dataset: Any, reg: Any, captions: list[str] | None, prior: Any,
+                validation: Any = None) -> Any:
     """``FitConfig.cache_text_encoder_outputs``: the conditioning of every caption the run can draw
     (:func:`~sdadapt.training.text_cache.cache_text_conditions`), after refusing what would make
     it differ from the text encoder's output at the step.
@@ -553,9 +766,10 @@ def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], st
         raise ValueError(f"{what}, but the text encoder draws dropout at each use ({', '.join(drawing[:3])}): put it in "
                          "eval mode or set its dropout to 0, or do not cache")
     if dataset is None:
-        texts = [*(captions or []), *(prior[1] if prior is not None else [])]
+        texts = [*(captions or []), *(prior[1] if prior is not None else []),
+                 *(validation[1] if validation is not None else [])]  # (the held-out captions too)
     else:
-        texts = [variant for data in (dataset, reg) if data is not None for record in data.records
+        texts = [variant for data in (dataset, reg, validation) if data is not None for record in data.records
                  for variant in caption_variants(record.caption, data.captions if record.captions is None else record.captions)]
         if prior is not None and reg is None:
             texts += list(prior[1])
@@ -601,6 +815,7 @@ def fit(
     callback: Callable[[int, int, float], None] | None = None,
     on_step: Callable[[FitProgress], None] | None = None,
     resume: str | os.PathLike | None = None,
+    validation: Any = None,
 ) -> list[float]:
     """Train ``adaptation.params`` on ``images`` with their ``captions``.
 
@@ -619,6 +834,15 @@ def fit(
         on_step: ``on_step(FitProgress)`` after each step (logs, samples, periodic saves).
         resume: a folder :meth:`FitProgress.save_state` wrote: weights, optimiser, RNG and EMA
             are restored and training continues at its step (the data order continues too).
+        validation: held-out data whose validation loss :attr:`FitProgress.validation_loss` reports
+            (``FitConfig.validate_every_n_*``; :mod:`sdadapt.training.validation`): with a dataset as
+            ``images``, a :class:`~sdadapt.training.data.Dataset` of the held-out images, latents
+            encoded (:func:`~sdadapt.training.validation.split_for_validation` draws kohya's
+            ``validation_split``), batched by bucket as one epoch drawn from the validation seed,
+            repeats not applied (give its records ``repeats=1``), its captions drawn the same each pass
+            under the caption schedule (token warm-up, every-n-epochs dropout) of the step just
+            trained, as kohya's validation dataset; with image tensors, ``(images
+            (M, 3, H, W), captions)``, batched in order. Nothing of it trains.
 
     Returns:
         the loss of every step run (floats; one host read per optimiser step: docs/training.md#host-syncs).
@@ -640,6 +864,7 @@ def fit(
         raise ValueError("dataset.flip is set but the mirrored images' latents are not cached: set it before "
                          "sdadapt.training.data.encode_buckets(dataset, system.encode_images)")
     reg = prior[0] if prior is not None and isinstance(prior[0], Dataset) else None  # the user's class images
+    _check_validation_data(validation, dataset)
     if reg is not None and (dataset is None or not (reg.latents or reg.augment.active) or len(prior) != 2):  # type: ignore[arg-type]
         raise ValueError("prior=(reg_dataset, weight) needs a dataset as the images and the class images' latents encoded "
                          "(sdadapt.training.data.encode_buckets(reg_dataset, system.encode_images))")
@@ -657,6 +882,8 @@ def fit(
             device = latents.device
         if prior is not None and reg is None:
             prior_latents, prior_ids = system.encode_images(prior[0].to(device)), tokenize(prior[1])  # type: ignore[union-attr,index]
+        if validation is not None and dataset is None:  # the held-out images: encoded once, as the training ones
+            val_latents, val_ids = system.encode_images(validation[0].to(device)), tokenize(list(validation[1]))
     step_config = config.step
     # the schedule the steps train on (the system's own ᾱ keeps serving samples and class images)
     alphas_cumprod = (zero_terminal_snr_alphas_cumprod(system.alphas_cumprod) if config.zero_terminal_snr
@@ -711,11 +938,13 @@ def fit(
     text_cache = None  # kohya's cache_text_encoder_outputs: every caption encoded once, here
     if config.cache_text_encoder_outputs:
         text_cache = _text_cache(system, adaptation, trained, step_config, batch_size=config.batch_size, dataset=dataset,
-                                 reg=reg, captions=captions, prior=prior)
+                                 reg=reg, captions=captions, prior=prior, validation=validation)
         if dataset is None:  # the N captions' conditioning on the device, indexed as the ids were
             ids = text_cache.lookup(captions, device)  # type: ignore[arg-type]
             if prior is not None:
                 prior_ids = text_cache.lookup(prior[1], device)  # type: ignore[index]
+            if validation is not None:
+                val_ids = text_cache.lookup(list(validation[1]), device)
     if make_model is not None:
         model = make_model(system)
     elif text_cache is not None:  # the batches carry the cached conditioning itself
@@ -779,10 +1008,13 @@ def fit(
         sized = (getattr(system, "size_conditioning", False) if text_cache is None
                  else text_cache.time_ids_dtype is not None)
 
-        def dataset_batch(data: Dataset, cache: dict[int, list], micro: int, *, batches: int, seed: int) -> dict[str, Any]:
+        def dataset_batch(data: Dataset, cache: dict[int, list], micro: int, *, batches: int, seed: int,
+                          schedule_at: int | None = None) -> dict[str, Any]:
             """Batch ``micro`` of ``data`` (its epochs of ``batches`` batches drawn from ``seed``): latents and
-            conditioning, captions (and flips) drawn as a pure function of ``seed`` and ``micro``."""
+            conditioning, captions (and flips) drawn as a pure function of ``seed`` and ``micro``; the caption
+            schedule (epoch, step) that of training micro-batch ``schedule_at`` (default ``micro``)."""
             epoch, position = divmod(micro, batches)
+            at = micro if schedule_at is None else schedule_at
             if epoch not in cache:
                 cache.clear()
                 cache[epoch] = epoch_batches(data, config.batch_size, seed=seed, epoch=epoch)
@@ -793,7 +1025,7 @@ def fit(
             # the training epoch (class images too, as kohya's one dataset) and optimiser step: kohya's
             # caption_dropout_every_n_epochs and token_warmup_step
             texts = [(data.captions if r.captions is None else r.captions).apply(  # (a record's own: a dataset TOML subset's)
-                r.caption, rng, epoch=micro // per_epoch, step=micro // accumulation) for r in records]
+                r.caption, rng, epoch=at // per_epoch, step=at // accumulation) for r in records]
             # kohya's flip_aug: a seeded coin per image (its own stream; a resumed run draws the same)
             flips = flip_draws(seed, micro, len(positions)) if data.flip else [False] * len(positions)
             crops = [r.crop for r in records]
@@ -843,6 +1075,45 @@ def fit(
         def first_batch() -> dict[str, Any]:
             return draw(state.step * accumulation)[0]  # a dataset's draws depend only on the position
 
+    validate: Callable[[int], float] | None = None  # the validation pass after a step (FitConfig.validate_every_n_*)
+    if validation is not None:
+        from ..training.validation import eval_mode, validation_loss, validation_timesteps
+
+        val_seed = config.seed if config.validation_seed is None else config.validation_seed
+        val_timesteps = validation_timesteps(*(step_config.timestep_range or (0, alphas_cumprod.shape[0])))
+        if dataset is None:
+            starts = list(range(0, val_latents.shape[0], config.batch_size))[:config.max_validation_steps]
+
+            def validation_batches(step: int) -> Iterator[dict[str, Any]]:
+                for start in starts:
+                    rows = slice(start, start + config.batch_size)
+                    yield {"latents": val_latents[rows], "cond": pytree.tree_map(lambda t, rows=rows: t[rows], val_ids)}
+        else:
+            val_count = len(epoch_batches(validation, config.batch_size, seed=val_seed, epoch=0))
+            val_count = min(val_count, config.max_validation_steps or val_count)
+            val_cache: dict[int, list] = {}
+
+            def validation_batches(step: int) -> Iterator[dict[str, Any]]:  # one epoch of the held-out data, always the same
+                # the captions (their draws the same each pass) under the caption schedule of the step just
+                # trained, as kohya's validation dataset: its token warm-up and caption_dropout_every_n_epochs
+                last_micro = (step + 1) * accumulation - 1
+                for index in range(val_count):
+                    yield dataset_batch(validation, val_cache, index, batches=val_count, seed=val_seed,
+                                        schedule_at=last_micro)
+        in_eval = [system] if isinstance(system, nn.Module) else [
+            m for m in (getattr(system, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if isinstance(m, nn.Module)]
+        if isinstance(adaptation, nn.Module):
+            in_eval.append(adaptation)
+
+        def validate(step: int) -> float:
+            """The validation pass after (0-based) optimiser step ``step``."""
+            use_weights()  # (a schedule-free optimiser's averaged weights, as kohya's optimizer_eval_fn)
+            devices = [] if device.type == "cpu" else [device.index or 0]
+            with torch.random.fork_rng(devices=devices, device_type=device.type), eval_mode(in_eval):
+                loss = validation_loss(model, validation_batches(step), config=step_config, alphas_cumprod=alphas_cumprod,
+                                       timesteps=val_timesteps, seed=val_seed)
+            return float(loss)  # (the pass's one host read)
+
     @contextlib.contextmanager
     def averaged() -> Iterator[None]:
         if ema is None:
@@ -859,6 +1130,10 @@ def fit(
 
     def save_state(folder: Path) -> None:
         save_training_state(folder, named_params=named, optimizer=optimizer, state=state, config=step_config)
+
+    def use_weights() -> None:  # a schedule-free optimiser's averaged weights x: its eval mode (kohya's optimizer_eval_fn)
+        if config.schedule_free:
+            optimizer.eval()
 
     for p in frozen:
         p.requires_grad_(False)
@@ -912,6 +1187,8 @@ def fit(
                 stopped = stopping
                 if captured is not None:  # the graphs' backward still computes their gradients
                     captured.reset()
+            if config.schedule_free:  # the weights gradients are taken at (y); a no-op when in train mode already
+                optimizer.train()
             for group in optimizer.param_groups:
                 lr = config.lr_at(step, group["base_lr"]) * group["lr_scale"]
                 if isinstance(group["lr"], Tensor):
@@ -935,6 +1212,8 @@ def fit(
             losses.append(loss)
             if not math.isfinite(loss) and config.stop_on_nonfinite:
                 raise NonFiniteLossError(step + 1, loss)
+            validated = _validation_due(config, step + 1, accumulation, per_epoch) if validate is not None else ()
+            validation_value = validate(step) if validate is not None and validated else None
             if callback is not None:
                 callback(step + 1, config.steps, loss)
             if on_step is not None:
@@ -944,7 +1223,9 @@ def fit(
                                     bool(per_epoch) and micro_done % per_epoch < accumulation,
                                     micro_done // per_epoch if per_epoch else 0, save_state, averaged,
                                     step_config.sdpa_backends,
-                                    {**read, "keys_scaled": int(read["keys_scaled"])} if read else None))
+                                    {**read, "keys_scaled": int(read["keys_scaled"])} if read else None,
+                                    use_weights, validation_value, validated))
+        use_weights()  # the adaptation leaves fit with the weights to save
         if ema is not None and config.ema_into_weights:
             ema.copy_to(trained)
     finally:
@@ -1102,6 +1383,49 @@ class _FusedOptimizers:
         for ps, optimizer in zip(self.groups, self.optimizers):
             entries = {j: state_dict["state"][index_of[id(p)]] for j, p in enumerate(ps) if index_of[id(p)] in state_dict["state"]}
             optimizer.load_state_dict({"state": entries, "param_groups": [{**group_of[id(ps[0])], "params": list(range(len(ps)))}]})
+
+
+def _check_validation_data(validation: Any, dataset: Any) -> None:
+    """``fit(validation=...)``: a Dataset beside a dataset, ``(images, captions)`` beside image tensors."""
+    from ..training.data import Dataset
+
+    if validation is None:
+        return
+    if dataset is not None:
+        if not isinstance(validation, Dataset):
+            raise ValueError(f"validation= with a dataset as the images must be a sdadapt.training.data.Dataset of the "
+                             f"held-out images (sdadapt.training.validation.split_for_validation), got {type(validation).__name__}")
+        if not validation.records:
+            raise ValueError("validation= is an empty dataset: hold out at least one image (or leave validation out)")
+        if not validation.latents and not (validation.augment.active and validation.members):
+            raise ValueError("the validation dataset has no latents yet: call "
+                             "sdadapt.training.data.encode_buckets(validation, system.encode_images)")
+        if validation.flip and not validation.augment.active and set(validation.latents_flipped) != set(validation.latents):
+            raise ValueError("the validation dataset's flip is set but its mirrored latents are not cached: set flip=False "
+                             "(or set it before encode_buckets)")
+        return
+    if (not isinstance(validation, tuple) or len(validation) != 2 or not isinstance(validation[0], Tensor)
+            or validation[0].ndim != 4 or validation[0].shape[0] != len(validation[1]) or len(validation[1]) == 0):
+        raise ValueError("validation= with image tensors must be (images (M, 3, H, W), M captions) with M >= 1")
+
+
+def _validation_due(config: FitConfig, step: int, accumulation: int, per_epoch: int) -> tuple[str, ...]:
+    """Which of kohya's validation triggers fire after optimiser step ``step`` (1-based): ``"step"``
+    every ``validate_every_n_steps`` steps; ``"epoch"`` when the step ends an epoch (or the run: the
+    last step ends the last epoch; image tensors are one epoch) whose number is a multiple of
+    ``validate_every_n_epochs`` (``None``: every epoch)."""
+    micro_done = step * accumulation
+    last = step == config.steps
+    if per_epoch:  # the epoch this step finished (its micro-batches crossed the end), else the one it is in
+        crossed = micro_done % per_epoch < accumulation
+        epoch = micro_done // per_epoch if crossed else (micro_done - 1) // per_epoch + 1
+        ends = crossed or last
+    else:
+        epoch, ends = 1, last
+    every = config.validate_every_n_epochs
+    by_step = config.validate_every_n_steps is not None and step % config.validate_every_n_steps == 0
+    by_epoch = ends and (every is None or epoch % every == 0)
+    return (*(("step",) if by_step else ()), *(("epoch",) if by_epoch else ()))
 
 
 def epoch_batches_of(dataset: Any, config: FitConfig, *, epoch: int = 0) -> list:

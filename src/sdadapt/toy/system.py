@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..token_id_cache import TokenIdCache
 from ..training import diffusion
 from ..training.host_syncs import copy_to_device
 from ..formats.files import WeightFileError, read_safetensors, write_safetensors
@@ -50,6 +51,8 @@ class ToySystem(nn.Module):
         #: image-embedding words (CLIP inversion, sdadapt.inversion): ``(token ids (k,), vector (E,))`` pairs; a
         #: prompt holding any of a pair's tokens gets ``vector`` added to its ``image_embeds``. Empty: no effect.
         self.image_tokens: list[tuple[Tensor, Tensor]] = []
+        #: token ids of captions seen before (a training step tokenises the same captions again)
+        self.token_cache = TokenIdCache()
 
     # --------------------------------------------------------------------------- conversions
     @staticmethod
@@ -63,7 +66,12 @@ class ToySystem(nn.Module):
         return F.pixel_shuffle(latents, 2).clamp(-1, 1)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        return copy_to_device(self.tokenizer(prompts), self.alphas_cumprod.device)  # no wait on a GPU
+        """Token ids (B, 16) on the system's device; captions seen before (with the same added words)
+        come from :attr:`token_cache` (host ids, :mod:`sdadapt.token_id_cache`)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        state = (self.tokenizer, tuple(self.tokenizer.added.items()))  # (what else decides the ids: the added words)
+        (ids,) = self.token_cache.lookup(prompts, lambda texts: (self.tokenizer(texts),), state=state)
+        return copy_to_device(ids, self.alphas_cumprod.device)  # no wait on a GPU
 
     def condition(self, prompts: list[str] | Tensor, *, image_embeds: Tensor | None = None) -> dict[str, Tensor]:
         """``{"context": (B, L, D), "image_embeds": (B, E)}`` for prompts (or token ids)."""
@@ -72,9 +80,25 @@ class ToySystem(nn.Module):
         if image_embeds is None:
             image_embeds = context.new_zeros(ids.shape[0], self.unet.config["image_embed_dim"])
         for token_ids, vector in self.image_tokens:
-            hit = torch.isin(ids, token_ids.to(ids.device)).any(dim=1, keepdim=True)  # (B, 1)
-            image_embeds = image_embeds + hit.to(image_embeds.dtype) * vector.to(image_embeds)  # (B, E)
+            # both already on the ids' device (bound there, moved by .to()): no host -> device copy here,
+            # which a captured CUDA-graph step would replay with the capture's value
+            if token_ids.device != ids.device or vector.device != ids.device:
+                raise ValueError(f"an image-word binding (image_tokens) has its ids on {token_ids.device} and its vector "
+                                 f"on {vector.device}, the prompt ids are on {ids.device}: bind it (e.g. "
+                                 "prepare_clip_inversion) after moving the system to its device")
+            hit = torch.isin(ids, token_ids).any(dim=1, keepdim=True)  # (B, 1)
+            image_embeds = image_embeds + hit.to(image_embeds.dtype) * vector.to(image_embeds.dtype)  # (B, E)
         return {"context": context, "image_embeds": image_embeds}
+
+    def _apply(self, fn, recurse=True):
+        """``.to()`` / ``.cuda()`` also move the :attr:`image_tokens` ids, as a buffer's (their
+        dtype stays int64; the vectors are the adaptation's parameters and stay where it put them)."""
+        out = super()._apply(fn, recurse)
+        for i, (token_ids, vector) in enumerate(self.image_tokens):
+            device = fn(token_ids).device
+            if device != token_ids.device:
+                self.image_tokens[i] = (token_ids.to(device), vector)
+        return out
 
     def denoiser(self):
         """``model(x_t, t, cond) -> ε`` over a :meth:`condition` dict."""

@@ -5,6 +5,12 @@
 | :mod:`.diffusion` | schedules, noising, ε/v/x0 targets, SNR weights, losses, DDIM/Euler samplers, inversion |
 | :mod:`.step` | the one-screen :func:`train_step`, :class:`StepConfig`, resumable :class:`TrainState`, EMA |
 | :mod:`.optim` | lean optimisers (fp32/bf16/int8 AdamW states, Adafactor), fused backward, LR schedules |
+| :mod:`.lion` | Lion (kohya's ``Lion``): one float32 or bf16 momentum, multi-tensor and capturable steps |
+| :mod:`.prodigy` | Prodigy (kohya's ``Prodigy``): prodigyopt's step-size estimate kept on the device, capturable |
+| :mod:`.dadapt` | D-Adaptation Adam and Lion (kohya's ``DAdaptAdam``, ``DAdaptLion``, ``DAdaptation``): the estimate on the device, capturable |
+| :mod:`.step_size_estimate` | what Prodigy and D-Adaptation share: the estimate's device scalars, one LR for all groups, saved states |
+| :mod:`.schedule_free` | schedule-free AdamW and SGD (kohya's ``AdamWScheduleFree``, ``SGDScheduleFree``): train/eval modes, multi-tensor and capturable |
+| :mod:`.lr_schedules` | kohya's other LR schedules (cosine_with_min_lr, warmup_stable_decay, inverse_sqrt, piecewise_constant) as factors of the step |
 | :mod:`.optimizer_args` | kohya's ``--optimizer_args KEY=VALUE`` parsed and checked against each optimiser |
 | :mod:`.max_norm` | kohya's max-norm regularisation of LoRA-family adapters (``--scale_weight_norms``) |
 | :mod:`.attention` | which SDPA kernel to use, measured on the model's own attention calls |
@@ -12,6 +18,7 @@
 | :mod:`.distributed` | FSDP2 sharding block by block for data-parallel runs (:func:`~.distributed.fully_shard_blocks`) |
 | :mod:`.latent_cache` | encode latents and text states once into safetensors shards |
 | :mod:`.text_cache` | every caption's conditioning encoded once for ``fit`` (kohya's ``--cache_text_encoder_outputs``) |
+| :mod:`.validation` | kohya's validation loss: the seeded ``validation_split`` per subset, fixed timesteps, the eval-mode pass ``fit`` runs |
 | :mod:`.pixel_augment` | kohya's random crop and colour augmentation, drawn at each use of an image |
 | :mod:`.dataset_config` | kohya's dataset TOML and fine-tuning metadata (``--in_json``) resolved into subsets |
 | :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
@@ -21,18 +28,25 @@
 
 from . import (
     attention,
+    dadapt,
     diffusion,
     distributed,
     grad_checkpointing,
     host_syncs,
     latent_cache,
+    lion,
+    lr_schedules,
     max_norm,
     optim,
     optimizer_args,
     param_groups,
+    prodigy,
+    schedule_free,
     step,
     step_capture,
+    step_size_estimate,
     text_cache,
+    validation,
 )
 from .grad_checkpointing import CheckpointHandle, enable_checkpointing
 from .step import EMA, StepConfig, TrainState, train_step
@@ -43,7 +57,13 @@ __all__ = [
     "diffusion",
     "step",
     "optim",
+    "lr_schedules",
     "optimizer_args",
+    "prodigy",
+    "dadapt",
+    "step_size_estimate",
+    "lion",
+    "schedule_free",
     "max_norm",
     "step_capture",
     "distributed",
@@ -52,6 +72,7 @@ __all__ = [
     "param_groups",
     "host_syncs",
     "text_cache",
+    "validation",
     "train_step",
     "StepConfig",
     "TrainState",

@@ -306,14 +306,16 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def _caption_of(file: Path, extension: str, *, lines: bool = False) -> str | None:
-    """The caption file's text, white space collapsed; ``lines``: each non-empty line so, joined by ``"\n"``."""
+    """The caption file's first line, white space collapsed (kohya's ``read_caption``: later lines
+    are ignored); ``lines``: each non-empty line so, joined by ``"\n"`` (kohya's wildcard mode)."""
     for suffix in dict.fromkeys((extension, ".txt", ".caption")):
         caption_file = file.with_suffix(suffix)
         if caption_file.is_file():
-            text = caption_file.read_text(encoding="utf-8").strip()
+            text = caption_file.read_text(encoding="utf-8")
             if lines:
                 return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip()) or None
-            return " ".join(text.split()) or None
+            first = text.splitlines()[:1]
+            return " ".join(first[0].split()) if first and first[0].strip() else None
     return None
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,13 +100,11 @@ _REFUSED = {
     "face_crop_aug_range": "sdadapt finds no faces: crop the images around the faces yourself, or use random_crop",
     "alpha_mask": "the alpha-channel loss mask (kohya's masked loss) is not read from a dataset TOML here",
     "resize_interpolation": "sdadapt scales with area averaging (down) and bilinear (up); leave it out",
-    "validation_split": "no validation split: hold the images out yourself (another folder)",
     "network_multiplier": "one network multiplier (1) for every dataset here; leave it out",
 }
 #: kohya keys that change nothing here: the note said
 _NOTED = {
     "cache_info": "image sizes are read from the file headers",
-    "validation_seed": "no validation split here",
     "custom_attributes": "not used by Stable Diffusion training",
 }
 
@@ -393,7 +391,10 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
         if name == "resolution" and value is not None:
             value = (int(value[1]), int(value[0]))  # kohya's (width, height) -> (height, width)
         options[name] = value
-    for name in ("network_multiplier", "validation_split", "validation_seed", "resize_interpolation"):
+    for name in ("validation_split", "validation_seed"):  # kohya's dataset-level split (TrainOptions names), when given
+        if look(name, dataset_tables)[1] is not None:
+            options[name] = resolve(name, dataset_tables)
+    for name in ("network_multiplier", "resize_interpolation"):
         resolve(name, dataset_tables)  # (refused or noted when set)
 
     subsets: list[SubsetConfig] = []
@@ -616,7 +617,8 @@ def _labels(subsets: Sequence[SubsetConfig]) -> list[str]:
     return labels
 
 
-def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False) -> tuple[
+def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
+                    kept: Callable[[list[ImageRecord]], list[ImageRecord]] | None = None) -> tuple[
         list[ImageRecord], RegImages | None, dict[str, SubsetConfig], list[str]]:
     """Every subset's images: ``(training records, regularisation images, subsets by label, notes)``.
 
@@ -625,7 +627,9 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False) -> tupl
     subset order. Each record's ``folder`` is its subset's label (the folder's or metadata file's
     name; a repeated name gets `` (2)``, `` (3)`` … as kohya's ``ss_dataset_dirs``), the key of the
     returned ``{label: subset}``. ``uncaptioned``: training images without any caption get ``""``
-    (a trigger-word method's templates) instead of an error.
+    (a trigger-word method's templates) instead of an error. ``kept(training records)``: those of
+    them that will train, which the regularisation images are balanced against (kohya's
+    ``validation_split`` holds images out before it counts; default: all).
 
     Raises:
         ImageFolderError: see :func:`subset_records`.
@@ -645,7 +649,8 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False) -> tupl
         notes.extend(subset_notes)
     reg = None
     if reg_records:
-        reg = balance_reg_images(reg_records, train_samples=sum(r.repeats for r in train), source=source)
+        counted = train if kept is None else kept(train)
+        reg = balance_reg_images(reg_records, train_samples=sum(r.repeats for r in counted), source=source)
         notes.extend(reg.notes)
     return train, reg, by_label, notes
 

@@ -281,6 +281,80 @@ def _write_weight(p: Tensor, w: Tensor, stochastic: bool, generator: torch.Gener
         p.copy_(w)
 
 
+def _write_weights_many(params: Sequence[Tensor], weights: Sequence[Tensor], stochastic: bool,
+                        generator: torch.Generator | None) -> None:
+    """:func:`_write_weight` for each pair as multi-tensor ops: the float32 working ``weights`` that
+    are not their parameter itself into ``params``, bf16 ones with ``stochastic`` rounding in one
+    pass (:func:`_copy_stochastic_many`: the per-parameter draws on a CPU), the others by one copy."""
+    _write_back_many([(p, w, stochastic) for p, w in zip(params, weights)], generator)
+
+
+def _write_back_many(writes: Sequence[tuple[Tensor, Tensor, bool]], generator: torch.Generator | None) -> None:
+    """Float32 working copies back into the tensors they were made from, ``writes``:
+    ``(target, work, stochastic)`` in the per-parameter step's order (a weight, then its states).
+    A ``work`` that is its ``target`` (updated in place) is skipped; bf16 targets with
+    ``stochastic`` go through one stochastic-rounding pass in that order (on a CPU the draws of
+    :func:`_write_weight` called on each in turn), the others through one multi-tensor copy."""
+    rounded_to: list[Tensor] = []
+    rounded_from: list[Tensor] = []
+    copied_to: list[Tensor] = []
+    copied_from: list[Tensor] = []
+    for target, work, stochastic in writes:
+        if work is target:
+            continue
+        if stochastic and target.dtype == torch.bfloat16:
+            rounded_to.append(target)
+            rounded_from.append(work)
+        else:
+            copied_to.append(target)
+            copied_from.append(work)
+    if copied_to:
+        torch._foreach_copy_(copied_to, copied_from)
+    if rounded_to:
+        _copy_stochastic_many(rounded_to, rounded_from, generator)
+
+
+def _call_closure(closure: Callable[[], Any] | None) -> Any:
+    """``closure()`` with gradients enabled (``None`` without a closure): the loss a ``step`` returns."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _params_with_grads(group: dict[str, Any], optimizer: str, *, hint: str = "") -> list[Tensor]:
+    """The group's parameters that have a gradient.
+
+    Raises:
+        ValueError: a gradient is sparse (``optimizer``: the class named in the message; ``hint``:
+            what to use instead).
+    """
+    params = [p for p in group["params"] if p.grad is not None]
+    if any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
+        raise ValueError(f"{optimizer} does not support sparse gradients{hint}")
+    return params
+
+
+def _new_step_count(p: Tensor, group: dict[str, Any]) -> int | Tensor:
+    """A fresh step count: ``0``, or in capturable mode a float32 0-dim tensor on ``p``'s device
+    (stepped in place, as torch's)."""
+    return torch.zeros((), dtype=torch.float32, device=p.device) if group["capturable"] else 0
+
+
+def _count_steps(states: Sequence[dict[str, Any]]) -> None:
+    """One more step in each of ``states``' ``"step"``: a Python int replaced, device tensors
+    (capturable) stepped in place by one multi-tensor add per device."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for state in states:
+        step = state["step"]
+        if isinstance(step, Tensor):
+            by_device.setdefault(step.device, []).append(step)
+        else:
+            state["step"] = step + 1
+    for steps in by_device.values():
+        torch._foreach_add_(steps, 1)
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter 2019) with float32, bfloat16 or 8-bit states.
 
@@ -394,13 +468,7 @@ class AdamW(torch.optim.Optimizer):
         group["state_dtype"] = _state_dtype_name(group["state_dtype"])
         if not isinstance(group["block_size"], int) or group["block_size"] <= 0:
             raise ValueError(f"block_size must be a positive int, got {group['block_size']!r}")
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"a tensor lr must hold one value, got shape {tuple(lr.shape)}")
-            if not group["capturable"]:
-                raise ValueError("a tensor lr needs AdamW(..., capturable=True) (the non-capturable step takes lr as "
-                                 "a Python float); pass lr=float(lr) or capturable=True")
+        _check_tensor_lr(group, "AdamW")
 
     def _code(self, device: torch.device, signed: bool) -> Tensor:
         key = (device, signed)
@@ -415,8 +483,7 @@ class AdamW(torch.optim.Optimizer):
         return self._boundaries[key]
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
-        # capturable: a float32 0-dim count on the parameter's device, stepped in place (as torch's)
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if group["capturable"] else 0
+        state["step"] = _new_step_count(p, group)
         kind = group["state_dtype"]
         if kind == "int8":
             blocks = -(-p.numel() // group["block_size"])
@@ -459,23 +526,17 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step for every parameter that has a gradient; returns ``closure()``'s loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _call_closure(closure)
         for group in self.param_groups:
             eps = group["eps"]
             beta1, beta2 = group["betas"]
             if group["capturable"]:
                 _check_capturable_lr(group)
+            params = _params_with_grads(group, "sdadapt.training.optim.AdamW", hint="; use torch.optim.SparseAdam")
             if group.get("foreach"):
-                self._foreach_group_step(group)
+                self._foreach_group_step(group, params)
                 continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("sdadapt.training.optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+            for p in params:
                 state = self.state[p]
                 if not state:
                     self._init_state(state, p, group)
@@ -496,26 +557,16 @@ class AdamW(torch.optim.Optimizer):
                 self._store_moments(state, p, group, m, v)
         return loss
 
-    def _foreach_group_step(self, group: dict[str, Any]) -> None:
-        """The multi-tensor step of one group: every parameter with a gradient gets its state and
-        one step count more (once per step, however many pieces it is cut into), then the chunks
-        of :func:`_chunks` are updated one at a time."""
-        params = [p for p in group["params"] if p.grad is not None]
+    def _foreach_group_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """The multi-tensor step of one group's ``params`` (those with a gradient): each gets its
+        state and one step count more (once per step, however many pieces it is cut into), then the
+        chunks of :func:`_chunks` are updated one at a time."""
         if not params:
             return
-        if any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
-            raise ValueError("sdadapt.training.optim.AdamW does not support sparse gradients; use torch.optim.SparseAdam")
-        steps_by_device: dict[torch.device, list[Tensor]] = {}
         for p in params:
-            state = self.state[p]
-            if not state:
-                self._init_state(state, p, group)
-            if group["capturable"]:
-                steps_by_device.setdefault(state["step"].device, []).append(state["step"])
-            else:
-                state["step"] += 1
-        for steps in steps_by_device.values():  # one multi-tensor add per device
-            torch._foreach_add_(steps, 1)
+            if not self.state[p]:
+                self._init_state(self.state[p], p, group)
+        _count_steps([self.state[p] for p in params])
         block_size, int8 = group["block_size"], group["state_dtype"] == "int8"
         for chunk in _chunks(params, _FOREACH_CHUNK_ELEMENTS, block_size=block_size, padded=int8,
                              cut=lambda p: _cut(p, self.state[p], block_size, _FOREACH_CHUNK_ELEMENTS)):
@@ -558,33 +609,16 @@ class AdamW(torch.optim.Optimizer):
             del steps
         else:
             torch._foreach_addcdiv_(weights, ms, denoms, step_sizes)
-        # write back: every stochastically rounded tensor in the per-parameter path's order (w, m, v of
-        # parameter 1, then of parameter 2, ...) through one rounding pass, the rest by plain copies
-        rounded_to: list[Tensor] = []
-        rounded_from: list[Tensor] = []
-        copied_to: list[Tensor] = []
-        copied_from: list[Tensor] = []
+        # write back in the per-parameter path's order (w, m, v of parameter 1, then of parameter 2,
+        # ...): bf16 moments always rounded stochastically, float32 ones updated in a row-major copy
+        # copied back (int8 moments: re-quantised below)
+        writes: list[tuple[Tensor, Tensor, bool]] = []
         count = len(pieces)
         for i, (target, w, m, v) in enumerate(zip(targets, weights, ms, vs)):
-            if w is not target:
-                if group["stochastic_rounding"] and target.dtype == torch.bfloat16:
-                    rounded_to.append(target)
-                    rounded_from.append(w)
-                else:
-                    copied_to.append(target)
-                    copied_from.append(w)
-            if group["state_dtype"] == "bfloat16":
-                rounded_to += [moment_targets[i], moment_targets[count + i]]
-                rounded_from += [m, v]
-            elif group["state_dtype"] == "float32":  # a moment updated in a row-major copy goes back
-                for moment, work in ((moment_targets[i], m), (moment_targets[count + i], v)):
-                    if work is not moment:
-                        copied_to.append(moment)
-                        copied_from.append(work)
-        if copied_to:
-            torch._foreach_copy_(copied_to, copied_from)
-        if rounded_to:
-            _copy_stochastic_many(rounded_to, rounded_from, self.generator)
+            writes.append((target, w, group["stochastic_rounding"]))
+            if moment_targets:
+                writes += [(moment_targets[i], m, True), (moment_targets[count + i], v, True)]
+        _write_back_many(writes, self.generator)
         if group["state_dtype"] == "int8":
             self._store_int8_moments(states, pieces, group, ms, vs)
 
@@ -649,10 +683,9 @@ class AdamW(torch.optim.Optimizer):
         (torch would cast float32 moments/absmax to a bf16 parameter's dtype) and this optimiser's
         ``capturable`` mode: step counts saved as ints become device tensors and vice versa, and a
         tensor ``lr`` stays the same tensor (filled with the saved value), so a graph that reads it
-        keeps working. States saved in either mode resume in either."""
-        modes = [(group["capturable"], group["lr"]) for group in self.param_groups]
-        _load_keeping_dtypes(self, state_dict)
-        restore_capturable_mode(self, modes, host_step=lambda step: int(step.item()))  # (one host read at load time)
+        keeps working. States saved in either mode resume in either; each group keeps its
+        ``foreach`` (:func:`_load_keeping_mode`)."""
+        _load_keeping_mode(self, state_dict)
 
 
 def restore_capturable_mode(optimizer: torch.optim.Optimizer, built: Sequence[tuple[bool | None, object]], *,
@@ -683,6 +716,26 @@ def restore_capturable_mode(optimizer: torch.optim.Optimizer, built: Sequence[tu
                 states[p]["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
             elif isinstance(step, Tensor):
                 states[p]["step"] = host_step(step)
+
+
+def _load_keeping_mode(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], *,
+                       host_step: Callable[[Tensor], Any] | None = None) -> None:
+    """``optimizer.load_state_dict(state_dict)`` for sdadapt's optimisers: the saved state tensors
+    keep their dtypes (:func:`_load_keeping_dtypes`), and each group keeps the ``capturable`` mode,
+    tensor ``lr`` (filled with the saved value in place, so a captured graph reading it keeps
+    working; :func:`restore_capturable_mode`) and ``foreach`` it was built with — a state saved on
+    a GPU resumes per parameter on a CPU and vice versa.
+
+    Args:
+        host_step: a step count saved as a device tensor, for a non-capturable group; default
+            ``int(step.item())`` (one host read per parameter, at load time only).
+    """
+    built = [(group["capturable"], group["lr"]) for group in optimizer.param_groups]
+    foreach = [group.get("foreach", False) for group in optimizer.param_groups]
+    _load_keeping_dtypes(optimizer, state_dict)
+    restore_capturable_mode(optimizer, built, host_step=host_step or (lambda step: int(step.item())))
+    for group, batched in zip(optimizer.param_groups, foreach):
+        group["foreach"] = batched
 
 
 #: elements updated together by one multi-tensor step: the fp32 working copies of bf16 weights and
@@ -795,6 +848,13 @@ def _chunks(params: Sequence[Tensor], limit: int, *, block_size: int = 1, padded
     return out
 
 
+def _param_chunks(params: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``params`` in runs of at most :data:`_FOREACH_CHUNK_ELEMENTS` elements on one device each (a
+    larger tensor alone), for the multi-tensor steps that update whole parameters (all but
+    :class:`AdamW`'s, which cuts a large one into pieces)."""
+    return [[piece.param for piece in pieces] for pieces in _chunks(params, _FOREACH_CHUNK_ELEMENTS)]
+
+
 def _lr_value(lr: float | Tensor) -> float:
     """A Python float of ``lr`` (a tensor lr is read once: for validation and loading only)."""
     if isinstance(lr, Tensor):
@@ -804,11 +864,33 @@ def _lr_value(lr: float | Tensor) -> float:
     return float(lr)
 
 
-def _check_capturable_lr(group: dict[str, Any]) -> None:
-    lr, params = group["lr"], group["params"]
-    if isinstance(lr, Tensor) and params and lr.device != params[0].device:
-        raise ValueError(f"capturable AdamW: the lr tensor is on {lr.device} but the parameters are on {params[0].device}; "
-                         f"create it there (torch.tensor(lr, device={str(params[0].device)!r}))")
+def _check_tensor_lr(group: dict[str, Any], optimizer: str) -> None:
+    """A group's tensor ``lr`` (``optimizer``: the class named in the messages) holds one value and
+    has ``capturable=True``.
+
+    Raises:
+        ValueError: it holds more than one value, or the group is not capturable.
+    """
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{optimizer}: a tensor lr must hold one value, got shape {tuple(lr.shape)}")
+        if not group["capturable"]:
+            raise ValueError(f"a tensor lr needs {optimizer}(..., capturable=True) (the non-capturable step takes lr as "
+                             "a Python float); pass lr=float(lr) or capturable=True")
+
+
+def _check_lr_device(lr: float | Tensor, device: torch.device, optimizer: str) -> None:
+    """A tensor ``lr`` is on the parameters' ``device`` (a captured step reads it there)."""
+    if isinstance(lr, Tensor) and lr.device != device:
+        raise ValueError(f"capturable {optimizer}: the lr tensor is on {lr.device} but the parameters are on {device}; "
+                         f"create it there (torch.tensor(lr, device={str(device)!r}))")
+
+
+def _check_capturable_lr(group: dict[str, Any], optimizer: str = "AdamW") -> None:
+    """:func:`_check_lr_device` for a group: its tensor ``lr`` on its parameters' device."""
+    if group["params"]:
+        _check_lr_device(group["lr"], group["params"][0].device, optimizer)
 
 
 def _adamw_scalars(group: dict[str, Any], steps: Sequence[int | Tensor]) -> tuple[Any, list[Any], list[Any]]:
@@ -880,7 +962,11 @@ class Adafactor(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: required unless ``relative_step=True`` (then it must be ``None``).
+        lr: required unless ``relative_step=True`` (then it must be ``None``); with
+            ``capturable=True`` it may be a 0-dim tensor on the parameters' device (change it in
+            place with :func:`set_lr`; a captured graph reads it). A float64 one gives the float
+            ``lr``'s results bit for bit; a float32 one rounds the LR to float32 first, which with
+            ``scale_parameter`` or ``weight_decay`` may move a step's size by a float32 ulp.
         eps: ``(ε₁, ε₂)``, default ``(1e-30, 1e-3)``.
         clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step,
             warmup_init: as ``transformers.optimization.Adafactor`` (whose defaults for
@@ -892,13 +978,36 @@ class Adafactor(torch.optim.Optimizer):
             only by 3×, i.e. almost no saving.
         stochastic_rounding: stochastic rounding when writing bf16 weights.
         generator: RNG for stochastic rounding (default: torch's global RNG).
+        foreach: update a group's parameters with multi-tensor (``torch._foreach_*``) ops instead
+            of one parameter at a time: low-precision weights and gradients cast to float32 in one
+            batched pass each, bf16 weights written back through one stochastic-rounding pass; per
+            parameter only the three means of a factored second moment remain (row and column means
+            of ``G² + ε₁``, the row factor's mean). Parameters go in chunks of 2²⁴ elements on one
+            device (a larger one alone), as :class:`AdamW`'s. The same operations in the same
+            order and the same rounding draws, so bit-identical to ``foreach=False`` on CPU
+            (tested; capturable or not, channels_last, parameters skipping steps); on CUDA the
+            multi-tensor kernels may round differently in the last bit. Per step over SD1.5's 686
+            UNet tensors: ~2.4 k aten ops instead of ~15 k (``benchmarks/adafactor_foreach_ops.py``).
+        capturable: torch's meaning — the step can be recorded in a CUDA graph and replayed
+            (:class:`~sdadapt.training.step_capture.CapturedStep`): each parameter's step count is
+            a float32 0-dim tensor on its device (``state["step"]``), and ``β₂ₜ``, ``1 − β₂ₜ`` and
+            the step size ``ρ`` (relative step, warm-up, the weight's RMS scale) are tensor ops on
+            the counts (one stacked float64 computation per group and device), rounded to float32
+            where ``capturable=False`` rounds its Python floats; the clip ``max(1, RMS(U)/d)`` is a
+            device op in both modes. Nothing reads a value back to the host or allocates by data.
+            On CPU both modes give bit-identical results (tested); the one place they could part is
+            the last float64 bit of torch's ``t^decay_rate`` and ``1/√t`` against Python's, which
+            changed no float32 rounding for steps 1–300 000 (decay rates −0.3 … −1). Under a CUDA
+            graph the stochastic-rounding draws come from ``generator`` (``CapturedStep`` registers
+            a non-default CUDA one with the graph). States saved in either mode resume in either
+            (``load_state_dict`` converts the step counts).
     """
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         *,
-        lr: float | None = None,
+        lr: float | Tensor | None = None,
         eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float = 1.0,
         decay_rate: float = -0.8,
@@ -910,6 +1019,8 @@ class Adafactor(torch.optim.Optimizer):
         factor_conv_as_matrix: bool = True,
         stochastic_rounding: bool = True,
         generator: torch.Generator | None = None,
+        foreach: bool = False,
+        capturable: bool = False,
     ) -> None:
         if lr is None and not relative_step:
             raise ValueError("Adafactor needs an explicit lr=..., or relative_step=True for the time-dependent step size")
@@ -917,7 +1028,7 @@ class Adafactor(torch.optim.Optimizer):
             raise ValueError("Adafactor: pass either lr=... or relative_step=True, not both (lr must be None)")
         if warmup_init and not relative_step:
             raise ValueError("Adafactor: warmup_init=True needs relative_step=True")
-        _check_common(0.0 if lr is None else lr, weight_decay)
+        _check_common(0.0 if lr is None else _lr_value(lr), weight_decay)
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
             raise ValueError(f"Adafactor beta1 must be None or in [0, 1), got {beta1!r}")
         if not decay_rate < 0.0:
@@ -927,9 +1038,16 @@ class Adafactor(torch.optim.Optimizer):
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
                         beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init,
-                        factor_conv_as_matrix=factor_conv_as_matrix, stochastic_rounding=bool(stochastic_rounding))
+                        factor_conv_as_matrix=factor_conv_as_matrix, stochastic_rounding=bool(stochastic_rounding),
+                        foreach=bool(foreach), capturable=bool(capturable))
         super().__init__(params, defaults)
         self.generator = generator
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``, checking a group's tensor ``lr``
+        (one value, and only with ``capturable=True``)."""
+        super().add_param_group(param_group)
+        _check_tensor_lr(self.param_groups[-1], "Adafactor")
 
     @staticmethod
     def _rms(x: Tensor) -> Tensor:
@@ -942,83 +1060,235 @@ class Adafactor(torch.optim.Optimizer):
             return x.reshape(x.shape[0], -1)  # (O, I·k·k)
         return x  # (..., R, C)
 
-    def _step_size(self, group: dict[str, Any], step: int, w: Tensor) -> float | Tensor:
-        """ρ: a number, or with ``scale_parameter`` a float64 0-dim tensor on ``w``'s device
-        (``max(ε₂, RMS(w)) · ρ`` computed there as Python would: no host read of the RMS)."""
+    @staticmethod
+    def _host_scalars(group: dict[str, Any], step: int) -> tuple[float, float, float]:
+        """``(β₂ₜ, 1 − β₂ₜ, ρ before the RMS scale)`` at step count ``step``, as Python floats."""
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
         rho = group["lr"]
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             rho = min(min_step, 1.0 / math.sqrt(step))
-        if group["scale_parameter"]:
-            return self._rms(w).double().clamp(min=group["eps"][1]) * rho
-        return rho
+        return beta2t, 1.0 - beta2t, rho
+
+    @staticmethod
+    def _device_scalars(group: dict[str, Any], steps: Sequence[Tensor]) -> list[tuple[Tensor, Tensor, Any]]:
+        """:meth:`_host_scalars` for capturable step counts (float32 0-dim tensors on one device),
+        in one stacked float64 computation on that device for all of them — no host read:
+        ``β₂ₜ`` and ``1 − β₂ₜ`` rounded to float32 0-dim tensors (as a kernel rounds the Python
+        floats), ρ a float64 0-dim tensor (a Python float for a float ``lr`` without relative step)."""
+        t = torch.stack(list(steps)).to(torch.float64)  # (k,)
+        beta2t = 1.0 - torch.pow(t, group["decay_rate"])  # (k,)
+        rest = (1.0 - beta2t).float().unbind(0)
+        rho: Any = group["lr"]
+        if group["relative_step"]:  # min(…, 1/√t) as Python's, on the device
+            inverse_sqrt = t.sqrt().reciprocal()  # (k,)
+            rho = (torch.minimum(t * 1e-6, inverse_sqrt) if group["warmup_init"] else inverse_sqrt.clamp(max=1e-2)).unbind(0)
+        elif isinstance(rho, Tensor):
+            rho = [rho.detach().reshape(()).to(device=t.device, dtype=torch.float64)] * len(steps)
+        else:
+            rho = [rho] * len(steps)
+        return list(zip(beta2t.float().unbind(0), rest, rho))
+
+    def _scalars(self, group: dict[str, Any], states: Sequence[dict[str, Any]]) -> list[tuple[Any, Any, Any]]:
+        """``(β₂ₜ, 1 − β₂ₜ, ρ before the RMS scale)`` for each of ``states`` (their counts stepped
+        already): Python floats, or in capturable mode device tensors, one stacked computation per
+        device (:meth:`_device_scalars`)."""
+        if not group["capturable"]:
+            return [self._host_scalars(group, state["step"]) for state in states]
+        out: list[Any] = [None] * len(states)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, state in enumerate(states):
+            by_device.setdefault(state["step"].device, []).append(i)
+        for indices in by_device.values():
+            for i, scalars in zip(indices, self._device_scalars(group, [states[i]["step"] for i in indices])):
+                out[i] = scalars
+        return out
+
+    def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
+        """Fresh float32 state for ``p``: moments of its factored view's shape (:meth:`_factored_view`)."""
+        state["step"] = _new_step_count(p, group)
+        shape = p.shape
+        if len(shape) > 2 and group["factor_conv_as_matrix"]:
+            shape = torch.Size((shape[0], p.numel() // shape[0]))  # (O, I·k·k)
+        zeros = {"dtype": torch.float32, "device": p.device}
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros(shape, **zeros)
+        if len(shape) >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], **zeros)  # (..., R)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], **zeros)  # (..., C)
+        else:
+            state["exp_avg_sq"] = torch.zeros(shape, **zeros)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Adafactor step for every parameter that has a gradient; returns ``closure()``'s loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _call_closure(closure)
         for group in self.param_groups:
-            eps1 = group["eps"][0]
-            beta1 = group["beta1"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("sdadapt.training.optim.Adafactor does not support sparse gradients")
-                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-                g = self._factored_view(grad, group)  # (R, C), (..., R, C) or (n,)
-                factored = g.dim() >= 2
-                state = self.state[p]
+            params = _params_with_grads(group, "sdadapt.training.optim.Adafactor")
+            if not params:
+                continue
+            if group["capturable"]:
+                _check_capturable_lr(group, "Adafactor")
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
                 if not state:
-                    state["step"] = 0
-                    if beta1 is not None:
-                        state["exp_avg"] = torch.zeros_like(g)
-                    if factored:
-                        state["exp_avg_sq_row"] = g.new_zeros(g.shape[:-1])  # (..., R)
-                        state["exp_avg_sq_col"] = g.new_zeros(g.shape[:-2] + g.shape[-1:])  # (..., C)
-                    else:
-                        state["exp_avg_sq"] = torch.zeros_like(g)
-                state["step"] += 1
-                w = p if p.dtype == torch.float32 else p.float()
-                rho = self._step_size(group, state["step"], w)
-                beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
-                update = g.square() + eps1
-                if factored:
-                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                    row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-                    col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-                    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # (..., R, 1)
-                    c_factor = col.unsqueeze(-2).rsqrt()  # (..., 1, C)
-                    update = torch.mul(r_factor, c_factor).mul_(g)  # (..., R, C)
-                else:
-                    v = state["exp_avg_sq"]
-                    v.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-                    update = v.rsqrt().mul_(g)
-                update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
-                update.mul_(rho)
-                if beta1 is not None:
-                    m = state["exp_avg"]
-                    m.mul_(beta1).add_(update, alpha=1 - beta1)
-                    update = m
-                if group["weight_decay"] != 0:
-                    if isinstance(rho, Tensor):  # w + w·(−λρ), the decay factor rounded to float32 as alpha= is
-                        w.addcmul_(w, (rho * -group["weight_decay"]).float())
-                    else:
-                        w.add_(w, alpha=-group["weight_decay"] * rho)
-                w.add_(-update.view(p.shape))
-                _write_weight(p, w, group["stochastic_rounding"], self.generator)
+                    self._init_state(state, p, group)
+            _count_steps(states)
+            scalars = self._scalars(group, states)
+            if not group.get("foreach"):
+                for p, state, (beta2t, rest, rho) in zip(params, states, scalars):
+                    self._update(p, state, group, beta2t, rest, rho)
+                continue
+            index = {id(p): i for i, p in enumerate(params)}
+            for chunk in _param_chunks(params):
+                at = [index[id(p)] for p in chunk]
+                self._foreach_update(group, chunk, [states[i] for i in at], [scalars[i] for i in at])
         return loss
+
+    def _foreach_update(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]],
+                        scalars: list[tuple[Any, Any, Any]]) -> None:
+        """:meth:`_update` of every parameter of one chunk (one device) as multi-tensor ops: the
+        same operations on the same values in the same order, so on CPU the same bits (tested).
+
+        What stays per parameter: the three means of the factored second moment (row and column
+        means of ``G² + ε₁``, the row factor's mean) — reductions ``torch._foreach_*`` does not have.
+        Low-precision weights and gradients are cast to float32 in one batched pass each and the
+        bf16 weights written back through one stochastic-rounding pass (the per-parameter draws).
+        """
+        beta1, weight_decay = group["beta1"], group["weight_decay"]
+        beta2ts, rests, rhos = (list(column) for column in zip(*scalars))
+        grads = [self._factored_view(g, group) for g in _float32_many([p.grad for p in params])]  # type: ignore[misc]
+        weights = _float32_many(params)  # contiguous float32 (the parameters themselves when they are)
+        if group["scale_parameter"]:  # max(ε₂, RMS(w))·ρ in float64, as the per-parameter step
+            # (the norm of a weight in its own layout, channels_last say, as that step sums it: the order of a sum)
+            norms = torch._foreach_norm([w if p.is_contiguous() else p if p.dtype == torch.float32 else p.float()
+                                         for p, w in zip(params, weights)])
+            torch._foreach_div_(norms, [w.numel() ** 0.5 for w in weights])
+            scaled = torch.stack(norms).double().clamp_(min=group["eps"][1])  # (k,) float64
+            if isinstance(rhos[0], Tensor):
+                scaled.mul_(torch.stack(rhos))
+            elif all(rho == rhos[0] for rho in rhos):
+                scaled.mul_(rhos[0])
+            else:  # (step counts that differ within a group: a parameter skipped some steps)
+                scaled = torch.stack([s * rho for s, rho in zip(scaled.unbind(0), rhos)])
+            rhos = list(scaled.unbind(0))
+        updates = list(torch._foreach_mul(grads, grads))  # G² + ε₁
+        torch._foreach_add_(updates, group["eps"][0])
+        factored = [i for i, g in enumerate(grads) if g.dim() >= 2]
+        vector = [i for i, g in enumerate(grads) if g.dim() < 2]
+        if vector:
+            vs = [states[i]["exp_avg_sq"] for i in vector]
+            _foreach_decay_add_(vs, [updates[i] for i in vector], [beta2ts[i] for i in vector], [rests[i] for i in vector])
+            vector_updates = torch._foreach_rsqrt(vs)
+            torch._foreach_mul_(vector_updates, [grads[i] for i in vector])
+            for i, u in zip(vector, vector_updates):
+                updates[i] = u
+        if factored:
+            rows = [states[i]["exp_avg_sq_row"] for i in factored]
+            cols = [states[i]["exp_avg_sq_col"] for i in factored]
+            new = [updates[i].mean(dim=-1) for i in factored] + [updates[i].mean(dim=-2) for i in factored]
+            _foreach_decay_add_(rows + cols, new, [beta2ts[i] for i in factored] * 2, [rests[i] for i in factored] * 2)
+            r_factors = torch._foreach_div(rows, [row.mean(dim=-1, keepdim=True) for row in rows])
+            torch._foreach_rsqrt_(r_factors)
+            c_factors = torch._foreach_rsqrt(cols)
+            matrix_updates = torch._foreach_mul([r.unsqueeze(-1) for r in r_factors],  # (..., R, 1) · (..., 1, C)
+                                                [c.unsqueeze(-2) for c in c_factors])
+            torch._foreach_mul_(matrix_updates, [grads[i] for i in factored])
+            for i, u in zip(factored, matrix_updates):
+                updates[i] = u
+        clips = torch._foreach_norm(updates)  # max(1, RMS(U)/d) on the device
+        torch._foreach_div_(clips, [u.numel() ** 0.5 for u in updates])
+        torch._foreach_div_(clips, group["clip_threshold"])
+        torch._foreach_clamp_min_(clips, 1.0)
+        torch._foreach_div_(updates, clips)
+        torch._foreach_mul_(updates, rhos)
+        if beta1 is not None:
+            ms = [state["exp_avg"] for state in states]
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, updates, alpha=1 - beta1)
+            updates = ms
+        if weight_decay != 0:
+            if isinstance(rhos[0], Tensor):  # w + w·(−λρ), the factor rounded to float32 as alpha= is
+                torch._foreach_addcmul_(weights, weights, list((torch.stack(rhos) * -weight_decay).float().unbind(0)))
+            elif all(rho == rhos[0] for rho in rhos):
+                torch._foreach_add_(weights, weights, alpha=-weight_decay * rhos[0])
+            else:
+                for w, rho in zip(weights, rhos):
+                    w.add_(w, alpha=-weight_decay * rho)
+        torch._foreach_sub_(weights, [u.view(w.shape) for u, w in zip(updates, weights)])  # w − U, as w + (−U)
+        _write_weights_many(params, weights, group["stochastic_rounding"], self.generator)
+
+    def _update(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], beta2t: Any, rest: Any, rho: Any) -> None:
+        """One parameter's update, given ``β₂ₜ``, ``1 − β₂ₜ`` and ρ before the RMS scale (numbers,
+        or device tensors in capturable mode)."""
+        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()  # type: ignore[union-attr]
+        g = self._factored_view(grad, group)  # (R, C), (..., R, C) or (n,)
+        w = p if p.dtype == torch.float32 else p.float()
+        if group["scale_parameter"]:  # max(ε₂, RMS(w))·ρ as a float64 device tensor, as Python would: no host read
+            rho = self._rms(w).double().clamp(min=group["eps"][1]) * rho
+        update = g.square() + group["eps"][0]
+        if g.dim() >= 2:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            _decay_add_(row, update.mean(dim=-1), beta2t, rest)
+            _decay_add_(col, update.mean(dim=-2), beta2t, rest)
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # (..., R, 1)
+            c_factor = col.unsqueeze(-2).rsqrt()  # (..., 1, C)
+            update = torch.mul(r_factor, c_factor).mul_(g)  # (..., R, C)
+        else:
+            v = state["exp_avg_sq"]
+            _decay_add_(v, update, beta2t, rest)
+            update = v.rsqrt().mul_(g)
+        update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))  # max(1, RMS(U)/d) on the device
+        update.mul_(rho)
+        beta1 = group["beta1"]
+        if beta1 is not None:
+            m = state["exp_avg"]
+            m.mul_(beta1).add_(update, alpha=1 - beta1)
+            update = m
+        if group["weight_decay"] != 0:
+            if isinstance(rho, Tensor):  # w + w·(−λρ), the decay factor rounded to float32 as alpha= is
+                w.addcmul_(w, (rho * -group["weight_decay"]).float())
+            else:
+                w.add_(w, alpha=-group["weight_decay"] * rho)
+        w.add_(-update.view(p.shape))
+        _write_weight(p, w, group["stochastic_rounding"], self.generator)
 
     def state_bytes(self) -> int:
         """Bytes held by optimiser state tensors."""
         return _state_bytes(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, keeping the saved (float32) state dtypes."""
-        _load_keeping_dtypes(self, state_dict)
+        """As ``torch.optim.Optimizer.load_state_dict``, but keeps the saved (float32) state dtypes
+        and this optimiser's ``capturable`` mode: step counts saved as ints become device tensors
+        and vice versa, and a tensor ``lr`` stays the same tensor (filled with the saved value), so
+        a graph that reads it keeps working. States saved in either mode resume in either; each
+        group keeps its ``foreach`` too (a state saved on a GPU resumes per parameter on a CPU)."""
+        _load_keeping_mode(self, state_dict)
+
+
+def _foreach_decay_add_(states: list[Tensor], news: list[Tensor], beta2ts: list[Any], rests: list[Any]) -> None:
+    """:func:`_decay_add_` of each ``states[i]``, as multi-tensor ops: a list of numbers or of 0-dim
+    tensors for ``β₂ₜ``; ``1 − β₂ₜ`` as one ``alpha=`` when the numbers agree (the usual case: the
+    same step count), per tensor otherwise, and ``addcmul_`` with 0-dim tensors."""
+    torch._foreach_mul_(states, beta2ts)
+    if isinstance(rests[0], Tensor):
+        torch._foreach_addcmul_(states, news, rests)
+    elif all(rest == rests[0] for rest in rests):
+        torch._foreach_add_(states, news, alpha=rests[0])
+    else:
+        for state, new, rest in zip(states, news, rests):
+            state.add_(new, alpha=rest)
+
+
+def _decay_add_(state: Tensor, new: Tensor, beta2t: float | Tensor, rest: float | Tensor) -> None:
+    """``state ← β₂ₜ·state + (1 − β₂ₜ)·new`` in place, ``rest = 1 − β₂ₜ``. With tensor factors
+    (capturable) the second term is ``addcmul_`` with the 0-dim ``rest``: on CPU the same fused
+    multiply-add, so the same bits, as ``add_(new, alpha=rest)`` with a Python float."""
+    state.mul_(beta2t)
+    if isinstance(rest, Tensor):
+        state.addcmul_(new, rest)
+    else:
+        state.add_(new, alpha=rest)
 
 
 # ---------------------------------------------------------------------------- fused backward

@@ -2,7 +2,7 @@
 
 kohya reads each ``KEY=VALUE`` with ``ast.literal_eval`` (``betas=0.9,0.99`` is the tuple
 ``(0.9, 0.99)``, ``relative_step=False`` a bool, ``beta1=None`` None) and passes them to the
-optimiser's constructor. sdadapt does the same for its four optimisers, with each one accepting the
+optimiser's constructor. sdadapt does the same for its optimisers, with each one accepting the
 keys below — the ones its constructor takes that are the user's to choose (the learning rate,
 ``capturable``, ``foreach`` and the state dtype are set by the loop) — and checks the values by
 building the optimiser on a one-element probe before any model is loaded.
@@ -16,6 +16,25 @@ optimiser               keys
 ``adafactor``           ``eps`` (two numbers), ``clip_threshold``, ``decay_rate``, ``beta1``,
                         ``weight_decay``, ``scale_parameter``, ``relative_step``, ``warmup_init``,
                         ``factor_conv_as_matrix``, ``stochastic_rounding``
+``lion``, ``lion-bf16`` ``betas``, ``weight_decay``, ``stochastic_rounding``
+``sgd-nesterov``        ``momentum`` (kohya's default 0.9 when left out), ``dampening`` (0 only:
+                        Nesterov needs it), ``weight_decay``
+``prodigy``             ``betas``, ``beta3``, ``eps``, ``weight_decay``, ``decouple``,
+                        ``use_bias_correction``, ``safeguard_warmup``, ``d0``, ``d_coef``,
+                        ``growth_rate``, ``fsdp_in_use`` (False only), ``slice_p``,
+                        ``stochastic_rounding`` (prodigyopt 1.1.2's arguments)
+``dadapt-adam``         ``betas``, ``eps``, ``weight_decay``, ``log_every`` (ignored), ``decouple``,
+                        ``use_bias_correction``, ``d0``, ``growth_rate``, ``fsdp_in_use`` (False
+                        only), ``stochastic_rounding`` (dadaptation 3.2's ``DAdaptAdam`` arguments)
+``dadapt-lion``         ``betas``, ``weight_decay``, ``log_every`` (ignored), ``d0``,
+                        ``fsdp_in_use`` (False only), ``stochastic_rounding``
+``dadapt-adam-preprint`` ``betas``, ``eps``, ``weight_decay``, ``log_every`` (ignored), ``decouple``,
+                        ``d0``, ``growth_rate``, ``fsdp_in_use`` (False only), ``stochastic_rounding``
+``adamw-schedulefree``  ``betas``, ``eps``, ``weight_decay``, ``warmup_steps``, ``r``,
+                        ``weight_lr_power``, ``stochastic_rounding`` (schedulefree 1.4.1's
+                        ``AdamWScheduleFree`` arguments)
+``sgd-schedulefree``    ``momentum``, ``weight_decay``, ``warmup_steps``, ``r``, ``weight_lr_power``,
+                        ``stochastic_rounding`` (schedulefree 1.4.1's ``SGDScheduleFree``)
 ======================  ====================================================================
 
 The arguments are kept as a tuple of ``(key, value)`` pairs in the order given (values made
@@ -41,6 +60,7 @@ import torch
 
 __all__ = [
     "OPTIMIZER_ARG_KEYS",
+    "SGD_NESTEROV_MOMENTUM",
     "TRANSFORMERS_ADAFACTOR_DEFAULTS",
     "OptimizerArgs",
     "check_optimizer_args",
@@ -62,15 +82,33 @@ OPTIMIZER_ARG_KEYS: dict[str, tuple[str, ...]] = {
     "adamw-bf16": (*_ADAMW, "stochastic_rounding"),
     "adafactor": ("eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter", "relative_step",
                   "warmup_init", "factor_conv_as_matrix", "stochastic_rounding"),
+    "lion": ("betas", "weight_decay", "stochastic_rounding"),
+    "lion-bf16": ("betas", "weight_decay", "stochastic_rounding"),
+    "sgd-nesterov": ("momentum", "dampening", "weight_decay"),
+    "prodigy": ("betas", "beta3", "eps", "weight_decay", "decouple", "use_bias_correction", "safeguard_warmup", "d0",
+                "d_coef", "growth_rate", "fsdp_in_use", "slice_p", "stochastic_rounding"),
+    "dadapt-adam": ("betas", "eps", "weight_decay", "log_every", "decouple", "use_bias_correction", "d0", "growth_rate",
+                    "fsdp_in_use", "stochastic_rounding"),
+    "dadapt-lion": ("betas", "weight_decay", "log_every", "d0", "fsdp_in_use", "stochastic_rounding"),
+    "dadapt-adam-preprint": ("betas", "eps", "weight_decay", "log_every", "decouple", "d0", "growth_rate", "fsdp_in_use",
+                             "stochastic_rounding"),
+    "adamw-schedulefree": ("betas", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power", "stochastic_rounding"),
+    "sgd-schedulefree": ("momentum", "weight_decay", "warmup_steps", "r", "weight_lr_power", "stochastic_rounding"),
 }
+#: the momentum kohya's ``get_optimizer`` gives ``SGDNesterov`` when ``--optimizer_args`` leave it out
+SGD_NESTEROV_MOMENTUM = 0.9
 #: ``transformers.optimization.Adafactor``'s defaults (the optimiser kohya builds) where sdadapt's
 #: ``Adafactor`` has its own: ``scale_parameter`` (sdadapt: False) and the factoring of ``≥3``-D
 #: weights (transformers factors the last two dims; sdadapt's default views ``(O, I, k, k)`` as
 #: ``(O, I·k·k)``). ``weight_decay`` 0, ``eps``, ``clip_threshold``, ``decay_rate``, ``beta1`` and
 #: ``warmup_init`` are the same in both.
 TRANSFORMERS_ADAFACTOR_DEFAULTS: OptimizerArgs = (("scale_parameter", True), ("factor_conv_as_matrix", False))
-_BOOLS = ("stochastic_rounding", "scale_parameter", "relative_step", "warmup_init", "factor_conv_as_matrix")
-_NUMBERS = ("weight_decay", "clip_threshold", "decay_rate")
+_BOOLS = ("stochastic_rounding", "scale_parameter", "relative_step", "warmup_init", "factor_conv_as_matrix",
+          "decouple", "use_bias_correction", "safeguard_warmup", "fsdp_in_use")
+_NUMBERS = ("weight_decay", "clip_threshold", "decay_rate", "momentum", "dampening", "d0", "d_coef", "growth_rate",
+            "r", "weight_lr_power")
+#: arguments that are whole numbers (kept as ints by :func:`optimizer_kwargs`)
+_WHOLE_NUMBERS = ("block_size", "slice_p", "log_every", "warmup_steps")
 
 
 def parse_optimizer_args(items: Iterable[str], *, where: str = "--optimizer-args") -> OptimizerArgs:
@@ -127,10 +165,11 @@ def _check_type(optimizer: str, key: str, value: Any) -> str | None:
             return None if isinstance(value, tuple) and len(value) == 2 and all(map(_is_number, value)) else \
                 "two numbers (ε₁ for the second moments, ε₂ for scale_parameter), e.g. eps=1e-30,1e-3"
         return None if _is_number(value) else "a number, e.g. eps=1e-6"
-    if key == "beta1":
+    if key in ("beta1", "beta3"):
         return None if value is None or _is_number(value) else "None or a number in [0, 1)"
-    if key == "block_size":
-        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number, e.g. 256"
+    if key in _WHOLE_NUMBERS:
+        return None if isinstance(value, int) and not isinstance(value, bool) else \
+            f"a whole number, e.g. {key}={256 if key == 'block_size' else 11}"
     return None
 
 
@@ -138,7 +177,7 @@ def optimizer_kwargs(args: OptimizerArgs | Mapping[str, Any]) -> dict[str, Any]:
     """The constructor keywords of ``args`` (numbers as floats, sequences as tuples)."""
     items = args.items() if isinstance(args, Mapping) else args
     return {key: (tuple(float(v) for v in value) if isinstance(value, tuple) else
-                  float(value) if _is_number(value) and key != "block_size" else value) for key, value in items}
+                  float(value) if _is_number(value) and key not in _WHOLE_NUMBERS else value) for key, value in items}
 
 
 def check_optimizer_args(optimizer: str, args: OptimizerArgs | Mapping[str, Any] | Iterable[tuple[str, Any]],
@@ -190,6 +229,25 @@ def _probe(optimizer: str, kwargs: dict[str, Any], where: str) -> None:
             AdamW(probe, lr=1e-3, **kwargs)  # (--full-bf16 trains with sdadapt's AdamW)
         elif optimizer == "adafactor":
             Adafactor(probe, lr=None if kwargs.get("relative_step") else 1e-3, **kwargs)
+        elif optimizer in ("lion", "lion-bf16"):
+            from .lion import Lion
+
+            Lion(probe, lr=1e-4, **kwargs)
+        elif optimizer == "prodigy":
+            from .prodigy import Prodigy
+
+            Prodigy(probe, lr=1.0, **kwargs)
+        elif optimizer in ("dadapt-adam", "dadapt-lion", "dadapt-adam-preprint"):
+            from .dadapt import DAdaptAdam, DAdaptAdamPreprint, DAdaptLion
+
+            {"dadapt-adam": DAdaptAdam, "dadapt-lion": DAdaptLion,
+             "dadapt-adam-preprint": DAdaptAdamPreprint}[optimizer](probe, lr=1.0, **kwargs)
+        elif optimizer in ("adamw-schedulefree", "sgd-schedulefree"):
+            from .schedule_free import AdamWScheduleFree, SGDScheduleFree
+
+            (AdamWScheduleFree if optimizer == "adamw-schedulefree" else SGDScheduleFree)(probe, lr=1e-3, **kwargs)
+        elif optimizer == "sgd-nesterov":
+            torch.optim.SGD(probe, lr=1e-3, nesterov=True, **{"momentum": SGD_NESTEROV_MOMENTUM, **kwargs})
         else:
             AdamW(probe, lr=1e-3, state_dtype="int8" if optimizer == "adamw8bit" else torch.bfloat16, **kwargs)
     except (ValueError, TypeError) as exc:
@@ -208,6 +266,8 @@ def kohya_optimizer_args(optimizer: str, args: OptimizerArgs) -> OptimizerArgs:
     For ``adafactor``: ``relative_step=True`` appended when ``args`` leave it out (kohya's default),
     and made ``True`` when ``warmup_init=True`` comes with ``relative_step=False`` (kohya's
     correction: the warm-up belongs to the relative step); the other keys as given, in their order.
+    For ``sgd-nesterov``: ``momentum=0.9`` appended when ``args`` leave it out (kohya's
+    :data:`SGD_NESTEROV_MOMENTUM`; torch's SGD refuses Nesterov without momentum).
     Other optimisers: ``args`` unchanged. kohya writes these into ``ss_optimizer``.
 
     Args:
@@ -222,6 +282,8 @@ def kohya_optimizer_args(optimizer: str, args: OptimizerArgs) -> OptimizerArgs:
     if optimizer == "adafactor" and ("relative_step" not in pairs  # kohya's default
                                      or (not pairs["relative_step"] and pairs.get("warmup_init", False))):
         pairs["relative_step"] = True  # (appended when missing, as kohya's dict)
+    if optimizer == "sgd-nesterov" and "momentum" not in pairs:
+        pairs["momentum"] = SGD_NESTEROV_MOMENTUM
     return tuple(pairs.items())
 
 

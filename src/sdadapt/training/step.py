@@ -170,6 +170,15 @@ def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState,
     return noise, noisy_input, t
 
 
+def _times(weights: Tensor | None, factor: Tensor) -> Tensor:
+    """``weights * factor``, ``None`` weights standing for float32 ones (:func:`prepare_batch`): the
+    factor itself, in float32 or wider as ``ones * factor`` would be (a bf16/fp16 ᾱ gives low-precision
+    factors; the later products stay in float32, as before)."""
+    if weights is None:
+        return factor.to(torch.promote_types(torch.float32, factor.dtype))  # (float32/64: the factor, no op)
+    return weights * factor
+
+
 def prepare_batch(
     batch: Mapping[str, object],
     *,
@@ -211,21 +220,28 @@ def prepare_batch(
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     target = diffusion.target_for(config.prediction_type, latents, noise, t, alphas_cumprod)
 
-    weights = batch.get("loss_weight")
-    weights = torch.ones(latents.shape[0], device=latents.device) if weights is None else weights.float()  # type: ignore[union-attr]
+    # (B,) per-sample weights; None stands for all ones until a factor comes (1 * w is w exactly: no fill and
+    # multiply on the device per step for nothing)
+    weights: Tensor | None = batch.get("loss_weight")  # type: ignore[assignment]
+    weights = None if weights is None else weights.float()
     if (config.min_snr_gamma is not None or config.debiased_estimation or config.p2_gamma is not None
             or config.scale_v_pred_loss_like_noise_pred or config.v_pred_like_loss):
         snr = diffusion.snr(t, alphas_cumprod)
         if config.min_snr_gamma is not None:
-            weights = weights * diffusion.min_snr_weight(snr, config.min_snr_gamma, config.prediction_type)
+            weights = _times(weights, diffusion.min_snr_weight(snr, config.min_snr_gamma, config.prediction_type))
         if config.scale_v_pred_loss_like_noise_pred:
-            weights = weights * diffusion.noise_like_scale(snr)
+            weights = _times(weights, diffusion.noise_like_scale(snr))
         if config.v_pred_like_loss:
-            weights = weights * diffusion.v_pred_like_weight(snr, config.v_pred_like_loss)
+            weights = _times(weights, diffusion.v_pred_like_weight(snr, config.v_pred_like_loss))
         if config.debiased_estimation:
-            weights = weights * diffusion.debiased_weight(snr, config.prediction_type)
+            weights = _times(weights, diffusion.debiased_weight(snr, config.prediction_type))
         if config.p2_gamma is not None:
-            weights = weights * diffusion.p2_weight(snr, gamma=config.p2_gamma)
+            weights = _times(weights, diffusion.p2_weight(snr, gamma=config.p2_gamma))
+    if weights is None:
+        weights = torch.ones(latents.shape[0], device=latents.device)
+    elif batch.get("loss_weight") is None and weights.shape != (latents.shape[0],):
+        # (one timestep for the whole batch gives 0-dim factors: (B,) as ones * w was; a view, no copy)
+        weights = weights.expand(torch.broadcast_shapes((latents.shape[0],), weights.shape))
     huber_c: float | Tensor = config.huber_c * config.huber_scale  # (the constant schedule: a float, no tensor made)
     if config.loss in ("huber", "smooth_l1") and config.huber_schedule != "constant":
         huber_c = diffusion.huber_c_for(t, huber_c=config.huber_c, schedule=config.huber_schedule, alphas_cumprod=alphas_cumprod,
@@ -286,11 +302,12 @@ def fused_backward_clashes(config: StepConfig) -> list[str]:
 def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, state: TrainState, config: StepConfig) -> Tensor:
     """Unscale (fp16), clip, optimiser step (the caller zeroes the gradients); returns the pre-clip grad
     norm (nan if unclipped)."""
-    grad_norm = torch.full((), float("nan"), device=params[0].device)
     if state.scaler:
         state.scaler.unscale_(optimizer)
     if config.max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    else:  # (made only here: a fill on the device per step otherwise overwritten)
+        grad_norm = torch.full((), float("nan"), device=params[0].device)
     if state.scaler:
         state.scaler.step(optimizer)
         state.scaler.update()
@@ -361,7 +378,7 @@ def train_step(
     (state.scaler.scale(scaled) if state.scaler else scaled).backward()
     state.micro_step += 1
 
-    grad_norm = torch.full((), float("nan"), device=loss.device)
+    grad_norm: Tensor | None = None
     stepped = state.micro_step % config.accumulation_steps == 0
     after: Mapping[str, Tensor] = {}
     if stepped:
@@ -376,6 +393,8 @@ def train_step(
             state.ema.update()
         if lr_scheduler is not None:
             lr_scheduler.step()  # type: ignore[attr-defined]
+    if grad_norm is None:  # not stepped (accumulating) or fused: nan, made only then
+        grad_norm = torch.full((), float("nan"), device=loss.device)
     return {"loss": loss.detach(), "stepped": torch.tensor(stepped), "grad_norm": grad_norm.detach(), **after}
 
 

@@ -43,14 +43,31 @@ replay advances it and draws fresh numbers, as eager steps would. No generator i
 capturing, and autocast runs without its weight-cast cache (``cache_enabled=False``, as PyTorch
 asks for graphs).
 
+Gradients: from its first capture on, the step owns the trained parameters' ``.grad`` tensors:
+allocated once (outside every graph's pool), every graph's backward adds into them, and the
+optimiser update zeroes them in place. So all batch layouts share one set of gradients (a graph
+per layout does not cost a gradient buffer each), eager steps (another layout's warm-up) and
+replays can follow each other, and gradient accumulation works: with ``accumulation_steps = k``
+each micro-batch replays its layout's graph (forward, ``loss / k``, backward adding into the
+gradients) and every k-th also replays one more graph, the update (clip, optimiser
+step, ``after_update``, zeroing), captured once after ``warmup_steps`` eager updates. ``k = 1``
+keeps forward, backward and update in one graph per layout. A parameter the capture's backward
+does not reach (say a LoRA on a text-encoder layer that ``clip_skip`` leaves out) keeps
+``grad=None`` and is not stepped, as in eager steps; every later layout's capture must reach the
+same parameters (one more, or one less, is refused with :class:`CaptureError`, as is a gradient made
+by a nested backward the autograd graph does not show: a reentrant ``torch.utils.checkpoint``).
+Do not replace or ``None`` the gradients between calls (``optimizer.zero_grad(set_to_none=True)``):
+the graphs would write into the old ones (refused with :class:`CaptureError`); call :meth:`reset`
+after changing which parameters train.
+
 Learning rate: give the optimiser a tensor ``lr`` (``capturable=True``) and call :meth:`set_lr`
 (an in-place ``fill_``: the graph reads the tensor). Requirements, checked with clear errors: a CUDA
 device, a ``capturable`` optimiser (``torch.optim.AdamW(..., capturable=True)`` or sdadapt's
-``AdamW(..., capturable=True)`` with float32, bf16 or int8 states, bf16 weights with stochastic
-rounding, ``foreach`` or not; an optimiser fused into backward steps through Python hooks and
-cannot be captured), ``accumulation_steps == 1``, no fp16 loss scaler (use bf16). On CPU, or when
-a requirement is not met and ``strict=False``, the object runs plain
-:func:`~sdadapt.training.step.train_step` semantics eagerly (bit-identical; tested).
+``AdamW`` (float32, bf16 or int8 states), ``Adafactor``, ``Lion`` or ``Prodigy`` built with
+``capturable=True``, bf16 weights with stochastic rounding, ``foreach`` or not; an optimiser fused into backward steps through Python hooks and
+cannot be captured), no fp16 loss scaler (use bf16). On CPU, or when a requirement is not met and
+``strict=False``, the object runs plain :func:`~sdadapt.training.step.train_step` semantics
+eagerly (bit-identical; tested).
 """
 
 from __future__ import annotations
@@ -77,17 +94,16 @@ def capture_problems(params: list[nn.Parameter], optimizer: object, config: Step
     problems = []
     if not torch.cuda.is_available() or params[0].device.type != "cuda":
         problems.append("CUDA graphs need the parameters on a CUDA device")
-    if config.accumulation_steps != 1:
-        problems.append("accumulation_steps must be 1 (capture one micro-batch = one optimiser step)")
     if config.mixed_precision == "fp16":
         problems.append("fp16 needs a dynamic loss scaler that syncs with the host; use mixed_precision='bf16'")
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         problems.append(f"{type(optimizer).__name__} steps inside backward through Python hooks; "
-                        "use torch.optim.AdamW(..., capturable=True) or sdadapt.training.optim.AdamW(..., capturable=True)")
+                        "use torch.optim.AdamW(..., capturable=True) or one of sdadapt's (training.optim.AdamW, "
+                        "training.optim.Adafactor, training.lion.Lion, training.prodigy.Prodigy) with capturable=True")
     elif not all(group.get("capturable", False) for group in groups):
         problems.append(f"{type(optimizer).__name__} is not capturable; build it with capturable=True "
-                        "(torch.optim.AdamW or sdadapt.training.optim.AdamW)")
+                        "(torch.optim.AdamW, or sdadapt's AdamW, Adafactor, Lion or Prodigy)")
     return problems
 
 
@@ -128,9 +144,33 @@ def _off_device(prepared: Mapping[str, object], device: torch.device) -> list[st
     return [pytree.keystr(path) for path, leaf in pairs if isinstance(leaf, Tensor) and leaf.device != device]
 
 
+def _record(graph: torch.cuda.CUDAGraph, body: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Capture ``body()`` into ``graph``; returns its outputs (the tensors each replay rewrites)."""
+    with torch.cuda.graph(graph):
+        return body()
+
+
+def _reached(loss: Tensor) -> set[int]:
+    """``id`` of every leaf tensor ``loss.backward()`` accumulates a gradient into (its autograd graph's
+    ``AccumulateGrad`` nodes); a Python walk, no device work."""
+    seen: set[object] = set()
+    reached: set[int] = set()
+    pending = [loss.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            reached.add(id(variable))
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return reached
+
+
 @dataclass
 class _Graph:
-    """One captured step: its graph, static inputs (pytree leaves) and outputs."""
+    """One captured graph (a batch layout's step, or the update): its static inputs (pytree leaves) and outputs."""
 
     calls: int = 0
     graph: torch.cuda.CUDAGraph | None = None
@@ -139,17 +179,19 @@ class _Graph:
 
 
 class CapturedStep:
-    """A training step that becomes one CUDA-graph replay per batch layout after ``warmup_steps`` eager steps.
+    """A training step that becomes CUDA-graph replays per batch layout after ``warmup_steps`` eager steps.
 
     Args:
         model: ``model(x_t (B,C,H,W), t (B,), cond) -> prediction (B,C,H,W)`` (may be ``torch.compile``-d).
         params: the trainable parameters (clipped and stepped).
         optimizer: a capturable optimiser over ``params`` (tensor ``lr`` to change it later):
             ``torch.optim.AdamW(..., capturable=True)`` or sdadapt's ``AdamW(..., capturable=True)``.
-        config: the step options (``accumulation_steps == 1``, no fp16).
+        config: the step options (no fp16; ``accumulation_steps = k``: each call is one
+            micro-batch, every k-th also updates, as :func:`~sdadapt.training.step.train_step`).
         alphas_cumprod: (T,) noise schedule on the parameters' device.
-        warmup_steps: eager steps per batch layout before its capture (>= 1: they create the
-            optimiser state, which a capture would otherwise record, zeroed again at every replay).
+        warmup_steps: eager steps per batch layout (and eager updates) before its capture (>= 1:
+            they create the optimiser state, which a capture would otherwise record, zeroed again
+            at every replay).
         strict: raise :class:`CaptureError` on a CUDA machine when the step cannot be captured
             (``False``: run eagerly instead).
         extra_loss: as :func:`~sdadapt.training.step.train_step`'s, captured with the loss.
@@ -183,23 +225,29 @@ class CapturedStep:
         if self.problems and strict and torch.cuda.is_available():
             raise CaptureError("cannot capture the step: " + "; ".join(self.problems))
         self._graphs: dict[tuple[Hashable, ...], _Graph] = {}
+        self._update = _Graph()  # accumulation_steps > 1: the update's own graph
+        self._grads: list[tuple[nn.Parameter, Tensor]] | None = None  # owned from the first capture on
+        self._dropped: list[tuple[nn.Parameter, Tensor]] = []  # unreached ones, alive until their capture ends
         self.calls = 0
 
     @property
     def captured(self) -> bool:
         """Whether at least one graph has been captured."""
-        return any(g.graph is not None for g in self._graphs.values())
+        return self._update.graph is not None or any(g.graph is not None for g in self._graphs.values())
 
     @property
     def graph_count(self) -> int:
-        """How many graphs (batch layouts) have been captured."""
+        """How many batch layouts have a captured graph (the update graph of accumulation not counted)."""
         return sum(g.graph is not None for g in self._graphs.values())
 
     def reset(self) -> None:
-        """Drop every captured graph (and its memory pool): each batch layout warms up and is
-        captured again — after a change the graphs cannot see, e.g. parameters that stopped
-        requiring gradients (a text encoder whose training ends before the UNet's)."""
+        """Drop every captured graph (and its memory pool) and give the gradients back: each batch
+        layout warms up and is captured again — after a change the graphs cannot see, e.g.
+        parameters that stopped requiring gradients (a text encoder whose training ends before the
+        UNet's; set their ``.grad`` to ``None``) or gradients replaced by other code."""
         self._graphs.clear()
+        self._update = _Graph()
+        self._grads = None
 
     def set_lr(self, lr: float) -> None:
         """Set every parameter group's learning rate without re-capturing (``lr`` tensors are
@@ -214,15 +262,25 @@ class CapturedStep:
                                "lr=torch.tensor(lr, device='cuda') and capturable=True to change it")
         set_lr(self.optimizer, lr)
 
-    def _eager(self, prepared: Mapping[str, object], state: TrainState) -> dict[str, Tensor]:
-        # a replayed graph leaves its static gradients bound to .grad: an eager step after one (another
-        # layout's warm-up, a step after reset()) must not add its gradients to them
-        self.optimizer.zero_grad(set_to_none=True)
+    # ------------------------------------------------------------------ the step's two halves
+    def _backward(self, prepared: Mapping[str, object], *, capturing: bool = False) -> dict[str, Tensor]:
+        """Forward, loss, ``(loss / k).backward()`` into ``.grad`` (owned gradients: added in place)."""
         loss = step_loss(self.model, prepared, self.config, self.extra_loss, autocast_cache=False)
-        loss.backward()
+        if capturing:
+            self._settle_grads(loss)
+        (loss / self.config.accumulation_steps).backward()
+        if capturing:
+            self._refuse_unowned_grads()
+        return {"loss": loss.detach()}
+
+    def _update_body(self, state: TrainState) -> dict[str, Tensor]:
+        """Clip, optimiser step, zero the gradients (owned: in place; else ``None``), ``after_update``."""
         grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), **self._after_update()}
+        if self._grads is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self._grads:
+            torch._foreach_zero_([grad for _, grad in self._grads])
+        return {"grad_norm": grad_norm.detach(), **self._after_update()}
 
     def _after_update(self) -> dict[str, Tensor]:
         if self.after_update is None:
@@ -230,9 +288,75 @@ class CapturedStep:
         with torch.no_grad():
             return {k: v.detach() for k, v in self.after_update().items()}
 
-    def _capture(self, entry: _Graph, leaves: list[object], spec: pytree.TreeSpec, state: TrainState) -> None:
+    # ------------------------------------------------------------------ gradients owned by the graphs
+    def _own_grads(self) -> None:
+        """Before the first capture: a ``.grad`` for every trained parameter (kept if it has one: an
+        accumulation cycle's eager part), allocated outside any graph's pool."""
+        if self._grads is not None:
+            return
+        for p in self.params:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._grads = [(p, p.grad) for p in self.params if p.requires_grad and p.grad is not None]
+        for _, grad in self._grads:
+            if grad.is_cuda:  # replays use it on this stream (a warm-up may have made it on a side one)
+                grad.record_stream(torch.cuda.current_stream())
+
+    def _settle_grads(self, loss: Tensor) -> None:
+        """Inside a capture, before backward: at the first capture the owned gradients of parameters
+        this backward does not reach go back to ``None`` (not stepped, as in eager steps); a later
+        capture must reach exactly the owned ones — one it reaches that has none is refused (its
+        backward would write a gradient of the graph's own), and so is one it does not reach (the
+        graphs captured before still add into that gradient and step from it: dropped, they would
+        write freed memory)."""
+        reached = _reached(loss)
+        assert self._grads is not None  # (_own_grads ran before the capture)
+        owned = {id(p) for p, _ in self._grads}
+        new = [i for i, p in enumerate(self.params) if id(p) in reached and id(p) not in owned]
+        lost = [i for i, p in enumerate(self.params) if id(p) in owned and id(p) not in reached] if self.captured else []
+        if new or lost:
+            which = (f"parameter(s) {new[:5]} of params, which an earlier capture's step did not reach" if new
+                     else f"not parameter(s) {lost[:5]} of params, which an earlier capture's step trains")
+            raise CaptureError(f"this batch layout's step trains {which}: CUDA-graph capture needs every batch layout to "
+                               "train the same parameters; call reset() after changing them, or train eagerly")
+        kept = [(p, grad) for p, grad in self._grads if id(p) in reached]
+        for p, _ in self._grads:
+            if id(p) not in reached:
+                p.grad = None  # (the tensor stays alive in self._grads until the capture has ended)
+        self._dropped, self._grads = self._grads, kept
+
+    def _refuse_unowned_grads(self) -> None:
+        """Inside a capture, after backward: a gradient the walk of :func:`_reached` did not foresee
+        (a nested backward, as a reentrant ``torch.utils.checkpoint`` runs) is the graph's own —
+        rewritten by its replays, never zeroed, added into by eager steps — so it is refused."""
+        owned = {id(p) for p, _ in self._grads or ()}
+        stray = [i for i, p in enumerate(self.params) if p.requires_grad and p.grad is not None and id(p) not in owned]
+        if stray:
+            raise CaptureError(f"the captured backward made gradient(s) of parameter(s) {stray[:5]} of params that its "
+                               "autograd graph does not show (a nested backward, e.g. torch.utils.checkpoint with "
+                               "use_reentrant=True: use use_reentrant=False), so CapturedStep cannot own them; "
+                               "train eagerly or checkpoint without reentrance")
+
+    def _check_grads(self) -> None:
+        if self._grads and any(p.grad is not grad for p, grad in (self._grads[0], self._grads[-1])):
+            raise CaptureError("the trained parameters' gradients were replaced or set to None between captured steps "
+                               "(e.g. optimizer.zero_grad(set_to_none=True)); the graphs still write into the old ones. "
+                               "Leave .grad to CapturedStep, or call its reset() after changing them")
+
+    # ------------------------------------------------------------------ eager, capture, replay
+    def _on_side_stream(self, run: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """An eager warm-up on a side stream (as PyTorch asks before a capture)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = run()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, entry: _Graph, leaves: list[object], spec: pytree.TreeSpec, state: TrainState, *,
+                 update: bool) -> None:
         # nothing is created or seeded inside capture: the caller's state (its generator made long
-        # before) is passed through; the static inputs are allocated before the graph begins
+        # before) is passed through; the static inputs and the gradients are allocated before the graph begins
         off = _off_device(pytree.tree_unflatten(leaves, spec), self.params[0].device)
         if off:
             raise CaptureError(f"batch field(s) {', '.join(off[:4])} are tensors on another device than the parameters "
@@ -240,21 +364,59 @@ class CapturedStep:
                                "move them to the parameters' device before the step")
         entry.static_leaves = [leaf.clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
         static = pytree.tree_unflatten(entry.static_leaves, spec)
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates (and owns) the grads
+        self._own_grads()
+
+        def body() -> dict[str, Tensor]:
+            out = self._backward(static, capturing=True)
+            return {**out, **self._update_body(state)} if update else out
+
+        graph = self._new_graph()
+        entry.outputs = _record(graph, body)
+        entry.graph, self._dropped = graph, []
+
+    def _new_graph(self) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         for generator in graph_generators(self.optimizer):  # e.g. AdamW's stochastic-rounding generator
             graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
-            loss = step_loss(self.model, static, self.config, self.extra_loss, autocast_cache=False)
-            loss.backward()
-            grad_norm = clip_and_step(self.params, self.optimizer, state, self.config)  # type: ignore[arg-type]
-            after = self._after_update()
-        entry.graph = graph
-        entry.outputs = {"loss": loss.detach(), "grad_norm": grad_norm.detach(), **after}
+        return graph
+
+    def _replay(self, entry: _Graph) -> dict[str, Tensor]:
+        entry.graph.replay()  # type: ignore[union-attr]
+        return {k: v.clone() for k, v in entry.outputs.items()}
+
+    def _micro(self, prepared: Mapping[str, object], state: TrainState, *, update: bool) -> dict[str, Tensor]:
+        """This micro-batch through its layout's graph (warm-up: eagerly); ``update``: the update in
+        the same graph (``accumulation_steps == 1``)."""
+        leaves, spec = pytree.tree_flatten(dict(prepared))
+        entry = self._graphs.setdefault((spec, _layout(leaves)), _Graph())
+        entry.calls += 1
+        if entry.graph is None and entry.calls <= self.warmup_steps:
+            return self._on_side_stream(lambda: {**self._backward(prepared), **(self._update_body(state) if update else {})})
+        if entry.graph is None:
+            self._capture(entry, leaves, spec, state, update=update)
+        else:
+            for static, leaf in zip(entry.static_leaves, leaves):
+                if isinstance(leaf, Tensor):
+                    static.copy_(leaf)  # type: ignore[union-attr]
+        return self._replay(entry)
+
+    def _captured_update(self, state: TrainState) -> dict[str, Tensor]:
+        """``accumulation_steps > 1``: the update through its own graph, after ``warmup_steps`` eager
+        updates and once the gradients are owned (a micro-batch graph exists)."""
+        entry = self._update
+        entry.calls += 1
+        if entry.graph is None and (entry.calls <= self.warmup_steps or self._grads is None):
+            return self._on_side_stream(lambda: self._update_body(state))
+        if entry.graph is None:
+            graph = self._new_graph()
+            entry.outputs = _record(graph, lambda: self._update_body(state))
+            entry.graph = graph
+        return self._replay(entry)
 
     def __call__(self, batch: Mapping[str, object], *, state: TrainState,
                  prior: tuple[Mapping[str, object], float] | None = None) -> dict[str, Tensor]:
-        """One optimiser step on ``batch`` (same keys as :func:`~sdadapt.training.step.train_step`).
+        """One micro-batch on ``batch`` (same keys as :func:`~sdadapt.training.step.train_step`); every
+        ``accumulation_steps``-th call also takes the optimiser step.
 
         Args:
             prior: ``(class_batch, weight)``: DreamBooth's prior preservation as a second forward of
@@ -263,34 +425,27 @@ class CapturedStep:
                 eager step draws them; ``weight`` is a constant of the graph.
 
         Returns:
-            ``{"loss": 0-dim, "grad_norm": 0-dim, "stepped": True}`` — tensors, no host sync.
+            ``{"loss": 0-dim (this micro-batch, unscaled), "grad_norm": 0-dim (nan when not stepped),
+            "stepped": bool tensor}`` (+ ``after_update``'s when stepped) — tensors, no host sync.
         """
         prepared = prepare_batch(batch, state=state, config=self.config, alphas_cumprod=self.alphas_cumprod, prior=prior)
         self.calls += 1
-        if self.problems:  # CPU or not capturable: eager, same semantics
-            out = self._eager(prepared, state)
-        else:
-            leaves, spec = pytree.tree_flatten(dict(prepared))
-            key = (spec, _layout(leaves))
-            entry = self._graphs.setdefault(key, _Graph())
-            entry.calls += 1
-            if entry.graph is None and entry.calls <= self.warmup_steps:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    out = self._eager(prepared, state)
-                torch.cuda.current_stream().wait_stream(side)
-            else:
-                if entry.graph is None:
-                    self._capture(entry, leaves, spec, state)
-                else:
-                    for static, leaf in zip(entry.static_leaves, leaves):
-                        if isinstance(leaf, Tensor):
-                            static.copy_(leaf)  # type: ignore[union-attr]
-                entry.graph.replay()  # type: ignore[union-attr]
-                out = {k: v.clone() for k, v in entry.outputs.items()}
         state.micro_step += 1
-        state.step += 1
-        if state.ema is not None:
-            state.ema.update()
-        return {**out, "stepped": torch.tensor(True)}
+        stepped = state.micro_step % self.config.accumulation_steps == 0
+        one_graph = self.config.accumulation_steps == 1
+        if self.problems:  # CPU or not capturable: eager, same semantics
+            out = self._backward(prepared)
+            if stepped:
+                out.update(self._update_body(state))
+        else:
+            self._check_grads()
+            out = self._micro(prepared, state, update=one_graph)
+            if stepped and not one_graph:
+                out.update(self._captured_update(state))
+        if not stepped:
+            out["grad_norm"] = torch.full((), float("nan"), device=out["loss"].device)
+        else:
+            state.step += 1
+            if state.ema is not None:
+                state.ema.update()
+        return {**out, "stepped": torch.tensor(stepped)}
