@@ -59,10 +59,7 @@ def _listed(options: dict) -> dict:
 def main() -> None:
     args = bench.parse_step_args(__doc__)
     shapes = bench.lora_shapes(args.layers, args.rank)
-    runs = bench.step_runs(variants(args.device), shapes, args.device)
-    medians = bench.timed_medians(runs, args)
-    rows = [{"variant": name, "median_ms": medians[name] * 1e3, "aten_ops": bench.aten_ops(run.optimizer.step),
-             "host_reads": bench.host_reads(run.optimizer.step)} for name, run in runs.items()]
+    rows = bench.measure_steps(variants(args.device), args, shapes, count_host_reads=True)
     for row in rows:  # (against dadaptation's class of the same algorithm)
         base = next(r for r in rows if r["variant"] == "dadaptation." + row["variant"].split()[0].split(".")[-1])
         row["vs_dadaptation"] = row["median_ms"] / base["median_ms"]

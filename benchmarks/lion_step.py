@@ -44,10 +44,7 @@ def variants(device: str, lr: float):
 def main() -> None:
     args = bench.parse_step_args(__doc__)
     shapes = bench.lora_shapes(args.layers, args.rank)
-    runs = bench.step_runs(variants(args.device, 1e-4), shapes, args.device)
-    medians = bench.timed_medians(runs, args)
-    rows = [{"variant": name, "median_ms": medians[name] * 1e3, "aten_ops": bench.aten_ops(run.optimizer.step)}
-            for name, run in runs.items()]
+    rows = bench.measure_steps(variants(args.device, 1e-4), args, shapes, count_host_reads=False)
     bench.report("lion_step", args, shapes, rows,
                  [("variant", "{variant}"), ("step (ms)", "{median_ms:.2f}"), ("aten ops", "{aten_ops}")])
 

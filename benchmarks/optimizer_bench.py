@@ -25,8 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdadapt.training.host_syncs import HostSyncs
 
-__all__ = ["OpCounter", "StepRun", "aten_ops", "host_reads", "lora_parameters", "lora_shapes", "parse_step_args",
-           "report", "step_runs", "timed_medians"]
+__all__ = ["OpCounter", "StepRun", "aten_ops", "host_reads", "lora_parameters", "lora_shapes", "measure_steps",
+           "parse_step_args", "report", "step_runs", "timed_medians"]
 
 #: an optimiser of the benchmark made for a list of parameters
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -131,6 +131,21 @@ def timed_medians(runs: dict[str, StepRun], args: argparse.Namespace,
             if round_ >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_steps(variants: dict[str, Factory], args: argparse.Namespace, shapes: Sequence[tuple[int, int]], *,
+                  count_host_reads: bool) -> list[dict]:
+    """The step benchmark of ``variants`` (``step_runs``, ``timed_medians``): a row per variant with its
+    ``variant`` name, ``median_ms`` and ``aten_ops`` per step, and ``host_reads`` if ``count_host_reads``."""
+    runs = step_runs(variants, shapes, args.device)
+    medians = timed_medians(runs, args)
+    rows = []
+    for name, run in runs.items():
+        row = {"variant": name, "median_ms": medians[name] * 1e3, "aten_ops": aten_ops(run.optimizer.step)}
+        if count_host_reads:
+            row["host_reads"] = host_reads(run.optimizer.step)
+        rows.append(row)
+    return rows
 
 
 def report(name: str, args: argparse.Namespace, shapes: Sequence[tuple[int, int]], rows: list[dict],

@@ -49,10 +49,7 @@ def variants(device: str) -> dict[str, Callable[[list[torch.nn.Parameter]], torc
 def main() -> None:
     args = bench.parse_step_args(__doc__)
     shapes = bench.lora_shapes(args.layers, args.rank)
-    runs = bench.step_runs(variants(args.device), shapes, args.device)
-    medians = bench.timed_medians(runs, args)
-    rows = [{"variant": name, "median_ms": medians[name] * 1e3, "aten_ops": bench.aten_ops(run.optimizer.step),
-             "host_reads": bench.host_reads(run.optimizer.step)} for name, run in runs.items()]
+    rows = bench.measure_steps(variants(args.device), args, shapes, count_host_reads=True)
     base = rows[0]["median_ms"]
     for row in rows:
         row["vs_prodigyopt"] = row["median_ms"] / base

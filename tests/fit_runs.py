@@ -15,8 +15,8 @@ from sdadapt.toy import build_toy
 from sdadapt.toy.evaluate import concept_data
 from sdadapt.training import step_capture
 
-__all__ = ["Run", "assert_cuda_graph_run_trains_as_eager", "spy_on_captured_steps", "straight_and_resumed", "toy_lora_fit",
-           "toy_lora_run"]
+__all__ = ["Run", "assert_cuda_graph_run_trains_as_eager", "spy_on_built_optimizers", "spy_on_captured_steps",
+           "straight_and_resumed", "toy_lora_fit", "toy_lora_run"]
 
 #: (the losses, CPU copies of the LoRA's parameters) of one run
 Run = tuple[list[float], list[torch.Tensor]]
@@ -41,6 +41,20 @@ def straight_and_resumed(config: FitConfig, folder: Path, *, at: int = 2) -> tup
     return straight, toy_lora_run(config, resume=folder)
 
 
+def spy_on_built_optimizers(monkeypatch) -> list[torch.optim.Optimizer]:
+    """Every optimiser ``fit``'s ``make_optimizer`` builds from now on (``monkeypatch`` undoes the spy), in order."""
+    fit_module = importlib.import_module("sdadapt.methods.fit")
+    built: list[torch.optim.Optimizer] = []
+    real = fit_module.make_optimizer
+
+    def recording(groups, config):
+        built.append(real(groups, config))
+        return built[-1]
+
+    monkeypatch.setattr(fit_module, "make_optimizer", recording)
+    return built
+
+
 def spy_on_captured_steps(monkeypatch) -> list[step_capture.CapturedStep]:
     """Every ``CapturedStep`` made from now on (``monkeypatch`` undoes the spy), in order."""
     made: list[step_capture.CapturedStep] = []
@@ -54,11 +68,12 @@ def spy_on_captured_steps(monkeypatch) -> list[step_capture.CapturedStep]:
     return made
 
 
-def assert_cuda_graph_run_trains_as_eager(config: FitConfig) -> None:
-    """On a GPU: ``toy_lora_run(config)`` on CUDA with ``cuda_graph=True`` (eager warm-up steps, then
-    replays) trains as the eager run: losses to 1e-3 relative, weights to bf16-backward tolerance."""
-    eager = toy_lora_run(dataclasses.replace(config, cuda_graph=False), device="cuda")
-    captured = toy_lora_run(dataclasses.replace(config, cuda_graph=True), device="cuda")
+def assert_cuda_graph_run_trains_as_eager(config: FitConfig, **fit_kwargs) -> None:
+    """On a GPU: ``toy_lora_run(config, **fit_kwargs)`` on CUDA with ``cuda_graph=True`` (eager warm-up
+    steps, then replays) trains as the eager run: losses to 1e-3 relative, weights to bf16-backward
+    tolerance."""
+    eager = toy_lora_run(dataclasses.replace(config, cuda_graph=False), device="cuda", **fit_kwargs)
+    captured = toy_lora_run(dataclasses.replace(config, cuda_graph=True), device="cuda", **fit_kwargs)
     assert captured[0] == pytest.approx(eager[0], rel=1e-3)
     for a, b in zip(eager[1], captured[1]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)

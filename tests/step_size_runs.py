@@ -1,6 +1,8 @@
 """Runs of the optimisers that estimate their step size (Prodigy, D-Adaptation) for their tests:
 weights with a LoRA-up-like zero tensor, gradients that keep going one way (so ``d`` grows), the
-steps, the estimate read back, and the CUDA check of their capturable step."""
+steps, the estimate read back; the paired runs their mode tests compare (per parameter against
+multi-tensor, Python-float lr against capturable), the CUDA check of their capturable step, and the
+host-sync check of a step (any optimiser's)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from sdadapt.training.host_syncs import HostSyncs
 from sdadapt.training.optim import set_lr
 
 __all__ = ["assert_cuda_capturable_step_matches", "assert_steps_read_nothing_back", "capturable_and_plain_runs",
-           "estimated_d", "gradients", "params_of", "run", "weights"]
+           "estimated_d", "foreach_and_per_parameter_runs", "gradients", "params_of", "run", "weights"]
 
 
 def weights(shapes: Sequence[tuple[int, ...]], seed: int = 0, *, zero_first: bool = True) -> list[torch.Tensor]:
@@ -57,12 +59,29 @@ def assert_steps_read_nothing_back(optimizer: torch.optim.Optimizer, params: Seq
     assert syncs.events == [], syncs.report()
 
 
+#: the parameters of a run and the optimiser that stepped them
+Stepped = tuple[list[nn.Parameter], torch.optim.Optimizer]
+
 #: an optimiser made of (parameters, lr, capturable)
 OptimizerFactory = Callable[[list[nn.Parameter], "float | torch.Tensor", bool], torch.optim.Optimizer]
 
 
+def foreach_and_per_parameter_runs(make: Callable[[list[nn.Parameter], bool], torch.optim.Optimizer],
+                                   weights: Sequence[torch.Tensor], grads: list[list[torch.Tensor]],
+                                   dtype: torch.dtype = torch.float32) -> list[Stepped]:
+    """``[(params, optimizer)]`` of ``make(params, foreach)`` stepping ``grads`` over ``dtype`` copies of
+    ``weights``, per parameter (``foreach=False``) and then multi-tensor (``foreach=True``)."""
+    runs = []
+    for foreach in (False, True):
+        params = params_of(weights, dtype)
+        optimizer = make(params, foreach)
+        run(optimizer, params, grads)
+        runs.append((params, optimizer))
+    return runs
+
+
 def capturable_and_plain_runs(make: OptimizerFactory, weights: Sequence[torch.Tensor], grads: list[list[torch.Tensor]]
-                              ) -> list[tuple[list[nn.Parameter], torch.optim.Optimizer]]:
+                              ) -> list[Stepped]:
     """``[(params, optimizer)]`` of two runs of ``make(params, lr, capturable)`` over copies of ``weights``:
     lr 1.0 as a Python float (capturable off), then as a float64 0-dim tensor (capturable on); each
     steps ``grads[:4]``, has its lr set to 0.25 (``set_lr``: in place for the tensor) and steps the rest."""

@@ -16,7 +16,11 @@ import importlib
 
 import pytest
 import torch
-from fit_runs import assert_cuda_graph_run_trains_as_eager, spy_on_captured_steps
+from fit_runs import (
+    assert_cuda_graph_run_trains_as_eager,
+    spy_on_built_optimizers,
+    spy_on_captured_steps,
+)
 from fit_runs import toy_lora_run as _fit
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -288,17 +292,8 @@ _FIT_ARGS = {"fixed lr": (("weight_decay", 0.01), ("beta1", 0.9)),
 
 def _built_optimizers(monkeypatch) -> list[torch.optim.Optimizer]:
     """Every optimiser fit's make_optimizer builds from now on, with the capturable mode it takes on CUDA."""
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    monkeypatch.setattr(fit_module, "_graph_capturable", lambda groups: True)
-    built: list[torch.optim.Optimizer] = []
-    real = fit_module.make_optimizer
-
-    def recording(groups, config):
-        built.append(real(groups, config))
-        return built[-1]
-
-    monkeypatch.setattr(fit_module, "make_optimizer", recording)
-    return built
+    monkeypatch.setattr(importlib.import_module("sdadapt.methods.optimizers"), "_graph_capturable", lambda groups: True)
+    return spy_on_built_optimizers(monkeypatch)
 
 
 def test_adafactor_is_no_longer_a_cuda_graph_clash():
@@ -307,7 +302,7 @@ def test_adafactor_is_no_longer_a_cuda_graph_clash():
 
 
 def test_make_optimizer_builds_a_capturable_adafactor_with_float64_tensor_lrs(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("sdadapt.methods.fit"), "_graph_capturable", lambda groups: True)
+    monkeypatch.setattr(importlib.import_module("sdadapt.methods.optimizers"), "_graph_capturable", lambda groups: True)
     groups = [{"params": [torch.zeros(3, 3, requires_grad=True)], "lr": 1e-3},
               {"params": [torch.zeros(3, requires_grad=True)], "lr": 2e-4}]
     for args in _FIT_ARGS.values():
@@ -352,12 +347,12 @@ def test_fit_captures_a_capturable_adafactor_step(fake_cuda_graphs, monkeypatch)
 def test_fit_resumes_an_adafactor_run_across_modes_bit_for_bit(saved_capturable, tmp_path, monkeypatch):
     """A state saved at step 3 of a run in one mode (training.step's save: step counts as JSON numbers
     or 0-dim tensors, tensor LRs as numbers) resumes in the other to the 6-step run's weights."""
-    fit_module = importlib.import_module("sdadapt.methods.fit")
+    optimizers_module = importlib.import_module("sdadapt.methods.optimizers")
     config = dataclasses.replace(_BASE, optimizer_args=_FIT_ARGS["fixed lr"])
     images, captions = concept_data("cross", 4, seed=0)
 
     def run(capturable: bool, **kwargs):
-        monkeypatch.setattr(fit_module, "_graph_capturable", lambda groups: capturable)
+        monkeypatch.setattr(optimizers_module, "_graph_capturable", lambda groups: capturable)
         system = build_toy(seed=1)
         adaptation = METHODS["lora"].adapt(system, seed=1)
         fit(system, adaptation, images, captions, config=dataclasses.replace(config, cuda_graph=True), **kwargs)

@@ -19,6 +19,7 @@ from step_size_runs import (
     assert_cuda_capturable_step_matches,
     assert_steps_read_nothing_back,
     capturable_and_plain_runs,
+    foreach_and_per_parameter_runs,
     gradients,
     weights,
 )
@@ -365,14 +366,9 @@ def _same_estimate(oa, ob) -> bool:
 @pytest.mark.parametrize("case", _CASES, ids=_case_id)
 def test_the_multi_tensor_step_is_the_per_parameter_step_bit_for_bit(case, dtype):
     cls, options = case
-    weights, grads = _weights(), _gradients(6)
-    runs = []
-    for foreach in (False, True):
-        params = _params(weights, dtype)
-        optimizer = cls(params, foreach=foreach, generator=torch.Generator().manual_seed(5), **options)
-        _run(optimizer, params, grads)
-        runs.append((params, optimizer))
-    (pa, oa), (pb, ob) = runs
+    (pa, oa), (pb, ob) = foreach_and_per_parameter_runs(
+        lambda params, foreach: cls(params, foreach=foreach, generator=torch.Generator().manual_seed(5), **options),
+        _weights(), _gradients(6), dtype)
     assert_same_optimizer_state(pa, oa, pb, ob)
     assert _same_estimate(oa, ob)
 

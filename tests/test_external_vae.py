@@ -389,3 +389,12 @@ def test_a_lora_or_unet_file_given_as_vae_is_refused_naming_it(tmp_path, kind):
     expected = r"no VAE weights found" if kind != "unet-ldm" else r"a Stable Diffusion checkpoint without a VAE"
     with pytest.raises(WeightFileError, match=rf"--vae .*{kind}\.safetensors: {expected}"):
         load_vae(tmp_path / f"{kind}.safetensors", like=_tiny_vae(0))
+
+
+@pytest.mark.parametrize("value", [None, "x", [1], {"a": 1}])
+def test_a_damaged_vae_config_is_refused_naming_the_file(tmp_path, value):
+    _tiny_vae(1).save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": value}))
+    with pytest.raises(WeightFileError, match=r"--vae .*vae: its config\.json describes another VAE: scaling_factor"):
+        load_vae(tmp_path / "vae", like=_tiny_vae(0))

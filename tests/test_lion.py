@@ -14,16 +14,15 @@ from fit_runs import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optimizer_inputs import random_grads as _grads
+from optimizer_inputs import random_params as _params
 from optimizer_states import assert_same_optimizer_state
 from torch import nn
 from toy_steps import assert_train_steps_read_nothing_back, toy_lora_step
 
 from sdadapt.methods import METHODS, FitConfig, fit
-from sdadapt.methods.fit import (
-    _CAPTURABLE_OPTIMIZERS,
-    cuda_graph_clashes,
-    make_optimizer,
-)
+from sdadapt.methods.fit import cuda_graph_clashes, make_optimizer
+from sdadapt.methods.optimizers import _CAPTURABLE_OPTIMIZERS
 from sdadapt.toy import build_toy
 from sdadapt.toy.evaluate import concept_data
 from sdadapt.training.host_syncs import HostSyncs
@@ -44,16 +43,6 @@ def _reference_lion(w, grads, *, lrs, betas, weight_decay):
         w = w * (1 - lr * weight_decay) - lr * torch.sign(c)
         m = beta2 * m + (1 - beta2) * g
     return w, m
-
-
-def _params(seed: int, shapes, dtype=torch.float32) -> list[nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
-
-
-def _grads(seed: int, params, steps: int) -> list[list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed + 1000)
-    return [[torch.randn(p.shape, generator=g).to(p.dtype) for p in params] for _ in range(steps)]
 
 
 def _run(opt, params, grads, lrs=None) -> None:
@@ -147,7 +136,7 @@ def test_make_optimizer_builds_a_capturable_lion_whose_decay_rounds_as_the_float
     float32 lr would move it by an ulp."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("sdadapt.methods.fit"), "_graph_capturable", lambda groups: True)
+    monkeypatch.setattr(importlib.import_module("sdadapt.methods.optimizers"), "_graph_capturable", lambda groups: True)
     runs = []
     for cuda_graph in (False, True):
         params = _params(3, [(64, 33), (17,)])

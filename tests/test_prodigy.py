@@ -20,6 +20,7 @@ from step_size_runs import (
     assert_cuda_capturable_step_matches,
     assert_steps_read_nothing_back,
     capturable_and_plain_runs,
+    foreach_and_per_parameter_runs,
     gradients,
     weights,
 )
@@ -242,14 +243,9 @@ _PATH_OPTIONS = [{}, KOHYA_OPTIONS[1], KOHYA_OPTIONS[3], KOHYA_OPTIONS[5], KOHYA
 def test_the_multi_tensor_step_is_the_per_parameter_step_bit_for_bit(options, dtype):
     """Same elementwise ops and the same per-tensor sums (float32 dot and L1 norm per tensor), the
     stochastic rounding of bf16 weights in one pass with the same draws (on CPU)."""
-    weights, grads = _weights(), _gradients(6)
-    runs = []
-    for foreach in (False, True):
-        params = _params(weights, dtype)
-        optimizer = Prodigy(params, foreach=foreach, generator=torch.Generator().manual_seed(5), **options)
-        _run(optimizer, params, grads)
-        runs.append((params, optimizer))
-    (pa, oa), (pb, ob) = runs
+    (pa, oa), (pb, ob) = foreach_and_per_parameter_runs(
+        lambda params, foreach: Prodigy(params, foreach=foreach, generator=torch.Generator().manual_seed(5), **options),
+        _weights(), _gradients(6), dtype)
     assert_same_optimizer_state(pa, oa, pb, ob)
     assert all(torch.equal(oa.param_groups[0][k], ob.param_groups[0][k]) for k in ("d", "d_max", "d_numerator", "k"))
 

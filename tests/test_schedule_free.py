@@ -10,17 +10,23 @@ import importlib
 
 import pytest
 import torch
+from fit_runs import (
+    assert_cuda_graph_run_trains_as_eager,
+    spy_on_built_optimizers,
+    straight_and_resumed,
+    toy_lora_run,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optimizer_inputs import random_grads as _grads
+from optimizer_inputs import random_params as _params
 from optimizer_states import assert_same_optimizer_state
 from torch import nn
+from toy_steps import assert_train_steps_read_nothing_back, toy_lora_step
 
 from sdadapt.methods import METHODS, FitConfig, fit
-from sdadapt.methods.fit import (
-    _CAPTURABLE_OPTIMIZERS,
-    cuda_graph_clashes,
-    make_optimizer,
-)
+from sdadapt.methods.fit import cuda_graph_clashes, make_optimizer
+from sdadapt.methods.optimizers import _CAPTURABLE_OPTIMIZERS
 from sdadapt.toy import build_toy
 from sdadapt.toy.evaluate import concept_data
 from sdadapt.training.host_syncs import HostSyncs
@@ -29,7 +35,7 @@ from sdadapt.training.schedule_free import (
     SGDScheduleFree,
     is_schedule_free,
 )
-from sdadapt.training.step import StepConfig, TrainState, train_step
+from sdadapt.training.step import StepConfig, TrainState
 
 
 def _reference(w0, grads, *, lr, betas=None, eps=0.0, weight_decay, warmup_steps, r, weight_lr_power, momentum=None):
@@ -57,22 +63,12 @@ def _reference(w0, grads, *, lr, betas=None, eps=0.0, weight_decay, warmup_steps
     return (1 - beta1) * z + beta1 * x, x, z
 
 
-def _params(seed: int, shapes, dtype=torch.float32) -> list[nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
-
-
 def _mixed_params(seed: int) -> list[nn.Parameter]:
     """fp32 and bf16 weights, a channels_last conv among them."""
     ps = _params(seed, [(6, 5), (40,), (3, 4, 3, 3)])
     ps[2] = nn.Parameter(ps[2].detach().to(memory_format=torch.channels_last))
     ps.append(nn.Parameter(torch.randn(7, 3, generator=torch.Generator().manual_seed(seed + 7)).bfloat16()))
     return ps
-
-
-def _grads(seed: int, params, steps: int) -> list[list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed + 1000)
-    return [[torch.randn(p.shape, generator=g).to(p.dtype) for p in params] for _ in range(steps)]
 
 
 def _run(opt, params, grads, *, switch_at=()) -> None:
@@ -317,57 +313,36 @@ def test_a_capturable_step_updates_its_tensors_in_place_and_reads_nothing_back()
 
 
 def test_train_step_with_schedule_free_adamw_makes_no_host_sync():
-    system = build_toy(seed=1)
-    adaptation = METHODS["lora"].adapt(system, seed=1)
-    denoiser = system.denoiser()
-    images, captions = concept_data("cross", 2, seed=0)
-    with torch.no_grad():
-        batch = {"latents": system.encode_images(images), "cond": system.tokenize(captions)}
-    params = adaptation.params
-    opt = AdamWScheduleFree(params, lr=torch.tensor(1e-3, dtype=torch.float64), warmup_steps=5, foreach=True,
-                            capturable=True)
-    opt.train()
-    state = TrainState(seed=0)
+    def in_train_mode(params):
+        opt = AdamWScheduleFree(params, lr=torch.tensor(1e-3, dtype=torch.float64), warmup_steps=5, foreach=True,
+                                capturable=True)
+        opt.train()
+        return opt
 
-    def step():
-        train_step(lambda x, t, c: denoiser(x, t, system.condition(c)), batch, params=params, optimizer=opt,
-                   state=state, config=StepConfig(), alphas_cumprod=system.alphas_cumprod)
-
-    step()  # (the state is made)
-    before = [p.detach().clone() for p in params]
-    with HostSyncs() as syncs:
-        step()
-        step()
-    assert syncs.events == [], syncs.report()
-    assert any(not torch.equal(p, q) for p, q in zip(params, before))
+    assert_train_steps_read_nothing_back(in_train_mode)
 
 
 def test_captured_step_records_a_capturable_schedule_free_adamw(fake_cuda_graphs):
     """Graph bookkeeping on a CPU (torch.cuda's graph API replaced by stand-ins): CapturedStep takes a
     capturable AdamWScheduleFree, warms up, captures once, replays with mode switches between the
     steps; the states and the counters a replay reads keep their storage."""
-    from sdadapt.training.step_capture import CapturedStep, capture_problems
+    from sdadapt.training.step_capture import capture_problems
 
-    system = build_toy(seed=1)
-    adaptation = METHODS["lora"].adapt(system, seed=1)
-    images, captions = concept_data("cross", 2, seed=0)
-    latents, ids = system.encode_images(images), system.tokenize(captions)
-    denoiser = system.denoiser()
-    params = adaptation.params
+    toy = toy_lora_step()
+    params = toy.params
     opt = AdamWScheduleFree(params, lr=torch.tensor(1e-3, dtype=torch.float64), warmup_steps=3, foreach=True,
                             capturable=True)
     assert not any("capturable" in p for p in capture_problems(params, opt, StepConfig()))
-    step = CapturedStep(lambda x, t, c: denoiser(x, t, system.condition(c)), params=params, optimizer=opt,
-                        config=StepConfig(), alphas_cumprod=system.alphas_cumprod, warmup_steps=1)
+    step = toy.captured(opt)
     state = TrainState(seed=0)
     opt.train()
-    step({"latents": latents, "cond": ids}, state=state)  # warm-up: the states are made
+    step(toy.batch, state=state)  # warm-up: the states are made
     group = opt.param_groups[0]
     storage = ([opt.state[p]["z"].data_ptr() for p in params], [group[key].data_ptr() for key in ("k", "weight_sum")])
     for _ in range(3):
         opt.eval()
         opt.train()
-        step({"latents": latents, "cond": ids}, state=state)
+        step(toy.batch, state=state)
     assert step.graph_count == 1
     assert storage == ([opt.state[p]["z"].data_ptr() for p in params], [group[key].data_ptr() for key in ("k", "weight_sum")])
 
@@ -539,15 +514,13 @@ def test_a_stopped_text_encoder_keeps_the_averaged_weights_it_had_at_the_stop():
 
 
 def test_fit_resumes_a_schedule_free_run_bit_for_bit(tmp_path):
-    config = FitConfig(**_FIT)
-    _, straight = _toy_fit(config, on_step=lambda info: info.save_state(tmp_path / "state") if info.step == 2 else None)
-    _, resumed = _toy_fit(config, resume=tmp_path / "state")
-    assert all(torch.equal(a, b) for a, b in zip(straight.params, resumed.params))
+    straight, resumed = straight_and_resumed(FitConfig(**_FIT), tmp_path / "state")
+    assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed[1]))
 
 
 def test_on_a_cpu_a_cuda_graph_schedule_free_run_is_the_eager_run_bit_for_bit():
-    runs = [_toy_fit(FitConfig(**_FIT, cuda_graph=cuda_graph)) for cuda_graph in (False, True)]
-    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1].params, runs[1][1].params))
+    runs = [toy_lora_run(FitConfig(**_FIT, cuda_graph=cuda_graph)) for cuda_graph in (False, True)]
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
 @pytest.mark.parametrize("name, cls", [("AdamWScheduleFree", AdamWScheduleFree), ("adamw-schedulefree", AdamWScheduleFree),
@@ -588,30 +561,16 @@ def test_what_schedule_free_adamw_cannot_train_with_is_refused(options, words):
 ])
 def test_a_kohya_config_with_a_schedule_free_optimizer_trains_two_steps_and_saves_the_eval_weights(
         three_shapes, tmp_path, capsys, monkeypatch, kohya_name, args, cls, shown):
-    from safetensors import safe_open
     from safetensors.torch import load_file
-    from test_kohya_config_coverage import _write
+    from train_inputs import train_toy_kohya
 
-    from sdadapt.cli import main
-
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    made = []
-    real = fit_module.make_optimizer
-    monkeypatch.setattr(fit_module, "make_optimizer", lambda groups, config: made.append(real(groups, config)) or made[-1])
-    (tmp_path / "out").mkdir()
-    config = tmp_path / "kohya.toml"
-    _write(config, {"train_data_dir": str(three_shapes), "output_dir": str(tmp_path / "out"), "output_name": "sf",
-                    "pretrained_model_name_or_path": "toy", "resolution": "32,32", "max_train_steps": 2,
-                    "train_batch_size": 1, "network_module": "networks.lora", "network_dim": 4, "bucket_reso_steps": 8,
-                    "min_bucket_reso": 16, "max_bucket_reso": 64, "learning_rate": 1e-2, "lr_scheduler": "cosine",
-                    "lr_warmup_steps": 1, "save_precision": "float",
-                    "optimizer_type": kohya_name, "optimizer_args": args})
-    assert main(["train", "lora", "--config", str(config), "--no-prior"]) == 0
+    made = spy_on_built_optimizers(monkeypatch)
+    meta = train_toy_kohya(tmp_path, three_shapes, {
+        "output_name": "sf", "learning_rate": 1e-2, "lr_scheduler": "cosine", "lr_warmup_steps": 1,
+        "save_precision": "float", "optimizer_type": kohya_name, "optimizer_args": args})
     out = capsys.readouterr()
     assert f"{kohya_name} is schedule-free" in out.out + out.err and "--lr-warmup-steps 1: not used" in out.out + out.err
     path = str(tmp_path / "out" / "sf.safetensors")
-    with safe_open(path, "pt") as file:
-        meta = file.metadata()
     assert meta["ss_optimizer"] == shown
     assert meta["ss_steps"] == "2" and meta["ss_lr_scheduler"] == "constant" and meta["ss_lr_warmup_steps"] == "0"
     opt = made[0]
@@ -625,17 +584,11 @@ def test_a_kohya_config_with_a_schedule_free_optimizer_trains_two_steps_and_save
 
 
 def test_the_train_command_takes_schedule_free_adamw_and_resumes_it_bit_for_bit(three_shapes, tmp_path):
-    from safetensors.torch import load_file
-    from train_inputs import lora_train_args
-
-    from sdadapt.cli import main
+    from train_inputs import lora_train_args, resumed_train_is_the_straight_one
 
     args = lora_train_args(three_shapes, "--optimizer", "AdamWScheduleFree", "--optimizer-args", "warmup_steps=1",
                            "--lr", "1e-2", "--steps", "2", "-q")
-    assert main([*args, "--save-every-n-steps", "1", "-o", str(tmp_path / "a.safetensors")]) == 0
-    assert main([*args, "--resume", str(tmp_path / "a-state"), "-o", str(tmp_path / "b.safetensors")]) == 0
-    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_train_is_the_straight_one(tmp_path, args)
 
 
 def test_train_refuses_an_ema_with_a_schedule_free_optimizer():
@@ -654,10 +607,7 @@ def test_train_samples_from_the_eval_mode_weights_and_before_any_step_from_the_s
     from sdadapt import sampling
     from sdadapt.cli import main
 
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    made: list = []
-    real = fit_module.make_optimizer
-    monkeypatch.setattr(fit_module, "make_optimizer", lambda groups, config: made.append(real(groups, config)) or made[-1])
+    made = spy_on_built_optimizers(monkeypatch)
     modes: list = []
     real_generate = sampling.generate
 
@@ -680,22 +630,8 @@ def test_train_samples_from_the_eval_mode_weights_and_before_any_step_from_the_s
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fit_with_cuda_graph_and_schedule_free_adamw_matches_the_eager_run():
     """On a GPU: a captured run (3 eager steps, then replays) trains as the eager run, with mode switches."""
-    import dataclasses
-
-    runs = []
-    for cuda_graph in (False, True):
-        images, captions = concept_data("cross", 4, seed=0)
-        system = build_toy(seed=1)
-        adaptation = METHODS["lora"].adapt(system, seed=1)
-        system.to("cuda")
-        config = dataclasses.replace(FitConfig(**{**_FIT, "steps": 8}, step=StepConfig(mixed_precision="bf16")),
-                                     cuda_graph=cuda_graph)
-        losses = fit(system, adaptation, images.cuda(), captions, config=config,
-                     on_step=lambda info: info.use_weights() if info.step % 3 == 0 else None)
-        runs.append((losses, [p.detach().cpu().clone() for p in adaptation.params]))
-    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-3)
-    for a, b in zip(runs[0][1], runs[1][1]):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    assert_cuda_graph_run_trains_as_eager(FitConfig(**{**_FIT, "steps": 8}, step=StepConfig(mixed_precision="bf16")),
+                                          on_step=lambda info: info.use_weights() if info.step % 3 == 0 else None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

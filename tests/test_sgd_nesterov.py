@@ -103,16 +103,8 @@ def test_a_kohya_config_with_sgd_nesterov_trains_two_steps_on_the_toy(three_shap
 
 
 def test_an_sgd_nesterov_step_makes_no_host_sync():
-    from sdadapt.training.host_syncs import HostSyncs
+    from step_size_runs import assert_steps_read_nothing_back
 
     params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))]
     opt = make_optimizer([{"params": params}], FitConfig(optimizer="sgd-nesterov", weight_decay=0.1))
-    for i in range(3):
-        for p in params:
-            p.grad = torch.full_like(p, float(i + 1))
-        if i == 0:
-            opt.step()  # (the momentum buffers are made)
-            continue
-        with HostSyncs() as syncs:
-            opt.step()
-        assert syncs.events == []
+    assert_steps_read_nothing_back(opt, params, [[torch.full_like(p, float(i + 1)) for p in params] for i in range(3)])

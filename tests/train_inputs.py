@@ -10,8 +10,8 @@ import torch
 from sdadapt.images import write_png
 
 __all__ = ["captioned_pngs", "kohya_config_names", "kohya_toml_text", "lora_train_args", "random_png",
-           "read_kohya_table", "read_train_toml", "resumed_train_is_the_straight_one", "toy_kohya_toml", "train_toy_kohya",
-           "write_kohya_toml"]
+           "read_kohya_table", "read_train_toml", "resumed_train_is_the_straight_one", "toy_kohya_toml",
+           "train_toy_kohya", "write_kohya_toml"]
 
 
 def captioned_pngs(folder: Path, sizes: list[tuple[int, int]], *, caption: str | list[str] = "a red circle") -> Path:

@@ -31,10 +31,10 @@ def _check_config(path: Path, config: dict, model_config: dict, *, family: str |
         if name not in config:
             continue
         have, want = config.get(name, default), model_config.get(name, default)
-        if isinstance(have, (list, tuple)) or isinstance(want, (list, tuple)):
-            same = list(have or []) == list(want or [])
-        else:
-            same = float(have) == float(want)
+        if isinstance(want, (list, tuple)):
+            same = isinstance(have, (list, tuple)) and list(have) == list(want)
+        else:  # (a number; a damaged config's null, text or table is another VAE's, not a crash)
+            same = isinstance(have, (int, float)) and not isinstance(have, bool) and float(have) == float(want)
         if not same:
             changed.append(f"{name} {have!r} (the model's {want!r})")
     if changed:

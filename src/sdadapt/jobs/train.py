@@ -320,7 +320,8 @@ class TrainOptions:
         return (0 if self.min_timestep is None else self.min_timestep, 1000 if self.max_timestep is None else self.max_timestep)
 
     def __post_init__(self) -> None:
-        from ..methods.fit import _OPTIMIZER_ALIASES, _REFUSED_OPTIMIZERS, OPTIMIZERS, SCHEDULES
+        from ..methods.fit import SCHEDULES
+        from ..methods.optimizers import _OPTIMIZER_ALIASES, _REFUSED_OPTIMIZERS, OPTIMIZERS
         from ..sampling import SAMPLERS
 
         positive = ("steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
@@ -733,7 +734,7 @@ def _check_optimizer_args(options: TrainOptions) -> None:
     are checked with kohya's defaults added, as ``train`` builds the optimiser
     (:func:`~sdadapt.training.optimizer_args.kohya_constructor_args`: Adafactor's ``warmup_init=True``
     alone is fine, its relative step being on)."""
-    from ..methods.fit import _OPTIMIZER_ALIASES
+    from ..methods.optimizers import _OPTIMIZER_ALIASES
     from ..training.optimizer_args import check_optimizer_args, kohya_constructor_args
 
     name = _OPTIMIZER_ALIASES[options.optimizer.lower()]

@@ -56,7 +56,7 @@ LEGACY_WEIGHT_DECAY = 1e-2
 
 
 def _canonical(options: TrainOptions) -> str:
-    from ..methods.fit import _OPTIMIZER_ALIASES
+    from ..methods.optimizers import _OPTIMIZER_ALIASES
 
     return _OPTIMIZER_ALIASES[options.optimizer.lower()]
 
@@ -204,7 +204,7 @@ def prodigy_notes(options: TrainOptions, *, learning_rate: float) -> list[str]:
 def uses_schedule_free(options: TrainOptions) -> bool:
     """Whether the optimiser is schedule-free (kohya's ``AdamWScheduleFree``, ``SGDScheduleFree``): no LR schedule, and
     the weights saved and sampled are its eval-mode average."""
-    from ..methods.fit import _SCHEDULE_FREE_OPTIMIZERS
+    from ..methods.optimizers import _SCHEDULE_FREE_OPTIMIZERS
 
     return _canonical(options) in _SCHEDULE_FREE_OPTIMIZERS
 

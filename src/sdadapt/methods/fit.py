@@ -56,50 +56,20 @@ from ..training.step import (
     save_training_state,
     train_step,
 )
+from .optimizers import (
+    _OPTIMIZER_ALIASES,
+    _REFUSED_OPTIMIZERS,
+    _SCHEDULE_FREE_OPTIMIZERS,
+    _STEP_SIZE_ESTIMATING,
+    OPTIMIZERS,
+    cuda_graph_clashes,
+    make_optimizer,
+)
 from .system import System
 
 __all__ = ["Adaptation", "FitConfig", "FitProgress", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES", "cuda_graph_clashes",
            "fit", "make_optimizer", "zero_terminal_snr_clashes"]
 
-#: optimiser names (kohya's spellings are accepted case-insensitively by :func:`make_optimizer`)
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor", "lion", "lion-bf16", "sgd-nesterov", "prodigy",
-              "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint", "adamw-schedulefree",
-              "sgd-schedulefree")
-_OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw-8bit": "adamw8bit",
-                      "pagedadamw8bit": "adamw8bit", "adamw-bf16": "adamw-bf16", "adamw_bf16": "adamw-bf16",
-                      "adamwbf16": "adamw-bf16", "adafactor": "adafactor", "lion": "lion", "lion-bf16": "lion-bf16",
-                      "lion_bf16": "lion-bf16", "lionbf16": "lion-bf16", "lion8bit": "lion-bf16",
-                      "pagedlion8bit": "lion-bf16", "sgd-nesterov": "sgd-nesterov", "sgd_nesterov": "sgd-nesterov",
-                      "sgdnesterov": "sgd-nesterov", "prodigy": "prodigy", "dadapt-adam": "dadapt-adam",
-                      "dadapt_adam": "dadapt-adam", "dadaptadam": "dadapt-adam", "dadapt-lion": "dadapt-lion",
-                      "dadapt_lion": "dadapt-lion", "dadaptlion": "dadapt-lion",
-                      "dadapt-adam-preprint": "dadapt-adam-preprint", "dadaptadampreprint": "dadapt-adam-preprint",
-                      "dadaptation": "dadapt-adam-preprint",
-                      "adamw-schedulefree": "adamw-schedulefree", "adamwschedulefree": "adamw-schedulefree",
-                      "adamw_schedulefree": "adamw-schedulefree", "sgd-schedulefree": "sgd-schedulefree",
-                      "sgdschedulefree": "sgd-schedulefree", "sgd_schedulefree": "sgd-schedulefree"}
-#: the schedule-free optimisers: train()/eval() mode switches, no LR schedule (kohya's *ScheduleFree)
-_SCHEDULE_FREE_OPTIMIZERS = ("adamw-schedulefree", "sgd-schedulefree")
-#: the optimisers that estimate one step size for all parameter groups (their LRs multiply it)
-_STEP_SIZE_ESTIMATING = ("prodigy", "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint")
-_DADAPT_OTHERS = ("sdadapt has D-Adaptation's Adam and Lion (DAdaptAdam, DAdaptAdamPreprint = kohya's DAdaptation, "
-                  "DAdaptLion) and Prodigy (the same authors' successor, usually preferred); use "
-                  "optimizer_type = \"DAdaptAdam\" or \"Prodigy\"")
-#: kohya optimiser names refused, with the reason and what to use (lower case)
-_REFUSED_OPTIMIZERS = {"sgdnesterov8bit": (
-    "SGDNesterov8bit is bitsandbytes' SGD with an 8-bit momentum, which sdadapt does not have; use SGDNesterov "
-    "(the same update, a float32 momentum: 4 bytes per parameter) or Lion8bit (sdadapt's Lion with a bfloat16 "
-    "momentum: 2 bytes per parameter)"),
-    "dadaptadagrad": "DAdaptAdaGrad is not in sdadapt; " + _DADAPT_OTHERS,
-    "dadaptadan": "DAdaptAdan is not in sdadapt; " + _DADAPT_OTHERS,
-    "dadaptadanip": "DAdaptAdanIP (dadaptation's experimental Adan) is not in sdadapt; " + _DADAPT_OTHERS,
-    "dadaptsgd": "DAdaptSGD is not in sdadapt; " + _DADAPT_OTHERS,
-    "radamschedulefree": ("RAdamScheduleFree is not in sdadapt; use AdamWScheduleFree with optimizer_args "
-                          "warmup_steps=N (RAdam's rectification stands in for that warm-up) or SGDScheduleFree")}
-#: the optimisers ``FitConfig.cuda_graph`` can capture (built ``capturable=True``)
-_CAPTURABLE_OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor", "lion", "lion-bf16", "prodigy",
-                          "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint", "adamw-schedulefree",
-                          "sgd-schedulefree")
 #: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``; the last four:
 #: :mod:`sdadapt.training.lr_schedules`)
 SCHEDULES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial",
@@ -495,20 +465,6 @@ def zero_terminal_snr_clashes(step: StepConfig) -> list[str]:
     return clashes
 
 
-def cuda_graph_clashes(*, fused_backward: bool, mixed_precision: str | None, optimizer: str,
-                       compile_backend: str | None = None) -> list[str]:
-    """What in a run's options keeps its steps from being captured in CUDA graphs
-    (:attr:`FitConfig.cuda_graph`; ``train --cuda-graph`` checks the same before loading the model),
-    each named with its ``train`` flag; empty: nothing."""
-    name = _OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer)
-    return [what for what, clash in (
-        ("fused_backward (--fused-backward-pass: its optimisers step from Python hooks)", fused_backward),
-        ("fp16 mixed precision (its loss scaler reads a value back each step; use bf16)", mixed_precision == "fp16"),
-        (f"optimizer {optimizer!r} (use {', '.join(_CAPTURABLE_OPTIMIZERS)})", name not in _CAPTURABLE_OPTIMIZERS),
-        ("the cudagraphs compile backend (a graph captured inside another; use inductor)", compile_backend == "cudagraphs"),
-    ) if clash]
-
-
 def _check_compile_backend(name: str) -> str:
     """``name`` if it is a ``torch.compile`` backend of this torch (``torch._dynamo.list_backends``),
     else a ``ValueError`` listing them."""
@@ -520,101 +476,6 @@ def _check_compile_backend(name: str) -> str:
         raise ValueError(f"unknown torch.compile backend {name!r}; this torch has {', '.join(usual)} "
                          f"(and {len(known) - len(usual)} more: torch._dynamo.list_backends())")
     return name
-
-
-def _graph_capturable(groups: list[dict[str, Any]]) -> bool:
-    """Whether ``make_optimizer`` builds the optimiser over ``groups`` ``capturable`` when
-    ``cuda_graph`` asks for it: all their parameters are on CUDA devices (off CUDA the steps run eagerly)."""
-    return all(p.device.type == "cuda" for group in groups for p in group["params"])
-
-
-def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.optim.Optimizer:
-    """The optimiser ``config.optimizer`` over parameter ``groups`` (``{"params": [...], "lr": ...}``).
-
-    ``adamw`` is ``torch.optim.AdamW``, except over bf16 parameters (``--full-bf16``): there it is
-    sdadapt's :class:`~sdadapt.training.optim.AdamW` with float32 states, which writes the weights
-    back with stochastic rounding (round-to-nearest loses every update below half a bf16 ulp).
-    sdadapt's optimisers (all the others) always round bf16 weights stochastically. sdadapt's AdamW
-    (and Adafactor) takes its multi-tensor step (``foreach=True``: the same result, far fewer kernel launches) on
-    an accelerator, as torch's optimisers do, and its per-parameter step on CPU, where a launch
-    costs nothing and the batched passes' buffers (~0.55–0.7 GB per 2²⁴-element chunk; a larger
-    tensor is cut into chunk-sized pieces) would only add memory.
-
-    ``config.optimizer_args`` go to the constructor as they are (their ``weight_decay`` replaces
-    ``config.weight_decay``; neither given: the optimiser's default, 0.01 for AdamW, 0 for Adafactor); Adafactor with ``relative_step=True`` gets ``lr=None`` (its step size
-    is then its own, the LR and schedule unused, as in kohya).
-
-    ``lion`` / ``lion-bf16`` are sdadapt's :class:`~sdadapt.training.lion.Lion` (float32 / bf16
-    momentum; multi-tensor on an accelerator, capturable as AdamW). ``sgd-nesterov`` is
-    ``torch.optim.SGD(nesterov=True)`` with momentum 0.9 unless the arguments give one (kohya's
-    default); it refuses bf16 parameters (torch's SGD writes them with round-to-nearest, which drops
-    every update below half a bf16 ulp: train in float32 or use lion / adamw, which round stochastically).
-
-    ``prodigy`` is sdadapt's :class:`~sdadapt.training.prodigy.Prodigy` (prodigyopt's algorithm, the
-    step-size estimate kept on the device; multi-tensor on an accelerator, capturable): the groups'
-    LRs multiply the estimated step size and must be equal or 0 (``ValueError`` otherwise).
-    ``dadapt-adam`` / ``dadapt-lion`` are sdadapt's :class:`~sdadapt.training.dadapt.DAdaptAdam` /
-    :class:`~sdadapt.training.dadapt.DAdaptLion` (dadaptation 3.2's algorithms), built as ``prodigy``;
-    ``dadapt-adam-preprint`` (kohya's ``DAdaptation``) :class:`~sdadapt.training.dadapt.DAdaptAdamPreprint`.
-
-    Raises:
-        InputError: ``sgd-nesterov`` over bf16 parameters."""
-    from ..training.optimizer_args import SGD_NESTEROV_MOMENTUM, optimizer_kwargs
-
-    name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
-    decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
-    options = {**decay, **optimizer_kwargs(config.optimizer_args)}
-    bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
-    foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])
-    # config.cuda_graph on CUDA: capturable, each group's lr a 0-dim tensor on its parameters' device
-    # (filled in place by the schedule; a captured graph reads it). Off CUDA the steps run eagerly.
-    capturable = config.cuda_graph and _graph_capturable(groups)
-    if capturable:  # (float64 for Adafactor, Prodigy and Lion: their step sizes / Lion's decay 1 − lr·λ are computed in float64 from the LR, as from a Python float)
-        groups = [{**group, "lr": torch.tensor(float(group.get("lr", config.learning_rate)),
-                                               dtype=torch.float64 if name in ("adafactor", "lion", "lion-bf16", *_STEP_SIZE_ESTIMATING,
-                                                                               *_SCHEDULE_FREE_OPTIMIZERS) else None,
-                                               device=group["params"][0].device)} for group in groups]
-    extra: dict[str, Any] = {"capturable": True} if capturable else {}
-    if name == "adamw" and not bf16:
-        return torch.optim.AdamW(groups, lr=config.learning_rate, **options, **extra)
-    if name in _SCHEDULE_FREE_OPTIMIZERS:
-        from ..training.schedule_free import AdamWScheduleFree, SGDScheduleFree
-
-        free = AdamWScheduleFree if name == "adamw-schedulefree" else SGDScheduleFree
-        return free(groups, lr=config.learning_rate, foreach=foreach, **options, **extra)
-    if name == "prodigy":
-        from ..training.prodigy import Prodigy
-
-        return Prodigy(groups, lr=config.learning_rate, foreach=foreach, **options, **extra)
-    if name in ("dadapt-adam", "dadapt-lion", "dadapt-adam-preprint"):
-        from ..training.dadapt import DAdaptAdam, DAdaptAdamPreprint, DAdaptLion
-
-        dadapt = {"dadapt-adam": DAdaptAdam, "dadapt-lion": DAdaptLion, "dadapt-adam-preprint": DAdaptAdamPreprint}[name]
-        return dadapt(groups, lr=config.learning_rate, foreach=foreach, **options, **extra)
-    if name == "sgd-nesterov":
-        if bf16:
-            from ..errors import InputError
-
-            raise InputError("optimizer sgd-nesterov over bf16 weights (--full-bf16): torch's SGD writes them back "
-                             "with round-to-nearest, which drops every update smaller than half a bf16 step; train "
-                             "the weights in float32 (leave out --full-bf16) or use lion / adamw, which round "
-                             "bf16 weights stochastically")
-        return torch.optim.SGD(groups, lr=config.learning_rate, nesterov=True, foreach=foreach,
-                               **{"momentum": SGD_NESTEROV_MOMENTUM, **options})
-    if name in ("lion", "lion-bf16"):
-        from ..training.lion import Lion
-
-        return Lion(groups, lr=config.learning_rate, state_dtype=torch.float32 if name == "lion" else torch.bfloat16,
-                    foreach=foreach, **options, **extra)
-    from ..training.optim import Adafactor, AdamW
-
-    if name == "adamw":
-        return AdamW(groups, lr=config.learning_rate, state_dtype=torch.float32, foreach=foreach, **options, **extra)
-    if name == "adafactor":
-        return Adafactor(groups, lr=None if options.get("relative_step") else config.learning_rate, foreach=foreach,
-                         **options, **extra)
-    state_dtype: Any = "int8" if name == "adamw8bit" else torch.bfloat16
-    return AdamW(groups, lr=config.learning_rate, state_dtype=state_dtype, foreach=foreach, **options, **extra)
 
 
 @dataclass

@@ -196,14 +196,21 @@ class DAdaptAdam(_DAdaptation):
             return loss
         numerator_weighted, d_hat, ok = self._estimate(dots, norms, sqrt_beta2)
         d_new = torch.maximum(d, torch.minimum(d_hat, d * first["growth_rate"]))
+        self._weights(active, ok, dlr)
+        self._commit(numerator_weighted, d_new, ok)
+        return loss
+
+    def _weights(self, active: list[tuple[dict[str, Any], list[Tensor], Any]], ok: Tensor, dlr: Tensor) -> None:
+        """The weight update of every active group after the estimate: ``w ← w − λ η w`` (decoupled
+        decay), then ``w ← w − m / (√v + ε)`` — masked on the device (no branch) where ``ok`` is False
+        (``Σ‖s‖₁ = 0``) or a tensor LR is 0."""
+        decouple = self.param_groups[0]["decouple"]
         for group, params, on in active:
             live = ok & on if isinstance(on, Tensor) else ok
             decay = group["weight_decay"]
-            shrink = torch.where(live, -decay * dlr, 0.0).float() if decay != 0 and first["decouple"] else None
-            sign = torch.where(live, -1.0, 0.0).float().to(d.device)  # (−1: the step; 0: none, without a branch)
+            shrink = torch.where(live, -decay * dlr, 0.0).float() if decay != 0 and decouple else None
+            sign = torch.where(live, -1.0, 0.0).float().to(dlr.device)  # (−1: the step; 0: none, without a branch)
             self._adam_update(group, params, shrink, sign, group["eps"])
-        self._commit(numerator_weighted, d_new, ok)
-        return loss
 
     def _single_pass1(self, group: dict[str, Any], params: list[Tensor], b1: Any, b2: Any, b3: Any,
                       c_m: Tensor, c_v: Tensor, c_s: Tensor) -> tuple[Tensor, Tensor]:
@@ -322,12 +329,7 @@ class DAdaptAdamPreprint(DAdaptAdam):
         d_hat = (sk_sq / (1 - beta2) - gsq_weighted) / sk_l1
         ok = sk_l1 > 0
         d_new = torch.maximum(d, torch.minimum(d_hat, d * first["growth_rate"]))
-        for group, params, on in active:
-            live = ok & on if isinstance(on, Tensor) else ok
-            decay = group["weight_decay"]
-            shrink = torch.where(live, -decay * dlr, 0.0).float() if decay != 0 and first["decouple"] else None
-            sign = torch.where(live, -1.0, 0.0).float().to(d.device)
-            self._adam_update(group, params, shrink, sign, group["eps"])
+        self._weights(active, ok, dlr)
         self._commit(gsq_weighted, d_new, ok, name="gsq_weighted")
         return loss
 

@@ -68,7 +68,7 @@ class Lion(torch.optim.Optimizer):
             precision weights, gradients and momenta cast to float32 in one batched pass each and
             every stochastic rounding in one pass: a fixed number of ops per chunk of 2²⁴ elements
             whatever the number of parameters (9 with float32 weights and momenta, 15 with a tensor
-            ``lr``, 21 with a bf16 momentum; ``benchmarks/lion_step.py``). The same arithmetic in the same order and the same rounding draws
+            ``lr``, 19 with a bf16 momentum; ``benchmarks/lion_step.py``). The same arithmetic in the same order and the same rounding draws
             (weight then momentum, parameter by parameter), so bit-identical to ``foreach=False`` on
             a CPU (tested).
         capturable: the step can be recorded in a CUDA graph

@@ -314,6 +314,16 @@ def _write_back_many(writes: Sequence[tuple[Tensor, Tensor, bool]], generator: t
         _copy_stochastic_many(rounded_to, rounded_from, generator)
 
 
+def _foreach_add_quotient_(weights: list[Tensor], numerators: Sequence[Tensor], scales: Any,
+                           denoms: Sequence[Tensor]) -> None:
+    """``weights[i] += (numerators[i] · scale) / denoms[i]`` as multi-tensor ops: ``addcdiv_``'s
+    update with 0-dim tensor factors (its ``value=`` takes numbers only) and the same rounding (the
+    product, then the quotient). ``scales``: one 0-dim tensor or one per tensor."""
+    steps = torch._foreach_mul(numerators, scales)
+    torch._foreach_div_(steps, denoms)
+    torch._foreach_add_(weights, steps)
+
+
 def _call_closure(closure: Callable[[], Any] | None) -> Any:
     """``closure()`` with gradients enabled (``None`` without a closure): the loss a ``step`` returns."""
     if closure is None:
@@ -602,13 +612,10 @@ class AdamW(torch.optim.Optimizer):
         torch._foreach_div_(denoms, bias_corrections2_sqrt)
         torch._foreach_add_(denoms, eps)
         if group["capturable"]:  # no tensor-scalar addcdiv: the same (value·m)/denom, same rounding
-            steps = torch._foreach_mul(ms, step_sizes)
-            torch._foreach_div_(steps, denoms)
-            del denoms
-            torch._foreach_add_(weights, steps)
-            del steps
+            _foreach_add_quotient_(weights, ms, step_sizes, denoms)
         else:
             torch._foreach_addcdiv_(weights, ms, denoms, step_sizes)
+        del denoms  # (not alive during the write-back's rounding buffers)
         # write back in the per-parameter path's order (w, m, v of parameter 1, then of parameter 2,
         # ...): bf16 moments always rounded stochastically, float32 ones updated in a row-major copy
         # copied back (int8 moments: re-quantised below)

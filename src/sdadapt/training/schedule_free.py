@@ -36,17 +36,18 @@ import torch
 from torch import Tensor
 
 from .optim import (
-    _FOREACH_CHUNK_ELEMENTS,
+    _call_closure,
     _check_capturable_lr,
     _check_common,
-    _chunks,
+    _check_tensor_lr,
     _float32_many,
-    _load_keeping_dtypes,
+    _load_keeping_mode,
     _lr_value,
+    _param_chunks,
+    _params_with_grads,
     _state_bytes,
     _write_weight,
     _write_weights_many,
-    restore_capturable_mode,
 )
 
 __all__ = ["AdamWScheduleFree", "SGDScheduleFree", "is_schedule_free"]
@@ -108,8 +109,7 @@ class _ScheduleFree(torch.optim.Optimizer):
                 w.lerp_(self.state[p]["z"], weight)
                 _write_weight(p, w, group["stochastic_rounding"], self.generator)
             return
-        for chunk in _chunks(params, _FOREACH_CHUNK_ELEMENTS):
-            ps = [piece.param for piece in chunk]
+        for ps in _param_chunks(params):
             weights = _float32_many(ps)
             torch._foreach_lerp_(weights, [self.state[p]["z"] for p in ps], weight)
             self._write_back(group, ps, weights)
@@ -124,28 +124,23 @@ class _ScheduleFree(torch.optim.Optimizer):
         if not all(group["train_mode"] for group in self.param_groups):
             raise RuntimeError(f"{type(self).__name__}.step() in eval mode: call optimizer.train() before training steps "
                                "and optimizer.eval() before sampling or saving (the weights differ between the two)")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _call_closure(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = _params_with_grads(group, f"sdadapt.training.schedule_free.{type(self).__name__}")
             if group["capturable"]:
                 _check_capturable_lr(group, type(self).__name__)
             # (the counters advance even for a group without gradients, as schedulefree's)
             scalars = _step_scalars(group, self._beta1(group), self._beta2(group))
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):  # type: ignore[union-attr]
-                raise ValueError(f"sdadapt.training.schedule_free.{type(self).__name__} does not support sparse gradients")
             for p in params:
                 state = self.state[p]
                 if not state:
                     state["z"] = p.detach().float().clone(memory_format=torch.preserve_format)
                     self._make_state(p, state)
             if group["foreach"]:
-                for chunk in _chunks(params, _FOREACH_CHUNK_ELEMENTS):
-                    self._foreach_step(group, [piece.param for piece in chunk], scalars)
+                for chunk in _param_chunks(params):
+                    self._foreach_step(group, chunk, scalars)
             else:
                 for p in params:
                     self._single_step(group, p, scalars)
@@ -213,12 +208,10 @@ class _ScheduleFree(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict`` — the saved mode (``train_mode``) and counters
         restored, the float32 states kept float32 (torch would cast them to a bf16 parameter's dtype)
-        — keeping this optimiser's ``capturable`` mode and tensor ``lr`` (filled in place, as are its
-        counter tensors, so a captured graph reading them keeps working)."""
-        modes = [(group["capturable"], group["lr"]) for group in self.param_groups]
+        — keeping this optimiser's ``capturable`` mode, tensor ``lr`` (filled in place, as are its
+        counter tensors, so a captured graph reading them keeps working) and ``foreach``."""
         counters = [{key: group[key] for key in _COUNTERS} for group in self.param_groups]
-        _load_keeping_dtypes(self, state_dict)
-        restore_capturable_mode(self, modes, host_step=lambda step: step)  # (no per-parameter step count)
+        _load_keeping_mode(self, state_dict)  # (no per-parameter step count)
         for group, before in zip(self.param_groups, counters):
             _counters_to_mode(group, before)
 
@@ -389,9 +382,7 @@ def _check_schedule_group(group: dict[str, Any], name: str) -> None:
     _check_common(_lr_value(group["lr"]), group["weight_decay"])
     if isinstance(group["warmup_steps"], bool) or int(group["warmup_steps"]) != group["warmup_steps"] or group["warmup_steps"] < 0:
         raise ValueError(f"warmup_steps must be a whole number >= 0, got {group['warmup_steps']!r}")
-    if isinstance(group["lr"], Tensor) and not group["capturable"]:
-        raise ValueError(f"a tensor lr needs {name}(..., capturable=True) (the other step takes lr as a "
-                         "Python float); pass lr=float(lr) or capturable=True")
+    _check_tensor_lr(group, name)
 
 
 def _counters_to_mode(group: dict[str, Any], before: dict[str, Any] | None = None) -> None:

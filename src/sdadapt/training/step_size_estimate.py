@@ -18,6 +18,7 @@ from .optim import (
     _check_lr_device,
     _check_tensor_lr,
     _float32_many,
+    _foreach_add_quotient_,
     _load_keeping_mode,
     _lr_value,
     _param_chunks,
@@ -190,11 +191,8 @@ class StepSizeEstimator(torch.optim.Optimizer):
                 torch._foreach_add_(ws, torch._foreach_mul(ws, shrink))
             numerators = ([s["exp_avg"] for s in states] if "exp_avg" in states[0]
                           else self._gradients(group, chunk, ws))
-            steps = torch._foreach_mul(numerators, scale)
-            torch._foreach_div_(steps, denoms)
+            _foreach_add_quotient_(ws, numerators, scale, denoms)
             del denoms
-            torch._foreach_add_(ws, steps)
-            del steps
             self._write_weights(group, chunk, ws)
 
     # -------------------------------------------------------------------------- saved states
