@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -454,9 +455,7 @@ class DiffusersSystem(nn.Module):
                 ids = torch.stack([ids, _token_ids(self.tokenizer_2, texts, length)], dim=1)  # (B, 2, L)
             return (ids,)
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        state = self._token_state(length)
-        (ids,) = encode(prompts) if state is None else self.token_cache.lookup(prompts, encode, state=state)
+        (ids,) = self._cached_ids(self.token_cache, prompts, encode, length)
         return copy_to_device(ids, device)  # (a training step tokenises each batch: no wait on a GPU)
 
     def tokenize_weighted(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -477,22 +476,23 @@ class DiffusersSystem(nn.Module):
                 ids, weights = torch.stack([ids, ids_2], dim=1), torch.stack([weights, weights_2], dim=1)  # (B, 2, L)
             return ids, weights
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        state = self._token_state(length)
-        ids, weights = (encode(prompts) if state is None
-                        else self.weighted_token_cache.lookup(prompts, encode, state=state))
+        ids, weights = self._cached_ids(self.weighted_token_cache, prompts, encode, length)
         return {"ids": copy_to_device(ids, device), "weights": copy_to_device(weights, device)}
 
-    def _token_state(self, length: int) -> tuple | None:
-        """What besides a prompt's text decides its ids (the length, the tokenizers' state:
-        :func:`~sdadapt.token_id_cache.tokenizer_state`); ``None``: a tokenizer not to cache."""
+    def _cached_ids(self, cache: TokenIdCache, prompts: str | list[str],
+                    encode: Callable[[list[str]], tuple[Tensor, ...]], length: int) -> tuple[Tensor, ...]:
+        """``encode(prompts)`` (host tensors, each (B, ...)) with captions seen before taken from
+        ``cache``, keyed by what besides a prompt's text decides its ids (the length, the tokenizers'
+        state: :func:`~sdadapt.token_id_cache.tokenizer_state`); uncached for a tokenizer whose state
+        cannot be read."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         state: tuple = (length, self.is_sdxl)
         for tokenizer in (self.tokenizer, self.tokenizer_2) if self.is_sdxl else (self.tokenizer,):
             part = tokenizer_state(tokenizer)
             if part is None:
-                return None
+                return encode(prompts)
             state += part
-        return state
+        return cache.lookup(prompts, encode, state=state)
 
     def _windows(self, encoder: int, ids: Tensor) -> tuple[Tensor, int]:
         """(B, L) ids of text encoder ``encoder`` (0, SDXL 1) -> ((B * n, C) encoder windows, n);
@@ -636,16 +636,14 @@ def _build(cls, config: dict):
 
 def _load(module: nn.Module, state: dict[str, Tensor], *, name: str, source: Path) -> None:
     from .formats.files import WeightFileError
+    from .formats.key_source import fit_report
 
     on_meta = any(p.is_meta for p in module.parameters())
-    wanted = module.state_dict()
-    missing = [k for k in wanted if k not in state]
-    unexpected = [k for k in state if k not in wanted]
-    mismatched = [k for k in wanted if k in state and tuple(state[k].shape) != tuple(wanted[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
-        raise WeightFileError(f"{source}: the {name} weights do not fit the model their shapes describe ({'; '.join(parts)})")
+    report = fit_report({k: tuple(v.shape) for k, v in state.items()},
+                        {k: tuple(v.shape) for k, v in module.state_dict().items()})
+    if not report.ok:
+        raise WeightFileError(f"{source}: the {name} weights do not fit the model their shapes describe "
+                              f"({report.problems()})")
     module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True,
                            assign=on_meta)
     leftover = [n for n, b in module.named_buffers() if b.is_meta]

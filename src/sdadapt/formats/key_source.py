@@ -7,10 +7,10 @@ single tensor, then materialise targets one at a time with :func:`sdadapt.format
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["KeySource", "KeyReport", "KeyMapError", "PlanBuilder", "name_keys"]
+__all__ = ["KeySource", "KeyReport", "KeyMapError", "PlanBuilder", "fit_report", "name_keys"]
 
 Shape = tuple[int, ...]
 
@@ -74,6 +74,18 @@ class KeyReport:
             if keys:
                 parts.append(f"{len(keys)} {label}: {name_keys(keys)}")
         return "; ".join(parts)
+
+
+def fit_report(shapes: Mapping[str, Shape], expected: Mapping[str, Shape]) -> KeyReport:
+    """How tensors of ``shapes`` (``{key: shape}``) fit a model's ``expected`` ``{key: shape}``, key
+    for key: its ``missing`` keys, ``unexpected`` keys and shape ``mismatched`` ones
+    (``"key: shape (..), the model's (..)"``); ``ok`` when they load as they are."""
+    return KeyReport(
+        missing=tuple(k for k in expected if k not in shapes),
+        mismatched=tuple(f"{k}: shape {tuple(shapes[k])}, the model's {tuple(expected[k])}" for k in expected
+                         if k in shapes and tuple(shapes[k]) != tuple(expected[k])),
+        unexpected=tuple(k for k in shapes if k not in expected),
+    )
 
 
 class KeyMapError(ValueError):

@@ -33,7 +33,7 @@ from .files import (
     read_weights,
     sniff_format,
 )
-from .key_source import KeyMapError, name_keys
+from .key_source import KeyMapError, KeyReport, fit_report, name_keys
 from .model_keys import checkpoint_architecture, convert_checkpoint
 from .single_file import file_hashes, unwrap_state_dict
 
@@ -138,20 +138,17 @@ def _from_ldm(file: Path, state: Mapping[str, Tensor], expected: Mapping[str, tu
         converted, report = convert_checkpoint(state, to="diffusers", strict=False, target_shapes=target)
     except KeyMapError as exc:
         raise WeightFileError(f"--vae {file}: {exc}") from None
-    if not report.ok:
-        raise WeightFileError(f"--vae {file}: does not fit the model's VAE: {report.problems()}")
+    _raise_unless_fits(file, report)
     return {k.removeprefix("vae."): v for k, v in converted.items()}
 
 
 def _check_fits(file: Path, state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} (the model's {tuple(expected[k])})" for k in expected
-                  if k in state and tuple(state[k].shape) != tuple(expected[k])]
-    parts = [f"{len(keys)} {label}: {name_keys(keys)}" for label, keys in
-             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
-    if parts:
-        raise WeightFileError(f"--vae {file}: does not fit the model's VAE: {'; '.join(parts)}")
+    _raise_unless_fits(file, fit_report({k: tuple(v.shape) for k, v in state.items()}, expected))
+
+
+def _raise_unless_fits(file: Path, report: KeyReport) -> None:
+    if not report.ok:
+        raise WeightFileError(f"--vae {file}: does not fit the model's VAE: {report.problems()}")
 
 
 def _latent_channels(shapes: Mapping[str, tuple[int, ...]]) -> int | None:

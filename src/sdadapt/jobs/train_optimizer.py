@@ -25,6 +25,7 @@ from ..training.optimizer_args import (
     kohya_constructor_args,
     kohya_optimizer_args,
 )
+from .run_versions import recorded_version
 
 if TYPE_CHECKING:
     from .train import TrainOptions
@@ -68,13 +69,7 @@ def recorded_defaults(record: Mapping[str, Any] | None) -> str:
     Raises:
         ValueError: an ``optimizer_defaults`` entry this version does not know (an edited file).
     """
-    if record is None:
-        return KOHYA_DEFAULTS
-    defaults = record.get("optimizer_defaults", LEGACY_DEFAULTS)
-    if defaults not in (KOHYA_DEFAULTS, LEGACY_DEFAULTS):
-        raise ValueError(f"run.json's optimizer_defaults {defaults!r} is not {KOHYA_DEFAULTS!r} or {LEGACY_DEFAULTS!r}; "
-                         "the file was edited — resume from an intact state folder")
-    return defaults
+    return recorded_version(record, "optimizer_defaults", new=KOHYA_DEFAULTS, legacy=LEGACY_DEFAULTS)
 
 
 def fit_optimizer_args(options: TrainOptions, given: OptimizerArgs, defaults: str = KOHYA_DEFAULTS) -> OptimizerArgs:

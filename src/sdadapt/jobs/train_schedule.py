@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..training.lr_schedules import WSD_SHAPES, StepRules, check_extra_schedule
+from .run_versions import recorded_version
 
 if TYPE_CHECKING:
     from .train import TrainOptions
@@ -87,13 +88,7 @@ def recorded_shares(record: Mapping[str, Any] | None) -> str:
     Raises:
         ValueError: a ``step_shares`` entry this version does not know (an edited file).
     """
-    if record is None:
-        return FLOOR_SHARES
-    shares = record.get("step_shares", LEGACY_SHARES)
-    if shares not in (FLOOR_SHARES, LEGACY_SHARES):
-        raise ValueError(f"run.json's step_shares {shares!r} is not {FLOOR_SHARES!r} or {LEGACY_SHARES!r}; the file was "
-                         "edited — resume from an intact state folder")
-    return shares
+    return recorded_version(record, "step_shares", new=FLOOR_SHARES, legacy=LEGACY_SHARES)
 
 
 def lr_scheduler_kwargs(options: TrainOptions) -> dict[str, Any]:

@@ -214,8 +214,8 @@ class FitConfig:
             run draws what an eager one draws; the optimiser is built ``capturable`` with tensor
             learning rates (the schedule fills them in place). With ``step.accumulation_steps`` > 1
             each micro-batch is a replay and each optimiser update one more (its own graph). Needs
-            an AdamW, Adafactor, Lion or Prodigy optimiser (``adamw``, ``adamw8bit``, ``adamw-bf16``,
-            ``adafactor`` — relative step too —, ``lion``, ``lion-bf16``, ``prodigy``), no fp16 (bf16 works), no
+            any optimiser but ``sgd-nesterov`` (AdamW, Adafactor — relative step too —, Lion, Prodigy,
+            D-Adaptation, schedule-free: :func:`cuda_graph_clashes` lists them), no fp16 (bf16 works), no
             ``fused_backward``. A dataset's prior batch (a second forward) is captured with the
             step, its noise drawn before the replay. On a CPU the steps run eagerly (the same results).
         compile_backend: ``torch.compile`` the model the step calls (the UNet with the adapters
@@ -950,9 +950,9 @@ def fit(
                     rows = slice(start, start + config.batch_size)
                     yield {"latents": val_latents[rows], "cond": pytree.tree_map(lambda t, rows=rows: t[rows], val_ids)}
         else:
-            val_count = len(epoch_batches(validation, config.batch_size, seed=val_seed, epoch=0))
+            val_cache: dict[int, list] = {0: epoch_batches(validation, config.batch_size, seed=val_seed, epoch=0)}
+            val_count = len(val_cache[0])  # (the one epoch every pass reads: drawn once, here)
             val_count = min(val_count, config.max_validation_steps or val_count)
-            val_cache: dict[int, list] = {}
 
             def validation_batches(step: int) -> Iterator[dict[str, Any]]:  # one epoch of the held-out data, always the same
                 # the captions (their draws the same each pass) under the caption schedule of the step just

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from .lion import _lion_direction, _lion_directions
-from .optim import _call_closure, _flat, _float32_many, _param_chunks, _write_weight
+from .optim import (
+    _call_closure,
+    _flat,
+    _float32_many,
+    _param_chunks,
+    _write_weight,
+    _write_weights_many,
+)
 from .step_size_estimate import (
     StepSizeEstimator,
     _adam_moments,
@@ -179,12 +186,12 @@ class DAdaptAdam(_DAdaptation):
         active = self._active_groups()
         dots: list[Tensor] = []  # Σ ρ η ⟨g, s/(√v + ε)⟩ per group, float64
         norms: list[Tensor] = []  # Σ ρ ‖s‖₁ per group, float64
+        v_factor = torch.full((), 1 - beta2, device=d.device)  # c_v and c_s: every group's, made once a step
+        s_factor = (dlr * (1 - sqrt_beta2)).float()
         for group, params, on in active:
             scale = group["layer_scale"]
             c_m = (dlr * (scale * (1 - beta1))).float()
-            c_v: Any = torch.full((), 1 - beta2, device=d.device)
-            c_s = (dlr * (1 - sqrt_beta2)).float()
-            (c_m, c_v, c_s), (b1, b2, b3) = _masked(on, (c_m, c_v, c_s), (beta1, beta2, sqrt_beta2))
+            (c_m, c_v, c_s), (b1, b2, b3) = _masked(on, (c_m, v_factor, s_factor), (beta1, beta2, sqrt_beta2))
             pass1 = self._foreach_pass1 if group["foreach"] else self._single_pass1
             dot, norm = pass1(group, params, b1, b2, b3, c_m, c_v, c_s)
             dot, norm = dot * (dlr * scale), norm * scale
@@ -314,11 +321,10 @@ class DAdaptAdamPreprint(DAdaptAdam):
         dlr = d * self._lr_max(d.device, d.dtype)  # η
         active = self._active_groups()
         sums: list[list[Tensor]] = [[], [], []]  # Σ g²/(√v+ε), Σ s²/(√v+ε), Σ‖s‖₁ per group (float64)
+        factors = ((dlr * (1 - beta1)).float(), torch.full((), 1 - beta2, device=d.device),  # c_m, c_v, c_s: every group's
+                   (dlr * (1 - beta2)).float())
         for group, params, on in active:
-            c_m = (dlr * (1 - beta1)).float()
-            c_v: Any = torch.full((), 1 - beta2, device=d.device)
-            c_s = (dlr * (1 - beta2)).float()
-            (c_m, c_v, c_s), (b1, b2) = _masked(on, (c_m, c_v, c_s), (beta1, beta2))
+            (c_m, c_v, c_s), (b1, b2) = _masked(on, factors, (beta1, beta2))
             pass1 = self._foreach_sums if group["foreach"] else self._single_sums
             for total, value in zip(sums, pass1(group, params, b1, b2, c_m, c_v, c_s)):
                 total.append(value * on if isinstance(on, Tensor) else value)
@@ -446,13 +452,11 @@ class DAdaptLion(_DAdaptation):
         dlr = d * self._lr_max(d.device, d.dtype)  # η
         dots: list[Tensor] = []
         norms: list[Tensor] = []
+        factors = ((-dlr).float(), (dlr * (1 - beta2)).float(), (dlr * (1 - sqrt_beta2)).float())  # every group's
         for group, params, on in self._active_groups():
             decay = group["weight_decay"]
             shrink: Any = (1 - dlr * decay).float() if decay != 0 else None
-            neg = (-dlr).float()
-            c_m = (dlr * (1 - beta2)).float()
-            c_s = (dlr * (1 - sqrt_beta2)).float()
-            (neg, c_m, c_s), (b2, b3) = _masked(on, (neg, c_m, c_s), (beta2, sqrt_beta2))
+            (neg, c_m, c_s), (b2, b3) = _masked(on, factors, (beta2, sqrt_beta2))
             if shrink is not None and isinstance(on, Tensor):  # (masked too: the weights stay)
                 shrink = torch.where(on, shrink, 1.0)
             run = self._foreach_update if group["foreach"] else self._single_update
@@ -509,5 +513,5 @@ class DAdaptLion(_DAdaptation):
             torch._foreach_add_(ss, torch._foreach_mul(us, c_s))
             norms += list(torch._foreach_norm(ss, 1))
             del us
-            self._write_weights(group, chunk, ws)
+            _write_weights_many(chunk, ws, group["stochastic_rounding"], self.generator)
         return _sum64(dots), _sum64(norms)

@@ -134,18 +134,19 @@ class Lion(torch.optim.Optimizer):
                 if not state:
                     dtype = torch.float32 if group["state_dtype"] == "float32" else torch.bfloat16
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            scalars = _lion_scalars(group)  # (once per group and step: device ops in capturable mode)
             if group["foreach"]:
                 for chunk in _param_chunks(params):
-                    self._foreach_step(group, chunk)
+                    self._foreach_step(group, chunk, scalars)
             else:
                 for p in params:
-                    self._single_step(group, p)
+                    self._single_step(group, p, scalars)
         return loss
 
-    def _single_step(self, group: dict[str, Any], p: Tensor) -> None:
-        """The update of one parameter (its state made already)."""
+    def _single_step(self, group: dict[str, Any], p: Tensor, scalars: tuple[float | Tensor | None, float | Tensor]) -> None:
+        """The update of one parameter (its state made already; ``scalars``: :func:`_lion_scalars`)."""
         beta1, beta2 = group["betas"]
-        decay, neg_lr = _lion_scalars(group)
+        decay, neg_lr = scalars
         grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()  # type: ignore[union-attr]
         w = p if p.dtype == torch.float32 else p.float()  # fp32 working weight
         stored = self.state[p]["exp_avg"]
@@ -162,10 +163,11 @@ class Lion(torch.optim.Optimizer):
         if m is not stored:
             _write_weight(stored, m, True, self.generator)
 
-    def _foreach_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _foreach_step(self, group: dict[str, Any], params: list[Tensor],
+                      scalars: tuple[float | Tensor | None, float | Tensor]) -> None:
         """:meth:`_single_step` as multi-tensor ops over one chunk's ``params``."""
         beta1, beta2 = group["betas"]
-        decay, neg_lr = _lion_scalars(group)
+        decay, neg_lr = scalars
         stored = [self.state[p]["exp_avg"] for p in params]
         grads = _float32_many([p.grad for p in params])  # type: ignore[misc]
         weights = _float32_many(params)

@@ -192,11 +192,10 @@ class Prodigy(StepSizeEstimator):
         dots: list[Tensor] = []  # (d/d0)·η·Σ⟨g, w₀ − w⟩ per group, float64
         norms: list[Tensor] = []  # Σ‖s‖₁ per group, float64
         active = self._active_groups()  # (group, parameters with a gradient, on: True or a 0-dim bool tensor)
+        m_factor, v_factor = (d * (1 - beta1)).float(), (d * d * (1 - beta2)).float()  # every group's c_m, c_v
         for group, params, on in active:
-            c_m = (d * (1 - beta1)).float()
-            c_v = (d * d * (1 - beta2)).float()
             c_s = ((d / d0) * (d if group["safeguard_warmup"] else dlr)).float()
-            (c_m, c_v, c_s), (b1, b2, b3) = _masked(on, (c_m, c_v, c_s), (beta1, beta2, beta3))
+            (c_m, c_v, c_s), (b1, b2, b3) = _masked(on, (m_factor, v_factor, c_s), (beta1, beta2, beta3))
             pass1 = self._foreach_pass1 if group["foreach"] else self._single_pass1
             dot, norm = pass1(group, params, b1, b2, b3, c_m, c_v, c_s)
             dot = dot * ((d / d0) * dlr)

@@ -112,7 +112,7 @@ class _ScheduleFree(torch.optim.Optimizer):
         for ps in _param_chunks(params):
             weights = _float32_many(ps)
             torch._foreach_lerp_(weights, [self.state[p]["z"] for p in ps], weight)
-            self._write_back(group, ps, weights)
+            _write_weights_many(ps, weights, group["stochastic_rounding"], self.generator)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -170,7 +170,7 @@ class _ScheduleFree(torch.optim.Optimizer):
         torch._foreach_add_(ys, torch._foreach_mul(us, y_rate))
         torch._foreach_mul_(us, z_rate)
         torch._foreach_sub_(zs, us)
-        self._write_back(group, params, ys)
+        _write_weights_many(params, ys, group["stochastic_rounding"], self.generator)
 
     def _beta1(self, group: dict[str, Any]) -> float:
         """The interpolation ``y = (1 − β₁) z + β₁ x`` of the group."""
@@ -195,11 +195,6 @@ class _ScheduleFree(torch.optim.Optimizer):
                     bias_correction2: Any) -> list[Tensor]:
         """:meth:`_direction` of a chunk's parameters as multi-tensor ops (new tensors)."""
         raise NotImplementedError
-
-    def _write_back(self, group: dict[str, Any], params: list[Tensor], weights: list[Tensor]) -> None:
-        """Write the float32 working ``weights`` into ``params`` (those that are not the parameter
-        itself): bf16 with stochastic rounding in one pass, the rest by one copy."""
-        _write_weights_many(params, weights, group["stochastic_rounding"], self.generator)
 
     def state_bytes(self) -> int:
         """Bytes held by the states: ``z`` (and AdamW's ``exp_avg_sq``)."""

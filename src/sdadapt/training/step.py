@@ -222,8 +222,8 @@ def prepare_batch(
 
     # (B,) per-sample weights; None stands for all ones until a factor comes (1 * w is w exactly: no fill and
     # multiply on the device per step for nothing)
-    weights: Tensor | None = batch.get("loss_weight")  # type: ignore[assignment]
-    weights = None if weights is None else weights.float()
+    given: Tensor | None = batch.get("loss_weight")  # type: ignore[assignment]
+    weights = None if given is None else given.float()
     if (config.min_snr_gamma is not None or config.debiased_estimation or config.p2_gamma is not None
             or config.scale_v_pred_loss_like_noise_pred or config.v_pred_like_loss):
         snr = diffusion.snr(t, alphas_cumprod)
@@ -239,7 +239,7 @@ def prepare_batch(
             weights = _times(weights, diffusion.p2_weight(snr, gamma=config.p2_gamma))
     if weights is None:
         weights = torch.ones(latents.shape[0], device=latents.device)
-    elif batch.get("loss_weight") is None and weights.shape != (latents.shape[0],):
+    elif given is None and weights.shape != (latents.shape[0],):
         # (one timestep for the whole batch gives 0-dim factors: (B,) as ones * w was; a view, no copy)
         weights = weights.expand(torch.broadcast_shapes((latents.shape[0],), weights.shape))
     huber_c: float | Tensor = config.huber_c * config.huber_scale  # (the constant schedule: a float, no tensor made)

@@ -63,8 +63,8 @@ after changing which parameters train.
 Learning rate: give the optimiser a tensor ``lr`` (``capturable=True``) and call :meth:`set_lr`
 (an in-place ``fill_``: the graph reads the tensor). Requirements, checked with clear errors: a CUDA
 device, a ``capturable`` optimiser (``torch.optim.AdamW(..., capturable=True)`` or sdadapt's
-``AdamW`` (float32, bf16 or int8 states), ``Adafactor``, ``Lion`` or ``Prodigy`` built with
-``capturable=True``, bf16 weights with stochastic rounding, ``foreach`` or not; an optimiser fused into backward steps through Python hooks and
+``AdamW`` (float32, bf16 or int8 states), ``Adafactor``, ``Lion``, ``Prodigy``, D-Adaptation or a
+schedule-free optimiser built with ``capturable=True``, bf16 weights with stochastic rounding, ``foreach`` or not; an optimiser fused into backward steps through Python hooks and
 cannot be captured), no fp16 loss scaler (use bf16). On CPU, or when a requirement is not met and
 ``strict=False``, the object runs plain :func:`~sdadapt.training.step.train_step` semantics
 eagerly (bit-identical; tested).
@@ -99,11 +99,13 @@ def capture_problems(params: list[nn.Parameter], optimizer: object, config: Step
     groups = getattr(optimizer, "param_groups", None)
     if groups is None:
         problems.append(f"{type(optimizer).__name__} steps inside backward through Python hooks; "
-                        "use torch.optim.AdamW(..., capturable=True) or one of sdadapt's (training.optim.AdamW, "
-                        "training.optim.Adafactor, training.lion.Lion, training.prodigy.Prodigy) with capturable=True")
+                        "use torch.optim.AdamW(..., capturable=True) or one of sdadapt's (training.optim.AdamW or "
+                        "Adafactor, training.lion.Lion, training.prodigy.Prodigy, training.dadapt.DAdaptAdam/DAdaptLion, "
+                        "training.schedule_free.AdamWScheduleFree/SGDScheduleFree) with capturable=True")
     elif not all(group.get("capturable", False) for group in groups):
         problems.append(f"{type(optimizer).__name__} is not capturable; build it with capturable=True "
-                        "(torch.optim.AdamW, or sdadapt's AdamW, Adafactor, Lion or Prodigy)")
+                        "(torch.optim.AdamW, or sdadapt's AdamW, Adafactor, Lion, Prodigy, D-Adaptation or schedule-free "
+                        "optimisers)")
     return problems
 
 

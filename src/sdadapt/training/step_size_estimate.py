@@ -154,11 +154,6 @@ class StepSizeEstimator(torch.optim.Optimizer):
             gs = torch._foreach_add(gs, ws, alpha=decay)
         return gs
 
-    def _write_weights(self, group: dict[str, Any], chunk: list[Tensor], ws: list[Tensor]) -> None:
-        """Every float32 working weight back into its parameter: in place already (contiguous
-        float32), by stochastic rounding (bf16; one pass, the per-parameter path's draws) or a copy."""
-        _write_weights_many(chunk, ws, group["stochastic_rounding"], self.generator)
-
     def _adam_update(self, group: dict[str, Any], params: list[Tensor], shrink: Tensor | None, scale: Tensor,
                      eps: float | Tensor) -> None:
         """The weights of the Adam-like estimators (after their estimate), each ``w`` of ``params``::
@@ -193,7 +188,7 @@ class StepSizeEstimator(torch.optim.Optimizer):
                           else self._gradients(group, chunk, ws))
             _foreach_add_quotient_(ws, numerators, scale, denoms)
             del denoms
-            self._write_weights(group, chunk, ws)
+            _write_weights_many(chunk, ws, group["stochastic_rounding"], self.generator)  # (bf16: stochastic rounding)
 
     # -------------------------------------------------------------------------- saved states
     def state_bytes(self) -> int:
