@@ -90,13 +90,25 @@ def ref_dora(t: dict, shape: tuple, base: torch.Tensor) -> torch.Tensor:
     return m * v / norm - base.double()  # the merge delta W' − W
 
 
-REFERENCES = {"lora": ref_lora, "loha": ref_loha, "lokr": ref_lokr, "full": ref_full}
+def ref_ia3(t: dict, base: torch.Tensor) -> torch.Tensor:
+    """ΔW[o, i, ...] = w[o] · W[o, i, ...] (on_input: w[i] · W[o, i, ...]); the bias is not scaled."""
+    w, b = t["weight"].double().flatten(), base.double()
+    out = torch.empty_like(b)
+    for o in range(b.shape[0]):
+        for i in range(b.shape[1]):
+            out[o, i] = (w[i] if int(t["on_input"]) else w[o]) * b[o, i]
+    return out
+
+
+REFERENCES = {"lora": ref_lora, "loha": ref_loha, "lokr": ref_lokr, "full": ref_full, "ia3": ref_ia3}
 
 
 def reference_delta(family: str, tensors: dict, base: torch.Tensor) -> torch.Tensor:
     shape = tuple(base.shape)
     if family == "dora":
         return ref_dora(tensors, shape, base)
+    if family == "ia3":
+        return ref_ia3(tensors, base)
     return REFERENCES[family](tensors, shape)
 
 

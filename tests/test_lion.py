@@ -349,8 +349,8 @@ def test_captured_step_records_a_capturable_lion(fake_cuda_graphs):
 
 @pytest.mark.parametrize("table, shown", [
     ({"optimizer_type": "Lion", "optimizer_args": ["weight_decay=0.1", "betas=0.9,0.98"]},
-     "Lion(weight_decay=0.1,betas=(0.9, 0.98))"),
-    ({"use_lion_optimizer": True}, "Lion"),
+     "lion_pytorch.lion_pytorch.Lion(weight_decay=0.1,betas=(0.9, 0.98))"),
+    ({"use_lion_optimizer": True}, "lion_pytorch.lion_pytorch.Lion"),
 ])
 def test_a_kohya_config_with_lion_trains_two_steps_on_the_toy(three_shapes, tmp_path, capsys, table, shown):
     from train_inputs import train_toy_kohya

@@ -205,7 +205,7 @@ def test_a_kohya_config_trains_with_them_and_records_them(red_circles, tmp_path,
     seen = [call.config for call in train_fit_calls]
     assert seen[0].optimizer_args == (("weight_decay", 0.1), ("betas", (0.9, 0.99)), ("eps", 1e-6))
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["ss_optimizer"] == "AdamW(weight_decay=0.1,betas=(0.9, 0.99),eps=1e-06)"
+        assert f.metadata()["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.1,betas=(0.9, 0.99),eps=1e-06)"
 
 
 def test_the_flag_takes_them_and_without_them_the_name_is_alone(red_circles, tmp_path):
@@ -213,12 +213,12 @@ def test_the_flag_takes_them_and_without_them_the_name_is_alone(red_circles, tmp
     assert main(["train", "lora", "--images", str(red_circles), "--steps", "1", "--batch-size", "2", "--no-prior",
                  "--optimizer", "adamw8bit", "--optimizer-args", "eps=1e-7", "block_size=64", "-o", str(out), "-q"]) == 0
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["ss_optimizer"] == "adamw8bit(eps=1e-07,block_size=64)"
+        assert f.metadata()["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit(eps=1e-07,block_size=64)"
     plain = tmp_path / "p.safetensors"
     assert main(["train", "lora", "--images", str(red_circles), "--steps", "1", "--batch-size", "2", "--no-prior",
                  "-o", str(plain), "-q"]) == 0
     with safe_open(str(plain), "pt") as f:
-        assert f.metadata()["ss_optimizer"] == "adamw"
+        assert f.metadata()["ss_optimizer"] == "torch.optim.adamw.AdamW"
 
 
 @pytest.mark.parametrize("flags, message", [

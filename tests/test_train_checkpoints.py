@@ -97,7 +97,7 @@ def test_sdxl_lora_from_a_toml_config_with_buckets_samples_log_and_resume(files,
     missing = [k for k in KOHYA_TRAINING_KEYS if k not in metadata]
     assert not missing, missing
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["modelspec.resolution"] == "16x16"
-    assert metadata["ss_steps"] == "4" and metadata["ss_seed"] == "3" and metadata["ss_optimizer"] == "AdamW8bit"
+    assert metadata["ss_steps"] == "4" and metadata["ss_seed"] == "3" and metadata["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
     assert json.loads(metadata["ss_dataset_dirs"])["2_sks toy"] == {"n_repeats": 2, "img_count": 1}
     assert json.loads(metadata["ss_tag_frequency"])["."]["sks toy"] == 3

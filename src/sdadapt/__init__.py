@@ -12,6 +12,7 @@ from . import aesthetic, custom_diffusion, embeddings, formats, hypernetworks, i
 from .adapters import (
     DoRAConfig,
     FullConfig,
+    IA3Config,
     LoHaConfig,
     LoKrConfig,
     LoRAConfig,
@@ -84,6 +85,7 @@ __all__ = [
     "LoKrConfig",
     "DoRAConfig",
     "FullConfig",
+    "IA3Config",
     "inject",
     "load_adapter",
     "adapter_names",

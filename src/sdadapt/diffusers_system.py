@@ -580,11 +580,17 @@ class DiffusersSystem(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
-               sampler: str = "ddim", height: int | None = None, width: int | None = None, cond: Any = None) -> Tensor:
-        """DDIM or Euler with classifier-free guidance -> images (B, 3, H, W) in [-1, 1].
+               sampler: str = "ddim", karras: bool = False, height: int | None = None, width: int | None = None,
+               cond: Any = None) -> Tensor:
+        """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
+        in [-1, 1].
 
-        ``height``/``width`` default to :attr:`image_size` and must be multiples of
-        :attr:`size_multiple`. The starting noise is drawn on the CPU from ``seed``. ``cond``: the
+        ``sampler``: a name in :data:`sdadapt.samplers.SAMPLERS` (or kohya's ``k_`` alias);
+        ``karras``: diffusers' ``use_karras_sigmas`` (the samplers in
+        :data:`sdadapt.samplers.KARRAS_SAMPLERS`). ``height``/``width`` default to :attr:`image_size`
+        and must be multiples of :attr:`size_multiple`. The starting noise is drawn on the CPU from
+        ``torch.Generator().manual_seed(seed)``; the ancestral samplers draw their noise from that same
+        generator after it (what a diffusers pipeline given that generator does). ``cond``: the
         prompts' conditioning, precomputed (as :meth:`condition` returns it: SD1/SD2 (B, L, D),
         SDXL the dict) — methods that build it themselves (aesthetic gradients) pass it; the
         unconditional branch is still made from ``negative``.
@@ -592,8 +598,12 @@ class DiffusersSystem(nn.Module):
         height, width = height or self.image_size, width or self.image_size
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(f"image size {width}x{height}: both sides must be multiples of {self.size_multiple}")
-        if sampler not in ("ddim", "euler"):
-            raise ValueError(f"sampler must be 'ddim' or 'euler', got {sampler!r}")
+        from . import samplers
+
+        name = samplers.canonical_sampler(sampler)  # (ValueError for an unknown one, before any work)
+        if karras and name not in samplers.KARRAS_SAMPLERS:
+            raise ValueError(f"sampler {name!r} has no Karras noise levels; karras works with "
+                             f"{', '.join(samplers.KARRAS_SAMPLERS)}")
         device = self.alphas_cumprod.device
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
@@ -607,9 +617,9 @@ class DiffusersSystem(nn.Module):
         elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:
             time_ids = cond["time_ids"]
         uncond = self._uncond(negative, cond, len(prompts), time_ids)
-        run = diffusion.ddim_sample if sampler == "ddim" else diffusion.euler_sample
-        latents = run(self.denoiser(), x, cond, alphas_cumprod=self.alphas_cumprod, num_steps=steps, uncond=uncond,
-                      guidance_scale=guidance, prediction_type=self.prediction_type)
+        latents = samplers.sample_latents(self.denoiser(), x, cond, sampler=name, alphas_cumprod=self.alphas_cumprod,
+                                          num_steps=steps, uncond=uncond, guidance_scale=guidance,
+                                          prediction_type=self.prediction_type, karras=karras, generator=g)
         return self.decode_latents(latents)
 
 

@@ -1,12 +1,14 @@
-"""Making images with any system: prompts files, DDIM/Euler with classifier-free guidance.
+"""Making images with any system: prompts files, any sampler of :mod:`sdadapt.samplers` with
+classifier-free guidance.
 
 * :func:`generate` — ``prompts -> images (B, 3, H, W)`` in [-1, 1] on any
   :class:`~sdadapt.methods.system.System`, with the sampler, size, steps, guidance and seed the
   ``generate`` command and training samples take.
 * :func:`parse_sample_prompts` — kohya's sample-prompt files: ``.txt``, one prompt a line with optional
-  ``--n negative``, ``--w width``, ``--h height``, ``--d seed``, ``--l guidance``, ``--s steps``
-  (``#`` lines and blank lines are skipped); ``.json``, a list of such lines or of tables with kohya's
-  keys (``prompt``, ``negative_prompt``, ``width``, ``height``, ``seed``, ``scale``, ``sample_steps``);
+  ``--n negative``, ``--w width``, ``--h height``, ``--d seed``, ``--l guidance``, ``--s steps``,
+  ``--ss sampler`` (``#`` lines and blank lines are skipped); ``.json``, a list of such lines or of
+  tables with kohya's keys (``prompt``, ``negative_prompt``, ``width``, ``height``, ``seed``, ``scale``,
+  ``sample_steps``, ``sample_sampler``);
   ``.toml``, a ``[prompt]`` table of those keys as defaults and one ``[[prompt.subset]]`` per image.
 * :func:`unknown_words` — words a word-level tokenizer (the toy's) does not know and would map
   to ``<unk>``.
@@ -22,17 +24,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import samplers
 from .errors import InputError
-from .training import diffusion
 
 __all__ = ["SamplePrompt", "SAMPLERS", "generate", "parse_sample_prompts", "unknown_words", "with_defaults"]
 
-SAMPLERS = ("ddim", "euler")
+#: every sampler name :func:`generate` takes: :data:`sdadapt.samplers.SAMPLERS` and kohya's aliases
+SAMPLERS: tuple[str, ...] = (*samplers.SAMPLERS, *samplers.SAMPLER_ALIASES)
 
 
 @dataclass(frozen=True)
 class SamplePrompt:
-    """One image to make. ``None`` fields take the command's (or the system's) defaults."""
+    """One image to make. ``None`` fields take the command's (or the system's) defaults.
+
+    ``sampler``: this prompt's sampler (kohya's ``--ss`` / ``sample_sampler``), a name in
+    :data:`sdadapt.samplers.SAMPLERS`; ``None``: the command's ``--sample-sampler``."""
 
     prompt: str
     negative: str = ""
@@ -41,14 +47,15 @@ class SamplePrompt:
     seed: int | None = None
     guidance: float | None = None
     steps: int | None = None
+    sampler: str | None = None
 
 
 _FLAGS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
-          "l": ("guidance", float), "s": ("steps", int)}
+          "l": ("guidance", float), "s": ("steps", int), "ss": ("sampler", str)}
 #: kohya's prompt-table keys (train_util.line_to_prompt_dict / sample_image_inference) -> SamplePrompt fields
 _TABLE_KEYS = {"prompt": ("prompt", str), "negative_prompt": ("negative", str), "width": ("width", int),
                "height": ("height", int), "seed": ("seed", int), "scale": ("guidance", float),
-               "sample_steps": ("steps", int)}
+               "sample_steps": ("steps", int), "sample_sampler": ("sampler", str)}
 
 
 def parse_sample_prompts(source: str | os.PathLike) -> list[SamplePrompt]:
@@ -85,8 +92,9 @@ def _prompt_line(text: str, where: str) -> SamplePrompt:
     prompt, options = parts[0].strip(), {}
     for part in parts[1:]:
         key, _, value = part.partition(" ")
+        key = key.lower()  # (kohya's line_to_prompt_dict matches the options without case)
         if key not in _FLAGS:
-            raise InputError(f"{where}: unknown option --{key} (use --n, --w, --h, --d, --l or --s)")
+            raise InputError(f"{where}: unknown option --{key} (use --n, --w, --h, --d, --l, --s or --ss)")
         name, kind = _FLAGS[key]
         try:
             options[name] = kind(value.strip()) if kind is not str else value.strip()
@@ -94,7 +102,17 @@ def _prompt_line(text: str, where: str) -> SamplePrompt:
             raise InputError(f"{where}: --{key} needs a {kind.__name__}, got {value.strip()!r}") from None
     if not prompt:
         raise InputError(f"{where}: a line with options but no prompt")
+    if "sampler" in options:
+        options["sampler"] = _sampler_name(options["sampler"], f"{where}: --ss")
     return SamplePrompt(prompt, **options)
+
+
+def _sampler_name(name: str, where: str) -> str:
+    """A prompt's sampler name -> its name in :data:`sdadapt.samplers.SAMPLERS` (kohya reads its own names)."""
+    try:
+        return samplers.canonical_sampler(name)
+    except ValueError:
+        raise InputError(f"{where} {name!r} is not a sampler here; use one of {', '.join(SAMPLERS)}") from None
 
 
 def _prompt_table(table: dict, where: str) -> SamplePrompt:
@@ -102,8 +120,7 @@ def _prompt_table(table: dict, where: str) -> SamplePrompt:
     options = {}
     for key, value in table.items():
         if key not in _TABLE_KEYS:
-            raise InputError(f"{where}: {key!r} is not read (kohya's keys read here: {', '.join(_TABLE_KEYS)}; the "
-                             "sampler is --sample-sampler, for every prompt)")
+            raise InputError(f"{where}: {key!r} is not read (kohya's keys read here: {', '.join(_TABLE_KEYS)})")
         name, kind = _TABLE_KEYS[key]
         accepted = {str: (str,), int: (int,), float: (int, float)}[kind]
         if isinstance(value, bool) or not isinstance(value, accepted):
@@ -112,6 +129,8 @@ def _prompt_table(table: dict, where: str) -> SamplePrompt:
         options[name] = kind(value)
     if not str(options.pop("prompt", "")).strip():
         raise InputError(f"{where}: no prompt (give prompt = '...')")
+    if "sampler" in options:
+        options["sampler"] = _sampler_name(options["sampler"], f"{where}: sample_sampler")
     return SamplePrompt(str(table["prompt"]).strip(), **options)
 
 
@@ -167,14 +186,21 @@ def _takes(method, name: str) -> bool:
 
 @torch.no_grad()
 def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, steps: int = 25,
-             guidance: float | None = None, sampler: str = "ddim", height: int | None = None,
+             guidance: float | None = None, sampler: str = "ddim", karras: bool = False, height: int | None = None,
              width: int | None = None, cond: object | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1].
 
+    ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
+    ``karras``: σ on Karras et al.'s grid (diffusers' ``use_karras_sigmas``), for
+    :data:`sdadapt.samplers.KARRAS_SAMPLERS`.
+
     The system's own ``sample`` when it takes the request (every system does DDIM at its own
-    size; the Stable Diffusion systems also Euler and other sizes); otherwise Euler through the
-    System protocol (``tokenize``, ``condition``, ``denoiser``, ``decode_latents``), the latent
-    shape probed with ``encode_images``. ``guidance`` ``None``: the system's default (SD 7.5, toy 2).
+    size; the Stable Diffusion systems every sampler and other sizes); otherwise the sampler runs
+    through the System protocol (``tokenize``, ``condition``, ``denoiser``, ``decode_latents``) by
+    :func:`sdadapt.samplers.sample_latents`, the latent shape probed with ``encode_images``, the
+    start noise drawn from a CPU ``torch.Generator().manual_seed(seed)`` and the ancestral samplers'
+    noise from the same generator after it (as a diffusers pipeline given that generator does).
+    ``guidance`` ``None``: the system's default (SD 7.5, toy 2).
 
     ``cond``: the prompts' conditioning, precomputed — what ``system.condition`` returns for them
     ((B, L, D) text states, or the system's dict), e.g. personalised by aesthetic gradients
@@ -182,11 +208,17 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     The unconditional branch is always the system's own conditioning of ``negative``.
 
     Raises:
-        ValueError: an unknown sampler, or a size the system cannot make.
+        ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
+            system cannot make.
         TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    try:
+        name = samplers.canonical_sampler(sampler)
+    except ValueError:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}") from None
+    if karras and name not in samplers.KARRAS_SAMPLERS:
+        raise ValueError(f"sampler {name!r} has no Karras noise levels; karras works with "
+                         f"{', '.join(samplers.KARRAS_SAMPLERS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     size = int(getattr(system, "image_size", 0))
@@ -194,17 +226,20 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     options: dict = {"seed": seed, "steps": steps, "negative": negative}
     if guidance is not None:
         options["guidance"] = guidance
-    own_sampler = _takes(system.sample, "sampler") or sampler == "ddim"  # else Euler through the protocol, below
+    takes_sampler = _takes(system.sample, "sampler") and (not karras or _takes(system.sample, "karras"))
+    own_sampler = takes_sampler or name == "ddim"  # else through the protocol, below
     if cond is not None and own_sampler:
         if not _takes(system.sample, "cond"):
             raise TypeError(f"{type(system).__name__}.sample takes no cond= argument, so a precomputed conditioning "
                             "cannot be passed in; add a cond=None override to its sample method")
         options["cond"] = cond
-    if _takes(system.sample, "sampler"):
-        return system.sample(prompts, sampler=sampler, height=height, width=width, **options)
+    if takes_sampler:
+        if karras:
+            options["karras"] = True
+        return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
-    if sampler == "ddim":
+    if name == "ddim":
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
@@ -214,9 +249,9 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
         cond = system.condition(system.tokenize(prompts))
     uncond = system.condition(system.tokenize([negative] * len(prompts)))
     scale = guidance if guidance is not None else float(inspect.signature(system.sample).parameters["guidance"].default)
-    latents = diffusion.euler_sample(system.denoiser(), x, cond, alphas_cumprod=system.alphas_cumprod, num_steps=steps,
-                                     uncond=uncond, guidance_scale=scale,
-                                     prediction_type=getattr(system, "prediction_type", "epsilon"))
+    latents = samplers.sample_latents(system.denoiser(), x, cond, sampler=name, alphas_cumprod=system.alphas_cumprod,
+                                      num_steps=steps, uncond=uncond, guidance_scale=scale, karras=karras,
+                                      prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g)
     return system.decode_latents(latents)
 
 

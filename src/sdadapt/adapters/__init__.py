@@ -3,6 +3,7 @@
 from .base import AdapterModule, LayerGeometry, geometry_of
 from .dora import DoRAConfig, DoRAModule, dora_weight, weight_norm
 from .full import FullConfig, FullModule
+from .ia3 import IA3Config, IA3Module, ia3_delta_weight
 from .loha import LoHaConfig, LoHaModule, loha_delta_weight
 from .lokr import LoKrConfig, LoKrModule, factorization, lokr_delta_weight
 from .lora import LoRAConfig, LoRAModule, lora_delta_weight, lora_forward, lora_scale, pissa_factors
@@ -33,6 +34,9 @@ __all__ = [
     "weight_norm",
     "FullConfig",
     "FullModule",
+    "IA3Config",
+    "IA3Module",
+    "ia3_delta_weight",
     "rebuild_tucker",
     "FAMILIES",
     "AdapterFamily",

@@ -22,6 +22,7 @@ from torch import Tensor
 from .base import AdapterModule, LayerGeometry
 from .dora import DoRAConfig, DoRAModule
 from .full import FullConfig, FullModule
+from .ia3 import IA3Config, IA3Module
 from .loha import LoHaConfig, LoHaModule
 from .lokr import LoKrConfig, LoKrModule
 from .lora import LoRAConfig, LoRAModule
@@ -56,7 +57,7 @@ class AdapterFamily:
     plus one :func:`register_family` line.
 
     Attributes:
-        name: ``"lora"``, ``"loha"``, ``"lokr"``, ``"full"``, ``"dora"``.
+        name: ``"lora"``, ``"loha"``, ``"lokr"``, ``"full"``, ``"ia3"``, ``"dora"``.
         config_type: its frozen config dataclass.
         module_type: its :class:`AdapterModule` (with ``from_config`` / ``from_file_tensors``).
         examples: representative configs for the property suites and docs.
@@ -139,6 +140,7 @@ register_family(
     )
 )
 register_family(AdapterFamily("full", FullConfig, FullModule, (FullConfig(),)))
+register_family(AdapterFamily("ia3", IA3Config, IA3Module, (IA3Config(), IA3Config(train_on_input=True))))
 
 
 def family_of_config(config: object) -> AdapterFamily:
@@ -166,7 +168,7 @@ def family_of_keys(keys: Iterable[str], *, name: str = "<module>") -> AdapterFam
             return family
     raise ValueError(
         f"{name}: tensors {sorted(key_set)} belong to no adapter family sdadapt knows "
-        f"({', '.join(FAMILIES)}); LyCORIS IA3, GLoRA, (B)OFT and norm modules are not supported"
+        f"({', '.join(FAMILIES)}); LyCORIS GLoRA, (B)OFT and norm modules are not supported"
     )
 
 

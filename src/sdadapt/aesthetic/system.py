@@ -120,15 +120,16 @@ def aesthetic_sample(system, prompts: list[str], embedding: Tensor, *, projectio
                      aesthetic_steps: int = 5, lr: float = 1e-4, weight: float = 0.9, slerp: bool = False,
                      text: str | None = None, text_angle: float = 0.1, text_negative: bool = False,
                      seed: int = 0, steps: int = 25, guidance: float | None = None, negative: str = "",
-                     sampler: str = "ddim", height: int | None = None, width: int | None = None) -> Tensor:
+                     sampler: str = "ddim", karras: bool = False, height: int | None = None,
+                     width: int | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] for ``prompts`` with aesthetic gradients (``generate --aesthetic``).
 
     The prompts' conditioning is :func:`aesthetic_conditioning`, passed to
     :func:`sdadapt.sampling.generate` as ``cond=`` (the one sampling path ``generate`` uses); the
     negative/unconditional branch uses the unmodified encoder (as the original does for the
-    empty prompt). ``steps``, ``guidance``, ``sampler``, ``height``/``width`` are the sampler's
-    (``guidance`` default: the system's own default). With ``weight=0`` (or ``aesthetic_steps=0``)
-    the images equal plain ``generate`` bit for bit.
+    empty prompt). ``steps``, ``guidance``, ``sampler``, ``karras``, ``height``/``width`` are
+    :func:`sdadapt.sampling.generate`'s (``guidance`` default: the system's own default). With
+    ``weight=0`` (or ``aesthetic_steps=0``) the images equal plain ``generate`` bit for bit.
 
     Raises:
         TypeError: ``system.sample`` takes no ``cond=`` override (the toy and Stable Diffusion systems do).
@@ -139,4 +140,4 @@ def aesthetic_sample(system, prompts: list[str], embedding: Tensor, *, projectio
                                   lr=lr, weight=weight, slerp=slerp, text=text, text_angle=text_angle,
                                   text_negative=text_negative)
     return generate(system, prompts, negative=negative, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
-                    height=height, width=width, cond=cond)
+                    karras=karras, height=height, width=width, cond=cond)

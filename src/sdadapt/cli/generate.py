@@ -5,10 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..samplers import KARRAS_SAMPLERS
+from ..samplers.labels import sampler_choices, sampler_from_label
 from .option_rules import only_with
 from .options import add_output_options, positive_int, progress_bar
 
 __all__ = ["register"]
+
+
+def _sampler(text: str) -> str:
+    """``--sampler``'s value, checked now (argparse says ``argument --sampler: ...`` and what is taken)."""
+    try:
+        sampler_from_label(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -20,7 +31,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     result = run_generate(
         model=args.model, prompt=args.prompt, negative=args.negative, loras=args.lora, embeddings=args.embedding,
-        seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, width=args.width,
+        seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, karras=args.karras,
+        width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
         vae=args.vae, device=args.device,
@@ -40,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate = sub.add_parser(
         "generate",
         help="make images from a prompt on the toy model or a Stable Diffusion model, with LoRAs and embeddings",
-        description="Make a PNG from a prompt (DDIM or Euler, classifier-free guidance) on the toy model, a diffusers "
+        description="Make a PNG from a prompt (kohya's and A1111's samplers, classifier-free guidance) on the toy model, "
+        "a diffusers "
         "folder or an SD1/SD2/SDXL single-file checkpoint, with LoRA-family files merged in at a strength "
         "(--lora FILE:0.8) and textual-inversion embeddings (their file names become trigger words).",
     )
@@ -56,7 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 25)")
     generate.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
                           help="classifier-free guidance scale (default: the model's, SD 7.5, toy 2)")
-    generate.add_argument("--sampler", choices=("ddim", "euler"), default="ddim")
+    generate.add_argument("--sampler", type=_sampler, default="ddim", metavar="NAME",
+                          help=f"default ddim; one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "
+                          "('DPM++ 2M Karras'); docs/samplers.md")
+    generate.add_argument("--karras", action="store_true",
+                          help="noise levels on Karras et al.'s grid (diffusers' use_karras_sigmas; A1111's 'Karras'), "
+                          f"for {', '.join(KARRAS_SAMPLERS)}")
     generate.add_argument("--width", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--height", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--count", type=positive_int, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .options import add_output_options, positive_int, progress_bar, torch_dtype
+from ..samplers import SAMPLER_ALIASES, SAMPLERS, canonical_sampler
+from .options import add_output_options, numbers, positive_int, progress_bar, torch_dtype
 
 __all__ = ["register", "read_config", "parse_network_args", "KOHYA_KEYS", "KOHYA_IGNORED"]
 
@@ -59,7 +60,7 @@ KOHYA_IGNORED = {
     "save_model_as": "sdadapt writes .safetensors (hypernetworks: .pt)",
     "logging_dir": "the CSV log and TensorBoard events go beside the output",
     "log_prefix": "the CSV log and TensorBoard events go beside the output",
-    "network_module": "the method decides the network (lora, locon, loha, lokr, dora)",
+    "network_module": "the method decides the network (lora, locon, loha, lokr, dora, ia3)",
     "lowram": "where the weights are loaded first (memory only)",
     "highvram": "where the latents are kept (memory only)",
     "vae_batch_size": "latents are encoded bucket by bucket before training",
@@ -128,8 +129,6 @@ _REFUSED_WHEN_ON = {
                           "[\"step_rules='1:100,0.1'\"])"),
     "no_metadata": ("sdadapt always writes kohya's ss_* metadata and the modelspec keys (resume checks, merges and "
                     "other tools read them); remove them from the file after training if you must"),
-    **{name: ("sdadapt starts at step 0, or continues a run where it stopped, with the same draws, from its state: "
-              "--resume OUT-state") for name in ("initial_step", "initial_epoch", "skip_until_initial_step")},
     "output_config": "sdadapt does not write the config back (and kohya would train nothing): leave it out",
     "debug_dataset": "sdadapt has no dataset viewer (kohya shows the images and trains nothing): leave it out",
     "dataset_class": ("sdadapt reads kohya's folder layout, dataset TOML (dataset_config) and in_json, not a "
@@ -162,6 +161,22 @@ def _score_table(before: dict, after: dict) -> str:
     for key, label in names.items():
         lines.append(f"{label:<28}{before[key]:>8.3f}{after[key]:>8.3f}")
     return "\n".join(lines)
+
+
+class _TextEncoderLRs(argparse.Action):
+    """``--text-encoder-lr A [B]`` (or ``A,B``): ``A`` is ``text_encoder_lr``; ``B`` is
+    ``text_encoder_2_lr``, the second (SDXL) encoder's (kohya's list form, but kohya's SD1/SDXL
+    networks train both encoders at ``A``: a kohya TOML list is read as kohya's, :func:`read_config`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        values = [value for group in values for value in group]  # (each word: comma-separated numbers)
+        if len(values) > 2:
+            parser.error(f"{option_string}: one learning rate, or two (the first and the second text encoder's), "
+                         f"got {len(values)}")
+        namespace.text_encoder_lr = values[0]
+        if len(values) == 2:
+            namespace.text_encoder_2_lr = values[1]
 
 
 def _message(line: str) -> None:
@@ -248,7 +263,10 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     are listed in the notes; those that cannot be honoured are refused with the reason when set;
     unknown keys are an error that suggests the closest name. As sd-scripts reads GUI-written files:
     ``""`` and ``[]`` are not given, and so is ``0`` for the options in ``_ZERO_IS_UNSET``;
-    ``text_encoder_lr = [a, a]`` (one per encoder) is ``a``. tests/test_kohya_config_coverage.py
+    ``text_encoder_lr = [a, b]`` (one per encoder) is ``text_encoder_lr = a`` for both encoders, as
+    kohya's ``train_network.py`` hands SD1/SDXL networks the first value (``text_encoder_2_lr = b``
+    trains the second at ``b``); ``learning_rate_te1`` / ``learning_rate_te2`` (``sdxl_train.py``) are
+    ``text_encoder_lr`` / ``text_encoder_2_lr``. tests/test_kohya_config_coverage.py
     checks kohya's whole option list against this.
     """
     file = Path(path)
@@ -299,10 +317,7 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             encoder_lrs[name] = value
             continue
         if name == "text_encoder_lr" and isinstance(value, list):  # kohya: one LR per text encoder
-            if len({float(v) for v in value}) > 1:
-                raise ValueError(f"--config {file}: {key} = {value}: sdadapt trains both text encoders at one learning "
-                                 "rate; give one value")
-            value = value[0]
+            value = _encoder_lr_list(file, key, value, notes)
         if name in ("use_object_template", "use_style_template"):  # kohya's textual-inversion caption templates
             if value:
                 options["templates"] = "object" if name == "use_object_template" else "style"
@@ -348,23 +363,42 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     return options, methods, notes
 
 
-#: kohya's sample samplers that sdadapt does not run (``k_euler`` is euler here)
-_KOHYA_SAMPLERS = ("k_euler", "euler_a", "k_euler_a", "pndm", "lms", "k_lms", "heun", "dpm_2", "dpm_2_a", "k_dpm_2",
-                   "k_dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle")
+def _encoder_lr_list(file: Path, key: str, value: list, notes: list[str]) -> float:
+    """kohya's ``text_encoder_lr = [a]`` / ``[a, b]`` (``train_network.py``'s ``nargs="*"``, one per text
+    encoder) -> ``a``, the rate of both encoders, as kohya trains them: ``train_network.py`` passes the list
+    only to networks with ``prepare_optimizer_params_with_multiple_te_lrs`` (its SD3 / FLUX / Lumina ones)
+    and hands every other network — the SD1/SDXL ``networks.lora`` and LyCORIS' ``lycoris.kohya``, all
+    sdadapt trains — ``text_encoder_lr[0]``. A different ``b`` is noted (``text_encoder_2_lr`` /
+    ``--text-encoder-2-lr`` trains the second encoder at its own rate). Raises ``ValueError`` for 3+
+    values or non-numbers."""
+    if len(value) > 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"--config {file}: {key} = {value}: give one learning rate per text encoder (at most two, "
+                         "SDXL's first and second), as numbers")
+    first = float(value[0])
+    if len(value) == 2 and float(value[1]) != first:
+        notes.append(f"{key} = {value}: both text encoders train at {value[0]:g}, as kohya's train_network.py trains "
+                     "its SD1/SDXL networks (networks.lora, lycoris.kohya: the list's first value for every encoder); "
+                     f"to train the second at {value[1]:g}, give text_encoder_2_lr = {value[1]:g} "
+                     f"(--text-encoder-2-lr {value[1]:g})")
+    return first
 
 
 def _settle_kohya_values(file: Path, options: dict, notes: list[str], *, encoder_lrs: dict[str, float],
                          adam8bit: bool, lion: bool = False) -> None:
     """kohya's values that need the whole file: per-encoder text-encoder LRs, an empty GUI prompt file,
-    kohya's ``adafactor`` schedule, the ``wandb`` / ``all`` trackers, kohya's sampler names and
+    kohya's ``adafactor`` schedule, the ``wandb`` / ``all`` trackers, an unknown ``sample_sampler`` and
     ``use_8bit_adam`` / ``use_lion_optimizer``. Edits ``options`` and ``notes`` in place; raises ``ValueError`` for what cannot be honoured."""
-    if encoder_lrs:
-        rates = {float(v) for v in encoder_lrs.values()} | ({float(options["text_encoder_lr"])}
-                                                           if "text_encoder_lr" in options else set())
-        if len(rates) > 1:
-            raise ValueError(f"--config {file}: {', '.join(encoder_lrs)}: sdadapt trains both text encoders at one "
-                             "learning rate (text_encoder_lr); give one value")
-        options["text_encoder_lr"] = rates.pop()
+    for name, field_name in (("learning_rate_te1", "text_encoder_lr"), ("learning_rate_te2", "text_encoder_2_lr")):
+        if name not in encoder_lrs:
+            continue  # (sdxl_train.py: an encoder without its own LR trains at learning_rate)
+        if field_name in options and float(options[field_name]) != float(encoder_lrs[name]):
+            raise ValueError(f"--config {file}: {name} = {encoder_lrs[name]} and {field_name} = {options[field_name]} "
+                             "set one text encoder's learning rate twice; give one")
+        options[field_name] = float(encoder_lrs[name])
+    if "learning_rate_te1" in encoder_lrs and "learning_rate_te2" not in encoder_lrs and "text_encoder_2_lr" not in options:
+        notes.append(f"learning_rate_te1 = {encoder_lrs['learning_rate_te1']:g} without learning_rate_te2: both text "
+                     "encoders train at it (sdxl_train.py trains the second at learning_rate: give learning_rate_te2 "
+                     "for that)")
     prompts = Path(str(options.get("sample_prompts", "")))
     if prompts.suffix.lower() == ".txt" and prompts.is_file() and not any(
             line.strip() and not line.strip().startswith("#") for line in prompts.read_text(encoding="utf-8").splitlines()):
@@ -385,16 +419,12 @@ def _settle_kohya_values(file: Path, options: dict, notes: list[str], *, encoder
         options["log_with"] = "tensorboard" if tracker == "all" else "auto"
         notes.append(f"log_with = {tracker!r}: no Weights & Biases run here (nothing leaves the machine); the CSV log "
                      "and TensorBoard events go beside the output")
-    sampler = str(options.get("sample_sampler", "ddim")).lower()
-    if sampler in _KOHYA_SAMPLERS:  # (another name: TrainOptions names the choices)
-        if sampler == "k_euler":
-            options["sample_sampler"] = "euler"
-        elif "sample_prompts" in options:
-            raise ValueError(f"--config {file}: sample_sampler = {options['sample_sampler']!r}: sdadapt samples with "
-                             "ddim or euler; set sample_sampler = 'euler' (or 'ddim')")
-        else:
-            notes.append(f"ignored sample_sampler = {options.pop('sample_sampler')!r} (no sample_prompts: nothing is "
-                         "sampled; sdadapt samples with ddim or euler)")
+    if "sample_sampler" in options:  # kohya's names are read as themselves; kohya samples an unknown one with DDIM
+        try:
+            canonical_sampler(options["sample_sampler"])
+        except ValueError as exc:
+            raise ValueError(f"--config {file}: sample_sampler = {options['sample_sampler']!r}: {exc} "
+                             "(kohya would sample with ddim instead)") from None
     if adam8bit:
         if str(options.get("optimizer", "AdamW8bit")).lower().replace("_", "") != "adamw8bit":
             raise ValueError(f"--config {file}: use_8bit_adam with optimizer_type = {options['optimizer']!r}: give one "
@@ -413,7 +443,8 @@ _NETWORK_ARG_NAMES = {"conv_dim": "conv_rank", "use_cp": "use_tucker", "preset":
 #: LyCORIS network_args that must agree with the method trained (they choose the network in kohya)
 _LYCORIS_METHOD_ARGS = ("algo", "dora_wd")
 #: LyCORIS algo -> the sdadapt methods it may name
-_LYCORIS_ALGOS = {"lora": ("lora", "locon"), "locon": ("locon",), "loha": ("loha",), "lokr": ("lokr",)}
+_LYCORIS_ALGOS = {"lora": ("lora", "locon"), "locon": ("locon",), "loha": ("loha",), "lokr": ("lokr",),
+                  "ia3": ("ia3",)}
 
 
 def parse_network_args(items: list, *, method_options: set[str], source: str = "--network-args") -> dict[str, str]:
@@ -460,7 +491,7 @@ _LYCORIS_OFF_ARGS = {
 }
 #: the network_args keys sdadapt reads besides the block-wise ones (lora_blocks.BLOCK_ARGS), named in errors
 _KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "preset", "factor",
-                       "decompose_both", "loraplus_lr_ratio",
+                       "decompose_both", "train_on_input", "loraplus_lr_ratio",
                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
@@ -498,7 +529,7 @@ def _check_lycoris_args(method: str, chosen: dict) -> None:
         allowed = _LYCORIS_ALGOS.get(algo)
         if allowed is None:
             raise InputError(f"network_args algo={algo}: sdadapt trains the LyCORIS algos "
-                             f"{', '.join(_LYCORIS_ALGOS)} (train lora/locon/loha/lokr) and DoRA (train dora); not {algo}")
+                             f"{', '.join(_LYCORIS_ALGOS)} (train lora/locon/loha/lokr/ia3) and DoRA (train dora); not {algo}")
         if method not in allowed and not (method == "dora" and algo in ("lora", "locon") and dora is not None):
             raise InputError(f"network_args algo={algo} names another network than {method}: train it with "
                              f"`python -m sdadapt train {allowed[-1]}` (or leave algo out)")
@@ -507,6 +538,23 @@ def _check_lycoris_args(method: str, chosen: dict) -> None:
         if wants != (method == "dora"):
             raise InputError(f"network_args dora_wd={dora} with {method}: DoRA is its own method here — "
                              + ("`python -m sdadapt train dora`" if wants else "leave dora_wd out"))
+
+
+#: options a kohya config / network_args carry for every LyCORIS algo that LyCORIS' IA3Module ignores
+_IA3_IGNORED = ("rank", "alpha", "conv_rank", "conv_alpha", "use_tucker", "dropout", "rank_dropout")
+
+
+def _drop_ia3_ignored(chosen: dict, *, keep: set[str], notes: list[str]) -> None:
+    """``train ia3`` from a kohya config: the kohya_ss GUI writes ``network_dim`` / ``network_alpha`` (and
+    ``conv_dim`` ... in ``network_args``) whatever the algo, and LyCORIS' ``IA3Module`` takes and ignores
+    them (one vector per layer: no rank, alpha, Tucker core or neuron/rank dropout); drop them with a
+    note. Those given as flags (``keep``) stay, and are refused as options of other methods."""
+    dropped = [name for name in _IA3_IGNORED if name in chosen and name not in keep]
+    for name in dropped:
+        del chosen[name]
+    if dropped:
+        notes.append(f"ignored {', '.join(dropped)} for ia3: (IA)³ trains one vector per layer (no rank, alpha, "
+                     "Tucker core or dropout of hidden units), as LyCORIS' IA3Module ignores them")
 
 
 # ----------------------------------------------------------------------------------- train
@@ -624,6 +672,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         chosen.update(parse_network_args(args.network_args, method_options=set(method_options), source="--network-args"))
     chosen.update(given_methods)
     _check_lycoris_args(args.method, chosen)
+    if args.method == "ia3":
+        _drop_ia3_ignored(chosen, keep=set(given_methods), notes=notes)
     config_defaults = "sdadapt"
     if kohya:  # a kohya config: kohya's defaults for what it and the flags leave out
         config_defaults, note = _apply_kohya_defaults(args.method, values, chosen, method_options=method_options)
@@ -811,8 +861,13 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--gradient-accumulation-steps", type=int, metavar="N", help="batches per optimiser step (default 1)")
     add(optim, "--lr", "--learning-rate", dest="learning_rate", type=float, metavar="LR", help="default: the method's")
     add(optim, "--unet-lr", type=float, metavar="LR", help="learning rate of the UNet's parameters (overrides --lr)")
-    add(optim, "--text-encoder-lr", type=float, metavar="LR",
-        help="learning rate inside the text encoder(s) (default: --lr; 0 freezes them)")
+    add(optim, "--text-encoder-lr", type=numbers, nargs="+", metavar="LR", action=_TextEncoderLRs,
+        help="learning rate inside the text encoder(s) (default: --lr; 0 freezes them); two values (A B, or A,B): SDXL's "
+        "first and second encoder each at its own (the second is --text-encoder-2-lr; kohya's --text_encoder_lr A B "
+        "trains its SD1/SDXL networks at A for both)")
+    add(optim, "--text-encoder-2-lr", type=float, metavar="LR",
+        help="learning rate inside the second text encoder (SDXL; default: --text-encoder-lr; 0 freezes it alone; "
+        "kohya's learning_rate_te2)")
     add(optim, "--optimizer", "--optimizer-type", dest="optimizer", metavar="NAME",
         help=f"{', '.join(OPTIMIZERS)} (default adamw; kohya's AdamW8bit etc. work)")
     add(optim, "--weight-decay", type=float, metavar="W",
@@ -928,12 +983,22 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(save, "--save-every-n-epochs", type=int, metavar="N", help="also save OUT-epochNNNN every N epochs (+ the state)")
     add(save, "--save-state", action=bool_flag, help="write the resumable state OUT-state/ with each save (default on)")
     add(save, "--resume", metavar="DIR", help="continue a run from its state folder (same method, model and settings)")
+    add(save, "--initial-step", type=int, metavar="K",
+        help="kohya's initial_step: a new run counted from step K (trains steps K+1..--steps; the LR schedule and the "
+             "optimiser start fresh, as kohya's); not a resume")
+    add(save, "--initial-epoch", type=int, metavar="N",
+        help="kohya's initial_epoch: --initial-step at the start of epoch N (1: the first)")
+    add(save, "--skip-until-initial-step", action=bool_flag,
+        help="with --initial-step / --initial-epoch: train on the batches from that step on, as the run from step 0 "
+             "would (default: from the first batches)")
     add(save, "--sample-prompts", metavar="FILE",
-        help="prompts file in kohya's formats: .txt, one a line, --n NEG --w W --h H --d SEED --l CFG --s STEPS; .json, a "
+        help="prompts file in kohya's formats: .txt, one a line, --n NEG --w W --h H --d SEED --l CFG --s STEPS --ss SAMPLER; .json, a "
         "list of such lines or tables; .toml, [prompt] defaults + [[prompt.subset]] tables; images in OUT-samples/")
     add(save, "--sample-every-n-steps", type=int, metavar="N", help="sample every N steps (default: at the end)")
     add(save, "--sample-every-n-epochs", type=int, metavar="N", help="sample every N epochs")
-    add(save, "--sample-sampler", choices=("ddim", "euler"), help="default ddim")
+    add(save, "--sample-sampler", type=str.lower, choices=(*SAMPLERS, *SAMPLER_ALIASES), metavar="NAME",
+        help=f"default ddim; the samplers {', '.join((*SAMPLERS, *SAMPLER_ALIASES))} (kohya's names; docs/samplers.md); a prompt's "
+        "--ss NAME (sample_sampler in a table) overrides it")
     add(save, "--sample-steps", type=int, metavar="N", help="sampler steps of samples without --s (default 20)")
     add(save, "--log-with", choices=("auto", "csv", "tensorboard"),
         help="the CSV log OUT-log.csv is always written; auto (default) adds TensorBoard events when installed")

@@ -95,7 +95,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], di
         return load_kohya(path)
     if kind == "diffusers-lora":
         return load_diffusers(path)
-    if kind == "peft-lora":
+    if kind in ("peft-lora", "peft-ia3"):
         return {"model": load_peft(path)}, metadata
     raise WeightFileError(
         f"{path}: this is a {kind} file, not a LoRA that sdadapt can load"

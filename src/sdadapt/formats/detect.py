@@ -21,6 +21,7 @@ FILE_KINDS = (
     "lycoris",
     "diffusers-lora",
     "peft-lora",
+    "peft-ia3",
     "custom-diffusion",
     "embedding",
     "hypernetwork",
@@ -71,6 +72,8 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         ):
             return "lycoris"
         return "kohya-lora"
+    if any(k.startswith("base_model.model.") for k in keys) and any(k.endswith(".ia3_l") for k in keys):
+        return "peft-ia3"  # (peft's IA3Config: one ia3_l vector per layer)
     if any(k.startswith("base_model.model.") for k in keys) and any("lora_" in k for k in keys):
         return "peft-lora"
     if any(k.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") for k in keys) and any(
@@ -134,7 +137,7 @@ def _describe(file: Path) -> dict:
         "dtypes": dict(dtypes),
         "metadata": dict(metadata),
     }
-    if kind in ("kohya-lora", "lycoris", "diffusers-lora", "peft-lora"):
+    if kind in ("kohya-lora", "lycoris", "diffusers-lora", "peft-lora", "peft-ia3"):
         summary.update(_adapter_summary(file, shapes, tensors, kind, metadata))
     if kind == "hypernetwork":
         summary.update(_hypernetwork_summary(keys, metadata))
@@ -186,9 +189,14 @@ def _adapter_summary(
     algorithms: Counter[str] = Counter()
     components: Counter[str] = Counter()
     layer_ranks: dict[str, int | None] = {}
+    vectors = 0  # (IA)³ layers: one vector each, no rank and no alpha
     for layer, parts in modules.items():
         algo, rank = _algorithm(parts)
         algorithms[algo] += 1
+        if algo == "ia3":
+            vectors += 1
+            components[_component(layer, kind)] += 1
+            continue
         layer_ranks[layer] = rank
         if rank is not None:
             ranks[rank] += 1
@@ -202,7 +210,7 @@ def _adapter_summary(
         wanted = {key: layer for layer, key in alpha_keys.items() if _is_scalar(shapes[key])}
         for key, value in read_safetensors_scalars(file, list(wanted)).items():
             values[wanted[key]] = value  # other dtypes: reported as "absent"
-    configs = _peft_configs(file, kind, metadata or {}) if kind in ("diffusers-lora", "peft-lora") else None
+    configs = _peft_configs(file, kind, metadata or {}) if kind in ("diffusers-lora", "peft-lora") else None  # (IA3: no alphas)
     for layer, rank in layer_ranks.items():
         alpha = values.get(layer)
         if alpha is None and configs and rank is not None:
@@ -211,6 +219,8 @@ def _adapter_summary(
             alphas[_fmt(alpha)] += 1
         else:  # an alpha tensor sdadapt did not read (old-format pickle) is not an absent one
             alphas["in the file (not read)" if layer in alpha_keys else "absent (alpha = rank)"] += 1
+    if vectors:
+        alphas["none (IA3 vectors)"] = vectors
     families = sorted({_family_label(a) for a in algorithms if a != "unknown"})
     return {
         "modules": len(modules),
@@ -219,7 +229,8 @@ def _adapter_summary(
         "algorithms": dict(algorithms),
         "ranks": {**{str(k): v for k, v in sorted(ranks.items())},
                   **({"unfactored (full matrix, e.g. a small LoKr factor)": unranked} if (unranked := sum(
-                      1 for r in layer_ranks.values() if r is None) - algorithms.get("unknown", 0)) > 0 else {})},
+                      1 for r in layer_ranks.values() if r is None) - algorithms.get("unknown", 0)) > 0 else {}),
+                  **({"none (IA3 vectors)": vectors} if vectors else {})},
         "alphas": dict(alphas),
     }
 
@@ -301,6 +312,7 @@ _LORA_SPELLINGS = {
     "lora_linear_layer.down.weight": "lora_down.weight",
     "lora_linear_layer.up.weight": "lora_up.weight",
     "lora_magnitude_vector": "dora_scale",
+    "ia3_l": "on_input",  # peft's (IA)³ vector: (IA)³'s marker key names the family
 }
 
 
@@ -325,7 +337,7 @@ def _component(layer: str, kind: str) -> str:
         for prefix in ("lora_unet", "lora_te1", "lora_te2", "lora_te"):
             if layer.startswith(prefix + "_"):
                 return {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}[prefix]
-    if kind == "peft-lora":
+    if kind in ("peft-lora", "peft-ia3"):
         return "model"
     return layer.split(".", 1)[0]
 

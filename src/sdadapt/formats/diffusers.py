@@ -19,6 +19,7 @@ what diffusers' ``lora_state_dict`` still returns for a kohya file.
 
 peft (``adapter_model.safetensors`` + ``adapter_config.json``): keys
 ``base_model.model.<layer>.lora_A.weight``, scale from the config's ``r``/``lora_alpha``/patterns.
+peft (IA)³ adapters (``ia3_l``) are read and written by :mod:`sdadapt.formats.peft_ia3`.
 
 DoRA (``use_dora``): peft/diffusers add ``<layer>.lora_magnitude_vector``, (out,) for linear and
 (1, out, 1, 1) for conv, the magnitude per output row. It is read into the canonical ``dora_scale``
@@ -52,6 +53,7 @@ from .files import (
 )
 from .header import load_json
 from .layers import COMPONENTS, canonical_state, split_key
+from .peft_ia3 import from_peft_ia3, is_peft_ia3, save_peft_ia3
 
 __all__ = [
     "to_diffusers",
@@ -126,7 +128,9 @@ def _peft_keys(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
         elif suffix == "dora_scale":
             out[f"{prefix}{layer}.lora_magnitude_vector"] = _peft_magnitude(key, value, state.get(f"{layer}.lora_up.weight"))
         elif suffix != "alpha":
-            raise ValueError(f"{key}: diffusers/peft LoRA files hold only LoRA tensors, not {suffix!r}")
+            raise ValueError(f"{key}: diffusers/peft LoRA files hold only LoRA tensors, not {suffix!r}; save other "
+                             "families as kohya/LyCORIS files (format='kohya')"
+                             + ("; (IA)³ also as a peft IA3 adapter folder (save_peft)" if f"{layer}.on_input" in state else ""))
     return out
 
 
@@ -318,7 +322,12 @@ def to_peft(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
 
 
 def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: str = "<state>") -> dict[str, Tensor]:
-    """peft adapter state + config -> canonical state (layer paths as in the peft-wrapped model)."""
+    """peft adapter state + config -> canonical state (layer paths as in the peft-wrapped model).
+
+    LoRA (and DoRA) adapters; (IA)³ ones (``peft_type = "IA3"``, ``ia3_l`` keys) through
+    :func:`sdadapt.formats.peft_ia3.from_peft_ia3`."""
+    if is_peft_ia3(state, config if isinstance(config, Mapping) else None):
+        return from_peft_ia3(state, config if isinstance(config, Mapping) else None, source=source)
     layers: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, value in state.items():
@@ -342,6 +351,9 @@ def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
 
     Both appear together or not at all (:func:`~sdadapt.formats.files.staged_outputs`): a failed save
     never leaves new weights beside an old config (whose rank and alpha would scale them wrongly)."""
+    if any(key.endswith(".on_input") for key in state):  # (IA)³: peft's IA3Config adapter
+        save_peft_ia3(folder, state)
+        return
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     peft_state, config = to_peft(state)

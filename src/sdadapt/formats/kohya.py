@@ -14,7 +14,8 @@ canonical diffusers paths either way, :func:`to_kohya` writes each base model's 
 LyCORIS files (``lycoris.kohya``) use the same prefixes and paths with their own tensor names:
 ``hada_w1_a/b``, ``hada_w2_a/b`` (+ ``hada_t1/t2``) for LoHa, ``lokr_w1[_a/_b]``,
 ``lokr_w2[_a/_b]`` (+ ``lokr_t2``) for LoKr, ``lora_mid.weight`` for Tucker LoCon, ``diff`` /
-``diff_b`` for full deltas and ``dora_scale`` next to any of them for DoRA. They pass through
+``diff_b`` for full deltas, ``weight`` + ``on_input`` for (IA)³ and ``dora_scale`` next to any of
+them for DoRA. They pass through
 unchanged (exact keys, exact bits; ``alpha`` as float32); :func:`kohya_metadata` then records
 ``ss_network_module = "lycoris.kohya"`` and the ``algo``.
 """
@@ -141,6 +142,7 @@ def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[
     """
     out: dict[str, dict[str, Tensor]] = {}
     unknown: list[str] = []
+    known = set(file_keys())
     for key, value in state.items():
         found = _component_of(key)
         if found is None or "." not in key:
@@ -148,9 +150,7 @@ def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[
             continue
         component, name = found
         suffix = key.split(".", 1)[1]
-        try:
-            split_key(f"x.{suffix}")
-        except ValueError:
+        if suffix not in known:  # the whole tensor name (GLoRA's `a1.weight` is not (IA)³'s `weight`)
             unknown.append(key)
             continue
         # canonical paths: SDXL's LDM UNet names -> diffusers; a text encoder's layers without
@@ -164,7 +164,7 @@ def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[
             f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
             "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with one of "
             f"{', '.join(sorted(file_keys()))}. Is this a diffusers/peft file? Use load_lora() to auto-detect. "
-            "(LyCORIS IA3, GLoRA, (B)OFT and norm modules are not supported.)"
+            "(LyCORIS GLoRA, (B)OFT and norm modules are not supported.)"
         )
     return out
 
@@ -263,7 +263,8 @@ def save_kohya(
 
     Args:
         components: ``{"unet": handle.state_dict(), "text_encoder": ...}``.
-        dtype: cast adapter weights (not ``alpha``, kept float32) e.g. to ``torch.float16``
+        dtype: cast adapter weights (not ``alpha``, kept float32, nor integer flags such as
+            (IA)³'s ``on_input``) e.g. to ``torch.float16``
             (values the dtype cannot hold are refused before the cast, naming the tensor).
         metadata: extra string metadata merged over the generated fields.
         overwrite: replace an existing file (False: refuse, also if it appears while writing).
@@ -275,7 +276,9 @@ def save_kohya(
 
     state = to_kohya(components, base_model=base_model)
     if dtype is not None:
-        state = {k: (v if k.endswith(".alpha") else cast_checked(v, dtype, key=k, hint="save in float32"))
+        # alphas stay float32 and integer flags (IA3's on_input) integers
+        state = {k: (v if k.endswith(".alpha") or not v.is_floating_point()
+                     else cast_checked(v, dtype, key=k, hint="save in float32"))
                  for k, v in state.items()}
     check_finite_output(state, path=path)
     title = title or os.path.splitext(os.path.basename(str(path)))[0]

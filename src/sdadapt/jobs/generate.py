@@ -38,6 +38,7 @@ def run_generate(
     steps: int | None = None,
     guidance: float | None = None,
     sampler: str = "ddim",
+    karras: bool = False,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -65,6 +66,10 @@ def run_generate(
             peft), merged into the weights at that strength.
         embeddings: textual-inversion files; their trigger words (the file names) work in the prompts.
         steps: sampler steps (default 25; the toy 25).
+        sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
+            :func:`sdadapt.samplers.labels.sampler_from_label`; a label's " Karras" is ``karras``.
+        karras: σ on Karras et al.'s grid (diffusers' ``use_karras_sigmas``), for the samplers in
+            :data:`sdadapt.samplers.KARRAS_SAMPLERS`.
         max_token_length: prompt tokens kept, 75 (default), 150 or 225: a longer prompt is encoded in
             75-token windows whose states are joined, as kohya trains with ``--max_token_length``
             (:mod:`sdadapt.text_chunks`; A1111 also splits at commas, sdadapt does not). Stable
@@ -89,13 +94,21 @@ def run_generate(
     """
     from ..formats.files import WeightFileError
     from ..images import write_png
-    from ..sampling import SAMPLERS, generate, unknown_words
+    from ..samplers import KARRAS_SAMPLERS
+    from ..samplers.labels import sampler_from_label
+    from ..sampling import generate, unknown_words
 
     say = log or (lambda line: None)
     if not prompt or not prompt.strip():
         raise ValueError("--prompt is empty; say what the image should show")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    try:
+        sampler, label_karras = sampler_from_label(sampler)
+    except ValueError as exc:
+        raise ValueError(f"--sampler: {exc}") from None
+    if karras and sampler not in KARRAS_SAMPLERS:
+        raise ValueError(f"--karras: sampler {sampler!r} has no Karras noise levels (diffusers' scheduler has no "
+                         f"use_karras_sigmas); --karras works with {', '.join(KARRAS_SAMPLERS)}")
+    karras = karras or label_karras
     if count < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")
     target = Path(out)
@@ -155,7 +168,7 @@ def run_generate(
     written = []
     for i, file in enumerate(files):
         image = generate(system, [text], negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
-                         sampler=sampler, height=height, width=width, cond=cond)[0]
+                         sampler=sampler, karras=karras, height=height, width=width, cond=cond)[0]
         written.append(str(write_png(file, image)))
         if progress is not None:
             progress(i + 1, len(files), file.name)

@@ -26,10 +26,17 @@ import torch
 from ..images import ImageFolderError
 from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
+from ..training.data import FIRST_LINE_CAPTIONS
 from ..training.loss_masks import LossMaskSource
 from ..training.step import StepConfig
 from . import train_optimizer, train_schedule
 from .demo import Progress, _check_dtype, _method, prior_images
+from .initial_step import (
+    check_initial_step_options,
+    initial_step_notes,
+    initial_step_record,
+    resolve_initial_step,
+)
 from .models import load_system, resolve_device
 from .save_rotation import PeriodicSave, remove_save, saves_to_remove
 
@@ -82,7 +89,8 @@ class TrainOptions:
     ``{"rank": 16}``; see :class:`sdadapt.methods.MethodOption`).
 
     Optimisation: ``steps`` or ``epochs``, ``batch_size``, ``gradient_accumulation_steps``,
-    ``learning_rate`` (``unet_lr`` overrides it), ``text_encoder_lr``, ``optimizer``,
+    ``learning_rate`` (``unet_lr`` overrides it), ``text_encoder_lr``, ``text_encoder_2_lr`` (SDXL's second
+    encoder; default ``text_encoder_lr``; kohya's ``learning_rate_te2``), ``optimizer``,
     ``weight_decay`` (``None``: the optimiser's own, 0.01 for the AdamW ones, 0 for Adafactor, Lion and SGD),
     ``optimizer_args`` (kohya's ``KEY=VALUE`` strings, e.g. ``("betas=0.9,0.99",)``:
     :mod:`sdadapt.training.optimizer_args`; a ``weight_decay`` there wins over the field, which then
@@ -155,6 +163,8 @@ class TrainOptions:
 
     Outputs: ``out``, ``overwrite``, ``dtype``, ``save_every_n_steps``, ``save_every_n_epochs``,
     ``save_state`` (write the resumable state with each save), ``resume`` (a state folder),
+    ``initial_step`` / ``initial_epoch`` / ``skip_until_initial_step`` (kohya's: a new run that
+    starts at that step, :mod:`sdadapt.jobs.initial_step`),
     ``sample_prompts`` (kohya prompt file), ``sample_every_n_steps``, ``sample_every_n_epochs``,
     ``sample_sampler``, ``sample_steps``, ``log_with`` (``auto``/``csv``/``tensorboard``),
     kohya's validation loss: ``validation_split`` (the share of each subset's images held out,
@@ -228,6 +238,7 @@ class TrainOptions:
     learning_rate: float | None = None
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
+    text_encoder_2_lr: float | None = None
     optimizer: str = "adamw"
     weight_decay: float | None = None
     optimizer_args: tuple[str, ...] = ()
@@ -284,6 +295,9 @@ class TrainOptions:
     save_every_n_epochs: int | None = None
     save_state: bool = True
     resume: str | os.PathLike | None = None
+    initial_step: int | None = None
+    initial_epoch: int | None = None
+    skip_until_initial_step: bool = False
     sample_prompts: str | os.PathLike | None = None
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None
@@ -322,7 +336,7 @@ class TrainOptions:
     def __post_init__(self) -> None:
         from ..methods.fit import SCHEDULES
         from ..methods.optimizers import _OPTIMIZER_ALIASES, _REFUSED_OPTIMIZERS, OPTIMIZERS
-        from ..sampling import SAMPLERS
+        from ..samplers import canonical_sampler
 
         positive = ("steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
                     "sample_every_n_epochs", "class_images", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
@@ -340,6 +354,8 @@ class TrainOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.text_encoder_lr is not None and not self.text_encoder_lr >= 0:
             raise ValueError(f"--text-encoder-lr must be >= 0, got {self.text_encoder_lr}")
+        if self.text_encoder_2_lr is not None and not self.text_encoder_2_lr >= 0:
+            raise ValueError(f"--text-encoder-2-lr must be >= 0, got {self.text_encoder_2_lr}")
         for name in ("keep_tokens", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight",
                      "multires_noise_iterations", "ip_noise_gamma"):
             if not getattr(self, name) >= 0:
@@ -425,8 +441,10 @@ class TrainOptions:
             raise ValueError(f"--lr-scheduler must be one of {', '.join(SCHEDULES)}, got {self.lr_scheduler!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.sample_sampler not in SAMPLERS:
-            raise ValueError(f"--sample-sampler must be one of {', '.join(SAMPLERS)}, got {self.sample_sampler!r}")
+        try:
+            canonical_sampler(self.sample_sampler)
+        except ValueError as exc:
+            raise ValueError(f"--sample-sampler: {exc}") from None
         if self.log_with not in ("auto", "csv", "tensorboard"):
             raise ValueError(f"--log-with must be auto, csv or tensorboard, got {self.log_with!r}")
         if isinstance(self.validation_split, bool) or not 0 <= self.validation_split < 1:
@@ -511,6 +529,7 @@ class TrainOptions:
             raise ValueError(f"--max-token-length {self.max_token_length} is for Stable Diffusion models (CLIP text encoders); "
                              "the toy's text encoder reads at most 14 words: leave it out")
         _check_saving_options(self)
+        check_initial_step_options(self)
         if self.config_defaults not in ("sdadapt", "kohya"):
             raise ValueError(f"config_defaults must be sdadapt or kohya, got {self.config_defaults!r}")
 
@@ -701,12 +720,15 @@ def _check_text_cache_method(method: str, spec: object, options: TrainOptions) -
     if getattr(spec, "trigger", False):
         raise ValueError(f"--cache-text-encoder-outputs: {method} trains the trigger word's embedding, so the text "
                          "encoder's output changes at every step; train without caching")
-    if "text_encoder" in {o.name for o in spec.options} and options.text_encoder_lr != 0:
+    both_frozen = options.text_encoder_lr == 0 and options.text_encoder_2_lr in (None, 0)
+    if "text_encoder" in {o.name for o in spec.options} and not both_frozen:
         default = inspect.signature(spec.prepare).parameters.get("text_encoder")
         trains = options.method_options.get("text_encoder", default.default if default is not None else False)
         if trains:
             raise ValueError(f"--cache-text-encoder-outputs: {method} trains the text encoder too (its output changes "
-                             "at every step); add --no-text-encoder (kohya's network_train_unet_only) or --text-encoder-lr 0")
+                             "at every step); add --no-text-encoder (kohya's network_train_unet_only) or --text-encoder-lr 0"
+                             + (f" and --text-encoder-2-lr 0 (it is {options.text_encoder_2_lr:g}: the second encoder trains)"
+                                if options.text_encoder_2_lr else ""))
 
 
 def _key_value_items(options: TrainOptions, name: str) -> tuple[str, ...]:
@@ -1109,6 +1131,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     from ..training.pixel_augment import PixelAugment
     from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
+    from .caption_lines import recorded_caption_lines
 
     if options is None:
         if "class_count" in fields:
@@ -1157,6 +1180,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         resume_record = _check_resume(Path(options.resume), method, options, dataset=_data_config_record(data_config))
     optimizer_defaults = train_optimizer.recorded_defaults(resume_record)  # (a run recorded before: its own)
     step_shares = train_schedule.recorded_shares(resume_record)  # (a run recorded before rounded its warm-up share)
+    caption_lines = recorded_caption_lines(resume_record)  # (a run recorded before joined a caption file's lines)
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
@@ -1183,7 +1207,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         # split is a pure function of the records, drawn again below)
         records, config_reg, config_subsets, notes = dataset_records(
             data_config, uncaptioned=trigger is not None,
-            kept=lambda train: _hold_out_for_validation(train, options, [])[0])
+            kept=lambda train: _hold_out_for_validation(train, options, [])[0], caption_lines=caption_lines)
         if config_reg is not None and (options.prior is False or options.class_images is not None):
             raise ValueError(f"--dataset-config {options.dataset_config}: its is_reg subsets are prior preservation with "
                              "your class images, so they cannot go with "
@@ -1195,7 +1219,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     else:
         records, notes = find_images(options.images, default_caption=options.prompt, uncaptioned=trigger is not None,
                                      caption_extension=options.caption_extension, repeats=options.repeats,
-                                     multiline=options.enable_wildcard)
+                                     multiline=options.enable_wildcard, caption_lines=caption_lines)
     if trigger is not None:
         trigger_notes, templates = _trigger_captions(records, trigger, options)
         notes.extend(trigger_notes)
@@ -1223,7 +1247,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         from ..training.reg_data import find_reg_images
 
         reg = find_reg_images(options.reg_data_dir, train_samples=sum(r.repeats for r in records),
-                              default_caption=options.class_prompt, caption_extension=options.caption_extension)
+                              default_caption=options.class_prompt, caption_extension=options.caption_extension,
+                              caption_lines=caption_lines)
         notes.extend(reg.notes)
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
@@ -1288,9 +1313,11 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if data_config is not None:  # each subset's own caption options on its images (the warm-up's steps known now)
         _subset_captions(options, config_subsets, [*records, *held_out, *(reg.records if reg is not None else ())],
                          templates=templates, total_steps=total)
-    start = int(resume_record["step"]) if resume_record else 0
+    initial_step, skip_until = resolve_initial_step(options, resume_record, batches_per_epoch=per_epoch, total=total)
+    start = int(resume_record["step"]) if resume_record else initial_step
     if start >= total:
         raise ValueError(f"{options.resume}: the saved state is at step {start} of {total}; raise --steps to train further")
+    dataset.notes.extend(initial_step_notes(options, initial_step, skip_until, total=total))
     # every periodic file is known now: check them all before the first step
     steps_per_epoch = per_epoch / accumulation
     every_epochs = options.save_every_n_epochs
@@ -1318,7 +1345,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         if not sample_points:
             sample_points.add(total)
         sample_points = {s for s in sample_points if s > start}
-        if options.sample_at_first and start == 0:  # kohya's: the untrained adaptation's samples, before step 1
+        if options.sample_at_first and options.resume is None:  # kohya's: the untrained adaptation's samples, before step 1
             sample_points.add(0)
         elif options.sample_at_first:
             say("--sample-at-first: not sampled again when resuming (the first run wrote its step-0 samples)")
@@ -1337,6 +1364,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         optimizer=options.optimizer, scale_weight_norms=options.scale_weight_norms,
         optimizer_args=train_optimizer.fit_optimizer_args(options, _optimizer_args(options), optimizer_defaults),
         weight_decay=train_optimizer.fit_weight_decay(options, optimizer_defaults), text_encoder_lr=options.text_encoder_lr,
+        text_encoder_2_lr=options.text_encoder_2_lr,
         ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan, text_encoder_steps=options.text_encoder_steps,
         ema_into_weights=options.ema_save == "weights",
         gradient_checkpointing=options.gradient_checkpointing or options.gradient_checkpointing_fraction is not None,
@@ -1347,6 +1375,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         weighted_captions=options.weighted_captions,
         validate_every_n_steps=options.validate_every_n_steps, validate_every_n_epochs=options.validate_every_n_epochs,
         max_validation_steps=options.max_validation_steps, validation_seed=options.validation_seed,
+        initial_step=initial_step, skip_until_initial_step=skip_until,
         step=StepConfig(min_snr_gamma=options.min_snr_gamma or None, noise_offset=options.noise_offset,
                         noise_offset_random_strength=options.noise_offset_random_strength,
                         adaptive_noise_scale=options.adaptive_noise_scale,
@@ -1442,7 +1471,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             bf16 = torch.autocast(system.alphas_cumprod.device.type, dtype=torch.bfloat16) if options.full_bf16 else None
             with bf16 or contextlib.nullcontext():  # --full-bf16: the UNet's weights are bf16 now
                 image = generate(system, [sample.prompt], negative=sample.negative, seed=sample.seed, steps=sample.steps,
-                                 guidance=sample.guidance, sampler=options.sample_sampler,
+                                 guidance=sample.guidance, sampler=sample.sampler or options.sample_sampler,
                                  height=sample.height or (height if sized else None),
                                  width=sample.width or (width if sized else None))[0]
             path = write_png(outputs.samples / f"step{step:06d}-{i:02d}.png", image)
@@ -1469,7 +1498,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             progress_info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
                               dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults,
-                              step_shares=step_shares)
+                              step_shares=step_shares, caption_lines=caption_lines, initial=(initial_step, skip_until))
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
 
     removed: list[str] = []
@@ -1513,7 +1542,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, info.step, total, saves=written,
                               dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults,
-                              step_shares=step_shares)
+                              step_shares=step_shares, caption_lines=caption_lines, initial=(initial_step, skip_until))
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
         if info.step in sample_points:
             info.use_weights()  # (a schedule-free optimiser's averaged weights, as kohya samples)
@@ -1603,14 +1632,18 @@ def _check_loraplus_unet_base_weights_block_lr(method_options: dict) -> None:
 def _write_run_record(folder: Path, method: str, options: TrainOptions, step: int, total: int, *,
                       saves: list[PeriodicSave] | None = None, dataset: dict | None = None,
                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
-                      step_shares: str = train_schedule.FLOOR_SHARES) -> None:
+                      step_shares: str = train_schedule.FLOOR_SHARES, caption_lines: str = FIRST_LINE_CAPTIONS,
+                      initial: tuple[int, bool] = (0, False)) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
     run lineage wrote and still has (``--save-last-n-*`` of a resumed run continues removing them);
     ``dataset``: the resolved dataset config (:func:`_data_config_record`); ``optimizer_defaults``:
     the defaults the optimiser was built with (:func:`sdadapt.jobs.train_optimizer.recorded_defaults`;
     a record without it was written before Adafactor took kohya's); ``step_shares``: how the run
     rounds a warm-up share of the steps (:func:`sdadapt.jobs.train_schedule.recorded_shares`; a record
-    without it was written before the share was rounded down as kohya's)."""
+    without it was written before the share was rounded down as kohya's); ``caption_lines``: how a
+    caption file of several lines is read (:func:`sdadapt.jobs.caption_lines.recorded_caption_lines`;
+    written in every record, ``"joined"`` too, as a record with ``vae`` and without it took the first line); ``initial``: the
+    step the run started at and whether it skipped the data before it (:mod:`sdadapt.jobs.initial_step`)."""
     from ..formats.files import atomic_write
 
     record = {"format": "sdadapt-train-run/1", "method": method, "model": str(options.model), "step": step,
@@ -1619,7 +1652,11 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               "optimizer": options.optimizer, "optimizer_args": _optimizer_args_record(options),
               **({"optimizer_defaults": optimizer_defaults} if optimizer_defaults != train_optimizer.LEGACY_DEFAULTS else {}),
               **({"step_shares": step_shares} if step_shares != train_schedule.LEGACY_SHARES else {}),
+              "caption_lines": caption_lines,  # (always: a record with "vae" and without it took the first line)
+              **initial_step_record(*initial),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
+              **({"text_encoder_2_lr": options.text_encoder_2_lr} if options.text_encoder_2_lr is not None else {}),
+              **({"preset_file": preset} if (preset := _preset_file_record(options)) is not None else {}),
               "captions": _caption_record(options), "augmentations": _augmentation_record(options),
               "noise": _noise_record(options), "prior": _prior_record(method, options),
               "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir),
@@ -1657,6 +1694,22 @@ def _hold_out_for_validation(records: list, options: TrainOptions, notes: list[s
                          f"ceil(n × {1 - options.validation_split:g}) of its n images for training; raise the split or "
                          "add images")
     return [r for r in records if id(r) in kept], held_out
+
+
+def _preset_file_record(options: TrainOptions) -> dict[str, str] | None:
+    """``run.json``'s ``preset_file``: a LyCORIS preset file given as ``preset=`` (its absolute path and
+    the sha256 of its bytes; a resume refuses a changed file), ``None`` for a built-in preset or none."""
+    from ..methods.lora import UNET_PRESETS
+    from ..methods.lycoris_preset_files import preset_file_sha256
+    from ..methods.lycoris_presets import LYCORIS_PRESETS
+
+    targets = options.method_options.get("targets")
+    if not isinstance(targets, str) or targets.strip() in LYCORIS_PRESETS or targets in UNET_PRESETS:
+        return None
+    path = Path(targets.strip())
+    if not path.is_file():  # (read and refused before training: nothing to record)
+        return None
+    return {"path": str(path.resolve()), "sha256": preset_file_sha256(path)}
 
 
 def _validation_record(options: TrainOptions) -> dict[str, object]:
@@ -1822,6 +1875,16 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
         ("method", method), ("model", str(options.model)), ("optimizer", options.optimizer),
         ("batch_size", options.batch_size), ("seed", options.seed),
         ("gradient_accumulation_steps", options.gradient_accumulation_steps)) if record.get(name) != value]
+    saved_preset, now_preset = record.get("preset_file"), _preset_file_record(options)
+    # (a LyCORIS preset file: its content decides the layers the saved weights are on; the same bytes under
+    # another path — a relative path from another folder — are the same preset)
+    if (saved_preset or {}).get("sha256") != (now_preset or {}).get("sha256"):
+        mismatches.append(f"the LyCORIS preset file {(saved_preset or now_preset)['path']} (sha256 "
+                          f"{(saved_preset or {}).get('sha256', 'none')[:12]}, now {(now_preset or {}).get('sha256', 'none')[:12]}; "
+                          "it changed since the saved run)")
+    if record.get("text_encoder_2_lr") != options.text_encoder_2_lr:  # (the saved optimiser's groups: absent = not given)
+        mismatches.append(f"text_encoder_2_lr {record.get('text_encoder_2_lr')!r} (now {options.text_encoder_2_lr!r}; "
+                          "the second text encoder's own parameter groups are in the saved optimiser state)")
     saved_args = record.get("optimizer_args", [])  # absent in records written before it was recorded: none were given
     if saved_args != (now_args := _optimizer_args_record(options)):
         mismatches.append(f"optimizer_args {saved_args} (now {now_args}; the saved optimiser "
@@ -1861,6 +1924,14 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
     return record
 
 
+def _text_encoder_lr_metadata(config: FitConfig) -> str:
+    """``ss_text_encoder_lr``: the text encoders' LR as ``str(float)``; two different ones (SDXL's
+    ``text_encoder_2_lr``) as kohya's multi-encoder networks write their ``text_encoder_lr`` list,
+    ``str([te1, te2])`` (``"[0.0001, 5e-05]"``)."""
+    first, second = (config.learning_rate if lr is None else lr for lr in config.encoder_lrs())
+    return str(first) if float(first) == float(second) else str([float(first), float(second)])
+
+
 def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, system, final: Path, hashes: _Hashes, *,
                        steps: int, epoch: int, epochs: int, per_epoch: int, height: int, width: int, started: float,
                        prior: int, buckets: int, reg_dirs: dict[str, dict[str, int]] | None = None,
@@ -1876,7 +1947,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_output_name": final.stem,
         "ss_learning_rate": str(config.schedule_base_lr or config.learning_rate),  # kohya's --learning_rate
         "ss_unet_lr": str(config.learning_rate),
-        "ss_text_encoder_lr": str(config.text_encoder_lr if config.text_encoder_lr is not None else config.learning_rate),
+        "ss_text_encoder_lr": _text_encoder_lr_metadata(config),
         "ss_num_train_images": str(dataset.samples_per_epoch),
         "ss_num_reg_images": str(prior),
         "ss_num_batches_per_epoch": str(per_epoch),

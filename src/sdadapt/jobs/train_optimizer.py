@@ -36,6 +36,7 @@ __all__ = [
     "LEGACY_WEIGHT_DECAY",
     "fit_optimizer_args",
     "fit_weight_decay",
+    "kohya_class_name",
     "prodigy_clashes",
     "prodigy_notes",
     "recorded_defaults",
@@ -122,6 +123,7 @@ def relative_step_notes(options: TrainOptions, given: OptimizerArgs, *, learning
         ("--lr-scheduler", options.lr_scheduler if options.lr_scheduler != "cosine" else None),  # (not the default)
         ("--lr-warmup-steps", options.lr_warmup_steps or None),
         ("--unet-lr", options.unet_lr), ("--text-encoder-lr", options.text_encoder_lr or None),
+        ("--text-encoder-2-lr", options.text_encoder_2_lr or None),
         # the per-parameter LR factors (kohya's groups' LRs, which relative_step ignores too); 0 still freezes
         *((name, options.method_options.get(name)) for name in _LR_FACTOR_OPTIONS))
         if value is not None]
@@ -138,13 +140,42 @@ _LR_FACTOR_OPTIONS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_t
                       "mid_lr_weight", "up_lr_weight", "block_lr", "neg_lr_weight")
 
 
-#: what kohya's ``ss_optimizer`` names an optimiser by, where it is the class kohya builds (its module
-#: path and name, as ``get_optimizer`` writes ``optimizer_class.__module__ + "." + __name__``)
-_KOHYA_CLASS_NAMES = {"adamw-schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
-                      "sgd-schedulefree": "schedulefree.sgd_schedulefree.SGDScheduleFree",
-                      "prodigy": "prodigyopt.prodigy.Prodigy", "dadapt-adam": "dadaptation.dadapt_adam.DAdaptAdam",
-                      "dadapt-lion": "dadaptation.dadapt_lion.DAdaptLion",
-                      "dadapt-adam-preprint": "dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint"}
+#: kohya's ``ss_optimizer`` name of each optimiser: the module path and name of the class kohya's
+#: ``get_optimizer`` (library/train_util.py) builds for that ``optimizer_type`` (it writes
+#: ``optimizer_class.__module__ + "." + optimizer_class.__name__``), keyed by the name as given
+#: (lower case: kohya's aliases build different classes, e.g. PagedAdamW8bit) — the one table of them
+_KOHYA_CLASS_NAMES = {
+    "adamw": "torch.optim.adamw.AdamW",
+    "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit", "pagedadamw8bit": "bitsandbytes.optim.adamw.PagedAdamW8bit",
+    "adafactor": "transformers.optimization.Adafactor",
+    "lion": "lion_pytorch.lion_pytorch.Lion",
+    "lion8bit": "bitsandbytes.optim.lion.Lion8bit", "pagedlion8bit": "bitsandbytes.optim.lion.PagedLion8bit",
+    "sgd-nesterov": "torch.optim.sgd.SGD",  # (kohya's SGDNesterov: nesterov=True, not among the arguments shown)
+    "adamw-schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+    "sgd-schedulefree": "schedulefree.sgd_schedulefree.SGDScheduleFree",
+    "prodigy": "prodigyopt.prodigy.Prodigy", "dadapt-adam": "dadaptation.dadapt_adam.DAdaptAdam",
+    "dadapt-lion": "dadaptation.dadapt_lion.DAdaptLion",
+    "dadapt-adam-preprint": "dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint",
+    # sdadapt's own optimisers, which no kohya optimizer_type builds: the same formula on sdadapt's class
+    "adamw-bf16": "sdadapt.training.optim.AdamW", "lion-bf16": "sdadapt.training.lion.Lion",
+}
+
+
+def kohya_class_name(optimizer: str) -> str:
+    """kohya's ``ss_optimizer`` name (without the arguments) of ``optimizer`` (``--optimizer`` /
+    ``optimizer_type`` as given, any alias): e.g. ``"AdamW8bit"`` → ``"bitsandbytes.optim.adamw.AdamW8bit"``,
+    ``"SGDNesterov"`` → ``"torch.optim.sgd.SGD"``; ``adamw-bf16`` / ``lion-bf16`` (sdadapt's own, no
+    kohya class): sdadapt's class, ``"sdadapt.training.optim.AdamW"`` / ``"sdadapt.training.lion.Lion"``.
+
+    Raises:
+        KeyError: a name ``--optimizer`` does not take.
+    """
+    from ..methods.optimizers import _OPTIMIZER_ALIASES
+
+    given = optimizer.lower()
+    return _KOHYA_CLASS_NAMES.get(given) or _KOHYA_CLASS_NAMES[_OPTIMIZER_ALIASES[given]]
+
+
 #: the optimisers estimating one step size for every group (the LRs multiply it), as the notes name
 #: them, with what kohya's warning about a low LR advises to tune instead
 _ESTIMATING = {"prodigy": ("Prodigy", "prodigyopt", "tune d_coef in --optimizer-args instead"),
@@ -154,27 +185,30 @@ _ESTIMATING = {"prodigy": ("Prodigy", "prodigyopt", "tune d_coef in --optimizer-
 
 
 def ss_optimizer(options: TrainOptions, given: OptimizerArgs, defaults: str = KOHYA_DEFAULTS) -> str:
-    """kohya's ``ss_optimizer``: the name, and the arguments kohya's ``get_optimizer`` built it with
-    (Adafactor: ``relative_step=True`` added as kohya adds it), e.g. ``adafactor(relative_step=True)``;
-    Prodigy as kohya names its class: ``prodigyopt.prodigy.Prodigy(decouple=True,d_coef=2)``."""
+    """kohya's ``ss_optimizer``: the class kohya's ``get_optimizer`` builds for this optimiser
+    (:func:`kohya_class_name`) and the arguments it builds it with (Adafactor: ``relative_step=True``
+    added as kohya adds it; SGDNesterov: ``momentum=0.9``), e.g.
+    ``transformers.optimization.Adafactor(relative_step=True)``,
+    ``prodigyopt.prodigy.Prodigy(decouple=True,d_coef=2)``, ``torch.optim.adamw.AdamW`` (no arguments)."""
     args = tuple(given) if defaults == LEGACY_DEFAULTS else kohya_optimizer_args(_canonical(options), tuple(given))
-    name = _KOHYA_CLASS_NAMES.get(_canonical(options), options.optimizer)
+    name = kohya_class_name(options.optimizer)
     return name + (f"({format_optimizer_args(args)})" if args else "")
 
 
 def prodigy_clashes(options: TrainOptions) -> list[str]:
     """What in ``options`` gives Prodigy's parameter groups different learning rates, which it
     cannot train with (one estimated step size for all; prodigyopt raises at the first step, so
-    kohya's run fails there): a ``--text-encoder-lr`` other than the UNet's (or 0), LoRA+ ratios.
+    kohya's run fails there): a ``--text-encoder-lr`` / ``--text-encoder-2-lr`` other than the UNet's (or 0),
+    LoRA+ ratios.
     The same for D-Adaptation (``dadapt-adam``, ``dadapt-lion``, ``dadapt-adam-preprint``: dadaptation raises
     the same way)."""
     if _canonical(options) not in _ESTIMATING:
         return []
     clashes = []
     unet = options.unet_lr if options.unet_lr is not None else options.learning_rate
-    if options.text_encoder_lr not in (None, 0) and (unet is None or options.text_encoder_lr != unet):
-        clashes.append(f"--text-encoder-lr {options.text_encoder_lr:g} (give the text encoder the UNet's learning rate, "
-                       "or 0 to freeze it)")
+    for flag, rate in (("--text-encoder-lr", options.text_encoder_lr), ("--text-encoder-2-lr", options.text_encoder_2_lr)):
+        if rate not in (None, 0) and (unet is None or rate != unet):
+            clashes.append(f"{flag} {rate:g} (give the text encoder the UNet's learning rate, or 0 to freeze it)")
     clashes += [f"{name} {options.method_options[name]}" for name in _LR_FACTOR_OPTIONS[:3]
                 if options.method_options.get(name) not in (None, 1, 1.0)]
     return clashes

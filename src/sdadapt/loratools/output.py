@@ -300,6 +300,20 @@ def same_layer_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return _squeezed(tuple(a)) == _squeezed(tuple(b))
 
 
+def _why_no_shape(tensors: Mapping[str, Tensor], name: str) -> str:
+    """Why a layer's file tensors do not tell its weight shape, by the layer's family."""
+    from ..adapters.registry import family_of_keys
+
+    try:
+        family = family_of_keys(tensors, name=name).name
+    except ValueError:
+        family = None
+    if family == "ia3":
+        return "an (IA)³ layer holds one scale per channel, and its delta W ⊙ w is made from the base weight"
+    return ("LoHa, and LoKr with a low-rank w2, store a convolution's factors flattened (r, in*kh*kw), like a "
+            "Linear layer's")
+
+
 def layer_geometry(
     tensors: Mapping[str, Tensor],
     *,
@@ -329,11 +343,8 @@ def layer_geometry(
         raise WeightFileError(f"{name}: the base checkpoint {base.path.name} has no such layer; is it the LoRA's model?")
     if shape is None:
         if base_shape is None:
-            raise InputError(
-                f"{name}: the file does not tell the layer's shape (LoHa, and LoKr with a low-rank w2, store a "
-                "convolution's factors flattened (r, in*kh*kw), like a Linear layer's); pass the base checkpoint "
-                "the LoRA was made for: base=PATH (--base CKPT)"
-            )
+            raise InputError(f"{name}: the file does not tell the layer's shape ({_why_no_shape(tensors, name)}); pass "
+                             "the base checkpoint the LoRA was made for: base=PATH (--base CKPT)")
         shape = base_shape
     elif base_shape is not None and not same_layer_shape(shape, base_shape):
         raise WeightFileError(

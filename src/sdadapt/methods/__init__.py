@@ -22,6 +22,7 @@ from .dreamartist import DreamArtist, negative_files, prepare_dreamartist, sampl
 from .finetune import FullAdaptation, class_images, prepare_dreambooth, prepare_full
 from .fit import Adaptation, FitConfig, cuda_graph_clashes, fit
 from .hypernetwork import HypernetworkAdaptation, prepare_hypernetwork
+from .ia3 import prepare_ia3
 from .lora import (
     AdapterAdaptation,
     prepare_dora,
@@ -57,6 +58,8 @@ __all__ = [
     "prepare_loha",
     "prepare_lokr",
     "prepare_dora",
+    "prepare_ia3",
+    "IA3_OPTIONS",
     "ClipInversionAdaptation",
     "prepare_clip_inversion",
     "HypernetworkAdaptation",
@@ -245,6 +248,17 @@ LOKR_OPTIONS = LORA_OPTIONS + (
 )
 register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 3e-3, 600, "auto", options=LOKR_OPTIONS))
 register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto", options=LORA_OPTIONS))
+#: (IA)³'s options: the LoRA family's that apply to a vector per layer + LyCORIS' train_on_input
+IA3_OPTIONS = tuple(o for o in LORA_OPTIONS if o.name in ("text_encoder", "targets", "module_dropout", "unet",
+                                                          "network_weights")) + (
+    MethodOption("train_on_input", bool, "(IA)³: scale every layer's inputs (--train-on-input) or outputs "
+                 "(--no-train-on-input); default: with the ia3 preset feed-forward output layers on their inputs, the "
+                 "rest (and every layer of another preset) on outputs, as LyCORIS",
+                 ("--train-on-input",)),
+)
+# lr 1e-1: tuned on the toy like every default here (LoRA 3e-3); on SD LyCORIS' 5e-3 to 1e-2 (docs/lycoris.md)
+register_method(Method("ia3", "(IA)³ vectors on LyCORIS' ia3 preset layers: attention K/V and feed-forward outputs "
+                       "(LyCORIS file)", prepare_ia3, 1e-1, 600, "auto", options=IA3_OPTIONS))
 _FULL_OPTIONS = (MethodOption("text_encoder", bool, "train the text encoder(s) too (LoRA family: on by default, "
                               "--no-text-encoder is kohya's --network_train_unet_only; dreambooth: on for the first half "
                               "of the steps, see --text-encoder-steps; full: off by default)", ("--text-encoder",)),

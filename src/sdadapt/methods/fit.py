@@ -174,6 +174,10 @@ class FitConfig:
             0.1 before step 200, then 0.01) and has no warm-up (``warmup_steps`` unused, as kohya's).
         text_encoder_lr: LR of parameters inside the text encoder(s) (default: ``learning_rate``;
             0 freezes them — kohya's ``--network_train_unet_only``).
+        text_encoder_2_lr: LR of parameters inside the second text encoder (SDXL's
+            ``text_encoder_2``; default: ``text_encoder_lr``, so one value trains both at one rate;
+            0 freezes that encoder alone — kohya's ``learning_rate_te2``). Given, the second encoder's parameters are their own
+            groups (``lr_scales`` such as LoRA+ multiply it as they multiply ``text_encoder_lr``).
         text_encoder_steps: train the parameters inside the text encoder(s) for the first this
             many optimiser steps only (kohya's ``--stop_text_encoder_training``; ``None``: every
             step). From then on they no longer require gradients, so the text encoder builds no
@@ -268,6 +272,14 @@ class FitConfig:
             generators: a run with validation trains bit for bit as one without (a schedule-free
             optimiser apart: the eval()/train() pair around each pass rounds its weights once more).
             :attr:`FitProgress.validation_loss` has the mean.
+        initial_step, skip_until_initial_step: kohya's options of the same names: a run that starts
+            at optimiser step ``initial_step`` (0 ≤ it < ``steps``) with fresh weights and optimiser
+            (or a resumed one's), training steps ``initial_step + 1 … steps``; the step numbers
+            (:class:`FitProgress`, epochs, validation, text-encoder stop) count from it, while the LR
+            schedule starts at its beginning (kohya's: step ``initial_step + i`` trains at
+            ``lr_at(i)``) and the noise generator at ``seed``. ``skip_until_initial_step``: the data
+            continues at the batches step ``initial_step + 1`` of a run from step 0 trains (those
+            before it are skipped); otherwise the data starts at the first batches.
     """
 
     steps: int = 300
@@ -280,6 +292,7 @@ class FitConfig:
     optimizer: str = "adamw"
     weight_decay: float | None = None
     text_encoder_lr: float | None = None
+    text_encoder_2_lr: float | None = None
     num_cycles: int = 1
     ema_decay: float | None = None
     stop_on_nonfinite: bool = True
@@ -309,18 +322,25 @@ class FitConfig:
     validate_every_n_epochs: int | None = None
     max_validation_steps: int | None = None
     validation_seed: int | None = None
+    initial_step: int = 0
+    skip_until_initial_step: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if isinstance(self.initial_step, bool) or not isinstance(self.initial_step, int) or not 0 <= self.initial_step < self.steps:
+            raise ValueError(f"initial_step must be an integer in [0, steps={self.steps}) (kohya's: max_train_steps "
+                             f"must be greater than initial_step), got {self.initial_step!r}")
         for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None (kohya's --{name}), got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.text_encoder_lr is not None and not self.text_encoder_lr >= 0:
-            raise ValueError(f"text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
+        for name in ("text_encoder_lr", "text_encoder_2_lr"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not 0 <= value < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0 (0 freezes the encoder), got {value!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps < 0:
@@ -387,6 +407,13 @@ class FitConfig:
             if clashes:
                 raise ValueError("cuda_graph (--cuda-graph) captures each optimiser step in a CUDA graph, so it cannot "
                                  "work with " + "; ".join(clashes))
+
+    def encoder_lrs(self) -> tuple[float | None, float | None]:
+        """``(first, second)``: the base LR of the parameters in ``text_encoder`` and in
+        ``text_encoder_2`` (``None``: ``learning_rate``, as the UNet's); the second is
+        ``text_encoder_2_lr``, else the first."""
+        first = self.text_encoder_lr
+        return first, (self.text_encoder_2_lr if self.text_encoder_2_lr is not None else first)
 
     def text_encoder_stop(self, adaptation: Any) -> int | None:
         """The step the text encoder stops training at: ``text_encoder_steps``, else the first
@@ -535,6 +562,17 @@ class FitProgress:
         ``train()`` again before the next step); nothing for the others. Call it before sampling or
         reading the weights in ``on_step``; :meth:`save_state` and :meth:`averaged` call it."""
         self._use_weights()
+
+
+def _text_encoder_index(system: System, *, second: bool) -> dict[int, int]:
+    """``id(parameter) -> 1`` for the parameters in ``system.text_encoder`` and ``-> 2`` (``second``:
+    the second encoder trains at its own LR) or ``-> 1`` for those in ``system.text_encoder_2``."""
+    index: dict[int, int] = {}
+    for number, name in ((1, "text_encoder"), (2 if second else 1, "text_encoder_2")):
+        module = getattr(system, name, None)
+        if isinstance(module, nn.Module):
+            index.update((id(p), number) for p in module.parameters())
+    return index
 
 
 def _in_text_encoder(system: System) -> set[int]:
@@ -762,22 +800,31 @@ def fit(
     if len(scales) != len(params):
         raise ValueError(f"the adaptation has {len(params)} parameters but {len(scales)} lr_scales")
     text_encoder_steps = config.text_encoder_stop(adaptation)
-    text_ids = _in_text_encoder(system) if config.text_encoder_lr is not None or text_encoder_steps is not None else set()
-    frozen = [p for p in params if id(p) in text_ids] if config.text_encoder_lr == 0 else []
+    if config.text_encoder_2_lr is not None and not isinstance(getattr(system, "text_encoder_2", None), nn.Module):
+        raise ValueError(f"text_encoder_2_lr={config.text_encoder_2_lr:g} (--text-encoder-2-lr or the second value of "
+                         "--text-encoder-lr, kohya's learning_rate_te2) is the second text encoder's learning rate, but this "
+                         "model has one text encoder (SDXL has two); leave it out")
+    split = config.text_encoder_lr is not None or config.text_encoder_2_lr is not None or text_encoder_steps is not None
+    encoder_of = _text_encoder_index(system, second=config.text_encoder_2_lr is not None) if split else {}
+    text_ids = set(encoder_of)
+    encoder_lrs = config.encoder_lrs()  # (text_encoder's, text_encoder_2's) base LR; an LR of 0 freezes that encoder
+    frozen = [p for p in params if id(p) in encoder_of and encoder_lrs[encoder_of[id(p)] - 1] == 0]
     if config.relative_step:  # Adafactor's own step size ignores the groups' LRs: a factor of 0 freezes instead
-        frozen += [p for p, scale in zip(params, scales) if float(scale) == 0 and not (frozen and id(p) in text_ids)]
+        frozen_text = {id(p) for p in frozen}
+        frozen += [p for p, scale in zip(params, scales) if float(scale) == 0 and id(p) not in frozen_text]
     frozen_ids = {id(p) for p in frozen}
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    # (lr scale, 0: not in a text encoder / 1: text_encoder / 2: text_encoder_2 with its own text_encoder_2_lr) -> params
+    groups: dict[tuple[float, int], list[nn.Parameter]] = {}
     for param, scale in zip(params, scales):
         if id(param) in frozen_ids:
             continue
-        groups.setdefault((float(scale), id(param) in text_ids), []).append(param)
+        groups.setdefault((float(scale), encoder_of.get(id(param), 0)), []).append(param)
     if not groups:
         raise ValueError("nothing to train: every parameter has a learning rate of 0 (text_encoder_lr=0 or an lr_scales "
                          "entry of 0)" if config.relative_step else
                          "nothing to train: every parameter is in the text encoder and its learning rate is 0")
     trained = [p for ps in groups.values() for p in ps]
-    bases = {key: (config.text_encoder_lr if key[1] and config.text_encoder_lr is not None else config.learning_rate)
+    bases = {key: (encoder_lrs[key[1] - 1] if key[1] and encoder_lrs[key[1] - 1] is not None else config.learning_rate)
              for key in groups}
     layout = [{"params": ps, "lr": bases[key] * key[0], "lr_scale": key[0], "base_lr": bases[key]} for key, ps in groups.items()]
     optimizer: Any
@@ -793,6 +840,12 @@ def fit(
         if state.step >= config.steps:
             raise ValueError(f"{resume}: the saved state is at step {state.step}, which is not before the last step "
                              f"({config.steps}); raise --steps to train further")
+    elif config.initial_step:  # kohya's initial_step: the counters start there (the noise generator does not)
+        state.step, state.micro_step = config.initial_step, config.initial_step * accumulation
+    # kohya's initial_step: the data position of a micro-batch (skipped to it, or from the first batch) and the
+    # LR schedule's step (from its beginning)
+    data_offset = 0 if config.skip_until_initial_step else config.initial_step * accumulation
+    schedule_offset = config.initial_step
 
     extra_loss = getattr(adaptation, "extra_loss", None)
     make_model = getattr(adaptation, "training_model", None)
@@ -848,7 +901,7 @@ def fit(
             pidx = torch.randint(len(prior[1]), (config.batch_size,), generator=g) if prior is not None else None
             return batch_of(idx, pidx), None
 
-        for _ in range(state.step * accumulation):  # a resumed run continues the same draws
+        for _ in range(state.step * accumulation - data_offset):  # a resumed run continues the same draws
             draw(0)
 
         def first_batch() -> dict[str, Any]:  # draw()'s layout (with the prior rows) without advancing its generator
@@ -934,7 +987,7 @@ def fit(
             return batch, prior_batch
 
         def first_batch() -> dict[str, Any]:
-            return draw(state.step * accumulation)[0]  # a dataset's draws depend only on the position
+            return draw(state.step * accumulation - data_offset)[0]  # a dataset's draws depend only on the position
 
     validate: Callable[[int], float] | None = None  # the validation pass after a step (FitConfig.validate_every_n_*)
     if validation is not None:
@@ -1051,14 +1104,14 @@ def fit(
             if config.schedule_free:  # the weights gradients are taken at (y); a no-op when in train mode already
                 optimizer.train()
             for group in optimizer.param_groups:
-                lr = config.lr_at(step, group["base_lr"]) * group["lr_scale"]
+                lr = config.lr_at(step - schedule_offset, group["base_lr"]) * group["lr_scale"]
                 if isinstance(group["lr"], Tensor):
                     group["lr"].fill_(lr)  # in place: a captured graph reads this tensor
                 else:
                     group["lr"] = lr
             micro_losses: list[Tensor] = []
             for micro in range(step * accumulation, (step + 1) * accumulation):
-                batch, prior_batch = draw(micro)
+                batch, prior_batch = draw(micro - data_offset)
                 class_batch = None if prior_batch is None else (prior_batch, float(prior[-1]))  # type: ignore[index]
                 if captured is not None:
                     metrics = captured(batch, state=state, prior=class_batch)
@@ -1080,7 +1133,7 @@ def fit(
             if on_step is not None:
                 micro_done = (step + 1) * accumulation
                 epoch = (micro_done - 1) // per_epoch + 1 if per_epoch else 1
-                on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(step, config.learning_rate), epoch,
+                on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(step - schedule_offset, config.learning_rate), epoch,
                                     bool(per_epoch) and micro_done % per_epoch < accumulation,
                                     micro_done // per_epoch if per_epoch else 0, save_state, averaged,
                                     step_config.sdpa_backends,

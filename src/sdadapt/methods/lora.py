@@ -321,7 +321,7 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
         raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}")
     extras = _config_extras(make, family, {n: network.get(n) for n in _CONFIG_ARGS})
     if targets is not None and targets not in UNET_PRESETS:  # a LyCORIS preset: its UNet and text-encoder layers
-        preset = lycoris_preset(targets)
+        preset = lycoris_preset(targets).on(system)  # (a preset file: its layers in these models)
         if text_encoder and preset.text_encoder is None:
             text_encoder = False  # (LyCORIS' unet-* presets list no text-encoder module)
         if unet and preset.unet is None:

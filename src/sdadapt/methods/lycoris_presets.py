@@ -20,16 +20,22 @@ preset                        UNet                                              
 ``unet-only``                 as ``full``                                                        none
 ``unet-transformer-only``     transformer blocks                                                 none
 ``unet-convblock-only``       ResNets, down/upsamplers, ``conv_in``, ``conv_out``                 none
+``ia3``                       attention ``to_k``/``to_v``, ``ff.net.2`` (its input scaled by       ``k_proj``, ``v_proj``,
+                              the ``ia3`` method)                                                ``mlp.fc2``
 ============================  ================================================================  ================
 
 The selections are name patterns (diffusers and LDM/"compvis" UNet names, transformers 4/5 CLIP
 names), so they work on every UNet sdadapt trains. The file keys are kohya's
 (``lora_unet_conv_in``, ``lora_unet_time_embedding_linear_1`` ...): the names LyCORIS writes.
+
+A preset that is a path is a LyCORIS preset file (:mod:`sdadapt.methods.lycoris_preset_files`): its
+selection depends on the classes around a layer, so :meth:`LycorisPreset.on` makes it on a system.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -43,8 +49,9 @@ from ..targets import (
     by_regex,
     by_type,
 )
+from .lycoris_preset_files import LycorisPresetFile, read_lycoris_preset_file
 
-__all__ = ["LYCORIS_PRESETS", "LycorisPreset", "lycoris_preset"]
+__all__ = ["LYCORIS_PRESETS", "IA3_ON_INPUT", "LycorisPreset", "lycoris_preset"]
 
 _LINEAR_OR_CONV = by_type(nn.Linear, nn.Conv2d)
 
@@ -64,15 +71,59 @@ _TIME_EMBEDDING = by_regex(r"(^|\.)(time_embedding\.linear_[12]|time_embed\.[02]
 # outside the transformer blocks
 _CONV_BLOCKS = UNET_LOCON & ~UNET_KOHYA
 _TEXT_ATTENTION = TEXT_ENCODER & by_regex(r"\.self_attn\.")
+# LyCORIS' ``ia3`` preset: the attention keys/values and the feed-forward output layers (diffusers
+# and LDM UNet names agree here: attn1/attn2.to_k/to_v, ff.net.2)
+_UNET_IA3 = by_regex(r"(^|\.)(to_k|to_v|ff\.net\.2)$") & by_type(nn.Linear)
+_TEXT_IA3 = TEXT_ENCODER & by_regex(r"\.(self_attn\.(k_proj|v_proj)|mlp\.fc2)$")
+#: the layers LyCORIS' ``ia3`` preset trains with ``train_on_input`` (its ``name_algo_map``): the
+#: feed-forward output layers ``ff.net.2`` (UNet) and ``mlp.fc2`` (text encoders)
+IA3_ON_INPUT = Target(by_regex(r"(^|\.)(ff\.net\.2|mlp\.fc2)$") & by_type(nn.Linear), "IA3_ON_INPUT")
 
 
 @dataclass(frozen=True)
 class LycorisPreset:
-    """The layers one LyCORIS preset adapts: ``unet`` / ``text_encoder`` targets (``None``: none there)."""
+    """The layers one LyCORIS preset adapts: ``unet`` / ``text_encoder`` targets (``None``: none there).
+
+    A preset file (``file``: :mod:`sdadapt.methods.lycoris_preset_files`) selects by the classes of
+    a layer's enclosing modules, which a ``(name, module)`` predicate cannot see: :meth:`on` gives
+    the preset's targets on one system's models (built-in presets return themselves)."""
 
     name: str
     unet: Target | None
     text_encoder: Target | None
+    file: LycorisPresetFile | None = None
+
+    def on(self, system: object) -> LycorisPreset:
+        """This preset's layers in ``system`` (its ``unet`` and ``text_encoder`` / ``text_encoder_2``):
+        a preset file's selection made on those models (``None`` where it selects nothing, as
+        LyCORIS then creates no module there); a built-in preset as it is.
+
+        Raises:
+            InputError: the file reaches a layer twice (LyCORIS' "duplicated lora name").
+        """
+        if self.file is None:
+            return self
+        unet = getattr(system, "unet", None)
+        chosen_unet = self.file.select(unet, text_encoder=False) if isinstance(unet, nn.Module) else []
+        chosen_text = [layer for component in ("text_encoder", "text_encoder_2")
+                       if isinstance(module := getattr(system, component, None), nn.Module)
+                       for _, layer in self.file.select(module, text_encoder=True)]
+        return LycorisPreset(self.name, _layers(chosen_unet, f"LyCORIS preset file {self.name}"),
+                             _layers([(None, m) for m in chosen_text], f"LyCORIS preset file {self.name}"), self.file)
+
+
+def _layers(chosen: list, description: str) -> Target | None:
+    """The layers ``chosen`` (``(name, module)`` pairs) by identity; ``None`` when there are none."""
+    ids = {id(module) for _, module in chosen}
+    return Target(lambda name, module: id(module) in ids, description) if ids else None
+
+
+def _unresolved(name: str) -> Target:
+    def refuse(_: str, __: nn.Module) -> bool:
+        raise InputError(f"LyCORIS preset file {name}: its layers depend on the model; use "
+                         "lycoris_preset(...).on(system) before selecting with it")
+
+    return Target(refuse, f"LyCORIS preset file {name} (unresolved)")
 
 
 def _preset(name: str, unet: Target | None, text_encoder: Target | None) -> LycorisPreset:
@@ -83,7 +134,8 @@ def _preset(name: str, unet: Target | None, text_encoder: Target | None) -> Lyco
 
 _FULL_UNET = UNET_LOCON | _CONV_IN_OUT | _TIME_EMBEDDING
 
-#: LyCORIS' built-in presets for SD UNets + CLIP (``ia3`` is not here: sdadapt trains no IA³)
+#: LyCORIS' built-in presets for SD UNets + CLIP (``ia3``: the layers only; the ``ia3`` method also
+#: scales the inputs of :data:`IA3_ON_INPUT`, as LyCORIS' preset does)
 LYCORIS_PRESETS: dict[str, LycorisPreset] = {
     preset.name: preset
     for preset in (
@@ -94,23 +146,28 @@ LYCORIS_PRESETS: dict[str, LycorisPreset] = {
         _preset("unet-only", _FULL_UNET, None),
         _preset("unet-transformer-only", UNET_KOHYA, None),
         _preset("unet-convblock-only", _CONV_BLOCKS | _CONV_IN_OUT, None),
+        _preset("ia3", _UNET_IA3, _TEXT_IA3),
     )
 }
 
 
 def lycoris_preset(name: str) -> LycorisPreset:
-    """The LyCORIS preset ``name`` (``network_args = ["preset=NAME"]``).
+    """The LyCORIS preset ``name`` (``network_args = ["preset=NAME"]``): a built-in name, or the
+    path of a LyCORIS preset TOML file (read by
+    :func:`~sdadapt.methods.lycoris_preset_files.read_lycoris_preset_file`; select with
+    :meth:`LycorisPreset.on`).
 
     Raises:
-        InputError: ``ia3``, a preset file (LyCORIS reads a TOML/JSON path) or an unknown name.
+        InputError: an unknown name; a preset file missing, unreadable or asking for what sdadapt
+            cannot honour (the message names the file and the key).
     """
     key = str(name).strip()
     if key in LYCORIS_PRESETS:
         return LYCORIS_PRESETS[key]
-    if key == "ia3":
-        raise InputError("preset=ia3 is LyCORIS' preset for its IA³ algo, which sdadapt does not train; choose "
-                         f"one of {', '.join(LYCORIS_PRESETS)}")
-    if key.lower().endswith((".toml", ".json")) or "/" in key or "\\" in key:
-        raise InputError(f"preset={key}: LyCORIS preset files are not read; choose a built-in preset "
-                         f"({', '.join(LYCORIS_PRESETS)}) or select layers with --network-targets")
-    raise InputError(f"unknown LyCORIS preset {key!r}; choose {', '.join(LYCORIS_PRESETS)}")
+    if key.lower().endswith((".toml", ".json")) or "/" in key or "\\" in key or Path(key).is_file():
+        rules = read_lycoris_preset_file(key)
+        unet = _unresolved(key) if rules.unet_modules or rules.unet_names else None
+        text = _unresolved(key) if rules.text_modules or rules.text_names else None
+        return LycorisPreset(key, unet, text, rules)
+    raise InputError(f"unknown LyCORIS preset {key!r}; choose {', '.join(LYCORIS_PRESETS)} or give the path of a "
+                     "LyCORIS preset TOML file")

@@ -179,6 +179,13 @@ def _compare(layer: str, component: str, adapter, tensors: Mapping[str, Tensor],
     if set(tensors) != set(own):
         raise InputError(f"{where} is {theirs}, the run trains {mine} (tensors {sorted(tensors)} vs {sorted(own)}); "
                          f"train the file's family, or pass --dim-from-weights to take family and ranks from the file")
+    if "on_input" in own and bool(tensors["on_input"]) != bool(own["on_input"]):  # (IA)³: the axis the vector scales
+        def axis(flag: Tensor) -> str:
+            return "inputs" if bool(flag) else "outputs"
+
+        raise InputError(f"{where} scales the layer's {axis(tensors['on_input'])}, the run's adapter its "
+                         f"{axis(own['on_input'])}; pass --train-on-input or --no-train-on-input "
+                         "(network_args train_on_input=true|false) as the file was trained")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if any(shapes[k] != tuple(own[k].shape) for k in own):
         rank, kxk = file_rank(shapes, name=layer)
@@ -188,6 +195,9 @@ def _compare(layer: str, component: str, adapter, tensors: Mapping[str, Tensor],
                              f"or --dim-from-weights (with {'conv_block_dims' if kxk else 'block_dims'} in --network-args: "
                              "give this module's block that rank there)")
         detail = ", ".join(f"{k} {shapes[k]} vs {tuple(own[k].shape)}" for k in own if shapes[k] != tuple(own[k].shape))
+        if "on_input" in own:  # (IA)³: one scale per channel, no rank to choose
+            raise InputError(f"{where}: the file's (IA)³ vector does not fit the layer ({detail}); the file was made "
+                             "for another base model")
         raise InputError(f"{where}: the file's tensors do not fit the run's adapter ({detail}); pass --dim-from-weights "
                          "to build the adapters from the file")
     if "alpha" in own:

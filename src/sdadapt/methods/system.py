@@ -29,8 +29,9 @@ Optional:
 - ``size_multiple`` — image sides must be multiples of it (SD: 64; default 4): bucket sizes follow it;
 - ``size_conditioning`` — ``True`` when ``condition`` takes ``{"ids": ids, "time_ids": (B, 6)}`` with
   each image's original size, crop and target size (SDXL); the fit loop then passes them per image;
-- ``sample(..., sampler=, height=, width=)`` — when ``sample`` takes these keywords, ``generate`` and
-  training samples use them (Euler, other sizes); else DDIM at ``image_size`` (Euler through the protocol);
+- ``sample(..., sampler=, height=, width=)`` (and ``karras=``) — when ``sample`` takes these keywords,
+  ``generate`` and training samples use them (any :mod:`sdadapt.samplers` name, other sizes); else DDIM
+  at ``image_size`` (the other samplers through the protocol: ``sdadapt.samplers.sample_latents``);
 - ``text_encoder_2`` — a second text encoder (SDXL): the LoRA family adapts it too, ``text_encoder_lr`` covers it.
 """
 

@@ -59,6 +59,8 @@ from .loss_masks import LossMaskSource, mask_like_image
 from .pixel_augment import PixelAugment
 
 __all__ = [
+    "FIRST_LINE_CAPTIONS",
+    "JOINED_CAPTIONS",
     "CaptionOptions",
     "expand_wildcards",
     "token_warmup_step_count",
@@ -75,6 +77,10 @@ __all__ = [
 ]
 
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+#: a caption file of several lines trains on its first line (kohya's ``read_caption``; without ``enable_wildcard``)
+FIRST_LINE_CAPTIONS = "first-line"
+#: what runs recorded before trained on: all the lines joined by spaces (``train --resume`` of such a run keeps it)
+JOINED_CAPTIONS = "joined"
 
 
 @dataclass(frozen=True)
@@ -305,18 +311,27 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _caption_of(file: Path, extension: str, *, lines: bool = False) -> str | None:
-    """The caption file's first line, white space collapsed (kohya's ``read_caption``: later lines
-    are ignored); ``lines``: each non-empty line so, joined by ``"\n"`` (kohya's wildcard mode)."""
+def _caption_text(file: Path, extension: str) -> str | None:
+    """The text of ``file``'s caption file (``extension``, else ``.txt``, else ``.caption``), or ``None``."""
     for suffix in dict.fromkeys((extension, ".txt", ".caption")):
         caption_file = file.with_suffix(suffix)
         if caption_file.is_file():
-            text = caption_file.read_text(encoding="utf-8")
-            if lines:
-                return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip()) or None
-            first = text.splitlines()[:1]
-            return " ".join(first[0].split()) if first and first[0].strip() else None
+            return caption_file.read_text(encoding="utf-8")
     return None
+
+
+def _caption_of(text: str | None, *, lines: bool = False, rule: str = FIRST_LINE_CAPTIONS) -> str | None:
+    """A caption file's ``text`` as a caption: its first line, white space collapsed (kohya's
+    ``read_caption``: later lines are ignored; :data:`JOINED_CAPTIONS`: all lines joined, as runs
+    recorded before); ``lines``: each non-empty line so, joined by ``"\n"`` (kohya's wildcard mode)."""
+    if text is None:
+        return None
+    if lines:
+        return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip()) or None
+    if rule == JOINED_CAPTIONS:
+        return " ".join(text.split()) or None
+    first = text.splitlines()[:1]
+    return " ".join(first[0].split()) if first and first[0].strip() else None
 
 
 def find_images(
@@ -328,13 +343,16 @@ def find_images(
     uncaptioned: bool = False,
     multiline: bool = False,
     subfolders: bool = True,
+    caption_lines: str = FIRST_LINE_CAPTIONS,
 ) -> tuple[list[ImageRecord], list[str]]:
     """The images of a dataset folder with captions and repeats (see the module docstring).
 
     ``uncaptioned``: an image without any caption gets ``""`` (the caller fills it in, e.g. a
     trigger-word method's templates) instead of an error. ``multiline``: a caption file's lines
     stay lines (``"\n"``-joined, empty ones left out; kohya's ``enable_wildcard`` draws one of
-    them at each use, :attr:`CaptionOptions.wildcards`); otherwise they are joined into one line.
+    them at each use, :attr:`CaptionOptions.wildcards`); otherwise the first line is the caption
+    (``caption_lines`` :data:`FIRST_LINE_CAPTIONS`, kohya's; :data:`JOINED_CAPTIONS`: all lines joined
+    into one, as runs recorded before trained, with a note counting the files it joined).
     ``subfolders=False``: only the images directly in ``root`` (a subset of kohya's dataset TOML:
     its ``N_name`` sub-folders are not read).
 
@@ -350,6 +368,8 @@ def find_images(
         raise ImageFolderError(f"{base}: not a folder of images")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if caption_lines not in (FIRST_LINE_CAPTIONS, JOINED_CAPTIONS):
+        raise ValueError(f"caption_lines must be {FIRST_LINE_CAPTIONS!r} or {JOINED_CAPTIONS!r}, got {caption_lines!r}")
     if default_caption is not None and not default_caption.strip():
         raise ValueError("the default caption (--prompt) is empty; give words, or leave it out and use NAME.txt captions")
     sets: list[tuple[Path, int, str | None, str]] = [(base, repeats, None, ".")]
@@ -366,10 +386,14 @@ def find_images(
         sets.append((sub, count, match.group(2).strip() or None, sub.name))
     records: list[ImageRecord] = []
     missing: list[str] = []
+    joined = 0
     for folder, count, class_tokens, label in sets:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         for file in files:
-            caption = _caption_of(file, caption_extension, lines=multiline) or class_tokens or default_caption
+            text = _caption_text(file, caption_extension)
+            if text is not None and not multiline and caption_lines == JOINED_CAPTIONS:
+                joined += sum(1 for line in text.splitlines() if line.strip()) > 1
+            caption = _caption_of(text, lines=multiline, rule=caption_lines) or class_tokens or default_caption
             if caption is None:
                 if not uncaptioned:
                     missing.append(str(file.relative_to(base)))
@@ -377,6 +401,9 @@ def find_images(
             records.append(ImageRecord(file, caption, count, label, image_size(file)))
     if not records:
         raise ImageFolderError(f"{base}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder or its N_name sub-folders")
+    if joined:
+        notes.append(f"{base}: {joined} caption file(s) of several lines: all their lines joined into one caption, as the "
+                     "resumed run trained (runs started now take the first line, kohya's read_caption)")
     if missing:
         raise ImageFolderError(
             f"{base}: {len(missing)} image(s) have no caption file ({', '.join(missing[:5])}); "

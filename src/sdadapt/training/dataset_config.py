@@ -40,7 +40,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, ImageFolderError
-from .data import ImageRecord, find_images, image_size
+from .data import FIRST_LINE_CAPTIONS, ImageRecord, find_images, image_size
 from .reg_data import RegImages, balance_reg_images
 
 __all__ = [
@@ -527,7 +527,8 @@ def _image_of(key: str, image_dir: Path | None, where: str) -> Path | None:
     return None
 
 
-def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: str = "--dataset-config") -> tuple[list[ImageRecord], list[str]]:
+def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: str = "--dataset-config",
+                   caption_lines: str = FIRST_LINE_CAPTIONS) -> tuple[list[ImageRecord], list[str]]:
     """The images of one subset, with captions and repeats; each record's ``folder`` is the
     subset's :attr:`~SubsetConfig.label`.
 
@@ -535,6 +536,7 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
     ``class_tokens``. Fine-tuning: the metadata's images, captioned ``caption + caption_separator +
     tags`` (as kohya; without ``enable_wildcard`` only the caption's first line). ``uncaptioned``: an
     image without any caption gets ``""`` (a trigger-word method's templates) instead of an error.
+    ``caption_lines``: how a caption file of several lines is read (:func:`~sdadapt.training.data.find_images`).
 
     Raises:
         ImageFolderError: no such folder, no images, images without a caption, missing image files
@@ -550,7 +552,7 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
         try:
             records, notes = find_images(folder, default_caption=subset.class_tokens, caption_extension=subset.caption_extension,
                                          repeats=subset.num_repeats, uncaptioned=uncaptioned, multiline=wildcards,
-                                         subfolders=False)
+                                         subfolders=False, caption_lines=caption_lines)
         except ImageFolderError as exc:
             text = str(exc).replace("or pass --prompt for all of them", "or set class_tokens for the subset")
             raise ImageFolderError(f"{where}: {text}") from None
@@ -618,7 +620,8 @@ def _labels(subsets: Sequence[SubsetConfig]) -> list[str]:
 
 
 def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
-                    kept: Callable[[list[ImageRecord]], list[ImageRecord]] | None = None) -> tuple[
+                    kept: Callable[[list[ImageRecord]], list[ImageRecord]] | None = None,
+                    caption_lines: str = FIRST_LINE_CAPTIONS) -> tuple[
         list[ImageRecord], RegImages | None, dict[str, SubsetConfig], list[str]]:
     """Every subset's images: ``(training records, regularisation images, subsets by label, notes)``.
 
@@ -629,7 +632,8 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
     returned ``{label: subset}``. ``uncaptioned``: training images without any caption get ``""``
     (a trigger-word method's templates) instead of an error. ``kept(training records)``: those of
     them that will train, which the regularisation images are balanced against (kohya's
-    ``validation_split`` holds images out before it counts; default: all).
+    ``validation_split`` holds images out before it counts; default: all). ``caption_lines``: how a
+    caption file of several lines is read (:func:`~sdadapt.training.data.find_images`).
 
     Raises:
         ImageFolderError: see :func:`subset_records`.
@@ -641,7 +645,8 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
     train: list[ImageRecord] = []
     reg_records: list[ImageRecord] = []
     for subset, label in zip(config.subsets, _labels(config.subsets)):
-        records, subset_notes = subset_records(subset, uncaptioned=uncaptioned and not subset.is_reg, source=source)
+        records, subset_notes = subset_records(subset, uncaptioned=uncaptioned and not subset.is_reg, source=source,
+                                               caption_lines=caption_lines)
         by_label[label] = subset
         for record in records:
             record.folder = label

@@ -42,6 +42,8 @@ __all__ = [
     "diffusion_loss",
     "sample_timesteps",
     "ddim_timesteps",
+    "timestep_grid",
+    "numpy_linspace",
     "ddim_step",
     "ddim_sample",
     "ddim_invert",
@@ -397,11 +399,12 @@ def ddim_timesteps(num_inference_steps: int, *, num_train_steps: int = 1000, spa
     ``leading`` (SD's DDIM config): ``arange(n)·(T//n) + steps_offset``; ``trailing``:
     ``round(arange(T, 0, -T/n)) - 1``; ``linspace``: ``round(linspace(0, T-1, n))``.
     """
-    return _timestep_grid(num_inference_steps, num_train_steps, spacing, steps_offset, round_linspace=True).long()
+    return timestep_grid(num_inference_steps, num_train_steps, spacing, steps_offset, round_linspace=True).long()
 
 
-def _timestep_grid(n: int, T: int, spacing: str, steps_offset: int, *, round_linspace: bool) -> Tensor:
-    """Descending float64 timesteps (n,) by diffusers' ``timestep_spacing`` (Euler keeps linspace unrounded)."""
+def timestep_grid(n: int, T: int, spacing: str, steps_offset: int, *, round_linspace: bool) -> Tensor:
+    """Descending float64 timesteps (n,) of ``n`` inference steps over ``T`` training steps by diffusers'
+    ``timestep_spacing`` (see :func:`ddim_timesteps`); the σ schedulers (Euler...) keep linspace unrounded."""
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be in [1, {T}], got {n}")
     if spacing == "leading":
@@ -409,11 +412,21 @@ def _timestep_grid(n: int, T: int, spacing: str, steps_offset: int, *, round_lin
     elif spacing == "trailing":
         steps = torch.arange(T, 0, -T / n, dtype=torch.float64).round().flip(0) - 1
     elif spacing == "linspace":
-        steps = torch.linspace(0, T - 1, n, dtype=torch.float64)
+        steps = numpy_linspace(T - 1, n)
         steps = steps.round() if round_linspace else steps
     else:
         raise ValueError(f"unknown spacing {spacing!r}; use 'leading', 'trailing' or 'linspace'")
     return steps.flip(0)
+
+
+def numpy_linspace(stop: float, num: int) -> Tensor:
+    """``np.linspace(0, stop, num)`` (num,) float64 bit for bit (``i·(stop/(num−1))``, the last = stop;
+    ``torch.linspace`` differs in the last bit), so half-way timesteps round as diffusers rounds them."""
+    if num == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    out = torch.arange(num, dtype=torch.float64) * (stop / (num - 1))
+    out[-1] = stop
+    return out
 
 
 def ddim_step(
@@ -593,35 +606,17 @@ def euler_sample(
     steps_offset: int = 0,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
-    """Euler sampler on σ (k-diffusion / diffusers ``EulerDiscreteScheduler``) from unit noise x_T.
+    """Euler sampler on σ (k-diffusion / diffusers ``EulerDiscreteScheduler``) from unit noise x_T
+    (B,C,H,W) -> x0 (B,C,H,W), with classifier-free guidance: :func:`sdadapt.samplers.euler.euler_sample`
+    (the one Euler) on ``guided(model, cond, uncond, guidance_scale)``.
 
     ``x ← x_T·σ_init``; per step: model input ``x/√(σ²+1)`` at (float) timestep t, ``x̂0`` from
     the prediction, ``d = (x - x̂0)/σ``, ``x ← x + d·(σ_next - σ)``; σ interpolated in t, σ_last = 0.
     """
-    _check_prediction_type(prediction_type)
-    T = alphas_cumprod.shape[0]
-    sig_all = sigmas_of(alphas_cumprod.double())
-    ts = _timestep_grid(num_steps, T, spacing, steps_offset, round_linspace=False)  # (n,) float t, descending
-    lo = ts.floor().long().clamp(0, T - 1)
-    hi = (lo + 1).clamp(max=T - 1)
-    frac = ts - lo.double()
-    sigmas = torch.cat([sig_all[lo] * (1 - frac) + sig_all[hi] * frac, torch.zeros(1, dtype=torch.float64)])
-    sigma_max = float(sigmas[0])
-    init = sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+    # imported here: the samplers import this module
+    from ..samplers.euler import euler_sample as euler
+
     fn = guided(model, cond, uncond, guidance_scale)
-    x = x_T * init
-    for i in range(num_steps):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        t = torch.full((x.shape[0],), float(ts[i]), device=x.device, dtype=x.dtype)
-        out = fn(x / (s * s + 1) ** 0.5, t, cond)
-        if prediction_type == "epsilon":
-            x0 = x - s * out
-        elif prediction_type == "v_prediction":
-            x0 = out * (-s / (s * s + 1) ** 0.5) + x / (s * s + 1)
-        else:
-            x0 = out
-        x = x + (x - x0) / s * (s_next - s)
-        if callback is not None:
-            callback(i, t, x)
-    return x
+    return euler(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                 prediction_type=prediction_type, callback=callback, spacing=spacing, steps_offset=steps_offset)
 

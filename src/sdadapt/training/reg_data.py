@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..images import ImageFolderError
-from .data import ImageRecord, find_images
+from .data import FIRST_LINE_CAPTIONS, ImageRecord, find_images
 
 __all__ = ["balanced_repeats", "RegImages", "find_reg_images", "balance_reg_images"]
 
@@ -91,11 +91,13 @@ def find_reg_images(
     train_samples: int,
     default_caption: str | None = None,
     caption_extension: str = ".txt",
+    caption_lines: str = FIRST_LINE_CAPTIONS,
 ) -> RegImages:
     """Read a ``--reg-data-dir`` folder and balance it against ``train_samples`` (kohya's rule).
 
     Captions: ``NAME.txt`` beside the image, else the folder's class name (``N_classname``), else
-    ``default_caption`` (``--class-prompt``).
+    ``default_caption`` (``--class-prompt``); ``caption_lines``: how a caption file of several lines
+    is read (:func:`~sdadapt.training.data.find_images`).
 
     Raises:
         ImageFolderError: no such folder, no images, or images without any caption (naming the
@@ -103,7 +105,8 @@ def find_reg_images(
     """
     root = Path(folder)
     try:
-        records, notes = find_images(root, default_caption=default_caption, caption_extension=caption_extension)
+        records, notes = find_images(root, default_caption=default_caption, caption_extension=caption_extension,
+                                     caption_lines=caption_lines)
     except ImageFolderError as exc:
         text = str(exc).replace("pass --prompt for all of them", "pass --class-prompt for all of them")
         raise ImageFolderError(f"--reg-data-dir: {text}") from None

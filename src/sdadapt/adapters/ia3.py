@@ -1,0 +1,214 @@
+"""(IA)³: a learned per-channel rescaling of the base weight (Liu et al. 2022; LyCORIS ``algo=ia3``).
+
+One vector ``w`` per layer scales the base weight along its output axis or, with
+``train_on_input``, along its input axis. At strength ``m`` (LyCORIS' ``multiplier``)::
+
+    W' = W ⊙ (1 + m·w)        ΔW = W' − W = m · W ⊙ w
+    on output (default):  ΔW[o, i, ...] = m · w[o] · W[o, i, ...]
+    on input:             ΔW[o, i, ...] = m · w[i] · W[o, i, ...]
+
+``w`` starts at zero, so ``W' = W`` at init. The bias is NOT scaled: this is LyCORIS' default
+(non-bypass) forward, ``y + op(x, W' − W)`` with no bias term. (LyCORIS' ``bypass_mode`` instead
+scales the whole output, bias included; sdadapt follows the default and its merged weights.)
+Because ``ΔW`` is the base weight times a vector, the family reads the base weight
+(``uses_base_weight``); the delta is linear in ``w``, so block weights scale the file's vector.
+
+Files (LyCORIS, ``lora_unet_<layer>.<key>``):
+
+* ``weight``: ``(C,)`` for ``nn.Linear``, ``(1, C, 1, 1)`` for ``nn.Conv2d``; ``C`` is the
+  layer's output width, or its input width when ``on_input`` is 1.
+* ``on_input``: a 0-dim int64, 1 when ``w`` scales the input axis (LyCORIS' ``train_on_input``).
+  LyCORIS detects the algorithm by this key; so does sdadapt (a lone ``weight`` is no family's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterModule, LayerGeometry
+
+__all__ = ["IA3Config", "IA3Module", "ia3_delta_weight", "ia3_vector_shape"]
+
+
+def ia3_vector_shape(geometry: LayerGeometry, *, on_input: bool) -> tuple[int, ...]:
+    """The file shape of the layer's vector: ``(C,)`` for linear, ``(1, C, 1, 1)`` for a conv.
+
+    ``C`` is ``geometry.in_features`` when ``on_input`` else ``geometry.out_features``.
+    """
+    channels = geometry.in_features if on_input else geometry.out_features
+    if geometry.is_conv:
+        return (1, channels, *(1 for _ in geometry.kernel))
+    return (channels,)
+
+
+def ia3_delta_weight(base_weight: Tensor, weight: Tensor, *, on_input: bool, scale: float | Tensor = 1.0) -> Tensor:
+    """``ΔW = scale · W ⊙ w`` with ``w`` broadcast along the output (or input) axis.
+
+    Args:
+        base_weight: W, (out, in, *kernel).
+        weight: w, any shape holding ``out`` values (``in`` with ``on_input``): ``(C,)`` or
+            ``(1, C, 1, 1)`` as files store it.
+        on_input: scale the input axis (axis 1) instead of the output axis (axis 0).
+        scale: the strength ``m`` (float or 0-dim tensor).
+
+    Returns:
+        (out, in, *kernel) in the promoted dtype of ``base_weight`` and ``weight``.
+    """
+    ones = (1,) * (base_weight.dim() - 2)
+    if on_input:
+        vector = weight.reshape(1, base_weight.shape[1], *ones)  # (1, in, 1, 1)
+    else:
+        vector = weight.reshape(base_weight.shape[0], 1, *ones)  # (out, 1, 1, 1)
+    return base_weight * (vector * scale)
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    """(IA)³ hyper-parameters (LyCORIS ``algo=ia3``).
+
+    Attributes:
+        train_on_input: scale each layer's input channels instead of its outputs (LyCORIS
+            ``train_on_input``; its ``preset=ia3`` sets it on the feed-forward output layers).
+        module_dropout: probability to skip the whole module per training step.
+    """
+
+    train_on_input: bool = False
+    module_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train_on_input, bool):
+            raise TypeError(f"IA3Config.train_on_input must be a bool, got {self.train_on_input!r}")
+        if not 0.0 <= self.module_dropout < 1.0:
+            raise ValueError(f"IA3Config.module_dropout must be in [0, 1), got {self.module_dropout!r}")
+
+
+class IA3Module(AdapterModule):
+    """One (IA)³ vector for one base layer (a thin shell over :func:`ia3_delta_weight`).
+
+    Parameter ``weight`` (zero at init, the file's shape, see :func:`ia3_vector_shape`) and a saved
+    0-dim int64 buffer ``on_input``. ``Δy`` is computed from the base weight the hook passes
+    (the weight without merged deltas): ``op(x, W) · m·w`` on outputs, ``op(x · m·w, W)`` on inputs,
+    never touching the bias.
+    """
+
+    family: ClassVar[str] = "ia3"
+    file_keys: ClassVar[tuple[str, ...]] = ("weight", "on_input")
+    marker_keys: ClassVar[tuple[str, ...]] = ("on_input",)
+    linear_keys: ClassVar[tuple[str, ...]] = ("weight",)
+    lycoris_algo: ClassVar[str] = "ia3"
+    uses_base_weight: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        *,
+        on_input: bool = False,
+        module_dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(geometry)
+        self.train_input = bool(on_input)
+        self.weight = nn.Parameter(torch.zeros(ia3_vector_shape(geometry, on_input=self.train_input), dtype=dtype,
+                                               device=device))
+        self.register_buffer("on_input", torch.tensor(int(self.train_input), dtype=torch.int64, device=device))
+        self.register_buffer("scale", torch.tensor(1.0, dtype=torch.float32, device=device), persistent=False)
+        self.module_dropout = module_dropout
+
+    @property
+    def rank(self) -> int:
+        """The vector's length (IA³ has no rank; reports show its channel count)."""
+        return self.weight.numel()
+
+    def refresh_scale(self) -> None:
+        """``scale ← multiplier`` (in place)."""
+        with torch.no_grad():
+            self.scale.fill_(self.multiplier)
+
+    def delta_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def delta_weight(self) -> Tensor:
+        """IA³ has no delta without the base weight: use :meth:`merge_delta`."""
+        raise TypeError("IA3Module.delta_weight needs the base layer's weight: call merge_delta(base_weight)")
+
+    def merge_delta(self, base_weight: Tensor) -> Tensor:
+        """(out, in, *k): ``m · W ⊙ w`` for the base weight ``W`` (without merged deltas)."""
+        base = base_weight.to(self.weight.dtype).reshape(self.geometry.weight_shape)
+        return ia3_delta_weight(base, self.weight, on_input=self.train_input, scale=self.scale.to(self.weight.dtype))
+
+    def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
+        return self(x, base_weight)
+
+    def forward(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Δy for input ``x`` (linear: (..., in); conv: (N, in, H, W)), without the bias.
+
+        On outputs ``op(x, W) · m·w`` along the channel axis; on inputs ``op(x · m·w, W)``.
+        """
+        if base_weight is None:
+            raise TypeError("IA3Module.forward needs the base layer's weight: forward(x, base_weight)")
+        base = base_weight.to(self.weight.dtype).reshape(self.geometry.weight_shape)
+        vector = self.weight.reshape(-1) * self.scale.to(self.weight.dtype)
+        if self.geometry.is_conv:
+            vector = vector.reshape(-1, 1, 1)  # (C, 1, 1) on (N, C, H, W)
+        if self.train_input:
+            return self.geometry.conv(x * vector, base)
+        return self.geometry.conv(x, base) * vector
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return {"weight": self.weight, "on_input": self.on_input}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: IA3Config,
+        geometry: LayerGeometry,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> IA3Module:
+        """A fresh module for one layer (``w = 0``: the layer is unchanged)."""
+        return cls(geometry, on_input=config.train_on_input, module_dropout=config.module_dropout, dtype=dtype,
+                   device=device)
+
+    @classmethod
+    def from_file_tensors(
+        cls, geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
+    ) -> IA3Module:
+        """Build from ``{"weight", "on_input"}``.
+
+        Raises:
+            ValueError: a missing tensor, an ``on_input`` that is not one 0/1 value, or a
+                ``weight`` whose shape does not fit the layer — naming ``name``.
+        """
+        missing = [k for k in cls.file_keys if k not in tensors]
+        if missing:
+            raise ValueError(f"{name}: IA3 tensors {missing} are missing (have {sorted(tensors)})")
+        flag = tensors["on_input"]
+        if flag.numel() != 1 or float(flag) not in (0.0, 1.0):
+            raise ValueError(f"{name}.on_input: must be one value 0 or 1, got a tensor of shape {tuple(flag.shape)}")
+        on_input = bool(float(flag))
+        weight = tensors["weight"]
+        want = ia3_vector_shape(geometry, on_input=on_input)
+        if tuple(weight.shape) != want:
+            axis = "input" if on_input else "output"
+            raise ValueError(
+                f"{name}.weight: IA3 vector of shape {tuple(weight.shape)} does not fit the base layer of weight "
+                f"shape {geometry.weight_shape}: with on_input={int(on_input)} it scales the {axis} axis and must be "
+                f"{want}. The file was made for another model."
+            )
+        if not weight.is_floating_point():
+            raise ValueError(f"{name}.weight: IA3 vector must be floating point, got {weight.dtype}")
+        module = cls(geometry, on_input=on_input, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+        return module
+
+    @classmethod
+    def file_rank(cls, shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, bool]:
+        """IA³ has no rank: ``(None, False)``."""
+        return None, False

@@ -1,0 +1,33 @@
+"""Which caption a caption file of several lines gives, for a new run and for a resumed one.
+
+A caption file's caption is its first line (kohya's ``read_caption``; with ``enable_wildcard`` one
+of its lines drawn at each use). Runs recorded before that trained on all its lines joined by spaces;
+``train --resume`` of such a run keeps joining them, so it trains on as it started (the run report
+counts the files it joined). Such a ``run.json`` has neither ``caption_lines`` nor ``vae``: the first
+version that took the first line also began writing ``vae`` (always, ``null`` without ``--vae``) but
+did not record the rule yet, so a record with ``vae`` and no ``caption_lines`` took the first line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..training.data import FIRST_LINE_CAPTIONS, JOINED_CAPTIONS
+from .run_versions import recorded_version
+
+__all__ = ["recorded_caption_lines"]
+
+
+def recorded_caption_lines(record: Mapping[str, Any] | None) -> str:
+    """How a run reads a caption file of several lines: :data:`~sdadapt.training.data.FIRST_LINE_CAPTIONS`
+    for a new run (``record`` ``None``), else the resumed run's ``run.json`` ``caption_lines``
+    (when it has none: :data:`~sdadapt.training.data.JOINED_CAPTIONS` for a record written before the
+    first-line rule — one without ``vae`` too — else the first line).
+
+    Raises:
+        ValueError: a ``caption_lines`` entry this version does not know (an edited file).
+    """
+    if record is not None and "caption_lines" not in record and "vae" in record:
+        return FIRST_LINE_CAPTIONS  # (written by the versions that took the first line before recording it)
+    return recorded_version(record, "caption_lines", new=FIRST_LINE_CAPTIONS, legacy=JOINED_CAPTIONS)

@@ -1,0 +1,106 @@
+"""Samplers: from unit noise to latents with any ``model(x, t, cond)``, by the schedulers people
+sample with (kohya's ``sample_sampler`` names, diffusers' scheduler classes, A1111's samplers).
+
+Every sampler here equals the diffusers scheduler of the same name built with that class's
+defaults on the model's ᾱ (as kohya's ``get_my_scheduler`` builds it), step for step; the
+ancestral ones draw their noise from ``generator`` in the order diffusers does, so a CPU
+generator with the same seed gives the same image. ``karras=True`` is diffusers'
+``use_karras_sigmas`` (A1111's "Karras" samplers) where the scheduler has it.
+
+``sample_latents`` is the one entry point: it adds classifier-free guidance
+(:func:`sdadapt.training.diffusion.guided`) and dispatches by name. ``ddim`` is
+:func:`sdadapt.training.diffusion.ddim_sample` with the options the caller passes (the system's
+own DDIM configuration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..training import diffusion
+from .ddpm import ddpm_sample
+from .dpm2 import dpm2_ancestral_sample, dpm2_sample
+from .dpm_solver import dpmsingle_sample, dpmsolver_pp_sample, dpmsolver_sample
+from .euler import euler_ancestral_sample, euler_sample
+from .heun import heun_sample
+from .lms import lms_sample
+from .pndm import pndm_sample
+from .unipc import unipc_sample
+
+__all__ = ["KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "canonical_sampler", "sample_latents"]
+
+#: ``model(x_in, t) -> output``: the (guided) model over a batch x_in (B,C,H,W) at timesteps t (B,)
+Denoise = Callable[[Tensor, Tensor], Tensor]
+
+#: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
+#: callback[, karras][, **options]) -> x0`` (``ddim`` is dispatched separately, with its own options)
+_SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm_sample,
+    "pndm": pndm_sample,
+    "lms": lms_sample,
+    "euler": euler_sample,
+    "euler_a": euler_ancestral_sample,
+    "heun": heun_sample,
+    "dpm_2": dpm2_sample,
+    "dpm_2_a": dpm2_ancestral_sample,
+    "dpmsolver": dpmsolver_sample,
+    "dpmsolver++": dpmsolver_pp_sample,
+    "dpmsingle": dpmsingle_sample,
+    "unipc": unipc_sample,  # not a kohya name: diffusers' UniPCMultistepScheduler
+}
+#: every sampler name ``sample_latents`` takes (kohya's ``sample_sampler`` spellings)
+SAMPLERS: tuple[str, ...] = ("ddim", *_SAMPLERS)
+#: other spellings of the same samplers (kohya's ``k_`` names)
+SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
+                                   "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++"}
+#: samplers that take ``karras=True`` (σ on Karras et al.'s ρ = 7 grid)
+KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
+                                    "unipc")
+
+
+def canonical_sampler(name: str) -> str:
+    """``name`` (any case, kohya's ``k_`` aliases) -> its name in :data:`SAMPLERS`.
+
+    Raises:
+        ValueError: an unknown name; the message lists the names taken.
+    """
+    key = str(name).strip().lower()
+    key = SAMPLER_ALIASES.get(key, key)
+    if key not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)} "
+                         f"(or {', '.join(SAMPLER_ALIASES)})")
+    return key
+
+
+def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tensor, cond: object, *, sampler: str,
+                   alphas_cumprod: Tensor, num_steps: int, uncond: object | None = None, guidance_scale: float = 1.0,
+                   prediction_type: str = "epsilon", karras: bool = False, generator: torch.Generator | None = None,
+                   callback: Callable[[int, Tensor, Tensor], None] | None = None, **options) -> Tensor:
+    """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
+    classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given.
+
+    ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
+    its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
+    device, then moved, as diffusers does); ``callback(i, t, x)`` sees each step's sample;
+    ``options``: the sampler's own (``ddim``: ``eta``, ``final_alpha_cumprod``, ``clip_sample``...).
+
+    Raises:
+        ValueError: an unknown sampler, ``karras=True`` for a sampler without Karras σ.
+    """
+    name = canonical_sampler(sampler)
+    if karras and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"sampler {name!r} has no Karras noise levels; karras=True works with "
+                         f"{', '.join(KARRAS_SAMPLERS)}")
+    if name == "ddim":
+        return diffusion.ddim_sample(model, x_T, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                                     uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type,
+                                     generator=generator, callback=callback, **options)
+    fn = diffusion.guided(model, cond, uncond, guidance_scale)
+    run = _SAMPLERS[name]
+    if karras:
+        options["karras"] = True
+    return run(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+               prediction_type=prediction_type, generator=generator, callback=callback, **options)

@@ -1,0 +1,115 @@
+"""DPM-Solver-2 in k-diffusion's form (diffusers' ``KDPM2DiscreteScheduler``, ``sample_dpm_2``;
+kohya's ``dpm_2``/``k_dpm_2``, A1111's "DPM2") and its ancestral form
+(``KDPM2AncestralDiscreteScheduler``, ``sample_dpm_2_ancestral``; ``dpm_2_a``/``k_dpm_2_a``, "DPM2 a").
+
+Each step evaluates the model at σ_i, takes an Euler half step to the log-midpoint
+``σ_mid = √(σ_i·σ_target)`` and steps the whole way from σ_i with the derivative there: two model
+calls, except the last step (onto σ = 0), a plain Euler step onto x̂0. At the midpoint the model
+gets diffusers' interpolated timestep ``t(σ_mid)`` (fractional, by :func:`.sigma_space.sigma_to_t`);
+with Karras σ the main timesteps are rounded to whole steps, as diffusers rounds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .sigma_space import (
+    ancestral_step,
+    check_prediction_type,
+    denoised,
+    discrete_sigmas,
+    initial_noise_sigma,
+    model_input,
+    sigma_to_t,
+    step_noise,
+    timestep_batch,
+    training_sigmas,
+)
+
+__all__ = ["dpm2_ancestral_sample", "dpm2_sample"]
+
+Denoise = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[int, Tensor, Tensor], None]
+
+
+def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
+         generator: torch.Generator | None, callback: Callback | None, karras: bool, spacing: str, steps_offset: int,
+         ancestral: bool) -> Tensor:
+    """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step."""
+    check_prediction_type(name, prediction_type)
+    timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
+                                        karras=karras, round_karras_timesteps=True)
+    times, grid = timesteps.tolist(), sigmas.tolist()
+    # per step: the σ the whole step reaches (σ_down when ancestral), the noise scale, the midpoint
+    targets, ups = [], []
+    for i in range(num_steps):
+        down, up = ancestral_step(grid[i], grid[i + 1]) if ancestral else (grid[i + 1], 0.0)
+        targets.append(down)
+        ups.append(up)
+    mids = [(s * target) ** 0.5 for s, target in zip(grid[:-1], targets)]
+    mid_times = sigma_to_t(torch.tensor(mids, dtype=torch.float64),
+                           training_sigmas(alphas_cumprod)).tolist()
+
+    def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
+        return (x - denoised(model(model_input(x, s, x_T.dtype), t), x, s, prediction_type)) / s
+
+    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32)) * initial_noise_sigma(sigmas, spacing)
+    for i in range(num_steps):
+        s, target, mid = grid[i], targets[i], mids[i]
+        t = timestep_batch(times[i], x)
+        d = slope(x, s, t)
+        if i == num_steps - 1:  # σ_target = 0: Euler onto x̂0, no noise
+            x = x + d * (target - s)
+        else:
+            x_mid = x + d * (mid - s)
+            x = x + slope(x_mid, mid, timestep_batch(mid_times[i], x)) * (target - s)
+            if ancestral:
+                x = x + step_noise(x, generator, x_T.dtype) * ups[i]
+        if callback is not None:
+            callback(i, t, x)
+    return x.to(x_T.dtype)
+
+
+def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                callback: Callback | None = None, karras: bool = False, spacing: str = "linspace",
+                steps_offset: int = 0) -> Tensor:
+    """DPM2 from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
+    ``KDPM2DiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
+
+    Per step i < n−1: ``d = (x − x̂0(x, σ_i))/σ_i``, ``x' = x + d·(σ_mid − σ_i)`` with
+    ``σ_mid = √(σ_i σ_{i+1})``, ``x ← x + d'·(σ_{i+1} − σ_i)`` with
+    ``d' = (x' − x̂0(x', σ_mid))/σ_mid``;
+    the last step is Euler onto x̂0 (``2·num_steps − 1`` model calls). ``generator``: unused.
+    ``callback(i, t, x)`` sees each step's sample. Other arguments as :func:`.euler.euler_sample`.
+
+    Raises:
+        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+    """
+    del generator
+    return _run("dpm_2", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
+                steps_offset=steps_offset, ancestral=False)
+
+
+def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                          prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                          callback: Callback | None = None, karras: bool = False, spacing: str = "linspace",
+                          steps_offset: int = 0) -> Tensor:
+    """DPM2 ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
+    ``KDPM2AncestralDiscreteScheduler``.
+
+    As :func:`dpm2_sample`, but each step aims at σ_down of σ_i → σ_{i+1}
+    (:func:`.sigma_space.ancestral_step`; midpoint ``√(σ_i σ_down)``) and then adds σ_up·z, ``z``
+    drawn from ``generator`` after the step's second model call (n − 1 draws; none on the last,
+    Euler step), as diffusers draws it.
+
+    Raises:
+        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+    """
+    return _run("dpm_2_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                prediction_type=prediction_type, generator=generator, callback=callback, karras=karras,
+                spacing=spacing, steps_offset=steps_offset, ancestral=True)

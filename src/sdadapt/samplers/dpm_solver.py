@@ -1,0 +1,234 @@
+"""DPM-Solver (Lu et al. 2022) and DPM-Solver++ (Lu et al. 2022b), second order, as diffusers'
+``DPMSolverMultistepScheduler`` (kohya's ``dpmsolver`` / ``dpmsolver++``, A1111's "DPM++ 2M") and
+``DPMSolverSinglestepScheduler`` (kohya's ``dpmsingle``) run them with their default configs.
+
+They step the VP sample ``x_t = α_t·x0 + σ_t·ε`` (the model sees it unscaled; ``init_noise_sigma``
+is 1) in log-SNR ``λ = log(α_t/σ_t)`` with ``h = λ_next − λ``:
+
+* DPM-Solver++ (data prediction D = x̂0), first order (= DDIM):
+  ``x' = (σ'/σ)·x − α'·(e^(−h) − 1)·D``;
+  multistep 2M (midpoint): the same with ``D = D0 + ½·(D0 − D_prev)/r``, ``r = h_prev/h``.
+* DPM-Solver (noise prediction ε̂), first order: ``x' = (α'/α)·x − σ'·(e^h − 1)·ε̂``; 2M likewise.
+* Singlestep 2S: order 1 to the next σ, then one order-2 step from the same start over both
+  intervals with the two predictions (orders ``1, 2, 1, 2, ..., 1``).
+
+The grid is diffusers': integer timesteps ``round(linspace(0, T−1, n+1))[::-1][:-1]`` and their σ,
+or (``karras=True``, ``use_karras_sigmas``) Karras σ between the training σ_min and σ_max with the
+model run at the *rounded* timesteps of those σ; the last σ is 0 (``final_sigmas_type="zero"``),
+for ``dpmsolver`` σ_min of t = 0 (diffusers refuses "zero" there and names "sigma_min"; kohya's
+``dpmsolver``, built with the class's defaults, fails on the diffusers it pins, 0.32.1). The
+multistep update runs in float32 or wider (diffusers upcasts); its first step is first order, and
+so is its last when it lands on σ = 0 or, on σ_min (``dpmsolver``), in runs of fewer than 15 steps
+(diffusers' ``lower_order_final``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from itertools import pairwise
+
+import torch
+from torch import Tensor
+
+from ..training.diffusion import numpy_linspace
+from .sigma_space import (
+    check_prediction_type,
+    karras_sigmas,
+    sigma_to_t,
+    training_sigmas,
+    vp_alpha_sigma,
+    vp_data_prediction,
+    vp_noise_prediction,
+)
+
+__all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_sample", "dpmsolver_sample", "singlestep_orders"]
+
+Model = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[int, Tensor, Tensor], None]
+
+
+def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
+             final_sigma: str = "zero") -> tuple[Tensor, Tensor]:
+    """The timesteps and noise levels of diffusers' DPM-Solver / UniPC schedulers
+    (``timestep_spacing="linspace"``, ``set_timesteps(num_steps)``).
+
+    ``alphas_cumprod`` (T,): the training ᾱ. ``karras``: ``use_karras_sigmas`` (Karras σ, timesteps
+    rounded). ``final_sigma``: ``"zero"`` or ``"sigma_min"`` (σ of t = 0), appended after the last step.
+
+    Returns:
+        ``timesteps`` (n,) int64 descending, ``sigmas`` (n+1,) float64 k-diffusion σ (CPU).
+
+    Raises:
+        ValueError: ``num_steps`` < 1 or > T, an unknown ``final_sigma``.
+    """
+    T = int(alphas_cumprod.shape[0])
+    if not 1 <= int(num_steps) <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    if final_sigma not in ("zero", "sigma_min"):
+        raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
+    n = int(num_steps)
+    train = training_sigmas(alphas_cumprod)
+    if karras:
+        sigmas = karras_sigmas(float(train[0]), float(train[-1]), n)
+        timesteps = sigma_to_t(sigmas, train).round().long()
+    else:
+        timesteps = numpy_linspace(T - 1, n + 1).round().flip(0)[:-1].long()
+        sigmas = train[timesteps]
+    last = torch.zeros(1, dtype=torch.float64) if final_sigma == "zero" else train[:1]
+    return timesteps, torch.cat([sigmas, last])
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _require_distinct_steps(sampler: str, sigmas: list[float], num_train_steps: int) -> None:
+    """Raise when two model steps of the grid share a noise level: ``num_steps = T`` on the linspace
+    grid rounds two timesteps to the same one; the multistep updates divide by the λ-step between
+    them (diffusers returns NaN there).
+
+    Raises:
+        ValueError: naming the sampler, the step count and the fix.
+    """
+    steps = sigmas[:-1]
+    if any(a == b for a, b in pairwise(steps)):
+        raise ValueError(f"{sampler}: {len(steps)} steps repeat a timestep of the {num_train_steps}-step schedule "
+                         f"(diffusers' scheduler returns NaN there); use at most {num_train_steps - 1} steps, "
+                         f"or karras=True")
+
+
+def _first_order(x: Tensor, pred: Tensor, s: float, s_next: float, *, data: bool) -> Tensor:
+    """One DPM-Solver(++) step of order 1 from noise level ``s`` to ``s_next`` (k-diffusion σ) with the
+    data (``data``) or noise prediction ``pred``; the midpoint order-2 step is this one with
+    ``pred = D0 + ½·D1``."""
+    a, st, lam = vp_alpha_sigma(s)
+    a_n, st_n, lam_n = vp_alpha_sigma(s_next)
+    h = lam_n - lam
+    if data:
+        return (st_n / st) * x - (a_n * math.expm1(-h)) * pred
+    return (a_n / a) * x - (st_n * math.expm1(h)) * pred
+
+
+def _multistep(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
+               karras: bool, data: bool, callback: Callback | None) -> Tensor:
+    check_prediction_type("dpmsolver++" if data else "dpmsolver", prediction_type)
+    final = "zero" if data else "sigma_min"
+    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final)
+    n = int(timesteps.shape[0])
+    sig = sigmas.tolist()
+    _require_distinct_steps("dpmsolver++" if data else "dpmsolver", sig, int(alphas_cumprod.shape[0]))
+    lam = [vp_alpha_sigma(s)[2] for s in sig]
+    out_dtype = x_T.dtype
+    work = _work_dtype(x_T)
+    x = x_T * 1.0  # init_noise_sigma
+    prev: Tensor | None = None
+    for i in range(n):
+        t = torch.full((x.shape[0],), int(timesteps[i]), dtype=torch.long, device=x.device)
+        out = model(x, t)
+        a, st, _ = vp_alpha_sigma(sig[i])
+        pred = (vp_data_prediction if data else vp_noise_prediction)(out, x, a, st, prediction_type)
+        lower_final = i == n - 1 and (n < 15 or final == "zero")
+        xw = x.to(work)
+        if prev is None or lower_final:
+            x_next = _first_order(xw, pred, sig[i], sig[i + 1], data=data)
+        else:
+            h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1]
+            d = pred + (0.5 * h / h_prev) * (pred - prev)  # D0 + ½·D1, D1 = (m0 − m1)/r, r = h_prev/h
+            x_next = _first_order(xw, d, sig[i], sig[i + 1], data=data)
+        x = x_next.to(out_dtype)
+        prev = pred
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def dpmsolver_pp_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                        prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                        callback: Callback | None = None, karras: bool = False) -> Tensor:
+    """DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler`` defaults; A1111's "DPM++ 2M",
+    "DPM++ 2M Karras" with ``karras=True``) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
+
+    ``model(x_t, t)``: the (guided) model at the VP sample x_t (B,C,H,W) and int64 timesteps t (B,);
+    ``alphas_cumprod`` (T,); ``callback(i, t, x)`` after each step. Deterministic (``generator`` unused).
+
+    Raises:
+        ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
+        without Karras σ (the linspace grid repeats a timestep there).
+    """
+    return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                      prediction_type=prediction_type, karras=karras, data=True, callback=callback)
+
+
+def dpmsolver_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                     prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                     callback: Callback | None = None, karras: bool = False) -> Tensor:
+    """DPM-Solver 2M on the noise prediction (``DPMSolverMultistepScheduler(algorithm_type="dpmsolver",
+    final_sigmas_type="sigma_min")``: the last step lands on σ of t = 0, as diffusers requires for
+    this algorithm) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
+
+    ``model(x_t, t)``: the (guided) model at the VP sample x_t (B,C,H,W) and int64 timesteps t (B,);
+    ``alphas_cumprod`` (T,); ``callback(i, t, x)`` after each step. Deterministic (``generator`` unused).
+
+    Raises:
+        ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
+        without Karras σ (the linspace grid repeats a timestep there).
+    """
+    return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                      prediction_type=prediction_type, karras=karras, data=False, callback=callback)
+
+
+def singlestep_orders(num_steps: int) -> list[int]:
+    """Solver order of each step of the order-2 singlestep DPM-Solver++ with diffusers' defaults
+    (``lower_order_final`` forced on by ``final_sigmas_type="zero"``): ``1, 2, 1, 2, ..., 1``
+    ending in ``1, 1`` for an even count."""
+    n = int(num_steps)
+    orders = [1, 2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [1, 2] * (n // 2) + [1]
+    orders[-1] = 1
+    return orders
+
+
+def dpmsingle_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                     prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                     callback: Callback | None = None, karras: bool = False) -> Tensor:
+    """DPM-Solver++ 2S (diffusers' ``DPMSolverSinglestepScheduler`` defaults; kohya's ``dpmsingle``)
+    from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
+
+    Each order-2 step restarts from the sample two σ back with both data predictions; ``model``,
+    ``alphas_cumprod``, ``callback`` as in :func:`dpmsolver_pp_sample`. Deterministic.
+
+    Raises:
+        ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or a timestep the grid
+        repeats (``num_steps = T`` without Karras σ) where an order-2 step would divide by it.
+    """
+    check_prediction_type("dpmsingle", prediction_type)
+    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero")
+    n = int(timesteps.shape[0])
+    sig = sigmas.tolist()
+    lam = [vp_alpha_sigma(s)[2] for s in sig]
+    orders = singlestep_orders(n)
+    if any(orders[i] == 2 and sig[i] == sig[i - 1] for i in range(1, n)):  # an order-2 step over a zero λ-step
+        _require_distinct_steps("dpmsingle", sig, int(alphas_cumprod.shape[0]))
+    out_dtype = x_T.dtype
+    work = _work_dtype(x_T)
+    x = x_T * 1.0
+    anchor = x.to(work)  # the sample where the current single step started
+    prev: Tensor | None = None
+    for i in range(n):
+        t = torch.full((x.shape[0],), int(timesteps[i]), dtype=torch.long, device=x.device)
+        out = model(x, t)
+        a, st, _ = vp_alpha_sigma(sig[i])
+        pred = vp_data_prediction(out, x, a, st, prediction_type)
+        if orders[i] == 1 or prev is None:
+            anchor = x.to(work)
+            x_next = _first_order(anchor, pred, sig[i], sig[i + 1], data=True)
+        else:
+            # from σ_{i−1} to σ_{i+1}: D0 = m1 (at σ_{i−1}), D1 = (m0 − m1)/r, r = h_0/h
+            h, h0 = lam[i + 1] - lam[i - 1], lam[i] - lam[i - 1]
+            d = prev + (0.5 * h / h0) * (pred - prev)
+            x_next = _first_order(anchor, d, sig[i - 1], sig[i + 1], data=True)
+        x = x_next.to(out_dtype)
+        prev = pred
+        if callback is not None:
+            callback(i, t, x)
+    return x

@@ -1,0 +1,68 @@
+"""Heun's second-order method on σ (diffusers' ``HeunDiscreteScheduler``, k-diffusion's
+``sample_heun``; kohya's ``heun``, A1111's "Heun").
+
+Each step is an Euler predictor to σ_{i+1} and a trapezoidal corrector with the derivative there:
+two model calls, except the last step (σ_{i+1} = 0), which is a plain Euler step onto x̂0. So
+``num_steps`` steps cost ``2·num_steps − 1`` model calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .sigma_space import (
+    check_prediction_type,
+    denoised,
+    discrete_sigmas,
+    initial_noise_sigma,
+    model_input,
+    timestep_batch,
+)
+
+__all__ = ["heun_sample"]
+
+
+def heun_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                callback: Callable[[int, Tensor, Tensor], None] | None = None, karras: bool = False,
+                spacing: str = "linspace", steps_offset: int = 0, clip_sample: float | None = None) -> Tensor:
+    """Heun from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
+    ``HeunDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
+
+    Per step i < n−1: ``d = (x − x̂0(x, σ_i))/σ_i`` at ``t_i``, ``x' = x + d·Δ`` (Δ = σ_{i+1} − σ_i),
+    ``d' = (x' − x̂0(x', σ_{i+1}))/σ_{i+1}`` at ``t_{i+1}``, ``x ← x + (d + d')/2·Δ``; the last step
+    is Euler onto x̂0. ``clip_sample``: clamp x̂0 to ±that (diffusers' ``clip_sample=True`` with
+    ``clip_sample_range``; kohya's sample images use 1.0). ``generator``: unused. ``callback(i, t, x)``
+    sees each step's sample. Other arguments as :func:`.euler.euler_sample`.
+
+    Raises:
+        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+    """
+    del generator
+    check_prediction_type("heun", prediction_type)
+    timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
+                                        karras=karras)
+    times, grid = timesteps.tolist(), sigmas.tolist()
+
+    def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
+        x0 = denoised(model(model_input(x, s, x_T.dtype), t), x, s, prediction_type)
+        if clip_sample is not None:
+            x0 = x0.clamp(-clip_sample, clip_sample)
+        return (x - x0) / s
+
+    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32)) * initial_noise_sigma(sigmas, spacing)
+    for i in range(num_steps):
+        s, s_next = grid[i], grid[i + 1]
+        t = timestep_batch(times[i], x)
+        d = slope(x, s, t)
+        if i == num_steps - 1:
+            x = x + d * (s_next - s)
+        else:
+            x_pred = x + d * (s_next - s)
+            x = x + (d + slope(x_pred, s_next, timestep_batch(times[i + 1], x))) * ((s_next - s) / 2)
+        if callback is not None:
+            callback(i, t, x)
+    return x.to(x_T.dtype)

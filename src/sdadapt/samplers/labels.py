@@ -1,0 +1,102 @@
+"""AUTOMATIC1111's sampler labels ("DPM++ 2M Karras", "Euler a", ...) -> a sampler here.
+
+A1111 names its samplers after k-diffusion's functions; diffusers documents which scheduler class
+(and which config) is each one. Only labels whose algorithm is one of :data:`sdadapt.samplers.SAMPLERS`
+map; the others are refused with the reason and the labels that are taken. A trailing
+``" Karras"`` (A1111 before 1.9 listed "LMS Karras", "DPM2 a Karras", ...; later versions put it in a
+"Schedule type" menu) is ``karras=True``: σ on Karras et al.'s ρ = 7 grid, diffusers'
+``use_karras_sigmas=True``, for the samplers in :data:`sdadapt.samplers.KARRAS_SAMPLERS`. A label
+without it is the plain grid, as A1111 before 1.9 read it (1.9 and later run "DPM++ 2M", "DPM2"
+and "DPM2 a" on the Karras grid by default); docs/samplers.md says what else differs from A1111.
+
+The names sdadapt and kohya use (``euler_a``, ``k_dpm_2``, ``dpmsolver++`` ...) are taken too, so
+one function reads whatever a user types after ``--sampler``; they come first (``unipc``, where
+registered, is sdadapt's diffusers-default UniPC, not A1111's own port).
+"""
+
+from __future__ import annotations
+
+from . import KARRAS_SAMPLERS, SAMPLER_ALIASES, SAMPLERS
+
+__all__ = ["A1111_LABELS", "A1111_MISSING", "sampler_choices", "sampler_from_label"]
+
+#: A1111 label (lower case, without " Karras") -> sampler name here (diffusers' scheduler of the label)
+A1111_LABELS: dict[str, str] = {
+    "euler": "euler",  # EulerDiscreteScheduler
+    "euler a": "euler_a",  # EulerAncestralDiscreteScheduler
+    "lms": "lms",  # LMSDiscreteScheduler
+    "heun": "heun",  # HeunDiscreteScheduler
+    "dpm2": "dpm_2",  # KDPM2DiscreteScheduler
+    "dpm2 a": "dpm_2_a",  # KDPM2AncestralDiscreteScheduler
+    "dpm++ 2m": "dpmsolver++",  # DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"), order 2
+    "ddim": "ddim",  # DDIMScheduler
+    "plms": "plms",  # PNDMScheduler(skip_prk_steps=True): only when a sampler named plms is registered
+    # A1111's lower-case aliases (modules/sd_samplers_kdiffusion.py)
+    "k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_lms": "lms", "k_heun": "heun",
+    "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "k_dpmpp_2m": "dpmsolver++",
+}
+
+#: A1111 labels with no sampler here (lower case) -> why
+A1111_MISSING: dict[str, str] = {
+    "dpm++ 2s a": "an ancestral single-step DPM-Solver++ (diffusers has none; dpmsingle is not ancestral)",
+    "dpm++ sde": "k-diffusion's stochastic DPM-Solver++ with Brownian-tree noise (dpmsingle is deterministic)",
+    "dpm++ 2m sde": "DPM-Solver++ 2M SDE (diffusers' algorithm_type='sde-dpmsolver++', not a kohya sampler)",
+    "dpm++ 2m sde heun": "a k-diffusion SDE sampler with no diffusers scheduler",
+    "dpm++ 3m sde": "DPM-Solver++ 3M SDE (not a kohya sampler)",
+    "dpm fast": "k-diffusion's fixed-step DPM-Solver with no diffusers scheduler",
+    "dpm adaptive": "k-diffusion's adaptive-step DPM-Solver with no diffusers scheduler",
+    "restart": "the Restart sampler, with no diffusers scheduler",
+    "unipc": "its own UniPC port (bh1, order 3), not diffusers' UniPCMultistepScheduler defaults",
+    "lcm": "the latent-consistency sampler, for LCM models",
+    "ddim cfg++": "DDIM with CFG++ guidance",
+    "euler cfg++": "Euler with CFG++ guidance",
+    "plms": "PNDMScheduler with skip_prk_steps=True; kohya's pndm (the class's defaults) runs PNDM's Runge-Kutta "
+            "warm-up steps first, so it is not A1111's PLMS",
+}
+
+
+def sampler_choices() -> list[str]:
+    """Every name :func:`sampler_from_label` takes without " Karras": the samplers, kohya's aliases
+    and the A1111 labels whose sampler is registered (A1111's capitalisation)."""
+    pretty = {"euler a": "Euler a", "dpm2": "DPM2", "dpm2 a": "DPM2 a", "dpm++ 2m": "DPM++ 2M", "ddim": "DDIM",
+              "plms": "PLMS", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
+    labels = [pretty[k] for k, name in A1111_LABELS.items() if k in pretty and name in SAMPLERS]
+    return [*SAMPLERS, *SAMPLER_ALIASES, *labels]
+
+
+def _taken() -> str:
+    labels = [label for label in sampler_choices() if label[0].isupper()]
+    return (f"the samplers {', '.join(SAMPLERS)}; their other names {', '.join(SAMPLER_ALIASES)}; A1111's "
+            f"{', '.join(repr(label) for label in labels)}"
+            f" (+ ' Karras' for {', '.join(KARRAS_SAMPLERS) or 'none'})")
+
+
+def sampler_from_label(text: str) -> tuple[str, bool]:
+    """A sampler name, kohya alias or A1111 label -> ``(name in SAMPLERS, karras)``.
+
+    ``"DPM++ 2M Karras"`` -> ``("dpmsolver++", True)``; ``"Euler a"`` -> ``("euler_a", False)``;
+    ``"k_euler"`` -> ``("euler", False)``. Case and repeated spaces do not matter.
+
+    Raises:
+        ValueError: a label with no sampler here (the message says why and lists what is taken), or
+            " Karras" on a sampler without Karras σ.
+    """
+    words = " ".join(str(text).lower().replace("_karras", " karras").split())
+    karras = words.endswith(" karras")
+    base = words[: -len(" karras")].strip() if karras else words
+    key = SAMPLER_ALIASES.get(base, base)
+    if key in SAMPLERS:
+        name = key
+    elif base in A1111_LABELS and A1111_LABELS[base] in SAMPLERS:
+        name = A1111_LABELS[base]
+    elif base in A1111_MISSING:
+        raise ValueError(f"sampler {text!r}: A1111's {base!r} is {A1111_MISSING[base]}; no sampler here matches it. "
+                         f"Taken: {_taken()}")
+    elif base in A1111_LABELS:
+        raise ValueError(f"sampler {text!r} ({A1111_LABELS[base]}) is not available in this sdadapt; taken: {_taken()}")
+    else:
+        raise ValueError(f"unknown sampler {text!r}; taken: {_taken()}")
+    if karras and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"sampler {text!r}: {name} has no Karras noise levels (diffusers' class has no "
+                         f"use_karras_sigmas); ' Karras' works with {', '.join(KARRAS_SAMPLERS) or 'none'}")
+    return name, karras

@@ -1,0 +1,193 @@
+"""What the samplers on σ share: σ at fractional timesteps, Karras et al.'s ρ-spaced σ, σ back to
+a (fractional) timestep, and the model output read as x̂0 at a noise level.
+
+``σ_t = √((1-ᾱ_t)/ᾱ_t)`` is the k-diffusion noise level of DDPM step t; a sampler on σ runs the
+model at ``x/√(σ²+1)`` and timestep ``t(σ)``. Everything here is float64 on the CPU: the grids
+are a few dozen numbers, made once per sampling run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..training.diffusion import PREDICTION_TYPES, sigmas_of, timestep_grid
+
+__all__ = ["ancestral_step", "check_prediction_type", "denoised", "discrete_sigmas", "initial_noise_sigma",
+           "karras_sigmas", "model_input", "sigma_to_t", "sigmas_at", "step_noise", "timestep_batch", "training_sigmas",
+           "vp_alpha_sigma", "vp_data_prediction", "vp_noise_prediction"]
+
+#: the last ᾱ of a zero-terminal-SNR schedule (ᾱ = 0, σ = ∞) as the σ samplers use it: diffusers'
+#: Euler, Euler ancestral, DPM-Solver multistep and UniPC set it so under ``rescale_betas_zero_snr``
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+def training_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """σ of each training step (T,) float64 CPU, ``√((1-ᾱ_t)/ᾱ_t)``, from the training ᾱ (T,).
+
+    A zero last ᾱ (a zero-terminal-SNR schedule) is read as :data:`ZERO_SNR_ALPHA_CUMPROD`, as
+    diffusers' schedulers do, so σ_max ≈ 4096 rather than ∞ (which would make every σ sampler NaN).
+    """
+    ac = alphas_cumprod.detach().double().cpu()
+    if float(ac[-1]) == 0.0:
+        ac = torch.cat([ac[:-1], ac.new_full((1,), ZERO_SNR_ALPHA_CUMPROD)])
+    return sigmas_of(ac)
+
+
+def sigmas_at(timesteps: Tensor, train_sigmas: Tensor) -> Tensor:
+    """σ at (fractional) timesteps (n,), linear in t between training steps (diffusers'
+    ``np.interp(timesteps, arange(T), sigmas)``; its ``interpolation_type="linear"``).
+
+    ``train_sigmas``: (T,) σ of each training step. Returns (n,) float64.
+    """
+    sig = train_sigmas.double().cpu()
+    ts = timesteps.double().cpu().clamp(0, sig.shape[0] - 1)
+    lo = ts.floor().long().clamp(max=sig.shape[0] - 1)
+    hi = (lo + 1).clamp(max=sig.shape[0] - 1)
+    frac = ts - lo.double()
+    return sig[lo] * (1 - frac) + sig[hi] * frac
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022) noise levels (n,) float64, descending from ``sigma_max`` to ``sigma_min``:
+    ``σ_i = (σ_max^(1/ρ) + i/(n-1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ`` (diffusers' ``use_karras_sigmas``)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
+    """Fractional timesteps (n,) float64 of noise levels ``sigmas`` (n,): linear in log σ between
+    the two training steps around each (diffusers' ``_sigma_to_t``), clamped to [0, T-1]."""
+    log_train = train_sigmas.double().cpu().log()
+    log_sigma = sigmas.double().cpu().clamp_min(1e-10).log()
+    dists = log_sigma[None, :] - log_train[:, None]  # (T, n)
+    low = (dists >= 0).cumsum(0).argmax(0).clamp(max=log_train.shape[0] - 2)
+    high = low + 1
+    w = ((log_train[low] - log_sigma) / (log_train[low] - log_train[high])).clamp(0, 1)
+    return (1 - w) * low.double() + w * high.double()
+
+
+def denoised(output: Tensor, x: Tensor, sigma: float | Tensor, prediction_type: str) -> Tensor:
+    """x̂0 (B,C,H,W) from the model's ``output`` at the σ-scaled sample ``x`` (the model saw
+    ``x/√(σ²+1)``): ε: ``x − σ·out``; v: ``x/(σ²+1) − σ·out/√(σ²+1)``; sample: ``out``."""
+    if prediction_type == "epsilon":
+        return x - sigma * output
+    if prediction_type == "v_prediction":
+        return output * (-sigma / (sigma * sigma + 1) ** 0.5) + x / (sigma * sigma + 1)
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
+def vp_alpha_sigma(sigma: float) -> tuple[float, float, float]:
+    """The VP process's ``(α_t, σ_t, λ_t)`` at the k-diffusion noise level ``sigma``:
+    ``α_t = 1/√(σ²+1) = √ᾱ``, ``σ_t = σ·α_t = √(1−ᾱ)``, ``λ_t = log(α_t/σ_t) = −log σ``
+    (diffusers' ``_sigma_to_alpha_sigma_t``; λ is +inf at σ = 0, where the sample is x̂0).
+
+    The DPM-Solver and UniPC samplers step the VP sample ``x_t = α_t·x0 + σ_t·ε`` (what the
+    model sees unscaled) in these terms."""
+    alpha = 1.0 / (sigma * sigma + 1.0) ** 0.5
+    return alpha, sigma * alpha, (-math.log(sigma) if sigma > 0 else math.inf)
+
+
+def vp_data_prediction(output: Tensor, x: Tensor, alpha_t: float, sigma_t: float, prediction_type: str) -> Tensor:
+    """x̂0 (B,C,H,W) from the model's ``output`` at the VP sample ``x`` (B,C,H,W) with
+    coefficients ``(α_t, σ_t)``: ε: ``(x − σ_t·out)/α_t``; v: ``α_t·x − σ_t·out``; sample: ``out``."""
+    if prediction_type == "epsilon":
+        return (x - sigma_t * output) / alpha_t
+    if prediction_type == "v_prediction":
+        return alpha_t * x - sigma_t * output
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
+def vp_noise_prediction(output: Tensor, x: Tensor, alpha_t: float, sigma_t: float, prediction_type: str) -> Tensor:
+    """ε̂ (B,C,H,W) from the model's ``output`` at the VP sample ``x`` (B,C,H,W) with
+    coefficients ``(α_t, σ_t)``: ε: ``out``; v: ``α_t·out + σ_t·x``; sample: ``(x − α_t·out)/σ_t``."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha_t * output + sigma_t * x
+    if prediction_type == "sample":
+        return (x - alpha_t * output) / sigma_t
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
+# ------------------------------------------------- the discrete-σ schedulers' grids (Euler, Heun, KDPM2)
+def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
+                    karras: bool = False, round_karras_timesteps: bool = False) -> tuple[Tensor, Tensor]:
+    """``(timesteps (n,), sigmas (n+1,))`` float64 CPU of diffusers' discrete-σ schedulers
+    (``EulerDiscreteScheduler``, ``EulerAncestral``, ``Heun``, ``KDPM2``, ``KDPM2Ancestral``,
+    ``LMS``) after ``set_timesteps(num_steps)``, on the training schedule ``alphas_cumprod`` (T,).
+
+    timesteps: descending by ``timestep_spacing`` (linspace unrounded), held as float32 as
+    diffusers holds them (what the UNet gets); σ_i: the training σ linear in t at t_i; σ_n = 0.
+    ``karras``: σ_0..σ_{n-1} on Karras et al.'s ρ = 7 grid between the last and first of those σ
+    (``use_karras_sigmas``), timesteps ``t(σ)`` by :func:`sigma_to_t`, rounded to whole steps with
+    ``round_karras_timesteps`` (KDPM2 does; Euler and Heun don't).
+
+    Raises:
+        ValueError: ``num_steps`` outside [1, T], an unknown spacing.
+    """
+    train = training_sigmas(alphas_cumprod)
+    timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False).float().double()
+    sigmas = sigmas_at(timesteps, train)
+    if karras:
+        sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_steps)
+        timesteps = sigma_to_t(sigmas, train)
+        if round_karras_timesteps:
+            timesteps = timesteps.round()
+    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def initial_noise_sigma(sigmas: Tensor, spacing: str = "linspace") -> float:
+    """The scale of the starting noise (diffusers' ``init_noise_sigma``): σ_max for the
+    ``linspace``/``trailing`` spacings, ``√(σ_max² + 1)`` for ``leading``. ``sigmas``: (n+1,)."""
+    top = float(sigmas.max())
+    return top if spacing in ("linspace", "trailing") else (top * top + 1) ** 0.5
+
+
+def model_input(x: Tensor, sigma: float, dtype: torch.dtype) -> Tensor:
+    """What the model sees at noise level σ: ``x/√(σ²+1)`` (B,C,H,W) in ``dtype`` (the
+    caller's latent dtype; the samplers keep ``x`` in at least float32 between steps)."""
+    return (x / (sigma * sigma + 1) ** 0.5).to(dtype)
+
+
+def timestep_batch(t: float, x: Tensor) -> Tensor:
+    """The timestep ``t`` as the model gets it: (B,) float32 on ``x``'s device (diffusers'
+    σ schedulers hold fractional float32 timesteps; a UNet embeds them in float32)."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+
+
+def step_noise(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:
+    """Unit noise shaped like ``like`` (B,C,H,W), drawn as diffusers' ``randn_tensor`` draws it:
+    on the generator's device (CPU generators: on the CPU), then moved to ``like``'s device, so a
+    seeded CPU generator gives the same numbers as diffusers on any device."""
+    dtype = like.dtype if dtype is None else dtype
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, dtype=dtype, device=device).to(like.device)
+
+
+def ancestral_step(sigma_from: float, sigma_to: float) -> tuple[float, float]:
+    """``(σ_down, σ_up)`` of an ancestral step from σ_from to σ_to (k-diffusion's
+    ``get_ancestral_step``, eta = 1): ``σ_up = √(σ_to²(σ_from² − σ_to²)/σ_from²)``,
+    ``σ_down = √(σ_to² − σ_up²)``; the deterministic part steps to σ_down, noise·σ_up is added."""
+    up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    return max(sigma_to**2 - up**2, 0.0) ** 0.5, up
+
+
+def check_prediction_type(sampler: str, prediction_type: str) -> None:
+    """Raise before the first model call when ``prediction_type`` is not one :func:`denoised` reads.
+
+    Raises:
+        ValueError: naming the sampler and the types taken.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{sampler}: prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                         f"got {prediction_type!r}")

@@ -1,0 +1,322 @@
+"""(IA)³ against the installed lycoris-lora package: its module, its kohya network, its files.
+
+* LyCORIS' ``IA3Module`` on plain Linear / Conv2d layers, on outputs and on inputs, at strengths
+  1 and 0.6: sdadapt built from its saved tensors gives the same outputs (merged and hooked).
+* Files written by LyCORIS' kohya network (``algo=ia3``) on a tiny SD1 UNet + CLIP — its ``ia3``
+  preset's layers, written as patterns (see below), and conv blocks — load with ``load_lora``,
+  apply with the same outputs, round-trip bit for bit and ``inspect`` as ``ia3``.
+* sdadapt-written files load into a LyCORIS network with ``load_weights`` (kohya's
+  ``network_weights`` path) and give sdadapt's outputs.
+
+LyCORIS 4.1.3's ``create_network_from_weights`` cannot build IA3 modules from a file at all
+(``IA3Module.make_module_from_state_dict`` takes one tensor, the loader passes ``weight`` and
+``on_input``: a TypeError), and its built-in ``preset=ia3`` matches no diffusers layer (it
+``re.match``-es ``"to_k"`` against full paths). The tests use the network + ``load_weights`` and
+a preset file with the same layers as anchored patterns.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, unet_inputs
+from torch import nn
+
+import sdadapt
+from sdadapt.adapters import IA3Module
+from sdadapt.formats import describe_file, load_lora, save_lora
+from sdadapt.formats.diffusers import save_peft
+
+lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is not installed (pip install lycoris-lora)")
+from lycoris.kohya import create_network
+from lycoris.modules.ia3 import IA3Module as LycorisIA3
+
+logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+
+#: LyCORIS' built-in ``ia3`` preset (lycoris/config.py) with its names as anchored patterns
+IA3_PRESET = r"""
+enable_conv = false
+unet_target_module = []
+unet_target_name = ['.*to_k$', '.*to_v$', '.*ff\.net\.2$']
+text_encoder_target_module = []
+text_encoder_target_name = ['.*k_proj$', '.*v_proj$', '.*mlp\.fc2$']
+
+[name_algo_map.'.*ff\.net\.2$']
+train_on_input = true
+
+[name_algo_map.'.*mlp\.fc2$']
+train_on_input = true
+"""
+
+
+@pytest.mark.parametrize("on_input", [False, True], ids=["on-output", "on-input"])
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+def test_lycoris_ia3_module_equals_sdadapt(kind, on_input, multiplier):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 8) if kind == "linear" else nn.Conv2d(4, 8, 3, stride=2, padding=1)
+    x = torch.randn(3, 5, 6) if kind == "linear" else torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        y_base = layer(x)
+    lyco = LycorisIA3("m", layer, multiplier=multiplier, train_on_input=on_input)
+    with torch.no_grad():
+        lyco.weight.copy_(torch.randn_like(lyco.weight) * 0.5)
+    lyco.apply_to()
+    with torch.no_grad():
+        y_lyco = layer(x)
+    assert not torch.allclose(y_lyco, y_base, atol=1e-3)
+    state = {k: v.detach().clone() for k, v in lyco.state_dict().items()}
+    assert set(state) == {"weight", "on_input"} and int(state["on_input"]) == int(on_input)
+
+    twin = nn.Sequential(nn.Linear(6, 8) if kind == "linear" else nn.Conv2d(4, 8, 3, stride=2, padding=1))
+    twin[0].load_state_dict(layer.state_dict())
+    handle = sdadapt.load_adapter(twin, {f"0.{k}": v for k, v in state.items()})
+    handle.set_scale(multiplier)
+    assert isinstance(handle.modules["0"], IA3Module)
+    with torch.no_grad():
+        assert torch.allclose(twin(x), y_lyco, atol=1e-5, rtol=1e-5)
+        handle.merge()
+        assert torch.allclose(twin(x), y_lyco, atol=1e-5, rtol=1e-5)
+        merged, _ = lyco.get_merged_weight(multiplier=multiplier)
+        assert torch.allclose(twin[0].weight, merged.reshape(twin[0].weight.shape), atol=1e-6)
+        assert torch.equal(twin[0].bias, lyco.org_module[0].bias)  # the bias is not scaled
+
+
+def _te_out(te, ids):
+    with torch.no_grad():
+        return te(ids).last_hidden_state
+
+
+def _lycoris_network(unet, te, preset, **kwargs):
+    net = create_network(1.0, 4, 1.0, None, te, unet, algo="ia3", preset=preset, **kwargs)
+    net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
+    return net
+
+
+CASES = [
+    pytest.param("ia3-preset", {}, {"linear"}, id="ia3-preset"),
+    pytest.param("unet-convblock-only", {"conv_dim": 4}, {"conv"}, id="conv-blocks"),
+]
+
+
+@pytest.mark.parametrize("preset, kwargs, layer_kinds", CASES)
+def test_lycoris_ia3_file_loads_applies_round_trips_and_inspects(preset, kwargs, layer_kinds, tmp_path):
+    if preset == "ia3-preset":
+        preset_file = tmp_path / "ia3.toml"
+        preset_file.write_text(IA3_PRESET)
+        preset = str(preset_file)
+    unet, te = tiny_unet_sd1(), tiny_clip()
+    inputs, ids = unet_inputs(unet), torch.tensor([[0, 5, 7, 9, 2]])
+    net = _lycoris_network(unet, te, preset, **kwargs)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    path = tmp_path / "lyco-ia3.safetensors"
+    net.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    y_unet, y_te = run_unet(unet, inputs), _te_out(te, ids)
+    original = load_file(str(path))
+    on_input = {k for k, v in original.items() if k.endswith(".on_input") and int(v) == 1}
+    if "linear" in layer_kinds:  # the preset's feed-forward outputs scale their inputs
+        assert on_input and all("ff_net_2" in k or "mlp_fc2" in k for k in on_input)
+    else:
+        assert any(v.dim() == 4 for k, v in original.items() if k.endswith(".weight"))
+
+    components, _ = load_lora(path)
+    fresh_unet, fresh_te = tiny_unet_sd1(), tiny_clip()
+    base_unet = run_unet(fresh_unet, inputs)
+    handles = [sdadapt.load_adapter(fresh_unet, components["unet"])]
+    if "text_encoder" in components:
+        handles.append(sdadapt.load_adapter(fresh_te, components["text_encoder"]))
+    assert all(isinstance(a, IA3Module) for h in handles for a in h.modules.values())
+    assert not torch.allclose(y_unet, base_unet, atol=1e-4), "the adapter should change the output"
+    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(_te_out(fresh_te, ids), y_te, atol=2e-5, rtol=1e-4)
+    for handle in handles:
+        handle.merge()
+    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
+
+    # file -> canonical -> file: same keys (transformers-5 CLIP paths get `text_model_`), same bits
+    again = tmp_path / "again.safetensors"
+    save_lora(again, components, format="kohya", base_model="sd1")
+    written = load_file(str(again))
+    ecosystem = {k.replace("lora_te_encoder_", "lora_te_text_model_encoder_"): v for k, v in original.items()}
+    assert set(written) == set(ecosystem)
+    for key, value in ecosystem.items():
+        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+    meta = load_lora(again)[1]
+    assert meta["ss_network_module"] == "lycoris.kohya" and '"algo": "ia3"' in meta["ss_network_args"]
+
+    summary = describe_file(path)
+    assert summary["kind"] == "lycoris" and summary["family"] == "ia3"
+    assert set(summary["algorithms"]) == {"ia3"}
+    assert summary["ranks"] == {"none (IA3 vectors)": summary["modules"]} == summary["alphas"]
+
+
+def test_sdadapt_ia3_file_loads_into_lycoris_network(tmp_path):
+    """``prepare_ia3`` (the ``ia3`` method) on a tiny SD1 UNet + CLIP saves a LyCORIS file; LyCORIS'
+    network on the same layers (the preset file above) loads it with ``load_weights`` — every key
+    used, none missing — and computes sdadapt's outputs."""
+    from safetensors.torch import save_file
+
+    from sdadapt.methods.ia3 import prepare_ia3
+
+    unet, te = tiny_unet_sd1(), tiny_clip()
+    inputs, ids = unet_inputs(unet), torch.tensor([[0, 5, 7, 9, 2]])
+    adaptation = prepare_ia3(SimpleNamespace(unet=unet, text_encoder=te, base_model="sd1"))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in adaptation.params:
+            p.copy_(torch.randn_like(p) * 0.3)
+    y_unet, y_te = run_unet(unet, inputs), _te_out(te, ids)
+    path = adaptation.save(tmp_path / "ours.safetensors")
+    written = load_file(str(path))
+    flags = {k: int(v) for k, v in written.items() if k.endswith(".on_input")}
+    assert flags and all(v == (("ff_net_2" in k) or ("mlp_fc2" in k)) for k, v in flags.items())
+
+    preset_file = tmp_path / "ia3.toml"
+    preset_file.write_text(IA3_PRESET)
+    fresh_unet, fresh_te = tiny_unet_sd1(), tiny_clip()
+    net = _lycoris_network(fresh_unet, fresh_te, str(preset_file))
+    # lycoris on a transformers-5 CLIPTextModel names its layers without `text_model`
+    own = set(net.state_dict())
+    renamed = {k if k in own else k.replace("lora_te_text_model_encoder_", "lora_te_encoder_"): v
+               for k, v in written.items()}
+    assert set(renamed) == own
+    save_file(renamed, str(tmp_path / "for-lycoris.safetensors"))
+    net.load_weights(str(tmp_path / "for-lycoris.safetensors"))
+    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(_te_out(fresh_te, ids), y_te, atol=2e-5, rtol=1e-4)
+    adaptation.remove()
+    assert torch.equal(run_unet(unet, inputs), run_unet(tiny_unet_sd1(), inputs))
+
+
+#: a preset file naming the feed-forward output layers, without LyCORIS' ia3 ``name_algo_map``
+FF_PRESET = r"""
+unet_target_module = []
+unet_target_name = ['.*to_k$', '.*ff\.net\.2$']
+text_encoder_target_module = []
+text_encoder_target_name = ['.*k_proj$', '.*mlp\.fc2$']
+"""
+
+
+@pytest.mark.parametrize("preset", ["attn-mlp", "file"])
+def test_other_presets_scale_outputs_as_lycoris(preset, tmp_path, monkeypatch):
+    """Only the built-in ``ia3`` preset scales ``ff.net.2`` / ``mlp.fc2`` on their inputs: with another
+    preset or a preset file LyCORIS (no ``train_on_input``) scales every layer's outputs, and so does
+    ``prepare_ia3`` — the same modules, the same ``on_input`` flags."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    from sdadapt.methods.ia3 import prepare_ia3
+
+    if preset == "file":
+        (tmp_path / "ff.toml").write_text(FF_PRESET)
+        preset = str(tmp_path / "ff.toml")
+    monkeypatch.setattr(LycorisNetworkKohya, "NAME_ALGO_MAP", {})  # (class state an earlier ia3 preset leaves)
+    unet, te = tiny_unet_sd1(), tiny_clip()
+    adaptation = prepare_ia3(SimpleNamespace(unet=unet, text_encoder=te, base_model="sd1"), targets=preset)
+    ours = load_file(str(adaptation.save(tmp_path / "ours.safetensors")))
+    adaptation.remove()
+    net = _lycoris_network(tiny_unet_sd1(), tiny_clip(), preset)
+    theirs = {k: int(v) for k, v in net.state_dict().items() if k.endswith(".on_input")
+              and "time_embedding" not in k}  # (4.1's TimestepEmbedding class: docs/lycoris.md "Presets")
+    flags = {k.replace("lora_te_text_model_encoder_", "lora_te_encoder_"): int(v)
+             for k, v in ours.items() if k.endswith(".on_input")}
+    assert any("ff_net_2" in k for k in flags) and any("mlp_fc2" in k for k in flags)
+    assert flags == theirs and not any(flags.values())
+
+
+# --------------------------------------------------------------------------------------- peft IA3
+peft = pytest.importorskip("peft", reason="peft is not installed")
+
+
+class _ConvNet(nn.Module):
+    """Convolutions and Linears, biased and not, for peft's IA3 on both layer types."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 6, 3, padding=1, bias=False)  # outputs scaled (no bias: exact)
+        self.conv_ff = nn.Conv2d(6, 6, 1)  # feed-forward: inputs scaled
+        self.proj = nn.Linear(6, 5, bias=False)
+        self.ff = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = self.conv_ff(torch.relu(self.conv_a(x)))
+        return self.ff(torch.relu(self.proj(h.mean(dim=(2, 3)))))
+
+
+def _peft_cases():
+    return [
+        pytest.param(lambda: tiny_unet_sd1(), ["to_k", "to_v", "ff.net.2"], ["ff.net.2"], id="sd1-unet"),
+        pytest.param(lambda: _ConvNet(), ["conv_a", "conv_ff", "proj", "ff"], ["conv_ff", "ff"], id="conv-linear"),
+        # peft's feedforward list entries are plain suffixes: "ff" makes conv_ff feed-forward too
+        pytest.param(lambda: _ConvNet(), ["conv_a", "conv_ff", "proj", "ff"], ["ff"], id="ff-suffix"),
+    ]
+
+
+def _run(model, kind):
+    with torch.no_grad():
+        if kind == "sd1-unet":
+            return run_unet(model, unet_inputs(model))
+        return model(torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("build, targets, feedforward", _peft_cases())
+def test_peft_ia3_round_trips_both_ways(build, targets, feedforward, tmp_path, request):
+    kind = request.node.callspec.id
+    torch.manual_seed(0)
+    model = build()
+    base_out = _run(model, kind)
+    config = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward)
+    peft_model = peft.get_peft_model(model, config)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.4 * torch.randn_like(p))
+    y_peft = _run(model, kind)
+    assert not torch.allclose(y_peft, base_out, atol=1e-4)
+    folder = tmp_path / "peft-ia3"
+    peft_model.save_pretrained(str(folder))
+
+    # peft -> sdadapt: load_lora reads the folder, the family is (IA)³, the outputs are peft's
+    components, _ = load_lora(folder)
+    state = components["model"]
+    assert {k.rsplit(".", 1)[1] for k in state} == {"weight", "on_input"}
+    torch.manual_seed(0)
+    fresh = build()
+    handle = sdadapt.load_adapter(fresh, state)
+    assert all(isinstance(a, IA3Module) for a in handle.modules.values())
+    ff_layers = {n for n, a in handle.modules.items() if a.train_input}
+    assert ff_layers and all(n.endswith(tuple(feedforward)) for n in ff_layers)
+    if kind == "ff-suffix":
+        assert ff_layers == {"conv_ff", "ff"}
+    assert torch.allclose(_run(fresh, kind), y_peft, atol=2e-5, rtol=1e-4)
+    summary = describe_file(folder)
+    assert summary["kind"] == "peft-ia3" and summary["family"] == "ia3"
+    assert summary["components"] == {"model": len(handle.modules)}
+
+    # sdadapt -> peft: save_peft of sdadapt's state; PeftModel.from_pretrained computes the same
+    out = tmp_path / "ours"
+    save_peft(out, handle.state_dict())
+    torch.manual_seed(0)
+    again = build()
+    loaded = peft.PeftModel.from_pretrained(again, str(out))
+    assert loaded.peft_config["default"].peft_type == peft.PeftType.IA3
+    assert torch.allclose(_run(again, kind), y_peft, atol=2e-5, rtol=1e-4)
+
+
+def test_peft_ia3_on_a_biased_output_layer_is_refused_with_the_model():
+    """peft scales an output-scaled layer's bias; LyCORIS / sdadapt do not: with the model at hand
+    the conversion refuses that layer (naming it) instead of changing the output differently."""
+    from sdadapt.formats.peft_ia3 import from_peft_ia3
+
+    model = nn.Sequential(nn.Linear(3, 4))
+    state = {"base_model.model.0.ia3_l": torch.ones(4, 1) * 1.5}
+    assert set(from_peft_ia3(state, None)) == {"0.weight", "0.on_input"}  # without the model: read as written
+    with pytest.raises(sdadapt.errors.InputError, match=r"0\.ia3_l scales the outputs of 0, which has a bias"):
+        from_peft_ia3(state, None, model=model)
