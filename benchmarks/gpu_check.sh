@@ -87,12 +87,14 @@ export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
 cat "$SUMMARY" >>"$LOG"
 
 # ------------------------------------------------------------------------------------ CUDA tests
-step "cuda tests" 150 python3 -m pytest -q -rs -p no:cacheprovider -k cuda \
-    tests/test_train.py tests/test_train_options.py tests/test_optim.py tests/test_attention_backends.py \
-    tests/test_optim_capturable.py tests/test_shared_input_lora.py tests/test_lean_finetune.py tests/test_host_syncs.py \
-    tests/test_optim_split.py tests/test_fit_cuda_graph.py tests/test_compile_graphs.py tests/test_max_norm.py \
-    tests/test_capture_new_inputs.py tests/test_captured_accumulation.py tests/test_lion.py tests/test_prodigy.py tests/test_adafactor_capturable.py tests/test_schedule_free.py \
-    tests/test_dadapt.py
+# the capture and step tests first (the benchmark rows below depend on them); the optimiser and
+# input-path CUDA tests after the goal benchmarks, so a slow test run cannot cut the measurements
+CORE_TESTS=(tests/test_train.py tests/test_fit_cuda_graph.py tests/test_captured_accumulation.py tests/test_optim_capturable.py
+    tests/test_lean_finetune.py tests/test_shared_input_lora.py tests/test_attention_backends.py)
+MORE_TESTS=(tests/test_train_options.py tests/test_optim.py tests/test_host_syncs.py tests/test_optim_split.py
+    tests/test_compile_graphs.py tests/test_max_norm.py tests/test_capture_new_inputs.py tests/test_lion.py tests/test_prodigy.py
+    tests/test_adafactor_capturable.py tests/test_schedule_free.py tests/test_dadapt.py tests/test_fp8_base.py tests/test_compile_inductor.py)
+step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
 
 # ------------------------------------------------------------------------------------ benchmarks
 if [[ "$DRY" == 1 ]]; then
@@ -111,10 +113,6 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
         { echo; echo "## $name: $* — no result (see gpu_check.log)"; } >>"$SUMMARY"
     fi
 }
-# which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~20 s
-if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
-step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"
-if [[ -f "$OUT/attention.md" ]]; then { echo; echo "## attention (SDPA backends)"; echo; cat "$OUT/attention.md"; } >>"$SUMMARY"; rm -f "$OUT/attention.md"; fi
 # LoRA r16 on attention: recipe, UNet-only peft on cached latents, sdadapt eager (channels_last and not; per-adapter and
 # q/k/v down-projections batched: batch_shared_input_adapters) and CUDA-graph
 bench lora 200 --modes lora --batch 1 8 --variants reference peft-unet sdadapt sdadapt-nchw sdadapt-qkv sdadapt-captured --profile 3
@@ -122,6 +120,11 @@ bench lora 200 --modes lora --batch 1 8 --variants reference peft-unet sdadapt s
 # lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True)
 bench full 180 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
     sdadapt-lean-captured sdadapt-fast-captured --profile 2
+# which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~20 s
+if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
+step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"
+if [[ -f "$OUT/attention.md" ]]; then { echo; echo "## attention (SDPA backends)"; echo; cat "$OUT/attention.md"; } >>"$SUMMARY"; rm -f "$OUT/attention.md"; fi
+step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
 # torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the slowest
 # rows, so last; the second compile mostly hits inductor's cache)
 bench compiled 170 --modes lora --batch 8 --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops

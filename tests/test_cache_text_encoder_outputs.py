@@ -306,11 +306,10 @@ def test_toml_keys(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("cache_text_encoder_outputs = true\nfp8_base = false\n")
     options, _, notes = read_config(config, fields=fields, method_options=set())
-    assert options == {"cache_text_encoder_outputs": True} and notes == []
+    assert options == {"cache_text_encoder_outputs": True, "fp8_base": False} and notes == []
     config.write_text("cache_text_encoder_outputs_to_disk = true\n")  # kohya: turns the cache on
     options, _, notes = read_config(config, fields=fields, method_options=set())
     assert options == {"cache_text_encoder_outputs": True} and "cached in memory" in notes[0]
-    for key in ("fp8_base", "fp8_base_unet"):
+    for key in ("fp8_base", "fp8_base_unet"):  # kohya's fp8 base: read (tests/test_fp8_base.py trains with it)
         config.write_text(f"{key} = true\n")
-        with pytest.raises(ValueError, match=f"{key}: sdadapt keeps the base weights in their own dtype"):
-            read_config(config, fields=fields, method_options=set())
+        assert read_config(config, fields=fields, method_options=set())[0] == {key: True}

@@ -50,6 +50,18 @@ def _images(folder, n=3, size=32, captions=True):
     return folder
 
 
+def _unet_outputs_with(root, unet_state):
+    """``(before, after, handle)``: the UNet of the tiny pipeline folder ``root`` on one random input
+    (1,4,16,16) before and after ``sdadapt.load_adapter`` of ``unet_state`` (a trained file's UNet part)."""
+    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 12, 32)
+    with torch.no_grad():
+        before = unet(x, torch.tensor([10]), ctx).sample
+        handle = sdadapt.load_adapter(unet, unet_state)
+        after = unet(x, torch.tensor([10]), ctx).sample
+    return before, after, handle
+
+
 def test_train_lora_on_a_diffusers_folder_writes_a_loadable_kohya_file(tmp_path, capsys):
     root = _tiny_pipeline(tmp_path / "pipe")
     images = _images(tmp_path / "imgs")
@@ -60,12 +72,7 @@ def test_train_lora_on_a_diffusers_folder_writes_a_loadable_kohya_file(tmp_path,
     state, metadata = sdadapt.load_lora(out)
     assert set(state) == {"unet", "text_encoder"} and metadata["ss_network_module"] == "networks.lora"
     # the trained LoRA applies to the same diffusers UNet and changes its output
-    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
-    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 12, 32)
-    with torch.no_grad():
-        before = unet(x, torch.tensor([10]), ctx).sample
-        handle = sdadapt.load_adapter(unet, state["unet"])
-        after = unet(x, torch.tensor([10]), ctx).sample
+    before, after, handle = _unet_outputs_with(root, state["unet"])
     assert len(handle) > 0 and not torch.allclose(before, after)
 
 

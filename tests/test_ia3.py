@@ -197,8 +197,8 @@ def test_ia3_method_on_a_tiny_sd_unet_and_clip(tmp_path):
 def test_train_ia3_on_a_diffusers_folder_with_kohya_network_args(tmp_path, capsys):
     """``train ia3 --network-args algo=ia3 preset=ia3`` (a kohya LyCORIS config's args) trains the
     vectors at the LR given and writes a LyCORIS IA3 file that loads back and changes the UNet."""
-    diffusers = pytest.importorskip("diffusers")
-    from test_cli_train import _images, _tiny_pipeline
+    pytest.importorskip("diffusers")
+    from test_cli_train import _images, _tiny_pipeline, _unet_outputs_with
 
     from sdadapt.cli import main
 
@@ -214,12 +214,7 @@ def test_train_ia3_on_a_diffusers_folder_with_kohya_network_args(tmp_path, capsy
     flags = {k: int(v) for k, v in state["unet"].items() if k.endswith(".on_input")}
     assert flags and all(v == k.endswith("ff.net.2.on_input") for k, v in flags.items())
     assert any(torch.count_nonzero(v) for k, v in state["unet"].items() if k.endswith(".weight"))  # it trained
-    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
-    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 12, 32)
-    with torch.no_grad():
-        before = unet(x, torch.tensor([10]), ctx).sample
-        handle = sdadapt.load_adapter(unet, state["unet"])
-        after = unet(x, torch.tensor([10]), ctx).sample
+    before, after, handle = _unet_outputs_with(root, state["unet"])
     assert len(handle) == len(flags) and not torch.allclose(before, after)
     # a LoRA method refuses algo=ia3, naming the method to use
     assert main(["train", "lora", "--images", str(images), "--model", str(root), "--steps", "1",

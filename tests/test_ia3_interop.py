@@ -23,12 +23,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_lycoris_files import _loads_applies_and_round_trips, _te_out
 from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, unet_inputs
 from torch import nn
 
 import sdadapt
 from sdadapt.adapters import IA3Module
-from sdadapt.formats import describe_file, load_lora, save_lora
+from sdadapt.formats import describe_file, load_lora
 from sdadapt.formats.diffusers import save_peft
 
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is not installed (pip install lycoris-lora)")
@@ -86,11 +87,6 @@ def test_lycoris_ia3_module_equals_sdadapt(kind, on_input, multiplier):
         assert torch.equal(twin[0].bias, lyco.org_module[0].bias)  # the bias is not scaled
 
 
-def _te_out(te, ids):
-    with torch.no_grad():
-        return te(ids).last_hidden_state
-
-
 def _lycoris_network(unet, te, preset, **kwargs):
     net = create_network(1.0, 4, 1.0, None, te, unet, algo="ia3", preset=preset, **kwargs)
     net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
@@ -126,29 +122,10 @@ def test_lycoris_ia3_file_loads_applies_round_trips_and_inspects(preset, kwargs,
     else:
         assert any(v.dim() == 4 for k, v in original.items() if k.endswith(".weight"))
 
-    components, _ = load_lora(path)
-    fresh_unet, fresh_te = tiny_unet_sd1(), tiny_clip()
-    base_unet = run_unet(fresh_unet, inputs)
-    handles = [sdadapt.load_adapter(fresh_unet, components["unet"])]
-    if "text_encoder" in components:
-        handles.append(sdadapt.load_adapter(fresh_te, components["text_encoder"]))
+    # applied and merged == lycoris' forward; file -> canonical -> file: the same keys and bits
+    handles, _ = _loads_applies_and_round_trips(path, inputs, ids, y_unet, y_te, tmp_path)
     assert all(isinstance(a, IA3Module) for h in handles for a in h.modules.values())
-    assert not torch.allclose(y_unet, base_unet, atol=1e-4), "the adapter should change the output"
-    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
-    assert torch.allclose(_te_out(fresh_te, ids), y_te, atol=2e-5, rtol=1e-4)
-    for handle in handles:
-        handle.merge()
-    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
-
-    # file -> canonical -> file: same keys (transformers-5 CLIP paths get `text_model_`), same bits
-    again = tmp_path / "again.safetensors"
-    save_lora(again, components, format="kohya", base_model="sd1")
-    written = load_file(str(again))
-    ecosystem = {k.replace("lora_te_encoder_", "lora_te_text_model_encoder_"): v for k, v in original.items()}
-    assert set(written) == set(ecosystem)
-    for key, value in ecosystem.items():
-        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
-    meta = load_lora(again)[1]
+    meta = load_lora(tmp_path / "again.safetensors")[1]
     assert meta["ss_network_module"] == "lycoris.kohya" and '"algo": "ia3"' in meta["ss_network_args"]
 
     summary = describe_file(path)
@@ -255,6 +232,8 @@ def _peft_cases():
         pytest.param(lambda: _ConvNet(), ["conv_a", "conv_ff", "proj", "ff"], ["conv_ff", "ff"], id="conv-linear"),
         # peft's feedforward list entries are plain suffixes: "ff" makes conv_ff feed-forward too
         pytest.param(lambda: _ConvNet(), ["conv_a", "conv_ff", "proj", "ff"], ["ff"], id="ff-suffix"),
+        # a string is a pattern of the whole name (peft's re.fullmatch): conv_ff and ff, not the conv conv_a
+        pytest.param(lambda: _ConvNet(), ["conv_a", "conv_ff", "proj", "ff"], r"(conv_)?f+", id="ff-pattern"),
     ]
 
 
@@ -292,7 +271,10 @@ def test_peft_ia3_round_trips_both_ways(build, targets, feedforward, tmp_path, r
     handle = sdadapt.load_adapter(fresh, state)
     assert all(isinstance(a, IA3Module) for a in handle.modules.values())
     ff_layers = {n for n, a in handle.modules.items() if a.train_input}
-    assert ff_layers and all(n.endswith(tuple(feedforward)) for n in ff_layers)
+    if kind == "ff-pattern":
+        assert ff_layers == {"conv_ff", "ff"}
+    else:
+        assert ff_layers and all(n.endswith(tuple(feedforward)) for n in ff_layers)
     if kind == "ff-suffix":
         assert ff_layers == {"conv_ff", "ff"}
     assert torch.allclose(_run(fresh, kind), y_peft, atol=2e-5, rtol=1e-4)

@@ -134,9 +134,9 @@ KOHYA_OPTIONS = {
 }
 
 #: options refused when set (each with its own reason): they would change what is trained, or cannot be done here
-REFUSED = {"no_metadata", "fp8_base_unet", "lr_scheduler_type", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
+REFUSED = {"no_metadata", "lr_scheduler_type", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
            "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
-           "async_upload", "fp8_base", "output_config", "debug_dataset",
+           "async_upload", "output_config", "debug_dataset",
            "face_crop_aug_range", "resize_interpolation", "dataset_class", "deepspeed", "no_token_padding", "weights",
            "fused_optimizer_groups", "full_fp16"}
 

@@ -14,11 +14,11 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, tiny_unet_sdxl, unet_inputs
 
 import sdadapt
 from sdadapt.cli import main as cli_main
 from sdadapt.formats import describe_file, load_lora, save_lora
-from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, tiny_unet_sdxl, unet_inputs
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="lycoris-lora is not installed (pip install lycoris-lora)")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -38,6 +38,36 @@ def _lycoris_file(path, unet, text_encoders, *, dim, alpha, preset, seed=5, **kw
                 p.copy_(torch.randn_like(p) * 0.2)
     net.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
     return net
+
+
+def _loads_applies_and_round_trips(path, inputs, ids, y_unet, y_te, tmp_path):
+    """The LyCORIS SD1 file ``path`` loaded into fresh tiny SD1 models (UNet on ``inputs``, CLIP on
+    ``ids`` (1,L)) gives LyCORIS' outputs ``y_unet`` / ``y_te``, applied and merged; written back as a
+    kohya file it has the ecosystem's keys (lycoris on a transformers-5 CLIPTextModel, no
+    ``text_model``, writes ``lora_te_encoder_...``; sdadapt writes ``lora_te_text_model_encoder_...``)
+    and the same bits. Returns ``(handles, written)``: the adapters in the fresh models and the
+    tensors of the rewritten file ``tmp_path/again.safetensors``."""
+    components, _ = load_lora(path)
+    fresh_unet, fresh_te = tiny_unet_sd1(), tiny_clip()
+    base_unet = run_unet(fresh_unet, inputs)
+    handles = [sdadapt.load_adapter(fresh_unet, components["unet"])]
+    if "text_encoder" in components:
+        handles.append(sdadapt.load_adapter(fresh_te, components["text_encoder"]))
+    assert not torch.allclose(y_unet, base_unet, atol=1e-4), "the adapter should change the output"
+    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(_te_out(fresh_te, ids), y_te, atol=2e-5, rtol=1e-4)
+    for handle in handles:  # merged == lycoris' forward
+        handle.merge()
+    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
+
+    again = tmp_path / "again.safetensors"
+    save_lora(again, components, format="kohya", base_model="sd1")
+    original, written = load_file(str(path)), load_file(str(again))
+    ecosystem = {k.replace("lora_te_encoder_", "lora_te_text_model_encoder_"): v for k, v in original.items()}
+    assert set(written) == set(ecosystem)
+    for key, value in ecosystem.items():
+        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+    return handles, written
 
 
 def _case_id(kwargs) -> str:
@@ -73,31 +103,10 @@ def test_sd1_lycoris_file_loads_applies_round_trips_and_inspects(kwargs, preset,
     _lycoris_file(path, unet, [te], dim=dim, alpha=1.0, preset=preset, **kwargs)
     y_unet, y_te = run_unet(unet, inputs), _te_out(te, ids)
 
-    components, metadata = load_lora(path)
-    fresh_unet, fresh_te = tiny_unet_sd1(), tiny_clip()
-    base_unet = run_unet(fresh_unet, inputs)
-    handles = [sdadapt.load_adapter(fresh_unet, components["unet"])]
-    if "text_encoder" in components:
-        handles.append(sdadapt.load_adapter(fresh_te, components["text_encoder"]))
-    assert not torch.allclose(y_unet, base_unet, atol=1e-4), "the adapter should change the output"
-    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
-    assert torch.allclose(_te_out(fresh_te, ids), y_te, atol=2e-5, rtol=1e-4)
-    for handle in handles:  # merged == lycoris' forward, unmerge exact
-        handle.merge()
-    assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
-
-    # file -> canonical -> file: identical bits; identical keys except that lycoris on a
-    # transformers-5 CLIPTextModel (no `text_model`) writes `lora_te_encoder_...`, which sdadapt
-    # canonicalises to the ecosystem's `lora_te_text_model_encoder_...`
-    again = tmp_path / "again.safetensors"
-    save_lora(again, components, format="kohya", base_model="sd1")
-    original, written = load_file(str(path)), load_file(str(again))
-    ecosystem = {k.replace("lora_te_encoder_", "lora_te_text_model_encoder_"): v for k, v in original.items()}
-    assert set(written) == set(ecosystem)
-    for key, value in ecosystem.items():
-        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+    # applied and merged == lycoris' forward; file -> canonical -> file: the same bits
+    _, written = _loads_applies_and_round_trips(path, inputs, ids, y_unet, y_te, tmp_path)
     twice = tmp_path / "twice.safetensors"
-    save_lora(twice, load_lora(again)[0], format="kohya", base_model="sd1")
+    save_lora(twice, load_lora(tmp_path / "again.safetensors")[0], format="kohya", base_model="sd1")
     rewritten = load_file(str(twice))
     assert set(rewritten) == set(written) and all(torch.equal(rewritten[k], v) for k, v in written.items())
 

@@ -19,6 +19,7 @@ import torch
 from test_lycoris_presets import (
     _file_modules,
     _kohya_attention_class,
+    _lycoris_gui_config,
     _te_canonical,
     load_file_metadata,
 )
@@ -291,17 +292,7 @@ def test_a_kohya_toml_with_a_preset_file_trains(tmp_path):
     images = _images(tmp_path / "images")
     preset = _write(tmp_path, PRESET_FILES["fnmatch"])
     out = tmp_path / "lokr.safetensors"
-    config = tmp_path / "gui.toml"
-    config.write_text(f'''pretrained_model_name_or_path = "{root}"
-train_data_dir = "{images}"
-output_dir = "{tmp_path}"
-output_name = "lokr"
-network_module = "lycoris.kohya"
-network_dim = 4
-network_alpha = 1
-max_train_steps = 1
-network_args = ["preset={preset}", "algo=lokr", "factor=2"]
-''')
+    config = _lycoris_gui_config(tmp_path, root, images, [f"preset={preset}", "algo=lokr", "factor=2"])
     assert main(["train", "lokr", "--config", str(config), "-q"]) == 0
     names = {k.split(".")[0] for k in load_file(str(out))}
     assert "lora_unet_conv_out" in names and not any(n.startswith("lora_unet_up_blocks") for n in names)

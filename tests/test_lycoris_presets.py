@@ -228,6 +228,24 @@ def test_lycoris_preset_lookup():
         lycoris_preset("nope")
 
 
+def _lycoris_gui_config(tmp_path, root, images, network_args: list[str]):
+    """A kohya_ss GUI LyCORIS TOML config ``tmp_path/gui.toml``: one step of ``network_module =
+    "lycoris.kohya"`` (dim 4, alpha 1) on the model folder ``root`` and ``images``, writing
+    ``tmp_path/lokr.safetensors``, with ``network_args``."""
+    config = tmp_path / "gui.toml"
+    config.write_text(f'''pretrained_model_name_or_path = "{root}"
+train_data_dir = "{images}"
+output_dir = "{tmp_path}"
+output_name = "lokr"
+network_module = "lycoris.kohya"
+network_dim = 4
+network_alpha = 1
+max_train_steps = 1
+network_args = {json.dumps(network_args)}
+''')
+    return config
+
+
 def test_gui_lycoris_config_trains_and_lycoris_loads_the_file(tmp_path, lycoris_network_class):
     """A kohya_ss GUI LyCORIS config (``network_module = "lycoris.kohya"`` with its whole
     ``network_args`` list) trains LoKr on a tiny SD folder; the file holds the modules LyCORIS'
@@ -241,19 +259,10 @@ def test_gui_lycoris_config_trains_and_lycoris_loads_the_file(tmp_path, lycoris_
     root = _tiny_pipeline(tmp_path / "model")
     images = _images(tmp_path / "images")
     out = tmp_path / "lokr.safetensors"
-    config = tmp_path / "gui.toml"
-    config.write_text(f'''pretrained_model_name_or_path = "{root}"
-train_data_dir = "{images}"
-output_dir = "{tmp_path}"
-output_name = "lokr"
-network_module = "lycoris.kohya"
-network_dim = 4
-network_alpha = 1
-max_train_steps = 1
-network_args = ["preset=full", "conv_dim=2", "conv_alpha=1", "use_tucker=False", "rank_dropout=0", "bypass_mode=False",
-                "dora_wd=False", "module_dropout=0", "factor=4", "decompose_both=true", "use_scalar=False",
-                "rank_dropout_scale=False", "algo=lokr", "train_norm=False"]
-''')
+    config = _lycoris_gui_config(tmp_path, root, images, [
+        "preset=full", "conv_dim=2", "conv_alpha=1", "use_tucker=False", "rank_dropout=0", "bypass_mode=False",
+        "dora_wd=False", "module_dropout=0", "factor=4", "decompose_both=true", "use_scalar=False",
+        "rank_dropout_scale=False", "algo=lokr", "train_norm=False"])
     code = main(["train", "lokr", "--config", str(config), "--images", str(images), "--model", str(root), "-q",
                  "-o", str(out)])
     assert code == 0

@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sampler_stand_ins import SD_BETAS, stand_in
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -40,8 +41,6 @@ from sdadapt.samplers.unipc import unipc_sample
 
 diffusers = pytest.importorskip("diffusers")
 
-SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-
 #: name -> (our function, diffusers class name, the config kohya's get_my_scheduler adds)
 CASES = {
     "dpmsolver++": (dpmsolver_pp_sample, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -51,12 +50,6 @@ CASES = {
     "dpmsingle": (dpmsingle_sample, "DPMSolverSinglestepScheduler", {}),
     "unipc": (unipc_sample, "UniPCMultistepScheduler", {}),
 }
-
-
-def stand_in(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A fixed nonlinear 'model' in which t matters a lot (an off-by-one t changes it by ~3%)."""
-    tt = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    return 0.3 * torch.tanh(x) + 0.2 * torch.sin(tt / 7) * x.flip(-1)
 
 
 def _scheduler(name: str, *, karras: bool, prediction_type: str):

@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sampler_stand_ins import SD_BETAS, stand_in
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -34,14 +35,7 @@ from sdadapt.samplers.pndm import pndm_sample, pndm_timesteps
 
 diffusers = pytest.importorskip("diffusers")
 
-SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
-
-
-def stand_in(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A fixed nonlinear 'model' in which t matters a lot (an off-by-one t changes it by ~3%)."""
-    tt = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    return 0.3 * torch.tanh(x) + 0.2 * torch.sin(tt / 7) * x.flip(-1)
 
 
 def _scheduler(cls_name: str, **config):

@@ -18,6 +18,26 @@ def test_toy_system_is_a_system():
     assert system.base_model == "sd1"
 
 
+def test_system_models_lists_the_unet_and_each_text_encoder_in_order():
+    """``text_encoders`` / ``system_models``: the networks a system has, by name, skipping a missing
+    second encoder and attributes that are not modules (an SDXL system has both encoders)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from sdadapt.methods.system import TEXT_ENCODERS, system_models, text_encoders
+
+    unet, te1, te2 = nn.Linear(2, 2), nn.Linear(2, 3), nn.Linear(3, 2)
+    sd1 = SimpleNamespace(unet=unet, text_encoder=te1, text_encoder_2=None)
+    sdxl = SimpleNamespace(text_encoder_2=te2, unet=unet, text_encoder=te1)
+    assert TEXT_ENCODERS == ("text_encoder", "text_encoder_2")
+    assert text_encoders(sd1) == [("text_encoder", te1)]
+    assert system_models(sdxl) == [("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)]
+    assert system_models(SimpleNamespace(unet="not a module", text_encoder=te1)) == [("text_encoder", te1)]
+    toy = build_toy()
+    assert [name for name, _ in system_models(toy)] == ["unet", "text_encoder"]
+
+
 def test_check_system_names_what_is_missing():
     class Half:
         unet = torch.nn.Linear(1, 1)

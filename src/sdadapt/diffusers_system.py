@@ -601,9 +601,7 @@ class DiffusersSystem(nn.Module):
         from . import samplers
 
         name = samplers.canonical_sampler(sampler)  # (ValueError for an unknown one, before any work)
-        if karras and name not in samplers.KARRAS_SAMPLERS:
-            raise ValueError(f"sampler {name!r} has no Karras noise levels; karras works with "
-                             f"{', '.join(samplers.KARRAS_SAMPLERS)}")
+        samplers.check_karras(name, karras)
         device = self.alphas_cumprod.device
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)

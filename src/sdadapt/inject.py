@@ -198,11 +198,18 @@ class AdapterHandle:
         """Fold the deltas into the base weights (faster inference); exact to undo.
 
         Raises:
-            RuntimeError: the adapter is disabled (``enable()`` it first).
+            RuntimeError: the adapter is disabled (``enable()`` it first), or a layer's weight is stored
+                in float8 (:func:`sdadapt.training.fp8_base.cast_base_to_fp8`: a merged delta would be
+                rounded to 3 mantissa bits and could not be undone).
         """
         self._check_alive()
         if any(not adapter.enabled for adapter in self.modules.values()):
             raise RuntimeError(f"adapter {self.name!r} is disabled; enable() it before merge()")
+        fp8 = [n for n, layer in self._layers.items() if layer.weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+        if fp8:
+            raise RuntimeError(f"adapter {self.name!r}: {fp8[0]}'s weight is stored in {self._layers[fp8[0]].weight.dtype} "
+                               "(an fp8 base); merging would round the delta to fp8 and could not be undone — keep the "
+                               "adapter unmerged (it runs under autocast), or load the model in full precision to merge")
         self._set_merged(True)
 
     def unmerge(self) -> None:

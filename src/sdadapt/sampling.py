@@ -216,9 +216,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
         name = samplers.canonical_sampler(sampler)
     except ValueError:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}") from None
-    if karras and name not in samplers.KARRAS_SAMPLERS:
-        raise ValueError(f"sampler {name!r} has no Karras noise levels; karras works with "
-                         f"{', '.join(samplers.KARRAS_SAMPLERS)}")
+    samplers.check_karras(name, karras)  # (here too: ddim runs as the system's own sample, which takes no karras)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     size = int(getattr(system, "image_size", 0))

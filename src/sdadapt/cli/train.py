@@ -109,13 +109,6 @@ _REFUSED_WHEN_ON = {
     "full_fp16": ("kohya's full_fp16 trains the weights themselves in fp16 (no fp32 master copy), which changes the result; "
                   "sdadapt trains fp32 weights under --mixed-precision fp16/bf16 autocast, or bf16 weights with stochastic "
                   "rounding (--mixed-precision bf16 --full-bf16, full fine-tuning)"),
-    "fp8_base": ("sdadapt keeps the base weights in their own dtype: kohya's fp8 base is the UNet cast to float8_e4m3fn and "
-                 "upcast by autocast op by op, which here would change the dtype every state_dict() reader and adapter "
-                 "(DoRA's norm, merges, samples outside autocast) sees, and a per-layer upcast needs a forward "
-                 "rebinding or a parametrization (new state_dict keys); use --mixed-precision bf16 and "
-                 "--gradient-checkpointing to save memory"),
-    "fp8_base_unet": ("sdadapt keeps the base weights in their own dtype (see fp8_base); use --mixed-precision bf16 "
-                      "and --gradient-checkpointing to save memory"),
     **{name: "sdadapt uploads nothing (no network access during training): upload the output yourself, e.g. with "
        "huggingface-cli upload" for name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
                                              "huggingface_token", "huggingface_repo_visibility",
@@ -965,6 +958,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--full-bf16", action=bool_flag,
         help="full/dreambooth with --mixed-precision bf16: keep the trained weights in bf16 (half the memory of fp32), "
         "written back with stochastic rounding")
+    add(optim, "--fp8-base", action=bool_flag,
+        help="adapter methods with --mixed-precision bf16/fp16: store the frozen UNet's and text encoders' Linear/Conv "
+        "weights in float8_e4m3fn, upcast by autocast op by op (about half the base's bf16 memory; kohya's --fp8_base)")
+    add(optim, "--fp8-base-unet", action=bool_flag,
+        help="as --fp8-base for the UNet only; the text encoders keep their dtype (kohya's --fp8_base_unet)")
 
     prior = train.add_argument_group("prior preservation (DreamBooth class images)")
     add(prior, "--class-prompt", help="the class your images belong to, e.g. 'a photo of a dog': the unadapted model's images "

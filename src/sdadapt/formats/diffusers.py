@@ -53,7 +53,7 @@ from .files import (
 )
 from .header import load_json
 from .layers import COMPONENTS, canonical_state, split_key
-from .peft_ia3 import from_peft_ia3, is_peft_ia3, save_peft_ia3
+from .peft_ia3 import from_peft_ia3, is_peft_ia3, to_peft_ia3
 
 __all__ = [
     "to_diffusers",
@@ -350,13 +350,13 @@ def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` reads it).
 
     Both appear together or not at all (:func:`~sdadapt.formats.files.staged_outputs`): a failed save
-    never leaves new weights beside an old config (whose rank and alpha would scale them wrongly)."""
-    if any(key.endswith(".on_input") for key in state):  # (IA)³: peft's IA3Config adapter
-        save_peft_ia3(folder, state)
-        return
+    never leaves new weights beside an old config (whose rank and alpha would scale them wrongly).
+    An (IA)³ state (``.on_input`` keys) is written as peft's ``IA3Config`` adapter
+    (:func:`~sdadapt.formats.peft_ia3.to_peft_ia3`)."""
+    ia3 = any(key.endswith(".on_input") for key in state)
+    peft_state, config = to_peft_ia3(state) if ia3 else to_peft(state)
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    peft_state, config = to_peft(state)
     check_finite_output(peft_state, path=target / "adapter_model.safetensors")
     with staged_outputs() as stage:
         write_safetensors(target / "adapter_model.safetensors", peft_state, {"format": "pt"}, stage=stage)

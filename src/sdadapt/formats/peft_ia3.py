@@ -16,25 +16,16 @@ layers rather than load them with another output.
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
 from ..patterns import compile_pattern
-from .files import (
-    WeightFileError,
-    atomic_write,
-    check_finite_output,
-    staged_outputs,
-    write_safetensors,
-)
+from .files import WeightFileError
 
-__all__ = ["from_peft_ia3", "is_peft_ia3", "save_peft_ia3", "to_peft_ia3"]
+__all__ = ["from_peft_ia3", "is_peft_ia3", "to_peft_ia3"]
 
 _PREFIX = "base_model.model."
 _SUFFIX = ".ia3_l"
@@ -47,18 +38,28 @@ def is_peft_ia3(state: Mapping[str, Tensor], config: Mapping | None = None) -> b
     return bool(state) and any(k.endswith(_SUFFIX) for k in state)
 
 
-def _feedforward(layer: str, modules: object, *, source: str) -> bool:
-    """peft's ``feedforward_modules`` test (``IA3Model._check_target_module_feedforward``): a list
-    entry is a plain suffix of the layer name (``key.endswith(entry)``: ``"ff"`` also matches
-    ``conv_ff``), a string is a pattern the whole name matches (linear-time, :mod:`sdadapt.patterns`)."""
+def _feedforward(modules: object, *, source: str) -> Callable[[str], bool]:
+    """peft's ``feedforward_modules`` test (``IA3Model._check_target_module_feedforward``) as
+    ``layer name -> bool``, made once per file and asked only for the vectors whose shape does not
+    tell the axis: a list entry is a plain suffix of the layer name (``key.endswith(entry)``: ``"ff"``
+    also matches ``conv_ff``), a string is a pattern the whole name matches (linear-time,
+    :mod:`sdadapt.patterns`; compiled at the first question, once). Another type raises when asked."""
     if modules is None:
-        return False
-    if isinstance(modules, str):
-        return compile_pattern(modules, what=f"{source}: feedforward_modules").fullmatch(layer) is not None
+        return lambda layer: False
     if isinstance(modules, (list, tuple)):
-        return any(isinstance(n, str) and layer.endswith(n) for n in modules)
-    raise WeightFileError(f"{source}: feedforward_modules must be a list of names or a pattern, got "
-                          f"{type(modules).__name__}")
+        names = tuple(n for n in modules if isinstance(n, str))
+        return lambda layer: layer.endswith(names)
+    compiled: list = []
+
+    def matches(layer: str) -> bool:
+        if not isinstance(modules, str):
+            raise WeightFileError(f"{source}: feedforward_modules must be a list of names or a pattern, got "
+                                  f"{type(modules).__name__}")
+        if not compiled:
+            compiled.append(compile_pattern(modules, what=f"{source}: feedforward_modules"))
+        return compiled[0].fullmatch(layer)  # (SafePattern.fullmatch is a bool)
+
+    return matches
 
 
 def from_peft_ia3(state: Mapping[str, Tensor], config: Mapping | None, *, source: str = "<state>",
@@ -79,7 +80,7 @@ def from_peft_ia3(state: Mapping[str, Tensor], config: Mapping | None, *, source
         InputError: ``model`` has a bias on a layer whose outputs the vector scales.
     """
     modules = dict(model.named_modules()) if model is not None else {}
-    feedforward = (config or {}).get("feedforward_modules")
+    feedforward = _feedforward((config or {}).get("feedforward_modules"), source=source)
     out: dict[str, Tensor] = {}
     unknown = [k for k in state if not k.endswith(_SUFFIX)]
     if unknown:
@@ -90,7 +91,7 @@ def from_peft_ia3(state: Mapping[str, Tensor], config: Mapping | None, *, source
         if vector.dim() == 2 and (vector.shape[0] == 1) != (vector.shape[1] == 1):
             on_input = vector.shape[0] == 1  # (1, in): a feed-forward layer's inputs
         elif vector.dim() == 2 and tuple(vector.shape) == (1, 1) or vector.dim() == 4 and vector.shape[0] == 1 and vector.shape[2:].numel() == 1:
-            on_input = _feedforward(layer, feedforward, source=source)
+            on_input = feedforward(layer)
         else:
             raise WeightFileError(f"{source}: {key} has shape {tuple(vector.shape)}; peft IA3 vectors are (out, 1), "
                                   "(1, in) or (1, C, 1, 1)")
@@ -141,15 +142,3 @@ def to_peft_ia3(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
         "inference_mode": False,
     }
     return peft_state, config
-
-
-def save_peft_ia3(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
-    """Write a peft (IA)³ adapter folder (``PeftModel.from_pretrained`` reads it); both files or neither."""
-    target = Path(folder)
-    target.mkdir(parents=True, exist_ok=True)
-    peft_state, config = to_peft_ia3(state)
-    check_finite_output(peft_state, path=target / "adapter_model.safetensors")
-    with staged_outputs() as stage:
-        write_safetensors(target / "adapter_model.safetensors", peft_state, {"format": "pt"}, stage=stage)
-        atomic_write(target / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)),
-                     stage=stage)

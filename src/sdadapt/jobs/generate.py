@@ -94,7 +94,7 @@ def run_generate(
     """
     from ..formats.files import WeightFileError
     from ..images import write_png
-    from ..samplers import KARRAS_SAMPLERS
+    from ..samplers import check_karras
     from ..samplers.labels import sampler_from_label
     from ..sampling import generate, unknown_words
 
@@ -105,9 +105,10 @@ def run_generate(
         sampler, label_karras = sampler_from_label(sampler)
     except ValueError as exc:
         raise ValueError(f"--sampler: {exc}") from None
-    if karras and sampler not in KARRAS_SAMPLERS:
-        raise ValueError(f"--karras: sampler {sampler!r} has no Karras noise levels (diffusers' scheduler has no "
-                         f"use_karras_sigmas); --karras works with {', '.join(KARRAS_SAMPLERS)}")
+    try:
+        check_karras(sampler, karras)
+    except ValueError as exc:
+        raise ValueError(f"--karras: {exc}") from None
     karras = karras or label_karras
     if count < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")

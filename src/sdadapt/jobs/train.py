@@ -129,7 +129,10 @@ class TrainOptions:
     gradient buffer; needs ``max_grad_norm=0``, no accumulation, no fp16) — see
     :class:`sdadapt.methods.FitConfig`; ``full_bf16`` (full, dreambooth, with
     ``mixed_precision="bf16"``: the trained parts' weights in bf16, written back with stochastic
-    rounding; :meth:`~sdadapt.methods.finetune.FullAdaptation.cast`).
+    rounding; :meth:`~sdadapt.methods.finetune.FullAdaptation.cast`); ``fp8_base`` (kohya's: the frozen
+    UNet's and text encoders' Linear / Conv weights stored in float8_e4m3fn, upcast by the
+    ``mixed_precision`` autocast op by op; the adapter methods only) and ``fp8_base_unet`` (the UNet's
+    only) — :func:`sdadapt.training.fp8_base.cast_base_to_fp8`.
 
     Speed: ``sdpa_backends`` — ``"measure"`` (time flash / memory-efficient / cuDNN / math attention on
     the first batch's attention calls and train under the fastest order) or a comma list such as
@@ -278,6 +281,8 @@ class TrainOptions:
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
     full_bf16: bool = False
+    fp8_base: bool = False
+    fp8_base_unet: bool = False
     extract_lora: int | None = None
     seed: int = 0
     stop_on_nan: bool = True
@@ -352,10 +357,10 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        if self.text_encoder_lr is not None and not self.text_encoder_lr >= 0:
-            raise ValueError(f"--text-encoder-lr must be >= 0, got {self.text_encoder_lr}")
-        if self.text_encoder_2_lr is not None and not self.text_encoder_2_lr >= 0:
-            raise ValueError(f"--text-encoder-2-lr must be >= 0, got {self.text_encoder_2_lr}")
+        for name in ("text_encoder_lr", "text_encoder_2_lr"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         for name in ("keep_tokens", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight",
                      "multires_noise_iterations", "ip_noise_gamma"):
             if not getattr(self, name) >= 0:
@@ -472,6 +477,10 @@ class TrainOptions:
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError("--full-bf16 trains bf16 weights, so the forward pass must run under bf16 autocast: add "
                              "--mixed-precision bf16")
+        if (self.fp8_base or self.fp8_base_unet) and self.mixed_precision == "no":
+            raise ValueError(f"{'--fp8-base' if self.fp8_base else '--fp8-base-unet'} stores the base weights in "
+                             "float8, which only autocast's per-op upcast can compute with: add --mixed-precision bf16 "
+                             "(or fp16), as kohya requires")
         if self.full_bf16 and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "sgd-nesterov":
             raise ValueError("--full-bf16 with --optimizer sgd-nesterov: torch's SGD writes bf16 weights with "
                              "round-to-nearest, which drops every update smaller than half a bf16 step; leave out "
@@ -771,6 +780,8 @@ def _check_optimizer_args(options: TrainOptions) -> None:
 _LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 #: the methods whose adapters --scale-weight-norms shrinks (sdadapt.training.max_norm.MAX_NORM_FAMILIES)
 _MAX_NORM_METHODS = ("lora", "locon", "loha", "lokr")
+#: the methods kohya's --fp8_base serves (train_network.py): adapters over a frozen base
+_FP8_BASE_METHODS = ("lora", "locon", "loha", "lokr", "dora", "ia3")
 _HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
@@ -998,6 +1009,46 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
         raise FileExistsError(f"{names}: already exist(s); pass --overwrite to replace, or choose another -o")
 
 
+def _check_fp8_base_method(method: str, options: TrainOptions) -> None:
+    """kohya's --fp8_base is network training's (train_network.py): refuse it for the methods that train the base."""
+    if (options.fp8_base or options.fp8_base_unet) and method not in _FP8_BASE_METHODS:
+        flag = "--fp8-base" if options.fp8_base else "--fp8-base-unet"
+        raise ValueError(f"{flag} stores the frozen base in float8 for adapter training ({', '.join(_FP8_BASE_METHODS)}), "
+                         f"as kohya's train_network.py; {method} "
+                         + ("trains the base weights themselves (use --mixed-precision bf16 --full-bf16 to halve them)"
+                            if method in ("full", "dreambooth") else "is not one of them")
+                         + f": leave {flag} out")
+
+
+def _fp8_base_record(options: TrainOptions) -> str:
+    """``run.json``'s ``fp8_base``: which base models the run stored in float8 (``off``, ``unet``, ``unet+text``)."""
+    return "unet+text" if options.fp8_base and not options.fp8_base_unet else "unet" if options.fp8_base_unet else "off"
+
+
+def _cast_base_to_fp8(system, options: TrainOptions) -> list[str]:
+    """--fp8-base / --fp8-base-unet: the UNet's (and text encoders') frozen Linear / Conv weights to float8_e4m3fn
+    (:func:`sdadapt.training.fp8_base.cast_base_to_fp8`); the lines to report."""
+    if not (options.fp8_base or options.fp8_base_unet):
+        return []
+    from ..methods.system import system_models
+    from ..training.fp8_base import cast_base_to_fp8
+
+    models = system_models(system)
+    lines = []
+    if options.fp8_base_unet:
+        models = models[:1]
+    elif options.cache_text_encoder_outputs:  # (they encode the cache outside autocast)
+        models = models[:1]
+        lines.append("--fp8-base: the text encoders keep their dtype: --cache-text-encoder-outputs runs them once, "
+                     "before the first step, and never again")
+    for name, model in models:
+        cast = cast_base_to_fp8(model)
+        lines.append(f"--fp8-base: {name}'s {len(cast.names)} Linear/Conv weight and bias tensors stored in float8_e4m3fn: "
+                     f"{cast.bytes_before / 2**20:.1f} MiB -> {cast.bytes_after / 2**20:.1f} MiB (norms and embeddings "
+                     "keep their dtype)")
+    return lines
+
+
 def _whole_model(spec) -> bool:
     """Whether the method saves the whole tuned model (full, dreambooth) rather than an adapter file."""
     return getattr(spec.prepare, "__name__", "") in ("prepare_full", "prepare_dreambooth")
@@ -1169,6 +1220,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         raise ValueError(f"{', '.join(plus)}: LoRA+ speeds up the lora_up (B) factors and {method} has none (LyCORIS "
                          "would train it at the plain rate): train lora, locon or dora, or leave the ratios out")
     _check_text_cache_method(method, spec, options)
+    _check_fp8_base_method(method, options)
     _check_dtype(spec, options.dtype)
     outputs = _outputs(spec, options)
     samples = parse_sample_prompts(options.sample_prompts) if options.sample_prompts is not None else []
@@ -1439,6 +1491,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         say(f"--resume {options.resume}: the saved state's weights replace --network-weights {weights_file}'s")
     if options.full_bf16:
         adaptation.cast(torch.bfloat16)  # type: ignore[attr-defined]
+    for line in _cast_base_to_fp8(system, options):  # after the adapters read the base (DoRA's norms, --base-weights)
+        say(line)
     # the method's default stop (DreamBooth's text encoder), recorded in the metadata
     config = dataclasses.replace(config, text_encoder_steps=config.text_encoder_stop(adaptation))
     hashes = _Hashes(options.model)
@@ -1469,6 +1523,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             sample = with_defaults(sample, seed=options.seed, steps=options.sample_steps, guidance=None)
             sized = "height" in inspect.signature(system.sample).parameters  # else the model's own size only
             bf16 = torch.autocast(system.alphas_cumprod.device.type, dtype=torch.bfloat16) if options.full_bf16 else None
+            if options.fp8_base or options.fp8_base_unet:  # fp8 weights compute under the run's autocast only
+                bf16 = torch.autocast(system.alphas_cumprod.device.type,
+                                      dtype=torch.bfloat16 if options.mixed_precision == "bf16" else torch.float16)
             with bf16 or contextlib.nullcontext():  # --full-bf16: the UNet's weights are bf16 now
                 image = generate(system, [sample.prompt], negative=sample.negative, seed=sample.seed, steps=sample.steps,
                                  guidance=sample.guidance, sampler=sample.sampler or options.sample_sampler,
@@ -1659,6 +1716,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               **({"preset_file": preset} if (preset := _preset_file_record(options)) is not None else {}),
               "captions": _caption_record(options), "augmentations": _augmentation_record(options),
               "noise": _noise_record(options), "prior": _prior_record(method, options),
+              "fp8_base": _fp8_base_record(options),
               "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir),
               "vae": _vae_record(options),
               **({"validation": _validation_record(options)} if options.validation_split else {}),
@@ -1915,6 +1973,9 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
     if "reg_data_dir" in record and record["reg_data_dir"] != reg_now:  # (older records: not checked)
         mismatches.append(f"reg_data_dir {record['reg_data_dir']!r} (now {reg_now!r})")
     mismatches += _vae_changes(record.get("vae"), _vae_record(options))
+    if record.get("fp8_base", "off") != (fp8_now := _fp8_base_record(options)):  # (older records: no fp8 base)
+        mismatches.append(f"fp8_base {record.get('fp8_base', 'off')!r} (now {fp8_now!r}; the base's float8 rounding "
+                          "changes every step's numbers)")
     saved_defaults = record.get("config_defaults", "sdadapt")  # (older records: sdadapt's)
     if saved_defaults != options.config_defaults:
         mismatches.append(f"the defaults of the options left out, {saved_defaults}'s (now {options.config_defaults}'s; "
@@ -1966,6 +2027,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_mixed_precision": options.mixed_precision,
         "ss_full_fp16": "False",
         "ss_full_bf16": str(options.full_bf16),
+        "ss_fp8_base": str(options.fp8_base), "ss_fp8_base_unet": str(options.fp8_base_unet),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_clip_skip": str(options.clip_skip),
         "ss_max_token_length": str(None if options.max_token_length == 75 else options.max_token_length),

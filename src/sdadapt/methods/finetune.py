@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .system import text_encoders
+
 if TYPE_CHECKING:
     from ..loratools.output import LoRAJobReport
 
@@ -80,9 +82,7 @@ class FullAdaptation:
         self.system = system
         self.parts: dict[str, nn.Module] = {"unet": system.unet}
         if text_encoder:
-            for name in ("text_encoder", "text_encoder_2"):  # SDXL has two
-                if isinstance(getattr(system, name, None), nn.Module):
-                    self.parts[name] = getattr(system, name)
+            self.parts.update(text_encoders(system))  # (SDXL has two)
         # in host memory whatever the model's device: only remove() and extract_lora read it, and on a GPU
         # the copy (3.3 GB fp32 for SD1.5's UNet) would otherwise put a lean fine-tune over 8 GB
         self._original = {name: {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}

@@ -65,7 +65,7 @@ from .optimizers import (
     cuda_graph_clashes,
     make_optimizer,
 )
-from .system import System
+from .system import System, system_models, text_encoders
 
 __all__ = ["Adaptation", "FitConfig", "FitProgress", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES", "cuda_graph_clashes",
            "fit", "make_optimizer", "zero_terminal_snr_clashes"]
@@ -567,21 +567,8 @@ class FitProgress:
 def _text_encoder_index(system: System, *, second: bool) -> dict[int, int]:
     """``id(parameter) -> 1`` for the parameters in ``system.text_encoder`` and ``-> 2`` (``second``:
     the second encoder trains at its own LR) or ``-> 1`` for those in ``system.text_encoder_2``."""
-    index: dict[int, int] = {}
-    for number, name in ((1, "text_encoder"), (2 if second else 1, "text_encoder_2")):
-        module = getattr(system, name, None)
-        if isinstance(module, nn.Module):
-            index.update((id(p), number) for p in module.parameters())
-    return index
-
-
-def _in_text_encoder(system: System) -> set[int]:
-    ids: set[int] = set()
-    for name in ("text_encoder", "text_encoder_2"):
-        module = getattr(system, name, None)
-        if isinstance(module, nn.Module):
-            ids.update(id(p) for p in module.parameters())
-    return ids
+    return {id(p): 2 if second and name == "text_encoder_2" else 1
+            for name, module in text_encoders(system) for p in module.parameters()}
 
 
 def _index_on(index: Tensor, data: Tensor) -> Tensor:
@@ -653,14 +640,13 @@ def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], st
     if own:
         raise ValueError(f"{what}, but this method conditions through its own {' and '.join(own)} (it trains token "
                          "embeddings or guides with them), so its conditioning changes as it trains; train without caching")
-    in_text = _in_text_encoder(system)
+    in_text = _text_encoder_index(system, second=False)
     training = sum(1 for p in trained if id(p) in in_text)
     if training:
         raise ValueError(f"{what}, but {training} trained parameter tensors are in the text encoder(s) (kohya: 'network "
                          "for Text Encoder cannot be trained with caching Text Encoder outputs'); train the UNet only "
                          "(--no-text-encoder, kohya's network_train_unet_only, or text_encoder_lr=0) or do not cache")
-    encoders = [m for m in (getattr(system, n, None) for n in ("text_encoder", "text_encoder_2")) if isinstance(m, nn.Module)]
-    drawing = [name for module in encoders for name in _dropout_modules(module)]
+    drawing = [name for _, module in text_encoders(system) for name in _dropout_modules(module)]
     if drawing:
         raise ValueError(f"{what}, but the text encoder draws dropout at each use ({', '.join(drawing[:3])}): put it in "
                          "eval mode or set its dropout to 0, or do not cache")
@@ -806,7 +792,6 @@ def fit(
                          "model has one text encoder (SDXL has two); leave it out")
     split = config.text_encoder_lr is not None or config.text_encoder_2_lr is not None or text_encoder_steps is not None
     encoder_of = _text_encoder_index(system, second=config.text_encoder_2_lr is not None) if split else {}
-    text_ids = set(encoder_of)
     encoder_lrs = config.encoder_lrs()  # (text_encoder's, text_encoder_2's) base LR; an LR of 0 freezes that encoder
     frozen = [p for p in params if id(p) in encoder_of and encoder_lrs[encoder_of[id(p)] - 1] == 0]
     if config.relative_step:  # Adafactor's own step size ignores the groups' LRs: a factor of 0 freezes instead
@@ -1014,8 +999,7 @@ def fit(
                 for index in range(val_count):
                     yield dataset_batch(validation, val_cache, index, batches=val_count, seed=val_seed,
                                         schedule_at=last_micro)
-        in_eval = [system] if isinstance(system, nn.Module) else [
-            m for m in (getattr(system, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if isinstance(m, nn.Module)]
+        in_eval = [system] if isinstance(system, nn.Module) else [m for _, m in system_models(system)]
         if isinstance(adaptation, nn.Module):
             in_eval.append(adaptation)
 
@@ -1057,7 +1041,7 @@ def fit(
     if config.compile_backend is not None:  # (draw()'s prior loss and the captured step call this one)
         model = torch.compile(model, backend=config.compile_backend)
     # co-trained text encoder: its parameters stop at step text_encoder_steps (kohya's --stop_text_encoder_training)
-    stopping = [p for p in trained if id(p) in text_ids] if text_encoder_steps is not None else []
+    stopping = [p for p in trained if id(p) in encoder_of] if text_encoder_steps is not None else []
     stopped: list[nn.Parameter] = []
     if stopping and len(stopping) == len(trained) and text_encoder_steps < config.steps:  # type: ignore[operator]
         raise ValueError(f"text_encoder_steps={text_encoder_steps} would stop every trained parameter (all are in "
@@ -1167,7 +1151,7 @@ def _max_norm_pass(system: System, trained: list[nn.Parameter], max_norm: float 
         return None
     from ..training.max_norm import adapters_in, max_norm_factors, scale_weight_norms_
 
-    roots = [m for m in (getattr(system, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if isinstance(m, nn.Module)]
+    roots = [m for _, m in system_models(system)]
     adapters = adapters_in(roots, trained)
     if not adapters:
         raise ValueError("scale_weight_norms (--scale-weight-norms) shrinks LoRA-family adapters (lora, locon, loha, lokr); "
@@ -1229,14 +1213,12 @@ def _fused_blocks(system: System, params: list[nn.Parameter]) -> list[list[nn.Pa
 
     blocks: list[list[nn.Parameter]] = []
     placed: set[int] = set()
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        module = getattr(system, name, None)
-        if isinstance(module, nn.Module):
-            for block in parameter_groups_by_module(module, params=params):
-                block = [p for p in block if id(p) not in placed]
-                placed.update(id(p) for p in block)
-                if block:
-                    blocks.append(block)
+    for _, module in system_models(system):
+        for block in parameter_groups_by_module(module, params=params):
+            block = [p for p in block if id(p) not in placed]
+            placed.update(id(p) for p in block)
+            if block:
+                blocks.append(block)
     return blocks + [[p] for p in params if id(p) not in placed]
 
 

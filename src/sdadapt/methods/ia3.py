@@ -23,14 +23,11 @@ from ..adapters import IA3Config
 from ..errors import InputError
 from ..inject import AdapterHandle, inject
 from ..targets import select
-from .lora import AdapterAdaptation
+from .lora import AdapterAdaptation, adaptation_from_weights
 from .lycoris_presets import IA3_ON_INPUT, lycoris_preset
+from .system import text_encoders
 
 __all__ = ["prepare_ia3"]
-
-#: text encoders a system may have (SDXL: two)
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-
 
 def _inject_ia3(model: nn.Module, targets, *, train_on_input: bool | None, module_dropout: float,
                 name: str, ia3_preset: bool) -> AdapterHandle:
@@ -80,35 +77,28 @@ def prepare_ia3(system, *, text_encoder: bool = True, targets: str | None = None
             raise InputError(f"LyCORIS preset {preset.name} adapts no UNet layer")
         parts.append(("unet", system.unet, preset.unet))
     if text_encoder and preset.text_encoder is not None:
-        for component in _TEXT_ENCODERS:
-            module = getattr(system, component, None)
-            if isinstance(module, nn.Module):
-                parts.append((component, module, preset.text_encoder))
+        parts += [(component, module, preset.text_encoder) for component, module in text_encoders(system)]
     if not parts:
         raise InputError("neither the UNet nor a text encoder would be adapted: nothing to train")
-    handles: dict[str, AdapterHandle] = {}
-    try:
-        for component, model, chosen in parts:
-            handles[component] = _inject_ia3(model, chosen, train_on_input=train_on_input, module_dropout=dropout,
-                                             name="default", ia3_preset=ia3_preset)
-    except BaseException:
-        for handle in handles.values():
-            handle.remove()
-        raise
-    adaptation = AdapterAdaptation.from_handles(system, handles)
     args = {"algo": "ia3", "preset": preset.name}
     if train_on_input is not None:
         args["train_on_input"] = str(bool(train_on_input))
     if dropout:
         args["module_dropout"] = str(dropout)
-    adaptation.network_args = args
-    if network_weights is not None:
-        from .network_weights import load_network_weights, read_network_weights
 
+    def build() -> AdapterAdaptation:
+        handles: dict[str, AdapterHandle] = {}
         try:
-            weights = read_network_weights(network_weights, system=system)
-            adaptation.notes = load_network_weights(adaptation.handles, weights, system=system).notes()
+            for component, model, chosen in parts:
+                handles[component] = _inject_ia3(model, chosen, train_on_input=train_on_input,
+                                                 module_dropout=dropout, name="default", ia3_preset=ia3_preset)
         except BaseException:
-            adaptation.remove()
+            for handle in handles.values():
+                handle.remove()
             raise
-    return adaptation
+        adaptation = AdapterAdaptation.from_handles(system, handles)
+        adaptation.network_args = args
+        return adaptation
+
+    return adaptation_from_weights(system, build, text_encoder=text_encoder, network={},
+                                   network_weights=network_weights)

@@ -27,14 +27,13 @@ from .base_weights import BaseWeights, merge_base_weights
 from .lora_blocks import BLOCK_ARGS, BlockPlan, block_plan, kohya_block_index
 from .loraplus import LORAPLUS_ARGS, loraplus_lr_scales, loraplus_ratios
 from .lycoris_presets import LYCORIS_PRESETS, lycoris_preset
+from .system import text_encoders
 
 __all__ = ["UNET_PRESETS", "AdapterAdaptation", "prepare_lora", "prepare_locon", "prepare_loha", "prepare_lokr", "prepare_dora"]
 
 
 #: ``--network-targets`` presets: UNet layers the LoRA family adapts
 UNET_PRESETS: dict[str, Target] = {"kohya": UNET_KOHYA, "attention": UNET_ATTENTION, "locon": UNET_LOCON}
-#: text encoders a system may have (SDXL: two); the file names them lora_te / lora_te1, lora_te2
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 class AdapterAdaptation:
@@ -73,10 +72,8 @@ class AdapterAdaptation:
             self.handles["unet"] = inject(system.unet, unet_targets, unet_config, name=name, layer_configs=configs)
         if text_config is not None:
             try:
-                for component in _TEXT_ENCODERS:
-                    module = getattr(system, component, None)
-                    if isinstance(module, nn.Module):
-                        self.handles[component] = inject(module, text_targets, text_config, name=name)
+                for component, module in text_encoders(system):
+                    self.handles[component] = inject(module, text_targets, text_config, name=name)
             except Exception:
                 self.remove()
                 raise
@@ -216,11 +213,14 @@ def _network_args(given: Mapping[str, Any]) -> dict[str, str]:
 _WEIGHT_ARGS = ("network_weights", "dim_from_weights")
 
 
-def _from_weights(system, build: Callable[[], AdapterAdaptation], *, text_encoder: bool, network: Mapping[str, Any],
-                  network_weights: str | os.PathLike | None = None, dim_from_weights: bool = False) -> AdapterAdaptation:
+def adaptation_from_weights(system, build: Callable[[], AdapterAdaptation], *, text_encoder: bool,
+                            network: Mapping[str, Any], network_weights: str | os.PathLike | None = None,
+                            dim_from_weights: bool = False) -> AdapterAdaptation:
     """The adaptation ``build()`` makes with the file ``network_weights`` loaded into it, or with
     ``dim_from_weights`` the file's own modules (:mod:`sdadapt.methods.network_weights`); the
-    report's lines are in the adaptation's ``notes``."""
+    report's lines are in the adaptation's ``notes``. The file is read before ``build()`` runs, and
+    the adapters are taken out again when loading it fails. ``network``: the other network_args
+    given (refused with ``dim_from_weights``, where the file decides)."""
     from .network_weights import adapters_from_weights, load_network_weights, read_network_weights
 
     if network_weights is None:
@@ -307,12 +307,12 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
         if network.get("dim_from_weights"):
             raise InputError("--dim-from-weights with --no-unet: the file's modules decide what trains; leave --no-unet "
                              "out (or give --network-dim and drop --dim-from-weights)")
-        if not any(isinstance(getattr(system, c, None), nn.Module) for c in _TEXT_ENCODERS):
+        if not text_encoders(system):
             raise InputError("--no-unet (network_train_text_encoder_only): the model has no text encoder to adapt")
     start = {n: network[n] for n in _WEIGHT_ARGS if n in network}  # --network-weights FILE, --dim-from-weights
     if start:
         rest = {n: v for n, v in network.items() if n not in _WEIGHT_ARGS}
-        return _from_weights(system, lambda: _adaptation(
+        return adaptation_from_weights(system, lambda: _adaptation(
             system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
             text_encoder=text_encoder, targets=targets, default=default, network=rest, unet=unet),
             text_encoder=text_encoder, network=rest, **start)

@@ -50,6 +50,7 @@ from ..targets import (
     by_type,
 )
 from .lycoris_preset_files import LycorisPresetFile, read_lycoris_preset_file
+from .system import text_encoders
 
 __all__ = ["LYCORIS_PRESETS", "IA3_ON_INPUT", "LycorisPreset", "lycoris_preset"]
 
@@ -105,8 +106,7 @@ class LycorisPreset:
             return self
         unet = getattr(system, "unet", None)
         chosen_unet = self.file.select(unet, text_encoder=False) if isinstance(unet, nn.Module) else []
-        chosen_text = [layer for component in ("text_encoder", "text_encoder_2")
-                       if isinstance(module := getattr(system, component, None), nn.Module)
+        chosen_text = [layer for _, module in text_encoders(system)
                        for _, layer in self.file.select(module, text_encoder=True)]
         return LycorisPreset(self.name, _layers(chosen_unet, f"LyCORIS preset file {self.name}"),
                              _layers([(None, m) for m in chosen_text], f"LyCORIS preset file {self.name}"), self.file)

@@ -40,12 +40,11 @@ from ..errors import InputError
 from ..formats.files import WeightFileError
 from ..formats.layers import LayerNotFoundError, group_by_layer, resolve_layers
 from ..inject import AdapterHandle, load_adapter
+from .system import TEXT_ENCODERS
 
 __all__ = ["NetworkWeights", "NetworkWeightsReport", "read_network_weights", "load_network_weights",
-           "adapters_from_weights", "TEXT_ENCODERS"]
+           "adapters_from_weights"]
 
-#: the text-encoder components a system may have (SDXL: two)
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 #: relative tolerance of an alpha comparison (half-precision files store alpha in fp16)
 _ALPHA_TOLERANCE = 1e-3
 

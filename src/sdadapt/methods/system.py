@@ -44,7 +44,10 @@ from torch import Tensor, nn
 
 from ..formats.kohya import BASE_MODELS
 
-__all__ = ["System", "check_system"]
+__all__ = ["TEXT_ENCODERS", "System", "check_system", "system_models", "text_encoders"]
+
+#: the text encoders a system may have, in order (SDXL: two; a kohya file names them lora_te / lora_te1, lora_te2)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @runtime_checkable
@@ -74,6 +77,19 @@ class System(Protocol):
 
 _MEMBERS = ("unet", "text_encoder", "image_size", "prediction_type", "base_model", "alphas_cumprod", "tokenize",
             "condition", "encode_images", "decode_latents", "denoiser", "sample")
+
+
+def text_encoders(system: object) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of each of :data:`TEXT_ENCODERS` that ``system`` has as an ``nn.Module``."""
+    found = ((name, getattr(system, name, None)) for name in TEXT_ENCODERS)
+    return [(name, module) for name, module in found if isinstance(module, nn.Module)]
+
+
+def system_models(system: object) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the system's networks: its ``unet`` and :func:`text_encoders` (those
+    that are ``nn.Module`` s), in that order."""
+    unet = getattr(system, "unet", None)
+    return ([("unet", unet)] if isinstance(unet, nn.Module) else []) + text_encoders(system)
 
 
 def check_system(system: object) -> None:

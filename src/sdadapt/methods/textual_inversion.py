@@ -34,6 +34,7 @@ from ..embeddings import (
     inject_embedding,
 )
 from ..formats.embeddings import save_embedding
+from .system import system_models
 
 __all__ = [
     "DEFAULT_CAPTION_TEMPLATE",
@@ -209,7 +210,7 @@ class _Frozen:
 
 
 def _trained_modules(system) -> list[nn.Module]:
-    return [m for m in (getattr(system, n, None) for n in ("unet", "text_encoder", "text_encoder_2")) if isinstance(m, nn.Module)]
+    return [m for _, m in system_models(system)]
 
 
 def _table_norm(text_encoder) -> float:

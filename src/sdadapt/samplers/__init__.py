@@ -23,17 +23,20 @@ from torch import Tensor
 from ..training import diffusion
 from .ddpm import ddpm_sample
 from .dpm2 import dpm2_ancestral_sample, dpm2_sample
-from .dpm_solver import dpmsingle_sample, dpmsolver_pp_sample, dpmsolver_sample
+from .dpm_solver import (
+    dpmsingle_sample,
+    dpmsolver_pp_sample,
+    dpmsolver_pp_sde_sample,
+    dpmsolver_sample,
+)
 from .euler import euler_ancestral_sample, euler_sample
 from .heun import heun_sample
+from .lcm import lcm_sample
 from .lms import lms_sample
 from .pndm import pndm_sample
 from .unipc import unipc_sample
 
-__all__ = ["KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "canonical_sampler", "sample_latents"]
-
-#: ``model(x_in, t) -> output``: the (guided) model over a batch x_in (B,C,H,W) at timesteps t (B,)
-Denoise = Callable[[Tensor, Tensor], Tensor]
+__all__ = ["KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "canonical_sampler", "check_karras", "sample_latents"]
 
 #: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
 #: callback[, karras][, **options]) -> x0`` (``ddim`` is dispatched separately, with its own options)
@@ -50,15 +53,18 @@ _SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmsolver++": dpmsolver_pp_sample,
     "dpmsingle": dpmsingle_sample,
     "unipc": unipc_sample,  # not a kohya name: diffusers' UniPCMultistepScheduler
+    "dpmsolver++_sde": dpmsolver_pp_sde_sample,  # not a kohya name: algorithm_type="sde-dpmsolver++"
+    "lcm": lcm_sample,  # not a kohya name: diffusers' LCMScheduler (LCM models, LCM-LoRA)
 }
 #: every sampler name ``sample_latents`` takes (kohya's ``sample_sampler`` spellings)
 SAMPLERS: tuple[str, ...] = ("ddim", *_SAMPLERS)
 #: other spellings of the same samplers (kohya's ``k_`` names)
 SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
-                                   "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++"}
+                                   "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++",
+                                   "dpm++_2m_sde": "dpmsolver++_sde", "dpmpp_2m_sde": "dpmsolver++_sde"}
 #: samplers that take ``karras=True`` (σ on Karras et al.'s ρ = 7 grid)
 KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-                                    "unipc")
+                                    "unipc", "dpmsolver++_sde")
 
 
 def canonical_sampler(name: str) -> str:
@@ -73,6 +79,18 @@ def canonical_sampler(name: str) -> str:
         raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)} "
                          f"(or {', '.join(SAMPLER_ALIASES)})")
     return key
+
+
+def check_karras(name: str, karras: bool) -> None:
+    """Refuse ``karras`` for a sampler (``name``: its name in :data:`SAMPLERS`) without Karras σ
+    (its diffusers scheduler has no ``use_karras_sigmas``), before any work.
+
+    Raises:
+        ValueError: naming the sampler and :data:`KARRAS_SAMPLERS`.
+    """
+    if karras and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"sampler {name!r} has no Karras noise levels (diffusers' scheduler has no "
+                         f"use_karras_sigmas); karras works with {', '.join(KARRAS_SAMPLERS)}")
 
 
 def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tensor, cond: object, *, sampler: str,
@@ -91,9 +109,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         ValueError: an unknown sampler, ``karras=True`` for a sampler without Karras σ.
     """
     name = canonical_sampler(sampler)
-    if karras and name not in KARRAS_SAMPLERS:
-        raise ValueError(f"sampler {name!r} has no Karras noise levels; karras=True works with "
-                         f"{', '.join(KARRAS_SAMPLERS)}")
+    check_karras(name, karras)
     if name == "ddim":
         return diffusion.ddim_sample(model, x_T, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                      uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type,

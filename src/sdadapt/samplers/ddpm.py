@@ -10,20 +10,19 @@ Each step samples the posterior ``q(x_{t'} | x_t, x̂0)`` between consecutive in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from ..training import diffusion
-from .sigma_space import check_prediction_type, step_noise
+from .sigma_space import check_prediction_type, step_noise, timestep_batch, work_dtype
+from .signatures import Denoise, StepCallback
 
 __all__ = ["ddpm_sample"]
 
 
-def ddpm_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+def ddpm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+                callback: StepCallback | None = None) -> Tensor:
     """DDPM from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``DDPMScheduler``
     (defaults) steps it; ``model(x, t)`` at integer timesteps t (B,) int64 (no input scaling).
 
@@ -42,12 +41,12 @@ def ddpm_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alpha
     steps = diffusion.ddim_timesteps(num_steps, num_train_steps=T, spacing="leading", steps_offset=0).tolist()
     ac = alphas_cumprod.detach().double().cpu().tolist()
     ac_model = alphas_cumprod.detach().to(x_T.device)
-    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))  # init_noise_sigma = 1
+    x = x_T.to(work_dtype(x_T))  # init_noise_sigma = 1
     for i, t in enumerate(steps):
         t_prev = steps[i + 1] if i + 1 < len(steps) else -1
         a, a_prev = ac[t], (ac[t_prev] if t_prev >= 0 else 1.0)
         beta = 1 - a / a_prev
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        tt = timestep_batch(t, x, torch.long)
         out = model(x.to(x_T.dtype), tt)
         x0 = diffusion.predicted_x0(prediction_type, x, out, tt, ac_model).to(x.dtype).clamp(-1.0, 1.0)
         x_next = x0 * (a_prev**0.5 * beta / (1 - a)) + x * ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a))

@@ -11,38 +11,29 @@ with Karras σ the main timesteps are rounded to whole steps, as diffusers round
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from .sigma_space import (
     ancestral_step,
-    check_prediction_type,
-    denoised,
-    discrete_sigmas,
-    initial_noise_sigma,
-    model_input,
+    discrete_start,
+    sigma_slope,
     sigma_to_t,
     step_noise,
     timestep_batch,
     training_sigmas,
 )
+from .signatures import Denoise, StepCallback
 
 __all__ = ["dpm2_ancestral_sample", "dpm2_sample"]
 
-Denoise = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, Tensor, Tensor], None]
-
-
 def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
-         generator: torch.Generator | None, callback: Callback | None, karras: bool, spacing: str, steps_offset: int,
+         generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str, steps_offset: int,
          ancestral: bool) -> Tensor:
     """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step."""
-    check_prediction_type(name, prediction_type)
-    timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
-                                        karras=karras, round_karras_timesteps=True)
-    times, grid = timesteps.tolist(), sigmas.tolist()
+    times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                                    prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
+                                    karras=karras, round_karras_timesteps=True)
     # per step: the σ the whole step reaches (σ_down when ancestral), the noise scale, the midpoint
     targets, ups = [], []
     for i in range(num_steps):
@@ -54,9 +45,8 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
                            training_sigmas(alphas_cumprod)).tolist()
 
     def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
-        return (x - denoised(model(model_input(x, s, x_T.dtype), t), x, s, prediction_type)) / s
+        return sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype)
 
-    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32)) * initial_noise_sigma(sigmas, spacing)
     for i in range(num_steps):
         s, target, mid = grid[i], targets[i], mids[i]
         t = timestep_batch(times[i], x)
@@ -75,7 +65,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
 
 def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                callback: Callback | None = None, karras: bool = False, spacing: str = "linspace",
+                callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                 steps_offset: int = 0) -> Tensor:
     """DPM2 from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2DiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
@@ -97,7 +87,7 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
 
 def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                           prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                          callback: Callback | None = None, karras: bool = False, spacing: str = "linspace",
+                          callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                           steps_offset: int = 0) -> Tensor:
     """DPM2 ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2AncestralDiscreteScheduler``.

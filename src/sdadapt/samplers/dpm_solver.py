@@ -1,6 +1,8 @@
 """DPM-Solver (Lu et al. 2022) and DPM-Solver++ (Lu et al. 2022b), second order, as diffusers'
 ``DPMSolverMultistepScheduler`` (kohya's ``dpmsolver`` / ``dpmsolver++``, A1111's "DPM++ 2M") and
-``DPMSolverSinglestepScheduler`` (kohya's ``dpmsingle``) run them with their default configs.
+``DPMSolverSinglestepScheduler`` (kohya's ``dpmsingle``) run them with their default configs, and
+the stochastic DPM-Solver++ 2M (``algorithm_type="sde-dpmsolver++"``: ``dpmsolver++_sde``, A1111's
+"DPM++ 2M SDE" with Gaussian instead of Brownian-tree noise).
 
 They step the VP sample ``x_t = α_t·x0 + σ_t·ε`` (the model sees it unscaled; ``init_noise_sigma``
 is 1) in log-SNR ``λ = log(α_t/σ_t)`` with ``h = λ_next − λ``:
@@ -8,6 +10,8 @@ is 1) in log-SNR ``λ = log(α_t/σ_t)`` with ``h = λ_next − λ``:
 * DPM-Solver++ (data prediction D = x̂0), first order (= DDIM):
   ``x' = (σ'/σ)·x − α'·(e^(−h) − 1)·D``;
   multistep 2M (midpoint): the same with ``D = D0 + ½·(D0 − D_prev)/r``, ``r = h_prev/h``.
+* SDE-DPM-Solver++: ``x' = (σ'/σ)·e^(−h)·x + α'·(1 − e^(−2h))·D + σ'·√(1 − e^(−2h))·z``, z drawn
+  (float32) every step; 2M: ``D = D0 + ½·(D0 − D_prev)/r`` likewise.
 * DPM-Solver (noise prediction ε̂), first order: ``x' = (α'/α)·x − σ'·(e^h − 1)·ε̂``; 2M likewise.
 * Singlestep 2S: order 1 to the next σ, then one order-2 step from the same start over both
   intervals with the two predictions (orders ``1, 2, 1, 2, ..., 1``).
@@ -25,7 +29,6 @@ so is its last when it lands on σ = 0 or, on σ_min (``dpmsolver``), in runs of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -36,16 +39,17 @@ from .sigma_space import (
     check_prediction_type,
     karras_sigmas,
     sigma_to_t,
+    step_noise,
     training_sigmas,
     vp_alpha_sigma,
     vp_data_prediction,
     vp_noise_prediction,
+    work_dtype,
 )
+from .signatures import Denoise, StepCallback
 
-__all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_sample", "dpmsolver_sample", "singlestep_orders"]
-
-Model = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, Tensor, Tensor], None]
+__all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_sample", "dpmsolver_sample",
+           "require_distinct_steps", "singlestep_orders"]
 
 
 def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
@@ -79,11 +83,7 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
     return timesteps, torch.cat([sigmas, last])
 
 
-def _work_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _require_distinct_steps(sampler: str, sigmas: list[float], num_train_steps: int) -> None:
+def require_distinct_steps(sampler: str, sigmas: list[float], num_train_steps: int) -> None:
     """Raise when two model steps of the grid share a noise level: ``num_steps = T`` on the linspace
     grid rounds two timesteps to the same one; the multistep updates divide by the λ-step between
     them (diffusers returns NaN there).
@@ -110,17 +110,31 @@ def _first_order(x: Tensor, pred: Tensor, s: float, s_next: float, *, data: bool
     return (a_n / a) * x - (st_n * math.expm1(h)) * pred
 
 
-def _multistep(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
-               karras: bool, data: bool, callback: Callback | None) -> Tensor:
-    check_prediction_type("dpmsolver++" if data else "dpmsolver", prediction_type)
+def _sde_first_order(x: Tensor, pred: Tensor, noise: Tensor, s: float, s_next: float) -> Tensor:
+    """One SDE-DPM-Solver++ step of order 1 from ``s`` to ``s_next`` (k-diffusion σ) with the data
+    prediction ``pred`` and unit ``noise`` (B,C,H,W): ``x' = (σ'/σ)·e^(−h)·x + α'·(1 − e^(−2h))·D
+    + σ'·√(1 − e^(−2h))·z`` (diffusers' ``sde-dpmsolver++``; the midpoint order-2 step is this one with
+    ``pred = D0 + ½·D1``). At σ' = 0 it is ``D``."""
+    _, st, lam = vp_alpha_sigma(s)
+    a_n, st_n, lam_n = vp_alpha_sigma(s_next)
+    h = lam_n - lam
+    keep = -math.expm1(-2.0 * h)  # 1 − e^(−2h)
+    return ((st_n / st) * math.exp(-h)) * x + (a_n * keep) * pred + (st_n * keep**0.5) * noise
+
+
+def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
+               karras: bool, data: bool, callback: StepCallback | None, sde: bool = False,
+               generator: torch.Generator | None = None) -> Tensor:
+    label = "dpmsolver++_sde" if sde else "dpmsolver++" if data else "dpmsolver"
+    check_prediction_type(label, prediction_type)
     final = "zero" if data else "sigma_min"
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
-    _require_distinct_steps("dpmsolver++" if data else "dpmsolver", sig, int(alphas_cumprod.shape[0]))
+    require_distinct_steps(label, sig, int(alphas_cumprod.shape[0]))
     lam = [vp_alpha_sigma(s)[2] for s in sig]
     out_dtype = x_T.dtype
-    work = _work_dtype(x_T)
+    work = work_dtype(x_T)
     x = x_T * 1.0  # init_noise_sigma
     prev: Tensor | None = None
     for i in range(n):
@@ -130,11 +144,15 @@ def _multistep(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: 
         pred = (vp_data_prediction if data else vp_noise_prediction)(out, x, a, st, prediction_type)
         lower_final = i == n - 1 and (n < 15 or final == "zero")
         xw = x.to(work)
-        if prev is None or lower_final:
-            x_next = _first_order(xw, pred, sig[i], sig[i + 1], data=data)
-        else:
+        # the SDE's noise: float32, drawn every step (the last too) where diffusers' step draws it
+        noise = step_noise(out, generator, torch.float32) if sde else None
+        d = pred
+        if prev is not None and not lower_final:
             h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1]
             d = pred + (0.5 * h / h_prev) * (pred - prev)  # D0 + ½·D1, D1 = (m0 − m1)/r, r = h_prev/h
+        if noise is not None:
+            x_next = _sde_first_order(xw, d, noise.to(work), sig[i], sig[i + 1])
+        else:
             x_next = _first_order(xw, d, sig[i], sig[i + 1], data=data)
         x = x_next.to(out_dtype)
         prev = pred
@@ -143,9 +161,9 @@ def _multistep(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: 
     return x
 
 
-def dpmsolver_pp_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                         prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                        callback: Callback | None = None, karras: bool = False) -> Tensor:
+                        callback: StepCallback | None = None, karras: bool = False) -> Tensor:
     """DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler`` defaults; A1111's "DPM++ 2M",
     "DPM++ 2M Karras" with ``karras=True``) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
@@ -160,9 +178,32 @@ def dpmsolver_pp_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, nu
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback)
 
 
-def dpmsolver_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                            prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                            callback: StepCallback | None = None, karras: bool = False) -> Tensor:
+    """SDE-DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``,
+    order 2, midpoint; the algorithm of A1111's "DPM++ 2M SDE" with Gaussian noise per step instead of
+    k-diffusion's Brownian tree) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
+
+    Each step is DPM++ 2M's data-prediction update with the stochastic term
+    ``x' = (σ'_t/σ_t)·e^(−h)·x + α'(1 − e^(−2h))·(D0 + ½·D1) + σ'_t·√(1 − e^(−2h))·z``; z is unit
+    noise drawn from ``generator`` in float32 once per step, the last step included (where it is
+    multiplied by σ' = 0), after the model call, as diffusers' ``step`` draws it, so a CPU generator
+    with diffusers' seed gives diffusers' result. ``model``, ``alphas_cumprod``, ``callback``,
+    ``karras`` as in :func:`dpmsolver_pp_sample`.
+
+    Raises:
+        ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
+        without Karras σ (the linspace grid repeats a timestep there).
+    """
+    return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                      prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
+                      generator=generator)
+
+
+def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                     callback: Callback | None = None, karras: bool = False) -> Tensor:
+                     callback: StepCallback | None = None, karras: bool = False) -> Tensor:
     """DPM-Solver 2M on the noise prediction (``DPMSolverMultistepScheduler(algorithm_type="dpmsolver",
     final_sigmas_type="sigma_min")``: the last step lands on σ of t = 0, as diffusers requires for
     this algorithm) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -188,9 +229,9 @@ def singlestep_orders(num_steps: int) -> list[int]:
     return orders
 
 
-def dpmsingle_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                     callback: Callback | None = None, karras: bool = False) -> Tensor:
+                     callback: StepCallback | None = None, karras: bool = False) -> Tensor:
     """DPM-Solver++ 2S (diffusers' ``DPMSolverSinglestepScheduler`` defaults; kohya's ``dpmsingle``)
     from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
@@ -208,9 +249,9 @@ def dpmsingle_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
     lam = [vp_alpha_sigma(s)[2] for s in sig]
     orders = singlestep_orders(n)
     if any(orders[i] == 2 and sig[i] == sig[i - 1] for i in range(1, n)):  # an order-2 step over a zero λ-step
-        _require_distinct_steps("dpmsingle", sig, int(alphas_cumprod.shape[0]))
+        require_distinct_steps("dpmsingle", sig, int(alphas_cumprod.shape[0]))
     out_dtype = x_T.dtype
-    work = _work_dtype(x_T)
+    work = work_dtype(x_T)
     x = x_T * 1.0
     anchor = x.to(work)  # the sample where the current single step started
     prev: Tensor | None = None

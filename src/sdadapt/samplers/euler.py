@@ -12,32 +12,45 @@ model sees it in the caller's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from .sigma_space import (
     ancestral_step,
-    check_prediction_type,
-    denoised,
-    discrete_sigmas,
-    initial_noise_sigma,
-    model_input,
+    discrete_start,
+    sigma_slope,
     step_noise,
     timestep_batch,
 )
+from .signatures import Denoise, StepCallback
 
 __all__ = ["euler_ancestral_sample", "euler_sample"]
 
-#: ``model(x_in, t) -> output`` over x_in (B,C,H,W) at timesteps t (B,), already guided
-Denoise = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, Tensor, Tensor], None]
+
+def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
+         generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str,
+         steps_offset: int, ancestral: bool) -> Tensor:
+    """Both Euler samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each step's model call."""
+    times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                                    prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
+                                    karras=karras)
+    for i in range(num_steps):
+        s, s_next = grid[i], grid[i + 1]
+        t = timestep_batch(times[i], x)
+        d = sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype)
+        if ancestral:
+            down, up = ancestral_step(s, s_next)
+            x = x + d * (down - s) + step_noise(x, generator, x_T.dtype) * up
+        else:
+            x = x + d * (s_next - s)
+        if callback is not None:
+            callback(i, t, x)
+    return x.to(x_T.dtype)
 
 
 def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                 callback: Callback | None = None, karras: bool = False, spacing: str = "linspace",
+                 callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                  steps_offset: int = 0) -> Tensor:
     """Euler from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
@@ -52,24 +65,14 @@ def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
     """
     del generator
-    check_prediction_type("euler", prediction_type)
-    timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
-                                        karras=karras)
-    times, grid = timesteps.tolist(), sigmas.tolist()
-    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32)) * initial_noise_sigma(sigmas, spacing)
-    for i in range(num_steps):
-        s, s_next = grid[i], grid[i + 1]
-        t = timestep_batch(times[i], x)
-        out = model(model_input(x, s, x_T.dtype), t)
-        x = x + (x - denoised(out, x, s, prediction_type)) * ((s_next - s) / s)
-        if callback is not None:
-            callback(i, t, x)
-    return x.to(x_T.dtype)
+    return _run("euler", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
+                steps_offset=steps_offset, ancestral=False)
 
 
 def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                            prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                           callback: Callback | None = None, spacing: str = "linspace",
+                           callback: StepCallback | None = None, spacing: str = "linspace",
                            steps_offset: int = 0) -> Tensor:
     """Euler ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerAncestralDiscreteScheduler`` (it has no Karras σ).
@@ -82,17 +85,6 @@ def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tenso
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
     """
-    check_prediction_type("euler_a", prediction_type)
-    timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset)
-    times, grid = timesteps.tolist(), sigmas.tolist()
-    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32)) * initial_noise_sigma(sigmas, spacing)
-    for i in range(num_steps):
-        s, s_next = grid[i], grid[i + 1]
-        t = timestep_batch(times[i], x)
-        out = model(model_input(x, s, x_T.dtype), t)
-        down, up = ancestral_step(s, s_next)
-        x = x + (x - denoised(out, x, s, prediction_type)) * ((down - s) / s)
-        x = x + step_noise(x, generator, x_T.dtype) * up
-        if callback is not None:
-            callback(i, t, x)
-    return x.to(x_T.dtype)
+    return _run("euler_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                prediction_type=prediction_type, generator=generator, callback=callback, karras=False,
+                spacing=spacing, steps_offset=steps_offset, ancestral=True)

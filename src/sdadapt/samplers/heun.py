@@ -8,26 +8,22 @@ two model calls, except the last step (σ_{i+1} = 0), which is a plain Euler ste
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from .sigma_space import (
-    check_prediction_type,
-    denoised,
-    discrete_sigmas,
-    initial_noise_sigma,
-    model_input,
+    discrete_start,
+    sigma_slope,
     timestep_batch,
 )
+from .signatures import Denoise, StepCallback
 
 __all__ = ["heun_sample"]
 
 
-def heun_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                callback: Callable[[int, Tensor, Tensor], None] | None = None, karras: bool = False,
+                callback: StepCallback | None = None, karras: bool = False,
                 spacing: str = "linspace", steps_offset: int = 0, clip_sample: float | None = None) -> Tensor:
     """Heun from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``HeunDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
@@ -42,18 +38,13 @@ def heun_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alpha
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
     """
     del generator
-    check_prediction_type("heun", prediction_type)
-    timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
-                                        karras=karras)
-    times, grid = timesteps.tolist(), sigmas.tolist()
+    times, grid, x = discrete_start("heun", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                                    prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
+                                    karras=karras)
 
     def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
-        x0 = denoised(model(model_input(x, s, x_T.dtype), t), x, s, prediction_type)
-        if clip_sample is not None:
-            x0 = x0.clamp(-clip_sample, clip_sample)
-        return (x - x0) / s
+        return sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype, clip_sample=clip_sample)
 
-    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32)) * initial_noise_sigma(sigmas, spacing)
     for i in range(num_steps):
         s, s_next = grid[i], grid[i + 1]
         t = timestep_batch(times[i], x)

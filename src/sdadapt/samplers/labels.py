@@ -29,25 +29,28 @@ A1111_LABELS: dict[str, str] = {
     "dpm2": "dpm_2",  # KDPM2DiscreteScheduler
     "dpm2 a": "dpm_2_a",  # KDPM2AncestralDiscreteScheduler
     "dpm++ 2m": "dpmsolver++",  # DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"), order 2
+    # DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"): A1111's update rule, Gaussian noise per
+    # step instead of its Brownian tree (docs/samplers.md)
+    "dpm++ 2m sde": "dpmsolver++_sde",
+    "lcm": "lcm",  # LCMScheduler: A1111's x̂0-then-renoise rule on LCM's own timesteps (docs/samplers.md)
     "ddim": "ddim",  # DDIMScheduler
     "plms": "plms",  # PNDMScheduler(skip_prk_steps=True): only when a sampler named plms is registered
     # A1111's lower-case aliases (modules/sd_samplers_kdiffusion.py)
     "k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_lms": "lms", "k_heun": "heun",
     "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "k_dpmpp_2m": "dpmsolver++",
+    "k_dpmpp_2m_sde": "dpmsolver++_sde", "k_dpmpp_2m_sde_ka": "dpmsolver++_sde", "k_lcm": "lcm",
 }
 
 #: A1111 labels with no sampler here (lower case) -> why
 A1111_MISSING: dict[str, str] = {
     "dpm++ 2s a": "an ancestral single-step DPM-Solver++ (diffusers has none; dpmsingle is not ancestral)",
     "dpm++ sde": "k-diffusion's stochastic DPM-Solver++ with Brownian-tree noise (dpmsingle is deterministic)",
-    "dpm++ 2m sde": "DPM-Solver++ 2M SDE (diffusers' algorithm_type='sde-dpmsolver++', not a kohya sampler)",
     "dpm++ 2m sde heun": "a k-diffusion SDE sampler with no diffusers scheduler",
     "dpm++ 3m sde": "DPM-Solver++ 3M SDE (not a kohya sampler)",
     "dpm fast": "k-diffusion's fixed-step DPM-Solver with no diffusers scheduler",
     "dpm adaptive": "k-diffusion's adaptive-step DPM-Solver with no diffusers scheduler",
     "restart": "the Restart sampler, with no diffusers scheduler",
     "unipc": "its own UniPC port (bh1, order 3), not diffusers' UniPCMultistepScheduler defaults",
-    "lcm": "the latent-consistency sampler, for LCM models",
     "ddim cfg++": "DDIM with CFG++ guidance",
     "euler cfg++": "Euler with CFG++ guidance",
     "plms": "PNDMScheduler with skip_prk_steps=True; kohya's pndm (the class's defaults) runs PNDM's Runge-Kutta "
@@ -59,6 +62,7 @@ def sampler_choices() -> list[str]:
     """Every name :func:`sampler_from_label` takes without " Karras": the samplers, kohya's aliases
     and the A1111 labels whose sampler is registered (A1111's capitalisation)."""
     pretty = {"euler a": "Euler a", "dpm2": "DPM2", "dpm2 a": "DPM2 a", "dpm++ 2m": "DPM++ 2M", "ddim": "DDIM",
+              "dpm++ 2m sde": "DPM++ 2M SDE", "lcm": "LCM",
               "plms": "PLMS", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
     labels = [pretty[k] for k, name in A1111_LABELS.items() if k in pretty and name in SAMPLERS]
     return [*SAMPLERS, *SAMPLER_ALIASES, *labels]

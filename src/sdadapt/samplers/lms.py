@@ -9,21 +9,17 @@ product of linear factors, so here it is expanded and integrated exactly (float6
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from numpy.polynomial import polynomial as P
 from torch import Tensor
 
 from .sigma_space import (
-    check_prediction_type,
-    denoised,
-    discrete_sigmas,
-    initial_noise_sigma,
-    model_input,
+    discrete_start,
+    sigma_slope,
     timestep_batch,
 )
+from .signatures import Denoise, StepCallback
 
 __all__ = ["lms_coefficients", "lms_sample"]
 
@@ -44,9 +40,9 @@ def lms_coefficients(nodes: list[float], start: float, end: float) -> list[float
     return out
 
 
-def lms_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-               callback: Callable[[int, Tensor, Tensor], None] | None = None, karras: bool = False,
+               callback: StepCallback | None = None, karras: bool = False,
                order: int = 4) -> Tensor:
     """LMS from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``LMSDiscreteScheduler``
     with its defaults (``timestep_spacing="linspace"``, ``steps_offset=0``) steps it.
@@ -61,18 +57,16 @@ def lms_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alphas
         ValueError: an unknown prediction type, ``num_steps`` outside [1, T], ``order`` < 1.
     """
     del generator
-    check_prediction_type("lms", prediction_type)
     if order < 1:
         raise ValueError(f"lms: order must be >= 1, got {order}")
-    timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, karras=karras)
-    times, grid = timesteps.tolist(), sigmas.tolist()
-    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32)) * initial_noise_sigma(sigmas)
+    times, grid, x = discrete_start("lms", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                                    prediction_type=prediction_type, karras=karras)
     derivatives: list[Tensor] = []
     for i in range(num_steps):
         s = grid[i]
         t = timestep_batch(times[i], x)
-        out = model(model_input(x, s, x_T.dtype), t)
-        derivatives = (derivatives + [(x - denoised(out, x, s, prediction_type)) / s])[-order:]
+        derivatives = (derivatives + [sigma_slope(model, x, s, t, prediction_type=prediction_type,
+                                                  dtype=x_T.dtype)])[-order:]
         nodes = grid[max(i + 1 - order, 0):i + 1][::-1]  # σ of the derivatives used, newest first
         coeffs = lms_coefficients(nodes, s, grid[i + 1])
         x = x + sum(c * d for c, d in zip(coeffs, reversed(derivatives)))

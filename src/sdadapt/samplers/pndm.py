@@ -10,12 +10,12 @@ linear multistep steps that extrapolate ε from the last four with the Adams–B
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from ..training import diffusion
+from .sigma_space import timestep_batch, work_dtype
+from .signatures import Denoise, StepCallback
 
 __all__ = ["pndm_sample", "pndm_timesteps"]
 
@@ -40,9 +40,9 @@ def pndm_timesteps(num_steps: int, num_train_steps: int = 1000) -> tuple[list[in
     return prk, grid[:-3][::-1]
 
 
-def pndm_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+def pndm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+                callback: StepCallback | None = None) -> Tensor:
     """PNDM from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``PNDMScheduler``
     (defaults) steps it; ``model(x, t)`` at integer timesteps t (B,) int64 (no input scaling).
 
@@ -70,7 +70,7 @@ def pndm_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alpha
     calls = 0
 
     def run(x: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        tt = timestep_batch(t, x, torch.long)
         return model(x.to(x_T.dtype), tt), tt
 
     def transfer(x: Tensor, out: Tensor, t: int, t_prev: int, tt: Tensor) -> Tensor:
@@ -83,7 +83,7 @@ def pndm_sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, *, alpha
         calls += 1
         return x
 
-    x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))  # init_noise_sigma = 1
+    x = x_T.to(work_dtype(x_T))  # init_noise_sigma = 1
     history: list[Tensor] = []  # the first output of each step, for the multistep phase
     # pseudo Runge-Kutta, t -> t-r from x_t: outputs at t, t-h, t-h, t-r (the prk list), RK4 mean
     for k in range(0, len(prk), 4):

@@ -1,23 +1,27 @@
-"""What the samplers on σ share: σ at fractional timesteps, Karras et al.'s ρ-spaced σ, σ back to
-a (fractional) timestep, and the model output read as x̂0 at a noise level.
+"""What the samplers share: σ at fractional timesteps, Karras et al.'s ρ-spaced σ, σ back to
+a (fractional) timestep, the model output read as x̂0 at a noise level, the discrete-σ samplers'
+first sample (:func:`discrete_start`) and derivative (:func:`sigma_slope`), and the timestep
+batches, working dtype and noise draws of every sampler.
 
 ``σ_t = √((1-ᾱ_t)/ᾱ_t)`` is the k-diffusion noise level of DDPM step t; a sampler on σ runs the
-model at ``x/√(σ²+1)`` and timestep ``t(σ)``. Everything here is float64 on the CPU: the grids
-are a few dozen numbers, made once per sampling run.
+model at ``x/√(σ²+1)`` and timestep ``t(σ)``. The grids are float64 on the CPU (a few dozen
+numbers, made once per sampling run); the samples stay on the caller's device.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..training.diffusion import PREDICTION_TYPES, sigmas_of, timestep_grid
 
-__all__ = ["ancestral_step", "check_prediction_type", "denoised", "discrete_sigmas", "initial_noise_sigma",
-           "karras_sigmas", "model_input", "sigma_to_t", "sigmas_at", "step_noise", "timestep_batch", "training_sigmas",
-           "vp_alpha_sigma", "vp_data_prediction", "vp_noise_prediction"]
+__all__ = ["ancestral_step", "check_prediction_type", "denoised", "discrete_sigmas", "discrete_start", "initial_noise_sigma",
+           "karras_sigmas", "model_input", "sigma_slope", "sigma_to_t", "sigmas_at", "step_noise",
+           "timestep_batch", "training_sigmas", "vp_alpha_sigma", "vp_data_prediction", "vp_noise_prediction",
+           "work_dtype"]
 
 #: the last ᾱ of a zero-terminal-SNR schedule (ᾱ = 0, σ = ∞) as the σ samplers use it: diffusers'
 #: Euler, Euler ancestral, DPM-Solver multistep and UniPC set it so under ``rescale_betas_zero_snr``
@@ -153,16 +157,56 @@ def initial_noise_sigma(sigmas: Tensor, spacing: str = "linspace") -> float:
     return top if spacing in ("linspace", "trailing") else (top * top + 1) ** 0.5
 
 
+def work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the samplers carry the sample in between steps: ``x``'s, at least float32
+    (diffusers upcasts for its updates; the model still sees the caller's dtype)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
+                   spacing: str = "linspace", steps_offset: int = 0, karras: bool = False,
+                   round_karras_timesteps: bool = False) -> tuple[list[float], list[float], Tensor]:
+    """What each sampler on the discrete σ grid (Euler, Heun, DPM2, LMS) does first: refuse a
+    prediction type :func:`denoised` does not read (naming ``sampler``), make the grid
+    (:func:`discrete_sigmas`, whose options these are), and scale the unit noise ``x_T`` (B,C,H,W)
+    to the first sample (times :func:`initial_noise_sigma`, in :func:`work_dtype`).
+
+    Returns:
+        ``(timesteps, sigmas, x)``: the n timesteps and n+1 σ as Python floats, x (B,C,H,W).
+
+    Raises:
+        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+    """
+    check_prediction_type(sampler, prediction_type)
+    timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
+                                        karras=karras, round_karras_timesteps=round_karras_timesteps)
+    x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sigmas, spacing)
+    return timesteps.tolist(), sigmas.tolist(), x
+
+
 def model_input(x: Tensor, sigma: float, dtype: torch.dtype) -> Tensor:
     """What the model sees at noise level σ: ``x/√(σ²+1)`` (B,C,H,W) in ``dtype`` (the
     caller's latent dtype; the samplers keep ``x`` in at least float32 between steps)."""
     return (x / (sigma * sigma + 1) ** 0.5).to(dtype)
 
 
-def timestep_batch(t: float, x: Tensor) -> Tensor:
-    """The timestep ``t`` as the model gets it: (B,) float32 on ``x``'s device (diffusers'
-    σ schedulers hold fractional float32 timesteps; a UNet embeds them in float32)."""
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+def timestep_batch(t: float, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The timestep ``t`` as the model gets it: (B,) on ``x``'s device; float32 by default
+    (diffusers' σ schedulers hold fractional float32 timesteps; a UNet embeds them in float32),
+    ``torch.long`` for the samplers on integer timesteps (DDPM, PNDM, DPM-Solver, UniPC)."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
+
+
+def sigma_slope(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: float, t: Tensor, *,
+                prediction_type: str, dtype: torch.dtype, clip_sample: float | None = None) -> Tensor:
+    """``dx/dσ = (x − x̂0(x, σ))/σ`` (B,C,H,W) at the σ-scaled sample ``x`` (B,C,H,W), with one
+    ``model`` call on :func:`model_input` (in ``dtype``) at timesteps ``t`` (B,); k-diffusion's
+    ``to_d``, diffusers' ``derivative``. ``clip_sample``: clamp x̂0 to ±that first (Heun's
+    ``clip_sample``)."""
+    x0 = denoised(model(model_input(x, sigma, dtype), t), x, sigma, prediction_type)
+    if clip_sample is not None:
+        x0 = x0.clamp(-clip_sample, clip_sample)
+    return (x - x0) / sigma
 
 
 def step_noise(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:

@@ -19,18 +19,21 @@ A1111's "UniPC" is its own port of the reference code (``bh1``, order 3 by defau
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .dpm_solver import _require_distinct_steps, dpm_grid
-from .sigma_space import check_prediction_type, vp_alpha_sigma, vp_data_prediction
+from .dpm_solver import dpm_grid, require_distinct_steps
+from .sigma_space import (
+    check_prediction_type,
+    timestep_batch,
+    vp_alpha_sigma,
+    vp_data_prediction,
+    work_dtype,
+)
+from .signatures import Denoise, StepCallback
 
 __all__ = ["unipc_sample"]
-
-Model = Callable[[Tensor, Tensor], Tensor]
-
 
 def _phi_coefficients(hh: float) -> tuple[float, float, float]:
     """``(e^hh − 1, b_1, b_2)`` of diffusers' ``bh2`` UniPC with ``hh = −h``: ``B(h) = e^hh − 1``,
@@ -42,9 +45,9 @@ def _phi_coefficients(hh: float) -> tuple[float, float, float]:
     return phi1, k2 / phi1, 2.0 * k3 / phi1
 
 
-def unipc_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                 callback: Callable[[int, Tensor, Tensor], None] | None = None, karras: bool = False,
+                 callback: StepCallback | None = None, karras: bool = False,
                  corrector: bool = True) -> Tensor:
     """UniPC-2 (bh2) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W), as diffusers'
     ``UniPCMultistepScheduler()`` (``use_karras_sigmas`` with ``karras=True``).
@@ -62,17 +65,17 @@ def unipc_sample(model: Model, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero")
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
-    _require_distinct_steps("unipc", sig, int(alphas_cumprod.shape[0]))
+    require_distinct_steps("unipc", sig, int(alphas_cumprod.shape[0]))
     coef = [vp_alpha_sigma(s) for s in sig]  # (α_t, σ_t, λ_t) per grid point
     out_dtype = x_T.dtype
-    work = torch.promote_types(x_T.dtype, torch.float32)
+    work = work_dtype(x_T)
     x = (x_T * 1.0).to(work)  # init_noise_sigma = 1
     m_prev: Tensor | None = None  # m_{i−1}
     m_prev2: Tensor | None = None  # m_{i−2}
     last_x: Tensor | None = None  # the corrected x_{i−1} the last predictor started from
     last_order = 1
     for i in range(n):
-        t = torch.full((x.shape[0],), int(timesteps[i]), dtype=torch.long, device=x.device)
+        t = timestep_batch(int(timesteps[i]), x, torch.long)
         a_i, st_i, lam_i = coef[i]
         m = vp_data_prediction(model(x.to(out_dtype), t), x, a_i, st_i, prediction_type)
         if corrector and last_x is not None:

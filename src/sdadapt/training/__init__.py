@@ -13,6 +13,7 @@
 | :mod:`.lr_schedules` | kohya's other LR schedules (cosine_with_min_lr, warmup_stable_decay, inverse_sqrt, piecewise_constant) as factors of the step |
 | :mod:`.optimizer_args` | kohya's ``--optimizer_args KEY=VALUE`` parsed and checked against each optimiser |
 | :mod:`.max_norm` | kohya's max-norm regularisation of LoRA-family adapters (``--scale_weight_norms``) |
+| :mod:`.fp8_base` | kohya's ``--fp8_base``: a frozen base's Linear / Conv weights stored in float8, upcast by autocast |
 | :mod:`.attention` | which SDPA kernel to use, measured on the model's own attention calls |
 | :mod:`.step_capture` | the whole step as CUDA-graph replays, one graph per batch layout (:class:`CapturedStep`) |
 | :mod:`.distributed` | FSDP2 sharding block by block for data-parallel runs (:func:`~.distributed.fully_shard_blocks`) |
@@ -31,6 +32,7 @@ from . import (
     dadapt,
     diffusion,
     distributed,
+    fp8_base,
     grad_checkpointing,
     host_syncs,
     latent_cache,
@@ -65,6 +67,7 @@ __all__ = [
     "lion",
     "schedule_free",
     "max_norm",
+    "fp8_base",
     "step_capture",
     "distributed",
     "latent_cache",
