@@ -155,3 +155,28 @@ def three_shapes(tmp_path):
     from train_inputs import captioned_pngs
 
     return captioned_pngs(tmp_path / "imgs", [(32, 40), (40, 32), (32, 32)])
+
+
+@pytest.fixture()
+def tensorboard_scalars(monkeypatch):
+    """A stand-in ``torch.utils.tensorboard`` whose ``SummaryWriter`` records every ``add_scalar`` call;
+    returns the list of ``(tag, value, step)`` it fills."""
+    import sys
+    import types
+
+    scalars: list[tuple] = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    return scalars

@@ -10,8 +10,6 @@ it adds is added to the header, the older rows left empty there).
 from __future__ import annotations
 
 import csv
-import sys
-import types
 
 import pytest
 
@@ -74,22 +72,8 @@ def test_appending_to_another_file_is_refused(tmp_path):
     assert path.read_text() == "name,value\na,1\n"
 
 
-def test_tensorboard_gets_kohyas_tags(tmp_path, monkeypatch):
-    scalars = []
-
-    class Writer:
-        def __init__(self, log_dir):
-            self.log_dir = log_dir
-
-        def add_scalar(self, tag, value, step):
-            scalars.append((tag, value, step))
-
-        def close(self):
-            pass
-
-    fake = types.ModuleType("torch.utils.tensorboard")
-    fake.SummaryWriter = Writer
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+def test_tensorboard_gets_kohyas_tags(tmp_path, tensorboard_scalars):
+    scalars = tensorboard_scalars
     with RunLog(tmp_path / "log.csv", tensorboard=tmp_path / "tb", extra=MAX_NORM_COLUMNS) as log:
         log.step(7, 1, 0.5, 1e-4, STATS)
     assert scalars == [("loss", 0.5, 7), ("lr", 1e-4, 7), ("max_norm/keys_scaled", 3.0, 7),

@@ -125,28 +125,11 @@ def test_a_dataset_toml_sets_the_split_at_its_dataset_level(eight_images, tmp_pa
     assert result["validation_images"] == 2 and result["images"] == 3
 
 
-def test_tensorboard_gets_kohyas_validation_tags(tmp_path, monkeypatch):
-    import sys
-    import types
-
+def test_tensorboard_gets_kohyas_validation_tags(tmp_path, tensorboard_scalars):
     from sdadapt.training.monitor import RunLog
     from sdadapt.training.validation import validation_columns
 
-    scalars = []
-
-    class Writer:
-        def __init__(self, log_dir):
-            pass
-
-        def add_scalar(self, tag, value, step):
-            scalars.append((tag, value, step))
-
-        def close(self):
-            pass
-
-    fake = types.ModuleType("torch.utils.tensorboard")
-    fake.SummaryWriter = Writer
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    scalars = tensorboard_scalars
     with RunLog(tmp_path / "log.csv", tensorboard=tmp_path / "tb", extra=VALIDATION_COLUMNS) as log:
         log.step(3, 1, 0.5, 1e-4, validation_columns(0.25, ("step", "epoch")))
         log.step(4, 1, 0.5, 1e-4, validation_columns(None, ()))
