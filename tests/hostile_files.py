@@ -461,8 +461,10 @@ def cli_cases(root: Path, p: dict[str, Path] | None = None) -> list[Case]:
     # outputs: same as input, existing, missing folder, read-only folder
     add("merge output is input", ["merge", "weighted-sum", p["base"], p["other"], "--alpha", "0.5", "-q", "-o", p["other"],
                                   "--overwrite"], (2,), [p["base"], p["other"]], out=False)
+    add("merge out folder is a file", ["merge", "weighted-sum", p["base"], p["other"], "--alpha", "0.5", "-q", "-o",
+                                       Path(p["other"]) / "x.safetensors"], (7,), [p["base"]], out=False)
     add("merge missing out folder", ["merge", "weighted-sum", p["base"], p["other"], "--alpha", "0.5", "-q", "-o",
-                                     root / "nowhere" / "x.safetensors"], (7,), [p["base"]], out=False)
+                                     root / "nowhere" / "x.safetensors"], (0,), [p["base"]], out=False)  # (made)
     readonly = root / "readonly"
     readonly.mkdir(exist_ok=True)
     add("merge read-only folder", ["merge", "weighted-sum", p["base"], p["other"], "--alpha", "0.5", "-q", "-o",

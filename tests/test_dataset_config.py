@@ -91,7 +91,7 @@ def test_subsets_resolve_through_dataset_general_and_the_run_options(layout):
     config = _read(toml, caption_tag_dropout_rate=0.25, flip_aug=True)
     assert config.options == {"resolution": (32, 32), "batch_size": 2, "enable_bucket": False, "min_bucket_reso": None,
                               "max_bucket_reso": None, "bucket_reso_steps": None, "bucket_no_upscale": False,
-                              "flip_aug": True, "random_crop": False, "color_aug": False}
+                              "flip_aug": True, "random_crop": False, "color_aug": False, "face_crop_aug_range": None}
     first, second, third = config.subsets
     assert (first.image_dir, first.num_repeats, first.class_tokens, first.caption_extension, first.is_reg) == (
         dog, 3, "a red circle", ".txt", False)
@@ -264,8 +264,13 @@ def test_refusals_name_the_key_and_the_fix(layout, tmp_path):
         _read(two)
     with pytest.raises(InputError, match="mixes DreamBooth-style subsets"):
         _read(_edited(toml, f'image_dir = "{cat}"', f'metadata_file = "{tmp_path / "m.json"}"'))
-    with pytest.raises(InputError, match="face_crop_aug_range"):
-        _read(_edited(toml, "keep_tokens = 1", "keep_tokens = 1\nface_crop_aug_range = [2.0, 4.0]"))
+    with pytest.raises(InputError, match="face_crop_aug_range = \\(2.0, 4.0\\) but datasets\\[0\\].subsets\\[0\\] has none"):
+        _read(_edited(toml, "caption_dropout_rate = 0.5", "caption_dropout_rate = 0.5\n  face_crop_aug_range = [2.0, 4.0]"))
+    with pytest.raises(InputError, match="LO must not be above HI"):
+        _read(_edited(toml, "keep_tokens = 1", "keep_tokens = 1\nface_crop_aug_range = [4.0, 2.0]"))
+    read = _read(_edited(toml, "keep_tokens = 1", "keep_tokens = 1\nface_crop_aug_range = [2.0, 4.0]"))  # ([general]: all)
+    assert read.options["face_crop_aug_range"] == (2.0, 4.0) and read.reg_augment["face_crop_aug_range"] == (2.0, 4.0)
+    assert read.record()["subsets"][0]["face_crop_aug_range"] == [2.0, 4.0]
     with pytest.raises(InputError, match="no training subset"):
         _read(_edited(_edited(toml, "num_repeats = 3", "num_repeats = 3\n  is_reg = true"), "num_repeats = 2",
                       "num_repeats = 2\n  is_reg = true"))

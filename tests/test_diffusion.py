@@ -253,10 +253,20 @@ def test_sample_timesteps_range_and_errors():
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_ddim_timesteps_match_diffusers(spacing):
     ref = diffusers.DDIMScheduler(**SD_CONFIG, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
-    for n in (1, 7, 50):
+    for n in (1, 7, 48, 50):
         ref.set_timesteps(n)
         ours = D.ddim_timesteps(n, spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
         assert ours.tolist() == ref.timesteps.tolist(), (spacing, n)
+
+
+def test_numpy_grids_equal_numpy_bit_for_bit_at_every_step_count():
+    """Half-way timesteps round by the last bit: trailing spacing takes numpy's arange (torch's differs at
+    50 of the step counts 1-1000: n = 48 gave 937 where diffusers has 936), linspace numpy's linspace."""
+    for n in range(1, 1001):
+        assert np.array_equal(D.numpy_arange(1000, 0, -1000 / n).numpy(), np.arange(1000, 0, -1000 / n)), n
+        assert np.array_equal(D.numpy_linspace(999, n).numpy(), np.linspace(0, 999, n)), n
+    for start, stop, step in ((0, 1, 0.1), (3.5, -2, -0.7), (1, 1, 1), (5, 0, 1)):
+        assert np.array_equal(D.numpy_arange(start, stop, step).numpy(), np.arange(start, stop, step))
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])

@@ -147,9 +147,48 @@ def test_successful_overwrite_replaces_the_file(tmp_path):
     assert _listing(tmp_path) == ["lora.safetensors"]
 
 
-def test_write_into_a_missing_folder_names_it(tmp_path):
-    with pytest.raises(sdadapt.WeightFileError, match="does not exist"):
-        write_safetensors(tmp_path / "nope" / "x.safetensors", _tensors())
+def test_write_into_a_missing_folder_makes_it(tmp_path):
+    """As kohya's os.makedirs(output_dir): the folder and its parents are made; a file in the way is named."""
+    path = write_safetensors(tmp_path / "nope" / "deeper" / "x.safetensors", _tensors())
+    assert sorted(read_weights(path)[0]) == sorted(_tensors())
+    assert _listing(tmp_path / "nope" / "deeper") == ["x.safetensors"]
+    with pytest.raises(sdadapt.WeightFileError, match="is a file, not a folder"):
+        write_safetensors(path / "y.safetensors", _tensors())
+
+
+
+def test_the_output_folder_check_and_its_making_on_awkward_paths(tmp_path, monkeypatch):
+    """make_output_folder / check_output_file: a relative path (from the current folder, '' parent
+    too), a link to a folder (written through), a dangling link or a file in the way (named, nothing
+    made), and a folder that cannot be made (the folder, the reason and the fix named)."""
+    from sdadapt.formats.files import check_output_file, make_output_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert make_output_folder("x.safetensors") == Path(".")  # ('' parent: the current folder)
+    assert check_output_file("rel/a/x.safetensors", overwrite=False) == Path("rel/a/x.safetensors")
+    assert not (tmp_path / "rel").exists()  # (the check makes nothing)
+    assert make_output_folder(Path("rel/a/x.safetensors")) == Path("rel/a") and (tmp_path / "rel" / "a").is_dir()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    write_safetensors(tmp_path / "link" / "sub" / "x.safetensors", _tensors())
+    assert _listing(tmp_path / "real" / "sub") == ["x.safetensors"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "afile").write_text("x")
+    for bad, what in ((Path("dangling") / "x.safetensors", "a link to a missing folder"),
+                      (Path("dangling") / "deeper" / "x.safetensors", "a link to a missing folder"),
+                      (Path("afile") / "deeper" / "x.safetensors", "a file, not a folder")):
+        for call in (lambda b: check_output_file(b, overwrite=False), make_output_folder,
+                     lambda b: write_safetensors(b, _tensors())):
+            with pytest.raises(sdadapt.errors.OutputError, match=what):
+                call(bad)
+    assert not (tmp_path / "gone").exists()
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(sdadapt.errors.OutputError, match=r"cannot make folder new.*no permission to write in \."):
+        write_safetensors(Path("new") / "x.safetensors", _tensors())
 
 
 # --------------------------------------------------------------------------------- read errors

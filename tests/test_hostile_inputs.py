@@ -100,7 +100,7 @@ CLI_SAMPLE = [
     "merge-lora NaN base", "merge-lora NaN base allowed", "merge NaN base", "extract-lora NaN base",
     "resize-lora bad rank tensors", "combine --scale 1e6", "merge --device cuda:99", "extract-lora --device bogus",
     "inspect dev-zero", "merge folder", "merge unrelated", "merge empty", "merge wide second",
-    "inspect escape metadata", "merge-lora escape keys", "merge output is input", "merge missing out folder",
+    "inspect escape metadata", "merge-lora escape keys", "merge output is input", "merge missing out folder", "merge out folder is a file",
     "merge ok", "merge-lora ok",
 ]
 

@@ -137,8 +137,8 @@ KOHYA_OPTIONS = {
 REFUSED = {"no_metadata", "lr_scheduler_type", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
            "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
            "async_upload", "output_config", "debug_dataset",
-           "face_crop_aug_range", "resize_interpolation", "dataset_class", "deepspeed", "no_token_padding", "weights",
-           "fused_optimizer_groups", "full_fp16"}
+           "resize_interpolation", "dataset_class", "deepspeed", "weights",
+           "fused_optimizer_groups"}
 
 #: a value other than kohya's default for each kind, and for options whose value has a form
 _PROBE = {"flag": True, "int": 2, "float": 0.5, "str": "x"}
@@ -146,7 +146,8 @@ _PROBE_VALUES = {"network_args": ["conv_dim=4"], "optimizer_args": ["weight_deca
                  "resolution": "768,512", "caption_separator": ";", "text_encoder_lr": 1e-5, "save_model_as": "ckpt",
                  "optimizer_type": "Adafactor", "lr_scheduler": "linear", "mixed_precision": "bf16",
                  "sample_sampler": "euler", "loss_type": "huber", "huber_schedule": "constant", "log_with": "tensorboard",
-                 "save_precision": "bf16", "dynamo_backend": "eager", "keep_tokens_separator": "|||"}
+                 "save_precision": "bf16", "dynamo_backend": "eager", "keep_tokens_separator": "|||",
+                 "face_crop_aug_range": "2.0,4.0"}
 
 
 def _outcome(tmp_path, name: str, value):
@@ -340,6 +341,7 @@ def test_kohyas_old_spellings_are_read(tmp_path):
         "use_8bit_adam": True, "caption_extention": ".caption", "learning_rate_te": 2e-5, "learning_rate_te1": 2e-5,
         "sample_sampler": "k_euler", "sample_prompts": "p.txt"})
     assert options == {"optimizer": "AdamW8bit", "caption_extension": ".caption", "text_encoder_lr": 2e-5,
+                       "text_encoder_2_lr": "learning_rate",  # (learning_rate_te1 alone: sdxl_train.py's te2 default)
                        "sample_sampler": "k_euler", "sample_prompts": "p.txt"}
 
 

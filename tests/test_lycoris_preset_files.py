@@ -298,3 +298,31 @@ def test_a_kohya_toml_with_a_preset_file_trains(tmp_path):
     assert "lora_unet_conv_out" in names and not any(n.startswith("lora_unet_up_blocks") for n in names)
     assert any(n.endswith("attn1_to_q") for n in names) and any(n.endswith("self_attn_q_proj") for n in names)
     assert json.loads(load_file_metadata(out)["ss_network_args"])["preset"] == str(preset)
+
+
+def test_a_saved_state_records_the_preset_file_the_run_started_with(tmp_path):
+    """The preset file edited during the run: the states saved after the edit still record the sha256 of
+    the bytes the run read when it started (the layers trained), and resuming with the edited file is refused."""
+    import dataclasses
+    import hashlib
+
+    from test_cli_train import _images
+
+    from sdadapt.jobs import TrainOptions, run_train
+
+    path = _write(tmp_path, 'unet_target_module = []\nunet_target_name = ["conv_in"]\ntext_encoder_target_module = []\n')
+    started = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def edit_after_the_first_step(step, total, loss):
+        if step == 1:
+            path.write_text('unet_target_module = []\nunet_target_name = ["conv_out"]\ntext_encoder_target_module = []\n')
+
+    options = TrainOptions(images=str(_images(tmp_path / "images", size=16)), model="toy", steps=3, save_every_n_steps=2,
+                           prior=False, log_with="csv", out=str(tmp_path / "p.safetensors"),
+                           method_options={"targets": str(path)})
+    run_train("lora", options, progress=edit_after_the_first_step)
+    record = json.loads((tmp_path / "p-state" / "run.json").read_text())
+    assert record["preset_file"] == {"path": str(path.resolve()), "sha256": started}
+    assert hashlib.sha256(path.read_bytes()).hexdigest() != started
+    with pytest.raises(ValueError, match="preset file"):
+        run_train("lora", dataclasses.replace(options, steps=4, resume=str(tmp_path / "p-state"), overwrite=True))

@@ -304,7 +304,7 @@ def test_registered_names_aliases_and_labels():
     assert canonical_sampler("LCM") == "lcm"
     assert sampler_from_label("DPM++ 2M SDE") == ("dpmsolver++_sde", False)
     assert sampler_from_label("DPM++ 2M SDE Karras") == ("dpmsolver++_sde", True)
-    assert sampler_from_label("k_dpmpp_2m_sde_ka") == ("dpmsolver++_sde", False)
+    assert sampler_from_label("k_dpmpp_2m_sde_ka") == ("dpmsolver++_sde", True)  # A1111 keeps the Karras label
     assert sampler_from_label("LCM") == ("lcm", False) == sampler_from_label("k_lcm")
     assert "dpm++ 2m sde" not in A1111_MISSING and "lcm" not in A1111_MISSING
     with pytest.raises(ValueError, match="no Karras noise levels"):

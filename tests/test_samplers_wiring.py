@@ -155,8 +155,8 @@ def test_a1111_labels_map_to_their_diffusers_scheduler():
                 sampler_from_label(label)
 
 
-@pytest.mark.parametrize("label", ["DPM++ SDE", "DPM++ SDE Karras", "DPM fast", "DPM adaptive", "Restart",
-                                   "DPM++ 2S a", "nonsense"])
+@pytest.mark.parametrize("label", ["DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun Karras", "DPM fast", "DPM adaptive",
+                                   "Restart", "Euler CFG++", "nonsense"])
 def test_a1111_labels_without_a_sampler_here_say_why_and_what_is_taken(label):
     with pytest.raises(ValueError) as info:
         sampler_from_label(label)

@@ -157,8 +157,10 @@ def test_one_output_check(tmp_path, monkeypatch):
     assert check_output(out, overwrite=True, needed_bytes=10) == out
     with pytest.raises(WeightFileError, match=".safetensors files only"):
         check_output(tmp_path / "out.ckpt", overwrite=False, needed_bytes=0)
-    with pytest.raises(WeightFileError, match="does not exist; create it first"):
-        check_output(tmp_path / "missing" / "out.safetensors", overwrite=False, needed_bytes=0)
+    missing = tmp_path / "missing" / "deeper" / "out.safetensors"  # (the writer makes the folder; the check makes nothing)
+    assert check_output(missing, overwrite=False, needed_bytes=10) == missing and not missing.parent.parent.exists()
+    with pytest.raises(WeightFileError, match="is a file, not a folder"):
+        check_output(out / "x.safetensors", overwrite=False, needed_bytes=0)
     with pytest.raises(WeightFileError, match="is a folder"):
         check_output(tmp_path, overwrite=True, needed_bytes=0, suffix=None)
 

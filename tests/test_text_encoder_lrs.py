@@ -204,6 +204,8 @@ def test_cached_text_encoder_outputs_are_refused_before_loading_unless_both_enco
         _check_text_cache_method("lora", METHODS["lora"], options(text_encoder_lr=0.0, text_encoder_2_lr=1e-4))
     with pytest.raises(ValueError, match="trains the text encoder too"):
         _check_text_cache_method("lora", METHODS["lora"], options(text_encoder_2_lr=0.0))
+    with pytest.raises(ValueError, match="learning_rate_te1 without learning_rate_te2 trains the second encoder at"):
+        _check_text_cache_method("lora", METHODS["lora"], options(text_encoder_lr=0.0, text_encoder_2_lr="learning_rate"))
 
 
 
@@ -243,14 +245,74 @@ def test_kohya_toml_per_encoder_lrs(tmp_path):
     assert (options["text_encoder_lr"], options["text_encoder_2_lr"]) == (1e-4, 5e-5)  # (sdadapt's key: two rates)
     options, _, _ = _read(tmp_path, "learning_rate_te1 = 1e-5\nlearning_rate_te2 = 0\n")
     assert (options["text_encoder_lr"], options["text_encoder_2_lr"]) == (1e-5, 0.0)
-    options, _, notes = _read(tmp_path, "learning_rate_te1 = 1e-5\n")
-    assert options == {"text_encoder_lr": 1e-5} and any("without learning_rate_te2" in n for n in notes)
+    options, _, notes = _read(tmp_path, "learning_rate_te1 = 1e-5\n")  # (sdxl_train.py: te2 at learning_rate)
+    assert options == {"text_encoder_lr": 1e-5, "text_encoder_2_lr": "learning_rate"}
+    assert any("without learning_rate_te2" in n and "learning_rate, as sdxl_train.py" in n for n in notes)
     options, _, _ = _read(tmp_path, "learning_rate_te2 = 2e-5\n")
     assert options == {"text_encoder_2_lr": 2e-5}  # (the first encoder: learning_rate, as sdxl_train.py)
     with pytest.raises(ValueError, match="at most two"):
         _read(tmp_path, "text_encoder_lr = [1e-4, 5e-5, 1e-5]\n")
     with pytest.raises(ValueError, match="twice"):
         _read(tmp_path, "text_encoder_lr = 1e-4\nlearning_rate_te1 = 2e-4\n")
+
+
+def test_learning_rate_te1_alone_trains_the_second_encoder_at_learning_rate(tmp_path):
+    """kohya's sdxl_train.py: ``lr_te2 = learning_rate_te2 if not None else learning_rate``. The run's
+    ``text_encoder_2_lr`` is its ``learning_rate`` (the method's when not given) on a model with a second
+    encoder, none on a one-encoder model (no refusal of a second-encoder LR nobody gave)."""
+    from types import SimpleNamespace
+
+    from sdadapt.jobs import TrainOptions
+    from sdadapt.jobs.train import TE2_AT_LEARNING_RATE, _second_encoder_lr
+
+    options = TrainOptions(model="m", images=str(tmp_path), out=str(tmp_path / "o.safetensors"), learning_rate=3e-4,
+                           text_encoder_lr=1e-5, text_encoder_2_lr=TE2_AT_LEARNING_RATE)
+    two, one = SimpleNamespace(text_encoder_2=torch.nn.Linear(1, 1)), SimpleNamespace(text_encoder=torch.nn.Linear(1, 1))
+    assert _second_encoder_lr(options, two, learning_rate=1e-3) == 3e-4
+    assert _second_encoder_lr(options, one, learning_rate=1e-3) is None
+    assert _second_encoder_lr(dataclasses.replace(options, learning_rate=None), two, learning_rate=1e-3) == 1e-3
+    assert _second_encoder_lr(dataclasses.replace(options, text_encoder_2_lr=0.0), two, learning_rate=1e-3) == 0.0
+    with pytest.raises(ValueError, match="text-encoder-2-lr"):
+        dataclasses.replace(options, text_encoder_2_lr="unet_lr")
+
+
+def test_learning_rate_te1_alone_end_to_end(tmp_path, capsys):
+    """A kohya SDXL config with ``learning_rate_te1 = 0`` and no ``learning_rate_te2``: sdxl_train.py freezes
+    the first encoder and trains the second at ``learning_rate`` (before: both frozen); on the toy (one
+    encoder) the same config trains its one encoder's rate and nothing is refused."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tiny_checkpoints import tiny_sdxl_file
+
+    import sdadapt
+    from sdadapt.cli import main
+    from sdadapt.images import write_png
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        write_png(images / f"{i}.png", torch.rand(3, 16, 16, generator=g) * 2 - 1)
+        (images / f"{i}.txt").write_text(f"sks toy, photo {i}")
+    common = (f"train_data_dir = '{images}'\nresolution = '16,16'\nmax_train_steps = 2\ntrain_batch_size = 2\n"
+              "learning_rate = 1e-3\nlearning_rate_te1 = 0\nnetwork_dim = 2\nnetwork_alpha = 2\n"
+              f"optimizer_type = 'AdamW'\nlr_scheduler = 'constant'\noutput_dir = '{tmp_path}'\n")
+    config = tmp_path / "train.toml"
+    config.write_text(f"pretrained_model_name_or_path = '{tiny_sdxl_file(tmp_path / 'sdxl.safetensors')}'\n"
+                      + common + "output_name = 'xl'\n")
+    assert main(["train", "lora", "--config", str(config), "--seed", "3"]) == 0, capsys.readouterr().err
+    assert "as sdxl_train.py" in capsys.readouterr().err
+    state, metadata = sdadapt.load_lora(tmp_path / "xl.safetensors")
+    assert metadata["ss_text_encoder_lr"] == "[0.0, 0.001]"
+
+    def ups(component):
+        return [t for k, t in state[component].items() if "lora_up" in k]
+
+    assert ups("text_encoder") and all(not t.any() for t in ups("text_encoder"))
+    assert any(t.any() for t in ups("text_encoder_2"))
+    config.write_text("pretrained_model_name_or_path = 'toy'\n" + common + "output_name = 'toy'\n")
+    assert main(["train", "lora", "--config", str(config), "--seed", "3", "-q"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "toy.safetensors").is_file()
 
 
 def test_metadata_and_resume_record(tmp_path):
@@ -342,3 +404,32 @@ def test_every_group_follows_the_schedule(monkeypatch):
         assert len(ratios) == 1  # one schedule factor for all five groups
         factors |= ratios
     assert len(factors) > 2  # (the factor changed along the schedule)
+
+
+def test_a_run_recorded_before_learning_rate_te1_alone_resumes_on_one_encoder_only(tmp_path):
+    """A state saved when ``learning_rate_te1`` alone trained both encoders at it (no ``text_encoder_2_lr``
+    recorded): resumed with the same config (now ``TE2_AT_LEARNING_RATE``) on a one-encoder model (nothing
+    differs), refused once the model has a second encoder (its optimiser groups differ), naming the fix."""
+    from sdadapt.jobs import TrainOptions
+    from sdadapt.jobs.train import (
+        TE2_AT_LEARNING_RATE,
+        _check_resume,
+        _check_resumed_second_encoder_lr,
+        _write_run_record,
+    )
+
+    before = TrainOptions(model="m", images=str(tmp_path), out=str(tmp_path / "o.safetensors"), text_encoder_lr=1e-5)
+    folder = tmp_path / "state"
+    folder.mkdir()
+    _write_run_record(folder, "lora", before, 2, 4)
+    (folder / "state.json").write_text(json.dumps({"step": 2}))
+    now = dataclasses.replace(before, text_encoder_2_lr=TE2_AT_LEARNING_RATE, resume=str(folder))
+    record = _check_resume(folder, "lora", now)
+    _check_resumed_second_encoder_lr(record, now, None)  # (one text encoder)
+    with pytest.raises(ValueError, match="write text_encoder_lr = <the learning_rate_te1 value> in place of"):
+        _check_resumed_second_encoder_lr(record, now, 1e-4)
+    with pytest.raises(ValueError, match="text_encoder_2_lr None"):  # (any other rate: refused as before)
+        _check_resume(folder, "lora", dataclasses.replace(now, text_encoder_2_lr=1e-4))
+    _write_run_record(folder, "lora", now, 2, 4)  # (recorded as "learning_rate": the same config resumes)
+    assert json.loads((folder / "run.json").read_text())["text_encoder_2_lr"] == "learning_rate"
+    _check_resumed_second_encoder_lr(_check_resume(folder, "lora", now), now, 1e-4)

@@ -369,11 +369,9 @@ class DiffusersSystem(nn.Module):
 
     def _save_folder(self, target: Path, dtype: torch.dtype | None, ema: Any = None) -> Path:
         from .clip_tokenizer import CLIPTokenizer
-        from .formats.files import signals_held
+        from .formats.files import make_output_folder, signals_held
 
-        folder = target.parent if str(target.parent) else Path(".")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{target}: folder {folder} does not exist; create it first")
+        folder = make_output_folder(target)  # (a missing folder, with its parents, as kohya's output_dir)
         tmp = None
         try:
             with signals_held():  # a signal between making the folder and naming it would leave it behind

@@ -20,7 +20,7 @@ from torch import Tensor
 from .formats.files import atomic_write
 
 __all__ = ["write_png", "read_image", "read_image_channels", "scale_image", "image_grid", "load_image_folder", "ImageFolderError",
-           "IMAGE_SUFFIXES"]
+           "IMAGE_SUFFIXES", "check_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,6 +28,17 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 class ImageFolderError(ValueError):
     """An image folder is empty, unreadable or lacks captions; the message names the file."""
+
+
+def check_image_folder(folder: str | os.PathLike) -> Path:
+    """``Path(folder)`` if it is a folder; else an :class:`ImageFolderError` saying what it is instead
+    (missing, or a file)."""
+    root = Path(folder)
+    if root.is_dir():
+        return root
+    if not root.exists():
+        raise ImageFolderError(f"{root}: not a folder of images (no such folder); pass the folder that holds your images")
+    raise ImageFolderError(f"{root}: not a folder of images (it is a file); pass the folder that holds it")
 
 
 def _to_uint8(image: Tensor) -> np.ndarray:
@@ -195,9 +206,7 @@ def load_image_folder(folder: str | os.PathLike, *, size: int, default_caption: 
     A caption is the ``.txt`` (or ``.caption``) file of the same stem, kohya's convention; images
     without one take ``default_caption`` (the ``--prompt``), else it is an error naming them.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise ImageFolderError(f"{root}: not a folder of images")
+    root = check_image_folder(folder)
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ImageFolderError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")

@@ -8,7 +8,17 @@ One vector ``w`` per layer scales the base weight along its output axis or, with
     on input:             ΔW[o, i, ...] = m · w[i] · W[o, i, ...]
 
 ``w`` starts at zero, so ``W' = W`` at init. The bias is NOT scaled: this is LyCORIS' default
-(non-bypass) forward, ``y + op(x, W' − W)`` with no bias term. (LyCORIS' ``bypass_mode`` instead
+(non-bypass) forward, ``y + op(x, W' − W)`` with no bias term.
+
+The forward costs no extra matmul on the output axis: when the hook sees the base layer's own
+output ``y = op(x, W) + b`` (torch's own ``nn.Linear`` / ``nn.Conv2d`` forward, the adapter the
+layer's only forward hook, no global module hook, nothing merged into ``W``), ``Δy = (y − b) ⊙ m·w``,
+one elementwise pass over ``y`` (a second hook, a global one such as a profiler's, a subclass's own
+forward or a merged adapter may change ``y``: then ``Δy = op(x, W) ⊙ m·w``, a second matmul). Under
+autocast ``y − b`` carries the rounding of ``y`` (bias included), ``|m·w|`` times the output's own
+rounding (tests/test_ia3_forward.py). On the input axis
+``Δy = op(x ⊙ m·w, W)`` needs its matmul: a hook sees the base's output, not a chance to scale
+its input (``benchmarks/ia3_forward.py`` measures both). (LyCORIS' ``bypass_mode`` instead
 scales the whole output, bias included; sdadapt follows the default and its merged weights.)
 Because ``ΔW`` is the base weight times a vector, the family reads the base weight
 (``uses_base_weight``); the delta is linear in ``w``, so block weights scale the file's vector.
@@ -28,10 +38,31 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from .base import AdapterModule, LayerGeometry
 
 __all__ = ["IA3Config", "IA3Module", "ia3_delta_weight", "ia3_vector_shape"]
+
+#: torch's ``register_module_forward_hook`` hooks (a private dict, mutated in place; ``None`` if a torch renames it)
+_GLOBAL_FORWARD_HOOKS = getattr(_torch_module, "_global_forward_hooks", None)
+#: the forwards computing exactly ``op(x, W) + b``
+_PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv2d.forward)
+
+
+def _sees_base_output(module: nn.Module) -> bool:
+    """Whether a forward hook of ``module`` receives the layer's own output ``op(x, W) + b``, ``W``
+    the unmerged weight: the layer runs torch's own ``nn.Linear`` / ``nn.Conv2d`` forward (a subclass
+    overriding it may add more than the bias, e.g. diffusers' ``LoRACompatibleLinear``), this hook is the
+    only one (module and global) and no delta is merged.
+    (torch's private hook dicts; a torch without them: ``False``, the matmul path.)"""
+    if type(module).forward not in _PLAIN_FORWARDS:
+        return False
+    slot = module._modules.get("sdadapt")
+    if slot is not None and getattr(slot, "original_weight", None) is not None:
+        return False
+    hooks, global_hooks = getattr(module, "_forward_hooks", None), _GLOBAL_FORWARD_HOOKS
+    return hooks is not None and global_hooks is not None and len(hooks) == 1 and not global_hooks
 
 
 def ia3_vector_shape(geometry: LayerGeometry, *, on_input: bool) -> tuple[int, ...]:
@@ -92,7 +123,8 @@ class IA3Module(AdapterModule):
     Parameter ``weight`` (zero at init, the file's shape, see :func:`ia3_vector_shape`) and a saved
     0-dim int64 buffer ``on_input``. ``Δy`` is computed from the base weight the hook passes
     (the weight without merged deltas): ``op(x, W) · m·w`` on outputs, ``op(x · m·w, W)`` on inputs,
-    never touching the bias.
+    never touching the bias. As the layer's only hook, on outputs the hook takes ``op(x, W)`` from
+    the base output itself, ``y − b`` (no second matmul; see the module docstring).
     """
 
     family: ClassVar[str] = "ia3"
@@ -143,6 +175,21 @@ class IA3Module(AdapterModule):
 
     def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
         return self(x, base_weight)
+
+    def _delta_added(self, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+        """``y + Δy``; on the output axis from the base output ``y`` itself when the hook sees it
+        unchanged: ``y + (y − b) ⊙ m·w`` (no second matmul; see the module docstring)."""
+        if self.train_input or not _sees_base_output(module):
+            return super()._delta_added(module, x, output)
+        dtype = self.weight.dtype
+        vector = self.weight.reshape(-1) * self.scale.to(dtype)  # (C,)
+        if self.geometry.is_conv:
+            vector = vector.reshape(-1, 1, 1)  # (C, 1, 1) on (N, C, H, W)
+        plain = output.to(dtype)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            plain = plain - (bias.to(dtype).reshape(-1, 1, 1) if self.geometry.is_conv else bias.to(dtype))
+        return output + (plain * vector).to(output.dtype)
 
     def forward(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Δy for input ``x`` (linear: (..., in); conv: (N, in, H, W)), without the bias.

@@ -112,11 +112,9 @@ def aesthetic_embedding(
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The image files of ``folder`` (sorted; the suffixes :data:`sdadapt.images.IMAGE_SUFFIXES`)."""
-    from ..images import IMAGE_SUFFIXES, ImageFolderError
+    from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder
 
-    root = Path(folder)
-    if not root.is_dir():
-        raise ImageFolderError(f"{root}: not a folder of images")
+    root = check_image_folder(folder)
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ImageFolderError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")

@@ -19,6 +19,7 @@ of its class (:mod:`sdadapt.errors`; the table is in ``--help`` and ``docs/secur
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from .option_rules import CheckedParser
@@ -36,6 +37,33 @@ class _OneLineErrors(CheckedParser):
 
         self.exit(2, f"error: {safe_text(self.prog)}: {safe_text(' '.join(message.split()))} "
                      f"(see {safe_text(self.prog)} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse's, but an unknown option is reported by the command it was given to, with the
+        closest option of that command (``--netwrok-alpha`` -> ``did you mean --network-alpha?``)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = _chosen_command(self, namespace)
+            known = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+            hints = []
+            for extra in extras:
+                flag = extra.split("=", 1)[0]
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+                if close:
+                    hints.append(f"{flag}: did you mean {close[0]}?")
+            command.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+        return namespace
+
+
+def _chosen_command(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)command parser that ``namespace`` was parsed by: ``train`` for ``python -m sdadapt train``,
+    ``ties`` for ``merge ties``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            child = action.choices.get(getattr(namespace, action.dest or "", None) or "")
+            if child is not None:
+                return _chosen_command(child, namespace)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
-    from .options import close_progress, escaping_streams, terminate_as_interrupt
+    from .options import close_progress, escaping_streams, quiet_library_bars, terminate_as_interrupt
 
-    with escaping_streams(), terminate_as_interrupt():
+    with escaping_streams(), terminate_as_interrupt(), quiet_library_bars(bool(getattr(args, "quiet", False))):
         try:
             return int(args.run(args))
         except BaseException as exc:  # noqa: BLE001 - every exit goes through one message and one code

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 __all__ = [
+    "quiet_library_bars",
     "DTYPE_CHOICES",
     "OUTPUT_OPTIONS",
     "add_output_options",
@@ -411,6 +412,26 @@ def escaping_streams() -> Iterator[None]:
         yield
     finally:
         sys.stdout, sys.stderr = saved
+
+
+_HUB_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"
+
+
+@contextlib.contextmanager
+def quiet_library_bars(quiet: bool) -> Iterator[None]:
+    """With ``quiet`` (``-q``), the command's run without diffusers' / transformers' own progress bars
+    ("Loading weights", "Writing model shards"): ``HF_HUB_DISABLE_PROGRESS_BARS=1``, which both read
+    when first imported, unless the user set it; restored afterwards."""
+    import os
+
+    if not quiet or _HUB_BARS in os.environ:
+        yield
+        return
+    os.environ[_HUB_BARS] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_HUB_BARS, None)
 
 
 @contextlib.contextmanager

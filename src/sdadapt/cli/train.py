@@ -92,6 +92,8 @@ KOHYA_IGNORED = {
     "disable_mmap_load_safetensors": "how the checkpoint file is read (the same weights either way)",
     "diffusers_xformers": "torch picks the attention kernel (--sdpa-backends measure times them)",
     "use_safetensors": "sdadapt writes .safetensors",
+    "no_token_padding": ("no effect in sd-scripts today: train_db.py sets a flag its dataset no longer reads, so "
+                         "captions are padded to the CLIP window there as here"),
     **{name: "DeepSpeed only (deepspeed = true is refused: one process here)"
        for name in ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
                     "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
@@ -106,9 +108,6 @@ KOHYA_IGNORED = {
 }
 #: kohya options refused when on (off, as kohya configs write them: nothing to do)
 _REFUSED_WHEN_ON = {
-    "full_fp16": ("kohya's full_fp16 trains the weights themselves in fp16 (no fp32 master copy), which changes the result; "
-                  "sdadapt trains fp32 weights under --mixed-precision fp16/bf16 autocast, or bf16 weights with stochastic "
-                  "rounding (--mixed-precision bf16 --full-bf16, full fine-tuning)"),
     **{name: "sdadapt uploads nothing (no network access during training): upload the output yourself, e.g. with "
        "huggingface-cli upload" for name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
                                              "huggingface_token", "huggingface_repo_visibility",
@@ -127,16 +126,12 @@ _REFUSED_WHEN_ON = {
     "dataset_class": ("sdadapt reads kohya's folder layout, dataset TOML (dataset_config) and in_json, not a "
                       "dataset class"),
     "deepspeed": "python -m sdadapt train runs one process, without DeepSpeed; leave it out",
-    "no_token_padding": ("sdadapt always pads the captions to the CLIP window, as the models were trained (kohya's "
-                         "no_token_padding changes the conditioning); leave it out"),
     "fused_optimizer_groups": ("not there: use fused_backward_pass (--fused-backward-pass: full/dreambooth step each "
                                "weight inside backward, no model-sized gradient buffer)"),
     "weights": ("sdadapt starts a textual-inversion embedding from --init-word, not from an embedding file; leave "
                 "weights out"),
     "resize_interpolation": "sdadapt scales with area averaging (down) and bilinear (up); leave it out",
     "train_inpainting": "sdadapt trains text-to-image models, not inpainting ones",
-    "face_crop_aug_range": ("sdadapt finds no faces: crop the images around the faces yourself, or use random_crop "
-                            "(--random-crop: a random bucket-sized window of each scaled image at each use)"),
 }
 #: options whose 0 means "off" to kohya's GUIs (sd-scripts' default None; sd-scripts skips a 0 or cannot run with it):
 #: 0 reads as not given. (Not save_last_n_*: there kohya's 0 keeps only the newest save, refused here.)
@@ -236,6 +231,20 @@ def _load_toml(path: Path) -> dict:
     return read_config_table(path, flag="--config")  # (one TOML reader, --dataset-config's too)
 
 
+def _dataset_toml_face_crop(path: object) -> bool:
+    """Whether the kohya dataset TOML at ``path`` (``None`` / no such file: no) sets ``face_crop_aug_range``
+    in ``[general]``, a ``[[datasets]]`` block or a subset."""
+    from ..training.dataset_config import read_config_table
+
+    if path is None or not Path(str(path)).is_file():
+        return False
+    table = read_config_table(Path(str(path)), flag="--dataset-config", allow_json=True)
+    datasets = [d for d in table.get("datasets", []) if isinstance(d, dict)]
+    tables = [table.get("general", {}), *datasets,
+              *(s for d in datasets for s in d.get("subsets", []) if isinstance(s, dict))]
+    return any(isinstance(t, dict) and t.get("face_crop_aug_range") not in (None, "", []) for t in tables)
+
+
 def _flat_config(path: Path) -> dict[str, Any]:
     """The ``--config`` TOML's keys and values, its tables (``[training_arguments]`` ...) flattened."""
     flat: dict[str, Any] = {}
@@ -259,7 +268,9 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     ``text_encoder_lr = [a, b]`` (one per encoder) is ``text_encoder_lr = a`` for both encoders, as
     kohya's ``train_network.py`` hands SD1/SDXL networks the first value (``text_encoder_2_lr = b``
     trains the second at ``b``); ``learning_rate_te1`` / ``learning_rate_te2`` (``sdxl_train.py``) are
-    ``text_encoder_lr`` / ``text_encoder_2_lr``. tests/test_kohya_config_coverage.py
+    ``text_encoder_lr`` / ``text_encoder_2_lr``, and ``learning_rate_te1`` alone gives ``text_encoder_2_lr``
+    the string ``"learning_rate"`` (:data:`sdadapt.jobs.train.TE2_AT_LEARNING_RATE`: the second encoder at the
+    run's ``learning_rate``, as ``sdxl_train.py``). tests/test_kohya_config_coverage.py
     checks kohya's whole option list against this.
     """
     file = Path(path)
@@ -337,6 +348,16 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"--config {file}: unknown option {key!r}{hint}")
     _settle_kohya_values(file, options, notes, encoder_lrs=encoder_lrs, adam8bit=adam8bit, lion=lion)
+    cached = [k for k, v in flat.items() if k.replace("-", "_") in ("cache_latents", "cache_latents_to_disk") and v is True]
+    if options.get("face_crop_aug_range") not in (None, "", []) and cached:  # (kohya caches the plain crops: no faces)
+        notes.append(f"ignored face_crop_aug_range ({cached[0]}: kohya caches each image's latents once and crops "
+                     "around no face; leave cache_latents out to crop around the faces)")
+        del options["face_crop_aug_range"]
+    if cached and _dataset_toml_face_crop(options.get("dataset_config")):  # (can't be dropped from its subsets here)
+        raise ValueError(f"--config {file}: {cached[0]} with a dataset_config ({options['dataset_config']}) whose "
+                         "face_crop_aug_range is set: kohya caches each image's latents once and so crops around no "
+                         "face, sdadapt crops around the faces at each use; leave out cache_latents (to crop around the "
+                         "faces) or the dataset TOML's face_crop_aug_range (to train as kohya did)")
     if methods.get("unet") is False:  # kohya's network_train_text_encoder_only: its conv settings (GUIs write them) act on
         unused = [k for k in ("conv_rank", "conv_alpha") if methods.pop(k, None) is not None]  # UNet convs only
         if unused:
@@ -389,9 +410,11 @@ def _settle_kohya_values(file: Path, options: dict, notes: list[str], *, encoder
                              "set one text encoder's learning rate twice; give one")
         options[field_name] = float(encoder_lrs[name])
     if "learning_rate_te1" in encoder_lrs and "learning_rate_te2" not in encoder_lrs and "text_encoder_2_lr" not in options:
-        notes.append(f"learning_rate_te1 = {encoder_lrs['learning_rate_te1']:g} without learning_rate_te2: both text "
-                     "encoders train at it (sdxl_train.py trains the second at learning_rate: give learning_rate_te2 "
-                     "for that)")
+        from ..jobs.train import TE2_AT_LEARNING_RATE
+
+        options["text_encoder_2_lr"] = TE2_AT_LEARNING_RATE  # (sdxl_train.py: learning_rate_te2 or learning_rate)
+        notes.append(f"learning_rate_te1 = {encoder_lrs['learning_rate_te1']:g} without learning_rate_te2: the second "
+                     "text encoder (SDXL) trains at learning_rate, as sdxl_train.py")
     prompts = Path(str(options.get("sample_prompts", "")))
     if prompts.suffix.lower() == ".txt" and prompts.is_file() and not any(
             line.strip() and not line.strip().startswith("#") for line in prompts.read_text(encoding="utf-8").splitlines()):
@@ -585,6 +608,45 @@ def _convert(option, value: Any) -> Any:
         raise ValueError(f"{option.option_strings[0]}: {value!r} is not a valid {getattr(option.type, '__name__', 'value')}") from None
 
 
+def _numbers_from_strings(file: Path, values: dict, options_class: type) -> None:
+    """A config's numbers and booleans written as strings (``seed = "1234"``, ``learning_rate = "1e-4"``,
+    ``flip_aug = "true"``, as some GUIs and hand edits write them) -> their field's type, in place; a
+    field that also takes strings keeps the string. Raises ``ValueError`` naming the key for a string
+    that is not such a number."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(options_class)
+    for name, value in list(values.items()):
+        if not isinstance(value, str) or name not in hints:
+            continue
+        hint = hints[name]
+        kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else {hint}
+        kinds.discard(type(None))
+        if str in kinds or not kinds or not kinds <= {int, float, bool}:
+            continue
+        text = value.strip()
+        if kinds == {bool}:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(f"--config {file}: {name} = {value!r} is not true or false")
+            values[name] = text.lower() in ("true", "1", "yes", "on")
+            continue
+        try:
+            if text.lstrip("+-").isdigit():
+                number = int(text)  # (lr_warmup_steps = "100": a count; the float 100.0 would be a share, as kohya's)
+            else:
+                number = float(text)
+                if int in kinds and float not in kinds:
+                    if number != int(number):
+                        raise ValueError
+                    number = int(number)
+        except (ValueError, OverflowError):
+            kind = "an integer" if float not in kinds else "a number"
+            raise ValueError(f"--config {file}: {name} = {value!r} is not {kind}; write it as {kind} "
+                             f"without quotes (e.g. {name} = {1 if kind == 'an integer' else 0.0001})") from None
+        values[name] = number
+
+
 def _is_kohya_file(path: Path, *, fields: set[str], method_options: set[str]) -> bool:
     """Whether the ``--config`` file is a kohya config (:func:`sdadapt.cli.kohya_defaults.is_kohya_config`;
     tables flattened as :func:`read_config` does)."""
@@ -653,9 +715,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     kohya = False
     if args.config is not None:
         values, chosen, notes = read_config(args.config, fields=fields, method_options=set(method_options))
+        _numbers_from_strings(Path(args.config), values, TrainOptions)
         kohya = _is_kohya_file(Path(args.config), fields=fields, method_options=set(method_options))
         if kohya:
             _check_kohya_step_shares(Path(args.config), values, given)
+            if values.get("save_state") is True and "save_state_on_train_end" not in values:
+                values["save_state_on_train_end"] = True  # (kohya: args.save_state or args.save_state_on_train_end)
+                notes.append("save_state = true: the state is also saved after the last step, as kohya's "
+                             "(continue with --resume OUT-state --steps MORE)")
     if not given.get("overwrite"):
         given.pop("overwrite", None)
     if given.get("dtype") == "keep" and "dtype" in values:
@@ -796,7 +863,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         "mirrored one with probability 1/2 (kohya's --flip_aug)")
     add(data, "--alpha-mask", action=bool_flag,
         help="weight each image's loss by its alpha channel (transparent pixels train nothing; kohya's --alpha_mask); "
-        "the mask follows the bucket crop and flips")
+        "the mask follows the bucket crop and flips; with --dataset-config, the default of subsets without their "
+        "own alpha_mask")
     add(data, "--masked-loss", action=bool_flag,
         help="with --conditioning-data-dir: weight each image's loss by the red channel of its mask image (kohya's "
         "--masked_loss)")
@@ -805,6 +873,10 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--random-crop", action=bool_flag,
         help="crop a random bucket-sized window of each scaled image at each use instead of the centre (kohya's "
         "--random_crop); the latents are then encoded at every step, not cached")
+    add(data, "--face-crop-aug-range", metavar="LO,HI",
+        help="kohya's --face_crop_aug_range: without buckets (--no-bucket), an image named <name>_<cx>_<cy>_<w>_<h> "
+        "(the face's centre and size, as kohya's tools/detect_face_rotate.py writes) is scaled so the face's larger "
+        "side is 1/HI to 1/LO of the training size and cropped around it at each use (not cached)")
     add(data, "--color-aug", action=bool_flag,
         help="kohya's --color_aug: a third of the uses get a small hue rotation (up to 16 degrees) or gamma curve "
         "(0.95-1.05); the latents are then encoded at every step, not cached")
@@ -956,8 +1028,12 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--dynamo-backend", metavar="NAME",
         help="with --torch-compile: the torch.compile backend (default inductor; aot_eager, eager, cudagraphs, ...)")
     add(optim, "--full-bf16", action=bool_flag,
-        help="full/dreambooth with --mixed-precision bf16: keep the trained weights in bf16 (half the memory of fp32), "
-        "written back with stochastic rounding")
+        help="full/dreambooth and the adapter methods with --mixed-precision bf16: keep the trained weights in bf16 "
+        "(half the memory of fp32), written back with stochastic rounding (kohya's --full_bf16)")
+    add(optim, "--full-fp16", action=bool_flag,
+        help="adapter methods (lora, locon, loha, lokr, dora, ia3) with --mixed-precision fp16: keep the adapters' "
+        "weights in fp16, the loss scaler unscaling fp16 gradients; updates computed in float32, rounded to nearest "
+        "(kohya's --full_fp16)")
     add(optim, "--fp8-base", action=bool_flag,
         help="adapter methods with --mixed-precision bf16/fp16: store the frozen UNet's and text encoders' Linear/Conv "
         "weights in float8_e4m3fn, upcast by autocast op by op (about half the base's bf16 memory; kohya's --fp8_base)")

@@ -97,8 +97,15 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], di
         return load_diffusers(path)
     if kind in ("peft-lora", "peft-ia3"):
         return {"model": load_peft(path)}, metadata
+    use_instead = {
+        "embedding": "; it is a textual-inversion embedding: use it with `generate --embedding FILE` (load_embedding)",
+        "hypernetwork": "; apply it in Python with load_hypernetwork + inject_hypernetwork (docs/hypernetworks.md; "
+                        "`generate` takes LoRA-family files and embeddings only)",
+        "checkpoint": "; it is a model, not an adapter: use it as --model, or as merge-lora's BASE",
+        "custom-diffusion": "; apply it with apply_custom_diffusion (docs/custom-diffusion.md)",
+    }.get(kind, "")
     raise WeightFileError(
-        f"{path}: this is a {kind} file, not a LoRA that sdadapt can load"
+        f"{path}: this is a {kind} file, not a LoRA that sdadapt can load{use_instead}"
         "; run `python -m sdadapt inspect FILE` to see what it holds."
     )
 

@@ -59,6 +59,7 @@ __all__ = [
     "DiskSpaceError",
     "check_input_file",
     "check_output_file",
+    "make_output_folder",
     "read_safetensors",
     "read_safetensors_header",
     "read_safetensors_tensors",
@@ -81,10 +82,52 @@ _STALE_AFTER_S = 3600.0
 
 
 def _output_folder(target: Path) -> Path:
-    """The folder ``target`` goes into; it must exist."""
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{target}: folder {folder} does not exist; create it first")
+    """The folder ``target`` goes into (it may not exist yet: :func:`make_output_folder` makes it)."""
+    return target.parent if str(target.parent) else Path(".")
+
+
+def _existing_base(target: Path, folder: Path) -> Path:
+    """``folder``, or its nearest existing ancestor when it is missing (where it would be made: the
+    one whose permissions, file system and free space decide).
+
+    Raises:
+        OutputError: a component of ``folder`` is a file, not a folder.
+    """
+    base = folder
+    while not os.path.lexists(base) and base != base.parent:  # (lexists: False, not an error, where not searchable)
+        base = base.parent
+    if not base.is_dir():
+        what = "a link to a missing folder" if os.path.islink(base) else "a file, not a folder"
+        raise OutputError(f"{target}: {base} is {what}; write elsewhere")
+    return base
+
+
+def make_output_folder(path: str | os.PathLike) -> Path:
+    """Make the folder ``path`` goes into, with its missing parents (as kohya's
+    ``os.makedirs(output_dir, exist_ok=True)``); returns it. Writers call it just before their first
+    write, after every check passed, so a refused command leaves no folder behind.
+
+    Raises:
+        OutputError: a component is a file, or the folder cannot be made (permissions, read-only).
+    """
+    target = Path(path)
+    folder = _output_folder(target)
+    if folder.is_dir():
+        return folder
+    base = _existing_base(target, folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"{target}: cannot make folder {folder}: a file is in the way; write elsewhere") from None
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise OutputError(f"{target}: cannot make folder {folder}: {base} is on a read-only file system; "
+                              "write elsewhere") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise OutputError(f"{target}: cannot make folder {folder}: no permission to write in {base}; write "
+                              "elsewhere, or make the folder yourself") from None
+        raise OutputError(f"{target}: cannot make folder {folder} ({exc.strerror or exc}); write elsewhere, or make "
+                          "the folder yourself") from None
     return folder
 
 
@@ -126,8 +169,9 @@ def check_output_file(
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false (a ``FileExistsError``).
-        OutputError: a wrong suffix, ``path`` is a folder, its folder does not exist, is read-only
-            or not writable (a :class:`WeightFileError` and an ``OSError``).
+        OutputError: a wrong suffix, ``path`` is a folder, its folder (or, when the folder is
+            missing — the writer makes it — the nearest existing parent) is a file, read-only or not
+            writable (a :class:`WeightFileError` and an ``OSError``).
         DiskSpaceError: less than ``needed_bytes + margin_bytes`` free (names both sizes).
     """
     target = Path(path)
@@ -140,7 +184,7 @@ def check_output_file(
     if os.path.lexists(target) and not target.is_file():
         raise OutputError(f"{target}: exists and is not a regular file (a device, pipe or link to one); "
                           "write to a file name")
-    folder = _output_folder(target)
+    folder = _existing_base(target, _output_folder(target))  # (a missing folder: where it will be made)
     if _read_only(folder):
         raise OutputError(f"{target}: folder {folder} is on a read-only file system; write elsewhere")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -304,8 +348,8 @@ def signals_held() -> Iterator[None]:
             previous[number] = handler  # (noted first: putting back a handler never swapped is harmless)
             try:
                 signal.signal(number, lambda received, frame: pending.append(received))
-            except (ValueError, OSError):
-                pass
+            except (ValueError, OSError):  # (not swapped — e.g. not the main interpreter: not held, not put back)
+                del previous[number]
         yield
     finally:
         _put_back(list(previous.items()))
@@ -337,7 +381,8 @@ def atomic_write(
 ) -> Path:
     """Call ``write(tmp_path)`` then move the result to ``path`` atomically.
 
-    The temporary file lives in the same folder (so the rename is atomic), is locked while it is
+    A missing folder is made first, with its parents (:func:`make_output_folder`). The temporary
+    file lives in the same folder (so the rename is atomic), is locked while it is
     written and is removed if anything goes wrong (an exception, Ctrl-C, a signal turned into
     :class:`~sdadapt.errors.Interrupted`). Stale temporary files a killed earlier run left in the
     folder are removed first (:func:`remove_stale_temporaries`). The result gets the permissions a normal new file would (the
@@ -353,7 +398,7 @@ def atomic_write(
 
     Raises:
         OutputExistsError: ``path`` exists and not ``overwrite`` (before or after the write).
-        OutputError / DiskSpaceError: the folder is missing, read-only, full, or a write failed.
+        OutputError / DiskSpaceError: the folder cannot be made, is read-only, full, or a write failed.
         ValueError: ``stage`` has ended, or already holds an output for ``path``.
     """
     target = Path(path)
@@ -362,6 +407,7 @@ def atomic_write(
         stage._check_new(target)
     if not overwrite and os.path.lexists(target):
         raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
+    make_output_folder(target)  # (a missing folder, with its parents, as kohya's output_dir)
     remove_stale_temporaries(target)
     fd, tmp = -1, ""
     try:
@@ -684,7 +730,7 @@ def check_input_file(path: str | os.PathLike, *, what: str = "weights file") -> 
     except OSError as exc:
         raise WeightFileError(f"{file}: cannot be opened ({exc.strerror or exc})") from None
     if stat.S_ISDIR(info.st_mode):
-        raise WeightFileError(f"{file}: is a folder, not a {what}; pass the file inside it")
+        raise WeightFileError(_folder_message(file, what))
     if not stat.S_ISREG(info.st_mode):
         kind = ("a character device" if stat.S_ISCHR(info.st_mode) else "a block device" if stat.S_ISBLK(info.st_mode)
                 else "a pipe" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a file")
@@ -694,6 +740,21 @@ def check_input_file(path: str | os.PathLike, *, what: str = "weights file") -> 
     if not os.access(file, os.R_OK):
         raise WeightFileError(f"{file}: permission denied (not readable); check the file's permissions")
     return file
+
+
+def _folder_message(folder: Path, what: str) -> str:
+    """Why the folder ``folder`` is not the ``what`` asked for, naming the files inside it to pass."""
+    if (folder / "model_index.json").is_file():
+        return (f"{folder}: is a diffusers pipeline folder, not a {what}; this command takes one file: a "
+                f"single-file checkpoint (.safetensors/.ckpt), or one component's file such as "
+                f"{folder / 'unet' / 'diffusion_pytorch_model.safetensors'} (that component only)")
+    try:
+        inside = sorted(p.name for p in folder.iterdir() if p.suffix in {".safetensors", ".ckpt", ".pt", ".bin", ".pth"})
+    except OSError:
+        inside = []
+    if inside:
+        return f"{folder}: is a folder, not a {what}; pass one of the files inside it ({', '.join(inside[:5])})"
+    return f"{folder}: is a folder, not a {what}; pass the file inside it"
 
 
 _check_is_file = check_input_file  # (the historical name, used across formats/)

@@ -15,6 +15,7 @@ import struct
 import time
 from pathlib import Path
 
+from ..formats.files import check_output_file
 from ..images import ImageFolderError, read_image, write_png
 from .core import Progress, psnr
 from .invert import INVERSION_METHODS, invert_image, regenerate_image, save_inversion
@@ -115,8 +116,7 @@ def run_invert(
     for path in files.values():
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path}: already exists; pass --overwrite (overwrite=True) to replace it")
-    if not files["reconstruction"].parent.is_dir():
-        raise FileNotFoundError(f"{files['reconstruction'].parent}: output folder does not exist; create it first")
+    check_output_file(files["reconstruction"], overwrite=True, suffix=None)  # (a missing folder: made at the first write)
     start = time.perf_counter()
     system = load_model(model)
     size = system.image_size

@@ -92,7 +92,7 @@ def run_generate(
         FileExistsError: an output exists and ``overwrite`` is false (checked before loading anything).
         ValueError: an empty prompt, a bad size or sampler, a LoRA that does not fit the model.
     """
-    from ..formats.files import WeightFileError
+    from ..formats.files import WeightFileError, check_output_file
     from ..images import write_png
     from ..samplers import check_karras
     from ..samplers.labels import sampler_from_label
@@ -115,16 +115,17 @@ def run_generate(
     target = Path(out)
     if target.suffix.lower() != ".png":
         raise WeightFileError(f"{target}: generate writes PNG images; name the output *.png")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise WeightFileError(f"{target}: folder {folder} does not exist; create it first")
+    check_output_file(target, overwrite=True, suffix=None)  # (a missing folder is made when the first image is written)
     files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
     parsed = [_lora_spec(text) for text in loras]
-    for path, _ in parsed:
+    for (path, _), text in zip(parsed, loras):
         if not path.is_file():
+            head, _, scale = str(text).rpartition(":")
+            if head and Path(head).is_file():  # (FILE:SCALE with a SCALE that is no number, e.g. 0,8)
+                raise ValueError(f"--lora {text}: strength {scale!r} is not a number; write FILE:SCALE as {head}:0.8")
             raise FileNotFoundError(f"--lora {path}: no such file")
     for path in embeddings:
         if not Path(path).is_file():

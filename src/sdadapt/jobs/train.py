@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..formats.files import make_output_folder
 from ..images import ImageFolderError
 from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
 from ..training.data import FIRST_LINE_CAPTIONS
+from ..training.half_weights import cast_trainable_
 from ..training.loss_masks import LossMaskSource
 from ..training.step import StepConfig
 from . import train_optimizer, train_schedule
@@ -40,10 +42,13 @@ from .initial_step import (
 from .models import load_system, resolve_device
 from .save_rotation import PeriodicSave, remove_save, saves_to_remove
 
-__all__ = ["TrainOptions", "run_train", "Bars"]
+__all__ = ["TrainOptions", "run_train", "Bars", "TE2_AT_LEARNING_RATE"]
 
 #: ``bars(label, unit) -> progress(done, total, info)``: one progress bar per phase (the CLI draws them)
 Bars = Callable[[str, str], Callable[..., None]]
+#: ``TrainOptions.text_encoder_2_lr`` for kohya's ``learning_rate_te1`` without ``learning_rate_te2``: the second
+#: text encoder trains at the run's ``learning_rate``, as ``sdxl_train.py`` (``learning_rate_te2 or learning_rate``)
+TE2_AT_LEARNING_RATE = "learning_rate"
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,10 @@ class TrainOptions:
     same draws; :attr:`sdadapt.training.data.Dataset.flip`); ``random_crop`` and ``color_aug``
     (kohya's pixel augmentations, :mod:`sdadapt.training.pixel_augment`: a random bucket-sized
     window of each scaled image, kohya's hue/gamma change; drawn at each use, so the latents are
-    encoded at every step instead of cached).
+    encoded at every step instead of cached); ``face_crop_aug_range`` (kohya's ``(LO, HI)`` or
+    ``"LO,HI"``, :mod:`sdadapt.training.face_crop`: without buckets, an image whose name gives a face,
+    ``<name>_<cx>_<cy>_<w>_<h>``, is scaled by a drawn factor and cut around it at each use; unused with
+    buckets, as kohya's).
 
     Trigger-word methods (textual inversion, DreamArtist, Custom Diffusion): captions must mention
     ``--token``. Images without a caption get a random one of the ``templates`` set (``object``:
@@ -90,7 +98,9 @@ class TrainOptions:
 
     Optimisation: ``steps`` or ``epochs``, ``batch_size``, ``gradient_accumulation_steps``,
     ``learning_rate`` (``unet_lr`` overrides it), ``text_encoder_lr``, ``text_encoder_2_lr`` (SDXL's second
-    encoder; default ``text_encoder_lr``; kohya's ``learning_rate_te2``), ``optimizer``,
+    encoder; default ``text_encoder_lr``; kohya's ``learning_rate_te2``; :data:`TE2_AT_LEARNING_RATE`, what
+    kohya's ``learning_rate_te1`` alone reads as: the run's ``learning_rate`` on a model with two text encoders,
+    as ``sdxl_train.py``, none on a model with one), ``optimizer``,
     ``weight_decay`` (``None``: the optimiser's own, 0.01 for the AdamW ones, 0 for Adafactor, Lion and SGD),
     ``optimizer_args`` (kohya's ``KEY=VALUE`` strings, e.g. ``("betas=0.9,0.99",)``:
     :mod:`sdadapt.training.optimizer_args`; a ``weight_decay`` there wins over the field, which then
@@ -120,16 +130,18 @@ class TrainOptions:
     models: add that many times a v-prediction-like loss, ``loss·(1 + X·(SNR + 1)/SNR)``; SNR capped at
     1000 in both, as kohya's: :func:`sdadapt.training.diffusion.noise_like_scale`). Masked loss
     (:mod:`sdadapt.training.loss_masks`): ``alpha_mask`` (each image's alpha channel weights its
-    loss), ``masked_loss`` with ``conditioning_data_dir`` (the red channel of the mask image of the
+    loss; a dataset TOML's subsets may set their own, this is their fallback), ``masked_loss`` with ``conditioning_data_dir`` (the red channel of the mask image of the
     same name in that folder weights it); the masks follow the images' buckets, crops and flips.
 
     Memory: ``gradient_checkpointing`` (recompute the UNet blocks' activations in backward; any
     method; ``gradient_checkpointing_fraction`` in ``(0, 1]`` recomputes only that share of the
     blocks, those keeping the most activations, and turns checkpointing on), ``fused_backward_pass`` (full, dreambooth: the optimiser steps inside backward, no
     gradient buffer; needs ``max_grad_norm=0``, no accumulation, no fp16) — see
-    :class:`sdadapt.methods.FitConfig`; ``full_bf16`` (full, dreambooth, with
+    :class:`sdadapt.methods.FitConfig`; ``full_bf16`` (full, dreambooth and the adapter methods, with
     ``mixed_precision="bf16"``: the trained parts' weights in bf16, written back with stochastic
-    rounding; :meth:`~sdadapt.methods.finetune.FullAdaptation.cast`); ``fp8_base`` (kohya's: the frozen
+    rounding; :meth:`~sdadapt.methods.finetune.FullAdaptation.cast`); ``full_fp16`` (the adapter
+    methods, with ``mixed_precision="fp16"``: the adapters' weights in fp16, the loss scaler
+    unscaling fp16 gradients, :mod:`sdadapt.training.half_weights`); ``fp8_base`` (kohya's: the frozen
     UNet's and text encoders' Linear / Conv weights stored in float8_e4m3fn, upcast by the
     ``mixed_precision`` autocast op by op; the adapter methods only) and ``fp8_base_unet`` (the UNet's
     only) — :func:`sdadapt.training.fp8_base.cast_base_to_fp8`.
@@ -226,6 +238,7 @@ class TrainOptions:
     conditioning_data_dir: str | os.PathLike | None = None
     random_crop: bool = False
     color_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | str | None = None
     model: str = "toy"
     tokenizer: str | None = None
     vae: str | os.PathLike | None = None
@@ -241,7 +254,7 @@ class TrainOptions:
     learning_rate: float | None = None
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
-    text_encoder_2_lr: float | None = None
+    text_encoder_2_lr: float | str | None = None
     optimizer: str = "adamw"
     weight_decay: float | None = None
     optimizer_args: tuple[str, ...] = ()
@@ -281,6 +294,7 @@ class TrainOptions:
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
     full_bf16: bool = False
+    full_fp16: bool = False
     fp8_base: bool = False
     fp8_base_unet: bool = False
     extract_lora: int | None = None
@@ -342,6 +356,10 @@ class TrainOptions:
         from ..methods.fit import SCHEDULES
         from ..methods.optimizers import _OPTIMIZER_ALIASES, _REFUSED_OPTIMIZERS, OPTIMIZERS
         from ..samplers import canonical_sampler
+        from ..training.face_crop import parse_face_crop_range
+
+        object.__setattr__(self, "face_crop_aug_range", parse_face_crop_range(self.face_crop_aug_range,
+                                                                              source="--face-crop-aug-range"))
 
         positive = ("steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
                     "sample_every_n_epochs", "class_images", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
@@ -359,7 +377,9 @@ class TrainOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         for name in ("text_encoder_lr", "text_encoder_2_lr"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
+            if name == "text_encoder_2_lr" and value == TE2_AT_LEARNING_RATE:
+                continue
+            if isinstance(value, str) or value is not None and not value >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         for name in ("keep_tokens", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight",
                      "multires_noise_iterations", "ip_noise_gamma"):
@@ -477,6 +497,14 @@ class TrainOptions:
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError("--full-bf16 trains bf16 weights, so the forward pass must run under bf16 autocast: add "
                              "--mixed-precision bf16")
+        if self.full_fp16 and self.mixed_precision != "fp16":  # (kohya: "full_fp16 requires mixed precision='fp16'")
+            raise ValueError("--full-fp16 (kohya's full_fp16) trains fp16 weights, so the forward pass must run under "
+                             "fp16 autocast with its loss scaler: add --mixed-precision fp16 (mixed_precision = \"fp16\"), "
+                             "as kohya requires")
+        if self.full_fp16 and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "sgd-nesterov":
+            raise ValueError("--full-fp16 with --optimizer sgd-nesterov: torch's SGD keeps an fp16 momentum and writes "
+                             "fp16 weights with round-to-nearest, which drops every update smaller than half an fp16 "
+                             "step; leave out --full-fp16 or use adamw / lion (they update in float32)")
         if (self.fp8_base or self.fp8_base_unet) and self.mixed_precision == "no":
             raise ValueError(f"{'--fp8-base' if self.fp8_base else '--fp8-base-unet'} stores the base weights in "
                              "float8, which only autocast's per-op upcast can compute with: add --mixed-precision bf16 "
@@ -576,7 +604,8 @@ _DATA_CONFIG_NAMES = ("batch_size", "enable_bucket", "min_bucket_reso", "max_buc
                       "bucket_no_upscale", "caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
                       "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
                       "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
-                      "token_warmup_step", "flip_aug", "random_crop", "color_aug", "validation_split", "validation_seed")
+                      "token_warmup_step", "flip_aug", "random_crop", "color_aug", "face_crop_aug_range", "validation_split",
+                      "validation_seed", "alpha_mask")
 
 
 def _read_data_config(options: TrainOptions):
@@ -607,11 +636,20 @@ def _read_data_config(options: TrainOptions):
     return config
 
 
-def _data_config_record(config) -> dict | None:
+def _data_config_record(config, options: TrainOptions) -> dict | None:
     """The resolved ``--dataset-config`` / ``--in-json`` (``config``; ``None``: neither) for the
     ``--resume`` record, as JSON reads it back: its subsets decide the images, repeats and caption
-    draws a resumed run continues."""
-    return None if config is None else json.loads(json.dumps(config.record(), default=str))
+    draws a resumed run continues. A subset's ``alpha_mask`` is in it only where it differs from the
+    run's ``--alpha-mask`` (recorded on its own, ``run.json``'s ``alpha_mask``): a record written before
+    subsets could set it has none, its images followed the run's flag — it resumes."""
+    if config is None:
+        return None
+    record = json.loads(json.dumps(config.record(), default=str))
+    for subset, entry in zip(config.subsets, record["subsets"]):
+        entry.pop("alpha_mask", None)
+        if subset.alpha_mask != bool(options.alpha_mask):
+            entry["alpha_mask"] = subset.alpha_mask
+    return record
 
 
 def _subset_caption_options(options: TrainOptions, subset, *, templates: tuple[str, ...], total_steps: int):
@@ -736,7 +774,10 @@ def _check_text_cache_method(method: str, spec: object, options: TrainOptions) -
         if trains:
             raise ValueError(f"--cache-text-encoder-outputs: {method} trains the text encoder too (its output changes "
                              "at every step); add --no-text-encoder (kohya's network_train_unet_only) or --text-encoder-lr 0"
-                             + (f" and --text-encoder-2-lr 0 (it is {options.text_encoder_2_lr:g}: the second encoder trains)"
+                             + (" and --text-encoder-2-lr 0 (kohya's learning_rate_te1 without learning_rate_te2 trains "
+                                "the second encoder at learning_rate, as sdxl_train.py)"
+                                if options.text_encoder_2_lr == TE2_AT_LEARNING_RATE else
+                                f" and --text-encoder-2-lr 0 (it is {options.text_encoder_2_lr:g}: the second encoder trains)"
                                 if options.text_encoder_2_lr else ""))
 
 
@@ -914,12 +955,14 @@ def _check_v_pred_loss(options: TrainOptions, prediction_type: str | None) -> No
                          f"loss and {where} (kohya: not with --v-parameterization); leave it out")
 
 
-def _loss_mask_source(options: TrainOptions) -> LossMaskSource | None:
-    """Where the training images' loss masks come from (kohya's order: the mask images of
-    ``--conditioning-data-dir`` with ``--masked-loss``, else the alpha channel with ``--alpha-mask``)."""
+def _loss_mask_source(options: TrainOptions, records: list) -> LossMaskSource | None:
+    """Where the loss masks of ``records`` (training images) come from (kohya's order: the mask
+    images of ``--conditioning-data-dir`` with ``--masked-loss``, else the alpha channel with
+    ``--alpha-mask`` or when a dataset-TOML subset sets ``alpha_mask`` — then each record's
+    :attr:`~sdadapt.training.data.ImageRecord.alpha_mask` says whether its alpha or all ones)."""
     if options.masked_loss and options.conditioning_data_dir is not None:
         return LossMaskSource(Path(options.conditioning_data_dir))
-    return LossMaskSource() if options.alpha_mask else None
+    return LossMaskSource() if options.alpha_mask or any(r.alpha_mask for r in records) else None
 
 
 def _check_zero_terminal_snr(options: TrainOptions, prediction_type: str, notes: list[str]) -> None:
@@ -966,22 +1009,23 @@ def _outputs(spec, options: TrainOptions) -> _Outputs:
 
 
 def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: list[Path]) -> None:
-    """Before any work: the folder exists, nothing is silently replaced, the names are valid."""
+    """Before any work: the folder can be written (a missing one is made just before the first write,
+    as kohya's ``os.makedirs(output_dir)``), nothing is silently replaced, the names are valid."""
     from ..formats.files import WeightFileError
 
     final = outputs.final
     folder = final.parent if str(final.parent) else Path(".")
+    while not os.path.lexists(folder) and folder != folder.parent:  # (missing: its nearest existing parent decides)
+        folder = folder.parent
     if not folder.is_dir():
-        raise WeightFileError(f"{final}: folder {folder} does not exist; create it first")
+        what = "a link to a missing folder" if os.path.islink(folder) else "a file, not a folder"
+        raise WeightFileError(f"{final}: {folder} is {what}; choose another -o")
     if final.is_dir():
         raise WeightFileError(f"{final}: is a folder; give a file name such as {final / ('out' + spec.file_suffix)}")
     whole_model = _whole_model(spec)  # full / dreambooth: a .safetensors file or a folder
     if not whole_model and options.extract_lora is not None:
         raise ValueError(f"--extract-lora is for the whole-model methods (full, dreambooth); {spec.name} already writes "
                          "a small file")
-    if not whole_model and options.full_bf16:
-        raise ValueError(f"--full-bf16 is for the whole-model methods (full, dreambooth); {spec.name}'s adapter weights "
-                         "train in float32 over the model (use --mixed-precision bf16)")
     if not whole_model and options.fused_backward_pass:
         raise ValueError(f"--fused-backward-pass is for the whole-model methods (full, dreambooth), where the gradients "
                          f"are as large as the model; {spec.name}'s few trained weights gain nothing from it")
@@ -1006,7 +1050,9 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
         existing.append(outputs.log)
     if existing and not options.overwrite:
         names = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise FileExistsError(f"{names}: already exist(s); pass --overwrite to replace, or choose another -o")
+        beside = "" if final in existing else f" (written beside -o {final}, with its stem: another run's output)"
+        raise FileExistsError(f"{names}: already exist{'s' if len(existing) == 1 else ''}{beside}; pass --overwrite "
+                              "to replace, or choose another -o")
 
 
 def _check_fp8_base_method(method: str, options: TrainOptions) -> None:
@@ -1018,6 +1064,26 @@ def _check_fp8_base_method(method: str, options: TrainOptions) -> None:
                          + ("trains the base weights themselves (use --mixed-precision bf16 --full-bf16 to halve them)"
                             if method in ("full", "dreambooth") else "is not one of them")
                          + f": leave {flag} out")
+
+
+def _check_full_half_method(method: str, options: TrainOptions) -> None:
+    """--full-fp16 / --full-bf16 (kohya's full_fp16 / full_bf16): the adapter methods (kohya's
+    train_network.py casts the network), and --full-bf16 also full / dreambooth; refuse the others."""
+    if options.full_fp16 and method not in _FP8_BASE_METHODS:
+        raise ValueError(f"--full-fp16 stores the adapters' weights in fp16 for the adapter methods "
+                         f"({', '.join(_FP8_BASE_METHODS)}), as kohya's train_network.py; {method} "
+                         + ("trains the whole model: use --mixed-precision bf16 --full-bf16 (bf16 weights with "
+                            "stochastic rounding)" if method in ("full", "dreambooth") else "is not one of them")
+                         + ": leave --full-fp16 out")
+    if options.full_bf16 and method not in (*_FP8_BASE_METHODS, "full", "dreambooth"):
+        raise ValueError(f"--full-bf16 stores the trained weights in bf16 for full, dreambooth and the adapter methods "
+                         f"({', '.join(_FP8_BASE_METHODS)}); {method} is not one of them: leave --full-bf16 out "
+                         "(--mixed-precision bf16 alone runs its forward in bf16)")
+
+
+def _half_weights_record(options: TrainOptions) -> str:
+    """The run record's ``half_weights``: ``"fp16"`` (--full-fp16), ``"bf16"`` (--full-bf16) or ``"off"``."""
+    return "fp16" if options.full_fp16 else "bf16" if options.full_bf16 else "off"
 
 
 def _fp8_base_record(options: TrainOptions) -> str:
@@ -1221,15 +1287,17 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                          "would train it at the plain rate): train lora, locon or dora, or leave the ratios out")
     _check_text_cache_method(method, spec, options)
     _check_fp8_base_method(method, options)
+    _check_full_half_method(method, options)
     _check_dtype(spec, options.dtype)
     outputs = _outputs(spec, options)
     samples = parse_sample_prompts(options.sample_prompts) if options.sample_prompts is not None else []
     if options.log_with == "tensorboard" and not tensorboard_available():
         raise ImportError("--log-with tensorboard needs the tensorboard package: pip install tensorboard (the CSV log "
                           "needs nothing)")
+    preset_file = _preset_file_record(options)  # (as the run starts: every state saved records these bytes)
     resume_record = None
     if options.resume is not None:
-        resume_record = _check_resume(Path(options.resume), method, options, dataset=_data_config_record(data_config))
+        resume_record = _check_resume(Path(options.resume), method, options, dataset=_data_config_record(data_config, options))
     optimizer_defaults = train_optimizer.recorded_defaults(resume_record)  # (a run recorded before: its own)
     step_shares = train_schedule.recorded_shares(resume_record)  # (a run recorded before rounded its warm-up share)
     caption_lines = recorded_caption_lines(resume_record)  # (a run recorded before joined a caption file's lines)
@@ -1286,7 +1354,11 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     notes.extend(train_optimizer.prodigy_notes(options, learning_rate=options.unet_lr or options.learning_rate
                                                or spec.learning_rate))
     notes.extend(train_optimizer.schedule_free_notes(options, _optimizer_args(options)))
-    loss_masks = _loss_mask_source(options)
+    loss_masks = _loss_mask_source(options, records)
+    if loss_masks is not None and loss_masks.folder is not None and not options.alpha_mask and any(
+            r.alpha_mask for r in records):
+        notes.append(f"--dataset-config alpha_mask: not used; the masks come from --conditioning-data-dir "
+                     f"{options.conditioning_data_dir} (kohya's masked loss prefers the mask images)")
     unmasked = loss_masks.missing(records) if loss_masks is not None else []
     if unmasked:  # (kohya asserts the same before training)
         raise ImageFolderError(f"--conditioning-data-dir {options.conditioning_data_dir}: no mask image for "
@@ -1330,7 +1402,10 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                      min_size=options.min_bucket_reso, max_size=options.max_bucket_reso,
                      no_upscale=options.bucket_no_upscale)
     captions = _caption_options(options, templates=templates, total_steps=None)  # (the warm-up once the steps are known)
-    augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug)
+    faces = _face_crop_records(records, options.face_crop_aug_range, buckets=options.enable_bucket, loss_masks=loss_masks,
+                               notes=notes)
+    augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug,
+                           face_crop_range=options.face_crop_aug_range if faces else None)
     dataset = Dataset(records, captions=captions, notes=notes, flip=options.flip_aug, augment=augment, loss_masks=loss_masks)
     reg_dataset = None
     if reg is not None:  # bucketed, captioned and flipped as the training images (kohya: one dataset of both)
@@ -1340,10 +1415,18 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         reg_flip, reg_augment = options.flip_aug, augment
         if data_config is not None and data_config.reg_augment:  # the is_reg subsets' own (one setting for all of them)
             reg_flip = data_config.reg_augment["flip_aug"]
+            reg_faces = data_config.reg_augment.get("face_crop_aug_range")
             reg_augment = PixelAugment(random_crop=data_config.reg_augment["random_crop"],
-                                       color_aug=data_config.reg_augment["color_aug"])
+                                       color_aug=data_config.reg_augment["color_aug"],
+                                       face_crop_range=reg_faces if _face_crop_records(
+                                           reg.records, reg_faces, buckets=options.enable_bucket, loss_masks=loss_masks,
+                                           notes=[]) else None)
+        elif _face_crop_records(reg.records, options.face_crop_aug_range, buckets=options.enable_bucket,
+                                loss_masks=loss_masks, notes=[]):  # (kohya: the class images' faces too)
+            reg_augment = dataclasses.replace(augment, face_crop_range=options.face_crop_aug_range)
         reg_dataset = Dataset(reg.records, captions=dataclasses.replace(captions, templates=()), flip=reg_flip,
-                              augment=reg_augment, loss_masks=LossMaskSource() if options.alpha_mask else None)
+                              augment=reg_augment, loss_masks=LossMaskSource() if options.alpha_mask or any(
+                                  r.alpha_mask for r in reg.records) else None)
     from ..sampling import unknown_words
 
     unknown_caption_words = sorted({w for c in [*(r.caption for r in records), *templates] for w in unknown_words(system, c)}
@@ -1404,6 +1487,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     sample_files = [outputs.samples / f"step{s:06d}-{i:02d}.png" for s in sorted(sample_points) for i in range(len(samples))]
     _check_outputs(spec, options, outputs, planned=[*(o for p in planned.values() for o in spec.outputs(p)), *sample_files])
     mixed = None if options.mixed_precision == "no" else options.mixed_precision
+    second_encoder_lr = _second_encoder_lr(options, system, learning_rate=spec.learning_rate)
+    _check_resumed_second_encoder_lr(resume_record, options, second_encoder_lr)
     config = FitConfig(
         # the schedule as kohya maps its options (Adafactor's relative step: constant, no warm-up, as kohya's adafactor
         # schedule; the polynomial / cosine_with_min_lr reference LR is --learning_rate, not --unet-lr)
@@ -1416,7 +1501,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         optimizer=options.optimizer, scale_weight_norms=options.scale_weight_norms,
         optimizer_args=train_optimizer.fit_optimizer_args(options, _optimizer_args(options), optimizer_defaults),
         weight_decay=train_optimizer.fit_weight_decay(options, optimizer_defaults), text_encoder_lr=options.text_encoder_lr,
-        text_encoder_2_lr=options.text_encoder_2_lr,
+        text_encoder_2_lr=second_encoder_lr,
         ema_decay=options.ema_decay, stop_on_nonfinite=options.stop_on_nan, text_encoder_steps=options.text_encoder_steps,
         ema_into_weights=options.ema_save == "weights",
         gradient_checkpointing=options.gradient_checkpointing or options.gradient_checkpointing_fraction is not None,
@@ -1452,7 +1537,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     encode_buckets(dataset, system.encode_images,
                    progress=bars("caching latents", "image") if bars is not None and not augment.active else None)
     if augment.active:
-        say(f"{' and '.join(f for f, on in (('--random-crop', options.random_crop), ('--color-aug', options.color_aug)) if on)}: "
+        changing = [f for f, on in (("--random-crop", options.random_crop), ("--color-aug", options.color_aug),
+                                    ("--face-crop-aug-range", augment.face_crop_range is not None)) if on]
+        say(f"{' and '.join(changing)}: "
             "the pixels change at every use, so nothing is cached: each batch's images are read, augmented and "
             "encoded by the VAE before its step")
     elif options.flip_aug:
@@ -1489,8 +1576,12 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         say(note)
     if weights_file is not None and options.resume is not None:
         say(f"--resume {options.resume}: the saved state's weights replace --network-weights {weights_file}'s")
-    if options.full_bf16:
-        adaptation.cast(torch.bfloat16)  # type: ignore[attr-defined]
+    if options.full_bf16 or options.full_fp16:  # (kohya's network.to(weight_dtype): before the optimiser is built)
+        half = torch.bfloat16 if options.full_bf16 else torch.float16
+        if hasattr(adaptation, "cast"):  # full / dreambooth
+            adaptation.cast(half)
+        else:  # the adapter methods: their trainable weights
+            cast_trainable_(adaptation.params, half)  # type: ignore[attr-defined]
     for line in _cast_base_to_fp8(system, options):  # after the adapters read the base (DoRA's norms, --base-weights)
         say(line)
     # the method's default stop (DreamBooth's text encoder), recorded in the metadata
@@ -1523,6 +1614,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             sample = with_defaults(sample, seed=options.seed, steps=options.sample_steps, guidance=None)
             sized = "height" in inspect.signature(system.sample).parameters  # else the model's own size only
             bf16 = torch.autocast(system.alphas_cumprod.device.type, dtype=torch.bfloat16) if options.full_bf16 else None
+            if options.full_fp16:  # fp16 adapter weights: samples under the run's fp16 autocast
+                bf16 = torch.autocast(system.alphas_cumprod.device.type, dtype=torch.float16)
             if options.fp8_base or options.fp8_base_unet:  # fp8 weights compute under the run's autocast only
                 bf16 = torch.autocast(system.alphas_cumprod.device.type,
                                       dtype=torch.bfloat16 if options.mixed_precision == "bf16" else torch.float16)
@@ -1554,8 +1647,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         if options.save_state:
             progress_info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
-                              dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults,
-                              step_shares=step_shares, caption_lines=caption_lines, initial=(initial_step, skip_until))
+                              dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
+                              step_shares=step_shares, caption_lines=caption_lines, initial=(initial_step, skip_until),
+                              preset_file=preset_file)
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
 
     removed: list[str] = []
@@ -1573,6 +1667,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             say(f"step {step}: removed {old.path} ({flag})")
         written.append(now)
 
+    make_output_folder(outputs.final)  # (every check passed: the first write is next; kohya's os.makedirs(output_dir))
     run_log = RunLog(outputs.log, tensorboard=outputs.tensorboard if tensorboard else None, append=options.resume is not None,
                      after_step=start, extra={**(MAX_NORM_COLUMNS if options.scale_weight_norms is not None else {}),
                                               **(VALIDATION_COLUMNS if validation_data is not None else {})} or None)
@@ -1598,8 +1693,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         if info.step == total and options.save_state_on_train_end:  # kohya's: the state at the end, to train further
             info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, info.step, total, saves=written,
-                              dataset=_data_config_record(data_config), optimizer_defaults=optimizer_defaults,
-                              step_shares=step_shares, caption_lines=caption_lines, initial=(initial_step, skip_until))
+                              dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
+                              step_shares=step_shares, caption_lines=caption_lines, initial=(initial_step, skip_until),
+                              preset_file=preset_file)
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
         if info.step in sample_points:
             info.use_weights()  # (a schedule-free optimiser's averaged weights, as kohya samples)
@@ -1686,11 +1782,16 @@ def _check_loraplus_unet_base_weights_block_lr(method_options: dict) -> None:
         parse_block_lr(method_options["block_lr"])
 
 
+#: ``_write_run_record``'s default ``preset_file``: read the preset file when the record is written
+_PRESET_FILE_NOW = object()
+
+
 def _write_run_record(folder: Path, method: str, options: TrainOptions, step: int, total: int, *,
                       saves: list[PeriodicSave] | None = None, dataset: dict | None = None,
                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
                       step_shares: str = train_schedule.FLOOR_SHARES, caption_lines: str = FIRST_LINE_CAPTIONS,
-                      initial: tuple[int, bool] = (0, False)) -> None:
+                      initial: tuple[int, bool] = (0, False),
+                      preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
     run lineage wrote and still has (``--save-last-n-*`` of a resumed run continues removing them);
     ``dataset``: the resolved dataset config (:func:`_data_config_record`); ``optimizer_defaults``:
@@ -1700,8 +1801,13 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
     without it was written before the share was rounded down as kohya's); ``caption_lines``: how a
     caption file of several lines is read (:func:`sdadapt.jobs.caption_lines.recorded_caption_lines`;
     written in every record, ``"joined"`` too, as a record with ``vae`` and without it took the first line); ``initial``: the
-    step the run started at and whether it skipped the data before it (:mod:`sdadapt.jobs.initial_step`)."""
+    step the run started at and whether it skipped the data before it (:mod:`sdadapt.jobs.initial_step`);
+    ``preset_file``: the LyCORIS preset file's record as the run read it at its start
+    (:func:`_preset_file_record`; a file edited during the run does not change it), read now when not given."""
     from ..formats.files import atomic_write
+
+    if preset_file is _PRESET_FILE_NOW:
+        preset_file = _preset_file_record(options)
 
     record = {"format": "sdadapt-train-run/1", "method": method, "model": str(options.model), "step": step,
               "total_steps": total, "batch_size": options.batch_size, "seed": options.seed,
@@ -1713,10 +1819,11 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               **initial_step_record(*initial),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
               **({"text_encoder_2_lr": options.text_encoder_2_lr} if options.text_encoder_2_lr is not None else {}),
-              **({"preset_file": preset} if (preset := _preset_file_record(options)) is not None else {}),
+              **({"preset_file": preset_file} if preset_file is not None else {}),
               "captions": _caption_record(options), "augmentations": _augmentation_record(options),
               "noise": _noise_record(options), "prior": _prior_record(method, options),
-              "fp8_base": _fp8_base_record(options),
+              "fp8_base": _fp8_base_record(options), "half_weights": _half_weights_record(options),
+              "alpha_mask": bool(options.alpha_mask),  # (the subsets' fallback: _data_config_record)
               "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir),
               "vae": _vae_record(options),
               **({"validation": _validation_record(options)} if options.validation_split else {}),
@@ -1752,6 +1859,72 @@ def _hold_out_for_validation(records: list, options: TrainOptions, notes: list[s
                          f"ceil(n × {1 - options.validation_split:g}) of its n images for training; raise the split or "
                          "add images")
     return [r for r in records if id(r) in kept], held_out
+
+
+def _face_crop_records(records: list, crop_range: tuple[float, float] | None, *, buckets: bool, loss_masks: object,
+                       notes: list[str]) -> int:
+    """kohya's ``face_crop_aug_range`` (``crop_range``) on the planned ``records`` (training or class images):
+    without ``buckets`` each image whose name gives a face (:func:`sdadapt.training.face_crop.face_box_from_name`) gets
+    :attr:`~sdadapt.training.data.ImageRecord.face` (cropped around it at each use); returns how many.
+    With buckets kohya uses no face (``trim_and_resize_if_required``): a note, nothing set.
+
+    Raises:
+        InputError: a face image smaller than the training size, a name with five ``_`` parts or more
+            that are not numbers, or a face crop with loss masks (not there yet).
+    """
+    from ..errors import InputError
+    from ..training.face_crop import check_face_image, face_box_from_name
+
+    if crop_range is None:
+        return 0
+    low, high = crop_range
+    if buckets:
+        notes.append(f"face_crop_aug_range {low:g},{high:g}: unused with bucketing (kohya crops around the faces only "
+                     "with enable_bucket off: --no-bucket)")
+        return 0
+    faced = []
+    for record in records:
+        face = face_box_from_name(record.path) if record.path is not None else None
+        if face is not None:
+            check_face_image(record.path, record.size, record.bucket)
+            faced.append((record, face))
+    if faced and loss_masks is not None:
+        raise InputError("--face-crop-aug-range with --alpha-mask / --masked-loss: the loss masks do not follow a face "
+                         "crop here yet; train without one of them")
+    for record, face in faced:
+        record.face = face
+        record.note += (f"; face {face[2]}x{face[3]} at ({face[0]}, {face[1]}): scaled and cropped around it at each use "
+                        f"(face_crop_aug_range {low:g},{high:g})")
+    notes.append(f"face_crop_aug_range {low:g},{high:g}: {len(faced)} of {len(records)} image(s) have a face in their "
+                 "name (<name>_<cx>_<cy>_<w>_<h>), cropped around it at each use" + ("; the others as before" if
+                                                                                     len(faced) < len(records) else ""))
+    return len(faced)
+
+
+def _second_encoder_lr(options: TrainOptions, system: object, *, learning_rate: float) -> float | None:
+    """``FitConfig.text_encoder_2_lr`` of the run: ``options.text_encoder_2_lr``, or for
+    :data:`TE2_AT_LEARNING_RATE` (kohya's ``learning_rate_te1`` alone) the run's ``learning_rate`` (the method's
+    ``learning_rate`` when not given) on a model with a second text encoder, as ``sdxl_train.py``
+    (``learning_rate_te2 or learning_rate``), and ``None`` on a model with one."""
+    if options.text_encoder_2_lr != TE2_AT_LEARNING_RATE:
+        return options.text_encoder_2_lr  # type: ignore[return-value]
+    if not isinstance(getattr(system, "text_encoder_2", None), torch.nn.Module):
+        return None
+    return float(options.learning_rate or learning_rate)
+
+
+def _check_resumed_second_encoder_lr(record: dict | None, options: TrainOptions, second_encoder_lr: float | None) -> None:
+    """A resume of a run recorded without ``text_encoder_2_lr`` (its second text encoder at the first's rate, in
+    the first's parameter groups) by :data:`TE2_AT_LEARNING_RATE` (kohya's ``learning_rate_te1`` alone) on a model
+    with a second encoder (``second_encoder_lr`` not ``None``): refused, the saved optimiser state has no group of
+    its own for it (sdadapt read ``learning_rate_te1`` alone that way before)."""
+    if record is None or "text_encoder_2_lr" in record or second_encoder_lr is None:
+        return
+    raise ValueError(f"--resume {options.resume}: the saved run trained the second text encoder at the first's "
+                     "learning rate (how sdadapt read kohya's learning_rate_te1 without learning_rate_te2 before), "
+                     f"and it now trains at learning_rate {second_encoder_lr:g} as sdxl_train.py; to resume the "
+                     "saved run as it trained, write text_encoder_lr = <the learning_rate_te1 value> in place of "
+                     "learning_rate_te1 (both encoders at it)")
 
 
 def _preset_file_record(options: TrainOptions) -> dict[str, str] | None:
@@ -1850,7 +2023,9 @@ _CAPTION_DEFAULTS = {"caption_prefix": None, "caption_suffix": None, "caption_dr
 
 def _augmentation_record(options: TrainOptions) -> dict[str, object]:
     """The image augmentations that decide which latents each step trains on (a resumed run continues their draws)."""
-    return {"flip_aug": options.flip_aug, "random_crop": options.random_crop, "color_aug": options.color_aug}
+    return {"flip_aug": options.flip_aug, "random_crop": options.random_crop, "color_aug": options.color_aug,
+            **({"face_crop_aug_range": list(options.face_crop_aug_range)}  # (recorded when set: older records lack it)
+               if options.face_crop_aug_range is not None else {})}
 
 
 #: what a record written before these options existed trained with
@@ -1940,7 +2115,10 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
         mismatches.append(f"the LyCORIS preset file {(saved_preset or now_preset)['path']} (sha256 "
                           f"{(saved_preset or {}).get('sha256', 'none')[:12]}, now {(now_preset or {}).get('sha256', 'none')[:12]}; "
                           "it changed since the saved run)")
-    if record.get("text_encoder_2_lr") != options.text_encoder_2_lr:  # (the saved optimiser's groups: absent = not given)
+    # (the saved optimiser's groups: absent = not given; absent against learning_rate_te1 alone: checked once the model
+    # is known, run_train's _check_resumed_second_encoder_lr — a one-encoder model has no second group either way)
+    if record.get("text_encoder_2_lr") != options.text_encoder_2_lr and not (
+            "text_encoder_2_lr" not in record and options.text_encoder_2_lr == TE2_AT_LEARNING_RATE):
         mismatches.append(f"text_encoder_2_lr {record.get('text_encoder_2_lr')!r} (now {options.text_encoder_2_lr!r}; "
                           "the second text encoder's own parameter groups are in the saved optimiser state)")
     saved_args = record.get("optimizer_args", [])  # absent in records written before it was recorded: none were given
@@ -1958,11 +2136,16 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
     # (which images train: a record without it held none out)
     mismatches += _record_table_changes(folder, record, "validation", _validation_record(options),
                                         defaults=_VALIDATION_RECORD_DEFAULTS, absent={})
+    if "alpha_mask" in record and record["alpha_mask"] != bool(options.alpha_mask):  # (older records: not checked)
+        mismatches.append(f"alpha_mask {record['alpha_mask']!r} (now {bool(options.alpha_mask)!r}; the alpha-channel "
+                          "loss mask weighs every step's loss)")
     if "dataset" in record and record["dataset"] != dataset:  # (older records: not checked)
         from ..training.dataset_config import record_changes
 
         if isinstance(record["dataset"], dict) and isinstance(dataset, dict):  # name what changed, not both whole records
-            mismatches.append("the dataset config / metadata: " + "; ".join(record_changes(record["dataset"], dataset)))
+            # (none: only a null value now where an older record has no entry — a key added since, at its "off" value)
+            if changes := record_changes(record["dataset"], dataset):
+                mismatches.append("the dataset config / metadata: " + "; ".join(changes))
         else:
             def _source(entry: object) -> object:
                 return entry.get("source") if isinstance(entry, dict) else entry
@@ -1976,6 +2159,11 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
     if record.get("fp8_base", "off") != (fp8_now := _fp8_base_record(options)):  # (older records: no fp8 base)
         mismatches.append(f"fp8_base {record.get('fp8_base', 'off')!r} (now {fp8_now!r}; the base's float8 rounding "
                           "changes every step's numbers)")
+    # (older records: adapter runs had no fp16/bf16 weights; a whole-model run's is not known, not checked)
+    saved_half = record.get("half_weights", "off" if method in _FP8_BASE_METHODS else None)
+    if saved_half is not None and saved_half != (half_now := _half_weights_record(options)):
+        mismatches.append(f"the trained weights' storage (--full-fp16 / --full-bf16) {saved_half!r} (now {half_now!r}; "
+                          "their rounding changes every step's numbers)")
     saved_defaults = record.get("config_defaults", "sdadapt")  # (older records: sdadapt's)
     if saved_defaults != options.config_defaults:
         mismatches.append(f"the defaults of the options left out, {saved_defaults}'s (now {options.config_defaults}'s; "
@@ -2025,7 +2213,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_optimizer": train_optimizer.ss_optimizer(options, given_args, optimizer_defaults),
         "ss_scale_weight_norms": str(options.scale_weight_norms),
         "ss_mixed_precision": options.mixed_precision,
-        "ss_full_fp16": "False",
+        "ss_full_fp16": str(options.full_fp16),  # (kohya writes ss_full_fp16 only; ss_full_bf16 is sdadapt's)
         "ss_full_bf16": str(options.full_bf16),
         "ss_fp8_base": str(options.fp8_base), "ss_fp8_base_unet": str(options.fp8_base_unet),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
@@ -2049,7 +2237,9 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_flip_aug": str(options.flip_aug),
         "ss_color_aug": str(options.color_aug),
         "ss_random_crop": str(options.random_crop),
-        "ss_cache_latents": str(not (options.random_crop or options.color_aug)),
+        "ss_cache_latents": str(not (options.random_crop or options.color_aug
+                                     or options.face_crop_aug_range is not None and not options.enable_bucket)),
+        "ss_face_crop_aug_range": str(options.face_crop_aug_range),  # (kohya's tuple or None, as str)
         "ss_seed": str(options.seed),
         "ss_network_dropout": str(options.method_options.get("dropout")),  # kohya's --network_dropout (None: off)
         "ss_noise_offset": str(options.noise_offset),

@@ -123,7 +123,7 @@ def relative_step_notes(options: TrainOptions, given: OptimizerArgs, *, learning
         ("--lr-scheduler", options.lr_scheduler if options.lr_scheduler != "cosine" else None),  # (not the default)
         ("--lr-warmup-steps", options.lr_warmup_steps or None),
         ("--unet-lr", options.unet_lr), ("--text-encoder-lr", options.text_encoder_lr or None),
-        ("--text-encoder-2-lr", options.text_encoder_2_lr or None),
+        ("--text-encoder-2-lr", None if isinstance(options.text_encoder_2_lr, str) else options.text_encoder_2_lr or None),
         # the per-parameter LR factors (kohya's groups' LRs, which relative_step ignores too); 0 still freezes
         *((name, options.method_options.get(name)) for name in _LR_FACTOR_OPTIONS))
         if value is not None]
@@ -206,7 +206,8 @@ def prodigy_clashes(options: TrainOptions) -> list[str]:
         return []
     clashes = []
     unet = options.unet_lr if options.unet_lr is not None else options.learning_rate
-    for flag, rate in (("--text-encoder-lr", options.text_encoder_lr), ("--text-encoder-2-lr", options.text_encoder_2_lr)):
+    second = options.learning_rate if isinstance(options.text_encoder_2_lr, str) else options.text_encoder_2_lr
+    for flag, rate in (("--text-encoder-lr", options.text_encoder_lr), ("--text-encoder-2-lr", second)):
         if rate not in (None, 0) and (unet is None or rate != unet):
             clashes.append(f"{flag} {rate:g} (give the text encoder the UNet's learning rate, or 0 to freeze it)")
     clashes += [f"{name} {options.method_options[name]}" for name in _LR_FACTOR_OPTIONS[:3]

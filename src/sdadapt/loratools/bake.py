@@ -174,7 +174,8 @@ class BakedCheckpoint:
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise WeightFileError(
                 f"{len(problems)} LoRA layer(s) do not fit the shapes of {self.path}:\n  " + "\n  ".join(problems[:10])
-                + more + "\nThe LoRA was made for a different model (SD1 vs SD2 vs SDXL, or another fine-tune size)."
+                + more + f"\nThe LoRA was made for a different model ({self.path.name} looks like an {model.upper()} "
+                "checkpoint; SD1 vs SD2 vs SDXL, or another fine-tune size)."
             )
         if unmatched and not skip_unmatched:
             more = f"\n  ... and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""

@@ -47,6 +47,7 @@ from ..training.lr_schedules import (
     extra_schedule_factor,
 )
 from ..training.optim import lr_at
+from ..training.schedule_free import switch_mode
 from ..training.step import (
     EMA,
     StepConfig,
@@ -67,8 +68,8 @@ from .optimizers import (
 )
 from .system import System, system_models, text_encoders
 
-__all__ = ["Adaptation", "FitConfig", "FitProgress", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES", "cuda_graph_clashes",
-           "fit", "make_optimizer", "zero_terminal_snr_clashes"]
+__all__ = ["Adaptation", "FitConfig", "FitProgress", "INDUCTOR_CPU_OPTIONS", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES",
+           "compiled_model", "cuda_graph_clashes", "fit", "make_optimizer", "zero_terminal_snr_clashes"]
 
 #: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``; the last four:
 #: :mod:`sdadapt.training.lr_schedules`)
@@ -503,6 +504,34 @@ def _check_compile_backend(name: str) -> str:
         raise ValueError(f"unknown torch.compile backend {name!r}; this torch has {', '.join(usual)} "
                          f"(and {len(known) - len(usual)} more: torch._dynamo.list_backends())")
     return name
+
+
+#: Inductor options sdadapt compiles with on a CPU (see :func:`compiled_model`)
+INDUCTOR_CPU_OPTIONS: dict[str, Any] = {"max_fusion_size": 1}
+
+
+def compiled_model(model: Callable[..., Any], *, backend: str, device_type: str) -> Callable[..., Any]:
+    """``torch.compile(model, backend=backend)``, with Inductor's fusion off on a CPU.
+
+    Inductor's CPU code computes wrong gradients for diffusers UNets (seen with torch 2.13.0+cpu):
+    the backward of ``F.interpolate(scale_factor=2.0, mode="nearest")`` (each up block's
+    upsampler) is a zero-filled buffer that a scatter kernel fills, and Inductor fuses the zero
+    fill with the kernel that reads the buffer for the next op back, ahead of the scatter, so the
+    gradient through every upsampler is read as zeros while the loss is right. With fusion off
+    (``max_fusion_size=1``, :data:`INDUCTOR_CPU_OPTIONS`) no reader is fused ahead of the scatter:
+    the loss, input gradient and every adapter gradient of the tests' tiny UNet with LoRA equal
+    eager ones within 1e-5 (``tests/test_compile_inductor.py`` checks the smallest repro, one up
+    block, through this function); on that block it runs as fast as fused Inductor (docs/training.md).
+    Other backends, and Inductor on a GPU, compile unchanged.
+
+    Args:
+        model: the module (or function) the step calls.
+        backend: a ``torch.compile`` backend name (``_check_compile_backend``).
+        device_type: where the trained parameters are (``"cpu"``, ``"cuda"``, ...).
+    """
+    if backend == "inductor" and device_type == "cpu":
+        return torch.compile(model, backend="inductor", options=dict(INDUCTOR_CPU_OPTIONS))
+    return torch.compile(model, backend=backend)
 
 
 @dataclass
@@ -1030,8 +1059,8 @@ def fit(
         save_training_state(folder, named_params=named, optimizer=optimizer, state=state, config=step_config)
 
     def use_weights() -> None:  # a schedule-free optimiser's averaged weights x: its eval mode (kohya's optimizer_eval_fn)
-        if config.schedule_free:
-            optimizer.eval()
+        if config.schedule_free:  # (signals held: a Ctrl-C mid-switch would save a mix of x and y)
+            switch_mode(optimizer, train=False)
 
     for p in frozen:
         p.requires_grad_(False)
@@ -1039,7 +1068,8 @@ def fit(
         step_config = dataclasses.replace(step_config, sdpa_backends=_fastest_attention(
             model, first_batch(), step_config, alphas_cumprod, device))
     if config.compile_backend is not None:  # (draw()'s prior loss and the captured step call this one)
-        model = torch.compile(model, backend=config.compile_backend)
+        model = compiled_model(model, backend=config.compile_backend,
+                               device_type=(trained[0].device if trained else device).type)
     # co-trained text encoder: its parameters stop at step text_encoder_steps (kohya's --stop_text_encoder_training)
     stopping = [p for p in trained if id(p) in encoder_of] if text_encoder_steps is not None else []
     stopped: list[nn.Parameter] = []
@@ -1086,7 +1116,7 @@ def fit(
                 if captured is not None:  # the graphs' backward still computes their gradients
                     captured.reset()
             if config.schedule_free:  # the weights gradients are taken at (y); a no-op when in train mode already
-                optimizer.train()
+                switch_mode(optimizer, train=True)
             for group in optimizer.param_groups:
                 lr = config.lr_at(step - schedule_offset, group["base_lr"]) * group["lr_scale"]
                 if isinstance(group["lr"], Tensor):

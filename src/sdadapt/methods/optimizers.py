@@ -82,7 +82,10 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
 
     ``adamw`` is ``torch.optim.AdamW``, except over bf16 parameters (``--full-bf16``): there it is
     sdadapt's :class:`~sdadapt.training.optim.AdamW` with float32 states, which writes the weights
-    back with stochastic rounding (round-to-nearest loses every update below half a bf16 ulp).
+    back with stochastic rounding (round-to-nearest loses every update below half a bf16 ulp); and
+    over fp16 parameters (``--full-fp16``), where torch's would keep fp16 moments (``(1 − β₂)·g²``
+    of a gradient below ~5e-3 flushes to 0 and ``ε = 1e-8`` is 0 in fp16: a step dividing by 0), sdadapt's
+    AdamW with float32 states too, writing the weights back rounded to nearest as kohya's.
     sdadapt's optimisers (all the others) always round bf16 weights stochastically. sdadapt's AdamW
     (and Adafactor) takes its multi-tensor step (``foreach=True``: the same result, far fewer kernel launches) on
     an accelerator, as torch's optimisers do, and its per-parameter step on CPU, where a launch
@@ -97,7 +100,8 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     momentum; multi-tensor on an accelerator, capturable as AdamW). ``sgd-nesterov`` is
     ``torch.optim.SGD(nesterov=True)`` with momentum 0.9 unless the arguments give one (kohya's
     default); it refuses bf16 parameters (torch's SGD writes them with round-to-nearest, which drops
-    every update below half a bf16 ulp: train in float32 or use lion / adamw, which round stochastically).
+    every update below half a bf16 ulp: train in float32 or use lion / adamw, which round stochastically),
+    and fp16 parameters (its momentum is then fp16 too, and the update rounded to nearest).
 
     ``prodigy`` is sdadapt's :class:`~sdadapt.training.prodigy.Prodigy` (prodigyopt's algorithm, the
     step-size estimate kept on the device; multi-tensor on an accelerator, capturable): the groups'
@@ -107,13 +111,14 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     ``dadapt-adam-preprint`` (kohya's ``DAdaptation``) :class:`~sdadapt.training.dadapt.DAdaptAdamPreprint`.
 
     Raises:
-        InputError: ``sgd-nesterov`` over bf16 parameters."""
+        InputError: ``sgd-nesterov`` over bf16 or fp16 parameters."""
     from ..training.optimizer_args import SGD_NESTEROV_MOMENTUM, optimizer_kwargs
 
     name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
     decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
     options = {**decay, **optimizer_kwargs(config.optimizer_args)}
     bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
+    fp16 = any(p.dtype == torch.float16 for group in groups for p in group["params"])  # (--full-fp16)
     foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])
     # config.cuda_graph on CUDA: capturable, each group's lr a 0-dim tensor on its parameters' device
     # (filled in place by the schedule; a captured graph reads it). Off CUDA the steps run eagerly.
@@ -124,7 +129,7 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
                                                                                *_SCHEDULE_FREE_OPTIMIZERS) else None,
                                                device=group["params"][0].device)} for group in groups]
     extra: dict[str, Any] = {"capturable": True} if capturable else {}
-    if name == "adamw" and not bf16:
+    if name == "adamw" and not bf16 and not fp16:
         return torch.optim.AdamW(groups, lr=config.learning_rate, **options, **extra)
     if name in _SCHEDULE_FREE_OPTIMIZERS:
         from ..training.schedule_free import AdamWScheduleFree, SGDScheduleFree
@@ -148,6 +153,13 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
                              "with round-to-nearest, which drops every update smaller than half a bf16 step; train "
                              "the weights in float32 (leave out --full-bf16) or use lion / adamw, which round "
                              "bf16 weights stochastically")
+        if fp16:
+            from ..errors import InputError
+
+            raise InputError("optimizer sgd-nesterov over fp16 weights (--full-fp16): torch's SGD keeps its momentum in "
+                             "fp16 and writes the weights back with round-to-nearest, which drops every update smaller "
+                             "than half an fp16 step; train the weights in float32 (leave out --full-fp16) or use "
+                             "adamw / lion, which update in float32")
         return torch.optim.SGD(groups, lr=config.learning_rate, nesterov=True, foreach=foreach,
                                **{"momentum": SGD_NESTEROV_MOMENTUM, **options})
     if name in ("lion", "lion-bf16"):

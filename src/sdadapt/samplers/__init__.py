@@ -5,7 +5,10 @@ Every sampler here equals the diffusers scheduler of the same name built with th
 defaults on the model's ᾱ (as kohya's ``get_my_scheduler`` builds it), step for step; the
 ancestral ones draw their noise from ``generator`` in the order diffusers does, so a CPU
 generator with the same seed gives the same image. ``karras=True`` is diffusers'
-``use_karras_sigmas`` (A1111's "Karras" samplers) where the scheduler has it.
+``use_karras_sigmas`` (A1111's "Karras" samplers) where the scheduler has it. Three exceptions:
+``dpmpp_2s_a`` (k-diffusion's ``sample_dpmpp_2s_ancestral``; diffusers has no such class) runs on the
+Euler σ grid; ``dpmsolver++_3m_sde`` corrects one weight of diffusers' third-order SDE step; ``dpmpp_sde``
+draws its Brownian tree's seed from ``generator`` (diffusers: from the global RNG) and needs torchsde.
 
 ``sample_latents`` is the one entry point: it adds classifier-free guidance
 (:func:`sdadapt.training.diffusion.guided`) and dispatches by name. ``ddim`` is
@@ -25,10 +28,13 @@ from .ddpm import ddpm_sample
 from .dpm2 import dpm2_ancestral_sample, dpm2_sample
 from .dpm_solver import (
     dpmsingle_sample,
+    dpmsolver_pp_3m_sde_sample,
     dpmsolver_pp_sample,
     dpmsolver_pp_sde_sample,
     dpmsolver_sample,
 )
+from .dpmpp_2s_a import dpmpp_2s_ancestral_sample
+from .dpmpp_sde import dpmpp_sde_sample
 from .euler import euler_ancestral_sample, euler_sample
 from .heun import heun_sample
 from .lcm import lcm_sample
@@ -55,16 +61,25 @@ _SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "unipc": unipc_sample,  # not a kohya name: diffusers' UniPCMultistepScheduler
     "dpmsolver++_sde": dpmsolver_pp_sde_sample,  # not a kohya name: algorithm_type="sde-dpmsolver++"
     "lcm": lcm_sample,  # not a kohya name: diffusers' LCMScheduler (LCM models, LCM-LoRA)
+    "dpmpp_sde": dpmpp_sde_sample,  # not a kohya name: diffusers' DPMSolverSDEScheduler (needs torchsde)
+    "dpmpp_2s_a": dpmpp_2s_ancestral_sample,  # not a kohya name: k-diffusion's sample_dpmpp_2s_ancestral
+    "dpmsolver++_3m_sde": dpmsolver_pp_3m_sde_sample,  # not a kohya name: solver_order=3, sde-dpmsolver++
 }
 #: every sampler name ``sample_latents`` takes (kohya's ``sample_sampler`` spellings)
 SAMPLERS: tuple[str, ...] = ("ddim", *_SAMPLERS)
 #: other spellings of the same samplers (kohya's ``k_`` names)
 SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
                                    "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++",
-                                   "dpm++_2m_sde": "dpmsolver++_sde", "dpmpp_2m_sde": "dpmsolver++_sde"}
+                                   "dpm++_2m_sde": "dpmsolver++_sde", "dpmpp_2m_sde": "dpmsolver++_sde",
+                                   "dpm++_sde": "dpmpp_sde", "k_dpmpp_sde": "dpmpp_sde", "dpmsolversde": "dpmpp_sde",
+                                   "dpm++_2s_a": "dpmpp_2s_a", "dpmpp_2s_ancestral": "dpmpp_2s_a",
+                                   "k_dpmpp_2s_a": "dpmpp_2s_a", "k_dpmpp_2s_ancestral": "dpmpp_2s_a",
+                                   "dpm++_3m_sde": "dpmsolver++_3m_sde", "dpmpp_3m_sde": "dpmsolver++_3m_sde",
+                                   "k_dpmpp_3m_sde": "dpmsolver++_3m_sde"}
 #: samplers that take ``karras=True`` (σ on Karras et al.'s ρ = 7 grid)
 KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-                                    "unipc", "dpmsolver++_sde")
+                                    "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
+                                    "dpmsolver++_3m_sde")
 
 
 def canonical_sampler(name: str) -> str:

@@ -48,7 +48,8 @@ from .sigma_space import (
 )
 from .signatures import Denoise, StepCallback
 
-__all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_sample", "dpmsolver_sample",
+__all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_3m_sde_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_sample",
+           "dpmsolver_sample",
            "require_distinct_steps", "singlestep_orders"]
 
 
@@ -122,10 +123,35 @@ def _sde_first_order(x: Tensor, pred: Tensor, noise: Tensor, s: float, s_next: f
     return ((st_n / st) * math.exp(-h)) * x + (a_n * keep) * pred + (st_n * keep**0.5) * noise
 
 
+def _sde_third_order_terms(preds: tuple[Tensor, Tensor, Tensor], lams: tuple[float, float, float, float],
+                           s_next: float) -> Tensor:
+    """The third-order SDE-DPM-Solver++ correction ``α'·φ₂·D1 + α'·c₃·D2`` (B,C,H,W) added to the first-order
+    step over [λ_i, λ_{i+1}] (``lams`` = λ_{i−2}, λ_{i−1}, λ_i, λ_{i+1}) with the data predictions
+    ``preds`` = (m2, m1, m0) at the first three: ``D1_0 = (m0 − m1)/r0``, ``D1_1 = (m1 − m2)/r1``
+    (``r0 = h_0/h``, ``r1 = h_1/h``), ``D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1)``, ``D2 = (D1_0 − D1_1)/(r0 + r1)``,
+    ``φ₂ = (1 − e^(−2h))/(−2h) + 1``, ``c₃ = ½ − (e^(−2h) − 1 + 2h)/(2h)²``: k-diffusion's
+    ``sample_dpmpp_3m_sde`` at η = 1 (``φ₂·d1 − φ₃·d2``), the SDE counterpart of diffusers' deterministic
+    DPM++ 3M weights (second order: D2 ≈ h²·x̂0''/2, and c₃ is half the Taylor weight of that term, the
+    same convention as DPM-Solver's). diffusers 0.42 writes ``c₃ − 1`` for c₃ (its
+    ``multistep_dpm_solver_third_order_update``, sde-dpmsolver++ branch; first order): docs/samplers.md."""
+    m2, m1, m0 = preds
+    l2, l1, l0, l_next = lams
+    h, h0, h1 = l_next - l0, l0 - l1, l1 - l2
+    r0, r1 = h0 / h, h1 / h
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    a_n = vp_alpha_sigma(s_next)[0]
+    phi2 = math.expm1(-2.0 * h) / (2.0 * h) + 1.0
+    c3 = 0.5 - (math.expm1(-2.0 * h) + 2.0 * h) / (2.0 * h) ** 2
+    return (a_n * phi2) * d1 + (a_n * c3) * d2
+
+
 def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
                karras: bool, data: bool, callback: StepCallback | None, sde: bool = False,
-               generator: torch.Generator | None = None) -> Tensor:
-    label = "dpmsolver++_sde" if sde else "dpmsolver++" if data else "dpmsolver"
+               generator: torch.Generator | None = None, order: int = 2) -> Tensor:
+    label = ("dpmsolver++_3m_sde" if order == 3 else "dpmsolver++_sde") if sde else "dpmsolver++" if data \
+        else "dpmsolver"
     check_prediction_type(label, prediction_type)
     final = "zero" if data else "sigma_min"
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final)
@@ -137,25 +163,31 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     work = work_dtype(x_T)
     x = x_T * 1.0  # init_noise_sigma
     prev: Tensor | None = None
+    prev2: Tensor | None = None
     for i in range(n):
         t = torch.full((x.shape[0],), int(timesteps[i]), dtype=torch.long, device=x.device)
         out = model(x, t)
         a, st, _ = vp_alpha_sigma(sig[i])
         pred = (vp_data_prediction if data else vp_noise_prediction)(out, x, a, st, prediction_type)
         lower_final = i == n - 1 and (n < 15 or final == "zero")
+        # order 3 (diffusers' solver_order=3): from the third step on, but order 2 on the next-to-last of < 15
+        third = order == 3 and prev2 is not None and not lower_final and not (i == n - 2 and n < 15)
         xw = x.to(work)
         # the SDE's noise: float32, drawn every step (the last too) where diffusers' step draws it
         noise = step_noise(out, generator, torch.float32) if sde else None
         d = pred
-        if prev is not None and not lower_final:
+        if prev is not None and not lower_final and not third:
             h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1]
             d = pred + (0.5 * h / h_prev) * (pred - prev)  # D0 + ½·D1, D1 = (m0 − m1)/r, r = h_prev/h
         if noise is not None:
             x_next = _sde_first_order(xw, d, noise.to(work), sig[i], sig[i + 1])
+            if third and prev is not None and prev2 is not None:
+                x_next = x_next + _sde_third_order_terms((prev2.to(work), prev.to(work), pred.to(work)),
+                                                         (lam[i - 2], lam[i - 1], lam[i], lam[i + 1]), sig[i + 1])
         else:
             x_next = _first_order(xw, d, sig[i], sig[i + 1], data=data)
         x = x_next.to(out_dtype)
-        prev = pred
+        prev2, prev = prev, pred
         if callback is not None:
             callback(i, t, x)
     return x
@@ -199,6 +231,29 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
                       generator=generator)
+
+
+def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                               prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                               callback: StepCallback | None = None, karras: bool = False) -> Tensor:
+    """SDE-DPM-Solver++ 3M (``DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++")``;
+    A1111's "DPM++ 3M SDE", Gaussian noise per step instead of its Brownian tree) from unit noise x_T
+    (B,C,H,W) -> x0 latents (B,C,H,W).
+
+    As :func:`dpmsolver_pp_sde_sample` (grid, noise draws, first step order 1, last step order 1 onto
+    σ = 0, order 2 on the second step and, in runs of fewer than 15 steps, on the next-to-last), with
+    third-order multistep steps in between: the first-order SDE step plus ``α'·φ₂·D1 + α'·c₃·D2`` from the
+    last three data predictions (see ``_sde_third_order_terms``). Its c₃ is k-diffusion's
+    (``sample_dpmpp_3m_sde``'s ``−φ₃``); diffusers 0.42's class uses ``c₃ − 1`` there (a sign slip on its
+    ½ term), so on third-order steps this sampler is diffusers' plus ``α'·D2`` (docs/samplers.md).
+
+    Raises:
+        ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
+        without Karras σ (the linspace grid repeats a timestep there).
+    """
+    return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                      prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
+                      generator=generator, order=3)
 
 
 def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,

@@ -16,6 +16,8 @@ registered, is sdadapt's diffusers-default UniPC, not A1111's own port).
 
 from __future__ import annotations
 
+import difflib
+
 from . import KARRAS_SAMPLERS, SAMPLER_ALIASES, SAMPLERS
 
 __all__ = ["A1111_LABELS", "A1111_MISSING", "sampler_choices", "sampler_from_label"]
@@ -32,21 +34,29 @@ A1111_LABELS: dict[str, str] = {
     # DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"): A1111's update rule, Gaussian noise per
     # step instead of its Brownian tree (docs/samplers.md)
     "dpm++ 2m sde": "dpmsolver++_sde",
+    "dpm++ sde": "dpmpp_sde",  # DPMSolverSDEScheduler (k-diffusion's sample_dpmpp_sde, Brownian-tree noise)
+    "dpm++ 2s a": "dpmpp_2s_a",  # no diffusers class: k-diffusion's sample_dpmpp_2s_ancestral on the Euler σ grid
+    # DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++") with its third-order
+    # coefficient corrected; Gaussian noise per step instead of A1111's Brownian tree (docs/samplers.md)
+    "dpm++ 3m sde": "dpmsolver++_3m_sde",
     "lcm": "lcm",  # LCMScheduler: A1111's x̂0-then-renoise rule on LCM's own timesteps (docs/samplers.md)
     "ddim": "ddim",  # DDIMScheduler
     "plms": "plms",  # PNDMScheduler(skip_prk_steps=True): only when a sampler named plms is registered
     # A1111's lower-case aliases (modules/sd_samplers_kdiffusion.py)
     "k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_lms": "lms", "k_heun": "heun",
     "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "k_dpmpp_2m": "dpmsolver++",
-    "k_dpmpp_2m_sde": "dpmsolver++_sde", "k_dpmpp_2m_sde_ka": "dpmsolver++_sde", "k_lcm": "lcm",
+    "k_dpmpp_2m_sde": "dpmsolver++_sde", "k_lcm": "lcm",
+    "k_dpmpp_sde": "dpmpp_sde", "k_dpmpp_2s_a": "dpmpp_2s_a", "k_dpmpp_3m_sde": "dpmsolver++_3m_sde",
 }
+#: A1111's aliases of its " Karras" labels (1.6–1.8: "DPM++ SDE Karras" is ``k_dpmpp_sde_ka``, ...), read as
+#: the base alias + " Karras". (A1111 lists ``k_dpmpp_2m_sde_ka`` for both "DPM++ 2M SDE" and its Karras label;
+#: its alias map keeps the later, Karras one.)
+_KARRAS_ALIASES: frozenset[str] = frozenset({"k_dpmpp_sde_ka", "k_dpmpp_2s_a_ka", "k_dpmpp_3m_sde_ka",
+                                             "k_dpmpp_2m_sde_ka"})
 
 #: A1111 labels with no sampler here (lower case) -> why
 A1111_MISSING: dict[str, str] = {
-    "dpm++ 2s a": "an ancestral single-step DPM-Solver++ (diffusers has none; dpmsingle is not ancestral)",
-    "dpm++ sde": "k-diffusion's stochastic DPM-Solver++ with Brownian-tree noise (dpmsingle is deterministic)",
     "dpm++ 2m sde heun": "a k-diffusion SDE sampler with no diffusers scheduler",
-    "dpm++ 3m sde": "DPM-Solver++ 3M SDE (not a kohya sampler)",
     "dpm fast": "k-diffusion's fixed-step DPM-Solver with no diffusers scheduler",
     "dpm adaptive": "k-diffusion's adaptive-step DPM-Solver with no diffusers scheduler",
     "restart": "the Restart sampler, with no diffusers scheduler",
@@ -62,7 +72,8 @@ def sampler_choices() -> list[str]:
     """Every name :func:`sampler_from_label` takes without " Karras": the samplers, kohya's aliases
     and the A1111 labels whose sampler is registered (A1111's capitalisation)."""
     pretty = {"euler a": "Euler a", "dpm2": "DPM2", "dpm2 a": "DPM2 a", "dpm++ 2m": "DPM++ 2M", "ddim": "DDIM",
-              "dpm++ 2m sde": "DPM++ 2M SDE", "lcm": "LCM",
+              "dpm++ 2m sde": "DPM++ 2M SDE", "lcm": "LCM", "dpm++ sde": "DPM++ SDE", "dpm++ 2s a": "DPM++ 2S a",
+              "dpm++ 3m sde": "DPM++ 3M SDE",
               "plms": "PLMS", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
     labels = [pretty[k] for k, name in A1111_LABELS.items() if k in pretty and name in SAMPLERS]
     return [*SAMPLERS, *SAMPLER_ALIASES, *labels]
@@ -73,6 +84,18 @@ def _taken() -> str:
     return (f"the samplers {', '.join(SAMPLERS)}; their other names {', '.join(SAMPLER_ALIASES)}; A1111's "
             f"{', '.join(repr(label) for label in labels)}"
             f" (+ ' Karras' for {', '.join(KARRAS_SAMPLERS) or 'none'})")
+
+
+def _did_you_mean(words: str) -> str:
+    """``"; did you mean 'DPM++ 2M Karras'?"`` for the taken name closest to the lower-cased ``words``
+    (a typo such as ``"dpm++ 2m karas"``), or ``""`` when none is close."""
+    names = {}
+    for choice in sampler_choices():
+        names.setdefault(choice.lower(), choice)
+        if choice[0].isupper() and A1111_LABELS.get(choice.lower()) in KARRAS_SAMPLERS:
+            names.setdefault(f"{choice.lower()} karras", f"{choice} Karras")
+    close = difflib.get_close_matches(words, list(names), n=1, cutoff=0.7)
+    return f"; did you mean {names[close[0]]!r}?" if close else ""
 
 
 def sampler_from_label(text: str) -> tuple[str, bool]:
@@ -86,6 +109,8 @@ def sampler_from_label(text: str) -> tuple[str, bool]:
             " Karras" on a sampler without Karras σ.
     """
     words = " ".join(str(text).lower().replace("_karras", " karras").split())
+    if words in _KARRAS_ALIASES:
+        words = words[: -len("_ka")] + " karras"
     karras = words.endswith(" karras")
     base = words[: -len(" karras")].strip() if karras else words
     key = SAMPLER_ALIASES.get(base, base)
@@ -99,7 +124,7 @@ def sampler_from_label(text: str) -> tuple[str, bool]:
     elif base in A1111_LABELS:
         raise ValueError(f"sampler {text!r} ({A1111_LABELS[base]}) is not available in this sdadapt; taken: {_taken()}")
     else:
-        raise ValueError(f"unknown sampler {text!r}; taken: {_taken()}")
+        raise ValueError(f"unknown sampler {text!r}{_did_you_mean(words)}; taken: {_taken()}")
     if karras and name not in KARRAS_SAMPLERS:
         raise ValueError(f"sampler {text!r}: {name} has no Karras noise levels (diffusers' class has no "
                          f"use_karras_sigmas); ' Karras' works with {', '.join(KARRAS_SAMPLERS) or 'none'}")

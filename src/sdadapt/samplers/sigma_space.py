@@ -218,11 +218,17 @@ def step_noise(like: Tensor, generator: torch.Generator | None, dtype: torch.dty
     return torch.randn(like.shape, generator=generator, dtype=dtype, device=device).to(like.device)
 
 
-def ancestral_step(sigma_from: float, sigma_to: float) -> tuple[float, float]:
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
     """``(σ_down, σ_up)`` of an ancestral step from σ_from to σ_to (k-diffusion's
-    ``get_ancestral_step``, eta = 1): ``σ_up = √(σ_to²(σ_from² − σ_to²)/σ_from²)``,
-    ``σ_down = √(σ_to² − σ_up²)``; the deterministic part steps to σ_down, noise·σ_up is added."""
+    ``get_ancestral_step``): ``σ_up = min(σ_to, η·√(σ_to²(σ_from² − σ_to²)/σ_from²))``,
+    ``σ_down = √(σ_to² − σ_up²)``; the deterministic part steps to σ_down, noise·σ_up is added.
+    η = 1 (diffusers' ancestral schedulers) needs no cap (σ_up ≤ σ_to) and has none, as in diffusers;
+    η = 0 is ``(σ_to, 0)``."""
+    if not eta:
+        return sigma_to, 0.0
     up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    if eta != 1.0:
+        up = min(sigma_to, eta * up)
     return max(sigma_to**2 - up**2, 0.0) ** 0.5, up
 
 

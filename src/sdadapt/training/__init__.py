@@ -14,6 +14,7 @@
 | :mod:`.optimizer_args` | kohya's ``--optimizer_args KEY=VALUE`` parsed and checked against each optimiser |
 | :mod:`.max_norm` | kohya's max-norm regularisation of LoRA-family adapters (``--scale_weight_norms``) |
 | :mod:`.fp8_base` | kohya's ``--fp8_base``: a frozen base's Linear / Conv weights stored in float8, upcast by autocast |
+| :mod:`.half_weights` | kohya's ``full_fp16`` / ``full_bf16`` for adapters: trainable weights in fp16/bf16, the fp16 loss scaler |
 | :mod:`.attention` | which SDPA kernel to use, measured on the model's own attention calls |
 | :mod:`.step_capture` | the whole step as CUDA-graph replays, one graph per batch layout (:class:`CapturedStep`) |
 | :mod:`.distributed` | FSDP2 sharding block by block for data-parallel runs (:func:`~.distributed.fully_shard_blocks`) |
@@ -21,6 +22,7 @@
 | :mod:`.text_cache` | every caption's conditioning encoded once for ``fit`` (kohya's ``--cache_text_encoder_outputs``) |
 | :mod:`.validation` | kohya's validation loss: the seeded ``validation_split`` per subset, fixed timesteps, the eval-mode pass ``fit`` runs |
 | :mod:`.pixel_augment` | kohya's random crop and colour augmentation, drawn at each use of an image |
+| :mod:`.face_crop` | kohya's ``face_crop_aug_range``: the face in a file's name, a drawn scale and window around it |
 | :mod:`.dataset_config` | kohya's dataset TOML and fine-tuning metadata (``--in_json``) resolved into subsets |
 | :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
 | :mod:`.param_groups` | parameter groups, one per block, for an optimiser fused into backward |
@@ -34,6 +36,7 @@ from . import (
     distributed,
     fp8_base,
     grad_checkpointing,
+    half_weights,
     host_syncs,
     latent_cache,
     lion,
@@ -68,6 +71,7 @@ __all__ = [
     "schedule_free",
     "max_norm",
     "fp8_base",
+    "half_weights",
     "step_capture",
     "distributed",
     "latent_cache",

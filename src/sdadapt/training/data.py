@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image, scale_image
+from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder, read_image, scale_image
 from .loss_masks import LossMaskSource, mask_like_image
 from .pixel_augment import PixelAugment
 
@@ -270,6 +270,13 @@ class ImageRecord:
         note: what was done, in words.
         captions: this image's own caption options, used instead of the dataset's
             (:attr:`Dataset.captions`) — kohya's per-subset options of a dataset TOML; ``None``: the dataset's.
+        face: kohya's ``face_crop_aug_range``: the face its file name gives, (cx, cy, w, h) in its
+            pixels (:func:`sdadapt.training.face_crop.face_box_from_name`), set when the run crops
+            around it at each use (no buckets, :attr:`PixelAugment.face_crop_range`); ``None``: not face-cropped.
+        alpha_mask: its dataset-TOML subset's ``alpha_mask`` (kohya's per-subset setting): with an
+            alpha-channel :class:`~sdadapt.training.loss_masks.LossMaskSource`, ``False`` gives it an
+            all-ones mask (every pixel counts, as kohya fills a batch's unmasked images); ``None``
+            (images not from a dataset TOML) and ``True``: its alpha channel.
     """
 
     path: Path | None
@@ -282,6 +289,8 @@ class ImageRecord:
     crop: tuple[int, int] = (0, 0)
     note: str = ""
     captions: CaptionOptions | None = None
+    face: tuple[int, int, int, int] | None = None
+    alpha_mask: bool | None = None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -311,11 +320,20 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _caption_text(file: Path, extension: str) -> str | None:
-    """The text of ``file``'s caption file (``extension``, else ``.txt``, else ``.caption``), or ``None``."""
-    for suffix in dict.fromkeys((extension, ".txt", ".caption")):
-        caption_file = file.with_suffix(suffix)
+def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = None) -> str | None:
+    """The text of ``file``'s caption file (``extension``, else ``.txt``, else ``.caption``), or ``None``.
+
+    As kohya's ``read_caption``, a name of five ``_``-separated parts or more (a face position,
+    ``<name>_<cx>_<cy>_<w>_<h>``: :mod:`sdadapt.training.face_crop`) also takes ``<name>`` + ``extension``
+    when its own ``extension`` file is missing (then ``file``'s name is appended to ``borrowed``)."""
+    tokens = file.stem.split("_")
+    name = "_".join(tokens[:-4]) + extension
+    stripped = file.with_name(name) if len(tokens) >= 5 and name else None
+    for caption_file in dict.fromkeys([file.with_suffix(extension), *([stripped] if stripped is not None else []),
+                                       *(file.with_suffix(suffix) for suffix in (".txt", ".caption"))]):
         if caption_file.is_file():
+            if caption_file == stripped and borrowed is not None:
+                borrowed.append(f"{file.name} <- {caption_file.name}")
             return caption_file.read_text(encoding="utf-8")
     return None
 
@@ -363,9 +381,7 @@ def find_images(
     Raises:
         ImageFolderError: no such folder, no images, images without any caption, unreadable images.
     """
-    base = Path(root)
-    if not base.is_dir():
-        raise ImageFolderError(f"{base}: not a folder of images")
+    base = check_image_folder(root)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if caption_lines not in (FIRST_LINE_CAPTIONS, JOINED_CAPTIONS):
@@ -386,11 +402,12 @@ def find_images(
         sets.append((sub, count, match.group(2).strip() or None, sub.name))
     records: list[ImageRecord] = []
     missing: list[str] = []
+    borrowed: list[str] = []
     joined = 0
     for folder, count, class_tokens, label in sets:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         for file in files:
-            text = _caption_text(file, caption_extension)
+            text = _caption_text(file, caption_extension, borrowed=borrowed)
             if text is not None and not multiline and caption_lines == JOINED_CAPTIONS:
                 joined += sum(1 for line in text.splitlines() if line.strip()) > 1
             caption = _caption_of(text, lines=multiline, rule=caption_lines) or class_tokens or default_caption
@@ -401,6 +418,10 @@ def find_images(
             records.append(ImageRecord(file, caption, count, label, image_size(file)))
     if not records:
         raise ImageFolderError(f"{base}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder or its N_name sub-folders")
+    if borrowed:  # (kohya's read_caption; runs before it was read here gave these images no caption file's text)
+        notes.append(f"{base}: {len(borrowed)} image(s) named <name>_<cx>_<cy>_<w>_<h> without their own "
+                     f"{caption_extension} file take <name>{caption_extension}'s caption, as kohya's read_caption "
+                     f"({', '.join(borrowed[:3])}{', ...' if len(borrowed) > 3 else ''})")
     if joined:
         notes.append(f"{base}: {joined} caption file(s) of several lines: all their lines joined into one caption, as the "
                      "resumed run trained (runs started now take the first line, kohya's read_caption)")
@@ -583,6 +604,14 @@ class Dataset:
         in its scaled image; the draws come from ``rng`` in order."""
         images, crops = [], []
         for record, flipped in zip(records, flips, strict=True):
+            if record.face is not None and self.augment.face_crop_range is not None:  # kohya's face crop: read unscaled
+                if record.path is None:
+                    raise ValueError("a face crop reads the image file at each use; this image was given as a tensor")
+                image = self.augment.apply_face(read_image(record.path), bucket=record.bucket, face=record.face,
+                                                flipped=flipped, rng=rng)
+                images.append(image)
+                crops.append((0, 0))
+                continue
             image, crop = self.augment.apply(_scaled(record), bucket=record.bucket, crop=record.crop, flipped=flipped, rng=rng)
             images.append(image)
             crops.append(crop)
@@ -730,6 +759,9 @@ def size_conditioning(record: ImageRecord, *, flipped: bool = False,
     scaled image: ``resized_w - bucket_w - crop_left`` (kohya: ``target_w - crop_right`` with its
     own crop convention).
     """
+    if record.face is not None:  # kohya's face crop (no buckets, read at each use): the target's size, crop 0 — and
+        h, w = record.bucket  # mirrored, kohya's target_w - crop_right with its crop (0, 0, 0, 0): left = target_w
+        return (h, w, 0, w if flipped else 0, h, w)
     top, left = record.crop if crop is None else crop
     if flipped:
         left = record.resized[1] - record.bucket[1] - left

@@ -18,7 +18,9 @@ subset so.
 
 Caption options (shuffle, keep tokens, dropouts, prefix/suffix, wildcards, token warm-up …) may
 differ per subset: each subset's images carry their own :class:`~sdadapt.training.data.CaptionOptions`
-(:attr:`ImageRecord.captions`). ``flip_aug``, ``random_crop`` and ``color_aug`` are one setting of
+(:attr:`ImageRecord.captions`), and so may ``alpha_mask`` (kohya's masked loss by the alpha channel:
+each record's :attr:`ImageRecord.alpha_mask`, :mod:`sdadapt.training.loss_masks`; the run's
+``--alpha-mask`` is its fallback). ``flip_aug``, ``random_crop`` and ``color_aug`` are one setting of
 the cached dataset, so the training subsets must agree on them (and the regularisation subsets among
 themselves). Several ``[[datasets]]`` blocks (kohya trains each with its own resolution and batch
 size, batches never mixing them) are refused: put the subsets in one block. Unknown keys are an
@@ -41,6 +43,7 @@ from typing import Any
 from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, ImageFolderError
 from .data import FIRST_LINE_CAPTIONS, ImageRecord, find_images, image_size
+from .face_crop import parse_face_crop_range
 from .reg_data import RegImages, balance_reg_images
 
 __all__ = [
@@ -97,8 +100,6 @@ _KOHYA_DEFAULTS: dict[str, Any] = {
 
 #: kohya keys refused when set to anything but kohya's default: why, and what to do
 _REFUSED = {
-    "face_crop_aug_range": "sdadapt finds no faces: crop the images around the faces yourself, or use random_crop",
-    "alpha_mask": "the alpha-channel loss mask (kohya's masked loss) is not read from a dataset TOML here",
     "resize_interpolation": "sdadapt scales with area averaging (down) and bilinear (up); leave it out",
     "network_multiplier": "one network multiplier (1) for every dataset here; leave it out",
 }
@@ -134,6 +135,10 @@ class SubsetConfig:
         caption_extension: the caption files' suffix (with its dot).
         captions: the caption options, kohya's names (:data:`SUBSET_CAPTION_KEYS`) → values.
         flip_aug, random_crop, color_aug: the image augmentations.
+        face_crop_aug_range: kohya's face crop (LO, HI) (:mod:`sdadapt.training.face_crop`), ``None``: off.
+        alpha_mask: kohya's per-subset ``alpha_mask``: the subset's images weigh their loss by their
+            alpha channel (:mod:`sdadapt.training.loss_masks`; the run's ``--alpha-mask`` is the
+            fallback, so a subset's ``false`` beats it); the others' masks are all ones.
     """
 
     where: str
@@ -147,6 +152,8 @@ class SubsetConfig:
     flip_aug: bool = False
     random_crop: bool = False
     color_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    alpha_mask: bool = False
 
     @property
     def label(self) -> str:
@@ -162,7 +169,10 @@ class SubsetConfig:
                 "metadata_file": _absolute(self.metadata_file), "is_reg": self.is_reg,
                 "num_repeats": self.num_repeats, "class_tokens": self.class_tokens,
                 "caption_extension": self.caption_extension, "captions": dict(self.captions),
-                "flip_aug": self.flip_aug, "random_crop": self.random_crop, "color_aug": self.color_aug}
+                "flip_aug": self.flip_aug, "random_crop": self.random_crop, "color_aug": self.color_aug,
+                **({"face_crop_aug_range": list(self.face_crop_aug_range)}  # (when set: older records lack it)
+                   if self.face_crop_aug_range is not None else {}),
+                **({"alpha_mask": True} if self.alpha_mask else {})}  # (the same)
 
 
 @dataclass(frozen=True)
@@ -402,8 +412,9 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
     for i, table in enumerate(subset_tables):
         where = f"datasets[0].subsets[{i}]"
         tables = [(where, table), *dataset_tables]
-        for name in ("face_crop_aug_range", "alpha_mask", "resize_interpolation", "cache_info", "custom_attributes"):
+        for name in ("resize_interpolation", "cache_info", "custom_attributes"):
             resolve(name, tables)
+        faces = parse_face_crop_range(resolve("face_crop_aug_range", tables), source=f"{source}: {where}.face_crop_aug_range")
         repeats = resolve("num_repeats", tables)
         image_dir = table.get("image_dir")
         metadata = table.get("metadata_file")
@@ -431,7 +442,8 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
             metadata_file=Path(metadata) if metadata is not None else None, is_reg=is_reg,
             num_repeats=repeats, class_tokens=class_tokens or None, caption_extension=extension,
             captions={name: resolve(name, tables) for name in SUBSET_CAPTION_KEYS},
-            **{name: bool(resolve(name, tables)) for name in _AUGMENT_KEYS}))
+            **{name: bool(resolve(name, tables)) for name in _AUGMENT_KEYS}, face_crop_aug_range=faces,
+            alpha_mask=bool(resolve("alpha_mask", tables))))
     if not any(not s.is_reg for s in subsets):
         raise InputError(f"{source}: no training subset (every subset is is_reg = true or ignored); add one with the "
                          "images to learn")
@@ -441,18 +453,19 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
     return DatasetConfig(file, tuple(subsets), options, reg_augment, finetuning, tuple(notes))
 
 
-def _agreed(subsets: Sequence[SubsetConfig], *, is_reg: bool, source: str) -> dict[str, bool]:
-    """The one ``flip_aug`` / ``random_crop`` / ``color_aug`` of the training (or regularisation) subsets."""
+def _agreed(subsets: Sequence[SubsetConfig], *, is_reg: bool, source: str) -> dict[str, Any]:
+    """The one ``flip_aug`` / ``random_crop`` / ``color_aug`` / ``face_crop_aug_range`` of the training (or
+    regularisation) subsets."""
     group = [s for s in subsets if s.is_reg == is_reg]
     first = group[0]
     for subset in group[1:]:
-        for name in _AUGMENT_KEYS:
+        for name in (*_AUGMENT_KEYS, "face_crop_aug_range"):
             if getattr(subset, name) != getattr(first, name):
                 kind = "regularisation" if is_reg else "training"
                 raise InputError(f"{source}: {subset.where}.{name} = {str(getattr(subset, name)).lower()} but "
                                  f"{first.where} has {str(getattr(first, name)).lower()}: the {kind} images are one cached "
                                  f"dataset here, with one {name} setting; give every {kind} subset the same {name}")
-    return {name: getattr(first, name) for name in _AUGMENT_KEYS}
+    return {name: getattr(first, name) for name in (*_AUGMENT_KEYS, "face_crop_aug_range")}
 
 
 def in_json_config(metadata_file: str | os.PathLike, *, image_dir: str | os.PathLike | None,
@@ -471,11 +484,13 @@ def in_json_config(metadata_file: str | os.PathLike, *, image_dir: str | os.Path
     subset = SubsetConfig(where="--in-json", image_dir=Path(image_dir) if image_dir is not None else None,
                           metadata_file=file, is_reg=False, num_repeats=repeats, class_tokens=None,
                           caption_extension=".caption", captions=value,
-                          **{name: bool(fallback.get(name, False)) for name in _AUGMENT_KEYS})
+                          **{name: bool(fallback.get(name, False)) for name in _AUGMENT_KEYS},
+                          face_crop_aug_range=parse_face_crop_range(fallback.get("face_crop_aug_range")),
+                          alpha_mask=bool(fallback.get("alpha_mask", False)))
     options = {name: fallback.get(name) for name in _DATASET_OPTION_NAMES}
     if options["resolution"] is not None:
         options["resolution"] = (int(options["resolution"][1]), int(options["resolution"][0]))
-    options.update({name: getattr(subset, name) for name in _AUGMENT_KEYS})
+    options.update({name: getattr(subset, name) for name in (*_AUGMENT_KEYS, "face_crop_aug_range")})
     return DatasetConfig(file, (subset,), options, {}, True, ())
 
 
@@ -650,6 +665,7 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
         by_label[label] = subset
         for record in records:
             record.folder = label
+            record.alpha_mask = subset.alpha_mask  # (kohya's per-subset alpha_mask: loss_masks reads it)
         (reg_records if subset.is_reg else train).extend(records)
         notes.extend(subset_notes)
     reg = None

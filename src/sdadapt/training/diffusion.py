@@ -44,6 +44,7 @@ __all__ = [
     "ddim_timesteps",
     "timestep_grid",
     "numpy_linspace",
+    "numpy_arange",
     "ddim_step",
     "ddim_sample",
     "ddim_invert",
@@ -410,13 +411,25 @@ def timestep_grid(n: int, T: int, spacing: str, steps_offset: int, *, round_lins
     if spacing == "leading":
         steps = torch.arange(n, dtype=torch.float64) * (T // n) + steps_offset
     elif spacing == "trailing":
-        steps = torch.arange(T, 0, -T / n, dtype=torch.float64).round().flip(0) - 1
+        steps = numpy_arange(T, 0, -T / n).round().flip(0) - 1
     elif spacing == "linspace":
         steps = numpy_linspace(T - 1, n)
         steps = steps.round() if round_linspace else steps
     else:
         raise ValueError(f"unknown spacing {spacing!r}; use 'leading', 'trailing' or 'linspace'")
     return steps.flip(0)
+
+
+def numpy_arange(start: float, stop: float, step: float) -> Tensor:
+    """``np.arange(start, stop, step)`` (n,) float64 bit for bit: numpy fills ``start + i·δ`` with
+    ``δ = (start + step) − start`` (``torch.arange`` uses ``step`` itself, which differs in the last
+    bit for 50 of the step counts 1–1000 of ``arange(1000, 0, -1000/n)``), so half-way timesteps
+    round as diffusers rounds them."""
+    length = max(math.ceil((stop - start) / step), 0)
+    out = start + torch.arange(length, dtype=torch.float64) * ((start + step) - start)
+    if length > 1:
+        out[1] = start + step
+    return out
 
 
 def numpy_linspace(stop: float, num: int) -> Tensor:

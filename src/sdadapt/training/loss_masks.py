@@ -3,7 +3,10 @@
 Where the mask comes from (:class:`LossMaskSource`):
 
 * **the image's alpha channel** (kohya's ``alpha_mask``): alpha / 255, all ones for an image
-  without one (``train_util.load_images_and_masks_for_caching``);
+  without one (``train_util.load_images_and_masks_for_caching``). A dataset TOML may set
+  ``alpha_mask`` per subset (:attr:`ImageRecord.alpha_mask`): an image of a subset with
+  ``alpha_mask = false`` gets all ones, as kohya fills the masks of a batch's unmasked images
+  (``BaseDataset.__getitem__``: ``torch.ones`` for each ``None`` once one image has a mask);
 * **a mask image** (kohya's ``masked_loss`` with ``conditioning_data_dir``): the red channel of the
   image of the same name in that folder, / 255 (kohya's ``apply_masked_loss`` reads channel 0 of
   the conditioning image, ``x/2 + 0.5`` of its [-1, 1] pixels); it must have the training image's size.
@@ -80,11 +83,17 @@ class LossMaskSource:
         return out
 
     def read(self, record: ImageRecord) -> Tensor:
-        """``record``'s mask at the image's full size: (1, H, W) float32 in [0, 1].
+        """``record``'s mask at the image's full size: (1, H, W) float32 in [0, 1] (all ones for an
+        alpha-channel source and a record whose subset says ``alpha_mask = false``).
 
         Raises:
             ImageFolderError: a mask image whose size differs from the training image's.
         """
+        if self.folder is None and record.alpha_mask is False:
+            from .data import image_size  # (data imports this module)
+
+            height, width = record.size if all(record.size) else image_size(self.mask_file(record))
+            return torch.ones(1, height, width)
         file = self.mask_file(record)
         channels = read_image_channels(file)
         if self.folder is not None and tuple(channels.shape[:2]) != tuple(record.size):

@@ -17,6 +17,10 @@ step. kohya's order: crop, colour, then the flip (``flip_aug``).
   and maps each 0–255 value ``v`` to ``min(255, v ** g)`` (:func:`kohya_gamma`). Computed in
   floating point: kohya rounds each step to 8-bit integers.
 
+* **face crop** (kohya's ``face_crop_aug_range``, :mod:`sdadapt.training.face_crop`): an image whose
+  file name gives a face (:attr:`sdadapt.training.data.ImageRecord.face`) is read as it is, scaled
+  by a drawn factor and cut around the face (:meth:`PixelAugment.apply_face`) instead.
+
 Every draw comes from the ``random.Random`` passed in: ``fit`` seeds one per micro-batch, so a
 resumed run makes the same draws.
 """
@@ -88,15 +92,34 @@ class PixelAugment:
     Attributes:
         random_crop: draw the crop's offset (:func:`random_crop_box`) instead of the centre.
         color_aug: kohya's colour change (:func:`color_aug`).
+        face_crop_range: kohya's ``face_crop_aug_range`` (LO, HI): the images with a face
+            (:meth:`apply_face`); ``None``: off.
     """
 
     random_crop: bool = False
     color_aug: bool = False
+    face_crop_range: tuple[float, float] | None = None
 
     @property
     def active(self) -> bool:
         """Whether the pixels change between uses (then nothing can be cached)."""
-        return self.random_crop or self.color_aug
+        return self.random_crop or self.color_aug or self.face_crop_range is not None
+
+    def apply_face(self, image: Tensor, *, bucket: tuple[int, int], face: tuple[int, int, int, int], flipped: bool,
+                   rng: random.Random) -> Tensor:
+        """One use of an image with a face: ``image`` (3, H, W) as read, not scaled, cut around ``face``
+        to ``bucket`` (h, w) by kohya's ``crop_target`` (:func:`sdadapt.training.face_crop.face_crop`;
+        :attr:`random_crop` widens the offset as kohya's), then the colour change and the mirror -> (3, h, w)."""
+        from .face_crop import face_crop
+
+        if self.face_crop_range is None:
+            raise ValueError("apply_face needs face_crop_range (kohya's face_crop_aug_range)")
+        out = face_crop(image, bucket, face, self.face_crop_range, random_crop=self.random_crop, rng=rng)
+        if self.color_aug:
+            out = color_aug(out, rng)
+        if flipped:
+            out = torch.flip(out, dims=[-1])
+        return out.contiguous()
 
     def apply(self, scaled: Tensor, *, bucket: tuple[int, int], crop: tuple[int, int], flipped: bool,
               rng: random.Random) -> tuple[Tensor, tuple[int, int]]:

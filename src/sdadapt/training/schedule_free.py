@@ -50,7 +50,7 @@ from .optim import (
     _write_weights_many,
 )
 
-__all__ = ["AdamWScheduleFree", "SGDScheduleFree", "is_schedule_free"]
+__all__ = ["AdamWScheduleFree", "SGDScheduleFree", "is_schedule_free", "switch_mode"]
 
 #: the per-group counters the step keeps (schedulefree's names): Python numbers, or in capturable
 #: mode float64 0-dim tensors on the parameters' device, changed in place
@@ -64,6 +64,26 @@ def is_schedule_free(optimizer: object) -> bool:
     ``train_mode`` flag)."""
     groups = getattr(optimizer, "param_groups", None)
     return bool(groups) and all("train_mode" in group for group in groups) and callable(getattr(optimizer, "eval", None))
+
+
+def switch_mode(optimizer: Any, *, train: bool) -> None:
+    """``optimizer.train()`` (``train=True``) or ``optimizer.eval()`` with SIGINT / SIGTERM / SIGHUP
+    held back until the switch is done (:func:`sdadapt.formats.files.signals_held`; main thread only).
+
+    A switch rewrites every trained parameter (``y`` ↔ ``x``) one group, one chunk at a time, and
+    flips each group's ``train_mode`` after its parameters: a Ctrl-C in the middle would leave some
+    parameters switched and their group's flag not, so the interrupt save (``train``'s, which calls
+    ``eval()`` and writes ``x``) would write a mix of ``x`` and ``y`` — or switch the done ones twice.
+    Held, the signal's ``KeyboardInterrupt`` is raised after the last group, with every parameter
+    in one mode. sdadapt's own optimisers hold signals in their ``train()`` / ``eval()`` already;
+    this covers any schedule-free optimiser (schedulefree's too)."""
+    from ..formats.files import signals_held
+
+    with signals_held():
+        if train:
+            optimizer.train()
+        else:
+            optimizer.eval()
 
 
 class _ScheduleFree(torch.optim.Optimizer):
@@ -83,20 +103,27 @@ class _ScheduleFree(torch.optim.Optimizer):
     @torch.no_grad()
     def eval(self) -> None:
         """Eval mode: write ``x = lerp(y, z, 1 − 1/β₁)`` into every parameter that has stepped (a
-        no-op for groups already in eval mode)."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                self._interpolate(group, 1 - 1 / self._beta1(group))
-                group["train_mode"] = False
+        no-op for groups already in eval mode). Atomic with respect to Ctrl-C / SIGTERM / SIGHUP
+        (:func:`switch_mode`): a signal during the switch is raised when every group has switched."""
+        from ..formats.files import signals_held
+
+        with signals_held():
+            for group in self.param_groups:
+                if group["train_mode"]:
+                    self._interpolate(group, 1 - 1 / self._beta1(group))
+                    group["train_mode"] = False
 
     @torch.no_grad()
     def train(self) -> None:
         """Train mode: write ``y = lerp(x, z, 1 − β₁)`` into every parameter that has stepped (a
-        no-op for groups already in train mode)."""
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                self._interpolate(group, 1 - self._beta1(group))
-                group["train_mode"] = True
+        no-op for groups already in train mode); atomic with respect to signals, as :meth:`eval`."""
+        from ..formats.files import signals_held
+
+        with signals_held():
+            for group in self.param_groups:
+                if not group["train_mode"]:
+                    self._interpolate(group, 1 - self._beta1(group))
+                    group["train_mode"] = True
 
     def _interpolate(self, group: dict[str, Any], weight: float) -> None:
         """``p ← lerp(p, z, weight)`` in float32 for the group's parameters that have a ``z``."""

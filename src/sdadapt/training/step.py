@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import diffusion
 from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
 from .attention import SDPA_BACKENDS, sdpa_backends
+from .half_weights import loss_scaler
 from .optim import FusedBackward, restore_capturable_mode
 
 __all__ = [
@@ -373,7 +374,7 @@ def train_step(
                              prior=prior)
     loss = step_loss(model, prepared, config, extra_loss)
     if config.mixed_precision == "fp16" and state.scaler is None:
-        state.scaler = torch.amp.GradScaler(loss.device.type)
+        state.scaler = loss_scaler(params, loss.device.type)  # (fp16 weights: a scaler that unscales fp16 gradients)
     scaled = loss / config.accumulation_steps
     (state.scaler.scale(scaled) if state.scaler else scaled).backward()
     state.micro_step += 1
@@ -508,6 +509,6 @@ def load_training_state(
             shadow.copy_(tensors[f"ema.{i}"])
         state.ema.updates = meta["ema_updates"] or 0
     if meta["scaler"] is not None:
-        state.scaler = torch.amp.GradScaler(next(iter(named_params.values())).device.type)
+        state.scaler = loss_scaler(named_params.values(), next(iter(named_params.values())).device.type)
         state.scaler.load_state_dict(meta["scaler"])
     return meta

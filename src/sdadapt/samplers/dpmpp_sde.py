@@ -1,0 +1,181 @@
+"""DPM-Solver++ SDE (k-diffusion's ``sample_dpmpp_sde``, A1111's "DPM++ SDE" / "DPM++ SDE Karras"):
+step for step diffusers' ``DPMSolverSDEScheduler``, its Brownian-tree noise included.
+
+Each step from σ_i to σ_{i+1} is two ancestral DPM-Solver++ first-order steps (η = 1): to the
+log-midpoint ``σ_mid = √(σ_i·σ_{i+1})`` with the model's x̂0 at σ_i, then, from the same x, the whole
+way to σ_{i+1} with the model's x̂0 at the midpoint sample. An ancestral step σ → σ' goes to σ_down
+deterministically, ``x' = (σ_down/σ)·x + (1 − σ_down/σ)·x̂0``, and adds ``σ_up·z``
+(:func:`.sigma_space.ancestral_step`). The last step (σ_{i+1} = 0) is Euler onto x̂0. So ``n`` steps
+cost ``2n − 1`` model calls, the timesteps interleaved ``t_0, t(σ_mid,0), t_1, ..., t_{n−1}``.
+
+The noise z of an interval [σ', σ] is the increment of one Brownian motion over it divided by
+``√(σ − σ')`` (torchsde's ``BrownianInterval``, as diffusers' ``BatchedBrownianTree`` builds it), so the
+noise of the two stages of a step are correlated and the image hardly changes with the step count.
+torchsde is needed for this sampler only; it is imported when the sampler runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..training.diffusion import timestep_grid
+from .sigma_space import (
+    ZERO_SNR_ALPHA_CUMPROD,
+    ancestral_step,
+    check_prediction_type,
+    denoised,
+    initial_noise_sigma,
+    karras_sigmas,
+    model_input,
+    sigma_to_t,
+    sigmas_at,
+    timestep_batch,
+    work_dtype,
+)
+from .signatures import Denoise, StepCallback
+
+__all__ = ["brownian_tree_seed", "dpmpp_sde_grid", "dpmpp_sde_sample"]
+
+#: the seeds diffusers draws for the Brownian tree when ``noise_sampler_seed`` is None: [0, 2⁶³ − 1)
+_SEED_HIGH = 2**63 - 1
+
+
+def _torchsde():
+    try:
+        import torchsde
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("sampler dpmpp_sde (A1111's 'DPM++ SDE') draws its noise from a Brownian tree of the "
+                          "torchsde package, which is not installed: pip install torchsde "
+                          "(or pip install 'sdadapt[interop]')") from err
+    return torchsde
+
+
+def brownian_tree_seed(generator: torch.Generator | None) -> int:
+    """The seed of the Brownian tree, drawn as diffusers' ``DPMSolverSDEScheduler`` draws it without a
+    ``noise_sampler_seed`` (``torch.randint(0, 2⁶³ − 1, [])``), but from ``generator`` (the global RNG
+    when it is None, as in diffusers). A diffusers loop built with ``noise_sampler_seed`` = this value,
+    drawn from the generator after the start noise, gives this sampler's result."""
+    device = generator.device if generator is not None else None
+    return int(torch.randint(0, _SEED_HIGH, [], generator=generator, device=device))
+
+
+def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False, spacing: str = "linspace",
+                   steps_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The grid of diffusers' ``DPMSolverSDEScheduler.set_timesteps(num_steps)`` on ``alphas_cumprod`` (T,).
+
+    Returns:
+        ``(timesteps (n,), sigmas (n+1,), mid_timesteps (n−1,), mid_sigmas (n−1,))`` float64 CPU:
+        the timesteps by ``spacing`` (linspace unrounded, float64 as the class keeps them), σ linear in t
+        (or Karras σ between the last and first of those, timesteps ``t(σ)`` unrounded), σ_n = 0; the
+        log-midpoints ``√(σ_i σ_{i+1})`` of the steps before the last and their timesteps ``t(σ)``.
+
+    Raises:
+        ValueError: ``num_steps`` outside [1, T], an unknown spacing.
+    """
+    train = _float32_training_sigmas(alphas_cumprod)
+    timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False)
+    sigmas = sigmas_at(timesteps, train)
+    if karras:
+        sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_steps)
+        timesteps = sigma_to_t(sigmas, train)
+    mids = (sigmas[:-1] * sigmas[1:]).sqrt()
+    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]), sigma_to_t(mids, train), mids
+
+
+def _float32_training_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """σ of each training step (T,) float64, computed in float32 as ``DPMSolverSDEScheduler`` computes
+    them (``((1 − ᾱ)/ᾱ)^½`` on its float32 ᾱ). The Brownian tree is queried at float32 σ, and a σ one
+    float32 step off moves that noise by up to ~1%, so the grid follows diffusers' rounding here (the
+    other σ samplers compute σ in float64). A zero last ᾱ is read as :data:`.sigma_space.ZERO_SNR_ALPHA_CUMPROD`."""
+    ac = alphas_cumprod.detach().float().cpu()
+    if float(ac[-1]) == 0.0:
+        ac = torch.cat([ac[:-1], ac.new_full((1,), ZERO_SNR_ALPHA_CUMPROD)])
+    return (((1 - ac) / ac) ** 0.5).double()
+
+
+class _BrownianNoise:
+    """diffusers' ``BrownianTreeNoiseSampler`` over [σ_min, σ_max] with one seed for the whole batch:
+    ``noise(σ, σ') = (W(σ) − W(σ'))·sign / √|σ − σ'|`` (B,C,H,W). torchsde keeps the interval's ends
+    rounded to 6 decimals and clamps queries outside it (diffusers' end points are), with a warning that is
+    silenced here."""
+
+    def __init__(self, like: Tensor, sigma_min: float, sigma_max: float, seed: int):
+        self.tree = _torchsde().BrownianInterval(t0=sigma_min, t1=sigma_max, size=like.shape, dtype=like.dtype,
+                                                 device=like.device, entropy=seed, tol=1e-6, pool_size=24,
+                                                 halfway_tree=True)
+
+    def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        a, b = (float(sigma_next), float(sigma)) if sigma_next < sigma else (float(sigma), float(sigma_next))
+        sign = -1.0 if sigma_next < sigma else 1.0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Should have", category=UserWarning)
+            w = self.tree(a, b) * sign
+        return w / float((sigma_next - sigma).abs().sqrt())
+
+
+def _no_noise(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    raise RuntimeError("dpmpp_sde: a one-step run draws no noise")  # pragma: no cover - unreachable
+
+
+def _sigma_round_trip(sigma: Tensor) -> Tensor:
+    """``σ → t = −log σ → e^(−t)`` in float32, the noise levels diffusers queries its tree at."""
+    return sigma.log().neg().neg().exp()
+
+
+def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                     prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                     callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
+                     steps_offset: int = 0, noise_sampler_seed: int | None = None) -> Tensor:
+    """DPM-Solver++ SDE from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
+    ``DPMSolverSDEScheduler`` (``use_karras_sigmas=karras``, ``timestep_spacing=spacing``, ``steps_offset``).
+
+    ``model(x_in, t)``: the (guided) model at ``x/√(σ²+1)`` and float32 timesteps t (B,), called
+    ``2·num_steps − 1`` times (see the module). The Brownian tree's seed is ``noise_sampler_seed`` or,
+    when None, one ``torch.randint(0, 2⁶³ − 1)`` drawn from ``generator`` before the first step
+    (:func:`brownian_tree_seed`; diffusers draws it from the global RNG); the tree has the sample's
+    dtype and device. ``callback(i, t, x)`` sees each step's sample (after both stages).
+    ``prediction_type`` "sample" is taken too (diffusers' class refuses it).
+
+    Raises:
+        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+        ImportError: torchsde is not installed (``pip install torchsde``).
+    """
+    check_prediction_type("dpmpp_sde", prediction_type)
+    times, grid, mid_times, _ = dpmpp_sde_grid(alphas_cumprod, num_steps, karras=karras, spacing=spacing,
+                                               steps_offset=steps_offset)
+    seed = int(noise_sampler_seed) if noise_sampler_seed is not None else brownian_tree_seed(generator)
+    sig32 = grid.float()  # diffusers keeps σ in float32 and computes its coefficients there
+    x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sig32, spacing)
+    positive = sig32[sig32 > 0]
+    # a one-step run is a single Euler step onto x̂0: nothing to draw, no tree (the seed is drawn all the same)
+    noise = _BrownianNoise(x, float(positive.min()), float(positive.max()), seed) if num_steps > 1 else _no_noise
+
+    def x0_at(x: Tensor, sigma: float, t: float) -> Tensor:
+        out = model(model_input(x, sigma, x_T.dtype), timestep_batch(t, x))
+        return denoised(out, x, sigma, prediction_type)
+
+    def ancestral(x: Tensor, x0: Tensor, s: Tensor, s_to: Tensor,
+                  draw: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        s_from = _sigma_round_trip(s)
+        down, up = ancestral_step(float(s_from), float(s_to))
+        ratio = down / float(s_from)
+        return x * ratio + x0 * (1.0 - ratio) + draw(s_from, s_to) * up
+
+    for i in range(num_steps):
+        s = float(sig32[i])
+        x0 = x0_at(x, s, float(times[i]))
+        if i == num_steps - 1:  # σ_next = 0: Euler onto x̂0
+            x = x + (x - x0) / s * (0.0 - s)
+        else:
+            t_i, t_next = sig32[i].log().neg(), sig32[i + 1].log().neg()
+            s_mid = (t_i + (t_next - t_i) * 0.5).neg().exp()  # float32, as diffusers' midpoint σ
+            x_mid = ancestral(x, x0, sig32[i], s_mid, noise)
+            x0_mid = x0_at(x_mid, float(s_mid), float(mid_times[i]))
+            x = ancestral(x, x0_mid, sig32[i], _sigma_round_trip(sig32[i + 1]), noise)
+        if callback is not None:
+            callback(i, timestep_batch(float(times[i]), x), x)
+    return x.to(x_T.dtype)

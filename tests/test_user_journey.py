@@ -1,0 +1,226 @@
+"""The friction a first-time user met (brief E): each test fails on the behaviour found before its fix."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdadapt.cli import main
+from sdadapt.errors import WeightFileError
+from sdadapt.formats.files import check_input_file
+from sdadapt.images import ImageFolderError, check_image_folder, write_png
+from sdadapt.samplers.labels import sampler_from_label
+
+
+def _images(folder, n=2, size=32):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        write_png(folder / f"img{i}.png", torch.rand(3, size, size, generator=g) * 2 - 1)
+        (folder / f"img{i}.txt").write_text(f"a photo {i}")
+    return folder
+
+
+# ------------------------------------------------------------------ sampler typos
+@pytest.mark.parametrize(("typo", "meant"), [("DPM++ 2M Karas", "DPM++ 2M Karras"), ("eular a", "Euler a"),
+                                             ("dpm++ sde karas", "DPM++ SDE Karras")])
+def test_a_sampler_typo_names_the_closest_sampler(typo, meant):
+    with pytest.raises(ValueError, match=rf"unknown sampler .*did you mean {re.escape(repr(meant))}\?") as info:
+        sampler_from_label(typo)
+    assert sampler_from_label(meant)[0] in str(info.value)  # (the list of what is taken still follows)
+
+
+def test_a_name_far_from_every_sampler_gets_no_guess():
+    with pytest.raises(ValueError, match="unknown sampler 'xyz'; taken:"):
+        sampler_from_label("xyz")
+
+
+def test_generate_with_a_sampler_typo_says_what_was_meant(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "a", "--sampler", "DPM++ 2M Karas", "-o", str(tmp_path / "x.png")])
+    assert "did you mean 'DPM++ 2M Karras'?" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ numbers written as strings in a TOML config
+def test_a_config_with_numbers_in_quotes_trains_as_with_the_numbers(tmp_path, capsys):
+    images = _images(tmp_path / "imgs")
+    outputs = []
+    for quote in ('"', ""):
+        out = tmp_path / f"o{len(outputs)}.safetensors"
+        config = tmp_path / f"train{len(outputs)}.toml"
+        config.write_text(f'model = "toy"\nimages = "{images.as_posix()}"\nout = "{out.as_posix()}"\n'
+                          f'seed = {quote}7{quote}\nmax_train_steps = {quote}2{quote}\nlearning_rate = {quote}1e-3{quote}\n'
+                          f'batch_size = {quote}2{quote}\nflip_aug = {quote}false{quote}\n')
+        # before: the string seed reached torch.manual_seed -> "internal error ... this is a bug in sdadapt"
+        assert main(["train", "lora", "--config", str(config), "-q"]) == 0, capsys.readouterr().err
+        rows = list(csv.DictReader(out.with_name(out.stem + "-log.csv").open()))
+        assert [row["step"] for row in rows] == ["1", "2"] and float(rows[0]["lr"]) == pytest.approx(1e-3)
+        outputs.append(load_file(out))
+    assert outputs[0].keys() == outputs[1].keys()
+    for key in outputs[0]:
+        assert torch.equal(outputs[0][key], outputs[1][key]), key
+
+
+@pytest.mark.parametrize(("line", "words"), [('seed = "abc"', "seed = 'abc' is not an integer"),
+                                             ('seed = "1.5"', "seed = '1.5' is not an integer"),
+                                             ('learning_rate = "fast"', "learning_rate = 'fast' is not a number"),
+                                             ('flip_aug = "maybe"', "flip_aug = 'maybe' is not true or false")])
+def test_a_config_string_that_is_no_number_is_named(tmp_path, capsys, line, words):
+    config = tmp_path / "train.toml"
+    config.write_text(f'model = "toy"\nimages = "{tmp_path.as_posix()}"\n{line}\n')
+    assert main(["train", "lora", "--config", str(config), "-q"]) != 0
+    err = capsys.readouterr().err
+    assert words in err and str(config) in err and "internal error" not in err
+
+
+# ------------------------------------------------------------------ folders where a file is expected and back
+def test_a_diffusers_pipeline_folder_given_for_a_file_says_what_to_pass(tmp_path):
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(WeightFileError, match=r"diffusers pipeline folder.*single-file checkpoint.*unet"):
+        check_input_file(tmp_path / "pipe")
+
+
+def test_a_folder_given_for_a_file_lists_the_weight_files_inside(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    with pytest.raises(WeightFileError, match=r"pass one of the files inside it \(diffusion_pytorch_model.safetensors\)"):
+        check_input_file(tmp_path / "unet")
+
+
+def test_an_image_folder_that_is_missing_or_a_file_says_which(tmp_path, capsys):
+    with pytest.raises(ImageFolderError, match=r"not a folder of images \(no such folder\)"):
+        check_image_folder(tmp_path / "nope")
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(ImageFolderError, match=r"not a folder of images \(it is a file\)"):
+        check_image_folder(tmp_path / "a.png")
+    assert main(["train", "lora", "--images", str(tmp_path / "nope"), "--steps", "1", "-q",
+                 "-o", str(tmp_path / "o.safetensors")]) != 0
+    assert "nope: not a folder of images (no such folder)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a file of another kind given as a LoRA
+def test_an_embedding_given_as_a_lora_says_how_to_use_it(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdadapt.formats import load_lora
+
+    save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "sks.safetensors"))
+    with pytest.raises(WeightFileError, match=r"embedding file, not a LoRA.*textual-inversion embedding: use it with `generate --embedding FILE`"):
+        load_lora(tmp_path / "sks.safetensors")
+
+
+def test_a_lora_strength_with_a_decimal_comma_is_named_not_a_missing_file(tmp_path, capsys):
+    lora = tmp_path / "my_lora.safetensors"
+    lora.write_bytes(b"x")
+    assert main(["generate", "--lora", f"{lora}:0,8", "--prompt", "a", "-o", str(tmp_path / "g.png")]) != 0
+    err = capsys.readouterr().err
+    assert "strength '0,8' is not a number" in err and f"{lora}:0.8" in err and "no such file" not in err
+    assert main(["generate", "--lora", f"{tmp_path / 'none'}:0.8", "--prompt", "a", "-o", str(tmp_path / "g.png")]) != 0
+    assert "none: no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ another run's log beside the output
+def test_an_existing_log_beside_a_new_output_is_explained(tmp_path, capsys):
+    images = _images(tmp_path / "imgs")
+    (tmp_path / "o-log.csv").write_text("step\n")  # (another run's: e.g. -o o.pt after -o o.safetensors)
+    assert main(["train", "lora", "--images", str(images), "--steps", "1", "-q", "-o", str(tmp_path / "o.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert "o-log.csv: already exists (written beside -o" in err and "exist(s)" not in err and "--overwrite" in err
+
+
+# ------------------------------------------------------------------ -q silences the libraries' bars too
+def test_quiet_library_bars_sets_and_restores_the_hub_switch(monkeypatch):
+    import os
+
+    from sdadapt.cli.options import quiet_library_bars
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    with quiet_library_bars(True):
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    with quiet_library_bars(False):
+        assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # (the user's own choice stays)
+    with quiet_library_bars(True):
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+
+
+def test_quiet_generate_on_a_diffusers_folder_prints_no_loading_bar(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("diffusers")
+    from test_cli_train import _tiny_pipeline
+
+    root = _tiny_pipeline(tmp_path / "pipe", prediction_type="epsilon")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    run = subprocess.run([sys.executable, "-m", "sdadapt", "generate", "--model", str(root), "--prompt", "a", "--steps", "1",
+                          "-q", "-o", str(tmp_path / "g.png")], check=False, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Loading weights" not in run.stderr and "%|" not in run.stderr, run.stderr  # (before: transformers' bar)
+
+
+# ------------------------------------------------------------------ a misspelt command-line option
+@pytest.mark.parametrize(("argv", "words"), [
+    (["train", "lora", "--netwrok-alpha", "2", "-o", "x.safetensors"],
+     "python -m sdadapt train: unrecognized arguments: --netwrok-alpha 2 (--netwrok-alpha: did you mean --network-alpha?)"),
+    (["merge", "ties", "a", "b", "c", "--densty=0.2", "-o", "x"],
+     "python -m sdadapt merge ties: unrecognized arguments: --densty=0.2 (--densty: did you mean --density?)"),
+    (["inspect", "x", "--bogus"], "python -m sdadapt inspect: unrecognized arguments: --bogus (see python -m sdadapt inspect"),
+])
+def test_a_misspelt_option_is_reported_by_its_command_with_the_closest_name(capsys, argv, words):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_config_strings_become_the_fields_types_and_text_fields_keep_theirs(tmp_path):
+    from sdadapt.cli.train import _numbers_from_strings
+    from sdadapt.jobs import TrainOptions
+
+    values = {"lr_warmup_steps": "100", "learning_rate": " 1e-4 ", "steps": "3.0", "prompt": "123",
+              "text_encoder_2_lr": "learning_rate", "flip_aug": "True", "batch_size": 2}
+    _numbers_from_strings(tmp_path / "c.toml", values, TrainOptions)
+    assert values == {"lr_warmup_steps": 100, "learning_rate": 1e-4, "steps": 3, "prompt": "123",
+                      "text_encoder_2_lr": "learning_rate", "flip_aug": True, "batch_size": 2}
+    # (an integer, not 100.0: kohya reads a float warm-up as a share of the steps)
+    assert type(values["lr_warmup_steps"]) is int and type(values["steps"]) is int
+
+
+# ------------------------------------------------------------------ kohya's save_state = true keeps the end state
+def test_a_kohya_config_with_save_state_saves_the_state_after_the_last_step(tmp_path, capsys):
+    images = _images(tmp_path / "imgs")
+    config = tmp_path / "kohya.toml"
+    config.write_text(f'pretrained_model_name_or_path = "toy"\ntrain_data_dir = "{images.as_posix()}"\n'
+                      f'caption_extension = ".txt"\nmax_train_steps = 3\nsave_every_n_steps = 2\nsave_state = true\n'
+                      f'output_dir = "{tmp_path.as_posix()}"\noutput_name = "k"\nseed = 1\n')
+    assert main(["train", "lora", "--config", str(config)]) == 0, capsys.readouterr().err
+    assert "the state is also saved after the last step, as kohya's" in capsys.readouterr().err
+    record = json.loads((tmp_path / "k-state" / "run.json").read_text())
+    assert record["step"] == 3  # (before: 2, the last periodic save's: a --resume redid step 3)
+    assert main(["train", "lora", "--config", str(config), "--resume", str(tmp_path / "k-state"), "--steps", "4",
+                 "--overwrite", "-q"]) == 0, capsys.readouterr().err
+    assert "(resumed at step 3)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ a LoRA of another model baked into a checkpoint
+def test_merge_lora_of_a_wrong_size_lora_names_the_checkpoints_model(tmp_path, capsys):
+    from tiny_checkpoints import tiny_sd1_file
+
+    from sdadapt.formats import save_kohya
+
+    base = tiny_sd1_file(tmp_path / "sd1.safetensors")
+    layer = "mid_block.attentions.0.proj_in"  # (the tiny SD1 UNet's is 64 wide; an SDXL-sized LoRA's 128)
+    save_kohya(tmp_path / "xl.safetensors", {"unet": {f"{layer}.lora_down.weight": torch.zeros(4, 128, 1, 1),
+                                                      f"{layer}.lora_up.weight": torch.zeros(128, 4, 1, 1),
+                                                      f"{layer}.alpha": torch.tensor(4.0)}}, base_model="sdxl")
+    assert main(["merge-lora", str(base), str(tmp_path / "xl.safetensors"), "-q", "-o", str(tmp_path / "m.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert "do not fit the shapes of" in err and "sd1.safetensors looks like an SD1 checkpoint" in err
