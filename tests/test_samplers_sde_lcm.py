@@ -14,6 +14,7 @@ references: 1e-10 (same maths, different arrangement).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sampler_stand_ins import assert_guidance_is_the_guided_model
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -316,19 +318,10 @@ def test_registered_names_aliases_and_labels():
 @pytest.mark.parametrize("name, karras", [("dpmsolver++_sde", False), ("dpmsolver++_sde", True), ("lcm", False)])
 def test_sample_latents_guidance(name, karras):
     ac = _sd_alphas_cumprod().float()
-    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    cond, uncond = torch.full((2, 1), 1.0), torch.full((2, 1), -0.5)
-
-    def model(x, t, c):
-        return stand_in(x, t) + 0.1 * c.reshape(-1, 1, 1, 1) * x
-
-    got = sample_latents(model, x_T, cond, sampler=name.upper(), alphas_cumprod=ac, num_steps=6, uncond=uncond,
-                         guidance_scale=1.5, karras=karras, generator=torch.Generator().manual_seed(4))
-    guided = lambda x, t: model(x, t, uncond) + 1.5 * (model(x, t, cond) - model(x, t, uncond))
     fn = lcm_sample if name == "lcm" else dpmsolver_pp_sde_sample
     options = {"karras": True} if karras else {}
-    want = fn(guided, x_T, alphas_cumprod=ac, num_steps=6, generator=torch.Generator().manual_seed(4), **options)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert_guidance_is_the_guided_model(name, functools.partial(fn, alphas_cumprod=ac, **options), alphas_cumprod=ac,
+                                        karras=karras)
 
 
 def test_half_inputs_keep_their_dtype():

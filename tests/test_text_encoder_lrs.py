@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_inputs import captioned_pngs
 
 from sdadapt.methods import FitConfig, fit
 from sdadapt.toy import build_toy
@@ -286,14 +287,8 @@ def test_learning_rate_te1_alone_end_to_end(tmp_path, capsys):
 
     import sdadapt
     from sdadapt.cli import main
-    from sdadapt.images import write_png
 
-    images = tmp_path / "imgs"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        write_png(images / f"{i}.png", torch.rand(3, 16, 16, generator=g) * 2 - 1)
-        (images / f"{i}.txt").write_text(f"sks toy, photo {i}")
+    images = captioned_pngs(tmp_path / "imgs", [(16, 16)] * 2, caption=[f"sks toy, photo {i}" for i in range(2)])
     common = (f"train_data_dir = '{images}'\nresolution = '16,16'\nmax_train_steps = 2\ntrain_batch_size = 2\n"
               "learning_rate = 1e-3\nlearning_rate_te1 = 0\nnetwork_dim = 2\nnetwork_alpha = 2\n"
               f"optimizer_type = 'AdamW'\nlr_scheduler = 'constant'\noutput_dir = '{tmp_path}'\n")
@@ -351,14 +346,8 @@ def test_sdxl_lora_trains_each_encoder_at_its_own_rate_end_to_end(tmp_path, caps
 
     import sdadapt
     from sdadapt.cli import main
-    from sdadapt.images import write_png
 
-    images = tmp_path / "imgs"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        write_png(images / f"{i}.png", torch.rand(3, 16, 16, generator=g) * 2 - 1)
-        (images / f"{i}.txt").write_text(f"sks toy, photo {i}")
+    images = captioned_pngs(tmp_path / "imgs", [(16, 16)] * 2, caption=[f"sks toy, photo {i}" for i in range(2)])
     out = tmp_path / "xl.safetensors"
     config = tmp_path / "train.toml"
     config.write_text(f"pretrained_model_name_or_path = '{tiny_sdxl_file(tmp_path / 'sdxl.safetensors')}'\n"

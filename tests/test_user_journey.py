@@ -9,21 +9,17 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_inputs import captioned_pngs
 
 from sdadapt.cli import main
 from sdadapt.errors import WeightFileError
 from sdadapt.formats.files import check_input_file
-from sdadapt.images import ImageFolderError, check_image_folder, write_png
+from sdadapt.images import ImageFolderError, check_image_folder
 from sdadapt.samplers.labels import sampler_from_label
 
 
-def _images(folder, n=2, size=32):
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        write_png(folder / f"img{i}.png", torch.rand(3, size, size, generator=g) * 2 - 1)
-        (folder / f"img{i}.txt").write_text(f"a photo {i}")
-    return folder
+def _images(folder):
+    return captioned_pngs(folder, [(32, 32)] * 2, caption=["a photo 0", "a photo 1"])
 
 
 # ------------------------------------------------------------------ sampler typos
@@ -194,13 +190,35 @@ def test_config_strings_become_the_fields_types_and_text_fields_keep_theirs(tmp_
     assert type(values["lr_warmup_steps"]) is int and type(values["steps"]) is int
 
 
+def test_config_numbers_in_quotes_read_as_the_numbers_everywhere(tmp_path):
+    import dataclasses
+
+    from sdadapt.cli.train import _numbers_from_strings, read_config
+    from sdadapt.jobs import TrainOptions
+
+    values = {"text_encoder_2_lr": "1e-5", "lr_warmup_steps": "1_000"}  # (TOML's own 1_000 is an integer)
+    _numbers_from_strings(tmp_path / "c.toml", values, TrainOptions)
+    assert values == {"text_encoder_2_lr": 1e-5, "lr_warmup_steps": 1000} and type(values["lr_warmup_steps"]) is int
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    config = tmp_path / "c.toml"
+    config.write_text('learning_rate_te1 = "1e-5"\nmax_train_steps = "0"\nclip_skip = "0"\n')
+    # before: "Unknown format code 'g' for object of type 'str'"; and a quoted "0" was a 0 step count, not unset
+    options, _, notes = read_config(config, fields=fields, method_options=set())
+    assert options == {"text_encoder_lr": 1e-5, "text_encoder_2_lr": "learning_rate"}
+    assert any(note.startswith("learning_rate_te1 = 1e-05 without learning_rate_te2") for note in notes)
+    config.write_text('learning_rate_te1 = "fast"\n')
+    with pytest.raises(ValueError, match=r"c.toml: learning_rate_te1 = 'fast' is not a number"):
+        read_config(config, fields=fields, method_options=set())
+
+
 # ------------------------------------------------------------------ kohya's save_state = true keeps the end state
-def test_a_kohya_config_with_save_state_saves_the_state_after_the_last_step(tmp_path, capsys):
+@pytest.mark.parametrize("end", ["", "save_state_on_train_end = false\n"])  # (kohya: save_state or ..._on_train_end)
+def test_a_kohya_config_with_save_state_saves_the_state_after_the_last_step(tmp_path, capsys, end):
     images = _images(tmp_path / "imgs")
     config = tmp_path / "kohya.toml"
     config.write_text(f'pretrained_model_name_or_path = "toy"\ntrain_data_dir = "{images.as_posix()}"\n'
                       f'caption_extension = ".txt"\nmax_train_steps = 3\nsave_every_n_steps = 2\nsave_state = true\n'
-                      f'output_dir = "{tmp_path.as_posix()}"\noutput_name = "k"\nseed = 1\n')
+                      f'output_dir = "{tmp_path.as_posix()}"\noutput_name = "k"\nseed = 1\n{end}')
     assert main(["train", "lora", "--config", str(config)]) == 0, capsys.readouterr().err
     assert "the state is also saved after the last step, as kohya's" in capsys.readouterr().err
     record = json.loads((tmp_path / "k-state" / "run.json").read_text())

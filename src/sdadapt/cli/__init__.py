@@ -6,6 +6,7 @@
 * :mod:`.aesthetic` — ``aesthetic-embedding``;
 * :mod:`.invert` — ``invert``;
 * :mod:`.loratools` — ``extract-lora``, ``resize-lora``, ``merge-lora``, ``combine-loras``;
+* :mod:`.convert` — ``convert`` (LoRA-family files and embeddings between file formats);
 * :mod:`.merge` — ``merge`` and one sub-command per merge operator;
 * :mod:`.custom_diffusion` — ``merge-custom-diffusion``;
 * :mod:`.options` — the options they all share (``-o/--out``, ``--overwrite``, ``-q/--quiet``,
@@ -68,7 +69,7 @@ def _chosen_command(parser: argparse.ArgumentParser, namespace: argparse.Namespa
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m sdadapt`` parser with every command (each module's ``register``)."""
-    from . import aesthetic, custom_diffusion, generate, inspect, invert, loratools, merge, train
+    from . import aesthetic, convert, custom_diffusion, generate, inspect, invert, loratools, merge, train
     from .. import __version__
 
     from ..errors import exit_code_table
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     aesthetic.register(sub)  # aesthetic-embedding
     invert.register(sub)
     loratools.register(sub)  # extract-lora, resize-lora, merge-lora, combine-loras
+    convert.register(sub)  # convert (LoRA-family files, embeddings)
     merge.register(sub)
     custom_diffusion.register(sub)  # merge-custom-diffusion
     return parser

@@ -284,8 +284,8 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     for key, value in flat.items():
         name = key.replace("-", "_")
         name = KOHYA_KEYS.get(name, name)
-        if (isinstance(value, str) and not value.strip() or value == [] or value == 0 and name in _ZERO_IS_UNSET
-                or value == 0 and key == "stop_text_encoder_training"):
+        if (isinstance(value, str) and not value.strip() or value == [] or _zero(value) and name in _ZERO_IS_UNSET
+                or _zero(value) and key == "stop_text_encoder_training"):
             continue  # (kohya's GUI writes "" / [] / 0 for an option not used; sd-scripts reads them as not given)
         if name in KOHYA_IGNORED:
             if value is False or isinstance(value, (int, float)) and value == 0:
@@ -397,6 +397,17 @@ def _encoder_lr_list(file: Path, key: str, value: list, notes: list[str]) -> flo
     return first
 
 
+def _zero(value: Any) -> bool:
+    """``0``, quoted too (``steps = "0"``): what kohya's GUIs write for the options in ``_ZERO_IS_UNSET``
+    they leave unset."""
+    if isinstance(value, str):
+        try:
+            return float(value) == 0
+        except ValueError:
+            return False
+    return value == 0
+
+
 def _settle_kohya_values(file: Path, options: dict, notes: list[str], *, encoder_lrs: dict[str, float],
                          adam8bit: bool, lion: bool = False) -> None:
     """kohya's values that need the whole file: per-encoder text-encoder LRs, an empty GUI prompt file,
@@ -405,15 +416,19 @@ def _settle_kohya_values(file: Path, options: dict, notes: list[str], *, encoder
     for name, field_name in (("learning_rate_te1", "text_encoder_lr"), ("learning_rate_te2", "text_encoder_2_lr")):
         if name not in encoder_lrs:
             continue  # (sdxl_train.py: an encoder without its own LR trains at learning_rate)
-        if field_name in options and float(options[field_name]) != float(encoder_lrs[name]):
+        try:
+            rate = float(encoder_lrs[name])  # (a quoted "1e-5" too)
+        except (TypeError, ValueError):
+            raise ValueError(f"--config {file}: {name} = {encoder_lrs[name]!r} is not a number") from None
+        if field_name in options and float(options[field_name]) != rate:
             raise ValueError(f"--config {file}: {name} = {encoder_lrs[name]} and {field_name} = {options[field_name]} "
                              "set one text encoder's learning rate twice; give one")
-        options[field_name] = float(encoder_lrs[name])
+        options[field_name] = rate
     if "learning_rate_te1" in encoder_lrs and "learning_rate_te2" not in encoder_lrs and "text_encoder_2_lr" not in options:
         from ..jobs.train import TE2_AT_LEARNING_RATE
 
         options["text_encoder_2_lr"] = TE2_AT_LEARNING_RATE  # (sdxl_train.py: learning_rate_te2 or learning_rate)
-        notes.append(f"learning_rate_te1 = {encoder_lrs['learning_rate_te1']:g} without learning_rate_te2: the second "
+        notes.append(f"learning_rate_te1 = {options['text_encoder_lr']:g} without learning_rate_te2: the second "
                      "text encoder (SDXL) trains at learning_rate, as sdxl_train.py")
     prompts = Path(str(options.get("sample_prompts", "")))
     if prompts.suffix.lower() == ".txt" and prompts.is_file() and not any(
@@ -611,8 +626,8 @@ def _convert(option, value: Any) -> Any:
 def _numbers_from_strings(file: Path, values: dict, options_class: type) -> None:
     """A config's numbers and booleans written as strings (``seed = "1234"``, ``learning_rate = "1e-4"``,
     ``flip_aug = "true"``, as some GUIs and hand edits write them) -> their field's type, in place; a
-    field that also takes strings keeps the string. Raises ``ValueError`` naming the key for a string
-    that is not such a number."""
+    field that also takes words (``text_encoder_2_lr``) keeps a string that is no number. Raises
+    ``ValueError`` naming the key for a string that is not such a number."""
     import types
     import typing
 
@@ -623,18 +638,24 @@ def _numbers_from_strings(file: Path, values: dict, options_class: type) -> None
         hint = hints[name]
         kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else {hint}
         kinds.discard(type(None))
-        if str in kinds or not kinds or not kinds <= {int, float, bool}:
-            continue
         text = value.strip()
+        if str in kinds:  # (text_encoder_2_lr: a number, or a word such as "learning_rate", kept as it is)
+            kinds.discard(str)
+            try:
+                float(text)
+            except ValueError:
+                continue
+        if not kinds or not kinds <= {int, float, bool}:
+            continue
         if kinds == {bool}:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ValueError(f"--config {file}: {name} = {value!r} is not true or false")
             values[name] = text.lower() in ("true", "1", "yes", "on")
             continue
         try:
-            if text.lstrip("+-").isdigit():
-                number = int(text)  # (lr_warmup_steps = "100": a count; the float 100.0 would be a share, as kohya's)
-            else:
+            try:
+                number = int(text)  # (lr_warmup_steps = "100" or "1_000": a count; the float 100.0 would be a share)
+            except ValueError:
                 number = float(text)
                 if int in kinds and float not in kinds:
                     if number != int(number):
@@ -719,8 +740,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         kohya = _is_kohya_file(Path(args.config), fields=fields, method_options=set(method_options))
         if kohya:
             _check_kohya_step_shares(Path(args.config), values, given)
-            if values.get("save_state") is True and "save_state_on_train_end" not in values:
-                values["save_state_on_train_end"] = True  # (kohya: args.save_state or args.save_state_on_train_end)
+            if values.get("save_state") is True and values.get("save_state_on_train_end") is not True:
+                values["save_state_on_train_end"] = True  # (kohya: args.save_state or args.save_state_on_train_end,
+                # so also over a written save_state_on_train_end = false; a --no-save-state-on-train-end flag still wins)
                 notes.append("save_state = true: the state is also saved after the last step, as kohya's "
                              "(continue with --resume OUT-state --steps MORE)")
     if not given.get("overwrite"):

@@ -77,8 +77,13 @@ __all__ = [
 ]
 
 
-def load_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+def load_lora(
+    path: str | os.PathLike, *, layers_per_block: int = 2
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
     """Read a kohya, LyCORIS (LoHa/LoKr/LoCon/full/DoRA), diffusers or peft LoRA file, whichever it is.
+
+    ``layers_per_block`` (2 in SD1/SD2/SDXL) maps LDM-named UNet layers (SDXL kohya files) for a
+    UNet with another number of resnets per block; a file cannot tell it.
 
     Returns:
         ``({component: canonical state}, metadata)``; a peft adapter has the single component
@@ -92,7 +97,7 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], di
     state, metadata = read_weights(path)
     kind = detect_kind(list(state), metadata)
     if kind in ("kohya-lora", "lycoris"):
-        return load_kohya(path)
+        return load_kohya(path, layers_per_block=layers_per_block)
     if kind == "diffusers-lora":
         return load_diffusers(path)
     if kind in ("peft-lora", "peft-ia3"):

@@ -82,6 +82,7 @@ def to_kohya(
     *,
     base_model: str = "sd1",
     up_blocks_with_attention: set[int] | None = None,
+    layers_per_block: int = 2,
 ) -> dict[str, Tensor]:
     """Canonical component states -> one flat kohya state dict.
 
@@ -92,6 +93,8 @@ def to_kohya(
             text-encoder prefixes).
         up_blocks_with_attention: for SDXL-style LDM naming of upsamplers; derived from the
             state's own paths when ``None``.
+        layers_per_block: resnets per down block of the UNet the LoRA is for (the LDM block
+            arithmetic of SDXL names and of LDM-named live paths; 2 in SD1/SD2/SDXL).
 
     Raises:
         ValueError: unknown base model or component.
@@ -105,7 +108,7 @@ def to_kohya(
                 f"component {component!r} has no kohya prefix for base_model={base_model!r}; "
                 f"use one of {sorted(prefixes)}"
             )
-        canonical = canonical_state(component, state)
+        canonical = canonical_state(component, state, layers_per_block=layers_per_block)
         layers = [split_key(k)[0] for k in canonical]
         up_attention = up_blocks_with_attention
         if up_attention is None and base_model == "sdxl":
@@ -113,7 +116,9 @@ def to_kohya(
         for key, value in canonical.items():
             layer, suffix = split_key(key)
             if component == "unet" and base_model == "sdxl":
-                layer = diffusers_to_ldm_unet(layer, up_blocks_with_attention=up_attention) or layer
+                layer = diffusers_to_ldm_unet(
+                    layer, layers_per_block=layers_per_block, up_blocks_with_attention=up_attention
+                ) or layer
             if suffix == "alpha":
                 value = value.to(torch.float32)
             out[f"{prefixes[component]}_{layer.replace('.', '_')}.{suffix}"] = value
@@ -133,9 +138,14 @@ def _component_of(key: str) -> tuple[str, str] | None:
     return None
 
 
-def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[str, dict[str, Tensor]]:
+def from_kohya(
+    state: Mapping[str, Tensor], *, source: str = "<state>", layers_per_block: int = 2
+) -> dict[str, dict[str, Tensor]]:
     """Flat kohya state -> ``{component: canonical state}`` (UNet paths in diffusers naming,
     text-encoder paths with ``text_model.``).
+
+    ``layers_per_block`` is the UNet's resnets per down block (2 in SD1/SD2/SDXL), used to map
+    LDM-named (SDXL-style) UNet layers; a file cannot tell it, pass the model's for other UNets.
 
     Raises:
         WeightFileError: a key has no kohya prefix or an unknown tensor name (lists them).
@@ -155,7 +165,7 @@ def from_kohya(state: Mapping[str, Tensor], *, source: str = "<state>") -> dict[
             continue
         # canonical paths: SDXL's LDM UNet names -> diffusers; a text encoder's layers without
         # `text_model.` (diffusers' convert_state_dict_to_kohya on transformers 5) get it back
-        path = canonical_layer_path(component, underscore_to_path(name))
+        path = canonical_layer_path(component, underscore_to_path(name), layers_per_block=layers_per_block)
         if suffix == "alpha":
             value = value.to(torch.float32)
         out.setdefault(component, {})[f"{path}.{suffix}"] = value
@@ -258,6 +268,7 @@ def save_kohya(
     metadata: Mapping[str, str] | None = None,
     title: str | None = None,
     overwrite: bool = True,
+    layers_per_block: int = 2,
 ) -> None:
     """Write a kohya LoRA ``.safetensors`` atomically, with kohya/ModelSpec metadata.
 
@@ -268,13 +279,14 @@ def save_kohya(
             (values the dtype cannot hold are refused before the cast, naming the tensor).
         metadata: extra string metadata merged over the generated fields.
         overwrite: replace an existing file (False: refuse, also if it appears while writing).
+        layers_per_block: the UNet's resnets per down block (see :func:`to_kohya`; 2 in SD).
 
     Raises:
         NonFiniteError: a tensor holds NaN/inf or overflows ``dtype``; nothing is written.
     """
     from ..checks import cast_checked
 
-    state = to_kohya(components, base_model=base_model)
+    state = to_kohya(components, base_model=base_model, layers_per_block=layers_per_block)
     if dtype is not None:
         # alphas stay float32 and integer flags (IA3's on_input) integers
         state = {k: (v if k.endswith(".alpha") or not v.is_floating_point()
@@ -286,12 +298,15 @@ def save_kohya(
     write_safetensors(path, state, meta, overwrite=overwrite)
 
 
-def load_kohya(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
-    """Read a kohya LoRA file: ``({component: canonical state}, metadata)``.
+def load_kohya(
+    path: str | os.PathLike, *, layers_per_block: int = 2
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+    """Read a kohya LoRA file: ``({component: canonical state}, metadata)``; ``layers_per_block``
+    as in :func:`from_kohya`.
 
     Raises:
         WeightFileError: unreadable/truncated file, non-kohya keys, NaN/inf weights.
     """
     state, metadata = read_weights(path)
     check_finite(state, source=str(path))
-    return from_kohya(state, source=str(path)), metadata
+    return from_kohya(state, source=str(path), layers_per_block=layers_per_block), metadata

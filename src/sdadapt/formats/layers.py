@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from torch import Tensor, nn
 
 from ..adapters.registry import file_keys
+from .unet_keys import checked_layers_per_block
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet, is_ldm_unet_path, ldm_to_diffusers_unet
 
 __all__ = [
@@ -101,8 +102,9 @@ _LDM_UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _TE_PREFIXES = ("text_model.", "transformer.text_model.", "cond_stage_model.transformer.text_model.")
 
 
-def _aliases(path: str, live_attention_up_blocks: set[int] | None) -> Iterable[str]:
-    """Other spellings of a canonical layer path that a live model may use."""
+def _aliases(path: str, live_attention_up_blocks: set[int] | None, layers_per_block: int = 2) -> Iterable[str]:
+    """Other spellings of a canonical layer path that a live model may use (UNet block arithmetic
+    with the live model's ``layers_per_block``)."""
     yield path
     # CLIP: transformers 5 CLIPTextModel has no `text_model.`; LDM has `cond_stage_model.transformer.`
     for prefix in _TE_PREFIXES:
@@ -121,17 +123,29 @@ def _aliases(path: str, live_attention_up_blocks: set[int] | None) -> Iterable[s
             bare = path[len(prefix) :]
             yield bare
     if is_ldm_unet_path(bare):
-        converted = ldm_to_diffusers_unet(bare)
+        converted = ldm_to_diffusers_unet(bare, layers_per_block=layers_per_block)
         if converted:
             yield converted
         ldm = bare
     else:
-        ldm = diffusers_to_ldm_unet(bare, up_blocks_with_attention=live_attention_up_blocks)
+        ldm = diffusers_to_ldm_unet(
+            bare, layers_per_block=layers_per_block, up_blocks_with_attention=live_attention_up_blocks
+        )
         if ldm:
             yield ldm
     if ldm:
         for prefix in _LDM_UNET_PREFIXES:
             yield prefix + ldm
+
+
+def _live_layers_per_block(live: Iterable[str], *, ldm: bool) -> int:
+    """The live UNet's resnets per down block, from its module names (2 when it has no UNet blocks)."""
+    names = []
+    for name in live:
+        for prefix in _LDM_UNET_PREFIXES:
+            name = name.removeprefix(prefix)
+        names.append(name)
+    return checked_layers_per_block(names, naming="ldm" if ldm else "diffusers")
 
 
 def resolve_layers(model: nn.Module, layer_paths: list[str]) -> dict[str, str]:
@@ -150,6 +164,7 @@ def resolve_layers(model: nn.Module, layer_paths: list[str]) -> dict[str, str]:
     live = {name: module for name, module in model.named_modules() if name}
     live_ldm = any(is_ldm_unet_path(n) or n.startswith(_LDM_UNET_PREFIXES) for n in live)
     up_attention = None if live_ldm else attention_up_blocks(live)
+    layers = _live_layers_per_block(live, ldm=live_ldm)
     if live_ldm:
         # an LDM model: learn which output blocks have attention from its own weight layers
         # (a bare container like `output_blocks.2.1` may be an upsampler, not an attention block)
@@ -161,7 +176,7 @@ def resolve_layers(model: nn.Module, layer_paths: list[str]) -> dict[str, str]:
             for prefix in _LDM_UNET_PREFIXES:
                 if bare.startswith(prefix):
                     bare = bare[len(prefix) :]
-            converted = ldm_to_diffusers_unet(bare) if is_ldm_unet_path(bare) else None
+            converted = ldm_to_diffusers_unet(bare, layers_per_block=layers) if is_ldm_unet_path(bare) else None
             if converted:
                 up_attention |= attention_up_blocks([converted])
     by_underscore: dict[str, str] = {}
@@ -170,7 +185,7 @@ def resolve_layers(model: nn.Module, layer_paths: list[str]) -> dict[str, str]:
     resolved: dict[str, str] = {}
     missing: list[str] = []
     for path in layer_paths:
-        hit = next((a for a in _aliases(path, up_attention or None) if a in live), None)
+        hit = next((a for a in _aliases(path, up_attention or None, layers) if a in live), None)
         if hit is None:
             hit = by_underscore.get(path.replace(".", "_"))
         if hit is None:
@@ -194,13 +209,14 @@ def resolve_layers(model: nn.Module, layer_paths: list[str]) -> dict[str, str]:
 
 
 
-def canonical_layer_path(component: str, path: str) -> str:
+def canonical_layer_path(component: str, path: str, *, layers_per_block: int = 2) -> str:
     """The ecosystem spelling of a live layer path of ``component``.
 
     Text encoders (``text_encoder``, ``text_encoder_2``): transformers-4 paths with ``text_model.``
     (transformers 5's flattened ``CLIPTextModel`` and LDM's ``cond_stage_model.transformer.`` are
     rewritten). UNet: diffusers paths (LDM ``input_blocks...`` and ``model.diffusion_model.`` are
-    rewritten). Other components and unknown paths pass through unchanged.
+    rewritten, with the UNet's ``layers_per_block``: 2 in SD1/SD2/SDXL). Other components and
+    unknown paths pass through unchanged.
     """
     if component.startswith("text_encoder"):
         for prefix in _TE_PREFIXES:
@@ -215,15 +231,17 @@ def canonical_layer_path(component: str, path: str) -> str:
             if bare.startswith(prefix):
                 bare = bare[len(prefix) :]
         if is_ldm_unet_path(bare):
-            return ldm_to_diffusers_unet(bare) or path
+            return ldm_to_diffusers_unet(bare, layers_per_block=layers_per_block) or path
         return bare
     return path
 
 
-def canonical_state(component: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def canonical_state(
+    component: str, state: Mapping[str, Tensor], *, layers_per_block: int = 2
+) -> dict[str, Tensor]:
     """Rewrite every key of an adapter state with :func:`canonical_layer_path`."""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         layer, suffix = split_key(key)
-        out[f"{canonical_layer_path(component, layer)}.{suffix}"] = value
+        out[f"{canonical_layer_path(component, layer, layers_per_block=layers_per_block)}.{suffix}"] = value
     return out

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from .key_source import KeySource, PlanBuilder
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet, ldm_to_diffusers_unet
 
-__all__ = ["DIFFUSERS_UNET_KEY", "plan_unet", "layers_per_block_of"]
+__all__ = ["DIFFUSERS_UNET_KEY", "plan_unet", "layers_per_block_of", "checked_layers_per_block"]
 
 _BLOCK = r"(?:down_blocks\.\d+|up_blocks\.\d+)"
 _TRANSFORMER_PARAM = (
@@ -54,6 +54,24 @@ def layers_per_block_of(local_keys: Iterable[str], *, naming: str) -> int:
         return 2
     layers, rest = divmod(max(blocks) - len(downsamplers), len(downsamplers) + 1)
     return layers if layers > 0 and rest == 0 else 2
+
+
+def checked_layers_per_block(local_keys: Iterable[str], *, naming: str) -> int:
+    """:func:`layers_per_block_of`, checked against the up path; SD's 2 when the keys do not add up.
+
+    Up blocks hold ``L + 1`` resnets each (diffusers: max ``j`` of ``up_blocks.i.resnets.j`` is
+    ``L``; LDM: ``D + 1`` levels of ``L + 1`` ``output_blocks``, ``D`` the downsamplers). Whole
+    checkpoints and models always add up; a partial list of names (a few layers of a LoRA, a
+    stand-in model) may not, and then the default layout is the safer guess.
+    """
+    local_keys = [k if k.endswith(".") else k + "." for k in local_keys]
+    layers = layers_per_block_of(local_keys, naming=naming)
+    if naming == "diffusers":
+        up = [int(k.split(".")[3]) for k in local_keys if re.match(r"up_blocks\.\d+\.resnets\.\d+\.", k)]
+        return layers if not up or max(up) == layers else 2
+    outputs = [int(k.split(".")[1]) for k in local_keys if re.match(r"output_blocks\.\d+\.", k)]
+    levels = 1 + len({int(k.split(".")[1]) for k in local_keys if re.match(r"input_blocks\.\d+\.0\.op\.", k)})
+    return layers if not outputs or max(outputs) == levels * (layers + 1) - 1 else 2
 
 
 def plan_unet(

@@ -501,18 +501,17 @@ class TrainOptions:
             raise ValueError("--full-fp16 (kohya's full_fp16) trains fp16 weights, so the forward pass must run under "
                              "fp16 autocast with its loss scaler: add --mixed-precision fp16 (mixed_precision = \"fp16\"), "
                              "as kohya requires")
-        if self.full_fp16 and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "sgd-nesterov":
-            raise ValueError("--full-fp16 with --optimizer sgd-nesterov: torch's SGD keeps an fp16 momentum and writes "
-                             "fp16 weights with round-to-nearest, which drops every update smaller than half an fp16 "
-                             "step; leave out --full-fp16 or use adamw / lion (they update in float32)")
+        if (self.full_fp16 or self.full_bf16) and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "sgd-nesterov":
+            flag, kept, step, instead = (("--full-fp16", "keeps an fp16 momentum and writes fp16", "an fp16",
+                                          "adamw / lion (they update in float32)") if self.full_fp16 else
+                                         ("--full-bf16", "writes bf16", "a bf16",
+                                          "lion / adamw (they round bf16 weights stochastically)"))
+            raise ValueError(f"{flag} with --optimizer sgd-nesterov: torch's SGD {kept} weights with round-to-nearest, "
+                             f"which drops every update smaller than half {step} step; leave out {flag} or use {instead}")
         if (self.fp8_base or self.fp8_base_unet) and self.mixed_precision == "no":
             raise ValueError(f"{'--fp8-base' if self.fp8_base else '--fp8-base-unet'} stores the base weights in "
                              "float8, which only autocast's per-op upcast can compute with: add --mixed-precision bf16 "
                              "(or fp16), as kohya requires")
-        if self.full_bf16 and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "sgd-nesterov":
-            raise ValueError("--full-bf16 with --optimizer sgd-nesterov: torch's SGD writes bf16 weights with "
-                             "round-to-nearest, which drops every update smaller than half a bf16 step; leave out "
-                             "--full-bf16 or use lion / adamw (they round bf16 weights stochastically)")
         if self.gradient_checkpointing_fraction is not None and not 0.0 < self.gradient_checkpointing_fraction <= 1.0:
             raise ValueError(f"--gradient-checkpointing-fraction must be in (0, 1] (the share of the UNet blocks to "
                              f"recompute; 1: all of them), got {self.gradient_checkpointing_fraction}")

@@ -34,7 +34,7 @@ from ..errors import InputError
 from ..formats import WeightFileError
 from ..formats.layers import group_by_layer
 from .block_weights import expand_block_weights, lora_block_weight_fn
-from .checkpoint_layers import LayerSlot, checkpoint_layers, detect_base_model
+from .checkpoint_layers import LayerSlot, checkpoint_layers, detect_base_model, unet_layers_per_block
 from .output import (
     BakeReport,
     Progress,
@@ -114,12 +114,14 @@ class BakedCheckpoint:
         self.block_weights = _vectors(block_weights, len(loras))
         check_inputs(base, *loras)
         self.loras = [Path(p) for p in loras]
-        loaded = [load_components(path)[0] for path in loras]
         self.path = Path(base)
         self.report = BakeReport(path=Path(f"<baked {self.path.name}>"))
         self._source = open_source(base)
         try:
             self._shapes = {k: tuple(self._source.shape(k)) for k in self._source.keys()}
+            # LDM-named LoRA layers (SDXL kohya files) map with the checkpoint's own UNet layout
+            layers = unet_layers_per_block(list(self._shapes))
+            loaded = [load_components(path, layers_per_block=layers)[0] for path in loras]
             self._dtypes = {
                 k: (dtype if dtype is not None and self._source.dtype(k).is_floating_point else self._source.dtype(k))
                 for k in self._shapes

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..formats.clip_keys import open_clip_to_diffusers
 from ..formats.model_keys import LDM_PARTS, checkpoint_architecture
+from ..formats.unet_keys import checked_layers_per_block
 from ..formats.unet_names import is_ldm_unet_path, ldm_to_diffusers_unet
 from ..targets import TEXT_ENCODER, UNET_KOHYA, UNET_LOCON
 
@@ -38,6 +39,7 @@ __all__ = [
     "checkpoint_layers",
     "detect_base_model",
     "is_lora_target",
+    "unet_layers_per_block",
 ]
 
 
@@ -85,18 +87,44 @@ def detect_base_model(shapes: Mapping[str, tuple[int, ...]]) -> str:
     return checkpoint_architecture(shapes, default="sd1")
 
 
-def _unet_layer(path: str) -> str | None:
+def _unet_layer(path: str, layers_per_block: int) -> str | None:
     if is_ldm_unet_path(path):
-        return ldm_to_diffusers_unet(path)
+        return ldm_to_diffusers_unet(path, layers_per_block=layers_per_block)
     return path if path.split(".", 1)[0] in _DIFFUSERS_UNET_HEADS else None
 
 
-def _slots_for_key(key: str, shape: tuple[int, ...]) -> list[LayerSlot]:
+def _ldm_layers_per_block(keys: list[str]) -> dict[str, int]:
+    """``{LDM UNet prefix: layers_per_block}`` read from the checkpoint's own UNet keys
+    (2 for SD1/SD2/SDXL; tiny or custom UNets may have 1, 3 ...)."""
+    return {
+        prefix: checked_layers_per_block([k[len(prefix) :] for k in keys if k.startswith(prefix)], naming="ldm")
+        for prefix in _LDM_UNET
+        if any(k.startswith(prefix) for k in keys)
+    }
+
+
+def unet_layers_per_block(shapes: Mapping[str, tuple[int, ...]] | list[str]) -> int:
+    """Resnets per down block of a checkpoint's UNet (2 in SD1/SD2/SDXL), read from its keys.
+
+    LDM single files: from the ``input_blocks`` indices; diffusers UNet files (optionally
+    ``unet.``-prefixed): ``1 + max j`` of ``down_blocks.i.resnets.j``; both checked against the up
+    blocks (:func:`sdadapt.formats.unet_keys.checked_layers_per_block`); 2 when nothing tells.
+    LoRA key maps need it for LDM names (SDXL kohya files).
+    """
+    keys = list(shapes)
+    ldm = _ldm_layers_per_block(keys)
+    if ldm:
+        return next(iter(ldm.values()))
+    bare = [k.removeprefix("unet.") for k in keys]
+    return checked_layers_per_block(bare, naming="diffusers")
+
+
+def _slots_for_key(key: str, shape: tuple[int, ...], ldm_layers: Mapping[str, int]) -> list[LayerSlot]:
     if key.endswith(".weight") and len(shape) in (2, 4):
         path = key[: -len(".weight")]
         for prefix in _LDM_UNET:
             if path.startswith(prefix):
-                layer = _unet_layer(path[len(prefix) :])
+                layer = _unet_layer(path[len(prefix) :], ldm_layers.get(prefix, 2))
                 return [LayerSlot("unet", layer, key)] if layer else []
         bare = path[len("unet.") :] if path.startswith("unet.") else path
         if bare.split(".", 1)[0] in _DIFFUSERS_UNET_HEADS:
@@ -134,12 +162,16 @@ def checkpoint_layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[tuple[str, 
     Args:
         shapes: ``{checkpoint key: shape}`` (e.g. from a lazy source's header).
 
+    LDM UNet paths map to diffusers paths with the checkpoint's own ``layers_per_block`` (read
+    from its ``input_blocks`` keys), so UNets with other than SD's two resnets per block match too.
+
     Returns:
         ``{(component, canonical layer path): LayerSlot}`` in checkpoint key order.
     """
+    ldm_layers = _ldm_layers_per_block(list(shapes))
     out: dict[tuple[str, str], LayerSlot] = {}
     for key, shape in shapes.items():
-        for slot in _slots_for_key(key, tuple(shape)):
+        for slot in _slots_for_key(key, tuple(shape), ldm_layers):
             out.setdefault((slot.component, slot.layer), slot)
     return out
 

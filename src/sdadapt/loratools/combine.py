@@ -51,6 +51,7 @@ from .extract import check_clamp, check_rank_method, factors_from_svd
 from .output import (
     BaseLayers,
     LoRAJobReport,
+    base_layers_per_block,
     check_base_model,
     check_inputs,
     check_not_input,
@@ -389,7 +390,8 @@ def combine_loras(
     check_output(out, overwrite=overwrite, needed_bytes=0)
     check_inputs(*loras, *([base] if base is not None else []))
     check_not_input(out, *loras, base)
-    loaded = [load_components(path) for path in loras]
+    layers_per_block = base_layers_per_block(base)  # the LDM names of SDXL files: the base's UNet layout
+    loaded = [load_components(path, layers_per_block=layers_per_block) for path in loras]
     models = {lora_base_model(p, c, m) for p, (c, m) in zip(loras, loaded)}
     if base_model is None and len(models) > 1:
         raise WeightFileError(f"the LoRAs are for different base models ({sorted(models)}); combine LoRAs of one model")
@@ -416,5 +418,5 @@ def combine_loras(
     }
     needed = sum(t.numel() * t.element_size() for s in combined.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
-    save_kohya(out, combined, base_model=model, metadata=meta, overwrite=overwrite)
+    save_kohya(out, combined, base_model=model, metadata=meta, overwrite=overwrite, layers_per_block=layers_per_block)
     return report

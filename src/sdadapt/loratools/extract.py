@@ -58,6 +58,7 @@ from .checkpoint_layers import (
     checkpoint_layers,
     detect_base_model,
     is_lora_target,
+    unet_layers_per_block,
 )
 from .output import (
     LayerReport,
@@ -647,7 +648,10 @@ def extract_lora(
         meta.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
     needed = sum(t.numel() * t.element_size() for s in components.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
-    save_kohya(out, components, base_model=model, metadata=meta, overwrite=overwrite)
+    save_kohya(
+        out, components, base_model=model, metadata=meta, overwrite=overwrite,
+        layers_per_block=unet_layers_per_block(base_shapes),
+    )
     return report
 
 

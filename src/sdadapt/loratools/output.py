@@ -24,7 +24,7 @@ from ..formats import WeightFileError, load_lora
 from ..formats.files import check_input_file, check_output_file, read_safetensors_header, sniff_format
 from ..formats.kohya import BASE_MODELS
 from ..adapters.base import LayerGeometry
-from .checkpoint_layers import LayerSlot, checkpoint_layers
+from .checkpoint_layers import LayerSlot, checkpoint_layers, unet_layers_per_block
 
 __all__ = [
     "Progress",
@@ -44,6 +44,7 @@ __all__ = [
     "slot_shape",
     "weight_bytes",
     "BaseLayers",
+    "base_layers_per_block",
     "same_layer_shape",
     "layer_geometry",
 ]
@@ -199,9 +200,17 @@ def weight_bytes(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> i
     return total
 
 
-def load_components(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+def load_components(
+    path: str | os.PathLike, *, layers_per_block: int = 2
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+    """A LoRA file's ``({component: canonical state}, metadata)``; LDM-named UNet layers (SDXL kohya
+    files) are mapped with ``layers_per_block`` (the base checkpoint's, see :func:`base_layers_per_block`).
+
+    Raises:
+        WeightFileError: a missing or unreadable file, or a peft adapter without pipeline components.
+    """
     check_inputs(path)
-    components, metadata = load_lora(path)
+    components, metadata = load_lora(path, layers_per_block=layers_per_block)
     if "model" in components:
         raise WeightFileError(
             f"{path}: a peft adapter without pipeline components; the LoRA tools need a kohya or diffusers "
@@ -235,6 +244,17 @@ def slot_shape(shape: tuple[int, ...], slot: LayerSlot) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------- the base model's layers
+def base_layers_per_block(path: str | os.PathLike | None) -> int:
+    """Resnets per down block of a base checkpoint's UNet (reads only its header); 2 (SD's) without one."""
+    from ..merge.sources import open_source
+
+    if path is None:
+        return 2
+    check_inputs(path)
+    with open_source(path) as source:
+        return unet_layers_per_block(list(source.keys()))
+
+
 class BaseLayers:
     """A base checkpoint's LoRA-able layers, for jobs whose input files cannot tell a layer's shape.
 

@@ -46,6 +46,7 @@ from .output import (
     LayerReport,
     LoRAJobReport,
     Progress,
+    base_layers_per_block,
     check_base_model,
     check_inputs,
     check_not_input,
@@ -396,7 +397,8 @@ def resize_lora(
     check_output(out, overwrite=overwrite, needed_bytes=0)
     check_inputs(lora, *([base] if base is not None else []))
     check_not_input(out, lora, base)
-    components, metadata = load_components(lora)
+    layers_per_block = base_layers_per_block(base)  # the LDM names of SDXL files: the base's UNet layout
+    components, metadata = load_components(lora, layers_per_block=layers_per_block)
     model = base_model or lora_base_model(lora, components, metadata)
     report = LoRAJobReport(path=Path(out), base_model=model)
     resized: dict[str, dict[str, Tensor]] = {}
@@ -425,7 +427,10 @@ def resize_lora(
         kept.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
     needed = sum(t.numel() * t.element_size() for s in resized.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
-    save_kohya(out, resized, base_model=model, metadata=kept, title=kept.get("modelspec.title"), overwrite=overwrite)
+    save_kohya(
+        out, resized, base_model=model, metadata=kept, title=kept.get("modelspec.title"), overwrite=overwrite,
+        layers_per_block=layers_per_block,
+    )
     return report
 
 

@@ -119,7 +119,10 @@ class AdapterAdaptation:
         if self.network_args and "ss_network_args" not in metadata:
             args = json.loads(kohya_metadata(states, base_model=self.base_model)["ss_network_args"])
             metadata["ss_network_args"] = json.dumps({**args, **self.network_args})
-        save_lora(path, states, format="kohya", base_model=self.base_model, metadata=metadata)
+        unet = self.handles["unet"].model if "unet" in self.handles else None
+        layers = getattr(getattr(unet, "config", None), "layers_per_block", 2)  # SDXL's LDM names follow the UNet
+        save_lora(path, states, format="kohya", base_model=self.base_model, metadata=metadata,
+                  layers_per_block=layers if isinstance(layers, int) else 2)
         return Path(path)
 
     def remove(self) -> None:

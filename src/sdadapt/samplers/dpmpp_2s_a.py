@@ -63,19 +63,19 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
     mids = [(grid[i] * down) ** 0.5 for i, (down, _) in enumerate(splits)]
     mid_times = sigma_to_t(torch.tensor(mids, dtype=torch.float64), training_sigmas(alphas_cumprod)).tolist()
 
-    def x0_at(x: Tensor, sigma: float, t: float) -> Tensor:
-        return denoised(model(model_input(x, sigma, x_T.dtype), timestep_batch(t, x)), x, sigma, prediction_type)
+    def x0_at(x: Tensor, sigma: float, t: Tensor) -> Tensor:
+        return denoised(model(model_input(x, sigma, x_T.dtype), t), x, sigma, prediction_type)
 
     for i in range(num_steps):
         s, (down, up) = grid[i], splits[i]
         t = timestep_batch(times[i], x)
-        x0 = x0_at(x, s, times[i])
+        x0 = x0_at(x, s, t)
         if down == 0:  # the last step: Euler onto x̂0
             x = x + (x - x0) / s * (down - s)
         else:
             h = math.log(s / down)  # λ_down − λ_i, λ = −log σ
             x_2 = x * (mids[i] / s) - x0 * math.expm1(-h / 2)
-            x = x * (down / s) - x0_at(x_2, mids[i], mid_times[i]) * math.expm1(-h)
+            x = x * (down / s) - x0_at(x_2, mids[i], timestep_batch(mid_times[i], x_2)) * math.expm1(-h)
         if grid[i + 1] > 0:  # drawn even when σ_up = 0 (η = 0), as k-diffusion draws it
             x = x + step_noise(x, generator, x_T.dtype) * (s_noise * up)
         if callback is not None:

@@ -122,8 +122,9 @@ def _no_noise(sigma: Tensor, sigma_next: Tensor) -> Tensor:
 
 
 def _sigma_round_trip(sigma: Tensor) -> Tensor:
-    """``σ → t = −log σ → e^(−t)`` in float32, the noise levels diffusers queries its tree at."""
-    return sigma.log().neg().neg().exp()
+    """``σ → t = −log σ → e^(−t)`` in float32, the noise levels diffusers queries its tree at (the
+    negations are exact: ``exp(log σ)``, σ with log's and exp's rounding)."""
+    return sigma.log().exp()
 
 
 def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,

@@ -79,6 +79,8 @@ def switch_mode(optimizer: Any, *, train: bool) -> None:
     this covers any schedule-free optimiser (schedulefree's too)."""
     from ..formats.files import signals_held
 
+    if all(group.get("train_mode", not train) == train for group in optimizer.param_groups):
+        return  # (already in that mode, as at most steps: no signal handlers swapped)
     with signals_held():
         if train:
             optimizer.train()
@@ -107,6 +109,8 @@ class _ScheduleFree(torch.optim.Optimizer):
         (:func:`switch_mode`): a signal during the switch is raised when every group has switched."""
         from ..formats.files import signals_held
 
+        if not any(group["train_mode"] for group in self.param_groups):
+            return
         with signals_held():
             for group in self.param_groups:
                 if group["train_mode"]:
@@ -119,6 +123,8 @@ class _ScheduleFree(torch.optim.Optimizer):
         no-op for groups already in train mode); atomic with respect to signals, as :meth:`eval`."""
         from ..formats.files import signals_held
 
+        if all(group["train_mode"] for group in self.param_groups):
+            return
         with signals_held():
             for group in self.param_groups:
                 if not group["train_mode"]:
