@@ -253,3 +253,29 @@ def test_layout_reading_falls_back_to_sd_on_partial_key_sets(checkpoint):
     assert checked_layers_per_block(["down_blocks.0.resnets.0.conv1", "up_blocks.0.resnets.2.conv1"],
                                     naming="diffusers") == 2
     assert checked_layers_per_block([], naming="diffusers") == 2
+    # down blocks without up blocks (a partial list) do not tell the layout either
+    assert checked_layers_per_block(["down_blocks.0.resnets.0.conv1"], naming="diffusers") == 2
+    assert checked_layers_per_block(["input_blocks.1.0.in_layers.2", "input_blocks.2.0.op"], naming="ldm") == 2
+
+
+def test_generate_and_network_weights_read_ldm_names_with_the_models_layout(checkpoint, tmp_path):
+    """`generate --lora` and `--network-weights` place an SDXL-named (LDM) kohya file with the live UNet's layout."""
+    import copy
+    from types import SimpleNamespace
+
+    from sdadapt.jobs.generate import _apply_lora_file
+    from sdadapt.methods.network_weights import read_network_weights
+
+    layers, unet, _, pairs = checkpoint
+    lora = _lora(unet)
+    path = tmp_path / "sdxl_named.safetensors"
+    write_safetensors(path, to_kohya({"unet": lora}, base_model="sdxl", layers_per_block=layers), {})
+    weights = read_network_weights(path, system=SimpleNamespace(unet=unet, base_model="sdxl"))
+    assert set(weights.components["unet"]) == set(lora)
+    model = copy.deepcopy(unet)
+    assert _apply_lora_file(SimpleNamespace(unet=model), path, 1.0)["layers"] == len(pairs)
+    name = next(iter(pairs))
+    want = dict(unet.named_modules())[name].weight.double() + ALPHA / RANK * (
+        lora[f"{name}.lora_up.weight"].double().flatten(1) @ lora[f"{name}.lora_down.weight"].double().flatten(1)
+    ).view_as(dict(unet.named_modules())[name].weight)
+    assert torch.allclose(dict(model.named_modules())[name].weight.double(), want, atol=1e-5)

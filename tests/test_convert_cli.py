@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdadapt.cli import main
@@ -309,3 +310,19 @@ def test_a1111_embedding_to_diffusers_and_back_keeps_vectors_and_token(tmp_path,
     assert not any(k.startswith(("ss_", "modelspec.")) for k in meta) and meta["sd_checkpoint"] == "abc"
     code, out, err = _run(capsys, "convert", back, "-o", tmp_path / "p", "--to", "peft")
     assert code == 2 and "embedding" in err
+
+
+@pytest.mark.parametrize(("width", "version"), [(768, "sd_v1"), (1024, "sd_v2"), (2048, "sdxl")])
+def test_kohya_target_tells_the_base_model_from_the_text_width(tmp_path, capsys, width, version):
+    """Without metadata, the cross-attention's context width tells SD1 (768), SD2 (1024), SDXL (2048):
+    an SD2 LoRA is not labelled SD1 (sdadapt's --network-weights would then refuse it on SD2)."""
+    src = tmp_path / "w.safetensors"
+    _lora_file(src, [("lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", 8, width)], rank=2)
+    mid = tmp_path / "w_d.safetensors"
+    assert _run(capsys, "convert", src, "-o", mid, "--to", "diffusers")[0] == 0
+    code, _, err = _run(capsys, "convert", mid, "-o", tmp_path / "w_k.safetensors", "--to", "kohya")
+    assert code == 0, err
+    with safe_open(str(tmp_path / "w_k.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_base_model_version"].startswith(version)
+        keys = set(handle.keys())
+    assert any(k.startswith("lora_unet_output_blocks_" if version == "sdxl" else "lora_unet_up_blocks_1") for k in keys)

@@ -31,6 +31,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     result = run_generate(
         model=args.model, prompt=args.prompt, negative=args.negative, loras=args.lora, embeddings=args.embedding,
+        hypernetworks=args.hypernetwork,
         seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, karras=args.karras,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
@@ -55,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Make a PNG from a prompt (kohya's and A1111's samplers, classifier-free guidance) on the toy model, "
         "a diffusers "
         "folder or an SD1/SD2/SDXL single-file checkpoint, with LoRA-family files merged in at a strength "
-        "(--lora FILE:0.8) and textual-inversion embeddings (their file names become trigger words).",
+        "(--lora FILE:0.8), A1111 hypernetworks (--hypernetwork FILE:0.7) and textual-inversion embeddings (their file "
+        "names become trigger words).",
     )
     generate.add_argument("--model", default="toy", metavar="toy|PATH",
                           help="'toy' (built in, default), a diffusers folder or a .safetensors/.ckpt checkpoint")
@@ -65,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="a LoRA/LyCORIS file to merge in at SCALE (default 1); repeat for several")
     generate.add_argument("--embedding", action="append", default=[], metavar="FILE",
                           help="a textual-inversion embedding; repeat for several")
+    generate.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
+                          help="an A1111 hypernetwork (.pt, or its .safetensors twin) at STRENGTH (default 1, "
+                          "A1111's); repeat to chain several in order, as A1111's <hypernet:...> tags")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 25)")
     generate.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,

@@ -104,8 +104,8 @@ def load_lora(
         return {"model": load_peft(path)}, metadata
     use_instead = {
         "embedding": "; it is a textual-inversion embedding: use it with `generate --embedding FILE` (load_embedding)",
-        "hypernetwork": "; apply it in Python with load_hypernetwork + inject_hypernetwork (docs/hypernetworks.md; "
-                        "`generate` takes LoRA-family files and embeddings only)",
+        "hypernetwork": "; it is an A1111 hypernetwork: use it with `generate --hypernetwork FILE[:STRENGTH]`, or "
+                        "in Python with load_hypernetwork + inject_hypernetwork (docs/hypernetworks.md)",
         "checkpoint": "; it is a model, not an adapter: use it as --model, or as merge-lora's BASE",
         "custom-diffusion": "; apply it with apply_custom_diffusion (docs/custom-diffusion.md)",
     }.get(kind, "")

@@ -43,6 +43,7 @@ __all__ = [
     "kohya_metadata",
     "save_kohya",
     "load_kohya",
+    "cast_factors",
 ]
 
 #: base model -> (ss_base_model_version, ss_v2, modelspec architecture, implementation)
@@ -284,18 +285,27 @@ def save_kohya(
     Raises:
         NonFiniteError: a tensor holds NaN/inf or overflows ``dtype``; nothing is written.
     """
-    from ..checks import cast_checked
-
-    state = to_kohya(components, base_model=base_model, layers_per_block=layers_per_block)
-    if dtype is not None:
-        # alphas stay float32 and integer flags (IA3's on_input) integers
-        state = {k: (v if k.endswith(".alpha") or not v.is_floating_point()
-                     else cast_checked(v, dtype, key=k, hint="save in float32"))
-                 for k, v in state.items()}
+    state = cast_factors(to_kohya(components, base_model=base_model, layers_per_block=layers_per_block), dtype)
     check_finite_output(state, path=path)
     title = title or os.path.splitext(os.path.basename(str(path)))[0]
     meta = kohya_metadata(components, base_model=base_model, title=title, extra=metadata)
     write_safetensors(path, state, meta, overwrite=overwrite)
+
+
+def cast_factors(state: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """An adapter state's floating tensors in ``dtype`` (``None``: unchanged); alphas stay float32
+    and integer flags ((IA)³'s ``on_input``) integers.
+
+    Raises:
+        NonFiniteError: a value ``dtype`` cannot hold (names the tensor; hint: save in float32).
+    """
+    from ..checks import cast_checked
+
+    if dtype is None:
+        return dict(state)
+    return {k: (v if k.endswith(".alpha") or not v.is_floating_point()
+                else cast_checked(v, dtype, key=k, hint="save in float32"))
+            for k, v in state.items()}
 
 
 def load_kohya(

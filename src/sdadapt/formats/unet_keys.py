@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from .key_source import KeySource, PlanBuilder
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet, ldm_to_diffusers_unet
 
-__all__ = ["DIFFUSERS_UNET_KEY", "plan_unet", "layers_per_block_of", "checked_layers_per_block"]
+__all__ = ["DIFFUSERS_UNET_KEY", "plan_unet", "layers_per_block_of", "checked_layers_per_block", "model_layers_per_block"]
 
 _BLOCK = r"(?:down_blocks\.\d+|up_blocks\.\d+)"
 _TRANSFORMER_PARAM = (
@@ -62,16 +62,25 @@ def checked_layers_per_block(local_keys: Iterable[str], *, naming: str) -> int:
     Up blocks hold ``L + 1`` resnets each (diffusers: max ``j`` of ``up_blocks.i.resnets.j`` is
     ``L``; LDM: ``D + 1`` levels of ``L + 1`` ``output_blocks``, ``D`` the downsamplers). Whole
     checkpoints and models always add up; a partial list of names (a few layers of a LoRA, a
-    stand-in model) may not, and then the default layout is the safer guess.
+    stand-in model, down blocks without up blocks) may not, and then the default layout is the
+    safer guess.
     """
     local_keys = [k if k.endswith(".") else k + "." for k in local_keys]
     layers = layers_per_block_of(local_keys, naming=naming)
     if naming == "diffusers":
         up = [int(k.split(".")[3]) for k in local_keys if re.match(r"up_blocks\.\d+\.resnets\.\d+\.", k)]
-        return layers if not up or max(up) == layers else 2
+        return layers if up and max(up) == layers else 2
     outputs = [int(k.split(".")[1]) for k in local_keys if re.match(r"output_blocks\.\d+\.", k)]
     levels = 1 + len({int(k.split(".")[1]) for k in local_keys if re.match(r"input_blocks\.\d+\.0\.op\.", k)})
-    return layers if not outputs or max(outputs) == levels * (layers + 1) - 1 else 2
+    return layers if outputs and max(outputs) == levels * (layers + 1) - 1 else 2
+
+
+def model_layers_per_block(unet: object) -> int:
+    """A live UNet's resnets per down block: its diffusers ``config.layers_per_block`` (2, SD's, for
+    a model without one, e.g. ``None`` or an LDM module). LoRA files with LDM UNet names (SDXL kohya
+    files) map onto the model with it (:func:`sdadapt.formats.load_lora` ``layers_per_block``)."""
+    layers = getattr(getattr(unet, "config", None), "layers_per_block", 2)
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else 2
 
 
 def plan_unet(

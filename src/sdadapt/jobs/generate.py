@@ -26,6 +26,18 @@ def _lora_spec(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
+def _checked_specs(option: str, texts: list[str] | tuple[str, ...]) -> list[tuple[Path, float]]:
+    """``option``'s ``FILE[:SCALE]`` values parsed, each file checked to exist (a ``FILE:0,8`` is named as such)."""
+    parsed = [_lora_spec(text) for text in texts]
+    for (path, _), text in zip(parsed, texts):
+        if not path.is_file():
+            head, _, scale = str(text).rpartition(":")
+            if head and Path(head).is_file():  # (FILE:SCALE with a SCALE that is no number, e.g. 0,8)
+                raise ValueError(f"{option} {text}: strength {scale!r} is not a number; write FILE:SCALE as {head}:0.8")
+            raise FileNotFoundError(f"{option} {path}: no such file")
+    return parsed
+
+
 def run_generate(
     *,
     prompt: str,
@@ -34,6 +46,7 @@ def run_generate(
     negative: str = "",
     loras: list[str] | tuple[str, ...] = (),
     embeddings: list[str] | tuple[str, ...] = (),
+    hypernetworks: list[str] | tuple[str, ...] = (),
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
@@ -65,6 +78,10 @@ def run_generate(
         loras: ``"FILE"`` or ``"FILE:SCALE"`` (any family sdadapt reads: kohya, LyCORIS, diffusers,
             peft), merged into the weights at that strength.
         embeddings: textual-inversion files; their trigger words (the file names) work in the prompts.
+        hypernetworks: A1111 hypernetworks, ``"FILE"`` or ``"FILE:STRENGTH"`` (default 1.0, A1111's),
+            injected into the UNet (:func:`sdadapt.inject_hypernetwork`) after the LoRA merges;
+            several chain in the order given, as A1111 chains ``<hypernet:...>`` tags. A file for
+            another family (an SD1 file's 768 text width on SD2's 1024) is refused.
         steps: sampler steps (default 25; the toy 25).
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_from_label`; a label's " Karras" is ``karras``.
@@ -86,11 +103,13 @@ def run_generate(
             Diffusion models; the toy uses its fitted one. ``aesthetic_text``: A1111's "aesthetic text".
 
     Returns:
-        ``{"files": [...], "seconds": ..., "loras": [...], "embeddings": [...], "unknown_words": [...]}``.
+        ``{"files": [...], "seconds": ..., "loras": [...], "hypernetworks": [...], "embeddings": [...],
+        "unknown_words": [...]}``.
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is false (checked before loading anything).
-        ValueError: an empty prompt, a bad size or sampler, a LoRA that does not fit the model.
+        ValueError: an empty prompt, a bad size or sampler, a LoRA or hypernetwork that does not fit
+            the model. WeightFileError: a ``hypernetworks`` file that is no hypernetwork (its kind named).
     """
     from ..formats.files import WeightFileError, check_output_file
     from ..images import write_png
@@ -120,17 +139,18 @@ def run_generate(
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
-    parsed = [_lora_spec(text) for text in loras]
-    for (path, _), text in zip(parsed, loras):
-        if not path.is_file():
-            head, _, scale = str(text).rpartition(":")
-            if head and Path(head).is_file():  # (FILE:SCALE with a SCALE that is no number, e.g. 0,8)
-                raise ValueError(f"--lora {text}: strength {scale!r} is not a number; write FILE:SCALE as {head}:0.8")
-            raise FileNotFoundError(f"--lora {path}: no such file")
+    parsed = _checked_specs("--lora", loras)
+    hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks)
     for path in embeddings:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--embedding {path}: no such file")
     from ..text_chunks import chunk_count
+    from .generate_hypernetworks import (
+        inject_hypernetwork_option,
+        read_hypernetwork_option,
+    )
+
+    hypernetwork_modules = [read_hypernetwork_option(path) for path, _ in hypernetwork_specs]  # before the model
 
     chunk_count(max_token_length)  # 75, 150 or 225
     if aesthetic is not None and max_token_length != 75:
@@ -147,6 +167,14 @@ def run_generate(
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
         say(f"applied {path} at {scale:g} ({applied[-1]['layers']} layers)")
+    hypernetwork_report = []
+    for index, ((path, strength), module) in enumerate(zip(hypernetwork_specs, hypernetwork_modules)):
+        unet_device = next(system.unet.parameters()).device
+        handle = inject_hypernetwork_option(system, module.to(unet_device), path=path, strength=strength, index=index)
+        hypernetwork_report.append({"file": str(path), "strength": strength, "layers": len(handle.layers),
+                                    "unused_widths": list(handle.unused_widths)})
+        unused = f"; widths {list(handle.unused_widths)} unused" if handle.unused_widths else ""
+        say(f"hypernetwork {path} at {strength:g} ({len(handle.layers)} layers{unused})")
     handles = []
     for path in embeddings:
         handles.append(_inject_embedding_file(system, Path(path)))
@@ -175,6 +203,7 @@ def run_generate(
         if progress is not None:
             progress(i + 1, len(files), file.name)
     return {"files": written, "seconds": time.perf_counter() - start, "loras": applied,
+            "hypernetworks": hypernetwork_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic)}
 
@@ -183,8 +212,10 @@ def _apply_lora_file(system, path: Path, scale: float) -> dict:
     """Merge a LoRA-family file into the system's weights (``apply_lora`` per component)."""
     from ..apply import apply_lora
     from ..formats import load_lora
+    from ..formats.unet_keys import model_layers_per_block
 
-    components, metadata = load_lora(path)
+    # LDM-named UNet layers (SDXL kohya files) map with the model's own UNet layout
+    components, metadata = load_lora(path, layers_per_block=model_layers_per_block(getattr(system, "unet", None)))
     layers = 0
     for component, state in components.items():
         module = getattr(system, component, None)

@@ -42,7 +42,7 @@ from ..errors import InputError, OutputError, OutputExistsError, WeightFileError
 from ..formats import load_lora
 from ..formats.detect import describe_file
 from ..formats.diffusers import METADATA_KEY, save_diffusers, save_peft
-from ..formats.kohya import save_kohya
+from ..formats.kohya import cast_factors, save_kohya
 from ..formats.layers import COMPONENTS, split_key
 from .output import (
     check_base_model,
@@ -160,13 +160,21 @@ def _check_target_families(families: Mapping[str, int], target: str, source: str
 def _base_model_for_kohya(path: str | os.PathLike, components: Mapping[str, Mapping[str, Tensor]],
                           metadata: Mapping[str, str], base_model: str | None) -> str:
     """kohya naming: ``base_model``, else the input's metadata or naming, else the layers' structure
-    (SDXL UNets have several transformer blocks per attention); refused when none tells SD1/SD2 from SDXL."""
+    (the text encoder's width its cross-attention/text-encoder layers read: 768 SD1, 1024 SD2, 2048 SDXL;
+    SDXL UNets have several transformer blocks per attention); refused when none tells SD1/SD2 from SDXL."""
     if base_model is not None:
         return base_model
     weights = Path(path) / "adapter_model.safetensors" if Path(path).is_dir() else path  # a peft folder
     told = lora_base_model(weights, components, metadata)
     if told != "sd1" or metadata.get("ss_base_model_version", "").startswith("sd_v1"):
         return told
+    widths = _context_widths(components)
+    if 2048 in widths:
+        return "sdxl"  # SDXL's cross-attention context (CLIP-L + OpenCLIP-G)
+    if 1024 in widths:
+        return "sd2"  # OpenCLIP-H: SD2's text encoder width and context; SD1 has 768
+    if 768 in widths:
+        return "sd1"  # a UNet context of 768 (CLIP-L alone): SD1
     layers = [layer for state in components.values() for layer in layer_groups(state)]
     unet = [layer for layer in layers if layer.startswith(("down_blocks", "up_blocks", "mid_block", "conv_", "time_"))]
     if any(".transformer_blocks." in layer and ".transformer_blocks.0." not in layer for layer in unet):
@@ -177,6 +185,27 @@ def _base_model_for_kohya(path: str | os.PathLike, components: Mapping[str, Mapp
         f"{path}: neither its metadata nor its layers tell whether it is for SD1/SD2 or SDXL, whose kohya names "
         "differ; pass --base-model sd1|sd2|sd2-v|sdxl"
     )
+
+
+def _context_widths(components: Mapping[str, Mapping[str, Tensor]]) -> set[int]:
+    """In-features of the layers that read the text encoder's width: UNet cross-attention
+    ``attn2.to_k``/``to_v`` and the first text encoder's attention projections (SD1 768, SD2 1024,
+    SDXL context 2048; a first text encoder of 768 is SD1's or SDXL's CLIP-L, so not counted);
+    layers whose file tensors cannot tell a shape are skipped."""
+    widths: set[int] = set()
+    for component, state in components.items():
+        if component not in ("unet", "text_encoder"):
+            continue
+        ends = (".attn2.to_k", ".attn2.to_v") if component == "unet" else (".self_attn.q_proj", ".self_attn.k_proj")
+        for layer, tensors in layer_groups(state).items():
+            if layer.endswith(ends):
+                try:
+                    shape = weight_shape_of_file_tensors(tensors, name=layer)
+                except ValueError:
+                    continue
+                if shape is not None and len(shape) >= 2 and (component == "unet" or shape[1] != 768):
+                    widths.add(int(shape[1]))
+    return widths
 
 
 def _peft_component(components: Mapping[str, Mapping[str, Tensor]], component: str | None, source: str) -> str:
@@ -206,16 +235,6 @@ def _check_peft_folder(out: Path, *, overwrite: bool) -> None:
         parent = parent.parent
     if not os.access(parent if not out.exists() else out, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: no permission to write there; write elsewhere")
-
-
-def _cast(state: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
-    from ..checks import cast_checked
-
-    if dtype is None:
-        return dict(state)
-    return {k: (v if k.endswith(".alpha") or not v.is_floating_point() else cast_checked(v, dtype, key=k,
-                                                                                         hint="save in float32"))
-            for k, v in state.items()}
 
 
 def convert_lora(
@@ -295,7 +314,7 @@ def convert_lora(
         name = _peft_component(components, component if kind not in ("peft-lora", "peft-ia3") else None, str(source))
         written = {name: components[name]}
         try:
-            save_peft(target, _cast(components[name], dtype))
+            save_peft(target, cast_factors(components[name], dtype))
         except BaseException:
             _remove_empty(target)
             raise

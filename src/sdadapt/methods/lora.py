@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..formats import save_lora
 from ..formats.kohya import kohya_metadata
 from ..formats.layers import canonical_layer_path
+from ..formats.unet_keys import model_layers_per_block
 from ..formats.unet_names import attention_up_blocks
 from ..inject import AdapterHandle, inject
 from ..targets import TEXT_ENCODER, UNET_ATTENTION, UNET_KOHYA, UNET_LOCON, Target, select
@@ -120,9 +121,8 @@ class AdapterAdaptation:
             args = json.loads(kohya_metadata(states, base_model=self.base_model)["ss_network_args"])
             metadata["ss_network_args"] = json.dumps({**args, **self.network_args})
         unet = self.handles["unet"].model if "unet" in self.handles else None
-        layers = getattr(getattr(unet, "config", None), "layers_per_block", 2)  # SDXL's LDM names follow the UNet
         save_lora(path, states, format="kohya", base_model=self.base_model, metadata=metadata,
-                  layers_per_block=layers if isinstance(layers, int) else 2)
+                  layers_per_block=model_layers_per_block(unet))  # SDXL's LDM names follow the UNet
         return Path(path)
 
     def remove(self) -> None:

@@ -122,7 +122,10 @@ def read_network_weights(path: str | os.PathLike, *, system, flag: str = "--netw
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"{flag} {file}: no such file (give the LoRA/LyCORIS file)")
-    components, metadata = load_lora(file)
+    from ..formats.unet_keys import model_layers_per_block
+
+    # LDM-named UNet layers (SDXL kohya files) map with the model's own UNet layout
+    components, metadata = load_lora(file, layers_per_block=model_layers_per_block(getattr(system, "unet", None)))
     if "model" in components:  # a peft adapter: the UNet's
         components = {"unet": components.pop("model"), **components}
     mine = "sd2" if system.base_model.startswith("sd2") else system.base_model
