@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sdadapt
-from sdadapt.adapters import FAMILIES, DoRAConfig, LoHaConfig, LoKrConfig, LoRAConfig, build_adapter, geometry_of
+from sdadapt.adapters import FAMILIES, DoRAConfig, GLoRAConfig, LoHaConfig, LoKrConfig, LoRAConfig, build_adapter, geometry_of
 from sdadapt.formats import load_lora, save_lora
 
 # --------------------------------------------------------------------------- float64 references
@@ -100,20 +100,80 @@ def ref_ia3(t: dict, base: torch.Tensor) -> torch.Tensor:
     return out
 
 
-REFERENCES = {"lora": ref_lora, "loha": ref_loha, "lokr": ref_lokr, "full": ref_full, "ia3": ref_ia3}
+def _cayley64(blocks: torch.Tensor, bound: float) -> torch.Tensor:
+    """R = (I + Q)(I − Q)⁻¹ per block, Q = A − Aᵀ scaled to norm ``bound`` when over it (one norm, all blocks)."""
+    q = blocks.double() - blocks.double().transpose(-1, -2)
+    norm = q.norm() + 1e-8
+    if bound > 0 and norm > bound:
+        q = q * bound / norm
+    eye = torch.eye(q.shape[-1], dtype=torch.float64)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def _butterfly_permutation(out: int, half: int) -> torch.Tensor:
+    """P with (P W)[p] = W[o]: row o = c·2h + g·h + t moves to p = c·2h + 2t + g (rows h apart become neighbours)."""
+    p = torch.zeros(out, out, dtype=torch.float64)
+    for o in range(out):
+        c, rest = divmod(o, 2 * half)
+        g, t = divmod(rest, half)
+        p[c * 2 * half + 2 * t + g, o] = 1.0
+    return p
+
+
+def ref_oft(t: dict, base: torch.Tensor) -> torch.Tensor:
+    """Diag-OFT: W' = diag(R_k)ᵀ W; BOFT: W' = Π_i P_iᵀ diag(R_ik) P_i W; then rows · rescale; ΔW = W' − W."""
+    w = base.double().reshape(base.shape[0], -1)  # (out, in·k)
+    out = w.shape[0]
+    blocks = t["oft_blocks"]
+    rotations = _cayley64(blocks, float(t.get("alpha", torch.tensor(0.0))) * out)
+    if blocks.dim() == 3:
+        merged = torch.block_diag(*rotations).T @ w
+    else:
+        merged, b = w, blocks.shape[-1]
+        for i in range(blocks.shape[0]):
+            p = _butterfly_permutation(out, 2**i * b // 2)
+            merged = p.T @ torch.block_diag(*rotations[i]) @ p @ merged
+    if "rescale" in t:
+        merged = t["rescale"].double().reshape(out, 1) * merged
+    return (merged - w).reshape(base.shape)
+
+
+def ref_norm(t: dict, base: torch.Tensor) -> torch.Tensor:
+    """LyCORIS norm offsets: w' = w + w_norm, so ΔW = w_norm (C,)."""
+    return t["w_norm"].double().reshape(base.shape)
+
+
+def ref_glora(t: dict, base: torch.Tensor) -> torch.Tensor:
+    """LyCORIS GLoRA: ΔW[o, j, ...] = s · (Σ_i W[o, i, ...] (a1 a2)[i, j] + (b1 b2)[o, (j, ...)]), s = alpha / r."""
+    a1, a2 = t["a1.weight"].double().flatten(1), t["a2.weight"].double().flatten(1)  # (in, r), (r, in)
+    b1, b2 = t["b1.weight"].double().flatten(1), t["b2.weight"].double()  # (out, r), (r, in, *k)
+    w, r = base.double(), a2.shape[0]
+    mix = a1 @ a2
+    out = torch.zeros_like(w)
+    for j in range(w.shape[1]):
+        for i in range(w.shape[1]):
+            out[:, j] += w[:, i] * mix[i, j]
+    out += (b1 @ b2.reshape(r, -1)).reshape(w.shape)
+    return out * _scale(t, r)
+
+
+REFERENCES = {"lora": ref_lora, "loha": ref_loha, "lokr": ref_lokr, "full": ref_full, "ia3": ref_ia3, "oft": ref_oft, "glora": ref_glora, "norm": ref_norm}
 
 
 def reference_delta(family: str, tensors: dict, base: torch.Tensor) -> torch.Tensor:
     shape = tuple(base.shape)
     if family == "dora":
         return ref_dora(tensors, shape, base)
-    if family == "ia3":
-        return ref_ia3(tensors, base)
+    if family in ("ia3", "oft", "glora", "norm"):  # multiplicative: the delta is made from the base weight
+        return REFERENCES[family](tensors, base)
     return REFERENCES[family](tensors, shape)
 
 
 def reference_bias_delta(tensors: dict) -> torch.Tensor | None:
-    return tensors["diff_b"].double() if "diff_b" in tensors else None
+    for key in ("diff_b", "b_norm"):
+        if key in tensors:
+            return tensors[key].double()
+    return None
 
 
 # --------------------------------------------------------------------------- cases
@@ -123,26 +183,43 @@ LAYERS = {
     "conv1x1": lambda: nn.Conv2d(6, 8, 1),
     "conv3x3": lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1),
 }
+#: the layers of the families that adapt normalisation layers (LyCORIS norm modules)
+NORM_LAYERS = {
+    "groupnorm": lambda: nn.GroupNorm(2, 8),
+    "layernorm": lambda: nn.LayerNorm(8),
+}
 
 
 def _input(layer_kind: str, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = {"linear": (3, 5, 6), "conv1x1": (2, 6, 5, 5), "conv3x3": (2, 4, 7, 7)}[layer_kind]
+    shape = {"linear": (3, 5, 6), "conv1x1": (2, 6, 5, 5), "conv3x3": (2, 4, 7, 7), "groupnorm": (2, 8, 5, 5),
+             "layernorm": (3, 5, 8)}[layer_kind]
     return torch.randn(shape, generator=g, dtype=dtype)
 
 
 def _model(layer_kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(LAYERS[layer_kind]())
+    return nn.Sequential({**LAYERS, **NORM_LAYERS}[layer_kind]())
+
+
+def _op(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The base layer's own op with the given weight and bias."""
+    if isinstance(layer, nn.Linear):
+        return nn.functional.linear(x, weight, bias)
+    if isinstance(layer, nn.GroupNorm):
+        return nn.functional.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    if isinstance(layer, nn.LayerNorm):
+        return nn.functional.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+    return layer._conv_forward(x, weight, bias)
 
 
 CASES = [
     pytest.param(name, config, kind, id=f"{name}{i}-{kind}")
     for name, family in FAMILIES.items()
     for i, config in enumerate(family.examples)
-    for kind in LAYERS
+    for kind in (NORM_LAYERS if family.module_type.adapts_norms else LAYERS)
 ]
-TARGET = sdadapt.by_type(nn.Linear, nn.Conv2d)
+TARGET = sdadapt.by_type(nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 
 
 def randomize(handle, seed: int = 3, std: float = 0.4) -> None:
@@ -191,13 +268,10 @@ def test_module_equals_functional_and_reference(family, config, kind):
     base = layer.weight.detach()
     with torch.no_grad():
         y = model(x)
-        y_base = nn.functional.linear(x, base, layer.bias) if kind == "linear" else layer._conv_forward(x, base, layer.bias)
         merge = adapter.merge_delta(base)
-        # the hook's Δy equals the layer's own op applied with the merge delta (+ bias delta)
-        expected = y_base + adapter.geometry.conv(x, merge)
+        # the hook's Δy equals the layer's own op applied with the merged weight (+ bias delta)
         bias = adapter.bias_delta()
-        if bias is not None:
-            expected = expected + (bias.view(-1, 1, 1) if kind != "linear" else bias)
+        expected = _op(layer, x, base + merge, layer.bias if bias is None else layer.bias + bias)
         assert torch.allclose(y, expected, atol=1e-5, rtol=1e-5)
         # the merge delta equals the float64 reference from the published definition
         tensors = {k: v.detach() for k, v in adapter.file_tensors().items()}
@@ -312,7 +386,7 @@ def test_gradients_reach_every_adapter_parameter(family, config, kind):
 
 @settings(max_examples=12, deadline=None)
 @given(
-    family=st.sampled_from(["lora", "loha", "lokr", "dora"]),
+    family=st.sampled_from(["lora", "loha", "lokr", "dora", "glora"]),
     out_f=st.sampled_from([4, 6, 9, 12]),
     in_f=st.sampled_from([2, 6, 8, 10]),
     kernel=st.sampled_from([(), (1, 1), (3, 3), (1, 3)]),
@@ -331,6 +405,7 @@ def test_merge_delta_matches_reference_over_shapes(family, out_f, in_f, kernel, 
         "loha": LoHaConfig(rank=rank, alpha=1.5, use_tucker=tucker),
         "lokr": LoKrConfig(rank=rank, alpha=1.5, use_tucker=tucker, decompose_both=bool(seed % 2)),
         "dora": LoHaConfig(rank=rank, alpha=1.5, use_tucker=tucker),
+        "glora": GLoRAConfig(rank=rank, alpha=1.5),
     }[family]
     config = DoRAConfig(inner, wd_on_out=bool(seed % 2)) if family == "dora" else inner
     adapter = build_adapter(config, geometry, dtype=dtype)

@@ -303,8 +303,10 @@ def test_lycoris_algo_must_name_the_method():
         _check_lycoris_args("lora", {"algo": "loha"})
     with pytest.raises(InputError, match="train ia3"):
         _check_lycoris_args("lora", {"algo": "ia3"})
-    with pytest.raises(InputError, match="not glora"):
+    with pytest.raises(InputError, match="train glora"):
         _check_lycoris_args("lora", {"algo": "glora"})
+    with pytest.raises(InputError, match="not dylora"):
+        _check_lycoris_args("lora", {"algo": "dylora"})
     with pytest.raises(InputError, match="train dora"):
         _check_lycoris_args("lora", {"algo": "lora", "dora_wd": "True"})
     _check_lycoris_args("dora", {"algo": "lora", "dora_wd": "True"})

@@ -258,7 +258,7 @@ def test_refusals_exit_with_the_documented_codes(tmp_path, capsys):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
                "model.diffusion_model.out.2.weight": torch.zeros(4, 4, 3, 3)}, str(checkpoint))
     code, _, err = _run(capsys, "convert", checkpoint, "-o", tmp_path / "x.safetensors", "--to", "kohya")
-    assert code == 3 and "checkpoint" in err and "convert handles" in err
+    assert code == 2 and "checkpoint" in err and "--to ldm" in err  # a checkpoint converts --to diffusers|ldm
     code, _, err = _run(capsys, "convert", src, "-o", tmp_path / "x.pt", "--to", "diffusers")
     assert code == 7 and ".safetensors" in err  # OUT of the wrong form
     code, _, err = _run(capsys, "convert", src, "-o", tmp_path / "x.safetensors", "--to", "peft")

@@ -312,8 +312,8 @@ def test_option_clashes_before_the_model_loads(layout, tmp_path, capsys):
     zero = _edited(toml, "batch_size = 2", "batch_size = 0")
     assert main(["train", "lora", "--dataset-config", str(zero), "-o", str(out)]) == 2
     assert f"--dataset-config {zero}: --batch-size must be >= 1" in capsys.readouterr().err and not out.exists()
-    with pytest.raises(InputError, match="resize_interpolation = 'lanczos'"):
-        _read(_edited(toml, "keep_tokens = 1", 'keep_tokens = 1\nresize_interpolation = "lanczos"'))
+    with pytest.raises(InputError, match="resize_interpolation must be one of lanczos, nearest"):
+        _read(_edited(toml, "keep_tokens = 1", 'keep_tokens = 1\nresize_interpolation = "lanczos3"'))
 
 
 def test_in_json_captions_and_tags(tmp_path, monkeypatch):

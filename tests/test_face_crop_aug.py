@@ -21,6 +21,7 @@ from train_inputs import lora_train_args, read_kohya_table
 from sdadapt.cli import main
 from sdadapt.errors import InputError
 from sdadapt.images import read_image, scale_image, write_png
+from sdadapt.resampling import kohya_default
 from sdadapt.training.data import (
     Dataset,
     encode_buckets,
@@ -158,8 +159,14 @@ def test_the_pixels_are_the_area_scaled_image_cut_at_the_window():
         window = face_crop_window((150, 97), (32, 48), (50, 70, 30, 40), (1.5, 4.0), random_crop=seed % 2 == 1,
                                   rng=random.Random(seed))
         (nh, nw), (top, left) = window
-        # area averaging, written out in float64: each output pixel the mean over its source interval
-        want = torch.nn.functional.adaptive_avg_pool2d(image[None], (nh, nw))[0][:, top: top + 32, left: left + 48]
+        # kohya's default when shrinking, OpenCV's INTER_AREA, written out in float64: each output pixel the
+        # mean over the source area it covers (fractional pixels at its edges weighted by the share covered)
+        def overlap(n_in: int, n_out: int) -> torch.Tensor:
+            s = n_in / n_out
+            return torch.tensor([[max(0.0, min(i + 1, (o + 1) * s) - max(i, o * s)) / s for i in range(n_in)]
+                                 for o in range(n_out)], dtype=torch.float64)
+
+        want = (overlap(150, nh) @ image @ overlap(97, nw).T)[:, top: top + 32, left: left + 48]
         got = face_crop(image, (32, 48), (50, 70, 30, 40), (1.5, 4.0), random_crop=seed % 2 == 1, rng=random.Random(seed))
         assert got.shape == (3, 32, 48)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
@@ -246,10 +253,11 @@ def test_each_use_is_kohyas_face_crop_of_the_file_then_the_flip(face_images, mon
             if face[0] > 0:
                 (nh, nw), (top, left) = _kohya_crop_target((32, 32), tuple(image.shape[1:]), face, (1.5, 3.0), False, rng)
                 windows.add((record.path.name, nh, top, left))
-                crop = scale_image(image, (nh, nw))[:, top: top + 32, left: left + 32]
+                crop = scale_image(image, (nh, nw), interpolation="area")[:, top: top + 32, left: left + 32]
                 rows.append([32, 32, 0, 32 if flipped else 0, 32, 32])  # kohya: original = target, crop (0, 0, 0, 0)
             else:
-                scaled = scale_image(image, record.resized)
+                scaled = scale_image(image, record.resized,
+                                     interpolation=kohya_default(tuple(image.shape[1:]), record.resized))
                 top, left = record.crop
                 crop = scaled[:, top: top + 32, left: left + 32]
                 rows.append([*record.size, top, record.resized[1] - 32 - left if flipped else left, 32, 32])

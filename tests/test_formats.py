@@ -473,7 +473,7 @@ def test_load_lora_detects_a_legacy_pt_kohya_file(tmp_path):
 
 
 def test_load_lora_reads_lycoris_and_refuses_unsupported_algorithms_clearly(tmp_path):
-    # LoHa now loads (tests/test_lycoris_files.py covers it in depth); an OFT module does not
+    # LoHa loads (tests/test_lycoris_files.py covers it in depth), so does OFT (tests/test_oft.py)
     g = torch.Generator().manual_seed(0)
     layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
     state = {f"{layer}.{k}": torch.randn(4, 4, generator=g) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
@@ -482,13 +482,13 @@ def test_load_lora_reads_lycoris_and_refuses_unsupported_algorithms_clearly(tmp_
     write_safetensors(path, state, {"ss_network_module": "lycoris.kohya"})
     components, _ = load_lora(path)
     assert set(components["unet"]) == {f"down_blocks.0.attentions.0.proj_in.{k}" for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")}
-    oft = tmp_path / "oft.safetensors"
-    write_safetensors(oft, {f"{layer}.oft_blocks": torch.zeros(2, 2, 2), f"{layer}.alpha": torch.tensor(1.0)}, {"ss_network_module": "lycoris.kohya"})
+    # LyCORIS 2's `oft_diag` (the rotation itself) is no family's tensor: refused naming the key
+    old_oft = tmp_path / "oft_diag.safetensors"
+    write_safetensors(old_oft, {f"{layer}.oft_diag": torch.zeros(2, 2, 2)}, {"ss_network_module": "lycoris.kohya"})
     with pytest.raises(WeightFileError) as info:
-        load_lora(oft)
+        load_lora(old_oft)
     message = str(info.value)
-    assert str(oft) in message and "oft_blocks" in message
-    assert "LyCORIS" in message and "OFT" in message
+    assert str(old_oft) in message and "oft_diag" in message and "LyCORIS" in message
 
 
 @pytest.mark.parametrize(

@@ -308,19 +308,22 @@ def test_files_with_weight_keys_keep_their_family(config, family, tmp_path):
     assert set(load_file(str(path))) >= {f"lora_unet_{k}" for k in handle.state_dict() if not k.endswith(".alpha")}
 
 
-def test_glora_weight_keys_are_refused_not_read_as_ia3(tmp_path):
-    """LyCORIS GLoRA's ``a1.weight`` ... end in ``.weight`` too: refused as an unsupported LyCORIS
-    module (as before (IA)³ existed), not split into layers ``x.a1`` with an (IA)³-like ``weight``."""
+def test_glora_weight_keys_are_read_as_glora_not_as_ia3(tmp_path):
+    """LyCORIS GLoRA's ``a1.weight`` ... end in ``.weight`` too: read as one GLoRA layer ``to_k``, not
+    split into layers ``to_k.a1`` with an (IA)³-like ``weight``."""
     from safetensors.torch import save_file
 
-    from sdadapt.formats.files import WeightFileError
+    from sdadapt.adapters.registry import algorithm_of_keys
+    from sdadapt.formats.layers import group_by_layer
 
     path = tmp_path / "glora.safetensors"
-    save_file({"lora_unet_to_k.a1.weight": torch.zeros(2, 4), "lora_unet_to_k.a2.weight": torch.zeros(4, 2),
-               "lora_unet_to_k.b1.weight": torch.zeros(2, 4), "lora_unet_to_k.b2.weight": torch.zeros(4, 2),
+    save_file({"lora_unet_to_k.a1.weight": torch.zeros(4, 2), "lora_unet_to_k.a2.weight": torch.zeros(2, 4),
+               "lora_unet_to_k.b1.weight": torch.zeros(6, 2), "lora_unet_to_k.b2.weight": torch.zeros(2, 4),
                "lora_unet_to_k.alpha": torch.tensor(1.0)}, str(path))
-    with pytest.raises(WeightFileError, match=r"not kohya LoRA keys .*a1\.weight.*GLoRA"):
-        sdadapt.load_lora(path)
+    groups = group_by_layer(sdadapt.load_lora(path)[0]["unet"])
+    assert list(groups) == ["to_k"]
+    assert set(groups["to_k"]) == {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"}
+    assert algorithm_of_keys(groups["to_k"]) == "glora"
 
 
 def test_network_weights_with_the_other_axis_is_refused(tmp_path):

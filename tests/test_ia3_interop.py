@@ -29,8 +29,9 @@ from torch import nn
 
 import sdadapt
 from sdadapt.adapters import IA3Module
-from sdadapt.formats import describe_file, load_lora
+from sdadapt.formats import describe_file, load_lora, save_lora
 from sdadapt.formats.diffusers import save_peft
+from sdadapt.loratools.convert import convert_lora
 
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is not installed (pip install lycoris-lora)")
 from lycoris.kohya import create_network
@@ -265,7 +266,10 @@ def test_peft_ia3_round_trips_both_ways(build, targets, feedforward, tmp_path, r
     # peft -> sdadapt: load_lora reads the folder, the family is (IA)³, the outputs are peft's
     components, _ = load_lora(folder)
     state = components["model"]
-    assert {k.rsplit(".", 1)[1] for k in state} == {"weight", "on_input"}
+    assert {k.rsplit(".", 1)[1] for k in state} == {"weight", "on_input", "scales_bias"}
+    # output-scaled vectors say that peft scales their bias too (checked where a layer is known)
+    assert {k[: -len(".scales_bias")] for k in state if k.endswith(".scales_bias")} == {
+        k[: -len(".on_input")] for k, v in state.items() if k.endswith(".on_input") and not int(v)}
     torch.manual_seed(0)
     fresh = build()
     handle = sdadapt.load_adapter(fresh, state)
@@ -281,6 +285,19 @@ def test_peft_ia3_round_trips_both_ways(build, targets, feedforward, tmp_path, r
     summary = describe_file(folder)
     assert summary["kind"] == "peft-ia3" and summary["family"] == "ia3"
     assert summary["components"] == {"model": len(handle.modules)}
+    if kind == "sd1-unet":  # peft -> kohya: scales_bias is never written; the model resolves it
+        kohya = tmp_path / "kohya.safetensors"
+        with pytest.raises(sdadapt.errors.InputError, match=r"unet: 24 \(IA\)³ layer\(s\) come from a peft adapter.*attn1\.to_k"):
+            convert_lora(folder, kohya, to="kohya", base_model="sd1")
+        with pytest.raises(sdadapt.errors.InputError, match="load_adapter"):
+            save_lora(kohya, {"unet": state})
+        assert not kohya.exists()
+        save_lora(kohya, {"unet": handle.state_dict()})  # through the model (to_k/to_v: bias-free): LyCORIS' keys
+        assert {k.rsplit(".", 1)[1] for k in load_file(str(kohya))} == {"weight", "on_input"}
+        torch.manual_seed(0)
+        again = build()
+        sdadapt.load_adapter(again, load_lora(kohya)[0]["unet"])
+        assert torch.allclose(_run(again, kind), y_peft, atol=2e-5, rtol=1e-4)
 
     # sdadapt -> peft: save_peft of sdadapt's state; PeftModel.from_pretrained computes the same
     out = tmp_path / "ours"
@@ -299,6 +316,48 @@ def test_peft_ia3_on_a_biased_output_layer_is_refused_with_the_model():
 
     model = nn.Sequential(nn.Linear(3, 4))
     state = {"base_model.model.0.ia3_l": torch.ones(4, 1) * 1.5}
-    assert set(from_peft_ia3(state, None)) == {"0.weight", "0.on_input"}  # without the model: read as written
+    # without the model: read as written, with peft's bias scaling recorded
+    assert set(from_peft_ia3(state, None)) == {"0.weight", "0.on_input", "0.scales_bias"}
     with pytest.raises(sdadapt.errors.InputError, match=r"0\.ia3_l scales the outputs of 0, which has a bias"):
         from_peft_ia3(state, None, model=model)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_peft_ia3_folder_read_without_the_model_is_exact_or_refused_where_applied(bias, tmp_path):
+    """``load_lora(folder)`` cannot see the model: an output-scaled vector on a biased layer is refused
+    by load_adapter / apply_lora / merge-lora (each knows the layer's bias), never applied with another
+    output; on a bias-free layer it gives peft's outputs exactly, and saving it back to peft keeps them."""
+    torch.manual_seed(0)
+    build = lambda: nn.Sequential(nn.Linear(4, 6, bias=bias), nn.ReLU(), nn.Linear(6, 3))  # noqa: E731
+    model = build()
+    x = torch.randn(5, 4)
+    peft_model = peft.get_peft_model(model, peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+        y_peft = model(x)
+    folder = tmp_path / "peft"
+    peft_model.save_pretrained(str(folder))
+    state = load_lora(folder)[0]["model"]
+    assert set(state) == {"0.weight", "0.on_input", "0.scales_bias", "2.weight", "2.on_input"}
+    torch.manual_seed(0)
+    fresh = build()
+    original = {k: v.clone() for k, v in fresh.state_dict().items()}
+    if bias:
+        with pytest.raises(ValueError, match=r"^0: a peft IA3 vector scales this layer's outputs together with its bias"):
+            sdadapt.load_adapter(fresh, state)
+        with pytest.raises(ValueError, match="peft IA3 vector"):
+            sdadapt.apply_lora(fresh, state)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in original.items())
+        assert not any(n.endswith("sdadapt") for n, _ in fresh.named_modules())
+        return
+    handle = sdadapt.load_adapter(fresh, state)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), y_peft, atol=1e-6)
+    save_peft(tmp_path / "again", state)  # the flag is peft's own semantics: not written
+    torch.manual_seed(0)
+    again = peft.PeftModel.from_pretrained(build(), str(tmp_path / "again"))
+    with torch.no_grad():
+        assert torch.allclose(again(x), y_peft, atol=1e-6)
+    handle.remove()

@@ -134,10 +134,10 @@ KOHYA_OPTIONS = {
 }
 
 #: options refused when set (each with its own reason): they would change what is trained, or cannot be done here
-REFUSED = {"no_metadata", "lr_scheduler_type", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
+REFUSED = {"no_metadata", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
            "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
            "async_upload", "output_config", "debug_dataset",
-           "resize_interpolation", "dataset_class", "deepspeed", "weights",
+           "dataset_class", "deepspeed",
            "fused_optimizer_groups"}
 
 #: a value other than kohya's default for each kind, and for options whose value has a form
@@ -368,7 +368,7 @@ def test_sample_prompt_files_in_kohyas_three_formats_read_the_same(tmp_path):
 
 @pytest.mark.parametrize("name, text, words", [
     ("a.json", '{"prompt": "a dog"}', "a list of prompts"),
-    ("b.json", '[{"prompt": "a dog", "sample_sampler": "dpm_fast"}]', "sample_sampler 'dpm_fast' is not a sampler"),
+    ("b.json", '[{"prompt": "a dog", "sample_sampler": "euler_cfg_pp"}]', "sample_sampler 'euler_cfg_pp' is not a sampler"),
     ("b2.json", '[{"prompt": "a dog", "controlnet_image": "c.png"}]', "'controlnet_image' is not read"),
     ("c.json", '[{"negative_prompt": "x"}]', "no prompt"),
     ("d.json", '[{"prompt": "a dog", "width": "wide"}]', "width must be a whole number"),
@@ -450,9 +450,11 @@ def test_lycoris_gui_network_args_at_their_off_values_pass_and_on_are_refused():
     assert parse_network_args(gui, method_options=methods) == {
         "conv_rank": "4", "conv_alpha": "1", "use_tucker": "False", "rank_dropout": "0", "dora_wd": "False",
         "module_dropout": "0", "algo": "lokr", "factor": "-1", "decompose_both": "False"}
-    for on in ("use_scalar=True", "train_norm=True", "bypass_mode=True"):
+    for on in ("use_scalar=True", "bypass_mode=True"):
         with pytest.raises(InputError, match=on.split("=")[0]):
             parse_network_args([on], method_options=methods)
+    # LyCORIS' norm modules: a LoRA-family option (tests/test_glora_norm.py)
+    assert parse_network_args(["train_norm=True"], method_options=methods) == {"train_norm": "True"}
     assert parse_network_args(["preset=full"], method_options=methods) == {"targets": "full"}
 
 

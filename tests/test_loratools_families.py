@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, tiny_unet_sdxl, unet_inputs  # noqa: E402
 
 import sdadapt  # noqa: E402
-from sdadapt.adapters import DoRAConfig, FullConfig, LoHaConfig, LoKrConfig, LoRAConfig  # noqa: E402
+from sdadapt.adapters import DoRAConfig, FullConfig, GLoRAConfig, LoHaConfig, LoKrConfig, LoRAConfig  # noqa: E402
 from sdadapt.adapters.registry import FAMILIES, weight_shape_of_file_tensors  # noqa: E402
 from sdadapt.cli import main as cli_main  # noqa: E402
 from sdadapt.formats import WeightFileError, load_lora, save_lora  # noqa: E402
@@ -46,6 +46,10 @@ SOME_LAYERS = by_regex(
     r"(attn1\.to_q|attn2\.to_v|ff\.net\.0\.proj|proj_in|proj_out|resnets\.0\.conv1|resnets\.1\.conv2|"
     r"conv_shortcut|resnets\.0\.time_emb_proj|downsamplers\.0\.conv|upsamplers\.0\.conv)$"
 ) & by_type(nn.Linear, nn.Conv2d)
+#: the normalisation layers of every kind (the layers LyCORIS' norm modules adapt): resnet GroupNorms,
+#: the attention blocks' GroupNorm and LayerNorms, the output GroupNorm
+SOME_NORMS = by_regex(r"(resnets\.0\.norm1|resnets\.1\.norm2|attentions\.0\.norm|norm1|norm3|conv_norm_out)$") & by_type(
+    nn.GroupNorm, nn.LayerNorm)
 #: block-weight vectors with distinct values per block (SD1: 17, SDXL: 12 values; BASE first)
 VECTORS = {
     "sd1": [1.0, 0.5, -0.75, 0.0, 1.5, 0.25, 2.0, 0.8, 0.3, -1.0, 0.6, 1.2, 0.4, 0.9, 0.0, 0.7, 1.1],
@@ -130,7 +134,8 @@ CASES = [
 def test_bake_equals_injected_merge_and_block_weighted_reference(family, config, arch, tmp_path):
     unet = TINY[arch]()
     base = _flat(unet)
-    handle = sdadapt.inject(unet, SOME_LAYERS, config)
+    targets = SOME_NORMS if FAMILIES[family].module_type.adapts_norms else SOME_LAYERS
+    handle = sdadapt.inject(unet, targets, config)
     _perturb(handle, seed=len(family) + 7 * len(arch))
     state = handle.state_dict()
     lora = tmp_path / "adapter.safetensors"
@@ -228,6 +233,10 @@ LYCORIS_CASES = [
     pytest.param({"algo": "lora", "dora_wd": True}, id="dora"),
     pytest.param({"algo": "loha", "dora_wd": True, "wd_on_output": False}, id="loha-dora-input-axis"),
     pytest.param({"algo": "lokr", "factor": 4, "dora_wd": True}, id="lokr-dora"),
+    pytest.param({"algo": "diag-oft"}, id="diag-oft"),
+    pytest.param({"algo": "diag-oft", "constraint": 1e-3, "rescaled": True}, id="diag-oft-constraint-rescaled"),
+    pytest.param({"algo": "glora"}, id="glora"),
+    pytest.param({"algo": "lora", "train_norm": True}, id="lora-train-norm"),
 ]
 
 
@@ -319,6 +328,7 @@ def adapters(tmp_path_factory):
         "full": FullConfig(),
         "dora": DoRAConfig(LoRAConfig(rank=2, alpha=1.0)),
         "lora": LoRAConfig(rank=3, alpha=2.0),
+        "glora": GLoRAConfig(rank=2, alpha=1.5),
     }
     files = {}
     for index, (name, config) in enumerate(configs.items()):
@@ -347,12 +357,12 @@ def _deltas(base: dict, paths_scales) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("family", ["loha", "lokr", "full", "dora"])
+@pytest.mark.parametrize("family", ["loha", "lokr", "full", "dora", "glora"])
 def test_resize_any_family_exact_at_full_rank_and_svd_tail_below(adapters, family, tmp_path):
     base, ckpt, path = adapters["base"], adapters["ckpt"], adapters["files"][family]
     exact = tmp_path / "full_rank.safetensors"
     layers = group_by_layer(load_lora(path)[0]["unet"])
-    needs_base = family == "dora" or any(weight_shape_of_file_tensors(t) is None for t in layers.values())
+    needs_base = family in ("dora", "glora") or any(weight_shape_of_file_tensors(t) is None for t in layers.values())
     assert needs_base == (family != "full")  # LoHa and low-rank LoKr factors are flattened; DoRA reads W
     if needs_base:
         with pytest.raises(ValueError, match="--base CKPT"):

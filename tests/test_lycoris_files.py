@@ -71,6 +71,8 @@ def _loads_applies_and_round_trips(path, inputs, ids, y_unet, y_te, tmp_path):
 
 
 def _case_id(kwargs) -> str:
+    if kwargs.get("train_norm"):
+        return "lora-train-norm"
     if kwargs["algo"] == "lokr":
         return "lokr-tucker"
     if kwargs["algo"] == "lora":
@@ -91,6 +93,9 @@ SD1_CASES = [
     pytest.param({"algo": "lora", "use_tucker": True, "dora_wd": True}, "unet-convblock-only", 2, {"dora": 1, "locon-tucker+dora": 1}, id="locon-tucker-dora"),
     pytest.param({"algo": "loha", "dora_wd": True, "wd_on_output": False}, "attn-mlp", 2, {"loha+dora": 1}, id="loha-dora-input-axis"),
     pytest.param({"algo": "full"}, "attn-mlp", 4, {"full": 1}, id="full"),
+    pytest.param({"algo": "glora"}, "attn-mlp", 2, {"glora": 1}, id="glora"),
+    pytest.param({"algo": "glora", "conv_dim": 2, "conv_alpha": 3.0}, "unet-convblock-only", 2, {"glora": 1}, id="glora-conv"),
+    pytest.param({"algo": "lora", "train_norm": True}, "attn-mlp", 2, {"lora": 1, "norm": 1}, id="lora-train-norm"),
 ]
 
 
@@ -117,7 +122,8 @@ def test_sd1_lycoris_file_loads_applies_round_trips_and_inspects(kwargs, preset,
     assert set(counted) == set(algorithms), counted
     assert summary["modules"] == sum(counted.values())
     expected_family = {"loha": "loha", "lokr-tucker": "lokr", "locon-tucker-dora": "lora+dora",
-                       "loha-dora-input-axis": "loha+dora", "full": "full"}
+                       "loha-dora-input-axis": "loha+dora", "full": "full", "glora": "glora",
+                       "lora-train-norm": "mixed: lora, norm"}
     assert summary["family"] in expected_family.values()
     assert summary["family"] == expected_family[_case_id(kwargs)]
     cli_main(["inspect", str(path)])

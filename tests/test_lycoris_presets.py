@@ -199,7 +199,7 @@ def test_gui_network_args_parse_and_other_methods_drop_lokr_off_values():
     ("locon", ["factor=8"], "option of lokr"),
     ("lora", ["decompose_both=true"], "option of lokr"),
     ("lokr", ["factor=0"], "must be -1 (the most square split"),
-    ("lokr", ["train_norm=true"], "normalisation layers"),
+    ("lokr", ["train_norm=true", "preset=attn-only"], "hold no GroupNorm/LayerNorm"),
 ])
 def test_cli_refuses_before_the_model_loads(method, args, message, tmp_path, capsys):
     from sdadapt.cli import main as cli_main

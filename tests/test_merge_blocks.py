@@ -150,12 +150,14 @@ def test_lora_block_weights_scale_every_linear_family_and_refuse_dora():
     from sdadapt.adapters.base import LayerGeometry
     from sdadapt.adapters.registry import FAMILIES, build_adapter, file_layer_delta
 
-    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # IN01 on SD1
-    geometry = LayerGeometry(8, 6)
     vector = [1.0] * 26
     vector[2] = 0.3  # IN01
-    base = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     for name, family in FAMILIES.items():
+        layer, geometry = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", LayerGeometry(8, 6)  # IN01 on SD1
+        base = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+        if family.module_type.adapts_norms:  # LyCORIS norm modules: a LayerNorm of the same block
+            layer, geometry = layer.rsplit(".", 2)[0] + ".norm1", LayerGeometry(8, 8, norm="layer")
+            base = torch.randn(8, generator=torch.Generator().manual_seed(0))
         for config in family.examples:
             module = build_adapter(config, geometry)
             with torch.no_grad():

@@ -178,12 +178,10 @@ def test_a_misspelt_option_is_reported_by_its_command_with_the_closest_name(caps
 
 
 def test_config_strings_become_the_fields_types_and_text_fields_keep_theirs(tmp_path):
-    from sdadapt.cli.train import _numbers_from_strings
-    from sdadapt.jobs import TrainOptions
+    from train_inputs import read_train_toml
 
-    values = {"lr_warmup_steps": "100", "learning_rate": " 1e-4 ", "steps": "3.0", "prompt": "123",
-              "text_encoder_2_lr": "learning_rate", "flip_aug": "True", "batch_size": 2}
-    _numbers_from_strings(tmp_path / "c.toml", values, TrainOptions)
+    values, _, _ = read_train_toml(tmp_path / "c.toml", 'lr_warmup_steps = "100"\nlearning_rate = " 1e-4 "\nsteps = "3.0"\n'
+                                   'prompt = "123"\ntext_encoder_2_lr = "learning_rate"\nflip_aug = "True"\nbatch_size = 2\n')
     assert values == {"lr_warmup_steps": 100, "learning_rate": 1e-4, "steps": 3, "prompt": "123",
                       "text_encoder_2_lr": "learning_rate", "flip_aug": True, "batch_size": 2}
     # (an integer, not 100.0: kohya reads a float warm-up as a share of the steps)
@@ -193,11 +191,13 @@ def test_config_strings_become_the_fields_types_and_text_fields_keep_theirs(tmp_
 def test_config_numbers_in_quotes_read_as_the_numbers_everywhere(tmp_path):
     import dataclasses
 
-    from sdadapt.cli.train import _numbers_from_strings, read_config
+    from train_inputs import read_train_toml
+
+    from sdadapt.cli.train import read_config
     from sdadapt.jobs import TrainOptions
 
-    values = {"text_encoder_2_lr": "1e-5", "lr_warmup_steps": "1_000"}  # (TOML's own 1_000 is an integer)
-    _numbers_from_strings(tmp_path / "c.toml", values, TrainOptions)
+    values, _, _ = read_train_toml(tmp_path / "c.toml", 'text_encoder_2_lr = "1e-5"\n'
+                                   'lr_warmup_steps = "1_000"\n')  # (TOML's own 1_000 is an integer)
     assert values == {"text_encoder_2_lr": 1e-5, "lr_warmup_steps": 1000} and type(values["lr_warmup_steps"]) is int
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     config = tmp_path / "c.toml"

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CLIPTokenizer", "DEFAULT_VOCABULARY", "bytes_to_unicode", "special_token_ids", "split_words"]
+__all__ = ["DEFAULT_VOCABULARY", "CLIPTokenizer", "bytes_to_unicode", "special_token_ids", "split_words",
+           "write_vocabulary_files"]
 
 #: the shipped CLIP BPE vocabulary (merges, one pair a line, first line a version comment)
 DEFAULT_VOCABULARY = Path(__file__).resolve().parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
@@ -119,6 +120,18 @@ def _collapse(text: str) -> str:
             out.append(ch)
             space = False
     return "".join(out)
+
+
+def write_vocabulary_files(folder: str | os.PathLike, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """``vocab.json`` (``{token: id}``) and ``merges.txt`` (``#version: 0.2``, then one ``"a b"`` merge a
+    line, highest priority first) in ``folder``: the two files transformers' slow ``CLIPTokenizer``
+    (transformers 4, kohya's sd-scripts) reads and openai's CLIP folders hold, byte for byte as its
+    ``save_vocabulary`` writes them. No blank line when there are no merges (transformers refuses one)."""
+    root = Path(folder)
+    text = json.dumps(vocab, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    (root / "vocab.json").write_text(text, encoding="utf-8")
+    lines = ["#version: 0.2", *(" ".join(pair) for pair in merges)]
+    (root / "merges.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 class CLIPTokenizer:
@@ -215,11 +228,7 @@ class CLIPTokenizer:
         """Write ``vocab.json``, ``merges.txt`` and the configs transformers' ``CLIPTokenizer.from_pretrained`` reads."""
         root = Path(folder)
         root.mkdir(parents=True, exist_ok=True)
-        (root / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
-        merges = sorted(self.ranks, key=self.ranks.get)  # type: ignore[arg-type]
-        # one merge a line after the header; no blank line when there are none (transformers refuses one)
-        (root / "merges.txt").write_text("".join(f"{line}\n" for line in ["#version: 0.2", *(" ".join(m) for m in merges)]),
-                                         encoding="utf-8")
+        write_vocabulary_files(root, self.encoder, sorted(self.ranks, key=self.ranks.get))  # type: ignore[arg-type]
         pad = self.decoder[self.pad_id]
         config = {"model_max_length": self.model_max_length, "bos_token": _SPECIAL[0], "eos_token": _SPECIAL[1],
                   "unk_token": _SPECIAL[1], "pad_token": pad, "tokenizer_class": "CLIPTokenizer"}

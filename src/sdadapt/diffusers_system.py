@@ -85,6 +85,15 @@ def _window_spec(tokenizer: Any) -> dict[str, int]:
     return {"window": int(tokenizer.model_max_length), "eos_id": eos, "pad_id": pad}
 
 
+def _restore_mean(weighted: Tensor, plain: Tensor) -> Tensor:
+    """Emphasis-weighted text states (B, L, D) rescaled so each prompt's mean over (L, D) is its
+    unweighted states' ``plain`` (B, L, D) mean again, per prompt, not over the batch (A1111's
+    "Original" emphasis; kohya's SD1/SD2 ``lpw_stable_diffusion.get_weighted_text_embeddings``), in
+    float32, rounded once to the states' dtype."""
+    previous, current = plain.float().mean(dim=(-2, -1), keepdim=True), weighted.float().mean(dim=(-2, -1), keepdim=True)
+    return (weighted.float() * (previous / current)).to(weighted.dtype)
+
+
 def _weigh_states(states: Tensor, weights: Tensor) -> Tensor:
     """Text states (B, L, D) times per-token weights (B, L), the product in float32 rounded once to
     the states' dtype (kohya multiplies by float32 weights; its half-precision states become
@@ -187,8 +196,13 @@ class DiffusersSystem(nn.Module):
     # ------------------------------------------------------------------------------- loading
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", clip_skip: int = 1,
-                    prediction_type: str | None = None, max_token_length: int = 75) -> DiffusersSystem:
-        """A diffusers Stable Diffusion folder (SD1/SD2 or SDXL)."""
+                    prediction_type: str | None = None, max_token_length: int = 75,
+                    torch_dtypes: dict[str, torch.dtype] | None = None) -> DiffusersSystem:
+        """A diffusers Stable Diffusion folder (SD1/SD2 or SDXL).
+
+        ``torch_dtypes``: ``{"unet"|"vae": dtype}`` to load those in (diffusers' ``torch_dtype``; e.g.
+        the dtype their files hold, to write the model out again without a float32 copy); default
+        float32 (the text encoders load in the dtype their files hold, as transformers does)."""
         root = Path(folder)
         if not root.is_dir():
             raise ModelFolderError(f"{root}: no such folder; --model takes 'toy', a diffusers Stable Diffusion folder "
@@ -219,9 +233,10 @@ class DiffusersSystem(nn.Module):
         if sdxl:
             extra = {"text_encoder_2": CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2"),
                      "tokenizer_2": CLIPTokenizer.from_pretrained(root / "tokenizer_2")}
+        dtypes = {k: {"torch_dtype": v} for k, v in (torch_dtypes or {}).items()}
         system = cls(
-            UNet2DConditionModel.from_pretrained(root / "unet"),
-            AutoencoderKL.from_pretrained(root / "vae"),
+            UNet2DConditionModel.from_pretrained(root / "unet", **dtypes.get("unet", {})),
+            AutoencoderKL.from_pretrained(root / "vae", **dtypes.get("vae", {})),
             CLIPTextModel.from_pretrained(root / "text_encoder"),
             CLIPTokenizer.from_pretrained(root / "tokenizer"),
             scheduler_config,
@@ -251,16 +266,33 @@ class DiffusersSystem(nn.Module):
             WeightFileError: not a full SD checkpoint (names what it lacks).
             ImportError: diffusers/transformers missing.
         """
+        from .formats.single_file import read_single_file
+
+        _require("diffusers")
+        _require("transformers")
+        return cls.from_checkpoint(read_single_file(path), tokenizer=tokenizer, prediction_type=prediction_type,
+                                   clip_skip=clip_skip, device=device, max_token_length=max_token_length)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Any, *, tokenizer: str | os.PathLike | None = None,
+                        prediction_type: str | None = None, clip_skip: int = 1,
+                        device: str | torch.device = "cpu", max_token_length: int = 75,
+                        keep_dtypes: bool = False) -> DiffusersSystem:
+        """A single-file checkpoint already read and split (:class:`sdadapt.formats.single_file.SingleFile`,
+        e.g. from :func:`~sdadapt.formats.single_file.split_single_file` of a state whose UNet was
+        replaced by its EMA copy); the options as :meth:`from_single_file`'s. The modules hold float32
+        copies of the file's tensors; ``keep_dtypes=True``: the checkpoint's tensors themselves, each
+        in its own dtype (no float32 copy: for writing the model out again, as ``convert`` does; a
+        half-precision model is not for running on the CPU)."""
         from .clip_tokenizer import CLIPTokenizer
         from .formats.model_keys import split_components
-        from .formats.single_file import read_single_file, text_encoder_config, unet_config, vae_config
+        from .formats.single_file import text_encoder_config, unet_config, vae_config
 
         _require("diffusers")
         _require("transformers")
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        checkpoint = read_single_file(path)
         architecture = checkpoint.architecture
         prediction = prediction_type or checkpoint.prediction_type
         parts = checkpoint.components
@@ -271,16 +303,18 @@ class DiffusersSystem(nn.Module):
             pooled_dim=int(pooled.shape[0]) if pooled is not None else None))
         vae = _build(AutoencoderKL, configs.get("vae") or vae_config(parts["vae"], architecture=architecture))
         te_config = configs.get("text_encoder") or text_encoder_config(parts["text_encoder"], open_clip=architecture == "sd2")
-        text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
+        with _no_init_weights():  # every weight comes from the file (a CLIP-L random init: ~5 s, OpenCLIP-G several times that)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
         modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
         extra: dict[str, Any] = {}
         if architecture == "sdxl":
             te2_config = configs.get("text_encoder_2") or text_encoder_config(parts["text_encoder_2"], open_clip=True)
-            modules["text_encoder_2"] = extra["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te2_config))
+            with _no_init_weights():
+                modules["text_encoder_2"] = extra["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te2_config))
         states = split_components({f"{c}.{k}": v for c, part in parts.items() for k, v in part.items()},
                                   expected={c: m.state_dict().keys() for c, m in modules.items()})
         for name, module in modules.items():
-            _load(module, states[name], name=name, source=checkpoint.path)
+            _load(module, states[name], name=name, source=checkpoint.path, keep_dtypes=keep_dtypes)
         first, second = _tokenizers(tokenizer, architecture, text_encoder.config, CLIPTokenizer)
         if architecture == "sdxl":
             extra["tokenizer_2"] = second
@@ -329,7 +363,9 @@ class DiffusersSystem(nn.Module):
             raise ValueError(f"{target}: write a .safetensors LDM checkpoint or a folder (a path without a suffix)")
         return self._save_folder(target, dtype, ema)
 
-    def _components(self) -> dict[str, nn.Module]:
+    def components(self) -> dict[str, nn.Module]:
+        """The weighted pipeline parts :meth:`save_model` writes, by diffusers folder name:
+        ``{"unet", "text_encoder", "vae"}`` (SDXL also ``"text_encoder_2"``); the modules themselves."""
         parts = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
         if self.is_sdxl:
             parts["text_encoder_2"] = self.text_encoder_2
@@ -340,7 +376,7 @@ class DiffusersSystem(nn.Module):
         from .formats.model_keys import diffusers_to_ldm, join_components
         from .formats.single_file import CONFIG_METADATA_KEY
 
-        state = {k: v.detach() for k, v in join_components({c: m.state_dict() for c, m in self._components().items()}).items()}
+        state = {k: v.detach() for k, v in join_components({c: m.state_dict() for c, m in self.components().items()}).items()}
         ldm = diffusers_to_ldm(state, architecture=self.architecture)
         if ema is not None:  # CompVis LitEma: model_ema.<key after "model." with the dots removed>
             averaged = diffusers_to_ldm({f"unet.{k}": v.detach() for k, v in ema.unet.items()}, architecture=self.architecture)
@@ -352,7 +388,7 @@ class DiffusersSystem(nn.Module):
             ldm["model_ema.num_updates"] = torch.tensor(int(ema.updates), dtype=torch.int32)
         architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
                         "sdxl": "stable-diffusion-xl-v1-base"}
-        configs = {name: _plain_config(module.config) for name, module in self._components().items()}
+        configs = {name: _plain_config(module.config) for name, module in self.components().items()}
         implementation = {"sd1": "https://github.com/CompVis/stable-diffusion",
                           "sdxl": "https://github.com/Stability-AI/generative-models"}
         meta = {
@@ -379,7 +415,7 @@ class DiffusersSystem(nn.Module):
             mask = os.umask(0o022)
             os.umask(mask)
             os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700: the folder gets the umask's mode like any other
-            for component, module in self._components().items():
+            for component, module in self.components().items():
                 if dtype is not None:
                     module = copy.deepcopy(module).to(dtype)
                 module.save_pretrained(tmp / component)
@@ -391,6 +427,7 @@ class DiffusersSystem(nn.Module):
                     tokenizer.save_folder(tmp / name)
                 else:
                     tokenizer.save_pretrained(tmp / name)
+                    _add_vocabulary_files(tmp / name, tokenizer)
             (tmp / "scheduler").mkdir()
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
             index = {k: v for k, v in self.model_index.items() if k.startswith("_") or k in _WRITTEN}
@@ -573,33 +610,68 @@ class DiffusersSystem(nn.Module):
     def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None) -> Any:
         if self.is_sdxl and not negative:  # SDXL base: force_zeros_for_empty_prompt
             return {k: (torch.zeros_like(v) if k != "time_ids" else v) for k, v in cond.items()}
-        ids = self.tokenize([negative] * count)
-        return self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
+        return self._prompt_condition([negative] * count, time_ids)
+
+    def _prompt_condition(self, prompts: list[str], time_ids: Tensor | None) -> Any:
+        """:meth:`condition` of prompts to sample, with A1111 emphasis (``(word:1.2)``, ``[word]``;
+        ``\\(`` a literal bracket) read as A1111's default ("Original") emphasis: each token's text
+        states times its weight (:meth:`tokenize_weighted`), then each prompt's states rescaled so
+        their mean over (tokens, channels) is the unweighted states' again (SDXL: each encoder's part
+        on its own, as A1111 hooks each encoder). With :attr:`max_token_length` 75 (the default: one
+        77-token window) that is exactly A1111's rule, and kohya's SD1/SD2 sample images' for a prompt
+        of up to 75 tokens (``lpw_stable_diffusion.get_weighted_text_embeddings``, the same rule);
+        kohya's SDXL sample images (``strategy_sdxl.encode_tokens_with_weights``) weigh without the
+        rescale. With :attr:`max_token_length` 150/225 the mean is over all of sdadapt's joined
+        ``n * 75 + 2`` states (kohya's training layout), as kohya's pipeline takes it over its own
+        ``n * 77`` layout; A1111 takes it per 77-token chunk. A prompt without brackets or
+        backslashes: :meth:`tokenize`'s conditioning, unchanged."""
+        if not any(mark in prompt for prompt in prompts for mark in "()[]\\"):
+            ids = self.tokenize(prompts)
+            return self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
+        weighted = self.tokenize_weighted(prompts)  # {"ids": (B, L) / (B, 2, L), "weights": the same}
+        plain = self.condition({"ids": weighted["ids"], "time_ids": time_ids} if self.is_sdxl else weighted["ids"])
+        cond = self.condition({**weighted, "time_ids": time_ids} if self.is_sdxl else weighted)
+        if not self.is_sdxl:
+            return _restore_mean(cond, plain)  # (B, L, D)
+        width = int(self.text_encoder.config.hidden_size)  # context = [CLIP-L states | OpenCLIP-G states]
+        context = torch.cat([_restore_mean(cond["context"][..., :width], plain["context"][..., :width]),
+                             _restore_mean(cond["context"][..., width:], plain["context"][..., width:])], dim=-1)
+        return {**cond, "context": context}
 
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
                sampler: str = "ddim", karras: bool = False, height: int | None = None, width: int | None = None,
-               cond: Any = None) -> Tensor:
+               cond: Any = None, schedule: str | None = None, info: dict | None = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1].
 
         ``sampler``: a name in :data:`sdadapt.samplers.SAMPLERS` (or kohya's ``k_`` alias);
         ``karras``: diffusers' ``use_karras_sigmas`` (the samplers in
-        :data:`sdadapt.samplers.KARRAS_SAMPLERS`). ``height``/``width`` default to :attr:`image_size`
+        :data:`sdadapt.samplers.KARRAS_SAMPLERS`); ``schedule``: A1111's "Schedule type"
+        (:func:`sdadapt.samplers.resolve_schedule`; Align Your Steps takes the SDXL table on SDXL);
+        ``info``: a dict ``dpm_adaptive`` fills with its steps and model calls (``nfe``).
+        ``height``/``width`` default to :attr:`image_size`
         and must be multiples of :attr:`size_multiple`. The starting noise is drawn on the CPU from
         ``torch.Generator().manual_seed(seed)``; the ancestral samplers draw their noise from that same
         generator after it (what a diffusers pipeline given that generator does). ``cond``: the
         prompts' conditioning, precomputed (as :meth:`condition` returns it: SD1/SD2 (B, L, D),
         SDXL the dict) — methods that build it themselves (aesthetic gradients) pass it; the
-        unconditional branch is still made from ``negative``.
+        unconditional branch is still made from ``negative``. Prompts and ``negative`` may carry
+        A1111 emphasis, ``(word:1.2)``, ``(word)``, ``[word]`` (read as A1111's "Original" emphasis:
+        weighted text states rescaled to their unweighted mean; :meth:`_prompt_condition`).
         """
         height, width = height or self.image_size, width or self.image_size
         if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(f"image size {width}x{height}: both sides must be multiples of {self.size_multiple}")
+            m = self.size_multiple
+            near = "x".join(str(max(m, round(side / m) * m)) for side in (width, height))
+            raise ValueError(f"image size {width}x{height}: both sides must be multiples of {m} (the nearest: {near})")
         from . import samplers
 
         name = samplers.canonical_sampler(sampler)  # (ValueError for an unknown one, before any work)
         samplers.check_karras(name, karras)
+        schedule = samplers.resolve_schedule(name, schedule, karras)
+        if schedule == "align_your_steps" and self.is_sdxl:
+            schedule = "align_your_steps_sdxl"
         device = self.alphas_cumprod.device
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
@@ -608,15 +680,32 @@ class DiffusersSystem(nn.Module):
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
             time_ids = time_ids.expand(len(prompts), 6)
         if cond is None:
-            ids = self.tokenize(prompts)
-            cond = self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
+            cond = self._prompt_condition(prompts, time_ids)
         elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:
             time_ids = cond["time_ids"]
         uncond = self._uncond(negative, cond, len(prompts), time_ids)
         latents = samplers.sample_latents(self.denoiser(), x, cond, sampler=name, alphas_cumprod=self.alphas_cumprod,
                                           num_steps=steps, uncond=uncond, guidance_scale=guidance,
-                                          prediction_type=self.prediction_type, karras=karras, generator=g)
+                                          prediction_type=self.prediction_type, karras=karras, generator=g,
+                                          schedule=schedule,
+                                          **({"info": info} if info is not None and name == "dpm_adaptive" else {}))
         return self.decode_latents(latents)
+
+
+def _add_vocabulary_files(folder: Path, tokenizer: Any) -> None:
+    """``vocab.json`` + ``merges.txt`` beside a transformers-5 tokenizer's ``tokenizer.json`` (it writes only
+    that): transformers 4's slow ``CLIPTokenizer`` — kohya's sd-scripts, older diffusers installs, the
+    ``model_index.json`` class — reads only these two. Nothing for a tokenizer without a BPE backend."""
+    if (folder / "vocab.json").exists() or not hasattr(tokenizer, "backend_tokenizer"):
+        return
+    model = json.loads(tokenizer.backend_tokenizer.to_str()).get("model", {})
+    if model.get("type") != "BPE":
+        return
+    from .clip_tokenizer import write_vocabulary_files
+
+    # (tokenizers writes a merge as ["a", "b"], before 0.20 as "a b")
+    merges = [tuple(m) if isinstance(m, list) else tuple(str(m).split(" ", 1)) for m in model.get("merges", [])]
+    write_vocabulary_files(folder, model["vocab"], merges)
 
 
 def _plain_config(config: Any) -> dict:
@@ -631,6 +720,17 @@ def _plain_config(config: Any) -> dict:
             if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
+def _no_init_weights():
+    """transformers' context that builds a model without initialising its weights (torch's and its
+    own ``init_weights``; non-persistent buffers such as CLIP's ``position_ids`` are still made):
+    for a model whose every persistent tensor is loaded next (:func:`_load` checks that)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4
+    return no_init_weights()
+
+
 def _build(cls, config: dict):
     """Construct a diffusers model without its random initialisation (meta device, weights assigned on load)."""
     try:
@@ -640,7 +740,9 @@ def _build(cls, config: dict):
         raise ModelFolderError(f"cannot build {cls.__name__} from the checkpoint's shapes ({exc})") from None
 
 
-def _load(module: nn.Module, state: dict[str, Tensor], *, name: str, source: Path) -> None:
+def _load(module: nn.Module, state: dict[str, Tensor], *, name: str, source: Path, keep_dtypes: bool = False) -> None:
+    """``state`` into ``module`` (strict): float32 copies, or with ``keep_dtypes`` the tensors themselves
+    (assigned; :func:`sdadapt.formats.model_keys.convert_checkpoint` leaves no two sharing storage)."""
     from .formats.files import WeightFileError
     from .formats.key_source import fit_report
 
@@ -650,8 +752,9 @@ def _load(module: nn.Module, state: dict[str, Tensor], *, name: str, source: Pat
     if not report.ok:
         raise WeightFileError(f"{source}: the {name} weights do not fit the model their shapes describe "
                               f"({report.problems()})")
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True,
-                           assign=on_meta)
+    if not keep_dtypes:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=on_meta or keep_dtypes)
     leftover = [n for n, b in module.named_buffers() if b.is_meta]
     if leftover:  # non-persistent buffers a meta construction could not fill
         raise WeightFileError(f"{source}: the {name} has buffers the file does not hold ({', '.join(leftover[:3])})")

@@ -189,12 +189,21 @@ def read_image(path: str | os.PathLike, *, size: int | None = None) -> Tensor:
     return image.contiguous()
 
 
-def scale_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+def scale_image(image: Tensor, size: tuple[int, int], *, interpolation: str | None = None,
+                bounds: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
     """``image`` (C, H, W) scaled to ``size`` (h, w): area-averaged down, bilinear up; unchanged at
-    that size. Training images, their loss masks and :func:`read_image` all go through it."""
+    that size. Training images, their loss masks and :func:`read_image` all go through it.
+
+    ``interpolation``: one of kohya's ``resize_interpolation`` names instead
+    (:func:`sdadapt.resampling.resample`; ``bounds``: the pixel range its result is clipped to,
+    as kohya's 8-bit pixels are — (-1, 1) for images, (0, 1) for masks)."""
     h, w = size
     if (h, w) == tuple(image.shape[1:]):
         return image
+    if interpolation is not None:
+        from .resampling import resample
+
+        return resample(image, (h, w), interpolation=interpolation, bounds=bounds)
     mode = "area" if h < image.shape[1] else "bilinear"
     return torch.nn.functional.interpolate(image[None], size=(h, w), mode=mode,
                                            **({} if mode == "area" else {"align_corners": False}))[0]

@@ -187,12 +187,16 @@ def _takes(method, name: str) -> bool:
 @torch.no_grad()
 def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, steps: int = 25,
              guidance: float | None = None, sampler: str = "ddim", karras: bool = False, height: int | None = None,
-             width: int | None = None, cond: object | None = None) -> Tensor:
+             width: int | None = None, cond: object | None = None, schedule: str | None = None,
+             info: dict | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1].
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
     ``karras``: σ on Karras et al.'s grid (diffusers' ``use_karras_sigmas``), for
-    :data:`sdadapt.samplers.KARRAS_SAMPLERS`.
+    :data:`sdadapt.samplers.KARRAS_SAMPLERS`. ``schedule``: A1111's "Schedule type" (σ grid), for
+    :data:`sdadapt.samplers.SCHEDULE_SAMPLERS` (:func:`sdadapt.samplers.resolve_schedule`; ``None``: the
+    sampler's diffusers grid). ``info``: a dict ``dpm_adaptive`` fills with k-diffusion's report (``steps``,
+    ``nfe`` model calls, ``n_accept``, ``n_reject``), where the system's sampling passes it on.
 
     The system's own ``sample`` when it takes the request (every system does DDIM at its own
     size; the Stable Diffusion systems every sampler and other sizes); otherwise the sampler runs
@@ -217,6 +221,9 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     except ValueError:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}") from None
     samplers.check_karras(name, karras)  # (here too: ddim runs as the system's own sample, which takes no karras)
+    schedule = samplers.resolve_schedule(name, schedule, karras)
+    if schedule == "align_your_steps" and getattr(system, "is_sdxl", False):
+        schedule = "align_your_steps_sdxl"
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     size = int(getattr(system, "image_size", 0))
@@ -224,7 +231,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     options: dict = {"seed": seed, "steps": steps, "negative": negative}
     if guidance is not None:
         options["guidance"] = guidance
-    takes_sampler = _takes(system.sample, "sampler") and (not karras or _takes(system.sample, "karras"))
+    takes_sampler = (_takes(system.sample, "sampler") and (not karras or _takes(system.sample, "karras"))
+                     and (schedule is None or _takes(system.sample, "schedule")))
     own_sampler = takes_sampler or name == "ddim"  # else through the protocol, below
     if cond is not None and own_sampler:
         if not _takes(system.sample, "cond"):
@@ -234,6 +242,10 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     if takes_sampler:
         if karras:
             options["karras"] = True
+        if schedule is not None:
+            options["schedule"] = schedule
+        if info is not None and name == "dpm_adaptive" and _takes(system.sample, "info"):
+            options["info"] = info
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
@@ -249,6 +261,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     scale = guidance if guidance is not None else float(inspect.signature(system.sample).parameters["guidance"].default)
     latents = samplers.sample_latents(system.denoiser(), x, cond, sampler=name, alphas_cumprod=system.alphas_cumprod,
                                       num_steps=steps, uncond=uncond, guidance_scale=scale, karras=karras,
+                                      schedule=schedule, **({"info": info} if info is not None and name == "dpm_adaptive"
+                                                             else {}),
                                       prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g)
     return system.decode_latents(latents)
 

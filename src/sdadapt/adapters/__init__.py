@@ -3,10 +3,13 @@
 from .base import AdapterModule, LayerGeometry, geometry_of
 from .dora import DoRAConfig, DoRAModule, dora_weight, weight_norm
 from .full import FullConfig, FullModule
+from .glora import GLoRAConfig, GLoRAModule, glora_delta_weight
 from .ia3 import IA3Config, IA3Module, ia3_delta_weight
 from .loha import LoHaConfig, LoHaModule, loha_delta_weight
 from .lokr import LoKrConfig, LoKrModule, factorization, lokr_delta_weight
 from .lora import LoRAConfig, LoRAModule, lora_delta_weight, lora_forward, lora_scale, pissa_factors
+from .norm import NormConfig, NormModule, norm_delta_output
+from .oft import OFTConfig, OFTModule, oft_delta_weight, oft_merged_weight
 from .registry import FAMILIES, AdapterFamily, adapter_from_file_tensors, build_adapter, register_family
 from .shared_input import SharedInputBatching, SharedInputGroup, batch_shared_input_adapters
 from .tucker import rebuild_tucker
@@ -34,9 +37,19 @@ __all__ = [
     "weight_norm",
     "FullConfig",
     "FullModule",
+    "GLoRAConfig",
+    "GLoRAModule",
+    "glora_delta_weight",
     "IA3Config",
     "IA3Module",
     "ia3_delta_weight",
+    "NormConfig",
+    "NormModule",
+    "norm_delta_output",
+    "OFTConfig",
+    "OFTModule",
+    "oft_delta_weight",
+    "oft_merged_weight",
     "rebuild_tucker",
     "FAMILIES",
     "AdapterFamily",

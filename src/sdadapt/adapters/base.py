@@ -26,6 +26,12 @@ class LayerGeometry:
 
     ``kernel == ()`` means a linear layer; otherwise a 2-D convolution with the given
     ``stride``/``padding``/``dilation``/``padding_mode`` (groups is always 1).
+
+    ``norm`` marks a normalisation layer's affine weights instead (``weight``/``bias`` of shape
+    ``(C,)``, ``out_features == in_features == C``): ``"group"`` (``nn.GroupNorm`` of ``norm_groups``
+    groups), ``"layer"`` (``nn.LayerNorm`` over the last axis) or ``"affine"`` (a checkpoint's 1-D
+    weight, the kind unknown: enough to merge, not to run). Only families with ``adapts_norms``
+    (LyCORIS' norm modules) take such a geometry; the others only ``norm == ""``.
     """
 
     out_features: int
@@ -36,10 +42,33 @@ class LayerGeometry:
     dilation: tuple[int, int] = (1, 1)
     padding_mode: str = "zeros"
     has_bias: bool = False
+    norm: str = ""
+    norm_groups: int = 0
+    norm_eps: float = 0.0
 
     @property
     def is_conv(self) -> bool:
         return len(self.kernel) > 0
+
+    @classmethod
+    def from_weight_shape(cls, shape: tuple[int, ...], *, has_bias: bool = False) -> LayerGeometry:
+        """The geometry of a checkpoint weight of ``shape``: ``(out, in)`` Linear, ``(out, in, kh, kw)``
+        Conv2d (stride 1, no padding: enough to merge), ``(C,)`` a normalisation layer's affine weight
+        (``norm="affine"``: merges, does not run).
+
+        Raises:
+            ValueError: another number of axes.
+        """
+        if len(shape) == 1:
+            return cls(int(shape[0]), int(shape[0]), has_bias=has_bias, norm="affine")
+        if len(shape) not in (2, 4):
+            raise ValueError(f"a layer weight is (C,), (out, in) or (out, in, kh, kw), got shape {tuple(shape)}")
+        return cls(int(shape[0]), int(shape[1]), tuple(int(k) for k in shape[2:]), has_bias=has_bias)
+
+    @property
+    def is_norm(self) -> bool:
+        """A normalisation layer's affine weights (1-D ``(C,)``), not a Linear/Conv2d weight."""
+        return bool(self.norm)
 
     @property
     def is_kxk(self) -> bool:
@@ -48,6 +77,8 @@ class LayerGeometry:
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
+        if self.norm:
+            return (self.out_features,)
         return (self.out_features, self.in_features, *self.kernel)
 
     def conv(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -82,7 +113,8 @@ class LayerGeometry:
 
 
 def geometry_of(module: nn.Module, *, name: str = "<module>") -> LayerGeometry:
-    """Read the :class:`LayerGeometry` of an ``nn.Linear`` or ``nn.Conv2d`` (subclasses count).
+    """Read the :class:`LayerGeometry` of an ``nn.Linear`` or ``nn.Conv2d`` (subclasses count), or of
+    an affine ``nn.GroupNorm`` / 1-D ``nn.LayerNorm`` (``norm`` set: only norm families adapt it).
 
     Raises:
         TypeError: for any other module type, or a grouped convolution, naming ``name``.
@@ -105,9 +137,18 @@ def geometry_of(module: nn.Module, *, name: str = "<module>") -> LayerGeometry:
             module.padding_mode,
             module.bias is not None,
         )
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and getattr(module, "weight", None) is not None:
+        if isinstance(module, nn.GroupNorm):
+            return LayerGeometry(module.num_channels, module.num_channels, has_bias=module.bias is not None,
+                                 norm="group", norm_groups=module.num_groups, norm_eps=module.eps)
+        if len(module.normalized_shape) == 1:
+            channels = module.normalized_shape[0]
+            return LayerGeometry(channels, channels, has_bias=module.bias is not None, norm="layer",
+                                 norm_eps=module.eps)
     raise TypeError(
         f"{name}: cannot adapt a {type(module).__name__}; sdadapt adapters wrap nn.Linear or "
-        "nn.Conv2d (subclasses count). Narrow the targets with by_type(nn.Linear, nn.Conv2d)."
+        "nn.Conv2d (subclasses count), LyCORIS norm modules (NormConfig) an affine nn.GroupNorm or a 1-D "
+        "nn.LayerNorm. Narrow the targets with by_type(nn.Linear, nn.Conv2d)."
     )
 
 
@@ -152,6 +193,9 @@ class AdapterModule(nn.Module):
     wraps_family: ClassVar[bool] = False
     #: the delta depends on the base weight (DoRA); the hook then passes it to delta_output
     uses_base_weight: ClassVar[bool] = False
+    #: the family adapts normalisation layers (``LayerGeometry.norm`` set, 1-D weights) and only those;
+    #: every other family adapts only Linear/Conv2d layers (the registry refuses the mix-up)
+    adapts_norms: ClassVar[bool] = False
     #: ``(group, index)`` while the adapter's down-projection is shared with sibling layers that
     #: read the same input (``shared_input.batch_shared_input_adapters``); ``None`` otherwise
     _shared_input: tuple | None = None
@@ -208,6 +252,12 @@ class AdapterModule(nn.Module):
                 shape = shapes[key]
                 return shape[0], any(k in shapes for k in cls.tucker_keys) or (len(shape) == 4 and shape[2] * shape[3] > 1)
         return None, any(k in shapes for k in cls.tucker_keys)
+
+    @classmethod
+    def lycoris_algo_of_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> str:
+        """LyCORIS' ``algo`` for one layer from its file tensors' shapes: :attr:`lycoris_algo` unless a
+        family's layouts differ in shapes only (OFT: 3-D ``oft_blocks`` ``diag-oft``, 4-D ``boft``)."""
+        return cls.lycoris_algo
 
     def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
         """Δy for base input ``x``; ``base_weight`` is only read when ``uses_base_weight``."""

@@ -139,7 +139,8 @@ class DoRAModule(AdapterModule):
     ) -> None:
         super().__init__(inner.geometry)
         if inner.uses_base_weight:
-            raise ValueError("DoRA wraps an additive adapter (LoRA, LoHa, LoKr), not another DoRA")
+            raise ValueError(f"DoRA wraps an additive adapter (LoRA, LoHa, LoKr, full), not {type(inner).__name__}, whose "
+                             "delta is made from the base weight (DoRA, (IA)³, OFT, GLoRA)")
         self.inner = inner
         self.wd_on_out = wd_on_out
         geometry = inner.geometry

@@ -29,6 +29,12 @@ Files (LyCORIS, ``lora_unet_<layer>.<key>``):
   layer's output width, or its input width when ``on_input`` is 1.
 * ``on_input``: a 0-dim int64, 1 when ``w`` scales the input axis (LyCORIS' ``train_on_input``).
   LyCORIS detects the algorithm by this key; so does sdadapt (a lone ``weight`` is no family's).
+* ``scales_bias`` (optional, 0-dim int64 1; sdadapt's, from a peft ``IA3Config`` adapter read without
+  its model): the vector also scales the layer's bias, as peft's IA3 does on an output-scaled layer
+  (``y = (W x + b) ⊙ ia3_l``). On a layer without a bias that is the same adapter, and it loads as
+  such; on a layer with a bias :meth:`IA3Module.from_file_tensors` refuses it (the geometry tells),
+  rather than apply another change of the output. In memory only: the module does not keep it
+  (``file_tensors``), and the kohya writer refuses a state holding it (``formats.kohya.to_kohya``).
 """
 
 from __future__ import annotations
@@ -128,7 +134,7 @@ class IA3Module(AdapterModule):
     """
 
     family: ClassVar[str] = "ia3"
-    file_keys: ClassVar[tuple[str, ...]] = ("weight", "on_input")
+    file_keys: ClassVar[tuple[str, ...]] = ("weight", "on_input", "scales_bias")
     marker_keys: ClassVar[tuple[str, ...]] = ("on_input",)
     linear_keys: ClassVar[tuple[str, ...]] = ("weight",)
     lycoris_algo: ClassVar[str] = "ia3"
@@ -226,13 +232,14 @@ class IA3Module(AdapterModule):
     def from_file_tensors(
         cls, geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
     ) -> IA3Module:
-        """Build from ``{"weight", "on_input"}``.
+        """Build from ``{"weight", "on_input"}`` (+ peft's ``scales_bias``, see the module docstring).
 
         Raises:
-            ValueError: a missing tensor, an ``on_input`` that is not one 0/1 value, or a
-                ``weight`` whose shape does not fit the layer — naming ``name``.
+            ValueError: a missing tensor, an ``on_input`` that is not one 0/1 value, a
+                ``weight`` whose shape does not fit the layer, or ``scales_bias`` on an output-scaled
+                layer with a bias (peft's adapter would change its output otherwise) — naming ``name``.
         """
-        missing = [k for k in cls.file_keys if k not in tensors]
+        missing = [k for k in ("weight", "on_input") if k not in tensors]
         if missing:
             raise ValueError(f"{name}: IA3 tensors {missing} are missing (have {sorted(tensors)})")
         flag = tensors["on_input"]
@@ -250,6 +257,16 @@ class IA3Module(AdapterModule):
             )
         if not weight.is_floating_point():
             raise ValueError(f"{name}.weight: IA3 vector must be floating point, got {weight.dtype}")
+        scales_bias = tensors.get("scales_bias")
+        if scales_bias is not None and (scales_bias.numel() != 1 or float(scales_bias) not in (0.0, 1.0)):
+            raise ValueError(f"{name}.scales_bias: must be one value 0 or 1, got a tensor of shape "
+                             f"{tuple(scales_bias.shape)}")
+        if scales_bias is not None and float(scales_bias) and not on_input and geometry.has_bias:
+            raise ValueError(
+                f"{name}: a peft IA3 vector scales this layer's outputs together with its bias (y = (W x + b) * ia3_l); "
+                "sdadapt's and LyCORIS' (IA)³ leave the bias alone, so this layer would change differently. peft adapters "
+                "convert exactly on bias-free or feed-forward (input-scaled) layers only; apply this one with peft."
+            )
         module = cls(geometry, on_input=on_input, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             module.weight.copy_(weight)

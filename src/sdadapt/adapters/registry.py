@@ -22,10 +22,13 @@ from torch import Tensor
 from .base import AdapterModule, LayerGeometry
 from .dora import DoRAConfig, DoRAModule
 from .full import FullConfig, FullModule
+from .glora import GLoRAConfig, GLoRAModule
 from .ia3 import IA3Config, IA3Module
 from .loha import LoHaConfig, LoHaModule
 from .lokr import LoKrConfig, LoKrModule
 from .lora import LoRAConfig, LoRAModule
+from .norm import NormConfig, NormModule
+from .oft import OFTConfig, OFTModule
 
 __all__ = [
     "AdapterFamily",
@@ -141,6 +144,18 @@ register_family(
 )
 register_family(AdapterFamily("full", FullConfig, FullModule, (FullConfig(),)))
 register_family(AdapterFamily("ia3", IA3Config, IA3Module, (IA3Config(), IA3Config(train_on_input=True))))
+register_family(
+    AdapterFamily("glora", GLoRAConfig, GLoRAModule, (GLoRAConfig(rank=2, alpha=1.0), GLoRAConfig(rank=3, alpha=4.5)))
+)
+register_family(AdapterFamily("norm", NormConfig, NormModule, (NormConfig(),)))
+register_family(
+    AdapterFamily(
+        "oft",
+        OFTConfig,
+        OFTModule,
+        (OFTConfig(dim=2), OFTConfig(dim=4, constraint=1e-2, rescaled=True), OFTConfig(dim=2, butterfly=True, rescaled=True)),
+    )
+)
 
 
 def family_of_config(config: object) -> AdapterFamily:
@@ -168,7 +183,7 @@ def family_of_keys(keys: Iterable[str], *, name: str = "<module>") -> AdapterFam
             return family
     raise ValueError(
         f"{name}: tensors {sorted(key_set)} belong to no adapter family sdadapt knows "
-        f"({', '.join(FAMILIES)}); LyCORIS GLoRA, (B)OFT and norm modules are not supported"
+        f"({', '.join(FAMILIES)})"
     )
 
 
@@ -179,17 +194,45 @@ def build_adapter(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> AdapterModule:
-    """A fresh adapter module of ``config``'s family for a layer of ``geometry``."""
-    return family_of_config(config).module_type.from_config(  # type: ignore[attr-defined]
-        config, geometry, dtype=dtype, device=device
-    )
+    """A fresh adapter module of ``config``'s family for a layer of ``geometry``.
+
+    Raises:
+        TypeError: a norm family (``NormConfig``) on a Linear/Conv2d layer, or another family on a
+            normalisation layer.
+    """
+    family = family_of_config(config)
+    mismatch = _layer_kind_mismatch(family, geometry)
+    if mismatch:
+        raise TypeError(f"{type(config).__name__}: {mismatch}")
+    return family.module_type.from_config(config, geometry, dtype=dtype, device=device)  # type: ignore[attr-defined]
+
+
+def _layer_kind_mismatch(family: AdapterFamily, geometry: LayerGeometry) -> str | None:
+    """Why ``family`` cannot sit on a layer of ``geometry`` (norm families only on normalisation
+    layers, the others only on Linear/Conv2d), or ``None``."""
+    if family.module_type.adapts_norms == geometry.is_norm:
+        return None
+    if geometry.is_norm:
+        return (f"cannot adapt a normalisation layer (GroupNorm/LayerNorm, weight {geometry.weight_shape}) with "
+                f"{family.name}: sdadapt adapters wrap nn.Linear or nn.Conv2d, LyCORIS norm modules (NormConfig) "
+                "the norms. Narrow the targets with by_type(nn.Linear, nn.Conv2d).")
+    return (f"{family.name} adapts GroupNorm/LayerNorm layers only, not a layer of weight shape "
+            f"{geometry.weight_shape}; target the norms, e.g. by_type(nn.GroupNorm, nn.LayerNorm).")
 
 
 def adapter_from_file_tensors(
     geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
 ) -> AdapterModule:
-    """An adapter module built from one layer's file tensors (family from the keys)."""
+    """An adapter module built from one layer's file tensors (family from the keys).
+
+    Raises:
+        ValueError: keys of no family, a norm module's tensors on a Linear/Conv2d layer (or the
+            reverse), or tensors that do not fit — naming ``name``.
+    """
     family = family_of_keys(tensors, name=name)
+    mismatch = _layer_kind_mismatch(family, geometry)
+    if mismatch:
+        raise ValueError(f"{name}: {mismatch} The file was made for another model.")
     return family.module_type.from_file_tensors(geometry, tensors, name=name)  # type: ignore[attr-defined]
 
 
@@ -283,15 +326,21 @@ def file_rank(shapes: dict[str, tuple[int, ...]], *, name: str = "<module>") -> 
     return family_of_keys(shapes, name=name).module_type.file_rank(shapes)
 
 
-def lycoris_algo_of_keys(keys: Iterable[str]) -> str | None:
-    """LyCORIS' ``algo`` for a layer (the wrapped family's for DoRA); ``None`` if unknown."""
+def lycoris_algo_of_keys(keys: Iterable[str] | Mapping[str, Tensor]) -> str | None:
+    """LyCORIS' ``algo`` for a layer (the wrapped family's for DoRA); ``None`` if unknown. Given the
+    layer's tensors (a mapping) rather than names, a family whose layouts differ in shapes only names
+    the layout's algo (OFT: ``diag-oft`` or ``boft``)."""
     key_set = set(keys)
     try:
         family = family_of_keys(key_set)
     except ValueError:
         return None
     if family.module_type.wraps_family:  # the wrapped family names the algorithm
-        return lycoris_algo_of_keys(key_set - set(family.module_type.file_keys))
+        inner = {k: v for k, v in keys.items() if k not in family.module_type.file_keys} if isinstance(keys, Mapping) \
+            else key_set - set(family.module_type.file_keys)
+        return lycoris_algo_of_keys(inner)
+    if isinstance(keys, Mapping):
+        return family.module_type.lycoris_algo_of_shapes({k: tuple(v.shape) for k, v in keys.items()})
     return family.module_type.lycoris_algo
 
 

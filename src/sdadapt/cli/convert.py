@@ -1,29 +1,85 @@
-"""``python -m sdadapt convert IN -o OUT --to FORMAT``: a LoRA-family file or an embedding in another
-file format, read back and compared (one line: kind, layers/vectors, max |ΔW|).
+"""``python -m sdadapt convert IN -o OUT --to FORMAT``: a LoRA-family file, an embedding or a whole
+SD1/SD2/SDXL checkpoint in another format, read back and compared (one line: kind, layers/vectors
+or tensors, max |ΔW| / |Δ|).
 
-Thin argparse shell over :func:`sdadapt.loratools.convert.convert_lora` and
-:func:`sdadapt.embeddings.convert.convert_embedding`; heavy imports happen when it runs.
+Thin argparse shell over :func:`sdadapt.loratools.convert.convert_lora`,
+:func:`sdadapt.embeddings.convert.convert_embedding` and
+:func:`sdadapt.jobs.convert_model.convert_model`; heavy imports happen when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .options import add_output_options, safe_text, torch_dtype
 
 __all__ = ["register"]
 
-_TARGETS = ("kohya", "diffusers", "peft", "a1111")
+_TARGETS = ("kohya", "diffusers", "peft", "a1111", "ldm")
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _convert_checkpoint(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..jobs.convert_model import CHECKPOINT_TARGETS, convert_model
+
+    if args.to not in CHECKPOINT_TARGETS:
+        raise InputError(f"{args.input}: a whole checkpoint converts --to diffusers (a folder) or --to ldm (one "
+                         f".safetensors file, the format A1111/ComfyUI/kohya load); {args.to} is a LoRA/embedding format")
+    for option, value, why in (("--component", args.component, "picks a LoRA's pipeline component"),
+                               ("--token", args.token, "names an embedding's trigger word"),
+                               ("--base-model", args.base_model, ("sets a LoRA's naming (a checkpoint's architecture "
+                                "is read from its tensors; SD2-v: --prediction-type v_prediction)"))):
+        if value is not None:
+            raise InputError(f"{option} {why}; a whole checkpoint has none: leave it out")
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    report = convert_model(args.input, args.out, to=args.to, dtype=torch_dtype(args.dtype),
+                           prediction_type=args.prediction_type, vae=args.vae, ema=args.ema, overwrite=args.overwrite,
+                           log=log)
+    what = "diffusers folder" if report.target == "diffusers" else "LDM single file"
+    parts = ", ".join(f"{c} {n}" for c, n in report.tensors.items())
+    dtypes = " + ".join(f"{n} {d}" for d, n in sorted(report.dtypes.items()))
+    source = "an LDM file" if report.source_format == "ldm" else "a diffusers folder"
+    line = (f"wrote {safe_text(report.path)}: {what} of an {report.base_model} model from {source} ({parts} tensors; "
+            f"{dtypes}{', as in the input' if args.dtype == 'keep' else ''}), {_size(report.size_in)} -> "
+            f"{_size(report.size_out)}")
+    if report.ema == "used":
+        line += f"; EMA weights written as the UNet ({report.ema_tensors} tensors), the raw UNet dropped"
+    elif report.ema == "dropped":
+        line += f"; EMA copy dropped ({report.ema_tensors} tensors; --ema writes it as the UNet instead)"
+    if report.dropped:
+        shown = ", ".join(safe_text(k) for k in report.dropped[:3])
+        line += f"; {len(report.dropped)} other entr{'y' if len(report.dropped) == 1 else 'ies'} dropped ({shown}"
+        line += " ...)" if len(report.dropped) > 3 else ")"
+    for note in report.notes:
+        line += f"; {safe_text(note)}"
+    print(line + f"; max |Δ| {report.max_delta:.3g} (read back)")
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ..errors import InputError
+    from ..jobs.convert_model import is_model_folder
     from ..loratools.convert import LORA_KINDS, LORA_TARGETS, convert_lora, input_kind
     from ..loratools.output import check_inputs
 
+    if is_model_folder(args.input):
+        return _convert_checkpoint(args)
     check_inputs(args.input)
     kind = input_kind(args.input)
+    if kind == "checkpoint":
+        return _convert_checkpoint(args)
+    for option, value in (("--ema", args.ema), ("--vae", args.vae), ("--prediction-type", args.prediction_type)):
+        if value:
+            raise InputError(f"{option} is for whole checkpoints; {args.input} is a {kind} file: leave it out")
+    if args.to == "ldm":
+        raise InputError(f"{args.input}: --to ldm writes whole checkpoints; a {kind} file converts --to "
+                         + ("a1111|kohya|diffusers" if kind == "embedding" else "kohya|diffusers|peft"))
     dtype = torch_dtype(args.dtype)
     if kind == "embedding":
         from ..embeddings.convert import convert_embedding
@@ -62,7 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``convert`` to a CLI."""
     convert = sub.add_parser(
         "convert",
-        help="convert a LoRA-family file (kohya/LyCORIS, diffusers, peft) or an embedding to another format",
+        help="convert a LoRA-family file (kohya/LyCORIS, diffusers, peft), an embedding or a whole SD checkpoint "
+        "(LDM single file <-> diffusers folder) to another format",
         description="Write IN in another file format, read the result back and print one line: what was written, "
         "its layers (vectors) and the largest |ΔW| between the input's and the output's dense deltas (float64; 0, "
         "or the rounding of --dtype). LoRA-family files (kohya, LyCORIS LoCon/LoHa/LoKr/full/DoRA/(IA)³, diffusers, "
@@ -70,12 +127,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(LoRA/LoCon and DoRA only) or --to peft (a folder; LoRA/DoRA, or (IA)³ alone). Textual-inversion embeddings "
         "(A1111 .pt/.safetensors, kohya, diffusers learned_embeds, SDXL clip_l/clip_g) convert --to "
         "a1111|kohya|diffusers. Converting to the input's own format is refused unless --dtype (or --token) "
-        "changes something. See docs/lora-tools.md.",
+        "changes something. See docs/lora-tools.md. Whole SD1/SD2/SDXL checkpoints (an LDM .safetensors/.ckpt or a "
+        "diffusers folder) convert --to diffusers (a folder) or --to ldm (one .safetensors), pruned to UNet, text "
+        "encoder(s) and VAE; the line gives the sizes in and out and the largest |Δ| of the output read back "
+        "(docs/formats.md).",
     )
-    convert.add_argument("input", metavar="IN", help="LoRA-family file, peft adapter folder or embedding file")
+    convert.add_argument("input", metavar="IN", help="LoRA-family file, peft adapter folder, embedding file, SD "
+                         "checkpoint file or diffusers model folder")
     convert.add_argument("--to", required=True, choices=_TARGETS,
                          help="target format: kohya|diffusers|peft for LoRA-family files, a1111|kohya|diffusers for "
-                         "embeddings")
+                         "embeddings, diffusers|ldm for whole checkpoints")
     convert.add_argument("--base-model", choices=("sd1", "sd2", "sd2-v", "sdxl"), default=None,
                          help="kohya naming/metadata (LoRA) or kohya metadata (embedding); default: from the input's "
                          "metadata or layers (asked for when they cannot tell SD1/SD2 from SDXL)")
@@ -83,7 +144,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="--to peft: the pipeline component to write when IN has several; a peft IN: the "
                          "component it adapts (default unet)")
     convert.add_argument("--token", default=None, help="embeddings: the trigger word to write (default: the input's)")
+    model = convert.add_argument_group("whole checkpoints")
+    model.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                       help="what the UNet predicts (SD2-768-v: v_prediction); default: the input's ModelSpec "
+                       "metadata or scheduler config, else epsilon")
+    model.add_argument("--vae", metavar="VAE", default=None,
+                       help="bake this VAE in (an LDM or diffusers VAE file or folder, or a full checkpoint's VAE)")
+    model.add_argument("--ema", action="store_true",
+                       help="write the input's EMA UNet (LDM model_ema.*, a folder's unet_ema/) instead of the raw "
+                       "one; default: the raw weights, the EMA copy dropped")
     add_output_options(convert, out_help="output: a .safetensors file (kohya, diffusers; embeddings also .pt/.bin) or "
-                       "a folder (--to peft); written atomically",
-                       dtype_help="each tensor's own; LoRA alphas stay float32")
+                       "a folder (--to peft; a checkpoint --to diffusers); written atomically",
+                       dtype_help="each tensor's own, as in the input; LoRA alphas stay float32")
     convert.set_defaults(run=_cmd_convert)

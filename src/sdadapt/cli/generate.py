@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..samplers import KARRAS_SAMPLERS
-from ..samplers.labels import sampler_choices, sampler_from_label
+from ..samplers import KARRAS_SAMPLERS, SCHEDULE_SAMPLERS
+from ..samplers.labels import sampler_choices, sampler_schedule_from_label
+from ..samplers.schedules import SCHEDULE_LABELS, canonical_schedule
 from .option_rules import only_with
 from .options import add_output_options, positive_int, progress_bar
 
@@ -16,14 +17,28 @@ __all__ = ["register"]
 def _sampler(text: str) -> str:
     """``--sampler``'s value, checked now (argparse says ``argument --sampler: ...`` and what is taken)."""
     try:
-        sampler_from_label(text)
+        sampler_schedule_from_label(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _schedule(text: str) -> str:
+    """``--schedule``'s value, checked now (a name or A1111 label: "exponential", "Align Your Steps")."""
+    try:
+        canonical_schedule(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from ..errors import InputError
     from ..jobs import run_generate
+
+    if args.dtype != "keep":  # (the shared output option: it casts written weight files, and this writes PNGs)
+        raise InputError(f"--dtype {args.dtype}: generate writes PNG images and runs the model in float32; --dtype casts "
+                         "the tensors of written weight files, so leave it out")
 
     def log(line: str) -> None:
         if not args.quiet or line.startswith("warning:"):
@@ -31,8 +46,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     result = run_generate(
         model=args.model, prompt=args.prompt, negative=args.negative, loras=args.lora, embeddings=args.embedding,
-        hypernetworks=args.hypernetwork,
+        hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
         seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, karras=args.karras,
+        schedule=args.schedule,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
@@ -61,8 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("--model", default="toy", metavar="toy|PATH",
                           help="'toy' (built in, default), a diffusers folder or a .safetensors/.ckpt checkpoint")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--negative", default="", help="negative prompt (default none)")
+    generate.add_argument("--prompt", required=True,
+                          help="what to draw; A1111 emphasis is read as A1111 reads it: (word:1.2), (word) x1.1, "
+                          "[word] /1.1, \\( a literal bracket (Stable Diffusion models; the toy reads the plain words)")
+    generate.add_argument("--negative", default="", help="negative prompt (default none; emphasis as --prompt)")
     generate.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                           help="a LoRA/LyCORIS file to merge in at SCALE (default 1); repeat for several")
     generate.add_argument("--embedding", action="append", default=[], metavar="FILE",
@@ -70,6 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
                           help="an A1111 hypernetwork (.pt, or its .safetensors twin) at STRENGTH (default 1, "
                           "A1111's); repeat to chain several in order, as A1111's <hypernet:...> tags")
+    generate.add_argument("--custom-diffusion", action="append", default=[], metavar="FILE[:SCALE]",
+                          help="a Custom Diffusion result (train custom-diffusion / merge-custom-diffusion's file, "
+                          "its -token files beside it, or diffusers' output folder) at SCALE (default 1); its "
+                          "modifier token works in the prompt; repeat for several")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 25)")
     generate.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
@@ -80,6 +102,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--karras", action="store_true",
                           help="noise levels on Karras et al.'s grid (diffusers' use_karras_sigmas; A1111's 'Karras'), "
                           f"for {', '.join(KARRAS_SAMPLERS)}")
+    generate.add_argument("--schedule", type=_schedule, default=None, metavar="NAME",
+                          help="A1111's 'Schedule type', the noise-level grid: "
+                          f"{', '.join(dict.fromkeys(SCHEDULE_LABELS.values()))} (A1111's labels or names such as "
+                          "sgm_uniform; 'Automatic' is A1111's pick for the sampler); default: the sampler's diffusers "
+                          f"grid. For {', '.join(SCHEDULE_SAMPLERS)}; --karras is --schedule karras (docs/samplers.md)")
     generate.add_argument("--width", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--height", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--count", type=positive_int, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")
@@ -113,6 +140,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     only_with(generate, ["--aesthetic-steps", "--aesthetic-lr", "--aesthetic-weight", "--aesthetic-slerp",
                          "--aesthetic-text", "--aesthetic-clip"],
               needs="--aesthetic FILE", when=lambda args: args.aesthetic is not None)
-    group = add_output_options(generate, out_help="output .png", dtype_help="not used (images)")
+    group = add_output_options(generate, out_help="output .png", dtype_help="images; any other value is refused")
     del group
     generate.set_defaults(run=_cmd_generate)

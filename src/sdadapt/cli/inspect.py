@@ -24,7 +24,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"dtypes:     {', '.join(f'{k} x{v}' for k, v in summary['dtypes'].items())}")
     fields = ("model", "modules", "components", "family", "algorithms", "ranks", "alphas",  # adapters, checkpoints
               "name", "vectors", "dims", "encoders", "written_by", "step",  # embeddings
-              "widths", "layer_structure", "activation_func")  # hypernetworks
+              "widths", "layer_structure", "activation_func",  # hypernetworks
+              "use")  # the commands that take it
     for field in fields:
         if summary.get(field) is not None:
             value = summary[field]

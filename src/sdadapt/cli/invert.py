@@ -13,7 +13,12 @@ __all__ = ["register"]
 
 
 def _cmd_invert(args: argparse.Namespace) -> int:
+    from ..errors import InputError
     from ..inversion.job import run_invert
+
+    if args.dtype != "keep":  # (the shared output option; the inversion is kept in float32 so it replays exactly)
+        raise InputError(f"--dtype {args.dtype}: invert writes its inversion in float32 so that it replays exactly; "
+                         "leave --dtype out")
 
     result = run_invert(
         args.image, prompt=args.prompt, out=args.out, method=args.method, guidance=args.guidance, steps=args.steps,
@@ -45,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     invert.add_argument("image", help=".png/.jpg image")
     invert.add_argument("--prompt", required=True, help="the image's caption")
     invert.add_argument("--method", choices=("null-text", "negative-prompt", "ddim"), default="null-text")
-    invert.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    invert.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=7.5,
+                        help="classifier-free guidance scale (default 7.5)")
     invert.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     invert.add_argument("--model", default="toy", metavar="toy|toy-image|PATH",
                         help="'toy' (built in), 'toy-image' (the image-embedding toy) or a diffusers folder")
@@ -59,5 +65,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     only_with(invert, ["--init"], needs="--method null-text (the default)", when=lambda args: args.method == "null-text",
               message="{option} is null-text inversion's start: it does nothing with another --method; leave {option} out")
     add_output_options(invert, out_help="output .png (the inversion is written beside it as .safetensors)",
-                       dtype_help="not used: the inversion is float32 so it replays exactly")
+                       dtype_help="the inversion is float32 so it replays exactly; any other value is refused")
     invert.set_defaults(run=_cmd_invert)

@@ -38,6 +38,7 @@ KOHYA_KEYS = {
     "class_tokens": "prompt",
     "token_string": "token",
     "num_vectors_per_token": "vectors",
+    "weights": "init_weights",
     "network_dim": "rank",
     "network_alpha": "alpha",
     "stop_text_encoder_training": "text_encoder_steps",
@@ -60,7 +61,7 @@ KOHYA_IGNORED = {
     "save_model_as": "sdadapt writes .safetensors (hypernetworks: .pt)",
     "logging_dir": "the CSV log and TensorBoard events go beside the output",
     "log_prefix": "the CSV log and TensorBoard events go beside the output",
-    "network_module": "the method decides the network (lora, locon, loha, lokr, dora, ia3)",
+    "network_module": "the method decides the network (lora, locon, loha, lokr, dora, ia3, diag-oft, boft)",
     "lowram": "where the weights are loaded first (memory only)",
     "highvram": "where the latents are kept (memory only)",
     "vae_batch_size": "latents are encoded bucket by bucket before training",
@@ -114,11 +115,6 @@ _REFUSED_WHEN_ON = {
                                              "save_state_to_huggingface", "async_upload")},
     "resume_from_huggingface": ("sdadapt downloads nothing during training: download the state folder yourself and "
                                 "pass it as --resume DIR"),
-    "lr_scheduler_type": ("sdadapt runs its own schedules (pure functions of the step, so a resumed or CUDA-graph run "
-                          "follows them) and loads no scheduler class: use lr_scheduler = constant, "
-                          "constant_with_warmup, cosine, cosine_with_restarts, linear, polynomial, cosine_with_min_lr, "
-                          "warmup_stable_decay, inverse_sqrt or piecewise_constant (with lr_scheduler_args = "
-                          "[\"step_rules='1:100,0.1'\"])"),
     "no_metadata": ("sdadapt always writes kohya's ss_* metadata and the modelspec keys (resume checks, merges and "
                     "other tools read them); remove them from the file after training if you must"),
     "output_config": "sdadapt does not write the config back (and kohya would train nothing): leave it out",
@@ -128,11 +124,25 @@ _REFUSED_WHEN_ON = {
     "deepspeed": "python -m sdadapt train runs one process, without DeepSpeed; leave it out",
     "fused_optimizer_groups": ("not there: use fused_backward_pass (--fused-backward-pass: full/dreambooth step each "
                                "weight inside backward, no model-sized gradient buffer)"),
-    "weights": ("sdadapt starts a textual-inversion embedding from --init-word, not from an embedding file; leave "
-                "weights out"),
-    "resize_interpolation": "sdadapt scales with area averaging (down) and bilinear (up); leave it out",
     "train_inpainting": "sdadapt trains text-to-image models, not inpainting ones",
 }
+#: kohya's ``store_true`` options read here that are no TrainOptions field (read, noted or refused by read_config):
+#: a quoted ``"true"`` / ``"false"`` is that bool (:func:`_typed_value`), as their field's type does for the others
+_KOHYA_ONLY_FLAGS = frozenset({
+    "network_train_unet_only", "network_train_text_encoder_only", "train_text_encoder", "v_parameterization",
+    "use_8bit_adam", "use_lion_optimizer", "use_object_template", "use_style_template",
+    "cache_text_encoder_outputs_to_disk", "cache_latents", "cache_latents_to_disk", "no_metadata",
+    "save_state_to_huggingface", "resume_from_huggingface", "async_upload", "output_config", "debug_dataset",
+    "deepspeed", "train_inpainting", "cpu_offload_checkpointing", "no_half_vae", "v2", "mem_eff_attn", "xformers",
+    "sdpa", "persistent_data_loader_workers", "ddp_gradient_as_bucket_view", "ddp_static_graph", "log_config",
+    "lowram", "highvram", "cache_info", "skip_cache_check", "console_log_simple", "zero3_init_flag",
+    "zero3_save_16bit_model", "fp16_master_weights_and_gradients", "disable_mmap_load_safetensors",
+    "no_token_padding", "use_safetensors", "diffusers_xformers"})
+#: kohya's numeric options read here that are no TrainOptions field
+_KOHYA_ONLY_NUMBERS: dict[str, type] = {
+    "learning_rate_te1": float, "learning_rate_te2": float, "save_last_n_epochs_state": int,
+    "save_last_n_steps_state": int, "max_data_loader_n_workers": int, "ddp_timeout": int, "vae_batch_size": int,
+    "zero_stage": int, "fused_optimizer_groups": int}
 #: options whose 0 means "off" to kohya's GUIs (sd-scripts' default None; sd-scripts skips a 0 or cannot run with it):
 #: 0 reads as not given. (Not save_last_n_*: there kohya's 0 keeps only the newest save, refused here.)
 _ZERO_IS_UNSET = frozenset({"steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
@@ -273,8 +283,15 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     run's ``learning_rate``, as ``sdxl_train.py``). tests/test_kohya_config_coverage.py
     checks kohya's whole option list against this.
     """
+    import typing
+
+    from ..jobs import TrainOptions
+
     file = Path(path)
     flat = _flat_config(file)
+    hints = typing.get_type_hints(TrainOptions)
+    typed_methods = {name: entry for name, entry in _method_options().items() if name in method_options}
+    typed: dict[str, Any] = {}  # the file's values after the quoted-value conversion
     options: dict[str, Any] = {}
     methods: dict[str, Any] = {}
     notes: list[str] = []
@@ -287,6 +304,11 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
         if (isinstance(value, str) and not value.strip() or value == [] or _zero(value) and name in _ZERO_IS_UNSET
                 or _zero(value) and key == "stop_text_encoder_training"):
             continue  # (kohya's GUI writes "" / [] / 0 for an option not used; sd-scripts reads them as not given)
+        if isinstance(value, str):  # the one conversion of quoted values (seed = "1234", use_8bit_adam = "false")
+            hint = (hints.get(name) if name in fields else _scalar_type(typed_methods[name][0]) if name in typed_methods
+                    else _KOHYA_ONLY_TYPES.get(name))
+            value = _typed_value(file, key, value, hint)
+        typed[key] = value
         if name in KOHYA_IGNORED:
             if value is False or isinstance(value, (int, float)) and value == 0:
                 continue  # (off: nothing to note)
@@ -348,7 +370,7 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"--config {file}: unknown option {key!r}{hint}")
     _settle_kohya_values(file, options, notes, encoder_lrs=encoder_lrs, adam8bit=adam8bit, lion=lion)
-    cached = [k for k, v in flat.items() if k.replace("-", "_") in ("cache_latents", "cache_latents_to_disk") and v is True]
+    cached = [k for k, v in typed.items() if k.replace("-", "_") in ("cache_latents", "cache_latents_to_disk") and v is True]
     if options.get("face_crop_aug_range") not in (None, "", []) and cached:  # (kohya caches the plain crops: no faces)
         notes.append(f"ignored face_crop_aug_range ({cached[0]}: kohya caches each image's latents once and crops "
                      "around no face; leave cache_latents out to crop around the faces)")
@@ -475,7 +497,7 @@ _NETWORK_ARG_NAMES = {"conv_dim": "conv_rank", "use_cp": "use_tucker", "preset":
 _LYCORIS_METHOD_ARGS = ("algo", "dora_wd")
 #: LyCORIS algo -> the sdadapt methods it may name
 _LYCORIS_ALGOS = {"lora": ("lora", "locon"), "locon": ("locon",), "loha": ("loha",), "lokr": ("lokr",),
-                  "ia3": ("ia3",)}
+                  "ia3": ("ia3",), "diag-oft": ("diag-oft",), "boft": ("boft",), "glora": ("glora",)}
 
 
 def parse_network_args(items: list, *, method_options: set[str], source: str = "--network-args") -> dict[str, str]:
@@ -500,7 +522,8 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
         if arg in _LYCORIS_OFF_ARGS:  # (the kohya_ss GUI writes them all, off)
             if setting.strip().lower() in ("false", "0", "", "none"):
                 continue
-            raise InputError(f"{source} {item!r}: {_LYCORIS_OFF_ARGS[arg]}; leave it off")
+            if arg not in method_options:  # (train_norm is a method option of the LoRA family)
+                raise InputError(f"{source} {item!r}: {_LYCORIS_OFF_ARGS[arg]}; leave it off")
         name = _NETWORK_ARG_NAMES.get(arg, arg)
         if name not in method_options and name not in _LYCORIS_METHOD_ARGS:
             from ..methods.lora_blocks import BLOCK_ARGS
@@ -518,11 +541,11 @@ _LYCORIS_OFF_ARGS = {
     "use_scalar": "LyCORIS' trained scalar per module is not there",
     "rank_dropout_scale": "rank dropout here follows kohya's LoRA (no LyCORIS rescaling option)",
     "bypass_mode": "LyCORIS' bypass mode (for quantised base layers) is not there; it trains the same ΔW unquantised",
-    "train_norm": "training the normalisation layers is not there",
+    "train_norm": "LyCORIS' norm modules train beside lora, locon, loha, lokr, dora and glora",
 }
 #: the network_args keys sdadapt reads besides the block-wise ones (lora_blocks.BLOCK_ARGS), named in errors
 _KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "preset", "factor",
-                       "decompose_both", "train_on_input", "loraplus_lr_ratio",
+                       "decompose_both", "train_on_input", "constraint", "rescaled", "loraplus_lr_ratio",
                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
@@ -555,12 +578,17 @@ def _check_lycoris_args(method: str, chosen: dict) -> None:
 
         if targets not in UNET_PRESETS:
             lycoris_preset(targets)
+    if str(chosen.get("train_norm", "")).strip().lower() in ("true", "1", "yes", "on"):
+        from ..methods.train_norm import norm_targets
+
+        norm_targets(targets if isinstance(targets, str) else None)  # (targets without norms: before the model loads)
     if algo is not None:
         algo = str(algo).strip().lower()  # (LyCORIS reads it case-insensitively: algo=LoCon)
         allowed = _LYCORIS_ALGOS.get(algo)
         if allowed is None:
             raise InputError(f"network_args algo={algo}: sdadapt trains the LyCORIS algos "
-                             f"{', '.join(_LYCORIS_ALGOS)} (train lora/locon/loha/lokr/ia3) and DoRA (train dora); not {algo}")
+                             f"{', '.join(_LYCORIS_ALGOS)} (train lora/locon/loha/lokr/ia3/diag-oft/boft) and DoRA (train dora); "
+                             f"not {algo}")
         if method not in allowed and not (method == "dora" and algo in ("lora", "locon") and dora is not None):
             raise InputError(f"network_args algo={algo} names another network than {method}: train it with "
                              f"`python -m sdadapt train {allowed[-1]}` (or leave algo out)")
@@ -588,6 +616,23 @@ def _drop_ia3_ignored(chosen: dict, *, keep: set[str], notes: list[str]) -> None
                      "Tucker core or dropout of hidden units), as LyCORIS' IA3Module ignores them")
 
 
+#: options a kohya config / network_args carry for every LyCORIS algo that LyCORIS' OFT modules ignore
+_OFT_IGNORED = ("alpha", "conv_alpha", "use_tucker", "dropout", "rank_dropout")
+
+
+def _drop_oft_ignored(method: str, chosen: dict, *, keep: set[str], notes: list[str]) -> None:
+    """``train diag-oft`` / ``boft`` from a kohya config: ``network_alpha`` (and ``conv_alpha`` ...) come
+    with every LyCORIS config; LyCORIS' OFT modules take and ignore them (its ``alpha`` is the
+    ``constraint``): dropped with a note; those given as flags (``keep``) stay, and are refused."""
+    dropped = [name for name in _OFT_IGNORED if name in chosen and name not in keep]
+    for name in dropped:
+        del chosen[name]
+    if dropped:
+        notes.append(f"ignored {', '.join(dropped)} for {method}: OFT rotates blocks (network_dim is the block size; "
+                     "its alpha is network_args constraint=...); LyCORIS' OFT modules ignore them too (all but "
+                     "Diag-OFT's rank_dropout, which sdadapt's OFT does not have)")
+
+
 # ----------------------------------------------------------------------------------- train
 def _method_options():
     """Every method option by name: ``{name: (MethodOption, [methods that take it])}``."""
@@ -599,6 +644,12 @@ def _method_options():
             entry = options.setdefault(option.name, (option, []))
             entry[1].append(method.name)
     return options
+
+
+def _scalar_type(option) -> type | None:
+    """A method option's value type (int, float, bool; of each value of a ``many`` option, given one) for
+    :func:`_typed_value`; ``None`` for another type (its strings stay for :func:`_convert`)."""
+    return option.type if option.type in (int, float, bool) else None
 
 
 def _convert(option, value: Any) -> Any:
@@ -623,49 +674,51 @@ def _convert(option, value: Any) -> Any:
         raise ValueError(f"{option.option_strings[0]}: {value!r} is not a valid {getattr(option.type, '__name__', 'value')}") from None
 
 
-def _numbers_from_strings(file: Path, values: dict, options_class: type) -> None:
-    """A config's numbers and booleans written as strings (``seed = "1234"``, ``learning_rate = "1e-4"``,
-    ``flip_aug = "true"``, as some GUIs and hand edits write them) -> their field's type, in place; a
-    field that also takes words (``text_encoder_2_lr``) keeps a string that is no number. Raises
-    ``ValueError`` naming the key for a string that is not such a number."""
+_KOHYA_ONLY_TYPES: dict[str, Any] = {**dict.fromkeys(_KOHYA_ONLY_FLAGS, bool), **_KOHYA_ONLY_NUMBERS}
+
+
+def _typed_value(file: Path, key: str, value: str, hint: Any) -> Any:
+    """A config's number or boolean written as a string (``seed = "1234"``, ``learning_rate = "1e-4"``,
+    ``flip_aug = "true"``, ``use_8bit_adam = "false"``, as some GUIs and hand edits write them) -> the
+    option's type ``hint`` (a TrainOptions field's, or :data:`_KOHYA_ONLY_TYPES`' for kohya's own keys);
+    other strings (``hint`` None or not a number/bool type) as they are, and a field that also takes
+    words (``text_encoder_2_lr``) keeps a string that is no number. :func:`read_config` runs every
+    value through it before anything reads it. Raises ``ValueError`` naming the key for a string that
+    is not such a number."""
     import types
     import typing
 
-    hints = typing.get_type_hints(options_class)
-    for name, value in list(values.items()):
-        if not isinstance(value, str) or name not in hints:
-            continue
-        hint = hints[name]
-        kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else {hint}
-        kinds.discard(type(None))
-        text = value.strip()
-        if str in kinds:  # (text_encoder_2_lr: a number, or a word such as "learning_rate", kept as it is)
-            kinds.discard(str)
-            try:
-                float(text)
-            except ValueError:
-                continue
-        if not kinds or not kinds <= {int, float, bool}:
-            continue
-        if kinds == {bool}:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise ValueError(f"--config {file}: {name} = {value!r} is not true or false")
-            values[name] = text.lower() in ("true", "1", "yes", "on")
-            continue
+    if hint is None:
+        return value
+    kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else {hint}
+    kinds.discard(type(None))
+    text = value.strip()
+    if str in kinds:  # (text_encoder_2_lr: a number, or a word such as "learning_rate", kept as it is)
+        kinds.discard(str)
         try:
-            try:
-                number = int(text)  # (lr_warmup_steps = "100" or "1_000": a count; the float 100.0 would be a share)
-            except ValueError:
-                number = float(text)
-                if int in kinds and float not in kinds:
-                    if number != int(number):
-                        raise ValueError
-                    number = int(number)
-        except (ValueError, OverflowError):
-            kind = "an integer" if float not in kinds else "a number"
-            raise ValueError(f"--config {file}: {name} = {value!r} is not {kind}; write it as {kind} "
-                             f"without quotes (e.g. {name} = {1 if kind == 'an integer' else 0.0001})") from None
-        values[name] = number
+            float(text)
+        except ValueError:
+            return value
+    if not kinds or not kinds <= {int, float, bool}:
+        return value
+    if kinds == {bool}:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"--config {file}: {key} = {value!r} is not true or false")
+        return text.lower() in ("true", "1", "yes", "on")
+    try:
+        try:
+            number = int(text)  # (lr_warmup_steps = "100" or "1_000": a count; the float 100.0 would be a share)
+        except ValueError:
+            number = float(text)
+            if int in kinds and float not in kinds:
+                if number != int(number):
+                    raise ValueError from None
+                number = int(number)
+    except (ValueError, OverflowError):
+        kind = "an integer" if float not in kinds else "a number"
+        raise ValueError(f"--config {file}: {key} = {value!r} is not {kind}; write it as {kind} "
+                         f"without quotes (e.g. {key} = {1 if kind == 'an integer' else 0.0001})") from None
+    return number
 
 
 def _is_kohya_file(path: Path, *, fields: set[str], method_options: set[str]) -> bool:
@@ -735,8 +788,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     chosen: dict[str, Any] = {}
     kohya = False
     if args.config is not None:
-        values, chosen, notes = read_config(args.config, fields=fields, method_options=set(method_options))
-        _numbers_from_strings(Path(args.config), values, TrainOptions)
+        values, chosen, notes = read_config(args.config, fields=fields, method_options=set(method_options))  # (typed)
         kohya = _is_kohya_file(Path(args.config), fields=fields, method_options=set(method_options))
         if kohya:
             _check_kohya_step_shares(Path(args.config), values, given)
@@ -756,6 +808,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_lycoris_args(args.method, chosen)
     if args.method == "ia3":
         _drop_ia3_ignored(chosen, keep=set(given_methods), notes=notes)
+    if args.method in ("diag-oft", "boft"):
+        _drop_oft_ignored(args.method, chosen, keep=set(given_methods), notes=notes)
     config_defaults = "sdadapt"
     if kohya:  # a kohya config: kohya's defaults for what it and the flags leave out
         config_defaults, note = _apply_kohya_defaults(args.method, values, chosen, method_options=method_options)
@@ -883,6 +937,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--flip-aug", action=bool_flag,
         help="also cache the mirrored images' latents (twice the latent memory) and train each use of an image on the "
         "mirrored one with probability 1/2 (kohya's --flip_aug)")
+    add(data, "--resize-interpolation", choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"),
+        help="how images are scaled to their bucket, kohya's names and methods (lanczos, box: PIL's anti-aliased filters; "
+        "nearest, bilinear/linear, bicubic/cubic, area: OpenCV's; computed in torch, within about one 8-bit level of "
+        "kohya's); default: kohya's (area when the image shrinks both ways, else lanczos); with "
+        "--dataset-config, the default of subsets without their own")
     add(data, "--alpha-mask", action=bool_flag,
         help="weight each image's loss by its alpha channel (transparent pixels train nothing; kohya's --alpha_mask); "
         "the mask follows the bucket crop and flips; with --dataset-config, the default of subsets without their "
@@ -984,7 +1043,13 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--lr-scheduler-args", nargs="+", metavar="KEY=VALUE",
         help="kohya's --lr_scheduler_args: lr_end=X for polynomial (the LR it ends at; default 1e-7); min_lr=X for "
         "cosine_with_min_lr; warmup_type=T decay_type=T (linear, cosine, 1-sqrt) for warmup_stable_decay; "
-        "step_rules=1:100,0.1:200,0.01 for piecewise_constant (factor 1 before step 100, 0.1 before 200, then 0.01)")
+        "step_rules=1:100,0.1:200,0.01 for piecewise_constant (factor 1 before step 100, 0.1 before 200, then 0.01); "
+        "with --lr-scheduler-type: that class's arguments (e.g. T_max=1000 eta_min=1e-6)")
+    add(optim, "--lr-scheduler-type", metavar="CLASS",
+        help="kohya's --lr_scheduler_type: a torch.optim.lr_scheduler class in place of --lr-scheduler (StepLR, "
+        "MultiStepLR, ConstantLR, LinearLR, ExponentialLR, PolynomialLR, CosineAnnealingLR, CosineAnnealingWarmRestarts, "
+        "OneCycleLR, β1 cycling included), built from --lr-scheduler-args, stepped once per optimiser step; no "
+        "warm-up. The LRs are torch's, bit for bit")
     add(optim, "--max-grad-norm", type=float, metavar="X", help="gradient clipping (default 1; 0 = off)")
     add(optim, "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast the forward pass (default no)")
     add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off)")

@@ -107,7 +107,9 @@ def load_lora(
         "hypernetwork": "; it is an A1111 hypernetwork: use it with `generate --hypernetwork FILE[:STRENGTH]`, or "
                         "in Python with load_hypernetwork + inject_hypernetwork (docs/hypernetworks.md)",
         "checkpoint": "; it is a model, not an adapter: use it as --model, or as merge-lora's BASE",
-        "custom-diffusion": "; apply it with apply_custom_diffusion (docs/custom-diffusion.md)",
+        "aesthetic-embedding": "; it is an aesthetic embedding: use it with `generate --aesthetic FILE`",
+        "custom-diffusion": "; it is a Custom Diffusion result: use it with `generate --custom-diffusion FILE[:SCALE]`, "
+                            "or in Python with apply_custom_diffusion (docs/custom-diffusion.md)",
     }.get(kind, "")
     raise WeightFileError(
         f"{path}: this is a {kind} file, not a LoRA that sdadapt can load{use_instead}"

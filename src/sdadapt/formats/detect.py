@@ -24,12 +24,13 @@ FILE_KINDS = (
     "peft-ia3",
     "custom-diffusion",
     "embedding",
+    "aesthetic-embedding",
     "hypernetwork",
     "checkpoint",
     "unknown",
 )
 
-_CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "encoder.down.", "text_model.", "encoder.layers.", "input_blocks.")
+_CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "encoder.down.", "encoder.conv_in.", "text_model.", "encoder.layers.", "input_blocks.")
 
 
 # safetensors header dtypes -> torch names, so a .safetensors and a .pt report dtypes alike
@@ -49,6 +50,20 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+#: what takes each kind of file (``inspect`` prints it as ``use:``)
+_USES = {
+    "kohya-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
+    "lycoris": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
+    "diffusers-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
+    "peft-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
+    "peft-ia3": "generate --lora FILE:SCALE; merge-lora, convert",
+    "custom-diffusion": "generate --custom-diffusion FILE:SCALE; merge-custom-diffusion",
+    "embedding": "generate --embedding FILE (the file name is the trigger word); convert",
+    "aesthetic-embedding": "generate --aesthetic FILE",
+    "hypernetwork": "generate --hypernetwork FILE:STRENGTH",
+}
+
+
 def _suffix(key: str) -> str:
     return key.split(".", 1)[1] if "." in key else ""
 
@@ -62,7 +77,7 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
     key_set = set(keys)
     if any("custom_diffusion" in k for k in keys):
         return "custom-diffusion"
-    if all(k.split("_", 2)[0] == "lora" for k in keys) and is_kohya_state(dict.fromkeys(keys)):  # type: ignore[arg-type]
+    if all(k.split("_", 2)[0] in ("lora", "oft") for k in keys) and is_kohya_state(dict.fromkeys(keys)):  # type: ignore[arg-type]
         layers: dict[str, set[str]] = {}
         for key in keys:
             layers.setdefault(key.split(".", 1)[0], set()).add(_suffix(key))
@@ -80,6 +95,8 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         ("lora" in k) for k in keys
     ):
         return "diffusers-lora"
+    if key_set in ({"aesthetic_embedding"}, {""}):  # sdadapt's .safetensors; the A1111 extension's .pt: a bare tensor
+        return "aesthetic-embedding"
     if any(k.startswith("string_to_param") for k in keys) or key_set in ({"emb_params"}, {"clip_l", "clip_g"}):
         return "embedding"
     if any(k.split(".", 1)[0].isdigit() and (".linear." in k or ".linear1." in k) for k in keys):
@@ -143,6 +160,10 @@ def _describe(file: Path) -> dict:
         summary.update(_hypernetwork_summary(keys, metadata))
     if kind == "checkpoint":
         summary.update(_checkpoint_summary(shapes, metadata))
+    if kind == "aesthetic-embedding":
+        summary["dims"] = {"image embedding": shapes[keys[0]][-1] if shapes[keys[0]] else 0}
+    if kind in _USES:
+        summary["use"] = _USES[kind]
     if kind == "embedding":  # trigger word, vectors, widths, encoders, which tool wrote it
         from .embeddings import embedding_summary
 
@@ -150,18 +171,38 @@ def _describe(file: Path) -> dict:
     return summary
 
 
+_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.")
+_TEXT_PREFIXES = ("text_model.", "encoder.layers.", "embeddings.", "final_layer_norm.", "text_projection.",
+                  "logit_scale", "cond_stage_model.", "conditioner.")
+_UNET_ONLY = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.",
+              "add_embedding.", "model.diffusion_model.", "input_blocks.", "output_blocks.", "middle_block.", "out.",
+              "time_embed.", "label_emb.")
+
+
 def _checkpoint_summary(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> dict:
-    """Which model a whole checkpoint is: sdadapt's toy (``format: sdadapt-toy/1``), else SD1/SD2/SDXL."""
+    """Which model a whole checkpoint is: sdadapt's toy (``format: sdadapt-toy/1``), else SD1/SD2/SDXL,
+    or one component of one (a VAE, a text encoder, a UNet); and what takes it."""
     if metadata.get("format") == "sdadapt-toy/1":
-        return {"model": "sdadapt toy text-to-image model (32x32, load with --model FILE or sdadapt.toy.load_toy)"}
+        return {"model": "sdadapt toy text-to-image model (32x32, load with --model FILE or sdadapt.toy.load_toy)",
+                "use": "--model FILE (generate, train, invert)"}
     from .model_keys import KeyMapError, checkpoint_architecture
 
+    shapes = {k.removeprefix("state_dict."): v for k, v in shapes.items()}  # (a .ckpt's {"state_dict": ...})
+    keys = list(shapes)
+    if all(k.startswith(_VAE_PREFIXES) for k in keys) and not all(k.startswith("encoder.layers.") for k in keys):
+        return {"model": "a VAE alone (AutoencoderKL)", "use": "generate --vae FILE, train --vae FILE"}
+    names = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
     try:
         architecture = checkpoint_architecture(shapes)
     except KeyMapError:
+        if all(k.startswith(_TEXT_PREFIXES) for k in keys):
+            return {"model": "a text encoder alone (CLIP)"}
         return {}
-    names = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
-    return {"model": f"{names[architecture]} ({architecture})"}
+    if all(k.startswith(_UNET_ONLY) for k in keys):
+        return {"model": f"a {names[architecture]} UNet alone ({architecture})",
+                "use": "merge, merge-lora BASE, extract-lora (UNet only); --model needs a whole checkpoint or folder"}
+    return {"model": f"{names[architecture]} ({architecture})",
+            "use": "--model FILE (generate, train, invert); merge, merge-lora BASE, extract-lora, convert"}
 
 
 def _hypernetwork_summary(keys: list[str], metadata: Mapping[str, str]) -> dict:
@@ -190,11 +231,20 @@ def _adapter_summary(
     components: Counter[str] = Counter()
     layer_ranks: dict[str, int | None] = {}
     vectors = 0  # (IA)³ layers: one vector each, no rank and no alpha
+    rotations: Counter[str] = Counter()  # OFT layers: rotation blocks, no rank; their alpha is the COFT constraint
+    oft_layers: list[str] = []
     for layer, parts in modules.items():
         algo, rank = _algorithm(parts)
         algorithms[algo] += 1
         if algo == "ia3":
             vectors += 1
+            components[_component(layer, kind)] += 1
+            continue
+        if algo == "oft":
+            blocks = parts.get("oft_blocks", ())
+            layout = "boft" if len(blocks) == 4 else "diag-oft"
+            rotations[f"none (OFT rotations: {layout} blocks of {blocks[-1] if blocks else '?'})"] += 1
+            oft_layers.append(layer)
             components[_component(layer, kind)] += 1
             continue
         layer_ranks[layer] = rank
@@ -221,6 +271,9 @@ def _adapter_summary(
             alphas["in the file (not read)" if layer in alpha_keys else "absent (alpha = rank)"] += 1
     if vectors:
         alphas["none (IA3 vectors)"] = vectors
+    for layer in oft_layers:  # an OFT's alpha bounds ‖Q‖ (c = alpha · out; 0 or absent: none), it scales nothing
+        alpha = values.get(layer)
+        alphas[f"constraint {_fmt(alpha)} (OFT)" if alpha else "no constraint (OFT)"] += 1
     families = sorted({_family_label(a) for a in algorithms if a != "unknown"})
     return {
         "modules": len(modules),
@@ -230,7 +283,7 @@ def _adapter_summary(
         "ranks": {**{str(k): v for k, v in sorted(ranks.items())},
                   **({"unfactored (full matrix, e.g. a small LoKr factor)": unranked} if (unranked := sum(
                       1 for r in layer_ranks.values() if r is None) - algorithms.get("unknown", 0)) > 0 else {}),
-                  **({"none (IA3 vectors)": vectors} if vectors else {})},
+                  **({"none (IA3 vectors)": vectors} if vectors else {}), **rotations},
         "alphas": dict(alphas),
     }
 
@@ -334,9 +387,10 @@ def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
 
 def _component(layer: str, kind: str) -> str:
     if kind in ("kohya-lora", "lycoris"):
-        for prefix in ("lora_unet", "lora_te1", "lora_te2", "lora_te"):
+        for prefix in ("lora_unet", "oft_unet", "lora_te1", "lora_te2", "lora_te"):
             if layer.startswith(prefix + "_"):
-                return {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}[prefix]
+                return {"lora_unet": "unet", "oft_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                        "lora_te2": "text_encoder_2"}[prefix]
     if kind in ("peft-lora", "peft-ia3"):
         return "model"
     return layer.split(".", 1)[0]

@@ -355,8 +355,7 @@ def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
     (:func:`~sdadapt.formats.peft_ia3.to_peft_ia3`)."""
     ia3 = any(key.endswith(".on_input") for key in state)
     peft_state, config = to_peft_ia3(state) if ia3 else to_peft(state)
-    target = Path(folder)
-    target.mkdir(parents=True, exist_ok=True)
+    target = Path(folder)  # (a missing folder is made by the writes, and removed again if the save fails)
     check_finite_output(peft_state, path=target / "adapter_model.safetensors")
     with staged_outputs() as stage:
         write_safetensors(target / "adapter_model.safetensors", peft_state, {"format": "pt"}, stage=stage)

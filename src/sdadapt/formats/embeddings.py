@@ -214,11 +214,16 @@ def embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str] 
         WeightFileError: not an embedding (says what the file holds).
     """
     meta = dict(metadata or {})
+    aesthetic = "; a bare (1, D) tensor, or a file of one 'aesthetic_embedding', is an aesthetic embedding: use it " \
+                "with `generate --aesthetic FILE`"
     if not isinstance(obj, Mapping):
         raise WeightFileError(
             f"{source}: not a textual-inversion embedding (the file holds a {type(obj).__name__}, not a dict); "
             "expected A1111 string_to_param, kohya emb_params, diffusers {token: tensor} or SDXL clip_l/clip_g"
+            + (aesthetic if isinstance(obj, Tensor) else "")
         )
+    if set(obj) == {"aesthetic_embedding"}:  # (sdadapt's aesthetic .safetensors: not a token's vectors)
+        raise WeightFileError(f"{source}: not a textual-inversion embedding{aesthetic}")
     if "string_to_param" in obj:
         return from_a1111(obj, name=name, source=source)
     step = meta.pop("step", None)

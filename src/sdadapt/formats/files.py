@@ -105,21 +105,41 @@ def _existing_base(target: Path, folder: Path) -> Path:
 def make_output_folder(path: str | os.PathLike) -> Path:
     """Make the folder ``path`` goes into, with its missing parents (as kohya's
     ``os.makedirs(output_dir, exist_ok=True)``); returns it. Writers call it just before their first
-    write, after every check passed, so a refused command leaves no folder behind.
+    write, after every check passed, so a refused command leaves no folder behind (and a write that
+    fails removes the folders it made: :func:`atomic_write`, :func:`staged_outputs`).
 
     Raises:
         OutputError: a component is a file, or the folder cannot be made (permissions, read-only).
     """
-    target = Path(path)
+    return _make_folders(Path(path))[0]
+
+
+def _make_folders(target: Path) -> tuple[Path, list[Path]]:
+    """:func:`make_output_folder` -> ``(folder, the folders this call made, outermost first)``: those a
+    failed write removes again (:func:`_remove_folders`), never one that was there before."""
     folder = _output_folder(target)
     if folder.is_dir():
-        return folder
+        return folder, []
     base = _existing_base(target, folder)
+    missing = [folder, *(p for p in folder.parents if p != base and base in p.parents)][::-1]  # below base, outermost first
+    made: list[Path] = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        with signals_held():  # (a Ctrl-C between a mkdir and its note would leave that folder behind)
+            for level in missing:  # one level at a time: a folder another writer made meanwhile is not ours
+                try:
+                    level.mkdir()
+                except FileExistsError:
+                    if not level.is_dir():
+                        raise
+                else:
+                    made.append(level)
+            if not folder.is_dir():  # (a path form the levels above missed: made untracked, as before)
+                folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
+        _remove_folders(made)
         raise OutputError(f"{target}: cannot make folder {folder}: a file is in the way; write elsewhere") from None
     except OSError as exc:
+        _remove_folders(made)
         if exc.errno == errno.EROFS:
             raise OutputError(f"{target}: cannot make folder {folder}: {base} is on a read-only file system; "
                               "write elsewhere") from None
@@ -128,7 +148,20 @@ def make_output_folder(path: str | os.PathLike) -> Path:
                               "elsewhere, or make the folder yourself") from None
         raise OutputError(f"{target}: cannot make folder {folder} ({exc.strerror or exc}); write elsewhere, or make "
                           "the folder yourself") from None
-    return folder
+    except BaseException:  # (a signal held above, delivered as the block ends: Ctrl-C, SIGTERM's Interrupted)
+        _remove_folders(made)
+        raise
+    return folder, made
+
+
+def _remove_folders(folders: list[Path]) -> None:
+    """Remove the folders a failed write made (:func:`_make_folders`), innermost first, each only while
+    empty (``os.rmdir``): one that holds anything now — another writer's file — stays, with its parents."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            continue  # (its parents are not empty either; a sibling another staged write made may be)
 
 
 def _size_text(size: int) -> str:
@@ -330,8 +363,9 @@ def _write_failure(target: Path, exc: OSError, tmp: str | None) -> OutputError:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP back while the block runs: one that arrives is noted and
-    raised again when the block ends, to whatever handler was there (main thread only; elsewhere
+    """Hold SIGINT, SIGTERM and SIGHUP back while the block runs: each that arrives is noted and
+    raised again when the block ends, to whatever handler was there, in the order they arrived, all of
+    them even when the first one's handler raises (:func:`_deliver`) (main thread only; elsewhere
     a no-op). For making a temporary file or folder and taking its name in one step — a handler
     raising between the two would leave it behind. (Not a signal mask: a process-directed signal
     goes to any thread that does not block it, and Python runs its handler in the main thread.)"""
@@ -353,8 +387,21 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         _put_back(list(previous.items()))
-        for number in dict.fromkeys(pending):
-            signal.raise_signal(number)
+        _deliver(list(dict.fromkeys(pending)))
+
+
+def _deliver(numbers: list[int]) -> None:
+    """Raise each held signal, in the order they first arrived, to its handler now back in place —
+    every one even when a handler raises (SIGINT's ``KeyboardInterrupt``): the later ones run in a
+    ``finally``, so a SIGTERM held behind a SIGINT still ends the process (its default) or raises its
+    own exception (the SIGINT's as its ``__context__``). A signal held twice is raised once, as the
+    kernel keeps one pending instance of a blocked standard signal."""
+    if not numbers:
+        return
+    try:
+        signal.raise_signal(numbers[0])
+    finally:
+        _deliver(numbers[1:])
 
 
 def _put_back(handlers: list[tuple[int, Any]]) -> None:
@@ -407,10 +454,13 @@ def atomic_write(
         stage._check_new(target)
     if not overwrite and os.path.lexists(target):
         raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
-    make_output_folder(target)  # (a missing folder, with its parents, as kohya's output_dir)
-    remove_stale_temporaries(target)
+    made: list[Path] = []  # the folders this write makes: removed again if it fails (a staged write: with its stage)
     fd, tmp = -1, ""
     try:
+        _, made = _make_folders(target)  # (a missing folder, with its parents, as kohya's output_dir)
+        if stage is not None:
+            stage._add_folders(made)
+        remove_stale_temporaries(target)
         try:
             with signals_held():  # a signal right after the file is made would leave it unnamed, so unremoved
                 fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=folder)
@@ -445,6 +495,8 @@ def atomic_write(
         finally:
             if fd >= 0:
                 os.close(fd)
+            if stage is None:  # (a stage removes its folders when it ends: other staged files may be in them)
+                _remove_folders(made)
         raise
     if fd >= 0:
         os.close(fd)
@@ -486,6 +538,7 @@ class StagedOutputs:
 
     def __init__(self) -> None:
         self._entries: list[_StagedFile] = []
+        self._folders: list[Path] = []  # the folders its writes made, outermost first: removed if the block fails
         self._ended = False
         self._lock = threading.Lock()  # a stage may be shared with worker threads
 
@@ -509,6 +562,10 @@ class StagedOutputs:
         if any(os.path.abspath(entry.target) == os.path.abspath(target) for entry in self._entries):
             raise ValueError(f"{target}: written twice in one staged_outputs() block")
 
+    def _add_folders(self, folders: list[Path]) -> None:
+        with self._lock:
+            self._folders.extend(folders)
+
     def _add(self, entry: _StagedFile) -> None:
         """Take over a finished temporary file; refused (``ValueError``, the caller removes it) when
         the block has ended meanwhile — a write from another thread that outlived the block — or
@@ -525,13 +582,21 @@ class StagedOutputs:
         return entries
 
     def _end(self) -> None:
-        """Remove every temporary file still here and release its lock (the targets are untouched)."""
+        """Remove every temporary file still here and release its lock (the targets are untouched),
+        then the folders the block's writes made."""
         _remove_temporaries(self._close())
+        self._remove_folders()
+
+    def _remove_folders(self) -> None:
+        with self._lock:
+            folders, self._folders = self._folders, []
+        _remove_folders(folders)
 
     def _commit(self) -> None:
         """Rename every staged file into place, or (on any failure, Ctrl-C included) none."""
         entries = self._close()
         backups: list[str | None] = []
+        committed = False
         try:
             for entry in entries:  # checked for all before any rename: a refusal changes nothing
                 if not entry.overwrite and os.path.lexists(entry.target):
@@ -560,6 +625,7 @@ class StagedOutputs:
             except BaseException:
                 _undo_moves(moved)
                 raise
+            committed = True
         finally:
             for backup in backups:
                 if backup is not None and os.path.lexists(backup):
@@ -568,6 +634,8 @@ class StagedOutputs:
                     except OSError:
                         pass
             _remove_temporaries(entries)
+            if not committed:  # (after the temporaries: a folder must be empty to go)
+                self._remove_folders()
 
 
 def _remove_temporaries(entries: list[_StagedFile]) -> None:
@@ -814,6 +882,10 @@ def _parse_file_header(file: Path, size: int) -> tuple[dict[str, dict], dict[str
         if header_len > MAX_HEADER_BYTES:
             if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
                 raise WeightFileError(_not_safetensors(file, head))
+            from .foreign_files import foreign_content
+
+            if (foreign := foreign_content(file)) is not None:  # a web page, a Git LFS pointer, an image ...
+                raise WeightFileError(f"{file}: {foreign}")
             raise WeightFileError(
                 f"{file}: not a safetensors file, or a corrupt one (its first 8 bytes give a {header_len}-byte "
                 f"header, over the format's {MAX_HEADER_BYTES}-byte limit)"
@@ -1045,6 +1117,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
         try:
             return read_safetensors(file)
         except WeightFileError:
+            from .foreign_files import foreign_content
+
+            if (foreign := foreign_content(file)) is not None:  # a web page, a Git LFS pointer, an image ...
+                raise WeightFileError(f"{file}: {foreign}") from None
             raise WeightFileError(
                 f"{file}: neither a safetensors file nor a torch.save archive (corrupt, or another format); "
                 "download or copy it again"

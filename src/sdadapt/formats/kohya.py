@@ -14,8 +14,12 @@ canonical diffusers paths either way, :func:`to_kohya` writes each base model's 
 LyCORIS files (``lycoris.kohya``) use the same prefixes and paths with their own tensor names:
 ``hada_w1_a/b``, ``hada_w2_a/b`` (+ ``hada_t1/t2``) for LoHa, ``lokr_w1[_a/_b]``,
 ``lokr_w2[_a/_b]`` (+ ``lokr_t2``) for LoKr, ``lora_mid.weight`` for Tucker LoCon, ``diff`` /
-``diff_b`` for full deltas, ``weight`` + ``on_input`` for (IA)³ and ``dora_scale`` next to any of
-them for DoRA. They pass through
+``diff_b`` for full deltas, ``weight`` + ``on_input`` for (IA)³, ``oft_blocks`` (+ ``rescale``; ``alpha`` is the
+COFT constraint there) for Diag-OFT / BOFT, ``a1/a2/b1/b2.weight`` for GLoRA, ``w_norm`` / ``b_norm`` for
+norm modules (``train_norm``) and ``dora_scale`` next to any of them for DoRA. kohya's own OFT
+files (``oft_unet_<layer>.oft_blocks`` / ``.alpha``) are read as Diag-OFT; a state in kohya's layout
+(:func:`kohya_oft_dim_alpha`, which LyCORIS cannot load) is written back with ``oft_unet_`` and
+``ss_network_module = "networks.oft"``, any other OFT state as LyCORIS' ``lora_unet_``. They pass through
 unchanged (exact keys, exact bits; ``alpha`` as float32); :func:`kohya_metadata` then records
 ``ss_network_module = "lycoris.kohya"`` and the ``algo``.
 """
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_keys, file_rank, lycoris_algo_of_keys
+from ..errors import InputError
 from .files import WeightFileError, check_finite, check_finite_output, read_weights, write_safetensors
 from .layers import canonical_layer_path, canonical_state, split_key, underscore_to_path
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet
@@ -41,6 +46,7 @@ __all__ = [
     "from_kohya",
     "is_kohya_state",
     "kohya_metadata",
+    "kohya_oft_dim_alpha",
     "save_kohya",
     "load_kohya",
     "cast_factors",
@@ -61,6 +67,7 @@ BASE_MODELS: dict[str, tuple[str, str, str, str]] = {
 
 _PREFIX_TO_COMPONENT = {
     "lora_unet": "unet",
+    "oft_unet": "unet",  # kohya's networks.oft (UNet only; written back so when LyCORIS cannot load it)
     "lora_te": "text_encoder",
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",
@@ -99,9 +106,13 @@ def to_kohya(
 
     Raises:
         ValueError: unknown base model or component.
+        InputError: (IA)³ vectors read from a peft adapter without its model (``scales_bias``,
+            :mod:`sdadapt.formats.peft_ia3`): no kohya/LyCORIS file can say that peft scales a bias.
     """
     _check_base_model(base_model)
     prefixes = _prefixes(base_model)
+    if kohya_oft_dim_alpha(components) is not None:  # kohya's own OFT layout keeps kohya's prefix
+        prefixes["unet"] = "oft_unet"
     out: dict[str, Tensor] = {}
     for component, state in components.items():
         if component not in prefixes:
@@ -109,6 +120,7 @@ def to_kohya(
                 f"component {component!r} has no kohya prefix for base_model={base_model!r}; "
                 f"use one of {sorted(prefixes)}"
             )
+        _refuse_peft_bias_scaling(component, state)
         canonical = canonical_state(component, state, layers_per_block=layers_per_block)
         layers = [split_key(k)[0] for k in canonical]
         up_attention = up_blocks_with_attention
@@ -126,9 +138,55 @@ def to_kohya(
     return out
 
 
+def kohya_oft_dim_alpha(components: Mapping[str, Mapping[str, Tensor]]) -> tuple[int, float] | None:
+    """``(dim, alpha)`` (the most common blocks per layer and constraint) when ``components`` is kohya's own
+    OFT (``networks.oft``): UNet layers only, each a Diag-OFT ``oft_blocks`` ``(n, b, b)`` (+ ``alpha``, no
+    ``rescale``), some with ``b > n``; else ``None``.
+
+    kohya splits a layer into ``dim`` blocks (``b = out / dim``, 80x80 blocks for dim 4 on 320 rows); LyCORIS
+    rebuilds a file's layer as ``factorization(out, b)`` blocks with ``b <= n`` and cannot load ``b > n``
+    (shape mismatch). Such a state is written with kohya's ``oft_unet_`` prefix and ``ss_network_module =
+    networks.oft``, as kohya wrote it, so kohya's ``--network_weights`` reads it back.
+    """
+    if {component for component, state in components.items() if state} != {"unet"}:
+        return None
+    layers: dict[str, dict[str, Tensor]] = {}
+    for key, value in components["unet"].items():
+        layer, suffix = split_key(key)
+        layers.setdefault(layer, {})[suffix] = value
+    shapes: dict[tuple[int, float], int] = {}
+    kohya_layout = False
+    for tensors in layers.values():
+        blocks = tensors.get("oft_blocks")
+        if blocks is None or blocks.dim() != 3 or set(tensors) - {"oft_blocks", "alpha"}:
+            return None
+        kohya_layout |= blocks.shape[-1] > blocks.shape[0]
+        key = (int(blocks.shape[0]), float(tensors["alpha"]) if "alpha" in tensors else 0.0)
+        shapes[key] = shapes.get(key, 0) + 1
+    return max(shapes, key=shapes.get) if kohya_layout else None
+
+
+def _refuse_peft_bias_scaling(component: str, state: Mapping[str, Tensor]) -> None:
+    """Refuse peft (IA)³ vectors whose bias scaling is unresolved (``<layer>.scales_bias``).
+
+    The marker is sdadapt's own, in memory only: LyCORIS/A1111/ComfyUI do not know the key, and
+    without it the vector means LyCORIS' (IA)³, which leaves a bias alone — another output on a
+    biased layer. Resolving it needs the layer, so the fix goes through the model.
+    """
+    layers = sorted(key[: -len(".scales_bias")] for key in state if key.endswith(".scales_bias"))
+    if layers:
+        raise InputError(
+            f"{component}: {len(layers)} (IA)³ layer(s) come from a peft adapter read without its model, e.g. "
+            f"{layers[:3]}: peft scales an output-scaled layer's bias too (y = (W x + b) * ia3_l), which a kohya/LyCORIS "
+            "file cannot say (its (IA)³ leaves the bias alone). Load the adapter onto its model first — "
+            "handle = sdadapt.load_adapter(model, state) (exact on bias-free layers, refused on biased ones) — and "
+            "save handle.state_dict(); or keep it a peft adapter (save_peft / convert --to peft)."
+        )
+
+
 def is_kohya_state(state: Mapping[str, Tensor]) -> bool:
-    """True when every key starts with a kohya prefix (``lora_unet_``, ``lora_te*_``)."""
-    return bool(state) and all(k.split("_", 2)[0] == "lora" and _component_of(k) is not None for k in state)
+    """True when every key starts with a kohya prefix (``lora_unet_``, ``lora_te*_``; kohya OFT's ``oft_unet_``)."""
+    return bool(state) and all(k.split("_", 2)[0] in ("lora", "oft") and _component_of(k) is not None for k in state)
 
 
 def _component_of(key: str) -> tuple[str, str] | None:
@@ -175,7 +233,7 @@ def from_kohya(
             f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
             "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with one of "
             f"{', '.join(sorted(file_keys()))}. Is this a diffusers/peft file? Use load_lora() to auto-detect. "
-            "(LyCORIS GLoRA, (B)OFT and norm modules are not supported.)"
+            "(LyCORIS GLoRA's Tucker bm.weight and DyLoRA are not supported.)"
         )
     return out
 
@@ -200,6 +258,7 @@ def kohya_metadata(
     conv_ranks: dict[tuple[int, float], int] = {}
     algorithms: dict[str, int] = {}
     lycoris_algos: dict[str, int] = {}
+    train_norm = False
     for state in components.values():
         groups: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
@@ -209,8 +268,10 @@ def kohya_metadata(
             algorithm = algorithm_of_keys(tensors)
             algorithms[algorithm] = algorithms.get(algorithm, 0) + 1
             lycoris = lycoris_algo_of_keys(tensors)
-            if lycoris is not None:
+            if lycoris:
                 lycoris_algos[lycoris] = lycoris_algos.get(lycoris, 0) + 1
+            elif algorithm == "norm":  # no algo of its own: LyCORIS' norm modules beside one (train_norm)
+                train_norm = True
             if algorithm == "unknown":
                 continue
             rank, is_kxk = file_rank({k: tuple(v.shape) for k, v in tensors.items()})
@@ -225,9 +286,14 @@ def kohya_metadata(
         conv_dim, conv_alpha = max(conv_ranks, key=conv_ranks.get)
         args = {"conv_dim": str(conv_dim), "conv_alpha": _num(conv_alpha)}
     network_module = "networks.lora"
-    if set(algorithms) - {"lora", "unknown"}:
+    kohya_oft = kohya_oft_dim_alpha(components)
+    if kohya_oft is not None:  # kohya's networks.oft: dim = blocks per layer, alpha = the constraint
+        network_module, (dim, alpha), args = "networks.oft", kohya_oft, {}
+    elif set(algorithms) - {"lora", "unknown"}:
         network_module = "lycoris.kohya"
-        args["algo"] = max(lycoris_algos, key=lycoris_algos.get)
+        args["algo"] = max(lycoris_algos, key=lycoris_algos.get) if lycoris_algos else "lora"
+        if train_norm:
+            args["train_norm"] = "True"
         if any("dora" in a for a in algorithms):
             args["dora_wd"] = "True"
         if any("tucker" in a for a in algorithms):

@@ -10,8 +10,14 @@ sdadapt's canonical (IA)³ tensors are LyCORIS': ``weight`` ``w`` with ``W' = W 
 The one difference: on an output-scaled layer *with a bias* peft scales the bias too
 (``y = (W x + b) ⊙ ia3_l``), LyCORIS and sdadapt do not (``y = W' x + b``). On SD UNets the
 preset layers (``to_k``/``to_v`` have no bias, ``ff.net.2`` is scaled on its inputs) agree exactly; a
-CLIP ``k_proj``/``v_proj`` has a bias, so :func:`from_peft_ia3` with ``model=`` refuses such
-layers rather than load them with another output.
+CLIP ``k_proj``/``v_proj`` has a bias. :func:`from_peft_ia3` with ``model=`` refuses such layers at
+once; without the model (``load_lora(folder)``) each output-scaled vector carries
+``scales_bias = 1``, and whatever applies it to a layer (``load_adapter``, ``apply_lora``,
+``merge-lora``: the layer's geometry knows its bias) loads it exactly on a bias-free layer and refuses
+it, naming the layer, on a biased one. Nothing is applied with another output. The flag never
+reaches a file: ``save_peft`` drops it (peft's own semantics) and the kohya/LyCORIS writer refuses
+it (other tools do not know the key, and without it the vector means LyCORIS' bias-free (IA)³);
+the adapter loaded onto its model saves without it.
 """
 
 from __future__ import annotations
@@ -73,7 +79,8 @@ def from_peft_ia3(state: Mapping[str, Tensor], config: Mapping | None, *, source
         state: ``{"base_model.model.<layer>.ia3_l": (out, 1) | (1, in) | (1, C, 1, 1)}``.
         config: ``adapter_config.json`` (``feedforward_modules``); ``None`` reads the axis from shapes.
         model: the model it is for (layer paths as in the file): layers peft would scale with their
-            bias are refused.
+            bias are refused. Without it, output-scaled vectors get ``<layer>.scales_bias = 1`` and
+            are checked where they are applied (see the module docstring).
 
     Raises:
         WeightFileError: keys that are not ``ia3_l``, or a vector of a shape peft never writes.
@@ -103,6 +110,8 @@ def from_peft_ia3(state: Mapping[str, Tensor], config: Mapping | None, *, source
         weight = vector.reshape(-1) - 1 if vector.dim() == 2 else vector - 1
         out[f"{layer}.weight"] = weight
         out[f"{layer}.on_input"] = torch.tensor(int(on_input), dtype=torch.int64)
+        if model is None and not on_input:  # peft scales a bias too: checked where a layer is known
+            out[f"{layer}.scales_bias"] = torch.tensor(1, dtype=torch.int64)
     return out
 
 
@@ -115,6 +124,8 @@ def to_peft_ia3(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
     layers: dict[str, dict[str, Tensor]] = {}
     for key, value in state.items():
         layer, _, suffix = key.rpartition(".")
+        if suffix == "scales_bias":  # peft's own semantics (read from a peft adapter): nothing to write
+            continue
         if suffix not in ("weight", "on_input"):
             raise ValueError(f"{key}: a peft IA3 adapter holds only (IA)³ vectors (weight, on_input), not {suffix!r}")
         layers.setdefault(layer, {})[suffix] = value

@@ -123,7 +123,10 @@ def run_demo(
     from ..toy import load_toy
     from ..toy.evaluate import concept_data, score
 
+    from ..checks import positive_int
+
     spec = _method(method)
+    positive_int(images, name="images (--images)", high=10_000)  # (0 images: nothing to learn from)
     folder = Path(out)
     adapter_path, picture_path = folder / f"{concept}-{method}{spec.file_suffix}", folder / "before_after.png"
     _refuse_existing([*spec.outputs(adapter_path), picture_path], overwrite)

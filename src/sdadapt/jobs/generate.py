@@ -26,11 +26,12 @@ def _lora_spec(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def _checked_specs(option: str, texts: list[str] | tuple[str, ...]) -> list[tuple[Path, float]]:
-    """``option``'s ``FILE[:SCALE]`` values parsed, each file checked to exist (a ``FILE:0,8`` is named as such)."""
+def _checked_specs(option: str, texts: list[str] | tuple[str, ...], *, folders: bool = False) -> list[tuple[Path, float]]:
+    """``option``'s ``FILE[:SCALE]`` values parsed, each file (with ``folders``, or folder) checked to
+    exist (a ``FILE:0,8`` is named as such)."""
     parsed = [_lora_spec(text) for text in texts]
     for (path, _), text in zip(parsed, texts):
-        if not path.is_file():
+        if not (path.is_file() or folders and path.is_dir()):
             head, _, scale = str(text).rpartition(":")
             if head and Path(head).is_file():  # (FILE:SCALE with a SCALE that is no number, e.g. 0,8)
                 raise ValueError(f"{option} {text}: strength {scale!r} is not a number; write FILE:SCALE as {head}:0.8")
@@ -47,11 +48,13 @@ def run_generate(
     loras: list[str] | tuple[str, ...] = (),
     embeddings: list[str] | tuple[str, ...] = (),
     hypernetworks: list[str] | tuple[str, ...] = (),
+    custom_diffusions: list[str] | tuple[str, ...] = (),
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
     sampler: str = "ddim",
     karras: bool = False,
+    schedule: str | None = None,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -82,11 +85,20 @@ def run_generate(
             injected into the UNet (:func:`sdadapt.inject_hypernetwork`) after the LoRA merges;
             several chain in the order given, as A1111 chains ``<hypernet:...>`` tags. A file for
             another family (an SD1 file's 768 text width on SD2's 1024) is refused.
+        custom_diffusions: Custom Diffusion results, ``"FILE"`` or ``"FILE:SCALE"`` (default 1), as
+            ``train custom-diffusion`` / ``merge-custom-diffusion`` write them (with their
+            ``-token`` files beside) or diffusers' output folder: ``W0 + scale * (W_cd - W0)``
+            on the cross-attention K/V (:func:`sdadapt.apply_custom_diffusion`), their modifier
+            tokens injected so the prompt can use them.
         steps: sampler steps (default 25; the toy 25).
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
-            :func:`sdadapt.samplers.labels.sampler_from_label`; a label's " Karras" is ``karras``.
+            :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
+            ``schedule="karras"``, " Exponential" ``schedule="exponential"``.
         karras: σ on Karras et al.'s grid (diffusers' ``use_karras_sigmas``), for the samplers in
             :data:`sdadapt.samplers.KARRAS_SAMPLERS`.
+        schedule: A1111's "Schedule type" (``"exponential"``, ``"Align Your Steps"``, ``"automatic"``, ...;
+            :mod:`sdadapt.samplers.schedules`) for :data:`sdadapt.samplers.SCHEDULE_SAMPLERS`; ``None``: the
+            sampler's diffusers grid (docs/samplers.md).
         max_token_length: prompt tokens kept, 75 (default), 150 or 225: a longer prompt is encoded in
             75-token windows whose states are joined, as kohya trains with ``--max_token_length``
             (:mod:`sdadapt.text_chunks`; A1111 also splits at commas, sdadapt does not). Stable
@@ -113,22 +125,28 @@ def run_generate(
     """
     from ..formats.files import WeightFileError, check_output_file
     from ..images import write_png
-    from ..samplers import check_karras
-    from ..samplers.labels import sampler_from_label
+    from ..samplers import check_karras, resolve_schedule
+    from ..samplers.labels import sampler_schedule_from_label
+    from ..samplers.schedules import canonical_schedule as schedule_name
     from ..sampling import generate, unknown_words
 
     say = log or (lambda line: None)
     if not prompt or not prompt.strip():
         raise ValueError("--prompt is empty; say what the image should show")
     try:
-        sampler, label_karras = sampler_from_label(sampler)
+        sampler, label_schedule = sampler_schedule_from_label(sampler)
     except ValueError as exc:
         raise ValueError(f"--sampler: {exc}") from None
     try:
         check_karras(sampler, karras)
     except ValueError as exc:
         raise ValueError(f"--karras: {exc}") from None
-    karras = karras or label_karras
+    if schedule is not None and label_schedule is not None and schedule_name(schedule) != label_schedule:
+        raise ValueError(f"--schedule {schedule!r} and the sampler label's {label_schedule!r} grid disagree; give one")
+    try:
+        schedule = resolve_schedule(sampler, schedule if schedule is not None else label_schedule, karras)
+    except ValueError as exc:
+        raise ValueError(f"--schedule: {exc}") from None
     if count < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")
     target = Path(out)
@@ -141,6 +159,7 @@ def run_generate(
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
     parsed = _checked_specs("--lora", loras)
     hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks)
+    custom_specs = _checked_specs("--custom-diffusion", custom_diffusions, folders=True)
     for path in embeddings:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--embedding {path}: no such file")
@@ -175,13 +194,22 @@ def run_generate(
                                     "unused_widths": list(handle.unused_widths)})
         unused = f"; widths {list(handle.unused_widths)} unused" if handle.unused_widths else ""
         say(f"hypernetwork {path} at {strength:g} ({len(handle.layers)} layers{unused})")
-    handles = []
+    handles, custom_report = [], []
+    for path, scale in custom_specs:
+        custom = _apply_custom_diffusion_file(system, path, scale)
+        handles.extend(custom.embeddings)
+        custom_report.append({"file": str(path), "scale": scale, "layers": len(custom.layers),
+                              "tokens": [h.name for h in custom.embeddings]})
+        tokens = ", ".join(repr(h.name) for h in custom.embeddings) or "none"
+        say(f"custom diffusion {path} at {scale:g} ({len(custom.layers)} layers; tokens {tokens})")
     for path in embeddings:
         handles.append(_inject_embedding_file(system, Path(path)))
         say(f"embedding {handles[-1].name!r} from {path}")
     text, negative_text = prompt, negative
     for handle in handles:
         text, negative_text = handle.expand(text), handle.expand(negative_text) if negative_text else negative_text
+    if not hasattr(system, "tokenize_weighted"):  # (the toy: A1111 emphasis would reach it as unknown words)
+        text, negative_text = _without_emphasis(text, say), _without_emphasis(negative_text, say)
     unknown = unknown_words(system, text)
     if unknown:
         say(f"warning: the toy model does not know {', '.join(unknown)} (it reads them as <unk>); its words: "
@@ -196,16 +224,35 @@ def run_generate(
         say(f"aesthetic {aesthetic}: {aesthetic_steps} steps at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
             f"{' (slerp)' if aesthetic_slerp else ''}")
     written = []
+    report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     for i, file in enumerate(files):
         image = generate(system, [text], negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
-                         sampler=sampler, karras=karras, height=height, width=width, cond=cond)[0]
+                         sampler=sampler, karras=karras, height=height, width=width, cond=cond,
+                         **({"schedule": schedule} if schedule is not None else {}),
+                         **({"info": report} if sampler == "dpm_adaptive" else {}))[0]
+        if report:
+            say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
+                f"{report['nfe']} model calls")
+            report.clear()
         written.append(str(write_png(file, image)))
         if progress is not None:
             progress(i + 1, len(files), file.name)
     return {"files": written, "seconds": time.perf_counter() - start, "loras": applied,
-            "hypernetworks": hypernetwork_report,
+            "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic)}
+
+
+def _without_emphasis(text: str, say: Callable[[str], None]) -> str:
+    """``text`` with A1111 emphasis taken out (``(red:1.3)`` -> ``red``), said on ``say``, for a
+    model that reads no prompt weights (the toy); ``text`` itself when it has none."""
+    from ..prompt_weights import parse_prompt_attention
+
+    pieces = parse_prompt_attention(text)
+    plain = "".join(piece for piece, _ in pieces)
+    if plain != text:
+        say(f"warning: this model reads no prompt weights; {text!r} is read as {plain!r}")
+    return plain
 
 
 def _apply_lora_file(system, path: Path, scale: float) -> dict:
@@ -225,9 +272,31 @@ def _apply_lora_file(system, path: Path, scale: float) -> dict:
         try:
             applied = apply_lora(module, state, scale=scale)
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise ValueError(f"--lora {path}: does not fit this model's {component} ({' '.join(str(exc).split())[:300]})") from None
+            details = " ".join(str(exc).split())
+            details = details if len(details) <= 300 else details[:300].rsplit(" ", 1)[0] + " ..."
+            made_for = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")
+            model = "SDXL" if getattr(system, "is_sdxl", False) else "an SD1/SD2 model" if hasattr(system, "is_sdxl") else None
+            hint = f": the file says it is for {made_for}" if made_for else ""
+            hint += f"{', and this is' if hint else ': this model is'} {model}" if model else ""
+            raise ValueError(f"--lora {path}: does not fit this model's {component}{hint} ({details})") from None
         layers += len(applied.names)
     return {"file": str(path), "scale": scale, "layers": layers}
+
+
+def _apply_custom_diffusion_file(system, path: Path, scale: float):
+    """Apply a Custom Diffusion result to the system's UNet and inject its modifier tokens."""
+    from ..custom_diffusion import apply_custom_diffusion
+    from ..formats.files import WeightFileError
+
+    if getattr(system, "text_encoder_2", None) is not None:
+        raise ValueError(f"--custom-diffusion {path}: Custom Diffusion files are for one-text-encoder models "
+                         "(SD1/SD2, the toy); this is an SDXL model")
+    try:
+        return apply_custom_diffusion(system.unet, path, scale=scale, text_encoder=system.text_encoder,
+                                      tokenizer=system.tokenizer)
+    except WeightFileError as exc:  # (its message names the file already, as a rule)
+        raise WeightFileError(f"--custom-diffusion {exc}" if str(exc).startswith(f"{path}:")
+                              else f"--custom-diffusion {path}: {exc}") from None
 
 
 def _inject_embedding_file(system, path: Path):
@@ -243,4 +312,13 @@ def _inject_embedding_file(system, path: Path):
         tokenizers = (system.tokenizer, system.tokenizer_2)
     else:
         encoders, tokenizers = system.text_encoder, system.tokenizer
-    return inject_embedding(encoders, tokenizers, embedding)
+    try:
+        return inject_embedding(encoders, tokenizers, embedding)
+    except ValueError as exc:
+        holds = ", ".join(f"{key} {tuple(v.shape)}" for key, v in embedding.vectors.items())
+        if isinstance(encoders, tuple):
+            wanted = "an SDXL embedding (clip_l and clip_g vectors, e.g. kohya's or A1111's SDXL files)"
+        else:
+            wanted = f"an embedding of width {encoders.get_input_embeddings().weight.shape[1]}"
+        raise ValueError(f"--embedding {path}: does not fit this model: the file holds {holds}, this model needs "
+                         f"{wanted} ({exc})") from None

@@ -26,6 +26,8 @@ _USE_INSTEAD = {
     "peft-lora": "; it is a peft LoRA: use it with --lora FILE:SCALE",
     "embedding": "; it is a textual-inversion embedding: use it with --embedding FILE",
     "checkpoint": "; it is a model, not an adapter: use it as --model",
+    "custom-diffusion": "; it is a Custom Diffusion result: use it with --custom-diffusion FILE:SCALE",
+    "aesthetic-embedding": "; it is an aesthetic embedding: use it with --aesthetic FILE",
 }
 
 

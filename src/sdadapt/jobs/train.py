@@ -132,6 +132,10 @@ class TrainOptions:
     (:mod:`sdadapt.training.loss_masks`): ``alpha_mask`` (each image's alpha channel weights its
     loss; a dataset TOML's subsets may set their own, this is their fallback), ``masked_loss`` with ``conditioning_data_dir`` (the red channel of the mask image of the
     same name in that folder weights it); the masks follow the images' buckets, crops and flips.
+    ``resize_interpolation``: kohya's method of scaling images (and their masks) to their buckets
+    (:mod:`sdadapt.resampling`; ``None``: kohya's default, ``area`` when shrinking both ways, else
+    ``lanczos``; a dataset TOML's subsets
+    may set their own, this is their fallback).
 
     Memory: ``gradient_checkpointing`` (recompute the UNet blocks' activations in backward; any
     method; ``gradient_checkpointing_fraction`` in ``(0, 1]`` recomputes only that share of the
@@ -197,7 +201,9 @@ class TrainOptions:
     the steps below 1), ``lr_scheduler_timescale``, ``lr_scheduler_min_lr_ratio`` and the other
     ``lr_scheduler_args`` of kohya's other schedules (``cosine_with_min_lr``,
     ``warmup_stable_decay``, ``inverse_sqrt``, ``piecewise_constant``: which schedule reads which,
-    :mod:`sdadapt.jobs.train_schedule`), ``metadata_title`` / ``_author`` /
+    :mod:`sdadapt.jobs.train_schedule`), ``lr_scheduler_type`` (kohya's: a ``torch.optim.lr_scheduler``
+    class with ``lr_scheduler_args`` as its arguments, in place of ``lr_scheduler``:
+    :mod:`sdadapt.training.torch_lr_schedules`), ``metadata_title`` / ``_author`` /
     ``_description`` / ``_license`` / ``_tags`` (written as ``modelspec.*``).
 
     ``config_defaults``: whose defaults filled the options the run left out, ``"sdadapt"`` (these
@@ -234,6 +240,7 @@ class TrainOptions:
     bucket_no_upscale: bool = False
     flip_aug: bool = False
     alpha_mask: bool = False
+    resize_interpolation: str | None = None
     masked_loss: bool = False
     conditioning_data_dir: str | os.PathLike | None = None
     random_crop: bool = False
@@ -339,6 +346,7 @@ class TrainOptions:
     lr_decay_steps: float = 0
     lr_scheduler_timescale: int | None = None
     lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str | None = None
     metadata_title: str | None = None
     metadata_author: str | None = None
     metadata_description: str | None = None
@@ -604,7 +612,7 @@ _DATA_CONFIG_NAMES = ("batch_size", "enable_bucket", "min_bucket_reso", "max_buc
                       "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
                       "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
                       "token_warmup_step", "flip_aug", "random_crop", "color_aug", "face_crop_aug_range", "validation_split",
-                      "validation_seed", "alpha_mask")
+                      "validation_seed", "alpha_mask", "resize_interpolation")
 
 
 def _read_data_config(options: TrainOptions):
@@ -728,6 +736,10 @@ def _check_saving_options(options: TrainOptions) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
     train_schedule.check_schedule_options(options)  # (the power, lr_scheduler_args, kohya's other schedules' options)
+    if options.resize_interpolation is not None:
+        from ..resampling import check_interpolation
+
+        check_interpolation(options.resize_interpolation, where="--resize-interpolation")
     if options.sample_at_first and options.sample_prompts is None:
         raise ValueError("--sample-at-first needs --sample-prompts FILE (one prompt a line)")
     for name in ("metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags"):
@@ -1009,18 +1021,16 @@ def _outputs(spec, options: TrainOptions) -> _Outputs:
 
 def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: list[Path]) -> None:
     """Before any work: the folder can be written (a missing one is made just before the first write,
-    as kohya's ``os.makedirs(output_dir)``), nothing is silently replaced, the names are valid."""
-    from ..formats.files import WeightFileError
+    as kohya's ``os.makedirs(output_dir)``), nothing is silently replaced, the names are valid. An -o
+    that cannot be written is an :class:`~sdadapt.errors.OutputError` (exit 7), one that exists an
+    :class:`~sdadapt.errors.OutputExistsError` (exit 8), as every other writer's (docs/security.md)."""
+    from ..formats.files import OutputError, OutputExistsError, check_output_file
 
     final = outputs.final
-    folder = final.parent if str(final.parent) else Path(".")
-    while not os.path.lexists(folder) and folder != folder.parent:  # (missing: its nearest existing parent decides)
-        folder = folder.parent
-    if not folder.is_dir():
-        what = "a link to a missing folder" if os.path.islink(folder) else "a file, not a folder"
-        raise WeightFileError(f"{final}: {folder} is {what}; choose another -o")
     if final.is_dir():
-        raise WeightFileError(f"{final}: is a folder; give a file name such as {final / ('out' + spec.file_suffix)}")
+        raise OutputError(f"{final}: is a folder; give a file name such as {final / ('out' + spec.file_suffix)}")
+    # the one output check every writer runs: a file or a dangling link in the path, a read-only or unwritable folder
+    check_output_file(final, overwrite=True, suffix=None)  # (existing outputs: below, with the planned ones)
     whole_model = _whole_model(spec)  # full / dreambooth: a .safetensors file or a folder
     if not whole_model and options.extract_lora is not None:
         raise ValueError(f"--extract-lora is for the whole-model methods (full, dreambooth); {spec.name} already writes "
@@ -1036,9 +1046,7 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
     suffixes = (spec.file_suffix, *getattr(spec, "other_suffixes", ()))
     if final.suffix.lower() not in suffixes and not (whole_model and not final.suffix):
         kinds = " or ".join(f"{x} files" for x in suffixes) + (" or diffusers folders (a name without a suffix)" if whole_model else "")
-        raise WeightFileError(f"{final}: {spec.name} writes {kinds}; name the output *{spec.file_suffix}")
-    if not os.access(folder, os.W_OK):
-        raise WeightFileError(f"{final}: cannot write into {folder} (permission denied)")
+        raise OutputError(f"{final}: {spec.name} writes {kinds}; name the output *{spec.file_suffix}")
     existing = [p for p in [*spec.outputs(final), *planned] if p.exists()]
     if options.extract_lora is not None and extracted_lora_path(final, options.extract_lora).exists():
         existing.append(extracted_lora_path(final, options.extract_lora))
@@ -1050,8 +1058,8 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
     if existing and not options.overwrite:
         names = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         beside = "" if final in existing else f" (written beside -o {final}, with its stem: another run's output)"
-        raise FileExistsError(f"{names}: already exist{'s' if len(existing) == 1 else ''}{beside}; pass --overwrite "
-                              "to replace, or choose another -o")
+        raise OutputExistsError(f"{names}: already exist{'s' if len(existing) == 1 else ''}{beside}; pass --overwrite "
+                                "to replace, or choose another -o")
 
 
 def _check_fp8_base_method(method: str, options: TrainOptions) -> None:
@@ -1339,6 +1347,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         records, notes = find_images(options.images, default_caption=options.prompt, uncaptioned=trigger is not None,
                                      caption_extension=options.caption_extension, repeats=options.repeats,
                                      multiline=options.enable_wildcard, caption_lines=caption_lines)
+        for record in records:  # (kohya's resize_interpolation; a dataset TOML's subsets carry their own)
+            record.interpolation = options.resize_interpolation
     if trigger is not None:
         trigger_notes, templates = _trigger_captions(records, trigger, options)
         notes.extend(trigger_notes)
@@ -1779,6 +1789,9 @@ def _check_loraplus_unet_base_weights_block_lr(method_options: dict) -> None:
                                     "model before training)")
     if method_options.get("block_lr") is not None:
         parse_block_lr(method_options["block_lr"])
+    start = method_options.get("init_weights")  # (textual inversion's starting embedding: kohya's weights)
+    if start and not Path(start).is_file():
+        raise FileNotFoundError(f"--init-weights {start}: no such file (the embedding textual inversion starts from)")
 
 
 #: ``_write_run_record``'s default ``preset_file``: read the preset file when the record is written
@@ -2024,7 +2037,9 @@ def _augmentation_record(options: TrainOptions) -> dict[str, object]:
     """The image augmentations that decide which latents each step trains on (a resumed run continues their draws)."""
     return {"flip_aug": options.flip_aug, "random_crop": options.random_crop, "color_aug": options.color_aug,
             **({"face_crop_aug_range": list(options.face_crop_aug_range)}  # (recorded when set: older records lack it)
-               if options.face_crop_aug_range is not None else {})}
+               if options.face_crop_aug_range is not None else {}),
+            **({"resize_interpolation": options.resize_interpolation}  # (the same)
+               if options.resize_interpolation is not None else {})}
 
 
 #: what a record written before these options existed trained with

@@ -22,6 +22,10 @@ loads (:func:`check_schedule_options`) and lists options the chosen schedule doe
                          made a share of ``--learning-rate`` as transformers does with the
                          optimiser's LR); ``warmup_stable_decay``: ``warmup_type``, ``decay_type``
                          (``linear``, ``cosine``, ``1-sqrt``); ``piecewise_constant``: ``step_rules``
+``lr_scheduler_type``    a ``torch.optim.lr_scheduler`` class (``CosineAnnealingLR``, ...) that
+                         replaces ``lr_scheduler``; ``lr_scheduler_args`` are then its arguments
+                         and no warm-up is taken (kohya refuses one):
+                         :func:`torch_schedule`, :mod:`sdadapt.training.torch_lr_schedules`
 =======================  ===========================================================================
 """
 
@@ -33,13 +37,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..training.lr_schedules import WSD_SHAPES, StepRules, check_extra_schedule
+from ..training.torch_lr_schedules import TorchSchedule
 from .run_versions import recorded_version
 
 if TYPE_CHECKING:
     from .train import TrainOptions
 
 __all__ = ["FLOOR_SHARES", "LEGACY_SHARES", "check_schedule_options", "lr_scheduler_kwargs", "recorded_shares",
-           "schedule_fit_args", "schedule_notes", "step_count"]
+           "schedule_fit_args", "schedule_notes", "step_count", "torch_schedule"]
 
 #: ``run.json``'s ``step_shares`` of runs whose warm-up / decay share of the steps is rounded down (kohya's ``int(x·N)``)
 FLOOR_SHARES = "floor"
@@ -101,6 +106,8 @@ def lr_scheduler_kwargs(options: TrainOptions) -> dict[str, Any]:
     from ..training.optimizer_args import parse_optimizer_args
     from .train import _key_value_items
 
+    if options.lr_scheduler_type:  # (the args are the torch class's: torch_schedule)
+        return {}
     items = _key_value_items(options, "lr_scheduler_args")
     text = {key.strip(): value.strip() for key, equals, value in (item.partition("=") for item in items)
             if key.strip() in _TEXT_KEYS and equals}
@@ -150,6 +157,34 @@ def lr_scheduler_kwargs(options: TrainOptions) -> dict[str, Any]:
     return out
 
 
+#: the text arguments of the torch classes (read unquoted too; kohya needs them quoted: ast.literal_eval)
+_TORCH_TEXT_KEYS = ("anneal_strategy",)
+
+
+def torch_schedule(options: TrainOptions) -> TorchSchedule | None:
+    """kohya's ``--lr_scheduler_type`` with ``--lr_scheduler_args`` as its arguments (values read
+    with ``ast.literal_eval``, as kohya's; ``anneal_strategy`` also unquoted), or ``None`` without one.
+
+    Raises:
+        ValueError: what :meth:`TorchSchedule.parse` refuses (a class outside
+            ``torch.optim.lr_scheduler``, a refused class, a bad argument), naming the option.
+    """
+    if not options.lr_scheduler_type:
+        return None
+    from ..training.optimizer_args import parse_optimizer_args
+    from .train import _key_value_items
+
+    items = _key_value_items(options, "lr_scheduler_args")
+    quoted = []
+    for item in items:
+        key, equals, value = item.partition("=")
+        if key.strip() in _TORCH_TEXT_KEYS and equals and value.strip() and value.strip()[0] not in "'\"":
+            item = f"{key.strip()}={value.strip()!r}"
+        quoted.append(item)
+    args = dict(parse_optimizer_args(quoted, where="--lr-scheduler-args"))
+    return TorchSchedule.parse(str(options.lr_scheduler_type), args)
+
+
 def _min_lr_ratio(options: TrainOptions, kwargs: dict[str, Any], learning_rate: float | None = None) -> float | None:
     """``lr_scheduler_min_lr_ratio``, or ``min_lr`` of the args as a share of the optimiser's LR
     (``--learning-rate``, else ``--unet-lr``, else the run's ``learning_rate``)."""
@@ -168,6 +203,12 @@ def check_schedule_options(options: TrainOptions) -> None:
     Raises:
         ValueError: naming the option and the fix.
     """
+    if options.lr_scheduler_type:
+        torch_schedule(options)
+        warmup = options.lr_warmup_steps
+        if warmup:  # (kohya's wrap_check_needless_num_warmup_steps)
+            raise ValueError(f"--lr-scheduler-type {options.lr_scheduler_type} takes no warm-up: leave --lr-warmup-steps "
+                             f"out or 0 (kohya refuses it too), got {warmup}")
     power = options.lr_scheduler_power
     if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 <= power < math.inf:
         raise ValueError(f"--lr-scheduler-power must be a finite number >= 0 (the polynomial schedule's exponent; 1: "
@@ -223,9 +264,10 @@ def schedule_fit_args(options: TrainOptions, *, total: int, relative_step: bool 
     kwargs = lr_scheduler_kwargs(options)
     warmup = options.lr_warmup_steps
     warmup_steps = min(20, total // 10) if warmup is None else step_count(warmup, total, shares=shares)
-    if relative_step or options.lr_scheduler == "piecewise_constant":
+    schedule = None if relative_step else torch_schedule(options)
+    if relative_step or options.lr_scheduler == "piecewise_constant" or schedule is not None:
         warmup_steps = 0
-    return {"schedule": "constant" if relative_step else options.lr_scheduler, "warmup_steps": warmup_steps,
+    return {"torch_schedule": schedule,"schedule": "constant" if relative_step else options.lr_scheduler, "warmup_steps": warmup_steps,
             "num_cycles": options.lr_scheduler_num_cycles, "lr_power": float(options.lr_scheduler_power),
             "lr_end": kwargs.get("lr_end", 1e-7), "schedule_base_lr": options.learning_rate,
             "min_lr_ratio": _min_lr_ratio(options, kwargs, learning_rate), "decay_steps": step_count(options.lr_decay_steps, total, shares=shares),
@@ -235,6 +277,16 @@ def schedule_fit_args(options: TrainOptions, *, total: int, relative_step: bool 
 
 def schedule_notes(options: TrainOptions) -> list[str]:
     """The schedule options given that ``--lr-scheduler`` does not read (kohya configs carry them)."""
+    if options.lr_scheduler_type:
+        unused = [f"--{name.replace('_', '-')} {value}" for name, value in (
+            ("lr_scheduler", options.lr_scheduler if options.lr_scheduler not in ("cosine", "constant") else None),
+            ("lr_scheduler_num_cycles", options.lr_scheduler_num_cycles if options.lr_scheduler_num_cycles != 1 else None),
+            ("lr_scheduler_power", options.lr_scheduler_power if options.lr_scheduler_power != 1.0 else None),
+            ("lr_decay_steps", options.lr_decay_steps or None),
+            ("lr_scheduler_timescale", options.lr_scheduler_timescale),
+            ("lr_scheduler_min_lr_ratio", options.lr_scheduler_min_lr_ratio)) if value is not None]
+        return [(f"{', '.join(unused)}: not used with --lr-scheduler-type {options.lr_scheduler_type} (kohya builds that "
+                 "class from --lr-scheduler-args alone)")] if unused else []
     schedule = options.lr_scheduler
     notes = []
     if options.lr_scheduler_num_cycles != 1 and schedule not in _CYCLES:

@@ -145,7 +145,7 @@ class BakedCheckpoint:
     def _schedule(
         self, loaded: Sequence[Mapping[str, Mapping[str, Tensor]]], skip_unmatched: bool
     ) -> tuple[dict[str, list[_Entry]], dict[str, list[_Entry]]]:
-        slots = checkpoint_layers(self._shapes)
+        slots = checkpoint_layers(self._shapes, norms=True)  # LyCORIS norm modules' 1-D weights too
         model = detect_base_model(self._shapes)
         plan: dict[str, list[_Entry]] = {}
         bias_plan: dict[str, list[_Entry]] = {}
@@ -207,9 +207,7 @@ class BakedCheckpoint:
             return f"{name}: delta {implied} vs {slot.key} {want}"
         shape = implied if implied is not None else want
         bias_key = _bias_key(slot.key)
-        geometry = LayerGeometry(
-            int(shape[0]), int(shape[1]), tuple(int(k) for k in shape[2:]), has_bias=bias_key in self._shapes
-        )
+        geometry = LayerGeometry.from_weight_shape(tuple(shape), has_bias=bias_key in self._shapes)
         try:
             module = _validated_module(geometry, tensors, name)
             has_bias_delta = module.bias_delta() is not None

@@ -119,8 +119,9 @@ def unet_layers_per_block(shapes: Mapping[str, tuple[int, ...]] | list[str]) -> 
     return checked_layers_per_block(bare, naming="diffusers")
 
 
-def _slots_for_key(key: str, shape: tuple[int, ...], ldm_layers: Mapping[str, int]) -> list[LayerSlot]:
-    if key.endswith(".weight") and len(shape) in (2, 4):
+def _slots_for_key(key: str, shape: tuple[int, ...], ldm_layers: Mapping[str, int], *,
+                   norms: bool = False) -> list[LayerSlot]:
+    if key.endswith(".weight") and len(shape) in ((1, 2, 4) if norms else (2, 4)):
         path = key[: -len(".weight")]
         for prefix in _LDM_UNET:
             if path.startswith(prefix):
@@ -141,7 +142,7 @@ def _slots_for_key(key: str, shape: tuple[int, ...], ldm_layers: Mapping[str, in
         if not key.startswith(prefix + "transformer.resblocks."):
             continue
         mapped = open_clip_to_diffusers(key[len(prefix) :])
-        if mapped is None or len(shape) != 2:
+        if mapped is None or len(shape) != 2 and not (norms and len(shape) == 1):
             return []
         names, kind = mapped
         # LoRA layers: the encoder layers' Linear weights (renamed, or the row thirds of in_proj)
@@ -156,11 +157,13 @@ def _slots_for_key(key: str, shape: tuple[int, ...], ldm_layers: Mapping[str, in
     return []
 
 
-def checkpoint_layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[tuple[str, str], LayerSlot]:
+def checkpoint_layers(shapes: Mapping[str, tuple[int, ...]], *, norms: bool = False) -> dict[tuple[str, str], LayerSlot]:
     """Every Linear/Conv2d weight of a checkpoint that a LoRA could target, by canonical name.
 
     Args:
         shapes: ``{checkpoint key: shape}`` (e.g. from a lazy source's header).
+        norms: also the 1-D weights of the normalisation layers (GroupNorm/LayerNorm: what LyCORIS'
+            norm modules adapt; merge-lora bakes them, LoRA extraction does not want them).
 
     LDM UNet paths map to diffusers paths with the checkpoint's own ``layers_per_block`` (read
     from its ``input_blocks`` keys), so UNets with other than SD's two resnets per block match too.
@@ -171,7 +174,7 @@ def checkpoint_layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[tuple[str, 
     ldm_layers = _ldm_layers_per_block(list(shapes))
     out: dict[tuple[str, str], LayerSlot] = {}
     for key, shape in shapes.items():
-        for slot in _slots_for_key(key, tuple(shape), ldm_layers):
+        for slot in _slots_for_key(key, tuple(shape), ldm_layers, norms=norms):
             out.setdefault((slot.component, slot.layer), slot)
     return out
 

@@ -108,7 +108,7 @@ def layer_delta(
                 f"{name}: the tensors {sorted(tensors)} do not tell the layer's shape (a convolution's factors "
                 "stored flattened); pass geometry= (the base checkpoint's layer shape)"
             )
-        geometry = LayerGeometry(shape[0], shape[1], tuple(shape[2:]))
+        geometry = LayerGeometry.from_weight_shape(tuple(shape))
     return dense_layer_delta(tensors, geometry, scale=scale, base_weight=base_weight, name=name)[0]
 
 

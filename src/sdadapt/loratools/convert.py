@@ -338,9 +338,9 @@ def _remove_empty(folder: Path) -> None:
 
 def _not_an_adapter(kind: str) -> str:
     if kind == "checkpoint":
-        return ("a model checkpoint, not an adapter: convert handles LoRA-family files and embeddings; a checkpoint's "
-                "key naming converts in Python with sdadapt.formats.convert_checkpoint (LDM <-> diffusers), and "
-                "extract-lora makes a LoRA of a fine-tuned checkpoint")
+        return ("a model checkpoint, not an adapter: convert_lora handles LoRA-family files; a whole checkpoint "
+                "converts with `python -m sdadapt convert IN -o OUT --to diffusers|ldm` "
+                "(sdadapt.jobs.convert_model.convert_model), and extract-lora makes a LoRA of a fine-tuned checkpoint")
     if kind == "embedding":
         return "an embedding; convert it with --to a1111|kohya|diffusers"
     hints = {
@@ -376,7 +376,7 @@ def _dense_delta(tensors: Mapping[str, Tensor], name: str) -> Tensor | None:
         shape = weight_shape_of_file_tensors(tensors, name=name)
         if shape is None:
             return None
-        geometry = LayerGeometry(shape[0], shape[1], tuple(shape[2:]))
+        geometry = LayerGeometry.from_weight_shape(tuple(shape))
         return file_layer_delta(dict(tensors), geometry, dtype=torch.float64, name=name)[0]
     except ValueError as exc:
         if "base weight" in str(exc):

@@ -676,6 +676,17 @@ def _check_same_architecture(
         if name not in base_layers:
             problems.append(f"{slot.key} (in {Path(tuned).name} only)")
     if problems:
+        from ..formats.model_keys import KeyMapError, checkpoint_architecture
+
+        try:
+            models = checkpoint_architecture(base_shapes), checkpoint_architecture(tuned_shapes)
+        except KeyMapError:
+            models = None
+        if models is not None and models[0] != models[1]:  # the usual mistake, said first and alone
+            raise WeightFileError(
+                f"{base} is an {models[0].upper()} model and {tuned} an {models[1].upper()} one "
+                f"({len(problems)} layer(s) differ); extract from a fine-tune of the same base model"
+            )
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise WeightFileError(
             f"{base} and {tuned} are different architectures ({len(problems)} layer(s) differ):\n  "

@@ -184,7 +184,8 @@ def lora_base_model(path: str | os.PathLike, components: Mapping[str, object], m
         return "sdxl"
     if sniff_format(path) == "safetensors":
         keys, _ = read_safetensors_header(path)
-        if any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block")) for k in keys):
+        if any(k.startswith(tuple(f"{p}_{b}" for p in ("lora_unet", "oft_unet")
+                                    for b in ("input_blocks", "output_blocks", "middle_block"))) for k in keys):
             return "sdxl"
     return "sd1"
 
@@ -330,6 +331,8 @@ def _why_no_shape(tensors: Mapping[str, Tensor], name: str) -> str:
         family = None
     if family == "ia3":
         return "an (IA)³ layer holds one scale per channel, and its delta W ⊙ w is made from the base weight"
+    if family == "oft":
+        return "an OFT layer rotates the base weight's output rows: its delta R·W − W is made from the base weight"
     return ("LoHa, and LoKr with a low-rank w2, store a convolution's factors flattened (r, in*kh*kw), like a "
             "Linear layer's")
 
@@ -356,6 +359,10 @@ def layer_geometry(
 
     name = f"{component}:{layer}"
     shape = weight_shape_of_file_tensors(tensors, name=name)
+    if shape is not None and len(shape) == 1:
+        raise InputError(f"{name}: a LyCORIS norm module's offsets (w_norm/b_norm of a GroupNorm/LayerNorm, shape "
+                         f"{shape}) have no rank and no matrix a LoRA could hold; resize-lora / combine-loras write LoRA "
+                         "layers only. Bake the file into the checkpoint with merge-lora, or leave its norm layers out.")
     if shape is None:
         shape = next((s for s in shapes if s is not None), None)
     base_shape = base.shape(component, layer) if base is not None else None

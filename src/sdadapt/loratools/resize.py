@@ -250,7 +250,7 @@ def dense_layer_delta(
     floats = [t for t in tensors.values() if t.is_floating_point() and t.dim() > 0]
     dtype = torch.float64 if floats and all(t.dtype == torch.float64 for t in floats) else torch.float32
     if base_weight is None and needs_base_weight(tensors, name=name):
-        family = "an (IA)³" if family_of_keys(tensors, name=name).name == "ia3" else "a DoRA"
+        family = {"ia3": "an (IA)³", "oft": "an OFT"}.get(family_of_keys(tensors, name=name).name, "a DoRA")
         raise InputError(
             f"{name}: {family} layer's delta W' - W depends on the base weight; pass the base checkpoint the "
             "LoRA was made for: base=PATH (--base CKPT)"

@@ -58,6 +58,19 @@ __all__ = [
 ]
 
 
+def _not_models(sources: Sequence[Source], names: list[str]) -> str:
+    """What the inputs that are no models are and what takes them ("" when every input looks like one)."""
+    from ..formats.detect import detect_kind
+
+    said = []
+    for source, name in zip(sources, names):
+        kind = detect_kind(list(source.keys()), {})
+        if kind in ("kohya-lora", "lycoris", "diffusers-lora", "peft-lora", "peft-ia3"):
+            said.append(f"{name} is a {kind} file, an adapter: bake it into a checkpoint with "
+                        f"`python -m sdadapt merge-lora CHECKPOINT {name} -o OUT`, then merge that")
+        elif kind in ("embedding", "aesthetic-embedding", "hypernetwork", "custom-diffusion"):
+            said.append(f"{name} is a {kind} file, not a model (`python -m sdadapt inspect {name}` says what takes it)")
+    return "; ".join(said)
 
 
 class Source(Protocol):
@@ -505,7 +518,7 @@ class MergedSource:
             strangers = [names[i] for i in range(1, len(sources)) if i not in shared]
             return MergeError(
                 f"{names[0]} and {', '.join(strangers)} share no weights (no tensor name in common): they are not "
-                "the same kind of model, so there is nothing to merge; check the input files"
+                f"the same kind of model, so there is nothing to merge; {_not_models(sources, names) or 'check the input files'}"
             )
         return MergeError(
             f"nothing to merge: the inputs share {len(first_set & set(sources[1].keys()))} tensor name(s), but none is "

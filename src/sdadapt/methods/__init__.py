@@ -23,9 +23,11 @@ from .finetune import FullAdaptation, class_images, prepare_dreambooth, prepare_
 from .fit import Adaptation, FitConfig, cuda_graph_clashes, fit
 from .hypernetwork import HypernetworkAdaptation, prepare_hypernetwork
 from .ia3 import prepare_ia3
+from .oft import prepare_boft, prepare_diag_oft
 from .lora import (
     AdapterAdaptation,
     prepare_dora,
+    prepare_glora,
     prepare_locon,
     prepare_loha,
     prepare_lokr,
@@ -58,8 +60,12 @@ __all__ = [
     "prepare_loha",
     "prepare_lokr",
     "prepare_dora",
+    "prepare_glora",
     "prepare_ia3",
     "IA3_OPTIONS",
+    "prepare_diag_oft",
+    "prepare_boft",
+    "OFT_OPTIONS",
     "ClipInversionAdaptation",
     "prepare_clip_inversion",
     "HypernetworkAdaptation",
@@ -150,6 +156,8 @@ LORA_OPTIONS = (
     MethodOption("module_dropout", float, "skip each adapter module with probability P per step (kohya/LyCORIS "
                  "module_dropout)", (), "P"),
     MethodOption("use_tucker", bool, "Tucker core for the 3x3 convolutions (LyCORIS use_tucker / use_cp)", ()),
+    MethodOption("train_norm", bool, "also train offsets of the GroupNorm/LayerNorm layers inside the adapted UNet "
+                 "blocks (LyCORIS train_norm; w_norm/b_norm in the file)", ()),
     # kohya's --network_weights / --dim_from_weights (sdadapt.methods.network_weights)
     MethodOption("network_weights", str, "start the adapters from this LoRA/LyCORIS file (kohya --network_weights): "
                  "its family, ranks and alphas must be the options' (else --dim-from-weights)", ("--network-weights",),
@@ -247,6 +255,8 @@ LOKR_OPTIONS = LORA_OPTIONS + (
                  "decompose_both)", ("--decompose-both",)),
 )
 register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the text encoder (LyCORIS file)", prepare_lokr, 3e-3, 600, "auto", options=LOKR_OPTIONS))
+register_method(Method("glora", "GLoRA r4 (W·a1·a2 + b1·b2) on the UNet transformer blocks and the text encoder "
+                       "(LyCORIS file)", prepare_glora, 3e-3, 600, "auto", options=LORA_OPTIONS))
 register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto", options=LORA_OPTIONS))
 #: (IA)³'s options: the LoRA family's that apply to a vector per layer + LyCORIS' train_on_input
 IA3_OPTIONS = tuple(o for o in LORA_OPTIONS if o.name in ("text_encoder", "targets", "module_dropout", "unet",
@@ -259,6 +269,19 @@ IA3_OPTIONS = tuple(o for o in LORA_OPTIONS if o.name in ("text_encoder", "targe
 # lr 1e-1: tuned on the toy like every default here (LoRA 3e-3); on SD LyCORIS' 5e-3 to 1e-2 (docs/lycoris.md)
 register_method(Method("ia3", "(IA)³ vectors on LyCORIS' ia3 preset layers: attention K/V and feed-forward outputs "
                        "(LyCORIS file)", prepare_ia3, 1e-1, 600, "auto", options=IA3_OPTIONS))
+#: OFT's options: network_dim / conv_dim as LyCORIS' OFT block size, the preset, + LyCORIS' constraint and rescaled
+OFT_OPTIONS = tuple(o for o in LORA_OPTIONS if o.name in ("rank", "conv_rank", "text_encoder", "targets", "module_dropout",
+                                                          "unet", "network_weights")) + (
+    MethodOption("constraint", float, "Diag-OFT / BOFT: COFT, each layer's ‖Q‖ <= constraint × its output width "
+                 "(LyCORIS constraint, written as the layer's alpha; default 0: none)", (), "C"),
+    MethodOption("rescaled", bool, "Diag-OFT / BOFT: also train a scale per output row (LyCORIS rescaled)", ()),
+)
+register_method(Method("diag-oft", "Diag-OFT: block-diagonal orthogonal rotations of LyCORIS' full preset layers' "
+                       "output rows (LyCORIS file; --network-dim is the block size)", prepare_diag_oft, 3e-3, 600, "auto",
+                       options=OFT_OPTIONS))
+register_method(Method("boft", "BOFT: butterfly orthogonal rotations of LyCORIS' full preset layers' output rows "
+                       "(LyCORIS file; --network-dim is the even block size)", prepare_boft, 3e-3, 600, "auto",
+                       options=OFT_OPTIONS))
 _FULL_OPTIONS = (MethodOption("text_encoder", bool, "train the text encoder(s) too (LoRA family: on by default, "
                               "--no-text-encoder is kohya's --network_train_unet_only; dreambooth: on for the first half "
                               "of the steps, see --text-encoder-steps; full: off by default)", ("--text-encoder",)),
@@ -277,6 +300,9 @@ EMBEDDING_OPTIONS = (
     MethodOption("vectors", int, "vectors per trigger word: it becomes this many tokens (default 1)", ("--vectors",), "K"),
     MethodOption("norm_weight", float, "textual inversion: weight of the norm penalty keeping the vectors at the "
                  "vocabulary's scale (default 0: off)", ("--norm-weight",), "W"),
+    MethodOption("init_weights", str, "textual inversion: start the vectors from this embedding file (kohya's --weights: "
+                 "A1111 .pt/.safetensors, kohya emb_params, diffusers, SDXL clip_l + clip_g; its vector count must be "
+                 "--vectors); --init-word is then unused", ("--init-weights",), "FILE"),
 )
 DREAMARTIST_OPTIONS = EMBEDDING_OPTIONS[:3] + (
     MethodOption("negative_vectors", int, "DreamArtist: vectors of the negative embedding (default: = --vectors)",

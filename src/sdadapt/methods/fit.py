@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -57,6 +58,7 @@ from ..training.step import (
     save_training_state,
     train_step,
 )
+from ..training.torch_lr_schedules import TorchSchedule
 from .optimizers import (
     _OPTIMIZER_ALIASES,
     _REFUSED_OPTIMIZERS,
@@ -173,6 +175,13 @@ class FitConfig:
             (default ``warmup_steps``, or 10000 without a warm-up); ``piecewise_constant``
             (diffusers') needs ``step_rules`` (``"1:100,0.1:200,0.01"``: factor 1 before step 100,
             0.1 before step 200, then 0.01) and has no warm-up (``warmup_steps`` unused, as kohya's).
+        torch_schedule: kohya's ``--lr_scheduler_type``: a ``torch.optim.lr_scheduler`` class run
+            as a function of the step (:class:`~sdadapt.training.torch_lr_schedules.TorchSchedule`;
+            each group's curve starts from its own LR, as torch's ``base_lrs``). Given, it replaces
+            ``schedule`` and its options, and ``warmup_steps`` must be 0 (kohya refuses a warm-up with it).
+            One that moves β1 (``OneCycleLR``'s ``cycle_momentum``) sets every group's ``betas[0]``
+            (``momentum`` for SGD) before each step too; not with ``cuda_graph`` (a captured step
+            keeps the β1 it was captured with).
         text_encoder_lr: LR of parameters inside the text encoder(s) (default: ``learning_rate``;
             0 freezes them — kohya's ``--network_train_unet_only``).
         text_encoder_2_lr: LR of parameters inside the second text encoder (SDXL's
@@ -319,6 +328,7 @@ class FitConfig:
     step_rules: str | None = None
     warmup_type: str = "linear"
     decay_type: str = "cosine"
+    torch_schedule: TorchSchedule | None = None
     validate_every_n_steps: int | None = None
     validate_every_n_epochs: int | None = None
     max_validation_steps: int | None = None
@@ -358,6 +368,17 @@ class FitConfig:
                                  decay_steps=self.decay_steps, min_lr_ratio=self.min_lr_ratio,
                                  lr_timescale=self.lr_timescale, step_rules=self.step_rules,
                                  warmup_type=self.warmup_type, decay_type=self.decay_type)
+        if self.torch_schedule is not None and self.warmup_steps:
+            raise ValueError(f"torch_schedule {self.torch_schedule.name} takes no warm-up: set warmup_steps=0 (kohya "
+                             f"refuses lr_warmup_steps with lr_scheduler_type), got {self.warmup_steps}")
+        if self.torch_schedule is not None and self.torch_schedule.cycles_momentum and self.cuda_graph:
+            raise ValueError(f"torch_schedule {self.torch_schedule.name} moves beta1 at every step, which a CUDA-graph "
+                             "step keeps at its captured value: leave out cuda_graph (--cuda-graph), or give "
+                             "cycle_momentum=False (the LR curve alone)")
+        if (self.torch_schedule is not None and self.torch_schedule.cycles_momentum
+                and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "adafactor"):
+            raise ValueError(f"torch_schedule {self.torch_schedule.name} moves beta1 / momentum, which Adafactor does not "
+                             "have (torch refuses the pair too): give cycle_momentum=False")
         if self.optimizer.lower() in _REFUSED_OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r}: {_REFUSED_OPTIMIZERS[self.optimizer.lower()]}")
         if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
@@ -448,6 +469,8 @@ class FitConfig:
         ``warmup_steps`` unused; its own warm-up is ``optimizer_args`` ``warmup_steps``)."""
         if self.schedule_free:
             return base
+        if self.torch_schedule is not None:
+            return self.torch_schedule.lr(step, base, accumulation=self.step.accumulation_steps)
         schedule = {"constant_with_warmup": "warmup"}.get(self.schedule, self.schedule)
         if schedule == "constant" and self.warmup_steps:
             schedule = "warmup"
@@ -463,6 +486,21 @@ class FitConfig:
                 step_rules=self.step_rules, warmup_type=self.warmup_type, decay_type=self.decay_type)
         return lr_at(step, base_lr=base, schedule=schedule, warmup_steps=self.warmup_steps,  # type: ignore[arg-type]
                      total_steps=self.steps, num_cycles=self.num_cycles)
+
+
+def _set_momentum(group: dict[str, Any], momentum: float | None, optimizer: str) -> None:
+    """Put ``momentum`` into a group as torch's ``OneCycleLR`` does: ``betas[0]``, else ``momentum``.
+
+    Raises:
+        ValueError: the group has neither (torch refuses such an optimiser with ``cycle_momentum``).
+    """
+    if "betas" in group:
+        group["betas"] = (momentum, *group["betas"][1:])
+    elif "momentum" in group:
+        group["momentum"] = momentum
+    else:
+        raise ValueError(f"optimizer {optimizer!r} has no beta1 or momentum for OneCycleLR's cycle_momentum to move "
+                         "(torch refuses the pair too); add cycle_momentum=False to lr_scheduler_args")
 
 
 def _schedule_free_clashes(config: FitConfig) -> list[str]:
@@ -1105,7 +1143,14 @@ def fit(
                                     alphas_cumprod=alphas_cumprod, extra_loss=extra_loss,
                                     strict=trained[0].device.type == "cuda",  # elsewhere: eager steps
                                     after_update=after_update)
+        # the fp16 loss scaler's skipped steps (a resumed state's too): the LR schedule counts the optimiser steps
+        # taken, as accelerate's scheduler (kohya's) does not step after a skipped one; read with each step's loss
+        skipped = int(state.skipped_steps)
+        cycled_momentum = None  # (OneCycleLR's β1, a function of the schedule's step, as its LR)
+        if config.torch_schedule is not None and config.torch_schedule.cycles_momentum and not config.schedule_free:
+            cycled_momentum = functools.partial(config.torch_schedule.momentum, accumulation=accumulation)
         for step in range(state.step, config.steps):
+            position = step - schedule_offset - skipped  # (the LR schedule's step)
             for module in checkpointed:  # only the wrappers: what runs inside keeps its mode (an on_step sample may call eval())
                 module.training = True
             if stopping and not stopped and step >= text_encoder_steps:  # type: ignore[operator]
@@ -1118,11 +1163,18 @@ def fit(
             if config.schedule_free:  # the weights gradients are taken at (y); a no-op when in train mode already
                 switch_mode(optimizer, train=True)
             for group in optimizer.param_groups:
-                lr = config.lr_at(step - schedule_offset, group["base_lr"]) * group["lr_scale"]
+                lr = (config.lr_at(position, group["base_lr"]) * group["lr_scale"]
+                      if config.torch_schedule is None  # (torch's schedules start from each group's own LR)
+                      # (a group whose LR is 0 stays frozen: kohya leaves it out of the optimiser, so OneCycleLR's
+                      # max_lr never reaches it)
+                      else config.lr_at(position, group["base_lr"] * group["lr_scale"])
+                      if group["base_lr"] * group["lr_scale"] != 0 else 0.0)
                 if isinstance(group["lr"], Tensor):
                     group["lr"].fill_(lr)  # in place: a captured graph reads this tensor
                 else:
                     group["lr"] = lr
+                if cycled_momentum is not None:
+                    _set_momentum(group, cycled_momentum(position), config.optimizer)
             micro_losses: list[Tensor] = []
             for micro in range(step * accumulation, (step + 1) * accumulation):
                 batch, prior_batch = draw(micro - data_offset)
@@ -1135,8 +1187,11 @@ def fit(
                                          after_update=after_update)
                 micro_losses.append(metrics["loss"])
             stats = {k: metrics[k] for k in _MAX_NORM_STATS} if after_update is not None else {}
+            if isinstance(state.skipped_steps, Tensor):  # (an fp16 scaler ran: its count comes with the read)
+                stats = {**stats, "skipped_steps": state.skipped_steps}
             # the one host read per optimiser step (callbacks, NaN check, result; the max-norm statistics with it)
             loss, read = _read_step(micro_losses, stats)
+            skipped = int(read.pop("skipped_steps", skipped))
             losses.append(loss)
             if not math.isfinite(loss) and config.stop_on_nonfinite:
                 raise NonFiniteLossError(step + 1, loss)
@@ -1147,7 +1202,7 @@ def fit(
             if on_step is not None:
                 micro_done = (step + 1) * accumulation
                 epoch = (micro_done - 1) // per_epoch + 1 if per_epoch else 1
-                on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(step - schedule_offset, config.learning_rate), epoch,
+                on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(position, config.learning_rate), epoch,
                                     bool(per_epoch) and micro_done % per_epoch < accumulation,
                                     micro_done // per_epoch if per_epoch else 0, save_state, averaged,
                                     step_config.sdpa_backends,

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters import DoRAConfig, LoHaConfig, LoKrConfig, LoRAConfig
+from ..adapters import DoRAConfig, GLoRAConfig, LoHaConfig, LoKrConfig, LoRAConfig, NormConfig
 from ..errors import InputError
 from ..formats import save_lora
 from ..formats.kohya import kohya_metadata
@@ -29,8 +29,10 @@ from .lora_blocks import BLOCK_ARGS, BlockPlan, block_plan, kohya_block_index
 from .loraplus import LORAPLUS_ARGS, loraplus_lr_scales, loraplus_ratios
 from .lycoris_presets import LYCORIS_PRESETS, lycoris_preset
 from .system import text_encoders
+from .train_norm import norm_targets
 
-__all__ = ["UNET_PRESETS", "AdapterAdaptation", "prepare_lora", "prepare_locon", "prepare_loha", "prepare_lokr", "prepare_dora"]
+__all__ = ["UNET_PRESETS", "AdapterAdaptation", "prepare_lora", "prepare_locon", "prepare_loha", "prepare_lokr", "prepare_glora",
+           "prepare_dora"]
 
 
 #: ``--network-targets`` presets: UNet layers the LoRA family adapts
@@ -52,7 +54,8 @@ class AdapterAdaptation:
 
     def __init__(self, system, *, unet_targets: Target, unet_config, text_config=None, name: str = "default",
                  blocks: BlockPlan | None = None, layer_config: Callable[[int, float], object] | None = None,
-                 network_args: Mapping[str, str] | None = None, text_targets: Target = TEXT_ENCODER) -> None:
+                 network_args: Mapping[str, str] | None = None, text_targets: Target = TEXT_ENCODER,
+                 norms: tuple[Target, NormConfig] | None = None) -> None:
         self.base_model = system.base_model  # file naming and metadata (System protocol)
         #: what building the adapters did, for the run report (``--network-weights``: modules loaded, missing, left out)
         self.notes: list[str] = []
@@ -68,6 +71,13 @@ class AdapterAdaptation:
             unet_targets, configs, weights = _block_layers(system.unet, unet_targets, blocks, layer_config)
         else:
             configs = None
+        if norms is not None and unet_config is not None:  # LyCORIS' train_norm: the norms beside the layers
+            norm_layers = [layer for layer, _ in select(system.unet, norms[0])]
+            if not norm_layers:
+                raise InputError(f"train_norm: the UNet has no GroupNorm/LayerNorm among {norms[0].description}")
+            chosen = set(norm_layers)
+            unet_targets = unet_targets | Target(lambda n, m: n in chosen, "train_norm layers")
+            configs = {**(configs or {}), **{layer: norms[1] for layer in norm_layers}}
         self.handles: dict[str, AdapterHandle] = {}
         if unet_config is not None:
             self.handles["unet"] = inject(system.unet, unet_targets, unet_config, name=name, layer_configs=configs)
@@ -183,6 +193,8 @@ def _check(rank: int, conv_rank: int | None) -> None:
 #: LyCORIS-style network_args that set a field of the family's config (``use_cp`` = ``use_tucker``, LyCORIS' old name;
 #: ``factor`` / ``decompose_both``: LoKr's)
 _CONFIG_ARGS = ("dropout", "rank_dropout", "module_dropout", "use_tucker", "factor", "decompose_both")
+#: LyCORIS' train_norm: norm modules on the GroupNorm/LayerNorm layers inside the adapted UNet modules
+_NORM_ARGS = ("train_norm",)
 
 
 def _config_extras(make, family: str, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -319,10 +331,16 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
             system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
             text_encoder=text_encoder, targets=targets, default=default, network=rest, unet=unet),
             text_encoder=text_encoder, network=rest, **start)
-    unknown = sorted(set(network) - set(BLOCK_ARGS) - set(_CONFIG_ARGS))
+    unknown = sorted(set(network) - set(BLOCK_ARGS) - set(_CONFIG_ARGS) - set(_NORM_ARGS))
     if unknown:
         raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}")
     extras = _config_extras(make, family, {n: network.get(n) for n in _CONFIG_ARGS})
+    norms = None
+    if network.get("train_norm"):
+        if not unet:
+            raise InputError("train_norm with --no-unet: LyCORIS' norm modules sit in the UNet; leave one out")
+        convs_given = conv_rank is not None or network.get("conv_block_dims") is not None
+        norms = (norm_targets(targets, convs=convs_given), NormConfig(module_dropout=extras.get("module_dropout", 0.0)))
     if targets is not None and targets not in UNET_PRESETS:  # a LyCORIS preset: its UNet and text-encoder layers
         preset = lycoris_preset(targets).on(system)  # (a preset file: its layers in these models)
         if text_encoder and preset.text_encoder is None:
@@ -342,7 +360,7 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
         args = _network_args(network)
         args["preset"] = preset.name
         return AdapterAdaptation(system, unet_targets=preset.unet, unet_config=config if unet else None,
-                                 text_config=text, network_args=args,
+                                 text_config=text, network_args=args, norms=norms,
                                  text_targets=preset.text_encoder if preset.text_encoder is not None else TEXT_ENCODER)
     config = make(rank=rank, alpha=alpha if alpha is not None else rank, conv_rank=conv_rank,
                   conv_alpha=conv_alpha if conv_alpha is not None else conv_rank, **extras)
@@ -358,7 +376,7 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
         return make(rank=layer_rank, alpha=layer_alpha, conv_rank=layer_rank, conv_alpha=layer_alpha, **extras)
 
     return AdapterAdaptation(system, unet_targets=unet_targets, unet_config=config if unet else None, text_config=text,
-                             blocks=blocks, layer_config=layer_config, network_args=_network_args(network))
+                             blocks=blocks, layer_config=layer_config, network_args=_network_args(network), norms=norms)
 
 
 def prepare_lora(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
@@ -421,6 +439,16 @@ def prepare_lokr(system, *, rank: int = 4, alpha: float | None = None, conv_rank
     """
     return _on_kohya_layers(system, LoKrConfig, "lokr", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                             text_encoder=text_encoder, targets=targets, network=network_args, unet=unet)
+
+
+def prepare_glora(system, *, rank: int = 4, alpha: float | None = None, conv_rank: int | None = None,
+                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
+                  unet: bool = True, **network_args: Any) -> AdapterAdaptation:
+    """GLoRA (LyCORIS ``algo=glora``: ``ΔW = (W·a1·a2 + b1·b2)·alpha/r``, :class:`~sdadapt.adapters.GLoRAConfig`)
+    on kohya's layer set (LyCORIS file); ``network_args`` as :func:`prepare_lora` (module_dropout)."""
+    return _on_kohya_layers(system, GLoRAConfig, "glora", rank=rank, alpha=alpha, conv_rank=conv_rank,
+                            conv_alpha=conv_alpha, text_encoder=text_encoder, targets=targets, network=network_args,
+                            unet=unet)
 
 
 def prepare_dora(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,

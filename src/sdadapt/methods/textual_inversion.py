@@ -27,13 +27,16 @@ import torch
 from torch import Tensor, nn
 
 from ..embeddings import (
+    ENCODER_KEY,
+    SDXL_KEYS,
     Embedding,
     EmbeddingHandle,
     find_token_embedding,
     initial_embedding,
     inject_embedding,
 )
-from ..formats.embeddings import save_embedding
+from ..errors import InputError
+from ..formats.embeddings import load_embedding, save_embedding
 from .system import system_models
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "mentions",
     "norm_penalty",
     "prepare_textual_inversion",
+    "starting_embedding",
     "system_text_parts",
     "template_captions",
     "trigger_captions",
@@ -278,6 +282,57 @@ class TextualInversion:
         self._frozen.restore()
 
 
+#: the token-table widths of the usual text encoders, to name a mismatch
+_WIDTHS = {768: "SD1 (CLIP ViT-L) or SDXL's clip_l", 1024: "SD2 (OpenCLIP ViT-H)", 1280: "SDXL's clip_g (OpenCLIP ViT-bigG)"}
+
+
+def _width_name(width: int) -> str:
+    return f"{width} wide: {_WIDTHS[width]}" if width in _WIDTHS else f"{width} wide"
+
+
+def starting_embedding(path: str | os.PathLike, *, token: str, vectors: int, text_encoder, sdxl: bool) -> Embedding:
+    """kohya's ``--weights`` of textual inversion (``--init-weights``): the vectors of an embedding file to start from.
+
+    Reads what :func:`sdadapt.load_embedding` reads (kohya ``emb_params``, A1111 ``string_to_param``
+    ``.pt`` / ``.safetensors``, diffusers ``{token: tensor}``, SDXL ``clip_l`` + ``clip_g``) and
+    returns it as the trigger ``token``'s embedding, each block ``(vectors, dim)`` cast to its token
+    table's dtype — as kohya copies the rows into the table (``train_textual_inversion.py``
+    ``load_weights``; ``sdxl_train_textual_inversion.py`` for the SDXL pair).
+
+    Args:
+        text_encoder: the system's text encoder, or ``{"clip_l": ..., "clip_g": ...}`` (``sdxl``).
+
+    Raises:
+        WeightFileError: a missing, unreadable or non-embedding file (naming it).
+        InputError: a file for another model (an SD1/SD2 file for an SDXL model or the reverse, or
+            vectors of another width than the token table's: SD1 768, SD2 1024, SDXL 768 + 1280), or
+            another vector count than ``vectors`` (kohya refuses it too: set ``--vectors``, kohya's
+            ``num_vectors_per_token``, to the file's count).
+    """
+    loaded = load_embedding(path)
+    if loaded.is_sdxl != sdxl:
+        have = "an SDXL embedding (clip_l + clip_g)" if loaded.is_sdxl else \
+            f"an SD1/SD2 embedding (one table, {_width_name(next(iter(loaded.vectors.values())).shape[1])})"
+        want = "SDXL (clip_l + clip_g vectors)" if sdxl else "SD1/SD2 (one text encoder)"
+        raise InputError(f"--init-weights {path}: {have}, but the model is {want}; give an embedding trained on this model "
+                         "family")
+    encoders = text_encoder if sdxl else {ENCODER_KEY: text_encoder}
+    out: dict[str, Tensor] = {}
+    for key in (SDXL_KEYS if sdxl else (ENCODER_KEY,)):
+        rows = loaded.vectors[key]  # (k, dim)
+        table = find_token_embedding(encoders[key])[1].weight
+        if rows.shape[1] != table.shape[1]:
+            where = f"its {key} vectors" if sdxl else "its vectors"
+            raise InputError(f"--init-weights {path}: {where} are {_width_name(rows.shape[1])}, but the model's "
+                             f"{'token table' if not sdxl else key + ' token table'} is {_width_name(table.shape[1])}; "
+                             "give an embedding trained on this model family")
+        if rows.shape[0] != vectors:
+            raise InputError(f"--init-weights {path}: it has {rows.shape[0]} vector(s) per token, the run {vectors}; set "
+                             f"--vectors {rows.shape[0]} (kohya's num_vectors_per_token, which refuses the mismatch too)")
+        out[key] = rows.detach().to(device="cpu", dtype=table.dtype).clone()
+    return Embedding(token, out)
+
+
 def prepare_textual_inversion(
     system,
     *,
@@ -285,6 +340,7 @@ def prepare_textual_inversion(
     init_word: str | None = None,
     vectors: int = 1,
     norm_weight: float = 0.0,
+    init_weights: str | os.PathLike | None = None,
 ) -> TextualInversion:
     """Textual inversion of ``token`` on ``system`` (the registered method ``textual-inversion``).
 
@@ -296,7 +352,12 @@ def prepare_textual_inversion(
             (see :func:`sdadapt.embeddings.initial_embedding`).
         vectors: ``k``, how many tokens the trigger becomes.
         norm_weight: weight of :func:`norm_penalty` (0: off).
+        init_weights: start from this embedding file's vectors instead (kohya's ``--weights``;
+            ``init_word`` is then unused, as kohya overwrites its rows): :func:`starting_embedding`.
     """
     encoders, tokenizers, sdxl = system_text_parts(system)
-    embedding = initial_embedding(encoders, tokenizers, token, vectors=vectors, init_word=init_word, sdxl=sdxl)
+    if init_weights is not None:
+        embedding = starting_embedding(init_weights, token=token, vectors=vectors, text_encoder=encoders, sdxl=sdxl)
+    else:
+        embedding = initial_embedding(encoders, tokenizers, token, vectors=vectors, init_word=init_word, sdxl=sdxl)
     return TextualInversion(system, embedding, norm_weight=norm_weight)

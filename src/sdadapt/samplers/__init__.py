@@ -9,6 +9,8 @@ generator with the same seed gives the same image. ``karras=True`` is diffusers'
 ``dpmpp_2s_a`` (k-diffusion's ``sample_dpmpp_2s_ancestral``; diffusers has no such class) runs on the
 Euler σ grid; ``dpmsolver++_3m_sde`` corrects one weight of diffusers' third-order SDE step; ``dpmpp_sde``
 draws its Brownian tree's seed from ``generator`` (diffusers: from the global RNG) and needs torchsde.
+``schedule=`` is A1111's "Schedule type" (:mod:`.schedules`): the σ samplers on A1111's grids instead of
+diffusers' (:data:`SCHEDULE_SAMPLERS`).
 
 ``sample_latents`` is the one entry point: it adds classifier-free guidance
 (:func:`sdadapt.training.diffusion.guided`) and dispatches by name. ``ddim`` is
@@ -26,10 +28,12 @@ from torch import Tensor
 from ..training import diffusion
 from .ddpm import ddpm_sample
 from .dpm2 import dpm2_ancestral_sample, dpm2_sample
+from .dpm_fast_adaptive import dpm_adaptive_sample, dpm_fast_sample
 from .dpm_solver import (
     dpmsingle_sample,
     dpmsolver_pp_3m_sde_sample,
     dpmsolver_pp_sample,
+    dpmsolver_pp_sde_heun_sample,
     dpmsolver_pp_sde_sample,
     dpmsolver_sample,
 )
@@ -40,9 +44,12 @@ from .heun import heun_sample
 from .lcm import lcm_sample
 from .lms import lms_sample
 from .pndm import pndm_sample
+from .restart import restart_sample
+from .schedules import A1111_AUTOMATIC, SCHEDULES, canonical_schedule
 from .unipc import unipc_sample
 
-__all__ = ["KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "canonical_sampler", "check_karras", "sample_latents"]
+__all__ = ["KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES", "SCHEDULE_SAMPLERS", "canonical_sampler",
+           "check_karras", "resolve_schedule", "sample_latents"]
 
 #: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
 #: callback[, karras][, **options]) -> x0`` (``ddim`` is dispatched separately, with its own options)
@@ -64,6 +71,10 @@ _SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_sde": dpmpp_sde_sample,  # not a kohya name: diffusers' DPMSolverSDEScheduler (needs torchsde)
     "dpmpp_2s_a": dpmpp_2s_ancestral_sample,  # not a kohya name: k-diffusion's sample_dpmpp_2s_ancestral
     "dpmsolver++_3m_sde": dpmsolver_pp_3m_sde_sample,  # not a kohya name: solver_order=3, sde-dpmsolver++
+    "dpmsolver++_sde_heun": dpmsolver_pp_sde_heun_sample,  # not a kohya name: sde-dpmsolver++, solver_type="heun"
+    "dpm_fast": dpm_fast_sample,  # not a kohya name: k-diffusion's sample_dpm_fast (num_steps = model calls)
+    "dpm_adaptive": dpm_adaptive_sample,  # not a kohya name: k-diffusion's sample_dpm_adaptive (its own steps)
+    "restart": restart_sample,  # not a kohya name: A1111's restart_sampler (Heun + restart segments, Karras σ)
 }
 #: every sampler name ``sample_latents`` takes (kohya's ``sample_sampler`` spellings)
 SAMPLERS: tuple[str, ...] = ("ddim", *_SAMPLERS)
@@ -75,11 +86,27 @@ SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_
                                    "dpm++_2s_a": "dpmpp_2s_a", "dpmpp_2s_ancestral": "dpmpp_2s_a",
                                    "k_dpmpp_2s_a": "dpmpp_2s_a", "k_dpmpp_2s_ancestral": "dpmpp_2s_a",
                                    "dpm++_3m_sde": "dpmsolver++_3m_sde", "dpmpp_3m_sde": "dpmsolver++_3m_sde",
-                                   "k_dpmpp_3m_sde": "dpmsolver++_3m_sde"}
+                                   "k_dpmpp_3m_sde": "dpmsolver++_3m_sde", "dpm++_2m_sde_heun": "dpmsolver++_sde_heun",
+                                   "dpmpp_2m_sde_heun": "dpmsolver++_sde_heun",
+                                   "k_dpmpp_2m_sde_heun": "dpmsolver++_sde_heun", "k_dpm_fast": "dpm_fast",
+                                   "k_dpm_ad": "dpm_adaptive", "dpm_ad": "dpm_adaptive"}
 #: samplers that take ``karras=True`` (σ on Karras et al.'s ρ = 7 grid)
 KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
                                     "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
-                                    "dpmsolver++_3m_sde")
+                                    "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart")
+#: samplers that take a ``schedule`` (A1111's "Schedule type", :mod:`.schedules`): those on a σ grid
+SCHEDULE_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "euler_a", "dpmsolver", "dpmsolver++",
+                                      "dpmsingle", "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
+                                      "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart")
+#: samplers without a σ grid -> why no schedule applies
+_NO_SCHEDULE: dict[str, str] = {
+    "ddim": "DDIM steps the model's integer timesteps (its own alphas), not a σ grid",
+    "ddpm": "DDPM steps the model's integer timesteps by its posterior variance, not a σ grid",
+    "pndm": "PNDM (PLMS) steps fixed integer timesteps with a multistep rule tied to their spacing",
+    "lcm": "LCM runs on LCM's own distilled timesteps (the consistency scalings depend on them)",
+    "dpm_fast": "DPM fast spaces its steps evenly in log σ between the model's σ_max and σ_min itself",
+    "dpm_adaptive": "DPM adaptive chooses its own steps in log σ between the model's σ_max and σ_min",
+}
 
 
 def canonical_sampler(name: str) -> str:
@@ -108,10 +135,38 @@ def check_karras(name: str, karras: bool) -> None:
                          f"use_karras_sigmas); karras works with {', '.join(KARRAS_SAMPLERS)}")
 
 
+def resolve_schedule(name: str, schedule: str | None, karras: bool = False) -> str | None:
+    """The σ grid a sampler runs on: ``None`` (the sampler's diffusers grid; with ``karras``, its Karras σ) or a
+    name in :data:`SCHEDULES` other than ``automatic``. ``schedule``: a schedule name or A1111 label (any case);
+    ``"automatic"`` is A1111 ≥ 1.9's choice for the sampler (:data:`.schedules.A1111_AUTOMATIC`, else
+    ``uniform``; on a sampler without a σ grid, ``None``: its own steps, as A1111 runs it). ``name``: a name
+    in :data:`SAMPLERS`.
+
+    Raises:
+        ValueError: an unknown schedule, a schedule other than ``automatic`` on a sampler without a σ grid
+            (``ddim``, ``ddpm``, ``pndm``, ``lcm``, ``dpm_fast``, ``dpm_adaptive``: the reason named), or
+            ``karras`` with a schedule other than Karras.
+    """
+    if schedule is None:
+        return None
+    key = canonical_schedule(schedule)
+    if key == "automatic" and name not in SCHEDULE_SAMPLERS:
+        return None
+    if name not in SCHEDULE_SAMPLERS:
+        raise ValueError(f"sampler {name!r} takes no schedule: {_NO_SCHEDULE.get(name, 'it has no σ grid')}; "
+                         f"schedules work with {', '.join(SCHEDULE_SAMPLERS)}")
+    if key == "automatic":
+        key = A1111_AUTOMATIC.get(name, "uniform")
+    if karras and key != "karras":
+        raise ValueError(f"karras and schedule {schedule!r} both name a σ grid; give one (karras is schedule 'karras')")
+    return key
+
+
 def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tensor, cond: object, *, sampler: str,
                    alphas_cumprod: Tensor, num_steps: int, uncond: object | None = None, guidance_scale: float = 1.0,
                    prediction_type: str = "epsilon", karras: bool = False, generator: torch.Generator | None = None,
-                   callback: Callable[[int, Tensor, Tensor], None] | None = None, **options) -> Tensor:
+                   callback: Callable[[int, Tensor, Tensor], None] | None = None, schedule: str | None = None,
+                   **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given.
 
@@ -119,11 +174,17 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
     device, then moved, as diffusers does); ``callback(i, t, x)`` sees each step's sample;
     ``options``: the sampler's own (``ddim``: ``eta``, ``final_alpha_cumprod``, ``clip_sample``...).
+    ``schedule``: A1111's "Schedule type" (:func:`resolve_schedule`; ``None``: the sampler's diffusers grid),
+    for :data:`SCHEDULE_SAMPLERS`; ``"karras"`` on a sampler in :data:`KARRAS_SAMPLERS` is ``karras=True``.
 
     Raises:
-        ValueError: an unknown sampler, ``karras=True`` for a sampler without Karras σ.
+        ValueError: an unknown sampler or schedule, ``karras=True`` for a sampler without Karras σ, a schedule
+            for a sampler without a σ grid.
     """
     name = canonical_sampler(sampler)
+    schedule = resolve_schedule(name, schedule, karras)
+    if schedule == "karras" and name in KARRAS_SAMPLERS:
+        karras, schedule = True, None
     check_karras(name, karras)
     if name == "ddim":
         return diffusion.ddim_sample(model, x_T, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
@@ -133,5 +194,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     run = _SAMPLERS[name]
     if karras:
         options["karras"] = True
+    if schedule is not None:
+        options["schedule"] = schedule
     return run(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)

@@ -29,14 +29,14 @@ __all__ = ["dpm2_ancestral_sample", "dpm2_sample"]
 
 def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str, steps_offset: int,
-         ancestral: bool) -> Tensor:
+         ancestral: bool, schedule: str | None = None) -> Tensor:
     """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step."""
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, round_karras_timesteps=True)
+                                    karras=karras, round_karras_timesteps=True, schedule=schedule)
     # per step: the σ the whole step reaches (σ_down when ancestral), the noise scale, the midpoint
     targets, ups = [], []
-    for i in range(num_steps):
+    for i in range(len(times)):
         down, up = ancestral_step(grid[i], grid[i + 1]) if ancestral else (grid[i + 1], 0.0)
         targets.append(down)
         ups.append(up)
@@ -47,11 +47,11 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
     def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
         return sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype)
 
-    for i in range(num_steps):
+    for i in range(len(times)):
         s, target, mid = grid[i], targets[i], mids[i]
         t = timestep_batch(times[i], x)
         d = slope(x, s, t)
-        if i == num_steps - 1:  # σ_target = 0: Euler onto x̂0, no noise
+        if target == 0:  # the last step: Euler onto x̂0, no noise (k-diffusion: σ_next / σ_down = 0)
             x = x + d * (target - s)
         else:
             x_mid = x + d * (mid - s)
@@ -66,7 +66,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
 def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                 callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                steps_offset: int = 0) -> Tensor:
+                steps_offset: int = 0, schedule: str | None = None) -> Tensor:
     """DPM2 from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2DiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
@@ -74,7 +74,9 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     ``σ_mid = √(σ_i σ_{i+1})``, ``x ← x + d'·(σ_{i+1} − σ_i)`` with
     ``d' = (x' − x̂0(x', σ_mid))/σ_mid``;
     the last step is Euler onto x̂0 (``2·num_steps − 1`` model calls). ``generator``: unused.
-    ``callback(i, t, x)`` sees each step's sample. Other arguments as :func:`.euler.euler_sample`.
+    ``callback(i, t, x)`` sees each step's sample. Other arguments as :func:`.euler.euler_sample`
+    (``schedule`` too: timesteps rounded as with Karras σ; a last σ above 0, ``kl_optimal``'s, gets a DPM2
+    step, as in k-diffusion).
 
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
@@ -82,13 +84,13 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     del generator
     return _run("dpm_2", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
-                steps_offset=steps_offset, ancestral=False)
+                steps_offset=steps_offset, ancestral=False, schedule=schedule)
 
 
 def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                           prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                           callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                          steps_offset: int = 0) -> Tensor:
+                          steps_offset: int = 0, schedule: str | None = None) -> Tensor:
     """DPM2 ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2AncestralDiscreteScheduler``.
 
@@ -102,4 +104,4 @@ def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor
     """
     return _run("dpm_2_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=karras,
-                spacing=spacing, steps_offset=steps_offset, ancestral=True)
+                spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule)

@@ -48,18 +48,22 @@ from .sigma_space import (
 )
 from .signatures import Denoise, StepCallback
 
-__all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_3m_sde_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_sample",
-           "dpmsolver_sample",
+__all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_3m_sde_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_heun_sample",
+           "dpmsolver_pp_sde_sample", "dpmsolver_sample",
            "require_distinct_steps", "singlestep_orders"]
 
 
 def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
-             final_sigma: str = "zero") -> tuple[Tensor, Tensor]:
+             final_sigma: str = "zero", schedule: str | None = None) -> tuple[Tensor, Tensor]:
     """The timesteps and noise levels of diffusers' DPM-Solver / UniPC schedulers
     (``timestep_spacing="linspace"``, ``set_timesteps(num_steps)``).
 
     ``alphas_cumprod`` (T,): the training ᾱ. ``karras``: ``use_karras_sigmas`` (Karras σ, timesteps
     rounded). ``final_sigma``: ``"zero"`` or ``"sigma_min"`` (σ of t = 0), appended after the last step.
+    ``schedule``: one of A1111's σ grids instead (:func:`.schedules.schedule_sigmas`, not ``automatic``):
+    its σ, the model run at the rounded timesteps ``t(σ)`` as with Karras σ (diffusers' ``use_exponential_sigmas``
+    / ``use_beta_sigmas`` truncate them instead: docs/samplers.md), then the schedule's last σ (0 read as
+    σ of t = 0 under ``final_sigma="sigma_min"``; ``kl_optimal`` ends on σ_min itself).
 
     Returns:
         ``timesteps`` (n,) int64 descending, ``sigmas`` (n+1,) float64 k-diffusion σ (CPU).
@@ -74,6 +78,12 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
         raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
     n = int(num_steps)
     train = training_sigmas(alphas_cumprod)
+    if schedule is not None:
+        from .schedules import schedule_sigmas
+
+        full = schedule_sigmas(schedule, n, train)
+        last = full[-1:] if float(full[-1]) > 0 or final_sigma == "zero" else train[:1]
+        return sigma_to_t(full[:-1], train).round().long(), torch.cat([full[:-1], last])
     if karras:
         sigmas = karras_sigmas(float(train[0]), float(train[-1]), n)
         timesteps = sigma_to_t(sigmas, train).round().long()
@@ -149,15 +159,17 @@ def _sde_third_order_terms(preds: tuple[Tensor, Tensor, Tensor], lams: tuple[flo
 
 def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
                karras: bool, data: bool, callback: StepCallback | None, sde: bool = False,
-               generator: torch.Generator | None = None, order: int = 2) -> Tensor:
-    label = ("dpmsolver++_3m_sde" if order == 3 else "dpmsolver++_sde") if sde else "dpmsolver++" if data \
-        else "dpmsolver"
+               generator: torch.Generator | None = None, order: int = 2, heun: bool = False,
+               schedule: str | None = None) -> Tensor:
+    label = ("dpmsolver++_3m_sde" if order == 3 else "dpmsolver++_sde_heun" if heun else "dpmsolver++_sde") if sde \
+        else "dpmsolver++" if data else "dpmsolver"
     check_prediction_type(label, prediction_type)
     final = "zero" if data else "sigma_min"
-    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final)
+    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final, schedule=schedule)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
     require_distinct_steps(label, sig, int(alphas_cumprod.shape[0]))
+    final_zero = sig[-1] == 0
     lam = [vp_alpha_sigma(s)[2] for s in sig]
     out_dtype = x_T.dtype
     work = work_dtype(x_T)
@@ -169,18 +181,25 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
         out = model(x, t)
         a, st, _ = vp_alpha_sigma(sig[i])
         pred = (vp_data_prediction if data else vp_noise_prediction)(out, x, a, st, prediction_type)
-        lower_final = i == n - 1 and (n < 15 or final == "zero")
+        lower_final = i == n - 1 and (n < 15 or final_zero)
         # order 3 (diffusers' solver_order=3): from the third step on, but order 2 on the next-to-last of < 15
         third = order == 3 and prev2 is not None and not lower_final and not (i == n - 2 and n < 15)
         xw = x.to(work)
         # the SDE's noise: float32, drawn every step (the last too) where diffusers' step draws it
         noise = step_noise(out, generator, torch.float32) if sde else None
         d = pred
+        heun_d1: Tensor | None = None
         if prev is not None and not lower_final and not third:
             h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1]
-            d = pred + (0.5 * h / h_prev) * (pred - prev)  # D0 + ½·D1, D1 = (m0 − m1)/r, r = h_prev/h
+            if heun:  # the SDE's Heun form: + α'·φ₂·D1 (φ₂ = (1 − e^(−2h))/(−2h) + 1) instead of the midpoint ½·D1
+                heun_d1 = (h / h_prev) * (pred.to(work) - prev.to(work))
+            else:
+                d = pred + (0.5 * h / h_prev) * (pred - prev)  # D0 + ½·D1, D1 = (m0 − m1)/r, r = h_prev/h
         if noise is not None:
             x_next = _sde_first_order(xw, d, noise.to(work), sig[i], sig[i + 1])
+            if heun_d1 is not None:
+                h = lam[i + 1] - lam[i]
+                x_next = x_next + (vp_alpha_sigma(sig[i + 1])[0] * (math.expm1(-2.0 * h) / (2.0 * h) + 1.0)) * heun_d1
             if third and prev is not None and prev2 is not None:
                 x_next = x_next + _sde_third_order_terms((prev2.to(work), prev.to(work), pred.to(work)),
                                                          (lam[i - 2], lam[i - 1], lam[i], lam[i + 1]), sig[i + 1])
@@ -195,7 +214,8 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
 
 def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                         prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                        callback: StepCallback | None = None, karras: bool = False) -> Tensor:
+                        callback: StepCallback | None = None, karras: bool = False,
+                        schedule: str | None = None) -> Tensor:
     """DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler`` defaults; A1111's "DPM++ 2M",
     "DPM++ 2M Karras" with ``karras=True``) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
@@ -207,12 +227,13 @@ def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
         without Karras σ (the linspace grid repeats a timestep there).
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                      prediction_type=prediction_type, karras=karras, data=True, callback=callback)
+                      prediction_type=prediction_type, karras=karras, data=True, callback=callback, schedule=schedule)
 
 
 def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                             prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                            callback: StepCallback | None = None, karras: bool = False) -> Tensor:
+                            callback: StepCallback | None = None, karras: bool = False,
+                            schedule: str | None = None) -> Tensor:
     """SDE-DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``,
     order 2, midpoint; the algorithm of A1111's "DPM++ 2M SDE" with Gaussian noise per step instead of
     k-diffusion's Brownian tree) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -230,12 +251,35 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
-                      generator=generator)
+                      generator=generator, schedule=schedule)
+
+
+def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                                 callback: StepCallback | None = None, karras: bool = False,
+                                 schedule: str | None = None) -> Tensor:
+    """SDE-DPM-Solver++ 2M, Heun form (``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+    solver_type="heun")``; the algorithm of A1111's "DPM++ 2M SDE Heun", k-diffusion's
+    ``sample_dpmpp_2m_sde(solver_type="heun")``, with Gaussian noise per step instead of its Brownian tree)
+    from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
+
+    As :func:`dpmsolver_pp_sde_sample` (grid, noise draws, first and last steps order 1) with the order-2
+    correction ``α'·((1 − e^(−2h))/(−2h) + 1)·D1`` (``D1 = (m0 − m1)/r``, ``r = h_prev/h``) in place of the
+    midpoint's ``½·α'·(1 − e^(−2h))·D1``.
+
+    Raises:
+        ValueError: an unknown prediction type or schedule, ``num_steps`` outside [1, T], or ``num_steps = T``
+        on diffusers' linspace grid (it repeats a timestep there).
+    """
+    return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                      prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
+                      generator=generator, heun=True, schedule=schedule)
 
 
 def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                               callback: StepCallback | None = None, karras: bool = False) -> Tensor:
+                               callback: StepCallback | None = None, karras: bool = False,
+                               schedule: str | None = None) -> Tensor:
     """SDE-DPM-Solver++ 3M (``DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++")``;
     A1111's "DPM++ 3M SDE", Gaussian noise per step instead of its Brownian tree) from unit noise x_T
     (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -253,12 +297,13 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
-                      generator=generator, order=3)
+                      generator=generator, order=3, schedule=schedule)
 
 
 def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                     callback: StepCallback | None = None, karras: bool = False) -> Tensor:
+                     callback: StepCallback | None = None, karras: bool = False,
+                     schedule: str | None = None) -> Tensor:
     """DPM-Solver 2M on the noise prediction (``DPMSolverMultistepScheduler(algorithm_type="dpmsolver",
     final_sigmas_type="sigma_min")``: the last step lands on σ of t = 0, as diffusers requires for
     this algorithm) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -271,7 +316,7 @@ def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
         without Karras σ (the linspace grid repeats a timestep there).
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                      prediction_type=prediction_type, karras=karras, data=False, callback=callback)
+                      prediction_type=prediction_type, karras=karras, data=False, callback=callback, schedule=schedule)
 
 
 def singlestep_orders(num_steps: int) -> list[int]:
@@ -286,7 +331,8 @@ def singlestep_orders(num_steps: int) -> list[int]:
 
 def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                     callback: StepCallback | None = None, karras: bool = False) -> Tensor:
+                     callback: StepCallback | None = None, karras: bool = False,
+                     schedule: str | None = None) -> Tensor:
     """DPM-Solver++ 2S (diffusers' ``DPMSolverSinglestepScheduler`` defaults; kohya's ``dpmsingle``)
     from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
@@ -298,7 +344,7 @@ def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
         repeats (``num_steps = T`` without Karras σ) where an order-2 step would divide by it.
     """
     check_prediction_type("dpmsingle", prediction_type)
-    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero")
+    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero", schedule=schedule)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
     lam = [vp_alpha_sigma(s)[2] for s in sig]

@@ -40,7 +40,8 @@ __all__ = ["dpmpp_2s_ancestral_sample"]
 def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                               prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                               callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                              steps_offset: int = 0, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+                              steps_offset: int = 0, eta: float = 1.0, s_noise: float = 1.0,
+                              schedule: str | None = None) -> Tensor:
     """DPM-Solver++(2S) ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) (see the module).
 
     ``model(x_in, t)``: the (guided) model at ``x/√(σ²+1)`` and float32 timesteps t (B,): the grid's
@@ -48,7 +49,8 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
     ``alphas_cumprod`` (T,): the training schedule; ``karras``: σ on Karras et al.'s ρ = 7 grid;
     ``spacing``, ``steps_offset``: diffusers' ``timestep_spacing``. ``eta``: the ancestral noise share
     (k-diffusion's; 0 gives the deterministic DPM-Solver++(2S), the noise still drawn and multiplied by 0); ``s_noise``: the noise
-    multiplier. ``callback(i, t, x)`` sees each step's sample.
+    multiplier. ``callback(i, t, x)`` sees each step's sample. ``schedule``: one of A1111's σ grids instead
+    (:mod:`.schedules`).
 
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T], a negative
@@ -58,15 +60,15 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
         raise ValueError(f"dpmpp_2s_a: eta and s_noise must be >= 0, got eta={eta}, s_noise={s_noise}")
     times, grid, x = discrete_start("dpmpp_2s_a", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras)
-    splits = [ancestral_step(grid[i], grid[i + 1], eta) for i in range(num_steps)]
+                                    karras=karras, schedule=schedule)
+    splits = [ancestral_step(grid[i], grid[i + 1], eta) for i in range(len(times))]
     mids = [(grid[i] * down) ** 0.5 for i, (down, _) in enumerate(splits)]
     mid_times = sigma_to_t(torch.tensor(mids, dtype=torch.float64), training_sigmas(alphas_cumprod)).tolist()
 
     def x0_at(x: Tensor, sigma: float, t: Tensor) -> Tensor:
         return denoised(model(model_input(x, sigma, x_T.dtype), t), x, sigma, prediction_type)
 
-    for i in range(num_steps):
+    for i in range(len(times)):
         s, (down, up) = grid[i], splits[i]
         t = timestep_batch(times[i], x)
         x0 = x0_at(x, s, t)

@@ -64,19 +64,28 @@ def brownian_tree_seed(generator: torch.Generator | None) -> int:
 
 
 def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False, spacing: str = "linspace",
-                   steps_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   steps_offset: int = 0, schedule: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The grid of diffusers' ``DPMSolverSDEScheduler.set_timesteps(num_steps)`` on ``alphas_cumprod`` (T,).
 
     Returns:
         ``(timesteps (n,), sigmas (n+1,), mid_timesteps (n−1,), mid_sigmas (n−1,))`` float64 CPU:
         the timesteps by ``spacing`` (linspace unrounded, float64 as the class keeps them), σ linear in t
         (or Karras σ between the last and first of those, timesteps ``t(σ)`` unrounded), σ_n = 0; the
-        log-midpoints ``√(σ_i σ_{i+1})`` of the steps before the last and their timesteps ``t(σ)``.
+        log-midpoints ``√(σ_i σ_{i+1})`` of the steps before the last and their timesteps ``t(σ)``. With a
+        ``schedule`` (one of A1111's, :func:`.schedules.schedule_sigmas`): its σ (m+1,), its last σ as it is.
 
     Raises:
         ValueError: ``num_steps`` outside [1, T], an unknown spacing.
     """
     train = _float32_training_sigmas(alphas_cumprod)
+    if schedule is not None:
+        from .schedules import schedule_sigmas
+
+        if not 1 <= int(num_steps) <= train.shape[0]:
+            raise ValueError(f"num_steps must be in [1, {train.shape[0]}], got {num_steps}")
+        full = schedule_sigmas(schedule, num_steps, train)
+        mids = (full[:-1] * full[1:]).sqrt()  # (0 for a step onto σ = 0, never used)
+        return sigma_to_t(full[:-1], train), full, sigma_to_t(mids, train), mids
     timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False)
     sigmas = sigmas_at(timesteps, train)
     if karras:
@@ -130,7 +139,8 @@ def _sigma_round_trip(sigma: Tensor) -> Tensor:
 def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                     steps_offset: int = 0, noise_sampler_seed: int | None = None) -> Tensor:
+                     steps_offset: int = 0, noise_sampler_seed: int | None = None,
+                     schedule: str | None = None) -> Tensor:
     """DPM-Solver++ SDE from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``DPMSolverSDEScheduler`` (``use_karras_sigmas=karras``, ``timestep_spacing=spacing``, ``steps_offset``).
 
@@ -139,7 +149,8 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     when None, one ``torch.randint(0, 2⁶³ − 1)`` drawn from ``generator`` before the first step
     (:func:`brownian_tree_seed`; diffusers draws it from the global RNG); the tree has the sample's
     dtype and device. ``callback(i, t, x)`` sees each step's sample (after both stages).
-    ``prediction_type`` "sample" is taken too (diffusers' class refuses it).
+    ``prediction_type`` "sample" is taken too (diffusers' class refuses it). ``schedule``: one of A1111's σ
+    grids (:func:`dpmpp_sde_grid`); a last σ above 0 (``kl_optimal``) gets a full two-stage step.
 
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
@@ -147,13 +158,14 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     """
     check_prediction_type("dpmpp_sde", prediction_type)
     times, grid, mid_times, _ = dpmpp_sde_grid(alphas_cumprod, num_steps, karras=karras, spacing=spacing,
-                                               steps_offset=steps_offset)
+                                               steps_offset=steps_offset, schedule=schedule)
     seed = int(noise_sampler_seed) if noise_sampler_seed is not None else brownian_tree_seed(generator)
     sig32 = grid.float()  # diffusers keeps σ in float32 and computes its coefficients there
-    x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sig32, spacing)
+    x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sig32, "linspace" if schedule is not None else spacing)
     positive = sig32[sig32 > 0]
     # a one-step run is a single Euler step onto x̂0: nothing to draw, no tree (the seed is drawn all the same)
-    noise = _BrownianNoise(x, float(positive.min()), float(positive.max()), seed) if num_steps > 1 else _no_noise
+    # the tree in the caller's dtype (diffusers builds it from its sample: fp16 latents, an fp16 tree, the same draws)
+    noise = _BrownianNoise(x_T, float(positive.min()), float(positive.max()), seed) if len(times) > 1 else _no_noise
 
     def x0_at(x: Tensor, sigma: float, t: float) -> Tensor:
         out = model(model_input(x, sigma, x_T.dtype), timestep_batch(t, x))
@@ -166,10 +178,10 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
         ratio = down / float(s_from)
         return x * ratio + x0 * (1.0 - ratio) + draw(s_from, s_to) * up
 
-    for i in range(num_steps):
+    for i in range(len(times)):
         s = float(sig32[i])
         x0 = x0_at(x, s, float(times[i]))
-        if i == num_steps - 1:  # σ_next = 0: Euler onto x̂0
+        if float(sig32[i + 1]) == 0:  # σ_next = 0: Euler onto x̂0
             x = x + (x - x0) / s * (0.0 - s)
         else:
             t_i, t_next = sig32[i].log().neg(), sig32[i + 1].log().neg()

@@ -29,12 +29,12 @@ __all__ = ["euler_ancestral_sample", "euler_sample"]
 
 def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str,
-         steps_offset: int, ancestral: bool) -> Tensor:
+         steps_offset: int, ancestral: bool, schedule: str | None = None) -> Tensor:
     """Both Euler samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each step's model call."""
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras)
-    for i in range(num_steps):
+                                    karras=karras, schedule=schedule)
+    for i in range(len(times)):
         s, s_next = grid[i], grid[i + 1]
         t = timestep_batch(times[i], x)
         d = sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype)
@@ -51,7 +51,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
 def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                 steps_offset: int = 0) -> Tensor:
+                 steps_offset: int = 0, schedule: str | None = None) -> Tensor:
     """Euler from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
@@ -59,32 +59,34 @@ def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     ``x ← x + d·(σ_{i+1} − σ_i)``, with σ_n = 0 (the last step lands on x̂0). ``model`` gets
     float32 timesteps t (B,), fractional for the linspace spacing and Karras σ, as diffusers passes
     them. ``alphas_cumprod`` (T,): the training schedule. ``generator``: unused (no noise).
-    ``callback(i, t, x)`` sees each step's sample.
+    ``callback(i, t, x)`` sees each step's sample. ``schedule``: one of A1111's σ grids instead
+    (:mod:`.schedules`; not ``automatic``, which :func:`sdadapt.samplers.sample_latents` resolves).
 
     Raises:
-        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+        ValueError: an unknown prediction type, spacing or schedule, ``num_steps`` outside [1, T].
     """
     del generator
     return _run("euler", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
-                steps_offset=steps_offset, ancestral=False)
+                steps_offset=steps_offset, ancestral=False, schedule=schedule)
 
 
 def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                            prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                            callback: StepCallback | None = None, spacing: str = "linspace",
-                           steps_offset: int = 0) -> Tensor:
+                           steps_offset: int = 0, schedule: str | None = None) -> Tensor:
     """Euler ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerAncestralDiscreteScheduler`` (it has no Karras σ).
 
     Per step i: ``(σ_down, σ_up)`` of σ_i → σ_{i+1} (:func:`.sigma_space.ancestral_step`),
     ``x ← x + d·(σ_down − σ_i) + σ_up·z`` with ``z`` drawn from ``generator`` after the model call
     of every step, the last (σ_up = 0) included, as diffusers draws it; so a seeded CPU generator
-    gives diffusers' numbers. Other arguments as :func:`euler_sample`.
+    gives diffusers' numbers. Other arguments as :func:`euler_sample` (``schedule`` too: the class has
+    no Karras σ, A1111's "Euler a" runs on any schedule).
 
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
     """
     return _run("euler_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=False,
-                spacing=spacing, steps_offset=steps_offset, ancestral=True)
+                spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule)

@@ -14,7 +14,9 @@ from torch import Tensor
 from .sigma_space import (
     discrete_start,
     sigma_slope,
+    sigma_to_t,
     timestep_batch,
+    training_sigmas,
 )
 from .signatures import Denoise, StepCallback
 
@@ -24,15 +26,16 @@ __all__ = ["heun_sample"]
 def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                 callback: StepCallback | None = None, karras: bool = False,
-                spacing: str = "linspace", steps_offset: int = 0, clip_sample: float | None = None) -> Tensor:
+                spacing: str = "linspace", steps_offset: int = 0, clip_sample: float | None = None,
+                schedule: str | None = None) -> Tensor:
     """Heun from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``HeunDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
     Per step i < n−1: ``d = (x − x̂0(x, σ_i))/σ_i`` at ``t_i``, ``x' = x + d·Δ`` (Δ = σ_{i+1} − σ_i),
     ``d' = (x' − x̂0(x', σ_{i+1}))/σ_{i+1}`` at ``t_{i+1}``, ``x ← x + (d + d')/2·Δ``; the last step
-    is Euler onto x̂0. ``clip_sample``: clamp x̂0 to ±that (diffusers' ``clip_sample=True`` with
+    is Euler onto x̂0 (with a ``schedule``: a step onto σ = 0 is, as k-diffusion's ``sample_heun``). ``clip_sample``: clamp x̂0 to ±that (diffusers' ``clip_sample=True`` with
     ``clip_sample_range``; kohya's sample images use 1.0). ``generator``: unused. ``callback(i, t, x)``
-    sees each step's sample. Other arguments as :func:`.euler.euler_sample`.
+    sees each step's sample. Other arguments as :func:`.euler.euler_sample` (``schedule`` too).
 
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
@@ -40,20 +43,23 @@ def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     del generator
     times, grid, x = discrete_start("heun", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras)
+                                    karras=karras, schedule=schedule)
 
     def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
         return sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype, clip_sample=clip_sample)
 
-    for i in range(num_steps):
+    for i in range(len(times)):
         s, s_next = grid[i], grid[i + 1]
         t = timestep_batch(times[i], x)
         d = slope(x, s, t)
-        if i == num_steps - 1:
+        if s_next == 0:
             x = x + d * (s_next - s)
         else:
             x_pred = x + d * (s_next - s)
-            x = x + (d + slope(x_pred, s_next, timestep_batch(times[i + 1], x))) * ((s_next - s) / 2)
+            # t of σ_{i+1}; past the last timestep (a schedule ending above σ = 0, kl_optimal's) t(σ) of the end
+            t_next = times[i + 1] if i + 1 < len(times) else float(
+                sigma_to_t(torch.tensor([s_next], dtype=torch.float64), training_sigmas(alphas_cumprod))[0])
+            x = x + (d + slope(x_pred, s_next, timestep_batch(t_next, x))) * ((s_next - s) / 2)
         if callback is not None:
             callback(i, t, x)
     return x.to(x_T.dtype)

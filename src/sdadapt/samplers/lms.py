@@ -43,13 +43,14 @@ def lms_coefficients(nodes: list[float], start: float, end: float) -> list[float
 def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                callback: StepCallback | None = None, karras: bool = False,
-               order: int = 4) -> Tensor:
+               order: int = 4, schedule: str | None = None) -> Tensor:
     """LMS from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``LMSDiscreteScheduler``
     with its defaults (``timestep_spacing="linspace"``, ``steps_offset=0``) steps it.
 
     ``model(x_in, t)``: the guided model at ``x/√(σ²+1)`` and fractional float32 timesteps t (B,);
     ``alphas_cumprod`` (T,): the training schedule; ``karras``: σ on Karras et al.'s ρ = 7 grid
-    (diffusers' ``use_karras_sigmas``); ``order``: the multistep order (diffusers' ``step(order=)``).
+    (diffusers' ``use_karras_sigmas``); ``order``: the multistep order (diffusers' ``step(order=)``);
+    ``schedule``: one of A1111's σ grids instead (:mod:`.schedules`).
     ``generator`` is unused (LMS draws no noise). ``callback(i, t, x)`` sees each step's sample.
     ``x`` is carried in at least float32 between steps; the model sees it in ``x_T``'s dtype.
 
@@ -60,9 +61,9 @@ def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     if order < 1:
         raise ValueError(f"lms: order must be >= 1, got {order}")
     times, grid, x = discrete_start("lms", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                                    prediction_type=prediction_type, karras=karras)
+                                    prediction_type=prediction_type, karras=karras, schedule=schedule)
     derivatives: list[Tensor] = []
-    for i in range(num_steps):
+    for i in range(len(times)):
         s = grid[i]
         t = timestep_batch(times[i], x)
         derivatives = (derivatives + [sigma_slope(model, x, s, t, prediction_type=prediction_type,

@@ -48,21 +48,22 @@ def _phi_coefficients(hh: float) -> tuple[float, float, float]:
 def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, karras: bool = False,
-                 corrector: bool = True) -> Tensor:
+                 corrector: bool = True, schedule: str | None = None) -> Tensor:
     """UniPC-2 (bh2) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W), as diffusers'
     ``UniPCMultistepScheduler()`` (``use_karras_sigmas`` with ``karras=True``).
 
     ``model(x_t, t)``: the (guided) model at the VP sample x_t (B,C,H,W) and int64 timesteps t (B,);
     ``alphas_cumprod`` (T,); ``callback(i, t, x)`` sees each step's predicted sample;
     ``corrector=False``: the predictor alone (diffusers' ``disable_corrector`` on every step; equals
-    DPM-Solver++ 2M). Deterministic (``generator`` unused).
+    DPM-Solver++ 2M); ``schedule``: one of A1111's σ grids (:func:`.dpm_solver.dpm_grid`). Deterministic
+    (``generator`` unused).
 
     Raises:
         ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
         without Karras σ (the linspace grid repeats a timestep there).
     """
     check_prediction_type("unipc", prediction_type)
-    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero")
+    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero", schedule=schedule)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
     require_distinct_steps("unipc", sig, int(alphas_cumprod.shape[0]))

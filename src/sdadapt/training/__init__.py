@@ -11,6 +11,7 @@
 | :mod:`.step_size_estimate` | what Prodigy and D-Adaptation share: the estimate's device scalars, one LR for all groups, saved states |
 | :mod:`.schedule_free` | schedule-free AdamW and SGD (kohya's ``AdamWScheduleFree``, ``SGDScheduleFree``): train/eval modes, multi-tensor and capturable |
 | :mod:`.lr_schedules` | kohya's other LR schedules (cosine_with_min_lr, warmup_stable_decay, inverse_sqrt, piecewise_constant) as factors of the step |
+| :mod:`.torch_lr_schedules` | kohya's ``--lr_scheduler_type``: ``torch.optim.lr_scheduler`` classes as pure functions of the step, torch's LRs bit for bit |
 | :mod:`.optimizer_args` | kohya's ``--optimizer_args KEY=VALUE`` parsed and checked against each optimiser |
 | :mod:`.max_norm` | kohya's max-norm regularisation of LoRA-family adapters (``--scale_weight_norms``) |
 | :mod:`.fp8_base` | kohya's ``--fp8_base``: a frozen base's Linear / Conv weights stored in float8, upcast by autocast |
@@ -51,6 +52,7 @@ from . import (
     step_capture,
     step_size_estimate,
     text_cache,
+    torch_lr_schedules,
     validation,
 )
 from .grad_checkpointing import CheckpointHandle, enable_checkpointing
@@ -63,6 +65,7 @@ __all__ = [
     "step",
     "optim",
     "lr_schedules",
+    "torch_lr_schedules",
     "optimizer_args",
     "prodigy",
     "dadapt",

@@ -16,7 +16,8 @@ probability ``dropout`` (kohya's ``caption_dropout_rate``: it trains the uncondi
 **Buckets** (:func:`bucket_sizes`, :func:`plan_dataset`): sizes whose area is at most the
 training resolution's, sides multiples of ``step`` between ``min_size`` and ``max_size`` — kohya's
 ``make_bucket_resolutions``. Each image goes to the bucket closest to its aspect ratio, is scaled
-(area-averaged down, bilinear up) to cover it and centre-cropped; with ``no_upscale`` an image
+(kohya's default: OpenCV's ``area`` when it shrinks both ways, else PIL's ``lanczos`` —
+:func:`sdadapt.resampling.kohya_default`; or :attr:`ImageRecord.interpolation`) to cover it and centre-cropped; with ``no_upscale`` an image
 smaller than the resolution gets a bucket of its own size (rounded down to ``step``) and is never
 enlarged. Without bucketing every image is scaled and centre-cropped to the square resolution.
 Every image's decision is written in its :attr:`ImageRecord.note`. Batches are drawn from one
@@ -55,6 +56,7 @@ import torch
 from torch import Tensor
 
 from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder, read_image, scale_image
+from ..resampling import kohya_default
 from .loss_masks import LossMaskSource, mask_like_image
 from .pixel_augment import PixelAugment
 
@@ -277,6 +279,8 @@ class ImageRecord:
             alpha-channel :class:`~sdadapt.training.loss_masks.LossMaskSource`, ``False`` gives it an
             all-ones mask (every pixel counts, as kohya fills a batch's unmasked images); ``None``
             (images not from a dataset TOML) and ``True``: its alpha channel.
+        interpolation: kohya's ``resize_interpolation`` for scaling it to its bucket
+            (:mod:`sdadapt.resampling`); ``None``: kohya's default (``area`` when shrinking both ways, else ``lanczos``).
     """
 
     path: Path | None
@@ -291,6 +295,7 @@ class ImageRecord:
     captions: CaptionOptions | None = None
     face: tuple[int, int, int, int] | None = None
     alpha_mask: bool | None = None
+    interpolation: str | None = None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -323,17 +328,22 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = None) -> str | None:
     """The text of ``file``'s caption file (``extension``, else ``.txt``, else ``.caption``), or ``None``.
 
-    As kohya's ``read_caption``, a name of five ``_``-separated parts or more (a face position,
+    As kohya's ``read_caption``, a path of five ``_``-separated parts or more (a face position,
     ``<name>_<cx>_<cy>_<w>_<h>``: :mod:`sdadapt.training.face_crop`) also takes ``<name>`` + ``extension``
-    when its own ``extension`` file is missing (then ``file``'s name is appended to ``borrowed``)."""
-    tokens = file.stem.split("_")
-    name = "_".join(tokens[:-4]) + extension
-    stripped = file.with_name(name) if len(tokens) >= 5 and name else None
+    when its own ``extension`` file is missing (then ``file``'s name is appended to ``borrowed``). kohya
+    splits the whole path without its extension (``os.path.splitext(img_path)[0].split("_")``), not the
+    file's name: the last four ``_`` of the path are cut, so a name with fewer than four ``_`` in a folder
+    whose name has ``_`` (``10_my_cat/a_b_c.png``) points into the folder's parent (``10.txt`` beside
+    ``10_my_cat``), as kohya reads it."""
+    tokens = os.path.splitext(str(file))[0].split("_")
+    base = "_".join(tokens[:-4])
+    stripped = Path(base + extension) if len(tokens) >= 5 and base else None
     for caption_file in dict.fromkeys([file.with_suffix(extension), *([stripped] if stripped is not None else []),
                                        *(file.with_suffix(suffix) for suffix in (".txt", ".caption"))]):
         if caption_file.is_file():
             if caption_file == stripped and borrowed is not None:
-                borrowed.append(f"{file.name} <- {caption_file.name}")
+                shown = caption_file.name if caption_file.parent == file.parent else str(caption_file)
+                borrowed.append(f"{file.name} <- {shown}")
             return caption_file.read_text(encoding="utf-8")
     return None
 
@@ -514,7 +524,9 @@ def _scaled(record: ImageRecord) -> Tensor:
     if record.path is None:
         raise ValueError("this image was given as a tensor and has no file to read: pass the tensors to "
                          "encode_buckets(images=...), or build the dataset from files with find_images")
-    return scale_image(read_image(record.path), record.resized)  # (3, H, W) -> (3, rh, rw)
+    image = read_image(record.path)  # (3, H, W) -> (3, rh, rw); kohya's method (its default without one)
+    return scale_image(image, record.resized,
+                       interpolation=record.interpolation or kohya_default(tuple(image.shape[1:]), record.resized))
 
 
 def _load(record: ImageRecord) -> Tensor:
@@ -608,7 +620,7 @@ class Dataset:
                 if record.path is None:
                     raise ValueError("a face crop reads the image file at each use; this image was given as a tensor")
                 image = self.augment.apply_face(read_image(record.path), bucket=record.bucket, face=record.face,
-                                                flipped=flipped, rng=rng)
+                                                flipped=flipped, rng=rng, interpolation=record.interpolation)
                 images.append(image)
                 crops.append((0, 0))
                 continue

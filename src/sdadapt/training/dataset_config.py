@@ -100,7 +100,6 @@ _KOHYA_DEFAULTS: dict[str, Any] = {
 
 #: kohya keys refused when set to anything but kohya's default: why, and what to do
 _REFUSED = {
-    "resize_interpolation": "sdadapt scales with area averaging (down) and bilinear (up); leave it out",
     "network_multiplier": "one network multiplier (1) for every dataset here; leave it out",
 }
 #: kohya keys that change nothing here: the note said
@@ -139,6 +138,9 @@ class SubsetConfig:
         alpha_mask: kohya's per-subset ``alpha_mask``: the subset's images weigh their loss by their
             alpha channel (:mod:`sdadapt.training.loss_masks`; the run's ``--alpha-mask`` is the
             fallback, so a subset's ``false`` beats it); the others' masks are all ones.
+        resize_interpolation: kohya's per-subset (or dataset / ``[general]``) ``resize_interpolation``
+            (:mod:`sdadapt.resampling`; the run's ``--resize-interpolation`` is the fallback);
+            ``None``: sdadapt's scaling.
     """
 
     where: str
@@ -154,6 +156,7 @@ class SubsetConfig:
     color_aug: bool = False
     face_crop_aug_range: tuple[float, float] | None = None
     alpha_mask: bool = False
+    resize_interpolation: str | None = None
 
     @property
     def label(self) -> str:
@@ -172,7 +175,8 @@ class SubsetConfig:
                 "flip_aug": self.flip_aug, "random_crop": self.random_crop, "color_aug": self.color_aug,
                 **({"face_crop_aug_range": list(self.face_crop_aug_range)}  # (when set: older records lack it)
                    if self.face_crop_aug_range is not None else {}),
-                **({"alpha_mask": True} if self.alpha_mask else {})}  # (the same)
+                **({"alpha_mask": True} if self.alpha_mask else {}),  # (the same)
+                **({"resize_interpolation": self.resize_interpolation} if self.resize_interpolation else {})}
 
 
 @dataclass(frozen=True)
@@ -404,15 +408,15 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
     for name in ("validation_split", "validation_seed"):  # kohya's dataset-level split (TrainOptions names), when given
         if look(name, dataset_tables)[1] is not None:
             options[name] = resolve(name, dataset_tables)
-    for name in ("network_multiplier", "resize_interpolation"):
-        resolve(name, dataset_tables)  # (refused or noted when set)
+    resolve("network_multiplier", dataset_tables)  # (refused when set)
+    _interpolation(resolve("resize_interpolation", dataset_tables), where=f"{source}: datasets[0]")
 
     subsets: list[SubsetConfig] = []
     seen: set[str] = set()
     for i, table in enumerate(subset_tables):
         where = f"datasets[0].subsets[{i}]"
         tables = [(where, table), *dataset_tables]
-        for name in ("resize_interpolation", "cache_info", "custom_attributes"):
+        for name in ("cache_info", "custom_attributes"):
             resolve(name, tables)
         faces = parse_face_crop_range(resolve("face_crop_aug_range", tables), source=f"{source}: {where}.face_crop_aug_range")
         repeats = resolve("num_repeats", tables)
@@ -443,7 +447,8 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
             num_repeats=repeats, class_tokens=class_tokens or None, caption_extension=extension,
             captions={name: resolve(name, tables) for name in SUBSET_CAPTION_KEYS},
             **{name: bool(resolve(name, tables)) for name in _AUGMENT_KEYS}, face_crop_aug_range=faces,
-            alpha_mask=bool(resolve("alpha_mask", tables))))
+            alpha_mask=bool(resolve("alpha_mask", tables)),
+            resize_interpolation=_interpolation(resolve("resize_interpolation", tables), where=f"{source}: {where}")))
     if not any(not s.is_reg for s in subsets):
         raise InputError(f"{source}: no training subset (every subset is is_reg = true or ignored); add one with the "
                          "images to learn")
@@ -451,6 +456,18 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
     options.update(augment)
     reg_augment = _agreed(subsets, is_reg=True, source=source) if any(s.is_reg for s in subsets) else {}
     return DatasetConfig(file, tuple(subsets), options, reg_augment, finetuning, tuple(notes))
+
+
+def _interpolation(value: Any, *, where: str) -> str | None:
+    """A ``resize_interpolation`` value checked (``None`` / ``""``: not given)."""
+    if value is None or value == "":
+        return None
+    from ..resampling import check_interpolation
+
+    try:
+        return check_interpolation(value)
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def _agreed(subsets: Sequence[SubsetConfig], *, is_reg: bool, source: str) -> dict[str, Any]:
@@ -486,7 +503,8 @@ def in_json_config(metadata_file: str | os.PathLike, *, image_dir: str | os.Path
                           caption_extension=".caption", captions=value,
                           **{name: bool(fallback.get(name, False)) for name in _AUGMENT_KEYS},
                           face_crop_aug_range=parse_face_crop_range(fallback.get("face_crop_aug_range")),
-                          alpha_mask=bool(fallback.get("alpha_mask", False)))
+                          alpha_mask=bool(fallback.get("alpha_mask", False)),
+                          resize_interpolation=_interpolation(fallback.get("resize_interpolation"), where="--in-json"))
     options = {name: fallback.get(name) for name in _DATASET_OPTION_NAMES}
     if options["resolution"] is not None:
         options["resolution"] = (int(options["resolution"][1]), int(options["resolution"][0]))
@@ -666,6 +684,7 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
         for record in records:
             record.folder = label
             record.alpha_mask = subset.alpha_mask  # (kohya's per-subset alpha_mask: loss_masks reads it)
+            record.interpolation = subset.resize_interpolation  # (kohya's per-subset resize_interpolation)
         (reg_records if subset.is_reg else train).extend(records)
         notes.extend(subset_notes)
     reg = None

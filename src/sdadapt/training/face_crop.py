@@ -28,7 +28,8 @@ An image already the target's size is taken as it is (no draws). The scale is ne
 image smaller than the target on a side cannot be face-cropped (kohya fails on it; here
 :func:`check_face_image` refuses it before training). The draws come from the ``random.Random``
 passed in, in kohya's order (the scale, then the top, then the left). Scaling is
-:func:`sdadapt.images.scale_image` (area averaging down; kohya: OpenCV's ``INTER_AREA``).
+:func:`sdadapt.images.scale_image` with kohya's method (:mod:`sdadapt.resampling`; by default OpenCV's
+``area``, as the scale is never above 1).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..images import scale_image
+from ..resampling import kohya_default
 
 __all__ = [
     "FaceBox",
@@ -154,10 +156,11 @@ def face_crop_window(size: tuple[int, int], target: tuple[int, int], face: FaceB
 
 
 def face_crop(image: Tensor, target: tuple[int, int], face: FaceBox, crop_range: Sequence[float], *, random_crop: bool,
-              rng: random.Random) -> Tensor:
+              rng: random.Random, interpolation: str | None = None) -> Tensor:
     """``image`` (C, H, W) cropped around ``face`` to ``target`` (h, w) as kohya's ``crop_target``
-    (:func:`face_crop_window`): scaled (area averaging) then cut -> (C, h, w)."""
+    (:func:`face_crop_window`): scaled (kohya's default ``area``; ``interpolation``: kohya's
+    ``resize_interpolation``, :mod:`sdadapt.resampling`) then cut -> (C, h, w)."""
     (nh, nw), (top, left) = face_crop_window(tuple(image.shape[-2:]), target, face, crop_range,  # type: ignore[arg-type]
                                              random_crop=random_crop, rng=rng)
-    scaled = scale_image(image, (nh, nw))
+    scaled = scale_image(image, (nh, nw), interpolation=interpolation or kohya_default(tuple(image.shape[-2:]), (nh, nw)))
     return scaled[:, top: top + target[0], left: left + target[1]].contiguous()

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HalfGradScaler", "cast_trainable_", "loss_scaler"]
+__all__ = ["HalfGradScaler", "cast_trainable_", "found_inf", "loss_scaler"]
 
 
 class HalfGradScaler(torch.amp.GradScaler):
@@ -48,6 +48,29 @@ def loss_scaler(params: Iterable[Tensor], device_type: str) -> torch.amp.GradSca
     if any(p.dtype == torch.float16 for p in params):
         return HalfGradScaler(device_type)
     return torch.amp.GradScaler(device_type)
+
+
+def found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> Tensor:
+    """Whether ``scaler`` will skip ``optimizer``'s step: a 0-dim bool tensor on the scale's device, true
+    when the unscaled gradients hold an inf or a nan — no host sync (torch's ``GradScaler.step`` reads
+    the same flags to skip). Call it between ``scaler.unscale_(optimizer)`` and ``scaler.update()``
+    (which forgets them).
+
+    accelerate (kohya's runs) does not step the LR scheduler after a skipped step
+    (``AcceleratedScheduler.step`` returns when ``optimizer.step_was_skipped``):
+    :class:`~sdadapt.training.step.TrainState` counts these in ``skipped_steps`` so the schedule counts
+    the optimiser steps actually taken.
+
+    Raises:
+        ValueError: ``optimizer``'s gradients were not unscaled by ``scaler`` this step.
+    """
+    flags = list(scaler._found_inf_per_device(optimizer).values())  # (torch's (1,) flags per device, from unscale_)
+    if not flags:
+        raise ValueError("found_inf: call scaler.unscale_(optimizer) first (and before scaler.update())")
+    total = flags[0]
+    for flag in flags[1:]:  # (several devices: summed on the first's, as GradScaler.step sums them)
+        total = total + flag.to(total.device, non_blocking=True)
+    return total.reshape(()) > 0
 
 
 def cast_trainable_(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:

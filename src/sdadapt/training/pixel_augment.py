@@ -106,7 +106,7 @@ class PixelAugment:
         return self.random_crop or self.color_aug or self.face_crop_range is not None
 
     def apply_face(self, image: Tensor, *, bucket: tuple[int, int], face: tuple[int, int, int, int], flipped: bool,
-                   rng: random.Random) -> Tensor:
+                   rng: random.Random, interpolation: str | None = None) -> Tensor:
         """One use of an image with a face: ``image`` (3, H, W) as read, not scaled, cut around ``face``
         to ``bucket`` (h, w) by kohya's ``crop_target`` (:func:`sdadapt.training.face_crop.face_crop`;
         :attr:`random_crop` widens the offset as kohya's), then the colour change and the mirror -> (3, h, w)."""
@@ -114,7 +114,8 @@ class PixelAugment:
 
         if self.face_crop_range is None:
             raise ValueError("apply_face needs face_crop_range (kohya's face_crop_aug_range)")
-        out = face_crop(image, bucket, face, self.face_crop_range, random_crop=self.random_crop, rng=rng)
+        out = face_crop(image, bucket, face, self.face_crop_range, random_crop=self.random_crop, rng=rng,
+                        interpolation=interpolation)  # (kohya's resize_interpolation of the image's subset)
         if self.color_aug:
             out = color_aug(out, rng)
         if flipped:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import diffusion
 from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
 from .attention import SDPA_BACKENDS, sdpa_backends
-from .half_weights import loss_scaler
+from .half_weights import found_inf, loss_scaler
 from .optim import FusedBackward, restore_capturable_mode
 
 __all__ = [
@@ -128,10 +128,20 @@ class EMA:
 
 
 class TrainState:
-    """Step counters, the step's random generator, the fp16 loss scaler and the EMA."""
+    """Step counters, the step's random generator, the fp16 loss scaler and the EMA.
+
+    ``step`` counts every optimiser step (kohya's ``global_step``: saves, samples and the run's end
+    follow it), including those the fp16 loss scaler skipped (inf/nan gradients: the optimiser did not
+    run); ``skipped_steps`` counts those — ``0``, then a 0-dim int64 tensor on the gradients' device once
+    a scaler has run (added to there: no host read per step). The LR schedule's position is
+    ``step − skipped_steps``, the steps actually taken, as accelerate's (kohya's) scheduler skips its
+    step after a skipped optimiser step (:meth:`~sdadapt.methods.FitConfig.lr_at`; ``fit`` reads the
+    count with the step's loss).
+    """
 
     def __init__(self, *, seed: int = 0, device: torch.device | str = "cpu", ema: EMA | None = None) -> None:
-        self.step = 0  # optimiser steps taken
+        self.step = 0  # optimiser steps (kohya's global_step), skipped ones included
+        self.skipped_steps: int | Tensor = 0  # of those, the ones the fp16 loss scaler skipped
         self.micro_step = 0  # batches seen
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.scaler: torch.amp.GradScaler | None = None
@@ -302,9 +312,11 @@ def fused_backward_clashes(config: StepConfig) -> list[str]:
 
 def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, state: TrainState, config: StepConfig) -> Tensor:
     """Unscale (fp16), clip, optimiser step (the caller zeroes the gradients); returns the pre-clip grad
-    norm (nan if unclipped)."""
+    norm (nan if unclipped). A step the fp16 scaler skips adds 1 to ``state.skipped_steps`` (on the device)."""
     if state.scaler:
         state.scaler.unscale_(optimizer)
+        if state.scaler.is_enabled():  # (a disabled scaler finds nothing and never skips)
+            state.skipped_steps = found_inf(state.scaler, optimizer).long() + state.skipped_steps
     if config.max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     else:  # (made only here: a fill on the device per step otherwise overwritten)
@@ -333,7 +345,8 @@ def train_step(
     after_update: Callable[[], Mapping[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """One micro-batch: noise, forward, weighted loss, backward; every ``accumulation_steps``
-    micro-batches also unscale, clip, optimiser step, zero grads, EMA and LR-scheduler step.
+    micro-batches also unscale, clip, optimiser step, zero grads, EMA and LR-scheduler step (the
+    scheduler not after a step the fp16 scaler skipped, as accelerate's: :class:`TrainState`).
 
     Args:
         model: ``model(x_t (B,C,H,W), t (B,), cond) -> prediction (B,C,H,W)``.
@@ -380,6 +393,7 @@ def train_step(
     state.micro_step += 1
 
     grad_norm: Tensor | None = None
+    skipped_before = state.skipped_steps
     stepped = state.micro_step % config.accumulation_steps == 0
     after: Mapping[str, Tensor] = {}
     if stepped:
@@ -392,11 +406,17 @@ def train_step(
         state.step += 1
         if state.ema is not None:
             state.ema.update()
-        if lr_scheduler is not None:
-            lr_scheduler.step()  # type: ignore[attr-defined]
+        if lr_scheduler is not None and not (state.scaler and _skipped_now(state, skipped_before)):
+            lr_scheduler.step()  # type: ignore[attr-defined]  (not after a skipped fp16 step, as accelerate's)
     if grad_norm is None:  # not stepped (accumulating) or fused: nan, made only then
         grad_norm = torch.full((), float("nan"), device=loss.device)
     return {"loss": loss.detach(), "stepped": torch.tensor(stepped), "grad_norm": grad_norm.detach(), **after}
+
+
+def _skipped_now(state: TrainState, before: int | Tensor) -> bool:
+    """Whether the scaler skipped this step (a host read: only for a given ``lr_scheduler``, which
+    steps on the host; torch's ``GradScaler.step`` has just read the same flag)."""
+    return bool(state.skipped_steps != before) if isinstance(state.skipped_steps, Tensor) else state.skipped_steps != before
 
 
 # ------------------------------------------------------------------------------ resumable state
@@ -428,8 +448,7 @@ def save_training_state(
     previous complete state as it was; both files record the step, so a folder mixing two saves
     (only a kill during the renames themselves) is refused by :func:`load_training_state`.
     """
-    target = Path(folder)
-    target.mkdir(parents=True, exist_ok=True)
+    target = Path(folder)  # (a missing folder is made by the first write, and removed again if the save fails)
     tensors: dict[str, Tensor] = {f"param.{k}": v.detach() for k, v in named_params.items()}
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     tensors.update(opt_tensors)
@@ -447,6 +466,7 @@ def save_training_state(
     meta = {
         "format": "sdadapt-training-state/1",
         "step": state.step,
+        "skipped_steps": int(state.skipped_steps),  # (the fp16 scaler's skipped steps: the LR schedule's position)
         "micro_step": state.micro_step,
         "ema_updates": state.ema.updates if state.ema else None,
         "optimizer": opt_meta,
@@ -499,6 +519,7 @@ def load_training_state(
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
     restore_capturable_mode(optimizer, built, host_step=lambda step: step.to("cpu"))  # (torch keeps counts on the host)
     state.step, state.micro_step = meta["step"], meta["micro_step"]
+    state.skipped_steps = int(meta.get("skipped_steps", 0))  # (a state saved before it was counted: none)
     state.generator.set_state(tensors["rng.step_generator"])
     torch.set_rng_state(tensors["rng.torch_cpu"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]

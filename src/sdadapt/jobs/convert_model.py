@@ -1,0 +1,464 @@
+"""Whole Stable Diffusion checkpoints from one format to the other: ``convert IN -o OUT --to diffusers|ldm``.
+
+What kohya's ``tools/convert_diffusers20_original_sd.py`` and diffusers'
+``convert_original_stable_diffusion_to_diffusers.py`` / ``convert_diffusers_to_original_stable_diffusion.py``
+do, for SD1, SD2 (v-prediction too) and SDXL:
+
+* an LDM single file (``.safetensors``, or a legacy ``.ckpt`` read with ``weights_only``) or a
+  diffusers folder is loaded (:meth:`sdadapt.diffusers_system.DiffusersSystem.from_checkpoint` /
+  :meth:`~sdadapt.diffusers_system.DiffusersSystem.from_folder`) and written with
+  :meth:`~sdadapt.diffusers_system.DiffusersSystem.save_model` — a diffusers folder (``--to
+  diffusers``) or one LDM ``.safetensors`` (``--to ldm``), atomically;
+* ``dtype=None`` (``--dtype keep``) writes every tensor in the dtype the input holds it in (an LDM
+  file's tensors are loaded as they are, a folder's components in their files' dtype; what is not
+  — a mixed-dtype component, a baked VAE — is cast back tensor by tensor); a dtype casts all;
+* the written model is pruned as kohya's and A1111's prune: only the UNet, text encoder(s) and
+  VAE — EMA copies, optimizer state, ``global_step`` and the LDM schedule buffers are left out;
+* ``ema=True``: an LDM file's CompVis ``LitEma`` copy (``model_ema.<UNet key without "model." and
+  without dots>``) becomes the UNet (diffusers' ``extract_ema=True``), every UNet tensor from it or
+  an error (never mixed); a diffusers folder's ``unet_ema/`` likewise;
+* ``vae``: a VAE file or folder baked in (:func:`sdadapt.external_vae.replace_vae`);
+* the output is read back through its consumers' loader (diffusers/transformers ``from_pretrained``
+  for a folder, the single-file reader for a file) and compared with what was written, tensor by
+  tensor (float64; 0 for keep).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError, OutputError, OutputExistsError, WeightFileError
+
+__all__ = ["CHECKPOINT_TARGETS", "ModelConversion", "convert_model", "is_model_folder"]
+
+#: ``convert --to`` targets for whole checkpoints
+CHECKPOINT_TARGETS = ("diffusers", "ldm")
+_SAVE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+#: dtypes every CPU op and loader handles (an fp8 file's tensors are compared in float64 and read back in float32)
+_COMMON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: LDM prefixes of each part a whole SD checkpoint has (SD1/SD2 text encoder, SDXL's two)
+_LDM_PARTS = {"UNet": ("model.diffusion_model.",), "VAE": ("first_stage_model.",),
+              "text encoder": ("cond_stage_model.", "conditioner.embedders.")}
+_EMA_PREFIX = "model_ema."
+_EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
+
+
+@dataclass
+class ModelConversion:
+    """What :func:`convert_model` wrote.
+
+    Attributes:
+        path: the written folder or file.
+        target: ``"diffusers"`` (a folder) or ``"ldm"`` (one ``.safetensors``).
+        source_format: ``"ldm"`` (a single file) or ``"diffusers"`` (a folder).
+        base_model: ``"sd1"``, ``"sd2"``, ``"sd2-v"`` or ``"sdxl"``.
+        tensors: ``{component: tensors written}``.
+        dtypes: ``{dtype name: tensors written in it}``.
+        size_in, size_out: bytes of the input and the output (a folder: all its files).
+        ema: ``"used"`` (the EMA weights are the UNet), ``"dropped"`` (the input had them) or ``"none"``.
+        ema_tensors: the input's EMA tensors (without ``decay``/``num_updates``).
+        dropped: other input entries left out (schedule buffers, ``global_step``, CLIP ``position_ids`` ...).
+        max_delta: largest |Δ| between what was loaded (after ``vae``) and the output read back (float64).
+        notes: what else to know (the VAE baked in, an assumed prediction type ...).
+    """
+
+    path: Path
+    target: str
+    source_format: str
+    base_model: str
+    tensors: dict[str, int]
+    dtypes: dict[str, int]
+    size_in: int
+    size_out: int
+    ema: str
+    ema_tensors: int
+    dropped: list[str] = field(default_factory=list)
+    max_delta: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a diffusers pipeline folder (holds ``model_index.json``)."""
+    return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# ------------------------------------------------------------------------------------------- output checks
+def _check_output(out: Path, *, to: str, overwrite: bool, source: Path, vae: Path | None = None) -> None:
+    from ..formats.files import check_output_file
+
+    if to == "ldm":
+        if out.suffix.lower() != ".safetensors":
+            raise InputError(f"{out}: --to ldm writes one .safetensors file; name OUT *.safetensors (or --to diffusers "
+                             "for a diffusers folder)")
+        check_output_file(out, overwrite=overwrite)
+    else:
+        if out.suffix:
+            raise InputError(f"{out}: --to diffusers writes a folder; give OUT without a suffix (e.g. "
+                             f"{out.with_suffix('')}), or --to ldm for one .safetensors file")
+        if os.path.lexists(out) and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a folder; --to diffusers writes a folder: write elsewhere")
+        if out.is_dir() and any(out.iterdir()):  # (an empty folder is written into)
+            if not overwrite:
+                raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+            if not is_model_folder(out):
+                raise OutputError(f"{out}: is a folder that is not a diffusers model (no model_index.json); "
+                                  "--overwrite replaces only a model folder: write elsewhere")
+    if os.path.lexists(out) and source.exists() and os.path.samefile(out, source):
+        raise InputError(f"{out}: is also the input; write the output elsewhere")
+    if out.is_dir():  # replacing it removes what it holds: never an input of this conversion
+        for what, path in (("the input", source), ("the --vae", vae)):
+            if path is not None and path.resolve().is_relative_to(out.resolve()):
+                raise InputError(f"{out}: holds {what} {path}, which replacing the folder would delete; write the "
+                                 "output elsewhere")
+
+
+def _save(system, out: Path, *, dtype: torch.dtype | None, metadata: dict[str, str]) -> None:
+    """``save_model`` to ``out``, atomically replacing an existing one (checked by :func:`_check_output`)."""
+    if not os.path.lexists(out):
+        system.save_model(out, dtype=dtype, metadata=metadata)
+        return
+    tag = f"{os.getpid()}"
+    if out.suffix:  # a file: write beside it, then one rename over it
+        fresh = out.with_name(f".{out.stem.replace('.', '_')}-{tag}-new.safetensors")
+        try:
+            system.save_model(fresh, dtype=dtype, metadata=metadata)
+            os.replace(fresh, out)
+        finally:
+            if fresh.exists():
+                fresh.unlink()
+        return
+    fresh = out.with_name(f".{out.name.replace('.', '_')}-{tag}-new")
+    old = out.with_name(f".{out.name.replace('.', '_')}-{tag}-old")
+    try:
+        system.save_model(fresh, dtype=dtype, metadata=metadata)
+        os.replace(out, old)
+        try:
+            os.replace(fresh, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    if old.is_symlink():  # OUT was a link to a model folder: the link is replaced, the folder it named kept
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- reading
+def _ema_state(state: Mapping[str, Tensor], file: Path) -> dict[str, Tensor]:
+    """The LDM state with every ``model.diffusion_model.*`` tensor taken from its ``model_ema.*`` copy."""
+    unet = [k for k in state if k.startswith("model.diffusion_model.")]
+    names = {k: _EMA_PREFIX + "".join(k.split(".")[1:]) for k in unet}  # CompVis LitEma naming
+    missing = [k for k, name in names.items() if name not in state]
+    if missing:
+        raise WeightFileError(f"{file}: --ema: the EMA copy lacks {len(missing)} of the {len(unet)} UNet tensors (e.g. "
+                              f"{names[missing[0]]} for {missing[0]}); convert without --ema (the raw weights)")
+    for key, name in names.items():
+        if tuple(state[name].shape) != tuple(state[key].shape):
+            raise WeightFileError(f"{file}: --ema: {name} has shape {tuple(state[name].shape)}, the UNet's {key} "
+                                  f"{tuple(state[key].shape)}; convert without --ema")
+    return {k: (state[names[k]] if k in names else v) for k, v in state.items() if not k.startswith(_EMA_PREFIX)}
+
+
+def _check_whole(state: Mapping[str, Tensor], file: Path) -> None:
+    """Refuse a partial checkpoint (a UNet or VAE alone) and another architecture's (SD3, Flux ...) UNet."""
+    from ..formats.key_source import KeyMapError
+    from ..formats.model_keys import key_plan
+
+    present = [part for part, prefixes in _LDM_PARTS.items() if any(k.startswith(prefixes) for k in state)]
+    missing = [part for part in _LDM_PARTS if part not in present]
+    if missing and present:
+        raise WeightFileError(
+            f"{file}: a partial checkpoint: it holds a {' and a '.join(present)} but no {' or '.join(missing)}; "
+            "convert writes whole SD1/SD2/SDXL models (UNet, text encoder(s), VAE). A VAE alone bakes into a model "
+            "with --vae; a UNet alone needs its base checkpoint (merge it in first)")
+    try:
+        _, report = key_plan({k: tuple(v.shape) for k, v in state.items()}, to="diffusers")
+    except KeyMapError as exc:
+        raise WeightFileError(f"{file}: {exc}") from None
+    foreign = [k for k in report.unmatched if k.startswith("model.diffusion_model.")]
+    if foreign:
+        raise WeightFileError(
+            f"{file}: not an SD1/SD2/SDXL checkpoint: {len(foreign)} UNet tensor(s) match no SD UNet layer (e.g. "
+            f"{foreign[0]}); convert handles Stable Diffusion 1.x, 2.x and XL only (SD3, Flux and others have "
+            "other layers)")
+
+
+def _load_file(file: Path, *, ema: bool, prediction_type: str | None):
+    """-> (system, {component: {module key: dtype}}, ema tensors, dropped keys, notes)."""
+    from ..diffusers_system import DiffusersSystem
+    from ..formats.files import read_weights
+    from ..formats.model_keys import split_components
+    from ..formats.single_file import split_single_file, unwrap_state_dict
+
+    raw, metadata = read_weights(file)
+    if metadata.get("format") == "sdadapt-toy/1":
+        raise InputError(f"{file}: sdadapt's toy model, not a Stable Diffusion checkpoint: it has no LDM or diffusers "
+                         "form to convert to")
+    state = unwrap_state_dict(raw)
+    extras = sorted(set(raw) - {f"state_dict.{k}" for k in state} - set(state))
+    if any(k.startswith("state_dict.") for k in raw):  # a .ckpt: global_step, optimizer state ... (non-tensors: metadata)
+        extras += sorted(k for k in metadata if not k.startswith(("modelspec.", "sdadapt.")))
+    _check_whole(state, file)
+    ema_keys = [k for k in state if k.startswith(_EMA_PREFIX) and k not in _EMA_SCALARS]
+    if ema and not ema_keys:
+        raise InputError(f"{file}: --ema: the file has no EMA weights (model_ema.* tensors); leave --ema out")
+    model = _ema_state(state, file) if ema else {k: v for k, v in state.items() if not k.startswith(_EMA_PREFIX)}
+    checkpoint = split_single_file(model, metadata=metadata, path=file)
+    # the file's own tensors, each in its dtype (no float32 copy beside them: an SDXL fp16 file would need
+    # ~3x its size in memory); --dtype casts them when writing
+    system = DiffusersSystem.from_checkpoint(checkpoint, prediction_type=prediction_type, keep_dtypes=True)
+    notes = []
+    if prediction_type is None and checkpoint.architecture == "sd2" and "modelspec.prediction_type" not in metadata:
+        notes.append("SD2 file without prediction metadata: written as epsilon (a 768-v model needs --prediction-type "
+                     "v_prediction)")
+    modules = system.components()
+    flat = {f"{c}.{k}": v.dtype for c, part in checkpoint.components.items() for k, v in part.items()}
+    dtypes = split_components(flat, expected={c: m.state_dict().keys() for c, m in modules.items()})
+    return system, dtypes, len(ema_keys), sorted(checkpoint.dropped) + extras, notes
+
+
+def _header_dtypes(folder: Path) -> dict[str, torch.dtype] | None:
+    """``{key: dtype}`` of a diffusers component folder's weights (its plain or sharded ``.safetensors``,
+    not a ``.fp16`` variant); ``None`` without any."""
+    from ..formats.files import read_safetensors_header
+    from ..formats.header import TORCH_DTYPES
+
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
+    if not files:
+        return None
+    found: dict[str, torch.dtype] = {}
+    for path in files:
+        header, _ = read_safetensors_header(path)
+        found.update({k: TORCH_DTYPES[str(v["dtype"])] for k, v in header.items() if str(v["dtype"]) in TORCH_DTYPES})
+    return found
+
+
+def _load_folder(folder: Path, *, ema: bool, prediction_type: str | None):
+    from ..diffusers_system import DiffusersSystem
+    from ..formats.model_keys import split_components
+
+    stored = {}  # the UNet and VAE in the dtype their files hold (diffusers loads float32: 2x an fp16 SDXL UNet)
+    for component in ("unet", "vae"):
+        kinds = set((_header_dtypes(folder / component) or {}).values())
+        if len(kinds) == 1 and kinds <= set(_COMMON_DTYPES):
+            stored[component] = kinds.pop()
+    system = DiffusersSystem.from_folder(folder, prediction_type=prediction_type, torch_dtypes=stored)
+    modules = system.components()
+    ema_folder = folder / "unet_ema"
+    ema_tensors = 0
+    notes: list[str] = []
+    dropped: list[str] = []
+    if ema_folder.is_dir():
+        ema_tensors = len(_header_dtypes(ema_folder) or {})
+    if ema:
+        if not ema_folder.is_dir():
+            raise InputError(f"{folder}: --ema: the folder has no unet_ema/ (EMA weights); leave --ema out")
+        from diffusers import UNet2DConditionModel
+
+        averaged = UNet2DConditionModel.from_pretrained(ema_folder).state_dict()
+        try:
+            system.unet.load_state_dict(averaged, strict=True, assign=True)  # (its own dtype: cast below)
+        except RuntimeError as exc:
+            raise WeightFileError(f"{ema_folder}: --ema: the EMA UNet does not fit the model's UNet "
+                                  f"({str(exc).splitlines()[0]}); convert without --ema") from None
+    dtypes: dict[str, dict[str, torch.dtype]] = {}
+    for component, module in modules.items():
+        found = _header_dtypes(ema_folder if ema and component == "unet" else folder / component)
+        if found is None:
+            notes.append(f"{component}: no .safetensors weights to read dtypes from: written as loaded")
+            continue
+        dtypes.update(split_components({f"{component}.{k}": v for k, v in found.items()},
+                                       expected={component: module.state_dict().keys()}))
+    return system, dtypes, ema_tensors, dropped, notes
+
+
+def _cast_like(module: nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Each floating parameter and buffer of ``module`` in the dtype ``dtypes`` names for it (in place)."""
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        want = dtypes.get(name)
+        if want is not None and want.is_floating_point and tensor.is_floating_point() and tensor.dtype != want:
+            tensor.data = tensor.data.to(want)
+
+
+def _max_delta(written: Mapping[str, Tensor], read: Mapping[str, Tensor], *, name: str, path: Path) -> float:
+    """Largest |a - b| (float64) over two state dicts of one component; they must hold the same keys
+    (CLIP ``position_ids``, which files leave out, aside)."""
+    a = {k: v for k, v in written.items() if not k.endswith("position_ids")}
+    b = {k: v for k, v in read.items() if not k.endswith("position_ids")}
+    if set(a) != set(b):
+        extra = sorted(set(a) ^ set(b))
+        raise WeightFileError(f"{path}: read back, the {name} has other tensors than were written "
+                              f"({', '.join(extra[:3])}); the output is not what was meant")
+    worst = 0.0
+    for key, tensor in a.items():
+        other = b[key]
+        if tensor.shape != other.shape:
+            raise WeightFileError(f"{path}: read back, {name} {key} has shape {tuple(other.shape)}, written "
+                                  f"{tuple(tensor.shape)}")
+        if tensor.numel() == 0 or (tensor.dtype == other.dtype and tensor.dtype in _COMMON_DTYPES
+                                   and torch.equal(tensor, other)):
+            continue  # (bit-identical: |Δ| 0 without the float64 copies)
+        if not tensor.is_floating_point():
+            if not torch.equal(tensor, other):
+                return float("inf")
+            continue
+        worst = max(worst, float((tensor.double() - other.double()).abs().max()))
+    return worst
+
+
+def _read_back(target: Path, to: str, modules: Mapping[str, nn.Module], *, dtype: torch.dtype | None) -> tuple[float, str]:
+    """Read the output as its consumers do, one component at a time (a folder: diffusers/transformers
+    ``from_pretrained``, asked for the dtype the component was written in when it is one, as a user
+    loading an fp16 model does — not a float32 copy of an SDXL UNet; a file: the single-file reader
+    and key map) and compare it with ``modules`` (``dtype``: what the written tensors were cast to).
+
+    Returns:
+        ``(max |Δ|, the prediction type it declares)``.
+    """
+    worst = 0.0
+    if to == "diffusers":
+        import json
+
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                   "text_encoder_2": CLIPTextModelWithProjection}
+        for name, module in modules.items():
+            kinds = {dtype or v.dtype for v in module.state_dict().values() if v.is_floating_point()}
+            options = {"torch_dtype": kinds.pop()} if kinds <= set(_COMMON_DTYPES) and len(kinds) == 1 and name in (
+                "unet", "vae") else {}
+            state = classes[name].from_pretrained(target / name, **options).state_dict()
+            worst = max(worst, _max_delta(module.state_dict(), state, name=name, path=target))
+            del state
+        config = json.loads((target / "scheduler" / "scheduler_config.json").read_text())
+        prediction = config.get("prediction_type", "epsilon")
+    else:
+        from ..formats.model_keys import split_components
+        from ..formats.single_file import read_single_file
+
+        checkpoint = read_single_file(target)
+        flat = {f"{c}.{k}": v for c, part in checkpoint.components.items() for k, v in part.items()}
+        states = split_components(flat, expected={c: m.state_dict().keys() for c, m in modules.items()})
+        for name, module in modules.items():
+            worst = max(worst, _max_delta(module.state_dict(), states.get(name, {}), name=name, path=target))
+        prediction = checkpoint.prediction_type
+    return worst, prediction
+
+
+# ------------------------------------------------------------------------------------------- the job
+def convert_model(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    to: str,
+    dtype: torch.dtype | None = None,
+    prediction_type: str | None = None,
+    vae: str | os.PathLike | None = None,
+    ema: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ModelConversion:
+    """Write the SD1/SD2/SDXL model at ``source`` as a diffusers folder or an LDM single file.
+
+    Args:
+        source: an LDM single file (``.safetensors``/``.ckpt``) or a diffusers pipeline folder.
+        out: the folder (``to="diffusers"``, no suffix) or ``.safetensors`` file (``to="ldm"``).
+        to: ``"diffusers"`` or ``"ldm"`` (the same format as the input works too: prune, cast, bake a VAE).
+        dtype: ``torch.float32``/``float16``/``bfloat16`` for every floating tensor; ``None``: each
+            tensor's dtype in the input.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``; default: the input's (an LDM file's
+            ModelSpec metadata, else epsilon; a folder's scheduler config).
+        vae: a VAE file/folder to bake in (kohya's ``--vae``; :mod:`sdadapt.external_vae`).
+        ema: write the input's EMA UNet (LDM ``model_ema.*``, a folder's ``unet_ema/``) instead of
+            the raw one.
+        overwrite: replace an existing ``out`` (a folder only when it is a diffusers model; an empty
+            folder is written into without it).
+        log: hears progress lines.
+
+    Returns:
+        :class:`ModelConversion`.
+
+    Raises:
+        InputError: a contradictory request (``out``'s form vs ``to``, ``--ema`` without EMA weights).
+        WeightFileError: not a whole SD1/SD2/SDXL checkpoint (a partial one, another architecture).
+        OutputExistsError: ``out`` exists and not ``overwrite``.
+    """
+    if to not in CHECKPOINT_TARGETS:
+        raise InputError(f"to must be one of {CHECKPOINT_TARGETS}, got {to!r}")
+    if dtype not in _SAVE_DTYPES:
+        raise InputError(f"dtype must be float32, float16 or bfloat16 (or None: keep), got {dtype}")
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise InputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    src, target = Path(source), Path(out)
+    folder_input = is_model_folder(src)
+    if src.is_dir() and not folder_input:
+        raise InputError(f"{src}: a folder without model_index.json is not a diffusers Stable Diffusion model; give "
+                         "an LDM .safetensors/.ckpt file or a diffusers pipeline folder")
+    _check_output(target, to=to, overwrite=overwrite, source=src, vae=Path(vae) if vae is not None else None)
+    if vae is not None:
+        from ..formats.vae_file import vae_weights_file
+
+        vae_weights_file(vae)  # a missing --vae is refused before the model loads
+    if log is not None:
+        log(f"reading {src}")
+    if folder_input:
+        system, dtypes, ema_tensors, dropped, notes = _load_folder(src, ema=ema, prediction_type=prediction_type)
+    else:
+        system, dtypes, ema_tensors, dropped, notes = _load_file(src, ema=ema, prediction_type=prediction_type)
+    if vae is not None:
+        from ..external_vae import replace_vae
+
+        system.vae.float()  # replace_vae reads the new VAE in the old one's dtype: float32 loses nothing
+        replace_vae(system, vae)
+        notes.append(f"VAE from {vae} baked in")
+    modules = system.components()
+    if dtype is None:
+        for name, module in modules.items():
+            _cast_like(module, dtypes.get(name, {}))
+    metadata = {}
+    if not folder_input:
+        from ..formats.files import read_safetensors_header, sniff_format
+
+        if sniff_format(src) == "safetensors":
+            kept = read_safetensors_header(src)[1]
+            metadata = {k: v for k, v in kept.items() if k in ("modelspec.author", "modelspec.description",
+                                                               "modelspec.license", "modelspec.tags")}
+    metadata["modelspec.title"] = target.stem
+    if log is not None:
+        log(f"writing {target}")
+    _save(system, target, dtype=dtype, metadata=metadata)
+    if log is not None:
+        log(f"reading {target} back")
+    delta, prediction = _read_back(target, to, modules, dtype=dtype)
+    if prediction != system.prediction_type:
+        raise WeightFileError(f"{target}: read back, it predicts {prediction}, not {system.prediction_type}")
+    written_dtypes: dict[str, int] = {}
+    counts = {}
+    for name, module in modules.items():
+        state = {k: v for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+        counts[name] = len(state)
+        for value in state.values():
+            kind = str(dtype if dtype is not None and value.is_floating_point() else value.dtype).removeprefix("torch.")
+            written_dtypes[kind] = written_dtypes.get(kind, 0) + 1
+    return ModelConversion(
+        path=target, target=to, source_format="diffusers" if folder_input else "ldm", base_model=system.base_model,
+        tensors=counts, dtypes=written_dtypes, size_in=_size(src), size_out=_size(target),
+        ema="used" if ema else ("dropped" if ema_tensors else "none"), ema_tensors=ema_tensors, dropped=dropped,
+        max_delta=delta, notes=notes)

@@ -1,0 +1,260 @@
+"""DPM-Solver-Fast and DPM-Solver-12/23 adaptive (Lu et al. 2022), as k-diffusion's ``DPMSolver`` class runs
+them (``sample_dpm_fast``, ``sample_dpm_adaptive``; A1111's "DPM fast", "DPM adaptive"). diffusers has no
+scheduler for either; this is k-diffusion's code transcribed, on the noise prediction
+``ε(x, σ) = (x − x̂0(x, σ))/σ`` of the σ-scaled sample x, in ``t = −log σ`` between A1111's ends
+σ_max and σ_min (the model's σ of t = T − 1 and t = 0). Both end **at σ_min**, not at 0 (no final denoising
+step; what k-diffusion returns).
+
+Steps from t to t' (``h = t' − t``, ``σ(t) = e^(−t)``):
+
+* order 1: ``x' = x − σ(t')·(e^h − 1)·ε(x, t)``;
+* order 2 (r₁): ``u₁ = x − σ(s₁)(e^(r₁h) − 1)·ε``, ``s₁ = t + r₁h``;
+  ``x' = x − σ(t')(e^h − 1)·ε − σ(t')/(2r₁)·(e^h − 1)·(ε(u₁, s₁) − ε)``;
+* order 3 (r₁ = ⅓, r₂ = ⅔): u₁ as above, ``u₂ = x − σ(s₂)(e^(r₂h) − 1)·ε − σ(s₂)(r₂/r₁)((e^(r₂h) − 1)/(r₂h) − 1)·(ε₁ − ε)``,
+  ``x' = x − σ(t')(e^h − 1)·ε − σ(t')/r₂·((e^h − 1)/h − 1)·(ε(u₂, s₂) − ε)``.
+
+**Fast** with n model calls: ``m = ⌊n/3⌋ + 1`` steps evenly spaced in t, orders ``3, …, 3, 2, 1`` (n divisible by
+3) or ``3, …, 3, n mod 3``: exactly n calls. **Adaptive** (order 3: DPM-Solver-23, 2: -12): from t = −log σ_max,
+each try compares the order-(k−1) and order-k results over ``[s, min(s + h, t_end)]``, error
+``‖(x_low − x_high)/δ‖/√N``, ``δ = max(atol, rtol·max(|x_low|, |x_prev|))`` over the whole batch; k-diffusion's
+PID controller (``PIDStepSizeController``: ``h ← h·(1 + atan(f − 1))``, ``f = e₀^b₁·e₁^b₂·e₂^b₃`` of the inverse
+errors, accept when the factor ≥ ``accept_safety``) sets h; ``order`` model calls per try, until t_end − 1e-5.
+
+With ``eta`` > 0 each step aims at σ_down of the ancestral split σ(t) → σ(t') (capped at t_end) and adds
+``s_noise·√(σ(t')² − σ_down²)·z``; k-diffusion's ``randn_like`` draws z after every fast step (η = 0 too: the
+noise is then multiplied by 0) and after every accepted adaptive step: here from ``generator``, in that
+order. A1111 runs both with its "Eta for ancestral samplers" (1 by default); k-diffusion's default is 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .sigma_space import (
+    ancestral_step,
+    check_prediction_type,
+    denoised,
+    model_input,
+    sigma_to_t,
+    step_noise,
+    timestep_batch,
+    training_sigmas,
+    work_dtype,
+)
+from .signatures import Denoise, StepCallback
+
+__all__ = ["DPMSolverInfo", "dpm_adaptive_sample", "dpm_fast_orders", "dpm_fast_sample"]
+
+#: what :func:`dpm_adaptive_sample` reports in ``info``: steps tried, model calls, accepted, rejected
+DPMSolverInfo = dict[str, int]
+
+
+def dpm_fast_orders(nfe: int) -> list[int]:
+    """The solver order of each step of DPM-Solver-Fast with ``nfe`` model calls (k-diffusion's
+    ``dpm_solver_fast``): ``[3]·(m−2) + [2, 1]`` when 3 divides nfe, else ``[3]·(m−1) + [nfe mod 3]``,
+    ``m = ⌊nfe/3⌋ + 1``; they sum to nfe."""
+    m = nfe // 3 + 1
+    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+
+
+class _Solver:
+    """k-diffusion's ``DPMSolver`` on a (guided) ``model(x_in, t)``: ε at (x, t = −log σ), the three step rules."""
+
+    def __init__(self, model: Denoise, alphas_cumprod: Tensor, prediction_type: str, dtype: torch.dtype):
+        self.model, self.prediction_type, self.dtype = model, prediction_type, dtype
+        self.train = training_sigmas(alphas_cumprod)
+        self.calls = 0
+
+    def eps(self, x: Tensor, t: float) -> Tensor:
+        sigma = math.exp(-t)
+        step = float(sigma_to_t(torch.tensor([sigma], dtype=torch.float64), self.train)[0])
+        out = self.model(model_input(x, sigma, self.dtype), timestep_batch(step, x))
+        self.calls += 1
+        return (x - denoised(out, x, sigma, self.prediction_type)) / sigma
+
+    def step_1(self, x: Tensor, t: float, t_next: float, eps: Tensor) -> Tensor:
+        return x - (math.exp(-t_next) * math.expm1(t_next - t)) * eps
+
+    def step_2(self, x: Tensor, t: float, t_next: float, eps: Tensor, r1: float = 0.5,
+               cache: dict | None = None) -> Tensor:
+        h = t_next - t
+        s1 = t + r1 * h
+        eps_r1 = self._eps_r1(x, t, s1, r1 * h, eps, cache)
+        sig_next = math.exp(-t_next)
+        return x - (sig_next * math.expm1(h)) * eps - (sig_next / (2 * r1) * math.expm1(h)) * (eps_r1 - eps)
+
+    def step_3(self, x: Tensor, t: float, t_next: float, eps: Tensor, cache: dict | None = None) -> Tensor:
+        r1, r2 = 1 / 3, 2 / 3
+        h = t_next - t
+        s1, s2 = t + r1 * h, t + r2 * h
+        eps_r1 = self._eps_r1(x, t, s1, r1 * h, eps, cache)
+        u2 = (x - (math.exp(-s2) * math.expm1(r2 * h)) * eps
+              - (math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)) * (eps_r1 - eps))
+        eps_r2 = self.eps(u2, s2)
+        sig_next = math.exp(-t_next)
+        return x - (sig_next * math.expm1(h)) * eps - (sig_next / r2 * (math.expm1(h) / h - 1)) * (eps_r2 - eps)
+
+    def _eps_r1(self, x: Tensor, t: float, s1: float, r1h: float, eps: Tensor, cache: dict | None) -> Tensor:
+        """ε at ``u₁ = x − σ(s₁)(e^(r₁h) − 1)·ε``; k-diffusion's ``eps_cache['eps_r1']`` reuses it within a step
+        (the adaptive order-3 try: its order-2 step with r₁ = ⅓ and its order-3 step share it)."""
+        if cache is not None and "eps_r1" in cache:
+            return cache["eps_r1"]
+        eps_r1 = self.eps(x - (math.exp(-s1) * math.expm1(r1h)) * eps, s1)
+        if cache is not None:
+            cache["eps_r1"] = eps_r1
+        return eps_r1
+
+
+def _ends(solver: _Solver, sampler: str, eta: float, s_noise: float) -> tuple[float, float]:
+    if eta < 0 or s_noise < 0:
+        raise ValueError(f"{sampler}: eta and s_noise must be >= 0, got eta={eta}, s_noise={s_noise}")
+    return -math.log(float(solver.train[-1])), -math.log(float(solver.train[0]))  # t of σ_max, of σ_min
+
+
+def _ancestral_target(t: float, t_next: float, t_end: float, eta: float) -> tuple[float, float]:
+    """``(t', σ_up)``: k-diffusion's ``sd, su = get_ancestral_step(σ(t), σ(t_next), η)``, ``t' = min(t_end, t(sd))``,
+    ``su = √(σ(t_next)² − σ(t')²)``; η = 0: ``(t_next, 0)``."""
+    if not eta:
+        return t_next, 0.0
+    down, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+    target = min(t_end, -math.log(down)) if down > 0 else t_end
+    return target, max(math.exp(-2 * t_next) - math.exp(-2 * target), 0.0) ** 0.5
+
+
+def dpm_fast_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                    prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                    callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+    """DPM-Solver-Fast with ``num_steps`` model calls (k-diffusion's ``sample_dpm_fast(n=num_steps)``, A1111's
+    "DPM fast") from unit noise ``x_T`` (B,C,H,W) -> the sample at σ_min (B,C,H,W) (see the module).
+
+    ``model(x_in, t)``: the (guided) model at ``x/√(σ²+1)`` and float32 timesteps ``t(σ)`` (B,) (log-σ
+    interpolation, unrounded); ``alphas_cumprod`` (T,): the training schedule (σ_min, σ_max its ends);
+    ``eta`` (A1111's default 1; k-diffusion's 0), ``s_noise``: the ancestral noise, z drawn from ``generator``
+    after every step. ``callback(i, t, x)``: after each step, t the model timesteps of its start.
+
+    Raises:
+        ValueError: an unknown prediction type, ``num_steps`` < 1, a negative ``eta`` or ``s_noise``.
+    """
+    check_prediction_type("dpm_fast", prediction_type)
+    if int(num_steps) < 1:
+        raise ValueError(f"dpm_fast: num_steps (model calls) must be >= 1, got {num_steps}")
+    solver = _Solver(model, alphas_cumprod, prediction_type, x_T.dtype)
+    t_start, t_end = _ends(solver, "dpm_fast", eta, s_noise)
+    orders = dpm_fast_orders(int(num_steps))
+    ts = torch.linspace(t_start, t_end, len(orders) + 1, dtype=torch.float64).tolist()
+    x = x_T.to(work_dtype(x_T)) * math.exp(-t_start)
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        target, up = _ancestral_target(t, t_next, t_end, eta)
+        eps = solver.eps(x, t)
+        if order == 1:
+            x = solver.step_1(x, t, target, eps)
+        elif order == 2:
+            x = solver.step_2(x, t, target, eps)
+        else:
+            x = solver.step_3(x, t, target, eps)
+        x = x + step_noise(x, generator, x_T.dtype) * (up * s_noise)  # drawn every step, as k-diffusion's
+        if callback is not None:
+            callback(i, timestep_batch(float(sigma_to_t(torch.tensor([math.exp(-t)]), solver.train)[0]), x), x)
+    return x.to(x_T.dtype)
+
+
+class _PIDController:
+    """k-diffusion's ``PIDStepSizeController``."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, accept_safety: float,
+                 eps: float = 1e-8):
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety = accept_safety
+        self.eps = eps
+        self.errs: list[float] = []
+
+    def propose_step(self, error: float) -> bool:
+        inv_error = 1 / (float(error) + self.eps)
+        if not self.errs:
+            self.errs = [inv_error, inv_error, inv_error]
+        self.errs[0] = inv_error
+        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs[2] = self.errs[1]
+            self.errs[1] = self.errs[0]
+        self.h *= factor
+        return accept
+
+
+def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int | None = None,
+                        prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                        callback: StepCallback | None = None, order: int = 3, rtol: float = 0.05,
+                        atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
+                        dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 1.0, s_noise: float = 1.0,
+                        info: DPMSolverInfo | None = None, max_tries: int = 10_000) -> Tensor:
+    """DPM-Solver-23 (``order=3``) or -12 (``order=2``) with adaptive steps (k-diffusion's ``sample_dpm_adaptive``,
+    A1111's "DPM adaptive") from unit noise ``x_T`` (B,C,H,W) -> the sample at σ_min (B,C,H,W) (see the module).
+
+    ``num_steps`` is unused: the step count is the controller's (A1111 passes none either). ``rtol``, ``atol``,
+    ``h_init``, ``pcoeff``, ``icoeff``, ``dcoeff``, ``accept_safety``, ``eta``, ``s_noise``: k-diffusion's
+    (``eta`` A1111's default 1; with η > 0 the controller's order is 1.5). ``info``: a dict filled with
+    k-diffusion's ``{"steps", "nfe", "n_accept", "n_reject"}`` (nfe: the model calls). ``callback(i, t, x)``
+    after each accepted step. ``model``, ``alphas_cumprod``, ``generator`` as :func:`dpm_fast_sample`.
+
+    Raises:
+        ValueError: an unknown prediction type, ``order`` not 2 or 3, negative options.
+        RuntimeError: the error estimate is not finite (a NaN model output), or ``max_tries`` tries did not reach
+            σ_min (k-diffusion would loop on).
+    """
+    del num_steps
+    check_prediction_type("dpm_adaptive", prediction_type)
+    if order not in (2, 3):
+        raise ValueError(f"dpm_adaptive: order must be 2 or 3, got {order}")
+    if rtol < 0 or atol < 0 or h_init == 0:
+        raise ValueError(f"dpm_adaptive: rtol and atol must be >= 0 and h_init non-zero, got {rtol}, {atol}, {h_init}")
+    solver = _Solver(model, alphas_cumprod, prediction_type, x_T.dtype)
+    t_start, t_end = _ends(solver, "dpm_adaptive", eta, s_noise)
+    x = x_T.to(work_dtype(x_T)) * math.exp(-t_start)
+    x_prev = x
+    pid = _PIDController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    stats = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+    s = t_start
+    while s < t_end - 1e-5:
+        if stats["steps"] >= max_tries:
+            raise RuntimeError(f"dpm_adaptive: {max_tries} tries did not reach σ_min (at σ = {math.exp(-s):.4g}); "
+                               "raise rtol/atol")
+        t = min(t_end, s + pid.h)
+        target, up = _ancestral_target(s, t, t_end, eta)
+        cache: dict = {}
+        eps = solver.eps(x, s)
+        if order == 2:
+            x_low = solver.step_1(x, s, target, eps)
+            x_high = solver.step_2(x, s, target, eps, cache=cache)
+        else:
+            x_low = solver.step_2(x, s, target, eps, r1=1 / 3, cache=cache)
+            x_high = solver.step_3(x, s, target, eps, cache=cache)
+        delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = float(torch.linalg.vector_norm((x_low - x_high).detach() / delta.detach()) / x.numel() ** 0.5)
+        if not math.isfinite(error):
+            raise RuntimeError(f"dpm_adaptive: the error estimate is {error} at σ = {math.exp(-s):.4g} "
+                               "(a non-finite model output?)")
+        if pid.propose_step(error):
+            x_prev = x_low
+            x = x_high + step_noise(x_high, generator, x_T.dtype) * (up * s_noise)
+            if callback is not None:
+                step = float(sigma_to_t(torch.tensor([math.exp(-s)]), solver.train)[0])
+                callback(stats["n_accept"], timestep_batch(step, x), x)
+            s = t
+            stats["n_accept"] += 1
+        else:
+            stats["n_reject"] += 1
+        stats["nfe"] += order
+        stats["steps"] += 1
+    if info is not None:
+        info.update(stats)
+    return x.to(x_T.dtype)
+

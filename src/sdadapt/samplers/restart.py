@@ -1,0 +1,128 @@
+"""Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes") as A1111 runs it
+(``modules/sd_samplers_extra.py: restart_sampler``; its "Restart" sampler). diffusers and k-diffusion have none.
+
+Heun steps (k-diffusion's ``sample_heun`` rule, Euler onto σ = 0) down a σ grid, with restart segments: after
+the step that reaches the grid's σ nearest ``σ_min_r`` the sample is re-noised up to the grid's σ nearest
+``σ_max_r`` (``x += s_noise·√(σ_max_r'² − σ'²)·z``) and Heun-stepped back down on a Karras grid between them,
+``restart_times`` times. A1111's automatic list, for n ≥ 20 steps: ``restart_steps = 9``, ``restart_times = 1``
+(n ≥ 36: ``n // 4`` and 2), the main grid rebuilt as Karras σ over ``n − restart_steps·restart_times`` steps between
+the given grid's σ_0 and its last σ above 0, and one restart at σ ≈ 0.1 up to σ ≈ 2 with ``restart_steps + 1``
+Karras σ (``restart_steps`` Heun steps); below 20 steps, no restart (plain Heun on the grid). Model calls: two per
+step onto σ > 0, one onto 0.
+
+The grid is A1111's: its "Automatic" for Restart is Karras (ρ = 7 between the model's σ_min and σ_max), any
+other :mod:`.schedules` grid with ``schedule=``. The model runs at ``x/√(σ²+1)`` and the unrounded float32
+``t(σ)`` (:func:`.sigma_space.sigma_to_t`); the noise of each restart is drawn from ``generator``, where
+A1111 calls ``randn_like``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+from .schedules import schedule_sigmas
+from .sigma_space import (
+    check_prediction_type,
+    karras_sigmas,
+    sigma_slope,
+    sigma_to_t,
+    step_noise,
+    timestep_batch,
+    training_sigmas,
+    work_dtype,
+)
+from .signatures import Denoise, StepCallback
+
+__all__ = ["RestartList", "restart_sample", "restart_steps"]
+
+#: A1111's ``restart_list``: ``{σ_min_r: (segment σ count, times, σ_max_r)}`` (each key and σ_max_r read as the
+#: nearest σ of the grid)
+RestartList = dict[float, tuple[int, int, float]]
+
+
+def _karras(n: int, sigma_min: float, sigma_max: float) -> list[float]:
+    """k-diffusion's ``get_sigmas_karras(n, σ_min, σ_max)`` with its appended 0 (n + 1 values)."""
+    return [*karras_sigmas(sigma_min, sigma_max, n).tolist(), 0.0]
+
+
+def _nearest(sigmas: list[float], value: float) -> int:
+    """``argmin |σ − value|`` (the first on a tie, as ``torch.argmin``)."""
+    return min(range(len(sigmas)), key=lambda i: (abs(sigmas[i] - value), i))
+
+
+def restart_steps(sigmas: list[float], restart_list: RestartList | None = None) -> list[tuple[float, float]]:
+    """The (σ, σ') pairs A1111's ``restart_sampler`` steps through for the grid ``sigmas`` (n+1, descending,
+    A1111's ``get_sigmas``): with ``restart_list`` None, its automatic list (see the module; the main grid
+    rebuilt as Karras σ from 20 steps on). A pair whose σ is above the previous σ' is a restart (re-noise first).
+    """
+    steps = len(sigmas) - 1
+    if restart_list is None:
+        if steps >= 20:
+            r_steps, r_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+            sigmas = _karras(steps - r_steps * r_times, sigmas[-2], sigmas[0])
+            restart_list = {0.1: (r_steps + 1, r_times, 2.0)}
+        else:
+            restart_list = {}
+    at = {_nearest(sigmas, key): value for key, value in restart_list.items()}
+    pairs: list[tuple[float, float]] = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in at:
+            r_steps, r_times, r_max = at[i + 1]
+            min_idx, max_idx = i + 1, _nearest(sigmas, r_max)
+            if max_idx < min_idx:
+                segment = _karras(int(r_steps), sigmas[min_idx], sigmas[max_idx])[:-1]
+                for _ in range(int(r_times)):
+                    pairs.extend(itertools.pairwise(segment))
+    return pairs
+
+
+def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
+                   prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                   callback: StepCallback | None = None, karras: bool = False, schedule: str | None = None,
+                   s_noise: float = 1.0, restart_list: RestartList | None = None) -> Tensor:
+    """Restart sampling from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) (A1111's "Restart"; see the module).
+
+    ``num_steps``: n, A1111's sampling steps: n Heun steps in all (with the automatic list and n ≥ 20,
+    ``n − r·k`` on the main grid and ``r·k`` in the k restart segments of r steps). ``karras``: the default grid (Karras σ, A1111's pick for Restart); ``schedule``: another of
+    :mod:`.schedules`. ``s_noise``: the re-noising scale; ``restart_list``: A1111's
+    ``{σ_min_r: (σ count, times, σ_max_r)}`` instead of its automatic one. ``model(x_in, t)`` gets float32
+    timesteps t(σ) (B,); ``callback(i, t, x)`` after each Heun step.
+
+    Raises:
+        ValueError: an unknown prediction type or schedule, ``num_steps`` outside [1, T], a negative ``s_noise``.
+    """
+    check_prediction_type("restart", prediction_type)
+    if s_noise < 0:
+        raise ValueError(f"restart: s_noise must be >= 0, got {s_noise}")
+    train = training_sigmas(alphas_cumprod)
+    if not 1 <= int(num_steps) <= train.shape[0]:
+        raise ValueError(f"restart: num_steps must be in [1, {train.shape[0]}], got {num_steps}")
+    del karras  # the default grid is Karras already
+    grid = schedule_sigmas(schedule or "karras", int(num_steps), train).tolist()
+    pairs = restart_steps(grid, restart_list)
+    positive = sorted({s for pair in pairs for s in pair if s > 0})
+    times = dict(zip(positive, sigma_to_t(torch.tensor(positive, dtype=torch.float64), train).tolist(), strict=True))
+
+    def slope(x: Tensor, sigma: float) -> Tensor:
+        return sigma_slope(model, x, sigma, timestep_batch(times[sigma], x), prediction_type=prediction_type,
+                           dtype=x_T.dtype)
+
+    x = x_T.to(work_dtype(x_T)) * grid[0]
+    last: float | None = None
+    for i, (s, s_next) in enumerate(pairs):
+        if last is not None and last < s:  # a restart: back up to σ with fresh noise
+            x = x + step_noise(x, generator, x_T.dtype) * (s_noise * (s * s - last * last) ** 0.5)
+        d = slope(x, s)
+        if s_next == 0:
+            x = x + d * (s_next - s)
+        else:
+            x_2 = x + d * (s_next - s)
+            x = x + (d + slope(x_2, s_next)) * ((s_next - s) / 2)
+        last = s_next
+        if callback is not None:
+            callback(i, timestep_batch(times[s], x), x)
+    return x.to(x_T.dtype)

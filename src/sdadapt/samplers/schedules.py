@@ -1,0 +1,165 @@
+"""AUTOMATIC1111's "Schedule type" (A1111 ≥ 1.9, ``modules/sd_schedulers.py``): the σ grid of a sampling
+run as its own choice, apart from the sampler's update rule.
+
+Every schedule here is a function of the step count n and the model's training noise levels
+``σ_t = √((1 − ᾱ_t)/ᾱ_t)`` (T,), ascending, ``σ_min = σ_0``, ``σ_max = σ_{T−1}`` (A1111's
+``model_wrap.sigmas``), and returns the σ a sampler steps through, descending, its last the value
+the run ends on (0, or σ_min for "KL Optimal"). A1111's code, transcribed, in float64 (A1111 computes
+them in float32):
+
+* ``uniform`` (k-diffusion's ``get_sigmas(n)``): ``t = linspace(T−1, 0, n)``, σ interpolated in log σ
+  between the integer timesteps (``t_to_sigma``), then 0. ``normal``: the same (A1111's
+  ``normal_scheduler`` with ``sgm=False`` is ``get_sigmas`` written out).
+* ``karras``: ``(σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ``, ρ = 7, then 0.
+* ``exponential``: ``exp(linspace(log σ_max, log σ_min, n))``, then 0. ``polyexponential``:
+  ``exp(ramp^ρ·(log σ_max − log σ_min) + log σ_min)``, ``ramp = linspace(1, 0, n)``, ρ = 1 (A1111's default:
+  the exponential grid).
+* ``sgm_uniform``: ``t = linspace(T−1, 0, n+1)[:-1]``, σ(t) in log σ, then 0.
+* ``kl_optimal``: ``tan(i/n·atan σ_min + (1 − i/n)·atan σ_max)``, i = 0..n: n + 1 values ending on σ_min
+  (no 0: the last step lands on σ_min, as in A1111).
+* ``align_your_steps``: NVIDIA's published 10-step tables (11 σ) for SD 1.5 and SDXL, interpolated
+  log-linearly to n values when n ≠ 11 (A1111's ``loglinear_interp``; so 10 steps are the table
+  interpolated to 10 σ, as A1111 does), then 0. ``align_your_steps`` is the SD 1.5 table,
+  ``align_your_steps_sdxl`` the SDXL one (A1111 picks by the model; ``generate`` does too).
+* ``simple``: ``σ_{T−1−⌊i·T/n⌋}``, i = 0..n−1, then 0.
+* ``ddim``: ``σ_1, σ_{1+k}, σ_{1+2k}, …`` (k = max(⌊T/n⌋, 1), all below T), reversed, then 0: ⌈(T−1)/k⌉
+  steps, which is not always n (A1111 runs what it gets).
+* ``beta``: ``σ_min + F⁻¹(1 − i/(n−1))·(σ_max − σ_min)`` (n = 1: σ_max), F the Beta(0.6, 0.6) CDF (A1111's defaults,
+  ``scipy.stats.beta.ppf``; diffusers' ``use_beta_sigmas``), then 0. Needs scipy.
+
+``automatic`` is A1111's "Automatic": the schedule A1111 ≥ 1.9 picks for the sampler
+(:data:`A1111_AUTOMATIC`; its ``samplers_k_diffusion`` option ``scheduler``), else ``uniform``.
+A1111's development branch also lists "Karras Exponential" (a blend); it is not taken here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["A1111_AUTOMATIC", "ALIGN_YOUR_STEPS", "SCHEDULES", "SCHEDULE_LABELS", "beta_ppf", "canonical_schedule",
+           "schedule_sigmas"]
+
+#: every schedule name taken (A1111's ``Scheduler.name``), ``automatic`` first
+SCHEDULES: tuple[str, ...] = ("automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform",
+                              "kl_optimal", "align_your_steps", "align_your_steps_sdxl", "simple", "normal", "ddim",
+                              "beta")
+#: schedule name -> A1111's label (its infotext "Schedule type: ...")
+SCHEDULE_LABELS: dict[str, str] = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras",
+                                   "exponential": "Exponential", "polyexponential": "Polyexponential",
+                                   "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+                                   "align_your_steps": "Align Your Steps",
+                                   "align_your_steps_sdxl": "Align Your Steps", "simple": "Simple", "normal": "Normal",
+                                   "ddim": "DDIM", "beta": "Beta"}
+#: sampler name here -> the schedule A1111 ≥ 1.9 runs it on under "Automatic" (the others: ``uniform``)
+A1111_AUTOMATIC: dict[str, str] = {"dpmsolver++": "karras", "dpmpp_sde": "karras", "dpmsolver++_sde": "exponential",
+                                   "dpmsolver++_sde_heun": "exponential", "dpmpp_2s_a": "karras",
+                                   "dpmsolver++_3m_sde": "exponential", "dpm_2": "karras", "dpm_2_a": "karras",
+                                   "restart": "karras"}
+#: NVIDIA's Align Your Steps 10-step σ (11 values, the last σ_min), as A1111 lists them
+ALIGN_YOUR_STEPS: dict[str, tuple[float, ...]] = {
+    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's alias
+
+
+def canonical_schedule(name: str) -> str:
+    """A schedule name or A1111 label (any case: ``"SGM Uniform"``, ``"sgm_uniform"``, ``"KL Optimal"``)
+    -> its name in :data:`SCHEDULES`.
+
+    Raises:
+        ValueError: an unknown schedule, naming those taken.
+    """
+    key = "_".join(str(name).strip().lower().replace("-", " ").split())
+    key = _ALIASES.get(key, key)
+    if key not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)} "
+                         f"(or A1111's labels {', '.join(repr(v) for v in SCHEDULE_LABELS.values())})")
+    return key
+
+
+def _t_to_sigma(t: Tensor, train_sigmas: Tensor) -> Tensor:
+    """k-diffusion's ``DiscreteSchedule.t_to_sigma``: σ at fractional timesteps t, linear in log σ."""
+    log_sigmas = train_sigmas.log()
+    lo, hi, w = t.floor().long(), t.ceil().long(), t - t.floor()
+    return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
+
+
+def _loglinear_interp(values: tuple[float, ...], num: int) -> Tensor:
+    """A1111's ``loglinear_interp``: the decreasing ``values`` resampled to ``num`` points, linear in log."""
+    ys = torch.tensor(values[::-1], dtype=torch.float64).log()
+    xs = torch.linspace(0, 1, len(values), dtype=torch.float64)
+    new_xs = torch.linspace(0, 1, num, dtype=torch.float64)
+    idx = torch.searchsorted(xs, new_xs, right=True).clamp(1, len(values) - 1)
+    x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
+    new_ys = y0 + (new_xs - x0) / (x1 - x0) * (y1 - y0)
+    return new_ys.exp().flip(0)
+
+
+def beta_ppf(q: Tensor, alpha: float, beta: float) -> Tensor:
+    """The Beta(α, β) inverse CDF at probabilities ``q`` (n,) float64 (``scipy.stats.beta.ppf``).
+
+    Raises:
+        ImportError: scipy is not installed (the message names the package).
+    """
+    try:
+        from scipy import stats
+    except ImportError:  # pragma: no cover - scipy ships with the interop extra
+        raise ImportError("the 'beta' schedule needs scipy (scipy.stats.beta.ppf, as A1111 and diffusers use it): "
+                          "pip install scipy, or pick another schedule") from None
+    return torch.tensor(stats.beta.ppf(q.double().numpy(), alpha, beta), dtype=torch.float64)
+
+
+def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bool = False, rho: float | None = None,
+                    beta_alpha: float = 0.6, beta_beta: float = 0.6) -> Tensor:
+    """The σ grid (m+1,) float64 CPU, descending, of A1111's schedule ``name`` for ``num_steps`` steps on the
+    training σ ``train_sigmas`` (T,) ascending (see the module): m = n except for ``ddim``; the last value
+    is 0 except for ``kl_optimal`` (σ_min). ``automatic`` is refused here (it depends on the sampler:
+    :data:`A1111_AUTOMATIC`). ``sdxl``: Align Your Steps' SDXL table (else SD 1.5's). ``rho``: Karras' ρ
+    (7) or Polyexponential's (1). ``beta_alpha``/``beta_beta``: the Beta schedule's (0.6, 0.6).
+
+    Raises:
+        ValueError: an unknown schedule, ``automatic``, ``num_steps`` < 1.
+    """
+    key = canonical_schedule(name)
+    if key == "automatic":
+        raise ValueError("schedule 'automatic' depends on the sampler; resolve it with A1111_AUTOMATIC first")
+    n = int(num_steps)
+    if n < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    train = train_sigmas.detach().double().cpu()
+    T = int(train.shape[0])
+    s_min, s_max = float(train[0]), float(train[-1])
+    zero = torch.zeros(1, dtype=torch.float64)
+    if key in ("uniform", "normal"):
+        sig = _t_to_sigma(torch.linspace(T - 1, 0, n, dtype=torch.float64), train)
+    elif key == "sgm_uniform":
+        sig = _t_to_sigma(torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1], train)
+    elif key == "karras":
+        r = 7.0 if rho is None else float(rho)
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        sig = (s_max ** (1 / r) + ramp * (s_min ** (1 / r) - s_max ** (1 / r))) ** r
+    elif key == "exponential":
+        sig = torch.linspace(math.log(s_max), math.log(s_min), n, dtype=torch.float64).exp()
+    elif key == "polyexponential":
+        ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** (1.0 if rho is None else float(rho))
+        sig = (ramp * (math.log(s_max) - math.log(s_min)) + math.log(s_min)).exp()
+    elif key == "kl_optimal":
+        i = torch.arange(n + 1, dtype=torch.float64)
+        return torch.tan(i / n * math.atan(s_min) + (1.0 - i / n) * math.atan(s_max))
+    elif key in ("align_your_steps", "align_your_steps_sdxl"):
+        table = ALIGN_YOUR_STEPS["sdxl" if sdxl or key == "align_your_steps_sdxl" else "sd15"]
+        sig = torch.tensor(table, dtype=torch.float64) if n == len(table) else _loglinear_interp(table, n)
+    elif key == "simple":
+        step = T / n
+        sig = train[[T - 1 - int(i * step) for i in range(n)]]
+    elif key == "ddim":
+        k = max(T // n, 1)
+        sig = train[list(range(1, T, k))].flip(0)
+    else:  # beta
+        q = 1 - torch.linspace(0, 1, n, dtype=torch.float64)
+        sig = s_min + beta_ppf(q, beta_alpha, beta_beta) * (s_max - s_min)
+    return torch.cat([sig, zero])
