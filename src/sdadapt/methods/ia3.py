@@ -25,7 +25,6 @@ from ..inject import AdapterHandle, inject
 from ..targets import select
 from .lora import AdapterAdaptation, adaptation_from_weights
 from .lycoris_presets import IA3_ON_INPUT, lycoris_preset
-from .system import text_encoders
 
 __all__ = ["prepare_ia3"]
 
@@ -71,34 +70,19 @@ def prepare_ia3(system, *, text_encoder: bool = True, targets: str | None = None
     dropout = float(module_dropout) if module_dropout is not None else 0.0
     if not 0.0 <= dropout < 1.0:
         raise InputError(f"module_dropout must be in [0, 1), got {module_dropout!r}")
-    parts: list[tuple[str, nn.Module, Any]] = []
-    if unet:
-        if preset.unet is None:
-            raise InputError(f"LyCORIS preset {preset.name} adapts no UNet layer")
-        parts.append(("unet", system.unet, preset.unet))
-    if text_encoder and preset.text_encoder is not None:
-        parts += [(component, module, preset.text_encoder) for component, module in text_encoders(system)]
-    if not parts:
-        raise InputError("neither the UNet nor a text encoder would be adapted: nothing to train")
+    parts = preset.parts(system, unet=unet, text_encoder=text_encoder)
     args = {"algo": "ia3", "preset": preset.name}
     if train_on_input is not None:
         args["train_on_input"] = str(bool(train_on_input))
     if dropout:
         args["module_dropout"] = str(dropout)
 
+    def inject_part(model: nn.Module, chosen: Any) -> AdapterHandle:
+        return _inject_ia3(model, chosen, train_on_input=train_on_input, module_dropout=dropout, name="default",
+                           ia3_preset=ia3_preset)
+
     def build() -> AdapterAdaptation:
-        handles: dict[str, AdapterHandle] = {}
-        try:
-            for component, model, chosen in parts:
-                handles[component] = _inject_ia3(model, chosen, train_on_input=train_on_input,
-                                                 module_dropout=dropout, name="default", ia3_preset=ia3_preset)
-        except BaseException:
-            for handle in handles.values():
-                handle.remove()
-            raise
-        adaptation = AdapterAdaptation.from_handles(system, handles)
-        adaptation.network_args = args
-        return adaptation
+        return AdapterAdaptation.injected(system, parts, inject_part, network_args=args)
 
     return adaptation_from_weights(system, build, text_encoder=text_encoder, network={},
                                    network_weights=network_weights)

@@ -111,6 +111,25 @@ class AdapterAdaptation:
                                             text_encoder_ratio=text_encoder_ratio, family=family)
 
     @classmethod
+    def injected(cls, system, parts: list[tuple[str, nn.Module, Target]],
+                 inject_part: Callable[[nn.Module, Target], AdapterHandle], *,
+                 network_args: Mapping[str, str]) -> AdapterAdaptation:
+        """The adaptation of ``inject_part(model, targets)`` on each ``(component, model, targets)`` of
+        ``parts`` (e.g. :meth:`~sdadapt.methods.lycoris_presets.LycorisPreset.parts`); when one fails,
+        those already injected are removed before the error goes on."""
+        handles: dict[str, AdapterHandle] = {}
+        try:
+            for component, model, targets in parts:
+                handles[component] = inject_part(model, targets)
+        except BaseException:
+            for handle in handles.values():
+                handle.remove()
+            raise
+        adaptation = cls.from_handles(system, handles)
+        adaptation.network_args = dict(network_args)
+        return adaptation
+
+    @classmethod
     def from_handles(cls, system, handles: Mapping[str, AdapterHandle]) -> AdapterAdaptation:
         """The adaptation of adapters already injected into ``system`` (``{component: handle}``, e.g.
         :func:`~sdadapt.methods.network_weights.adapters_from_weights`); every parameter at lr factor 1."""

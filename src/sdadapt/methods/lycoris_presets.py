@@ -112,6 +112,26 @@ class LycorisPreset:
                              _layers([(None, m) for m in chosen_text], f"LyCORIS preset file {self.name}"), self.file)
 
 
+    def parts(self, system: object, *, unet: bool, text_encoder: bool) -> list[tuple[str, nn.Module, Target]]:
+        """``(component, model, targets)`` for each of ``system``'s models this preset adapts (call on
+        :meth:`on`'s result): the UNet when ``unet``, the text encoder(s) when ``text_encoder`` and the
+        preset names text-encoder layers.
+
+        Raises:
+            InputError: ``unet`` but the preset adapts no UNet layer, or nothing would be adapted.
+        """
+        parts: list[tuple[str, nn.Module, Target]] = []
+        if unet:
+            if self.unet is None:
+                raise InputError(f"LyCORIS preset {self.name} adapts no UNet layer")
+            parts.append(("unet", system.unet, self.unet))
+        if text_encoder and self.text_encoder is not None:
+            parts += [(component, module, self.text_encoder) for component, module in text_encoders(system)]
+        if not parts:
+            raise InputError("neither the UNet nor a text encoder would be adapted: nothing to train")
+        return parts
+
+
 def _layers(chosen: list, description: str) -> Target | None:
     """The layers ``chosen`` (``(name, module)`` pairs) by identity; ``None`` when there are none."""
     ids = {id(module) for _, module in chosen}

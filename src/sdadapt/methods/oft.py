@@ -25,7 +25,6 @@ from ..inject import AdapterHandle, inject
 from ..targets import select
 from .lora import AdapterAdaptation, adaptation_from_weights
 from .lycoris_presets import lycoris_preset
-from .system import text_encoders
 
 __all__ = ["prepare_diag_oft", "prepare_boft"]
 
@@ -61,15 +60,7 @@ def _prepare_oft(system, *, butterfly: bool, rank: int, conv_rank: int | None, c
     except (TypeError, ValueError) as exc:
         raise InputError(f"{algo}: {exc}") from None
     preset = lycoris_preset(targets if targets is not None else "full").on(system)
-    parts: list[tuple[str, nn.Module, Any]] = []
-    if unet:
-        if preset.unet is None:
-            raise InputError(f"LyCORIS preset {preset.name} adapts no UNet layer")
-        parts.append(("unet", system.unet, preset.unet))
-    if text_encoder and preset.text_encoder is not None:
-        parts += [(component, module, preset.text_encoder) for component, module in text_encoders(system)]
-    if not parts:
-        raise InputError("neither the UNet nor a text encoder would be adapted: nothing to train")
+    parts = preset.parts(system, unet=unet, text_encoder=text_encoder)
     args = {"algo": algo, "preset": preset.name}
     if config.constraint:
         args["constraint"] = repr(config.constraint)
@@ -80,18 +71,11 @@ def _prepare_oft(system, *, butterfly: bool, rank: int, conv_rank: int | None, c
     if config.module_dropout:
         args["module_dropout"] = str(config.module_dropout)
 
+    def inject_part(model: nn.Module, chosen: Any) -> AdapterHandle:
+        return _inject_oft(model, chosen, config=config, conv=conv, name="default")
+
     def build() -> AdapterAdaptation:
-        handles: dict[str, AdapterHandle] = {}
-        try:
-            for component, model, chosen in parts:
-                handles[component] = _inject_oft(model, chosen, config=config, conv=conv, name="default")
-        except BaseException:
-            for handle in handles.values():
-                handle.remove()
-            raise
-        adaptation = AdapterAdaptation.from_handles(system, handles)
-        adaptation.network_args = args
-        return adaptation
+        return AdapterAdaptation.injected(system, parts, inject_part, network_args=args)
 
     return adaptation_from_weights(system, build, text_encoder=text_encoder, network={},
                                    network_weights=network_weights)
