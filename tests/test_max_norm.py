@@ -41,6 +41,7 @@ from sdadapt.toy.evaluate import concept_data
 from sdadapt.training.host_syncs import HostSyncs
 from sdadapt.training.max_norm import (
     MAX_NORM_FAMILIES,
+    MAX_NORM_OWN_NORM,
     adapters_in,
     max_norm_factors,
     scale_weight_norms_,
@@ -81,8 +82,8 @@ def _delta64(adapter) -> torch.Tensor:
     return REFERENCES[adapter.family](tensors, adapter.geometry.weight_shape).double()
 
 
-CASES = [pytest.param(config, id=f"{name}{i}") for name in MAX_NORM_FAMILIES
-         for i, config in enumerate(FAMILIES[name].examples)]
+CASES = [pytest.param(config, id=f"{name}{i}") for name in MAX_NORM_FAMILIES if name not in MAX_NORM_OWN_NORM
+         for i, config in enumerate(FAMILIES[name].examples)]  # (OFT bounds its oft_blocks: tested below)
 
 
 @pytest.mark.parametrize("config", CASES)
@@ -173,6 +174,55 @@ def test_families_kohya_and_lycoris_do_not_define_it_for_are_refused(config, mes
     with pytest.raises(ValueError, match="scale_weight_norms"):
         scale_weight_norms_(adapters, 0.1)
     assert all(torch.equal(p, q) for p, q in zip(handle.parameters(), before))  # refused before any change
+
+
+@pytest.mark.parametrize("butterfly", [False, True], ids=["diag-oft", "boft"])
+def test_oft_blocks_are_bounded_as_lycoris_bounds_them(butterfly):
+    """LyCORIS' DiagOFTModule / ButterflyOFTModule.apply_max_norm (what its kohya network runs for
+    scale_weight_norms): ‖oft_blocks‖_F onto the bound when above it, rescale untouched; the same statistics."""
+    from sdadapt.adapters import OFTConfig
+
+    lycoris_oft = pytest.importorskip("lycoris.modules.boft" if butterfly else "lycoris.modules.diag_oft")
+    module_class = lycoris_oft.ButterflyOFTModule if butterfly else lycoris_oft.DiagOFTModule
+    torch.manual_seed(0)
+    model = nn.ModuleList([nn.Linear(6, 16), nn.Conv2d(4, 16, 3, padding=1), nn.Linear(5, 16)])
+    handle = sdadapt.inject(model, TARGET, OFTConfig(dim=4, butterfly=butterfly, constraint=1e-2, rescaled=True))
+    adapters = list(handle.modules.values())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, adapter in enumerate(adapters):
+            for p in adapter.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3 * 4.0 ** i)
+    norms = sorted(float(a.oft_blocks.detach().norm()) for a in adapters)
+    max_norm = math.sqrt(norms[0] * norms[1])  # one under, two over
+    with torch.no_grad():  # (LyCORIS copies into its parameters)
+        theirs = [module_class.make_module_from_state_dict(f"lora_{i}", layer, a.oft_blocks.detach().clone(),
+                                                           a.rescale.detach().clone(), a.alpha.detach().clone())
+                  for i, (layer, a) in enumerate(zip(model, adapters))]
+    rescales = [a.rescale.detach().clone() for a in adapters]
+    with HostSyncs() as syncs:  # (on the device, as for the LoRA families)
+        stats = scale_weight_norms_(adapters, max_norm)
+    assert not syncs.events, syncs.report()
+    want_norms = []
+    with torch.no_grad():
+        for mine, other, rescale in zip(adapters, theirs, rescales):
+            _, norm = other.apply_max_norm(max_norm, "cpu")
+            want_norms.append(float(norm))
+            torch.testing.assert_close(mine.oft_blocks, other.oft_blocks, rtol=1e-6, atol=0)
+            assert torch.equal(mine.rescale, rescale)
+    assert int(stats["keys_scaled"]) == 2
+    assert float(stats["average_key_norm"]) == pytest.approx(sum(want_norms) / 3, rel=1e-6)
+    assert float(stats["max_key_norm"]) == pytest.approx(max(want_norms), rel=1e-6)
+
+
+def test_glora_and_norm_modules_are_refused_naming_lycoris():
+    from sdadapt.adapters import GLoRAConfig, NormConfig
+
+    glora = sdadapt.inject(nn.Sequential(nn.Linear(4, 4)), TARGET, GLoRAConfig(rank=2))
+    norm = sdadapt.inject(nn.Sequential(nn.LayerNorm(4)), sdadapt.by_type(nn.LayerNorm), NormConfig())
+    for handle, message in ((glora, "no max norm for GLoRA"), (norm, "no max norm for its norm modules")):
+        with pytest.raises(ValueError, match=message):
+            max_norm_factors(next(iter(handle.modules.values())))
 
 
 def test_dora_is_found_with_its_inner_adapter_and_refused():
@@ -334,7 +384,9 @@ def test_train_without_it_records_none(red_circles, tmp_path):
     ("lora", ["--scale-weight-norms", "0"], "--scale-weight-norms must be a number > 0"),
     ("lora", ["--scale-weight-norms", "-1"], "--scale-weight-norms must be a number > 0"),
     ("dora", ["--scale-weight-norms", "1"], "DoRA renormalises"),
-    ("full", ["--scale-weight-norms", "1"], "shrinks LoRA-family adapters (lora, locon, loha, lokr), not full"),
+    ("full", ["--scale-weight-norms", "1"],
+     "shrinks LoRA-family and OFT adapters (lora, locon, loha, lokr, diag-oft, boft), not full"),
+    ("glora", ["--scale-weight-norms", "1"], "LyCORIS defines no max norm for GLoRA"),
 ])
 def test_train_refuses_bad_values_and_other_methods_before_the_model_loads(red_circles, tmp_path, capsys, monkeypatch,
                                                                             method, flags, message):

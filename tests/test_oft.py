@@ -12,6 +12,7 @@ kohya's ``networks/oft.py`` needs sd-scripts' ``library`` package; its two formu
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 import sdadapt
@@ -136,6 +138,32 @@ def test_lycoris_file_metadata_and_kohya_round_trip(tmp_path, lycoris_preset):
         assert metadata["ss_network_module"] == "lycoris.kohya"
         assert f'"algo": "{algo}"' in metadata["ss_network_args"]
         assert all(torch.equal(again["unet"][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("config", [OFTConfig(dim=2, constraint=1e-2, rescaled=True), OFTConfig(dim=4, butterfly=True)],
+                         ids=["diag-oft-constraint-rescaled", "boft"])
+def test_oft_only_metadata_is_what_kohya_writes_for_a_lycoris_oft_run(config, tmp_path, lycoris_preset):
+    """kohya's train_network writes ss_network_dim = network_dim (LyCORIS' OFT block size) and ss_network_alpha =
+    network_alpha (default 1, unused by OFT), the constraint and rescaled in ss_network_args: from those values
+    LyCORIS' create_lycoris rebuilds the file's layout, tensor for tensor."""
+    model = _model()
+    handle = sdadapt.inject(model, sdadapt.by_type(nn.Linear, nn.Conv2d), config)
+    path = tmp_path / "oft.safetensors"
+    save_lora(path, {"unet": handle.state_dict()}, format="kohya")
+    with safe_open(str(path), "pt") as f:
+        shapes, metadata = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata()  # noqa: SIM118 (safe_open)
+    args = json.loads(metadata["ss_network_args"])
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == (str(config.dim), "1")
+    assert args.get("constraint") == ("0.01" if config.constraint else None)
+    assert args.get("rescaled") == ("True" if config.rescaled else None)
+    kwargs = {k: (v == "True" if k == "rescaled" else float(v)) for k, v in args.items() if k != "algo"}
+    net = create_lycoris(_model(), 1.0, int(metadata["ss_network_dim"]), float(metadata["ss_network_alpha"]),
+                         algo=args["algo"], **kwargs)
+    net.apply_to()
+    net.save_weights(str(tmp_path / "lyco.safetensors"), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    with safe_open(str(tmp_path / "lyco.safetensors"), "pt") as f:
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == shapes  # noqa: SIM118 (safe_open)
 
 
 def test_strength_scales_the_change_and_matches_lycoris_where_lycoris_is_linear(tmp_path, lycoris_preset):
@@ -390,6 +418,18 @@ def test_kohya_oft_state_written_by_sdadapt_loads_in_kohyas_network(tmp_path):
     assert _rel(y_mine, y_kohya, y0) < 2e-5
 
 
+def test_lycoris_dev_oft_diag_files_are_refused_naming_the_key(tmp_path):
+    """LyCORIS' dev builds of Nov 2023 - Feb 2024 saved the rotation itself as ``oft_diag``: refused by name."""
+    from safetensors.torch import save_file
+
+    from sdadapt.errors import WeightFileError
+
+    path = tmp_path / "old.safetensors"
+    save_file({"lora_unet_0.oft_diag": torch.eye(4).repeat(4, 1, 1)}, str(path))
+    with pytest.raises(WeightFileError, match="old Diag-OFT 'oft_diag'.*lora_unet_0.oft_diag"):
+        load_lora(path)
+
+
 def test_inspect_names_oft(tmp_path, lycoris_preset, capsys):
     from sdadapt.cli import main
 
@@ -424,6 +464,7 @@ def test_train_diag_oft_with_lycoris_network_args(tmp_path, capsys):
     blocks = {k: v for k, v in state["unet"].items() if k.endswith(".oft_blocks")}
     assert blocks and all(v.dim() == 3 and v.shape[-1] == 4 for v in blocks.values())
     assert all(float(v) == 0.5 for k, v in state["unet"].items() if k.endswith(".alpha"))
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "1")  # kohya's, not "None"
     assert any(torch.count_nonzero(v) for v in blocks.values())  # it trained
     rescales = [v for k, v in state["unet"].items() if k.endswith(".rescale")]
     assert len(rescales) == len(blocks) and any(not torch.all(v == 1) for v in rescales)  # the scales trained too

@@ -283,6 +283,169 @@ def test_dpmpp_2m_on_a_schedule_is_k_diffusion_but_for_rounded_timesteps(schedul
         assert _rel_err(got, want) < 1e-10, (n, _rel_err(got, want))
 
 
+# ------------------------------------------------- A1111's discard_next_to_last_sigma (DPM2, DPM2 a, DPM++ 3M SDE)
+#: A1111 ≥ 1.9's ``samplers_k_diffusion``: the labels whose options have ``discard_next_to_last_sigma: True``
+A1111_DISCARD_LABELS = ("DPM2", "DPM2 a", "DPM++ 3M SDE")
+
+
+def a1111_get_sigmas(name: str, n: int, model: KDiffusionSchedule, *, discard: bool) -> list[float]:
+    """A1111's ``KDiffusionSampler.get_sigmas`` (modules/sd_samplers_kdiffusion.py) for a resolved schedule:
+    ``steps += 1`` when discarding, the schedule's function for ``steps``, then ``cat([sigmas[:-2], sigmas[-1:]])``."""
+    sigmas = a1111_schedule(name, n + 1 if discard else n, model)
+    return sigmas[:-2] + sigmas[-1:] if discard else sigmas
+
+
+def test_the_discard_samplers_are_a1111s():
+    from sdadapt.samplers.labels import sampler_from_label
+
+    assert set(samplers.DISCARD_NEXT_TO_LAST_SIGMA) == {sampler_from_label(label)[0] for label in A1111_DISCARD_LABELS}
+
+
+@pytest.mark.parametrize("name", ["uniform", "karras", "exponential", "kl_optimal", "ddim", "align_your_steps", "beta"])
+@pytest.mark.parametrize("n", [1, 2, 7, 30])
+def test_discarded_grids_are_a1111s_get_sigmas(name, n):
+    train = training_sigmas(_sd_alphas_cumprod())
+    model = KDiffusionSchedule(train.numpy())
+    got = schedule_sigmas(name, n, train, discard_next_to_last_sigma=True)
+    want = a1111_get_sigmas(name, n, model, discard=True)
+    assert got.shape == (len(want),)
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert (got[:-1].diff() < 0).all() and float(got[-1]) == float(schedule_sigmas(name, n, train)[-1])
+    if name != "ddim":  # n steps still (ddim: its own count for n + 1, less one)
+        assert got.shape == (n + 1,)
+    if n > 1:  # (one step: σ_0 then the end, either way)
+        assert not torch.equal(got, schedule_sigmas(name, n, train))
+
+
+def kd_sample_dpm_2(denoise, x, sigmas):
+    """k-diffusion's ``sample_dpm_2`` (s_churn = 0): ``denoise(x, σ, mid)``, ``mid`` for the log-midpoint call."""
+    for i in range(len(sigmas) - 1):
+        d = (x - denoise(x, sigmas[i], False)) / sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigmas[i])
+        else:
+            mid = math.exp(0.5 * (math.log(sigmas[i]) + math.log(sigmas[i + 1])))
+            x_2 = x + d * (mid - sigmas[i])
+            d_2 = (x_2 - denoise(x_2, mid, True)) / mid
+            x = x + d_2 * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@pytest.mark.parametrize("schedule", ["Automatic", "exponential", "kl_optimal", "ddim"])
+def test_dpm2_on_a_schedule_runs_a1111s_discarded_grid(schedule):
+    """``dpm_2`` with a schedule is k-diffusion's ``sample_dpm_2`` on A1111's grid for DPM2 (n + 1 σ, the
+    next-to-last dropped; "Automatic": Karras), n steps, the model at sdadapt's timesteps (rounded t(σ_i),
+    unrounded float32 t at the midpoints): float64, 1e-10."""
+    ac = _sd_alphas_cumprod()
+    model = KDiffusionSchedule(training_sigmas(ac).numpy())
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def denoise(x, sigma, mid):
+        t = model.sigma_to_t(sigma)
+        t = torch.full((x.shape[0],), t, dtype=torch.float32).double() if mid else torch.full((x.shape[0],), round(t))
+        return x - sigma * stand_in(x / math.sqrt(sigma**2 + 1), t.double())
+
+    resolved = "karras" if schedule == "Automatic" else schedule
+    for n in (1, 3, 8):
+        sig = a1111_get_sigmas(resolved, n, model, discard=True)
+        steps = []
+        got = sample_latents(lambda x, t, c: stand_in(x, t.double()), x_T, None, sampler="dpm_2", alphas_cumprod=ac,
+                             num_steps=n, schedule=schedule, callback=lambda i, t, x, seen=steps: seen.append(i))
+        want = kd_sample_dpm_2(denoise, x_T * sig[0], sig)
+        assert steps == list(range(len(sig) - 1))
+        assert len(steps) == (n if schedule != "ddim" else len(steps))
+        assert _rel_err(got, want) < 1e-10, (n, _rel_err(got, want))
+
+
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_a", "dpmsolver++_3m_sde"])
+@pytest.mark.parametrize("schedule", ["Automatic", "karras", "uniform", "beta"])
+def test_the_discard_samplers_step_a1111s_sigmas(sampler, schedule):
+    """The σ each step starts from (the model's timestep t(σ_i), rounded, as both run integer timesteps there) is
+    A1111's discarded grid's, for n steps; the first-step calls of the other samplers keep the plain grid."""
+    ac = _sd_alphas_cumprod()
+    model = KDiffusionSchedule(training_sigmas(ac).numpy())
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(7))
+    resolved = resolve_schedule(samplers.canonical_sampler(sampler), schedule)
+    for n in (2, 9):
+        seen = []
+        out = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler=sampler, alphas_cumprod=ac.float(),
+                             num_steps=n, schedule=schedule, generator=torch.Generator().manual_seed(1),
+                             callback=lambda i, t, x, seen=seen: seen.append(float(t[0])))
+        sig = a1111_get_sigmas(resolved, n, model, discard=True)
+        assert torch.isfinite(out).all() and len(seen) == n
+        assert seen == [float(round(model.sigma_to_t(s))) for s in sig[:-1]], (n, seen)
+
+
+def test_without_a_schedule_the_discard_samplers_are_unchanged():
+    """No ``schedule``: diffusers' grids (plain and ``karras=True``), bit for bit the sampler functions run without
+    the option; ``discard_next_to_last_sigma`` on the grid builders is unused without a schedule."""
+    from sdadapt.samplers.dpm2 import dpm2_ancestral_sample, dpm2_sample
+    from sdadapt.samplers.dpm_solver import dpmsolver_pp_3m_sde_sample
+
+    ac = _sd_alphas_cumprod().float()
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+    for name, fn in (("dpm_2", dpm2_sample), ("dpm_2_a", dpm2_ancestral_sample),
+                     ("dpmsolver++_3m_sde", dpmsolver_pp_3m_sde_sample)):
+        for karras in (False, True):
+            got = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler=name, alphas_cumprod=ac,
+                                 num_steps=6, karras=karras, generator=torch.Generator().manual_seed(2))
+            want = fn(lambda x, t: stand_in(x, t), x_T, alphas_cumprod=ac, num_steps=6, karras=karras,
+                      generator=torch.Generator().manual_seed(2))
+            assert torch.equal(got, want), (name, karras)
+    for karras in (False, True):
+        assert all(torch.equal(a, b) for a, b in zip(discrete_sigmas(ac, 6, karras=karras),
+                                                     discrete_sigmas(ac, 6, karras=karras,
+                                                                     discard_next_to_last_sigma=True)))
+        assert all(torch.equal(a, b) for a, b in zip(dpm_grid(ac, 6, karras=karras),
+                                                     dpm_grid(ac, 6, karras=karras, discard_next_to_last_sigma=True)))
+
+
+def test_always_discard_is_a1111s_setting():
+    """``discard_next_to_last_sigma=True`` (A1111's "Always discard next-to-last sigma"): Euler is k-diffusion's
+    ``sample_euler`` on the discarded grid (1e-10); ``False`` puts DPM2 back on the plain grid (``sample_dpm_2``
+    there); ``True`` needs a schedule, and does nothing where "Automatic" means the sampler's own steps."""
+    ac = _sd_alphas_cumprod()
+    model = KDiffusionSchedule(training_sigmas(ac).numpy())
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    run = lambda sampler, **kw: sample_latents(lambda x, t, c: stand_in(x, t.double()), x_T, None, sampler=sampler,
+                                               alphas_cumprod=ac, num_steps=6, **kw)
+    sig = a1111_get_sigmas("uniform", 6, model, discard=True)
+    want = kd_sample_euler(_kd_denoiser(model), x_T * sig[0], sig)
+    assert _rel_err(run("euler", schedule="Automatic", discard_next_to_last_sigma=True), want) < 1e-10
+    assert _rel_err(run("euler", schedule="Automatic"), want) > 1e-4  # (Euler: A1111 does not discard by itself)
+
+    def denoise(x, sigma, mid):
+        t = model.sigma_to_t(sigma)
+        t = torch.full((x.shape[0],), t, dtype=torch.float32).double() if mid else torch.full((x.shape[0],), round(t))
+        return x - sigma * stand_in(x / math.sqrt(sigma**2 + 1), t.double())
+
+    sig = a1111_get_sigmas("karras", 6, model, discard=False)
+    plain = kd_sample_dpm_2(denoise, x_T * sig[0], sig)
+    assert _rel_err(run("dpm_2", schedule="Automatic", discard_next_to_last_sigma=False), plain) < 1e-10
+    with pytest.raises(ValueError, match="discard_next_to_last_sigma=True .* give a schedule"):
+        run("dpm_2", karras=True, discard_next_to_last_sigma=True)
+    assert torch.equal(run("ddim", schedule="Automatic", discard_next_to_last_sigma=True), run("ddim"))
+
+
+@pytest.mark.parametrize("name", SCHEDULE_SAMPLERS)
+def test_every_schedule_sampler_takes_always_discard(name):
+    """Every σ sampler with ``discard_next_to_last_sigma=True``: n steps on the discarded grid (finite, its own
+    result); the three A1111 discards for are the same with ``None`` (their default) and ``True``."""
+    pytest.importorskip("torchsde") if name == "dpmpp_sde" else None
+    ac = _sd_alphas_cumprod().float()
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    outs = {}
+    for discard in (None, True, False):
+        steps = []
+        outs[discard] = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler=name, alphas_cumprod=ac,
+                                       num_steps=7, schedule="exponential", discard_next_to_last_sigma=discard,
+                                       generator=torch.Generator().manual_seed(1),
+                                       callback=lambda i, t, x, seen=steps: seen.append(i))
+        assert torch.isfinite(outs[discard]).all() and steps == list(range(7)), (discard, steps)
+    assert _rel_err(outs[True], outs[False]) > 1e-4
+    assert torch.equal(outs[None], outs[True] if name in samplers.DISCARD_NEXT_TO_LAST_SIGMA else outs[False])
+
+
 # ------------------------------------------------- resolution, refusals, every sampler on every grid
 def test_resolution_automatic_karras_and_refusals():
     assert resolve_schedule("euler", None) is None
@@ -320,6 +483,8 @@ def test_automatic_is_a1111s_per_sampler_option(label, option):
 
 
 def test_schedule_karras_is_the_karras_option():
+    """``schedule="karras"`` is ``karras=True``, but on DPM2, DPM2 a and DPM++ 3M SDE, where it is A1111's grid
+    (n + 1 Karras σ, the next-to-last dropped) and ``karras=True`` alone diffusers' (n Karras σ)."""
     ac = _sd_alphas_cumprod().float()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     for name in samplers.KARRAS_SAMPLERS:
@@ -327,7 +492,13 @@ def test_schedule_karras_is_the_karras_option():
             return sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler=name, alphas_cumprod=ac,
                                   num_steps=5, generator=torch.Generator().manual_seed(1), **kw)
 
-        assert torch.equal(run(schedule="Karras"), run(karras=True)), name
+        if name in samplers.DISCARD_NEXT_TO_LAST_SIGMA:
+            assert _rel_err(run(schedule="Karras"), run(karras=True)) > 1e-4, name
+            assert torch.equal(run(schedule="Karras"), run(schedule="Karras", karras=True)), name
+            if name != "dpmsolver++_3m_sde":  # (A1111's pick for DPM2, DPM2 a: Karras; for DPM++ 3M SDE: Exponential)
+                assert torch.equal(run(schedule="Karras"), run(schedule="Automatic")), name
+        else:
+            assert torch.equal(run(schedule="Karras"), run(karras=True)), name
 
 
 @pytest.mark.parametrize("name", SCHEDULE_SAMPLERS)
@@ -346,7 +517,8 @@ def test_every_schedule_sampler_runs_every_schedule(name):
                              schedule=schedule, generator=torch.Generator().manual_seed(1),
                              callback=lambda i, t, x, seen=steps: seen.append(i))
         assert torch.isfinite(out).all(), schedule
-        expected = len(schedule_sigmas(schedule, 7, training_sigmas(ac))) - 1
+        expected = len(schedule_sigmas(schedule, 7, training_sigmas(ac),
+                                       discard_next_to_last_sigma=name in samplers.DISCARD_NEXT_TO_LAST_SIGMA)) - 1
         assert steps == list(range(expected)), (schedule, steps)
         results[schedule] = out
     assert _rel_err(results["exponential"], results["karras"]) > 1e-4
@@ -391,7 +563,8 @@ def test_run_generate_with_a_schedule_end_to_end(tmp_path):
 
 def test_a_tiny_sd_model_samples_on_a_schedule(tmp_path):
     """``generate`` on a tiny random SD1 UNet (DiffusersSystem): ``schedule=`` reaches the sampler (the latents of
-    ``sample_latents`` on that grid, decoded), ``"Karras"`` is ``karras=True``, and no schedule is the diffusers grid."""
+    ``sample_latents`` on that grid, decoded), ``"Karras"`` is ``karras=True`` (but for DPM2), and no schedule is the
+    diffusers grid."""
     from test_cli_train import _tiny_pipeline
 
     from sdadapt.diffusers_system import DiffusersSystem
@@ -409,5 +582,7 @@ def test_a_tiny_sd_model_samples_on_a_schedule(tmp_path):
                                  prediction_type=system.prediction_type, generator=g, schedule="exponential")
         want = system.decode_latents(latents)
     assert _rel_err(exp, want) < 1e-5
-    assert torch.equal(run(sampler="dpm_2", schedule="karras"), run(sampler="dpm_2", karras=True))
+    assert torch.equal(run(sampler="heun", schedule="karras"), run(sampler="heun", karras=True))
+    # DPM2 on a schedule: A1111's grid (n + 1 Karras σ, the next-to-last dropped), not diffusers' Karras σ
+    assert _rel_err(run(sampler="dpm_2", schedule="karras"), run(sampler="dpm_2", karras=True)) > 1e-4
     assert _rel_err(run(sampler="euler"), exp) > 1e-4

@@ -44,7 +44,7 @@ from .token_id_cache import TokenIdCache, tokenizer_state
 from .training import diffusion
 from .training.host_syncs import copy_to_device
 
-__all__ = ["DiffusersSystem", "ModelFolderError", "load_model"]
+__all__ = ["DiffusersSystem", "ModelFolderError", "check_image_size", "load_model"]
 
 
 #: the parts :meth:`DiffusersSystem.save_model` writes into a folder
@@ -92,6 +92,18 @@ def _restore_mean(weighted: Tensor, plain: Tensor) -> Tensor:
     float32, rounded once to the states' dtype."""
     previous, current = plain.float().mean(dim=(-2, -1), keepdim=True), weighted.float().mean(dim=(-2, -1), keepdim=True)
     return (weighted.float() * (previous / current)).to(weighted.dtype)
+
+
+def check_image_size(width: int, height: int, *, multiple: int) -> None:
+    """Refuse an image size whose sides are not multiples of ``multiple`` (a model's
+    :attr:`DiffusersSystem.size_multiple`), naming the nearest size that is.
+
+    Raises:
+        ValueError: ``"image size WxH: both sides must be multiples of M (the nearest: W'xH')"``.
+    """
+    if height % multiple or width % multiple:
+        near = "x".join(str(max(multiple, round(side / multiple) * multiple)) for side in (width, height))
+        raise ValueError(f"image size {width}x{height}: both sides must be multiples of {multiple} (the nearest: {near})")
 
 
 def _weigh_states(states: Tensor, weights: Tensor) -> Tensor:
@@ -373,14 +385,14 @@ class DiffusersSystem(nn.Module):
 
     def _save_ldm(self, target: Path, dtype: torch.dtype | None, metadata: dict[str, str], ema: Any = None) -> Path:
         from .formats.files import write_safetensors
-        from .formats.model_keys import diffusers_to_ldm, join_components
+        from .formats.model_keys import diffusers_to_ldm, ema_key, join_components
         from .formats.single_file import CONFIG_METADATA_KEY
 
         state = {k: v.detach() for k, v in join_components({c: m.state_dict() for c, m in self.components().items()}).items()}
         ldm = diffusers_to_ldm(state, architecture=self.architecture)
-        if ema is not None:  # CompVis LitEma: model_ema.<key after "model." with the dots removed>
+        if ema is not None:  # CompVis LitEma naming
             averaged = diffusers_to_ldm({f"unet.{k}": v.detach() for k, v in ema.unet.items()}, architecture=self.architecture)
-            ldm.update({"model_ema." + "".join(k.split(".")[1:]): v for k, v in averaged.items()})
+            ldm.update({ema_key(k): v for k, v in averaged.items()})
         if dtype is not None:
             ldm = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ldm.items()}
         if ema is not None:
@@ -629,14 +641,19 @@ class DiffusersSystem(nn.Module):
             ids = self.tokenize(prompts)
             return self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
         weighted = self.tokenize_weighted(prompts)  # {"ids": (B, L) / (B, 2, L), "weights": the same}
+        # one text-encoder pass: the weights multiply the finished states (condition's "weights"), so
+        # the weighted states are the plain ones times them — the same numbers as a second, weighted pass
         plain = self.condition({"ids": weighted["ids"], "time_ids": time_ids} if self.is_sdxl else weighted["ids"])
-        cond = self.condition({**weighted, "time_ids": time_ids} if self.is_sdxl else weighted)
+        weights = weighted["weights"]
         if not self.is_sdxl:
-            return _restore_mean(cond, plain)  # (B, L, D)
+            return _restore_mean(_weigh_states(plain, weights), plain)  # (B, L, D)
         width = int(self.text_encoder.config.hidden_size)  # context = [CLIP-L states | OpenCLIP-G states]
-        context = torch.cat([_restore_mean(cond["context"][..., :width], plain["context"][..., :width]),
-                             _restore_mean(cond["context"][..., width:], plain["context"][..., width:])], dim=-1)
-        return {**cond, "context": context}
+        parts = (plain["context"][..., :width], plain["context"][..., width:])
+        # joined, then sliced: each part's mean reduced over the same memory layout as condition's output
+        cond = torch.cat([_weigh_states(part, weights[:, row]) for row, part in enumerate(parts)], dim=-1)
+        context = torch.cat([_restore_mean(cond[..., :width], parts[0]), _restore_mean(cond[..., width:], parts[1])],
+                            dim=-1)
+        return {**plain, "context": context}  # (text_embeds, the pooled output, unweighted)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
@@ -661,10 +678,7 @@ class DiffusersSystem(nn.Module):
         weighted text states rescaled to their unweighted mean; :meth:`_prompt_condition`).
         """
         height, width = height or self.image_size, width or self.image_size
-        if height % self.size_multiple or width % self.size_multiple:
-            m = self.size_multiple
-            near = "x".join(str(max(m, round(side / m) * m)) for side in (width, height))
-            raise ValueError(f"image size {width}x{height}: both sides must be multiples of {m} (the nearest: {near})")
+        check_image_size(width, height, multiple=self.size_multiple)
         from . import samplers
 
         name = samplers.canonical_sampler(sampler)  # (ValueError for an unknown one, before any work)

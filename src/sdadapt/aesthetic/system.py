@@ -121,23 +121,29 @@ def aesthetic_sample(system, prompts: list[str], embedding: Tensor, *, projectio
                      text: str | None = None, text_angle: float = 0.1, text_negative: bool = False,
                      seed: int = 0, steps: int = 25, guidance: float | None = None, negative: str = "",
                      sampler: str = "ddim", karras: bool = False, height: int | None = None,
-                     width: int | None = None) -> Tensor:
+                     width: int | None = None, schedule: str | None = None, info: dict | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] for ``prompts`` with aesthetic gradients (``generate --aesthetic``).
 
     The prompts' conditioning is :func:`aesthetic_conditioning`, passed to
     :func:`sdadapt.sampling.generate` as ``cond=`` (the one sampling path ``generate`` uses); the
     negative/unconditional branch uses the unmodified encoder (as the original does for the
-    empty prompt). ``steps``, ``guidance``, ``sampler``, ``karras``, ``height``/``width`` are
+    empty prompt). ``steps``, ``guidance``, ``sampler``, ``karras``, ``height``/``width``,
+    ``schedule`` (A1111's "Schedule type") and ``info`` (``dpm_adaptive``'s report) are
     :func:`sdadapt.sampling.generate`'s (``guidance`` default: the system's own default). With
     ``weight=0`` (or ``aesthetic_steps=0``) the images equal plain ``generate`` bit for bit.
 
     Raises:
         TypeError: ``system.sample`` takes no ``cond=`` override (the toy and Stable Diffusion systems do).
+        ValueError: an unknown sampler or ``schedule``, or one the sampler does not take (before the
+            text encoder is personalised).
     """
+    from .. import samplers
     from ..sampling import generate
+
+    samplers.resolve_schedule(samplers.canonical_sampler(sampler), schedule, karras)  # (refused before the work)
 
     cond = aesthetic_conditioning(system, prompts, embedding, projection=projection, aesthetic_steps=aesthetic_steps,
                                   lr=lr, weight=weight, slerp=slerp, text=text, text_angle=text_angle,
                                   text_negative=text_negative)
     return generate(system, prompts, negative=negative, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
-                    karras=karras, height=height, width=width, cond=cond)
+                    karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info)

@@ -10,6 +10,7 @@ Thin argparse shell over :func:`sdadapt.loratools.convert.convert_lora`,
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .options import add_output_options, safe_text, torch_dtype
@@ -58,7 +59,10 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
         line += " ...)" if len(report.dropped) > 3 else ")"
     for note in report.notes:
         line += f"; {safe_text(note)}"
-    print(line + f"; max |Δ| {report.max_delta:.3g} (read back)")
+    delta = report.max_delta
+    why = "" if math.isfinite(delta) else (": a NaN appeared or vanished" if math.isnan(delta)
+                                           else ": an infinity appeared or vanished, or whole numbers differ")
+    print(line + f"; max |Δ| {delta:.3g} (read back{why})")
     return 0
 
 

@@ -28,6 +28,8 @@ def _clamp(value: float) -> float | None:
 
 
 def _summary(report, verb: str) -> str:
+    if not report.layers:
+        return f"{verb} {safe_text(report.path)}: no layers, base model {report.base_model}"
     by_component: dict[str, int] = {}
     for name in report.layers:
         component = name.split(":", 1)[0]
@@ -111,7 +113,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
         base_model=args.base_model, dtype=torch_dtype(args.dtype), overwrite=args.overwrite, base=args.base,
     )
     _print_skipped(report)
-    print(f"wrote {safe_text(report.path)} ({args.mode}) from {len(args.loras)} LoRAs")
+    print(_summary(report, f"combined {len(args.loras)} files ({args.mode}), wrote"))
     return 0
 
 

@@ -599,38 +599,32 @@ def _check_lycoris_args(method: str, chosen: dict) -> None:
                              + ("`python -m sdadapt train dora`" if wants else "leave dora_wd out"))
 
 
-#: options a kohya config / network_args carry for every LyCORIS algo that LyCORIS' IA3Module ignores
-_IA3_IGNORED = ("rank", "alpha", "conv_rank", "conv_alpha", "use_tucker", "dropout", "rank_dropout")
+#: the options a kohya config / network_args carry for every LyCORIS algo (the kohya_ss GUI writes ``network_dim`` /
+#: ``network_alpha``, ``conv_dim`` ... whatever the algo) that a method's LyCORIS modules take and ignore, and why
+_LYCORIS_IGNORED: dict[str, tuple[tuple[str, ...], str]] = {
+    "ia3": (("rank", "alpha", "conv_rank", "conv_alpha", "use_tucker", "dropout", "rank_dropout"),
+            ("(IA)³ trains one vector per layer (no rank, alpha, Tucker core or dropout of hidden units), as LyCORIS' "
+             "IA3Module ignores them")),
+    **dict.fromkeys(("diag-oft", "boft"), (
+        ("alpha", "conv_alpha", "use_tucker", "dropout", "rank_dropout"),
+        ("OFT rotates blocks (network_dim is the block size; its alpha is network_args constraint=...); LyCORIS' OFT "
+         "modules ignore them too (all but Diag-OFT's rank_dropout, which sdadapt's OFT does not have)"))),
+}
 
 
-def _drop_ia3_ignored(chosen: dict, *, keep: set[str], notes: list[str]) -> None:
-    """``train ia3`` from a kohya config: the kohya_ss GUI writes ``network_dim`` / ``network_alpha`` (and
-    ``conv_dim`` ... in ``network_args``) whatever the algo, and LyCORIS' ``IA3Module`` takes and ignores
-    them (one vector per layer: no rank, alpha, Tucker core or neuron/rank dropout); drop them with a
-    note. Those given as flags (``keep``) stay, and are refused as options of other methods."""
-    dropped = [name for name in _IA3_IGNORED if name in chosen and name not in keep]
+def _drop_lycoris_ignored(method: str, chosen: dict, *, keep: set[str], notes: list[str]) -> None:
+    """``train ia3`` / ``diag-oft`` / ``boft`` from a kohya config: drop the options of
+    :data:`_LYCORIS_IGNORED` that the method's LyCORIS modules ignore (OFT's ``alpha`` is the
+    ``constraint``), with a note. Those given as flags (``keep``) stay, and are refused as options of
+    other methods. Other methods: nothing."""
+    if method not in _LYCORIS_IGNORED:
+        return
+    ignored, reason = _LYCORIS_IGNORED[method]
+    dropped = [name for name in ignored if name in chosen and name not in keep]
     for name in dropped:
         del chosen[name]
     if dropped:
-        notes.append(f"ignored {', '.join(dropped)} for ia3: (IA)³ trains one vector per layer (no rank, alpha, "
-                     "Tucker core or dropout of hidden units), as LyCORIS' IA3Module ignores them")
-
-
-#: options a kohya config / network_args carry for every LyCORIS algo that LyCORIS' OFT modules ignore
-_OFT_IGNORED = ("alpha", "conv_alpha", "use_tucker", "dropout", "rank_dropout")
-
-
-def _drop_oft_ignored(method: str, chosen: dict, *, keep: set[str], notes: list[str]) -> None:
-    """``train diag-oft`` / ``boft`` from a kohya config: ``network_alpha`` (and ``conv_alpha`` ...) come
-    with every LyCORIS config; LyCORIS' OFT modules take and ignore them (its ``alpha`` is the
-    ``constraint``): dropped with a note; those given as flags (``keep``) stay, and are refused."""
-    dropped = [name for name in _OFT_IGNORED if name in chosen and name not in keep]
-    for name in dropped:
-        del chosen[name]
-    if dropped:
-        notes.append(f"ignored {', '.join(dropped)} for {method}: OFT rotates blocks (network_dim is the block size; "
-                     "its alpha is network_args constraint=...); LyCORIS' OFT modules ignore them too (all but "
-                     "Diag-OFT's rank_dropout, which sdadapt's OFT does not have)")
+        notes.append(f"ignored {', '.join(dropped)} for {method}: {reason}")
 
 
 # ----------------------------------------------------------------------------------- train
@@ -806,10 +800,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         chosen.update(parse_network_args(args.network_args, method_options=set(method_options), source="--network-args"))
     chosen.update(given_methods)
     _check_lycoris_args(args.method, chosen)
-    if args.method == "ia3":
-        _drop_ia3_ignored(chosen, keep=set(given_methods), notes=notes)
-    if args.method in ("diag-oft", "boft"):
-        _drop_oft_ignored(args.method, chosen, keep=set(given_methods), notes=notes)
+    _drop_lycoris_ignored(args.method, chosen, keep=set(given_methods), notes=notes)
     config_defaults = "sdadapt"
     if kohya:  # a kohya config: kohya's defaults for what it and the flags leave out
         config_defaults, note = _apply_kohya_defaults(args.method, values, chosen, method_options=method_options)
@@ -1023,8 +1014,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         "values read as Python literals); each optimiser takes its own keys (an unknown one is refused, naming them); "
         "adafactor trains as kohya's: relative_step=True unless given (the LR then unused)")
     add(optim, "--scale-weight-norms", type=float, metavar="MAX",
-        help="lora/locon/loha/lokr: after each step shrink every adapter whose weight-delta norm exceeds MAX onto it "
-        "(kohya's max-norm regularisation, e.g. 1; default off)")
+        help="lora/locon/loha/lokr: after each step shrink every adapter whose weight-delta norm exceeds MAX onto it; "
+        "diag-oft/boft: each layer's oft_blocks norm, as LyCORIS (kohya's max-norm regularisation, e.g. 1; default off)")
     add(optim, "--lr-scheduler", choices=SCHEDULES, help="default cosine")
     add(optim, "--lr-warmup-steps", type=float, metavar="N",
         help="linear warm-up steps, or a fraction of the steps below 1 (default: min(20, steps/10))")
@@ -1118,7 +1109,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="full/dreambooth and the adapter methods with --mixed-precision bf16: keep the trained weights in bf16 "
         "(half the memory of fp32), written back with stochastic rounding (kohya's --full_bf16)")
     add(optim, "--full-fp16", action=bool_flag,
-        help="adapter methods (lora, locon, loha, lokr, dora, ia3) with --mixed-precision fp16: keep the adapters' "
+        help="adapter methods (lora, locon, loha, lokr, dora, ia3, diag-oft, boft, glora) with --mixed-precision fp16: "
+        "keep the adapters' "
         "weights in fp16, the loss scaler unscaling fp16 gradients; updates computed in float32, rounded to nearest "
         "(kohya's --full_fp16)")
     add(optim, "--fp8-base", action=bool_flag,

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_rank
 from .files import _check_is_file, read_safetensors_header, read_safetensors_scalars, sniff_format
-from .kohya import is_kohya_state
+from .kohya import _component_of, is_kohya_state
 
 __all__ = ["FILE_KINDS", "detect_kind", "describe_file"]
 
@@ -77,7 +77,7 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
     key_set = set(keys)
     if any("custom_diffusion" in k for k in keys):
         return "custom-diffusion"
-    if all(k.split("_", 2)[0] in ("lora", "oft") for k in keys) and is_kohya_state(dict.fromkeys(keys)):  # type: ignore[arg-type]
+    if is_kohya_state(dict.fromkeys(keys)):  # type: ignore[arg-type]
         layers: dict[str, set[str]] = {}
         for key in keys:
             layers.setdefault(key.split(".", 1)[0], set()).add(_suffix(key))
@@ -386,11 +386,8 @@ def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
 
 
 def _component(layer: str, kind: str) -> str:
-    if kind in ("kohya-lora", "lycoris"):
-        for prefix in ("lora_unet", "oft_unet", "lora_te1", "lora_te2", "lora_te"):
-            if layer.startswith(prefix + "_"):
-                return {"lora_unet": "unet", "oft_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                        "lora_te2": "text_encoder_2"}[prefix]
+    if kind in ("kohya-lora", "lycoris") and (found := _component_of(layer)) is not None:  # (kohya's prefixes)
+        return found[0]
     if kind in ("peft-lora", "peft-ia3"):
         return "model"
     return layer.split(".", 1)[0]

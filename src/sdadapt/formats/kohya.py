@@ -228,6 +228,15 @@ def from_kohya(
         if suffix == "alpha":
             value = value.to(torch.float32)
         out.setdefault(component, {})[f"{path}.{suffix}"] = value
+    old_oft = [key for key in unknown if key.endswith(".oft_diag")]
+    if old_oft:  # LyCORIS dev builds of Nov 2023 - Feb 2024 (32d1b25 .. 0389c74): docs/lycoris.md "Diag-OFT and BOFT"
+        raise WeightFileError(
+            f"{source}: {len(old_oft)} key(s) hold LyCORIS' old Diag-OFT 'oft_diag' tensor, e.g. {old_oft[:3]}: the "
+            "block matrices themselves (the rotation, with the old rescale folded in), from LyCORIS builds of Nov 2023 - "
+            "Feb 2024, before 'oft_blocks'. sdadapt does not read them: they are no generator of today's oft_blocks "
+            "(not even a rotation once rescaled). Train again with a current LyCORIS, or load the file in A1111 (it "
+            "applies oft_diag as given)."
+        )
     if unknown:
         raise WeightFileError(
             f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
@@ -250,7 +259,9 @@ def kohya_metadata(
     ``ss_network_dim``/``ss_network_alpha`` are the most common rank and alpha; ``ss_network_args``
     records ``conv_dim``/``conv_alpha`` when convolutions have their own rank. A state with LyCORIS
     tensors (LoHa, LoKr, Tucker, full, DoRA) gets ``ss_network_module = "lycoris.kohya"`` and
-    ``algo`` (plus ``dora_wd``/``use_tucker``) in the args, as LyCORIS writes them.
+    ``algo`` (plus ``dora_wd``/``use_tucker``) in the args, as LyCORIS writes them. An OFT-only state
+    (no rank) gets kohya's values for a LyCORIS OFT run: ``ss_network_dim`` the block size, ``ss_network_alpha``
+    1 (kohya's default, unused by OFT), the constraint and ``rescaled`` in the args.
     """
     _check_base_model(base_model)
     version, v2, architecture, implementation = BASE_MODELS[base_model]
@@ -259,6 +270,8 @@ def kohya_metadata(
     algorithms: dict[str, int] = {}
     lycoris_algos: dict[str, int] = {}
     train_norm = False
+    oft_blocks: dict[tuple[int, float], int] = {}  # (block size, constraint) of OFT layers, which have no rank
+    oft_rescaled = False
     for state in components.values():
         groups: dict[str, dict[str, Tensor]] = {}
         for key, value in state.items():
@@ -274,6 +287,10 @@ def kohya_metadata(
                 train_norm = True
             if algorithm == "unknown":
                 continue
+            if lycoris in ("diag-oft", "boft"):
+                key = (int(tensors["oft_blocks"].shape[-1]), float(tensors["alpha"]) if "alpha" in tensors else 0.0)
+                oft_blocks[key] = oft_blocks.get(key, 0) + 1
+                oft_rescaled |= "rescale" in tensors
             rank, is_kxk = file_rank({k: tuple(v.shape) for k, v in tensors.items()})
             if rank is None:
                 continue
@@ -281,6 +298,11 @@ def kohya_metadata(
             bucket = conv_ranks if is_kxk else ranks
             bucket[(rank, alpha)] = bucket.get((rank, alpha), 0) + 1
     dim, alpha = max(ranks, key=ranks.get) if ranks else (None, None)
+    oft_constraint = max(oft_blocks, key=oft_blocks.get)[1] if oft_blocks else 0.0
+    if dim is None and oft_blocks:  # an OFT-only state: what kohya's train_network writes for a LyCORIS OFT run,
+        # network_dim (the block size: given back as LyCORIS' network_dim it rebuilds this layout) and
+        # network_alpha (kohya's default 1; LyCORIS' OFT ignores it, its constraint is an arg)
+        dim, alpha = max(oft_blocks, key=oft_blocks.get)[0], 1.0
     args: dict[str, str] = {}
     if conv_ranks:
         conv_dim, conv_alpha = max(conv_ranks, key=conv_ranks.get)
@@ -294,6 +316,10 @@ def kohya_metadata(
         args["algo"] = max(lycoris_algos, key=lycoris_algos.get) if lycoris_algos else "lora"
         if train_norm:
             args["train_norm"] = "True"
+        if oft_constraint:
+            args["constraint"] = _num(float(f"{oft_constraint:.7g}"))  # the float32 alpha's shortest decimal
+        if oft_rescaled:
+            args["rescaled"] = "True"
         if any("dora" in a for a in algorithms):
             args["dora_wd"] = "True"
         if any("tucker" in a for a in algorithms):

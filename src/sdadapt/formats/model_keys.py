@@ -47,6 +47,7 @@ __all__ = [
     "convert_checkpoint",
     "ldm_to_diffusers",
     "diffusers_to_ldm",
+    "ema_key",
     "split_components",
     "join_components",
 ]
@@ -355,6 +356,13 @@ def convert_checkpoint(
     if strict and not report.ok:
         raise KeyMapError(f"cannot convert the checkpoint to {to} naming: {report.problems()}{_FIX_HINT}", report)
     return dict(apply_plan(plan, state.__getitem__)), report
+
+
+def ema_key(key: str) -> str:
+    """The CompVis ``LitEma`` name of an LDM UNet key: ``model_ema.`` + the key after ``model.`` with
+    its dots removed (``model.diffusion_model.out.0.weight`` -> ``model_ema.diffusion_modelout0weight``),
+    as CompVis training writes the EMA copy and diffusers' ``extract_ema=True`` reads it."""
+    return "model_ema." + "".join(key.split(".")[1:])
 
 
 def ldm_to_diffusers(

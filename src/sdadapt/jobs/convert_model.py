@@ -26,6 +26,7 @@ do, for SD1, SD2 (v-prediction too) and SDXL:
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -66,7 +67,9 @@ class ModelConversion:
         ema: ``"used"`` (the EMA weights are the UNet), ``"dropped"`` (the input had them) or ``"none"``.
         ema_tensors: the input's EMA tensors (without ``decay``/``num_updates``).
         dropped: other input entries left out (schedule buffers, ``global_step``, CLIP ``position_ids`` ...).
-        max_delta: largest |Δ| between what was loaded (after ``vae``) and the output read back (float64).
+        max_delta: largest |Δ| between what was loaded (after ``vae``) and the output read back (float64;
+            NaN where both hold NaN at the same place counts as equal: ``nan`` says a NaN appeared or
+            vanished, ``inf`` that an infinity did or integer tensors differ).
         notes: what else to know (the VAE baked in, an assumed prediction type ...).
     """
 
@@ -162,8 +165,10 @@ def _save(system, out: Path, *, dtype: torch.dtype | None, metadata: dict[str, s
 # ------------------------------------------------------------------------------------------- reading
 def _ema_state(state: Mapping[str, Tensor], file: Path) -> dict[str, Tensor]:
     """The LDM state with every ``model.diffusion_model.*`` tensor taken from its ``model_ema.*`` copy."""
+    from ..formats.model_keys import ema_key
+
     unet = [k for k in state if k.startswith("model.diffusion_model.")]
-    names = {k: _EMA_PREFIX + "".join(k.split(".")[1:]) for k in unet}  # CompVis LitEma naming
+    names = {k: ema_key(k) for k in unet}  # CompVis LitEma naming
     missing = [k for k, name in names.items() if name not in state]
     if missing:
         raise WeightFileError(f"{file}: --ema: the EMA copy lacks {len(missing)} of the {len(unet)} UNet tensors (e.g. "
@@ -316,10 +321,29 @@ def _max_delta(written: Mapping[str, Tensor], read: Mapping[str, Tensor], *, nam
             continue  # (bit-identical: |Δ| 0 without the float64 copies)
         if not tensor.is_floating_point():
             if not torch.equal(tensor, other):
-                return float("inf")
+                worst = _worse(worst, float("inf"))
             continue
-        worst = max(worst, float((tensor.double() - other.double()).abs().max()))
+        worst = _worse(worst, _tensor_delta(tensor, other))
     return worst
+
+
+def _tensor_delta(written: Tensor, read: Tensor) -> float:
+    """Largest |a - b| (float64) of two same-shaped floating tensors, NaN and inf told honestly: a
+    NaN at the same place in both, or the same infinity, is equal; a NaN that appears or vanishes is
+    NaN, an infinity against anything else inf (Python's ``max`` would skip a NaN)."""
+    x, y = written.double(), read.double()
+    same = (x == y) | (x.isnan() & y.isnan())  # (equal infinities compare equal; their difference would be NaN)
+    if bool(same.all()):
+        return 0.0
+    x, y = x[~same], y[~same]
+    if bool((x.isnan() | y.isnan()).any()):
+        return float("nan")
+    return float((x - y).abs().max())  # (inf where an infinity meets a finite value or the other infinity)
+
+
+def _worse(a: float, b: float) -> float:
+    """The worse of two |Δ|: NaN over everything, then the larger."""
+    return a if math.isnan(a) else b if math.isnan(b) else max(a, b)
 
 
 def _read_back(target: Path, to: str, modules: Mapping[str, nn.Module], *, dtype: torch.dtype | None) -> tuple[float, str]:
@@ -345,7 +369,7 @@ def _read_back(target: Path, to: str, modules: Mapping[str, nn.Module], *, dtype
             options = {"torch_dtype": kinds.pop()} if kinds <= set(_COMMON_DTYPES) and len(kinds) == 1 and name in (
                 "unet", "vae") else {}
             state = classes[name].from_pretrained(target / name, **options).state_dict()
-            worst = max(worst, _max_delta(module.state_dict(), state, name=name, path=target))
+            worst = _worse(worst, _max_delta(module.state_dict(), state, name=name, path=target))
             del state
         config = json.loads((target / "scheduler" / "scheduler_config.json").read_text())
         prediction = config.get("prediction_type", "epsilon")
@@ -357,7 +381,7 @@ def _read_back(target: Path, to: str, modules: Mapping[str, nn.Module], *, dtype
         flat = {f"{c}.{k}": v for c, part in checkpoint.components.items() for k, v in part.items()}
         states = split_components(flat, expected={c: m.state_dict().keys() for c, m in modules.items()})
         for name, module in modules.items():
-            worst = max(worst, _max_delta(module.state_dict(), states.get(name, {}), name=name, path=target))
+            worst = _worse(worst, _max_delta(module.state_dict(), states.get(name, {}), name=name, path=target))
         prediction = checkpoint.prediction_type
     return worst, prediction
 

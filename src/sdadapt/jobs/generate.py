@@ -120,8 +120,9 @@ def run_generate(
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is false (checked before loading anything).
-        ValueError: an empty prompt, a bad size or sampler, a LoRA or hypernetwork that does not fit
-            the model. WeightFileError: a ``hypernetworks`` file that is no hypernetwork (its kind named).
+        ValueError: an empty prompt, a bad size (both ``width`` and ``height`` given: checked before
+            the model loads, from its configs or file header, :func:`.model_size.model_size_multiple`)
+            or sampler, a LoRA or hypernetwork that does not fit the model. WeightFileError: a ``hypernetworks`` file that is no hypernetwork (its kind named).
     """
     from ..formats.files import WeightFileError, check_output_file
     from ..images import write_png
@@ -179,6 +180,13 @@ def run_generate(
         from .aesthetic import check_aesthetic_request
 
         check_aesthetic_request(model, aesthetic, clip=aesthetic_clip)
+    if width is not None and height is not None:  # a size the model cannot make costs no model load
+        from ..diffusers_system import check_image_size
+        from .model_size import model_size_multiple
+
+        multiple = model_size_multiple(model)
+        if multiple is not None:
+            check_image_size(width, height, multiple=multiple)  # (the message the loaded model's sample gives)
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)

@@ -107,7 +107,8 @@ class TrainOptions:
     must be left out or agree; Adafactor gets kohya's defaults — ``relative_step=True`` unless the
     arguments say otherwise, the LR and schedule then unused — :mod:`sdadapt.jobs.train_optimizer`),
     ``scale_weight_norms`` (lora, locon, loha, lokr: after
-    each step shrink every adapter whose ‖ΔW‖ exceeds it onto that norm; kohya's max-norm
+    each step shrink every adapter whose ‖ΔW‖ exceeds it onto that norm; diag-oft, boft: ‖oft_blocks‖, as
+    LyCORIS; kohya's max-norm
     regularisation, :mod:`sdadapt.training.max_norm`), ``lr_scheduler``, ``lr_warmup_steps`` (a count, or a fraction of the steps
     when < 1), ``lr_scheduler_num_cycles``, ``max_grad_norm`` (0 = no clipping),
     ``mixed_precision`` (``no``/``fp16``/``bf16``), ``min_snr_gamma`` (0 = off), ``noise_offset``,
@@ -831,9 +832,11 @@ def _check_optimizer_args(options: TrainOptions) -> None:
 
 _LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 #: the methods whose adapters --scale-weight-norms shrinks (sdadapt.training.max_norm.MAX_NORM_FAMILIES)
-_MAX_NORM_METHODS = ("lora", "locon", "loha", "lokr")
-#: the methods kohya's --fp8_base serves (train_network.py): adapters over a frozen base
-_FP8_BASE_METHODS = ("lora", "locon", "loha", "lokr", "dora", "ia3")
+_MAX_NORM_METHODS = ("lora", "locon", "loha", "lokr", "diag-oft", "boft")
+#: the methods kohya's --fp8_base serves (train_network.py): adapters over a frozen base (LyCORIS' OFT and GLoRA
+#: read the base weight: OFT's rotation upcasts it to float32 (its Cayley inverse too), GLoRA's W·a1·a2 runs under
+#: the run's autocast as the base layer does)
+_FP8_BASE_METHODS = ("lora", "locon", "loha", "lokr", "dora", "ia3", "diag-oft", "boft", "glora")
 _HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
@@ -1312,10 +1315,11 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
     if options.scale_weight_norms is not None and method not in _MAX_NORM_METHODS:
-        raise ValueError(f"--scale-weight-norms {options.scale_weight_norms} shrinks LoRA-family adapters "
+        raise ValueError(f"--scale-weight-norms {options.scale_weight_norms} shrinks LoRA-family and OFT adapters "
                          f"({', '.join(_MAX_NORM_METHODS)}), not {method}"
                          + (" (DoRA renormalises W + ΔW to its magnitude: shrinking ΔW does not bound the change)"
-                            if method == "dora" else ""))
+                            if method == "dora" else " (LyCORIS defines no max norm for GLoRA: its kohya network "
+                            "skips GLoRA modules)" if method == "glora" else ""))
     weights_file = options.method_options.get("network_weights")
     if weights_file is not None and not Path(weights_file).exists():  # (a peft adapter is a folder)
         raise FileNotFoundError(f"--network-weights {weights_file}: no such file (give the LoRA/LyCORIS file to start from)")

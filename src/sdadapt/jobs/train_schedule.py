@@ -267,7 +267,7 @@ def schedule_fit_args(options: TrainOptions, *, total: int, relative_step: bool 
     schedule = None if relative_step else torch_schedule(options)
     if relative_step or options.lr_scheduler == "piecewise_constant" or schedule is not None:
         warmup_steps = 0
-    return {"torch_schedule": schedule,"schedule": "constant" if relative_step else options.lr_scheduler, "warmup_steps": warmup_steps,
+    return {"torch_schedule": schedule, "schedule": "constant" if relative_step else options.lr_scheduler, "warmup_steps": warmup_steps,
             "num_cycles": options.lr_scheduler_num_cycles, "lr_power": float(options.lr_scheduler_power),
             "lr_end": kwargs.get("lr_end", 1e-7), "schedule_base_lr": options.learning_rate,
             "min_lr_ratio": _min_lr_ratio(options, kwargs, learning_rate), "decay_steps": step_count(options.lr_decay_steps, total, shares=shares),

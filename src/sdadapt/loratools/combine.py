@@ -50,6 +50,7 @@ from ..formats.layers import group_by_layer
 from .extract import check_clamp, check_rank_method, factors_from_svd
 from .output import (
     BaseLayers,
+    LayerReport,
     LoRAJobReport,
     base_layers_per_block,
     check_base_model,
@@ -211,6 +212,7 @@ def combine_lora_states(
     component: str = "unet",
     dropped: dict[str, str] | None = None,
     source: str = "<states>",
+    layers: dict[str, LayerReport] | None = None,
 ) -> dict[str, Tensor]:
     """Combine several adapters of one component into one LoRA: ``Σ s_i Δ_i`` per layer.
 
@@ -230,6 +232,9 @@ def combine_lora_states(
         component: the component the states belong to (to find layers in ``base``).
         dropped: receives ``{"component:layer.bias": reason}`` for bias deltas (``diff_b``), which
             a LoRA cannot hold and the output leaves out.
+        layers: receives ``{"component:layer": LayerReport}``: the written rank and alpha, ``norm`` =
+            ``‖Σ s_i Δ_i‖_F`` and ``residual_norm`` = ``‖Σ s_i Δ_i − (alpha/r)·up⋅down‖_F`` of the factors
+            as written (after the cast to ``dtype``), float64 — the error ``extract``/``resize`` report.
 
     Returns:
         the combined canonical LoRA state (``lora_down.weight``, ``lora_up.weight``, ``alpha``).
@@ -254,26 +259,52 @@ def combine_lora_states(
     for layer, (layer_tensors, layer_strengths) in per_layer.items():
         with layer_errors(source, f"{component}:{layer}"):
             if all(is_plain_lora(t) for t in layer_tensors):
-                combined = _combine_plain(layer_tensors, layer_strengths, mode=mode, rank=rank, conv_rank=conv_rank,
-                                          method=method, param=param, clamp_quantile=clamp_quantile, name=layer)
+                combined, wanted = _combine_plain(layer_tensors, layer_strengths, mode=mode, rank=rank,
+                                                  conv_rank=conv_rank, method=method, param=param,
+                                                  clamp_quantile=clamp_quantile, name=layer)
             else:
-                combined = _combine_dense(layer_tensors, layer_strengths, mode=mode, rank=rank, conv_rank=conv_rank,
-                                          method=method, param=param, clamp_quantile=clamp_quantile, base=base,
-                                          component=component, layer=layer, dropped=dropped)
+                combined, wanted = _combine_dense(layer_tensors, layer_strengths, mode=mode, rank=rank,
+                                                  conv_rank=conv_rank, method=method, param=param,
+                                                  clamp_quantile=clamp_quantile, base=base, component=component,
+                                                  layer=layer, dropped=dropped)
             for part in ("lora_down.weight", "lora_up.weight"):
                 value = combined[part]
                 check_result(value, key=f"{layer}.{part}", what="the combined factors", hint="lower --scale")
                 out[f"{layer}.{part}"] = cast_checked(value, dtype or torch.float32, key=f"{layer}.{part}", hint=hint)
         out[f"{layer}.alpha"] = combined["alpha"]
+        if layers is not None:
+            down, up = out[f"{layer}.lora_down.weight"], out[f"{layer}.lora_up.weight"]
+            written = _product({"lora_down.weight": down, "lora_up.weight": up, "alpha": combined["alpha"]})
+            layers[f"{component}:{layer}"] = LayerReport(int(down.shape[0]), float(combined["alpha"]),
+                                                         float((wanted - written).norm()), float(wanted.norm()))
     return out
+
+
+def _product(tensors: Mapping[str, Tensor]) -> Tensor:
+    """``(alpha / r) · up ⋅ down`` of one LoRA layer as a float64 (out, in · k) matrix."""
+    down, up = tensors["lora_down.weight"].double(), tensors["lora_up.weight"].double()
+    rank = down.shape[0]
+    alpha = tensors.get("alpha")
+    scale = lora_scale(None if alpha is None else float(alpha), rank)
+    return scale * (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1))  # (out, in · k)
+
+
+def _plain_sum(layers: Sequence[Mapping[str, Tensor]], strengths: Sequence[float]) -> Tensor:
+    """``Σ s_i Δ_i`` of LoRA/LoCon layers, float64 (out, in · k)."""
+    total = _product(layers[0]) * float(strengths[0])
+    for tensors, strength in zip(layers[1:], strengths[1:]):
+        total = total + _product(tensors) * float(strength)
+    return total
 
 
 def _combine_plain(
     layers: Sequence[Mapping[str, Tensor]], strengths: Sequence[float], *, mode: str, rank: int | None,
     conv_rank: int | None, method: str, param: float | None, clamp_quantile: float | None, name: str,
-) -> dict[str, Tensor]:
-    """LoRA/LoCon layers only: concatenation, then (svd) the SVD of the product from the thin factors."""
+) -> tuple[dict[str, Tensor], Tensor]:
+    """LoRA/LoCon layers only: concatenation, then (svd) the SVD of the product from the thin factors.
+    Returns ``(the combined layer, Σ s_i Δ_i float64 (out, in · k))``."""
     combined = concat_layers(layers, strengths, name=name)
+    wanted = _plain_sum(layers, strengths)  # (out, in · k)
     down, up = combined["lora_down.weight"], combined["lora_up.weight"]
     if mode == "svd":
         total = down.shape[0]
@@ -290,15 +321,16 @@ def _combine_plain(
             new_down = new_down.reshape(r, *down.shape[1:])
         combined = {"lora_down.weight": new_down, "lora_up.weight": new_up,
                     "alpha": torch.tensor(alpha, dtype=torch.float32)}
-    return combined
+    return combined, wanted
 
 
 def _combine_dense(
     layers: Sequence[Mapping[str, Tensor]], strengths: Sequence[float], *, mode: str, rank: int | None,
     conv_rank: int | None, method: str, param: float | None, clamp_quantile: float | None,
     base: BaseLayers | None, component: str, layer: str, dropped: dict[str, str] | None,
-) -> dict[str, Tensor]:
-    """A layer with at least one non-LoRA input: dense deltas through the registry, then SVD."""
+) -> tuple[dict[str, Tensor], Tensor]:
+    """A layer with at least one non-LoRA input: dense deltas through the registry, then SVD.
+    Returns ``(the combined layer, Σ s_i Δ_i float64 (out, in · k))``."""
     name = f"{component}:{layer}"
     implied = [weight_shape_of_file_tensors(t, name=name) for t in layers]
     known = [s for s in implied if s is not None]
@@ -342,9 +374,11 @@ def _combine_dense(
         factored = dense_lora_factors(dense, rank=target)
     pseudo = {"lora_down.weight": factored.down, "lora_up.weight": factored.up,
               "alpha": torch.tensor(factored.alpha, dtype=torch.float32)}
+    wanted = dense.double().reshape(dense.shape[0], -1)  # (out, in · k)
     if not plain_layers:
-        return pseudo
-    return concat_layers([*plain_layers, pseudo], [*plain_strengths, 1.0], name=name)
+        return pseudo, wanted
+    wanted = wanted + _plain_sum(plain_layers, plain_strengths)
+    return concat_layers([*plain_layers, pseudo], [*plain_strengths, 1.0], name=name), wanted
 
 
 # -------------------------------------------------------------------------------- the file job
@@ -375,8 +409,9 @@ def combine_loras(
             low-rank ``w2``: the error says so).
 
     Returns:
-        the :class:`LoRAJobReport`; bias deltas (``diff_b``), which a LoRA cannot hold, are
-        listed in ``skipped``.
+        the :class:`LoRAJobReport`: each written layer's rank, alpha and error ``‖Σ s_i Δ_i − LoRA‖_F``
+        (of the factors as written, float64); bias deltas (``diff_b``), which a LoRA cannot hold,
+        are listed in ``skipped``.
     """
     check_rank_method(method, param)
     check_save_dtype(dtype)
@@ -399,6 +434,7 @@ def combine_loras(
     names = sorted({c for components, _ in loaded for c in components})
     combined: dict[str, dict[str, Tensor]] = {}
     skipped: dict[str, str] = {}
+    written_layers: dict[str, LayerReport] = {}
     layers_of_base = BaseLayers(base) if base is not None else None
     try:
         for component in names:
@@ -407,11 +443,12 @@ def combine_loras(
                 [p[0] for p in present], [p[1] for p in present], mode=mode, rank=rank, conv_rank=conv_rank,  # type: ignore[arg-type]
                 method=method, param=param, clamp_quantile=clamp_quantile, dtype=dtype, base=layers_of_base,
                 component=component, dropped=skipped, source=", ".join(str(p) for p in loras),
+                layers=written_layers,
             )
     finally:
         if layers_of_base is not None:
             layers_of_base.close()
-    report = LoRAJobReport(path=Path(out), base_model=model, skipped=skipped)
+    report = LoRAJobReport(path=Path(out), base_model=model, layers=written_layers, skipped=skipped)
     meta = {
         "ss_training_comment": "combined by sdadapt: "
         + ", ".join(f"{s:g} x {Path(p).name}" for p, s in zip(loras, values)) + f" ({mode})",

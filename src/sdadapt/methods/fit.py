@@ -1163,12 +1163,12 @@ def fit(
             if config.schedule_free:  # the weights gradients are taken at (y); a no-op when in train mode already
                 switch_mode(optimizer, train=True)
             for group in optimizer.param_groups:
-                lr = (config.lr_at(position, group["base_lr"]) * group["lr_scale"]
-                      if config.torch_schedule is None  # (torch's schedules start from each group's own LR)
-                      # (a group whose LR is 0 stays frozen: kohya leaves it out of the optimiser, so OneCycleLR's
-                      # max_lr never reaches it)
-                      else config.lr_at(position, group["base_lr"] * group["lr_scale"])
-                      if group["base_lr"] * group["lr_scale"] != 0 else 0.0)
+                if config.torch_schedule is None:
+                    lr = config.lr_at(position, group["base_lr"]) * group["lr_scale"]
+                else:  # torch's schedules start from each group's own LR; a group whose LR is 0 stays frozen
+                    # (kohya leaves it out of the optimiser, so OneCycleLR's max_lr never reaches it)
+                    own = group["base_lr"] * group["lr_scale"]
+                    lr = config.lr_at(position, own) if own != 0 else 0.0
                 if isinstance(group["lr"], Tensor):
                     group["lr"].fill_(lr)  # in place: a captured graph reads this tensor
                 else:

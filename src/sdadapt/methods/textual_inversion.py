@@ -35,6 +35,7 @@ from ..embeddings import (
     initial_embedding,
     inject_embedding,
 )
+from ..embeddings.inject import _WIDTHS
 from ..errors import InputError
 from ..formats.embeddings import load_embedding, save_embedding
 from .system import system_models
@@ -282,11 +283,8 @@ class TextualInversion:
         self._frozen.restore()
 
 
-#: the token-table widths of the usual text encoders, to name a mismatch
-_WIDTHS = {768: "SD1 (CLIP ViT-L) or SDXL's clip_l", 1024: "SD2 (OpenCLIP ViT-H)", 1280: "SDXL's clip_g (OpenCLIP ViT-bigG)"}
-
-
 def _width_name(width: int) -> str:
+    """``"768 wide: SD1 / SDXL CLIP-L"`` (the usual text encoders' token-table widths: :mod:`sdadapt.embeddings.inject`'s)."""
     return f"{width} wide: {_WIDTHS[width]}" if width in _WIDTHS else f"{width} wide"
 
 

@@ -10,7 +10,8 @@ generator with the same seed gives the same image. ``karras=True`` is diffusers'
 Euler σ grid; ``dpmsolver++_3m_sde`` corrects one weight of diffusers' third-order SDE step; ``dpmpp_sde``
 draws its Brownian tree's seed from ``generator`` (diffusers: from the global RNG) and needs torchsde.
 ``schedule=`` is A1111's "Schedule type" (:mod:`.schedules`): the σ samplers on A1111's grids instead of
-diffusers' (:data:`SCHEDULE_SAMPLERS`).
+diffusers' (:data:`SCHEDULE_SAMPLERS`), DPM2, DPM2 a and DPM++ 3M SDE with A1111's ``discard_next_to_last_sigma``
+(:data:`DISCARD_NEXT_TO_LAST_SIGMA`).
 
 ``sample_latents`` is the one entry point: it adds classifier-free guidance
 (:func:`sdadapt.training.diffusion.guided`) and dispatches by name. ``ddim`` is
@@ -45,10 +46,16 @@ from .lcm import lcm_sample
 from .lms import lms_sample
 from .pndm import pndm_sample
 from .restart import restart_sample
-from .schedules import A1111_AUTOMATIC, SCHEDULES, canonical_schedule
+from .schedules import (
+    A1111_AUTOMATIC,
+    DISCARD_NEXT_TO_LAST_SIGMA,
+    SCHEDULES,
+    canonical_schedule,
+)
 from .unipc import unipc_sample
 
-__all__ = ["KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES", "SCHEDULE_SAMPLERS", "canonical_sampler",
+__all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
+           "SCHEDULE_SAMPLERS", "canonical_sampler",
            "check_karras", "resolve_schedule", "sample_latents"]
 
 #: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
@@ -166,7 +173,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    alphas_cumprod: Tensor, num_steps: int, uncond: object | None = None, guidance_scale: float = 1.0,
                    prediction_type: str = "epsilon", karras: bool = False, generator: torch.Generator | None = None,
                    callback: Callable[[int, Tensor, Tensor], None] | None = None, schedule: str | None = None,
-                   **options) -> Tensor:
+                   discard_next_to_last_sigma: bool | None = None, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given.
 
@@ -175,15 +182,25 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     device, then moved, as diffusers does); ``callback(i, t, x)`` sees each step's sample;
     ``options``: the sampler's own (``ddim``: ``eta``, ``final_alpha_cumprod``, ``clip_sample``...).
     ``schedule``: A1111's "Schedule type" (:func:`resolve_schedule`; ``None``: the sampler's diffusers grid),
-    for :data:`SCHEDULE_SAMPLERS`; ``"karras"`` on a sampler in :data:`KARRAS_SAMPLERS` is ``karras=True``.
+    for :data:`SCHEDULE_SAMPLERS`; ``"karras"`` on a sampler in :data:`KARRAS_SAMPLERS` is ``karras=True``, but on
+    DPM2, DPM2 a and DPM++ 3M SDE (:data:`DISCARD_NEXT_TO_LAST_SIGMA`), which run any schedule as A1111 does:
+    the grid of n + 1 steps without its next-to-last σ (``karras=True`` alone stays diffusers' Karras grid).
+    ``discard_next_to_last_sigma`` (with a ``schedule``): ``None``, A1111's choice per sampler (those three);
+    ``True``, every sampler (A1111's setting "Always discard next-to-last sigma"); ``False``, none. It does nothing
+    where the schedule resolves to the sampler's own steps (``"automatic"`` on ``ddim``, ``lcm``...), as in A1111.
 
     Raises:
         ValueError: an unknown sampler or schedule, ``karras=True`` for a sampler without Karras σ, a schedule
-            for a sampler without a σ grid.
+            for a sampler without a σ grid, ``discard_next_to_last_sigma=True`` without a schedule.
     """
     name = canonical_sampler(sampler)
+    if discard_next_to_last_sigma and schedule is None:
+        raise ValueError("discard_next_to_last_sigma=True drops a σ of A1111's grid: give a schedule too "
+                         "(schedule='automatic' is A1111's default); without one the sampler runs diffusers' grid")
     schedule = resolve_schedule(name, schedule, karras)
-    if schedule == "karras" and name in KARRAS_SAMPLERS:
+    discard = schedule is not None and (name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
+                                        else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one)
+    if schedule == "karras" and name in KARRAS_SAMPLERS and not discard:
         karras, schedule = True, None
     check_karras(name, karras)
     if name == "ddim":
@@ -196,5 +213,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         options["karras"] = True
     if schedule is not None:
         options["schedule"] = schedule
+    if discard:
+        options["discard_next_to_last_sigma"] = True
     return run(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)

@@ -29,11 +29,12 @@ __all__ = ["dpm2_ancestral_sample", "dpm2_sample"]
 
 def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str, steps_offset: int,
-         ancestral: bool, schedule: str | None = None) -> Tensor:
+         ancestral: bool, schedule: str | None = None, discard_next_to_last_sigma: bool = False) -> Tensor:
     """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step."""
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, round_karras_timesteps=True, schedule=schedule)
+                                    karras=karras, round_karras_timesteps=True, schedule=schedule,
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
     # per step: the σ the whole step reaches (σ_down when ancestral), the noise scale, the midpoint
     targets, ups = [], []
     for i in range(len(times)):
@@ -66,7 +67,8 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
 def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                 callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                steps_offset: int = 0, schedule: str | None = None) -> Tensor:
+                steps_offset: int = 0, schedule: str | None = None,
+                discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM2 from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2DiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
@@ -76,7 +78,8 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     the last step is Euler onto x̂0 (``2·num_steps − 1`` model calls). ``generator``: unused.
     ``callback(i, t, x)`` sees each step's sample. Other arguments as :func:`.euler.euler_sample`
     (``schedule`` too: timesteps rounded as with Karras σ; a last σ above 0, ``kl_optimal``'s, gets a DPM2
-    step, as in k-diffusion).
+    step, as in k-diffusion; ``discard_next_to_last_sigma`` with it: A1111's option of that name, which A1111
+    sets for DPM2 and DPM2 a, :func:`.schedules.schedule_sigmas`).
 
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
@@ -84,13 +87,15 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     del generator
     return _run("dpm_2", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
-                steps_offset=steps_offset, ancestral=False, schedule=schedule)
+                steps_offset=steps_offset, ancestral=False, schedule=schedule,
+                discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                           prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                           callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                          steps_offset: int = 0, schedule: str | None = None) -> Tensor:
+                          steps_offset: int = 0, schedule: str | None = None,
+                          discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM2 ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2AncestralDiscreteScheduler``.
 
@@ -104,4 +109,5 @@ def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor
     """
     return _run("dpm_2_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=karras,
-                spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule)
+                spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule,
+                discard_next_to_last_sigma=discard_next_to_last_sigma)

@@ -54,7 +54,8 @@ __all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_3m_sde_sample", "dpmsol
 
 
 def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
-             final_sigma: str = "zero", schedule: str | None = None) -> tuple[Tensor, Tensor]:
+             final_sigma: str = "zero", schedule: str | None = None,
+             discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor]:
     """The timesteps and noise levels of diffusers' DPM-Solver / UniPC schedulers
     (``timestep_spacing="linspace"``, ``set_timesteps(num_steps)``).
 
@@ -64,6 +65,8 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
     its σ, the model run at the rounded timesteps ``t(σ)`` as with Karras σ (diffusers' ``use_exponential_sigmas``
     / ``use_beta_sigmas`` truncate them instead: docs/samplers.md), then the schedule's last σ (0 read as
     σ of t = 0 under ``final_sigma="sigma_min"``; ``kl_optimal`` ends on σ_min itself).
+    ``discard_next_to_last_sigma``: with a ``schedule``, A1111's option of that name
+    (:func:`.schedules.schedule_sigmas`); unused without one.
 
     Returns:
         ``timesteps`` (n,) int64 descending, ``sigmas`` (n+1,) float64 k-diffusion σ (CPU).
@@ -81,7 +84,7 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
     if schedule is not None:
         from .schedules import schedule_sigmas
 
-        full = schedule_sigmas(schedule, n, train)
+        full = schedule_sigmas(schedule, n, train, discard_next_to_last_sigma=discard_next_to_last_sigma)
         last = full[-1:] if float(full[-1]) > 0 or final_sigma == "zero" else train[:1]
         return sigma_to_t(full[:-1], train).round().long(), torch.cat([full[:-1], last])
     if karras:
@@ -160,12 +163,13 @@ def _sde_third_order_terms(preds: tuple[Tensor, Tensor, Tensor], lams: tuple[flo
 def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
                karras: bool, data: bool, callback: StepCallback | None, sde: bool = False,
                generator: torch.Generator | None = None, order: int = 2, heun: bool = False,
-               schedule: str | None = None) -> Tensor:
+               schedule: str | None = None, discard_next_to_last_sigma: bool = False) -> Tensor:
     label = ("dpmsolver++_3m_sde" if order == 3 else "dpmsolver++_sde_heun" if heun else "dpmsolver++_sde") if sde \
         else "dpmsolver++" if data else "dpmsolver"
     check_prediction_type(label, prediction_type)
     final = "zero" if data else "sigma_min"
-    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final, schedule=schedule)
+    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final, schedule=schedule,
+                                 discard_next_to_last_sigma=discard_next_to_last_sigma)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
     require_distinct_steps(label, sig, int(alphas_cumprod.shape[0]))
@@ -215,7 +219,8 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
 def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                         prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                         callback: StepCallback | None = None, karras: bool = False,
-                        schedule: str | None = None) -> Tensor:
+                        schedule: str | None = None,
+                        discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler`` defaults; A1111's "DPM++ 2M",
     "DPM++ 2M Karras" with ``karras=True``) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
@@ -227,13 +232,15 @@ def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
         without Karras σ (the linspace grid repeats a timestep there).
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                      prediction_type=prediction_type, karras=karras, data=True, callback=callback, schedule=schedule)
+                      prediction_type=prediction_type, karras=karras, data=True, callback=callback, schedule=schedule,
+                      discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                             prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                             callback: StepCallback | None = None, karras: bool = False,
-                            schedule: str | None = None) -> Tensor:
+                            schedule: str | None = None,
+                            discard_next_to_last_sigma: bool = False) -> Tensor:
     """SDE-DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``,
     order 2, midpoint; the algorithm of A1111's "DPM++ 2M SDE" with Gaussian noise per step instead of
     k-diffusion's Brownian tree) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -251,13 +258,15 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
-                      generator=generator, schedule=schedule)
+                      generator=generator, schedule=schedule,
+                      discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                                  callback: StepCallback | None = None, karras: bool = False,
-                                 schedule: str | None = None) -> Tensor:
+                                 schedule: str | None = None,
+                                 discard_next_to_last_sigma: bool = False) -> Tensor:
     """SDE-DPM-Solver++ 2M, Heun form (``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
     solver_type="heun")``; the algorithm of A1111's "DPM++ 2M SDE Heun", k-diffusion's
     ``sample_dpmpp_2m_sde(solver_type="heun")``, with Gaussian noise per step instead of its Brownian tree)
@@ -273,13 +282,14 @@ def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod:
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
-                      generator=generator, heun=True, schedule=schedule)
+                      generator=generator, heun=True, schedule=schedule,
+                      discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                                callback: StepCallback | None = None, karras: bool = False,
-                               schedule: str | None = None) -> Tensor:
+                               schedule: str | None = None, discard_next_to_last_sigma: bool = False) -> Tensor:
     """SDE-DPM-Solver++ 3M (``DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++")``;
     A1111's "DPM++ 3M SDE", Gaussian noise per step instead of its Brownian tree) from unit noise x_T
     (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -290,6 +300,8 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
     last three data predictions (see ``_sde_third_order_terms``). Its c₃ is k-diffusion's
     (``sample_dpmpp_3m_sde``'s ``−φ₃``); diffusers 0.42's class uses ``c₃ − 1`` there (a sign slip on its
     ½ term), so on third-order steps this sampler is diffusers' plus ``α'·D2`` (docs/samplers.md).
+    ``schedule``: one of A1111's grids (:func:`dpm_grid`); ``discard_next_to_last_sigma`` with it: A1111's
+    option of that name, which A1111 sets for this sampler (:func:`.schedules.schedule_sigmas`).
 
     Raises:
         ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
@@ -297,13 +309,15 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
-                      generator=generator, order=3, schedule=schedule)
+                      generator=generator, order=3, schedule=schedule,
+                      discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False,
-                     schedule: str | None = None) -> Tensor:
+                     schedule: str | None = None,
+                     discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver 2M on the noise prediction (``DPMSolverMultistepScheduler(algorithm_type="dpmsolver",
     final_sigmas_type="sigma_min")``: the last step lands on σ of t = 0, as diffusers requires for
     this algorithm) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -316,7 +330,8 @@ def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
         without Karras σ (the linspace grid repeats a timestep there).
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                      prediction_type=prediction_type, karras=karras, data=False, callback=callback, schedule=schedule)
+                      prediction_type=prediction_type, karras=karras, data=False, callback=callback, schedule=schedule,
+                      discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def singlestep_orders(num_steps: int) -> list[int]:
@@ -332,7 +347,8 @@ def singlestep_orders(num_steps: int) -> list[int]:
 def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False,
-                     schedule: str | None = None) -> Tensor:
+                     schedule: str | None = None,
+                     discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver++ 2S (diffusers' ``DPMSolverSinglestepScheduler`` defaults; kohya's ``dpmsingle``)
     from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
@@ -344,7 +360,8 @@ def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
         repeats (``num_steps = T`` without Karras σ) where an order-2 step would divide by it.
     """
     check_prediction_type("dpmsingle", prediction_type)
-    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero", schedule=schedule)
+    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero", schedule=schedule,
+                                 discard_next_to_last_sigma=discard_next_to_last_sigma)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
     lam = [vp_alpha_sigma(s)[2] for s in sig]

@@ -41,7 +41,8 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
                               prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                               callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                               steps_offset: int = 0, eta: float = 1.0, s_noise: float = 1.0,
-                              schedule: str | None = None) -> Tensor:
+                              schedule: str | None = None,
+                              discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver++(2S) ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) (see the module).
 
     ``model(x_in, t)``: the (guided) model at ``x/√(σ²+1)`` and float32 timesteps t (B,): the grid's
@@ -60,7 +61,8 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
         raise ValueError(f"dpmpp_2s_a: eta and s_noise must be >= 0, got eta={eta}, s_noise={s_noise}")
     times, grid, x = discrete_start("dpmpp_2s_a", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, schedule=schedule)
+                                    karras=karras, schedule=schedule,
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
     splits = [ancestral_step(grid[i], grid[i + 1], eta) for i in range(len(times))]
     mids = [(grid[i] * down) ** 0.5 for i, (down, _) in enumerate(splits)]
     mid_times = sigma_to_t(torch.tensor(mids, dtype=torch.float64), training_sigmas(alphas_cumprod)).tolist()

@@ -64,7 +64,8 @@ def brownian_tree_seed(generator: torch.Generator | None) -> int:
 
 
 def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False, spacing: str = "linspace",
-                   steps_offset: int = 0, schedule: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   steps_offset: int = 0, schedule: str | None = None,
+                   discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The grid of diffusers' ``DPMSolverSDEScheduler.set_timesteps(num_steps)`` on ``alphas_cumprod`` (T,).
 
     Returns:
@@ -72,7 +73,8 @@ def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = Fal
         the timesteps by ``spacing`` (linspace unrounded, float64 as the class keeps them), σ linear in t
         (or Karras σ between the last and first of those, timesteps ``t(σ)`` unrounded), σ_n = 0; the
         log-midpoints ``√(σ_i σ_{i+1})`` of the steps before the last and their timesteps ``t(σ)``. With a
-        ``schedule`` (one of A1111's, :func:`.schedules.schedule_sigmas`): its σ (m+1,), its last σ as it is.
+        ``schedule`` (one of A1111's, :func:`.schedules.schedule_sigmas`, with ``discard_next_to_last_sigma``): its σ
+        (m+1,), its last σ as it is.
 
     Raises:
         ValueError: ``num_steps`` outside [1, T], an unknown spacing.
@@ -83,7 +85,7 @@ def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = Fal
 
         if not 1 <= int(num_steps) <= train.shape[0]:
             raise ValueError(f"num_steps must be in [1, {train.shape[0]}], got {num_steps}")
-        full = schedule_sigmas(schedule, num_steps, train)
+        full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma)
         mids = (full[:-1] * full[1:]).sqrt()  # (0 for a step onto σ = 0, never used)
         return sigma_to_t(full[:-1], train), full, sigma_to_t(mids, train), mids
     timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False)
@@ -140,7 +142,8 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                      steps_offset: int = 0, noise_sampler_seed: int | None = None,
-                     schedule: str | None = None) -> Tensor:
+                     schedule: str | None = None,
+                     discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver++ SDE from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``DPMSolverSDEScheduler`` (``use_karras_sigmas=karras``, ``timestep_spacing=spacing``, ``steps_offset``).
 
@@ -158,7 +161,8 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     """
     check_prediction_type("dpmpp_sde", prediction_type)
     times, grid, mid_times, _ = dpmpp_sde_grid(alphas_cumprod, num_steps, karras=karras, spacing=spacing,
-                                               steps_offset=steps_offset, schedule=schedule)
+                                               steps_offset=steps_offset, schedule=schedule,
+                                               discard_next_to_last_sigma=discard_next_to_last_sigma)
     seed = int(noise_sampler_seed) if noise_sampler_seed is not None else brownian_tree_seed(generator)
     sig32 = grid.float()  # diffusers keeps σ in float32 and computes its coefficients there
     x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sig32, "linspace" if schedule is not None else spacing)

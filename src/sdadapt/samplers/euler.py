@@ -29,11 +29,13 @@ __all__ = ["euler_ancestral_sample", "euler_sample"]
 
 def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str,
-         steps_offset: int, ancestral: bool, schedule: str | None = None) -> Tensor:
+         steps_offset: int, ancestral: bool, schedule: str | None = None,
+         discard_next_to_last_sigma: bool = False) -> Tensor:
     """Both Euler samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each step's model call."""
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, schedule=schedule)
+                                    karras=karras, schedule=schedule,
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
     for i in range(len(times)):
         s, s_next = grid[i], grid[i + 1]
         t = timestep_batch(times[i], x)
@@ -51,7 +53,8 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
 def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                 steps_offset: int = 0, schedule: str | None = None) -> Tensor:
+                 steps_offset: int = 0, schedule: str | None = None,
+                 discard_next_to_last_sigma: bool = False) -> Tensor:
     """Euler from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
@@ -68,13 +71,15 @@ def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     del generator
     return _run("euler", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
-                steps_offset=steps_offset, ancestral=False, schedule=schedule)
+                steps_offset=steps_offset, ancestral=False, schedule=schedule,
+                discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                            prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                            callback: StepCallback | None = None, spacing: str = "linspace",
-                           steps_offset: int = 0, schedule: str | None = None) -> Tensor:
+                           steps_offset: int = 0, schedule: str | None = None,
+                           discard_next_to_last_sigma: bool = False) -> Tensor:
     """Euler ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerAncestralDiscreteScheduler`` (it has no Karras σ).
 
@@ -89,4 +94,5 @@ def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tenso
     """
     return _run("euler_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=False,
-                spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule)
+                spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule,
+                discard_next_to_last_sigma=discard_next_to_last_sigma)

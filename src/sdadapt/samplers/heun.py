@@ -27,7 +27,8 @@ def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                 callback: StepCallback | None = None, karras: bool = False,
                 spacing: str = "linspace", steps_offset: int = 0, clip_sample: float | None = None,
-                schedule: str | None = None) -> Tensor:
+                schedule: str | None = None,
+                discard_next_to_last_sigma: bool = False) -> Tensor:
     """Heun from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``HeunDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
@@ -43,7 +44,8 @@ def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     del generator
     times, grid, x = discrete_start("heun", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, schedule=schedule)
+                                    karras=karras, schedule=schedule,
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
 
     def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
         return sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype, clip_sample=clip_sample)

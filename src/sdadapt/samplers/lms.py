@@ -43,7 +43,8 @@ def lms_coefficients(nodes: list[float], start: float, end: float) -> list[float
 def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                callback: StepCallback | None = None, karras: bool = False,
-               order: int = 4, schedule: str | None = None) -> Tensor:
+               order: int = 4, schedule: str | None = None,
+               discard_next_to_last_sigma: bool = False) -> Tensor:
     """LMS from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``LMSDiscreteScheduler``
     with its defaults (``timestep_spacing="linspace"``, ``steps_offset=0``) steps it.
 
@@ -61,7 +62,8 @@ def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     if order < 1:
         raise ValueError(f"lms: order must be >= 1, got {order}")
     times, grid, x = discrete_start("lms", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                                    prediction_type=prediction_type, karras=karras, schedule=schedule)
+                                    prediction_type=prediction_type, karras=karras, schedule=schedule,
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
     derivatives: list[Tensor] = []
     for i in range(len(times)):
         s = grid[i]

@@ -83,12 +83,14 @@ def restart_steps(sigmas: list[float], restart_list: RestartList | None = None) 
 def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                    prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                    callback: StepCallback | None = None, karras: bool = False, schedule: str | None = None,
-                   s_noise: float = 1.0, restart_list: RestartList | None = None) -> Tensor:
+                   s_noise: float = 1.0, restart_list: RestartList | None = None,
+                   discard_next_to_last_sigma: bool = False) -> Tensor:
     """Restart sampling from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) (A1111's "Restart"; see the module).
 
     ``num_steps``: n, A1111's sampling steps: n Heun steps in all (with the automatic list and n ≥ 20,
     ``n − r·k`` on the main grid and ``r·k`` in the k restart segments of r steps). ``karras``: the default grid (Karras σ, A1111's pick for Restart); ``schedule``: another of
-    :mod:`.schedules`. ``s_noise``: the re-noising scale; ``restart_list``: A1111's
+    :mod:`.schedules` (``discard_next_to_last_sigma``: A1111's option, :func:`.schedules.schedule_sigmas`).
+    ``s_noise``: the re-noising scale; ``restart_list``: A1111's
     ``{σ_min_r: (σ count, times, σ_max_r)}`` instead of its automatic one. ``model(x_in, t)`` gets float32
     timesteps t(σ) (B,); ``callback(i, t, x)`` after each Heun step.
 
@@ -102,7 +104,8 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
     if not 1 <= int(num_steps) <= train.shape[0]:
         raise ValueError(f"restart: num_steps must be in [1, {train.shape[0]}], got {num_steps}")
     del karras  # the default grid is Karras already
-    grid = schedule_sigmas(schedule or "karras", int(num_steps), train).tolist()
+    grid = schedule_sigmas(schedule or "karras", int(num_steps), train,
+                           discard_next_to_last_sigma=discard_next_to_last_sigma).tolist()
     pairs = restart_steps(grid, restart_list)
     positive = sorted({s for pair in pairs for s in pair if s > 0})
     times = dict(zip(positive, sigma_to_t(torch.tensor(positive, dtype=torch.float64), train).tolist(), strict=True))

@@ -29,6 +29,11 @@ them in float32):
 
 ``automatic`` is A1111's "Automatic": the schedule A1111 ≥ 1.9 picks for the sampler
 (:data:`A1111_AUTOMATIC`; its ``samplers_k_diffusion`` option ``scheduler``), else ``uniform``.
+
+``discard_next_to_last_sigma`` is A1111's sampler option of that name (DPM2, DPM2 a, DPM++ 3M SDE:
+:data:`DISCARD_NEXT_TO_LAST_SIGMA`): ``KDiffusionSampler.get_sigmas`` builds the schedule for n + 1 steps and
+drops its next-to-last value (``torch.cat([sigmas[:-2], sigmas[-1:]])``), so the run still has n steps but its
+last one jumps from the second-smallest σ of the longer grid straight to the end (0, or σ_min for KL Optimal).
 A1111's development branch also lists "Karras Exponential" (a blend); it is not taken here.
 """
 
@@ -39,7 +44,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["A1111_AUTOMATIC", "ALIGN_YOUR_STEPS", "SCHEDULES", "SCHEDULE_LABELS", "beta_ppf", "canonical_schedule",
+__all__ = ["A1111_AUTOMATIC", "ALIGN_YOUR_STEPS", "DISCARD_NEXT_TO_LAST_SIGMA", "SCHEDULES", "SCHEDULE_LABELS", "beta_ppf", "canonical_schedule",
            "schedule_sigmas"]
 
 #: every schedule name taken (A1111's ``Scheduler.name``), ``automatic`` first
@@ -58,6 +63,9 @@ A1111_AUTOMATIC: dict[str, str] = {"dpmsolver++": "karras", "dpmpp_sde": "karras
                                    "dpmsolver++_sde_heun": "exponential", "dpmpp_2s_a": "karras",
                                    "dpmsolver++_3m_sde": "exponential", "dpm_2": "karras", "dpm_2_a": "karras",
                                    "restart": "karras"}
+#: sampler names here that A1111 marks ``discard_next_to_last_sigma`` (its DPM2, DPM2 a, DPM++ 3M SDE): on a
+#: schedule they run the grid of n + 1 steps without its next-to-last σ (:func:`schedule_sigmas`)
+DISCARD_NEXT_TO_LAST_SIGMA: tuple[str, ...] = ("dpm_2", "dpm_2_a", "dpmsolver++_3m_sde")
 #: NVIDIA's Align Your Steps 10-step σ (11 values, the last σ_min), as A1111 lists them
 ALIGN_YOUR_STEPS: dict[str, tuple[float, ...]] = {
     "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
@@ -114,12 +122,15 @@ def beta_ppf(q: Tensor, alpha: float, beta: float) -> Tensor:
 
 
 def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bool = False, rho: float | None = None,
-                    beta_alpha: float = 0.6, beta_beta: float = 0.6) -> Tensor:
+                    beta_alpha: float = 0.6, beta_beta: float = 0.6,
+                    discard_next_to_last_sigma: bool = False) -> Tensor:
     """The σ grid (m+1,) float64 CPU, descending, of A1111's schedule ``name`` for ``num_steps`` steps on the
     training σ ``train_sigmas`` (T,) ascending (see the module): m = n except for ``ddim``; the last value
     is 0 except for ``kl_optimal`` (σ_min). ``automatic`` is refused here (it depends on the sampler:
     :data:`A1111_AUTOMATIC`). ``sdxl``: Align Your Steps' SDXL table (else SD 1.5's). ``rho``: Karras' ρ
     (7) or Polyexponential's (1). ``beta_alpha``/``beta_beta``: the Beta schedule's (0.6, 0.6).
+    ``discard_next_to_last_sigma``: A1111's option of that name (:data:`DISCARD_NEXT_TO_LAST_SIGMA`): the grid
+    for ``num_steps + 1`` steps without its next-to-last value (still m + 1 values, m = n but for ``ddim``).
 
     Raises:
         ValueError: an unknown schedule, ``automatic``, ``num_steps`` < 1.
@@ -130,6 +141,10 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
     n = int(num_steps)
     if n < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if discard_next_to_last_sigma:  # A1111's KDiffusionSampler.get_sigmas: steps + 1, then drop sigmas[-2]
+        longer = schedule_sigmas(key, n + 1, train_sigmas, sdxl=sdxl, rho=rho, beta_alpha=beta_alpha,
+                                 beta_beta=beta_beta)
+        return torch.cat([longer[:-2], longer[-1:]])
     train = train_sigmas.detach().double().cpu()
     T = int(train.shape[0])
     s_min, s_max = float(train[0]), float(train[-1])

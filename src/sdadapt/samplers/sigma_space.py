@@ -126,7 +126,7 @@ def vp_noise_prediction(output: Tensor, x: Tensor, alpha_t: float, sigma_t: floa
 # ------------------------------------------------- the discrete-σ schedulers' grids (Euler, Heun, KDPM2)
 def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
                     karras: bool = False, round_karras_timesteps: bool = False,
-                    schedule: str | None = None) -> tuple[Tensor, Tensor]:
+                    schedule: str | None = None, discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor]:
     """``(timesteps (n,), sigmas (n+1,))`` float64 CPU of diffusers' discrete-σ schedulers
     (``EulerDiscreteScheduler``, ``EulerAncestral``, ``Heun``, ``KDPM2``, ``KDPM2Ancestral``,
     ``LMS``) after ``set_timesteps(num_steps)``, on the training schedule ``alphas_cumprod`` (T,).
@@ -138,6 +138,8 @@ def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "l
     ``round_karras_timesteps`` (KDPM2 does; Euler and Heun don't). ``schedule``: one of A1111's schedules
     (:func:`.schedules.schedule_sigmas`, not ``automatic``) instead: its σ (m+1,), timesteps ``t(σ)`` as for
     Karras σ (``spacing`` unused); the last σ is the schedule's (0, or σ_min for ``kl_optimal``).
+    ``discard_next_to_last_sigma``: with a ``schedule``, A1111's option of that name
+    (:func:`.schedules.schedule_sigmas`); unused without one.
 
     Raises:
         ValueError: ``num_steps`` outside [1, T], an unknown spacing or schedule.
@@ -148,7 +150,7 @@ def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "l
 
         if not 1 <= int(num_steps) <= train.shape[0]:
             raise ValueError(f"num_steps must be in [1, {train.shape[0]}], got {num_steps}")
-        full = schedule_sigmas(schedule, num_steps, train)
+        full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma)
         timesteps = sigma_to_t(full[:-1], train)
         return (timesteps.round() if round_karras_timesteps else timesteps), full
     timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False).float().double()
@@ -176,8 +178,8 @@ def work_dtype(x: Tensor) -> torch.dtype:
 
 def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
                    spacing: str = "linspace", steps_offset: int = 0, karras: bool = False,
-                   round_karras_timesteps: bool = False,
-                   schedule: str | None = None) -> tuple[list[float], list[float], Tensor]:
+                   round_karras_timesteps: bool = False, schedule: str | None = None,
+                   discard_next_to_last_sigma: bool = False) -> tuple[list[float], list[float], Tensor]:
     """What each sampler on the discrete σ grid (Euler, Heun, DPM2, LMS) does first: refuse a
     prediction type :func:`denoised` does not read (naming ``sampler``), make the grid
     (:func:`discrete_sigmas`, whose options these are), and scale the unit noise ``x_T`` (B,C,H,W)
@@ -193,7 +195,7 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     check_prediction_type(sampler, prediction_type)
     timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
                                         karras=karras, round_karras_timesteps=round_karras_timesteps,
-                                        schedule=schedule)
+                                        schedule=schedule, discard_next_to_last_sigma=discard_next_to_last_sigma)
     # (a schedule starts at its σ_0, as k-diffusion's x·σ_0; ``spacing`` is not used with it)
     x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sigmas, "linspace" if schedule is not None else spacing)
     return timesteps.tolist(), sigmas.tolist(), x

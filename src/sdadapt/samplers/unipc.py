@@ -48,7 +48,8 @@ def _phi_coefficients(hh: float) -> tuple[float, float, float]:
 def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, karras: bool = False,
-                 corrector: bool = True, schedule: str | None = None) -> Tensor:
+                 corrector: bool = True, schedule: str | None = None,
+                 discard_next_to_last_sigma: bool = False) -> Tensor:
     """UniPC-2 (bh2) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W), as diffusers'
     ``UniPCMultistepScheduler()`` (``use_karras_sigmas`` with ``karras=True``).
 
@@ -63,7 +64,8 @@ def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
         without Karras σ (the linspace grid repeats a timestep there).
     """
     check_prediction_type("unipc", prediction_type)
-    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero", schedule=schedule)
+    timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero", schedule=schedule,
+                                 discard_next_to_last_sigma=discard_next_to_last_sigma)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
     require_distinct_steps("unipc", sig, int(alphas_cumprod.shape[0]))

@@ -15,8 +15,14 @@ LyCORIS' for LoKr (each factor times ``ratio^(1/modules)``); LyCORIS' LoCon and 
 scalar of their own instead, which changes ΔW the same way (sdadapt's adapters have no such scalar:
 the file stays plain factors).
 
+OFT (Diag-OFT / BOFT) has no ΔW of its own (it rotates the base weight): LyCORIS' ``DiagOFTModule`` /
+``ButterflyOFTModule.apply_max_norm`` bound the generator instead, ``‖oft_blocks‖_F`` (all blocks of the layer,
+the ``rescale`` scales untouched), with the same ratio: ``oft_blocks ← oft_blocks · M / ‖oft_blocks‖`` when
+``‖oft_blocks‖ > M``. sdadapt does the same (:data:`MAX_NORM_OWN_NORM`).
+
 Refused: DoRA (its layer change ``m ⊙ (W + ΔW)/‖W + ΔW‖ − W`` is not ΔW, and shrinking ΔW does not
-bound it) and full deltas (``diff``: LyCORIS defines no max norm for them).
+bound it), full deltas (``diff``), GLoRA and norm modules (LyCORIS defines no max norm for them: its kohya
+network skips them).
 
 Everything runs on the device (norms, ratios, in-place multiplies): no host read, nothing that
 branches on a value, so the step can be replayed in a CUDA graph. The statistics kohya logs
@@ -33,10 +39,14 @@ from torch import Tensor, nn
 
 from ..adapters.base import AdapterModule
 
-__all__ = ["MAX_NORM_FAMILIES", "adapters_in", "delta_norms", "max_norm_factors", "max_norm_ratios", "scale_weight_norms_"]
+__all__ = ["MAX_NORM_FAMILIES", "MAX_NORM_OWN_NORM", "adapters_in", "delta_norms", "max_norm_factors",
+           "max_norm_ratios", "scale_weight_norms_"]
 
-#: adapter families whose ΔW is multilinear in their factors (one each): max norm scales these
-MAX_NORM_FAMILIES = ("lora", "loha", "lokr")
+#: families whose norm is that of one parameter of theirs, which alone is scaled (LyCORIS' apply_max_norm):
+#: OFT's oft_blocks (a rotation's generator; OFT has no ΔW without the base weight)
+MAX_NORM_OWN_NORM = {"oft": "oft_blocks"}
+#: adapter families whose ΔW is multilinear in their factors (one each), and MAX_NORM_OWN_NORM's: max norm scales these
+MAX_NORM_FAMILIES = ("lora", "loha", "lokr", *MAX_NORM_OWN_NORM)
 
 
 def max_norm_factors(adapter: AdapterModule) -> list[nn.Parameter]:
@@ -44,15 +54,20 @@ def max_norm_factors(adapter: AdapterModule) -> list[nn.Parameter]:
     ``lora_up`` [, ``lora_mid``]; LoHa ``hada_*``; LoKr the ``lokr_*`` present).
 
     Raises:
-        ValueError: ``adapter`` is not of :data:`MAX_NORM_FAMILIES` (DoRA, full deltas, an unknown
-            family), naming its family.
+        ValueError: ``adapter`` is not of :data:`MAX_NORM_FAMILIES` (DoRA, full deltas, GLoRA, norm
+            modules, an unknown family), naming its family.
     """
     if adapter.family not in MAX_NORM_FAMILIES:
         why = {"dora": "DoRA renormalises W + ΔW to its magnitude, so shrinking ΔW does not bound the layer's change",
-               "full": "LyCORIS defines no max norm for full deltas"}.get(adapter.family, "not a LoRA-family adapter")
+               "full": "LyCORIS defines no max norm for full deltas",
+               "glora": "LyCORIS defines no max norm for GLoRA (its kohya network skips GLoRA modules)",
+               "norm": "LyCORIS defines no max norm for its norm modules (train_norm; its kohya network skips them)",
+               }.get(adapter.family, "not a LoRA-family adapter")
         raise ValueError(f"scale_weight_norms (kohya's --scale_weight_norms) works on {', '.join(MAX_NORM_FAMILIES)} "
-                         f"adapters (train lora, locon, loha or lokr); a {adapter.family or type(adapter).__name__} "
-                         f"adapter is not one: {why}")
+                         f"adapters (train lora, locon, loha, lokr, diag-oft or boft); a "
+                         f"{adapter.family or type(adapter).__name__} adapter is not one: {why}")
+    if adapter.family in MAX_NORM_OWN_NORM:
+        return [getattr(adapter, MAX_NORM_OWN_NORM[adapter.family])]
     factors = list(adapter.parameters(recurse=False))
     if not factors:
         raise ValueError(f"scale_weight_norms: the {adapter.family} adapter {type(adapter).__name__} has no factors")
@@ -75,14 +90,16 @@ def adapters_in(roots: Iterable[nn.Module], params: Iterable[Tensor]) -> list[Ad
 
 @torch.no_grad()
 def delta_norms(adapters: Sequence[AdapterModule]) -> Tensor:
-    """(n,): ‖ΔWᵢ‖_F of each adapter's ``delta_weight()`` (alpha / rank and the strength included),
+    """(n,): ‖ΔWᵢ‖_F of each adapter's ``delta_weight()`` (alpha / rank and the strength included) —
+    for :data:`MAX_NORM_OWN_NORM` families the norm of that parameter (OFT: ‖oft_blocks‖_F, as LyCORIS) —
     in float32 (float64 for float64 adapters), on the first adapter's device."""
     if not adapters:
         raise ValueError("delta_norms needs at least one adapter")
     norms = []
     device = None
     for adapter in adapters:
-        delta = adapter.delta_weight()  # (out, in, *k)
+        own = MAX_NORM_OWN_NORM.get(adapter.family)
+        delta = getattr(adapter, own) if own else adapter.delta_weight()  # (out, in, *k) / OFT (…, b, b)
         norm = torch.linalg.vector_norm(delta, dtype=torch.promote_types(delta.dtype, torch.float32))
         device = norm.device if device is None else device
         norms.append(norm.to(device, non_blocking=True))
@@ -99,7 +116,8 @@ def max_norm_ratios(norms: Tensor, max_norm: float) -> Tensor:
 @torch.no_grad()
 def scale_weight_norms_(adapters: Sequence[AdapterModule], max_norm: float) -> dict[str, Tensor]:
     """Shrink, in place, every adapter whose ‖ΔW‖_F exceeds ``max_norm`` onto norm ``max_norm``
-    (its nᵢ factors each times ``ratioᵢ^(1/nᵢ)``); the others are multiplied by exactly 1.
+    (its nᵢ factors each times ``ratioᵢ^(1/nᵢ)``; OFT: ``oft_blocks`` onto that norm, times ``ratioᵢ``); the
+    others are multiplied by exactly 1.
 
     Args:
         adapters: LoRA-family adapter modules (:data:`MAX_NORM_FAMILIES`).

@@ -416,7 +416,7 @@ def train_step(
 def _skipped_now(state: TrainState, before: int | Tensor) -> bool:
     """Whether the scaler skipped this step (a host read: only for a given ``lr_scheduler``, which
     steps on the host; torch's ``GradScaler.step`` has just read the same flag)."""
-    return bool(state.skipped_steps != before) if isinstance(state.skipped_steps, Tensor) else state.skipped_steps != before
+    return bool(state.skipped_steps != before)  # (an int, or a 0-dim tensor once a scaler has run)
 
 
 # ------------------------------------------------------------------------------ resumable state

@@ -101,6 +101,16 @@ def _number(name: str, value: Any, *, whole: bool = False) -> None:
         raise ValueError(f"{name} must be a finite {'whole number' if whole else 'number'}, got {value!r}")
 
 
+def _check_step(step: Any) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a whole number >= 0, got {step!r}")
+
+
+def _one_cycle_total(o: dict[str, Any]) -> int:
+    """``OneCycleLR``'s steps: ``total_steps``, else ``epochs · steps_per_epoch`` (torch's)."""
+    return o["total_steps"] if o["total_steps"] is not None else o["epochs"] * o["steps_per_epoch"]
+
+
 @dataclass(frozen=True)
 class TorchSchedule:
     """One ``torch.optim.lr_scheduler`` class with its arguments, as a function of the step.
@@ -240,7 +250,7 @@ class TorchSchedule:
             _number(f"{where} {key}", o[key])
             if not o[key] > 0:
                 raise ValueError(f"{where} {key} must be > 0, got {o[key]}")
-        total = o["total_steps"] if o["total_steps"] is not None else o["epochs"] * o["steps_per_epoch"]
+        total = _one_cycle_total(o)
         ends = [0.0, float(o["pct_start"] * total) - 1]
         ends += [float(2 * o["pct_start"] * total) - 2] if o["three_phase"] else []
         if any(b == a for a, b in zip(ends, [*ends[1:], total - 1])):
@@ -267,10 +277,9 @@ class TorchSchedule:
         Raises:
             ValueError: ``step < 0``.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a whole number >= 0, got {step!r}")
-        if self.name == "OneCycleLR":
+        if self.name == "OneCycleLR":  # (_one_cycle_step checks the step)
             return _one_cycle(self.options, self._one_cycle_step(step, accumulation))[0]
+        _check_step(step)
         return _curve(self, float(base_lr)).at(step)
 
     @property
@@ -287,10 +296,9 @@ class TorchSchedule:
         return _one_cycle(self.options, self._one_cycle_step(step, accumulation))[1]
 
     def _one_cycle_step(self, step: int, accumulation: int) -> int:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a whole number >= 0, got {step!r}")
+        _check_step(step)
         o = self.options
-        total = o["total_steps"] if o["total_steps"] is not None else o["epochs"] * o["steps_per_epoch"]
+        total = _one_cycle_total(o)
         return min(step, total // max(1, accumulation))
 
     def closed_form(self, step: int, base_lr: float) -> float:
@@ -425,7 +433,7 @@ def _from_one() -> Iterator[int]:
 
 def _one_cycle(o: dict[str, Any], step: int) -> tuple[float, float]:
     """torch's ``OneCycleLR.get_lr`` at ``last_epoch = step``: ``(lr, momentum)`` (a closed form)."""
-    total = o["total_steps"] if o["total_steps"] is not None else o["epochs"] * o["steps_per_epoch"]
+    total = _one_cycle_total(o)
     initial = o["max_lr"] / o["div_factor"]
     values = {"initial_lr": initial, "max_lr": o["max_lr"], "min_lr": initial / o["final_div_factor"],
               "base_momentum": o["base_momentum"], "max_momentum": o["max_momentum"]}
