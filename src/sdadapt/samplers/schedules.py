@@ -44,6 +44,8 @@ import math
 import torch
 from torch import Tensor
 
+from .sigma_space import t_to_sigma
+
 __all__ = ["A1111_AUTOMATIC", "ALIGN_YOUR_STEPS", "DISCARD_NEXT_TO_LAST_SIGMA", "SCHEDULES", "SCHEDULE_LABELS", "beta_ppf", "canonical_schedule",
            "schedule_sigmas"]
 
@@ -87,13 +89,6 @@ def canonical_schedule(name: str) -> str:
         raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)} "
                          f"(or A1111's labels {', '.join(repr(v) for v in SCHEDULE_LABELS.values())})")
     return key
-
-
-def _t_to_sigma(t: Tensor, train_sigmas: Tensor) -> Tensor:
-    """k-diffusion's ``DiscreteSchedule.t_to_sigma``: σ at fractional timesteps t, linear in log σ."""
-    log_sigmas = train_sigmas.log()
-    lo, hi, w = t.floor().long(), t.ceil().long(), t - t.floor()
-    return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
 
 
 def _loglinear_interp(values: tuple[float, ...], num: int) -> Tensor:
@@ -150,9 +145,9 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
     s_min, s_max = float(train[0]), float(train[-1])
     zero = torch.zeros(1, dtype=torch.float64)
     if key in ("uniform", "normal"):
-        sig = _t_to_sigma(torch.linspace(T - 1, 0, n, dtype=torch.float64), train)
+        sig = t_to_sigma(torch.linspace(T - 1, 0, n, dtype=torch.float64), train)
     elif key == "sgm_uniform":
-        sig = _t_to_sigma(torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1], train)
+        sig = t_to_sigma(torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1], train)
     elif key == "karras":
         r = 7.0 if rho is None else float(rho)
         ramp = torch.linspace(0, 1, n, dtype=torch.float64)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..training.diffusion import PREDICTION_TYPES, sigmas_of, timestep_grid
 
 __all__ = ["ancestral_step", "check_prediction_type", "denoised", "discrete_sigmas", "discrete_start", "initial_noise_sigma",
-           "karras_sigmas", "model_input", "sigma_slope", "sigma_to_t", "sigmas_at", "step_noise",
+           "karras_sigmas", "model_input", "sigma_slope", "sigma_to_t", "sigmas_at", "step_noise", "t_to_sigma",
            "timestep_batch", "training_sigmas", "vp_alpha_sigma", "vp_data_prediction", "vp_noise_prediction",
            "work_dtype"]
 
@@ -74,6 +74,14 @@ def sigma_to_t(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
     high = low + 1
     w = ((log_train[low] - log_sigma) / (log_train[low] - log_train[high])).clamp(0, 1)
     return (1 - w) * low.double() + w * high.double()
+
+
+def t_to_sigma(t: Tensor, train_sigmas: Tensor) -> Tensor:
+    """The inverse of :func:`sigma_to_t` (k-diffusion's ``DiscreteSchedule.t_to_sigma``): σ (n,) at
+    fractional timesteps ``t`` (n,), linear in log σ between the two training steps around each."""
+    log_sigmas = train_sigmas.log()
+    lo, hi, w = t.floor().long(), t.ceil().long(), t - t.floor()
+    return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
 
 
 def denoised(output: Tensor, x: Tensor, sigma: float | Tensor, prediction_type: str) -> Tensor:
