@@ -268,8 +268,17 @@ class AdapterModule(nn.Module):
         self.multiplier = float(value)
         self.refresh_scale()
 
+    def base_scale(self) -> float:
+        """The family's scale at strength 1: ``alpha / r`` for the low-rank families, 1 by default."""
+        return 1.0
+
     def refresh_scale(self) -> None:
-        """Recompute cached scale buffers from the family's tensors and ``multiplier``."""
+        """``scale ← base_scale() · multiplier`` in place (compiled graphs see the new value), for a
+        family whose ``forward`` reads a 0-dim ``scale`` buffer; nothing for one without it."""
+        scale = getattr(self, "scale", None)
+        if isinstance(scale, Tensor):
+            with torch.no_grad():
+                scale.fill_(self.base_scale() * self.multiplier)
 
     def file_tensors(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

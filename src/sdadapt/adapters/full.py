@@ -67,10 +67,6 @@ class FullModule(AdapterModule):
         """Full rank bound ``min(out, in·kh·kw)``."""
         return min(self.diff.shape[0], self.diff[0].numel())
 
-    def refresh_scale(self) -> None:
-        with torch.no_grad():
-            self.scale.fill_(self.multiplier)
-
     def delta_dtype(self) -> torch.dtype:
         return self.diff.dtype
 

@@ -152,10 +152,9 @@ class GLoRAModule(AdapterModule):
     def rank(self) -> int:
         return self.a2.shape[0]
 
-    def refresh_scale(self) -> None:
-        """``scale ← alpha / r · multiplier`` (in place)."""
-        with torch.no_grad():
-            self.scale.fill_(float(self.alpha) / self.rank * self.multiplier)
+    def base_scale(self) -> float:
+        """``alpha / r``."""
+        return float(self.alpha) / self.rank
 
     def delta_dtype(self) -> torch.dtype:
         return self.a1.dtype

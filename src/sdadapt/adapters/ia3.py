@@ -162,11 +162,6 @@ class IA3Module(AdapterModule):
         """The vector's length (IA³ has no rank; reports show its channel count)."""
         return self.weight.numel()
 
-    def refresh_scale(self) -> None:
-        """``scale ← multiplier`` (in place)."""
-        with torch.no_grad():
-            self.scale.fill_(self.multiplier)
-
     def delta_dtype(self) -> torch.dtype:
         return self.weight.dtype
 

@@ -166,10 +166,9 @@ class LoHaModule(AdapterModule):
     def rank(self) -> int:
         return self.hada_w1_b.shape[0]
 
-    def refresh_scale(self) -> None:
-        """``scale ← alpha / r · multiplier`` (in place)."""
-        with torch.no_grad():
-            self.scale.fill_(float(self.alpha) / self.rank * self.multiplier)
+    def base_scale(self) -> float:
+        """``alpha / r``."""
+        return float(self.alpha) / self.rank
 
     def delta_dtype(self) -> torch.dtype:
         return self.hada_w1_a.dtype

@@ -277,11 +277,9 @@ class LoKrModule(AdapterModule):
             return self.layout.rank
         return min(self.layout.a, self.layout.c) * min(self.layout.b, self.layout.d)
 
-    def refresh_scale(self) -> None:
-        """``scale ← alpha / r · multiplier`` (``1 · multiplier`` with both factors full)."""
-        base = 1.0 if self.layout.rank is None else float(self.alpha) / self.layout.rank
-        with torch.no_grad():
-            self.scale.fill_(base * self.multiplier)
+    def base_scale(self) -> float:
+        """``alpha / r`` (1 with both factors full)."""
+        return 1.0 if self.layout.rank is None else float(self.alpha) / self.layout.rank
 
     def delta_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

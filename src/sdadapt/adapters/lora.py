@@ -261,10 +261,9 @@ class LoRAModule(AdapterModule):
     def rank(self) -> int:
         return self.lora_down.shape[0]
 
-    def refresh_scale(self) -> None:
-        """``scale ← alpha / r · multiplier`` (in place: compiled graphs see the new value)."""
-        with torch.no_grad():
-            self.scale.fill_(float(self.alpha) / self.rank * self.multiplier)
+    def base_scale(self) -> float:
+        """``alpha / r``."""
+        return float(self.alpha) / self.rank
 
     def delta_dtype(self) -> torch.dtype:
         return self.lora_down.dtype

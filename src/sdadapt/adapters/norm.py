@@ -116,11 +116,6 @@ class NormModule(AdapterModule):
         """The channel count (norm offsets have no rank; reports show C)."""
         return self.w_norm.numel()
 
-    def refresh_scale(self) -> None:
-        """``scale ← multiplier`` (in place)."""
-        with torch.no_grad():
-            self.scale.fill_(self.multiplier)
-
     def delta_dtype(self) -> torch.dtype:
         return self.w_norm.dtype
 

@@ -289,11 +289,6 @@ class OFTModule(AdapterModule):
         """The block size ``b`` (OFT has no rank; LyCORIS' ``dim`` asks for this size)."""
         return self.oft_blocks.shape[-1]
 
-    def refresh_scale(self) -> None:
-        """``scale ← multiplier`` (in place)."""
-        with torch.no_grad():
-            self.scale.fill_(self.multiplier)
-
     def delta_dtype(self) -> torch.dtype:
         return self.oft_blocks.dtype
 
