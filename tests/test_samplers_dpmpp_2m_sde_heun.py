@@ -6,12 +6,16 @@ with the same Gaussian noise, and its registry names / A1111 labels."""
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import pytest
 import torch
-from sampler_stand_ins import SD_BETAS, assert_guidance_is_the_guided_model, stand_in
+from sampler_stand_ins import (
+    SD_BETAS,
+    assert_guidance_is_the_guided_model,
+    reference_dpmpp_2m_sde,
+    stand_in,
+)
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -72,35 +76,6 @@ def test_matches_diffusers_with_the_same_generator(n, karras, prediction_type, d
     assert seen == sched.timesteps.tolist()
 
 
-def reference_dpmpp_2m_sde_heun(x_T: torch.Tensor, ac: torch.Tensor, n: int, noises) -> torch.Tensor:
-    """k-diffusion's ``sample_dpmpp_2m_sde(eta=1, s_noise=1, solver_type="heun")`` transcribed, on x = x_vp/α
-    (σ-space) on diffusers' grid (timesteps round(i·999/n), σ of those, then 0), started where diffusers starts
-    (x_vp = x_T), denoiser D = x − σ·ε(x/√(σ²+1), t), the i-th Gaussian noise for step i::
-
-        x = σ'/σ·e^(−h)·x + (1 − e^(−2h))·D [+ ((1 − e^(−2h))/(−2h) + 1)·(D − D_old)/r] + σ'·√(1 − e^(−2h))·z
-    """
-    ts = [round(i * (999 / n)) if i < n else 999 for i in range(n + 1)][::-1][:-1]
-    sig = [math.sqrt((1 - float(ac[t])) / float(ac[t])) for t in ts] + [0.0]
-    x = x_T * math.sqrt(sig[0] ** 2 + 1)
-    old, h_last = None, None
-    for i in range(n):
-        t = torch.full((x.shape[0],), ts[i], dtype=torch.long)
-        den = x - sig[i] * stand_in(x / math.sqrt(sig[i] ** 2 + 1), t)
-        if sig[i + 1] == 0:
-            x = den
-        else:
-            h = -math.log(sig[i + 1]) + math.log(sig[i])
-            eta_h = h
-            x = sig[i + 1] / sig[i] * math.exp(-eta_h) * x + (-math.expm1(-h - eta_h)) * den
-            if old is not None:
-                r = h_last / h
-                x = x + ((-math.expm1(-h - eta_h)) / (-h - eta_h) + 1) * (1 / r) * (den - old)
-            x = x + noises[i].double() * sig[i + 1] * math.sqrt(-math.expm1(-2 * eta_h))
-            h_last = h
-        old = den
-    return x
-
-
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 15, 25])
 def test_float64_reference(n):
     ac = _sd_alphas_cumprod()
@@ -109,7 +84,7 @@ def test_float64_reference(n):
                                        generator=torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
     noises = [torch.randn(x_T.shape, generator=g, dtype=torch.float32) for _ in range(n)]  # float32 draws
-    want = reference_dpmpp_2m_sde_heun(x_T, ac, n, noises)
+    want = reference_dpmpp_2m_sde(x_T, ac, n, noises, solver_type="heun")
     assert _rel_err(got, want) <= 1e-10, _rel_err(got, want)
 
 

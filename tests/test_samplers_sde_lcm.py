@@ -23,7 +23,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sampler_stand_ins import assert_guidance_is_the_guided_model
+from sampler_stand_ins import (
+    SD_BETAS,
+    assert_guidance_is_the_guided_model,
+    reference_dpmpp_2m_sde,
+    stand_in,
+)
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -38,14 +43,7 @@ from sdadapt.samplers.lcm import lcm_boundary_scalings, lcm_sample, lcm_timestep
 
 diffusers = pytest.importorskip("diffusers")
 
-SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 TOL = {torch.float32: 2e-5, torch.float64: 1e-5}
-
-
-def stand_in(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A fixed nonlinear 'model' in which t matters a lot (an off-by-one t changes it by ~3%)."""
-    tt = t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    return 0.3 * torch.tanh(x) + 0.2 * torch.sin(tt / 7) * x.flip(-1)
 
 
 def _scheduler(name: str, *, karras: bool = False, prediction_type: str = "epsilon", **extra):
@@ -222,34 +220,6 @@ def test_lcm_boundary_scalings_are_diffusers():
 def _noises(seed: int, shape, count: int, dtype) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g, dtype=dtype) for _ in range(count)]
-
-
-def reference_dpmpp_2m_sde(x_T: torch.Tensor, ac: torch.Tensor, n: int, noises) -> torch.Tensor:
-    """k-diffusion's ``sample_dpmpp_2m_sde`` (η = 1, s_noise = 1, midpoint) on x = x_vp/α (σ-space) on
-    diffusers' grid (timesteps round(i·999/n), σ of those, then 0), started where diffusers starts
-    (x_vp = x_T), denoiser D = x − σ·ε(x/√(σ²+1), t), the i-th noise for step i::
-
-        x = σ'/σ·e^(−h)·x + (1 − e^(−2h))·D [+ ½(1 − e^(−2h))·(D − D_old)/r] + σ'·√(1 − e^(−2h))·z
-    """
-    ts = [round(i * (999 / n)) if i < n else 999 for i in range(n + 1)][::-1][:-1]
-    sig = [math.sqrt((1 - float(ac[t])) / float(ac[t])) for t in ts] + [0.0]
-    x = x_T * math.sqrt(sig[0] ** 2 + 1)
-    old, h_last = None, None
-    for i in range(n):
-        t = torch.full((x.shape[0],), ts[i], dtype=torch.long)
-        den = x - sig[i] * stand_in(x / math.sqrt(sig[i] ** 2 + 1), t)
-        if sig[i + 1] == 0:
-            x = den
-        else:
-            h = -math.log(sig[i + 1]) + math.log(sig[i])
-            x = sig[i + 1] / sig[i] * math.exp(-h) * x + (-math.expm1(-2 * h)) * den
-            if old is not None:
-                r = h_last / h
-                x = x + 0.5 * (-math.expm1(-2 * h)) * (1 / r) * (den - old)
-            x = x + noises[i].double() * sig[i + 1] * math.sqrt(-math.expm1(-2 * h))
-            h_last = h
-        old = den
-    return x
 
 
 def reference_lcm(x_T: torch.Tensor, ac: torch.Tensor, n: int, noises) -> torch.Tensor:
