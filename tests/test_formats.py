@@ -482,13 +482,17 @@ def test_load_lora_reads_lycoris_and_refuses_unsupported_algorithms_clearly(tmp_
     write_safetensors(path, state, {"ss_network_module": "lycoris.kohya"})
     components, _ = load_lora(path)
     assert set(components["unet"]) == {f"down_blocks.0.attentions.0.proj_in.{k}" for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")}
-    # LyCORIS 2's `oft_diag` (the rotation itself) is no family's tensor: refused naming the key
+    # LyCORIS 2's old `oft_diag` (the rotation itself) loads as OFT (tests/test_oft.py: applied as A1111 does)
     old_oft = tmp_path / "oft_diag.safetensors"
     write_safetensors(old_oft, {f"{layer}.oft_diag": torch.zeros(2, 2, 2)}, {"ss_network_module": "lycoris.kohya"})
+    assert set(load_lora(old_oft)[0]["unet"]) == {"down_blocks.0.attentions.0.proj_in.oft_diag"}
+    # a LyCORIS tensor no family reads (GLoRA's Tucker `bm.weight`): refused naming the key
+    tucker = tmp_path / "glora-tucker.safetensors"
+    write_safetensors(tucker, {f"{layer}.bm.weight": torch.zeros(2, 2)}, {"ss_network_module": "lycoris.kohya"})
     with pytest.raises(WeightFileError) as info:
-        load_lora(old_oft)
+        load_lora(tucker)
     message = str(info.value)
-    assert str(old_oft) in message and "oft_diag" in message and "LyCORIS" in message
+    assert str(tucker) in message and "bm.weight" in message and "LyCORIS" in message
 
 
 @pytest.mark.parametrize(

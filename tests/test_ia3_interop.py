@@ -287,11 +287,14 @@ def test_peft_ia3_round_trips_both_ways(build, targets, feedforward, tmp_path, r
     assert summary["components"] == {"model": len(handle.modules)}
     if kind == "sd1-unet":  # peft -> kohya: scales_bias is never written; the model resolves it
         kohya = tmp_path / "kohya.safetensors"
-        with pytest.raises(sdadapt.errors.InputError, match=r"unet: 24 \(IA\)³ layer\(s\) come from a peft adapter.*attn1\.to_k"):
-            convert_lora(folder, kohya, to="kohya", base_model="sd1")
         with pytest.raises(sdadapt.errors.InputError, match="load_adapter"):
-            save_lora(kohya, {"unet": state})
+            save_lora(kohya, {"unet": state})  # (the writer cannot tell a bias: refused)
         assert not kohya.exists()
+        # convert knows SD's UNet: to_k / to_v have no bias there, so the file is LyCORIS' (IA)³ exactly
+        report = convert_lora(folder, kohya, to="kohya", base_model="sd1")
+        assert report.families == {"ia3": 30} and report.max_delta == 0.0  # 24 to_k/to_v, 6 ff.net.2
+        _lycoris_gives(kohya, tmp_path, y_peft)
+        kohya.unlink()
         save_lora(kohya, {"unet": handle.state_dict()})  # through the model (to_k/to_v: bias-free): LyCORIS' keys
         assert {k.rsplit(".", 1)[1] for k in load_file(str(kohya))} == {"weight", "on_input"}
         torch.manual_seed(0)
@@ -307,6 +310,62 @@ def test_peft_ia3_round_trips_both_ways(build, targets, feedforward, tmp_path, r
     loaded = peft.PeftModel.from_pretrained(again, str(out))
     assert loaded.peft_config["default"].peft_type == peft.PeftType.IA3
     assert torch.allclose(_run(again, kind), y_peft, atol=2e-5, rtol=1e-4)
+
+
+def _lycoris_gives(path, tmp_path, want):
+    """LyCORIS' kohya network (algo=ia3, the ia3 preset's layers, ``load_weights``: kohya's
+    ``network_weights`` path) loads the kohya file ``path`` on a fresh tiny SD1 UNet, every UNet key used,
+    and computes ``want``. (LyCORIS 4.1.3's ``create_lycoris_from_weights`` cannot build (IA)³ modules
+    from a file: the module docstring.)"""
+    preset_file = tmp_path / "ia3-preset.toml"
+    preset_file.write_text(IA3_PRESET)
+    torch.manual_seed(0)
+    fresh = tiny_unet_sd1()
+    net = _lycoris_network(fresh, tiny_clip(), str(preset_file))
+    written = load_file(str(path))
+    assert set(written) == {k for k in net.state_dict() if k.startswith("lora_unet_")}
+    assert not net.load_weights(str(path)).get("unexpected keys")
+    assert torch.allclose(run_unet(fresh, unet_inputs(fresh)), want, atol=2e-5, rtol=1e-4)
+
+
+def test_peft_ia3_convert_to_kohya_refuses_a_biased_output_layer_naming_it(tmp_path):
+    """peft (IA)³ on SD UNet layers with a bias scaled on their outputs (``to_out.0``): peft scales the
+    bias too, a kohya/LyCORIS file cannot say so — convert refuses, naming the layer, and writes nothing;
+    the bias-free ``to_k`` beside it does not make the refusal go away."""
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(tiny_unet_sd1(), peft.IA3Config(target_modules=["to_k", "to_out.0"],
+                                                                      feedforward_modules=[]))
+    folder = tmp_path / "peft-ia3"
+    peft_model.save_pretrained(str(folder))
+    out = tmp_path / "kohya.safetensors"
+    with pytest.raises(sdadapt.errors.InputError, match=r"unet: 12 \(IA\)³ layer\(s\) come from a peft adapter.*to_out\.0"):
+        convert_lora(folder, out, to="kohya", base_model="sd1")
+    assert not out.exists()
+
+
+def test_peft_ia3_text_encoder_convert_to_kohya_keeps_only_input_scaled_layers(tmp_path):
+    """A peft (IA)³ adapter on the CLIP text encoder (``--component text_encoder``): every CLIP projection has a
+    bias, so output-scaled ``k_proj`` / ``v_proj`` stay refused by name (nothing written) — even though their
+    names end like nothing in SD_UNET_BIAS_FREE, and as a UNet they would not pass either; input-scaled
+    ``fc2`` alone converts exactly."""
+    torch.manual_seed(0)
+    clip = peft.get_peft_model(tiny_clip(), peft.IA3Config(target_modules=["k_proj", "v_proj", "fc2"],
+                                                            feedforward_modules=["fc2"]))
+    folder = tmp_path / "peft-te"
+    clip.save_pretrained(str(folder))
+    out = tmp_path / "kohya.safetensors"
+    for component in ("text_encoder", None):
+        with pytest.raises(sdadapt.errors.InputError, match=r"(text_encoder|unet): 4 \(IA\)³ layer\(s\) come from a peft "
+                                                            r"adapter.*self_attn\.k_proj"):
+            convert_lora(folder, out, to="kohya", base_model="sd1", component=component)
+        assert not out.exists()
+    ff_only = tmp_path / "peft-te-ff"
+    torch.manual_seed(0)
+    peft.get_peft_model(tiny_clip(), peft.IA3Config(target_modules=["fc2"], feedforward_modules=["fc2"])
+                        ).save_pretrained(str(ff_only))
+    report = convert_lora(ff_only, out, to="kohya", base_model="sd1", component="text_encoder")
+    assert report.families == {"ia3": 2} and report.max_delta == 0.0
+    assert all(k.startswith("lora_te_") for k in load_file(str(out)))
 
 
 def test_peft_ia3_on_a_biased_output_layer_is_refused_with_the_model():

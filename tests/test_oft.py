@@ -418,16 +418,107 @@ def test_kohya_oft_state_written_by_sdadapt_loads_in_kohyas_network(tmp_path):
     assert _rel(y_mine, y_kohya, y0) < 2e-5
 
 
-def test_lycoris_dev_oft_diag_files_are_refused_naming_the_key(tmp_path):
-    """LyCORIS' dev builds of Nov 2023 - Feb 2024 saved the rotation itself as ``oft_diag``: refused by name."""
+def _a1111_oft_diag(weight: torch.Tensor, oft_diag: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """float64 transcription of A1111's ``NetworkModuleOFT`` for an old LyCORIS ``oft_diag`` (``is_R``;
+    extensions-builtin/Lora/network_oft.py): ``block_size = oft_diag.shape[1]``, ``num_blocks = out //
+    block_size``, ``R = oft_diag`` as given, ``merged[k] = einsum("k n m, k n ... -> k m ...")`` (= R_kᵀ · W[k]),
+    ``updown = merged − W``, ``finalize_updown``: ``updown · calc_scale() (self.scale = 1.0) · multiplier``."""
+    w, r = weight.double(), oft_diag.double()
+    b = r.shape[1]
+    merged = torch.empty_like(w)
+    for k in range(w.shape[0] // b):
+        rows = w[k * b:(k + 1) * b].reshape(b, -1)
+        merged[k * b:(k + 1) * b] = (r[k].T @ rows).reshape(b, *w.shape[1:])
+    return w + (merged - w) * 1.0 * multiplier
+
+
+def test_lycoris_dev_oft_diag_files_apply_as_a1111_applies_them(tmp_path, capsys):
+    """LyCORIS' dev builds of Nov 2023 - Feb 2024 saved the block matrices themselves as ``oft_diag`` (the
+    rotation, that build's rescale folded in: no rotation any more). A file in that key layout — blocks that
+    are neither orthogonal nor skew — applies (apply_lora), injects (load_adapter's hook, merged and not)
+    and inspects as A1111 reads it, at strengths 1 and 0.6; it saves back as it was read."""
+    from sdadapt.cli import main
+
+    g = torch.Generator().manual_seed(5)
+    blocks = {"0": torch.eye(4).repeat(4, 1, 1) + 0.2 * torch.randn(4, 4, 4, generator=g),  # Linear 6 -> 16
+              "1": torch.eye(2).repeat(8, 1, 1) + 0.3 * torch.randn(8, 2, 2, generator=g)}  # Conv 4 -> 16, 3x3
+    path = tmp_path / "old.safetensors"
     from safetensors.torch import save_file
 
-    from sdadapt.errors import WeightFileError
+    save_file({f"lora_unet_{layer}.oft_diag": value for layer, value in blocks.items()}, str(path))
+    state = load_lora(path)[0]["unet"]
+    assert set(state) == {"0.oft_diag", "1.oft_diag"}
+    for multiplier in (1.0, 0.6):
+        model = _model().double()
+        want = {layer: _a1111_oft_diag(model[int(layer)].weight, blocks[layer], multiplier) for layer in blocks}
+        sdadapt.apply_lora(model, state, scale=multiplier)
+        for layer, expected in want.items():
+            assert torch.allclose(model[int(layer)].weight, expected, atol=1e-6, rtol=0), layer
+        hooked = _model()
+        handle = sdadapt.load_adapter(hooked, state)
+        handle.set_scale(multiplier)
+        merged = _model()
+        with torch.no_grad():
+            for layer, expected in want.items():
+                merged[int(layer)].weight.copy_(expected)
+        for got, ref in zip(_outputs(hooked), _outputs(merged)):
+            assert torch.allclose(got, ref, atol=2e-5, rtol=1e-5)
+        handle.merge()
+        for layer, expected in want.items():
+            assert torch.allclose(hooked[int(layer)].weight.double(), expected, atol=2e-6), layer
+        handle.unmerge()  # (A1111 restores its backup: the base bits come back)
+        fresh = _model()
+        assert all(torch.equal(hooked[i].weight, fresh[i].weight) for i in (0, 1))
+    saved = tmp_path / "again.safetensors"
+    save_lora(saved, {"unet": handle.state_dict()}, format="kohya")
+    with safe_open(str(saved), "pt") as f:
+        assert {k: f.get_tensor(k).shape for k in f.keys()} == {f"lora_unet_{k}.oft_diag": v.shape for k, v in blocks.items()}
+        assert torch.equal(f.get_tensor("lora_unet_1.oft_diag"), blocks["1"])
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "family:     oft" in text and "diag-oft blocks of 4): 1" in text and "diag-oft blocks of 2): 1" in text
+    with pytest.raises(ValueError, match=r"0: both 'oft_blocks' and the old 'oft_diag'"):
+        sdadapt.load_adapter(_model(), {"0.oft_diag": blocks["0"], "0.oft_blocks": blocks["0"]})
+    with pytest.raises(ValueError, match=r"0\.oft_diag: .*4-D one is LyCORIS' BOFT of Feb 5-12 2024"):
+        sdadapt.load_adapter(_model(), {"0.oft_diag": torch.eye(4).repeat(2, 2, 1, 1)})  # (the dev BOFT's R)
+    with pytest.raises(ValueError, match=r"0\.oft_diag: 3 blocks of 4x4 rotate 12 rows"):
+        sdadapt.load_adapter(_model(), {"0.oft_diag": torch.eye(4).repeat(3, 1, 1)})
 
+
+def test_training_from_an_old_oft_diag_file_is_refused(tmp_path):
+    """An ``oft_diag`` layer holds R itself, not the generator a diag-oft run trains: --network-weights (and
+    --dim-from-weights) refuse the file, naming it and the way out, before any adapter is injected; the max
+    norm refuses an OFT module read from one (it would shrink R towards 0)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+    from tiny_models import tiny_clip, tiny_unet_sd1
+
+    from sdadapt.errors import WeightFileError
+    from sdadapt.methods.network_weights import (
+        adapters_from_weights,
+        read_network_weights,
+    )
+    from sdadapt.methods.oft import prepare_diag_oft
+    from sdadapt.training.max_norm import scale_weight_norms_
+
+    torch.manual_seed(0)
+    system = SimpleNamespace(unet=tiny_unet_sd1(), text_encoder=tiny_clip(), base_model="sd1")
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    out = system.unet.get_submodule(layer).weight.shape[0]
     path = tmp_path / "old.safetensors"
-    save_file({"lora_unet_0.oft_diag": torch.eye(4).repeat(4, 1, 1)}, str(path))
-    with pytest.raises(WeightFileError, match="old Diag-OFT 'oft_diag'.*lora_unet_0.oft_diag"):
-        load_lora(path)
+    save_file({f"lora_unet_{layer.replace('.', '_')}.oft_diag": torch.eye(4).repeat(out // 4, 1, 1)}, str(path))
+    for start in (lambda: prepare_diag_oft(system, rank=4, network_weights=path),
+                  lambda: adapters_from_weights(system, read_network_weights(path, system=system))):
+        with pytest.raises(WeightFileError, match=rf"--network-weights {path}: 1 layer\(s\) hold LyCORIS' old Diag-OFT "
+                                                  r"'oft_diag' \(e\.g\. unet/.*attn1\.to_q\.oft_diag\).*--base-weights"):
+            start()
+        assert not any(n.endswith("sdadapt") for n, _ in system.unet.named_modules())
+    handle = sdadapt.load_adapter(_model(), {"0.oft_diag": torch.eye(4).repeat(4, 1, 1)})
+    adapter = handle.modules["0"]
+    with pytest.raises(ValueError, match="old 'oft_diag' rotation itself"):
+        scale_weight_norms_([adapter], 0.1)
+    assert torch.equal(adapter.oft_blocks, torch.eye(4).repeat(4, 1, 1))
 
 
 def test_inspect_names_oft(tmp_path, lycoris_preset, capsys):

@@ -16,7 +16,8 @@ the class's code (:data:`EXIT_CODES`); ``docs/security.md`` has the same table.
     │       └── DiskSpaceError              not enough free space                9
     ├── NonFiniteError (ValueError)         NaN/inf or float16 overflow          5
     ├── MergeError (ValueError)             inputs that cannot be merged         6
-    └── ResourceError (MemoryError)         too large for this machine's memory  10
+    ├── ResourceError (MemoryError)         too large for this machine's memory  10
+    └── PeerProcessError (RuntimeError)     another torchrun process failed      11
     Interrupted (KeyboardInterrupt)         SIGINT / SIGTERM                     130 / 143
 
 ``Interrupted`` is deliberately *not* an :class:`SdadaptError`: like Ctrl-C it derives from
@@ -43,6 +44,7 @@ __all__ = [
     "NonFiniteError",
     "MergeError",
     "ResourceError",
+    "PeerProcessError",
     "Interrupted",
     "EXIT_CODES",
     "INTERNAL_ERROR_CODE",
@@ -95,6 +97,13 @@ class ResourceError(SdadaptError, MemoryError):
     """An input or a job too large for the memory (or the limits) sdadapt allows; says how much."""
 
 
+class PeerProcessError(SdadaptError, RuntimeError):
+    """Data-parallel training (torchrun, ``accelerate launch``): a collective with the other processes
+    of the run failed — almost always because another process failed first (its own output says
+    why) or was stopped; this process stops too. The message names this process's rank and what it
+    was doing (:mod:`sdadapt.training.data_parallel`)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: the partial output was removed. ``signal_number`` says which."""
 
@@ -120,6 +129,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     OutputExistsError: 8,
     DiskSpaceError: 9,
     ResourceError: 10,
+    PeerProcessError: 11,
 }
 #: the exit code of an unexpected exception (a bug in sdadapt: one line, "please report")
 INTERNAL_ERROR_CODE = 1
@@ -134,6 +144,7 @@ _MEANING = {
     OutputExistsError: "the output exists; pass --overwrite",
     DiskSpaceError: "not enough free disk space",
     ResourceError: "too large for the available memory",
+    PeerProcessError: "another process of a torchrun run failed first: read its output",
 }
 
 

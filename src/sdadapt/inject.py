@@ -21,9 +21,14 @@ from torch import Tensor, nn
 
 from .adapters.base import AdapterModule, LayerGeometry, geometry_of
 from .adapters.registry import adapter_from_file_tensors, build_adapter, family_of_config
+from .errors import SdadaptError
 from .targets import Target, select
 
-__all__ = ["AdapterSlot", "AdapterHandle", "inject", "load_adapter", "adapter_names"]
+__all__ = ["AdapterSlot", "AdapterHandle", "LayerFitError", "inject", "load_adapter", "adapter_names"]
+
+
+class LayerFitError(ValueError):
+    """:func:`inject`'s config does not fit one chosen layer; the message starts with the layer's name."""
 
 
 class AdapterSlot(nn.ModuleDict):
@@ -328,7 +333,8 @@ def inject(
 
     Raises:
         NoTargetsError: the target matched nothing. TypeError: a target is not Linear/Conv2d, or
-            the config is of no registered family.
+            the config is of no registered family. LayerFitError: the config does not fit a chosen
+            layer (naming it; e.g. BOFT on a width with no butterfly split); nothing is injected then.
     """
     family_of_config(config)  # an unknown config fails before anything is selected
     overrides = dict(layer_configs or {})
@@ -344,7 +350,12 @@ def inject(
     for layer_name, layer in chosen:
         geometry = geometry_of(layer, name=layer_name)
         _check_name_free(layer_name, layer, name)
-        adapter = _build(overrides.get(layer_name, config), geometry, layer, dtype)
+        try:
+            adapter = _build(overrides.get(layer_name, config), geometry, layer, dtype)
+        except ValueError as exc:  # (a config that does not fit this layer: OFT's block layout ...)
+            if isinstance(exc, SdadaptError):  # (already says what and where: keep its class and exit code)
+                raise
+            raise LayerFitError(f"{layer_name}: {exc}") from exc
         built.append((layer_name, layer, adapter))
     if freeze_base:
         _freeze_base(model)

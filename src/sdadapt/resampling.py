@@ -25,7 +25,8 @@ clip to 0..255; here nothing is rounded, and the ``lanczos`` / ``bicubic`` overs
 compares with PIL and with float64 formulas written out from OpenCV's ``resize.cpp``).
 
 kohya's default (no ``resize_interpolation``) is ``area`` when the image shrinks both ways and
-``lanczos`` otherwise (:func:`kohya_default`); training images (and their loss masks) take it too.
+``lanczos`` otherwise (:func:`kohya_default`); training images (and their loss masks and face crops) take
+it too, through :func:`interpolation_for`.
 (:func:`sdadapt.images.scale_image` without a method — :func:`sdadapt.images.read_image`'s scaling
 for the other commands — averages areas down and is bilinear up.)
 """
@@ -40,7 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["RESIZE_INTERPOLATIONS", "check_interpolation", "kohya_default", "resample"]
+__all__ = ["RESIZE_INTERPOLATIONS", "check_interpolation", "interpolation_for", "kohya_default", "resample"]
 
 #: the names kohya takes (``library/utils.py`` ``validate_interpolation_fn``)
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
@@ -61,6 +62,14 @@ def kohya_default(size: tuple[int, int], target: tuple[int, int]) -> str:
     """kohya's method without ``resize_interpolation``: ``area`` when ``target`` (h, w) is no
     larger than ``size`` (h, w) both ways, else ``lanczos``."""
     return "area" if size[0] >= target[0] and size[1] >= target[1] else "lanczos"
+
+
+def interpolation_for(interpolation: str | None, size: tuple[int, int], target: tuple[int, int]) -> str:
+    """The method kohya scales an image of ``size`` (h, w) to ``target`` (h, w) with: ``interpolation``
+    (kohya's ``resize_interpolation``) when given, else :func:`kohya_default` (``area`` shrinking both
+    ways, ``lanczos`` otherwise). The one place every training caller (bucket images, loss masks, face
+    crops) decides it."""
+    return interpolation or kohya_default(size, target)
 
 
 def resample(image: Tensor, size: tuple[int, int], *, interpolation: str,

@@ -196,6 +196,9 @@ class AdapterModule(nn.Module):
     #: the family adapts normalisation layers (``LayerGeometry.norm`` set, 1-D weights) and only those;
     #: every other family adapts only Linear/Conv2d layers (the registry refuses the mix-up)
     adapts_norms: ClassVar[bool] = False
+    #: the strength-1 scale is the file's ``alpha / r`` (LoRA, LoHa, LoKr, GLoRA: :meth:`base_scale`);
+    #: ``False``: 1 (``alpha`` is absent or means something else, as OFT's constraint)
+    scale_is_alpha_over_rank: ClassVar[bool] = False
     #: ``(group, index)`` while the adapter's down-projection is shared with sibling layers that
     #: read the same input (``shared_input.batch_shared_input_adapters``); ``None`` otherwise
     _shared_input: tuple | None = None
@@ -269,7 +272,11 @@ class AdapterModule(nn.Module):
         self.refresh_scale()
 
     def base_scale(self) -> float:
-        """The family's scale at strength 1: ``alpha / r`` for the low-rank families, 1 by default."""
+        """The family's scale at strength 1: ``alpha / r`` (the 0-dim ``alpha`` buffer over :attr:`rank`)
+        when :attr:`scale_is_alpha_over_rank`, else 1. A family with another rule overrides it (LoKr:
+        1 with both factors full)."""
+        if self.scale_is_alpha_over_rank:
+            return float(self.alpha) / self.rank  # type: ignore[attr-defined]
         return 1.0
 
     def refresh_scale(self) -> None:

@@ -113,6 +113,7 @@ class GLoRAModule(AdapterModule):
     """
 
     family: ClassVar[str] = "glora"
+    scale_is_alpha_over_rank: ClassVar[bool] = True
     file_keys: ClassVar[tuple[str, ...]] = (*_FACTORS, "alpha")
     marker_keys: ClassVar[tuple[str, ...]] = _FACTORS
     rank_keys: ClassVar[tuple[str, ...]] = ("b2.weight",)
@@ -151,10 +152,6 @@ class GLoRAModule(AdapterModule):
     @property
     def rank(self) -> int:
         return self.a2.shape[0]
-
-    def base_scale(self) -> float:
-        """``alpha / r``."""
-        return float(self.alpha) / self.rank
 
     def delta_dtype(self) -> torch.dtype:
         return self.a1.dtype

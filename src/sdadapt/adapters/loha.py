@@ -120,6 +120,7 @@ class LoHaModule(AdapterModule):
     """
 
     family: ClassVar[str] = "loha"
+    scale_is_alpha_over_rank: ClassVar[bool] = True
     file_keys: ClassVar[tuple[str, ...]] = (*_FACTORS, "hada_t1", "hada_t2", "alpha")
     marker_keys: ClassVar[tuple[str, ...]] = (*_FACTORS, "hada_t1", "hada_t2")
     rank_keys: ClassVar[tuple[str, ...]] = ("hada_w1_b",)
@@ -165,10 +166,6 @@ class LoHaModule(AdapterModule):
     @property
     def rank(self) -> int:
         return self.hada_w1_b.shape[0]
-
-    def base_scale(self) -> float:
-        """``alpha / r``."""
-        return float(self.alpha) / self.rank
 
     def delta_dtype(self) -> torch.dtype:
         return self.hada_w1_a.dtype

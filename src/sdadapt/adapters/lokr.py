@@ -228,6 +228,7 @@ class LoKrModule(AdapterModule):
     """
 
     family: ClassVar[str] = "lokr"
+    scale_is_alpha_over_rank: ClassVar[bool] = True
     file_keys: ClassVar[tuple[str, ...]] = (*_KEYS, "alpha")
     marker_keys: ClassVar[tuple[str, ...]] = _KEYS
     rank_keys: ClassVar[tuple[str, ...]] = ("lokr_w1_b", "lokr_w2_b")
@@ -279,7 +280,7 @@ class LoKrModule(AdapterModule):
 
     def base_scale(self) -> float:
         """``alpha / r`` (1 with both factors full)."""
-        return 1.0 if self.layout.rank is None else float(self.alpha) / self.layout.rank
+        return 1.0 if self.layout.rank is None else super().base_scale()
 
     def delta_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

@@ -206,6 +206,7 @@ class LoRAModule(AdapterModule):
     """
 
     family: ClassVar[str] = "lora"
+    scale_is_alpha_over_rank: ClassVar[bool] = True
     file_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
     marker_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight")
     rank_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight",)
@@ -261,10 +262,6 @@ class LoRAModule(AdapterModule):
     def rank(self) -> int:
         return self.lora_down.shape[0]
 
-    def base_scale(self) -> float:
-        """``alpha / r``."""
-        return float(self.alpha) / self.rank
-
     def delta_dtype(self) -> torch.dtype:
         return self.lora_down.dtype
 
@@ -291,7 +288,7 @@ class LoRAModule(AdapterModule):
         residual base weight; other inits ignore the base weight (``None``)."""
         if self.init != "pissa":
             return None
-        scale = float(self.alpha) / self.rank
+        scale = self.base_scale()
         up, down, residual = pissa_factors(weight, self.rank, scale)
         with torch.no_grad():
             self.lora_up.copy_(up.reshape(self.lora_up.shape))

@@ -36,6 +36,11 @@ Files (``lora_unet_<layer>.<key>``; kohya's own OFT writes ``oft_unet_<layer>``)
   (kohya clamps even at ``alpha = 0``, which makes its OFT the identity; sdadapt reads 0 as LyCORIS does:
   no constraint.)
 * ``rescale``: ``(out, 1[, 1, 1])``, LyCORIS only; ones at init.
+* ``oft_diag`` (read, and written back as read): ``(n, b, b)``, the block matrices themselves, from LyCORIS dev
+  builds of Nov 2023 – Feb 2024 (``DiagOFTModule.custom_state_dict`` = ``get_r()``: the Cayley rotation, with
+  that build's rescale folded into its rows), before ``oft_blocks``. Applied as A1111 applies them
+  (``extensions-builtin/Lora/network_oft.py``, ``is_R``): ``W'[k] = R_kᵀ · W[k]`` with ``R = oft_diag`` as given
+  (no Cayley map, no constraint; ``b = oft_diag.shape[1]``, ``n = out / b``), ``ΔW = s · (W' − W)``.
 
 The forward of an injected OFT computes ``Δy = op(x, ΔW)``: one rotation of the weight (``O(out·in·b)``,
 small beside the matmul) and one matmul, the same cost as a LoRA's dense merge.
@@ -172,20 +177,27 @@ def boft_rotate(weight: Tensor, rotations: Tensor) -> Tensor:
 
 
 def oft_merged_weight(
-    base_weight: Tensor, blocks: Tensor, *, rescale: Tensor | None = None, constraint: float | Tensor = 0.0
+    base_weight: Tensor, blocks: Tensor, *, rescale: Tensor | None = None, constraint: float | Tensor = 0.0,
+    stored_rotation: bool = False,
 ) -> Tensor:
     """``W' = rescale ⊙ rotate(W)``: the merged weight of one OFT layer at full strength.
 
     Args:
         base_weight: W, (out, in, *kernel).
-        blocks: ``oft_blocks``, (n, b, b) Diag-OFT or (m, n, b, b) BOFT, ``n·b = out``.
+        blocks: ``oft_blocks``, (n, b, b) Diag-OFT or (m, n, b, b) BOFT, ``n·b = out``; with
+            ``stored_rotation`` an old LyCORIS ``oft_diag``, (n, b, b): the block matrices themselves.
         rescale: (out, 1, ...) or (out,) per-row scales, or ``None``.
         constraint: the file's ``alpha`` (COFT bound per output channel; ``c = alpha · out``; 0: none).
+            Not read with ``stored_rotation`` (A1111 ignores it there).
+        stored_rotation: ``blocks`` are the rotation ``R`` (``oft_diag``), applied as given.
 
     Returns:
         (out, in, *kernel) in float32 (float64 when the inputs are).
     """
-    rotations = cayley_rotation(blocks, max_norm=constraint * base_weight.shape[0])
+    if stored_rotation:
+        rotations = blocks.to(_compute_dtype(blocks.dtype))
+    else:
+        rotations = cayley_rotation(blocks, max_norm=constraint * base_weight.shape[0])
     weight = base_weight.to(rotations.dtype)
     merged = diag_oft_rotate(weight, rotations) if blocks.dim() == 3 else boft_rotate(weight, rotations)
     if rescale is not None:
@@ -200,14 +212,16 @@ def oft_delta_weight(
     rescale: Tensor | None = None,
     constraint: float | Tensor = 0.0,
     scale: float | Tensor = 1.0,
+    stored_rotation: bool = False,
 ) -> Tensor:
     """``ΔW = scale · (W' − W)`` with ``W'`` from :func:`oft_merged_weight` (see the module docstring
-    for how ``scale`` compares with LyCORIS' multiplier).
+    for how ``scale`` compares with LyCORIS' multiplier; ``stored_rotation``: ``blocks`` is an old ``oft_diag``).
 
     Returns:
         (out, in, *kernel) in float32 (float64 when the inputs are).
     """
-    merged = oft_merged_weight(base_weight, blocks, rescale=rescale, constraint=constraint)
+    merged = oft_merged_weight(base_weight, blocks, rescale=rescale, constraint=constraint,
+                               stored_rotation=stored_rotation)
     return (merged - base_weight.to(merged.dtype)) * scale
 
 
@@ -223,6 +237,7 @@ class OFTConfig:
         constraint: COFT: ``‖Q‖ ≤ constraint · out`` (LyCORIS ``constraint``, written as ``alpha``); 0: none.
         rescaled: also train a per-row scale (LyCORIS ``rescaled``, written as ``rescale``).
         module_dropout: probability to skip the whole module per training step.
+        conv_dim: ``dim`` for kxk convolutions (LyCORIS / kohya ``conv_dim``); ``None``: ``dim``.
     """
 
     dim: int = 4
@@ -230,10 +245,15 @@ class OFTConfig:
     constraint: float = 0.0
     rescaled: bool = False
     module_dropout: float = 0.0
+    conv_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim <= 0:
-            raise ValueError(f"OFTConfig.dim must be a positive int (the block size), got {self.dim!r}")
+        for field in ("dim", "conv_dim"):
+            value = getattr(self, field)
+            if field == "conv_dim" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"OFTConfig.{field} must be a positive int (the block size), got {value!r}")
         for field in ("butterfly", "rescaled"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"OFTConfig.{field} must be a bool, got {getattr(self, field)!r}")
@@ -241,6 +261,10 @@ class OFTConfig:
             raise ValueError(f"OFTConfig.constraint must be a finite number >= 0 (0: no constraint), got {self.constraint!r}")
         if not 0.0 <= self.module_dropout < 1.0:
             raise ValueError(f"OFTConfig.module_dropout must be in [0, 1), got {self.module_dropout!r}")
+
+    def dim_for(self, geometry: LayerGeometry) -> int:
+        """The block size asked for on a layer: :attr:`conv_dim` on kxk convolutions when set, else :attr:`dim`."""
+        return self.conv_dim if geometry.is_kxk and self.conv_dim is not None else self.dim
 
 
 class OFTModule(AdapterModule):
@@ -252,8 +276,8 @@ class OFTModule(AdapterModule):
     """
 
     family: ClassVar[str] = "oft"
-    file_keys: ClassVar[tuple[str, ...]] = ("oft_blocks", "rescale", "alpha")
-    marker_keys: ClassVar[tuple[str, ...]] = ("oft_blocks",)
+    file_keys: ClassVar[tuple[str, ...]] = ("oft_blocks", "rescale", "alpha", "oft_diag")
+    marker_keys: ClassVar[tuple[str, ...]] = ("oft_blocks", "oft_diag")
     lycoris_algo: ClassVar[str] = "diag-oft"
     uses_base_weight: ClassVar[bool] = True
 
@@ -267,8 +291,11 @@ class OFTModule(AdapterModule):
         module_dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        stored_rotation: bool = False,
     ) -> None:
         super().__init__(geometry)
+        #: ``oft_blocks`` holds an old LyCORIS ``oft_diag`` (the rotation itself; read from a file only)
+        self.stored_rotation = stored_rotation
         self.oft_blocks = nn.Parameter(torch.zeros(blocks_shape, dtype=dtype, device=device))
         if rescaled:
             self.rescale = nn.Parameter(torch.ones(geometry.out_features, 1, *(1 for _ in geometry.kernel),
@@ -301,7 +328,7 @@ class OFTModule(AdapterModule):
         adapter's dtype (computed in float32, float64 for float64 adapters)."""
         base = base_weight.reshape(self.geometry.weight_shape)
         delta = oft_delta_weight(base, self.oft_blocks, rescale=self.rescale, constraint=self.alpha,
-                                 scale=self.scale)
+                                 scale=self.scale, stored_rotation=self.stored_rotation)
         return delta.to(self.oft_blocks.dtype)
 
     def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
@@ -314,6 +341,11 @@ class OFTModule(AdapterModule):
         return self.geometry.conv(x, self.merge_delta(base_weight))
 
     def file_tensors(self) -> dict[str, Tensor]:
+        if self.stored_rotation:  # written back as read (only A1111 reads it; no exact oft_blocks exists)
+            tensors = {"oft_diag": self.oft_blocks}
+            if self.rescale is not None:
+                tensors["rescale"] = self.rescale
+            return tensors
         tensors = {"oft_blocks": self.oft_blocks, "alpha": self.alpha}
         if self.rescale is not None:
             tensors["rescale"] = self.rescale
@@ -331,9 +363,10 @@ class OFTModule(AdapterModule):
         """A fresh module for one layer (``oft_blocks = 0``, ``rescale = 1``: the layer is unchanged).
 
         Raises:
-            ValueError: BOFT on a layer whose width has no even × power-of-two split under ``dim``.
+            ValueError: BOFT on a layer whose width has no even × power-of-two split under
+                :meth:`OFTConfig.dim_for` the layer.
         """
-        shape = oft_block_layout(geometry.out_features, config.dim, butterfly=config.butterfly)
+        shape = oft_block_layout(geometry.out_features, config.dim_for(geometry), butterfly=config.butterfly)
         return cls(geometry, shape, constraint=config.constraint, rescaled=config.rescaled,
                    module_dropout=config.module_dropout, dtype=dtype, device=device)
 
@@ -341,22 +374,32 @@ class OFTModule(AdapterModule):
     def from_file_tensors(
         cls, geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
     ) -> OFTModule:
-        """Build from ``{"oft_blocks"[, "alpha"][, "rescale"]}`` (no ``alpha``: no constraint).
+        """Build from ``{"oft_blocks"[, "alpha"][, "rescale"]}`` (no ``alpha``: no constraint), or from an old
+        LyCORIS ``{"oft_diag"[, "rescale"]}`` (the rotation itself, module docstring; ``alpha`` not read).
 
         Raises:
             ValueError: shapes that do not fit the layer (naming ``name`` and the layout expected).
         """
-        blocks = tensors.get("oft_blocks")
+        stored = "oft_diag" in tensors
+        if stored and "oft_blocks" in tensors:
+            raise ValueError(f"{name}: both 'oft_blocks' and the old 'oft_diag': one OFT layer holds one of them")
+        blocks = tensors.get("oft_diag" if stored else "oft_blocks")
         if blocks is None:
             raise ValueError(f"{name}: an OFT layer needs 'oft_blocks' (have {sorted(tensors)})")
         shape = tuple(blocks.shape)
         out = geometry.out_features
+        if stored and (not blocks.is_floating_point() or len(shape) != 3 or shape[-1] != shape[-2]):
+            raise ValueError(f"{name}.oft_diag: expected floating-point (n, b, b) block matrices (LyCORIS' old "
+                             f"Diag-OFT), got {blocks.dtype} of shape {shape}" + (
+                                 " — a 4-D one is LyCORIS' BOFT of Feb 5-12 2024, which nothing reads (A1111's "
+                                 "is_R path fails on it): train it again with a current LyCORIS"
+                                 if len(shape) == 4 else ""))
         if not blocks.is_floating_point() or len(shape) not in (3, 4) or shape[-1] != shape[-2]:
             raise ValueError(f"{name}.oft_blocks: expected floating-point (n, b, b) blocks (Diag-OFT, kohya OFT) or "
                              f"(m, n, b, b) (BOFT), got {blocks.dtype} of shape {shape}")
         n, b = shape[-3], shape[-1]
         if n * b != out:
-            raise ValueError(f"{name}.oft_blocks: {n} blocks of {b}x{b} rotate {n * b} rows, but the base layer has "
+            raise ValueError(f"{name}.{'oft_diag' if stored else 'oft_blocks'}: {n} blocks of {b}x{b} rotate {n * b} rows, but the base layer has "
                              f"{out} output channels (weight shape {geometry.weight_shape}). The file was made for "
                              "another model.")
         if len(shape) == 4 and (b % 2 or n % 2 ** (shape[0] - 1)):
@@ -365,14 +408,14 @@ class OFTModule(AdapterModule):
         rescale = tensors.get("rescale")
         if rescale is not None and rescale.numel() != out:
             raise ValueError(f"{name}.rescale: {rescale.numel()} values for a layer of {out} output channels")
-        alpha = tensors.get("alpha")
+        alpha = None if stored else tensors.get("alpha")  # (A1111: "self.alpha is unused" for oft_diag)
         constraint = 0.0
         if alpha is not None:
             if alpha.numel() != 1:
                 raise ValueError(f"{name}.alpha: the OFT constraint must be one number, got shape {tuple(alpha.shape)}")
             constraint = float(alpha)
         module = cls(geometry, shape, constraint=constraint, rescaled=rescale is not None, dtype=blocks.dtype,
-                     device=blocks.device)
+                     device=blocks.device, stored_rotation=stored)
         with torch.no_grad():
             module.oft_blocks.copy_(blocks)
             if rescale is not None:
@@ -388,5 +431,5 @@ class OFTModule(AdapterModule):
 
     @classmethod
     def lycoris_algo_of_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> str:
-        """``boft`` for 4-D ``oft_blocks``, else ``diag-oft``."""
+        """``boft`` for 4-D ``oft_blocks``, else ``diag-oft`` (an old ``oft_diag`` too)."""
         return "boft" if len(shapes.get("oft_blocks", ())) == 4 else "diag-oft"

@@ -78,9 +78,10 @@ KOHYA_IGNORED = {
     "console_log_level": "sdadapt writes its report lines to stderr (--quiet silences them)",
     "console_log_file": "sdadapt writes its report lines to stderr (--quiet silences them)",
     "console_log_simple": "sdadapt writes its report lines to stderr (--quiet silences them)",
-    "ddp_timeout": "python -m sdadapt train runs one process (no DDP)",
-    "ddp_gradient_as_bucket_view": "python -m sdadapt train runs one process (no DDP)",
-    "ddp_static_graph": "python -m sdadapt train runs one process (no DDP)",
+    "ddp_gradient_as_bucket_view": "under torchrun sdadapt averages the gradients itself, one all-reduce per bucket "
+                                   "after the last accumulated backward (no DistributedDataParallel wrapper)",
+    "ddp_static_graph": "under torchrun sdadapt averages the gradients itself, one all-reduce per bucket after the "
+                        "last accumulated backward (no DistributedDataParallel wrapper)",
     "cpu_offload_checkpointing": "memory only (kohya's Flux/SD3 scripts move checkpointed activations to the CPU); "
                                  "here --gradient-checkpointing / --gradient-checkpointing-fraction",
     "tokenizer_cache_dir": "sdadapt downloads no tokenizer: --tokenizer DIR, or the shipped CLIP vocabulary",
@@ -95,7 +96,7 @@ KOHYA_IGNORED = {
     "use_safetensors": "sdadapt writes .safetensors",
     "no_token_padding": ("no effect in sd-scripts today: train_db.py sets a flag its dataset no longer reads, so "
                          "captions are padded to the CLIP window there as here"),
-    **{name: "DeepSpeed only (deepspeed = true is refused: one process here)"
+    **{name: "DeepSpeed only (deepspeed = true is refused: data parallel here is torchrun's, docs/train.md#several-gpus-torchrun-accelerate-launch)"
        for name in ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
                     "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
                     "fp16_master_weights_and_gradients")},
@@ -121,7 +122,8 @@ _REFUSED_WHEN_ON = {
     "debug_dataset": "sdadapt has no dataset viewer (kohya shows the images and trains nothing): leave it out",
     "dataset_class": ("sdadapt reads kohya's folder layout, dataset TOML (dataset_config) and in_json, not a "
                       "dataset class"),
-    "deepspeed": "python -m sdadapt train runs one process, without DeepSpeed; leave it out",
+    "deepspeed": ("python -m sdadapt train runs without DeepSpeed (several GPUs: torchrun --nproc-per-node N -m sdadapt "
+                  "train ..., docs/train.md#several-gpus-torchrun-accelerate-launch); leave it out"),
     "fused_optimizer_groups": ("not there: use fused_backward_pass (--fused-backward-pass: full/dreambooth step each "
                                "weight inside backward, no model-sized gradient buffer)"),
     "train_inpainting": "sdadapt trains text-to-image models, not inpainting ones",
@@ -141,13 +143,13 @@ _KOHYA_ONLY_FLAGS = frozenset({
 #: kohya's numeric options read here that are no TrainOptions field
 _KOHYA_ONLY_NUMBERS: dict[str, type] = {
     "learning_rate_te1": float, "learning_rate_te2": float, "save_last_n_epochs_state": int,
-    "save_last_n_steps_state": int, "max_data_loader_n_workers": int, "ddp_timeout": int, "vae_batch_size": int,
+    "save_last_n_steps_state": int, "max_data_loader_n_workers": int, "vae_batch_size": int,
     "zero_stage": int, "fused_optimizer_groups": int}
 #: options whose 0 means "off" to kohya's GUIs (sd-scripts' default None; sd-scripts skips a 0 or cannot run with it):
 #: 0 reads as not given. (Not save_last_n_*: there kohya's 0 keeps only the newest save, refused here.)
 _ZERO_IS_UNSET = frozenset({"steps", "epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
                             "sample_every_n_epochs", "save_n_epoch_ratio", "max_timestep", "scale_weight_norms",
-                            "clip_skip", "lr_scheduler_timescale"})
+                            "clip_skip", "lr_scheduler_timescale", "ddp_timeout"})
 _DTYPES = {"float": "fp32", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
            "bfloat16": "bf16", "keep": "keep"}
 
@@ -771,6 +773,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..jobs import TrainOptions, run_train
+    from ..training.data_parallel import is_main_process
 
     method_options = _method_options()
     fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options", "config_defaults"}
@@ -817,7 +820,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     dtype = values.pop("dtype", "keep")
     if dtype not in ("keep", "fp32", "fp16", "bf16"):
         raise ValueError(f"dtype must be keep, fp32, fp16 or bf16, got {dtype!r}")
-    quiet = bool(args.quiet)
+    main = is_main_process()  # under torchrun: rank 0 reports (the others train silently)
+    quiet = bool(args.quiet) or not main
     options = TrainOptions(**values, method_options=chosen, dtype=torch_dtype(dtype), config_defaults=config_defaults)
 
     def log(line: str) -> None:
@@ -832,6 +836,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     result = run_train(args.method, options, progress=progress_bar(argparse.Namespace(quiet=quiet), args.method, unit="step"),
                        bars=bars, log=log)
+    if not main:
+        return 0
     losses = result["losses"]
     prior = f" + {_plural(result['prior_images'], 'class image')}" if result["prior_images"] else ""
     resumed = f" (resumed at step {result['resumed_from']})" if result["resumed_from"] is not None else ""
@@ -876,7 +882,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--images", "--train-data-dir", dest="images", metavar="DIR",
         help="folder of .png/.jpg images with NAME.txt captions; sub-folders N_name repeat their images N times per epoch")
     add(data, "--dataset-config", metavar="TOML",
-        help="kohya's dataset TOML ([general], one [[datasets]] block with [[datasets.subsets]]: image_dir, num_repeats, "
+        help="kohya's dataset TOML ([general], [[datasets]] blocks (each its resolution, batch size, buckets) with "
+        "[[datasets.subsets]]: image_dir, num_repeats, "
         "class_tokens, is_reg, caption options per subset, or metadata_file); replaces --images and --reg-data-dir")
     add(data, "--in-json", metavar="FILE",
         help="kohya's fine-tuning metadata JSON (image key -> caption / tags; caption = caption,tags) for the images "
@@ -1100,6 +1107,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="replay each optimiser step (forward, backward, optimiser) as one CUDA graph per batch layout after 3 eager "
         "steps: far fewer kernel launches at small batches; AdamW, Adafactor, Lion, Prodigy, DAdapt or schedule-free optimisers, no fp16, no "
         "--fused-backward-pass (on a CPU: eager steps)")
+    add(optim, "--ddp-timeout", type=int, metavar="MINUTES",
+        help="under torchrun / accelerate launch: the process group's timeout, how long a process waits for the others "
+        "at a collective (kohya's --ddp_timeout; default torch's, 10 minutes)")
     add(optim, "--torch-compile", action=bool_flag,
         help="torch.compile the UNet (with the adapters) and the text conditioning the step runs: the first steps "
         "compile, then fused kernels (kohya's --torch_compile)")

@@ -241,7 +241,7 @@ def _adapter_summary(
             components[_component(layer, kind)] += 1
             continue
         if algo == "oft":
-            blocks = parts.get("oft_blocks", ())
+            blocks = parts.get("oft_blocks", parts.get("oft_diag", ()))
             layout = "boft" if len(blocks) == 4 else "diag-oft"
             rotations[f"none (OFT rotations: {layout} blocks of {blocks[-1] if blocks else '?'})"] += 1
             oft_layers.append(layer)

@@ -228,15 +228,6 @@ def from_kohya(
         if suffix == "alpha":
             value = value.to(torch.float32)
         out.setdefault(component, {})[f"{path}.{suffix}"] = value
-    old_oft = [key for key in unknown if key.endswith(".oft_diag")]
-    if old_oft:  # LyCORIS dev builds of Nov 2023 - Feb 2024 (32d1b25 .. 0389c74): docs/lycoris.md "Diag-OFT and BOFT"
-        raise WeightFileError(
-            f"{source}: {len(old_oft)} key(s) hold LyCORIS' old Diag-OFT 'oft_diag' tensor, e.g. {old_oft[:3]}: the "
-            "block matrices themselves (the rotation, with the old rescale folded in), from LyCORIS builds of Nov 2023 - "
-            "Feb 2024, before 'oft_blocks'. sdadapt does not read them: they are no generator of today's oft_blocks "
-            "(not even a rotation once rescaled). Train again with a current LyCORIS, or load the file in A1111 (it "
-            "applies oft_diag as given)."
-        )
     if unknown:
         raise WeightFileError(
             f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
@@ -288,7 +279,8 @@ def kohya_metadata(
             if algorithm == "unknown":
                 continue
             if lycoris in ("diag-oft", "boft"):
-                key = (int(tensors["oft_blocks"].shape[-1]), float(tensors["alpha"]) if "alpha" in tensors else 0.0)
+                blocks = tensors["oft_blocks"] if "oft_blocks" in tensors else tensors["oft_diag"]  # (old LyCORIS)
+                key = (int(blocks.shape[-1]), float(tensors["alpha"]) if "alpha" in tensors else 0.0)
                 oft_blocks[key] = oft_blocks.get(key, 0) + 1
                 oft_rescaled |= "rescale" in tensors
             rank, is_kxk = file_rank({k: tuple(v.shape) for k, v in tensors.items()})

@@ -22,6 +22,7 @@ the adapter loaded onto its model saves without it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -31,7 +32,14 @@ from ..errors import InputError
 from ..patterns import compile_pattern
 from .files import WeightFileError
 
-__all__ = ["from_peft_ia3", "is_peft_ia3", "to_peft_ia3"]
+__all__ = ["SD_UNET_BIAS_FREE", "from_peft_ia3", "is_peft_ia3", "resolve_sd_bias_free", "to_peft_ia3"]
+
+#: The SD UNet layers that have no bias in every SD1 / SD2 / SDXL UNet: the attention projections
+#: ``attn1`` / ``attn2`` ``to_q`` / ``to_k`` / ``to_v`` (diffusers' ``Attention(bias=False)`` in
+#: ``BasicTransformerBlock``, LDM's ``CrossAttention``; the same names in both layouts). The layers of
+#: peft's usual SD (IA)³ ``target_modules`` (``to_k``, ``to_v``) are among them; ``to_out.0``, the
+#: feed-forward, ``proj_in/out``, the convolutions and every CLIP projection have a bias.
+SD_UNET_BIAS_FREE = re.compile(r"(?:^|\.)attn[12]\.to_[qkv]$")
 
 _PREFIX = "base_model.model."
 _SUFFIX = ".ia3_l"
@@ -153,3 +161,23 @@ def to_peft_ia3(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
         "inference_mode": False,
     }
     return peft_state, config
+
+
+def resolve_sd_bias_free(state: Mapping[str, Tensor], *, component: str) -> dict[str, Tensor]:
+    """``state`` without the ``scales_bias`` flags (:func:`from_peft_ia3` without a model) of the SD UNet
+    layers that have no bias (:data:`SD_UNET_BIAS_FREE`, ``component == "unet"``): there peft's
+    ``y = (W x) ⊙ ia3_l`` is LyCORIS' (IA)³ exactly, so a kohya/LyCORIS file can hold the vector. Every
+    other flag stays (the kohya writer refuses it, naming the layer: a CLIP projection or a biased UNet
+    layer scaled on its outputs would get another output).
+
+    Args:
+        state: a canonical (IA)³ state, ``{"<layer>.weight" | ".on_input" | ".scales_bias": tensor}``.
+        component: the SD pipeline component the state is for (``unet``, ``text_encoder`` ...).
+
+    Returns:
+        a new dict (the tensors are shared, not copied).
+    """
+    if component != "unet":
+        return dict(state)
+    return {key: value for key, value in state.items()
+            if not (key.endswith(".scales_bias") and SD_UNET_BIAS_FREE.search(key[: -len(".scales_bias")]))}

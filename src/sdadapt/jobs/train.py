@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from ..formats.files import make_output_folder
 from ..images import ImageFolderError
 from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
+from ..training import data_parallel
 from ..training.data import FIRST_LINE_CAPTIONS
 from ..training.half_weights import cast_trainable_
 from ..training.loss_masks import LossMaskSource
@@ -160,7 +161,8 @@ class TrainOptions:
     :mod:`sdadapt.training.text_cache`; kohya's ``cache_text_encoder_outputs_to_disk`` turns it on,
     in memory). ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
     steps: :attr:`sdadapt.methods.FitConfig.cuda_graph`; AdamW, Adafactor, Lion, Prodigy or D-Adaptation optimisers, no fp16,
-    no fused backward; on a CPU the steps run eagerly). ``torch_compile``
+    no fused backward; on a CPU the steps run eagerly). ``ddp_timeout``: under torchrun, the process
+    group's timeout in minutes (kohya's; ``None``: torch's, 10 minutes; docs/train.md#several-gpus-torchrun-accelerate-launch). ``torch_compile``
     with ``dynamo_backend`` (default ``"inductor"``; kohya's names): ``torch.compile`` the model
     the step calls (:attr:`sdadapt.methods.FitConfig.compile_backend`).
 
@@ -298,6 +300,7 @@ class TrainOptions:
     fused_backward_pass: bool = False
     sdpa_backends: str | None = None
     cuda_graph: bool = False
+    ddp_timeout: int | None = None
     cache_text_encoder_outputs: bool = False
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
@@ -362,6 +365,10 @@ class TrainOptions:
         return (0 if self.min_timestep is None else self.min_timestep, 1000 if self.max_timestep is None else self.max_timestep)
 
     def __post_init__(self) -> None:
+        if self.ddp_timeout is not None and (isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int)
+                                             or self.ddp_timeout < 1):
+            raise ValueError(f"--ddp-timeout must be a number of minutes >= 1 (the process group's timeout under torchrun), "
+                             f"got {self.ddp_timeout!r}")
         from ..methods.fit import SCHEDULES
         from ..methods.optimizers import _OPTIMIZER_ALIASES, _REFUSED_OPTIMIZERS, OPTIMIZERS
         from ..samplers import canonical_sampler
@@ -642,6 +649,48 @@ def _read_data_config(options: TrainOptions):
         if name in names and all(v == values[0] for v in values):
             config.options[name] = values[0]
     return config
+
+
+#: kohya's training-metadata keys of one dataset: with several ``[[datasets]]`` kohya writes them per dataset
+#: in ``ss_datasets`` only (train_network.py's ``use_user_config`` branch)
+_ONE_DATASET_KEYS = ("ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_enable_bucket",
+                     "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_reso_steps", "ss_bucket_no_upscale",
+                     "ss_bucket_info")
+
+
+def _block_options(options: TrainOptions, config) -> list[TrainOptions]:
+    """A dataset TOML's several ``[[datasets]]`` blocks: each one's run options (its resolution, batch
+    size and bucket settings over ``options``); ``[]`` for one block (``options`` is its)."""
+    from ..errors import InputError
+
+    out = []
+    for index, block in enumerate(config.blocks):
+        try:
+            out.append(dataclasses.replace(options, **block))
+        except ValueError as exc:
+            raise InputError(f"--dataset-config {config.source}: datasets[{index}]: {exc}") from None
+    return out
+
+
+def _bucket_plan(options: TrainOptions, *, native: int, multiple: int, where: str = "") -> tuple[int, int, int]:
+    """``(height, width, bucket step)`` of ``options`` (its ``resolution``, else the model's ``native``
+    size) on a model whose sides are multiples of ``multiple``; ``where`` begins each message (a
+    dataset TOML's block).
+
+    Raises:
+        ValueError: a side or the bucket step not a multiple of ``multiple``, or the size not a
+            multiple of the bucket step with buckets on.
+    """
+    height, width = options.resolution or (native, native)
+    if height % multiple or width % multiple:
+        raise ValueError(f"{where}--resolution {width}x{height}: this model needs sides that are multiples of {multiple}")
+    side = int((height * width) ** 0.5)
+    step_size = options.bucket_reso_steps or max(multiple, min(64, side // 8 // multiple * multiple))
+    if step_size % multiple:
+        raise ValueError(f"{where}--bucket-reso-steps {step_size} must be a multiple of {multiple} for this model")
+    if options.enable_bucket and (height % step_size or width % step_size):
+        raise ValueError(f"{where}--resolution {width}x{height} must be a multiple of the bucket step {step_size}")
+    return height, width, step_size
 
 
 def _data_config_record(config, options: TrainOptions) -> dict | None:
@@ -1250,7 +1299,34 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         FileExistsError: an output exists and ``overwrite`` is false.
         NonFiniteLossError: the loss became NaN/inf (the message names the step and the last save).
         KeyboardInterrupt: after saving the weights and the state so far (``--resume`` continues).
+
+    Under torchrun / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process calls this: it joins the
+    process group (:func:`~sdadapt.training.data_parallel.launched_process_group`; left as it is when
+    you initialised one), trains data-parallel with ``batch_size`` per process, and only rank 0 writes
+    files; every rank returns after they exist (docs/train.md#several-gpus-torchrun-accelerate-launch).
     """
+    if options is None:
+        if "class_count" in fields:
+            fields["class_images"] = fields.pop("class_count")
+        options = TrainOptions(**fields)
+    elif fields:
+        options = dataclasses.replace(options, **fields)
+    world = data_parallel.launched_world_size()
+    refused = data_parallel.data_parallel_clashes(cuda_graph=options.cuda_graph, fused_backward=options.fused_backward_pass)
+    if world > 1 and refused:  # (before the process group and the model: every rank raises it)
+        raise ValueError(f"training on {world} processes (torchrun) cannot work with " + "; ".join(refused)
+                         + ": leave it out, or train in one process")
+    with data_parallel.launched_process_group(data_parallel.rank_device(resolve_device(options.device)),
+                                              timeout_minutes=options.ddp_timeout):
+        result = _run_train(method, options, progress=progress, bars=bars, log=log)
+        # (files rank 0 wrote exist when any rank returns)
+        data_parallel.wait_for_all_ranks("the wait for rank 0's files at the end")
+        return result
+
+
+def _run_train(method: str, options: TrainOptions | None = None, *, progress: Progress | None = None,
+               bars: Bars | None = None, log: Callable[[str], None] | None = None, **fields) -> dict:
+    """:func:`run_train` in this process (in a process group when launched data-parallel)."""
     from ..methods.fit import NonFiniteLossError
     from ..methods.lora_blocks import check_block_args
     from ..sampling import parse_sample_prompts
@@ -1267,6 +1343,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     elif fields:
         options = dataclasses.replace(options, **fields)
     data_config = None  # kohya's dataset TOML / fine-tuning metadata, read (no image yet) before any other check
+    block_options: list[TrainOptions] = []  # kohya's several [[datasets]]: each block's options (its size, batch, buckets)
     if options.dataset_config is not None or options.in_json is not None:
         data_config = _read_data_config(options)
         try:
@@ -1276,6 +1353,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
 
             flag = "--dataset-config" if options.dataset_config is not None else "--in-json"
             raise InputError(f"{flag} {data_config.source}: {exc}") from None
+        block_options = _block_options(options, data_config)
     say = log or (lambda line: None)
     spec = _method(method)
     known = {o.name for o in spec.options}
@@ -1324,7 +1402,12 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if weights_file is not None and not Path(weights_file).exists():  # (a peft adapter is a folder)
         raise FileNotFoundError(f"--network-weights {weights_file}: no such file (give the LoRA/LyCORIS file to start from)")
     # (--base-weights files: checked as the options are made, _check_loraplus_unet_base_weights_block_lr)
-    device = resolve_device(options.device)
+    device = data_parallel.rank_device(resolve_device(options.device))  # (under torchrun: cuda:LOCAL_RANK)
+    parallel = data_parallel.active()  # every rank runs every check: an error before the first step is raised on all
+    world, main = (1, True) if parallel is None else (parallel.world, parallel.main)
+    if data_parallel.launched_world_size() > 1 and parallel is None:
+        raise ValueError("WORLD_SIZE > 1 but no process group: call run_train itself under torchrun (it joins the group), "
+                         "or initialise one with torch.distributed.init_process_group first")
     start_time = time.perf_counter()
     trigger = options.method_options.get("token") if getattr(spec, "trigger", False) else None
     if trigger is None and (options.caption_template is not None or options.templates != "object"):
@@ -1338,7 +1421,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         # split is a pure function of the records, drawn again below)
         records, config_reg, config_subsets, notes = dataset_records(
             data_config, uncaptioned=trigger is not None,
-            kept=lambda train: _hold_out_for_validation(train, options, [])[0], caption_lines=caption_lines)
+            kept=lambda train: _hold_out_for_validation(train, options, [], block_options)[0], caption_lines=caption_lines)
         if config_reg is not None and (options.prior is False or options.class_images is not None):
             raise ValueError(f"--dataset-config {options.dataset_config}: its is_reg subsets are prior preservation with "
                              "your class images, so they cannot go with "
@@ -1378,7 +1461,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                                f"{len(unmasked)} training image(s): {', '.join(unmasked[:5])}"
                                f"{' ...' if len(unmasked) > 5 else ''}; give each image a mask of the same name")
     # kohya's validation_split: each subset's held-out images (before the class images are balanced against the rest)
-    records, held_out = _hold_out_for_validation(records, options, notes)
+    records, held_out = _hold_out_for_validation(records, options, notes, block_options)
     reg = config_reg  # --reg-data-dir: the user's class images, read and balanced before the model loads
     if options.reg_data_dir is not None:
         from ..training.reg_data import find_reg_images
@@ -1398,48 +1481,57 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if options.zero_terminal_snr:  # what the model predicts is known now: before the latents are cached
         _check_zero_terminal_snr(options, getattr(system, "prediction_type", "epsilon"), notes)
     native = int(system.image_size)
-    height, width = options.resolution or (native, native)
     multiple = int(getattr(system, "size_multiple", 4))
-    if height % multiple or width % multiple:
-        raise ValueError(f"--resolution {width}x{height}: this model needs sides that are multiples of {multiple}")
-    side = int((height * width) ** 0.5)
-    step_size = options.bucket_reso_steps or max(multiple, min(64, side // 8 // multiple * multiple))
-    if step_size % multiple:
-        raise ValueError(f"--bucket-reso-steps {step_size} must be a multiple of {multiple} for this model")
-    if options.enable_bucket and (height % step_size or width % step_size):
-        raise ValueError(f"--resolution {width}x{height} must be a multiple of the bucket step {step_size}")
-    plan_dataset(records, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
-                 min_size=options.min_bucket_reso, max_size=options.max_bucket_reso, no_upscale=options.bucket_no_upscale)
+    # each [[datasets]] block of a dataset TOML bucketed alone at its own size (kohya's datasets); else the run's options
+    plans = [(opts, *_bucket_plan(opts, native=native, multiple=multiple,
+                                  where=f"--dataset-config {options.dataset_config}: datasets[{i}]: "))
+             for i, opts in enumerate(block_options)] or [(options, *_bucket_plan(options, native=native, multiple=multiple))]
+    _, height, width, step_size = plans[0]  # (the run's size: samples, generated class images, metadata)
+    # (data parallel: each block's global batch, its batch × world)
+    batch_sizes = tuple(opts.batch_size * world for opts, *_ in plans) if block_options else ()
+
+    def plan_blocks(group: list) -> None:
+        """``group``'s buckets, scales and crops, each block's images by its own settings."""
+        for block, (opts, h, w, step) in enumerate(plans):
+            plan_dataset(group if not block_options else [r for r in group if r.dataset == block], resolution=(h, w),
+                         buckets=opts.enable_bucket, step=step, min_size=opts.min_bucket_reso,
+                         max_size=opts.max_bucket_reso, no_upscale=opts.bucket_no_upscale)
+
+    def face_crops(group: list, crop_range, notes: list[str]) -> int:
+        """:func:`_face_crop_records` for each block's images (its own ``enable_bucket``; each note once)."""
+        said: list[str] = []
+        count = 0
+        for block, (opts, *_) in enumerate(plans):
+            mine = group if not block_options else [r for r in group if r.dataset == block]
+            if mine:
+                count += _face_crop_records(mine, crop_range, buckets=opts.enable_bucket, loss_masks=loss_masks, notes=said)
+        notes.extend(dict.fromkeys(said))
+        return count
+
+    plan_blocks(records)
     if held_out:  # bucketed as the training images
-        plan_dataset(held_out, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
-                     min_size=options.min_bucket_reso, max_size=options.max_bucket_reso,
-                     no_upscale=options.bucket_no_upscale)
+        plan_blocks(held_out)
     captions = _caption_options(options, templates=templates, total_steps=None)  # (the warm-up once the steps are known)
-    faces = _face_crop_records(records, options.face_crop_aug_range, buckets=options.enable_bucket, loss_masks=loss_masks,
-                               notes=notes)
+    faces = face_crops(records, options.face_crop_aug_range, notes)
     augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug,
                            face_crop_range=options.face_crop_aug_range if faces else None)
-    dataset = Dataset(records, captions=captions, notes=notes, flip=options.flip_aug, augment=augment, loss_masks=loss_masks)
+    dataset = Dataset(records, captions=captions, notes=notes, flip=options.flip_aug, augment=augment, loss_masks=loss_masks,
+                      batch_sizes=batch_sizes)
     reg_dataset = None
     if reg is not None:  # bucketed, captioned and flipped as the training images (kohya: one dataset of both)
-        plan_dataset(reg.records, resolution=(height, width), buckets=options.enable_bucket, step=step_size,
-                     min_size=options.min_bucket_reso, max_size=options.max_bucket_reso,
-                     no_upscale=options.bucket_no_upscale)
+        plan_blocks(reg.records)
         reg_flip, reg_augment = options.flip_aug, augment
         if data_config is not None and data_config.reg_augment:  # the is_reg subsets' own (one setting for all of them)
             reg_flip = data_config.reg_augment["flip_aug"]
             reg_faces = data_config.reg_augment.get("face_crop_aug_range")
             reg_augment = PixelAugment(random_crop=data_config.reg_augment["random_crop"],
                                        color_aug=data_config.reg_augment["color_aug"],
-                                       face_crop_range=reg_faces if _face_crop_records(
-                                           reg.records, reg_faces, buckets=options.enable_bucket, loss_masks=loss_masks,
-                                           notes=[]) else None)
-        elif _face_crop_records(reg.records, options.face_crop_aug_range, buckets=options.enable_bucket,
-                                loss_masks=loss_masks, notes=[]):  # (kohya: the class images' faces too)
+                                       face_crop_range=reg_faces if face_crops(reg.records, reg_faces, []) else None)
+        elif face_crops(reg.records, options.face_crop_aug_range, []):  # (kohya: the class images' faces too)
             reg_augment = dataclasses.replace(augment, face_crop_range=options.face_crop_aug_range)
         reg_dataset = Dataset(reg.records, captions=dataclasses.replace(captions, templates=()), flip=reg_flip,
                               augment=reg_augment, loss_masks=LossMaskSource() if options.alpha_mask or any(
-                                  r.alpha_mask for r in reg.records) else None)
+                                  r.alpha_mask for r in reg.records) else None, batch_sizes=batch_sizes)
     from ..sampling import unknown_words
 
     unknown_caption_words = sorted({w for c in [*(r.caption for r in records), *templates] for w in unknown_words(system, c)}
@@ -1447,7 +1539,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     if unknown_caption_words:
         dataset.notes.append(f"the toy tokenizer does not know {', '.join(unknown_caption_words[:8])} (they become <unk>); "
                              f"its words: {', '.join(_toy_vocabulary(system))}")
-    per_epoch = dataset.batches_per_epoch(options.batch_size)
+    per_epoch = dataset.batches_per_epoch(options.batch_size * world)  # (data parallel: the global batch, batch × world)
     accumulation = options.gradient_accumulation_steps
     if options.epochs is not None:
         total = max(1, math.ceil(options.epochs * per_epoch / accumulation))
@@ -1509,7 +1601,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         **train_schedule.schedule_fit_args(options, total=total,
                                            relative_step=relative_step or train_optimizer.uses_schedule_free(options),
                                            shares=step_shares, learning_rate=spec.learning_rate),
-        steps=total, batch_size=options.batch_size, learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate,
+        steps=total, batch_size=options.batch_size * world, learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate,
         seed=options.seed,
         optimizer=options.optimizer, scale_weight_norms=options.scale_weight_norms,
         optimizer_args=train_optimizer.fit_optimizer_args(options, _optimizer_args(options), optimizer_defaults),
@@ -1561,18 +1653,20 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             f"({cached / 2 / 2**20:.1f} MiB without flips)")
     validation_data = None
     if held_out:  # the held-out images' latents, cached as the others (no flips or pixel augmentation: the same each pass)
-        validation_data = Dataset(held_out, captions=dataset.captions, loss_masks=loss_masks)
+        validation_data = Dataset(held_out, captions=dataset.captions, loss_masks=loss_masks, batch_sizes=batch_sizes)
         encode_buckets(validation_data, system.encode_images,
                        progress=bars("caching validation latents", "image") if bars is not None else None)
-        say(f"--validation-split {options.validation_split}: {len(held_out)} image(s) held out for the validation loss "
-            f"({validation_data.batches_per_epoch(options.batch_size)} batch(es) × 4 timesteps a pass)")
+        split = "the blocks' validation_split" if block_options else f"--validation-split {options.validation_split}"
+        say(f"{split}: {len(held_out)} image(s) held out for the validation loss "
+            f"({validation_data.batches_per_epoch(options.batch_size * world)} batch(es) × 4 timesteps a pass)")
     prior_data: tuple | None
     if reg is not None and reg_dataset is not None:
         encode_buckets(reg_dataset, system.encode_images,
                        progress=bars("caching class latents", "image") if bars is not None and not augment.active else None)
         reg_source = f"--reg-data-dir {options.reg_data_dir}" if options.reg_data_dir is not None else "the is_reg subsets"
         say(f"{reg_source}: {len(reg.records)} class image(s), {reg_dataset.samples_per_epoch} "
-            f"per epoch (kohya's balancing against {dataset.samples_per_epoch} training samples); "
+            f"per epoch (kohya's balancing against {dataset.samples_per_epoch} training samples"
+            f"{', each block against its own' if block_options else ''}); "
             + reg_dataset.report()[-1])
         prior_data = (reg_dataset, options.prior_weight)
         prior_count = reg.samples
@@ -1609,13 +1703,17 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                                   epochs=epochs, per_epoch=per_epoch, height=height, width=width, started=started_at,
                                   prior=prior_count, buckets=step_size,
                                   reg_dirs=reg.dirs if reg is not None else None, optimizer_defaults=optimizer_defaults)
-        if options.validation_split:  # kohya's validation keys (written here when images are held out)
+        if held_out:  # kohya's validation keys (written here when images are held out)
             meta.update(_validation_metadata(options, len(held_out)))
         if data_config is not None and options.dataset_config is not None:  # kohya's ss_datasets (a dataset config)
             from ..training.dataset_config import kohya_datasets_metadata
 
-            meta["ss_datasets"] = json.dumps(kohya_datasets_metadata(data_config, dataset, reg, batch_size=options.batch_size,
-                                                                     resolution=(height, width)))
+            meta["ss_datasets"] = json.dumps(kohya_datasets_metadata(
+                data_config, dataset, reg, batch_size=options.batch_size, resolution=(height, width),
+                blocks=[(opts.batch_size, (h, w)) for opts, h, w, _ in plans] if block_options else ()))
+            if block_options:  # kohya's keys of one dataset: not written with several (each is in ss_datasets)
+                for key in _ONE_DATASET_KEYS:
+                    meta.pop(key, None)
         return meta
 
     def write_samples(step: int) -> None:
@@ -1680,8 +1778,11 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             say(f"step {step}: removed {old.path} ({flag})")
         written.append(now)
 
-    make_output_folder(outputs.final)  # (every check passed: the first write is next; kohya's os.makedirs(output_dir))
-    run_log = RunLog(outputs.log, tensorboard=outputs.tensorboard if tensorboard else None, append=options.resume is not None,
+    # (data parallel: every rank has checked the outputs above before rank 0 writes the first file, the log)
+    data_parallel.wait_for_all_ranks("the wait for every process's checks before the first write")
+    if main:  # (data parallel: rank 0 writes every file)
+        make_output_folder(outputs.final)  # (every check passed: the first write is next; kohya's os.makedirs(output_dir))
+    run_log = _NoRunLog() if not main else RunLog(outputs.log, tensorboard=outputs.tensorboard if tensorboard else None, append=options.resume is not None,
                      after_step=start, extra={**(MAX_NORM_COLUMNS if options.scale_weight_norms is not None else {}),
                                               **(VALIDATION_COLUMNS if validation_data is not None else {})} or None)
     validation_losses: list[tuple[int, float]] = []
@@ -1689,6 +1790,9 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     last: dict = {}
 
     def on_step(info) -> None:
+        if not main:  # (data parallel: rank 0 logs, saves and samples; fit keeps the ranks' weights equal)
+            last["info"] = info
+            return
         if "info" not in last and config.measure_attention:
             say(f"attention kernels measured on the first batch: {', '.join(info.sdpa_backends or ('torch default',))} "
                 "(fastest first)")
@@ -1714,7 +1818,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
             info.use_weights()  # (a schedule-free optimiser's averaged weights, as kohya samples)
             write_samples(info.step)
 
-    if 0 in sample_points:  # --sample-at-first
+    if 0 in sample_points and main:  # --sample-at-first
         write_samples(0)
     try:
         losses = fit(system, adaptation, dataset, config=config, prior=prior_data, callback=progress, on_step=on_step,
@@ -1725,7 +1829,7 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         raise _with_note(exc, where) from None
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: keep what was trained (further signals are ignored meanwhile)
         info = last.get("info")
-        if info is None or info.step >= total:
+        if info is None or info.step >= total or not main:
             raise
         path = outputs.periodic(step=info.step)
         if path.exists() and not options.overwrite:
@@ -1738,10 +1842,14 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
                           + (f"; continue with --resume {outputs.state}" if options.save_state else "")) from None
     finally:
         run_log.close()
-    with _replacing(spec.outputs(outputs.final) if options.overwrite else ()):
-        file = _save(adaptation, spec, outputs.final, metadata=metadata(total, epochs), dtype=options.dtype, ema=last.get("ema"))
+    if main:
+        with _replacing(spec.outputs(outputs.final) if options.overwrite else ()):
+            file = _save(adaptation, spec, outputs.final, metadata=metadata(total, epochs), dtype=options.dtype,
+                         ema=last.get("ema"))
+    else:
+        file = outputs.final
     lora = None
-    if options.extract_lora is not None:
+    if options.extract_lora is not None and main:
         lora_file = extracted_lora_path(outputs.final, options.extract_lora)
         report = adaptation.extract_lora(lora_file, rank=options.extract_lora, dtype=options.dtype,  # type: ignore[attr-defined]
                                          overwrite=options.overwrite)
@@ -1769,6 +1877,16 @@ def _toy_vocabulary(system) -> list[str]:
 
 
 _RUN_RECORD = "run.json"
+
+
+class _NoRunLog:
+    """The run log of a data-parallel rank other than 0: rank 0 writes the CSV and TensorBoard events."""
+
+    def step(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _check_loraplus_unet_base_weights_block_lr(method_options: dict) -> None:
@@ -1827,6 +1945,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
 
     record = {"format": "sdadapt-train-run/1", "method": method, "model": str(options.model), "step": step,
               "total_steps": total, "batch_size": options.batch_size, "seed": options.seed,
+              **({"world_size": data_parallel.launched_world_size()} if data_parallel.launched_world_size() > 1 else {}),
               "images": str(options.images), "method_options": options.method_options,
               "optimizer": options.optimizer, "optimizer_args": _optimizer_args_record(options),
               **({"optimizer_defaults": optimizer_defaults} if optimizer_defaults != train_optimizer.LEGACY_DEFAULTS else {}),
@@ -1849,30 +1968,38 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
     atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
 
 
-def _hold_out_for_validation(records: list, options: TrainOptions, notes: list[str]) -> tuple[list, list]:
+def _hold_out_for_validation(records: list, options: TrainOptions, notes: list[str],
+                             blocks: Sequence[TrainOptions] = ()) -> tuple[list, list]:
     """kohya's ``validation_split``: ``(training records, held-out records)``, each subset (``record.folder``)
     split by :func:`~sdadapt.training.validation.split_for_validation` with ``validation_seed`` (default
-    ``seed``); training records keep their order, held-out ones get ``repeats=1`` (each used once a pass)."""
-    if not options.validation_split:
+    ``seed``); training records keep their order, held-out ones get ``repeats=1`` (each used once a pass).
+    ``blocks``: a dataset TOML's several ``[[datasets]]`` blocks' options (:func:`_block_options`): each
+    block's subsets split by its own ``validation_split`` / ``validation_seed``, as kohya's datasets."""
+    def own(record) -> TrainOptions:
+        return blocks[record.dataset] if blocks else options
+
+    if not any(o.validation_split for o in (blocks or [options])):
         if options.validate_every_n_steps or options.validate_every_n_epochs or options.max_validation_steps:
             notes.append("--validate-every-n-* / --max-validation-steps: unused without --validation-split (no "
                          "images are held out)")
         return records, []
     from ..training.validation import split_for_validation
 
-    seed = options.seed if options.validation_seed is None else options.validation_seed
     subsets: dict[str, list] = {}
     for record in records:
         subsets.setdefault(record.folder, []).append(record)
     kept: set[int] = set()
     held_out = []
     for group in subsets.values():
-        train, held = split_for_validation(group, split=options.validation_split, seed=seed, key=lambda r: str(r.path))
+        split = own(group[0])
+        seed = split.seed if split.validation_seed is None else split.validation_seed
+        train, held = split_for_validation(group, split=split.validation_split, seed=seed, key=lambda r: str(r.path))
         kept.update(id(r) for r in train)
         held_out += [dataclasses.replace(r, repeats=1) for r in held]
     if not held_out:
-        raise ValueError(f"--validation-split {options.validation_split} holds out no image: each subset keeps "
-                         f"ceil(n × {1 - options.validation_split:g}) of its n images for training; raise the split or "
+        split = next(o for o in (blocks or [options]) if o.validation_split).validation_split
+        raise ValueError(f"--validation-split {split} holds out no image: each subset keeps "
+                         f"ceil(n × {1 - split:g}) of its n images for training; raise the split or "
                          "add images")
     return [r for r in records if id(r) in kept], held_out
 
@@ -2126,6 +2253,9 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
         ("method", method), ("model", str(options.model)), ("optimizer", options.optimizer),
         ("batch_size", options.batch_size), ("seed", options.seed),
         ("gradient_accumulation_steps", options.gradient_accumulation_steps)) if record.get(name) != value]
+    if record.get("world_size", 1) != data_parallel.launched_world_size():  # (the global batch is batch × processes)
+        mismatches.append(f"processes {record.get('world_size', 1)} (now {data_parallel.launched_world_size()}; the "
+                          "global batch is --batch-size × processes: resume with as many, e.g. torchrun --nproc-per-node)")
     saved_preset, now_preset = record.get("preset_file"), _preset_file_record(options)
     # (a LyCORIS preset file: its content decides the layers the saved weights are on; the same bytes under
     # another path — a relative path from another folder — are the same preset)
@@ -2222,7 +2352,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_epoch": str(epoch),
         "ss_steps": str(steps),
         "ss_max_train_steps": str(config.steps),
-        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_batch_size_per_device": str(config.batch_size // data_parallel.launched_world_size()),
         "ss_total_batch_size": str(config.batch_size * config.step.accumulation_steps),
         "ss_gradient_accumulation_steps": str(config.step.accumulation_steps),
         "ss_lr_warmup_steps": str(config.warmup_steps),

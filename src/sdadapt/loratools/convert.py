@@ -15,6 +15,12 @@ LoHa, LoKr, Tucker, full   LyCORIS naming                         refused       
 (IA)³                      LyCORIS ``weight``/``on_input``        refused                     ``IA3Config``
 =========================  =====================================  ==========================  ===================
 
+A peft (IA)³ adapter converts ``--to kohya`` where LyCORIS' (IA)³ means the same scaling: vectors on the
+layers' inputs (``feedforward_modules``) and on the outputs of SD UNet layers without a bias (the attention
+``to_q``/``to_k``/``to_v``, :data:`~sdadapt.formats.peft_ia3.SD_UNET_BIAS_FREE`). peft also scales the bias
+of an output-scaled layer, which a kohya/LyCORIS file cannot say: such layers (CLIP projections, ``to_out.0``
+...) stay refused, naming them.
+
 The report is about what was written: the file is read back through sdadapt's own loader and
 every layer's dense delta ``ΔW`` (float64, strength 1) is compared with the input's
 (:func:`delta_difference`). Layers whose delta needs the base weights (DoRA, (IA)³) or whose
@@ -40,10 +46,12 @@ from ..adapters.registry import (
 )
 from ..errors import InputError, OutputError, OutputExistsError, WeightFileError
 from ..formats import load_lora
+from ..formats.clip_keys import add_text_model
 from ..formats.detect import describe_file
 from ..formats.diffusers import METADATA_KEY, save_diffusers, save_peft
 from ..formats.kohya import cast_factors, save_kohya
 from ..formats.layers import COMPONENTS, split_key
+from ..formats.peft_ia3 import resolve_sd_bias_free
 from .output import (
     check_base_model,
     check_inputs,
@@ -297,6 +305,11 @@ def convert_lora(
     components, metadata = load_lora(source)
     if "model" in components:  # a peft adapter: one model, a pipeline component only by name
         components = {component or "unet": components["model"]}
+    if LORA_KINDS[kind] == "peft" and to != "peft":  # (transformers-5 CLIP paths lack the files' text_model.)
+        components = {name: {add_text_model(key, ""): value for key, value in state.items()}
+                      if name.startswith("text_encoder") else state for name, state in components.items()}
+    if kind == "peft-ia3" and to == "kohya":  # SD's bias-free attention projections convert exactly
+        components = {name: resolve_sd_bias_free(state, component=name) for name, state in components.items()}
     families = _families(components)
     _check_target_families(families, to, str(source))
     report = ConvertReport(path=target, source_kind=kind, target=to, families=families)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ..training import data_parallel
 from ..training.diffusion import zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
 from ..training.lr_schedules import (
@@ -796,6 +797,13 @@ def fit(
             trained, as kohya's validation dataset; with image tensors, ``(images
             (M, 3, H, W), captions)``, batched in order. Nothing of it trains.
 
+    Data parallel: called on every rank inside an initialised default process group of more than one
+    process (torchrun; :mod:`sdadapt.training.data_parallel`), ``config.batch_size`` is the *global*
+    batch: every rank draws it (same data order, noise and timesteps), trains on its own rows, and the
+    gradients are averaged over the ranks before clipping and the optimiser step — the steps of one
+    process with that batch. Rank 0's starting weights are broadcast first; the losses are the mean
+    over the ranks. Not with ``cuda_graph`` or ``fused_backward`` (ValueError).
+
     Returns:
         the loss of every step run (floats; one host read per optimiser step: docs/training.md#host-syncs).
 
@@ -817,6 +825,10 @@ def fit(
                          "sdadapt.training.data.encode_buckets(dataset, system.encode_images)")
     reg = prior[0] if prior is not None and isinstance(prior[0], Dataset) else None  # the user's class images
     _check_validation_data(validation, dataset)
+    parallel = data_parallel.active()  # under torchrun: batch_size is the global batch, each rank trains its rows
+    dp_clashes = data_parallel.data_parallel_clashes(cuda_graph=config.cuda_graph, fused_backward=config.fused_backward)
+    if parallel is not None and dp_clashes:
+        raise ValueError(f"data-parallel training ({parallel.world} processes) cannot work with " + "; ".join(dp_clashes))
     if reg is not None and (dataset is None or not (reg.latents or reg.augment.active) or len(prior) != 2):  # type: ignore[arg-type]
         raise ValueError("prior=(reg_dataset, weight) needs a dataset as the images and the class images' latents encoded "
                          "(sdadapt.training.data.encode_buckets(reg_dataset, system.encode_images))")
@@ -876,6 +888,8 @@ def fit(
                          "entry of 0)" if config.relative_step else
                          "nothing to train: every parameter is in the text encoder and its learning rate is 0")
     trained = [p for ps in groups.values() for p in ps]
+    if parallel is not None:  # rank 0's starting weights everywhere (before the optimiser and EMA copy them)
+        data_parallel.broadcast_parameters(trained)
     bases = {key: (encoder_lrs[key[1] - 1] if key[1] and encoder_lrs[key[1] - 1] is not None else config.learning_rate)
              for key in groups}
     layout = [{"params": ps, "lr": bases[key] * key[0], "lr_scale": key[0], "base_lr": bases[key]} for key, ps in groups.items()]
@@ -1096,8 +1110,11 @@ def fit(
     def save_state(folder: Path) -> None:
         save_training_state(folder, named_params=named, optimizer=optimizer, state=state, config=step_config)
 
+    switched: list[bool] = [False]  # (data parallel: whether this rank switched to the averaged weights since the step)
+
     def use_weights() -> None:  # a schedule-free optimiser's averaged weights x: its eval mode (kohya's optimizer_eval_fn)
         if config.schedule_free:  # (signals held: a Ctrl-C mid-switch would save a mix of x and y)
+            switched[0] = True
             switch_mode(optimizer, train=False)
 
     for p in frozen:
@@ -1146,6 +1163,9 @@ def fit(
         # the fp16 loss scaler's skipped steps (a resumed state's too): the LR schedule counts the optimiser steps
         # taken, as accelerate's scheduler (kohya's) does not step after a skipped one; read with each step's loss
         skipped = int(state.skipped_steps)
+        parallel_step: dict[str, Any] = {} if parallel is None else {  # this rank's rows; gradients averaged over ranks
+            "shard": functools.partial(data_parallel.shard_prepared, group=parallel),
+            "before_update": functools.partial(data_parallel.average_gradients, trained, parallel)}
         cycled_momentum = None  # (OneCycleLR's β1, a function of the schedule's step, as its LR)
         if config.torch_schedule is not None and config.torch_schedule.cycles_momentum and not config.schedule_free:
             cycled_momentum = functools.partial(config.torch_schedule.momentum, accumulation=accumulation)
@@ -1184,11 +1204,13 @@ def fit(
                 else:
                     metrics = train_step(model, batch, params=trained, optimizer=stepper, state=state, config=step_config,
                                          alphas_cumprod=alphas_cumprod, extra_loss=extra_loss, prior=class_batch,
-                                         after_update=after_update)
+                                         after_update=after_update, **parallel_step)
                 micro_losses.append(metrics["loss"])
             stats = {k: metrics[k] for k in _MAX_NORM_STATS} if after_update is not None else {}
             if isinstance(state.skipped_steps, Tensor):  # (an fp16 scaler ran: its count comes with the read)
                 stats = {**stats, "skipped_steps": state.skipped_steps}
+            if parallel is not None:  # the loss reported: the mean over the ranks (one all-reduce, at this read)
+                micro_losses = data_parallel.mean_over_ranks(micro_losses, parallel)
             # the one host read per optimiser step (callbacks, NaN check, result; the max-norm statistics with it)
             loss, read = _read_step(micro_losses, stats)
             skipped = int(read.pop("skipped_steps", skipped))
@@ -1208,6 +1230,10 @@ def fit(
                                     step_config.sdpa_backends,
                                     {**read, "keys_scaled": int(read["keys_scaled"])} if read else None,
                                     use_weights, validation_value, validated))
+            if parallel is not None and config.schedule_free:  # rank 0 alone may have used its averaged weights
+                # (saves, samples): back in train mode its y is rounded once more, so every rank takes rank 0's y
+                switch_mode(optimizer, train=True)
+                data_parallel.share_switched_weights(trained, switched, parallel)
         use_weights()  # the adaptation leaves fit with the weights to save
         if ema is not None and config.ema_into_weights:
             ema.copy_to(trained)

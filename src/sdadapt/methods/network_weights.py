@@ -214,6 +214,25 @@ def _compare(layer: str, component: str, adapter, tensors: Mapping[str, Tensor],
                              "block that alpha there)")
 
 
+def _refuse_stored_rotations(weights: NetworkWeights) -> None:
+    """A run cannot start from LyCORIS' old ``oft_diag`` (:mod:`sdadapt.adapters.oft`: the rotation itself, not
+    the ``oft_blocks`` generator a diag-oft run trains; trained as it is, R would leave the orthogonal group and
+    ``--scale-weight-norms`` would shrink R towards 0 instead of the rotation towards I).
+
+    Raises:
+        WeightFileError: the file holds ``oft_diag`` tensors (naming one and what to do instead).
+    """
+    old = [f"{component}/{key}" for component, state in weights.components.items() for key in state
+           if key.endswith(".oft_diag")]
+    if old:
+        raise WeightFileError(
+            f"--network-weights {weights.path}: {len(old)} layer(s) hold LyCORIS' old Diag-OFT 'oft_diag' (e.g. "
+            f"{old[0]}): the rotation itself, from LyCORIS builds of Nov 2023 - Feb 2024, not the 'oft_blocks' a "
+            "diag-oft run trains (no exact oft_blocks exists for it), so no run can continue it. Merge it into the "
+            "model instead (--base-weights FILE, or merge-lora) and train a new adapter on top, or leave "
+            "--network-weights out")
+
+
 def load_network_weights(handles: Mapping[str, AdapterHandle], weights: NetworkWeights, *, system) -> NetworkWeightsReport:
     """Copy ``weights`` into the injected adapters ``handles`` (``{component: handle}``) of ``system``.
 
@@ -223,8 +242,10 @@ def load_network_weights(handles: Mapping[str, AdapterHandle], weights: NetworkW
     Raises:
         InputError: a module of another family, rank or alpha than the adapter (names the module,
             the file's value and the option).
-        WeightFileError: a file layer that names no layer of ``system`` or does not fit it.
+        WeightFileError: a file layer that names no layer of ``system`` or does not fit it; LyCORIS' old
+            ``oft_diag`` rotations (no generator to train).
     """
+    _refuse_stored_rotations(weights)
     report = NetworkWeightsReport(weights.path)
     loads: list[tuple[object, dict[str, Tensor], dict[str, Tensor]]] = []
     for component, state in weights.components.items():
@@ -270,8 +291,10 @@ def adapters_from_weights(system, weights: NetworkWeights, *, text_encoder: bool
         ``({component: handle}, report)``; the adapters are float32 and trainable.
 
     Raises:
-        WeightFileError: a file layer that names no layer of ``system`` or does not fit it.
+        WeightFileError: a file layer that names no layer of ``system`` or does not fit it; LyCORIS' old
+            ``oft_diag`` rotations (no generator to train).
     """
+    _refuse_stored_rotations(weights)
     report = NetworkWeightsReport(weights.path)
     handles: dict[str, AdapterHandle] = {}
     try:

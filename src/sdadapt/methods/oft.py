@@ -18,34 +18,12 @@ from typing import Any
 from torch import nn
 
 from ..adapters import OFTConfig
-from ..adapters.base import geometry_of
-from ..adapters.oft import oft_block_layout
 from ..errors import InputError
-from ..inject import AdapterHandle, inject
-from ..targets import select
+from ..inject import AdapterHandle, LayerFitError, inject
 from .lora import AdapterAdaptation, adaptation_from_weights
 from .lycoris_presets import lycoris_preset
 
 __all__ = ["prepare_diag_oft", "prepare_boft"]
-
-
-def _inject_oft(model: nn.Module, targets, *, config: OFTConfig, conv: OFTConfig, name: str) -> AdapterHandle:
-    """``config`` on ``targets``' layers of ``model``, ``conv`` on the kxk convolutions among them.
-
-    Raises:
-        InputError: BOFT on a layer whose width has no even × power-of-two split (naming it and the fix).
-    """
-    layer_configs = {}
-    for layer, module in select(model, targets):
-        geometry = geometry_of(module, name=layer)
-        chosen = conv if geometry.is_kxk else config
-        if chosen is not config:
-            layer_configs[layer] = chosen
-        try:  # (every layer's layout is checked before anything is injected)
-            oft_block_layout(geometry.out_features, chosen.dim, butterfly=chosen.butterfly)
-        except ValueError as exc:
-            raise InputError(f"{layer}: {exc} (network_dim / --network-dim sets it; conv_dim for kxk convolutions)") from None
-    return inject(model, targets, config, name=name, layer_configs=layer_configs or None)
 
 
 def _prepare_oft(system, *, butterfly: bool, rank: int, conv_rank: int | None, constraint: float | None,
@@ -53,10 +31,8 @@ def _prepare_oft(system, *, butterfly: bool, rank: int, conv_rank: int | None, c
                  unet: bool, network_weights: str | os.PathLike | None) -> AdapterAdaptation:
     algo = "boft" if butterfly else "diag-oft"
     try:
-        config = OFTConfig(dim=rank, butterfly=butterfly, constraint=float(constraint or 0.0), rescaled=bool(rescaled),
-                           module_dropout=float(module_dropout or 0.0))
-        conv = OFTConfig(dim=conv_rank, butterfly=butterfly, constraint=config.constraint, rescaled=config.rescaled,
-                         module_dropout=config.module_dropout) if conv_rank is not None else config
+        config = OFTConfig(dim=rank, conv_dim=conv_rank, butterfly=butterfly, constraint=float(constraint or 0.0),
+                           rescaled=bool(rescaled), module_dropout=float(module_dropout or 0.0))
     except (TypeError, ValueError) as exc:
         raise InputError(f"{algo}: {exc}") from None
     preset = lycoris_preset(targets if targets is not None else "full").on(system)
@@ -72,7 +48,10 @@ def _prepare_oft(system, *, butterfly: bool, rank: int, conv_rank: int | None, c
         args["module_dropout"] = str(config.module_dropout)
 
     def inject_part(model: nn.Module, chosen: Any) -> AdapterHandle:
-        return _inject_oft(model, chosen, config=config, conv=conv, name="default")
+        try:  # (every layer's layout is checked before anything is injected)
+            return inject(model, chosen, config, name="default")
+        except LayerFitError as exc:
+            raise InputError(f"{exc} (network_dim / --network-dim sets it; conv_dim for kxk convolutions)") from None
 
     def build() -> AdapterAdaptation:
         return AdapterAdaptation.injected(system, parts, inject_part, network_args=args)

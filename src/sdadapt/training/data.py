@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder, read_image, scale_image
-from ..resampling import kohya_default
+from ..resampling import interpolation_for
 from .loss_masks import LossMaskSource, mask_like_image
 from .pixel_augment import PixelAugment
 
@@ -281,6 +281,8 @@ class ImageRecord:
             (images not from a dataset TOML) and ``True``: its alpha channel.
         interpolation: kohya's ``resize_interpolation`` for scaling it to its bucket
             (:mod:`sdadapt.resampling`); ``None``: kohya's default (``area`` when shrinking both ways, else ``lanczos``).
+        dataset: the index of its dataset TOML's ``[[datasets]]`` block (kohya's several datasets: each
+            bucketed alone, at its own resolution and batch size, :attr:`Dataset.batch_sizes`); 0 otherwise.
     """
 
     path: Path | None
@@ -296,6 +298,7 @@ class ImageRecord:
     face: tuple[int, int, int, int] | None = None
     alpha_mask: bool | None = None
     interpolation: str | None = None
+    dataset: int = 0
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -526,7 +529,7 @@ def _scaled(record: ImageRecord) -> Tensor:
                          "encode_buckets(images=...), or build the dataset from files with find_images")
     image = read_image(record.path)  # (3, H, W) -> (3, rh, rw); kohya's method (its default without one)
     return scale_image(image, record.resized,
-                       interpolation=record.interpolation or kohya_default(tuple(image.shape[1:]), record.resized))
+                       interpolation=interpolation_for(record.interpolation, tuple(image.shape[1:]), record.resized))
 
 
 def _load(record: ImageRecord) -> Tensor:
@@ -543,7 +546,8 @@ class Dataset:
 
     Attributes:
         records: every image (see :class:`ImageRecord`).
-        latents: ``{bucket (h, w): (n_b, C, h', w') latents}`` in :attr:`members` order (CPU).
+        latents: ``{bucket (h, w): (n_b, C, h', w') latents}`` in :attr:`members` order (CPU); with
+            :attr:`batch_sizes` keyed by ``(block, h, w)`` (:meth:`key_of`).
         members: ``{bucket: [record index, ...]}``.
         captions: caption options applied at each draw.
         notes: what was skipped or changed, for the report.
@@ -558,21 +562,35 @@ class Dataset:
         augment: kohya's ``random_crop`` / ``color_aug``; when active nothing is cached
             (:func:`encode_buckets` only groups the images) and each batch's pixels come from
             :meth:`pixel_batch`, encoded before the step.
+        batch_sizes: kohya's several ``[[datasets]]`` blocks: block ``i``'s batch size (its records'
+            :attr:`ImageRecord.dataset`); each block's images are grouped apart (:meth:`key_of`: a
+            batch never mixes blocks) and cut into batches of its own size (:func:`epoch_batches`).
+            Empty (one block, the default): every batch is the ``batch_size`` asked for.
     """
 
     records: list[ImageRecord]
-    latents: dict[tuple[int, int], Tensor] = field(default_factory=dict)
-    members: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    latents: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+    members: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     notes: list[str] = field(default_factory=list)
     flip: bool = False
-    latents_flipped: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    latents_flipped: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
     augment: PixelAugment = field(default_factory=PixelAugment)
     loss_masks: LossMaskSource | None = None
-    masks: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    masks: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+    batch_sizes: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def key_of(self, record: ImageRecord) -> tuple[int, ...]:
+        """The group ``record`` is batched in (the key of :attr:`latents` / :attr:`members`): its
+        bucket (height, width), or with :attr:`batch_sizes` ``(block, height, width)``."""
+        return (record.dataset, *record.bucket) if self.batch_sizes else record.bucket
+
+    def batch_size_of(self, key: tuple[int, ...], batch_size: int) -> int:
+        """The batch size of group ``key`` (:meth:`key_of`): its block's, else ``batch_size``."""
+        return self.batch_sizes[key[0]] if self.batch_sizes else batch_size
 
     def latent_bytes(self) -> int:
         """Bytes the cached latents take (both caches with :attr:`flip`; the loss masks with :attr:`loss_masks`)."""
@@ -635,11 +653,13 @@ class Dataset:
         return sum(r.repeats for r in self.records)
 
     def batches_per_epoch(self, batch_size: int) -> int:
-        """Batches one epoch has (each bucket's ``images × repeats`` in batches, the last one partial)."""
+        """Batches one epoch has (each bucket's ``images × repeats`` in batches, the last one partial;
+        with :attr:`batch_sizes` each block's buckets in batches of its own size: kohya's sum over
+        its datasets)."""
         count = Counter()
         for r in self.records:
-            count[r.bucket] += r.repeats
-        return sum(-(-n // batch_size) for n in count.values())
+            count[self.key_of(r)] += r.repeats
+        return sum(-(-n // self.batch_size_of(key, batch_size)) for key, n in count.items())
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """``{folder: {tag: images with it}}`` (kohya's ``ss_tag_frequency``; an image without a
@@ -676,8 +696,10 @@ class Dataset:
             name = r.path.name if r.path is not None else "(tensor)"
             where = f"{r.folder}/" if r.folder != "." else ""
             lines.append(f"{where}{name}: {r.note}" + (f" (x{r.repeats})" if r.repeats != 1 else ""))
-        sizes = Counter(r.bucket for r in self.records)
-        lines.append("buckets: " + ", ".join(f"{w}x{h}: {n} image{'s' if n != 1 else ''}" for (h, w), n in sorted(sizes.items())))
+        sizes = Counter(self.key_of(r) for r in self.records)
+        lines.append("buckets: " + ", ".join(  # (several dataset blocks: each block's own, "datasets[1] 64x64")
+            f"{f'datasets[{key[0]}] ' if self.batch_sizes else ''}{key[-1]}x{key[-2]}: {n} image{'s' if n != 1 else ''}"
+            for key, n in sorted(sizes.items())))
         return lines + list(self.notes)
 
 
@@ -694,8 +716,8 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
     ``progress(done, total, name)`` after each image.
     """
     groups: dict[tuple[int, int], list[int]] = {}
-    for index, record in enumerate(dataset.records):
-        groups.setdefault(record.bucket, []).append(index)
+    for index, record in enumerate(dataset.records):  # (by bucket; with several dataset blocks, by block and bucket)
+        groups.setdefault(dataset.key_of(record), []).append(index)
     dataset.members = groups
     dataset.latents = {}
     dataset.latents_flipped = {}
@@ -733,19 +755,23 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
             dataset.masks[bucket] = torch.stack(masks)
 
 
-def epoch_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int) -> list[tuple[tuple[int, int], list[int]]]:
+def epoch_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int) -> list[tuple[tuple[int, ...], list[int]]]:
     """One epoch's batches: ``[(bucket, [position in the bucket's latents, ...]), ...]``.
 
     Each bucket's members repeated ``repeats`` times and shuffled, cut into batches (the last
     may be smaller), then all batches shuffled — a pure function of ``(seed, epoch)``, so a
-    resumed run draws the same batches.
+    resumed run draws the same batches. With :attr:`Dataset.batch_sizes` (kohya's several
+    ``[[datasets]]``) the groups are ``(block, height, width)`` and each block's are cut into
+    batches of that block's size: kohya's ``ConcatDataset`` of every dataset's batches, shuffled
+    together.
     """
     rng = random.Random(f"{seed}/{epoch}")
-    batches: list[tuple[tuple[int, int], list[int]]] = []
+    batches: list[tuple[tuple[int, ...], list[int]]] = []
     for bucket, indices in dataset.members.items():
         pool = [pos for pos, i in enumerate(indices) for _ in range(dataset.records[i].repeats)]
         rng.shuffle(pool)
-        batches.extend((bucket, pool[s: s + batch_size]) for s in range(0, len(pool), batch_size))
+        size = dataset.batch_size_of(bucket, batch_size)
+        batches.extend((bucket, pool[s: s + size]) for s in range(0, len(pool), size))
     rng.shuffle(batches)
     return batches
 

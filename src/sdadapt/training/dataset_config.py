@@ -1,7 +1,7 @@
 """kohya's dataset TOML (``--dataset-config``) and fine-tuning metadata (``--in-json``).
 
 **The dataset TOML** (kohya's ``library/config_util.py``): ``[general]`` options for everything,
-one ``[[datasets]]`` block (its resolution, batch size and buckets) and its ``[[datasets.subsets]]``
+``[[datasets]]`` blocks (each its resolution, batch size and buckets) and their ``[[datasets.subsets]]``
 (each a folder of images with its own repeats, captions and options). A value is looked up in the
 subset, then its dataset, then ``[general]``, then the run's own options (the flags / main TOML:
 kohya's command-line arguments), then kohya's default — :func:`read_dataset_config` resolves every
@@ -22,9 +22,12 @@ differ per subset: each subset's images carry their own :class:`~sdadapt.trainin
 each record's :attr:`ImageRecord.alpha_mask`, :mod:`sdadapt.training.loss_masks`; the run's
 ``--alpha-mask`` is its fallback). ``flip_aug``, ``random_crop`` and ``color_aug`` are one setting of
 the cached dataset, so the training subsets must agree on them (and the regularisation subsets among
-themselves). Several ``[[datasets]]`` blocks (kohya trains each with its own resolution and batch
-size, batches never mixing them) are refused: put the subsets in one block. Unknown keys are an
-error naming the closest one; kohya keys sdadapt cannot honour are refused when set.
+themselves). Several ``[[datasets]]`` blocks are kohya's several datasets: each block's options
+(:attr:`DatasetConfig.blocks`) bucket and batch its own subsets' images (:attr:`SubsetConfig.dataset`,
+:attr:`~sdadapt.training.data.ImageRecord.dataset`, :attr:`~sdadapt.training.data.Dataset.batch_sizes`:
+a batch never mixes blocks), its ``is_reg`` subsets balanced against its own training images, its
+``validation_split`` / ``validation_seed`` its own. Unknown keys are an error naming the
+closest one (and the block: ``datasets[1]``); kohya keys sdadapt cannot honour are refused when set.
 
 **``--in-json FILE``** with ``--images DIR`` is kohya's fine-tuning data without a dataset TOML:
 one fine-tuning subset (:func:`in_json_config`).
@@ -141,6 +144,8 @@ class SubsetConfig:
         resize_interpolation: kohya's per-subset (or dataset / ``[general]``) ``resize_interpolation``
             (:mod:`sdadapt.resampling`; the run's ``--resize-interpolation`` is the fallback);
             ``None``: sdadapt's scaling.
+        dataset: the index of its ``[[datasets]]`` block (its resolution, batch size and buckets:
+            :attr:`DatasetConfig.blocks`).
     """
 
     where: str
@@ -157,6 +162,7 @@ class SubsetConfig:
     face_crop_aug_range: tuple[float, float] | None = None
     alpha_mask: bool = False
     resize_interpolation: str | None = None
+    dataset: int = 0
 
     @property
     def label(self) -> str:
@@ -176,7 +182,8 @@ class SubsetConfig:
                 **({"face_crop_aug_range": list(self.face_crop_aug_range)}  # (when set: older records lack it)
                    if self.face_crop_aug_range is not None else {}),
                 **({"alpha_mask": True} if self.alpha_mask else {}),  # (the same)
-                **({"resize_interpolation": self.resize_interpolation} if self.resize_interpolation else {})}
+                **({"resize_interpolation": self.resize_interpolation} if self.resize_interpolation else {}),
+                **({"dataset": self.dataset} if self.dataset else {})}  # (the same)
 
 
 @dataclass(frozen=True)
@@ -191,8 +198,12 @@ class DatasetConfig:
             ``max_bucket_reso``, ``bucket_reso_steps``, ``bucket_no_upscale``, and the training
             subsets' ``flip_aug`` / ``random_crop`` / ``color_aug``).
         reg_augment: the regularisation subsets' ``flip_aug`` / ``random_crop`` / ``color_aug``.
-        finetuning: fine-tuning subsets (``metadata_file``) rather than DreamBooth-style ones.
+        finetuning: the first block's subsets are fine-tuning ones (``metadata_file``) rather than
+            DreamBooth-style ones (each block is one kind; each subset's own: its ``metadata_file``).
         notes: what was skipped or changes nothing here.
+        blocks: kohya's several ``[[datasets]]`` blocks: each block's own :attr:`options` (its
+            ``resolution``, ``batch_size`` and bucket settings; :attr:`options` has the first's), in
+            file order (:attr:`SubsetConfig.dataset` indexes it). Empty: one block.
     """
 
     source: Path
@@ -201,6 +212,7 @@ class DatasetConfig:
     reg_augment: dict[str, bool] = field(default_factory=dict)
     finetuning: bool = False
     notes: tuple[str, ...] = ()
+    blocks: tuple[dict[str, Any], ...] = ()
 
     @property
     def train_subsets(self) -> tuple[SubsetConfig, ...]:
@@ -208,8 +220,12 @@ class DatasetConfig:
 
     def record(self) -> dict[str, Any]:
         """What decides the images and their draws (the ``--resume`` record; JSON-able)."""
+        def plain(options: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
         return {"source": _absolute(self.source), "subsets": [s.record() for s in self.subsets],
-                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}}
+                "options": plain(self.options),
+                **({"blocks": [plain(b) for b in self.blocks]} if self.blocks else {})}  # (one block: as before)
 
 
 def record_changes(before: Any, after: Any, *, at: str = "") -> list[str]:
@@ -325,9 +341,10 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
 
     Raises:
         InputError: an unknown key (naming the closest), a value of the wrong kind, a missing
-            ``image_dir`` / ``metadata_file``, several ``[[datasets]]``, DreamBooth-style and
-            fine-tuning subsets in one dataset, a kohya option sdadapt cannot honour, or subsets
-            that disagree on ``flip_aug`` / ``random_crop`` / ``color_aug``.
+            ``image_dir`` / ``metadata_file``, DreamBooth-style and fine-tuning subsets in one
+            dataset, a kohya option sdadapt cannot honour, or subsets that disagree on ``flip_aug`` /
+            ``random_crop`` / ``color_aug`` (every message names the block, ``datasets[1]``, and the
+            subset).
         FileNotFoundError: no such file.
     """
     file = Path(path)
@@ -349,31 +366,7 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
         raise InputError(f"{source}: datasets must be [[datasets]] tables")
     if not datasets:
         raise InputError(f"{source}: no [[datasets]] block; add one with [[datasets.subsets]] image_dir = '...'")
-    if len(datasets) > 1:
-        raise InputError(f"{source}: {len(datasets)} [[datasets]] blocks; kohya trains each with its own resolution and "
-                         "batch size (a batch never mixes them), which sdadapt does not do — put every subset in one "
-                         "[[datasets]] block (each subset keeps its own repeats and caption options)")
-    dataset_raw = datasets[0]
-    subsets_raw = dataset_raw.get("subsets", [])
-    if not isinstance(subsets_raw, list) or not all(isinstance(s, dict) for s in subsets_raw) or not subsets_raw:
-        raise InputError(f"{source}: datasets[0] has no [[datasets.subsets]]; add one with image_dir = 'FOLDER'")
-    with_metadata = ["metadata_file" in s for s in subsets_raw]
-    finetuning = all(with_metadata)
-    if any(with_metadata) and not finetuning:
-        raise InputError(f"{source}: datasets[0] mixes DreamBooth-style subsets (image_dir) and fine-tuning subsets "
-                         "(metadata_file); kohya refuses the same (it wants two datasets, which sdadapt does not train "
-                         "together): list every image in the metadata, or give every subset an image_dir with caption files")
     general = _check_keys(general_raw, _GENERAL, "[general]", source)
-    dataset_schema = {**_DATASET_OWN, **_SUBSET_COMMON, **({} if finetuning else _DREAMBOOTH_SHARED)}
-    dataset = _check_keys(dataset_raw, dataset_schema, "datasets[0]", source, extra=("subsets",))
-    subset_schema = {**_SUBSET_COMMON, **(_FINETUNE_OWN if finetuning else {**_DREAMBOOTH_SHARED, **_DREAMBOOTH_OWN})}
-    subset_tables = [_check_keys(s, subset_schema, f"datasets[0].subsets[{i}]", source) for i, s in enumerate(subsets_raw)]
-    required = "metadata_file" if finetuning else "image_dir"
-    for i, table in enumerate(subset_tables):
-        if required not in table:
-            raise InputError(f"{source}: datasets[0].subsets[{i}] has no {required} (each "
-                             + ("fine-tuning subset names its metadata JSON" if finetuning else
-                                "DreamBooth-style subset names its folder of images, e.g. image_dir = 'img/dog'") + ")")
     notes: list[str] = []
 
     def look(name: str, tables: Sequence[tuple[str, dict]]) -> tuple[Any, str | None]:
@@ -398,64 +391,91 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
             return value
         return fallback[name] if name in fallback else _KOHYA_DEFAULTS.get(name)
 
-    dataset_tables = [("datasets[0]", dataset), ("[general]", general)]
-    options: dict[str, Any] = {}
-    for name in _DATASET_OPTION_NAMES:
-        value = resolve(name, dataset_tables)
-        if name == "resolution" and value is not None:
-            value = (int(value[1]), int(value[0]))  # kohya's (width, height) -> (height, width)
-        options[name] = value
-    for name in ("validation_split", "validation_seed"):  # kohya's dataset-level split (TrainOptions names), when given
-        if look(name, dataset_tables)[1] is not None:
-            options[name] = resolve(name, dataset_tables)
-    resolve("network_multiplier", dataset_tables)  # (refused when set)
-    _interpolation(resolve("resize_interpolation", dataset_tables), where=f"{source}: datasets[0]")
-
+    blocks: list[dict[str, Any]] = []
+    kinds: list[bool] = []
     subsets: list[SubsetConfig] = []
-    seen: set[str] = set()
-    for i, table in enumerate(subset_tables):
-        where = f"datasets[0].subsets[{i}]"
-        tables = [(where, table), *dataset_tables]
-        for name in ("cache_info", "custom_attributes"):
-            resolve(name, tables)
-        faces = parse_face_crop_range(resolve("face_crop_aug_range", tables), source=f"{source}: {where}.face_crop_aug_range")
-        repeats = resolve("num_repeats", tables)
-        image_dir = table.get("image_dir")
-        metadata = table.get("metadata_file")
-        identity = str(metadata if finetuning else image_dir)
-        if identity in seen:
-            notes.append(f"{where}: ignored, it repeats {'metadata_file' if finetuning else 'image_dir'} {identity!r} of an "
-                         "earlier subset (kohya uses the first one)")
-            continue
-        if repeats < 1:
-            notes.append(f"{where}: ignored, num_repeats = {repeats} (kohya skips subsets with fewer than 1 repeat)")
-            continue
-        seen.add(identity)
-        extension = str(resolve("caption_extension", tables) or ".caption") if not finetuning else ".caption"
-        if extension and not extension.startswith("."):
-            extension = "." + extension  # (kohya adds the dot)
-        is_reg = bool(table.get("is_reg", False))
-        if finetuning:
-            class_tokens = None
-        elif is_reg:  # the file's own only: the run's --prompt (the trained subject's words) never captions prior images
-            class_tokens = look("class_tokens", tables)[0]
-        else:
-            class_tokens = resolve("class_tokens", tables)
-        subsets.append(SubsetConfig(
-            where=where, image_dir=Path(image_dir) if image_dir is not None else None,
-            metadata_file=Path(metadata) if metadata is not None else None, is_reg=is_reg,
-            num_repeats=repeats, class_tokens=class_tokens or None, caption_extension=extension,
-            captions={name: resolve(name, tables) for name in SUBSET_CAPTION_KEYS},
-            **{name: bool(resolve(name, tables)) for name in _AUGMENT_KEYS}, face_crop_aug_range=faces,
-            alpha_mask=bool(resolve("alpha_mask", tables)),
-            resize_interpolation=_interpolation(resolve("resize_interpolation", tables), where=f"{source}: {where}")))
-    if not any(not s.is_reg for s in subsets):
-        raise InputError(f"{source}: no training subset (every subset is is_reg = true or ignored); add one with the "
-                         "images to learn")
+    for index, dataset_raw in enumerate(datasets):
+        block = f"datasets[{index}]"
+        subsets_raw = dataset_raw.get("subsets", [])
+        if not isinstance(subsets_raw, list) or not all(isinstance(s, dict) for s in subsets_raw) or not subsets_raw:
+            raise InputError(f"{source}: {block} has no [[datasets.subsets]]; add one with image_dir = 'FOLDER'")
+        with_metadata = ["metadata_file" in s for s in subsets_raw]
+        finetuning = all(with_metadata)
+        if any(with_metadata) and not finetuning:
+            raise InputError(f"{source}: {block} mixes DreamBooth-style subsets (image_dir) and fine-tuning subsets "
+                             "(metadata_file); kohya refuses the same: give each kind its own [[datasets]] block, list "
+                             "every image in the metadata, or give every subset an image_dir with caption files")
+        kinds.append(finetuning)
+        dataset_schema = {**_DATASET_OWN, **_SUBSET_COMMON, **({} if finetuning else _DREAMBOOTH_SHARED)}
+        dataset = _check_keys(dataset_raw, dataset_schema, block, source, extra=("subsets",))
+        subset_schema = {**_SUBSET_COMMON, **(_FINETUNE_OWN if finetuning else {**_DREAMBOOTH_SHARED, **_DREAMBOOTH_OWN})}
+        subset_tables = [_check_keys(s, subset_schema, f"{block}.subsets[{i}]", source) for i, s in enumerate(subsets_raw)]
+        required = "metadata_file" if finetuning else "image_dir"
+        for i, table in enumerate(subset_tables):
+            if required not in table:
+                raise InputError(f"{source}: {block}.subsets[{i}] has no {required} (each "
+                                 + ("fine-tuning subset names its metadata JSON" if finetuning else
+                                    "DreamBooth-style subset names its folder of images, e.g. image_dir = 'img/dog'") + ")")
+        dataset_tables = [(block, dataset), ("[general]", general)]
+        options: dict[str, Any] = {}
+        for name in _DATASET_OPTION_NAMES:
+            value = resolve(name, dataset_tables)
+            if name == "resolution" and value is not None:
+                value = (int(value[1]), int(value[0]))  # kohya's (width, height) -> (height, width)
+            options[name] = value
+        for name in ("validation_split", "validation_seed"):  # kohya's dataset-level split (TrainOptions names), when given
+            if look(name, dataset_tables)[1] is not None or len(datasets) > 1:  # (several: each block's own, resolved)
+                options[name] = resolve(name, dataset_tables)
+        resolve("network_multiplier", dataset_tables)  # (refused when set)
+        _interpolation(resolve("resize_interpolation", dataset_tables), where=f"{source}: {block}")
+        blocks.append(options)
+
+        seen: set[str] = set()  # (kohya drops a repeated subset within a dataset; another dataset may use it again)
+        for i, table in enumerate(subset_tables):
+            where = f"{block}.subsets[{i}]"
+            tables = [(where, table), *dataset_tables]
+            for name in ("cache_info", "custom_attributes"):
+                resolve(name, tables)
+            faces = parse_face_crop_range(resolve("face_crop_aug_range", tables), source=f"{source}: {where}.face_crop_aug_range")
+            repeats = resolve("num_repeats", tables)
+            image_dir = table.get("image_dir")
+            metadata = table.get("metadata_file")
+            identity = str(metadata if finetuning else image_dir)
+            if identity in seen:
+                notes.append(f"{where}: ignored, it repeats {'metadata_file' if finetuning else 'image_dir'} {identity!r} of an "
+                             "earlier subset (kohya uses the first one)")
+                continue
+            if repeats < 1:
+                notes.append(f"{where}: ignored, num_repeats = {repeats} (kohya skips subsets with fewer than 1 repeat)")
+                continue
+            seen.add(identity)
+            extension = str(resolve("caption_extension", tables) or ".caption") if not finetuning else ".caption"
+            if extension and not extension.startswith("."):
+                extension = "." + extension  # (kohya adds the dot)
+            is_reg = bool(table.get("is_reg", False))
+            if finetuning:
+                class_tokens = None
+            elif is_reg:  # the file's own only: the run's --prompt (the trained subject's words) never captions prior images
+                class_tokens = look("class_tokens", tables)[0]
+            else:
+                class_tokens = resolve("class_tokens", tables)
+            subsets.append(SubsetConfig(
+                where=where, image_dir=Path(image_dir) if image_dir is not None else None,
+                metadata_file=Path(metadata) if metadata is not None else None, is_reg=is_reg,
+                num_repeats=repeats, class_tokens=class_tokens or None, caption_extension=extension,
+                captions={name: resolve(name, tables) for name in SUBSET_CAPTION_KEYS},
+                **{name: bool(resolve(name, tables)) for name in _AUGMENT_KEYS}, face_crop_aug_range=faces,
+                alpha_mask=bool(resolve("alpha_mask", tables)),
+                resize_interpolation=_interpolation(resolve("resize_interpolation", tables), where=f"{source}: {where}"),
+                dataset=index))
+        if not any(not s.is_reg and s.dataset == index for s in subsets):
+            raise InputError(f"{source}: {block} has no training subset (every subset is is_reg = true or ignored); add "
+                             "one with the images to learn" + (", or leave the block out" if len(datasets) > 1 else ""))
     augment = _agreed(subsets, is_reg=False, source=source)
-    options.update(augment)
+    options = {**blocks[0], **augment}  # (the run's: the first block's; each block's own in DatasetConfig.blocks)
     reg_augment = _agreed(subsets, is_reg=True, source=source) if any(s.is_reg for s in subsets) else {}
-    return DatasetConfig(file, tuple(subsets), options, reg_augment, finetuning, tuple(notes))
+    return DatasetConfig(file, tuple(subsets), options, reg_augment, kinds[0], tuple(notes),
+                         tuple(blocks) if len(blocks) > 1 else ())
 
 
 def _interpolation(value: Any, *, where: str) -> str | None:
@@ -663,7 +683,10 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
     subset order. Each record's ``folder`` is its subset's label (the folder's or metadata file's
     name; a repeated name gets `` (2)``, `` (3)`` … as kohya's ``ss_dataset_dirs``), the key of the
     returned ``{label: subset}``. ``uncaptioned``: training images without any caption get ``""``
-    (a trigger-word method's templates) instead of an error. ``kept(training records)``: those of
+    (a trigger-word method's templates) instead of an error. Each record's
+    :attr:`~sdadapt.training.data.ImageRecord.dataset` is its subset's block; several blocks'
+    regularisation images are balanced each against its own block's training samples, as kohya's
+    datasets. ``kept(training records)``: those of
     them that will train, which the regularisation images are balanced against (kohya's
     ``validation_split`` holds images out before it counts; default: all). ``caption_lines``: how a
     caption file of several lines is read (:func:`~sdadapt.training.data.find_images`).
@@ -685,32 +708,49 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
             record.folder = label
             record.alpha_mask = subset.alpha_mask  # (kohya's per-subset alpha_mask: loss_masks reads it)
             record.interpolation = subset.resize_interpolation  # (kohya's per-subset resize_interpolation)
+            record.dataset = subset.dataset  # (its [[datasets]] block: bucketed and batched with its block only)
         (reg_records if subset.is_reg else train).extend(records)
         notes.extend(subset_notes)
     reg = None
     if reg_records:
         counted = train if kept is None else kept(train)
-        reg = balance_reg_images(reg_records, train_samples=sum(r.repeats for r in counted), source=source)
+        # kohya balances each dataset's regularisation images against that dataset's training images
+        parts = [balance_reg_images([r for r in reg_records if r.dataset == block],
+                                    train_samples=sum(r.repeats for r in counted if r.dataset == block),
+                                    source=f"{source}: datasets[{block}]" if config.blocks else source)
+                 for block in dict.fromkeys(r.dataset for r in reg_records)]
+        reg = parts[0] if len(parts) == 1 else RegImages(
+            [r for part in parts for r in part.records], sum(part.samples for part in parts),
+            {k: v for part in parts for k, v in part.dirs.items()}, [n for part in parts for n in part.notes])
         notes.extend(reg.notes)
     return train, reg, by_label, notes
 
 
 def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages | None, *, batch_size: int,
-                            resolution: tuple[int, int]) -> list[dict[str, Any]]:
-    """kohya's ``ss_datasets`` (train_network.py with a dataset config): one entry per dataset with
-    its subsets (``img_count``, ``num_repeats``, the augmentations and caption options, the folder's
-    or metadata file's name, ``class_tokens`` / ``is_reg``).
+                            resolution: tuple[int, int],
+                            blocks: Sequence[tuple[int, tuple[int, int]]] = ()) -> list[dict[str, Any]]:
+    """kohya's ``ss_datasets`` (train_network.py with a dataset config): one entry per ``[[datasets]]``
+    block with its subsets (``img_count``, ``num_repeats``, the augmentations and caption options, the
+    folder's or metadata file's name, ``class_tokens`` / ``is_reg``), its batch size, resolution,
+    buckets (``bucket_info``) and ``tag_frequency``.
 
     Args:
-        dataset: the training :class:`~sdadapt.training.data.Dataset` (buckets planned).
+        dataset: the training :class:`~sdadapt.training.data.Dataset` (buckets planned; each record's
+            :attr:`~sdadapt.training.data.ImageRecord.dataset` its block).
         reg: the regularisation images (``None``: none).
-        resolution: (height, width) of training.
+        batch_size, resolution: the (one) block's batch size and (height, width) of training.
+        blocks: several blocks (:attr:`DatasetConfig.blocks`): each one's ``(batch size, (height, width))``
+            as trained, in order, in place of ``batch_size`` / ``resolution``.
     """
+    from .data import Dataset
+
     counts: dict[str, int] = {}
     for record in [*dataset.records, *(reg.records if reg is not None else ())]:
         counts[record.folder] = counts.get(record.folder, 0) + 1
     reg_counts = dict(reg.dirs) if reg is not None else {}
-    subsets = []
+    sizes = list(blocks) if config.blocks else [(batch_size, resolution)]
+    options = list(config.blocks) if config.blocks else [config.options]
+    entries: list[dict[str, Any]] = [{"subsets": []} for _ in sizes]
     for subset, label in zip(config.subsets, _labels(config.subsets)):
         own = subset.captions
         entry: dict[str, Any] = {
@@ -723,16 +763,25 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
             "resize_interpolation": None}
         if subset.image_dir is not None:
             entry["image_dir"] = subset.image_dir.name
-        if config.finetuning:
-            entry["metadata_file"] = subset.metadata_file.name if subset.metadata_file is not None else None
+        if subset.metadata_file is not None:  # (a block is one kind: kohya's FineTuningDataset)
+            entry["metadata_file"] = subset.metadata_file.name
         else:
             entry["class_tokens"] = subset.class_tokens
             entry["is_reg"] = subset.is_reg
-        subsets.append(entry)
-    buckets = [r.bucket for r in dataset.records]
-    return [{"is_dreambooth": not config.finetuning, "batch_size_per_device": batch_size,
-             "num_train_images": dataset.samples_per_epoch, "num_reg_images": reg.samples if reg is not None else 0,
-             "resolution": [resolution[1], resolution[0]], "enable_bucket": bool(config.options.get("enable_bucket")),
-             "min_bucket_reso": min(min(b) for b in buckets), "max_bucket_reso": max(max(b) for b in buckets),
-             "tag_frequency": dataset.tag_frequency(), "bucket_info": dataset.bucket_info(),
-             "resize_interpolation": None, "subsets": subsets}]
+        entries[subset.dataset]["subsets"].append(entry)
+        if subset.is_reg:  # kohya's num_reg_images: the block's images x repeats, before balancing
+            entries[subset.dataset]["reg"] = entries[subset.dataset].get("reg", 0) + (
+                reg_counts.get(label, {}).get("img_count", 0) * subset.num_repeats)
+    out = []
+    for block, ((size, (height, width)), own, entry) in enumerate(zip(sizes, options, entries)):
+        part = Dataset([r for r in dataset.records if r.dataset == block], captions=dataset.captions)
+        buckets = [r.bucket for r in part.records]
+        finetuning = any("metadata_file" in s for s in entry["subsets"])
+        out.append({"is_dreambooth": not finetuning, "batch_size_per_device": size,
+                    "num_train_images": part.samples_per_epoch,
+                    "num_reg_images": (reg.samples if reg is not None else 0) if not config.blocks else entry.get("reg", 0),
+                    "resolution": [width, height], "enable_bucket": bool(own.get("enable_bucket")),
+                    "min_bucket_reso": min(min(b) for b in buckets), "max_bucket_reso": max(max(b) for b in buckets),
+                    "tag_frequency": part.tag_frequency(), "bucket_info": part.bucket_info(),
+                    "resize_interpolation": None, "subsets": entry["subsets"]})
+    return out

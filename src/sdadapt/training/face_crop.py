@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..images import scale_image
-from ..resampling import kohya_default
+from ..resampling import interpolation_for
 
 __all__ = [
     "FaceBox",
@@ -162,5 +162,5 @@ def face_crop(image: Tensor, target: tuple[int, int], face: FaceBox, crop_range:
     ``resize_interpolation``, :mod:`sdadapt.resampling`) then cut -> (C, h, w)."""
     (nh, nw), (top, left) = face_crop_window(tuple(image.shape[-2:]), target, face, crop_range,  # type: ignore[arg-type]
                                              random_crop=random_crop, rng=rng)
-    scaled = scale_image(image, (nh, nw), interpolation=interpolation or kohya_default(tuple(image.shape[-2:]), (nh, nw)))
+    scaled = scale_image(image, (nh, nw), interpolation=interpolation_for(interpolation, tuple(image.shape[-2:]), (nh, nw)))
     return scaled[:, top: top + target[0], left: left + target[1]].contiguous()

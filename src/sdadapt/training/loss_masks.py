@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..images import IMAGE_SUFFIXES, ImageFolderError, read_image_channels, scale_image
-from ..resampling import kohya_default
+from ..resampling import interpolation_for
 
 if TYPE_CHECKING:
     from .data import ImageRecord
@@ -112,7 +112,7 @@ def mask_like_image(mask: Tensor, record: ImageRecord, *, size: tuple[int, int],
     area-averaged to ``size`` (h', w'). Returns (1, h', w') float32."""
     top, left = record.crop if crop is None else crop
     bh, bw = record.bucket
-    method = record.interpolation or kohya_default(tuple(mask.shape[1:]), record.resized)  # (kohya: with the image)
+    method = interpolation_for(record.interpolation, tuple(mask.shape[1:]), record.resized)  # (kohya: with the image)
     scaled = scale_image(mask, record.resized, interpolation=method, bounds=(0.0, 1.0))
     out = scaled[:, top: top + bh, left: left + bw]
     if flipped:

@@ -55,7 +55,7 @@ def max_norm_factors(adapter: AdapterModule) -> list[nn.Parameter]:
 
     Raises:
         ValueError: ``adapter`` is not of :data:`MAX_NORM_FAMILIES` (DoRA, full deltas, GLoRA, norm
-            modules, an unknown family), naming its family.
+            modules, an unknown family), naming its family; an OFT layer read from an old ``oft_diag``.
     """
     if adapter.family not in MAX_NORM_FAMILIES:
         why = {"dora": "DoRA renormalises W + ΔW to its magnitude, so shrinking ΔW does not bound the layer's change",
@@ -66,6 +66,9 @@ def max_norm_factors(adapter: AdapterModule) -> list[nn.Parameter]:
         raise ValueError(f"scale_weight_norms (kohya's --scale_weight_norms) works on {', '.join(MAX_NORM_FAMILIES)} "
                          f"adapters (train lora, locon, loha, lokr, diag-oft or boft); a "
                          f"{adapter.family or type(adapter).__name__} adapter is not one: {why}")
+    if getattr(adapter, "stored_rotation", False):  # (an old LyCORIS oft_diag: R itself, no generator to shrink)
+        raise ValueError("scale_weight_norms bounds an OFT layer's generator oft_blocks; this one holds LyCORIS' old "
+                         "'oft_diag' rotation itself (read from a file), which it cannot bound: train a new diag-oft")
     if adapter.family in MAX_NORM_OWN_NORM:
         return [getattr(adapter, MAX_NORM_OWN_NORM[adapter.family])]
     factors = list(adapter.parameters(recurse=False))

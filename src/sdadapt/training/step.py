@@ -277,7 +277,9 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
               extra_loss: ExtraLoss | None = None, *, autocast_cache: bool = True) -> Tensor:
     """Forward under the configured autocast and the weighted loss (0-dim, float32), plus
     ``prior_weight`` × the class batch's loss when ``prepared`` holds a ``"prior"``
-    (:func:`prepare_batch`'s ``prior=``), plus ``extra_loss(prepared, prediction)`` when given. ``autocast_cache=False`` turns off autocast's
+    (:func:`prepare_batch`'s ``prior=``), plus ``extra_loss(prepared, prediction)`` when given (times
+    ``prepared["share"]`` when there: a data-parallel rank's share of an uneven global batch,
+    :func:`~sdadapt.training.data_parallel.shard_prepared`). ``autocast_cache=False`` turns off autocast's
     cache of low-precision weight copies (what PyTorch asks for under CUDA-graph capture; same numbers)."""
     x_t: Tensor = prepared["x_t"]  # type: ignore[assignment]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
@@ -290,13 +292,16 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
         kind=config.loss, huber_c=prepared["huber_c"], mask=prepared.get("loss_mask"),  # type: ignore[arg-type]
     )
     prior: Mapping[str, object] | None = prepared.get("prior")  # type: ignore[assignment]
+    share = prepared.get("share")  # (data parallel, an uneven split: this rank's factor, shard_prepared; as its weights')
     if prior is not None:  # the class batch's second forward, then extra_loss, added to the loss as one term
         extra = prepared["prior_weight"] * step_loss(model, prior, config, autocast_cache=autocast_cache)  # type: ignore[operator]
         if extra_loss is not None:
-            extra = extra + extra_loss(prepared, prediction.float())
+            term = extra_loss(prepared, prediction.float())
+            extra = extra + (term if share is None else term * share)
         return loss + extra
     if extra_loss is not None:
-        loss = loss + extra_loss(prepared, prediction.float())
+        term = extra_loss(prepared, prediction.float())
+        loss = loss + (term if share is None else term * share)
     return loss
 
 
@@ -343,6 +348,8 @@ def train_step(
     extra_loss: ExtraLoss | None = None,
     prior: tuple[Mapping[str, object], float] | None = None,
     after_update: Callable[[], Mapping[str, Tensor]] | None = None,
+    shard: Callable[[dict[str, object]], dict[str, object]] | None = None,
+    before_update: Callable[[], None] | None = None,
 ) -> dict[str, Tensor]:
     """One micro-batch: noise, forward, weighted loss, backward; every ``accumulation_steps``
     micro-batches also unscale, clip, optimiser step, zero grads, EMA and LR-scheduler step (the
@@ -372,6 +379,12 @@ def train_step(
         after_update: called (under ``no_grad``) right after each optimiser step, before the EMA
             update — e.g. the max-norm pass (:func:`~sdadapt.training.max_norm.scale_weight_norms_`);
             the 0-dim tensors it returns join the metrics of the micro-batch that stepped.
+        shard: data parallel (:mod:`~sdadapt.training.data_parallel`): the prepared global batch (noise
+            and timesteps drawn for all of it) -> this rank's rows of it
+            (:func:`~sdadapt.training.data_parallel.shard_prepared`), before the forward.
+        before_update: called after the last accumulated backward, before unscaling, clipping and the
+            optimiser step — data parallel's gradient all-reduce
+            (:func:`~sdadapt.training.data_parallel.average_gradients`). Not with a fused optimiser.
 
     Returns:
         ``{"loss": 0-dim tensor (unscaled, this micro-batch), "stepped": bool tensor,
@@ -385,6 +398,8 @@ def train_step(
                          "and bf16 instead of fp16")
     prepared = prepare_batch(batch, state=state, config=config, alphas_cumprod=alphas_cumprod, encode_latents=encode_latents,
                              prior=prior)
+    if shard is not None:
+        prepared = shard(prepared)
     loss = step_loss(model, prepared, config, extra_loss)
     if config.mixed_precision == "fp16" and state.scaler is None:
         state.scaler = loss_scaler(params, loss.device.type)  # (fp16 weights: a scaler that unscales fp16 gradients)
@@ -397,6 +412,8 @@ def train_step(
     stepped = state.micro_step % config.accumulation_steps == 0
     after: Mapping[str, Tensor] = {}
     if stepped:
+        if before_update is not None and not fused:
+            before_update()
         if not fused:
             grad_norm = clip_and_step(params, optimizer, state, config)  # type: ignore[arg-type]
             optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
