@@ -619,12 +619,12 @@ class DiffusersSystem(nn.Module):
 
         return model_xl
 
-    def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None) -> Any:
+    def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None, *, breaks: bool = False) -> Any:
         if self.is_sdxl and not negative:  # SDXL base: force_zeros_for_empty_prompt
             return {k: (torch.zeros_like(v) if k != "time_ids" else v) for k, v in cond.items()}
-        return self._prompt_condition([negative] * count, time_ids)
+        return self._prompt_condition([negative] * count, time_ids, breaks=breaks)
 
-    def _prompt_condition(self, prompts: list[str], time_ids: Tensor | None) -> Any:
+    def _prompt_condition(self, prompts: list[str], time_ids: Tensor | None, *, breaks: bool = False) -> Any:
         """:meth:`condition` of prompts to sample, with A1111 emphasis (``(word:1.2)``, ``[word]``;
         ``\\(`` a literal bracket) read as A1111's default ("Original") emphasis: each token's text
         states times its weight (:meth:`tokenize_weighted`), then each prompt's states rescaled so
@@ -635,16 +635,28 @@ class DiffusersSystem(nn.Module):
         kohya's SDXL sample images (``strategy_sdxl.encode_tokens_with_weights``) weigh without the
         rescale. With :attr:`max_token_length` 150/225 the mean is over all of sdadapt's joined
         ``n * 75 + 2`` states (kohya's training layout), as kohya's pipeline takes it over its own
-        ``n * 77`` layout; A1111 takes it per 77-token chunk. A prompt without brackets or
-        backslashes: :meth:`tokenize`'s conditioning, unchanged."""
+        ``n * 77`` layout; A1111 takes it per 77-token chunk. With ``breaks`` (a prompt plan:
+        ``generate``'s A1111 prompts) a prompt with ``BREAK`` is laid out in A1111's chunks, each
+        emphasised and mean-restored on its own (:meth:`_break_condition`); without it ``BREAK`` is a
+        word, as in kohya's sample prompts. A prompt without brackets or backslashes (nor, with
+        ``breaks``, ``BREAK``): :meth:`tokenize`'s conditioning, unchanged."""
+        from .prompt_chunks import has_break
+
+        if breaks and any(has_break(prompt) for prompt in prompts):  # (A1111's BREAK: its chunk layout)
+            return self._break_condition(prompts, time_ids)
         if not any(mark in prompt for prompt in prompts for mark in "()[]\\"):
             ids = self.tokenize(prompts)
             return self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
         weighted = self.tokenize_weighted(prompts)  # {"ids": (B, L) / (B, 2, L), "weights": the same}
+        return self._emphasised(weighted["ids"], weighted["weights"], time_ids)
+
+    def _emphasised(self, ids: Tensor, weights: Tensor, time_ids: Tensor | None) -> Any:
+        """:meth:`condition` of ids (B, L) / SDXL (B, 2, L) with their emphasis ``weights`` (the same
+        shape): the states times the weights, rescaled to the unweighted states' mean per prompt (SDXL:
+        per encoder part), :meth:`_prompt_condition`'s rule."""
         # one text-encoder pass: the weights multiply the finished states (condition's "weights"), so
         # the weighted states are the plain ones times them — the same numbers as a second, weighted pass
-        plain = self.condition({"ids": weighted["ids"], "time_ids": time_ids} if self.is_sdxl else weighted["ids"])
-        weights = weighted["weights"]
+        plain = self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
         if not self.is_sdxl:
             return _restore_mean(_weigh_states(plain, weights), plain)  # (B, L, D)
         width = int(self.text_encoder.config.hidden_size)  # context = [CLIP-L states | OpenCLIP-G states]
@@ -655,10 +667,43 @@ class DiffusersSystem(nn.Module):
                             dim=-1)
         return {**plain, "context": context}  # (text_embeds, the pooled output, unweighted)
 
+    def _break_condition(self, prompts: list[str], time_ids: Tensor | None) -> Any:
+        """Prompts with ``BREAK`` in A1111's layout (:mod:`sdadapt.prompt_chunks`): each prompt cut into
+        ``C``-token chunks (shorter prompts of the batch padded with empty chunks, as A1111 does), each
+        chunk encoded and emphasised on its own (its mean restored per chunk: A1111's "Original"
+        emphasis), the chunks' states joined: (B, n * C, D); SDXL's ``text_embeds`` are the first chunk's.
+        :attr:`max_token_length` does not apply (A1111 has no limit)."""
+        from .prompt_chunks import prompt_chunks
+
+        device = self.alphas_cumprod.device
+        tokenizers = (self.tokenizer, self.tokenizer_2) if self.is_sdxl else (self.tokenizer,)
+        empty = [prompt_chunks(tokenizer, "") for tokenizer in tokenizers]  # ((1, C), (1, C)) each
+        chunked = [[prompt_chunks(tokenizer, prompt) for tokenizer in tokenizers] for prompt in prompts]
+        n = max(ids.shape[0] for row in chunked for ids, _ in row)
+
+        def padded(part: int, k: int) -> Tensor:  # (B, n, C) ids (k=0) or weights (k=1) of tokenizer `part`
+            rows = [row[part][k] for row in chunked]
+            return torch.stack([torch.cat([r, empty[part][k].expand(n - r.shape[0], -1)]) for r in rows])
+
+        ids = [padded(part, 0) for part in range(len(tokenizers))]
+        weights = [padded(part, 1) for part in range(len(tokenizers))]
+        conds = []
+        for j in range(n):
+            if self.is_sdxl:
+                chunk_ids = torch.stack([ids[0][:, j], ids[1][:, j]], dim=1)  # (B, 2, C)
+                chunk_weights = torch.stack([weights[0][:, j], weights[1][:, j]], dim=1)
+            else:
+                chunk_ids, chunk_weights = ids[0][:, j], weights[0][:, j]  # (B, C)
+            conds.append(self._emphasised(chunk_ids.to(device), chunk_weights.to(device), time_ids))
+        if not self.is_sdxl:
+            return torch.cat(conds, dim=1)  # (B, n * C, D)
+        return {**conds[0], "context": torch.cat([c["context"] for c in conds], dim=1)}
+
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
                sampler: str = "ddim", karras: bool = False, height: int | None = None, width: int | None = None,
-               cond: Any = None, schedule: str | None = None, info: dict | None = None) -> Tensor:
+               cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
+               noise: Any = None, schedule_options: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1].
 
@@ -676,6 +721,14 @@ class DiffusersSystem(nn.Module):
         unconditional branch is still made from ``negative``. Prompts and ``negative`` may carry
         A1111 emphasis, ``(word:1.2)``, ``(word)``, ``[word]`` (read as A1111's "Original" emphasis:
         weighted text states rescaled to their unweighted mean; :meth:`_prompt_condition`).
+        ``plan``: a :class:`~sdadapt.prompt_guidance.PromptPlan` (A1111's prompt editing, alternation,
+        ``AND``) that takes the place of ``prompts`` and ``negative``: each of its texts is encoded once
+        (with emphasis, and ``BREAK`` as A1111's chunks: without a plan ``BREAK`` is a word, as kohya's
+        sample prompts read it) and the sampler's model calls switch between them
+        (:class:`~sdadapt.prompt_guidance.ScheduledGuidance`); not with ``cond``.
+        ``noise``: an :class:`~sdadapt.samplers.a1111_noise.A1111Seeds`: A1111's start and sampler noise for
+        ``seed`` instead of the CPU generator's; ``schedule_options``: A1111's schedule settings
+        (:class:`~sdadapt.samplers.schedules.ScheduleOptions`) for ``schedule``.
         """
         height, width = height or self.image_size, width or self.image_size
         check_image_size(width, height, multiple=self.size_multiple)
@@ -687,21 +740,39 @@ class DiffusersSystem(nn.Module):
         if schedule == "align_your_steps" and self.is_sdxl:
             schedule = "align_your_steps_sdxl"
         device = self.alphas_cumprod.device
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
+        if noise is not None:  # A1111's noise (sdadapt.samplers.a1111_noise)
+            g = noise.for_batch(seed, len(prompts))
+            x = g.start_noise((len(prompts), *self.latent_shape(height, width))).to(device)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
         time_ids = None
         if self.is_sdxl:
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
             time_ids = time_ids.expand(len(prompts), 6)
-        if cond is None:
+        model, guidance_scale = self.denoiser(), guidance
+        if plan is not None:  # A1111 prompt syntax: every text once, switched per model call
+            if cond is not None:
+                raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
+            conds = [self._prompt_condition([text] * len(prompts), time_ids, breaks=True) for text in plan.texts]
+            # (SDXL zeros an empty negative only when all its schedule's texts are empty: A1111 zeros a batch
+            # of texts that are all '', and the schedule's texts are one batch there)
+            one = len(plan.negative_texts) == 1
+            negatives = [self._uncond(text, conds[0], len(prompts), time_ids, breaks=True) if one
+                         else self._prompt_condition([text] * len(prompts), time_ids, breaks=True)
+                         for text in plan.negative_texts]
+            model, guidance_scale = plan.guidance(model, conds, negatives, guidance), 1.0
+            cond = uncond = None
+        elif cond is None:
             cond = self._prompt_condition(prompts, time_ids)
         elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:
             time_ids = cond["time_ids"]
-        uncond = self._uncond(negative, cond, len(prompts), time_ids)
-        latents = samplers.sample_latents(self.denoiser(), x, cond, sampler=name, alphas_cumprod=self.alphas_cumprod,
-                                          num_steps=steps, uncond=uncond, guidance_scale=guidance,
+        if plan is None:
+            uncond = self._uncond(negative, cond, len(prompts), time_ids)
+        latents = samplers.sample_latents(model, x, cond, sampler=name, alphas_cumprod=self.alphas_cumprod,
+                                          num_steps=steps, uncond=uncond, guidance_scale=guidance_scale,
                                           prediction_type=self.prediction_type, karras=karras, generator=g,
-                                          schedule=schedule,
+                                          schedule=schedule, schedule_options=schedule_options,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}))
         return self.decode_latents(latents)
 

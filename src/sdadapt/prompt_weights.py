@@ -36,10 +36,15 @@ _ATTENTION = re.compile(r"""
 [^\\()\[\]:]+|:               # text
 """, re.VERBOSE)
 _UP, _DOWN = 1.1, 1 / 1.1
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+def parse_prompt_attention(text: str, *, breaks: bool = False) -> list[tuple[str, float]]:
     """``text`` as ``[(piece, weight), ...]`` by A1111's emphasis rules (module docstring, step 1).
+
+    ``breaks``: A1111's ``BREAK`` (the word, with the blanks around it) in plain text becomes a
+    ``("BREAK", -1.0)`` piece (:mod:`sdadapt.prompt_chunks` starts a new chunk there); like A1111,
+    brackets around it multiply that -1 as well, and such a piece is then read as the word.
 
     >>> parse_prompt_attention("a (red:1.5) [dog]")
     [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('dog', 0.9090909090909091)]
@@ -71,6 +76,11 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             scale(round_open.pop(), _UP)
         elif token == "]" and square_open:
             scale(square_open.pop(), _DOWN)
+        elif breaks:
+            for index, part in enumerate(_BREAK.split(token)):
+                if index:
+                    pieces.append(["BREAK", -1.0])
+                pieces.append([part, 1.0])
         else:
             pieces.append([token, 1.0])
     for start in round_open:

@@ -188,7 +188,8 @@ def _takes(method, name: str) -> bool:
 def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, steps: int = 25,
              guidance: float | None = None, sampler: str = "ddim", karras: bool = False, height: int | None = None,
              width: int | None = None, cond: object | None = None, schedule: str | None = None,
-             info: dict | None = None) -> Tensor:
+             info: dict | None = None, plan: object | None = None, noise: object | None = None,
+             schedule_options: object | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1].
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
@@ -211,6 +212,17 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     (:func:`sdadapt.aesthetic.aesthetic_sample`); ``None``: ``system.condition`` of ``prompts``.
     The unconditional branch is always the system's own conditioning of ``negative``.
 
+    ``plan``: a :class:`~sdadapt.prompt_guidance.PromptPlan` (A1111's prompt editing, alternation and
+    ``AND``, :func:`~sdadapt.prompt_guidance.plan_prompt`) read for every prompt in place of
+    ``prompts`` and ``negative``: its texts are encoded once each and the model calls switch between
+    them (the system's ``sample`` when it takes ``plan=``, else the System protocol); not with ``cond``.
+
+    ``noise``: an :class:`~sdadapt.samplers.a1111_noise.A1111Seeds` — A1111's start noise and sampler noise
+    for ``seed`` (image i: ``seed + i``; NV/CPU source, variation seed, resize-from, ENSD) in place of the CPU
+    generator (the system's ``sample`` when it takes ``noise=``, else the System protocol).
+    ``schedule_options``: A1111's schedule settings (:class:`~sdadapt.samplers.schedules.ScheduleOptions`)
+    for ``schedule``. ``None`` for both: the images are those without them, bit for bit.
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
             system cannot make.
@@ -232,8 +244,17 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     if guidance is not None:
         options["guidance"] = guidance
     takes_sampler = (_takes(system.sample, "sampler") and (not karras or _takes(system.sample, "karras"))
-                     and (schedule is None or _takes(system.sample, "schedule")))
-    own_sampler = takes_sampler or name == "ddim"  # else through the protocol, below
+                     and (schedule is None or _takes(system.sample, "schedule"))
+                     and (noise is None or _takes(system.sample, "noise"))
+                     and (schedule_options is None or _takes(system.sample, "schedule_options")))
+    own_sampler = takes_sampler or (name == "ddim" and noise is None)  # else through the protocol, below
+    if plan is not None:
+        if cond is not None:
+            raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
+        if takes_sampler and _takes(system.sample, "plan"):
+            options["plan"] = plan
+        else:
+            own_sampler = takes_sampler = False  # (the protocol path below runs the plan)
     if cond is not None and own_sampler:
         if not _takes(system.sample, "cond"):
             raise TypeError(f"{type(system).__name__}.sample takes no cond= argument, so a precomputed conditioning "
@@ -246,23 +267,41 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
             options["schedule"] = schedule
         if info is not None and name == "dpm_adaptive" and _takes(system.sample, "info"):
             options["info"] = info
+        if noise is not None:
+            options["noise"] = noise
+        if schedule_options is not None:
+            options["schedule_options"] = schedule_options
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
-    if name == "ddim":
+    if name == "ddim" and plan is None and noise is None and schedule_options is None:
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(prompts), *probe.shape[1:], generator=g).to(probe.device)
-    if cond is None:
-        cond = system.condition(system.tokenize(prompts))
-    uncond = system.condition(system.tokenize([negative] * len(prompts)))
+    if noise is not None:  # A1111's: its start noise, then its generators (sdadapt.samplers.a1111_noise)
+        g = noise.for_batch(seed, len(prompts))
+        x = g.start_noise((len(prompts), *probe.shape[1:])).to(probe.device)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(len(prompts), *probe.shape[1:], generator=g).to(probe.device)
     scale = guidance if guidance is not None else float(inspect.signature(system.sample).parameters["guidance"].default)
-    latents = samplers.sample_latents(system.denoiser(), x, cond, sampler=name, alphas_cumprod=system.alphas_cumprod,
+    model, uncond = system.denoiser(), None
+    if plan is not None:
+        def encode(text: str) -> object:
+            return system.condition(system.tokenize([text] * len(prompts)))
+
+        model = plan.guidance(model, [encode(t) for t in plan.texts], [encode(t) for t in plan.negative_texts], scale)
+        scale = 1.0
+    else:
+        if cond is None:
+            cond = system.condition(system.tokenize(prompts))
+        uncond = system.condition(system.tokenize([negative] * len(prompts)))
+    latents = samplers.sample_latents(model, x, cond, sampler=name, alphas_cumprod=system.alphas_cumprod,
                                       num_steps=steps, uncond=uncond, guidance_scale=scale, karras=karras,
                                       schedule=schedule, **({"info": info} if info is not None and name == "dpm_adaptive"
                                                              else {}),
+                                      **({"schedule_options": schedule_options} if schedule_options is not None
+                                         else {}),
                                       prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g)
     return system.decode_latents(latents)
 

@@ -32,6 +32,18 @@ def _schedule(text: str) -> str:
     return text
 
 
+def _height_width(text: str) -> tuple[int, int]:
+    """``--seed-resize-from WxH`` -> ``(height, width)``."""
+    width, _, height = text.lower().partition("x")
+    try:
+        w, h = int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 512x768, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"width and height must be > 0, got {text!r}")
+    return h, w
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..jobs import run_generate
@@ -48,14 +60,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model=args.model, prompt=args.prompt, negative=args.negative, loras=args.lora, embeddings=args.embedding,
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
         seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, karras=args.karras,
-        schedule=args.schedule,
+        schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
+        seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+        rho=args.rho, beta_alpha=args.beta_alpha, beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
         vae=args.vae, device=args.device,
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
-        aesthetic_text=args.aesthetic_text,
+        aesthetic_text=args.aesthetic_text, lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     for file in result["files"]:
@@ -78,11 +92,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--model", default="toy", metavar="toy|PATH",
                           help="'toy' (built in, default), a diffusers folder or a .safetensors/.ckpt checkpoint")
     generate.add_argument("--prompt", required=True,
-                          help="what to draw; A1111 emphasis is read as A1111 reads it: (word:1.2), (word) x1.1, "
-                          "[word] /1.1, \\( a literal bracket (Stable Diffusion models; the toy reads the plain words)")
-    generate.add_argument("--negative", default="", help="negative prompt (default none; emphasis as --prompt)")
+                          help="what to draw, in A1111's prompt syntax (docs/prompts.md): emphasis (word:1.2), (word) "
+                          "x1.1, [word] /1.1, \\( a literal bracket (Stable Diffusion models; the toy reads the plain "
+                          "words); prompt editing [from:to:when], alternation [a|b], AND with :weight, BREAK; "
+                          "<lora:NAME:MULT> and <hypernet:NAME:MULT> tags (with --lora-dir / --hypernetwork-dir)")
+    generate.add_argument("--negative", default="",
+                          help="negative prompt (default none; emphasis, prompt editing, alternation and BREAK as --prompt; "
+                          "AND and <...> tags are text here, as in A1111)")
     generate.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                           help="a LoRA/LyCORIS file to merge in at SCALE (default 1); repeat for several")
+    generate.add_argument("--lora-dir", default=None, metavar="DIR",
+                          help="where the prompt's <lora:NAME:...> / <lyco:NAME:...> tags find NAME.safetensors|.pt|.ckpt "
+                          "(searched recursively, A1111's --lora-dir; else a .safetensors whose ss_output_name is NAME); "
+                          "a tag's LoRA adds to any --lora of the same file")
+    generate.add_argument("--hypernetwork-dir", default=None, metavar="DIR",
+                          help="where the prompt's <hypernet:NAME:MULT> tags find NAME.pt|.safetensors (recursively)")
     generate.add_argument("--embedding", action="append", default=[], metavar="FILE",
                           help="a textual-inversion embedding; repeat for several")
     generate.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
@@ -107,6 +131,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                           f"{', '.join(dict.fromkeys(SCHEDULE_LABELS.values()))} (A1111's labels or names such as "
                           "sgm_uniform; 'Automatic' is A1111's pick for the sampler); default: the sampler's diffusers "
                           f"grid. For {', '.join(SCHEDULE_SAMPLERS)}; --karras is --schedule karras (docs/samplers.md)")
+    a1111 = generate.add_argument_group("A1111's noise and schedule settings (docs/samplers.md, 'Noise and seeds')")
+    a1111.add_argument("--noise", choices=("a1111", "a1111-cpu"), default=None,
+                       help="draw the start noise and the samplers' noise as AUTOMATIC1111 does for the seed: a1111 = "
+                       "its default GPU/NV source (what an NVIDIA GPU draws, reproduced on any device), a1111-cpu = "
+                       "its CPU source; default: sdadapt's CPU generator")
+    a1111.add_argument("--subseed", type=int, default=None, metavar="N", help="A1111's variation seed (with --noise)")
+    a1111.add_argument("--subseed-strength", type=float, default=0.0, metavar="S",
+                       help="A1111's variation strength in [0, 1] (with --noise and --subseed)")
+    a1111.add_argument("--seed-resize-from", type=_height_width, default=None, metavar="WxH",
+                       help="A1111's 'Resize seed from width/height', e.g. 512x512 (with --noise)")
+    a1111.add_argument("--ensd", type=int, default=0, metavar="N",
+                       help="A1111's 'Eta noise seed delta' (with --noise; NovelAI-era setups use 31337)")
+    a1111.add_argument("--sigma-min", type=float, default=0.0, metavar="SIGMA",
+                       help="A1111's setting 'sigma min' for --schedule (0: the model's)")
+    a1111.add_argument("--sigma-max", type=float, default=0.0, metavar="SIGMA",
+                       help="A1111's setting 'sigma max' for --schedule (0: the model's)")
+    a1111.add_argument("--rho", type=float, default=0.0, metavar="RHO",
+                       help="A1111's setting 'sigma rho' for the Karras / Polyexponential schedules (0: 7 / 1)")
+    a1111.add_argument("--beta-alpha", type=float, default=0.6, metavar="A", help="the Beta schedule's alpha (0.6)")
+    a1111.add_argument("--beta-beta", type=float, default=0.6, metavar="B", help="the Beta schedule's beta (0.6)")
+    a1111.add_argument("--old-karras-sigmas", action="store_true",
+                       help="A1111's 'Use old karras scheduler sigmas (0.1 to 10)' for --schedule")
     generate.add_argument("--width", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--height", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--count", type=positive_int, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")

@@ -55,6 +55,17 @@ def run_generate(
     sampler: str = "ddim",
     karras: bool = False,
     schedule: str | None = None,
+    noise: str | None = None,
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
+    seed_resize_from: tuple[int, int] | None = None,
+    ensd: int = 0,
+    sigma_min: float = 0.0,
+    sigma_max: float = 0.0,
+    rho: float = 0.0,
+    beta_alpha: float = 0.6,
+    beta_beta: float = 0.6,
+    old_karras_sigmas: bool = False,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -72,6 +83,8 @@ def run_generate(
     aesthetic_slerp: bool = False,
     aesthetic_clip: str | os.PathLike | None = None,
     aesthetic_text: str | None = None,
+    lora_dir: str | os.PathLike | None = None,
+    hypernetwork_dir: str | os.PathLike | None = None,
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -99,6 +112,15 @@ def run_generate(
         schedule: A1111's "Schedule type" (``"exponential"``, ``"Align Your Steps"``, ``"automatic"``, ...;
             :mod:`sdadapt.samplers.schedules`) for :data:`sdadapt.samplers.SCHEDULE_SAMPLERS`; ``None``: the
             sampler's diffusers grid (docs/samplers.md).
+        noise: ``"a1111"`` (A1111's default source, "GPU"/"NV": what an NVIDIA GPU draws, here on any device)
+            or ``"a1111-cpu"`` (its "CPU" source): the start noise and the samplers' noise drawn as A1111 draws
+            them for the seed (:mod:`sdadapt.samplers.a1111_noise`); ``None``: the CPU generator (unchanged).
+            With it: ``subseed``/``subseed_strength`` (A1111's variation seed and strength; image i:
+            ``subseed + i``), ``seed_resize_from`` ``(height, width)`` (A1111's "Resize seed from"), ``ensd``
+            (A1111's "Eta noise seed delta").
+        sigma_min, sigma_max, rho, beta_alpha, beta_beta, old_karras_sigmas: A1111's schedule settings
+            (:class:`sdadapt.samplers.schedules.ScheduleOptions`; 0 / 0.6 / False: A1111's defaults), with a
+            ``schedule`` (or a sampler label that names one).
         max_token_length: prompt tokens kept, 75 (default), 150 or 225: a longer prompt is encoded in
             75-token windows whose states are joined, as kohya trains with ``--max_token_length``
             (:mod:`sdadapt.text_chunks`; A1111 also splits at commas, sdadapt does not). Stable
@@ -113,6 +135,13 @@ def run_generate(
             images bit for bit). ``aesthetic_clip``: the CLIP model (folder or checkpoint) whose
             ``text_projection`` maps the text into the embedding's space — needed for Stable
             Diffusion models; the toy uses its fitted one. ``aesthetic_text``: A1111's "aesthetic text".
+        prompt, negative: A1111's prompt syntax is read (docs/prompts.md): emphasis, prompt editing
+            ``[from:to:when]``, alternation ``[a|b]``, ``AND`` with ``:weight`` (the prompt only), and in
+            the prompt ``<lora:NAME:MULT>`` / ``<lora:NAME:TE:UNET>`` / ``<lyco:...>`` tags (files named
+            ``NAME.safetensors|.pt|.ckpt`` anywhere under ``lora_dir``, merged at the text-encoder and
+            UNet multipliers, after and besides ``loras``) and ``<hypernet:NAME:MULT>`` tags (``NAME.pt``
+            or ``.safetensors`` under ``hypernetwork_dir``, after ``hypernetworks``); tags are taken out
+            of the text before it is encoded. A prompt without that syntax samples as it always did.
 
     Returns:
         ``{"files": [...], "seconds": ..., "loras": [...], "hypernetworks": [...], "embeddings": [...],
@@ -150,6 +179,10 @@ def run_generate(
         raise ValueError(f"--schedule: {exc}") from None
     if count < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")
+    a1111_seeds, schedule_options = _a1111_noise_and_schedule(
+        noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
+        ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+        beta_alpha=beta_alpha, beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
     target = Path(out)
     if target.suffix.lower() != ".png":
         raise WeightFileError(f"{target}: generate writes PNG images; name the output *.png")
@@ -158,8 +191,12 @@ def run_generate(
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+    from .generate_prompt_tags import prompt_tag_files
+
+    prompt, tag_loras, tag_hypernetworks = prompt_tag_files(prompt, lora_dir=lora_dir,
+                                                            hypernetwork_dir=hypernetwork_dir, log=say)
     parsed = _checked_specs("--lora", loras)
-    hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks)
+    hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks) + tag_hypernetworks
     custom_specs = _checked_specs("--custom-diffusion", custom_diffusions, folders=True)
     for path in embeddings:
         if not Path(path).is_file():
@@ -194,6 +231,9 @@ def run_generate(
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
         say(f"applied {path} at {scale:g} ({applied[-1]['layers']} layers)")
+    for tag, path, te_scale, unet_scale in tag_loras:
+        applied.append(_apply_lora_file(system, path, te_scale, unet_scale=unet_scale, option=tag))
+        say(f"applied {path} ({tag}) at text encoder {te_scale:g}, UNet {unet_scale:g} ({applied[-1]['layers']} layers)")
     hypernetwork_report = []
     for index, ((path, strength), module) in enumerate(zip(hypernetwork_specs, hypernetwork_modules)):
         unet_device = next(system.unet.parameters()).device
@@ -216,9 +256,27 @@ def run_generate(
     text, negative_text = prompt, negative
     for handle in handles:
         text, negative_text = handle.expand(text), handle.expand(negative_text) if negative_text else negative_text
+    from ..prompt_guidance import plan_prompt
+    from ..prompt_schedule import schedule_steps
+    from ..samplers import canonical_sampler
+
+    clean = None
     if not hasattr(system, "tokenize_weighted"):  # (the toy: A1111 emphasis would reach it as unknown words)
-        text, negative_text = _without_emphasis(text, say), _without_emphasis(negative_text, say)
-    unknown = unknown_words(system, text)
+        def clean(piece: str) -> str:
+            return _without_emphasis(piece, say)
+    plan = plan_prompt(text, negative_text, steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean)
+    from ..prompt_chunks import has_break
+
+    breaks = clean is None and any(has_break(piece) for piece in (*plan.texts, *plan.negative_texts))
+    if plan.plain and not breaks:  # (no prompt editing, alternation, AND or BREAK: the one text, sampled as ever)
+        text, negative_text, plan = plan.texts[0], plan.negative_texts[0], None
+    else:
+        say(f"prompt schedule: {len(plan.texts)} texts, {len(plan.parts)} AND parts, "
+            f"{len(plan.negative_texts)} negative texts")
+        if aesthetic is not None:
+            raise ValueError("--aesthetic personalises one prompt's conditioning; leave out prompt editing, "
+                             "alternation, AND and BREAK, or --aesthetic")
+    unknown = unknown_words(system, " ".join(plan.texts) if plan is not None else text)
     if unknown:
         say(f"warning: the toy model does not know {', '.join(unknown)} (it reads them as <unk>); its words: "
             f"{', '.join(_toy_vocabulary(system))}")
@@ -235,9 +293,11 @@ def run_generate(
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     for i, file in enumerate(files):
         image = generate(system, [text], negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
-                         sampler=sampler, karras=karras, height=height, width=width, cond=cond,
+                         sampler=sampler, karras=karras, height=height, width=width, cond=cond, plan=plan,
                          **({"schedule": schedule} if schedule is not None else {}),
-                         **({"info": report} if sampler == "dpm_adaptive" else {}))[0]
+                         **({"info": report} if sampler == "dpm_adaptive" else {}),
+                         **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
+                         **({} if schedule_options is None else {"schedule_options": schedule_options}))[0]
         if report:
             say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
                 f"{report['nfe']} model calls")
@@ -249,6 +309,57 @@ def run_generate(
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic)}
+
+
+def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed_strength: float,
+                               seed_resize_from: tuple[int, int] | None, ensd: int, seed: int, schedule: str | None,
+                               sigma_min: float, sigma_max: float, rho: float, beta_alpha: float, beta_beta: float,
+                               old_karras_sigmas: bool):
+    """``(A1111Seeds or None, ScheduleOptions or None)`` of the generate options, checked before any loading.
+
+    Raises:
+        ValueError: a bad ``--noise``, variation/resize/ENSD options without ``--noise``, a negative seed with
+            ``--noise``, schedule settings without a schedule (each names its option).
+    """
+    from ..samplers.a1111_noise import A1111Seeds
+    from ..samplers.schedules import ScheduleOptions
+
+    seeds = None
+    if noise is not None:
+        sources = {"a1111": "nv", "a1111-nv": "nv", "a1111-gpu": "nv", "a1111-cpu": "cpu"}
+        if noise.strip().lower() not in sources:
+            raise ValueError(f"--noise must be a1111 (A1111's GPU/NV noise) or a1111-cpu, got {noise!r}")
+        if seed < 0:
+            raise ValueError(f"--seed must be >= 0 with --noise {noise} (A1111's seeds are), got {seed}")
+        if seed + int(ensd or 0) < 0:
+            raise ValueError(f"--ensd {ensd} with --seed {seed}: the sampler noise's seed SEED + ENSD must be >= 0")
+        try:
+            seeds = A1111Seeds(source=sources[noise.strip().lower()], subseed=subseed,
+                               subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, ensd=ensd)
+        except ValueError as exc:
+            raise ValueError(f"--subseed/--subseed-strength: {exc}") from None
+    elif subseed is not None or subseed_strength or seed_resize_from or ensd:
+        raise ValueError("--subseed, --subseed-strength, --seed-resize-from and --ensd shape A1111's noise: "
+                         "add --noise a1111 (or a1111-cpu)")
+    try:
+        options = ScheduleOptions(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, beta_alpha=beta_alpha,
+                                  beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
+    except ValueError as exc:
+        raise ValueError(f"--sigma-min/--sigma-max/--rho/--beta-alpha/--beta-beta: {exc}") from None
+    if options.is_default:
+        return seeds, None
+    if schedule is None:
+        raise ValueError("--sigma-min, --sigma-max, --rho, --beta-alpha, --beta-beta and --old-karras-sigmas shape "
+                         "one of A1111's schedules: add --schedule (e.g. --schedule karras, or automatic)")
+    return seeds, options
+
+
+def _image_seeds(seeds, i: int):
+    """Image i's :class:`~sdadapt.samplers.a1111_noise.A1111Seeds` (its seed is ``SEED + i``, passed apart): the
+    variation seed ``SUBSEED + i``, as A1111's ``all_subseeds``."""
+    from dataclasses import replace as replaced
+
+    return seeds if seeds.subseed is None else replaced(seeds, subseed=seeds.subseed + i)
 
 
 def _without_emphasis(text: str, say: Callable[[str], None]) -> str:
@@ -263,8 +374,11 @@ def _without_emphasis(text: str, say: Callable[[str], None]) -> str:
     return plain
 
 
-def _apply_lora_file(system, path: Path, scale: float) -> dict:
-    """Merge a LoRA-family file into the system's weights (``apply_lora`` per component)."""
+def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | None = None,
+                     option: str = "--lora") -> dict:
+    """Merge a LoRA-family file into the system's weights (``apply_lora`` per component): the text
+    encoders at ``scale``, the UNet at ``unet_scale`` (default ``scale``; A1111's ``<lora:NAME:TE:UNET>``).
+    ``option`` names the request in errors (``--lora`` or the prompt tag)."""
     from ..apply import apply_lora
     from ..formats import load_lora
     from ..formats.unet_keys import model_layers_per_block
@@ -275,10 +389,11 @@ def _apply_lora_file(system, path: Path, scale: float) -> dict:
     for component, state in components.items():
         module = getattr(system, component, None)
         if not isinstance(module, torch.nn.Module):
-            raise ValueError(f"--lora {path}: it adapts a {component}, which this model does not have "
+            raise ValueError(f"{option} {path}: it adapts a {component}, which this model does not have "
                              f"(a LoRA for {metadata.get('ss_base_model_version', 'another model')}?)")
         try:
-            applied = apply_lora(module, state, scale=scale)
+            applied = apply_lora(module, state, scale=unet_scale if component == "unet" and unet_scale is not None
+                                 else scale)
         except (ValueError, KeyError, RuntimeError) as exc:
             details = " ".join(str(exc).split())
             details = details if len(details) <= 300 else details[:300].rsplit(" ", 1)[0] + " ..."
@@ -286,9 +401,10 @@ def _apply_lora_file(system, path: Path, scale: float) -> dict:
             model = "SDXL" if getattr(system, "is_sdxl", False) else "an SD1/SD2 model" if hasattr(system, "is_sdxl") else None
             hint = f": the file says it is for {made_for}" if made_for else ""
             hint += f"{', and this is' if hint else ': this model is'} {model}" if model else ""
-            raise ValueError(f"--lora {path}: does not fit this model's {component}{hint} ({details})") from None
+            raise ValueError(f"{option} {path}: does not fit this model's {component}{hint} ({details})") from None
         layers += len(applied.names)
-    return {"file": str(path), "scale": scale, "layers": layers}
+    report = {"file": str(path), "scale": scale, "layers": layers}
+    return report if unet_scale is None else {**report, "unet_scale": unet_scale, "tag": option}
 
 
 def _apply_custom_diffusion_file(system, path: Path, scale: float):

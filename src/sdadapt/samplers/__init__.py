@@ -11,7 +11,9 @@ Euler σ grid; ``dpmsolver++_3m_sde`` corrects one weight of diffusers' third-or
 draws its Brownian tree's seed from ``generator`` (diffusers: from the global RNG) and needs torchsde.
 ``schedule=`` is A1111's "Schedule type" (:mod:`.schedules`): the σ samplers on A1111's grids instead of
 diffusers' (:data:`SCHEDULE_SAMPLERS`), DPM2, DPM2 a and DPM++ 3M SDE with A1111's ``discard_next_to_last_sigma``
-(:data:`DISCARD_NEXT_TO_LAST_SIGMA`).
+(:data:`DISCARD_NEXT_TO_LAST_SIGMA`); ``schedule_options=`` A1111's settings for those grids (:class:`ScheduleOptions`).
+``generator`` may be an :class:`.a1111_noise.A1111Noise`: the ancestral noise and the Brownian trees' seeds are then
+A1111's (its per-image generators, NV or CPU source, ENSD).
 
 ``sample_latents`` is the one entry point: it adds classifier-free guidance
 (:func:`sdadapt.training.diffusion.guided`) and dispatches by name. ``ddim`` is
@@ -50,12 +52,13 @@ from .schedules import (
     A1111_AUTOMATIC,
     DISCARD_NEXT_TO_LAST_SIGMA,
     SCHEDULES,
+    ScheduleOptions,
     canonical_schedule,
 )
 from .unipc import unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
-           "SCHEDULE_SAMPLERS", "canonical_sampler",
+           "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler",
            "check_karras", "resolve_schedule", "sample_latents"]
 
 #: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
@@ -173,7 +176,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    alphas_cumprod: Tensor, num_steps: int, uncond: object | None = None, guidance_scale: float = 1.0,
                    prediction_type: str = "epsilon", karras: bool = False, generator: torch.Generator | None = None,
                    callback: Callable[[int, Tensor, Tensor], None] | None = None, schedule: str | None = None,
-                   discard_next_to_last_sigma: bool | None = None, **options) -> Tensor:
+                   discard_next_to_last_sigma: bool | None = None, schedule_options: ScheduleOptions | None = None,
+                   **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given.
 
@@ -188,19 +192,27 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     ``discard_next_to_last_sigma`` (with a ``schedule``): ``None``, A1111's choice per sampler (those three);
     ``True``, every sampler (A1111's setting "Always discard next-to-last sigma"); ``False``, none. It does nothing
     where the schedule resolves to the sampler's own steps (``"automatic"`` on ``ddim``, ``lcm``...), as in A1111.
+    ``schedule_options``: A1111's settings sigma min/max, rho, Beta α/β, old Karras σ
+    (:class:`.schedules.ScheduleOptions`), for a ``schedule`` (``"karras"`` then runs A1111's grid, not diffusers').
+    ``generator``: an :class:`.a1111_noise.A1111Noise` draws A1111's sampler noise (docs/samplers.md).
 
     Raises:
         ValueError: an unknown sampler or schedule, ``karras=True`` for a sampler without Karras σ, a schedule
-            for a sampler without a σ grid, ``discard_next_to_last_sigma=True`` without a schedule.
+            for a sampler without a σ grid, ``discard_next_to_last_sigma=True`` without a schedule, or
+            ``schedule_options`` other than the defaults without a schedule.
     """
     name = canonical_sampler(sampler)
+    tuned = schedule_options is not None and not schedule_options.is_default
+    if tuned and schedule is None:
+        raise ValueError("schedule_options (A1111's sigma min/max, rho, Beta α/β) shape one of A1111's schedules: "
+                         "give a schedule too (schedule='automatic' is A1111's default)")
     if discard_next_to_last_sigma and schedule is None:
         raise ValueError("discard_next_to_last_sigma=True drops a σ of A1111's grid: give a schedule too "
                          "(schedule='automatic' is A1111's default); without one the sampler runs diffusers' grid")
     schedule = resolve_schedule(name, schedule, karras)
     discard = schedule is not None and (name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
                                         else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one)
-    if schedule == "karras" and name in KARRAS_SAMPLERS and not discard:
+    if schedule == "karras" and name in KARRAS_SAMPLERS and not discard and not tuned:
         karras, schedule = True, None
     check_karras(name, karras)
     if name == "ddim":
@@ -213,6 +225,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         options["karras"] = True
     if schedule is not None:
         options["schedule"] = schedule
+        if tuned:  # (every sampler with a σ grid takes them on to schedules.schedule_sigmas)
+            options["schedule_options"] = schedule_options
     if discard:
         options["discard_next_to_last_sigma"] = True
     return run(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import math
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..training.diffusion import numpy_linspace
+from .a1111_noise import A1111Noise
 from .sigma_space import (
     check_prediction_type,
     karras_sigmas,
@@ -48,13 +50,16 @@ from .sigma_space import (
 )
 from .signatures import Denoise, StepCallback
 
+if TYPE_CHECKING:
+    from .schedules import ScheduleOptions
+
 __all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_3m_sde_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_heun_sample",
            "dpmsolver_pp_sde_sample", "dpmsolver_sample",
            "require_distinct_steps", "singlestep_orders"]
 
 
 def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
-             final_sigma: str = "zero", schedule: str | None = None,
+             final_sigma: str = "zero", schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
              discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor]:
     """The timesteps and noise levels of diffusers' DPM-Solver / UniPC schedulers
     (``timestep_spacing="linspace"``, ``set_timesteps(num_steps)``).
@@ -84,7 +89,8 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
     if schedule is not None:
         from .schedules import schedule_sigmas
 
-        full = schedule_sigmas(schedule, n, train, discard_next_to_last_sigma=discard_next_to_last_sigma)
+        full = schedule_sigmas(schedule, n, train, discard_next_to_last_sigma=discard_next_to_last_sigma,
+                               options=schedule_options)
         last = full[-1:] if float(full[-1]) > 0 or final_sigma == "zero" else train[:1]
         return sigma_to_t(full[:-1], train).round().long(), torch.cat([full[:-1], last])
     if karras:
@@ -163,12 +169,14 @@ def _sde_third_order_terms(preds: tuple[Tensor, Tensor, Tensor], lams: tuple[flo
 def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
                karras: bool, data: bool, callback: StepCallback | None, sde: bool = False,
                generator: torch.Generator | None = None, order: int = 2, heun: bool = False,
-               schedule: str | None = None, discard_next_to_last_sigma: bool = False) -> Tensor:
+               schedule: str | None = None,
+               schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False) -> Tensor:
     label = ("dpmsolver++_3m_sde" if order == 3 else "dpmsolver++_sde_heun" if heun else "dpmsolver++_sde") if sde \
         else "dpmsolver++" if data else "dpmsolver"
     check_prediction_type(label, prediction_type)
     final = "zero" if data else "sigma_min"
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final, schedule=schedule,
+                                 schedule_options=schedule_options,
                                  discard_next_to_last_sigma=discard_next_to_last_sigma)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
@@ -178,6 +186,12 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     out_dtype = x_T.dtype
     work = work_dtype(x_T)
     x = x_T * 1.0  # init_noise_sigma
+    brownian = None
+    if sde and isinstance(generator, A1111Noise):  # A1111: a Brownian tree per image, seeded with its seed
+        from .dpmpp_sde import brownian_noise
+
+        positive = [s for s in sig if s > 0]
+        brownian = brownian_noise(x_T.float(), min(positive), max(positive), generator.seeds, source=generator.source)
     prev: Tensor | None = None
     prev2: Tensor | None = None
     for i in range(n):
@@ -190,7 +204,10 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
         third = order == 3 and prev2 is not None and not lower_final and not (i == n - 2 and n < 15)
         xw = x.to(work)
         # the SDE's noise: float32, drawn every step (the last too) where diffusers' step draws it
-        noise = step_noise(out, generator, torch.float32) if sde else None
+        noise = step_noise(out, generator, torch.float32) if sde and brownian is None else None
+        if brownian is not None:  # (k-diffusion's noise_sampler(σ_i, σ_{i+1}); none onto σ = 0)
+            noise = (brownian(torch.tensor(sig[i], dtype=torch.float32), torch.tensor(sig[i + 1], dtype=torch.float32))
+                     if sig[i + 1] > 0 else torch.zeros_like(out, dtype=torch.float32)).to(out.device)
         d = pred
         heun_d1: Tensor | None = None
         if prev is not None and not lower_final and not third:
@@ -219,7 +236,7 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
 def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                         prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                         callback: StepCallback | None = None, karras: bool = False,
-                        schedule: str | None = None,
+                        schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                         discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler`` defaults; A1111's "DPM++ 2M",
     "DPM++ 2M Karras" with ``karras=True``) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -233,13 +250,14 @@ def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, schedule=schedule,
+                      schedule_options=schedule_options,
                       discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                             prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                             callback: StepCallback | None = None, karras: bool = False,
-                            schedule: str | None = None,
+                            schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                             discard_next_to_last_sigma: bool = False) -> Tensor:
     """SDE-DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``,
     order 2, midpoint; the algorithm of A1111's "DPM++ 2M SDE" with Gaussian noise per step instead of
@@ -258,14 +276,14 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
-                      generator=generator, schedule=schedule,
+                      generator=generator, schedule=schedule, schedule_options=schedule_options,
                       discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                                  callback: StepCallback | None = None, karras: bool = False,
-                                 schedule: str | None = None,
+                                 schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                                  discard_next_to_last_sigma: bool = False) -> Tensor:
     """SDE-DPM-Solver++ 2M, Heun form (``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
     solver_type="heun")``; the algorithm of A1111's "DPM++ 2M SDE Heun", k-diffusion's
@@ -282,14 +300,16 @@ def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod:
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
-                      generator=generator, heun=True, schedule=schedule,
+                      generator=generator, heun=True, schedule=schedule, schedule_options=schedule_options,
                       discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                                callback: StepCallback | None = None, karras: bool = False,
-                               schedule: str | None = None, discard_next_to_last_sigma: bool = False) -> Tensor:
+                               schedule: str | None = None,
+                               schedule_options: ScheduleOptions | None = None,
+                               discard_next_to_last_sigma: bool = False) -> Tensor:
     """SDE-DPM-Solver++ 3M (``DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++")``;
     A1111's "DPM++ 3M SDE", Gaussian noise per step instead of its Brownian tree) from unit noise x_T
     (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -309,14 +329,14 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
-                      generator=generator, order=3, schedule=schedule,
+                      generator=generator, order=3, schedule=schedule, schedule_options=schedule_options,
                       discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
 def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False,
-                     schedule: str | None = None,
+                     schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                      discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver 2M on the noise prediction (``DPMSolverMultistepScheduler(algorithm_type="dpmsolver",
     final_sigmas_type="sigma_min")``: the last step lands on σ of t = 0, as diffusers requires for
@@ -331,6 +351,7 @@ def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=False, callback=callback, schedule=schedule,
+                      schedule_options=schedule_options,
                       discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
@@ -347,7 +368,7 @@ def singlestep_orders(num_steps: int) -> list[int]:
 def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False,
-                     schedule: str | None = None,
+                     schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                      discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver++ 2S (diffusers' ``DPMSolverSinglestepScheduler`` defaults; kohya's ``dpmsingle``)
     from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -361,6 +382,7 @@ def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     """
     check_prediction_type("dpmsingle", prediction_type)
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero", schedule=schedule,
+                                 schedule_options=schedule_options,
                                  discard_next_to_last_sigma=discard_next_to_last_sigma)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()

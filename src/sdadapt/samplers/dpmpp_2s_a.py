@@ -18,6 +18,7 @@ steps cost ``2n − 1`` model calls (η ≤ 1); z is drawn from
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ from .sigma_space import (
 )
 from .signatures import Denoise, StepCallback
 
+if TYPE_CHECKING:
+    from .schedules import ScheduleOptions
+
 __all__ = ["dpmpp_2s_ancestral_sample"]
 
 
@@ -41,7 +45,7 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
                               prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                               callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                               steps_offset: int = 0, eta: float = 1.0, s_noise: float = 1.0,
-                              schedule: str | None = None,
+                              schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                               discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver++(2S) ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) (see the module).
 
@@ -61,7 +65,7 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
         raise ValueError(f"dpmpp_2s_a: eta and s_noise must be >= 0, got eta={eta}, s_noise={s_noise}")
     times, grid, x = discrete_start("dpmpp_2s_a", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, schedule=schedule,
+                                    karras=karras, schedule=schedule, schedule_options=schedule_options,
                                     discard_next_to_last_sigma=discard_next_to_last_sigma)
     splits = [ancestral_step(grid[i], grid[i + 1], eta) for i in range(len(times))]
     mids = [(grid[i] * down) ** 0.5 for i, (down, _) in enumerate(splits)]

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..training.diffusion import timestep_grid
+from .a1111_noise import A1111Noise, randn_local
 from .sigma_space import (
     ZERO_SNR_ALPHA_CUMPROD,
     ancestral_step,
@@ -38,7 +41,10 @@ from .sigma_space import (
 )
 from .signatures import Denoise, StepCallback
 
-__all__ = ["brownian_tree_seed", "dpmpp_sde_grid", "dpmpp_sde_sample"]
+if TYPE_CHECKING:
+    from .schedules import ScheduleOptions
+
+__all__ = ["brownian_noise", "brownian_tree_seed", "dpmpp_sde_grid", "dpmpp_sde_sample"]
 
 #: the seeds diffusers draws for the Brownian tree when ``noise_sampler_seed`` is None: [0, 2⁶³ − 1)
 _SEED_HIGH = 2**63 - 1
@@ -64,7 +70,7 @@ def brownian_tree_seed(generator: torch.Generator | None) -> int:
 
 
 def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False, spacing: str = "linspace",
-                   steps_offset: int = 0, schedule: str | None = None,
+                   steps_offset: int = 0, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                    discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The grid of diffusers' ``DPMSolverSDEScheduler.set_timesteps(num_steps)`` on ``alphas_cumprod`` (T,).
 
@@ -85,7 +91,8 @@ def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = Fal
 
         if not 1 <= int(num_steps) <= train.shape[0]:
             raise ValueError(f"num_steps must be in [1, {train.shape[0]}], got {num_steps}")
-        full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma)
+        full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma,
+                               options=schedule_options)
         mids = (full[:-1] * full[1:]).sqrt()  # (0 for a step onto σ = 0, never used)
         return sigma_to_t(full[:-1], train), full, sigma_to_t(mids, train), mids
     timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False)
@@ -108,24 +115,79 @@ def _float32_training_sigmas(alphas_cumprod: Tensor) -> Tensor:
     return (((1 - ac) / ac) ** 0.5).double()
 
 
+#: the A1111 noise source the Brownian trees being queried draw from (None: torchsde's own ``_randn``)
+_TREE_SOURCE: ContextVar[str | None] = ContextVar("sdadapt_brownian_tree_source", default=None)
+
+
+def _draw_from_source(torchsde) -> None:
+    """Route torchsde's ``_randn`` through :data:`_TREE_SOURCE` (installed once; torchsde's own draws where it is
+    None, so other users of torchsde see no change): A1111 replaces that function with its ``randn_local``, the
+    first float32 draw of a generator of the noise source seeded with torchsde's seed, then cast and moved."""
+    module = torchsde._brownian.brownian_interval
+    if getattr(module._randn, "_sdadapt_source_hook", False):
+        return
+    original = module._randn
+
+    def _randn(size, dtype, device, seed):
+        source = _TREE_SOURCE.get()
+        if source is None:
+            return original(size, dtype, device, seed)
+        return randn_local(int(seed), tuple(size), source=source).to(device=device, dtype=dtype)
+
+    _randn._sdadapt_source_hook = True  # type: ignore[attr-defined]
+    module._randn = _randn
+
+
 class _BrownianNoise:
-    """diffusers' ``BrownianTreeNoiseSampler`` over [σ_min, σ_max] with one seed for the whole batch:
+    """diffusers' ``BrownianTreeNoiseSampler`` over [σ_min, σ_max] with one seed for the whole batch (or, given a
+    tuple of seeds, one tree per image, as A1111 seeds them):
     ``noise(σ, σ') = (W(σ) − W(σ'))·sign / √|σ − σ'|`` (B,C,H,W). torchsde keeps the interval's ends
     rounded to 6 decimals and clamps queries outside it (diffusers' end points are), with a warning that is
-    silenced here."""
+    silenced here. ``source`` (``"nv"``/``"cpu"``): the trees draw A1111's :func:`.a1111_noise.randn_local`
+    of that source instead of torchsde's generator on ``like``'s device; they then live on the CPU, where those
+    draws are made (one copy of each step's noise to ``like``'s device, not one per draw: ~50 draws a query)."""
 
-    def __init__(self, like: Tensor, sigma_min: float, sigma_max: float, seed: int):
-        self.tree = _torchsde().BrownianInterval(t0=sigma_min, t1=sigma_max, size=like.shape, dtype=like.dtype,
-                                                 device=like.device, entropy=seed, tol=1e-6, pool_size=24,
-                                                 halfway_tree=True)
+    def __init__(self, like: Tensor, sigma_min: float, sigma_max: float, seed: int | tuple[int, ...],
+                 source: str | None = None):
+        # a tuple of seeds: one tree per image (A1111's BrownianTreeNoiseSampler(seed=the images' seeds))
+        sizes = [(like.shape, seed)] if isinstance(seed, int) else [(like.shape[1:], s) for s in seed]
+        self.batched = not isinstance(seed, int)
+        self.source, self.device = source, like.device
+        tree_device = like.device if source is None else torch.device("cpu")
+        torchsde = _torchsde()
+        if source is not None:
+            _draw_from_source(torchsde)
+        token = _TREE_SOURCE.set(source)
+        try:  # (the trees draw their first increment here)
+            self.trees = [torchsde.BrownianInterval(t0=sigma_min, t1=sigma_max, size=size, dtype=like.dtype,
+                                                    device=tree_device, entropy=s, tol=1e-6, pool_size=24,
+                                                    halfway_tree=True) for size, s in sizes]
+        finally:
+            _TREE_SOURCE.reset(token)
 
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
         a, b = (float(sigma_next), float(sigma)) if sigma_next < sigma else (float(sigma), float(sigma_next))
         sign = -1.0 if sigma_next < sigma else 1.0
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Should have", category=UserWarning)
-            w = self.tree(a, b) * sign
-        return w / float((sigma_next - sigma).abs().sqrt())
+        token = _TREE_SOURCE.set(self.source)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Should have", category=UserWarning)
+                w = torch.stack([tree(a, b) for tree in self.trees]) if self.batched else self.trees[0](a, b)
+                w = w * sign
+        finally:
+            _TREE_SOURCE.reset(token)
+        return (w / float((sigma_next - sigma).abs().sqrt())).to(self.device)
+
+
+def brownian_noise(like: Tensor, sigma_min: float, sigma_max: float, seed: int | tuple[int, ...], *,
+                   source: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """k-diffusion's ``BrownianTreeNoiseSampler`` over [σ_min, σ_max] for samples shaped like ``like``
+    (B,C,H,W): ``noise(σ, σ')`` (B,C,H,W) is the Brownian increment over [σ', σ] over ``√|σ − σ'|`` (σ, σ':
+    0-d tensors). ``seed``: one tree for the batch, or a tuple of B seeds, one tree per image (A1111's).
+    ``source``: None, torchsde's own draws (a generator on ``like``'s device); ``"nv"``/``"cpu"``, A1111's
+    (:func:`.a1111_noise.randn_local` of that source, as A1111's patched torchsde draws, on any device).
+    Needs torchsde."""
+    return _BrownianNoise(like, sigma_min, sigma_max, seed, source)
 
 
 def _no_noise(sigma: Tensor, sigma_next: Tensor) -> Tensor:
@@ -142,7 +204,7 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                      steps_offset: int = 0, noise_sampler_seed: int | None = None,
-                     schedule: str | None = None,
+                     schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                      discard_next_to_last_sigma: bool = False) -> Tensor:
     """DPM-Solver++ SDE from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``DPMSolverSDEScheduler`` (``use_karras_sigmas=karras``, ``timestep_spacing=spacing``, ``steps_offset``).
@@ -150,8 +212,10 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     ``model(x_in, t)``: the (guided) model at ``x/√(σ²+1)`` and float32 timesteps t (B,), called
     ``2·num_steps − 1`` times (see the module). The Brownian tree's seed is ``noise_sampler_seed`` or,
     when None, one ``torch.randint(0, 2⁶³ − 1)`` drawn from ``generator`` before the first step
-    (:func:`brownian_tree_seed`; diffusers draws it from the global RNG); the tree has the sample's
-    dtype and device. ``callback(i, t, x)`` sees each step's sample (after both stages).
+    (:func:`brownian_tree_seed`; diffusers draws it from the global RNG); an
+    :class:`~.a1111_noise.A1111Noise` as ``generator``: one tree per image seeded with the image's seed, as
+    A1111 builds them. The trees have the sample's dtype and device. ``callback(i, t, x)`` sees each step's sample
+    (after both stages). ``schedule_options``: A1111's settings for ``schedule`` (:class:`.schedules.ScheduleOptions`).
     ``prediction_type`` "sample" is taken too (diffusers' class refuses it). ``schedule``: one of A1111's σ
     grids (:func:`dpmpp_sde_grid`); a last σ above 0 (``kl_optimal``) gets a full two-stage step.
 
@@ -162,14 +226,18 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     check_prediction_type("dpmpp_sde", prediction_type)
     times, grid, mid_times, _ = dpmpp_sde_grid(alphas_cumprod, num_steps, karras=karras, spacing=spacing,
                                                steps_offset=steps_offset, schedule=schedule,
+                                               schedule_options=schedule_options,
                                                discard_next_to_last_sigma=discard_next_to_last_sigma)
-    seed = int(noise_sampler_seed) if noise_sampler_seed is not None else brownian_tree_seed(generator)
+    seed: int | tuple[int, ...] = (int(noise_sampler_seed) if noise_sampler_seed is not None else generator.seeds
+                                   if isinstance(generator, A1111Noise) else brownian_tree_seed(generator))
     sig32 = grid.float()  # diffusers keeps σ in float32 and computes its coefficients there
     x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sig32, "linspace" if schedule is not None else spacing)
     positive = sig32[sig32 > 0]
     # a one-step run is a single Euler step onto x̂0: nothing to draw, no tree (the seed is drawn all the same)
     # the tree in the caller's dtype (diffusers builds it from its sample: fp16 latents, an fp16 tree, the same draws)
-    noise = _BrownianNoise(x_T, float(positive.min()), float(positive.max()), seed) if len(times) > 1 else _no_noise
+    source = generator.source if isinstance(generator, A1111Noise) else None  # (A1111's draws inside the trees)
+    noise = (_BrownianNoise(x_T, float(positive.min()), float(positive.max()), seed, source) if len(times) > 1
+             else _no_noise)
 
     def x0_at(x: Tensor, sigma: float, t: float) -> Tensor:
         out = model(model_input(x, sigma, x_T.dtype), timestep_batch(t, x))

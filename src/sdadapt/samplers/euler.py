@@ -12,6 +12,8 @@ model sees it in the caller's dtype.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -24,17 +26,21 @@ from .sigma_space import (
 )
 from .signatures import Denoise, StepCallback
 
+if TYPE_CHECKING:
+    from .schedules import ScheduleOptions
+
 __all__ = ["euler_ancestral_sample", "euler_sample"]
 
 
 def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str,
          steps_offset: int, ancestral: bool, schedule: str | None = None,
+         schedule_options: ScheduleOptions | None = None,
          discard_next_to_last_sigma: bool = False) -> Tensor:
     """Both Euler samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each step's model call."""
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, schedule=schedule,
+                                    karras=karras, schedule=schedule, schedule_options=schedule_options,
                                     discard_next_to_last_sigma=discard_next_to_last_sigma)
     for i in range(len(times)):
         s, s_next = grid[i], grid[i + 1]
@@ -53,7 +59,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
 def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
-                 steps_offset: int = 0, schedule: str | None = None,
+                 steps_offset: int = 0, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                  discard_next_to_last_sigma: bool = False) -> Tensor:
     """Euler from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
@@ -71,7 +77,7 @@ def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     del generator
     return _run("euler", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
-                steps_offset=steps_offset, ancestral=False, schedule=schedule,
+                steps_offset=steps_offset, ancestral=False, schedule=schedule, schedule_options=schedule_options,
                 discard_next_to_last_sigma=discard_next_to_last_sigma)
 
 
@@ -79,6 +85,7 @@ def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tenso
                            prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                            callback: StepCallback | None = None, spacing: str = "linspace",
                            steps_offset: int = 0, schedule: str | None = None,
+                           schedule_options: ScheduleOptions | None = None,
                            discard_next_to_last_sigma: bool = False) -> Tensor:
     """Euler ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerAncestralDiscreteScheduler`` (it has no Karras σ).
@@ -95,4 +102,5 @@ def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tenso
     return _run("euler_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=False,
                 spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule,
+                schedule_options=schedule_options,
                 discard_next_to_last_sigma=discard_next_to_last_sigma)

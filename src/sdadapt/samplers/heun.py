@@ -8,6 +8,8 @@ two model calls, except the last step (σ_{i+1} = 0), which is a plain Euler ste
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,9 @@ from .sigma_space import (
 )
 from .signatures import Denoise, StepCallback
 
+if TYPE_CHECKING:
+    from .schedules import ScheduleOptions
+
 __all__ = ["heun_sample"]
 
 
@@ -27,7 +32,7 @@ def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                 callback: StepCallback | None = None, karras: bool = False,
                 spacing: str = "linspace", steps_offset: int = 0, clip_sample: float | None = None,
-                schedule: str | None = None,
+                schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                 discard_next_to_last_sigma: bool = False) -> Tensor:
     """Heun from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``HeunDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
@@ -44,7 +49,7 @@ def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     del generator
     times, grid, x = discrete_start("heun", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, schedule=schedule,
+                                    karras=karras, schedule=schedule, schedule_options=schedule_options,
                                     discard_next_to_last_sigma=discard_next_to_last_sigma)
 
     def slope(x: Tensor, s: float, t: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ product of linear factors, so here it is expanded and integrated exactly (float6
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from numpy.polynomial import polynomial as P
@@ -20,6 +22,9 @@ from .sigma_space import (
     timestep_batch,
 )
 from .signatures import Denoise, StepCallback
+
+if TYPE_CHECKING:
+    from .schedules import ScheduleOptions
 
 __all__ = ["lms_coefficients", "lms_sample"]
 
@@ -43,7 +48,7 @@ def lms_coefficients(nodes: list[float], start: float, end: float) -> list[float
 def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                callback: StepCallback | None = None, karras: bool = False,
-               order: int = 4, schedule: str | None = None,
+               order: int = 4, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                discard_next_to_last_sigma: bool = False) -> Tensor:
     """LMS from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``LMSDiscreteScheduler``
     with its defaults (``timestep_spacing="linspace"``, ``steps_offset=0``) steps it.
@@ -63,6 +68,7 @@ def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
         raise ValueError(f"lms: order must be >= 1, got {order}")
     times, grid, x = discrete_start("lms", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, karras=karras, schedule=schedule,
+                                    schedule_options=schedule_options,
                                     discard_next_to_last_sigma=discard_next_to_last_sigma)
     derivatives: list[Tensor] = []
     for i in range(len(times)):

@@ -23,7 +23,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from .schedules import schedule_sigmas
+from .schedules import ScheduleOptions, schedule_sigmas
 from .sigma_space import (
     check_prediction_type,
     karras_sigmas,
@@ -83,6 +83,7 @@ def restart_steps(sigmas: list[float], restart_list: RestartList | None = None) 
 def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                    prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                    callback: StepCallback | None = None, karras: bool = False, schedule: str | None = None,
+                   schedule_options: ScheduleOptions | None = None,
                    s_noise: float = 1.0, restart_list: RestartList | None = None,
                    discard_next_to_last_sigma: bool = False) -> Tensor:
     """Restart sampling from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) (A1111's "Restart"; see the module).
@@ -105,7 +106,7 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
         raise ValueError(f"restart: num_steps must be in [1, {train.shape[0]}], got {num_steps}")
     del karras  # the default grid is Karras already
     grid = schedule_sigmas(schedule or "karras", int(num_steps), train,
-                           discard_next_to_last_sigma=discard_next_to_last_sigma).tolist()
+                           discard_next_to_last_sigma=discard_next_to_last_sigma, options=schedule_options).tolist()
     pairs = restart_steps(grid, restart_list)
     positive = sorted({s for pair in pairs for s in pair if s > 0})
     times = dict(zip(positive, sigma_to_t(torch.tensor(positive, dtype=torch.float64), train).tolist(), strict=True))

@@ -35,19 +35,29 @@ them in float32):
 drops its next-to-last value (``torch.cat([sigmas[:-2], sigmas[-1:]])``), so the run still has n steps but its
 last one jumps from the second-smallest σ of the longer grid straight to the end (0, or σ_min for KL Optimal).
 A1111's development branch also lists "Karras Exponential" (a blend); it is not taken here.
+
+A1111's settings "sigma min", "sigma max", "sigma rho", "Beta schedule alpha/beta" and "Use old karras scheduler
+sigmas (0.1 to 10)" are :class:`ScheduleOptions`, applied as ``KDiffusionSampler.get_sigmas`` applies them: the
+bounds start at the model's σ_min, σ_max (``old_karras_sigmas``: 0.1 and 10); ``sigma_min``/``sigma_max`` replace
+them when neither 0 nor the model's value; ``rho`` replaces Karras' 7 / Polyexponential's 1 when neither 0 nor that
+default (the other schedules have no ρ). The bounds reach the schedules A1111 gives them to: Karras, Exponential,
+Polyexponential, KL Optimal, Beta, and Normal and SGM Uniform (as timesteps ``t(σ_max) … t(σ_min)``); Uniform,
+Simple, DDIM and Align Your Steps ignore them, as in A1111. The samplers take them as ``schedule_options=`` and
+pass them on to :func:`schedule_sigmas` (``options=``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .sigma_space import t_to_sigma
+from .sigma_space import sigma_to_t, t_to_sigma
 
-__all__ = ["A1111_AUTOMATIC", "ALIGN_YOUR_STEPS", "DISCARD_NEXT_TO_LAST_SIGMA", "SCHEDULES", "SCHEDULE_LABELS", "beta_ppf", "canonical_schedule",
-           "schedule_sigmas"]
+__all__ = ["A1111_AUTOMATIC", "ALIGN_YOUR_STEPS", "DISCARD_NEXT_TO_LAST_SIGMA", "SCHEDULES", "SCHEDULE_LABELS",
+           "ScheduleOptions", "beta_ppf", "canonical_schedule", "schedule_sigmas"]
 
 #: every schedule name taken (A1111's ``Scheduler.name``), ``automatic`` first
 SCHEDULES: tuple[str, ...] = ("automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform",
@@ -91,6 +101,46 @@ def canonical_schedule(name: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """A1111's schedule settings (see the module): ``sigma_min``, ``sigma_max``, ``rho`` (0: the default),
+    ``beta_alpha``, ``beta_beta`` (the Beta schedule's, 0.6 each), ``old_karras_sigmas`` (A1111's
+    ``use_old_karras_scheduler_sigmas``: bounds 0.1 and 10).
+
+    Raises:
+        ValueError: a negative σ or ρ, a Beta parameter <= 0.
+    """
+
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    beta_alpha: float = 0.6
+    beta_beta: float = 0.6
+    old_karras_sigmas: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sigma_min < 0 or self.sigma_max < 0 or self.rho < 0:
+            raise ValueError(f"sigma_min, sigma_max and rho must be >= 0 (0: A1111's default), got "
+                             f"{self.sigma_min}, {self.sigma_max}, {self.rho}")
+        if self.beta_alpha <= 0 or self.beta_beta <= 0:
+            raise ValueError(f"beta_alpha and beta_beta must be > 0, got {self.beta_alpha}, {self.beta_beta}")
+
+    @property
+    def is_default(self) -> bool:
+        """Whether every setting is A1111's default (the grids are then the plain schedules')."""
+        return self == ScheduleOptions()
+
+    def bounds(self, train_sigmas: Tensor) -> tuple[float, float]:
+        """(σ_min, σ_max) A1111 gives a schedule on the training σ (T,) ascending."""
+        m_min, m_max = float(train_sigmas[0]), float(train_sigmas[-1])
+        lo, hi = (0.1, 10.0) if self.old_karras_sigmas else (m_min, m_max)
+        if self.sigma_min != 0 and self.sigma_min != m_min:
+            lo = float(self.sigma_min)
+        if self.sigma_max != 0 and self.sigma_max != m_max:
+            hi = float(self.sigma_max)
+        return lo, hi
+
+
 def _loglinear_interp(values: tuple[float, ...], num: int) -> Tensor:
     """A1111's ``loglinear_interp``: the decreasing ``values`` resampled to ``num`` points, linear in log."""
     ys = torch.tensor(values[::-1], dtype=torch.float64).log()
@@ -118,7 +168,7 @@ def beta_ppf(q: Tensor, alpha: float, beta: float) -> Tensor:
 
 def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bool = False, rho: float | None = None,
                     beta_alpha: float = 0.6, beta_beta: float = 0.6,
-                    discard_next_to_last_sigma: bool = False) -> Tensor:
+                    discard_next_to_last_sigma: bool = False, options: ScheduleOptions | None = None) -> Tensor:
     """The σ grid (m+1,) float64 CPU, descending, of A1111's schedule ``name`` for ``num_steps`` steps on the
     training σ ``train_sigmas`` (T,) ascending (see the module): m = n except for ``ddim``; the last value
     is 0 except for ``kl_optimal`` (σ_min). ``automatic`` is refused here (it depends on the sampler:
@@ -126,6 +176,8 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
     (7) or Polyexponential's (1). ``beta_alpha``/``beta_beta``: the Beta schedule's (0.6, 0.6).
     ``discard_next_to_last_sigma``: A1111's option of that name (:data:`DISCARD_NEXT_TO_LAST_SIGMA`): the grid
     for ``num_steps + 1`` steps without its next-to-last value (still m + 1 values, m = n but for ``ddim``).
+    ``options``: A1111's schedule settings (:class:`ScheduleOptions`, applied as the module says; they take the
+    place of ``rho``/``beta_alpha``/``beta_beta``); ``None``: none.
 
     Raises:
         ValueError: an unknown schedule, ``automatic``, ``num_steps`` < 1.
@@ -138,16 +190,27 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if discard_next_to_last_sigma:  # A1111's KDiffusionSampler.get_sigmas: steps + 1, then drop sigmas[-2]
         longer = schedule_sigmas(key, n + 1, train_sigmas, sdxl=sdxl, rho=rho, beta_alpha=beta_alpha,
-                                 beta_beta=beta_beta)
+                                 beta_beta=beta_beta, options=options)
         return torch.cat([longer[:-2], longer[-1:]])
     train = train_sigmas.detach().double().cpu()
     T = int(train.shape[0])
     s_min, s_max = float(train[0]), float(train[-1])
+    t_max, t_min = float(T - 1), 0.0
+    if options is not None and not options.is_default:  # A1111's settings (KDiffusionSampler.get_sigmas)
+        default_rho = {"karras": 7.0, "polyexponential": 1.0}.get(key)
+        if default_rho is not None and options.rho != 0 and options.rho != default_rho:
+            rho = float(options.rho)
+        beta_alpha, beta_beta = options.beta_alpha, options.beta_beta
+        if (s_min, s_max) != options.bounds(train):
+            s_min, s_max = options.bounds(train)
+            t_max, t_min = (float(t) for t in sigma_to_t(torch.tensor([s_max, s_min], dtype=torch.float64), train))
     zero = torch.zeros(1, dtype=torch.float64)
-    if key in ("uniform", "normal"):
+    if key == "uniform" or (key == "normal" and (t_max, t_min) == (T - 1, 0.0)):
         sig = t_to_sigma(torch.linspace(T - 1, 0, n, dtype=torch.float64), train)
+    elif key == "normal":  # A1111's normal_scheduler: t(σ_max) … t(σ_min)
+        sig = t_to_sigma(torch.linspace(t_max, t_min, n, dtype=torch.float64), train)
     elif key == "sgm_uniform":
-        sig = t_to_sigma(torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1], train)
+        sig = t_to_sigma(torch.linspace(t_max, t_min, n + 1, dtype=torch.float64)[:-1], train)
     elif key == "karras":
         r = 7.0 if rho is None else float(rho)
         ramp = torch.linspace(0, 1, n, dtype=torch.float64)

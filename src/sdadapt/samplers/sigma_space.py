@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..training.diffusion import PREDICTION_TYPES, sigmas_of, timestep_grid
+
+if TYPE_CHECKING:
+    from .schedules import ScheduleOptions
+from .a1111_noise import A1111Noise
 
 __all__ = ["ancestral_step", "check_prediction_type", "denoised", "discrete_sigmas", "discrete_start", "initial_noise_sigma",
            "karras_sigmas", "model_input", "sigma_slope", "sigma_to_t", "sigmas_at", "step_noise", "t_to_sigma",
@@ -134,7 +139,9 @@ def vp_noise_prediction(output: Tensor, x: Tensor, alpha_t: float, sigma_t: floa
 # ------------------------------------------------- the discrete-σ schedulers' grids (Euler, Heun, KDPM2)
 def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
                     karras: bool = False, round_karras_timesteps: bool = False,
-                    schedule: str | None = None, discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor]:
+                    schedule: str | None = None,
+                    schedule_options: ScheduleOptions | None = None,
+                    discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor]:
     """``(timesteps (n,), sigmas (n+1,))`` float64 CPU of diffusers' discrete-σ schedulers
     (``EulerDiscreteScheduler``, ``EulerAncestral``, ``Heun``, ``KDPM2``, ``KDPM2Ancestral``,
     ``LMS``) after ``set_timesteps(num_steps)``, on the training schedule ``alphas_cumprod`` (T,).
@@ -158,7 +165,8 @@ def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "l
 
         if not 1 <= int(num_steps) <= train.shape[0]:
             raise ValueError(f"num_steps must be in [1, {train.shape[0]}], got {num_steps}")
-        full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma)
+        full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma,
+                               options=schedule_options)
         timesteps = sigma_to_t(full[:-1], train)
         return (timesteps.round() if round_karras_timesteps else timesteps), full
     timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False).float().double()
@@ -187,6 +195,7 @@ def work_dtype(x: Tensor) -> torch.dtype:
 def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
                    spacing: str = "linspace", steps_offset: int = 0, karras: bool = False,
                    round_karras_timesteps: bool = False, schedule: str | None = None,
+                   schedule_options: ScheduleOptions | None = None,
                    discard_next_to_last_sigma: bool = False) -> tuple[list[float], list[float], Tensor]:
     """What each sampler on the discrete σ grid (Euler, Heun, DPM2, LMS) does first: refuse a
     prediction type :func:`denoised` does not read (naming ``sampler``), make the grid
@@ -203,7 +212,9 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     check_prediction_type(sampler, prediction_type)
     timesteps, sigmas = discrete_sigmas(alphas_cumprod, num_steps, spacing=spacing, steps_offset=steps_offset,
                                         karras=karras, round_karras_timesteps=round_karras_timesteps,
-                                        schedule=schedule, discard_next_to_last_sigma=discard_next_to_last_sigma)
+                                        schedule=schedule,
+                                        schedule_options=schedule_options,
+                                        discard_next_to_last_sigma=discard_next_to_last_sigma)
     # (a schedule starts at its σ_0, as k-diffusion's x·σ_0; ``spacing`` is not used with it)
     x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sigmas, "linspace" if schedule is not None else spacing)
     return timesteps.tolist(), sigmas.tolist(), x
@@ -237,8 +248,11 @@ def sigma_slope(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: flo
 def step_noise(like: Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:
     """Unit noise shaped like ``like`` (B,C,H,W), drawn as diffusers' ``randn_tensor`` draws it:
     on the generator's device (CPU generators: on the CPU), then moved to ``like``'s device, so a
-    seeded CPU generator gives the same numbers as diffusers on any device."""
+    seeded CPU generator gives the same numbers as diffusers on any device. An
+    :class:`~.a1111_noise.A1111Noise` as ``generator``: its next draw (A1111's ``randn_like``)."""
     dtype = like.dtype if dtype is None else dtype
+    if isinstance(generator, A1111Noise):
+        return generator.next_noise(like).to(device=like.device, dtype=dtype)
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, dtype=dtype, device=device).to(like.device)
 

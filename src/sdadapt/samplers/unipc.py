@@ -19,6 +19,7 @@ A1111's "UniPC" is its own port of the reference code (``bh1``, order 3 by defau
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -32,6 +33,9 @@ from .sigma_space import (
     work_dtype,
 )
 from .signatures import Denoise, StepCallback
+
+if TYPE_CHECKING:
+    from .schedules import ScheduleOptions
 
 __all__ = ["unipc_sample"]
 
@@ -48,7 +52,7 @@ def _phi_coefficients(hh: float) -> tuple[float, float, float]:
 def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, karras: bool = False,
-                 corrector: bool = True, schedule: str | None = None,
+                 corrector: bool = True, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                  discard_next_to_last_sigma: bool = False) -> Tensor:
     """UniPC-2 (bh2) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W), as diffusers'
     ``UniPCMultistepScheduler()`` (``use_karras_sigmas`` with ``karras=True``).
@@ -65,6 +69,7 @@ def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     """
     check_prediction_type("unipc", prediction_type)
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma="zero", schedule=schedule,
+                                 schedule_options=schedule_options,
                                  discard_next_to_last_sigma=discard_next_to_last_sigma)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()

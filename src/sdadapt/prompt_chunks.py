@@ -1,0 +1,98 @@
+"""A1111's 75-token chunks of a prompt with ``BREAK`` (``modules/sd_hijack_clip.py`` ``tokenize_line``).
+
+A1111 encodes a prompt in chunks of ``C - 2`` tokens (75 for CLIP), each ``<BOS> tokens <EOS>`` padded
+to ``C`` and encoded on its own; the chunks' states are concatenated, ``(B, n * C, D)``. Its tokens are
+cut into chunks:
+
+* at ``BREAK`` (a word of the prompt, :func:`sdadapt.prompt_weights.parse_prompt_attention` with
+  ``breaks=True``): the chunk so far is closed and padded, the next one starts;
+* when a chunk is full: the next one starts — but if a comma was among its last
+  ``comma_backtrack`` tokens (A1111's "Prompt word wrap length limit", default 20), the tokens after
+  that comma move to the next chunk;
+* the padding is ``<EOS>``; for a tokenizer whose pad token is another (SD2, SDXL's second encoder)
+  everything after a chunk's first ``<EOS>`` becomes the pad token (A1111's ``process_tokens``).
+
+An empty prompt is one chunk of padding; a prompt ending in ``BREAK`` adds no empty chunk after it.
+Each chunk's tokens carry their emphasis weights (1 at ``<BOS>``, ``<EOS>`` and the padding); A1111's
+"Original" emphasis multiplies a chunk's states by them and rescales the chunk to its unweighted
+mean — per chunk (:meth:`sdadapt.diffusers_system.DiffusersSystem` does that for prompts with BREAK).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["COMMA_BACKTRACK", "has_break", "prompt_chunks"]
+
+#: A1111's default "Prompt word wrap length limit" (``comma_padding_backtrack``)
+COMMA_BACKTRACK = 20
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+
+
+def has_break(text: str) -> bool:
+    """Whether ``text`` holds the word ``BREAK`` (then :func:`prompt_chunks` lays it out)."""
+    return _BREAK_WORD.search(text) is not None
+
+
+def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> tuple[Tensor, Tensor]:
+    """``text`` (A1111 emphasis and ``BREAK``) as A1111's chunks.
+
+    Args:
+        tokenizer: sdadapt's or a transformers CLIP tokenizer; its ``model_max_length`` is ``C``.
+        text: one prompt.
+        comma_backtrack: the comma rule's reach in tokens (0: off).
+
+    Returns:
+        ``(ids, weights)``: (n, C) int64 token ids and (n, C) float32 weights, one row per chunk.
+    """
+    from .clip_tokenizer import special_token_ids
+    from .prompt_weights import _piece_ids, parse_prompt_attention
+
+    bos, eos, pad = special_token_ids(tokenizer)
+    length = int(tokenizer.model_max_length) - 2
+    comma = _piece_ids(tokenizer, ",")
+    comma = comma[0] if len(comma) == 1 else None
+    chunks: list[tuple[list[int], list[float]]] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+
+    def close() -> None:
+        nonlocal tokens, weights
+        fill = length - len(tokens)
+        ids = [bos, *tokens, *[eos] * max(fill, 0), eos]
+        if pad != eos:
+            first = ids.index(eos)
+            ids = ids[:first + 1] + [pad] * (len(ids) - first - 1)
+        chunks.append((ids, [1.0, *weights, *[1.0] * max(fill, 0), 1.0]))
+        tokens, weights = [], []
+
+    last_comma = -1
+    for piece, weight in parse_prompt_attention(text, breaks=True):
+        if piece == "BREAK" and weight == -1:
+            close()
+            last_comma = -1
+            continue
+        for token in _piece_ids(tokenizer, piece):
+            if token == comma:
+                last_comma = len(tokens)
+            elif (comma_backtrack and len(tokens) == length and last_comma != -1
+                  and len(tokens) - last_comma <= comma_backtrack):
+                cut = last_comma + 1
+                moved, moved_weights = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                close()
+                last_comma = -1
+                tokens, weights = moved, moved_weights
+            if len(tokens) == length:
+                close()
+                last_comma = -1
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks:
+        close()
+    return (torch.tensor([ids for ids, _ in chunks], dtype=torch.long),
+            torch.tensor([w for _, w in chunks], dtype=torch.float32))

@@ -1,0 +1,154 @@
+"""Sampling with A1111's prompt editing, alternation and ``AND``: conditionings switched per model call.
+
+:func:`plan_prompt` reads a prompt and a negative prompt (:mod:`sdadapt.prompt_schedule`) into a
+:class:`PromptPlan`: the distinct texts to encode (each once), and for every ``AND`` sub-prompt its
+weight and which text each schedule entry uses. :meth:`PromptPlan.guidance` wraps a denoiser
+``model(x, t, cond)`` over the encoded conditionings into :class:`ScheduledGuidance`, a denoiser that
+ignores the ``cond`` the sampler passes and counts its calls as A1111's ``CFGDenoiser.step`` does:
+call ``k`` uses each schedule's entry :func:`~sdadapt.prompt_schedule.schedule_index` ``(ends, k)``,
+and the outputs combine as A1111's ``combine_denoised`` (composable diffusion)::
+
+    out = u + Σ_i (c_i − u) · (w_i · s)        (B, C, H, W), u: the negative's output, c_i: sub-prompt i's
+
+one sub-prompt of weight 1 is the ordinary ``u + s·(c − u)``
+(:func:`sdadapt.training.diffusion.guidance_combine`), and with ``s = 1`` it is ``c`` alone (no
+negative pass), as sdadapt's plain guidance. The combination is affine (its coefficients sum to 1), so
+taking it over ε or v predictions equals A1111 taking it over the denoised latents. Conditionings of
+equal shapes run as one batch; others one call each. Sub-prompts of different lengths (``BREAK``
+chunks) are padded to the longest of each call by repeating their last token's states, as A1111 pads
+them; the negative prompt is not padded (A1111's default runs it on its own then).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
+from .training.diffusion import _cat_conditions, guidance_combine
+
+__all__ = ["PromptPlan", "ScheduledGuidance", "plan_prompt"]
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    ends: tuple[int, ...]  # A1111's end_at_step of each entry, rising
+    texts: tuple[int, ...]  # index into the plan's texts of each entry
+
+    def at(self, call: int) -> int:
+        return self.texts[schedule_index(self.ends, call)]
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A prompt and negative prompt in A1111 syntax, read for ``steps`` schedule steps.
+
+    ``texts`` / ``negative_texts``: the distinct texts to encode; ``parts``: ``(schedule, weight)`` per
+    ``AND`` sub-prompt; ``negative``: the negative prompt's schedule (no ``AND``: A1111 reads the
+    negative prompt with ``get_learned_conditioning``, where ``AND`` is text)."""
+
+    texts: tuple[str, ...]
+    parts: tuple[tuple[_Schedule, float], ...]
+    negative_texts: tuple[str, ...]
+    negative: _Schedule
+
+    @property
+    def plain(self) -> bool:
+        """True when the plan is one text of weight 1 and one negative text: ordinary guidance."""
+        return len(self.texts) == 1 and len(self.parts) == 1 and self.parts[0][1] == 1.0 \
+            and len(self.negative_texts) == 1
+
+    def guidance(self, model: Callable[[Tensor, Tensor, object], Tensor], conds: Sequence[object],
+                 negative_conds: Sequence[object], scale: float) -> ScheduledGuidance:
+        """The denoiser over ``conds`` (one per :attr:`texts`, what the system's conditioning returns
+        for them, batch B) and ``negative_conds`` (one per :attr:`negative_texts`)."""
+        if len(conds) != len(self.texts) or len(negative_conds) != len(self.negative_texts):
+            raise ValueError(f"the plan has {len(self.texts)} texts and {len(self.negative_texts)} negative texts; "
+                             f"got {len(conds)} and {len(negative_conds)} conditionings")
+        return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale))
+
+
+def _schedule(prompt: str, steps: int, texts: dict[str, int], clean: Callable[[str], str],
+              old_scheduling: bool) -> _Schedule:
+    entries = prompt_schedule(prompt, steps, old_scheduling=old_scheduling)
+    indices = tuple(texts.setdefault(clean(text), len(texts)) for _, text in entries)
+    return _Schedule(tuple(end for end, _ in entries), indices)
+
+
+def plan_prompt(prompt: str, negative: str = "", *, steps: int,
+                clean: Callable[[str], str] | None = None, old_scheduling: bool = False) -> PromptPlan:
+    """Read ``prompt`` (``AND``, prompt editing, alternation) and ``negative`` (prompt editing,
+    alternation) for ``steps`` schedule steps (:func:`sdadapt.prompt_schedule.schedule_steps` of the
+    sampler's steps). ``clean``: applied to every scheduled text before encoding (the toy's emphasis
+    removal); texts equal after it are encoded once. ``old_scheduling``: A1111's "Use old prompt
+    editing timelines" (:func:`sdadapt.prompt_schedule.prompt_schedule`).
+
+    >>> plan = plan_prompt("a [cat:dog:2] AND a hat:0.5", steps=4)
+    >>> plan.texts, [(s.ends, s.texts, w) for s, w in plan.parts]
+    (('a cat', 'a dog', ' a hat'), [((2, 4), (0, 1), 1.0), ((4,), (2,), 0.5)])
+    """
+    clean = clean or (lambda text: text)
+    texts: dict[str, int] = {}
+    parts = tuple((_schedule(text, steps, texts, clean, old_scheduling), weight)
+                  for text, weight in composable_prompts(prompt))
+    negative_texts: dict[str, int] = {}
+    negative_schedule = _schedule(negative, steps, negative_texts, clean, old_scheduling)
+    return PromptPlan(tuple(texts), parts, tuple(negative_texts), negative_schedule)
+
+
+def _batched(model: Callable, x: Tensor, t: Tensor, conds: list[object]) -> list[Tensor]:
+    """``model`` at ``x`` (B, ...) under each of ``conds``: one call over the batch of all when they
+    concatenate (equal shapes), else one call each."""
+    both = reduce(lambda a, b: None if a is None else _cat_conditions(a, b), conds[1:], conds[0]) \
+        if len(conds) > 1 else conds[0]
+    if both is None:
+        return [model(x, t, cond) for cond in conds]
+    n = len(conds)
+    out = model(torch.cat([x] * n), torch.cat([t] * n) if t.ndim else t, both)
+    return list(out.chunk(n))
+
+
+def _states(cond: object) -> Tensor:
+    return cond["context"] if isinstance(cond, dict) else cond
+
+
+def _same_length(parts: list[tuple[object, float]]) -> list[tuple[object, float]]:
+    """The sub-prompts' conditionings of one call padded to the longest by repeating their last token's
+    states (A1111's ``reconstruct_multicond_batch``; lengths differ only with ``BREAK`` chunks)."""
+    longest = max(_states(cond).shape[1] for cond, _ in parts)
+    out = []
+    for cond, weight in parts:
+        states = _states(cond)  # (B, L, D)
+        if states.shape[1] < longest:
+            states = torch.cat([states, states[:, -1:].expand(-1, longest - states.shape[1], -1)], dim=1)
+            cond = {**cond, "context": states} if isinstance(cond, dict) else states
+        out.append((cond, weight))
+    return out
+
+
+class ScheduledGuidance:
+    """A denoiser ``(x, t, _cond) -> prediction`` that picks each call's conditionings from a
+    :class:`PromptPlan` by its call count (module docstring). ``calls``: model calls so far."""
+
+    def __init__(self, model: Callable[[Tensor, Tensor, object], Tensor], plan: PromptPlan, conds: list[object],
+                 negative_conds: list[object], scale: float) -> None:
+        self.model, self.plan, self.conds, self.negative_conds, self.scale = model, plan, conds, negative_conds, scale
+        self.calls = 0
+
+    def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+        call, self.calls = self.calls, self.calls + 1
+        parts = _same_length([(self.conds[schedule.at(call)], weight) for schedule, weight in self.plan.parts])
+        if len(parts) == 1 and parts[0][1] == 1.0 and self.scale == 1.0:
+            return self.model(x, t, parts[0][0])  # (sdadapt's plain guidance at scale 1: no negative pass)
+        uncond = self.negative_conds[self.plan.negative.at(call)]
+        out_u, *outs = _batched(self.model, x, t, [uncond, *(cond for cond, _ in parts)])
+        if len(parts) == 1 and parts[0][1] == 1.0:
+            return guidance_combine(out_u, outs[0], self.scale)
+        out = out_u.clone()
+        for out_c, (_, weight) in zip(outs, parts):  # A1111's combine_denoised, in its order
+            out += (out_c - out_u) * (weight * self.scale)
+        return out
