@@ -503,9 +503,9 @@ def test_dpmpp_sde_draws_diffusers_brownian_noise_for_half_latents(monkeypatch, 
     made: list[tuple[float, float]] = []
     real_init, real_call = sde._BrownianNoise.__init__, sde._BrownianNoise.__call__
 
-    def init(self, like, sigma_min, sigma_max, seed):
+    def init(self, like, sigma_min, sigma_max, seed, *options):
         made.append((sigma_min, sigma_max))
-        real_init(self, like, sigma_min, sigma_max, seed)
+        real_init(self, like, sigma_min, sigma_max, seed, *options)
 
     def call(self, sigma, sigma_next):
         out = real_call(self, sigma, sigma_next)
