@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdadapt.cli import build_parser, main
-from sdadapt.cli.merge import operator_dest
+from sdadapt.cli.merge import number_or_blocks, operator_dest
 from sdadapt.cli.options import DTYPE_CHOICES, ExtendNumbers, ProgressBar, close_progress, numbers
 from sdadapt.merge.engine import merge_state_dicts
 from sdadapt.merge.operators import OPERATORS, REQUIRED, Operator, OperatorOption, weighted_sum
@@ -23,7 +23,8 @@ from test_merge_engine import U, load_file_metadata, mini, save
 READ_ONLY = {"inspect"}
 #: the settings every merge sub-command shares, beyond its operator's declared options
 MERGE_SHARED = {"help", "out", "overwrite", "quiet", "dtype", "no_recipe", "compute_dtype", "device", "components",
-                "keep_ema", "copy_extra_keys", "reset_position_ids", "discard", "allow_nonfinite"}
+                "keep_ema", "copy_extra_keys", "reset_position_ids", "discard", "allow_nonfinite", "elemental",
+                "adjust", "exclude", "include"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -224,6 +225,8 @@ def _declared_vs_parser(name: str, op: Operator, parser: argparse.ArgumentParser
             assert action.type is numbers and action.default is None
         elif option.type is bool:
             assert isinstance(action, argparse.BooleanOptionalAction) and action.default is option.default
+        elif option.name == "beta":  # one number or a per-block list (cli.merge._block_beta)
+            assert action.type is number_or_blocks and action.required is option.required
         else:
             assert action.type is option.type
             assert action.required is option.required

@@ -219,7 +219,12 @@ def test_every_operator_leaves_its_inputs_untouched(name):
     tensors = [_t(i, (4, 5)) for i in range(4)]
     before = [t.clone() for t in tensors]
     kwargs = {"generator": key_generator(0, "k")} if op.random else {}
-    if op.inputs == "ab":
+    kwargs.update({o.name: 0.3 for o in op.keyword_options if o.required})  # beta of the supermerger modes
+    if op.prepass is not None:  # two-pass operators: the statistics of this one key stand in for the model's
+        kwargs.update(op.prepass.aggregate([op.prepass.statistic(tensors[:2])]))
+    if op.inputs == "a":  # supermerger's self / plus random
+        out = op.fn(tensors[:1], 0.4, **kwargs)
+    elif op.inputs == "ab":
         out = op.fn(tensors[:2], 0.4, **kwargs)
     elif op.inputs == "abc":
         out = op.fn(tensors[:2], 0.4, base=tensors[2], **kwargs)

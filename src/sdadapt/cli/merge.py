@@ -23,7 +23,7 @@ from typing import Any
 
 from .options import add_output_options, dtype_name, numbers, progress_bar, safe_text
 
-__all__ = ["register", "operator_dest"]
+__all__ = ["register", "operator_dest", "number_or_blocks"]
 
 
 def operator_dest(name: str) -> str:
@@ -41,6 +41,8 @@ def _policy(args: argparse.Namespace):
         only_in_others="copy" if args.copy_extra_keys else "drop",
         reset_position_ids=args.reset_position_ids,
         discard=args.discard,
+        exclude=args.exclude,
+        include=args.include,
     )
 
 
@@ -62,15 +64,39 @@ def _step(args: argparse.Namespace, operator: str, inputs: list[str], **fields: 
     from ..merge.recipe import MergeStep
 
     return MergeStep(operator=operator, inputs=tuple(inputs), dtype=dtype_name(args.dtype),
-                     compute_dtype=args.compute_dtype, policy=_policy(args), **fields)
+                     compute_dtype=args.compute_dtype, policy=_policy(args), elemental=args.elemental,
+                     adjust=args.adjust, **fields)
+
+
+def number_or_blocks(text: str) -> float | tuple[float, ...]:
+    """argparse type of ``--beta``: one number (a float) or comma-separated per-block values (a tuple)."""
+    values = numbers(text)
+    return values[0] if len(values) == 1 else values
+
+
+def _block_beta(values: dict[str, Any], fields: dict[str, Any]) -> None:
+    """``--beta`` is one number or a per-block list (BASE first): the list goes to ``block_beta``,
+    its BASE value stays the step's ``beta`` (supermerger's base_beta)."""
+    beta = values.get("beta")
+    if not isinstance(beta, tuple):
+        return
+    if len(beta) not in (20, 26):
+        raise ValueError(f"--beta takes one number or one per block, BASE first: 26 values (SD1/SD2: BASE, IN00..IN11, "
+                         f"M00, OUT00..OUT11) or 20 (SDXL); got {len(beta)}")
+    values["beta"] = beta[0]
+    fields["block_beta"] = beta
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    from ..merge.operators import STEP_FIELDS, get_operator
+    from ..merge.operators import ENGINE_OPTIONS, STEP_FIELDS, get_operator
 
     op = get_operator(args.operator)
     values = {o.name: getattr(args, operator_dest(o.name)) for o in op.options}
+    for name in ENGINE_OPTIONS & set(values):  # left out at their default: the recipe stays as before they existed
+        if values[name] == op.option(name).default:
+            del values[name]
     fields = {name: values.pop(name) for name in STEP_FIELDS if name in values}
+    _block_beta(values, fields)
     inputs = [args.base, *args.models] if op.variadic else [getattr(args, n.lower()) for n in op.input_names]
     step = _step(args, args.operator, inputs, options=values, **fields)
     return _run(step, args, out=args.out, quiet=args.quiet, overwrite=args.overwrite, save_recipe=not args.no_recipe)
@@ -133,6 +159,20 @@ def _settings(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-nonfinite", action="store_true",
                        help="let NaN/inf already in an input pass through unchanged (default: refused, naming the "
                        "tensor); NaN/inf the merge itself produces is always refused")
+    group.add_argument("--elemental", default=None, metavar="RULES",
+                       help="supermerger elemental merge: 'BLOCKS:ELEMENTS:RATIO' rules, separated by commas or "
+                       "newlines, e.g. \"IN04 IN05:attn2:0.5\" (blocks by space, ranges IN04-IN07, NOT inverts; "
+                       "elements are key substrings; blank = all); applied after block weights, later rules win")
+    group.add_argument("--exclude", default=None, metavar="RULES",
+                       help="supermerger's Exclude: keys matching any 'BLOCKS:ELEMENTS' rule keep the first input, e.g. "
+                       "\"IN04 OUT05:, :attn2\" (blocks as --elemental; elements are key substrings; BASE = text "
+                       "encoders and VAE; the VAE alone: --components)")
+    group.add_argument("--include", default=None, metavar="RULES",
+                       help="supermerger's Include: only keys matching a 'BLOCKS:ELEMENTS' rule are merged, the others "
+                       "keep the first input")
+    group.add_argument("--adjust", default=None, type=numbers, metavar="A,B,C,D,E,F,G,H",
+                       help="supermerger's Adjust: 8 numbers (detail in, detail out, contrast, brightness, 4 colours; "
+                       "fewer are padded with 0) that rescale the UNet's conv_in/out.0/out.2 after the merge")
 
 
 _INPUT_HELP = {
@@ -150,6 +190,10 @@ def _add_operator_option(group: argparse._ArgumentGroup, option) -> None:
     default_text = " (required)" if option.required else "" if option.default is None else f" (default {option.default})"
     if option.per_model:
         kwargs.update(type=numbers, default=None, metavar="W,W,...")
+    elif option.name == "beta":  # one number, or one per block (BASE first): see _block_beta
+        kwargs.update(type=number_or_blocks, required=option.required, default=None if option.required else option.default,
+                      metavar="BETA[,...]")
+        default_text += "; or 26/20 comma-separated per-block values, BASE first (as block-weighted --weights)"
     elif option.type is bool:
         kwargs.update(action=argparse.BooleanOptionalAction, default=option.default)
         default_text = f" (default --{'' if option.default else 'no-'}{option.name.replace('_', '-')})"
@@ -170,7 +214,8 @@ def _add_operator_command(ops: argparse._SubParsersAction, name: str, op) -> arg
                             help=f"{_INPUT_HELP['MODEL']} (at least {op.min_models})")
     else:
         for input_name in op.input_names:
-            parser.add_argument(input_name.lower(), metavar=input_name, help=_INPUT_HELP[input_name])
+            parser.add_argument(input_name.lower(), metavar=input_name,
+                                help=(op.input_help or {}).get(input_name, _INPUT_HELP[input_name]))
     if op.options:
         group = parser.add_argument_group(f"{name} options")
         for option in op.options:

@@ -4,7 +4,7 @@ See docs/merge.md. The LoRA file tools (extract, resize, combine, bake into a ch
 :mod:`sdadapt.loratools` (docs/lora-tools.md).
 """
 
-from . import operators
+from . import meh_modes, operators, supermerger_modes  # operators registers the mode modules
 from .blocks import (
     BLOCKS_SD,
     BLOCKS_SDXL,
@@ -14,6 +14,8 @@ from .blocks import (
     ldm_block,
     parse_block_weights,
 )
+from .adjust import adjust_factors, parse_adjust
+from .elemental import ElementalRule, elemental_ratio, parse_elemental, parse_selection
 from .engine import (
     MergedSource,
     MergeError,
@@ -26,6 +28,7 @@ from .operators import (
     OPERATORS,
     REQUIRED,
     OperatorOption,
+    PrePass,
     add_difference,
     check_options,
     dare,
@@ -45,8 +48,11 @@ from .writer import write_streaming
 __all__ = [
     # checkpoint merge operators
     "operators",
+    "supermerger_modes",
+    "meh_modes",
     "OPERATORS",
     "OperatorOption",
+    "PrePass",
     "REQUIRED",
     "check_options",
     "weighted_sum",
@@ -67,6 +73,14 @@ __all__ = [
     "diffusers_block",
     "key_block",
     "block_alpha_fn",
+    # supermerger's elemental merge
+    "ElementalRule",
+    "parse_elemental",
+    "elemental_ratio",
+    "parse_selection",
+    # supermerger's Adjust
+    "parse_adjust",
+    "adjust_factors",
     # streaming engine, files, recipes
     "MergeStep",
     "KeyPolicy",

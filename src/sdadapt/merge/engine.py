@@ -16,7 +16,13 @@ Flow for a :class:`~sdadapt.merge.recipe.MergeStep`:
    refuse different architectures naming the keys — all before a byte is written;
 3. stream: for each output key, in the output file's order, read the inputs' tensors, apply the
    operator (per-key seeded generator for random ones) in ``compute_dtype`` on ``device``, cast
-   once to the output dtype, write.
+   once to the output dtype, write. Two-pass operators (supermerger's cosine modes: an
+   :class:`~sdadapt.merge.operators.PrePass`) first read every merged key once, keep a small
+   statistic per key and aggregate them; that runs before the first key is merged, one key in
+   memory at a time. Per-key strengths come from ``alpha``, then block weights, then elemental
+   rules (:mod:`.elemental`), per-key beta from ``block_beta``; ``weights_clip`` clamps the result to
+   the range of A and B; supermerger's Adjust (:mod:`.adjust`) rescales six UNet keys last.
+   Include/exclude rules (``KeyPolicy.include`` / ``exclude``) copy the keys they leave out from A.
 
 Everything decided is in the :class:`MergeReport`.
 """
@@ -38,8 +44,9 @@ from ..errors import InputError, MergeError, NonFiniteError
 from ..formats.files import WeightFileError, check_output_file, read_safetensors_header, sniff_format
 from ..patterns import compile_pattern
 from ..formats.model_keys import DIFFUSERS_COMPONENTS, LDM_PARTS
-from .blocks import block_alpha_fn, parse_block_weights
-from .operators import Operator, get_operator, key_generator
+from .blocks import block_alpha_fn, key_block, parse_block_weights
+from .elemental import elemental_ratio, parse_elemental
+from .operators import ENGINE_OPTIONS, MAX_MERGE_STRENGTH, Operator, get_operator, key_generator
 from .recipe import DTYPES, RECIPE_KEY, MergeStep, a1111_metadata, leaf_paths, recipe_to_json
 from .sources import legacy_hash, open_source, sha256_of
 from .writer import _DISK_MARGIN, planned_size, safetensors_layout, write_streaming
@@ -227,6 +234,8 @@ class _Action:
     inputs: tuple[int, ...] = ()  # merge: the inputs taking part, first one = the first input
     channels: int | None = None  # merge only [:, :channels]
     strength: float | None = None  # per-key alpha (two-model ops) or lam factor (task vectors)
+    beta: float | None = None  # per-key beta (block_beta)
+    adjust: Any = None  # supermerger's Adjust: a multiplier, or the out.2 bias offset (.adjust)
 
 
 def _naming(source: Source) -> str | None:
@@ -288,6 +297,7 @@ class MergedSource:
         self.report = MergeReport()
         self.operator: Operator = get_operator(step.operator)
         self._own: list[Source] = []
+        self._prepassed: dict[str, Any] | None = None
         self._check_arity()
         self._options = self._validated_options()
         if self.operator.random and step.seed is None:
@@ -320,13 +330,18 @@ class MergedSource:
 
     def _check_arity(self) -> None:
         n, op = len(self.step.inputs), self.operator
-        want = {"ab": "2 inputs (A, B)", "abc": "3 inputs (A, B, C)"}
-        if op.inputs == "ab" and n != 2 or op.inputs == "abc" and n != 3:
+        want = {"a": "1 input (A)", "ab": "2 inputs (A, B)", "abc": "3 inputs (A, B, C)"}
+        if op.inputs == "a" and n != 1 or op.inputs == "ab" and n != 2 or op.inputs == "abc" and n != 3:
             raise InputError(f"{self.step.operator} takes {want[op.inputs]}, got {n}")
         if op.inputs == "base+models" and n < 1 + op.min_models:
             raise InputError(f"{self.step.operator} takes a base and at least {op.min_models} model(s), got {n} input(s)")
-        if op.inputs in ("ab", "abc") and self.step.alpha is None and self.step.block_weights is None:
+        if op.inputs in ("a", "ab", "abc") and self.step.alpha is None and self.step.block_weights is None:
             raise InputError(f"{self.step.operator} needs alpha (or block_weights)")
+        per_key = [name for name, value in (("block_weights", self.step.block_weights),
+                                            ("elemental rules (--elemental)", self.step.elemental)) if value is not None]
+        if per_key and op.inputs == "base+models" and "lam" not in op.option_names:
+            raise InputError(f"{self.step.operator} has no strength (alpha or lam) to set per key, so "
+                             f"{' and '.join(per_key)} cannot apply; leave them out or use task-arithmetic/ties/dare")
         if self.step.weights is not None and op.inputs != "base+models":
             raise InputError(f"{self.step.operator} takes alpha, not per-model weights")
         if self.step.weights is not None and len(self.step.weights) != n - 1:
@@ -388,6 +403,31 @@ class MergedSource:
             weights = parse_block_weights(step.block_weights, architecture=architecture, base_alpha=step.base_alpha)
             alpha_fn = block_alpha_fn(weights, architecture=architecture, naming=naming)
             report.notes.append(f"block weights for {architecture} on {naming} keys")
+        beta_fn: Callable[[str], tuple[float, str | None]] | None = None
+        if step.block_beta is not None:
+            if architecture is None:
+                raise MergeError(
+                    f"{names[0]}: cannot tell SD1/SD2/SDXL from its keys, so per-block beta cannot be placed; "
+                    "it needs a full LDM or diffusers checkpoint"
+                )
+            betas = parse_block_weights(step.block_beta, architecture=architecture,
+                                        base_alpha=step.options.get("beta"))
+            beta_fn = block_alpha_fn(betas, architecture=architecture, naming=_naming(primary) or "ldm")
+            report.notes.append(f"per-block beta for {architecture}")
+        rules = None
+        if step.elemental is not None:
+            if architecture is None:
+                raise MergeError(
+                    f"{names[0]}: cannot tell SD1/SD2/SDXL from its keys, so elemental rules cannot be placed; "
+                    "they need a full LDM or diffusers checkpoint"
+                )
+            rules = parse_elemental(step.elemental, architecture=architecture, limit=MAX_MERGE_STRENGTH)
+            key_naming = _naming(primary) or "ldm"
+        selected = self._selection(architecture, names)
+        elemental_keys = 0
+        skip = self.operator.skip or (self.operator.prepass.skip if self.operator.prepass is not None else None)
+        if self.operator.skip is not None and _naming(primary) == "diffusers":
+            skip = self._by_ldm_name(self.operator.skip, architecture)
 
         self._declared: dict[str, torch.dtype] = {}  # the dtype each key would have in a file
 
@@ -435,6 +475,11 @@ class MergedSource:
                 actions[key] = _Action("copy", float_dtype(dtype, False), shape)
                 report.copied[key] = f"{component} not merged by the policy"
                 continue
+            left_out = selected(key) if selected is not None else None
+            if left_out is not None:
+                actions[key] = _Action("copy", float_dtype(dtype, False), shape)
+                report.copied[key] = left_out
+                continue
             taking, channels, lacking = [0], None, []
             for index, source in enumerate(sources[1:], start=1):
                 if key not in source:
@@ -462,18 +507,34 @@ class MergedSource:
                 actions[key] = _Action("copy", float_dtype(dtype, False), shape)
                 report.copied[key] = "too few models have it: kept the base"
                 continue
+            reason = skip(key) if skip is not None else None
+            if reason is not None:
+                actions[key] = _Action("copy", float_dtype(dtype, False), shape)
+                report.copied[key] = reason
+                continue
             strength = None
             if alpha_fn is not None:
                 strength, block = alpha_fn(key)
                 if block is None:
                     report.unmatched_blocks.append(key)
+            if rules is not None:
+                if alpha_fn is None:
+                    block = key_block(key, architecture=architecture, naming=key_naming)
+                before = strength if strength is not None else (step.alpha if kind in ("a", "ab", "abc") else 1.0)
+                strength = elemental_ratio(rules, key, block, float(before))  # type: ignore[arg-type]
+                elemental_keys += strength != before
+            if strength is not None and "alpha" in self.operator.option_names:  # e.g. extract's alpha in [0, 1]: refused before writing
+                self.operator.option("alpha").check(f"{step.operator} (block weights / elemental rules, {key})", strength)
+            beta = beta_fn(key)[0] if beta_fn is not None else None
+            if beta is not None:
+                self.operator.option("beta").check(f"{step.operator} (per-block beta, {key})", beta)
             if channels is not None:
                 report.channel_merged.append(key)
                 if key.endswith("input_blocks.0.0.weight") or key.endswith("conv_in.weight"):
                     report.flags["is_inpainting"] = shape[1] == 9
                     report.flags["is_instruct_pix2pix"] = shape[1] == 8
             actions[key] = _Action("merge", float_dtype(dtype, True), shape, inputs=tuple(taking),
-                                   channels=channels, strength=strength)
+                                   channels=channels, strength=strength, beta=beta)
             report.merged.append(key)
         if wide_first:
             raise MergeError(
@@ -503,7 +564,81 @@ class MergedSource:
                 report.dropped[key] = f"not in {names[0]} (only_in_others='drop')"
         if not report.merged:
             raise self._nothing_merged(sources, names, first_set)
+        if step.adjust is not None and any(step.adjust):
+            self._plan_adjust(actions, architecture, names)
+        if rules is not None:
+            report.notes.append(f"elemental rules changed the strength of {elemental_keys} of {len(report.merged)} "
+                                f"merged keys ({architecture} blocks)")
         return actions
+
+    def _by_ldm_name(self, skip: Callable[[str], str | None], architecture: str | None) -> Callable[[str], str | None]:
+        """``skip`` judged on each diffusers key's LDM name: supermerger matches its key substrings
+        (``self``'s ``norm``) on LDM names, and diffusers names say ``norm`` where LDM's do not
+        (``resnets.0.norm1`` is ``in_layers.0``, ``conv_norm_out`` is ``out.0``)."""
+        from ..formats.model_keys import key_plan
+
+        primary = self._sources[0]
+        plan, _ = key_plan({k: primary.shape(k) for k in primary.keys()}, to="ldm", architecture=architecture)
+        ldm_name = {source: target for target, recipe in plan.items() for source in recipe.keys}
+
+        def by_ldm_name(key: str) -> str | None:
+            reason = skip(ldm_name.get(key, key))
+            return None if reason is None else f"{reason}; LDM name {ldm_name.get(key, key)}"
+
+        return by_ldm_name
+
+    def _selection(self, architecture: str | None, names: list[str]) -> Callable[[str], str | None] | None:
+        """supermerger's Include/Exclude (``policy.include`` / ``policy.exclude``): ``key -> why it is
+        not merged`` (``None``: merged), or ``None`` when neither is set."""
+        from .elemental import parse_selection
+
+        policy = self.step.policy
+        if policy.exclude is None and policy.include is None:
+            return None
+        if architecture is None:
+            raise MergeError(f"{names[0]}: cannot tell SD1/SD2/SDXL from its keys, so include/exclude rules cannot be "
+                             "placed; they need a full LDM or diffusers checkpoint")
+        exclude = parse_selection(policy.exclude, architecture=architecture) if policy.exclude else ()
+        include = parse_selection(policy.include, architecture=architecture) if policy.include else None
+        naming = _naming(self._sources[0]) or "ldm"
+
+        def left_out(key: str) -> str | None:
+            block = key_block(key, architecture=architecture, naming=naming)
+            if include is not None and not any(rule.matches(key, block) for rule in include):
+                return "not in the include rules: kept the first input"
+            if any(rule.matches(key, block) for rule in exclude):
+                return "excluded: kept the first input"
+            return None
+
+        return left_out
+
+    def _plan_adjust(self, actions: dict[str, _Action], architecture: str | None, names: list[str]) -> None:
+        """Attach supermerger's Adjust changes to the six UNet keys it touches (all must be merged)."""
+        from .adjust import ADJUST_KEYS, adjust_factors
+
+        step, report = self.step, self.report
+        naming = _naming(self._sources[0])
+        if architecture is None or naming is None:
+            raise MergeError(f"{names[0]}: cannot tell SD1/SD2/SDXL from its keys, so --adjust (supermerger's Adjust: "
+                             "conv_in / out.0 / out.2 of the UNet) cannot be placed; it needs a full checkpoint")
+        keys = ADJUST_KEYS[naming]
+        problems = []
+        for key in keys:
+            action = actions.get(key)
+            if action is None or action.kind != "merge":
+                reason = report.copied.get(key) or report.dropped.get(key) or f"not in {names[0]}"
+                problems.append(f"{key} ({reason})")
+        if problems:
+            raise MergeError(f"--adjust changes the UNet's first and last layers after the merge, but {len(problems)} "
+                             f"of its {len(keys)} keys are not merged: {'; '.join(problems)}. Leave --adjust out, or "
+                             "merge the unet (--components, --discard) of full checkpoints")
+        if tuple(actions[keys[-1]].shape) != (4,):
+            raise MergeError(f"--adjust: {keys[-1]} has shape {actions[keys[-1]].shape}; supermerger's colour offset "
+                             "needs the 4 latent channels of SD1/SD2/SDXL")
+        for key, change in zip(keys, adjust_factors(step.adjust, architecture=architecture)):  # type: ignore[arg-type]
+            actions[key] = replace(actions[key], adjust=change)
+        report.notes.append(f"adjust {','.join(f'{v:g}' for v in step.adjust)} (supermerger) on {len(keys)} "  # type: ignore[union-attr]
+                            f"{architecture} keys")
 
     def _nothing_merged(self, sources: Sequence[Source], names: list[str], first_set: set[str]) -> MergeError:
         """The error for a plan that merges no tensor (unrelated files, an empty input, a policy
@@ -513,6 +648,10 @@ class MergedSource:
         empty = [names[i] for i, s in enumerate(sources) if not s.keys()]
         if empty:
             return MergeError(f"{', '.join(empty)}: hold(s) no tensors; nothing to merge")
+        if len(sources) == 1:
+            return MergeError(f"nothing to merge: {names[0]} has no floating-point weight of the merged components "
+                              f"({', '.join(self.step.policy.components)}) that {self.step.operator} changes; check "
+                              "--components, --discard and the input file")
         shared = [i for i, s in enumerate(sources[1:], start=1) if any(k in first_set for k in s.keys())]
         if len(shared) < len(sources) - 1:
             strangers = [names[i] for i in range(1, len(sources)) if i not in shared]
@@ -572,20 +711,47 @@ class MergedSource:
             return torch.arange(n, dtype=torch.int64).expand(action.shape).contiguous()
         return self._merge(key, action)
 
-    def _merge(self, key: str, action: _Action) -> Tensor:
-        step, op = self.step, self.operator
-        compute = DTYPES[step.compute_dtype]
+    def _read(self, key: str, action: _Action) -> tuple[Tensor, list[Tensor]]:
+        """``(the first input's full tensor, the inputs' tensors on the device)`` of a merged key
+        (channel-mismatched keys: their shared channels)."""
         tensors = [self._sources[i].get(key) for i in action.inputs]
         first = tensors[0]
         if action.channels is not None:
             c = action.channels
             tensors = [t[:, :c] for t in tensors]
-        tensors = [t.to(self.device) for t in tensors]
-        kwargs: dict[str, Any] = dict(self._options)
+        return first, [t.to(self.device) for t in tensors]
+
+    def _prepass_arguments(self) -> dict[str, Any]:
+        """The two-pass operator's aggregated statistics (computed once, one key in memory at a time)."""
+        if self._prepassed is None:
+            prepass = self.operator.prepass
+            if prepass is None:
+                return {}
+            compute = DTYPES[self.step.compute_dtype]
+            statistics = []
+            for key, action in self._actions.items():
+                if action.kind == "merge":
+                    _, tensors = self._read(key, action)
+                    statistics.append(prepass.statistic(tensors, compute_dtype=compute).to("cpu"))
+                    del tensors
+            self._prepassed = dict(prepass.aggregate(statistics))
+            summary = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else k for k, v in self._prepassed.items())
+            self.report.notes.append(f"{self.step.operator} first pass over {len(statistics)} keys: {summary}")
+        return self._prepassed
+
+    def _merge(self, key: str, action: _Action) -> Tensor:
+        step, op = self.step, self.operator
+        compute = DTYPES[step.compute_dtype]
+        first, tensors = self._read(key, action)
+        kwargs: dict[str, Any] = {k: v for k, v in self._options.items() if k not in ENGINE_OPTIONS}
         kwargs["compute_dtype"] = compute
+        if op.prepass is not None:
+            kwargs.update(self._prepass_arguments())
         if op.random:
             kwargs["generator"] = key_generator(int(step.seed), key)  # type: ignore[arg-type]
-        if op.inputs == "ab":
+        if action.beta is not None:
+            kwargs["beta"] = action.beta
+        if op.inputs in ("a", "ab"):
             result = op.fn(tensors, self._alpha(action), **kwargs)
         elif op.inputs == "abc":
             result = op.fn(tensors[:2], self._alpha(action), base=tensors[2], **kwargs)
@@ -594,6 +760,10 @@ class MergedSource:
             if action.strength is not None:
                 kwargs["lam"] = float(kwargs.get("lam", 1.0)) * action.strength
             result = op.fn(tensors[1:], weights, base=tensors[0], **kwargs)
+        if self._options.get("weights_clip"):  # sd-meh: clamp to [min(A, B), max(A, B)] elementwise
+            low, high = torch.minimum(tensors[0], tensors[1]), torch.maximum(tensors[0], tensors[1])
+            result = torch.minimum(torch.maximum(result, low.to(result.dtype)), high.to(result.dtype))
+            del low, high
         del tensors  # the inputs go before the result is checked and cast: peak memory stays a few tensors
         result = result.to("cpu")
         if action.channels is not None:
@@ -601,6 +771,10 @@ class MergedSource:
             full[:, : action.channels] = result
             result = full
         del first
+        if action.adjust is not None:  # supermerger's Adjust, on the whole merged tensor
+            from .adjust import adjust_tensor
+
+            result = adjust_tensor(result, action.adjust)
         if has_nonfinite(result):  # rare: read the inputs again to say whether they carried the NaN/inf
             check_result(result, key=key, inputs=[self._sources[i].get(key) for i in action.inputs],
                          allow_nonfinite=self.allow_nonfinite, what=f"the {step.operator} merge",

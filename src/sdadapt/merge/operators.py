@@ -31,7 +31,14 @@ model_stock                ``t·mean(θᵢ) + (1 − t)·base``, ``t = k·cos/(1
 =========================  ===================================================================
 
 All task-vector operators are :func:`task_vector_merge` with fixed switches
-(sparsify × consensus × rescale), as in mergekit.
+(sparsify × consensus × rescale), as in mergekit. supermerger's modes (``triple-sum``,
+``sum-twice``, ``cosine-a``/``cosine-b``, ``smooth-add``, ``extract``, ``tensor``/``tensor2``, and the
+one-model ``self`` / ``plus-random``, whose inputs are ``"a"``) live in
+:mod:`.supermerger_modes` and are registered at the end of this module; the cosine ones are two-pass
+(:class:`PrePass`). sd-meh's methods (``weighted-subtraction``, ``euclidean-add-difference``,
+``multiply-difference``, ``similarity-add-difference``, ``top-k-tensor-sum``,
+``distribution-crossover``, ``ties-add-difference``, ``rotate``) live in :mod:`.meh_modes`, registered
+after them. ``weights_clip`` (:data:`ENGINE_OPTIONS`) is applied by the engine.
 
 :data:`OPERATORS` declares each operator once — its inputs (``A B``, ``A B C`` or
 ``BASE MODEL...``) and its options (:class:`OperatorOption`: name, type, default, help). The engine
@@ -51,6 +58,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from .operator_inputs import _alpha, _count, _difference_inputs, _same_shape, _up
 
 __all__ = [
     "weighted_sum",
@@ -73,42 +81,14 @@ __all__ = [
     "OPERATORS",
     "REQUIRED",
     "STEP_FIELDS",
+    "ENGINE_OPTIONS",
+    "PrePass",
     "check_options",
     "get_operator",
     "MAX_MERGE_STRENGTH",
 ]
 
 SLERP_PARALLEL = 0.9995  # |cos| above this: lerp (mergekit's threshold)
-
-
-def _up(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
-    if not (tensor.is_floating_point() or tensor.is_complex()):
-        raise TypeError(f"merge operators take floating-point tensors, got {tensor.dtype}; copy integer tensors instead")
-    return tensor.to(dtype, copy=True)  # always a new tensor: operators work in place on it
-
-
-def _same_shape(tensors: Sequence[Tensor], base: Tensor | None, name: str) -> None:
-    shapes = {tuple(t.shape) for t in tensors} | ({tuple(base.shape)} if base is not None else set())
-    if len(shapes) > 1:
-        raise ValueError(f"{name}: tensors must share one shape, got {sorted(shapes)}")
-
-
-def _count(tensors: Sequence[Tensor], n: int | tuple[int, int], name: str) -> None:
-    low, high = (n, n) if isinstance(n, int) else n
-    if not low <= len(tensors) <= high:
-        want = str(low) if low == high else f"{low}..{high}"
-        raise ValueError(f"{name}: needs {want} tensors, got {len(tensors)}")
-
-
-def _alpha(weights: float | Sequence[float], name: str) -> float:
-    if isinstance(weights, (int, float)):
-        return float(weights)
-    values = list(weights)
-    if len(values) != 1:
-        raise ValueError(f"{name}: weights is one alpha (a float), got {values}")
-    return float(values[0])
 
 
 def _model_weights(weights: float | Sequence[float], n: int, name: str) -> list[float]:
@@ -147,18 +127,6 @@ def weighted_sum(
     if alpha == 1.0:
         return b
     return a.mul_(1.0 - alpha).add_(b, alpha=alpha)
-
-
-def _difference_inputs(tensors: Sequence[Tensor], weights: float | Sequence[float], base: Tensor | None, name: str,
-                       compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Checked ``(A, B, C, α)`` in ``compute_dtype`` for the A/B/C difference operators."""
-    _count(tensors, 2, name)
-    if base is None:
-        raise ValueError(f"{name}: needs base= (the C model the difference B − C is taken from)")
-    _same_shape(tensors, base, name)
-    alpha = _alpha(weights, name)
-    a, b = (_up(t, compute_dtype) for t in tensors)
-    return a, b, _up(base, compute_dtype), alpha
 
 
 def add_difference(
@@ -470,7 +438,11 @@ def model_stock(
 #: argument and ``seed`` into per-key generators; every other option is a keyword of ``fn``
 STEP_FIELDS: frozenset[str] = frozenset({"alpha", "weights", "seed"})
 
-_INPUT_NAMES: dict[str, tuple[str, ...]] = {"ab": ("A", "B"), "abc": ("A", "B", "C"), "base+models": ("BASE", "MODEL")}
+#: keyword options the engine applies around ``fn`` instead of passing them to it: ``weights_clip``
+#: clamps each merged value to ``[min(A, B), max(A, B)]`` of the first two inputs (sd-meh's rule)
+ENGINE_OPTIONS: frozenset[str] = frozenset({"weights_clip"})
+
+_INPUT_NAMES: dict[str, tuple[str, ...]] = {"a": ("A",), "ab": ("A", "B"), "abc": ("A", "B", "C"), "base+models": ("BASE", "MODEL")}
 
 
 class _Required:
@@ -567,19 +539,46 @@ def _checked_scalar(operator: str, name: str, kind: type, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class PrePass:
+    """A first pass over every merged key before any key is merged (two-pass operators).
+
+    The engine calls ``statistic(tensors, compute_dtype=...)`` once per merged key, with that
+    key's tensors in the order ``fn`` takes them (``(A, B)``, then C), reading one key at a time;
+    then ``aggregate(statistics)`` once, over all keys' results; what it returns is passed to
+    ``fn`` as extra keyword arguments for every key. Keys for which ``skip(key)`` gives a reason
+    take part in neither pass and keep the first input (the report says why).
+
+    Attributes:
+        statistic: ``(tensors, *, compute_dtype) -> Tensor`` of any shape (kept until the merge
+            pass: make it small — supermerger's cosine keeps one value per column).
+        aggregate: ``(statistics) -> {keyword: value}``.
+        skip: ``key -> reason`` for keys left as the first input, or ``None``.
+    """
+
+    statistic: Callable[..., Tensor]
+    aggregate: Callable[[Sequence[Tensor]], Mapping[str, Any]]
+    skip: Callable[[str], str | None] | None = None
+
+
+@dataclass(frozen=True)
 class Operator:
     """A registered operator: its function, its inputs and its options — the one declaration the
     engine, recipe validation and the ``python -m sdadapt merge`` sub-commands are made from.
 
     Attributes:
         fn: the pure function.
-        inputs: how to read the input list: ``"ab"`` (A, B), ``"abc"`` (A, B, base=C) or
+        inputs: how to read the input list: ``"a"`` (A alone), ``"ab"`` (A, B), ``"abc"`` (A, B, base=C) or
             ``"base+models"`` (BASE first, then ≥ ``min_models`` MODELs).
         options: every setting it takes (:class:`OperatorOption`): ``alpha`` / ``weights`` / ``seed``
             (:data:`STEP_FIELDS`) and the keyword options of ``fn``. Anything else is refused.
         min_models: fewest fine-tuned models for ``"base+models"``.
         summary: one line for the command list.
         description: the formula and what the options do (the command's ``--help``).
+        prepass: a :class:`PrePass` for operators that need statistics over the whole model first.
+        input_help: ``{input name: help}`` where an input means something else than usual
+            (C of Triple sum is a third model, not the base of a difference).
+        skip: ``key -> reason`` for keys the operator leaves as the first input (supermerger's
+            ``self`` skips to_out/proj_out/norm), or ``None``.
     """
 
     fn: Callable[..., Tensor]
@@ -588,6 +587,9 @@ class Operator:
     min_models: int = 1
     summary: str = ""
     description: str = ""
+    prepass: PrePass | None = None
+    input_help: Mapping[str, str] | None = None
+    skip: Callable[[str], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.inputs not in _INPUT_NAMES:
@@ -612,7 +614,7 @@ class Operator:
 
     @property
     def keyword_options(self) -> tuple[OperatorOption, ...]:
-        """The options that go to ``fn`` as keywords (``MergeStep.options``)."""
+        """The options of ``MergeStep.options`` (keywords of ``fn``, and :data:`ENGINE_OPTIONS`)."""
         return tuple(o for o in self.options if o.name not in STEP_FIELDS)
 
     @property
@@ -661,6 +663,9 @@ def check_options(
     if unknown:
         takes = ", ".join(op.option_names) or "no options"
         raise InputError(f"{name} has no option {', '.join(repr(k) for k in unknown)}; it takes {takes}")
+    missing = [o.flag for o in op.keyword_options if o.required and o.name not in given]
+    if missing:
+        raise InputError(f"{name} needs {', '.join(missing)} (options {', '.join(m[2:] for m in missing)})")
     for key, value in fields.items():
         if value is not None:
             declared[key].check(name, value)
@@ -681,25 +686,29 @@ _LAM = OperatorOption("lam", float, 1.0, "scale of the merged task vector", low=
 _WEIGHTS = OperatorOption("weights", float, None, "one weight per MODEL, comma-separated (default 1 each)",
                           per_model=True, low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
 
+#: sd-meh's weights_clip, an option of the two- and three-model operators (applied by the engine)
+WEIGHTS_CLIP = OperatorOption("weights_clip", bool, False,
+                              "clamp each merged value to [min(A, B), max(A, B)] (sd-meh's weights_clip)")
+
 OPERATORS: dict[str, Operator] = {
     "weighted-sum": Operator(
-        weighted_sum, "ab", (_alpha_option("weight of B: 0 gives A, 1 gives B"),),
+        weighted_sum, "ab", (_alpha_option("weight of B: 0 gives A, 1 gives B"), WEIGHTS_CLIP),
         summary="(1-alpha)*A + alpha*B",
         description="A1111 weighted sum: (1 - alpha)*A + alpha*B; alpha is B's weight (0 gives A back, 1 gives B).",
     ),
     "slerp": Operator(
-        slerp, "ab", (_alpha_option("interpolation point: 0 = A, 1 = B"),),
+        slerp, "ab", (_alpha_option("interpolation point: 0 = A, 1 = B"), WEIGHTS_CLIP),
         summary="spherical interpolation of A and B",
         description="Spherical interpolation per tensor (lerp when nearly parallel); alpha 0 = A, 1 = B.",
     ),
     "add-difference": Operator(
-        add_difference, "abc", (_alpha_option("strength of B - C", 1.0),),
+        add_difference, "abc", (_alpha_option("strength of B - C", 1.0), WEIGHTS_CLIP),
         summary="A + alpha*(B - C)",
         description="A1111 add difference: A + alpha*(B - C). Inpainting recipe: A = sd15-inpainting, B = your "
         "model, C = sd15, alpha 1.",
     ),
     "train-difference": Operator(
-        train_difference, "abc", (_alpha_option("strength of B - C", 1.0),),
+        train_difference, "abc", (_alpha_option("strength of B - C", 1.0), WEIGHTS_CLIP),
         summary="A + 1.8*alpha*w*(B - C)",
         description="supermerger train difference: the B - C difference scaled per element by "
         "|B - A| / (|B - C| + |B - A|).",
@@ -748,3 +757,208 @@ def get_operator(name: str) -> Operator:
         return OPERATORS[name]
     except KeyError:
         raise InputError(f"unknown merge operator {str(name)[:60]!r}; known: {', '.join(sorted(OPERATORS))}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# supermerger's modes (the math is in .supermerger_modes; it and .meh_modes take their input checks
+# from .operator_inputs, not from this module, so importing them here makes no cycle)
+
+from . import supermerger_modes as _sm
+
+
+def _beta_option(help_text: str) -> OperatorOption:
+    return OperatorOption("beta", float, _REQUIRED, help_text, low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
+
+
+def _cosine_skip(key: str) -> str | None:
+    from .engine import key_component  # the engine imports this module: look the component map up late
+
+    return "VAE kept as A (supermerger's cosine modes skip first_stage_model)" if key_component(key) == "vae" else None
+
+
+def _cosine_operator(normalize: bool) -> Operator:
+    letter = "A" if normalize else "B"
+    return Operator(
+        lambda tensors, weights, *, base=None, s_min, s_max, compute_dtype=torch.float32: _sm.cosine_merge(
+            tensors, weights, normalize=normalize, s_min=s_min, s_max=s_max, compute_dtype=compute_dtype),
+        "ab", (_alpha_option("shift toward B: k = clip(similarity - " + ("|alpha|" if normalize else "alpha")
+                             + ", 0, 1)"), WEIGHTS_CLIP),
+        summary=f"supermerger cosine{letter}: per-column lerp(B, A, k) from the similarity",
+        description=f"supermerger calcmode cosine{letter} (Weight sum): a first pass over every key pools the "
+        "similarity of A and B (" + ("the column cosine of the column-normalised tensors" if normalize else
+                                     "the mean of the column cosine and the whole-tensor cosine")
+        + "), drops the values below the 1st and above the 99th percentile and keeps s_min/s_max; then per key "
+        "k = clip((s - s_min)/(s_max - s_min) - " + ("|alpha|" if normalize else "alpha") + ", 0, 1) per column, "
+        "result lerp(B, A, k): similar columns keep A, alpha pushes toward B. VAE keys stay A.",
+        prepass=PrePass(
+            lambda tensors, *, compute_dtype=torch.float32: _sm.cosine_statistic(
+                tensors, normalize=normalize, compute_dtype=compute_dtype),
+            _sm.cosine_range, _cosine_skip),
+    )
+
+
+_THIRD_MODEL = {"C": "third model"}
+
+OPERATORS.update({
+    "triple-sum": Operator(
+        _sm.triple_sum, "abc",
+        (_alpha_option("weight of B"), _beta_option("weight of C"), WEIGHTS_CLIP),
+        summary="(1-alpha-beta)*A + alpha*B + beta*C",
+        description="supermerger Triple sum: (1 - alpha - beta)*A + alpha*B + beta*C, computed as "
+        "lerp(A, lerp(B, C, beta/(alpha+beta)), alpha+beta) in the compute dtype.",
+        input_help=_THIRD_MODEL,
+    ),
+    "sum-twice": Operator(
+        _sm.sum_twice, "abc",
+        (_alpha_option("weight of B in the first sum"), _beta_option("weight of C in the second sum"), WEIGHTS_CLIP),
+        summary="(1-beta)*((1-alpha)*A + alpha*B) + beta*C",
+        description="supermerger sum Twice: (1 - beta)*((1 - alpha)*A + alpha*B) + beta*C.",
+        input_help=_THIRD_MODEL,
+    ),
+    "cosine-a": _cosine_operator(True),
+    "cosine-b": _cosine_operator(False),
+    "smooth-add": Operator(
+        _sm.smooth_add, "abc", (_alpha_option("strength of the smoothed B - C", 1.0), WEIGHTS_CLIP),
+        summary="A + alpha*gauss(median(B - C))",
+        description="supermerger calcmode smoothAdd: A + alpha*gaussian_filter(median_filter(B - C, size=3), "
+        "sigma=1) over each whole N-D tensor (scipy's reflect mode; computed in torch). The smoothed difference is "
+        "weaker: supermerger suggests alpha up to 2.",
+    ),
+    "extract": Operator(
+        _sm.extract, "abc",
+        (OperatorOption("alpha", float, _REQUIRED, "0 takes B - A, 1 takes C - A", low=0.0, high=1.0),
+         OperatorOption("beta", float, _REQUIRED, "0 keeps what B - A and C - A share, 1 what they do not",
+                        low=0.0, high=1.0),
+         OperatorOption("gamma", float, 0.3, "sharpness of the similarity weight", low=0.0,
+                        high=MAX_MERGE_STRENGTH),
+         WEIGHTS_CLIP),
+        summary="A + lerp(B-A, C-A, alpha)*lerp(d, 1-d, beta)",
+        description="supermerger calcmode extract (subaqua's): a = B - A, b = C - A, c = row cosine of a and b "
+        "(last dim), d = ((c + 1)/2)^gamma; result A + lerp(a, b, alpha)*lerp(d, 1 - d, beta).",
+        input_help={"C": "second model whose difference from A is compared with B's"},
+    ),
+    "tensor": Operator(
+        _sm.tensor_slice, "ab",
+        (_alpha_option("fraction of rows taken from B"), _beta_option("where the slice starts (fraction of rows)")),
+        summary="rows [beta*n, (alpha+beta)*n) of A replaced by B's",
+        description="supermerger calcmode tensor: no interpolation; rows [int(beta*n), int((alpha+beta)*n)) of "
+        "dim 0 come from B, the rest from A; past alpha + beta > 1 it wraps (B with rows "
+        "[int((alpha+beta-1)*n), int(beta*n)) from A).",
+    ),
+    "tensor2": Operator(
+        lambda tensors, weights, *, base=None, beta, compute_dtype=torch.float32: _sm.tensor_slice(
+            tensors, weights, beta=beta, columns=True, compute_dtype=compute_dtype),
+        "ab",
+        (_alpha_option("fraction of columns taken from B"), _beta_option("where the slice starts")),
+        summary="columns [beta*n, (alpha+beta)*n) of A replaced by B's",
+        description="supermerger calcmode tensor2: as tensor, on dim 1 for tensors of 2+ dims (n = shape[1] when "
+        "it is larger than 100, else shape[0], as supermerger computes it).",
+    ),
+    "self": Operator(
+        _sm.scale_self, "a", (_alpha_option("the factor"),),
+        summary="A*alpha (supermerger self)",
+        description="supermerger calcmode self: every merged key of A times alpha; keys whose LDM name contains "
+        "to_out, proj_out or norm keep A, and alpha 0 keeps A (supermerger skips both).",
+        skip=_sm.self_skip,
+    ),
+    "plus-random": Operator(
+        _sm.plus_random, "a",
+        (_alpha_option("scale of the N(0, 1) noise"),
+         OperatorOption("seed", int, 0, "merge seed; recorded in the file", low=0, high=2**63 - 1)),
+        summary="A + alpha*N(0,1) (supermerger plus random)",
+        description="supermerger calcmode plus random: A + alpha*N(0, 1) per element, keys whose LDM name contains "
+        "to_out, proj_out or norm keep A. The noise is seeded per key from --seed (supermerger uses torch's global RNG, "
+        "which no seed reproduces).",
+        skip=_sm.self_skip,
+    ),
+})
+
+
+# --------------------------------------------------------------------------------------------
+# sd-meh's merge methods (the math is in .meh_modes)
+
+from . import meh_modes as _meh
+
+
+def _unit_alpha(help_text: str) -> OperatorOption:
+    return OperatorOption("alpha", float, _REQUIRED, help_text, low=0.0, high=1.0)
+
+
+OPERATORS.update({
+    "weighted-subtraction": Operator(
+        _meh.weighted_subtraction, "ab",
+        (_alpha_option("alpha of alpha*beta, the share of B taken out"), _beta_option("beta of alpha*beta"),
+         WEIGHTS_CLIP),
+        summary="(A - alpha*beta*B)/(1 - alpha*beta)",
+        description="sd-meh weighted_subtraction: (A - alpha*beta*B)/(1 - alpha*beta), the weighted sum solved for "
+        "its other input (beta is nudged by 1e-10 when alpha*beta = 1, as sd-meh does for alpha = beta = 1).",
+    ),
+    "euclidean-add-difference": Operator(
+        _meh.euclidean_add_difference, "abc",
+        (_unit_alpha("weight of B: 0 gives A, 1 gives B"), WEIGHTS_CLIP),
+        summary="C + the RMS of the normalised A-C, B-C, at the norm of lerp(A, B, alpha) - C",
+        description="sd-meh euclidean_add_difference: d = sqrt((1-alpha)*a^2 + alpha*b^2) with a, b the "
+        "differences A - C, B - C divided by their norms, signed like s = lerp(A, B, alpha) - C; result "
+        "C + d*|s|/|d| (norms over each tensor).",
+        input_help={"C": "base model both differences are taken from"},
+    ),
+    "multiply-difference": Operator(
+        _meh.multiply_difference, "abc",
+        (_unit_alpha("exponent: |A-C|^(1-alpha) * |B-C|^alpha"),
+         _beta_option("sign from lerp(A, B, beta) - C"), WEIGHTS_CLIP),
+        summary="C + |A-C|^(1-alpha)*|B-C|^alpha, signed by lerp(A, B, beta) - C",
+        description="sd-meh multiply_difference: the weighted geometric mean of the two differences from C, "
+        "with the sign of the weighted-sum difference lerp(A, B, beta) - C.",
+        input_help={"C": "base model both differences are taken from"},
+    ),
+    "similarity-add-difference": Operator(
+        _meh.similarity_add_difference, "abc",
+        (_alpha_option("strength of B - C (and 2x the weight of B where A and B agree)"),
+         _beta_option("how far agreement moves toward the weighted sum (similarity scale)"), WEIGHTS_CLIP),
+        summary="lerp(A + alpha*(B-C), lerp(A, B, alpha/2), beta*similarity(A, B))",
+        description="sd-meh similarity_add_difference: s = beta*(A*B/max(|A|,|B|)^2 + 1)/2 per element; result "
+        "(1-s)*(A + alpha*(B - C)) + s*((1-alpha/2)*A + alpha/2*B): add difference where A and B disagree, "
+        "weighted sum where they agree.",
+    ),
+    "top-k-tensor-sum": Operator(
+        _meh.top_k_tensor_sum, "ab",
+        (_alpha_option("width of the magnitude band (fraction of the values)"),
+         _beta_option("offset of the band (fraction; wraps past 1)"), WEIGHTS_CLIP),
+        summary="A's values rearranged in B's order on a band of magnitudes",
+        description="sd-meh top_k_tensor_sum: A's sorted values are given to the elements in B's rank order, on "
+        "the values whose magnitude lies in the band [beta, beta+alpha) of A's magnitude ranks (the complement "
+        "when it wraps past 1); A elsewhere. The result holds only A's values.",
+    ),
+    "distribution-crossover": Operator(
+        _meh.distribution_crossover, "abc",
+        (_alpha_option("crossover frequency (fraction of the spectrum) below which A is kept"),
+         _beta_option("width of the crossover (<= 1e-10: a hard step)"), WEIGHTS_CLIP),
+        summary="FFT crossover of A and B sorted by C",
+        description="sd-meh distribution_crossover: A and B are sorted by C's values, their real FFTs mixed "
+        "(low frequencies from A, high from B; filter clip((k/m - alpha)/beta + 1/2, 0, 1)), transformed back and "
+        "unsorted.",
+        input_help={"C": "model whose value order A and B are sorted by"},
+    ),
+    "ties-add-difference": Operator(
+        _meh.ties_add_difference, "abc",
+        (_alpha_option("strength of the merged difference"),
+         OperatorOption("beta", float, _REQUIRED, "kept fraction of each difference, by magnitude", low=0.0,
+                        high=1.0),
+         WEIGHTS_CLIP),
+        summary="C + alpha*TIES(top-beta(A-C), top-beta(B-C))",
+        description="sd-meh ties_add_difference: keep the top --beta fraction (by magnitude) of A - C and of "
+        "B - C, elect the sign by vote count (a conflict zeroes the entry), average the agreeing entries, add "
+        "alpha times that to C.",
+        input_help={"C": "base model both differences are taken from"},
+    ),
+    "rotate": Operator(
+        _meh.rotate, "ab",
+        (_alpha_option("fraction of the rotation of A's neurons onto B's (1: all of it; integers: its powers)"),
+         _beta_option("interpolation of the neurons toward B's, rotated into A's frame"), WEIGHTS_CLIP),
+        summary="A's neurons turned toward B's by alpha of their Procrustes rotation",
+        description="sd-meh rotate (orthogonal Procrustes): the rows of A and B (centred) give the rotation R "
+        "= U V^T of the SVD of A^T B; result lerp(A, B R^T, beta) R^alpha + lerp(mean A, mean B, alpha), the "
+        "fractional power by eigendecomposition. 1-d tensors and single rows: lerp(A, B, alpha); k x k "
+        "convolutions (k > 1) and A ~ B: lerp(A, B, beta). Costs O(d^3) per tensor (d = row width).",
+    ),
+})

@@ -73,6 +73,11 @@ class KeyPolicy:
         discard: regular expression; output keys it matches (``re.search`` semantics) are removed.
             It is validated here and matched in linear time (:mod:`sdadapt.patterns`: no
             backreferences or lookaround), so a hostile recipe cannot hang a merge.
+        exclude: supermerger's Exclude as ``BLOCKS:ELEMENTS`` rules
+            (:func:`sdadapt.merge.elemental.parse_selection`): matching keys are not merged, the first
+            input's tensor is kept. Recorded only when set.
+        include: supermerger's Include: only keys matching these rules are merged (``exclude`` still
+            applies to them); the others keep the first input's tensor. Recorded only when set.
     """
 
     components: tuple[str, ...] = _COMPONENTS
@@ -81,6 +86,8 @@ class KeyPolicy:
     channel_mismatch: str = "merge-common"
     reset_position_ids: bool = False
     discard: str | None = None
+    exclude: str | None = None
+    include: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.components, str) or not isinstance(self.components, (list, tuple)):
@@ -93,6 +100,11 @@ class KeyPolicy:
             raise InputError(f"KeyPolicy.reset_position_ids must be true or false, got {self.reset_position_ids!r}")
         if self.discard is not None:
             compile_pattern(self.discard, what="discard (--discard)")
+        for rules in (self.exclude, self.include):
+            if rules is not None:
+                from .elemental import parse_selection
+
+                parse_selection(rules, architecture="sd1")  # syntax (SDXL block names are a subset)
         for name, value, allowed in (
             ("ema", self.ema, ("prune", "copy", "merge")),
             ("only_in_others", self.only_in_others, ("drop", "copy")),
@@ -127,6 +139,15 @@ class MergeStep:
             input's dtype per key. Nested steps with ``None`` hand float32 to the next step.
         compute_dtype: dtype the operators compute in.
         policy: the :class:`KeyPolicy`.
+        elemental: supermerger's elemental rules (``"IN04 IN05:attn2:0.5"``, see
+            :mod:`sdadapt.merge.elemental`): per-key strengths applied after ``block_weights``.
+            Recorded in the recipe only when set (older readers refuse fields they do not know).
+        adjust: supermerger's Adjust ("fine"): 8 numbers (fewer are padded with 0) that rescale the
+            UNet's ``conv_in`` / ``out.0`` / ``out.2`` after the merge (:mod:`sdadapt.merge.adjust`).
+            Recorded only when set.
+        block_beta: per-block ``beta`` (26 SD1/SD2 or 20 SDXL values, BASE first; 25/19 take BASE
+            from ``options["beta"]``) for the operators that declare ``beta``; replaces it per key.
+            Recorded only when set.
     """
 
     operator: str
@@ -140,6 +161,9 @@ class MergeStep:
     dtype: str | None = None
     compute_dtype: str = "fp32"
     policy: KeyPolicy = field(default_factory=KeyPolicy)
+    elemental: str | None = None
+    adjust: tuple[float, ...] | None = None
+    block_beta: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.operator, str):
@@ -157,6 +181,18 @@ class MergeStep:
                 high=MAX_MERGE_STRENGTH))
         if self.base_alpha is not None:
             finite_number(self.base_alpha, name="base_alpha", low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
+        if self.elemental is not None:
+            from .elemental import parse_elemental
+
+            parse_elemental(self.elemental, architecture="sd1", limit=MAX_MERGE_STRENGTH)  # syntax (SDXL names are a subset)
+        if self.adjust is not None:
+            from .adjust import parse_adjust
+
+            object.__setattr__(self, "adjust", parse_adjust(_sequence(self.adjust, "adjust")))
+        if self.block_beta is not None:
+            object.__setattr__(self, "block_beta", finite_numbers(
+                _sequence(self.block_beta, "block_beta"), name="block_beta", low=-MAX_MERGE_STRENGTH,
+                high=MAX_MERGE_STRENGTH))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise InputError(f"MergeStep.seed must be a non-negative integer, got {str(self.seed)[:40]!r}")
         if not isinstance(self.policy, KeyPolicy):
@@ -170,6 +206,13 @@ class MergeStep:
                 raise TypeError(f"MergeStep inputs are paths or MergeSteps, got {type(item).__name__}")
         # the operator's declaration decides which settings exist (the same check the engine and the CLI use)
         check_options(self.operator, self.options, alpha=self.alpha, weights=self.weights, seed=self.seed)
+        if self.block_beta is not None and "beta" not in self.options:
+            from .operators import OPERATORS
+
+            with_beta = [name for name, op in OPERATORS.items() if "beta" in op.option_names]
+            raise InputError(f"{self.operator}: block_beta (per-block --beta) needs options['beta'] (BASE's beta)"
+                             if self.operator in with_beta else f"{self.operator} has no beta, so block_beta "
+                             f"(per-block --beta) cannot apply; operators with beta: {', '.join(with_beta)}")
 
 
 def step_to_dict(step: MergeStep, hashes: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -187,8 +230,11 @@ def step_to_dict(step: MergeStep, hashes: Mapping[str, str] | None = None) -> di
         if f.name in ("operator", "inputs"):
             continue
         value = getattr(step, f.name)
+        if f.name in _WRITTEN_WHEN_SET and value is None:
+            continue
         if f.name == "policy":
-            value = {p.name: (list(v) if isinstance(v := getattr(value, p.name), tuple) else v) for p in fields(KeyPolicy)}
+            value = {p.name: (list(v) if isinstance(v := getattr(value, p.name), tuple) else v) for p in fields(KeyPolicy)
+                     if p.name not in _WRITTEN_WHEN_SET or getattr(value, p.name) is not None}
         elif isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, Mapping):
@@ -196,6 +242,10 @@ def step_to_dict(step: MergeStep, hashes: Mapping[str, str] | None = None) -> di
         out[f.name] = value
     return out
 
+
+#: step fields newer than recipe version 1: written only when set, so recipes that do not use them
+#: stay readable by older sdadapt (which refuses unknown fields) and keep their bytes
+_WRITTEN_WHEN_SET = frozenset({"elemental", "adjust", "block_beta", "exclude", "include"})
 
 #: deepest chain of nested steps a recipe may hold
 MAX_RECIPE_DEPTH = 16
@@ -250,11 +300,12 @@ def step_from_dict(data: Mapping[str, Any], *, _depth: int = 0, _where: str = "s
     _typed(data, "base_alpha", (int, float), "a number", _where)
     _typed(data, "seed", (int,), "a non-negative integer", _where)
     _typed(data, "dtype", (str,), f"one of {', '.join(DTYPES)}", _where)
+    _typed(data, "elemental", (str,), "elemental rules (text)", _where)
     _typed(data, "compute_dtype", (str,), f"one of {', '.join(DTYPES)}", _where)
     _typed(data, "options", (dict,), "an object", _where)
     _typed(data, "policy", (dict,), "an object", _where)
     kwargs = {name: data[name] for name in _STEP_KEYS - {"operator", "inputs"} if name in data}
-    for name in ("weights", "block_weights"):
+    for name in ("weights", "block_weights", "adjust", "block_beta"):
         if kwargs.get(name) is not None:
             kwargs[name] = tuple(_sequence(kwargs[name], f"{_where}: {name}"))
     if "policy" in kwargs:
@@ -263,6 +314,8 @@ def step_from_dict(data: Mapping[str, Any], *, _depth: int = 0, _where: str = "s
         if bad:
             raise InputError(f"{_where}: policy has unknown field(s) {bad[:5]}; it has {', '.join(sorted(_POLICY_KEYS))}")
         _typed(policy, "discard", (str,), "a pattern (a string)", f"{_where}.policy")
+        _typed(policy, "exclude", (str,), "include/exclude rules (text)", f"{_where}.policy")
+        _typed(policy, "include", (str,), "include/exclude rules (text)", f"{_where}.policy")
         if "components" in policy:
             policy = {**policy, "components": tuple(_sequence(policy["components"], f"{_where}.policy.components"))}
         kwargs["policy"] = KeyPolicy(**policy)
@@ -369,7 +422,8 @@ def load_recipe(path: str | os.PathLike) -> tuple[MergeStep, dict[str, str]]:
     return step, hashes
 
 
-_A1111_METHODS = {"weighted-sum": "Weighted sum", "add-difference": "Add difference"}
+_A1111_METHODS = {"weighted-sum": "Weighted sum", "add-difference": "Add difference",
+                  "triple-sum": "Triple sum", "sum-twice": "sum Twice"}
 
 
 def a1111_metadata(
@@ -404,6 +458,15 @@ def a1111_metadata(
         "block_weights": list(step.block_weights) if step.block_weights is not None else None,
         "seed": step.seed,
     }
+    if "beta" in step.options:  # supermerger's second scalar (its recipes call it base_beta)
+        recipe["beta"] = step.options["beta"]
+    if step.elemental is not None:
+        recipe["elemental_merge"] = step.elemental  # supermerger's name
+    if step.block_beta is not None:
+        recipe["weights_beta"] = list(step.block_beta)  # supermerger's name (BASE first here)
+    for name in ("include", "exclude"):  # supermerger writes "Include"/"Exclude": its lists
+        if getattr(step.policy, name) is not None:
+            recipe[name] = getattr(step.policy, name)
     models: dict[str, Any] = {}
     for path in leaf_paths(step):
         sha = hashes.get(path)

@@ -1,0 +1,400 @@
+"""supermerger's merge modes and calculation modes as pure per-key operators.
+
+Transcribed from hako-mikan/sd-webui-supermerger ``scripts/mergers/mergers.py`` (``smerge``,
+``precosine``/``cosine``, ``extract_super``, ``tensormerge``) and its ``calcmode_en.md``; the
+formulas, with ``α``/``β`` the step's alpha/beta (the weight of B / of C):
+
+==============  ===================================================================================
+triple_sum      ``(1 − α − β)·A + α·B + β·C``, computed as supermerger does:
+                ``lerp(A, lerp(B, C, β/(α+β)), α+β)`` (the plain sum when ``α + β = 0``)
+sum_twice       ``(1 − β)·((1 − α)·A + α·B) + β·C`` = ``lerp(lerp(A, B, α), C, β)``
+cosine_a/b      ``lerp(B, A, k)``: ``k = clip((s − s_min)/(s_max − s_min) − α, 0, 1)`` per column
+                (``cosine_a`` uses ``|α|``); ``s`` is the key's similarity, ``s_min``/``s_max`` come
+                from a pre-pass over every key (:func:`cosine_statistic`, :func:`cosine_range`)
+smooth_add      ``A + α·gauss₁(median₃(B − C))`` (scipy ``median_filter(size=3)`` then
+                ``gaussian_filter(sigma=1)``, mode ``reflect``, over the whole N-D tensor)
+extract         ``A + lerp(a, b, α)·lerp(d, 1 − d, β)``, ``a = B − A``, ``b = C − A``,
+                ``d = ((cos(a, b) + 1)/2)^γ`` with the cosine along the last dim (subaqua's)
+tensor_slice    rows ``[int(β·n), int((α+β)·n))`` of A replaced by B's (wrapping past 1); the
+                ``dim=1`` variant (supermerger's ``tensor2``) slices columns
+scale_self      ``A·α`` (calcmode ``self``; one model, ``tensors = (A,)``)
+plus_random     ``A + α·N(0, 1)`` (calcmode ``plus random``; noise from a per-key generator)
+==============  ===================================================================================
+
+Every function takes ``tensors = (A, B)`` and ``base = C`` where there is a third model (the
+engine's ``"abc"`` convention), computes in ``compute_dtype`` and never modifies its inputs.
+The filters of :func:`smooth_add` are torch code (:func:`median_filter3`, :func:`gaussian_filter`);
+scipy is not needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InputError
+from .operator_inputs import _alpha, _count, _difference_inputs, _same_shape, _up
+
+__all__ = [
+    "triple_sum",
+    "sum_twice",
+    "cosine_statistic",
+    "cosine_range",
+    "cosine_merge",
+    "median_filter3",
+    "gaussian_filter",
+    "smooth_add",
+    "extract",
+    "tensor_slice",
+    "percentile_midpoint",
+    "SELF_SKIP",
+    "self_skip",
+    "scale_self",
+    "plus_random",
+]
+
+
+def triple_sum(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None, beta: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """supermerger's Triple sum ``(1 − α − β)·A + α·B + β·C`` of ``tensors = (A, B)``, ``base = C``.
+
+    Computed as supermerger does (``lerp(A, lerp(B, C, β/(α+β)), α+β)``; the plain sum when
+    ``α + β = 0``).
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    a, b, c, alpha = _difference_inputs(tensors, weights, base, "triple_sum", compute_dtype)
+    total = alpha + beta
+    if total == 0.0:
+        return a.mul_(1.0 - alpha - beta).add_(b, alpha=alpha).add_(c, alpha=beta)
+    return torch.lerp(a, torch.lerp(b, c, beta / total), total)
+
+
+def sum_twice(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None, beta: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """supermerger's sum Twice ``(1 − β)·((1 − α)·A + α·B) + β·C`` = ``lerp(lerp(A, B, α), C, β)``.
+
+    ``tensors = (A, B)``, ``base = C``.
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    a, b, c, alpha = _difference_inputs(tensors, weights, base, "sum_twice", compute_dtype)
+    return torch.lerp(torch.lerp(a, b, alpha), c, beta)
+
+
+# --------------------------------------------------------------------------------------------
+# cosineA / cosineB
+
+
+def _flat_cos(x: Tensor, y: Tensor) -> Tensor:
+    """``⟨x, y⟩ / (‖x‖·‖y‖)`` of the flattened tensors (0-d)."""
+    return torch.dot(x.reshape(-1), y.reshape(-1)) / (torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y))
+
+
+def _as_columns(t: Tensor) -> Tensor:
+    return t.reshape(1) if t.dim() == 0 else t
+
+
+def cosine_statistic(tensors: Sequence[Tensor], *, normalize: bool, compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """The pre-pass similarity of one key (supermerger's ``precosine``), ``tensors = (A, B)`` of ``(*S)``.
+
+    ``normalize=True`` (cosineA): the column cosine ``cos_dim0(Â, B̂)`` of the column-normalised
+    tensors. ``normalize=False`` (cosineB): ``(cos_dim0(A, B) + cos(A, B))/2``, the column cosine
+    averaged with the whole-tensor cosine.
+
+    Returns:
+        ``(*S[1:])`` (one value per column; 0-d for a 1-D tensor) in ``compute_dtype``.
+    """
+    _count(tensors, 2, "cosine_statistic")
+    _same_shape(tensors, None, "cosine_statistic")
+    a, b = (_as_columns(_up(t, compute_dtype)) for t in tensors)
+    if normalize:
+        return F.cosine_similarity(F.normalize(a, p=2, dim=0), F.normalize(b, p=2, dim=0), dim=0)
+    return (F.cosine_similarity(a, b, dim=0) + _flat_cos(a, b)) / 2.0
+
+
+def percentile_midpoint(values: Tensor, q: float) -> float:
+    """``numpy.percentile(values, q, method="midpoint")`` of a 1-D tensor (numpy itself: its
+    interpolation rounds as ``hi - (hi - lo)/2``, which ``lo + (hi - lo)/2`` misses by an ulp at times,
+    and the value is a threshold the pooled similarities are compared with)."""
+    flat = values.detach().to("cpu", torch.float64).reshape(-1)
+    if flat.numel() == 0:
+        raise ValueError("percentile of no values")
+    return float(np.percentile(flat.numpy(), q, method="midpoint"))
+
+
+def cosine_range(statistics: Sequence[Tensor]) -> dict[str, float]:
+    """``{"s_min", "s_max"}`` from every key's :func:`cosine_statistic` (supermerger's pre-pass).
+
+    All values are pooled, NaN removed, then the values below the 1st percentile dropped, then the
+    values above the 99th percentile of the rest (``numpy.percentile(method="midpoint")``, as
+    supermerger does); ``s_min``/``s_max`` are the extremes of what is left.
+
+    Raises:
+        InputError: no finite similarity at all (nothing to normalise by).
+    """
+    pooled = torch.cat([s.reshape(-1).to(torch.float64) for s in statistics]) if statistics else torch.zeros(0, dtype=torch.float64)
+    pooled = pooled[~torch.isnan(pooled)]
+    if pooled.numel() == 0:
+        raise InputError("cosine merge: the inputs share no tensor with a finite similarity; nothing to normalise by")
+    pooled = pooled[~(pooled < percentile_midpoint(pooled, 1))]
+    pooled = pooled[~(pooled > percentile_midpoint(pooled, 99))]
+    return {"s_min": float(pooled.min()), "s_max": float(pooled.max())}
+
+
+def cosine_merge(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None, normalize: bool,
+    s_min: float, s_max: float, compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """supermerger's cosineA (``normalize=True``) / cosineB merge of ``tensors = (A, B)``, ``weights = α``.
+
+    ``s = (cos_dim0(X, Y) + cos(X, Y))/2`` per column with ``X, Y = Â, B̂`` (column-normalised,
+    cosineA) or ``A, B`` (cosineB); ``k = clip((s − s_min)/(s_max − s_min) − α', 0, 1)`` with
+    ``α' = |α|`` (cosineA) or ``α`` (cosineB), broadcast over dim 0; result ``lerp(B, A, k)`` — the
+    more similar a column, the more of A it keeps; α pushes toward B. ``s_min``/``s_max`` come from
+    :func:`cosine_range` over the whole model. When ``s_max == s_min`` (every key equally similar;
+    supermerger divides by zero there) the normalised similarity counts as 1.
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    _count(tensors, 2, "cosine_merge")
+    _same_shape(tensors, None, "cosine_merge")
+    alpha = _alpha(weights, "cosine_merge")
+    a, b = (_up(t, compute_dtype) for t in tensors)
+    x, y = _as_columns(a), _as_columns(b)
+    if normalize:
+        x, y = F.normalize(x, p=2, dim=0), F.normalize(y, p=2, dim=0)
+    similarity = (F.cosine_similarity(x, y, dim=0) + _flat_cos(x, y)) / 2.0  # (*S[1:])
+    spread = s_max - s_min
+    scaled = (similarity - s_min) / spread if spread != 0 else torch.ones_like(similarity)
+    k = (scaled - (abs(alpha) if normalize else alpha)).clip(min=0.0, max=1.0)
+    return torch.lerp(b, a, k)  # k (*S[1:]) broadcasts over dim 0
+
+
+# --------------------------------------------------------------------------------------------
+# smoothAdd
+
+#: elements of one median-filter chunk times its 3^N window (bounds the unfolded copy)
+_MEDIAN_CHUNK = 1 << 24
+
+
+def _reflect_index(n: int, pad: int, device: torch.device) -> Tensor:
+    """Indices of scipy's ``mode="reflect"`` (``d c b a | a b c d | d c b a``) for ``-pad..n+pad-1``."""
+    i = torch.arange(-pad, n + pad, device=device) % (2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
+
+
+def median_filter3(x: Tensor) -> Tensor:
+    """``scipy.ndimage.median_filter(x, size=3)`` (mode ``reflect``) over every dim of ``x``.
+
+    The exact median of each ``3^N`` neighbourhood; computed in slabs along dim 0 so the unfolded
+    windows stay under ``2^24`` values.
+
+    Args:
+        x: ``(*S)``, any float dtype.
+
+    Returns:
+        ``(*S)``, same dtype.
+    """
+    if x.dim() == 0 or x.numel() == 0:
+        return x.clone()
+    padded = x
+    for dim in range(x.dim()):  # with a 1-wide pad scipy's reflect repeats the edge value
+        padded = padded.index_select(dim, _reflect_index(x.shape[dim], 1, x.device))
+    window = 3 ** x.dim()
+    rows = max(1, _MEDIAN_CHUNK // max(1, window * (x.numel() // x.shape[0])))
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], rows):
+        stop = min(start + rows, x.shape[0])
+        slab = padded.narrow(0, start, stop - start + 2)
+        for dim in range(x.dim()):
+            slab = slab.unfold(dim, 3, 1)  # (*S_chunk, 3, 3, ...)
+        out[start:stop] = slab.reshape(*slab.shape[: x.dim()], window).median(dim=-1).values
+    return out
+
+
+def gaussian_filter(x: Tensor, sigma: float = 1.0, *, truncate: float = 4.0) -> Tensor:
+    """``scipy.ndimage.gaussian_filter(x, sigma, truncate=truncate)`` (mode ``reflect``).
+
+    One 1-D correlation per dim in order, each accumulated in float64 and stored in ``x``'s dtype
+    (as scipy stores each pass in the output array); kernel ``exp(−t²/2σ²)`` for
+    ``|t| ≤ int(truncate·σ + 0.5)``, normalised to sum 1.
+
+    Args:
+        x: ``(*S)``, any float dtype.
+
+    Returns:
+        ``(*S)``, same dtype.
+    """
+    radius = int(truncate * float(sigma) + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 / (float(sigma) ** 2) * taps**2)
+    kernel = (kernel / kernel.sum()).tolist()
+    out = x
+    for dim in range(x.dim()):
+        n = x.shape[dim]
+        if n == 0:
+            return x.clone()
+        padded = out.to(torch.float64).index_select(dim, _reflect_index(n, radius, x.device))
+        total = torch.zeros(out.shape, dtype=torch.float64, device=x.device)
+        for tap, weight in enumerate(kernel):
+            total.add_(padded.narrow(dim, tap, n), alpha=weight)
+        out = total.to(x.dtype)
+    return out.clone() if out is x else out
+
+
+def smooth_add(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """supermerger's smoothAdd ``A + α·gaussian_filter(median_filter(B − C, size=3), sigma=1)``.
+
+    ``tensors = (A, B)``, ``base = C``. Both filters run over the whole N-D tensor (neighbouring
+    rows, columns and kernel taps mix), mode ``reflect``.
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    a, b, c, alpha = _difference_inputs(tensors, weights, base, "smooth_add", compute_dtype)
+    smooth = gaussian_filter(median_filter3(b.sub_(c)), 1.0)
+    return a.add_(smooth, alpha=alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# extract (subaqua)
+
+
+def extract(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None, beta: float,
+    gamma: float = 0.3, compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """subaqua's extract (supermerger ``extract_super``): ``A + lerp(a, b, α)·lerp(d, 1 − d, β)``.
+
+    ``tensors = (A, B)``, ``base = C``; ``a = B − A``, ``b = C − A``, ``c`` the cosine of ``a`` and
+    ``b`` along the last dim (clamped to [−1, 1], one value per row), ``d = ((c + 1)/2)^γ``.
+    β = 0 keeps what the two differences share, β = 1 what they do not; γ sharpens.
+
+    Raises:
+        InputError: α or β outside [0, 1] or γ < 0 (supermerger's asserts).
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    a0, b0, c0, alpha = _difference_inputs(tensors, weights, base, "extract", compute_dtype)
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"extract: {name} must be in [0, 1], got {value:g}")
+    if not gamma >= 0.0:
+        raise InputError(f"extract: gamma must be >= 0, got {gamma:g}")
+    shape = a0.shape
+    a0, b0, c0 = (t.reshape(1) if t.dim() == 0 else t for t in (a0, b0, c0))
+    a = b0.sub_(a0)  # (*S) B − A
+    b = c0.sub_(a0)  # (*S) C − A
+    c = F.cosine_similarity(a, b, dim=-1).clamp(-1, 1).unsqueeze(-1)  # (*S[:-1], 1)
+    d = ((c + 1) / 2) ** gamma
+    return a0.add_(torch.lerp(a, b, alpha) * torch.lerp(d, 1 - d, beta)).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# tensor / tensor2
+
+
+def tensor_slice(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None, beta: float,
+    columns: bool = False, compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """supermerger's tensor / tensor2 calc modes: a slice of B pasted into A, no interpolation.
+
+    ``tensors = (A, B)``; ``n = A.shape[0]``. When ``α + β ≤ 1`` the rows
+    ``[int(n·β), int(n·(α+β)))`` of A are replaced by B's; otherwise (wrapping) the result is B
+    with the rows ``[int(n·(α+β−1)), int(n·β))`` taken from A. Python slice rules apply to the
+    bounds, as in supermerger.
+
+    ``columns=True`` (tensor2) cuts dim 1 instead, for tensors of 2+ dims; ``n`` is then
+    ``A.shape[1]`` when that is larger than 100, else still ``A.shape[0]`` (supermerger's index
+    arithmetic, kept as it is). 0-d tensors are returned as A.
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    _count(tensors, 2, "tensor_slice")
+    _same_shape(tensors, None, "tensor_slice")
+    alpha = _alpha(weights, "tensor_slice")
+    a, b = (_up(t, compute_dtype) for t in tensors)
+    if a.dim() == 0:
+        return a
+    n = a.shape[0]
+    if columns and a.dim() > 1 and a.shape[1] > 100:
+        n = a.shape[1]
+    dim = 1 if columns and a.dim() > 1 else 0
+    if alpha + beta <= 1:
+        start, stop, into, source = int(n * beta), int(n * (alpha + beta)), a, b
+    else:
+        start, stop, into, source = int(n * (alpha + beta - 1)), int(n * beta), b, a
+    index = (slice(None),) * dim + (slice(start, stop),)
+    into[index] = source[index]
+    return into
+
+
+# --------------------------------------------------------------------------------------------
+# calcmodes "self" and "plus random" (one model)
+
+#: supermerger's SELFKEYS: keys containing one of these keep A in "self" and "plus random"
+SELF_SKIP = ("to_out", "proj_out", "norm")
+
+
+def self_skip(key: str) -> str | None:
+    """Why ``key`` keeps A in ``self`` / ``plus-random`` (a :data:`SELF_SKIP` substring), else ``None``.
+
+    ``key`` is an LDM name, as supermerger sees it (the engine passes a diffusers key's LDM name).
+    """
+    hit = next((part for part in SELF_SKIP if part in key), None)
+    return None if hit is None else f"{hit} keys kept as A (supermerger's self / plus random skip them)"
+
+
+def scale_self(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """supermerger's calcmode ``self``: ``A·α`` of ``tensors = (A,)``; ``α = 0`` keeps A (supermerger skips it).
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    _count(tensors, 1, "self")
+    alpha = _alpha(weights, "self")
+    a = _up(tensors[0], compute_dtype)
+    return a if alpha == 0.0 else a.mul_(alpha)
+
+
+def plus_random(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None,
+    generator: torch.Generator, compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """supermerger's calcmode ``plus random``: ``A + α·N(0, 1)`` of ``tensors = (A,)``.
+
+    The noise comes from ``generator`` (the engine seeds one per key from the step's seed, so the
+    result does not depend on key order; supermerger draws from torch's global generator, which
+    no seed reproduces). ``α = 0`` keeps A.
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    _count(tensors, 1, "plus_random")
+    alpha = _alpha(weights, "plus_random")
+    a = _up(tensors[0], compute_dtype)
+    if alpha == 0.0:
+        return a
+    noise = torch.randn(a.shape, generator=generator, dtype=compute_dtype)  # (*S), drawn on the generator's CPU
+    return a.add_(noise.to(a.device), alpha=alpha)
