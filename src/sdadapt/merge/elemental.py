@@ -25,7 +25,7 @@ ratios (supermerger's ``R``) are not supported.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -90,6 +90,33 @@ def _expand_blocks(words: Sequence[str], names: Sequence[str], rule: str, archit
     return tuple(dict.fromkeys(out))
 
 
+def _rule_texts(text: str, what: str, too_many: str) -> Iterator[str]:
+    """The rules of ``text`` (separated by commas or newlines), stripped, empty ones skipped; at most
+    :data:`MAX_RULES` (``too_many``: the fix the error names)."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} rules are text, got {type(text).__name__}")
+    count = 0
+    for raw in text.replace("\n", ",").split(","):
+        rule = raw.strip()
+        if not rule:
+            continue
+        if count == MAX_RULES:
+            raise InputError(f"{what}: more than {MAX_RULES} rules; {too_many}")
+        count += 1
+        yield rule
+
+
+def _rule(rule: str, block_field: str, element_field: str, ratio: float, names: Sequence[str], architecture: str, *,
+          what: str) -> ElementalRule:
+    """One rule from its ``BLOCKS`` and ``ELEMENTS`` fields (``NOT`` read on each)."""
+    not_blocks, block_words = _words(block_field)
+    not_elements, elements = _words(element_field)
+    if not_elements and not elements:  # supermerger: all keys or none, depending on a trailing space
+        raise InputError(f"{what} {rule[:80]!r}: NOT needs the elements to leave out after it")
+    return ElementalRule(blocks=_expand_blocks(block_words, names, rule[:80], architecture, what=what),
+                         not_blocks=not_blocks, elements=tuple(elements), not_elements=not_elements, ratio=ratio)
+
+
 def parse_elemental(text: str, *, architecture: str, limit: float = 100.0) -> tuple[ElementalRule, ...]:
     """Rules from supermerger's elemental text (see the module doc).
 
@@ -103,16 +130,9 @@ def parse_elemental(text: str, *, architecture: str, limit: float = 100.0) -> tu
             is not a finite number within ``±limit`` (the message quotes the rule), or more than
             :data:`MAX_RULES` rules.
     """
-    if not isinstance(text, str):
-        raise InputError(f"elemental rules are text, got {type(text).__name__}")
     names = block_names(architecture)
     rules: list[ElementalRule] = []
-    for raw in text.replace("\n", ",").split(","):
-        rule = raw.strip()
-        if not rule:
-            continue
-        if len(rules) == MAX_RULES:
-            raise InputError(f"elemental: more than {MAX_RULES} rules; merge in steps or use block weights")
+    for rule in _rule_texts(text, "elemental", "merge in steps or use block weights"):
         if rule.count(":") != 2:
             raise InputError(f"elemental rule {rule[:80]!r}: write BLOCKS:ELEMENTS:RATIO (e.g. \"IN04 IN05:attn2:0.5\")")
         block_field, element_field, ratio_text = rule.split(":")
@@ -122,14 +142,7 @@ def parse_elemental(text: str, *, architecture: str, limit: float = 100.0) -> tu
             raise InputError(f"elemental rule {rule[:80]!r}: the ratio {ratio_text.strip()[:20]!r} is not a number") from None
         if not math.isfinite(ratio) or abs(ratio) > limit:
             raise InputError(f"elemental rule {rule[:80]!r}: the ratio must be a finite number within ±{limit:g}")
-        not_blocks, block_words = _words(block_field)
-        not_elements, elements = _words(element_field)
-        if not_elements and not elements:  # supermerger: all keys or none, depending on a trailing space
-            raise InputError(f"elemental rule {rule[:80]!r}: NOT needs the elements to leave out after it")
-        rules.append(ElementalRule(
-            blocks=_expand_blocks(block_words, names, rule[:80], architecture), not_blocks=not_blocks,
-            elements=tuple(elements), not_elements=not_elements, ratio=ratio,
-        ))
+        rules.append(_rule(rule, block_field, element_field, ratio, names, architecture, what="elemental rule"))
     if not rules:
         raise InputError("elemental: no rule given; write BLOCKS:ELEMENTS:RATIO (e.g. \"IN04 IN05:attn2:0.5\")")
     return tuple(rules)
@@ -146,28 +159,14 @@ def parse_selection(text: str, *, architecture: str) -> tuple[ElementalRule, ...
     Raises:
         InputError: a rule that is not ``BLOCKS:ELEMENTS``, an unknown block, no rule.
     """
-    if not isinstance(text, str):
-        raise InputError(f"include/exclude rules are text, got {type(text).__name__}")
     names = block_names(architecture)
     rules: list[ElementalRule] = []
-    for raw in text.replace("\n", ",").split(","):
-        rule = raw.strip()
-        if not rule:
-            continue
-        if len(rules) == MAX_RULES:
-            raise InputError(f"include/exclude: more than {MAX_RULES} rules; name blocks with ranges (IN04-IN07)")
+    for rule in _rule_texts(text, "include/exclude", "name blocks with ranges (IN04-IN07)"):
         if rule.count(":") != 1:
             raise InputError(f"include/exclude rule {rule[:80]!r}: write BLOCKS:ELEMENTS (e.g. \"IN04 OUT05:\" for "
                              "blocks, \":attn2\" for keys containing attn2)")
         block_field, element_field = rule.split(":")
-        not_blocks, block_words = _words(block_field)
-        not_elements, elements = _words(element_field)
-        if not_elements and not elements:
-            raise InputError(f"include/exclude rule {rule[:80]!r}: NOT needs the elements to leave out after it")
-        rules.append(ElementalRule(
-            blocks=_expand_blocks(block_words, names, rule[:80], architecture, what="include/exclude rule"),
-            not_blocks=not_blocks, elements=tuple(elements), not_elements=not_elements, ratio=1.0,
-        ))
+        rules.append(_rule(rule, block_field, element_field, 1.0, names, architecture, what="include/exclude rule"))
     if not rules:
         raise InputError("include/exclude: no rule given; write BLOCKS:ELEMENTS (e.g. \"IN04 OUT05:\" or \":attn2\")")
     return tuple(rules)
