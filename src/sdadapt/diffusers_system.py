@@ -703,9 +703,9 @@ class DiffusersSystem(nn.Module):
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
                sampler: str = "ddim", karras: bool = False, height: int | None = None, width: int | None = None,
                cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
-               noise: Any = None, schedule_options: Any = None) -> Tensor:
+               noise: Any = None, schedule_options: Any = None, output: str = "images") -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
-        in [-1, 1].
+        in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
         ``sampler``: a name in :data:`sdadapt.samplers.SAMPLERS` (or kohya's ``k_`` alias);
         ``karras``: diffusers' ``use_karras_sigmas`` (the samplers in
@@ -774,7 +774,7 @@ class DiffusersSystem(nn.Module):
                                           prediction_type=self.prediction_type, karras=karras, generator=g,
                                           schedule=schedule, schedule_options=schedule_options,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}))
-        return self.decode_latents(latents)
+        return latents if output == "latents" else self.decode_latents(latents)
 
 
 def _add_vocabulary_files(folder: Path, tokenizer: Any) -> None:

@@ -1,5 +1,8 @@
 """A1111's prompt syntax, read as stable-diffusion-webui reads it (pure text; no model).
 
+* :func:`strip_comments` — A1111's "Enable comments" (on by default, 1.8 and later:
+  ``modules/processing_scripts/comments.py``): a ``#`` and the rest of its line are left out of the
+  prompt before anything else reads it (a commented ``<lora:...>`` tag loads nothing).
 * :func:`extra_network_tags` — ``<lora:NAME:MULT>``, ``<lyco:...>``, ``<hypernet:NAME:MULT>``: every
   ``<word:args>`` tag is taken out of the prompt (``modules/extra_networks.py`` ``parse_prompt``, the
   pattern ``<(\\w+):([^>]+)>``), its ``:``-separated arguments split into positional ones and
@@ -37,6 +40,10 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 
+#: A1111's comment rules (``comments.py`` ``strip_comments``): a whole ``#`` line, then a ``#`` within a line
+_COMMENT_LINE = re.compile("(^|\n)#[^\n]*(\n|$)")
+_COMMENT_TAIL = re.compile("#[^\n]*(\n|$)")
+
 __all__ = [
     "SECOND_ORDER_SAMPLERS",
     "ExtraNetworkTag",
@@ -47,6 +54,7 @@ __all__ = [
     "prompt_schedule",
     "schedule_index",
     "schedule_steps",
+    "strip_comments",
 ]
 
 #: sdadapt's names of the samplers A1111 marks ``second_order`` (Heun, DPM2, DPM2 a, DPM++ 2S a,
@@ -347,3 +355,16 @@ def schedule_steps(sampler: str, steps: int) -> int:
     """The step count A1111 builds prompt schedules for: ``2 * steps`` for the samplers in
     :data:`SECOND_ORDER_SAMPLERS` (two model calls a step), else ``steps``."""
     return 2 * steps if sampler in SECOND_ORDER_SAMPLERS else steps
+
+
+def strip_comments(text: str) -> str:
+    r"""``text`` without A1111's ``#`` comments (its "Enable comments" option, on by default): A1111's
+    two substitutions in order — a line that starts with ``#`` (``(^|\n)#[^\n]*(\n|$)`` -> ``\n``),
+    then ``#`` to the end of a line anywhere (``#[^\n]*(\n|$)`` -> ``\n``). The line breaks left are
+    A1111's (the tokenizer reads them as spaces); a text without ``#`` is returned unchanged.
+
+    Example: ``"a cat # old idea\n# <lora:x:1>\nsitting"`` -> ``"a cat \nsitting"`` (as A1111 gives it).
+    """
+    if "#" not in text:
+        return text
+    return _COMMENT_TAIL.sub("\n", _COMMENT_LINE.sub("\n", text))

@@ -189,8 +189,9 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              guidance: float | None = None, sampler: str = "ddim", karras: bool = False, height: int | None = None,
              width: int | None = None, cond: object | None = None, schedule: str | None = None,
              info: dict | None = None, plan: object | None = None, noise: object | None = None,
-             schedule_options: object | None = None) -> Tensor:
-    """Images for ``prompts``: (B, 3, H, W) in [-1, 1].
+             schedule_options: object | None = None, init_latents: Tensor | None = None,
+             denoising_strength: float = 0.75, img2img_steps: int | None = None, output: str = "images") -> Tensor:
+    """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
     ``karras``: σ on Karras et al.'s grid (diffusers' ``use_karras_sigmas``), for
@@ -223,6 +224,14 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     ``schedule_options``: A1111's schedule settings (:class:`~sdadapt.samplers.schedules.ScheduleOptions`)
     for ``schedule``. ``None`` for both: the images are those without them, bit for bit.
 
+    ``init_latents``: img2img — (1 or B, C, H/8, W/8) latents of the init image (``system.encode_images``) the
+    sampler starts from at ``denoising_strength`` (:mod:`sdadapt.img2img`: A1111's t_enc rule for the samplers on
+    the σ grid, diffusers' strength rule for DDIM and DPM-Solver; the start noise is the noise a txt2img run of
+    ``seed`` draws).
+    ``img2img_steps``: A1111's ``steps=`` of ``sample_img2img`` (the hires pass): A1111's grid is then built for
+    ``int(img2img_steps / min(strength, 0.999))`` steps and ``img2img_steps`` of them run; DDIM and DPM-Solver run
+    ``int(img2img_steps · strength)`` of ``img2img_steps``. ``None``: ``steps`` with A1111's ``int(strength · steps)``.
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
             system cannot make.
@@ -238,6 +247,58 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
         schedule = "align_your_steps_sdxl"
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if output not in ("images", "latents"):
+        raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
+    start = None
+    if init_latents is not None:
+        from .img2img import img2img_start
+
+        start, steps = _img2img_request(name, init_latents, len(prompts), steps, denoising_strength, img2img_steps)
+        with img2img_start(start):
+            result = _generate(system, prompts, name=name, negative=negative, seed=seed, steps=steps,
+                               guidance=guidance, karras=karras, height=height, width=width, cond=cond,
+                               schedule=schedule, info=info, plan=plan, noise=noise,
+                               schedule_options=schedule_options, img2img=True, output=output)
+        if not start.used:
+            raise ValueError(f"sampler {name!r} did not start from the init latents on {type(system).__name__}; "
+                             "img2img runs through sdadapt.samplers.sample_latents")
+        return result
+    return _generate(system, prompts, name=name, negative=negative, seed=seed, steps=steps, guidance=guidance,
+                     karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
+                     noise=noise, schedule_options=schedule_options, img2img=False, output=output)
+
+
+def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
+                     img2img_steps: int | None):
+    """``(Img2ImgStart, the steps the sampler's grid is built for)`` of an img2img request (module :mod:`.img2img`)."""
+    from .img2img import (
+        A1111_RULE_SAMPLERS,
+        Img2ImgStart,
+        a1111_img2img_steps,
+        a1111_start_index,
+        check_img2img_sampler,
+    )
+
+    check_img2img_sampler(name)
+    if init_latents.dim() != 4 or init_latents.shape[0] not in (1, batch):
+        raise ValueError(f"init_latents must be (1 or {batch}, C, h, w) latents, got {tuple(init_latents.shape)}")
+    init = init_latents.expand(batch, *init_latents.shape[1:])
+    if name in A1111_RULE_SAMPLERS:
+        total, t_enc = a1111_img2img_steps(steps, strength, requested=img2img_steps)
+        if total < 1:
+            raise ValueError("denoising strength 0 with a fixed step count leaves no grid (A1111's steps / strength)")
+        return Img2ImgStart(init, index=a1111_start_index(total, t_enc)), total
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"denoising strength must be in [0, 1], got {strength}")
+    return Img2ImgStart(init, strength=float(strength)), img2img_steps or steps
+
+
+def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int, steps: int, guidance: float | None,
+              karras: bool, height: int | None, width: int | None, cond: object | None, schedule: str | None,
+              info: dict | None, plan: object | None, noise: object | None, schedule_options: object | None,
+              img2img: bool, output: str) -> Tensor:
+    """:func:`generate` once its request is checked (``img2img``: an init latent is waiting for the sampler,
+    which must run through :func:`sdadapt.samplers.sample_latents`)."""
     size = int(getattr(system, "image_size", 0))
     custom = (height not in (None, size)) or (width not in (None, size))
     options: dict = {"seed": seed, "steps": steps, "negative": negative}
@@ -246,8 +307,11 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     takes_sampler = (_takes(system.sample, "sampler") and (not karras or _takes(system.sample, "karras"))
                      and (schedule is None or _takes(system.sample, "schedule"))
                      and (noise is None or _takes(system.sample, "noise"))
-                     and (schedule_options is None or _takes(system.sample, "schedule_options")))
-    own_sampler = takes_sampler or (name == "ddim" and noise is None)  # else through the protocol, below
+                     and (schedule_options is None or _takes(system.sample, "schedule_options"))
+                     and (output == "images" or _takes(system.sample, "output")))
+    if img2img and not _takes(system.sample, "output"):  # (sdadapt's own systems sample through sample_latents)
+        takes_sampler = False
+    own_sampler = takes_sampler or (name == "ddim" and noise is None and not img2img and output == "images")  # else through the protocol, below
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -271,10 +335,13 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
             options["noise"] = noise
         if schedule_options is not None:
             options["schedule_options"] = schedule_options
+        if output != "images":
+            options["output"] = output
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
-    if name == "ddim" and plan is None and noise is None and schedule_options is None:
+    if name == "ddim" and plan is None and noise is None and schedule_options is None and not img2img \
+            and output == "images":
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
@@ -303,7 +370,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                                       **({"schedule_options": schedule_options} if schedule_options is not None
                                          else {}),
                                       prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g)
-    return system.decode_latents(latents)
+    return latents if output == "latents" else system.decode_latents(latents)
 
 
 def with_defaults(prompt: SamplePrompt, *, seed: int, steps: int, guidance: float | None) -> SamplePrompt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..img2img import HIRES_UPSCALERS
 from ..samplers import KARRAS_SAMPLERS, SCHEDULE_SAMPLERS
 from ..samplers.labels import sampler_choices, sampler_schedule_from_label
 from ..samplers.schedules import SCHEDULE_LABELS, canonical_schedule
@@ -57,7 +58,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
 
     result = run_generate(
-        model=args.model, prompt=args.prompt, negative=args.negative, loras=args.lora, embeddings=args.embedding,
+        model=args.model, prompt=args.prompt, negative=args.negative, comments=args.comments, loras=args.lora,
+        embeddings=args.embedding,
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
         seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
@@ -70,6 +72,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
         aesthetic_text=args.aesthetic_text, lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
+        init_image=args.init_image, denoising_strength=args.denoising_strength, hires_scale=args.hires_scale,
+        hires_width=args.hires_width, hires_height=args.hires_height, hires_steps=args.hires_steps,
+        hires_denoising=args.hires_denoising, hires_upscaler=args.hires_upscaler,
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     for file in result["files"]:
@@ -99,6 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--negative", default="",
                           help="negative prompt (default none; emphasis, prompt editing, alternation and BREAK as --prompt; "
                           "AND and <...> tags are text here, as in A1111)")
+    generate.add_argument("--no-comments", dest="comments", action="store_false",
+                          help="keep '#' in --prompt/--negative as text (default: A1111's \"Enable comments\": '#' and "
+                          "the rest of its line are left out)")
     generate.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                           help="a LoRA/LyCORIS file to merge in at SCALE (default 1); repeat for several")
     generate.add_argument("--lora-dir", default=None, metavar="DIR",
@@ -155,6 +163,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="A1111's 'Use old karras scheduler sigmas (0.1 to 10)' for --schedule")
     generate.add_argument("--width", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--height", type=positive_int, default=None, help="default: the model's size")
+    img2img = generate.add_argument_group("img2img and hires fix (A1111's; docs/samplers.md, 'img2img and hires fix')")
+    img2img.add_argument("--init-image", default=None, metavar="IMAGE",
+                         help="img2img: start from this image, stretched to --width x --height (A1111's 'Just resize', "
+                         "Lanczos) and VAE-encoded")
+    img2img.add_argument("--denoising-strength", type=float, default=0.75, metavar="S",
+                         help="img2img denoising strength in [0, 1] (default 0.75, A1111's)")
+    img2img.add_argument("--hires-scale", type=float, default=None, metavar="F",
+                         help="hires fix: a second pass at F times the size (A1111's 'Upscale by')")
+    img2img.add_argument("--hires-width", type=positive_int, default=None, metavar="W",
+                         help="hires fix: the second pass's width (alone: the height in proportion)")
+    img2img.add_argument("--hires-height", type=positive_int, default=None, metavar="H",
+                         help="hires fix: the second pass's height (alone: the width in proportion)")
+    img2img.add_argument("--hires-steps", type=int, default=0, metavar="N",
+                         help="hires fix: the second pass's steps (default 0: --steps)")
+    img2img.add_argument("--hires-denoising", type=float, default=0.7, metavar="S",
+                         help="hires fix: the second pass's denoising strength (default 0.7, A1111's)")
+    img2img.add_argument("--hires-upscaler", default="latent", choices=HIRES_UPSCALERS,
+                         help="hires fix: how the first pass is enlarged: A1111's latent upscalers (interpolate the "
+                         "latents) or pixel-lanczos (decode, Lanczos resize, encode); default latent")
     generate.add_argument("--count", type=positive_int, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
     generate.add_argument("--vae", default=None, metavar="FILE|DIR",

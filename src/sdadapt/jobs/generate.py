@@ -45,6 +45,7 @@ def run_generate(
     out: str | os.PathLike,
     model: str = "toy",
     negative: str = "",
+    comments: bool = True,
     loras: list[str] | tuple[str, ...] = (),
     embeddings: list[str] | tuple[str, ...] = (),
     hypernetworks: list[str] | tuple[str, ...] = (),
@@ -85,6 +86,14 @@ def run_generate(
     aesthetic_text: str | None = None,
     lora_dir: str | os.PathLike | None = None,
     hypernetwork_dir: str | os.PathLike | None = None,
+    init_image: str | os.PathLike | None = None,
+    denoising_strength: float = 0.75,
+    hires_scale: float | None = None,
+    hires_width: int | None = None,
+    hires_height: int | None = None,
+    hires_steps: int = 0,
+    hires_denoising: float = 0.7,
+    hires_upscaler: str = "latent",
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -135,6 +144,9 @@ def run_generate(
             images bit for bit). ``aesthetic_clip``: the CLIP model (folder or checkpoint) whose
             ``text_projection`` maps the text into the embedding's space — needed for Stable
             Diffusion models; the toy uses its fitted one. ``aesthetic_text``: A1111's "aesthetic text".
+        comments: A1111's "Enable comments" (on by default, as in A1111 1.8+): ``#`` and the rest of its line are
+            left out of ``prompt`` and ``negative`` before anything else reads them
+            (:func:`sdadapt.prompt_schedule.strip_comments`); ``False`` keeps ``#`` as text.
         prompt, negative: A1111's prompt syntax is read (docs/prompts.md): emphasis, prompt editing
             ``[from:to:when]``, alternation ``[a|b]``, ``AND`` with ``:weight`` (the prompt only), and in
             the prompt ``<lora:NAME:MULT>`` / ``<lora:NAME:TE:UNET>`` / ``<lyco:...>`` tags (files named
@@ -142,6 +154,15 @@ def run_generate(
             UNet multipliers, after and besides ``loras``) and ``<hypernet:NAME:MULT>`` tags (``NAME.pt``
             or ``.safetensors`` under ``hypernetwork_dir``, after ``hypernetworks``); tags are taken out
             of the text before it is encoded. A prompt without that syntax samples as it always did.
+        init_image, denoising_strength: img2img (A1111's): the image stretched to ``width`` x ``height`` (A1111's
+            "Just resize", Lanczos), VAE-encoded and sampled from at ``denoising_strength`` (A1111's default 0.75;
+            :mod:`sdadapt.img2img`: A1111's t_enc rule for the σ-grid samplers, diffusers' for ddim and dpmsolver*).
+        hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
+            fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
+            keeps the proportions), ``hires_steps`` (0: ``steps``) at ``hires_denoising`` (0.7) from the first pass's
+            latents upscaled by ``hires_upscaler`` (``latent``, ``latent-nearest``, ``latent-antialiased``,
+            ``latent-bicubic``..., or ``pixel-lanczos``: decode, Lanczos resize, encode)
+            (:func:`sdadapt.jobs.generate_hires.sample_image`).
 
     Returns:
         ``{"files": [...], "seconds": ..., "loras": [...], "hypernetworks": [...], "embeddings": [...],
@@ -158,9 +179,17 @@ def run_generate(
     from ..samplers import check_karras, resolve_schedule
     from ..samplers.labels import sampler_schedule_from_label
     from ..samplers.schedules import canonical_schedule as schedule_name
-    from ..sampling import generate, unknown_words
+    from ..sampling import unknown_words
 
     say = log or (lambda line: None)
+    if comments and prompt:  # A1111's "Enable comments": before any other reading of the prompts
+        from ..prompt_schedule import strip_comments
+
+        if not strip_comments(prompt).strip() and prompt.strip():
+            raise ValueError(f"--prompt {prompt!r} is all # comments (A1111's comment syntax: '#' to the end of "
+                             "the line is left out); say what the image should show, or pass comments=False "
+                             "(--no-comments) to keep '#'")
+        prompt, negative = strip_comments(prompt), strip_comments(negative)
     if not prompt or not prompt.strip():
         raise ValueError("--prompt is empty; say what the image should show")
     try:
@@ -187,6 +216,10 @@ def run_generate(
     if target.suffix.lower() != ".png":
         raise WeightFileError(f"{target}: generate writes PNG images; name the output *.png")
     check_output_file(target, overwrite=True, suffix=None)  # (a missing folder is made when the first image is written)
+    hires = _check_img2img_options(sampler, init_image=init_image, denoising_strength=denoising_strength,
+                                   hires_scale=hires_scale, hires_width=hires_width, hires_height=hires_height,
+                                   hires_steps=hires_steps, hires_denoising=hires_denoising,
+                                   hires_upscaler=hires_upscaler)
     files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
@@ -289,26 +322,99 @@ def run_generate(
                                                  text=aesthetic_text)
         say(f"aesthetic {aesthetic}: {aesthetic_steps} steps at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
             f"{' (slerp)' if aesthetic_slerp else ''}")
+    from .generate_hires import (
+        HiresRequest,
+        check_hires_request,
+        hires_size,
+        init_latents_from_image,
+        sample_image,
+    )
+
+    size_h, size_w = height or int(getattr(system, "image_size", 0)), width or int(getattr(system, "image_size", 0))
+    init_latents = None
+    if init_image is not None:
+        init_latents = init_latents_from_image(system, init_image, height=size_h, width=size_w)
+        say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, just resize)")
+    if hires is not None:
+        import inspect
+
+        if "height" not in inspect.signature(system.sample).parameters:
+            raise ValueError(f"--hires-*: this model makes {size_w}x{size_h} images only, so it has no hires pass; "
+                             "use a Stable Diffusion model")
+        hires = check_hires_request(HiresRequest(
+            hires_size(size_h, size_w, scale=hires_scale, hires_height=hires_height, hires_width=hires_width),
+            steps=hires_steps, denoising=hires_denoising, upscaler=hires_upscaler),
+            multiple=int(getattr(system, "size_multiple", 8)))
+        say(f"hires fix: {hires.size[1]}x{hires.size[0]}, {hires.steps or steps or 25} steps at denoising "
+            f"{hires.denoising:g}, {hires.upscaler}")
+
+    def plan_for(hires_steps: int) -> object:  # (A1111 plans the hires pass's schedule for its steps)
+        return plan_prompt(text, negative_text, steps=schedule_steps(canonical_sampler(sampler), hires_steps),
+                           clean=clean)
+
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
-    for i, file in enumerate(files):
-        image = generate(system, [text], negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
-                         sampler=sampler, karras=karras, height=height, width=width, cond=cond, plan=plan,
-                         **({"schedule": schedule} if schedule is not None else {}),
-                         **({"info": report} if sampler == "dpm_adaptive" else {}),
-                         **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
-                         **({} if schedule_options is None else {"schedule_options": schedule_options}))[0]
-        if report:
-            say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
-                f"{report['nfe']} model calls")
-            report.clear()
-        written.append(str(write_png(file, image)))
-        if progress is not None:
-            progress(i + 1, len(files), file.name)
+    from .generate_conditions import conditions_cached
+
+    with conditions_cached(system):  # (each distinct text encoded once over the images: the same images)
+        for i, file in enumerate(files):
+            options = dict(negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
+                           sampler=sampler, karras=karras, height=height, width=width, cond=cond, plan=plan,
+                           **({"schedule": schedule} if schedule is not None else {}),
+                           **({"info": report} if sampler == "dpm_adaptive" else {}),
+                           **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
+                           **({} if schedule_options is None else {"schedule_options": schedule_options}))
+            image = sample_image(system, [text], options, init_latents=init_latents,
+                                 denoising_strength=denoising_strength, hires=hires, plan_for=plan_for)[0]
+            if report:
+                say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
+                    f"{report['nfe']} model calls")
+                report.clear()
+            written.append(str(write_png(file, image)))
+            if progress is not None:
+                progress(i + 1, len(files), file.name)
     return {"files": written, "seconds": time.perf_counter() - start, "loras": applied,
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic)}
+
+
+def _check_img2img_options(sampler: str, *, init_image, denoising_strength: float, hires_scale: float | None,
+                           hires_width: int | None, hires_height: int | None, hires_steps: int,
+                           hires_denoising: float, hires_upscaler: str):
+    """``True`` when a hires pass is asked for (its request is built once the model's size is known), else
+    ``None``; the img2img and hires options checked before any loading.
+
+    Raises:
+        ValueError: a sampler img2img does not run on, a strength outside [0, 1], a bad hires option.
+        FileNotFoundError: no ``init_image`` file.
+    """
+    from ..img2img import HIRES_UPSCALERS, check_img2img_sampler
+
+    wants_hires = hires_scale is not None or hires_width is not None or hires_height is not None
+    if init_image is not None and not Path(init_image).is_file():
+        raise FileNotFoundError(f"--init-image {init_image}: no such image file")
+    if init_image is not None or wants_hires:
+        try:
+            check_img2img_sampler(sampler)
+        except ValueError as exc:
+            raise ValueError(f"--sampler: {exc}") from None
+    if not 0.0 <= denoising_strength <= 1.0:
+        raise ValueError(f"--denoising-strength must be in [0, 1], got {denoising_strength}")
+    if not wants_hires:
+        return None
+    if init_image is not None:
+        raise ValueError("--hires-* is A1111's txt2img hires fix; leave it out with --init-image")
+    if hires_scale is not None and (hires_width is not None or hires_height is not None):
+        raise ValueError("give --hires-scale or --hires-width/--hires-height, not both")
+    if hires_scale is not None and hires_scale <= 0:
+        raise ValueError(f"--hires-scale must be > 0, got {hires_scale}")
+    if hires_upscaler not in HIRES_UPSCALERS:
+        raise ValueError(f"--hires-upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {hires_upscaler!r}")
+    if hires_steps < 0 or not 0.0 < hires_denoising <= 1.0:
+        raise ValueError(f"--hires-steps must be >= 0 and --hires-denoising in (0, 1], got {hires_steps} and "
+                         f"{hires_denoising}")
+    return True
 
 
 def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed_strength: float,

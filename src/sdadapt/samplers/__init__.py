@@ -216,6 +216,13 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         karras, schedule = True, None
     check_karras(name, karras)
     if name == "ddim":
+        from ..img2img import active_start, ddim_img2img
+
+        start = active_start()
+        if start is not None:  # img2img / hires fix: diffusers' strength rule (sdadapt.img2img)
+            return ddim_img2img(diffusion.guided(model, cond, uncond, guidance_scale), x_T, start,
+                                alphas_cumprod=alphas_cumprod, num_steps=num_steps, prediction_type=prediction_type,
+                                generator=generator, callback=callback, **options)
         return diffusion.ddim_sample(model, x_T, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                      uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type,
                                      generator=generator, callback=callback, **options)

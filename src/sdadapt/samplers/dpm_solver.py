@@ -186,6 +186,16 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     out_dtype = x_T.dtype
     work = work_dtype(x_T)
     x = x_T * 1.0  # init_noise_sigma
+    first = 0
+    from ..img2img import active_start, diffusers_start_index
+
+    start = active_start()
+    if start is not None:  # img2img: diffusers' get_timesteps + add_noise (α·init + σ·noise), indices kept global
+        first = diffusers_start_index(n, start.strength if start.strength is not None else 1.0)
+        if first >= n:
+            return start.init_like(x_T)
+        a0, s0, _ = vp_alpha_sigma(sig[first])
+        x = (a0 * start.init_like(x_T).to(work_dtype(x_T)) + s0 * x_T.to(work_dtype(x_T))).to(x_T.dtype)
     brownian = None
     if sde and isinstance(generator, A1111Noise):  # A1111: a Brownian tree per image, seeded with its seed
         from .dpmpp_sde import brownian_noise
@@ -194,7 +204,7 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
         brownian = brownian_noise(x_T.float(), min(positive), max(positive), generator.seeds, source=generator.source)
     prev: Tensor | None = None
     prev2: Tensor | None = None
-    for i in range(n):
+    for i in range(first, n):
         t = torch.full((x.shape[0],), int(timesteps[i]), dtype=torch.long, device=x.device)
         out = model(x, t)
         a, st, _ = vp_alpha_sigma(sig[i])

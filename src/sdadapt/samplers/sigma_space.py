@@ -215,6 +215,14 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
                                         schedule=schedule,
                                         schedule_options=schedule_options,
                                         discard_next_to_last_sigma=discard_next_to_last_sigma)
+    from ..img2img import active_start
+
+    start = active_start()
+    if start is not None:  # img2img / hires fix: A1111's sigmas[index:], x = init + noise·σ (sdadapt.img2img)
+        index = min(int(start.index or 0), len(timesteps) - 1)
+        timesteps, sigmas = timesteps[index:], sigmas[index:]
+        x = start.init_like(x_T).to(work_dtype(x_T)) + x_T.to(work_dtype(x_T)) * float(sigmas[0])
+        return timesteps.tolist(), sigmas.tolist(), x
     # (a schedule starts at its σ_0, as k-diffusion's x·σ_0; ``spacing`` is not used with it)
     x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sigmas, "linspace" if schedule is not None else spacing)
     return timesteps.tolist(), sigmas.tolist(), x

@@ -1,0 +1,218 @@
+"""img2img and hires fix: where a sampler starts on its grid, and the latent upscalers.
+
+Two rules decide how much of a sampler's grid an img2img run (or a hires-fix second pass) walks:
+
+* **A1111's** (``modules/sd_samplers_common.py`` ``setup_img2img_steps`` and
+  ``sd_samplers_kdiffusion.py`` ``sample_img2img``), for the samplers on the discrete σ grid
+  (:data:`A1111_RULE_SAMPLERS`: Euler, Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2S a)::
+
+      img2img:       total = steps,                          t_enc = int(min(strength, 0.999) * steps)
+      hires / "img2img does exactly the steps" (img2img_fix_steps):
+                     total = int(steps / min(strength, 0.999)), t_enc = steps - 1
+      grid = sigmas(total)[total - t_enc - 1:]                (t_enc + 1 steps)
+      x    = init + noise * grid[0]
+
+* **diffusers'** (``StableDiffusionImg2ImgPipeline.get_timesteps`` / ``prepare_latents``), for the
+  samplers sdadapt runs as diffusers' schedulers (:data:`DIFFUSERS_RULE_SAMPLERS`: DDIM and the
+  DPMSolverMultistep family)::
+
+      t_start = max(steps - min(int(steps * strength), steps), 0)
+      timesteps = timesteps(steps)[t_start:]                  (steps - t_start steps; none: the init latent)
+      x = √ᾱ_t0 · init + √(1 − ᾱ_t0) · noise                 (the scheduler's add_noise)
+
+  the multistep solvers keep their global step index (diffusers' ``set_begin_index``).
+
+:func:`img2img_start` holds an init latent for the samplers to start from while a sampler runs
+(:func:`sdadapt.samplers.sigma_space.discrete_start` and :func:`sdadapt.samplers.sample_latents`'s DDIM
+read it, and :mod:`sdadapt.samplers.dpm_solver`'s multistep solvers); :func:`sdadapt.sampling.generate` sets it (``init_latents=``).
+
+:func:`upscale_latents` is A1111's latent upscalers (``shared.latent_upscale_modes``): ``torch``'s
+``interpolate`` of the (B, C, h, w) latents to the hires size / 8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "A1111_RULE_SAMPLERS",
+    "DIFFUSERS_RULE_SAMPLERS",
+    "HIRES_UPSCALERS",
+    "IMG2IMG_SAMPLERS",
+    "LATENT_UPSCALERS",
+    "Img2ImgStart",
+    "a1111_img2img_steps",
+    "a1111_start_index",
+    "active_start",
+    "check_img2img_sampler",
+    "ddim_img2img",
+    "diffusers_start_index",
+    "img2img_start",
+    "upscale_latents",
+]
+
+#: samplers on the discrete σ grid: A1111's t_enc rule
+A1111_RULE_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2s_a")
+#: samplers run as diffusers' scheduler: diffusers' strength rule
+DIFFUSERS_RULE_SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver", "dpmsolver++", "dpmsolver++_sde",
+                                            "dpmsolver++_sde_heun", "dpmsolver++_3m_sde")
+IMG2IMG_SAMPLERS: tuple[str, ...] = (*DIFFUSERS_RULE_SAMPLERS, *A1111_RULE_SAMPLERS)
+
+#: ``--hires-upscaler`` name -> A1111's latent upscale mode (``interpolate`` mode, antialias)
+LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
+    "latent": ("bilinear", False),                   # A1111 "Latent"
+    "latent-antialiased": ("bilinear", True),        # "Latent (antialiased)"
+    "latent-bicubic": ("bicubic", False),            # "Latent (bicubic)"
+    "latent-bicubic-antialiased": ("bicubic", True),  # "Latent (bicubic antialiased)"
+    "latent-nearest": ("nearest", False),            # "Latent (nearest)"
+    "latent-nearest-exact": ("nearest-exact", False),  # "Latent (nearest-exact)"
+}
+#: every hires upscaler: the latent ones and the pixel one (decode, Lanczos resize, encode)
+HIRES_UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALERS, "pixel-lanczos")
+
+
+def check_img2img_sampler(sampler: str) -> str:
+    """``sampler`` (a canonical name) if img2img runs on it.
+
+    Raises:
+        ValueError: another sampler, naming those that run.
+    """
+    if sampler not in IMG2IMG_SAMPLERS:
+        raise ValueError(f"img2img / hires fix runs on {', '.join(IMG2IMG_SAMPLERS)}; sampler {sampler!r} cannot start "
+                         "from an image yet (pick one of those)")
+    return sampler
+
+
+def _check_strength(strength: float) -> float:
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"denoising strength must be in [0, 1], got {strength}")
+    return float(strength)
+
+
+def a1111_img2img_steps(steps: int, strength: float, *, requested: int | None = None,
+                        fix_steps: bool = False) -> tuple[int, int]:
+    """A1111's ``setup_img2img_steps``: ``(total, t_enc)`` — the grid is built for ``total`` steps and
+    ``t_enc + 1`` of them run. ``requested``: the ``steps=`` A1111 passes (the hires pass's
+    ``hr_second_pass_steps or steps``); with it, or ``fix_steps`` (A1111's setting "With img2img, do exactly
+    the amount of steps the slider specifies"), ``total = int(requested / min(strength, 0.999))``
+    (0 at strength 0) and ``t_enc = requested - 1``; else ``total = steps``,
+    ``t_enc = int(min(strength, 0.999) * steps)``.
+
+    Raises:
+        ValueError: ``steps`` < 1 or a strength outside [0, 1].
+    """
+    strength = _check_strength(strength)
+    if steps < 1 or (requested is not None and requested < 1):
+        raise ValueError(f"steps must be >= 1, got {steps if requested is None else requested}")
+    if fix_steps or requested is not None:
+        wanted = requested or steps
+        total = int(wanted / min(strength, 0.999)) if strength > 0 else 0
+        return total, wanted - 1
+    return steps, int(min(strength, 0.999) * steps)
+
+
+def a1111_start_index(total: int, t_enc: int) -> int:
+    """Where A1111's img2img grid starts: ``sigmas[total - t_enc - 1:]`` (never below 0)."""
+    return max(total - t_enc - 1, 0)
+
+
+def diffusers_start_index(steps: int, strength: float) -> int:
+    """diffusers' ``get_timesteps``: ``t_start`` (scheduler order 1) — the run walks ``timesteps[t_start:]``."""
+    strength = _check_strength(strength)
+    init_timestep = min(int(steps * strength), steps)
+    return max(steps - init_timestep, 0)
+
+
+@dataclass
+class Img2ImgStart:
+    """An init latent for the sampler that runs next: start at grid index ``index`` from ``init``
+    (B, C, h, w) (the A1111 rule: ``index`` given; the diffusers rule: ``strength``). ``used``: set when
+    a sampler took it."""
+
+    init: Tensor
+    index: int | None = None
+    strength: float | None = None
+    used: bool = False
+
+    def init_like(self, x_T: Tensor) -> Tensor:
+        """``init`` on ``x_T``'s device and dtype.
+
+        Raises:
+            ValueError: ``init`` of another shape than the start noise ``x_T`` (B, C, h, w).
+        """
+        if tuple(self.init.shape) != tuple(x_T.shape):
+            raise ValueError(f"img2img: the init latents are {tuple(self.init.shape)}, the sampler's noise is "
+                             f"{tuple(x_T.shape)}; encode the init image at the size being generated")
+        return self.init.to(device=x_T.device, dtype=x_T.dtype)
+
+
+_ACTIVE: contextvars.ContextVar[Img2ImgStart | None] = contextvars.ContextVar("sdadapt_img2img", default=None)
+
+
+@contextlib.contextmanager
+def img2img_start(start: Img2ImgStart) -> Iterator[Img2ImgStart]:
+    """While the block runs, the samplers start from ``start`` (see the module docstring)."""
+    token = _ACTIVE.set(start)
+    try:
+        yield start
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_start() -> Img2ImgStart | None:
+    """The :class:`Img2ImgStart` a sampler should start from now (marked used), or ``None``."""
+    start = _ACTIVE.get()
+    if start is None or start.used:
+        return None
+    start.used = True
+    return start
+
+
+def ddim_img2img(fn, x_T: Tensor, start: Img2ImgStart, *, alphas_cumprod: Tensor, num_steps: int,
+                 prediction_type: str, eta: float = 0.0, spacing: str = "leading", steps_offset: int = 1,
+                 final_alpha_cumprod: float | None = None, clip_sample: float | None = None,
+                 generator: torch.Generator | None = None, callback=None) -> Tensor:
+    """DDIM from ``start.init`` (B, C, h, w) by diffusers' img2img rule, ``x_T`` (B, C, h, w) the unit noise
+    added at the first kept timestep; ``fn(x, t, cond)``: the guided model. Returns x0 (B, C, h, w); the init
+    latent itself when no step is left (strength 0)."""
+    from .training.diffusion import ddim_step, ddim_timesteps
+
+    T = alphas_cumprod.shape[0]
+    steps = ddim_timesteps(num_steps, num_train_steps=T, spacing=spacing, steps_offset=steps_offset)
+    steps = steps[diffusers_start_index(num_steps, start.strength if start.strength is not None else 1.0):]
+    init = start.init_like(x_T)
+    if len(steps) == 0:
+        return init
+    a = alphas_cumprod[int(steps[0])].to(torch.float64)
+    x = (a.sqrt() * init.double() + (1 - a).sqrt() * x_T.double()).to(x_T.dtype)
+    ratio = T // num_steps
+    for i, t in enumerate(steps.tolist()):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = fn(x, tt, None)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta else None
+        x = ddim_step(out, t, t - ratio, x, alphas_cumprod, prediction_type=prediction_type, eta=eta,
+                      final_alpha_cumprod=final_alpha_cumprod, noise=noise, clip_sample=clip_sample)
+        if callback is not None:
+            callback(i, tt, x)
+    return x
+
+
+def upscale_latents(latents: Tensor, size: tuple[int, int], *, upscaler: str = "latent") -> Tensor:
+    """A1111's latent upscale: ``latents`` (B, C, h, w) -> (B, C, H, W) for ``size`` = (H, W) latent pixels,
+    ``torch.nn.functional.interpolate`` with the mode and antialias of :data:`LATENT_UPSCALERS`.
+
+    Raises:
+        ValueError: an unknown upscaler or a size below 1.
+    """
+    if upscaler not in LATENT_UPSCALERS:
+        raise ValueError(f"latent upscaler must be one of {', '.join(LATENT_UPSCALERS)}, got {upscaler!r}")
+    if min(size) < 1:
+        raise ValueError(f"size must be at least 1 x 1, got {size}")
+    mode, antialias = LATENT_UPSCALERS[upscaler]
+    return torch.nn.functional.interpolate(latents, size=tuple(size), mode=mode, antialias=antialias)

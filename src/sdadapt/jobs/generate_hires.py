@@ -1,0 +1,124 @@
+"""``generate``'s img2img (``--init-image``) and hires fix (``--hires-scale`` ...): A1111's
+``StableDiffusionProcessingImg2Img`` and the txt2img hires pass, on :func:`sdadapt.sampling.generate`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["HiresRequest", "check_hires_request", "hires_size", "init_latents_from_image", "sample_image"]
+
+
+@dataclass(frozen=True)
+class HiresRequest:
+    """The hires pass: its image ``size`` (height, width), ``steps`` (0: the first pass's), ``denoising``
+    strength and ``upscaler`` (:data:`sdadapt.img2img.HIRES_UPSCALERS`)."""
+
+    size: tuple[int, int]
+    steps: int = 0
+    denoising: float = 0.7
+    upscaler: str = "latent"
+
+
+def hires_size(height: int, width: int, *, scale: float | None, hires_height: int | None,
+               hires_width: int | None) -> tuple[int, int]:
+    """A1111's hires target ``(height, width)``: ``hr_resize_x/y`` when given (one of them: the other kept in
+    proportion, A1111's rule), else ``int(size · scale)``."""
+    if hires_height is None and hires_width is None:
+        return int(height * float(scale if scale is not None else 2.0)), int(width * float(scale if scale is not None else 2.0))
+    if hires_height is None:
+        return hires_width * height // width, int(hires_width)
+    if hires_width is None:
+        return int(hires_height), hires_height * width // height
+    return int(hires_height), int(hires_width)
+
+
+def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresRequest:
+    """``request`` if it can run.
+
+    Raises:
+        ValueError: an unknown upscaler, steps < 0, a strength outside (0, 1] or a size that is no multiple of
+            ``multiple`` (each naming its ``--hires-*`` option).
+    """
+    from ..img2img import HIRES_UPSCALERS
+
+    if request.upscaler not in HIRES_UPSCALERS:
+        raise ValueError(f"--hires-upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {request.upscaler!r}")
+    if request.steps < 0:
+        raise ValueError(f"--hires-steps must be >= 0 (0: the first pass's steps), got {request.steps}")
+    if not 0.0 < request.denoising <= 1.0:
+        raise ValueError(f"--hires-denoising must be in (0, 1], got {request.denoising}")
+    h, w = request.size
+    if h < multiple or w < multiple or h % multiple or w % multiple:
+        raise ValueError(f"the hires size {w}x{h} must be a multiple of {multiple} in both sides; change "
+                         "--hires-scale or --hires-width/--hires-height")
+    return request
+
+
+def init_latents_from_image(system, path: str | os.PathLike, *, height: int, width: int) -> Tensor:
+    """``--init-image``: the image at ``path`` stretched to ``width`` x ``height`` (A1111's resize mode
+    "Just resize", Lanczos; :func:`sdadapt.resampling.resample`) and encoded (``system.encode_images``: the
+    VAE posterior mean × scaling factor) -> (1, C, height/8, width/8).
+
+    Raises:
+        FileNotFoundError: no such image.
+    """
+    from ..images import read_image
+    from ..resampling import resample
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--init-image {file}: no such image file")
+    image = read_image(file)
+    if tuple(image.shape[1:]) != (height, width):
+        image = resample(image, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
+    device = system.alphas_cumprod.device
+    with torch.no_grad():
+        return system.encode_images(image[None].to(device)).float()
+
+
+def sample_image(system, prompts: list[str], options: dict, *, init_latents: Tensor | None = None,
+                 denoising_strength: float = 0.75, hires: HiresRequest | None = None,
+                 plan_for: Callable[[int], object] | None = None) -> Tensor:
+    """One :func:`sdadapt.sampling.generate` call's images (B, 3, H, W) in [-1, 1] with img2img and/or hires fix.
+
+    ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
+    ``noise``...). ``init_latents``: img2img from them at ``denoising_strength``. ``hires``: a second pass as
+    A1111's txt2img hires fix: the first pass's latents upscaled (a latent upscaler), or decoded, Lanczos-resized
+    and encoded (``pixel-lanczos``), then img2img at ``hires.denoising`` with A1111's ``steps=hr_second_pass_steps
+    or steps`` (the fix-steps rule, :func:`sdadapt.img2img.a1111_img2img_steps`), the start noise drawn for the seed
+    at the hires size (A1111 makes a new ImageRNG for the hires latents). ``plan_for(steps)``: the prompt plan for
+    the hires pass's steps (A1111 re-plans the schedule for them); ``None``: ``options["plan"]``.
+    """
+    from ..img2img import LATENT_UPSCALERS, upscale_latents
+    from ..sampling import generate
+
+    first = dict(options)
+    if init_latents is not None:
+        first.update(init_latents=init_latents, denoising_strength=denoising_strength)
+    if hires is None:
+        return generate(system, prompts, **first)
+    latents = generate(system, prompts, **first, output="latents")
+    height, width = hires.size
+    factor = int(getattr(system, "vae_factor", 8))
+    if hires.upscaler in LATENT_UPSCALERS:
+        start = upscale_latents(latents.float(), (height // factor, width // factor), upscaler=hires.upscaler)
+    else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
+        from ..resampling import resample
+
+        pixels = system.decode_latents(latents)
+        pixels = torch.stack([resample(p.float().cpu(), (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
+                              for p in pixels]).to(latents.device)
+        with torch.no_grad():
+            start = system.encode_images(pixels).float()
+    steps = hires.steps or int(options.get("steps", 25))
+    second = dict(options, height=height, width=width)
+    if plan_for is not None and options.get("plan") is not None:
+        second["plan"] = plan_for(steps)
+    return generate(system, prompts, **second, init_latents=start.to(latents.dtype),
+                    denoising_strength=hires.denoising, img2img_steps=steps)
