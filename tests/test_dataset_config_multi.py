@@ -184,7 +184,8 @@ def test_two_datasets_train_as_kohya_batches_and_metadata(tmp_path, monkeypatch,
     assert {k: second_entry[k] for k in ("is_dreambooth", "batch_size_per_device", "num_train_images", "num_reg_images",
                                          "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso")} == {
         "is_dreambooth": True, "batch_size_per_device": 3, "num_train_images": 9, "num_reg_images": 2,
-        "resolution": [64, 64], "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 96}
+        "resolution": [64, 64], "enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128}  # (configured)
+    assert (first_entry["min_bucket_reso"], first_entry["max_bucket_reso"]) == (None, None)  # (kohya's: no buckets)
     assert [(s["image_dir"], s["img_count"], s["num_repeats"], s["is_reg"]) for s in first_entry["subsets"]] == [
         ("a", 4, 2, False)]
     assert [(s["image_dir"], s["img_count"], s["num_repeats"], s["is_reg"]) for s in second_entry["subsets"]] == [
@@ -405,19 +406,18 @@ def test_one_block_draws_and_metadata_are_pinned_to_the_version_before_several_b
     assert {(b, e) for d, b, e, _ in calls if d is train} == {(3, 0)}  # (the run's batch size: batch_sizes unused)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert {k: meta.get(k) for k in ("ss_num_batches_per_epoch", "ss_batch_size_per_device", "ss_total_batch_size",
-                                     "ss_resolution", "ss_num_train_images", "ss_num_reg_images", "ss_enable_bucket",
-                                     "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_reso_steps")} == {
-        "ss_num_batches_per_epoch": "4", "ss_batch_size_per_device": "3", "ss_total_batch_size": "3",
-        "ss_resolution": "(64, 64)", "ss_num_train_images": "9", "ss_num_reg_images": "2", "ss_enable_bucket": "True",
-        "ss_min_bucket_reso": "32", "ss_max_bucket_reso": "96", "ss_bucket_reso_steps": "32"}
-    assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [96, 32], "count": 3},
-                                                              "1": {"resolution": [64, 64], "count": 4},
-                                                              "2": {"resolution": [32, 96], "count": 2}},
-                                                  "mean_img_ar_error": 0.0}
+    assert {k: meta.get(k) for k in ("ss_num_batches_per_epoch", "ss_num_train_images", "ss_num_reg_images")} == {
+        "ss_num_batches_per_epoch": "4", "ss_num_train_images": "9", "ss_num_reg_images": "2"}
+    for key in ("ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_enable_bucket",
+                "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_reso_steps", "ss_bucket_info"):
+        assert key not in meta  # kohya's use_user_config branch (one block too): each dataset's own in ss_datasets
     (entry,) = json.loads(meta["ss_datasets"])
-    assert (entry["batch_size_per_device"], entry["num_train_images"], entry["num_reg_images"], entry["resolution"]) == (
-        3, 9, 2, [64, 64])
+    assert entry["bucket_info"] == {"buckets": {"0": {"resolution": [96, 32], "count": 3},
+                                                "1": {"resolution": [64, 64], "count": 4},
+                                                "2": {"resolution": [32, 96], "count": 2}},
+                                    "mean_img_ar_error": 0.0}
+    assert (entry["batch_size_per_device"], entry["num_train_images"], entry["num_reg_images"], entry["resolution"],
+            entry["enable_bucket"], entry["min_bucket_reso"], entry["max_bucket_reso"]) == (3, 9, 2, [64, 64], True, 32, 128)
 
 
 def test_the_same_images_in_two_blocks_are_cached_and_batched_per_block(tmp_path):

@@ -5,6 +5,7 @@ pieces (:mod:`sdadapt.training.data_parallel`) against plain references."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -86,12 +87,22 @@ def _assert_same_log(parallel: Path, single: Path) -> None:
     ours, theirs = _log(parallel), _log(single)
     assert [(s, e, lr) for s, e, _, lr in ours] == [(s, e, lr) for s, e, _, lr in theirs]
     assert [loss for *_, loss, _ in ours] == pytest.approx([loss for *_, loss, _ in theirs], rel=1e-5)
+    # the other columns (the max-norm statistics, the validation losses) too, where the run logs them
+    columns, *rows = parallel.read_text().splitlines()
+    their_columns, *their_rows = single.read_text().splitlines()
+    assert columns == their_columns
+    extra = [i for i, name in enumerate(columns.split(",")) if name not in ("step", "epoch", "loss", "lr", "seconds")]
+    for row, their_row in zip(rows, their_rows):
+        ours_, theirs_ = row.split(","), their_row.split(",")
+        assert [ours_[i] == "" for i in extra] == [theirs_[i] == "" for i in extra]
+        assert [float(ours_[i]) for i in extra if ours_[i]] == pytest.approx(
+            [float(theirs_[i]) for i in extra if theirs_[i]], rel=1e-5, abs=1e-7)
 
 
-def _two_blocks(folder: Path, batch_sizes: tuple[int, int]) -> Path:
-    """A dataset TOML of two ``[[datasets]]`` blocks (4 and 3 images) with ``batch_sizes``."""
-    _images(folder / "a", 4)
-    _images(folder / "b", 3)
+def _two_blocks(folder: Path, batch_sizes: tuple[int, int], counts: tuple[int, int] = (4, 3)) -> Path:
+    """A dataset TOML of two ``[[datasets]]`` blocks (``counts`` images) with ``batch_sizes``."""
+    _images(folder / "a", counts[0])
+    _images(folder / "b", counts[1])
     toml = folder / f"data{batch_sizes[0]}.toml"
     toml.write_text("".join(f"""[[datasets]]
 resolution = 32
@@ -108,11 +119,17 @@ def test_lora_on_two_processes_equals_one_process_with_the_global_batch(tmp_path
     # per rank) and 4 (3 images: one batch of 2 + 1 rows, the losses weighted 4/3 and 2/3); 3 steps an epoch, as
     # one process with the blocks' batch sizes 2 and 4. DreamBooth-style class images (a second forward) come
     # with the toy lora. Rank 1 runs in a folder of its own: it must write nothing there.
+    # With it: the text encoder's LoRA (its own LR), kohya's max-norm scaling, an EMA, and the validation loss
+    # after every step of 2 + 1 held-out images (--validation-split 0.4 of blocks of 6 and 4: 4 and 3 train), a
+    # validation batch of 2 (a row each) and one of 1 (rank 1 has none): each rank scores its rows, the log's
+    # validation losses (and max-norm statistics) are the one process's.
     (tmp_path / "rank1").mkdir()
     args = ["train", "lora", "--model", "toy", "--epochs", "1", "--optimizer", "sgd-nesterov", "--learning-rate", "0.5",
-            "--seed", "3"]
-    ranks = _torchrun([*args, "--dataset-config", str(_two_blocks(tmp_path, (1, 2))), "-o", "dp.safetensors"], tmp_path,
-                      other_cwd=tmp_path / "rank1")
+            "--seed", "3", "--text-encoder-lr", "0.2", "--scale-weight-norms", "0.5", "--ema-decay", "0.9",
+            "--validation-split", "0.4", "--validate-every-n-steps", "1"]
+    ranks = _torchrun([*args, "--dataset-config", str(_two_blocks(tmp_path, (1, 2), (6, 4))), "-o", "dp.safetensors"],
+                      tmp_path, other_cwd=tmp_path / "rank1")
+    assert "validation loss (3 held-out images)" in ranks[0].stdout
     assert "trained lora" in ranks[0].stdout and "wrote dp.safetensors" in ranks[0].stdout
     assert ranks[1].stdout == "" and "loading toy" not in ranks[1].stderr  # rank 1 trains silently
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "data1.toml", "dp-log.csv", "dp.safetensors", "rank1"]
@@ -120,13 +137,18 @@ def test_lora_on_two_processes_equals_one_process_with_the_global_batch(tmp_path
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        assert main([*args, "--dataset-config", str(_two_blocks(tmp_path / "one", (2, 4))), "-o", "one.safetensors",
-                     "--quiet"]) == 0
+        assert main([*args, "--dataset-config", str(_two_blocks(tmp_path / "one", (2, 4), (6, 4))), "-o",
+                     "one.safetensors", "--quiet"]) == 0
     finally:
         os.chdir(cwd)
     _assert_same_weights(tmp_path / "dp.safetensors", tmp_path / "one.safetensors")
     _assert_same_log(tmp_path / "dp-log.csv", tmp_path / "one-log.csv")
     assert [s for s, *_ in _log(tmp_path / "dp-log.csv")] == [1, 2, 3]  # (an epoch: 2 + 1 global batches)
+    header, *rows = (tmp_path / "dp-log.csv").read_text().splitlines()
+    assert "validation_step_loss" in header and "max_key_norm" in header and all(r.split(",")[-2] for r in rows)
+    moved_te = [k for k, v in load_file(tmp_path / "dp.safetensors").items()
+                if k.startswith("lora_te_") and k.endswith("lora_up.weight") and v.abs().max() > 0]
+    assert moved_te  # (the text encoder's LoRA trained: its up weights start at zero)
     with safe_open(tmp_path / "dp.safetensors", "pt") as f:
         meta = f.metadata()
     assert [d["batch_size_per_device"] for d in json.loads(meta["ss_datasets"])] == [1, 2]
@@ -135,8 +157,10 @@ def test_lora_on_two_processes_equals_one_process_with_the_global_batch(tmp_path
 def test_full_fine_tune_with_accumulation_and_resume_on_two_processes(tmp_path, capsys):
     # 5 images, global batch 4 (2 per process): 2 batches an epoch, accumulated 2 by 2: one step an epoch
     _images(tmp_path / "imgs", 5)
+    # --color-aug: the pixels augmented at every step, each process VAE-encoding its own rows of the global batch
     args = ["train", "full", "--images", "imgs", "--model", "toy", "--optimizer", "sgd-nesterov", "--learning-rate",
-            "0.05", "--seed", "3", "--gradient-accumulation-steps", "2", "--save-state-on-train-end", "--ddp-timeout", "5"]
+            "0.05", "--seed", "3", "--gradient-accumulation-steps", "2", "--save-state-on-train-end", "--ddp-timeout", "5",
+            "--color-aug"]
     _torchrun([*args, "--epochs", "2", "--batch-size", "2", "-o", "dp.safetensors"], tmp_path)
     record = json.loads((tmp_path / "dp-state" / "run.json").read_text())
     assert record["world_size"] == 2 and record["batch_size"] == 2
@@ -163,6 +187,33 @@ def test_full_fine_tune_with_accumulation_and_resume_on_two_processes(tmp_path, 
     _assert_same_weights(tmp_path / "dp.safetensors", tmp_path / "one.safetensors")
     _assert_same_log(tmp_path / "dp-log.csv", tmp_path / "one-log.csv")
     assert [s for s, *_ in _log(tmp_path / "dp-log.csv")] == [1, 2, 3, 4]
+
+
+def test_rank_0_saves_nothing_after_a_peer_failure_when_the_weights_are_not_a_reported_steps(tmp_path):
+    from types import SimpleNamespace
+
+    from sdadapt.errors import PeerProcessError
+    from sdadapt.jobs.train import TrainOptions, _save_after_peer_failure
+
+    saves = []
+    outputs = SimpleNamespace(periodic=lambda step: tmp_path / f"out-step{step:06d}.safetensors", state=tmp_path / "st")
+    options = TrainOptions(images="x")
+
+    def note(trained_steps: int | None, info_step: int | None, *, overwrite: bool = False) -> str:
+        exc = PeerProcessError("boom")
+        if trained_steps is not None:
+            exc.trained_steps = trained_steps
+        info = None if info_step is None else SimpleNamespace(step=info_step)
+        return _save_after_peer_failure(exc, info, 5, outputs, dataclasses.replace(options, overwrite=overwrite),
+                                        lambda i, path: saves.append((i.step, path)))
+
+    assert "saved nothing" in note(3, 2) and "past step 2" in note(3, 2)  # (failed after step 3's update)
+    assert "saved nothing (no step had finished)" in note(0, None) and "training had ended" in note(5, 5)
+    assert not saves
+    assert note(2, 2).startswith("rank 0 saved the weights after step 2 of 5") and saves == [(2, outputs.periodic(2))]
+    outputs.periodic(2).write_bytes(b"")
+    assert "exists; --overwrite" in note(2, 2) and len(saves) == 1
+    assert "saved the weights" in note(2, 2, overwrite=True) and len(saves) == 2
 
 
 @pytest.mark.parametrize(("argv", "words"), [
@@ -261,9 +312,46 @@ def test_ddp_timeout_is_read_from_a_kohya_config_in_minutes(tmp_path):
         TrainOptions(images="x", ddp_timeout=0)
 
 
+#: ``train`` of a LoRA for 4 steps that rank 1 does not finish (_train_until_rank_1_fails); images and LR in the folder given
+_KILLED_RUN = ["train", "lora", "--model", "toy", "--optimizer", "sgd-nesterov", "--learning-rate", "0.5",
+               "--lr-scheduler", "constant", "--seed", "3", "--save-state"]
+
+
+def _train_until_rank_1_fails(rank: int, folder: Path) -> tuple[int, str]:
+    """Both ranks run ``train`` (:data:`_KILLED_RUN`, global batch 4, in the group already joined); rank 1's third
+    gradient all-reduce raises instead, and rank 1 leaves the group. ``(exit code, stderr)``."""
+    import contextlib
+    import io
+
+    import sdadapt.training.data_parallel as dp
+
+    if rank == 0:
+        _images(folder / "imgs", 4)
+    dp.wait_for_all_ranks("the test's images")
+    original, calls = dp.average_gradients, [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError("rank 1 fails in step 3 (the test)")
+        return original(*args, **kwargs)
+
+    if rank == 1:
+        dp.average_gradients = failing
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main([*_KILLED_RUN, "--images", str(folder / "imgs"), "--steps", "4", "--batch-size", "2", "-o",
+                         str(folder / "dp.safetensors")])
+    finally:
+        dp.average_gradients = original
+    return code, err.getvalue()
+
+
 def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
     """The collectives on 2 gloo ranks: gradient averaging (a gradient missing on one rank, bf16, buckets
-    of a few bytes), the fp16 loss scaler's skip decision, the loss mean, then rank 1 leaving early."""
+    of a few bytes), the fp16 loss scaler's skip decision, the loss mean, then rank 1 failing in ``train``
+    (:func:`_train_until_rank_1_fails`) and leaving early."""
     import datetime
 
     import torch.distributed as dist
@@ -304,6 +392,9 @@ def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
     results["scaler"] = decisions
     results["loss"] = [float(v) for v in mean_over_ranks([torch.tensor(1.0 + rank), torch.tensor(3.0 * rank)], group)]
     dist.barrier()
+    # `train` on both ranks; rank 1 fails at its third gradient all-reduce (in step 3) and leaves the group: rank 0's
+    # all-reduce fails (PeerProcessError, exit 11) and it saves what 2 steps trained, as on Ctrl-C
+    results["train"] = _train_until_rank_1_fails(rank, Path(out).parent)
     if rank == 1:  # rank 1 leaves: rank 0's next collective names the failure instead of a bare RuntimeError
         dist.destroy_process_group()
         return
@@ -316,7 +407,7 @@ def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_collectives_average_gradients_agree_on_fp16_skips_and_name_a_failed_peer(tmp_path):
+def test_collectives_average_gradients_agree_on_fp16_skips_and_name_a_failed_peer_after_rank_0_saved(tmp_path):
     import torch.multiprocessing as mp
 
     from sdadapt.errors import PeerProcessError, exit_code_for
@@ -345,6 +436,18 @@ def test_collectives_average_gradients_agree_on_fp16_skips_and_name_a_failed_pee
     peer = results["peer"]
     assert peer is not None and "rank 0 of 2" in peer and "another process" in peer and "its own output" in peer
     assert exit_code_for(PeerProcessError(peer)) == 11
+    # `train`, rank 1 failed in step 3: rank 0 saved the weights and the state after step 2, and said so
+    code, err = results["train"]
+    assert code == 11, err[-3000:]
+    assert "rank 0 of 2" in err and "another process" in err
+    assert f"rank 0 saved the weights after step 2 of 4: {tmp_path / 'dp-step000002.safetensors'}" in err
+    assert f"continue with --resume {tmp_path / 'dp-state'}" in err
+    assert not (tmp_path / "dp.safetensors").exists()
+    assert json.loads((tmp_path / "dp-state" / "state.json").read_text())["step"] == 2
+    # ... which are one process's after 2 steps with the global batch
+    assert main([*_KILLED_RUN, "--images", str(tmp_path / "imgs"), "--steps", "2", "--batch-size", "4", "-o",
+                 str(tmp_path / "one.safetensors"), "--quiet"]) == 0
+    _assert_same_weights(tmp_path / "dp-step000002.safetensors", tmp_path / "one.safetensors")
 
 
 def test_a_methods_extra_loss_is_weighted_by_the_ranks_share_of_an_uneven_batch():
@@ -370,6 +473,39 @@ def test_a_methods_extra_loss_is_weighted_by_the_ranks_share_of_an_uneven_batch(
         mean = sum(float(step_loss(model, shard_prepared(prepared, DataParallel(r, world)), config, extra))
                    for r in range(world)) / world
         assert mean == pytest.approx(float(step_loss(model, prepared, config, extra)), rel=1e-6)
+
+
+def test_a_sharded_validation_pass_scores_each_ranks_rows_and_averages_to_the_whole_pass():
+    # batches of 5, 2 and 1 rows on 2 and 3 ranks: each rank's model sees only its rows (none more), and the mean
+    # over the ranks of their passes is the one-process pass (the noise drawn for the whole batch on every rank)
+    import functools
+
+    from sdadapt.training.step import StepConfig
+    from sdadapt.training.validation import validation_loss
+
+    g = torch.Generator().manual_seed(0)
+    alphas = torch.linspace(0.99, 0.01, 1000).cumprod(0)
+    batches = [{"latents": torch.randn(n, 4, 2, 2, generator=g), "cond": torch.randn(n, 3, generator=g)} for n in (5, 2, 1)]
+    seen: list[int] = []
+
+    def model(x, t, cond):
+        seen.append(x.shape[0])
+        return x * 0.5 + cond.sum(1).reshape(-1, 1, 1, 1)
+
+    def run(group=None) -> float:
+        shard = None if group is None else functools.partial(shard_prepared, group=group)
+        return float(validation_loss(model, batches, config=StepConfig(), alphas_cumprod=alphas, timesteps=[200, 600],
+                                     seed=4, shard=shard))
+
+    whole = run()
+    assert seen == [5, 5, 2, 2, 1, 1]
+    for world in (2, 3):
+        seen.clear()
+        mean = sum(run(DataParallel(r, world)) for r in range(world)) / world
+        assert mean == pytest.approx(whole, rel=1e-6)
+        # the rows each rank ran (a rank without a row of a batch runs its row 0 at weight 0)
+        expected = [len(torch.arange(n).tensor_split(world)[r]) or 1 for r in range(world) for n in (5, 5, 2, 2, 1, 1)]
+        assert seen == expected
 
 
 def _fit_config(optimizer: str):

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import PeerProcessError
 from ..formats.files import make_output_folder
 from ..images import ImageFolderError
 from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
+from ..methods.fit import FitProgress
 from ..training import data_parallel
 from ..training.data import FIRST_LINE_CAPTIONS
 from ..training.half_weights import cast_trainable_
@@ -651,11 +653,12 @@ def _read_data_config(options: TrainOptions):
     return config
 
 
-#: kohya's training-metadata keys of one dataset: with several ``[[datasets]]`` kohya writes them per dataset
-#: in ``ss_datasets`` only (train_network.py's ``use_user_config`` branch)
+#: kohya's training-metadata keys of the run's one dataset: with a dataset TOML (train_network.py's
+#: ``use_user_config`` branch) kohya leaves them out and writes each dataset's and subset's own in ``ss_datasets``
 _ONE_DATASET_KEYS = ("ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_enable_bucket",
                      "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_reso_steps", "ss_bucket_no_upscale",
-                     "ss_bucket_info")
+                     "ss_bucket_info", "ss_shuffle_caption", "ss_keep_tokens", "ss_flip_aug", "ss_color_aug",
+                     "ss_random_crop", "ss_reg_dataset_dirs")
 
 
 def _block_options(options: TrainOptions, config) -> list[TrainOptions]:
@@ -1324,9 +1327,10 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
         return result
 
 
-def _run_train(method: str, options: TrainOptions | None = None, *, progress: Progress | None = None,
-               bars: Bars | None = None, log: Callable[[str], None] | None = None, **fields) -> dict:
-    """:func:`run_train` in this process (in a process group when launched data-parallel)."""
+def _run_train(method: str, options: TrainOptions, *, progress: Progress | None = None,
+               bars: Bars | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """:func:`run_train` in this process (in a process group when launched data-parallel), on the
+    options :func:`run_train` resolved."""
     from ..methods.fit import NonFiniteLossError
     from ..methods.lora_blocks import check_block_args
     from ..sampling import parse_sample_prompts
@@ -1336,12 +1340,6 @@ def _run_train(method: str, options: TrainOptions | None = None, *, progress: Pr
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
     from .caption_lines import recorded_caption_lines
 
-    if options is None:
-        if "class_count" in fields:
-            fields["class_images"] = fields.pop("class_count")
-        options = TrainOptions(**fields)
-    elif fields:
-        options = dataclasses.replace(options, **fields)
     data_config = None  # kohya's dataset TOML / fine-tuning metadata, read (no image yet) before any other check
     block_options: list[TrainOptions] = []  # kohya's several [[datasets]]: each block's options (its size, batch, buckets)
     if options.dataset_config is not None or options.in_json is not None:
@@ -1706,14 +1704,18 @@ def _run_train(method: str, options: TrainOptions | None = None, *, progress: Pr
         if held_out:  # kohya's validation keys (written here when images are held out)
             meta.update(_validation_metadata(options, len(held_out)))
         if data_config is not None and options.dataset_config is not None:  # kohya's ss_datasets (a dataset config)
-            from ..training.dataset_config import kohya_datasets_metadata
+            from ..training.dataset_config import (
+                kohya_datasets_metadata,
+                kohya_tag_frequency,
+            )
 
-            meta["ss_datasets"] = json.dumps(kohya_datasets_metadata(
+            datasets_meta = kohya_datasets_metadata(
                 data_config, dataset, reg, batch_size=options.batch_size, resolution=(height, width),
-                blocks=[(opts.batch_size, (h, w)) for opts, h, w, _ in plans] if block_options else ()))
-            if block_options:  # kohya's keys of one dataset: not written with several (each is in ss_datasets)
-                for key in _ONE_DATASET_KEYS:
-                    meta.pop(key, None)
+                blocks=[(opts.batch_size, (h, w)) for opts, h, w, _ in plans] if block_options else ())
+            meta["ss_datasets"] = json.dumps(datasets_meta)
+            meta["ss_tag_frequency"] = json.dumps(kohya_tag_frequency(datasets_meta))
+            for key in _ONE_DATASET_KEYS:  # kohya's keys of the run's one dataset: per dataset in ss_datasets only
+                meta.pop(key, None)
         return meta
 
     def write_samples(step: int) -> None:
@@ -1840,6 +1842,10 @@ def _run_train(method: str, options: TrainOptions | None = None, *, progress: Pr
         raise Interrupted(getattr(exc, "signal_number", 2),
                           f"interrupted after step {info.step} of {total}: saved {path}"
                           + (f"; continue with --resume {outputs.state}" if options.save_state else "")) from None
+    except PeerProcessError as exc:  # data parallel, another rank failed: rank 0 keeps what was trained, as on Ctrl-C
+        if not main:
+            raise
+        raise _with_note(exc, _save_after_peer_failure(exc, last.get("info"), total, outputs, options, save_now)) from None
     finally:
         run_log.close()
     if main:
@@ -1864,6 +1870,24 @@ def _run_train(method: str, options: TrainOptions | None = None, *, progress: Pr
             "removed": removed,
             "resumed_from": start if options.resume is not None else None, "lora": lora,
             "validation_images": len(held_out), "validation_losses": validation_losses}
+
+
+def _save_after_peer_failure(exc: PeerProcessError, info: FitProgress | None, total: int, outputs: _Outputs,
+                             options: TrainOptions, save_now: Callable[[FitProgress, Path], None]) -> str:
+    """Rank 0 after another rank failed (:class:`~sdadapt.errors.PeerProcessError`): save the weights (and
+    the state with ``--save-state``) as the Ctrl-C path does — files only, no collective — when they are
+    those of the last step reported (``info``: :class:`~sdadapt.methods.FitProgress`); what was done, for
+    the message."""
+    if info is None or info.step >= total:
+        return "rank 0 saved nothing (no step had finished)" if info is None else "rank 0 saved nothing (training had ended)"
+    if getattr(exc, "trained_steps", info.step) != info.step:  # (failed after the next step's update: not reported)
+        return f"rank 0 saved nothing (the weights were past step {info.step}, mid-way through the next step's report)"
+    path = outputs.periodic(step=info.step)
+    if path.exists() and not options.overwrite:
+        return f"rank 0 saved nothing ({path} exists; --overwrite replaces it)"
+    save_now(info, path)
+    return (f"rank 0 saved the weights after step {info.step} of {total}: {path}"
+            + (f"; continue with --resume {outputs.state}" if options.save_state else ""))
 
 
 def _with_note(exc: Exception, note: str) -> Exception:

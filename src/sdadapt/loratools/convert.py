@@ -31,6 +31,8 @@ same numbers, since those families pass through unchanged.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +46,18 @@ from ..adapters.registry import (
     file_layer_delta,
     weight_shape_of_file_tensors,
 )
-from ..errors import InputError, OutputError, OutputExistsError, WeightFileError
+from ..errors import (
+    InputError,
+    OutputError,
+    OutputExistsError,
+    SdadaptError,
+    WeightFileError,
+)
 from ..formats import load_lora
 from ..formats.clip_keys import add_text_model
 from ..formats.detect import describe_file
 from ..formats.diffusers import METADATA_KEY, save_diffusers, save_peft
+from ..formats.files import atomic_write, staged_outputs
 from ..formats.kohya import cast_factors, save_kohya
 from ..formats.layers import COMPONENTS, split_key
 from ..formats.peft_ia3 import resolve_sd_bias_free
@@ -313,40 +322,53 @@ def convert_lora(
     families = _families(components)
     _check_target_families(families, to, str(source))
     report = ConvertReport(path=target, source_kind=kind, target=to, families=families)
-    if to == "kohya":
-        model = _base_model_for_kohya(source, components, metadata, base_model)
-        kept = {k: v for k, v in metadata.items() if k not in _REGENERATED}
-        save_kohya(target, components, base_model=model, dtype=dtype, metadata=kept,
-                   title=kept.get("modelspec.title") or kept.get("ss_output_name"), overwrite=overwrite)
-        report.base_model = model
-        written = {c: components[c] for c in components}
-    elif to == "diffusers":
-        save_diffusers(target, components, dtype=dtype)
-        written = dict(components)
-    else:
-        name = _peft_component(components, component if kind not in ("peft-lora", "peft-ia3") else None, str(source))
-        written = {name: components[name]}
+    # written and read back in a scratch folder first: a failed check leaves OUT as it was
+    with tempfile.TemporaryDirectory(prefix="sdadapt-convert-") as scratch:
+        staging = Path(scratch) / target.name
         try:
-            save_peft(target, cast_factors(components[name], dtype))
-        except BaseException:
-            _remove_empty(target)
-            raise
-
-    back, _ = load_lora(target)
-    if "model" in back:
-        back = {next(iter(written)): back["model"]}
-    report.layers = {c: len(layer_groups(s)) for c, s in back.items()}
-    report.max_delta, report.tensor_compared = delta_difference(written, back, source=str(target))
+            if to == "kohya":
+                model = _base_model_for_kohya(source, components, metadata, base_model)
+                kept = {k: v for k, v in metadata.items() if k not in _REGENERATED}
+                save_kohya(staging, components, base_model=model, dtype=dtype, metadata=kept,
+                           title=kept.get("modelspec.title") or kept.get("ss_output_name") or target.stem)
+                report.base_model = model
+                written = {c: components[c] for c in components}
+            elif to == "diffusers":
+                save_diffusers(staging, components, dtype=dtype)
+                written = dict(components)
+            else:
+                name = _peft_component(components, component if kind not in ("peft-lora", "peft-ia3") else None,
+                                       str(source))
+                written = {name: components[name]}
+                save_peft(staging, cast_factors(components[name], dtype))
+            back, _ = load_lora(staging)
+        except SdadaptError as exc:
+            _raise_named_as_output(exc, staging, target)
+        if "model" in back:
+            back = {next(iter(written)): back["model"]}
+        report.layers = {c: len(layer_groups(s)) for c, s in back.items()}
+        report.max_delta, report.tensor_compared = delta_difference(written, back, source=str(target))
+        _move_checked(staging, target, peft=to == "peft", overwrite=overwrite)
     return report
 
 
-def _remove_empty(folder: Path) -> None:
-    """A peft folder this call made and left empty goes again (a failed save leaves nothing)."""
-    try:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    except OSError:
-        pass
+def _raise_named_as_output(exc: SdadaptError, staging: Path, target: Path) -> None:
+    """Raise ``exc`` again, a message about the written file naming OUT rather than its scratch copy
+    (a write failure, :class:`OutputError`, keeps the scratch path: that is where it failed)."""
+    text = str(exc)
+    if isinstance(exc, OutputError) or str(staging) not in text:
+        raise exc
+    raise type(exc)(text.replace(str(staging), str(target))) from None
+
+
+def _move_checked(staging: Path, target: Path, *, peft: bool, overwrite: bool) -> None:
+    """The checked output at ``staging`` (a file, or a peft folder's files) written to ``target`` by the
+    atomic writers, a peft folder's files together (:func:`~sdadapt.formats.files.staged_outputs`):
+    ``target`` is the new output, or (any failure) as it was."""
+    files = [(staging / name, target / name) for name in _PEFT_FILES] if peft else [(staging, target)]
+    with staged_outputs() as stage:
+        for source, path in files:
+            atomic_write(path, lambda tmp, source=source: shutil.copyfile(source, tmp), overwrite=overwrite, stage=stage)
 
 
 def _not_an_adapter(kind: str) -> str:

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ..errors import PeerProcessError
 from ..training import data_parallel
 from ..training.diffusion import zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
@@ -802,7 +803,10 @@ def fit(
     batch: every rank draws it (same data order, noise and timesteps), trains on its own rows, and the
     gradients are averaged over the ranks before clipping and the optimiser step — the steps of one
     process with that batch. Rank 0's starting weights are broadcast first; the losses are the mean
-    over the ranks. Not with ``cuda_graph`` or ``fused_backward`` (ValueError).
+    over the ranks. The validation pass is sharded the same way (each rank runs the model on its rows
+    of every held-out batch; one all-reduce at the end of the pass), and a dataset's per-step pixel
+    augmentation is VAE-encoded for the rank's rows only (``system.encode_images`` must treat rows
+    independently, as a VAE's posterior mean does). Not with ``cuda_graph`` or ``fused_backward`` (ValueError).
 
     Returns:
         the loss of every step run (floats; one host read per optimiser step: docs/training.md#host-syncs).
@@ -810,6 +814,9 @@ def fit(
     Raises:
         NonFiniteLossError: a NaN/inf loss with ``config.stop_on_nonfinite``.
         ValueError: empty data, no trainable parameters, or a state that does not fit.
+        PeerProcessError: data parallel, a collective failed (another rank failed first); its
+            ``trained_steps`` is the optimiser steps the weights have taken (the last ``on_step``'s
+            step, or one more when the failure came after this step's update).
     """
     from ..training.data import Dataset, epoch_batches, flip_draws, size_conditioning
 
@@ -1013,7 +1020,7 @@ def fit(
             if data.augment.active:  # random crop / colour: these pixels, encoded now (nothing cached)
                 pixels, crops = data.pixel_batch(records, flips, random.Random(f"{seed}/pixels/{micro}"))
                 with torch.no_grad():
-                    latents = system.encode_images(copy_to_device(pixels, device)).float()
+                    latents = _encode_rows(system.encode_images, copy_to_device(pixels, device), parallel)
                 if data.loss_masks is not None:  # kohya's masked loss: cropped and mirrored as these pixels
                     mask = data.pixel_masks(records, crops, flips, tuple(latents.shape[-2:]))
             else:  # host-made tensors (the cached latents are on the host) reach the device without a wait
@@ -1088,9 +1095,12 @@ def fit(
             """The validation pass after (0-based) optimiser step ``step``."""
             use_weights()  # (a schedule-free optimiser's averaged weights, as kohya's optimizer_eval_fn)
             devices = [] if device.type == "cpu" else [device.index or 0]
+            rows = None if parallel is None else functools.partial(data_parallel.shard_prepared, group=parallel)
             with torch.random.fork_rng(devices=devices, device_type=device.type), eval_mode(in_eval):
                 loss = validation_loss(model, validation_batches(step), config=step_config, alphas_cumprod=alphas_cumprod,
-                                       timesteps=val_timesteps, seed=val_seed)
+                                       timesteps=val_timesteps, seed=val_seed, shard=rows)
+            if parallel is not None:  # each rank scored its rows of every batch: one all-reduce of the pass's losses
+                loss = data_parallel.mean_over_ranks([loss], parallel)[0]
             return float(loss)  # (the pass's one host read)
 
     @contextlib.contextmanager
@@ -1237,6 +1247,10 @@ def fit(
         use_weights()  # the adaptation leaves fit with the weights to save
         if ema is not None and config.ema_into_weights:
             ema.copy_to(trained)
+    except PeerProcessError as exc:  # (data parallel: another rank failed) which step the weights are at now: the
+        # last on_step's when the failure came before this step's update (the gradient all-reduce), one more after it
+        exc.trained_steps = int(state.step)  # type: ignore[attr-defined]
+        raise
     finally:
         for p in [*frozen, *stopped]:
             p.requires_grad_(True)
@@ -1390,6 +1404,22 @@ class _FusedOptimizers:
         for ps, optimizer in zip(self.groups, self.optimizers):
             entries = {j: state_dict["state"][index_of[id(p)]] for j, p in enumerate(ps) if index_of[id(p)] in state_dict["state"]}
             optimizer.load_state_dict({"state": entries, "param_groups": [{**group_of[id(ps[0])], "params": list(range(len(ps)))}]})
+
+
+def _encode_rows(encode: Callable[[Tensor], Tensor], pixels: Tensor,
+                 parallel: data_parallel.DataParallel | None) -> Tensor:
+    """``encode(pixels (B, 3, H, W)) -> latents (B, C, h, w)`` float32; data parallel: only this rank's rows
+    (:func:`~sdadapt.training.data_parallel.rank_rows`, those :func:`~sdadapt.training.data_parallel.shard_prepared`
+    keeps) are encoded, the others are zeros — the batch keeps its size, so every rank draws the same noise and
+    timesteps for it, and the VAE (its posterior's mean, row by row) gives each row what it gives in the whole
+    batch."""
+    if parallel is None:
+        return encode(pixels).float()
+    start, stop, _ = data_parallel.rank_rows(pixels.shape[0], parallel.rank, parallel.world)
+    mine = encode(pixels[start:stop]).float()
+    latents = mine.new_zeros((pixels.shape[0], *mine.shape[1:]))
+    latents[start:stop] = mine
+    return latents
 
 
 def _check_validation_data(validation: Any, dataset: Any) -> None:

@@ -9,7 +9,9 @@ process group is initialised with more than one rank:
   ``cuda:LOCAL_RANK``, gloo on the CPU; it is torn down on the way out, errors included.
 * :func:`rank_rows` / :func:`shard_prepared`: every rank draws the same global batch (the data
   order, noise and timesteps are pure functions of the seed) and keeps its own rows of the prepared
-  batch, so a run on ``W`` ranks takes the optimiser steps of one process with the whole batch.
+  batch, so a run on ``W`` ranks takes the optimiser steps of one process with the whole batch (the
+  validation pass too: :func:`~sdadapt.training.validation.validation_loss` ``shard=``, then
+  :func:`mean_over_ranks` of its result).
 * :func:`average_gradients`: one all-reduce per bucket of same-dtype gradients after the last
   accumulated backward, before clipping and the optimiser step (adapters are injected by hooks,
   not wrapped modules, so this replaces ``DistributedDataParallel`` and works for every method).

@@ -56,6 +56,7 @@ __all__ = [
     "dataset_records",
     "in_json_config",
     "kohya_datasets_metadata",
+    "kohya_tag_frequency",
     "read_config_table",
     "read_dataset_config",
     "read_metadata_file",
@@ -772,16 +773,60 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
         if subset.is_reg:  # kohya's num_reg_images: the block's images x repeats, before balancing
             entries[subset.dataset]["reg"] = entries[subset.dataset].get("reg", 0) + (
                 reg_counts.get(label, {}).get("img_count", 0) * subset.num_repeats)
+    folder_of = {label: subset.label for subset, label in zip(config.subsets, _labels(config.subsets))}
     out = []
     for block, ((size, (height, width)), own, entry) in enumerate(zip(sizes, options, entries)):
         part = Dataset([r for r in dataset.records if r.dataset == block], captions=dataset.captions)
-        buckets = [r.bucket for r in part.records]
         finetuning = any("metadata_file" in s for s in entry["subsets"])
+        low, high = _kohya_bucket_range(own, [r.bucket for r in part.records])
         out.append({"is_dreambooth": not finetuning, "batch_size_per_device": size,
                     "num_train_images": part.samples_per_epoch,
                     "num_reg_images": (reg.samples if reg is not None else 0) if not config.blocks else entry.get("reg", 0),
                     "resolution": [width, height], "enable_bucket": bool(own.get("enable_bucket")),
-                    "min_bucket_reso": min(min(b) for b in buckets), "max_bucket_reso": max(max(b) for b in buckets),
-                    "tag_frequency": part.tag_frequency(), "bucket_info": part.bucket_info(),
+                    "min_bucket_reso": low, "max_bucket_reso": high,
+                    "tag_frequency": _by_folder(part.tag_frequency(), folder_of), "bucket_info": part.bucket_info(),
                     "resize_interpolation": None, "subsets": entry["subsets"]})
     return out
+
+
+def _kohya_bucket_range(options: Mapping[str, Any], buckets: Sequence[tuple[int, int]]) -> tuple[int | None, int | None]:
+    """kohya's dataset ``min_bucket_reso`` / ``max_bucket_reso`` (``BaseDataset``): the configured
+    values moved onto the bucket step (the minimum down, the maximum up); ``(None, None)`` without
+    buckets. A limit nobody set (sdadapt's own default, from the resolution) is the smallest / largest
+    side of the (height, width) ``buckets`` in use."""
+    if not options.get("enable_bucket"):
+        return None, None
+    step = int(options.get("bucket_reso_steps") or _KOHYA_DEFAULTS["bucket_reso_steps"])
+    low, high = options.get("min_bucket_reso"), options.get("max_bucket_reso")
+    low = int(low) - int(low) % step if low is not None else min((min(b) for b in buckets), default=None)
+    high = int(high) + (-int(high)) % step if high is not None else max((max(b) for b in buckets), default=None)
+    return low, high
+
+
+def _by_folder(frequency: Mapping[str, Mapping[str, int]], folder_of: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """A dataset's tag counts keyed by subset label (``a``, ``a (2)``) re-keyed by folder name as
+    kohya's ``set_tag_frequency`` keys them: one folder's subsets in one dataset add up."""
+    out: dict[str, dict[str, int]] = {}
+    for label, tags in frequency.items():
+        counts = out.setdefault(folder_of.get(label, label), {})
+        for tag, n in tags.items():
+            counts[tag] = counts.get(tag, 0) + n
+    return out
+
+
+def kohya_tag_frequency(datasets: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency`` with a dataset config (train_network.py): each
+    :func:`kohya_datasets_metadata` entry's ``tag_frequency`` merged, a folder used by several
+    ``[[datasets]]`` blocks counted once (the first block's counts).
+
+    Args:
+        datasets: the ``ss_datasets`` entries, in order.
+
+    Returns:
+        ``{folder name: {tag: count}}``.
+    """
+    merged: dict[str, dict[str, int]] = {}
+    for entry in datasets:
+        for folder, tags in entry["tag_frequency"].items():
+            merged.setdefault(folder, dict(tags))
+    return merged

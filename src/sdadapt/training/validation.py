@@ -113,6 +113,7 @@ def validation_loss(
     alphas_cumprod: Tensor,
     timesteps: Sequence[int],
     seed: int,
+    shard: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Tensor:
     """The mean loss of ``batches`` at each of ``timesteps`` (kohya's validation pass; see the module).
 
@@ -126,6 +127,10 @@ def validation_loss(
         timesteps: the fixed timesteps (:func:`validation_timesteps`).
         seed: the noise generator's seed (kohya's ``validation_seed``, else the run's ``seed``); a
             fresh generator on ``alphas_cumprod``'s device, so each pass draws the same noise.
+        shard: data parallel (:func:`~sdadapt.training.data_parallel.shard_prepared`): this rank's rows
+            of each prepared batch (the noise is drawn for the whole batch, so every rank draws the
+            same); the result is then this rank's part, and the mean over the ranks
+            (:func:`~sdadapt.training.data_parallel.mean_over_ranks`) is the one-process pass's loss.
 
     Returns:
         0-dim float32 on the device: the mean of the (batch, timestep) losses (no host read here).
@@ -143,6 +148,8 @@ def validation_loss(
         for t in timesteps:
             fixed = {**batch, "timesteps": torch.full((latents.shape[0],), int(t), dtype=torch.long, device=latents.device)}
             prepared = prepare_batch(fixed, state=state, config=config, alphas_cumprod=alphas_cumprod)
+            if shard is not None:  # (data parallel: the noise drawn for the whole batch, the model run on this rank's rows)
+                prepared = shard(prepared)
             loss = step_loss(model, prepared, config)
             total = loss if total is None else total + loss
             count += 1
