@@ -13,7 +13,6 @@ from sdadapt.img2img import (
     LATENT_UPSCALERS,
     Img2ImgStart,
     a1111_img2img_steps,
-    img2img_start,
     upscale_latents,
 )
 from sdadapt.samplers.sigma_space import discrete_sigmas, training_sigmas
@@ -48,11 +47,10 @@ def _run(sampler, init, noise, *, steps, strength, requested=None, model=None):
     total, t_enc = a1111_img2img_steps(steps, strength, requested=requested)
     from sdadapt.img2img import a1111_start_index
 
-    with img2img_start(Img2ImgStart(init, index=a1111_start_index(total, t_enc))) as start:
-        out = samplers.sample_latents(model or _recording(calls), noise, None, sampler=sampler,
-                                      alphas_cumprod=ALPHAS_CUMPROD, num_steps=total,
-                                      generator=torch.Generator().manual_seed(1))
-    assert start.used
+    out = samplers.sample_latents(model or _recording(calls), noise, None, sampler=sampler,
+                                  alphas_cumprod=ALPHAS_CUMPROD, num_steps=total,
+                                  generator=torch.Generator().manual_seed(1),
+                                  start=Img2ImgStart(init, index=a1111_start_index(total, t_enc)))
     return out, calls
 
 
@@ -115,9 +113,8 @@ def test_an_oracle_model_gets_the_init_latent_back(strength):
 
 def test_ddim_strength_zero_returns_the_init_latent():
     init = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    with img2img_start(Img2ImgStart(init, strength=0.0)):
-        out = samplers.sample_latents(lambda x, t, c: x, torch.randn_like(init), None, sampler="ddim",
-                                      alphas_cumprod=ALPHAS_CUMPROD, num_steps=10)
+    out = samplers.sample_latents(lambda x, t, c: x, torch.randn_like(init), None, sampler="ddim",
+                                  alphas_cumprod=ALPHAS_CUMPROD, num_steps=10, start=Img2ImgStart(init, strength=0.0))
     assert torch.equal(out, init)
 
 
@@ -181,9 +178,7 @@ def test_hires_second_pass_starts_from_the_upscaled_latents_plus_the_seeds_noise
     real = samplers.sample_latents
 
     def spy(model, x_T, cond, **kw):
-        from sdadapt.img2img import _ACTIVE
-
-        start = _ACTIVE.get()
+        start = kw.get("start")
         seen.append((x_T.clone(), None if start is None else start.init.clone(), start and start.index, kw["num_steps"]))
         return real(model, x_T, cond, **kw)
 
@@ -280,12 +275,15 @@ def test_ddim_keeps_diffusers_get_timesteps(steps, strength):
     assert ours.tolist() == theirs.tolist() and len(ours) == count
 
 
-def test_an_init_latent_is_taken_once():
-    from sdadapt.img2img import active_start
+def test_sample_latents_refuses_a_start_on_a_sampler_without_img2img():
+    """An explicit ``start=`` on a sampler with no start rule is refused by name, before any model call."""
+    def model(x, t, cond):
+        raise AssertionError("the model ran")
 
-    with img2img_start(Img2ImgStart(torch.zeros(1), index=0)) as start:
-        assert active_start() is start and active_start() is None
-    assert active_start() is None
+    with pytest.raises(ValueError, match="'dpmsingle' cannot start from an image"):
+        samplers.sample_latents(model, torch.zeros(1, 4, 4, 4), None, sampler="dpmsingle",
+                                alphas_cumprod=ALPHAS_CUMPROD, num_steps=4,
+                                start=Img2ImgStart(torch.zeros(1, 4, 4, 4), strength=0.5))
 
 
 def test_cli_init_image_is_stretched_with_lanczos_encoded_and_sampled_as_generate(tiny_sd, tmp_path, monkeypatch):

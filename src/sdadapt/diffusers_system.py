@@ -703,7 +703,7 @@ class DiffusersSystem(nn.Module):
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
                sampler: str = "ddim", karras: bool = False, height: int | None = None, width: int | None = None,
                cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
-               noise: Any = None, schedule_options: Any = None, output: str = "images") -> Tensor:
+               noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -728,7 +728,9 @@ class DiffusersSystem(nn.Module):
         (:class:`~sdadapt.prompt_guidance.ScheduledGuidance`); not with ``cond``.
         ``noise``: an :class:`~sdadapt.samplers.a1111_noise.A1111Seeds`: A1111's start and sampler noise for
         ``seed`` instead of the CPU generator's; ``schedule_options``: A1111's schedule settings
-        (:class:`~sdadapt.samplers.schedules.ScheduleOptions`) for ``schedule``.
+        (:class:`~sdadapt.samplers.schedules.ScheduleOptions`) for ``schedule``. ``start``: an
+        :class:`~sdadapt.img2img.Img2ImgStart` — img2img / hires fix from its init latents
+        (:func:`sdadapt.samplers.sample_latents`).
         """
         height, width = height or self.image_size, width or self.image_size
         check_image_size(width, height, multiple=self.size_multiple)
@@ -772,7 +774,7 @@ class DiffusersSystem(nn.Module):
         latents = samplers.sample_latents(model, x, cond, sampler=name, alphas_cumprod=self.alphas_cumprod,
                                           num_steps=steps, uncond=uncond, guidance_scale=guidance_scale,
                                           prediction_type=self.prediction_type, karras=karras, generator=g,
-                                          schedule=schedule, schedule_options=schedule_options,
+                                          schedule=schedule, schedule_options=schedule_options, start=start,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}))
         return latents if output == "latents" else self.decode_latents(latents)
 

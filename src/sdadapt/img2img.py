@@ -22,9 +22,10 @@ Two rules decide how much of a sampler's grid an img2img run (or a hires-fix sec
 
   the multistep solvers keep their global step index (diffusers' ``set_begin_index``).
 
-:func:`img2img_start` holds an init latent for the samplers to start from while a sampler runs
-(:func:`sdadapt.samplers.sigma_space.discrete_start` and :func:`sdadapt.samplers.sample_latents`'s DDIM
-read it, and :mod:`sdadapt.samplers.dpm_solver`'s multistep solvers); :func:`sdadapt.sampling.generate` sets it (``init_latents=``).
+:class:`Img2ImgStart` is an init latent and where on the grid to start from it: the ``start=`` argument of
+:func:`sdadapt.samplers.sample_latents` (which hands it to :func:`sdadapt.samplers.sigma_space.discrete_start`,
+its DDIM and :mod:`sdadapt.samplers.dpm_solver`'s multistep solvers) and of ``DiffusersSystem.sample``;
+:func:`sdadapt.sampling.generate` builds it from ``init_latents=``.
 
 :func:`upscale_latents` is A1111's latent upscalers (``shared.latent_upscale_modes``): ``torch``'s
 ``interpolate`` of the (B, C, h, w) latents to the hires size / 8.
@@ -32,9 +33,6 @@ read it, and :mod:`sdadapt.samplers.dpm_solver`'s multistep solvers); :func:`sda
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +47,9 @@ __all__ = [
     "Img2ImgStart",
     "a1111_img2img_steps",
     "a1111_start_index",
-    "active_start",
     "check_img2img_sampler",
     "ddim_img2img",
     "diffusers_start_index",
-    "img2img_start",
     "upscale_latents",
 ]
 
@@ -129,16 +125,15 @@ def diffusers_start_index(steps: int, strength: float) -> int:
     return max(steps - init_timestep, 0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Img2ImgStart:
     """An init latent for the sampler that runs next: start at grid index ``index`` from ``init``
-    (B, C, h, w) (the A1111 rule: ``index`` given; the diffusers rule: ``strength``). ``used``: set when
-    a sampler took it."""
+    (B, C, h, w) (the A1111 rule: ``index`` given; the diffusers rule: ``strength``); the samplers take it as
+    their ``start=`` argument."""
 
     init: Tensor
     index: int | None = None
     strength: float | None = None
-    used: bool = False
 
     def init_like(self, x_T: Tensor) -> Tensor:
         """``init`` on ``x_T``'s device and dtype.
@@ -150,28 +145,6 @@ class Img2ImgStart:
             raise ValueError(f"img2img: the init latents are {tuple(self.init.shape)}, the sampler's noise is "
                              f"{tuple(x_T.shape)}; encode the init image at the size being generated")
         return self.init.to(device=x_T.device, dtype=x_T.dtype)
-
-
-_ACTIVE: contextvars.ContextVar[Img2ImgStart | None] = contextvars.ContextVar("sdadapt_img2img", default=None)
-
-
-@contextlib.contextmanager
-def img2img_start(start: Img2ImgStart) -> Iterator[Img2ImgStart]:
-    """While the block runs, the samplers start from ``start`` (see the module docstring)."""
-    token = _ACTIVE.set(start)
-    try:
-        yield start
-    finally:
-        _ACTIVE.reset(token)
-
-
-def active_start() -> Img2ImgStart | None:
-    """The :class:`Img2ImgStart` a sampler should start from now (marked used), or ``None``."""
-    start = _ACTIVE.get()
-    if start is None or start.used:
-        return None
-    start.used = True
-    return start
 
 
 def ddim_img2img(fn, x_T: Tensor, start: Img2ImgStart, *, alphas_cumprod: Tensor, num_steps: int,

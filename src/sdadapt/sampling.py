@@ -251,21 +251,10 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     start = None
     if init_latents is not None:
-        from .img2img import img2img_start
-
         start, steps = _img2img_request(name, init_latents, len(prompts), steps, denoising_strength, img2img_steps)
-        with img2img_start(start):
-            result = _generate(system, prompts, name=name, negative=negative, seed=seed, steps=steps,
-                               guidance=guidance, karras=karras, height=height, width=width, cond=cond,
-                               schedule=schedule, info=info, plan=plan, noise=noise,
-                               schedule_options=schedule_options, img2img=True, output=output)
-        if not start.used:
-            raise ValueError(f"sampler {name!r} did not start from the init latents on {type(system).__name__}; "
-                             "img2img runs through sdadapt.samplers.sample_latents")
-        return result
     return _generate(system, prompts, name=name, negative=negative, seed=seed, steps=steps, guidance=guidance,
                      karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
-                     noise=noise, schedule_options=schedule_options, img2img=False, output=output)
+                     noise=noise, schedule_options=schedule_options, start=start, output=output)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -296,9 +285,10 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
 def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int, steps: int, guidance: float | None,
               karras: bool, height: int | None, width: int | None, cond: object | None, schedule: str | None,
               info: dict | None, plan: object | None, noise: object | None, schedule_options: object | None,
-              img2img: bool, output: str) -> Tensor:
-    """:func:`generate` once its request is checked (``img2img``: an init latent is waiting for the sampler,
-    which must run through :func:`sdadapt.samplers.sample_latents`)."""
+              start: object | None, output: str) -> Tensor:
+    """:func:`generate` once its request is checked (``start``: img2img's
+    :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
+    protocol path and :func:`sdadapt.samplers.sample_latents`)."""
     size = int(getattr(system, "image_size", 0))
     custom = (height not in (None, size)) or (width not in (None, size))
     options: dict = {"seed": seed, "steps": steps, "negative": negative}
@@ -308,10 +298,10 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (schedule is None or _takes(system.sample, "schedule"))
                      and (noise is None or _takes(system.sample, "noise"))
                      and (schedule_options is None or _takes(system.sample, "schedule_options"))
-                     and (output == "images" or _takes(system.sample, "output")))
-    if img2img and not _takes(system.sample, "output"):  # (sdadapt's own systems sample through sample_latents)
-        takes_sampler = False
-    own_sampler = takes_sampler or (name == "ddim" and noise is None and not img2img and output == "images")  # else through the protocol, below
+                     and (output == "images" or _takes(system.sample, "output"))
+                     and (start is None or _takes(system.sample, "start")))
+    # (else through the protocol, below)
+    own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images")
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -337,10 +327,12 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["schedule_options"] = schedule_options
         if output != "images":
             options["output"] = output
+        if start is not None:
+            options["start"] = start
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
-    if name == "ddim" and plan is None and noise is None and schedule_options is None and not img2img \
+    if name == "ddim" and plan is None and noise is None and schedule_options is None and start is None \
             and output == "images":
         return system.sample(prompts, **options)
     height = width = size
@@ -369,7 +361,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                                              else {}),
                                       **({"schedule_options": schedule_options} if schedule_options is not None
                                          else {}),
-                                      prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g)
+                                      prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g,
+                                      start=start)
     return latents if output == "latents" else system.decode_latents(latents)
 
 

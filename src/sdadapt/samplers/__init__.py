@@ -24,11 +24,15 @@ own DDIM configuration).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..training import diffusion
+
+if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
 from .ddpm import ddpm_sample
 from .dpm2 import dpm2_ancestral_sample, dpm2_sample
 from .dpm_fast_adaptive import dpm_adaptive_sample, dpm_fast_sample
@@ -177,7 +181,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    prediction_type: str = "epsilon", karras: bool = False, generator: torch.Generator | None = None,
                    callback: Callable[[int, Tensor, Tensor], None] | None = None, schedule: str | None = None,
                    discard_next_to_last_sigma: bool | None = None, schedule_options: ScheduleOptions | None = None,
-                   **options) -> Tensor:
+                   start: Img2ImgStart | None = None, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given.
 
@@ -195,13 +199,21 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     ``schedule_options``: A1111's settings sigma min/max, rho, Beta α/β, old Karras σ
     (:class:`.schedules.ScheduleOptions`), for a ``schedule`` (``"karras"`` then runs A1111's grid, not diffusers').
     ``generator``: an :class:`.a1111_noise.A1111Noise` draws A1111's sampler noise (docs/samplers.md).
+    ``start``: img2img / hires fix — start from its init latents part way along the grid
+    (:class:`sdadapt.img2img.Img2ImgStart`: A1111's rule for the σ-grid samplers, diffusers' strength rule for
+    DDIM and DPM-Solver multistep; :data:`sdadapt.img2img.IMG2IMG_SAMPLERS`).
 
     Raises:
         ValueError: an unknown sampler or schedule, ``karras=True`` for a sampler without Karras σ, a schedule
             for a sampler without a σ grid, ``discard_next_to_last_sigma=True`` without a schedule, or
-            ``schedule_options`` other than the defaults without a schedule.
+            ``schedule_options`` other than the defaults without a schedule, or a ``start`` for a sampler that
+            cannot start from an image.
     """
     name = canonical_sampler(sampler)
+    if start is not None:
+        from ..img2img import check_img2img_sampler
+
+        check_img2img_sampler(name)
     tuned = schedule_options is not None and not schedule_options.is_default
     if tuned and schedule is None:
         raise ValueError("schedule_options (A1111's sigma min/max, rho, Beta α/β) shape one of A1111's schedules: "
@@ -216,10 +228,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         karras, schedule = True, None
     check_karras(name, karras)
     if name == "ddim":
-        from ..img2img import active_start, ddim_img2img
-
-        start = active_start()
         if start is not None:  # img2img / hires fix: diffusers' strength rule (sdadapt.img2img)
+            from ..img2img import ddim_img2img
+
             return ddim_img2img(diffusion.guided(model, cond, uncond, guidance_scale), x_T, start,
                                 alphas_cumprod=alphas_cumprod, num_steps=num_steps, prediction_type=prediction_type,
                                 generator=generator, callback=callback, **options)
@@ -236,5 +247,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             options["schedule_options"] = schedule_options
     if discard:
         options["discard_next_to_last_sigma"] = True
+    if start is not None:
+        options["start"] = start
     return run(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)

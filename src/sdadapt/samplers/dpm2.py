@@ -28,6 +28,7 @@ from .sigma_space import (
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
 __all__ = ["dpm2_ancestral_sample", "dpm2_sample"]
@@ -35,13 +36,13 @@ __all__ = ["dpm2_ancestral_sample", "dpm2_sample"]
 def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str, steps_offset: int,
          ancestral: bool, schedule: str | None = None,
-         schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False) -> Tensor:
+         schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step."""
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
                                     karras=karras, round_karras_timesteps=True, schedule=schedule,
                                     schedule_options=schedule_options,
-                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
     # per step: the σ the whole step reaches (σ_down when ancestral), the noise scale, the midpoint
     targets, ups = [], []
     for i in range(len(times)):
@@ -75,7 +76,7 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                 callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                 steps_offset: int = 0, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                discard_next_to_last_sigma: bool = False) -> Tensor:
+                discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """DPM2 from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2DiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
@@ -95,7 +96,7 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     return _run("dpm_2", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
                 steps_offset=steps_offset, ancestral=False, schedule=schedule, schedule_options=schedule_options,
-                discard_next_to_last_sigma=discard_next_to_last_sigma)
+                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
 
 
 def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
@@ -103,7 +104,7 @@ def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor
                           callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                           steps_offset: int = 0, schedule: str | None = None,
                           schedule_options: ScheduleOptions | None = None,
-                          discard_next_to_last_sigma: bool = False) -> Tensor:
+                          discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """DPM2 ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2AncestralDiscreteScheduler``.
 
@@ -119,4 +120,4 @@ def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=karras,
                 spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule,
                 schedule_options=schedule_options,
-                discard_next_to_last_sigma=discard_next_to_last_sigma)
+                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)

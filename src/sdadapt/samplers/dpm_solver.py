@@ -51,6 +51,7 @@ from .sigma_space import (
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
 __all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_3m_sde_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_heun_sample",
@@ -170,7 +171,7 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
                karras: bool, data: bool, callback: StepCallback | None, sde: bool = False,
                generator: torch.Generator | None = None, order: int = 2, heun: bool = False,
                schedule: str | None = None,
-               schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False) -> Tensor:
+               schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     label = ("dpmsolver++_3m_sde" if order == 3 else "dpmsolver++_sde_heun" if heun else "dpmsolver++_sde") if sde \
         else "dpmsolver++" if data else "dpmsolver"
     check_prediction_type(label, prediction_type)
@@ -187,10 +188,9 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     work = work_dtype(x_T)
     x = x_T * 1.0  # init_noise_sigma
     first = 0
-    from ..img2img import active_start, diffusers_start_index
-
-    start = active_start()
-    if start is not None:  # img2img: diffusers' get_timesteps + add_noise (α·init + σ·noise), indices kept global
+    if start is not None:
+        from ..img2img import diffusers_start_index
+  # img2img: diffusers' get_timesteps + add_noise (α·init + σ·noise), indices kept global
         first = diffusers_start_index(n, start.strength if start.strength is not None else 1.0)
         if first >= n:
             return start.init_like(x_T)
@@ -247,7 +247,7 @@ def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
                         prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                         callback: StepCallback | None = None, karras: bool = False,
                         schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                        discard_next_to_last_sigma: bool = False) -> Tensor:
+                        discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler`` defaults; A1111's "DPM++ 2M",
     "DPM++ 2M Karras" with ``karras=True``) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
@@ -261,14 +261,14 @@ def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, schedule=schedule,
                       schedule_options=schedule_options,
-                      discard_next_to_last_sigma=discard_next_to_last_sigma)
+                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
 
 
 def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                             prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                             callback: StepCallback | None = None, karras: bool = False,
                             schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                            discard_next_to_last_sigma: bool = False) -> Tensor:
+                            discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """SDE-DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``,
     order 2, midpoint; the algorithm of A1111's "DPM++ 2M SDE" with Gaussian noise per step instead of
     k-diffusion's Brownian tree) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -287,14 +287,14 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
                       generator=generator, schedule=schedule, schedule_options=schedule_options,
-                      discard_next_to_last_sigma=discard_next_to_last_sigma)
+                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
 
 
 def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                                  callback: StepCallback | None = None, karras: bool = False,
                                  schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                                 discard_next_to_last_sigma: bool = False) -> Tensor:
+                                 discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """SDE-DPM-Solver++ 2M, Heun form (``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
     solver_type="heun")``; the algorithm of A1111's "DPM++ 2M SDE Heun", k-diffusion's
     ``sample_dpmpp_2m_sde(solver_type="heun")``, with Gaussian noise per step instead of its Brownian tree)
@@ -311,7 +311,7 @@ def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod:
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
                       generator=generator, heun=True, schedule=schedule, schedule_options=schedule_options,
-                      discard_next_to_last_sigma=discard_next_to_last_sigma)
+                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
 
 
 def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
@@ -319,7 +319,7 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
                                callback: StepCallback | None = None, karras: bool = False,
                                schedule: str | None = None,
                                schedule_options: ScheduleOptions | None = None,
-                               discard_next_to_last_sigma: bool = False) -> Tensor:
+                               discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """SDE-DPM-Solver++ 3M (``DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++")``;
     A1111's "DPM++ 3M SDE", Gaussian noise per step instead of its Brownian tree) from unit noise x_T
     (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -340,14 +340,14 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
                       generator=generator, order=3, schedule=schedule, schedule_options=schedule_options,
-                      discard_next_to_last_sigma=discard_next_to_last_sigma)
+                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
 
 
 def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False,
                      schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                     discard_next_to_last_sigma: bool = False) -> Tensor:
+                     discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """DPM-Solver 2M on the noise prediction (``DPMSolverMultistepScheduler(algorithm_type="dpmsolver",
     final_sigmas_type="sigma_min")``: the last step lands on σ of t = 0, as diffusers requires for
     this algorithm) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -362,7 +362,7 @@ def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=False, callback=callback, schedule=schedule,
                       schedule_options=schedule_options,
-                      discard_next_to_last_sigma=discard_next_to_last_sigma)
+                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
 
 
 def singlestep_orders(num_steps: int) -> list[int]:

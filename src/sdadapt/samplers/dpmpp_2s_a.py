@@ -36,6 +36,7 @@ from .sigma_space import (
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
 __all__ = ["dpmpp_2s_ancestral_sample"]
@@ -46,7 +47,7 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
                               callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                               steps_offset: int = 0, eta: float = 1.0, s_noise: float = 1.0,
                               schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                              discard_next_to_last_sigma: bool = False) -> Tensor:
+                              discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """DPM-Solver++(2S) ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) (see the module).
 
     ``model(x_in, t)``: the (guided) model at ``x/√(σ²+1)`` and float32 timesteps t (B,): the grid's
@@ -66,7 +67,7 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
     times, grid, x = discrete_start("dpmpp_2s_a", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
                                     karras=karras, schedule=schedule, schedule_options=schedule_options,
-                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
     splits = [ancestral_step(grid[i], grid[i + 1], eta) for i in range(len(times))]
     mids = [(grid[i] * down) ** 0.5 for i, (down, _) in enumerate(splits)]
     mid_times = sigma_to_t(torch.tensor(mids, dtype=torch.float64), training_sigmas(alphas_cumprod)).tolist()

@@ -27,6 +27,7 @@ from .sigma_space import (
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
 __all__ = ["euler_ancestral_sample", "euler_sample"]
@@ -36,12 +37,12 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str,
          steps_offset: int, ancestral: bool, schedule: str | None = None,
          schedule_options: ScheduleOptions | None = None,
-         discard_next_to_last_sigma: bool = False) -> Tensor:
+         discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """Both Euler samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each step's model call."""
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
                                     karras=karras, schedule=schedule, schedule_options=schedule_options,
-                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
     for i in range(len(times)):
         s, s_next = grid[i], grid[i + 1]
         t = timestep_batch(times[i], x)
@@ -60,7 +61,7 @@ def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                  steps_offset: int = 0, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                 discard_next_to_last_sigma: bool = False) -> Tensor:
+                 discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """Euler from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
@@ -78,7 +79,7 @@ def euler_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     return _run("euler", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
                 steps_offset=steps_offset, ancestral=False, schedule=schedule, schedule_options=schedule_options,
-                discard_next_to_last_sigma=discard_next_to_last_sigma)
+                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
 
 
 def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
@@ -86,7 +87,7 @@ def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tenso
                            callback: StepCallback | None = None, spacing: str = "linspace",
                            steps_offset: int = 0, schedule: str | None = None,
                            schedule_options: ScheduleOptions | None = None,
-                           discard_next_to_last_sigma: bool = False) -> Tensor:
+                           discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """Euler ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerAncestralDiscreteScheduler`` (it has no Karras σ).
 
@@ -103,4 +104,4 @@ def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tenso
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=False,
                 spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule,
                 schedule_options=schedule_options,
-                discard_next_to_last_sigma=discard_next_to_last_sigma)
+                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)

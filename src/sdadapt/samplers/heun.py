@@ -23,6 +23,7 @@ from .sigma_space import (
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
 __all__ = ["heun_sample"]
@@ -33,7 +34,7 @@ def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
                 callback: StepCallback | None = None, karras: bool = False,
                 spacing: str = "linspace", steps_offset: int = 0, clip_sample: float | None = None,
                 schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                discard_next_to_last_sigma: bool = False) -> Tensor:
+                discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """Heun from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``HeunDiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
@@ -50,7 +51,7 @@ def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     times, grid, x = discrete_start("heun", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
                                     karras=karras, schedule=schedule, schedule_options=schedule_options,
-                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
 
     def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
         return sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype, clip_sample=clip_sample)

@@ -24,6 +24,7 @@ from .sigma_space import (
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
 __all__ = ["lms_coefficients", "lms_sample"]
@@ -49,7 +50,7 @@ def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                callback: StepCallback | None = None, karras: bool = False,
                order: int = 4, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-               discard_next_to_last_sigma: bool = False) -> Tensor:
+               discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """LMS from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``LMSDiscreteScheduler``
     with its defaults (``timestep_spacing="linspace"``, ``steps_offset=0``) steps it.
 
@@ -69,7 +70,7 @@ def lms_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     times, grid, x = discrete_start("lms", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, karras=karras, schedule=schedule,
                                     schedule_options=schedule_options,
-                                    discard_next_to_last_sigma=discard_next_to_last_sigma)
+                                    discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
     derivatives: list[Tensor] = []
     for i in range(len(times)):
         s = grid[i]

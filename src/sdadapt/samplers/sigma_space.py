@@ -20,6 +20,7 @@ from torch import Tensor
 from ..training.diffusion import PREDICTION_TYPES, sigmas_of, timestep_grid
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 from .a1111_noise import A1111Noise
 
@@ -196,11 +197,14 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
                    spacing: str = "linspace", steps_offset: int = 0, karras: bool = False,
                    round_karras_timesteps: bool = False, schedule: str | None = None,
                    schedule_options: ScheduleOptions | None = None,
-                   discard_next_to_last_sigma: bool = False) -> tuple[list[float], list[float], Tensor]:
+                   discard_next_to_last_sigma: bool = False,
+                   start: Img2ImgStart | None = None) -> tuple[list[float], list[float], Tensor]:
     """What each sampler on the discrete σ grid (Euler, Heun, DPM2, LMS) does first: refuse a
     prediction type :func:`denoised` does not read (naming ``sampler``), make the grid
     (:func:`discrete_sigmas`, whose options these are), and scale the unit noise ``x_T`` (B,C,H,W)
-    to the first sample (times :func:`initial_noise_sigma`, in :func:`work_dtype`).
+    to the first sample (times :func:`initial_noise_sigma`, in :func:`work_dtype`). ``start``: img2img /
+    hires fix — the grid from ``start.index`` on (A1111's ``sigmas[steps - t_enc - 1:]``) and the first
+    sample ``init + x_T·σ_start`` (:mod:`sdadapt.img2img`).
 
     Returns:
         ``(timesteps, sigmas, x)``: the n timesteps and n+1 σ as Python floats, x (B,C,H,W) (with a
@@ -215,9 +219,6 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
                                         schedule=schedule,
                                         schedule_options=schedule_options,
                                         discard_next_to_last_sigma=discard_next_to_last_sigma)
-    from ..img2img import active_start
-
-    start = active_start()
     if start is not None:  # img2img / hires fix: A1111's sigmas[index:], x = init + noise·σ (sdadapt.img2img)
         index = min(int(start.index or 0), len(timesteps) - 1)
         timesteps, sigmas = timesteps[index:], sigmas[index:]
