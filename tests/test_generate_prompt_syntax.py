@@ -158,7 +158,8 @@ def _image(system, prompt, negative="", *, plan=True, sampler="euler", steps=3):
                     plan=built)
 
 
-@pytest.mark.parametrize("prompt", ["a photo of a cat", "a (photo:1.3) of a [cat]"])
+# (prompts within the tiny tokenizer's 10-token window: a longer one is laid out in A1111's chunks)
+@pytest.mark.parametrize("prompt", ["a photo", "a (photo:1.3) [cat]"])
 def test_a_prompt_without_the_syntax_goes_through_the_job_exactly_as_before(sd, system, tmp_path, capsys, prompt):
     """The job reads such a prompt as a plain plan and samples the old way: the same PNG as generate() without a plan."""
     from sdadapt.images import write_png
@@ -377,8 +378,8 @@ def test_break_conditioning_is_a1111s_per_chunk_emphasis(sd):
         weighted = plain * weights[j].double()[None, :, None]
         reference = weighted * (plain.mean() / weighted.mean())
         assert torch.allclose(cond[:, j * window:(j + 1) * window].double(), reference, atol=1e-5, rtol=1e-5), j
-    # a prompt without BREAK keeps sdadapt's one-window layout
-    assert system._prompt_condition(["a (photo:1.4) of a cat"], None, breaks=True).shape == (1, window, 32)
+    # a prompt without BREAK that fits one window keeps the one-window layout
+    assert system._prompt_condition(["a (photo:1.4) cat"], None, breaks=True).shape == (1, window, 32)
     # without breaks= (kohya's sample prompts in training) BREAK is a word: the one window, as before
     word = system._prompt_condition([prompt], None)
     assert word.shape == (1, window, 32)
@@ -400,6 +401,34 @@ def test_break_reaches_generate_but_not_the_training_samples(sd, system, tmp_pat
     assert not torch.equal(chunked, word)
     write_png(tmp_path / "chunked.png", chunked[0])
     assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "chunked.png").read_bytes()
+
+
+def test_a_long_prompt_is_laid_out_in_a1111s_chunks_unless_a_kohya_length_is_set(sd, system, tmp_path):
+    """A prompt over one window (no BREAK): the job lays it out as A1111 does (chunks cut at a comma, every token
+    kept; each chunk encoded alone), the same PNG as its plan through generate(); ``--max-token-length 150`` keeps
+    kohya's joined windows, and the system without breaks= (kohya's sample prompts) its one truncated window."""
+    from sdadapt.images import write_png
+    from sdadapt.prompt_chunks import needs_chunks, prompt_chunks
+
+    window = system.tokenizer.model_max_length
+    prompt = ", ".join(f"cat dog sky{i % 3}" if i % 2 else "a photo" for i in range(window))  # (several windows)
+    ids, weights = prompt_chunks(system.tokenizer, prompt)
+    assert ids.shape[0] >= 2 and needs_chunks(system.tokenizer, prompt)
+    assert not needs_chunks(system.tokenizer, "a (photo:1.4) cat")  # (9 of the tiny tokenizer's 10 tokens)
+    with torch.no_grad():
+        cond = system._prompt_condition([prompt], None, breaks=True)
+        assert cond.shape == (1, ids.shape[0] * window, 32)
+        for j in range(ids.shape[0]):  # (no emphasis: each chunk's states are the encoder's on its ids)
+            plain = system.text_encoder(ids[j:j + 1]).last_hidden_state
+            assert torch.allclose(cond[:, j * window:(j + 1) * window], plain, atol=1e-6), j
+        assert system._prompt_condition([prompt], None).shape == (1, window, 32)  # (kohya: one window, cut)
+    base = ["generate", "--model", str(sd[0]), "--prompt", prompt, "--seed", "1", "--steps", "2", "--sampler",
+            "euler", "--width", "32", "--height", "32", "-q"]
+    assert main([*base, "-o", str(tmp_path / "a1111.png")]) == 0
+    write_png(tmp_path / "planned.png", _image(system, prompt, steps=2)[0])
+    assert (tmp_path / "a1111.png").read_bytes() == (tmp_path / "planned.png").read_bytes()
+    assert main([*base, "--max-token-length", "150", "-o", str(tmp_path / "kohya.png")]) == 0
+    assert (tmp_path / "kohya.png").read_bytes() != (tmp_path / "a1111.png").read_bytes()
 
 
 def test_break_prompts_sample_and_and_parts_of_other_lengths_are_padded(system):

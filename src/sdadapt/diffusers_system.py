@@ -636,13 +636,18 @@ class DiffusersSystem(nn.Module):
         rescale. With :attr:`max_token_length` 150/225 the mean is over all of sdadapt's joined
         ``n * 75 + 2`` states (kohya's training layout), as kohya's pipeline takes it over its own
         ``n * 77`` layout; A1111 takes it per 77-token chunk. With ``breaks`` (a prompt plan:
-        ``generate``'s A1111 prompts) a prompt with ``BREAK`` is laid out in A1111's chunks, each
-        emphasised and mean-restored on its own (:meth:`_break_condition`); without it ``BREAK`` is a
-        word, as in kohya's sample prompts. A prompt without brackets or backslashes (nor, with
+        ``generate``'s A1111 prompts) a prompt with ``BREAK`` — or, with :attr:`max_token_length` 75, one
+        longer than 75 tokens — is laid out in A1111's chunks, each emphasised and mean-restored on its own
+        (:meth:`_break_condition`; A1111 cuts a long prompt at a comma up to 20 tokens back and keeps every
+        token); without it ``BREAK`` is a word, as in kohya's sample prompts. A prompt without brackets or
+        backslashes (nor, with
         ``breaks``, ``BREAK``): :meth:`tokenize`'s conditioning, unchanged."""
-        from .prompt_chunks import has_break
+        from .prompt_chunks import has_break, needs_chunks
 
-        if breaks and any(has_break(prompt) for prompt in prompts):  # (A1111's BREAK: its chunk layout)
+        def chunked(prompt: str) -> bool:  # (A1111's BREAK, and its long prompts where no kohya length is set)
+            return needs_chunks(self.tokenizer, prompt) if self.max_token_length == 75 else has_break(prompt)
+
+        if breaks and any(chunked(prompt) for prompt in prompts):  # (A1111's chunk layout)
             return self._break_condition(prompts, time_ids)
         if not any(mark in prompt for prompt in prompts for mark in "()[]\\"):
             ids = self.tokenize(prompts)
@@ -657,6 +662,8 @@ class DiffusersSystem(nn.Module):
         # one text-encoder pass: the weights multiply the finished states (condition's "weights"), so
         # the weighted states are the plain ones times them — the same numbers as a second, weighted pass
         plain = self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
+        if bool((weights == 1).all()):  # (no emphasis: the rescale is × 1, or 0/0 on states of mean 0)
+            return plain
         if not self.is_sdxl:
             return _restore_mean(_weigh_states(plain, weights), plain)  # (B, L, D)
         width = int(self.text_encoder.config.hidden_size)  # context = [CLIP-L states | OpenCLIP-G states]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["COMMA_BACKTRACK", "has_break", "prompt_chunks"]
+__all__ = ["COMMA_BACKTRACK", "has_break", "needs_chunks", "prompt_chunks"]
 
 #: A1111's default "Prompt word wrap length limit" (``comma_padding_backtrack``)
 COMMA_BACKTRACK = 20
@@ -36,6 +36,12 @@ _BREAK_WORD = re.compile(r"\bBREAK\b")
 def has_break(text: str) -> bool:
     """Whether ``text`` holds the word ``BREAK`` (then :func:`prompt_chunks` lays it out)."""
     return _BREAK_WORD.search(text) is not None
+
+
+def needs_chunks(tokenizer: Any, text: str) -> bool:
+    """Whether A1111 lays ``text`` out in more than one chunk: it holds ``BREAK``, or its tokens (emphasis
+    parsed, :func:`prompt_chunks`) do not fit one chunk of ``C - 2``."""
+    return has_break(text) or prompt_chunks(tokenizer, text)[0].shape[0] > 1
 
 
 def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> tuple[Tensor, Tensor]:

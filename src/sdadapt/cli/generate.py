@@ -190,8 +190,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     generate.add_argument("--clip-skip", type=positive_int, default=1)
     generate.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,
-                          help="prompt tokens kept: 75 (default, one CLIP window), 150 or 225 (75-token windows joined "
-                          "as kohya's --max_token_length; Stable Diffusion models)")
+                          help="75 (default): a longer prompt is laid out in A1111's 77-token chunks (cut at a comma up "
+                          "to 20 tokens back, every token kept); 150 or 225: up to that many tokens in 75-token windows "
+                          "joined as kohya's --max_token_length (Stable Diffusion models)")
     generate.add_argument("--device", default="auto")
     aesthetic = generate.add_argument_group(
         "aesthetic gradients",

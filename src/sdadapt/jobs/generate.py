@@ -130,10 +130,10 @@ def run_generate(
         sigma_min, sigma_max, rho, beta_alpha, beta_beta, old_karras_sigmas: A1111's schedule settings
             (:class:`sdadapt.samplers.schedules.ScheduleOptions`; 0 / 0.6 / False: A1111's defaults), with a
             ``schedule`` (or a sampler label that names one).
-        max_token_length: prompt tokens kept, 75 (default), 150 or 225: a longer prompt is encoded in
-            75-token windows whose states are joined, as kohya trains with ``--max_token_length``
-            (:mod:`sdadapt.text_chunks`; A1111 also splits at commas, sdadapt does not). Stable
-            Diffusion models; not with ``aesthetic``.
+        max_token_length: 75 (default): a prompt longer than 75 tokens is laid out as A1111 lays it out (77-token
+            chunks encoded one by one, cut at a comma up to 20 tokens back: :mod:`sdadapt.prompt_chunks`); 150 or
+            225: up to that many tokens in 75-token windows joined as kohya trains with ``--max_token_length``
+            (:mod:`sdadapt.text_chunks`). Stable Diffusion models; not with ``aesthetic``.
         vae: a VAE file or folder that decodes the images instead of the model's (kohya's ``--vae``;
             LDM or diffusers layout, or a full checkpoint's VAE: :mod:`sdadapt.external_vae`).
         count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
@@ -298,9 +298,14 @@ def run_generate(
         def clean(piece: str) -> str:
             return _without_emphasis(piece, say)
     plan = plan_prompt(text, negative_text, steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean)
-    from ..prompt_chunks import has_break
+    from ..prompt_chunks import has_break, needs_chunks
 
-    breaks = clean is None and any(has_break(piece) for piece in (*plan.texts, *plan.negative_texts))
+    def chunked(piece: str) -> bool:  # (A1111's BREAK; with no kohya --max-token-length, its long prompts too)
+        if max_token_length == 75 and aesthetic is None and hasattr(system, "tokenizer"):
+            return needs_chunks(system.tokenizer, piece)
+        return has_break(piece)
+
+    breaks = clean is None and any(chunked(piece) for piece in (*plan.texts, *plan.negative_texts))
     if plan.plain and not breaks:  # (no prompt editing, alternation, AND or BREAK: the one text, sampled as ever)
         text, negative_text, plan = plan.texts[0], plan.negative_texts[0], None
     else:
