@@ -59,7 +59,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     result = run_generate(
         model=args.model, prompt=args.prompt, negative=args.negative, comments=args.comments, loras=args.lora,
-        embeddings=args.embedding,
+        embeddings=args.embedding, embeddings_dir=args.embeddings_dir,
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
         seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
@@ -117,6 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="where the prompt's <hypernet:NAME:MULT> tags find NAME.pt|.safetensors (recursively)")
     generate.add_argument("--embedding", action="append", default=[], metavar="FILE",
                           help="a textual-inversion embedding; repeat for several")
+    generate.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                          help="A1111's embeddings folder: the .pt/.bin/.safetensors embeddings under DIR whose file "
+                          "names the prompt or negative prompt uses (e.g. EasyNegative) are loaded")
     generate.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
                           help="an A1111 hypernetwork (.pt, or its .safetensors twin) at STRENGTH (default 1, "
                           "A1111's); repeat to chain several in order, as A1111's <hypernet:...> tags")

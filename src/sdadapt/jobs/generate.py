@@ -48,6 +48,7 @@ def run_generate(
     comments: bool = True,
     loras: list[str] | tuple[str, ...] = (),
     embeddings: list[str] | tuple[str, ...] = (),
+    embeddings_dir: str | os.PathLike | None = None,
     hypernetworks: list[str] | tuple[str, ...] = (),
     custom_diffusions: list[str] | tuple[str, ...] = (),
     seed: int = 0,
@@ -103,6 +104,10 @@ def run_generate(
         loras: ``"FILE"`` or ``"FILE:SCALE"`` (any family sdadapt reads: kohya, LyCORIS, diffusers,
             peft), merged into the weights at that strength.
         embeddings: textual-inversion files; their trigger words (the file names) work in the prompts.
+        embeddings_dir: A1111's embeddings folder (``--embeddings-dir``): the embedding files under it whose names
+            (file stems) the prompt or negative prompt uses, matched by tokens as A1111 matches them
+            (:func:`~sdadapt.jobs.generate_prompt_tags.prompt_embedding_files`); one of another model's width is
+            skipped with a warning, as A1111 skips it.
         hypernetworks: A1111 hypernetworks, ``"FILE"`` or ``"FILE:STRENGTH"`` (default 1.0, A1111's),
             injected into the UNet (:func:`sdadapt.inject_hypernetwork`) after the LoRA merges;
             several chain in the order given, as A1111 chains ``<hypernet:...>`` tags. A file for
@@ -286,6 +291,19 @@ def run_generate(
     for path in embeddings:
         handles.append(_inject_embedding_file(system, Path(path)))
         say(f"embedding {handles[-1].name!r} from {path}")
+    if embeddings_dir is not None:
+        from .generate_prompt_tags import prompt_embedding_files
+
+        given = {handle.name.lower() for handle in handles}
+        for path in prompt_embedding_files([prompt, negative], embeddings_dir, tokenize=_token_ids(system), log=say):
+            if path.stem.lower() in given:  # (--embedding FILE named it already)
+                continue
+            try:
+                handles.append(_inject_embedding_file(system, path))
+            except ValueError as exc:  # (A1111 skips an embedding of another model's width)
+                say(f"warning: {exc}; skipped, as A1111 skips it")
+                continue
+            say(f"embedding {handles[-1].name!r} from {path}")
     text, negative_text = prompt, negative
     for handle in handles:
         text, negative_text = handle.expand(text), handle.expand(negative_text) if negative_text else negative_text
@@ -532,6 +550,15 @@ def _apply_custom_diffusion_file(system, path: Path, scale: float):
     except WeightFileError as exc:  # (its message names the file already, as a rule)
         raise WeightFileError(f"--custom-diffusion {exc}" if str(exc).startswith(f"{path}:")
                               else f"--custom-diffusion {path}: {exc}") from None
+
+
+def _token_ids(system) -> Callable[[str], list[int]]:
+    """The model's tokenizer as ``text -> token ids`` without special tokens (the toy: its words)."""
+    tokenizer = getattr(system, "tokenizer", None)
+    if tokenizer is not None and callable(tokenizer) and hasattr(tokenizer, "convert_tokens_to_ids"):
+        return lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)
+    vocabulary: dict[str, int] = {}
+    return lambda text: [vocabulary.setdefault(word, len(vocabulary)) for word in text.lower().split()]
 
 
 def _inject_embedding_file(system, path: Path):

@@ -1,6 +1,7 @@
 """``generate``'s A1111 extra-network tags: ``<lora:NAME:...>`` / ``<lyco:...>`` / ``<hypernet:NAME:M>`` in
 the prompt, looked up by name in ``--lora-dir`` / ``--hypernetwork-dir`` as A1111 looks them up (the file
-stem, anywhere under the folder; a LoRA also by its ``ss_output_name`` alias)."""
+stem, anywhere under the folder; a LoRA also by its ``ss_output_name`` alias); and the textual-inversion
+embeddings of ``--embeddings-dir`` whose names the prompts use (:func:`prompt_embedding_files`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,65 @@ from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["HYPERNETWORK_SUFFIXES", "LORA_SUFFIXES", "find_network_file", "prompt_tag_files"]
+__all__ = ["EMBEDDING_SUFFIXES", "HYPERNETWORK_SUFFIXES", "LORA_SUFFIXES", "find_network_file",
+           "prompt_embedding_files", "prompt_tag_files"]
 
 #: the files A1111's Lora extension lists (``--lora-dir``)
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 #: A1111 lists ``*.pt`` hypernetworks; sdadapt also reads its own ``.safetensors`` ones
 HYPERNETWORK_SUFFIXES = (".pt", ".safetensors")
+#: the embedding files A1111 reads from its embeddings folder (it also reads embeddings hidden in images)
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+_IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    """Whether ``part`` occurs in ``ids`` as a contiguous run."""
+    n = len(part)
+    return n > 0 and any(ids[i:i + n] == part for i in range(len(ids) - n + 1))
+
+
+def prompt_embedding_files(texts: list[str], folder: str | os.PathLike, *, tokenize: Callable[[str], list[int]],
+                           log: Callable[[str], None] | None = None) -> list[Path]:
+    """The embedding files under ``folder`` (A1111's ``--embeddings-dir``) whose names ``texts`` use, in folder
+    order.
+
+    As A1111's ``EmbeddingDatabase``: every ``.pt`` / ``.bin`` / ``.safetensors`` file anywhere under the folder
+    (symlinks followed, empty files skipped) is an embedding named by its file stem, and a text uses it where
+    the name's token ids (``tokenize``: the model's tokenizer, no special tokens) occur in the text's — so the
+    match is case-insensitive and by whole tokens (``EasyNegative`` matches ``(easynegative:1.2)`` and
+    ``EasyNegative_v2``, not ``EasyNegatives``). Only the used ones are returned: sdadapt adds an embedding's
+    name to the tokenizer, which would split other words that contain it. Images with embeddings inside (A1111
+    reads ``.png``/``.webp``) are named on ``log`` and skipped.
+
+    Raises:
+        InputError: ``folder`` is not a folder, or two files of one used name (A1111 would keep one of them
+            silently; the message names both).
+    """
+    say = log or (lambda line: None)
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"--embeddings-dir {root}: no such folder")
+    text_ids = [tokenize(text) for text in texts if text]
+    used: dict[str, list[Path]] = {}
+    for here, _, files in sorted(os.walk(root, followlinks=True)):
+        for file in sorted(files):
+            path = Path(here, file)
+            suffix = path.suffix.lower()
+            if suffix in _IMAGE_SUFFIXES:
+                if any(_contains(ids, tokenize(path.stem)) for ids in text_ids):
+                    say(f"warning: --embeddings-dir {path}: an embedding inside an image is not read here; convert "
+                        "it to .safetensors (python -m sdadapt convert) to use it")
+                continue
+            if suffix not in EMBEDDING_SUFFIXES or path.stat().st_size == 0:
+                continue
+            if any(_contains(ids, tokenize(path.stem)) for ids in text_ids):
+                used.setdefault(path.stem.lower(), []).append(path)
+    for paths in used.values():
+        if len(paths) > 1:
+            raise InputError(f"--embeddings-dir {root}: {len(paths)} embeddings named {paths[0].stem!r}: "
+                             f"{', '.join(map(str, paths))}; keep one")
+    return [paths[0] for paths in used.values()]
 
 
 def find_network_file(name: str, folder: str | os.PathLike | None, *, suffixes: tuple[str, ...], option: str,
