@@ -4,6 +4,8 @@ and prompts without the syntax sampled exactly as before."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -262,8 +264,10 @@ def test_tag_refusals_name_the_tag_and_the_fix(sd, tmp_path, capsys):
 
 # ---- BREAK: A1111's chunks, emphasised and mean-restored per chunk --------------------------------------------
 
-def _a1111_tokenize_line(tokenizer, line, *, backtrack=20):
-    """sd_hijack_clip.tokenize_line transcribed (no embeddings): [(tokens, multipliers)] per chunk."""
+def _a1111_tokenize_line(tokenizer, line, *, backtrack=20, embeddings=()):
+    """sd_hijack_clip.tokenize_line transcribed: [(tokens, multipliers)] per chunk. ``embeddings``: token-id runs
+    that stand for one textual-inversion embedding of that many vectors (A1111 finds them with
+    ``find_embedding_at_position``; here they keep their ids where A1111 writes 0 placeholders)."""
     from sdadapt.clip_tokenizer import special_token_ids
     from sdadapt.prompt_weights import _piece_ids, parse_prompt_attention
 
@@ -293,6 +297,7 @@ def _a1111_tokenize_line(tokenizer, line, *, backtrack=20):
         tokens, position = _piece_ids(tokenizer, text), 0
         while position < len(tokens):
             token = tokens[position]
+            found = next((run for run in embeddings if tuple(tokens[position:position + len(run)]) == run), None)
             if token == comma_token:
                 last_comma = len(chunk["t"])
             elif backtrack and len(chunk["t"]) == chunk_length and last_comma != -1 \
@@ -304,9 +309,16 @@ def _a1111_tokenize_line(tokenizer, line, *, backtrack=20):
                 chunk["t"], chunk["m"] = reloc_t, reloc_m
             if len(chunk["t"]) == chunk_length:
                 next_chunk()
-            chunk["t"].append(token)
-            chunk["m"].append(weight)
-            position += 1
+            if found is None:
+                chunk["t"].append(token)
+                chunk["m"].append(weight)
+                position += 1
+                continue
+            if len(chunk["t"]) + len(found) > chunk_length:
+                next_chunk()
+            chunk["t"] += list(found)
+            chunk["m"] += [weight] * len(found)
+            position += len(found)
     if chunk["t"] or not chunks:
         next_chunk()
     return chunks
@@ -325,6 +337,34 @@ def test_break_chunks_are_a1111s(system, words, backtrack):
     expected = _a1111_tokenize_line(system.tokenizer, line, backtrack=backtrack)
     assert ids.tolist() == [tokens for tokens, _ in expected]
     assert torch.allclose(weights, torch.tensor([m for _, m in expected]), atol=0, rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([*_WORDS, "emb", "(emb:1.2)", "duo"]), max_size=24), st.sampled_from([0, 3, 20]))
+def test_a_multi_vector_embedding_that_does_not_fit_starts_the_next_chunk_as_in_a1111(sd, words, backtrack):
+    """A 4-vector and a 2-vector embedding (their expanded tokens added as inject_embedding adds them) move whole
+    to the next chunk when they do not fit, as A1111's tokenize_line moves them."""
+    from sdadapt.embeddings.tokens import expand_prompt, token_strings
+    from sdadapt.prompt_chunks import prompt_chunks
+
+    tokenizer = _tokenizer_with_embeddings(str(sd[0] / "tokenizer"))
+    line = expand_prompt(expand_prompt(" ".join(words), "emb", 4), "duo", 2)
+    runs = [tuple(tokenizer.convert_tokens_to_ids(token_strings(name, k))) for name, k in (("emb", 4), ("duo", 2))]
+    ids, weights = prompt_chunks(tokenizer, line, comma_backtrack=backtrack)
+    expected = _a1111_tokenize_line(tokenizer, line, backtrack=backtrack, embeddings=runs)
+    assert ids.tolist() == [tokens for tokens, _ in expected]
+    assert torch.allclose(weights, torch.tensor([m for _, m in expected]), atol=0, rtol=1e-6)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_with_embeddings(folder):
+    from transformers import AutoTokenizer
+
+    from sdadapt.embeddings.tokens import token_strings
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens([*token_strings("emb", 4), *token_strings("duo", 2)])
+    return tokenizer
 
 
 def test_break_starts_a_chunk_padded_as_a1111(system):

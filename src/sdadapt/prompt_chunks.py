@@ -12,6 +12,10 @@ cut into chunks:
 * the padding is ``<EOS>``; for a tokenizer whose pad token is another (SD2, SDXL's second encoder)
   everything after a chunk's first ``<EOS>`` becomes the pad token (A1111's ``process_tokens``).
 
+* a textual-inversion embedding of ``k > 1`` vectors (its tokens ``name name_1 … name_{k-1}``, added to
+  the tokenizer by :func:`sdadapt.inject_embedding`) that does not fit in the chunk's room starts the next
+  chunk whole (A1111's ``if len(chunk.tokens) + emb_len > self.chunk_length: next_chunk()``).
+
 An empty prompt is one chunk of padding; a prompt ending in ``BREAK`` adds no empty chunk after it.
 Each chunk's tokens carry their emphasis weights (1 at ``<BOS>``, ``<EOS>`` and the padding); A1111's
 "Original" emphasis multiplies a chunk's states by them and rescales the chunk to its unweighted
@@ -42,6 +46,24 @@ def needs_chunks(tokenizer: Any, text: str) -> bool:
     """Whether A1111 lays ``text`` out in more than one chunk: it holds ``BREAK``, or its tokens (emphasis
     parsed, :func:`prompt_chunks`) do not fit one chunk of ``C - 2``."""
     return has_break(text) or prompt_chunks(tokenizer, text)[0].shape[0] > 1
+
+
+def _embedding_runs(tokenizer: Any, ids: list[int]) -> list[int]:
+    """For each position of ``ids``: the length of the textual-inversion token run starting there (diffusers'
+    multi-vector names ``name name_1 …`` among the tokenizer's added tokens; 1 elsewhere, also inside a run)."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    names = {index: text for text, index in added.items()}
+    runs = [1] * len(ids)
+    for i, token in enumerate(ids):
+        name = names.get(token)
+        if name is None or runs[i] == 0:  # (not an added token, or inside a run found already)
+            continue
+        j = i + 1
+        while j < len(ids) and names.get(ids[j]) == f"{name}_{j - i}":
+            runs[j] = 0
+            j += 1
+        runs[i] = j - i
+    return [max(run, 1) for run in runs]
 
 
 def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> tuple[Tensor, Tensor]:
@@ -82,7 +104,8 @@ def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BAC
             close()
             last_comma = -1
             continue
-        for token in _piece_ids(tokenizer, piece):
+        piece_ids = _piece_ids(tokenizer, piece)
+        for token, run in zip(piece_ids, _embedding_runs(tokenizer, piece_ids)):
             if token == comma:
                 last_comma = len(tokens)
             elif (comma_backtrack and len(tokens) == length and last_comma != -1
@@ -93,8 +116,8 @@ def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BAC
                 close()
                 last_comma = -1
                 tokens, weights = moved, moved_weights
-            if len(tokens) == length:
-                close()
+            if len(tokens) == length or (run > 1 and len(tokens) + run > length >= run):
+                close()  # (full, or a k-vector embedding that does not fit: it starts the next chunk whole)
                 last_comma = -1
             tokens.append(token)
             weights.append(weight)
