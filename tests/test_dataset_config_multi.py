@@ -175,7 +175,8 @@ def test_two_datasets_train_as_kohya_batches_and_metadata(tmp_path, monkeypatch,
         assert key not in meta  # kohya writes them per dataset only (ss_datasets)
     assert json.loads(meta["ss_dataset_dirs"]) == {"a": {"n_repeats": 2, "img_count": 4}, "b": {"n_repeats": 2, "img_count": 4},
                                                    "c": {"n_repeats": 1, "img_count": 1}}
-    assert set(json.loads(meta["ss_tag_frequency"])) == {"a", "b", "c"}
+    # kohya calls set_tag_frequency for every subset, is_reg ones too (train_util.py load_dreambooth_dir)
+    assert set(json.loads(meta["ss_tag_frequency"])) == {"a", "b", "c", "r"}
     first_entry, second_entry = json.loads(meta["ss_datasets"])
     assert {k: first_entry[k] for k in ("is_dreambooth", "batch_size_per_device", "num_train_images", "num_reg_images",
                                         "resolution", "enable_bucket")} == {

@@ -307,7 +307,9 @@ def test_cli_adjust_and_per_block_beta_replay_bit_exactly(tmp_path, capsys):
     assert step["adjust"] == [-1, 2, 0, 1, 0, 0, 3, 0]
     assert step["block_beta"] == [round(0.01 * i, 2) for i in range(26)] and step["options"]["beta"] == 0.0
     a1111 = json.loads(meta["sd_merge_recipe"])
-    assert a1111["beta"] == 0.0 and a1111["weights_beta"] == step["block_beta"]
+    # supermerger's names (mergers.py smerge): BASE apart, the blocks without it, the text as typed
+    assert a1111["base_beta"] == 0.0 and a1111["weights_beta"] == step["block_beta"][1:]
+    assert a1111["weights_beta_orig"] == ",".join(str(v) for v in step["block_beta"])
     # one number is a plain beta; a wrong count is refused naming the forms
     assert run("sum-twice", *files, "--alpha", "0.3", "--beta", "0.2", "-o", str(tmp_path / "p.safetensors"),
                "-q") == 0

@@ -476,7 +476,7 @@ def test_lycoris_dev_oft_diag_files_apply_as_a1111_applies_them(tmp_path, capsys
         assert torch.equal(f.get_tensor("lora_unet_1.oft_diag"), blocks["1"])
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "family:     oft" in text and "diag-oft blocks of 4): 1" in text and "diag-oft blocks of 2): 1" in text
+    assert "family:     diag-oft" in text and "diag-oft blocks of 4): 1" in text and "diag-oft blocks of 2): 1" in text
     with pytest.raises(ValueError, match=r"0: both 'oft_blocks' and the old 'oft_diag'"):
         sdadapt.load_adapter(_model(), {"0.oft_diag": blocks["0"], "0.oft_blocks": blocks["0"]})
     with pytest.raises(ValueError, match=r"0\.oft_diag: .*4-D one is LyCORIS' BOFT of Feb 5-12 2024"):
@@ -527,7 +527,7 @@ def test_inspect_names_oft(tmp_path, lycoris_preset, capsys):
     _, _, path = _lycoris_file(tmp_path, "boft", rescaled=True)
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "lycoris" in text and "family:     oft" in text
+    assert "lycoris" in text and "family:     boft" in text  # LyCORIS names the layout (algo boft)
     assert "none (OFT rotations: boft blocks of 4): 2" in text and "no constraint (OFT): 2" in text
 
 

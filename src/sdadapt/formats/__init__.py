@@ -96,7 +96,7 @@ def load_lora(
         return {"model": load_peft(path)}, {}
     state, metadata = read_weights(path)
     kind = detect_kind(list(state), metadata)
-    if kind in ("kohya-lora", "lycoris"):
+    if kind in ("kohya-lora", "lycoris", "kohya-oft"):
         return load_kohya(path, layers_per_block=layers_per_block)
     if kind == "diffusers-lora":
         return load_diffusers(path)

@@ -19,6 +19,7 @@ __all__ = ["FILE_KINDS", "detect_kind", "describe_file"]
 FILE_KINDS = (
     "kohya-lora",
     "lycoris",
+    "kohya-oft",
     "diffusers-lora",
     "peft-lora",
     "peft-ia3",
@@ -54,6 +55,7 @@ _SAFETENSORS_DTYPES = {
 _USES = {
     "kohya-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "lycoris": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
+    "kohya-oft": "generate --lora FILE:SCALE; train --network-weights FILE; merge-lora, convert",
     "diffusers-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "peft-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "peft-ia3": "generate --lora FILE:SCALE; merge-lora, convert",
@@ -62,6 +64,12 @@ _USES = {
     "aesthetic-embedding": "generate --aesthetic FILE",
     "hypernetwork": "generate --hypernetwork FILE:STRENGTH",
 }
+
+
+#: the kinds :func:`_adapter_summary` describes (layers, families, ranks, alphas)
+_ADAPTER_KINDS = ("kohya-lora", "lycoris", "kohya-oft", "diffusers-lora", "peft-lora", "peft-ia3")
+#: per-layer algorithms with no rank and no alpha: what ``ranks`` / ``alphas`` say instead
+_UNRANKED = {"ia3": "IA3 vectors", "norm": "norm weight/bias offsets", "full": "full weight deltas"}
 
 
 def _suffix(key: str) -> str:
@@ -81,8 +89,11 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         layers: dict[str, set[str]] = {}
         for key in keys:
             layers.setdefault(key.split(".", 1)[0], set()).add(_suffix(key))
+        module = metadata.get("ss_network_module", "")
+        if module == "networks.oft" or all(k.startswith("oft_") for k in keys):
+            return "kohya-oft"  # kohya's own OFT (sd-scripts networks/oft.py: oft_unet_*, OFT_PREFIX_UNET)
         plain = ("lora", "unknown")  # anything else (LoHa, Tucker, DoRA ...) is a LyCORIS file
-        if metadata.get("ss_network_module", "").startswith("lycoris") or any(
+        if module.startswith("lycoris") or any(
             algorithm_of_keys(names) not in plain for names in layers.values()
         ):
             return "lycoris"
@@ -154,7 +165,7 @@ def _describe(file: Path) -> dict:
         "dtypes": dict(dtypes),
         "metadata": dict(metadata),
     }
-    if kind in ("kohya-lora", "lycoris", "diffusers-lora", "peft-lora", "peft-ia3"):
+    if kind in _ADAPTER_KINDS:
         summary.update(_adapter_summary(file, shapes, tensors, kind, metadata))
     if kind == "hypernetwork":
         summary.update(_hypernetwork_summary(keys, metadata))
@@ -224,25 +235,27 @@ def _adapter_summary(
 ) -> dict:
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
-        layer, _, suffix = key.partition(".") if kind in ("kohya-lora", "lycoris") else _split_diffusers(key)
+        layer, _, suffix = key.partition(".") if kind in ("kohya-lora", "lycoris", "kohya-oft") else _split_diffusers(key)
         modules.setdefault(layer, {})[suffix] = shape
     ranks: Counter[int] = Counter()
     algorithms: Counter[str] = Counter()
     components: Counter[str] = Counter()
     layer_ranks: dict[str, int | None] = {}
-    vectors = 0  # (IA)³ layers: one vector each, no rank and no alpha
+    rankless: Counter[str] = Counter()  # (IA)³ vectors, norm offsets, full deltas: no rank and no alpha
     rotations: Counter[str] = Counter()  # OFT layers: rotation blocks, no rank; their alpha is the COFT constraint
     oft_layers: list[str] = []
     for layer, parts in modules.items():
         algo, rank = _algorithm(parts)
-        algorithms[algo] += 1
-        if algo == "ia3":
-            vectors += 1
-            components[_component(layer, kind)] += 1
-            continue
-        if algo == "oft":
+        if algo == "oft":  # LyCORIS names the layout (algo diag-oft / boft); kohya's networks.oft is its own
             blocks = parts.get("oft_blocks", parts.get("oft_diag", ()))
             layout = "boft" if len(blocks) == 4 else "diag-oft"
+            algo = "kohya-oft" if kind == "kohya-oft" else layout
+        algorithms[algo] += 1
+        if algo in _UNRANKED:
+            rankless[algo] += 1
+            components[_component(layer, kind)] += 1
+            continue
+        if algo in ("diag-oft", "boft", "kohya-oft"):
             rotations[f"none (OFT rotations: {layout} blocks of {blocks[-1] if blocks else '?'})"] += 1
             oft_layers.append(layer)
             components[_component(layer, kind)] += 1
@@ -269,8 +282,8 @@ def _adapter_summary(
             alphas[_fmt(alpha)] += 1
         else:  # an alpha tensor sdadapt did not read (old-format pickle) is not an absent one
             alphas["in the file (not read)" if layer in alpha_keys else "absent (alpha = rank)"] += 1
-    if vectors:
-        alphas["none (IA3 vectors)"] = vectors
+    for algo, count in rankless.items():
+        alphas[f"none ({_UNRANKED[algo]})"] = count
     for layer in oft_layers:  # an OFT's alpha bounds ‖Q‖ (c = alpha · out; 0 or absent: none), it scales nothing
         alpha = values.get(layer)
         alphas[f"constraint {_fmt(alpha)} (OFT)" if alpha else "no constraint (OFT)"] += 1
@@ -283,7 +296,7 @@ def _adapter_summary(
         "ranks": {**{str(k): v for k, v in sorted(ranks.items())},
                   **({"unfactored (full matrix, e.g. a small LoKr factor)": unranked} if (unranked := sum(
                       1 for r in layer_ranks.values() if r is None) - algorithms.get("unknown", 0)) > 0 else {}),
-                  **({"none (IA3 vectors)": vectors} if vectors else {}), **rotations},
+                  **{f"none ({_UNRANKED[a]})": n for a, n in rankless.items()}, **rotations},
         "alphas": dict(alphas),
     }
 
@@ -386,7 +399,7 @@ def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
 
 
 def _component(layer: str, kind: str) -> str:
-    if kind in ("kohya-lora", "lycoris") and (found := _component_of(layer)) is not None:  # (kohya's prefixes)
+    if kind in ("kohya-lora", "lycoris", "kohya-oft") and (found := _component_of(layer)) is not None:  # (kohya's prefixes)
         return found[0]
     if kind in ("peft-lora", "peft-ia3"):
         return "model"

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, OutputError, OutputExistsError, WeightFileError
 
-__all__ = ["CHECKPOINT_TARGETS", "ModelConversion", "convert_model", "is_model_folder"]
+__all__ = ["CHECKPOINT_TARGETS", "ModelConversion", "convert_model", "is_model_folder", "recover_interrupted"]
 
 #: ``convert --to`` targets for whole checkpoints
 CHECKPOINT_TARGETS = ("diffusers", "ldm")
@@ -129,14 +129,88 @@ def _check_output(out: Path, *, to: str, overwrite: bool, source: Path, vae: Pat
                                  "output elsewhere")
 
 
+def _staging_name(out: Path, pid: int | str, part: str) -> Path:
+    """The temporary beside ``out`` that :func:`_save` writes (``part``: ``new`` or ``old``)."""
+    if out.suffix:
+        return out.with_name(f".{out.stem.replace('.', '_')}-{pid}-{part}.safetensors")
+    return out.with_name(f".{out.name.replace('.', '_')}-{pid}-{part}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process (or unknowable): leave its files alone
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def recover_interrupted(out: Path) -> list[str]:
+    """Tidy what a killed ``convert`` left beside ``out`` (``.OUT-<pid>-new`` / ``.OUT-<pid>-old``).
+
+    :func:`_save` replaces a folder with two renames (``OUT -> .OUT-pid-old``, ``.OUT-pid-new -> OUT``);
+    a process killed between them leaves no ``OUT`` and the previous model as ``.OUT-pid-old``, the only
+    good copy. Leftovers of processes still running are not touched. Then:
+
+    * ``OUT`` missing and one ``-old`` left: it is renamed back to ``OUT`` (the state before the
+      interrupted run; the usual ``--overwrite`` rules then apply to it);
+    * ``OUT`` missing and several ``-old`` left: refused, naming them (which one is wanted is the
+      user's call);
+    * ``OUT`` present: a ``-old`` is the copy the interrupted run had already replaced: removed;
+    * ``-new`` (a write that never became ``OUT``): removed.
+
+    Returns:
+        one line per action, for the log.
+
+    Raises:
+        OutputError: several previous copies and no ``OUT``.
+    """
+    prefix = f".{(out.stem if out.suffix else out.name).replace('.', '_')}-"
+    found: dict[str, list[tuple[Path, int]]] = {"new": [], "old": []}
+    if out.parent.is_dir():
+        for path in out.parent.iterdir():
+            if not path.name.startswith(prefix):
+                continue
+            pid_text, _, part = path.name[len(prefix):].removesuffix(".safetensors").partition("-")
+            if part in found and pid_text.isdigit() and path == _staging_name(out, pid_text, part) \
+                    and not _pid_alive(int(pid_text)):
+                found[part].append((path, int(pid_text)))
+    lines = []
+    old = sorted(found["old"], key=lambda item: item[0].lstat().st_mtime)
+    if not os.path.lexists(out) and len(old) > 1:
+        raise OutputError(f"{out}: missing, and interrupted conversions left {len(old)} previous copies: "
+                          f"{', '.join(str(p) for p, _ in old)}; rename the one you want to {out.name} (or remove them) "
+                          "and run again")
+    if not os.path.lexists(out) and old:
+        path, pid = old.pop()
+        os.replace(path, out)
+        lines.append(f"{out}: restored from {path.name}, the previous copy an interrupted convert (pid {pid}) left")
+    for path, pid in old:
+        _remove(path)
+        lines.append(f"removed {path.name}: the copy of {out.name} an interrupted convert (pid {pid}) had replaced")
+    for path, pid in found["new"]:
+        _remove(path)
+        lines.append(f"removed {path.name}: an unfinished write of an interrupted convert (pid {pid})")
+    return lines
+
+
 def _save(system, out: Path, *, dtype: torch.dtype | None, metadata: dict[str, str]) -> None:
     """``save_model`` to ``out``, atomically replacing an existing one (checked by :func:`_check_output`)."""
     if not os.path.lexists(out):
         system.save_model(out, dtype=dtype, metadata=metadata)
         return
-    tag = f"{os.getpid()}"
     if out.suffix:  # a file: write beside it, then one rename over it
-        fresh = out.with_name(f".{out.stem.replace('.', '_')}-{tag}-new.safetensors")
+        fresh = _staging_name(out, os.getpid(), "new")
         try:
             system.save_model(fresh, dtype=dtype, metadata=metadata)
             os.replace(fresh, out)
@@ -144,8 +218,7 @@ def _save(system, out: Path, *, dtype: torch.dtype | None, metadata: dict[str, s
             if fresh.exists():
                 fresh.unlink()
         return
-    fresh = out.with_name(f".{out.name.replace('.', '_')}-{tag}-new")
-    old = out.with_name(f".{out.name.replace('.', '_')}-{tag}-old")
+    fresh, old = _staging_name(out, os.getpid(), "new"), _staging_name(out, os.getpid(), "old")
     try:
         system.save_model(fresh, dtype=dtype, metadata=metadata)
         os.replace(out, old)
@@ -448,6 +521,10 @@ def convert_model(
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise InputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     src, target = Path(source), Path(out)
+    recovered = recover_interrupted(target)  # (before the checks: a restored OUT is an existing OUT)
+    for line in recovered:
+        if log is not None:
+            log(line)
     folder_input = is_model_folder(src)
     if src.is_dir() and not folder_input:
         raise InputError(f"{src}: a folder without model_index.json is not a diffusers Stable Diffusion model; give "
@@ -463,6 +540,7 @@ def convert_model(
         system, dtypes, ema_tensors, dropped, notes = _load_folder(src, ema=ema, prediction_type=prediction_type)
     else:
         system, dtypes, ema_tensors, dropped, notes = _load_file(src, ema=ema, prediction_type=prediction_type)
+    notes[:0] = recovered
     if vae is not None:
         from ..external_vae import replace_vae
 

@@ -22,6 +22,7 @@ _FAMILY_OF_TEXT_WIDTH = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
 _USE_INSTEAD = {
     "kohya-lora": "; it is a LoRA: use it with --lora FILE:SCALE",
     "lycoris": "; it is a LyCORIS file: use it with --lora FILE:SCALE",
+    "kohya-oft": "; it is a kohya OFT (networks.oft): use it with --lora FILE:SCALE",
     "diffusers-lora": "; it is a LoRA: use it with --lora FILE:SCALE",
     "peft-lora": "; it is a peft LoRA: use it with --lora FILE:SCALE",
     "embedding": "; it is a textual-inversion embedding: use it with --embedding FILE",

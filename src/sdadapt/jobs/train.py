@@ -30,7 +30,7 @@ from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
 from ..methods.fit import FitProgress
 from ..training import data_parallel
-from ..training.data import FIRST_LINE_CAPTIONS
+from ..training.data import FIRST_LINE_CAPTIONS, tag_frequency_of
 from ..training.half_weights import cast_trainable_
 from ..training.loss_masks import LossMaskSource
 from ..training.step import StepConfig
@@ -1700,7 +1700,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         meta = _training_metadata(spec, options, config, dataset, system, outputs.final, hashes, steps=step, epoch=epoch,
                                   epochs=epochs, per_epoch=per_epoch, height=height, width=width, started=started_at,
                                   prior=prior_count, buckets=step_size,
-                                  reg_dirs=reg.dirs if reg is not None else None, optimizer_defaults=optimizer_defaults)
+                                  reg_dirs=reg.dirs if reg is not None else None,
+                                  reg_records=reg.records if reg is not None else (), optimizer_defaults=optimizer_defaults)
         if held_out:  # kohya's validation keys (written here when images are held out)
             meta.update(_validation_metadata(options, len(held_out)))
         if data_config is not None and options.dataset_config is not None:  # kohya's ss_datasets (a dataset config)
@@ -2356,8 +2357,11 @@ def _text_encoder_lr_metadata(config: FitConfig) -> str:
 def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, system, final: Path, hashes: _Hashes, *,
                        steps: int, epoch: int, epochs: int, per_epoch: int, height: int, width: int, started: float,
                        prior: int, buckets: int, reg_dirs: dict[str, dict[str, int]] | None = None,
+                       reg_records: Sequence = (),
                        optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS) -> dict[str, str]:
-    """kohya's ``ss_*`` training metadata (what A1111's and kohya's metadata viewers show)."""
+    """kohya's ``ss_*`` training metadata (what A1111's and kohya's metadata viewers show);
+    ``ss_tag_frequency`` counts the regularisation images' captions too (``reg_records``: kohya's
+    ``DreamBoothDataset`` calls ``set_tag_frequency`` for its reg subsets as for the others)."""
     base = hashes.get()
     model_file = _model_file(options.model)
     given_args = _optimizer_args(options)
@@ -2400,7 +2404,8 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_bucket_info": json.dumps(dataset.bucket_info()),
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
         "ss_reg_dataset_dirs": json.dumps(reg_dirs or {}),
-        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
+        "ss_tag_frequency": json.dumps(tag_frequency_of(  # (reg images always have a caption: no template for them)
+            [*dataset.records, *reg_records], templates=dataset.captions.templates)),
         "ss_caption_dropout_rate": str(options.caption_dropout_rate),
         "ss_caption_tag_dropout_rate": str(options.caption_tag_dropout_rate),
         "ss_caption_dropout_every_n_epochs": str(options.caption_dropout_every_n_epochs),

@@ -86,6 +86,7 @@ LORA_TARGETS: tuple[str, ...] = ("kohya", "diffusers", "peft")
 LORA_KINDS: dict[str, str] = {
     "kohya-lora": "kohya",
     "lycoris": "kohya",
+    "kohya-oft": "kohya",
     "diffusers-lora": "diffusers",
     "peft-lora": "peft",
     "peft-ia3": "peft",

@@ -72,7 +72,7 @@ def _not_models(sources: Sequence[Source], names: list[str]) -> str:
     said = []
     for source, name in zip(sources, names):
         kind = detect_kind(list(source.keys()), {})
-        if kind in ("kohya-lora", "lycoris", "diffusers-lora", "peft-lora", "peft-ia3"):
+        if kind in ("kohya-lora", "lycoris", "kohya-oft", "diffusers-lora", "peft-lora", "peft-ia3"):
             said.append(f"{name} is a {kind} file, an adapter: bake it into a checkpoint with "
                         f"`python -m sdadapt merge-lora CHECKPOINT {name} -o OUT`, then merge that")
         elif kind in ("embedding", "aesthetic-embedding", "hypernetwork", "custom-diffusion"):
@@ -751,7 +751,13 @@ class MergedSource:
             kwargs["generator"] = key_generator(int(step.seed), key)  # type: ignore[arg-type]
         if action.beta is not None:
             kwargs["beta"] = action.beta
-        if op.inputs in ("a", "ab"):
+        kept = op.keep_first(tensors[:2] if op.inputs == "abc" else tensors) if op.keep_first is not None else None
+        if kept is not None:  # fn is undefined on these values: the first input, reported like a copy
+            if key in self.report.merged:
+                self.report.merged.remove(key)
+            self.report.copied[key] = kept
+            result = tensors[0].to(compute, copy=True)
+        elif op.inputs in ("a", "ab"):
             result = op.fn(tensors, self._alpha(action), **kwargs)
         elif op.inputs == "abc":
             result = op.fn(tensors[:2], self._alpha(action), base=tensors[2], **kwargs)

@@ -579,6 +579,9 @@ class Operator:
             (C of Triple sum is a third model, not the base of a difference).
         skip: ``key -> reason`` for keys the operator leaves as the first input (supermerger's
             ``self`` skips to_out/proj_out/norm), or ``None``.
+        keep_first: ``(tensors) -> reason`` judged on a key's values (in ``fn``'s order): a reason
+            means ``fn`` is undefined there and the engine keeps the first input, reporting why
+            (supermerger's cosine modes on an all-zero tensor), or ``None``.
     """
 
     fn: Callable[..., Tensor]
@@ -590,6 +593,7 @@ class Operator:
     prepass: PrePass | None = None
     input_help: Mapping[str, str] | None = None
     skip: Callable[[str], str | None] | None = None
+    keep_first: Callable[[Sequence[Tensor]], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.inputs not in _INPUT_NAMES:
@@ -789,11 +793,13 @@ def _cosine_operator(normalize: bool) -> Operator:
                                      "the mean of the column cosine and the whole-tensor cosine")
         + "), drops the values below the 1st and above the 99th percentile and keeps s_min/s_max; then per key "
         "k = clip((s - s_min)/(s_max - s_min) - " + ("|alpha|" if normalize else "alpha") + ", 0, 1) per column, "
-        "result lerp(B, A, k): similar columns keep A, alpha pushes toward B. VAE keys stay A.",
+        "result lerp(B, A, k): similar columns keep A, alpha pushes toward B. VAE keys stay A, and so does a key "
+        "where A or B is all zeros (the similarity is 0/0 there: supermerger writes NaN; the report lists them).",
         prepass=PrePass(
             lambda tensors, *, compute_dtype=torch.float32: _sm.cosine_statistic(
                 tensors, normalize=normalize, compute_dtype=compute_dtype),
             _sm.cosine_range, _cosine_skip),
+        keep_first=_sm.cosine_undefined,
     )
 
 

@@ -426,6 +426,44 @@ _A1111_METHODS = {"weighted-sum": "Weighted sum", "add-difference": "Add differe
                   "triple-sum": "Triple sum", "sum-twice": "sum Twice"}
 
 
+def _supermerger_blocks(values: tuple[float, ...] | None, base: float | None) -> tuple[float | None, list[float] | None, str | None]:
+    """``(BASE, blocks, as typed)`` of a per-block list the way supermerger's ``smerge`` records it:
+    ``weights.split(',', 1)`` — BASE is the first value, the list the others (SDXL's 19 get a 0
+    appended, as ``smerge`` does), ``*_orig`` the whole comma-joined text. sdadapt's 25/19-value
+    form (no BASE) takes BASE from ``base``."""
+    if values is None:
+        return base, None, None
+    full = list(values) if len(values) in (26, 20) else [base, *values]
+    blocks = full[1:] + ([0] if len(full) - 1 == 19 else [])
+    return full[0], blocks, ",".join(str(v) for v in full if v is not None)
+
+
+def _supermerger_fields(step: MergeStep) -> dict[str, Any]:
+    """The fields supermerger's ``sd_merge_recipe`` has that A1111's lacks, under supermerger's names
+    (``scripts/mergers/mergers.py``, ``smerge``: ``base_alpha``/``base_beta`` for the BASE α/β,
+    ``weights_alpha``/``weights_beta`` the block lists without BASE and ``*_orig`` as typed, ``mbw``,
+    ``elemental_merge`` the rules split at commas and new lines). Written only when the step uses
+    them, so a plain weighted sum stays A1111's dict. Files of sdadapt ≤ 0.x wrote ``beta`` (and
+    ``weights_beta`` BASE first); nothing reads them back — replays use ``sdadapt_merge_recipe``."""
+    fields_: dict[str, Any] = {}
+    uses_blocks = step.block_weights is not None or step.block_beta is not None
+    if "beta" in step.options or uses_blocks:
+        base_alpha, weights_alpha, alpha_orig = _supermerger_blocks(
+            step.block_weights, step.base_alpha if step.block_weights is not None else step.alpha)
+        fields_["base_alpha"] = base_alpha
+    if "beta" in step.options or step.block_beta is not None:
+        base_beta, weights_beta, beta_orig = _supermerger_blocks(step.block_beta, step.options.get("beta"))
+        fields_["base_beta"] = base_beta
+    if uses_blocks:
+        fields_["mbw"] = True
+        fields_["weights_alpha"], fields_["weights_alpha_orig"] = (weights_alpha, alpha_orig)
+        if step.block_beta is not None:
+            fields_["weights_beta"], fields_["weights_beta_orig"] = (weights_beta, beta_orig)
+    if step.elemental is not None:
+        fields_["elemental_merge"] = step.elemental.replace("\n", ",").split(",") if step.elemental else ""
+    return fields_
+
+
 def a1111_metadata(
     step: MergeStep,
     *,
@@ -458,12 +496,7 @@ def a1111_metadata(
         "block_weights": list(step.block_weights) if step.block_weights is not None else None,
         "seed": step.seed,
     }
-    if "beta" in step.options:  # supermerger's second scalar (its recipes call it base_beta)
-        recipe["beta"] = step.options["beta"]
-    if step.elemental is not None:
-        recipe["elemental_merge"] = step.elemental  # supermerger's name
-    if step.block_beta is not None:
-        recipe["weights_beta"] = list(step.block_beta)  # supermerger's name (BASE first here)
+    recipe.update(_supermerger_fields(step))
     for name in ("include", "exclude"):  # supermerger writes "Include"/"Exclude": its lists
         if getattr(step.policy, name) is not None:
             recipe[name] = getattr(step.policy, name)

@@ -44,6 +44,7 @@ __all__ = [
     "sum_twice",
     "cosine_statistic",
     "cosine_range",
+    "cosine_undefined",
     "cosine_merge",
     "median_filter3",
     "gaussian_filter",
@@ -152,6 +153,24 @@ def cosine_range(statistics: Sequence[Tensor]) -> dict[str, float]:
     return {"s_min": float(pooled.min()), "s_max": float(pooled.max())}
 
 
+#: why :func:`cosine_merge` keeps A for a key (the engine's report says it)
+COSINE_UNDEFINED = ("A or B is all zeros there: the similarity is 0/0 (supermerger writes NaN over the key); "
+                    "kept A")
+
+
+def cosine_undefined(tensors: Sequence[Tensor]) -> str | None:
+    """Why the cosine similarity of ``tensors = (A, B)`` is undefined (an all-zero A or B), or ``None``.
+
+    supermerger's ``cosine`` adds the whole-tensor cosine ``dot(X, Y)/(torch.norm(X)·torch.norm(Y))``
+    with no epsilon (its column term, ``torch.nn.CosineSimilarity(dim=0)``, clamps the norms with
+    ``eps=1e-8`` and gives 0 for a zero column), so an all-zero A or B makes ``k = NaN`` and
+    ``lerp(B, A, NaN)`` NaN for the whole key; ``F.normalize`` (cosineA) keeps a zero tensor zero.
+    :func:`cosine_merge` keeps A there (for A == B == 0 that is what any finite ``k`` gives).
+    """
+    _count(tensors, 2, "cosine_undefined")
+    return COSINE_UNDEFINED if any(not bool(torch.any(t)) for t in tensors) else None
+
+
 def cosine_merge(
     tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None, normalize: bool,
     s_min: float, s_max: float, compute_dtype: torch.dtype = torch.float32,
@@ -163,7 +182,9 @@ def cosine_merge(
     ``α' = |α|`` (cosineA) or ``α`` (cosineB), broadcast over dim 0; result ``lerp(B, A, k)`` — the
     more similar a column, the more of A it keeps; α pushes toward B. ``s_min``/``s_max`` come from
     :func:`cosine_range` over the whole model. When ``s_max == s_min`` (every key equally similar;
-    supermerger divides by zero there) the normalised similarity counts as 1.
+    supermerger divides by zero there) the normalised similarity counts as 1. Where A or B is all
+    zeros the similarity is ``0/0`` (supermerger writes NaN over the key): the result is A
+    (:func:`cosine_undefined`).
 
     Returns:
         ``(*S)`` in ``compute_dtype``.
@@ -172,6 +193,8 @@ def cosine_merge(
     _same_shape(tensors, None, "cosine_merge")
     alpha = _alpha(weights, "cosine_merge")
     a, b = (_up(t, compute_dtype) for t in tensors)
+    if cosine_undefined((a, b)) is not None:
+        return a  # _up made a copy
     x, y = _as_columns(a), _as_columns(b)
     if normalize:
         x, y = F.normalize(x, p=2, dim=0), F.normalize(y, p=2, dim=0)

@@ -48,7 +48,7 @@ import random
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +69,7 @@ __all__ = [
     "ImageRecord",
     "Dataset",
     "find_images",
+    "tag_frequency_of",
     "bucket_sizes",
     "plan_dataset",
     "encode_buckets",
@@ -363,6 +364,32 @@ def _caption_of(text: str | None, *, lines: bool = False, rule: str = FIRST_LINE
         return " ".join(text.split()) or None
     first = text.splitlines()[:1]
     return " ".join(first[0].split()) if first and first[0].strip() else None
+
+
+def tag_frequency_of(records: Iterable[ImageRecord], *, templates: Sequence[str] = ()) -> dict[str, dict[str, int]]:
+    """``{folder: {tag: count}}`` as kohya counts it (sd-scripts ``library/train_util.py``,
+    ``BaseDataset.set_tag_frequency``, called once per subset with its images' captions as read):
+    each image's caption split at ``","`` only (whatever ``caption_separator`` says), each piece
+    stripped, empty ones skipped, *lower-cased*, and every occurrence counted (a tag twice in one
+    caption counts 2). Captions are counted once per image, not per repeat; an image without a
+    caption counts its folder's class tokens if it took them, nothing otherwise (templates and
+    wildcards are drawn later, at training time, and are not counted). A folder whose images have
+    no tags still gets its (empty) entry.
+
+    ``templates`` (sdadapt's trigger-word methods; kohya's ``train_textual_inversion.py`` writes no
+    ``ss_tag_frequency`` at all): a caption-less image counts the tags of each template, so the
+    metadata shows what it trained on.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for record in records:
+        counts = out.setdefault(record.folder, {})
+        for caption in [record.caption] if record.caption or not templates else templates:
+            for tag in caption.split(","):
+                tag = tag.strip()
+                if tag:
+                    tag = tag.lower()
+                    counts[tag] = counts.get(tag, 0) + 1
+    return out
 
 
 def find_images(
@@ -662,15 +689,10 @@ class Dataset:
         return sum(-(-n // self.batch_size_of(key, batch_size)) for key, n in count.items())
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """``{folder: {tag: images with it}}`` (kohya's ``ss_tag_frequency``; an image without a
-        caption counts the tags of every template it draws from)."""
-        out: dict[str, Counter] = {}
-        for r in self.records:
-            captions = [r.caption] if r.caption or not self.captions.templates else self.captions.templates
-            tags = {t.strip() for c in captions for line in c.split("\n") for t in line.split(self.captions.separator)
-                    if t.strip()}
-            out.setdefault(r.folder, Counter()).update(tags)
-        return {k: dict(v) for k, v in out.items()}
+        """``{folder: {tag: count}}``: kohya's ``ss_tag_frequency`` of these images
+        (:func:`tag_frequency_of`; with :attr:`CaptionOptions.templates`, a caption-less image counts
+        every template's tags)."""
+        return tag_frequency_of(self.records, templates=self.captions.templates)
 
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
         """``{folder: {"n_repeats": N, "img_count": n}}`` (kohya's ``ss_dataset_dirs``)."""

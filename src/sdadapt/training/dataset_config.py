@@ -743,7 +743,7 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
         blocks: several blocks (:attr:`DatasetConfig.blocks`): each one's ``(batch size, (height, width))``
             as trained, in order, in place of ``batch_size`` / ``resolution``.
     """
-    from .data import Dataset
+    from .data import Dataset, tag_frequency_of
 
     counts: dict[str, int] = {}
     for record in [*dataset.records, *(reg.records if reg is not None else ())]:
@@ -784,7 +784,10 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
                     "num_reg_images": (reg.samples if reg is not None else 0) if not config.blocks else entry.get("reg", 0),
                     "resolution": [width, height], "enable_bucket": bool(own.get("enable_bucket")),
                     "min_bucket_reso": low, "max_bucket_reso": high,
-                    "tag_frequency": _by_folder(part.tag_frequency(), folder_of), "bucket_info": part.bucket_info(),
+                    "tag_frequency": _by_folder(tag_frequency_of([*part.records, *(  # kohya counts is_reg subsets too
+                        r for r in (reg.records if reg is not None else ()) if r.dataset == block)],
+                        templates=dataset.captions.templates), folder_of),
+                    "bucket_info": part.bucket_info(),
                     "resize_interpolation": None, "subsets": entry["subsets"]})
     return out
 
