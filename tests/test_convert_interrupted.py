@@ -93,3 +93,69 @@ def test_several_previous_copies_are_named_not_guessed(tmp_path):
     lines = cm.recover_interrupted(out)
     assert len(lines) == 2 and not any(p.exists() for p in copies) and out.is_dir()
     assert cm.recover_interrupted(tmp_path / "other.safetensors") == []
+
+
+# ----------------------------------------------------------------------------- what recovery never touches
+# (review: each test below fails on a mutant of recover_interrupted / _pid_alive / _remove)
+
+
+def test_leftovers_of_this_process_or_of_an_unknowable_one_are_kept(tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    foreign = _dead_pid()  # stands for another user's process: os.kill says EPERM, not "no such process"
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if pid == foreign:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    kept = [tmp_path / f".model-{os.getpid()}-old", tmp_path / f".model-{os.getpid()}-new",
+            tmp_path / f".model-{foreign}-old", tmp_path / f".model-{foreign}-new"]
+    for path in kept:
+        path.mkdir()
+    assert cm.recover_interrupted(out) == []
+    assert all(p.is_dir() for p in kept)
+
+
+def test_names_that_merely_look_like_leftovers_are_not_touched(tmp_path):
+    dead = _dead_pid()
+    out = tmp_path / "model"
+    out.mkdir()
+    lookalikes = [tmp_path / f".model-{dead}-old.safetensors",  # a file-output name, next to a folder OUT
+                  tmp_path / f".model-{dead}-old-backup", tmp_path / f".model-{dead}-older",
+                  tmp_path / f".model-x{dead}-old", tmp_path / f"model-{dead}-old",
+                  tmp_path / f".model-5-{dead}-old",  # (OUT model-5's leftover, not model's)
+                  tmp_path / f".Model-{dead}-old"]
+    for path in lookalikes:
+        path.write_text("mine") if path.suffix else path.mkdir()
+    assert cm.recover_interrupted(out) == []
+    assert all(p.exists() for p in lookalikes)
+    # and a file OUT: only its own .OUT-pid-new.safetensors is a leftover
+    file_out = tmp_path / "model.safetensors"
+    file_out.write_text("model")
+    folder_like = tmp_path / f".model-{dead}-new"
+    folder_like.mkdir()
+    stale = tmp_path / f".model-{dead}-new.safetensors"
+    stale.write_text("partial")
+    lines = cm.recover_interrupted(file_out)
+    assert len(lines) == 1 and not stale.exists() and folder_like.is_dir() and file_out.read_text() == "model"
+
+
+def test_a_symlinked_leftover_is_unlinked_never_followed(tmp_path):
+    dead = _dead_pid()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "weights").write_text("keep me")
+    out = tmp_path / "work" / "model"
+    out.mkdir(parents=True)
+    for part in ("old", "new"):
+        (out.parent / f".model-{dead}-{part}").symlink_to(target, target_is_directory=True)
+    assert len(cm.recover_interrupted(out)) == 2
+    assert sorted(out.parent.iterdir()) == [out] and (target / "weights").read_text() == "keep me"
+    # OUT missing: the symlinked previous copy (OUT was a link when the run was killed) is put back as the link
+    out.rmdir()
+    (out.parent / f".model-{dead}-old").symlink_to(target, target_is_directory=True)
+    cm.recover_interrupted(out)
+    assert out.is_symlink() and os.readlink(out) == str(target) and (target / "weights").is_file()

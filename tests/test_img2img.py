@@ -118,9 +118,12 @@ def test_ddim_strength_zero_returns_the_init_latent():
     assert torch.equal(out, init)
 
 
-def test_a_sampler_without_img2img_is_refused_by_name():
-    with pytest.raises(ValueError, match="'unipc' cannot start from an image"):
-        generate(object(), ["x"], sampler="unipc", init_latents=torch.zeros(1, 4, 4, 4))
+def test_every_sampler_starts_from_an_image_and_another_name_is_refused():
+    from sdadapt.img2img import IMG2IMG_SAMPLERS, check_img2img_sampler
+
+    assert sorted(IMG2IMG_SAMPLERS) == sorted(samplers.SAMPLERS)
+    with pytest.raises(ValueError, match="'plms' cannot start from an image"):
+        check_img2img_sampler("plms")
 
 
 @pytest.mark.parametrize("name", list(LATENT_UPSCALERS))
@@ -275,17 +278,6 @@ def test_ddim_keeps_diffusers_get_timesteps(steps, strength):
     assert ours.tolist() == theirs.tolist() and len(ours) == count
 
 
-def test_sample_latents_refuses_a_start_on_a_sampler_without_img2img():
-    """An explicit ``start=`` on a sampler with no start rule is refused by name, before any model call."""
-    def model(x, t, cond):
-        raise AssertionError("the model ran")
-
-    with pytest.raises(ValueError, match="'dpmsingle' cannot start from an image"):
-        samplers.sample_latents(model, torch.zeros(1, 4, 4, 4), None, sampler="dpmsingle",
-                                alphas_cumprod=ALPHAS_CUMPROD, num_steps=4,
-                                start=Img2ImgStart(torch.zeros(1, 4, 4, 4), strength=0.5))
-
-
 def test_cli_init_image_is_stretched_with_lanczos_encoded_and_sampled_as_generate(tiny_sd, tmp_path, monkeypatch):
     """``--init-image``: A1111's "Just resize" (stretch, Lanczos), the VAE mean, then generate's img2img."""
     from sdadapt.images import decode_png, read_image, write_png
@@ -327,7 +319,7 @@ def test_img2img_option_errors_name_the_option(tmp_path):
     with pytest.raises(ValueError, match="leave it out with --init-image"):
         run_generate(prompt="x", out=tmp_path / "a.png", init_image=tmp_path / "i.png", hires_scale=2)
     with pytest.raises(ValueError, match="--sampler"):
-        run_generate(prompt="x", out=tmp_path / "a.png", sampler="unipc", hires_scale=2)
+        run_generate(prompt="x", out=tmp_path / "a.png", sampler="plms", hires_scale=2)
     with pytest.raises(ValueError, match="init latents are"):
         generate(__import__("sdadapt.toy.system", fromlist=["load_toy"]).load_toy(), ["a red circle"], steps=2,
                  sampler="euler", init_latents=torch.zeros(1, 12, 8, 8))

@@ -483,7 +483,17 @@ class DiffusersSystem(nn.Module):
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The latent (C, h, w) of a ``height`` x ``width`` image."""
-        return int(self.unet.config.in_channels), height // self.vae_factor, width // self.vae_factor
+        # (the VAE's latent channels: an inpainting UNet takes 9 in, the latent's 4 plus its image conditioning)
+        return int(self.vae.config.latent_channels), height // self.vae_factor, width // self.vae_factor
+
+    def inpainting_conditioning(self, images: Tensor, mask: Tensor) -> Tensor:
+        """An inpainting UNet's ``c_concat`` (B, 5, h, w) for the masked images ``images`` (B, 3, H, W) in [-1, 1]
+        (:func:`sdadapt.inpaint.masked_image`) and their pixel ``mask`` (1, 1, H, W) of 0 / 1
+        (:func:`sdadapt.inpaint.image_conditioning`; the latent is the VAE posterior's mean, as
+        :meth:`encode_images`)."""
+        from .inpaint import image_conditioning
+
+        return image_conditioning(mask, self.encode_images(images.to(self.alphas_cumprod.device)))
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """Token ids (B, L); SDXL: both tokenizers' ids stacked, (B, 2, L).
@@ -737,7 +747,11 @@ class DiffusersSystem(nn.Module):
         ``seed`` instead of the CPU generator's; ``schedule_options``: A1111's schedule settings
         (:class:`~sdadapt.samplers.schedules.ScheduleOptions`) for ``schedule``. ``start``: an
         :class:`~sdadapt.img2img.Img2ImgStart` — img2img / hires fix from its init latents
-        (:func:`sdadapt.samplers.sample_latents`).
+        (:func:`sdadapt.samplers.sample_latents`); its ``conditioning``: an inpainting UNet's ``c_concat``
+        (:mod:`sdadapt.inpaint`; without it, A1111's txt2img conditioning: a grey image under a mask of ones).
+
+        Raises:
+            ValueError: a UNet that is neither plain nor an inpainting one (InstructPix2Pix's 8 channels).
         """
         height, width = height or self.image_size, width or self.image_size
         check_image_size(width, height, multiple=self.size_multiple)
@@ -760,6 +774,13 @@ class DiffusersSystem(nn.Module):
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
             time_ids = time_ids.expand(len(prompts), 6)
         model, guidance_scale = self.denoiser(), guidance
+        from .inpaint import check_inpainting_unet, concat_conditioning, txt2img_masked_image
+
+        if check_inpainting_unet(int(self.unet.config.in_channels), int(self.vae.config.latent_channels)):
+            conditioning = start.conditioning if start is not None else None
+            if conditioning is None:  # txt2img on an inpainting model: A1111's txt2img_image_conditioning
+                conditioning = self.inpainting_conditioning(*txt2img_masked_image(len(prompts), height, width))
+            model = concat_conditioning(model, conditioning)
         if plan is not None:  # A1111 prompt syntax: every text once, switched per model call
             if cond is not None:
                 raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")

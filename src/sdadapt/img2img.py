@@ -44,20 +44,30 @@ __all__ = [
     "HIRES_UPSCALERS",
     "IMG2IMG_SAMPLERS",
     "LATENT_UPSCALERS",
+    "SCHEDULE_FOLLOWS_A1111",
     "Img2ImgStart",
     "a1111_img2img_steps",
     "a1111_start_index",
     "check_img2img_sampler",
     "ddim_img2img",
     "diffusers_start_index",
+    "img2img_rule",
+    "start_index",
     "upscale_latents",
+    "vp_timestep_start",
 ]
 
-#: samplers on the discrete σ grid: A1111's t_enc rule
-A1111_RULE_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2s_a")
+#: samplers on A1111's σ grid (k-diffusion's samplers and A1111's Restart): A1111's t_enc rule
+A1111_RULE_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2s_a",
+                                        "dpmpp_sde", "restart", "dpm_fast", "dpm_adaptive")
 #: samplers run as diffusers' scheduler: diffusers' strength rule
 DIFFUSERS_RULE_SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver", "dpmsolver++", "dpmsolver++_sde",
-                                            "dpmsolver++_sde_heun", "dpmsolver++_3m_sde")
+                                            "dpmsolver++_sde_heun", "dpmsolver++_3m_sde", "dpmsingle", "unipc",
+                                            "ddpm", "lcm", "pndm")
+#: samplers on the diffusers rule whose grid can be one of A1111's (``schedule=``): on A1111's grid they take
+#: A1111's rule, as A1111 runs them on that grid (k-diffusion's ``sample_img2img``)
+SCHEDULE_FOLLOWS_A1111: tuple[str, ...] = ("dpmsolver", "dpmsolver++", "dpmsolver++_sde", "dpmsolver++_sde_heun",
+                                           "dpmsolver++_3m_sde", "dpmsingle", "unipc")
 IMG2IMG_SAMPLERS: tuple[str, ...] = (*DIFFUSERS_RULE_SAMPLERS, *A1111_RULE_SAMPLERS)
 
 #: ``--hires-upscaler`` name -> A1111's latent upscale mode (``interpolate`` mode, antialias)
@@ -83,6 +93,20 @@ def check_img2img_sampler(sampler: str) -> str:
         raise ValueError(f"img2img / hires fix runs on {', '.join(IMG2IMG_SAMPLERS)}; sampler {sampler!r} cannot start "
                          "from an image yet (pick one of those)")
     return sampler
+
+
+def img2img_rule(sampler: str, schedule: str | None = None) -> str:
+    """``"a1111"`` or ``"diffusers"``: the rule ``sampler`` (a canonical name in :data:`IMG2IMG_SAMPLERS`) starts
+    from an image by — A1111's for :data:`A1111_RULE_SAMPLERS` and, on one of A1111's grids (``schedule`` not
+    None), for :data:`SCHEDULE_FOLLOWS_A1111`; diffusers' otherwise.
+
+    Raises:
+        ValueError: a sampler that cannot start from an image (:func:`check_img2img_sampler`).
+    """
+    check_img2img_sampler(sampler)
+    if sampler in A1111_RULE_SAMPLERS or (schedule is not None and sampler in SCHEDULE_FOLLOWS_A1111):
+        return "a1111"
+    return "diffusers"
 
 
 def _check_strength(strength: float) -> float:
@@ -125,15 +149,41 @@ def diffusers_start_index(steps: int, strength: float) -> int:
     return max(steps - init_timestep, 0)
 
 
+def start_index(start: Img2ImgStart, num_steps: int, *, rule: str) -> int:
+    """The first grid index a sampler with ``num_steps`` steps runs from ``start``: ``start.index`` when given
+    (at most ``num_steps − 1`` under A1111's rule, which always runs a step; up to ``num_steps``, no step, under
+    diffusers'), else from ``start.strength`` by ``rule``: ``"a1111"``,
+    ``a1111_start_index(num_steps, int(min(S, 0.999)·num_steps))``; ``"diffusers"``, :func:`diffusers_start_index`.
+
+    Raises:
+        ValueError: an unknown rule or a strength outside [0, 1].
+    """
+    strength = 1.0 if start.strength is None else start.strength
+    if rule == "a1111":
+        if start.index is not None:
+            return min(max(int(start.index), 0), num_steps - 1)
+        return a1111_start_index(*a1111_img2img_steps(num_steps, strength))
+    if rule == "diffusers":
+        if start.index is not None:
+            return min(max(int(start.index), 0), num_steps)
+        return diffusers_start_index(num_steps, strength)
+    raise ValueError(f"rule must be 'a1111' or 'diffusers', got {rule!r}")
+
+
 @dataclass(frozen=True)
 class Img2ImgStart:
     """An init latent for the sampler that runs next: start at grid index ``index`` from ``init``
     (B, C, h, w) (the A1111 rule: ``index`` given; the diffusers rule: ``strength``); the samplers take it as
-    their ``start=`` argument."""
+    their ``start=`` argument; ``mask`` / ``conditioning``: inpainting (:mod:`sdadapt.inpaint`)."""
 
     init: Tensor
     index: int | None = None
     strength: float | None = None
+    #: inpainting (:mod:`sdadapt.inpaint`): A1111's latent mask ``latmask`` (1 or B, 1 or C, h, w), 1 = repaint,
+    #: 0 = keep ``init`` (blended after every model call and after sampling: :func:`sdadapt.inpaint.masked_model`)
+    mask: Tensor | None = None
+    #: an inpainting model's ``c_concat`` (B, 5, h, w) (:func:`sdadapt.inpaint.image_conditioning`)
+    conditioning: Tensor | None = None
 
     def init_like(self, x_T: Tensor) -> Tensor:
         """``init`` on ``x_T``'s device and dtype.
@@ -145,6 +195,21 @@ class Img2ImgStart:
             raise ValueError(f"img2img: the init latents are {tuple(self.init.shape)}, the sampler's noise is "
                              f"{tuple(x_T.shape)}; encode the init image at the size being generated")
         return self.init.to(device=x_T.device, dtype=x_T.dtype)
+
+
+def vp_timestep_start(start: Img2ImgStart, x_T: Tensor, timesteps: list[int],
+                      alphas_cumprod: Tensor) -> tuple[int, Tensor]:
+    """img2img on integer ``timesteps`` (n, descending; DDPM, LCM): ``(first, x)``, the first step's index
+    (:func:`start_index`, diffusers' rule) and the scheduler's ``add_noise`` there,
+    ``√ᾱ_t·init + √(1 − ᾱ_t)·x_T`` (B,C,H,W) in ``x_T``'s dtype, ``t = timesteps[first]``; ``first = n``
+    (strength 0): no step, the init latent."""
+    n = len(timesteps)
+    first = start_index(start, n, rule="diffusers")
+    init = start.init_like(x_T)
+    if first >= n:
+        return n, init
+    a = alphas_cumprod[int(timesteps[first])].detach().double().cpu()
+    return first, (a.sqrt() * init.double() + (1 - a).sqrt() * x_T.double()).to(x_T.dtype)
 
 
 def ddim_img2img(fn, x_T: Tensor, start: Img2ImgStart, *, alphas_cumprod: Tensor, num_steps: int,

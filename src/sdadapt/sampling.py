@@ -190,7 +190,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              width: int | None = None, cond: object | None = None, schedule: str | None = None,
              info: dict | None = None, plan: object | None = None, noise: object | None = None,
              schedule_options: object | None = None, init_latents: Tensor | None = None,
-             denoising_strength: float = 0.75, img2img_steps: int | None = None, output: str = "images") -> Tensor:
+             denoising_strength: float = 0.75, img2img_steps: int | None = None, output: str = "images",
+             inpaint_mask: Tensor | None = None, inpaint_conditioning: Tensor | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
@@ -226,15 +227,21 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
 
     ``init_latents``: img2img — (1 or B, C, H/8, W/8) latents of the init image (``system.encode_images``) the
     sampler starts from at ``denoising_strength`` (:mod:`sdadapt.img2img`: A1111's t_enc rule for the samplers on
-    the σ grid, diffusers' strength rule for DDIM and DPM-Solver; the start noise is the noise a txt2img run of
-    ``seed`` draws).
+    A1111's σ grid and any sampler given a ``schedule``, diffusers' strength rule for the samplers run as diffusers'
+    schedulers, :func:`sdadapt.img2img.img2img_rule`; the start noise is the noise a txt2img run of ``seed`` draws).
     ``img2img_steps``: A1111's ``steps=`` of ``sample_img2img`` (the hires pass): A1111's grid is then built for
     ``int(img2img_steps / min(strength, 0.999))`` steps and ``img2img_steps`` of them run; DDIM and DPM-Solver run
     ``int(img2img_steps · strength)`` of ``img2img_steps``. ``None``: ``steps`` with A1111's ``int(strength · steps)``.
 
+    ``inpaint_mask``: inpainting with ``init_latents`` — A1111's latent mask (1 or B, 1, H/8, W/8), 1 = repaint
+    (:func:`sdadapt.inpaint.latent_mask`; blended by :func:`sdadapt.inpaint.masked_model`);
+    ``inpaint_conditioning``: an inpainting model's ``c_concat`` (B, 5, H/8, W/8)
+    (:meth:`~sdadapt.diffusers_system.DiffusersSystem.inpainting_conditioning`). Both ride on the
+    :class:`~sdadapt.img2img.Img2ImgStart`.
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
-            system cannot make.
+            system cannot make; an inpainting mask or conditioning without ``init_latents``.
         TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``.
     """
     try:
@@ -251,28 +258,34 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
         raise ValueError(f"output must be 'images' or 'latents', got {output!r}")
     start = None
     if init_latents is not None:
-        start, steps = _img2img_request(name, init_latents, len(prompts), steps, denoising_strength, img2img_steps)
+        start, steps = _img2img_request(name, init_latents, len(prompts), steps, denoising_strength, img2img_steps,
+                                        schedule=schedule)
+    if inpaint_mask is not None or inpaint_conditioning is not None:
+        if start is None:
+            raise ValueError("an inpainting mask or conditioning needs init_latents (the image to inpaint)")
+        start = replace(start, mask=inpaint_mask, conditioning=inpaint_conditioning)
     return _generate(system, prompts, name=name, negative=negative, seed=seed, steps=steps, guidance=guidance,
                      karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
                      noise=noise, schedule_options=schedule_options, start=start, output=output)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
-                     img2img_steps: int | None):
-    """``(Img2ImgStart, the steps the sampler's grid is built for)`` of an img2img request (module :mod:`.img2img`)."""
+                     img2img_steps: int | None, *, schedule: str | None = None):
+    """``(Img2ImgStart, the steps the sampler's grid is built for)`` of an img2img request (module :mod:`.img2img`;
+    ``schedule``: the resolved A1111 grid, which takes A1111's rule, :func:`~sdadapt.img2img.img2img_rule`)."""
     from .img2img import (
-        A1111_RULE_SAMPLERS,
         Img2ImgStart,
         a1111_img2img_steps,
         a1111_start_index,
         check_img2img_sampler,
+        img2img_rule,
     )
 
     check_img2img_sampler(name)
     if init_latents.dim() != 4 or init_latents.shape[0] not in (1, batch):
         raise ValueError(f"init_latents must be (1 or {batch}, C, h, w) latents, got {tuple(init_latents.shape)}")
     init = init_latents.expand(batch, *init_latents.shape[1:])
-    if name in A1111_RULE_SAMPLERS:
+    if img2img_rule(name, schedule) == "a1111":
         total, t_enc = a1111_img2img_steps(steps, strength, requested=img2img_steps)
         if total < 1:
             raise ValueError("denoising strength 0 with a fixed step count leaves no grid (A1111's steps / strength)")

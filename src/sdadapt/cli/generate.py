@@ -75,6 +75,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         init_image=args.init_image, denoising_strength=args.denoising_strength, hires_scale=args.hires_scale,
         hires_width=args.hires_width, hires_height=args.hires_height, hires_steps=args.hires_steps,
         hires_denoising=args.hires_denoising, hires_upscaler=args.hires_upscaler,
+        resize_mode=args.resize_mode, img2img_fix_steps=args.img2img_fix_steps, hires_prompt=args.hires_prompt,
+        hires_negative=args.hires_negative, hires_sampler=args.hires_sampler,
+        mask=args.mask, mask_blur=args.mask_blur, invert_mask=args.invert_mask, inpainting_fill=args.inpainting_fill,
+        inpainting_mask_weight=args.inpainting_mask_weight,
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     for file in result["files"]:
@@ -168,10 +172,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--height", type=positive_int, default=None, help="default: the model's size")
     img2img = generate.add_argument_group("img2img and hires fix (A1111's; docs/samplers.md, 'img2img and hires fix')")
     img2img.add_argument("--init-image", default=None, metavar="IMAGE",
-                         help="img2img: start from this image, stretched to --width x --height (A1111's 'Just resize', "
-                         "Lanczos) and VAE-encoded")
+                         help="img2img: start from this image, brought to --width x --height by --resize-mode "
+                         "(Lanczos) and VAE-encoded")
+    img2img.add_argument("--resize-mode", default="just", choices=("just", "crop", "fill"),
+                         help="how --init-image is brought to the size: A1111's 'Just resize' (stretch, the default), "
+                         "'Crop and resize' (cover, cut the centre), 'Resize and fill' (fit, pad with the edges)")
+    img2img.add_argument("--img2img-fix-steps", action="store_true",
+                         help="A1111's setting 'With img2img, do exactly the amount of steps the slider specifies': "
+                         "--steps steps run (the grid is built for steps / strength); default: strength x steps")
     img2img.add_argument("--denoising-strength", type=float, default=0.75, metavar="S",
                          help="img2img denoising strength in [0, 1] (default 0.75, A1111's)")
+    img2img.add_argument("--mask", default=None, metavar="IMAGE",
+                         help="inpaint the --init-image: white = repaint, black = keep (an RGBA mask with transparency: "
+                         "its alpha); A1111's 'Inpaint whole picture' (docs/samplers.md, 'Inpainting')")
+    img2img.add_argument("--mask-blur", type=float, default=None, metavar="PX",
+                         help="Gaussian blur of the mask in pixels (default 4, A1111's)")
+    img2img.add_argument("--invert-mask", action="store_true", help="repaint the black area (A1111's 'Inpaint not masked')")
+    img2img.add_argument("--inpainting-fill", default="original",
+                         choices=("fill", "original", "latent-noise", "latent-nothing"),
+                         help="what the masked area starts as (A1111's 'Masked content'; default original)")
+    img2img.add_argument("--inpainting-mask-weight", type=float, default=1.0, metavar="W",
+                         help="inpainting models: A1111's 'Inpainting conditioning mask strength' in [0, 1] (default 1)")
     img2img.add_argument("--hires-scale", type=float, default=None, metavar="F",
                          help="hires fix: a second pass at F times the size (A1111's 'Upscale by')")
     img2img.add_argument("--hires-width", type=positive_int, default=None, metavar="W",
@@ -185,6 +206,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--hires-upscaler", default="latent", choices=HIRES_UPSCALERS,
                          help="hires fix: how the first pass is enlarged: A1111's latent upscalers (interpolate the "
                          "latents) or pixel-lanczos (decode, Lanczos resize, encode); default latent")
+    img2img.add_argument("--hires-prompt", default=None, metavar="TEXT",
+                         help="hires fix: the second pass's prompt (A1111's 'Hires prompt'; default: --prompt)")
+    img2img.add_argument("--hires-negative", default=None, metavar="TEXT",
+                         help="hires fix: the second pass's negative prompt (A1111's 'Hires negative prompt'; "
+                         "default: --negative)")
+    img2img.add_argument("--hires-sampler", type=_sampler, default=None, metavar="NAME",
+                         help="hires fix: the second pass's sampler (A1111's 'Hires sampling method'; default: "
+                         "--sampler; one that starts from an image, docs/samplers.md)")
     generate.add_argument("--count", type=positive_int, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
     generate.add_argument("--vae", default=None, metavar="FILE|DIR",

@@ -95,6 +95,16 @@ def run_generate(
     hires_steps: int = 0,
     hires_denoising: float = 0.7,
     hires_upscaler: str = "latent",
+    resize_mode: str = "just",
+    img2img_fix_steps: bool = False,
+    hires_prompt: str | None = None,
+    hires_negative: str | None = None,
+    hires_sampler: str | None = None,
+    mask: str | os.PathLike | None = None,
+    mask_blur: float | None = None,
+    invert_mask: bool = False,
+    inpainting_fill: str = "original",
+    inpainting_mask_weight: float = 1.0,
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -159,15 +169,26 @@ def run_generate(
             UNet multipliers, after and besides ``loras``) and ``<hypernet:NAME:MULT>`` tags (``NAME.pt``
             or ``.safetensors`` under ``hypernetwork_dir``, after ``hypernetworks``); tags are taken out
             of the text before it is encoded. A prompt without that syntax samples as it always did.
-        init_image, denoising_strength: img2img (A1111's): the image stretched to ``width`` x ``height`` (A1111's
-            "Just resize", Lanczos), VAE-encoded and sampled from at ``denoising_strength`` (A1111's default 0.75;
-            :mod:`sdadapt.img2img`: A1111's t_enc rule for the σ-grid samplers, diffusers' for ddim and dpmsolver*).
+        init_image, denoising_strength: img2img (A1111's): the image brought to ``width`` x ``height`` by
+            ``resize_mode`` (Lanczos), VAE-encoded and sampled from at ``denoising_strength`` (A1111's default 0.75;
+            :mod:`sdadapt.img2img`: A1111's t_enc rule for the samplers on A1111's grids, diffusers' for those run
+            as diffusers' schedulers; :func:`sdadapt.img2img.img2img_rule`).
+        mask, mask_blur, invert_mask, inpainting_fill, inpainting_mask_weight: A1111's inpaint tab with
+            ``init_image`` (:mod:`sdadapt.jobs.generate_inpaint`, :mod:`sdadapt.inpaint`): the mask image (white =
+            repaint), its Gaussian blur (``None``: A1111's 4), "Inpaint not masked", what the masked area starts as
+            (``fill``, ``original``, ``latent-noise``, ``latent-nothing``) and an inpainting model's "Inpainting
+            conditioning mask strength".
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions), ``hires_steps`` (0: ``steps``) at ``hires_denoising`` (0.7) from the first pass's
             latents upscaled by ``hires_upscaler`` (``latent``, ``latent-nearest``, ``latent-antialiased``,
             ``latent-bicubic``..., or ``pixel-lanczos``: decode, Lanczos resize, encode)
             (:func:`sdadapt.jobs.generate_hires.sample_image`).
+        resize_mode: A1111's img2img resize mode for ``init_image``: ``just`` (stretch), ``crop`` (crop and resize),
+            ``fill`` (resize and fill) (:func:`sdadapt.resize_modes.a1111_resize`).
+        img2img_fix_steps: A1111's setting "With img2img, do exactly the amount of steps the slider specifies".
+        hires_prompt, hires_negative, hires_sampler: A1111's hr_prompt, hr_negative_prompt, hr_sampler_name: the
+            hires pass's texts and sampler (``None``: the first pass's).
 
     Returns:
         ``{"files": [...], "seconds": ..., "loras": [...], "hypernetworks": [...], "embeddings": [...],
@@ -201,6 +222,14 @@ def run_generate(
         sampler, label_schedule = sampler_schedule_from_label(sampler)
     except ValueError as exc:
         raise ValueError(f"--sampler: {exc}") from None
+    if hires_sampler is not None:  # (A1111's label or a name; its grid is --schedule's, as the first pass's)
+        try:
+            hires_sampler, hires_label_schedule = sampler_schedule_from_label(hires_sampler)
+        except ValueError as exc:
+            raise ValueError(f"--hires-sampler: {exc}") from None
+        if hires_label_schedule is not None:
+            raise ValueError(f"--hires-sampler: give the sampler without its {hires_label_schedule!r} grid; the hires "
+                             "pass runs on --schedule's grid, as the first pass")
     try:
         check_karras(sampler, karras)
     except ValueError as exc:
@@ -224,7 +253,12 @@ def run_generate(
     hires = _check_img2img_options(sampler, init_image=init_image, denoising_strength=denoising_strength,
                                    hires_scale=hires_scale, hires_width=hires_width, hires_height=hires_height,
                                    hires_steps=hires_steps, hires_denoising=hires_denoising,
-                                   hires_upscaler=hires_upscaler)
+                                   hires_upscaler=hires_upscaler, resize_mode=resize_mode,
+                                   hires_texts=(hires_prompt, hires_negative, hires_sampler))
+    from .generate_inpaint import check_inpaint_options
+
+    check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
+                          inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight)
     files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
@@ -355,9 +389,21 @@ def run_generate(
 
     size_h, size_w = height or int(getattr(system, "image_size", 0)), width or int(getattr(system, "image_size", 0))
     init_latents = None
-    if init_image is not None:
-        init_latents = init_latents_from_image(system, init_image, height=size_h, width=size_w)
-        say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, just resize)")
+    inpainting = None
+    if init_image is not None and mask is not None:  # A1111's inpaint tab (sdadapt.jobs.generate_inpaint)
+        from .generate_inpaint import inpaint_inputs
+
+        inpainting = inpaint_inputs(system, init_image, mask, height=size_h, width=size_w,
+                                    mask_blur=4.0 if mask_blur is None else mask_blur, invert_mask=invert_mask,
+                                    inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight)
+        say(f"inpainting with {mask}: fill {inpainting_fill}, mask blur {4.0 if mask_blur is None else mask_blur:g}"
+            f"{', inverted' if invert_mask else ''}"
+            f"{', inpainting model' if inpainting.conditioning is not None else ''}")
+    elif init_image is not None:
+        init_latents = init_latents_from_image(system, init_image, height=size_h, width=size_w,
+                                               resize_mode=resize_mode)
+        say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, "
+            f"{resize_mode} resize{', exact steps' if img2img_fix_steps else ''})")
     if hires is not None:
         import inspect
 
@@ -366,13 +412,17 @@ def run_generate(
                              "use a Stable Diffusion model")
         hires = check_hires_request(HiresRequest(
             hires_size(size_h, size_w, scale=hires_scale, hires_height=hires_height, hires_width=hires_width),
-            steps=hires_steps, denoising=hires_denoising, upscaler=hires_upscaler),
+            steps=hires_steps, denoising=hires_denoising, upscaler=hires_upscaler,
+            prompt=_expanded(hires_prompt, handles), negative=_expanded(hires_negative, handles), sampler=hires_sampler),
             multiple=int(getattr(system, "size_multiple", 8)))
         say(f"hires fix: {hires.size[1]}x{hires.size[0]}, {hires.steps or steps or 25} steps at denoising "
             f"{hires.denoising:g}, {hires.upscaler}")
 
     def plan_for(hires_steps: int) -> object:  # (A1111 plans the hires pass's schedule for its steps)
-        return plan_prompt(text, negative_text, steps=schedule_steps(canonical_sampler(sampler), hires_steps),
+        hr_text = text if hires is None or hires.prompt is None else hires.prompt
+        hr_negative = negative_text if hires is None or hires.negative is None else hires.negative
+        hr_sampler = sampler if hires is None or hires.sampler is None else hires.sampler
+        return plan_prompt(hr_text, hr_negative, steps=schedule_steps(canonical_sampler(hr_sampler), hires_steps),
                            clean=clean)
 
     written = []
@@ -387,8 +437,14 @@ def run_generate(
                            **({"info": report} if sampler == "dpm_adaptive" else {}),
                            **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
                            **({} if schedule_options is None else {"schedule_options": schedule_options}))
+            if inpainting is not None:
+                options.update(inpainting.generate_options())
+                init_latents = inpainting.init_latents(seed + i)
             image = sample_image(system, [text], options, init_latents=init_latents,
-                                 denoising_strength=denoising_strength, hires=hires, plan_for=plan_for)[0]
+                                 denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
+                                 fix_steps=img2img_fix_steps)[0]
+            if inpainting is not None:  # A1111's final overlay: the original pixels outside the mask
+                image = inpainting.overlay(image)
             if report:
                 say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
                     f"{report['nfe']} model calls")
@@ -402,9 +458,17 @@ def run_generate(
             "aesthetic": None if aesthetic is None else str(aesthetic)}
 
 
+def _expanded(text: str | None, handles) -> str | None:
+    """``text`` with the injected embeddings' names expanded as the prompt's are (``None`` stays ``None``)."""
+    for handle in handles if text else ():
+        text = handle.expand(text)
+    return text
+
+
 def _check_img2img_options(sampler: str, *, init_image, denoising_strength: float, hires_scale: float | None,
                            hires_width: int | None, hires_height: int | None, hires_steps: int,
-                           hires_denoising: float, hires_upscaler: str):
+                           hires_denoising: float, hires_upscaler: str, resize_mode: str = "just",
+                           hires_texts: tuple[str | None, str | None, str | None] = (None, None, None)):
     """``True`` when a hires pass is asked for (its request is built once the model's size is known), else
     ``None``; the img2img and hires options checked before any loading.
 
@@ -414,14 +478,24 @@ def _check_img2img_options(sampler: str, *, init_image, denoising_strength: floa
     """
     from ..img2img import HIRES_UPSCALERS, check_img2img_sampler
 
+    from ..resize_modes import RESIZE_MODES
+    from ..samplers import canonical_sampler
+
     wants_hires = hires_scale is not None or hires_width is not None or hires_height is not None
     if init_image is not None and not Path(init_image).is_file():
         raise FileNotFoundError(f"--init-image {init_image}: no such image file")
-    if init_image is not None or wants_hires:
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+    hires_sampler = hires_texts[2]
+    if any(v is not None for v in hires_texts) and not wants_hires:
+        raise ValueError("--hires-prompt, --hires-negative and --hires-sampler shape the hires pass; give "
+                         "--hires-scale or --hires-width/--hires-height too")
+    if init_image is not None or wants_hires:  # (the sampler that starts from an image: the hires pass's)
+        flag, name = ("--hires-sampler", hires_sampler) if wants_hires and hires_sampler else ("--sampler", sampler)
         try:
-            check_img2img_sampler(sampler)
+            check_img2img_sampler(canonical_sampler(name))
         except ValueError as exc:
-            raise ValueError(f"--sampler: {exc}") from None
+            raise ValueError(f"{flag}: {exc}") from None
     if not 0.0 <= denoising_strength <= 1.0:
         raise ValueError(f"--denoising-strength must be in [0, 1], got {denoising_strength}")
     if not wants_hires:

@@ -17,12 +17,17 @@ __all__ = ["HiresRequest", "check_hires_request", "hires_size", "init_latents_fr
 @dataclass(frozen=True)
 class HiresRequest:
     """The hires pass: its image ``size`` (height, width), ``steps`` (0: the first pass's), ``denoising``
-    strength and ``upscaler`` (:data:`sdadapt.img2img.HIRES_UPSCALERS`)."""
+    strength and ``upscaler`` (:data:`sdadapt.img2img.HIRES_UPSCALERS`); A1111's ``hr_prompt`` /
+    ``hr_negative_prompt`` (``prompt``, ``negative``: the second pass's conditioning; ``None``: the first pass's)
+    and ``hr_sampler_name`` (``sampler``; ``None``: the first pass's)."""
 
     size: tuple[int, int]
     steps: int = 0
     denoising: float = 0.7
     upscaler: str = "latent"
+    prompt: str | None = None
+    negative: str | None = None
+    sampler: str | None = None
 
 
 def hires_size(height: int, width: int, *, scale: float | None, hires_height: int | None,
@@ -53,6 +58,14 @@ def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresReq
         raise ValueError(f"--hires-steps must be >= 0 (0: the first pass's steps), got {request.steps}")
     if not 0.0 < request.denoising <= 1.0:
         raise ValueError(f"--hires-denoising must be in (0, 1], got {request.denoising}")
+    if request.sampler is not None:
+        from ..img2img import check_img2img_sampler
+        from ..samplers import canonical_sampler
+
+        try:
+            check_img2img_sampler(canonical_sampler(request.sampler))
+        except ValueError as exc:
+            raise ValueError(f"--hires-sampler: {exc}") from None
     h, w = request.size
     if h < multiple or w < multiple or h % multiple or w % multiple:
         raise ValueError(f"the hires size {w}x{h} must be a multiple of {multiple} in both sides; change "
@@ -60,23 +73,26 @@ def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresReq
     return request
 
 
-def init_latents_from_image(system, path: str | os.PathLike, *, height: int, width: int) -> Tensor:
-    """``--init-image``: the image at ``path`` stretched to ``width`` x ``height`` (A1111's resize mode
-    "Just resize", Lanczos; :func:`sdadapt.resampling.resample`) and encoded (``system.encode_images``: the
-    VAE posterior mean × scaling factor) -> (1, C, height/8, width/8).
+def init_latents_from_image(system, path: str | os.PathLike, *, height: int, width: int,
+                            resize_mode: str = "just") -> Tensor:
+    """``--init-image``: the image at ``path`` brought to ``width`` x ``height`` by A1111's ``resize_mode``
+    (:func:`sdadapt.resize_modes.a1111_resize`: ``just`` stretches, ``crop`` cuts the centre, ``fill`` pads with the
+    edges; Lanczos) and encoded (``system.encode_images``: the VAE posterior mean × scaling factor)
+    -> (1, C, height/8, width/8).
 
     Raises:
         FileNotFoundError: no such image.
+        ValueError: an unknown resize mode.
     """
     from ..images import read_image
-    from ..resampling import resample
+    from ..resize_modes import RESIZE_MODES, a1111_resize
 
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--init-image {file}: no such image file")
-    image = read_image(file)
-    if tuple(image.shape[1:]) != (height, width):
-        image = resample(image, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
+    image = a1111_resize(read_image(file), (height, width), mode=resize_mode)
     device = system.alphas_cumprod.device
     with torch.no_grad():
         return system.encode_images(image[None].to(device)).float()
@@ -84,7 +100,7 @@ def init_latents_from_image(system, path: str | os.PathLike, *, height: int, wid
 
 def sample_image(system, prompts: list[str], options: dict, *, init_latents: Tensor | None = None,
                  denoising_strength: float = 0.75, hires: HiresRequest | None = None,
-                 plan_for: Callable[[int], object] | None = None) -> Tensor:
+                 plan_for: Callable[[int], object] | None = None, fix_steps: bool = False) -> Tensor:
     """One :func:`sdadapt.sampling.generate` call's images (B, 3, H, W) in [-1, 1] with img2img and/or hires fix.
 
     ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
@@ -93,7 +109,10 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     and encoded (``pixel-lanczos``), then img2img at ``hires.denoising`` with A1111's ``steps=hr_second_pass_steps
     or steps`` (the fix-steps rule, :func:`sdadapt.img2img.a1111_img2img_steps`), the start noise drawn for the seed
     at the hires size (A1111 makes a new ImageRNG for the hires latents). ``plan_for(steps)``: the prompt plan for
-    the hires pass's steps (A1111 re-plans the schedule for them); ``None``: ``options["plan"]``.
+    the hires pass's steps (A1111 re-plans the schedule for them; of ``hires.prompt`` / ``hires.negative`` when
+    given); ``None``: ``options["plan"]``. ``hires.prompt`` / ``hires.negative``: the second pass's texts (a plain
+    plan's one text, or its plan); ``hires.sampler``: its sampler. ``fix_steps``: A1111's setting "With img2img, do
+    exactly the amount of steps the slider specifies" for the ``init_latents`` pass (``img2img_steps = steps``).
     """
     from ..img2img import LATENT_UPSCALERS, upscale_latents
     from ..sampling import generate
@@ -101,6 +120,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     first = dict(options)
     if init_latents is not None:
         first.update(init_latents=init_latents, denoising_strength=denoising_strength)
+        if fix_steps:
+            first["img2img_steps"] = int(options.get("steps", 25))
     if hires is None:
         return generate(system, prompts, **first)
     latents = generate(system, prompts, **first, output="latents")
@@ -118,7 +139,21 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
             start = system.encode_images(pixels).float()
     steps = hires.steps or int(options.get("steps", 25))
     second = dict(options, height=height, width=width)
-    if plan_for is not None and options.get("plan") is not None:
-        second["plan"] = plan_for(steps)
-    return generate(system, prompts, **second, init_latents=start.to(latents.dtype),
+    second_prompts = prompts
+    own_texts = hires.prompt is not None or hires.negative is not None
+    if own_texts:  # A1111's hr_prompt / hr_negative_prompt: the second pass's own conditioning
+        second.pop("cond", None)
+        second_prompts = [hires.prompt] * len(prompts) if hires.prompt is not None else prompts
+        if hires.negative is not None:
+            second["negative"] = hires.negative
+    if hires.sampler is not None:  # A1111's hr_sampler_name
+        second["sampler"] = hires.sampler
+        second.pop("info", None)
+    if plan_for is not None and (options.get("plan") is not None or own_texts):
+        plan = plan_for(steps)
+        if getattr(plan, "plain", False) and options.get("plan") is None:
+            second_prompts, second["negative"] = [plan.texts[0]] * len(prompts), plan.negative_texts[0]
+        else:
+            second["plan"] = plan
+    return generate(system, second_prompts, **second, init_latents=start.to(latents.dtype),
                     denoising_strength=hires.denoising, img2img_steps=steps)

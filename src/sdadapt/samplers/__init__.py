@@ -200,8 +200,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     (:class:`.schedules.ScheduleOptions`), for a ``schedule`` (``"karras"`` then runs A1111's grid, not diffusers').
     ``generator``: an :class:`.a1111_noise.A1111Noise` draws A1111's sampler noise (docs/samplers.md).
     ``start``: img2img / hires fix — start from its init latents part way along the grid
-    (:class:`sdadapt.img2img.Img2ImgStart`: A1111's rule for the σ-grid samplers, diffusers' strength rule for
-    DDIM and DPM-Solver multistep; :data:`sdadapt.img2img.IMG2IMG_SAMPLERS`).
+    (:class:`sdadapt.img2img.Img2ImgStart`: its ``index`` as given, or from its strength by the sampler's rule —
+    A1111's for :data:`sdadapt.img2img.A1111_RULE_SAMPLERS`, diffusers' for the others; every sampler takes it); with ``start.mask``, inpainting on a
+    4-channel model: A1111's blend (:func:`sdadapt.inpaint.masked_model`, then ``samples·mask + init·(1 − mask)``).
 
     Raises:
         ValueError: an unknown sampler or schedule, ``karras=True`` for a sampler without Karras σ, a schedule
@@ -227,6 +228,12 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if schedule == "karras" and name in KARRAS_SAMPLERS and not discard and not tuned:
         karras, schedule = True, None
     check_karras(name, karras)
+    if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
+        return _inpaint(model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                        uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type, karras=karras,
+                        generator=generator, callback=callback, schedule=schedule, start=start,
+                        discard_next_to_last_sigma=discard if schedule is not None else None,
+                        schedule_options=schedule_options if tuned else None, **options)
     if name == "ddim":
         if start is not None:  # img2img / hires fix: diffusers' strength rule (sdadapt.img2img)
             from ..img2img import ddim_img2img
@@ -251,3 +258,28 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         options["start"] = start
     return run(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)
+
+
+def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: Tensor, uncond: object | None,
+             guidance_scale: float, prediction_type: str, karras: bool, schedule: str | None, start: Img2ImgStart,
+             **options) -> Tensor:
+    """:func:`sample_latents` with ``start.mask`` (inpainting a 4-channel model, :mod:`sdadapt.inpaint`): the guided
+    model wrapped by :func:`sdadapt.inpaint.masked_model` (A1111's blend), then ``samples·nmask + init·mask``."""
+    from dataclasses import replace
+
+    from ..img2img import DIFFUSERS_RULE_SAMPLERS
+    from ..inpaint import blend_denoised, masked_model
+
+    if karras and (sampler in DIFFUSERS_RULE_SAMPLERS or sampler in ("dpm_2", "dpm_2_a")):
+        raise ValueError(f"inpainting with a mask reads σ back from the model's timesteps; {sampler} with Karras σ "
+                         "rounds them, so the blend would be off: inpaint without karras, or with a σ-grid sampler "
+                         "(euler, euler_a, heun, lms)")
+    init = start.init_like(x_T)
+    guided = diffusion.guided(model, cond, uncond, guidance_scale)
+    blended = masked_model(guided, init=init, latmask=start.mask, sampler=sampler, alphas_cumprod=alphas_cumprod,
+                           prediction_type=prediction_type, linear_timesteps=schedule is None and not karras)
+    plain = replace(start, mask=None)
+    latents = sample_latents(lambda x, t, _c: blended(x, t, _c), x_T, cond, sampler=sampler,
+                             alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, karras=karras,
+                             schedule=schedule, start=plain, **options)
+    return blend_denoised(latents, init, start.mask)

@@ -10,6 +10,8 @@ Each step samples the posterior ``q(x_{t'} | x_t, x̂0)`` between consecutive in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -17,12 +19,15 @@ from ..training import diffusion
 from .sigma_space import check_prediction_type, step_noise, timestep_batch, work_dtype
 from .signatures import Denoise, StepCallback
 
+if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
+
 __all__ = ["ddpm_sample"]
 
 
 def ddpm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                callback: StepCallback | None = None) -> Tensor:
+                callback: StepCallback | None = None, start: Img2ImgStart | None = None) -> Tensor:
     """DDPM from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``DDPMScheduler``
     (defaults) steps it; ``model(x, t)`` at integer timesteps t (B,) int64 (no input scaling).
 
@@ -31,7 +36,8 @@ def ddpm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     z (B,C,H,W), drawn as diffusers' ``randn_tensor`` draws it (on the generator's device, in the
     model output's dtype, then moved), so a CPU generator with diffusers' seed gives its result.
     ``callback(i, t, x)`` sees each step's sample. ``x`` is carried in at least float32 between
-    steps; the model sees it in ``x_T``'s dtype.
+    steps; the model sees it in ``x_T``'s dtype. ``start``: img2img (:func:`sdadapt.img2img.vp_timestep_start`:
+    diffusers' ``get_timesteps`` and ``add_noise``).
 
     Raises:
         ValueError: an unknown prediction type, ``num_steps`` outside [1, T].
@@ -42,7 +48,15 @@ def ddpm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     ac = alphas_cumprod.detach().double().cpu().tolist()
     ac_model = alphas_cumprod.detach().to(x_T.device)
     x = x_T.to(work_dtype(x_T))  # init_noise_sigma = 1
+    first = 0
+    if start is not None:  # img2img: diffusers' timesteps[t_start:], x = √ᾱ·init + √(1 − ᾱ)·noise
+        from ..img2img import vp_timestep_start
+
+        first, x = vp_timestep_start(start, x_T, steps, alphas_cumprod)
+        x = x.to(work_dtype(x_T))
     for i, t in enumerate(steps):
+        if i < first:
+            continue
         t_prev = steps[i + 1] if i + 1 < len(steps) else -1
         a, a_prev = ac[t], (ac[t_prev] if t_prev >= 0 else 1.0)
         beta = 1 - a / a_prev

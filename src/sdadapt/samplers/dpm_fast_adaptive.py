@@ -29,6 +29,7 @@ order. A1111 runs both with its "Eta for ancestral samplers" (1 by default); k-d
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -45,6 +46,9 @@ from .sigma_space import (
     work_dtype,
 )
 from .signatures import Denoise, StepCallback
+
+if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
 
 __all__ = ["DPMSolverInfo", "dpm_adaptive_sample", "dpm_fast_orders", "dpm_fast_sample"]
 
@@ -114,6 +118,21 @@ def _ends(solver: _Solver, sampler: str, eta: float, s_noise: float) -> tuple[fl
     return -math.log(float(solver.train[-1])), -math.log(float(solver.train[0]))  # t of σ_max, of σ_min
 
 
+def _img2img_ends(solver: _Solver, start: Img2ImgStart, num_steps: int,
+                  x_T: Tensor) -> tuple[float, float, int, Tensor]:
+    """A1111's ``sample_img2img`` for DPM fast / adaptive: ``sigma_sched`` = its uniform grid of ``num_steps``
+    (``model_wrap.get_sigmas``, A1111's grid for both) from ``start``'s index on; ``(t_start, t_end, n, x)`` with
+    ``σ_max = sigma_sched[0]``, ``σ_min = sigma_sched[−2]`` (the last σ is 0), ``n = len(sigma_sched) − 1`` model
+    calls (DPM fast) and ``x = init + x_T·σ_max`` (B,C,H,W) in the work dtype."""
+    from ..img2img import start_index
+    from .schedules import schedule_sigmas
+
+    grid = schedule_sigmas("uniform", int(num_steps), solver.train).tolist()
+    sched = grid[start_index(start, len(grid) - 1, rule="a1111"):]
+    x = start.init_like(x_T).to(work_dtype(x_T)) + x_T.to(work_dtype(x_T)) * sched[0]
+    return -math.log(sched[0]), -math.log(sched[-2]), len(sched) - 1, x
+
+
 def _ancestral_target(t: float, t_next: float, t_end: float, eta: float) -> tuple[float, float]:
     """``(t', σ_up)``: k-diffusion's ``sd, su = get_ancestral_step(σ(t), σ(t_next), η)``, ``t' = min(t_end, t(sd))``,
     ``su = √(σ(t_next)² − σ(t')²)``; η = 0: ``(t_next, 0)``."""
@@ -126,14 +145,17 @@ def _ancestral_target(t: float, t_next: float, t_end: float, eta: float) -> tupl
 
 def dpm_fast_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                     prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                    callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+                    callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0,
+                    start: Img2ImgStart | None = None) -> Tensor:
     """DPM-Solver-Fast with ``num_steps`` model calls (k-diffusion's ``sample_dpm_fast(n=num_steps)``, A1111's
     "DPM fast") from unit noise ``x_T`` (B,C,H,W) -> the sample at σ_min (B,C,H,W) (see the module).
 
     ``model(x_in, t)``: the (guided) model at ``x/√(σ²+1)`` and float32 timesteps ``t(σ)`` (B,) (log-σ
     interpolation, unrounded); ``alphas_cumprod`` (T,): the training schedule (σ_min, σ_max its ends);
     ``eta`` (A1111's default 1; k-diffusion's 0), ``s_noise``: the ancestral noise, z drawn from ``generator``
-    after every step. ``callback(i, t, x)``: after each step, t the model timesteps of its start.
+    after every step. ``callback(i, t, x)``: after each step, t the model timesteps of its start. ``start``: img2img by
+    A1111's rule: between ``sigma_sched[0]`` and ``sigma_sched[−2]`` of A1111's uniform grid of ``num_steps`` from
+    ``start``'s index on, with ``len(sigma_sched) − 1`` model calls (A1111's ``n``), from ``init + x_T·σ_max``.
 
     Raises:
         ValueError: an unknown prediction type, ``num_steps`` < 1, a negative ``eta`` or ``s_noise``.
@@ -143,9 +165,12 @@ def dpm_fast_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
         raise ValueError(f"dpm_fast: num_steps (model calls) must be >= 1, got {num_steps}")
     solver = _Solver(model, alphas_cumprod, prediction_type, x_T.dtype)
     t_start, t_end = _ends(solver, "dpm_fast", eta, s_noise)
-    orders = dpm_fast_orders(int(num_steps))
-    ts = torch.linspace(t_start, t_end, len(orders) + 1, dtype=torch.float64).tolist()
+    nfe = int(num_steps)
     x = x_T.to(work_dtype(x_T)) * math.exp(-t_start)
+    if start is not None:  # img2img (sdadapt.img2img): A1111's sigma_sched ends and n
+        t_start, t_end, nfe, x = _img2img_ends(solver, start, num_steps, x_T)
+    orders = dpm_fast_orders(nfe)
+    ts = torch.linspace(t_start, t_end, len(orders) + 1, dtype=torch.float64).tolist()
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
         target, up = _ancestral_target(t, t_next, t_end, eta)
@@ -195,22 +220,24 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
                         callback: StepCallback | None = None, order: int = 3, rtol: float = 0.05,
                         atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
                         dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 1.0, s_noise: float = 1.0,
-                        info: DPMSolverInfo | None = None, max_tries: int = 10_000) -> Tensor:
+                        info: DPMSolverInfo | None = None, max_tries: int = 10_000,
+                        start: Img2ImgStart | None = None) -> Tensor:
     """DPM-Solver-23 (``order=3``) or -12 (``order=2``) with adaptive steps (k-diffusion's ``sample_dpm_adaptive``,
     A1111's "DPM adaptive") from unit noise ``x_T`` (B,C,H,W) -> the sample at σ_min (B,C,H,W) (see the module).
 
-    ``num_steps`` is unused: the step count is the controller's (A1111 passes none either). ``rtol``, ``atol``,
+    ``num_steps`` is unused without ``start``: the step count is the controller's (A1111 passes none either). ``rtol``, ``atol``,
     ``h_init``, ``pcoeff``, ``icoeff``, ``dcoeff``, ``accept_safety``, ``eta``, ``s_noise``: k-diffusion's
     (``eta`` A1111's default 1; with η > 0 the controller's order is 1.5). ``info``: a dict filled with
     k-diffusion's ``{"steps", "nfe", "n_accept", "n_reject"}`` (nfe: the model calls). ``callback(i, t, x)``
-    after each accepted step. ``model``, ``alphas_cumprod``, ``generator`` as :func:`dpm_fast_sample`.
+    after each accepted step. ``model``, ``alphas_cumprod``, ``generator`` as :func:`dpm_fast_sample`. ``start``:
+    img2img by A1111's rule, between ``sigma_sched[0]`` and ``sigma_sched[−2]`` as :func:`dpm_fast_sample` (here
+    ``num_steps`` is the grid's step count A1111's rule needs).
 
     Raises:
         ValueError: an unknown prediction type, ``order`` not 2 or 3, negative options.
         RuntimeError: the error estimate is not finite (a NaN model output), or ``max_tries`` tries did not reach
             σ_min (k-diffusion would loop on).
     """
-    del num_steps
     check_prediction_type("dpm_adaptive", prediction_type)
     if order not in (2, 3):
         raise ValueError(f"dpm_adaptive: order must be 2 or 3, got {order}")
@@ -219,6 +246,11 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
     solver = _Solver(model, alphas_cumprod, prediction_type, x_T.dtype)
     t_start, t_end = _ends(solver, "dpm_adaptive", eta, s_noise)
     x = x_T.to(work_dtype(x_T)) * math.exp(-t_start)
+    if start is not None:  # img2img (sdadapt.img2img): A1111's sigma_sched ends
+        if num_steps is None or int(num_steps) < 1:
+            raise ValueError("dpm_adaptive: img2img needs num_steps (the grid A1111's rule cuts), got "
+                             f"{num_steps}")
+        t_start, t_end, _, x = _img2img_ends(solver, start, int(num_steps), x_T)
     x_prev = x
     pid = _PIDController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     stats = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
-__all__ = ["dpm_grid", "dpmsingle_sample", "dpmsolver_pp_3m_sde_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_heun_sample",
+__all__ = ["dpm_grid", "dpmsingle_sample", "vp_start", "dpmsolver_pp_3m_sde_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_heun_sample",
            "dpmsolver_pp_sde_sample", "dpmsolver_sample",
            "require_distinct_steps", "singlestep_orders"]
 
@@ -117,6 +117,24 @@ def require_distinct_steps(sampler: str, sigmas: list[float], num_train_steps: i
         raise ValueError(f"{sampler}: {len(steps)} steps repeat a timestep of the {num_train_steps}-step schedule "
                          f"(diffusers' scheduler returns NaN there); use at most {num_train_steps - 1} steps, "
                          f"or karras=True")
+
+
+def vp_start(start: Img2ImgStart, x_T: Tensor, sigmas: list[float], *, rule: str) -> tuple[int, Tensor]:
+    """img2img on a VP grid of n + 1 noise levels ``sigmas`` (k-diffusion σ): ``(first, x)``, the first step's index
+    (:func:`sdadapt.img2img.start_index`, an index in ``start`` being A1111's rule, a strength ``rule``'s) and the
+    VP sample there, ``α·init + σ_t·x_T`` (B,C,H,W) in ``x_T``'s dtype — diffusers' ``add_noise`` at
+    ``sigmas[first]`` (its ``set_begin_index``), which is A1111's ``init + noise·σ`` as the model sees it
+    (``/√(σ² + 1)``). ``first = n`` (diffusers' rule at strength 0): no step, ``x`` the init latent."""
+    from ..img2img import start_index
+
+    n = len(sigmas) - 1
+    first = start_index(start, n, rule="a1111" if start.index is not None else rule)
+    init = start.init_like(x_T)
+    if first >= n:
+        return n, init
+    a0, s0, _ = vp_alpha_sigma(sigmas[first])
+    work = work_dtype(x_T)
+    return first, (a0 * init.to(work) + s0 * x_T.to(work)).to(x_T.dtype)
 
 
 def _first_order(x: Tensor, pred: Tensor, s: float, s_next: float, *, data: bool) -> Tensor:
@@ -188,14 +206,10 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     work = work_dtype(x_T)
     x = x_T * 1.0  # init_noise_sigma
     first = 0
-    if start is not None:
-        from ..img2img import diffusers_start_index
-  # img2img: diffusers' get_timesteps + add_noise (α·init + σ·noise), indices kept global
-        first = diffusers_start_index(n, start.strength if start.strength is not None else 1.0)
+    if start is not None:  # img2img (sdadapt.img2img): from grid index `first`, indices kept global
+        first, x = vp_start(start, x_T, sig, rule="diffusers")
         if first >= n:
-            return start.init_like(x_T)
-        a0, s0, _ = vp_alpha_sigma(sig[first])
-        x = (a0 * start.init_like(x_T).to(work_dtype(x_T)) + s0 * x_T.to(work_dtype(x_T))).to(x_T.dtype)
+            return x
     brownian = None
     if sde and isinstance(generator, A1111Noise):  # A1111: a Brownian tree per image, seeded with its seed
         from .dpmpp_sde import brownian_noise
@@ -379,12 +393,14 @@ def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
                      prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                      callback: StepCallback | None = None, karras: bool = False,
                      schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                     discard_next_to_last_sigma: bool = False) -> Tensor:
+                     discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """DPM-Solver++ 2S (diffusers' ``DPMSolverSinglestepScheduler`` defaults; kohya's ``dpmsingle``)
     from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
     Each order-2 step restarts from the sample two σ back with both data predictions; ``model``,
-    ``alphas_cumprod``, ``callback`` as in :func:`dpmsolver_pp_sample`. Deterministic.
+    ``alphas_cumprod``, ``callback`` as in :func:`dpmsolver_pp_sample`. Deterministic. ``start``: img2img
+    (:func:`vp_start`); the orders stay those of the whole grid, an order-2 first step run as order 1 (diffusers'
+    ``while self.model_outputs[-order] is None: order -= 1``).
 
     Raises:
         ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or a timestep the grid
@@ -403,9 +419,12 @@ def dpmsingle_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     out_dtype = x_T.dtype
     work = work_dtype(x_T)
     x = x_T * 1.0
+    first = 0
+    if start is not None:  # img2img: from grid index `first` (set_begin_index), the orders of the whole grid
+        first, x = vp_start(start, x_T, sig, rule="diffusers")
     anchor = x.to(work)  # the sample where the current single step started
     prev: Tensor | None = None
-    for i in range(n):
+    for i in range(first, n):
         t = torch.full((x.shape[0],), int(timesteps[i]), dtype=torch.long, device=x.device)
         out = model(x, t)
         a, st, _ = vp_alpha_sigma(sig[i])

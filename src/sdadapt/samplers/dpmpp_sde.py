@@ -42,6 +42,7 @@ from .sigma_space import (
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
 __all__ = ["brownian_noise", "brownian_tree_seed", "dpmpp_sde_grid", "dpmpp_sde_sample"]
@@ -205,7 +206,7 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
                      callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                      steps_offset: int = 0, noise_sampler_seed: int | None = None,
                      schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                     discard_next_to_last_sigma: bool = False) -> Tensor:
+                     discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """DPM-Solver++ SDE from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``DPMSolverSDEScheduler`` (``use_karras_sigmas=karras``, ``timestep_spacing=spacing``, ``steps_offset``).
 
@@ -218,6 +219,9 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     (after both stages). ``schedule_options``: A1111's settings for ``schedule`` (:class:`.schedules.ScheduleOptions`).
     ``prediction_type`` "sample" is taken too (diffusers' class refuses it). ``schedule``: one of A1111's σ
     grids (:func:`dpmpp_sde_grid`); a last σ above 0 (``kl_optimal``) gets a full two-stage step.
+    ``start``: img2img by A1111's rule (``sample_img2img``: the grid from ``start``'s index on,
+    ``x = init + x_T·σ_start``); the Brownian tree still spans the whole grid's σ (A1111's
+    ``create_noise_sampler(x, sigmas, p)`` gets the untruncated ``sigmas``, as diffusers' scheduler uses its own).
 
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
@@ -232,7 +236,13 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
                                    if isinstance(generator, A1111Noise) else brownian_tree_seed(generator))
     sig32 = grid.float()  # diffusers keeps σ in float32 and computes its coefficients there
     x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sig32, "linspace" if schedule is not None else spacing)
-    positive = sig32[sig32 > 0]
+    positive = sig32[sig32 > 0]  # (the whole grid's: the tree's ends, img2img too)
+    if start is not None:  # img2img: A1111's sigmas[index:], x = init + noise·σ (sdadapt.img2img)
+        from ..img2img import start_index
+
+        first = start_index(start, len(times), rule="a1111")
+        times, sig32, mid_times = times[first:], sig32[first:], mid_times[first:]
+        x = start.init_like(x_T).to(work_dtype(x_T)) + x_T.to(work_dtype(x_T)) * float(sig32[0])
     # a one-step run is a single Euler step onto x̂0: nothing to draw, no tree (the seed is drawn all the same)
     # the tree in the caller's dtype (diffusers builds it from its sample: fp16 latents, an fp16 tree, the same draws)
     source = generator.source if isinstance(generator, A1111Noise) else None  # (A1111's draws inside the trees)

@@ -19,6 +19,8 @@ prediction the first step's x̂0 = (x − ε̂)/√ᾱ is NaN there, as in diffu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import torch
@@ -26,6 +28,9 @@ from torch import Tensor
 
 from .sigma_space import check_prediction_type, step_noise, vp_data_prediction
 from .signatures import Denoise, StepCallback
+
+if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
 
 __all__ = ["LCM_ORIGINAL_STEPS", "LCM_TIMESTEP_SCALING", "lcm_boundary_scalings", "lcm_sample", "lcm_timesteps"]
 
@@ -65,7 +70,7 @@ def lcm_boundary_scalings(timestep: int, *, timestep_scaling: float = LCM_TIMEST
 
 def lcm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-               callback: StepCallback | None = None) -> Tensor:
+               callback: StepCallback | None = None, start: Img2ImgStart | None = None) -> Tensor:
     """Latent-consistency sampling (diffusers' ``LCMScheduler`` defaults) from unit noise x_T
     (B,C,H,W) -> x0 latents (B,C,H,W).
 
@@ -73,7 +78,10 @@ def lcm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     ``alphas_cumprod`` (T,): the training ᾱ; ``generator``: the noise injected between steps, drawn in
     the sample's dtype on the generator's device after each model call but the last, as diffusers'
     ``step`` draws it; ``callback(i, t, x)`` after each step. For LCM models and LCM-LoRA, which
-    sample in 2–8 steps with guidance 1–2 (classifier-free guidance is the caller's, as given).
+    sample in 2–8 steps with guidance 1–2 (classifier-free guidance is the caller's, as given). ``start``: img2img
+    as ``StableDiffusionImg2ImgPipeline`` runs an ``LCMScheduler`` (:func:`sdadapt.img2img.vp_timestep_start`:
+    the timesteps of ``num_steps`` from ``t_start`` on; not ``LatentConsistencyModelImg2ImgPipeline``, whose
+    ``set_timesteps(strength=)`` picks other timesteps).
 
     Raises:
         ValueError: an unknown prediction type, ``num_steps`` outside [1, 50], a schedule shorter than
@@ -84,7 +92,14 @@ def lcm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     timesteps = lcm_timesteps(int(ac.shape[0]), num_steps)
     x = x_T * 1.0  # init_noise_sigma
     n = len(timesteps)
+    first = 0
+    if start is not None:  # img2img: diffusers' timesteps[t_start:] (set_begin_index) and add_noise
+        from ..img2img import vp_timestep_start
+
+        first, x = vp_timestep_start(start, x_T, timesteps, alphas_cumprod)
     for i, step in enumerate(timesteps):
+        if i < first:
+            continue
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
         out = model(x, t)
         abar = float(ac[step])

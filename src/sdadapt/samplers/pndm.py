@@ -10,12 +10,17 @@ linear multistep steps that extrapolate ε from the last four with the Adams–B
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ..training import diffusion
 from .sigma_space import timestep_batch, work_dtype
 from .signatures import Denoise, StepCallback
+
+if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
 
 __all__ = ["pndm_sample", "pndm_timesteps"]
 
@@ -42,7 +47,7 @@ def pndm_timesteps(num_steps: int, num_train_steps: int = 1000) -> tuple[list[in
 
 def pndm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                callback: StepCallback | None = None) -> Tensor:
+                callback: StepCallback | None = None, start: Img2ImgStart | None = None) -> Tensor:
     """PNDM from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), as diffusers' ``PNDMScheduler``
     (defaults) steps it; ``model(x, t)`` at integer timesteps t (B,) int64 (no input scaling).
 
@@ -53,7 +58,8 @@ def pndm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     evaluated (diffusers' behaviour, kept so the images match). ``generator`` is unused (no
     noise). ``callback(i, t, x)`` sees the sample after each of the ``n + 9`` model calls (i
     counts calls, t is that call's timestep, as a loop over diffusers' ``timesteps`` sees them).
-    ``x`` is carried in at least float32 between steps; the model sees it in ``x_T``'s dtype.
+    ``x`` is carried in at least float32 between steps; the model sees it in ``x_T``'s dtype. ``start``: img2img as
+    ``StableDiffusionImg2ImgPipeline`` runs this scheduler (:func:`_pndm_img2img`).
 
     Raises:
         ValueError: ``num_steps`` outside [4, T]; a prediction type other than ε or v.
@@ -64,6 +70,9 @@ def pndm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
                          f"PNDMScheduler), got {prediction_type!r}")
     T = alphas_cumprod.shape[0]
     prk, plms = pndm_timesteps(num_steps, T)
+    if start is not None:
+        return _pndm_img2img(model, x_T, start, prk, plms, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                             prediction_type=prediction_type, callback=callback)
     ratio = T // num_steps
     half = ratio // 2
     ac = alphas_cumprod.detach().to(x_T.device)  # indexed per step on the sample's device
@@ -102,4 +111,56 @@ def pndm_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
         o, tt = run(x, t)
         history = (history + [o])[-4:]
         x = transfer(x, (55 * history[3] - 59 * history[2] + 37 * history[1] - 9 * history[0]) / 24, t, t - ratio, tt)
+    return x.to(x_T.dtype)
+
+
+def _pndm_img2img(model: Denoise, x_T: Tensor, start: Img2ImgStart, prk: list[int], plms: list[int], *,
+                  alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
+                  callback: StepCallback | None) -> Tensor:
+    """img2img as ``StableDiffusionImg2ImgPipeline`` runs ``PNDMScheduler`` (order 1): ``get_timesteps`` cuts
+    ``t_start`` entries (:func:`sdadapt.img2img.diffusers_start_index` of ``num_steps``) off the front of the
+    scheduler's whole model-call list (the 12 PRK calls, then PLMS: n + 9 entries), ``add_noise`` at the first kept
+    entry, then ``PNDMScheduler.step`` as diffusers writes it: its call counter starts at 0, so the first 12 calls
+    still take the PRK branch — RK4 bookkeeping by the counter, the step's start read from ``prk[counter//4·4]``
+    and its end from the timestep given (``t − (0 if counter odd else r//2)``) — then the PLMS branch from the
+    timestep given (``t → t − r``; Adams–Bashforth on the last four outputs). Transcribed from diffusers 0.42
+    (``step_prk``, ``step_plms``); the model calls are the kept entries, the sample is x (B,C,H,W) -> x0."""
+    from ..img2img import start_index
+
+    calls = prk + plms
+    first = start_index(start, num_steps, rule="diffusers")  # (t_start counts inference steps, not calls)
+    init = start.init_like(x_T)
+    if first >= num_steps:
+        return init
+    a = alphas_cumprod[calls[first]].detach().double().cpu()
+    x = (a.sqrt() * init.double() + (1 - a).sqrt() * x_T.double()).to(x_T.dtype)
+    ratio = int(alphas_cumprod.shape[0]) // num_steps
+    ac = alphas_cumprod.detach().to(x_T.device)
+    x = x.to(work_dtype(x_T))
+    ets: list[Tensor] = []
+    cur_sample: Tensor | None = None
+    cur_output: Tensor | float = 0.0
+    for counter, t in enumerate(calls[first:]):
+        tt = timestep_batch(t, x, torch.long)
+        out = model(x.to(x_T.dtype), tt)
+        if counter < len(prk):  # step_prk
+            t_prev = t - (0 if counter % 2 else ratio // 2)
+            t_from = prk[counter // 4 * 4]
+            if counter % 4 == 0:
+                cur_output = cur_output + out / 6
+                ets.append(out)
+                cur_sample = x
+            elif counter % 4 in (1, 2):
+                cur_output = cur_output + out / 3
+            else:
+                out = cur_output + out / 6
+                cur_output = 0.0
+            x = diffusion.ddim_step(out, t_from, t_prev, cur_sample if cur_sample is not None else x, ac,
+                                    prediction_type=prediction_type)
+        else:  # step_plms (after 12 PRK calls: len(ets) = 3, counter > 1)
+            ets = (ets[-3:] + [out])
+            mix = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+            x = diffusion.ddim_step(mix, t, t - ratio, x, ac, prediction_type=prediction_type)
+        if callback is not None:
+            callback(counter, tt, x)
     return x.to(x_T.dtype)

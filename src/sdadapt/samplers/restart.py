@@ -19,6 +19,7 @@ A1111 calls ``randn_like``.
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ from .sigma_space import (
     work_dtype,
 )
 from .signatures import Denoise, StepCallback
+
+if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
 
 __all__ = ["RestartList", "restart_sample", "restart_steps"]
 
@@ -85,7 +89,7 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
                    callback: StepCallback | None = None, karras: bool = False, schedule: str | None = None,
                    schedule_options: ScheduleOptions | None = None,
                    s_noise: float = 1.0, restart_list: RestartList | None = None,
-                   discard_next_to_last_sigma: bool = False) -> Tensor:
+                   discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """Restart sampling from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) (A1111's "Restart"; see the module).
 
     ``num_steps``: n, A1111's sampling steps: n Heun steps in all (with the automatic list and n ≥ 20,
@@ -93,7 +97,9 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
     :mod:`.schedules` (``discard_next_to_last_sigma``: A1111's option, :func:`.schedules.schedule_sigmas`).
     ``s_noise``: the re-noising scale; ``restart_list``: A1111's
     ``{σ_min_r: (σ count, times, σ_max_r)}`` instead of its automatic one. ``model(x_in, t)`` gets float32
-    timesteps t(σ) (B,); ``callback(i, t, x)`` after each Heun step.
+    timesteps t(σ) (B,); ``callback(i, t, x)`` after each Heun step. ``start``: img2img by A1111's rule
+    (``sample_img2img`` hands ``restart_sampler`` the grid from ``start``'s index on, ``x = init + x_T·σ_start``;
+    the restart list and the rebuilt Karras grid then follow that shorter grid's step count and ends).
 
     Raises:
         ValueError: an unknown prediction type or schedule, ``num_steps`` outside [1, T], a negative ``s_noise``.
@@ -107,6 +113,10 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
     del karras  # the default grid is Karras already
     grid = schedule_sigmas(schedule or "karras", int(num_steps), train,
                            discard_next_to_last_sigma=discard_next_to_last_sigma, options=schedule_options).tolist()
+    if start is not None:  # img2img: A1111's sigma_sched = sigmas[index:] (sdadapt.img2img)
+        from ..img2img import start_index
+
+        grid = grid[start_index(start, len(grid) - 1, rule="a1111"):]
     pairs = restart_steps(grid, restart_list)
     positive = sorted({s for pair in pairs for s in pair if s > 0})
     times = dict(zip(positive, sigma_to_t(torch.tensor(positive, dtype=torch.float64), train).tolist(), strict=True))
@@ -116,6 +126,8 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
                            dtype=x_T.dtype)
 
     x = x_T.to(work_dtype(x_T)) * grid[0]
+    if start is not None:
+        x = start.init_like(x_T).to(work_dtype(x_T)) + x
     last: float | None = None
     for i, (s, s_next) in enumerate(pairs):
         if last is not None and last < s:  # a restart: back up to σ with fresh noise

@@ -220,7 +220,9 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
                                         schedule_options=schedule_options,
                                         discard_next_to_last_sigma=discard_next_to_last_sigma)
     if start is not None:  # img2img / hires fix: A1111's sigmas[index:], x = init + noise·σ (sdadapt.img2img)
-        index = min(int(start.index or 0), len(timesteps) - 1)
+        from ..img2img import start_index
+
+        index = start_index(start, len(timesteps), rule="a1111")
         timesteps, sigmas = timesteps[index:], sigmas[index:]
         x = start.init_like(x_T).to(work_dtype(x_T)) + x_T.to(work_dtype(x_T)) * float(sigmas[0])
         return timesteps.tolist(), sigmas.tolist(), x

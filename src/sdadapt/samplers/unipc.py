@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .dpm_solver import dpm_grid, require_distinct_steps
+from .dpm_solver import dpm_grid, require_distinct_steps, vp_start
 from .sigma_space import (
     check_prediction_type,
     timestep_batch,
@@ -35,6 +35,7 @@ from .sigma_space import (
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
 __all__ = ["unipc_sample"]
@@ -53,7 +54,7 @@ def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, karras: bool = False,
                  corrector: bool = True, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                 discard_next_to_last_sigma: bool = False) -> Tensor:
+                 discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """UniPC-2 (bh2) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W), as diffusers'
     ``UniPCMultistepScheduler()`` (``use_karras_sigmas`` with ``karras=True``).
 
@@ -61,7 +62,9 @@ def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     ``alphas_cumprod`` (T,); ``callback(i, t, x)`` sees each step's predicted sample;
     ``corrector=False``: the predictor alone (diffusers' ``disable_corrector`` on every step; equals
     DPM-Solver++ 2M); ``schedule``: one of A1111's σ grids (:func:`.dpm_solver.dpm_grid`). Deterministic
-    (``generator`` unused).
+    (``generator`` unused). ``start``: img2img from grid index ``first`` (:func:`.dpm_solver.vp_start`;
+    diffusers' ``set_begin_index``): the order warms up again from there (``lower_order_nums`` counts from 0),
+    the final orders still count to the grid's end.
 
     Raises:
         ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
@@ -78,11 +81,15 @@ def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
     out_dtype = x_T.dtype
     work = work_dtype(x_T)
     x = (x_T * 1.0).to(work)  # init_noise_sigma = 1
+    first = 0
+    if start is not None:  # img2img (sdadapt.img2img)
+        first, x = vp_start(start, x_T, sig, rule="diffusers")
+        x = x.to(work)
     m_prev: Tensor | None = None  # m_{i−1}
     m_prev2: Tensor | None = None  # m_{i−2}
     last_x: Tensor | None = None  # the corrected x_{i−1} the last predictor started from
     last_order = 1
-    for i in range(n):
+    for i in range(first, n):
         t = timestep_batch(int(timesteps[i]), x, torch.long)
         a_i, st_i, lam_i = coef[i]
         m = vp_data_prediction(model(x.to(out_dtype), t), x, a_i, st_i, prediction_type)
@@ -97,7 +104,7 @@ def unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
                 rho0 = (b1 - b2) / (1.0 - rk)
                 corr = (rho0 / rk) * (m_prev2 - m_prev) + (b1 - rho0) * (m - m_prev)
             x = (st_i / st_p) * last_x - (a_i * phi1) * m_prev - (a_i * phi1) * corr
-        order = min(2, n - i, i + 1)
+        order = min(2, n - i, i - first + 1)
         a_n, st_n, lam_n = coef[i + 1]
         phi1 = math.expm1(-(lam_n - lam_i))  # −1 when σ_{i+1} = 0 (λ = +inf)
         last_x, last_order = x, order

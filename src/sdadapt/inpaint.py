@@ -1,0 +1,297 @@
+"""Inpainting: the mask, the latent mask and blends of A1111's inpaint tab, and the image conditioning of
+inpainting checkpoints (a UNet with 9 input channels: sd-v1-5-inpainting and the models ``merge`` makes from it).
+
+The rules, from AUTOMATIC1111's ``modules/processing.py`` (``StableDiffusionProcessingImg2Img.init``,
+``create_binary_mask``, ``txt2img_image_conditioning``, ``inpainting_image_conditioning``),
+``modules/masking.py`` (``fill``) and ``modules/sd_samplers_cfg_denoiser.py`` (``CFGDenoiser.forward``):
+
+* the mask (white = repaint): :func:`binary_mask` (gray, ``> 128`` -> 255; an RGBA mask with transparency: its
+  alpha), :func:`invert_mask` (``--invert-mask``: A1111's "Inpaint not masked"), :func:`blur_mask` (``--mask-blur``:
+  A1111's Gaussian blur, x then y, kernel ``2·int(2.5·σ + 0.5) + 1``), resized as the init image;
+* the latent mask ``latmask`` (:func:`latent_mask`): the mask resized to the latent size (PIL bicubic, as A1111's
+  ``Image.resize``), / 255, rounded; A1111's ``nmask = latmask`` (repaint), ``mask = 1 − latmask`` (keep);
+* a 4-channel model: :func:`blend_denoised` — A1111 blends the guided x̂0 after every model call,
+  ``denoised = init·mask + nmask·denoised`` (the k-diffusion samplers), and for DDIM the model *input* before the
+  call (``CFGDenoiserTimesteps.mask_before_denoising``); after sampling ``samples·nmask + init·mask``;
+  :func:`masked_model` is that rule as a model wrapper for :func:`sdadapt.samplers.sample_latents`;
+* ``--inpainting-fill`` (:data:`INPAINTING_FILLS`, A1111's ``inpainting_fill`` 0..3): what the masked area starts
+  as: ``fill`` (:func:`fill_masked_pixels`, the image's colours blurred into it), ``original``, ``latent-noise``
+  (the seed's noise in the latent), ``latent-nothing`` (zeros) (:func:`fill_latent`);
+* the final overlay (:func:`overlay_original`, A1111's ``apply_overlay``): the original pixels pasted over the
+  generated image outside the (blurred) mask;
+* an inpainting model's ``c_concat`` (:func:`image_conditioning`): ``[mask (1), VAE(masked image) (4)]`` on the
+  latent grid, concatenated to x before every UNet call (:func:`concat_conditioning`); the masked image is
+  ``lerp(image, image·(1 − mask), inpainting_mask_weight)`` (:func:`masked_image`; A1111's "Inpainting conditioning
+  mask strength", 1 = the image cut out); txt2img on an inpainting model (:func:`txt2img_masked_image`): a 0.5-grey
+  image (0 in [-1, 1]) under a mask of ones — what diffusers' ``StableDiffusionInpaintPipeline`` gives for a mask of
+  ones (its ``masked_image = image · (mask < 0.5)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "INPAINTING_FILLS",
+    "binary_mask",
+    "blend_denoised",
+    "blur_mask",
+    "check_inpainting_unet",
+    "concat_conditioning",
+    "conditioning_mask",
+    "fill_latent",
+    "fill_masked_pixels",
+    "image_conditioning",
+    "invert_mask",
+    "latent_mask",
+    "masked_image",
+    "masked_model",
+    "overlay_original",
+    "txt2img_masked_image",
+]
+
+#: ``--inpainting-fill`` -> A1111's ``inpainting_fill`` index ("fill", "original", "latent noise", "latent nothing")
+INPAINTING_FILLS: dict[str, int] = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
+
+
+# ----------------------------------------------------------------------------------------------- the mask (pixels)
+def binary_mask(image):
+    """A1111's ``create_binary_mask`` (``mask_round``): a PIL mask -> an ``L`` image of 0 / 255 (``> 128`` -> 255);
+    an RGBA mask with any transparency is read from its alpha channel."""
+    if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
+        image = image.split()[-1]
+    return image.convert("L").point(lambda v: 255 if v > 128 else 0)
+
+
+def invert_mask(image):
+    """``--invert-mask`` (A1111's "Inpaint not masked", ``ImageOps.invert``): 255 − the ``L`` mask."""
+    return image.point(lambda v: 255 - v)
+
+
+def _gaussian_kernel(sigma: float) -> Tensor:
+    """OpenCV's ``getGaussianKernel`` for A1111's size ``2·int(2.5·σ + 0.5) + 1``: (k,) float64, sums to 1."""
+    size = 2 * int(2.5 * sigma + 0.5) + 1
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    k = torch.exp(-(r * r) / (2 * sigma * sigma))
+    return k / k.sum()
+
+
+def blur_mask(mask: Tensor, *, x: float, y: float) -> Tensor:
+    """A1111's ``--mask-blur`` (``mask_blur_x``, ``mask_blur_y``): ``cv2.GaussianBlur`` along x, then along y, of the
+    uint8 mask ``mask`` (H, W) (values 0..255, any float dtype), each pass rounded back to uint8 as OpenCV's 8-bit
+    output; borders reflected without the edge pixel (OpenCV's ``BORDER_REFLECT_101``, torch's ``reflect``).
+    σ 0 skips a pass. Returns (H, W) float32 in 0..255."""
+    out = mask.to(torch.float64)
+    for sigma, dim in ((x, 1), (y, 0)):
+        if sigma <= 0:
+            continue
+        k = _gaussian_kernel(float(sigma))
+        pad = k.shape[0] // 2
+        line = out if dim == 1 else out.T  # (rows, W): blur along the last axis
+        if pad >= line.shape[1]:
+            raise ValueError(f"--mask-blur {sigma} is too wide for a mask {line.shape[1]} pixels across "
+                             "(the kernel must fit inside it)")
+        padded = torch.nn.functional.pad(line[:, None], (pad, pad), mode="reflect")  # (rows, 1, W + 2·pad)
+        blurred = torch.nn.functional.conv1d(padded, k.view(1, 1, -1))[:, 0]
+        blurred = blurred.round().clamp(0, 255)
+        out = blurred if dim == 1 else blurred.T
+    return out.float()
+
+
+def conditioning_mask(mask: Tensor) -> Tensor:
+    """An inpainting model's pixel mask (A1111's ``inpainting_image_conditioning``): the uint8 mask (1, 1, H, W) (or
+    (H, W)) / 255, rounded to 0 / 1 (the model was trained on a discrete mask). Returns (1, 1, H, W) float32."""
+    m = mask.float().reshape(1, 1, *mask.shape[-2:]) / 255.0
+    return torch.round(m)
+
+
+def latent_mask(mask, size: tuple[int, int]) -> Tensor:
+    """A1111's ``latmask``: the PIL ``L`` mask (the init image's size) resized to the latent ``size`` = (h, w) as RGB
+    with PIL's bicubic ``resize``, / 255, rounded (``mask_round``). Returns (1, 1, h, w) float32: 1 = repaint
+    (A1111's ``nmask``), 0 = keep (``mask = 1 − latmask``)."""
+    import numpy as np
+
+    small = mask.convert("RGB").resize((int(size[1]), int(size[0])))
+    values = np.asarray(small, dtype=np.float32)[..., 0] / 255.0
+    return torch.from_numpy(np.around(values).copy())[None, None]
+
+
+# --------------------------------------------------------------------------------------------- latents and blends
+def blend_denoised(denoised: Tensor, init: Tensor, latmask: Tensor) -> Tensor:
+    """A1111's blend: ``denoised·nmask + init·mask`` with ``nmask = latmask`` (1, 1 or C, h, w) and
+    ``mask = 1 − latmask``; ``denoised``, ``init`` (B, C, h, w). Returns (B, C, h, w)."""
+    latmask = latmask.to(device=denoised.device, dtype=denoised.dtype)
+    return denoised * latmask + init.to(denoised) * (1 - latmask)
+
+
+def fill_latent(init: Tensor, latmask: Tensor, fill: str, noise: Tensor | None = None) -> Tensor:
+    """The init latent (B, C, h, w) under ``--inpainting-fill`` (A1111's ``inpainting_fill``): ``latent-noise``:
+    ``init·mask + noise·nmask`` (``noise`` (B, C, h, w): the seed's unit noise, A1111's ``create_random_tensors`` of
+    the seeds), ``latent-nothing``: ``init·mask``; ``fill`` / ``original``: ``init`` (``fill`` works on the pixels:
+    :func:`fill_masked_pixels`).
+
+    Raises:
+        ValueError: an unknown fill, or ``latent-noise`` without ``noise``.
+    """
+    if fill not in INPAINTING_FILLS:
+        raise ValueError(f"--inpainting-fill must be one of {', '.join(INPAINTING_FILLS)}, got {fill!r}")
+    latmask = latmask.to(device=init.device, dtype=init.dtype)
+    if fill == "latent-noise":
+        if noise is None:
+            raise ValueError("--inpainting-fill latent-noise needs the seed's noise")
+        return init * (1 - latmask) + noise.to(init) * latmask
+    if fill == "latent-nothing":
+        return init * (1 - latmask)
+    return init
+
+
+def fill_masked_pixels(image, mask):
+    """A1111's ``masking.fill`` (``--inpainting-fill fill``): the PIL RGB ``image`` with its masked area (``mask``:
+    PIL ``L``, 255 = repaint) replaced by the unmasked colours blurred into it (premultiplied-alpha Gaussian blurs
+    of radius 256, 64, 16, 4, 2, 0 composited over each other). Returns a PIL RGB image."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    image_mod = Image.new("RGBA", (image.width, image.height))
+    image_masked = Image.new("RGBa", (image.width, image.height))
+    image_masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    image_masked = image_masked.convert("RGBa")
+    for radius, repeats in [(256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)]:
+        blurred = image_masked.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            image_mod.alpha_composite(blurred)
+    return image_mod.convert("RGB")
+
+
+def overlay_original(generated, original, mask):
+    """A1111's final overlay for "Inpaint whole picture" (``processing.py``: ``mask_for_overlay``,
+    ``overlay_images``, ``apply_overlay``): the PIL RGB ``original`` (the init image at the output size, before any
+    fill) pasted over the PIL RGB ``generated`` image with alpha ``255 − min(2·mask, 255)`` (``mask``: the prepared
+    PIL ``L`` mask at that size, 255 = repaint; the doubling widens the repainted area into the blur's inner half),
+    through premultiplied alpha as A1111's ``RGBa`` paste. Returns a PIL RGB image."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    doubled = Image.fromarray(np.clip(np.asarray(mask.convert("L"), dtype=np.float32) * 2, 0, 255).astype(np.uint8))
+    masked = Image.new("RGBa", original.size)
+    masked.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(doubled))
+    out = generated.convert("RGBA")
+    out.alpha_composite(masked.convert("RGBA"))
+    return out.convert("RGB")
+
+
+def _sigma_of(t: Tensor, train_sigmas: Tensor, linear: bool) -> Tensor:
+    """σ (B,) float64 of the timesteps ``t`` (B,) a sampler passed: integer timesteps -> the training σ; fractional
+    ones -> linear in t (diffusers' grids) or in log σ (Karras σ and A1111's schedules: ``t = t(σ)``)."""
+    from .samplers.sigma_space import sigmas_at, t_to_sigma
+
+    if not t.is_floating_point():
+        return train_sigmas[t.long().cpu()]
+    tt = t.detach().double().cpu()
+    return sigmas_at(tt, train_sigmas) if linear else t_to_sigma(tt, train_sigmas)
+
+
+def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor, latmask: Tensor, sampler: str,
+                 alphas_cumprod: Tensor, prediction_type: str,
+                 linear_timesteps: bool = True) -> Callable[[Tensor, Tensor, object], Tensor]:
+    """The guided model ``fn(x_in, t, cond)`` with A1111's inpainting blend on a 4-channel model
+    (``CFGDenoiser.forward``): ``init`` (B, C, h, w) the init latent, ``latmask`` (1 or B, 1 or C, h, w) 1 = repaint.
+
+    ``sampler == "ddim"`` (A1111's ``CFGDenoiserTimesteps``, ``mask_before_denoising``): the model sees
+    ``init·mask + nmask·x_t``. Every other sampler: the output is changed so that the sampler's x̂0 is
+    ``init·mask + nmask·x̂0`` — the VP sample ``x_in = α·x0 + s·ε`` at the call's σ, ``α = 1/√(σ²+1)``, ``s = σα``,
+    x̂0 read as :func:`sdadapt.samplers.sigma_space.vp_data_prediction` reads it, blended, and written back in the
+    model's prediction type. σ comes from the call's timesteps: integer ones exactly (DPM-Solver), fractional ones
+    linear in t (``linear_timesteps``: diffusers' σ grids, exact on their grid points) or in log σ (Karras σ and
+    A1111's schedules, exact: their timesteps are ``t(σ)``).
+    """
+    from .samplers.sigma_space import training_sigmas, vp_data_prediction
+
+    train = training_sigmas(alphas_cumprod)
+    if sampler == "ddim":
+        def before(x: Tensor, t: Tensor, cond: object) -> Tensor:
+            return fn(blend_denoised(x, init, latmask), t, cond)
+
+        return before
+
+    def after(x: Tensor, t: Tensor, cond: object) -> Tensor:
+        out = fn(x, t, cond)
+        sigma = _sigma_of(t, train, linear_timesteps).to(device=x.device, dtype=torch.float64).view(-1, 1, 1, 1)
+        alpha = 1.0 / (sigma * sigma + 1).sqrt()
+        s = sigma * alpha
+        x64, out64 = x.double(), out.double()
+        x0 = vp_data_prediction(out64, x64, alpha, s, prediction_type)
+        x0 = blend_denoised(x0, init.double(), latmask.double())
+        if prediction_type == "epsilon":
+            new = (x64 - alpha * x0) / s
+        elif prediction_type == "v_prediction":
+            new = (alpha * x64 - x0) / s
+        else:  # sample
+            new = x0
+        return new.to(out.dtype)
+
+    return after
+
+
+# -------------------------------------------------------------------------------------- inpainting models (9-ch)
+def check_inpainting_unet(in_channels: int, latent_channels: int) -> bool:
+    """Whether a UNet of ``in_channels`` takes an inpainting model's ``c_concat`` (``latent_channels + 5``: x, the
+    mask, the masked image's latent); ``False`` for a plain UNet (``latent_channels``).
+
+    Raises:
+        ValueError: any other count (8: an InstructPix2Pix UNet, whose image conditioning is not run here).
+    """
+    if in_channels == latent_channels:
+        return False
+    if in_channels == latent_channels + 5:
+        return True
+    what = " (an InstructPix2Pix model: x and the image's latent)" if in_channels == 2 * latent_channels else ""
+    raise ValueError(f"the UNet takes {in_channels} input channels{what}; sdadapt generates with plain UNets "
+                     f"({latent_channels}) and inpainting UNets ({latent_channels + 5}: x, mask, masked image) only")
+
+
+def masked_image(image: Tensor, mask: Tensor, weight: float = 1.0) -> Tensor:
+    """A1111's masked image for an inpainting model: ``lerp(image, image·(1 − mask), weight)``; ``image``
+    (B, 3, H, W) in [-1, 1], ``mask`` (1, 1, H, W) of 0 / 1 (:func:`conditioning_mask`), ``weight``: A1111's
+    ``inpainting_mask_weight`` ("Inpainting conditioning mask strength", ``--inpainting-mask-weight``; 1: the
+    masked area 0 in [-1, 1], diffusers' ``image · (mask < 0.5)``; 0: the whole image). Returns (B, 3, H, W).
+
+    Raises:
+        ValueError: ``weight`` outside [0, 1]."""
+    if not 0.0 <= float(weight) <= 1.0:
+        raise ValueError(f"--inpainting-mask-weight must be in [0, 1], got {weight}")
+    mask = mask.to(image)
+    return torch.lerp(image, image * (1.0 - mask), float(weight))
+
+
+def txt2img_masked_image(batch: int, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """A1111's ``txt2img_image_conditioning`` for an inpainting model: ``(image, mask)`` — the 0.5-grey image
+    (B, 3, H, W) (0 in [-1, 1]) to encode and the mask of ones (1, 1, H, W)."""
+    return torch.zeros(batch, 3, height, width), torch.ones(1, 1, height, width)
+
+
+def image_conditioning(mask: Tensor, masked_latents: Tensor) -> Tensor:
+    """An inpainting model's ``c_concat``: ``[mask, masked_latents]`` (B, 1 + C, h, w) — ``mask`` (1, 1, H, W) in
+    pixels, resized to the latent (h, w) by ``interpolate`` (nearest, A1111's and diffusers' rule),
+    ``masked_latents`` (B, C, h, w): the VAE latent of :func:`masked_image`."""
+    small = torch.nn.functional.interpolate(mask.to(masked_latents), size=tuple(masked_latents.shape[-2:]))
+    return torch.cat([small.expand(masked_latents.shape[0], -1, -1, -1), masked_latents], dim=1)
+
+
+def concat_conditioning(model: Callable[[Tensor, Tensor, object], Tensor],
+                        conditioning: Tensor) -> Callable[[Tensor, Tensor, object], Tensor]:
+    """``model(x, t, cond)`` of an inpainting UNet from a latent-only one: ``x`` (n·B, C, h, w) (n: the guidance's
+    batches) gets ``conditioning`` (B, 5, h, w) (:func:`image_conditioning`) concatenated on the channels (the same
+    for the conditional and unconditional halves, as A1111's ``image_uncond = image_cond`` and diffusers do)."""
+    def run(x: Tensor, t: Tensor, cond: object) -> Tensor:
+        c = conditioning.to(device=x.device, dtype=x.dtype)
+        if x.shape[0] != c.shape[0]:
+            if x.shape[0] % c.shape[0]:
+                raise ValueError(f"inpainting conditioning for {c.shape[0]} images, the model is called with "
+                                 f"{x.shape[0]}")
+            c = c.repeat(x.shape[0] // c.shape[0], 1, 1, 1)
+        return model(torch.cat([x, c], dim=1), t, cond)
+
+    return run

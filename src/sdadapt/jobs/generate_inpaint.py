@@ -1,0 +1,151 @@
+"""``generate --init-image IMG --mask MASK``: A1111's img2img inpaint tab ("Inpaint whole picture") from files —
+the mask read and prepared, the init image filled and encoded, the latent mask and an inpainting model's image
+conditioning (:mod:`sdadapt.inpaint` holds the rules)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["InpaintInputs", "check_inpaint_options", "inpaint_inputs"]
+
+
+@dataclass(frozen=True)
+class InpaintInputs:
+    """What one inpainting run samples from: ``init`` (1, C, h, w) the init image's latent, ``latmask`` (1, 1, h, w)
+    A1111's latent mask (1 = repaint), ``conditioning`` (1, 5, h, w) an inpainting model's ``c_concat`` (``None``
+    for a plain model), ``fill`` the ``--inpainting-fill``; ``original`` / ``mask``: the init image (PIL RGB, at the
+    output size, before any fill) and the prepared mask (PIL ``L``) for the final overlay."""
+
+    init: Tensor
+    latmask: Tensor
+    conditioning: Tensor | None
+    fill: str
+    original: object = None
+    mask: object = None
+
+    def overlay(self, image: Tensor) -> Tensor:
+        """A1111's final overlay (:func:`sdadapt.inpaint.overlay_original`) on a generated image (3, H, W) in
+        [-1, 1], 8-bit as the PNG will be; returns (3, H, W) in [-1, 1]."""
+        from ..inpaint import overlay_original
+
+        if self.original is None:
+            return image
+        return _tensor(overlay_original(_pil(image), self.original, self.mask)).to(image)
+
+    def init_latents(self, seed: int) -> Tensor:
+        """The init latent of the image of ``seed`` under :attr:`fill` (``latent-noise``: the unit noise of
+        ``torch.Generator().manual_seed(seed)``, the start noise ``generate`` draws for that seed)."""
+        from ..inpaint import fill_latent
+
+        noise = None
+        if self.fill == "latent-noise":
+            noise = torch.randn(self.init.shape, generator=torch.Generator().manual_seed(seed)).to(self.init)
+        return fill_latent(self.init, self.latmask, self.fill, noise)
+
+    def generate_options(self) -> dict:
+        """:func:`sdadapt.sampling.generate`'s inpainting keywords."""
+        return {"inpaint_mask": self.latmask, "inpaint_conditioning": self.conditioning}
+
+
+def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_blur: float | None, invert_mask: bool,
+                          inpainting_fill: str, inpainting_mask_weight: float) -> None:
+    """The inpainting options, checked before any loading.
+
+    Raises:
+        ValueError: ``--mask`` without ``--init-image``, a mask option without ``--mask``, a negative blur, an unknown
+            fill, a weight outside [0, 1].
+        FileNotFoundError: no mask file.
+    """
+    from ..inpaint import INPAINTING_FILLS
+
+    if mask is None:
+        if mask_blur is not None or invert_mask or inpainting_fill != "original":
+            raise ValueError("--mask-blur / --invert-mask / --inpainting-fill shape a --mask: give one")
+        return
+    if init_image is None:
+        raise ValueError("--mask inpaints an --init-image: give the image too")
+    if not Path(mask).is_file():
+        raise FileNotFoundError(f"--mask {mask}: no such image file")
+    if mask_blur is not None and mask_blur < 0:
+        raise ValueError(f"--mask-blur must be >= 0, got {mask_blur}")
+    if inpainting_fill not in INPAINTING_FILLS:
+        raise ValueError(f"--inpainting-fill must be one of {', '.join(INPAINTING_FILLS)}, got {inpainting_fill!r}")
+    if not 0.0 <= inpainting_mask_weight <= 1.0:
+        raise ValueError(f"--inpainting-mask-weight must be in [0, 1], got {inpainting_mask_weight}")
+
+
+def _pil(image: Tensor):
+    """(3, H, W) in [-1, 1] -> a PIL RGB image (A1111 works on 8-bit images)."""
+    import numpy as np
+    from PIL import Image
+
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array), "RGB")
+
+
+def _tensor(image) -> Tensor:
+    """A PIL RGB image -> (3, H, W) float32 in [-1, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.PathLike, *, height: int, width: int,
+                   mask_blur: float = 4.0, invert_mask: bool = False, inpainting_fill: str = "original",
+                   inpainting_mask_weight: float = 1.0) -> InpaintInputs:
+    """A1111's ``StableDiffusionProcessingImg2Img.init`` for "Inpaint whole picture": the mask made binary
+    (``> 128``; an RGBA mask's alpha), inverted (``invert_mask``), blurred (``mask_blur``, x and y), stretched with
+    the image to ``width`` x ``height`` (Lanczos, "Just resize"); ``inpainting_fill == "fill"``: the masked pixels
+    filled from around them; the image encoded; the latent mask; an inpainting UNet's conditioning
+    (``inpainting_mask_weight``, A1111's "Inpainting conditioning mask strength"); what the final overlay needs
+    (:meth:`InpaintInputs.overlay`).
+
+    Raises:
+        FileNotFoundError: no such image or mask.
+        ValueError: a UNet neither plain nor an inpainting one.
+    """
+    from PIL import Image
+
+    from .. import inpaint
+    from ..images import read_image
+    from ..resampling import resample
+
+    for flag, path in (("--init-image", image_path), ("--mask", mask_path)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such image file")
+    with Image.open(mask_path) as opened:
+        mask = inpaint.binary_mask(opened.convert("RGBA") if opened.mode in ("RGBA", "LA", "PA") else opened)
+    if invert_mask:
+        mask = inpaint.invert_mask(mask)
+    if mask_blur > 0:
+        import numpy as np
+
+        blurred = inpaint.blur_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)), x=mask_blur, y=mask_blur)
+        mask = Image.fromarray(blurred.to(torch.uint8).numpy(), "L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.LANCZOS)
+    image = read_image(image_path)
+    if tuple(image.shape[1:]) != (height, width):
+        image = resample(image, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
+    original = _pil(image)
+    if inpainting_fill == "fill":
+        image = _tensor(inpaint.fill_masked_pixels(_pil(image), mask))
+    device = system.alphas_cumprod.device
+    with torch.no_grad():
+        init = system.encode_images(image[None].to(device)).float()
+    latmask = inpaint.latent_mask(mask, tuple(init.shape[-2:])).to(device)
+    conditioning = None
+    unet = getattr(system, "unet", None)
+    if unet is not None and inpaint.check_inpainting_unet(int(unet.config.in_channels),
+                                                          int(system.vae.config.latent_channels)):
+        import numpy as np
+
+        pixel_mask = inpaint.conditioning_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
+        masked = inpaint.masked_image(image[None], pixel_mask, inpainting_mask_weight)
+        conditioning = system.inpainting_conditioning(masked, pixel_mask).float()
+    return InpaintInputs(init, latmask, conditioning, inpainting_fill, original=original, mask=mask)

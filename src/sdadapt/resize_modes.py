@@ -1,0 +1,98 @@
+"""A1111's img2img resize modes (``modules/images.py`` ``resize_image``, modes 0, 1, 2): how an init image of
+another size or aspect is brought to the size being generated.
+
+* ``just`` (0, "Just resize"): stretched to (H, W).
+* ``crop`` (1, "Crop and resize"): scaled to cover (H, W) keeping its aspect, the centre cut out:
+  ``src_w = W if W/H > w/h else w·H // h``, ``src_h = H if W/H <= w/h else h·W // w``, pasted at
+  ``(W//2 − src_w//2, H//2 − src_h//2)``.
+* ``fill`` (2, "Resize and fill"): scaled to fit inside (H, W) (the same sizes with the comparisons turned round),
+  pasted centred on black, and the two bands left filled from the image's edge rows (or columns): A1111 resizes
+  a zero-height box at the edge (PIL's default bicubic) to the band — each band row is
+  ``1.125·edge − 0.125·next`` (PIL's bicubic weights 0.5625 and −0.0625 at distances ½ and 1½, normalised;
+  the edge row alone for a one-row image), clipped to the pixel range.
+
+The scaling is Lanczos (:func:`sdadapt.resampling.resample`, PIL's filter; A1111 with its default
+``upscaler_for_img2img`` None); black is the low bound of ``bounds``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["RESIZE_MODES", "a1111_resize"]
+
+#: ``--resize-mode`` names -> A1111's resize_mode number and label
+RESIZE_MODES: dict[str, tuple[int, str]] = {"just": (0, "Just resize"), "crop": (1, "Crop and resize"),
+                                            "fill": (2, "Resize and fill")}
+
+
+def _scaled(image: Tensor, size: tuple[int, int], bounds: tuple[float, float]) -> Tensor:
+    """PIL's Lanczos resize of ``image`` (C, h, w) to ``size`` (:func:`sdadapt.resampling.resample`, across then
+    down), but down first when the image shrinks down and grows across: PIL runs the shrinking pass first
+    (measured on Pillow 13: the other order is off by up to 0.25 on [-1, 1] there, from the 8-bit clip between
+    passes)."""
+    from .resampling import resample
+
+    _, h, w = image.shape
+    if (h, w) == tuple(size):
+        return image
+    if h > size[0] and w < size[1]:
+        image = resample(image, (size[0], w), interpolation="lanczos", bounds=bounds)
+    return resample(image, size, interpolation="lanczos", bounds=bounds)
+
+
+def _paste(canvas: Tensor, piece: Tensor, top: int, left: int) -> None:
+    """PIL's ``paste(piece, box=(left, top))`` onto ``canvas`` (C, H, W), clipped at its edges (in place)."""
+    _, H, W = canvas.shape
+    _, h, w = piece.shape
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, H), min(left + w, W)
+    if y1 > y0 and x1 > x0:
+        canvas[:, y0:y1, x0:x1] = piece[:, y0 - top:y1 - top, x0 - left:x1 - left]
+
+
+def _edge(piece: Tensor, dim: int, last: bool) -> Tensor:
+    """The band a zero-size box at one edge of ``piece`` (C, h, w) resizes to (PIL bicubic): ``1.125·edge −
+    0.125·next`` along ``dim`` (1: rows, 2: columns), kept as a size-1 slice along it."""
+    n = piece.shape[dim]
+    edge = piece.narrow(dim, n - 1 if last else 0, 1)
+    if n == 1:
+        return edge
+    return 1.125 * edge - 0.125 * piece.narrow(dim, n - 2 if last else 1, 1)
+
+
+def a1111_resize(image: Tensor, size: tuple[int, int], *, mode: str = "just",
+                 bounds: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
+    """``image`` (C, h, w) brought to ``size`` = (H, W) by A1111's resize ``mode`` (see the module) -> (C, H, W).
+
+    Raises:
+        ValueError: an unknown mode or a size below 1.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    H, W = (int(v) for v in size)
+    if H < 1 or W < 1:
+        raise ValueError(f"size must be at least 1 x 1, got {size}")
+    if mode == "just":
+        return _scaled(image, (H, W), bounds)
+    _, h, w = image.shape
+    ratio, src_ratio = W / H, w / h
+    if mode == "crop":
+        src_w = W if ratio > src_ratio else w * H // h
+        src_h = H if ratio <= src_ratio else h * W // w
+    else:
+        src_w = W if ratio < src_ratio else w * H // h
+        src_h = H if ratio >= src_ratio else h * W // w
+    resized = _scaled(image, (src_h, src_w), bounds)
+    canvas = torch.full((image.shape[0], H, W), float(bounds[0]), dtype=resized.dtype, device=resized.device)
+    top, left = H // 2 - src_h // 2, W // 2 - src_w // 2
+    _paste(canvas, resized, top, left)
+    if mode == "fill":
+        if ratio < src_ratio and top > 0:  # bands above and below, each `top` rows
+            _paste(canvas, _edge(resized, 1, False).clamp(*bounds).expand(-1, top, -1), 0, 0)
+            _paste(canvas, _edge(resized, 1, True).clamp(*bounds).expand(-1, top, -1), top + src_h, 0)
+        elif ratio > src_ratio and left > 0:  # bands left and right, each `left` columns
+            _paste(canvas, _edge(resized, 2, False).clamp(*bounds).expand(-1, -1, left), 0, 0)
+            _paste(canvas, _edge(resized, 2, True).clamp(*bounds).expand(-1, -1, left), 0, left + src_w)
+    return canvas

@@ -1,0 +1,130 @@
+"""``generate``'s A1111 extras around img2img and the hires fix: --resize-mode, --img2img-fix-steps,
+--hires-prompt / --hires-negative (hr_prompt, hr_negative_prompt) and --hires-sampler (hr_sampler_name)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdadapt import samplers
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tests.test_cli_train import _tiny_pipeline
+
+    return _tiny_pipeline(tmp_path_factory.mktemp("tiny_sd_hires"), prediction_type="epsilon")
+
+
+@pytest.fixture()
+def spy(monkeypatch):
+    """Every sample_latents call: (sampler, num_steps, start, cond, uncond)."""
+    seen, real = [], samplers.sample_latents
+
+    def record(model, x_T, cond, **kw):
+        seen.append((kw["sampler"], kw["num_steps"], kw.get("start"), cond, kw.get("uncond")))
+        return real(model, x_T, cond, **kw)
+
+    monkeypatch.setattr(samplers, "sample_latents", record)
+    return seen
+
+
+def test_hires_prompt_negative_and_sampler_shape_only_the_second_pass(tiny_sd, spy):
+    from sdadapt.jobs.generate_hires import HiresRequest, sample_image
+    from sdadapt.jobs.models import load_system
+
+    system = load_system(str(tiny_sd), device=torch.device("cpu"))
+    options = {"seed": 3, "steps": 5, "guidance": 2.0, "sampler": "euler", "negative": "blurry"}
+    hires = HiresRequest((48, 48), steps=4, denoising=0.5, prompt="a castle at night", negative="daylight",
+                         sampler="dpm_fast")
+    sample_image(system, ["a photo"], options, hires=hires)
+    (s1, n1, start1, cond1, uncond1), (s2, n2, start2, cond2, uncond2) = spy
+
+    def encode(text):
+        return system.condition(system.tokenize([text]))
+
+    assert (s1, n1, start1) == ("euler", 5, None)
+    assert torch.equal(cond1, encode("a photo")) and torch.equal(uncond1, encode("blurry"))
+    # A1111's hires pass: hr_sampler_name with the fix-steps rule (4 of int(4 / 0.5) = 8), hr_prompt, hr_negative
+    assert s2 == "dpm_fast" and n2 == 8 and start2.index == 8 - 3 - 1
+    assert torch.equal(cond2, encode("a castle at night")) and torch.equal(uncond2, encode("daylight"))
+
+
+def test_hires_prompt_with_prompt_editing_is_planned_for_the_hires_steps(tiny_sd, monkeypatch):
+    from sdadapt.jobs import generate_hires
+    from sdadapt.jobs.models import load_system
+    from sdadapt.prompt_guidance import plan_prompt
+
+    import sdadapt.sampling
+
+    system = load_system(str(tiny_sd), device=torch.device("cpu"))
+    plans, real_generate = [], sdadapt.sampling.generate
+
+    def record(system, prompts, **kw):
+        plans.append((prompts, kw.get("plan"), kw.get("negative")))
+        return real_generate(system, prompts, **kw)
+
+    monkeypatch.setattr(sdadapt.sampling, "generate", record)
+
+    def plan_for(steps):
+        return plan_prompt("a [cat:dog:0.5]", "", steps=steps)
+
+    hires = generate_hires.HiresRequest((48, 48), steps=4, denoising=0.5, prompt="a [cat:dog:0.5]")
+    generate_hires.sample_image(system, ["a photo"], {"seed": 1, "steps": 3, "sampler": "euler", "negative": ""},
+                                hires=hires, plan_for=plan_for)
+    (p1, plan1, _), (p2, plan2, _) = plans
+    assert p1 == ["a photo"] and plan1 is None
+    assert plan2 is not None and plan2.texts == plan_for(4).texts  # (the hires prompt's schedule, for its 4 steps)
+
+
+def test_img2img_fix_steps_runs_exactly_steps_on_a_longer_grid(tiny_sd, tmp_path, spy):
+    from sdadapt.images import write_png
+    from sdadapt.jobs import run_generate
+
+    write_png(tmp_path / "init.png", torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    run_generate(model=str(tiny_sd), prompt="a photo", out=tmp_path / "out.png", steps=6, sampler="euler", seed=3,
+                 guidance=2.0, init_image=tmp_path / "init.png", denoising_strength=0.4, img2img_fix_steps=True)
+    (_, total, start, _, _), = spy
+    # A1111's setup_img2img_steps with img2img_fix_steps: steps = int(6 / 0.4) = 15, t_enc = 6 - 1
+    assert total == 15 and start.index == 15 - 5 - 1
+
+
+@pytest.mark.parametrize("mode", ["crop", "fill"])
+def test_cli_resize_mode_reaches_the_init_latents(tiny_sd, tmp_path, spy, mode):
+    from sdadapt.cli import main
+    from sdadapt.images import read_image, write_png
+    from sdadapt.jobs.models import load_system
+    from sdadapt.resize_modes import a1111_resize
+
+    write_png(tmp_path / "init.png", torch.rand(3, 20, 44, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert main(["generate", "--model", str(tiny_sd), "--prompt", "a photo", "--steps", "3", "--sampler", "euler",
+                 "--quiet", "--out", str(tmp_path / "o.png"), "--init-image", str(tmp_path / "init.png"),
+                 "--resize-mode", mode]) == 0
+    system = load_system(str(tiny_sd))
+    size = system.image_size
+    expected = system.encode_images(a1111_resize(read_image(tmp_path / "init.png"), (size, size), mode=mode)[None])
+    (_, _, start, _, _), = spy
+    assert torch.allclose(start.init[:1], expected, atol=1e-5)
+
+
+def test_hires_text_options_need_a_hires_pass_and_an_img2img_sampler(tmp_path):
+    from sdadapt.jobs import run_generate
+
+    with pytest.raises(ValueError, match="give --hires-scale"):
+        run_generate(prompt="x", out=tmp_path / "a.png", hires_prompt="y")
+    with pytest.raises(ValueError, match="--hires-sampler: .*'plms'"):
+        run_generate(prompt="x", out=tmp_path / "a.png", hires_scale=2, hires_sampler="plms")
+    with pytest.raises(ValueError, match="--hires-sampler: give the sampler without its 'karras' grid"):
+        run_generate(prompt="x", out=tmp_path / "a.png", hires_scale=2, hires_sampler="DPM++ 2M Karras")
+    with pytest.raises(ValueError, match="--resize-mode must be one of just, crop, fill"):
+        run_generate(prompt="x", out=tmp_path / "a.png", resize_mode="pad")
+
+
+def test_cli_hires_sampler_takes_a1111s_label(tiny_sd, tmp_path, spy):
+    from sdadapt.cli import main
+
+    assert main(["generate", "--model", str(tiny_sd), "--prompt", "a photo", "--steps", "4", "--sampler", "Euler a",
+                 "--quiet", "--out", str(tmp_path / "o.png"), "--width", "16", "--height", "16", "--hires-scale", "2",
+                 "--hires-sampler", "DPM++ 2M", "--hires-prompt", "a castle"]) == 0
+    assert [call[0] for call in spy] == ["euler_a", "dpmsolver++"]
+    assert spy[1][2].strength == 0.7 and spy[1][1] == 4  # (diffusers' rule without --schedule: int(4 · 0.7) of 4)
