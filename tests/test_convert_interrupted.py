@@ -132,7 +132,12 @@ def test_names_that_merely_look_like_leftovers_are_not_touched(tmp_path):
         path.write_text("mine") if path.suffix else path.mkdir()
     assert cm.recover_interrupted(out) == []
     assert all(p.exists() for p in lookalikes)
-    # and a file OUT: only its own .OUT-pid-new.safetensors is a leftover
+
+
+def test_a_file_out_has_no_old_leftovers(tmp_path):
+    dead = _dead_pid()
+    mine = tmp_path / f".model-{dead}-old.safetensors"
+    mine.write_text("mine")
     file_out = tmp_path / "model.safetensors"
     file_out.write_text("model")
     folder_like = tmp_path / f".model-{dead}-new"
@@ -141,6 +146,7 @@ def test_names_that_merely_look_like_leftovers_are_not_touched(tmp_path):
     stale.write_text("partial")
     lines = cm.recover_interrupted(file_out)
     assert len(lines) == 1 and not stale.exists() and folder_like.is_dir() and file_out.read_text() == "model"
+    assert mine.read_text() == "mine"
 
 
 def test_a_symlinked_leftover_is_unlinked_never_followed(tmp_path):

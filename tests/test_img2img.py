@@ -332,3 +332,40 @@ def test_hires_size_follows_a1111s_rules():
     assert hires_size(512, 768, scale=None, hires_height=None, hires_width=1024) == (682, 1024)  # x · h // w
     assert hires_size(512, 768, scale=None, hires_height=1024, hires_width=None) == (1024, 1536)
     assert hires_size(512, 768, scale=None, hires_height=640, hires_width=640) == (640, 640)
+
+
+def test_an_a1111_start_index_past_the_grid_still_runs_the_last_step():
+    """A1111's rule always runs a step: an index at or past the grid's end is read as its last step (one model call
+    at the last σ above 0), never as an empty run that hands back ``init + 0·noise``."""
+    init = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    last = discrete_sigmas(ALPHAS_CUMPROD, 10)[1][-2]
+    for index in (9, 10, 50):
+        calls = []
+        samplers.sample_latents(_recording(calls), noise, None, sampler="euler", alphas_cumprod=ALPHAS_CUMPROD,
+                                num_steps=10, start=Img2ImgStart(init, index=index))
+        assert len(calls) == 1
+        s = float(last)
+        assert torch.allclose(calls[0][1], ((init.double() + noise.double() * s) / (s * s + 1) ** 0.5), atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="review RG: ddim_img2img reads only start.strength; an explicit "
+                   "Img2ImgStart.index is ignored (runs the whole grid). Fix: steps[start_index(start, num_steps, "
+                   "rule='diffusers'):] in sdadapt.img2img.ddim_img2img")
+def test_ddim_honours_an_explicit_start_index_as_the_other_diffusers_rule_samplers_do():
+    from sdadapt.img2img import diffusers_start_index
+
+    g = torch.Generator().manual_seed(0)
+    init, noise = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+
+    def model(x, t, c):
+        return 0.1 * x
+
+    for sampler in ("ddim", "ddpm", "unipc"):
+        by_strength = samplers.sample_latents(model, noise, None, sampler=sampler, alphas_cumprod=ALPHAS_CUMPROD,
+                                              num_steps=10, start=Img2ImgStart(init, strength=0.5),
+                                              generator=torch.Generator().manual_seed(1))
+        by_index = samplers.sample_latents(model, noise, None, sampler=sampler, alphas_cumprod=ALPHAS_CUMPROD,
+                                           num_steps=10, start=Img2ImgStart(init, index=diffusers_start_index(10, 0.5)),
+                                           generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(by_index, by_strength, atol=1e-6), sampler

@@ -128,3 +128,40 @@ def test_cli_hires_sampler_takes_a1111s_label(tiny_sd, tmp_path, spy):
                  "--hires-sampler", "DPM++ 2M", "--hires-prompt", "a castle"]) == 0
     assert [call[0] for call in spy] == ["euler_a", "dpmsolver++"]
     assert spy[1][2].strength == 0.7 and spy[1][1] == 4  # (diffusers' rule without --schedule: int(4 · 0.7) of 4)
+
+
+def test_hires_steps_reach_a_diffusers_rule_hires_sampler(tiny_sd, spy):
+    """--hires-steps with a sampler on diffusers' rule (DDIM): the hires grid is built for the hires steps, not
+    --steps (``img2img_steps or steps``), and diffusers' strength rule cuts it."""
+    from sdadapt.jobs.generate_hires import HiresRequest, sample_image
+    from sdadapt.jobs.models import load_system
+
+    system = load_system(str(tiny_sd), device=torch.device("cpu"))
+    options = {"seed": 3, "steps": 4, "guidance": 2.0, "sampler": "euler"}
+    sample_image(system, ["a photo"], options, hires=HiresRequest((48, 48), steps=6, denoising=0.5, sampler="ddim"))
+    (_, n1, _, _, _), (s2, n2, start2, _, _) = spy
+    assert n1 == 4 and s2 == "ddim" and n2 == 6 and start2.strength == 0.5 and start2.index is None
+
+
+@pytest.mark.xfail(strict=True, reason="review RG: --img2img-fix-steps is silently a no-op on the samplers on "
+                   "diffusers' rule (ddim, DPM-Solver/UniPC without --schedule, ddpm, lcm, pndm): "
+                   "sampling._img2img_request passes img2img_steps as the grid size and int(N*S) steps run. "
+                   "Fix: refuse it there (naming --img2img-fix-steps and the sampler) or run N of int(N/S)")
+def test_img2img_fix_steps_is_not_silently_ignored_on_a_diffusers_rule_sampler(tiny_sd, tmp_path, spy):
+    from sdadapt.images import write_png
+    from sdadapt.jobs import run_generate
+
+    write_png(tmp_path / "init.png", torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    calls = []
+    try:
+        run_generate(model=str(tiny_sd), prompt="a photo", out=tmp_path / "out.png", steps=6, sampler="ddim",
+                     seed=3, guidance=2.0, init_image=tmp_path / "init.png", denoising_strength=0.4,
+                     img2img_fix_steps=True)
+    except ValueError as exc:  # refused, by name
+        assert "--img2img-fix-steps" in str(exc)
+        return
+    (_, total, start, _, _), = spy
+    from sdadapt.img2img import start_index
+
+    calls.append(total - start_index(start, total, rule="diffusers"))
+    assert calls == [6]  # A1111's rule: exactly --steps run

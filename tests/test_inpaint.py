@@ -508,3 +508,75 @@ def test_an_sdxl_inpainting_single_file_equals_diffusers_xl_inpaint_pipeline(tmp
                   strength=0.75, num_inference_steps=6, guidance_scale=3.0, height=size, width=size,
                   generator=torch.Generator().manual_seed(7), output_type="latent").images
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("linear", [True, False])
+def test_masked_model_blends_x0_at_the_sigma_of_a_fractional_timestep(linear, prediction_type):
+    """One call of masked_model at a fractional timestep: the x̂0 its output gives at the call's σ (linear in t on
+    diffusers' grids, log-linear for t(σ) grids) is init·(1 − latmask) + latmask·x̂0(model), to float64 precision."""
+    from sdadapt.samplers.sigma_space import sigmas_at, t_to_sigma, vp_data_prediction
+
+    train = training_sigmas(ALPHAS_CUMPROD)
+    t = torch.tensor([166.5, 832.5], dtype=torch.float64)
+    sigma = (sigmas_at(t, train) if linear else t_to_sigma(t, train)).view(-1, 1, 1, 1)
+    alpha = 1 / (sigma * sigma + 1).sqrt()
+    g = torch.Generator().manual_seed(4)
+    init = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    x_in = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) * 3
+    wrapped = inpaint.masked_model(_toy, init=init, latmask=_latmask(), sampler="euler", alphas_cumprod=ALPHAS_CUMPROD,
+                                   prediction_type=prediction_type, linear_timesteps=linear)
+    read = vp_data_prediction(wrapped(x_in, t, None), x_in, alpha, sigma * alpha, prediction_type)
+    model = vp_data_prediction(_toy(x_in, t, None), x_in, alpha, sigma * alpha, prediction_type)
+    expected = init * (1 - _latmask().double()) + _latmask().double() * model
+    assert torch.allclose(read, expected, rtol=0, atol=1e-10), (read - expected).abs().max()
+
+
+def test_fill_masked_pixels_keeps_the_unmasked_pixels_and_fills_the_masked_with_their_colours():
+    """A1111's masking.fill: the unmasked pixels come back unchanged (the radius-0 layer on top), the masked ones
+    take the surrounding colour (here one colour: exactly it, up to 8-bit premultiply rounding)."""
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    image[:, :8] = (200, 40, 90)  # the kept half: one colour
+    image[:, 8:] = np.random.default_rng(0).integers(0, 256, (16, 8, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, 8:] = 255
+    out = np.asarray(inpaint.fill_masked_pixels(Image.fromarray(image), Image.fromarray(mask, "L"))).astype(int)
+    assert np.array_equal(out[:, :8], image[:, :8].astype(int))
+    assert np.abs(out[:, 8:] - np.array([200, 40, 90])).max() <= 2
+
+
+@pytest.mark.parametrize("fill", ["original", "fill"])
+def test_inpaint_inputs_wire_the_mask_the_fill_and_the_conditioning(inpainting_sd, tmp_path, fill):
+    """inpaint_inputs on an inpainting model, a 16 x 16 mask for a 32 x 32 image: the mask binary, blurred, then
+    Lanczos-resized to the output size; the init latent encodes the image (fill: masking.fill's pixels); latmask from
+    that mask; c_concat from the masked (filled) image and the rounded pixel mask."""
+    from sdadapt.jobs.generate_inpaint import _pil, _tensor, inpaint_inputs
+
+    system = _system(inpainting_sd)
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    small = np.zeros((16, 16), dtype=np.uint8)
+    small[3:11, 5:14] = 255
+    Image.fromarray(small, "L").save(tmp_path / "mask.png")
+    got = inpaint_inputs(system, tmp_path / "img.png", tmp_path / "mask.png", height=32, width=32, mask_blur=1.0,
+                         inpainting_fill=fill)
+    blurred = inpaint.blur_mask(torch.from_numpy(small.astype(np.float32)), x=1.0, y=1.0)
+    mask = Image.fromarray(blurred.to(torch.uint8).numpy(), "L").resize((32, 32), resample=Image.LANCZOS)
+    assert np.array_equal(np.asarray(got.mask), np.asarray(mask))
+    image = _tensor(Image.open(tmp_path / "img.png").convert("RGB"))
+    assert np.array_equal(np.asarray(got.original), np.asarray(_pil(image)))
+    if fill == "fill":
+        image = _tensor(inpaint.fill_masked_pixels(_pil(image), mask))
+    with torch.no_grad():
+        init = system.encode_images(image[None])
+        assert torch.allclose(got.init, init, atol=1e-6)
+        assert torch.equal(got.latmask, inpaint.latent_mask(mask, tuple(init.shape[-2:])))
+        pixel = inpaint.conditioning_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
+        expected = system.inpainting_conditioning(inpaint.masked_image(image[None], pixel), pixel)
+    assert got.conditioning is not None and torch.allclose(got.conditioning, expected, atol=1e-6)
+
+
+def test_a_blur_wider_than_the_mask_is_refused_with_the_option_name():
+    with pytest.raises(ValueError, match="--mask-blur"):
+        inpaint.blur_mask(torch.zeros(8, 40), x=1.0, y=4.0)  # (σ 4: a 21-tap kernel on 8 rows)
+    assert inpaint.blur_mask(torch.zeros(8, 40), x=4.0, y=0.0).shape == (8, 40)  # (σ 0 skips the y pass)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from .detect import describe_file, detect_kind
+from .detect import KOHYA_LAYOUT_KINDS, describe_file, detect_kind
 from .diffusers import from_diffusers, load_diffusers, load_peft, save_diffusers, save_peft, to_diffusers
 from .embeddings import EMBEDDING_FORMATS, load_embedding, save_embedding
 from .files import WeightFileError, read_weights, write_safetensors
@@ -96,7 +96,7 @@ def load_lora(
         return {"model": load_peft(path)}, {}
     state, metadata = read_weights(path)
     kind = detect_kind(list(state), metadata)
-    if kind in ("kohya-lora", "lycoris", "kohya-oft"):
+    if kind in KOHYA_LAYOUT_KINDS:
         return load_kohya(path, layers_per_block=layers_per_block)
     if kind == "diffusers-lora":
         return load_diffusers(path)

@@ -14,7 +14,7 @@ from ..adapters.registry import algorithm_of_keys, file_rank
 from .files import _check_is_file, read_safetensors_header, read_safetensors_scalars, sniff_format
 from .kohya import _component_of, is_kohya_state
 
-__all__ = ["FILE_KINDS", "detect_kind", "describe_file"]
+__all__ = ["ADAPTER_KINDS", "FILE_KINDS", "KOHYA_LAYOUT_KINDS", "detect_kind", "describe_file"]
 
 FILE_KINDS = (
     "kohya-lora",
@@ -55,7 +55,7 @@ _SAFETENSORS_DTYPES = {
 _USES = {
     "kohya-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "lycoris": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
-    "kohya-oft": "generate --lora FILE:SCALE; train --network-weights FILE; merge-lora, convert",
+    "kohya-oft": "generate --lora FILE:SCALE; train --network-weights FILE; merge-lora, resize-lora, convert",
     "diffusers-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "peft-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "peft-ia3": "generate --lora FILE:SCALE; merge-lora, convert",
@@ -67,7 +67,10 @@ _USES = {
 
 
 #: the kinds :func:`_adapter_summary` describes (layers, families, ranks, alphas)
-_ADAPTER_KINDS = ("kohya-lora", "lycoris", "kohya-oft", "diffusers-lora", "peft-lora", "peft-ia3")
+#: the kinds kohya's layout holds (``lora_unet_…`` / ``oft_unet_…`` names, read by ``load_kohya``)
+KOHYA_LAYOUT_KINDS = ("kohya-lora", "lycoris", "kohya-oft")
+#: every adapter-file kind
+ADAPTER_KINDS = (*KOHYA_LAYOUT_KINDS, "diffusers-lora", "peft-lora", "peft-ia3")
 #: per-layer algorithms with no rank and no alpha: what ``ranks`` / ``alphas`` say instead
 _UNRANKED = {"ia3": "IA3 vectors", "norm": "norm weight/bias offsets", "full": "full weight deltas"}
 
@@ -165,7 +168,7 @@ def _describe(file: Path) -> dict:
         "dtypes": dict(dtypes),
         "metadata": dict(metadata),
     }
-    if kind in _ADAPTER_KINDS:
+    if kind in ADAPTER_KINDS:
         summary.update(_adapter_summary(file, shapes, tensors, kind, metadata))
     if kind == "hypernetwork":
         summary.update(_hypernetwork_summary(keys, metadata))
@@ -235,7 +238,7 @@ def _adapter_summary(
 ) -> dict:
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
-        layer, _, suffix = key.partition(".") if kind in ("kohya-lora", "lycoris", "kohya-oft") else _split_diffusers(key)
+        layer, _, suffix = key.partition(".") if kind in KOHYA_LAYOUT_KINDS else _split_diffusers(key)
         modules.setdefault(layer, {})[suffix] = shape
     ranks: Counter[int] = Counter()
     algorithms: Counter[str] = Counter()
@@ -399,7 +402,7 @@ def _algorithm(parts: dict[str, tuple[int, ...]]) -> tuple[str, int | None]:
 
 
 def _component(layer: str, kind: str) -> str:
-    if kind in ("kohya-lora", "lycoris", "kohya-oft") and (found := _component_of(layer)) is not None:  # (kohya's prefixes)
+    if kind in KOHYA_LAYOUT_KINDS and (found := _component_of(layer)) is not None:  # (kohya's prefixes)
         return found[0]
     if kind in ("peft-lora", "peft-ia3"):
         return "model"

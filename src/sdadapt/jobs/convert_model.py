@@ -182,8 +182,9 @@ def recover_interrupted(out: Path) -> list[str]:
             if not path.name.startswith(prefix):
                 continue
             pid_text, _, part = path.name[len(prefix):].removesuffix(".safetensors").partition("-")
-            if part in found and pid_text.isdigit() and path == _staging_name(out, pid_text, part) \
-                    and not _pid_alive(int(pid_text)):
+            if part in found and (part == "new" or not out.suffix) and pid_text.isdigit() \
+                    and path == _staging_name(out, pid_text, part) and not _pid_alive(int(pid_text)):
+                # (a file OUT is replaced by one rename: it never has an ``-old``)
                 found[part].append((path, int(pid_text)))
     lines = []
     old = sorted(found["old"], key=lambda item: item[0].lstat().st_mtime)

@@ -1701,7 +1701,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                   epochs=epochs, per_epoch=per_epoch, height=height, width=width, started=started_at,
                                   prior=prior_count, buckets=step_size,
                                   reg_dirs=reg.dirs if reg is not None else None,
-                                  reg_records=reg.records if reg is not None else (), optimizer_defaults=optimizer_defaults)
+                                  reg_records=reg.found if reg is not None else (), optimizer_defaults=optimizer_defaults)
         if held_out:  # kohya's validation keys (written here when images are held out)
             meta.update(_validation_metadata(options, len(held_out)))
         if data_config is not None and options.dataset_config is not None:  # kohya's ss_datasets (a dataset config)
@@ -2360,8 +2360,9 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
                        reg_records: Sequence = (),
                        optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS) -> dict[str, str]:
     """kohya's ``ss_*`` training metadata (what A1111's and kohya's metadata viewers show);
-    ``ss_tag_frequency`` counts the regularisation images' captions too (``reg_records``: kohya's
-    ``DreamBoothDataset`` calls ``set_tag_frequency`` for its reg subsets as for the others)."""
+    ``ss_tag_frequency`` counts the regularisation images' captions too (``reg_records``: every one found,
+    before balancing — kohya's ``DreamBoothDataset`` calls ``set_tag_frequency`` for its reg subsets as for
+    the others, before it drops the images balancing leaves unused)."""
     base = hashes.get()
     model_file = _model_file(options.model)
     given_args = _optimizer_args(options)

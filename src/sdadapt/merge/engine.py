@@ -67,12 +67,12 @@ __all__ = [
 
 def _not_models(sources: Sequence[Source], names: list[str]) -> str:
     """What the inputs that are no models are and what takes them ("" when every input looks like one)."""
-    from ..formats.detect import detect_kind
+    from ..formats.detect import ADAPTER_KINDS, detect_kind
 
     said = []
     for source, name in zip(sources, names):
         kind = detect_kind(list(source.keys()), {})
-        if kind in ("kohya-lora", "lycoris", "kohya-oft", "diffusers-lora", "peft-lora", "peft-ia3"):
+        if kind in ADAPTER_KINDS:
             said.append(f"{name} is a {kind} file, an adapter: bake it into a checkpoint with "
                         f"`python -m sdadapt merge-lora CHECKPOINT {name} -o OUT`, then merge that")
         elif kind in ("embedding", "aesthetic-embedding", "hypernetwork", "custom-diffusion"):

@@ -284,6 +284,9 @@ class ImageRecord:
             (:mod:`sdadapt.resampling`); ``None``: kohya's default (``area`` when shrinking both ways, else ``lanczos``).
         dataset: the index of its dataset TOML's ``[[datasets]]`` block (kohya's several datasets: each
             bucketed alone, at its own resolution and batch size, :attr:`Dataset.batch_sizes`); 0 otherwise.
+        tags: a fine-tuning (``--in-json`` / ``metadata_file``) entry's ``tags`` as kohya reads them: what
+            :func:`tag_frequency_of` counts for it (kohya counts only those, not the caption); ``None``: the
+            caption is counted.
     """
 
     path: Path | None
@@ -300,6 +303,7 @@ class ImageRecord:
     alpha_mask: bool | None = None
     interpolation: str | None = None
     dataset: int = 0
+    tags: str | None = None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -376,6 +380,9 @@ def tag_frequency_of(records: Iterable[ImageRecord], *, templates: Sequence[str]
     wildcards are drawn later, at training time, and are not counted). A folder whose images have
     no tags still gets its (empty) entry.
 
+    A fine-tuning entry (:attr:`ImageRecord.tags` set) counts its ``tags`` only, as kohya's
+    ``FineTuningDataset`` passes its ``tags_list``.
+
     ``templates`` (sdadapt's trigger-word methods; kohya's ``train_textual_inversion.py`` writes no
     ``ss_tag_frequency`` at all): a caption-less image counts the tags of each template, so the
     metadata shows what it trained on.
@@ -383,7 +390,11 @@ def tag_frequency_of(records: Iterable[ImageRecord], *, templates: Sequence[str]
     out: dict[str, dict[str, int]] = {}
     for record in records:
         counts = out.setdefault(record.folder, {})
-        for caption in [record.caption] if record.caption or not templates else templates:
+        if record.tags is not None:
+            texts = [record.tags]
+        else:
+            texts = [record.caption] if record.caption or not templates else list(templates)
+        for caption in texts:
             for tag in caption.split(","):
                 tag = tag.strip()
                 if tag:

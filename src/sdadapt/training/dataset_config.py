@@ -649,7 +649,9 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
             continue
         if not caption and not uncaptioned:
             uncaptioned_keys.append(key)
-        records.append(ImageRecord(image, caption, subset.num_repeats, subset.label, image_size(image)))
+        # (kohya's tags_list: the tags as they went into the caption, "" when there are none)
+        listed = tags or ""
+        records.append(ImageRecord(image, caption, subset.num_repeats, subset.label, image_size(image), tags=listed))
     if missing:
         raise ImageFolderError(f"{where}: {len(missing)} image(s) of {subset.metadata_file} not found "
                                f"({', '.join(missing[:5])}) in {subset.image_dir}; a key is the image's stem, name or path")
@@ -722,7 +724,8 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
                  for block in dict.fromkeys(r.dataset for r in reg_records)]
         reg = parts[0] if len(parts) == 1 else RegImages(
             [r for part in parts for r in part.records], sum(part.samples for part in parts),
-            {k: v for part in parts for k, v in part.dirs.items()}, [n for part in parts for n in part.notes])
+            {k: v for part in parts for k, v in part.dirs.items()}, [n for part in parts for n in part.notes],
+            [r for part in parts for r in part.found])
         notes.extend(reg.notes)
     return train, reg, by_label, notes
 
@@ -785,7 +788,7 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
                     "resolution": [width, height], "enable_bucket": bool(own.get("enable_bucket")),
                     "min_bucket_reso": low, "max_bucket_reso": high,
                     "tag_frequency": _by_folder(tag_frequency_of([*part.records, *(  # kohya counts is_reg subsets too
-                        r for r in (reg.records if reg is not None else ()) if r.dataset == block)],
+                        r for r in (reg.found if reg is not None else ()) if r.dataset == block)],
                         templates=dataset.captions.templates), folder_of),
                     "bucket_info": part.bucket_info(),
                     "resize_interpolation": None, "subsets": entry["subsets"]})

@@ -77,12 +77,15 @@ class RegImages:
         dirs: kohya's ``ss_reg_dataset_dirs``: ``{folder: {"n_repeats": N, "img_count": n}}``
             (the folders' own repeats, before balancing).
         notes: what was skipped or repeated, for the run report.
+        found: every image found, before balancing (kohya counts their captions in ``ss_tag_frequency``,
+            unused ones too).
     """
 
     records: list[ImageRecord]
     samples: int
     dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    found: list[ImageRecord] = field(default_factory=list)
 
 
 def find_reg_images(
@@ -143,4 +146,4 @@ def balance_reg_images(records: Sequence[ImageRecord], *, train_samples: int, so
     elif sum(counts) > samples:
         notes.append(f"{source}: {samples} regularisation samples (images x repeats) for {train_samples} training "
                      f"samples per epoch: repeated to {sum(counts)} per epoch (kohya's balancing)")
-    return RegImages(used, samples, dirs, notes)
+    return RegImages(used, samples, dirs, notes, list(records))
