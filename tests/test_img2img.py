@@ -349,9 +349,6 @@ def test_an_a1111_start_index_past_the_grid_still_runs_the_last_step():
         assert torch.allclose(calls[0][1], ((init.double() + noise.double() * s) / (s * s + 1) ** 0.5), atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="review RG: ddim_img2img reads only start.strength; an explicit "
-                   "Img2ImgStart.index is ignored (runs the whole grid). Fix: steps[start_index(start, num_steps, "
-                   "rule='diffusers'):] in sdadapt.img2img.ddim_img2img")
 def test_ddim_honours_an_explicit_start_index_as_the_other_diffusers_rule_samplers_do():
     from sdadapt.img2img import diffusers_start_index
 
@@ -369,3 +366,14 @@ def test_ddim_honours_an_explicit_start_index_as_the_other_diffusers_rule_sample
                                            num_steps=10, start=Img2ImgStart(init, index=diffusers_start_index(10, 0.5)),
                                            generator=torch.Generator().manual_seed(1))
         assert torch.allclose(by_index, by_strength, atol=1e-6), sampler
+
+
+def test_strength_zero_with_fixed_steps_is_refused_on_an_a1111_rule_sampler():
+    """A1111's fix-steps rule at strength 0 builds a grid of 0 steps (``int(N / S) if S > 0 else 0``): refused."""
+    from sdadapt.sampling import _img2img_request
+
+    init = torch.zeros(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="denoising strength 0 with a fixed step count"):
+        _img2img_request("euler", init, 1, 4, 0.0, 4)
+    start, total = _img2img_request("euler", init, 1, 4, 0.0, None)  # (plain img2img: t_enc 0, the last step)
+    assert total == 4 and start.index == 3

@@ -127,7 +127,8 @@ def test_cli_hires_sampler_takes_a1111s_label(tiny_sd, tmp_path, spy):
                  "--quiet", "--out", str(tmp_path / "o.png"), "--width", "16", "--height", "16", "--hires-scale", "2",
                  "--hires-sampler", "DPM++ 2M", "--hires-prompt", "a castle"]) == 0
     assert [call[0] for call in spy] == ["euler_a", "dpmsolver++"]
-    assert spy[1][2].strength == 0.7 and spy[1][1] == 4  # (diffusers' rule without --schedule: int(4 · 0.7) of 4)
+    # (diffusers' rule without --schedule, A1111's fixed hires steps: the last 4 of int(4 / 0.7) = 5)
+    assert spy[1][2].index == 1 and spy[1][1] == 5
 
 
 def test_hires_steps_reach_a_diffusers_rule_hires_sampler(tiny_sd, spy):
@@ -140,13 +141,9 @@ def test_hires_steps_reach_a_diffusers_rule_hires_sampler(tiny_sd, spy):
     options = {"seed": 3, "steps": 4, "guidance": 2.0, "sampler": "euler"}
     sample_image(system, ["a photo"], options, hires=HiresRequest((48, 48), steps=6, denoising=0.5, sampler="ddim"))
     (_, n1, _, _, _), (s2, n2, start2, _, _) = spy
-    assert n1 == 4 and s2 == "ddim" and n2 == 6 and start2.strength == 0.5 and start2.index is None
+    assert n1 == 4 and s2 == "ddim" and n2 == 12 and start2.index == 6  # (the last 6 of int(6 / 0.5) = 12)
 
 
-@pytest.mark.xfail(strict=True, reason="review RG: --img2img-fix-steps is silently a no-op on the samplers on "
-                   "diffusers' rule (ddim, DPM-Solver/UniPC without --schedule, ddpm, lcm, pndm): "
-                   "sampling._img2img_request passes img2img_steps as the grid size and int(N*S) steps run. "
-                   "Fix: refuse it there (naming --img2img-fix-steps and the sampler) or run N of int(N/S)")
 def test_img2img_fix_steps_is_not_silently_ignored_on_a_diffusers_rule_sampler(tiny_sd, tmp_path, spy):
     from sdadapt.images import write_png
     from sdadapt.jobs import run_generate
@@ -165,3 +162,45 @@ def test_img2img_fix_steps_is_not_silently_ignored_on_a_diffusers_rule_sampler(t
 
     calls.append(total - start_index(start, total, rule="diffusers"))
     assert calls == [6]  # A1111's rule: exactly --steps run
+
+
+def test_check_hires_request_refuses_each_bad_field_by_its_option():
+    from sdadapt.jobs.generate_hires import HiresRequest, check_hires_request
+
+    good = HiresRequest((64, 64), steps=4, denoising=0.5)
+    assert check_hires_request(good) is good
+    for bad, flag in ((HiresRequest((64, 64), denoising=0.0), "--hires-denoising"),
+                      (HiresRequest((64, 64), denoising=1.5), "--hires-denoising"),
+                      (HiresRequest((64, 64), steps=-1), "--hires-steps"),
+                      (HiresRequest((64, 64), upscaler="esrgan"), "--hires-upscaler"),
+                      (HiresRequest((64, 64), sampler="plms"), "--hires-sampler"),
+                      (HiresRequest((60, 64)), "--hires-scale")):
+        with pytest.raises(ValueError, match=flag):
+            check_hires_request(bad)
+
+
+def test_a_low_hires_strength_is_run_or_refused_by_name():
+    from sdadapt.toy.system import load_toy
+
+    from sdadapt.sampling import generate
+
+    toy = load_toy()
+    latents = generate(toy, ["a red circle"], sampler="euler", steps=4, seed=1, output="latents")
+    try:
+        generate_latents = generate(toy, ["a red circle"], sampler="euler", steps=4, seed=1, init_latents=latents,
+                                    denoising_strength=0.003, img2img_steps=4, output="latents")
+    except ValueError as exc:
+        assert "strength" in str(exc) or "denoising" in str(exc)
+        return
+    assert generate_latents.shape == latents.shape
+
+
+@pytest.mark.parametrize("grid", [{"schedule": "karras", "hires_sampler": "ddim"},
+                                  {"karras": True, "hires_sampler": "euler_a"}])
+def test_a_hires_sampler_without_the_first_pass_grid_is_refused_before_sampling(tiny_sd, tmp_path, spy, grid):
+    from sdadapt.jobs import run_generate
+
+    with pytest.raises(ValueError, match="--hires-sampler"):
+        run_generate(model=str(tiny_sd), prompt="a photo", out=tmp_path / "o.png", steps=4, sampler="euler",
+                     seed=3, width=16, height=16, hires_scale=2, **grid)
+    assert spy == [] and not (tmp_path / "o.png").exists()

@@ -259,3 +259,31 @@ def test_diffusers_rule_at_strength_zero_returns_the_init_latent(sampler):
                                   num_steps=4, start=Img2ImgStart(init, strength=0.0),
                                   generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out, init)
+
+
+def test_dpmpp_2m_sde_img2img_on_an_a1111_schedule_keeps_the_whole_grids_brownian_tree(monkeypatch):
+    """DPM++ 2M SDE with A1111's noise (a Brownian tree per image): A1111's ``sample_img2img`` hands
+    ``create_noise_sampler(x, sigmas, p)`` the untruncated grid, so the tree spans its σ range, not sigma_sched's."""
+    pytest.importorskip("torchsde")
+    from sdadapt.samplers import dpmpp_sde
+    from sdadapt.samplers.a1111_noise import A1111Noise
+    from sdadapt.samplers.schedules import schedule_sigmas
+    from sdadapt.sampling import _img2img_request
+
+    init, noise = _init_and_noise()
+    steps, strength = 10, 0.5
+    start, total = _img2img_request("dpmsolver++_sde", init, 1, steps, strength, None, schedule="exponential")
+    spans, real = [], dpmpp_sde.brownian_noise
+
+    def spy(like, sigma_min, sigma_max, seed, **kw):
+        spans.append((sigma_min, sigma_max))
+        return real(like, sigma_min, sigma_max, seed, **kw)
+
+    monkeypatch.setattr(dpmpp_sde, "brownian_noise", spy)
+    samplers.sample_latents(lambda x, t, c: 0.1 * x, noise, None, sampler="dpmsolver++_sde",
+                            alphas_cumprod=ALPHAS_CUMPROD, num_steps=total, schedule="exponential", start=start,
+                            generator=A1111Noise([5], source="cpu"))
+    full = schedule_sigmas("exponential", steps, TRAIN)
+    positive = full[full > 0]
+    assert start.index > 0 and len(spans) == 1
+    assert spans[0] == (pytest.approx(float(positive.min())), pytest.approx(float(positive.max())))

@@ -29,8 +29,9 @@ def _pipeline(system):
 
 
 def test_sdxl_hires_pass_equals_diffusers_xl_img2img_at_the_hires_size(sdxl, monkeypatch):
-    """First pass 16 x 16, hires 32 x 32 (the tiny model's own size is 256): the second pass (DDIM, 8 steps at 0.5)
-    on the upscaled latents = the XL img2img pipeline on them, whose time_ids are (32, 32, 0, 0, 32, 32); within
+    """First pass 16 x 16, hires 32 x 32 (the tiny model's own size is 256): the second pass (DDIM, 8 fixed steps at
+    0.5: the last 8 of a 16-step grid, A1111's hires rule) on the upscaled latents = the XL img2img pipeline on them
+    (16 steps at strength 0.5: the same 8), whose time_ids are (32, 32, 0, 0, 32, 32); within
     1e-4 on the latents (measured 3.8e-6 on latents of max ~17). The same pipeline told another original size
     differs by far more (2.5e-2): the comparison sees the time_ids."""
     import sdadapt.sampling
@@ -51,10 +52,10 @@ def test_sdxl_hires_pass_equals_diffusers_xl_img2img_at_the_hires_size(sdxl, mon
     assert first.shape[-2:] == (16 // sdxl.vae_factor,) * 2 and ours.shape[-2:] == (32 // sdxl.vae_factor,) * 2
     init = second_kw["init_latents"]
     pipe = _pipeline(sdxl)
-    theirs = pipe("a photo", image=init, strength=0.5, num_inference_steps=8, guidance_scale=3.0,
+    theirs = pipe("a photo", image=init, strength=0.5, num_inference_steps=16, guidance_scale=3.0,
                   generator=torch.Generator().manual_seed(5), output_type="latent").images
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
-    other = pipe("a photo", image=init, strength=0.5, num_inference_steps=8, guidance_scale=3.0,
+    other = pipe("a photo", image=init, strength=0.5, num_inference_steps=16, guidance_scale=3.0,
                  generator=torch.Generator().manual_seed(5), output_type="latent", original_size=(64, 64),
                  target_size=(64, 64)).images
     assert (other - theirs).abs().max() > 100 * (ours - theirs).abs().max()

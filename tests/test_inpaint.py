@@ -279,14 +279,18 @@ def test_cli_mask_options_need_a_mask_and_an_init_image(plain_sd, tmp_path, caps
 
 # ------------------------------------------------------------------------------------------- mask preparation
 def test_binary_mask_invert_and_latent_mask_are_a1111s():
-    """create_binary_mask (> 128), ImageOps.invert, and latmask = round(RGB bicubic resize / 255)."""
+    """create_binary_mask (an RGBA mask's alpha > 128; any other mask its luminance, unrounded), ImageOps.invert,
+    and latmask = round(RGB bicubic resize / 255)."""
     values = np.array([[0, 128, 129, 255]] * 4, dtype=np.uint8)
-    mask = inpaint.binary_mask(Image.fromarray(values, "L"))
+    grey = inpaint.binary_mask(Image.fromarray(values, "L"))
+    assert np.array_equal(np.asarray(grey), values)  # (A1111: convert("L") only)
+    rgb = inpaint.binary_mask(Image.fromarray(np.repeat(values[..., None], 3, axis=2), "RGB"))
+    assert np.array_equal(np.asarray(rgb), values)
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 3] = values  # (transparency: the alpha is the mask, thresholded)
+    mask = inpaint.binary_mask(Image.fromarray(rgba, "RGBA"))
     assert np.array_equal(np.asarray(mask), np.where(values > 128, 255, 0))
     assert np.array_equal(np.asarray(inpaint.invert_mask(mask)), 255 - np.asarray(mask))
-    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
-    rgba[..., 3] = values  # (transparency: the alpha is the mask)
-    assert np.array_equal(np.asarray(inpaint.binary_mask(Image.fromarray(rgba, "RGBA"))), np.asarray(mask))
     big = np.zeros((32, 32), dtype=np.uint8)
     big[8:24, 4:20] = 255
     ours = inpaint.latent_mask(Image.fromarray(big, "L"), (4, 4))
@@ -396,8 +400,6 @@ def test_a_keep_everything_mask_makes_every_x0_the_init_latent(sampler, schedule
     assert torch.allclose(out, init, rtol=0, atol=1e-10), (out - init).abs().max()  # (measured <= 2e-15)
 
 
-@pytest.mark.xfail(strict=True, reason="review RI: dpm_2 on an A1111 schedule rounds its timesteps, so the mask "
-                   "blend reads the wrong σ back (the landing off by ~3e-3 on unit noise); _inpaint refuses only karras=True")
 @pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_a"])
 def test_mask_on_dpm_2_with_a_schedule_is_exact_or_refused(sampler):
     g = torch.Generator().manual_seed(3)
@@ -513,8 +515,9 @@ def test_an_sdxl_inpainting_single_file_equals_diffusers_xl_inpaint_pipeline(tmp
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("linear", [True, False])
 def test_masked_model_blends_x0_at_the_sigma_of_a_fractional_timestep(linear, prediction_type):
-    """One call of masked_model at a fractional timestep: the x̂0 its output gives at the call's σ (linear in t on
-    diffusers' grids, log-linear for t(σ) grids) is init·(1 − latmask) + latmask·x̂0(model), to float64 precision."""
+    """One call of masked_model at a fractional timestep: the x̂0 its output gives at the call's σ (linear in t
+    on diffusers' grids, log-linear for t(σ) grids) is init·(1 − latmask) + latmask·x̂0(model), to float64
+    precision."""
     from sdadapt.samplers.sigma_space import sigmas_at, t_to_sigma, vp_data_prediction
 
     train = training_sigmas(ALPHAS_CUMPROD)
@@ -580,3 +583,29 @@ def test_a_blur_wider_than_the_mask_is_refused_with_the_option_name():
     with pytest.raises(ValueError, match="--mask-blur"):
         inpaint.blur_mask(torch.zeros(8, 40), x=1.0, y=4.0)  # (σ 4: a 21-tap kernel on 8 rows)
     assert inpaint.blur_mask(torch.zeros(8, 40), x=4.0, y=0.0).shape == (8, 40)  # (σ 0 skips the y pass)
+
+
+def test_the_mask_follows_the_resize_mode_and_bad_masks_are_refused_before_loading(plain_sd, tmp_path):
+    """A1111 resizes the mask with the image's resize mode: a mask white in the left quarter of a 32 x 64 image,
+    cropped to 32 x 32 (its centre half), repaints nothing; stretched, the left quarter. A file that is no image and
+    --inpainting-mask-weight without --mask are refused by name, before any model loads."""
+    from sdadapt.jobs.generate_inpaint import check_inpaint_options, inpaint_inputs
+    from sdadapt.jobs.models import load_system
+
+    image, mask = tmp_path / "wide.png", tmp_path / "mask.png"
+    Image.fromarray(np.full((32, 64, 3), 128, dtype=np.uint8), "RGB").save(image)
+    quarter = np.zeros((32, 64), dtype=np.uint8)
+    quarter[:, :16] = 255
+    Image.fromarray(quarter, "L").save(mask)
+    system = load_system(str(plain_sd), device="cpu")
+    crop = inpaint_inputs(system, image, mask, height=32, width=32, mask_blur=0, resize_mode="crop")
+    just = inpaint_inputs(system, image, mask, height=32, width=32, mask_blur=0, resize_mode="just")
+    assert crop.latmask.sum() == 0
+    assert just.latmask[..., :, :1].eq(1).all() and just.latmask[..., :, -1:].eq(0).all()
+    (tmp_path / "not.png").write_text("no image")
+    with pytest.raises(ValueError, match=r"--mask .*not.png: not an image"):
+        check_inpaint_options(mask=tmp_path / "not.png", init_image=image, mask_blur=None, invert_mask=False,
+                              inpainting_fill="original", inpainting_mask_weight=1.0)
+    with pytest.raises(ValueError, match="--inpainting-mask-weight shape a --mask"):
+        check_inpaint_options(mask=None, init_image=image, mask_blur=None, invert_mask=False,
+                              inpainting_fill="original", inpainting_mask_weight=0.5)

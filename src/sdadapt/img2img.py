@@ -222,15 +222,10 @@ def ddim_img2img(fn, x_T: Tensor, start: Img2ImgStart, *, alphas_cumprod: Tensor
     from .training.diffusion import ddim_step, ddim_timesteps
 
     T = alphas_cumprod.shape[0]
-    steps = ddim_timesteps(num_steps, num_train_steps=T, spacing=spacing, steps_offset=steps_offset)
-    steps = steps[diffusers_start_index(num_steps, start.strength if start.strength is not None else 1.0):]
-    init = start.init_like(x_T)
-    if len(steps) == 0:
-        return init
-    a = alphas_cumprod[int(steps[0])].to(torch.float64)
-    x = (a.sqrt() * init.double() + (1 - a).sqrt() * x_T.double()).to(x_T.dtype)
+    steps = ddim_timesteps(num_steps, num_train_steps=T, spacing=spacing, steps_offset=steps_offset).tolist()
+    first, x = vp_timestep_start(start, x_T, steps, alphas_cumprod)  # (start.index or its strength; add_noise)
     ratio = T // num_steps
-    for i, t in enumerate(steps.tolist()):
+    for i, t in enumerate(steps[first:]):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         out = fn(x, tt, None)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta else None

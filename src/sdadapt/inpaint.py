@@ -59,11 +59,12 @@ INPAINTING_FILLS: dict[str, int] = {"fill": 0, "original": 1, "latent-noise": 2,
 
 # ----------------------------------------------------------------------------------------------- the mask (pixels)
 def binary_mask(image):
-    """A1111's ``create_binary_mask`` (``mask_round``): a PIL mask -> an ``L`` image of 0 / 255 (``> 128`` -> 255);
-    an RGBA mask with any transparency is read from its alpha channel."""
+    """A1111's ``create_binary_mask`` (``mask_round``): a PIL mask -> an ``L`` image. An RGBA mask with any
+    transparency is read from its alpha channel, made 0 / 255 (``> 128`` -> 255); any other mask is its luminance
+    as it is (A1111 rounds it only later, on the latent grid: :func:`latent_mask`)."""
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
-        image = image.split()[-1]
-    return image.convert("L").point(lambda v: 255 if v > 128 else 0)
+        return image.split()[-1].convert("L").point(lambda v: 255 if v > 128 else 0)
+    return image.convert("L")
 
 
 def invert_mask(image):

@@ -229,9 +229,10 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     sampler starts from at ``denoising_strength`` (:mod:`sdadapt.img2img`: A1111's t_enc rule for the samplers on
     A1111's σ grid and any sampler given a ``schedule``, diffusers' strength rule for the samplers run as diffusers'
     schedulers, :func:`sdadapt.img2img.img2img_rule`; the start noise is the noise a txt2img run of ``seed`` draws).
-    ``img2img_steps``: A1111's ``steps=`` of ``sample_img2img`` (the hires pass): A1111's grid is then built for
-    ``int(img2img_steps / min(strength, 0.999))`` steps and ``img2img_steps`` of them run; DDIM and DPM-Solver run
-    ``int(img2img_steps · strength)`` of ``img2img_steps``. ``None``: ``steps`` with A1111's ``int(strength · steps)``.
+    ``img2img_steps``: A1111's ``steps=`` of ``sample_img2img`` (the hires pass, "img2img does exactly the steps"):
+    the grid is then built for ``int(img2img_steps / min(strength, 0.999))`` steps and the last ``img2img_steps`` of
+    them run, by either rule. ``None``: ``steps``, of which A1111's rule runs ``int(strength · steps) + 1`` and
+    diffusers' ``int(strength · steps)``.
 
     ``inpaint_mask``: inpainting with ``init_latents`` — A1111's latent mask (1 or B, 1, H/8, W/8), 1 = repaint
     (:func:`sdadapt.inpaint.latent_mask`; blended by :func:`sdadapt.inpaint.masked_model`);
@@ -259,7 +260,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     start = None
     if init_latents is not None:
         start, steps = _img2img_request(name, init_latents, len(prompts), steps, denoising_strength, img2img_steps,
-                                        schedule=schedule)
+                                        schedule=schedule,
+                                        num_train_steps=len(getattr(system, "alphas_cumprod", ())) or 1000)
     if inpaint_mask is not None or inpaint_conditioning is not None:
         if start is None:
             raise ValueError("an inpainting mask or conditioning needs init_latents (the image to inpaint)")
@@ -270,9 +272,16 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
-                     img2img_steps: int | None, *, schedule: str | None = None):
+                     img2img_steps: int | None, *, schedule: str | None = None, num_train_steps: int = 1000):
     """``(Img2ImgStart, the steps the sampler's grid is built for)`` of an img2img request (module :mod:`.img2img`;
-    ``schedule``: the resolved A1111 grid, which takes A1111's rule, :func:`~sdadapt.img2img.img2img_rule`)."""
+    ``schedule``: the resolved A1111 grid, which takes A1111's rule, :func:`~sdadapt.img2img.img2img_rule`).
+    With ``img2img_steps`` (A1111's fixed steps) both rules build a grid of ``int(N / min(S, 0.999))`` and run its
+    last ``N`` steps (the diffusers rule then starts at that index: ``add_noise`` there).
+
+    Raises:
+        ValueError: a strength outside [0, 1]; strength 0 with fixed steps, or fixed steps whose grid would be
+            longer than the model's ``num_train_steps`` (the strength named, with the least that works).
+    """
     from .img2img import (
         Img2ImgStart,
         a1111_img2img_steps,
@@ -285,14 +294,22 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
     if init_latents.dim() != 4 or init_latents.shape[0] not in (1, batch):
         raise ValueError(f"init_latents must be (1 or {batch}, C, h, w) latents, got {tuple(init_latents.shape)}")
     init = init_latents.expand(batch, *init_latents.shape[1:])
-    if img2img_rule(name, schedule) == "a1111":
+    a1111 = img2img_rule(name, schedule) == "a1111"
+    if a1111 or img2img_steps is not None:
         total, t_enc = a1111_img2img_steps(steps, strength, requested=img2img_steps)
         if total < 1:
             raise ValueError("denoising strength 0 with a fixed step count leaves no grid (A1111's steps / strength)")
-        return Img2ImgStart(init, index=a1111_start_index(total, t_enc)), total
+        if total > num_train_steps:
+            raise ValueError(f"denoising strength {strength:g} with {img2img_steps} fixed steps needs a grid of {total} "
+                             f"steps, more than the model's {num_train_steps}: use a strength of at least "
+                             f"{img2img_steps / num_train_steps:.4g} (--denoising-strength / --hires-denoising) or "
+                             "fewer steps")
+        if a1111:
+            return Img2ImgStart(init, index=a1111_start_index(total, t_enc)), total
+        return Img2ImgStart(init, index=total - (t_enc + 1)), total  # (the last N steps of the grid)
     if not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"denoising strength must be in [0, 1], got {strength}")
-    return Img2ImgStart(init, strength=float(strength)), img2img_steps or steps
+    return Img2ImgStart(init, strength=float(strength)), steps
 
 
 def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int, steps: int, guidance: float | None,

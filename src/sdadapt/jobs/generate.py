@@ -236,10 +236,18 @@ def run_generate(
         raise ValueError(f"--karras: {exc}") from None
     if schedule is not None and label_schedule is not None and schedule_name(schedule) != label_schedule:
         raise ValueError(f"--schedule {schedule!r} and the sampler label's {label_schedule!r} grid disagree; give one")
+    asked_schedule = schedule if schedule is not None else label_schedule
     try:
-        schedule = resolve_schedule(sampler, schedule if schedule is not None else label_schedule, karras)
+        schedule = resolve_schedule(sampler, asked_schedule, karras)
     except ValueError as exc:
         raise ValueError(f"--schedule: {exc}") from None
+    hires_schedule = None
+    if hires_sampler is not None:  # (its grid resolved for it, as A1111 resolves "automatic" per sampler)
+        try:
+            check_karras(hires_sampler, karras)
+            hires_schedule = resolve_schedule(hires_sampler, asked_schedule, karras)
+        except ValueError as exc:
+            raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None
     if count < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")
     a1111_seeds, schedule_options = _a1111_noise_and_schedule(
@@ -395,7 +403,8 @@ def run_generate(
 
         inpainting = inpaint_inputs(system, init_image, mask, height=size_h, width=size_w,
                                     mask_blur=4.0 if mask_blur is None else mask_blur, invert_mask=invert_mask,
-                                    inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight)
+                                    inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
+                                    resize_mode=resize_mode)
         say(f"inpainting with {mask}: fill {inpainting_fill}, mask blur {4.0 if mask_blur is None else mask_blur:g}"
             f"{', inverted' if invert_mask else ''}"
             f"{', inpainting model' if inpainting.conditioning is not None else ''}")
@@ -413,7 +422,8 @@ def run_generate(
         hires = check_hires_request(HiresRequest(
             hires_size(size_h, size_w, scale=hires_scale, hires_height=hires_height, hires_width=hires_width),
             steps=hires_steps, denoising=hires_denoising, upscaler=hires_upscaler,
-            prompt=_expanded(hires_prompt, handles), negative=_expanded(hires_negative, handles), sampler=hires_sampler),
+            prompt=_expanded(hires_prompt, handles), negative=_expanded(hires_negative, handles), sampler=hires_sampler,
+            schedule=hires_schedule),
             multiple=int(getattr(system, "size_multiple", 8)))
         say(f"hires fix: {hires.size[1]}x{hires.size[0]}, {hires.steps or steps or 25} steps at denoising "
             f"{hires.denoising:g}, {hires.upscaler}")

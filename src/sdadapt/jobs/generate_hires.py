@@ -19,7 +19,8 @@ class HiresRequest:
     """The hires pass: its image ``size`` (height, width), ``steps`` (0: the first pass's), ``denoising``
     strength and ``upscaler`` (:data:`sdadapt.img2img.HIRES_UPSCALERS`); A1111's ``hr_prompt`` /
     ``hr_negative_prompt`` (``prompt``, ``negative``: the second pass's conditioning; ``None``: the first pass's)
-    and ``hr_sampler_name`` (``sampler``; ``None``: the first pass's)."""
+    and ``hr_sampler_name`` (``sampler``; ``None``: the first pass's) with its resolved grid (``schedule``, as
+    :func:`sdadapt.samplers.resolve_schedule` gives it for that sampler; used with ``sampler``)."""
 
     size: tuple[int, int]
     steps: int = 0
@@ -28,6 +29,7 @@ class HiresRequest:
     prompt: str | None = None
     negative: str | None = None
     sampler: str | None = None
+    schedule: str | None = None
 
 
 def hires_size(height: int, width: int, *, scale: float | None, hires_height: int | None,
@@ -146,8 +148,9 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         second_prompts = [hires.prompt] * len(prompts) if hires.prompt is not None else prompts
         if hires.negative is not None:
             second["negative"] = hires.negative
-    if hires.sampler is not None:  # A1111's hr_sampler_name
+    if hires.sampler is not None:  # A1111's hr_sampler_name, on --schedule's grid as resolved for it
         second["sampler"] = hires.sampler
+        second["schedule"] = hires.schedule
         second.pop("info", None)
     if plan_for is not None and (options.get("plan") is not None or own_texts):
         plan = plan_for(steps)

@@ -64,13 +64,23 @@ def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_bl
     from ..inpaint import INPAINTING_FILLS
 
     if mask is None:
-        if mask_blur is not None or invert_mask or inpainting_fill != "original":
-            raise ValueError("--mask-blur / --invert-mask / --inpainting-fill shape a --mask: give one")
+        if mask_blur is not None or invert_mask or inpainting_fill != "original" or inpainting_mask_weight != 1.0:
+            raise ValueError("--mask-blur / --invert-mask / --inpainting-fill / --inpainting-mask-weight shape a "
+                             "--mask: give one")
         return
     if init_image is None:
         raise ValueError("--mask inpaints an --init-image: give the image too")
     if not Path(mask).is_file():
         raise FileNotFoundError(f"--mask {mask}: no such image file")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("--mask reads the mask with Pillow: pip install pillow") from None
+    try:
+        with Image.open(mask) as opened:
+            opened.verify()
+    except Exception as exc:  # (PIL raises several kinds for a file that is no image)
+        raise ValueError(f"--mask {mask}: not an image PIL can read ({exc}); give a PNG, JPEG or WebP mask") from None
     if mask_blur is not None and mask_blur < 0:
         raise ValueError(f"--mask-blur must be >= 0, got {mask_blur}")
     if inpainting_fill not in INPAINTING_FILLS:
@@ -97,11 +107,12 @@ def _tensor(image) -> Tensor:
 
 def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.PathLike, *, height: int, width: int,
                    mask_blur: float = 4.0, invert_mask: bool = False, inpainting_fill: str = "original",
-                   inpainting_mask_weight: float = 1.0) -> InpaintInputs:
+                   inpainting_mask_weight: float = 1.0, resize_mode: str = "just") -> InpaintInputs:
     """A1111's ``StableDiffusionProcessingImg2Img.init`` for "Inpaint whole picture": the mask made binary
-    (``> 128``; an RGBA mask's alpha), inverted (``invert_mask``), blurred (``mask_blur``, x and y), stretched with
-    the image to ``width`` x ``height`` (Lanczos, "Just resize"); ``inpainting_fill == "fill"``: the masked pixels
-    filled from around them; the image encoded; the latent mask; an inpainting UNet's conditioning
+    (an RGBA mask's alpha, ``> 128``; other masks their luminance), inverted (``invert_mask``), blurred
+    (``mask_blur``, x and y), brought with the image to ``width`` x ``height`` by ``resize_mode`` (A1111's
+    ``resize_image``: :func:`sdadapt.resize_modes.a1111_resize`); every ``inpainting_fill`` but ``"original"``: the
+    masked pixels filled from around them (A1111's ``masking.fill``); the image encoded; the latent mask; an inpainting UNet's conditioning
     (``inpainting_mask_weight``, A1111's "Inpainting conditioning mask strength"); what the final overlay needs
     (:meth:`InpaintInputs.overlay`).
 
@@ -113,13 +124,13 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
 
     from .. import inpaint
     from ..images import read_image
-    from ..resampling import resample
+    from ..resize_modes import a1111_resize
 
     for flag, path in (("--init-image", image_path), ("--mask", mask_path)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such image file")
     with Image.open(mask_path) as opened:
-        mask = inpaint.binary_mask(opened.convert("RGBA") if opened.mode in ("RGBA", "LA", "PA") else opened)
+        mask = inpaint.binary_mask(opened)  # (RGBA: its alpha; LA/PA/L/RGB: luminance, as A1111's convert("L"))
     if invert_mask:
         mask = inpaint.invert_mask(mask)
     if mask_blur > 0:
@@ -127,13 +138,19 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
 
         blurred = inpaint.blur_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)), x=mask_blur, y=mask_blur)
         mask = Image.fromarray(blurred.to(torch.uint8).numpy(), "L")
-    if mask.size != (width, height):
+    if mask.size != (width, height) and resize_mode == "just":
         mask = mask.resize((width, height), resample=Image.LANCZOS)
+    elif mask.size != (width, height):  # (A1111 resizes the mask with the image's resize mode)
+        import numpy as np
+
+        pixels = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 127.5 - 1.0  # (1, h, w)
+        pixels = a1111_resize(pixels, (height, width), mode=resize_mode)
+        mask = Image.fromarray(((pixels[0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy(), "L")
     image = read_image(image_path)
     if tuple(image.shape[1:]) != (height, width):
-        image = resample(image, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
+        image = a1111_resize(image, (height, width), mode=resize_mode)
     original = _pil(image)
-    if inpainting_fill == "fill":
+    if inpainting_fill != "original":  # (A1111's masking.fill for fill, latent noise and latent nothing)
         image = _tensor(inpaint.fill_masked_pixels(_pil(image), mask))
     device = system.alphas_cumprod.device
     with torch.no_grad():

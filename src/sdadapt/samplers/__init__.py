@@ -270,16 +270,19 @@ def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: 
     from ..img2img import DIFFUSERS_RULE_SAMPLERS
     from ..inpaint import blend_denoised, masked_model
 
-    if karras and (sampler in DIFFUSERS_RULE_SAMPLERS or sampler in ("dpm_2", "dpm_2_a")):
-        raise ValueError(f"inpainting with a mask reads σ back from the model's timesteps; {sampler} with Karras σ "
-                         "rounds them, so the blend would be off: inpaint without karras, or with a σ-grid sampler "
+    rounds = (karras and sampler in DIFFUSERS_RULE_SAMPLERS) or (
+        (karras or schedule is not None) and sampler in ("dpm_2", "dpm_2_a"))
+    if rounds:
+        grid = "Karras σ" if karras else f"the {schedule} schedule"
+        raise ValueError(f"inpainting with a mask reads σ back from the model's timesteps; {sampler} on {grid} "
+                         "rounds them, so the blend would be off: inpaint on its own grid, or with a σ-grid sampler "
                          "(euler, euler_a, heun, lms)")
     init = start.init_like(x_T)
     guided = diffusion.guided(model, cond, uncond, guidance_scale)
     blended = masked_model(guided, init=init, latmask=start.mask, sampler=sampler, alphas_cumprod=alphas_cumprod,
                            prediction_type=prediction_type, linear_timesteps=schedule is None and not karras)
     plain = replace(start, mask=None)
-    latents = sample_latents(lambda x, t, _c: blended(x, t, _c), x_T, cond, sampler=sampler,
+    latents = sample_latents(blended, x_T, cond, sampler=sampler,
                              alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, karras=karras,
                              schedule=schedule, start=plain, **options)
     return blend_denoised(latents, init, start.mask)
