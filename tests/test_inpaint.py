@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdadapt import inpaint, samplers
 from sdadapt.img2img import Img2ImgStart
-from sdadapt.samplers.sigma_space import discrete_sigmas, sigma_to_t, training_sigmas
+from sdadapt.samplers.sigma_space import discrete_sigmas, training_sigmas
 from sdadapt.sampling import generate
 
 BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2

@@ -196,6 +196,12 @@ class Img2ImgStart:
                              f"{tuple(x_T.shape)}; encode the init image at the size being generated")
         return self.init.to(device=x_T.device, dtype=x_T.dtype)
 
+    def noised(self, x_T: Tensor, sigma: float) -> Tensor:
+        """A1111's first img2img sample ``init + x_T·σ`` (``sample_img2img``'s ``xi = x + noise · sigma_sched[0]``)
+        (B, C, h, w), in the samplers' work dtype (``x_T``'s, at least float32)."""
+        work = torch.promote_types(x_T.dtype, torch.float32)
+        return self.init_like(x_T).to(work) + x_T.to(work) * float(sigma)
+
 
 def vp_timestep_start(start: Img2ImgStart, x_T: Tensor, timesteps: list[int],
                       alphas_cumprod: Tensor) -> tuple[int, Tensor]:

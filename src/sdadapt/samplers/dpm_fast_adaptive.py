@@ -129,7 +129,7 @@ def _img2img_ends(solver: _Solver, start: Img2ImgStart, num_steps: int,
 
     grid = schedule_sigmas("uniform", int(num_steps), solver.train).tolist()
     sched = grid[start_index(start, len(grid) - 1, rule="a1111"):]
-    x = start.init_like(x_T).to(work_dtype(x_T)) + x_T.to(work_dtype(x_T)) * sched[0]
+    x = start.noised(x_T, sched[0])
     return -math.log(sched[0]), -math.log(sched[-2]), len(sched) - 1, x
 
 

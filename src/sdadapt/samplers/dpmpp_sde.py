@@ -242,7 +242,7 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
 
         first = start_index(start, len(times), rule="a1111")
         times, sig32, mid_times = times[first:], sig32[first:], mid_times[first:]
-        x = start.init_like(x_T).to(work_dtype(x_T)) + x_T.to(work_dtype(x_T)) * float(sig32[0])
+        x = start.noised(x_T, float(sig32[0]))
     # a one-step run is a single Euler step onto x̂0: nothing to draw, no tree (the seed is drawn all the same)
     # the tree in the caller's dtype (diffusers builds it from its sample: fp16 latents, an fp16 tree, the same draws)
     source = generator.source if isinstance(generator, A1111Noise) else None  # (A1111's draws inside the trees)

@@ -125,9 +125,7 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
         return sigma_slope(model, x, sigma, timestep_batch(times[sigma], x), prediction_type=prediction_type,
                            dtype=x_T.dtype)
 
-    x = x_T.to(work_dtype(x_T)) * grid[0]
-    if start is not None:
-        x = start.init_like(x_T).to(work_dtype(x_T)) + x
+    x = x_T.to(work_dtype(x_T)) * grid[0] if start is None else start.noised(x_T, grid[0])
     last: float | None = None
     for i, (s, s_next) in enumerate(pairs):
         if last is not None and last < s:  # a restart: back up to σ with fresh noise

@@ -224,7 +224,7 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
 
         index = start_index(start, len(timesteps), rule="a1111")
         timesteps, sigmas = timesteps[index:], sigmas[index:]
-        x = start.init_like(x_T).to(work_dtype(x_T)) + x_T.to(work_dtype(x_T)) * float(sigmas[0])
+        x = start.noised(x_T, float(sigmas[0]))
         return timesteps.tolist(), sigmas.tolist(), x
     # (a schedule starts at its σ_0, as k-diffusion's x·σ_0; ``spacing`` is not used with it)
     x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sigmas, "linspace" if schedule is not None else spacing)
