@@ -95,7 +95,7 @@ MORE_TESTS=(tests/test_train_options.py tests/test_optim.py tests/test_host_sync
     tests/test_compile_graphs.py tests/test_max_norm.py tests/test_capture_new_inputs.py tests/test_lion.py tests/test_prodigy.py
     tests/test_adafactor_capturable.py tests/test_schedule_free.py tests/test_dadapt.py tests/test_fp8_base.py tests/test_compile_inductor.py
     tests/test_a1111_noise.py)
-step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
+step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
 
 # ------------------------------------------------------------------------------------ benchmarks
 if [[ "$DRY" == 1 ]]; then
@@ -125,7 +125,7 @@ bench full 180 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"
 if [[ -f "$OUT/attention.md" ]]; then { echo; echo "## attention (SDPA backends)"; echo; cat "$OUT/attention.md"; } >>"$SUMMARY"; rm -f "$OUT/attention.md"; fi
-step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
+step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
 # torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the slowest
 # rows, so last; the second compile mostly hits inductor's cache)
 bench compiled 170 --modes lora --batch 8 --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops
