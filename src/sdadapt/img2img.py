@@ -49,6 +49,7 @@ __all__ = [
     "a1111_img2img_steps",
     "a1111_start_index",
     "check_img2img_sampler",
+    "check_strength",
     "ddim_img2img",
     "diffusers_start_index",
     "img2img_rule",
@@ -109,7 +110,12 @@ def img2img_rule(sampler: str, schedule: str | None = None) -> str:
     return "diffusers"
 
 
-def _check_strength(strength: float) -> float:
+def check_strength(strength: float) -> float:
+    """``strength`` as a float.
+
+    Raises:
+        ValueError: a denoising strength outside [0, 1].
+    """
     if not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"denoising strength must be in [0, 1], got {strength}")
     return float(strength)
@@ -127,7 +133,7 @@ def a1111_img2img_steps(steps: int, strength: float, *, requested: int | None = 
     Raises:
         ValueError: ``steps`` < 1 or a strength outside [0, 1].
     """
-    strength = _check_strength(strength)
+    strength = check_strength(strength)
     if steps < 1 or (requested is not None and requested < 1):
         raise ValueError(f"steps must be >= 1, got {steps if requested is None else requested}")
     if fix_steps or requested is not None:
@@ -144,7 +150,7 @@ def a1111_start_index(total: int, t_enc: int) -> int:
 
 def diffusers_start_index(steps: int, strength: float) -> int:
     """diffusers' ``get_timesteps``: ``t_start`` (scheduler order 1) — the run walks ``timesteps[t_start:]``."""
-    strength = _check_strength(strength)
+    strength = check_strength(strength)
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0)
 

@@ -39,6 +39,8 @@ __all__ = [
     "binary_mask",
     "blend_denoised",
     "blur_mask",
+    "check_inpainting_fill",
+    "check_mask_weight",
     "check_inpainting_unet",
     "concat_conditioning",
     "conditioning_mask",
@@ -128,6 +130,28 @@ def blend_denoised(denoised: Tensor, init: Tensor, latmask: Tensor) -> Tensor:
     return denoised * latmask + init.to(denoised) * (1 - latmask)
 
 
+def check_inpainting_fill(fill: str) -> str:
+    """``fill`` if it is one of :data:`INPAINTING_FILLS`.
+
+    Raises:
+        ValueError: another name, listing them.
+    """
+    if fill not in INPAINTING_FILLS:
+        raise ValueError(f"--inpainting-fill must be one of {', '.join(INPAINTING_FILLS)}, got {fill!r}")
+    return fill
+
+
+def check_mask_weight(weight: float) -> float:
+    """``weight`` (A1111's "Inpainting conditioning mask strength") as a float.
+
+    Raises:
+        ValueError: a weight outside [0, 1].
+    """
+    if not 0.0 <= float(weight) <= 1.0:
+        raise ValueError(f"--inpainting-mask-weight must be in [0, 1], got {weight}")
+    return float(weight)
+
+
 def fill_latent(init: Tensor, latmask: Tensor, fill: str, noise: Tensor | None = None) -> Tensor:
     """The init latent (B, C, h, w) under ``--inpainting-fill`` (A1111's ``inpainting_fill``): ``latent-noise``:
     ``init·mask + noise·nmask`` (``noise`` (B, C, h, w): the seed's unit noise, A1111's ``create_random_tensors`` of
@@ -137,8 +161,7 @@ def fill_latent(init: Tensor, latmask: Tensor, fill: str, noise: Tensor | None =
     Raises:
         ValueError: an unknown fill, or ``latent-noise`` without ``noise``.
     """
-    if fill not in INPAINTING_FILLS:
-        raise ValueError(f"--inpainting-fill must be one of {', '.join(INPAINTING_FILLS)}, got {fill!r}")
+    check_inpainting_fill(fill)
     latmask = latmask.to(device=init.device, dtype=init.dtype)
     if fill == "latent-noise":
         if noise is None:
@@ -261,8 +284,7 @@ def masked_image(image: Tensor, mask: Tensor, weight: float = 1.0) -> Tensor:
 
     Raises:
         ValueError: ``weight`` outside [0, 1]."""
-    if not 0.0 <= float(weight) <= 1.0:
-        raise ValueError(f"--inpainting-mask-weight must be in [0, 1], got {weight}")
+    check_mask_weight(weight)
     mask = mask.to(image)
     return torch.lerp(image, image * (1.0 - mask), float(weight))
 

@@ -287,6 +287,7 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
         a1111_img2img_steps,
         a1111_start_index,
         check_img2img_sampler,
+        check_strength,
         img2img_rule,
     )
 
@@ -307,9 +308,7 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
         if a1111:
             return Img2ImgStart(init, index=a1111_start_index(total, t_enc)), total
         return Img2ImgStart(init, index=total - (t_enc + 1)), total  # (the last N steps of the grid)
-    if not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"denoising strength must be in [0, 1], got {strength}")
-    return Img2ImgStart(init, strength=float(strength)), steps
+    return Img2ImgStart(init, strength=check_strength(strength)), steps
 
 
 def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int, steps: int, guidance: float | None,

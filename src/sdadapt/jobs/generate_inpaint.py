@@ -61,7 +61,7 @@ def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_bl
             fill, a weight outside [0, 1].
         FileNotFoundError: no mask file.
     """
-    from ..inpaint import INPAINTING_FILLS
+    from ..inpaint import check_inpainting_fill, check_mask_weight
 
     if mask is None:
         if mask_blur is not None or invert_mask or inpainting_fill != "original" or inpainting_mask_weight != 1.0:
@@ -83,10 +83,8 @@ def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_bl
         raise ValueError(f"--mask {mask}: not an image PIL can read ({exc}); give a PNG, JPEG or WebP mask") from None
     if mask_blur is not None and mask_blur < 0:
         raise ValueError(f"--mask-blur must be >= 0, got {mask_blur}")
-    if inpainting_fill not in INPAINTING_FILLS:
-        raise ValueError(f"--inpainting-fill must be one of {', '.join(INPAINTING_FILLS)}, got {inpainting_fill!r}")
-    if not 0.0 <= inpainting_mask_weight <= 1.0:
-        raise ValueError(f"--inpainting-mask-weight must be in [0, 1], got {inpainting_mask_weight}")
+    check_inpainting_fill(inpainting_fill)
+    check_mask_weight(inpainting_mask_weight)
 
 
 def _pil(image: Tensor):
