@@ -40,7 +40,7 @@ def test_find_images_reads_the_first_line_or_all_lines_joined(multi_line):
     assert [r.caption for r in joined] == ["a red circle second line", "a red circle", "a blue square"]
     assert len(notes) == 1 and "1 caption file(s) of several lines" in notes[0]
     wildcard, notes = find_images(multi_line, multiline=True, caption_lines=JOINED_CAPTIONS)  # (lines kept either way)
-    assert wildcard[0].caption == "a red circle\nsecond line" and notes == []
+    assert wildcard[0].caption == "a red circle\nsecond   line" and notes == []  # (kohya: lines stripped)
     with pytest.raises(ValueError, match="caption_lines must be"):
         find_images(multi_line, caption_lines="all")
 

@@ -83,6 +83,76 @@ def test_dpm_adaptive_img2img_ends_at_a1111s_sigma_min():
     assert torch.allclose(out.double(), expected, atol=1e-3), (out.double() - expected).abs().max()
 
 
+@pytest.mark.parametrize("sampler, calls_made", [("dpm_fast", 1), ("dpm_adaptive", 0)])
+def test_dpm_fast_and_adaptive_at_t_enc_0_do_what_k_diffusion_does(sampler, calls_made):
+    """A strength below 1/steps: t_enc = 0, sigma_sched = [σ, 0], A1111 passes σ_min = σ_max. k-diffusion's
+    DPMSolver takes that as reverse sampling: eta > 0 raises "eta must be 0 for reverse sampling"; eta = 0
+    returns x = init + noise·σ untouched (dpm_solver_fast still calls the model once, for a zero-length step)."""
+    init, noise = _init_and_noise()
+    steps, strength = 12, 0.05
+    sched, t_enc = _sigma_sched(_a1111_uniform_sigmas(steps), steps, strength)
+    assert t_enc == 0 and len(sched) == 2
+    calls = []
+    out = samplers.sample_latents(_oracle(init, calls), noise, None, sampler=sampler, alphas_cumprod=ALPHAS_CUMPROD,
+                                  num_steps=steps, eta=0.0, start=Img2ImgStart(init, strength=strength))
+    assert len(calls) == calls_made
+    expected = init.double() + noise.double() * float(sched[0])
+    assert torch.allclose(out.double(), expected, atol=1e-5), (out.double() - expected).abs().max()
+    with pytest.raises(ValueError, match=r"strength below 1/12.*eta must be 0 for reverse sampling.*raise the strength or the steps"):
+        samplers.sample_latents(_oracle(init, []), noise, None, sampler=sampler, alphas_cumprod=ALPHAS_CUMPROD,
+                                num_steps=steps, eta=1.0, start=Img2ImgStart(init, strength=strength))
+
+
+@pytest.mark.parametrize("sampler, calls_made", [("dpm_fast", 2), ("dpm_adaptive", None)])
+def test_dpm_fast_and_adaptive_at_t_enc_1_run_with_eta(sampler, calls_made):
+    """Only t_enc = 0 makes σ_min = σ_max: at t_enc = 1 (sigma_sched of 3) k-diffusion's DPMSolver runs forward and
+    takes eta > 0 (A1111's default 1); DPM fast makes A1111's n = 2 model calls from sigma_sched[0]. (review RX)"""
+    init, noise = _init_and_noise()
+    steps, strength = 12, 0.1
+    sched, t_enc = _sigma_sched(_a1111_uniform_sigmas(steps), steps, strength)
+    assert t_enc == 1 and len(sched) == 3
+    calls = []
+    out = samplers.sample_latents(_oracle(init, calls), noise, None, sampler=sampler, alphas_cumprod=ALPHAS_CUMPROD,
+                                  num_steps=steps, eta=1.0, start=Img2ImgStart(init, strength=strength),
+                                  generator=torch.Generator().manual_seed(1))
+    assert calls and calls[0] == pytest.approx(float(sched[0]), rel=1e-4)
+    assert calls_made is None or len(calls) == calls_made
+    assert torch.isfinite(out).all() and out.shape == init.shape
+
+
+def test_vp_add_noise_start_at_every_first_index_and_dtype():
+    """The fold behind vp_start (σ grid) and vp_timestep_start (integer timesteps): diffusers' add_noise at every
+    first index, the last one (one step left) too; first = n only on diffusers' rule (the init back); vp_start
+    takes A1111's rule for an index (clamped to n − 1: a step always runs); results in x_T's dtype. (review RX)"""
+    from sdadapt.img2img import vp_add_noise_start, vp_timestep_start
+    from sdadapt.samplers.dpm_solver import vp_start
+
+    init, noise = _init_and_noise()
+    sigmas = _a1111_uniform_sigmas(6)  # (7,): 6 steps, then 0
+    n = len(sigmas) - 1
+    for first in range(n):
+        abar = 1 / (float(sigmas[first]) ** 2 + 1)
+        expected = abar ** 0.5 * init.double() + (1 - abar) ** 0.5 * noise.double()
+        got_first, x = vp_start(Img2ImgStart(init, index=first), noise, sigmas.tolist(), rule="diffusers")
+        assert got_first == first and x.dtype == noise.dtype
+        assert torch.allclose(x.double(), expected, atol=1e-6), (first, (x.double() - expected).abs().max())
+    got_first, x = vp_start(Img2ImgStart(init, index=n + 3), noise, sigmas.tolist(), rule="diffusers")
+    abar = 1 / (float(sigmas[n - 1]) ** 2 + 1)
+    assert got_first == n - 1
+    assert torch.allclose(x.double(), abar ** 0.5 * init.double() + (1 - abar) ** 0.5 * noise.double(), atol=1e-6)
+    timesteps = [999, 749, 499, 249]
+    for first in range(len(timesteps)):
+        a = float(ALPHAS_CUMPROD.double()[timesteps[first]])
+        got_first, x = vp_timestep_start(Img2ImgStart(init, index=first), noise, timesteps, ALPHAS_CUMPROD)
+        assert got_first == first
+        assert torch.allclose(x.double(), a ** 0.5 * init.double() + (1 - a) ** 0.5 * noise.double(), atol=1e-6)
+    assert vp_timestep_start(Img2ImgStart(init, index=4), noise, timesteps, ALPHAS_CUMPROD)[0] == 4
+    assert torch.equal(vp_timestep_start(Img2ImgStart(init, strength=0.0), noise, timesteps, ALPHAS_CUMPROD)[1], init)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        first, x = vp_add_noise_start(Img2ImgStart(init.to(dtype)), noise.to(dtype), [0.5, 0.9], rule="a1111")
+        assert first == 0 and x.dtype == dtype
+
+
 # ---- A1111's rule: Restart and DPM++ SDE ---------------------------------------------------------------------------
 
 def _karras_grid(n):

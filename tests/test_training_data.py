@@ -62,7 +62,7 @@ def test_kohya_repeat_folders_captions_and_reports(tmp_path):
     (tmp_path / "misc").mkdir()
     records, notes = find_images(tmp_path)
     by_name = {r.path.name: r for r in records}
-    assert by_name["a.png"].caption == "red circle, photo" and by_name["a.png"].repeats == 1
+    assert by_name["a.png"].caption == "red circle,  photo" and by_name["a.png"].repeats == 1
     assert by_name["b.png"].caption == "sks dog" and by_name["b.png"].repeats == 10  # kohya class tokens
     assert any("misc" in n for n in notes)
     dataset = Dataset(records)
@@ -86,9 +86,20 @@ def test_a_caption_file_is_its_first_line_as_kohya_reads_it(tmp_path):
     (tmp_path / "c.txt").write_text("\nbelow an empty first line\n")
     records, _ = find_images(tmp_path, default_caption="fallback")
     assert {r.path.name: r.caption for r in records} == {
-        "a.png": "1girl, red hair", "b.png": "one line, no newline", "c.png": "fallback"}
+        "a.png": "1girl,  red hair", "b.png": "one line, no newline", "c.png": "fallback"}
     records, _ = find_images(tmp_path, default_caption="fallback", multiline=True)
-    assert {r.path.name: r.caption for r in records}["a.png"] == "1girl, red hair\nsecond caption\nnotes: reviewed"
+    assert {r.path.name: r.caption for r in records}["a.png"] == "1girl,  red hair\nsecond caption\nnotes: reviewed"
+
+
+def test_the_first_line_ends_only_at_a_newline_as_kohyas_readlines(tmp_path):
+    import io
+
+    text = "red\u2028ball, blue\x0cgreen\nsecond line\n"
+    write_png(tmp_path / "a.png", torch.zeros(3, 8, 8))
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    kohya = io.StringIO(text, newline=None).readlines()[0].strip()  # (open(..., "rt").readlines(), as kohya)
+    assert kohya == "red\u2028ball, blue\x0cgreen"
+    assert find_images(tmp_path)[0][0].caption == kohya
 
 
 def test_missing_captions_and_empty_prompt_are_errors(tmp_path):

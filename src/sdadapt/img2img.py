@@ -55,6 +55,7 @@ __all__ = [
     "img2img_rule",
     "start_index",
     "upscale_latents",
+    "vp_add_noise_start",
     "vp_timestep_start",
 ]
 
@@ -209,19 +210,29 @@ class Img2ImgStart:
         return self.init_like(x_T).to(work) + x_T.to(work) * float(sigma)
 
 
-def vp_timestep_start(start: Img2ImgStart, x_T: Tensor, timesteps: list[int],
-                      alphas_cumprod: Tensor) -> tuple[int, Tensor]:
-    """img2img on integer ``timesteps`` (n, descending; DDPM, LCM): ``(first, x)``, the first step's index
-    (:func:`start_index`, diffusers' rule) and the scheduler's ``add_noise`` there,
-    ``√ᾱ_t·init + √(1 − ᾱ_t)·x_T`` (B,C,H,W) in ``x_T``'s dtype, ``t = timesteps[first]``; ``first = n``
-    (strength 0): no step, the init latent."""
-    n = len(timesteps)
-    first = start_index(start, n, rule="diffusers")
+def vp_add_noise_start(start: Img2ImgStart, x_T: Tensor, alphas_cumprod: list[float], *,
+                       rule: str) -> tuple[int, Tensor]:
+    """img2img on a VP grid whose n model steps have the cumulative products ``alphas_cumprod`` (n floats, ᾱ of
+    each step in order): ``(first, x)``, the first step's index (:func:`start_index` by ``rule``) and diffusers'
+    ``add_noise`` there, ``√ᾱ·init + √(1 − ᾱ)·x_T`` (B,C,H,W; in float64 (float32 on MPS), returned in ``x_T``'s dtype);
+    ``first = n`` (diffusers' rule at strength 0): no step, the init latent. The one rule behind
+    :func:`vp_timestep_start` (integer timesteps) and :func:`sdadapt.samplers.dpm_solver.vp_start` (a σ grid)."""
+    n = len(alphas_cumprod)
+    first = start_index(start, n, rule=rule)
     init = start.init_like(x_T)
     if first >= n:
         return n, init
-    a = alphas_cumprod[int(timesteps[first])].detach().double().cpu()
-    return first, (a.sqrt() * init.double() + (1 - a).sqrt() * x_T.double()).to(x_T.dtype)
+    a = float(alphas_cumprod[first])
+    work = torch.float32 if x_T.device.type == "mps" else torch.float64  # MPS has no float64
+    return first, (a ** 0.5 * init.to(work) + (1 - a) ** 0.5 * x_T.to(work)).to(x_T.dtype)
+
+
+def vp_timestep_start(start: Img2ImgStart, x_T: Tensor, timesteps: list[int],
+                      alphas_cumprod: Tensor) -> tuple[int, Tensor]:
+    """img2img on integer ``timesteps`` (n, descending; DDPM, LCM, DDIM): :func:`vp_add_noise_start` by diffusers'
+    rule (``start.index`` too) with ᾱ = ``alphas_cumprod[t]`` (T,) of each step."""
+    abar = alphas_cumprod.detach().double().cpu()
+    return vp_add_noise_start(start, x_T, [float(abar[int(t)]) for t in timesteps], rule="diffusers")
 
 
 def ddim_img2img(fn, x_T: Tensor, start: Img2ImgStart, *, alphas_cumprod: Tensor, num_steps: int,

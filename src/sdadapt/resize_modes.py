@@ -28,17 +28,12 @@ RESIZE_MODES: dict[str, tuple[int, str]] = {"just": (0, "Just resize"), "crop": 
 
 
 def _scaled(image: Tensor, size: tuple[int, int], bounds: tuple[float, float]) -> Tensor:
-    """PIL's Lanczos resize of ``image`` (C, h, w) to ``size`` (:func:`sdadapt.resampling.resample`, across then
-    down), but down first when the image shrinks down and grows across: PIL runs the shrinking pass first
-    (measured on Pillow 13: the other order is off by up to 0.25 on [-1, 1] there, from the 8-bit clip between
-    passes)."""
+    """PIL's Lanczos resize of ``image`` (C, h, w) to ``size`` (:func:`sdadapt.resampling.resample`, in PIL's
+    pass order); ``image`` itself at its own size (PIL's ``resize`` returns a copy)."""
     from .resampling import resample
 
-    _, h, w = image.shape
-    if (h, w) == tuple(size):
+    if tuple(image.shape[1:]) == tuple(size):
         return image
-    if h > size[0] and w < size[1]:
-        image = resample(image, (size[0], w), interpolation="lanczos", bounds=bounds)
     return resample(image, size, interpolation="lanczos", bounds=bounds)
 
 

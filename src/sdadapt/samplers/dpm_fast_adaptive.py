@@ -118,17 +118,32 @@ def _ends(solver: _Solver, sampler: str, eta: float, s_noise: float) -> tuple[fl
     return -math.log(float(solver.train[-1])), -math.log(float(solver.train[0]))  # t of σ_max, of σ_min
 
 
-def _img2img_ends(solver: _Solver, start: Img2ImgStart, num_steps: int,
-                  x_T: Tensor) -> tuple[float, float, int, Tensor]:
+def _img2img_ends(solver: _Solver, start: Img2ImgStart, num_steps: int, x_T: Tensor, *, sampler: str,
+                  eta: float) -> tuple[float, float, int, Tensor]:
     """A1111's ``sample_img2img`` for DPM fast / adaptive: ``sigma_sched`` = its uniform grid of ``num_steps``
     (``model_wrap.get_sigmas``, A1111's grid for both) from ``start``'s index on; ``(t_start, t_end, n, x)`` with
     ``σ_max = sigma_sched[0]``, ``σ_min = sigma_sched[−2]`` (the last σ is 0), ``n = len(sigma_sched) − 1`` model
-    calls (DPM fast) and ``x = init + x_T·σ_max`` (B,C,H,W) in the work dtype."""
+    calls (DPM fast) and ``x = init + x_T·σ_max`` (B,C,H,W) in the work dtype.
+
+    At ``t_enc = 0`` (a strength below ``1 / num_steps``) ``sigma_sched`` is ``[σ, 0]``: A1111 hands k-diffusion
+    ``σ_min = σ_max``, where ``DPMSolver.dpm_solver_fast`` / ``dpm_solver_adaptive`` take the interval as a
+    reverse one: with ``eta > 0`` (A1111's default ``eta_ancestral`` 1) they raise "eta must be 0 for reverse
+    sampling"; with ``eta = 0`` they return ``x`` as it came (the noised init, no model call to speak of).
+
+    Raises:
+        ValueError: ``t_enc = 0`` with ``eta > 0``, as k-diffusion (naming the strength that runs a step).
+    """
     from ..img2img import start_index
     from .schedules import schedule_sigmas
 
     grid = schedule_sigmas("uniform", int(num_steps), solver.train).tolist()
     sched = grid[start_index(start, len(grid) - 1, rule="a1111"):]
+    if len(sched) == 2 and eta:
+        raise ValueError(f"{sampler}: img2img runs no step of this {num_steps}-step grid (t_enc = 0: a denoising "
+                         f"strength below 1/{num_steps}, or a single fixed step); A1111 hands k-diffusion σ_min = "
+                         "σ_max, which it refuses with eta > 0 ('eta must be 0 for reverse sampling'): raise the "
+                         "strength or the steps (--steps, --img2img-steps, --hires-steps), choose another sampler, "
+                         "or pass eta=0 from Python")
     x = start.noised(x_T, sched[0])
     return -math.log(sched[0]), -math.log(sched[-2]), len(sched) - 1, x
 
@@ -168,7 +183,7 @@ def dpm_fast_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
     nfe = int(num_steps)
     x = x_T.to(work_dtype(x_T)) * math.exp(-t_start)
     if start is not None:  # img2img (sdadapt.img2img): A1111's sigma_sched ends and n
-        t_start, t_end, nfe, x = _img2img_ends(solver, start, num_steps, x_T)
+        t_start, t_end, nfe, x = _img2img_ends(solver, start, num_steps, x_T, sampler="dpm_fast", eta=eta)
     orders = dpm_fast_orders(nfe)
     ts = torch.linspace(t_start, t_end, len(orders) + 1, dtype=torch.float64).tolist()
     for i, order in enumerate(orders):
@@ -250,7 +265,8 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
         if num_steps is None or int(num_steps) < 1:
             raise ValueError("dpm_adaptive: img2img needs num_steps (the grid A1111's rule cuts), got "
                              f"{num_steps}")
-        t_start, t_end, _, x = _img2img_ends(solver, start, int(num_steps), x_T)
+        t_start, t_end, _, x = _img2img_ends(solver, start, int(num_steps), x_T, sampler="dpm_adaptive",
+                                          eta=eta)
     x_prev = x
     pid = _PIDController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     stats = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}

@@ -120,21 +120,15 @@ def require_distinct_steps(sampler: str, sigmas: list[float], num_train_steps: i
 
 
 def vp_start(start: Img2ImgStart, x_T: Tensor, sigmas: list[float], *, rule: str) -> tuple[int, Tensor]:
-    """img2img on a VP grid of n + 1 noise levels ``sigmas`` (k-diffusion σ): ``(first, x)``, the first step's index
-    (:func:`sdadapt.img2img.start_index`, an index in ``start`` being A1111's rule, a strength ``rule``'s) and the
-    VP sample there, ``α·init + σ_t·x_T`` (B,C,H,W) in ``x_T``'s dtype — diffusers' ``add_noise`` at
-    ``sigmas[first]`` (its ``set_begin_index``), which is A1111's ``init + noise·σ`` as the model sees it
-    (``/√(σ² + 1)``). ``first = n`` (diffusers' rule at strength 0): no step, ``x`` the init latent."""
-    from ..img2img import start_index
+    """img2img on a VP grid of n + 1 noise levels ``sigmas`` (k-diffusion σ): ``(first, x)`` by
+    :func:`sdadapt.img2img.vp_add_noise_start` with ᾱ = 1/(σ² + 1) of each step — the first step's index (an
+    index in ``start`` being A1111's rule, a strength ``rule``'s) and diffusers' ``add_noise`` at ``sigmas[first]``
+    (its ``set_begin_index``), which is A1111's ``init + noise·σ`` as the model sees it (``/√(σ² + 1)``).
+    ``first = n`` (diffusers' rule at strength 0): no step, ``x`` the init latent."""
+    from ..img2img import vp_add_noise_start
 
-    n = len(sigmas) - 1
-    first = start_index(start, n, rule="a1111" if start.index is not None else rule)
-    init = start.init_like(x_T)
-    if first >= n:
-        return n, init
-    a0, s0, _ = vp_alpha_sigma(sigmas[first])
-    work = work_dtype(x_T)
-    return first, (a0 * init.to(work) + s0 * x_T.to(work)).to(x_T.dtype)
+    alphas_cumprod = [1.0 / (float(s) ** 2 + 1.0) for s in sigmas[:-1]]
+    return vp_add_noise_start(start, x_T, alphas_cumprod, rule="a1111" if start.index is not None else rule)
 
 
 def _first_order(x: Tensor, pred: Tensor, s: float, s_next: float, *, data: bool) -> Tensor:

@@ -357,17 +357,21 @@ def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = No
 
 
 def _caption_of(text: str | None, *, lines: bool = False, rule: str = FIRST_LINE_CAPTIONS) -> str | None:
-    """A caption file's ``text`` as a caption: its first line, white space collapsed (kohya's
-    ``read_caption``: later lines are ignored; :data:`JOINED_CAPTIONS`: all lines joined, as runs
-    recorded before); ``lines``: each non-empty line so, joined by ``"\n"`` (kohya's wildcard mode)."""
+    """A caption file's ``text`` as a caption, as kohya's ``read_caption`` (sd-scripts
+    ``library/train_util.py``) reads it: its first line, stripped (later lines are ignored; white
+    space inside the line kept, so ``ss_tag_frequency`` counts ``"red  ball"`` as kohya does — the
+    tokenizers fold any white-space run to one space, so the model sees the same ids either way);
+    ``lines``: each non-empty line stripped, joined by ``"\n"`` (kohya's wildcard mode);
+    :data:`JOINED_CAPTIONS` (runs recorded before the first-line rule): all lines joined by one space,
+    white space collapsed, as those runs trained."""
     if text is None:
         return None
     if lines:
-        return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip()) or None
+        return "\n".join(line.strip() for line in text.split("\n") if line.strip()) or None
     if rule == JOINED_CAPTIONS:
         return " ".join(text.split()) or None
-    first = text.splitlines()[:1]
-    return " ".join(first[0].split()) if first and first[0].strip() else None
+    first = text.split("\n", 1)[0].strip()  # kohya's readlines() cuts at "\n" only (files are read with universal newlines)
+    return first or None
 
 
 def tag_frequency_of(records: Iterable[ImageRecord], *, templates: Sequence[str] = ()) -> dict[str, dict[str, int]]:
