@@ -204,3 +204,18 @@ def test_a_hires_sampler_without_the_first_pass_grid_is_refused_before_sampling(
         run_generate(model=str(tiny_sd), prompt="a photo", out=tmp_path / "o.png", steps=4, sampler="euler",
                      seed=3, width=16, height=16, hires_scale=2, **grid)
     assert spy == [] and not (tmp_path / "o.png").exists()
+
+
+def test_schedule_settings_with_a_gridless_hires_sampler_are_refused_before_loading(tmp_path):
+    """--sigma-min & co. shape A1111's σ grids; a hires sampler without one (ddim: its own steps) would meet them
+    only at the second pass (sample_latents refuses schedule_options without a schedule): refused up front, before
+    the model is read (the model file here does not exist); a hires sampler with a grid gets past the check."""
+    from sdadapt.jobs import run_generate
+
+    common = dict(model=str(tmp_path / "none.safetensors"), prompt="a photo", out=tmp_path / "o.png", steps=4,
+                  sampler="euler", seed=3, width=16, height=16, hires_scale=2, schedule="automatic", sigma_min=0.5)
+    with pytest.raises(ValueError, match=r"--hires-sampler ddim runs on no σ grid.*--sigma-min"):
+        run_generate(**common, hires_sampler="ddim")
+    with pytest.raises(Exception) as caught:  # (the grid sampler passes the check and fails on the missing model)
+        run_generate(**common, hires_sampler="euler_a")
+    assert "σ grid" not in str(caught.value) and "none.safetensors" in str(caught.value)

@@ -606,6 +606,9 @@ def test_the_mask_follows_the_resize_mode_and_bad_masks_are_refused_before_loadi
     with pytest.raises(ValueError, match=r"--mask .*not.png: not an image"):
         check_inpaint_options(mask=tmp_path / "not.png", init_image=image, mask_blur=None, invert_mask=False,
                               inpainting_fill="original", inpainting_mask_weight=1.0)
-    with pytest.raises(ValueError, match="--inpainting-mask-weight shape a --mask"):
-        check_inpaint_options(mask=None, init_image=image, mask_blur=None, invert_mask=False,
+    # (A1111's img2img without a mask weighs an inpainting model's conditioning; its txt2img has no weight)
+    check_inpaint_options(mask=None, init_image=image, mask_blur=None, invert_mask=False,
+                          inpainting_fill="original", inpainting_mask_weight=0.5)
+    with pytest.raises(ValueError, match="--inpainting-mask-weight weighs .* give --init-image"):
+        check_inpaint_options(mask=None, init_image=None, mask_blur=None, invert_mask=False,
                               inpainting_fill="original", inpainting_mask_weight=0.5)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .formats.files import atomic_write
 
-__all__ = ["write_png", "read_image", "read_image_channels", "scale_image", "image_grid", "load_image_folder", "ImageFolderError",
+__all__ = ["to_uint8", "write_png", "read_image", "read_image_channels", "scale_image", "image_grid", "load_image_folder", "ImageFolderError",
            "IMAGE_SUFFIXES", "check_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -41,8 +41,9 @@ def check_image_folder(folder: str | os.PathLike) -> Path:
     raise ImageFolderError(f"{root}: not a folder of images (it is a file); pass the folder that holds it")
 
 
-def _to_uint8(image: Tensor) -> np.ndarray:
-    """(3, H, W) float in [-1, 1] (or (H, W, 3) uint8) -> (H, W, 3) uint8."""
+def to_uint8(image: Tensor) -> np.ndarray:
+    """(3, H, W) float in [-1, 1] (or (H, W, 3) uint8) -> (H, W, 3) uint8, clamped and rounded (the 8-bit pixels a
+    PNG, or a PIL image, holds)."""
     if image.dtype == torch.uint8:
         arr = image.cpu().numpy()
         return arr if arr.shape[-1] in (1, 3, 4) else arr.transpose(1, 2, 0)
@@ -67,7 +68,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def write_png(path: str | os.PathLike, image: Tensor) -> Path:
     """Write one image — (C, H, W) float in [-1, 1] or (H, W, C) uint8 — as PNG, atomically."""
-    data = encode_png(_to_uint8(image))
+    data = encode_png(to_uint8(image))
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 

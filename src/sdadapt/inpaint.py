@@ -51,6 +51,7 @@ __all__ = [
     "latent_mask",
     "masked_image",
     "masked_model",
+    "overlay_layer",
     "overlay_original",
     "txt2img_masked_image",
 ]
@@ -189,20 +190,29 @@ def fill_masked_pixels(image, mask):
     return image_mod.convert("RGB")
 
 
+def overlay_layer(original, mask):
+    """The layer A1111 composites over a generated image (``overlay_images``): the PIL RGB ``original`` pasted
+    through premultiplied alpha (A1111's ``RGBa`` paste) with alpha ``255 − mask`` (``mask``: A1111's
+    ``mask_for_overlay``, PIL ``L``, 255 = repaint) on a transparent canvas. Returns a PIL RGBA image."""
+    from PIL import Image, ImageOps
+
+    masked = Image.new("RGBa", original.size)
+    masked.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    return masked.convert("RGBA")
+
+
 def overlay_original(generated, original, mask):
     """A1111's final overlay for "Inpaint whole picture" (``processing.py``: ``mask_for_overlay``,
     ``overlay_images``, ``apply_overlay``): the PIL RGB ``original`` (the init image at the output size, before any
-    fill) pasted over the PIL RGB ``generated`` image with alpha ``255 − min(2·mask, 255)`` (``mask``: the prepared
-    PIL ``L`` mask at that size, 255 = repaint; the doubling widens the repainted area into the blur's inner half),
-    through premultiplied alpha as A1111's ``RGBa`` paste. Returns a PIL RGB image."""
+    fill) composited over the PIL RGB ``generated`` image with alpha ``255 − min(2·mask, 255)`` (``mask``: the
+    prepared PIL ``L`` mask at that size, 255 = repaint; the doubling widens the repainted area into the blur's
+    inner half; :func:`overlay_layer`). Returns a PIL RGB image."""
     import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     doubled = Image.fromarray(np.clip(np.asarray(mask.convert("L"), dtype=np.float32) * 2, 0, 255).astype(np.uint8))
-    masked = Image.new("RGBa", original.size)
-    masked.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(doubled))
     out = generated.convert("RGBA")
-    out.alpha_composite(masked.convert("RGBA"))
+    out.alpha_composite(overlay_layer(original, doubled))
     return out.convert("RGB")
 
 

@@ -72,13 +72,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
         aesthetic_text=args.aesthetic_text, lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
+        lbw_presets=args.lbw_presets,
         init_image=args.init_image, denoising_strength=args.denoising_strength, hires_scale=args.hires_scale,
         hires_width=args.hires_width, hires_height=args.hires_height, hires_steps=args.hires_steps,
         hires_denoising=args.hires_denoising, hires_upscaler=args.hires_upscaler,
         resize_mode=args.resize_mode, img2img_fix_steps=args.img2img_fix_steps, hires_prompt=args.hires_prompt,
         hires_negative=args.hires_negative, hires_sampler=args.hires_sampler,
         mask=args.mask, mask_blur=args.mask_blur, invert_mask=args.invert_mask, inpainting_fill=args.inpainting_fill,
-        inpainting_mask_weight=args.inpainting_mask_weight,
+        inpainting_mask_weight=args.inpainting_mask_weight, inpaint_full_res=args.inpaint_full_res,
+        inpaint_full_res_padding=args.inpaint_full_res_padding,
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     for file in result["files"]:
@@ -117,6 +119,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="where the prompt's <lora:NAME:...> / <lyco:NAME:...> tags find NAME.safetensors|.pt|.ckpt "
                           "(searched recursively, A1111's --lora-dir; else a .safetensors whose ss_output_name is NAME); "
                           "a tag's LoRA adds to any --lora of the same file")
+    generate.add_argument("--lbw-presets", default=None, metavar="FILE",
+                          help="the LoRA Block Weight extension's preset file (lines NAME:w,w,...) for the tags' "
+                          "lbw=NAME, added to its built-in presets (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, "
+                          "OUTALL, ALL0.5)")
     generate.add_argument("--hypernetwork-dir", default=None, metavar="DIR",
                           help="where the prompt's <hypernet:NAME:MULT> tags find NAME.pt|.safetensors (recursively)")
     generate.add_argument("--embedding", action="append", default=[], metavar="FILE",
@@ -184,7 +190,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="img2img denoising strength in [0, 1] (default 0.75, A1111's)")
     img2img.add_argument("--mask", default=None, metavar="IMAGE",
                          help="inpaint the --init-image: white = repaint, black = keep (an RGBA mask with transparency: "
-                         "its alpha); A1111's 'Inpaint whole picture' (docs/samplers.md, 'Inpainting')")
+                         "its alpha); A1111's 'Inpaint whole picture', or 'Only masked' with --inpaint-full-res (docs/samplers.md, "
+                         "'Inpainting')")
     img2img.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                          help="Gaussian blur of the mask in pixels (default 4, A1111's)")
     img2img.add_argument("--invert-mask", action="store_true", help="repaint the black area (A1111's 'Inpaint not masked')")
@@ -192,7 +199,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                          choices=("fill", "original", "latent-noise", "latent-nothing"),
                          help="what the masked area starts as (A1111's 'Masked content'; default original)")
     img2img.add_argument("--inpainting-mask-weight", type=float, default=1.0, metavar="W",
-                         help="inpainting models: A1111's 'Inpainting conditioning mask strength' in [0, 1] (default 1)")
+                         help="inpainting models: A1111's 'Inpainting conditioning mask strength' in [0, 1] (default 1; "
+                         "img2img without --mask too)")
+    img2img.add_argument("--inpaint-full-res", action="store_true",
+                         help="A1111's 'Inpaint area: Only masked': inpaint the mask's region (plus the padding, grown "
+                         "to the --width:--height aspect) at --width x --height and paste it back; the output keeps "
+                         "the init image's size")
+    img2img.add_argument("--inpaint-full-res-padding", type=int, default=None, metavar="PX",
+                         help="A1111's 'Only masked padding, pixels' around the mask's region (default 32)")
     img2img.add_argument("--hires-scale", type=float, default=None, metavar="F",
                          help="hires fix: a second pass at F times the size (A1111's 'Upscale by')")
     img2img.add_argument("--hires-width", type=positive_int, default=None, metavar="W",
@@ -243,6 +257,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     aesthetic.add_argument("--aesthetic-clip", default=None, metavar="DIR",
                            help="the CLIP model (folder or checkpoint) with the text_projection; needed for Stable "
                            "Diffusion models (openai/clip-vit-large-patch14 for SD1), not for the toy")
+    only_with(generate, ["--inpaint-full-res"], needs="--mask IMAGE", when=lambda args: args.mask is not None)
+    only_with(generate, ["--inpaint-full-res-padding"], needs="--inpaint-full-res",
+              when=lambda args: args.inpaint_full_res)
     only_with(generate, ["--aesthetic-steps", "--aesthetic-lr", "--aesthetic-weight", "--aesthetic-slerp",
                          "--aesthetic-text", "--aesthetic-clip"],
               needs="--aesthetic FILE", when=lambda args: args.aesthetic is not None)

@@ -87,6 +87,7 @@ def run_generate(
     aesthetic_text: str | None = None,
     lora_dir: str | os.PathLike | None = None,
     hypernetwork_dir: str | os.PathLike | None = None,
+    lbw_presets: str | os.PathLike | None = None,
     init_image: str | os.PathLike | None = None,
     denoising_strength: float = 0.75,
     hires_scale: float | None = None,
@@ -105,6 +106,8 @@ def run_generate(
     invert_mask: bool = False,
     inpainting_fill: str = "original",
     inpainting_mask_weight: float = 1.0,
+    inpaint_full_res: bool = False,
+    inpaint_full_res_padding: int | None = None,
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -168,7 +171,11 @@ def run_generate(
             ``NAME.safetensors|.pt|.ckpt`` anywhere under ``lora_dir``, merged at the text-encoder and
             UNet multipliers, after and besides ``loras``) and ``<hypernet:NAME:MULT>`` tags (``NAME.pt``
             or ``.safetensors`` under ``hypernetwork_dir``, after ``hypernetworks``); tags are taken out
-            of the text before it is encoded. A prompt without that syntax samples as it always did.
+            of the text before it is encoded. A prompt without that syntax samples as it always did. A LoRA tag's
+            ``lbw=PRESET`` / ``lbw=w,w,...`` (hako-mikan's LoRA Block Weight extension) weighs it per block
+            (:func:`sdadapt.jobs.generate_prompt_tags.tag_block_weights`; ``lbw_presets``: the extension's preset
+            file, added to its built-in presets). ``hires_prompt``'s tags are the hires pass's networks, as A1111's
+            ``hr_extra_network_data`` (:func:`sdadapt.jobs.generate_hires.networks_switched`).
         init_image, denoising_strength: img2img (A1111's): the image brought to ``width`` x ``height`` by
             ``resize_mode`` (Lanczos), VAE-encoded and sampled from at ``denoising_strength`` (A1111's default 0.75;
             :mod:`sdadapt.img2img`: A1111's t_enc rule for the samplers on A1111's grids, diffusers' for those run
@@ -176,8 +183,12 @@ def run_generate(
         mask, mask_blur, invert_mask, inpainting_fill, inpainting_mask_weight: A1111's inpaint tab with
             ``init_image`` (:mod:`sdadapt.jobs.generate_inpaint`, :mod:`sdadapt.inpaint`): the mask image (white =
             repaint), its Gaussian blur (``None``: A1111's 4), "Inpaint not masked", what the masked area starts as
-            (``fill``, ``original``, ``latent-noise``, ``latent-nothing``) and an inpainting model's "Inpainting
-            conditioning mask strength".
+            (``fill``, ``original``, ``latent-noise``, ``latent-nothing``; ``latent-noise`` with ``noise``: A1111's
+            draw for the seed) and an inpainting model's "Inpainting conditioning mask strength" (also img2img
+            without a mask: A1111's conditioning under a mask of ones).
+        inpaint_full_res, inpaint_full_res_padding: A1111's "Inpaint area: Only masked" and its padding (``None``:
+            A1111's 32 pixels): the mask's region inpainted at ``width`` x ``height`` and pasted back into the init
+            image, which keeps its size (:mod:`sdadapt.inpaint_crop`); a blank mask: plain img2img, with a warning.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions), ``hires_steps`` (0: ``steps``) at ``hires_denoising`` (0.7) from the first pass's
@@ -254,6 +265,10 @@ def run_generate(
         noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
         ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         beta_alpha=beta_alpha, beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
+    if schedule_options is not None and hires_sampler is not None and hires_schedule is None:
+        raise ValueError(f"--hires-sampler {hires_sampler} runs on no σ grid (its own steps), so --sigma-min, "
+                         "--sigma-max, --rho, --beta-alpha, --beta-beta and --old-karras-sigmas cannot shape the hires "
+                         "pass; choose a hires sampler with a σ grid or leave those settings out")
     target = Path(out)
     if target.suffix.lower() != ".png":
         raise WeightFileError(f"{target}: generate writes PNG images; name the output *.png")
@@ -266,15 +281,30 @@ def run_generate(
     from .generate_inpaint import check_inpaint_options
 
     check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
-                          inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight)
+                          inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
+                          inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
+                          resize_mode=resize_mode)
     files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
-    from .generate_prompt_tags import prompt_tag_files
+    from .generate_prompt_tags import prompt_tag_files, read_lbw_presets
 
+    presets = None if lbw_presets is None else read_lbw_presets(lbw_presets)
     prompt, tag_loras, tag_hypernetworks = prompt_tag_files(prompt, lora_dir=lora_dir,
-                                                            hypernetwork_dir=hypernetwork_dir, log=say)
+                                                            hypernetwork_dir=hypernetwork_dir, log=say,
+                                                            lbw_presets=presets)
+    hires_tag_loras = tag_loras
+    if hires_prompt is not None:  # A1111 parses the hires prompt's extra networks too (hr_extra_network_data)
+        hires_prompt, hires_tag_loras, hires_tag_hypernetworks = prompt_tag_files(
+            hires_prompt, lora_dir=lora_dir, hypernetwork_dir=hypernetwork_dir, log=say, lbw_presets=presets)
+        if hires_tag_hypernetworks != tag_hypernetworks:
+            raise ValueError("--hires-prompt: its <hypernet:> tags differ from --prompt's; A1111 would switch "
+                             "hypernetworks for the hires pass, which is not done here: give both the same ones")
+        if _networks(hires_tag_loras) != _networks(tag_loras) and custom_diffusions:
+            raise ValueError("--hires-prompt: its <lora:> tags differ from --prompt's, and switching LoRAs for the "
+                             "hires pass would undo --custom-diffusion's weights too; give both the same tags or "
+                             "leave out --custom-diffusion")
     parsed = _checked_specs("--lora", loras)
     hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks) + tag_hypernetworks
     custom_specs = _checked_specs("--custom-diffusion", custom_diffusions, folders=True)
@@ -311,9 +341,25 @@ def run_generate(
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
         say(f"applied {path} at {scale:g} ({applied[-1]['layers']} layers)")
-    for tag, path, te_scale, unet_scale in tag_loras:
-        applied.append(_apply_lora_file(system, path, te_scale, unet_scale=unet_scale, option=tag))
-        say(f"applied {path} ({tag}) at text encoder {te_scale:g}, UNet {unet_scale:g} ({applied[-1]['layers']} layers)")
+    # the hires pass switches the tag LoRAs when its prompt names others (A1111 activates hr_extra_network_data):
+    # only then are the undo handles (each a copy of the weights it changed) and the files read kept for the run
+    switch_networks = hires is not None and _networks(hires_tag_loras) != _networks(tag_loras)
+    tag_handles: list | None = [] if switch_networks else None
+    tag_files: dict | None = {} if switch_networks else None
+
+    def apply_tag_loras(items, handles: list | None, *, quiet: bool = False) -> list:
+        reports = []
+        for item in items:
+            reports.append(_apply_lora_file(system, item.file, item.te, unet_scale=item.unet, option=item.tag,
+                                            block_weights=item.block_weights, handles=handles, files=tag_files))
+            if not quiet:
+                blocks = ("" if item.block_weights is None else
+                          ", blocks " + ",".join(f"{w:g}" for w in item.block_weights))
+                say(f"applied {item.file} ({item.tag}) at text encoder {item.te:g}, UNet {item.unet:g}{blocks} "
+                    f"({reports[-1]['layers']} layers)")
+        return reports
+
+    applied.extend(apply_tag_loras(tag_loras, tag_handles))
     hypernetwork_report = []
     for index, ((path, strength), module) in enumerate(zip(hypernetwork_specs, hypernetwork_modules)):
         unet_device = next(system.unet.parameters()).device
@@ -404,13 +450,26 @@ def run_generate(
         inpainting = inpaint_inputs(system, init_image, mask, height=size_h, width=size_w,
                                     mask_blur=4.0 if mask_blur is None else mask_blur, invert_mask=invert_mask,
                                     inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
-                                    resize_mode=resize_mode)
-        say(f"inpainting with {mask}: fill {inpainting_fill}, mask blur {4.0 if mask_blur is None else mask_blur:g}"
-            f"{', inverted' if invert_mask else ''}"
-            f"{', inpainting model' if inpainting.conditioning is not None else ''}")
-    elif init_image is not None:
+                                    resize_mode=resize_mode, inpaint_full_res=inpaint_full_res,
+                                    inpaint_full_res_padding=32 if inpaint_full_res_padding is None
+                                    else inpaint_full_res_padding)
+        if inpainting is None:  # (A1111: 'Unable to perform "Inpaint Only mask" because mask is blank')
+            say(f"warning: --inpaint-full-res: the mask {mask} is blank after --invert-mask / --mask-blur, so there "
+                "is no region to inpaint; running plain img2img on the whole image as A1111 does")
+        else:
+            say(f"inpainting with {mask}: fill {inpainting_fill}, mask blur "
+                f"{4.0 if mask_blur is None else mask_blur:g}{', inverted' if invert_mask else ''}"
+                f"{', inpainting model' if inpainting.conditioning is not None else ''}"
+                + ("" if inpainting.region is None else f", only masked: region {inpainting.region} inpainted at "
+                   f"{size_w}x{size_h}"))
+    model_conditioning = None  # (an inpainting model's img2img without a mask)
+    if init_image is not None and inpainting is None:
+        from .generate_inpaint import img2img_conditioning
+
         init_latents = init_latents_from_image(system, init_image, height=size_h, width=size_w,
                                                resize_mode=resize_mode)
+        model_conditioning = img2img_conditioning(system, init_image, height=size_h, width=size_w,
+                                                  resize_mode=resize_mode, inpainting_mask_weight=inpainting_mask_weight)
         say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, "
             f"{resize_mode} resize{', exact steps' if img2img_fix_steps else ''})")
     if hires is not None:
@@ -427,6 +486,19 @@ def run_generate(
             multiple=int(getattr(system, "size_multiple", 8)))
         say(f"hires fix: {hires.size[1]}x{hires.size[0]}, {hires.steps or steps or 25} steps at denoising "
             f"{hires.denoising:g}, {hires.upscaler}")
+
+    hires_networks = None
+    if switch_networks:  # (the same files at the same multipliers: A1111's load_networks changes nothing)
+        import functools
+
+        from .generate_hires import networks_switched
+
+        hires_networks = functools.partial(
+            networks_switched, system, first=tag_handles,
+            apply_first=lambda handles: apply_tag_loras(tag_loras, handles, quiet=True),
+            apply_second=lambda handles: apply_tag_loras(hires_tag_loras, handles, quiet=True))
+        say("hires pass: the hires prompt's LoRA tags instead of the prompt's: "
+            f"{', '.join(item.tag for item in hires_tag_loras) or 'none'}")
 
     def plan_for(hires_steps: int) -> object:  # (A1111 plans the hires pass's schedule for its steps)
         hr_text = text if hires is None or hires.prompt is None else hires.prompt
@@ -449,10 +521,12 @@ def run_generate(
                            **({} if schedule_options is None else {"schedule_options": schedule_options}))
             if inpainting is not None:
                 options.update(inpainting.generate_options())
-                init_latents = inpainting.init_latents(seed + i)
+                init_latents = inpainting.init_latents(seed + i, a1111_seeds)
+            elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
+                options["inpaint_conditioning"] = model_conditioning
             image = sample_image(system, [text], options, init_latents=init_latents,
                                  denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
-                                 fix_steps=img2img_fix_steps)[0]
+                                 fix_steps=img2img_fix_steps, hires_networks=hires_networks)[0]
             if inpainting is not None:  # A1111's final overlay: the original pixels outside the mask
                 image = inpainting.overlay(image)
             if report:
@@ -587,26 +661,49 @@ def _without_emphasis(text: str, say: Callable[[str], None]) -> str:
     return plain
 
 
+def _networks(tag_loras) -> list[tuple]:
+    """What a list of tag LoRAs merges (the tag texts aside): ``(file, te, unet, block weights)`` in order."""
+    return [(item.file, item.te, item.unet, item.block_weights) for item in tag_loras]
+
+
 def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | None = None,
-                     option: str = "--lora") -> dict:
+                     option: str = "--lora", block_weights: tuple[float, ...] | None = None,
+                     handles: list | None = None, files: dict | None = None) -> dict:
     """Merge a LoRA-family file into the system's weights (``apply_lora`` per component): the text
     encoders at ``scale``, the UNet at ``unet_scale`` (default ``scale``; A1111's ``<lora:NAME:TE:UNET>``).
-    ``option`` names the request in errors (``--lora`` or the prompt tag)."""
+    ``option`` names the request in errors (``--lora`` or the prompt tag). ``block_weights``: the LoRA Block
+    Weight extension's 26 slot weights, each layer's multiplier times its block's
+    (:func:`sdadapt.jobs.generate_lbw.lbw_groups`). ``handles``: gets each ``apply_lora`` undo handle. ``files``: the
+    files read so far (path -> what ``load_lora`` returned), read and filled here: a file merged again (the hires
+    pass's switch, once per image) is read once per run."""
     from ..apply import apply_lora
     from ..formats import load_lora
     from ..formats.unet_keys import model_layers_per_block
+    from .generate_lbw import lbw_groups
 
     # LDM-named UNet layers (SDXL kohya files) map with the model's own UNet layout
-    components, metadata = load_lora(path, layers_per_block=model_layers_per_block(getattr(system, "unet", None)))
+    if files is not None and path in files:
+        components, metadata = files[path]
+    else:
+        components, metadata = load_lora(path, layers_per_block=model_layers_per_block(getattr(system, "unet", None)))
+        if files is not None:
+            files[path] = components, metadata
     layers = 0
     for component, state in components.items():
         module = getattr(system, component, None)
         if not isinstance(module, torch.nn.Module):
             raise ValueError(f"{option} {path}: it adapts a {component}, which this model does not have "
                              f"(a LoRA for {metadata.get('ss_base_model_version', 'another model')}?)")
+        multiplier = unet_scale if component == "unet" and unet_scale is not None else scale
+        groups = lbw_groups(state, component, multiplier, block_weights, sdxl=bool(getattr(system, "is_sdxl", False)),
+                            tag=option)
         try:
-            applied = apply_lora(module, state, scale=unet_scale if component == "unet" and unet_scale is not None
-                                 else scale)
+            applied_names = []
+            for group_scale, group_state in groups:
+                applied = apply_lora(module, group_state, scale=group_scale)
+                applied_names.extend(applied.names)
+                if handles is not None:
+                    handles.append(applied)
         except (ValueError, KeyError, RuntimeError) as exc:
             details = " ".join(str(exc).split())
             details = details if len(details) <= 300 else details[:300].rsplit(" ", 1)[0] + " ..."
@@ -615,8 +712,10 @@ def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | No
             hint = f": the file says it is for {made_for}" if made_for else ""
             hint += f"{', and this is' if hint else ': this model is'} {model}" if model else ""
             raise ValueError(f"{option} {path}: does not fit this model's {component}{hint} ({details})") from None
-        layers += len(applied.names)
+        layers += len(applied_names)
     report = {"file": str(path), "scale": scale, "layers": layers}
+    if block_weights is not None:
+        report["block_weights"] = list(block_weights)
     return report if unet_scale is None else {**report, "unet_scale": unet_scale, "tag": option}
 
 

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["HiresRequest", "check_hires_request", "hires_size", "init_latents_from_image", "sample_image"]
+__all__ = ["HiresRequest", "check_hires_request", "hires_size", "init_latents_from_image", "networks_switched",
+           "sample_image"]
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,42 @@ def init_latents_from_image(system, path: str | os.PathLike, *, height: int, wid
         return system.encode_images(image[None].to(device)).float()
 
 
+@contextmanager
+def networks_switched(system, *, first: list, apply_first: Callable[[list], object],
+                      apply_second: Callable[[list], object]) -> Iterator[None]:
+    """A block run with the hires pass's merged networks instead of the first pass's, as A1111's
+    ``sample_hr_pass`` runs ``extra_networks.activate(p, hr_extra_network_data)`` before ``calculate_hr_conds``
+    (and ``process_images`` activates the first pass's again for the next image).
+
+    Args:
+        system: the loaded system; while inside, its conditions cache (:mod:`sdadapt.jobs.generate_conditions`)
+            is set aside, so texts are encoded with the hires pass's text-encoder weights.
+        first: the first pass's undo handles (:class:`sdadapt.apply.AppliedDelta`), in the order applied; undone
+            in reverse on entry (their weights back bit for bit), and refilled on exit.
+        apply_first, apply_second: merge the first / hires pass's networks, appending their handles to the list
+            given. On exit the hires ones are undone in reverse and the first pass's merged again — the same
+            files on the same restored weights, so the same bits.
+    """
+    cached = system.__dict__.pop("condition", None) if hasattr(system, "__dict__") else None
+    for handle in reversed(first):
+        handle.undo()
+    first.clear()
+    second: list = []
+    try:
+        apply_second(second)
+        yield
+    finally:
+        for handle in reversed(second):
+            handle.undo()
+        apply_first(first)
+        if cached is not None:
+            system.condition = cached
+
+
 def sample_image(system, prompts: list[str], options: dict, *, init_latents: Tensor | None = None,
                  denoising_strength: float = 0.75, hires: HiresRequest | None = None,
-                 plan_for: Callable[[int], object] | None = None, fix_steps: bool = False) -> Tensor:
+                 plan_for: Callable[[int], object] | None = None, fix_steps: bool = False,
+                 hires_networks: Callable[[], AbstractContextManager] | None = None) -> Tensor:
     """One :func:`sdadapt.sampling.generate` call's images (B, 3, H, W) in [-1, 1] with img2img and/or hires fix.
 
     ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
@@ -115,6 +150,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     given); ``None``: ``options["plan"]``. ``hires.prompt`` / ``hires.negative``: the second pass's texts (a plain
     plan's one text, or its plan); ``hires.sampler``: its sampler. ``fix_steps``: A1111's setting "With img2img, do
     exactly the amount of steps the slider specifies" for the ``init_latents`` pass (``img2img_steps = steps``).
+    ``hires_networks()``: a context (:func:`networks_switched`) the hires pass runs in, with its own merged
+    networks (A1111's ``hr_extra_network_data``: the hires prompt's tags); ``None``: the first pass's networks.
     """
     from ..img2img import LATENT_UPSCALERS, upscale_latents
     from ..sampling import generate
@@ -158,5 +195,9 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
             second_prompts, second["negative"] = [plan.texts[0]] * len(prompts), plan.negative_texts[0]
         else:
             second["plan"] = plan
-    return generate(system, second_prompts, **second, init_latents=start.to(latents.dtype),
-                    denoising_strength=hires.denoising, img2img_steps=steps)
+    if hires_networks is None:
+        return generate(system, second_prompts, **second, init_latents=start.to(latents.dtype),
+                        denoising_strength=hires.denoising, img2img_steps=steps)
+    with hires_networks():
+        return generate(system, second_prompts, **second, init_latents=start.to(latents.dtype),
+                        denoising_strength=hires.denoising, img2img_steps=steps)

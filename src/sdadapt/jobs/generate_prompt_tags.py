@@ -6,13 +6,18 @@ embeddings of ``--embeddings-dir`` whose names the prompts use (:func:`prompt_em
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 
-__all__ = ["EMBEDDING_SUFFIXES", "HYPERNETWORK_SUFFIXES", "LORA_SUFFIXES", "find_network_file",
-           "prompt_embedding_files", "prompt_tag_files"]
+if TYPE_CHECKING:
+    from ..prompt_schedule import ExtraNetworkTag
+
+__all__ = ["EMBEDDING_SUFFIXES", "HYPERNETWORK_SUFFIXES", "LORA_SUFFIXES", "TagLoRA", "find_network_file",
+           "prompt_embedding_files", "prompt_tag_files", "read_lbw_presets", "tag_block_weights"]
 
 #: the files A1111's Lora extension lists (``--lora-dir``)
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -21,6 +26,82 @@ HYPERNETWORK_SUFFIXES = (".pt", ".safetensors")
 #: the embedding files A1111 reads from its embeddings folder (it also reads embeddings hidden in images)
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 _IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
+
+
+@dataclass(frozen=True)
+class TagLoRA:
+    """One ``<lora:...>`` / ``<lyco:...>`` tag: its ``tag`` text, the ``file`` it names, the text-encoder and UNet
+    multipliers (``te``, ``unet``) and the LoRA Block Weight extension's 26 slot weights (``block_weights``:
+    BASE, IN00..IN11, M00, OUT00..OUT11; ``None``: no ``lbw=``)."""
+
+    tag: str
+    file: Path
+    te: float
+    unet: float
+    block_weights: tuple[float, ...] | None = None
+
+
+def read_lbw_presets(path: str | os.PathLike) -> dict[str, str]:
+    """``--lbw-presets FILE``: the LoRA Block Weight extension's preset file (``lbwpresets.txt``, lines
+    ``NAME:w,w,...``; other lines are comments) -> :data:`~sdadapt.loratools.block_weights.LBW_PRESETS` with the
+    file's presets added (a file preset of a built-in name replaces it).
+
+    Raises:
+        InputError: no such file, or no preset line in it.
+    """
+    from ..loratools.block_weights import LBW_PRESETS, parse_lbw_presets
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"--lbw-presets {file}: no such file")
+    own = parse_lbw_presets(file.read_text(encoding="utf-8"))
+    if not own:
+        raise InputError(f"--lbw-presets {file}: no preset line in it; write lines NAME:w,w,... with 12, 17, 20 or "
+                         "26 weights")
+    return {**LBW_PRESETS, **own}
+
+
+#: the extension's other tag options: refused, each with why (the ``<lora:>`` tag is named in the message)
+_REFUSED_LBW_OPTIONS = {
+    "lbwe": "the extension's elemental weights (lbwe=) are not read here; give per-block weights with lbw= instead",
+    "start": "start= (the LoRA only from a step on) needs the weights switched inside the sampler, which is not "
+             "done here; leave it out",
+    "stop": "stop= (the LoRA only until a step) needs the weights switched inside the sampler, which is not done "
+            "here; leave it out",
+    "step": "step= (the LoRA only for a range of steps) needs the weights switched inside the sampler, which is not "
+            "done here; leave it out",
+}
+
+
+def tag_block_weights(tag: ExtraNetworkTag, *, presets: Mapping[str, str] | None = None) -> tuple[float, ...] | None:
+    """The 26 slot weights of a ``<lora:>`` tag's ``lbw=`` (or its alias ``w=``), as hako-mikan's
+    sd-webui-lora-block-weight reads it (``scripts/lora_block_weight.py`` ``loradealer``): a preset name
+    (``presets``, default the built-in ones) or 12/17/20/26 weights, unnamed slots 0, ``X`` the tag's ``x=`` — only
+    when the tag has four or more items (the extension's ``syntaxdealer(items, "x=", 3) if len(items) >= 4 else
+    1``), else 1. ``None`` without ``lbw=``.
+
+    Raises:
+        InputError: ``lbwe=``, ``start=``, ``stop=``, ``step=`` (not built: the message says why), or a bad ``lbw=``
+            (:func:`sdadapt.loratools.block_weights.parse_lbw_spec`), each naming the tag.
+    """
+    from ..loratools.block_weights import parse_lbw_spec
+
+    for option, why in _REFUSED_LBW_OPTIONS.items():
+        if option in tag.named:
+            raise InputError(f"prompt tag {tag.text}: {why}")
+    spec = tag.named.get("lbw", tag.named.get("w"))
+    if spec is None:
+        return None
+    x = 1.0
+    if len(tag.positional) + len(tag.named) >= 4 and "x" in tag.named:
+        try:
+            x = float(tag.named["x"])
+        except ValueError:
+            raise InputError(f"prompt tag {tag.text}: x={tag.named['x']} is not a number") from None
+    try:
+        return parse_lbw_spec(spec.strip(), presets=presets, x=x)
+    except ValueError as exc:
+        raise InputError(f"prompt tag {tag.text}: {exc}") from None
 
 
 def _contains(ids: list[int], part: list[int]) -> bool:
@@ -123,9 +204,11 @@ def find_network_file(name: str, folder: str | os.PathLike | None, *, suffixes: 
 def prompt_tag_files(prompt: str, *, lora_dir: str | os.PathLike | None = None,
                      hypernetwork_dir: str | os.PathLike | None = None,
                      log: Callable[[str], None] | None = None,
-                     ) -> tuple[str, list[tuple[str, Path, float, float]], list[tuple[Path, float]]]:
-    """``prompt`` without its extra-network tags, the LoRA tags' ``(tag, file, te, unet)`` and the
-    hypernetwork tags' ``(file, multiplier)``, in prompt order (:mod:`sdadapt.prompt_schedule`).
+                     lbw_presets: Mapping[str, str] | None = None,
+                     ) -> tuple[str, list[TagLoRA], list[tuple[Path, float]]]:
+    """``prompt`` without its extra-network tags, the LoRA tags (:class:`TagLoRA`, with the LoRA Block Weight
+    extension's ``lbw=`` read by :func:`tag_block_weights` from ``lbw_presets``, default the built-in presets)
+    and the hypernetwork tags' ``(file, multiplier)``, in prompt order (:mod:`sdadapt.prompt_schedule`).
     Tags of other kinds are taken out and said on ``log`` (A1111 skips unknown networks)."""
     from ..prompt_schedule import (
         extra_network_tags,
@@ -135,14 +218,15 @@ def prompt_tag_files(prompt: str, *, lora_dir: str | os.PathLike | None = None,
 
     say = log or (lambda line: None)
     text, tags = extra_network_tags(prompt)
-    loras: list[tuple[str, Path, float, float]] = []
+    loras: list[TagLoRA] = []
     hypernetworks: list[tuple[Path, float]] = []
     for tag in tags:
         if tag.kind in ("lora", "lyco"):
             name, te, unet = lora_multipliers(tag)
+            block_weights = tag_block_weights(tag, presets=lbw_presets)
             path = find_network_file(name, lora_dir, suffixes=LORA_SUFFIXES, option="--lora-dir", tag=tag.text,
                                      aliases=True)
-            loras.append((tag.text, path, te, unet))
+            loras.append(TagLoRA(tag.text, path, te, unet, block_weights))
         elif tag.kind == "hypernet":
             name, multiplier = hypernetwork_multiplier(tag)
             path = find_network_file(name, hypernetwork_dir, suffixes=HYPERNETWORK_SUFFIXES,

@@ -1,0 +1,118 @@
+"""A1111's "Inpaint area: Only masked" (``inpaint_full_res``) and "Only masked padding, pixels"
+(``inpaint_full_res_padding``): the masked part of a large image is cut out, inpainted at the generation size and
+pasted back, so a face or a hand is repainted at full resolution.
+
+The geometry, from AUTOMATIC1111's ``modules/masking.py`` (``get_crop_region_v2``, ``expand_crop_region``) and
+``modules/processing.py`` (``StableDiffusionProcessingImg2Img.init``, ``uncrop``, ``apply_overlay``):
+
+* the crop region is the bounding box of the prepared mask's non-zero pixels — *after* the mask is prepared
+  (an alpha mask thresholded, an L mask kept grey; inverted, blurred), so the blur's fringe is inside — widened by
+  the padding on every side and clamped to the image (:func:`crop_region`; a blank mask has none: A1111 then runs
+  plain img2img on the whole image);
+* it is grown to the aspect ratio of the generation size (``width / height``) around its centre, moved back inside
+  the image where it crosses an edge and clamped there (:func:`expand_crop_region`, A1111's integer arithmetic);
+* image and mask are cut to it and brought to ``width`` x ``height`` by "Resize and fill" (A1111's
+  ``resize_image(2, ...)``, whatever the img2img resize mode);
+* after sampling the generated image is brought back to the region's size by "Crop and resize"
+  (``resize_image(1, ...)``) and pasted at its corner on a transparent canvas of the image's size, and the original
+  image is composited over it with alpha ``255 − mask`` (the blurred mask, *not* doubled as for "Whole picture")
+  (:func:`paste_back`): every pixel where the mask is 0 — all of the image outside the region — is the original's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["DEFAULT_PADDING", "crop_region", "expand_crop_region", "only_masked_region", "paste_back"]
+
+#: A1111's default "Only masked padding, pixels" (its UI slider and API field ``inpaint_full_res_padding``)
+DEFAULT_PADDING = 32
+
+Region = tuple[int, int, int, int]
+
+
+def crop_region(mask: Tensor, padding: int = 0) -> Region | None:
+    """A1111's ``masking.get_crop_region_v2``: the box ``(x1, y1, x2, y2)`` (x2, y2 exclusive, PIL's ``getbbox``)
+    around the non-zero pixels of ``mask`` (H, W), each side moved out by ``padding`` pixels and clamped to
+    ``[0, W] x [0, H]``; ``None`` for a mask with no non-zero pixel.
+
+    Raises:
+        ValueError: a mask that is not 2-D, or a negative padding.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"crop_region: the mask must be (H, W), got shape {tuple(mask.shape)}")
+    if padding < 0:
+        raise ValueError(f"--inpaint-full-res-padding must be >= 0, got {padding}")
+    h, w = mask.shape
+    cols = torch.nonzero(mask.ne(0).any(dim=0)).flatten()  # (k,) columns with a masked pixel
+    rows = torch.nonzero(mask.ne(0).any(dim=1)).flatten()
+    if cols.numel() == 0:
+        return None
+    x1, x2, y1, y2 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
+    return max(x1 - padding, 0), max(y1 - padding, 0), min(x2 + padding, w), min(y2 + padding, h)
+
+
+def expand_crop_region(region: Region, *, width: int, height: int, image_width: int, image_height: int) -> Region:
+    """A1111's ``masking.expand_crop_region``: ``region`` (x1, y1, x2, y2) grown along its short side to the ratio
+    ``width / height`` of the generation size (the extra ``int(desired − size)`` pixels split ``d // 2`` before,
+    the rest after), shifted back inside an ``image_width`` x ``image_height`` image where it crosses an edge and
+    clamped to it (then it keeps a slightly different ratio: the crop is later fitted by "Resize and fill")."""
+    x1, y1, x2, y2 = (int(v) for v in region)
+    ratio_crop = (x2 - x1) / (y2 - y1)
+    ratio_processing = width / height
+    if ratio_crop > ratio_processing:  # too wide: grow the height
+        diff = int((x2 - x1) / ratio_processing - (y2 - y1))
+        y1 -= diff // 2
+        y2 += diff - diff // 2
+        if y2 >= image_height:
+            y1 -= y2 - image_height
+            y2 = image_height
+        if y1 < 0:
+            y2 -= y1
+            y1 = 0
+        y2 = min(y2, image_height)
+    else:  # too tall (or exact): grow the width
+        diff = int((y2 - y1) * ratio_processing - (x2 - x1))
+        x1 -= diff // 2
+        x2 += diff - diff // 2
+        if x2 >= image_width:
+            x1 -= x2 - image_width
+            x2 = image_width
+        if x1 < 0:
+            x2 -= x1
+            x1 = 0
+        x2 = min(x2, image_width)
+    return x1, y1, x2, y2
+
+
+def only_masked_region(mask: Tensor, *, padding: int, width: int, height: int) -> Region | None:
+    """The region "Only masked" inpaints: :func:`crop_region` of the prepared mask (H, W) with ``padding``, grown by
+    :func:`expand_crop_region` to ``width / height`` inside the image; ``None`` for a blank mask (A1111: "Unable to
+    perform Inpaint Only mask because mask is blank", plain img2img instead)."""
+    region = crop_region(mask, padding)
+    if region is None:
+        return None
+    h, w = mask.shape
+    return expand_crop_region(region, width=width, height=height, image_width=w, image_height=h)
+
+
+def paste_back(generated: Tensor, *, original, mask, region: Region):
+    """A1111's ``apply_overlay`` with ``paste_to`` (``uncrop``): the generated image (3, h, w) in [-1, 1] brought
+    to the region's size by "Crop and resize" (:func:`sdadapt.resize_modes.a1111_resize`), made 8-bit and pasted at
+    ``(x1, y1)`` on a transparent canvas of the ``original`` PIL RGB image's size; the original composited over it
+    with alpha ``255 − mask`` (``mask``: the prepared PIL ``L`` mask at the original's size, 255 = repaint;
+    :func:`sdadapt.inpaint.overlay_layer`). Returns a PIL RGB image of the original's size."""
+    import numpy as np
+    from PIL import Image
+
+    from .images import to_uint8
+    from .inpaint import overlay_layer
+    from .resize_modes import a1111_resize
+
+    x1, y1, x2, y2 = region
+    piece = a1111_resize(generated.detach().float().cpu(), (y2 - y1, x2 - x1), mode="crop")  # (3, y2-y1, x2-x1)
+    canvas = Image.new("RGBA", original.size)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(to_uint8(piece)), "RGB"), (x1, y1))
+    canvas.alpha_composite(overlay_layer(original, mask))
+    return canvas.convert("RGB")

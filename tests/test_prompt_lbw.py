@@ -1,0 +1,563 @@
+"""hako-mikan's LoRA Block Weight in ``generate``'s ``<lora:NAME:M:lbw=...>`` tags, and the hires prompt's own
+extra networks (A1111's ``hr_extra_network_data``).
+
+References transcribed below from hako-mikan/sd-webui-lora-block-weight ``scripts/lora_block_weight.py``
+(commit b403cb7): ``DEF_WEIGHT_PRESET``, ``BLOCKID*``, ``BLOCKS``, ``to26``, ``getinheritedweight`` and
+``ratiodealer`` (without elementals); the diffusers -> LDM block numbering as the real SD1 (2 layers per block,
+4 blocks) and SDXL (2 layers per block, 3 blocks) UNets lay it out, which is what A1111's layer names use.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdadapt.errors import InputError
+from sdadapt.loratools.block_weights import (
+    LBW_PRESETS,
+    lbw_layer_weight,
+    lbw_slot_weights,
+    parse_lbw_presets,
+    parse_lbw_spec,
+)
+from sdadapt.prompt_schedule import extra_network_tags
+
+# ---- the extension, transcribed --------------------------------------------------------------------------------
+
+DEF_WEIGHT_PRESET = """NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+ALL:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
+INS:1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0
+IND:1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0
+INALL:1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0
+MIDD:1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0
+OUTD:1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0
+OUTS:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1
+OUTALL:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
+ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5
+FLUXALL:""" + ",".join(["1"] * 61)
+
+BLOCKID26 = ["BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "IN07", "IN08", "IN09", "IN10", "IN11",
+             "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10",
+             "OUT11"]
+BLOCKID17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06",
+             "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"]
+BLOCKID12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"]
+BLOCKID20 = ["BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "IN07", "IN08", "M00", "OUT00", "OUT01",
+             "OUT02", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08"]
+BLOCKNUMS = [12, 17, 20, 26]
+BLOCKIDS = [BLOCKID12, BLOCKID17, BLOCKID20, BLOCKID26]
+BLOCKS = ["encoder", *(f"diffusion_model_input_blocks_{i}_" for i in range(12)), "diffusion_model_middle_block_",
+          *(f"diffusion_model_output_blocks_{i}_" for i in range(12)), "embedders", "transformer_resblocks"]
+
+
+def to26(ratios):
+    ids = BLOCKIDS[BLOCKNUMS.index(len(ratios))]
+    output = [0] * 26
+    for i, id in enumerate(ids):
+        output[BLOCKID26.index(id)] = ratios[i]
+    return output
+
+
+def getinheritedweight(weight, offset):
+    match = re.compile(r"X([+-])?([\d.]+)?").search(offset)
+    if match.group(1) == "+":
+        return float(weight) + float(match.group(2))
+    elif match.group(1) == "-":
+        return float(weight) - float(match.group(2))
+    else:
+        return float(weight)
+
+
+def ratiodealer(key, lwei):
+    ratio = 1
+    for i, block in enumerate(BLOCKS):
+        if block in key:
+            if i == 26 or i == 27:
+                i = 0
+            ratio = lwei[i]
+    return ratio
+
+
+def _ldm_path(layer: str, *, blocks: int) -> str:
+    """A diffusers UNet layer's LDM (compvis) path on a real SD1 (4 blocks) / SDXL (3 blocks) UNet: 2 layers per
+    block, so down (i, j) -> input_blocks 3i+j+1, down i's sampler -> 3i+3, up (i, j) -> output_blocks 3i+j."""
+    parts = layer.split(".")
+    root = {"conv_in": "input_blocks.0.0", "time_embedding": "time_embed", "add_embedding": "label_emb",
+            "conv_norm_out": "out.0", "conv_out": "out.2"}
+    if parts[0] in root:
+        return ".".join([root[parts[0]], *parts[1:]])
+    if parts[0] == "mid_block":
+        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[".".join(parts[1:3])]
+        return ".".join(["middle_block", str(index), *parts[3:]])
+    i, kind, j = int(parts[1]), parts[2], int(parts[3])
+    if parts[0] == "down_blocks":
+        n = 3 * i + 3 if kind == "downsamplers" else 3 * i + j + 1
+        return f"input_blocks.{n}.{0 if kind != 'attentions' else 1}.{'.'.join(parts[4:])}"
+    n = 3 * i + 2 if kind == "upsamplers" else 3 * i + j
+    with_attention = i in ((0, 1) if blocks == 3 else (1, 2, 3))
+    sub = {"resnets": 0, "attentions": 1, "upsamplers": 2 if with_attention else 1}[kind]
+    return f"output_blocks.{n}.{sub}.{'.'.join(parts[4:])}"
+
+
+def _layers(*, sdxl: bool) -> list[str]:
+    """Every kind of LoRA layer of a real SD1 / SDXL UNet (attention, resnets, samplers, in/out, embeddings)."""
+    blocks = 3 if sdxl else 4
+    attention_down = (1, 2) if sdxl else (0, 1, 2)
+    attention_up = (0, 1) if sdxl else (1, 2, 3)
+    layers = ["conv_in", "time_embedding.linear_1", "conv_norm_out", "conv_out",
+              "mid_block.attentions.0.transformer_blocks.0.attn2.to_k", "mid_block.resnets.1.conv1"]
+    layers += ["add_embedding.linear_2"] if sdxl else []
+    for i in range(blocks):
+        for j in range(2):
+            layers.append(f"down_blocks.{i}.resnets.{j}.conv1")
+            if i in attention_down:
+                layers.append(f"down_blocks.{i}.attentions.{j}.transformer_blocks.0.attn1.to_q")
+                layers.append(f"down_blocks.{i}.attentions.{j}.proj_in")
+        if i < blocks - 1:
+            layers.append(f"down_blocks.{i}.downsamplers.0.conv")
+            layers.append(f"up_blocks.{i}.upsamplers.0.conv")
+        for j in range(3):
+            layers.append(f"up_blocks.{i}.resnets.{j}.conv2")
+            if i in attention_up:
+                layers.append(f"up_blocks.{i}.attentions.{j}.transformer_blocks.0.ff.net.0.proj")
+    return layers
+
+
+# ---- presets, lengths, letters ----------------------------------------------------------------------------------
+
+def test_builtin_presets_are_the_extensions():
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in DEF_WEIGHT_PRESET.splitlines()}
+    assert LBW_PRESETS == {k: v for k, v in lines.items() if k != "FLUXALL"}  # (Flux's 61 values: not read)
+    assert parse_lbw_presets(DEF_WEIGHT_PRESET + "\n# MINE:1,1\nbad line\n") == LBW_PRESETS
+    for name, text in lines.items():
+        if name != "FLUXALL":
+            assert list(parse_lbw_spec(name)) == to26([float(w) for w in text.split(",")])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(BLOCKNUMS).flatmap(
+    lambda n: st.lists(st.floats(-2, 2, allow_nan=False).map(lambda v: round(v, 3)), min_size=n, max_size=n)))
+def test_vectors_of_each_length_fill_the_26_slots_as_to26(values):
+    assert list(lbw_slot_weights(values)) == to26(values)
+    assert list(parse_lbw_spec(",".join(map(str, values)))) == to26(values)
+
+
+@pytest.mark.parametrize("letter", ["X", "X+0.5", "X-1", "X+.25"])
+def test_x_letters_are_the_inherited_weight(letter):
+    text = ",".join([letter, *["1"] * 11, letter, "0", letter, "0.5", "2"])
+    want = to26([getinheritedweight(0.7, v) if v.startswith("X") else float(v) for v in text.split(",")])
+    assert list(parse_lbw_spec(text, x=0.7)) == want
+
+
+@pytest.mark.parametrize(("spec", "words"), [("R,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", "random"),
+                                             ("1,U,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", "random"),
+                                             ("MYSTERY", "INS"), ("1,0,1", "12, 17, 20 or 26"),
+                                             ("1,a,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", "not a number")])
+def test_bad_lbw_values_are_refused_with_the_fix(spec, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        parse_lbw_spec(spec)
+
+
+# ---- which layer gets which factor ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd1", "sdxl"])
+def test_each_layer_gets_the_extensions_ratio(sdxl):
+    g = torch.Generator().manual_seed(3)
+    slots = [round(v, 3) for v in (torch.rand(26, generator=g, dtype=torch.float64) * 3 - 1).tolist()]
+    base_model = "sdxl" if sdxl else "sd1"
+    for layer in _layers(sdxl=sdxl):
+        key = "diffusion_model_" + _ldm_path(layer, blocks=3 if sdxl else 4).replace(".", "_")
+        assert lbw_layer_weight(slots, "unet", layer, base_model=base_model) == ratiodealer(key, slots), (layer, key)
+    text_keys = {"text_encoder": "transformer_text_model_encoder_layers_0_self_attn_q_proj",
+                 "text_encoder_2": "conditioner_embedders_1_model_transformer_resblocks_0_attn_in_proj"}
+    for component, key in text_keys.items():
+        assert lbw_layer_weight(slots, component, "text_model.encoder.layers.0.self_attn.q_proj",
+                                base_model=base_model) == ratiodealer(key, slots) == slots[0]
+
+
+# ---- the tag ----------------------------------------------------------------------------------------------------
+
+def _tag(text):
+    return extra_network_tags(text)[1][0]
+
+
+def test_tag_reads_lbw_w_and_x_as_the_extension():
+    from sdadapt.jobs.generate_prompt_tags import tag_block_weights
+
+    assert tag_block_weights(_tag("<lora:a:0.8>")) is None
+    assert tag_block_weights(_tag("<lora:a:0.8:lbw=OUTS>")) == tuple(to26([1.0, *[0.0] * 11, *[1.0] * 5]))
+    assert tag_block_weights(_tag("<lora:a:0.8:w=OUTS>")) == tag_block_weights(_tag("<lora:a:0.8:lbw=OUTS>"))
+    x17 = "X," + ",".join(["1"] * 16)
+    assert tag_block_weights(_tag(f"<lora:a:1:lbw={x17}:x=0.3>"))[0] == 0.3  # (4 items: x= read)
+    assert tag_block_weights(_tag(f"<lora:a:lbw={x17}:x=0.3>"))[0] == 1.0  # (3 items: the extension's 1)
+    mine = {**LBW_PRESETS, "MINE": ",".join(["0.25"] * 12)}
+    assert tag_block_weights(_tag("<lora:a:1:lbw=MINE>"), presets=mine) == tuple(to26([0.25] * 12))
+
+
+@pytest.mark.parametrize("option", ["lbwe=ATTNDEEPON", "start=10", "stop=10", "step=5-10"])
+def test_extension_options_not_built_are_refused_naming_the_tag(option):
+    from sdadapt.jobs.generate_prompt_tags import tag_block_weights
+
+    text = f"<lora:a:1:lbw=ALL:{option}>"
+    with pytest.raises(InputError, match=re.escape(text)):
+        tag_block_weights(_tag(text))
+
+
+def test_preset_file_adds_to_the_builtin_presets(tmp_path):
+    from sdadapt.jobs.generate_prompt_tags import read_lbw_presets
+
+    file = tmp_path / "lbwpresets.txt"
+    file.write_text("# my presets\nHALF:" + ",".join(["0.5"] * 26) + "\nINS:" + ",".join(["0"] * 17) + "\n")
+    presets = read_lbw_presets(file)
+    assert presets["HALF"] == ",".join(["0.5"] * 26) and presets["INS"] == ",".join(["0"] * 17)
+    assert presets["OUTS"] == LBW_PRESETS["OUTS"]
+    (tmp_path / "empty.txt").write_text("nothing here\n")
+    with pytest.raises(InputError, match="no preset line"):
+        read_lbw_presets(tmp_path / "empty.txt")
+
+
+# ---- merged weights: ALL is no lbw, NONE is no LoRA, a vector is merge-lora --block-weights ---------------------
+
+@pytest.fixture(scope="module")
+def sd1_file(tmp_path_factory):
+    from tiny_checkpoints import tiny_sd1_file
+
+    from sdadapt.formats.files import write_safetensors
+
+    root = tmp_path_factory.mktemp("lbw")
+    ckpt = tiny_sd1_file(root / "sd1.safetensors")
+    g = torch.Generator().manual_seed(0)
+    layers = {  # (kohya names: a text-encoder layer and UNet layers in down, mid and up blocks)
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (64, 64, ()),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (32, 32, ()),
+        "lora_unet_down_blocks_0_downsamplers_0_conv": (32, 32, (3, 3)),
+        "lora_unet_down_blocks_1_resnets_0_conv1": (64, 32, (3, 3)),
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k": (64, 64, ()),
+        "lora_unet_up_blocks_0_resnets_1_conv2": (64, 64, (3, 3)),
+        "lora_unet_up_blocks_1_attentions_0_proj_out": (32, 32, (1, 1)),
+    }
+    state = {}
+    for key, (out, inp, kernel) in layers.items():
+        state[f"{key}.lora_down.weight"] = torch.randn(4, inp, *kernel, generator=g) * 0.1
+        state[f"{key}.lora_up.weight"] = torch.randn(out, 4, *((1, 1) if kernel else ()), generator=g) * 0.1
+        state[f"{key}.alpha"] = torch.tensor(2.0)
+    write_safetensors(root / "style.safetensors", state, {})
+    return ckpt, root / "style.safetensors"
+
+
+def _merged(ckpt, lora, *, block_weights=None, te=0.8, unet=0.6):
+    from sdadapt.jobs.generate import _apply_lora_file
+    from sdadapt.jobs.models import load_system
+
+    system = load_system(str(ckpt), device="cpu")
+    if lora is not None:
+        _apply_lora_file(system, lora, te, unet_scale=unet, option="<lora:style>", block_weights=block_weights)
+    return {**{f"te.{k}": v for k, v in system.text_encoder.state_dict().items()},
+            **{f"unet.{k}": v for k, v in system.unet.state_dict().items()}}
+
+
+def test_lbw_all_is_no_lbw_and_none_is_no_lora_bit_for_bit(sd1_file):
+    """26 ones merge what no lbw merges; the 17-value ALL too, but for the layers in the blocks it leaves out (the
+    extension's to26 zeros them: a LoCon's IN00/IN03/IN06/IN09-11/OUT00-02 layers); NONE merges nothing."""
+    from sdadapt.merge.blocks import unet_block
+
+    ckpt, lora = sd1_file
+    plain, base = _merged(ckpt, lora), _merged(ckpt, None)
+    ones, every, none = (_merged(ckpt, lora, block_weights=parse_lbw_spec(spec)) for spec in (",".join(["1"] * 26),
+                                                                                              "ALL", "NONE"))
+    assert sum(not torch.equal(base[k], plain[k]) for k in base) == 7
+    assert all(torch.equal(plain[k], ones[k]) for k in plain)
+    assert all(torch.equal(base[k], none[k]) for k in base)
+    left_out = [k for k in plain if not torch.equal(plain[k], every[k])]
+    assert len(left_out) == 2  # (the down sampler and an up-block resnet of the tiny UNet)
+    for key in left_out:
+        assert torch.equal(every[key], base[key])
+        assert unet_block(key[len("unet."):].rsplit(".", 1)[0], architecture="sd1") not in BLOCKID17
+
+
+def test_a_vector_merges_as_merge_lora_block_weights(sd1_file, tmp_path):
+    from sdadapt.loratools.bake import merge_loras_into_checkpoint
+
+    ckpt, lora = sd1_file
+    vector = [0.5, 0.9, -0.75, 1.5, 0.25, 1, 1, 1, 1, 1, 1, 1, 1, 2.0, 1, 0.3, 1, -1.0, 1, 1, 1, 1, 1, 1, 1, 1]
+    base = _merged(ckpt, None)
+    tagged = _merged(ckpt, lora, block_weights=parse_lbw_spec(",".join(map(str, vector))), te=0.7, unet=0.7)
+    baked = tmp_path / "baked.safetensors"
+    merge_loras_into_checkpoint(ckpt, [lora], baked, strengths=0.7, block_weights=[vector])
+    reference = _merged(baked, None)
+    changed = [k for k in base if not torch.equal(base[k], reference[k])]
+    assert len(changed) == 7
+    for key in base:
+        torch.testing.assert_close(tagged[key], reference[key], rtol=0, atol=1e-6)
+    # (the vector moves the layers: not what no lbw merges)
+    unweighted = _merged(ckpt, lora, te=0.7, unet=0.7)
+    assert sum(not torch.equal(tagged[k], unweighted[k]) for k in changed) >= 4
+
+
+def test_dora_layers_with_a_block_weight_are_refused(tmp_path):
+    from sdadapt.jobs.generate_lbw import lbw_groups
+
+    state = {"down_blocks.1.resnets.0.conv1.lora_down.weight": torch.zeros(2, 3, 3, 3),
+             "down_blocks.1.resnets.0.conv1.lora_up.weight": torch.zeros(4, 2, 1, 1),
+             "down_blocks.1.resnets.0.conv1.dora_scale": torch.ones(4, 1, 1, 1)}
+    assert lbw_groups(state, "unet", 0.5, parse_lbw_spec("ALL"), sdxl=False)[0][0] == 0.5
+    with pytest.raises(InputError, match="DoRA"):
+        lbw_groups(state, "unet", 0.5, parse_lbw_spec("OUTS"), sdxl=False, tag="<lora:d:lbw=OUTS>")
+
+
+def test_full_and_norm_bias_deltas_keep_the_multiplier_as_the_extension():
+    """The extension's LORAANDSOON scales a full layer's ``weight`` (diff) and a norm layer's ``w_norm`` by the block
+    ratio; their bias deltas stay at the tag's multiplier, also at ratio 0 (float64 reference: W + m·w·diff,
+    b + m·diff_b)."""
+    from sdadapt.jobs.generate_lbw import lbw_groups
+
+    g = torch.Generator().manual_seed(3)
+    full = {"down_blocks.1.resnets.0.conv1.diff": torch.randn(4, 3, 3, 3, generator=g),
+            "down_blocks.1.resnets.0.conv1.diff_b": torch.randn(4, generator=g)}
+    norm = {"up_blocks.1.resnets.0.norm1.w_norm": torch.randn(4, generator=g),
+            "up_blocks.1.resnets.0.norm1.b_norm": torch.randn(4, generator=g)}
+    lora = {"down_blocks.1.attentions.0.proj_in.lora_down.weight": torch.randn(2, 4, generator=g),
+            "down_blocks.1.attentions.0.proj_in.lora_up.weight": torch.randn(4, 2, generator=g)}
+    weights = parse_lbw_spec("INS")  # IN04/IN05 (down_blocks.1) 1 ... the OUT blocks 0
+    for state, layer_weight in ((full, 1.0), (norm, 0.0)):
+        (scale, merged), = lbw_groups(state, "unet", 0.8, weights, sdxl=False)
+        assert scale == 0.8
+        for key, value in state.items():
+            expect = value if key.endswith(("diff_b", "b_norm")) else value * layer_weight
+            assert torch.equal(merged[key], expect), key
+    half = tuple(0.5 if 0 < i < 13 else 1.0 for i in range(26))  # the IN blocks at 0.5
+    (scale, merged), = lbw_groups(full, "unet", 0.8, half, sdxl=False)
+    assert scale == 0.8 and torch.equal(merged["down_blocks.1.resnets.0.conv1.diff_b"], full[
+        "down_blocks.1.resnets.0.conv1.diff_b"])
+    torch.testing.assert_close(merged["down_blocks.1.resnets.0.conv1.diff"].double() * scale,
+                               full["down_blocks.1.resnets.0.conv1.diff"].double() * 0.8 * 0.5)
+    (scale, merged), = lbw_groups(lora, "unet", 0.8, half, sdxl=False)  # a LoRA layer: one scale, its tensors as is
+    assert scale == 0.8 * 0.5 and all(torch.equal(merged[k], v) for k, v in lora.items())
+
+
+# ---- the hires prompt's networks --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from test_cli_train import _tiny_pipeline
+
+    from sdadapt.formats.files import write_safetensors
+
+    root = tmp_path_factory.mktemp("hires_tags")
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"):
+        state[f"{key}.lora_down.weight"] = torch.randn(4, 32, generator=g)
+        state[f"{key}.lora_up.weight"] = torch.randn(32, 4, generator=g)
+        state[f"{key}.alpha"] = torch.tensor(4.0)
+    (root / "loras").mkdir()
+    write_safetensors(root / "loras" / "ink.safetensors", state, {})
+    return _tiny_pipeline(root / "pipe"), root / "loras"
+
+
+def _cli(pipe, out, prompt, *extra):
+    from sdadapt.cli import main
+
+    return main(["generate", "--model", str(pipe[0]), "--prompt", prompt, "--seed", "1", "--steps", "2",
+                 "--sampler", "euler", "--guidance", "5", "--width", "32", "--height", "32", "--hires-scale", "2",
+                 "--lora-dir", str(pipe[1]), "-q", "-o", str(out), *extra])
+
+
+def _reference(pipe, prompt, hires_prompt, *, first_lora: bool, hires_lora: bool, seed: int = 1):
+    """The image sampled by hand: the LoRA merged (apply_lora) for the passes that have it, undone otherwise,
+    no conditions cache."""
+    from contextlib import contextmanager
+
+    from sdadapt.apply import apply_lora
+    from sdadapt.formats import load_lora
+    from sdadapt.jobs.generate_hires import HiresRequest, sample_image
+    from sdadapt.jobs.models import load_system
+
+    system = load_system(str(pipe[0]), device="cpu")
+    components = load_lora(pipe[1] / "ink.safetensors")[0]
+
+    def merge():
+        return [apply_lora(getattr(system, c), state, scale=0.7) for c, state in components.items()]
+
+    handles = merge() if first_lora else []
+
+    @contextmanager
+    def hires_networks():
+        for handle in reversed(handles):
+            handle.undo()
+        second = merge() if hires_lora else []
+        yield
+        for handle in reversed(second):
+            handle.undo()
+
+    options = {"negative": "", "seed": seed, "steps": 2, "guidance": 5.0, "sampler": "euler", "karras": False,
+               "height": 32, "width": 32, "cond": None, "plan": None}
+    hires = HiresRequest((64, 64), prompt=hires_prompt)
+    return sample_image(system, [prompt], options, hires=hires, hires_networks=hires_networks)[0]
+
+
+def test_hires_prompt_with_the_same_tags_changes_nothing(pipe, tmp_path):
+    assert _cli(pipe, tmp_path / "a.png", "a cat <lora:ink:0.7>") == 0
+    assert _cli(pipe, tmp_path / "b.png", "a cat <lora:ink:0.7>", "--hires-prompt", "a cat <lora:ink:0.7>") == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+@pytest.mark.parametrize(("prompt", "hires_prompt"), [("a cat <lora:ink:0.7>", "a cat"),
+                                                      ("a cat", "a cat <lora:ink:0.7>")])
+def test_hires_prompt_tags_are_the_hires_pass_networks(pipe, tmp_path, prompt, hires_prompt):
+    from sdadapt.images import write_png
+
+    assert _cli(pipe, tmp_path / "cli.png", prompt, "--hires-prompt", hires_prompt, "--count", "2") == 0
+    for index, seed in enumerate((1, 2)):
+        image = _reference(pipe, "a cat", "a cat", first_lora="<lora" in prompt, hires_lora="<lora" in hires_prompt,
+                           seed=seed)
+        write_png(tmp_path / f"ref{index}.png", image)
+        assert (tmp_path / f"cli-{index:02d}.png").read_bytes() == (tmp_path / f"ref{index}.png").read_bytes(), index
+    plain = _reference(pipe, "a cat", "a cat", first_lora=True, hires_lora=True)
+    write_png(tmp_path / "both.png", plain)
+    assert (tmp_path / "both.png").read_bytes() != (tmp_path / "ref0.png").read_bytes()
+
+
+def test_networks_switched_restores_the_first_pass_bits_and_the_cache():
+    from sdadapt.apply import apply_lora
+    from sdadapt.jobs.generate_hires import networks_switched
+
+    class System:
+        def condition(self, text):
+            return text
+
+    torch.manual_seed(0)
+    system = System()
+    system.unet = torch.nn.Module()
+    system.unet.proj = torch.nn.Linear(4, 4)
+    weight = system.unet.proj.weight
+    before = weight.detach().clone()
+    first_state = {"proj.lora_down.weight": torch.randn(2, 4), "proj.lora_up.weight": torch.randn(4, 2),
+                   "proj.alpha": torch.tensor(2.0)}
+    second_state = {k: v * 2 for k, v in first_state.items()}
+
+    def apply(state):
+        return lambda handles: handles.append(apply_lora(system.unet, state, scale=0.5))
+
+    first: list = []
+    apply(first_state)(first)
+    merged = weight.detach().clone()
+    system.condition = lambda text: "cached"
+    with networks_switched(system, first=first, apply_first=apply(first_state), apply_second=apply(second_state)):
+        assert system.condition("x") == "x"  # (the cache set aside: texts encode with the hires weights)
+        assert not torch.equal(weight, merged) and not torch.equal(weight, before)
+    assert torch.equal(weight, merged) and system.condition("x") == "cached" and len(first) == 1
+    first[0].undo()
+    assert torch.equal(weight, before)
+
+
+def test_hires_tags_that_cannot_be_switched_exactly_are_refused(pipe, tmp_path):
+    from sdadapt.jobs.generate import run_generate
+
+    with pytest.raises(ValueError, match="--custom-diffusion"):
+        run_generate(prompt="a cat <lora:ink:0.7>", hires_prompt="a cat", hires_scale=2.0, model=str(pipe[0]),
+                     lora_dir=pipe[1], custom_diffusions=["cd.safetensors"], out=tmp_path / "x.png")
+
+
+# ---- added by review RL -----------------------------------------------------------------------------------------
+
+def test_commented_preset_lines_are_skipped_as_checkloadcond():
+    line = ",".join(["1"] * 17)
+    assert parse_lbw_presets(f"# OLD:{line}\nNEW:{line}  # note\nKEEP:{line}\n") == {"KEEP": line}
+
+
+def test_a_unet_layer_outside_every_block_keeps_ratio_1():
+    """The extension's ratiodealer leaves a UNet key no block matches at 1 (not BASE)."""
+    slots = [0.25] * 26
+    assert lbw_layer_weight(slots, "unet", "some_adapter.proj", base_model="sd1") == 1.0
+    assert lbw_layer_weight(slots, "unet", "down_blocks.0.attentions.0.proj_in", base_model="sd1") == 0.25
+
+
+def test_lbw_keeps_the_tags_te_and_unet_multipliers_apart(sd1_file):
+    """A text-encoder layer merges at TE x BASE, a UNet layer at UNET x its block's weight."""
+    ckpt, lora = sd1_file
+    base_half = parse_lbw_spec(",".join(["0.5", *["1"] * 25]))
+    tagged = _merged(ckpt, lora, block_weights=base_half, te=0.8, unet=0.6)
+    te_ref, unet_ref = _merged(ckpt, lora, te=0.4, unet=0.4), _merged(ckpt, lora, te=0.6, unet=0.6)
+    assert all(torch.equal(tagged[k], te_ref[k]) for k in tagged if k.startswith("te."))
+    assert all(torch.equal(tagged[k], unet_ref[k]) for k in tagged if k.startswith("unet."))
+
+
+def _presets(tmp_path):
+    file = tmp_path / "lbwpresets.txt"
+    file.write_text("MINE:" + ",".join(["0"] * 17) + "\n")
+    return ["--lbw-presets", str(file)]
+
+
+def test_hires_tag_lbw_from_the_preset_file_switches_the_hires_networks(pipe, tmp_path):
+    """The hires prompt's lbw= (a --lbw-presets name) is part of what it merges: the same LoRA with all-zero
+    blocks is no LoRA in the hires pass."""
+    assert _cli(pipe, tmp_path / "lbw.png", "a cat <lora:ink:0.7>", "--hires-prompt", "a cat <lora:ink:0.7:lbw=MINE>",
+                *_presets(tmp_path)) == 0
+    assert _cli(pipe, tmp_path / "none.png", "a cat <lora:ink:0.7>", "--hires-prompt", "a cat") == 0
+    assert _cli(pipe, tmp_path / "same.png", "a cat <lora:ink:0.7>") == 0
+    assert (tmp_path / "lbw.png").read_bytes() == (tmp_path / "none.png").read_bytes()
+    assert (tmp_path / "lbw.png").read_bytes() != (tmp_path / "same.png").read_bytes()
+
+
+def test_prompt_tag_lbw_reads_the_preset_file(pipe, tmp_path):
+    assert _cli(pipe, tmp_path / "lbw.png", "a cat <lora:ink:0.7:lbw=MINE>", "--hires-prompt", "a cat",
+                *_presets(tmp_path)) == 0
+    assert _cli(pipe, tmp_path / "plain.png", "a cat", "--hires-prompt", "a cat") == 0
+    assert (tmp_path / "lbw.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+
+
+def test_overlapping_hires_loras_are_undone_in_reverse_for_the_next_image(pipe, tmp_path):
+    """Two hires tag LoRAs on the same layers: undone as a stack, so image 2's first pass is image 2 alone."""
+    hires = ["--hires-prompt", "a cat <lora:ink:0.7> <lora:ink:0.3>"]
+    assert _cli(pipe, tmp_path / "two.png", "a cat", *hires, "--count", "2") == 0
+    from sdadapt.cli import main
+
+    assert main(["generate", "--model", str(pipe[0]), "--prompt", "a cat", "--seed", "2", "--steps", "2",
+                 "--sampler", "euler", "--guidance", "5", "--width", "32", "--height", "32", "--hires-scale", "2",
+                 "--lora-dir", str(pipe[1]), "-q", "-o", str(tmp_path / "alone.png"), *hires]) == 0
+    assert (tmp_path / "two-01.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+
+
+def test_hires_hypernetwork_tags_that_differ_are_refused(pipe, tmp_path):
+    from sdadapt.jobs.generate import run_generate
+
+    (tmp_path / "hn").mkdir()
+    (tmp_path / "hn" / "hn.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="<hypernet:> tags differ"):
+        run_generate(prompt="a cat <hypernet:hn:1>", hires_prompt="a cat", hires_scale=2.0, model=str(pipe[0]),
+                     hypernetwork_dir=tmp_path / "hn", out=tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_missing_preset_file_is_named(tmp_path):
+    from sdadapt.jobs.generate_prompt_tags import read_lbw_presets
+
+    with pytest.raises(InputError, match=re.escape(f"--lbw-presets {tmp_path / 'nope.txt'}: no such file")):
+        read_lbw_presets(tmp_path / "nope.txt")
+
+
+def test_the_same_hires_tags_with_custom_diffusion_are_not_refused(pipe, tmp_path):
+    """Only a switch would undo --custom-diffusion's weights: the same tags in both prompts go on (here to the
+    missing --custom-diffusion file's own error)."""
+    from sdadapt.jobs.generate import run_generate
+
+    with pytest.raises(Exception) as error:
+        run_generate(prompt="a cat <lora:ink:0.7>", hires_prompt="a cat <lora:ink:0.7>", hires_scale=2.0,
+                     model=str(pipe[0]), lora_dir=pipe[1], custom_diffusions=[str(tmp_path / "cd.safetensors")],
+                     out=tmp_path / "x.png")
+    assert "--hires-prompt" not in str(error.value) and "cd.safetensors" in str(error.value)
+
+
+def test_the_prompts_page_lbw_example_runs():
+    """docs/prompts.md's lbw block: its asserts are the claims (MIDD's mid block 1, IN01 0, BASE 1)."""
+    from docs_pages import code_blocks, run_block
+
+    index = next(i for i, block in enumerate(code_blocks("prompts.md")) if "parse_lbw_spec" in block)
+    namespace = run_block("prompts.md", index)
+    assert namespace["slots"][0] == 1.0 and len(namespace["slots"]) == 26
