@@ -70,3 +70,21 @@ def test_the_cli_image_equals_the_one_with_the_files_given_and_another_width_is_
     assert main([*base, "--embedding", str(good), "--embeddings-dir", str(root), "-q", "-o",
                  str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").read_bytes() == (tmp_path / "dir.png").read_bytes()
+
+
+def test_an_embedding_named_only_in_the_hires_prompt_is_loaded(tmp_path, capsys):
+    """A1111 loads its whole embeddings folder, so a name used only in --hires-prompt works in the hires pass: the
+    image equals the one with the file given by --embedding, and differs from the one without it."""
+    from test_cli_train import _tiny_pipeline
+
+    pipe = _tiny_pipeline(tmp_path / "pipe")
+    root = tmp_path / "emb"
+    good = _save(root / "hirestyle.safetensors", "hirestyle", count=2, seed=4)
+    base = ["generate", "--model", str(pipe), "--prompt", "a cat", "--hires-prompt", "a hirestyle cat", "--seed", "1",
+            "--steps", "2", "--sampler", "euler", "--width", "32", "--height", "32", "--hires-scale", "1.5",
+            "--hires-denoising", "0.5", "-q"]
+    assert main([*base, "--embeddings-dir", str(root), "-o", str(tmp_path / "dir.png")]) == 0
+    assert main([*base, "--embedding", str(good), "-o", str(tmp_path / "file.png")]) == 0
+    assert main([*base, "-o", str(tmp_path / "none.png")]) == 0
+    assert (tmp_path / "dir.png").read_bytes() == (tmp_path / "file.png").read_bytes()
+    assert (tmp_path / "dir.png").read_bytes() != (tmp_path / "none.png").read_bytes()

@@ -118,7 +118,7 @@ def run_generate(
             peft), merged into the weights at that strength.
         embeddings: textual-inversion files; their trigger words (the file names) work in the prompts.
         embeddings_dir: A1111's embeddings folder (``--embeddings-dir``): the embedding files under it whose names
-            (file stems) the prompt or negative prompt uses, matched by tokens as A1111 matches them
+            (file stems) the prompts use (the hires ones too), matched by tokens as A1111 matches them
             (:func:`~sdadapt.jobs.generate_prompt_tags.prompt_embedding_files`); one of another model's width is
             skipped with a warning, as A1111 skips it.
         hypernetworks: A1111 hypernetworks, ``"FILE"`` or ``"FILE:STRENGTH"`` (default 1.0, A1111's),
@@ -383,7 +383,7 @@ def run_generate(
         from .generate_prompt_tags import prompt_embedding_files
 
         given = {handle.name.lower() for handle in handles}
-        for path in prompt_embedding_files([prompt, negative], embeddings_dir, tokenize=_token_ids(system), log=say):
+        for path in prompt_embedding_files([prompt, negative, hires_prompt, hires_negative], embeddings_dir, tokenize=_token_ids(system), log=say):
             if path.stem.lower() in given:  # (--embedding FILE named it already)
                 continue
             try:
