@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["conditions_cached"]
+__all__ = ["conditions_cached", "conditions_set_aside"]
 
 
 class _Unkeyable(Exception):
@@ -82,3 +82,16 @@ def conditions_cached(system: Any) -> Iterator[dict[str, int]]:
         yield counts
     finally:
         del system.condition
+
+
+@contextmanager
+def conditions_set_aside(system: Any) -> Iterator[None]:
+    """A block inside a :func:`conditions_cached` one in which ``system.condition`` is the system's own again
+    (every input encoded, nothing cached): for texts encoded with other text-encoder weights (the hires pass's
+    LoRAs), whose results must neither come from the cache nor go into it. The cache is back when the block ends."""
+    cached = system.__dict__.pop("condition", None) if hasattr(system, "__dict__") else None
+    try:
+        yield
+    finally:
+        if cached is not None:
+            system.condition = cached

@@ -118,20 +118,20 @@ def networks_switched(system, *, first: list, apply_first: Callable[[list], obje
             given. On exit the hires ones are undone in reverse and the first pass's merged again — the same
             files on the same restored weights, so the same bits.
     """
-    cached = system.__dict__.pop("condition", None) if hasattr(system, "__dict__") else None
-    for handle in reversed(first):
-        handle.undo()
-    first.clear()
-    second: list = []
-    try:
-        apply_second(second)
-        yield
-    finally:
-        for handle in reversed(second):
+    from .generate_conditions import conditions_set_aside
+
+    with conditions_set_aside(system):
+        for handle in reversed(first):
             handle.undo()
-        apply_first(first)
-        if cached is not None:
-            system.condition = cached
+        first.clear()
+        second: list = []
+        try:
+            apply_second(second)
+            yield
+        finally:
+            for handle in reversed(second):
+                handle.undo()
+            apply_first(first)
 
 
 def sample_image(system, prompts: list[str], options: dict, *, init_latents: Tensor | None = None,
