@@ -294,7 +294,7 @@ def test_cli_trains_lora_with_an_fp8_base_and_writes_kohya_metadata(red_circles,
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --s 2\n")  # (samples run the fp8 base under the run's autocast too)
     assert _train("lora", "--images", str(red_circles), "--fp8-base", "--mixed-precision", "bf16",
-                  "--save-every-n-steps", "1", "--save-state", "--sample-prompts", str(prompts), "-o", str(out)) == 0
+                  "--save-every-n-steps", "1", "--sample-prompts", str(prompts), "-o", str(out)) == 0
     assert len(list((tmp_path / "a-samples").glob("*.png"))) == 1
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()

@@ -264,7 +264,7 @@ def test_refusals_before_the_model_loads(red_circles, tmp_path, capsys):
 def test_resume_with_another_weight_storage_is_refused(red_circles, tmp_path, capsys):
     out = tmp_path / "a.safetensors"
     assert _train("lora", "--images", str(red_circles), "--full-fp16", "--mixed-precision", "fp16",
-                  "--save-every-n-steps", "1", "--save-state", "-o", str(out)) == 0
+                  "--save-every-n-steps", "1", "-o", str(out)) == 0
     state = tmp_path / "a-state"
     assert json.loads((state / "run.json").read_text())["half_weights"] == "fp16"
     capsys.readouterr()

@@ -48,6 +48,7 @@ __all__ = [
     "Interrupted",
     "EXIT_CODES",
     "INTERNAL_ERROR_CODE",
+    "BROKEN_PIPE_CODE",
     "exit_code_for",
     "exit_code_table",
 ]
@@ -148,6 +149,11 @@ _MEANING = {
 }
 
 
+#: ``128 + SIGPIPE``: standard output was closed by its reader (``inspect FILE | head``), as a shell reports a
+#: tool killed by SIGPIPE
+BROKEN_PIPE_CODE = 141
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit code for ``exc``: its class's entry in :data:`EXIT_CODES` (walking the MRO), 130/143
     for interrupts, and for built-in exceptions the closest meaning (``FileExistsError`` 8, a full
@@ -158,6 +164,8 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return 130
+    if isinstance(exc, BrokenPipeError):
+        return BROKEN_PIPE_CODE
     for cls in type(exc).__mro__:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]
@@ -180,5 +188,6 @@ def exit_code_table() -> str:
     for cls, code in sorted(EXIT_CODES.items(), key=lambda kv: kv[1]):
         lines.append(f"  {code:<4} {cls.__name__}: {_MEANING[cls]}")
     lines.append("  130  Interrupted: Ctrl-C / SIGINT (partial output removed)")
+    lines.append(f"  {BROKEN_PIPE_CODE}  the reader of the output closed it (e.g. `| head`): nothing more printed")
     lines.append("  143  Interrupted: SIGTERM (partial output removed)")
     return "\n".join(lines)

@@ -114,10 +114,26 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as exc:  # noqa: BLE001 - every exit goes through one message and one code
             if isinstance(exc, SystemExit):
                 raise
+            if isinstance(exc, BrokenPipeError):  # (`inspect FILE | head`: the reader has what it wanted; the
+                return _stdout_closed()  # commands write no other pipe: Python's documented handling of SIGPIPE)
             close_progress()  # the message starts its own line, not the end of a half-drawn bar
             return _report(exc)
         finally:
             close_progress()
+
+
+def _stdout_closed() -> int:
+    """Standard output's reader closed it: no message (as ``cat``, ``git``), stdout pointed at the null device so
+    the interpreter's last flush raises nothing; :data:`~sdadapt.errors.BROKEN_PIPE_CODE`."""
+    import os
+
+    from ..errors import BROKEN_PIPE_CODE
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # (a stdout without a file descriptor: nothing to flush there)
+        pass
+    return BROKEN_PIPE_CODE
 
 
 def _report(exc: BaseException) -> int:

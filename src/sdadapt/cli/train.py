@@ -291,6 +291,9 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
 
     file = Path(path)
     flat = _flat_config(file)
+    if isinstance(flat.get("datasets"), list):  # (kohya's two files: --config_file and --dataset_config)
+        raise ValueError(f"--config {file}: a kohya dataset config ([[datasets]] blocks), not training options: pass it "
+                         f"as --dataset-config {file} (and the training options as flags or in a --config file)")
     hints = typing.get_type_hints(TrainOptions)
     typed_methods = {name: entry for name, entry in _method_options().items() if name in method_options}
     typed: dict[str, Any] = {}  # the file's values after the quoted-value conversion
@@ -799,6 +802,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if given.get("dtype") == "keep" and "dtype" in values:
         given.pop("dtype")
     values.update(given)
+    if given.get("save_state") is True and "save_state_on_train_end" not in given:
+        values["save_state_on_train_end"] = True  # kohya's --save_state: args.save_state or args.save_state_on_train_end
+        # (train_network.py); without it a run with no periodic saves wrote no state at all
     if getattr(args, "network_args", None):
         chosen.update(parse_network_args(args.network_args, method_options=set(method_options), source="--network-args"))
     chosen.update(given_methods)
@@ -849,6 +855,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {result['method']} on {_plural(result['images'], 'image')}{prior} for {_plural(result['steps'], 'step')} "
           f"({_plural(result['epochs'], 'epoch')}){resumed} in {result['seconds']:.0f} s{trend}")
     print(f"wrote {result['file']}")
+    if result["method"] == "textual-inversion":  # (the trigger word is the file name, not --token: A1111's rule)
+        print(f"use:  generate --embedding {result['file']} with {Path(result['file']).stem!r} in the prompt (the file "
+              "name is the trigger word, as in A1111)")
     if result.get("validation_losses"):  # kohya's validation loss of the held-out images (--validation-split)
         first, last = result["validation_losses"][0], result["validation_losses"][-1]
         print(f"validation loss ({_plural(result['validation_images'], 'held-out image')}): {first[1]:.4f} at step "
@@ -1144,7 +1153,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     save = train.add_argument_group("saving, resuming, samples and logs")
     add(save, "--save-every-n-steps", type=int, metavar="N", help="also save OUT-stepNNNNNN every N steps (+ the state)")
     add(save, "--save-every-n-epochs", type=int, metavar="N", help="also save OUT-epochNNNN every N epochs (+ the state)")
-    add(save, "--save-state", action=bool_flag, help="write the resumable state OUT-state/ with each save (default on)")
+    add(save, "--save-state", action=bool_flag,
+        help="write the resumable state OUT-state/ with each save (default on); given, also after the last step, as "
+        "kohya's --save_state (--no-save-state-on-train-end: not)")
     add(save, "--resume", metavar="DIR", help="continue a run from its state folder (same method, model and settings)")
     add(save, "--initial-step", type=int, metavar="K",
         help="kohya's initial_step: a new run counted from step K (trains steps K+1..--steps; the LR schedule and the "

@@ -240,7 +240,8 @@ def embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str] 
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if len(tensors) != 1:
         raise WeightFileError(
-            f"{source}: not a textual-inversion embedding: it holds {len(tensors)} tensors ({sorted(tensors)[:5]}); "
+            f"{source}: not a textual-inversion embedding{_use_instead(list(tensors), meta)}: it holds {len(tensors)} "
+            f"tensors ({sorted(tensors)[:5]}); "
             "an embedding file holds string_to_param (A1111), one tensor (kohya emb_params, diffusers {token: tensor}) "
             "or clip_l + clip_g (SDXL). Run `python -m sdadapt inspect FILE` to see what it is."
         )
@@ -262,6 +263,17 @@ def _load_pickle(file: Path) -> object:
             return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError / RuntimeError / EOFError variants
         raise _torch_load_error(file, exc) from exc
+
+
+def _use_instead(keys: list[str], metadata: Mapping[str, str]) -> str:
+    """What a file of these tensors is and the option that takes it (``""`` when the keys do not tell)."""
+    from .detect import ADAPTER_KINDS, detect_kind
+
+    kind = detect_kind([k for k in keys if isinstance(k, str)], metadata)
+    if kind in ADAPTER_KINDS:
+        return f" (it is a {kind} file: use it with --lora FILE:SCALE)"
+    return {"checkpoint": " (it is a model: use it as --model)",
+            "hypernetwork": " (it is an A1111 hypernetwork: use it with --hypernetwork FILE:STRENGTH)"}.get(kind, "")
 
 
 def load_embedding(path: str | os.PathLike) -> Embedding:

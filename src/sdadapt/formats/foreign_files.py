@@ -1,7 +1,8 @@
 """What a "weights file" that holds no weights is, from its first bytes: the usual download mistakes.
 
 A web page saved instead of the file (a Hugging Face ``/blob/`` link, a Civitai page, a login
-page), a Git LFS pointer (a clone without ``git lfs``), an image, a JSON config, a GGUF model:
+page), a Git LFS pointer (a clone without ``git lfs``), an image, a JSON config, a GGUF model, a
+text file (a training log or a caption given for the weights):
 each is named with the fix, instead of "a corrupt safetensors file".
 """
 
@@ -42,4 +43,20 @@ def foreign_content(path: str | Path) -> str | None:
     if text.startswith((b"{", b"[")):
         return ("a JSON text file (a config or index?), not weights: pass the .safetensors/.bin file it describes "
                 "(a sharded model's *.safetensors.index.json lists its shard files)")
+    if _is_text(head):
+        return ("a text file (a training log, captions, prompts or a config?), not weights: pass the weights file "
+                "(.safetensors, .pt, .ckpt, .bin)")
     return None
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes) is UTF-8 text: printable characters, tabs and line ends (a character
+    cut at the end of ``head`` allowed). Weights never are: a safetensors length, a zip or a pickle starts with
+    control bytes."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return bool(text) and all(ch.isprintable() or ch in "\t\r\n" for ch in text)

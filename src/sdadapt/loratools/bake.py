@@ -172,19 +172,18 @@ class BakedCheckpoint:
                     plan.setdefault(slot.key, []).append(entry)
                     if bias_key is not None:
                         bias_plan.setdefault(bias_key, []).append(entry)
+        # (the advice comes before the list: the command line prints one line of at most 2000 characters)
         if problems:
-            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise WeightFileError(
-                f"{len(problems)} LoRA layer(s) do not fit the shapes of {self.path}:\n  " + "\n  ".join(problems[:10])
-                + more + f"\nThe LoRA was made for a different model ({self.path.name} looks like an {model.upper()} "
-                "checkpoint; SD1 vs SD2 vs SDXL, or another fine-tune size)."
+                f"{len(problems)} LoRA layer(s) do not fit the shapes of {self.path}: the LoRA was made for a different "
+                f"model ({self.path.name} looks like an {model.upper()} checkpoint; SD1 vs SD2 vs SDXL, or another "
+                f"fine-tune size):{_first(problems)}"
             )
         if unmatched and not skip_unmatched:
-            more = f"\n  ... and {len(unmatched) - 10} more" if len(unmatched) > 10 else ""
             raise WeightFileError(
-                f"{len(unmatched)} LoRA layer(s) match no tensor of {self.path}:\n  " + "\n  ".join(unmatched[:10])
-                + more + "\nIs the LoRA for this model (SD1 vs SD2 vs SDXL; a UNet-only file has no text encoder)? "
-                "Pass --skip-unmatched (skip_unmatched=True) to merge the layers that do match."
+                f"{len(unmatched)} LoRA layer(s) match no tensor of {self.path}. Is the LoRA for this model (SD1 vs SD2 "
+                "vs SDXL; a UNet-only file has no text encoder)? Pass --skip-unmatched (skip_unmatched=True) to merge "
+                f"the layers that do match:{_first(unmatched)}"
             )
         self.report.unmatched = unmatched
         return plan, bias_plan
@@ -341,6 +340,12 @@ def merge_loras_into_checkpoint(
         check_output(out, overwrite=overwrite, needed_bytes=baked.planned_bytes() + 2**20)
         write_source(out, baked, overwrite=overwrite, progress=progress)
         return baked.report
+
+
+def _first(lines: Sequence[str], count: int = 5) -> str:
+    """The first ``count`` of ``lines`` as an indented list, and how many more there are."""
+    more = f"\n  ... and {len(lines) - count} more" if len(lines) > count else ""
+    return "\n  " + "\n  ".join(lines[:count]) + more
 
 
 def _vectors(

@@ -348,6 +348,7 @@ def convert_lora(
         if "model" in back:
             back = {next(iter(written)): back["model"]}
         report.layers = {c: len(layer_groups(s)) for c, s in back.items()}
+        report.families = _families(written)  # (a peft output of one --component: that component's layers only)
         report.max_delta, report.tensor_compared = delta_difference(written, back, source=str(target))
         _move_checked(staging, target, peft=to == "peft", overwrite=overwrite)
     return report

@@ -139,6 +139,7 @@ def layer_errors(source: str | os.PathLike, layer: str) -> Iterator[None]:
         text = str(exc)
         if str(source) in text:
             raise
+        text = text.removeprefix(f"{layer}: ")  # (a message that names the layer already: named once)
         raise type(exc)(f"{source}: layer {layer}: {text}") from None
     except torch.linalg.LinAlgError as exc:
         raise NonFiniteError(f"{source}: layer {layer}: the SVD did not converge ({_first_line(exc)}); the weights "

@@ -904,6 +904,8 @@ def merge_file(
 
     Raises:
         OutputExistsError: ``out`` exists and not ``overwrite`` (checked first, and again at the end).
+        OutputError: ``out`` is not named ``*.safetensors`` (the file is safetensors; a ``.ckpt`` name misleads
+            A1111 and ComfyUI, which choose their loader by the suffix).
         WeightFileError: a missing, corrupt or unreadable input (named), or an input whose sha256
             differs from the recorded one.
         InputError: ``out`` is one of the inputs; a device this torch cannot use; bad options.
@@ -913,7 +915,9 @@ def merge_file(
     """
     from ..formats.files import check_input_file
 
-    target = check_output_file(out, overwrite=overwrite, suffix=None)
+    # (.safetensors only: A1111 and ComfyUI pick the loader by the suffix, and torch.load fails on a .ckpt of
+    # safetensors bytes)
+    target = check_output_file(out, overwrite=overwrite, suffix=".safetensors")
     device = check_device(device)
     step = resolve_seeds(step)
     leaves = leaf_paths(step)
@@ -925,7 +929,7 @@ def merge_file(
         plan = merged.plan()
         estimate = {"format": "pt", "sdadapt_merge_recipe": "x" * 4096}
         check_output_file(target, overwrite=overwrite, needed_bytes=planned_size(plan, estimate),
-                          margin_bytes=_DISK_MARGIN, suffix=None)
+                          margin_bytes=_DISK_MARGIN, suffix=".safetensors")
         hashes: dict[str, str] = {}
         if verify_hashes and known_hashes:
             for path, expected in known_hashes.items():
