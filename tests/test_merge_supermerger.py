@@ -256,8 +256,111 @@ def test_median_filter_chunks_do_not_change_the_result(monkeypatch):
     import sdadapt.merge.supermerger_modes as modes
 
     x = torch.randn(7, 5, 3, 3, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(modes, "_MEDIAN_CHUNK", 81 * 45 * 2)  # two rows per slab
+    monkeypatch.setattr(modes, "_MEDIAN_CHUNK", 45 * 2)  # two rows per slab
     assert np.array_equal(modes.median_filter3(x).numpy(), ndimage.median_filter(x.numpy(), size=3))
+
+
+def _sorted_window_median3(x):
+    """The median filter sdadapt shipped before the selection network (reflect-pad, ``unfold`` every
+    dim, ``median`` of the 3^N window): the reference the network must equal value for value."""
+    padded = x
+    for dim in range(x.dim()):
+        n = x.shape[dim]
+        i = torch.arange(-1, n + 1) % (2 * n)
+        padded = padded.index_select(dim, torch.where(i >= n, 2 * n - 1 - i, i))
+    for dim in range(x.dim()):
+        padded = padded.unfold(dim, 3, 1)
+    return padded.reshape(*x.shape, -1).median(dim=-1).values
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       levels=st.sampled_from([2, 3, 5, 1000]), seed=st.integers(0, 2**16), data=st.data())
+def test_median_network_equals_the_sorted_window_median_and_scipy(shape, dtype, levels, seed, data):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(0, levels, shape, generator=g).to(torch.float64) * 0.37 - 0.5).to(dtype)  # many ties
+    if data.draw(st.booleans(), label="specials"):  # ±inf and NaN go through min/max like median
+        flat = x.reshape(-1)
+        for value in (float("inf"), float("-inf"), float("nan")):
+            flat[data.draw(st.integers(0, flat.numel() - 1), label=f"at {value}")] = value
+    got = median_filter3(x)
+    want = _sorted_window_median3(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.25), want.nan_to_num(0.25))
+    if not x.isnan().any():
+        ndimage = pytest.importorskip("scipy.ndimage")
+        assert np.array_equal(got.float().numpy(), ndimage.median_filter(x.float().numpy(), size=3))
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3, 4])
+def test_every_merge_stage_of_the_median_is_right_on_all_zero_one_inputs(ndim):
+    """The 0-1 principle, exhaustively: a min/max network merging three sorted lists is right for all
+    inputs iff it is right for every sorted 0/1 input — (m + 1)^3 of them (m zeros-counts per list)."""
+    import sdadapt.merge.supermerger_modes as modes
+
+    for stage, ranks in enumerate(modes._median_plan(ndim)):
+        m = 3**stage
+        program, outputs = modes._merge_stage(m, ranks)
+        zeros = np.stack(np.meshgrid(*[np.arange(m + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)  # (cases, 3)
+        values = []
+        for op, x, y in program:
+            if op == "in":  # list x, rank y: 0 for the first zeros[x] ranks
+                values.append((y >= zeros[:, x]).astype(np.int8))
+            else:
+                values.append((np.minimum if op == "min" else np.maximum)(values[x], values[y]))
+        ones = 3 * m - zeros.sum(1)  # the merged list is 0…0 1…1
+        for rank, output in zip(ranks, outputs):
+            assert np.array_equal(values[output], (rank >= 3 * m - ones).astype(np.int8)), (ndim, stage, rank)
+    assert modes._median_plan(ndim)[-1] == ((3**ndim - 1) // 2,)
+
+
+def _whole_tensor_gaussian(x, sigma=1.0, truncate=4.0):
+    """The gaussian filter sdadapt shipped before the slabs (each pass over the whole tensor): the
+    slabbed passes must give the same bits."""
+    radius = int(truncate * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=f64)
+    kernel = torch.exp(-0.5 / sigma**2 * taps**2)
+    kernel = (kernel / kernel.sum()).tolist()
+    out = x
+    for dim in range(x.dim()):
+        n = x.shape[dim]
+        i = torch.arange(-radius, n + radius) % (2 * n)
+        padded = out.to(f64).index_select(dim, torch.where(i >= n, 2 * n - 1 - i, i))
+        total = torch.zeros(out.shape, dtype=f64)
+        for tap, weight in enumerate(kernel):
+            total.add_(padded.narrow(dim, tap, n), alpha=weight)
+        out = total.to(x.dtype)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       chunk=st.sampled_from([1, 7, 64, 1 << 16]), seed=st.integers(0, 2**16))
+def test_gaussian_slabs_give_the_bits_of_whole_tensor_passes(shape, dtype, chunk, seed):
+    import sdadapt.merge.supermerger_modes as modes
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=f64).to(dtype)
+    saved = modes._GAUSSIAN_CHUNK
+    modes._GAUSSIAN_CHUNK = chunk  # (hypothesis and monkeypatch do not mix)
+    try:
+        got = modes.gaussian_filter(x, 1.0)
+    finally:
+        modes._GAUSSIAN_CHUNK = saved
+    assert got.dtype == dtype and torch.equal(got, _whole_tensor_gaussian(x))
+
+
+def test_median_network_on_conv_and_linear_sized_slabs_equals_scipy(monkeypatch):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    import sdadapt.merge.supermerger_modes as modes
+
+    monkeypatch.setattr(modes, "_MEDIAN_CHUNK", 1000)  # slabs of 3 and 10 rows, a short last slab
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(20, 37, 3, 3, generator=g), torch.randn(33, 100, generator=g),
+              torch.randn(1, 5, 3, 3, generator=g), torch.randn(2, 300, 1, 1, generator=g)):
+        assert np.array_equal(modes.median_filter3(x).numpy(), ndimage.median_filter(x.numpy(), size=3))
 
 
 def test_smooth_add_is_a_plus_alpha_times_scipys_smoothed_difference():
