@@ -198,7 +198,7 @@ def test_tag_reads_lbw_w_and_x_as_the_extension():
     assert tag_block_weights(_tag("<lora:a:1:lbw=MINE>"), presets=mine) == tuple(to26([0.25] * 12))
 
 
-@pytest.mark.parametrize("option", ["lbwe=ATTNDEEPON", "start=10", "stop=10", "step=5-10"])
+@pytest.mark.parametrize("option", ["lbwe=ATTNDEEPON"])
 def test_extension_options_not_built_are_refused_naming_the_tag(option):
     from sdadapt.jobs.generate_prompt_tags import tag_block_weights
 
@@ -561,3 +561,257 @@ def test_the_prompts_page_lbw_example_runs():
     index = next(i for i, block in enumerate(code_blocks("prompts.md")) if "parse_lbw_spec" in block)
     namespace = run_block("prompts.md", index)
     assert namespace["slots"][0] == 1.0 and len(namespace["slots"]) == 26
+
+
+# ---- start= / stop= / step=: the UNet part switched per model call as the extension's counter -------------------
+
+class _Extension:
+    """hako-mikan's ``denoiser_callback`` (A1111's path: ``elif self.active``) for one tag named "ink", transcribed:
+    ``on``: whether its multipliers are the tag's (True) or 0 (False); ``loradealer`` sets ``starts`` / ``stops``."""
+
+    def __init__(self, start, stop):
+        self.starts = {} if start is None else {"ink": [int(start), 0.7, 0.7]}
+        self.stops = {} if stop is None else {"ink": int(stop)}
+        self.on = True  # (activated at the tag's multipliers before sampling)
+
+    def denoiser_callback(self, sampling_step):
+        if self.starts and sampling_step == 0:
+            for key, step_te_u in self.starts.items():
+                self.on = False
+        if self.starts:
+            sets = []
+            for key, step_te_u in self.starts.items():
+                step, _te, _u = step_te_u
+                if sampling_step > step - 2:
+                    self.on = True
+                    sets.append(key)
+            for key in sets:
+                if key in self.starts:
+                    del self.starts[key]
+        if self.stops:
+            sets = []
+            for key, step in self.stops.items():
+                if sampling_step > step - 2:
+                    self.on = False
+                    sets.append(key)
+            for key in sets:
+                if key in self.stops:
+                    del self.stops[key]
+
+
+#: k-diffusion's samplers with a second model call per step after the callback, on every step but the last
+#: (``sample_heun`` / ``sample_dpm_2``: unless σ_next is 0; ``..._ancestral`` ones: unless σ_down is 0;
+#: ``sample_dpmpp_sde``: unless σ_next is 0)
+_TWO_CALLS = {"heun", "dpm_2", "dpm_2_a", "dpmpp_2s_a", "dpmpp_sde"}
+
+
+def _a1111_calls(sampler, steps):
+    """A1111's ``state.sampling_step`` at each model call of k-diffusion's sampler: ``launch_sampling`` sets 0,
+    ``callback_state`` sets ``i`` right after step i's first model call (a second call comes after it)."""
+    sampling_step, seen = 0, []
+    for i in range(steps):
+        seen.append(sampling_step)  # (the step's first model call)
+        sampling_step = i  # (callback({'i': i, ...}))
+        if sampler in _TWO_CALLS and i < steps - 1:
+            seen.append(sampling_step)
+    return seen
+
+
+def _extension_on(sampler, steps, start, stop):
+    extension, on = _Extension(start, stop), []
+    for sampling_step in _a1111_calls(sampler, steps):
+        extension.denoiser_callback(sampling_step)
+        on.append(extension.on)
+    return on
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("<lora:a:0.8>", None), ("<lora:a:0.8:start=3>", (3, None)), ("<lora:a:0.8:stop=7>", (None, 7)),
+    ("<lora:a:0.8:start=2:stop=9>", (2, 9)), ("<lora:a:0.8:start=1:stop=9:step=3-5>", (3, 5)),
+    ("<lora:a:0.8:lbw=OUTS:step=0-4>", (0, 4)), ("<lora:a:0.8:start=-1>", (-1, None))])
+def test_step_options_are_read_as_the_extension(text, expected):
+    from sdadapt.jobs.generate_lbw_steps import StepRange, tag_step_range
+
+    assert tag_step_range(_tag(text)) == (None if expected is None else StepRange(*expected))
+
+
+@pytest.mark.parametrize(("option", "words"), [("start=2.5", "whole number"), ("stop=x", "whole number"),
+                                               ("step=5", "step=A-B"), ("step=-3", "step=A-B"),
+                                               ("step=1-2-3", "step=A-B")])
+def test_bad_step_options_are_refused_naming_the_tag(option, words):
+    from sdadapt.jobs.generate_lbw_steps import tag_step_range
+
+    text = f"<lora:a:1:{option}>"
+    with pytest.raises(InputError, match=re.escape(text) + ".*" + re.escape(words)):
+        tag_step_range(_tag(text))
+
+
+@settings(max_examples=150, deadline=None)
+@given(sampler=st.sampled_from(["euler", "euler_a", "lms", "ddim", "dpmsolver++", *sorted(_TWO_CALLS)]),
+       steps=st.integers(1, 7),
+       start=st.none() | st.integers(-1, 9), stop=st.none() | st.integers(-1, 9))
+def test_the_switch_follows_the_extensions_counter(sampler, steps, start, stop):
+    """sdadapt's samplers announce (steps done, calls in the step) before each model call; read by
+    a1111_sampling_step + unet_on they give the transcribed extension's on/off at every call of the same sampler."""
+    from sdadapt import samplers
+    from sdadapt.jobs.generate_lbw_steps import StepRange, a1111_sampling_step, unet_on
+
+    seen = []
+    samplers.sample_latents(lambda x, t, c: x * 0.1, torch.zeros(1, 1, 2, 2), None, sampler=sampler,
+                            alphas_cumprod=torch.linspace(0.999, 0.01, 1000), num_steps=steps,
+                            generator=torch.Generator().manual_seed(0),
+                            before_model_call=lambda done, calls: seen.append((done, calls)))
+    ours = [unet_on(StepRange(start, stop), a1111_sampling_step(done, calls)) for done, calls in seen]
+    assert ours == _extension_on(sampler, steps, start, stop)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ranges=st.lists(st.tuples(st.none() | st.integers(0, 6), st.none() | st.integers(0, 6)), min_size=1,
+                       max_size=3))
+def test_switched_parts_are_merged_in_order_and_undone_bit_for_bit(ranges):
+    """Overlapping parts that switch at different calls: at every call the weights are a fresh merge of the parts
+    that are on, in tag order; after release, the weights before, bit for bit."""
+    from sdadapt.apply import apply_lora
+    from sdadapt.jobs.generate_lbw_steps import (
+        StepRange,
+        StepSwitchedLoRAs,
+        a1111_sampling_step,
+        unet_on,
+    )
+
+    g = torch.Generator().manual_seed(len(ranges))
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    before = layer[0].weight.detach().clone()
+    states = [{"0.lora_down.weight": torch.randn(2, 8, generator=g), "0.lora_up.weight": torch.randn(8, 2, generator=g),
+               "0.alpha": torch.tensor(2.0)} for _ in ranges]
+    switch = StepSwitchedLoRAs([(StepRange(*r), [(layer, state, 0.5 + i)]) for i, (r, state) in
+                                enumerate(zip(ranges, states))])
+    for done in range(7):
+        switch(done, 0)
+        on = [i for i, r in enumerate(ranges) if unet_on(StepRange(*r), a1111_sampling_step(done, 0))]
+        fresh = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        fresh.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            fresh[0].weight.copy_(before)
+        for i in on:
+            apply_lora(fresh, states[i], scale=0.5 + i)
+        assert torch.equal(layer[0].weight, fresh[0].weight), (done, on)
+    switch.release()
+    assert torch.equal(layer[0].weight, before)
+
+
+def _cli_steps(pipe, out, prompt, *extra, sampler="euler"):
+    from sdadapt.cli import main
+
+    return main(["generate", "--model", str(pipe[0]), "--prompt", prompt, "--seed", "1", "--steps", "4",
+                 "--sampler", sampler, "--guidance", "5", "--width", "32", "--height", "32",
+                 "--lora-dir", str(pipe[1]), "-q", "-o", str(out), *extra])
+
+
+def _stepped_reference(pipe, *, sampler, start, stop, seed, init_image=None):
+    """The image sampled by hand, without generate's switch: the text-encoder part merged before sampling, the UNet
+    part merged / undone by a forward pre-hook on the UNet from its call count (one UNet call per model call: the
+    conditionings batch) and the transcribed extension's counter."""
+    from sdadapt.apply import apply_lora
+    from sdadapt.formats import load_lora
+    from sdadapt.jobs.generate_hires import sample_image
+    from sdadapt.jobs.models import load_system
+
+    system = load_system(str(pipe[0]), device="cpu")
+    components = load_lora(pipe[1] / "ink.safetensors")[0]
+    apply_lora(system.text_encoder, components["text_encoder"], scale=0.7)
+    # (img2img runs part of the grid; Euler's on/off at a call does not depend on how many steps follow it)
+    wanted = _extension_on(sampler, 4 if init_image is None else 20, start, stop)
+    merged, calls = [], [0]
+
+    def pre_hook(module, args):
+        on = wanted[calls[0]]
+        calls[0] += 1
+        if on and not merged:
+            merged.append(apply_lora(system.unet, components["unet"], scale=0.7))
+        elif not on and merged:
+            merged.pop().undo()
+
+    hook = system.unet.register_forward_pre_hook(pre_hook)
+    options = {"negative": "", "seed": seed, "steps": 4, "guidance": 5.0, "sampler": sampler, "karras": False,
+               "height": 32, "width": 32, "cond": None, "plan": None}
+    init = {}
+    if init_image is not None:
+        from sdadapt.jobs.generate_hires import init_latents_from_image
+
+        init = {"init_latents": init_latents_from_image(system, init_image, height=32, width=32),
+                "denoising_strength": 0.6}
+    try:
+        image = sample_image(system, ["a cat"], options, **init)[0]
+    finally:
+        hook.remove()
+    assert calls[0] == len(wanted) or init_image is not None
+    return image
+
+
+@pytest.mark.parametrize(("sampler", "option", "start", "stop"), [
+    ("euler", "start=3", 3, None), ("euler", "step=2-4", 2, 4), ("heun", "start=2", 2, None),
+    ("heun", "stop=3", None, 3)])
+def test_a_step_range_is_the_lora_switched_by_hand(pipe, tmp_path, sampler, option, start, stop):
+    """Each image (two: the second starts from restored weights) equals the hand-switched one; Heun's switches
+    fall between a step's two model calls."""
+    from sdadapt.images import write_png
+
+    assert _cli_steps(pipe, tmp_path / "cli.png", f"a cat <lora:ink:0.7:{option}>", "--count", "2",
+                      sampler=sampler) == 0
+    for index, seed in enumerate((1, 2)):
+        write_png(tmp_path / f"ref{index}.png", _stepped_reference(pipe, sampler=sampler, start=start, stop=stop,
+                                                                   seed=seed))
+        assert (tmp_path / f"cli-{index:02d}.png").read_bytes() == (tmp_path / f"ref{index}.png").read_bytes(), index
+    write_png(tmp_path / "always.png", _stepped_reference(pipe, sampler=sampler, start=None, stop=None, seed=1))
+    assert (tmp_path / "always.png").read_bytes() != (tmp_path / "ref0.png").read_bytes()
+
+
+def test_start_0_and_a_stop_past_the_end_are_no_option_and_stop_0_is_the_text_encoder_part_alone(pipe, tmp_path):
+    from sdadapt.images import write_png
+
+    assert _cli_steps(pipe, tmp_path / "plain.png", "a cat <lora:ink:0.7>") == 0
+    for name, option in (("start", "start=0"), ("late", "stop=9")):
+        assert _cli_steps(pipe, tmp_path / f"{name}.png", f"a cat <lora:ink:0.7:{option}>") == 0
+        assert (tmp_path / f"{name}.png").read_bytes() == (tmp_path / "plain.png").read_bytes(), option
+    assert _cli_steps(pipe, tmp_path / "stop0.png", "a cat <lora:ink:0.7:stop=0>") == 0
+    write_png(tmp_path / "te.png", _stepped_reference(pipe, sampler="euler", start=None, stop=0, seed=1))
+    assert (tmp_path / "stop0.png").read_bytes() == (tmp_path / "te.png").read_bytes()
+    assert (tmp_path / "stop0.png").read_bytes() != (tmp_path / "plain.png").read_bytes()
+
+
+@pytest.mark.parametrize(("extra", "words"), [(("--sampler", "dpm_adaptive"), "dpm_adaptive"),
+                                              (("--hires-scale", "2"), "hires pass")])
+def test_step_ranges_that_cannot_be_counted_as_a1111_are_refused(pipe, tmp_path, extra, words):
+    from sdadapt.jobs.generate import run_generate
+
+    options = {"sampler": extra[1]} if extra[0] == "--sampler" else {"hires_scale": 2.0}
+    with pytest.raises(ValueError, match=re.escape("<lora:ink:0.7:start=2>") + ".*" + words):
+        run_generate(prompt="a cat <lora:ink:0.7:start=2>", model=str(pipe[0]), lora_dir=pipe[1],
+                     out=tmp_path / "x.png", **options)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_prompts_page_step_range_example_runs():
+    """docs/prompts.md's step-range block: its asserts are the claims (start=3:stop=5 on Euler, Heun's second call)."""
+    from docs_pages import code_blocks, run_block
+
+    index = next(i for i, block in enumerate(code_blocks("prompts.md")) if "a1111_sampling_step" in block)
+    run_block("prompts.md", index)
+
+
+def test_img2img_counts_its_shortened_schedule_from_0(pipe, tmp_path):
+    from PIL import Image
+
+    from sdadapt.images import write_png
+
+    rng = torch.Generator().manual_seed(3)
+    Image.fromarray((torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy()).save(tmp_path / "init.png")
+    assert _cli_steps(pipe, tmp_path / "cli.png", "a cat <lora:ink:0.7:start=2>", "--init-image",
+                      str(tmp_path / "init.png"), "--denoising-strength", "0.6") == 0
+    write_png(tmp_path / "ref.png", _stepped_reference(pipe, sampler="euler", start=2, stop=None, seed=1,
+                                                       init_image=tmp_path / "init.png"))
+    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
+    write_png(tmp_path / "always.png", _stepped_reference(pipe, sampler="euler", start=None, stop=None, seed=1,
+                                                          init_image=tmp_path / "init.png"))
+    assert (tmp_path / "always.png").read_bytes() != (tmp_path / "ref.png").read_bytes()

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import WeightFileError
 from .token_id_cache import TokenIdCache, tokenizer_state
 from .training import diffusion
 from .training.host_syncs import copy_to_device
@@ -54,8 +55,9 @@ SD_SCHEDULE = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
                "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon"}
 
 
-class ModelFolderError(ValueError):
-    """The folder or file is not a Stable Diffusion model this command can train."""
+class ModelFolderError(WeightFileError):
+    """The folder or file is not a Stable Diffusion model this command can train (a missing one too): an input file
+    that cannot be used, exit code 3 as every other one (a ``ValueError`` as before)."""
 
 
 def _require(name: str):
@@ -720,7 +722,8 @@ class DiffusersSystem(nn.Module):
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
                sampler: str = "ddim", karras: bool = False, height: int | None = None, width: int | None = None,
                cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
-               noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None) -> Tensor:
+               noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None,
+               before_model_call: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -749,6 +752,8 @@ class DiffusersSystem(nn.Module):
         :class:`~sdadapt.img2img.Img2ImgStart` — img2img / hires fix from its init latents
         (:func:`sdadapt.samplers.sample_latents`); its ``conditioning``: an inpainting UNet's ``c_concat``
         (:mod:`sdadapt.inpaint`; without it, A1111's txt2img conditioning: a grey image under a mask of ones).
+        ``before_model_call(steps_done, calls)``: told before each sampler model call
+        (:func:`sdadapt.samplers.sample_latents`).
 
         Raises:
             ValueError: a UNet that is neither plain nor an inpainting one (InstructPix2Pix's 8 channels).
@@ -803,6 +808,7 @@ class DiffusersSystem(nn.Module):
                                           num_steps=steps, uncond=uncond, guidance_scale=guidance_scale,
                                           prediction_type=self.prediction_type, karras=karras, generator=g,
                                           schedule=schedule, schedule_options=schedule_options, start=start,
+                                          before_model_call=before_model_call,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}))
         return latents if output == "latents" else self.decode_latents(latents)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -191,7 +192,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              info: dict | None = None, plan: object | None = None, noise: object | None = None,
              schedule_options: object | None = None, init_latents: Tensor | None = None,
              denoising_strength: float = 0.75, img2img_steps: int | None = None, output: str = "images",
-             inpaint_mask: Tensor | None = None, inpaint_conditioning: Tensor | None = None) -> Tensor:
+             inpaint_mask: Tensor | None = None, inpaint_conditioning: Tensor | None = None,
+             before_model_call: Callable[[int, int], None] | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
@@ -240,6 +242,10 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     (:meth:`~sdadapt.diffusers_system.DiffusersSystem.inpainting_conditioning`). Both ride on the
     :class:`~sdadapt.img2img.Img2ImgStart`.
 
+    ``before_model_call(steps_done, calls)``: told before each sampler model call
+    (:func:`sdadapt.samplers.sample_latents`; the system's ``sample`` when it takes ``before_model_call=``, else the
+    System protocol).
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
             system cannot make; an inpainting mask or conditioning without ``init_latents``.
@@ -268,7 +274,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
         start = replace(start, mask=inpaint_mask, conditioning=inpaint_conditioning)
     return _generate(system, prompts, name=name, negative=negative, seed=seed, steps=steps, guidance=guidance,
                      karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
-                     noise=noise, schedule_options=schedule_options, start=start, output=output)
+                     noise=noise, schedule_options=schedule_options, start=start, output=output,
+                     before_model_call=before_model_call)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -314,7 +321,8 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
 def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int, steps: int, guidance: float | None,
               karras: bool, height: int | None, width: int | None, cond: object | None, schedule: str | None,
               info: dict | None, plan: object | None, noise: object | None, schedule_options: object | None,
-              start: object | None, output: str) -> Tensor:
+              start: object | None, output: str, before_model_call: Callable[[int, int], None] | None = None,
+              ) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -328,9 +336,11 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (noise is None or _takes(system.sample, "noise"))
                      and (schedule_options is None or _takes(system.sample, "schedule_options"))
                      and (output == "images" or _takes(system.sample, "output"))
-                     and (start is None or _takes(system.sample, "start")))
+                     and (start is None or _takes(system.sample, "start"))
+                     and (before_model_call is None or _takes(system.sample, "before_model_call")))
     # (else through the protocol, below)
-    own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images")
+    own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
+                                    and before_model_call is None)
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -358,11 +368,13 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["output"] = output
         if start is not None:
             options["start"] = start
+        if before_model_call is not None:
+            options["before_model_call"] = before_model_call
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
     if name == "ddim" and plan is None and noise is None and schedule_options is None and start is None \
-            and output == "images":
+            and output == "images" and before_model_call is None:
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
@@ -391,7 +403,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                       **({"schedule_options": schedule_options} if schedule_options is not None
                                          else {}),
                                       prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g,
-                                      start=start)
+                                      start=start, before_model_call=before_model_call)
     return latents if output == "latents" else system.decode_latents(latents)
 
 

@@ -305,6 +305,16 @@ def run_generate(
             raise ValueError("--hires-prompt: its <lora:> tags differ from --prompt's, and switching LoRAs for the "
                              "hires pass would undo --custom-diffusion's weights too; give both the same tags or "
                              "leave out --custom-diffusion")
+    stepped = [item for item in (*tag_loras, *hires_tag_loras) if item.steps is not None]
+    if stepped:  # (the extension's start= / stop= / step=: sdadapt.jobs.generate_lbw_steps)
+        from ..samplers import canonical_sampler as _canonical
+        from .generate_lbw_steps import check_step_range_sampler
+
+        check_step_range_sampler(_canonical(sampler), stepped[0].tag)
+        if hires is not None:
+            raise ValueError(f"prompt tag {stepped[0].tag}: start= / stop= / step= with a hires pass is not built "
+                             "(the extension's switches are spent in the first pass and A1111 re-activates the "
+                             "network for the hires pass); leave out the step range or the --hires-* options")
     parsed = _checked_specs("--lora", loras)
     hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks) + tag_hypernetworks
     custom_specs = _checked_specs("--custom-diffusion", custom_diffusions, folders=True)
@@ -347,11 +357,18 @@ def run_generate(
     tag_handles: list | None = [] if switch_networks else None
     tag_files: dict | None = {} if switch_networks else None
 
+    step_parts: list = []  # (a tag's step range, its UNet groups): merged per model call by StepSwitchedLoRAs
+
     def apply_tag_loras(items, handles: list | None, *, quiet: bool = False) -> list:
         reports = []
         for item in items:
+            unet_groups: list | None = None if item.steps is None else []
             reports.append(_apply_lora_file(system, item.file, item.te, unet_scale=item.unet, option=item.tag,
-                                            block_weights=item.block_weights, handles=handles, files=tag_files))
+                                            block_weights=item.block_weights, handles=handles, files=tag_files,
+                                            unet_groups=unet_groups))
+            if unet_groups is not None:
+                step_parts.append((item.steps, unet_groups))
+                reports[-1]["steps"] = {"start": item.steps.start, "stop": item.steps.stop}
             if not quiet:
                 blocks = ("" if item.block_weights is None else
                           ", blocks " + ",".join(f"{w:g}" for w in item.block_weights))
@@ -360,6 +377,13 @@ def run_generate(
         return reports
 
     applied.extend(apply_tag_loras(tag_loras, tag_handles))
+    step_switch = None
+    if step_parts:
+        from .generate_lbw_steps import StepSwitchedLoRAs
+
+        step_switch = StepSwitchedLoRAs(step_parts)
+        say("UNet parts switched per model call by start= / stop= / step=: "
+            + ", ".join(item.tag for item in tag_loras if item.steps is not None))
     hypernetwork_report = []
     for index, ((path, strength), module) in enumerate(zip(hypernetwork_specs, hypernetwork_modules)):
         unet_device = next(system.unet.parameters()).device
@@ -518,15 +542,20 @@ def run_generate(
                            **({"schedule": schedule} if schedule is not None else {}),
                            **({"info": report} if sampler == "dpm_adaptive" else {}),
                            **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
-                           **({} if schedule_options is None else {"schedule_options": schedule_options}))
+                           **({} if schedule_options is None else {"schedule_options": schedule_options}),
+                           **({} if step_switch is None else {"before_model_call": step_switch}))
             if inpainting is not None:
                 options.update(inpainting.generate_options())
                 init_latents = inpainting.init_latents(seed + i, a1111_seeds)
             elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
                 options["inpaint_conditioning"] = model_conditioning
-            image = sample_image(system, [text], options, init_latents=init_latents,
-                                 denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
-                                 fix_steps=img2img_fix_steps, hires_networks=hires_networks)[0]
+            try:
+                image = sample_image(system, [text], options, init_latents=init_latents,
+                                     denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
+                                     fix_steps=img2img_fix_steps, hires_networks=hires_networks)[0]
+            finally:  # (the next image starts from the weights without the step-switched parts)
+                if step_switch is not None:
+                    step_switch.release()
             if inpainting is not None:  # A1111's final overlay: the original pixels outside the mask
                 image = inpainting.overlay(image)
             if report:
@@ -668,16 +697,19 @@ def _networks(tag_loras) -> list[tuple]:
 
 def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | None = None,
                      option: str = "--lora", block_weights: tuple[float, ...] | None = None,
-                     handles: list | None = None, files: dict | None = None) -> dict:
+                     handles: list | None = None, files: dict | None = None,
+                     unet_groups: list | None = None) -> dict:
     """Merge a LoRA-family file into the system's weights (``apply_lora`` per component): the text
     encoders at ``scale``, the UNet at ``unet_scale`` (default ``scale``; A1111's ``<lora:NAME:TE:UNET>``).
     ``option`` names the request in errors (``--lora`` or the prompt tag). ``block_weights``: the LoRA Block
     Weight extension's 26 slot weights, each layer's multiplier times its block's
     (:func:`sdadapt.jobs.generate_lbw.lbw_groups`). ``handles``: gets each ``apply_lora`` undo handle. ``files``: the
     files read so far (path -> what ``load_lora`` returned), read and filled here: a file merged again (the hires
-    pass's switch, once per image) is read once per run."""
+    pass's switch, once per image) is read once per run. ``unet_groups``: the UNet part is not merged but its groups
+    ``(module, state, scale)`` appended here (a tag's step range: :mod:`sdadapt.jobs.generate_lbw_steps`)."""
     from ..apply import apply_lora
     from ..formats import load_lora
+    from ..formats.layers import group_by_layer, resolve_layers
     from ..formats.unet_keys import model_layers_per_block
     from .generate_lbw import lbw_groups
 
@@ -700,6 +732,10 @@ def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | No
         try:
             applied_names = []
             for group_scale, group_state in groups:
+                if component == "unet" and unet_groups is not None:  # (its layers found now, merged per model call)
+                    applied_names.extend(resolve_layers(module, list(group_by_layer(group_state))).values())
+                    unet_groups.append((module, group_state, group_scale))
+                    continue
                 applied = apply_lora(module, group_state, scale=group_scale)
                 applied_names.extend(applied.names)
                 if handles is not None:

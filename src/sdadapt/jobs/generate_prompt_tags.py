@@ -15,6 +15,7 @@ from ..errors import InputError
 
 if TYPE_CHECKING:
     from ..prompt_schedule import ExtraNetworkTag
+    from .generate_lbw_steps import StepRange
 
 __all__ = ["EMBEDDING_SUFFIXES", "HYPERNETWORK_SUFFIXES", "LORA_SUFFIXES", "TagLoRA", "find_network_file",
            "prompt_embedding_files", "prompt_tag_files", "read_lbw_presets", "tag_block_weights"]
@@ -32,13 +33,15 @@ _IMAGE_SUFFIXES = (".png", ".webp", ".jxl", ".avif")
 class TagLoRA:
     """One ``<lora:...>`` / ``<lyco:...>`` tag: its ``tag`` text, the ``file`` it names, the text-encoder and UNet
     multipliers (``te``, ``unet``) and the LoRA Block Weight extension's 26 slot weights (``block_weights``:
-    BASE, IN00..IN11, M00, OUT00..OUT11; ``None``: no ``lbw=``)."""
+    BASE, IN00..IN11, M00, OUT00..OUT11; ``None``: no ``lbw=``) and step range (``steps``: ``start=`` / ``stop=`` /
+    ``step=A-B``, :mod:`sdadapt.jobs.generate_lbw_steps`; ``None``: none)."""
 
     tag: str
     file: Path
     te: float
     unet: float
     block_weights: tuple[float, ...] | None = None
+    steps: StepRange | None = None
 
 
 def read_lbw_presets(path: str | os.PathLike) -> dict[str, str]:
@@ -64,12 +67,6 @@ def read_lbw_presets(path: str | os.PathLike) -> dict[str, str]:
 #: the extension's other tag options: refused, each with why (the ``<lora:>`` tag is named in the message)
 _REFUSED_LBW_OPTIONS = {
     "lbwe": "the extension's elemental weights (lbwe=) are not read here; give per-block weights with lbw= instead",
-    "start": "start= (the LoRA only from a step on) needs the weights switched inside the sampler, which is not "
-             "done here; leave it out",
-    "stop": "stop= (the LoRA only until a step) needs the weights switched inside the sampler, which is not done "
-            "here; leave it out",
-    "step": "step= (the LoRA only for a range of steps) needs the weights switched inside the sampler, which is not "
-            "done here; leave it out",
 }
 
 
@@ -81,7 +78,7 @@ def tag_block_weights(tag: ExtraNetworkTag, *, presets: Mapping[str, str] | None
     1``), else 1. ``None`` without ``lbw=``.
 
     Raises:
-        InputError: ``lbwe=``, ``start=``, ``stop=``, ``step=`` (not built: the message says why), or a bad ``lbw=``
+        InputError: ``lbwe=`` (not built: the message says why), or a bad ``lbw=``
             (:func:`sdadapt.loratools.block_weights.parse_lbw_spec`), each naming the tag.
     """
     from ..loratools.block_weights import parse_lbw_spec
@@ -207,7 +204,8 @@ def prompt_tag_files(prompt: str, *, lora_dir: str | os.PathLike | None = None,
                      lbw_presets: Mapping[str, str] | None = None,
                      ) -> tuple[str, list[TagLoRA], list[tuple[Path, float]]]:
     """``prompt`` without its extra-network tags, the LoRA tags (:class:`TagLoRA`, with the LoRA Block Weight
-    extension's ``lbw=`` read by :func:`tag_block_weights` from ``lbw_presets``, default the built-in presets)
+    extension's ``lbw=`` read by :func:`tag_block_weights` from ``lbw_presets``, default the built-in presets, and
+    its ``start=`` / ``stop=`` / ``step=`` by :func:`sdadapt.jobs.generate_lbw_steps.tag_step_range`)
     and the hypernetwork tags' ``(file, multiplier)``, in prompt order (:mod:`sdadapt.prompt_schedule`).
     Tags of other kinds are taken out and said on ``log`` (A1111 skips unknown networks)."""
     from ..prompt_schedule import (
@@ -215,6 +213,7 @@ def prompt_tag_files(prompt: str, *, lora_dir: str | os.PathLike | None = None,
         hypernetwork_multiplier,
         lora_multipliers,
     )
+    from .generate_lbw_steps import tag_step_range
 
     say = log or (lambda line: None)
     text, tags = extra_network_tags(prompt)
@@ -226,7 +225,7 @@ def prompt_tag_files(prompt: str, *, lora_dir: str | os.PathLike | None = None,
             block_weights = tag_block_weights(tag, presets=lbw_presets)
             path = find_network_file(name, lora_dir, suffixes=LORA_SUFFIXES, option="--lora-dir", tag=tag.text,
                                      aliases=True)
-            loras.append(TagLoRA(tag.text, path, te, unet, block_weights))
+            loras.append(TagLoRA(tag.text, path, te, unet, block_weights, tag_step_range(tag)))
         elif tag.kind == "hypernet":
             name, multiplier = hypernetwork_multiplier(tag)
             path = find_network_file(name, hypernetwork_dir, suffixes=HYPERNETWORK_SUFFIXES,

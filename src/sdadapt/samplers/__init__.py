@@ -181,7 +181,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    prediction_type: str = "epsilon", karras: bool = False, generator: torch.Generator | None = None,
                    callback: Callable[[int, Tensor, Tensor], None] | None = None, schedule: str | None = None,
                    discard_next_to_last_sigma: bool | None = None, schedule_options: ScheduleOptions | None = None,
-                   start: Img2ImgStart | None = None, **options) -> Tensor:
+                   start: Img2ImgStart | None = None,
+                   before_model_call: Callable[[int, int], None] | None = None, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given.
 
@@ -203,6 +204,11 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     (:class:`sdadapt.img2img.Img2ImgStart`: its ``index`` as given, or from its strength by the sampler's rule —
     A1111's for :data:`sdadapt.img2img.A1111_RULE_SAMPLERS`, diffusers' for the others; every sampler takes it); with ``start.mask``, inpainting on a
     4-channel model: A1111's blend (:func:`sdadapt.inpaint.masked_model`, then ``samples·mask + init·(1 − mask)``).
+    ``before_model_call(steps_done, calls)``: called before each call of ``model``, with the steps finished so far
+    (the ``callback`` calls: every sampler calls it once after each step) and ``model``'s calls since the last of
+    them (0: the step's first call) — e.g. to switch weights between model calls
+    (:mod:`sdadapt.jobs.generate_lbw_steps`). One ``model`` call is one sampler model call where the conditionings
+    batch (tensors, dicts of tensors: :func:`sdadapt.training.diffusion.guided`).
 
     Raises:
         ValueError: an unknown sampler or schedule, ``karras=True`` for a sampler without Karras σ, a schedule
@@ -211,6 +217,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             cannot start from an image.
     """
     name = canonical_sampler(sampler)
+    if before_model_call is not None:
+        model, callback = _announced(model, callback, before_model_call)
     if start is not None:
         from ..img2img import check_img2img_sampler
 
@@ -258,6 +266,25 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         options["start"] = start
     return run(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)
+
+
+def _announced(model: Callable[[Tensor, Tensor, object], Tensor], callback: Callable[[int, Tensor, Tensor], None] | None,
+               before_model_call: Callable[[int, int], None]):
+    """``model`` and ``callback`` that tell ``before_model_call(steps_done, calls)`` before each model call
+    (:func:`sample_latents`)."""
+    count = {"steps": 0, "calls": 0}
+
+    def announced_model(x: Tensor, t: Tensor, cond: object) -> Tensor:
+        before_model_call(count["steps"], count["calls"])
+        count["calls"] += 1
+        return model(x, t, cond)
+
+    def counted_callback(i: int, t: Tensor, x: Tensor) -> None:
+        count["steps"], count["calls"] = count["steps"] + 1, 0
+        if callback is not None:
+            callback(i, t, x)
+
+    return announced_model, counted_callback
 
 
 def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: Tensor, uncond: object | None,

@@ -1,0 +1,160 @@
+"""``generate``'s LoRA Block Weight step range: ``<lora:NAME:M:start=N>``, ``stop=N``, ``step=A-B`` — the tag's
+UNet part merged only for the sampler model calls the extension has it on.
+
+hako-mikan's *sd-webui-lora-block-weight* (``scripts/lora_block_weight.py``) reads the options in ``loradealer``
+(``start=`` / ``stop=`` by ``syntaxdealer``; ``step=A-B`` by ``stepsdealer``: ``A`` is the start, ``B`` the stop,
+a ``step=`` without ``-`` is ignored; each ``int()``-ed) and switches the network's multipliers in
+``denoiser_callback`` (A1111's ``on_cfg_denoiser``: before every model call of ``CFGDenoiser.forward``), by
+``params.sampling_step`` — A1111's ``state.sampling_step``: 0 when the sampler starts (``launch_sampling``), then
+``i`` from the k-diffusion callback of step ``i``, which comes right after that step's first model call
+(``KDiffusionSampler.callback_state``). So a model call of step ``i`` sees ``i`` if it is not the step's first call
+(Heun, DPM2, DPM++ 2S a, DPM++ SDE's second call), else ``max(i − 1, 0)`` (:func:`a1111_sampling_step`). The
+extension's rule (A1111's own path, ``elif self.active``), per model call, ``c`` its ``sampling_step``::
+
+    start pending and c == 0:  off          (the tag's te / unet multipliers set to 0)
+    start pending and c > start − 2:  on, start done
+    stop pending and c > stop − 2:  off, stop done
+
+so each switch is sticky and the later one wins (:func:`unet_on`): on a one-call sampler ``start=N`` (N ≥ 2) leaves
+the LoRA out of the first N steps (``start=0`` and ``start=1``: on from the first step) and ``stop=N`` (N ≥ 2) keeps it
+for the first N steps only (``stop=0`` and ``stop=1``: never on). A pass counts from 0 (img2img's shortened schedule
+too).
+
+The text encoders keep the tag's multiplier: A1111 encodes the prompts (every prompt-editing text) before the
+sampler starts, when the multiplier is still the tag's, so only the UNet part is switched. sdadapt merges into the
+weights (the extension changes multipliers that A1111's ``network_apply_weights`` reads): the UNet part is merged at
+the first call it is on and undone (:meth:`sdadapt.apply.AppliedDelta.undo`: the bits before) at the first call it is
+off, and undone when the pass ends; a part that is on for no call is never merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..prompt_schedule import ExtraNetworkTag
+
+__all__ = ["UNSTEPPED_SAMPLERS", "StepRange", "StepSwitchedLoRAs", "a1111_sampling_step", "check_step_range_sampler",
+           "tag_step_range", "unet_on"]
+
+#: samplers whose step counter is not the rule above, so step ranges are refused: k-diffusion's DPM fast and adaptive
+#: call A1111's callback at the end of a step of several model calls (adaptive once per accepted step), A1111's
+#: Restart once per Heun step of its restart segments, and kohya's ``pndm`` (diffusers' PNDM) counts each Runge-Kutta
+#: warm-up call as a step (A1111 has no such sampler)
+UNSTEPPED_SAMPLERS = frozenset({"dpm_fast", "dpm_adaptive", "restart", "pndm"})
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """A tag's ``start`` / ``stop`` as the extension reads them (``None``: not given)."""
+
+    start: int | None = None
+    stop: int | None = None
+
+
+def _integer(tag: ExtraNetworkTag, option: str, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise InputError(f"prompt tag {tag.text}: {option}{text} is not a whole number of steps (the extension "
+                         "int()s it); write e.g. start=5") from None
+
+
+def tag_step_range(tag: ExtraNetworkTag) -> StepRange | None:
+    """The ``start=`` / ``stop=`` / ``step=A-B`` of a ``<lora:>`` tag (``None``: none given); ``step=A-B`` takes the
+    place of both (the extension's ``stepsdealer``).
+
+    Raises:
+        InputError: a value that is not a whole number, or a ``step=`` that is not ``A-B`` (the extension ignores
+            one without ``-`` and fails on more than one), naming the tag.
+    """
+    start, stop = tag.named.get("start"), tag.named.get("stop")
+    step = tag.named.get("step")
+    if step is not None:
+        parts = step.split("-")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise InputError(f"prompt tag {tag.text}: step={step} is not a range of steps; write step=A-B (the "
+                             "LoRA from step A until step B), or start=A / stop=B")
+        start, stop = parts
+    if start is None and stop is None:
+        return None
+    return StepRange(None if start is None else _integer(tag, "start=", start),
+                     None if stop is None else _integer(tag, "stop=", stop))
+
+
+def a1111_sampling_step(steps_done: int, calls: int) -> int:
+    """A1111's ``state.sampling_step`` at a model call: ``steps_done`` steps finished before it, ``calls`` model
+    calls already made in this step (0: the step's first call, before the k-diffusion callback of the step)."""
+    return steps_done if calls > 0 else max(steps_done - 1, 0)
+
+
+def unet_on(step_range: StepRange, sampling_step: int) -> bool:
+    """Whether the extension has the tag's network on at a model call that sees ``sampling_step`` (module
+    docstring): each option switches at the first call with ``sampling_step > N − 2`` (i.e. at ``max(N − 1, 0)``:
+    ``sampling_step`` starts at 0 and never falls), the later switch wins, a stop at the same call as the start
+    wins (it runs after it); before both, a pending start has it off."""
+    start, stop = step_range.start, step_range.stop
+    at_start = None if start is None else max(start - 1, 0)
+    at_stop = None if stop is None else max(stop - 1, 0)
+    started = at_start is not None and sampling_step >= at_start
+    stopped = at_stop is not None and sampling_step >= at_stop
+    if started and stopped:
+        return at_start > at_stop
+    if stopped:
+        return False
+    return started or start is None
+
+
+def check_step_range_sampler(sampler: str, tag: str) -> None:
+    """Refuse a step range on a sampler of :data:`UNSTEPPED_SAMPLERS` (``sampler``: canonical name).
+
+    Raises:
+        InputError: naming the tag, the sampler and what to do.
+    """
+    if sampler in UNSTEPPED_SAMPLERS:
+        raise InputError(f"prompt tag {tag}: start= / stop= / step= count A1111's sampling steps, which {sampler} "
+                         "does not report after each step's first model call as the other samplers do; use another "
+                         "sampler, or leave the step range out")
+
+
+class StepSwitchedLoRAs:
+    """``before_model_call(steps_done, calls)`` (:func:`sdadapt.samplers.sample_latents`) that merges each tag's
+    UNet part for the model calls it is on.
+
+    ``parts``: per tag, its :class:`StepRange` and its UNet groups ``[(module, state, scale)]``
+    (:func:`sdadapt.jobs.generate_lbw.lbw_groups`). When the set that is on changes, every merged part is undone in
+    reverse order and the new set merged in tag order, so an undo always restores the bits its merge saw.
+    :meth:`release` undoes them all (at the end of each pass, also after an error).
+    """
+
+    def __init__(self, parts: Sequence[tuple[StepRange, Sequence[tuple[nn.Module, Mapping[str, Tensor], float]]]]
+                 ) -> None:
+        self.parts = [(step_range, list(groups)) for step_range, groups in parts]
+        self._on: tuple[int, ...] = ()
+        self._handles: list = []
+
+    def __call__(self, steps_done: int, calls: int) -> None:
+        step = a1111_sampling_step(steps_done, calls)
+        on = tuple(i for i, (step_range, _) in enumerate(self.parts) if unet_on(step_range, step))
+        if on == self._on:
+            return
+        self.release()
+        from ..apply import apply_lora
+
+        for index in on:
+            for module, state, scale in self.parts[index][1]:
+                self._handles.append(apply_lora(module, state, scale=scale))
+        self._on = on
+
+    def release(self) -> None:
+        """Undo every merged part (the weights before the pass, bit for bit); idempotent."""
+        for handle in reversed(self._handles):
+            handle.undo()
+        self._handles.clear()
+        self._on = ()
