@@ -246,3 +246,20 @@ def test_a_closed_standard_output_ends_the_command_quietly(tmp_path, capsys, mon
     assert main(["inspect", str(path)]) == BROKEN_PIPE_CODE == 141
     assert capsys.readouterr().err == ""
     assert "141  the reader of the output closed it" in exit_code_table()
+
+
+def test_a_broken_pipe_elsewhere_is_reported_as_an_error(tmp_path, capsys, monkeypatch):
+    """Only standard output's own broken pipe ends quietly: a BrokenPipeError from another pipe (a worker's) while
+    stdout still works is an error with its message and a non-zero code other than 141."""
+    import sdadapt.formats as formats
+    from sdadapt.errors import BROKEN_PIPE_CODE
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe (a worker)")
+
+    monkeypatch.setattr(formats, "describe_file", broken)  # (inspect's reader, imported at call time)
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"x")
+    code = main(["inspect", str(path)])
+    err = capsys.readouterr().err
+    assert code not in (0, BROKEN_PIPE_CODE), (code, err)

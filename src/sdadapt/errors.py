@@ -164,8 +164,6 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return 130
-    if isinstance(exc, BrokenPipeError):
-        return BROKEN_PIPE_CODE
     for cls in type(exc).__mro__:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]

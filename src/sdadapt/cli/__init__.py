@@ -114,12 +114,24 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as exc:  # noqa: BLE001 - every exit goes through one message and one code
             if isinstance(exc, SystemExit):
                 raise
-            if isinstance(exc, BrokenPipeError):  # (`inspect FILE | head`: the reader has what it wanted; the
-                return _stdout_closed()  # commands write no other pipe: Python's documented handling of SIGPIPE)
+            if isinstance(exc, BrokenPipeError) and _stdout_broken():  # (`inspect FILE | head`: the reader has
+                return _stdout_closed()  # what it wanted: Python's documented handling of SIGPIPE; another pipe's
+                # failure, e.g. a worker's, is reported as any error)
             close_progress()  # the message starts its own line, not the end of a half-drawn bar
             return _report(exc)
         finally:
             close_progress()
+
+
+def _stdout_broken() -> bool:
+    """Whether standard output's pipe is the one that broke (its pending bytes cannot be flushed)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _stdout_closed() -> int:
