@@ -62,28 +62,24 @@ def expand_crop_region(region: Region, *, width: int, height: int, image_width: 
     ratio_crop = (x2 - x1) / (y2 - y1)
     ratio_processing = width / height
     if ratio_crop > ratio_processing:  # too wide: grow the height
-        diff = int((x2 - x1) / ratio_processing - (y2 - y1))
-        y1 -= diff // 2
-        y2 += diff - diff // 2
-        if y2 >= image_height:
-            y1 -= y2 - image_height
-            y2 = image_height
-        if y1 < 0:
-            y2 -= y1
-            y1 = 0
-        y2 = min(y2, image_height)
+        y1, y2 = _grown(y1, y2, int((x2 - x1) / ratio_processing - (y2 - y1)), image_height)
     else:  # too tall (or exact): grow the width
-        diff = int((y2 - y1) * ratio_processing - (x2 - x1))
-        x1 -= diff // 2
-        x2 += diff - diff // 2
-        if x2 >= image_width:
-            x1 -= x2 - image_width
-            x2 = image_width
-        if x1 < 0:
-            x2 -= x1
-            x1 = 0
-        x2 = min(x2, image_width)
+        x1, x2 = _grown(x1, x2, int((y2 - y1) * ratio_processing - (x2 - x1)), image_width)
     return x1, y1, x2, y2
+
+
+def _grown(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
+    """One side of ``expand_crop_region``: ``[lo, hi)`` grown by ``diff`` (``diff // 2`` before, the rest after),
+    shifted back inside ``[0, limit]`` where it crosses an edge and clamped to it (A1111's order of steps)."""
+    lo -= diff // 2
+    hi += diff - diff // 2
+    if hi >= limit:
+        lo -= hi - limit
+        hi = limit
+    if lo < 0:
+        hi -= lo
+        lo = 0
+    return lo, min(hi, limit)
 
 
 def only_masked_region(mask: Tensor, *, padding: int, width: int, height: int) -> Region | None:
