@@ -815,3 +815,141 @@ def test_img2img_counts_its_shortened_schedule_from_0(pipe, tmp_path):
     write_png(tmp_path / "always.png", _stepped_reference(pipe, sampler="euler", start=None, stop=None, seed=1,
                                                           init_image=tmp_path / "init.png"))
     assert (tmp_path / "always.png").read_bytes() != (tmp_path / "ref.png").read_bytes()
+
+
+# ---- review RS: refusals per sampler, merges per switch only, the protocol path, the report, errors mid-sampling --
+
+@pytest.mark.parametrize("sampler", ["dpm_fast", "dpm_adaptive", "restart", "pndm"])
+def test_each_sampler_without_the_counter_is_refused_naming_tag_and_sampler(sampler):
+    from sdadapt.jobs.generate_lbw_steps import check_step_range_sampler
+
+    with pytest.raises(InputError, match=re.escape("<lora:a:1:start=2>") + ".*" + sampler):
+        check_step_range_sampler(sampler, "<lora:a:1:start=2>")
+
+
+def test_samplers_that_follow_the_counter_are_not_refused():
+    from sdadapt import samplers
+    from sdadapt.jobs.generate_lbw_steps import (
+        UNSTEPPED_SAMPLERS,
+        check_step_range_sampler,
+    )
+
+    for name in set(samplers.SAMPLERS) - UNSTEPPED_SAMPLERS:
+        check_step_range_sampler(name, "<lora:a:1:start=2>")
+
+
+def test_parts_are_merged_at_a_switch_only_not_at_every_model_call(monkeypatch):
+    """Performance: a merge per switch (and an undo per switch), none at the calls in between."""
+    import sdadapt.apply as apply_module
+    from sdadapt.jobs.generate_lbw_steps import StepRange, StepSwitchedLoRAs
+
+    merges = []
+    real = apply_module.apply_lora
+
+    def counted(*args, **kwargs):
+        merges.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "apply_lora", counted)
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    state = {"0.lora_down.weight": torch.randn(2, 8, generator=g), "0.lora_up.weight": torch.randn(8, 2, generator=g)}
+    switch = StepSwitchedLoRAs([(StepRange(3, 6), [(layer, state, 1.0)])])
+    for done in range(10):  # (on at steps 3, 4, 5 of a one-call sampler: one merge)
+        for calls in (0, 1):
+            switch(done, calls)
+    assert len(merges) == 1
+    switch.release()
+
+
+def test_the_hook_reaches_the_samplers_through_the_protocol_path():
+    """A system whose own sample takes no before_model_call (the toy) still has the hook called per model call."""
+    from sdadapt.sampling import generate
+    from sdadapt.toy.system import build_toy
+
+    seen = []
+    generate(build_toy(seed=0).eval(), ["a red circle"], seed=1, steps=3, sampler="heun",
+             before_model_call=lambda done, calls: seen.append((done, calls)))
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    from sdadapt.prompt_guidance import plan_prompt
+
+    seen.clear()  # (prompt editing and AND: the plan guides inside the one announced call)
+    generate(build_toy(seed=0).eval(), ["a red circle"], seed=1, steps=4, sampler="euler",
+             plan=plan_prompt("a [red:blue:2] circle AND a ring", "x", steps=4),
+             before_model_call=lambda done, calls: seen.append((done, calls)))
+    assert seen == [(0, 0), (1, 0), (2, 0), (3, 0)]
+
+
+def test_the_report_names_each_tags_step_range(pipe, tmp_path):
+    from sdadapt.jobs.generate import run_generate
+
+    result = run_generate(prompt="a cat <lora:ink:0.7:step=2-3>", model=str(pipe[0]), lora_dir=pipe[1], steps=3,
+                          sampler="euler", width=32, height=32, out=tmp_path / "x.png")
+    assert result["loras"][0]["steps"] == {"start": 2, "stop": 3}
+    plain = run_generate(prompt="a cat <lora:ink:0.7>", model=str(pipe[0]), lora_dir=pipe[1], steps=3,
+                         sampler="euler", width=32, height=32, out=tmp_path / "y.png")
+    assert result["loras"][0]["layers"] == plain["loras"][0]["layers"] == 2  # (the UNet layer counted, unmerged)
+
+
+@pytest.mark.parametrize(("prompt", "extra", "words"), [
+    ("a cat <lora:ink:0.7:start=2>", {"sampler": "k_dpm_ad"}, "dpm_adaptive"),  # (the canonical name is checked)
+    ("a cat <lora:ink:0.7>", {"sampler": "euler", "hires_scale": 2.0, "hires_prompt": "a cat <lora:ink:0.7:start=2>"},
+     "hires pass")])  # (a step range in the hires prompt alone is refused too)
+def test_step_ranges_are_refused_by_alias_and_in_the_hires_prompt(pipe, tmp_path, prompt, extra, words):
+    from sdadapt.jobs.generate import run_generate
+
+    with pytest.raises(ValueError, match=re.escape("<lora:ink:0.7:start=2>") + ".*" + words):
+        run_generate(prompt=prompt, model=str(pipe[0]), lora_dir=pipe[1], out=tmp_path / "x.png", **extra)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_hook_keeps_the_callers_callback():
+    from sdadapt import samplers
+
+    steps, seen = [], []
+    samplers.sample_latents(lambda x, t, c: x * 0.1, torch.zeros(1, 1, 2, 2), None, sampler="heun",
+                            alphas_cumprod=torch.linspace(0.999, 0.01, 1000), num_steps=3,
+                            callback=lambda i, t, x: steps.append(i),
+                            before_model_call=lambda done, calls: seen.append((done, calls)))
+    assert steps == [0, 1, 2] and len(seen) == 5
+
+
+def test_an_error_mid_sampling_leaves_the_unet_without_the_switched_part(pipe, tmp_path, monkeypatch):
+    """The part is merged at the third model call; the fourth raises: the UNet's weights are the loaded ones."""
+    import sdadapt.jobs.generate as generate_module
+
+    loaded, real_load = [], generate_module.load_system
+
+    def load(*args, **kwargs):
+        system = real_load(*args, **kwargs)
+        loaded.append((system, {k: v.clone() for k, v in system.unet.state_dict().items()}))
+        calls = [0]
+
+        def pre_hook(module, args):
+            calls[0] += 1
+            if calls[0] == 4:
+                assert any(not torch.equal(v, loaded[0][1][k]) for k, v in system.unet.state_dict().items())
+                raise RuntimeError("interrupted")
+
+        system.unet.register_forward_pre_hook(pre_hook)
+        return system
+
+    monkeypatch.setattr(generate_module, "load_system", load)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        generate_module.run_generate(prompt="a cat <lora:ink:0.7:start=2>", model=str(pipe[0]), lora_dir=pipe[1],
+                                     steps=4, sampler="euler", guidance=5.0, width=32, height=32,
+                                     out=tmp_path / "x.png")
+    system, before = loaded[0]
+    assert all(torch.equal(v, before[k]) for k, v in system.unet.state_dict().items())
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_conditions_that_do_not_batch_are_one_announced_call():
+    from sdadapt import samplers
+
+    seen = []
+    samplers.sample_latents(lambda x, t, c: x * 0.1, torch.zeros(1, 1, 2, 2), torch.zeros(1, 3, 4), sampler="euler",
+                            uncond=torch.zeros(1, 2, 4), guidance_scale=5.0,
+                            alphas_cumprod=torch.linspace(0.999, 0.01, 1000), num_steps=3,
+                            before_model_call=lambda done, calls: seen.append((done, calls)))
+    assert seen == [(0, 0), (1, 0), (2, 0)]

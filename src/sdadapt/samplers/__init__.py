@@ -207,8 +207,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     ``before_model_call(steps_done, calls)``: called before each call of ``model``, with the steps finished so far
     (the ``callback`` calls: every sampler calls it once after each step) and ``model``'s calls since the last of
     them (0: the step's first call) — e.g. to switch weights between model calls
-    (:mod:`sdadapt.jobs.generate_lbw_steps`). One ``model`` call is one sampler model call where the conditionings
-    batch (tensors, dicts of tensors: :func:`sdadapt.training.diffusion.guided`).
+    (:mod:`sdadapt.jobs.generate_lbw_steps`). One announced call is one guided sampler model call (both halves of
+    classifier-free guidance, batched or not: :func:`sdadapt.training.diffusion.guided`).
 
     Raises:
         ValueError: an unknown sampler or schedule, ``karras=True`` for a sampler without Karras σ, a schedule
@@ -217,7 +217,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             cannot start from an image.
     """
     name = canonical_sampler(sampler)
-    if before_model_call is not None:
+    if before_model_call is not None:  # (guidance first: one announced call per sampler call, as A1111's
+        # on_cfg_denoiser fires once per CFGDenoiser.forward, also where the conditionings do not batch)
+        model, uncond, guidance_scale = diffusion.guided(model, cond, uncond, guidance_scale), None, 1.0
         model, callback = _announced(model, callback, before_model_call)
     if start is not None:
         from ..img2img import check_img2img_sampler
