@@ -505,7 +505,8 @@ def test_load_lora_reads_lycoris_and_refuses_unsupported_algorithms_clearly(tmp_
 def test_load_lora_names_what_a_non_lora_file_is(tmp_path, state, kind):
     path = tmp_path / "x.safetensors"
     write_safetensors(path, state)
-    with pytest.raises(WeightFileError, match=f"this is a {kind} file"):
+    article = {"checkpoint": "a", "embedding": "an"}[kind]
+    with pytest.raises(WeightFileError, match=f"this is {article} {kind} file"):
         load_lora(path)
 
 

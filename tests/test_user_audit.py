@@ -12,6 +12,14 @@ from train_inputs import captioned_pngs
 from sdadapt.cli import main
 
 
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """A tiny SD1 single-file checkpoint (random weights), made once for the tests that share it."""
+    from tiny_checkpoints import tiny_sd1_file
+
+    return tiny_sd1_file(tmp_path_factory.mktemp("sd1") / "sd1.safetensors")
+
+
 def _images(folder):
     return captioned_pngs(folder, [(32, 32)] * 2, caption=["a photo 0", "a photo 1"])
 
@@ -34,20 +42,72 @@ def test_save_state_given_on_the_command_line_saves_the_state_after_the_last_ste
 
 
 # ------------------------------------------------------------------ an embedding whose file name is a vocabulary piece
-@pytest.mark.xfail(strict=True, reason="CLIPTokenizerSide.add (embeddings/tokens.py) refuses a name the CLIP vocabulary "
-                   "has as a token ('ti', 'cat'); A1111 matches the name's token ids in the prompt and uses it")
-def test_an_embedding_named_like_a_vocabulary_token_is_used_as_a1111_does(tmp_path, capsys):
-    from tiny_checkpoints import tiny_sd1_file
-
+def test_an_embedding_named_like_a_vocabulary_token_is_used_as_a1111_does(tmp_path, capsys, sd1):
+    """``ti.safetensors`` was refused ("does not fit this model ... the tokenizer already has the token(s) ['ti']"): the
+    widths agreed, the name was the problem. A1111 matches the name's token ids in the prompt."""
     import sdadapt
 
-    model = tiny_sd1_file(tmp_path / "sd1.safetensors")
     sdadapt.save_embedding(tmp_path / "ti.safetensors", sdadapt.Embedding("ti", {"text_encoder": torch.randn(1, 64)}))
-    code = main(["generate", "--model", str(model), "--embedding", str(tmp_path / "ti.safetensors"), "--prompt", "ti",
+    code = main(["generate", "--model", str(sd1), "--embedding", str(tmp_path / "ti.safetensors"), "--prompt", "ti",
                  "--width", "32", "--height", "32", "--steps", "1", "-q", "-o", str(tmp_path / "a.png")])
-    # before: "does not fit this model: the file holds text_encoder (1, 64), this model needs an embedding of width
-    # 64 (the tokenizer already has the token(s) ['ti'] ...)": the widths agree, the name is the problem
     assert code == 0, capsys.readouterr().err
+
+
+def test_two_embeddings_of_one_name_are_named_as_such_not_as_a_misfit(tmp_path, capsys, sd1):
+    """The second said "does not fit this model: ... this model needs an embedding of width 64" (widths equal)."""
+    import sdadapt
+
+    (tmp_path / "other").mkdir()
+    for path in (tmp_path / "ti.safetensors", tmp_path / "other" / "ti.safetensors"):
+        sdadapt.save_embedding(path, sdadapt.Embedding("ti", {"text_encoder": torch.randn(1, 64)}))
+    assert main(["generate", "--model", str(sd1), "--embedding", str(tmp_path / "ti.safetensors"), "--embedding",
+                 str(tmp_path / "other" / "ti.safetensors"), "--prompt", "ti", "--steps", "1", "-q",
+                 "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--embedding {tmp_path / 'other' / 'ti.safetensors'}: another embedding named 'ti' is loaded already" in err
+    assert "does not fit" not in err
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_vocabulary_word_embedding_puts_its_vectors_where_a1111_does(sd1, count):
+    """A1111 (textual_inversion.py, EmbeddingDatabase.find_embedding_at_position; sd_hijack_clip.tokenize_line)
+    replaces each run of the name's token ids in the tokenized prompt by the embedding's vectors. A transcription of
+    that on the token ids is compared with the encoder input sdadapt builds, row for row."""
+    import sdadapt
+    from sdadapt.jobs.models import load_system
+
+    system = load_system(str(sd1))
+    tokenizer, encoder = system.tokenizer, system.text_encoder
+    table = encoder.get_input_embeddings()
+    vectors = torch.randn(count, table.weight.shape[1], generator=torch.Generator().manual_seed(count))
+    # (not a word whose BPE pieces end in the name's token, "tomcat" -> tom + cat</w>: A1111 matches that piece too,
+    # sdadapt whole words only)
+    prompt = "a Cat, cats and a cat-cat (cat:1.1) concatenate cat2"
+
+    def ids_of(text):
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+    # A1111's rule on the plain tokenizer: the name's ids, each occurrence replaced by the vectors
+    name_ids, ids = ids_of("cat"), ids_of(prompt)
+    expected, i = [], 0
+    while i < len(ids):
+        if ids[i : i + len(name_ids)] == name_ids:
+            expected.extend(vectors)
+            i += len(name_ids)
+        else:
+            expected.append(table.weight[ids[i]].detach())
+            i += 1
+    assert sum(any(torch.equal(v, w) for w in vectors) for v in expected) == 5 * count  # (5 cats)
+
+    handle = sdadapt.inject_embedding(encoder, tokenizer, sdadapt.Embedding("cat", {"text_encoder": vectors}))
+    try:
+        got = table(torch.tensor(ids_of(handle.expand(prompt)))).detach()
+        assert got.shape == (len(expected), vectors.shape[1])
+        torch.testing.assert_close(got, torch.stack(expected), rtol=0, atol=0)
+        assert handle.expand(handle.expand(prompt)) == handle.expand(prompt)  # (idempotent, as diffusers' rule)
+    finally:
+        handle.remove()
+    assert ids_of(prompt) == ids  # (the tokenizer as it was)
 
 
 # ------------------------------------------------------------------ merge-lora of a whole LoRA of another model
@@ -175,18 +235,44 @@ def test_a_kohya_dataset_toml_given_as_the_config_says_to_pass_it_as_dataset_con
 
 
 # ------------------------------------------------------------------ A1111's seed -1
-@pytest.mark.xfail(strict=True, reason="cli/generate.py / jobs/generate.py take --seed -1 as the seed -1 (the same image "
-                   "every run); A1111's -1 draws a random seed (processing.get_fixed_seed) and reports it: not fixed here, "
-                   "those files are being edited by other tracks")
-def test_seed_minus_one_draws_a_random_seed_as_a1111(tmp_path):
+def test_seed_minus_one_draws_a_random_seed_as_a1111(tmp_path, capsys):
+    """``--seed -1`` was the seed -1 (the same image every run); A1111's ``get_fixed_seed`` draws
+    ``random.randrange(4294967294)``. The drawn seed is printed and makes the same image again."""
     from PIL import Image
 
-    pictures = []
+    pictures, seeds = [], []
     for name in ("a.png", "b.png"):
         assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--seed", "-1", "-q", "-o",
                      str(tmp_path / name)]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line.startswith(f"wrote {tmp_path / name} (--seed ") and line.endswith(")"), line
+        seeds.append(int(line.rpartition("--seed ")[2][:-1]))
         pictures.append(Image.open(tmp_path / name).tobytes())
-    assert pictures[0] != pictures[1]
+    assert pictures[0] != pictures[1] and seeds[0] != seeds[1]
+    assert all(0 <= seed < 4294967294 for seed in seeds)
+    assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--seed", str(seeds[1]), "-q", "-o",
+                 str(tmp_path / "again.png")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'again.png'}"  # (a seed given: not repeated)
+    assert Image.open(tmp_path / "again.png").tobytes() == pictures[1]
+
+
+def test_only_minus_one_is_drawn_as_a1111s_get_fixed_seed():
+    """A1111: ``p.subseed = get_fixed_seed(p.subseed)``; only -1 is drawn (-2 is a seed), in [0, 4294967294)."""
+    from sdadapt.jobs.generate_seed import fixed_seed
+
+    assert fixed_seed(-1, draw=lambda n: n - 1) == 4294967293 and fixed_seed(-1, draw=lambda n: 0) == 0
+    assert [fixed_seed(s) for s in (None, 0, -2, 7, 2**40)] == [None, 0, -2, 7, 2**40]
+    assert len({fixed_seed(-1) for _ in range(20)}) > 1
+
+
+def test_subseed_minus_one_is_drawn_and_printed(tmp_path, capsys):
+    out = tmp_path / "v.png"
+    assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--noise", "a1111", "--seed", "5",
+                 "--subseed", "-1", "--subseed-strength", "0.5", "--count", "2", "-q", "-o", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    subseed = int(lines[0].rpartition("--subseed ")[2][:-1])
+    assert lines == [f"wrote {tmp_path / 'v-00.png'} (--seed 5 --subseed {subseed})",
+                     f"wrote {tmp_path / 'v-01.png'} (--seed 6 --subseed {subseed + 1})"]
 
 
 # ------------------------------------------------------------------ convert --to peft --component: the layers counted
@@ -263,3 +349,144 @@ def test_a_broken_pipe_elsewhere_is_reported_as_an_error(tmp_path, capsys, monke
     code = main(["inspect", str(path)])
     err = capsys.readouterr().err
     assert code not in (0, BROKEN_PIPE_CODE), (code, err)
+
+
+# ------------------------------------------------------------------ generate options without the pass they shape
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--denoising-strength", "0.75"], "--denoising-strength is img2img's strength and only applies with --init-image"),
+    (["--resize-mode", "crop"], "--resize-mode only applies with --init-image IMAGE"),
+    (["--hires-denoising", "0.5"], "--hires-denoising shapes the hires fix's second pass, which runs only with "
+                                   "--hires-scale F or --hires-width/--hires-height"),
+    (["--hires-steps", "10"], "--hires-steps shapes the hires fix's second pass"),
+    (["--hires-upscaler", "pixel-lanczos"], "--hires-upscaler shapes the hires fix's second pass"),
+    (["--img2img-fix-steps"], "--img2img-fix-steps only applies with --init-image IMAGE or --hires-scale F"),
+])
+def test_generate_options_without_the_pass_they_shape_are_refused(tmp_path, capsys, extra, words):
+    """They ran and were silently ignored (A1111's txt2img has no denoising strength unless hires); a value equal to
+    the default counts as given."""
+    out = tmp_path / "a.png"
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--prompt", "a", "--steps", "1", *extra, "-q", "-o", str(out)])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err and not out.exists()
+
+
+def test_generate_options_with_their_pass_still_run(tmp_path):
+    init = tmp_path / "init.png"
+    assert main(["generate", "--prompt", "a", "--steps", "1", "-q", "-o", str(init)]) == 0
+    assert main(["generate", "--prompt", "a", "--steps", "2", "--init-image", str(init), "--denoising-strength", "0.5",
+                 "--resize-mode", "crop", "--img2img-fix-steps", "-q", "-o", str(tmp_path / "b.png")]) == 0
+
+
+# ------------------------------------------------------------------ --steps beyond the model's timesteps
+@pytest.mark.parametrize("extra", [["--steps", "1000000"], ["--steps", "1", "--hires-scale", "1.5", "--hires-steps", "1001"]])
+def test_too_many_steps_name_the_option_and_the_limit(tmp_path, capsys, extra):
+    """It said "num_inference_steps must be in [1, 1000], got 1000000" (no option named)."""
+    assert main(["generate", "--prompt", "a", *extra, "-q", "-o", str(tmp_path / "a.png")]) == 2
+    option, value = extra[-2:]
+    assert f"{option} {value}: at most 1000, the model's training timesteps" in capsys.readouterr().err
+
+
+def test_generate_to_a_jpeg_name_is_a_refused_output(tmp_path, capsys):
+    """It exited 3 (an unusable input file); merge's -o X.ckpt exits 7 (an output that cannot be written)."""
+    assert main(["generate", "--prompt", "a", "--steps", "1", "-q", "-o", str(tmp_path / "x.jpg")]) == 7
+    assert "generate writes PNG images; name the output *.png" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ small wording
+def test_network_dim_zero_names_the_option(tmp_path, capsys):
+    """It said "network ranks must be >= 1, got rank 0"."""
+    assert main(["train", "lora", "--images", str(_images(tmp_path / "imgs")), "--network-dim", "0", "--steps", "1",
+                 "-q", "-o", str(tmp_path / "a.safetensors")]) == 2
+    assert "--network-dim (kohya's network_dim; the rank) must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_combining_one_file_says_one_file(tmp_path, capsys):
+    from hostile_files import kohya_lora
+
+    from sdadapt.formats.files import write_safetensors
+
+    lora = write_safetensors(tmp_path / "a.safetensors", kohya_lora(0), {})
+    assert main(["combine-loras", str(lora), "--scale", "0.5", "-o", str(tmp_path / "c.safetensors")]) == 0
+    assert "combined 1 file (" in capsys.readouterr().out
+
+
+def test_a_non_lora_kind_takes_its_article(tmp_path):
+    from sdadapt.errors import WeightFileError
+    from sdadapt.formats import load_lora
+    from sdadapt.formats.files import write_safetensors
+
+    write_safetensors(tmp_path / "e.safetensors", {"emb_params": torch.zeros(2, 8)})
+    with pytest.raises(WeightFileError, match="this is an embedding file, not a LoRA"):
+        load_lora(tmp_path / "e.safetensors")
+
+
+# ------------------------------------------------------------------ generate --lora PEFT_FOLDER
+def test_a_peft_adapter_folder_is_taken_by_lora_as_its_kohya_twin(tmp_path, capsys, sd1):
+    """``--lora FOLDER`` said "no such file" while ``inspect FOLDER`` suggested ``generate --lora``: the folder (and its
+    adapter_model.safetensors) now gives the image of the same LoRA as a kohya file, on the component its layers fit
+    (the UNet or the text encoder, found by layer names and input widths)."""
+    from sdadapt.formats import load_lora, save_kohya
+    from sdadapt.jobs.generate_peft import peft_component
+    from sdadapt.jobs.models import load_system
+
+    model = sd1
+    system = load_system(str(model))
+    generator = torch.Generator().manual_seed(0)
+
+    def lora(module, names):
+        state = {}
+        for name in names:
+            layer = module.get_submodule(name)
+            state |= {f"{name}.lora_down.weight": torch.randn(2, layer.in_features, generator=generator),
+                      f"{name}.lora_up.weight": torch.randn(layer.out_features, 2, generator=generator),
+                      f"{name}.alpha": torch.tensor(2.0)}
+        return state
+
+    unet = lora(system.unet, [f"{b}.attentions.0.transformer_blocks.0.attn2.{p}" for b in ("down_blocks.0", "mid_block")
+                              for p in ("to_q", "to_k", "to_v")])
+    text = lora(system.text_encoder, ["encoder.layers.0.self_attn.q_proj", "encoder.layers.0.mlp.fc1"])
+    for component, state in (("unet", unet), ("text_encoder", text)):
+        save_kohya(tmp_path / f"{component}.safetensors", {component: state}, base_model="sd1")
+        assert main(["convert", str(tmp_path / f"{component}.safetensors"), "--to", "peft", "--component", component,
+                     "-q", "-o", str(tmp_path / f"{component}_peft")]) == 0
+        peft_state = load_lora(tmp_path / f"{component}_peft")[0]["model"]
+        assert peft_component(system, peft_state, source="--lora X") == component
+    assert main(["inspect", str(tmp_path / "unet_peft")]) == 0  # (what inspect says to do works)
+    assert "use:        generate --lora FOLDER:SCALE; convert --to kohya --component" in capsys.readouterr().out
+    images = []
+    for lora_spec in (tmp_path / "unet.safetensors", tmp_path / "unet_peft"):
+        out = tmp_path / f"{lora_spec.name}.png"
+        assert main(["generate", "--model", str(model), "--prompt", "a photo", "--steps", "2", "--seed", "3",
+                     "--lora", f"{lora_spec}:0.7", "-o", str(out)]) == 0
+        assert f"applied {lora_spec} at 0.7 (6 layers)" in capsys.readouterr().err
+        images.append(out.read_bytes())
+    assert images[0] == images[1]
+
+
+def test_a_peft_adapter_of_another_model_says_how_to_name_its_component(tmp_path, capsys):
+    from sdadapt.formats import save_peft
+
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+    save_peft(tmp_path / "wide", {f"{layer}.lora_down.weight": torch.zeros(2, 999),
+                                  f"{layer}.lora_up.weight": torch.zeros(999, 2), f"{layer}.alpha": torch.tensor(2.0)})
+    assert main(["generate", "--prompt", "a", "--steps", "1", "--lora", str(tmp_path / "wide"), "-q",
+                 "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--lora {tmp_path / 'wide'}: a peft adapter whose layers fit none of this model's unet" in err, err
+    assert "convert FOLDER --to kohya --component unet|text_encoder|text_encoder_2" in err
+
+
+# ------------------------------------------------------------------ an SDXL embedding on an SD1 model
+def test_an_sdxl_embedding_on_an_sd1_model_gets_command_line_advice(tmp_path, capsys, sd1):
+    """It said "... pass {'clip_l': pipe.text_encoder, 'clip_g': pipe.text_encoder_2}" (Python advice)."""
+    import sdadapt
+
+    path = tmp_path / "xlthing.safetensors"
+    sdadapt.save_embedding(path, sdadapt.Embedding("xlthing", {"clip_l": torch.randn(1, 64), "clip_g": torch.randn(1, 128)}))
+    assert main(["generate", "--model", str(sd1), "--embedding", str(path), "--prompt", "xlthing", "--steps", "1", "-q",
+                 "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--embedding {path}: an SDXL embedding (it holds clip_l (1, 64), clip_g (1, 128)) and this model has one " \
+           "text encoder, which needs an embedding of width 64: use an embedding made for this model, or an SDXL " \
+           "checkpoint as --model" in err, err
+    assert "pipe." not in err

@@ -83,8 +83,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         inpaint_full_res_padding=args.inpaint_full_res_padding,
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
-    for file in result["files"]:
-        print(f"wrote {file}")
+    drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
+    for i, file in enumerate(result["files"]):
+        seeds = f"--seed {result['seed'] + i}" + ("" if result["subseed"] is None else f" --subseed {result['subseed'] + i}")
+        print(f"wrote {file} ({seeds})" if drawn else f"wrote {file}")
     return 0
 
 
@@ -137,7 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="a Custom Diffusion result (train custom-diffusion / merge-custom-diffusion's file, "
                           "its -token files beside it, or diffusers' output folder) at SCALE (default 1); its "
                           "modifier token works in the prompt; repeat for several")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0,
+                          help="the noise seed (default 0); -1 draws one, as A1111, printed with the file name")
     generate.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 25)")
     generate.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
                           help="classifier-free guidance scale (default: the model's, SD 7.5, toy 2)")
@@ -157,7 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="draw the start noise and the samplers' noise as AUTOMATIC1111 does for the seed: a1111 = "
                        "its default GPU/NV source (what an NVIDIA GPU draws, reproduced on any device), a1111-cpu = "
                        "its CPU source; default: sdadapt's CPU generator")
-    a1111.add_argument("--subseed", type=int, default=None, metavar="N", help="A1111's variation seed (with --noise)")
+    a1111.add_argument("--subseed", type=int, default=None, metavar="N",
+                       help="A1111's variation seed (with --noise; -1 draws one)")
     a1111.add_argument("--subseed-strength", type=float, default=0.0, metavar="S",
                        help="A1111's variation strength in [0, 1] (with --noise and --subseed)")
     a1111.add_argument("--seed-resize-from", type=_height_width, default=None, metavar="WxH",
@@ -258,6 +262,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="the CLIP model (folder or checkpoint) with the text_projection; needed for Stable "
                            "Diffusion models (openai/clip-vit-large-patch14 for SD1), not for the toy")
     only_with(generate, ["--inpaint-full-res"], needs="--mask IMAGE", when=lambda args: args.mask is not None)
+    only_with(generate, ["--denoising-strength"], needs="--init-image IMAGE", when=lambda args: args.init_image is not None,
+              message="{option} is img2img's strength and only applies with --init-image IMAGE (A1111's txt2img has "
+              "none; the hires fix's is --hires-denoising): add --init-image IMAGE, or leave {option} out")
+    only_with(generate, ["--resize-mode"], needs="--init-image IMAGE", when=lambda args: args.init_image is not None)
+    hires_size = "--hires-scale F or --hires-width/--hires-height"
+
+    def wants_hires(args: argparse.Namespace) -> bool:
+        return args.hires_scale is not None or args.hires_width is not None or args.hires_height is not None
+
+    only_with(generate, ["--hires-steps", "--hires-denoising", "--hires-upscaler", "--hires-prompt", "--hires-negative",
+                         "--hires-sampler"], needs=hires_size, when=wants_hires,
+              message=f"{{option}} shapes the hires fix's second pass, which runs only with {hires_size}: add one, "
+              "or leave {option} out")
+    only_with(generate, ["--img2img-fix-steps"], needs=f"--init-image IMAGE or {hires_size}",
+              when=lambda args: args.init_image is not None or wants_hires(args))
     only_with(generate, ["--inpaint-full-res-padding"], needs="--inpaint-full-res",
               when=lambda args: args.inpaint_full_res)
     only_with(generate, ["--aesthetic-steps", "--aesthetic-lr", "--aesthetic-weight", "--aesthetic-slerp",

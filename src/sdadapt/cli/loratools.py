@@ -113,7 +113,8 @@ def _cmd_combine(args: argparse.Namespace) -> int:
         base_model=args.base_model, dtype=torch_dtype(args.dtype), overwrite=args.overwrite, base=args.base,
     )
     _print_skipped(report)
-    print(_summary(report, f"combined {len(args.loras)} files ({args.mode}), wrote"))
+    files = f"{len(args.loras)} file{'' if len(args.loras) == 1 else 's'}"
+    print(_summary(report, f"combined {files} ({args.mode}), wrote"))
     return 0
 
 

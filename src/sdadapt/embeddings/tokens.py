@@ -7,7 +7,10 @@ A small interface, :class:`TokenizerSide`, with two implementations picked by :f
   (``name``, ``name_1`` … ``name_{k-1}``, each one id at the end of the vocabulary), so a prompt is
   expanded as diffusers' ``maybe_convert_prompt`` does (:func:`expand_prompt`) — and a diffusers
   pipeline around the same tokenizer expands it itself. ``remove()`` restores the tokenizer's
-  added-token table exactly as it was (newest addition first).
+  added-token table exactly as it was (newest addition first). A trigger that is a vocabulary word
+  (``cat``) gets the alias tokens ``<emb:cat>`` … instead, and :meth:`CLIPTokenizerSide.expand` writes the
+  alias for each whole-word ``cat`` (A1111's rule: :func:`replace_vocabulary_word`); a diffusers pipeline
+  needs the expanded prompt then.
 * :class:`WordTableSide` — tokenizers with an added-word table (the toy tokenizer:
   ``add_word``/``remove_word``/``free_spare_ids``). A trigger that is already a vocabulary word keeps
   its own id for its first vector; every other vector takes the next free spare token
@@ -20,7 +23,12 @@ import json
 import re
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CLIPTokenizerSide", "TokenizerSide", "WordTableSide", "expand_prompt", "token_strings", "tokenizer_side"]
+__all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "replace_vocabulary_word",
+           "token_strings", "tokenizer_side", "vocabulary_word_alias"]
+
+
+class TriggerTakenError(ValueError):
+    """The trigger word is held by another embedding already loaded on this tokenizer."""
 
 
 def token_strings(name: str, count: int) -> list[str]:
@@ -38,6 +46,24 @@ def expand_prompt(prompt: str, name: str, count: int) -> str:
     escaped = re.escape(name)
     pattern = re.compile(rf"{escaped}(?!_\d)(?! {escaped}_1(?!\d))")
     return pattern.sub(lambda _m: " ".join(token_strings(name, count)), prompt)
+
+
+def vocabulary_word_alias(word: str) -> str:
+    """The token added for an embedding whose name is a CLIP vocabulary word (``"cat"`` -> ``"<emb:cat>"``)."""
+    return f"<emb:{word.lower()}>"
+
+
+def replace_vocabulary_word(prompt: str, word: str) -> str:
+    """Each occurrence of ``word`` that CLIP tokenizes as ``word``'s own tokens replaced by its alias
+    (:func:`vocabulary_word_alias`): case-insensitive (CLIP lowercases), not inside a longer run of letters (CLIP's
+    pre-tokenizer keeps a letter run whole: "cats" is not "cat"), not inside an alias already written.
+
+    This is A1111's rule for an embedding named like a vocabulary word (``modules/textual_inversion/
+    textual_inversion.py`` ``EmbeddingDatabase.find_embedding_at_position``: the name's token ids are matched in the
+    tokenized prompt, so every ``cat`` of the prompt becomes the embedding), applied to the text.
+    """
+    pattern = re.compile(rf"(?<!<emb:)(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", re.IGNORECASE)
+    return pattern.sub(vocabulary_word_alias(word), prompt)
 
 
 @runtime_checkable
@@ -75,8 +101,9 @@ class CLIPTokenizerSide:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.name: str | None = None
+        self.name: str | None = None  # (the added token: the trigger, or its alias for a vocabulary word)
         self.count = 0
+        self.word: str | None = None  # a trigger that is a vocabulary word, spelled as its alias by expand
         self._before: list | None = None
         self._after: list | None = None
 
@@ -97,13 +124,20 @@ class CLIPTokenizerSide:
     def add(self, name: str, count: int) -> list[int]:
         if self.name is not None:
             raise RuntimeError(f"this tokenizer side already holds {self.name!r}; make one side per embedding")
-        strings = token_strings(name, count)
         vocab = self.tokenizer.get_vocab()
+        added = self.tokenizer.get_added_vocab() if hasattr(self.tokenizer, "get_added_vocab") else {}
+        if any(s in vocab and s not in added for s in token_strings(name, count)):
+            # a vocabulary word ("cat", "ti"): A1111 matches the word's token ids in the prompt and puts the vectors
+            # there; here the word is spelled as an alias token the vocabulary lacks (expand), to the same effect
+            self.word = name
+        token = vocabulary_word_alias(name) if self.word is not None else name
+        strings = token_strings(token, count)
         taken = [s for s in strings if s in vocab]
         if taken:
-            raise ValueError(
-                f"the tokenizer already has the token(s) {taken}: another embedding named {name!r} is loaded, or "
-                "the word is a vocabulary token; remove that embedding first or choose another trigger word"
+            self.word = None
+            raise TriggerTakenError(
+                f"the tokenizer already has the token(s) {taken}: another embedding named {name!r} is loaded; "
+                "remove that embedding first or choose another trigger word"
             )
         self._before = self._added_tokens()
         added = self.tokenizer.add_tokens(strings)
@@ -111,7 +145,7 @@ class CLIPTokenizerSide:
             self._restore()
             raise ValueError(f"the tokenizer added {added} of the tokens {strings}")
         self._after = self._added_tokens()
-        self.name, self.count = name, count
+        self.name, self.count = token, count
         return [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
 
     def _restore(self) -> None:
@@ -122,7 +156,11 @@ class CLIPTokenizerSide:
         self.tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
 
     def expand(self, prompt: str) -> str:
-        return prompt if self.name is None else expand_prompt(prompt, self.name, self.count)
+        if self.name is None:
+            return prompt
+        if self.word is not None:
+            prompt = replace_vocabulary_word(prompt, self.word)
+        return expand_prompt(prompt, self.name, self.count)
 
     def word_ids(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -140,7 +178,7 @@ class CLIPTokenizerSide:
                 "in the reverse order of injection"
             )
         self._restore()
-        self.name, self.count = None, 0
+        self.name, self.count, self.word = None, 0, None
 
 
 class WordTableSide:
@@ -157,7 +195,7 @@ class WordTableSide:
             raise RuntimeError(f"this tokenizer side already holds {self.word!r}; make one side per embedding")
         word = name.lower()
         if word in self.tokenizer.added:
-            raise ValueError(f"{name!r} is already loaded as an embedding trigger; remove that embedding first or choose another word")
+            raise TriggerTakenError(f"{name!r} is already loaded as an embedding trigger; remove that embedding first or choose another word")
         own = self.tokenizer.ids.get(word)
         if own is not None and any(own in ids for ids in self.tokenizer.added.values()):
             raise ValueError(f"{name!r} is a spare token another loaded embedding already uses; choose another trigger word")

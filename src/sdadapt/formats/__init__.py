@@ -112,7 +112,7 @@ def load_lora(
                             "or in Python with apply_custom_diffusion (docs/custom-diffusion.md)",
     }.get(kind, "")
     raise WeightFileError(
-        f"{path}: this is a {kind} file, not a LoRA that sdadapt can load{use_instead}"
+        f"{path}: this is {'an' if kind[:1] in 'aeiou' else 'a'} {kind} file, not a LoRA that sdadapt can load{use_instead}"
         "; run `python -m sdadapt inspect FILE` to see what it holds."
     )
 

@@ -57,8 +57,9 @@ _USES = {
     "lycoris": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "kohya-oft": "generate --lora FILE:SCALE; train --network-weights FILE; merge-lora, resize-lora, convert",
     "diffusers-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
-    "peft-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
-    "peft-ia3": "generate --lora FILE:SCALE; merge-lora, convert",
+    "peft-lora": "generate --lora FOLDER:SCALE; convert --to kohya --component unet|text_encoder (then merge-lora, "
+                 "resize-lora, combine-loras)",
+    "peft-ia3": "generate --lora FOLDER:SCALE; convert --to kohya --component unet|text_encoder (then merge-lora)",
     "custom-diffusion": "generate --custom-diffusion FILE:SCALE; merge-custom-diffusion",
     "embedding": "generate --embedding FILE (the file name is the trigger word); convert",
     "aesthetic-embedding": "generate --aesthetic FILE",

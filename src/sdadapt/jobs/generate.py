@@ -130,6 +130,8 @@ def run_generate(
             ``-token`` files beside) or diffusers' output folder: ``W0 + scale * (W_cd - W0)``
             on the cross-attention K/V (:func:`sdadapt.apply_custom_diffusion`), their modifier
             tokens injected so the prompt can use them.
+        seed: the seed of image 0; ``-1`` draws one, as A1111's ``get_fixed_seed`` (also a ``subseed`` of
+            ``-1``; :mod:`.generate_seed`), said in the log and returned as ``"seed"`` / ``"subseed"``.
         steps: sampler steps (default 25; the toy 25).
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
@@ -202,7 +204,8 @@ def run_generate(
             hires pass's texts and sampler (``None``: the first pass's).
 
     Returns:
-        ``{"files": [...], "seconds": ..., "loras": [...], "hypernetworks": [...], "embeddings": [...],
+        ``{"files": [...], "seed": int, "subseed": int | None, "seconds": ..., "loras": [...],
+        "hypernetworks": [...], "embeddings": [...],
         "unknown_words": [...]}``.
 
     Raises:
@@ -211,7 +214,8 @@ def run_generate(
             the model loads, from its configs or file header, :func:`.model_size.model_size_multiple`)
             or sampler, a LoRA or hypernetwork that does not fit the model. WeightFileError: a ``hypernetworks`` file that is no hypernetwork (its kind named).
     """
-    from ..formats.files import WeightFileError, check_output_file
+    from ..errors import OutputError
+    from ..formats.files import check_output_file
     from ..images import write_png
     from ..samplers import check_karras, resolve_schedule
     from ..samplers.labels import sampler_schedule_from_label
@@ -261,6 +265,13 @@ def run_generate(
             raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None
     if count < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")
+    from .generate_seed import RANDOM_SEED, fixed_seed
+
+    asked_seeds = {"--seed": seed, "--subseed": subseed}
+    seed, subseed = fixed_seed(seed), fixed_seed(subseed)
+    for (option, asked), drawn in zip(asked_seeds.items(), (seed, subseed)):
+        if asked == RANDOM_SEED:  # A1111's -1: a random seed (processing.get_fixed_seed), said to make it again
+            say(f"{option} -1: drew {drawn} (pass {option} {drawn} to make the same image again)")
     a1111_seeds, schedule_options = _a1111_noise_and_schedule(
         noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
         ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
@@ -271,7 +282,7 @@ def run_generate(
                          "pass; choose a hires sampler with a σ grid or leave those settings out")
     target = Path(out)
     if target.suffix.lower() != ".png":
-        raise WeightFileError(f"{target}: generate writes PNG images; name the output *.png")
+        raise OutputError(f"{target}: generate writes PNG images; name the output *.png")
     check_output_file(target, overwrite=True, suffix=None)  # (a missing folder is made when the first image is written)
     hires = _check_img2img_options(sampler, init_image=init_image, denoising_strength=denoising_strength,
                                    hires_scale=hires_scale, hires_width=hires_width, hires_height=hires_height,
@@ -315,7 +326,7 @@ def run_generate(
             raise ValueError(f"prompt tag {stepped[0].tag}: start= / stop= / step= with a hires pass is not built "
                              "(the extension's switches are spent in the first pass and A1111 re-activates the "
                              "network for the hires pass); leave out the step range or the --hires-* options")
-    parsed = _checked_specs("--lora", loras)
+    parsed = _checked_specs("--lora", loras, folders=True)  # (a folder: a peft adapter)
     hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks) + tag_hypernetworks
     custom_specs = _checked_specs("--custom-diffusion", custom_diffusions, folders=True)
     for path in embeddings:
@@ -347,6 +358,7 @@ def run_generate(
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
+    _check_step_counts(system, steps=steps, hires_steps=hires_steps)
     applied = []
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
@@ -565,7 +577,8 @@ def run_generate(
             written.append(str(write_png(file, image)))
             if progress is not None:
                 progress(i + 1, len(files), file.name)
-    return {"files": written, "seconds": time.perf_counter() - start, "loras": applied,
+    return {"files": written, "seed": seed, "subseed": subseed, "seconds": time.perf_counter() - start,
+            "loras": applied,
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic)}
@@ -625,6 +638,18 @@ def _check_img2img_options(sampler: str, *, init_image, denoising_strength: floa
         raise ValueError(f"--hires-steps must be >= 0 and --hires-denoising in (0, 1], got {hires_steps} and "
                          f"{hires_denoising}")
     return True
+
+
+def _check_step_counts(system, *, steps: int | None, hires_steps: int) -> None:
+    """``--steps`` / ``--hires-steps`` against the model's training timesteps ``T`` (``len(alphas_cumprod)``, 1000 for
+    Stable Diffusion): every sampler's grid holds at most ``T`` steps
+    (:func:`sdadapt.training.diffusion.timestep_grid`; the Karras-style grids refuse more too), so more steps are
+    refused here, by option, before sampling."""
+    limit = len(getattr(system, "alphas_cumprod", ())) or 1000
+    for option, value in (("--steps", steps), ("--hires-steps", hires_steps)):
+        if value is not None and value > limit:
+            raise ValueError(f"{option} {value}: at most {limit}, the model's training timesteps (the samplers' grids "
+                             "are built on them and take no more steps; 20-50 steps are usual)")
 
 
 def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed_strength: float,
@@ -718,6 +743,10 @@ def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | No
         components, metadata = files[path]
     else:
         components, metadata = load_lora(path, layers_per_block=model_layers_per_block(getattr(system, "unet", None)))
+        if "model" in components:  # a peft adapter: one model's layers, its component found by them
+            from .generate_peft import peft_component
+
+            components = {peft_component(system, components["model"], source=f"{option} {path}"): components["model"]}
         if files is not None:
             files[path] = components, metadata
     layers = 0
@@ -784,6 +813,7 @@ def _inject_embedding_file(system, path: Path):
     """Load a textual-inversion file and inject it (SDXL: both encoders)."""
     try:
         from ..embeddings import inject_embedding
+        from ..embeddings.tokens import TriggerTakenError
         from ..formats.embeddings import load_embedding
     except ImportError:  # pragma: no cover - the embeddings package ships with sdadapt
         raise ImportError("--embedding needs sdadapt.embeddings") from None
@@ -795,11 +825,18 @@ def _inject_embedding_file(system, path: Path):
         encoders, tokenizers = system.text_encoder, system.tokenizer
     try:
         return inject_embedding(encoders, tokenizers, embedding)
+    except TriggerTakenError:
+        raise ValueError(f"--embedding {path}: another embedding named {embedding.name!r} is loaded already (a file's "
+                         "name is its trigger word, A1111's rule); give one of them, or rename one file") from None
     except ValueError as exc:
         holds = ", ".join(f"{key} {tuple(v.shape)}" for key, v in embedding.vectors.items())
         if isinstance(encoders, tuple):
             wanted = "an SDXL embedding (clip_l and clip_g vectors, e.g. kohya's or A1111's SDXL files)"
         else:
             wanted = f"an embedding of width {encoders.get_input_embeddings().weight.shape[1]}"
+            if len(embedding.vectors) > 1:  # (the library's advice is Python's: pass both encoders)
+                raise ValueError(f"--embedding {path}: an SDXL embedding (it holds {holds}) and this model has one text "
+                                 f"encoder, which needs {wanted}: use an embedding made for this model, or an SDXL "
+                                 "checkpoint as --model") from None
         raise ValueError(f"--embedding {path}: does not fit this model: the file holds {holds}, this model needs "
                          f"{wanted} ({exc})") from None

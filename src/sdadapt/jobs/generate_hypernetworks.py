@@ -57,7 +57,7 @@ def read_hypernetwork_option(path: Path, *, device: torch.device | str = "cpu"):
         if kind is None or kind == "hypernetwork":
             raise WeightFileError(f"--hypernetwork {original}") from None
         raise WeightFileError(
-            f"--hypernetwork {path}: this is a {kind} file, not an A1111 hypernetwork{_USE_INSTEAD.get(kind, '')}; "
+            f"--hypernetwork {path}: this is {'an' if kind[:1] in 'aeiou' else 'a'} {kind} file, not an A1111 hypernetwork{_USE_INSTEAD.get(kind, '')}; "
             "run `python -m sdadapt inspect FILE` to see what it holds"
         ) from None
 

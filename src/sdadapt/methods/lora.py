@@ -205,8 +205,10 @@ def _targets(preset: str | None, conv_rank: int | None, default: Target) -> Targ
 
 
 def _check(rank: int, conv_rank: int | None) -> None:
-    if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise ValueError(f"network ranks must be >= 1, got rank {rank}" + (f", conv rank {conv_rank}" if conv_rank is not None else ""))
+    for option, value in (("--network-dim (kohya's network_dim; the rank)", rank),
+                          ("--conv-dim (kohya's conv_dim; the kxk convolutions' rank)", conv_rank)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
 
 
 #: LyCORIS-style network_args that set a field of the family's config (``use_cp`` = ``use_tucker``, LyCORIS' old name;
