@@ -22,7 +22,11 @@ kohya (library/train_util.py, ``BaseDataset.process_caption``), in this order::
         if secondary_separator: caption = caption.replace(secondary_separator, caption_separator)
 
 ``current_step`` is the optimiser step (``global_step``), ``current_epoch`` counts from 1. Captions
-read with ``enable_wildcard`` keep every non-empty line. sdadapt draws from
+read with ``enable_wildcard`` keep every non-empty line. Without a keep_tokens_separator in the caption
+kohya's split keeps the empty tags (``[t.strip() for t in caption.strip().split(sep)]``: ``"a, b, "`` is
+three tags); with one it drops them (``if t.strip()``). ``_kohya_process_caption`` below is that code
+(sd-scripts 48d368fa, library/train_util.py) with the random module passed in; runs recorded before
+sdadapt kept empty tags (``keep_empty_tags=False``) dropped them everywhere. sdadapt draws from
 ``random.Random(f"{seed}/captions/{micro}")`` (a resumed run makes the same draws) and takes the
 ``keep_tokens_separator`` out of a caption even when nothing shuffles or drops (kohya then leaves it in).
 """
@@ -36,6 +40,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from train_inputs import captioned_pngs, lora_train_args
 
@@ -87,6 +93,41 @@ def _kohya_caption(caption: str, *, prefix=None, suffix=None, every_n=0, epoch=1
         caption = ", ".join(fixed + flex + tail)
     if secondary:
         caption = caption.replace(secondary, ",")
+    return caption
+
+
+def _kohya_process_caption(caption: str, rng: random.Random, *, dropout=0.0, shuffle=False, keep_tokens=0,
+                           keep_separator="", tag_dropout=0.0, warmup_step=0, warmup_min=1, step=0, secondary="",
+                           separator=",") -> str:
+    """kohya's process_caption (no prefix/suffix, wildcards or every-n-epochs: the cases above), as
+    written there, with ``rng`` for the random module; ``warmup_step`` already a step count."""
+    if dropout > 0 and rng.random() < dropout:
+        return ""
+    caption = caption.split("\n")[0]
+    if shuffle or warmup_step > 0 or tag_dropout > 0:
+        fixed_tokens, flex_tokens, fixed_suffix_tokens = [], [], []
+        if keep_separator and keep_separator in caption:
+            fixed_part, flex_part = caption.split(keep_separator, 1)
+            if keep_separator in flex_part:
+                flex_part, fixed_suffix_part = flex_part.split(keep_separator, 1)
+                fixed_suffix_tokens = [t.strip() for t in fixed_suffix_part.split(separator) if t.strip()]
+            fixed_tokens = [t.strip() for t in fixed_part.split(separator) if t.strip()]
+            flex_tokens = [t.strip() for t in flex_part.split(separator) if t.strip()]
+        else:
+            tokens = [t.strip() for t in caption.strip().split(separator)]
+            flex_tokens = tokens[:]
+            if keep_tokens > 0:
+                fixed_tokens = flex_tokens[:keep_tokens]
+                flex_tokens = tokens[keep_tokens:]
+        if warmup_step and step < warmup_step:
+            flex_tokens = flex_tokens[:math.floor(step * ((len(flex_tokens) - warmup_min) / warmup_step)) + warmup_min]
+        if shuffle:
+            rng.shuffle(flex_tokens)
+        if tag_dropout > 0:
+            flex_tokens = [t for t in flex_tokens if rng.random() >= tag_dropout]
+        caption = ", ".join(fixed_tokens + flex_tokens + fixed_suffix_tokens)
+    if secondary:
+        caption = caption.replace(secondary, separator)
     return caption
 
 
@@ -143,15 +184,73 @@ def test_the_deterministic_options_are_kohyas_process_caption(case, caption):
     assert got == _kohya_caption(caption, **case)
 
 
-@pytest.mark.xfail(strict=True, reason="review RX: CaptionOptions._tags drops empty tags (`if t`); kohya's "
-                   "process_caption keeps them when no keep_tokens_separator splits the caption "
-                   "([t.strip() for t in caption.strip().split(sep)]), so a booru caption's trailing comma trains as "
-                   "'a, b, ' (an extra ',' token) whenever shuffle / tag dropout / warm-up is on")
-@pytest.mark.parametrize("caption", ["sks dog, running, ", "a,,b, c"])
-def test_empty_tags_are_kept_as_kohyas_process_caption_keeps_them(caption):
-    options = CaptionOptions(token_warmup_min=1, token_warmup_steps=10)
+@pytest.mark.parametrize("caption, kohya, legacy", [
+    ("sks dog, running, ", "sks dog, running, ", "sks dog, running"),
+    ("a,,b, c", "a, , b, c", "a, b, c"),
+    (", lead", ", lead", "lead"),
+    ("x ||| a,,b, ||| t,", "x, a, b, t", "x, a, b, t"),  # (the separator's split drops them in kohya too)
+])
+def test_empty_tags_are_kept_as_kohyas_process_caption_keeps_them(caption, kohya, legacy):
+    options = CaptionOptions(token_warmup_min=1, token_warmup_steps=10, keep_tokens_separator="|||")
     got = options.apply(caption, random.Random(0), step=20)  # (warm-up over: every tag, in caption order)
-    assert got == _kohya_caption(caption, warmup_step=10, step=20)
+    assert got == _kohya_caption(caption, warmup_step=10, step=20, keep_separator="|||") == kohya
+    old = dataclasses.replace(options, keep_empty_tags=False)  # (a resumed run recorded before)
+    assert old.apply(caption, random.Random(0), step=20) == legacy
+    # the warm-up counts the empty tag: 3 movable tags, step 5 of 10 from 1 -> floor(5 * 2 / 10) + 1 = 2
+    assert options.apply("a, b, ", random.Random(0), step=5) == "a, b"
+    assert old.apply("a, b, ", random.Random(0), step=5) == "a"  # (2 tags: floor(5 * 1 / 10) + 1 = 1)
+
+
+_TAG = st.sampled_from(["red", "Blue sky", "", " ", "x;;;y", "1girl", "a b"])
+
+
+@st.composite
+def _tagged_captions(draw):
+    """Comma-separated tags (empty ones, spaces around them) in 1-3 parts joined by ``|||``."""
+    parts = []
+    for _ in range(draw(st.integers(1, 3))):
+        tags = draw(st.lists(_TAG, max_size=6))
+        spaces = draw(st.lists(st.sampled_from(["", " ", "  "]), min_size=len(tags), max_size=len(tags)))
+        parts.append(",".join(s + t for s, t in zip(spaces, tags)) + draw(st.sampled_from(["", ",", ", ", " ,"])))
+    return " ||| ".join(parts)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(caption=_tagged_captions(), keep_tokens=st.integers(0, 3), with_separator=st.booleans(), shuffle=st.booleans(),
+       tag_dropout=st.sampled_from([0.0, 0.3, 1.0]), dropout=st.sampled_from([0.0, 0.25]),
+       warmup=st.sampled_from([0, 4, 9]), warmup_min=st.integers(0, 3), step=st.integers(0, 10),
+       secondary=st.sampled_from(["", ";;;"]), seed=st.integers(0, 2**16), separator=st.sampled_from([",", ";"]))
+def test_the_tag_steps_are_kohyas_with_empty_tags(caption, keep_tokens, with_separator, shuffle, tag_dropout, dropout,
+                                                  warmup, warmup_min, step, secondary, seed, separator):
+    """sdadapt drops tags before it shuffles, kohya after (the same distribution); with only one of the
+    two the draws are kohya's own (the whole-caption draw, then the shuffle or one draw per movable tag in
+    order), so a seeded draw equals the transcription exactly, empty tags and all."""
+    shuffle = shuffle or not (tag_dropout or warmup)  # (kohya splits only to shuffle, drop tags or warm up)
+    caption = caption.replace(",", separator)  # (review R1: the empty tags of another caption_separator too)
+    keep_separator = "|||" if with_separator else ""
+    kwargs = {"keep_tokens": keep_tokens, "keep_separator": keep_separator, "tag_dropout": tag_dropout,
+              "dropout": dropout, "warmup_step": warmup, "warmup_min": warmup_min, "step": step, "secondary": secondary,
+              "shuffle": shuffle, "separator": separator}
+    options = CaptionOptions(shuffle=shuffle, keep_tokens=keep_tokens, keep_tokens_separator=keep_separator,
+                             tag_dropout=tag_dropout, dropout=dropout, token_warmup_steps=warmup,
+                             token_warmup_min=warmup_min, secondary_separator=secondary,
+                             separator=separator)
+    ours, theirs = random.Random(seed), random.Random(seed)
+    got, want = options.apply(caption, ours, step=step), _kohya_process_caption(caption, theirs, **kwargs)
+    if not (shuffle and tag_dropout):
+        assert got == want
+        assert ours.getstate() == theirs.getstate()  # (as many draws)
+    elif tag_dropout == 1.0:
+        assert got == want  # (every movable tag dropped)
+    else:  # (some of the tags kohya's split gives, dropped then shuffled)
+        kept = _kohya_process_caption(caption, random.Random(seed), **{**kwargs, "tag_dropout": 0.0})
+        if kept == "":
+            assert got == ""
+        else:
+            pool = kept.split(", ")
+            for tag in got.split(", ") if got else []:
+                assert tag in pool
+                pool.remove(tag)
 
 
 def test_the_warmup_grows_the_tag_count_as_kohyas_formula():
@@ -235,15 +334,20 @@ def test_tag_dropout_and_warmup_act_on_the_movable_tags_only():
     {"dropout": 0.2, "tag_dropout": 0.3, "keep_tokens": 1, "shuffle": True},
 ])
 def test_with_the_new_options_off_every_draw_is_as_before(kwargs):
+    """Runs recorded before (``keep_empty_tags=False``) draw as before for every caption; new runs too
+    for a caption without an empty tag (kohya's empty tags are the one change)."""
+    legacy = CaptionOptions(**kwargs, keep_empty_tags=False)
     options = CaptionOptions(**kwargs)
     words = ["red", "green", "blue", " ", "sky", "cat dog", "x"]
     for seed in range(120):
         pick = random.Random(seed)
         caption = "" if seed % 7 == 0 else ",".join(pick.choice(words) for _ in range(pick.randrange(1, 7)))
-        new_rng, old_rng = random.Random(f"{seed}/c"), random.Random(f"{seed}/c")
-        for epoch, step in [(0, 0), (3, 17)]:
-            assert options.apply(caption, new_rng, epoch=epoch, step=step) == _old_apply(options, caption, old_rng)
-        assert new_rng.getstate() == old_rng.getstate()  # the same number of draws
+        checked = [legacy] + ([options] if caption and all(t.strip() for t in caption.split(",")) else [])
+        for version in checked:
+            new_rng, old_rng = random.Random(f"{seed}/c"), random.Random(f"{seed}/c")
+            for epoch, step in [(0, 0), (3, 17)]:
+                assert version.apply(caption, new_rng, epoch=epoch, step=step) == _old_apply(version, caption, old_rng)
+            assert new_rng.getstate() == old_rng.getstate()  # the same number of draws
 
 
 def test_bad_caption_options_are_refused():

@@ -30,10 +30,12 @@ def kohya_read_caption(img_path: str, caption_extension: str, enable_wildcard: b
 
 
 def kohya_tag_frequency(subset_dirs: list[str], *, enable_wildcard: bool = False) -> dict[str, dict[str, int]]:
-    """train_util.py's loop: per subset (folder ``N_class tokens``), captions, then set_tag_frequency."""
+    """train_util.py's loop: per subset (folder ``N_class tokens``; a folder without ``_``: a dataset-TOML
+    subset without class tokens), captions, then set_tag_frequency."""
     tag_frequency: dict[str, dict[str, int]] = {}
     for image_dir in subset_dirs:
-        class_tokens = os.path.basename(image_dir).split("_", 1)[1]
+        name = os.path.basename(image_dir)
+        class_tokens = name.split("_", 1)[1] if "_" in name else None
         captions = []
         for img_path in sorted(os.path.join(image_dir, n) for n in os.listdir(image_dir) if n.endswith(".png")):
             cap_for_img = kohya_read_caption(img_path, ".txt", enable_wildcard)
@@ -140,3 +142,39 @@ def test_fine_tuning_subsets_count_only_the_tags(tmp_path):
                                                      "i1": {"caption": "a cat", "tags": ""}}))
     train, _, _, _ = dataset_records(in_json_config(tmp_path / "meta.json", image_dir=tmp_path / "img", fallback={}))
     assert tag_frequency_of(train) == {"meta.json": {"dog": 1, "solo": 1}}
+
+
+def test_the_folder_keys_are_kohyas_subset_names(tmp_path):
+    """``--images imgs`` with images directly in it is kohya's dataset TOML with a subset ``image_dir = imgs``
+    (its ``train_data_dir`` reads only the ``N_name`` sub-folders): train_network.py keys ``ss_dataset_dirs``
+    / ``ss_reg_dataset_dirs`` and ``set_tag_frequency`` by ``os.path.basename(subset.image_dir)``, so the
+    images directly in ``imgs`` are ``imgs`` (not ``"."``), and ``--reg-data-dir regs``' are ``regs``."""
+    import json
+
+    from safetensors import safe_open
+
+    from sdadapt.cli import main
+
+    imgs, regs = tmp_path / "data" / "imgs", tmp_path / "data" / "regs"
+    folders = {imgs: ["Red, circle", "red, ball, "], imgs / "2_sks toy": [None, "\nan empty first line"],
+               regs: ["a toy, Red"], regs / "1_toy": [None, "toy, photo"]}
+    for seed, (folder, captions) in enumerate(folders.items()):
+        for i, caption in enumerate(captions):
+            random_png(folder / f"i{i}.png", 10 * seed + i, (32, 32))
+            if caption is not None:
+                (folder / f"i{i}.txt").write_text(caption + "\n")
+    out = tmp_path / "a.safetensors"
+    assert main(["train", "lora", "--images", str(imgs), "--reg-data-dir", str(regs), "--steps", "1", "--batch-size",
+                 "2", "--network-dim", "2", "-o", str(out), "-q"]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    subsets = [(str(imgs), 1, 2), (str(imgs / "2_sks toy"), 2, 2)]  # (image_dir, num_repeats, img_count)
+    reg_subsets = [(str(regs), 1, 1), (str(regs / "1_toy"), 1, 2)]
+    kohya_dirs = {os.path.basename(d): {"n_repeats": n, "img_count": c} for d, n, c in subsets}
+    kohya_reg_dirs = {os.path.basename(d): {"n_repeats": n, "img_count": c} for d, n, c in reg_subsets}
+    assert json.loads(meta["ss_dataset_dirs"]) == kohya_dirs and set(kohya_dirs) == {"imgs", "2_sks toy"}
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == kohya_reg_dirs
+    want = kohya_tag_frequency([d for d, _, _ in subsets + reg_subsets])
+    assert json.loads(meta["ss_tag_frequency"]) == want
+    assert want["imgs"] == {"red": 2, "circle": 1, "ball": 1} and want["regs"] == {"a toy": 1, "red": 1}
+    assert want["2_sks toy"] == {"sks toy": 1}  # (the empty first line counts nothing, not the class tokens)

@@ -100,7 +100,7 @@ def test_sdxl_lora_from_a_toml_config_with_buckets_samples_log_and_resume(files,
     assert metadata["ss_steps"] == "4" and metadata["ss_seed"] == "3" and metadata["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
     assert json.loads(metadata["ss_dataset_dirs"])["2_sks toy"] == {"n_repeats": 2, "img_count": 1}
-    assert json.loads(metadata["ss_tag_frequency"])["."]["sks toy"] == 3
+    assert json.loads(metadata["ss_tag_frequency"])["imgs"]["sks toy"] == 3  # (kohya: the folder's name)
     assert metadata["ss_sd_model_name"] == "sdxl.safetensors" and len(metadata["ss_new_sd_model_hash"]) == 64
 
     # the log, the samples, the periodic save and its state

@@ -9,6 +9,7 @@ import torch
 
 from sdadapt.images import ImageFolderError, write_png
 from sdadapt.training.data import (
+    EMPTIES_DROPPED,
     CaptionOptions,
     Dataset,
     bucket_sizes,
@@ -84,9 +85,14 @@ def test_a_caption_file_is_its_first_line_as_kohya_reads_it(tmp_path):
     (tmp_path / "a.txt").write_text("1girl,  red hair\nsecond caption\n\nnotes: reviewed\n")
     (tmp_path / "b.txt").write_text("one line, no newline")
     (tmp_path / "c.txt").write_text("\nbelow an empty first line\n")
-    records, _ = find_images(tmp_path, default_caption="fallback")
+    records, notes = find_images(tmp_path, default_caption="fallback")
+    # (kohya's read_caption returns "" for c: the image trains on the empty caption, not on the fallback)
     assert {r.path.name: r.caption for r in records} == {
-        "a.png": "1girl,  red hair", "b.png": "one line, no newline", "c.png": "fallback"}
+        "a.png": "1girl,  red hair", "b.png": "one line, no newline", "c.png": ""}
+    assert any("1 image(s) have a caption file with an empty caption (c.png): they train on the empty caption" in n
+               for n in notes)
+    legacy, _ = find_images(tmp_path, default_caption="fallback", empties=EMPTIES_DROPPED)  # (runs recorded before)
+    assert {r.path.name: r.caption for r in legacy}["c.png"] == "fallback"
     records, _ = find_images(tmp_path, default_caption="fallback", multiline=True)
     assert {r.path.name: r.caption for r in records}["a.png"] == "1girl,  red hair\nsecond caption\nnotes: reviewed"
 

@@ -6,6 +6,13 @@ of its lines drawn at each use). Runs recorded before that trained on all its li
 counts the files it joined). Such a ``run.json`` has neither ``caption_lines`` nor ``vae``: the first
 version that took the first line also began writing ``vae`` (always, ``null`` without ``--vae``) but
 did not record the rule yet, so a record with ``vae`` and no ``caption_lines`` took the first line.
+
+Empty captions and tags (``caption_empties``): a caption file whose first line is empty trains on the
+caption ``""`` (kohya's ``read_caption`` returns ``""``, so neither the folder's class tokens nor
+``--prompt`` take its place), and an empty tag (``"a, b, "``: a trailing comma) is a tag to shuffle,
+drop and warm up, as kohya's ``process_caption`` splits a caption without ``keep_tokens_separator``.
+Runs recorded before (no ``caption_empties`` in ``run.json``) dropped both; ``train --resume`` of such
+a run keeps dropping them.
 """
 
 from __future__ import annotations
@@ -13,10 +20,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..training.data import FIRST_LINE_CAPTIONS, JOINED_CAPTIONS
+from ..training.data import (
+    EMPTIES_DROPPED,
+    EMPTIES_KEPT,
+    FIRST_LINE_CAPTIONS,
+    JOINED_CAPTIONS,
+)
 from .run_versions import recorded_version
 
-__all__ = ["recorded_caption_lines"]
+__all__ = ["recorded_caption_empties", "recorded_caption_lines"]
 
 
 def recorded_caption_lines(record: Mapping[str, Any] | None) -> str:
@@ -31,3 +43,15 @@ def recorded_caption_lines(record: Mapping[str, Any] | None) -> str:
     if record is not None and "caption_lines" not in record and "vae" in record:
         return FIRST_LINE_CAPTIONS  # (written by the versions that took the first line before recording it)
     return recorded_version(record, "caption_lines", new=FIRST_LINE_CAPTIONS, legacy=JOINED_CAPTIONS)
+
+
+def recorded_caption_empties(record: Mapping[str, Any] | None) -> str:
+    """How a run reads an empty caption and an empty tag: :data:`~sdadapt.training.data.EMPTIES_KEPT`
+    (kohya's) for a new run (``record`` ``None``), else the resumed run's ``run.json``
+    ``caption_empties`` (:data:`~sdadapt.training.data.EMPTIES_DROPPED` when it has none: the run
+    started before they were kept).
+
+    Raises:
+        ValueError: a ``caption_empties`` entry this version does not know (an edited file).
+    """
+    return recorded_version(record, "caption_empties", new=EMPTIES_KEPT, legacy=EMPTIES_DROPPED)

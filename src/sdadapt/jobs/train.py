@@ -30,7 +30,13 @@ from ..methods import FitConfig, fit
 from ..methods.finetune import EMAWeights, extracted_lora_path
 from ..methods.fit import FitProgress
 from ..training import data_parallel
-from ..training.data import FIRST_LINE_CAPTIONS, tag_frequency_of
+from ..training.data import (
+    EMPTIES_KEPT,
+    FIRST_LINE_CAPTIONS,
+    dataset_dirs_of,
+    kohya_folder_names,
+    tag_frequency_of,
+)
 from ..training.half_weights import cast_trainable_
 from ..training.loss_masks import LossMaskSource
 from ..training.step import StepConfig
@@ -712,21 +718,24 @@ def _data_config_record(config, options: TrainOptions) -> dict | None:
     return record
 
 
-def _subset_caption_options(options: TrainOptions, subset, *, templates: tuple[str, ...], total_steps: int):
+def _subset_caption_options(options: TrainOptions, subset, *, templates: tuple[str, ...], total_steps: int,
+                            keep_empty_tags: bool = True):
     """A dataset-TOML subset's :class:`~sdadapt.training.data.CaptionOptions`: the run's options with
     the subset's values, as :func:`_caption_options` builds them, and its ``caption_separator``."""
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     own = {k: v for k, v in subset.captions.items() if k in names}
-    captions = _caption_options(dataclasses.replace(options, **own), templates=templates, total_steps=total_steps)
+    captions = _caption_options(dataclasses.replace(options, **own), templates=templates, total_steps=total_steps,
+                                keep_empty_tags=keep_empty_tags)
     return dataclasses.replace(captions, separator=str(subset.captions.get("caption_separator") or options.caption_separator))
 
 
 def _subset_captions(options: TrainOptions, subsets: dict, records: list, *, templates: tuple[str, ...],
-                     total_steps: int) -> None:
+                     total_steps: int, keep_empty_tags: bool = True) -> None:
     """Give each record its dataset-TOML subset's caption options (in place; ``record.folder`` is
     the subset's label; regularisation images: without the trigger-word templates)."""
     built = {label: _subset_caption_options(options, subset, templates=() if subset.is_reg else templates,
-                                            total_steps=total_steps) for label, subset in subsets.items()}
+                                            total_steps=total_steps, keep_empty_tags=keep_empty_tags)
+             for label, subset in subsets.items()}
     for record in records:
         record.captions = built[record.folder]
 
@@ -765,10 +774,11 @@ def _check_caption_options(options: TrainOptions) -> None:
                          "the toy model (its text encoder is no CLIP; use a Stable Diffusion folder or file)")
 
 
-def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total_steps: int | None):
+def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total_steps: int | None,
+                     keep_empty_tags: bool = True):
     """The :class:`~sdadapt.training.data.CaptionOptions` of ``options`` (``total_steps``: the run's
     optimiser steps, for a fractional ``token_warmup_step``; ``None`` while they are not known yet:
-    no warm-up)."""
+    no warm-up; ``keep_empty_tags``: :func:`sdadapt.jobs.caption_lines.recorded_caption_empties`)."""
     from ..training.data import CaptionOptions, token_warmup_step_count
 
     return CaptionOptions(shuffle=options.shuffle_caption, keep_tokens=options.keep_tokens,
@@ -779,7 +789,8 @@ def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total
                           secondary_separator=options.secondary_separator or "",
                           separator=options.caption_separator, token_warmup_min=options.token_warmup_min,
                           token_warmup_steps=0 if total_steps is None else
-                          token_warmup_step_count(options.token_warmup_step, total_steps))
+                          token_warmup_step_count(options.token_warmup_step, total_steps),
+                          keep_empty_tags=keep_empty_tags)
 
 
 def _check_saving_options(options: TrainOptions) -> None:
@@ -1338,7 +1349,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     from ..training.pixel_augment import PixelAugment
     from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
-    from .caption_lines import recorded_caption_lines
+    from .caption_lines import recorded_caption_empties, recorded_caption_lines
 
     data_config = None  # kohya's dataset TOML / fine-tuning metadata, read (no image yet) before any other check
     block_options: list[TrainOptions] = []  # kohya's several [[datasets]]: each block's options (its size, batch, buckets)
@@ -1387,6 +1398,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     optimizer_defaults = train_optimizer.recorded_defaults(resume_record)  # (a run recorded before: its own)
     step_shares = train_schedule.recorded_shares(resume_record)  # (a run recorded before rounded its warm-up share)
     caption_lines = recorded_caption_lines(resume_record)  # (a run recorded before joined a caption file's lines)
+    caption_empties = recorded_caption_empties(resume_record)  # (a run recorded before dropped empty captions / tags)
+    keep_empty_tags = caption_empties == EMPTIES_KEPT
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
@@ -1419,7 +1432,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         # split is a pure function of the records, drawn again below)
         records, config_reg, config_subsets, notes = dataset_records(
             data_config, uncaptioned=trigger is not None,
-            kept=lambda train: _hold_out_for_validation(train, options, [], block_options)[0], caption_lines=caption_lines)
+            kept=lambda train: _hold_out_for_validation(train, options, [], block_options)[0], caption_lines=caption_lines,
+            empties=caption_empties)
         if config_reg is not None and (options.prior is False or options.class_images is not None):
             raise ValueError(f"--dataset-config {options.dataset_config}: its is_reg subsets are prior preservation with "
                              "your class images, so they cannot go with "
@@ -1431,7 +1445,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     else:
         records, notes = find_images(options.images, default_caption=options.prompt, uncaptioned=trigger is not None,
                                      caption_extension=options.caption_extension, repeats=options.repeats,
-                                     multiline=options.enable_wildcard, caption_lines=caption_lines)
+                                     multiline=options.enable_wildcard, caption_lines=caption_lines, empties=caption_empties)
         for record in records:  # (kohya's resize_interpolation; a dataset TOML's subsets carry their own)
             record.interpolation = options.resize_interpolation
     if trigger is not None:
@@ -1466,7 +1480,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
 
         reg = find_reg_images(options.reg_data_dir, train_samples=sum(r.repeats for r in records),
                               default_caption=options.class_prompt, caption_extension=options.caption_extension,
-                              caption_lines=caption_lines)
+                              caption_lines=caption_lines, empties=caption_empties)
         notes.extend(reg.notes)
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
@@ -1509,7 +1523,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     plan_blocks(records)
     if held_out:  # bucketed as the training images
         plan_blocks(held_out)
-    captions = _caption_options(options, templates=templates, total_steps=None)  # (the warm-up once the steps are known)
+    captions = _caption_options(options, templates=templates, total_steps=None,  # (the warm-up once the steps are known)
+                                keep_empty_tags=keep_empty_tags)
     faces = face_crops(records, options.face_crop_aug_range, notes)
     augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug,
                            face_crop_range=options.face_crop_aug_range if faces else None)
@@ -1545,12 +1560,12 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         total = options.steps or spec.steps
     epochs = math.ceil(total * accumulation / per_epoch)
     if options.token_warmup_step:  # kohya's token_warmup_step below 1 is a share of the run's steps: known now
-        dataset.captions = _caption_options(options, templates=templates, total_steps=total)
+        dataset.captions = _caption_options(options, templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags)
         if reg_dataset is not None:
             reg_dataset.captions = dataclasses.replace(dataset.captions, templates=())
     if data_config is not None:  # each subset's own caption options on its images (the warm-up's steps known now)
         _subset_captions(options, config_subsets, [*records, *held_out, *(reg.records if reg is not None else ())],
-                         templates=templates, total_steps=total)
+                         templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags)
     initial_step, skip_until = resolve_initial_step(options, resume_record, batches_per_epoch=per_epoch, total=total)
     start = int(resume_record["step"]) if resume_record else initial_step
     if start >= total:
@@ -1762,7 +1777,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             progress_info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
                               dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
-                              step_shares=step_shares, caption_lines=caption_lines, initial=(initial_step, skip_until),
+                              step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
+                              initial=(initial_step, skip_until),
                               preset_file=preset_file)
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
 
@@ -1814,7 +1830,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, info.step, total, saves=written,
                               dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
-                              step_shares=step_shares, caption_lines=caption_lines, initial=(initial_step, skip_until),
+                              step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
+                              initial=(initial_step, skip_until),
                               preset_file=preset_file)
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
         if info.step in sample_points:
@@ -1949,7 +1966,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
                       saves: list[PeriodicSave] | None = None, dataset: dict | None = None,
                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
                       step_shares: str = train_schedule.FLOOR_SHARES, caption_lines: str = FIRST_LINE_CAPTIONS,
-                      initial: tuple[int, bool] = (0, False),
+                      caption_empties: str = EMPTIES_KEPT, initial: tuple[int, bool] = (0, False),
                       preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
     run lineage wrote and still has (``--save-last-n-*`` of a resumed run continues removing them);
@@ -1959,7 +1976,9 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
     rounds a warm-up share of the steps (:func:`sdadapt.jobs.train_schedule.recorded_shares`; a record
     without it was written before the share was rounded down as kohya's); ``caption_lines``: how a
     caption file of several lines is read (:func:`sdadapt.jobs.caption_lines.recorded_caption_lines`;
-    written in every record, ``"joined"`` too, as a record with ``vae`` and without it took the first line); ``initial``: the
+    written in every record, ``"joined"`` too, as a record with ``vae`` and without it took the first line);
+    ``caption_empties``: whether an empty caption and empty tags are kept
+    (:func:`sdadapt.jobs.caption_lines.recorded_caption_empties`); ``initial``: the
     step the run started at and whether it skipped the data before it (:mod:`sdadapt.jobs.initial_step`);
     ``preset_file``: the LyCORIS preset file's record as the run read it at its start
     (:func:`_preset_file_record`; a file edited during the run does not change it), read now when not given."""
@@ -1976,6 +1995,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               **({"optimizer_defaults": optimizer_defaults} if optimizer_defaults != train_optimizer.LEGACY_DEFAULTS else {}),
               **({"step_shares": step_shares} if step_shares != train_schedule.LEGACY_SHARES else {}),
               "caption_lines": caption_lines,  # (always: a record with "vae" and without it took the first line)
+              "caption_empties": caption_empties,  # (a record without it dropped empty captions and tags)
               **initial_step_record(*initial),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
               **({"text_encoder_2_lr": options.text_encoder_2_lr} if options.text_encoder_2_lr is not None else {}),
@@ -2362,8 +2382,10 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
     """kohya's ``ss_*`` training metadata (what A1111's and kohya's metadata viewers show);
     ``ss_tag_frequency`` counts the regularisation images' captions too (``reg_records``: every one found,
     before balancing — kohya's ``DreamBoothDataset`` calls ``set_tag_frequency`` for its reg subsets as for
-    the others, before it drops the images balancing leaves unused)."""
+    the others, before it drops the images balancing leaves unused). The images directly in ``--images``
+    are keyed by its folder's name, as kohya keys a subset (:func:`~sdadapt.training.data.kohya_folder_names`)."""
     base = hashes.get()
+    named = dataset.records if options.images is None else kohya_folder_names(dataset.records, options.images)
     model_file = _model_file(options.model)
     given_args = _optimizer_args(options)
     meta = {
@@ -2403,10 +2425,10 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_bucket_reso_steps": str(buckets),
         "ss_bucket_no_upscale": str(options.bucket_no_upscale),
         "ss_bucket_info": json.dumps(dataset.bucket_info()),
-        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
+        "ss_dataset_dirs": json.dumps(dataset_dirs_of(named)),
         "ss_reg_dataset_dirs": json.dumps(reg_dirs or {}),
         "ss_tag_frequency": json.dumps(tag_frequency_of(  # (reg images always have a caption: no template for them)
-            [*dataset.records, *reg_records], templates=dataset.captions.templates)),
+            [*named, *reg_records], templates=dataset.captions.templates)),
         "ss_caption_dropout_rate": str(options.caption_dropout_rate),
         "ss_caption_tag_dropout_rate": str(options.caption_tag_dropout_rate),
         "ss_caption_dropout_every_n_epochs": str(options.caption_dropout_every_n_epochs),

@@ -3,14 +3,16 @@
 **Folders.** ``--images DIR`` holds images directly (each seen ``repeats`` times per epoch) and/or
 kohya's repeat folders ``N_name`` (``10_sks dog/``: each image seen 10 times per epoch). Other
 sub-folders are skipped and reported. An image's caption is ``NAME.txt`` (or ``NAME.caption``)
-beside it; without one it takes the folder's ``name`` part (kohya's class tokens) or the
-default caption (``--prompt``), else it is an error naming the images.
+beside it (its first line; an empty one is the caption ``""``, as kohya's ``read_caption``); without
+one it takes the folder's ``name`` part (kohya's class tokens) or the default caption (``--prompt``),
+else it is an error naming the images.
 
 **Captions** (:class:`CaptionOptions`, applied each time an image is drawn): an image without a
 caption (``""``, :func:`find_images` with ``uncaptioned=True``) gets one of ``templates`` drawn
 anew (kohya's textual-inversion templates: ``add_replacement("", templates)``); then split at
-commas into tags; the first ``keep_tokens`` stay in place, the rest are shuffled (``shuffle``) and
-each dropped with probability ``tag_dropout``; the whole caption is replaced by ``""`` with
+commas into tags (empty ones kept, as kohya's: :attr:`CaptionOptions.keep_empty_tags`); the first
+``keep_tokens`` stay in place, the rest are shuffled (``shuffle``) and each dropped with probability
+``tag_dropout``; the whole caption is replaced by ``""`` with
 probability ``dropout`` (kohya's ``caption_dropout_rate``: it trains the unconditional prediction).
 
 **Buckets** (:func:`bucket_sizes`, :func:`plan_dataset`): sizes whose area is at most the
@@ -49,7 +51,7 @@ import re
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +65,8 @@ from .pixel_augment import PixelAugment
 __all__ = [
     "FIRST_LINE_CAPTIONS",
     "JOINED_CAPTIONS",
+    "EMPTIES_KEPT",
+    "EMPTIES_DROPPED",
     "CaptionOptions",
     "expand_wildcards",
     "token_warmup_step_count",
@@ -70,6 +74,9 @@ __all__ = [
     "Dataset",
     "find_images",
     "tag_frequency_of",
+    "dataset_dirs_of",
+    "kohya_folder_name",
+    "kohya_folder_names",
     "bucket_sizes",
     "plan_dataset",
     "encode_buckets",
@@ -84,6 +91,12 @@ _REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 FIRST_LINE_CAPTIONS = "first-line"
 #: what runs recorded before trained on: all the lines joined by spaces (``train --resume`` of such a run keeps it)
 JOINED_CAPTIONS = "joined"
+#: kohya's empties: a caption file's empty first line is the caption ``""`` (not a missing caption), and an
+#: empty tag (``"a, , b"``, a trailing comma) is a tag (:attr:`CaptionOptions.keep_empty_tags`)
+EMPTIES_KEPT = "kept"
+#: what runs recorded before dropped: an empty first line fell back to the class tokens / ``--prompt``,
+#: and empty tags were left out (``train --resume`` of such a run keeps it)
+EMPTIES_DROPPED = "dropped"
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,11 @@ class CaptionOptions:
             first ``⌊step·(n − min)/token_warmup_steps⌋ + min`` of a caption's ``n`` movable tags are
             used (in caption order, before dropout and shuffle); 0: off. The fraction form
             (``< 1``: a share of the steps) is resolved by :func:`token_warmup_step_count`.
+        keep_empty_tags: kohya's split of a caption without ``keep_tokens_separator``
+            (``[t.strip() for t in caption.strip().split(separator)]``): an empty tag (``"a, , b"``, the
+            trailing comma of ``"a, b, "``) is a tag that moves, drops and counts in the warm-up like
+            any other, joined back as ``"a, , b"``; a caption with the separator drops them, as kohya's.
+            ``False``: every empty tag left out (runs recorded before, :data:`EMPTIES_DROPPED`).
     """
 
     shuffle: bool = False
@@ -143,6 +161,7 @@ class CaptionOptions:
     secondary_separator: str = ""
     token_warmup_min: int = 1
     token_warmup_steps: float = 0
+    keep_empty_tags: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.templates, str) or not all(isinstance(t, str) and t.strip() for t in self.templates):
@@ -220,8 +239,8 @@ class CaptionOptions:
                 rest, tail = rest.split(self.keep_tokens_separator, 1)
                 suffix = split(tail)
             fixed, rest_tags = split(head), split(rest)
-        else:
-            tags = split(caption)
+        else:  # (kohya keeps the empty tags here: "a, b, " is three tags, the last one "")
+            tags = [t.strip() for t in caption.strip().split(self.separator)] if self.keep_empty_tags else split(caption)
             fixed, rest_tags = tags[: self.keep_tokens], tags[self.keep_tokens:]
         if self.token_warmup_steps and step < self.token_warmup_steps:
             count = math.floor(step * ((len(rest_tags) - self.token_warmup_min) / self.token_warmup_steps)) + self.token_warmup_min
@@ -356,22 +375,26 @@ def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = No
     return None
 
 
-def _caption_of(text: str | None, *, lines: bool = False, rule: str = FIRST_LINE_CAPTIONS) -> str | None:
+def _caption_of(text: str | None, *, lines: bool = False, rule: str = FIRST_LINE_CAPTIONS,
+                empties: str = EMPTIES_KEPT) -> str | None:
     """A caption file's ``text`` as a caption, as kohya's ``read_caption`` (sd-scripts
     ``library/train_util.py``) reads it: its first line, stripped (later lines are ignored; white
     space inside the line kept, so ``ss_tag_frequency`` counts ``"red  ball"`` as kohya does — the
     tokenizers fold any white-space run to one space, so the model sees the same ids either way);
     ``lines``: each non-empty line stripped, joined by ``"\n"`` (kohya's wildcard mode);
     :data:`JOINED_CAPTIONS` (runs recorded before the first-line rule): all lines joined by one space,
-    white space collapsed, as those runs trained."""
+    white space collapsed, as those runs trained. ``None``: no caption file. An empty result is ``""``
+    (kohya's: the image trains on the empty caption), or ``None`` with ``empties``
+    :data:`EMPTIES_DROPPED` (runs recorded before: the class tokens / default caption took its place)."""
     if text is None:
         return None
     if lines:
-        return "\n".join(line.strip() for line in text.split("\n") if line.strip()) or None
-    if rule == JOINED_CAPTIONS:
-        return " ".join(text.split()) or None
-    first = text.split("\n", 1)[0].strip()  # kohya's readlines() cuts at "\n" only (files are read with universal newlines)
-    return first or None
+        caption = "\n".join(line.strip() for line in text.split("\n") if line.strip())
+    elif rule == JOINED_CAPTIONS:
+        caption = " ".join(text.split())
+    else:
+        caption = text.split("\n", 1)[0].strip()  # kohya's readlines() cuts at "\n" only (universal newlines)
+    return caption if caption or empties == EMPTIES_KEPT else None
 
 
 def tag_frequency_of(records: Iterable[ImageRecord], *, templates: Sequence[str] = ()) -> dict[str, dict[str, int]]:
@@ -407,6 +430,35 @@ def tag_frequency_of(records: Iterable[ImageRecord], *, templates: Sequence[str]
     return out
 
 
+def dataset_dirs_of(records: Iterable[ImageRecord]) -> dict[str, dict[str, int]]:
+    """``{folder: {"n_repeats": N, "img_count": n}}`` of ``records`` (kohya's ``ss_dataset_dirs``:
+    each folder's repeats and its number of images, not counting repeats)."""
+    out: dict[str, dict[str, int]] = {}
+    for record in records:
+        entry = out.setdefault(record.folder, {"n_repeats": record.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return out
+
+
+def kohya_folder_name(root: str | os.PathLike) -> str:
+    """The name kohya gives the images directly in folder ``root`` in ``ss_dataset_dirs`` /
+    ``ss_tag_frequency``: the folder's own name (``os.path.basename`` of a subset's ``image_dir``;
+    ``--images data/imgs`` → ``imgs``; ``--images .`` → the current folder's name, as written without
+    the dot; ``imgs/`` → ``imgs``)."""
+    return Path(os.path.abspath(os.fspath(root))).name
+
+
+def kohya_folder_names(records: Iterable[ImageRecord], root: str | os.PathLike) -> list[ImageRecord]:
+    """``records`` (of :func:`find_images` over ``root``) named as kohya's metadata names their
+    folders: the images directly in ``root`` (:attr:`ImageRecord.folder` ``"."``) by ``root``'s name
+    (:func:`kohya_folder_name`: kohya reads them as a dataset-TOML subset ``image_dir = root``, its
+    ``train_data_dir`` reads only the ``N_name`` sub-folders), an ``N_name`` sub-folder by its name
+    (kohya's ``train_data_dir`` subsets: ``10_sks dog``). Copies for :func:`dataset_dirs_of` /
+    :func:`tag_frequency_of`; the records keep ``"."`` (their folder relative to ``root``)."""
+    name = kohya_folder_name(root)
+    return [replace(record, folder=name) if record.folder == "." else record for record in records]
+
+
 def find_images(
     root: str | os.PathLike,
     *,
@@ -417,6 +469,7 @@ def find_images(
     multiline: bool = False,
     subfolders: bool = True,
     caption_lines: str = FIRST_LINE_CAPTIONS,
+    empties: str = EMPTIES_KEPT,
 ) -> tuple[list[ImageRecord], list[str]]:
     """The images of a dataset folder with captions and repeats (see the module docstring).
 
@@ -427,7 +480,10 @@ def find_images(
     (``caption_lines`` :data:`FIRST_LINE_CAPTIONS`, kohya's; :data:`JOINED_CAPTIONS`: all lines joined
     into one, as runs recorded before trained, with a note counting the files it joined).
     ``subfolders=False``: only the images directly in ``root`` (a subset of kohya's dataset TOML:
-    its ``N_name`` sub-folders are not read).
+    its ``N_name`` sub-folders are not read). A caption file whose caption is empty (an empty first
+    line; with ``multiline`` no non-empty line) gives ``""``, as kohya's ``read_caption``: the class
+    tokens and ``default_caption`` are for images without a caption file (a note names them);
+    ``empties`` :data:`EMPTIES_DROPPED` (runs recorded before): such a file counts as none.
 
     Returns:
         ``(records, notes)``: one record per image (sizes read from the headers), and what was
@@ -441,6 +497,8 @@ def find_images(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if caption_lines not in (FIRST_LINE_CAPTIONS, JOINED_CAPTIONS):
         raise ValueError(f"caption_lines must be {FIRST_LINE_CAPTIONS!r} or {JOINED_CAPTIONS!r}, got {caption_lines!r}")
+    if empties not in (EMPTIES_KEPT, EMPTIES_DROPPED):
+        raise ValueError(f"empties must be {EMPTIES_KEPT!r} or {EMPTIES_DROPPED!r}, got {empties!r}")
     if default_caption is not None and not default_caption.strip():
         raise ValueError("the default caption (--prompt) is empty; give words, or leave it out and use NAME.txt captions")
     sets: list[tuple[Path, int, str | None, str]] = [(base, repeats, None, ".")]
@@ -458,6 +516,7 @@ def find_images(
     records: list[ImageRecord] = []
     missing: list[str] = []
     borrowed: list[str] = []
+    blank: list[str] = []
     joined = 0
     for folder, count, class_tokens, label in sets:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -465,7 +524,11 @@ def find_images(
             text = _caption_text(file, caption_extension, borrowed=borrowed)
             if text is not None and not multiline and caption_lines == JOINED_CAPTIONS:
                 joined += sum(1 for line in text.splitlines() if line.strip()) > 1
-            caption = _caption_of(text, lines=multiline, rule=caption_lines) or class_tokens or default_caption
+            caption = _caption_of(text, lines=multiline, rule=caption_lines, empties=empties)
+            if caption == "":
+                blank.append(str(file.relative_to(base)))
+            elif caption is None:
+                caption = class_tokens or default_caption
             if caption is None:
                 if not uncaptioned:
                     missing.append(str(file.relative_to(base)))
@@ -477,6 +540,12 @@ def find_images(
         notes.append(f"{base}: {len(borrowed)} image(s) named <name>_<cx>_<cy>_<w>_<h> without their own "
                      f"{caption_extension} file take <name>{caption_extension}'s caption, as kohya's read_caption "
                      f"({', '.join(borrowed[:3])}{', ...' if len(borrowed) > 3 else ''})")
+    if blank:  # (kohya's read_caption returns "" for them, so it uses neither the class tokens nor a default)
+        notes.append(f"{base}: {len(blank)} image(s) have a caption file with an empty caption "
+                     f"({', '.join(blank[:3])}{', ...' if len(blank) > 3 else ''}): "
+                     + ("they count as uncaptioned" if uncaptioned else "they train on the empty caption")
+                     + ", as kohya's read_caption reads them (the folder's class tokens and --prompt are for images "
+                     "without a caption file)")
     if joined:
         notes.append(f"{base}: {joined} caption file(s) of several lines: all their lines joined into one caption, as the "
                      "resumed run trained (runs started now take the first line, kohya's read_caption)")
@@ -710,12 +779,9 @@ class Dataset:
         return tag_frequency_of(self.records, templates=self.captions.templates)
 
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
-        """``{folder: {"n_repeats": N, "img_count": n}}`` (kohya's ``ss_dataset_dirs``)."""
-        out: dict[str, dict[str, int]] = {}
-        for r in self.records:
-            entry = out.setdefault(r.folder, {"n_repeats": r.repeats, "img_count": 0})
-            entry["img_count"] += 1
-        return out
+        """``{folder: {"n_repeats": N, "img_count": n}}`` (kohya's ``ss_dataset_dirs``; the images
+        directly in the root are ``"."`` here, :func:`kohya_folder_names` names them as kohya)."""
+        return dataset_dirs_of(self.records)
 
     def bucket_info(self) -> dict:
         """kohya's ``ss_bucket_info``: ``{"buckets": {i: {"resolution": [w, h], "count": n}}, "mean_img_ar_error": e}``."""

@@ -45,7 +45,13 @@ from typing import Any
 
 from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, ImageFolderError
-from .data import FIRST_LINE_CAPTIONS, ImageRecord, find_images, image_size
+from .data import (
+    EMPTIES_KEPT,
+    FIRST_LINE_CAPTIONS,
+    ImageRecord,
+    find_images,
+    image_size,
+)
 from .face_crop import parse_face_crop_range
 from .reg_data import RegImages, balance_reg_images
 
@@ -168,9 +174,12 @@ class SubsetConfig:
     @property
     def label(self) -> str:
         """kohya's name of the subset in ``ss_dataset_dirs`` / ``ss_tag_frequency``: the folder's or
-        the metadata file's name."""
-        source = self.metadata_file if self.metadata_file is not None else self.image_dir
-        return Path(str(source)).name
+        the metadata file's name (``image_dir = "."``: the current folder's name, as ``--images .``)."""
+        if self.metadata_file is not None:
+            return Path(str(self.metadata_file)).name
+        from .data import kohya_folder_name
+
+        return kohya_folder_name(self.image_dir)
 
     def record(self) -> dict[str, Any]:
         """The subset as plain values (the ``--resume`` record; JSON-able). Paths are absolute: a
@@ -582,7 +591,7 @@ def _image_of(key: str, image_dir: Path | None, where: str) -> Path | None:
 
 
 def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: str = "--dataset-config",
-                   caption_lines: str = FIRST_LINE_CAPTIONS) -> tuple[list[ImageRecord], list[str]]:
+                   caption_lines: str = FIRST_LINE_CAPTIONS, empties: str = EMPTIES_KEPT) -> tuple[list[ImageRecord], list[str]]:
     """The images of one subset, with captions and repeats; each record's ``folder`` is the
     subset's :attr:`~SubsetConfig.label`.
 
@@ -590,7 +599,11 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
     ``class_tokens``. Fine-tuning: the metadata's images, captioned ``caption + caption_separator +
     tags`` (as kohya; without ``enable_wildcard`` only the caption's first line). ``uncaptioned``: an
     image without any caption gets ``""`` (a trigger-word method's templates) instead of an error.
-    ``caption_lines``: how a caption file of several lines is read (:func:`~sdadapt.training.data.find_images`).
+    ``caption_lines``, ``empties``: how a caption file of several lines and an empty caption are read
+    (:func:`~sdadapt.training.data.find_images`). A metadata entry with a caption or tags whose
+    caption comes out empty (an empty first line: ``"\nsecond line"``) trains on ``""``, as kohya's
+    (``empties`` :data:`~sdadapt.training.data.EMPTIES_DROPPED`: refused, as runs recorded before); one
+    with neither a caption nor tags is refused (kohya would train it on ``""`` too).
 
     Raises:
         ImageFolderError: no such folder, no images, images without a caption, missing image files
@@ -606,7 +619,7 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
         try:
             records, notes = find_images(folder, default_caption=subset.class_tokens, caption_extension=subset.caption_extension,
                                          repeats=subset.num_repeats, uncaptioned=uncaptioned, multiline=wildcards,
-                                         subfolders=False, caption_lines=caption_lines)
+                                         subfolders=False, caption_lines=caption_lines, empties=empties)
         except ImageFolderError as exc:
             text = str(exc).replace("or pass --prompt for all of them", "or set class_tokens for the subset")
             raise ImageFolderError(f"{where}: {text}") from None
@@ -628,11 +641,13 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
     records: list[ImageRecord] = []
     missing: list[str] = []
     uncaptioned_keys: list[str] = []
+    blank: list[str] = []
     for key, entry in metadata.items():
         caption = entry.get("caption") or ""
         tags = entry.get("tags")
         if not isinstance(caption, str) or not (tags is None or isinstance(tags, str)):
             raise InputError(f"{where}: {subset.metadata_file}: {key!r}: caption and tags must be text")
+        given = bool(caption or tags)  # (kohya: the first line of caption + separator + tags, "" when it is empty)
         if wildcards:
             if tags:
                 tags = tags.replace("\n", separator)
@@ -647,7 +662,9 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
         if image is None:
             missing.append(key)
             continue
-        if not caption and not uncaptioned:
+        if not caption and given and empties == EMPTIES_KEPT:
+            blank.append(key)
+        elif not caption and not uncaptioned:
             uncaptioned_keys.append(key)
         # (kohya's tags_list: the tags as they went into the caption, "" when there are none)
         listed = tags or ""
@@ -660,7 +677,10 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
                                f"nor tags ({', '.join(uncaptioned_keys[:5])}); add them to the metadata")
     if not records:
         raise ImageFolderError(f"{where}: {subset.metadata_file} lists no images")
-    return records, []
+    notes = [f"{subset.where}: {len(blank)} image(s) of {subset.metadata_file} have an empty caption (its first line "
+             f"is empty: {', '.join(blank[:3])}{', ...' if len(blank) > 3 else ''}): "
+             + ("they count as uncaptioned" if uncaptioned else "they train on the empty caption") + ", as kohya's"] if blank else []
+    return records, notes
 
 
 def _labels(subsets: Sequence[SubsetConfig]) -> list[str]:
@@ -677,7 +697,7 @@ def _labels(subsets: Sequence[SubsetConfig]) -> list[str]:
 
 def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
                     kept: Callable[[list[ImageRecord]], list[ImageRecord]] | None = None,
-                    caption_lines: str = FIRST_LINE_CAPTIONS) -> tuple[
+                    caption_lines: str = FIRST_LINE_CAPTIONS, empties: str = EMPTIES_KEPT) -> tuple[
         list[ImageRecord], RegImages | None, dict[str, SubsetConfig], list[str]]:
     """Every subset's images: ``(training records, regularisation images, subsets by label, notes)``.
 
@@ -691,8 +711,9 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
     regularisation images are balanced each against its own block's training samples, as kohya's
     datasets. ``kept(training records)``: those of
     them that will train, which the regularisation images are balanced against (kohya's
-    ``validation_split`` holds images out before it counts; default: all). ``caption_lines``: how a
-    caption file of several lines is read (:func:`~sdadapt.training.data.find_images`).
+    ``validation_split`` holds images out before it counts; default: all). ``caption_lines``,
+    ``empties``: how a caption file of several lines and an empty caption are read
+    (:func:`~sdadapt.training.data.find_images`).
 
     Raises:
         ImageFolderError: see :func:`subset_records`.
@@ -705,7 +726,7 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
     reg_records: list[ImageRecord] = []
     for subset, label in zip(config.subsets, _labels(config.subsets)):
         records, subset_notes = subset_records(subset, uncaptioned=uncaptioned and not subset.is_reg, source=source,
-                                               caption_lines=caption_lines)
+                                               caption_lines=caption_lines, empties=empties)
         by_label[label] = subset
         for record in records:
             record.folder = label

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..images import ImageFolderError
-from .data import FIRST_LINE_CAPTIONS, ImageRecord, find_images
+from .data import (
+    EMPTIES_KEPT,
+    FIRST_LINE_CAPTIONS,
+    ImageRecord,
+    find_images,
+    kohya_folder_name,
+    kohya_folder_names,
+)
 
 __all__ = ["balanced_repeats", "RegImages", "find_reg_images", "balance_reg_images"]
 
@@ -78,7 +85,8 @@ class RegImages:
             (the folders' own repeats, before balancing).
         notes: what was skipped or repeated, for the run report.
         found: every image found, before balancing (kohya counts their captions in ``ss_tag_frequency``,
-            unused ones too).
+            unused ones too); a ``--reg-data-dir``'s named by folder as kohya names them
+            (:func:`~sdadapt.training.data.kohya_folder_names`: the images directly in it by its name).
     """
 
     records: list[ImageRecord]
@@ -95,12 +103,15 @@ def find_reg_images(
     default_caption: str | None = None,
     caption_extension: str = ".txt",
     caption_lines: str = FIRST_LINE_CAPTIONS,
+    empties: str = EMPTIES_KEPT,
 ) -> RegImages:
     """Read a ``--reg-data-dir`` folder and balance it against ``train_samples`` (kohya's rule).
 
     Captions: ``NAME.txt`` beside the image, else the folder's class name (``N_classname``), else
-    ``default_caption`` (``--class-prompt``); ``caption_lines``: how a caption file of several lines
-    is read (:func:`~sdadapt.training.data.find_images`).
+    ``default_caption`` (``--class-prompt``); ``caption_lines``, ``empties``: how a caption file of
+    several lines and an empty caption are read (:func:`~sdadapt.training.data.find_images`).
+    :attr:`RegImages.dirs` names the images directly in ``folder`` by its name, as kohya's
+    ``ss_reg_dataset_dirs`` (:func:`~sdadapt.training.data.kohya_folder_name`).
 
     Raises:
         ImageFolderError: no such folder, no images, or images without any caption (naming the
@@ -109,17 +120,18 @@ def find_reg_images(
     root = Path(folder)
     try:
         records, notes = find_images(root, default_caption=default_caption, caption_extension=caption_extension,
-                                     caption_lines=caption_lines)
+                                     caption_lines=caption_lines, empties=empties)
     except ImageFolderError as exc:
         text = str(exc).replace("pass --prompt for all of them", "pass --class-prompt for all of them")
         raise ImageFolderError(f"--reg-data-dir: {text}") from None
     dirs: dict[str, dict[str, int]] = {}
     for record in records:
-        entry = dirs.setdefault(Path(record.folder).name if record.folder != "." else root.name,
+        entry = dirs.setdefault(record.folder if record.folder != "." else kohya_folder_name(root),
                                 {"n_repeats": record.repeats, "img_count": 0})
         entry["img_count"] += 1
     reg = balance_reg_images(records, train_samples=train_samples, source="--reg-data-dir", dirs=dirs)
     reg.notes[:0] = [f"--reg-data-dir: {n}" for n in notes]
+    reg.found = kohya_folder_names(reg.found, root)  # (ss_tag_frequency's keys: as ss_reg_dataset_dirs')
     return reg
 
 
