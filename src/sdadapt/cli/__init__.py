@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stdout_broken() -> bool:
-    """Whether standard output's pipe is the one that broke (its pending bytes cannot be flushed)."""
+    """Whether standard output's pipe is the one that broke (a write to it failed, or its pending bytes cannot be
+    flushed)."""
+    if getattr(sys.stdout, "broken", False):
+        return True
     try:
         sys.stdout.flush()
     except BrokenPipeError:

@@ -262,6 +262,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="the CLIP model (folder or checkpoint) with the text_projection; needed for Stable "
                            "Diffusion models (openai/clip-vit-large-patch14 for SD1), not for the toy")
     only_with(generate, ["--inpaint-full-res"], needs="--mask IMAGE", when=lambda args: args.mask is not None)
+    only_with(generate, ["--subseed", "--subseed-strength", "--seed-resize-from", "--ensd"],
+              needs="--noise a1111 (or a1111-cpu)", when=lambda args: args.noise is not None,
+              message="{option} shapes A1111's noise, drawn only with --noise a1111 (or a1111-cpu): add --noise "
+              "a1111, or leave {option} out")
     only_with(generate, ["--denoising-strength"], needs="--init-image IMAGE", when=lambda args: args.init_image is not None,
               message="{option} is img2img's strength and only applies with --init-image IMAGE (A1111's txt2img has "
               "none; the hires fix's is --hires-denoising): add --init-image IMAGE, or leave {option} out")

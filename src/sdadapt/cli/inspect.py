@@ -1,22 +1,47 @@
-"""``python -m sdadapt inspect FILE``: say what a weights file is (read-only: no output options)."""
+"""``python -m sdadapt inspect FILE [FILE ...]``: say what weights files are (read-only: no output options).
+
+Several files are reported in the order given, each under a ``==> FILE <==`` heading (as ``head`` and
+``tail`` head theirs); with ``--json`` one file prints its object, several a JSON list of them. A file
+that cannot be read gets its ``error: ...`` line on stderr (in a JSON list: ``{"file", "error",
+"exit_code"}``) and the others are still reported; the exit code is the highest of the files' codes
+(0 when every file was read). A closed standard output (``inspect *.safetensors | head``) ends the
+command quietly with 141, an unexpected exception (a bug) stops it as any command's.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .options import safe_text
 
 __all__ = ["register"]
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def _describe(file: str) -> tuple[dict, int]:
+    """``(summary, 0)`` for a file :func:`sdadapt.formats.describe_file` reads, else
+    ``({"file", "error", "exit_code"}, exit code)`` with its ``error: ...`` line printed on stderr. An unexpected
+    exception (exit code 1: a bug), an interrupt and a broken pipe are raised, for :func:`sdadapt.cli.main` to end
+    the command with."""
+    from ..errors import INTERNAL_ERROR_CODE, exit_code_for
     from ..formats import describe_file
+    from .options import error_line, translate_error
 
-    summary = describe_file(args.file)
-    if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True))  # (ensure_ascii: control characters come out as \u escapes)
-        return 0
+    try:
+        return describe_file(file), 0
+    except Exception as exc:  # noqa: BLE001 - each file's own error, named, then the next file
+        error = translate_error(exc)
+        code = exit_code_for(error)
+        if code == INTERNAL_ERROR_CODE:
+            raise
+        sys.stdout.flush()  # (the reports before it first, where both streams go to one terminal)
+        print(f"error: {error_line(error)}", file=sys.stderr)
+        return {"file": file, "error": error_line(error), "exit_code": code}, code
+
+
+def _print_summary(summary: dict) -> None:
+    """One file's report as text lines (``file:``, ``kind:`` ... ``metadata:`` and its entries)."""
     print(f"file:       {safe_text(summary['file'])}")
     print(f"kind:       {summary['kind']}")
     print(f"tensors:    {summary['tensors']}")
@@ -38,16 +63,44 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if len(value) > 100:
             value = value[:97] + "..."
         print(f"  {safe_text(key)[:200]}: {value}")
-    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    files: list[str] = list(args.files)
+    several = len(files) > 1
+    worst = 0
+    reports = []
+    for index, file in enumerate(files):
+        if several and not args.json:
+            if index:
+                print()
+            print(f"==> {safe_text(file)} <==")
+        summary, code = _describe(file)
+        worst = max(worst, code)
+        if args.json:
+            reports.append(summary)
+        elif code == 0:
+            _print_summary(summary)
+    if args.json:  # (ensure_ascii: control characters come out as \u escapes)
+        value = reports if several else reports[0]
+        if several or worst == 0:
+            print(json.dumps(value, indent=2, sort_keys=True))
+    return worst
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``inspect`` to a CLI."""
     inspect = sub.add_parser(
         "inspect",
-        help="say what a weights file is (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint)",
-        description="Detect what a weights file is and print its module count, ranks, alphas, dtypes, size and metadata.",
+        help="say what weights files are (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint)",
+        description="Detect what each weights file is and print its module count, ranks, alphas, dtypes, size and "
+        "metadata. Several files: each report under a '==> FILE <==' heading (--json: a list of objects, one per "
+        "file, in the order given; an unreadable file's object holds its error and exit_code); the exit code is "
+        "the highest of the files' (0: all were read).",
     )
-    inspect.add_argument("file", help=".safetensors (or legacy .pt/.ckpt/.bin, read with weights_only=True)")
-    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("files", nargs="+", metavar="FILE",
+                         help=".safetensors (or legacy .pt/.ckpt/.bin, read with weights_only=True); several are "
+                         "reported in turn")
+    inspect.add_argument("--json", action="store_true",
+                         help="machine-readable output: one FILE's JSON object, or a JSON list for several")
     inspect.set_defaults(run=_cmd_inspect)

@@ -386,9 +386,14 @@ class _EscapingStream:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self.broken = False  # (a write met a closed pipe: the bytes are gone, so a later flush succeeds)
 
     def write(self, text: str) -> int:
-        self._stream.write(self._PATTERN.sub(_escape, text))
+        try:
+            self._stream.write(self._PATTERN.sub(_escape, text))
+        except BrokenPipeError:
+            self.broken = True
+            raise
         return len(text)
 
     def writelines(self, lines: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -268,10 +269,7 @@ def run_generate(
     from .generate_seed import RANDOM_SEED, fixed_seed
 
     asked_seeds = {"--seed": seed, "--subseed": subseed}
-    seed, subseed = fixed_seed(seed), fixed_seed(subseed)
-    for (option, asked), drawn in zip(asked_seeds.items(), (seed, subseed)):
-        if asked == RANDOM_SEED:  # A1111's -1: a random seed (processing.get_fixed_seed), said to make it again
-            say(f"{option} -1: drew {drawn} (pass {option} {drawn} to make the same image again)")
+    seed, subseed = fixed_seed(seed), fixed_seed(subseed)  # (said once every option is checked, before the load)
     a1111_seeds, schedule_options = _a1111_noise_and_schedule(
         noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
         ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
@@ -289,6 +287,10 @@ def run_generate(
                                    hires_steps=hires_steps, hires_denoising=hires_denoising,
                                    hires_upscaler=hires_upscaler, resize_mode=resize_mode,
                                    hires_texts=(hires_prompt, hires_negative, hires_sampler))
+    fixed_grids = _check_img2img_passes(sampler, steps=steps or 25, init_image=init_image,
+                                        denoising_strength=denoising_strength, fix_steps=img2img_fix_steps,
+                                        hires=hires is not None, hires_sampler=hires_sampler, hires_steps=hires_steps,
+                                        hires_denoising=hires_denoising)
     from .generate_inpaint import check_inpaint_options
 
     check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
@@ -355,10 +357,13 @@ def run_generate(
         multiple = model_size_multiple(model)
         if multiple is not None:
             check_image_size(width, height, multiple=multiple)  # (the message the loaded model's sample gives)
+    for (option, asked), drawn in zip(asked_seeds.items(), (seed, subseed)):
+        if asked == RANDOM_SEED:  # A1111's -1: a random seed (processing.get_fixed_seed), said to make it again
+            say(f"{option} -1: drew {drawn} (pass {option} {drawn} to make the same image again)")
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
-    _check_step_counts(system, steps=steps, hires_steps=hires_steps)
+    _check_step_counts(system, steps=steps, hires_steps=hires_steps, fixed_grids=fixed_grids)
     applied = []
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
@@ -374,11 +379,11 @@ def run_generate(
     def apply_tag_loras(items, handles: list | None, *, quiet: bool = False) -> list:
         reports = []
         for item in items:
-            unet_groups: list | None = None if item.steps is None else []
-            reports.append(_apply_lora_file(system, item.file, item.te, unet_scale=item.unet, option=item.tag,
-                                            block_weights=item.block_weights, handles=handles, files=tag_files,
-                                            unet_groups=unet_groups))
-            if unet_groups is not None:
+            report, unet_groups = _apply_lora_parts(system, item.file, item.te, unet_scale=item.unet, option=item.tag,
+                                                    block_weights=item.block_weights, handles=handles,
+                                                    files=tag_files, hold_unet=item.steps is not None)
+            reports.append(report)
+            if item.steps is not None:
                 step_parts.append((item.steps, unet_groups))
                 reports[-1]["steps"] = {"start": item.steps.start, "stop": item.steps.stop}
             if not quiet:
@@ -640,16 +645,56 @@ def _check_img2img_options(sampler: str, *, init_image, denoising_strength: floa
     return True
 
 
-def _check_step_counts(system, *, steps: int | None, hires_steps: int) -> None:
+def _check_img2img_passes(sampler: str, *, steps: int, init_image, denoising_strength: float, fix_steps: bool,
+                          hires: bool, hires_sampler: str | None, hires_steps: int,
+                          hires_denoising: float) -> list[tuple[str, int, int]]:
+    """The img2img passes (``--init-image``'s, the hires fix's second) checked from the options before any loading
+    (:func:`sdadapt.jobs.generate_hires.check_img2img_pass`: a DPM fast / adaptive pass at A1111's ``t_enc = 0``,
+    fixed steps at strength 0); returns ``(strength option, fixed steps, grid steps)`` of each pass that runs A1111's
+    fixed steps, for :func:`_check_step_counts` once the model's timesteps are known.
+
+    Raises:
+        ValueError: a pass the sampler would refuse only when it runs (after the load, or the first pass).
+    """
+    from ..img2img import a1111_img2img_steps
+    from ..samplers import canonical_sampler
+    from .generate_hires import check_img2img_pass
+
+    grids = []
+    if init_image is not None:
+        fixed = steps if fix_steps else None
+        check_img2img_pass(canonical_sampler(sampler), steps=steps, strength=denoising_strength, fixed_steps=fixed)
+        if fixed is not None:
+            grids.append(("--denoising-strength", fixed, a1111_img2img_steps(steps, denoising_strength,
+                                                                            requested=fixed)[0]))
+    if hires:  # (A1111's hires pass: steps=hr_second_pass_steps or steps, run exactly)
+        fixed = hires_steps or steps
+        check_img2img_pass(canonical_sampler(hires_sampler or sampler), steps=fixed, strength=hires_denoising,
+                           fixed_steps=fixed, sampler_option="--hires-sampler" if hires_sampler else "--sampler",
+                           strength_option="--hires-denoising",
+                           steps_option="--hires-steps" if hires_steps else "--steps")
+        grids.append(("--hires-denoising", fixed, a1111_img2img_steps(fixed, hires_denoising, requested=fixed)[0]))
+    return grids
+
+
+def _check_step_counts(system, *, steps: int | None, hires_steps: int,
+                       fixed_grids: list[tuple[str, int, int]] | None = None) -> None:
     """``--steps`` / ``--hires-steps`` against the model's training timesteps ``T`` (``len(alphas_cumprod)``, 1000 for
     Stable Diffusion): every sampler's grid holds at most ``T`` steps
     (:func:`sdadapt.training.diffusion.timestep_grid`; the Karras-style grids refuse more too), so more steps are
-    refused here, by option, before sampling."""
+    refused here, by option, before sampling — and an img2img pass of A1111's fixed steps (``fixed_grids``:
+    ``(strength option, fixed steps, grid steps)``, :func:`_check_img2img_passes`) whose grid ``steps / strength``
+    would be longer, before the first pass rather than after it."""
     limit = len(getattr(system, "alphas_cumprod", ())) or 1000
     for option, value in (("--steps", steps), ("--hires-steps", hires_steps)):
         if value is not None and value > limit:
             raise ValueError(f"{option} {value}: at most {limit}, the model's training timesteps (the samplers' grids "
                              "are built on them and take no more steps; 20-50 steps are usual)")
+    for option, fixed, total in fixed_grids or ():
+        if total > limit:
+            raise ValueError(f"{option}: {fixed} steps run exactly need a grid of {total} steps (A1111's steps / "
+                             f"strength), more than the model's {limit} timesteps: use {option} "
+                             f"{math.ceil(fixed / limit * 10_000) / 10_000:g} or more, or fewer steps")
 
 
 def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed_strength: float,
@@ -722,16 +767,31 @@ def _networks(tag_loras) -> list[tuple]:
 
 def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | None = None,
                      option: str = "--lora", block_weights: tuple[float, ...] | None = None,
-                     handles: list | None = None, files: dict | None = None,
-                     unet_groups: list | None = None) -> dict:
+                     handles: list | None = None, files: dict | None = None) -> dict:
+    """Merge a LoRA-family file into the system's weights, every component (:func:`_apply_lora_parts` without
+    ``hold_unet``); its report ``{"file", "scale", "layers", ...}``."""
+    return _apply_lora_parts(system, path, scale, unet_scale=unet_scale, option=option, block_weights=block_weights,
+                             handles=handles, files=files)[0]
+
+
+def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | None = None,
+                      option: str = "--lora", block_weights: tuple[float, ...] | None = None,
+                      handles: list | None = None, files: dict | None = None,
+                      hold_unet: bool = False) -> tuple[dict, list]:
     """Merge a LoRA-family file into the system's weights (``apply_lora`` per component): the text
     encoders at ``scale``, the UNet at ``unet_scale`` (default ``scale``; A1111's ``<lora:NAME:TE:UNET>``).
     ``option`` names the request in errors (``--lora`` or the prompt tag). ``block_weights``: the LoRA Block
     Weight extension's 26 slot weights, each layer's multiplier times its block's
     (:func:`sdadapt.jobs.generate_lbw.lbw_groups`). ``handles``: gets each ``apply_lora`` undo handle. ``files``: the
     files read so far (path -> what ``load_lora`` returned), read and filled here: a file merged again (the hires
-    pass's switch, once per image) is read once per run. ``unet_groups``: the UNet part is not merged but its groups
-    ``(module, state, scale)`` appended here (a tag's step range: :mod:`sdadapt.jobs.generate_lbw_steps`)."""
+    pass's switch, once per image) is read once per run. ``hold_unet``: the UNet part is not merged but its groups
+    returned (a tag's step range: :mod:`sdadapt.jobs.generate_lbw_steps`).
+
+    Returns:
+        ``(report, unet_groups)``: the report ``{"file", "scale", "layers", ...}`` (``layers``: the merged and the
+        held layers) and, with ``hold_unet``, the UNet's groups ``(module, state, scale)`` in merge order (else
+        ``[]``).
+    """
     from ..apply import apply_lora
     from ..formats import load_lora
     from ..formats.layers import group_by_layer, resolve_layers
@@ -750,6 +810,7 @@ def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | No
         if files is not None:
             files[path] = components, metadata
     layers = 0
+    unet_groups: list = []
     for component, state in components.items():
         module = getattr(system, component, None)
         if not isinstance(module, torch.nn.Module):
@@ -761,7 +822,7 @@ def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | No
         try:
             applied_names = []
             for group_scale, group_state in groups:
-                if component == "unet" and unet_groups is not None:  # (its layers found now, merged per model call)
+                if component == "unet" and hold_unet:  # (its layers found now, merged per model call)
                     applied_names.extend(resolve_layers(module, list(group_by_layer(group_state))).values())
                     unet_groups.append((module, group_state, group_scale))
                     continue
@@ -781,7 +842,7 @@ def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | No
     report = {"file": str(path), "scale": scale, "layers": layers}
     if block_weights is not None:
         report["block_weights"] = list(block_weights)
-    return report if unet_scale is None else {**report, "unet_scale": unet_scale, "tag": option}
+    return (report if unet_scale is None else {**report, "unet_scale": unet_scale, "tag": option}), unet_groups
 
 
 def _apply_custom_diffusion_file(system, path: Path, scale: float):

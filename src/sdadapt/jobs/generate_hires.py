@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -12,8 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["HiresRequest", "check_hires_request", "hires_size", "init_latents_from_image", "networks_switched",
-           "sample_image"]
+__all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "hires_size",
+           "init_latents_from_image", "networks_switched", "sample_image"]
+
+#: the samplers whose img2img cannot run at A1111's ``t_enc = 0`` (no step): k-diffusion's DPMSolver takes the
+#: ``σ_min = σ_max`` A1111 hands it as reverse sampling and refuses it with ``eta > 0``, which generate runs them with
+#: (:func:`sdadapt.samplers.dpm_fast_adaptive.dpm_fast_sample`)
+NO_STEP_REFUSED: tuple[str, ...] = ("dpm_fast", "dpm_adaptive")
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,45 @@ def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresReq
         raise ValueError(f"the hires size {w}x{h} must be a multiple of {multiple} in both sides; change "
                          "--hires-scale or --hires-width/--hires-height")
     return request
+
+
+def check_img2img_pass(sampler: str, *, steps: int, strength: float, fixed_steps: int | None = None,
+                       sampler_option: str = "--sampler", strength_option: str = "--denoising-strength",
+                       steps_option: str = "--steps") -> None:
+    """Refuse, from the options alone (before the model loads), an img2img pass that the sampler would refuse:
+    A1111's step rule (:func:`sdadapt.img2img.a1111_img2img_steps`) gives ``(total, t_enc)`` for ``steps`` and
+    ``strength`` — with ``fixed_steps`` (A1111's ``steps=``: ``--img2img-fix-steps``' ``--steps``, the hires pass's
+    ``hr_second_pass_steps or steps``) a grid of ``int(fixed_steps / min(strength, 0.999))`` of which
+    ``fixed_steps`` run (``t_enc = fixed_steps − 1``), else ``steps`` of which ``int(min(strength, 0.999) · steps)
+    + 1`` run. ``sampler``: the pass's canonical name; the ``*_option`` names say which options to change.
+
+    Raises:
+        ValueError: ``fixed_steps`` with strength 0 (no grid, for every sampler); a sampler of
+            :data:`NO_STEP_REFUSED` at ``t_enc = 0`` (a strength below ``1 / steps``, ``steps`` 1, or one fixed
+            step), naming the strength or steps that run one.
+    """
+    from ..img2img import a1111_img2img_steps
+
+    total, t_enc = a1111_img2img_steps(steps, strength, requested=fixed_steps)
+    if total < 1:
+        raise ValueError(f"{strength_option} 0 with a fixed step count ({steps_option} {fixed_steps} run exactly) "
+                         f"leaves no grid to run them on (A1111's steps / strength): raise {strength_option}")
+    if sampler not in NO_STEP_REFUSED or t_enc > 0:
+        return
+    if fixed_steps is not None:
+        cause = f"{steps_option} {fixed_steps} run exactly (t_enc = steps - 1)"
+        fix = f"use {steps_option} 2 or more"
+    elif steps == 1:
+        cause = f"{steps_option} 1 (t_enc = int(strength x 1), 0 at any strength)"
+        fix = f"use {steps_option} 2 or more"
+    else:
+        least = math.ceil(10_000 / steps) / 10_000  # (>= 1/steps: int(least * steps) >= 1)
+        cause = (f"{strength_option} {strength:g} and {steps_option} {steps} (t_enc = int(strength x steps): a "
+                 f"strength below 1/{steps})")
+        fix = f"use {strength_option} {least:g} or more, or more {steps_option}"
+    raise ValueError(f"{sampler_option} {sampler}: img2img with {cause} starts at A1111's t_enc = 0, where "
+                     "k-diffusion's DPM-Solver is handed sigma_min = sigma_max and refuses it with eta > 0 (A1111's "
+                     f"default; 'eta must be 0 for reverse sampling'): {fix}, or choose another sampler")
 
 
 def init_latents_from_image(system, path: str | os.PathLike, *, height: int, width: int,
