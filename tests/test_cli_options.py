@@ -82,7 +82,8 @@ def test_every_list_of_numbers_uses_the_one_numbers_type():
     seen = 0
     for path, parser in COMMANDS.items():
         for action in parser._actions:
-            if set(action.option_strings) & {"--weights", "--scale", "--block-weights"}:
+            if set(action.option_strings) & {"--weights", "--scale", "--block-weights"} and action.help != argparse.SUPPRESS:
+                # (a hidden flag of a command that does not take it takes any value: its error names the right command)
                 assert action.type is numbers, (path, action.option_strings)
                 seen += 1
     assert seen >= 7  # ties/dare/task-arithmetic/block-weighted --weights, two --scale, --block-weights
@@ -215,7 +216,8 @@ def _declared_vs_parser(name: str, op: Operator, parser: argparse.ArgumentParser
         assert positionals[-1].nargs == "+"
     generated = {a.dest: a for a in parser._actions if a.dest.startswith("op_")}
     assert set(generated) == {operator_dest(o.name) for o in op.options}, name
-    others = {a.dest for a in parser._actions if a.option_strings and not a.dest.startswith("op_")}
+    others = {a.dest for a in parser._actions if a.option_strings and not a.dest.startswith("op_")
+              and a.help != argparse.SUPPRESS}  # (hidden: other tools' block-weight flags, answered with a hint)
     assert others == MERGE_SHARED, name  # nothing hand-written beside the declaration
     for option in op.options:
         action = generated[operator_dest(option.name)]
@@ -227,8 +229,8 @@ def _declared_vs_parser(name: str, op: Operator, parser: argparse.ArgumentParser
             assert isinstance(action, argparse.BooleanOptionalAction) and action.default is option.default
         elif option.name == "beta":  # one number or a per-block list (cli.merge._block_beta)
             assert action.type is number_or_blocks and action.required is option.required
-        else:
-            assert action.type is option.type
+        else:  # (--alpha: a float, and a comma list names where per-block alphas go: cli.merge._one_alpha)
+            assert action.type is option.type or option.name == "alpha" and action.type("0.25") == 0.25
             assert action.required is option.required
             assert action.default == (None if option.required else option.default)
             assert (tuple(action.choices) if action.choices else None) == option.choices

@@ -471,15 +471,15 @@ def test_the_first_pass_reads_each_merged_key_once_before_any_merge(monkeypatch)
     import sdadapt.merge.supermerger_modes as modes
 
     calls = []
-    real_stat = modes.cosine_statistic
-    monkeypatch.setattr(modes, "cosine_statistic", lambda t, **k: calls.append("stat") or real_stat(t, **k))
+    real_similarity = modes._key_similarity  # every similarity computed, in either pass
+    monkeypatch.setattr(modes, "_key_similarity", lambda a, b, **k: calls.append("stat") or real_similarity(a, b, **k))
     A, B = mini(0, dtype=torch.float32), mini(1, dtype=torch.float32)
     source = MergedSource(MergeStep("cosine-b", ("a", "b"), alpha=0.0), sources=[DictSource(A), DictSource(B)])
     assert calls == []  # planning does not read tensors
     merged = [k for k in source.keys() if k in source.report.merged]  # noqa: SIM118 (a source, not a dict)
     for key in merged:
         source.get(key)
-    assert calls == ["stat"] * len(merged)  # one pass, then none again for the merge of every key
+    assert calls == ["stat"] * len(merged)  # one pass; the merge of every key takes its statistic, computes none
     note = f"cosine-b first pass over {len(merged)} keys: s_min {_s(source, 's_min')}, s_max {_s(source, 's_max')}"
     assert [n for n in source.report.notes if "first pass" in n] == [note]
 

@@ -184,7 +184,66 @@ _INPUT_HELP = {
 }
 
 
-def _add_operator_option(group: argparse._ArgumentGroup, option) -> None:
+#: the sub-commands ``block-weighted`` runs with one alpha per block (with C: add difference)
+_BLOCK_COMMAND = {"weighted-sum": "A B", "add-difference": "A B C"}
+
+#: block-weight flags of other tools (supermerger's MBW, block-weighted's own) a user may give an operator command
+_BLOCK_FLAGS = ("--block-weights", "--mbw", "--base-alpha")
+
+
+def _block_hint(name: str) -> str:
+    """Where per-block weights go for operator ``name`` (its command takes no list of them)."""
+    from ..merge.operators import get_operator
+
+    blocks = "26 values for SD1/SD2 (BASE, IN00..IN11, M00, OUT00..OUT11) or 20 for SDXL, BASE first"
+    if name in _BLOCK_COMMAND:
+        return (f"{name} takes one --alpha; per-block alphas are the block-weighted command: python -m sdadapt merge "
+                f"block-weighted {_BLOCK_COMMAND[name]} --weights W,W,... ({blocks})")
+    names = get_operator(name).option_names
+    if "alpha" not in names and "lam" not in names:
+        return f"{name} has no strength to set per block (no alpha or lam), so it takes no block weights"
+    strength = "one --alpha" if "alpha" in names else "one --lam (block weights scale it)"
+    return (f"{name} takes {strength} on the command line; per-block weights for {name} go in a recipe: "
+            f"\"block_weights\": [{blocks}] in its step, replayed with python -m sdadapt merge --recipe FILE -o OUT "
+            "(docs/merge.md); block-weighted does weighted-sum and add-difference only")
+
+
+class _BlockWeightsElsewhere(argparse.Action):
+    """A block-weight flag the operator's command does not take: stop at once (before argparse
+    reports the missing ``--alpha``) and say which command or recipe field takes it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        parser.error(f"{option_string}: {_block_hint(self.dest.removeprefix('misplaced_'))}")
+
+
+def _operator_parser_class(merge: argparse.ArgumentParser) -> type:
+    """The operator commands' parser class: abbreviations (``--b`` for ``--beta``, ``--weight`` for
+    ``--weights-clip``) never match the hidden block-weight flags, so they mean what they meant before."""
+
+    class OperatorParser(type(merge)):  # type: ignore[misc]
+        def _get_option_tuples(self, option_string):  # type: ignore[no-untyped-def]
+            return [t for t in super()._get_option_tuples(option_string)
+                    if not str(getattr(t[0], "dest", "")).startswith("misplaced_")]
+
+    return OperatorParser
+
+
+def _one_alpha(name: str):
+    """argparse type of an operator's ``--alpha``: one number; a comma list says where per-block alphas go."""
+
+    def parse(text: str) -> float:
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"one number, got {len(text.split(','))} comma-separated values; "
+                                             + _block_hint(name))
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+
+    return parse
+
+
+def _add_operator_option(group: argparse._ArgumentGroup, option, *, operator: str = "") -> None:
     """One declared :class:`~sdadapt.merge.operators.OperatorOption` as a command-line flag."""
     kwargs: dict[str, Any] = {"dest": operator_dest(option.name)}
     default_text = " (required)" if option.required else "" if option.default is None else f" (default {option.default})"
@@ -198,7 +257,8 @@ def _add_operator_option(group: argparse._ArgumentGroup, option) -> None:
         kwargs.update(action=argparse.BooleanOptionalAction, default=option.default)
         default_text = f" (default --{'' if option.default else 'no-'}{option.name.replace('_', '-')})"
     else:
-        kwargs.update(type=option.type, choices=option.choices, required=option.required,
+        kind = _one_alpha(operator) if option.name == "alpha" and option.type is float and operator else option.type
+        kwargs.update(type=kind, choices=option.choices, required=option.required,
                       default=None if option.required else option.default)
         if option.choices is None:
             kwargs["metavar"] = option.name.upper()
@@ -219,7 +279,12 @@ def _add_operator_command(ops: argparse._SubParsersAction, name: str, op) -> arg
     if op.options:
         group = parser.add_argument_group(f"{name} options")
         for option in op.options:
-            _add_operator_option(group, option)
+            _add_operator_option(group, option, operator=name)
+    taken = {flag for action in parser._actions for flag in action.option_strings}
+    for flag in (*_BLOCK_FLAGS, "--weights"):  # --weights: block-weighted's (the task-vector operators declare theirs)
+        if flag not in taken:
+            parser.add_argument(flag, action=_BlockWeightsElsewhere, dest=f"misplaced_{name}", nargs="?",
+                                help=argparse.SUPPRESS)  # (any value: the hint, not "not a number")
     _settings(parser)
     parser.set_defaults(operator_run=_cmd_operator)
     return parser
@@ -246,7 +311,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_options(merge, out_help="output .safetensors file of --recipe", required=False,
                        dtype_help="the dtype the recipe records", dest_prefix="recipe_")
     merge.set_defaults(run=_cmd_merge, operator_run=None, merge_parser=merge)
-    ops = merge.add_subparsers(dest="operator", metavar="OPERATOR")
+    ops = merge.add_subparsers(dest="operator", metavar="OPERATOR", parser_class=_operator_parser_class(merge))
     for name, op in OPERATORS.items():
         _add_operator_command(ops, name, op)
 

@@ -298,6 +298,7 @@ class MergedSource:
         self.operator: Operator = get_operator(step.operator)
         self._own: list[Source] = []
         self._prepassed: dict[str, Any] | None = None
+        self._statistics: dict[str, Any] = {}  # PrePass.per_key: key -> its statistic (CPU) until it is merged
         self._check_arity()
         self._options = self._validated_options()
         if self.operator.random and step.seed is None:
@@ -722,7 +723,8 @@ class MergedSource:
         return first, [t.to(self.device) for t in tensors]
 
     def _prepass_arguments(self) -> dict[str, Any]:
-        """The two-pass operator's aggregated statistics (computed once, one key in memory at a time)."""
+        """The two-pass operator's aggregated statistics (computed once, one key in memory at a time;
+        with ``PrePass.per_key`` each key's statistic is kept, on the CPU, until that key is merged)."""
         if self._prepassed is None:
             prepass = self.operator.prepass
             if prepass is None:
@@ -732,12 +734,27 @@ class MergedSource:
             for key, action in self._actions.items():
                 if action.kind == "merge":
                     _, tensors = self._read(key, action)
-                    statistics.append(prepass.statistic(tensors, compute_dtype=compute).to("cpu"))
+                    statistic = _moved(prepass.statistic(tensors, compute_dtype=compute), "cpu")
+                    statistics.append(statistic)
+                    if prepass.per_key:
+                        self._statistics[key] = statistic
                     del tensors
             self._prepassed = dict(prepass.aggregate(statistics))
             summary = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else k for k, v in self._prepassed.items())
             self.report.notes.append(f"{self.step.operator} first pass over {len(statistics)} keys: {summary}")
         return self._prepassed
+
+    def _key_statistic(self, key: str, tensors: list[Tensor], *, needed: bool) -> Any:
+        """``key``'s first-pass statistic on the device (``PrePass.per_key``), dropped from memory once
+        handed out (``None`` when not ``needed``); computed again when a key is read a second time (a
+        nested step's output read by two passes)."""
+        prepass = self.operator.prepass
+        kept = self._statistics.pop(key, None)
+        if not needed:
+            return None
+        if kept is not None:
+            return _moved(kept, self.device)
+        return prepass.statistic(tensors, compute_dtype=DTYPES[self.step.compute_dtype])  # type: ignore[union-attr]
 
     def _merge(self, key: str, action: _Action) -> Tensor:
         step, op = self.step, self.operator
@@ -752,6 +769,10 @@ class MergedSource:
         if action.beta is not None:
             kwargs["beta"] = action.beta
         kept = op.keep_first(tensors[:2] if op.inputs == "abc" else tensors) if op.keep_first is not None else None
+        if op.prepass is not None and op.prepass.per_key:  # this very key's statistic (by name, never another's)
+            statistic = self._key_statistic(key, tensors, needed=kept is None)
+            if kept is None:
+                kwargs["statistic"] = statistic
         if kept is not None:  # fn is undefined on these values: the first input, reported like a copy
             if key in self.report.merged:
                 self.report.merged.remove(key)
@@ -813,6 +834,19 @@ class MergedSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _moved(value: Any, device: str | torch.device) -> Any:
+    """A :class:`~sdadapt.merge.operators.PrePass` statistic (a tensor, or a tuple of tensors and
+    ``None`` s) on ``device``."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        items = [_moved(item, device) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    raise TypeError(f"a PrePass statistic must be a tensor or a tuple of tensors, got {type(value).__name__}")
 
 
 def _output_order(plan: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:

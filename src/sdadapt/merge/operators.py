@@ -545,19 +545,26 @@ class PrePass:
     The engine calls ``statistic(tensors, compute_dtype=...)`` once per merged key, with that
     key's tensors in the order ``fn`` takes them (``(A, B)``, then C), reading one key at a time;
     then ``aggregate(statistics)`` once, over all keys' results; what it returns is passed to
-    ``fn`` as extra keyword arguments for every key. Keys for which ``skip(key)`` gives a reason
-    take part in neither pass and keep the first input (the report says why).
+    ``fn`` as extra keyword arguments for every key. With ``per_key`` the engine also keeps each
+    key's statistic (on the CPU) until that key is merged and passes it to ``fn`` as
+    ``statistic=`` (moved to the compute device), so ``fn`` need not compute it again; a key read
+    a second time (a nested step's output read by two passes) gets it computed again. Keys for
+    which ``skip(key)`` gives a reason take part in neither pass and keep the first input (the
+    report says why).
 
     Attributes:
-        statistic: ``(tensors, *, compute_dtype) -> Tensor`` of any shape (kept until the merge
-            pass: make it small — supermerger's cosine keeps one value per column).
+        statistic: ``(tensors, *, compute_dtype) -> Tensor`` or a tuple (a ``NamedTuple``) of
+            tensors and ``None`` s, kept until the merge pass: make it small — supermerger's cosine
+            keeps one value per column (and a 0-d whole-tensor cosine for cosineA).
         aggregate: ``(statistics) -> {keyword: value}``.
         skip: ``key -> reason`` for keys left as the first input, or ``None``.
+        per_key: hand each key its own statistic to ``fn`` as ``statistic=``.
     """
 
-    statistic: Callable[..., Tensor]
-    aggregate: Callable[[Sequence[Tensor]], Mapping[str, Any]]
+    statistic: Callable[..., Any]
+    aggregate: Callable[[Sequence[Any]], Mapping[str, Any]]
     skip: Callable[[str], str | None] | None = None
+    per_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -780,11 +787,17 @@ def _cosine_skip(key: str) -> str | None:
     return "VAE kept as A (supermerger's cosine modes skip first_stage_model)" if key_component(key) == "vae" else None
 
 
+def _cosine_aggregate(statistics: Sequence[_sm.CosineStatistic]) -> dict[str, float]:
+    """``s_min``/``s_max`` pooled from the keys' :class:`~.supermerger_modes.CosineStatistic` columns."""
+    return _sm.cosine_range([s.columns for s in statistics])
+
+
 def _cosine_operator(normalize: bool) -> Operator:
     letter = "A" if normalize else "B"
     return Operator(
-        lambda tensors, weights, *, base=None, s_min, s_max, compute_dtype=torch.float32: _sm.cosine_merge(
-            tensors, weights, normalize=normalize, s_min=s_min, s_max=s_max, compute_dtype=compute_dtype),
+        lambda tensors, weights, *, base=None, s_min, s_max, statistic=None, compute_dtype=torch.float32: (
+            _sm.cosine_merge(tensors, weights, normalize=normalize, s_min=s_min, s_max=s_max, statistic=statistic,
+                             compute_dtype=compute_dtype)),
         "ab", (_alpha_option("shift toward B: k = clip(similarity - " + ("|alpha|" if normalize else "alpha")
                              + ", 0, 1)"), WEIGHTS_CLIP),
         summary=f"supermerger cosine{letter}: per-column lerp(B, A, k) from the similarity",
@@ -796,9 +809,9 @@ def _cosine_operator(normalize: bool) -> Operator:
         "result lerp(B, A, k): similar columns keep A, alpha pushes toward B. VAE keys stay A, and so does a key "
         "where A or B is all zeros (the similarity is 0/0 there: supermerger writes NaN; the report lists them).",
         prepass=PrePass(
-            lambda tensors, *, compute_dtype=torch.float32: _sm.cosine_statistic(
+            lambda tensors, *, compute_dtype=torch.float32: _sm.cosine_key_statistic(
                 tensors, normalize=normalize, compute_dtype=compute_dtype),
-            _sm.cosine_range, _cosine_skip),
+            _cosine_aggregate, _cosine_skip, per_key=True),
         keep_first=_sm.cosine_undefined,
     )
 

@@ -265,6 +265,17 @@ def _typed(data: Mapping[str, Any], name: str, kinds: tuple[type, ...], what: st
         raise InputError(f"{where}: {name} must be {what}, got {str(value)[:60]!r}")
 
 
+def _foreign_fields(names: list[str], operator: Any) -> str:
+    """`` (NAME: what a step calls it; ...)`` for the fields another merger's recipe has (supermerger, A1111)."""
+    from .operators import OPERATORS
+    from .recipe_hints import foreign_field_hint
+
+    options = OPERATORS[operator].option_names if isinstance(operator, str) and operator in OPERATORS else ()
+    said = [f"{name}: {hint}" for name in names
+            if (hint := foreign_field_hint(name, operator_options=options)) is not None]
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def step_from_dict(data: Mapping[str, Any], *, _depth: int = 0, _where: str = "step") -> MergeStep:
     """Inverse of :func:`step_to_dict` (recorded hashes are ignored here; see :func:`load_recipe`).
 
@@ -281,7 +292,8 @@ def step_from_dict(data: Mapping[str, Any], *, _depth: int = 0, _where: str = "s
         raise InputError(f"{_where}: a step must be an object, got {type(data).__name__}")
     unknown = sorted(str(k)[:40] for k in data if k not in _STEP_KEYS)
     if unknown:
-        raise InputError(f"{_where}: unknown field(s) {unknown[:5]}; a step has {', '.join(sorted(_STEP_KEYS))}")
+        raise InputError(f"{_where}: unknown field(s) {unknown[:5]}{_foreign_fields(unknown[:5], data.get('operator'))}; "
+                         f"a step has {', '.join(sorted(_STEP_KEYS))}")
     if not isinstance(data.get("operator"), str):
         raise InputError(f"{_where}: operator must be a name, got {str(data.get('operator'))[:40]!r}")
     raw_inputs = data.get("inputs")
@@ -374,7 +386,10 @@ def load_recipe(path: str | os.PathLike) -> tuple[MergeStep, dict[str, str]]:
         text = metadata[RECIPE_KEY]
     data = load_json(text, source=str(file), what="the merge recipe", max_depth=4 * MAX_RECIPE_DEPTH + 8)
     if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
-        raise WeightFileError(f"{file}: not an sdadapt merge recipe (no \"format\": \"{RECIPE_FORMAT}\")")
+        from .recipe_hints import foreign_recipe_hint
+
+        raise WeightFileError(f"{file}: not an sdadapt merge recipe (no \"format\": \"{RECIPE_FORMAT}\")"
+                              + (foreign_recipe_hint(data) if isinstance(data, dict) else ""))
     version = data.get("version", 0)
     if isinstance(version, bool) or not isinstance(version, int):
         raise WeightFileError(f"{file}: malformed recipe (version must be an integer, got {str(version)[:40]!r})")

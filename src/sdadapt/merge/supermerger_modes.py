@@ -10,7 +10,8 @@ triple_sum      ``(1 − α − β)·A + α·B + β·C``, computed as supermerge
 sum_twice       ``(1 − β)·((1 − α)·A + α·B) + β·C`` = ``lerp(lerp(A, B, α), C, β)``
 cosine_a/b      ``lerp(B, A, k)``: ``k = clip((s − s_min)/(s_max − s_min) − α, 0, 1)`` per column
                 (``cosine_a`` uses ``|α|``); ``s`` is the key's similarity, ``s_min``/``s_max`` come
-                from a pre-pass over every key (:func:`cosine_statistic`, :func:`cosine_range`)
+                from a pre-pass over every key (:func:`cosine_statistic`, :func:`cosine_range`); the
+                pre-pass hands each key its :class:`CosineStatistic`, so ``s`` is computed once
 smooth_add      ``A + α·gauss₁(median₃(B − C))`` (scipy ``median_filter(size=3)`` then
                 ``gaussian_filter(sigma=1)``, mode ``reflect``, over the whole N-D tensor)
 extract         ``A + lerp(a, b, α)·lerp(d, 1 − d, β)``, ``a = B − A``, ``b = C − A``,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +45,9 @@ from .operator_inputs import _alpha, _count, _difference_inputs, _same_shape, _u
 __all__ = [
     "triple_sum",
     "sum_twice",
+    "CosineStatistic",
     "cosine_statistic",
+    "cosine_key_statistic",
     "cosine_range",
     "cosine_undefined",
     "cosine_merge",
@@ -107,6 +111,38 @@ def _as_columns(t: Tensor) -> Tensor:
     return t.reshape(1) if t.dim() == 0 else t
 
 
+class CosineStatistic(NamedTuple):
+    """One key's similarity from the cosine pre-pass (:func:`cosine_key_statistic`), kept until
+    :func:`cosine_merge` merges that key, so the merge pass does not compute it again.
+
+    Attributes:
+        columns: ``(*S[1:])`` (0-d for a 1-D tensor), the value :func:`cosine_range` pools
+            (:func:`cosine_statistic`): one value per column.
+        whole: 0-d, cosineA only: the whole-tensor cosine of ``Â, B̂`` (its merge similarity is
+            ``(columns + whole)/2``); ``None`` for cosineB, whose pooled value is its merge similarity.
+    """
+
+    columns: Tensor
+    whole: Tensor | None
+
+
+def _key_similarity(a: Tensor, b: Tensor, *, normalize: bool, whole: bool) -> CosineStatistic:
+    """:class:`CosineStatistic` of ``a, b`` (``(*S)``, already in the compute dtype); ``whole=False``
+    leaves cosineA's whole-tensor term out (the pre-pass pools the column term alone)."""
+    x, y = _as_columns(a), _as_columns(b)
+    if normalize:
+        x, y = F.normalize(x, p=2, dim=0), F.normalize(y, p=2, dim=0)
+        return CosineStatistic(F.cosine_similarity(x, y, dim=0), _flat_cos(x, y) if whole else None)
+    return CosineStatistic((F.cosine_similarity(x, y, dim=0) + _flat_cos(x, y)) / 2.0, None)
+
+
+def _checked_inputs(tensors: Sequence[Tensor], name: str, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    _count(tensors, 2, name)
+    _same_shape(tensors, None, name)
+    a, b = (_up(t, compute_dtype) for t in tensors)
+    return a, b
+
+
 def cosine_statistic(tensors: Sequence[Tensor], *, normalize: bool, compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """The pre-pass similarity of one key (supermerger's ``precosine``), ``tensors = (A, B)`` of ``(*S)``.
 
@@ -117,12 +153,23 @@ def cosine_statistic(tensors: Sequence[Tensor], *, normalize: bool, compute_dtyp
     Returns:
         ``(*S[1:])`` (one value per column; 0-d for a 1-D tensor) in ``compute_dtype``.
     """
-    _count(tensors, 2, "cosine_statistic")
-    _same_shape(tensors, None, "cosine_statistic")
-    a, b = (_as_columns(_up(t, compute_dtype)) for t in tensors)
-    if normalize:
-        return F.cosine_similarity(F.normalize(a, p=2, dim=0), F.normalize(b, p=2, dim=0), dim=0)
-    return (F.cosine_similarity(a, b, dim=0) + _flat_cos(a, b)) / 2.0
+    a, b = _checked_inputs(tensors, "cosine_statistic", compute_dtype)
+    return _key_similarity(a, b, normalize=normalize, whole=False).columns
+
+
+def cosine_key_statistic(
+    tensors: Sequence[Tensor], *, normalize: bool, compute_dtype: torch.dtype = torch.float32,
+) -> CosineStatistic:
+    """What the pre-pass keeps of one key, ``tensors = (A, B)`` of ``(*S)``: its
+    :func:`cosine_statistic` (pooled by :func:`cosine_range`) and, for cosineA, the whole-tensor
+    cosine of ``Â, B̂`` its merge adds; :func:`cosine_merge` takes it as ``statistic=``.
+
+    Returns:
+        a :class:`CosineStatistic`: ``columns`` ``(*S[1:])`` and ``whole`` 0-d (``None`` for
+        cosineB), in ``compute_dtype``.
+    """
+    a, b = _checked_inputs(tensors, "cosine_key_statistic", compute_dtype)
+    return _key_similarity(a, b, normalize=normalize, whole=True)
 
 
 def percentile_midpoint(values: Tensor, q: float) -> float:
@@ -174,7 +221,7 @@ def cosine_undefined(tensors: Sequence[Tensor]) -> str | None:
 
 def cosine_merge(
     tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None, normalize: bool,
-    s_min: float, s_max: float, compute_dtype: torch.dtype = torch.float32,
+    s_min: float, s_max: float, statistic: CosineStatistic | None = None, compute_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """supermerger's cosineA (``normalize=True``) / cosineB merge of ``tensors = (A, B)``, ``weights = α``.
 
@@ -187,23 +234,49 @@ def cosine_merge(
     zeros the similarity is ``0/0`` (supermerger writes NaN over the key): the result is A
     (:func:`cosine_undefined`).
 
+    Args:
+        statistic: this key's :func:`cosine_key_statistic` (same ``normalize`` and
+            ``compute_dtype``), computed by the pre-pass: ``s`` is taken from it instead of
+            computed again (the same values, bit for bit). ``None`` computes it here.
+
+    Raises:
+        ValueError: ``statistic`` does not fit ``tensors`` (its columns' shape or dtype, or a
+            cosineA/cosineB mix-up).
+
     Returns:
         ``(*S)`` in ``compute_dtype``.
     """
-    _count(tensors, 2, "cosine_merge")
-    _same_shape(tensors, None, "cosine_merge")
+    a, b = _checked_inputs(tensors, "cosine_merge", compute_dtype)
     alpha = _alpha(weights, "cosine_merge")
-    a, b = (_up(t, compute_dtype) for t in tensors)
     if cosine_undefined((a, b)) is not None:
         return a  # _up made a copy
-    x, y = _as_columns(a), _as_columns(b)
-    if normalize:
-        x, y = F.normalize(x, p=2, dim=0), F.normalize(y, p=2, dim=0)
-    similarity = (F.cosine_similarity(x, y, dim=0) + _flat_cos(x, y)) / 2.0  # (*S[1:])
+    if statistic is None:
+        statistic = _key_similarity(a, b, normalize=normalize, whole=True)
+    else:
+        statistic = _fitting_statistic(statistic, a, normalize=normalize)
+    columns, whole = statistic
+    similarity = columns if whole is None else (columns + whole) / 2.0  # (*S[1:])
     spread = s_max - s_min
     scaled = (similarity - s_min) / spread if spread != 0 else torch.ones_like(similarity)
     k = (scaled - (abs(alpha) if normalize else alpha)).clip(min=0.0, max=1.0)
     return torch.lerp(b, a, k)  # k (*S[1:]) broadcasts over dim 0
+
+
+def _fitting_statistic(statistic: CosineStatistic, a: Tensor, *, normalize: bool) -> CosineStatistic:
+    """``statistic`` on ``a``'s device, checked against ``a`` (``(*S)`` in the compute dtype)."""
+    columns, whole = statistic
+    problems = []
+    if tuple(columns.shape) != tuple(a.shape[1:]):
+        problems.append(f"its columns have shape {tuple(columns.shape)}, the tensors {tuple(a.shape)} need "
+                        f"{tuple(a.shape[1:])} (a statistic of another key?)")
+    if columns.dtype != a.dtype or (whole is not None and whole.dtype != a.dtype):
+        problems.append(f"it was computed in {columns.dtype}, the merge computes in {a.dtype}")
+    if (whole is None) == normalize:
+        problems.append("it is a cosine" + ("B" if normalize else "A") + " statistic")
+    if problems:
+        raise ValueError(f"cosine_merge: statistic= does not fit: {'; '.join(problems)}; pass this key's "
+                         "cosine_key_statistic(tensors, normalize=..., compute_dtype=...) or None")
+    return CosineStatistic(columns.to(a.device), None if whole is None else whole.to(a.device))
 
 
 # --------------------------------------------------------------------------------------------
