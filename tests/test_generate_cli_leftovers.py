@@ -124,16 +124,18 @@ def test_fixed_steps_at_strength_0_are_refused_before_loading(tmp_path, init_png
                          img2img_fix_steps=True, steps=3)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
 @pytest.mark.parametrize(("fixed", "strength"), [(50, 0.01), (50, 0.05), (50, 0.0501), (10, 0.0099), (10, 0.01)])
-def test_a_fixed_step_grid_too_long_is_refused_by_the_samplings_rule_before_the_first_pass(fixed, strength):
+def test_a_fixed_step_grid_too_long_is_refused_by_the_samplings_rule_before_the_first_pass(fixed, strength, sampler):
     """The hires pass's grid int(N / strength) checked once the model's T is known, before sampling: refused
-    exactly when sdadapt.sampling's own check refuses it (which ran after the first pass)."""
+    exactly when sdadapt.sampling's own check refuses it (which ran after the first pass); never for Euler, whose
+    σ grid takes any length (A1111's k-diffusion samplers)."""
     from types import SimpleNamespace
 
     from sdadapt.jobs.generate import _check_img2img_passes, _check_step_counts
     from sdadapt.sampling import _img2img_request
 
-    grids = _check_img2img_passes("euler", steps=25, init_image=None, denoising_strength=0.75, fix_steps=False,
+    grids = _check_img2img_passes(sampler, steps=25, init_image=None, denoising_strength=0.75, fix_steps=False,
                                   hires=True, hires_sampler=None, hires_steps=fixed, hires_denoising=strength)
     system = SimpleNamespace(alphas_cumprod=torch.zeros(1000))
     try:
@@ -142,11 +144,12 @@ def test_a_fixed_step_grid_too_long_is_refused_by_the_samplings_rule_before_the_
     except ValueError as exc:
         early = exc
     try:
-        _img2img_request("euler", torch.zeros(1, 4, 2, 2), 1, 25, strength, fixed, num_train_steps=1000)
+        _img2img_request(sampler, torch.zeros(1, 4, 2, 2), 1, 25, strength, fixed, num_train_steps=1000)
         late = None
     except ValueError as exc:
         late = exc
     assert (early is None) == (late is None), (early, late)
+    assert (early is None) == (sampler == "euler" or int(fixed / strength) <= 1000), early
     if early is not None:
         assert "--hires-denoising" in str(early)
 
@@ -233,18 +236,19 @@ def test_held_unet_groups_merged_by_hand_are_the_merged_file_bit_for_bit(tmp_pat
 
 # ------------------------------------------------------------------ (review) the checks as run_generate runs them
 @pytest.mark.parametrize(("options", "words"), [
-    ({"img2img_fix_steps": True, "steps": 50, "denoising_strength": 0.01, "sampler": "euler"},
-     "--denoising-strength: 50 steps run exactly need a grid of 5000 steps"),
-    ({"hires_scale": 2.0, "hires_steps": 20, "hires_denoising": 0.01, "sampler": "euler"},
-     "--hires-denoising: 20 steps run exactly need a grid of 2000 steps"),
+    ({"img2img_fix_steps": True, "steps": 50, "denoising_strength": 0.01, "sampler": "ddim"},
+     "--sampler ddim: 50 steps run exactly at --denoising-strength 0.01 need a grid of 5000 steps"),
+    ({"hires_scale": 2.0, "hires_steps": 20, "hires_denoising": 0.01, "sampler": "unipc"},
+     "--sampler unipc: 20 steps run exactly at --hires-denoising 0.01 need a grid of 2000 steps"),
     ({"hires_scale": 2.0, "hires_denoising": 0.02, "steps": 30, "sampler": "ddim"},
-     "--hires-denoising: 30 steps run exactly need a grid of 1500 steps"),
+     "--sampler ddim: 30 steps run exactly at --hires-denoising 0.02 need a grid of 1500 steps"),
 ])
 def test_run_generate_refuses_a_fixed_step_grid_longer_than_the_models_right_after_the_load(tmp_path, init_png,
                                                                                           monkeypatch, options,
                                                                                           words):
     """The grid int(N / strength) of --img2img-fix-steps' pass and of the hires pass, against the loaded model's T
-    (a stand-in with 1000 timesteps): refused by run_generate before anything else runs on the model."""
+    (a stand-in with 1000 timesteps), on samplers that step the model's timesteps (k-diffusion's build any
+    length): refused by run_generate before anything else runs on the model."""
     from types import SimpleNamespace
 
     import sdadapt.jobs.generate as job

@@ -33,6 +33,7 @@ its DDIM and :mod:`sdadapt.samplers.dpm_solver`'s multistep solvers) and of ``Di
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +49,14 @@ __all__ = [
     "Img2ImgStart",
     "a1111_img2img_steps",
     "a1111_start_index",
+    "check_fixed_grid",
     "check_img2img_sampler",
     "check_strength",
     "ddim_img2img",
     "diffusers_start_index",
     "img2img_rule",
     "start_index",
+    "takes_any_step_count",
     "upscale_latents",
     "vp_add_noise_start",
     "vp_timestep_start",
@@ -142,6 +145,63 @@ def a1111_img2img_steps(steps: int, strength: float, *, requested: int | None = 
         total = int(wanted / min(strength, 0.999)) if strength > 0 else 0
         return total, wanted - 1
     return steps, int(min(strength, 0.999) * steps)
+
+
+def takes_any_step_count(sampler: str, schedule: str | None = None) -> bool:
+    """Whether ``sampler`` (a canonical name) on ``schedule`` (resolved: one of A1111's grids, or ``None`` for the
+    sampler's diffusers grid) builds a grid of more steps than the model's training timesteps, as A1111 does for
+    k-diffusion's samplers (``get_sigmas(n)`` is continuous in t or σ): the samplers of
+    :data:`A1111_RULE_SAMPLERS` on a continuous grid (:func:`sdadapt.samplers.sigma_space.any_step_count`: all
+    but A1111's ``simple`` and ``ddim`` schedules). The samplers run as diffusers' schedulers step the model's
+    integer timesteps (diffusers' ``DDIMScheduler``, ``DDPMScheduler`` and ``LCMScheduler`` refuse more steps than
+    ``num_train_timesteps``; the DPM-Solver family and UniPC would repeat timesteps; PNDM's leading grid has none)."""
+    from .samplers.sigma_space import any_step_count
+
+    return sampler in A1111_RULE_SAMPLERS and any_step_count(schedule)
+
+
+def _most_fixed_steps(num_train_steps: int) -> int:
+    """The most steps A1111 can run exactly on a grid of at most ``num_train_steps``: the largest N with
+    ``int(N / 0.999) <= T`` (its strength is capped at 0.999)."""
+    n = int(num_train_steps)
+    while n > 1 and int(n / 0.999) > num_train_steps:
+        n -= 1
+    return n
+
+
+def check_fixed_grid(sampler: str, schedule: str | None, *, steps: int, strength: float, num_train_steps: int,
+                     strength_option: str = "denoising_strength", steps_option: str = "img2img_steps",
+                     sampler_option: str = "sampler") -> None:
+    """An img2img pass of ``steps`` steps run exactly (A1111's hires pass, "img2img does exactly the steps") on a
+    grid of :func:`a1111_img2img_steps` ``int(steps / min(strength, 0.999))`` steps: refused when that grid is
+    longer than the model's ``num_train_steps`` and ``sampler`` on ``schedule`` cannot build it
+    (:func:`takes_any_step_count`; A1111's k-diffusion samplers can, at any length).
+
+    Raises:
+        ValueError: naming the options (``*_option``) and a fix that works: the least strength whose grid fits, or,
+            where none does (``steps`` >= T: even at 0.999 the grid has ``int(steps / 0.999) > T`` steps), the most
+            steps that fit and the samplers that take any step count.
+    """
+    total, _ = a1111_img2img_steps(steps, strength, requested=steps)
+    if total <= num_train_steps or takes_any_step_count(sampler, schedule):
+        return
+    from .samplers.sigma_space import any_step_count
+
+    grid = (f"A1111's {schedule!r} schedule picks the model's training steps"
+            if schedule is not None and not any_step_count(schedule)
+            else f"{sampler} steps the model's integer timesteps, as diffusers' scheduler does" if schedule is None
+            else f"sdadapt's {sampler} calls the model at integer timesteps on any schedule (A1111's k-diffusion "
+            "DPM++ takes fractional ones and runs such grids)")
+    head = (f"{sampler_option} {sampler}: {steps} steps run exactly at {strength_option} {strength:g} need a grid "
+            f"of {total} steps (A1111's int(steps / min(strength, 0.999))), more than the model's "
+            f"{num_train_steps} timesteps, and {grid}")
+    least = math.ceil(steps / num_train_steps * 10_000) / 10_000  # (steps / least <= T: the grid fits)
+    if least <= 0.999 or int(steps / 0.999) <= num_train_steps:
+        raise ValueError(f"{head}: use {strength_option} {min(least, 1.0):g} or more, or fewer {steps_option}")
+    raise ValueError(f"{head}; no strength helps (A1111 caps it at 0.999, still a grid of {int(steps / 0.999)} "
+                     f"steps): use at most {_most_fixed_steps(num_train_steps)} {steps_option}, or a sampler whose "
+                     f"grid takes any step count ({', '.join(A1111_RULE_SAMPLERS)}; not on the 'simple' or 'ddim' "
+                     "schedule)")
 
 
 def a1111_start_index(total: int, t_enc: int) -> int:

@@ -13,10 +13,11 @@ The geometry, from AUTOMATIC1111's ``modules/masking.py`` (``get_crop_region_v2`
   the image where it crosses an edge and clamped there (:func:`expand_crop_region`, A1111's integer arithmetic);
 * image and mask are cut to it and brought to ``width`` x ``height`` by "Resize and fill" (A1111's
   ``resize_image(2, ...)``, whatever the img2img resize mode);
-* after sampling the generated image is brought back to the region's size by "Crop and resize"
-  (``resize_image(1, ...)``) and pasted at its corner on a transparent canvas of the image's size, and the original
-  image is composited over it with alpha ``255 − mask`` (the blurred mask, *not* doubled as for "Whole picture")
-  (:func:`paste_back`): every pixel where the mask is 0 — all of the image outside the region — is the original's.
+* after sampling the generated image (8-bit) is brought back to the region's size by "Crop and resize"
+  (``resize_image(1, ...)``, PIL's Lanczos itself: :func:`crop_and_resize`) and pasted at its corner on a transparent
+  canvas of the image's size, and the original image is composited over it with alpha ``255 − mask`` (the blurred
+  mask, *not* doubled as for "Whole picture") by PIL's ``alpha_composite`` (:func:`paste_back`, A1111's PIL path bit
+  for bit): every pixel where the mask is 0 — all of the image outside the region — is the original's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_PADDING", "crop_region", "expand_crop_region", "only_masked_region", "paste_back"]
+__all__ = ["DEFAULT_PADDING", "crop_and_resize", "crop_region", "expand_crop_region", "only_masked_region",
+           "paste_back"]
 
 #: A1111's default "Only masked padding, pixels" (its UI slider and API field ``inpaint_full_res_padding``)
 DEFAULT_PADDING = 32
@@ -93,22 +95,43 @@ def only_masked_region(mask: Tensor, *, padding: int, width: int, height: int) -
     return expand_crop_region(region, width=width, height=height, image_width=w, image_height=h)
 
 
-def paste_back(generated: Tensor, *, original, mask, region: Region):
-    """A1111's ``apply_overlay`` with ``paste_to`` (``uncrop``): the generated image (3, h, w) in [-1, 1] brought
-    to the region's size by "Crop and resize" (:func:`sdadapt.resize_modes.a1111_resize`), made 8-bit and pasted at
-    ``(x1, y1)`` on a transparent canvas of the ``original`` PIL RGB image's size; the original composited over it
-    with alpha ``255 − mask`` (``mask``: the prepared PIL ``L`` mask at the original's size, 255 = repaint;
-    :func:`sdadapt.inpaint.overlay_layer`). Returns a PIL RGB image of the original's size."""
+def crop_and_resize(image, width: int, height: int):
+    """A1111's ``images.resize_image(1, image, width, height)`` ("Crop and resize", its default
+    ``upscaler_for_img2img`` None) on a PIL image, done by PIL itself so the 8-bit result is A1111's bit for bit:
+    scaled by PIL's Lanczos to cover ``width`` x ``height`` keeping its aspect
+    (``src_w = width if width/height > w/h else w·height // h``, ``src_h = height if width/height <= w/h else
+    h·width // w``) and pasted centred at ``(width//2 − src_w//2, height//2 − src_h//2)`` on a black image of the
+    same mode, so what sticks out is cut off. Returns a PIL image of ``width`` x ``height``."""
+    from PIL import Image
+
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio > src_ratio else image.width * height // image.height
+    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), resample=Image.LANCZOS)
+    out = Image.new(image.mode, (width, height))
+    out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    return out
+
+
+def paste_back(generated, *, original, mask, region: Region):
+    """A1111's ``apply_overlay`` with ``paste_to`` (``uncrop``), on PIL images as A1111 runs it: the generated image
+    — a PIL RGB image, or (3, h, w) in [-1, 1] made 8-bit first (:func:`sdadapt.images.to_uint8`, rounded as every
+    sdadapt PNG; A1111 truncates its decoded floats) — brought to the region's size by "Crop and resize"
+    (:func:`crop_and_resize`, PIL's 8-bit Lanczos) and pasted at ``(x1, y1)`` on a transparent canvas of the
+    ``original`` PIL RGB image's size; the original composited over it with alpha ``255 − mask`` (``mask``: the
+    prepared PIL ``L`` mask at the original's size, 255 = repaint; :func:`sdadapt.inpaint.overlay_layer`) by PIL's
+    ``alpha_composite``. For an 8-bit generated image the result is A1111's bit for bit. Returns a PIL RGB image of
+    the original's size."""
     import numpy as np
     from PIL import Image
 
     from .images import to_uint8
     from .inpaint import overlay_layer
-    from .resize_modes import a1111_resize
 
     x1, y1, x2, y2 = region
-    piece = a1111_resize(generated.detach().float().cpu(), (y2 - y1, x2 - x1), mode="crop")  # (3, y2-y1, x2-x1)
+    if not isinstance(generated, Image.Image):
+        generated = Image.fromarray(np.ascontiguousarray(to_uint8(generated.detach().float().cpu())), "RGB")
     canvas = Image.new("RGBA", original.size)
-    canvas.paste(Image.fromarray(np.ascontiguousarray(to_uint8(piece)), "RGB"), (x1, y1))
+    canvas.paste(crop_and_resize(generated.convert("RGB"), x2 - x1, y2 - y1), (x1, y1))
     canvas.alpha_composite(overlay_layer(original, mask))
     return canvas.convert("RGB")

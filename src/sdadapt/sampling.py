@@ -287,12 +287,14 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
 
     Raises:
         ValueError: a strength outside [0, 1]; strength 0 with fixed steps, or fixed steps whose grid would be
-            longer than the model's ``num_train_steps`` (the strength named, with the least that works).
+            longer than the model's ``num_train_steps`` on a sampler that steps its timesteps
+            (:func:`~sdadapt.img2img.check_fixed_grid`: k-diffusion's samplers build any length, as A1111's).
     """
     from .img2img import (
         Img2ImgStart,
         a1111_img2img_steps,
         a1111_start_index,
+        check_fixed_grid,
         check_img2img_sampler,
         check_strength,
         img2img_rule,
@@ -307,11 +309,8 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
         total, t_enc = a1111_img2img_steps(steps, strength, requested=img2img_steps)
         if total < 1:
             raise ValueError("denoising strength 0 with a fixed step count leaves no grid (A1111's steps / strength)")
-        if total > num_train_steps:
-            raise ValueError(f"denoising strength {strength:g} with {img2img_steps} fixed steps needs a grid of {total} "
-                             f"steps, more than the model's {num_train_steps}: use a strength of at least "
-                             f"{img2img_steps / num_train_steps:.4g} (--denoising-strength / --hires-denoising) or "
-                             "fewer steps")
+        if img2img_steps is not None:  # (a grid past the model's timesteps: k-diffusion's samplers only)
+            check_fixed_grid(name, schedule, steps=img2img_steps, strength=strength, num_train_steps=num_train_steps)
         if a1111:
             return Img2ImgStart(init, index=a1111_start_index(total, t_enc)), total
         return Img2ImgStart(init, index=total - (t_enc + 1)), total  # (the last N steps of the grid)

@@ -186,7 +186,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "(Lanczos) and VAE-encoded")
     img2img.add_argument("--resize-mode", default="just", choices=("just", "crop", "fill"),
                          help="how --init-image is brought to the size: A1111's 'Just resize' (stretch, the default), "
-                         "'Crop and resize' (cover, cut the centre), 'Resize and fill' (fit, pad with the edges)")
+                         "'Crop and resize' (cover, cut the centre), 'Resize and fill' (fit, pad with the edges); with "
+                         "--inpaint-full-res only a blank mask's plain img2img uses it, as in A1111")
     img2img.add_argument("--img2img-fix-steps", action="store_true",
                          help="A1111's setting 'With img2img, do exactly the amount of steps the slider specifies': "
                          "--steps steps run (the grid is built for steps / strength); default: strength x steps")

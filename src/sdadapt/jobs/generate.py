@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -199,7 +198,9 @@ def run_generate(
             ``latent-bicubic``..., or ``pixel-lanczos``: decode, Lanczos resize, encode)
             (:func:`sdadapt.jobs.generate_hires.sample_image`).
         resize_mode: A1111's img2img resize mode for ``init_image``: ``just`` (stretch), ``crop`` (crop and resize),
-            ``fill`` (resize and fill) (:func:`sdadapt.resize_modes.a1111_resize`).
+            ``fill`` (resize and fill) (:func:`sdadapt.resize_modes.a1111_resize`); with ``inpaint_full_res`` (as in
+            A1111) it applies only when the mask is blank and the run falls back to plain img2img — the region is
+            fitted by "Resize and fill" whatever the mode.
         img2img_fix_steps: A1111's setting "With img2img, do exactly the amount of steps the slider specifies".
         hires_prompt, hires_negative, hires_sampler: A1111's hr_prompt, hr_negative_prompt, hr_sampler_name: the
             hires pass's texts and sampler (``None``: the first pass's).
@@ -290,13 +291,13 @@ def run_generate(
     fixed_grids = _check_img2img_passes(sampler, steps=steps or 25, init_image=init_image,
                                         denoising_strength=denoising_strength, fix_steps=img2img_fix_steps,
                                         hires=hires is not None, hires_sampler=hires_sampler, hires_steps=hires_steps,
-                                        hires_denoising=hires_denoising)
+                                        hires_denoising=hires_denoising, schedule=schedule,
+                                        hires_schedule=hires_schedule if hires_sampler is not None else schedule)
     from .generate_inpaint import check_inpaint_options
 
     check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
                           inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
-                          inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
-                          resize_mode=resize_mode)
+                          inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding)
     files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
@@ -646,17 +647,17 @@ def _check_img2img_options(sampler: str, *, init_image, denoising_strength: floa
 
 
 def _check_img2img_passes(sampler: str, *, steps: int, init_image, denoising_strength: float, fix_steps: bool,
-                          hires: bool, hires_sampler: str | None, hires_steps: int,
-                          hires_denoising: float) -> list[tuple[str, int, int]]:
+                          hires: bool, hires_sampler: str | None, hires_steps: int, hires_denoising: float,
+                          schedule: str | None = None, hires_schedule: str | None = None) -> list[dict]:
     """The img2img passes (``--init-image``'s, the hires fix's second) checked from the options before any loading
     (:func:`sdadapt.jobs.generate_hires.check_img2img_pass`: a DPM fast / adaptive pass at A1111's ``t_enc = 0``,
-    fixed steps at strength 0); returns ``(strength option, fixed steps, grid steps)`` of each pass that runs A1111's
-    fixed steps, for :func:`_check_step_counts` once the model's timesteps are known.
+    fixed steps at strength 0); returns, for each pass that runs A1111's fixed steps, the keywords of
+    :func:`sdadapt.img2img.check_fixed_grid` but ``num_train_steps`` (its sampler and resolved ``schedule``, steps,
+    strength and option names), for :func:`_check_step_counts` once the model's timesteps are known.
 
     Raises:
         ValueError: a pass the sampler would refuse only when it runs (after the load, or the first pass).
     """
-    from ..img2img import a1111_img2img_steps
     from ..samplers import canonical_sampler
     from .generate_hires import check_img2img_pass
 
@@ -665,36 +666,37 @@ def _check_img2img_passes(sampler: str, *, steps: int, init_image, denoising_str
         fixed = steps if fix_steps else None
         check_img2img_pass(canonical_sampler(sampler), steps=steps, strength=denoising_strength, fixed_steps=fixed)
         if fixed is not None:
-            grids.append(("--denoising-strength", fixed, a1111_img2img_steps(steps, denoising_strength,
-                                                                            requested=fixed)[0]))
+            grids.append({"sampler": canonical_sampler(sampler), "schedule": schedule, "steps": fixed,
+                          "strength": denoising_strength, "strength_option": "--denoising-strength",
+                          "steps_option": "--steps", "sampler_option": "--sampler"})
     if hires:  # (A1111's hires pass: steps=hr_second_pass_steps or steps, run exactly)
         fixed = hires_steps or steps
+        sampler_option = "--hires-sampler" if hires_sampler else "--sampler"
+        steps_option = "--hires-steps" if hires_steps else "--steps"
         check_img2img_pass(canonical_sampler(hires_sampler or sampler), steps=fixed, strength=hires_denoising,
-                           fixed_steps=fixed, sampler_option="--hires-sampler" if hires_sampler else "--sampler",
-                           strength_option="--hires-denoising",
-                           steps_option="--hires-steps" if hires_steps else "--steps")
-        grids.append(("--hires-denoising", fixed, a1111_img2img_steps(fixed, hires_denoising, requested=fixed)[0]))
+                           fixed_steps=fixed, sampler_option=sampler_option, strength_option="--hires-denoising",
+                           steps_option=steps_option)
+        grids.append({"sampler": canonical_sampler(hires_sampler or sampler), "schedule": hires_schedule,
+                      "steps": fixed, "strength": hires_denoising, "strength_option": "--hires-denoising",
+                      "steps_option": steps_option, "sampler_option": sampler_option})
     return grids
 
 
-def _check_step_counts(system, *, steps: int | None, hires_steps: int,
-                       fixed_grids: list[tuple[str, int, int]] | None = None) -> None:
+def _check_step_counts(system, *, steps: int | None, hires_steps: int, fixed_grids: list[dict] | None = None) -> None:
     """``--steps`` / ``--hires-steps`` against the model's training timesteps ``T`` (``len(alphas_cumprod)``, 1000 for
-    Stable Diffusion): every sampler's grid holds at most ``T`` steps
-    (:func:`sdadapt.training.diffusion.timestep_grid`; the Karras-style grids refuse more too), so more steps are
-    refused here, by option, before sampling — and an img2img pass of A1111's fixed steps (``fixed_grids``:
-    ``(strength option, fixed steps, grid steps)``, :func:`_check_img2img_passes`) whose grid ``steps / strength``
-    would be longer, before the first pass rather than after it."""
+    Stable Diffusion): at most ``T``, refused here, by option, before sampling — and an img2img pass of A1111's
+    fixed steps (``fixed_grids``: :func:`_check_img2img_passes`) whose grid ``int(steps / min(strength, 0.999))``
+    would be longer on a sampler that steps the model's timesteps (:func:`sdadapt.img2img.check_fixed_grid`;
+    k-diffusion's samplers build it, as A1111's do), before the first pass rather than after it."""
+    from ..img2img import check_fixed_grid
+
     limit = len(getattr(system, "alphas_cumprod", ())) or 1000
     for option, value in (("--steps", steps), ("--hires-steps", hires_steps)):
         if value is not None and value > limit:
             raise ValueError(f"{option} {value}: at most {limit}, the model's training timesteps (the samplers' grids "
-                             "are built on them and take no more steps; 20-50 steps are usual)")
-    for option, fixed, total in fixed_grids or ():
-        if total > limit:
-            raise ValueError(f"{option}: {fixed} steps run exactly need a grid of {total} steps (A1111's steps / "
-                             f"strength), more than the model's {limit} timesteps: use {option} "
-                             f"{math.ceil(fixed / limit * 10_000) / 10_000:g} or more, or fewer steps")
+                             "are built on them; 20-50 steps are usual)")
+    for grid in fixed_grids or ():
+        check_fixed_grid(**grid, num_train_steps=limit)
 
 
 def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed_strength: float,

@@ -74,14 +74,16 @@ class InpaintInputs:
 
 def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_blur: float | None, invert_mask: bool,
                           inpainting_fill: str, inpainting_mask_weight: float, inpaint_full_res: bool = False,
-                          inpaint_full_res_padding: int | None = None, resize_mode: str = "just") -> None:
+                          inpaint_full_res_padding: int | None = None) -> None:
     """The inpainting options, checked before any loading.
 
     Raises:
         ValueError: ``--mask`` without ``--init-image``, a mask option without ``--mask`` (``--inpainting-mask-weight``
             alone needs an ``--init-image``: A1111's txt2img conditioning has no weight), the padding without
-            ``--inpaint-full-res`` or negative, ``--resize-mode`` with it (A1111 fits the crop by "Resize and fill"),
-            a negative blur, an unknown fill, a weight outside [0, 1].
+            ``--inpaint-full-res`` or negative, a negative blur, an unknown fill, a weight outside [0, 1]; with
+            ``--inpaint-full-res``, a mask of another size than the init image. (``--resize-mode`` is taken with
+            ``--inpaint-full-res``, as A1111 takes it: the crop is fitted by "Resize and fill" whatever the mode, which
+            brings the image to the size only when the mask is blank and the run falls back to plain img2img.)
         FileNotFoundError: no mask file.
     """
     from ..inpaint import check_inpainting_fill, check_mask_weight
@@ -101,10 +103,6 @@ def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_bl
                              "--init-image, or leave the weight out")
         check_mask_weight(inpainting_mask_weight)
         return
-    if inpaint_full_res and resize_mode != "just":
-        raise ValueError(f"--resize-mode {resize_mode}: with --inpaint-full-res the masked region is cut out and "
-                         "fitted to --width x --height by 'Resize and fill' (A1111's rule) and the output keeps the "
-                         "init image's size, so leave --resize-mode out")
     if init_image is None:
         raise ValueError("--mask inpaints an --init-image: give the image too")
     if not Path(mask).is_file():

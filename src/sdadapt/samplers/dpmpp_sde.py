@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..training.diffusion import timestep_grid
 from .a1111_noise import A1111Noise, randn_local
 from .sigma_space import (
     ZERO_SNR_ALPHA_CUMPROD,
     ancestral_step,
+    check_grid_steps,
     check_prediction_type,
     denoised,
+    grid_timesteps,
     initial_noise_sigma,
     karras_sigmas,
     model_input,
@@ -84,19 +85,19 @@ def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = Fal
         (m+1,), its last σ as it is.
 
     Raises:
-        ValueError: ``num_steps`` outside [1, T], an unknown spacing.
+        ValueError: ``num_steps`` below 1 or above T on a grid of training steps
+            (:func:`.sigma_space.check_grid_steps`), an unknown spacing.
     """
     train = _float32_training_sigmas(alphas_cumprod)
     if schedule is not None:
         from .schedules import schedule_sigmas
 
-        if not 1 <= int(num_steps) <= train.shape[0]:
-            raise ValueError(f"num_steps must be in [1, {train.shape[0]}], got {num_steps}")
+        check_grid_steps(num_steps, train.shape[0], schedule=schedule)
         full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma,
                                options=schedule_options)
         mids = (full[:-1] * full[1:]).sqrt()  # (0 for a step onto σ = 0, never used)
         return sigma_to_t(full[:-1], train), full, sigma_to_t(mids, train), mids
-    timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False)
+    timesteps = grid_timesteps(num_steps, train.shape[0], spacing, steps_offset)
     sigmas = sigmas_at(timesteps, train)
     if karras:
         sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_steps)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .schedules import ScheduleOptions, schedule_sigmas
 from .sigma_space import (
+    check_grid_steps,
     check_prediction_type,
     karras_sigmas,
     sigma_slope,
@@ -102,14 +103,14 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
     the restart list and the rebuilt Karras grid then follow that shorter grid's step count and ends).
 
     Raises:
-        ValueError: an unknown prediction type or schedule, ``num_steps`` outside [1, T], a negative ``s_noise``.
+        ValueError: an unknown prediction type or schedule, ``num_steps`` below 1 (or above T on a schedule of
+            training steps: :func:`.sigma_space.check_grid_steps`), a negative ``s_noise``.
     """
     check_prediction_type("restart", prediction_type)
     if s_noise < 0:
         raise ValueError(f"restart: s_noise must be >= 0, got {s_noise}")
     train = training_sigmas(alphas_cumprod)
-    if not 1 <= int(num_steps) <= train.shape[0]:
-        raise ValueError(f"restart: num_steps must be in [1, {train.shape[0]}], got {num_steps}")
+    check_grid_steps(num_steps, train.shape[0], schedule=schedule or "karras", label="restart: num_steps")
     del karras  # the default grid is Karras already
     grid = schedule_sigmas(schedule or "karras", int(num_steps), train,
                            discard_next_to_last_sigma=discard_next_to_last_sigma, options=schedule_options).tolist()

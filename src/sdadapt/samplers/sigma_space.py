@@ -17,17 +17,27 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..training.diffusion import PREDICTION_TYPES, sigmas_of, timestep_grid
+from ..training.diffusion import (
+    PREDICTION_TYPES,
+    numpy_linspace,
+    sigmas_of,
+    timestep_grid,
+)
 
 if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 from .a1111_noise import A1111Noise
 
-__all__ = ["ancestral_step", "check_prediction_type", "denoised", "discrete_sigmas", "discrete_start", "initial_noise_sigma",
-           "karras_sigmas", "model_input", "sigma_slope", "sigma_to_t", "sigmas_at", "step_noise", "t_to_sigma",
-           "timestep_batch", "training_sigmas", "vp_alpha_sigma", "vp_data_prediction", "vp_noise_prediction",
-           "work_dtype"]
+__all__ = ["TRAINING_STEP_SCHEDULES", "ancestral_step", "any_step_count", "check_grid_steps", "check_prediction_type",
+           "denoised", "discrete_sigmas", "discrete_start", "grid_timesteps", "initial_noise_sigma", "karras_sigmas",
+           "model_input", "sigma_slope", "sigma_to_t", "sigmas_at", "step_noise", "t_to_sigma", "timestep_batch",
+           "training_sigmas", "vp_alpha_sigma", "vp_data_prediction", "vp_noise_prediction", "work_dtype"]
+
+#: A1111's schedules that pick the model's own training σ, so they hold at most T distinct steps (past T A1111's
+#: ``simple`` repeats σ and its ``ddim_uniform`` strides by ``max(T // n, 1)``, a shorter grid than asked:
+#: degenerate or other grids, refused here — repeated σ divide by zero in LMS and DPM++)
+TRAINING_STEP_SCHEDULES: tuple[str, ...] = ("simple", "ddim")
 
 #: the last ᾱ of a zero-terminal-SNR schedule (ᾱ = 0, σ = ∞) as the σ samplers use it: diffusers'
 #: Euler, Euler ancestral, DPM-Solver multistep and UniPC set it so under ``rescale_betas_zero_snr``
@@ -138,6 +148,48 @@ def vp_noise_prediction(output: Tensor, x: Tensor, alpha_t: float, sigma_t: floa
 
 
 # ------------------------------------------------- the discrete-σ schedulers' grids (Euler, Heun, KDPM2)
+def any_step_count(schedule: str | None = None, spacing: str = "linspace") -> bool:
+    """Whether a σ grid can hold more steps than the model's T training timesteps: ``schedule`` (a resolved one of
+    A1111's, or ``None`` for diffusers' grid by ``spacing``) continuous in t or σ — diffusers' unrounded
+    ``linspace`` timesteps (``EulerDiscreteScheduler`` & co. set any count), Karras σ and every A1111 schedule but
+    :data:`TRAINING_STEP_SCHEDULES` (k-diffusion's ``get_sigmas(n)``, ``get_sigmas_karras(n, ...)``: any ``n``).
+    A1111 runs such grids past T, e.g. img2img's ``int(steps / strength)`` with exact steps."""
+    if schedule is not None:
+        from .schedules import canonical_schedule
+
+        return canonical_schedule(schedule) not in TRAINING_STEP_SCHEDULES
+    return spacing == "linspace"
+
+
+def check_grid_steps(num_steps: int, num_train_steps: int, *, schedule: str | None = None,
+                     spacing: str = "linspace", label: str = "num_steps") -> None:
+    """Refuse a step count a σ grid cannot be built for: below 1, or above ``num_train_steps`` where the grid picks
+    training steps (:func:`any_step_count` false).
+
+    Raises:
+        ValueError: naming ``label``, the limit and why.
+    """
+    n, T = int(num_steps), int(num_train_steps)
+    if n < 1:
+        raise ValueError(f"{label} must be >= 1, got {num_steps}")
+    if n > T and not any_step_count(schedule, spacing):
+        grid = f"schedule {schedule!r}" if schedule is not None else f"{spacing!r} timestep spacing"
+        raise ValueError(f"{label} must be in [1, {T}] on the {grid} (it picks the model's {T} training steps), "
+                         f"got {num_steps}")
+
+
+def grid_timesteps(num_steps: int, num_train_steps: int, spacing: str, steps_offset: int) -> Tensor:
+    """diffusers' descending float64 timesteps (n,) of the σ schedulers (:func:`sdadapt.training.diffusion.
+    timestep_grid`, linspace unrounded); past ``num_train_steps`` the ``linspace`` grid goes on as
+    ``np.linspace(0, T − 1, n)`` (diffusers sets it so, with fractional timesteps); other spacings are refused
+    there (:func:`check_grid_steps`)."""
+    n, T = int(num_steps), int(num_train_steps)
+    if n > T and spacing == "linspace":
+        return numpy_linspace(T - 1, n).flip(0)
+    check_grid_steps(n, T, spacing=spacing)
+    return timestep_grid(n, T, spacing, steps_offset, round_linspace=False)
+
+
 def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
                     karras: bool = False, round_karras_timesteps: bool = False,
                     schedule: str | None = None,
@@ -158,19 +210,19 @@ def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "l
     (:func:`.schedules.schedule_sigmas`); unused without one.
 
     Raises:
-        ValueError: ``num_steps`` outside [1, T], an unknown spacing or schedule.
+        ValueError: ``num_steps`` below 1, or above T on a grid of training steps (:func:`check_grid_steps`: the
+            ``leading`` / ``trailing`` spacings, the ``simple`` / ``ddim`` schedules), an unknown spacing or schedule.
     """
     train = training_sigmas(alphas_cumprod)
     if schedule is not None:
         from .schedules import schedule_sigmas
 
-        if not 1 <= int(num_steps) <= train.shape[0]:
-            raise ValueError(f"num_steps must be in [1, {train.shape[0]}], got {num_steps}")
+        check_grid_steps(num_steps, train.shape[0], schedule=schedule)
         full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma,
                                options=schedule_options)
         timesteps = sigma_to_t(full[:-1], train)
         return (timesteps.round() if round_karras_timesteps else timesteps), full
-    timesteps = timestep_grid(num_steps, train.shape[0], spacing, steps_offset, round_linspace=False).float().double()
+    timesteps = grid_timesteps(num_steps, train.shape[0], spacing, steps_offset).float().double()
     sigmas = sigmas_at(timesteps, train)
     if karras:
         sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_steps)
