@@ -229,8 +229,22 @@ def test_generate_count_encodes_once_on_diffusers_models(tmp_path, monkeypatch, 
 
     from sdadapt.jobs.generate import run_generate
 
+    import sdadapt.jobs.generate as generate_job
+
     model = (tiny_sd1_file if kind == "sd1" else tiny_sdxl_file)(tmp_path / f"{kind}.safetensors")
     written, calls = _recording(monkeypatch)
+    recorded = generate_job.load_system
+
+    def load_system(*args, **kwargs):  # (the tiny SD1 encoder's final norm has bias 0: its output's mean is ~1e-9,
+        system = recorded(*args, **kwargs)  # and A1111's emphasis rescale by original/new mean then overflows to NaN)
+        encoder = system.text_encoder
+        norm = getattr(getattr(encoder, "text_model", encoder), "final_layer_norm", None)  # (transformers 5: no text_model)
+        if norm is not None and norm.bias is not None:
+            with torch.no_grad():
+                norm.bias.add_(0.5)
+        return system
+
+    monkeypatch.setattr(generate_job, "load_system", load_system)
     prompt = "a (red:1.2) [circle:square:1] # comment"
     size = {"width": 64, "height": 64}
     alone = []
@@ -244,6 +258,7 @@ def test_generate_count_encodes_once_on_diffusers_models(tmp_path, monkeypatch, 
     run_generate(prompt=prompt, negative="blurry", model=str(model), out=tmp_path / "n.png", steps=2, seed=7,
                  count=2, sampler="euler", **size)
     assert alone[0] == alone[1] > 0 and len(calls) == alone[0]
+    assert all(bool(torch.isfinite(image).all()) for image in single)  # (else the comparison says nothing)
     assert all(torch.equal(a, b) for a, b in zip(written, single)) and len(written) == 2
 
 

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from .adapters.base import geometry_of
 from .adapters.registry import file_layer_delta
+from .checks import finite_number
 from .formats.layers import group_by_layer, resolve_layers
+from .model_args import as_module, check_layer_state
 
 __all__ = ["AppliedDelta", "apply_lora"]
 
@@ -55,8 +57,12 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
         scale: strength multiplier (the ``<lora:name:scale>`` number).
 
     Raises:
-        LayerNotFoundError, ValueError: as :func:`sdadapt.load_adapter`.
+        LayerNotFoundError, ValueError, TypeError: as :func:`sdadapt.load_adapter`; InputError (a
+            ValueError): ``scale`` is not a finite number.
     """
+    scale = finite_number(scale, name="apply_lora's scale")  # (NaN would poison every touched weight)
+    model = as_module(model, caller="apply_lora")
+    check_layer_state(state, caller="apply_lora")
     groups = group_by_layer(state)
     resolved = resolve_layers(model, list(groups))
     deltas = []  # every delta first: a bad layer leaves the model untouched

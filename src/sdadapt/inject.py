@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from .adapters.base import AdapterModule, LayerGeometry, geometry_of
 from .adapters.registry import adapter_from_file_tensors, build_adapter, family_of_config
+from .checks import finite_number
 from .errors import SdadaptError
+from .model_args import as_module, check_layer_state, is_compiled
 from .targets import Target, select
 
 __all__ = ["AdapterSlot", "AdapterHandle", "LayerFitError", "inject", "load_adapter", "adapter_names"]
@@ -117,6 +119,7 @@ class AdapterHandle:
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._base_originals: dict[str, Tensor] = {}
         self._removed = False
+        self._compiled = False  # (made through a torch.compile'd module: Dynamo's caches reset on remove)
 
     # ------------------------------------------------------------------ construction
     def _attach(self, layer_name: str, layer: nn.Module, adapter: AdapterModule) -> None:
@@ -181,8 +184,13 @@ class AdapterHandle:
 
     # ------------------------------------------------------------------ switches
     def set_scale(self, scale: float) -> None:
-        """Set the run-time strength (multiplier) of this adapter; no recompilation needed."""
+        """Set the run-time strength (multiplier) of this adapter; no recompilation needed.
+
+        Raises:
+            InputError (a ValueError): ``scale`` is not a finite number (a string, NaN, inf).
+        """
         self._check_alive()
+        scale = finite_number(scale, name=f"adapter {self.name!r}: set_scale's scale")
         for adapter in self.modules.values():
             adapter.set_multiplier(scale)
         self._refresh_merged()
@@ -265,6 +273,8 @@ class AdapterHandle:
                 _set_base_weight(layer, self._base_originals[layer_name])
         self._base_originals.clear()
         self._removed = True
+        if self._compiled:
+            _reset_compiled_graphs()
 
     def _check_alive(self) -> None:
         if self._removed:
@@ -316,7 +326,8 @@ def inject(
     """Add one adapter per chosen layer of ``model`` and return the handle naming them.
 
     Args:
-        model: any ``nn.Module`` (a diffusers UNet, an LDM UNet, a CLIP text encoder, your own).
+        model: any ``nn.Module`` (a diffusers UNet, an LDM UNet, a CLIP text encoder, your own); a
+            ``torch.compile``'d module is adapted through the module it compiles (same layer names).
         targets: a :class:`~sdadapt.targets.Target`, a preset name or glob(s).
         config: the family's config: :class:`~sdadapt.adapters.lora.LoRAConfig`,
             ``LoHaConfig``, ``LoKrConfig``, ``FullConfig`` or ``DoRAConfig`` (see
@@ -332,10 +343,13 @@ def inject(
         An :class:`AdapterHandle`; its ``parameters()`` are the trainable adapter weights.
 
     Raises:
-        NoTargetsError: the target matched nothing. TypeError: a target is not Linear/Conv2d, or
-            the config is of no registered family. LayerFitError: the config does not fit a chosen
-            layer (naming it; e.g. BOFT on a width with no butterfly split); nothing is injected then.
+        NoTargetsError: the target matched nothing. TypeError: ``model`` is no ``nn.Module`` (a
+            pipeline: pass ``pipe.unet``), a target is not Linear/Conv2d, or the config is of no
+            registered family. LayerFitError: the config does not fit a chosen layer (naming it; e.g.
+            BOFT on a width with no butterfly split); nothing is injected then.
     """
+    compiled = is_compiled(model)
+    model = as_module(model, caller="inject")  # (a compiled module: its original, so names stay the model's)
     family_of_config(config)  # an unknown config fails before anything is selected
     overrides = dict(layer_configs or {})
     for override in overrides.values():
@@ -366,7 +380,16 @@ def inject(
             handle._base_originals[layer_name] = base.detach().clone()
             _set_base_weight(layer, residual.to(layer.weight.dtype))
         handle._attach(layer_name, layer, adapter)
+    if compiled:
+        handle._compiled = True
+        _reset_compiled_graphs()
     return handle
+
+
+def _reset_compiled_graphs() -> None:
+    """``torch.compiler.reset()``: Dynamo does not guard on forward hooks (``skip_nnmodule_hook_guards``), so
+    graphs compiled before hooks were added or removed would run on as they were; they recompile at the next call."""
+    torch.compiler.reset()
 
 
 def _check_name_free(layer_name: str, layer: nn.Module, name: str) -> None:
@@ -399,9 +422,13 @@ def load_adapter(
     Raises:
         KeyError: a layer name matches no module of ``model`` (nearest names suggested).
         ValueError: a tensor's shape does not fit its layer.
+        TypeError: ``model`` is no ``nn.Module``, or ``state`` is ``{component: state}`` (pass one component's).
     """
     from .formats.layers import group_by_layer, resolve_layers
 
+    compiled = is_compiled(model)
+    model = as_module(model, caller="load_adapter")
+    check_layer_state(state, caller="load_adapter")
     groups = group_by_layer(state)
     resolved = resolve_layers(model, list(groups))
     handle = AdapterHandle(model, name)
@@ -418,4 +445,7 @@ def load_adapter(
         _freeze_base(model)
     for layer_name, layer, adapter in built:
         handle._attach(layer_name, layer, adapter)
+    if compiled:
+        handle._compiled = True
+        _reset_compiled_graphs()
     return handle

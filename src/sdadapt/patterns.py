@@ -26,7 +26,8 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["PatternError", "SafePattern", "compile_pattern", "peft_pattern_key", "peft_pattern_value", "MAX_PATTERN_LENGTH"]
+__all__ = ["PatternError", "SafePattern", "compile_pattern", "own_pattern_entries", "peft_pattern_key", "peft_pattern_value",
+           "MAX_PATTERN_LENGTH"]
 
 #: longest pattern accepted (characters)
 MAX_PATTERN_LENGTH = 2000
@@ -609,3 +610,25 @@ def peft_pattern_value(patterns: Mapping[str, Any], name: str, default: Any, *, 
         return default
     key = peft_pattern_key(list(patterns), name, what=what)
     return default if key is None else patterns[key]
+
+
+def own_pattern_entries(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    """peft ``rank_pattern`` / ``alpha_pattern`` entries under which every layer of ``values`` gets its own value.
+
+    peft matches a key against any dotted suffix and takes the first key that matches, so the entry ``proj`` would
+    also give ``blocks.proj`` its value. Layers that differ from ``default`` get an entry, longer (more dotted) names
+    first; a layer another entry would catch gets its own entry too (even at ``default``).
+
+    Raises:
+        ValueError: a layer no ordering of entries gives its value (naming it).
+    """
+    ordered = sorted(values, key=lambda name: (-name.count("."), name))
+    patterns = {name: values[name] for name in ordered if values[name] != default}
+    caught = {name for name in ordered if peft_pattern_value(patterns, name, default) != values[name]}
+    if caught:
+        patterns = {name: values[name] for name in ordered if values[name] != default or name in caught}
+        wrong = [name for name in ordered if peft_pattern_value(patterns, name, default) != values[name]]
+        if wrong:
+            raise ValueError(f"{wrong[0]}: peft's pattern keys match any dotted suffix, and no set of keys gives this "
+                             "layer its own rank/alpha beside the others; save the adapter as a kohya file instead")
+    return patterns

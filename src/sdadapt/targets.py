@@ -143,6 +143,34 @@ def _as_target(target: Target | str | Iterable[str]) -> Target:
     return by_name(*target)
 
 
+def _preset_hint(target: object) -> str:
+    """`` Did you mean the preset 'unet-kohya'?`` for a string target spelt like a preset name, else ``""``."""
+    if not isinstance(target, str) or "." in target:
+        return ""
+    import difflib
+
+    spelt = target.strip().lower().replace("_", "-")
+    aliases = {name.replace("-", ""): name for name in PRESETS}  # ("unetkohya": UNET_KOHYA's spelling without dashes)
+    found = spelt if spelt in PRESETS else aliases.get(spelt.replace("-", ""))
+    if found is None:
+        close = difflib.get_close_matches(spelt, list(PRESETS), n=1, cutoff=0.75)
+        found = close[0] if close else None
+    return f" Did you mean the preset {found!r}? (preset names: {', '.join(PRESETS)})" if found else ""
+
+
+def _suffix_hint(target: object, model: nn.Module) -> str:
+    """A hint for peft-style names (``"to_q"``, ``"attn2.to_k"``): globs match the *whole* qualified name."""
+    patterns = [target] if isinstance(target, str) else list(target) if isinstance(target, (list, tuple)) else []
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        return ""
+    names = [n for n, _ in model.named_modules() if n]
+    suffixed = [f"*.{p}" for p in patterns if not p.startswith("*")]
+    if not any(fnmatch.fnmatchcase(n, p) for n in names for p in suffixed):
+        return ""
+    shown = suffixed[0] if len(suffixed) == 1 else suffixed
+    return (f" Globs match whole qualified names (unlike peft's target_modules suffixes): did you mean {shown!r}?")
+
+
 def select(model: nn.Module, target: Target | str | Iterable[str]) -> list[tuple[str, nn.Module]]:
     """All ``(qualified_name, module)`` of ``model`` that ``target`` accepts, in module order.
 
@@ -153,7 +181,9 @@ def select(model: nn.Module, target: Target | str | Iterable[str]) -> list[tuple
         NoTargetsError: nothing matched; the message shows some of the model's module names.
     """
     from .adapters.base import AdapterModule  # local: adapters import targets-free modules only
+    from .model_args import as_module
 
+    model = as_module(model, caller="select", one_model=False)
     predicate = _as_target(target)
     chosen = []
     for name, module in model.named_modules():
@@ -168,8 +198,9 @@ def select(model: nn.Module, target: Target | str | Iterable[str]) -> list[tuple
         sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
         raise NoTargetsError(
             f"target {predicate.description} selected no module of {type(model).__name__} "
-            f"({len(names)} candidate modules, e.g. {sample or '<none>'}). Pick a preset that fits "
-            "this model (UNet presets for UNets, TEXT_ENCODER for CLIP) or build one with by_name/by_regex."
+            f"({len(names)} candidate modules, e.g. {sample or '<none>'}).{_preset_hint(target)}"
+            f"{_suffix_hint(target, model)} Pick a preset "
+            "that fits this model (UNet presets for UNets, TEXT_ENCODER for CLIP) or build one with by_name/by_regex."
         )
     return chosen
 

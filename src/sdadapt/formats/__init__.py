@@ -131,5 +131,8 @@ def save_lora(
         save_kohya(path, components, base_model=base_model, **options)
     elif format == "diffusers":
         save_diffusers(path, components, **options)
+    elif format == "peft":
+        raise ValueError("format='peft' is a folder of one model's adapter: use "
+                         "sdadapt.formats.save_peft(folder, components['unet']) (or the component meant)")
     else:
         raise ValueError(f"format must be 'kohya' or 'diffusers', got {format!r}")

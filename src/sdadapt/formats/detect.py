@@ -104,8 +104,10 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         return "kohya-lora"
     if any(k.startswith("base_model.model.") for k in keys) and any(k.endswith(".ia3_l") for k in keys):
         return "peft-ia3"  # (peft's IA3Config: one ia3_l vector per layer)
-    if any(k.startswith("base_model.model.") for k in keys) and any("lora_" in k for k in keys):
-        return "peft-lora"
+    if any(k.startswith("base_model.model.") for k in keys) and any(
+        "lora_" in k or ".hada_" in k or ".lokr_" in k for k in keys
+    ):
+        return "peft-lora"  # (also peft's LoHa / LoKr: LyCORIS' tensor names, the scale in adapter_config.json)
     if any(k.split(".", 1)[0] in ("unet", "text_encoder", "text_encoder_2") for k in keys) and any(
         ("lora" in k) for k in keys
     ):
@@ -348,7 +350,8 @@ def _config_alpha(configs: dict[str, dict], layer: str, rank: int, kind: str) ->
     if not isinstance(config, dict) or not config:
         return None
     try:
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank)))  # type: ignore[arg-type]
+        default = config.get("lora_alpha", config.get("alpha", rank))  # (LoraConfig's lora_alpha; LoHa/LoKr's alpha)
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, default))  # type: ignore[arg-type]
     except (TypeError, ValueError, AttributeError, OverflowError, PatternError):
         return None  # a malformed config or pattern: report the alpha as unknown rather than fail
     if config.get("use_rslora"):

@@ -38,9 +38,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..patterns import peft_pattern_value
+from ..model_args import check_components
+from ..patterns import own_pattern_entries, peft_pattern_value
 from .files import (
     WeightFileError,
     atomic_write,
@@ -54,6 +55,7 @@ from .files import (
 from .header import load_json
 from .layers import COMPONENTS, canonical_state, split_key
 from .peft_ia3 import from_peft_ia3, is_peft_ia3, to_peft_ia3
+from .peft_lycoris import from_peft_lycoris, is_peft_lycoris, lycoris_family, to_peft_lycoris
 
 __all__ = [
     "to_diffusers",
@@ -102,8 +104,8 @@ def _config_for(state: Mapping[str, Tensor], *, strip_prefix: str = "") -> dict:
     return {
         "r": r,
         "lora_alpha": _int_if_whole(lora_alpha),
-        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
-        "alpha_pattern": {k: _int_if_whole(v) for k, v in alphas.items() if v != lora_alpha},
+        "rank_pattern": own_pattern_entries(ranks, r),
+        "alpha_pattern": {k: _int_if_whole(v) for k, v in own_pattern_entries(alphas, lora_alpha).items()},
         "target_modules": sorted(ranks),
         "use_rslora": False,
         "use_dora": any(split_key(key)[1] == "dora_scale" for key in state),
@@ -150,6 +152,7 @@ def _peft_magnitude(key: str, dora_scale: Tensor, up: Tensor | None) -> Tensor:
 
 def to_diffusers(components: Mapping[str, Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Canonical component states -> (diffusers state dict, safetensors metadata with alphas)."""
+    check_components(components, caller="to_diffusers")
     state: dict[str, Tensor] = {}
     config: dict[str, object] = {}
     for component, comp_state in components.items():
@@ -296,6 +299,7 @@ def save_diffusers(
     """Write a diffusers LoRA file (``pipe.load_lora_weights`` reads it) atomically."""
     from ..checks import cast_checked
 
+    check_components(components, caller="save_diffusers")
     state, metadata = to_diffusers(components)
     if dtype is not None:
         state = {k: cast_checked(v, dtype, key=k, hint="save in float32") for k, v in state.items()}
@@ -314,8 +318,14 @@ def load_diffusers(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]
 _PEFT_PREFIX = "base_model.model."
 
 
-def to_peft(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
-    """One model's adapter state (live layer paths) -> (peft state dict, adapter_config dict)."""
+def to_peft(state: Mapping[str, Tensor], *, model: nn.Module | None = None) -> tuple[dict[str, Tensor], dict]:
+    """One model's adapter state (live layer paths) -> (peft state dict, adapter_config dict).
+
+    LoRA (and DoRA) states give a ``LoraConfig`` adapter; LoHa / LoKr states a ``LoHaConfig`` /
+    ``LoKrConfig`` one (:func:`sdadapt.formats.peft_lycoris.to_peft_lycoris`, which reads the layers'
+    base weight shapes from ``model`` when given; LoRA ignores it)."""
+    if lycoris_family(state) is not None:
+        return to_peft_lycoris(state, model=model)
     peft_state = _peft_keys(state, _PEFT_PREFIX)
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, **_config_for(state)}
     return peft_state, config
@@ -325,9 +335,12 @@ def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: st
     """peft adapter state + config -> canonical state (layer paths as in the peft-wrapped model).
 
     LoRA (and DoRA) adapters; (IA)³ ones (``peft_type = "IA3"``, ``ia3_l`` keys) through
-    :func:`sdadapt.formats.peft_ia3.from_peft_ia3`."""
+    :func:`sdadapt.formats.peft_ia3.from_peft_ia3`, LoHa / LoKr ones (``peft_type = "LOHA"`` / ``"LOKR"``)
+    through :func:`sdadapt.formats.peft_lycoris.from_peft_lycoris`."""
     if is_peft_ia3(state, config if isinstance(config, Mapping) else None):
         return from_peft_ia3(state, config if isinstance(config, Mapping) else None, source=source)
+    if is_peft_lycoris(state, config if isinstance(config, Mapping) else None):
+        return from_peft_lycoris(state, config if isinstance(config, Mapping) else None, source=source)
     layers: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, value in state.items():
@@ -346,15 +359,21 @@ def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: st
     return _with_alphas(layers, config, source=source)
 
 
-def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor]) -> None:
+def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor], *, model: nn.Module | None = None) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` reads it).
 
     Both appear together or not at all (:func:`~sdadapt.formats.files.staged_outputs`): a failed save
     never leaves new weights beside an old config (whose rank and alpha would scale them wrongly).
     An (IA)³ state (``.on_input`` keys) is written as peft's ``IA3Config`` adapter
-    (:func:`~sdadapt.formats.peft_ia3.to_peft_ia3`)."""
+    (:func:`~sdadapt.formats.peft_ia3.to_peft_ia3`); a LoHa / LoKr state as a ``LoHaConfig`` /
+    ``LoKrConfig`` adapter (:func:`~sdadapt.formats.peft_lycoris.to_peft_lycoris`; ``model``, the model
+    the adapter is for, lets it check convolution layers whose flattened factors hide their kernel).
+
+    Raises:
+        ValueError: a state no peft config expresses (families mixed, a LoKr split peft would not make ...),
+            naming the layer; nothing is written then."""
     ia3 = any(key.endswith(".on_input") for key in state)
-    peft_state, config = to_peft_ia3(state) if ia3 else to_peft(state)
+    peft_state, config = to_peft_ia3(state) if ia3 else to_peft(state, model=model)
     target = Path(folder)  # (a missing folder is made by the writes, and removed again if the save fails)
     check_finite_output(peft_state, path=target / "adapter_model.safetensors")
     with staged_outputs() as stage:

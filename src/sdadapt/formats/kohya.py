@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_keys, file_rank, lycoris_algo_of_keys
 from ..errors import InputError
+from ..model_args import check_components
 from .files import WeightFileError, check_finite, check_finite_output, read_weights, write_safetensors
 from .layers import canonical_layer_path, canonical_state, split_key, underscore_to_path
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet
@@ -85,6 +87,37 @@ def _check_base_model(base_model: str) -> None:
         raise ValueError(f"base_model must be one of {sorted(BASE_MODELS)}, got {base_model!r}")
 
 
+#: The text-context width of the UNet's cross-attention K/V inputs: SD1 768, SD2 1024, SDXL 2048.
+_CONTEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sd2-v": 1024, "sdxl": 2048}
+
+
+def _check_context_width(unet_state: Mapping[str, Tensor], base_model: str) -> None:
+    """Refuse an SDXL UNet LoRA written as SD1/SD2 (or the reverse): the UNet names would be the wrong
+    family's (kohya's SDXL files use LDM names) and its metadata the wrong model's. (Some loaders map either
+    naming — ComfyUI reads diffusers-style names for any UNet — but the file would follow no SDXL tool's naming.)
+
+    The width is read from a LoRA ``attn2.to_k``/``to_v`` down weight ``(r, context width)``; only SDXL's
+    2048 is decided on (SD1 768 vs SD2 1024 write the same names), and states without such a layer pass.
+    """
+    widths = {
+        int(value.shape[1])
+        for key, value in unet_state.items()
+        if re.search(r"attn2\.to_[kv]\.lora_down\.weight$", key) and value.dim() >= 2
+    }
+    sdxl_width = _CONTEXT_WIDTHS["sdxl"]
+    if base_model != "sdxl" and sdxl_width in widths:
+        raise ValueError(
+            f"the UNet LoRA's cross-attention takes {sdxl_width}-wide text states (SDXL) but base_model={base_model!r}: "
+            "pass base_model='sdxl' (on the command line --base-model sdxl; kohya's SDXL files use LDM layer names, and "
+            "written with SD1's names the file would follow no SDXL tool's naming and its metadata would name the wrong model)"
+        )
+    if base_model == "sdxl" and widths and widths <= {768, 1024}:
+        raise ValueError(
+            f"the UNet LoRA's cross-attention takes {min(widths)}-wide text states (SD1/SD2), not SDXL's "
+            f"{sdxl_width}: pass base_model='sd1' (or 'sd2' / 'sd2-v' for 1024; on the command line --base-model)"
+        )
+
+
 def to_kohya(
     components: Mapping[str, Mapping[str, Tensor]],
     *,
@@ -109,15 +142,18 @@ def to_kohya(
         InputError: (IA)³ vectors read from a peft adapter without its model (``scales_bias``,
             :mod:`sdadapt.formats.peft_ia3`): no kohya/LyCORIS file can say that peft scales a bias.
     """
+    check_components(components, caller="to_kohya")
     _check_base_model(base_model)
+    _check_context_width(components.get("unet") or {}, base_model)
     prefixes = _prefixes(base_model)
     if kohya_oft_dim_alpha(components) is not None:  # kohya's own OFT layout keeps kohya's prefix
         prefixes["unet"] = "oft_unet"
     out: dict[str, Tensor] = {}
     for component, state in components.items():
         if component not in prefixes:
+            sdxl = " (an SDXL LoRA: pass base_model='sdxl')" if component == "text_encoder_2" else ""
             raise ValueError(
-                f"component {component!r} has no kohya prefix for base_model={base_model!r}; "
+                f"component {component!r} has no kohya prefix for base_model={base_model!r}{sdxl}; "
                 f"use one of {sorted(prefixes)}"
             )
         _refuse_peft_bias_scaling(component, state)
@@ -369,6 +405,7 @@ def save_kohya(
     Raises:
         NonFiniteError: a tensor holds NaN/inf or overflows ``dtype``; nothing is written.
     """
+    check_components(components, caller="save_kohya")
     state = cast_factors(to_kohya(components, base_model=base_model, layers_per_block=layers_per_block), dtype)
     check_finite_output(state, path=path)
     title = title or os.path.splitext(os.path.basename(str(path)))[0]

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..model_args import as_module, is_compiled
 from .mlp import Hypernetwork, HypernetworkMLP
 
 __all__ = ["HypernetworkSlot", "HypernetworkHandle", "inject_hypernetwork", "context_widths"]
@@ -79,6 +80,7 @@ class HypernetworkHandle:
         self.unused_widths: tuple[int, ...] = ()
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._removed = False
+        self._compiled = False  # (made through a torch.compile'd module: Dynamo's caches reset on remove)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -124,6 +126,8 @@ class HypernetworkHandle:
             if len(slot) == 0:
                 del self.model._modules["sdadapt"]
         self._removed = True
+        if self._compiled:
+            torch.compiler.reset()  # (Dynamo does not guard on hooks: a graph compiled with them would run on)
 
     def _check_alive(self) -> None:
         if self._removed:
@@ -201,6 +205,8 @@ def inject_hypernetwork(
     """
     if not isinstance(hypernetwork, Hypernetwork):
         raise TypeError(f"inject_hypernetwork needs a sdadapt Hypernetwork (see sdadapt.load_hypernetwork), got {type(hypernetwork).__name__}")
+    compiled = is_compiled(unet)
+    unet = as_module(unet, caller="inject_hypernetwork")
     strength = _check_strength(strength)
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"name must be a non-empty string without dots, got {name!r}")
@@ -241,4 +247,7 @@ def inject_hypernetwork(
         layer = unet.get_submodule(layer_name)
         handle._hooks.append(layer.register_forward_pre_hook(handle._pre_hook(pair[which]), with_kwargs=True))  # type: ignore[index]
         handle.layers[layer_name] = (width, which)
+    if compiled:  # (Dynamo does not guard on hooks: graphs compiled before them recompile at the next call)
+        handle._compiled = True
+        torch.compiler.reset()
     return handle

@@ -4,7 +4,7 @@ A peft adapter (``adapter_model.safetensors`` + ``adapter_config.json``, as ``Pe
 ``convert --to peft`` write it) holds one model's layers and names no pipeline component
 (:func:`sdadapt.formats.load_lora` returns it as ``"model"``). diffusers loads such a folder into the model the
 caller picks (``unet.load_adapter``); here the component is the one whose modules hold every layer of the
-adapter, by name and, for LoRA layers, by input width.
+adapter, by name and by the shapes of its tensors (every family: LoRA, peft's LoHa / LoKr, (IA)³).
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def _fits(module: nn.Module, state: dict[str, Tensor]) -> bool:
-    """Whether every layer of ``state`` (canonical keys ``LAYER.lora_down.weight`` ...) is a module of ``module``
-    and each ``lora_down`` (rank, in, ...) takes that module's input width."""
+    """Whether every layer of ``state`` (canonical keys ``LAYER.lora_down.weight``, ``LAYER.hada_w1_a``,
+    ``LAYER.lokr_w1`` ...) is a module of ``module`` whose weight its tensors fit: the family's own check
+    (:func:`~sdadapt.adapters.registry.adapter_from_file_tensors`, factors as meta tensors: shapes only), so a LoRA's
+    (rank, in) ``lora_down``, a LoHa's (out, r) ``hada_w1_a`` and (r, in·kh·kw) ``hada_w1_b``, a LoKr's
+    ``a·b = out``, ``c·d = in`` all count, not the layer names alone."""
+    from ..adapters.base import LayerGeometry
+    from ..adapters.registry import adapter_from_file_tensors
     from ..formats.layers import LayerNotFoundError, group_by_layer, resolve_layers
 
     layers = group_by_layer(state)
@@ -28,16 +33,20 @@ def _fits(module: nn.Module, state: dict[str, Tensor]) -> bool:
     except (LayerNotFoundError, KeyError, ValueError):
         return False
     for layer, live_name in placed.items():
-        down = layers[layer].get("lora_down.weight")
         weight = getattr(module.get_submodule(live_name), "weight", None)
-        if down is not None and isinstance(weight, Tensor) and weight.dim() >= 2 and down.shape[1] != weight.shape[1]:
+        if not isinstance(weight, Tensor):
+            return False
+        shapes = {key: value.to("meta") if value.numel() > 1 else value for key, value in layers[layer].items()}
+        try:
+            adapter_from_file_tensors(LayerGeometry.from_weight_shape(tuple(weight.shape)), shapes, name=layer)
+        except (ValueError, TypeError, RuntimeError):
             return False
     return True
 
 
 def peft_component(system: object, state: dict[str, Tensor], *, source: str) -> str:
     """The one component of :data:`PEFT_COMPONENTS` on ``system`` that holds every layer of the peft adapter
-    ``state`` (canonical keys, (rank, in) ``lora_down`` widths checked).
+    ``state`` (canonical keys; each layer's tensor shapes checked against the module's weight).
 
     Raises:
         ValueError: no component, or several, fit (``source`` names the request, e.g. ``--lora FOLDER``); the message

@@ -11,9 +11,14 @@ family (per layer)         kohya                                  diffusers     
 =========================  =====================================  ==========================  ===================
 LoRA / LoCon               ``lora_down``/``lora_up``/``alpha``    ``lora_A``/``lora_B``       ``LoraConfig``
 DoRA over LoRA             LyCORIS ``dora_scale``                 ``lora_magnitude_vector``   ``use_dora``
-LoHa, LoKr, Tucker, full   LyCORIS naming                         refused                     refused
+LoHa / LoKr (one family)   LyCORIS naming                         refused                     ``LoHaConfig`` /
+                                                                                              ``LoKrConfig`` [1]_
+Tucker LoRA, full, others  LyCORIS naming                         refused                     refused
 (IA)³                      LyCORIS ``weight``/``on_input``        refused                     ``IA3Config``
 =========================  =====================================  ==========================  ===================
+
+.. [1] when one peft config rebuilds every layer's tensors
+   (:func:`~sdadapt.formats.peft_lycoris.to_peft_lycoris`); a layer it cannot is refused, named.
 
 A peft (IA)³ adapter converts ``--to kohya`` where LyCORIS' (IA)³ means the same scaling: vectors on the
 layers' inputs (``feedforward_modules``) and on the outputs of SD UNet layers without a bias (the attention
@@ -59,7 +64,7 @@ from ..formats.detect import describe_file
 from ..formats.diffusers import METADATA_KEY, save_diffusers, save_peft
 from ..formats.files import atomic_write, staged_outputs
 from ..formats.kohya import cast_factors, save_kohya
-from ..formats.layers import COMPONENTS, split_key
+from ..formats.layers import COMPONENTS, group_by_layer
 from ..formats.peft_ia3 import resolve_sd_bias_free
 from .output import (
     check_base_model,
@@ -67,6 +72,7 @@ from .output import (
     check_not_input,
     check_output,
     check_save_dtype,
+    context_widths,
     lora_base_model,
 )
 
@@ -137,13 +143,7 @@ def input_kind(path: str | os.PathLike) -> str:
     return str(describe_file(path)["kind"])
 
 
-def layer_groups(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """``{"<layer>.<tensor>": t}`` -> ``{layer: {tensor: t}}``."""
-    groups: dict[str, dict[str, Tensor]] = {}
-    for key, value in state.items():
-        layer, suffix = split_key(key)
-        groups.setdefault(layer, {})[suffix] = value
-    return groups
+layer_groups = group_by_layer  # ``{"<layer>.<tensor>": t}`` -> ``{layer: {tensor: t}}``
 
 
 def _families(components: Mapping[str, Mapping[str, Tensor]]) -> dict[str, int]:
@@ -162,11 +162,14 @@ def _check_target_families(families: Mapping[str, int], target: str, source: str
     other = {f: n for f, n in families.items() if f not in _PEFT_LORA_FAMILIES}
     if target == "peft" and set(other) == {"ia3"} and len(families) == 1:
         return  # (IA)³ alone: peft's IA3Config adapter
+    if target == "peft" and any(set(families) <= {f, f"{f}-tucker"} for f in ("loha", "lokr")):
+        return  # LoHa alone / LoKr alone: peft's LoHaConfig / LoKrConfig adapter (save_peft checks each layer)
     if not other:
         return
     names = ", ".join(f"{n} {f}" for f, n in sorted(other.items()))
     why = {"diffusers": "diffusers LoRA files hold LoRA (and DoRA) layers only — diffusers has no loader for them",
-           "peft": "peft LoRA adapters hold LoRA (and DoRA) layers only, and peft IA3 adapters (IA)³ layers only"}[target]
+           "peft": "peft LoRA adapters hold LoRA (and DoRA) layers only, peft IA3 adapters (IA)³ layers only, and "
+                   "peft LoHa / LoKr adapters one of those families only"}[target]
     alternatives = "convert --to kohya keeps them (LyCORIS naming, which A1111/ComfyUI/LyCORIS load)"
     if "ia3" in other and target == "diffusers":
         alternatives += "; (IA)³ alone converts --to peft (an IA3Config adapter)"
@@ -186,7 +189,7 @@ def _base_model_for_kohya(path: str | os.PathLike, components: Mapping[str, Mapp
     told = lora_base_model(weights, components, metadata)
     if told != "sd1" or metadata.get("ss_base_model_version", "").startswith("sd_v1"):
         return told
-    widths = _context_widths(components)
+    widths = context_widths(components)
     if 2048 in widths:
         return "sdxl"  # SDXL's cross-attention context (CLIP-L + OpenCLIP-G)
     if 1024 in widths:
@@ -203,27 +206,6 @@ def _base_model_for_kohya(path: str | os.PathLike, components: Mapping[str, Mapp
         f"{path}: neither its metadata nor its layers tell whether it is for SD1/SD2 or SDXL, whose kohya names "
         "differ; pass --base-model sd1|sd2|sd2-v|sdxl"
     )
-
-
-def _context_widths(components: Mapping[str, Mapping[str, Tensor]]) -> set[int]:
-    """In-features of the layers that read the text encoder's width: UNet cross-attention
-    ``attn2.to_k``/``to_v`` and the first text encoder's attention projections (SD1 768, SD2 1024,
-    SDXL context 2048; a first text encoder of 768 is SD1's or SDXL's CLIP-L, so not counted);
-    layers whose file tensors cannot tell a shape are skipped."""
-    widths: set[int] = set()
-    for component, state in components.items():
-        if component not in ("unet", "text_encoder"):
-            continue
-        ends = (".attn2.to_k", ".attn2.to_v") if component == "unet" else (".self_attn.q_proj", ".self_attn.k_proj")
-        for layer, tensors in layer_groups(state).items():
-            if layer.endswith(ends):
-                try:
-                    shape = weight_shape_of_file_tensors(tensors, name=layer)
-                except ValueError:
-                    continue
-                if shape is not None and len(shape) >= 2 and (component == "unet" or shape[1] != 768):
-                    widths.add(int(shape[1]))
-    return widths
 
 
 def _peft_component(components: Mapping[str, Mapping[str, Tensor]], component: str | None, source: str) -> str:
@@ -341,7 +323,13 @@ def convert_lora(
                 name = _peft_component(components, component if kind not in ("peft-lora", "peft-ia3") else None,
                                        str(source))
                 written = {name: components[name]}
-                save_peft(staging, cast_factors(components[name], dtype))
+                try:
+                    save_peft(staging, cast_factors(components[name], dtype))
+                except ValueError as exc:  # (a LoHa/LoKr layer no peft config rebuilds, named)
+                    message = (str(exc).replace("(format='kohya')", "(convert --to kohya)")
+                               .replace("save it as kohya", "convert --to kohya keeps it"))
+                    raise InputError(f"{source}: cannot convert to peft: {message} (on the command line the model's "
+                                     "shapes are not known: convert --to kohya keeps every layer)") from exc
             back, _ = load_lora(staging)
         except SdadaptError as exc:
             _raise_named_as_output(exc, staging, target)

@@ -28,6 +28,7 @@ from .checkpoint_layers import LayerSlot, checkpoint_layers, unet_layers_per_blo
 
 __all__ = [
     "Progress",
+    "context_widths",
     "LayerReport",
     "LoRAJobReport",
     "BakeReport",
@@ -188,7 +189,33 @@ def lora_base_model(path: str | os.PathLike, components: Mapping[str, object], m
         if any(k.startswith(tuple(f"{p}_{b}" for p in ("lora_unet", "oft_unet")
                                     for b in ("input_blocks", "output_blocks", "middle_block"))) for k in keys):
             return "sdxl"
+    if 2048 in context_widths({name: state for name, state in components.items() if isinstance(state, Mapping)}):
+        return "sdxl"  # (a diffusers-named UNet LoRA without metadata: SDXL's cross-attention context)
     return "sd1"
+
+
+def context_widths(components: Mapping[str, Mapping[str, Tensor]]) -> set[int]:
+    """In-features of the layers that read the text encoder's width: UNet cross-attention
+    ``attn2.to_k``/``to_v`` and the first text encoder's attention projections (SD1 768, SD2 1024,
+    SDXL context 2048; a first text encoder of 768 is SD1's or SDXL's CLIP-L, so not counted);
+    layers whose file tensors cannot tell a shape are skipped."""
+    from ..adapters.registry import weight_shape_of_file_tensors
+    from ..formats.layers import group_by_layer
+
+    widths: set[int] = set()
+    for component, state in components.items():
+        if component not in ("unet", "text_encoder"):
+            continue
+        ends = (".attn2.to_k", ".attn2.to_v") if component == "unet" else (".self_attn.q_proj", ".self_attn.k_proj")
+        for layer, tensors in group_by_layer(state).items():
+            if layer.endswith(ends):
+                try:
+                    shape = weight_shape_of_file_tensors(tensors, name=layer)
+                except ValueError:
+                    continue
+                if shape is not None and len(shape) >= 2 and (component == "unet" or shape[1] != 768):
+                    widths.add(int(shape[1]))
+    return widths
 
 
 def weight_bytes(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> int:
