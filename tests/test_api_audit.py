@@ -429,3 +429,19 @@ def test_review_resizing_a_diffusers_sdxl_unet_lora_still_works(tmp_path):
     sdadapt.formats.save_diffusers(tmp_path / "sdxl.safetensors", {"unet": state})
     report = resize_lora(tmp_path / "sdxl.safetensors", tmp_path / "out.safetensors", rank=4)
     assert report.base_model == "sdxl"
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".ckpt", ".bin", ".PTH"])
+def test_safetensors_writers_refuse_a_pickle_suffix(tmp_path, suffix):
+    """A1111's read_state_dict and kohya's load_file pick the loader by suffix: safetensors bytes under `.pt` would
+    be torch.load'ed. Refused naming the .safetensors name; nothing written. `.safetensors` still writes."""
+    state = {"down_blocks.0.attn.to_k.lora_down.weight": torch.zeros(2, 8),
+             "down_blocks.0.attn.to_k.lora_up.weight": torch.zeros(8, 2)}
+    for save in (sdadapt.formats.save_kohya, sdadapt.formats.save_diffusers):
+        target = tmp_path / f"lora{suffix}"
+        with pytest.raises(ValueError, match=r"name it lora\.safetensors"):
+            save(target, {"unet": state})
+        assert not target.exists()
+        save(tmp_path / "lora.safetensors", {"unet": state})
+        assert (tmp_path / "lora.safetensors").exists()
+        (tmp_path / "lora.safetensors").unlink()

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..model_args import check_components
 from ..patterns import own_pattern_entries, peft_pattern_value
 from .files import (
+    check_safetensors_name,
     WeightFileError,
     atomic_write,
     check_finite,
@@ -300,6 +301,7 @@ def save_diffusers(
     from ..checks import cast_checked
 
     check_components(components, caller="save_diffusers")
+    check_safetensors_name(path, caller="save_diffusers")
     state, metadata = to_diffusers(components)
     if dtype is not None:
         state = {k: cast_checked(v, dtype, key=k, hint="save in float32") for k, v in state.items()}

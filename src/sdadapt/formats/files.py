@@ -59,6 +59,7 @@ __all__ = [
     "DiskSpaceError",
     "check_input_file",
     "check_output_file",
+    "check_safetensors_name",
     "make_output_folder",
     "read_safetensors",
     "read_safetensors_header",
@@ -723,6 +724,23 @@ def staged_outputs() -> StagedOutputs:
         a :class:`StagedOutputs` context manager (``.paths``: the outputs staged so far).
     """
     return StagedOutputs()
+
+
+#: suffixes every loader (A1111's ``read_state_dict``, kohya's ``load_file``) opens as a torch pickle
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def check_safetensors_name(path: str | os.PathLike, *, caller: str) -> None:
+    """Refuse to write safetensors bytes under a pickle suffix (``lora.pt``): A1111 and kohya choose the loader by
+    the suffix and would ``torch.load`` it.
+
+    Raises:
+        ValueError: naming the file and the name to use.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: {caller} writes safetensors, but loaders open a {suffix} file as a torch pickle; "
+                         f"name it {Path(path).with_suffix('.safetensors').name}")
 
 
 def write_safetensors(

@@ -38,7 +38,14 @@ from torch import Tensor
 from ..adapters.registry import algorithm_of_keys, file_keys, file_rank, lycoris_algo_of_keys
 from ..errors import InputError
 from ..model_args import check_components
-from .files import WeightFileError, check_finite, check_finite_output, read_weights, write_safetensors
+from .files import (
+    WeightFileError,
+    check_finite,
+    check_finite_output,
+    check_safetensors_name,
+    read_weights,
+    write_safetensors,
+)
 from .layers import canonical_layer_path, canonical_state, split_key, underscore_to_path
 from .unet_names import attention_up_blocks, diffusers_to_ldm_unet
 
@@ -404,8 +411,10 @@ def save_kohya(
 
     Raises:
         NonFiniteError: a tensor holds NaN/inf or overflows ``dtype``; nothing is written.
+        ValueError: ``path`` ends in a pickle suffix (``.pt``, ``.ckpt`` …): loaders would ``torch.load`` it.
     """
     check_components(components, caller="save_kohya")
+    check_safetensors_name(path, caller="save_kohya")
     state = cast_factors(to_kohya(components, base_model=base_model, layers_per_block=layers_per_block), dtype)
     check_finite_output(state, path=path)
     title = title or os.path.splitext(os.path.basename(str(path)))[0]
