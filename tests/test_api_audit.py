@@ -262,6 +262,22 @@ def _peft_cases():
     }
 
 
+
+
+def _saved_peft_adapter(peft, base, inputs, config, folder):
+    """peft's adapter of ``config`` on a copy of ``base`` with random weights (seed 5), saved by peft itself to
+    ``folder``; returns peft's UNet output on ``inputs``."""
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs = run_unet(model, inputs)
+    model.save_pretrained(folder)
+    return theirs
+
+
 @pytest.mark.parametrize("case", ["loha", "loha-patterns", "loha-effective-conv", "lokr", "lokr-decompose-both",
                                   "lokr-both-full", "lokr-effective-conv"])
 def test_a_peft_loha_or_lokr_folder_loads_and_gives_peft_s_own_output(tmp_path, case):
@@ -272,14 +288,7 @@ def test_a_peft_loha_or_lokr_folder_loads_and_gives_peft_s_own_output(tmp_path, 
     peft = pytest.importorskip("peft")
     base = tiny_unet_sd1()
     inputs = unet_inputs(base)
-    model = peft.get_peft_model(copy.deepcopy(base), _peft_cases()[case]())
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    theirs = run_unet(model, inputs)
-    model.save_pretrained(tmp_path / "adapter")
+    theirs = _saved_peft_adapter(peft, base, inputs, _peft_cases()[case](), tmp_path / "adapter")
     components, _ = sdadapt.load_lora(tmp_path / "adapter")
     state = components["model"]
     assert (theirs - run_unet(base, inputs)).abs().max() > 1e-3  # the adapter does something
@@ -370,15 +379,8 @@ def test_review_peft_lokr_both_full_with_a_rank_pattern_gives_peft_s_output(tmp_
     inputs = unet_inputs(base)
     config = peft.LoKrConfig(r=16, alpha=4, rank_pattern={"to_k": 24}, alpha_pattern={"to_v": 7},
                              target_modules=["to_k", "to_v"])
-    model = peft.get_peft_model(copy.deepcopy(base), config)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    theirs = run_unet(model, inputs)
+    theirs = _saved_peft_adapter(peft, base, inputs, config, tmp_path / "adapter")
     assert (theirs - run_unet(base, inputs)).abs().max() > 1e-3
-    model.save_pretrained(tmp_path / "adapter")
     state = sdadapt.load_lora(tmp_path / "adapter")[0]["model"]
     assert not any(key.endswith(("lokr_w1_a", "lokr_w2_a")) for key in state)  # both factors full everywhere
     injected = copy.deepcopy(base)
@@ -391,14 +393,7 @@ def test_review_peft_loha_layer_with_alpha_zero_does_nothing(tmp_path):
     base = tiny_unet_sd1()
     inputs = unet_inputs(base)
     config = peft.LoHaConfig(r=4, alpha=8, alpha_pattern={"to_k": 0}, target_modules=["to_q", "to_k"])
-    model = peft.get_peft_model(copy.deepcopy(base), config)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    theirs = run_unet(model, inputs)
-    model.save_pretrained(tmp_path / "adapter")
+    theirs = _saved_peft_adapter(peft, base, inputs, config, tmp_path / "adapter")
     injected = copy.deepcopy(base)
     sdadapt.load_adapter(injected, sdadapt.load_lora(tmp_path / "adapter")[0]["model"])
     torch.testing.assert_close(run_unet(injected, inputs), theirs, rtol=1e-4, atol=1e-5)
