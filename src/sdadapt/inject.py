@@ -23,7 +23,7 @@ from .adapters.base import AdapterModule, LayerGeometry, geometry_of
 from .adapters.registry import adapter_from_file_tensors, build_adapter, family_of_config
 from .checks import finite_number
 from .errors import SdadaptError
-from .model_args import as_module, check_layer_state, is_compiled
+from .model_args import as_module, check_layer_state, is_compiled, reset_compiled_graphs
 from .targets import Target, select
 
 __all__ = ["AdapterSlot", "AdapterHandle", "LayerFitError", "inject", "load_adapter", "adapter_names"]
@@ -274,7 +274,7 @@ class AdapterHandle:
         self._base_originals.clear()
         self._removed = True
         if self._compiled:
-            _reset_compiled_graphs()
+            reset_compiled_graphs()
 
     def _check_alive(self) -> None:
         if self._removed:
@@ -382,14 +382,8 @@ def inject(
         handle._attach(layer_name, layer, adapter)
     if compiled:
         handle._compiled = True
-        _reset_compiled_graphs()
+        reset_compiled_graphs()
     return handle
-
-
-def _reset_compiled_graphs() -> None:
-    """``torch.compiler.reset()``: Dynamo does not guard on forward hooks (``skip_nnmodule_hook_guards``), so
-    graphs compiled before hooks were added or removed would run on as they were; they recompile at the next call."""
-    torch.compiler.reset()
 
 
 def _check_name_free(layer_name: str, layer: nn.Module, name: str) -> None:
@@ -447,5 +441,5 @@ def load_adapter(
         handle._attach(layer_name, layer, adapter)
     if compiled:
         handle._compiled = True
-        _reset_compiled_graphs()
+        reset_compiled_graphs()
     return handle

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-__all__ = ["as_module", "check_components", "check_layer_state", "is_compiled"]
+__all__ = ["as_module", "check_components", "check_layer_state", "is_compiled", "reset_compiled_graphs"]
 
 _COMPONENT_ATTRIBUTES = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
@@ -34,6 +34,14 @@ def is_compiled(model: object) -> bool:
     from torch._dynamo.eval_frame import OptimizedModule  # (torch._dynamo imported only then)
 
     return isinstance(model, OptimizedModule)
+
+
+def reset_compiled_graphs() -> None:
+    """``torch.compiler.reset()``: Dynamo does not guard on forward hooks (``skip_nnmodule_hook_guards``), so
+    graphs compiled before hooks were added or removed would run on as they were; they recompile at the next call."""
+    import torch
+
+    torch.compiler.reset()
 
 
 def as_module(model: object, *, caller: str, one_model: bool = True) -> nn.Module:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..model_args import as_module, is_compiled
+from ..model_args import as_module, is_compiled, reset_compiled_graphs
 from .mlp import Hypernetwork, HypernetworkMLP
 
 __all__ = ["HypernetworkSlot", "HypernetworkHandle", "inject_hypernetwork", "context_widths"]
@@ -127,7 +127,7 @@ class HypernetworkHandle:
                 del self.model._modules["sdadapt"]
         self._removed = True
         if self._compiled:
-            torch.compiler.reset()  # (Dynamo does not guard on hooks: a graph compiled with them would run on)
+            reset_compiled_graphs()
 
     def _check_alive(self) -> None:
         if self._removed:
@@ -249,5 +249,5 @@ def inject_hypernetwork(
         handle.layers[layer_name] = (width, which)
     if compiled:  # (Dynamo does not guard on hooks: graphs compiled before them recompile at the next call)
         handle._compiled = True
-        torch.compiler.reset()
+        reset_compiled_graphs()
     return handle

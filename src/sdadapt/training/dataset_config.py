@@ -51,6 +51,7 @@ from .data import (
     ImageRecord,
     find_images,
     image_size,
+    kohya_folder_name,
 )
 from .face_crop import parse_face_crop_range
 from .reg_data import RegImages, balance_reg_images
@@ -177,8 +178,6 @@ class SubsetConfig:
         the metadata file's name (``image_dir = "."``: the current folder's name, as ``--images .``)."""
         if self.metadata_file is not None:
             return Path(str(self.metadata_file)).name
-        from .data import kohya_folder_name
-
         return kohya_folder_name(self.image_dir)
 
     def record(self) -> dict[str, Any]:
