@@ -32,7 +32,7 @@ def _error(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("operator, inputs", [("weighted-sum", "AB"), ("add-difference", "ABC")])
-@pytest.mark.parametrize("flag", ["--block-weights", "--mbw", "--weights", "--base-alpha", "--alpha"])
+@pytest.mark.parametrize("flag", ["--block-weights", "--mbw", "--weights", "--base-alpha"])  # --alpha LIST runs: test_merge_cli_leftovers.py
 def test_per_block_weights_on_weighted_sum_name_block_weighted(tmp_path, files, capsys, operator, inputs, flag):
     out = tmp_path / "o.safetensors"
     values = "0.2" if flag == "--base-alpha" else SD1
@@ -49,8 +49,7 @@ def test_the_block_weighted_command_the_hint_names_runs(tmp_path, files, capsys)
 
 
 @pytest.mark.parametrize("operator, want", [
-    ("cosine-a", 'cosine-a takes one --alpha on the command line; per-block weights for cosine-a go in a recipe: '
-                 '"block_weights"'),
+    ("cosine-a", 'cosine-a takes one --alpha or one per block: --alpha W,W,'),
     ("ties", "ties takes one --lam (block weights scale it)"),
     ("model-stock", "model-stock has no strength to set per block"),
 ])

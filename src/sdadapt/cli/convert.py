@@ -2,7 +2,8 @@
 SD1/SD2/SDXL checkpoint in another format, read back and compared (one line: kind, layers/vectors
 or tensors, max |ΔW| / |Δ|).
 
-Thin argparse shell over :func:`sdadapt.loratools.convert.convert_lora`,
+A second ``convert`` writing the same OUT while one runs stops at once with an error naming the first
+(:mod:`sdadapt.jobs.output_lock`). Thin argparse shell over :func:`sdadapt.loratools.convert.convert_lora`,
 :func:`sdadapt.embeddings.convert.convert_embedding` and
 :func:`sdadapt.jobs.convert_model.convert_model`; heavy imports happen when it runs.
 """
@@ -67,6 +68,15 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    """One run per OUT at a time (:func:`sdadapt.jobs.output_lock.output_lock`): a second run writing the same
+    OUT stops at once, naming the first, instead of reading back the other's result."""
+    from ..jobs.output_lock import output_lock
+
+    with output_lock(args.out, command="python -m sdadapt convert"):
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..jobs.convert_model import is_model_folder
     from ..loratools.convert import LORA_KINDS, LORA_TARGETS, convert_lora, input_kind
@@ -135,7 +145,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "changes something. See docs/lora-tools.md. Whole SD1/SD2/SDXL checkpoints (an LDM .safetensors/.ckpt or a "
         "diffusers folder) convert --to diffusers (a folder) or --to ldm (one .safetensors), pruned to UNet, text "
         "encoder(s) and VAE; the line gives the sizes in and out and the largest |Δ| of the output read back "
-        "(docs/formats.md).",
+        "(docs/formats.md). One run writes an OUT at a time: a second convert to the same OUT stops at once, naming "
+        "the first (lock file .OUT.sdadapt-lock beside it while it runs).",
     )
     convert.add_argument("input", metavar="IN", help="LoRA-family file, peft adapter folder, embedding file, SD "
                          "checkpoint file or diffusers model folder")

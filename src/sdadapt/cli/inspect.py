@@ -1,9 +1,11 @@
 """``python -m sdadapt inspect FILE [FILE ...]``: say what weights files are (read-only: no output options).
 
 Several files are reported in the order given, each under a ``==> FILE <==`` heading (as ``head`` and
-``tail`` head theirs); with ``--json`` one file prints its object, several a JSON list of them. A file
-that cannot be read gets its ``error: ...`` line on stderr (in a JSON list: ``{"file", "error",
-"exit_code"}``) and the others are still reported; the exit code is the highest of the files' codes
+``tail`` head theirs); with ``--json`` one file prints its object, several a JSON list of them; with
+``--json-lines`` every file prints one compact JSON object on its own line, as it is read, whatever the
+number of files (JSON Lines: the stable form for scripts and globs). A file that cannot be read gets its
+``error: ...`` line on stderr (in a JSON list and in JSON Lines also ``{"file", "error", "exit_code"}``)
+and the others are still reported; the exit code is the highest of the files' codes
 (0 when every file was read). A closed standard output (``inspect *.safetensors | head``) ends the
 command quietly with 141, an unexpected exception (a bug) stops it as any command's.
 """
@@ -71,13 +73,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     worst = 0
     reports = []
     for index, file in enumerate(files):
-        if several and not args.json:
+        if several and not (args.json or args.json_lines):
             if index:
                 print()
             print(f"==> {safe_text(file)} <==")
         summary, code = _describe(file)
         worst = max(worst, code)
-        if args.json:
+        if args.json_lines:  # (ensure_ascii: one physical line, control characters as \u escapes)
+            print(json.dumps(summary, sort_keys=True, separators=(",", ":")), flush=True)
+        elif args.json:
             reports.append(summary)
         elif code == 0:
             _print_summary(summary)
@@ -95,12 +99,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="say what weights files are (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint)",
         description="Detect what each weights file is and print its module count, ranks, alphas, dtypes, size and "
         "metadata. Several files: each report under a '==> FILE <==' heading (--json: a list of objects, one per "
-        "file, in the order given; an unreadable file's object holds its error and exit_code); the exit code is "
+        "file, in the order given; an unreadable file's object holds its error and exit_code; --json-lines: one "
+        "object per line for any number of files, for scripts); the exit code is "
         "the highest of the files' (0: all were read).",
     )
     inspect.add_argument("files", nargs="+", metavar="FILE",
                          help=".safetensors (or legacy .pt/.ckpt/.bin, read with weights_only=True); several are "
                          "reported in turn")
-    inspect.add_argument("--json", action="store_true",
+    machine = inspect.add_mutually_exclusive_group()
+    machine.add_argument("--json", action="store_true",
                          help="machine-readable output: one FILE's JSON object, or a JSON list for several")
+    machine.add_argument("--json-lines", action="store_true",
+                         help="one compact JSON object per FILE, one per line, in the order given (JSON Lines), "
+                         "the same shape for one file or many; an unreadable FILE's line holds its error and exit_code")
     inspect.set_defaults(run=_cmd_inspect)

@@ -5,12 +5,15 @@
     python -m sdadapt merge ties BASE M1 M2 [M3 ...] --density 0.2 -o OUT
     python -m sdadapt merge dare BASE M1 M2 [...] --drop 0.9 --seed 0 -o OUT
     python -m sdadapt merge slerp A B --alpha 0.5 -o OUT
+    python -m sdadapt merge cosine-a A B --alpha "0,0.2,...,1" -o OUT   (26/20 values, BASE first: one per block)
     python -m sdadapt merge block-weighted A B [C] --weights "0,1,...,1" -o OUT
     python -m sdadapt merge --recipe FILE -o OUT
 
 One sub-command per entry of :data:`sdadapt.merge.operators.OPERATORS`, made from its declaration
 (inputs, options with their types, defaults and help), so a new operator is a new command with no
-code here. ``block-weighted`` is weighted sum / add difference with one alpha per UNet block.
+code here. ``--alpha`` and ``--beta`` take one number or one per block (supermerger's MBW list, BASE
+first: :func:`per_block_fields`, the recipe's ``block_weights`` / ``block_beta``); ``block-weighted``
+is weighted sum / add difference with one alpha per UNet block (also 25/19 values plus --base-alpha).
 Heavy imports happen inside the run functions.
 """
 
@@ -23,7 +26,7 @@ from typing import Any
 
 from .options import add_output_options, dtype_name, numbers, progress_bar, safe_text
 
-__all__ = ["register", "operator_dest", "number_or_blocks"]
+__all__ = ["register", "operator_dest", "number_or_blocks", "per_block_fields", "PER_BLOCK_HELP"]
 
 
 def operator_dest(name: str) -> str:
@@ -68,23 +71,55 @@ def _step(args: argparse.Namespace, operator: str, inputs: list[str], **fields: 
                      adjust=args.adjust, **fields)
 
 
+#: the per-block form of ``--alpha`` / ``--beta`` (supermerger's MBW weights text: BASE first, then the UNet blocks)
+PER_BLOCK_HELP = ("or one per block, comma-separated, BASE first: 26 values for SD1/SD2 (BASE, IN00..IN11, M00, "
+                  "OUT00..OUT11) or 20 for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08), as supermerger's MBW weights; "
+                  "BASE = text encoders and VAE")
+
+#: operator option -> the MergeStep field its per-block list goes to (its BASE value stays the option's value)
+_PER_BLOCK_FIELD = {"alpha": "block_weights", "beta": "block_beta"}
+
+
 def number_or_blocks(text: str) -> float | tuple[float, ...]:
-    """argparse type of ``--beta``: one number (a float) or comma-separated per-block values (a tuple)."""
-    values = numbers(text)
-    return values[0] if len(values) == 1 else values
+    """argparse type of ``--alpha`` and ``--beta``: one number (a float) or comma-separated per-block
+    values (a tuple; the count is checked by :func:`per_block_fields`)."""
+    if "," not in text:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
+    return numbers(text)
 
 
-def _block_beta(values: dict[str, Any], fields: dict[str, Any]) -> None:
-    """``--beta`` is one number or a per-block list (BASE first): the list goes to ``block_beta``,
-    its BASE value stays the step's ``beta`` (supermerger's base_beta)."""
-    beta = values.get("beta")
-    if not isinstance(beta, tuple):
-        return
-    if len(beta) not in (20, 26):
-        raise ValueError(f"--beta takes one number or one per block, BASE first: 26 values (SD1/SD2: BASE, IN00..IN11, "
-                         f"M00, OUT00..OUT11) or 20 (SDXL); got {len(beta)}")
-    values["beta"] = beta[0]
-    fields["block_beta"] = beta
+def per_block_fields(values: dict[str, Any]) -> dict[str, tuple[float, ...]]:
+    """Move per-block ``--alpha`` / ``--beta`` lists out of ``values`` (one code path for both).
+
+    ``values``: option name -> parsed value (``alpha`` may sit here as well as ``beta``). A tuple of
+    26 (SD1/SD2) or 20 (SDXL) values, BASE first, becomes the step field ``block_weights`` /
+    ``block_beta`` (the recipe's spelling, the engine's one path); its BASE value stays the option's
+    value, as supermerger records ``base_alpha`` / ``base_beta``.
+
+    Returns:
+        ``{"block_weights": ..., "block_beta": ...}`` for the lists given (``values`` is updated in place).
+
+    Raises:
+        ValueError: a list of another length (the message says which counts fit and why 25/19 do not).
+    """
+    fields: dict[str, tuple[float, ...]] = {}
+    for name, field_name in _PER_BLOCK_FIELD.items():
+        given = values.get(name)
+        if not isinstance(given, tuple):
+            continue
+        if len(given) not in (20, 26):
+            hint = (f"; {len(given)} is the UNet blocks alone: put BASE's {name} first" if len(given) in (19, 25)
+                    else "")
+            raise ValueError(f"--{name} takes one number {PER_BLOCK_HELP}; got {len(given)} values{hint}")
+        values[name] = given[0]
+        fields[field_name] = given
+    return fields
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
@@ -95,10 +130,10 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     for name in ENGINE_OPTIONS & set(values):  # left out at their default: the recipe stays as before they existed
         if values[name] == op.option(name).default:
             del values[name]
+    blocks = per_block_fields(values)
     fields = {name: values.pop(name) for name in STEP_FIELDS if name in values}
-    _block_beta(values, fields)
     inputs = [args.base, *args.models] if op.variadic else [getattr(args, n.lower()) for n in op.input_names]
-    step = _step(args, args.operator, inputs, options=values, **fields)
+    step = _step(args, args.operator, inputs, options=values, **fields, **blocks)
     return _run(step, args, out=args.out, quiet=args.quiet, overwrite=args.overwrite, save_recipe=not args.no_recipe)
 
 
@@ -118,6 +153,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"{' '.join(given)} before the operator name apply to --recipe only; put them after it: "
                              f"merge {args.operator} ... {' '.join(given)}")
+        if not args.out:
+            raise ValueError(f"merge {args.operator} needs -o OUT (the file to write), after the inputs")
         return int(args.operator_run(args))
     if not args.recipe:
         args.merge_parser.print_help(sys.stderr)
@@ -139,7 +176,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _settings(parser: argparse.ArgumentParser) -> None:
     """The merge-only settings every merge sub-command takes (after the shared output options)."""
-    output = add_output_options(parser, dtype_help="the first input's dtype, per tensor")
+    # (-o is checked in _cmd_merge, not by argparse: an -o written before the operator name went to --recipe, and
+    # the message says so only when it did)
+    output = add_output_options(parser, out_help="output .safetensors file (written atomically; required)",
+                                required=False, dtype_help="the first input's dtype, per tensor")
     output.add_argument("--no-recipe", action="store_true",
                         help="do not store the recipe / input hashes in the file (skips hashing the inputs)")
     group = parser.add_argument_group("merge settings")
@@ -192,20 +232,21 @@ _BLOCK_FLAGS = ("--block-weights", "--mbw", "--base-alpha")
 
 
 def _block_hint(name: str) -> str:
-    """Where per-block weights go for operator ``name`` (its command takes no list of them)."""
+    """Where per-block weights go for operator ``name`` (a block-weight flag of another tool was given)."""
     from ..merge.operators import get_operator
 
     blocks = "26 values for SD1/SD2 (BASE, IN00..IN11, M00, OUT00..OUT11) or 20 for SDXL, BASE first"
-    if name in _BLOCK_COMMAND:
-        return (f"{name} takes one --alpha; per-block alphas are the block-weighted command: python -m sdadapt merge "
-                f"block-weighted {_BLOCK_COMMAND[name]} --weights W,W,... ({blocks})")
     names = get_operator(name).option_names
-    if "alpha" not in names and "lam" not in names:
+    if "alpha" in names:
+        same = (f", the same as block-weighted {_BLOCK_COMMAND[name]} --weights W,W,..." if name in _BLOCK_COMMAND
+                else "; in a recipe: \"block_weights\"")
+        also = " (and --beta the same way)" if "beta" in names else ""
+        return f"{name} takes one --alpha or one per block: --alpha W,W,... ({blocks}){also}{same}"
+    if "lam" not in names:
         return f"{name} has no strength to set per block (no alpha or lam), so it takes no block weights"
-    strength = "one --alpha" if "alpha" in names else "one --lam (block weights scale it)"
-    return (f"{name} takes {strength} on the command line; per-block weights for {name} go in a recipe: "
-            f"\"block_weights\": [{blocks}] in its step, replayed with python -m sdadapt merge --recipe FILE -o OUT "
-            "(docs/merge.md); block-weighted does weighted-sum and add-difference only")
+    return (f"{name} takes one --lam (block weights scale it) on the command line; per-block weights for {name} go "
+            f"in a recipe: \"block_weights\": [{blocks}] in its step, replayed with python -m sdadapt merge --recipe "
+            "FILE -o OUT (docs/merge.md)")
 
 
 class _BlockWeightsElsewhere(argparse.Action):
@@ -228,37 +269,21 @@ def _operator_parser_class(merge: argparse.ArgumentParser) -> type:
     return OperatorParser
 
 
-def _one_alpha(name: str):
-    """argparse type of an operator's ``--alpha``: one number; a comma list says where per-block alphas go."""
-
-    def parse(text: str) -> float:
-        if "," in text:
-            raise argparse.ArgumentTypeError(f"one number, got {len(text.split(','))} comma-separated values; "
-                                             + _block_hint(name))
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-
-    return parse
-
-
-def _add_operator_option(group: argparse._ArgumentGroup, option, *, operator: str = "") -> None:
+def _add_operator_option(group: argparse._ArgumentGroup, option) -> None:
     """One declared :class:`~sdadapt.merge.operators.OperatorOption` as a command-line flag."""
     kwargs: dict[str, Any] = {"dest": operator_dest(option.name)}
     default_text = " (required)" if option.required else "" if option.default is None else f" (default {option.default})"
     if option.per_model:
         kwargs.update(type=numbers, default=None, metavar="W,W,...")
-    elif option.name == "beta":  # one number, or one per block (BASE first): see _block_beta
+    elif option.name in _PER_BLOCK_FIELD and option.type is float:  # one number, or one per block: per_block_fields
         kwargs.update(type=number_or_blocks, required=option.required, default=None if option.required else option.default,
-                      metavar="BETA[,...]")
-        default_text += "; or 26/20 comma-separated per-block values, BASE first (as block-weighted --weights)"
+                      metavar=f"{option.name.upper()}[,...]")
+        default_text += "; " + PER_BLOCK_HELP
     elif option.type is bool:
         kwargs.update(action=argparse.BooleanOptionalAction, default=option.default)
         default_text = f" (default --{'' if option.default else 'no-'}{option.name.replace('_', '-')})"
     else:
-        kind = _one_alpha(operator) if option.name == "alpha" and option.type is float and operator else option.type
-        kwargs.update(type=kind, choices=option.choices, required=option.required,
+        kwargs.update(type=option.type, choices=option.choices, required=option.required,
                       default=None if option.required else option.default)
         if option.choices is None:
             kwargs["metavar"] = option.name.upper()
@@ -279,7 +304,7 @@ def _add_operator_command(ops: argparse._SubParsersAction, name: str, op) -> arg
     if op.options:
         group = parser.add_argument_group(f"{name} options")
         for option in op.options:
-            _add_operator_option(group, option, operator=name)
+            _add_operator_option(group, option)
     taken = {flag for action in parser._actions for flag in action.option_strings}
     for flag in (*_BLOCK_FLAGS, "--weights"):  # --weights: block-weighted's (the task-vector operators declare theirs)
         if flag not in taken:
@@ -320,7 +345,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Block-weighted merge: --weights gives one alpha per block, BASE first: 26 values for SD1/SD2 "
         "(BASE, IN00..IN11, M00, OUT00..OUT11) or 20 for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08); 25/19 "
         "without BASE plus --base-alpha. BASE covers the text encoders and VAE; time_embed/label_emb count as "
-        "IN00, the final out layers as the last OUT block. With C: A + alpha_block*(B - C).",
+        "IN00, the final out layers as the last OUT block. With C: A + alpha_block*(B - C). The same as "
+        "weighted-sum / add-difference --alpha W,W,... (26/20 values, BASE first).",
     )
     p.add_argument("a", metavar="A", help=_INPUT_HELP["A"])
     p.add_argument("b", metavar="B", help=_INPUT_HELP["B"])

@@ -45,6 +45,7 @@ from ..formats.files import WeightFileError, check_output_file, read_safetensors
 from ..patterns import compile_pattern
 from ..formats.model_keys import DIFFUSERS_COMPONENTS, LDM_PARTS
 from .blocks import block_alpha_fn, key_block, parse_block_weights
+from .model_metadata import inherited_metadata
 from .elemental import elemental_ratio, parse_elemental
 from .operators import ENGINE_OPTIONS, MAX_MERGE_STRENGTH, Operator, get_operator, key_generator
 from .recipe import DTYPES, RECIPE_KEY, MergeStep, a1111_metadata, leaf_paths, recipe_to_json
@@ -401,7 +402,10 @@ class MergedSource:
                     "block weights need a full LDM or diffusers checkpoint"
                 )
             naming = _naming(primary) or "ldm"
-            weights = parse_block_weights(step.block_weights, architecture=architecture, base_alpha=step.base_alpha)
+            try:
+                weights = parse_block_weights(step.block_weights, architecture=architecture, base_alpha=step.base_alpha)
+            except ValueError as exc:  # (which setting: the message of the shared parser does not know)
+                raise InputError(f"{names[0]}: block_weights (per-block --alpha, block-weighted --weights): {exc}") from None
             alpha_fn = block_alpha_fn(weights, architecture=architecture, naming=naming)
             report.notes.append(f"block weights for {architecture} on {naming} keys")
         beta_fn: Callable[[str], tuple[float, str | None]] | None = None
@@ -411,8 +415,11 @@ class MergedSource:
                     f"{names[0]}: cannot tell SD1/SD2/SDXL from its keys, so per-block beta cannot be placed; "
                     "it needs a full LDM or diffusers checkpoint"
                 )
-            betas = parse_block_weights(step.block_beta, architecture=architecture,
-                                        base_alpha=step.options.get("beta"))
+            try:
+                betas = parse_block_weights(step.block_beta, architecture=architecture,
+                                            base_alpha=step.options.get("beta"))
+            except ValueError as exc:
+                raise InputError(f"{names[0]}: block_beta (per-block --beta): {exc}") from None
             beta_fn = block_alpha_fn(betas, architecture=architecture, naming=_naming(primary) or "ldm")
             report.notes.append(f"per-block beta for {architecture}")
         rules = None
@@ -975,11 +982,15 @@ def merge_file(
                     )
                 hashes[path] = actual
         metadata = {"format": "pt"}
+        input_meta = {path: _file_metadata(path) for path in leaves}
+        # what model it is (modelspec.prediction_type = v above all): the first input's, contradictions reported
+        kept, notes = inherited_metadata([(Path(path).name, input_meta[path]) for path in leaves])
+        metadata.update(kept)
+        merged.report.notes.extend(notes)
         if save_recipe:
             for path in leaves:
                 if path not in hashes:
                     hashes[path] = sha256_of(path)
-            input_meta = {path: _file_metadata(path) for path in leaves}
             metadata.update(a1111_metadata(
                 step, hashes=hashes, legacy_hashes={p: legacy_hash(p) for p in hashes},
                 input_metadata=input_meta, flags=merged.report.flags,

@@ -11,7 +11,9 @@ and the :class:`KeyPolicy`. Written outputs carry, unless opted out:
   and supermerger): the primary/secondary/tertiary input sha256, method and multiplier, and a map
   ``sha256 -> {name, legacy_hash, sd_merge_recipe}`` that also folds in the inputs' own maps, so the
   ancestry of a merge of merges stays in the file;
-* ``format = "pt"`` (as A1111 writes).
+* ``format = "pt"`` (as A1111 writes);
+* always, the first input's model-describing fields (``modelspec.prediction_type``, ``.architecture``,
+  ``sdadapt.configs`` ...: :mod:`sdadapt.merge.model_metadata`), so an SD2 768-v merge stays v.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 supermerger's ``sd_merge_recipe`` (``scripts/mergers/mergers.py``, its ``merge_recipe`` dict:
 ``weights_alpha``, ``weights_beta``, ``model_a/b/c``, ``base_alpha/beta``, ``mode``, ``mbw``,
 ``elemental_merge``, ``calcmode``, ``Include``/``Exclude``) and A1111's (``interp_method``,
-``multiplier``, ``primary_model_hash``, ``save_as_half``, ``discard_weights``, ...) are what people
+``multiplier``, ``primary_model_hash``, ``save_as_half``, ``discard_weights``, ``config_source``,
+``bake_in_vae``, ...) are what people
 copy into a recipe; :func:`sdadapt.merge.recipe.step_from_dict` refuses unknown fields, and with
 these hints its message says what to write instead.
 """
@@ -49,6 +50,13 @@ _FIELDS: dict[str, str] = {
     "save_as_half": '"dtype": "fp16"',
     "fine": '"adjust": [8 numbers]',
     "custom_name": "nothing: the output file is -o OUT",
+    "bake_in_vae": ('nothing in a step: bake the VAE into the merged file afterwards with python -m sdadapt convert '
+                    'MERGED.safetensors --to ldm --vae VAE -o OUT.safetensors (a VAE file or folder), or keep the first '
+                    'input\'s VAE unmerged: "policy": {"components": ["unet", "text_encoder", "text_encoder_2"]}'),
+    "config_source": ("nothing: sdadapt reads SD1/SD2/SDXL from the tensors, not from a .yaml; for an SD2 768-v merge "
+                      "pass --prediction-type v_prediction to generate/train, or write it into the file with python -m "
+                      "sdadapt convert MERGED.safetensors --to ldm --prediction-type v_prediction -o OUT.safetensors; "
+                      "A1111 wants a .yaml named like OUT beside it: copy the input's"),
     "type": 'nothing: an sdadapt recipe is {"format": "sdadapt-merge-recipe", "step": {...}}',
 }
 
