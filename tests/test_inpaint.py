@@ -301,7 +301,9 @@ def test_binary_mask_invert_and_latent_mask_are_a1111s():
 
 def test_blur_mask_is_opencvs_gaussian_blur_x_then_y():
     """cv2.GaussianBlur(mask, (k, 1), σx) then (1, k), k = 2·int(2.5σ + 0.5) + 1, BORDER_REFLECT_101 (transcribed
-    with numpy: reflect padding, the normalised Gaussian kernel, rounded to uint8 after each pass)."""
+    with numpy: reflect padding, OpenCV's 8-bit fixed-point kernel — the normalised Gaussian × 256, rounded with the
+    error carried tap to tap, the centre 256 − the rest — and (Σ + 128) >> 8 after each pass; more in
+    tests/test_generate_masks_a1111.py)."""
     rng = np.random.default_rng(0)
     mask = (rng.random((12, 20)) > 0.5).astype(np.float64) * 255
     sx, sy = 1.5, 0.8
@@ -311,11 +313,16 @@ def test_blur_mask_is_opencvs_gaussian_blur_x_then_y():
         r = np.arange(k) - (k - 1) / 2
         w = np.exp(-r * r / (2 * sigma * sigma))
         w /= w.sum()
+        taps, err = np.zeros(k, dtype=np.int64), 0.0
+        for i in range(k // 2):
+            taps[i] = taps[k - 1 - i] = round(w[i] * 256 + err)
+            err = w[i] * 256 + err - taps[i]
+        taps[k // 2] = 256 - 2 * taps[: k // 2].sum()
         pad = [(0, 0), (0, 0)]
         pad[axis] = (k // 2, k // 2)
-        p = np.pad(a, pad, mode="reflect")
-        out = sum(w[j] * np.take(p, np.arange(j, j + a.shape[axis]), axis=axis) for j in range(k))
-        return np.clip(np.round(out), 0, 255)
+        p = np.pad(a.astype(np.int64), pad, mode="reflect")
+        out = sum(taps[j] * np.take(p, np.arange(j, j + a.shape[axis]), axis=axis) for j in range(k))
+        return np.clip((out + 128) >> 8, 0, 255)
 
     theirs = blur(blur(mask, sx, 1), sy, 0)
     ours = inpaint.blur_mask(torch.from_numpy(mask).float(), x=sx, y=sy)
@@ -579,9 +586,10 @@ def test_inpaint_inputs_wire_the_mask_the_fill_and_the_conditioning(inpainting_s
     assert got.conditioning is not None and torch.allclose(got.conditioning, expected, atol=1e-6)
 
 
-def test_a_blur_wider_than_the_mask_is_refused_with_the_option_name():
-    with pytest.raises(ValueError, match="--mask-blur"):
-        inpaint.blur_mask(torch.zeros(8, 40), x=1.0, y=4.0)  # (σ 4: a 21-tap kernel on 8 rows)
+def test_a_blur_wider_than_the_mask_reflects_again_as_opencv():
+    # (σ 4: a 21-tap kernel on 8 rows; bit-exact OpenCV rows: tests/test_generate_masks_a1111.py)
+    flat = inpaint.blur_mask(torch.full((8, 40), 255.0), x=1.0, y=4.0)
+    assert torch.equal(flat, torch.full((8, 40), 255.0))  # (a constant mask stays constant at any width)
     assert inpaint.blur_mask(torch.zeros(8, 40), x=4.0, y=0.0).shape == (8, 40)  # (σ 0 skips the y pass)
 
 

@@ -261,25 +261,18 @@ def test_only_masked_flags_need_their_partner(plain_sd, tmp_path, capsys, extra,
     assert not (tmp_path / "a.png").exists()
 
 
-def test_only_masked_refuses_a_negative_padding_and_a_mask_of_another_size(plain_sd, tmp_path):  # noqa: F811
-    """(--resize-mode is taken with --inpaint-full-res, as by A1111: tests/test_generate_a1111_leftovers.py.)"""
-    from sdadapt.jobs.generate_inpaint import check_inpaint_options, inpaint_inputs
-    from sdadapt.jobs.models import load_system
+def test_only_masked_refuses_a_negative_padding_and_takes_a_mask_of_another_size(tmp_path):
+    """(--resize-mode is taken with --inpaint-full-res, as by A1111: tests/test_generate_a1111_leftovers.py; a mask
+    of another size is taken as A1111 takes it: tests/test_generate_masks_a1111.py.)"""
+    from sdadapt.jobs.generate_inpaint import check_inpaint_options
 
     init, mask = _scene(tmp_path)
     with pytest.raises(ValueError, match="--inpaint-full-res-padding must be >= 0"):
         check_inpaint_options(mask=mask, init_image=init, mask_blur=None, invert_mask=False, inpainting_fill="original",
                               inpainting_mask_weight=1.0, inpaint_full_res=True, inpaint_full_res_padding=-4)
     Image.new("L", (20, 20), 255).save(tmp_path / "small.png")
-    system = load_system(str(plain_sd), device="cpu")
-    with pytest.raises(ValueError, match="mask .*small.png is 20x20, the --init-image 48x40"):
-        inpaint_inputs(system, init, tmp_path / "small.png", height=32, width=32, inpaint_full_res=True)
-    with pytest.raises(ValueError, match="mask .*small.png is 20x20, the --init-image 48x40"):  # before loading
-        check_inpaint_options(mask=tmp_path / "small.png", init_image=init, mask_blur=None, invert_mask=False,
-                              inpainting_fill="original", inpainting_mask_weight=1.0, inpaint_full_res=True)
-    check_inpaint_options(mask=mask, init_image=init, mask_blur=None, invert_mask=False, inpainting_fill="original",
-                          inpainting_mask_weight=1.0, inpaint_full_res=True)  # (the same size passes)
-
+    check_inpaint_options(mask=tmp_path / "small.png", init_image=init, mask_blur=None, invert_mask=False,
+                          inpainting_fill="original", inpainting_mask_weight=1.0, inpaint_full_res=True)
 
 
 def test_only_masked_fits_the_crop_by_resize_and_fill_with_a1111s_default_padding(plain_sd, tmp_path,  # noqa: F811
@@ -311,9 +304,9 @@ def test_only_masked_fits_the_crop_by_resize_and_fill_with_a1111s_default_paddin
     region = _a1111_expand_crop_region(_a1111_get_crop_region(raw, 32), 64, 16, 48, 40)
     assert seen["inputs"].region == region == (0, 0, 48, 40)
     theirs = _a1111_resize_image(2, Image.open(init).convert("RGB").crop(region), 64, 16)
-    theirs = torch.from_numpy(np.asarray(theirs, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    theirs = torch.from_numpy(np.asarray(theirs, dtype=np.float32) / 255.0 * 2 - 1).permute(2, 0, 1)
     assert encoded[0].shape == (1, 3, 16, 64)
-    assert (encoded[0][0] - theirs).abs().max() <= 2.5 / 127.5  # (PIL rounds to 8 bits between its passes)
+    assert torch.equal(encoded[0][0], theirs)  # (A1111's 8-bit PIL pixels, in its float32 steps)
 
 
 def test_latent_noise_fill_under_a1111_noise_is_each_images_seed_end_to_end(plain_sd, tmp_path,  # noqa: F811

@@ -7,7 +7,8 @@ The rules, from AUTOMATIC1111's ``modules/processing.py`` (``StableDiffusionProc
 
 * the mask (white = repaint): :func:`binary_mask` (gray, ``> 128`` -> 255; an RGBA mask with transparency: its
   alpha), :func:`invert_mask` (``--invert-mask``: A1111's "Inpaint not masked"), :func:`blur_mask` (``--mask-blur``:
-  A1111's Gaussian blur, x then y, kernel ``2·int(2.5·σ + 0.5) + 1``), resized as the init image;
+  A1111's ``cv2.GaussianBlur``, x then y, kernel ``2·int(2.5·σ + 0.5) + 1``, in OpenCV's 8-bit fixed point), all at
+  the mask's own size, then resized as the init image (:func:`sdadapt.inpaint_crop.resize_image`);
 * the latent mask ``latmask`` (:func:`latent_mask`): the mask resized to the latent size (PIL bicubic, as A1111's
   ``Image.resize``), / 255, rounded; A1111's ``nmask = latmask`` (repaint), ``mask = 1 − latmask`` (keep);
 * a 4-channel model: :func:`blend_denoised` — A1111 blends the guided x̂0 after every model call,
@@ -29,6 +30,7 @@ The rules, from AUTOMATIC1111's ``modules/processing.py`` (``StableDiffusionProc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -75,33 +77,67 @@ def invert_mask(image):
     return image.point(lambda v: 255 - v)
 
 
-def _gaussian_kernel(sigma: float) -> Tensor:
-    """OpenCV's ``getGaussianKernel`` for A1111's size ``2·int(2.5·σ + 0.5) + 1``: (k,) float64, sums to 1."""
-    size = 2 * int(2.5 * sigma + 0.5) + 1
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    k = torch.exp(-(r * r) / (2 * sigma * sigma))
-    return k / k.sum()
+def _gaussian_kernel(sigma: float, size: int | None = None) -> list[int]:
+    """OpenCV's 8-bit ``GaussianBlur`` kernel for σ > 0 of odd ``size`` (default A1111's
+    ``2·int(2.5·σ + 0.5) + 1``), in its fixed point (``getGaussianKernelBitExact``, then
+    ``getGaussianKernelFixedPoint_ED``): the taps ``exp(−x²/(2σ²))`` normalised to sum 1 (float64), scaled by 256
+    and rounded with the error carried from tap to tap (half to even), outer taps first, the centre ``256 − 2·Σ``
+    the others. Returns ``size`` ints summing to 256."""
+    n = 2 * int(2.5 * sigma + 0.5) + 1 if size is None else int(size)
+    half = (n - 1) // 2
+    scale = -0.125 / (sigma * sigma)  # (OpenCV's x runs over 1 − n, 3 − n, ...: twice the distance, so −0.5 / 4)
+    values = [math.exp(float(x * x) * scale) for x in range(1 - n, -1, 2)]  # (half,) the outer taps, unnormalised
+    total = 0.0
+    for v in values:  # (OpenCV's own left-to-right sum)
+        total += v
+    inverse = 1.0 / (total * 2.0 + 1.0)
+    taps, carried, err = [0] * n, 0, 0.0
+    for i, v in enumerate(values):
+        adjusted = v * inverse * 256.0 + err
+        q = round(adjusted)  # (cvRound: half to even)
+        err = adjusted - q
+        taps[i] = taps[n - 1 - i] = q
+        carried += q
+    taps[half] = 256 - 2 * carried
+    return taps
+
+
+def _reflect_101(index: Tensor, size: int) -> Tensor:
+    """OpenCV's ``borderInterpolate`` for ``BORDER_REFLECT_101`` (its ``BORDER_DEFAULT``): indices outside
+    ``[0, size)`` reflected about the edge pixels, again and again for a kernel wider than the line; 0 for size 1."""
+    if size == 1:
+        return torch.zeros_like(index)
+    index = index.clone()
+    while True:
+        low, high = index < 0, index >= size
+        if not (low.any() or high.any()):
+            return index
+        index[low] = -index[low]
+        index[high] = 2 * size - 2 - index[high]
 
 
 def blur_mask(mask: Tensor, *, x: float, y: float) -> Tensor:
-    """A1111's ``--mask-blur`` (``mask_blur_x``, ``mask_blur_y``): ``cv2.GaussianBlur`` along x, then along y, of the
-    uint8 mask ``mask`` (H, W) (values 0..255, any float dtype), each pass rounded back to uint8 as OpenCV's 8-bit
-    output; borders reflected without the edge pixel (OpenCV's ``BORDER_REFLECT_101``, torch's ``reflect``).
-    σ 0 skips a pass. Returns (H, W) float32 in 0..255."""
-    out = mask.to(torch.float64)
+    """A1111's ``--mask-blur`` (``mask_blur_x``, ``mask_blur_y``): ``cv2.GaussianBlur(mask, (k, 1), σx)`` then
+    ``cv2.GaussianBlur(mask, (1, k), σy)`` of the uint8 mask ``mask`` (H, W) (values 0..255, any dtype), bit for bit
+    as OpenCV's 8-bit path computes it: each pass the integer sum ``Σ kᵢ·vᵢ`` with the fixed-point taps of
+    :func:`_gaussian_kernel` (summing to 256), then ``(Σ + 128) >> 8``; borders ``BORDER_REFLECT_101``. σ 0 skips a
+    pass. Returns (H, W) float32 in 0..255 (whole numbers).
+
+    A kernel wider than the mask reflects again and again, as OpenCV's (``BORDER_REFLECT_101``).
+    """
+    out = mask.round().to(torch.int64)
     for sigma, dim in ((x, 1), (y, 0)):
         if sigma <= 0:
             continue
-        k = _gaussian_kernel(float(sigma))
-        pad = k.shape[0] // 2
-        line = out if dim == 1 else out.T  # (rows, W): blur along the last axis
-        if pad >= line.shape[1]:
-            raise ValueError(f"--mask-blur {sigma} is too wide for a mask {line.shape[1]} pixels across "
-                             "(the kernel must fit inside it)")
-        padded = torch.nn.functional.pad(line[:, None], (pad, pad), mode="reflect")  # (rows, 1, W + 2·pad)
-        blurred = torch.nn.functional.conv1d(padded, k.view(1, 1, -1))[:, 0]
-        blurred = blurred.round().clamp(0, 255)
-        out = blurred if dim == 1 else blurred.T
+        taps = _gaussian_kernel(float(sigma))
+        pad = len(taps) // 2
+        size = out.shape[dim]
+        acc = torch.zeros_like(out)
+        for j, tap in enumerate(taps):
+            if tap:
+                index = _reflect_101(torch.arange(size) + (j - pad), size)
+                acc += tap * out.index_select(dim, index)
+        out = ((acc + 128) >> 8).clamp(0, 255)
     return out.float()
 
 

@@ -11,10 +11,13 @@ The geometry, from AUTOMATIC1111's ``modules/masking.py`` (``get_crop_region_v2`
   plain img2img on the whole image);
 * it is grown to the aspect ratio of the generation size (``width / height``) around its centre, moved back inside
   the image where it crosses an edge and clamped there (:func:`expand_crop_region`, A1111's integer arithmetic);
-* image and mask are cut to it and brought to ``width`` x ``height`` by "Resize and fill" (A1111's
-  ``resize_image(2, ...)``, whatever the img2img resize mode);
+* the region is found in the mask's own pixels and image and mask are cut to it there (a mask of another size than
+  the image is not resized first, as in A1111: PIL's ``crop`` pads the image black past its edge) and brought to
+  ``width`` x ``height`` by "Resize and fill" (A1111's ``resize_image(2, ...)``, whatever the img2img resize mode:
+  :func:`resize_image`, PIL's 8-bit calls themselves); the mask for the final overlay is brought to the image's size
+  by the resize mode when the sizes differ (A1111's ``mask_for_overlay``);
 * after sampling the generated image (8-bit) is brought back to the region's size by "Crop and resize"
-  (``resize_image(1, ...)``, PIL's Lanczos itself: :func:`crop_and_resize`) and pasted at its corner on a transparent
+  (``resize_image(1, ...)``: :func:`crop_and_resize`) and pasted at its corner on a transparent
   canvas of the image's size, and the original image is composited over it with alpha ``255 − mask`` (the blurred
   mask, *not* doubled as for "Whole picture") by PIL's ``alpha_composite`` (:func:`paste_back`, A1111's PIL path bit
   for bit): every pixel where the mask is 0 — all of the image outside the region — is the original's.
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DEFAULT_PADDING", "crop_and_resize", "crop_region", "expand_crop_region", "only_masked_region",
-           "paste_back"]
+           "paste_back", "resize_image"]
 
 #: A1111's default "Only masked padding, pixels" (its UI slider and API field ``inpaint_full_res_padding``)
 DEFAULT_PADDING = 32
@@ -95,22 +98,73 @@ def only_masked_region(mask: Tensor, *, padding: int, width: int, height: int) -
     return expand_crop_region(region, width=width, height=height, image_width=w, image_height=h)
 
 
-def crop_and_resize(image, width: int, height: int):
-    """A1111's ``images.resize_image(1, image, width, height)`` ("Crop and resize", its default
-    ``upscaler_for_img2img`` None) on a PIL image, done by PIL itself so the 8-bit result is A1111's bit for bit:
-    scaled by PIL's Lanczos to cover ``width`` x ``height`` keeping its aspect
-    (``src_w = width if width/height > w/h else w·height // h``, ``src_h = height if width/height <= w/h else
-    h·width // w``) and pasted centred at ``(width//2 − src_w//2, height//2 − src_h//2)`` on a black image of the
-    same mode, so what sticks out is cut off. Returns a PIL image of ``width`` x ``height``."""
+#: ``--resize-mode`` names -> A1111's ``resize_mode`` numbers (:data:`sdadapt.resize_modes.RESIZE_MODES`)
+_MODE_NUMBERS = {"just": 0, "crop": 1, "fill": 2}
+
+
+def resize_image(image, width: int, height: int, *, mode: str = "just"):
+    """A1111's ``images.resize_image(mode, image, width, height)`` on a PIL image (its default
+    ``upscaler_for_img2img`` None, and every ``L`` mask whatever the upscaler: PIL's Lanczos), done by PIL itself so
+    the 8-bit result is A1111's bit for bit:
+
+    * ``just`` (0): ``image.resize((width, height), LANCZOS)``;
+    * ``crop`` (1): scaled by Lanczos to cover ``width`` x ``height`` keeping its aspect (``src_w = width if
+      width/height > w/h else w·height // h``, ``src_h = height if width/height <= w/h else h·width // w``) and
+      pasted at ``(width//2 − src_w//2, height//2 − src_h//2)`` on black: what sticks out is cut off;
+    * ``fill`` (2): scaled to fit inside (the same sizes with the comparisons turned round), pasted centred on black,
+      and each band left (``height//2 − src_h//2`` rows, or as many columns, when above 0) filled with PIL's bicubic
+      resize of the zero-height (zero-width) box at that edge of the scaled image.
+
+    The canvas keeps the image's mode (A1111's is ``RGB``: an ``L`` mask pasted there has three equal channels, and
+    ``convert("L")`` — how A1111 reads it back — gives the same values, PIL's luma weights summing to 1 exactly).
+    Returns a PIL image of ``width`` x ``height``.
+
+    Raises:
+        ValueError: an unknown mode, a size below 1, or an image so far from the size's aspect that its scaled side
+            would be 0 pixels (A1111 fails there in PIL).
+    """
     from PIL import Image
 
+    if mode not in _MODE_NUMBERS:
+        raise ValueError(f"resize mode must be one of {', '.join(_MODE_NUMBERS)}, got {mode!r}")
+    width, height = int(width), int(height)
+    if width < 1 or height < 1:
+        raise ValueError(f"size must be at least 1 x 1, got {width} x {height}")
+    if mode == "just":
+        return image.resize((width, height), resample=Image.LANCZOS)
     ratio, src_ratio = width / height, image.width / image.height
-    src_w = width if ratio > src_ratio else image.width * height // image.height
-    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    if mode == "crop":
+        src_w = width if ratio > src_ratio else image.width * height // image.height
+        src_h = height if ratio <= src_ratio else image.height * width // image.width
+    else:
+        src_w = width if ratio < src_ratio else image.width * height // image.height
+        src_h = height if ratio >= src_ratio else image.height * width // image.width
+    if src_w < 1 or src_h < 1:  # (A1111: PIL's "height and width must be > 0")
+        verb = "fit" if mode == "fill" else "cover"
+        raise ValueError(f"resize mode {mode}: a {image.width}x{image.height} image scaled to {verb} {width}x{height} "
+                         f"would be {src_w}x{src_h} pixels; use another --resize-mode or size")
     resized = image.resize((src_w, src_h), resample=Image.LANCZOS)
     out = Image.new(image.mode, (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if mode == "fill" and ratio < src_ratio:  # bands above and below
+        band = height // 2 - src_h // 2
+        if band > 0:
+            out.paste(resized.resize((width, band), Image.BICUBIC, box=(0, 0, width, 0)), box=(0, 0))
+            out.paste(resized.resize((width, band), Image.BICUBIC, box=(0, src_h, width, src_h)),
+                      box=(0, band + src_h))
+    elif mode == "fill" and ratio > src_ratio:  # bands left and right
+        band = width // 2 - src_w // 2
+        if band > 0:
+            out.paste(resized.resize((band, height), Image.BICUBIC, box=(0, 0, 0, height)), box=(0, 0))
+            out.paste(resized.resize((band, height), Image.BICUBIC, box=(src_w, 0, src_w, height)),
+                      box=(band + src_w, 0))
     return out
+
+
+def crop_and_resize(image, width: int, height: int):
+    """A1111's ``images.resize_image(1, image, width, height)`` ("Crop and resize"): :func:`resize_image` with
+    ``mode="crop"``. Returns a PIL image of ``width`` x ``height``."""
+    return resize_image(image, width, height, mode="crop")
 
 
 def paste_back(generated, *, original, mask, region: Region):

@@ -12,7 +12,9 @@ another size or aspect is brought to the size being generated.
   the edge row alone for a one-row image), clipped to the pixel range.
 
 The scaling is Lanczos (:func:`sdadapt.resampling.resample`, PIL's filter; A1111 with its default
-``upscaler_for_img2img`` None); black is the low bound of ``bounds``.
+``upscaler_for_img2img`` None); black is the low bound of ``bounds``. This is the float path of tensors (PIL rounds
+to 8 bits between its passes: within ~3 levels of A1111's 8-bit result); the inpaint path, which needs PIL anyway,
+runs A1111's PIL calls themselves (:func:`sdadapt.inpaint_crop.resize_image`, bit for bit).
 """
 
 from __future__ import annotations

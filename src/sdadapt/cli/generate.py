@@ -187,7 +187,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--resize-mode", default="just", choices=("just", "crop", "fill"),
                          help="how --init-image is brought to the size: A1111's 'Just resize' (stretch, the default), "
                          "'Crop and resize' (cover, cut the centre), 'Resize and fill' (fit, pad with the edges); with "
-                         "--inpaint-full-res only a blank mask's plain img2img uses it, as in A1111")
+                         "--inpaint-full-res only a blank mask's plain img2img and the overlay of a --mask of another "
+                         "size use it, as in A1111")
     img2img.add_argument("--img2img-fix-steps", action="store_true",
                          help="A1111's setting 'With img2img, do exactly the amount of steps the slider specifies': "
                          "--steps steps run (the grid is built for steps / strength); default: strength x steps")
@@ -195,8 +196,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="img2img denoising strength in [0, 1] (default 0.75, A1111's)")
     img2img.add_argument("--mask", default=None, metavar="IMAGE",
                          help="inpaint the --init-image: white = repaint, black = keep (an RGBA mask with transparency: "
-                         "its alpha); A1111's 'Inpaint whole picture', or 'Only masked' with --inpaint-full-res (docs/samplers.md, "
-                         "'Inpainting')")
+                         "its alpha; any size, resized as A1111 resizes it); A1111's 'Inpaint whole picture', or 'Only "
+                         "masked' with --inpaint-full-res (docs/samplers.md, 'Inpainting')")
     img2img.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                          help="Gaussian blur of the mask in pixels (default 4, A1111's)")
     img2img.add_argument("--invert-mask", action="store_true", help="repaint the black area (A1111's 'Inpaint not masked')")

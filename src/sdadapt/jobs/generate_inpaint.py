@@ -80,10 +80,11 @@ def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_bl
     Raises:
         ValueError: ``--mask`` without ``--init-image``, a mask option without ``--mask`` (``--inpainting-mask-weight``
             alone needs an ``--init-image``: A1111's txt2img conditioning has no weight), the padding without
-            ``--inpaint-full-res`` or negative, a negative blur, an unknown fill, a weight outside [0, 1]; with
-            ``--inpaint-full-res``, a mask of another size than the init image. (``--resize-mode`` is taken with
-            ``--inpaint-full-res``, as A1111 takes it: the crop is fitted by "Resize and fill" whatever the mode, which
-            brings the image to the size only when the mask is blank and the run falls back to plain img2img.)
+            ``--inpaint-full-res`` or negative, a negative blur, an unknown fill, a weight outside [0, 1]. (A mask of
+            another size than the init image is taken, as A1111 takes it: :func:`inpaint_inputs`. ``--resize-mode``
+            is taken with ``--inpaint-full-res`` too: the crop is fitted by "Resize and fill" whatever the mode; the
+            mode brings a mask of another size to the image's for the final overlay, and the image to the size when
+            the mask is blank and the run falls back to plain img2img.)
         FileNotFoundError: no mask file.
     """
     from ..inpaint import check_inpainting_fill, check_mask_weight
@@ -116,30 +117,10 @@ def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_bl
             opened.verify()
     except Exception as exc:  # (PIL raises several kinds for a file that is no image)
         raise ValueError(f"--mask {mask}: not an image PIL can read ({exc}); give a PNG, JPEG or WebP mask") from None
-    if inpaint_full_res and Path(init_image).is_file():
-        try:
-            with Image.open(mask) as opened_mask, Image.open(init_image) as opened_image:
-                sizes = opened_mask.size, opened_image.size
-        except Exception:  # (an unreadable --init-image is refused where it is read, with its own message)
-            sizes = None
-        if sizes is not None:
-            _check_same_size(*sizes, mask)
     if mask_blur is not None and mask_blur < 0:
         raise ValueError(f"--mask-blur must be >= 0, got {mask_blur}")
     check_inpainting_fill(inpainting_fill)
     check_mask_weight(inpainting_mask_weight)
-
-
-def _check_same_size(mask_size: tuple[int, int], image_size: tuple[int, int], mask_path) -> None:
-    """``--inpaint-full-res`` cuts the region out of mask and image at the same place: sizes (width, height) must match.
-
-    Raises:
-        ValueError: the sizes differ (naming both and the mask file).
-    """
-    if tuple(mask_size) != tuple(image_size):
-        raise ValueError(f"--inpaint-full-res: the mask {mask_path} is {mask_size[0]}x{mask_size[1]}, the "
-                         f"--init-image {image_size[0]}x{image_size[1]}; the masked region is cut out of both "
-                         "at the same place, so give a mask of the image's size")
 
 
 def _pil(image: Tensor):
@@ -153,28 +134,32 @@ def _pil(image: Tensor):
 
 
 def _tensor(image) -> Tensor:
-    """A PIL RGB image -> (3, H, W) float32 in [-1, 1]."""
+    """A PIL RGB image -> (3, H, W) float32 in [-1, 1], in A1111's float32 steps (``np.array(image) / 255``, then
+    ``· 2 − 1`` where the VAE and the conditioning take it)."""
     import numpy as np
 
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    unit = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0)  # (H, W, 3) in [0, 1]
+    return (unit * 2 - 1).permute(2, 0, 1).contiguous()
 
 
-def _resized_mask(mask, size: tuple[int, int], mode: str):
-    """The PIL ``L`` ``mask`` brought to ``size`` = (height, width) by A1111's ``resize_image`` of ``mode`` (``just``:
-    PIL's Lanczos as A1111 resizes an ``L`` image; the others through :func:`sdadapt.resize_modes.a1111_resize`)."""
-    import numpy as np
+def _init_image(path):
+    """The ``--init-image`` as A1111 takes it (its img2img tab hands it over as RGBA; ``images.flatten`` with the
+    default ``img2img_background_color`` white): PIL RGBA pasted through its own alpha on white, then RGB — 8-bit
+    throughout. Returns a PIL RGB image.
+
+    Raises:
+        ValueError: a file PIL cannot read as an image.
+    """
     from PIL import Image
 
-    from ..resize_modes import a1111_resize
-
-    height, width = size
-    if mask.size == (width, height):
-        return mask
-    if mode == "just":
-        return mask.resize((width, height), resample=Image.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 127.5 - 1.0  # (1, h, w)
-    pixels = a1111_resize(pixels, (height, width), mode=mode)
-    return Image.fromarray(((pixels[0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy(), "L")
+    try:
+        with Image.open(path) as opened:
+            rgba = opened.convert("RGBA")
+    except OSError as exc:  # (PIL's UnidentifiedImageError and truncated files)
+        raise ValueError(f"--init-image {path}: unreadable image ({exc}); give a PNG, JPEG or WebP image") from None
+    background = Image.new("RGBA", rgba.size, "#ffffff")
+    background.paste(rgba, mask=rgba)
+    return background.convert("RGB")
 
 
 def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool):
@@ -199,62 +184,66 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
                    mask_blur: float = 4.0, invert_mask: bool = False, inpainting_fill: str = "original",
                    inpainting_mask_weight: float = 1.0, resize_mode: str = "just", inpaint_full_res: bool = False,
                    inpaint_full_res_padding: int = 32) -> InpaintInputs | None:
-    """A1111's ``StableDiffusionProcessingImg2Img.init`` for the inpaint tab: the mask prepared (made binary, inverted,
-    blurred: :func:`_prepared_mask`); "Whole picture": mask and image brought to ``width`` x ``height`` by
-    ``resize_mode`` (A1111's ``resize_image``: :func:`sdadapt.resize_modes.a1111_resize`); "Only masked"
-    (``inpaint_full_res``): the region around the prepared mask's non-zero pixels, ``inpaint_full_res_padding``
-    pixels wider and grown to the generation's aspect (:func:`sdadapt.inpaint_crop.only_masked_region`), cut out of
-    mask and image and fitted to ``width`` x ``height`` by "Resize and fill". Then every ``inpainting_fill`` but
-    ``"original"``: the masked pixels filled from around them (A1111's ``masking.fill``); the image encoded; the
-    latent mask; an inpainting UNet's conditioning (``inpainting_mask_weight``, A1111's "Inpainting conditioning mask
-    strength"); what the final overlay needs (:meth:`InpaintInputs.overlay`).
+    """A1111's ``StableDiffusionProcessingImg2Img.init`` for the inpaint tab, on 8-bit PIL images as A1111 runs it.
+
+    The mask is prepared at its own size (made binary, inverted, blurred: :func:`_prepared_mask`) and the init image
+    flattened on white (:func:`_init_image`). "Whole picture": both brought to ``width`` x ``height`` by
+    ``resize_mode`` (A1111's ``resize_image``: :func:`sdadapt.inpaint_crop.resize_image`, PIL's 8-bit result),
+    whatever the mask's size. "Only masked" (``inpaint_full_res``): the region around the prepared mask's non-zero
+    pixels, ``inpaint_full_res_padding`` pixels wider and grown to the generation's aspect
+    (:func:`sdadapt.inpaint_crop.only_masked_region`), is found in the mask's pixels and cut out of mask and image
+    at those coordinates (A1111 does not resize the mask to the image first: a mask of another size cuts the image
+    where it says, PIL's ``crop`` padding black past the image's edge), and both are fitted to ``width`` x
+    ``height`` by "Resize and fill"; the mask for the final overlay is the prepared one, brought to the image's size
+    by ``resize_mode`` when the sizes differ (A1111's ``mask_for_overlay``), and the generated image is pasted back
+    at the region's place (:meth:`InpaintInputs.overlay`). Then every ``inpainting_fill`` but ``"original"``: the
+    masked pixels filled from around them (A1111's ``masking.fill``); the image encoded; the latent mask; an
+    inpainting UNet's conditioning (``inpainting_mask_weight``, A1111's "Inpainting conditioning mask strength").
 
     Returns ``None`` for "Only masked" with a blank prepared mask: A1111 then says "Unable to perform Inpaint Only
     mask because mask is blank" and runs plain img2img (:func:`img2img_conditioning` and the job's img2img path).
 
     Raises:
         FileNotFoundError: no such image or mask.
-        ValueError: a UNet neither plain nor an inpainting one; "Only masked" with a mask of another size than the
-            image.
+        ValueError: a UNet neither plain nor an inpainting one, an unreadable init image, a resize mode that
+            scales a side to 0 pixels (:func:`sdadapt.inpaint_crop.resize_image`).
     """
     import numpy as np
 
     from .. import inpaint
-    from ..images import read_image
-    from ..inpaint_crop import only_masked_region
-    from ..resize_modes import a1111_resize
+    from ..inpaint_crop import only_masked_region, resize_image
 
     for flag, path in (("--init-image", image_path), ("--mask", mask_path)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such image file")
-    mask = _prepared_mask(mask_path, mask_blur=mask_blur, invert_mask=invert_mask)
-    image = read_image(image_path)  # (3, H0, W0) in [-1, 1]
+    mask = _prepared_mask(mask_path, mask_blur=mask_blur, invert_mask=invert_mask)  # PIL L, the mask's size
+    image = _init_image(image_path)  # PIL RGB, the image's size
     region = None
     if inpaint_full_res:
-        _check_same_size(mask.size, (image.shape[2], image.shape[1]), mask_path)
         region = only_masked_region(torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy()),
                                     padding=inpaint_full_res_padding, width=width, height=height)
         if region is None:
             return None
-        original, overlay_mask = _pil(image), mask  # (A1111's mask_for_overlay: the blurred mask, not doubled)
-        x1, y1, x2, y2 = region
-        mask = _resized_mask(mask.crop(region), (height, width), "fill")
-        image = a1111_resize(image[:, y1:y2, x1:x2], (height, width), mode="fill")
+        overlay_mask = mask if mask.size == image.size else resize_image(mask, image.width, image.height,
+                                                                         mode=resize_mode)
+        original = image  # (the overlay: the init image at its own size; A1111's mask_for_overlay is not doubled)
+        mask = resize_image(mask.crop(region), width, height, mode="fill")
+        image = resize_image(image.crop(region), width, height, mode="fill")
     else:
-        mask = _resized_mask(mask, (height, width), resize_mode)  # (A1111 resizes the mask with the image's mode)
-        if tuple(image.shape[1:]) != (height, width):
-            image = a1111_resize(image, (height, width), mode=resize_mode)
-        original, overlay_mask = _pil(image), mask
+        mask = resize_image(mask, width, height, mode=resize_mode)  # (A1111 resizes the mask with the image's mode)
+        image = resize_image(image, width, height, mode=resize_mode)
+        original, overlay_mask = image, mask
     if inpainting_fill != "original":  # (A1111's masking.fill for fill, latent noise and latent nothing)
-        image = _tensor(inpaint.fill_masked_pixels(_pil(image), mask))
+        image = inpaint.fill_masked_pixels(image, mask)
+    pixels = _tensor(image)  # (3, height, width) in [-1, 1]
     device = system.alphas_cumprod.device
     with torch.no_grad():
-        init = system.encode_images(image[None].to(device)).float()
+        init = system.encode_images(pixels[None].to(device)).float()
     latmask = inpaint.latent_mask(mask, tuple(init.shape[-2:])).to(device)
     conditioning = None
     if _is_inpainting_model(system):
         pixel_mask = inpaint.conditioning_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
-        masked = inpaint.masked_image(image[None], pixel_mask, inpainting_mask_weight)
+        masked = inpaint.masked_image(pixels[None], pixel_mask, inpainting_mask_weight)
         conditioning = system.inpainting_conditioning(masked, pixel_mask).float()
     return InpaintInputs(init, latmask, conditioning, inpainting_fill, original=original, mask=overlay_mask,
                          region=region)
