@@ -190,7 +190,8 @@ def test_sd15_memory_per_caption():
 # ------------------------------------------------------------------ refusals
 def test_caption_variants_are_the_written_caption_and_the_dropped_one():
     assert caption_variants("a, b", CaptionOptions()) == ("a, b",)
-    assert caption_variants("a,b", CaptionOptions(dropout=0.2)) == ("a, b", "")  # what one kept draw writes
+    assert caption_variants("a,b", CaptionOptions(dropout=0.2)) == ("a,b", "")  # what one kept draw writes (kohya's)
+    assert caption_variants("a,b", CaptionOptions(dropout=0.2, kohya_assembly=False)) == ("a, b", "")  # (runs before)
     for options in (CaptionOptions(shuffle=True), CaptionOptions(tag_dropout=0.1), CaptionOptions(templates=("a <x>",))):
         with pytest.raises(ValueError, match="the caption changes at each use"):
             caption_variants("a, b", options)

@@ -432,8 +432,10 @@ def test_fine_tuning_subsets_name_a_missing_metadata_file_and_keep_tags_only_cap
     meta.write_text("{not json")
     with pytest.raises(InputError, match="--dataset-config .*ft.toml: datasets\\[0\\].subsets\\[0\\]: .*meta.json: not valid JSON"):
         dataset_records(_read(toml))
-    # with wildcards each caption line gets the tags; with no caption line the tags alone (not an empty caption)
+    # with wildcards each caption line gets the tags; with no caption line kohya's join gives "" (runs recorded
+    # before took the tags alone)
     meta.write_text(json.dumps({"a": {"tags": "blue,\nsquare"}}))
-    assert [r.caption for r in dataset_records(_read(toml))[0]] == ["blue,,square"]
+    assert [r.caption for r in dataset_records(_read(toml))[0]] == [""]
+    assert [r.caption for r in dataset_records(_read(toml), assembly="before-kohya")[0]] == ["blue,,square"]
     meta.write_text(json.dumps({"a": {"caption": "one\ntwo", "tags": "blue"}}))
     assert [r.caption for r in dataset_records(_read(toml))[0]] == ["one,blue\ntwo,blue"]

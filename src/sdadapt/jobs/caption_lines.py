@@ -13,6 +13,15 @@ caption ``""`` (kohya's ``read_caption`` returns ``""``, so neither the folder's
 drop and warm up, as kohya's ``process_caption`` splits a caption without ``keep_tokens_separator``.
 Runs recorded before (no ``caption_empties`` in ``run.json``) dropped both; ``train --resume`` of such
 a run keeps dropping them.
+
+How a caption is put together (``caption_assembly``), as kohya's ``process_caption`` and
+``FineTuningDataset``: a fine-tuning caption of several lines loses ``caption_suffix`` (kohya adds it
+after the last line, then keeps the first line); with ``enable_wildcard`` an entry with an empty caption
+and tags trains on ``""`` and one without tags keeps its empty lines; a whole-caption dropout alone does
+not re-split the caption at commas; the movable tags are shuffled before the tag dropout draws (kohya's
+``random.shuffle`` then ``dropout_tags``). Runs recorded before (no ``caption_assembly`` in ``run.json``) did
+otherwise (they dropped tags, then shuffled the rest); ``train --resume`` of such a run keeps their way
+(:attr:`~sdadapt.training.data.CaptionOptions.kohya_assembly` off).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..training.data import (
+    ASSEMBLY_BEFORE,
+    ASSEMBLY_KOHYA,
     EMPTIES_DROPPED,
     EMPTIES_KEPT,
     FIRST_LINE_CAPTIONS,
@@ -28,7 +39,7 @@ from ..training.data import (
 )
 from .run_versions import recorded_version
 
-__all__ = ["recorded_caption_empties", "recorded_caption_lines"]
+__all__ = ["recorded_caption_assembly", "recorded_caption_empties", "recorded_caption_lines"]
 
 
 def recorded_caption_lines(record: Mapping[str, Any] | None) -> str:
@@ -55,3 +66,14 @@ def recorded_caption_empties(record: Mapping[str, Any] | None) -> str:
         ValueError: a ``caption_empties`` entry this version does not know (an edited file).
     """
     return recorded_version(record, "caption_empties", new=EMPTIES_KEPT, legacy=EMPTIES_DROPPED)
+
+
+def recorded_caption_assembly(record: Mapping[str, Any] | None) -> str:
+    """How a run puts a caption together: :data:`~sdadapt.training.data.ASSEMBLY_KOHYA` for a new run
+    (``record`` ``None``), else the resumed run's ``run.json`` ``caption_assembly``
+    (:data:`~sdadapt.training.data.ASSEMBLY_BEFORE` when it has none: the run started before).
+
+    Raises:
+        ValueError: a ``caption_assembly`` entry this version does not know (an edited file).
+    """
+    return recorded_version(record, "caption_assembly", new=ASSEMBLY_KOHYA, legacy=ASSEMBLY_BEFORE)

@@ -31,9 +31,11 @@ from ..methods.finetune import EMAWeights, extracted_lora_path
 from ..methods.fit import FitProgress
 from ..training import data_parallel
 from ..training.data import (
+    ASSEMBLY_KOHYA,
     EMPTIES_KEPT,
     FIRST_LINE_CAPTIONS,
     dataset_dirs_of,
+    kohya_dataset_dirs,
     kohya_folder_names,
     tag_frequency_of,
 )
@@ -719,25 +721,28 @@ def _data_config_record(config, options: TrainOptions) -> dict | None:
 
 
 def _subset_caption_options(options: TrainOptions, subset, *, templates: tuple[str, ...], total_steps: int,
-                            keep_empty_tags: bool = True):
+                            keep_empty_tags: bool = True, kohya_assembly: bool = True):
     """A dataset-TOML subset's :class:`~sdadapt.training.data.CaptionOptions`: the run's options with
     the subset's values, as :func:`_caption_options` builds them, and its ``caption_separator``."""
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     own = {k: v for k, v in subset.captions.items() if k in names}
     captions = _caption_options(dataclasses.replace(options, **own), templates=templates, total_steps=total_steps,
-                                keep_empty_tags=keep_empty_tags)
+                                keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly)
     return dataclasses.replace(captions, separator=str(subset.captions.get("caption_separator") or options.caption_separator))
 
 
 def _subset_captions(options: TrainOptions, subsets: dict, records: list, *, templates: tuple[str, ...],
-                     total_steps: int, keep_empty_tags: bool = True) -> None:
+                     total_steps: int, keep_empty_tags: bool = True, kohya_assembly: bool = True) -> None:
     """Give each record its dataset-TOML subset's caption options (in place; ``record.folder`` is
-    the subset's label; regularisation images: without the trigger-word templates)."""
+    the subset's label; regularisation images: without the trigger-word templates; a fine-tuning
+    caption cut to its first line, ``record.suffix_cut``: without ``caption_suffix``, as kohya's)."""
     built = {label: _subset_caption_options(options, subset, templates=() if subset.is_reg else templates,
-                                            total_steps=total_steps, keep_empty_tags=keep_empty_tags)
+                                            total_steps=total_steps, keep_empty_tags=keep_empty_tags,
+                                            kohya_assembly=kohya_assembly)
              for label, subset in subsets.items()}
     for record in records:
-        record.captions = built[record.folder]
+        own = built[record.folder]
+        record.captions = dataclasses.replace(own, suffix="") if record.suffix_cut and own.suffix else own
 
 
 def _check_caption_options(options: TrainOptions) -> None:
@@ -775,10 +780,12 @@ def _check_caption_options(options: TrainOptions) -> None:
 
 
 def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total_steps: int | None,
-                     keep_empty_tags: bool = True):
+                     keep_empty_tags: bool = True, kohya_assembly: bool = True):
     """The :class:`~sdadapt.training.data.CaptionOptions` of ``options`` (``total_steps``: the run's
     optimiser steps, for a fractional ``token_warmup_step``; ``None`` while they are not known yet:
-    no warm-up; ``keep_empty_tags``: :func:`sdadapt.jobs.caption_lines.recorded_caption_empties`)."""
+    no warm-up; ``keep_empty_tags``: :func:`sdadapt.jobs.caption_lines.recorded_caption_empties`;
+    ``kohya_assembly``: :func:`sdadapt.jobs.caption_lines.recorded_caption_assembly` is kohya's, off for a run
+    recorded before)."""
     from ..training.data import CaptionOptions, token_warmup_step_count
 
     return CaptionOptions(shuffle=options.shuffle_caption, keep_tokens=options.keep_tokens,
@@ -790,7 +797,7 @@ def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total
                           separator=options.caption_separator, token_warmup_min=options.token_warmup_min,
                           token_warmup_steps=0 if total_steps is None else
                           token_warmup_step_count(options.token_warmup_step, total_steps),
-                          keep_empty_tags=keep_empty_tags)
+                          keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly)
 
 
 def _check_saving_options(options: TrainOptions) -> None:
@@ -1349,7 +1356,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     from ..training.pixel_augment import PixelAugment
     from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
-    from .caption_lines import recorded_caption_empties, recorded_caption_lines
+    from .caption_lines import recorded_caption_assembly, recorded_caption_empties, recorded_caption_lines
 
     data_config = None  # kohya's dataset TOML / fine-tuning metadata, read (no image yet) before any other check
     block_options: list[TrainOptions] = []  # kohya's several [[datasets]]: each block's options (its size, batch, buckets)
@@ -1400,6 +1407,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     caption_lines = recorded_caption_lines(resume_record)  # (a run recorded before joined a caption file's lines)
     caption_empties = recorded_caption_empties(resume_record)  # (a run recorded before dropped empty captions / tags)
     keep_empty_tags = caption_empties == EMPTIES_KEPT
+    caption_assembly = recorded_caption_assembly(resume_record)  # (a run recorded before: its suffix / wildcard / dropout ways)
+    kohya_assembly = caption_assembly == ASSEMBLY_KOHYA
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
@@ -1433,7 +1442,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         records, config_reg, config_subsets, notes = dataset_records(
             data_config, uncaptioned=trigger is not None,
             kept=lambda train: _hold_out_for_validation(train, options, [], block_options)[0], caption_lines=caption_lines,
-            empties=caption_empties)
+            empties=caption_empties, assembly=caption_assembly)
         if config_reg is not None and (options.prior is False or options.class_images is not None):
             raise ValueError(f"--dataset-config {options.dataset_config}: its is_reg subsets are prior preservation with "
                              "your class images, so they cannot go with "
@@ -1524,7 +1533,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     if held_out:  # bucketed as the training images
         plan_blocks(held_out)
     captions = _caption_options(options, templates=templates, total_steps=None,  # (the warm-up once the steps are known)
-                                keep_empty_tags=keep_empty_tags)
+                                keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly)
     faces = face_crops(records, options.face_crop_aug_range, notes)
     augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug,
                            face_crop_range=options.face_crop_aug_range if faces else None)
@@ -1560,12 +1569,14 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         total = options.steps or spec.steps
     epochs = math.ceil(total * accumulation / per_epoch)
     if options.token_warmup_step:  # kohya's token_warmup_step below 1 is a share of the run's steps: known now
-        dataset.captions = _caption_options(options, templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags)
+        dataset.captions = _caption_options(options, templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags,
+                                            kohya_assembly=kohya_assembly)
         if reg_dataset is not None:
             reg_dataset.captions = dataclasses.replace(dataset.captions, templates=())
     if data_config is not None:  # each subset's own caption options on its images (the warm-up's steps known now)
         _subset_captions(options, config_subsets, [*records, *held_out, *(reg.records if reg is not None else ())],
-                         templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags)
+                         templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags,
+                         kohya_assembly=kohya_assembly)
     initial_step, skip_until = resolve_initial_step(options, resume_record, batches_per_epoch=per_epoch, total=total)
     start = int(resume_record["step"]) if resume_record else initial_step
     if start >= total:
@@ -1721,6 +1732,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             meta.update(_validation_metadata(options, len(held_out)))
         if data_config is not None and options.dataset_config is not None:  # kohya's ss_datasets (a dataset config)
             from ..training.dataset_config import (
+                kohya_config_dataset_dirs,
                 kohya_datasets_metadata,
                 kohya_tag_frequency,
             )
@@ -1730,6 +1742,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                 blocks=[(opts.batch_size, (h, w)) for opts, h, w, _ in plans] if block_options else ())
             meta["ss_datasets"] = json.dumps(datasets_meta)
             meta["ss_tag_frequency"] = json.dumps(kohya_tag_frequency(datasets_meta))
+            meta["ss_dataset_dirs"] = json.dumps(kohya_config_dataset_dirs(data_config, dataset.records))  # (no reg)
             for key in _ONE_DATASET_KEYS:  # kohya's keys of the run's one dataset: per dataset in ss_datasets only
                 meta.pop(key, None)
         return meta
@@ -1778,6 +1791,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
                               dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
                               step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
+                              caption_assembly=caption_assembly,
                               initial=(initial_step, skip_until),
                               preset_file=preset_file)
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
@@ -1831,6 +1845,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             _write_run_record(outputs.state, method, options, info.step, total, saves=written,
                               dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
                               step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
+                              caption_assembly=caption_assembly,
                               initial=(initial_step, skip_until),
                               preset_file=preset_file)
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
@@ -1966,7 +1981,8 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
                       saves: list[PeriodicSave] | None = None, dataset: dict | None = None,
                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
                       step_shares: str = train_schedule.FLOOR_SHARES, caption_lines: str = FIRST_LINE_CAPTIONS,
-                      caption_empties: str = EMPTIES_KEPT, initial: tuple[int, bool] = (0, False),
+                      caption_empties: str = EMPTIES_KEPT, caption_assembly: str = ASSEMBLY_KOHYA,
+                      initial: tuple[int, bool] = (0, False),
                       preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
     run lineage wrote and still has (``--save-last-n-*`` of a resumed run continues removing them);
@@ -1978,7 +1994,8 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
     caption file of several lines is read (:func:`sdadapt.jobs.caption_lines.recorded_caption_lines`;
     written in every record, ``"joined"`` too, as a record with ``vae`` and without it took the first line);
     ``caption_empties``: whether an empty caption and empty tags are kept
-    (:func:`sdadapt.jobs.caption_lines.recorded_caption_empties`); ``initial``: the
+    (:func:`sdadapt.jobs.caption_lines.recorded_caption_empties`); ``caption_assembly``: how a caption is put
+    together (:func:`sdadapt.jobs.caption_lines.recorded_caption_assembly`); ``initial``: the
     step the run started at and whether it skipped the data before it (:mod:`sdadapt.jobs.initial_step`);
     ``preset_file``: the LyCORIS preset file's record as the run read it at its start
     (:func:`_preset_file_record`; a file edited during the run does not change it), read now when not given."""
@@ -1996,6 +2013,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               **({"step_shares": step_shares} if step_shares != train_schedule.LEGACY_SHARES else {}),
               "caption_lines": caption_lines,  # (always: a record with "vae" and without it took the first line)
               "caption_empties": caption_empties,  # (a record without it dropped empty captions and tags)
+              "caption_assembly": caption_assembly,  # (a record without it: the suffix after the cut, and so on)
               **initial_step_record(*initial),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
               **({"text_encoder_2_lr": options.text_encoder_2_lr} if options.text_encoder_2_lr is not None else {}),
@@ -2425,7 +2443,8 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_bucket_reso_steps": str(buckets),
         "ss_bucket_no_upscale": str(options.bucket_no_upscale),
         "ss_bucket_info": json.dumps(dataset.bucket_info()),
-        "ss_dataset_dirs": json.dumps(dataset_dirs_of(named)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs_of(named) if options.images is None
+                                      else kohya_dataset_dirs(dataset.records, options.images)),
         "ss_reg_dataset_dirs": json.dumps(reg_dirs or {}),
         "ss_tag_frequency": json.dumps(tag_frequency_of(  # (reg images always have a caption: no template for them)
             [*named, *reg_records], templates=dataset.captions.templates)),

@@ -67,6 +67,8 @@ __all__ = [
     "JOINED_CAPTIONS",
     "EMPTIES_KEPT",
     "EMPTIES_DROPPED",
+    "ASSEMBLY_KOHYA",
+    "ASSEMBLY_BEFORE",
     "CaptionOptions",
     "expand_wildcards",
     "token_warmup_step_count",
@@ -77,6 +79,7 @@ __all__ = [
     "dataset_dirs_of",
     "kohya_folder_name",
     "kohya_folder_names",
+    "kohya_dataset_dirs",
     "bucket_sizes",
     "plan_dataset",
     "encode_buckets",
@@ -97,6 +100,17 @@ EMPTIES_KEPT = "kept"
 #: what runs recorded before dropped: an empty first line fell back to the class tokens / ``--prompt``,
 #: and empty tags were left out (``train --resume`` of such a run keeps it)
 EMPTIES_DROPPED = "dropped"
+#: kohya's assembly of a caption (``BaseDataset.process_caption`` / ``FineTuningDataset``): a fine-tuning caption of
+#: several lines is cut to its first line after ``caption_prefix`` / ``caption_suffix`` are added (the suffix, added
+#: after its last line, never trains: :attr:`ImageRecord.suffix_cut`); with ``enable_wildcard`` an entry's tags join
+#: each non-empty caption line (none: ``""``, not the tags alone) and an entry without tags keeps its empty lines; a
+#: whole-caption dropout alone leaves a drawn caption as it is, and the tags are shuffled before the tag dropout
+#: draws (:attr:`CaptionOptions.kohya_assembly`)
+ASSEMBLY_KOHYA = "kohya"
+#: what runs recorded before did: the suffix after the cut, the tags alone for a tags-only wildcard entry, its empty
+#: lines dropped, a dropout-only caption re-split at commas and the tags dropped before they were shuffled
+#: (``train --resume`` of such a run keeps it)
+ASSEMBLY_BEFORE = "before-kohya"
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,7 @@ class CaptionOptions:
     uncaptioned image; ``prefix`` / ``suffix`` joined on with a space; the whole caption dropped
     (``dropout``, or every ``dropout_every_n_epochs``-th epoch); wildcards (``wildcards``); the tags
     split, kept (``keep_tokens``, ``keep_tokens_separator``), cut to the warm-up's count
-    (``token_warmup_*``), dropped (``tag_dropout``) and shuffled; ``secondary_separator`` made a
+    (``token_warmup_*``), shuffled and dropped (``tag_dropout``); ``secondary_separator`` made a
     ``separator``.
 
     Attributes:
@@ -145,6 +159,13 @@ class CaptionOptions:
             trailing comma of ``"a, b, "``) is a tag that moves, drops and counts in the warm-up like
             any other, joined back as ``"a, , b"``; a caption with the separator drops them, as kohya's.
             ``False``: every empty tag left out (runs recorded before, :data:`EMPTIES_DROPPED`).
+        kohya_assembly: kohya's way of putting a drawn caption together (:data:`ASSEMBLY_KOHYA`, the
+            default): a caption that a whole-caption ``dropout`` leaves is not split into tags unless
+            something shuffles, drops tags or warms up (``"a,,b"`` trains as written), and the movable tags
+            are shuffled first and then each dropped (``tag_dropout``), as kohya's ``process_caption``
+            draws them. ``False``: runs recorded before (:data:`ASSEMBLY_BEFORE`): with ``dropout`` (and the
+            ``","`` separator) a kept caption is split and joined back with ``", "`` (``"a, , b"``), and the
+            tags are dropped first and the rest shuffled (the same distribution, other draws).
     """
 
     shuffle: bool = False
@@ -162,6 +183,7 @@ class CaptionOptions:
     token_warmup_min: int = 1
     token_warmup_steps: float = 0
     keep_empty_tags: bool = True
+    kohya_assembly: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.templates, str) or not all(isinstance(t, str) and t.strip() for t in self.templates):
@@ -216,10 +238,10 @@ class CaptionOptions:
             return ""
         if self.wildcards:
             caption = expand_wildcards(caption, rng)
-        # (kohya splits only to shuffle, drop tags or warm up; a whole-caption dropout alone re-spaces
-        # "a,b" as "a, b" as sdadapt always has, the same CLIP tokens, but never rewrites another
-        # separator: "x; y" would train as "x, y")
-        splits = bool(self.shuffle or (self.dropout and self.separator == ",") or self.tag_dropout
+        # (kohya splits only to shuffle, drop tags or warm up; runs recorded before re-split at "," with a
+        # whole-caption dropout alone too: kohya_assembly off)
+        resplit = not self.kohya_assembly and self.dropout and self.separator == ","
+        splits = bool(self.shuffle or resplit or self.tag_dropout
                       or self.token_warmup_steps or (self.keep_tokens_separator and self.keep_tokens_separator in caption))
         if splits:
             caption = self._tags(caption, rng, step)
@@ -228,7 +250,8 @@ class CaptionOptions:
         return caption
 
     def _tags(self, caption: str, rng: random.Random, step: int) -> str:
-        """The tag steps of :meth:`apply`: split, keep, warm up, drop, shuffle, join."""
+        """The tag steps of :meth:`apply`: split, keep, warm up, shuffle, drop, join (runs recorded before,
+        :attr:`kohya_assembly` off: drop, then shuffle)."""
         def split(text: str) -> list[str]:
             return [t for t in (t.strip() for t in text.split(self.separator)) if t]
 
@@ -245,9 +268,11 @@ class CaptionOptions:
         if self.token_warmup_steps and step < self.token_warmup_steps:
             count = math.floor(step * ((len(rest_tags) - self.token_warmup_min) / self.token_warmup_steps)) + self.token_warmup_min
             rest_tags = rest_tags[:count]
+        if self.shuffle and self.kohya_assembly:  # (kohya's process_caption: random.shuffle, then dropout_tags)
+            rng.shuffle(rest_tags)
         if self.tag_dropout:
             rest_tags = [t for t in rest_tags if rng.random() >= self.tag_dropout]
-        if self.shuffle:
+        if self.shuffle and not self.kohya_assembly:
             rng.shuffle(rest_tags)
         return ", ".join(fixed + rest_tags + suffix)  # (kohya joins with ", " whatever caption_separator splits at)
 
@@ -306,6 +331,9 @@ class ImageRecord:
         tags: a fine-tuning (``--in-json`` / ``metadata_file``) entry's ``tags`` as kohya reads them: what
             :func:`tag_frequency_of` counts for it (kohya counts only those, not the caption); ``None``: the
             caption is counted.
+        suffix_cut: a fine-tuning entry whose caption (with its tags) had several lines, cut to the first:
+            kohya adds ``caption_suffix`` after the last line and then keeps the first, so the suffix never
+            reaches this image (the run gives it its options without the suffix, :data:`ASSEMBLY_KOHYA`).
     """
 
     path: Path | None
@@ -323,6 +351,7 @@ class ImageRecord:
     interpolation: str | None = None
     dataset: int = 0
     tags: str | None = None
+    suffix_cut: bool = False
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -371,7 +400,11 @@ def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = No
             if caption_file == stripped and borrowed is not None:
                 shown = caption_file.name if caption_file.parent == file.parent else str(caption_file)
                 borrowed.append(f"{file.name} <- {shown}")
-            return caption_file.read_text(encoding="utf-8")
+            try:
+                return caption_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:  # (kohya reads UTF-8 only too, and stops on the file)
+                raise ImageFolderError(f"{caption_file}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the "
+                                       "caption file as UTF-8, as kohya reads it") from None
     return None
 
 
@@ -457,6 +490,24 @@ def kohya_folder_names(records: Iterable[ImageRecord], root: str | os.PathLike) 
     :func:`tag_frequency_of`; the records keep ``"."`` (their folder relative to ``root``)."""
     name = kohya_folder_name(root)
     return [replace(record, folder=name) if record.folder == "." else record for record in records]
+
+
+def kohya_dataset_dirs(records: Iterable[ImageRecord], root: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """``ss_dataset_dirs`` of ``records`` (of :func:`find_images` over ``root``) as kohya writes it: each
+    folder's :func:`dataset_dirs_of` entry keyed by its kohya name (:func:`kohya_folder_names`), the images
+    directly in ``root`` first; a name that comes again (``--images data/2_cat`` holding a ``2_cat``
+    sub-folder) is numbered `` (2)``, `` (3)`` …, as kohya's dataset-config branch of ``train_network.py``
+    numbers a repeated ``image_dir`` name (``ss_tag_frequency`` keeps them under one name, as kohya's
+    ``set_tag_frequency`` adds them up)."""
+    name = kohya_folder_name(root)
+    out: dict[str, dict[str, int]] = {}
+    for folder, entry in dataset_dirs_of(records).items():
+        base = name if folder == "." else folder
+        key, number = base, 2
+        while key in out:
+            key, number = f"{base} ({number})", number + 1
+        out[key] = entry
+    return out
 
 
 def find_images(

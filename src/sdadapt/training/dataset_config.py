@@ -46,6 +46,8 @@ from typing import Any
 from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, ImageFolderError
 from .data import (
+    ASSEMBLY_BEFORE,
+    ASSEMBLY_KOHYA,
     EMPTIES_KEPT,
     FIRST_LINE_CAPTIONS,
     ImageRecord,
@@ -62,8 +64,10 @@ __all__ = [
     "SubsetConfig",
     "dataset_records",
     "in_json_config",
+    "kohya_config_dataset_dirs",
     "kohya_datasets_metadata",
     "kohya_tag_frequency",
+    "metadata_caption",
     "read_config_table",
     "read_dataset_config",
     "read_metadata_file",
@@ -256,7 +260,7 @@ def read_config_table(path: str | os.PathLike, *, flag: str, allow_json: bool = 
 
     Raises:
         FileNotFoundError: no such file.
-        InputError: not valid TOML / JSON.
+        InputError: not UTF-8 text, or not valid TOML / JSON.
         ImportError: Python 3.10 without ``tomli``.
     """
     file = Path(path)
@@ -264,7 +268,7 @@ def read_config_table(path: str | os.PathLike, *, flag: str, allow_json: bool = 
         raise FileNotFoundError(f"{flag} {file}: no such file")
     if allow_json and file.suffix.lower() == ".json":
         try:
-            return json.loads(file.read_text(encoding="utf-8"))
+            return json.loads(_utf8_text(file, flag=flag))
         except json.JSONDecodeError as exc:
             raise InputError(f"{flag} {file}: not valid JSON ({exc})") from None
     try:
@@ -276,10 +280,23 @@ def read_config_table(path: str | os.PathLike, *, flag: str, allow_json: bool = 
             raise ImportError(f"reading {flag} TOML files on Python 3.10 needs tomli: pip install tomli (Python 3.11+ "
                               "reads TOML itself)") from None
     try:
-        with open(file, "rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(_utf8_text(file, flag=flag))
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{flag} {file}: not valid TOML ({exc})") from None
+
+
+def _utf8_text(file: Path, *, flag: str = "") -> str:
+    """The text of ``file`` decoded as UTF-8 (its bytes as they are, line ends too: what ``tomllib.load``
+    reads), as kohya opens its dataset configs, metadata and prompt files (``flag``: the option that named it).
+
+    Raises:
+        InputError: ``file`` is not UTF-8 text (naming it, where the first bad byte is, and the fix).
+    """
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{flag + ' ' if flag else ''}{file}: not UTF-8 text ({exc.reason} at byte {exc.start}); save "
+                         "it as UTF-8 (kohya reads UTF-8 only too)") from None
 
 
 def _checked(value: Any, kind: str, where: str) -> Any:
@@ -546,10 +563,10 @@ def read_metadata_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     or a JSONL file of ``{"image_path", "caption", "tags"}`` lines.
 
     Raises:
-        InputError: not JSON / JSONL of that shape (naming the file and line).
+        InputError: not UTF-8 text, or not JSON / JSONL of that shape (naming the file and line).
     """
     file = Path(path)
-    text = file.read_text(encoding="utf-8")
+    text = _utf8_text(file)
     if file.suffix.lower() == ".jsonl":
         out: dict[str, dict[str, Any]] = {}
         for number, line in enumerate(text.splitlines(), 1):
@@ -589,8 +606,49 @@ def _image_of(key: str, image_dir: Path | None, where: str) -> Path | None:
     return None
 
 
+def metadata_caption(caption: str, tags: str | None, *, separator: str = ",", wildcards: bool = False,
+                     assembly: str = ASSEMBLY_KOHYA) -> tuple[str, bool]:
+    """A fine-tuning metadata entry's caption as kohya's ``FineTuningDataset`` makes it, and whether it
+    was cut (``(caption, cut)``: :attr:`~sdadapt.training.data.ImageRecord.suffix_cut`).
+
+    Without ``wildcards``: ``caption + separator + tags`` (``tags`` alone for an empty caption; empty or
+    no tags: the caption), cut to its first line (``cut``: it had several). With ``wildcards``: the tags'
+    newlines made ``separator`` and ``separator + tags`` added to each non-empty caption line, the empty
+    ones left out (``""`` when there is none: kohya's join, even with tags); without tags (``None``) the
+    caption's lines as they are, empty ones too (kohya draws one of them, an empty one trains ``""``; a
+    caption of empty lines only is empty, :func:`subset_records`).
+    White space inside each line folded to one space, as the tokenizers read it. ``assembly``
+    :data:`~sdadapt.training.data.ASSEMBLY_BEFORE` (runs recorded before): an entry with only tags
+    takes the tags, empty lines are left out, empty tags (``""``) add nothing, and ``cut`` is never set.
+    """
+    if assembly not in (ASSEMBLY_KOHYA, ASSEMBLY_BEFORE):
+        raise ValueError(f"assembly must be {ASSEMBLY_KOHYA!r} or {ASSEMBLY_BEFORE!r}, got {assembly!r}")
+    if assembly == ASSEMBLY_BEFORE:
+        if wildcards:
+            if tags:
+                tags = tags.replace("\n", separator)
+                caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip()) or tags
+        elif tags:
+            caption = f"{caption}{separator}{tags}" if caption else tags
+        if not wildcards:
+            caption = caption.split("\n")[0]
+        return "\n".join(" ".join(line.split()) for line in caption.split("\n") if line.strip()), False
+    cut = False
+    if wildcards:
+        if tags is not None:  # (kohya: "tags is not None", so "" adds a separator to each line too)
+            tags = tags.replace("\n", separator)
+            caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip())
+    else:
+        if tags:
+            caption = f"{caption}{separator}{tags}" if caption else tags
+        caption, *rest = caption.split("\n")
+        cut = bool(rest)
+    return "\n".join(" ".join(line.split()) for line in caption.split("\n")), cut
+
+
 def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: str = "--dataset-config",
-                   caption_lines: str = FIRST_LINE_CAPTIONS, empties: str = EMPTIES_KEPT) -> tuple[list[ImageRecord], list[str]]:
+                   caption_lines: str = FIRST_LINE_CAPTIONS, empties: str = EMPTIES_KEPT,
+                   assembly: str = ASSEMBLY_KOHYA) -> tuple[list[ImageRecord], list[str]]:
     """The images of one subset, with captions and repeats; each record's ``folder`` is the
     subset's :attr:`~SubsetConfig.label`.
 
@@ -602,7 +660,8 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
     (:func:`~sdadapt.training.data.find_images`). A metadata entry with a caption or tags whose
     caption comes out empty (an empty first line: ``"\nsecond line"``) trains on ``""``, as kohya's
     (``empties`` :data:`~sdadapt.training.data.EMPTIES_DROPPED`: refused, as runs recorded before); one
-    with neither a caption nor tags is refused (kohya would train it on ``""`` too).
+    with neither a caption nor tags is refused (kohya would train it on ``""`` too). ``assembly``: how an
+    entry's caption and tags are put together (:func:`metadata_caption`).
 
     Raises:
         ImageFolderError: no such folder, no images, images without a caption, missing image files
@@ -647,27 +706,23 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
         if not isinstance(caption, str) or not (tags is None or isinstance(tags, str)):
             raise InputError(f"{where}: {subset.metadata_file}: {key!r}: caption and tags must be text")
         given = bool(caption or tags)  # (kohya: the first line of caption + separator + tags, "" when it is empty)
-        if wildcards:
-            if tags:
-                tags = tags.replace("\n", separator)
-                # (no caption line: the tags alone, where kohya's join would leave the image uncaptioned)
-                caption = "\n".join(f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip()) or tags
-        elif tags:
-            caption = f"{caption}{separator}{tags}" if caption else tags
-        if not wildcards:
-            caption = caption.split("\n")[0]
-        caption = "\n".join(" ".join(line.split()) for line in caption.split("\n") if line.strip())
+        caption, cut = metadata_caption(caption, tags, separator=separator, wildcards=wildcards, assembly=assembly)
+        if uncaptioned and not caption.strip():
+            caption = ""  # (a trigger-word method's templates take the place of a caption of empty lines only)
+        if wildcards and tags is not None:
+            tags = tags.replace("\n", separator)  # (kohya's tags_list: as they went into the caption)
         image = _image_of(key, subset.image_dir, where)
         if image is None:
             missing.append(key)
             continue
-        if not caption and given and empties == EMPTIES_KEPT:
+        if not caption.strip() and given and empties == EMPTIES_KEPT:  # ("\n": kohya draws one of its empty lines)
             blank.append(key)
-        elif not caption and not uncaptioned:
+        elif not caption.strip() and not uncaptioned:
             uncaptioned_keys.append(key)
         # (kohya's tags_list: the tags as they went into the caption, "" when there are none)
         listed = tags or ""
-        records.append(ImageRecord(image, caption, subset.num_repeats, subset.label, image_size(image), tags=listed))
+        records.append(ImageRecord(image, caption, subset.num_repeats, subset.label, image_size(image), tags=listed,
+                                   suffix_cut=cut))
     if missing:
         raise ImageFolderError(f"{where}: {len(missing)} image(s) of {subset.metadata_file} not found "
                                f"({', '.join(missing[:5])}) in {subset.image_dir}; a key is the image's stem, name or path")
@@ -694,9 +749,35 @@ def _labels(subsets: Sequence[SubsetConfig]) -> list[str]:
     return labels
 
 
+def kohya_config_dataset_dirs(config: DatasetConfig, records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_dataset_dirs`` with a dataset config (train_network.py's ``use_user_config`` branch):
+    ``{name: {"n_repeats": N, "img_count": n}}`` of the training subsets only, in config order, each named by
+    its folder's or metadata file's name (:attr:`SubsetConfig.label`), a repeated name numbered `` (2)``,
+    `` (3)`` … among the training subsets (kohya leaves the ``is_reg`` subsets out of the numbering and
+    the key, and writes no ``ss_reg_dataset_dirs`` then).
+
+    Args:
+        records: the training images (of :func:`dataset_records`: each one's ``folder`` its subset's
+            label from there); ``img_count`` counts them per subset, a subset without any is left out.
+    """
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.folder] = counts.get(record.folder, 0) + 1
+    out: dict[str, dict[str, int]] = {}
+    for subset, label in zip(config.subsets, _labels(config.subsets)):
+        if subset.is_reg or label not in counts:
+            continue
+        key, number = subset.label, 2
+        while key in out:
+            key, number = f"{subset.label} ({number})", number + 1
+        out[key] = {"n_repeats": subset.num_repeats, "img_count": counts[label]}
+    return out
+
+
 def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
                     kept: Callable[[list[ImageRecord]], list[ImageRecord]] | None = None,
-                    caption_lines: str = FIRST_LINE_CAPTIONS, empties: str = EMPTIES_KEPT) -> tuple[
+                    caption_lines: str = FIRST_LINE_CAPTIONS, empties: str = EMPTIES_KEPT,
+                    assembly: str = ASSEMBLY_KOHYA) -> tuple[
         list[ImageRecord], RegImages | None, dict[str, SubsetConfig], list[str]]:
     """Every subset's images: ``(training records, regularisation images, subsets by label, notes)``.
 
@@ -712,7 +793,8 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
     them that will train, which the regularisation images are balanced against (kohya's
     ``validation_split`` holds images out before it counts; default: all). ``caption_lines``,
     ``empties``: how a caption file of several lines and an empty caption are read
-    (:func:`~sdadapt.training.data.find_images`).
+    (:func:`~sdadapt.training.data.find_images`); ``assembly``: how a fine-tuning entry's caption and
+    tags are put together (:func:`metadata_caption`).
 
     Raises:
         ImageFolderError: see :func:`subset_records`.
@@ -725,7 +807,7 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
     reg_records: list[ImageRecord] = []
     for subset, label in zip(config.subsets, _labels(config.subsets)):
         records, subset_notes = subset_records(subset, uncaptioned=uncaptioned and not subset.is_reg, source=source,
-                                               caption_lines=caption_lines, empties=empties)
+                                               caption_lines=caption_lines, empties=empties, assembly=assembly)
         by_label[label] = subset
         for record in records:
             record.folder = label

@@ -31,7 +31,7 @@ from .data import (
     FIRST_LINE_CAPTIONS,
     ImageRecord,
     find_images,
-    kohya_folder_name,
+    kohya_dataset_dirs,
     kohya_folder_names,
 )
 
@@ -111,7 +111,8 @@ def find_reg_images(
     ``default_caption`` (``--class-prompt``); ``caption_lines``, ``empties``: how a caption file of
     several lines and an empty caption are read (:func:`~sdadapt.training.data.find_images`).
     :attr:`RegImages.dirs` names the images directly in ``folder`` by its name, as kohya's
-    ``ss_reg_dataset_dirs`` (:func:`~sdadapt.training.data.kohya_folder_name`).
+    ``ss_reg_dataset_dirs`` (:func:`~sdadapt.training.data.kohya_dataset_dirs`: a sub-folder of the folder's
+    own name is numbered `` (2)``).
 
     Raises:
         ImageFolderError: no such folder, no images, or images without any caption (naming the
@@ -124,11 +125,8 @@ def find_reg_images(
     except ImageFolderError as exc:
         text = str(exc).replace("pass --prompt for all of them", "pass --class-prompt for all of them")
         raise ImageFolderError(f"--reg-data-dir: {text}") from None
-    dirs: dict[str, dict[str, int]] = {}
-    for record in records:
-        entry = dirs.setdefault(record.folder if record.folder != "." else kohya_folder_name(root),
-                                {"n_repeats": record.repeats, "img_count": 0})
-        entry["img_count"] += 1
+    # (kohya's names; a sub-folder named as the folder itself numbered " (2)", as kohya_dataset_dirs)
+    dirs = kohya_dataset_dirs(records, root)
     reg = balance_reg_images(records, train_samples=train_samples, source="--reg-data-dir", dirs=dirs)
     reg.notes[:0] = [f"--reg-data-dir: {n}" for n in notes]
     reg.found = kohya_folder_names(reg.found, root)  # (ss_tag_frequency's keys: as ss_reg_dataset_dirs')
