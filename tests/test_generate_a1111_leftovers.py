@@ -273,9 +273,14 @@ def _reference_grid(grid, n):
     return sigmas, _k_sigma_to_t(sigmas)
 
 
-def _run_fixed(sampler, schedule, *, steps, strength):
+class _Enough(Exception):
+    """Ends a sampler run once the calls a test reads were made."""
+
+
+def _run_fixed(sampler, schedule, *, steps, strength, calls_needed=None):
     """sdadapt's img2img of ``steps`` exact steps (the hires pass's request) on a zero ε model: the calls' inputs
-    and timesteps."""
+    and timesteps (the run stops after ``calls_needed`` calls when given: a test that reads the first call only
+    need not pay for a 1000-step SDE run)."""
     from sdadapt import samplers
     from sdadapt.sampling import _img2img_request
 
@@ -287,10 +292,16 @@ def _run_fixed(sampler, schedule, *, steps, strength):
 
     def model(x, t, cond):
         calls.append((x.clone(), t.double().clone()))
+        if calls_needed is not None and len(calls) >= calls_needed:
+            raise _Enough
         return torch.zeros_like(x)
 
-    samplers.sample_latents(model, noise, None, sampler=sampler, alphas_cumprod=_ALPHAS_CUMPROD.float(),
-                            num_steps=total, schedule=schedule, start=start, generator=torch.Generator().manual_seed(3))
+    try:
+        samplers.sample_latents(model, noise, None, sampler=sampler, alphas_cumprod=_ALPHAS_CUMPROD.float(),
+                                num_steps=total, schedule=schedule, start=start,
+                                generator=torch.Generator().manual_seed(3))
+    except _Enough:
+        pass
     return init, noise, total, calls
 
 
@@ -304,7 +315,8 @@ def test_k_diffusion_samplers_run_a_fixed_step_grid_longer_than_the_timesteps_as
     ``sigma_sched[:-1]``."""
     total, t_enc = _a1111_setup_img2img_steps(1000, 0.75)
     assert (total, t_enc) == (1333, 999)
-    init, noise, ours_total, calls = _run_fixed(sampler, grid, steps=1000, strength=0.75)
+    init, noise, ours_total, calls = _run_fixed(sampler, grid, steps=1000, strength=0.75,
+                                                calls_needed=None if sampler == "euler" else 1)
     assert ours_total == total
     first = total - t_enc - 1  # (A1111's sigma_sched = sigmas[first:], 1000 steps)
     if sampler == "restart" and grid is None:  # (A1111's Restart: a Karras grid of its own)
@@ -330,7 +342,7 @@ def test_k_diffusion_samplers_run_a_fixed_step_grid_longer_than_the_timesteps_as
 def test_dpm_fast_and_adaptive_take_a_fixed_step_grid_longer_than_the_timesteps(sampler):
     """A1111's ``sample_img2img`` hands DPM fast / adaptive ``sigma_sched[0]`` and ``[-2]`` of the 1333-step
     uniform grid: the run starts at σ_max = σ₀ of that grid."""
-    init, noise, total, calls = _run_fixed(sampler, None, steps=1000, strength=0.75)
+    init, noise, total, calls = _run_fixed(sampler, None, steps=1000, strength=0.75, calls_needed=1)
     assert total == 1333 and calls
     s0 = float(_reference_grid("uniform", 1333)[0][1333 - 999 - 1])
     torch.testing.assert_close(calls[0][0], ((init + noise * s0) / (s0 ** 2 + 1) ** 0.5).to(calls[0][0]),
@@ -395,13 +407,29 @@ def test_the_fix_a_refusal_names_is_accepted(steps, strength, limit):
 
 
 def test_cli_runs_img2img_of_1000_exact_steps_on_euler_and_refuses_ddim_with_the_right_fix(plain_sd, tmp_path,  # noqa: F811
-                                                                                       capsys):
+                                                                                       capsys, monkeypatch):
     """``--img2img-fix-steps --steps 1000`` on the 1000-step tiny model: Euler runs it (A1111 does: a 1333-step
-    grid); DDIM is refused before loading with a fix that can help (not "use --denoising-strength 1 or more")."""
+    grid: 1000 model calls, the first at A1111's σ₀ — the sampler's numbers are checked above, so here the model
+    is a zero-ε stand-in and the test pays for the calls, not the UNet); DDIM is refused before loading with a fix
+    that can help (not "use --denoising-strength 1 or more")."""
+    from sdadapt import samplers
+
+    real, timesteps = samplers.sample_latents, []
+
+    def zero_eps_model(model, x, cond, **kwargs):
+        def stand_in(x, t, *args, **kw):
+            timesteps.append(float(torch.as_tensor(t).flatten()[0]))
+            return torch.zeros_like(x)
+
+        return real(stand_in, x, cond, **kwargs)
+
+    monkeypatch.setattr(samplers, "sample_latents", zero_eps_model)
     init, _ = _scene(tmp_path, size=(16, 16))
     args = ["--init-image", str(init), "--width", "16", "--height", "16", "--img2img-fix-steps"]
     assert _cli(plain_sd, tmp_path / "euler.png", *args, steps="1000") == 0
     assert _png(tmp_path / "euler.png").shape == (16, 16, 3)
+    _, times = _reference_grid("uniform", 1333)
+    assert len(timesteps) == 1000 and abs(timesteps[0] - float(times[1333 - 999 - 1])) < 2e-3
     capsys.readouterr()
     from sdadapt.cli import main
 
@@ -446,21 +474,21 @@ def test_run_generate_checks_each_fixed_pass_on_the_schedule_it_runs_on(tmp_path
     assert loaded == [True]  # (refused with the model's T known, before any sampling)
 
 
-@pytest.mark.xfail(strict=True, reason="review R6: DPM++ 2M/SDE Karras (A1111's k-diffusion samplers on a continuous "
-                   "grid) are refused past the timesteps, and the message blames the 'karras' schedule")
 @pytest.mark.parametrize("sampler", ["dpmsolver++", "dpmsolver++_sde", "dpmsolver++_3m_sde"])
 def test_dpmpp_karras_takes_a_fixed_grid_past_the_timesteps_as_a1111(sampler):
     """A1111's "DPM++ 2M Karras" (k-diffusion's ``sample_dpmpp_2m`` on ``get_sigmas_karras(1333, ...)``) runs the
     hires pass of 1000 exact steps at 0.75 as Euler does; sdadapt's ``dpmsolver++`` on the ``karras`` schedule is
-    that sampler on that grid. At the least, a refusal must not say the continuous Karras schedule "picks the
-    model's training steps"."""
+    that sampler on that grid (the run itself against k-diffusion transcribed: tests/test_samplers_past_timesteps.py),
+    and so on ``--karras`` and on the other continuous schedules; ``simple`` picks training steps and stays refused."""
     from sdadapt.img2img import check_fixed_grid
 
-    try:
-        check_fixed_grid(sampler, "karras", steps=1000, strength=0.75, num_train_steps=T)
-    except ValueError as exc:
-        assert "'karras' schedule picks the model's training steps" not in str(exc), str(exc)
-        raise
+    check_fixed_grid(sampler, "karras", steps=1000, strength=0.75, num_train_steps=T)
+    check_fixed_grid(sampler, None, steps=1000, strength=0.75, num_train_steps=T, karras=True)
+    check_fixed_grid(sampler, "exponential", steps=1000, strength=0.75, num_train_steps=T)
+    with pytest.raises(ValueError, match="'simple' schedule picks the model's training steps"):
+        check_fixed_grid(sampler, "simple", steps=1000, strength=0.75, num_train_steps=T)
+    with pytest.raises(ValueError, match="integer timesteps, as diffusers' scheduler does"):
+        check_fixed_grid(sampler, None, steps=1000, strength=0.75, num_train_steps=T)
 
 
 def test_an_only_masked_mask_blank_after_invert_falls_back_with_the_resize_mode(plain_sd, tmp_path, capsys):  # noqa: F811
@@ -486,8 +514,8 @@ def test_the_dpmpp_refusal_on_a_continuous_schedule_names_the_sampler_not_the_sc
     training steps; on 'simple' (which does) it must."""
     from sdadapt.img2img import check_fixed_grid
 
-    with pytest.raises(ValueError) as karras:
-        check_fixed_grid("dpmsolver++", "karras", steps=1000, strength=0.75, num_train_steps=1000)
+    with pytest.raises(ValueError) as karras:  # (dpmsingle: diffusers' scheduler; the DPM++ that are A1111's run)
+        check_fixed_grid("dpmsingle", "karras", steps=1000, strength=0.75, num_train_steps=1000)
     assert "picks the model's training steps" not in str(karras.value)
     assert "integer timesteps on any schedule" in str(karras.value)
     with pytest.raises(ValueError, match="'simple' schedule picks the model's training steps"):

@@ -780,8 +780,7 @@ def test_start_0_and_a_stop_past_the_end_are_no_option_and_stop_0_is_the_text_en
     assert (tmp_path / "stop0.png").read_bytes() != (tmp_path / "plain.png").read_bytes()
 
 
-@pytest.mark.parametrize(("extra", "words"), [(("--sampler", "dpm_adaptive"), "dpm_adaptive"),
-                                              (("--hires-scale", "2"), "hires pass")])
+@pytest.mark.parametrize(("extra", "words"), [(("--sampler", "dpm_adaptive"), "dpm_adaptive")])
 def test_step_ranges_that_cannot_be_counted_as_a1111_are_refused(pipe, tmp_path, extra, words):
     from sdadapt.jobs.generate import run_generate
 

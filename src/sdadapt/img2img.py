@@ -51,6 +51,7 @@ __all__ = [
     "a1111_start_index",
     "check_fixed_grid",
     "check_img2img_sampler",
+    "check_step_count",
     "check_strength",
     "ddim_img2img",
     "diffusers_start_index",
@@ -147,17 +148,60 @@ def a1111_img2img_steps(steps: int, strength: float, *, requested: int | None = 
     return steps, int(min(strength, 0.999) * steps)
 
 
-def takes_any_step_count(sampler: str, schedule: str | None = None) -> bool:
+def takes_any_step_count(sampler: str, schedule: str | None = None, *, karras: bool = False) -> bool:
     """Whether ``sampler`` (a canonical name) on ``schedule`` (resolved: one of A1111's grids, or ``None`` for the
-    sampler's diffusers grid) builds a grid of more steps than the model's training timesteps, as A1111 does for
-    k-diffusion's samplers (``get_sigmas(n)`` is continuous in t or σ): the samplers of
+    sampler's diffusers grid; ``karras``: diffusers' Karras σ) builds a grid of more steps than the model's training
+    timesteps, as A1111 does for k-diffusion's samplers (``get_sigmas(n)`` is continuous in t or σ): the samplers of
     :data:`A1111_RULE_SAMPLERS` on a continuous grid (:func:`sdadapt.samplers.sigma_space.any_step_count`: all
-    but A1111's ``simple`` and ``ddim`` schedules). The samplers run as diffusers' schedulers step the model's
-    integer timesteps (diffusers' ``DDIMScheduler``, ``DDPMScheduler`` and ``LCMScheduler`` refuse more steps than
-    ``num_train_timesteps``; the DPM-Solver family and UniPC would repeat timesteps; PNDM's leading grid has none)."""
+    but A1111's ``simple`` and ``ddim`` schedules), and the DPM++ samplers that are k-diffusion's
+    (:data:`sdadapt.samplers.dpm_solver.K_DIFFUSION_DPMPP`: DPM++ 2M, 2M SDE, 2M SDE Heun, 3M SDE) on Karras σ or
+    such a schedule, the model then called at fractional timesteps as A1111 calls it. The others step the model's
+    integer timesteps as diffusers' schedulers do (``DDIMScheduler``, ``DDPMScheduler`` and ``LCMScheduler`` refuse
+    more steps than ``num_train_timesteps``; the DPM-Solver family and UniPC would repeat timesteps; PNDM's leading
+    grid has none)."""
+    from .samplers.dpm_solver import K_DIFFUSION_DPMPP, continuous_grid
     from .samplers.sigma_space import any_step_count
 
+    if sampler in K_DIFFUSION_DPMPP:
+        return continuous_grid(karras=karras, schedule=schedule)
     return sampler in A1111_RULE_SAMPLERS and any_step_count(schedule)
+
+
+def _any_count_samplers() -> str:
+    """The samplers (and grids) that take any step count, for the refusals' fixes."""
+    from .samplers.dpm_solver import K_DIFFUSION_DPMPP
+
+    return (f"{', '.join(A1111_RULE_SAMPLERS)}, not on the 'simple' or 'ddim' schedule; "
+            f"{', '.join(K_DIFFUSION_DPMPP)} with Karras σ or such a schedule")
+
+
+def check_step_count(sampler: str, schedule: str | None, *, steps: int, num_train_steps: int, karras: bool = False,
+                     steps_option: str = "steps", sampler_option: str = "sampler") -> None:
+    """A grid of ``steps`` steps (txt2img, plain img2img) for ``sampler`` on ``schedule`` / ``karras``: refused
+    above the model's ``num_train_steps`` where the sampler cannot build it (:func:`takes_any_step_count`;
+    A1111 runs its k-diffusion samplers at any count, e.g. ``--steps 1200``).
+
+    Raises:
+        ValueError: naming the options and the fixes that work (at most ``num_train_steps`` steps, or a sampler and
+            grid that take any count).
+    """
+    if steps <= num_train_steps or takes_any_step_count(sampler, schedule, karras=karras):
+        return
+    raise ValueError(f"{steps_option} {steps}: at most {num_train_steps}, the model's training timesteps, for "
+                     f"{sampler_option} {sampler} ({_grid_reason(sampler, schedule)}; 20-50 steps are usual); or a "
+                     f"sampler whose grid takes any step count ({_any_count_samplers()})")
+
+
+def _grid_reason(sampler: str, schedule: str | None) -> str:
+    """Why ``sampler`` on ``schedule`` takes at most the model's timesteps (the refusals' middle part)."""
+    from .samplers.sigma_space import any_step_count
+
+    if schedule is not None and not any_step_count(schedule):
+        return f"A1111's {schedule!r} schedule picks the model's training steps"
+    if schedule is None:
+        return f"{sampler} steps the model's integer timesteps, as diffusers' scheduler does"
+    return (f"sdadapt's {sampler} is diffusers' scheduler and calls the model at integer timesteps on any schedule "
+            "(A1111's k-diffusion DPM++ samplers take fractional ones)")
 
 
 def _most_fixed_steps(num_train_steps: int) -> int:
@@ -171,10 +215,10 @@ def _most_fixed_steps(num_train_steps: int) -> int:
 
 def check_fixed_grid(sampler: str, schedule: str | None, *, steps: int, strength: float, num_train_steps: int,
                      strength_option: str = "denoising_strength", steps_option: str = "img2img_steps",
-                     sampler_option: str = "sampler") -> None:
+                     sampler_option: str = "sampler", karras: bool = False) -> None:
     """An img2img pass of ``steps`` steps run exactly (A1111's hires pass, "img2img does exactly the steps") on a
     grid of :func:`a1111_img2img_steps` ``int(steps / min(strength, 0.999))`` steps: refused when that grid is
-    longer than the model's ``num_train_steps`` and ``sampler`` on ``schedule`` cannot build it
+    longer than the model's ``num_train_steps`` and ``sampler`` on ``schedule`` / ``karras`` cannot build it
     (:func:`takes_any_step_count`; A1111's k-diffusion samplers can, at any length).
 
     Raises:
@@ -183,25 +227,17 @@ def check_fixed_grid(sampler: str, schedule: str | None, *, steps: int, strength
             steps that fit and the samplers that take any step count.
     """
     total, _ = a1111_img2img_steps(steps, strength, requested=steps)
-    if total <= num_train_steps or takes_any_step_count(sampler, schedule):
+    if total <= num_train_steps or takes_any_step_count(sampler, schedule, karras=karras):
         return
-    from .samplers.sigma_space import any_step_count
-
-    grid = (f"A1111's {schedule!r} schedule picks the model's training steps"
-            if schedule is not None and not any_step_count(schedule)
-            else f"{sampler} steps the model's integer timesteps, as diffusers' scheduler does" if schedule is None
-            else f"sdadapt's {sampler} calls the model at integer timesteps on any schedule (A1111's k-diffusion "
-            "DPM++ takes fractional ones and runs such grids)")
     head = (f"{sampler_option} {sampler}: {steps} steps run exactly at {strength_option} {strength:g} need a grid "
             f"of {total} steps (A1111's int(steps / min(strength, 0.999))), more than the model's "
-            f"{num_train_steps} timesteps, and {grid}")
+            f"{num_train_steps} timesteps, and {_grid_reason(sampler, schedule)}")
     least = math.ceil(steps / num_train_steps * 10_000) / 10_000  # (steps / least <= T: the grid fits)
     if least <= 0.999 or int(steps / 0.999) <= num_train_steps:
         raise ValueError(f"{head}: use {strength_option} {min(least, 1.0):g} or more, or fewer {steps_option}")
     raise ValueError(f"{head}; no strength helps (A1111 caps it at 0.999, still a grid of {int(steps / 0.999)} "
                      f"steps): use at most {_most_fixed_steps(num_train_steps)} {steps_option}, or a sampler whose "
-                     f"grid takes any step count ({', '.join(A1111_RULE_SAMPLERS)}; not on the 'simple' or 'ddim' "
-                     "schedule)")
+                     f"grid takes any step count ({_any_count_samplers()})")
 
 
 def a1111_start_index(total: int, t_enc: int) -> int:

@@ -266,7 +266,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     start = None
     if init_latents is not None:
         start, steps = _img2img_request(name, init_latents, len(prompts), steps, denoising_strength, img2img_steps,
-                                        schedule=schedule,
+                                        schedule=schedule, karras=karras,
                                         num_train_steps=len(getattr(system, "alphas_cumprod", ())) or 1000)
     if inpaint_mask is not None or inpaint_conditioning is not None:
         if start is None:
@@ -279,7 +279,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
-                     img2img_steps: int | None, *, schedule: str | None = None, num_train_steps: int = 1000):
+                     img2img_steps: int | None, *, schedule: str | None = None, num_train_steps: int = 1000,
+                     karras: bool = False):
     """``(Img2ImgStart, the steps the sampler's grid is built for)`` of an img2img request (module :mod:`.img2img`;
     ``schedule``: the resolved A1111 grid, which takes A1111's rule, :func:`~sdadapt.img2img.img2img_rule`).
     With ``img2img_steps`` (A1111's fixed steps) both rules build a grid of ``int(N / min(S, 0.999))`` and run its
@@ -310,7 +311,8 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
         if total < 1:
             raise ValueError("denoising strength 0 with a fixed step count leaves no grid (A1111's steps / strength)")
         if img2img_steps is not None:  # (a grid past the model's timesteps: k-diffusion's samplers only)
-            check_fixed_grid(name, schedule, steps=img2img_steps, strength=strength, num_train_steps=num_train_steps)
+            check_fixed_grid(name, schedule, steps=img2img_steps, strength=strength, num_train_steps=num_train_steps,
+                             karras=karras)
         if a1111:
             return Img2ImgStart(init, index=a1111_start_index(total, t_enc)), total
         return Img2ImgStart(init, index=total - (t_enc + 1)), total  # (the last N steps of the grid)

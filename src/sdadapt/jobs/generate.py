@@ -219,7 +219,7 @@ def run_generate(
     from ..errors import OutputError
     from ..formats.files import check_output_file
     from ..images import write_png
-    from ..samplers import check_karras, resolve_schedule
+    from ..samplers import canonical_sampler, check_karras, resolve_schedule
     from ..samplers.labels import sampler_schedule_from_label
     from ..samplers.schedules import canonical_schedule as schedule_name
     from ..sampling import unknown_words
@@ -292,7 +292,15 @@ def run_generate(
                                         denoising_strength=denoising_strength, fix_steps=img2img_fix_steps,
                                         hires=hires is not None, hires_sampler=hires_sampler, hires_steps=hires_steps,
                                         hires_denoising=hires_denoising, schedule=schedule,
-                                        hires_schedule=hires_schedule if hires_sampler is not None else schedule)
+                                        hires_schedule=hires_schedule if hires_sampler is not None else schedule,
+                                        karras=karras)
+    step_grids = [{"sampler": canonical_sampler(sampler), "schedule": schedule, "karras": karras, "steps": steps,
+                   "steps_option": "--steps", "sampler_option": "--sampler"}] if steps is not None else []
+    if hires is not None and hires_steps:
+        step_grids.append({"sampler": canonical_sampler(hires_sampler or sampler), "karras": karras,
+                           "schedule": hires_schedule if hires_sampler is not None else schedule,
+                           "steps": hires_steps, "steps_option": "--hires-steps",
+                           "sampler_option": "--hires-sampler" if hires_sampler else "--sampler"})
     from .generate_inpaint import check_inpaint_options
 
     check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
@@ -325,10 +333,15 @@ def run_generate(
         from .generate_lbw_steps import check_step_range_sampler
 
         check_step_range_sampler(_canonical(sampler), stepped[0].tag)
-        if hires is not None:
-            raise ValueError(f"prompt tag {stepped[0].tag}: start= / stop= / step= with a hires pass is not built "
-                             "(the extension's switches are spent in the first pass and A1111 re-activates the "
-                             "network for the hires pass); leave out the step range or the --hires-* options")
+        if hires is not None:  # (the hires pass: generate_lbw_steps.StepSwitchedLoRAs.next_pass)
+            if hires_sampler is not None:
+                check_step_range_sampler(_canonical(hires_sampler), stepped[0].tag)
+            if _networks(hires_tag_loras) != _networks(tag_loras) or (
+                    [item.steps for item in hires_tag_loras] != [item.steps for item in tag_loras]):
+                odd = next((item for item in hires_tag_loras if item.steps is not None), stepped[0])
+                raise ValueError(f"prompt tag {odd.tag}: start= / stop= / step= with a --hires-prompt whose tags or "
+                                 "ranges differ is not built for the hires pass (the extension reads the ranges of "
+                                 "the first pass's prompt only, by LoRA name); give --hires-prompt the same tags")
     parsed = _checked_specs("--lora", loras, folders=True)  # (a folder: a peft adapter)
     hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks) + tag_hypernetworks
     custom_specs = _checked_specs("--custom-diffusion", custom_diffusions, folders=True)
@@ -364,7 +377,7 @@ def run_generate(
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
-    _check_step_counts(system, steps=steps, hires_steps=hires_steps, fixed_grids=fixed_grids)
+    _check_step_counts(system, step_grids=step_grids, fixed_grids=fixed_grids)
     applied = []
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
@@ -399,7 +412,7 @@ def run_generate(
     if step_parts:
         from .generate_lbw_steps import StepSwitchedLoRAs
 
-        step_switch = StepSwitchedLoRAs(step_parts)
+        step_switch = StepSwitchedLoRAs(step_parts, sampler=canonical_sampler(sampler))
         say("UNet parts switched per model call by start= / stop= / step=: "
             + ", ".join(item.tag for item in tag_loras if item.steps is not None))
     hypernetwork_report = []
@@ -439,7 +452,6 @@ def run_generate(
         text, negative_text = handle.expand(text), handle.expand(negative_text) if negative_text else negative_text
     from ..prompt_guidance import plan_prompt
     from ..prompt_schedule import schedule_steps
-    from ..samplers import canonical_sampler
 
     clean = None
     if not hasattr(system, "tokenize_weighted"):  # (the toy: A1111 emphasis would reach it as unknown words)
@@ -648,7 +660,8 @@ def _check_img2img_options(sampler: str, *, init_image, denoising_strength: floa
 
 def _check_img2img_passes(sampler: str, *, steps: int, init_image, denoising_strength: float, fix_steps: bool,
                           hires: bool, hires_sampler: str | None, hires_steps: int, hires_denoising: float,
-                          schedule: str | None = None, hires_schedule: str | None = None) -> list[dict]:
+                          schedule: str | None = None, hires_schedule: str | None = None,
+                          karras: bool = False) -> list[dict]:
     """The img2img passes (``--init-image``'s, the hires fix's second) checked from the options before any loading
     (:func:`sdadapt.jobs.generate_hires.check_img2img_pass`: a DPM fast / adaptive pass at A1111's ``t_enc = 0``,
     fixed steps at strength 0); returns, for each pass that runs A1111's fixed steps, the keywords of
@@ -666,7 +679,8 @@ def _check_img2img_passes(sampler: str, *, steps: int, init_image, denoising_str
         fixed = steps if fix_steps else None
         check_img2img_pass(canonical_sampler(sampler), steps=steps, strength=denoising_strength, fixed_steps=fixed)
         if fixed is not None:
-            grids.append({"sampler": canonical_sampler(sampler), "schedule": schedule, "steps": fixed,
+            grids.append({"sampler": canonical_sampler(sampler), "schedule": schedule, "karras": karras,
+                          "steps": fixed,
                           "strength": denoising_strength, "strength_option": "--denoising-strength",
                           "steps_option": "--steps", "sampler_option": "--sampler"})
     if hires:  # (A1111's hires pass: steps=hr_second_pass_steps or steps, run exactly)
@@ -677,24 +691,30 @@ def _check_img2img_passes(sampler: str, *, steps: int, init_image, denoising_str
                            fixed_steps=fixed, sampler_option=sampler_option, strength_option="--hires-denoising",
                            steps_option=steps_option)
         grids.append({"sampler": canonical_sampler(hires_sampler or sampler), "schedule": hires_schedule,
-                      "steps": fixed, "strength": hires_denoising, "strength_option": "--hires-denoising",
+                      "karras": karras, "steps": fixed, "strength": hires_denoising,
+                      "strength_option": "--hires-denoising",
                       "steps_option": steps_option, "sampler_option": sampler_option})
     return grids
 
 
-def _check_step_counts(system, *, steps: int | None, hires_steps: int, fixed_grids: list[dict] | None = None) -> None:
+def _check_step_counts(system, *, steps: int | None = None, hires_steps: int = 0,
+                       fixed_grids: list[dict] | None = None, step_grids: list[dict] | None = None) -> None:
     """``--steps`` / ``--hires-steps`` against the model's training timesteps ``T`` (``len(alphas_cumprod)``, 1000 for
-    Stable Diffusion): at most ``T``, refused here, by option, before sampling — and an img2img pass of A1111's
-    fixed steps (``fixed_grids``: :func:`_check_img2img_passes`) whose grid ``int(steps / min(strength, 0.999))``
-    would be longer on a sampler that steps the model's timesteps (:func:`sdadapt.img2img.check_fixed_grid`;
-    k-diffusion's samplers build it, as A1111's do), before the first pass rather than after it."""
-    from ..img2img import check_fixed_grid
+    Stable Diffusion), refused here, by option, before sampling: a grid of more than ``T`` steps on a sampler that
+    steps the model's timesteps — A1111's k-diffusion samplers run any count (``step_grids``: the keywords of
+    :func:`sdadapt.img2img.check_step_count` but ``num_train_steps``, per pass; without them ``steps`` and
+    ``hires_steps`` are at most ``T``) — and an img2img pass of A1111's fixed steps (``fixed_grids``:
+    :func:`_check_img2img_passes`) whose grid ``int(steps / min(strength, 0.999))`` would be longer on such a
+    sampler (:func:`sdadapt.img2img.check_fixed_grid`), before the first pass rather than after it."""
+    from ..img2img import check_fixed_grid, check_step_count
 
     limit = len(getattr(system, "alphas_cumprod", ())) or 1000
-    for option, value in (("--steps", steps), ("--hires-steps", hires_steps)):
-        if value is not None and value > limit:
-            raise ValueError(f"{option} {value}: at most {limit}, the model's training timesteps (the samplers' grids "
-                             "are built on them; 20-50 steps are usual)")
+    for option, value in (("--steps", steps), ("--hires-steps", hires_steps)) if step_grids is None else ():
+        if value and value > limit:
+            raise ValueError(f"{option} {value}: at most {limit}, the model's training timesteps (the samplers' "
+                             "grids are built on them; 20-50 steps are usual)")
+    for grid in step_grids or ():
+        check_step_count(**grid, num_train_steps=limit)
     for grid in fixed_grids or ():
         check_fixed_grid(**grid, num_train_steps=limit)
 

@@ -197,6 +197,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     exactly the amount of steps the slider specifies" for the ``init_latents`` pass (``img2img_steps = steps``).
     ``hires_networks()``: a context (:func:`networks_switched`) the hires pass runs in, with its own merged
     networks (A1111's ``hr_extra_network_data``: the hires prompt's tags); ``None``: the first pass's networks.
+    ``options["before_model_call"]`` with a ``next_pass(sampler=)`` (:class:`.generate_lbw_steps.StepSwitchedLoRAs`)
+    is told when the hires pass begins, and with which sampler (the step ranges' hires pass).
     """
     from ..img2img import LATENT_UPSCALERS, upscale_latents
     from ..sampling import generate
@@ -223,6 +225,11 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
             start = system.encode_images(pixels).float()
     steps = hires.steps or int(options.get("steps", 25))
     second = dict(options, height=height, width=width)
+    next_pass = getattr(options.get("before_model_call"), "next_pass", None)
+    if next_pass is not None:  # (step ranges: the networks on again, spent switches gone, the counter from 0)
+        from ..samplers import canonical_sampler
+
+        next_pass(sampler=canonical_sampler(hires.sampler or options.get("sampler", "ddim")))
     second_prompts = prompts
     own_texts = hires.prompt is not None or hires.negative is not None
     if own_texts:  # A1111's hr_prompt / hr_negative_prompt: the second pass's own conditioning

@@ -18,7 +18,19 @@ extension's rule (A1111's own path, ``elif self.active``), per model call, ``c``
 so each switch is sticky and the later one wins (:func:`unet_on`): on a one-call sampler ``start=N`` (N ≥ 2) leaves
 the LoRA out of the first N steps (``start=0`` and ``start=1``: on from the first step) and ``stop=N`` (N ≥ 2) keeps it
 for the first N steps only (``stop=0`` and ``stop=1``: never on). A pass counts from 0 (img2img's shortened schedule
-too).
+too). A1111's UniPC (``sd_samplers_timesteps_impl.UniPCCFG``) calls the model once before its first step and reports
+each step after the next step's corrector call, so its k-th model call sees ``max(k − 2, 0)``
+(:data:`LATE_REPORTING_SAMPLERS`); sdadapt's ``unipc`` (diffusers' UniPC, one call per step at the same grid points)
+is counted so.
+
+The hires pass (A1111's ``sample_hr_pass``): the extension's ``starts`` / ``stops`` are filled once per batch
+(A1111 ≥ 1.5, the built-in ``networks``: ``after_extra_networks_activate``, which ``sample_hr_pass`` does not
+call; before: ``process_batch`` → ``loradealer``) and a switch is deleted when it fires, so the first pass spends them; before the
+hires sampler A1111 activates the networks again (``extra_networks.activate(p, hr_extra_network_data)``:
+``load_networks`` sets every tag's multipliers back to the tag's) and ``launch_sampling`` sets the counter back to 0.
+So the hires pass has every tag's UNet part on from its first call, but for a switch the first pass did not reach: a
+start still pending keeps the part off until the hires counter passes it, a stop still pending turns it off there
+(:meth:`StepSwitchedLoRAs.next_pass`: each tag's range less its spent switches).
 
 The text encoders keep the tag's multiplier: A1111 encodes the prompts (every prompt-editing text) before the
 sampler starts, when the multiplier is still the tag's, so only the UNet part is switched. sdadapt merges into the
@@ -40,14 +52,17 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from ..prompt_schedule import ExtraNetworkTag
 
-__all__ = ["UNSTEPPED_SAMPLERS", "StepRange", "StepSwitchedLoRAs", "a1111_sampling_step", "check_step_range_sampler",
-           "tag_step_range", "unet_on"]
+__all__ = ["LATE_REPORTING_SAMPLERS", "UNSTEPPED_SAMPLERS", "StepRange", "StepSwitchedLoRAs", "a1111_sampling_step",
+           "check_step_range_sampler", "spent", "tag_step_range", "unet_on"]
 
 #: samplers whose step counter is not the rule above, so step ranges are refused: k-diffusion's DPM fast and adaptive
 #: call A1111's callback at the end of a step of several model calls (adaptive once per accepted step), A1111's
 #: Restart once per Heun step of its restart segments, and kohya's ``pndm`` (diffusers' PNDM) counts each Runge-Kutta
 #: warm-up call as a step (A1111 has no such sampler)
 UNSTEPPED_SAMPLERS = frozenset({"dpm_fast", "dpm_adaptive", "restart", "pndm"})
+#: samplers whose A1111 counterpart reports a step one model call later than k-diffusion's: A1111's UniPC makes a model
+#: call before its first step and calls back after each step's corrector call (the next grid point's model call)
+LATE_REPORTING_SAMPLERS = frozenset({"unipc"})
 
 
 @dataclass(frozen=True)
@@ -88,10 +103,14 @@ def tag_step_range(tag: ExtraNetworkTag) -> StepRange | None:
                      None if stop is None else _integer(tag, "stop=", stop))
 
 
-def a1111_sampling_step(steps_done: int, calls: int) -> int:
+def a1111_sampling_step(steps_done: int, calls: int, *, sampler: str | None = None) -> int:
     """A1111's ``state.sampling_step`` at a model call: ``steps_done`` steps finished before it, ``calls`` model
-    calls already made in this step (0: the step's first call, before the k-diffusion callback of the step)."""
-    return steps_done if calls > 0 else max(steps_done - 1, 0)
+    calls already made in this step (0: the step's first call, before the k-diffusion callback of the step).
+    ``sampler`` (canonical name) in :data:`LATE_REPORTING_SAMPLERS`: ``max(steps_done − 2, 0)`` (A1111's UniPC,
+    module docstring)."""
+    if calls > 0:
+        return steps_done
+    return max(steps_done - (2 if sampler in LATE_REPORTING_SAMPLERS else 1), 0)
 
 
 def unet_on(step_range: StepRange, sampling_step: int) -> bool:
@@ -111,6 +130,18 @@ def unet_on(step_range: StepRange, sampling_step: int) -> bool:
     return started or start is None
 
 
+def spent(step_range: StepRange, sampling_steps: Sequence[int]) -> StepRange:
+    """``step_range`` less the switches a pass whose model calls saw ``sampling_steps`` fired (the extension deletes
+    a start / stop when it fires, at the first call with ``sampling_step > N − 2``): what is left for the hires pass,
+    which starts with the network on (``StepRange()``: on for every call)."""
+    reached = max(sampling_steps, default=None)
+
+    def left(option: int | None) -> int | None:
+        return None if option is None or (reached is not None and reached >= max(option - 1, 0)) else option
+
+    return StepRange(left(step_range.start), left(step_range.stop))
+
+
 def check_step_range_sampler(sampler: str, tag: str) -> None:
     """Refuse a step range on a sampler of :data:`UNSTEPPED_SAMPLERS` (``sampler``: canonical name).
 
@@ -128,23 +159,29 @@ class StepSwitchedLoRAs:
     UNet part for the model calls it is on.
 
     ``parts``: per tag, its :class:`StepRange` and its UNet groups ``[(module, state, scale)]``
-    (:func:`sdadapt.jobs.generate_lbw.lbw_groups`). When the set that is on changes, every merged part is undone in
-    reverse order and the new set merged in tag order, so an undo always restores the bits its merge saw.
-    :meth:`release` undoes them all (at the end of each pass, also after an error).
+    (:func:`sdadapt.jobs.generate_lbw.lbw_groups`). ``sampler``: the pass's sampler (canonical name; the counter of
+    :func:`a1111_sampling_step`). When the set that is on changes, every merged part is undone in reverse order and
+    the new set merged in tag order, so an undo always restores the bits its merge saw. :meth:`next_pass`: the hires
+    pass (module docstring); :meth:`release` undoes them all and starts the next image's first pass (at the end of
+    each image, also after an error).
     """
 
-    def __init__(self, parts: Sequence[tuple[StepRange, Sequence[tuple[nn.Module, Mapping[str, Tensor], float]]]]
-                 ) -> None:
+    def __init__(self, parts: Sequence[tuple[StepRange, Sequence[tuple[nn.Module, Mapping[str, Tensor], float]]]],
+                 *, sampler: str | None = None) -> None:
         self.parts = [(step_range, list(groups)) for step_range, groups in parts]
+        self.sampler = sampler
+        self._first = (list(self.parts), sampler)
+        self._seen: list[int] = []  # (the counter at each model call of this pass)
         self._on: tuple[int, ...] = ()
         self._handles: list = []
 
     def __call__(self, steps_done: int, calls: int) -> None:
-        step = a1111_sampling_step(steps_done, calls)
+        step = a1111_sampling_step(steps_done, calls, sampler=self.sampler)
+        self._seen.append(step)
         on = tuple(i for i, (step_range, _) in enumerate(self.parts) if unet_on(step_range, step))
         if on == self._on:
             return
-        self.release()
+        self._undo()
         from ..apply import apply_lora
 
         for index in on:
@@ -152,9 +189,24 @@ class StepSwitchedLoRAs:
                 self._handles.append(apply_lora(module, state, scale=scale))
         self._on = on
 
-    def release(self) -> None:
-        """Undo every merged part (the weights before the pass, bit for bit); idempotent."""
+    def next_pass(self, *, sampler: str | None = None) -> None:
+        """The hires pass, run with ``sampler``: the merged parts undone, each tag's range less the switches this
+        pass fired (:func:`spent`), the counter from 0 (A1111 re-activates the networks at the tags' multipliers and
+        ``launch_sampling`` resets the counter)."""
+        self._undo()
+        self.parts = [(spent(step_range, self._seen), groups) for step_range, groups in self.parts]
+        self.sampler = sampler
+        self._seen = []
+
+    def _undo(self) -> None:
         for handle in reversed(self._handles):
             handle.undo()
         self._handles.clear()
         self._on = ()
+
+    def release(self) -> None:
+        """Undo every merged part (the weights before the pass, bit for bit) and go back to the first pass's ranges
+        and sampler (the next image: the extension reads the ranges again per batch); idempotent."""
+        self._undo()
+        self.parts, self.sampler = list(self._first[0]), self._first[1]
+        self._seen = []

@@ -24,6 +24,12 @@ for ``dpmsolver`` σ_min of t = 0 (diffusers refuses "zero" there and names "sig
 multistep update runs in float32 or wider (diffusers upcasts); its first step is first order, and
 so is its last when it lands on σ = 0 or, on σ_min (``dpmsolver``), in runs of fewer than 15 steps
 (diffusers' ``lower_order_final``).
+
+Past the model's T timesteps (A1111's hires pass of 1000 exact steps at denoising 0.75: a grid of 1333), the
+DPM++ samplers that are A1111's k-diffusion samplers (:data:`K_DIFFUSION_DPMPP`) run on a continuous grid (Karras
+σ, A1111's schedules but ``simple`` / ``ddim``) on A1111's grid and timesteps: the model at the unrounded float32
+``t(σ)`` of k-diffusion's ``sigma_to_t`` (up to T steps they keep diffusers' rounded timesteps, bit for bit as
+before; the 3M SDE keeps diffusers' order-2 step there too: docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .sigma_space import (
     karras_sigmas,
     sigma_to_t,
     step_noise,
+    timestep_batch,
     training_sigmas,
     vp_alpha_sigma,
     vp_data_prediction,
@@ -54,14 +61,40 @@ if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
 
-__all__ = ["dpm_grid", "dpmsingle_sample", "vp_start", "dpmsolver_pp_3m_sde_sample", "dpmsolver_pp_sample", "dpmsolver_pp_sde_heun_sample",
-           "dpmsolver_pp_sde_sample", "dpmsolver_sample",
-           "require_distinct_steps", "singlestep_orders"]
+__all__ = [
+    "K_DIFFUSION_DPMPP",
+    "continuous_grid",
+    "dpm_grid",
+    "dpmsingle_sample",
+    "dpmsolver_pp_3m_sde_sample",
+    "dpmsolver_pp_sample",
+    "dpmsolver_pp_sde_heun_sample",
+    "dpmsolver_pp_sde_sample",
+    "dpmsolver_sample",
+    "require_distinct_steps",
+    "singlestep_orders",
+    "vp_start",
+]
+
+
+#: the DPM-Solver samplers that are A1111's k-diffusion samplers (``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``
+#: midpoint / Heun, ``sample_dpmpp_3m_sde``): on a continuous σ grid they run more steps than the model's timesteps,
+#: the model called at fractional timesteps there (:func:`dpm_grid`'s ``past_timesteps``)
+K_DIFFUSION_DPMPP: tuple[str, ...] = ("dpmsolver++", "dpmsolver++_sde", "dpmsolver++_sde_heun", "dpmsolver++_3m_sde")
+
+
+def continuous_grid(*, karras: bool = False, schedule: str | None = None) -> bool:
+    """Whether the DPM-Solver grid of ``karras`` / ``schedule`` (a resolved one of A1111's) is continuous in σ, so it
+    holds any step count: Karras σ, or any A1111 schedule but those that pick training steps (``simple``, ``ddim``:
+    :func:`.sigma_space.any_step_count`). diffusers' own linspace grid rounds to the model's integer timesteps."""
+    from .sigma_space import any_step_count
+
+    return (karras and schedule is None) or (schedule is not None and any_step_count(schedule))
 
 
 def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
              final_sigma: str = "zero", schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-             discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor]:
+             discard_next_to_last_sigma: bool = False, past_timesteps: bool = False) -> tuple[Tensor, Tensor]:
     """The timesteps and noise levels of diffusers' DPM-Solver / UniPC schedulers
     (``timestep_spacing="linspace"``, ``set_timesteps(num_steps)``).
 
@@ -72,16 +105,23 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
     / ``use_beta_sigmas`` truncate them instead: docs/samplers.md), then the schedule's last σ (0 read as
     σ of t = 0 under ``final_sigma="sigma_min"``; ``kl_optimal`` ends on σ_min itself).
     ``discard_next_to_last_sigma``: with a ``schedule``, A1111's option of that name
-    (:func:`.schedules.schedule_sigmas`); unused without one.
+    (:func:`.schedules.schedule_sigmas`); unused without one. ``past_timesteps``: a grid of more steps than the
+    model's T timesteps is built where it is continuous (:func:`continuous_grid`), as k-diffusion's
+    ``get_sigmas_karras(n)`` / A1111's schedules are, its timesteps then the unrounded ``t(σ)`` (k-diffusion's
+    ``sigma_to_t``, where A1111 calls the model: rounding would repeat timesteps); up to T steps the grid is the
+    same either way.
 
     Returns:
-        ``timesteps`` (n,) int64 descending, ``sigmas`` (n+1,) float64 k-diffusion σ (CPU).
+        ``timesteps`` (n,) descending: int64, or float64 fractional on a grid past T; ``sigmas`` (n+1,) float64
+        k-diffusion σ (CPU).
 
     Raises:
-        ValueError: ``num_steps`` < 1 or > T, an unknown ``final_sigma``.
+        ValueError: ``num_steps`` < 1, or > T on a grid that is not continuous or without ``past_timesteps``,
+            an unknown ``final_sigma``.
     """
     T = int(alphas_cumprod.shape[0])
-    if not 1 <= int(num_steps) <= T:
+    past = past_timesteps and int(num_steps) > T and continuous_grid(karras=karras, schedule=schedule)
+    if not 1 <= int(num_steps) <= T and not past:
         raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
     if final_sigma not in ("zero", "sigma_min"):
         raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
@@ -93,10 +133,12 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
         full = schedule_sigmas(schedule, n, train, discard_next_to_last_sigma=discard_next_to_last_sigma,
                                options=schedule_options)
         last = full[-1:] if float(full[-1]) > 0 or final_sigma == "zero" else train[:1]
-        return sigma_to_t(full[:-1], train).round().long(), torch.cat([full[:-1], last])
+        timesteps = sigma_to_t(full[:-1], train)
+        return (timesteps if past else timesteps.round().long()), torch.cat([full[:-1], last])
     if karras:
         sigmas = karras_sigmas(float(train[0]), float(train[-1]), n)
-        timesteps = sigma_to_t(sigmas, train).round().long()
+        timesteps = sigma_to_t(sigmas, train)
+        timesteps = timesteps if past else timesteps.round().long()
     else:
         timesteps = numpy_linspace(T - 1, n + 1).round().flip(0)[:-1].long()
         sigmas = train[timesteps]
@@ -190,10 +232,12 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     final = "zero" if data else "sigma_min"
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final, schedule=schedule,
                                  schedule_options=schedule_options,
-                                 discard_next_to_last_sigma=discard_next_to_last_sigma)
+                                 discard_next_to_last_sigma=discard_next_to_last_sigma,
+                                 past_timesteps=label in K_DIFFUSION_DPMPP)
     n = int(timesteps.shape[0])
     sig = sigmas.tolist()
     require_distinct_steps(label, sig, int(alphas_cumprod.shape[0]))
+    fractional = timesteps.is_floating_point()  # (past T: float32 t(σ), as the σ samplers and A1111 pass it)
     final_zero = sig[-1] == 0
     lam = [vp_alpha_sigma(s)[2] for s in sig]
     out_dtype = x_T.dtype
@@ -213,7 +257,8 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     prev: Tensor | None = None
     prev2: Tensor | None = None
     for i in range(first, n):
-        t = torch.full((x.shape[0],), int(timesteps[i]), dtype=torch.long, device=x.device)
+        t = (timestep_batch(float(timesteps[i]), x) if fractional else
+             torch.full((x.shape[0],), int(timesteps[i]), dtype=torch.long, device=x.device))
         out = model(x, t)
         a, st, _ = vp_alpha_sigma(sig[i])
         pred = (vp_data_prediction if data else vp_noise_prediction)(out, x, a, st, prediction_type)
@@ -263,7 +308,8 @@ def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
     ``alphas_cumprod`` (T,); ``callback(i, t, x)`` after each step. Deterministic (``generator`` unused).
 
     Raises:
-        ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
+        ValueError: an unknown prediction type, ``num_steps`` < 1 or, off a continuous grid, > T
+        (:func:`dpm_grid`), or ``num_steps = T``
         without Karras σ (the linspace grid repeats a timestep there).
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
@@ -289,7 +335,8 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
     ``karras`` as in :func:`dpmsolver_pp_sample`.
 
     Raises:
-        ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
+        ValueError: an unknown prediction type, ``num_steps`` < 1 or, off a continuous grid, > T
+        (:func:`dpm_grid`), or ``num_steps = T``
         without Karras σ (the linspace grid repeats a timestep there).
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
@@ -313,7 +360,8 @@ def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod:
     midpoint's ``½·α'·(1 − e^(−2h))·D1``.
 
     Raises:
-        ValueError: an unknown prediction type or schedule, ``num_steps`` outside [1, T], or ``num_steps = T``
+        ValueError: an unknown prediction type or schedule, ``num_steps`` < 1 or, off a continuous grid, > T
+        (:func:`dpm_grid`), or ``num_steps = T``
         on diffusers' linspace grid (it repeats a timestep there).
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
@@ -342,7 +390,8 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
     option of that name, which A1111 sets for this sampler (:func:`.schedules.schedule_sigmas`).
 
     Raises:
-        ValueError: an unknown prediction type, ``num_steps`` outside [1, T], or ``num_steps = T``
+        ValueError: an unknown prediction type, ``num_steps`` < 1 or, off a continuous grid, > T
+        (:func:`dpm_grid`), or ``num_steps = T``
         without Karras σ (the linspace grid repeats a timestep there).
     """
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
