@@ -50,12 +50,16 @@ def needs_chunks(tokenizer: Any, text: str) -> bool:
 
 def _embedding_runs(tokenizer: Any, ids: list[int]) -> list[int]:
     """For each position of ``ids``: the length of the textual-inversion token run starting there (diffusers'
-    multi-vector names ``name name_1 …`` among the tokenizer's added tokens; 1 elsewhere, also inside a run)."""
+    multi-vector names ``name name_1 …`` among the tokenizer's added tokens, or a one-token trigger's own vocabulary
+    token followed by its ``<emb-name>_1 …``, :mod:`sdadapt.embeddings.tokens`; 1 elsewhere, also inside a run)."""
     added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
     names = {index: text for text, index in added.items()}
     runs = [1] * len(ids)
     for i, token in enumerate(ids):
         name = names.get(token)
+        follower = names.get(ids[i + 1], "") if i + 1 < len(ids) and name is None else ""
+        if follower.startswith("<emb-") and follower.endswith(">_1") and follower[:-2] not in added:
+            name = follower[:-2]  # (a vocabulary token carrying an embedding's first vector)
         if name is None or runs[i] == 0:  # (not an added token, or inside a run found already)
             continue
         j = i + 1

@@ -4,13 +4,22 @@ A small interface, :class:`TokenizerSide`, with two implementations picked by :f
 
 * :class:`CLIPTokenizerSide` — transformers tokenizers (``CLIPTokenizer``; anything with
   ``add_tokens``/``convert_tokens_to_ids``). It adds the tokens diffusers adds
-  (``name``, ``name_1`` … ``name_{k-1}``, each one id at the end of the vocabulary), so a prompt is
-  expanded as diffusers' ``maybe_convert_prompt`` does (:func:`expand_prompt`) — and a diffusers
-  pipeline around the same tokenizer expands it itself. ``remove()`` restores the tokenizer's
-  added-token table exactly as it was (newest addition first). A trigger that is a vocabulary word
-  (``cat``) gets the alias tokens ``<emb:cat>`` … instead, and :meth:`CLIPTokenizerSide.expand` writes the
-  alias for each whole-word ``cat`` (A1111's rule: :func:`replace_vocabulary_word`); a diffusers pipeline
-  needs the expanded prompt then.
+  (``name``, ``name_1`` … ``name_{k-1}``, each one id at the end of the vocabulary), and
+  :meth:`CLIPTokenizerSide.expand` spells a prompt out as diffusers' ``maybe_convert_prompt`` does
+  (:func:`expand_prompt`: ``name name_1 …``) but after each *token* ``name`` (:func:`insert_after_token`): the added
+  token matches the name in any case (``easynegative`` for ``EasyNegative``, as A1111 matches the name's token ids), so
+  all ``k`` vectors follow wherever the first one stands. A diffusers pipeline around the same tokenizer expands
+  exact-case names itself. ``remove()`` restores the tokenizer's
+  added-token table exactly as it was (newest addition first).
+
+  A trigger CLIP tokenizes as one vocabulary token (``cat`` -> ``cat</w>``, ``ti``) is used as A1111 uses it
+  (``EmbeddingDatabase.find_embedding_at_position`` matches the name's token ids in the tokenized prompt): its first
+  vector takes that token's id, so *every* ``cat</w>`` of a prompt is the embedding — the word ``cat`` and the last
+  BPE piece of a longer word (``tomcat`` -> ``tom`` + ``cat</w>`` where the vocabulary splits it so), not ``cats`` or
+  ``catalog`` (other pieces) — and :meth:`CLIPTokenizerSide.expand` puts the alias tokens ``<emb-cat>_1`` … of the
+  further vectors right after each such token (:func:`insert_after_token`). A vocabulary-word trigger of several
+  tokens gets the alias tokens ``<emb-name>`` … and expand writes them for each whole-word occurrence
+  (:func:`replace_vocabulary_word`). A diffusers pipeline needs the expanded prompt when ``k > 1``.
 * :class:`WordTableSide` — tokenizers with an added-word table (the toy tokenizer:
   ``add_word``/``remove_word``/``free_spare_ids``). A trigger that is already a vocabulary word keeps
   its own id for its first vector; every other vector takes the next free spare token
@@ -21,10 +30,15 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "replace_vocabulary_word",
-           "token_strings", "tokenizer_side", "vocabulary_word_alias"]
+__all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "insert_after_token",
+           "replace_vocabulary_word", "token_strings", "tokenizer_side", "vocabulary_word_alias"]
+
+#: tokenizer -> {vocabulary token id: the name of the loaded embedding holding it} (one embedding per id, as one
+#: per added token)
+_HELD_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class TriggerTakenError(ValueError):
@@ -49,8 +63,11 @@ def expand_prompt(prompt: str, name: str, count: int) -> str:
 
 
 def vocabulary_word_alias(word: str) -> str:
-    """The token added for an embedding whose name is a CLIP vocabulary word (``"cat"`` -> ``"<emb:cat>"``)."""
-    return f"<emb:{word.lower()}>"
+    """The token added for an embedding whose name is a CLIP vocabulary word (``"cat"`` -> ``"<emb-cat>"``).
+
+    It holds none of the prompt syntax's characters (``\\ [ ] ( ) : |``), so an expanded prompt keeps its emphasis,
+    prompt editing (``[cat:dog:0.5]``) and alternation (``[cat|dog]``), and no ``<kind:args>`` extra-network tag."""
+    return f"<emb-{word.lower()}>"
 
 
 def replace_vocabulary_word(prompt: str, word: str) -> str:
@@ -62,8 +79,30 @@ def replace_vocabulary_word(prompt: str, word: str) -> str:
     textual_inversion.py`` ``EmbeddingDatabase.find_embedding_at_position``: the name's token ids are matched in the
     tokenized prompt, so every ``cat`` of the prompt becomes the embedding), applied to the text.
     """
-    pattern = re.compile(rf"(?<!<emb:)(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", re.IGNORECASE)
+    pattern = re.compile(rf"(?<!<emb-)(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", re.IGNORECASE)
     return pattern.sub(vocabulary_word_alias(word), prompt)
+
+
+def insert_after_token(prompt: str, tokenizer, token_id: int, aliases: list[str]) -> str:
+    """``aliases`` (added tokens) written after every ``token_id`` of the tokenized ``prompt``, where the token is not
+    followed by ``aliases[0]`` already (idempotent).
+
+    The cut is the token's end in the prompt (the fast tokenizer's offsets), so ``tomcat`` -> ``tom`` + ``cat</w>``
+    becomes ``tomcat <emb-cat>_1 …``: the word keeps its own BPE pieces, and the aliases follow its last one, inside
+    any weight syntax around it (``(tomcat:1.2)`` -> ``(tomcat <emb-cat>_1 :1.2)``): A1111's positions and weights.
+    """
+    if not aliases:
+        return prompt
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    follow = int(tokenizer.convert_tokens_to_ids(aliases[0]))
+    cuts = [int(offsets[i][1]) for i, t in enumerate(ids)
+            if t == token_id and (i + 1 == len(ids) or ids[i + 1] != follow)]
+    insert = " " + " ".join(aliases)
+    for cut in reversed(cuts):  # (a blank after the aliases unless one follows: "a <s> cat" -> "a <s> <s>_1 cat")
+        blank = "" if cut == len(prompt) or prompt[cut].isspace() else " "
+        prompt = prompt[:cut] + insert + blank + prompt[cut:]
+    return prompt
 
 
 @runtime_checkable
@@ -104,6 +143,8 @@ class CLIPTokenizerSide:
         self.name: str | None = None  # (the added token: the trigger, or its alias for a vocabulary word)
         self.count = 0
         self.word: str | None = None  # a trigger that is a vocabulary word, spelled as its alias by expand
+        self.own_id: int | None = None  # a one-token trigger's own vocabulary id (its first vector's)
+        self._aliases: list[str] = []  # (its further vectors' tokens, written after each own_id by expand)
         self._before: list | None = None
         self._after: list | None = None
 
@@ -126,6 +167,9 @@ class CLIPTokenizerSide:
             raise RuntimeError(f"this tokenizer side already holds {self.name!r}; make one side per embedding")
         vocab = self.tokenizer.get_vocab()
         added = self.tokenizer.get_added_vocab() if hasattr(self.tokenizer, "get_added_vocab") else {}
+        own = self._own_token(name, added)
+        if own is not None:
+            return self._add_own(name, count, own, vocab)
         if any(s in vocab and s not in added for s in token_strings(name, count)):
             # a vocabulary word ("cat", "ti"): A1111 matches the word's token ids in the prompt and puts the vectors
             # there; here the word is spelled as an alias token the vocabulary lacks (expand), to the same effect
@@ -148,6 +192,34 @@ class CLIPTokenizerSide:
         self.name, self.count = token, count
         return [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
 
+    def _own_token(self, name: str, added: dict) -> int | None:
+        """The vocabulary id of a trigger CLIP tokenizes as one (not added) token, else None (A1111 matches the
+        name's ids: one id, wherever it stands)."""
+        ids = self.word_ids(name)
+        if len(ids) != 1 or ids[0] in set(added.values()):
+            return None
+        return ids[0]
+
+    def _add_own(self, name: str, count: int, own: int, vocab: dict) -> list[int]:
+        """A one-token trigger: its first vector on its own id, the others on aliases ``<emb-name>_1`` …"""
+        held = _HELD_IDS.setdefault(self.tokenizer, {})
+        strings = token_strings(vocabulary_word_alias(name), count)[1:]
+        taken = [s for s in strings if s in vocab]
+        if own in held or taken:
+            holder = f"the embedding {held[own]!r}" if own in held else f"another embedding (its tokens {taken})"
+            raise TriggerTakenError(
+                f"cannot load the embedding {name!r}: the tokenizer's token {name.lower()!r} is held by {holder}; "
+                "remove that embedding first or choose another trigger word"
+            )
+        self._before = self._added_tokens()
+        if strings and self.tokenizer.add_tokens(strings) != len(strings):  # pragma: no cover - checked above
+            self._restore()
+            raise ValueError(f"the tokenizer added fewer than the tokens {strings}")
+        self._after = self._added_tokens()
+        held[own] = name
+        self.name, self.count, self.own_id, self._aliases = name, count, own, strings
+        return [own] + [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
+
     def _restore(self) -> None:
         from tokenizers import Tokenizer
 
@@ -158,9 +230,14 @@ class CLIPTokenizerSide:
     def expand(self, prompt: str) -> str:
         if self.name is None:
             return prompt
+        if self.own_id is not None:
+            return insert_after_token(prompt, self.tokenizer, self.own_id, self._aliases)
         if self.word is not None:
             prompt = replace_vocabulary_word(prompt, self.word)
-        return expand_prompt(prompt, self.name, self.count)
+        # (by token id, not by text: the added token matches the name in any case, "easynegative" for
+        # "EasyNegative", as A1111 matches the name's token ids; every one of the k vectors must follow it)
+        first = int(self.tokenizer.convert_tokens_to_ids(self.name))
+        return insert_after_token(prompt, self.tokenizer, first, token_strings(self.name, self.count)[1:])
 
     def word_ids(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -178,7 +255,9 @@ class CLIPTokenizerSide:
                 "in the reverse order of injection"
             )
         self._restore()
-        self.name, self.count, self.word = None, 0, None
+        if self.own_id is not None:
+            _HELD_IDS.get(self.tokenizer, {}).pop(self.own_id, None)
+        self.name, self.count, self.word, self.own_id = None, 0, None, None
 
 
 class WordTableSide:

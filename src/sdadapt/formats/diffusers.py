@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..model_args import check_components
+from ..model_args import as_module, check_components
 from ..patterns import own_pattern_entries, peft_pattern_value
 from .files import (
     check_safetensors_name,
@@ -57,6 +57,7 @@ from .header import load_json
 from .layers import COMPONENTS, canonical_state, split_key
 from .peft_ia3 import from_peft_ia3, is_peft_ia3, to_peft_ia3
 from .peft_lycoris import from_peft_lycoris, is_peft_lycoris, lycoris_family, to_peft_lycoris
+from .peft_names import peft_layer_names
 
 __all__ = [
     "to_diffusers",
@@ -334,11 +335,18 @@ def to_peft(state: Mapping[str, Tensor], *, model: nn.Module | None = None) -> t
 
 
 def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: str = "<state>") -> dict[str, Tensor]:
-    """peft adapter state + config -> canonical state (layer paths as in the peft-wrapped model).
+    """peft adapter state + config -> canonical state (layer paths as in the peft-wrapped model, without
+    torch.compile's ``_orig_mod`` segments: :func:`~sdadapt.formats.layers.strip_compiled_segments`).
 
     LoRA (and DoRA) adapters; (IA)³ ones (``peft_type = "IA3"``, ``ia3_l`` keys) through
     :func:`sdadapt.formats.peft_ia3.from_peft_ia3`, LoHa / LoKr ones (``peft_type = "LOHA"`` / ``"LOKR"``)
     through :func:`sdadapt.formats.peft_lycoris.from_peft_lycoris`."""
+    # (the configs' patterns name the file's own layers: read with them, then drop the wrapper segments)
+    return canonical_state("model", _from_peft_file_names(state, config, source=source))
+
+
+def _from_peft_file_names(state: Mapping[str, Tensor], config: Mapping | None, *, source: str) -> dict[str, Tensor]:
+    """:func:`from_peft` with the layer names as the file spells them."""
     if is_peft_ia3(state, config if isinstance(config, Mapping) else None):
         return from_peft_ia3(state, config if isinstance(config, Mapping) else None, source=source)
     if is_peft_lycoris(state, config if isinstance(config, Mapping) else None):
@@ -361,8 +369,19 @@ def from_peft(state: Mapping[str, Tensor], config: Mapping | None, *, source: st
     return _with_alphas(layers, config, source=source)
 
 
-def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor], *, model: nn.Module | None = None) -> None:
+def save_peft(
+    folder: str | os.PathLike, state: Mapping[str, Tensor], *, model: nn.Module | None = None,
+    component: str | None = None,
+) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` reads it).
+
+    Layers are written under the names the model has (:func:`~sdadapt.formats.peft_names.peft_layer_names`):
+    ``model``'s own module names when it is given, else pipeline ``component``'s (``"text_encoder"``: the installed
+    transformers' ``CLIPTextModel``, which in transformers 5 has no ``text_model.``; ``"text_encoder_2"``:
+    ``CLIPTextModelWithProjection``, which has), else the state's own, as given (less ``_orig_mod.``): right for a
+    UNet, for ``CLIPTextModelWithProjection`` and for a live state of the model, but a transformers-5
+    ``CLIPTextModel`` (SD1's / SDXL's ``text_encoder``) has no ``text_model.``: pass ``component="text_encoder"`` or
+    ``model=`` for a canonical (``load_lora``) text-encoder state.
 
     Both appear together or not at all (:func:`~sdadapt.formats.files.staged_outputs`): a failed save
     never leaves new weights beside an old config (whose rank and alpha would scale them wrongly).
@@ -373,7 +392,11 @@ def save_peft(folder: str | os.PathLike, state: Mapping[str, Tensor], *, model: 
 
     Raises:
         ValueError: a state no peft config expresses (families mixed, a LoKr split peft would not make ...),
-            naming the layer; nothing is written then."""
+            naming the layer, or two keys that become one peft name; nothing is written then.
+        LayerNotFoundError: a layer that matches no module of ``model``."""
+    if model is not None:  # (a torch.compile'd model: its own module's names, not `_orig_mod.`-prefixed ones)
+        model = as_module(model, caller="save_peft", one_model=False)
+    state = peft_layer_names(state, model=model, component=component)
     ia3 = any(key.endswith(".on_input") for key in state)
     peft_state, config = to_peft_ia3(state) if ia3 else to_peft(state, model=model)
     target = Path(folder)  # (a missing folder is made by the writes, and removed again if the save fails)

@@ -27,6 +27,7 @@ __all__ = [
     "LayerNotFoundError",
     "canonical_layer_path",
     "canonical_state",
+    "strip_compiled_segments",
     "COMPONENTS",
 ]
 
@@ -73,13 +74,27 @@ _UNDERSCORE_TOKENS = (
     "text_projection add_k_proj add_v_proj to_add_out norm_out proj_attn time_proj add_time_proj "
     "conv_act activation_fn"
 ).split()
-_TOKEN_PIECES = sorted((t.split("_") for t in _UNDERSCORE_TOKENS), key=len, reverse=True)
+#: torch.compile's wrapper attribute (``OptimizedModule._orig_mod``): a path segment in names taken from a compiled
+#: model; underscored, ``x__orig_mod_y`` splits into ``x``, ``""``, ``orig``, ``mod``, ``y``
+_COMPILED_SEGMENT = "_orig_mod"
+_TOKEN_PIECES = sorted([*(t.split("_") for t in _UNDERSCORE_TOKENS), _COMPILED_SEGMENT.split("_")], key=len, reverse=True)
+
+
+def strip_compiled_segments(path: str) -> str:
+    """Drop torch.compile's ``_orig_mod`` wrapper segments: ``"_orig_mod.down_blocks.0.to_q"`` -> ``"down_blocks.0.to_q"``.
+
+    Only whole dotted segments go (``my_orig_mod.x`` stays); other paths are returned unchanged.
+    """
+    if _COMPILED_SEGMENT not in path:
+        return path
+    return ".".join(part for part in path.split(".") if part != _COMPILED_SEGMENT)
 
 
 def underscore_to_path(name: str) -> str:
     """Undo kohya's ``.`` -> ``_``: ``"down_blocks_0_attentions_0_proj_in"`` -> ``"down_blocks.0.attentions.0.proj_in"``.
 
-    Exact for SD UNet (diffusers and LDM) and CLIP paths; other names are best-effort (dots at
+    Exact for SD UNet (diffusers and LDM) and CLIP paths, also with torch.compile's ``_orig_mod`` segment
+    (``"_orig_mod_down_blocks_0"`` -> ``"_orig_mod.down_blocks.0"``); other names are best-effort (dots at
     every underscore not inside a known token). :func:`resolve_layers` also compares
     underscored forms against the live model, so custom models still resolve.
     """
@@ -152,7 +167,8 @@ def resolve_layers(model: nn.Module, layer_paths: list[str]) -> dict[str, str]:
     """Map each adapter layer path onto a module name of ``model``.
 
     Tries, in order: the exact name; other spellings of the same layer (CLIP with/without
-    ``text_model.``, diffusers <-> LDM UNet paths, LDM prefixes); then underscore-equivalence
+    ``text_model.``, diffusers <-> LDM UNet paths, LDM prefixes), then those of the path without torch.compile's
+    ``_orig_mod`` segments (names an older sdadapt saved from a compiled model); then underscore-equivalence
     (``a.b_c`` == ``a_b.c``, what kohya-named custom models need).
 
     Returns:
@@ -185,9 +201,11 @@ def resolve_layers(model: nn.Module, layer_paths: list[str]) -> dict[str, str]:
     resolved: dict[str, str] = {}
     missing: list[str] = []
     for path in layer_paths:
-        hit = next((a for a in _aliases(path, up_attention or None, layers) if a in live), None)
+        bare = strip_compiled_segments(path)
+        spellings = (path, bare) if bare != path else (path,)
+        hit = next((a for p in spellings for a in _aliases(p, up_attention or None, layers) if a in live), None)
         if hit is None:
-            hit = by_underscore.get(path.replace(".", "_"))
+            hit = next((by_underscore[u] for p in spellings if (u := p.replace(".", "_")) in by_underscore), None)
         if hit is None:
             missing.append(path)
         else:
@@ -215,9 +233,11 @@ def canonical_layer_path(component: str, path: str, *, layers_per_block: int = 2
     Text encoders (``text_encoder``, ``text_encoder_2``): transformers-4 paths with ``text_model.``
     (transformers 5's flattened ``CLIPTextModel`` and LDM's ``cond_stage_model.transformer.`` are
     rewritten). UNet: diffusers paths (LDM ``input_blocks...`` and ``model.diffusion_model.`` are
-    rewritten, with the UNet's ``layers_per_block``: 2 in SD1/SD2/SDXL). Other components and
-    unknown paths pass through unchanged.
+    rewritten, with the UNet's ``layers_per_block``: 2 in SD1/SD2/SDXL). Every component: torch.compile's
+    ``_orig_mod`` segments are dropped (:func:`strip_compiled_segments`). Other components and unknown paths
+    pass through otherwise unchanged.
     """
+    path = strip_compiled_segments(path)
     if component.startswith("text_encoder"):
         for prefix in _TE_PREFIXES:
             if path.startswith(prefix):

@@ -64,7 +64,7 @@ from ..formats.detect import describe_file
 from ..formats.diffusers import METADATA_KEY, save_diffusers, save_peft
 from ..formats.files import atomic_write, staged_outputs
 from ..formats.kohya import cast_factors, save_kohya
-from ..formats.layers import COMPONENTS, group_by_layer
+from ..formats.layers import COMPONENTS, canonical_state, group_by_layer
 from ..formats.peft_ia3 import resolve_sd_bias_free
 from .output import (
     check_base_model,
@@ -322,9 +322,9 @@ def convert_lora(
             else:
                 name = _peft_component(components, component if kind not in ("peft-lora", "peft-ia3") else None,
                                        str(source))
-                written = {name: components[name]}
-                try:
-                    save_peft(staging, cast_factors(components[name], dtype))
+                written = {name: canonical_state(name, components[name])}
+                try:  # (under the names pipeline component `name` has: transformers 5's CLIPTextModel lacks text_model.)
+                    save_peft(staging, cast_factors(components[name], dtype), component=name)
                 except ValueError as exc:  # (a LoHa/LoKr layer no peft config rebuilds, named)
                     message = (str(exc).replace("(format='kohya')", "(convert --to kohya)")
                                .replace("save it as kohya", "convert --to kohya keeps it"))
@@ -334,7 +334,8 @@ def convert_lora(
         except SdadaptError as exc:
             _raise_named_as_output(exc, staging, target)
         if "model" in back:
-            back = {next(iter(written)): back["model"]}
+            component_name = next(iter(written))
+            back = {component_name: canonical_state(component_name, back["model"])}
         report.layers = {c: len(layer_groups(s)) for c, s in back.items()}
         report.families = _families(written)  # (a peft output of one --component: that component's layers only)
         report.max_delta, report.tensor_compared = delta_difference(written, back, source=str(target))
