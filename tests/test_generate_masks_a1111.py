@@ -80,74 +80,9 @@ def test_blur_mask_is_opencvs_8bit_gaussian_blur_bit_for_bit(h, w, sx, sy, seed,
 
 
 # ------------------------------------------------------------------------------------ A1111, transcribed
-def _a1111_resize_image(resize_mode, im, width, height):
-    """modules/images.py resize_image, upscaler None (and any upscaler for an L image: Lanczos)."""
-    def resize(im, w, h):
-        return im.resize((w, h), resample=Image.LANCZOS)
-
-    if resize_mode == 0:
-        return resize(im, width, height)
-    ratio, src_ratio = width / height, im.width / im.height
-    if resize_mode == 1:
-        src_w = width if ratio > src_ratio else im.width * height // im.height
-        src_h = height if ratio <= src_ratio else im.height * width // im.width
-        resized = resize(im, src_w, src_h)
-        res = Image.new("RGB", (width, height))
-        res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
-        return res
-    src_w = width if ratio < src_ratio else im.width * height // im.height
-    src_h = height if ratio >= src_ratio else im.height * width // im.width
-    resized = resize(im, src_w, src_h)
-    res = Image.new("RGB", (width, height))
-    res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
-    if ratio < src_ratio:
-        fill_height = height // 2 - src_h // 2
-        if fill_height > 0:
-            res.paste(resized.resize((width, fill_height), box=(0, 0, width, 0)), box=(0, 0))
-            res.paste(resized.resize((width, fill_height), box=(0, resized.height, width, resized.height)),
-                      box=(0, fill_height + src_h))
-    elif ratio > src_ratio:
-        fill_width = width // 2 - src_w // 2
-        if fill_width > 0:
-            res.paste(resized.resize((fill_width, height), box=(0, 0, 0, height)), box=(0, 0))
-            res.paste(resized.resize((fill_width, height), box=(resized.width, 0, resized.width, height)),
-                      box=(fill_width + src_w, 0))
-    return res
-
-
-def _a1111_expand_crop_region(crop_region, processing_width, processing_height, image_width, image_height):
-    x1, y1, x2, y2 = crop_region
-    ratio_crop_region = (x2 - x1) / (y2 - y1)
-    ratio_processing = processing_width / processing_height
-    if ratio_crop_region > ratio_processing:
-        desired_height = (x2 - x1) / ratio_processing
-        desired_height_diff = int(desired_height - (y2 - y1))
-        y1 -= desired_height_diff // 2
-        y2 += desired_height_diff - desired_height_diff // 2
-        if y2 >= image_height:
-            diff = y2 - image_height
-            y2 -= diff
-            y1 -= diff
-        if y1 < 0:
-            y2 -= y1
-            y1 -= y1
-        if y2 >= image_height:
-            y2 = image_height
-    else:
-        desired_width = (y2 - y1) * ratio_processing
-        desired_width_diff = int(desired_width - (x2 - x1))
-        x1 -= desired_width_diff // 2
-        x2 += desired_width_diff - desired_width_diff // 2
-        if x2 >= image_width:
-            diff = x2 - image_width
-            x2 -= diff
-            x1 -= diff
-        if x1 < 0:
-            x2 -= x1
-            x1 -= x1
-        if x2 >= image_width:
-            x2 = image_width
-    return x1, y1, x2, y2
+# A1111's images.resize_image and masking.expand_crop_region, as transcribed beside their first tests
+from test_img2img_resize import _a1111_resize_image  # noqa: E402
+from test_inpaint_only_masked import _a1111_expand_crop_region  # noqa: E402
 
 
 def _a1111_fill(image, mask):

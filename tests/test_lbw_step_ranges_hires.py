@@ -143,23 +143,7 @@ def test_the_hires_pass_switches_as_the_extension(first, hires, steps, hires_ste
 
 # ---- the whole generate run: hires fix with a step range, against the LoRA switched by hand ----------------------
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    from test_cli_train import _tiny_pipeline
-
-    from sdadapt.formats.files import write_safetensors
-
-    root = tmp_path_factory.mktemp("hires_steps")
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"):
-        state[f"{key}.lora_down.weight"] = torch.randn(4, 32, generator=g)
-        state[f"{key}.lora_up.weight"] = torch.randn(32, 4, generator=g)
-        state[f"{key}.alpha"] = torch.tensor(4.0)
-    (root / "loras").mkdir()
-    write_safetensors(root / "loras" / "ink.safetensors", state, {})
-    return _tiny_pipeline(root / "pipe"), root / "loras"
+from test_prompt_lbw import pipe  # noqa: E402,F401  (the tiny pipeline and its one LoRA, "ink")
 
 
 def _by_hand(pipe, wanted: list[bool]):
