@@ -69,14 +69,14 @@ def main() -> None:
             if UNET_ATTENTION(name, module) or name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
                 module.weight += 0.3 * torch.randn(module.weight.shape[0], 2) @ torch.randn(2, module.weight.shape[1]) / 4
 
-    x, context = torch.randn(64, 8, 32), torch.randn(64, 4, 16)
+    x, context = torch.randn(32, 8, 32), torch.randn(32, 4, 16)
     target = teacher(x, context).detach()
 
     handle = sdadapt.inject(model, UNET_ATTENTION, sdadapt.LoRAConfig(rank=4, alpha=4.0))
     print(f"injected LoRA into {len(handle)} layers, e.g. {handle.names[:2]}")
-    optimiser = torch.optim.AdamW(handle.parameters(), lr=3e-3)
+    optimiser = torch.optim.AdamW(handle.parameters(), lr=1e-2)
     loss0 = None
-    for step in range(300):
+    for step in range(150):
         loss = nn.functional.mse_loss(model(x, context), target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

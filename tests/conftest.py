@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# the same for the subprocesses tests start (examples, the CLI, torchrun): on a busy 2-core machine a child
+# with torch's default thread pool ran a tiny example ~10x slower than with one thread (4 min against 22 s)
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -198,7 +198,9 @@ def test_two_datasets_train_as_kohya_batches_and_metadata(tmp_path, monkeypatch,
 
 def test_resume_continues_the_same_order_and_a_changed_block_is_refused(tmp_path, capsys):
     toml = _write(tmp_path, reg=False)
-    args = [*ARGS, "--dataset-config", str(toml), "--steps", "10"]  # (8 batches an epoch: the resume crosses into epoch 2)
+    # (8 batches an epoch: the resume crosses into epoch 2; 4 generated class images, not 2 x 9: their sampling
+    # was most of the test's time, and the class picks of each position are drawn from 4 as from 18)
+    args = [*ARGS, "--dataset-config", str(toml), "--steps", "10", "--class-images", "4"]
     out = tmp_path / "a.safetensors"
     assert main([*args, "--save-every-n-steps", "6", "-o", str(out)]) == 0
     resumed = tmp_path / "b.safetensors"
@@ -511,8 +513,8 @@ def test_a_non_square_block_is_trained_and_written_at_its_own_width_and_height(t
         return real(dataset, batch_size, seed=seed, epoch=epoch)
 
     monkeypatch.setattr(data_module, "epoch_batches", recording)
-    out = tmp_path / "wide.safetensors"
-    assert main([*ARGS, "--dataset-config", str(toml), "--steps", "1", "-o", str(out)]) == 0
+    out = tmp_path / "wide.safetensors"  # (--no-prior: generating class images is unrelated to the block's size)
+    assert main([*ARGS, "--dataset-config", str(toml), "--steps", "1", "--no-prior", "-o", str(out)]) == 0
     assert set(sizes) == {(32, 64)}  # (height, width)
     with safe_open(str(out), "pt") as f:
         first_entry, second_entry = json.loads(f.metadata()["ss_datasets"])
@@ -556,7 +558,8 @@ bucket_reso_steps = 32
         return real(dataset, batch_size, seed=seed, epoch=epoch)
 
     monkeypatch.setattr(data_module, "epoch_batches", recording)
-    assert main([*ARGS, "--dataset-config", str(toml), "--steps", "1", "-o", str(tmp_path / "f.safetensors")]) == 0
+    assert main([*ARGS, "--dataset-config", str(toml), "--steps", "1", "--no-prior",  # (class images: unrelated)
+                 "-o", str(tmp_path / "f.safetensors")]) == 0
     assert {k: v is not None for k, v in faces.items()} == {
         ("f", "f0_20_20_8_8.png"): True, ("f", "f1_20_20_8_8.png"): True,
         ("g", "g0_20_20_8_8.png"): False, ("g", "g1_20_20_8_8.png"): False}

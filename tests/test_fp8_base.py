@@ -252,14 +252,21 @@ def _fit_on_an_fp8_toy(device: str = "cpu", **changes):
     return losses, [p.detach().cpu().clone() for p in adaptation.params]
 
 
+@pytest.fixture(scope="module")
+def eager_fp8_fit():
+    """The eager fit both cases below compare with (run once: it is the same run for both)."""
+    return _fit_on_an_fp8_toy()
+
+
 @pytest.mark.parametrize("change", [{"cuda_graph": True}, {"compile_backend": "aot_eager"}],
                          ids=["cuda-graph", "torch-compile"])
-def test_captured_and_compiled_steps_on_an_fp8_base_are_the_eager_steps(replaying_cuda_graphs, monkeypatch, change):
+def test_captured_and_compiled_steps_on_an_fp8_base_are_the_eager_steps(replaying_cuda_graphs, monkeypatch, change,
+                                                                         eager_fp8_fit):
     """--cuda-graph (CapturedStep's capture and replays, emulated on a CPU by conftest's replaying graphs) and
     --torch-compile (the traced graph, aot_eager) over an fp8 base: bit for bit the eager run."""
     from fit_runs import spy_on_captured_steps
 
-    eager = _fit_on_an_fp8_toy()
+    eager = eager_fp8_fit
     made = spy_on_captured_steps(monkeypatch)
     other = _fit_on_an_fp8_toy(**change)
     assert bool(made) == ("cuda_graph" in change) and all(m.graph_count == 1 for m in made)
