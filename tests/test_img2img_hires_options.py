@@ -92,9 +92,12 @@ def test_img2img_fix_steps_runs_exactly_steps_on_a_longer_grid(tiny_sd, tmp_path
 @pytest.mark.parametrize("mode", ["crop", "fill"])
 def test_cli_resize_mode_reaches_the_init_latents(tiny_sd, tmp_path, spy, mode):
     from sdadapt.cli import main
-    from sdadapt.images import read_image, write_png
+    import numpy as np
+    from PIL import Image
+
+    from sdadapt.images import write_png
     from sdadapt.jobs.models import load_system
-    from sdadapt.resize_modes import a1111_resize
+    from test_img2img_resize import _a1111_resize_image
 
     write_png(tmp_path / "init.png", torch.rand(3, 20, 44, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert main(["generate", "--model", str(tiny_sd), "--prompt", "a photo", "--steps", "3", "--sampler", "euler",
@@ -102,9 +105,12 @@ def test_cli_resize_mode_reaches_the_init_latents(tiny_sd, tmp_path, spy, mode):
                  "--resize-mode", mode]) == 0
     system = load_system(str(tiny_sd))
     size = system.image_size
-    expected = system.encode_images(a1111_resize(read_image(tmp_path / "init.png"), (size, size), mode=mode)[None])
+    theirs = _a1111_resize_image({"crop": 1, "fill": 2}[mode], Image.open(tmp_path / "init.png").convert("RGB"),
+                                 size, size)  # (A1111's resize_image on the 8-bit image)
+    pixels = torch.from_numpy(np.asarray(theirs).astype(np.float32) / 255.0).permute(2, 0, 1) * 2 - 1
+    expected = system.encode_images(pixels[None])
     (_, _, start, _, _), = spy
-    assert torch.allclose(start.init[:1], expected, atol=1e-5)
+    assert torch.equal(start.init[:1], expected)
 
 
 def test_hires_text_options_need_a_hires_pass_and_an_img2img_sampler(tmp_path):

@@ -12,17 +12,28 @@ another size or aspect is brought to the size being generated.
   the edge row alone for a one-row image), clipped to the pixel range.
 
 The scaling is Lanczos (:func:`sdadapt.resampling.resample`, PIL's filter; A1111 with its default
-``upscaler_for_img2img`` None); black is the low bound of ``bounds``. This is the float path of tensors (PIL rounds
-to 8 bits between its passes: within ~3 levels of A1111's 8-bit result); the inpaint path, which needs PIL anyway,
-runs A1111's PIL calls themselves (:func:`sdadapt.inpaint_crop.resize_image`, bit for bit).
+``upscaler_for_img2img`` None); black is the low bound of ``bounds``. :func:`a1111_resize` is the float path of
+tensors (PIL rounds to 8 bits between its passes: within ~3 levels of A1111's 8-bit result).
+
+An init image *file* (``generate --init-image``: img2img, an inpainting model's img2img conditioning, the inpaint
+tab) is taken as A1111's ``StableDiffusionProcessingImg2Img.init`` takes it (AUTOMATIC1111/stable-diffusion-webui
+``modules/processing.py``, read at commit 0027ce1f6e58), on 8-bit PIL images, so the pixels the VAE encodes are
+A1111's bit for bit: :func:`open_init_image` (the img2img tab's RGBA, ``images.flatten`` on the default white
+``img2img_background_color``), :func:`sdadapt.inpaint_crop.resize_image` (``images.resize_image(resize_mode, ...)``,
+PIL's calls themselves) and :func:`pil_pixels` (``np.array(image).astype(np.float32) / 255.0``, then ``· 2 − 1``):
+:func:`init_image_pixels`. Without Pillow (an optional dependency) :func:`init_image_pixels` falls back to the
+float path — :func:`sdadapt.images.read_image` (8-bit PNGs only, alpha blended on white in float) and
+:func:`a1111_resize`: within ~3 levels of 8 bits of A1111's pixels instead of equal to them.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-__all__ = ["RESIZE_MODES", "a1111_resize"]
+__all__ = ["RESIZE_MODES", "a1111_resize", "init_image_pixels", "open_init_image", "pil_pixels"]
 
 #: ``--resize-mode`` names -> A1111's resize_mode number and label
 RESIZE_MODES: dict[str, tuple[int, str]] = {"just": (0, "Just resize"), "crop": (1, "Crop and resize"),
@@ -93,3 +104,64 @@ def a1111_resize(image: Tensor, size: tuple[int, int], *, mode: str = "just",
             _paste(canvas, _edge(resized, 2, False).clamp(*bounds).expand(-1, -1, left), 0, 0)
             _paste(canvas, _edge(resized, 2, True).clamp(*bounds).expand(-1, -1, left), 0, left + src_w)
     return canvas
+
+
+def open_init_image(path: str | os.PathLike, *, option: str = "--init-image"):
+    """The init image at ``path`` as A1111's img2img tab hands it over (Gradio's ``image_mode="RGBA"``: PIL's
+    ``convert("RGBA")``, a palette's transparency included) and ``images.flatten`` with the default
+    ``img2img_background_color`` white takes it: pasted through its own alpha on an opaque white RGBA canvas, then
+    ``convert("RGB")`` — 8-bit throughout, PIL's calls themselves. Returns a PIL RGB image of the file's size.
+
+    Raises:
+        ImportError: no Pillow (``pip install pillow``).
+        ValueError: a file PIL cannot read as an image (the message names ``option`` and the file).
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError(f"{option} {path}: reading it as A1111 does needs Pillow (pip install pillow)") from None
+    try:
+        with Image.open(path) as opened:
+            rgba = opened.convert("RGBA")
+    except OSError as exc:  # (PIL's UnidentifiedImageError and truncated files)
+        raise ValueError(f"{option} {path}: unreadable image ({exc}); give a PNG, JPEG or WebP image") from None
+    background = Image.new("RGBA", rgba.size, "#ffffff")
+    background.paste(rgba, mask=rgba)
+    return background.convert("RGB")
+
+
+def pil_pixels(image) -> Tensor:
+    """A PIL RGB image (W x H) -> (3, H, W) float32 in [-1, 1], in A1111's float32 steps:
+    ``np.array(image).astype(np.float32) / 255.0``, then ``· 2 − 1`` where the VAE (``images_tensor_to_samples``)
+    and the image conditioning take it."""
+    import numpy as np
+
+    unit = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0)  # (H, W, 3) in [0, 1]
+    return (unit * 2 - 1).permute(2, 0, 1).contiguous()
+
+
+def init_image_pixels(path: str | os.PathLike, size: tuple[int, int], *, mode: str = "just",
+                      option: str = "--init-image") -> Tensor:
+    """The init image file at ``path`` brought to ``size`` = (H, W) by A1111's resize ``mode`` -> (3, H, W) float32
+    in [-1, 1]: the pixels A1111's img2img encodes (``StableDiffusionProcessingImg2Img.init`` without a mask:
+    :func:`open_init_image`, :func:`sdadapt.inpaint_crop.resize_image`, :func:`pil_pixels`), bit for bit.
+
+    Without Pillow: the float path (:func:`sdadapt.images.read_image`, which reads 8-bit PNGs without it, and
+    :func:`a1111_resize`), within ~3 levels of 8 bits of A1111's pixels.
+
+    Raises:
+        ValueError: an unknown mode, a size below 1, a mode that scales a side of the image to 0 pixels, an
+            unreadable file (or, without Pillow, a file other than an 8-bit PNG: the message says to install it).
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    H, W = (int(v) for v in size)
+    try:
+        import PIL.Image  # noqa: F401  (optional)
+    except ImportError:  # (the float path: read_image says what needs Pillow)
+        from .images import read_image
+
+        return a1111_resize(read_image(path), (H, W), mode=mode)
+    from .inpaint_crop import resize_image
+
+    return pil_pixels(resize_image(open_init_image(path, option=option), W, H, mode=mode))

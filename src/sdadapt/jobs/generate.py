@@ -198,8 +198,8 @@ def run_generate(
             ``latent-bicubic``..., or ``pixel-lanczos``: decode, Lanczos resize, encode)
             (:func:`sdadapt.jobs.generate_hires.sample_image`).
         resize_mode: A1111's img2img resize mode for ``init_image``: ``just`` (stretch), ``crop`` (crop and resize),
-            ``fill`` (resize and fill) (:func:`sdadapt.resize_modes.a1111_resize`); with ``inpaint_full_res`` (as in
-            A1111) it applies only when the mask is blank and the run falls back to plain img2img — the region is
+            ``fill`` (resize and fill) (:func:`sdadapt.resize_modes.init_image_pixels`); with ``inpaint_full_res``
+            (as in A1111) it applies only when the mask is blank and the run falls back to plain img2img — the region is
             fitted by "Resize and fill" whatever the mode.
         img2img_fix_steps: A1111's setting "With img2img, do exactly the amount of steps the slider specifies".
         hires_prompt, hires_negative, hires_sampler: A1111's hr_prompt, hr_negative_prompt, hr_sampler_name: the

@@ -124,24 +124,24 @@ def check_img2img_pass(sampler: str, *, steps: int, strength: float, fixed_steps
 
 def init_latents_from_image(system, path: str | os.PathLike, *, height: int, width: int,
                             resize_mode: str = "just") -> Tensor:
-    """``--init-image``: the image at ``path`` brought to ``width`` x ``height`` by A1111's ``resize_mode``
-    (:func:`sdadapt.resize_modes.a1111_resize`: ``just`` stretches, ``crop`` cuts the centre, ``fill`` pads with the
-    edges; Lanczos) and encoded (``system.encode_images``: the VAE posterior mean × scaling factor)
-    -> (1, C, height/8, width/8).
+    """``--init-image``: the image at ``path`` flattened on white and brought to ``width`` x ``height`` by A1111's
+    ``resize_mode`` (``just`` stretches, ``crop`` cuts the centre, ``fill`` pads with the edges; Lanczos), as
+    A1111's img2img does it on 8-bit PIL images (:func:`sdadapt.resize_modes.init_image_pixels`: the pixels bit for
+    bit; without Pillow within ~3 levels), and encoded (``system.encode_images``: the VAE posterior mean × scaling
+    factor) -> (1, C, height/8, width/8).
 
     Raises:
         FileNotFoundError: no such image.
-        ValueError: an unknown resize mode.
+        ValueError: an unknown resize mode, an unreadable image, a mode that scales a side to 0 pixels.
     """
-    from ..images import read_image
-    from ..resize_modes import RESIZE_MODES, a1111_resize
+    from ..resize_modes import RESIZE_MODES, init_image_pixels
 
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--init-image {file}: no such image file")
-    image = a1111_resize(read_image(file), (height, width), mode=resize_mode)
+    image = init_image_pixels(file, (height, width), mode=resize_mode)
     device = system.alphas_cumprod.device
     with torch.no_grad():
         return system.encode_images(image[None].to(device)).float()

@@ -134,32 +134,23 @@ def _pil(image: Tensor):
 
 
 def _tensor(image) -> Tensor:
-    """A PIL RGB image -> (3, H, W) float32 in [-1, 1], in A1111's float32 steps (``np.array(image) / 255``, then
-    ``· 2 − 1`` where the VAE and the conditioning take it)."""
-    import numpy as np
+    """A PIL RGB image -> (3, H, W) float32 in [-1, 1], in A1111's float32 steps
+    (:func:`sdadapt.resize_modes.pil_pixels`)."""
+    from ..resize_modes import pil_pixels
 
-    unit = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0)  # (H, W, 3) in [0, 1]
-    return (unit * 2 - 1).permute(2, 0, 1).contiguous()
+    return pil_pixels(image)
 
 
 def _init_image(path):
-    """The ``--init-image`` as A1111 takes it (its img2img tab hands it over as RGBA; ``images.flatten`` with the
-    default ``img2img_background_color`` white): PIL RGBA pasted through its own alpha on white, then RGB — 8-bit
-    throughout. Returns a PIL RGB image.
+    """The ``--init-image`` as A1111 takes it: flattened on white, 8-bit (:func:`sdadapt.resize_modes.open_init_image`).
+    Returns a PIL RGB image.
 
     Raises:
         ValueError: a file PIL cannot read as an image.
     """
-    from PIL import Image
+    from ..resize_modes import open_init_image
 
-    try:
-        with Image.open(path) as opened:
-            rgba = opened.convert("RGBA")
-    except OSError as exc:  # (PIL's UnidentifiedImageError and truncated files)
-        raise ValueError(f"--init-image {path}: unreadable image ({exc}); give a PNG, JPEG or WebP image") from None
-    background = Image.new("RGBA", rgba.size, "#ffffff")
-    background.paste(rgba, mask=rgba)
-    return background.convert("RGB")
+    return open_init_image(path)
 
 
 def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool):
@@ -264,21 +255,21 @@ def img2img_conditioning(system, image_path: str | os.PathLike, *, height: int, 
     """An inpainting model's image conditioning for img2img without a mask (also "Only masked" with a blank mask):
     A1111's ``img2img_image_conditioning`` with ``image_mask=None`` — a mask of ones and the masked image
     ``lerp(image, 0, W) = image·(1 − W)`` (``W``: ``inpainting_mask_weight``; 1: all 0, the grey image of txt2img's
-    conditioning), the image brought to ``width`` x ``height`` by ``resize_mode``. Returns (1, 5, h, w), or
-    ``None`` for a plain model (whose img2img has no image conditioning).
+    conditioning), the image brought to ``width`` x ``height`` by ``resize_mode`` — the pixels the init image's VAE
+    encoding takes, A1111's bit for bit (:func:`sdadapt.resize_modes.init_image_pixels`; A1111 hands
+    ``img2img_image_conditioning`` the same ``image * 2 − 1``). Returns (1, 5, h, w), or ``None`` for a plain model
+    (whose img2img has no image conditioning).
 
     Raises:
-        ValueError: a UNet neither plain nor an inpainting one, a weight outside [0, 1].
+        ValueError: a UNet neither plain nor an inpainting one, a weight outside [0, 1], an unreadable image, a
+            resize mode that scales a side to 0 pixels.
     """
     from .. import inpaint
-    from ..images import read_image
-    from ..resize_modes import a1111_resize
+    from ..resize_modes import init_image_pixels
 
     if not _is_inpainting_model(system):
         return None
-    image = read_image(image_path)
-    if tuple(image.shape[1:]) != (height, width):
-        image = a1111_resize(image, (height, width), mode=resize_mode)
+    image = init_image_pixels(image_path, (height, width), mode=resize_mode)
     ones = torch.ones(1, 1, height, width)
     masked = inpaint.masked_image(image[None], ones, inpainting_mask_weight)
     return system.inpainting_conditioning(masked, ones).float()
