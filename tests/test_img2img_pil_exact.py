@@ -155,3 +155,83 @@ def test_bad_init_images_are_refused_with_the_option(tmp_path):
     _write(tmp_path / "thin.png", "RGB", 1, 60, seed=0)
     with pytest.raises(ValueError, match="would be 16x0 pixels"):
         init_image_pixels(tmp_path / "thin.png", (16, 16), mode="fill")
+
+
+# --- review R7 -----------------------------------------------------------------------------------------------------
+
+
+def _jpeg_turned(path, orientation: int):
+    """A JPEG whose EXIF Orientation tag says how to turn it (6: 90° clockwise, as phones write), 20 x 40 stored."""
+    rng = np.random.default_rng(orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+def test_exif_oriented_init_image_is_turned_as_a1111_does(tmp_path):
+    from PIL import ImageOps
+
+    path = _jpeg_turned(tmp_path / "phone.jpg", 6)
+    with Image.open(path) as im:
+        turned = ImageOps.exif_transpose(im.convert("RGBA"))  # (images.fix_image after the tab's RGBA)
+    assert turned.size == (20, 40)
+    turned.save(tmp_path / "turned.png")
+    theirs = _a1111_init(tmp_path / "turned.png", 24, 32, 0)[0]
+    assert torch.equal(init_image_pixels(path, (32, 24), mode="just"), theirs)
+
+
+def test_exif_oriented_mask_is_turned_as_a1111_does(tmp_path):
+    """A1111's img2img() runs images.fix_image on the mask too: a phone-photo mask is turned upright before it is
+    made binary (its region then falls where it was drawn)."""
+    from PIL import ImageOps
+
+    from sdadapt import inpaint
+    from sdadapt.jobs.generate_inpaint import _prepared_mask
+
+    path = _jpeg_turned(tmp_path / "mask.jpg", 6)
+    with Image.open(path) as im:
+        theirs = inpaint.binary_mask(ImageOps.exif_transpose(im))
+    ours = _prepared_mask(path, mask_blur=0, invert_mask=False)
+    assert ours.size == (20, 40) and np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+@pytest.mark.parametrize("kind", ["RGB-tRNS", "P-opaque", "CMYK-jpeg", "I;16"])
+def test_other_file_modes_match_a1111s_pil_conversion(tmp_path, kind):
+    """Files that are not 8-bit RGB(A)/LA/L: an RGB PNG with a tRNS colour (A1111's fix_png_transparency and the
+    tab's RGBA: that colour becomes white), an opaque palette, a CMYK JPEG, a 16-bit grey PNG — each is what PIL's
+    convert("RGBA") + flatten makes of it, bit for bit."""
+    rng = np.random.default_rng(11)
+    if kind == "RGB-tRNS":
+        px = rng.integers(0, 256, (18, 22, 3), dtype=np.uint8)
+        px[::3, ::2] = (1, 2, 3)
+        path = tmp_path / "a.png"
+        Image.fromarray(px).save(path, transparency=(1, 2, 3))
+    elif kind == "P-opaque":
+        path = tmp_path / "a.png"
+        Image.fromarray(rng.integers(0, 256, (18, 22, 3), dtype=np.uint8)).convert("P").save(path)
+    elif kind == "CMYK-jpeg":
+        path = tmp_path / "a.jpg"
+        Image.fromarray(rng.integers(0, 256, (18, 22, 4), dtype=np.uint8), "CMYK").save(path)
+    else:
+        path = tmp_path / "a.png"
+        Image.fromarray(rng.integers(0, 300, (18, 22), dtype=np.uint16)).save(path)
+    for mode, (number, _) in RESIZE_MODES.items():
+        assert torch.equal(init_image_pixels(path, (16, 24), mode=mode), _a1111_init(path, 24, 16, number)[0])
+    if kind == "RGB-tRNS":  # (the transparent colour is flattened to white, not kept as (1, 2, 3))
+        assert torch.equal(init_image_pixels(path, (18, 22))[:, 0, 0], torch.ones(3))
+
+
+def test_unreadable_image_message_names_the_option_given(tmp_path):
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"^--hires-image .*junk.png: unreadable image"):
+        init_image_pixels(tmp_path / "junk.png", (16, 16), option="--hires-image")
+
+
+def test_one_init_image_gives_the_same_pixels_every_call(tmp_path):
+    """--count N with one init image: A1111 repeats the one flattened, resized image over the batch; sdadapt encodes
+    the file once per run — the pixels are a pure function of the file (no state carried between calls)."""
+    path = _write(tmp_path / "init.png", "RGBA", 30, 19, seed=5)
+    first = [init_image_pixels(path, (24, 16), mode=m) for m in RESIZE_MODES]
+    again = [init_image_pixels(path, (24, 16), mode=m) for m in RESIZE_MODES]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -98,10 +98,6 @@ def only_masked_region(mask: Tensor, *, padding: int, width: int, height: int) -
     return expand_crop_region(region, width=width, height=height, image_width=w, image_height=h)
 
 
-#: ``--resize-mode`` names -> A1111's ``resize_mode`` numbers (:data:`sdadapt.resize_modes.RESIZE_MODES`)
-_MODE_NUMBERS = {"just": 0, "crop": 1, "fill": 2}
-
-
 def resize_image(image, width: int, height: int, *, mode: str = "just"):
     """A1111's ``images.resize_image(mode, image, width, height)`` on a PIL image (its default
     ``upscaler_for_img2img`` None, and every ``L`` mask whatever the upscaler: PIL's Lanczos), done by PIL itself so
@@ -125,8 +121,10 @@ def resize_image(image, width: int, height: int, *, mode: str = "just"):
     """
     from PIL import Image
 
-    if mode not in _MODE_NUMBERS:
-        raise ValueError(f"resize mode must be one of {', '.join(_MODE_NUMBERS)}, got {mode!r}")
+    from .resize_modes import RESIZE_MODES
+
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
     width, height = int(width), int(height)
     if width < 1 or height < 1:
         raise ValueError(f"size must be at least 1 x 1, got {width} x {height}")

@@ -109,7 +109,8 @@ def a1111_resize(image: Tensor, size: tuple[int, int], *, mode: str = "just",
 def open_init_image(path: str | os.PathLike, *, option: str = "--init-image"):
     """The init image at ``path`` as A1111's img2img tab hands it over (Gradio's ``image_mode="RGBA"``: PIL's
     ``convert("RGBA")``, a palette's transparency included) and ``images.flatten`` with the default
-    ``img2img_background_color`` white takes it: pasted through its own alpha on an opaque white RGBA canvas, then
+    ``img2img_background_color`` white takes it, after ``images.fix_image`` turned it upright by its EXIF
+    orientation (a phone photo): pasted through its own alpha on an opaque white RGBA canvas, then
     ``convert("RGB")`` — 8-bit throughout, PIL's calls themselves. Returns a PIL RGB image of the file's size.
 
     Raises:
@@ -117,12 +118,12 @@ def open_init_image(path: str | os.PathLike, *, option: str = "--init-image"):
         ValueError: a file PIL cannot read as an image (the message names ``option`` and the file).
     """
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:
         raise ImportError(f"{option} {path}: reading it as A1111 does needs Pillow (pip install pillow)") from None
     try:
-        with Image.open(path) as opened:
-            rgba = opened.convert("RGBA")
+        with Image.open(path) as opened:  # (turned upright by its EXIF orientation: A1111's images.fix_image)
+            rgba = ImageOps.exif_transpose(opened.convert("RGBA"))
     except OSError as exc:  # (PIL's UnidentifiedImageError and truncated files)
         raise ValueError(f"{option} {path}: unreadable image ({exc}); give a PNG, JPEG or WebP image") from None
     background = Image.new("RGBA", rgba.size, "#ffffff")

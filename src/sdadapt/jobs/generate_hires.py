@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "hires_size",
-           "init_latents_from_image", "networks_switched", "sample_image"]
+           "init_latents_from_image", "lanczos_upscale_pixels", "networks_switched", "sample_image"]
 
 #: the samplers whose img2img cannot run at A1111's ``t_enc = 0`` (no step): k-diffusion's DPMSolver takes the
 #: ``σ_min = σ_max`` A1111 hands it as reverse sampling and refuses it with ``eta > 0``, which generate runs them with
@@ -147,6 +147,63 @@ def init_latents_from_image(system, path: str | os.PathLike, *, height: int, wid
         return system.encode_images(image[None].to(device)).float()
 
 
+def _lanczos_upscaler(image, width: int, height: int):
+    """A1111's ``images.resize_image(0, image, width, height, upscaler_name="Lanczos")`` on a PIL image, each step
+    PIL's own Lanczos resize (:func:`sdadapt.inpaint_crop.resize_image`, mode ``just``): with ``scale = max(width /
+    w, height / h)`` above 1, ``UpscalerLanczos.upscale`` (``modules/upscaler.py``) first — ``dest = int((w ·
+    scale) // 8 · 8)`` per side; unless the image already covers ``dest`` one ``do_upscale`` to ``(int(w · scale),
+    int(h · scale))`` (its loop stops there: ``int(x) >= int(x // 8 · 8)``), then a resize to ``dest`` where that
+    differs — and last a resize to ``width`` x ``height`` where the image still differs. A proportional hires size
+    that the float product hits exactly is one resize; a stretched one (``--hires-width`` and ``--hires-height``
+    out of proportion) or one the product misses by a rounding is two or three, as in A1111."""
+    from ..inpaint_crop import resize_image
+
+    scale = max(width / image.width, height / image.height)
+    if scale > 1.0:
+        dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
+        if not (image.width >= dest_w and image.height >= dest_h):
+            image = resize_image(image, int(image.width * scale), int(image.height * scale))
+        if (image.width, image.height) != (dest_w, dest_h):
+            image = resize_image(image, dest_w, dest_h)
+    if (image.width, image.height) != (width, height):
+        image = resize_image(image, width, height)
+    return image
+
+
+def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int]) -> Tensor:
+    """The hires pass's ``pixel-lanczos`` input: the first pass's decoded images ``decoded`` (B, 3, h, w) in
+    [-1, 1] brought to ``size`` = (H, W) -> (B, 3, H, W) float32 in [-1, 1] on the CPU — the pixels A1111's
+    ``sample_hr_pass`` encodes for a non-latent upscaler (``modules/processing.py``, read at commit 0027ce1f6e58),
+    bit for bit: ``torch.clamp((x + 1) / 2, 0, 1)`` in float32, ``255. · x`` made ``uint8`` by truncation (not
+    rounding), a PIL image resized by the "Lanczos" upscaler (:func:`_lanczos_upscaler`), then
+    ``np.array(image).astype(np.float32) / 255.0`` and ``· 2 − 1`` (:func:`sdadapt.resize_modes.pil_pixels`).
+
+    Without Pillow (an optional dependency): one float Lanczos resize of each image
+    (:func:`sdadapt.resampling.resample`, PIL's filter and pass order, no 8-bit steps) — within a few levels of
+    8 bits of A1111's pixels instead of equal to them.
+    """
+    height, width = (int(v) for v in size)
+    images = decoded.detach().float().cpu()
+    try:
+        import PIL.Image  # noqa: F401  (optional)
+    except ImportError:
+        from ..resampling import resample
+
+        return torch.stack([resample(p, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
+                            for p in images])
+    import numpy as np
+    from PIL import Image
+
+    from ..resize_modes import pil_pixels
+
+    unit = torch.clamp((images + 1.0) / 2.0, min=0.0, max=1.0)  # (B, 3, h, w) float32, A1111's lowres_samples
+    out = []
+    for x in unit:
+        eight = (255.0 * np.moveaxis(x.numpy(), 0, 2)).astype(np.uint8)  # (h, w, 3): truncated, as A1111
+        out.append(pil_pixels(_lanczos_upscaler(Image.fromarray(np.ascontiguousarray(eight)), width, height)))
+    return torch.stack(out)
+
+
 @contextmanager
 def networks_switched(system, *, first: list, apply_first: Callable[[list], object],
                       apply_second: Callable[[list], object]) -> Iterator[None]:
@@ -187,8 +244,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
 
     ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
     ``noise``...). ``init_latents``: img2img from them at ``denoising_strength``. ``hires``: a second pass as
-    A1111's txt2img hires fix: the first pass's latents upscaled (a latent upscaler), or decoded, Lanczos-resized
-    and encoded (``pixel-lanczos``), then img2img at ``hires.denoising`` with A1111's ``steps=hr_second_pass_steps
+    A1111's txt2img hires fix: the first pass's latents upscaled (a latent upscaler), or decoded, made 8-bit,
+    resized by A1111's "Lanczos" upscaler and encoded (``pixel-lanczos``: :func:`lanczos_upscale_pixels`), then img2img at ``hires.denoising`` with A1111's ``steps=hr_second_pass_steps
     or steps`` (the fix-steps rule, :func:`sdadapt.img2img.a1111_img2img_steps`), the start noise drawn for the seed
     at the hires size (A1111 makes a new ImageRNG for the hires latents). ``plan_for(steps)``: the prompt plan for
     the hires pass's steps (A1111 re-plans the schedule for them; of ``hires.prompt`` / ``hires.negative`` when
@@ -216,11 +273,7 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     if hires.upscaler in LATENT_UPSCALERS:
         start = upscale_latents(latents.float(), (height // factor, width // factor), upscaler=hires.upscaler)
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
-        from ..resampling import resample
-
-        pixels = system.decode_latents(latents)
-        pixels = torch.stack([resample(p.float().cpu(), (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
-                              for p in pixels]).to(latents.device)
+        pixels = lanczos_upscale_pixels(system.decode_latents(latents), (height, width)).to(latents.device)
         with torch.no_grad():
             start = system.encode_images(pixels).float()
     steps = hires.steps or int(options.get("steps", 25))

@@ -157,12 +157,12 @@ def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool):
     """A1111's mask preparation at the mask's own size: made binary (an RGBA mask's alpha, ``> 128``; other masks
     their luminance), inverted (``invert_mask``), blurred (``mask_blur``, x and y). Returns a PIL ``L`` image."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from .. import inpaint
 
-    with Image.open(mask_path) as opened:
-        mask = inpaint.binary_mask(opened)  # (RGBA: its alpha; LA/PA/L/RGB: luminance, as A1111's convert("L"))
+    with Image.open(mask_path) as opened:  # (upright by its EXIF orientation, as A1111's images.fix_image)
+        mask = inpaint.binary_mask(ImageOps.exif_transpose(opened))  # (RGBA: its alpha; LA/PA/L/RGB: luminance, as A1111's convert("L"))
     if invert_mask:
         mask = inpaint.invert_mask(mask)
     if mask_blur > 0:
