@@ -118,7 +118,8 @@ class EmbeddingHandle:
         return f"EmbeddingHandle(name={self.name!r}, rows={shapes}, removed={self._removed})"
 
 
-def inject_embedding(text_encoder, tokenizer, embedding: Embedding, *, trainable: bool = False) -> EmbeddingHandle:
+def inject_embedding(text_encoder, tokenizer, embedding: Embedding, *, trainable: bool = False,
+                     a1111: bool = False) -> EmbeddingHandle:
     """Add ``embedding``'s trigger word to the tokenizer(s) and its vectors to the text encoder(s).
 
     The trigger becomes ``k`` tokens (``k = embedding.count``) whose rows are spliced into the
@@ -135,6 +136,10 @@ def inject_embedding(text_encoder, tokenizer, embedding: Embedding, *, trainable
         embedding: e.g. from :func:`sdadapt.load_embedding`.
         trainable: rows as float32 ``nn.Parameter`` s with gradients (training); else stored in the
             table's dtype without gradients.
+        a1111: a name of several tokens (``my-style``) is matched by its token ids in the tokenized prompt, as
+            A1111 matches it (``my - style`` too, ``amy-style`` not; :meth:`EmbeddingHandle.expand` writes its alias
+            tokens ``<emb-my-style>`` …), instead of being added as the token ``my-style`` that diffusers'
+            ``load_textual_inversion`` adds and its pipelines match as text (the default).
 
     Returns:
         an :class:`EmbeddingHandle`; prompts go through :meth:`EmbeddingHandle.expand` before a
@@ -168,7 +173,7 @@ def inject_embedding(text_encoder, tokenizer, embedding: Embedding, *, trainable
         for key in keys:
             tok = tokenizers[key]
             if id(tok) not in sides:
-                side = tokenizer_side(tok)
+                side = tokenizer_side(tok, a1111=a1111)
                 ids = side.add(embedding.name, embedding.count)
                 handle._sides.append(side)
                 sides[id(tok)] = (side, ids)

@@ -20,6 +20,12 @@ A small interface, :class:`TokenizerSide`, with two implementations picked by :f
   further vectors right after each such token (:func:`insert_after_token`). A vocabulary-word trigger of several
   tokens gets the alias tokens ``<emb-name>`` … and expand writes them for each whole-word occurrence
   (:func:`replace_vocabulary_word`). A diffusers pipeline needs the expanded prompt when ``k > 1``.
+
+  With ``a1111=True`` (``inject_embedding(..., a1111=True)``, what ``generate`` uses) a name of several tokens
+  (``my-style``, ``easynegative``) is not added as text: its alias tokens ``<emb-my-style>`` … are, and
+  :meth:`CLIPTokenizerSide.expand` writes them in place of each run of the name's own token ids in the tokenized
+  prompt (:func:`replace_token_run`), as A1111's ``find_embedding_at_position`` matches them: ``my - style`` is the
+  embedding, ``amy-style`` and ``my-styles`` (other ids) are not.
 * :class:`WordTableSide` — tokenizers with an added-word table (the toy tokenizer:
   ``add_word``/``remove_word``/``free_spare_ids``). A trigger that is already a vocabulary word keeps
   its own id for its first vector; every other vector takes the next free spare token
@@ -34,7 +40,7 @@ import weakref
 from typing import Protocol, runtime_checkable
 
 __all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "insert_after_token",
-           "replace_vocabulary_word", "token_strings", "tokenizer_side", "vocabulary_word_alias"]
+           "replace_token_run", "replace_vocabulary_word", "token_strings", "tokenizer_side", "vocabulary_word_alias"]
 
 #: tokenizer -> {vocabulary token id: the name of the loaded embedding holding it} (one embedding per id, as one
 #: per added token)
@@ -105,6 +111,42 @@ def insert_after_token(prompt: str, tokenizer, token_id: int, aliases: list[str]
     return prompt
 
 
+#: characters of A1111's prompt syntax (emphasis, editing, alternation, escapes): a run whose text holds one is not
+#: the name as A1111's parser hands it to the tokenizer (``tom (1)`` is ``tom`` + ``1`` at weight 1.1 there)
+_PROMPT_SYNTAX = re.compile(r"[()\[\]\\:|]")
+
+
+def replace_token_run(prompt: str, tokenizer, run: list[int], aliases: list[str]) -> str:
+    """Each run of the token ids ``run`` in the tokenized ``prompt`` replaced by ``aliases`` (added tokens), scanning
+    from the left and going on after a match, as A1111's ``tokenize_line`` calls ``find_embedding_at_position``.
+
+    The cut is the run's first token's start to its last token's end in the prompt (the fast tokenizer's offsets), so
+    the name's spellings with the same ids match (``my - style`` for ``my-style``) and other words do not
+    (``amy-style`` = ``amy`` …, ``my-styles`` = … ``style s``), inside any weight syntax around them
+    (``(my-style:1.2)`` -> ``(<emb-my-style>:1.2)``). Idempotent: the aliases are not the run's ids.
+
+    Args:
+        run: the name's token ids without BOS/EOS (at least one).
+        aliases: the tokens written instead, e.g. ``["<emb-my-style>", "<emb-my-style>_1"]``.
+    """
+    if not run:
+        raise ValueError("replace_token_run needs the name's token ids (got none)")
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    spans, i, n = [], 0, len(run)
+    while i + n <= len(ids):
+        start, end = int(offsets[i][0]), int(offsets[i + n - 1][1])
+        if ids[i] == run[0] and ids[i : i + n] == run and not _PROMPT_SYNTAX.search(prompt[start:end]):
+            spans.append((start, end))
+            i += n
+        else:
+            i += 1
+    text = " ".join(aliases)
+    for start, end in reversed(spans):
+        prompt = prompt[:start] + text + prompt[end:]
+    return prompt
+
+
 @runtime_checkable
 class TokenizerSide(Protocol):
     """What :func:`sdadapt.inject_embedding` needs from a tokenizer."""
@@ -138,8 +180,10 @@ class CLIPTokenizerSide:
 
     expands_itself = False
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, *, a1111: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.a1111 = a1111  # (a name of several tokens matched by its token ids, A1111's rule, not as added text)
+        self._run: list[int] | None = None  # (that name's token ids, replaced by its aliases in expand)
         self.name: str | None = None  # (the added token: the trigger, or its alias for a vocabulary word)
         self.count = 0
         self.word: str | None = None  # a trigger that is a vocabulary word, spelled as its alias by expand
@@ -170,7 +214,10 @@ class CLIPTokenizerSide:
         own = self._own_token(name, added)
         if own is not None:
             return self._add_own(name, count, own, vocab)
-        if any(s in vocab and s not in added for s in token_strings(name, count)):
+        run = self._name_run(name, added) if self.a1111 else None
+        if run is not None:  # (A1111's key: the name's token ids; the vectors go on the alias tokens)
+            self.word = name
+        elif any(s in vocab and s not in added for s in token_strings(name, count)):
             # a vocabulary word ("cat", "ti"): A1111 matches the word's token ids in the prompt and puts the vectors
             # there; here the word is spelled as an alias token the vocabulary lacks (expand), to the same effect
             self.word = name
@@ -189,8 +236,22 @@ class CLIPTokenizerSide:
             self._restore()
             raise ValueError(f"the tokenizer added {added} of the tokens {strings}")
         self._after = self._added_tokens()
-        self.name, self.count = token, count
+        self.name, self.count, self._run = token, count, run
         return [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
+
+    def _name_run(self, name: str, added: dict) -> list[int]:
+        """The token ids A1111 looks ``name`` up by (its tokens without BOS/EOS), checked: some, none another
+        embedding's added token."""
+        run = self.word_ids(name)
+        if not run:
+            raise ValueError(f"the embedding name {name!r} has no tokens in the tokenizer; rename its file")
+        held = set(run) & set(added.values())
+        if held:
+            raise TriggerTakenError(
+                f"the embedding name {name!r} tokenizes into another embedding's token(s) "
+                f"{self.tokenizer.convert_ids_to_tokens(sorted(held))}; remove that embedding first or rename the file"
+            )
+        return run
 
     def _own_token(self, name: str, added: dict) -> int | None:
         """The vocabulary id of a trigger CLIP tokenizes as one (not added) token, else None (A1111 matches the
@@ -232,6 +293,8 @@ class CLIPTokenizerSide:
             return prompt
         if self.own_id is not None:
             return insert_after_token(prompt, self.tokenizer, self.own_id, self._aliases)
+        if self._run is not None:
+            return replace_token_run(prompt, self.tokenizer, self._run, token_strings(self.name, self.count))
         if self.word is not None:
             prompt = replace_vocabulary_word(prompt, self.word)
         # (by token id, not by text: the added token matches the name in any case, "easynegative" for
@@ -257,7 +320,7 @@ class CLIPTokenizerSide:
         self._restore()
         if self.own_id is not None:
             _HELD_IDS.get(self.tokenizer, {}).pop(self.own_id, None)
-        self.name, self.count, self.word, self.own_id = None, 0, None, None
+        self.name, self.count, self.word, self.own_id, self._run = None, 0, None, None, None
 
 
 class WordTableSide:
@@ -310,8 +373,12 @@ class WordTableSide:
             self.word = None
 
 
-def tokenizer_side(tokenizer) -> TokenizerSide:
+def tokenizer_side(tokenizer, *, a1111: bool = False) -> TokenizerSide:
     """The :class:`TokenizerSide` for ``tokenizer`` (a new one per embedding).
+
+    ``a1111``: on a transformers tokenizer, a name of several tokens is matched by its token ids as A1111 matches
+    it (:class:`CLIPTokenizerSide`), not added as a token diffusers' pipelines match as text; the toy tokenizer
+    ignores it.
 
     Raises:
         TypeError: a tokenizer sdadapt cannot add tokens to (says which kinds work).
@@ -319,7 +386,7 @@ def tokenizer_side(tokenizer) -> TokenizerSide:
     if all(hasattr(tokenizer, a) for a in ("add_word", "remove_word", "free_spare_ids", "added", "ids")):
         return WordTableSide(tokenizer)
     if all(hasattr(tokenizer, a) for a in ("add_tokens", "convert_tokens_to_ids", "get_vocab")):
-        return CLIPTokenizerSide(tokenizer)
+        return CLIPTokenizerSide(tokenizer, a1111=a1111)
     raise TypeError(
         f"cannot add embedding tokens to a {type(tokenizer).__name__}: sdadapt works with transformers tokenizers "
         "(CLIPTokenizer) and the toy tokenizer (added-word table)"

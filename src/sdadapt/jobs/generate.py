@@ -447,9 +447,7 @@ def run_generate(
                 say(f"warning: {exc}; skipped, as A1111 skips it")
                 continue
             say(f"embedding {handles[-1].name!r} from {path}")
-    text, negative_text = prompt, negative
-    for handle in handles:
-        text, negative_text = handle.expand(text), handle.expand(negative_text) if negative_text else negative_text
+    text, negative_text = _expanded(prompt, handles), _expanded(negative, handles)
     from ..prompt_guidance import plan_prompt
     from ..prompt_schedule import schedule_steps
 
@@ -603,8 +601,10 @@ def run_generate(
 
 
 def _expanded(text: str | None, handles) -> str | None:
-    """``text`` with the injected embeddings' names expanded as the prompt's are (``None`` stays ``None``)."""
-    for handle in handles if text else ():
+    """``text`` with the injected embeddings' names expanded (``None`` and ``""`` stay as they are): the longest
+    name first, as A1111 tries the longest name at each position (``tom-cat_v2`` before ``tom-cat``, ``tom-cat``
+    before ``cat``), whatever order the files were loaded in (their handles stay in load order for ``remove()``)."""
+    for handle in sorted(handles, key=lambda h: len(h.name), reverse=True) if text else ():
         text = handle.expand(text)
     return text
 
@@ -907,7 +907,7 @@ def _inject_embedding_file(system, path: Path):
     else:
         encoders, tokenizers = system.text_encoder, system.tokenizer
     try:
-        return inject_embedding(encoders, tokenizers, embedding)
+        return inject_embedding(encoders, tokenizers, embedding, a1111=True)  # (A1111's name matching)
     except TriggerTakenError:
         raise ValueError(f"--embedding {path}: another embedding named {embedding.name!r} is loaded already (a file's "
                          "name is its trigger word, A1111's rule); give one of them, or rename one file") from None
