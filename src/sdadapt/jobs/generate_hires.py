@@ -245,8 +245,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
     ``noise``...). ``init_latents``: img2img from them at ``denoising_strength``. ``hires``: a second pass as
     A1111's txt2img hires fix: the first pass's latents upscaled (a latent upscaler), or decoded, made 8-bit,
-    resized by A1111's "Lanczos" upscaler and encoded (``pixel-lanczos``: :func:`lanczos_upscale_pixels`), then img2img at ``hires.denoising`` with A1111's ``steps=hr_second_pass_steps
-    or steps`` (the fix-steps rule, :func:`sdadapt.img2img.a1111_img2img_steps`), the start noise drawn for the seed
+    resized by A1111's "Lanczos" upscaler and encoded (``pixel-lanczos``: :func:`lanczos_upscale_pixels`), then
+    img2img at ``hires.denoising`` with A1111's ``steps=hr_second_pass_steps or steps`` (the fix-steps rule, :func:`sdadapt.img2img.a1111_img2img_steps`), the start noise drawn for the seed
     at the hires size (A1111 makes a new ImageRNG for the hires latents). ``plan_for(steps)``: the prompt plan for
     the hires pass's steps (A1111 re-plans the schedule for them; of ``hires.prompt`` / ``hires.negative`` when
     given); ``None``: ``options["plan"]``. ``hires.prompt`` / ``hires.negative``: the second pass's texts (a plain
