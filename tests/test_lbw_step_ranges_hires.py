@@ -147,34 +147,13 @@ from test_prompt_lbw import pipe  # noqa: E402,F401  (the tiny pipeline and its 
 
 
 def _by_hand(pipe, wanted: list[bool]):
-    """generate's image sampled by sample_image without its switch: the text-encoder part merged before sampling,
-    the UNet part merged / undone by a forward pre-hook from the UNet's call count (one call per model call)."""
-    from sdadapt.apply import apply_lora
-    from sdadapt.formats import load_lora
-    from sdadapt.jobs.generate_hires import HiresRequest, sample_image
-    from sdadapt.jobs.models import load_system
+    """generate's image with the hires pass, the LoRA switched by hand (one UNet call per model call)."""
+    from test_prompt_lbw import _switched_by_hand
 
-    system = load_system(str(pipe[0]), device="cpu")
-    components = load_lora(pipe[1] / "ink.safetensors")[0]
-    apply_lora(system.text_encoder, components["text_encoder"], scale=0.7)
-    merged, calls = [], [0]
+    from sdadapt.jobs.generate_hires import HiresRequest
 
-    def pre_hook(module, args):
-        on = wanted[calls[0]]
-        calls[0] += 1
-        if on and not merged:
-            merged.append(apply_lora(system.unet, components["unet"], scale=0.7))
-        elif not on and merged:
-            merged.pop().undo()
-
-    hook = system.unet.register_forward_pre_hook(pre_hook)
-    options = {"negative": "", "seed": 1, "steps": 4, "guidance": 5.0, "sampler": "euler", "karras": False,
-               "height": 32, "width": 32, "cond": None, "plan": None}
-    try:
-        image = sample_image(system, ["a cat"], options, hires=HiresRequest((64, 64), steps=3, denoising=0.6))[0]
-    finally:
-        hook.remove()
-    assert calls[0] == len(wanted)
+    image, made = _switched_by_hand(pipe, wanted, hires=HiresRequest((64, 64), steps=3, denoising=0.6))
+    assert made == len(wanted)
     return image
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from safetensors.torch import load_file  # noqa: E402
-from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, unet_inputs  # noqa: E402
+from tiny_models import tiny_clip  # noqa: E402
 
 import sdadapt  # noqa: E402
 from sdadapt.formats import load_lora, load_peft, save_kohya, save_peft  # noqa: E402
@@ -39,20 +39,7 @@ CASES = {  # name: (model, targets, sdadapt config)
 }
 
 
-def _model(kind: str):
-    """(fresh model, run(model) -> output) for ``"unet"`` (tiny SD1: linear, 1x1 and 3x3 conv layers) or ``"clip"``."""
-    if kind == "unet":
-        unet = tiny_unet_sd1()
-        inputs = unet_inputs(unet)
-        return unet, lambda model: run_unet(model, inputs)
-    text_encoder = tiny_clip()
-    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(5))
-
-    def run(model):
-        with torch.no_grad():
-            return model(ids).last_hidden_state
-
-    return text_encoder, run
+from test_interop_peft import _model  # noqa: E402  (fresh tiny SD1 UNet / CLIP and a run(model) -> output)
 
 
 def _adapted(case: str):

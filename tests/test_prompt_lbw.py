@@ -708,10 +708,10 @@ def _cli_steps(pipe, out, prompt, *extra, sampler="euler"):
                  "--lora-dir", str(pipe[1]), "-q", "-o", str(out), *extra])
 
 
-def _stepped_reference(pipe, *, sampler, start, stop, seed, init_image=None):
+def _switched_by_hand(pipe, wanted, *, sampler="euler", seed=1, init_image=None, hires=None):
     """The image sampled by hand, without generate's switch: the text-encoder part merged before sampling, the UNet
     part merged / undone by a forward pre-hook on the UNet from its call count (one UNet call per model call: the
-    conditionings batch) and the transcribed extension's counter."""
+    conditionings batch) as ``wanted`` says. Returns the image and the number of UNet calls made."""
     from sdadapt.apply import apply_lora
     from sdadapt.formats import load_lora
     from sdadapt.jobs.generate_hires import sample_image
@@ -720,8 +720,6 @@ def _stepped_reference(pipe, *, sampler, start, stop, seed, init_image=None):
     system = load_system(str(pipe[0]), device="cpu")
     components = load_lora(pipe[1] / "ink.safetensors")[0]
     apply_lora(system.text_encoder, components["text_encoder"], scale=0.7)
-    # (img2img runs part of the grid; Euler's on/off at a call does not depend on how many steps follow it)
-    wanted = _extension_on(sampler, 4 if init_image is None else 20, start, stop)
     merged, calls = [], [0]
 
     def pre_hook(module, args):
@@ -735,17 +733,25 @@ def _stepped_reference(pipe, *, sampler, start, stop, seed, init_image=None):
     hook = system.unet.register_forward_pre_hook(pre_hook)
     options = {"negative": "", "seed": seed, "steps": 4, "guidance": 5.0, "sampler": sampler, "karras": False,
                "height": 32, "width": 32, "cond": None, "plan": None}
-    init = {}
+    extra = {} if hires is None else {"hires": hires}
     if init_image is not None:
         from sdadapt.jobs.generate_hires import init_latents_from_image
 
-        init = {"init_latents": init_latents_from_image(system, init_image, height=32, width=32),
-                "denoising_strength": 0.6}
+        extra.update(init_latents=init_latents_from_image(system, init_image, height=32, width=32),
+                     denoising_strength=0.6)
     try:
-        image = sample_image(system, ["a cat"], options, **init)[0]
+        image = sample_image(system, ["a cat"], options, **extra)[0]
     finally:
         hook.remove()
-    assert calls[0] == len(wanted) or init_image is not None
+    return image, calls[0]
+
+
+def _stepped_reference(pipe, *, sampler, start, stop, seed, init_image=None):
+    """The image with the LoRA switched by hand by the transcribed extension's counter (:func:`_switched_by_hand`)."""
+    # (img2img runs part of the grid; Euler's on/off at a call does not depend on how many steps follow it)
+    wanted = _extension_on(sampler, 4 if init_image is None else 20, start, stop)
+    image, made = _switched_by_hand(pipe, wanted, sampler=sampler, seed=seed, init_image=init_image)
+    assert made == len(wanted) or init_image is not None
     return image
 
 
