@@ -24,7 +24,7 @@ READ_ONLY = {"inspect"}
 #: the settings every merge sub-command shares, beyond its operator's declared options
 MERGE_SHARED = {"help", "out", "overwrite", "quiet", "dtype", "no_recipe", "compute_dtype", "device", "components",
                 "keep_ema", "copy_extra_keys", "reset_position_ids", "discard", "allow_nonfinite", "elemental",
-                "adjust", "exclude", "include"}
+                "adjust", "exclude", "include", "presets"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -227,7 +227,7 @@ def _declared_vs_parser(name: str, op: Operator, parser: argparse.ArgumentParser
             assert action.type is numbers and action.default is None
         elif option.type is bool:
             assert isinstance(action, argparse.BooleanOptionalAction) and action.default is option.default
-        elif option.name == "beta":  # one number or a per-block list (cli.merge._block_beta)
+        elif option.name in ("beta", "lam"):  # one number, a per-block list or a preset (cli.merge.per_block_fields)
             assert action.type is number_or_blocks and action.required is option.required
         else:  # (--alpha: a float, and a comma list names where per-block alphas go: cli.merge._one_alpha)
             assert action.type is option.type or option.name == "alpha" and action.type("0.25") == 0.25

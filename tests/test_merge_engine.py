@@ -309,7 +309,7 @@ def test_recipe_metadata_and_bit_exact_replay(tmp_path, abc):
     assert a1111["primary_model_hash"] == sha256_of(c) and a1111["secondary_model_hash"] is None
     models = json.loads(meta["sd_merge_models"])
     assert set(models) == {sha256_of(p) for p in (a, b, c)}
-    assert models[sha256_of(a)]["name"] == "a" and models[sha256_of(a)]["legacy_hash"] == legacy_hash(a)
+    assert models[sha256_of(a)]["name"] == "a.safetensors" and models[sha256_of(a)]["legacy_hash"] == legacy_hash(a)
     # replay from the file's own metadata: identical bytes
     replayed, hashes = load_recipe(tmp_path / "o.safetensors")
     assert replayed == step and hashes[c] == sha256_of(c)
@@ -395,28 +395,32 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
     torch.set_num_threads(1)
+
+    def peak():
+        try:  # VmHWM: peak RSS of this process image (ru_maxrss may carry the parent's over fork+exec)
+            return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     if sys.argv[1] == "merge":
         from sdadapt.merge.engine import merge_file
         from sdadapt.merge.recipe import MergeStep
+        print(peak())  # the baseline: the imports' peak, before any tensor is read
         merge_file(MergeStep("weighted-sum", (sys.argv[2], sys.argv[3]), alpha=0.5), sys.argv[4])
-    elif sys.argv[1] == "load-all":
+    else:  # "load-all"
         from safetensors.torch import load_file, save_file
         a, b = load_file(sys.argv[2]), load_file(sys.argv[3])
         save_file({k: (0.5 * a[k].float() + 0.5 * b[k].float()).half() for k in a}, sys.argv[4])
-    else:
-        import sdadapt.merge.engine
-    try:  # VmHWM: peak RSS of this process image (ru_maxrss may carry the parent's over fork+exec)
-        print(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024)
-    except (OSError, StopIteration):
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(peak())
     """
 )
 
 
-def _rss(*args: str) -> int:
+def _rss(*args: str) -> list[int]:
+    """The peaks (bytes) the script printed: ``merge``: [after its imports, after the merge]; ``load-all``: [the end]."""
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return int(out.stdout.split()[-1])
+    return [int(v) for v in out.stdout.split()]
 
 
 def test_streaming_peak_rss_stays_within_a_few_tensors(tmp_path):
@@ -433,14 +437,16 @@ def test_streaming_peak_rss_stays_within_a_few_tensors(tmp_path):
         write_streaming(tmp_path / f"{name}.safetensors", plan, tensors(seed))
     size = (tmp_path / "a.safetensors").stat().st_size
     assert size > 140e6
-    baseline = _rss("baseline")
-    peak = _rss("merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), str(tmp_path / "o.safetensors"))
+    # one process: its peak after the imports (the baseline) and after the merge
+    baseline, peak = _rss("merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                          str(tmp_path / "o.safetensors"))
     largest_bytes = largest * 2
     bound = baseline + 10 * largest_bytes + (24 << 20)  # measured: about 7x the largest tensor
     assert peak - baseline < 2 * size / 3, (peak, baseline)  # far less than even one input
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB (baseline {baseline / 2**20:.0f})"
     # the same bound catches a load-everything merge (A1111's way)
-    naive = _rss("load-all", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), str(tmp_path / "n.safetensors"))
+    [naive] = _rss("load-all", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                   str(tmp_path / "n.safetensors"))
     assert naive > bound
     with open_source(tmp_path / "o.safetensors") as out, open_source(tmp_path / "a.safetensors") as a:
         key = "model.diffusion_model.layer3.weight"

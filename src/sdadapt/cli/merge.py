@@ -2,7 +2,7 @@
 
     python -m sdadapt merge weighted-sum A B --alpha 0.3 -o OUT
     python -m sdadapt merge add-difference A B C --alpha 1.0 -o OUT
-    python -m sdadapt merge ties BASE M1 M2 [M3 ...] --density 0.2 -o OUT
+    python -m sdadapt merge ties BASE M1 M2 [M3 ...] --density 0.2 -o OUT   (--lam 1, or one per block / a preset)
     python -m sdadapt merge dare BASE M1 M2 [...] --drop 0.9 --seed 0 -o OUT
     python -m sdadapt merge slerp A B --alpha 0.5 -o OUT
     python -m sdadapt merge cosine-a A B --alpha "0,0.2,...,1" -o OUT   (26/20 values, BASE first: one per block)
@@ -11,8 +11,9 @@
 
 One sub-command per entry of :data:`sdadapt.merge.operators.OPERATORS`, made from its declaration
 (inputs, options with their types, defaults and help), so a new operator is a new command with no
-code here. ``--alpha`` and ``--beta`` take one number or one per block (supermerger's MBW list, BASE
-first: :func:`per_block_fields`, the recipe's ``block_weights`` / ``block_beta``); ``block-weighted``
+code here. ``--alpha``, ``--beta`` and ``--lam`` take one number, one per block (supermerger's MBW
+list, BASE first) or a supermerger preset name (:func:`per_block_fields`, the recipe's ``block_weights``
+/ ``block_beta``; ``--presets FILE`` replaces the built-in presets); ``block-weighted``
 is weighted sum / add difference with one alpha per UNet block (also 25/19 values plus --base-alpha).
 Heavy imports happen inside the run functions.
 """
@@ -22,11 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from .options import add_output_options, dtype_name, numbers, progress_bar, safe_text
 
-__all__ = ["register", "operator_dest", "number_or_blocks", "per_block_fields", "PER_BLOCK_HELP"]
+__all__ = ["register", "operator_dest", "number_or_blocks", "per_block_fields", "PER_BLOCK_HELP", "PresetName"]
 
 
 def operator_dest(name: str) -> str:
@@ -71,53 +73,81 @@ def _step(args: argparse.Namespace, operator: str, inputs: list[str], **fields: 
                      adjust=args.adjust, **fields)
 
 
-#: the per-block form of ``--alpha`` / ``--beta`` (supermerger's MBW weights text: BASE first, then the UNet blocks)
+#: the per-block form of ``--alpha`` / ``--beta`` / ``--lam`` (supermerger's MBW weights text: BASE first)
 PER_BLOCK_HELP = ("or one per block, comma-separated, BASE first: 26 values for SD1/SD2 (BASE, IN00..IN11, M00, "
-                  "OUT00..OUT11) or 20 for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08), as supermerger's MBW weights; "
-                  "BASE = text encoders and VAE")
+                  "OUT00..OUT11) or 20 for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08; also SD1's 26, reduced, or "
+                  "110, one per SDXL layer), as supermerger's MBW weights (BASE = text encoders and VAE); or a "
+                  "supermerger preset name (GRAD_V, FLAT_25, WRAP08, ...; --presets FILE for your own list)")
 
-#: operator option -> the MergeStep field its per-block list goes to (its BASE value stays the option's value)
-_PER_BLOCK_FIELD = {"alpha": "block_weights", "beta": "block_beta"}
+#: operator option -> the MergeStep field its per-block list goes to (alpha/beta: its BASE value stays the
+#: option's value; lam: the list is the per-block lam itself, the lam option left at 1)
+_PER_BLOCK_FIELD = {"alpha": "block_weights", "beta": "block_beta", "lam": "block_weights"}
+
+#: the list lengths an operator command takes (the engine checks them against the model: 20/110 SDXL only)
+_BLOCK_COUNTS = (26, 20, 110)
 
 
-def number_or_blocks(text: str) -> float | tuple[float, ...]:
-    """argparse type of ``--alpha`` and ``--beta``: one number (a float) or comma-separated per-block
-    values (a tuple; the count is checked by :func:`per_block_fields`)."""
+class PresetName(str):
+    """A per-block option given as a preset name (resolved by :func:`per_block_fields`)."""
+
+    __slots__ = ()
+
+
+def number_or_blocks(text: str) -> float | tuple[float, ...] | PresetName:
+    """argparse type of ``--alpha``, ``--beta`` and ``--lam``: one number (a float), comma-separated
+    per-block values (a tuple; the count is checked by :func:`per_block_fields`) or, as supermerger
+    reads a weights text without a comma, a preset name (a :class:`PresetName`)."""
     if "," not in text:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+            if not text.strip():
+                raise argparse.ArgumentTypeError("expected a number, comma-separated numbers or a preset name; "
+                                                 "got an empty string") from None
+            return PresetName(text)
         if value != value or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         return value
     return numbers(text)
 
 
-def per_block_fields(values: dict[str, Any]) -> dict[str, tuple[float, ...]]:
-    """Move per-block ``--alpha`` / ``--beta`` lists out of ``values`` (one code path for both).
+def per_block_fields(values: dict[str, Any], *, presets: Mapping[str, str] | None = None) -> dict[str, tuple[float, ...]]:
+    """Move per-block ``--alpha`` / ``--beta`` / ``--lam`` lists out of ``values`` (one code path for all).
 
-    ``values``: option name -> parsed value (``alpha`` may sit here as well as ``beta``). A tuple of
-    26 (SD1/SD2) or 20 (SDXL) values, BASE first, becomes the step field ``block_weights`` /
-    ``block_beta`` (the recipe's spelling, the engine's one path); its BASE value stays the option's
-    value, as supermerger records ``base_alpha`` / ``base_beta``.
+    ``values``: option name -> parsed value. A preset name (:class:`PresetName`) is first replaced by
+    its values from ``presets`` (a :func:`sdadapt.merge.presets.parse_presets` table; default
+    supermerger's built-in list), as supermerger's ``wpreseter`` does. A tuple of 26 (SD1/SD2), 20
+    (SDXL) or 110 (SDXL, one per layer) values, BASE first, becomes the step field ``block_weights``
+    / ``block_beta`` (the recipe's spelling, the engine's one path). ``alpha`` / ``beta``: the BASE
+    value stays the option's value, as supermerger records ``base_alpha`` / ``base_beta``. ``lam``:
+    the list is the per-block lam (``block_weights`` scales lam, so lam itself is left out, i.e. 1).
 
     Returns:
         ``{"block_weights": ..., "block_beta": ...}`` for the lists given (``values`` is updated in place).
 
     Raises:
-        ValueError: a list of another length (the message says which counts fit and why 25/19 do not).
+        ValueError: an unknown or random preset name, a list of another length (the message says
+            which counts fit, why 25/19 do not, and that 61 is supermerger's Flux list).
     """
+    from ..merge.blocks import FLUX_VALUES
+    from ..merge.presets import resolve_preset
+
     fields: dict[str, tuple[float, ...]] = {}
     for name, field_name in _PER_BLOCK_FIELD.items():
         given = values.get(name)
+        if isinstance(given, PresetName):
+            given = resolve_preset(given, presets=presets, option=f"--{name}")
         if not isinstance(given, tuple):
             continue
-        if len(given) not in (20, 26):
+        if len(given) not in _BLOCK_COUNTS:
             hint = (f"; {len(given)} is the UNet blocks alone: put BASE's {name} first" if len(given) in (19, 25)
-                    else "")
+                    else f"; {FLUX_VALUES} values are supermerger's Flux list (CLIP, T5, IN, D00..D18, S00..S37, OUT), "
+                    "and sdadapt merges SD1/SD2/SDXL" if len(given) == FLUX_VALUES else "")
             raise ValueError(f"--{name} takes one number {PER_BLOCK_HELP}; got {len(given)} values{hint}")
-        values[name] = given[0]
+        if name == "lam":
+            del values[name]
+        else:
+            values[name] = given[0]
         fields[field_name] = given
     return fields
 
@@ -130,11 +160,33 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     for name in ENGINE_OPTIONS & set(values):  # left out at their default: the recipe stays as before they existed
         if values[name] == op.option(name).default:
             del values[name]
-    blocks = per_block_fields(values)
+    blocks = per_block_fields(values, presets=_presets(args))  # (names: resolved by the parser, --presets read there)
     fields = {name: values.pop(name) for name in STEP_FIELDS if name in values}
     inputs = [args.base, *args.models] if op.variadic else [getattr(args, n.lower()) for n in op.input_names]
     step = _step(args, args.operator, inputs, options=values, **fields, **blocks)
     return _run(step, args, out=args.out, quiet=args.quiet, overwrite=args.overwrite, save_recipe=not args.no_recipe)
+
+
+def _resolve_preset_names(args: argparse.Namespace) -> None:
+    """Replace preset names in ``--alpha`` / ``--beta`` / ``--lam`` by their values (in place)."""
+    from ..merge.presets import resolve_preset
+
+    named = [(operator_dest(n), f"--{n}") for n in _PER_BLOCK_FIELD
+             if isinstance(getattr(args, operator_dest(n), None), PresetName)]
+    if getattr(args, "presets", None) and getattr(args, "operator_run", None) is _cmd_block:
+        raise ValueError("argument --presets: block-weighted --weights takes numbers only; for a preset name use "
+                         "weighted-sum / add-difference --alpha NAME --presets FILE")
+    presets = _presets(args)  # (read whenever given: a mistyped path is an error even when no name uses it)
+    if named:
+        for dest, flag in named:
+            setattr(args, dest, resolve_preset(getattr(args, dest), presets=presets, option=f"argument {flag}"))
+
+
+def _presets(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--presets FILE`` read (it replaces the built-in list, as supermerger's mbwpresets.txt does)."""
+    from ..merge.presets import read_presets
+
+    return read_presets(args.presets) if getattr(args, "presets", None) else None
 
 
 def _cmd_block(args: argparse.Namespace) -> int:
@@ -210,6 +262,10 @@ def _settings(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--include", default=None, metavar="RULES",
                        help="supermerger's Include: only keys matching a 'BLOCKS:ELEMENTS' rule are merged, the others "
                        "keep the first input")
+    group.add_argument("--presets", default=None, metavar="FILE",
+                       help="block-weight presets file in supermerger's mbwpresets.txt format (NAME<TAB>values lines; "
+                       "NAME:values too); it replaces the built-in supermerger list for preset names in --alpha, "
+                       "--beta and --lam")
     group.add_argument("--adjust", default=None, type=numbers, metavar="A,B,C,D,E,F,G,H",
                        help="supermerger's Adjust: 8 numbers (detail in, detail out, contrast, brightness, 4 colours; "
                        "fewer are padded with 0) that rescale the UNet's conv_in/out.0/out.2 after the merge")
@@ -235,7 +291,8 @@ def _block_hint(name: str) -> str:
     """Where per-block weights go for operator ``name`` (a block-weight flag of another tool was given)."""
     from ..merge.operators import get_operator
 
-    blocks = "26 values for SD1/SD2 (BASE, IN00..IN11, M00, OUT00..OUT11) or 20 for SDXL, BASE first"
+    blocks = ("26 values for SD1/SD2 (BASE, IN00..IN11, M00, OUT00..OUT11); 20, 26 (reduced) or 110 (one per layer) "
+              "for SDXL; BASE first")
     names = get_operator(name).option_names
     if "alpha" in names:
         same = (f", the same as block-weighted {_BLOCK_COMMAND[name]} --weights W,W,..." if name in _BLOCK_COMMAND
@@ -244,9 +301,28 @@ def _block_hint(name: str) -> str:
         return f"{name} takes one --alpha or one per block: --alpha W,W,... ({blocks}){also}{same}"
     if "lam" not in names:
         return f"{name} has no strength to set per block (no alpha or lam), so it takes no block weights"
-    return (f"{name} takes one --lam (block weights scale it) on the command line; per-block weights for {name} go "
-            f"in a recipe: \"block_weights\": [{blocks}] in its step, replayed with python -m sdadapt merge --recipe "
-            "FILE -o OUT (docs/merge.md)")
+    return (f"{name} takes one --lam (block weights scale it) or one per block: --lam W,W,... ({blocks}) or a "
+            "preset name; in a recipe: \"block_weights\"")
+
+
+def _strength_hint(name: str, flag: str) -> str:
+    """What operator ``name`` takes instead of ``flag`` (``--alpha`` / ``--beta``, which it does not have)."""
+    from ..merge.operators import get_operator
+
+    names = get_operator(name).option_names
+    if "lam" in names:
+        return (f"{name} has no {flag.lstrip('-')}; its strength is --lam: one number, one per block (W,W,..., 26 "
+                "values for SD1/SD2; 20, 26 or 110 for SDXL; BASE first) or a preset name")
+    if "alpha" in names:
+        return f"{name} has no {flag.lstrip('-')}; it takes --alpha (one number, one per block or a preset name)"
+    return f"{name} has no strength setting (no alpha, beta or lam): its result depends on its inputs alone"
+
+
+class _StrengthElsewhere(argparse.Action):
+    """``--alpha`` / ``--beta`` on an operator without it: stop at once, saying what the operator takes."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        parser.error(f"{option_string}: {_strength_hint(self.dest.removeprefix('misplaced_'), option_string or '')}")
 
 
 class _BlockWeightsElsewhere(argparse.Action):
@@ -266,6 +342,16 @@ def _operator_parser_class(merge: argparse.ArgumentParser) -> type:
             return [t for t in super()._get_option_tuples(option_string)
                     if not str(getattr(t[0], "dest", "")).startswith("misplaced_")]
 
+        def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+            # preset names resolve once every flag is read (--presets may come after them): an unknown
+            # name is a usage error, before anything is opened
+            namespace, extras = super().parse_known_args(args, namespace)
+            try:
+                _resolve_preset_names(namespace)
+            except ValueError as exc:
+                self.error(str(exc))
+            return namespace, extras
+
     return OperatorParser
 
 
@@ -275,7 +361,7 @@ def _add_operator_option(group: argparse._ArgumentGroup, option) -> None:
     default_text = " (required)" if option.required else "" if option.default is None else f" (default {option.default})"
     if option.per_model:
         kwargs.update(type=numbers, default=None, metavar="W,W,...")
-    elif option.name in _PER_BLOCK_FIELD and option.type is float:  # one number, or one per block: per_block_fields
+    elif option.name in _PER_BLOCK_FIELD and option.type is float:  # number, list or preset: per_block_fields
         kwargs.update(type=number_or_blocks, required=option.required, default=None if option.required else option.default,
                       metavar=f"{option.name.upper()}[,...]")
         default_text += "; " + PER_BLOCK_HELP
@@ -310,6 +396,10 @@ def _add_operator_command(ops: argparse._SubParsersAction, name: str, op) -> arg
         if flag not in taken:
             parser.add_argument(flag, action=_BlockWeightsElsewhere, dest=f"misplaced_{name}", nargs="?",
                                 help=argparse.SUPPRESS)  # (any value: the hint, not "not a number")
+    for flag in ("--alpha", "--beta"):
+        if flag not in taken:
+            parser.add_argument(flag, action=_StrengthElsewhere, dest=f"misplaced_{name}", nargs="?",
+                                help=argparse.SUPPRESS)
     _settings(parser)
     parser.set_defaults(operator_run=_cmd_operator)
     return parser
@@ -353,7 +443,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("c", metavar="C", nargs="?", default=None, help="optional: add difference A + alpha*(B - C)")
     group = p.add_argument_group("block-weighted options")
     group.add_argument("--weights", type=numbers, required=True, metavar="W,W,...",
-                       help='block alphas, comma-separated, e.g. "0,1,1,...,1"')
+                       help='block alphas, comma-separated, e.g. "0,1,1,...,1" (a preset name: weighted-sum / '
+                       'add-difference --alpha NAME)')
     group.add_argument("--base-alpha", type=float, default=None, help="BASE alpha when --weights has no BASE value")
     _settings(p)
     p.set_defaults(operator_run=_cmd_block)

@@ -6,8 +6,10 @@ Block lists (supermerger's, BASE first):
 * SDXL — 20 values: ``BASE, IN00..IN08, M00, OUT00..OUT08``
 
 Also accepted: 25 (SD1/SD2) or 19 (SDXL) values without BASE (bbc-mc's layout; BASE then comes
-from ``base_alpha``), and a 26-value SD1 vector on an SDXL model, reduced the way supermerger does
-(IN00..IN08, M00, OUT00..OUT08 kept; IN09..IN11 and OUT09..OUT11 dropped).
+from ``base_alpha``), a 26-value SD1 vector on an SDXL model, reduced the way supermerger does
+(IN00..IN08, M00, OUT00..OUT08 kept; IN09..IN11 and OUT09..OUT11 dropped), and on SDXL supermerger's
+110 values, one per layer (:mod:`sdadapt.merge.sdxl_layers`). supermerger's 61 values are its Flux
+list (CLIP, T5, IN, D00..D18, S00..S37, OUT) and are refused: sdadapt merges SD1/SD2/SDXL.
 
 Which block a key belongs to (policy, the majority of the tools):
 
@@ -36,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 
 from ..formats.unet_names import diffusers_to_ldm_unet, is_ldm_unet_path
+from .sdxl_layers import SDXL_LAYERS, layer_weight, sdxl_layer
 
 __all__ = [
     "BLOCKS_SD",
@@ -47,9 +50,13 @@ __all__ = [
     "diffusers_block",
     "key_block",
     "block_alpha_fn",
+    "FLUX_VALUES",
 ]
 
 BLOCKS_SD: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+#: supermerger's Flux list length (CLIP, T5, IN, D00..D18, S00..S37, OUT): refused, named in the message
+FLUX_VALUES = 61
+
 BLOCKS_SDXL: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
 
 _UNET_LDM = "model.diffusion_model."
@@ -72,7 +79,9 @@ def parse_block_weights(
 
     Args:
         weights: comma-separated text (``"0,1,...,1"``) or numbers: 26 (SD1/SD2) / 20 (SDXL) with
-            BASE first, 25 / 19 without BASE, or 26 on SDXL (reduced as supermerger does).
+            BASE first, 25 / 19 without BASE, 26 on SDXL (reduced as supermerger does), or 110 on
+            SDXL (one per layer: the result is keyed by :data:`~sdadapt.merge.sdxl_layers.SDXL_LAYERS`,
+            which :func:`block_alpha_fn` recognises by its ``CLIPL`` entry).
         base_alpha: BASE's weight for the 25/19-value forms (required there).
 
     Raises:
@@ -99,10 +108,19 @@ def parse_block_weights(
     if architecture == "sdxl" and len(values) == len(BLOCKS_SD):
         full = dict(zip(BLOCKS_SD, values))
         return {name: full[name] for name in BLOCKS_SDXL}
+    if architecture == "sdxl" and len(values) == len(SDXL_LAYERS):
+        return dict(zip(SDXL_LAYERS, values))
+    if len(values) == FLUX_VALUES:
+        raise ValueError(f"{FLUX_VALUES} block weights are supermerger's Flux list (CLIP, T5, IN, D00..D18, "
+                         f"S00..S37, OUT); this {architecture} model takes {len(names)} values"
+                         + (f", 26 (SD1's, reduced) or {len(SDXL_LAYERS)} (one per layer)" if architecture == "sdxl"
+                            else ""))
     raise ValueError(
         f"{len(values)} block weights do not fit {architecture}: give {len(names)} values "
         f"({', '.join(names[:3])}, ..., {names[-1]}) or {len(names) - 1} without BASE plus base_alpha"
-        + (" (or an SD1 26-value vector)" if architecture == "sdxl" else "")
+        + (f" (or an SD1 26-value vector, or {len(SDXL_LAYERS)} values, one per layer)" if architecture == "sdxl"
+           else f"; {len(SDXL_LAYERS)} values (one per layer) are for SDXL only" if len(values) == len(SDXL_LAYERS)
+           else "")
     )
 
 
@@ -178,8 +196,24 @@ def key_block(key: str, *, architecture: str, naming: str) -> str | None:
 def block_alpha_fn(
     weights: Mapping[str, float], *, architecture: str, naming: str
 ) -> Callable[[str], tuple[float, str | None]]:
-    """``key -> (alpha, block)``; unknown keys get BASE's weight and block ``None`` (to report them)."""
+    """``key -> (alpha, block)``; unknown keys get BASE's weight and block ``None`` (to report them).
+
+    ``weights`` keyed by :data:`~sdadapt.merge.sdxl_layers.SDXL_LAYERS` (the 110-value SDXL form):
+    the alpha is the key's layer's (:func:`~sdadapt.merge.sdxl_layers.layer_weight`), the block still
+    its block (elemental rules match blocks); a key in no layer is reported as unmatched.
+    """
     names = block_names(architecture)
+    if "CLIPL" in weights:
+        if architecture != "sdxl" or any(name not in weights for name in SDXL_LAYERS):
+            raise ValueError(f"per-layer weights are SDXL's {len(SDXL_LAYERS)} layers: {', '.join(SDXL_LAYERS[:4])}, ...")
+        table = {name: float(weights[name]) for name in SDXL_LAYERS}
+
+        def layer_alpha(key: str) -> tuple[float, str | None]:
+            layer = sdxl_layer(key, naming=naming)
+            return layer_weight(table, layer), (None if layer is None else key_block(key, architecture=architecture,
+                                                                                     naming=naming))
+
+        return layer_alpha
     missing = [n for n in names if n not in weights]
     if missing:
         raise ValueError(f"block weights lack {missing}; give every block of {architecture}: {', '.join(names)}")

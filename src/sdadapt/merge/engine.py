@@ -46,6 +46,7 @@ from ..patterns import compile_pattern
 from ..formats.model_keys import DIFFUSERS_COMPONENTS, LDM_PARTS
 from .blocks import block_alpha_fn, key_block, parse_block_weights
 from .model_metadata import inherited_metadata
+from .sdxl_layers import SDXL_LAYERS
 from .elemental import elemental_ratio, parse_elemental
 from .operators import ENGINE_OPTIONS, MAX_MERGE_STRENGTH, Operator, get_operator, key_generator
 from .recipe import DTYPES, RECIPE_KEY, MergeStep, a1111_metadata, leaf_paths, recipe_to_json
@@ -405,7 +406,9 @@ class MergedSource:
             try:
                 weights = parse_block_weights(step.block_weights, architecture=architecture, base_alpha=step.base_alpha)
             except ValueError as exc:  # (which setting: the message of the shared parser does not know)
-                raise InputError(f"{names[0]}: block_weights (per-block --alpha, block-weighted --weights): {exc}") from None
+                flags = ("per-block --lam" if "lam" in self.operator.option_names
+                         else "per-block --alpha, block-weighted --weights")
+                raise InputError(f"{names[0]}: block_weights ({flags}): {exc}") from None
             alpha_fn = block_alpha_fn(weights, architecture=architecture, naming=naming)
             report.notes.append(f"block weights for {architecture} on {naming} keys")
         beta_fn: Callable[[str], tuple[float, str | None]] | None = None
@@ -431,6 +434,12 @@ class MergedSource:
                 )
             rules = parse_elemental(step.elemental, architecture=architecture, limit=MAX_MERGE_STRENGTH)
             key_naming = _naming(primary) or "ldm"
+            if architecture == "sdxl" and any(v is not None and len(v) == len(SDXL_LAYERS)
+                                              for v in (step.block_weights, step.block_beta)):
+                raise InputError(f"{names[0]}: elemental rules name blocks (IN04, OUT01, ...), and with "
+                                 f"{len(SDXL_LAYERS)} per-layer values supermerger matches them against its layer "
+                                 "names instead (IN410, ...), so the two do not mix here; give 20 values, or leave "
+                                 "--elemental out")
         selected = self._selection(architecture, names)
         elemental_keys = 0
         skip = self.operator.skip or (self.operator.prepass.skip if self.operator.prepass is not None else None)

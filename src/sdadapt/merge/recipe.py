@@ -133,8 +133,9 @@ class MergeStep:
         options: the operator's keyword options (``density``, ``drop``, ``lam``, ``consensus``,
             ``normalize``, ``rescale``): only those its :class:`~sdadapt.merge.operators.Operator`
             declares, of the declared types — anything else is refused when the step is made.
-        block_weights: per-block strengths (26 SD1/SD2 or 20 SDXL values, BASE first, see
-            :mod:`sdadapt.merge.blocks`); they replace ``alpha`` per key (task vectors: scale ``lam``).
+        block_weights: per-block strengths (26 SD1/SD2 or 20 SDXL values, BASE first, or 110 on SDXL,
+            one per layer; see :mod:`sdadapt.merge.blocks`); they replace ``alpha`` per key (task
+            vectors: scale ``lam``).
         base_alpha: BASE weight for a 25/19-value ``block_weights``.
         seed: seed of random operators (per-key generators are derived from it and the key name).
         dtype: output dtype name (``"fp16"``, ``"bf16"``, ``"fp32"``) or ``None`` = the first
@@ -447,10 +448,10 @@ def _supermerger_blocks(values: tuple[float, ...] | None, base: float | None) ->
     """``(BASE, blocks, as typed)`` of a per-block list the way supermerger's ``smerge`` records it:
     ``weights.split(',', 1)`` — BASE is the first value, the list the others (SDXL's 19 get a 0
     appended, as ``smerge`` does), ``*_orig`` the whole comma-joined text. sdadapt's 25/19-value
-    form (no BASE) takes BASE from ``base``."""
+    form (no BASE) takes BASE from ``base``; the 110-value SDXL form has BASE (CLIPL) first too."""
     if values is None:
         return base, None, None
-    full = list(values) if len(values) in (26, 20) else [base, *values]
+    full = list(values) if len(values) in (26, 20, 110) else [base, *values]
     blocks = full[1:] + ([0] if len(full) - 1 == 19 else [])
     return full[0], blocks, ",".join(str(v) for v in full if v is not None)
 
@@ -481,6 +482,17 @@ def _supermerger_fields(step: MergeStep) -> dict[str, Any]:
     return fields_
 
 
+def _a1111_metadata_value(value: str | None, *, source: str, what: str) -> Any:
+    """One metadata value as A1111's ``read_metadata_from_safetensors`` hands it on: text starting with
+    ``{`` parsed as JSON (bounded depth), anything else, or JSON that does not parse, as the text itself."""
+    if value is None or not value.startswith("{"):
+        return value
+    try:
+        return load_json(value, source=source, what=what, max_depth=16)
+    except ValueError:
+        return value
+
+
 def a1111_metadata(
     step: MergeStep,
     *,
@@ -492,7 +504,11 @@ def a1111_metadata(
     """``sd_merge_recipe`` and ``sd_merge_models`` in A1111's shape (values JSON strings).
 
     ``hashes``/``legacy_hashes``/``input_metadata`` are keyed by input path; nested steps
-    contribute their leaf files to ``sd_merge_models`` and ``null`` as a model hash.
+    contribute their leaf files to ``sd_merge_models`` and ``null`` as a model hash. As A1111's
+    ``run_modelmerger`` (modules/extras.py @ 8faafb6): an input's ``name`` is its file name with the
+    extension (``CheckpointInfo.name`` of a file outside the webui's model folder), and each input's own
+    ``sd_merge_models`` is folded in with ``dict.update`` after its entry, inputs in order, so the last
+    record of a hash wins (files of sdadapt before this wrote the stem and kept the first; both read back).
     """
     direct = [None if isinstance(i, MergeStep) else hashes.get(i) for i in step.inputs]
     direct += [None] * (3 - len(direct))
@@ -518,23 +534,15 @@ def a1111_metadata(
         if getattr(step.policy, name) is not None:
             recipe[name] = getattr(step.policy, name)
     models: dict[str, Any] = {}
-    for path in leaf_paths(step):
+    for path in leaf_paths(step):  # A1111's add_model_metadata, input by input (modules/extras.py)
         sha = hashes.get(path)
         if sha is None:
             continue
         meta = input_metadata.get(path, {})
-        own = meta.get("sd_merge_recipe")
-        try:  # the inputs' own metadata: bounded depth, and anything malformed is left out
-            own_recipe = load_json(own, source=path, what="sd_merge_recipe", max_depth=16) if own else None
-        except ValueError:
-            own_recipe = None
-        models[sha] = {"name": Path(path).stem, "legacy_hash": legacy_hashes.get(path), "sd_merge_recipe": own_recipe}
-        try:
-            ancestry = load_json(meta.get("sd_merge_models", "{}"), source=path, what="sd_merge_models", max_depth=16)
-        except ValueError:
-            ancestry = {}
-        if isinstance(ancestry, dict):
-            for key, value in ancestry.items():
-                models.setdefault(key, value)
+        own = _a1111_metadata_value(meta.get("sd_merge_recipe"), source=path, what="sd_merge_recipe")
+        models[sha] = {"name": Path(path).name, "legacy_hash": legacy_hashes.get(path), "sd_merge_recipe": own}
+        ancestry = _a1111_metadata_value(meta.get("sd_merge_models"), source=path, what="sd_merge_models")
+        if isinstance(ancestry, dict):  # dict.update: a later input's record of a hash replaces an earlier one
+            models.update(ancestry)
     return {"sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
 
