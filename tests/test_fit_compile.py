@@ -58,19 +58,35 @@ def test_an_unknown_backend_is_refused_with_the_known_ones():
         dataclasses.replace(_BASE, compile_backend="nope")
 
 
-def test_the_train_command_compiles_with_kohyas_options(red_circles, tmp_path, capsys):
+def test_the_train_command_compiles_with_kohyas_options(red_circles, tmp_path, capsys, monkeypatch):
+    """kohya's TOML keys (and the flags) reach fit's compile with the backend named. The compile itself is
+    spied on (the model is returned uncompiled): that a compiled fit trains like the eager one is the test above's."""
+    import importlib
+
+    fit_module = importlib.import_module("sdadapt.methods.fit")  # (the attribute ``methods.fit`` is the function)
+    compiles: list[tuple[str, str]] = []
+
+    def spy(model, *, backend, device_type):
+        compiles.append((backend, device_type))
+        return model
+
+    monkeypatch.setattr(fit_module, "compiled_model", spy)
     common = ["train", "lora", "--images", str(red_circles), "--batch-size", "2", "--no-prior", "--steps", "2"]
     assert main([*common, "-q", "-o", str(tmp_path / "plain.safetensors")]) == 0
-    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # eager: nothing compiled
+    assert not compiles  # eager: nothing compiled
     config = tmp_path / "c.toml"
     config.write_text('torch_compile = true\ndynamo_backend = "aot_eager"\n')  # kohya's TOML keys
     assert main([*common, "-q", "--config", str(config), "-o", str(tmp_path / "compiled.safetensors")]) == 0
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the options reached fit: it compiled
+    assert compiles == [("aot_eager", "cpu")]  # the options reached fit: it compiled, with the backend asked for
     a = sdadapt.load_lora(tmp_path / "plain.safetensors")[0]
     b = sdadapt.load_lora(tmp_path / "compiled.safetensors")[0]
-    for component in a:
+    for component in a:  # (and the option changed nothing else of the run)
         for key in a[component]:
             torch.testing.assert_close(b[component][key], a[component][key], rtol=1e-5, atol=1e-6)
+    compiles.clear()
+    flags = ["--torch-compile", "--dynamo-backend", "eager"]
+    assert main([*common, "-q", *flags, "-o", str(tmp_path / "e.safetensors")]) == 0
+    assert compiles == [("eager", "cpu")]  # the flags too
     capsys.readouterr()
     assert main([*common, "--torch-compile", "--dynamo-backend", "nope", "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "--dynamo-backend: unknown torch.compile backend 'nope'" in capsys.readouterr().err

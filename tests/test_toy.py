@@ -163,12 +163,18 @@ def test_image_conditioning_changes_the_prediction():
     assert not torch.allclose(plain, with_image)
 
 
-def test_pretrain_is_deterministic_and_records_its_recipe_chain(tmp_path):
+def test_pretrain_is_deterministic_and_records_its_recipe_chain(tmp_path, monkeypatch):
+    import functools
     import json
 
     from sdadapt.formats.files import read_safetensors, read_safetensors_header
+    from sdadapt.toy import pretrain as module
     from sdadapt.toy.pretrain import main as pretrain
 
+    # the real stages, CI-sized: pretrain's closing held-in check (48 images x 25 sampling steps, ~23 CPU-s a
+    # run) on 4 images x 2 steps, and the judge's contrastive batch (256 rendered scenes) cut to 16
+    monkeypatch.setattr(module, "held_in_accuracy", functools.partial(module.held_in_accuracy, count=4, steps=2))
+    monkeypatch.setattr(module, "pretrain_clip", functools.partial(module.pretrain_clip, batch=16))
     tiny = ["--clip-steps", "2", "--unet-steps", "2", "--batch", "4"]
     first, second, third = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
     assert pretrain([*tiny, "--out", str(first)]) == 0
