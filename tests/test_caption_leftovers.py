@@ -37,6 +37,7 @@ from sdadapt.jobs.train import TrainOptions, _data_config_fallback, _subset_capt
 from sdadapt.training.data import (
     ASSEMBLY_BEFORE,
     ASSEMBLY_KOHYA,
+    ASSEMBLY_KOHYA_2,
     CaptionOptions,
     find_images,
     kohya_dataset_dirs,
@@ -208,11 +209,11 @@ def test_the_suffix_of_a_cut_caption_never_trains(metadata):
 
 
 def test_the_recorded_rule():
-    assert recorded_caption_assembly(None) == ASSEMBLY_KOHYA
+    assert recorded_caption_assembly(None) == ASSEMBLY_KOHYA_2
     assert recorded_caption_assembly({"step": 2, "caption_empties": "kept"}) == ASSEMBLY_BEFORE
     assert recorded_caption_assembly({"step": 2, "caption_assembly": "kohya"}) == ASSEMBLY_KOHYA
     assert recorded_caption_assembly({"step": 2, "caption_assembly": "before-kohya"}) == ASSEMBLY_BEFORE
-    with pytest.raises(ValueError, match="caption_assembly 'x' is not 'kohya' or 'before-kohya'; the file was edited"):
+    with pytest.raises(ValueError, match="caption_assembly 'x' is not 'kohya-2', 'kohya' or 'before-kohya'; the file was edited"):
         recorded_caption_assembly({"step": 2, "caption_assembly": "x"})
 
 
@@ -225,7 +226,7 @@ def test_a_new_run_records_kohyas_assembly_and_a_resumed_old_one_keeps_its_own(m
     assert [r.captions.suffix for r in records] == ["", "suf", "suf"] and records[0].captions.kohya_assembly
     record_file = metadata / "a-state" / "run.json"
     record = json.loads(record_file.read_text())
-    assert record["caption_assembly"] == "kohya"
+    assert record["caption_assembly"] == "kohya-2"
 
     del record["caption_assembly"]  # (a state saved before)
     record_file.write_text(json.dumps(record))
@@ -288,7 +289,7 @@ def test_an_images_run_records_its_assembly_in_every_state_and_keys_a_repeated_f
 
     record_file = tmp_path / "a-state" / "run.json"
     record = json.loads(record_file.read_text())
-    assert record["caption_assembly"] == "kohya"
+    assert record["caption_assembly"] == "kohya-2"
     del record["caption_assembly"]  # (a state saved before)
     record_file.write_text(json.dumps(record))
     assert main([*args, "--steps", "3", "--resume", str(tmp_path / "a-state"), "--save-every-n-steps", "1",

@@ -313,8 +313,10 @@ def test_the_keep_tokens_separator_keeps_the_head_and_the_tail_and_the_secondary
         assert sorted(middle) == ["red,hat", "sky", "smile", "tree"]  # the joined tags moved as one
         orders.add(tuple(middle))
     assert len(orders) == 24  # every order of the four
-    plain = CaptionOptions(keep_tokens_separator="|||")  # nothing shuffles: the separator still goes
-    assert plain.apply("a, b ||| c, d", random.Random(0)) == "a, b, c, d"
+    plain = CaptionOptions(keep_tokens_separator="|||")  # nothing shuffles: the separator stays, as kohya's
+    assert plain.apply("a, b ||| c, d", random.Random(0)) == "a, b ||| c, d"
+    before = CaptionOptions(keep_tokens_separator="|||", kohya_order=False)  # (a run recorded "kohya" or before)
+    assert before.apply("a, b ||| c, d", random.Random(0)) == "a, b, c, d"
     assert plain.apply("a, b, c", random.Random(0)) == "a, b, c"  # not in the caption: untouched
     fallback = CaptionOptions(shuffle=True, keep_tokens=1, keep_tokens_separator="|||")
     assert all(fallback.apply("k, x, y", random.Random(s)).startswith("k, ") for s in range(20))

@@ -22,6 +22,14 @@ not re-split the caption at commas; the movable tags are shuffled before the tag
 ``random.shuffle`` then ``dropout_tags``). Runs recorded before (no ``caption_assembly`` in ``run.json``) did
 otherwise (they dropped tags, then shuffled the rest); ``train --resume`` of such a run keeps their way
 (:attr:`~sdadapt.training.data.CaptionOptions.kohya_assembly` off).
+
+Its second revision (``caption_assembly = "kohya-2"``, sd-scripts 48d368fa ``process_caption`` and
+``train_textual_inversion.py``): a trigger-word method's template replaces an uncaptioned image's caption
+last, after the prefix / suffix, wildcards and tag steps drew on it, and never a dropped one; a
+``keep_tokens_separator`` stays in a caption that nothing shuffles, drops or warms up; the first line is
+cut after the prefix / suffix are added; a fine-tuning caption keeps its white space as written
+(:attr:`~sdadapt.training.data.CaptionOptions.kohya_order`). Runs recorded ``"kohya"`` resume as they
+started (the template first, and so on).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 from ..training.data import (
     ASSEMBLY_BEFORE,
     ASSEMBLY_KOHYA,
+    ASSEMBLY_KOHYA_2,
     EMPTIES_DROPPED,
     EMPTIES_KEPT,
     FIRST_LINE_CAPTIONS,
@@ -69,11 +78,18 @@ def recorded_caption_empties(record: Mapping[str, Any] | None) -> str:
 
 
 def recorded_caption_assembly(record: Mapping[str, Any] | None) -> str:
-    """How a run puts a caption together: :data:`~sdadapt.training.data.ASSEMBLY_KOHYA` for a new run
+    """How a run puts a caption together: :data:`~sdadapt.training.data.ASSEMBLY_KOHYA_2` for a new run
     (``record`` ``None``), else the resumed run's ``run.json`` ``caption_assembly``
-    (:data:`~sdadapt.training.data.ASSEMBLY_BEFORE` when it has none: the run started before).
+    (:data:`~sdadapt.training.data.ASSEMBLY_KOHYA` for a run recorded with it,
+    :data:`~sdadapt.training.data.ASSEMBLY_BEFORE` when it has none: the run started before either).
 
     Raises:
         ValueError: a ``caption_assembly`` entry this version does not know (an edited file).
     """
-    return recorded_version(record, "caption_assembly", new=ASSEMBLY_KOHYA, legacy=ASSEMBLY_BEFORE)
+    if record is None:
+        return ASSEMBLY_KOHYA_2
+    version = record.get("caption_assembly", ASSEMBLY_BEFORE)
+    if version not in (ASSEMBLY_KOHYA_2, ASSEMBLY_KOHYA, ASSEMBLY_BEFORE):
+        raise ValueError(f"run.json's caption_assembly {version!r} is not {ASSEMBLY_KOHYA_2!r}, {ASSEMBLY_KOHYA!r} or "
+                         f"{ASSEMBLY_BEFORE!r}; the file was edited — resume from an intact state folder")
+    return version

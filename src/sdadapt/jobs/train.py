@@ -32,6 +32,7 @@ from ..methods.fit import FitProgress
 from ..training import data_parallel
 from ..training.data import (
     ASSEMBLY_KOHYA,
+    ASSEMBLY_KOHYA_2,
     EMPTIES_KEPT,
     FIRST_LINE_CAPTIONS,
     dataset_dirs_of,
@@ -721,24 +722,25 @@ def _data_config_record(config, options: TrainOptions) -> dict | None:
 
 
 def _subset_caption_options(options: TrainOptions, subset, *, templates: tuple[str, ...], total_steps: int,
-                            keep_empty_tags: bool = True, kohya_assembly: bool = True):
+                            keep_empty_tags: bool = True, kohya_assembly: bool = True, kohya_order: bool = True):
     """A dataset-TOML subset's :class:`~sdadapt.training.data.CaptionOptions`: the run's options with
     the subset's values, as :func:`_caption_options` builds them, and its ``caption_separator``."""
     names = {f.name for f in dataclasses.fields(TrainOptions)}
     own = {k: v for k, v in subset.captions.items() if k in names}
     captions = _caption_options(dataclasses.replace(options, **own), templates=templates, total_steps=total_steps,
-                                keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly)
+                                keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly, kohya_order=kohya_order)
     return dataclasses.replace(captions, separator=str(subset.captions.get("caption_separator") or options.caption_separator))
 
 
 def _subset_captions(options: TrainOptions, subsets: dict, records: list, *, templates: tuple[str, ...],
-                     total_steps: int, keep_empty_tags: bool = True, kohya_assembly: bool = True) -> None:
+                     total_steps: int, keep_empty_tags: bool = True, kohya_assembly: bool = True,
+                     kohya_order: bool = True) -> None:
     """Give each record its dataset-TOML subset's caption options (in place; ``record.folder`` is
     the subset's label; regularisation images: without the trigger-word templates; a fine-tuning
     caption cut to its first line, ``record.suffix_cut``: without ``caption_suffix``, as kohya's)."""
     built = {label: _subset_caption_options(options, subset, templates=() if subset.is_reg else templates,
                                             total_steps=total_steps, keep_empty_tags=keep_empty_tags,
-                                            kohya_assembly=kohya_assembly)
+                                            kohya_assembly=kohya_assembly, kohya_order=kohya_order)
              for label, subset in subsets.items()}
     for record in records:
         own = built[record.folder]
@@ -780,12 +782,12 @@ def _check_caption_options(options: TrainOptions) -> None:
 
 
 def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total_steps: int | None,
-                     keep_empty_tags: bool = True, kohya_assembly: bool = True):
+                     keep_empty_tags: bool = True, kohya_assembly: bool = True, kohya_order: bool = True):
     """The :class:`~sdadapt.training.data.CaptionOptions` of ``options`` (``total_steps``: the run's
     optimiser steps, for a fractional ``token_warmup_step``; ``None`` while they are not known yet:
     no warm-up; ``keep_empty_tags``: :func:`sdadapt.jobs.caption_lines.recorded_caption_empties`;
     ``kohya_assembly``: :func:`sdadapt.jobs.caption_lines.recorded_caption_assembly` is kohya's, off for a run
-    recorded before)."""
+    recorded before; ``kohya_order``: its second revision, ``"kohya-2"``: the template last, and so on)."""
     from ..training.data import CaptionOptions, token_warmup_step_count
 
     return CaptionOptions(shuffle=options.shuffle_caption, keep_tokens=options.keep_tokens,
@@ -797,7 +799,8 @@ def _caption_options(options: TrainOptions, *, templates: tuple[str, ...], total
                           separator=options.caption_separator, token_warmup_min=options.token_warmup_min,
                           token_warmup_steps=0 if total_steps is None else
                           token_warmup_step_count(options.token_warmup_step, total_steps),
-                          keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly)
+                          keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly,
+                          kohya_order=kohya_order)
 
 
 def _check_saving_options(options: TrainOptions) -> None:
@@ -1408,7 +1411,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     caption_empties = recorded_caption_empties(resume_record)  # (a run recorded before dropped empty captions / tags)
     keep_empty_tags = caption_empties == EMPTIES_KEPT
     caption_assembly = recorded_caption_assembly(resume_record)  # (a run recorded before: its suffix / wildcard / dropout ways)
-    kohya_assembly = caption_assembly == ASSEMBLY_KOHYA
+    kohya_assembly = caption_assembly in (ASSEMBLY_KOHYA, ASSEMBLY_KOHYA_2)
+    kohya_order = caption_assembly == ASSEMBLY_KOHYA_2  # (a run recorded "kohya": the template first, and so on)
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
@@ -1533,7 +1537,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     if held_out:  # bucketed as the training images
         plan_blocks(held_out)
     captions = _caption_options(options, templates=templates, total_steps=None,  # (the warm-up once the steps are known)
-                                keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly)
+                                keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly, kohya_order=kohya_order)
     faces = face_crops(records, options.face_crop_aug_range, notes)
     augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug,
                            face_crop_range=options.face_crop_aug_range if faces else None)
@@ -1570,13 +1574,13 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     epochs = math.ceil(total * accumulation / per_epoch)
     if options.token_warmup_step:  # kohya's token_warmup_step below 1 is a share of the run's steps: known now
         dataset.captions = _caption_options(options, templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags,
-                                            kohya_assembly=kohya_assembly)
+                                            kohya_assembly=kohya_assembly, kohya_order=kohya_order)
         if reg_dataset is not None:
             reg_dataset.captions = dataclasses.replace(dataset.captions, templates=())
     if data_config is not None:  # each subset's own caption options on its images (the warm-up's steps known now)
         _subset_captions(options, config_subsets, [*records, *held_out, *(reg.records if reg is not None else ())],
                          templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags,
-                         kohya_assembly=kohya_assembly)
+                         kohya_assembly=kohya_assembly, kohya_order=kohya_order)
     initial_step, skip_until = resolve_initial_step(options, resume_record, batches_per_epoch=per_epoch, total=total)
     start = int(resume_record["step"]) if resume_record else initial_step
     if start >= total:
@@ -1749,7 +1753,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
 
     def write_samples(step: int) -> None:
         from ..images import write_png
-        from ..sampling import generate, with_defaults
+        from ..sampling import generate, kohya_clip_sample, with_defaults
 
         outputs.samples.mkdir(exist_ok=True)
         for i, sample in enumerate(samples):
@@ -1765,7 +1769,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                 image = generate(system, [sample.prompt], negative=sample.negative, seed=sample.seed, steps=sample.steps,
                                  guidance=sample.guidance, sampler=sample.sampler or options.sample_sampler,
                                  height=sample.height or (height if sized else None),
-                                 width=sample.width or (width if sized else None))[0]
+                                 width=sample.width or (width if sized else None),  # (kohya's Heun clamps x̂0)
+                                 clip_sample=kohya_clip_sample(sample.sampler or options.sample_sampler))[0]
             path = write_png(outputs.samples / f"step{step:06d}-{i:02d}.png", image)
             sample_written.append(str(path))
         say(f"step {step}: {len(samples)} sample image{'s' if len(samples) != 1 else ''} in {outputs.samples}")
@@ -1981,7 +1986,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
                       saves: list[PeriodicSave] | None = None, dataset: dict | None = None,
                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
                       step_shares: str = train_schedule.FLOOR_SHARES, caption_lines: str = FIRST_LINE_CAPTIONS,
-                      caption_empties: str = EMPTIES_KEPT, caption_assembly: str = ASSEMBLY_KOHYA,
+                      caption_empties: str = EMPTIES_KEPT, caption_assembly: str = ASSEMBLY_KOHYA_2,
                       initial: tuple[int, bool] = (0, False),
                       preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the

@@ -7,13 +7,13 @@ beside it (its first line; an empty one is the caption ``""``, as kohya's ``read
 one it takes the folder's ``name`` part (kohya's class tokens) or the default caption (``--prompt``),
 else it is an error naming the images.
 
-**Captions** (:class:`CaptionOptions`, applied each time an image is drawn): an image without a
-caption (``""``, :func:`find_images` with ``uncaptioned=True``) gets one of ``templates`` drawn
-anew (kohya's textual-inversion templates: ``add_replacement("", templates)``); then split at
-commas into tags (empty ones kept, as kohya's: :attr:`CaptionOptions.keep_empty_tags`); the first
-``keep_tokens`` stay in place, the rest are shuffled (``shuffle``) and each dropped with probability
-``tag_dropout``; the whole caption is replaced by ``""`` with
-probability ``dropout`` (kohya's ``caption_dropout_rate``: it trains the unconditional prediction).
+**Captions** (:class:`CaptionOptions`, applied each time an image is drawn, in kohya's order): the
+whole caption is replaced by ``""`` with probability ``dropout`` (kohya's ``caption_dropout_rate``: it
+trains the unconditional prediction); else it is split at commas into tags (empty ones kept, as
+kohya's: :attr:`CaptionOptions.keep_empty_tags`), the first ``keep_tokens`` stay in place, the rest are
+shuffled (``shuffle``) and each dropped with probability ``tag_dropout``; last, an image without a
+caption (``""``, :func:`find_images` with ``uncaptioned=True``) gets one of ``templates`` drawn anew
+(kohya's textual-inversion templates: ``add_replacement("", templates)``, :attr:`CaptionOptions.kohya_order`).
 
 **Buckets** (:func:`bucket_sizes`, :func:`plan_dataset`): sizes whose area is at most the
 training resolution's, sides multiples of ``step`` between ``min_size`` and ``max_size`` — kohya's
@@ -69,6 +69,7 @@ __all__ = [
     "EMPTIES_DROPPED",
     "ASSEMBLY_KOHYA",
     "ASSEMBLY_BEFORE",
+    "ASSEMBLY_KOHYA_2",
     "CaptionOptions",
     "expand_wildcards",
     "token_warmup_step_count",
@@ -111,23 +112,30 @@ ASSEMBLY_KOHYA = "kohya"
 #: lines dropped, a dropout-only caption re-split at commas and the tags dropped before they were shuffled
 #: (``train --resume`` of such a run keeps it)
 ASSEMBLY_BEFORE = "before-kohya"
+#: kohya's assembly, second revision (sd-scripts 48d368fa ``process_caption``; :attr:`CaptionOptions.kohya_order`):
+#: a trigger-word template replaces the whole caption *last* (after the prefix / suffix, wildcards and tag steps
+#: have drawn on the caption, never on a dropped one), ``keep_tokens_separator`` stays in a caption that nothing
+#: shuffles, drops or warms up, the first line is cut after the prefix / suffix are added (a ``"\n"`` in them
+#: cuts too), and a fine-tuning caption keeps its white space as written (:mod:`sdadapt.training.dataset_config`)
+ASSEMBLY_KOHYA_2 = "kohya-2"
 
 
 @dataclass(frozen=True)
 class CaptionOptions:
     """How a caption changes each time its image is drawn (kohya's caption options).
 
-    The steps of one draw, in kohya's order (``BaseDataset.process_caption``): a template for an
-    uncaptioned image; ``prefix`` / ``suffix`` joined on with a space; the whole caption dropped
-    (``dropout``, or every ``dropout_every_n_epochs``-th epoch); wildcards (``wildcards``); the tags
-    split, kept (``keep_tokens``, ``keep_tokens_separator``), cut to the warm-up's count
-    (``token_warmup_*``), shuffled and dropped (``tag_dropout``); ``secondary_separator`` made a
-    ``separator``.
+    The steps of one draw, in kohya's order (``BaseDataset.process_caption``): ``prefix`` / ``suffix``
+    joined on with a space; the whole caption dropped (``dropout``, or every ``dropout_every_n_epochs``-th
+    epoch); wildcards (``wildcards``), else the first line; the tags split, kept (``keep_tokens``,
+    ``keep_tokens_separator``), cut to the warm-up's count (``token_warmup_*``), shuffled and dropped
+    (``tag_dropout``); ``secondary_separator`` made a ``separator``; a template for an uncaptioned image
+    (``templates``, last: :attr:`kohya_order`).
 
     Attributes:
         templates: captions for images without one (caption ``""``), the trigger word already in
-            place (``"a photo of a <sks>"`` …): one drawn at each use, before the options below
-            (``train --templates``). Empty: such an image trains on ``""``.
+            place (``"a photo of a <sks>"`` …): one drawn at each use that is not dropped, after the
+            options below, in place of the whole caption (``train --templates``; :attr:`kohya_order`).
+            Empty: such an image trains on ``""``.
         shuffle: shuffle the comma-separated tags (``--shuffle-caption``).
         keep_tokens: the first N tags never move or drop (``--keep-tokens``; e.g. the trigger word).
         dropout: probability of training on the empty caption (``--caption-dropout-rate``).
@@ -166,6 +174,16 @@ class CaptionOptions:
             draws them. ``False``: runs recorded before (:data:`ASSEMBLY_BEFORE`): with ``dropout`` (and the
             ``","`` separator) a kept caption is split and joined back with ``", "`` (``"a, , b"``), and the
             tags are dropped first and the rest shuffled (the same distribution, other draws).
+        kohya_order: kohya's order of the last steps (:data:`ASSEMBLY_KOHYA_2`, the default; needs
+            :attr:`kohya_assembly`), as ``process_caption`` and ``train_textual_inversion.py``'s
+            ``add_replacement("", templates)``: an uncaptioned image's caption (``""``) goes through every step
+            above (drawing from ``rng`` as any caption), and only then, unless it was dropped, is replaced by
+            one of :attr:`templates` — so ``prefix`` / ``suffix`` and the tag steps never change a template;
+            a caption is split into tags only to shuffle, drop tags or warm up (a ``keep_tokens_separator``
+            alone stays in the caption); without :attr:`wildcards` the caption is cut at its first ``"\n"``
+            after ``prefix`` / ``suffix`` are added (a prefix holding ``"\n"`` keeps its first line only).
+            ``False`` (runs recorded before, :data:`ASSEMBLY_KOHYA`, :data:`ASSEMBLY_BEFORE`): the template drawn first, then prefix / suffix and the tag steps on it;
+            a caption holding the separator always split (the separator taken out); no first-line cut here.
     """
 
     shuffle: bool = False
@@ -184,6 +202,7 @@ class CaptionOptions:
     token_warmup_steps: float = 0
     keep_empty_tags: bool = True
     kohya_assembly: bool = True
+    kohya_order: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.templates, str) or not all(isinstance(t, str) and t.strip() for t in self.templates):
@@ -218,15 +237,18 @@ class CaptionOptions:
 
     def apply(self, caption: str, rng: random.Random, *, epoch: int = 0, step: int = 0) -> str:
         """One draw of ``caption`` (the same ``rng`` state, ``epoch`` and ``step`` give the same
-        result); ``""`` draws one of :attr:`templates` first.
+        result); ``""`` ends with one of :attr:`templates` unless dropped (:attr:`kohya_order`; runs recorded
+        before drew it first).
 
         Args:
             epoch: the training epoch, counted from 0 (for :attr:`dropout_every_n_epochs`).
             step: the optimiser step, counted from 0 (for :attr:`token_warmup_steps`).
         """
-        if not self.active:
+        kohya_order = self.kohya_order and self.kohya_assembly
+        if not self.active and not (kohya_order and "\n" in caption):
             return caption
-        if not caption and self.templates:
+        template = not caption and bool(self.templates)
+        if template and not kohya_order:
             caption = self.templates[rng.randrange(len(self.templates))]
         if self.prefix:
             caption = f"{self.prefix} {caption}"
@@ -238,15 +260,18 @@ class CaptionOptions:
             return ""
         if self.wildcards:
             caption = expand_wildcards(caption, rng)
+        elif kohya_order:  # (kohya's process_caption: caption.split("\n")[0], after the prefix / suffix)
+            caption = caption.split("\n", 1)[0]
         # (kohya splits only to shuffle, drop tags or warm up; runs recorded before re-split at "," with a
-        # whole-caption dropout alone too: kohya_assembly off)
+        # whole-caption dropout alone too: kohya_assembly off, and at a keep_tokens_separator: kohya_order off)
         resplit = not self.kohya_assembly and self.dropout and self.separator == ","
-        splits = bool(self.shuffle or resplit or self.tag_dropout
-                      or self.token_warmup_steps or (self.keep_tokens_separator and self.keep_tokens_separator in caption))
-        if splits:
+        held = not kohya_order and self.keep_tokens_separator and self.keep_tokens_separator in caption
+        if self.shuffle or resplit or self.tag_dropout or self.token_warmup_steps or held:
             caption = self._tags(caption, rng, step)
         if self.secondary_separator:
             caption = caption.replace(self.secondary_separator, self.separator)
+        if template and kohya_order:  # (kohya's add_replacement("", templates): the whole caption, last)
+            caption = rng.choice(self.templates)
         return caption
 
     def _tags(self, caption: str, rng: random.Random, step: int) -> str:
@@ -381,7 +406,8 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = None) -> str | None:
+def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = None,
+                  other: list[str] | None = None) -> str | None:
     """The text of ``file``'s caption file (``extension``, else ``.txt``, else ``.caption``), or ``None``.
 
     As kohya's ``read_caption``, a path of five ``_``-separated parts or more (a face position,
@@ -390,7 +416,8 @@ def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = No
     splits the whole path without its extension (``os.path.splitext(img_path)[0].split("_")``), not the
     file's name: the last four ``_`` of the path are cut, so a name with fewer than four ``_`` in a folder
     whose name has ``_`` (``10_my_cat/a_b_c.png``) points into the folder's parent (``10.txt`` beside
-    ``10_my_cat``), as kohya reads it."""
+    ``10_my_cat``), as kohya reads it. The ``.txt`` / ``.caption`` files are sdadapt's (kohya's ``read_caption``
+    reads ``extension`` only): when one of them is read, ``file``'s name is appended to ``other``."""
     tokens = os.path.splitext(str(file))[0].split("_")
     base = "_".join(tokens[:-4])
     stripped = Path(base + extension) if len(tokens) >= 5 and base else None
@@ -400,6 +427,8 @@ def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = No
             if caption_file == stripped and borrowed is not None:
                 shown = caption_file.name if caption_file.parent == file.parent else str(caption_file)
                 borrowed.append(f"{file.name} <- {shown}")
+            elif caption_file not in (file.with_suffix(extension), stripped) and other is not None:
+                other.append(f"{file.name} <- {caption_file.name}")
             try:
                 return caption_file.read_text(encoding="utf-8")
             except UnicodeDecodeError as exc:  # (kohya reads UTF-8 only too, and stops on the file)
@@ -538,7 +567,9 @@ def find_images(
 
     Returns:
         ``(records, notes)``: one record per image (sizes read from the headers), and what was
-        skipped (non-``N_name`` sub-folders, other files).
+        skipped (non-``N_name`` sub-folders, other files) or read otherwise than kohya reads it: images
+        captioned by a ``.txt`` / ``.caption`` file that is not ``caption_extension`` (kohya's ``read_caption``
+        reads that extension only), images taking their folder's class tokens (kohya warns about them).
 
     Raises:
         ImageFolderError: no such folder, no images, images without any caption, unreadable images.
@@ -567,18 +598,22 @@ def find_images(
     records: list[ImageRecord] = []
     missing: list[str] = []
     borrowed: list[str] = []
+    other: list[str] = []
+    tokened: list[str] = []
     blank: list[str] = []
     joined = 0
     for folder, count, class_tokens, label in sets:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         for file in files:
-            text = _caption_text(file, caption_extension, borrowed=borrowed)
+            text = _caption_text(file, caption_extension, borrowed=borrowed, other=other)
             if text is not None and not multiline and caption_lines == JOINED_CAPTIONS:
                 joined += sum(1 for line in text.splitlines() if line.strip()) > 1
             caption = _caption_of(text, lines=multiline, rule=caption_lines, empties=empties)
             if caption == "":
                 blank.append(str(file.relative_to(base)))
             elif caption is None:
+                if class_tokens:
+                    tokened.append(str(file.relative_to(base)))
                 caption = class_tokens or default_caption
             if caption is None:
                 if not uncaptioned:
@@ -591,6 +626,14 @@ def find_images(
         notes.append(f"{base}: {len(borrowed)} image(s) named <name>_<cx>_<cy>_<w>_<h> without their own "
                      f"{caption_extension} file take <name>{caption_extension}'s caption, as kohya's read_caption "
                      f"({', '.join(borrowed[:3])}{', ...' if len(borrowed) > 3 else ''})")
+    if other:  # (kohya 48d368fa's read_caption reads the caption extension only: it would not see these)
+        notes.append(f"{base}: {len(other)} image(s) without a {caption_extension} file: their caption read from "
+                     f"another caption file ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); kohya reads "
+                     f"{caption_extension} files only (it would give them the class tokens, else \"\"): pass "
+                     "--caption-extension (kohya's caption_extension) to name the files")
+    if tokened:  # (kohya warns "No caption file found for N images ... If class token exists, it will be used")
+        notes.append(f"{base}: {len(tokened)} image(s) without a {caption_extension} file train on their folder's class "
+                     f"tokens ({', '.join(tokened[:3])}{', ...' if len(tokened) > 3 else ''}), as kohya's")
     if blank:  # (kohya's read_caption returns "" for them, so it uses neither the class tokens nor a default)
         notes.append(f"{base}: {len(blank)} image(s) have a caption file with an empty caption "
                      f"({', '.join(blank[:3])}{', ...' if len(blank) > 3 else ''}): "

@@ -48,6 +48,7 @@ from ..images import IMAGE_SUFFIXES, ImageFolderError
 from .data import (
     ASSEMBLY_BEFORE,
     ASSEMBLY_KOHYA,
+    ASSEMBLY_KOHYA_2,
     EMPTIES_KEPT,
     FIRST_LINE_CAPTIONS,
     ImageRecord,
@@ -617,12 +618,16 @@ def metadata_caption(caption: str, tags: str | None, *, separator: str = ",", wi
     ones left out (``""`` when there is none: kohya's join, even with tags); without tags (``None``) the
     caption's lines as they are, empty ones too (kohya draws one of them, an empty one trains ``""``; a
     caption of empty lines only is empty, :func:`subset_records`).
-    White space inside each line folded to one space, as the tokenizers read it. ``assembly``
-    :data:`~sdadapt.training.data.ASSEMBLY_BEFORE` (runs recorded before): an entry with only tags
-    takes the tags, empty lines are left out, empty tags (``""``) add nothing, and ``cut`` is never set.
+    ``assembly`` :data:`~sdadapt.training.data.ASSEMBLY_KOHYA_2` (``train``'s new runs): the text as kohya
+    makes it, white space as written (the tokenizers fold its runs to one space, so the model reads the same
+    ids); :data:`~sdadapt.training.data.ASSEMBLY_KOHYA` (the default here, runs recorded before): white space
+    inside each line folded to one space (each line stripped). :data:`~sdadapt.training.data.ASSEMBLY_BEFORE`
+    (runs recorded before): an entry with only tags takes the tags, empty lines are left out, empty tags
+    (``""``) add nothing, and ``cut`` is never set.
     """
-    if assembly not in (ASSEMBLY_KOHYA, ASSEMBLY_BEFORE):
-        raise ValueError(f"assembly must be {ASSEMBLY_KOHYA!r} or {ASSEMBLY_BEFORE!r}, got {assembly!r}")
+    if assembly not in (ASSEMBLY_KOHYA, ASSEMBLY_BEFORE, ASSEMBLY_KOHYA_2):
+        raise ValueError(f"assembly must be {ASSEMBLY_KOHYA!r} or {ASSEMBLY_BEFORE!r} (runs recorded before) or "
+                         f"{ASSEMBLY_KOHYA_2!r}, got {assembly!r}")
     if assembly == ASSEMBLY_BEFORE:
         if wildcards:
             if tags:
@@ -643,6 +648,8 @@ def metadata_caption(caption: str, tags: str | None, *, separator: str = ",", wi
             caption = f"{caption}{separator}{tags}" if caption else tags
         caption, *rest = caption.split("\n")
         cut = bool(rest)
+    if assembly == ASSEMBLY_KOHYA_2:  # (kohya's FineTuningDataset keeps the text as the metadata has it)
+        return caption, cut
     return "\n".join(" ".join(line.split()) for line in caption.split("\n")), cut
 
 
@@ -674,6 +681,20 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
         if folder is None or not folder.is_dir():
             raise ImageFolderError(f"{where}: image_dir {folder} is not a folder (a relative path is read from the "
                                    "current folder, as kohya)")
+        if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+            # (kohya's DreamBoothDataset: "ignore subset with image_dir=...: no images found"; it is in no
+            # ss_dataset_dirs / ss_datasets entry, its folder's ss_tag_frequency entry is empty) — but a folder
+            # whose images sit in sub-folders (kohya's train_data_dir / reg_data_dir layout given as image_dir) is
+            # a mistake a skip would hide (a reg subset would train without its class images)
+            inner = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(
+                q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES for q in p.iterdir()))
+            if inner:
+                raise ImageFolderError(f"{where}: image_dir {folder} holds no images itself; its sub-folders "
+                                       f"{', '.join(inner[:5])}{' ...' if len(inner) > 5 else ''} do: a subset is one "
+                                       "folder — give each its own [[datasets.subsets]] image_dir (the N_name layout "
+                                       "is --images / --reg-data-dir's)")
+            return [], [f"{subset.where}: image_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): the subset "
+                        "is skipped, as kohya skips it"]
         try:
             records, notes = find_images(folder, default_caption=subset.class_tokens, caption_extension=subset.caption_extension,
                                          repeats=subset.num_repeats, uncaptioned=uncaptioned, multiline=wildcards,
@@ -816,9 +837,18 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
             record.dataset = subset.dataset  # (its [[datasets]] block: bucketed and batched with its block only)
         (reg_records if subset.is_reg else train).extend(records)
         notes.extend(subset_notes)
+    if not train:
+        raise ImageFolderError(f"{source}: no training images: every training subset's image_dir is empty (kohya "
+                               "stops on it too); put images in one")
     reg = None
+    counted = (train if kept is None else kept(train)) if reg_records else train
+    with_training = {r.dataset for r in counted}
+    for block in dict.fromkeys(r.dataset for r in reg_records if r.dataset not in with_training):
+        # (kohya balances class images per dataset against its training images: none there, none used; it warns)
+        notes.append(f"{source}: datasets[{block}] has no training images, so its class images (is_reg subsets) are "
+                     "not used, as kohya leaves them out")
+    reg_records = [r for r in reg_records if r.dataset in with_training]
     if reg_records:
-        counted = train if kept is None else kept(train)
         # kohya balances each dataset's regularisation images against that dataset's training images
         parts = [balance_reg_images([r for r in reg_records if r.dataset == block],
                                     train_samples=sum(r.repeats for r in counted if r.dataset == block),
@@ -858,6 +888,8 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
     options = list(config.blocks) if config.blocks else [config.options]
     entries: list[dict[str, Any]] = [{"subsets": []} for _ in sizes]
     for subset, label in zip(config.subsets, _labels(config.subsets)):
+        if label not in counts and label not in reg_counts:
+            continue  # (kohya's datasets leave a subset without images out of their subsets)
         own = subset.captions
         entry: dict[str, Any] = {
             "img_count": reg_counts.get(label, {}).get("img_count", counts.get(label, 0)) if subset.is_reg else counts.get(label, 0),
@@ -891,7 +923,8 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
                     "min_bucket_reso": low, "max_bucket_reso": high,
                     "tag_frequency": _by_folder(tag_frequency_of([*part.records, *(  # kohya counts is_reg subsets too
                         r for r in (reg.found if reg is not None else ()) if r.dataset == block)],
-                        templates=dataset.captions.templates), folder_of),
+                        templates=dataset.captions.templates), folder_of,
+                        folders=[s.label for s in config.subsets if s.dataset == block]),
                     "bucket_info": part.bucket_info(),
                     "resize_interpolation": None, "subsets": entry["subsets"]})
     return out
@@ -911,14 +944,19 @@ def _kohya_bucket_range(options: Mapping[str, Any], buckets: Sequence[tuple[int,
     return low, high
 
 
-def _by_folder(frequency: Mapping[str, Mapping[str, int]], folder_of: Mapping[str, str]) -> dict[str, dict[str, int]]:
+def _by_folder(frequency: Mapping[str, Mapping[str, int]], folder_of: Mapping[str, str], *,
+               folders: Sequence[str] = ()) -> dict[str, dict[str, int]]:
     """A dataset's tag counts keyed by subset label (``a``, ``a (2)``) re-keyed by folder name as
-    kohya's ``set_tag_frequency`` keys them: one folder's subsets in one dataset add up."""
+    kohya's ``set_tag_frequency`` keys them: one folder's subsets in one dataset add up; each of ``folders``
+    (the dataset's subsets' names) has an entry, ``{}`` for one whose images were all skipped or held out
+    (kohya calls ``set_tag_frequency`` before it skips a subset without images)."""
     out: dict[str, dict[str, int]] = {}
     for label, tags in frequency.items():
         counts = out.setdefault(folder_of.get(label, label), {})
         for tag, n in tags.items():
             counts[tag] = counts.get(tag, 0) + n
+    for folder in folders:
+        out.setdefault(folder, {})
     return out
 
 
