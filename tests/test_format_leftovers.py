@@ -480,12 +480,11 @@ def _assert_same_rows(got, want) -> None:
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="documented difference (docs/textual-inversion.md, 'Remaining differences from "
-                                       "A1111', emphasis that glues a word): expand() tokenizes the whole prompt, A1111 "
-                                       "each merged emphasis piece: '(cat)(s)' is one piece 'cats' (no cat</w>) but gets "
-                                       "'<emb-cat>_1' inserted")
-def test_emphasis_that_glues_a_longer_word_gets_no_embedding_as_in_a1111(tomcat_tokenizer):
-    _assert_same_rows(*_rows_as_a1111(tomcat_tokenizer, "cat", 2, "a (cat)(s) here"))
+@pytest.mark.parametrize("prompt", ["a (cat)(s) here", "a (ca)(t) here", "(c)(a)(t:1.1)s, [(cat)]"])
+def test_emphasis_that_glues_a_longer_word_gets_no_embedding_as_in_a1111(tomcat_tokenizer, prompt):
+    """generate's loader (``a1111=True``): A1111 tokenizes each merged emphasis piece, '(cat)(s)' is the piece 'cats'
+    (no cat</w>: not the embedding), '(ca)(t)' the piece 'cat' (the whole embedding)."""
+    _assert_same_rows(*_rows_as_a1111(tomcat_tokenizer, "cat", 2, prompt, a1111=True))
 
 
 def test_a_multi_vector_embedding_name_matches_in_any_case_with_all_its_vectors(tomcat_tokenizer):

@@ -225,7 +225,7 @@ def lora_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("options", "words"), [
-    ({"hires_sampler": "restart"}, "restart"),
+    ({"hires_sampler": "pndm"}, "pndm"),
     ({"hires_prompt": "a cat <lora:ink:0.7:stop=2>"}, "--hires-prompt whose tags or ranges differ"),
     ({"hires_prompt": "a cat <lora:ink:0.5:stop=3>"}, "--hires-prompt whose tags or ranges differ"),
     ({"hires_prompt": "a cat"}, "--hires-prompt whose tags or ranges differ"),

@@ -75,7 +75,30 @@ def _token_ids(tokenizer: Any, prompts: list[str], length: int | None = None) ->
     length = int(tokenizer.model_max_length) if length is None else length
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer(prompts, max_length=length)
+    from .embeddings.a1111_match import has_a1111_names
+
+    if has_a1111_names(tokenizer):  # (generate's embeddings: matched by token ids, A1111's rule)
+        return _a1111_token_ids(tokenizer, prompts, length)
     return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def _a1111_token_ids(tokenizer: Any, prompts: list[str], length: int) -> Tensor:
+    """:func:`_token_ids` of a transformers tokenizer with embeddings injected with ``a1111=True``: each prompt (one
+    emphasis piece: no brackets) tokenized, the embeddings matched in its ids
+    (:func:`sdadapt.embeddings.a1111_match.match_token_ids`), then truncated and padded as the tokenizer does,
+    (B, L) ``<BOS> ids <EOS> <PAD> …``."""
+    from .clip_tokenizer import special_token_ids
+    from .embeddings.a1111_match import match_token_ids
+
+    bos, eos, pad = special_token_ids(tokenizer)
+    rows = []
+    for prompt in prompts:
+        ids = match_token_ids(tokenizer, list(tokenizer(prompt, add_special_tokens=False).input_ids))
+        ids = ids[len(ids) - (length - 2):] if getattr(tokenizer, "truncation_side", "right") == "left" and \
+            len(ids) > length - 2 else ids[: length - 2]
+        row, fill = [bos, *ids, eos], [pad] * (length - 2 - len(ids))
+        rows.append(fill + row if getattr(tokenizer, "padding_side", "right") == "left" else row + fill)
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
 
 
 def _window_spec(tokenizer: Any) -> dict[str, int]:
@@ -517,11 +540,12 @@ class DiffusersSystem(nn.Module):
         (ids,) = self._cached_ids(self.token_cache, prompts, encode, length)
         return copy_to_device(ids, device)  # (a training step tokenises each batch: no wait on a GPU)
 
-    def tokenize_weighted(self, prompts: list[str]) -> dict[str, Tensor]:
+    def tokenize_weighted(self, prompts: list[str], *, a1111: bool = False) -> dict[str, Tensor]:
         """kohya's ``--weighted_captions``: prompts with A1111 emphasis (``(word:1.2)``, ``[word]``) ->
         ``{"ids": ids, "weights": weights}`` for :meth:`condition`, both (B, L) (SDXL: (B, 2, L), one
         row per tokenizer); :func:`sdadapt.prompt_weights.weighted_token_ids`. A prompt without
-        brackets gives :meth:`tokenize`'s ids and weights of 1."""
+        brackets gives :meth:`tokenize`'s ids and weights of 1. ``a1111``: the emphasis read by A1111's
+        pattern (``(cat: 1.2)`` is cat at 1.2; kohya's reads ``: 1.2`` as text), for ``generate``."""
         from .prompt_weights import weighted_token_ids
         from .text_chunks import long_prompt_length
 
@@ -529,23 +553,25 @@ class DiffusersSystem(nn.Module):
         length = long_prompt_length(self.max_token_length, window=int(self.tokenizer.model_max_length))
 
         def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
-            ids, weights = weighted_token_ids(self.tokenizer, texts, length)  # (B, L) each
+            ids, weights = weighted_token_ids(self.tokenizer, texts, length, a1111=a1111)  # (B, L) each
             if self.is_sdxl:
-                ids_2, weights_2 = weighted_token_ids(self.tokenizer_2, texts, length)
+                ids_2, weights_2 = weighted_token_ids(self.tokenizer_2, texts, length, a1111=a1111)
                 ids, weights = torch.stack([ids, ids_2], dim=1), torch.stack([weights, weights_2], dim=1)  # (B, 2, L)
             return ids, weights
 
-        ids, weights = self._cached_ids(self.weighted_token_cache, prompts, encode, length)
+        ids, weights = self._cached_ids(self.weighted_token_cache, prompts, encode, length,
+                                        rules=("a1111",) if a1111 else ())
         return {"ids": copy_to_device(ids, device), "weights": copy_to_device(weights, device)}
 
     def _cached_ids(self, cache: TokenIdCache, prompts: str | list[str],
-                    encode: Callable[[list[str]], tuple[Tensor, ...]], length: int) -> tuple[Tensor, ...]:
+                    encode: Callable[[list[str]], tuple[Tensor, ...]], length: int,
+                    rules: tuple = ()) -> tuple[Tensor, ...]:
         """``encode(prompts)`` (host tensors, each (B, ...)) with captions seen before taken from
-        ``cache``, keyed by what besides a prompt's text decides its ids (the length, the tokenizers'
-        state: :func:`~sdadapt.token_id_cache.tokenizer_state`); uncached for a tokenizer whose state
-        cannot be read."""
+        ``cache``, keyed by what besides a prompt's text decides its ids (the length, ``rules``, the
+        tokenizers' state: :func:`~sdadapt.token_id_cache.tokenizer_state`); uncached for a tokenizer
+        whose state cannot be read."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        state: tuple = (length, self.is_sdxl)
+        state: tuple = (length, self.is_sdxl, *rules)
         for tokenizer in (self.tokenizer, self.tokenizer_2) if self.is_sdxl else (self.tokenizer,):
             part = tokenizer_state(tokenizer)
             if part is None:
@@ -664,7 +690,8 @@ class DiffusersSystem(nn.Module):
         if not any(mark in prompt for prompt in prompts for mark in "()[]\\"):
             ids = self.tokenize(prompts)
             return self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
-        weighted = self.tokenize_weighted(prompts)  # {"ids": (B, L) / (B, 2, L), "weights": the same}
+        # (generate's A1111 prompts: A1111's emphasis pattern, blanks around a weight allowed)
+        weighted = self.tokenize_weighted(prompts, a1111=breaks)  # {"ids": (B, L) / (B, 2, L), "weights": the same}
         return self._emphasised(weighted["ids"], weighted["weights"], time_ids)
 
     def _emphasised(self, ids: Tensor, weights: Tensor, time_ids: Tensor | None) -> Any:
@@ -723,7 +750,8 @@ class DiffusersSystem(nn.Module):
                sampler: str = "ddim", karras: bool = False, height: int | None = None, width: int | None = None,
                cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
                noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None,
-               before_model_call: Any = None) -> Tensor:
+               before_model_call: Any = None, clip_sample: float | None = None,
+               size_conditioning: tuple[int, int] | None = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -753,7 +781,10 @@ class DiffusersSystem(nn.Module):
         (:func:`sdadapt.samplers.sample_latents`); its ``conditioning``: an inpainting UNet's ``c_concat``
         (:mod:`sdadapt.inpaint`; without it, A1111's txt2img conditioning: a grey image under a mask of ones).
         ``before_model_call(steps_done, calls)``: told before each sampler model call
-        (:func:`sdadapt.samplers.sample_latents`).
+        (:func:`sdadapt.samplers.sample_latents`). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
+        ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
+        ``None``: the image's.
 
         Raises:
             ValueError: a UNet that is neither plain nor an inpainting one (InstructPix2Pix's 8 channels).
@@ -776,7 +807,8 @@ class DiffusersSystem(nn.Module):
             x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
         time_ids = None
         if self.is_sdxl:
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=device)
+            size_h, size_w = size_conditioning or (height, width)
+            time_ids = torch.tensor([[size_h, size_w, 0, 0, size_h, size_w]], dtype=torch.float32, device=device)
             time_ids = time_ids.expand(len(prompts), 6)
         model, guidance_scale = self.denoiser(), guidance
         from .inpaint import check_inpainting_unet, concat_conditioning, txt2img_masked_image
@@ -809,7 +841,8 @@ class DiffusersSystem(nn.Module):
                                           prediction_type=self.prediction_type, karras=karras, generator=g,
                                           schedule=schedule, schedule_options=schedule_options, start=start,
                                           before_model_call=before_model_call,
-                                          **({"info": info} if info is not None and name == "dpm_adaptive" else {}))
+                                          **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
+                                          **({} if clip_sample is None else {"clip_sample": clip_sample}))
         return latents if output == "latents" else self.decode_latents(latents)
 
 

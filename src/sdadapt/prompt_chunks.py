@@ -103,7 +103,7 @@ def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BAC
         tokens, weights = [], []
 
     last_comma = -1
-    for piece, weight in parse_prompt_attention(text, breaks=True):
+    for piece, weight in parse_prompt_attention(text, breaks=True, a1111=True):
         if piece == "BREAK" and weight == -1:
             close()
             last_comma = -1

@@ -73,19 +73,21 @@ class PromptPlan:
 
 
 def _schedule(prompt: str, steps: int, texts: dict[str, int], clean: Callable[[str], str],
-              old_scheduling: bool) -> _Schedule:
-    entries = prompt_schedule(prompt, steps, old_scheduling=old_scheduling)
+              old_scheduling: bool, first_pass_steps: int | None) -> _Schedule:
+    entries = prompt_schedule(prompt, steps, old_scheduling=old_scheduling, first_pass_steps=first_pass_steps)
     indices = tuple(texts.setdefault(clean(text), len(texts)) for _, text in entries)
     return _Schedule(tuple(end for end, _ in entries), indices)
 
 
 def plan_prompt(prompt: str, negative: str = "", *, steps: int,
-                clean: Callable[[str], str] | None = None, old_scheduling: bool = False) -> PromptPlan:
+                clean: Callable[[str], str] | None = None, old_scheduling: bool = False,
+                first_pass_steps: int | None = None) -> PromptPlan:
     """Read ``prompt`` (``AND``, prompt editing, alternation) and ``negative`` (prompt editing,
     alternation) for ``steps`` schedule steps (:func:`sdadapt.prompt_schedule.schedule_steps` of the
     sampler's steps). ``clean``: applied to every scheduled text before encoding (the toy's emphasis
     removal); texts equal after it are encoded once. ``old_scheduling``: A1111's "Use old prompt
-    editing timelines" (:func:`sdadapt.prompt_schedule.prompt_schedule`).
+    editing timelines" (:func:`sdadapt.prompt_schedule.prompt_schedule`). ``first_pass_steps``: the plan of a
+    hires fix's second pass after a first pass of that many schedule steps (its timeline continues the first's).
 
     >>> plan = plan_prompt("a [cat:dog:2] AND a hat:0.5", steps=4)
     >>> plan.texts, [(s.ends, s.texts, w) for s, w in plan.parts]
@@ -93,10 +95,10 @@ def plan_prompt(prompt: str, negative: str = "", *, steps: int,
     """
     clean = clean or (lambda text: text)
     texts: dict[str, int] = {}
-    parts = tuple((_schedule(text, steps, texts, clean, old_scheduling), weight)
+    parts = tuple((_schedule(text, steps, texts, clean, old_scheduling, first_pass_steps), weight)
                   for text, weight in composable_prompts(prompt))
     negative_texts: dict[str, int] = {}
-    negative_schedule = _schedule(negative, steps, negative_texts, clean, old_scheduling)
+    negative_schedule = _schedule(negative, steps, negative_texts, clean, old_scheduling, first_pass_steps)
     return PromptPlan(tuple(texts), parts, tuple(negative_texts), negative_schedule)
 
 

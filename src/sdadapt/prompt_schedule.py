@@ -21,7 +21,9 @@
   nest; alternation switches on every step, an empty choice (``[fe|]male``) being the empty text. A
   prompt the grammar does not read (a ``|`` outside brackets, a lone trailing ``\\``) is one text for
   all steps, as in A1111. Emphasis brackets and escapes (``\\[``, ``\\:``) are kept in the texts for
-  the emphasis parser.
+  the emphasis parser. A hires fix's second pass (``first_pass_steps``) continues the first pass's
+  timeline: ``[a:b:25]`` after 20 first-pass steps switches at hires step 5, ``[a:b:1.5]`` halfway
+  through the hires pass (A1111's ``hires_steps``).
 * :func:`schedule_index` — which entry of a schedule the sampler's ``k``-th model call uses
   (``prompt_parser.reconstruct_cond_batch``); :func:`schedule_steps` — the step count A1111 builds
   the schedules for (twice the steps for its second-order samplers: ``SamplerData.total_steps``).
@@ -300,7 +302,8 @@ def _render(items: list, step: int, prompt: str) -> str:
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int, *, old_scheduling: bool = False) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, *, old_scheduling: bool = False,
+                    first_pass_steps: int | None = None) -> list[tuple[int, str]]:
     """The texts ``prompt`` stands for over ``steps`` sampler steps: ``[(end_at_step, text), ...]``,
     ``end_at_step`` rising, the last ``steps`` (A1111's ``get_learned_conditioning_prompt_schedules``).
 
@@ -308,16 +311,34 @@ def prompt_schedule(prompt: str, steps: int, *, old_scheduling: bool = False) ->
     a step number (A1111 1.6 and later); ``old_scheduling``: A1111's setting "Use old prompt editing
     timelines" (below 1 a fraction, else a step number). Either way ``min(steps, int(...))``.
 
+    ``first_pass_steps``: ``prompt``'s schedule for a hires fix's second pass of ``steps`` schedule steps
+    after a first pass of ``first_pass_steps`` (A1111's ``hires_steps`` / ``base_steps``, 1.6 and later):
+    the timeline runs on from the first pass, a step number ``n`` being hires step ``n - first_pass_steps``
+    and a fraction ``f`` hires step ``(f - 1.0) * steps`` (``[a:b:0.5]``: ``b`` all through the hires pass;
+    ``[a:b:1.5]``: ``b`` from its middle); an alternation counts the hires pass's own steps from 1 again.
+    With ``old_scheduling`` A1111 plans the hires pass as the first pass (the schedule of
+    ``first_pass_steps`` steps, no offset: calls past its last entry take its first).
+
     >>> prompt_schedule("a [cat:dog:0.5] on a mat", 10)
     [(5, 'a cat on a mat'), (10, 'a dog on a mat')]
     >>> prompt_schedule("[red|blue] ball", 3)
     [(1, 'red ball'), (2, 'blue ball'), (3, 'red ball')]
+    >>> prompt_schedule("[cat:dog:25] [a:b:1.5]", 10, first_pass_steps=20)
+    [(5, 'cat a'), (10, 'dog b')]
 
     Raises:
-        InputError: ``steps`` below 1, a ``when`` too large to be a step.
+        InputError: ``steps`` or ``first_pass_steps`` below 1, a ``when`` too large to be a step.
     """
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
+    if first_pass_steps is not None and first_pass_steps < 1:
+        raise InputError(f"first_pass_steps (the hires fix's first pass) must be >= 1, got {first_pass_steps}")
+    int_offset, fraction_offset = 0, 0.0
+    if first_pass_steps is not None:
+        if old_scheduling:  # (A1111's old timelines: the hires pass gets the first pass's schedule)
+            steps = first_pass_steps
+        else:  # (A1111 1.6+: the hires pass's timeline continues the first pass's)
+            int_offset, fraction_offset = first_pass_steps, 1.0
     try:
         tree = _Parser(prompt).start()
     except _NoParse:
@@ -329,7 +350,9 @@ def prompt_schedule(prompt: str, steps: int, *, old_scheduling: bool = False) ->
             if old_scheduling:  # A1111's "Use old prompt editing timelines": below 1 a fraction
                 when = when * steps if when < 1 else when
             elif "." in node.number:  # A1111 1.6+: a number with a point is a fraction of the steps
-                when = when * steps
+                when = (when - fraction_offset) * steps
+            else:
+                when = when - int_offset
             try:
                 node.when = min(steps, int(when))
             except OverflowError:

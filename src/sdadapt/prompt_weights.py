@@ -28,26 +28,54 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["parse_prompt_attention", "weighted_token_ids"]
+__all__ = ["attention_spans", "parse_prompt_attention", "weighted_token_ids"]
 
-_ATTENTION = re.compile(r"""
+
+def _attention_pattern(blanks: str) -> re.Pattern[str]:
+    """A1111's ``re_attention`` with ``blanks`` allowed around an explicit weight (``""``: kohya's copy)."""
+    return re.compile(rf"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|   # escaped brackets and backslashes
-\(|\[|:([+-]?[.\d]+)\)|\)|]|  # opening, an explicit weight closing a (, closing
+\(|\[|:{blanks}([+-]?[.\d]+){blanks}\)|\)|]|  # opening, an explicit weight closing a (, closing
 [^\\()\[\]:]+|:               # text
 """, re.VERBOSE)
+
+
+#: the emphasis tokens: kohya's copy of A1111's pattern (sd-scripts ``re_attention``: ``(cat:1.2)`` only) and
+#: A1111's own (``modules/prompt_parser.py`` ``re_attention`` at 28bd8e142d5f: ``(cat: 1.2 )`` too)
+_ATTENTION = {False: _attention_pattern(""), True: _attention_pattern(r"\s*")}
 _UP, _DOWN = 1.1, 1 / 1.1
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
-def parse_prompt_attention(text: str, *, breaks: bool = False) -> list[tuple[str, float]]:
+def parse_prompt_attention(text: str, *, breaks: bool = False, a1111: bool = False) -> list[tuple[str, float]]:
     """``text`` as ``[(piece, weight), ...]`` by A1111's emphasis rules (module docstring, step 1).
 
     ``breaks``: A1111's ``BREAK`` (the word, with the blanks around it) in plain text becomes a
     ``("BREAK", -1.0)`` piece (:mod:`sdadapt.prompt_chunks` starts a new chunk there); like A1111,
     brackets around it multiply that -1 as well, and such a piece is then read as the word.
 
+    ``a1111``: A1111 1.x's pattern, which allows blanks around an explicit weight (``(cat: 1.2 )`` is
+    ``cat`` at 1.2); by default kohya's copy (``--weighted_captions``, its sample prompts), which reads
+    ``: 1.2 `` as text and the ``)`` as x1.1. Nothing else differs.
+
     >>> parse_prompt_attention("a (red:1.5) [dog]")
     [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('dog', 0.9090909090909091)]
+    >>> parse_prompt_attention("(cat: 1.2)", a1111=True), parse_prompt_attention("(cat: 1.2)")
+    ([('cat', 1.2)], [('cat: 1.2', 1.1)])
+    """
+    return [(piece, weight) for piece, weight, _ in attention_spans(text, breaks=breaks, a1111=a1111)]
+
+
+def attention_spans(text: str, *, breaks: bool = False,
+                    a1111: bool = False) -> list[tuple[str, float, tuple[int, ...]]]:
+    """:func:`parse_prompt_attention`'s pieces with, for each character of a piece, its index in ``text``:
+    ``[(piece, weight, where), ...]``, ``len(where) == len(piece)`` and ``piece[j] == text[where[j]]`` (an escaped
+    ``\\(`` is the ``(`` after the backslash). ``breaks``, ``a1111``: :func:`parse_prompt_attention`'s.
+
+    What an edit of ``text`` needs to reach the characters A1111 tokenizes (``sdadapt.embeddings.a1111_match``).
+
+    >>> attention_spans("(ca)(t)")
+    [('cat', 1.1, (1, 2, 5))]
     """
     pieces: list[list[Any]] = []
     round_open: list[int] = []
@@ -57,10 +85,10 @@ def parse_prompt_attention(text: str, *, breaks: bool = False) -> list[tuple[str
         for piece in pieces[start:]:
             piece[1] *= factor
 
-    for match in _ATTENTION.finditer(text):
-        token, weight = match.group(0), match.group(1)
+    for match in _ATTENTION[a1111].finditer(text):
+        token, weight, at = match.group(0), match.group(1), match.start()
         if token.startswith("\\"):
-            pieces.append([token[1:], 1.0])
+            pieces.append([token[1:], 1.0, tuple(range(at + 1, match.end()))])
         elif token == "(":
             round_open.append(len(pieces))
         elif token == "[":
@@ -77,43 +105,53 @@ def parse_prompt_attention(text: str, *, breaks: bool = False) -> list[tuple[str
         elif token == "]" and square_open:
             scale(square_open.pop(), _DOWN)
         elif breaks:
-            for index, part in enumerate(_BREAK.split(token)):
-                if index:
-                    pieces.append(["BREAK", -1.0])
-                pieces.append([part, 1.0])
+            start = 0
+            for found in _BREAK.finditer(token):
+                pieces.append([token[start:found.start()], 1.0, tuple(range(at + start, at + found.start()))])
+                word = at + found.start() + found.group(0).index("BREAK")
+                pieces.append(["BREAK", -1.0, tuple(range(word, word + 5))])
+                start = found.end()
+            pieces.append([token[start:], 1.0, tuple(range(at + start, match.end()))])
         else:
-            pieces.append([token, 1.0])
+            pieces.append([token, 1.0, tuple(range(at, match.end()))])
     for start in round_open:
         scale(start, _UP)
     for start in square_open:
         scale(start, _DOWN)
     if not pieces:
-        pieces = [["", 1.0]]
+        pieces = [["", 1.0, ()]]
     merged = [pieces[0]]
     for piece in pieces[1:]:
         if piece[1] == merged[-1][1]:
             merged[-1][0] += piece[0]
+            merged[-1][2] += piece[2]
         else:
             merged.append(piece)
-    return [(str(piece), float(weight)) for piece, weight in merged]
+    return [(str(piece), float(weight), where) for piece, weight, where in merged]
 
 
 def _piece_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without ``<BOS>``/``<EOS>`` (sdadapt's or a transformers CLIP tokenizer)."""
+    """Token ids of ``text`` (one emphasis piece) without ``<BOS>``/``<EOS>`` (sdadapt's or a transformers CLIP
+    tokenizer), with the embeddings injected with ``a1111=True`` matched in them as A1111 matches them
+    (:func:`sdadapt.embeddings.a1111_match.match_token_ids`; the plain ids when there are none)."""
     from .clip_tokenizer import CLIPTokenizer
 
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer.encode_words(text)
-    return list(tokenizer(text).input_ids[1:-1])
+    from .embeddings.a1111_match import match_token_ids
+
+    return match_token_ids(tokenizer, list(tokenizer(text).input_ids[1:-1]))
 
 
-def weighted_token_ids(tokenizer: Any, prompts: list[str], length: int) -> tuple[Tensor, Tensor]:
+def weighted_token_ids(tokenizer: Any, prompts: list[str], length: int, *,
+                       a1111: bool = False) -> tuple[Tensor, Tensor]:
     """Token ids and per-token weights of emphasised ``prompts`` (module docstring, step 2).
 
     Args:
         tokenizer: sdadapt's :class:`~sdadapt.clip_tokenizer.CLIPTokenizer` or a transformers CLIP tokenizer.
         prompts: B captions with A1111 emphasis.
         length: ``L`` ids per prompt (77; ``n * 75 + 2`` for a long prompt).
+        a1111: the emphasis read by A1111's pattern (:func:`parse_prompt_attention`); by default kohya's.
 
     Returns:
         ``(ids, weights)``: (B, L) int64 ids ``<BOS> tokens <EOS> <PAD> …`` and (B, L) float32
@@ -128,7 +166,7 @@ def weighted_token_ids(tokenizer: Any, prompts: list[str], length: int) -> tuple
     for prompt in prompts:
         ids: list[int] = []
         weights: list[float] = []
-        for piece, weight in parse_prompt_attention(prompt):
+        for piece, weight in parse_prompt_attention(prompt, a1111=a1111):
             tokens = _piece_ids(tokenizer, piece)
             ids += tokens
             weights += [weight] * len(tokens)

@@ -28,7 +28,8 @@ from torch import Tensor
 from . import samplers
 from .errors import InputError
 
-__all__ = ["SamplePrompt", "SAMPLERS", "generate", "parse_sample_prompts", "unknown_words", "with_defaults"]
+__all__ = ["SamplePrompt", "SAMPLERS", "generate", "kohya_clip_sample", "parse_sample_prompts", "unknown_words",
+           "with_defaults"]
 
 #: every sampler name :func:`generate` takes: :data:`sdadapt.samplers.SAMPLERS` and kohya's aliases
 SAMPLERS: tuple[str, ...] = (*samplers.SAMPLERS, *samplers.SAMPLER_ALIASES)
@@ -193,7 +194,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              schedule_options: object | None = None, init_latents: Tensor | None = None,
              denoising_strength: float = 0.75, img2img_steps: int | None = None, output: str = "images",
              inpaint_mask: Tensor | None = None, inpaint_conditioning: Tensor | None = None,
-             before_model_call: Callable[[int, int], None] | None = None) -> Tensor:
+             before_model_call: Callable[[int, int], None] | None = None,
+             clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
@@ -246,9 +248,19 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     (:func:`sdadapt.samplers.sample_latents`; the system's ``sample`` when it takes ``before_model_call=``, else the
     System protocol).
 
+    ``clip_sample``: ``heun`` with x̂0 clamped to ±``clip_sample`` (diffusers' ``HeunDiscreteScheduler``
+    ``clip_sample=True``, ``clip_sample_range``; kohya's sample images: :func:`kohya_clip_sample`); ``None``: no clamp
+    (the system's ``sample`` when it takes ``clip_sample=``, else the System protocol).
+
+    ``size_conditioning``: ``(height, width)`` an SDXL UNet is told as its original and target size (its
+    ``time_ids``) in place of the image's own — A1111's cropped hires pass, conditioned on the size it enlarged to
+    (:func:`sdadapt.jobs.generate_hires.sample_image`); ``None``: the image's size. A system whose ``sample`` takes
+    no ``size_conditioning=`` has no size conditioning, and it is not passed.
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
-            system cannot make; an inpainting mask or conditioning without ``init_latents``.
+            system cannot make; an inpainting mask or conditioning without ``init_latents``; ``clip_sample`` on a
+            sampler other than ``heun``, or not above 0.
         TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``.
     """
     try:
@@ -256,6 +268,9 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     except ValueError:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}") from None
     samplers.check_karras(name, karras)  # (here too: ddim runs as the system's own sample, which takes no karras)
+    if clip_sample is not None and (name != "heun" or not clip_sample > 0):
+        raise ValueError(f"clip_sample={clip_sample} clamps x̂0 on the heun sampler only (diffusers' "
+                         f"HeunDiscreteScheduler clip_sample), to a range above 0; got sampler {name!r}: leave it out")
     schedule = samplers.resolve_schedule(name, schedule, karras)
     if schedule == "align_your_steps" and getattr(system, "is_sdxl", False):
         schedule = "align_your_steps_sdxl"
@@ -275,7 +290,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     return _generate(system, prompts, name=name, negative=negative, seed=seed, steps=steps, guidance=guidance,
                      karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
                      noise=noise, schedule_options=schedule_options, start=start, output=output,
-                     before_model_call=before_model_call)
+                     before_model_call=before_model_call, clip_sample=clip_sample,
+                     size_conditioning=size_conditioning)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -323,7 +339,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               karras: bool, height: int | None, width: int | None, cond: object | None, schedule: str | None,
               info: dict | None, plan: object | None, noise: object | None, schedule_options: object | None,
               start: object | None, output: str, before_model_call: Callable[[int, int], None] | None = None,
-              ) -> Tensor:
+              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -338,7 +354,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (schedule_options is None or _takes(system.sample, "schedule_options"))
                      and (output == "images" or _takes(system.sample, "output"))
                      and (start is None or _takes(system.sample, "start"))
-                     and (before_model_call is None or _takes(system.sample, "before_model_call")))
+                     and (before_model_call is None or _takes(system.sample, "before_model_call"))
+                     and (clip_sample is None or _takes(system.sample, "clip_sample")))
     # (else through the protocol, below)
     own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
                                     and before_model_call is None)
@@ -371,6 +388,10 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["start"] = start
         if before_model_call is not None:
             options["before_model_call"] = before_model_call
+        if clip_sample is not None:
+            options["clip_sample"] = clip_sample
+        if size_conditioning is not None and _takes(system.sample, "size_conditioning"):
+            options["size_conditioning"] = size_conditioning
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
@@ -404,8 +425,24 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                       **({"schedule_options": schedule_options} if schedule_options is not None
                                          else {}),
                                       prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g,
-                                      start=start, before_model_call=before_model_call)
+                                      start=start, before_model_call=before_model_call,
+                                      **({} if clip_sample is None else {"clip_sample": clip_sample}))
     return latents if output == "latents" else system.decode_latents(latents)
+
+
+def kohya_clip_sample(sampler: str) -> float | None:
+    """The x̂0 clamp kohya's sample images run ``sampler`` with (:func:`generate`'s ``clip_sample``): 1.0 for
+    ``heun``, else ``None``.
+
+    kohya's ``get_my_scheduler`` (sd-scripts 48d368fa ``library/train_util.py``) sets ``scheduler.config.clip_sample
+    = True`` on a scheduler whose config has ``clip_sample`` False: of its classes only ``HeunDiscreteScheduler``
+    (range 1.0) and ``DDIMScheduler`` built with its defaults (``clip_sample=True`` already); sdadapt's ``ddim`` is the
+    model's own DDIM (docs/samplers.md), and ``ddpm`` clamps by default.
+
+    Raises:
+        ValueError: an unknown sampler name.
+    """
+    return 1.0 if samplers.canonical_sampler(sampler) == "heun" else None
 
 
 def with_defaults(prompt: SamplePrompt, *, seed: int, steps: int, guidance: float | None) -> SamplePrompt:

@@ -216,9 +216,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--hires-scale", type=float, default=None, metavar="F",
                          help="hires fix: a second pass at F times the size (A1111's 'Upscale by')")
     img2img.add_argument("--hires-width", type=positive_int, default=None, metavar="W",
-                         help="hires fix: the second pass's width (alone: the height in proportion)")
+                         help="hires fix: the second pass's width (alone: the height in proportion; with "
+                              "--hires-height out of proportion: enlarged to cover both, then cropped, A1111's rule)")
     img2img.add_argument("--hires-height", type=positive_int, default=None, metavar="H",
-                         help="hires fix: the second pass's height (alone: the width in proportion)")
+                         help="hires fix: the second pass's height (alone: the width in proportion; with "
+                              "--hires-width out of proportion: enlarged to cover both, then cropped, A1111's rule)")
     img2img.add_argument("--hires-steps", type=int, default=0, metavar="N",
                          help="hires fix: the second pass's steps (default 0: --steps)")
     img2img.add_argument("--hires-denoising", type=float, default=0.7, metavar="S",
@@ -227,10 +229,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="hires fix: how the first pass is enlarged: A1111's latent upscalers (interpolate the "
                          "latents) or pixel-lanczos (decode, Lanczos resize, encode); default latent")
     img2img.add_argument("--hires-prompt", default=None, metavar="TEXT",
-                         help="hires fix: the second pass's prompt (A1111's 'Hires prompt'; default: --prompt)")
+                         help="hires fix: the second pass's prompt (A1111's 'Hires prompt'; default or empty: "
+                              "--prompt)")
     img2img.add_argument("--hires-negative", default=None, metavar="TEXT",
                          help="hires fix: the second pass's negative prompt (A1111's 'Hires negative prompt'; "
-                         "default: --negative)")
+                         "default or empty: --negative)")
     img2img.add_argument("--hires-sampler", type=_sampler, default=None, metavar="NAME",
                          help="hires fix: the second pass's sampler (A1111's 'Hires sampling method'; default: "
                          "--sampler; one that starts from an image, docs/samplers.md)")

@@ -6,6 +6,8 @@
   the thin hook-based holder of the new rows;
 * :mod:`.tokens` — the tokenizer side: transformers ``CLIPTokenizer`` and the toy tokenizer
   behind :class:`TokenizerSide`;
+* :mod:`.a1111_match` — A1111's matching of embedding names by token ids inside each emphasis piece
+  (``inject_embedding(..., a1111=True)``, ``generate``'s embeddings);
 * :mod:`.inject` — :func:`inject_embedding` / :class:`EmbeddingHandle` (exactly reversible) and
   :func:`initial_embedding`.
 

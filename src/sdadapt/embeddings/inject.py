@@ -78,6 +78,13 @@ class EmbeddingHandle:
         return prompt
 
     @property
+    def matched_by_ids(self) -> bool:
+        """True when every tokenizer side matches the name by token ids inside each emphasis piece (``a1111=True``:
+        :mod:`sdadapt.embeddings.a1111_match`), so the model's own tokenizing finds it and the text needs no
+        :meth:`expand` — as A1111, which schedules prompt editing on the text and matches each scheduled text."""
+        return bool(self._sides) and all(getattr(side, "_entry", None) is not None for side in self._sides)
+
+    @property
     def expands_itself(self) -> bool:
         """True when plain tokenization already gives the ``k`` tokens (no :meth:`expand` needed)."""
         return all(side.expands_itself for side in self._sides)

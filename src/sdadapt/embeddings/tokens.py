@@ -22,10 +22,11 @@ A small interface, :class:`TokenizerSide`, with two implementations picked by :f
   (:func:`replace_vocabulary_word`). A diffusers pipeline needs the expanded prompt when ``k > 1``.
 
   With ``a1111=True`` (``inject_embedding(..., a1111=True)``, what ``generate`` uses) a name of several tokens
-  (``my-style``, ``easynegative``) is not added as text: its alias tokens ``<emb-my-style>`` … are, and
-  :meth:`CLIPTokenizerSide.expand` writes them in place of each run of the name's own token ids in the tokenized
-  prompt (:func:`replace_token_run`), as A1111's ``find_embedding_at_position`` matches them: ``my - style`` is the
-  embedding, ``amy-style`` and ``my-styles`` (other ids) are not.
+  (``my-style``, ``easynegative``) is not added as text: its alias tokens ``<emb-my-style>`` … are, and the name is
+  registered for A1111's matching by token ids inside each emphasis piece (:mod:`.a1111_match`, which sdadapt's
+  tokenizing paths apply; a one-token name of ``k > 1`` vectors too): ``my - style`` is the embedding, ``amy-style``
+  and ``my-styles`` (other ids) are not, ``(cat)(s)`` is not ``cat``. :meth:`CLIPTokenizerSide.expand` writes the
+  matches into the text where the text can say them exactly (:func:`.a1111_match.expand_a1111`).
 * :class:`WordTableSide` — tokenizers with an added-word table (the toy tokenizer:
   ``add_word``/``remove_word``/``free_spare_ids``). A trigger that is already a vocabulary word keeps
   its own id for its first vector; every other vector takes the next free spare token
@@ -38,6 +39,8 @@ import json
 import re
 import weakref
 from typing import Protocol, runtime_checkable
+
+from .a1111_match import expand_a1111, register_name, unregister_name
 
 __all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "insert_after_token",
            "replace_token_run", "replace_vocabulary_word", "token_strings", "tokenizer_side", "vocabulary_word_alias"]
@@ -191,6 +194,7 @@ class CLIPTokenizerSide:
         self._aliases: list[str] = []  # (its further vectors' tokens, written after each own_id by expand)
         self._before: list | None = None
         self._after: list | None = None
+        self._entry = None  # (a1111: its sdadapt.embeddings.a1111_match entry, matched by token ids in each piece)
 
     def _backend(self):
         backend = getattr(self.tokenizer, "_tokenizer", None)
@@ -237,7 +241,10 @@ class CLIPTokenizerSide:
             raise ValueError(f"the tokenizer added {added} of the tokens {strings}")
         self._after = self._added_tokens()
         self.name, self.count, self._run = token, count, run
-        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
+        ids = [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
+        if run is not None:
+            self._entry = register_name(self.tokenizer, name, run, ids, " ".join(strings))
+        return ids
 
     def _name_run(self, name: str, added: dict) -> list[int]:
         """The token ids A1111 looks ``name`` up by (its tokens without BOS/EOS), checked: some, none another
@@ -279,7 +286,10 @@ class CLIPTokenizerSide:
         self._after = self._added_tokens()
         held[own] = name
         self.name, self.count, self.own_id, self._aliases = name, count, own, strings
-        return [own] + [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
+        ids = [own] + [int(i) for i in self.tokenizer.convert_tokens_to_ids(strings)]
+        if self.a1111 and strings:  # (k = 1: the own id is the whole embedding, nothing to match)
+            self._entry = register_name(self.tokenizer, name, [own], ids, " ".join(strings), keep=True)
+        return ids
 
     def _restore(self) -> None:
         from tokenizers import Tokenizer
@@ -291,6 +301,9 @@ class CLIPTokenizerSide:
     def expand(self, prompt: str) -> str:
         if self.name is None:
             return prompt
+        if self.a1111 and (self._entry is not None or self.own_id is not None):
+            # (A1111's scan over every registered name, inside each emphasis piece; only this one's matches written)
+            return prompt if self._entry is None else expand_a1111(prompt, self.tokenizer, only=self._entry)
         if self.own_id is not None:
             return insert_after_token(prompt, self.tokenizer, self.own_id, self._aliases)
         if self._run is not None:
@@ -320,7 +333,9 @@ class CLIPTokenizerSide:
         self._restore()
         if self.own_id is not None:
             _HELD_IDS.get(self.tokenizer, {}).pop(self.own_id, None)
-        self.name, self.count, self.word, self.own_id, self._run = None, 0, None, None, None
+        if self._entry is not None:
+            unregister_name(self.tokenizer, self._entry)
+        self.name, self.count, self.word, self.own_id, self._run, self._entry = None, 0, None, None, None, None
 
 
 class WordTableSide:

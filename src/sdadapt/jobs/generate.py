@@ -193,7 +193,8 @@ def run_generate(
             image, which keeps its size (:mod:`sdadapt.inpaint_crop`); a blank mask: plain img2img, with a warning.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
-            keeps the proportions), ``hires_steps`` (0: ``steps``) at ``hires_denoising`` (0.7) from the first pass's
+            keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
+            ``hires_steps`` (0: ``steps``) at ``hires_denoising`` (0.7) from the first pass's
             latents upscaled by ``hires_upscaler`` (``latent``, ``latent-nearest``, ``latent-antialiased``,
             ``latent-bicubic``..., or ``pixel-lanczos``: decode, Lanczos resize, encode)
             (:func:`sdadapt.jobs.generate_hires.sample_image`).
@@ -203,7 +204,7 @@ def run_generate(
             fitted by "Resize and fill" whatever the mode.
         img2img_fix_steps: A1111's setting "With img2img, do exactly the amount of steps the slider specifies".
         hires_prompt, hires_negative, hires_sampler: A1111's hr_prompt, hr_negative_prompt, hr_sampler_name: the
-            hires pass's texts and sampler (``None``: the first pass's).
+            hires pass's texts and sampler (``None``, and ``""`` for the texts as in A1111: the first pass's).
 
     Returns:
         ``{"files": [...], "seed": int, "subseed": int | None, "seconds": ..., "loras": [...],
@@ -288,6 +289,8 @@ def run_generate(
                                    hires_steps=hires_steps, hires_denoising=hires_denoising,
                                    hires_upscaler=hires_upscaler, resize_mode=resize_mode,
                                    hires_texts=(hires_prompt, hires_negative, hires_sampler))
+    # (A1111's setup_prompts: an empty hires prompt or negative prompt is the first pass's, tags and all)
+    hires_prompt, hires_negative = hires_prompt or None, hires_negative or None
     fixed_grids = _check_img2img_passes(sampler, steps=steps or 25, init_image=init_image,
                                         denoising_strength=denoising_strength, fix_steps=img2img_fix_steps,
                                         hires=hires is not None, hires_sampler=hires_sampler, hires_steps=hires_steps,
@@ -457,13 +460,23 @@ def run_generate(
             return _without_emphasis(piece, say)
     plan = plan_prompt(text, negative_text, steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean)
     from ..prompt_chunks import has_break, needs_chunks
+    from ..prompt_weights import parse_prompt_attention
 
     def chunked(piece: str) -> bool:  # (A1111's BREAK; with no kohya --max-token-length, its long prompts too)
         if max_token_length == 75 and aesthetic is None and hasattr(system, "tokenizer"):
             return needs_chunks(system.tokenizer, piece)
         return has_break(piece)
 
-    breaks = clean is None and any(chunked(piece) for piece in (*plan.texts, *plan.negative_texts))
+    def kohya_reads_otherwise(piece: str) -> bool:  # ("(cat: 1.2)": a weight in A1111's emphasis, text in kohya's)
+        return parse_prompt_attention(piece, a1111=True) != parse_prompt_attention(piece)
+
+    # (a plan's texts take the system's A1111 path: BREAK chunks and A1111's emphasis pattern)
+    def needs_plan_path(p) -> bool:
+        return clean is None and any(chunked(piece) or (aesthetic is None and kohya_reads_otherwise(piece))
+                                     for piece in (*p.texts, *p.negative_texts))
+
+    breaks = needs_plan_path(plan)
+    scheduled_text, scheduled_negative = text, negative_text  # (the hires pass re-plans these)
     if plan.plain and not breaks:  # (no prompt editing, alternation, AND or BREAK: the one text, sampled as ever)
         text, negative_text, plan = plan.texts[0], plan.negative_texts[0], None
     else:
@@ -476,19 +489,11 @@ def run_generate(
     if unknown:
         say(f"warning: the toy model does not know {', '.join(unknown)} (it reads them as <unk>); its words: "
             f"{', '.join(_toy_vocabulary(system))}")
-    cond = None
-    if aesthetic is not None:
-        from .aesthetic import aesthetic_generation_conditioning
-
-        cond = aesthetic_generation_conditioning(system, text, aesthetic, steps=aesthetic_steps, lr=aesthetic_lr,
-                                                 weight=aesthetic_weight, slerp=aesthetic_slerp, clip=aesthetic_clip,
-                                                 text=aesthetic_text)
-        say(f"aesthetic {aesthetic}: {aesthetic_steps} steps at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
-            f"{' (slerp)' if aesthetic_slerp else ''}")
     from .generate_hires import (
         HiresRequest,
         check_hires_request,
         hires_size,
+        hires_upscale_size,
         init_latents_from_image,
         sample_image,
     )
@@ -530,13 +535,16 @@ def run_generate(
         if "height" not in inspect.signature(system.sample).parameters:
             raise ValueError(f"--hires-*: this model makes {size_w}x{size_h} images only, so it has no hires pass; "
                              "use a Stable Diffusion model")
+        hires_sides = dict(scale=hires_scale, hires_height=hires_height, hires_width=hires_width)
         hires = check_hires_request(HiresRequest(
-            hires_size(size_h, size_w, scale=hires_scale, hires_height=hires_height, hires_width=hires_width),
+            hires_size(size_h, size_w, **hires_sides),
             steps=hires_steps, denoising=hires_denoising, upscaler=hires_upscaler,
             prompt=_expanded(hires_prompt, handles), negative=_expanded(hires_negative, handles), sampler=hires_sampler,
-            schedule=hires_schedule),
+            schedule=hires_schedule, upscale_to=hires_upscale_size(size_h, size_w, **hires_sides)),
             multiple=int(getattr(system, "size_multiple", 8)))
-        say(f"hires fix: {hires.size[1]}x{hires.size[0]}, {hires.steps or steps or 25} steps at denoising "
+        cover = "" if hires.upscale_to == hires.size else (
+            f" (enlarged to {hires.upscale_to[1]}x{hires.upscale_to[0]} and cropped, as A1111)")
+        say(f"hires fix: {hires.size[1]}x{hires.size[0]}{cover}, {hires.steps or steps or 25} steps at denoising "
             f"{hires.denoising:g}, {hires.upscaler}")
 
     hires_networks = None
@@ -552,12 +560,30 @@ def run_generate(
         say("hires pass: the hires prompt's LoRA tags instead of the prompt's: "
             f"{', '.join(item.tag for item in hires_tag_loras) or 'none'}")
 
-    def plan_for(hires_steps: int) -> object:  # (A1111 plans the hires pass's schedule for its steps)
-        hr_text = text if hires is None or hires.prompt is None else hires.prompt
-        hr_negative = negative_text if hires is None or hires.negative is None else hires.negative
+    def plan_for(hires_steps: int) -> object:  # (A1111 plans the hires pass's schedule for its steps, its
+        # timeline continuing the first pass's: calculate_hr_conds passes firstpass_steps as base_steps)
+        hr_text = scheduled_text if hires is None or hires.prompt is None else hires.prompt
+        hr_negative = scheduled_negative if hires is None or hires.negative is None else hires.negative
         hr_sampler = sampler if hires is None or hires.sampler is None else hires.sampler
-        return plan_prompt(hr_text, hr_negative, steps=schedule_steps(canonical_sampler(hr_sampler), hires_steps),
-                           clean=clean)
+        hr_plan = plan_prompt(hr_text, hr_negative, steps=schedule_steps(canonical_sampler(hr_sampler), hires_steps),
+                              first_pass_steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean)
+        if hr_plan.plain and not needs_plan_path(hr_plan):  # (the one text, sampled as ever)
+            return hr_plan.texts[0], hr_plan.negative_texts[0]
+        return hr_plan
+
+    if hires is not None and aesthetic is not None and not isinstance(plan_for(hires.steps or steps or 25), tuple):
+        raise ValueError("--aesthetic personalises one prompt's conditioning; the hires pass's text has prompt "
+                         "editing, alternation, AND or BREAK it reaches (e.g. [a:b:1.5]); leave those out, or --aesthetic")
+
+    cond = None
+    if aesthetic is not None:
+        from .aesthetic import aesthetic_generation_conditioning
+
+        cond = aesthetic_generation_conditioning(system, text, aesthetic, steps=aesthetic_steps, lr=aesthetic_lr,
+                                                 weight=aesthetic_weight, slerp=aesthetic_slerp, clip=aesthetic_clip,
+                                                 text=aesthetic_text)
+        say(f"aesthetic {aesthetic}: {aesthetic_steps} steps at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
+            f"{' (slerp)' if aesthetic_slerp else ''}")
 
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
@@ -601,11 +627,17 @@ def run_generate(
 
 
 def _expanded(text: str | None, handles) -> str | None:
-    """``text`` with the injected embeddings' names expanded (``None`` and ``""`` stay as they are): the longest
-    name first, as A1111 tries the longest name at each position (``tom-cat_v2`` before ``tom-cat``, ``tom-cat``
-    before ``cat``), whatever order the files were loaded in (their handles stay in load order for ``remove()``)."""
+    """``text`` with the injected embeddings' names expanded (``None`` and ``""`` stay as they are). generate's
+    embeddings (``a1111=True``) are found by one A1111 scan over all of them inside each emphasis piece
+    (:mod:`sdadapt.embeddings.a1111_match`: left to right, the longest name at each position, ``tom-cat_v2`` before
+    ``tom-cat``), each handle writing its own matches where the text can say them; the rest (``atom-cat``,
+    ``(tom-)(cat)``, ``easynegative \\(1\\)``) the model's tokenizing matches by token ids. Longest name first for
+    any other handle (theirs are text rules); the handles stay in load order for ``remove()``. A handle the model's
+    tokenizing matches by ids (:attr:`~sdadapt.embeddings.inject.EmbeddingHandle.matched_by_ids`) is left out: the
+    text is scheduled as written and each scheduled text matched, as A1111 (``a cat[:s:0.5]`` is ``a cats`` late)."""
     for handle in sorted(handles, key=lambda h: len(h.name), reverse=True) if text else ():
-        text = handle.expand(text)
+        if not getattr(handle, "matched_by_ids", False):
+            text = handle.expand(text)
     return text
 
 
@@ -775,7 +807,7 @@ def _without_emphasis(text: str, say: Callable[[str], None]) -> str:
     model that reads no prompt weights (the toy); ``text`` itself when it has none."""
     from ..prompt_weights import parse_prompt_attention
 
-    pieces = parse_prompt_attention(text)
+    pieces = parse_prompt_attention(text, a1111=True)
     plain = "".join(piece for piece, _ in pieces)
     if plain != text:
         say(f"warning: this model reads no prompt weights; {text!r} is read as {plain!r}")

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "hires_size",
-           "init_latents_from_image", "lanczos_upscale_pixels", "networks_switched", "sample_image"]
+__all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "crop_hires_latents",
+           "hires_size", "hires_upscale_size", "init_latents_from_image", "lanczos_upscale_pixels",
+           "networks_switched", "sample_image"]
 
 #: the samplers whose img2img cannot run at A1111's ``t_enc = 0`` (no step): k-diffusion's DPMSolver takes the
 #: ``σ_min = σ_max`` A1111 hands it as reverse sampling and refuses it with ``eta > 0``, which generate runs them with
@@ -25,7 +26,9 @@ NO_STEP_REFUSED: tuple[str, ...] = ("dpm_fast", "dpm_adaptive")
 @dataclass(frozen=True)
 class HiresRequest:
     """The hires pass: its image ``size`` (height, width), ``steps`` (0: the first pass's), ``denoising``
-    strength and ``upscaler`` (:data:`sdadapt.img2img.HIRES_UPSCALERS`); A1111's ``hr_prompt`` /
+    strength and ``upscaler`` (:data:`sdadapt.img2img.HIRES_UPSCALERS`); ``upscale_to`` (height, width): what the
+    first pass is enlarged to before A1111's crop to ``size`` (``hr_upscale_to_y/x``, :func:`hires_upscale_size`;
+    ``None``: ``size``, no crop); A1111's ``hr_prompt`` /
     ``hr_negative_prompt`` (``prompt``, ``negative``: the second pass's conditioning; ``None``: the first pass's)
     and ``hr_sampler_name`` (``sampler``; ``None``: the first pass's) with its resolved grid (``schedule``, as
     :func:`sdadapt.samplers.resolve_schedule` gives it for that sampler; used with ``sampler``)."""
@@ -38,12 +41,14 @@ class HiresRequest:
     negative: str | None = None
     sampler: str | None = None
     schedule: str | None = None
+    upscale_to: tuple[int, int] | None = None
 
 
 def hires_size(height: int, width: int, *, scale: float | None, hires_height: int | None,
                hires_width: int | None) -> tuple[int, int]:
-    """A1111's hires target ``(height, width)``: ``hr_resize_x/y`` when given (one of them: the other kept in
-    proportion, A1111's rule), else ``int(size · scale)``."""
+    """A1111's hires target ``(height, width)``, the size of the image written: ``hr_resize_x/y`` when given (one
+    of them: the other kept in proportion, A1111's rule; both: exactly them, reached by enlarging to
+    :func:`hires_upscale_size` and cropping), else ``int(size · scale)``."""
     if hires_height is None and hires_width is None:
         return int(height * float(scale if scale is not None else 2.0)), int(width * float(scale if scale is not None else 2.0))
     if hires_height is None:
@@ -51,6 +56,34 @@ def hires_size(height: int, width: int, *, scale: float | None, hires_height: in
     if hires_width is None:
         return int(hires_height), hires_height * width // height
     return int(hires_height), int(hires_width)
+
+
+def hires_upscale_size(height: int, width: int, *, scale: float | None, hires_height: int | None,
+                       hires_width: int | None) -> tuple[int, int]:
+    """What A1111 enlarges the first pass (``height`` x ``width``) to, ``(hr_upscale_to_y, hr_upscale_to_x)``
+    (``calculate_target_resolution``, ``modules/processing.py`` at 0027ce1f6e58): with both ``hires_width`` and
+    ``hires_height`` the smallest size in the first pass's proportions that covers them — ``width / height <
+    hires_width / hires_height`` (floats, as A1111 compares them): ``(hires_width · height // width,
+    hires_width)``, else ``(hires_height, hires_height · width // height)`` — later cropped to them
+    (:func:`crop_hires_latents`); otherwise :func:`hires_size` (nothing to crop)."""
+    if hires_height is None or hires_width is None:
+        return hires_size(height, width, scale=scale, hires_height=hires_height, hires_width=hires_width)
+    if width / height < hires_width / hires_height:
+        return int(hires_width) * height // width, int(hires_width)
+    return int(hires_height), int(hires_height) * width // height
+
+
+def crop_hires_latents(latents: Tensor, *, upscale_to: tuple[int, int], size: tuple[int, int],
+                       factor: int = 8) -> Tensor:
+    """A1111's crop of the enlarged first pass (``sample_hr_pass``; ``truncate_x/y`` of
+    ``calculate_target_resolution``): ``latents`` (B, C, h, w) of an image enlarged to ``upscale_to`` =
+    (H', W') pixels -> (B, C, h − t_y, w − t_x) with ``t = (H' − H) // factor`` latent rows (columns) for
+    ``size`` = (H, W), ``t // 2`` of them cut off the top (left) and ``(t + 1) // 2`` off the bottom (right). For
+    sizes that are multiples of ``factor`` the result is (H / factor, W / factor)."""
+    t_y = (int(upscale_to[0]) - int(size[0])) // factor
+    t_x = (int(upscale_to[1]) - int(size[1])) // factor
+    h, w = latents.shape[-2:]
+    return latents[..., t_y // 2:h - (t_y + 1) // 2, t_x // 2:w - (t_x + 1) // 2]
 
 
 def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresRequest:
@@ -80,6 +113,10 @@ def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresReq
     if h < multiple or w < multiple or h % multiple or w % multiple:
         raise ValueError(f"the hires size {w}x{h} must be a multiple of {multiple} in both sides; change "
                          "--hires-scale or --hires-width/--hires-height")
+    if request.upscale_to is not None and (request.upscale_to[0] < h or request.upscale_to[1] < w):
+        up_h, up_w = request.upscale_to
+        raise ValueError(f"the hires pass would enlarge to {up_w}x{up_h} and crop to {w}x{h}, which it does not "
+                         "cover; build the request with hires_upscale_size (A1111's cover-then-crop size)")
     return request
 
 
@@ -254,6 +291,11 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     exactly the amount of steps the slider specifies" for the ``init_latents`` pass (``img2img_steps = steps``).
     ``hires_networks()``: a context (:func:`networks_switched`) the hires pass runs in, with its own merged
     networks (A1111's ``hr_extra_network_data``: the hires prompt's tags); ``None``: the first pass's networks.
+    ``hires.upscale_to``: the first pass is enlarged (either upscaler) to that size and its latents cropped to
+    ``hires.size`` (:func:`crop_hires_latents`, A1111's ``truncate_x/y``) before the noise is drawn at the cropped
+    size. An inpainting model's hires pass is conditioned as its txt2img (a grey image under a mask of ones) at
+    ``hires.size`` — what A1111's pixel upscalers give it (``img2img_image_conditioning`` of the upscaled pixels
+    at mask weight 1: all 0); A1111's latent upscalers hand it the first pass's size and fail (its issue #6281).
     ``options["before_model_call"]`` with a ``next_pass(sampler=)`` (:class:`.generate_lbw_steps.StepSwitchedLoRAs`)
     is told when the hires pass begins, and with which sampler (the step ranges' hires pass).
     """
@@ -269,15 +311,23 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         return generate(system, prompts, **first)
     latents = generate(system, prompts, **first, output="latents")
     height, width = hires.size
+    up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y/x: covers the size, then cropped)
     factor = int(getattr(system, "vae_factor", 8))
     if hires.upscaler in LATENT_UPSCALERS:
-        start = upscale_latents(latents.float(), (height // factor, width // factor), upscaler=hires.upscaler)
+        start = upscale_latents(latents.float(), (up_h // factor, up_w // factor), upscaler=hires.upscaler)
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
-        pixels = lanczos_upscale_pixels(system.decode_latents(latents), (height, width)).to(latents.device)
+        pixels = lanczos_upscale_pixels(system.decode_latents(latents), (up_h, up_w)).to(latents.device)
         with torch.no_grad():
             start = system.encode_images(pixels).float()
+    start = crop_hires_latents(start, upscale_to=(up_h, up_w), size=(height, width), factor=factor)
+    if tuple(start.shape[-2:]) != (height // factor, width // factor):
+        raise ValueError(f"the hires pass's latents are {tuple(start.shape[-2:])} after the crop from "
+                         f"{up_w}x{up_h}, not the {width}x{height} image's {(height // factor, width // factor)}: "
+                         f"the hires size must be a multiple of {factor} (check_hires_request)")
     steps = hires.steps or int(options.get("steps", 25))
     second = dict(options, height=height, width=width)
+    if (up_h, up_w) != (height, width):  # (A1111's calculate_hr_conds: SDXL told the size it enlarged to)
+        second["size_conditioning"] = (up_h, up_w)
     next_pass = getattr(options.get("before_model_call"), "next_pass", None)
     if next_pass is not None:  # (step ranges: the networks on again, spent switches gone, the counter from 0)
         from ..samplers import canonical_sampler
@@ -294,10 +344,11 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         second["sampler"] = hires.sampler
         second["schedule"] = hires.schedule
         second.pop("info", None)
-    if plan_for is not None and (options.get("plan") is not None or own_texts):
+    if plan_for is not None:
         plan = plan_for(steps)
-        if getattr(plan, "plain", False) and options.get("plan") is None:
-            second_prompts, second["negative"] = [plan.texts[0]] * len(prompts), plan.negative_texts[0]
+        if isinstance(plan, tuple):  # (a plain hires plan: its text and negative, no plan)
+            second_prompts, second["negative"] = [plan[0]] * len(prompts), plan[1]
+            second.pop("plan", None)
         else:
             second["plan"] = plan
     if hires_networks is None:

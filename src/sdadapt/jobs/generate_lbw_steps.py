@@ -8,7 +8,13 @@ a ``step=`` without ``-`` is ignored; each ``int()``-ed) and switches the networ
 ``params.sampling_step`` — A1111's ``state.sampling_step``: 0 when the sampler starts (``launch_sampling``), then
 ``i`` from the k-diffusion callback of step ``i``, which comes right after that step's first model call
 (``KDiffusionSampler.callback_state``). So a model call of step ``i`` sees ``i`` if it is not the step's first call
-(Heun, DPM2, DPM++ 2S a, DPM++ SDE's second call), else ``max(i − 1, 0)`` (:func:`a1111_sampling_step`). The
+(Heun, DPM2, DPM++ 2S a, DPM++ SDE's second call), else ``max(i − 1, 0)`` (:func:`a1111_sampling_step`). That
+holds for k-diffusion's DPM fast too (``DPMSolver.dpm_solver_fast`` calls ``info_callback`` with ``i`` right after
+the ``eps`` call that opens step ``i``, before its order − 1 other calls) and for A1111's Restart
+(``restart_sampler``'s ``heun_step`` calls back with ``step_id`` after its first call; every Heun step counts, the
+restart segments' too). k-diffusion's DPM adaptive calls back after *all* the calls of a try, with
+``i = info['steps'] − 1`` (tries, rejected ones too), so every call of try ``k`` sees ``max(k − 1, 0)``
+(:data:`END_REPORTING_SAMPLERS`; ``steps_done`` counts tries there: :func:`sdadapt.samplers.sample_latents`). The
 extension's rule (A1111's own path, ``elif self.active``), per model call, ``c`` its ``sampling_step``::
 
     start pending and c == 0:  off          (the tag's te / unet multipliers set to 0)
@@ -52,14 +58,17 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from ..prompt_schedule import ExtraNetworkTag
 
-__all__ = ["LATE_REPORTING_SAMPLERS", "UNSTEPPED_SAMPLERS", "StepRange", "StepSwitchedLoRAs", "a1111_sampling_step",
-           "check_step_range_sampler", "spent", "tag_step_range", "unet_on"]
+__all__ = ["END_REPORTING_SAMPLERS", "LATE_REPORTING_SAMPLERS", "UNSTEPPED_SAMPLERS", "StepRange",
+           "StepSwitchedLoRAs", "a1111_sampling_step", "check_step_range_sampler", "spent", "tag_step_range", "unet_on"]
 
-#: samplers whose step counter is not the rule above, so step ranges are refused: k-diffusion's DPM fast and adaptive
-#: call A1111's callback at the end of a step of several model calls (adaptive once per accepted step), A1111's
-#: Restart once per Heun step of its restart segments, and kohya's ``pndm`` (diffusers' PNDM) counts each Runge-Kutta
-#: warm-up call as a step (A1111 has no such sampler)
-UNSTEPPED_SAMPLERS = frozenset({"dpm_fast", "dpm_adaptive", "restart", "pndm"})
+#: samplers on which the extension's counter is undefined, so step ranges are refused: kohya's ``pndm`` (diffusers'
+#: PNDM: three Runge-Kutta warm-up steps of four model calls, then one call a step) has no A1111 counterpart — A1111's
+#: PLMS (``sd_samplers_timesteps_impl.plms``) is another method (one two-call first step, no warm-up), so there is no
+#: A1111 ``state.sampling_step`` to follow
+UNSTEPPED_SAMPLERS = frozenset({"pndm"})
+#: samplers whose callback comes after every model call of a step: k-diffusion's DPM adaptive reports each try
+#: (accepted or rejected) after its ``order`` calls, so all of a try's calls see ``max(tries done − 1, 0)``
+END_REPORTING_SAMPLERS = frozenset({"dpm_adaptive"})
 #: samplers whose A1111 counterpart reports a step one model call later than k-diffusion's: A1111's UniPC makes a model
 #: call before its first step and calls back after each step's corrector call (the next grid point's model call)
 LATE_REPORTING_SAMPLERS = frozenset({"unipc"})
@@ -107,7 +116,10 @@ def a1111_sampling_step(steps_done: int, calls: int, *, sampler: str | None = No
     """A1111's ``state.sampling_step`` at a model call: ``steps_done`` steps finished before it, ``calls`` model
     calls already made in this step (0: the step's first call, before the k-diffusion callback of the step).
     ``sampler`` (canonical name) in :data:`LATE_REPORTING_SAMPLERS`: ``max(steps_done − 2, 0)`` (A1111's UniPC,
-    module docstring)."""
+    module docstring); in :data:`END_REPORTING_SAMPLERS` (``steps_done``: the tries done): ``max(steps_done − 1, 0)``
+    at every call of the try."""
+    if sampler in END_REPORTING_SAMPLERS:
+        return max(steps_done - 1, 0)
     if calls > 0:
         return steps_done
     return max(steps_done - (2 if sampler in LATE_REPORTING_SAMPLERS else 1), 0)
@@ -149,9 +161,10 @@ def check_step_range_sampler(sampler: str, tag: str) -> None:
         InputError: naming the tag, the sampler and what to do.
     """
     if sampler in UNSTEPPED_SAMPLERS:
-        raise InputError(f"prompt tag {tag}: start= / stop= / step= count A1111's sampling steps, which {sampler} "
-                         "does not report after each step's first model call as the other samplers do; use another "
-                         "sampler, or leave the step range out")
+        raise InputError(f"prompt tag {tag}: start= / stop= / step= count A1111's sampling steps, and A1111 has no "
+                         f"{sampler} sampler (diffusers' PNDM: Runge-Kutta warm-up steps of four model calls; A1111's "
+                         "PLMS is another method), so the extension's step counter is undefined for it; use another "
+                         "sampler (e.g. ddim or euler), or leave the step range out")
 
 
 class StepSwitchedLoRAs:

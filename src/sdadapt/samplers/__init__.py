@@ -205,8 +205,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     A1111's for :data:`sdadapt.img2img.A1111_RULE_SAMPLERS`, diffusers' for the others; every sampler takes it); with ``start.mask``, inpainting on a
     4-channel model: A1111's blend (:func:`sdadapt.inpaint.masked_model`, then ``samples·mask + init·(1 − mask)``).
     ``before_model_call(steps_done, calls)``: called before each call of ``model``, with the steps finished so far
-    (the ``callback`` calls: every sampler calls it once after each step) and ``model``'s calls since the last of
-    them (0: the step's first call) — e.g. to switch weights between model calls
+    (the ``callback`` calls: every sampler calls it once after each step; ``dpm_adaptive``: the tries, rejected ones
+    too, k-diffusion's ``info['steps']``) and ``model``'s calls since the last of them (0: the step's first call) —
+    e.g. to switch weights between model calls
     (:mod:`sdadapt.jobs.generate_lbw_steps`). One announced call is one guided sampler model call (both halves of
     classifier-free guidance, batched or not: :func:`sdadapt.training.diffusion.guided`).
 
@@ -220,7 +221,10 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if before_model_call is not None:  # (guidance first: one announced call per sampler call, as A1111's
         # on_cfg_denoiser fires once per CFGDenoiser.forward, also where the conditionings do not batch)
         model, uncond, guidance_scale = diffusion.guided(model, cond, uncond, guidance_scale), None, 1.0
-        model, callback = _announced(model, callback, before_model_call)
+        if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)
+            model, options["tried"] = _announced_tries(model, before_model_call, options.pop("tried", None))
+        else:
+            model, callback = _announced(model, callback, before_model_call)
     if start is not None:
         from ..img2img import check_img2img_sampler
 
@@ -287,6 +291,26 @@ def _announced(model: Callable[[Tensor, Tensor, object], Tensor], callback: Call
             callback(i, t, x)
 
     return announced_model, counted_callback
+
+
+def _announced_tries(model: Callable[[Tensor, Tensor, object], Tensor],
+                     before_model_call: Callable[[int, int], None], tried: Callable[[int], None] | None):
+    """``model`` and a ``tried(k)`` for :func:`.dpm_fast_adaptive.dpm_adaptive_sample` that tell
+    ``before_model_call(tries_done, calls)`` before each model call (:func:`sample_latents`); ``tried``: the
+    caller's own, still called."""
+    count = {"tries": 0, "calls": 0}
+
+    def announced_model(x: Tensor, t: Tensor, cond: object) -> Tensor:
+        before_model_call(count["tries"], count["calls"])
+        count["calls"] += 1
+        return model(x, t, cond)
+
+    def counted_try(k: int) -> None:
+        count["tries"], count["calls"] = k + 1, 0
+        if tried is not None:
+            tried(k)
+
+    return announced_model, counted_try
 
 
 def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: Tensor, uncond: object | None,

@@ -29,6 +29,7 @@ order. A1111 runs both with its "Eta for ancestral samplers" (1 by default); k-d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -236,7 +237,7 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
                         atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
                         dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 1.0, s_noise: float = 1.0,
                         info: DPMSolverInfo | None = None, max_tries: int = 10_000,
-                        start: Img2ImgStart | None = None) -> Tensor:
+                        start: Img2ImgStart | None = None, tried: Callable[[int], None] | None = None) -> Tensor:
     """DPM-Solver-23 (``order=3``) or -12 (``order=2``) with adaptive steps (k-diffusion's ``sample_dpm_adaptive``,
     A1111's "DPM adaptive") from unit noise ``x_T`` (B,C,H,W) -> the sample at σ_min (B,C,H,W) (see the module).
 
@@ -244,7 +245,9 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
     ``h_init``, ``pcoeff``, ``icoeff``, ``dcoeff``, ``accept_safety``, ``eta``, ``s_noise``: k-diffusion's
     (``eta`` A1111's default 1; with η > 0 the controller's order is 1.5). ``info``: a dict filled with
     k-diffusion's ``{"steps", "nfe", "n_accept", "n_reject"}`` (nfe: the model calls). ``callback(i, t, x)``
-    after each accepted step. ``model``, ``alphas_cumprod``, ``generator`` as :func:`dpm_fast_sample`. ``start``:
+    after each accepted step; ``tried(k)`` after each try ``k`` (0, 1, …; rejected ones too), where k-diffusion calls
+    its ``info_callback`` (``i = info['steps'] − 1``: A1111's step counter). ``model``, ``alphas_cumprod``,
+    ``generator`` as :func:`dpm_fast_sample`. ``start``:
     img2img by A1111's rule, between ``sigma_sched[0]`` and ``sigma_sched[−2]`` as :func:`dpm_fast_sample` (here
     ``num_steps`` is the grid's step count A1111's rule needs).
 
@@ -302,6 +305,8 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
             stats["n_reject"] += 1
         stats["nfe"] += order
         stats["steps"] += 1
+        if tried is not None:
+            tried(stats["steps"] - 1)
     if info is not None:
         info.update(stats)
     return x.to(x_T.dtype)
