@@ -1,6 +1,7 @@
 """The last caption differences from kohya, and ``--resume`` of a run recorded before them.
 
-kohya (sd-scripts 48d368fa, library/train_util.py; train_network.py for the metadata), transcribed below:
+kohya (sd-scripts 48d368fa, library/train_util.py; train_network.py for the metadata), transcribed here and in
+kohya_captions.py:
 
 * ``FineTuningDataset.__init__`` builds an entry's caption: with ``enable_wildcard`` and tags (``is not
   None``), ``separator + tags`` is added to each non-empty caption line (an empty caption gives ``""``);
@@ -23,11 +24,12 @@ import json
 import math
 import os
 import random
-import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kohya_captions import finetuning_caption as _kohya_finetuning_caption
+from kohya_captions import process_caption as _kohya_process_caption
 from train_inputs import random_png
 
 from sdadapt.cli import main
@@ -49,59 +51,6 @@ from sdadapt.training.reg_data import find_reg_images
 
 
 # ----------------------------------------------------------------------------- kohya, transcribed
-def _kohya_finetuning_caption(caption: str | None, tags: str | None, *, separator: str, enable_wildcard: bool) -> str:
-    """FineTuningDataset.__init__'s caption of one metadata entry."""
-    if caption is None:
-        caption = ""
-    if enable_wildcard:
-        if tags is not None:
-            tags = tags.replace("\n", separator)
-        if tags is not None:
-            caption = "\n".join([f"{line}{separator}{tags}" for line in caption.split("\n") if line.strip() != ""])
-    else:
-        if tags is not None and len(tags) > 0:
-            if len(caption) > 0:
-                caption = caption + separator
-            caption = caption + tags
-    return caption
-
-
-def _kohya_process_caption(caption: str, rng: random.Random, *, prefix: str = "", suffix: str = "", dropout: float = 0.0,
-                           every_n: int = 0, epoch: int = 1, enable_wildcard: bool = False, shuffle: bool = False,
-                           keep_tokens: int = 0, tag_dropout: float = 0.0, separator: str = ",") -> str:
-    """process_caption (no keep_tokens_separator, warm-up or secondary separator: the other tests' ground),
-    ``rng`` for the random module, ``epoch`` counted from 1 as kohya's ``current_epoch``."""
-    if prefix:
-        caption = prefix + " " + caption
-    if suffix:
-        caption = caption + " " + suffix
-    is_drop_out = dropout > 0 and rng.random() < dropout
-    is_drop_out = is_drop_out or every_n > 0 and epoch % every_n == 0
-    if is_drop_out:
-        return ""
-    if enable_wildcard:
-        if "\n" in caption:
-            caption = rng.choice(caption.split("\n"))
-        replacer1, replacer2 = "⦅", "⦆"
-        while replacer1 in caption or replacer2 in caption:
-            replacer1 += "⦅"
-            replacer2 += "⦆"
-        caption = caption.replace("{{", replacer1).replace("}}", replacer2)
-        caption = re.sub(r"\{([^}]+)\}", lambda match: rng.choice(match.group(1).split("|")), caption)
-        caption = caption.replace(replacer1, "{").replace(replacer2, "}")
-    else:
-        caption = caption.split("\n")[0]
-    if shuffle or tag_dropout > 0:
-        tokens = [t.strip() for t in caption.strip().split(separator)]
-        fixed, flex = tokens[:keep_tokens], tokens[keep_tokens:]
-        if shuffle:
-            rng.shuffle(flex)
-        if tag_dropout > 0:
-            flex = [t for t in flex if rng.random() >= tag_dropout]
-        caption = ", ".join(fixed + flex)
-    return caption
-
-
 def _kohya_metadata(subsets: list[tuple[str, int, list[str]]]) -> tuple[dict, dict]:
     """train_network.py's ss_dataset_dirs / ss_tag_frequency for one dataset of DreamBooth subsets
     ``(image_dir, num_repeats, captions)`` in config order (set_tag_frequency adds a repeated name up)."""
@@ -148,12 +97,12 @@ def test_a_fine_tuning_caption_trains_as_kohyas(lines, tags, wildcard, prefix, s
                              shuffle=shuffle, keep_tokens=keep_tokens, separator=separator)
     ours, theirs = random.Random(seed), random.Random(seed)
     got = options.apply(caption, ours)
-    want = _kohya_process_caption(_kohya_finetuning_caption(raw, tags, separator=separator, enable_wildcard=wildcard),
-                                  theirs, prefix=prefix, suffix=suffix, dropout=dropout, enable_wildcard=wildcard,
+    want = _kohya_process_caption(_kohya_finetuning_caption(raw, tags, separator=separator, wildcard=wildcard),
+                                  theirs, prefix=prefix, suffix=suffix, dropout=dropout, wildcard=wildcard,
                                   shuffle=shuffle, keep_tokens=keep_tokens, separator=separator)
     assert _folded(got) == _folded(want)
     assert ours.getstate() == theirs.getstate()  # (the same draws: a resumed run and kohya's stream agree)
-    assert cut == (not wildcard and "\n" in _kohya_finetuning_caption(raw, tags, separator=separator, enable_wildcard=False))
+    assert cut == (not wildcard and "\n" in _kohya_finetuning_caption(raw, tags, separator=separator, wildcard=False))
 
 
 @pytest.mark.parametrize("raw, tags, wildcard, kohya, before", [
@@ -204,7 +153,7 @@ def test_the_suffix_of_a_cut_caption_never_trains(metadata):
         _subset_captions(options, subsets, records, templates=(), total_steps=10, kohya_assembly=assembly == ASSEMBLY_KOHYA)
         got = [r.captions.apply(r.caption, random.Random(0)) for r in records]
         assert got == [first, "pre blue, square suf", "pre a green circle,,small suf"]
-    kohya = _kohya_finetuning_caption("a red circle\nsecond line", "big", separator=",", enable_wildcard=False)
+    kohya = _kohya_finetuning_caption("a red circle\nsecond line", "big", separator=",", wildcard=False)
     assert _kohya_process_caption(kohya, random.Random(0), prefix="pre", suffix="suf") == "pre a red circle"
 
 
@@ -341,7 +290,7 @@ def test_a_wildcard_caption_of_empty_lines_only_is_uncaptioned_for_a_trigger_wor
 def test_each_metadata_caption_is_kohyas_line_by_line(raw, tags, wildcard):
     """Review R3: the cases the hypothesis test may not draw (empty tags on a one-line caption: kohya's
     ``len(tags) > 0`` adds nothing without wildcards, a separator with them)."""
-    kohya = _kohya_finetuning_caption(raw, tags, separator=",", enable_wildcard=wildcard)
+    kohya = _kohya_finetuning_caption(raw, tags, separator=",", wildcard=wildcard)
     if not wildcard:
         kohya = kohya.split("\n")[0]
     got = metadata_caption(raw, tags, wildcards=wildcard)[0]

@@ -1,7 +1,7 @@
 """generate's embeddings (``inject_embedding(..., a1111=True)``) matched by token ids in each emphasis piece, as A1111.
 
 The reference is a transcription, written here, of A1111 (stable-diffusion-webui 1.10):
-``modules/prompt_parser.py`` ``parse_prompt_attention`` (``re_attention``, ``re_break``, the merge of equal weights),
+``modules/prompt_parser.py`` ``parse_prompt_attention`` (a1111_prompt_parser.py's, shared with the hires tests),
 ``modules/sd_hijack_clip.py`` ``TextConditionalModel.tokenize_line`` (pieces tokenized on their own, the comma
 backtrack, BREAK, ``next_chunk``), ``modules/textual_inversion/textual_inversion.py``
 ``EmbeddingDatabase.register_embedding_by_name`` / ``find_embedding_at_position`` (the lookup by the first id,
@@ -12,10 +12,9 @@ equal the transcription's row for row (atol 0).
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
+from a1111_prompt_parser import parse_prompt_attention as _a1111_parse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,63 +24,6 @@ import sdadapt
 _MERGES = [("c", "a"), ("ca", "t</w>"), ("ca", "t"), ("t", "o"), ("to", "m"), ("to", "m</w>")]
 
 # --- the transcription -----------------------------------------------------------------------------------------------
-
-_RE_ATTENTION = r"""
-\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|
-:{space}([+-]?[.\d]+){space}\)|
-\)|]|[^\\()\[\]:]+|:
-"""
-_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-
-
-def _a1111_parse(text: str, *, spaced: bool = True, breaks: bool = True) -> list[list]:
-    """A1111's ``parse_prompt_attention``; ``spaced=False``: its regex before ``\\s*`` around the weight was added
-    (kohya's ``library/strategy_base.py`` copy, what sdadapt's weighted captions keep); ``breaks=False``: kohya's,
-    no BREAK pieces."""
-    pattern = re.compile(_RE_ATTENTION.replace("{space}", r"\s*" if spaced else ""), re.X)
-    res: list[list] = []
-    round_brackets: list[int] = []
-    square_brackets: list[int] = []
-
-    def multiply_range(start, multiplier):
-        for p in range(start, len(res)):
-            res[p][1] *= multiplier
-
-    for m in pattern.finditer(text):
-        token, weight = m.group(0), m.group(1)
-        if token.startswith("\\"):
-            res.append([token[1:], 1.0])
-        elif token == "(":
-            round_brackets.append(len(res))
-        elif token == "[":
-            square_brackets.append(len(res))
-        elif weight is not None and round_brackets:
-            multiply_range(round_brackets.pop(), float(weight))
-        elif token == ")" and round_brackets:
-            multiply_range(round_brackets.pop(), 1.1)
-        elif token == "]" and square_brackets:
-            multiply_range(square_brackets.pop(), 1 / 1.1)
-        else:
-            parts = re.split(_RE_BREAK, token) if breaks else [token]
-            for i, part in enumerate(parts):
-                if i > 0:
-                    res.append(["BREAK", -1])
-                res.append([part, 1.0])
-    for pos in round_brackets:
-        multiply_range(pos, 1.1)
-    for pos in square_brackets:
-        multiply_range(pos, 1 / 1.1)
-    if len(res) == 0:
-        res = [["", 1.0]]
-    i = 0
-    while i + 1 < len(res):
-        if res[i][1] == res[i + 1][1]:
-            res[i][0] += res[i + 1][0]
-            res.pop(i + 1)
-        else:
-            i += 1
-    return res
-
 
 def _a1111_rows(tokenizer, table, prompt: str, embeddings: list[tuple[str, torch.Tensor]], *, backtrack: int = 20,
                 move_fixes: bool = False):

@@ -7,10 +7,8 @@ hires prompt."""
 
 from __future__ import annotations
 
-import json
 import random
 
-import diffusers
 import pytest
 import torch
 
@@ -253,16 +251,11 @@ def inpainting_sd(tiny_sd, tmp_path_factory):
     """The tiny model above with a random 9-channel (inpainting) UNet."""
     import shutil
 
+    from test_inpaint import with_inpainting_unet
+
     root = shutil.copytree(tiny_sd, tmp_path_factory.mktemp("inpainting_sd_crop") / "model")
     shutil.rmtree(root / "unet")
-    torch.manual_seed(1)
-    diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
-    ).save_pretrained(root / "unet")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionInpaintPipeline"}))
-    return root
+    return with_inpainting_unet(root)
 
 
 @pytest.fixture(scope="module")

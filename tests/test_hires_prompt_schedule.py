@@ -1,8 +1,8 @@
 """Prompt editing in the hires fix's second pass, against A1111 (AUTOMATIC1111/stable-diffusion-webui
 ``modules/prompt_parser.py`` at 28bd8e142d5f, ``get_learned_conditioning_prompt_schedules(prompts, base_steps,
-hires_steps=None, use_old_scheduling=False)``, transcribed below on its lark grammar; ``modules/processing.py``
-``calculate_hr_conds`` passes it the first pass's total steps as ``base_steps`` and the hires pass's as
-``hires_steps``).
+hires_steps=None, use_old_scheduling=False)``, transcribed on its lark grammar in a1111_prompt_parser.py;
+``modules/processing.py`` ``calculate_hr_conds`` passes it the first pass's total steps as ``base_steps`` and the
+hires pass's as ``hires_steps``).
 
 A1111 1.6+ continues the first pass's timeline in the hires pass: a step number ``n`` is hires step ``n - base``
 (``int_offset``), a fraction ``f`` hires step ``(f - 1.0) * hires`` (``flt_offset``); alternation counts the hires
@@ -16,6 +16,8 @@ import importlib.util
 
 import pytest
 import torch
+from a1111_prompt_parser import balanced, learned_conditioning_prompt_schedules
+from a1111_prompt_parser import parse_prompt_attention as a1111_parse_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -67,99 +69,9 @@ def test_a_first_pass_of_no_steps_is_refused():
 
 # ---- A1111's function itself on its lark grammar, where lark is installed ------------------------------------
 
-_GRAMMAR = r"""
-!start: (prompt | /[][():]/+)*
-prompt: (emphasized | scheduled | alternate | plain | WHITESPACE)*
-!emphasized: "(" prompt ")"
-        | "(" prompt ":" prompt ")"
-        | "[" prompt "]"
-scheduled: "[" [prompt ":"] prompt ":" [WHITESPACE] NUMBER [WHITESPACE] "]"
-alternate: "[" prompt ("|" [prompt])+ "]"
-WHITESPACE: /\s+/
-plain: /([^\\\[\]():|]|\\.)+/
-%import common.SIGNED_NUMBER -> NUMBER
-"""
-_PARSER: list = []
-
-
-def _a1111_schedules(lark, prompt, base_steps, hires_steps=None, use_old_scheduling=False):
-    """A transcription of ``get_learned_conditioning_prompt_schedules`` (28bd8e142d5f) for one prompt."""
-    if not _PARSER:
-        _PARSER.append(lark.Lark(_GRAMMAR))
-    if hires_steps is None or use_old_scheduling:
-        int_offset, flt_offset, steps = 0, 0, base_steps
-    else:
-        int_offset, flt_offset, steps = base_steps, 1.0, hires_steps
-    try:
-        tree = _PARSER[0].parse(prompt)
-    except lark.exceptions.LarkError:
-        return [(steps, prompt)]
-    ends = [steps]
-
-    class Collect(lark.Visitor):
-        def scheduled(self, node):
-            text = node.children[-2]
-            v = float(text)
-            if use_old_scheduling:
-                v = v * steps if v < 1 else v
-            elif "." in text:
-                v = (v - flt_offset) * steps
-            else:
-                v = v - int_offset
-            node.children[-2] = min(steps, int(v))
-            if node.children[-2] >= 1:
-                ends.append(node.children[-2])
-
-        def alternate(self, node):
-            ends.extend(range(1, steps + 1))
-
-    Collect().visit(tree)
-
-    def at_step(step):
-        class At(lark.Transformer):
-            def scheduled(self, args):
-                before, after, _, when, _ = args
-                yield before or () if step <= when else after
-
-            def alternate(self, args):
-                args = ["" if not arg else arg for arg in args]
-                yield args[(step - 1) % len(args)]
-
-            def start(self, args):
-                def flat(x):
-                    if isinstance(x, str):
-                        yield x
-                    else:
-                        for part in x:
-                            yield from flat(part)
-                return "".join(flat(args))
-
-            def plain(self, args):
-                yield args[0].value
-
-            def __default__(self, data, children, meta):
-                yield from children
-
-        return At().transform(tree)
-
-    return [(end, at_step(end)) for end in sorted(set(ends))]
-
-
 _PIECES = ["a", " ", "[", "]", "(", ")", ":", "|", "\\:", "\n", "1.75", "[a:b:3]", "[c|d]", "(e:1.2)", "[x::0.5]",
            "[:y:25]", "[p:q:1.5]", "[r:s:12]", "[t:u:1.0 ]", "[v|]", "[w:z:-3]", "[g:h:2.0]", "[i:j:.25]",
            "[k:l:1e1]", "[m:n:+21]", "[[o|p]:q:22]"]
-
-
-def _balanced(prompt: str) -> bool:
-    """No stray bracket or colon outside a construct (lark's ambiguity resolution there is not followed)."""
-    from sdadapt.prompt_schedule import _Parser
-
-    parser, i = _Parser(prompt), 0
-    while i < len(prompt):
-        _, i = parser.prompt(i)
-        if i < len(prompt):
-            return False
-    return True
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lark") is None,
@@ -171,8 +83,8 @@ def test_random_prompts_plan_the_hires_pass_as_a1111(pieces, base, hires, old):
     import lark
 
     prompt = "".join(pieces)
-    expected = _a1111_schedules(lark, prompt, base, hires, old)
-    if not _balanced(prompt):
+    expected = learned_conditioning_prompt_schedules(lark, prompt, base, hires, old)
+    if not balanced(prompt):
         return
     if hires is None:
         assert prompt_schedule(prompt, base, old_scheduling=old) == expected
@@ -250,53 +162,7 @@ def test_each_hires_model_call_gets_a1111s_scheduled_text(tiny_sd, tmp_path, mon
 
 # ---- generate's emphasis: A1111's pattern; training's weighted captions: kohya's ---------------------------------
 # (kohya sd-scripts ``re_attention``: ``:([+-]?[.\d]+)\)``; A1111 28bd8e142d5f ``re_attention``:
-# ``:\s*([+-]?[.\d]+)\s*\)``; the same ``parse_prompt_attention`` around either)
-
-_KOHYA_TOKENS = r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:"
-_A1111_TOKENS = r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:"
-
-
-def _parse_attention(pattern, text):
-    """``parse_prompt_attention`` (kohya's and A1111's, BREAK aside) on ``pattern``, transcribed."""
-    import re
-
-    res, round_brackets, square_brackets = [], [], []
-
-    def multiply_range(start, multiplier):
-        for p in range(start, len(res)):
-            res[p][1] *= multiplier
-
-    for m in re.finditer(pattern, text):
-        token, weight = m.group(0), m.group(1)
-        if token.startswith("\\"):
-            res.append([token[1:], 1.0])
-        elif token == "(":
-            round_brackets.append(len(res))
-        elif token == "[":
-            square_brackets.append(len(res))
-        elif weight is not None and round_brackets:
-            multiply_range(round_brackets.pop(), float(weight))
-        elif token == ")" and round_brackets:
-            multiply_range(round_brackets.pop(), 1.1)
-        elif token == "]" and square_brackets:
-            multiply_range(square_brackets.pop(), 1 / 1.1)
-        else:
-            res.append([token, 1.0])
-    for pos in round_brackets:
-        multiply_range(pos, 1.1)
-    for pos in square_brackets:
-        multiply_range(pos, 1 / 1.1)
-    if not res:
-        res = [["", 1.0]]
-    i = 0
-    while i + 1 < len(res):
-        if res[i][1] == res[i + 1][1]:
-            res[i][0] += res[i + 1][0]
-            res.pop(i + 1)
-        else:
-            i += 1
-    return [tuple(piece) for piece in res]
-
+# ``:\s*([+-]?[.\d]+)\s*\)``; the same ``parse_prompt_attention`` around either: a1111_prompt_parser's)
 
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet="ca t:()[]\\1.2-+\n", max_size=30))
@@ -305,14 +171,14 @@ def test_the_default_reading_is_kohyas_and_a1111_reads_a1111s(text):
     from sdadapt.prompt_weights import parse_prompt_attention
 
     try:  # (a weight the patterns let through that float() refuses, "(c:1.2.)": refused by both)
-        kohya = _parse_attention(_KOHYA_TOKENS, text)
+        kohya = [tuple(p) for p in a1111_parse_attention(text, spaced=False, breaks=False)]
     except ValueError:
         with pytest.raises(ValueError):
             parse_prompt_attention(text)
     else:
         assert parse_prompt_attention(text) == kohya
     try:
-        a1111 = _parse_attention(_A1111_TOKENS, text)
+        a1111 = [tuple(p) for p in a1111_parse_attention(text, breaks=False)]
     except ValueError:
         with pytest.raises(ValueError):
             parse_prompt_attention(text, a1111=True)

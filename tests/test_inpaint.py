@@ -27,7 +27,12 @@ def inpainting_sd(tmp_path_factory):
     """The tiny SD folder of the CLI tests with a random 9-channel (inpainting) UNet."""
     from tests.test_cli_train import _tiny_pipeline
 
-    root = _tiny_pipeline(tmp_path_factory.mktemp("inpainting_sd"), prediction_type="epsilon")
+    return with_inpainting_unet(_tiny_pipeline(tmp_path_factory.mktemp("inpainting_sd"), prediction_type="epsilon"))
+
+
+def with_inpainting_unet(root):
+    """The tiny SD folder ``root`` (its ``unet`` folder absent or replaced) with a random 9-channel (inpainting)
+    UNet (seed 1) and an inpainting ``model_index.json``; returns ``root``."""
     torch.manual_seed(1)
     diffusers.UNet2DConditionModel(
         sample_size=16, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),

@@ -24,7 +24,7 @@ kohya (library/train_util.py, ``BaseDataset.process_caption``), in this order::
 ``current_step`` is the optimiser step (``global_step``), ``current_epoch`` counts from 1. Captions
 read with ``enable_wildcard`` keep every non-empty line. Without a keep_tokens_separator in the caption
 kohya's split keeps the empty tags (``[t.strip() for t in caption.strip().split(sep)]``: ``"a, b, "`` is
-three tags); with one it drops them (``if t.strip()``). ``_kohya_process_caption`` below is that code
+three tags); with one it drops them (``if t.strip()``). ``_kohya_process_caption`` (kohya_captions.py) is that code
 (sd-scripts 48d368fa, library/train_util.py) with the random module passed in; runs recorded before
 sdadapt kept empty tags (``keep_empty_tags=False``) dropped them everywhere. sdadapt draws from
 ``random.Random(f"{seed}/captions/{micro}")`` (a resumed run makes the same draws) and takes the
@@ -42,6 +42,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kohya_captions import process_caption as _kohya_process_caption
 from safetensors import safe_open
 from train_inputs import captioned_pngs, lora_train_args
 
@@ -93,41 +94,6 @@ def _kohya_caption(caption: str, *, prefix=None, suffix=None, every_n=0, epoch=1
         caption = ", ".join(fixed + flex + tail)
     if secondary:
         caption = caption.replace(secondary, ",")
-    return caption
-
-
-def _kohya_process_caption(caption: str, rng: random.Random, *, dropout=0.0, shuffle=False, keep_tokens=0,
-                           keep_separator="", tag_dropout=0.0, warmup_step=0, warmup_min=1, step=0, secondary="",
-                           separator=",") -> str:
-    """kohya's process_caption (no prefix/suffix, wildcards or every-n-epochs: the cases above), as
-    written there, with ``rng`` for the random module; ``warmup_step`` already a step count."""
-    if dropout > 0 and rng.random() < dropout:
-        return ""
-    caption = caption.split("\n")[0]
-    if shuffle or warmup_step > 0 or tag_dropout > 0:
-        fixed_tokens, flex_tokens, fixed_suffix_tokens = [], [], []
-        if keep_separator and keep_separator in caption:
-            fixed_part, flex_part = caption.split(keep_separator, 1)
-            if keep_separator in flex_part:
-                flex_part, fixed_suffix_part = flex_part.split(keep_separator, 1)
-                fixed_suffix_tokens = [t.strip() for t in fixed_suffix_part.split(separator) if t.strip()]
-            fixed_tokens = [t.strip() for t in fixed_part.split(separator) if t.strip()]
-            flex_tokens = [t.strip() for t in flex_part.split(separator) if t.strip()]
-        else:
-            tokens = [t.strip() for t in caption.strip().split(separator)]
-            flex_tokens = tokens[:]
-            if keep_tokens > 0:
-                fixed_tokens = flex_tokens[:keep_tokens]
-                flex_tokens = tokens[keep_tokens:]
-        if warmup_step and step < warmup_step:
-            flex_tokens = flex_tokens[:math.floor(step * ((len(flex_tokens) - warmup_min) / warmup_step)) + warmup_min]
-        if shuffle:
-            rng.shuffle(flex_tokens)
-        if tag_dropout > 0:
-            flex_tokens = [t for t in flex_tokens if rng.random() >= tag_dropout]
-        caption = ", ".join(fixed_tokens + flex_tokens + fixed_suffix_tokens)
-    if secondary:
-        caption = caption.replace(secondary, separator)
     return caption
 
 

@@ -2,8 +2,8 @@
 
 The expected schedules are A1111's own results (``get_learned_conditioning_prompt_schedules`` of A1111
 1.6 and later — new prompt-editing timelines, empty alternatives — run with its lark grammar, lark 1.1.2
-as A1111 pins it) written out here; where lark is installed the same
-grammar and transformer, transcribed below, are also compared with sdadapt's parser on random prompts.
+as A1111 pins it) written out here; where lark is installed the same grammar and transformer, transcribed in
+a1111_prompt_parser.py, are also compared with sdadapt's parser on random prompts.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import importlib.util
 import re
 
 import pytest
+from a1111_prompt_parser import balanced, learned_conditioning_prompt_schedules
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -137,89 +138,8 @@ def test_an_empty_alternative_is_the_empty_text():
 
 # ---- the lark grammar itself, where lark is installed -------------------------------------------------------
 
-def _a1111_schedule(lark, parser, prompt, steps, old=False):
-    """A transcription of get_learned_conditioning_prompt_schedules (A1111 1.6+, no hires fix) for one prompt;
-    ``old``: its ``use_old_scheduling``."""
-    try:
-        tree = parser.parse(prompt)
-    except lark.exceptions.LarkError:
-        return [(steps, prompt)]
-    ends = [steps]
-
-    class Collect(lark.Visitor):
-        def scheduled(self, node):
-            text = node.children[-2]
-            when = float(text)
-            if old:
-                when = when * steps if when < 1 else when
-            else:
-                when = when * steps if "." in text else when
-            node.children[-2] = min(steps, int(when))
-            if node.children[-2] >= 1:
-                ends.append(node.children[-2])
-
-        def alternate(self, node):
-            ends.extend(range(1, steps + 1))
-
-    Collect().visit(tree)
-
-    def render(step):
-        class At(lark.Transformer):
-            def scheduled(self, args):
-                before, after, _, when, _ = args
-                yield before or () if step <= when else after
-
-            def alternate(self, args):
-                args = ["" if not arg else arg for arg in args]
-                yield args[(step - 1) % len(args)]
-
-            def start(self, args):
-                def flat(x):
-                    if isinstance(x, str):
-                        yield x
-                    else:
-                        for part in x:
-                            yield from flat(part)
-                return "".join(flat(args))
-
-            def plain(self, args):
-                yield args[0].value
-
-            def __default__(self, data, children, meta):
-                yield from children
-
-        return At().transform(tree)
-
-    return [(end, render(end)) for end in sorted(set(ends))]
-
-
-_GRAMMAR = r"""
-!start: (prompt | /[][():]/+)*
-prompt: (emphasized | scheduled | alternate | plain | WHITESPACE)*
-!emphasized: "(" prompt ")"
-        | "(" prompt ":" prompt ")"
-        | "[" prompt "]"
-scheduled: "[" [prompt ":"] prompt ":" [WHITESPACE] NUMBER [WHITESPACE] "]"
-alternate: "[" prompt ("|" [prompt])+ "]"
-WHITESPACE: /\s+/
-plain: /([^\\\[\]():|]|\\.)+/
-%import common.SIGNED_NUMBER -> NUMBER
-"""
-
 _PIECES = ["a", "b c", " ", "  ", "[", "]", "(", ")", ":", "|", "\\[", "\\:", "1", "0.5", ".3", "-2", "2e-1",
            "1.0", "1.5", "0", "[a:b:3]", "[c|d]", "(e:1.2)", "[x::0.5]", "[:y:2]", "[p:q:1.0 ]", "[r|]", "\n"]
-
-
-def _balanced(prompt: str) -> bool:
-    """No stray bracket or colon outside a construct (lark's ambiguity resolution there is not followed)."""
-    from sdadapt.prompt_schedule import _Parser
-
-    parser, i = _Parser(prompt), 0
-    while i < len(prompt):
-        _, i = parser.prompt(i)
-        if i < len(prompt):
-            return False
-    return True
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lark") is None,
@@ -228,20 +148,10 @@ def _balanced(prompt: str) -> bool:
 @given(st.lists(st.sampled_from(_PIECES), max_size=12), st.sampled_from([1, 2, 3, 7, 10, 25]), st.booleans())
 def test_random_prompts_schedule_as_the_lark_grammar(pieces, steps, old):
     import lark
-    parser = _lark_parser(lark)
     prompt = "".join(pieces)
-    expected = _a1111_schedule(lark, parser, prompt, steps, old=old)
-    if _balanced(prompt):
+    expected = learned_conditioning_prompt_schedules(lark, prompt, steps, use_old_scheduling=old)
+    if balanced(prompt):
         assert prompt_schedule(prompt, steps, old_scheduling=old) == expected
-
-
-_PARSER = []
-
-
-def _lark_parser(lark):
-    if not _PARSER:
-        _PARSER.append(lark.Lark(_GRAMMAR))
-    return _PARSER[0]
 
 
 # ---- AND --------------------------------------------------------------------------------------------------

@@ -53,16 +53,20 @@ SDXL_LAYERS: tuple[str, ...] = _layers()
 
 _TRANSFORMER_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
 _TEXT_DIFFUSERS = {"text_encoder.": "CLIPL", "text_encoder_2.": "CLIPG", "vae.": "VAE"}
+_TEXT_LDM = {"conditioner.embedders.0.": "CLIPL", "conditioner.embedders.1.": "CLIPG", "first_stage_model.": "VAE"}
+_UNET_OUTSIDE_BLOCKS = {"label_emb": "LABEL", "time_embed": "TIME", "out.": "OUT9"}
+
+
+def _by_prefix(key: str, layers: dict[str, str]) -> str | None:
+    """The layer of the first prefix in ``layers`` (``{prefix: layer}``) that ``key`` starts with, else ``None``."""
+    return next((layer for prefix, layer in layers.items() if key.startswith(prefix)), None)
 
 
 def _ldm_unet_layer(path: str) -> str | None:
     """Layer of a UNet path without the ``model.diffusion_model.`` prefix."""
-    if path.startswith("label_emb"):
-        return "LABEL"
-    if path.startswith("time_embed"):
-        return "TIME"
-    if path.startswith("out."):
-        return "OUT9"
+    outside = _by_prefix(path, _UNET_OUTSIDE_BLOCKS)
+    if outside is not None:
+        return outside
     parts = path.split(".")
     if len(parts) < 3 or parts[0] not in ("input_blocks", "middle_block", "output_blocks"):
         return None
@@ -90,9 +94,9 @@ def sdxl_layer(key: str, *, naming: str) -> str | None:
     'IN411'
     """
     if naming == "diffusers":
-        for prefix, layer in _TEXT_DIFFUSERS.items():
-            if key.startswith(prefix):
-                return layer
+        layer = _by_prefix(key, _TEXT_DIFFUSERS)
+        if layer is not None:
+            return layer
         if not key.startswith("unet."):
             return None
         module, _, param = key[len("unet."):].rpartition(".")
@@ -102,12 +106,9 @@ def sdxl_layer(key: str, *, naming: str) -> str | None:
         return None if converted is None else _ldm_unet_layer(f"{converted}.{param}")
     if naming != "ldm":
         raise ValueError(f"naming must be 'ldm' or 'diffusers', got {naming!r}")
-    if key.startswith("conditioner.embedders.0."):
-        return "CLIPL"
-    if key.startswith("conditioner.embedders.1."):
-        return "CLIPG"
-    if key.startswith("first_stage_model."):
-        return "VAE"
+    layer = _by_prefix(key, _TEXT_LDM)
+    if layer is not None:
+        return layer
     if key.startswith("model.diffusion_model."):
         return _ldm_unet_layer(key[len("model.diffusion_model."):])
     return None
