@@ -264,8 +264,8 @@ def _settings(parser: argparse.ArgumentParser) -> None:
                        "keep the first input")
     group.add_argument("--presets", default=None, metavar="FILE",
                        help="block-weight presets file in supermerger's mbwpresets.txt format (NAME<TAB>values lines; "
-                       "NAME:values too); it replaces the built-in supermerger list for preset names in --alpha, "
-                       "--beta and --lam")
+                       "NAME:values too); it replaces the built-in supermerger list for the preset names the per-block "
+                       "strengths (alpha, beta, lam) take")
     group.add_argument("--adjust", default=None, type=numbers, metavar="A,B,C,D,E,F,G,H",
                        help="supermerger's Adjust: 8 numbers (detail in, detail out, contrast, brightness, 4 colours; "
                        "fewer are padded with 0) that rescale the UNet's conv_in/out.0/out.2 after the merge")
