@@ -86,10 +86,5 @@ def recorded_caption_assembly(record: Mapping[str, Any] | None) -> str:
     Raises:
         ValueError: a ``caption_assembly`` entry this version does not know (an edited file).
     """
-    if record is None:
-        return ASSEMBLY_KOHYA_2
-    version = record.get("caption_assembly", ASSEMBLY_BEFORE)
-    if version not in (ASSEMBLY_KOHYA_2, ASSEMBLY_KOHYA, ASSEMBLY_BEFORE):
-        raise ValueError(f"run.json's caption_assembly {version!r} is not {ASSEMBLY_KOHYA_2!r}, {ASSEMBLY_KOHYA!r} or "
-                         f"{ASSEMBLY_BEFORE!r}; the file was edited — resume from an intact state folder")
-    return version
+    return recorded_version(record, "caption_assembly", new=ASSEMBLY_KOHYA_2, legacy=ASSEMBLY_BEFORE,
+                            between=(ASSEMBLY_KOHYA,))

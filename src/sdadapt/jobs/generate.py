@@ -542,8 +542,9 @@ def run_generate(
             prompt=_expanded(hires_prompt, handles), negative=_expanded(hires_negative, handles), sampler=hires_sampler,
             schedule=hires_schedule, upscale_to=hires_upscale_size(size_h, size_w, **hires_sides)),
             multiple=int(getattr(system, "size_multiple", 8)))
+        cut = any((up - side) // 8 for up, side in zip(hires.upscale_to, hires.size))  # (A1111's truncate_x/y)
         cover = "" if hires.upscale_to == hires.size else (
-            f" (enlarged to {hires.upscale_to[1]}x{hires.upscale_to[0]} and cropped, as A1111)")
+            f" (enlarged to {hires.upscale_to[1]}x{hires.upscale_to[0]}{' and cropped' if cut else ''}, as A1111)")
         say(f"hires fix: {hires.size[1]}x{hires.size[0]}{cover}, {hires.steps or steps or 25} steps at denoising "
             f"{hires.denoising:g}, {hires.upscaler}")
 

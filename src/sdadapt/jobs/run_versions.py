@@ -12,18 +12,22 @@ from typing import Any
 __all__ = ["recorded_version"]
 
 
-def recorded_version(record: Mapping[str, Any] | None, key: str, *, new: str, legacy: str) -> str:
+def recorded_version(record: Mapping[str, Any] | None, key: str, *, new: str, legacy: str,
+                     between: tuple[str, ...] = ()) -> str:
     """The version of ``key``'s behaviour a run trains with: ``new`` for a new run (``record``
     ``None``), else the resumed run's ``run.json`` entry (``legacy`` when it has none: the run
-    started before the entry was written).
+    started before the entry was written; ``between``: the versions written after ``legacy`` and
+    before ``new``, newest first, which a resumed run keeps too).
 
     Raises:
-        ValueError: an entry that is neither ``new`` nor ``legacy`` (an edited file).
+        ValueError: an entry that is none of them (an edited file).
     """
     if record is None:
         return new
     version = record.get(key, legacy)
-    if version not in (new, legacy):
-        raise ValueError(f"run.json's {key} {version!r} is not {new!r} or {legacy!r}; the file was edited — resume "
+    known = (new, *between, legacy)
+    if version not in known:
+        listing = ", ".join(repr(v) for v in known[:-1]) + f" or {known[-1]!r}"
+        raise ValueError(f"run.json's {key} {version!r} is not {listing}; the file was edited — resume "
                          "from an intact state folder")
     return version
