@@ -40,7 +40,9 @@ import re
 import weakref
 from typing import Protocol, runtime_checkable
 
-from .a1111_match import expand_a1111, register_name, unregister_name
+# (_PROMPT_SYNTAX: a run whose text holds A1111 prompt syntax is not the name as A1111's parser hands it to the
+# tokenizer: ``tom (1)`` is ``tom`` + ``1`` at weight 1.1 there)
+from .a1111_match import _PROMPT_SYNTAX, expand_a1111, register_name, unregister_name
 
 __all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "insert_after_token",
            "replace_token_run", "replace_vocabulary_word", "token_strings", "tokenizer_side", "vocabulary_word_alias"]
@@ -112,11 +114,6 @@ def insert_after_token(prompt: str, tokenizer, token_id: int, aliases: list[str]
         blank = "" if cut == len(prompt) or prompt[cut].isspace() else " "
         prompt = prompt[:cut] + insert + blank + prompt[cut:]
     return prompt
-
-
-#: characters of A1111's prompt syntax (emphasis, editing, alternation, escapes): a run whose text holds one is not
-#: the name as A1111's parser hands it to the tokenizer (``tom (1)`` is ``tom`` + ``1`` at weight 1.1 there)
-_PROMPT_SYNTAX = re.compile(r"[()\[\]\\:|]")
 
 
 def replace_token_run(prompt: str, tokenizer, run: list[int], aliases: list[str]) -> str:
