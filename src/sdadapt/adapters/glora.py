@@ -110,6 +110,9 @@ class GLoRAModule(AdapterModule):
     ``alpha`` (0-dim, saved). ``Δy`` for the base weight ``W`` the hook passes:
     ``scale · (op(a1 ⋅ a2 x, W) + b1 ⋅ op(x, b2))`` — two rank-r maps and one more pass of the
     base layer's op, never ΔW itself.
+
+    ``init_weights=False`` leaves the factors uninitialised (``torch.empty``) and draws nothing from
+    the global RNG: for a caller that fills every factor next, as :meth:`from_file_tensors` does.
     """
 
     family: ClassVar[str] = "glora"
@@ -130,6 +133,7 @@ class GLoRAModule(AdapterModule):
         module_dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        init_weights: bool = True,
     ) -> None:
         super().__init__(geometry)
         if not isinstance(rank, int) or rank <= 0:
@@ -137,14 +141,17 @@ class GLoRAModule(AdapterModule):
         factory = {"dtype": dtype, "device": device}
         shapes = _factor_shapes(geometry, rank)
         self.a1 = nn.Parameter(torch.empty(shapes["a1.weight"], **factory))
-        self.a2 = nn.Parameter(torch.zeros(shapes["a2.weight"], **factory))
+        fill = torch.zeros if init_weights else torch.empty
+        self.a2 = nn.Parameter(fill(shapes["a2.weight"], **factory))
         self.b1 = nn.Parameter(torch.empty(shapes["b1.weight"], **factory))
-        self.b2 = nn.Parameter(torch.zeros(shapes["b2.weight"], **factory))
+        self.b2 = nn.Parameter(fill(shapes["b2.weight"], **factory))
         scale = lora_scale(alpha, rank)
         self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
         self.register_load_state_dict_post_hook(refresh_scale_after_load)
         self.module_dropout = module_dropout
+        if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
+            return
         with torch.no_grad():  # LyCORIS init: a2 = b2 = 0 makes ΔW = 0
             nn.init.kaiming_uniform_(self.a1, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.b1, a=math.sqrt(5))
@@ -227,7 +234,7 @@ class GLoRAModule(AdapterModule):
         alpha = tensors.get("alpha")
         first = tensors["a1.weight"]
         module = cls(geometry, rank, float(alpha) if alpha is not None else None, dtype=first.dtype,
-                     device=first.device)
+                     device=first.device, init_weights=False)
         with torch.no_grad():
             for key in _FACTORS:
                 getattr(module, key.split(".")[0]).copy_(tensors[key])

@@ -117,6 +117,9 @@ class LoHaModule(AdapterModule):
     Parameters ``hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b`` (+ ``hada_t1, hada_t2`` in Tucker
     form, on kxk convolutions from configs, on any convolution from files); buffer ``alpha`` (0-dim, saved, ``scale = alpha / r``). The forward path builds ΔW and
     applies it with the layer's own convolution: ``Δy = geometry.conv(x, ΔW)``.
+
+    ``init_weights=False`` leaves the factors uninitialised (``torch.empty``) and draws nothing from
+    the global RNG: for a caller that fills every factor next, as :meth:`from_file_tensors` does.
     """
 
     family: ClassVar[str] = "loha"
@@ -139,6 +142,7 @@ class LoHaModule(AdapterModule):
         module_dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        init_weights: bool = True,
     ) -> None:
         super().__init__(geometry)
         if not isinstance(rank, int) or rank <= 0:
@@ -154,6 +158,8 @@ class LoHaModule(AdapterModule):
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
         self.register_load_state_dict_post_hook(refresh_scale_after_load)
         self.module_dropout = module_dropout
+        if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
+            return
         with torch.no_grad():  # LyCORIS init: w2_a = 0 makes ΔW = 0
             nn.init.normal_(self.hada_w1_b, std=1.0)
             nn.init.normal_(self.hada_w2_b, std=1.0)
@@ -233,7 +239,7 @@ class LoHaModule(AdapterModule):
         alpha = tensors.get("alpha")
         first = tensors["hada_w1_a"]
         module = cls(geometry, rank, float(alpha) if alpha is not None else None, use_tucker=tucker,
-                     dtype=first.dtype, device=first.device)
+                     dtype=first.dtype, device=first.device, init_weights=False)
         with torch.no_grad():
             for key in want:
                 getattr(module, key).copy_(tensors[key])

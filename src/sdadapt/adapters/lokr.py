@@ -225,6 +225,9 @@ class LoKrModule(AdapterModule):
 
     Parameters: the ``lokr_*`` tensors of its :class:`LoKrLayout`; buffer ``alpha`` (0-dim,
     saved). The forward path builds ΔW and applies it with the layer's convolution.
+
+    ``init_weights=False`` leaves the factors uninitialised (``torch.empty``) and draws nothing from
+    the global RNG: for a caller that fills every factor next, as :meth:`from_file_tensors` does.
     """
 
     family: ClassVar[str] = "lokr"
@@ -247,6 +250,7 @@ class LoKrModule(AdapterModule):
         module_dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        init_weights: bool = True,
     ) -> None:
         super().__init__(geometry)
         self.layout = layout
@@ -263,6 +267,8 @@ class LoKrModule(AdapterModule):
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
         self.register_load_state_dict_post_hook(refresh_scale_after_load)
         self.module_dropout = module_dropout
+        if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
+            return
         with torch.no_grad():
             for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_t2"):
                 if getattr(self, key) is not None:
@@ -341,7 +347,8 @@ class LoKrModule(AdapterModule):
         layout = _layout_from_tensors(geometry, tensors, name)
         alpha = tensors.get("alpha")
         first = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"]
-        module = cls(geometry, layout, float(alpha) if alpha is not None else None, dtype=first.dtype, device=first.device)
+        module = cls(geometry, layout, float(alpha) if alpha is not None else None, dtype=first.dtype,
+                     device=first.device, init_weights=False)
         with torch.no_grad():
             for key in layout.shapes:
                 getattr(module, key).copy_(tensors[key])

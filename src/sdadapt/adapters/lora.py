@@ -203,6 +203,9 @@ class LoRAModule(AdapterModule):
     Parameters: ``lora_down`` (r, in, *k), ``lora_up`` (out, r[, 1, 1]) and, for Tucker LoCon,
     ``lora_mid`` (r, r, *k) with ``lora_down`` (r, in, 1, 1); buffer ``alpha`` (0-dim, saved) with
     the file convention ``scale = alpha / r``.
+
+    ``init_weights=False`` leaves the factors uninitialised (``torch.empty``) and draws nothing from
+    the global RNG: for a caller that fills every factor next, as :meth:`from_file_tensors` does.
     """
 
     family: ClassVar[str] = "lora"
@@ -228,6 +231,7 @@ class LoRAModule(AdapterModule):
         use_tucker: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        init_weights: bool = True,
     ) -> None:
         super().__init__(geometry)
         if not isinstance(rank, int) or rank <= 0:
@@ -238,7 +242,7 @@ class LoRAModule(AdapterModule):
         tucker = use_tucker and geometry.is_kxk
         down_kernel = (1,) * len(geometry.kernel) if tucker else geometry.kernel
         self.lora_down = nn.Parameter(torch.empty(rank, geometry.in_features, *down_kernel, **factory))
-        self.lora_up = nn.Parameter(torch.zeros(up_shape, **factory))
+        self.lora_up = nn.Parameter((torch.zeros if init_weights else torch.empty)(up_shape, **factory))
         self.lora_mid = nn.Parameter(torch.empty(rank, rank, *geometry.kernel, **factory)) if tucker else None
         # stored alpha follows the file convention scale = alpha / r
         self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
@@ -249,14 +253,17 @@ class LoRAModule(AdapterModule):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.init = init
+        if init not in ("kaiming", "gaussian", "pissa"):
+            raise ValueError(f"unknown LoRA init {init!r}; use 'kaiming', 'gaussian' or 'pissa'")
+        if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
+            return
         if self.lora_mid is not None:  # LyCORIS: mid ~ kaiming-uniform(a=sqrt 5)
             nn.init.kaiming_uniform_(self.lora_mid, a=math.sqrt(5))
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(self.lora_down, std=1.0 / rank)
-        elif init != "pissa":  # pissa factors are set by the injector, which owns the base weight
-            raise ValueError(f"unknown LoRA init {init!r}; use 'kaiming', 'gaussian' or 'pissa'")
+        # (pissa: the factors are set by the injector, which owns the base weight)
 
     @property
     def rank(self) -> int:
@@ -365,7 +372,8 @@ class LoRAModule(AdapterModule):
             )
         alpha = tensors.get("alpha")
         alpha_value = float(alpha) if alpha is not None else None
-        module = cls(geometry, rank, alpha_value, use_tucker=mid is not None, dtype=down.dtype, device=down.device)
+        module = cls(geometry, rank, alpha_value, use_tucker=mid is not None, dtype=down.dtype, device=down.device,
+                     init_weights=False)
         with torch.no_grad():
             module.lora_down.copy_(down.reshape(module.lora_down.shape))
             module.lora_up.copy_(up.reshape(module.lora_up.shape))
