@@ -45,11 +45,13 @@ def _reference_lora_f64(unet: nn.Module, state: dict, inputs) -> torch.Tensor:
 
 
 def _small_unet():
-    """The tiny SD1 UNet with one resnet (and attention) per block: every compiled forward of the tests below is a
-    Dynamo trace of the whole UNet (its cost grows with the layers), and one layer per block shows the same names."""
+    """The tiny SD1 UNet cut to one level (a cross-attention down block, a plain up block, no mid block), one resnet
+    and transformer per block: every compiled forward of the tests below is a Dynamo trace of the whole UNet (its cost
+    grows with the layers), and one transformer block shows the same (kohya-targeted) names."""
     from tiny_models import _unet
 
-    return _unet(0, layers_per_block=1)
+    return _unet(0, layers_per_block=1, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                 up_block_types=("UpBlock2D",), mid_block_type=None)
 
 
 def test_a_compiled_unet_is_adapted_under_its_own_layer_names_and_the_file_loads_back(tmp_path):

@@ -59,7 +59,7 @@ def _toy_run(cache: bool, *, mode: str, prior: bool = False, dropout: float = 0.
 
 @pytest.mark.parametrize("mode,prior,dropout,config", [
     ("tensors", False, 0.0, {}), ("tensors", True, 0.0, {}), ("dataset", False, 0.0, {}), ("dataset", True, 0.5, {}),
-    ("tensors", False, 0.0, {"batch": 4, "step": StepConfig(min_snr_gamma=5.0, mixed_precision="bf16")}),
+    ("tensors", False, 0.0, {"batch": 4, "steps": 2, "step": StepConfig(min_snr_gamma=5.0, mixed_precision="bf16")}),
     ("dataset", True, 0.0, {"cuda_graph": True}),  # (on a CPU the captured step runs eagerly)
 ], ids=["tensors", "tensors-prior", "dataset", "dataset-prior-dropout", "bf16-autocast", "cuda-graph-path"])
 def test_toy_cached_run_trains_the_same_bits(mode, prior, dropout, config):
@@ -287,6 +287,8 @@ def test_train_refuses_before_the_model_loads(red_circles, tmp_path, capsys, mon
 
 
 def test_train_cached_writes_the_same_file_as_uncached(red_circles, tmp_path):
+    """Generated class images (their class prompts cached too): 2 of them, as few as a batch (each one is
+    25 sampler steps of the toy model, the most of a run's time)."""
     from sdadapt.formats.files import read_safetensors
 
     outs = []
@@ -294,7 +296,7 @@ def test_train_cached_writes_the_same_file_as_uncached(red_circles, tmp_path):
         out = tmp_path / f"{cache}.safetensors"
         flags = ["--cache-text-encoder-outputs"] if cache else []
         assert main(["train", "lora", "--images", str(red_circles), "--no-text-encoder", "--steps", "2", "--batch-size", "2",
-                     "--caption-dropout-rate", "0.5", "-q", *flags, "-o", str(out)]) == 0
+                     "--class-images", "2", "--caption-dropout-rate", "0.5", "-q", *flags, "-o", str(out)]) == 0
         outs.append(read_safetensors(out)[0])
     assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 

@@ -62,9 +62,15 @@ def _same_files(a, b) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def _train(tmp_path, name, images, *flags) -> int:
-    return main(["train", "lora", "--images", str(images), "--steps", "4", "--batch-size", "2", "--network-dim", "2",
-                 "--no-bucket", "-q", "-o", str(tmp_path / f"{name}.safetensors"), *map(str, flags)])
+def _train(tmp_path, name, images, *flags, steps: int = 3) -> int:
+    """A toy LoRA run of ``steps`` steps (3: with ``--save-every-n-steps 2``, a state at step 2 and one
+    step after it for a resumed run to redo)."""
+    return main(["train", "lora", "--images", str(images), "--steps", str(steps), "--batch-size", "2", "--network-dim",
+                 "2", "--no-bucket", "-q", "-o", str(tmp_path / f"{name}.safetensors"), *map(str, flags)])
+
+
+def _state_step(state) -> int:
+    return json.loads((state / "run.json").read_text())["step"]
 
 
 @pytest.fixture()
@@ -99,12 +105,12 @@ def test_class_images_are_flipped_and_masked_as_their_latents(rgba_data, prior_b
     for data in (dataset, reg_data):
         encode_buckets(data, system.encode_images)
     fit(system, METHODS["lora"].adapt(system, seed=1), dataset, prior=(reg_data, 0.5),
-        config=FitConfig(steps=6, batch_size=2, warmup_steps=0))
+        config=FitConfig(steps=3, batch_size=2, warmup_steps=0))  # (3 steps: both flip sides drawn)
     (bucket,) = reg_data.latents
     pairs = {(k, f): ((reg_data.latents_flipped if f else reg_data.latents)[bucket][k], reg_data.masks[bucket][k])
              for k in range(len(reg_data.members[bucket])) for f in (False, True)}
     sides = set()
-    assert len(prior_batches) == 6
+    assert len(prior_batches) == 3
     for batch in prior_batches:
         assert batch["loss_mask"].shape == (batch["latents"].shape[0], 1, 16, 16)
         for row, mask in zip(batch["latents"], batch["loss_mask"], strict=True):
@@ -120,13 +126,14 @@ def test_flips_masks_and_class_images_resume_bit_for_bit(rgba_data, tmp_path, pr
     images, reg = rgba_data
     flags = ["--reg-data-dir", reg, "--alpha-mask", "--flip-aug", "--prior-weight", "0.5"]
     assert _train(tmp_path, "a", images, *flags, "--save-every-n-steps", "2") == 0
+    assert _state_step(tmp_path / "a-state") == 2  # (the resumed run redoes step 3)
     assert _train(tmp_path, "b", images, *flags, "--resume", tmp_path / "a-state") == 0
     assert _same_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     # mask images (--masked-loss --conditioning-data-dir) name the training images: class images train unmasked
     prior_batches.clear()
     assert _train(tmp_path, "c", images, "--reg-data-dir", reg, "--masked-loss", "--conditioning-data-dir", images,
-                  "--flip-aug") == 0
-    assert len(prior_batches) == 4 and all("loss_mask" not in b for b in prior_batches)
+                  "--flip-aug", steps=2) == 0
+    assert len(prior_batches) == 2 and all("loss_mask" not in b for b in prior_batches)
 
 
 # ------------------------------------------------ random_crop/color_aug × reg × masks × cached text
@@ -142,6 +149,7 @@ def test_augmented_class_images_with_masks_and_cached_text_train_the_uncached_bi
     assert all(b is not None and b["loss_mask"].shape == (b["latents"].shape[0], 1, 16, 16) for b in prior_batches)
     assert _train(tmp_path, "cached", images, *flags, "--cache-text-encoder-outputs", "--save-every-n-steps", "2") == 0
     assert _same_files(tmp_path / "plain.safetensors", tmp_path / "cached.safetensors")
+    assert _state_step(tmp_path / "cached-state") == 2
     assert _train(tmp_path, "resumed", images, *flags, "--cache-text-encoder-outputs",
                   "--resume", tmp_path / "cached-state") == 0
     assert _same_files(tmp_path / "cached.safetensors", tmp_path / "resumed.safetensors")
@@ -267,7 +275,9 @@ def test_class_captions_use_the_training_epoch_and_step(tmp_path, monkeypatch):
     reg = Dataset(records_from_tensors(pixels[:1], ["c0, c1, c2, c3, c4, c5, c6"]), captions=options)
     encode_buckets(dataset, system.encode_images, images=pixels)
     encode_buckets(reg, system.encode_images, images=pixels[:1])
-    steps, accumulation = 8, 2  # 2 micro-batches per epoch (4 images, batch 2): epoch = micro // 2, step = micro // 2
+    # 2 micro-batches per epoch (4 images, batch 2): epoch = micro // 2 + 1, step = micro // 2; 5 steps see dropped
+    # epochs (2, 4), the warm-up's start (step 0), middle (step 2) and its end (step 4: every tag)
+    steps, accumulation = 5, 2
     step_config = StepConfig(accumulation_steps=accumulation)
     fit(system, METHODS["lora"].adapt(system, seed=1), dataset, prior=(reg, 0.5),
         config=FitConfig(steps=steps, batch_size=2, warmup_steps=0, step=step_config))

@@ -246,7 +246,7 @@ def test_generate_count_encodes_once_on_diffusers_models(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(generate_job, "load_system", load_system)
     prompt = "a (red:1.2) [circle:square:1] # comment"
-    size = {"width": 64, "height": 64}
+    size = {"width": 32, "height": 32}  # (the smallest size of both tiny models' rules: multiples of 4)
     alone = []
     for i in range(2):
         run_generate(prompt=prompt, negative="blurry", model=str(model), out=tmp_path / f"one{i}.png", steps=2,

@@ -233,13 +233,14 @@ def test_extract_lora_after_a_toy_fine_tune_reproduces_the_tuned_unet_within_the
     base = load_toy()
     state, _ = sdadapt.load_lora(lora_file)
     assert set(state) == {"unet"}  # the text encoder did not train
+    originals = {k: v.clone() for k, v in base.unet.state_dict().items()}  # (the base before the LoRA goes in)
     sdadapt.apply_lora(base.unet, state["unet"])
     worst = 0.0
     tuned_w, base_w = tuned.unet.state_dict(), base.unet.state_dict()
     layers = {k[: -len(".lora_down.weight")] for k in state["unet"] if k.endswith(".lora_down.weight")}
     assert layers
     for layer in layers:
-        original = load_toy().unet.state_dict()[layer + ".weight"]
+        original = originals[layer + ".weight"]
         residual = float((base_w[layer + ".weight"] - tuned_w[layer + ".weight"]).norm())
         norm = float((tuned_w[layer + ".weight"] - original).norm())
         worst = max(worst, residual / max(norm, 1e-30))

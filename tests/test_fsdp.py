@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fast_dist import fork_ranks  # noqa: E402
 from tiny_models import tiny_unet_sd1  # noqa: E402
 
 import sdadapt  # noqa: E402
@@ -95,10 +96,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_fsdp2_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
-    import torch.multiprocessing as mp
-
     out = str(tmp_path / "fsdp.pt")
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    fork_ranks(_fsdp_worker, args=(2, _free_port(), out), nprocs=2)  # (tests/_fast_dist.py: forked ranks, no re-import)
     sharded = torch.load(out, weights_only=True)
     for mode in ("lora", "full"):
         unet, handle = _build(mode)
@@ -129,7 +128,7 @@ def test_torchrun_example_trains_on_two_ranks():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         str(ROOT / "examples" / "train_distributed.py"), "--steps", "3", "--fsdp", "--full"],
+         str(ROOT / "examples" / "train_distributed.py"), "--steps", "2", "--global-batch", "2", "--fsdp", "--full"],
         capture_output=True, text=True, timeout=180, env=env, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -88,19 +88,41 @@ def test_gradient_checkpointing_trains_the_same_weights_and_undoes_itself(monkey
     assert f"unet.{next(iter(unet.state_dict()))}" in ORIGINAL  # state_dict keys unchanged
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
-def test_fused_backward_gives_the_weights_of_the_usual_loop(optimizer, monkeypatch):
+# a co-trained text encoder with its own LR that stops after step 2, and an EMA: every group kind
+_FUSED_OPTIONS = {"text_encoder": True, "text_encoder_lr": 5e-4, "text_encoder_steps": 2, "ema_decay": 0.9}
+
+
+def _saver(folder):
+    def on_step(info):
+        if info.step == 1:  # of 3: the resumed steps 2 and 3 read every moment (the text encoder's too) and the count
+            info.save_state(folder)
+    return on_step
+
+
+@pytest.fixture(scope="module", params=["adamw", "adamw8bit"])
+def usual_and_fused(request, tmp_path_factory):
+    """One optimiser's runs that both tests below compare (the 8-bit AdamW is slow on CPU): the usual
+    loop's (the reference: it saves nothing) and the fused-backward loop's, which saves its state after
+    step 1 of 3 (the state the resume test reads), with every ``fuse_optimizer_into_backward`` handle."""
     from sdadapt.training import optim
 
     system = load_toy()
-    # a co-trained text encoder with its own LR that stops after step 2, and an EMA: every group kind
-    options = {"text_encoder": True, "optimizer": optimizer, "text_encoder_lr": 5e-4, "text_encoder_steps": 2, "ema_decay": 0.9}
+    options = {**_FUSED_OPTIONS, "optimizer": request.param}
+    folder = tmp_path_factory.mktemp(f"fused-{request.param}")
     plain = _train(system, **options)
     handles = []
     fuse = optim.fuse_optimizer_into_backward
-    monkeypatch.setattr(optim, "fuse_optimizer_into_backward", lambda *a, **k: handles.append(fuse(*a, **k)) or handles[-1])
-    fused = _train(system, fused_backward=True, **options)
-    _assert_same(fused, plain)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optim, "fuse_optimizer_into_backward", lambda *a, **k: handles.append(fuse(*a, **k)) or handles[-1])
+        fused = _train(system, fused_backward=True, on_step=_saver(folder / "fused"), **options)
+    return {"optimizer": request.param, "system": system, "options": options, "plain": plain, "fused": fused,
+            "handles": handles, "folder": folder}
+
+
+def test_fused_backward_gives_the_weights_of_the_usual_loop(usual_and_fused):
+    runs = usual_and_fused
+    system, options, plain, handles = runs["system"], runs["options"], runs["plain"], runs["handles"]
+    _assert_same(runs["fused"], plain)
     trained = [*system.unet.parameters(), *system.text_encoder.parameters()]
     assert len(handles) == 1 and len(handles[0].params) == len(trained)
     # one optimiser per block (UNet resnets/transformers, text-encoder layers, other modules alone), multi-tensor steps
@@ -108,7 +130,7 @@ def test_fused_backward_gives_the_weights_of_the_usual_loop(optimizer, monkeypat
               *parameter_groups_by_module(system.text_encoder, params=trained)]
     assert [list(map(id, g)) for g in handles[0].groups] == [list(map(id, g)) for g in blocks]
     assert len(blocks) < len(trained) / 4
-    if optimizer == "adamw8bit":  # sdadapt's AdamW takes multi-tensor steps off the CPU only
+    if runs["optimizer"] == "adamw8bit":  # sdadapt's AdamW takes multi-tensor steps off the CPU only
         make = importlib.import_module("sdadapt.methods.fit").make_optimizer
         assert not any(o.param_groups[0]["foreach"] for o in handles[0].optimizers)
         elsewhere = torch.nn.Parameter(torch.zeros(2, device="meta"))
@@ -119,25 +141,15 @@ def test_fused_backward_gives_the_weights_of_the_usual_loop(optimizer, monkeypat
         assert p.grad is None
 
 
-@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw"])
-def test_a_fused_runs_state_resumes_in_the_usual_loop_and_back(tmp_path, optimizer):
-    """The per-block optimisers save the layout of one optimiser over the same groups."""
-    system = load_toy()
-    # saved after step 2 of 3: the resumed step 3 reads every moment and the step count (3, not 4, steps:
-    # the 8-bit AdamW is slow on CPU and the five runs add up)
-    options = {"steps": 3, "optimizer": optimizer, "text_encoder": True, "text_encoder_lr": 5e-4}
-    straight = _train(system, **options)
-
-    def saver(folder):
-        def on_step(info):
-            if info.step == 2:
-                info.save_state(folder)
-        return on_step
-
-    _train(system, fused_backward=True, on_step=saver(tmp_path / "fused"), **options)
-    _assert_same(_train(system, resume=tmp_path / "fused", **options), straight)
-    _train(system, on_step=saver(tmp_path / "plain"), **options)
-    _assert_same(_train(system, fused_backward=True, resume=tmp_path / "plain", **options), straight)
+def test_a_fused_runs_state_resumes_in_the_usual_loop_and_back(usual_and_fused):
+    """The per-block optimisers save the layout of one optimiser over the same groups: a fused run's
+    state (saved after step 1, the fixture) resumes in the usual loop, and the usual loop's in the
+    fused one, to the uninterrupted usual run's weights (the fixture's reference, which saved nothing)."""
+    runs = usual_and_fused
+    system, options, straight, folder = runs["system"], runs["options"], runs["plain"], runs["folder"]
+    _assert_same(_train(system, resume=folder / "fused", **options), straight)
+    _assert_same(_train(system, on_step=_saver(folder / "plain"), **options), straight)  # (saving changes nothing)
+    _assert_same(_train(system, fused_backward=True, resume=folder / "plain", **options), straight)
 
 
 @pytest.mark.parametrize("step, clash", [

@@ -202,6 +202,22 @@ def checkpoints(tmp_path_factory):
     return {"sd1": tiny_sd1_file(root / "sd1.safetensors"), "sdxl": tiny_sdxl_file(root / "sdxl.safetensors")}
 
 
+@pytest.fixture(scope="module")
+def systems(checkpoints):
+    """``systems(name)``: the checkpoint's loaded system, loaded once for the module; the tests only read it (the
+    adapters are injected into copies; the generate runs load their own)."""
+    from sdadapt.jobs.models import load_system
+
+    loaded = {}
+
+    def system_of(name: str):
+        if name not in loaded:
+            loaded[name] = load_system(str(checkpoints[name]))
+        return loaded[name]
+
+    return system_of
+
+
 def _random_adapter(module, targets, config, seed: int) -> dict:
     handle = sdadapt.inject(copy.deepcopy(module), targets, config)
     g = torch.Generator().manual_seed(seed)
@@ -221,17 +237,17 @@ GENERATE_CASES = {  # name: (checkpoint, component, targets, config)
 
 
 @pytest.mark.parametrize("case", sorted(GENERATE_CASES))
-def test_generate_lora_with_a_peft_folder_gives_the_image_of_its_kohya_twin(tmp_path, capsys, checkpoints, case):
+def test_generate_lora_with_a_peft_folder_gives_the_image_of_its_kohya_twin(tmp_path, capsys, checkpoints, systems,
+                                                                          case):
     """``generate --lora FOLDER`` with a peft LoHa / LoKr folder (and a peft LoRA folder on SDXL): the folder's
     component is found from its layers' shapes and the image equals the one from the same adapter as a kohya file
     (LyCORIS naming); the adapter changes the image, so a dropped or mis-scaled layer shows."""
     from sdadapt.cli import main
     from sdadapt.formats.layers import group_by_layer
-    from sdadapt.jobs.models import load_system
 
     name, component, targets, config = GENERATE_CASES[case]
     model = checkpoints[name]
-    system = load_system(str(model))
+    system = systems(name)
     state = _random_adapter(getattr(system, component), targets, config, seed=11)
     save_peft(tmp_path / "peft", state, model=getattr(system, component))
     save_kohya(tmp_path / "kohya.safetensors", {component: state}, base_model=name)
@@ -249,13 +265,12 @@ def test_generate_lora_with_a_peft_folder_gives_the_image_of_its_kohya_twin(tmp_
     assert images[1] != images[2]
 
 
-def test_a_peft_lokr_folder_is_placed_by_its_shapes_not_its_names(checkpoints):
+def test_a_peft_lokr_folder_is_placed_by_its_shapes_not_its_names(systems):
     """Layer names alone matched a LoHa/LoKr folder to every component that has those names; the shapes decide now:
     a LoKr folder for a 64-wide text encoder fits the SD1 text encoder, not a 32-wide CLIP of the same layer names."""
     from sdadapt.jobs.generate_peft import peft_component
-    from sdadapt.jobs.models import load_system
 
-    system = load_system(str(checkpoints["sd1"]))
+    system = systems("sd1")
     state = _random_adapter(system.text_encoder, TEXT_ENCODER, sdadapt.LoKrConfig(rank=2), seed=1)
     assert peft_component(system, state, source="--lora X") == "text_encoder"
     narrow = _random_adapter(tiny_clip(), TEXT_ENCODER, sdadapt.LoKrConfig(rank=2), seed=1)  # same names, 32 wide

@@ -249,15 +249,27 @@ def sd1_file(tmp_path_factory):
     return ckpt, root / "style.safetensors"
 
 
+_LOADED: dict = {}  # checkpoint path -> (system, its loaded weights): each file read once per module
+
+
 def _merged(ckpt, lora, *, block_weights=None, te=0.8, unet=0.6):
+    """The text encoder's and UNet's weights (copies) after merging ``lora`` into the checkpoint as loaded. The
+    system is read once per file and its loaded weights put back before each merge (load_system is not what these
+    tests test; the merge is, and it starts from the same bits)."""
     from sdadapt.jobs.generate import _apply_lora_file
     from sdadapt.jobs.models import load_system
 
-    system = load_system(str(ckpt), device="cpu")
+    if str(ckpt) not in _LOADED:
+        system = load_system(str(ckpt), device="cpu")
+        _LOADED[str(ckpt)] = system, {name: {k: v.clone() for k, v in getattr(system, name).state_dict().items()}
+                                      for name in ("text_encoder", "unet")}
+    system, loaded = _LOADED[str(ckpt)]
+    for name, state in loaded.items():
+        getattr(system, name).load_state_dict(state)
     if lora is not None:
         _apply_lora_file(system, lora, te, unet_scale=unet, option="<lora:style>", block_weights=block_weights)
-    return {**{f"te.{k}": v for k, v in system.text_encoder.state_dict().items()},
-            **{f"unet.{k}": v for k, v in system.unet.state_dict().items()}}
+    return {**{f"te.{k}": v.clone() for k, v in system.text_encoder.state_dict().items()},
+            **{f"unet.{k}": v.clone() for k, v in system.unet.state_dict().items()}}
 
 
 def test_lbw_all_is_no_lbw_and_none_is_no_lora_bit_for_bit(sd1_file):

@@ -74,7 +74,9 @@ def _diffusers_sde(x_T, n, *, tree_seed, karras=False, prediction_type="epsilon"
 
 
 @needs_torchsde
-@settings(max_examples=20, deadline=None)
+# (10 examples: each of the 2-valued options is met in both values with odds 1 − 2·2⁻¹⁰; the Brownian tree makes an
+# example ~0.4 s. The fixed-case tests below add ε/float32/no-Karras, both Karras and v on a UNet.)
+@settings(max_examples=10, deadline=None)
 @given(karras=st.booleans(), prediction_type=st.sampled_from(["epsilon", "v_prediction"]), n=st.integers(1, 60),
        batch=st.integers(1, 2), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
 def test_dpmpp_sde_matches_diffusers_with_the_same_seed(karras, prediction_type, n, batch, dtype, seed):

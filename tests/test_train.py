@@ -220,13 +220,13 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_two_processes_equal_single_process_with_the_global_batch(tmp_path):
-    import torch.multiprocessing as mp
+    from _fast_dist import fork_ranks
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    fork_ranks(_ddp_worker, args=(2, port, out), nprocs=2)  # (tests/_fast_dist.py: forked ranks, no re-import)
     ddp_params = torch.load(out, weights_only=True)
 
     model, handle, params, _ = _setup(seed=5)

@@ -10,11 +10,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _fast_dist import cli_ranks, fork_ranks
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -49,19 +49,10 @@ def _images(folder: Path, n: int) -> Path:
 
 
 def _torchrun(args: list[str], cwd: Path, world: int = 2, *, other_cwd: Path | None = None) -> list[subprocess.CompletedProcess]:
-    """``args`` in ``world`` processes with the variables torchrun sets (gloo on the CPU); ranks > 0 in
-    ``other_cwd`` when given (what they write with relative paths lands there)."""
-    port = str(_free_port())
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "sdadapt", *args], cwd=other_cwd if rank and other_cwd else cwd,
-                                      env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=240)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    """``python -m sdadapt *args`` in ``world`` processes with the variables torchrun sets (gloo on the CPU); ranks > 0
+    in ``other_cwd`` when given (what they write with relative paths lands there). The ranks are forks of the test
+    process (tests/_fast_dist.py: no rank re-imports torch and sdadapt), each with its own stdout and stderr."""
+    done = cli_ranks(args, cwd, world, other_cwd=other_cwd)
     for rank, result in enumerate(done):
         assert result.returncode == 0, f"rank {rank}: {result.stderr[-3000:]}"
     return done
@@ -118,7 +109,9 @@ def test_lora_on_two_processes_equals_one_process_with_the_global_batch(tmp_path
     # two [[datasets]] blocks, batch sizes 1 and 2 per process: global batches of 2 (4 images: 2 batches, one row
     # per rank) and 4 (3 images: one batch of 2 + 1 rows, the losses weighted 4/3 and 2/3); 3 steps an epoch, as
     # one process with the blocks' batch sizes 2 and 4. DreamBooth-style class images (a second forward) come
-    # with the toy lora. Rank 1 runs in a folder of its own: it must write nothing there.
+    # with the toy lora (4 of them, --class-images: the largest global batch's rows; sampling the default 14 on each
+    # rank and in the one process was a third of the test's time). Rank 1 runs in a folder of its own: it must write
+    # nothing there.
     # With it: the text encoder's LoRA (its own LR), kohya's max-norm scaling, an EMA, and the validation loss
     # after every step of 2 + 1 held-out images (--validation-split 0.4 of blocks of 6 and 4: 4 and 3 train), a
     # validation batch of 2 (a row each) and one of 1 (rank 1 has none): each rank scores its rows, the log's
@@ -126,7 +119,7 @@ def test_lora_on_two_processes_equals_one_process_with_the_global_batch(tmp_path
     (tmp_path / "rank1").mkdir()
     args = ["train", "lora", "--model", "toy", "--epochs", "1", "--optimizer", "sgd-nesterov", "--learning-rate", "0.5",
             "--seed", "3", "--text-encoder-lr", "0.2", "--scale-weight-norms", "0.5", "--ema-decay", "0.9",
-            "--validation-split", "0.4", "--validate-every-n-steps", "1"]
+            "--validation-split", "0.4", "--validate-every-n-steps", "1", "--class-images", "4"]
     ranks = _torchrun([*args, "--dataset-config", str(_two_blocks(tmp_path, (1, 2), (6, 4))), "-o", "dp.safetensors"],
                       tmp_path, other_cwd=tmp_path / "rank1")
     assert "validation loss (3 held-out images)" in ranks[0].stdout
@@ -410,12 +403,10 @@ def _collectives_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_collectives_average_gradients_agree_on_fp16_skips_and_name_a_failed_peer_after_rank_0_saved(tmp_path):
-    import torch.multiprocessing as mp
-
     from sdadapt.errors import PeerProcessError, exit_code_for
 
     out = str(tmp_path / "collectives.pt")
-    mp.spawn(_collectives_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    fork_ranks(_collectives_worker, args=(2, _free_port(), out), nprocs=2)  # (tests/_fast_dist.py: forked ranks)
     results = torch.load(out, weights_only=True)
 
     def grad(i: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
@@ -555,10 +546,8 @@ def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_fit_on_two_ranks_starts_from_rank_0s_weights_and_keeps_schedule_free_ranks_equal(tmp_path):
-    import torch.multiprocessing as mp
-
     out = str(tmp_path / "fit.pt")
-    mp.spawn(_fit_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    fork_ranks(_fit_worker, args=(2, _free_port(), out), nprocs=2)  # (tests/_fast_dist.py: forked ranks)
     ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     for name in ("sgd-nesterov", "sgd-schedulefree"):
         single = _fit_run(name, lora_seed=1, switch_on_rank0=name == "sgd-schedulefree")

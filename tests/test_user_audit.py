@@ -459,6 +459,7 @@ def test_a_peft_adapter_folder_is_taken_by_lora_as_its_kohya_twin(tmp_path, caps
     for lora_spec in (tmp_path / "unet.safetensors", tmp_path / "unet_peft"):
         out = tmp_path / f"{lora_spec.name}.png"
         assert main(["generate", "--model", str(model), "--prompt", "a photo", "--steps", "2", "--seed", "3",
+                     "--width", "32", "--height", "32",  # (default: 128x128, 16x the pixels)
                      "--lora", f"{lora_spec}:0.7", "-o", str(out)]) == 0
         assert f"applied {lora_spec} at 0.7 (6 layers)" in capsys.readouterr().err
         images.append(out.read_bytes())

@@ -105,6 +105,12 @@ def _held_out():
     return concept_data("blue", 5, seed=4)
 
 
+@pytest.fixture(scope="module")
+def plain_run():
+    """The 4-step run without validation that two tests below compare against (built once)."""
+    return _toy_run(steps=4)
+
+
 def _reference(system, images, captions, *, batch_size: int, seed: int) -> float:
     """The validation loss written out in float64 from kohya's rule: the model in eval mode; for each held-out
     batch in order, at t = 200, 400, 600, 800: ε ~ N(0, 1) from one generator seeded with the validation seed
@@ -153,8 +159,8 @@ def test_the_validation_loss_is_the_float64_reference_at_the_steps_asked():
     assert len({round(loss, 7) for _, loss, _, _ in seen}) == 3  # the weights changed between the passes
 
 
-def test_training_with_validation_is_bit_identical_to_training_without():
-    plain_losses, plain_weights, _ = _toy_run(steps=4)
+def test_training_with_validation_is_bit_identical_to_training_without(plain_run):
+    plain_losses, plain_weights, _ = plain_run
     images, captions = _held_out()
     losses, weights, system = _toy_run(validation=(images, captions), steps=4, validate_every_n_steps=1)
     assert losses == plain_losses
@@ -278,7 +284,7 @@ def test_held_out_captions_follow_the_caption_schedule_of_the_step_just_trained(
         assert held_tags == expected, options
 
 
-def test_whatever_a_pass_draws_from_the_global_generator_leaves_the_runs_draws_alone(monkeypatch):
+def test_whatever_a_pass_draws_from_the_global_generator_leaves_the_runs_draws_alone(monkeypatch, plain_run):
     """fit forks torch's global RNG around the pass: a model that draws in eval mode (here the pass
     itself) changes none of the adapters' dropout masks the later steps draw from it."""
     import sdadapt.training.validation as validation_module
@@ -289,7 +295,7 @@ def test_whatever_a_pass_draws_from_the_global_generator_leaves_the_runs_draws_a
         torch.rand(1000)  # e.g. a module that keeps a random draw in eval mode
         return real(*args, **kwargs)
 
-    plain = _toy_run(steps=4)
+    plain = plain_run
     monkeypatch.setattr(validation_module, "validation_loss", drawing)
     with_validation = _toy_run(validation=_held_out(), steps=4, validate_every_n_steps=1)
     assert with_validation[0] == plain[0]
@@ -365,9 +371,11 @@ def test_with_the_step_options_a_validated_run_trains_bit_for_bit_as_one_without
         real_replay = ReplayingCUDAGraph.replay
         request.getfixturevalue("monkeypatch").setattr(
             ReplayingCUDAGraph, "replay", lambda graph: (replays.append(1), real_replay(graph))[1])
-    plain = _toy_run(steps=5, **options)  # (a layout is captured after 3 eager steps: replays at steps 4 and 5)
+    # 3 steps: two trained after a pass; with cuda_graph 5 (a layout is captured after 3 eager steps: replays at 4 and 5)
+    steps = 5 if options.get("cuda_graph") else 3
+    plain = _toy_run(steps=steps, **options)
     replays_without = len(replays)
-    validated = _toy_run(validation=_held_out(), steps=5, validate_every_n_steps=1, **options)
+    validated = _toy_run(validation=_held_out(), steps=steps, validate_every_n_steps=1, **options)
     assert validated[0] == plain[0]
     assert all(torch.equal(a, b) for a, b in zip(validated[1], plain[1]))
     assert all(m.training for m in validated[2].modules())
