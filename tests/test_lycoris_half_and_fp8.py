@@ -22,6 +22,9 @@ FLAGS = {
     "full-fp16": (["--full-fp16", "--mixed-precision", "fp16"], torch.float16),
     "full-bf16": (["--full-bf16", "--mixed-precision", "bf16"], torch.bfloat16),
 }
+#: the smallest run that still trains every module two steps: one 8-px image a step (the flags' dtypes,
+#: what is saved and the norm bound do not depend on the image size or the batch)
+SMALL = ["--resolution", "8", "--batch-size", "1"]
 #: method, its extra arguments, the tensor names that start at zero (they must have trained)
 METHODS = {
     "diag-oft": ([], ("oft_blocks",)),
@@ -40,7 +43,7 @@ def test_each_flag_trains_and_saves_what_it_trained(method, flag, red_circles, t
     extra, zero_init = METHODS[method]
     out = tmp_path / "a.safetensors"
     code = main(["train", method.split("+")[0], "--images", str(red_circles), *args, *extra, "--no-prior", "--steps", "2",
-                 "--batch-size", "2", "--no-save-state", "-q", "-o", str(out)])
+                 *SMALL, "--no-save-state", "-q", "-o", str(out)])
     assert code == 0
     with safe_open(str(out), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -87,7 +90,7 @@ def test_scale_weight_norms_bounds_every_layers_oft_blocks(method, red_circles, 
 
     out = tmp_path / "o.safetensors"
     assert main(["train", method, "--images", str(red_circles), "--scale-weight-norms", "0.01", "--lr", "0.05",
-                 "--no-prior", "--steps", "2", "--batch-size", "2", "--no-save-state", "-q", "-o", str(out)]) == 0
+                 "--no-prior", "--steps", "2", *SMALL, "--no-save-state", "-q", "-o", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         norms = [float(f.get_tensor(k).norm()) for k in f.keys() if k.endswith(".oft_blocks")]  # noqa: SIM118
         assert f.metadata()["ss_scale_weight_norms"] == "0.01"

@@ -16,6 +16,8 @@ share no code with the package and agree to 1e-9.
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 
 import diffusers
@@ -57,12 +59,23 @@ def _stand_in(log: list | None = None):
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def _built_scheduler(name, items):
+    return SAMPLERS[name][0](**SD, **dict(items))
+
+
+def _scheduler(name, **config):
+    """A fresh copy of the real scheduler for this config. Built once per config: KDPM2's constructor
+    runs set_timesteps(1000) (~0.5 CPU s); set_timesteps(n) then rewrites every piece of step state
+    (σ, timesteps, sample, step index), reading only the config and ᾱ."""
+    return copy.deepcopy(_built_scheduler(name, tuple(sorted(config.items()))))
+
+
 def _diffusers_run(name, n, x_T, *, pred, karras=False, seed=0, spacing="linspace", **config):
     """The pipeline's loop over the real scheduler; returns (latents, timesteps the model got)."""
-    cls = SAMPLERS[name][0]
     extra = {"use_karras_sigmas": True} if karras else {}
-    sched = cls(**SD, prediction_type=pred, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
-                **extra, **config)
+    sched = _scheduler(name, prediction_type=pred, timestep_spacing=spacing,
+                       steps_offset=1 if spacing == "leading" else 0, **extra, **config)
     sched.set_timesteps(n)
     log: list[float] = []
     model, g = _stand_in(log), torch.Generator().manual_seed(seed)

@@ -157,6 +157,7 @@ def test_quiet_generate_on_a_diffusers_folder_prints_no_loading_bar(tmp_path):
     root = _tiny_pipeline(tmp_path / "pipe", prediction_type="epsilon")
     env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     run = subprocess.run([sys.executable, "-m", "sdadapt", "generate", "--model", str(root), "--prompt", "a", "--steps", "1",
+                          "--width", "8", "--height", "8",  # (the smallest job that loads the folder: 1 step, 8x8)
                           "-q", "-o", str(tmp_path / "g.png")], check=False, capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stderr
