@@ -12,6 +12,7 @@ import importlib
 
 import pytest
 import torch
+from _fast_compile import small_toy
 from fit_runs import spy_on_captured_steps
 
 from sdadapt.cli import main
@@ -22,8 +23,10 @@ from sdadapt.training import step_capture
 from sdadapt.training.step import StepConfig
 
 
-def _run(method: str, config: FitConfig, *, device: str = "cpu", prior: bool = False):
-    system = build_toy(seed=1)
+def _run(method: str, config: FitConfig, *, device: str = "cpu", prior: bool = False, toy=small_toy):
+    """fit on a toy (seed 1): the half-width one on a CPU (its steps run eagerly either way), the
+    shipped topology in the CUDA comparisons."""
+    system = toy(seed=1)
     adaptation = METHODS[method].adapt(system, seed=1, **({"token": "sks"} if method == "textual-inversion" else {}))
     if device != "cpu":
         system.to(device)
@@ -35,8 +38,8 @@ def _run(method: str, config: FitConfig, *, device: str = "cpu", prior: bool = F
     return losses, [p.detach().cpu().clone() for p in adaptation.params]
 
 
-_BASE = FitConfig(steps=6, batch_size=2, learning_rate=3e-3, warmup_steps=2, schedule="cosine",
-                  step=StepConfig(min_snr_gamma=5.0))
+_BASE = FitConfig(steps=4, batch_size=2, learning_rate=3e-3, warmup_steps=2, schedule="cosine",
+                  step=StepConfig(min_snr_gamma=5.0))  # LR warm-up at steps 1-2, cosine at 3-4
 
 
 @pytest.mark.parametrize("method,optimizer,prior", [("lora", "adamw", False), ("lora", "adamw8bit", True),
@@ -65,7 +68,7 @@ def test_fit_steps_through_captured_step_and_resets_it_when_the_text_encoder_sto
     monkeypatch.setattr(step_capture.CapturedStep, "reset", reset)
     monkeypatch.setattr(importlib.import_module("sdadapt.methods.fit"), "train_step", lambda *a, **k: pytest.fail("the eager train_step was called"))
     _run("lora", dataclasses.replace(_BASE, cuda_graph=True, text_encoder_steps=3))
-    assert len(made) == 1 and made[0].calls == 6
+    assert len(made) == 1 and made[0].calls == _BASE.steps == 4
     assert resets == [3]  # before the 4th step, once
 
 
@@ -79,10 +82,10 @@ def test_what_cannot_be_captured_is_refused_by_the_config(change, message):
         dataclasses.replace(_BASE, cuda_graph=True, **change)
 
 
-def _dataset_run(config: FitConfig, *, device: str = "cpu"):
+def _dataset_run(config: FitConfig, *, device: str = "cpu", toy=small_toy):
     from sdadapt.training.data import Dataset, encode_buckets, records_from_tensors
 
-    system = build_toy(seed=1)
+    system = toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     if device != "cpu":
         system.to(device)
@@ -116,17 +119,17 @@ def test_the_train_command_takes_cuda_graph_and_refuses_its_clashes(red_circles,
     import sdadapt
 
     made = spy_on_captured_steps(monkeypatch)
-    common = ["train", "lora", "--images", str(red_circles), "--batch-size", "2", "--no-prior", "--steps", "3", "-q"]
+    common = ["train", "lora", "--images", str(red_circles), "--batch-size", "2", "--no-prior", "--steps", "2", "-q"]
     assert main([*common, "-o", str(tmp_path / "plain.safetensors")]) == 0
     assert not made
     assert main([*common, "--cuda-graph", "-o", str(tmp_path / "graph.safetensors")]) == 0
-    assert len(made) == 1 and made[0].calls == 3  # the flag reached fit: every step went through CapturedStep
+    assert len(made) == 1 and made[0].calls == 2  # the flag reached fit: every step went through CapturedStep
     a, b = sdadapt.load_lora(tmp_path / "plain.safetensors")[0], sdadapt.load_lora(tmp_path / "graph.safetensors")[0]
     assert all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])  # eager on a CPU: the same run
     accumulated = ["--gradient-accumulation-steps", "2"]
     assert main([*common, *accumulated, "-o", str(tmp_path / "plain2.safetensors")]) == 0
     assert main([*common, *accumulated, "--cuda-graph", "-o", str(tmp_path / "graph2.safetensors")]) == 0
-    assert len(made) == 2 and made[1].calls == 6  # accumulation is captured too: 2 micro-batches per step
+    assert len(made) == 2 and made[1].calls == 4  # accumulation is captured too: 2 micro-batches per step
     a, b = sdadapt.load_lora(tmp_path / "plain2.safetensors")[0], sdadapt.load_lora(tmp_path / "graph2.safetensors")[0]
     assert all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])
     assert main([*common, "--cuda-graph", "--torch-compile", "--dynamo-backend", "cudagraphs", "-o",
@@ -145,8 +148,8 @@ def test_cuda_fit_with_cuda_graph_matches_the_eager_run(method, optimizer, monke
     made = spy_on_captured_steps(monkeypatch)
     config = dataclasses.replace(_BASE, steps=10, optimizer=optimizer,
                                  step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16"))
-    eager = _run(method, config, device="cuda")
-    captured = _run(method, dataclasses.replace(config, cuda_graph=True), device="cuda")
+    eager = _run(method, config, device="cuda", toy=build_toy)
+    captured = _run(method, dataclasses.replace(config, cuda_graph=True), device="cuda", toy=build_toy)
     assert made and made[0].graph_count == 1 and made[0].calls == 10
     assert captured[0] == pytest.approx(eager[0], rel=1e-3)
     for a, b in zip(eager[1], captured[1]):
@@ -158,7 +161,7 @@ def test_a_captured_step_keeps_the_class_batch_among_its_static_inputs(fake_cuda
     batch's prepared tensors are static inputs of the graph, refreshed before every replay, and the
     prior weight is part of the layout (another weight, another graph). Bookkeeping only: a fake
     replay trains nothing."""
-    system = build_toy(seed=1)
+    system = small_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     images, captions = concept_data("cross", 4, seed=0)
     latents, ids = system.encode_images(images), system.tokenize(captions)
@@ -185,9 +188,9 @@ def test_cuda_fit_on_a_dataset_with_a_prior_captures_both_forwards(monkeypatch):
     """On a GPU: DreamBooth on a dataset (the class batch a second forward inside the graph) trains
     like the eager run, to bf16-backward tolerance — and did capture (not 8 eager steps)."""
     config = dataclasses.replace(_BASE, steps=8, step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16"))
-    eager = _dataset_run(config, device="cuda")
+    eager = _dataset_run(config, device="cuda", toy=build_toy)
     made = spy_on_captured_steps(monkeypatch)
-    captured = _dataset_run(dataclasses.replace(config, cuda_graph=True), device="cuda")
+    captured = _dataset_run(dataclasses.replace(config, cuda_graph=True), device="cuda", toy=build_toy)
     assert len(made) == 1 and made[0].graph_count >= 1 and made[0].calls == 8
     assert captured[0] == pytest.approx(eager[0], rel=1e-3)
     for a, b in zip(eager[1], captured[1]):
@@ -204,7 +207,7 @@ def test_dropout_inside_checkpointed_blocks_is_refused_with_cuda_graph():
     eager = _run("lora", dataclasses.replace(config, cuda_graph=False))
     assert _run("lora", config)[0] == eager[0]
 
-    system = build_toy(seed=1)
+    system = small_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     adapters = [m for m in system.unet.modules() if isinstance(m, AdapterModule)]
     adapters[0].module_dropout = 0.1
@@ -228,7 +231,7 @@ def test_a_dropout_layer_in_training_mode_inside_the_unet_counts_too():
 
     from sdadapt.methods.fit import _dropout_modules
 
-    system = build_toy(seed=1)
+    system = small_toy(seed=1)
     assert _dropout_modules(system.unet) == []
     system.unet.extra_dropout = nn.Dropout(0.1)
     assert _dropout_modules(system.unet) == ["extra_dropout"]

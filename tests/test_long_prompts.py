@@ -317,15 +317,28 @@ def test_train_with_long_captions_records_it_and_generate_reads_long_prompts(tmp
     json.dumps(metadata)  # strings only
 
 
+def _one_layer_text_encoder():
+    """The tiny SD1 system's text encoder (width 32, 77 positions, the tiny tokenizer's vocabulary) with one
+    encoder layer instead of two: every op kind the trace meets, half the layers to trace."""
+    torch.manual_seed(1)
+    config = transformers.CLIPTextConfig(
+        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=77, eos_token_id=513, bos_token_id=512, projection_dim=32,
+    )
+    return transformers.CLIPTextModel(config).eval().requires_grad_(False)
+
+
 def test_long_prompt_conditioning_compiles_to_one_graph(tmp_path):
     """The window split and join are plain tensor ops: ``fullgraph=True`` (a break raises), the
-    real autograd graph (``aot_eager``), outputs and LoRA gradients as eager."""
+    real autograd graph (``aot_eager``), outputs and LoRA gradients as eager. (A one-layer text
+    encoder: what is traced is the windows' split and join around it.)"""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
     import sdadapt
 
     system = _system(tmp_path, pad="!")
+    system.text_encoder = _one_layer_text_encoder()
     handle = sdadapt.inject(system.text_encoder, "text-encoder", sdadapt.LoRAConfig(rank=2))
     with torch.no_grad():
         for p in handle.parameters():
