@@ -138,8 +138,8 @@ def test_two_datasets_train_as_kohya_batches_and_metadata(tmp_path, monkeypatch,
         return batches
 
     monkeypatch.setattr(data_module, "epoch_batches", recording)
-    out = tmp_path / "out.safetensors"
-    assert main([*ARGS, "--dataset-config", str(toml), "--epochs", "2", "-o", str(out)]) == 0
+    out = tmp_path / "out.safetensors"  # (8 batches an epoch: step 9 is epoch 2's first, which draws epoch 2's order)
+    assert main([*ARGS, "--dataset-config", str(toml), "--steps", "9", "-o", str(out)]) == 0
     report = capsys.readouterr().err
     assert "buckets: datasets[0] 32x32: 4 images, datasets[1] 96x32: 2 images, datasets[1] 64x64: 2 images, " \
            "datasets[1] 32x96: 1 image" in report  # (WIDTHxHEIGHT)
@@ -169,7 +169,7 @@ def test_two_datasets_train_as_kohya_batches_and_metadata(tmp_path, monkeypatch,
     assert sorted(len(p) for _, p in batches) == [3, 3, 3]
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_num_batches_per_epoch"] == str(per_epoch) and meta["ss_max_train_steps"] == str(2 * per_epoch)
+    assert meta["ss_num_batches_per_epoch"] == str(per_epoch) and meta["ss_max_train_steps"] == "9" == str(per_epoch + 1)
     assert meta["ss_num_epochs"] == "2" and meta["ss_num_train_images"] == str(8 + 9) and meta["ss_num_reg_images"] == "2"
     for key in ("ss_batch_size_per_device", "ss_resolution", "ss_bucket_info", "ss_enable_bucket", "ss_min_bucket_reso"):
         assert key not in meta  # kohya writes them per dataset only (ss_datasets)
@@ -198,11 +198,12 @@ def test_two_datasets_train_as_kohya_batches_and_metadata(tmp_path, monkeypatch,
 
 def test_resume_continues_the_same_order_and_a_changed_block_is_refused(tmp_path, capsys):
     toml = _write(tmp_path, reg=False)
-    # (8 batches an epoch: the resume crosses into epoch 2; 4 generated class images, not 2 x 9: their sampling
-    # was most of the test's time, and the class picks of each position are drawn from 4 as from 18)
-    args = [*ARGS, "--dataset-config", str(toml), "--steps", "10", "--class-images", "4"]
+    # (8 batches an epoch: saved at step 7, the resume trains epoch 1's last batch and crosses into epoch 2;
+    # 4 generated class images, not 2 x 9: their sampling was most of the test's time, and the class picks
+    # of each position are drawn from 4 as from 18)
+    args = [*ARGS, "--dataset-config", str(toml), "--steps", "9", "--class-images", "4"]
     out = tmp_path / "a.safetensors"
-    assert main([*args, "--save-every-n-steps", "6", "-o", str(out)]) == 0
+    assert main([*args, "--save-every-n-steps", "7", "-o", str(out)]) == 0
     resumed = tmp_path / "b.safetensors"
     assert main([*args, "--resume", str(tmp_path / "a-state"), "-o", str(resumed)]) == 0
     first, _ = read_safetensors(out)
