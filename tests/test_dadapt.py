@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from fit_runs import assert_cuda_graph_run_trains_as_eager, straight_and_resumed
+from fit_runs import assert_cuda_graph_run_trains_as_eager
 from fit_runs import toy_lora_run as _toy_fit
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -475,6 +475,8 @@ def test_a_captured_multi_tensor_state_resumes_in_a_plain_optimiser_keeping_its_
     assert back.param_groups[0]["foreach"] is True
 
 
+#: the resume tests save after step 3 (warm-up: step 1 at LR 0 is skipped; DAdaptAdam's and the
+#: preprint's d move at step 3) and resume step 4
 _FIT = FitConfig(steps=4, batch_size=2, learning_rate=1.0, warmup_steps=1, schedule="cosine", optimizer="DAdaptAdam",
                  optimizer_args=(("decouple", True), ("weight_decay", 0.01), ("use_bias_correction", True),
                                  ("betas", (0.9, 0.99))))
@@ -483,10 +485,27 @@ _FIT_PREPRINT = dataclasses.replace(_FIT, optimizer="DAdaptation", optimizer_arg
                                                                                   ("weight_decay", 0.01)))
 
 
+@pytest.fixture(scope="module")
+def straight_fit(tmp_path_factory):
+    """``straight_fit(config)``: ``(run, state folder)`` of ``toy_lora_run(config)`` saving its training state
+    after step 3, made once per config in a module (the resume tests and the CPU CUDA-graph test read it)."""
+    made: dict = {}
+
+    def straight(config):
+        if repr(config) not in made:
+            folder = tmp_path_factory.mktemp("straight") / "s"
+            save = lambda info: info.save_state(folder) if info.step == 3 else None  # noqa: E731
+            made[repr(config)] = _toy_fit(config, on_step=save), folder
+        return made[repr(config)]
+
+    return straight
+
+
 @pytest.mark.parametrize("config", [_FIT, _FIT_LION, _FIT_PREPRINT], ids=["DAdaptAdam", "DAdaptLion", "DAdaptation"])
-def test_fit_resumes_a_dadapt_run_bit_for_bit(tmp_path, config):
-    straight, resumed = straight_and_resumed(config, tmp_path / "s")
-    assert resumed[0] == straight[0][2:]
+def test_fit_resumes_a_dadapt_run_bit_for_bit(straight_fit, config):
+    straight, folder = straight_fit(config)
+    resumed = _toy_fit(config, resume=folder)
+    assert resumed[0] == straight[0][3:]
     assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed[1]))
 
 
@@ -570,13 +589,17 @@ def test_fit_builds_dadapt_and_refuses_what_it_cannot_train_with():
             FitConfig(optimizer=name)
 
 
-def test_on_a_cpu_a_cuda_graph_dadapt_run_is_the_eager_run_bit_for_bit():
-    eager = _toy_fit(_FIT)
+def test_on_a_cpu_a_cuda_graph_dadapt_run_is_the_eager_run_bit_for_bit(straight_fit):
+    eager, _ = straight_fit(_FIT)
     captured = _toy_fit(dataclasses.replace(_FIT, cuda_graph=True))
     assert eager[0] == captured[0] and all(torch.equal(a, b) for a, b in zip(eager[1], captured[1]))
 
 
 # ------------------------------------------------------------------------- train command
+#: the smallest toy runs that still train: one 8-px image a step (the optimiser's name, metadata and notes
+#: and a resume that is the straight run do not depend on the image size or the batch)
+SMALL = ["--resolution", "8", "--batch-size", "1"]
+SMALL_KOHYA = {"resolution": "8,8", "bucket_reso_steps": 4, "min_bucket_reso": 4, "max_bucket_reso": 16}
 @pytest.mark.parametrize("optimizer_type, lr, warned, ss_optimizer", [
     ("DAdaptAdam", 1.0, False, ("dadaptation.dadapt_adam.DAdaptAdam(decouple=True,weight_decay=0.01,"
                                 "use_bias_correction=True,betas=(0.9, 0.99))")),
@@ -589,7 +612,7 @@ def test_a_kohya_config_with_dadapt_trains_two_steps_on_the_toy(three_shapes, tm
     args = (["decouple=True", "weight_decay=0.01", "use_bias_correction=True", "betas=0.9,0.99"]
             if optimizer_type == "DAdaptAdam" else ["weight_decay=0.1"])
     meta = train_toy_kohya(tmp_path, three_shapes, {"optimizer_type": optimizer_type, "learning_rate": lr,
-                                                    "lr_scheduler": "constant", "optimizer_args": args})
+                                                    "lr_scheduler": "constant", "optimizer_args": args, **SMALL_KOHYA})
     assert meta["ss_optimizer"] == ss_optimizer and meta["ss_steps"] == "2"
     out = capsys.readouterr()
     report = out.out + out.err
@@ -603,7 +626,7 @@ def test_the_train_command_takes_kohyas_dadaptation_and_resumes_it_bit_for_bit(t
     from train_inputs import lora_train_args, resumed_train_is_the_straight_one
 
     args = lora_train_args(three_shapes, "--optimizer", "DAdaptation", "--optimizer-args", "decouple=True",
-                           "weight_decay=0.01", "--lr", "1", "--steps", "3", "-q")
+                           "weight_decay=0.01", "--lr", "1", "--steps", "3", "-q", *SMALL)
     assert resumed_train_is_the_straight_one(tmp_path, args)
 
 

@@ -64,20 +64,52 @@ def test_fit_rejects_bad_input():
         FitConfig(steps=0)
 
 
+def _small_toy(*, seed: int):
+    """An untrained toy system with a narrower UNet (16/32 channels): what its sampler draws costs a quarter."""
+    from sdadapt.toy.clip import ToyCLIP
+    from sdadapt.toy.system import ToySystem
+    from sdadapt.toy.text_encoder import ToyTextEncoder
+    from sdadapt.toy.tokenizer import ToyTokenizer
+    from sdadapt.toy.unet import ToyUNet
+
+    torch.manual_seed(seed)
+    vocab = len(ToyTokenizer())
+    return ToySystem(ToyUNet(widths=(16, 32), groups=8), ToyTextEncoder(vocab_size=vocab), ToyCLIP(vocab_size=vocab))
+
+
+class _RecordingToy:
+    """The toy's own class prompts with a sampler that only records what it is asked to draw (blank images)."""
+
+    def __init__(self):
+        from sdadapt.toy.system import ToySystem
+
+        self.class_prompts = ToySystem.class_prompts
+        self.asked: list[list[str]] = []
+
+    def sample(self, prompts, *, seed=0, steps=25):
+        self.asked.append(list(prompts))
+        return torch.zeros(len(prompts), 3, 32, 32)
+
+
 def test_prior_images_follow_the_method_default_and_the_switches():
     from sdadapt.jobs import prior_images
     from sdadapt.toy.shapes import HELD_OUT_COLOURS, HELD_OUT_SHAPES
 
-    system = build_toy(seed=2)
-    images, prompts, weight = prior_images(system, METHODS["lora"], count=3, seed=4, weight=0.5)
-    assert images.shape == (3, 3, 32, 32) and weight == 0.5 and len(prompts) == 3
-    assert not any(word in p.split() for p in prompts for word in HELD_OUT_SHAPES + HELD_OUT_COLOURS)
+    system = _small_toy(seed=2)
+    images, prompts, weight = prior_images(system, METHODS["lora"], count=2, seed=4, weight=0.5)
+    assert images.shape == (2, 3, 32, 32) and weight == 0.5 and len(prompts) == 2
     # they are what the unadapted model draws for those prompts (DreamBooth's class images)
     torch.testing.assert_close(images, system.sample(prompts, seed=4), rtol=0, atol=0)
+    # the default class prompts are held-in "a {colour} {shape}" (many drawn, on a sampler that only records)
+    recorder = _RecordingToy()
+    _, many, _ = prior_images(recorder, METHODS["lora"], count=40, seed=4)
+    assert len(many) == 40 and sum(recorder.asked, []) == many
+    assert not any(word in p.split() for p in prompts + many for word in HELD_OUT_SHAPES + HELD_OUT_COLOURS)
     assert prior_images(system, METHODS["full"], count=3) is None
     assert prior_images(system, METHODS["lora"], enabled=False, count=3) is None
-    _, prompts, _ = prior_images(system, METHODS["full"], class_prompt="a red circle", count=2)
-    assert prompts == ["a red circle"] * 2
+    # a class prompt turns prior preservation on (even for 'full') and is what the images are drawn for
+    _, prompts, _ = prior_images(recorder, METHODS["full"], class_prompt="a red circle", count=2)
+    assert prompts == ["a red circle"] * 2 and recorder.asked[-1] == ["a red circle"] * 2
     with pytest.raises(ValueError, match="use 'full'"):
         prior_images(system, METHODS["dreambooth"], enabled=False, count=3)
     with pytest.raises(ValueError, match="at least one"):
@@ -102,14 +134,16 @@ def test_prior_images_on_a_user_model_need_a_class_prompt():
 @pytest.mark.parametrize("name", ["lora", "loha", "dora"])
 def test_same_seed_same_training_run_and_the_global_rng_is_left_alone(name):
     images, captions = concept_data("cross", 4, seed=0)
-    runs = []
+    starts, runs = [], []
     for _ in range(2):
         system = build_toy(seed=1)
         rng = torch.get_rng_state()
         adaptation = METHODS[name].adapt(system, seed=3)
         assert torch.equal(torch.get_rng_state(), rng)
-        fit(system, adaptation, images, captions, config=FitConfig(steps=3, batch_size=2, seed=3))
+        starts.append([p.detach().clone() for p in adaptation.params])
+        fit(system, adaptation, images, captions, config=FitConfig(steps=2, batch_size=2, seed=3))
         runs.append([p.detach().clone() for p in adaptation.params])
-    assert all(torch.equal(p, q) for p, q in zip(*runs))
-    other = METHODS[name].adapt(build_toy(seed=1), seed=4)
-    assert any(not torch.equal(p, q) for p, q in zip(other.params, METHODS[name].adapt(build_toy(seed=1), seed=3).params))
+    assert all(torch.equal(p, q) for p, q in zip(*starts)), "same seed, different initial adapters"
+    assert all(torch.equal(p, q) for p, q in zip(*runs)), "same seed, different training run"
+    other = METHODS[name].adapt(build_toy(seed=1), seed=4)  # another seed: other initial adapters
+    assert any(not torch.equal(p, q) for p, q in zip(other.params, starts[0]))

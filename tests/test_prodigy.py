@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from fit_runs import assert_cuda_graph_run_trains_as_eager, straight_and_resumed
+from fit_runs import assert_cuda_graph_run_trains_as_eager
 from fit_runs import toy_lora_run as _toy_fit
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -367,16 +367,26 @@ def test_a_captured_multi_tensor_state_resumes_in_a_plain_optimiser_keeping_its_
     assert _d(optimizer) == _d(reference)
 
 
+#: the resume test saves after step 3 (warm-up: step 1 at LR 0 is skipped) and resumes step 4
 _FIT = FitConfig(steps=4, batch_size=2, learning_rate=1.0, warmup_steps=1, schedule="cosine", optimizer="Prodigy",
                  optimizer_args=(("d_coef", 2), ("use_bias_correction", True), ("safeguard_warmup", True),
                                  ("weight_decay", 0.01), ("betas", (0.9, 0.99))))
 
 
-def test_fit_resumes_a_prodigy_run_bit_for_bit(tmp_path):
+@pytest.fixture(scope="module")
+def straight_fit(tmp_path_factory):
+    """``(run, state folder)`` of ``toy_lora_run(_FIT)`` saving its training state after step 3, made once
+    per module (the resume test and the CPU CUDA-graph test read it)."""
+    folder = tmp_path_factory.mktemp("straight") / "s"
+    return _toy_fit(_FIT, on_step=lambda info: info.save_state(folder) if info.step == 3 else None), folder
+
+
+def test_fit_resumes_a_prodigy_run_bit_for_bit(straight_fit):
     """The estimate goes through state.json (float64 numbers, exact) and the states through
     state.safetensors: the resumed run ends where the straight one does."""
-    straight, resumed = straight_and_resumed(_FIT, tmp_path / "s")
-    assert resumed[0] == straight[0][2:]
+    straight, folder = straight_fit
+    resumed = _toy_fit(_FIT, resume=folder)
+    assert resumed[0] == straight[0][3:]
     assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed[1]))
 
 
@@ -440,8 +450,8 @@ def test_fit_builds_prodigy_and_refuses_what_it_cannot_train_with():
         FitConfig(optimizer="prodigy", optimizer_args=(("momentum", 0.9),))
 
 
-def test_on_a_cpu_a_cuda_graph_prodigy_run_is_the_eager_run_bit_for_bit():
-    eager = _toy_fit(_FIT)
+def test_on_a_cpu_a_cuda_graph_prodigy_run_is_the_eager_run_bit_for_bit(straight_fit):
+    eager, _ = straight_fit
     captured = _toy_fit(dataclasses.replace(_FIT, cuda_graph=True))
     assert eager[0] == captured[0] and all(torch.equal(a, b) for a, b in zip(eager[1], captured[1]))
 
@@ -468,6 +478,10 @@ def test_captured_step_records_a_capturable_prodigy(replaying_cuda_graphs):
 
 
 # ------------------------------------------------------------------------- train command
+#: the smallest toy runs that still train: one 8-px image a step (the optimiser's name, metadata and notes
+#: and a resume that is the straight run do not depend on the image size or the batch)
+SMALL = ["--resolution", "8", "--batch-size", "1"]
+SMALL_KOHYA = {"resolution": "8,8", "bucket_reso_steps": 4, "min_bucket_reso": 4, "max_bucket_reso": 16}
 @pytest.mark.parametrize("lr, warned", [(1.0, False), (1e-4, True)])
 def test_a_kohya_config_with_prodigy_trains_two_steps_on_the_toy(three_shapes, tmp_path, capsys, lr, warned):
     from train_inputs import train_toy_kohya
@@ -475,7 +489,7 @@ def test_a_kohya_config_with_prodigy_trains_two_steps_on_the_toy(three_shapes, t
     meta = train_toy_kohya(tmp_path, three_shapes, {
         "optimizer_type": "Prodigy", "learning_rate": lr, "lr_scheduler": "constant",
         "optimizer_args": ["decouple=True", "weight_decay=0.01", "d_coef=2", "use_bias_correction=True",
-                           "safeguard_warmup=True", "betas=0.9,0.99"]})
+                           "safeguard_warmup=True", "betas=0.9,0.99"], **SMALL_KOHYA})
     assert meta["ss_optimizer"] == ("prodigyopt.prodigy.Prodigy(decouple=True,weight_decay=0.01,d_coef=2,"
                                     "use_bias_correction=True,safeguard_warmup=True,betas=(0.9, 0.99))")
     assert meta["ss_steps"] == "2"
@@ -489,7 +503,7 @@ def test_the_train_command_takes_prodigy_and_resumes_it_bit_for_bit(three_shapes
     from train_inputs import lora_train_args, resumed_train_is_the_straight_one
 
     args = lora_train_args(three_shapes, "--optimizer", "prodigy", "--optimizer-args", "d_coef=2",
-                           "use_bias_correction=True", "--lr", "1", "--steps", "3", "-q")
+                           "use_bias_correction=True", "--lr", "1", "--steps", "3", "-q", *SMALL)
     assert resumed_train_is_the_straight_one(tmp_path, args)
 
 

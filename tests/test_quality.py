@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="toy weigh
 
 
 def test_shipped_toy_model_draws_held_in_concepts():
-    # 12 prompts: measured shape 0.83, colour 1.0, as with 24 (prompts ignored, i.e. guidance 0: 0.42 and 0.17)
-    accuracy = held_in_accuracy(load_toy(), count=12, seed=5)
+    # 12 prompts: measured shape 0.83, colour 1.0, as with 24 (prompts ignored, i.e. guidance 0: 0.42 and 0.17);
+    # sampled with 10 DDIM steps instead of 25 (~2/5 of the CPU): the same 0.83 and 1.0 (guidance 0: 0.58 and 0.08)
+    accuracy = held_in_accuracy(load_toy(), count=12, seed=5, steps=10)
     assert accuracy["shape_accuracy"] >= 0.6 and accuracy["colour_accuracy"] >= 0.8, accuracy
 
 
