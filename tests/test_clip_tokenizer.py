@@ -89,3 +89,24 @@ def test_save_folder_without_merges_loads_in_transformers(tmp_path):
         expected = reference(text, padding="max_length", max_length=12, truncation=True).input_ids
         assert theirs(text, padding="max_length", max_length=12, truncation=True).input_ids == expected
         assert ours.encode(text) == expected
+
+
+def test_a_vocabulary_file_is_read_again_when_it_changes(tmp_path):
+    """``from_file`` keeps a file's parsed merges (the shipped vocabulary is read by every tokenizer built from it),
+    per version of the file: a file rewritten with other merges gives the new ones, a copy of the shipped file
+    the shipped merges."""
+    import gzip
+    import os
+
+    with gzip.open(DEFAULT_VOCABULARY, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    file = tmp_path / "vocab.txt"
+    file.write_text("\n".join(lines[:1001]), encoding="utf-8")
+    first = CLIPTokenizer.from_file(file)
+    assert sorted(first.ranks, key=first.ranks.get) == [tuple(line.split()) for line in lines[1:1001]]
+    assert CLIPTokenizer.from_file(DEFAULT_VOCABULARY).ranks == CLIPTokenizer.from_file(DEFAULT_VOCABULARY).ranks
+    stat = file.stat()
+    file.write_text("\n".join([lines[0], *lines[501:1001], *lines[1:501]]), encoding="utf-8")  # (same size)
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = CLIPTokenizer.from_file(file)
+    assert sorted(second.ranks, key=second.ranks.get) == [tuple(line.split()) for line in [*lines[501:1001], *lines[1:501]]]

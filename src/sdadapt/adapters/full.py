@@ -40,7 +40,11 @@ class FullConfig:
 
 
 class FullModule(AdapterModule):
-    """Parameters ``diff`` (out, in, *k) and optionally ``diff_b`` (out,), zero at init."""
+    """Parameters ``diff`` (out, in, *k) and optionally ``diff_b`` (out,), zero at init.
+
+    ``init_weights=False`` leaves them uninitialised (``torch.empty``): for a caller that fills them next, as
+    :meth:`from_file_tensors` does (no pass over a weight-sized tensor that the file overwrites).
+    """
 
     family: ClassVar[str] = "full"
     file_keys: ClassVar[tuple[str, ...]] = ("diff", "diff_b")
@@ -55,11 +59,13 @@ class FullModule(AdapterModule):
         bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        init_weights: bool = True,
     ) -> None:
         super().__init__(geometry)
         factory = {"dtype": dtype, "device": device}
-        self.diff = nn.Parameter(torch.zeros(geometry.weight_shape, **factory))
-        self.diff_b = nn.Parameter(torch.zeros(geometry.out_features, **factory)) if bias else None
+        new = torch.zeros if init_weights else torch.empty
+        self.diff = nn.Parameter(new(geometry.weight_shape, **factory))
+        self.diff_b = nn.Parameter(new(geometry.out_features, **factory)) if bias else None
         self.register_buffer("scale", torch.tensor(1.0, dtype=torch.float32, device=device), persistent=False)
 
     @property
@@ -124,7 +130,7 @@ class FullModule(AdapterModule):
                 + (f", diff_b {tuple(diff_b.shape)}" if diff_b is not None else "")
                 + f" do not fit the base layer of weight shape {geometry.weight_shape}"
             )
-        module = cls(geometry, bias=diff_b is not None, dtype=diff.dtype, device=diff.device)
+        module = cls(geometry, bias=diff_b is not None, dtype=diff.dtype, device=diff.device, init_weights=False)
         with torch.no_grad():
             module.diff.copy_(diff)
             if diff_b is not None:

@@ -99,11 +99,19 @@ def unregister_family(name: str) -> None:
     FAMILIES.pop(name, None)
 
 
+#: (the registered families' module types, their file keys sorted): :func:`file_keys` runs once per key of a file
+_file_keys_cache: tuple[tuple, tuple[str, ...]] = ((), ())
+
+
 def file_keys() -> tuple[str, ...]:
     """Every per-layer tensor suffix of every registered family, longest first (for splitting
     ``"<layer>.<suffix>"`` keys)."""
-    keys = {key for family in FAMILIES.values() for key in family.module_type.file_keys}
-    return tuple(sorted(keys, key=lambda k: (-len(k), k)))
+    global _file_keys_cache
+    signature = tuple((family.module_type, family.module_type.file_keys) for family in FAMILIES.values())
+    if signature != _file_keys_cache[0]:
+        keys = {key for family in FAMILIES.values() for key in family.module_type.file_keys}
+        _file_keys_cache = (signature, tuple(sorted(keys, key=lambda k: (-len(k), k))))
+    return _file_keys_cache[1]
 
 
 register_family(

@@ -78,6 +78,11 @@ _UNDERSCORE_TOKENS = (
 #: model; underscored, ``x__orig_mod_y`` splits into ``x``, ``""``, ``orig``, ``mod``, ``y``
 _COMPILED_SEGMENT = "_orig_mod"
 _TOKEN_PIECES = sorted([*(t.split("_") for t in _UNDERSCORE_TOKENS), _COMPILED_SEGMENT.split("_")], key=len, reverse=True)
+#: the tokens by their first piece, longest first (what :func:`underscore_to_path` tries at each piece)
+_TOKENS_BY_FIRST_PIECE: dict[str, list[list[str]]] = {}
+for _pieces in _TOKEN_PIECES:
+    _TOKENS_BY_FIRST_PIECE.setdefault(_pieces[0], []).append(_pieces)
+del _pieces
 
 
 def strip_compiled_segments(path: str) -> str:
@@ -102,7 +107,7 @@ def underscore_to_path(name: str) -> str:
     out: list[str] = []
     i = 0
     while i < len(pieces):
-        for token in _TOKEN_PIECES:
+        for token in _TOKENS_BY_FIRST_PIECE.get(pieces[i], ()):
             if pieces[i : i + len(token)] == token:
                 out.append("_".join(token))
                 i += len(token)
