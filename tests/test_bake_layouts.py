@@ -8,6 +8,8 @@ found by value), and a float64 ``W + scale · up @ down`` written here.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -202,21 +204,30 @@ def _dora(unet) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.fixture(scope="module")
+def baked_dora(checkpoint, tmp_path_factory):
+    """(the SDXL-named (LDM) DoRA file of ``_dora``, the checkpoint's tensors with it baked in by
+    merge-lora): written once per layout, read by both jobs' tests."""
+    layers, unet, path, _ = checkpoint
+    folder = tmp_path_factory.mktemp(f"dora{layers}")
+    dora, baked = folder / "dora.safetensors", folder / "baked_dora.safetensors"
+    save_kohya(dora, {"unet": _dora(unet)}, base_model="sdxl", layers_per_block=layers)
+    assert main(["merge-lora", str(path), str(dora), "-o", str(baked), "--quiet"]) == 0
+    return dora, read_weights(baked)[0]
+
+
 @pytest.mark.parametrize("job", ["resize-lora", "combine-loras"])
-def test_jobs_with_base_read_ldm_named_dora_on_the_right_weights(checkpoint, tmp_path, capsys, job):
+def test_jobs_with_base_read_ldm_named_dora_on_the_right_weights(checkpoint, baked_dora, tmp_path, capsys, job):
     """resize-lora / combine-loras --base of an SDXL-named (LDM) DoRA file: DoRA's W' − W is read from
     the base's own tensors; at full rank, baking the result equals baking the DoRA file."""
-    layers, unet, path, _ = checkpoint
-    dora, resized = tmp_path / "dora.safetensors", tmp_path / "out.safetensors"
-    save_kohya(dora, {"unet": _dora(unet)}, base_model="sdxl", layers_per_block=layers)
+    _, _, path, _ = checkpoint
+    dora, want = baked_dora
+    resized, baked = tmp_path / "out.safetensors", tmp_path / "baked_resized.safetensors"
     extra = ["--mode", "svd"] if job == "combine-loras" else []
     assert main([job, str(dora), "--base", str(path), "--rank", "64", *extra, "-o", str(resized), "--quiet"]) == 0
-    baked = {}
-    for name, lora in (("dora", dora), ("resized", resized)):
-        baked[name] = tmp_path / f"baked_{name}.safetensors"
-        assert main(["merge-lora", str(path), str(lora), "-o", str(baked[name]), "--quiet"]) == 0
+    assert main(["merge-lora", str(path), str(resized), "-o", str(baked), "--quiet"]) == 0
     capsys.readouterr()
-    want, got = read_weights(baked["dora"])[0], read_weights(baked["resized"])[0]
+    got = read_weights(baked)[0]
     base = read_weights(path)[0]
     changed = [k for k in want if not torch.equal(want[k], base[k])]
     assert changed
@@ -231,8 +242,8 @@ def test_trained_sdxl_named_lora_saves_the_unets_ldm_names(checkpoint, tmp_path)
     from sdadapt.methods.lora import AdapterAdaptation
     from sdadapt.targets import UNET_LOCON
 
-    layers, _, _, pairs = checkpoint
-    unet = _parts(layers)["unet"]
+    layers, base_unet, _, pairs = checkpoint
+    unet = copy.deepcopy(base_unet)  # (the layout's UNet, fresh: injecting changes it)
     handle = inject(unet, UNET_LOCON, LoRAConfig(rank=2))
     adaptation = AdapterAdaptation.__new__(AdapterAdaptation)
     adaptation.base_model, adaptation.network_args, adaptation.handles = "sdxl", {}, {"unet": handle}
@@ -260,7 +271,6 @@ def test_layout_reading_falls_back_to_sd_on_partial_key_sets(checkpoint):
 
 def test_generate_and_network_weights_read_ldm_names_with_the_models_layout(checkpoint, tmp_path):
     """`generate --lora` and `--network-weights` place an SDXL-named (LDM) kohya file with the live UNet's layout."""
-    import copy
     from types import SimpleNamespace
 
     from sdadapt.jobs.generate import _apply_lora_file

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,3 +112,29 @@ def test_a_vocabulary_file_is_read_again_when_it_changes(tmp_path):
     os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     second = CLIPTokenizer.from_file(file)
     assert sorted(second.ranks, key=second.ranks.get) == [tuple(line.split()) for line in [*lines[501:1001], *lines[1:501]]]
+
+
+@pytest.mark.parametrize("pad", ["eos", "!"])
+def test_to_transformers_is_the_tokenizer_its_saved_folder_loads_as(tmp_path, pad):
+    """``to_transformers`` (built from the vocabulary in memory on transformers 5) is what transformers reads from the
+    folder ``save_folder`` writes: the same backend (vocabulary, merges, added tokens, normaliser, post-processor),
+    special tokens, length, ids, and the same files when saved."""
+    import filecmp
+
+    ours = CLIPTokenizer.load(None, pad=pad, max_length=77)
+    built = ours.to_transformers()
+    read = transformers.CLIPTokenizer.from_pretrained(ours.save_folder(tmp_path / "folder"))
+    assert built.backend_tokenizer.to_str() == read.backend_tokenizer.to_str()
+    for name in ("pad_token", "pad_token_id", "bos_token", "eos_token", "unk_token", "model_max_length"):
+        assert getattr(built, name) == getattr(read, name), name
+    assert str(built.added_tokens_decoder) == str(read.added_tokens_decoder)
+    text = ["a photo of a cat!! <|endoftext|> café", "", "Zebra-stripes & 3 cats"]
+    assert built(text, padding="max_length", max_length=77).input_ids == read(text, padding="max_length", max_length=77).input_ids
+    built.save_pretrained(tmp_path / "built")
+    read.save_pretrained(tmp_path / "read")
+    assert filecmp.cmp(tmp_path / "built" / "tokenizer.json", tmp_path / "read" / "tokenizer.json", shallow=False)
+    configs = [json.loads((tmp_path / side / "tokenizer_config.json").read_text()) for side in ("built", "read")]
+    for config in configs:  # (what from_pretrained records of where it read from)
+        config.pop("is_local", None)
+        config.pop("local_files_only", None)
+    assert configs[0] == configs[1]

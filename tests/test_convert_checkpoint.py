@@ -6,7 +6,9 @@ written folder, diffusers' ``from_single_file(config=<folder>)`` the written LDM
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ pytest.importorskip("transformers")
 
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_checkpoints import tiny_sd1_parts, tiny_sdxl_parts, write_single_file
+from tiny_checkpoints import _clip, _vae, tiny_sd1_parts, write_single_file
 
 from sdadapt.cli import main
 from sdadapt.diffusers_system import DiffusersSystem
@@ -29,19 +31,33 @@ def _convert(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def _half_sd1_file(path):
-    """A tiny SD1 file with an fp16 UNet and text encoder and an fp32 VAE (as many published files)."""
-    parts = tiny_sd1_parts()
-    parts["unet"].half()
-    parts["text_encoder"].half()
-    return write_single_file(parts, path, architecture="sd1")
+@pytest.fixture(scope="module")
+def sd1_parts():
+    """``tiny_sd1_parts()`` (float32), built once for the module: tests copy what they change."""
+    return tiny_sd1_parts()
 
 
 @pytest.fixture(scope="module")
-def sd1_round_trip(tmp_path_factory):
+def sd1_file(sd1_parts, tmp_path_factory):
+    """The float32 tiny SD1 model as an LDM file (the tests only read it)."""
+    return write_single_file(sd1_parts, tmp_path_factory.mktemp("sd1_fp32") / "raw.safetensors", architecture="sd1")
+
+
+@pytest.fixture(scope="module")
+def half_sd1_file(sd1_parts, tmp_path_factory):
+    """A tiny SD1 file with an fp16 UNet and text encoder and an fp32 VAE (as many published files);
+    the tests only read it (one that could write it takes a copy)."""
+    parts = {name: copy.deepcopy(module) for name, module in sd1_parts.items()}
+    parts["unet"].half()
+    parts["text_encoder"].half()
+    return write_single_file(parts, tmp_path_factory.mktemp("sd1_half") / "m.safetensors", architecture="sd1")
+
+
+@pytest.fixture(scope="module")
+def sd1_round_trip(half_sd1_file, tmp_path_factory):
     """A mixed fp16/fp32 SD1 LDM file -> diffusers folder -> LDM file, both with --dtype keep."""
     root = tmp_path_factory.mktemp("sd1")
-    source = _half_sd1_file(root / "sd1.safetensors")
+    source = half_sd1_file
     for argv in ([source, "--to", "diffusers", "-o", root / "folder"],
                  [root / "folder", "--to", "ldm", "-o", root / "back.safetensors"]):
         assert main(["convert", *map(str, argv), "-q"]) == 0
@@ -134,44 +150,54 @@ def test_ldm_file_from_a_folder_loads_with_real_diffusers_from_single_file(tmp_p
 
 
 def _sdxl_parts() -> dict:
-    """tiny_sdxl_parts with a 128-wide second encoder: diffusers' single-file loader tells SDXL's two
-    encoders apart by width (768 vs 1280), so they must differ as in the real model."""
+    """tiny_sdxl_parts' model with a 128-wide second encoder: diffusers' single-file loader tells SDXL's
+    two encoders apart by width (768 vs 1280), so they must differ as in the real model (built here
+    directly: tiny_sdxl_parts would build a UNet and an encoder only to replace them)."""
     import transformers
 
-    parts = tiny_sdxl_parts()
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64 + 128, attention_head_dim=(1, 2), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32, norm_num_groups=32,
+    ).eval()
     torch.manual_seed(7)
-    parts["text_encoder_2"] = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
         projection_dim=32)).eval()
-    parts["unet"] = diffusers.UNet2DConditionModel.from_config({**parts["unet"].config, "cross_attention_dim": 64 + 128})
-    return parts
+    return {"unet": unet, "vae": _vae(1, 0.13025), "text_encoder": _clip(2, open_clip=False),
+            "text_encoder_2": text_encoder_2}
 
 
 def test_sdxl_round_trip_and_real_sdxl_pipeline(tmp_path, capsys):
-    source = write_single_file(_sdxl_parts(), tmp_path / "xl.safetensors", architecture="sdxl")
+    parts = _sdxl_parts()
+    source = write_single_file(parts, tmp_path / "xl.safetensors", architecture="sdxl")
     code, line, _ = _convert(capsys, source, "--to", "diffusers", "-o", tmp_path / "xl")
     assert code == 0 and "of an sdxl model" in line and "text_encoder_2" in line and "max |Δ| 0 (read back)" in line
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", local_files_only=True)
-    ours = DiffusersSystem.from_single_file(source)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        mine, theirs = getattr(ours, name).state_dict(), getattr(pipe, name).state_dict()
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the folder holds the model the file was made of
+        mine, theirs = parts[name].state_dict(), getattr(pipe, name).state_dict()
+        assert set(mine) == set(theirs), name
         for key, tensor in mine.items():
             assert torch.equal(theirs[key], tensor), (name, key)
     code, _, _ = _convert(capsys, tmp_path / "xl", "--to", "ldm", "-o", tmp_path / "back.safetensors")
     before, after = load_file(source), load_file(tmp_path / "back.safetensors")
     assert code == 0 and set(after) == set(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    single = diffusers.StableDiffusionXLPipeline.from_single_file(str(tmp_path / "back.safetensors"),
-                                                                  config=str(tmp_path / "xl"), local_files_only=True)
+    single = diffusers.StableDiffusionXLPipeline.from_single_file(  # (the folder's tokenizers: loaded just above)
+        str(tmp_path / "back.safetensors"), config=str(tmp_path / "xl"), local_files_only=True,
+        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         mine, theirs = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
         assert set(mine) == set(theirs), name
         assert all(torch.equal(mine[k], v) for k, v in theirs.items()), name
 
 
-def test_dtype_fp16_rounds_each_tensor_once(tmp_path, capsys):
-    source = write_single_file(tiny_sd1_parts(), tmp_path / "fp32.safetensors", architecture="sd1")
+def test_dtype_fp16_rounds_each_tensor_once(sd1_file, tmp_path, capsys):
+    source = sd1_file
     out = tmp_path / "half.safetensors"
     code, line, _ = _convert(capsys, source, "--to", "ldm", "--dtype", "fp16", "-o", out)
     before, after = load_file(source), load_file(out)
@@ -201,8 +227,8 @@ def _with_ema(source, path, *, drop=None, ckpt=False):
     return path
 
 
-def test_ema_extraction_and_default_raw_weights(tmp_path, capsys):
-    source = write_single_file(tiny_sd1_parts(), tmp_path / "raw.safetensors", architecture="sd1")
+def test_ema_extraction_and_default_raw_weights(sd1_file, tmp_path, capsys):
+    source = sd1_file
     with_ema = _with_ema(source, tmp_path / "ema.ckpt", ckpt=True)
     raw = load_file(source)
     unet_keys = [k for k in raw if k.startswith("model.diffusion_model.")]
@@ -228,11 +254,10 @@ def test_ema_extraction_and_default_raw_weights(tmp_path, capsys):
     assert code != 0 and "has no EMA weights" in err
 
 
-def test_vae_baked_in(tmp_path, capsys):
-    parts = tiny_sd1_parts()
-    parts["vae"].half()  # an fp16 VAE replaced by an fp32 one, written fp32: not rounded through fp16
-    source = write_single_file(parts, tmp_path / "m.safetensors", architecture="sd1")
-    other = tiny_sd1_parts(seed=5)["vae"]
+def test_vae_baked_in(sd1_parts, tmp_path, capsys):
+    parts = {**sd1_parts, "vae": copy.deepcopy(sd1_parts["vae"]).half()}  # an fp16 VAE replaced by an fp32 one,
+    source = write_single_file(parts, tmp_path / "m.safetensors", architecture="sd1")  # written fp32: not via fp16
+    other = _vae(6, 0.18215)  # (tiny_sd1_parts(seed=5)'s VAE)
     vae_file = tmp_path / "vae.safetensors"
     write_safetensors(vae_file, {k: v.detach().clone() for k, v in other.state_dict().items()}, {})
     code, line, _ = _convert(capsys, source, "--to", "diffusers", "--vae", vae_file, "--dtype", "fp32", "-o",
@@ -242,8 +267,8 @@ def test_vae_baked_in(tmp_path, capsys):
     assert all(torch.equal(written[k], v) for k, v in other.state_dict().items())
 
 
-def test_overwrite_rules(tmp_path, capsys):
-    source = _half_sd1_file(tmp_path / "m.safetensors")
+def test_overwrite_rules(half_sd1_file, tmp_path, capsys):
+    source = half_sd1_file
     out = tmp_path / "folder"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -268,8 +293,8 @@ def test_overwrite_rules(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_refusals_name_the_fix(tmp_path, capsys):
-    source = _half_sd1_file(tmp_path / "m.safetensors")
+def test_refusals_name_the_fix(half_sd1_file, tmp_path, capsys):
+    source = shutil.copyfile(half_sd1_file, tmp_path / "m.safetensors")  # (a copy: one case names it as OUT)
     cases = [
         ([source, "--to", "kohya", "-o", tmp_path / "a.safetensors"], "converts --to diffusers (a folder) or --to ldm", 2),
         ([source, "--to", "diffusers", "-o", tmp_path / "a.safetensors"], "writes a folder; give OUT without a suffix", 2),
@@ -315,8 +340,9 @@ def test_sd2_v_prediction_is_set_on_request_and_kept(tmp_path, capsys):
     parts["unet"].to(torch.bfloat16)  # keep: bf16 and fp16 tensors (the OpenCLIP in_proj split and joined) exact
     parts["text_encoder"].half()
     source = write_single_file(parts, tmp_path / "sd2.safetensors", architecture="sd2")
-    code, line, _ = _convert(capsys, source, "--to", "diffusers", "-o", tmp_path / "eps")
-    assert code == 0 and "of an sd2 model" in line and "--prediction-type v_prediction" in line  # the hint
+    # the hint (read with the file, whichever the target: the cheaper LDM file here)
+    code, line, _ = _convert(capsys, source, "--to", "ldm", "-o", tmp_path / "eps.safetensors")
+    assert code == 0 and "of an sd2 model" in line and "--prediction-type v_prediction" in line
     code, line, _ = _convert(capsys, source, "--to", "diffusers", "--prediction-type", "v_prediction", "-o", tmp_path / "v")
     assert code == 0 and "of an sd2-v model" in line and "max |Δ| 0 (read back)" in line
     scheduler = json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())

@@ -55,10 +55,29 @@ def _scene(tmp_path, mask_box=(20, 12, 27, 19), size=(48, 40)):
     return tmp_path / "init.png", tmp_path / "mask.png"
 
 
+@pytest.fixture(scope="module")
+def plain_img2img(plain_sd, tmp_path_factory):  # noqa: F811
+    """The plain img2img runs (no mask) of ``_scene``'s 48 x 40 init image at 32 x 32 that several tests compare
+    with, each made once: ``run(mode)`` -> the PNG of ``--resize-mode mode`` (None: the default, "Just resize")."""
+    folder = tmp_path_factory.mktemp("plain_img2img")
+    init, _ = _scene(folder, mask_box=None)  # (the same init image as every _scene's)
+    runs = {}
+
+    def run(mode):
+        if mode not in runs:
+            out = folder / f"{mode}.png"
+            extra = [] if mode is None else ["--resize-mode", mode]
+            assert _cli(plain_sd, out, "--width", "32", "--height", "32", "--init-image", str(init), *extra) == 0
+            runs[mode] = _png(out)
+        return runs[mode]
+
+    return run
+
+
 # --------------------------------------------------------------------- 1. --resize-mode with --inpaint-full-res
 @pytest.mark.parametrize("mode", ["crop", "fill"])
-def test_a_blank_only_masked_mask_falls_back_to_img2img_with_the_resize_mode(plain_sd, tmp_path, monkeypatch,  # noqa: F811
-                                                                             capsys, mode):
+def test_a_blank_only_masked_mask_falls_back_to_img2img_with_the_resize_mode(plain_sd, plain_img2img, tmp_path,  # noqa: F811
+                                                                             monkeypatch, capsys, mode):
     """A1111: a blank mask leaves ``crop_region`` None, so the init image goes through
     ``resize_image(self.resize_mode, ...)``: the run equals plain img2img with that mode (and not "Just resize"),
     and the image the VAE encodes is A1111's ``resize_image(mode)`` of the 48 x 40 image at 32 x 32 (within PIL's
@@ -77,10 +96,8 @@ def test_a_blank_only_masked_mask_falls_back_to_img2img_with_the_resize_mode(pla
     assert _cli(plain_sd, tmp_path / "blank.png", *size, "--mask", str(blank), "--inpaint-full-res",
                 "--resize-mode", mode) == 0
     assert "blank" in capsys.readouterr().err
-    assert _cli(plain_sd, tmp_path / "plain.png", *size, "--resize-mode", mode) == 0
-    assert _cli(plain_sd, tmp_path / "just.png", *size) == 0
-    assert np.array_equal(_png(tmp_path / "blank.png"), _png(tmp_path / "plain.png"))
-    assert not np.array_equal(_png(tmp_path / "blank.png"), _png(tmp_path / "just.png"))
+    assert np.array_equal(_png(tmp_path / "blank.png"), plain_img2img(mode))  # (plain img2img with the mode)
+    assert not np.array_equal(_png(tmp_path / "blank.png"), plain_img2img(None))  # (not "Just resize")
     theirs = _a1111_resize_image({"crop": 1, "fill": 2}[mode], Image.open(init).convert("RGB"), 32, 32)
     theirs = torch.from_numpy(np.asarray(theirs, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
     assert encoded[0].shape == (1, 3, 32, 32)
@@ -491,7 +508,8 @@ def test_dpmpp_karras_takes_a_fixed_grid_past_the_timesteps_as_a1111(sampler):
         check_fixed_grid(sampler, None, steps=1000, strength=0.75, num_train_steps=T)
 
 
-def test_an_only_masked_mask_blank_after_invert_falls_back_with_the_resize_mode(plain_sd, tmp_path, capsys):  # noqa: F811
+def test_an_only_masked_mask_blank_after_invert_falls_back_with_the_resize_mode(plain_sd, plain_img2img, tmp_path,  # noqa: F811
+                                                                               capsys):
     """(review) A1111's order: binary mask, invert, blur, *then* the blank check (``get_crop_region_v2`` on the
     prepared mask): an all-white mask with ``--invert-mask`` is blank, so the run is plain img2img with
     ``--resize-mode`` (48 x 40 -> 32 x 32 by "Resize and fill"), pixel for pixel, and not an inpaint of the whole
@@ -501,11 +519,10 @@ def test_an_only_masked_mask_blank_after_invert_falls_back_with_the_resize_mode(
     assert _cli(plain_sd, tmp_path / "inv.png", *size, "--mask", str(mask), "--invert-mask", "--inpaint-full-res",
                 "--mask-blur", "3") == 0
     assert "blank" in capsys.readouterr().err
-    assert _cli(plain_sd, tmp_path / "plain.png", *size) == 0
     assert _cli(plain_sd, tmp_path / "whole.png", *size[:-2], "--mask", str(mask), "--inpaint-full-res") == 0
     out = _png(tmp_path / "inv.png")
     assert out.shape == (32, 32, 3)
-    assert np.array_equal(out, _png(tmp_path / "plain.png"))
+    assert np.array_equal(out, plain_img2img("fill"))  # (plain img2img, --resize-mode fill)
     assert not np.array_equal(out, _png(tmp_path / "whole.png"))
 
 

@@ -17,12 +17,14 @@ def sd_models(tmp_path_factory):
     """A tiny SD1 diffusers folder, SD1 and SDXL LDM single files (.safetensors) and an SD1 .ckpt."""
     pytest.importorskip("diffusers")
     from test_cli_train import _tiny_pipeline
-    from tiny_checkpoints import tiny_sd1_file, tiny_sdxl_file
+    from tiny_checkpoints import tiny_sd1_parts, tiny_sdxl_file, write_single_file
 
     root = tmp_path_factory.mktemp("models")
+    sd1 = tiny_sd1_parts()  # (one model, written as both files)
     return {"folder": _tiny_pipeline(root / "pipe", prediction_type="epsilon"),
-            "sd1": tiny_sd1_file(root / "sd1.safetensors"), "sdxl": tiny_sdxl_file(root / "sdxl.safetensors"),
-            "ckpt": tiny_sd1_file(root / "sd1.ckpt", ckpt=True)}
+            "sd1": write_single_file(sd1, root / "sd1.safetensors", architecture="sd1"),
+            "sdxl": tiny_sdxl_file(root / "sdxl.safetensors"),
+            "ckpt": write_single_file(sd1, root / "sd1.ckpt", architecture="sd1", ckpt=True)}
 
 
 def test_the_size_rule_read_without_weights_is_the_loaded_models(sd_models):

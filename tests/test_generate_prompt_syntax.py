@@ -228,16 +228,18 @@ def test_lora_tags_apply_what_lora_applies(sd, tmp_path):
     assert flag != (tmp_path / "plain.png").read_bytes()
 
 
-def test_separate_text_encoder_and_unet_multipliers(sd):
+def test_separate_text_encoder_and_unet_multipliers(sd, system):
+    import copy
+
     from sdadapt.jobs.generate import _apply_lora_file
-    from sdadapt.jobs.models import load_system
 
     ink = sd[1] / "loras" / "sub" / "ink.safetensors"
+    loaded = system  # (the module's tiny SD, loaded once; each case applies the file to a fresh copy of it)
     te_key = "encoder.layers.0.self_attn.q_proj.weight"  # (without transformers 4's "text_model.")
     unet_key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     weights = {}
     for name, scale, unet_scale in (("both", 0.7, 0.2), ("te", 0.7, None), ("unet", 0.2, None)):
-        system = load_system(str(sd[0]), device="cpu")
+        system = copy.deepcopy(loaded)
         report = _apply_lora_file(system, ink, scale, unet_scale=unet_scale, option="<lora:ink:0.7:0.2>")
         assert report["layers"] == 2
         te_state = {k.removeprefix("text_model."): v for k, v in system.text_encoder.state_dict().items()}
@@ -483,9 +485,17 @@ def test_the_job_builds_the_schedule_for_a1111s_step_count(tmp_path, monkeypatch
     from sdadapt.jobs.generate import run_generate
 
     built = []
-    plan = guidance.plan_prompt
-    monkeypatch.setattr(guidance, "plan_prompt", lambda *a, **k: built.append(k["steps"]) or plan(*a, **k))
-    run_generate(prompt="a [red:blue:0.5] shape", out=tmp_path / "s.png", steps=3, sampler=sampler)
+
+    class Planned(Exception):
+        pass
+
+    def spy(*args, **kwargs):  # (records the steps the job plans for, then stops it: the sampling is not under test)
+        built.append(kwargs["steps"])
+        raise Planned
+
+    monkeypatch.setattr(guidance, "plan_prompt", spy)
+    with pytest.raises(Planned):
+        run_generate(prompt="a [red:blue:0.5] shape", out=tmp_path / "s.png", steps=3, sampler=sampler)
     assert built == [3 * factor]
 
 
@@ -493,9 +503,10 @@ def test_the_toy_reads_schedules_through_the_system_protocol(tmp_path):
     from sdadapt.jobs.generate import run_generate
 
     logs = []
-    run_generate(prompt="a [red:blue:0.5] shape", out=tmp_path / "s.png", steps=4, log=logs.append)
-    run_generate(prompt="a red shape", out=tmp_path / "r.png", steps=4)
-    run_generate(prompt="a [red:blue:9] (shape)", out=tmp_path / "same.png", steps=4, log=logs.append)
+    # (2 steps: [red:blue:0.5] switches after the first; [red:blue:9] never does)
+    run_generate(prompt="a [red:blue:0.5] shape", out=tmp_path / "s.png", steps=2, log=logs.append)
+    run_generate(prompt="a red shape", out=tmp_path / "r.png", steps=2)
+    run_generate(prompt="a [red:blue:9] (shape)", out=tmp_path / "same.png", steps=2, log=logs.append)
     assert logs[0] == "prompt schedule: 2 texts, 1 AND parts, 1 negative texts"
     assert (tmp_path / "s.png").read_bytes() != (tmp_path / "r.png").read_bytes()
     assert (tmp_path / "same.png").read_bytes() == (tmp_path / "r.png").read_bytes()  # (never switches: plain)

@@ -77,8 +77,19 @@ def _run(config: FitConfig, monkeypatch, **fit_kwargs):
     return calls, progress, [p.detach().clone() for p in adaptation.params]
 
 
-def test_skipping_trains_the_later_batches_at_the_first_lrs_and_noise(monkeypatch):
-    full, full_progress, _ = _run(CONFIG, monkeypatch)
+@pytest.fixture(scope="module")
+def run_from_zero():
+    """``_run(CONFIG)`` once for the module (a run from step 0), recording the LoRA's weights after each
+    step: (train_step calls, progress, final weights, {step: weights after it}). Read only."""
+    at: dict[int, list] = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls, progress, weights = _run(CONFIG, monkeypatch, on_step=lambda info, adaptation: at.setdefault(
+            info.step, [p.detach().clone() for p in adaptation.params]))
+    return calls, progress, weights, at
+
+
+def test_skipping_trains_the_later_batches_at_the_first_lrs_and_noise(monkeypatch, run_from_zero):
+    full, full_progress, _, _ = run_from_zero  # (_run(CONFIG, monkeypatch))
     late, late_progress, _ = _run(dataclasses.replace(CONFIG, initial_step=K, skip_until_initial_step=True), monkeypatch)
     assert len(full) == N and len(late) == N - K
     assert len({float(lr) for _, lr, _ in full}) > 2  # (the schedule moves: the LR comparison can fail)
@@ -90,10 +101,8 @@ def test_skipping_trains_the_later_batches_at_the_first_lrs_and_noise(monkeypatc
     assert [lr for _, _, lr in late_progress] == [lr for _, _, lr in full_progress[:N - K]]
 
 
-def test_without_skipping_it_trains_as_the_first_steps_of_a_run_from_zero(monkeypatch):
-    at: dict[int, list] = {}
-    _run(CONFIG, monkeypatch, on_step=lambda info, adaptation: at.setdefault(
-        info.step, [p.detach().clone() for p in adaptation.params]))
+def test_without_skipping_it_trains_as_the_first_steps_of_a_run_from_zero(monkeypatch, run_from_zero):
+    at = run_from_zero[3]  # (the weights after each step of _run(CONFIG, monkeypatch))
     late, progress, weights = _run(dataclasses.replace(CONFIG, initial_step=K), monkeypatch)
     assert len(late) == N - K and [s for s, _, _ in progress] == list(range(K + 1, N + 1))
     assert all(torch.equal(a, b) for a, b in zip(weights, at[N - K]))

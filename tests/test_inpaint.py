@@ -22,12 +22,35 @@ ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, 0).float()
 SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}
 
 
+#: the tiny SD folder (epsilon), built once per process (``plain_sd`` is imported by other test modules too; the
+#: tests only read it)
+_PLAIN_SD: list = []
+
+
+def _plain_sd_folder(tmp_path_factory):
+    """The tiny SD folder of the CLI tests (epsilon), built on the first call."""
+    if not _PLAIN_SD:
+        from tests.test_cli_train import _tiny_pipeline
+
+        _PLAIN_SD.append(_tiny_pipeline(tmp_path_factory.mktemp("plain_sd"), prediction_type="epsilon"))
+    return _PLAIN_SD[0]
+
+
 @pytest.fixture(scope="module")
 def inpainting_sd(tmp_path_factory):
-    """The tiny SD folder of the CLI tests with a random 9-channel (inpainting) UNet."""
-    from tests.test_cli_train import _tiny_pipeline
+    """The tiny SD folder of the CLI tests with a random 9-channel (inpainting) UNet (a copy of ``plain_sd``'s
+    folder, its UNet replaced)."""
+    import shutil
 
-    return with_inpainting_unet(_tiny_pipeline(tmp_path_factory.mktemp("inpainting_sd"), prediction_type="epsilon"))
+    root = tmp_path_factory.mktemp("inpainting_sd")
+    shutil.copytree(_plain_sd_folder(tmp_path_factory), root, dirs_exist_ok=True)
+    return with_inpainting_unet(root)
+
+
+@pytest.fixture(scope="module")
+def inpainting_system(inpainting_sd):
+    """``inpainting_sd`` loaded once (the tests that only sample it, or read it, share it)."""
+    return _system(inpainting_sd)
 
 
 def with_inpainting_unet(root):
@@ -64,31 +87,33 @@ def _pipeline(system, sampler):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
-def test_txt2img_on_an_inpainting_model_equals_diffusers_inpaint_pipeline_with_a_mask_of_ones(inpainting_sd, sampler):
+def test_txt2img_on_an_inpainting_model_equals_diffusers_inpaint_pipeline_with_a_mask_of_ones(inpainting_system,
+                                                                                              sampler):
     """A1111's txt2img_image_conditioning (grey image, mask 1) = diffusers' inpaint pipeline given a mask of ones
     at strength 1 (its masked image: image · (mask < 0.5) = 0, the grey image), the masked image's latent passed in
     (sdadapt encodes with the posterior mean, diffusers would sample it). Measured: max |Δ| 1.5e-5 (ddim, latents
-    up to 27), 3.6e-5 (euler, up to 53)."""
-    system = _system(inpainting_sd)
+    up to 27), 3.6e-5 (euler, up to 53) at 8 steps; 4 steps run the same code."""
+    system = inpainting_system
     size = system.image_size
     assert system.latent_shape(size, size)[0] == 4  # (the VAE's channels, not the UNet's 9)
-    ours = generate(system, ["a photo"], seed=5, steps=8, guidance=3.0, sampler=sampler, output="latents")
+    ours = generate(system, ["a photo"], seed=5, steps=4, guidance=3.0, sampler=sampler, output="latents")
     grey = system.encode_images(torch.zeros(1, 3, size, size))
     theirs = _pipeline(system, sampler)(
         "a photo", image=torch.zeros(1, 3, size, size), mask_image=torch.ones(1, 1, size, size),
-        masked_image_latents=grey, strength=1.0, num_inference_steps=8, guidance_scale=3.0, negative_prompt="",
+        masked_image_latents=grey, strength=1.0, num_inference_steps=4, guidance_scale=3.0, negative_prompt="",
         height=size, width=size, generator=torch.Generator().manual_seed(5), output_type="latent").images
     assert ours.shape == theirs.shape == (1, 4, size // system.vae_factor, size // system.vae_factor)
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
 @pytest.mark.parametrize("sampler,strength", [("ddim", 0.75), ("dpmsolver++", 0.6)])
-def test_masked_img2img_on_an_inpainting_model_equals_diffusers_inpaint_pipeline(inpainting_sd, sampler, strength):
+def test_masked_img2img_on_an_inpainting_model_equals_diffusers_inpaint_pipeline(inpainting_system, sampler, strength):
     """An init image + mask on an inpainting model: the c_concat of inpaint.masked_image / conditioning_mask /
     image_conditioning (A1111's inpainting_image_conditioning, weight 1) = the pipeline's mask_processor
     (binarized) and prepare_mask_latents; the same init latents and seed; no latent blend (diffusers has none for
-    9-channel UNets). Measured: max |Δ| 6.7e-6 (both, latents up to 7.7)."""
-    system = _system(inpainting_sd)
+    9-channel UNets). Measured: max |Δ| 6.7e-6 (both, latents up to 7.7) at 10 steps; 5 steps (3 run, dpmsolver++'s
+    second order included) run the same code."""
+    system = inpainting_system
     size = system.image_size
     g = torch.Generator().manual_seed(2)
     image = torch.rand(1, 3, size, size, generator=g) * 2 - 1
@@ -99,11 +124,11 @@ def test_masked_img2img_on_an_inpainting_model_equals_diffusers_inpaint_pipeline
     assert torch.equal(masked, image * (pixel_mask < 0.5))  # diffusers' masked image
     conditioning = system.inpainting_conditioning(masked, pixel_mask)
     init = system.encode_images(image)
-    ours = generate(system, ["a photo"], seed=7, steps=10, guidance=3.0, sampler=sampler, init_latents=init,
+    ours = generate(system, ["a photo"], seed=7, steps=5, guidance=3.0, sampler=sampler, init_latents=init,
                     denoising_strength=strength, inpaint_conditioning=conditioning, output="latents")
     theirs = _pipeline(system, sampler)(
         "a photo", image=init, mask_image=pixel_mask, masked_image_latents=system.encode_images(masked),
-        strength=strength, num_inference_steps=10, guidance_scale=3.0, negative_prompt="", height=size, width=size,
+        strength=strength, num_inference_steps=5, guidance_scale=3.0, negative_prompt="", height=size, width=size,
         generator=torch.Generator().manual_seed(7), output_type="latent").images
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
@@ -192,9 +217,7 @@ def test_mask_with_karras_on_dpm_solver_is_refused():
 
 @pytest.fixture(scope="module")
 def plain_sd(tmp_path_factory):
-    from tests.test_cli_train import _tiny_pipeline
-
-    return _tiny_pipeline(tmp_path_factory.mktemp("plain_sd"), prediction_type="epsilon")
+    return _plain_sd_folder(tmp_path_factory)
 
 
 def _cli(model, out, *extra):
@@ -350,12 +373,12 @@ def test_fill_latent_and_masked_image_follow_a1111():
         inpaint.fill_latent(init, latmask, "mirror")
 
 
-def test_an_inpainting_model_round_trips_through_an_ldm_single_file(inpainting_sd, tmp_path):
+def test_an_inpainting_model_round_trips_through_an_ldm_single_file(inpainting_sd, inpainting_system, tmp_path):
     """The 9-channel UNet written as one LDM .safetensors (model.diffusion_model.input_blocks.0.0.weight of 9 input
     channels) loads back as an inpainting model and makes the same latents."""
     from safetensors import safe_open
 
-    system = _system(inpainting_sd)
+    system = inpainting_system
     file = system.save_model(tmp_path / "inpainting.safetensors")
     with safe_open(str(file), "pt") as f:
         assert f.get_tensor("model.diffusion_model.input_blocks.0.0.weight").shape[1] == 9
@@ -484,7 +507,7 @@ def test_an_sdxl_inpainting_single_file_equals_diffusers_xl_inpaint_pipeline(tmp
     """A tiny SDXL UNet with 9 input channels written as an LDM single file: loads as an inpainting model, its latent
     is the VAE's 4 channels, and txt2img (A1111's grey image under a mask of ones) and masked img2img equal
     StableDiffusionXLInpaintPipeline (time_ids (H, W, 0, 0, H, W), no aesthetic score), masked-image latents passed
-    in. Measured: max |Δ| ~1e-5 on latents up to ~19."""
+    in. Measured: max |Δ| ~1e-5 on latents up to ~19 (at 6 steps; 3 steps run the same code)."""
     from tiny_checkpoints import tiny_sdxl_parts, write_single_file
 
     from sdadapt.jobs.models import load_system
@@ -502,11 +525,11 @@ def test_an_sdxl_inpainting_single_file_equals_diffusers_xl_inpaint_pipeline(tmp
         tokenizer=system.tokenizer, tokenizer_2=system.tokenizer_2, unet=system.unet, scheduler=scheduler,
         requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
-    ours = generate(system, ["a photo"], seed=5, steps=6, guidance=3.0, sampler="ddim", height=size, width=size,
+    ours = generate(system, ["a photo"], seed=5, steps=3, guidance=3.0, sampler="ddim", height=size, width=size,
                     output="latents")
     theirs = pipe("a photo", image=torch.zeros(1, 3, size, size), mask_image=torch.ones(1, 1, size, size),
                   masked_image_latents=system.encode_images(torch.zeros(1, 3, size, size)), strength=1.0,
-                  num_inference_steps=6, guidance_scale=3.0, height=size, width=size,
+                  num_inference_steps=3, guidance_scale=3.0, height=size, width=size,
                   generator=torch.Generator().manual_seed(5), output_type="latent").images
     assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
@@ -515,11 +538,11 @@ def test_an_sdxl_inpainting_single_file_equals_diffusers_xl_inpaint_pipeline(tmp
     pixel_mask = inpaint.conditioning_mask(mask_u8)
     masked = inpaint.masked_image(image, pixel_mask, 1.0)
     init = system.encode_images(image)
-    ours = generate(system, ["a photo"], seed=7, steps=6, guidance=3.0, sampler="ddim", height=size, width=size,
+    ours = generate(system, ["a photo"], seed=7, steps=3, guidance=3.0, sampler="ddim", height=size, width=size,
                     init_latents=init, denoising_strength=0.75,
                     inpaint_conditioning=system.inpainting_conditioning(masked, pixel_mask), output="latents")
     theirs = pipe("a photo", image=init, mask_image=pixel_mask, masked_image_latents=system.encode_images(masked),
-                  strength=0.75, num_inference_steps=6, guidance_scale=3.0, height=size, width=size,
+                  strength=0.75, num_inference_steps=3, guidance_scale=3.0, height=size, width=size,
                   generator=torch.Generator().manual_seed(7), output_type="latent").images
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
@@ -561,13 +584,13 @@ def test_fill_masked_pixels_keeps_the_unmasked_pixels_and_fills_the_masked_with_
 
 
 @pytest.mark.parametrize("fill", ["original", "fill"])
-def test_inpaint_inputs_wire_the_mask_the_fill_and_the_conditioning(inpainting_sd, tmp_path, fill):
+def test_inpaint_inputs_wire_the_mask_the_fill_and_the_conditioning(inpainting_system, tmp_path, fill):
     """inpaint_inputs on an inpainting model, a 16 x 16 mask for a 32 x 32 image: the mask binary, blurred, then
     Lanczos-resized to the output size; the init latent encodes the image (fill: masking.fill's pixels); latmask from
     that mask; c_concat from the masked (filled) image and the rounded pixel mask."""
     from sdadapt.jobs.generate_inpaint import _pil, _tensor, inpaint_inputs
 
-    system = _system(inpainting_sd)
+    system = inpainting_system
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "img.png")
     small = np.zeros((16, 16), dtype=np.uint8)

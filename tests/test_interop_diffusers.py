@@ -8,6 +8,7 @@ wrong scale, a dropped layer or a misnamed key changes the output by far more th
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -147,22 +148,16 @@ def test_kohya_sd1_file_loads_in_diffusers_with_same_outputs(tmp_path, kind):
     assert set(components) == {"unet", "text_encoder"}
     assert set(components["text_encoder"]) == set(sdadapt.formats.canonical_state("text_encoder", lora["te_state"]))
 
-    # diffusers' SD loader, step by step
-    sd, network_alphas = SD1.lora_state_dict(str(path), local_files_only=True)
+    # diffusers' SD loader: its state dict and alphas ...
+    _, network_alphas = SD1.lora_state_dict(str(path), local_files_only=True)
     assert network_alphas  # kohya alphas came through
-    unet = tiny_unet_sd1()
-    SD1.load_lora_into_unet(sd, network_alphas, unet, adapter_name="sdadapt")
-    assert len(_peft_layers(unet)) == lora["n_unet"]
-    _assert_same(run_unet(unet, lora["inputs"]), lora["want"], lora["base"])
-    text_encoder = tiny_clip()
-    SD1.load_lora_into_text_encoder(sd, network_alphas, text_encoder, adapter_name="sdadapt")
-    assert len(_peft_layers(text_encoder)) == lora["n_te"]
-    _assert_same(_te_out(text_encoder, lora["ids"]), lora["te_want"], lora["te_base"])
-
-    # ... and the pipeline entry point users call
+    # ... and the pipeline entry point users call (lora_state_dict, then load_lora_into_unet and
+    # load_lora_into_text_encoder with those alphas: the step-by-step loaders, in one call)
     pipe = _TinySDPipe(tiny_unet_sd1(), tiny_clip())
     pipe.load_lora_weights(str(path), adapter_name="sdadapt", local_files_only=True)
+    assert len(_peft_layers(pipe.unet)) == lora["n_unet"]
     _assert_same(run_unet(pipe.unet, lora["inputs"]), lora["want"], lora["base"])
+    assert len(_peft_layers(pipe.text_encoder)) == lora["n_te"]
     _assert_same(_te_out(pipe.text_encoder, lora["ids"]), lora["te_want"], lora["te_base"])
 
 
@@ -201,21 +196,15 @@ def test_diffusers_file_carries_alphas_in_metadata_and_loads_in_diffusers(tmp_pa
 
     sd, network_alphas, lora_metadata = SD1.lora_state_dict(str(path), local_files_only=True, return_lora_metadata=True)
     assert network_alphas is None and lora_metadata
-    unet = tiny_unet_sd1()
-    SD1.load_lora_into_unet(sd, network_alphas, unet, adapter_name="sdadapt", metadata=lora_metadata)
-    assert len(_peft_layers(unet)) == lora["n_unet"]
-    _assert_same(run_unet(unet, lora["inputs"]), lora["want"], lora["base"])
-    # transformers 5 CLIPTextModel has no `.text_model`: diffusers strips it from the tensor keys but
-    # hands the metadata to peft as is, so its module names must fit both layouts
-    text_encoder = tiny_clip()
-    SD1.load_lora_into_text_encoder(sd, network_alphas, text_encoder, adapter_name="sdadapt", metadata=lora_metadata)
-    assert len(_peft_layers(text_encoder)) == lora["n_te"]
-    _assert_same(_te_out(text_encoder, lora["ids"]), lora["te_want"], lora["te_base"])
-
-    # the pipeline entry point (reads the metadata itself)
+    # the pipeline entry point: it reads the metadata itself and hands it to load_lora_into_unet and
+    # load_lora_into_text_encoder (the step-by-step loaders, in one call). transformers 5 CLIPTextModel
+    # has no `.text_model`: diffusers strips it from the tensor keys but hands the metadata to peft as
+    # is, so its module names must fit both layouts
     pipe = _TinySDPipe(tiny_unet_sd1(), tiny_clip())
     pipe.load_lora_weights(str(path), adapter_name="sdadapt", local_files_only=True)
+    assert len(_peft_layers(pipe.unet)) == lora["n_unet"]
     _assert_same(run_unet(pipe.unet, lora["inputs"]), lora["want"], lora["base"])
+    assert len(_peft_layers(pipe.text_encoder)) == lora["n_te"]
     _assert_same(_te_out(pipe.text_encoder, lora["ids"]), lora["te_want"], lora["te_base"])
 
     # control: the metadata matters (without it diffusers uses alpha = r, a different model)
@@ -233,6 +222,12 @@ def test_diffusers_file_carries_alphas_in_metadata_and_loads_in_diffusers(tmp_pa
 
 
 # ---------------------------------------------------------------------------- 3. SDXL both formats
+@pytest.fixture(scope="module")
+def sdxl_lora():
+    """Built once for both file formats."""
+    return _sdxl_lora()
+
+
 def _sdxl_lora():
     unet = tiny_unet_sdxl()
     inputs = unet_inputs(unet, sdxl=True)
@@ -259,8 +254,8 @@ def _sdxl_lora():
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-def test_sdxl_file_loads_in_diffusers_sdxl_loader_with_same_outputs(tmp_path, fmt):
-    lora = _sdxl_lora()
+def test_sdxl_file_loads_in_diffusers_sdxl_loader_with_same_outputs(tmp_path, fmt, sdxl_lora):
+    lora = copy.deepcopy(sdxl_lora)  # (a fresh copy: nothing one format's loaders do reaches the other's)
     path = tmp_path / "lora_xl.safetensors"
     if fmt == "kohya":
         save_kohya(path, lora["components"], base_model="sdxl")
@@ -354,9 +349,15 @@ def _check_sdadapt_reproduces(components, lora) -> None:
         _assert_same(_te_out(text_encoder, lora["ids"]), lora["te_want"], lora["te_base"])
 
 
+@pytest.fixture(scope="module")
+def peft_sd1():
+    """Built once for both spellings."""
+    return _peft_sd1()
+
+
 @pytest.mark.parametrize("spelling", ["peft", "new-diffusers"])
-def test_diffusers_saved_lora_reads_in_sdadapt_with_same_outputs(tmp_path, spelling):
-    lora = _peft_sd1()
+def test_diffusers_saved_lora_reads_in_sdadapt_with_same_outputs(tmp_path, spelling, peft_sd1):
+    lora = copy.deepcopy(peft_sd1)  # (a fresh copy: nothing one spelling's save does reaches the other's)
     convert = convert_state_dict_to_diffusers if spelling == "new-diffusers" else dict
     SD1.save_lora_weights(
         tmp_path,

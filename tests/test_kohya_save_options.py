@@ -143,12 +143,14 @@ def test_polynomial_config_is_checked():
 
 
 # ------------------------------------------------------------------------------ end to end
+_SMALL = ("--batch-size", "1", "--resolution", "16")  # (one 16-px image a step: the options act on steps, not pixels)
+
 def test_train_rotation_end_state_first_samples_polynomial_and_modelspec_then_resume(three_shapes, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --s 2\n")
     out = tmp_path / "o.safetensors"
-    assert main(lora_train_args(three_shapes, "--steps", "10", "--save-every-n-steps", "2", "--save-last-n-steps", "3",
-                       "--save-state-on-train-end", "--sample-prompts", prompts, "--sample-at-first",
+    assert main(lora_train_args(three_shapes, *_SMALL, "--steps", "10", "--save-every-n-steps", "2",
+                       "--save-last-n-steps", "3", "--save-state-on-train-end", "--sample-prompts", prompts, "--sample-at-first",
                        "--lr", "3e-3", "--lr-warmup-steps", "2", "--lr-scheduler", "polynomial", "--lr-scheduler-power", "2",
                        "--lr-scheduler-args", "lr_end=1e-5", "--metadata-title", "Red circles", "--metadata-author", "me",
                        "--metadata-description", "a test", "--metadata-license", "CC0", "--metadata-tags", "red,circle",
@@ -173,8 +175,9 @@ def test_train_rotation_end_state_first_samples_polynomial_and_modelspec_then_re
     want = [_polynomial64(s, lr=3e-3, warmup=2, total=10, power=2.0, lr_end=1e-5) for s in range(10)]
     assert rates == pytest.approx(want, rel=1e-5)
     # resumed to 14 steps: the rotation continues over the first run's saves (6 and 8 go at step 12)
-    assert main(lora_train_args(three_shapes, "--steps", "14", "--save-every-n-steps", "2", "--save-last-n-steps", "3",
-                       "--sample-prompts", prompts, "--sample-at-first", "--lr", "3e-3", "--lr-warmup-steps", "2",
+    assert main(lora_train_args(three_shapes, *_SMALL, "--steps", "14", "--save-every-n-steps", "2",
+                       "--save-last-n-steps", "3", "--sample-prompts", prompts, "--sample-at-first", "--lr", "3e-3",
+                       "--lr-warmup-steps", "2",
                        "--lr-scheduler", "polynomial", "--lr-scheduler-power", "2", "--lr-scheduler-args", "lr_end=1e-5",
                        "-o", out, "--overwrite", "--resume", state)) == 0
     err = capsys.readouterr().err
@@ -187,8 +190,10 @@ def test_train_rotation_end_state_first_samples_polynomial_and_modelspec_then_re
 def test_epoch_rotation_and_save_n_epoch_ratio_from_a_kohya_toml(three_shapes, tmp_path, capsys):
     config = tmp_path / "kohya.toml"
     out = tmp_path / "e.safetensors"
-    # 3 images, batch 1: 3 steps an epoch; 7 epochs / ratio 3 -> every 2 epochs (saves at 2, 4, 6); keep the last 2
-    config.write_text("[training_arguments]\nmax_train_epochs = 7\ntrain_batch_size = 1\nsave_n_epoch_ratio = 3\n"
+    # 3 images, batch 3 (a step a bucket: the saves count epochs, not steps); 7 epochs / ratio 3 -> every 2 epochs
+    # (saves at 2, 4, 6); keep the last 2
+    config.write_text("[training_arguments]\nmax_train_epochs = 7\ntrain_batch_size = 3\nresolution = 16\n"
+                      "save_n_epoch_ratio = 3\n"
                       "save_every_n_epochs = 5\nsave_last_n_epochs = 2\nsave_last_n_epochs_state = 1\n"
                       "save_last_n_steps_state = 4\nno_half_vae = true\nmem_eff_save = true\nconsole_log_level = 'INFO'\n"
                       "ddp_timeout = 30\nlr_scheduler_type = ''\nhuggingface_repo_id = ''\n")
@@ -229,7 +234,7 @@ def test_refusals_name_the_option_before_training(three_shapes, tmp_path, capsys
 
 
 def test_options_without_what_they_act_on_are_notes(three_shapes, tmp_path, capsys):
-    assert main(lora_train_args(three_shapes, "--steps", "2", "--save-last-n-steps", "3", "--save-last-n-epochs", "1",
+    assert main(lora_train_args(three_shapes, *_SMALL, "--steps", "2", "--save-last-n-steps", "3", "--save-last-n-epochs", "1",
                        "--lr-scheduler-power", "2", "-o", tmp_path / "n.safetensors")) == 0
     err = capsys.readouterr().err
     assert "--save-last-n-steps 3: not used without --save-every-n-steps" in err
@@ -266,8 +271,9 @@ def test_sample_at_first_changes_no_training_draw(three_shapes, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle --s 2\n")
     plain, first = tmp_path / "plain.safetensors", tmp_path / "first.safetensors"
-    assert main(lora_train_args(three_shapes, "--steps", "3", "--sample-prompts", prompts, "-o", plain, "-q")) == 0
-    assert main(lora_train_args(three_shapes, "--steps", "3", "--sample-prompts", prompts, "--sample-at-first", "-o", first, "-q")) == 0
+    assert main(lora_train_args(three_shapes, *_SMALL, "--steps", "3", "--sample-prompts", prompts, "-o", plain, "-q")) == 0
+    assert main(lora_train_args(three_shapes, *_SMALL, "--steps", "3", "--sample-prompts", prompts, "--sample-at-first",
+                                "-o", first, "-q")) == 0
     assert (tmp_path / "first-samples" / "step000000-00.png").exists()
     assert not (tmp_path / "plain-samples" / "step000000-00.png").exists()
     with safe_open(str(plain), "pt") as a, safe_open(str(first), "pt") as b:

@@ -388,9 +388,19 @@ def _toy_fit(config, *, optimizer_factory=None, monkeypatch=None, **kwargs):
 
 _FIT = {"steps": 5, "batch_size": 2, "learning_rate": 3e-3, "optimizer": "AdamWScheduleFree",
             "optimizer_args": {"warmup_steps": 2, "betas": (0.9, 0.99)}}
+#: (3 steps: one past the 2 warm-up steps, where the LR and the averaging weights stop changing)
+_FIT_SHORT = {**_FIT, "steps": 3}
 
 
-def test_fit_trains_and_leaves_the_eval_mode_weights_as_the_schedulefree_package_does(monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def eager_schedule_free_fit():
+    """``_toy_fit(FitConfig(**_FIT_SHORT))`` run once for the module: (losses, adaptation) in eval mode.
+    Read only (the tests that use it neither train nor change it)."""
+    return _toy_fit(FitConfig(**_FIT_SHORT))
+
+
+def test_fit_trains_and_leaves_the_eval_mode_weights_as_the_schedulefree_package_does(monkeypatch, tmp_path,
+                                                                                         eager_schedule_free_fit):
     """fit with sdadapt's optimiser and with schedulefree's (same placement of train()/eval()): the
     weights fit leaves — and the LoRA file saved from them — are the package's eval-mode ones."""
     schedulefree = pytest.importorskip("schedulefree", reason="the schedulefree package (pip install schedulefree)")
@@ -401,9 +411,8 @@ def test_fit_trains_and_leaves_the_eval_mode_weights_as_the_schedulefree_package
                                                    warmup_steps=2, betas=(0.9, 0.99)))
         return made[-1]
 
-    config = FitConfig(**_FIT)
-    ours_losses, ours = _toy_fit(config)
-    theirs_losses, reference = _toy_fit(config, optimizer_factory=theirs, monkeypatch=monkeypatch)
+    ours_losses, ours = eager_schedule_free_fit  # (_toy_fit(FitConfig(**_FIT_SHORT)))
+    theirs_losses, reference = _toy_fit(FitConfig(**_FIT_SHORT), optimizer_factory=theirs, monkeypatch=monkeypatch)
     assert not made[0].param_groups[0]["train_mode"]  # fit returned in eval mode
     assert ours_losses == pytest.approx(theirs_losses, rel=1e-4)
     for a, b in zip(ours.params, reference.params):
@@ -493,14 +502,14 @@ def test_fit_validates_with_the_eval_mode_weights_and_trains_on_in_train_mode(mo
 
 
 def test_a_stopped_text_encoder_keeps_the_averaged_weights_it_had_at_the_stop():
-    """text_encoder_steps=2 of 4: the text encoder's eval-mode weights at the end are, bit for bit,
+    """text_encoder_steps=2 of 3: the text encoder's eval-mode weights at the end are, bit for bit,
     those of a 2-step run (its y and z stop with its gradients; its group's counters move on but x
     is read from y and z alone), while the UNet trains on."""
     from sdadapt.methods.finetune import prepare_full
     from sdadapt.toy import load_toy
 
     runs = []
-    for steps, stop in ((4, 2), (2, None)):
+    for steps, stop in ((3, 2), (2, None)):
         system = load_toy()
         images, captions = concept_data("cross", 4, seed=0)
         fit(system, prepare_full(system, text_encoder=True), images, captions,
@@ -514,12 +523,15 @@ def test_a_stopped_text_encoder_keeps_the_averaged_weights_it_had_at_the_stop():
 
 
 def test_fit_resumes_a_schedule_free_run_bit_for_bit(tmp_path):
-    straight, resumed = straight_and_resumed(FitConfig(**_FIT), tmp_path / "state")
+    # (4 steps, the state saved after step 2, the warm-up's last: the 2 resumed steps run past it)
+    straight, resumed = straight_and_resumed(FitConfig(**{**_FIT, "steps": 4}), tmp_path / "state")
     assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed[1]))
 
 
-def test_on_a_cpu_a_cuda_graph_schedule_free_run_is_the_eager_run_bit_for_bit():
-    runs = [toy_lora_run(FitConfig(**_FIT, cuda_graph=cuda_graph)) for cuda_graph in (False, True)]
+def test_on_a_cpu_a_cuda_graph_schedule_free_run_is_the_eager_run_bit_for_bit(eager_schedule_free_fit):
+    eager_losses, eager = eager_schedule_free_fit  # (toy_lora_run(FitConfig(**_FIT_SHORT)): the same run)
+    runs = [(eager_losses, [p.detach().clone() for p in eager.params]),
+            toy_lora_run(FitConfig(**_FIT_SHORT, cuda_graph=True))]
     assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 

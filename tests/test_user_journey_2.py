@@ -106,11 +106,12 @@ def test_emphasis_rescales_each_prompt_of_a_batch_and_a_long_prompt_as_a_whole(t
 
 def test_generate_on_the_toy_reads_emphasis_as_the_plain_words_and_says_so(tmp_path, capsys):
     weighted, plain = tmp_path / "w.png", tmp_path / "p.png"
-    assert main(["generate", "--prompt", "a (red:1.3) circle", "--negative", "[blue]", "-o", str(weighted)]) == 0
+    steps = ["--steps", "2"]  # (the prompt conditions every step: two show a difference as well as 25)
+    assert main(["generate", "--prompt", "a (red:1.3) circle", "--negative", "[blue]", *steps, "-o", str(weighted)]) == 0
     err = capsys.readouterr().err
     assert "reads no prompt weights; 'a (red:1.3) circle' is read as 'a red circle'" in err
     assert "does not know" not in err  # before: "the toy model does not know (red:1.3) (it reads them as <unk>)"
-    assert main(["generate", "--prompt", "a red circle", "--negative", "blue", "-o", str(plain)]) == 0
+    assert main(["generate", "--prompt", "a red circle", "--negative", "blue", *steps, "-o", str(plain)]) == 0
     assert "prompt weights" not in capsys.readouterr().err
     assert weighted.read_bytes() == plain.read_bytes()
 
@@ -130,14 +131,14 @@ def test_generate_uses_a_custom_diffusion_file_and_its_token(tmp_path, capsys):
     state = {k: v + 0.3 * torch.randn_like(v) for k, v in unet_custom_diffusion_state(system.unet).items()}
     token = Embedding("sks", {"text_encoder": 2 * torch.randn(1, system.text_encoder.get_input_embeddings().weight.shape[1])})
     file = save_custom_diffusion(tmp_path / "cd.safetensors", state, embeddings=[token])[0]
-    base = generate(system, ["a sks ring"], seed=4, steps=6)
+    base = generate(system, ["a sks ring"], seed=4, steps=2)
     handle = apply_custom_diffusion(system.unet, file, scale=0.7, text_encoder=system.text_encoder,
                                     tokenizer=system.tokenizer)
-    want = generate(system, ["a sks ring"], seed=4, steps=6)
+    want = generate(system, ["a sks ring"], seed=4, steps=2)
     handle.remove()
     assert (want - base).abs().max() > 0.05
     out = tmp_path / "g.png"
-    argv = ["generate", "--prompt", "a sks ring", "--seed", "4", "--steps", "6", "-o", str(out), "--overwrite"]
+    argv = ["generate", "--prompt", "a sks ring", "--seed", "4", "--steps", "2", "-o", str(out), "--overwrite"]
     # before: no way from the shell (--lora said "apply it with apply_custom_diffusion", a Python function)
     assert main([*argv, "--custom-diffusion", f"{file}:0.7"]) == 0
     assert f"custom diffusion {file} at 0.7 (" in capsys.readouterr().err
@@ -339,7 +340,7 @@ def test_dtype_on_a_command_that_writes_no_weights_is_refused_not_ignored(tmp_pa
     from train_inputs import captioned_pngs
 
     image = captioned_pngs(tmp_path / "imgs", [(32, 32)], caption=["a red circle"]) / "0.png"
-    argv = (["generate", "--prompt", "a red circle"] if command == "generate"
+    argv = (["generate", "--prompt", "a red circle", "--steps", "2"] if command == "generate"
             else ["invert", str(image), "--prompt", "a red circle", "--method", "ddim", "--steps", "2"])
     # before: --dtype fp16 was accepted and did nothing (the images came from the float32 model)
     assert main([*argv, "--dtype", "fp16", "-q", "-o", str(tmp_path / "o.png")]) == 2
