@@ -43,14 +43,19 @@ def sd1_file(sd1_parts, tmp_path_factory):
     return write_single_file(sd1_parts, tmp_path_factory.mktemp("sd1_fp32") / "raw.safetensors", architecture="sd1")
 
 
-@pytest.fixture(scope="module")
-def half_sd1_file(sd1_parts, tmp_path_factory):
-    """A tiny SD1 file with an fp16 UNet and text encoder and an fp32 VAE (as many published files);
-    the tests only read it (one that could write it takes a copy)."""
-    parts = {name: copy.deepcopy(module) for name, module in sd1_parts.items()}
+def _half_sd1_file(path, parts=None):
+    """A tiny SD1 file with an fp16 UNet and text encoder and an fp32 VAE (as many published files), from a copy
+    of ``parts`` (default: a new ``tiny_sd1_parts()``); tests/test_convert_interrupted.py writes one too."""
+    parts = {name: copy.deepcopy(module) for name, module in (parts or tiny_sd1_parts()).items()}
     parts["unet"].half()
     parts["text_encoder"].half()
-    return write_single_file(parts, tmp_path_factory.mktemp("sd1_half") / "m.safetensors", architecture="sd1")
+    return write_single_file(parts, path, architecture="sd1")
+
+
+@pytest.fixture(scope="module")
+def half_sd1_file(sd1_parts, tmp_path_factory):
+    """:func:`_half_sd1_file` of the module's parts; the tests only read it (one that could write it takes a copy)."""
+    return _half_sd1_file(tmp_path_factory.mktemp("sd1_half") / "m.safetensors", sd1_parts)
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,33 @@ def test_quiet_generate_on_a_diffusers_folder_prints_no_loading_bar(tmp_path):
     assert "Loading weights" not in run.stderr and "%|" not in run.stderr, run.stderr  # (before: transformers' bar)
 
 
+def test_quiet_turns_off_the_bars_of_libraries_imported_before_and_turns_them_back_on(tmp_path, capsys):
+    """``main([..., "-q"])`` in a process that imported transformers and diffusers before (a script, a notebook, this
+    test process): their bars no longer read the variable, so ``-q`` turns their own switches off for the run and
+    back on after it (before: "Loading weights" and "Writing model shards" bars on stderr of a quiet convert)."""
+    pytest.importorskip("diffusers")
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+    from test_cli_train import _tiny_pipeline
+
+    root = _tiny_pipeline(tmp_path / "pipe", prediction_type="epsilon")
+    libraries = (transformers_logging, diffusers_logging)
+    was_on = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.enable_progress_bar()
+    try:
+        capsys.readouterr()
+        assert main(["convert", str(root), "--to", "diffusers", "-o", str(tmp_path / "out"), "-q"]) == 0
+        err = capsys.readouterr().err
+        assert "Loading weights" not in err and "Writing model shards" not in err and "%|" not in err, err
+        assert all(library.is_progress_bar_enabled() for library in libraries)  # (as before the run)
+        assert main(["convert", str(root), "--to", "diffusers", "-o", str(tmp_path / "out2")]) == 0
+        assert "Writing model shards" in capsys.readouterr().err  # (without -q: the bars, as before)
+    finally:
+        for library, on in zip(libraries, was_on):
+            (library.enable_progress_bar if on else library.disable_progress_bar)()
+
+
 # ------------------------------------------------------------------ a misspelt command-line option
 @pytest.mark.parametrize(("argv", "words"), [
     (["train", "lora", "--netwrok-alpha", "2", "-o", "x.safetensors"],

@@ -420,23 +420,38 @@ def escaping_streams() -> Iterator[None]:
 
 
 _HUB_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"
+#: the libraries' own switches of their bars, for a library imported before ``-q`` takes effect (its bars no
+#: longer read the variable): (module, disable, enable, "are they on?")
+_LIBRARY_BARS = (
+    ("transformers.utils.logging", "disable_progress_bar", "enable_progress_bar", "is_progress_bar_enabled"),
+    ("diffusers.utils.logging", "disable_progress_bar", "enable_progress_bar", "is_progress_bar_enabled"),
+)
 
 
 @contextlib.contextmanager
 def quiet_library_bars(quiet: bool) -> Iterator[None]:
     """With ``quiet`` (``-q``), the command's run without diffusers' / transformers' own progress bars
     ("Loading weights", "Writing model shards"): ``HF_HUB_DISABLE_PROGRESS_BARS=1``, which both read
-    when first imported, unless the user set it; restored afterwards."""
+    when first imported, unless the user set it; and, for one already imported (a script or notebook that
+    calls :func:`sdadapt.cli.main`), its own switch turned off. Both restored afterwards."""
     import os
 
     if not quiet or _HUB_BARS in os.environ:
         yield
         return
     os.environ[_HUB_BARS] = "1"
+    turned_off = []
+    for name, disable, enable, enabled in _LIBRARY_BARS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, enabled)():
+            getattr(module, disable)()
+            turned_off.append(getattr(module, enable))
     try:
         yield
     finally:
         os.environ.pop(_HUB_BARS, None)
+        for enable in turned_off:
+            enable()
 
 
 @contextlib.contextmanager
