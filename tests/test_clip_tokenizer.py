@@ -114,6 +114,17 @@ def test_a_vocabulary_file_is_read_again_when_it_changes(tmp_path):
     assert sorted(second.ranks, key=second.ranks.get) == [tuple(line.split()) for line in [*lines[501:1001], *lines[1:501]]]
 
 
+def _backend(tokenizer) -> str:
+    """A transformers tokenizer's backend as a digest of its JSON without the padding / truncation state its last call
+    left (a failing ``==`` of two 2 MB strings would have pytest diff them for minutes)."""
+    import hashlib
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("padding", None)
+    state.pop("truncation", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
 @pytest.mark.parametrize("pad", ["eos", "!"])
 def test_to_transformers_is_the_tokenizer_its_saved_folder_loads_as(tmp_path, pad):
     """``to_transformers`` (built from the vocabulary in memory on transformers 5) is what transformers reads from the
@@ -124,7 +135,7 @@ def test_to_transformers_is_the_tokenizer_its_saved_folder_loads_as(tmp_path, pa
     ours = CLIPTokenizer.load(None, pad=pad, max_length=77)
     built = ours.to_transformers()
     read = transformers.CLIPTokenizer.from_pretrained(ours.save_folder(tmp_path / "folder"))
-    assert built.backend_tokenizer.to_str() == read.backend_tokenizer.to_str()
+    assert _backend(built) == _backend(read)
     for name in ("pad_token", "pad_token_id", "bos_token", "eos_token", "unk_token", "model_max_length"):
         assert getattr(built, name) == getattr(read, name), name
     assert str(built.added_tokens_decoder) == str(read.added_tokens_decoder)
@@ -138,3 +149,31 @@ def test_to_transformers_is_the_tokenizer_its_saved_folder_loads_as(tmp_path, pa
         config.pop("is_local", None)
         config.pop("local_files_only", None)
     assert configs[0] == configs[1]
+
+
+def test_sdxl_second_tokenizer_is_diffusers_tokenizer_2_from_every_source(tmp_path):
+    """SDXL's second tokenizer, from a source holding one tokenizer (the shipped vocabulary, a vocabulary file, a
+    tokenizer folder), is what transformers reads from a ``tokenizer_2`` folder (pad token ``!``, as SDXL's diffusers
+    folder writes it): ``!`` a special pad token, so ``"!!"`` is two pad ids there (diffusers issue #4153). Before, a
+    file or folder source gave a copy whose ``!`` stayed an ordinary token (``"!!"`` one id, 748)."""
+    import gzip
+    import types
+
+    from sdadapt.diffusers_system import _tokenizers
+
+    folder = CLIPTokenizer.load(None, pad="!").save_folder(tmp_path / "tokenizer_2")
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(folder)  # (what diffusers loads from the SDXL folder)
+    vocab_file = tmp_path / "bpe.txt"
+    with gzip.open(DEFAULT_VOCABULARY, "rb") as packed:
+        vocab_file.write_bytes(packed.read())
+    one = CLIPTokenizer.load(None).save_folder(tmp_path / "one")  # (a tokenizer folder: vocab.json + merges.txt)
+    config = types.SimpleNamespace(max_position_embeddings=77)
+    text = ["! !! !!! a cat!!", "a photo"]
+    want = tokenizer_2(text, padding="max_length", max_length=77).input_ids
+    assert want[0][1:3] == [0, 0]
+    for source in (None, vocab_file, one):
+        first, second = _tokenizers(source, "sdxl", config, CLIPTokenizer)
+        assert _backend(second) == _backend(tokenizer_2), source
+        assert second(text, padding="max_length", max_length=77).input_ids == want, source
+        assert (second.pad_token, second.pad_token_id) == ("!", 0), source
+        assert first.pad_token == "<|endoftext|>" and first(text).input_ids[0][1] == 256, source  # (the first: "!")

@@ -919,20 +919,20 @@ def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any
     a tokenizer folder, a model folder holding ``tokenizer/`` (+ ``tokenizer_2/``), or a vocabulary file.
 
     Padding follows the diffusers model folders: ``<|endoftext|>`` for SD1 and SDXL's first
-    encoder, ``!`` for SD2 and SDXL's second.
+    encoder, ``!`` for SD2 and SDXL's second. SDXL's second, when the source has only one, is the first
+    with ``!`` as its special pad token, as diffusers' ``tokenizer_2`` has it (it splits ``"!!"`` into two
+    pad ids, where open_clip and kohya keep one ``!!`` token: diffusers issue #4153).
     """
     from transformers import CLIPTokenizer as Transformers
 
     length = int(getattr(config, "max_position_embeddings", 77))
     first_pad = "!" if architecture == "sd2" else "eos"
-    if source is None:
-        first = cls.load(None, max_length=length, pad=first_pad).to_transformers()
-        second = cls.load(None, max_length=length, pad="!").to_transformers() if architecture == "sdxl" else None
-        return first, second
-    root = Path(source)
-    if not root.exists():
+    root = None if source is None else Path(source)
+    if root is None:
+        first, second = cls.load(None, max_length=length, pad=first_pad).to_transformers(), None
+    elif not root.exists():
         raise FileNotFoundError(f"{root}: no such tokenizer folder or vocabulary file")
-    if root.is_dir() and (root / "tokenizer").is_dir():  # a diffusers model folder
+    elif root.is_dir() and (root / "tokenizer").is_dir():  # a diffusers model folder
         first = Transformers.from_pretrained(root / "tokenizer")
         second = Transformers.from_pretrained(root / "tokenizer_2") if (root / "tokenizer_2").is_dir() else None
     elif root.is_dir():
@@ -943,7 +943,7 @@ def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any
         first, second = cls.load(root, max_length=length, pad=first_pad).to_transformers(), None
     if architecture == "sdxl" and second is None:
         second = copy.deepcopy(first)
-        second.pad_token = "!"
+        second.add_special_tokens({"pad_token": "!"})  # (setting .pad_token alone leaves "!" an ordinary token)
     return first, second
 
 
