@@ -261,7 +261,7 @@ class CLIPTokenizer:
             raise ImportError("a transformers CLIPTokenizer needs `transformers`: pip install \"sdadapt[interop]\"") from None
         if int(transformers.__version__.split(".")[0]) >= 5:  # (it takes the vocabulary and merges themselves: the
             # tokenizer its folder loads as, without writing and parsing 49,408 tokens, ~0.3 s)
-            merges = [tuple(pair) for pair in sorted(self.ranks, key=self.ranks.get)]
+            merges = sorted(self.ranks, key=self.ranks.get)  # (the pairs, highest priority first)
             return TransformersCLIPTokenizer(vocab=dict(self.encoder), merges=merges, unk_token=_SPECIAL[1],
                                              bos_token=_SPECIAL[0], eos_token=_SPECIAL[1],
                                              pad_token=self.decoder[self.pad_id], model_max_length=self.model_max_length)
