@@ -224,3 +224,23 @@ def test_docs_command_line_example_runs(blue_folder, tmp_path, monkeypatch, caps
         assert argv[:3] == ["python", "-m", "sdadapt"]
         assert main([*argv[3:], "-q"]) == 0, capsys.readouterr().err
     assert (tmp_path / "blue.pt").is_file() and (tmp_path / "circle.png").is_file()
+
+
+def test_aesthetic_text_angle_and_negative_reach_the_personalisation(toy, blue_file, tmp_path):
+    """``--aesthetic-text-angle`` / ``--aesthetic-text-negative`` (A1111's "Slerp angle", "Is negative text") are the
+    library's ``text_angle`` / ``text_negative``: the command's image is the library's, pixel for pixel."""
+    from sdadapt.images import to_uint8
+
+    base = ["generate", "--prompt", "a ring", "--steps", "3", "--seed", "1", "-q", "--aesthetic", str(blue_file),
+            "--aesthetic-steps", "3", "--aesthetic-lr", "3e-3", "--aesthetic-text", "a red square"]
+    assert main([*base, "-o", str(tmp_path / "default.png")]) == 0
+    assert main([*base, "--aesthetic-text-angle", "0.6", "--aesthetic-text-negative", "-o", str(tmp_path / "away.png")]) == 0
+    embedding = sdadapt.load_aesthetic_embedding(blue_file)
+    for name, angle, negative in (("default", 0.1, False), ("away", 0.6, True)):
+        want = sdadapt.aesthetic_sample(toy, ["a ring"], embedding, aesthetic_steps=3, lr=3e-3, text="a red square",
+                                        text_angle=angle, text_negative=negative, seed=1, steps=3)
+        assert (to_uint8(_png(tmp_path / f"{name}.png")) == to_uint8(want[0])).all(), name
+    assert not torch.equal(_png(tmp_path / "away.png"), _png(tmp_path / "default.png"))
+    with pytest.raises(SystemExit):  # (only with --aesthetic-text)
+        main(["generate", "--prompt", "x", "-o", str(tmp_path / "x.png"), "--aesthetic", str(blue_file),
+              "--aesthetic-text-negative"])

@@ -207,3 +207,21 @@ def test_a_translated_error_is_one_files_and_an_interrupt_ends_the_run(files, ca
     assert got == code, err
     assert read == ([files["b"], files["a"]] if goes_on else [files["b"]])
     assert err.count("error: ") == 1 and ("nested too deeply" in err if goes_on else "interrupted" in err), err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_closed_pipe_with_block_buffered_stdout_ends_quietly_with_141(files):
+    """The same as a shell starts it without ``PYTHONUNBUFFERED`` (which a CI or a container often sets, and
+    which makes every write meet the closed pipe at once): stdout is block-buffered, the report waits in the
+    buffer and the pipe breaks at a flush — bytes the interpreter's last flush would try again (``Exception
+    ignored ... BrokenPipeError``, exit 120) unless ``main`` flushes it while it can still answer for it and then
+    points stdout at the null device. Exit 141, nothing on stderr."""
+    import os
+    import subprocess
+
+    runs = [[files["a"]], ["--json", files["a"], files["b"]]]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    child = subprocess.run([sys.executable, "-c", _FORKED_RUNS, json.dumps(runs)], capture_output=True, text=True,
+                           timeout=300, check=False, env=env)
+    assert child.returncode == 0 and child.stderr == "", child.stderr
+    assert json.loads(child.stdout) == [[BROKEN_PIPE_CODE, ""]] * len(runs)

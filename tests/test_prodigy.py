@@ -550,3 +550,29 @@ def test_cuda_capturable_prodigy_has_no_host_sync_and_matches_the_float_lr_step(
     assert_cuda_capturable_step_matches(
         lambda params, lr, capturable: Prodigy(params, lr=lr, foreach=True, capturable=capturable, **KOHYA_OPTIONS[1]),
         _weights(), _gradients(6))
+
+
+def test_a_state_saved_after_d_has_grown_resumes_bit_for_bit():
+    """The resume tests above save before ``d`` leaves ``d0`` (random gradients, kohya's options): a load that
+    dropped the estimate (``d``, ``d_max``) would pass them. On a tiny quadratic (gradient ``w − c``), ``d``
+    grows many-fold in 6 steps; saved then, the next 4 steps of a fresh optimiser are the straight run's, ``d``
+    too. Those 4 steps push away from ``c`` (gradient ``c − w``): ``d̂`` falls and ``d`` stays at ``d_max``, the
+    largest estimate so far (prodigyopt's ``d = min(d_max, d·growth_rate)``), so ``d_max`` must resume too."""
+    target = torch.linspace(-2.0, 3.0, 12).reshape(3, 4)
+
+    def steps(optimizer, param, count, sign):
+        for _ in range(count):
+            param.grad = (param.detach() - target) * sign
+            optimizer.step()
+
+    straight = nn.Parameter(torch.zeros(3, 4))
+    reference = Prodigy([straight])
+    steps(reference, straight, 6, 1.0)
+    grown = _d(reference)
+    assert grown > 50 * 1e-6  # (d0 1e-6: measured 8.9e-5 after 6 steps)
+    resumed = nn.Parameter(straight.detach().clone())
+    optimizer = Prodigy([resumed])
+    load_saved_state(reference, optimizer)
+    steps(reference, straight, 4, -1.0)
+    steps(optimizer, resumed, 4, -1.0)
+    assert torch.equal(straight, resumed) and _d(optimizer) == _d(reference) == grown

@@ -33,11 +33,19 @@ length. Here, for the *same* result (equal up to float rounding; the benchmark a
   at full length;
 * **a fused Adam** (one multi-tensor kernel, where the device has one) instead of the per-tensor
   loop the extension gets by default on a CPU.
+
+A half-precision encoder (float16/bfloat16 — transformers loads a text encoder in the dtype its
+files hold) is personalised in **float32**, as the originals always do (their personalised model
+is a float32 ``CLIPModel``): Adam's ``lr = 1e-4`` steps vanish below float16's resolution and its
+second moment underflows to 0, so steps taken in float16 give another (or a NaN) conditioning.
+Float32 copies of the encoder's tensors are swapped in for the personalisation only; the result is
+returned in the encoder's dtype.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 
@@ -243,11 +251,12 @@ class _TunedRows:
     table (tokens a tokenizer added) are left to whoever owns them.
     """
 
-    def __init__(self, table: nn.Embedding, ids: Tensor) -> None:
+    def __init__(self, table: nn.Embedding, ids: Tensor, dtype: torch.dtype | None = None) -> None:
         used = torch.unique(ids[(ids >= 0) & (ids < table.num_embeddings)])  # sorted
         self.token_ids = used
         with torch.no_grad():
             start = table(used[None])[0]  # (n, D): the effective rows, through any existing hooks
+        start = start if dtype is None else start.to(dtype)
         self.rows = start.detach().clone().requires_grad_(True)  # (n, D) leaf
         self._slots = slot_table(used.tolist(), size=table.num_embeddings, device=ids.device)
         self._pending: Tensor | None = None
@@ -279,6 +288,14 @@ def _adam(leaves: list[Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(leaves, lr=lr, fused=True)
     except (RuntimeError, ValueError, TypeError):  # a device/dtype without the fused kernel
         return torch.optim.Adam(leaves, lr=lr)
+
+
+def _compute_dtype(encoder: nn.Module) -> torch.dtype | None:
+    """``torch.float32`` when the encoder holds half-precision (float16/bfloat16) parameters — the
+    personalisation then runs on float32 copies, as the originals' float32 CLIP model does —, else
+    ``None`` (its own dtype)."""
+    half = (torch.float16, torch.bfloat16)
+    return torch.float32 if any(p.dtype in half for p in encoder.parameters()) else None
 
 
 def text_features(text_encoder: nn.Module, input_ids: Tensor, *, projection: nn.Module | Tensor | None = None) -> Tensor:
@@ -381,10 +398,20 @@ def personalize_text_encoder(
         if steps == 0 or lr == 0 or weight == 0:
             return base
         first = next(text_encoder.parameters(), None)
-        target = normalize_embedding(embedding.detach().clone()).to(device=ids.device, dtype=first.dtype if first is not None else torch.float32)
+        compute = _compute_dtype(text_encoder)  # float32 for a half-precision encoder, else None (its own dtype)
+        # float32 copies of every floating tensor of a half-precision encoder (and projection), swapped in
+        # with the tuned clones; empty otherwise
+        upcast = ({n: t.detach().to(compute) for n, t in itertools.chain(view.named_parameters(), view.named_buffers())
+                   if t.is_floating_point()} if compute is not None else {})
+        dtype = compute or (first.dtype if first is not None else torch.float32)
+        target = normalize_embedding(embedding.detach().clone()).to(device=ids.device, dtype=dtype)
         if text_ids is not None:
-            target = rotate_toward_text(target, text_features(text_encoder, text_ids.to(ids.device), projection=projection),
-                                        angle=text_angle, negative=text_negative)
+            if upcast:
+                with torch.no_grad():
+                    text = functional_call(view, upcast, (text_ids.to(ids.device), "features"))
+            else:
+                text = text_features(text_encoder, text_ids.to(ids.device), projection=projection)
+            target = rotate_toward_text(target, text, angle=text_angle, negative=text_negative)
         positions = _pooled_positions(text_encoder, ids)
         if truncate and positions is None:
             raise InputError(f"truncate=True: {type(text_encoder).__name__} is not an encoder sdadapt knows to be causal "
@@ -396,8 +423,9 @@ def personalize_text_encoder(
             raise InputError("tune selected no parameter of the text encoder")
         table = _large_token_table(text_encoder)
         splice = table is not None and any(p is table.weight for _, p in tuned)
-        params = {f"encoder.{n}": p.detach().clone().requires_grad_(True) for n, p in tuned if not (splice and p is table.weight)}
-        rows = _TunedRows(table, ids) if splice else None
+        params = {f"encoder.{n}": upcast.get(f"encoder.{n}", p.detach()).clone().requires_grad_(True)
+                  for n, p in tuned if not (splice and p is table.weight)}
+        rows = _TunedRows(table, ids, compute) if splice else None
         leaves = list(params.values()) + ([rows.rows] if rows is not None else [])
         optimizer = _adam(leaves, lr)
 
@@ -424,11 +452,13 @@ def personalize_text_encoder(
                 return view(ids, "hidden")  # (B, L, D) at full length
 
         try:
-            personal = functional_call(view, params, (ids, "run", run))
+            personal = functional_call(view, {**upcast, **params}, (ids, "run", run))
         finally:
             if rows is not None:
                 rows.remove()
         with torch.no_grad():
+            if compute is not None:  # mix in float32, round once
+                return mix_conditioning(base.to(compute), personal.to(compute), weight, use_slerp=slerp).to(base.dtype)
             return mix_conditioning(base, personal.to(base.dtype), weight, use_slerp=slerp)
 
 

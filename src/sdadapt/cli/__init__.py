@@ -131,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with escaping_streams(), terminate_as_interrupt(), quiet_library_bars(bool(getattr(args, "quiet", False))):
         try:
-            return int(args.run(args))
+            code = int(args.run(args))
+            flush = getattr(sys.stdout, "flush", None)  # (None: no stdout, e.g. pythonw)
+            if flush is not None:  # a block-buffered report still waiting for a reader that is gone (`| true`) fails
+                flush()  # here, handled below, not in the interpreter's last flush (exit 120, "Exception ignored")
+            return code
         except BaseException as exc:  # noqa: BLE001 - every exit goes through one message and one code
             if isinstance(exc, SystemExit):
                 raise

@@ -71,7 +71,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         vae=args.vae, device=args.device,
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
-        aesthetic_text=args.aesthetic_text, lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
+        aesthetic_text=args.aesthetic_text, aesthetic_text_angle=args.aesthetic_text_angle,
+        aesthetic_text_negative=args.aesthetic_text_negative, lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
         lbw_presets=args.lbw_presets,
         init_image=args.init_image, denoising_strength=args.denoising_strength, hires_scale=args.hires_scale,
         hires_width=args.hires_width, hires_height=args.hires_height, hires_steps=args.hires_steps,
@@ -263,6 +264,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     aesthetic.add_argument("--aesthetic-slerp", action="store_true", help="mix by A1111's slerp instead of linearly")
     aesthetic.add_argument("--aesthetic-text", default=None, metavar="TEXT",
                            help="A1111's aesthetic text: turn the target slightly toward this phrase's CLIP features")
+    aesthetic.add_argument("--aesthetic-text-angle", type=float, default=0.1, metavar="A",
+                           help="how far toward the aesthetic text (A1111's \"Slerp angle\", 0..1; default 0.1)")
+    aesthetic.add_argument("--aesthetic-text-negative", action="store_true",
+                           help="turn the target away from the aesthetic text instead (A1111's \"Is negative text\")")
     aesthetic.add_argument("--aesthetic-clip", default=None, metavar="DIR",
                            help="the CLIP model (folder or checkpoint) with the text_projection; needed for Stable "
                            "Diffusion models (openai/clip-vit-large-patch14 for SD1), not for the toy")
@@ -291,6 +296,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     only_with(generate, ["--aesthetic-steps", "--aesthetic-lr", "--aesthetic-weight", "--aesthetic-slerp",
                          "--aesthetic-text", "--aesthetic-clip"],
               needs="--aesthetic FILE", when=lambda args: args.aesthetic is not None)
+    only_with(generate, ["--aesthetic-text-angle", "--aesthetic-text-negative"], needs="--aesthetic-text TEXT",
+              when=lambda args: args.aesthetic_text is not None)
     group = add_output_options(generate, out_help="output .png", dtype_help="images; any other value is refused")
     del group
     generate.set_defaults(run=_cmd_generate)

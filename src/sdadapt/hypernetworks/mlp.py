@@ -285,12 +285,17 @@ class HypernetworkMLP(nn.Module):
         self.config = config
         self.layout = mlp_layout(dim, config)
         self.linear = nn.Sequential(*(_module_of(layer, dtype=dtype, device=device) for layer in self.layout))
+        # (key, Sequential child name, parameter name) for params(): read live on every call, without
+        # named_parameters()' module walk (a hypernetwork fit calls it once per hooked layer and step)
+        self._param_slots = tuple((f"linear.{index}.{name}", str(index), name) for index, layer in enumerate(self.layout)
+                                  if layer.kind in ("linear", "layer_norm") for name in ("weight", "bias"))
         if init:
             init_hypernetwork_mlp_(self.linear, config)
 
     def params(self) -> dict[str, Tensor]:
         """``{"linear.<index>.weight": parameter, ...}`` (live parameters, for the functional path)."""
-        return {f"linear.{key}": value for key, value in self.linear.named_parameters()}
+        modules = self.linear._modules
+        return {key: modules[child]._parameters[name] for key, child, name in self._param_slots}
 
     def forward(self, context: Tensor, *, strength: float | Tensor = 1.0) -> Tensor:
         return hypernetwork_context(context, self.params(), self.layout, strength=strength, training=self.training)

@@ -194,7 +194,8 @@ def check_aesthetic_request(model: str, path: str | os.PathLike, *, clip: str | 
 
 def aesthetic_generation_conditioning(system, prompt: str, path: str | os.PathLike, *, steps: int = 5, lr: float = 1e-4,
                                       weight: float = 0.9, slerp: bool = False, clip: str | os.PathLike | None = None,
-                                      text: str | None = None) -> object:
+                                      text: str | None = None, text_angle: float = 0.1,
+                                      text_negative: bool = False) -> object:
     """The conditioning ``generate --aesthetic FILE`` samples ``prompt`` with (what
     ``system.condition`` returns, the text states personalised; :func:`sdadapt.aesthetic.aesthetic_conditioning`).
 
@@ -241,4 +242,5 @@ def aesthetic_generation_conditioning(system, prompt: str, path: str | os.PathLi
     if isinstance(projection, Tensor):
         projection = projection.to(device)
     return aesthetic_conditioning(system, [prompt], embedding, projection=projection, aesthetic_steps=steps, lr=lr,
-                                  weight=weight, slerp=slerp, text=text)
+                                  weight=weight, slerp=slerp, text=text, text_angle=text_angle,
+                                  text_negative=text_negative)

@@ -85,6 +85,8 @@ def run_generate(
     aesthetic_slerp: bool = False,
     aesthetic_clip: str | os.PathLike | None = None,
     aesthetic_text: str | None = None,
+    aesthetic_text_angle: float = 0.1,
+    aesthetic_text_negative: bool = False,
     lora_dir: str | os.PathLike | None = None,
     hypernetwork_dir: str | os.PathLike | None = None,
     lbw_presets: str | os.PathLike | None = None,
@@ -163,7 +165,9 @@ def run_generate(
             1e-4, 0.9) once, then every image is sampled with it (``aesthetic_weight=0``: the plain
             images bit for bit). ``aesthetic_clip``: the CLIP model (folder or checkpoint) whose
             ``text_projection`` maps the text into the embedding's space — needed for Stable
-            Diffusion models; the toy uses its fitted one. ``aesthetic_text``: A1111's "aesthetic text".
+            Diffusion models; the toy uses its fitted one. ``aesthetic_text``: A1111's "aesthetic text",
+            turning the target ``aesthetic_text_angle`` toward the phrase's CLIP features (away with
+            ``aesthetic_text_negative``; A1111's "Slerp angle" 0.1 and "Is negative text").
         comments: A1111's "Enable comments" (on by default, as in A1111 1.8+): ``#`` and the rest of its line are
             left out of ``prompt`` and ``negative`` before anything else reads them
             (:func:`sdadapt.prompt_schedule.strip_comments`); ``False`` keeps ``#`` as text.
@@ -582,7 +586,8 @@ def run_generate(
 
         cond = aesthetic_generation_conditioning(system, text, aesthetic, steps=aesthetic_steps, lr=aesthetic_lr,
                                                  weight=aesthetic_weight, slerp=aesthetic_slerp, clip=aesthetic_clip,
-                                                 text=aesthetic_text)
+                                                 text=aesthetic_text, text_angle=aesthetic_text_angle,
+                                                 text_negative=aesthetic_text_negative)
         say(f"aesthetic {aesthetic}: {aesthetic_steps} steps at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
             f"{' (slerp)' if aesthetic_slerp else ''}")
 

@@ -176,7 +176,8 @@ class DreamArtist:
     # ------------------------------------------------------------------ use
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float | None = None,
                negative: str | None = None) -> Tensor:
-        """Images with the learned negative as the unconditional prompt (see :func:`sample_dreamartist`)."""
+        """Images with the learned negative as the unconditional prompt (see :func:`sample_dreamartist`);
+        ``guidance`` defaults to the training scale (with dynamic CFG the mean of ``cfg_scale`` and ``cfg_high``)."""
         return _sample(self.system, prompts, self._expand, negative_token=self.negative_token,
                        guidance=self._guidance(guidance), seed=seed, steps=steps, negative=negative)
 
@@ -248,8 +249,10 @@ def prepare_dreamartist(
 
     Args:
         token: the positive trigger word the captions use; the negative is ``token-neg``.
-        init_word, vectors: as textual inversion's; the negative starts from the same init vectors
-            (cycled to ``negative_vectors``) plus ``N(0, noise²)``, as DreamArtist does.
+        init_word, vectors: as textual inversion's; the negative starts from the init word's rows
+            by the same rule with its own ``negative_vectors`` (as DreamArtist's ``create_embedding``
+            makes ``<name>-neg``) plus ``N(0, noise²)``; without an init word, from the positive's
+            start (cycled to ``negative_vectors``) plus the noise.
         negative_vectors: ``k`` of the negative (default: ``vectors``).
         cfg_scale, cfg_high, cfg_schedule: the training guidance scale, or with ``cfg_high`` the
             dynamic schedule from ``cfg_scale`` (t = 0) to ``cfg_high`` (t = T−1).
@@ -260,7 +263,11 @@ def prepare_dreamartist(
     encoders, tokenizers, sdxl = system_text_parts(system)
     k_neg = negative_vectors or vectors
     positive = initial_embedding(encoders, tokenizers, token, vectors=vectors, init_word=init_word, sdxl=sdxl)
-    start = {key: v[torch.arange(k_neg) % v.shape[0]] for key, v in positive.vectors.items()}
+    if init_word is not None:  # the negative's own k rows from the init word (DreamArtist's create_embedding for <name>-neg)
+        start = initial_embedding(encoders, tokenizers, negative_name(token), vectors=k_neg, init_word=init_word,
+                                  sdxl=sdxl).vectors
+    else:  # the trigger's own row, or the positive's random rows (cycled): the pair starts together
+        start = {key: v[torch.arange(k_neg) % v.shape[0]] for key, v in positive.vectors.items()}
     negative = Embedding(negative_name(token), {key: v + noise * torch.randn_like(v) for key, v in start.items()})
     return DreamArtist(system, positive, negative, cfg_scale=cfg_scale, cfg_high=cfg_high, cfg_schedule=cfg_schedule,
                        neg_lr_weight=neg_lr_weight, rec_weight=rec_weight)
