@@ -219,11 +219,18 @@ def test_tensor_conditions_on_a_diffusers_unet():
     cond, null = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
     with torch.no_grad():
         ddim = invert_latents(model, x0, cond, null, alphas_cumprod=ac, method="ddim", num_steps=5)
+        npi = invert_latents(model, x0, cond, null, alphas_cumprod=ac, method="negative-prompt", num_steps=5)
     # 3 inner steps (default 10): the property here is the tensor-condition path, not how far Adam gets
     nti = invert_latents(model, x0, cond, null, alphas_cumprod=ac, method="null-text", num_steps=5, init="negative-prompt",
                          inner_steps=3)
-    err = {name: float(((sample_inversion(model, inv) - x0) ** 2).mean()) for name, inv in (("ddim", ddim), ("nti", nti))}
+    with torch.no_grad():
+        err = {name: float(((sample_inversion(model, inv) - x0) ** 2).mean())
+               for name, inv in (("ddim", ddim), ("npi", npi), ("nti", nti))}
     assert err["nti"] < err["ddim"], err
+    # ``nti < ddim`` holds for any run starting from the negative-prompt embeddings, even one whose Adam never moves
+    # them (NPI alone is far better than DDIM); null-text inversion's own claim is that its optimisation improves on
+    # that start (measured: ddim 5.3, npi 0.56, nti 0.45 at 3 inner steps)
+    assert err["nti"] < 0.9 * err["npi"], err
     assert all(p.grad is None for p in unet.parameters())
 
 
@@ -359,27 +366,3 @@ def read_image_32(path):
 
     return read_image(path, size=32)
 
-
-def test_null_text_from_the_negative_prompt_start_beats_negative_prompt_inversion_on_a_diffusers_unet():
-    """The tensor-condition test's ``nti < ddim`` holds for any null-text run that starts from the
-    negative-prompt embeddings (NPI alone is far better than DDIM), even one whose Adam never moves
-    them. Null-text inversion's own claim is that its optimisation improves on that start: ``nti <
-    npi`` on the same tiny UNet, inputs and steps (measured: ddim 5.3, npi 0.56, nti 0.45 at 3 inner steps)."""
-    from tiny_models import tiny_unet_sd1
-
-    unet = tiny_unet_sd1()
-
-    def model(x, t, c):
-        return unet(x, t, c).sample
-
-    ac = _schedule(torch.float32)
-    g = torch.Generator().manual_seed(6)
-    x0 = torch.randn(1, 4, 8, 8, generator=g)
-    cond, null = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
-    with torch.no_grad():
-        npi = invert_latents(model, x0, cond, null, alphas_cumprod=ac, method="negative-prompt", num_steps=5)
-    nti = invert_latents(model, x0, cond, null, alphas_cumprod=ac, method="null-text", num_steps=5, init="negative-prompt",
-                         inner_steps=3)
-    with torch.no_grad():
-        err = {name: float(((sample_inversion(model, inv) - x0) ** 2).mean()) for name, inv in (("npi", npi), ("nti", nti))}
-    assert err["nti"] < 0.9 * err["npi"], err
