@@ -352,6 +352,7 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
         if name in ("use_object_template", "use_style_template"):  # kohya's textual-inversion caption templates
             if value:
                 options["templates"] = "object" if name == "use_object_template" else "style"
+                options["templates_replace_captions"] = True  # (kohya's: every caption a template, not only missing ones)
             continue
         if name == "v_parameterization":
             if value:
@@ -933,6 +934,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--templates", choices=("object", "style"),
         help="trigger-word methods: captions of images without one, the textual-inversion paper's 'object' templates "
         "('a photo of a {token}' ..., default) or 'style' ('a painting in the style of {token}' ...)")
+    add(data, "--templates-replace-captions", action=bool_flag,
+        help="trigger-word methods: every image (and class image) trains on one of the --templates captions drawn "
+        "at each use, its own caption unused (kohya's use_object_template / use_style_template, which set this)")
     add(data, "--resolution", type=_resolution, metavar="SIZE|W,H",
         help="training resolution (default: the model's: SD1/SD2 512, SDXL 1024, toy 32)")
     add(data, "--enable-bucket", "--bucket", dest="enable_bucket", action=bool_flag,

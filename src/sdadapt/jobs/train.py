@@ -100,7 +100,10 @@ class TrainOptions:
     anew each time the image is used (seeded by ``seed`` and the step: a resumed run continues the
     same sequence); captions without the token become ``caption_template`` (``{token}``, ``{caption}``;
     A1111's ``[name]``, ``[filewords]`` work too; default ``"{token}, {caption}"``); see
-    :func:`sdadapt.methods.textual_inversion.trigger_captions`.
+    :func:`sdadapt.methods.textual_inversion.trigger_captions`. ``templates_replace_captions``
+    (kohya's ``use_object_template`` / ``use_style_template``, whose TOML keys set it): every training
+    and class image trains on one of the ``templates`` drawn at each use (unless its caption is
+    dropped), its own caption, ``caption_template``, prefix / suffix and the tag options unused.
 
     Model: ``model`` (``toy``, a diffusers folder, a single file), ``tokenizer``,
     ``prediction_type``, ``clip_skip``, ``max_token_length`` (75, 150 or 225 caption tokens: kohya's
@@ -236,6 +239,7 @@ class TrainOptions:
     caption_tag_dropout_rate: float = 0.0
     caption_template: str | None = None
     templates: str = "object"
+    templates_replace_captions: bool = False
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     caption_dropout_every_n_epochs: int = 0
@@ -575,6 +579,8 @@ class TrainOptions:
 
         if self.templates not in TEMPLATE_SETS:
             raise ValueError(f"--templates must be one of {', '.join(TEMPLATE_SETS)}, got {self.templates!r}")
+        if not isinstance(self.templates_replace_captions, bool):
+            raise TypeError(f"templates_replace_captions must be True or False, got {self.templates_replace_captions!r}")
         if self.caption_template is not None:
             caption_template(self.caption_template)
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
@@ -733,12 +739,13 @@ def _subset_caption_options(options: TrainOptions, subset, *, templates: tuple[s
 
 
 def _subset_captions(options: TrainOptions, subsets: dict, records: list, *, templates: tuple[str, ...],
-                     total_steps: int, keep_empty_tags: bool = True, kohya_assembly: bool = True,
-                     kohya_order: bool = True) -> None:
+                     total_steps: int, reg_templates: tuple[str, ...] = (), keep_empty_tags: bool = True,
+                     kohya_assembly: bool = True, kohya_order: bool = True) -> None:
     """Give each record its dataset-TOML subset's caption options (in place; ``record.folder`` is
-    the subset's label; regularisation images: without the trigger-word templates; a fine-tuning
-    caption cut to its first line, ``record.suffix_cut``: without ``caption_suffix``, as kohya's)."""
-    built = {label: _subset_caption_options(options, subset, templates=() if subset.is_reg else templates,
+    the subset's label; regularisation images: ``reg_templates``, none unless every caption is a
+    template, :func:`_replace_captions`; a fine-tuning caption cut to its first line,
+    ``record.suffix_cut``: without ``caption_suffix``, as kohya's)."""
+    built = {label: _subset_caption_options(options, subset, templates=reg_templates if subset.is_reg else templates,
                                             total_steps=total_steps, keep_empty_tags=keep_empty_tags,
                                             kohya_assembly=kohya_assembly, kohya_order=kohya_order)
              for label, subset in subsets.items()}
@@ -953,6 +960,29 @@ def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple
     if templated:
         notes.append(f"{templated} caption(s) without {token}: written as {template!r} (--caption-template)")
     return notes, templates
+
+
+def _replace_captions(records: list, reg_records: list, token: str, options: TrainOptions,
+                      notes: list[str]) -> tuple[str, ...]:
+    """``--templates-replace-captions`` (kohya's ``use_object_template`` / ``use_style_template``): every
+    training and class image's caption made ``""`` (in place), so that it trains on one of the returned
+    ``templates`` captions with ``token`` drawn at each use, after the caption options (kohya's
+    ``train_dataset_group.add_replacement("", templates)``: ``process_caption`` replaces every caption of
+    the dataset group, the ``is_reg`` subsets' too, unless it was dropped). The held-out validation images
+    keep theirs (kohya's validation dataset group has no replacement). Says so in ``notes``."""
+    from ..methods.textual_inversion import TEMPLATE_SETS
+
+    templates = tuple(t.format(token) for t in TEMPLATE_SETS[options.templates])
+    own = sum(bool(r.caption) for r in records)
+    for record in [*records, *reg_records]:
+        record.caption = ""
+    notes.append(f"--templates-replace-captions: all {len(records)} training image(s)"
+                 + (f" and {len(reg_records)} class image(s)" if reg_records else "")
+                 + f" train on one of the {len(templates)} {options.templates} template captions with {token} drawn "
+                 f"at each use (e.g. {templates[0]!r}); their own captions ({own} with one), --caption-template, "
+                 "the caption prefix / suffix and tag options do not reach the text encoder (kohya's "
+                 "use_object_template / use_style_template; a dropped caption stays empty)")
+    return templates
 
 
 def _inactive_option_notes(options: TrainOptions, *, caption_notes: bool = True) -> list[str]:
@@ -1434,8 +1464,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                          "or initialise one with torch.distributed.init_process_group first")
     start_time = time.perf_counter()
     trigger = options.method_options.get("token") if getattr(spec, "trigger", False) else None
-    if trigger is None and (options.caption_template is not None or options.templates != "object"):
-        raise ValueError(f"--caption-template and --templates are for methods that learn a trigger word (--token); "
+    if trigger is None and (options.caption_template is not None or options.templates != "object"
+                            or options.templates_replace_captions):
+        raise ValueError(f"--caption-template, --templates and --templates-replace-captions are for methods that learn "
+                         f"a trigger word (--token); "
                          f"{method} trains on the captions as they are")
     config_reg, config_subsets = None, {}  # a dataset TOML's is_reg subsets (balanced as --reg-data-dir's), its subsets
     if data_config is not None:
@@ -1463,7 +1495,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             record.interpolation = options.resize_interpolation
     if trigger is not None:
         trigger_notes, templates = _trigger_captions(records, trigger, options)
-        notes.extend(trigger_notes)
+        if not options.templates_replace_captions:  # (else every caption is a template: _replace_captions says so)
+            notes.extend(trigger_notes)
     else:
         templates = ()
     # (the caption options' notes only where the run's options are every training subset's)
@@ -1495,6 +1528,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                               default_caption=options.class_prompt, caption_extension=options.caption_extension,
                               caption_lines=caption_lines, empties=caption_empties)
         notes.extend(reg.notes)
+    reg_templates: tuple[str, ...] = ()  # the class images' templates: none, but kohya's use_*_template replaces theirs too
+    if options.templates_replace_captions and trigger is not None:
+        templates = reg_templates = _replace_captions(records, reg.records if reg is not None else [], trigger,
+                                                      options, notes)
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
                          prediction_type=options.prediction_type, clip_skip=options.clip_skip,
@@ -1555,7 +1592,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                        face_crop_range=reg_faces if face_crops(reg.records, reg_faces, []) else None)
         elif face_crops(reg.records, options.face_crop_aug_range, []):  # (kohya: the class images' faces too)
             reg_augment = dataclasses.replace(augment, face_crop_range=options.face_crop_aug_range)
-        reg_dataset = Dataset(reg.records, captions=dataclasses.replace(captions, templates=()), flip=reg_flip,
+        reg_dataset = Dataset(reg.records, captions=dataclasses.replace(captions, templates=reg_templates), flip=reg_flip,
                               augment=reg_augment, loss_masks=LossMaskSource() if options.alpha_mask or any(
                                   r.alpha_mask for r in reg.records) else None, batch_sizes=batch_sizes)
     from ..sampling import unknown_words
@@ -1576,11 +1613,11 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         dataset.captions = _caption_options(options, templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags,
                                             kohya_assembly=kohya_assembly, kohya_order=kohya_order)
         if reg_dataset is not None:
-            reg_dataset.captions = dataclasses.replace(dataset.captions, templates=())
+            reg_dataset.captions = dataclasses.replace(dataset.captions, templates=reg_templates)
     if data_config is not None:  # each subset's own caption options on its images (the warm-up's steps known now)
         _subset_captions(options, config_subsets, [*records, *held_out, *(reg.records if reg is not None else ())],
-                         templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags,
-                         kohya_assembly=kohya_assembly, kohya_order=kohya_order)
+                         templates=templates, reg_templates=reg_templates, total_steps=total,
+                         keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly, kohya_order=kohya_order)
     initial_step, skip_until = resolve_initial_step(options, resume_record, batches_per_epoch=per_epoch, total=total)
     start = int(resume_record["step"]) if resume_record else initial_step
     if start >= total:
@@ -2229,7 +2266,8 @@ def _caption_record(options: TrainOptions) -> dict[str, object]:
 #: kohya's caption options recorded for --resume only when set (records of runs without them stay as they were)
 _CAPTION_DEFAULTS = {"caption_prefix": None, "caption_suffix": None, "caption_dropout_every_n_epochs": 0,
                      "enable_wildcard": False, "keep_tokens_separator": "", "secondary_separator": None,
-                     "token_warmup_min": 1, "token_warmup_step": 0, "weighted_captions": False, "caption_separator": ","}
+                     "token_warmup_min": 1, "token_warmup_step": 0, "weighted_captions": False, "caption_separator": ",",
+                     "templates_replace_captions": False}
 
 
 def _augmentation_record(options: TrainOptions) -> dict[str, object]:
