@@ -9,6 +9,7 @@ loaders and compares peft's output with sdadapt's adapted model's, then reads th
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -42,8 +43,10 @@ CASES = {  # name: (model, targets, sdadapt config)
 from test_interop_peft import _model  # noqa: E402  (fresh tiny SD1 UNet / CLIP and a run(model) -> output)
 
 
+@functools.lru_cache(maxsize=None)
 def _adapted(case: str):
-    """(base model, run, sdadapt handle on a copy with random non-zero factors, that copy's output)."""
+    """(base model, run, sdadapt handle on a copy with random non-zero factors, that copy's output). Built once per
+    case for the module: the tests only read these (peft loads into deep copies of the base)."""
     kind, targets, config = CASES[case]
     base, run = _model(kind)
     model = copy.deepcopy(base)
@@ -73,7 +76,7 @@ def test_sdadapt_loha_lokr_folder_loads_in_peft_with_the_same_output(tmp_path, c
     assert config["peft_type"] == ("LOHA" if "loha" in case else "LOKR")
     if case.endswith("patterns"):
         assert config["rank_pattern"] and config["alpha_pattern"]  # 3x3 convs take conv_rank / conv_alpha
-    fresh, _ = _model(CASES[case][0])
+    fresh = copy.deepcopy(base)  # an untouched tiny model (the same seeded build as a fresh _model)
     if loader == "from_pretrained":
         loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path))
     else:
@@ -93,9 +96,9 @@ def test_sdadapt_loha_lokr_folder_loads_in_peft_with_the_same_output(tmp_path, c
 def test_write_then_read_gives_the_same_tensors(tmp_path, case):
     """sdadapt write -> sdadapt read is the identity on the factors (bit for bit) and on every ranked layer's alpha;
     a LoKr layer with both factors full comes back with alpha = r and the same (scale-1) delta."""
-    _, _, handle, _ = _adapted(case)
+    base, _, handle, _ = _adapted(case)
     state = handle.state_dict()
-    save_peft(tmp_path, state, model=_model(CASES[case][0])[0])
+    save_peft(tmp_path, state, model=base)
     again = load_peft(tmp_path)
     assert set(again) == set(state)
     for key, value in state.items():
@@ -236,13 +239,34 @@ GENERATE_CASES = {  # name: (checkpoint, component, targets, config)
 }
 
 
+def _generate(model, out, extra) -> bytes:
+    from sdadapt.cli import main
+
+    assert main(["generate", "--model", str(model), "--prompt", "a photo", "--steps", "2", "--seed", "3",
+                 "--width", "32", "--height", "32", *extra, "-o", str(out)]) == 0
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def plain_image(checkpoints, tmp_path_factory):
+    """``plain_image(name)``: the checkpoint's image with no adapter, made once for the module (the cases of one
+    checkpoint share it)."""
+    made = {}
+
+    def image_of(name: str) -> bytes:
+        if name not in made:
+            made[name] = _generate(checkpoints[name], tmp_path_factory.mktemp("plain") / "none.png", [])
+        return made[name]
+
+    return image_of
+
+
 @pytest.mark.parametrize("case", sorted(GENERATE_CASES))
 def test_generate_lora_with_a_peft_folder_gives_the_image_of_its_kohya_twin(tmp_path, capsys, checkpoints, systems,
-                                                                          case):
+                                                                          plain_image, case):
     """``generate --lora FOLDER`` with a peft LoHa / LoKr folder (and a peft LoRA folder on SDXL): the folder's
     component is found from its layers' shapes and the image equals the one from the same adapter as a kohya file
     (LyCORIS naming); the adapter changes the image, so a dropped or mis-scaled layer shows."""
-    from sdadapt.cli import main
     from sdadapt.formats.layers import group_by_layer
 
     name, component, targets, config = GENERATE_CASES[case]
@@ -252,15 +276,11 @@ def test_generate_lora_with_a_peft_folder_gives_the_image_of_its_kohya_twin(tmp_
     save_peft(tmp_path / "peft", state, model=getattr(system, component))
     save_kohya(tmp_path / "kohya.safetensors", {component: state}, base_model=name)
     images = []
-    for spec in (tmp_path / "kohya.safetensors", tmp_path / "peft", None):
-        out = tmp_path / f"{'none' if spec is None else spec.name}.png"
-        extra = [] if spec is None else ["--lora", f"{spec}:0.8"]
-        assert main(["generate", "--model", str(model), "--prompt", "a photo", "--steps", "2", "--seed", "3",
-                     "--width", "32", "--height", "32", *extra, "-o", str(out)]) == 0, capsys.readouterr().err
-        if spec is not None:
-            layers = len(group_by_layer(state))
-            assert f"applied {spec} at 0.8 ({layers} layers)" in capsys.readouterr().err
-        images.append(out.read_bytes())
+    for spec in (tmp_path / "kohya.safetensors", tmp_path / "peft"):
+        images.append(_generate(model, tmp_path / f"{spec.name}.png", ["--lora", f"{spec}:0.8"]))
+        layers = len(group_by_layer(state))
+        assert f"applied {spec} at 0.8 ({layers} layers)" in capsys.readouterr().err
+    images.append(plain_image(name))  # the same command without --lora
     assert images[0] == images[1]
     assert images[1] != images[2]
 
