@@ -11,6 +11,7 @@ References (read, transcribed here, never imported):
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdadapt.custom_diffusion import concept_features, merge_custom_diffusion_weights, solve_concepts
@@ -186,3 +187,35 @@ def test_only_captions_with_the_token_are_recorded_for_the_merge():
     cd.tokenize(["a red cross", "a red circle", "a red cross", "a blue square"])
     assert cd.prompts == ["a red cross"]
     cd.remove()
+
+
+def test_train_token_lr_scale_reaches_the_method(tmp_path, monkeypatch):
+    """``train custom-diffusion --token-lr-scale 1`` is diffusers' one rate for the row and the weights; the value
+    reaches ``prepare_custom_diffusion`` (default 10), and a negative scale is refused."""
+    import sdadapt.jobs
+    from sdadapt.cli import build_parser
+    from sdadapt.methods import METHODS
+
+    seen = {}
+
+    class _Stop(Exception):
+        pass
+
+    def fake_run_train(method_name, options, **kw):
+        seen["options"] = options
+        raise _Stop
+
+    monkeypatch.setattr(sdadapt.jobs, "run_train", fake_run_train)
+    images = tmp_path / "images"
+    images.mkdir()
+    args = build_parser().parse_args(["train", "custom-diffusion", "--model", "toy", "--images", str(images), "--token",
+                                      "cross", "--token-lr-scale", "1", "-o", str(tmp_path / "cd.safetensors")])
+    with pytest.raises(_Stop):
+        args.run(args)
+    chosen = {k: v for k, v in seen["options"].method_options.items() if v is not None}
+    assert chosen["token_lr_scale"] == 1.0
+    cd = METHODS["custom-diffusion"].prepare(build_toy(seed=1), **chosen)
+    assert cd.lr_scales == [1.0] * len(cd.params)
+    cd.remove()
+    with pytest.raises(ValueError, match="token_lr_scale"):
+        prepare_custom_diffusion(build_toy(seed=1), token="cross", token_lr_scale=-1.0)

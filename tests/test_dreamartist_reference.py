@@ -137,6 +137,20 @@ def test_both_embeddings_start_as_create_embedding_makes_them(init_word, vectors
     assert step.abs().max() > 0 and 0.5e-3 < float(step.std()) < 2e-3
 
 
+def test_the_negative_init_word_is_its_own_create_embedding():
+    """The extension's two init texts (ui.py: "Initialization text" and "Initialization text (negative)"):
+    ``negative_init_word`` starts the negative from its own word; the positive keeps ``init_word``'s rows."""
+    system = build_toy(seed=2)
+    _, table = find_token_embedding(system.text_encoder)
+    weight, side = table.weight.detach(), tokenizer_side(system.tokenizer)
+    da = prepare_dreamartist(system, token="purple", init_word="circle", negative_init_word="a blue square", vectors=1,
+                             negative_vectors=2, noise=0.0)
+    positive, negative = (p.detach() for p in da.params)
+    da.remove()
+    torch.testing.assert_close(positive, _reference_rows(weight, side.word_ids("circle"), 1), rtol=0, atol=0)
+    torch.testing.assert_close(negative, _reference_rows(weight, side.word_ids("a blue square"), 2), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------ the negative's learning rate
 def test_the_negative_learns_at_neg_lr_w_times_the_rate(data):
     images, captions = data

@@ -307,6 +307,8 @@ EMBEDDING_OPTIONS = (
 DREAMARTIST_OPTIONS = EMBEDDING_OPTIONS[:3] + (
     MethodOption("negative_vectors", int, "DreamArtist: vectors of the negative embedding (default: = --vectors)",
                  ("--negative-vectors",), "K"),
+    MethodOption("negative_init_word", str, "DreamArtist: start the negative embedding from this word's token embeddings "
+                 "(the extension's 'Initialization text (negative)'; default: --init-word)", ("--negative-init-word",), "WORD"),
     MethodOption("cfg_scale", float, "DreamArtist: training CFG scale (default 3), the low end with --cfg-high", ("--cfg-scale",), "S"),
     MethodOption("cfg_high", float, "DreamArtist: dynamic CFG from --cfg-scale (t=0) to this (t=T)", ("--cfg-high",), "S"),
     MethodOption("cfg_schedule", str, "DreamArtist: dynamic CFG shape ln, cos or cos2 (default ln)", ("--cfg-schedule",), "TYPE"),
@@ -328,6 +330,8 @@ register_method(Method("clip-inversion", "CLIP inversion: one vector in the imag
 CUSTOM_DIFFUSION_OPTIONS = EMBEDDING_OPTIONS[:2] + (
     MethodOption("train_q_out", bool, "Custom Diffusion: also train the cross-attention to_q and to_out (diffusers' "
                  "--freeze_model crossattn; default: K/V only)", ("--train-q-out",)),
+    MethodOption("token_lr_scale", float, "Custom Diffusion: the modifier token's learning rate relative to the weights' "
+                 "(default 10; 1 is diffusers' one rate for both)", ("--token-lr-scale",), "X"),
 )
 register_method(Method("custom-diffusion", "Custom Diffusion: cross-attention K/V + a modifier token (--token), class images "
                        "(diffusers file + <name>-token file)", prepare_custom_diffusion, 3e-3, 400, "auto",

@@ -16,6 +16,7 @@ the metadata (the multi-concept merge reads them). ``remove()`` puts the UNet we
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -137,8 +138,15 @@ def prepare_custom_diffusion(
             default: the token's own row when the vocabulary has it, else random).
         train_q_out: also train ``to_q`` and ``to_out.0`` of the cross-attention (diffusers' ``--freeze_model crossattn``).
         token_lr_scale: the token row's learning rate relative to the weights' (the row is a small
-            vector that needs larger steps than the projection weights).
+            vector that needs larger steps than the projection weights; 1 is diffusers' one rate for both).
+
+    Raises:
+        ValueError: ``token_lr_scale`` not a finite number >= 0.
     """
+    if isinstance(token_lr_scale, bool) or not isinstance(token_lr_scale, (int, float)) \
+            or not math.isfinite(token_lr_scale) or token_lr_scale < 0:
+        raise ValueError(f"custom-diffusion: token_lr_scale must be a finite number >= 0 (1 = the weights' rate, "
+                         f"diffusers'; default 10), got {token_lr_scale!r}")
     if getattr(system, "text_encoder_2", None) is not None:
         raise ValueError("custom-diffusion supports one-text-encoder models (SD1/SD2, the toy); SDXL's two-encoder "
                          "modifier tokens have no Custom Diffusion file format")

@@ -238,6 +238,7 @@ def prepare_dreamartist(
     init_word: str | None = None,
     vectors: int = 1,
     negative_vectors: int | None = None,
+    negative_init_word: str | None = None,
     cfg_scale: float = 3.0,
     cfg_high: float | None = None,
     cfg_schedule: str = "ln",
@@ -254,6 +255,8 @@ def prepare_dreamartist(
             makes ``<name>-neg``) plus ``N(0, noise²)``; without an init word, from the positive's
             start (cycled to ``negative_vectors``) plus the noise.
         negative_vectors: ``k`` of the negative (default: ``vectors``).
+        negative_init_word: the negative's own init word (the extension's "Initialization text
+            (negative)"); default ``init_word``.
         cfg_scale, cfg_high, cfg_schedule: the training guidance scale, or with ``cfg_high`` the
             dynamic schedule from ``cfg_scale`` (t = 0) to ``cfg_high`` (t = T−1).
         neg_lr_weight: the negative's learning rate relative to the positive's.
@@ -263,8 +266,9 @@ def prepare_dreamartist(
     encoders, tokenizers, sdxl = system_text_parts(system)
     k_neg = negative_vectors or vectors
     positive = initial_embedding(encoders, tokenizers, token, vectors=vectors, init_word=init_word, sdxl=sdxl)
-    if init_word is not None:  # the negative's own k rows from the init word (DreamArtist's create_embedding for <name>-neg)
-        start = initial_embedding(encoders, tokenizers, negative_name(token), vectors=k_neg, init_word=init_word,
+    negative_word = init_word if negative_init_word is None else negative_init_word
+    if negative_word is not None:  # the negative's own k rows from its init word (DreamArtist's create_embedding for <name>-neg)
+        start = initial_embedding(encoders, tokenizers, negative_name(token), vectors=k_neg, init_word=negative_word,
                                   sdxl=sdxl).vectors
     else:  # the trigger's own row, or the positive's random rows (cycled): the pair starts together
         start = {key: v[torch.arange(k_neg) % v.shape[0]] for key, v in positive.vectors.items()}
