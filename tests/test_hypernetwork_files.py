@@ -86,9 +86,10 @@ def test_a1111_dict_round_trips_through_canonical_form_exactly(tmp_path):
     assert metadata_to_settings(settings_to_metadata(settings_)) == settings_
 
 
-def test_a1111_written_pt_loads_safely_and_runs_like_a1111(tmp_path):
+@pytest.mark.parametrize("activation", ["leakyrelu", "prelu"])  # (prelu: a learnt slope, linear.<i>.weight (1,))
+def test_a1111_written_pt_loads_safely_and_runs_like_a1111(tmp_path, activation):
     path = tmp_path / "anime-style.pt"
-    saved = _a1111_save_dict([64, 32], activation="leakyrelu", layer_norm=True)
+    saved = _a1111_save_dict([64, 32], activation=activation, layer_norm=True)
     torch.save(saved, path)  # OrderedDicts with _metadata, tuples, int keys: all weights_only-loadable
     # the file reader (read_weights, flattened) and the dict translation agree
     read_tensors, read_settings = read_hypernetwork_file(path)
@@ -98,9 +99,9 @@ def test_a1111_written_pt_loads_safely_and_runs_like_a1111(tmp_path):
     hn = sdadapt.load_hypernetwork(path)
     assert hn.widths == (64, 32) and hn.name == "anime-style" and hn.step == 1500
     assert hn.sd_checkpoint == "e1441589a6" and hn.sd_checkpoint_name == "v1-5-pruned-emaonly"
-    assert hn.config == HypernetworkConfig(activation="leakyrelu", layer_norm=True)
+    assert hn.config == HypernetworkConfig(activation=activation, layer_norm=True)
     x = torch.randn(2, 7, 32)
-    reference = A1111Module(32, dict(saved[32][1]), [1, 2, 1], "leakyrelu", "Normal", True, False, [0, 0, 0]).eval()
+    reference = A1111Module(32, dict(saved[32][1]), [1, 2, 1], activation, "Normal", True, False, [0, 0, 0]).eval()
     reference.multiplier = 0.4
     torch.testing.assert_close(hn.pair(32)[1](x, strength=0.4), reference(x))
     # saving it again writes the same dict A1111 wrote
@@ -257,8 +258,8 @@ def test_files_that_are_not_usable_hypernetworks_are_named_and_explained(tmp_pat
         sdadapt.load_hypernetwork(_write(tmp_path, "ln.pt", {**_a1111_save_dict([32]), "is_layer_norm": False}))
     with pytest.raises(WeightFileError, match="'is_layer_norm' is 'yes'"):
         sdadapt.load_hypernetwork(_write(tmp_path, "type.pt", {**good, "is_layer_norm": "yes"}))
-    with pytest.raises(WeightFileError, match="unknown hypernetwork activation 'prelu'"):
-        sdadapt.load_hypernetwork(_write(tmp_path, "prelu.pt", {**good, "activation_func": "prelu"}))
+    with pytest.raises(WeightFileError, match="unknown hypernetwork activation 'rrelu'"):
+        sdadapt.load_hypernetwork(_write(tmp_path, "rrelu.pt", {**good, "activation_func": "rrelu"}))
     nan = {k: v.clone() for k, v in good[32][0].items()}
     nan["linear.0.weight"][0, 0] = float("nan")
     with pytest.raises(WeightFileError, match="NaN or inf"):

@@ -133,7 +133,7 @@ def _big_weights(module: nn.Module, seed: int) -> None:
 
 
 # ------------------------------------------------------------------ the MLP, every activation
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("activation", [*sorted(ACTIVATIONS), "prelu"])
 def test_every_activation_with_output_activation_and_layer_norms_is_a1111s_module(activation):
     config = HypernetworkConfig(layer_structure=(1, 1.5, 0.5, 1), activation=activation, layer_norm=True,
                                 activate_output=True, dropout_structure=(0, 0.2, 0.1, 0))

@@ -202,7 +202,7 @@ def test_a1111_initialisation():
         (dict(layer_structure=(1, -2, 1)), "> 0"),
         (dict(dropout_structure=(0, 0.3)), "one entry per"),
         (dict(dropout_structure=(0, 1.0, 0)), r"\[0, 1\)"),
-        (dict(activation="prelu"), "unknown hypernetwork activation 'prelu'"),
+        (dict(activation="rrelu"), "unknown hypernetwork activation 'rrelu'"),
     ],
 )
 def test_config_refuses_what_a1111_refuses(kwargs, message):

@@ -73,6 +73,10 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], type[nn.Module]]] = {
     "softshrink": (F.softshrink, nn.Softshrink),
 }
 
+#: A1111's ``"prelu"``: ``nn.PReLU()`` in the Sequential, whose one learnt slope (``linear.<index>.weight``,
+#: shape (1,), 0.25 at creation: A1111's initialisation leaves it alone) is in the file and trains
+PRELU = "prelu"
+
 #: A1111's ``weight_initialization`` choices (used when a hypernetwork is created, not on load)
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
@@ -96,8 +100,8 @@ class HypernetworkConfig:
     Args:
         layer_structure: width multipliers, first and last 1, e.g. ``(1, 2, 1)`` or
             ``(1, 1.5, 1.5, 1)`` [``layer_structure``].
-        activation: a key of :data:`ACTIVATIONS` [``activation_func``; ``None`` in a file reads as
-            ``"linear"``, which A1111 treats the same].
+        activation: a key of :data:`ACTIVATIONS`, or ``"prelu"`` (a learnt slope per PReLU)
+            [``activation_func``; ``None`` in a file reads as ``"linear"``, which A1111 treats the same].
         layer_norm: a LayerNorm after every Linear, the last one included [``is_layer_norm``].
         dropout_structure: one probability in ``[0, 1)`` per entry of ``layer_structure``; entry
             ``i+1`` is the dropout after Linear ``i``. ``None``: no dropout (all zeros)
@@ -137,9 +141,9 @@ class HypernetworkConfig:
         if not all(0.0 <= p < 1.0 for p in dropout):
             raise ValueError(f"dropout probabilities must be in [0, 1), got {list(dropout)}")
         object.__setattr__(self, "dropout_structure", dropout)
-        if self.activation not in ACTIVATIONS:
+        if self.activation not in ACTIVATIONS and self.activation != PRELU:
             raise ValueError(
-                f"unknown hypernetwork activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+                f"unknown hypernetwork activation {self.activation!r}; choose one of {', '.join([*ACTIVATIONS, PRELU])}"
             )
         if not isinstance(self.weight_init, str) or not self.weight_init:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
@@ -156,8 +160,8 @@ class HypernetworkConfig:
 
 
 class MLPLayer(NamedTuple):
-    """One entry of A1111's Sequential: ``kind`` is ``"linear"``, ``"activation"``,
-    ``"layer_norm"`` or ``"dropout"``; ``width`` is the output width."""
+    """One entry of A1111's Sequential: ``kind`` is ``"linear"``, ``"activation"`` (parameter-free),
+    ``"prelu"`` (one learnt slope), ``"layer_norm"`` or ``"dropout"``; ``width`` is the output width."""
 
     kind: str
     width: int
@@ -183,7 +187,8 @@ def mlp_layout(dim: int, config: HypernetworkConfig) -> tuple[MLPLayer, ...]:
             raise ValueError(f"layer_structure {list(ls)} gives a 0-wide layer for width {dim}")
         layers.append(MLPLayer("linear", width, width_in))
         if not (config.activation == "linear" or (i >= n - 2 and not config.activate_output)):
-            layers.append(MLPLayer("activation", width, activation=config.activation))
+            layers.append(MLPLayer(PRELU, width) if config.activation == PRELU
+                          else MLPLayer("activation", width, activation=config.activation))
         if config.layer_norm:
             layers.append(MLPLayer("layer_norm", width))
         if ds[i + 1] > 0:  # type: ignore[index]
@@ -197,7 +202,8 @@ def hypernetwork_mlp(x: Tensor, params: Mapping[str, Tensor], layout: tuple[MLPL
     Args:
         x: ``(..., D)`` context (``D`` the width the layout was built for).
         params: ``{"linear.<index>.weight" / ".bias": tensor}`` — A1111's state-dict keys:
-            Linear weights ``(out, in)`` and biases ``(out,)``, LayerNorm gains/biases ``(width,)``.
+            Linear weights ``(out, in)`` and biases ``(out,)``, LayerNorm gains/biases ``(width,)``,
+            a PReLU's slope ``(1,)`` (weight only).
         layout: from :func:`mlp_layout`.
         training: dropout active (as in ``nn.Dropout`` under ``.train()``).
     """
@@ -206,6 +212,8 @@ def hypernetwork_mlp(x: Tensor, params: Mapping[str, Tensor], layout: tuple[MLPL
             x = F.linear(x, params[f"linear.{index}.weight"], params[f"linear.{index}.bias"])  # (..., out)
         elif layer.kind == "activation":
             x = ACTIVATIONS[layer.activation][0](x)
+        elif layer.kind == PRELU:
+            x = F.prelu(x, params[f"linear.{index}.weight"])
         elif layer.kind == "layer_norm":
             x = F.layer_norm(x, (layer.width,), params[f"linear.{index}.weight"], params[f"linear.{index}.bias"])
         else:  # dropout
@@ -264,6 +272,8 @@ def _module_of(layer: MLPLayer, *, dtype: torch.dtype | None, device: torch.devi
         return nn.Linear(layer.width_in, layer.width, dtype=dtype, device=device)
     if layer.kind == "activation":
         return ACTIVATIONS[layer.activation][1]()
+    if layer.kind == PRELU:
+        return nn.PReLU(dtype=dtype, device=device)
     if layer.kind == "layer_norm":
         return nn.LayerNorm(layer.width, dtype=dtype, device=device)
     return nn.Dropout(p=layer.p)
@@ -288,7 +298,8 @@ class HypernetworkMLP(nn.Module):
         # (key, Sequential child name, parameter name) for params(): read live on every call, without
         # named_parameters()' module walk (a hypernetwork fit calls it once per hooked layer and step)
         self._param_slots = tuple((f"linear.{index}.{name}", str(index), name) for index, layer in enumerate(self.layout)
-                                  if layer.kind in ("linear", "layer_norm") for name in ("weight", "bias"))
+                                  for name in {"linear": ("weight", "bias"), "layer_norm": ("weight", "bias"),
+                                               PRELU: ("weight",)}.get(layer.kind, ()))
         if init:
             init_hypernetwork_mlp_(self.linear, config)
 
