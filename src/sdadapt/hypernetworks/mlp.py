@@ -76,6 +76,8 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], type[nn.Module]]] = {
 #: A1111's ``"prelu"``: ``nn.PReLU()`` in the Sequential, whose one learnt slope (``linear.<index>.weight``,
 #: shape (1,), 0.25 at creation: A1111's initialisation leaves it alone) is in the file and trains
 PRELU = "prelu"
+#: the parameters each layer kind holds in the Sequential (the file's ``linear.<index>.<name>`` tensors)
+_LAYER_PARAMETERS = {"linear": ("weight", "bias"), "layer_norm": ("weight", "bias"), PRELU: ("weight",)}
 
 #: A1111's ``weight_initialization`` choices (used when a hypernetwork is created, not on load)
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
@@ -298,8 +300,7 @@ class HypernetworkMLP(nn.Module):
         # (key, Sequential child name, parameter name) for params(): read live on every call, without
         # named_parameters()' module walk (a hypernetwork fit calls it once per hooked layer and step)
         self._param_slots = tuple((f"linear.{index}.{name}", str(index), name) for index, layer in enumerate(self.layout)
-                                  for name in {"linear": ("weight", "bias"), "layer_norm": ("weight", "bias"),
-                                               PRELU: ("weight",)}.get(layer.kind, ()))
+                                  for name in _LAYER_PARAMETERS.get(layer.kind, ()))
         if init:
             init_hypernetwork_mlp_(self.linear, config)
 

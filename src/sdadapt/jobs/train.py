@@ -952,7 +952,7 @@ def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple
     templated = sum(c is not None and c != m for c, m in zip(own, made))
     for record, caption, mine in zip(records, made, own):
         record.caption = caption if mine is not None else ""  # "": a template drawn at each use
-    templates = tuple(t.format(token) for t in TEMPLATE_SETS[options.templates]) if filled else ()
+    templates = _template_captions(token, options) if filled else ()
     notes = []
     if filled:
         notes.append(f"{filled} image(s) without a caption: one of the {len(templates)} {options.templates} template "
@@ -960,6 +960,13 @@ def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple
     if templated:
         notes.append(f"{templated} caption(s) without {token}: written as {template!r} (--caption-template)")
     return notes, templates
+
+
+def _template_captions(token: str, options: TrainOptions) -> tuple[str, ...]:
+    """The ``--templates`` set's captions with ``token`` in them (what a template draw picks from)."""
+    from ..methods.textual_inversion import TEMPLATE_SETS
+
+    return tuple(t.format(token) for t in TEMPLATE_SETS[options.templates])
 
 
 def _replace_captions(records: list, reg_records: list, token: str, options: TrainOptions,
@@ -970,9 +977,7 @@ def _replace_captions(records: list, reg_records: list, token: str, options: Tra
     ``train_dataset_group.add_replacement("", templates)``: ``process_caption`` replaces every caption of
     the dataset group, the ``is_reg`` subsets' too, unless it was dropped). The held-out validation images
     keep theirs (kohya's validation dataset group has no replacement). Says so in ``notes``."""
-    from ..methods.textual_inversion import TEMPLATE_SETS
-
-    templates = tuple(t.format(token) for t in TEMPLATE_SETS[options.templates])
+    templates = _template_captions(token, options)
     own = sum(bool(r.caption) for r in records)
     for record in [*records, *reg_records]:
         record.caption = ""
