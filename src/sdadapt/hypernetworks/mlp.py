@@ -244,7 +244,8 @@ def init_hypernetwork_mlp_(sequential: nn.Sequential, config: HypernetworkConfig
     ``"Normal"`` — and every LayerNorm, whatever the choice — gets weights ~ N(0, 0.01) and zero
     biases (so a LayerNorm's gain starts near 0, as in A1111); Xavier*/Kaiming* initialise
     Linear weights and zero their biases (Kaiming with ``leaky_relu`` gain for ``"leakyrelu"``,
-    else ``relu``).
+    else ``relu``). The zero biases of the first kind are drawn as A1111 draws them, ``N(0, 0)``,
+    which advances the RNG: from one seed, every setting gives A1111's module bit for bit.
 
     Raises:
         ValueError: ``config.weight_init`` is not one of :data:`WEIGHT_INITS`.
@@ -258,7 +259,9 @@ def init_hypernetwork_mlp_(sequential: nn.Sequential, config: HypernetworkConfig
         weight, bias = layer.weight, layer.bias
         if config.weight_init == "Normal" or isinstance(layer, nn.LayerNorm):
             nn.init.normal_(weight, mean=0.0, std=0.01)
-        elif config.weight_init == "XavierUniform":
+            nn.init.normal_(bias, mean=0.0, std=0.0)  # zeros, drawn (A1111 draws them)
+            continue
+        if config.weight_init == "XavierUniform":
             nn.init.xavier_uniform_(weight)
         elif config.weight_init == "XavierNormal":
             nn.init.xavier_normal_(weight)
