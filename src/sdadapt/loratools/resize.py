@@ -40,7 +40,14 @@ from ..checks import positive_int
 from ..errors import InputError
 from ..formats import save_kohya
 from ..formats.layers import group_by_layer
-from .extract import check_clamp, check_rank_method, factors_from_svd, truncated_svd
+from .extract import (
+    MIN_SINGULAR_VALUE,
+    check_clamp,
+    check_rank_method,
+    factors_from_svd,
+    select_rank,
+    truncated_svd,
+)
 from .output import (
     BaseLayers,
     LayerReport,
@@ -129,7 +136,9 @@ def resize_layer(
     Args:
         up: (out, r[, 1, 1]); down: (r, in[, kh, kw]); alpha: the file's alpha (``None`` = r).
         rank: new rank (fixed) or cap (dynamic); a rank above the old one keeps the old rank
-            (resizing never adds directions).
+            (resizing never adds directions). As in kohya's ``resize_lora.py``, the rank rules read
+            the spectrum of ``up ⋅ down`` without ``alpha / r``, and a layer whose largest singular
+            value there is at most 1e-6 (``MIN_SINGULAR_VALUE``) gets rank 1, fixed rank included.
         dtype: dtype of the factors to write; ``residual_norm`` is the error of those (after the
             clamp and the cast).
 
@@ -154,8 +163,15 @@ def resize_layer(
     # SVD of the delta itself, D = scale · up ⋅ down; factors_from_svd divides the scale back out
     left, right = up.reshape(out_features, old_rank) * scale, down.reshape(old_rank, -1)
     u, s, vh = factored_svd(left, right)
+    # kohya's resize_lora.py ranks the SVD of up ⋅ down *without* alpha / r, and calls a layer whose
+    # largest singular value there is <= 1e-6 zero: rank 1, for a fixed rank as well
+    unscaled = s.double() / abs(scale) if scale != 0 else s.double()
+    if unscaled.numel() and float(unscaled[0]) <= MIN_SINGULAR_VALUE:
+        new_rank = 1
+    else:
+        new_rank = select_rank(unscaled, method=method, param=param, max_rank=min(rank, s.numel()))
     new_up, new_down, new_alpha, residual = factors_from_svd(
-        u, s, vh, rank=min(rank, s.numel()), method=method, param=param, scale=scale,
+        u, s, vh, rank=new_rank, method="fixed", scale=scale,
         clamp_quantile=clamp_quantile, split=split, dtype=dtype,
         target=(left.double(), right.double()),  # the old delta exactly (factored, never formed)
     )
