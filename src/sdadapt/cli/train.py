@@ -972,6 +972,10 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--color-aug", action=bool_flag,
         help="kohya's --color_aug: a third of the uses get a small hue rotation (up to 16 degrees) or gamma curve "
         "(0.95-1.05); the latents are then encoded at every step, not cached")
+    add(data, "--resize-aug", action=bool_flag,
+        help="custom-diffusion: Custom Diffusion's resize augmentation (diffusers' default, its --noaug turns it off): "
+        "each use of a training image is rescaled to 1/3-1.4 of its size, padded or cut, its loss masked to the image "
+        "and its caption prefixed ('a far away ', 'zoomed in ' ...); encoded at every step, not cached")
 
     model = train.add_argument_group("model")
     add(model, "--model", "--pretrained-model-name-or-path", dest="model", metavar="toy|PATH",

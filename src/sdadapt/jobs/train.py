@@ -92,7 +92,11 @@ class TrainOptions:
     encoded at every step instead of cached); ``face_crop_aug_range`` (kohya's ``(LO, HI)`` or
     ``"LO,HI"``, :mod:`sdadapt.training.face_crop`: without buckets, an image whose name gives a face,
     ``<name>_<cx>_<cy>_<w>_<h>``, is scaled by a drawn factor and cut around it at each use; unused with
-    buckets, as kohya's).
+    buckets, as kohya's); ``resize_aug`` (``train custom-diffusion`` only: Custom Diffusion's resize
+    augmentation as diffusers' ``train_custom_diffusion.py``, :func:`sdadapt.training.pixel_augment.draw_resize`:
+    each use of a training image rescaled to 1/3–1.4 of its size, padded or cut, its loss the mean over the
+    image's latent region and its caption prefixed, "a far away " / "zoomed in " …; the class images are
+    not augmented; encoded at every step, not cached; not with ``alpha_mask`` / ``masked_loss``).
 
     Trigger-word methods (textual inversion, DreamArtist, Custom Diffusion): captions must mention
     ``--token``. Images without a caption get a random one of the ``templates`` set (``object``:
@@ -264,6 +268,7 @@ class TrainOptions:
     random_crop: bool = False
     color_aug: bool = False
     face_crop_aug_range: tuple[float, float] | str | None = None
+    resize_aug: bool = False
     model: str = "toy"
     tokenizer: str | None = None
     vae: str | os.PathLike | None = None
@@ -581,6 +586,14 @@ class TrainOptions:
             raise ValueError(f"--templates must be one of {', '.join(TEMPLATE_SETS)}, got {self.templates!r}")
         if not isinstance(self.templates_replace_captions, bool):
             raise TypeError(f"templates_replace_captions must be True or False, got {self.templates_replace_captions!r}")
+        if not isinstance(self.resize_aug, bool):
+            raise TypeError(f"resize_aug (--resize-aug) must be True or False, got {self.resize_aug!r}")
+        if self.resize_aug and (self.alpha_mask or self.masked_loss):
+            raise ValueError("--resize-aug masks the loss to each resized image's region itself; it cannot be combined "
+                             f"with {'--alpha-mask' if self.alpha_mask else '--masked-loss'}: leave one out")
+        if self.resize_aug and self.cache_text_encoder_outputs:
+            raise ValueError("--resize-aug prefixes the captions at each use, so the text-encoder outputs cannot be "
+                             "cached: leave out --cache-text-encoder-outputs")
         if self.caption_template is not None:
             caption_template(self.caption_template)
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
@@ -1391,7 +1404,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     from ..methods.lora_blocks import check_block_args
     from ..sampling import parse_sample_prompts
     from ..training.data import Dataset, encode_buckets, find_images, plan_dataset
-    from ..training.pixel_augment import PixelAugment
+    from ..training.pixel_augment import LARGE_PREFIXES, SMALL_PREFIXES, PixelAugment
     from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
     from .caption_lines import recorded_caption_assembly, recorded_caption_empties, recorded_caption_lines
@@ -1416,6 +1429,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         flags = ", ".join("--" + n.replace("_", "-") for n in unknown)
         raise ValueError(f"{flags}: not an option of {method} (its options: "
                          f"{', '.join(o.option_strings[0] for o in spec.options) or 'none'})")
+    if options.resize_aug and method != "custom-diffusion":
+        raise ValueError(f"--resize-aug is Custom Diffusion's resize augmentation (diffusers' train_custom_diffusion.py), "
+                         f"for train custom-diffusion; {method} trains without it (kohya's --random-crop and --color-aug "
+                         "change the pixels at each use for any method)")
     if getattr(spec, "trigger", False) and not options.method_options.get("token"):
         raise ValueError(f"{method} learns a trigger word: pass --token WORD, the word the captions use (e.g. '<sks>')")
     if options.weighted_captions and getattr(spec, "trigger", False):
@@ -1582,13 +1599,17 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                 keep_empty_tags=keep_empty_tags, kohya_assembly=kohya_assembly, kohya_order=kohya_order)
     faces = face_crops(records, options.face_crop_aug_range, notes)
     augment = PixelAugment(random_crop=options.random_crop, color_aug=options.color_aug,
-                           face_crop_range=options.face_crop_aug_range if faces else None)
+                           face_crop_range=options.face_crop_aug_range if faces else None, resize_aug=options.resize_aug)
+    if options.resize_aug and loss_masks is not None:  # (a dataset TOML's alpha_mask subsets)
+        raise ValueError("--resize-aug masks the loss to each resized image's region itself; it cannot be combined with "
+                         "loss masks (the dataset config's alpha_mask subsets): leave one out")
     dataset = Dataset(records, captions=captions, notes=notes, flip=options.flip_aug, augment=augment, loss_masks=loss_masks,
                       batch_sizes=batch_sizes)
     reg_dataset = None
     if reg is not None:  # bucketed, captioned and flipped as the training images (kohya: one dataset of both)
         plan_blocks(reg.records)
-        reg_flip, reg_augment = options.flip_aug, augment
+        # (the class images are not resized: diffusers' CustomDiffusionDataset augments the instance images only)
+        reg_flip, reg_augment = options.flip_aug, dataclasses.replace(augment, resize_aug=False)
         if data_config is not None and data_config.reg_augment:  # the is_reg subsets' own (one setting for all of them)
             reg_flip = data_config.reg_augment["flip_aug"]
             reg_faces = data_config.reg_augment.get("face_crop_aug_range")
@@ -1596,13 +1617,15 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                        color_aug=data_config.reg_augment["color_aug"],
                                        face_crop_range=reg_faces if face_crops(reg.records, reg_faces, []) else None)
         elif face_crops(reg.records, options.face_crop_aug_range, []):  # (kohya: the class images' faces too)
-            reg_augment = dataclasses.replace(augment, face_crop_range=options.face_crop_aug_range)
+            reg_augment = dataclasses.replace(reg_augment, face_crop_range=options.face_crop_aug_range)
         reg_dataset = Dataset(reg.records, captions=dataclasses.replace(captions, templates=reg_templates), flip=reg_flip,
                               augment=reg_augment, loss_masks=LossMaskSource() if options.alpha_mask or any(
                                   r.alpha_mask for r in reg.records) else None, batch_sizes=batch_sizes)
     from ..sampling import unknown_words
 
-    unknown_caption_words = sorted({w for c in [*(r.caption for r in records), *templates] for w in unknown_words(system, c)}
+    zoom_words = (*SMALL_PREFIXES, *LARGE_PREFIXES) if options.resize_aug else ()  # (--resize-aug's caption prefixes)
+    unknown_caption_words = sorted({w for c in [*(r.caption for r in records), *templates, *zoom_words]
+                                    for w in unknown_words(system, c)}
                                    - ({trigger.lower(), f"{trigger.lower()}-neg"} if trigger else set()))
     if unknown_caption_words:
         dataset.notes.append(f"the toy tokenizer does not know {', '.join(unknown_caption_words[:8])} (they become <unk>); "
@@ -1713,7 +1736,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                    progress=bars("caching latents", "image") if bars is not None and not augment.active else None)
     if augment.active:
         changing = [f for f, on in (("--random-crop", options.random_crop), ("--color-aug", options.color_aug),
-                                    ("--face-crop-aug-range", augment.face_crop_range is not None)) if on]
+                                    ("--face-crop-aug-range", augment.face_crop_range is not None),
+                                    ("--resize-aug", options.resize_aug)) if on]
         say(f"{' and '.join(changing)}: "
             "the pixels change at every use, so nothing is cached: each batch's images are read, augmented and "
             "encoded by the VAE before its step")
@@ -2281,11 +2305,12 @@ def _augmentation_record(options: TrainOptions) -> dict[str, object]:
             **({"face_crop_aug_range": list(options.face_crop_aug_range)}  # (recorded when set: older records lack it)
                if options.face_crop_aug_range is not None else {}),
             **({"resize_interpolation": options.resize_interpolation}  # (the same)
-               if options.resize_interpolation is not None else {})}
+               if options.resize_interpolation is not None else {}),
+            **({"resize_aug": True} if options.resize_aug else {})}  # (the same)
 
 
 #: what a record written before these options existed trained with
-_AUGMENTATION_DEFAULTS = {"flip_aug": False, "random_crop": False, "color_aug": False}
+_AUGMENTATION_DEFAULTS = {"flip_aug": False, "random_crop": False, "color_aug": False, "resize_aug": False}
 _NOISE_RECORD_DEFAULTS = {"noise_offset_random_strength": False, "zero_terminal_snr": False,
                           "ip_noise_gamma_random_strength": False}
 

@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import PeerProcessError
 from ..training import data_parallel
-from ..training.diffusion import zero_terminal_snr_alphas_cumprod
+from ..training.diffusion import region_loss_mask, zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
 from ..training.lr_schedules import (
     EXTRA_SCHEDULES,
@@ -50,6 +50,7 @@ from ..training.lr_schedules import (
     extra_schedule_factor,
 )
 from ..training.optim import lr_at
+from ..training.pixel_augment import draw_resize, resize_mask, resize_pixels
 from ..training.schedule_free import switch_mode
 from ..training.step import (
     EMA,
@@ -776,7 +777,11 @@ def fit(
     Args:
         images: (N, 3, H, W) in [-1, 1] (with ``captions``), or a
             :class:`~sdadapt.training.data.Dataset` whose latents are encoded
-            (:func:`~sdadapt.training.data.encode_buckets`).
+            (:func:`~sdadapt.training.data.encode_buckets`). A dataset's pixel augmentations
+            (``dataset.augment``) are drawn at each use, last Custom Diffusion's ``resize_aug``
+            (:func:`~sdadapt.training.pixel_augment.draw_resize`): each use rescaled, its caption prefixed
+            (an empty one kept empty) and its loss the mean over the image's latent region only
+            (:func:`~sdadapt.training.diffusion.region_loss_mask`).
         prior: DreamBooth prior preservation: ``(class_images, class_captions, weight)``. With
             tensors each step adds as many class samples as instance samples, their loss weighted
             by ``weight``; with a dataset the class batch runs as a second forward, loss
@@ -813,7 +818,8 @@ def fit(
 
     Raises:
         NonFiniteLossError: a NaN/inf loss with ``config.stop_on_nonfinite``.
-        ValueError: empty data, no trainable parameters, or a state that does not fit.
+        ValueError: empty data, no trainable parameters, or a state that does not fit; ``resize_aug``
+            with loss masks or ``cache_text_encoder_outputs``.
         PeerProcessError: data parallel, a collective failed (another rank failed first); its
             ``trained_steps`` is the optimiser steps the weights have taken (the last ``on_step``'s
             step, or one more when the failure came after this step's update).
@@ -832,6 +838,15 @@ def fit(
                          "sdadapt.training.data.encode_buckets(dataset, system.encode_images)")
     reg = prior[0] if prior is not None and isinstance(prior[0], Dataset) else None  # the user's class images
     _check_validation_data(validation, dataset)
+    for name, data in (("the dataset", dataset), ("the class images' dataset", reg), ("the validation dataset", validation)):
+        if isinstance(data, Dataset) and data.augment.resize_aug:
+            if data.loss_masks is not None:
+                raise ValueError(f"{name}: the resize augmentation (augment.resize_aug, --resize-aug) makes its own loss "
+                                 "mask; it cannot be combined with loss masks (loss_masks: --alpha-mask, --masked-loss)")
+            if config.cache_text_encoder_outputs:
+                raise ValueError(f"{name}: the resize augmentation (augment.resize_aug, --resize-aug) prefixes the "
+                                 "captions at each use, so the text-encoder outputs cannot be cached: leave out "
+                                 "cache_text_encoder_outputs (--cache-text-encoder-outputs)")
     parallel = data_parallel.active()  # under torchrun: batch_size is the global batch, each rank trains its rows
     dp_clashes = data_parallel.data_parallel_clashes(cuda_graph=config.cuda_graph, fused_backward=config.fused_backward)
     if parallel is not None and dp_clashes:
@@ -1018,11 +1033,19 @@ def fit(
             crops = [r.crop for r in records]
             mask = None
             if data.augment.active:  # random crop / colour: these pixels, encoded now (nothing cached)
-                pixels, crops = data.pixel_batch(records, flips, random.Random(f"{seed}/pixels/{micro}"))
+                pixel_rng = random.Random(f"{seed}/pixels/{micro}")
+                pixels, crops = data.pixel_batch(records, flips, pixel_rng)
+                resized = None
+                if data.augment.resize_aug:  # Custom Diffusion's: rescaled, padded or cut (after the mirror, as diffusers)
+                    resized = [draw_resize(tuple(image.shape[-2:]), pixel_rng) for image in pixels]
+                    pixels = torch.stack([resize_pixels(image, d) for image, d in zip(pixels, resized, strict=True)])
+                    texts = [d.prefix + text if text else text for d, text in zip(resized, texts, strict=True)]
                 with torch.no_grad():
                     latents = _encode_rows(system.encode_images, copy_to_device(pixels, device), parallel)
                 if data.loss_masks is not None:  # kohya's masked loss: cropped and mirrored as these pixels
                     mask = data.pixel_masks(records, crops, flips, tuple(latents.shape[-2:]))
+                if resized is not None:  # the loss: each sample's mean over its image's latent region
+                    mask = region_loss_mask(torch.stack([resize_mask(d, tuple(latents.shape[-2:])) for d in resized]))
             else:  # host-made tensors (the cached latents are on the host) reach the device without a wait
                 latents = copy_to_device(data.batch_latents(bucket, positions, flips), device)
                 if data.loss_masks is not None:

@@ -40,6 +40,7 @@ __all__ = [
     "perturbed_noise",
     "huber_c_for",
     "diffusion_loss",
+    "region_loss_mask",
     "sample_timesteps",
     "ddim_timesteps",
     "timestep_grid",
@@ -342,6 +343,8 @@ def diffusion_loss(
     ``weights`` (B,) multiply each sample's mean loss. ``mask`` (B, 1, H, W) in [0, 1], the
     prediction's spatial size: kohya's masked loss (``apply_masked_loss``) — each element's loss
     times its pixel's mask value, still averaged over every element (masked-out ones count as 0).
+    :func:`region_loss_mask` turns a 0/1 region into weights (above 1) that make it each sample's
+    mean over its region only (Custom Diffusion's masked loss).
     """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
@@ -370,6 +373,23 @@ def diffusion_loss(
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()
+
+
+def region_loss_mask(mask: Tensor) -> Tensor:
+    """A 0/1 region mask (B, 1, H, W) -> the per-sample loss weights (B, 1, H, W) with which
+    :func:`diffusion_loss`'s masked mean becomes the mean over each sample's region only:
+
+        mean_{c,h,w}(m'·ℓ) = Σ_{c,h,w} m·ℓ / (C · Σ_{h,w} m),   m' = m · H·W / Σ_{h,w} m
+
+    (Custom Diffusion's masked loss, diffusers' ``(loss * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])``
+    divided by C). A sample whose region is empty gets zero weights (its loss counts as 0; diffusers'
+    would be 0/0). float32 at least."""
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask {tuple(mask.shape)} must be (B, 1, H, W)")
+    wide = mask.to(torch.promote_types(mask.dtype, torch.float32))
+    total = wide.sum(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    area = mask.shape[2] * mask.shape[3]
+    return wide * area / torch.where(total > 0, total, torch.ones_like(total))  # (an empty region: 0 / 1)
 
 
 def sample_timesteps(

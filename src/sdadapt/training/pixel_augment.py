@@ -21,6 +21,13 @@ step. kohya's order: crop, colour, then the flip (``flip_aug``).
   file name gives a face (:attr:`sdadapt.training.data.ImageRecord.face`) is read as it is, scaled
   by a drawn factor and cut around the face (:meth:`PixelAugment.apply_face`) instead.
 
+* **resize** (Custom Diffusion's augmentation, diffusers' ``train_custom_diffusion.py``
+  ``CustomDiffusionDataset``, on unless ``--noaug``; ``train custom-diffusion --resize-aug``): each
+  use of an image is rescaled to a drawn size and either placed on a zero canvas (smaller) or cut
+  (larger), the loss masked to the image's latent region and the caption prefixed
+  (:func:`draw_resize`, :func:`resize_pixels`, :func:`resize_mask`, :attr:`ResizeDraw.prefix`).
+  ``fit`` applies it last, to the bucket-sized, already mirrored pixels (diffusers mirrors first too).
+
 Every draw comes from the ``random.Random`` passed in: ``fit`` seeds one per micro-batch, so a
 resumed run makes the same draws.
 """
@@ -32,11 +39,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
-__all__ = ["PixelAugment", "random_crop_box", "hue_shift", "kohya_gamma", "color_aug"]
+__all__ = ["PixelAugment", "random_crop_box", "hue_shift", "kohya_gamma", "color_aug", "ResizeDraw", "draw_resize",
+           "resize_pixels", "resize_mask", "SMALL_PREFIXES", "LARGE_PREFIXES"]
 
 #: kohya's hue_shift_limit, in OpenCV's hue units (2 degrees each)
 HUE_SHIFT_LIMIT = 8
+#: Custom Diffusion's caption prefixes: an image shrunk below 0.6 of its size, one enlarged past it
+SMALL_PREFIXES = ("a far away ", "very small ")
+LARGE_PREFIXES = ("zoomed in ", "close up ")
 
 
 def random_crop_box(scaled: tuple[int, int], bucket: tuple[int, int], rng: random.Random) -> tuple[int, int]:
@@ -86,6 +98,91 @@ def color_aug(image: Tensor, rng: random.Random) -> Tensor:
 
 
 @dataclass(frozen=True)
+class ResizeDraw:
+    """One use's draw of Custom Diffusion's resize augmentation (:func:`draw_resize`).
+
+    Attributes:
+        size: the image's (height, width) before and after (the bucket's).
+        scale: the rescaled image's (height, width): smaller than ``size`` -> placed on a zero canvas
+            at ``(top, left)``; larger -> the ``size`` window at ``(top, left)`` cut from it.
+        top, left: the offset (of the image on the canvas, or of the window in the image).
+        prefix: put in front of the caption (``""``, :data:`SMALL_PREFIXES`, :data:`LARGE_PREFIXES`).
+    """
+
+    size: tuple[int, int]
+    scale: tuple[int, int]
+    top: int
+    left: int
+    prefix: str
+
+    @property
+    def larger(self) -> bool:
+        """Whether the image was enlarged (cut to ``size``; its loss mask all ones)."""
+        return self.scale[0] > self.size[0]
+
+
+def draw_resize(size: tuple[int, int], rng: random.Random) -> ResizeDraw:
+    """Custom Diffusion's draw (diffusers ``CustomDiffusionDataset.__getitem__`` and ``preprocess``) for an
+    image of ``size`` (h, w), from ``rng`` in diffusers' order.
+
+    With ``h`` the height (diffusers' square ``size``): ``u ~ U[0, 1)``; ``u < 0.66``: the new height
+    ``s ~ randint(h // 3, h)``, else ``s ~ randint(int(1.2 h), int(1.4 h) - 1)`` (both ends inclusive;
+    nothing between ``h`` and ``1.2 h``); the width in proportion, ``round(s w / h)`` (``s`` on a square
+    image). Then ``top ~ randint(0, |s - h|)`` and ``left ~ randint(0, |s_w - w|)``, and the prefix:
+    ``s < 0.6 h`` one of :data:`SMALL_PREFIXES`, ``s > h`` one of :data:`LARGE_PREFIXES`, else none.
+
+    Raises:
+        ValueError: a side below 3 pixels.
+    """
+    h, w = size
+    if h < 3 or w < 3:
+        raise ValueError(f"the resize augmentation needs an image of at least 3x3 pixels, got {w}x{h}")
+    if rng.random() < 0.66:
+        s = rng.randint(h // 3, h)
+    else:
+        s = rng.randint(int(1.2 * h), int(1.4 * h) - 1)
+    sw = s if w == h else max(1, round(s * w / h))
+    top = rng.randint(0, abs(s - h))
+    left = rng.randint(0, abs(sw - w))
+    prefix = rng.choice(SMALL_PREFIXES) if s < 0.6 * h else rng.choice(LARGE_PREFIXES) if s > h else ""
+    return ResizeDraw(size=(h, w), scale=(s, sw), top=top, left=left, prefix=prefix)
+
+
+def resize_pixels(image: Tensor, draw: ResizeDraw) -> Tensor:
+    """``image`` (3, h, w) in [-1, 1] rescaled to ``draw.scale`` (bilinear, anti-aliased when shrinking:
+    PIL's ``BILINEAR``, diffusers' ``Image.resize``) and, smaller, placed on zeros at ``(top, left)``
+    or, larger, cut to its ``(h, w)`` window at ``(top, left)`` -> (3, h, w)."""
+    if tuple(image.shape[-2:]) != draw.size:
+        raise ValueError(f"the image is {tuple(image.shape[-2:])} but the draw was made for {draw.size}")
+    (h, w), (s, sw) = draw.size, draw.scale
+    wide = image.to(torch.promote_types(image.dtype, torch.float32))
+    scaled = F.interpolate(wide[None], size=(s, sw), mode="bilinear", align_corners=False, antialias=True)[0]
+    if draw.larger:  # (3, s, sw) -> its (h, w) window
+        out = scaled[:, draw.top: draw.top + h, draw.left: draw.left + w]
+    else:  # (3, s, sw) on a zero canvas (3, h, w)
+        out = scaled.new_zeros((scaled.shape[0], h, w))
+        out[:, draw.top: draw.top + s, draw.left: draw.left + sw] = scaled
+    return out.to(image.dtype).contiguous()
+
+
+def resize_mask(draw: ResizeDraw, latent_size: tuple[int, int]) -> Tensor:
+    """The loss mask (1, h', w') float32 of one use at the latents' ``latent_size``: all ones for an
+    enlarged image; for a smaller one 1 on the image's latent region less a one-latent-pixel border,
+    diffusers' ``mask[top // f + 1 : (top + s) // f - 1, ...]`` with ``f = size // latent_size``
+    (0 elsewhere; possibly empty at tiny sizes, see :func:`sdadapt.training.diffusion.region_loss_mask`)."""
+    (h, w), (s, sw) = draw.size, draw.scale
+    lh, lw = latent_size
+    if draw.larger:
+        return torch.ones((1, lh, lw))
+    fh, fw = h // lh, w // lw
+    if fh < 1 or fw < 1:
+        raise ValueError(f"latents {lw}x{lh} larger than the image {w}x{h}")
+    mask = torch.zeros((1, lh, lw))
+    mask[:, draw.top // fh + 1: (draw.top + s) // fh - 1, draw.left // fw + 1: (draw.left + sw) // fw - 1] = 1.0
+    return mask
+
+
+@dataclass(frozen=True)
 class PixelAugment:
     """Which pixel augmentations each use of an image gets (``train --random-crop``, ``--color-aug``).
 
@@ -94,16 +191,20 @@ class PixelAugment:
         color_aug: kohya's colour change (:func:`color_aug`).
         face_crop_range: kohya's ``face_crop_aug_range`` (LO, HI): the images with a face
             (:meth:`apply_face`); ``None``: off.
+        resize_aug: Custom Diffusion's resize augmentation (:func:`draw_resize`), which ``fit``
+            applies after the others, with its loss mask and caption prefix; not with loss masks
+            (``Dataset.loss_masks``) or cached text-encoder outputs.
     """
 
     random_crop: bool = False
     color_aug: bool = False
     face_crop_range: tuple[float, float] | None = None
+    resize_aug: bool = False
 
     @property
     def active(self) -> bool:
         """Whether the pixels change between uses (then nothing can be cached)."""
-        return self.random_crop or self.color_aug or self.face_crop_range is not None
+        return self.random_crop or self.color_aug or self.face_crop_range is not None or self.resize_aug
 
     def apply_face(self, image: Tensor, *, bucket: tuple[int, int], face: tuple[int, int, int, int], flipped: bool,
                    rng: random.Random, interpolation: str | None = None) -> Tensor:
