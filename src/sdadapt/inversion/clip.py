@@ -286,9 +286,43 @@ def image_variation_conditioning(unet, *, encode_image: Callable[[Tensor], Tenso
                              modules=(unet,))
 
 
+def _unclip_folder_parts(folder: Path) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
+    """The ``image_normalizer/`` ``(mean (1, D), std (1, D))`` and the ``image_noising_scheduler/``
+    ``alphas_cumprod`` (T',) of a diffusers unCLIP folder (``None`` for a part the folder lacks).
+
+    The schedule is built as diffusers' ``DDPMScheduler`` builds it from that config (its defaults
+    for missing keys: linear, β 1e-4..0.02, 1000 steps)."""
+    normalizer = None
+    weights = [f for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+               if (f := folder / "image_normalizer" / name).is_file()]
+    if weights:
+        from ..formats.files import read_weights
+
+        tensors, _ = read_weights(weights[0])
+        if "mean" not in tensors or "std" not in tensors:
+            raise WeightFileError(f"{weights[0]}: not a StableUnCLIPImageNormalizer (needs 'mean' and 'std' tensors)")
+        normalizer = (tensors["mean"].float().reshape(1, -1), tensors["std"].float().reshape(1, -1))
+    schedule = None
+    config_file = folder / "image_noising_scheduler" / "scheduler_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if config.get("trained_betas") is not None:
+            raise ValueError(f"{config_file}: trained_betas are not supported; pass noise_schedule= to unclip_image_conditioning")
+        name = config.get("beta_schedule", "linear")
+        betas = diffusion.noise_schedule(
+            {"squaredcos_cap_v2": "cosine"}.get(name, name), num_steps=int(config.get("num_train_timesteps", 1000)),
+            beta_start=float(config.get("beta_start", 0.0001)), beta_end=float(config.get("beta_end", 0.02)),
+            zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
+        )
+        schedule = diffusion.alphas_cumprod_of(betas).float()
+    return normalizer, schedule
+
+
 def image_conditioning(system, *, noise_level: int = 0) -> ImageConditioning:
     """The image-embedding conditioning of a system (toy: time embedding; a diffusers system whose
-    UNet has ``class_embed_type="projection"``: unCLIP, with its ``image_normalizer`` if it has one).
+    UNet has ``class_embed_type="projection"``: unCLIP, with its ``image_normalizer`` — the
+    system's attribute, else the ``image_normalizer/`` of the folder it was loaded from — and the
+    folder's ``image_noising_scheduler/`` schedule, as the unCLIP pipelines load them).
 
     Raises:
         NoImageConditioningError: the system's model has no image-embedding input; the message
@@ -299,9 +333,14 @@ def image_conditioning(system, *, noise_level: int = 0) -> ImageConditioning:
         return toy_image_conditioning(system)
     config = getattr(unet, "config", None)
     if config is not None and getattr(config, "class_embed_type", None) == "projection":
+        normalizer, schedule = getattr(system, "image_normalizer", None), None
+        source = getattr(system, "source", None)
+        if source is not None and Path(source).is_dir():  # a diffusers unCLIP folder: its noise-augmentation parts
+            folder_normalizer, schedule = _unclip_folder_parts(Path(source))
+            normalizer = normalizer if normalizer is not None else folder_normalizer
         return unclip_image_conditioning(
             unet, text=lambda prompts: system.condition(system.tokenize(prompts)), noise_level=noise_level,
-            image_normalizer=getattr(system, "image_normalizer", None),
+            image_normalizer=normalizer, noise_schedule=schedule,
         )
     raise NoImageConditioningError(
         f"{type(system).__name__} has no image-embedding conditioning: its UNet takes text only, so there is no "
