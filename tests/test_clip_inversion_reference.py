@@ -136,11 +136,14 @@ def test_generate_uses_the_files_noise_level(tmp_path):
     v = torch.randn(1, D, generator=torch.Generator().manual_seed(6)) * 3
     back = load_image_vectors(save_image_vectors(tmp_path / "v.safetensors", ImageVectors(v, site="class-labels", noise_level=700)))
     assert back.noise_level == 700
-    got = generate_with_vectors(system, back, prompt="x", count=1, steps=2, guidance=3.0)
-    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = generate_with_vectors(system, back, prompt="x", count=1, steps=2, guidance=3.0, seed=3)
+    g = torch.Generator().manual_seed(3)  # the seed draws x_T, then the augmentation noise
+    x_T = torch.randn(1, 4, 8, 8, generator=g)
     cond = unclip_image_conditioning(unet, text=_text, noise_level=700)
-    want = sample_image_vectors(cond, v, x_T, alphas_cumprod=AC, prompts=["x"], steps=2, guidance=3.0)
+    want = sample_image_vectors(cond, v, x_T, alphas_cumprod=AC, prompts=["x"], steps=2, guidance=3.0, generator=g)
     assert torch.equal(got, want)
+    fixed = sample_image_vectors(cond, v, x_T, alphas_cumprod=AC, prompts=["x"], steps=2, guidance=3.0)
+    assert not torch.equal(got, fixed)  # (the augmentation noise follows the seed, not a fixed 0)
 
 
 def test_image_variation_feeds_tokens_and_zero_negative_as_the_pipeline():

@@ -434,17 +434,19 @@ def sample_image_vectors(
     guidance: float = 2.0,
     steps: int = 25,
     prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """DDIM + CFG from noise ``x_T`` (B, C, h, w) conditioned on ``vectors`` (K, D) (``None``:
     text only) and ``prompts`` (B strings; default ``""``). The unconditional branch is
-    ``(negative, zeros)``. Returns latents (B, C, h, w)."""
+    ``(negative, zeros)``. ``generator`` draws unCLIP's augmentation noise (class-labels site;
+    default: one seeded with 0). Returns latents (B, C, h, w)."""
     b = x_T.shape[0]
     if vectors is not None:
         conditioning.check_vectors(vectors)
         vectors = vectors.to(x_T)[None].expand(b, *vectors.shape)
     if prompts is not None and len(prompts) != b:
         raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
     cond = conditioning.condition(vectors, conditioning.text_states(prompts, b), batch=b, like=x_T, generator=generator)
     uncond = conditioning.condition(None, conditioning.text_states([negative] * b if conditioning.text else None, b),
                                     batch=b, like=x_T)
@@ -576,7 +578,8 @@ def generate_with_vectors(
     negative: str = "",
 ) -> Tensor:
     """Images (count, 3, H, W) in [-1, 1] from image vectors (K, D), mixed with ``prompt`` where
-    the model takes text. ``vectors=None`` samples from the prompt alone (same noise: a baseline)."""
+    the model takes text. ``vectors=None`` samples from the prompt alone (same noise: a baseline).
+    ``seed`` draws the starting noise and then unCLIP's augmentation noise (class-labels site)."""
     v = vectors.vectors if isinstance(vectors, ImageVectors) else vectors
     noise_level = vectors.noise_level if isinstance(vectors, ImageVectors) else 0
     conditioning = image_conditioning(system, noise_level=noise_level)
@@ -588,5 +591,5 @@ def generate_with_vectors(
     x_T = torch.randn(count, *shape, generator=g).to(device)
     latents = sample_image_vectors(conditioning, None if v is None else v.to(device), x_T, alphas_cumprod=system.alphas_cumprod,
                                    prompts=[prompt] * count if conditioning.text else None, negative=negative,
-                                   guidance=guidance, steps=steps, prediction_type=system.prediction_type)
+                                   guidance=guidance, steps=steps, prediction_type=system.prediction_type, generator=g)
     return system.decode_latents(latents)
