@@ -416,9 +416,9 @@ def test_one_block_draws_and_metadata_are_pinned_to_the_version_before_several_b
                 "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_reso_steps", "ss_bucket_info"):
         assert key not in meta  # kohya's use_user_config branch (one block too): each dataset's own in ss_datasets
     (entry,) = json.loads(meta["ss_datasets"])
-    assert entry["bucket_info"] == {"buckets": {"0": {"resolution": [96, 32], "count": 3},
+    assert entry["bucket_info"] == {"buckets": {"0": {"resolution": [32, 96], "count": 2},  # kohya's [w, h] order
                                                 "1": {"resolution": [64, 64], "count": 4},
-                                                "2": {"resolution": [32, 96], "count": 2}},
+                                                "2": {"resolution": [96, 32], "count": 3}},
                                     "mean_img_ar_error": 0.0}
     assert (entry["batch_size_per_device"], entry["num_train_images"], entry["num_reg_images"], entry["resolution"],
             entry["enable_bucket"], entry["min_bucket_reso"], entry["max_bucket_reso"]) == (3, 9, 2, [64, 64], True, 32, 128)

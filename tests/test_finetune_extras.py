@@ -156,11 +156,15 @@ def _ema_run(system, decay):
 
 
 def _reference_ema(history, decay):
-    """float64 EMA with diffusers' warm-up rule: decay_t = min(decay, (1 + t) / (10 + t))."""
+    """float64 EMA with diffusers' ``EMAModel.get_decay`` (defaults: update_after_step 0, no warm-up;
+    huggingface/diffusers@58eb52c0803ea9af3abec60841c2a093bdf1f951 src/diffusers/training_utils.py:745-818
+    ``get_decay``/``step``): at optimisation step n, k = max(0, n - 1); d = 0 at k = 0 (a copy), else
+    min(decay, (1 + k) / (10 + k)); s -= (1 - d)(s - p)."""
     shadow = dict(history[0])
-    for t, weights in enumerate(history[1:], 1):
-        d = min(decay, (1 + t) / (10 + t))
-        shadow = {k: shadow[k] + (1 - d) * (weights[k] - shadow[k]) for k in shadow}
+    for n, weights in enumerate(history[1:], 1):
+        k = max(0, n - 0 - 1)
+        d = 0.0 if k <= 0 else min(decay, (1 + k) / (10 + k))
+        shadow = {key: shadow[key] - (1 - d) * (shadow[key] - weights[key]) for key in shadow}
     return shadow
 
 

@@ -50,7 +50,8 @@ def test_each_image_goes_to_its_nearest_aspect_bucket_and_says_so(tmp_path):
         assert "-> bucket" in r.note
     assert "scaled up" in by_name["small.png"].note
     plan_dataset(records, resolution=512, step=64, no_upscale=True)
-    assert by_name["small.png"].bucket == (64, 64) and "scaled down" in by_name["small.png"].note
+    # kohya's bucket_no_upscale: cropped at its own size, unscaled (tests/test_bucket_reference.py)
+    assert by_name["small.png"].bucket == (64, 64) and "kept, cropped" in by_name["small.png"].note
     plan_dataset(records, resolution=256, buckets=False)
     assert {r.bucket for r in records} == {(256, 256)}
 

@@ -1403,11 +1403,12 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     from ..methods.fit import NonFiniteLossError
     from ..methods.lora_blocks import check_block_args
     from ..sampling import parse_sample_prompts
-    from ..training.data import Dataset, encode_buckets, find_images, plan_dataset
+    from ..training.data import BUCKETS_BEFORE, BUCKETS_KOHYA, Dataset, encode_buckets, find_images, plan_dataset
     from ..training.pixel_augment import LARGE_PREFIXES, SMALL_PREFIXES, PixelAugment
     from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
     from .caption_lines import recorded_caption_assembly, recorded_caption_empties, recorded_caption_lines
+    from .run_versions import recorded_version
 
     data_config = None  # kohya's dataset TOML / fine-tuning metadata, read (no image yet) before any other check
     block_options: list[TrainOptions] = []  # kohya's several [[datasets]]: each block's options (its size, batch, buckets)
@@ -1465,6 +1466,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     caption_assembly = recorded_caption_assembly(resume_record)  # (a run recorded before: its suffix / wildcard / dropout ways)
     kohya_assembly = caption_assembly in (ASSEMBLY_KOHYA, ASSEMBLY_KOHYA_2)
     kohya_order = caption_assembly == ASSEMBLY_KOHYA_2  # (a run recorded "kohya": the template first, and so on)
+    # (a run recorded before kohya's buckets keeps its own: no square bucket, round-half-even, its no-upscale)
+    bucket_rule = recorded_version(resume_record, "bucket_rule", new=BUCKETS_KOHYA, legacy=BUCKETS_BEFORE)
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
@@ -1579,7 +1582,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         for block, (opts, h, w, step) in enumerate(plans):
             plan_dataset(group if not block_options else [r for r in group if r.dataset == block], resolution=(h, w),
                          buckets=opts.enable_bucket, step=step, min_size=opts.min_bucket_reso,
-                         max_size=opts.max_bucket_reso, no_upscale=opts.bucket_no_upscale)
+                         max_size=opts.max_bucket_reso, no_upscale=opts.bucket_no_upscale, rule=bucket_rule)
 
     def face_crops(group: list, crop_range, notes: list[str]) -> int:
         """:func:`_face_crop_records` for each block's images (its own ``enable_bucket``; each note once)."""
@@ -1862,7 +1865,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
                               dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
                               step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
-                              caption_assembly=caption_assembly,
+                              caption_assembly=caption_assembly, bucket_rule=bucket_rule,
                               initial=(initial_step, skip_until),
                               preset_file=preset_file)
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
@@ -1916,7 +1919,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             _write_run_record(outputs.state, method, options, info.step, total, saves=written,
                               dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
                               step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
-                              caption_assembly=caption_assembly,
+                              caption_assembly=caption_assembly, bucket_rule=bucket_rule,
                               initial=(initial_step, skip_until),
                               preset_file=preset_file)
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
@@ -2053,6 +2056,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
                       step_shares: str = train_schedule.FLOOR_SHARES, caption_lines: str = FIRST_LINE_CAPTIONS,
                       caption_empties: str = EMPTIES_KEPT, caption_assembly: str = ASSEMBLY_KOHYA_2,
+                      bucket_rule: str = "kohya",
                       initial: tuple[int, bool] = (0, False),
                       preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
@@ -2066,7 +2070,9 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
     written in every record, ``"joined"`` too, as a record with ``vae`` and without it took the first line);
     ``caption_empties``: whether an empty caption and empty tags are kept
     (:func:`sdadapt.jobs.caption_lines.recorded_caption_empties`); ``caption_assembly``: how a caption is put
-    together (:func:`sdadapt.jobs.caption_lines.recorded_caption_assembly`); ``initial``: the
+    together (:func:`sdadapt.jobs.caption_lines.recorded_caption_assembly`); ``bucket_rule``: how the images
+    were bucketed, scaled and cropped (:data:`sdadapt.training.data.BUCKETS_KOHYA`; a record without it planned
+    as :data:`~sdadapt.training.data.BUCKETS_BEFORE`); ``initial``: the
     step the run started at and whether it skipped the data before it (:mod:`sdadapt.jobs.initial_step`);
     ``preset_file``: the LyCORIS preset file's record as the run read it at its start
     (:func:`_preset_file_record`; a file edited during the run does not change it), read now when not given."""
@@ -2085,6 +2091,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               "caption_lines": caption_lines,  # (always: a record with "vae" and without it took the first line)
               "caption_empties": caption_empties,  # (a record without it dropped empty captions and tags)
               "caption_assembly": caption_assembly,  # (a record without it: the suffix after the cut, and so on)
+              "bucket_rule": bucket_rule,  # (a record without it: no square bucket, round-half-even, its no-upscale)
               **initial_step_record(*initial),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
               **({"text_encoder_2_lr": options.text_encoder_2_lr} if options.text_encoder_2_lr is not None else {}),

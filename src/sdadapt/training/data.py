@@ -19,9 +19,11 @@ caption (``""``, :func:`find_images` with ``uncaptioned=True``) gets one of ``te
 training resolution's, sides multiples of ``step`` between ``min_size`` and ``max_size`` — kohya's
 ``make_bucket_resolutions``. Each image goes to the bucket closest to its aspect ratio, is scaled
 (kohya's default: OpenCV's ``area`` when it shrinks both ways, else PIL's ``lanczos`` —
-:func:`sdadapt.resampling.kohya_default`; or :attr:`ImageRecord.interpolation`) to cover it and centre-cropped; with ``no_upscale`` an image
-smaller than the resolution gets a bucket of its own size (rounded down to ``step``) and is never
-enlarged. Without bucketing every image is scaled and centre-cropped to the square resolution.
+:func:`sdadapt.resampling.kohya_default`; or :attr:`ImageRecord.interpolation`) to cover it and centre-cropped; with ``no_upscale``
+(kohya's ``bucket_no_upscale``) an image larger than the resolution's area is scaled to about that area,
+and each image is cropped, unscaled, to a bucket of its own sides rounded down to ``step``: never
+enlarged. The bucket, the scaled size and the crop are kohya's integers (:data:`BUCKETS_KOHYA`).
+Without bucketing every image is scaled and centre-cropped to the square resolution.
 Every image's decision is written in its :attr:`ImageRecord.note`. Batches are drawn from one
 bucket at a time; latents are encoded once per bucket (:func:`encode_buckets`).
 
@@ -81,6 +83,8 @@ __all__ = [
     "kohya_folder_name",
     "kohya_folder_names",
     "kohya_dataset_dirs",
+    "BUCKETS_KOHYA",
+    "BUCKETS_BEFORE",
     "bucket_sizes",
     "plan_dataset",
     "encode_buckets",
@@ -652,14 +656,18 @@ def find_images(
 
 
 def bucket_sizes(resolution: tuple[int, int] | int, *, step: int = 64, min_size: int = 256,
-                 max_size: int = 1024) -> list[tuple[int, int]]:
+                 max_size: int = 1024, kohya_square: bool = True) -> list[tuple[int, int]]:
     """Bucket (height, width) sizes of at most the resolution's area (kohya's ``make_bucket_resolutions``).
 
     For each width ``w = min_size, min_size + step, … ≤ max_size`` the bucket is
-    ``h = min(max_size, ⌊area / w / step⌋·step)`` (and its transpose), plus the resolution itself.
+    ``h = min(max_size, ⌊area / w / step⌋·step)`` (and its transpose), plus the square of side
+    ``⌊√area / step⌋·step`` (kohya's; with a square resolution, the resolution) and the resolution itself
+    (already there whenever ``min_size ≤`` its sides ``≤ max_size``, which kohya requires).
 
     Args:
         resolution: ``size`` or ``(height, width)``; sides multiples of ``step``.
+        kohya_square: add kohya's square; ``False``: not (runs recorded before, :data:`BUCKETS_BEFORE`:
+            a non-square resolution then had no square bucket).
     """
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     if step < 1 or height % step or width % step:
@@ -668,6 +676,9 @@ def bucket_sizes(resolution: tuple[int, int] | int, *, step: int = 64, min_size:
         raise ValueError(f"need step ({step}) <= min bucket size ({min_size}) <= max bucket size ({max_size})")
     area = height * width
     sizes = {(height, width)}
+    if kohya_square:  # kohya: width = int(math.sqrt(max_area) // divisible) * divisible; resos.add((width, width))
+        side = int(math.sqrt(area) // step) * step
+        sizes.add((side, side))
     w = min_size
     while w <= max_size:
         h = min(max_size, (area // w) // step * step)
@@ -678,13 +689,38 @@ def bucket_sizes(resolution: tuple[int, int] | int, *, step: int = 64, min_size:
     return sorted(sizes, key=lambda s: (s[1] / s[0], s))
 
 
-def _fit(record: ImageRecord, bucket: tuple[int, int]) -> None:
-    """Scale ``record`` to cover ``bucket`` and centre-crop; fills resized/crop/note."""
+#: kohya's buckets (sd-scripts 48d368fa ``BucketManager.select_bucket`` / ``make_bucket_resolutions``,
+#: :func:`plan_dataset`): the nearest aspect ratio in float64, ties to the bucket kohya lists first (the
+#: narrower), an image of a bucket's exact size in that bucket, sizes rounded half up (``int(x + 0.5)``),
+#: the square bucket of a non-square resolution, ``min_size`` / ``max_size`` moved onto the step, and
+#: ``no_upscale`` as kohya's: an image larger than the resolution's area scaled to about that area (each side
+#: rounded to the step as kohya), then, as a smaller image, cropped to its sides rounded down to the step,
+#: unscaled
+BUCKETS_KOHYA = "kohya"
+#: what runs recorded before planned: float32 aspect ratios with ties to the lower ratio, Python's
+#: ``round``, no square bucket for a non-square resolution, ``min_size`` / ``max_size`` as given, and with
+#: ``no_upscale`` a larger image in the usual buckets and a smaller one scaled down to cover its own
+#: (``train --resume`` of such a run keeps it)
+BUCKETS_BEFORE = "before-kohya"
+
+
+def _fit(record: ImageRecord, bucket: tuple[int, int], *, kohya: bool = False,
+         resized: tuple[int, int] | None = None) -> None:
+    """Scale ``record`` to cover ``bucket`` (or to ``resized``, given) and centre-crop; fills
+    resized/crop/note. ``kohya``: kohya's scale and rounding (``select_bucket``: the side the aspect ratios
+    say, ``int(x · scale + 0.5)``); else the run recorded before's (``max`` of the two scales, ``round``)."""
     h, w = record.size
     bh, bw = bucket
-    scale = max(bh / h, bw / w)
-    rh, rw = max(bh, round(h * scale)), max(bw, round(w * scale))
-    top, left = (rh - bh) // 2, (rw - bw) // 2
+    if resized is not None:
+        rh, rw = resized
+        scale = rh / h
+    elif kohya:  # sd-scripts 48d368fa library/train_util.py:299-305 (reso and sizes as (w, h) there)
+        scale = bh / h if w / h > bw / bh else bw / w
+        rh, rw = max(bh, int(h * scale + 0.5)), max(bw, int(w * scale + 0.5))
+    else:
+        scale = max(bh / h, bw / w)
+        rh, rw = max(bh, round(h * scale)), max(bw, round(w * scale))
+    top, left = (rh - bh) // 2, (rw - bw) // 2  # kohya's trim_and_resize_if_required: trim_size // 2
     record.bucket, record.resized, record.crop = bucket, (rh, rw), (top, left)
     action = "kept" if (rh, rw) == (h, w) else ("scaled down" if scale < 1 else "scaled up")
     text = f"{w}x{h} -> bucket {bw}x{bh}: {action}"
@@ -695,35 +731,82 @@ def _fit(record: ImageRecord, bucket: tuple[int, int]) -> None:
     record.note = text
 
 
+def _kohya_no_upscale(size: tuple[int, int], area: int, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """kohya's ``select_bucket`` with ``bucket_no_upscale`` (sd-scripts 48d368fa library/train_util.py:307-341):
+    ``(bucket, resized)`` (height, width) of an image of ``size`` (height, width) for a resolution of ``area``."""
+    h, w = size
+    aspect = w / h
+
+    def to_steps(x: float) -> int:  # kohya's round_to_steps
+        x = int(x + 0.5)
+        return x - x % step
+
+    if w * h > area:  # scaled to about the area, one side rounded to the step: the one whose aspect ratio is nearer
+        resized_w = math.sqrt(area * aspect)
+        resized_h = area / resized_w
+        width_rounded = to_steps(resized_w)
+        height_in_wr = to_steps(width_rounded / aspect)
+        height_rounded = to_steps(resized_h)
+        width_in_hr = to_steps(height_rounded * aspect)
+        error_w = abs(width_rounded / height_in_wr - aspect) if height_in_wr else math.inf  # (0: kohya fails)
+        error_h = abs(width_in_hr / height_rounded - aspect) if height_rounded else math.inf
+        if error_w < error_h:
+            rw, rh = width_rounded, int(width_rounded / aspect + 0.5)
+        else:
+            rw, rh = int(height_rounded * aspect + 0.5), height_rounded
+    else:
+        rh, rw = h, w
+    return (rh - rh % step, rw - rw % step), (rh, rw)
+
+
 def plan_dataset(records: list[ImageRecord], *, resolution: tuple[int, int] | int, buckets: bool = True,
                  step: int = 64, min_size: int | None = None, max_size: int | None = None,
-                 no_upscale: bool = False) -> list[tuple[int, int]]:
+                 no_upscale: bool = False, rule: str = BUCKETS_KOHYA) -> list[tuple[int, int]]:
     """Assign each record a bucket, scale and crop (in place); returns the bucket sizes in use.
 
     Args:
         resolution: the training size (``size`` or ``(height, width)``).
         buckets: aspect-ratio bucketing; ``False``: every image to the (square) resolution.
         step: bucket sides are multiples of it (64 for SD; the model's size multiple at least).
-        min_size, max_size: bucket side limits (default: resolution/2 and resolution·2, kohya-like).
-        no_upscale: never enlarge an image (small images get buckets of their own size).
+        min_size, max_size: bucket side limits (default: resolution/2 and resolution·2, kohya-like);
+            kohya moves them onto ``step`` (the minimum down, the maximum up).
+        no_upscale: never enlarge an image (kohya's ``bucket_no_upscale``: each image gets a bucket of
+            its own size, :data:`BUCKETS_KOHYA`; ``min_size`` / ``max_size`` unused, as kohya's).
+        rule: :data:`BUCKETS_KOHYA` (kohya's, the default) or :data:`BUCKETS_BEFORE` (runs recorded before).
     """
+    if rule not in (BUCKETS_KOHYA, BUCKETS_BEFORE):
+        raise ValueError(f"bucket rule must be {BUCKETS_KOHYA!r} or {BUCKETS_BEFORE!r}, got {rule!r}")
+    kohya = rule == BUCKETS_KOHYA
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     if not buckets:
         for record in records:
-            _fit(record, (height, width))
+            _fit(record, (height, width), kohya=kohya)
         return sorted({r.bucket for r in records})
     side = int(math.sqrt(height * width))
     low = min_size if min_size is not None else max(step, side // 2 // step * step)
     high = max_size if max_size is not None else side * 2 // step * step
-    sizes = bucket_sizes((height, width), step=step, min_size=low, max_size=high)
-    ratios = torch.tensor([w / h for h, w in sizes])
+    if kohya:  # kohya's adjust_min_max_bucket_reso_by_steps (sd-scripts 48d368fa library/train_util.py:747-764)
+        low, high = max(step, low - low % step), high + (-high) % step
+    sizes = bucket_sizes((height, width), step=step, min_size=low, max_size=high, kohya_square=kohya)
+    if kohya:  # kohya's order (make_bucket_resolutions sorts (w, h)): np.argmin takes the first of equal errors
+        sizes = sorted(sizes, key=lambda s: (s[1], s[0]))
+    ratios = torch.tensor([w / h for h, w in sizes], dtype=torch.float64 if kohya else torch.float32)
     for record in records:
         h, w = record.size
+        if kohya and no_upscale:
+            bucket, resized = _kohya_no_upscale((h, w), height * width, step)
+            if bucket[0] >= step and bucket[1] >= step:
+                _fit(record, bucket, resized=resized)
+            else:  # a side under the step (kohya fails on a bucket of size 0): scaled up to cover one step
+                _fit(record, (max(step, bucket[0]), max(step, bucket[1])), kohya=True)
+            continue
         if no_upscale and h * w < height * width:
             bucket = (max(step, h // step * step), max(step, w // step * step))
+        elif kohya and (h, w) in sizes:  # kohya: an image of a bucket's exact size takes that bucket
+            bucket = (h, w)
         else:
             bucket = sizes[int(torch.argmin((ratios - w / h).abs()))]
-        _fit(record, bucket)
+        _fit(record, bucket, kohya=kohya)
     return sorted({r.bucket for r in records})
 
 
@@ -878,12 +961,16 @@ class Dataset:
         return dataset_dirs_of(self.records)
 
     def bucket_info(self) -> dict:
-        """kohya's ``ss_bucket_info``: ``{"buckets": {i: {"resolution": [w, h], "count": n}}, "mean_img_ar_error": e}``."""
+        """kohya's ``ss_bucket_info``: ``{"buckets": {i: {"resolution": [w, h], "count": n}}, "mean_img_ar_error": e}``
+        (``i`` in kohya's order of ``[w, h]``, ``n`` with repeats, ``e`` the mean over images of
+        ``|bucket w / h − image w / h|``)."""
         count = Counter()
         for r in self.records:
             count[r.bucket] += r.repeats
         errors = [abs(r.size[1] / r.size[0] - r.bucket[1] / r.bucket[0]) for r in self.records if r.size[0]]
-        buckets = {str(i): {"resolution": [w, h], "count": count[(h, w)]} for i, (h, w) in enumerate(sorted(count))}
+        # numbered in kohya's order (BucketManager.sort: its (width, height) sizes sorted)
+        order = sorted(count, key=lambda s: (s[1], s[0]))
+        buckets = {str(i): {"resolution": [w, h], "count": count[(h, w)]} for i, (h, w) in enumerate(order)}
         return {"buckets": buckets, "mean_img_ar_error": sum(errors) / max(1, len(errors))}
 
     def report(self) -> list[str]:

@@ -103,21 +103,33 @@ class StepConfig:
 
 
 class EMA:
-    """Exponential moving average of parameters (diffusers' EMAModel warm-up rule).
+    """Exponential moving average of parameters: diffusers' ``EMAModel`` with its defaults
+    (``min_decay=0``, ``update_after_step=0``, no ``use_ema_warmup``).
 
-    ``decay_t = min(decay, (1 + t) / (10 + t))``; shadows are float32 copies.
+    At the n-th update (``updates`` counts them, diffusers' ``optimization_step``) the shadow
+    ``s ← s − (1 − d_n)·(s − p)`` with ``d_n = get_decay(n)``: ``d_1 = 0`` (the first update copies
+    the weights) and ``d_n = min(decay, n / (9 + n))`` after it, i.e. ``(1 + k)/(10 + k)`` at
+    ``k = n − 1``. (CompVis ``LitEma`` uses ``(1 + n)/(10 + n)`` from the first update: one update
+    ahead of this.) Shadows are float32 copies (diffusers keeps the parameters' dtype).
     """
 
     def __init__(self, params: Iterable[nn.Parameter], *, decay: float = 0.9999) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], e.g. 0.9999; got {decay}")
         self.params = list(params)
         self.decay = decay
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.updates = 0
 
+    def decay_at(self, update: int) -> float:
+        """The decay of the ``update``-th update (1-based): diffusers' ``EMAModel.get_decay``."""
+        k = update - 1  # diffusers: step = max(0, optimization_step - update_after_step - 1)
+        return 0.0 if k <= 0 else min(self.decay, (1 + k) / (10 + k))
+
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = self.decay_at(self.updates)
         for shadow, param in zip(self.shadow, self.params):
             shadow.lerp_(param.detach().float(), 1.0 - decay)
 
