@@ -975,6 +975,49 @@ def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple
     return notes, templates
 
 
+def _trigger_words(method: str, options: TrainOptions) -> tuple[str, ...]:
+    """The run's trigger word(s): ``--token`` as given, for ``custom-diffusion`` split at ``+`` and checked with
+    ``--init-word`` (:func:`sdadapt.methods.custom_diffusion.modifier_tokens`, diffusers' ``--modifier_token
+    "<new1>+<new2>"``): several modifier tokens train jointly. A ValueError names the fix."""
+    token = options.method_options["token"]
+    if method != "custom-diffusion":
+        return (token,)
+    from ..methods.custom_diffusion import modifier_tokens
+
+    try:
+        return modifier_tokens(token, options.method_options.get("init_word"))[0]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--token / --init-word: {exc}") from None
+
+
+def _several_tokens_captions(records: list, tokens: tuple[str, ...], options: TrainOptions) -> list[str]:
+    """Several modifier tokens (``train custom-diffusion --token "<new1>+<new2>"``): every image's own caption
+    must name one of ``tokens`` (its concept's), from a caption file, its kohya ``N_<token> class`` folder name
+    or a dataset TOML subset's ``class_tokens``. An uncaptioned image, a caption naming none of them, a
+    ``--caption-template`` or ``--templates-replace-captions`` is refused: neither a template nor a caption can
+    say which concept an image is. Returns a note on how many images each token has."""
+    from ..methods.textual_inversion import mentions
+
+    listed = "+".join(tokens)
+    how = ("give each concept's images captions naming its token: caption files, kohya folders named "
+           f"'1_{tokens[0]} <class>' / '1_{tokens[1]} <class>' (the folder name is the caption of images without "
+           "one), or --dataset-config subsets with their own class_tokens (docs/custom-diffusion.md)")
+    if options.caption_template is not None or options.templates_replace_captions:
+        flag = "--caption-template" if options.caption_template is not None else "--templates-replace-captions"
+        raise ValueError(f"{flag}: with several modifier tokens ({listed}) a template cannot say which concept an "
+                         f"image is; leave it out and {how}")
+    uncaptioned = [r for r in records if not r.caption]
+    if uncaptioned:
+        raise ValueError(f"{len(uncaptioned)} image(s) without a caption (e.g. {uncaptioned[0].path}): with several "
+                         f"modifier tokens ({listed}) a template caption cannot say which concept an image is; {how}")
+    missing = [r for r in records if not any(mentions(r.caption, t) for t in tokens)]
+    if missing:
+        raise ValueError(f"{len(missing)} caption(s) mention none of the modifier tokens {listed} (e.g. "
+                         f"{missing[0].caption!r} of {missing[0].path}); {how}")
+    counts = ", ".join(f"{t}: {sum(mentions(r.caption, t) for r in records)}" for t in tokens)
+    return [f"{len(tokens)} modifier tokens trained jointly; images whose caption names each: {counts}"]
+
+
 def _template_captions(token: str, options: TrainOptions) -> tuple[str, ...]:
     """The ``--templates`` set's captions with ``token`` in them (what a template draw picks from)."""
     from ..methods.textual_inversion import TEMPLATE_SETS
@@ -1489,6 +1532,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                          "or initialise one with torch.distributed.init_process_group first")
     start_time = time.perf_counter()
     trigger = options.method_options.get("token") if getattr(spec, "trigger", False) else None
+    triggers = _trigger_words(method, options) if trigger is not None else ()  # (custom-diffusion: several, '+')
     if trigger is None and (options.caption_template is not None or options.templates != "object"
                             or options.templates_replace_captions):
         raise ValueError(f"--caption-template, --templates and --templates-replace-captions are for methods that learn "
@@ -1518,7 +1562,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                      multiline=options.enable_wildcard, caption_lines=caption_lines, empties=caption_empties)
         for record in records:  # (kohya's resize_interpolation; a dataset TOML's subsets carry their own)
             record.interpolation = options.resize_interpolation
-    if trigger is not None:
+    if len(triggers) > 1:
+        notes.extend(_several_tokens_captions(records, triggers, options))
+        templates = ()
+    elif trigger is not None:
         trigger_notes, templates = _trigger_captions(records, trigger, options)
         if not options.templates_replace_captions:  # (else every caption is a template: _replace_captions says so)
             notes.extend(trigger_notes)
@@ -1629,7 +1676,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     zoom_words = (*SMALL_PREFIXES, *LARGE_PREFIXES) if options.resize_aug else ()  # (--resize-aug's caption prefixes)
     unknown_caption_words = sorted({w for c in [*(r.caption for r in records), *templates, *zoom_words]
                                     for w in unknown_words(system, c)}
-                                   - ({trigger.lower(), f"{trigger.lower()}-neg"} if trigger else set()))
+                                   - {w for t in triggers for w in (t.lower(), f"{t.lower()}-neg")})
     if unknown_caption_words:
         dataset.notes.append(f"the toy tokenizer does not know {', '.join(unknown_caption_words[:8])} (they become <unk>); "
                              f"its words: {', '.join(_toy_vocabulary(system))}")
