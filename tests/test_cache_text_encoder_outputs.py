@@ -22,6 +22,7 @@ import random
 
 import pytest
 import torch
+from _fast_s1 import one_level_toy
 
 from sdadapt.cli import main
 from sdadapt.methods import METHODS, FitConfig, fit
@@ -46,7 +47,8 @@ def _same(a, b) -> None:
 
 
 def _toy_run(cache: bool, *, mode: str, prior: bool = False, dropout: float = 0.0, **config):
-    system = build_toy(seed=1)
+    # (the toy tests run ``one_level_toy``: the toy's condition / denoiser paths, a ninth of the UNet's ops)
+    system = one_level_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1, text_encoder=False)
     images, captions = concept_data("cross", 4, seed=0)
     class_data = (images.flip(0), captions[::-1], 0.5) if prior else None
@@ -70,7 +72,7 @@ def test_toy_cached_run_trains_the_same_bits(mode, prior, dropout, config):
 def test_a_cached_run_resumes_onto_the_uncached_run(tmp_path):
     """The cache changes no draw: 2 cached steps, saved, resumed (cached) to 4 = 4 uncached steps."""
     def run(cache, steps, *, resume=None, save=None):
-        system = build_toy(seed=1)
+        system = one_level_toy(seed=1)
         adaptation = METHODS["lora"].adapt(system, seed=1, text_encoder=False)
         images, captions = concept_data("cross", 4, seed=0)
         dataset = Dataset(records_from_tensors(images, captions), captions=CaptionOptions(dropout=0.5))
@@ -99,7 +101,7 @@ def test_a_frozen_text_encoder_lora_may_cache():
     """kohya's ``network_train_unet_only`` is sdadapt's ``--no-text-encoder`` or a text-encoder LR of 0:
     adapters in the text encoder that do not train leave its output fixed."""
     def run(cache):
-        system = build_toy(seed=1)
+        system = one_level_toy(seed=1)
         adaptation = METHODS["lora"].adapt(system, seed=1)  # text-encoder LoRA too, frozen by text_encoder_lr=0
         images, captions = concept_data("cross", 4, seed=0)
         return _fit(system, adaptation, images, captions, cache=cache, text_encoder_lr=0.0)
@@ -109,7 +111,7 @@ def test_a_frozen_text_encoder_lora_may_cache():
 
 def test_regularisation_images_are_cached_too():
     def run(cache):
-        system = build_toy(seed=1)
+        system = one_level_toy(seed=1)
         adaptation = METHODS["lora"].adapt(system, seed=1, text_encoder=False)
         images, captions = concept_data("cross", 4, seed=0)
         dataset = Dataset(records_from_tensors(images, captions))
@@ -253,7 +255,7 @@ def test_conditioning_depends_on_finds_a_trained_path():
 
 
 def test_fit_with_a_cache_makes_no_host_sync_per_step():
-    system = build_toy(seed=1)
+    system = one_level_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1, text_encoder=False)
     images, captions = concept_data("cross", 4, seed=0)
     per_step: list[list] = []

@@ -231,17 +231,21 @@ def test_a_lora_training_step_on_an_fp8_unet_matches_the_rounded_bf16_reference(
     assert all(p.dtype == torch.float32 for p in unets[0].parameters() if p.requires_grad)  # the adapters stay fp32
 
 
-def _fit_on_an_fp8_toy(device: str = "cpu", **changes):
-    """A LoRA fit of the toy (bf16 autocast) with its UNet and text encoder stored in fp8: (losses, adapter weights)."""
+def _fit_on_an_fp8_toy(device: str = "cpu", *, small: bool = False, **changes):
+    """A LoRA fit of the toy (bf16 autocast) with its UNet and text encoder stored in fp8: (losses, adapter weights).
+    ``small``: ``one_level_toy`` (every layer kind, one UNet level: a ninth of the compile trace), else
+    ``small_toy``."""
     import dataclasses
 
     from _fast_compile import small_toy
+    from _fast_s1 import one_level_toy
 
     from sdadapt.methods import METHODS, FitConfig, fit
     from sdadapt.toy.evaluate import concept_data
     from sdadapt.training.step import StepConfig
 
-    system = small_toy(seed=1)  # (the toy's every block at half width, one text layer: a cheaper compile trace)
+    # (small_toy: the toy's every block at half width, one text layer; the CUDA test's)
+    system = one_level_toy(seed=1) if small else small_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     for model in (system.unet, system.text_encoder):
         assert cast_base_to_fp8(model).names
@@ -256,7 +260,7 @@ def _fit_on_an_fp8_toy(device: str = "cpu", **changes):
 @pytest.fixture(scope="module")
 def eager_fp8_fit():
     """The eager fit both cases below compare with (run once: it is the same run for both)."""
-    return _fit_on_an_fp8_toy()
+    return _fit_on_an_fp8_toy(small=True)
 
 
 @pytest.mark.parametrize("change", [{"cuda_graph": True}, {"compile_backend": "aot_eager"}],
@@ -269,7 +273,7 @@ def test_captured_and_compiled_steps_on_an_fp8_base_are_the_eager_steps(replayin
 
     eager = eager_fp8_fit
     made = spy_on_captured_steps(monkeypatch)
-    other = _fit_on_an_fp8_toy(**change)
+    other = _fit_on_an_fp8_toy(small=True, **change)
     assert bool(made) == ("cuda_graph" in change) and all(m.graph_count == 1 for m in made)
     assert all(math.isfinite(x) for x in eager[0]) and other[0] == eager[0]
     for a, b in zip(eager[1], other[1]):

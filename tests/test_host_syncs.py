@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from _fast_s1 import one_level_toy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
@@ -107,8 +108,9 @@ def test_copy_to_device_on_the_same_device_is_the_tensor_itself():
 
 # ------------------------------------------------------------------------------- train_step
 def _toy_lora(seed: int = 1):
-    """LoRA on the toy system's UNet: (model(x_t, t, ids), params, latents (4,12,16,16), ids, alphas_cumprod)."""
-    system = build_toy(seed=seed)
+    """LoRA on the toy system (``one_level_toy``: every layer kind, a ninth of the ops a step records): (model(x_t, t,
+    ids), params, latents (4,12,16,16), ids, alphas_cumprod)."""
+    system = one_level_toy(seed=seed)
     adaptation = METHODS["lora"].adapt(system, seed=seed)
     denoiser = system.denoiser()
     images, captions = concept_data("cross", 4, seed=0)
@@ -242,7 +244,7 @@ def _fit_events(data, captions=None, *, prior=None, accumulation: int = 1, steps
 
 @pytest.mark.parametrize("prior,accumulation", [(False, 1), (True, 2)], ids=["plain", "prior-accumulated"])
 def test_fit_reads_the_loss_once_per_optimiser_step(prior, accumulation):
-    system = build_toy(seed=1)
+    system = one_level_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     images, captions = concept_data("cross", 4, seed=0)
     class_images = (images.flip(0), captions[::-1], 0.5) if prior else None
@@ -259,7 +261,7 @@ def test_fit_on_a_dataset_copies_its_host_latents_without_a_wait():
     captions; the one read per step is the loss."""
     from sdadapt.training.data import Dataset, encode_buckets, records_from_tensors
 
-    system = build_toy(seed=1)
+    system = one_level_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     images, captions = concept_data("cross", 4, seed=0)
     per_step: list[list] = []
@@ -307,7 +309,7 @@ def test_fit_makes_no_float64_tensor():
                 self.ops.append(str(func))
             return out
 
-    system = build_toy(seed=1)
+    system = one_level_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1)
     images, captions = concept_data("cross", 4, seed=0)
     with Float64Outputs() as seen:

@@ -100,9 +100,9 @@ def test_the_system_samples_as_a_diffusers_pipeline_with_kohyas_scheduler(tiny_s
 def test_the_toy_runs_every_sampler_through_the_protocol(tmp_path):
     """The toy's ``sample`` is its own DDIM; any other sampler goes through ``generate``'s protocol path
     (its denoiser takes the samplers' fractional timesteps), equal to sample_latents + decode."""
-    from sdadapt.toy.system import build_toy
+    from _fast_s1 import one_level_toy
 
-    toy = build_toy(seed=0).eval()
+    toy = one_level_toy(seed=0).eval()  # (the toy system with a one-level UNet: its time embedding, a ninth of the ops)
     t = torch.tensor([10.0, 10.5])
     with torch.no_grad():  # a fractional timestep is its own point on the time embedding, not a rounded one
         x, cond = torch.randn(2, 12, 16, 16), toy.condition(["a red circle"] * 2)
@@ -220,8 +220,9 @@ def test_train_takes_every_sampler_name_and_alias():
     from sdadapt.cli import build_parser
     from sdadapt.jobs import TrainOptions
 
+    parser = build_parser()  # (built once: parse_args leaves it as it was)
     for name in (*samplers.SAMPLERS, *samplers.SAMPLER_ALIASES):
-        args = build_parser().parse_args(["train", "lora", "--images", "x", "--sample-sampler", name.upper()])
+        args = parser.parse_args(["train", "lora", "--images", "x", "--sample-sampler", name.upper()])
         assert args.sample_sampler == name  # (any case, as everywhere)
         TrainOptions(images="x", sample_sampler=name)
     with pytest.raises(ValueError, match="--sample-sampler: unknown sampler 'euler_cfg_pp'.*ddim"):

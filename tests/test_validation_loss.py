@@ -9,9 +9,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from _fast_s1 import one_level_toy
 
 from sdadapt.methods import METHODS, FitConfig, fit
-from sdadapt.toy import build_toy
 from sdadapt.toy.evaluate import concept_data
 from sdadapt.training.data import Dataset, encode_buckets, records_from_tensors
 from sdadapt.training.step import StepConfig
@@ -82,8 +82,10 @@ SEED, VALIDATION_SEED = 3, 11
 
 
 def _toy_run(*, validation=None, dataset: bool = False, steps: int = 4, on_step=None, **options):
-    """A LoRA (with dropout: eval mode matters) on the toy, batch 2; returns (losses, the trained tensors, the system)."""
-    system = build_toy(seed=1)
+    """A LoRA (with dropout: eval mode matters) on the toy, batch 2; returns (losses, the trained tensors, the system).
+    The toy here and below is ``one_level_toy`` (every layer kind, a ninth of the UNet's ops: the passes are most of
+    this file's time)."""
+    system = one_level_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1, rank=4, dropout=0.3, rank_dropout=0.2)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # no zero up-projections: the adapters change the output from the start (dropout shows)
@@ -176,7 +178,7 @@ def test_training_with_validation_is_bit_identical_to_training_without(plain_run
     # the same in dataset mode, validating every epoch (3 batches an epoch)
     data = Dataset(records_from_tensors(images, captions))
     plain = _toy_run(dataset=True, steps=4)
-    encode_buckets(data, build_toy(seed=1).encode_images, images=images)
+    encode_buckets(data, one_level_toy(seed=1).encode_images, images=images)
     seen = []
     with_validation = _toy_run(dataset=True, steps=4, validation=data, on_step=lambda i: seen.append(i.validated))
     assert with_validation[0] == plain[0] and all(torch.equal(a, b) for a, b in zip(with_validation[1], plain[1]))
@@ -216,7 +218,7 @@ def test_cached_text_encoder_outputs_give_the_same_validation_loss(dataset):
     images, captions = _held_out()
     runs = []
     for cache in (False, True):
-        system = build_toy(seed=1).eval()
+        system = one_level_toy(seed=1).eval()
         adaptation = METHODS["lora"].adapt(system, seed=1, rank=4, text_encoder=False)
         train_images, train_captions = concept_data("red", 4, seed=2)
         data, validation = train_images, (images, captions)
@@ -269,7 +271,7 @@ def test_held_out_captions_follow_the_caption_schedule_of_the_step_just_trained(
         # every 2nd epoch (3 batches an epoch, so steps 4-6) drops every caption
         (CaptionOptions(dropout_every_n_epochs=2), [6, 6, 6, 0, 0, 0]),
     ):
-        system = build_toy(seed=1)
+        system = one_level_toy(seed=1)
         adaptation = METHODS["lora"].adapt(system, seed=1, rank=4)
         train_images, train_captions = concept_data("red", 6, seed=2)
         data = Dataset(records_from_tensors(train_images, train_captions), captions=options)
@@ -313,7 +315,7 @@ def test_a_schedule_free_run_is_validated_at_its_averaged_weights():
     """kohya's optimizer_eval_fn before the pass: the loss of x (what is saved), not of y (where the
     gradients are taken)."""
     images, captions = _held_out()
-    system = build_toy(seed=1)
+    system = one_level_toy(seed=1)
     adaptation = METHODS["lora"].adapt(system, seed=1, rank=4)
     train_images, train_captions = concept_data("red", 6, seed=2)
     seen: list[tuple[float, float]] = []
@@ -336,7 +338,7 @@ def test_max_validation_steps_limits_a_held_out_datasets_batches(most, batches):
     """Dataset mode (train's): 5 held-out images in batches of 2 are 3 batches a pass, each scored at the 4
     timesteps; --max-validation-steps M keeps the first M."""
     images, captions = _held_out()
-    system = build_toy(seed=1)
+    system = one_level_toy(seed=1)
     held = Dataset(records_from_tensors(images, captions))
     encode_buckets(held, system.encode_images, images=images)
     forwards: list[int] = []
