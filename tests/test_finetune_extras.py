@@ -147,7 +147,7 @@ def _ema_run(system, decay):
         history.append({k: v.double().clone() for k, v in system.unet.state_dict().items()})
         if info.step == info.total:
             with info.averaged():
-                kept["ema"] = EMAWeights(adaptation.unet_weights(), decay, info.step)
+                kept["ema"] = EMAWeights(adaptation.unet_weights(), decay, info.ema_updates)
 
     config = FitConfig(steps=5, batch_size=2, learning_rate=1e-2, warmup_steps=0, schedule="constant",
                        ema_decay=decay, ema_into_weights=False)

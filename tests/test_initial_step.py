@@ -176,3 +176,16 @@ def test_resume_continues_the_recorded_start_and_refuses_another(red_circles, tm
     assert main([*plain, "--resume", str(tmp_path / "a-state"), "-o", str(tmp_path / "d.safetensors"), "--quiet"]) == 0
     b, d = load_file(str(tmp_path / "b.safetensors")), load_file(str(tmp_path / "d.safetensors"))
     assert all(torch.equal(b[k], d[k]) for k in b)
+
+
+def test_the_ema_counts_its_own_updates_not_the_initial_step(monkeypatch):
+    """With ``initial_step`` K the progress steps start at K + 1 but the EMA has averaged only the steps taken:
+    ``FitProgress.ema_updates`` (what ``train --ema-save beside`` writes as LDM ``num_updates`` / diffusers'
+    ``optimization_step``) is 1, 2, … and equals the EMA's own count; 0 without an EMA."""
+    seen = []
+    _run(dataclasses.replace(CONFIG, initial_step=K, ema_decay=0.9), monkeypatch,
+         on_step=lambda info, adaptation: seen.append((info.step, info.ema_updates)))
+    assert seen == [(K + j + 1, j + 1) for j in range(N - K)]
+    plain = []
+    _run(dataclasses.replace(CONFIG, steps=2), monkeypatch, on_step=lambda info, adaptation: plain.append(info.ema_updates))
+    assert plain == [0, 0]

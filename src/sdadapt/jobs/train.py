@@ -1896,7 +1896,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         if options.ema_save != "beside":
             return None
         with progress_info.averaged():
-            return EMAWeights(adaptation.unet_weights(), float(options.ema_decay), progress_info.step)  # type: ignore[attr-defined,arg-type]
+            return EMAWeights(adaptation.unet_weights(), float(options.ema_decay), progress_info.ema_updates)  # type: ignore[attr-defined,arg-type]
 
     def save_now(progress_info, path: Path) -> None:
         ema = ema_beside(progress_info)

@@ -597,6 +597,9 @@ class FitProgress:
             pass ran at this step.
         validated: what asked for this step's pass: ``("step",)``, ``("epoch",)`` or both (kohya
             logs ``loss/validation/step_average`` and ``loss/validation/epoch_average``); ``()``.
+        ema_updates: the updates the EMA has averaged (``FitConfig.ema_decay``; 0 without): optimiser
+            steps since it started, a resumed run's included, not counting ``initial_step`` (what
+            :class:`~sdadapt.methods.finetune.EMAWeights` ``updates`` records).
     """
 
     step: int
@@ -613,6 +616,7 @@ class FitProgress:
     _use_weights: Callable[[], None] = lambda: None
     validation_loss: float | None = None
     validated: tuple[str, ...] = ()
+    ema_updates: int = 0
 
     def save_state(self, folder: str | os.PathLike) -> None:
         """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``
@@ -1262,7 +1266,7 @@ def fit(
                                     micro_done // per_epoch if per_epoch else 0, save_state, averaged,
                                     step_config.sdpa_backends,
                                     {**read, "keys_scaled": int(read["keys_scaled"])} if read else None,
-                                    use_weights, validation_value, validated))
+                                    use_weights, validation_value, validated, ema.updates if ema is not None else 0))
             if parallel is not None and config.schedule_free:  # rank 0 alone may have used its averaged weights
                 # (saves, samples): back in train mode its y is rounded once more, so every rank takes rank 0's y
                 switch_mode(optimizer, train=True)
