@@ -20,7 +20,6 @@ A ``DreamBoothDataset`` balances its own ``is_reg`` images against its own train
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -38,18 +37,11 @@ from sdadapt.training.dataset_config import dataset_records, read_dataset_config
 
 
 def _kohya_buckets(resolution: tuple[int, int], *, min_size: int, max_size: int, divisible: int) -> list[tuple[int, int]]:
-    """kohya's ``model_util.make_bucket_resolutions`` (transcribed): (width, height) buckets."""
-    max_width, max_height = resolution
-    max_area = max_width * max_height
-    resos = {(int(math.sqrt(max_area) // divisible) * divisible,) * 2}
-    width = min_size
-    while width <= max_size:
-        height = min(max_size, int((max_area // width) // divisible) * divisible)
-        if height >= min_size:
-            resos.add((width, height))
-            resos.add((height, width))
-        width += divisible
-    return sorted(resos)
+    """kohya's ``model_util.make_bucket_resolutions``: (width, height) buckets (the transcription in
+    test_bucket_reference)."""
+    from test_bucket_reference import kohya_make_bucket_resolutions
+
+    return sorted(kohya_make_bucket_resolutions(resolution, min_size=min_size, max_size=max_size, divisible=divisible))
 
 
 def _kohya_bucket(size: tuple[int, int], block: dict) -> tuple[int, int]:
