@@ -357,15 +357,16 @@ def test_in_json_wildcards_prefix_suffix_and_kept_tags(tmp_path):
 
 # ------------------------------- save_last_n_steps × save_state_on_train_end × Ctrl-C × resume
 def test_an_interrupted_rotating_run_resumes_to_the_uninterrupted_files(tmp_path, capsys, monkeypatch):
-    """Ctrl-C after step 5 of 8 (saves every 2 steps, the last 3 steps' kept, the state at the end):
+    """Ctrl-C after step 5 of 7 (saves every 2 steps, the last 3 steps' kept, the state at the end):
     the interrupt's save stays outside the rotation, the resumed run keeps rotating the first run's
-    saves, ends with the uninterrupted run's weights and periodic files, and its state is at step 8."""
+    saves (its step-6 save removes step 2's), ends with the uninterrupted run's weights and periodic
+    files, and its state is at step 7."""
     from train_inputs import captioned_pngs
 
     images = captioned_pngs(tmp_path / "imgs", [(32, 32)] * 3, caption="a red circle, big, shiny")
     fit_module = importlib.import_module("sdadapt.methods.fit")
     real = fit_module.train_step
-    flags = ["--steps", "8", "--save-every-n-steps", "2", "--save-last-n-steps", "3", "--save-state-on-train-end",
+    flags = ["--steps", "7", "--save-every-n-steps", "2", "--save-last-n-steps", "3", "--save-state-on-train-end",
              "--shuffle-caption", "--flip-aug"]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     straight.mkdir(), cut.mkdir()
@@ -383,19 +384,20 @@ def test_an_interrupted_rotating_run_resumes_to_the_uninterrupted_files(tmp_path
     args = ["train", "lora", "--images", str(images), "--batch-size", "2", "--no-prior", "-q", *flags,
             "-o", str(cut / "o.safetensors")]
     assert main(args) == 130
-    assert "interrupted after step 5 of 8" in capsys.readouterr().err
+    assert "interrupted after step 5 of 7" in capsys.readouterr().err
     assert sorted(p.name for p in cut.glob("o-step*.safetensors")) == [
         "o-step000002.safetensors", "o-step000004.safetensors", "o-step000005.safetensors"]  # 5: the interrupt's
     assert json.loads((cut / "o-state" / "run.json").read_text())["step"] == 5
     monkeypatch.setattr(fit_module, "train_step", real)
     assert main([*args, "--resume", str(cut / "o-state")]) == 0
     kept = sorted(p.name for p in straight.glob("o-step*.safetensors"))
+    assert kept == ["o-step000004.safetensors", "o-step000006.safetensors"]  # (step 2's rotated out)
     assert sorted(p.name for p in cut.glob("o-step*.safetensors")) == sorted([*kept, "o-step000005.safetensors"])
     for name in [*kept, "o.safetensors"]:
         assert _same_files(straight / name, cut / name), name
     record = json.loads((cut / "o-state" / "run.json").read_text())
     want = json.loads((straight / "o-state" / "run.json").read_text())
-    assert record["step"] == want["step"] == 8
+    assert record["step"] == want["step"] == 7
     assert [(s["kind"], s["number"]) for s in record["periodic_saves"]] == [(s["kind"], s["number"]) for s in want["periodic_saves"]]
 
 
@@ -460,14 +462,15 @@ def test_resuming_with_other_generated_class_images_is_refused(tmp_path, capsys)
     from train_inputs import captioned_pngs
 
     images = captioned_pngs(tmp_path / "imgs", [(32, 32)] * 3)
-    base = ["train", "lora", "--images", str(images), "--steps", "4", "--batch-size", "2", "--network-dim", "2", "-q"]
-    assert main([*base, "--class-images", "2", "--save-every-n-steps", "2", "-o", str(tmp_path / "a.safetensors")]) == 0
+    # (one class image, 3 steps with the state at step 2: each run samples one class image, the resumed run one step)
+    base = ["train", "lora", "--images", str(images), "--steps", "3", "--batch-size", "2", "--network-dim", "2", "-q"]
+    assert main([*base, "--class-images", "1", "--save-every-n-steps", "2", "-o", str(tmp_path / "a.safetensors")]) == 0
     for flags, named in ((["--no-prior"], "prior True (now False)"),
-                         (["--class-images", "2", "--class-prompt", "a blue square"], "class_prompt None (now 'a blue square')"),
-                         (["--class-images", "3"], "class_images 2 (now 3)")):
+                         (["--class-images", "1", "--class-prompt", "a blue square"], "class_prompt None (now 'a blue square')"),
+                         (["--class-images", "2"], "class_images 1 (now 2)")):
         assert main([*base, *flags, "--resume", str(tmp_path / "a-state"), "-o", str(tmp_path / "b.safetensors")]) == 2
         assert named in capsys.readouterr().err
-    assert main([*base, "--class-images", "2", "--resume", str(tmp_path / "a-state"), "-o", str(tmp_path / "b.safetensors")]) == 0
+    assert main([*base, "--class-images", "1", "--resume", str(tmp_path / "a-state"), "-o", str(tmp_path / "b.safetensors")]) == 0
     assert _same_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
 
 

@@ -17,7 +17,7 @@ from sdadapt.images import read_image, write_png
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tiny_checkpoints import tiny_sd1_file, tiny_sd1_parts, tiny_sdxl_file, tiny_sdxl_parts  # noqa: E402
+from tiny_checkpoints import tiny_sd1_parts, tiny_sdxl_parts, write_single_file  # noqa: E402
 
 #: kohya's training metadata a viewer (A1111, kohya's GUI, civitai) reads
 KOHYA_TRAINING_KEYS = (
@@ -44,19 +44,23 @@ def files(tmp_path_factory):
         (images / f"{name}.txt").write_text(f"sks toy, {name}, photo")
     write_png(images / "2_sks toy" / "r.png", torch.rand(3, 24, 24, generator=g) * 2 - 1)  # caption: "sks toy"
     (root / "prompts.txt").write_text("sks toy, photo --w 16 --h 16 --s 2 --d 1\n")
+    # the parts built once (seeded: tiny_sd1_parts() / tiny_sdxl_parts() build these very weights each call) and
+    # written as the files; test_single_files_load_as_the_models_they_hold reads them back against these parts
+    sd1, sdxl = tiny_sd1_parts(), tiny_sdxl_parts()
     return {"root": root, "images": images, "prompts": root / "prompts.txt",
-            "sd1": tiny_sd1_file(root / "sd1.safetensors"), "sd1_ckpt": tiny_sd1_file(root / "sd1.ckpt", ckpt=True),
-            "sdxl": tiny_sdxl_file(root / "sdxl.safetensors")}
+            "sd1": write_single_file(sd1, root / "sd1.safetensors", architecture="sd1"),
+            "sd1_ckpt": write_single_file(sd1, root / "sd1.ckpt", architecture="sd1", ckpt=True),
+            "sdxl": write_single_file(sdxl, root / "sdxl.safetensors", architecture="sdxl"),
+            "parts": {"sd1": sd1, "sd1_ckpt": sd1, "sdxl": sdxl}}
 
 
 def test_single_files_load_as_the_models_they_hold(files):
     from sdadapt.diffusers_system import DiffusersSystem
 
-    for name, parts_of, base in (("sd1", tiny_sd1_parts, "sd1"), ("sd1_ckpt", tiny_sd1_parts, "sd1"),
-                                 ("sdxl", tiny_sdxl_parts, "sdxl")):
+    for name, base in (("sd1", "sd1"), ("sd1_ckpt", "sd1"), ("sdxl", "sdxl")):
         system = DiffusersSystem.from_single_file(files[name])
         assert system.base_model == base
-        for component, module in parts_of().items():
+        for component, module in files["parts"][name].items():  # (the modules the file was written from)
             mine = getattr(system, component).state_dict()
             for key, value in module.state_dict().items():
                 assert torch.equal(mine[key], value), (name, component, key)
@@ -159,9 +163,10 @@ def test_sd1_ckpt_other_methods_and_generate(files, tmp_path, capsys):
     from sdadapt.diffusers_system import DiffusersSystem
 
     back = DiffusersSystem.from_single_file(tuned)
-    base = DiffusersSystem.from_single_file(files["sd1"])
+    base = files["parts"]["sd1"]["unet"].state_dict()  # (the UNet sd1.safetensors holds: the fixture wrote it)
     assert back.base_model == "sd1"
-    assert any(not torch.equal(a, b) for a, b in zip(back.unet.state_dict().values(), base.unet.state_dict().values()))
+    tuned_unet = back.unet.state_dict()
+    assert tuned_unet.keys() == base.keys() and any(not torch.equal(tuned_unet[k], base[k]) for k in base)
 
     # generate on the checkpoint with the LoRA, Euler, a non-square size
     png = tmp_path / "img.png"

@@ -147,14 +147,21 @@ def test_quiet_library_bars_sets_and_restores_the_hub_switch(monkeypatch):
         assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
 
 
-def test_quiet_generate_on_a_diffusers_folder_prints_no_loading_bar(tmp_path):
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def eps_pipe(tmp_path_factory):
+    """The tiny epsilon pipeline folder, built once: the two quiet tests below only read it (their outputs go to
+    their own tmp_path)."""
     pytest.importorskip("diffusers")
     from test_cli_train import _tiny_pipeline
 
-    root = _tiny_pipeline(tmp_path / "pipe", prediction_type="epsilon")
+    return _tiny_pipeline(tmp_path_factory.mktemp("quiet") / "pipe", prediction_type="epsilon")
+
+
+def test_quiet_generate_on_a_diffusers_folder_prints_no_loading_bar(eps_pipe, tmp_path):
+    import subprocess
+    import sys
+
+    root = eps_pipe
     env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     run = subprocess.run([sys.executable, "-m", "sdadapt", "generate", "--model", str(root), "--prompt", "a", "--steps", "1",
                           "--width", "8", "--height", "8",  # (the smallest job that loads the folder: 1 step, 8x8)
@@ -164,16 +171,14 @@ def test_quiet_generate_on_a_diffusers_folder_prints_no_loading_bar(tmp_path):
     assert "Loading weights" not in run.stderr and "%|" not in run.stderr, run.stderr  # (before: transformers' bar)
 
 
-def test_quiet_turns_off_the_bars_of_libraries_imported_before_and_turns_them_back_on(tmp_path, capsys):
+def test_quiet_turns_off_the_bars_of_libraries_imported_before_and_turns_them_back_on(eps_pipe, tmp_path, capsys):
     """``main([..., "-q"])`` in a process that imported transformers and diffusers before (a script, a notebook, this
     test process): their bars no longer read the variable, so ``-q`` turns their own switches off for the run and
     back on after it (before: "Loading weights" and "Writing model shards" bars on stderr of a quiet convert)."""
-    pytest.importorskip("diffusers")
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
-    from test_cli_train import _tiny_pipeline
 
-    root = _tiny_pipeline(tmp_path / "pipe", prediction_type="epsilon")
+    root = eps_pipe
     libraries = (transformers_logging, diffusers_logging)
     was_on = [library.is_progress_bar_enabled() for library in libraries]
     for library in libraries:
