@@ -928,21 +928,24 @@ def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any
     length = int(getattr(config, "max_position_embeddings", 77))
     first_pad = "!" if architecture == "sd2" else "eos"
     root = None if source is None else Path(source)
-    if root is None:
-        first, second = cls.load(None, max_length=length, pad=first_pad).to_transformers(), None
-    elif not root.exists():
+    if root is not None and not root.exists():
         raise FileNotFoundError(f"{root}: no such tokenizer folder or vocabulary file")
-    elif root.is_dir() and (root / "tokenizer").is_dir():  # a diffusers model folder
-        first = Transformers.from_pretrained(root / "tokenizer")
-        second = Transformers.from_pretrained(root / "tokenizer_2") if (root / "tokenizer_2").is_dir() else None
-    elif root.is_dir():
-        if not (root / "vocab.json").is_file() or not (root / "merges.txt").is_file():
-            raise FileNotFoundError(f"{root}: not a CLIP tokenizer folder (needs vocab.json and merges.txt)")
-        first, second = Transformers.from_pretrained(root), None
-    else:
-        first, second = cls.load(root, max_length=length, pad=first_pad).to_transformers(), None
+    model_folder = root is not None and root.is_dir() and (root / "tokenizer").is_dir()  # a diffusers model folder
+    folder = root / "tokenizer" if model_folder else root if root is not None and root.is_dir() else None
+    if folder is not None and not model_folder and (not (folder / "vocab.json").is_file()
+                                                    or not (folder / "merges.txt").is_file()):
+        raise FileNotFoundError(f"{root}: not a CLIP tokenizer folder (needs vocab.json and merges.txt)")
+
+    def build(pad: str):
+        if folder is not None:
+            return Transformers.from_pretrained(folder)
+        return cls.load(root, max_length=length, pad=pad).to_transformers()  # (the vocabulary parsed once a process)
+
+    first = build(first_pad)
+    second = Transformers.from_pretrained(root / "tokenizer_2") if model_folder and (root / "tokenizer_2").is_dir() else None
     if architecture == "sdxl" and second is None:
-        second = copy.deepcopy(first)
+        # the first built again rather than deep-copied (a copy of a transformers tokenizer ~0.6 s, a build ~0.15 s)
+        second = build("!")
         second.add_special_tokens({"pad_token": "!"})  # (setting .pad_token alone leaves "!" an ordinary token)
     return first, second
 
