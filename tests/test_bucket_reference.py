@@ -326,3 +326,27 @@ def test_train_records_the_bucket_rule_and_a_resumed_older_run_keeps_its_buckets
     assert main([*base, "--steps", "2", "--resume", str(tmp_path / "a-state"), "-o", str(tmp_path / "b.safetensors")]) == 0
     assert [r.bucket for r in train_fit_calls[-1].dataset.records] == [(40, 36)] * 2
     assert json.loads(record_file.read_text())["bucket_rule"] == BUCKETS_BEFORE
+
+
+def test_the_metadata_states_kohyas_bucket_limits(tmp_path):
+    """``ss_min_bucket_reso`` / ``ss_max_bucket_reso`` are what kohya's train_network.py writes
+    (``dataset.min_bucket_reso``: the limits moved onto the step by ``adjust_min_max_bucket_reso_by_steps``,
+    ``None`` without buckets), not the smallest / largest side in use."""
+    from safetensors import safe_open
+
+    from sdadapt.cli import main
+    from train_inputs import captioned_pngs
+
+    images = captioned_pngs(tmp_path / "img", [(32, 40), (40, 32)])
+    base = ["train", "lora", "--images", str(images), "--resolution", "32", "--batch-size", "2", "--no-prior",
+            "--steps", "1", "--seed", "1", "-q"]
+    assert main([*base, "--min-bucket-reso", "13", "--max-bucket-reso", "70", "-o", str(tmp_path / "a.safetensors")]) == 0
+    assert main([*base, "--no-bucket", "-o", str(tmp_path / "b.safetensors")]) == 0
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta = f.metadata()
+    step = int(meta["ss_bucket_reso_steps"])
+    assert 13 % step and 70 % step  # (the limits are off the step: kohya moves them)
+    assert (meta["ss_min_bucket_reso"], meta["ss_max_bucket_reso"]) == (str(13 - 13 % step), str(70 + (-70) % step))
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_enable_bucket"], meta["ss_min_bucket_reso"], meta["ss_max_bucket_reso"]) == ("False", "None", "None")

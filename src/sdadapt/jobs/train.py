@@ -2533,6 +2533,11 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
     named = dataset.records if options.images is None else kohya_folder_names(dataset.records, options.images)
     model_file = _model_file(options.model)
     given_args = _optimizer_args(options)
+    from ..training.dataset_config import kohya_bucket_range
+
+    bucket_range = kohya_bucket_range({"enable_bucket": options.enable_bucket, "bucket_reso_steps": buckets,
+                                       "min_bucket_reso": options.min_bucket_reso, "max_bucket_reso": options.max_bucket_reso},
+                                      [r.bucket for r in dataset.records])
     meta = {
         "ss_session_id": str(random.Random(f"{options.seed}/{started}").randrange(2**32)),
         "ss_training_started_at": str(started),
@@ -2565,8 +2570,8 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_max_token_length": str(None if options.max_token_length == 75 else options.max_token_length),
         "ss_resolution": f"({width}, {height})",
         "ss_enable_bucket": str(options.enable_bucket),
-        "ss_min_bucket_reso": str(min(min(r.bucket) for r in dataset.records)),
-        "ss_max_bucket_reso": str(max(max(r.bucket) for r in dataset.records)),
+        "ss_min_bucket_reso": str(bucket_range[0]),  # (kohya's: the limits moved onto the step; None without buckets)
+        "ss_max_bucket_reso": str(bucket_range[1]),
         "ss_bucket_reso_steps": str(buckets),
         "ss_bucket_no_upscale": str(options.bucket_no_upscale),
         "ss_bucket_info": json.dumps(dataset.bucket_info()),

@@ -65,6 +65,7 @@ __all__ = [
     "SubsetConfig",
     "dataset_records",
     "in_json_config",
+    "kohya_bucket_range",
     "kohya_config_dataset_dirs",
     "kohya_datasets_metadata",
     "kohya_tag_frequency",
@@ -915,7 +916,7 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
     for block, ((size, (height, width)), own, entry) in enumerate(zip(sizes, options, entries)):
         part = Dataset([r for r in dataset.records if r.dataset == block], captions=dataset.captions)
         finetuning = any("metadata_file" in s for s in entry["subsets"])
-        low, high = _kohya_bucket_range(own, [r.bucket for r in part.records])
+        low, high = kohya_bucket_range(own, [r.bucket for r in part.records])
         out.append({"is_dreambooth": not finetuning, "batch_size_per_device": size,
                     "num_train_images": part.samples_per_epoch,
                     "num_reg_images": (reg.samples if reg is not None else 0) if not config.blocks else entry.get("reg", 0),
@@ -930,10 +931,11 @@ def kohya_datasets_metadata(config: DatasetConfig, dataset: Any, reg: RegImages 
     return out
 
 
-def _kohya_bucket_range(options: Mapping[str, Any], buckets: Sequence[tuple[int, int]]) -> tuple[int | None, int | None]:
-    """kohya's dataset ``min_bucket_reso`` / ``max_bucket_reso`` (``BaseDataset``): the configured
-    values moved onto the bucket step (the minimum down, the maximum up); ``(None, None)`` without
-    buckets. A limit nobody set (sdadapt's own default, from the resolution) is the smallest / largest
+def kohya_bucket_range(options: Mapping[str, Any], buckets: Sequence[tuple[int, int]]) -> tuple[int | None, int | None]:
+    """kohya's dataset ``min_bucket_reso`` / ``max_bucket_reso`` (``BaseDataset``; its metadata's
+    ``ss_min_bucket_reso`` / ``ss_max_bucket_reso`` and ``ss_datasets`` entries): the configured values
+    (``options``' ``min_bucket_reso`` / ``max_bucket_reso``, ``enable_bucket``, ``bucket_reso_steps``)
+    moved onto the bucket step (the minimum down, the maximum up); ``(None, None)`` without buckets. A limit nobody set (sdadapt's own default, from the resolution) is the smallest / largest
     side of the (height, width) ``buckets`` in use."""
     if not options.get("enable_bucket"):
         return None, None
