@@ -33,6 +33,8 @@ from ..training import data_parallel
 from ..training.data import (
     ASSEMBLY_KOHYA,
     ASSEMBLY_KOHYA_2,
+    BUCKETS_BEFORE,
+    BUCKETS_KOHYA,
     EMPTIES_KEPT,
     FIRST_LINE_CAPTIONS,
     dataset_dirs_of,
@@ -1446,7 +1448,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     from ..methods.fit import NonFiniteLossError
     from ..methods.lora_blocks import check_block_args
     from ..sampling import parse_sample_prompts
-    from ..training.data import BUCKETS_BEFORE, BUCKETS_KOHYA, Dataset, encode_buckets, find_images, plan_dataset
+    from ..training.data import Dataset, encode_buckets, find_images, plan_dataset
     from ..training.pixel_augment import LARGE_PREFIXES, SMALL_PREFIXES, PixelAugment
     from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
@@ -2103,7 +2105,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
                       step_shares: str = train_schedule.FLOOR_SHARES, caption_lines: str = FIRST_LINE_CAPTIONS,
                       caption_empties: str = EMPTIES_KEPT, caption_assembly: str = ASSEMBLY_KOHYA_2,
-                      bucket_rule: str = "kohya",
+                      bucket_rule: str = BUCKETS_KOHYA,
                       initial: tuple[int, bool] = (0, False),
                       preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the

@@ -136,7 +136,7 @@ class CustomDiffusion:
         self.prompts: list[str] = []
         self.layers = cross_attention_layers(system.unet)
         if not self.layers:
-            self._remove_inversions()
+            _remove_all(inversions)
             raise ValueError(f"{type(system.unet).__name__} has no cross-attention (attn2) layers with to_k/to_v: nothing for Custom Diffusion to train")
         self._weights: list[tuple[str, nn.Parameter]] = list(custom_diffusion_parameters(self.layers, train_q_out=train_q_out).items())
         self._originals = [(p, p.detach().clone()) for _, p in self._weights]
@@ -191,11 +191,13 @@ class CustomDiffusion:
         self._hooks = []
         for param, original in self._originals:
             param.copy_(original)
-        self._remove_inversions()
+        _remove_all(self.inversions)
 
-    def _remove_inversions(self) -> None:
-        for inv in reversed(self.inversions):  # (the last injected first: each one's flags and tokens back in turn)
-            inv.remove()
+
+def _remove_all(inversions: Sequence[TextualInversion]) -> None:
+    """Remove the modifier tokens' inversions, the last injected first (each one's flags and tokens back in turn)."""
+    for inv in reversed(inversions):
+        inv.remove()
 
 
 def prepare_custom_diffusion(
@@ -235,7 +237,6 @@ def prepare_custom_diffusion(
         for one, word in zip(tokens, words):
             inversions.append(prepare_textual_inversion(system, token=one, init_word=word, vectors=1))
     except BaseException:
-        for inv in reversed(inversions):
-            inv.remove()
+        _remove_all(inversions)
         raise
     return CustomDiffusion(system, inversions, train_q_out=train_q_out, token_lr_scale=token_lr_scale)
