@@ -51,6 +51,8 @@ __all__ = [
     "unclip_image_conditioning",
     "image_variation_conditioning",
     "image_conditioning",
+    "clip_pixel_values",
+    "clip_image_encoder",
     "learn_image_vectors",
     "sample_image_vectors",
     "clip_invert",
@@ -124,7 +126,7 @@ class ImageConditioning:
         model: the denoiser over the condition dict above.
         text: ``prompts -> (B, L, E)`` text states, or ``None`` when the model takes no text.
         encode_image: ``images (B, 3, H, W) in [-1, 1] -> (B, D)`` when an image encoder is at hand
-            (initialises vectors at the training images' mean embedding).
+            (e.g. :func:`clip_image_encoder`; initialises vectors at the training images' mean embedding).
         noise_level: unCLIP's augmentation level used in training and generation (class-labels site).
         noise_alphas_cumprod: (T',) the image-noising schedule (class-labels site).
         normalizer: ``(mean (1, D), std (1, D))`` of the model's image normaliser (class-labels site).
@@ -286,6 +288,142 @@ def image_variation_conditioning(unet, *, encode_image: Callable[[Tensor], Tenso
                              modules=(unet,))
 
 
+# ------------------------------------------------------------------- the model's CLIP image encoder
+#: CLIPImageProcessor's defaults (what diffusers' convert_from_ckpt builds for unCLIP folders)
+_PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "do_resize": True, "size": {"shortest_edge": 224}, "resample": 3, "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's BILINEAR, BICUBIC
+
+
+def _size_pair(value: Any, *, name: str, shortest: bool) -> tuple[str, int, int]:
+    """``("short", s, s)`` or ``("exact", h, w)`` from a preprocessor ``size``/``crop_size`` entry
+    (an int: the shortest edge for ``size``, a square for ``crop_size``, as transformers reads them)."""
+    if isinstance(value, int):
+        return ("short", value, value) if shortest else ("exact", value, value)
+    if isinstance(value, Mapping):
+        if set(value) & {"longest_edge", "max_height", "max_width"}:
+            raise ValueError(f"preprocessor {name}={dict(value)}: only shortest_edge or height/width sizes are supported")
+        if value.get("shortest_edge") is not None:
+            return "short", int(value["shortest_edge"]), int(value["shortest_edge"])
+        if value.get("height") is not None and value.get("width") is not None:
+            return "exact", int(value["height"]), int(value["width"])
+    raise ValueError(f"preprocessor {name}={value!r}: expected an int, {{'shortest_edge': N}} or {{'height': H, 'width': W}}")
+
+
+def _pil_resize(pixels: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """8-bit pixel values (B, 3, H, W) (floats holding integers) -> (B, 3, h, w) as PIL's
+    ``Image.resize`` makes them: antialiased filter (support scaled on downscaling, bicubic
+    a = −0.5), the horizontal pass first, each pass clipped and rounded to 8 bits."""
+    h, w = size
+    if pixels.shape[-1] != w:
+        pixels = torch.nn.functional.interpolate(pixels, size=(pixels.shape[-2], w), mode=mode, antialias=True, align_corners=False)
+        pixels = torch.floor(pixels.clamp(0, 255) + 0.5)
+    if pixels.shape[-2] != h:
+        pixels = torch.nn.functional.interpolate(pixels, size=(h, w), mode=mode, antialias=True, align_corners=False)
+        pixels = torch.floor(pixels.clamp(0, 255) + 0.5)
+    return pixels
+
+
+def _center_crop(pixels: Tensor, size: tuple[int, int]) -> Tensor:
+    """transformers' ``center_crop`` (B, 3, H, W) -> (B, 3, h, w): top/left ``(H − h) // 2``;
+    zero-padded (the padding centred, ``ceil``) where the image is smaller than the crop."""
+    crop_h, crop_w = size
+    height, width = pixels.shape[-2:]
+    new_h, new_w = max(crop_h, height), max(crop_w, width)
+    top_pad, left_pad = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+    if (new_h, new_w) != (height, width):
+        pixels = torch.nn.functional.pad(pixels, (left_pad, new_w - width - left_pad, top_pad, new_h - height - top_pad))
+    top, left = (height - crop_h) // 2 + top_pad, (width - crop_w) // 2 + left_pad
+    return pixels[..., max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
+
+
+def clip_pixel_values(images: Tensor, *, config: Mapping[str, Any] | None = None) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> CLIP ``pixel_values`` (B, 3, h, w) float32, as
+    transformers' ``CLIPImageProcessor`` (its PIL backend) makes them from the 8-bit images.
+
+    ``config``: a ``preprocessor_config.json`` (missing keys: ``CLIPImageProcessor``'s defaults —
+    shortest side to 224, bicubic, centre crop 224, ×1/255, CLIP mean/std). Steps: the 8-bit pixels
+    ``round((x + 1)·127.5)`` (as :func:`sdadapt.images.to_uint8`); resize the shortest side to
+    ``size`` (the long side ``int(size·long/short)``) with PIL's antialiased filter, each pass
+    rounded to 8 bits; centre crop ``crop_size``; ``·rescale_factor`` (float64, then float32);
+    ``(x − image_mean)/image_std`` in float32. Against the real processor (measured in the tests):
+    identical where no resize is needed; after a shortest-side resize at most one 8-bit level off
+    on a few pixels (Pillow's fixed-point filter weights). An exact ``{"height", "width"}`` size
+    that shrinks one side and enlarges the other can differ more (Pillow's pass order there).
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    c = {**_PROCESSOR_DEFAULTS, **{k: v for k, v in dict(config or {}).items() if v is not None}}
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()  # (B, 3, H, W) 8-bit values
+    if c["do_resize"]:
+        mode = _RESAMPLE.get(int(c["resample"]))
+        if mode is None:
+            raise ValueError(f"preprocessor resample={c['resample']}: only 2 (bilinear) and 3 (bicubic, CLIP's) are supported")
+        kind, a, b = _size_pair(c["size"], name="size", shortest=True)
+        if kind == "short":
+            height, width = pixels.shape[-2:]
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(a * long / short)
+            new_size = (new_long, a) if width <= height else (a, new_long)
+        else:
+            new_size = (a, b)
+        pixels = _pil_resize(pixels, new_size, mode)
+    if c["do_center_crop"]:
+        _, crop_h, crop_w = _size_pair(c["crop_size"], name="crop_size", shortest=False)
+        pixels = _center_crop(pixels, (crop_h, crop_w))
+    if c["do_rescale"]:
+        pixels = (pixels.double() * float(c["rescale_factor"])).float()
+    if c["do_normalize"]:
+        mean = torch.tensor(c["image_mean"], dtype=torch.float32, device=pixels.device).reshape(1, -1, 1, 1)
+        std = torch.tensor(c["image_std"], dtype=torch.float32, device=pixels.device).reshape(1, -1, 1, 1)
+        pixels = (pixels - mean) / std
+    return pixels.float()
+
+
+def clip_image_encoder(folder: str | os.PathLike) -> Callable[[Tensor], Tensor]:
+    """The CLIP image encoder of a diffusers unCLIP / image-variation folder, as its pipeline encodes
+    images: ``images (B, 3, H, W) in [-1, 1] -> image_encoder(pixel_values).image_embeds (B, D)``
+    float32 (``CLIPVisionModelWithProjection`` from ``image_encoder/``, :func:`clip_pixel_values`
+    with ``feature_extractor/preprocessor_config.json``; projected, not normalised — diffusers'
+    ``StableUnCLIPImg2ImgPipeline._encode_image`` / ``StableDiffusionImageVariationPipeline._encode_image``).
+
+    The encoder loads (float32, local files only, pickles checked) at the first call, on the
+    images' device. Needs ``transformers``.
+
+    Raises:
+        ValueError: the folder has no ``image_encoder/``.
+    """
+    root = Path(folder)
+    encoder_dir = root / "image_encoder"
+    if not encoder_dir.is_dir():
+        raise ValueError(f"{root}: no image_encoder/ folder (a diffusers unCLIP or image-variation folder holds one, "
+                         "a CLIPVisionModelWithProjection); use init='zeros' or pass encode_image=")
+    config_file = root / "feature_extractor" / "preprocessor_config.json"
+    settings = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    loaded: dict[str, nn.Module] = {}
+
+    def encode(images: Tensor) -> Tensor:
+        if "model" not in loaded:
+            try:
+                from transformers import CLIPVisionModelWithProjection
+            except ImportError:
+                raise ImportError(f"{encoder_dir}: the CLIP image encoder needs transformers (pip install transformers); "
+                                  "or start from zeros (init='zeros')") from None
+            from ..formats.pickles import check_folder_pickles
+
+            check_folder_pickles(encoder_dir)
+            model = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, local_files_only=True, dtype=torch.float32)
+            loaded["model"] = model.requires_grad_(False).eval()
+        model = loaded["model"].to(images.device)
+        with torch.no_grad():
+            return model(pixel_values=clip_pixel_values(images, config=settings)).image_embeds.float()
+
+    return encode
+
+
 def _unclip_folder_parts(folder: Path) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
     """The ``image_normalizer/`` ``(mean (1, D), std (1, D))`` and the ``image_noising_scheduler/``
     ``alphas_cumprod`` (T',) of a diffusers unCLIP folder (``None`` for a part the folder lacks).
@@ -321,10 +459,13 @@ def _unclip_folder_parts(folder: Path) -> tuple[tuple[Tensor, Tensor] | None, Te
 def image_conditioning(system, *, noise_level: int = 0) -> ImageConditioning:
     """The image-embedding conditioning of a system (toy: time embedding; a diffusers system whose
     UNet has ``class_embed_type="projection"``: unCLIP, with its ``image_normalizer`` — the
-    system's attribute, else the ``image_normalizer/`` of the folder it was loaded from — and the
-    folder's ``image_noising_scheduler/`` schedule, as the unCLIP pipelines load them).
+    system's attribute, else the ``image_normalizer/`` of the folder it was loaded from — the
+    folder's ``image_noising_scheduler/`` schedule, as the unCLIP pipelines load them, and its
+    ``image_encoder/`` as ``encode_image`` (:func:`clip_image_encoder`)).
 
     Raises:
+        ValueError: ``noise_level > 0`` on an unCLIP system loaded from a file or folder that
+            holds no image normaliser (identity stats would be wrong there).
         NoImageConditioningError: the system's model has no image-embedding input; the message
             lists the models that have one.
     """
@@ -333,14 +474,23 @@ def image_conditioning(system, *, noise_level: int = 0) -> ImageConditioning:
         return toy_image_conditioning(system)
     config = getattr(unet, "config", None)
     if config is not None and getattr(config, "class_embed_type", None) == "projection":
-        normalizer, schedule = getattr(system, "image_normalizer", None), None
+        normalizer, schedule, encode_image = getattr(system, "image_normalizer", None), None, None
         source = getattr(system, "source", None)
         if source is not None and Path(source).is_dir():  # a diffusers unCLIP folder: its noise-augmentation parts
             folder_normalizer, schedule = _unclip_folder_parts(Path(source))
             normalizer = normalizer if normalizer is not None else folder_normalizer
+            if (Path(source) / "image_encoder").is_dir():  # its CLIP image encoder (loaded at the first use)
+                encode_image = clip_image_encoder(source)
+        if normalizer is None and noise_level > 0 and source is not None:
+            raise ValueError(
+                f"{source}: this unCLIP model has no image normaliser (the CLIP-embedding mean/std a diffusers unCLIP "
+                "folder keeps in image_normalizer/; LDM holds them in non-persistent noise_augmentor buffers, so a "
+                f"single-file checkpoint lacks them): noise_level={noise_level} would noise un-normalised embeddings. "
+                "Load the model from a diffusers unCLIP folder with image_normalizer/, set system.image_normalizer = "
+                "(mean (1, D), std (1, D)), or use noise_level=0")
         return unclip_image_conditioning(
             unet, text=lambda prompts: system.condition(system.tokenize(prompts)), noise_level=noise_level,
-            image_normalizer=normalizer, noise_schedule=schedule,
+            image_normalizer=normalizer, noise_schedule=schedule, encode_image=encode_image,
         )
     raise NoImageConditioningError(
         f"{type(system).__name__} has no image-embedding conditioning: its UNet takes text only, so there is no "
@@ -527,7 +677,8 @@ def clip_invert(
 
     ``captions`` (N) train the vectors *with* text (they then carry what the text does not say);
     default: the empty prompt (the vectors carry the whole concept). ``init``: ``"images"`` (the
-    mean embedding of the images, needs an image encoder), ``"zeros"``, or ``"auto"`` (images
+    mean embedding of the images, needs an image encoder: the toy's CLIP, or the ``image_encoder/``
+    of the diffusers unCLIP folder the system was loaded from), ``"zeros"``, or ``"auto"`` (images
     when an encoder is at hand).
 
     Raises:
