@@ -816,7 +816,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config_defaults, note = _apply_kohya_defaults(args.method, values, chosen, method_options=method_options)
         if note is not None:
             notes.append(note)
-    if values.get("images") is None and values.get("dataset_config") is None and values.get("in_json") is None:
+    if values.get("images") is None and values.get("dataset_config") is None and values.get("in_json") is None \
+            and values.get("concepts_list") is None:
         raise ValueError("no images: pass --images DIR or --dataset-config TOML (or images = 'DIR' / dataset_config = "
                          "'TOML' in the --config file)")
     for name, value in list(chosen.items()):
@@ -898,6 +899,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--in-json", metavar="FILE",
         help="kohya's fine-tuning metadata JSON (image key -> caption / tags; caption = caption,tags) for the images "
         "in --images")
+    add(data, "--concepts-list", metavar="JSON",
+        help="custom-diffusion: diffusers' --concepts_list, a JSON list of {instance_prompt, class_prompt, "
+        "instance_data_dir, class_data_dir} (relative folders from the current one): each concept's images train on "
+        "its instance_prompt, its class images (--class-images per concept, default 200) on its class_prompt, "
+        "generated into class_data_dir where it holds fewer; replaces --images, --prompt, --class-prompt")
     add(data, "--prompt", "--class-tokens", dest="prompt", help="caption of images without a caption file")
     add(data, "--caption-extension", metavar="EXT", help="caption file suffix (default .txt; .caption is read too)")
     add(data, "--repeats", type=int, metavar="N", help="repeats of images directly in --images (default 1)")

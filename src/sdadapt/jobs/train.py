@@ -203,6 +203,11 @@ class TrainOptions:
     prior data as ``reg_data_dir``'s), ``in_json`` (kohya's fine-tuning metadata: image key ->
     caption / tags, the images in ``images``).
 
+    ``concepts_list`` (``train custom-diffusion`` only): diffusers' ``--concepts_list`` JSON in place
+    of ``images`` (:mod:`sdadapt.custom_diffusion.concepts`): each concept's images on its
+    ``instance_prompt``, its class images (``class_images`` per concept, default diffusers' 200) from
+    its ``class_data_dir``, topped up there with generated images of its ``class_prompt``.
+
     Outputs: ``out``, ``overwrite``, ``dtype``, ``save_every_n_steps``, ``save_every_n_epochs``,
     ``save_state`` (write the resumable state with each save), ``resume`` (a state folder),
     ``initial_step`` / ``initial_epoch`` / ``skip_until_initial_step`` (kohya's: a new run that
@@ -340,6 +345,7 @@ class TrainOptions:
     reg_data_dir: str | os.PathLike | None = None
     dataset_config: str | os.PathLike | None = None
     in_json: str | os.PathLike | None = None
+    concepts_list: str | os.PathLike | None = None
     out: str | os.PathLike | None = None
     overwrite: bool = False
     dtype: torch.dtype | None = None
@@ -619,7 +625,18 @@ class TrainOptions:
 
 
 def _check_data_sources(options: TrainOptions) -> None:
-    """``images``, ``dataset_config`` and ``in_json`` given together sensibly (raises ``ValueError``)."""
+    """``images``, ``dataset_config``, ``in_json`` and ``concepts_list`` given together sensibly (raises ``ValueError``)."""
+    if options.concepts_list is not None:
+        given = [flag for flag, value in (("--images", options.images), ("--dataset-config", options.dataset_config),
+                                          ("--in-json", options.in_json), ("--reg-data-dir", options.reg_data_dir),
+                                          ("--prompt", options.prompt), ("--class-prompt", options.class_prompt))
+                 if value is not None]
+        if given:
+            raise ValueError(f"--concepts-list {options.concepts_list} gives each concept's images, prompts and class "
+                             f"images, so {', '.join(given)} would not be used: leave {'it' if len(given) == 1 else 'them'} "
+                             "out (or write them into the concepts: instance_data_dir, instance_prompt, class_data_dir, "
+                             "class_prompt)")
+        return
     if options.images is None and options.dataset_config is None and options.in_json is None:
         raise ValueError("no images: pass --images DIR (kohya's train_data_dir) or --dataset-config TOML (kohya's "
                          "dataset_config)")
@@ -992,6 +1009,41 @@ def _trigger_words(method: str, options: TrainOptions) -> tuple[str, ...]:
         raise ValueError(f"--token / --init-word: {exc}") from None
 
 
+def _read_concepts(method: str, options: TrainOptions):
+    """``--concepts-list`` read and checked (:func:`sdadapt.custom_diffusion.concepts.read_concepts_list`, each
+    ``instance_prompt`` naming a ``--token`` token); ``None`` without one. Refused: another method than
+    ``custom-diffusion``, the caption-template options (every image trains on its concept's instance_prompt,
+    diffusers has no templates), and class images still to be generated under data parallel."""
+    if options.concepts_list is None:
+        return None
+    from ..custom_diffusion.concepts import DIFFUSERS_NUM_CLASS_IMAGES, missing_class_images, read_concepts_list
+
+    if method != "custom-diffusion":
+        raise ValueError(f"--concepts-list is diffusers' train_custom_diffusion.py concepts list, for train "
+                         f"custom-diffusion; {method} reads --images or --dataset-config")
+    for flag, on in (("--caption-template", options.caption_template is not None),
+                     ("--templates", options.templates != "object"),
+                     ("--templates-replace-captions", options.templates_replace_captions)):
+        if on:
+            raise ValueError(f"{flag}: with --concepts-list every image trains on its concept's instance_prompt (as "
+                             "diffusers, which has no caption templates); leave it out")
+    concepts = read_concepts_list(options.concepts_list, tokens=_trigger_words(method, options),
+                                  prior=options.prior is not False)
+    if options.prior is not False and data_parallel.launched_world_size() > 1 and any(missing_class_images(
+            concepts, count=options.class_images or DIFFUSERS_NUM_CLASS_IMAGES)):
+        raise ValueError(f"--concepts-list {options.concepts_list}: class images are still to be generated into the "
+                         "concepts' class_data_dir; run once in one process to make them (e.g. with --steps 1), then "
+                         "train data-parallel")
+    return concepts
+
+
+def _concepts_record(options: TrainOptions, concepts) -> dict:
+    """The ``--resume`` record of a ``--concepts-list`` run (:func:`~sdadapt.custom_diffusion.concepts.concepts_record`)."""
+    from ..custom_diffusion.concepts import concepts_record
+
+    return json.loads(json.dumps(concepts_record(options.concepts_list, concepts, count=options.class_images)))
+
+
 def _several_tokens_captions(records: list, tokens: tuple[str, ...], options: TrainOptions) -> list[str]:
     """Several modifier tokens (``train custom-diffusion --token "<new1>+<new2>"``): every image's own caption
     must name one of ``tokens`` (its concept's), from a caption file, its kohya ``N_<token> class`` folder name
@@ -1004,8 +1056,9 @@ def _several_tokens_captions(records: list, tokens: tuple[str, ...], options: Tr
     how = ("give each concept's images captions naming its token: caption files, kohya folders named "
            f"'1_{tokens[0]} <class>' / '1_{tokens[1]} <class>' (the folder name is the caption of images without "
            "one), or --dataset-config subsets with their own class_tokens (docs/custom-diffusion.md)")
-    if options.caption_template is not None or options.templates_replace_captions:
-        flag = "--caption-template" if options.caption_template is not None else "--templates-replace-captions"
+    if options.caption_template is not None or options.templates_replace_captions or options.templates != "object":
+        flag = ("--caption-template" if options.caption_template is not None else "--templates-replace-captions"
+                if options.templates_replace_captions else f"--templates {options.templates}")
         raise ValueError(f"{flag}: with several modifier tokens ({listed}) a template cannot say which concept an "
                          f"image is; leave it out and {how}")
     uncaptioned = [r for r in records if not r.caption]
@@ -1178,7 +1231,7 @@ class _Outputs:
 
 def _outputs(spec, options: TrainOptions) -> _Outputs:
     if options.dataset_config is not None or options.images is None:
-        data_name = Path(str(options.dataset_config or options.in_json)).stem
+        data_name = Path(str(options.dataset_config or options.in_json or options.concepts_list)).stem
     else:
         data_name = Path(options.images).name
     final = Path(options.out) if options.out is not None else Path(f"{data_name}-{spec.name}{spec.file_suffix}")
@@ -1490,6 +1543,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     if plus and method in ("loha", "lokr") and not options.method_options.get("dim_from_weights"):
         raise ValueError(f"{', '.join(plus)}: LoRA+ speeds up the lora_up (B) factors and {method} has none (LyCORIS "
                          "would train it at the plain rate): train lora, locon or dora, or leave the ratios out")
+    concepts = _read_concepts(method, options)  # diffusers' --concepts-list: checked before anything loads
+    dataset_record = _data_config_record(data_config, options) if concepts is None else _concepts_record(options, concepts)
     _check_text_cache_method(method, spec, options)
     _check_fp8_base_method(method, options)
     _check_full_half_method(method, options)
@@ -1502,7 +1557,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     preset_file = _preset_file_record(options)  # (as the run starts: every state saved records these bytes)
     resume_record = None
     if options.resume is not None:
-        resume_record = _check_resume(Path(options.resume), method, options, dataset=_data_config_record(data_config, options))
+        resume_record = _check_resume(Path(options.resume), method, options, dataset=dataset_record)
     optimizer_defaults = train_optimizer.recorded_defaults(resume_record)  # (a run recorded before: its own)
     step_shares = train_schedule.recorded_shares(resume_record)  # (a run recorded before rounded its warm-up share)
     caption_lines = recorded_caption_lines(resume_record)  # (a run recorded before joined a caption file's lines)
@@ -1558,6 +1613,12 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         if options.dataset_config is not None and options.images is not None:
             notes.append(f"--images {options.images}: not used, --dataset-config {options.dataset_config} lists the image "
                          "folders (kohya ignores train_data_dir with a dataset config too)")
+    elif concepts is not None:  # each concept's images on its instance_prompt (diffusers' CustomDiffusionDataset)
+        from ..custom_diffusion.concepts import concept_records
+
+        records, notes = concept_records(concepts, repeats=options.repeats)
+        for record in records:
+            record.interpolation = options.resize_interpolation
     else:
         records, notes = find_images(options.images, default_caption=options.prompt, uncaptioned=trigger is not None,
                                      caption_extension=options.caption_extension, repeats=options.repeats,
@@ -1623,6 +1684,13 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                   where=f"--dataset-config {options.dataset_config}: datasets[{i}]: "))
              for i, opts in enumerate(block_options)] or [(options, *_bucket_plan(options, native=native, multiple=multiple))]
     _, height, width, step_size = plans[0]  # (the run's size: samples, generated class images, metadata)
+    if concepts is not None and options.prior is not False:  # each concept's class images, the missing ones made now
+        from ..custom_diffusion.concepts import DIFFUSERS_NUM_CLASS_IMAGES, concept_class_images
+
+        reg = concept_class_images(system, concepts, count=options.class_images or DIFFUSERS_NUM_CLASS_IMAGES,
+                                   seed=options.seed, size=(height, width),
+                                   progress=bars("class images", "image") if bars is not None else None)
+        notes.extend(reg.notes)
     # (data parallel: each block's global batch, its batch × world)
     batch_sizes = tuple(opts.batch_size * world for opts, *_ in plans) if block_options else ()
 
@@ -1810,10 +1878,14 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         encode_buckets(reg_dataset, system.encode_images,
                        progress=bars("caching class latents", "image") if bars is not None and not augment.active else None)
         reg_source = f"--reg-data-dir {options.reg_data_dir}" if options.reg_data_dir is not None else "the is_reg subsets"
-        say(f"{reg_source}: {len(reg.records)} class image(s), {reg_dataset.samples_per_epoch} "
-            f"per epoch (kohya's balancing against {dataset.samples_per_epoch} training samples"
-            f"{', each block against its own' if block_options else ''}); "
-            + reg_dataset.report()[-1])
+        if concepts is not None:  # (not balanced: diffusers cycles through every class image)
+            say(f"--concepts-list: {len(reg.records)} class image(s), each on its concept's class_prompt, each once per "
+                "class-image epoch; " + reg_dataset.report()[-1])
+        else:
+            say(f"{reg_source}: {len(reg.records)} class image(s), {reg_dataset.samples_per_epoch} "
+                f"per epoch (kohya's balancing against {dataset.samples_per_epoch} training samples"
+                f"{', each block against its own' if block_options else ''}); "
+                + reg_dataset.report()[-1])
         prior_data = (reg_dataset, options.prior_weight)
         prior_count = reg.samples
     else:
@@ -1912,7 +1984,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         if options.save_state:
             progress_info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
-                              dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
+                              dataset=dataset_record, optimizer_defaults=optimizer_defaults,
                               step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
                               caption_assembly=caption_assembly, bucket_rule=bucket_rule,
                               initial=(initial_step, skip_until),
@@ -1966,7 +2038,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         if info.step == total and options.save_state_on_train_end:  # kohya's: the state at the end, to train further
             info.save_state(outputs.state)
             _write_run_record(outputs.state, method, options, info.step, total, saves=written,
-                              dataset=_data_config_record(data_config, options), optimizer_defaults=optimizer_defaults,
+                              dataset=dataset_record, optimizer_defaults=optimizer_defaults,
                               step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
                               caption_assembly=caption_assembly, bucket_rule=bucket_rule,
                               initial=(initial_step, skip_until),
