@@ -45,8 +45,9 @@ __all__ = [
 def lora_scale(alpha: float | None, rank: int, *, rank_stabilized: bool = False) -> float:
     """The scale a LoRA applies: ``alpha / r`` (``alpha / sqrt(r)`` rank-stabilised).
 
-    ``alpha`` of ``None`` or ``0`` means ``alpha = r`` (scale 1), the convention of kohya, A1111,
-    ComfyUI and diffusers for files without an alpha.
+    ``alpha`` of ``None`` means ``alpha = r`` (scale 1), the convention of kohya, LyCORIS, A1111, ComfyUI
+    and diffusers for files without an alpha; ``0`` too, as kohya's and LyCORIS' loaders read it (A1111 and
+    ComfyUI compute ``0 / r`` there: no change).
     """
     if rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
