@@ -4,9 +4,10 @@ kohya sd-scripts (``library/train_util.py`` ``get_scheduler_fix``) builds any cl
 ``--lr_scheduler_type`` (a bare name is looked up in ``torch.optim.lr_scheduler``) with
 ``--lr_scheduler_args`` (``KEY=VALUE``, values through ``ast.literal_eval``) and accelerate steps it
 once after every optimiser step of a one-process run (with ``N`` processes accelerate steps it ``N`` times per
-optimiser step; sdadapt trains in one process). sdadapt loads no class: :class:`TorchSchedule`
-replays the class's own update rule, so every group's LR at optimiser step ``s`` is the LR the real
-scheduler holds after ``s`` calls of ``.step()`` — bit for bit, including the float drift of the
+optimiser step; a data-parallel sdadapt run steps it once, as one process with the global batch).
+sdadapt loads no class: :class:`TorchSchedule` replays the class's own update rule, so every
+group's LR at optimiser step ``s`` is the LR the real scheduler holds after ``s`` calls of
+``.step()`` — bit for bit, including the float drift of the
 recursive ("chainable") forms torch's ``.step()`` uses (``CosineAnnealingLR``, ``PolynomialLR``,
 ``LinearLR``, ``ExponentialLR`` ... multiply the previous LR; their closed forms differ from it by a
 few ulps after hundreds of steps). The values are a pure function of the step (computed once per
