@@ -110,6 +110,21 @@ def _window_spec(tokenizer: Any) -> dict[str, int]:
     return {"window": int(tokenizer.model_max_length), "eos_id": eos, "pad_id": pad}
 
 
+def _eos_pooled(encoder: Any, out: Any, ids: Tensor, *, eos_id: int) -> Tensor:
+    """SDXL's pooled text embedding: the second encoder's final-normed state at each window's first
+    ``<EOS>``, through its ``text_projection``: ``out.last_hidden_state`` (N, C, D) and ``ids`` (N, C)
+    -> (N, P). kohya's ``_pool_workaround`` (``library/strategy_sdxl.py``): transformers pools a
+    legacy config (``eos_token_id == 2``, SDXL base's) at the largest id, which is an added
+    (textual-inversion) token's where one is in the prompt; without one both are the same state.
+    An encoder without ``text_projection``: its own ``text_embeds``."""
+    projection = getattr(encoder, "text_projection", None)
+    if projection is None:
+        return out.text_embeds
+    states = out.last_hidden_state  # (N, C, D)
+    first_eos = (ids == eos_id).int().argmax(dim=-1)  # (N,): 0 where a window has no <EOS>, as kohya
+    return projection(states[torch.arange(states.shape[0], device=states.device), first_eos.to(states.device)])
+
+
 def _restore_mean(weighted: Tensor, plain: Tensor) -> Tensor:
     """Emphasis-weighted text states (B, L, D) rescaled so each prompt's mean over (L, D) is its
     unweighted states' ``plain`` (B, L, D) mean again, per prompt, not over the batch (A1111's
@@ -609,6 +624,8 @@ class DiffusersSystem(nn.Module):
         ``n * 75 + 2`` ids of a long prompt (:meth:`tokenize` with :attr:`max_token_length` 150 /
         225): encoded in ``n`` windows whose states are joined as kohya does (clip skip applies to
         each window; SDXL's ``text_embeds`` are the first window's), :mod:`sdadapt.text_chunks`.
+        SDXL's ``text_embeds`` are the second encoder's state at the first ``<EOS>``, projected (kohya's
+        ``_pool_workaround``: an added textual-inversion token does not move it, :func:`_eos_pooled`).
         A ``"weights"`` entry (the ids' shape, :meth:`tokenize_weighted`) multiplies each token's
         text states (SDXL: each encoder's by its row; not ``text_embeds``), kohya's weighted captions.
         """
@@ -630,7 +647,8 @@ class DiffusersSystem(nn.Module):
         (windows_1, n), (windows_2, _) = self._windows(0, ids[:, 0]), self._windows(1, ids[:, 1])
         first = self.text_encoder(windows_1, output_hidden_states=True)
         second = self.text_encoder_2(windows_2, output_hidden_states=True)
-        states_1, states_2, pooled = first.hidden_states[-2], second.hidden_states[-2], second.text_embeds
+        states_1, states_2 = first.hidden_states[-2], second.hidden_states[-2]
+        pooled = _eos_pooled(self.text_encoder_2, second, windows_2, eos_id=self._window_specs[1]["eos_id"])  # (B * n, P)
         if n > 1:  # (B * n, C, D) windows -> (B, n * (C - 2) + 2, D); the pooled output of each prompt's first window
             states_1, states_2 = merge_chunk_states(states_1, chunks=n), merge_chunk_states(states_2, chunks=n)
             pooled = pooled[::n]
