@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from ..samplers import SAMPLER_ALIASES, SAMPLERS, canonical_sampler
 from .options import add_output_options, numbers, positive_int, progress_bar, torch_dtype
 
-__all__ = ["register", "read_config", "parse_network_args", "KOHYA_KEYS", "KOHYA_IGNORED"]
+__all__ = ["register", "read_config", "parse_network_args", "steps_or_share", "KOHYA_KEYS", "KOHYA_IGNORED"]
 
 #: an option the command line did not give (the TOML file or the default then decides)
 _UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
@@ -721,6 +722,20 @@ def _typed_value(file: Path, key: str, value: str, hint: Any) -> Any:
     return number
 
 
+def steps_or_share(text: str) -> float:
+    """argparse type of ``--lr-warmup-steps`` / ``--lr-decay-steps``: a count, a share below 1, or a
+    percentage ``"10%"`` (= 0.1, kohya's ``int_or_float``)."""
+    value = text.strip()
+    percent = value.endswith("%")
+    try:
+        number = float(value[:-1] if percent else value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps, a share below 1 or a percentage (10%), got {text!r}") from None
+    if not math.isfinite(number) or number < 0 or (percent and number >= 100):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0, a share below 1 or a percentage below 100%")
+    return number / 100 if percent else number
+
+
 def _is_kohya_file(path: Path, *, fields: set[str], method_options: set[str]) -> bool:
     """Whether the ``--config`` file is a kohya config (:func:`sdadapt.cli.kohya_defaults.is_kohya_config`;
     tables flattened as :func:`read_config` does)."""
@@ -1047,13 +1062,15 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="lora/locon/loha/lokr: after each step shrink every adapter whose weight-delta norm exceeds MAX onto it; "
         "diag-oft/boft: each layer's oft_blocks norm, as LyCORIS (kohya's max-norm regularisation, e.g. 1; default off)")
     add(optim, "--lr-scheduler", choices=SCHEDULES, help="default cosine")
-    add(optim, "--lr-warmup-steps", type=float, metavar="N",
-        help="linear warm-up steps, or a fraction of the steps below 1 (default: min(20, steps/10))")
+    add(optim, "--lr-warmup-steps", type=steps_or_share, metavar="N",
+        help="linear warm-up steps, or a fraction of the steps below 1 or as a percentage (0.1, 10%%; default: "
+        "min(20, steps/10))")
     add(optim, "--lr-scheduler-num-cycles", type=int, metavar="N",
         help="cycles of cosine_with_restarts; half-waves of the cosine of cosine_with_min_lr and warmup_stable_decay "
         "(default 1)")
-    add(optim, "--lr-decay-steps", type=float, metavar="N",
-        help="warmup_stable_decay: decay over the last N steps, or a fraction of the steps below 1 (default 0: no decay)")
+    add(optim, "--lr-decay-steps", type=steps_or_share, metavar="N",
+        help="warmup_stable_decay: decay over the last N steps, or a fraction of the steps below 1 or as a percentage "
+        "(default 0: no decay)")
     add(optim, "--lr-scheduler-min-lr-ratio", type=float, metavar="R",
         help="cosine_with_min_lr (needed) and warmup_stable_decay (default 0): the LR they end at, as a share of the LR")
     add(optim, "--lr-scheduler-timescale", type=int, metavar="N",

@@ -1790,11 +1790,14 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     written: list[PeriodicSave] = _recorded_saves(resume_record, Path(options.resume)) if resume_record else []
     sample_points = set()
     if samples:
-        if options.sample_every_n_steps:
-            sample_points.update(range(options.sample_every_n_steps, total + 1, options.sample_every_n_steps))
-        if options.sample_every_n_epochs:
+        if options.sample_every_n_epochs:  # (kohya's sample_images_common: the epoch period replaces the step one)
             sample_points.update(min(total, math.ceil(e * steps_per_epoch))
                                  for e in range(options.sample_every_n_epochs, epochs + 1, options.sample_every_n_epochs))
+            if options.sample_every_n_steps:
+                say(f"--sample-every-n-steps {options.sample_every_n_steps}: not used, --sample-every-n-epochs "
+                    f"{options.sample_every_n_epochs} sets when to sample (as kohya, which ignores the step period then)")
+        elif options.sample_every_n_steps:
+            sample_points.update(range(options.sample_every_n_steps, total + 1, options.sample_every_n_steps))
         if not sample_points:
             sample_points.add(total)
         sample_points = {s for s in sample_points if s > start}
