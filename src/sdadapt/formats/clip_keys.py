@@ -9,7 +9,8 @@
   names and a fused ``attn.in_proj_weight`` (3D, D) = [q; k; v]; ``positional_embedding`` is a bare
   (77, D) parameter; ``text_projection`` is (D, P) and diffusers' ``text_projection.weight`` is its
   transpose (P, D). ``logit_scale`` (and an ``attn_mask`` buffer, if present) have no diffusers
-  counterpart and are dropped.
+  counterpart and are dropped, as is a transformers ``…embeddings.position_ids`` buffer some writers
+  leave under the OpenCLIP prefix (ComfyUI's SDXL saves, WD 1.4's SD2; kohya's loaders drop it too).
 - SD2 reads OpenCLIP-H's *penultimate* layer: diffusers' SD2 text encoder has 23 layers where the
   file has 24, and no projection. Like diffusers' single-file loader (which skips
   ``resblocks.23.*`` and ``text_projection``), layers with index >= 23 and ``text_projection`` of
@@ -105,6 +106,8 @@ def open_clip_to_diffusers(key: str) -> tuple[tuple[str, ...], str] | None:
         return (rule.render("diffusers", fields),), rule.kind
     return None
 _POSITION_IDS = "text_model.embeddings.position_ids"
+#: OpenCLIP-prefixed transformers buffers some files carry (``transformer.text_model.embeddings.position_ids`` ...)
+_STRAY_POSITION_IDS = "embeddings.position_ids"
 _SD2_UNUSED = (
     f"SD2 conditions on OpenCLIP-H's penultimate layer: layers >= {SD2_UNUSED_FROM_LAYER} and text_projection"
     " never affect it, and diffusers' SD2 text encoder (23 layers, no projection) has no place for them;"
@@ -177,6 +180,12 @@ def plan_open_clip(
         real: dict[str, str] = {}
         extras = [source_prefix + name for name in ("logit_scale", "attn_mask") if source_prefix + name in shapes]
         builder.drop(extras, "OpenCLIP's logit_scale / causal attn_mask have no place in a diffusers text encoder")
+        # a transformers position_ids buffer some writers leave under the OpenCLIP prefix (ComfyUI's SDXL saves:
+        # ``transformer.text_model.embeddings.position_ids``; WD 1.4's SD2): dropped as kohya's readers do
+        stray = [key for key in shapes if key[len(source_prefix) :].endswith(_STRAY_POSITION_IDS)]
+        builder.drop(stray, "a transformers position_ids buffer inside an OpenCLIP model (OpenCLIP has none): rebuilt as"
+                     " arange(max_position_embeddings), as kohya's loaders drop it")
+        extras += stray
         unused = [key for key in shapes if sd2 and _sd2_unused(key, source_prefix)]
         builder.drop(unused, _SD2_UNUSED)
         spelled = {k: v for k, v in shapes.items() if k not in {*extras, *unused}}

@@ -136,9 +136,10 @@ def checkpoint_architecture(shapes: Mapping[str, tuple[int, ...]], *, default: s
 
     Reads LDM files, component-prefixed diffusers states (``unet.…``, ``text_encoder.…``) and bare
     diffusers UNet state dicts (``down_blocks.…``, as diffusers UNet files hold). Evidence, first
-    that applies: SDXL has a second text encoder (``conditioner.embedders`` / ``text_encoder_2``)
-    or a ``label_emb``/``add_embedding`` in the UNet; the LDM text-encoder prefix
-    (``cond_stage_model.model`` = OpenCLIP = SD2, ``cond_stage_model.transformer`` = SD1); the UNet's
+    that applies: the LDM text-encoder prefix (``conditioner.embedders`` = SDXL,
+    ``cond_stage_model.model`` = OpenCLIP = SD2, ``cond_stage_model.transformer`` = SD1; an SD 2.1
+    unCLIP file, whose UNet has a ``label_emb`` too, is SD2); SDXL's second text encoder
+    (``text_encoder_2``) or a ``label_emb``/``add_embedding`` in the UNet; the UNet's
     transformer ``proj_in`` (Linear = SD2, 1x1 conv = SD1); the CLIP width (1024 = SD2, 768 = SD1).
     (SD2's v-prediction variant has the same keys and shapes: no detector can tell it.)
 
@@ -154,12 +155,16 @@ def checkpoint_architecture(shapes: Mapping[str, tuple[int, ...]], *, default: s
         raise ValueError(f"default must be one of {ARCHITECTURES} or None, got {default!r}")
     shapes = _shapes(shapes)
     keys = list(shapes)
-    if any(k.startswith(_SDXL_MARKERS) for k in keys):
+    # (the LDM text-encoder prefix first: SD 2.1 unCLIP files have a label_emb beside cond_stage_model.model,
+    # and diffusers' infer_diffusers_model_type calls them "v2" too)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
+    if any(k.startswith(_SDXL_MARKERS) for k in keys):
+        return "sdxl"
     proj_in = [shapes[k] for k in keys if k.startswith(_UNET_PREFIXES) and k.endswith(".proj_in.weight")]
     if proj_in:
         return "sd2" if len(proj_in[0]) == 2 else "sd1"
