@@ -219,6 +219,7 @@ def dense_lora_factors(
     clamp_quantile: float | None = None,
     split: Literal["up", "sqrt"] = "up",
     dtype: torch.dtype | None = None,
+    zero_rank_one: bool = False,
 ) -> ResizedLayer:
     """LoRA factors of a dense delta by truncated SVD, ``alpha = r`` (scale 1); ``dtype`` is the
     dtype to write (the reported error is that of the written factors).
@@ -227,6 +228,9 @@ def dense_lora_factors(
         delta: ΔW (out, in[, kh, kw]), float32 (float64 stays float64).
         rank: fixed rank, or the cap of a dynamic ``method``; ``None`` keeps the numerical rank
             (:func:`numerical_rank`): ``up ⋅ down == ΔW`` up to floating-point error.
+        zero_rank_one: a delta whose largest singular value is at most ``MIN_SINGULAR_VALUE``
+            (1e-6) gets rank 1 whatever ``rank`` and ``method`` (kohya's ``resize_lora.py`` zero
+            rule, as :func:`resize_layer`); off, a fixed ``rank`` is kept.
 
     Returns:
         :class:`ResizedLayer` with ``up`` (out, r[, 1, 1]), ``down`` (r, in[, kh, kw]),
@@ -237,6 +241,8 @@ def dense_lora_factors(
     matrix = delta.reshape(out_features, -1)
     u, s, vh = truncated_svd(matrix, 1)  # the full SVD: every singular value, for the rank rules
     cap = numerical_rank(s, tuple(matrix.shape)) if rank is None else min(int(rank), s.numel())
+    if zero_rank_one and s.numel() and float(s[0]) <= MIN_SINGULAR_VALUE:
+        cap = 1
     up, down, alpha, residual = factors_from_svd(
         u, s, vh, rank=cap, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
         dtype=dtype, target=matrix,
@@ -292,7 +298,8 @@ def resize_lora_state(
 
     LoRA/LoCon layers keep ``alpha / r`` and are re-factored from their thin factors
     (:func:`resize_layer`); every other family (LoHa, LoKr, full, LoCon-Tucker, DoRA) becomes the
-    truncated SVD of its dense delta with ``alpha = r'`` (:func:`dense_lora_factors`).
+    truncated SVD of its dense delta with ``alpha = r'`` (:func:`dense_lora_factors`). A zero layer
+    (largest singular value <= 1e-6) gets rank 1 on both paths, as in kohya's ``resize_lora.py``.
 
     Args:
         state: canonical keys ``"<layer>.<file key>"`` of any family.
@@ -351,7 +358,7 @@ def _resize_one(
         own_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point() and t.dim() > 0), torch.float32)
         resized = dense_lora_factors(
             delta, rank=target, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
-            dtype=dtype or own_dtype,
+            dtype=dtype or own_dtype, zero_rank_one=True,  # (a zero layer: rank 1, as the LoRA layers')
         )
         if bias is not None:
             resized = replace(resized, bias_dropped=float(bias.norm()))

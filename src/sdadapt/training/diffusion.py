@@ -603,8 +603,9 @@ def ddim_invert(
 
     Returns ``[x0, x_{t_1}, ..., x_{t_n}]`` (n+1 tensors (B,C,H,W)), ascending in t: each step runs
     the model at the current latent with the *next* (higher) timestep and applies the DDIM update
-    toward it. Reversing these steps with :func:`ddim_sample` (same steps) reconstructs x0 up to
-    the model's local linearity.
+    toward it; a v or x0 prediction is converted to ε with the ᾱ of the current latent's level (the
+    lower timestep; ᾱ_0 before the first), as diffusers' ``DDIMInverseScheduler.step``. Reversing these
+    steps with :func:`ddim_sample` (same steps) reconstructs x0 up to the model's local linearity.
     """
     T = alphas_cumprod.shape[0]
     steps = ddim_timesteps(num_steps, num_train_steps=T, spacing=spacing, steps_offset=steps_offset).flip(0)
@@ -616,7 +617,8 @@ def ddim_invert(
         t_from = t - ratio  # the lower timestep we come from; < 0 at the first step
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         out = fn(x, tt, cond)
-        eps = predicted_noise(prediction_type, x, out, tt, alphas_cumprod)
+        # v / x0 -> ε with the ᾱ of the latent's own level (t_from), as diffusers' DDIMInverseScheduler.step
+        eps = predicted_noise(prediction_type, x, out, torch.full_like(tt, max(t_from, 0)), alphas_cumprod)
         a_from = alphas_cumprod[t_from] if t_from >= 0 else alphas_cumprod[0]
         a_to = alphas_cumprod[t]
         x0_hat = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
