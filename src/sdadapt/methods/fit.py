@@ -807,6 +807,14 @@ def fit(
             trained, as kohya's validation dataset; with image tensors, ``(images
             (M, 3, H, W), captions)``, batched in order. Nothing of it trains.
 
+    Modes: during the steps what trains is in training mode — each largest module of the system's
+    ``unet`` and text encoders (or of the adaptation, when an ``nn.Module``) all of whose parameters
+    train: an adapter (kohya's ``network.train()``), a hypernetwork (A1111's), a whole fine-tuned
+    model (kohya's ``train_db.py`` / ``fine_tune.py``, diffusers' ``unet.train()``) — and the rest of
+    those models in eval mode (kohya's ``.eval()`` of the frozen base); a text encoder whose training
+    stops (``text_encoder_steps``) goes to eval mode then (kohya's ``train_db.py``). Set again at each
+    step (an ``on_step`` sample may switch them); every module's own mode is restored when ``fit`` returns.
+
     Data parallel: called on every rank inside an initialised default process group of more than one
     process (torchrun; :mod:`sdadapt.training.data_parallel`), ``config.batch_size`` is the *global*
     batch: every rank draws it (same data order, noise and timesteps), trains on its own rows, and the
@@ -1172,7 +1180,11 @@ def fit(
     losses: list[float] = []
     checkpointed: dict[nn.Module, bool] = {}  # checkpointed block -> its mode before
     undo: list[Callable[[], None]] = []
+    caller_modes: dict[nn.Module, bool] = {}  # every submodule of the models -> its mode before fit
     try:
+        run_modes = _run_modes(system, adaptation, trained, caller_modes)
+        for module, mode in run_modes:
+            module.training = mode
         stepper: Any = optimizer
         if config.fused_backward:
             stepper = optimizer.fuse(trained)
@@ -1208,8 +1220,6 @@ def fit(
             cycled_momentum = functools.partial(config.torch_schedule.momentum, accumulation=accumulation)
         for step in range(state.step, config.steps):
             position = step - schedule_offset - skipped  # (the LR schedule's step)
-            for module in checkpointed:  # only the wrappers: what runs inside keeps its mode (an on_step sample may call eval())
-                module.training = True
             if stopping and not stopped and step >= text_encoder_steps:  # type: ignore[operator]
                 for p in stopping:
                     p.requires_grad_(False)
@@ -1217,6 +1227,12 @@ def fit(
                 stopped = stopping
                 if captured is not None:  # the graphs' backward still computes their gradients
                     captured.reset()
+                stopped_ids = {id(p) for p in stopped}  # (kohya's train_db.py: text_encoder.train(False) at the stop)
+                run_modes = _run_modes(system, adaptation, [p for p in trained if id(p) not in stopped_ids], {})
+            for module, mode in run_modes:  # (an on_step sample may have switched them)
+                module.training = mode
+            for module in checkpointed:  # only the wrappers: what runs inside keeps its mode (an on_step sample may call eval())
+                module.training = True
             if config.schedule_free:  # the weights gradients are taken at (y); a no-op when in train mode already
                 switch_mode(optimizer, train=True)
             for group in optimizer.param_groups:
@@ -1285,7 +1301,38 @@ def fit(
             module.training = mode
         for remove in reversed(undo):
             remove()
+        for module, mode in caller_modes.items():
+            module.training = mode
     return losses
+
+
+def _run_modes(system: System, adaptation: Any, trained: list[nn.Parameter],
+               before: dict[nn.Module, bool]) -> list[tuple[nn.Module, bool]]:
+    """``(module, training)`` for every submodule of the system's models (``unet``, text encoders) and of
+    the adaptation (when an ``nn.Module``): training mode throughout each largest module all of whose
+    parameters are in ``trained`` — an adapter (kohya's ``network.train()``), a hypernetwork (A1111's
+    ``hypernetwork.train()``), a whole fine-tuned model (kohya's ``train_db.py`` / ``fine_tune.py``,
+    diffusers' ``unet.train()``) — and eval mode everywhere else (kohya's ``unet.eval()`` /
+    ``text_encoder.eval()`` of the frozen base). Each submodule's current mode is added to ``before``
+    (the first seen kept)."""
+    ids = {id(p) for p in trained}
+    roots = [model for _, model in system_models(system)]
+    if isinstance(adaptation, nn.Module):
+        roots.append(adaptation)
+    modes: dict[nn.Module, bool] = {}
+    for root in roots:
+        for sub in root.modules():
+            before.setdefault(sub, sub.training)
+            modes.setdefault(sub, False)
+    for root in roots:
+        for sub in root.modules():  # (parents before their children: a trained subtree is marked whole)
+            if modes[sub]:
+                continue
+            params = list(sub.parameters())
+            if params and all(id(p) in ids for p in params):
+                for inner in sub.modules():
+                    modes[inner] = True
+    return list(modes.items())
 
 
 #: what :func:`~sdadapt.training.max_norm.scale_weight_norms_` reports (``FitProgress.max_norm``)
