@@ -5,6 +5,7 @@
 * :mod:`.generate` — ``generate``;
 * :mod:`.aesthetic` — ``aesthetic-embedding``;
 * :mod:`.invert` — ``invert``;
+* :mod:`.clip_invert` — ``clip-invert``;
 * :mod:`.loratools` — ``extract-lora``, ``resize-lora``, ``merge-lora``, ``combine-loras``;
 * :mod:`.convert` — ``convert`` (LoRA-family files and embeddings between file formats);
 * :mod:`.merge` — ``merge`` and one sub-command per merge operator;
@@ -76,6 +77,7 @@ _COMMAND_MODULES = {
     "generate": "generate",
     "aesthetic-embedding": "aesthetic",
     "invert": "invert",
+    "clip-invert": "clip_invert",
     "extract-lora": "loratools", "resize-lora": "loratools", "merge-lora": "loratools", "combine-loras": "loratools",
     "convert": "convert",
     "merge": "merge",

@@ -52,6 +52,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.dtype != "keep":  # (the shared output option: it casts written weight files, and this writes PNGs)
         raise InputError(f"--dtype {args.dtype}: generate writes PNG images and runs the model in float32; --dtype casts "
                          "the tensors of written weight files, so leave it out")
+    if args.image_vectors is not None:
+        return _cmd_generate_image_vectors(args)
 
     def log(line: str) -> None:
         if not args.quiet or line.startswith("warning:"):
@@ -90,6 +92,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {file} ({seeds})" if drawn else f"wrote {file}")
     return 0
 
+
+
+#: what ``generate --image-vectors`` takes besides the output options: the rest is refused (it samples with
+#: :func:`sdadapt.inversion.generate_with_vectors`, DDIM at the model's size, the prompt as plain text)
+_IMAGE_VECTOR_OPTIONS = ("image_vectors", "model", "prompt", "negative", "seed", "steps", "guidance", "count", "device",
+                         "help")
+_IMAGE_VECTOR_MESSAGE = ("{option} does not apply with --image-vectors (CLIP-inversion vectors are sampled with DDIM at "
+                         "the model's size from --prompt, --negative, --seed, --steps, --guidance and --count; "
+                         "docs/clip-inversion.md): leave {option} out")
+
+
+def _cmd_generate_image_vectors(args: argparse.Namespace) -> int:
+    """``generate --image-vectors FILE``: :func:`sdadapt.inversion.clip_job.run_generate_image_vectors`."""
+    from ..errors import InputError
+    from ..inversion.clip_job import run_generate_image_vectors
+
+    for flag, value in (("--lora", args.lora), ("--embedding", args.embedding), ("--hypernetwork", args.hypernetwork),
+                        ("--custom-diffusion", args.custom_diffusion)):
+        if value:
+            raise InputError(_IMAGE_VECTOR_MESSAGE.format(option=flag))
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: with --image-vectors give the seed (>= 0) to draw the image from")
+    result = run_generate_image_vectors(
+        args.image_vectors, out=args.out, model=args.model, prompt=args.prompt, negative=args.negative,
+        count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, device=args.device,
+        overwrite=args.overwrite, progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None,
+    )
+    for file in result["files"]:
+        print(f"wrote {file}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -271,6 +303,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     aesthetic.add_argument("--aesthetic-clip", default=None, metavar="DIR",
                            help="the CLIP model (folder or checkpoint) with the text_projection; needed for Stable "
                            "Diffusion models (openai/clip-vit-large-patch14 for SD1), not for the toy")
+    generate.add_argument("--image-vectors", default=None, metavar="FILE",
+                          help="sample from CLIP-inversion vectors (python -m sdadapt clip-invert's file) mixed with "
+                          "--prompt, on the model they were learnt for (SD 2.1 unCLIP: guidance default 10, as its "
+                          "pipelines; docs/clip-inversion.md); DDIM, the prompt as plain text")
+    single = [action.option_strings[-1] for action in generate._actions
+              if action.option_strings and action.dest not in _IMAGE_VECTOR_OPTIONS
+              and not isinstance(action, (argparse._AppendAction, argparse._CountAction))]
+    only_with(generate, single, needs="no --image-vectors", when=lambda args: args.image_vectors is None,
+              message=_IMAGE_VECTOR_MESSAGE)
     only_with(generate, ["--inpaint-full-res"], needs="--mask IMAGE", when=lambda args: args.mask is not None)
     only_with(generate, ["--subseed", "--subseed-strength", "--seed-resize-from", "--ensd"],
               needs="--noise a1111 (or a1111-cpu)", when=lambda args: args.noise is not None,

@@ -9,6 +9,9 @@
   few images (toy image variant, SD 2.1 unCLIP UNets, image-variation UNets).
 * :mod:`.job` — :func:`~.job.run_invert`, the job behind ``python -m sdadapt invert`` (import it
   from ``sdadapt.inversion.job``).
+* :mod:`.clip_job` — :func:`~.clip_job.run_clip_invert` / :func:`~.clip_job.run_generate_image_vectors`,
+  the jobs behind ``python -m sdadapt clip-invert`` and ``generate --image-vectors`` (import them from
+  ``sdadapt.inversion.clip_job``).
 """
 
 from .clip import (

@@ -1,0 +1,194 @@
+"""The jobs behind ``python -m sdadapt clip-invert`` and ``generate --image-vectors``.
+
+Thin wrappers over :mod:`.clip` (no math of their own): :func:`run_clip_invert` reads an image
+folder at the model's size (as ``train`` reads its folders: shorter side resized, centre cropped),
+runs :func:`~.clip.clip_invert` and writes :func:`~.clip.save_image_vectors`' file atomically;
+:func:`run_generate_image_vectors` reads such a file and writes one PNG per seed from
+:func:`~.clip.generate_with_vectors`. Both return plain dicts. Progress goes through
+``progress(done, total, info)``.
+
+Models: whatever :func:`sdadapt.jobs.load_system` loads whose UNet takes an image embedding —
+a diffusers SD 2.1 unCLIP folder (``stable-diffusion-2-1-unclip``: its ``image_encoder/``,
+``image_normalizer/`` and ``image_noising_scheduler/`` are used as the pipelines use them), the
+toy image variant ``toy-image`` or the toy ``toy``. A lambdalabs image-variation folder (no text
+encoder) is refused with a message naming the Python route (:func:`~.clip.image_variation_conditioning`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..formats.files import check_input_file, check_output_file
+from .core import Progress
+
+__all__ = ["run_clip_invert", "run_generate_image_vectors", "default_guidance", "DEFAULT_GUIDANCE"]
+
+#: classifier-free guidance per image-input site when ``--guidance`` is not given: SD unCLIP 10
+#: (diffusers' ``StableUnCLIPImg2ImgPipeline`` / ``StableUnCLIPPipeline`` ``guidance_scale=10``),
+#: image variation 7.5 (``StableDiffusionImageVariationPipeline``), the toys 2 (``generate``'s toy default)
+DEFAULT_GUIDANCE: dict[str, float] = {"class-labels": 10.0, "cross-attention": 7.5, "time-embedding": 2.0,
+                                      "time-embedding+token": 2.0}
+_VARIATION_PIPELINE = "StableDiffusionImageVariationPipeline"
+
+
+def default_guidance(site: str) -> float:
+    """The guidance scale :func:`run_generate_image_vectors` uses for vectors of ``site`` (:data:`DEFAULT_GUIDANCE`)."""
+    if site not in DEFAULT_GUIDANCE:
+        raise ValueError(f"unknown image-input site {site!r}; one of {', '.join(DEFAULT_GUIDANCE)}")
+    return DEFAULT_GUIDANCE[site]
+
+
+def _refuse_image_variation_folder(model: str) -> None:
+    """A lambdalabs image-variation folder (no ``text_encoder/``): refused before loading, naming the way that works."""
+    root = Path(model)
+    if not root.is_dir() or (root / "text_encoder").exists():
+        return
+    index = root / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name == _VARIATION_PIPELINE or ((root / "image_encoder").is_dir() and (root / "unet").is_dir()):
+        from ..diffusers_system import ModelFolderError
+
+        raise ModelFolderError(
+            f"{root}: an image-variation folder (lambdalabs sd-image-variations: {_VARIATION_PIPELINE}, no text "
+            "encoder), which the shell commands cannot load yet (sdadapt's model loader needs text_encoder/ and "
+            "tokenizer/). From Python: sdadapt.inversion.image_variation_conditioning(unet, encode_image="
+            "clip_image_encoder(folder)) with learn_image_vectors / sample_image_vectors (docs/clip-inversion.md); "
+            "or use an SD 2.1 unCLIP folder or --model toy-image here")
+
+
+def _load(model: str, device: str):
+    from ..jobs.models import load_system, resolve_device
+
+    _refuse_image_variation_folder(model)
+    return load_system(model, device=resolve_device(device))
+
+
+def run_clip_invert(
+    images: str | Path,
+    *,
+    out: str | Path,
+    model: str = "toy-image",
+    captions: bool = False,
+    prompt: str | None = None,
+    num_vectors: int = 1,
+    init: str = "auto",
+    steps: int = 300,
+    learning_rate: float = 5e-2,
+    batch_size: int = 4,
+    noise_level: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Learn image-space vectors for the concept of the images in folder ``images`` and write them to ``out``.
+
+    Args:
+        images: a folder of .png/.jpg images (any size: brought to the model's by shorter-side resize
+            and centre crop, as ``train`` reads folders).
+        out: the ``.safetensors`` file (:func:`~.clip.save_image_vectors`; metadata ``model``, ``images``, ...).
+        model: ``"toy-image"`` (default), ``"toy"``, or a diffusers SD 2.1 unCLIP folder.
+        captions: train with each image's ``NAME.txt`` / ``NAME.caption`` caption (``prompt`` for
+            images without one, else an error naming them).
+        prompt: one caption for every image (with ``captions``: for those without a caption file).
+            Neither: the empty prompt (the vectors carry the whole concept; :func:`~.clip.clip_invert`).
+        num_vectors, init, steps, learning_rate, batch_size, noise_level, seed: :func:`~.clip.clip_invert`'s.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        overwrite: replace an existing ``out`` (else refused before any work).
+
+    Returns:
+        ``{"file", "site", "vectors" (K, D), "init", "final_loss", "images", "seconds"}``.
+
+    Raises:
+        NoImageConditioningError: the model has no image-embedding input.
+        ImageFolderError, ModelFolderError, OutputExistsError, ValueError.
+    """
+    from ..images import check_image_folder, load_image_folder
+    from .clip import clip_invert, image_conditioning, save_image_vectors
+
+    target = check_output_file(out, overwrite=overwrite)
+    folder = check_image_folder(images)
+    start = time.perf_counter()
+    system = _load(model, device)
+    image_conditioning(system, noise_level=noise_level)  # no image input / no normaliser: refused before reading images
+    pictures, texts = load_image_folder(folder, size=system.image_size,
+                                        default_caption=prompt if captions else "")
+    if captions:
+        chosen: list[str] | None = texts
+    elif prompt:
+        chosen = [prompt] * pictures.shape[0]
+    else:
+        chosen = None
+    learnt = clip_invert(system, pictures, captions=chosen, num_vectors=num_vectors, init=init, steps=steps,
+                         learning_rate=learning_rate, batch_size=batch_size, noise_level=noise_level, seed=seed,
+                         progress=progress)
+    metadata = {"model": Path(model).name, "seed": str(seed), "batch_size": str(batch_size),
+                "captions": "files" if captions else ("prompt" if prompt else "empty")}
+    save_image_vectors(target, learnt, metadata=metadata)
+    return {"file": str(target), "site": learnt.site, "vectors": tuple(learnt.vectors.shape), "init": learnt.info["init"],
+            "final_loss": float(learnt.info["final_loss"]), "images": int(pictures.shape[0]),
+            "seconds": time.perf_counter() - start}
+
+
+def run_generate_image_vectors(
+    vectors: str | Path,
+    *,
+    out: str | Path,
+    model: str = "toy-image",
+    prompt: str = "",
+    negative: str = "",
+    count: int = 1,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Images from a CLIP-inversion file (:func:`~.clip.load_image_vectors`) mixed with ``prompt``.
+
+    Image ``i`` is :func:`~.clip.generate_with_vectors` with ``count=1, seed=seed + i`` (each image
+    made again from its own seed, as ``generate``'s), at the noise level the file was learnt at.
+    ``out``: ``X.png``; ``count > 1`` writes ``X-00.png``, ``X-01.png`` …. ``steps`` default 25;
+    ``guidance`` default per model (:data:`DEFAULT_GUIDANCE`: SD unCLIP 10, as its pipelines). The
+    prompt is plain text (no A1111 emphasis or tags).
+
+    Returns:
+        ``{"files", "seed", "steps", "guidance", "site", "noise_level"}``.
+
+    Raises:
+        WeightFileError: not a CLIP-inversion file. ValueError: vectors of another site or width
+        than the model's image input. NoImageConditioningError: the model has no image input.
+    """
+    from ..images import write_png
+    from .clip import generate_with_vectors, image_conditioning, load_image_vectors
+
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    target = Path(out)
+    if target.suffix.lower() != ".png":
+        raise ValueError(f"{target}: the output must be a .png file")
+    files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
+    for file in files:
+        check_output_file(file, overwrite=overwrite, suffix=".png")
+    learnt = load_image_vectors(check_input_file(vectors, what="CLIP-inversion file"))
+    system = _load(model, device)
+    site = image_conditioning(system, noise_level=learnt.noise_level).site  # no image input: refused here
+    if learnt.site != site:
+        raise ValueError(f"{vectors}: these vectors were learnt for the {learnt.site} site; this model's image input is "
+                         f"{site}: use a model of the kind they were learnt on")
+    steps = 25 if steps is None else steps
+    guidance = default_guidance(site) if guidance is None else guidance
+    for i, file in enumerate(files):
+        image = generate_with_vectors(system, learnt, prompt=prompt, negative=negative, count=1, seed=seed + i,
+                                      steps=steps, guidance=guidance)[0]
+        write_png(file, image)
+        if progress is not None:
+            progress(i + 1, count, file.name)
+    return {"files": [str(f) for f in files], "seed": seed, "steps": steps, "guidance": guidance, "site": site,
+            "noise_level": learnt.noise_level}
