@@ -9,13 +9,14 @@ its ``W'`` by the multiplier), keeping a copy of each touched weight (and bias) 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .adapters.base import geometry_of
-from .adapters.registry import file_layer_delta
+from .adapters.base import LayerGeometry, geometry_of
+from .adapters.registry import file_layer_delta, weight_shape_of_file_tensors
 from .checks import finite_number
 from .formats.layers import group_by_layer, resolve_layers
 from .model_args import as_module, check_layer_state
@@ -45,6 +46,32 @@ class AppliedDelta:
         self.original_biases.clear()
 
 
+def _inpainting_conv_in(tensors: Mapping[str, Tensor], geometry: LayerGeometry, layer_name: str) -> bool:
+    """Whether one layer's file tensors are a 4-input-channel ``conv_in`` delta for an inpainting
+    UNet's 9-channel ``conv_in`` (latents, mask, masked-image latents): A1111's Lora extension
+    zero-pads such a delta's input channels 4 -> 9 (``networks.py`` ``network_apply_weights``) and
+    so does :func:`apply_lora` — for that case only; every other shape mismatch is refused.
+
+    Raises:
+        ValueError: such a layer with a DoRA magnitude (``dora_scale``: its delta reads the base
+            weight, which has 9 input channels), naming the layer.
+    """
+    if not (geometry.kernel and geometry.in_features == 9
+            and (layer_name.rsplit(".", 1)[-1] == "conv_in" or layer_name.endswith("input_blocks.0.0"))):
+        return False
+    try:
+        shape = weight_shape_of_file_tensors(tensors, name=layer_name)
+    except ValueError:
+        return False  # (keys of no family: file_layer_delta says so)
+    if shape is None or tuple(shape) != (geometry.out_features, 4, *geometry.kernel):
+        return False
+    if "dora_scale" in tensors:
+        raise ValueError(f"{layer_name}: a DoRA delta made for a 4-channel conv_in on an inpainting model's 9-channel "
+                         "conv_in; DoRA reads the base weight, which does not fit it; apply the file to a "
+                         "non-inpainting model, or leave conv_in out of the file")
+    return True
+
+
 def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 1.0) -> AppliedDelta:
     """``W ← W + scale · ΔW`` for each layer in ``state`` (canonical keys, any layer naming).
 
@@ -55,6 +82,10 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
         state: canonical keys of any family, e.g. ``{"<layer>.lora_down.weight" / ".lora_up.weight" /
             ".alpha": tensor}`` or ``hada_*`` / ``lokr_*`` / ``diff`` / ``dora_scale`` tensors.
         scale: strength multiplier (the ``<lora:name:scale>`` number).
+
+    A ``conv_in`` delta of 4 input channels on an inpainting UNet's 9-channel ``conv_in`` is
+    zero-padded to 9, as A1111's Lora extension does: the latent channels change, the mask and
+    masked-image channels do not.
 
     Raises:
         LayerNotFoundError, ValueError, TypeError: as :func:`sdadapt.load_adapter`; InputError (a
@@ -70,10 +101,14 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
         layer = model.get_submodule(layer_name)
         weight = layer.weight.detach()
         acc = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
+        geometry = geometry_of(layer, name=layer_name)
+        padded = _inpainting_conv_in(groups[key_name], geometry, layer_name)
         delta, bias_delta = file_layer_delta(
-            groups[key_name], geometry_of(layer, name=layer_name), base_weight=weight, scale=scale, dtype=acc,
-            name=layer_name,
+            groups[key_name], dataclasses.replace(geometry, in_features=4) if padded else geometry,
+            base_weight=None if padded else weight, scale=scale, dtype=acc, name=layer_name,
         )
+        if padded:  # (A1111: the mask and masked-image channels 4..8 get no change)
+            delta = torch.nn.functional.pad(delta.to(weight.device), (0, 0, 0, 0, 0, 5))
         if bias_delta is not None and getattr(layer, "bias", None) is None:
             raise ValueError(f"{layer_name}: the file has a bias delta (diff_b) but the layer has no bias")
         deltas.append((layer_name, layer, delta, bias_delta))

@@ -1079,7 +1079,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="exponent of --lr-scheduler polynomial: (LR - lr_end) x (1 - progress)^P + lr_end after the warm-up "
         "(default 1: linear; kohya's)")
     add(optim, "--lr-scheduler-args", nargs="+", metavar="KEY=VALUE",
-        help="kohya's --lr_scheduler_args: lr_end=X for polynomial (the LR it ends at; default 1e-7); min_lr=X for "
+        help="kohya's --lr_scheduler_args: num_cycles=C for cosine (waves; default 0.5, one half-wave); lr_end=X for "
+        "polynomial (the LR it ends at; default 1e-7); min_lr=X for "
         "cosine_with_min_lr; warmup_type=T decay_type=T (linear, cosine, 1-sqrt) for warmup_stable_decay; "
         "step_rules=1:100,0.1:200,0.01 for piecewise_constant (factor 1 before step 100, 0.1 before 200, then 0.01); "
         "with --lr-scheduler-type: that class's arguments (e.g. T_max=1000 eta_min=1e-6)")

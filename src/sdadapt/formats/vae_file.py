@@ -2,7 +2,7 @@
 
 | what ``path`` is | how it is read |
 |---|---|
-| an LDM VAE file (``encoder.down.0…``, ``quant_conv.*``; with or without ``first_stage_model.``) | the one LDM -> diffusers key map (:mod:`.model_keys`, :mod:`.vae_keys`) |
+| an LDM VAE file (``encoder.down.0…``, ``quant_conv.*``; with or without ``first_stage_model.``, or ``vae.`` as diffusers' ``single_file_utils`` allows: its ``vae.*`` part) | the one LDM -> diffusers key map (:mod:`.model_keys`, :mod:`.vae_keys`) |
 | a full SD1/SD2/SDXL checkpoint (``model.diffusion_model.*`` …) | its ``first_stage_model.*`` part, as kohya allows |
 | a diffusers ``AutoencoderKL`` file (``encoder.down_blocks.0…``, optionally ``vae.``-prefixed: of a whole-model file, its ``vae.*`` part) | as it is (old diffusers attention names ``query``/``key``/``value``/``proj_attn`` renamed) |
 | a diffusers folder (``config.json`` + ``diffusion_pytorch_model[.fp16].safetensors``/``.bin``), or a model folder holding ``vae/`` | the weights file; ``config.json`` is checked against the model's VAE |
@@ -126,7 +126,8 @@ def _layout(keys: list[str]) -> str:
         return "checkpoint"
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "vae.encoder.down_blocks.")) for k in keys):
         return "diffusers"
-    if any(k.startswith(("encoder.down.", "decoder.up.", _LDM_VAE_PREFIX)) for k in keys):
+    if any(k.startswith(("encoder.down.", "decoder.up.", _LDM_VAE_PREFIX, "vae.encoder.down.", "vae.decoder.up."))
+           for k in keys):
         return "ldm"
     return "unknown"
 
@@ -200,6 +201,9 @@ def read_vae_weights(path: str | os.PathLike, *, expected: Mapping[str, tuple[in
         state = _from_ldm(file, vae_part, expected)
     elif layout == "ldm":
         kept = {k: v for k, v in raw.items() if not k.startswith(_TRAINING_ONLY)}
+        if any(k.startswith("vae.") for k in kept):  # (diffusers' LDM_VAE_KEYS: a vae. prefix, its vae.* part read)
+            dropped += [k for k in kept if not k.startswith("vae.")]
+            kept = {k.removeprefix("vae."): v for k, v in kept.items() if k.startswith("vae.")}
         state = _from_ldm(file, {k if k.startswith(_LDM_VAE_PREFIX) else _LDM_VAE_PREFIX + k: v for k, v in kept.items()},
                           expected)
     elif layout == "diffusers":

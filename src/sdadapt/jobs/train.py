@@ -1198,6 +1198,31 @@ def _loss_mask_source(options: TrainOptions, records: list) -> LossMaskSource | 
     return LossMaskSource() if options.alpha_mask or any(r.alpha_mask for r in records) else None
 
 
+def _clip_skip_notes(options: TrainOptions, architecture: str | None) -> list[str]:
+    """kohya's warnings about ``--clip-skip`` as run-report notes: SDXL does not read it (each text
+    encoder's penultimate layer whatever the value; kohya's ``verify_sdxl_training_args`` warns),
+    SD2 reads it but kohya warns it is unusual there (``verify_training_args``). ``architecture``:
+    the model's (:attr:`~sdadapt.diffusers_system.DiffusersSystem.architecture`; ``None``: a toy)."""
+    if options.clip_skip == 1 or architecture not in ("sd2", "sdxl"):
+        return []
+    if architecture == "sdxl":
+        return [(f"--clip-skip {options.clip_skip}: does nothing on SDXL ({options.model}); each text encoder's "
+                 "penultimate layer is read whatever the value (kohya warns the same and records the value in "
+                 "ss_clip_skip, as here)")]
+    return [(f"--clip-skip {options.clip_skip} on an SD2 model ({options.model}): used (the text encoder's "
+             f"{options.clip_skip}-th last layer), but SD2 was trained on the states it reads without it; kohya warns "
+             "that clip skip with v2 is unexpected")]
+
+
+def _ss_lr_warmup_steps(given: float | None, steps: int) -> str:
+    """kohya's ``ss_lr_warmup_steps``: the ``--lr-warmup-steps`` given, as given (a count ``"20"``, a
+    share ``"0.1"``: kohya's ``train_network.py`` writes ``args.lr_warmup_steps``, not the steps it
+    makes of it); ``steps`` (the warm-up run) when none was given (sdadapt's own default)."""
+    if given is None:
+        return str(steps)
+    return str(int(given)) if given >= 1 or given == 0 else str(float(given))
+
+
 def _check_zero_terminal_snr(options: TrainOptions, prediction_type: str, notes: list[str]) -> None:
     """Refuse what cannot train on the rescaled schedule (:func:`~sdadapt.methods.fit.zero_terminal_snr_clashes`);
     note kohya's warning that an ε-prediction model is not what zero terminal SNR is for."""
@@ -1677,6 +1702,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     _check_v_pred_loss(options, getattr(system, "prediction_type", "epsilon"))  # (the model's prediction is known now)
     if options.zero_terminal_snr:  # what the model predicts is known now: before the latents are cached
         _check_zero_terminal_snr(options, getattr(system, "prediction_type", "epsilon"), notes)
+    notes.extend(_clip_skip_notes(options, getattr(system, "architecture", None)))  # (kohya's SDXL / v2 warnings)
     native = int(system.image_size)
     multiple = int(getattr(system, "size_multiple", 4))
     # each [[datasets]] block of a dataset TOML bucketed alone at its own size (kohya's datasets); else the run's options
@@ -2633,9 +2659,11 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_batch_size_per_device": str(config.batch_size // data_parallel.launched_world_size()),
         "ss_total_batch_size": str(config.batch_size * config.step.accumulation_steps),
         "ss_gradient_accumulation_steps": str(config.step.accumulation_steps),
-        "ss_lr_warmup_steps": str(config.warmup_steps),
+        "ss_lr_warmup_steps": _ss_lr_warmup_steps(options.lr_warmup_steps, config.warmup_steps),
         "ss_lr_scheduler": train_optimizer.ss_lr_scheduler(options, given_args, learning_rate=config.learning_rate,
-                                                           schedule=config.schedule, defaults=optimizer_defaults),
+                                                           # (cosine with num_cycles runs as cosine_with_min_lr)
+                                                           schedule=options.lr_scheduler if config.schedule == "cosine_with_min_lr"
+                                                           else config.schedule, defaults=optimizer_defaults),
         "ss_optimizer": train_optimizer.ss_optimizer(options, given_args, optimizer_defaults),
         "ss_scale_weight_norms": str(options.scale_weight_norms),
         "ss_mixed_precision": options.mixed_precision,
@@ -2643,7 +2671,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_full_bf16": str(options.full_bf16),
         "ss_fp8_base": str(options.fp8_base), "ss_fp8_base_unet": str(options.fp8_base_unet),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        "ss_clip_skip": str(options.clip_skip),
+        "ss_clip_skip": str(None if options.clip_skip == 1 else options.clip_skip),  # (kohya's: None unless given)
         "ss_max_token_length": str(None if options.max_token_length == 75 else options.max_token_length),
         "ss_resolution": f"({width}, {height})",
         "ss_enable_bucket": str(options.enable_bucket),

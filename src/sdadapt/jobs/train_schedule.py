@@ -18,7 +18,8 @@ loads (:func:`check_schedule_options`) and lists options the chosen schedule doe
 ``lr_scheduler_min_lr_ratio``  ``cosine_with_min_lr`` (needed, or ``min_lr=`` in the args) and
                          ``warmup_stable_decay`` (default 0)
 ``lr_scheduler_timescale``  ``inverse_sqrt`` (default: the warm-up steps, or 10000 without one)
-``lr_scheduler_args``    ``polynomial``: ``lr_end``; ``cosine_with_min_lr``: ``min_lr`` (an LR,
+``lr_scheduler_args``    ``cosine``: ``num_cycles`` (waves, default 0.5); ``polynomial``: ``lr_end``;
+                         ``cosine_with_min_lr``: ``min_lr`` (an LR,
                          made a share of ``--learning-rate`` as transformers does with the
                          optimiser's LR); ``warmup_stable_decay``: ``warmup_type``, ``decay_type``
                          (``linear``, ``cosine``, ``1-sqrt``); ``piecewise_constant``: ``step_rules``
@@ -53,7 +54,7 @@ LEGACY_SHARES = "nearest"
 
 #: the lr_scheduler_args keys each schedule takes (those of the schedule functions kohya passes them to
 #: that sdadapt runs; the others have their own options)
-LR_SCHEDULER_ARG_KEYS = {"polynomial": ("lr_end",), "cosine_with_min_lr": ("min_lr",),
+LR_SCHEDULER_ARG_KEYS = {"cosine": ("num_cycles",), "polynomial": ("lr_end",), "cosine_with_min_lr": ("min_lr",),
                          "warmup_stable_decay": ("warmup_type", "decay_type"), "piecewise_constant": ("step_rules",)}
 #: lr_scheduler_args keys whose value is text (read unquoted too; kohya needs them quoted: ast.literal_eval)
 _TEXT_KEYS = ("warmup_type", "decay_type", "step_rules")
@@ -98,8 +99,10 @@ def recorded_shares(record: Mapping[str, Any] | None) -> str:
 
 def lr_scheduler_kwargs(options: TrainOptions) -> dict[str, Any]:
     """kohya's ``--lr_scheduler_args`` (``KEY=VALUE`` strings; the field is made a tuple) -> the
-    schedule's keyword arguments (:data:`LR_SCHEDULER_ARG_KEYS`): ``lr_end`` (``polynomial``,
-    diffusers' default 1e-7) and ``min_lr`` (``cosine_with_min_lr``) as numbers, the others as text.
+    schedule's keyword arguments (:data:`LR_SCHEDULER_ARG_KEYS`): ``num_cycles`` (``cosine``: the
+    waves, transformers' default 0.5; kohya passes no cycles of its own to ``cosine``), ``lr_end``
+    (``polynomial``, diffusers' default 1e-7) and ``min_lr`` (``cosine_with_min_lr``) as numbers, the
+    others as text.
     Values are read with ``ast.literal_eval``, as kohya's; the text ones also unquoted. kohya hands
     them to the schedule function, which takes only its own keys (others are a ``TypeError``
     there): refused here, naming the fix."""
@@ -122,7 +125,8 @@ def lr_scheduler_kwargs(options: TrainOptions) -> dict[str, Any]:
     allowed = LR_SCHEDULER_ARG_KEYS.get(options.lr_scheduler, ())
     out: dict[str, Any] = {}
     for key, value in pairs:
-        if key in _OWN_OPTIONS:
+        # (cosine's num_cycles is the args' to give; the schedules without cycles take none, below)
+        if key in _OWN_OPTIONS and key not in allowed and (key != "num_cycles" or options.lr_scheduler in _CYCLES):
             raise ValueError(f"--lr-scheduler-args {key}=...: give {_OWN_OPTIONS[key]}")
         if key not in allowed:
             raise ValueError(f"--lr-scheduler-args {key}: not an argument of --lr-scheduler {options.lr_scheduler} here; "
@@ -272,7 +276,18 @@ def schedule_fit_args(options: TrainOptions, *, total: int, relative_step: bool 
             "lr_end": kwargs.get("lr_end", 1e-7), "schedule_base_lr": options.learning_rate,
             "min_lr_ratio": _min_lr_ratio(options, kwargs, learning_rate), "decay_steps": step_count(options.lr_decay_steps, total, shares=shares),
             "lr_timescale": options.lr_scheduler_timescale, "step_rules": kwargs.get("step_rules"),
-            "warmup_type": kwargs.get("warmup_type", "linear"), "decay_type": kwargs.get("decay_type", "cosine")}
+            "warmup_type": kwargs.get("warmup_type", "linear"), "decay_type": kwargs.get("decay_type", "cosine"),
+            **_cosine_waves(kwargs if not relative_step and schedule is None and options.lr_scheduler == "cosine" else {})}
+
+
+def _cosine_waves(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``cosine`` with ``--lr-scheduler-args num_cycles=c`` (kohya hands it to transformers'
+    ``get_cosine_schedule_with_warmup``: ``max(0, ½ (1 + cos(2π c p)))`` after the warm-up) -> the
+    same factor as :func:`~sdadapt.training.lr_schedules.cosine_with_min_lr_factor` with ``2c``
+    half-waves ending at 0; no ``num_cycles``: nothing (``cosine``, one half-wave)."""
+    if "num_cycles" not in kwargs:
+        return {}
+    return {"schedule": "cosine_with_min_lr", "num_cycles": 2 * kwargs["num_cycles"], "min_lr_ratio": 0.0}
 
 
 def schedule_notes(options: TrainOptions) -> list[str]:
