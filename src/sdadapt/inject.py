@@ -257,6 +257,28 @@ class AdapterHandle:
                 slot.merged_names.remove(self.name)  # type: ignore[union-attr]
             slot.refresh_weight(layer)  # type: ignore[union-attr]
 
+    def replace(self, layer_name: str, adapter: AdapterModule) -> AdapterModule:
+        """Put ``adapter`` in place of this handle's module on ``layer_name`` (its forward hook and its
+        ``sdadapt`` slot entry; the same layer and name) and return the old module. For a family made
+        from another's modules (DyLoRA from LoRA).
+
+        Raises:
+            KeyError: the handle has no module on ``layer_name``.
+            RuntimeError: the handle was removed, or the old module is merged (unmerge first).
+        """
+        self._check_alive()
+        if layer_name not in self.modules:
+            raise KeyError(f"adapter {self.name!r} has no module on {layer_name!r}")
+        old = self.modules[layer_name]
+        if old.merged:
+            raise RuntimeError(f"adapter {self.name!r}: {layer_name} is merged; unmerge() before replacing its module")
+        layer = self._layers[layer_name]
+        self._hooks[layer_name].remove()
+        _slot_of(layer, create=False)[self.name] = adapter  # type: ignore[index]
+        self.modules[layer_name] = adapter
+        self._hooks[layer_name] = layer.register_forward_hook(adapter.hook)
+        return old
+
     def remove(self) -> None:
         """Undo the injection: hooks, adapter children and PiSSA residuals; idempotent."""
         if self._removed:

@@ -6,7 +6,7 @@
 * :mod:`.aesthetic` — ``aesthetic-embedding``;
 * :mod:`.invert` — ``invert``;
 * :mod:`.clip_invert` — ``clip-invert``;
-* :mod:`.loratools` — ``extract-lora``, ``resize-lora``, ``merge-lora``, ``combine-loras``;
+* :mod:`.loratools` — ``extract-lora``, ``resize-lora``, ``merge-lora``, ``combine-loras``, ``cut-dylora``;
 * :mod:`.convert` — ``convert`` (LoRA-family files and embeddings between file formats);
 * :mod:`.merge` — ``merge`` and one sub-command per merge operator;
 * :mod:`.custom_diffusion` — ``merge-custom-diffusion``;
@@ -79,6 +79,7 @@ _COMMAND_MODULES = {
     "invert": "invert",
     "clip-invert": "clip_invert",
     "extract-lora": "loratools", "resize-lora": "loratools", "merge-lora": "loratools", "combine-loras": "loratools",
+    "cut-dylora": "loratools",
     "convert": "convert",
     "merge": "merge",
     "merge-custom-diffusion": "custom_diffusion",

@@ -1,4 +1,4 @@
-"""``python -m sdadapt extract-lora | resize-lora | merge-lora | combine-loras``.
+"""``python -m sdadapt extract-lora | resize-lora | merge-lora | combine-loras | cut-dylora``.
 
 Thin argparse shells over :mod:`sdadapt.loratools`; heavy imports happen when a command runs.
 """
@@ -82,6 +82,15 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     )
     _print_skipped(report)
     print(_summary(report, "wrote"))
+    return 0
+
+
+def _cmd_cut_dylora(args: argparse.Namespace) -> int:
+    from ..loratools.dylora import dylora_cut
+
+    path = dylora_cut(args.lora, args.out, rank=args.rank, unit=args.unit, dtype=torch_dtype(args.dtype),
+                      overwrite=args.overwrite)
+    print(f"wrote {safe_text(str(path))} (rank {args.rank})")
     return 0
 
 
@@ -240,3 +249,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _dynamic(combine, split=False)
     _common(combine, keep="float32")
     combine.set_defaults(run=_cmd_combine)
+
+    cut = sub.add_parser(
+        "cut-dylora",
+        help="cut a DyLoRA file to a lower rank (kohya's extract_lora_from_dylora.py)",
+        description="Keep the first R rows of every lora_down and the first R columns of every lora_up of a DyLoRA "
+        "file (kohya networks.dylora; any LoRA file is cut the same way); alpha is kept as kohya's tool keeps it.",
+    )
+    cut.add_argument("lora", help="DyLoRA .safetensors file")
+    cut.add_argument("--rank", type=int, required=True, help="the rank to keep (a multiple of the training unit)")
+    cut.add_argument("--unit", type=int, default=None,
+                     help="the DyLoRA unit (default: ss_network_args' unit; none there: any rank)")
+    add_output_options(cut, dtype_help="each tensor's own dtype")
+    cut.set_defaults(run=_cmd_cut_dylora)

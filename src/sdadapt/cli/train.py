@@ -62,7 +62,8 @@ KOHYA_IGNORED = {
     "save_model_as": "sdadapt writes .safetensors (hypernetworks: .pt)",
     "logging_dir": "the CSV log and TensorBoard events go beside the output",
     "log_prefix": "the CSV log and TensorBoard events go beside the output",
-    "network_module": "the method decides the network (lora, locon, loha, lokr, dora, ia3, diag-oft, boft)",
+    "network_module": "the method decides the network (lora, locon, loha, lokr, dora, ia3, diag-oft, boft, dylora; "
+                      "networks.dylora must be trained with `train dylora`)",
     "lowram": "where the weights are loaded first (memory only)",
     "highvram": "where the latents are kept (memory only)",
     "vae_batch_size": "latents are encoded bucket by bucket before training",
@@ -560,6 +561,20 @@ _KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout"
 _LOKR_ARGS = {"factor": ("-1",), "decompose_both": ("false", "0", "", "none")}
 
 
+def _check_network_module(method: str, network_module: object) -> None:
+    """A kohya config's ``network_module = "networks.dylora"`` needs ``train dylora`` (and ``train dylora`` no other
+    kohya network), so such a config never trains a plain LoRA in silence."""
+    from ..errors import InputError
+
+    module = str(network_module).strip() if network_module is not None else ""
+    if module == "networks.dylora" and method != "dylora":
+        raise InputError(f"network_module = networks.dylora (kohya's DyLoRA) but the method is {method}: train it with "
+                         "`python -m sdadapt train dylora` (network_args unit=N is read there)")
+    if method == "dylora" and module not in ("", "networks.dylora"):
+        raise InputError(f"train dylora, but the config's network_module is {module}: use networks.dylora, or train "
+                         "that network's method")
+
+
 def _check_lycoris_args(method: str, chosen: dict) -> None:
     """LyCORIS' ``algo`` / ``dora_wd`` network_args must describe ``method``; then they are dropped."""
     from ..errors import InputError
@@ -805,6 +820,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     kohya = False
     if args.config is not None:
         values, chosen, notes = read_config(args.config, fields=fields, method_options=set(method_options))  # (typed)
+        _check_network_module(args.method, _flat_config(Path(args.config)).get("network_module"))
         kohya = _is_kohya_file(Path(args.config), fields=fields, method_options=set(method_options))
         if kohya:
             _check_kohya_step_shares(Path(args.config), values, given)

@@ -18,6 +18,7 @@ import torch
 
 from .clip_inversion import ClipInversionAdaptation, prepare_clip_inversion
 from .custom_diffusion import CustomDiffusion, companion_token_files, prepare_custom_diffusion
+from .dylora import DyLoRAAdaptation, prepare_dylora
 from .dreamartist import DreamArtist, negative_files, prepare_dreamartist, sample_dreamartist
 from .finetune import FullAdaptation, class_images, prepare_dreambooth, prepare_full
 from .fit import Adaptation, FitConfig, cuda_graph_clashes, fit
@@ -61,6 +62,9 @@ __all__ = [
     "prepare_lokr",
     "prepare_dora",
     "prepare_glora",
+    "prepare_dylora",
+    "DyLoRAAdaptation",
+    "DYLORA_OPTIONS",
     "prepare_ia3",
     "IA3_OPTIONS",
     "prepare_diag_oft",
@@ -258,6 +262,16 @@ register_method(Method("lokr", "LoKr r4 on the UNet transformer blocks and the t
 register_method(Method("glora", "GLoRA r4 (W·a1·a2 + b1·b2) on the UNet transformer blocks and the text encoder "
                        "(LyCORIS file)", prepare_glora, 3e-3, 600, "auto", options=LORA_OPTIONS))
 register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transformer blocks and the text encoder", prepare_dora, 3e-3, 600, "auto", options=LORA_OPTIONS))
+#: DyLoRA's options (kohya's networks.dylora create_network: network_dim/alpha, conv_dim = network_dim, unit, LoRA+)
+DYLORA_OPTIONS = tuple(o for o in LORA_OPTIONS if o.name in (
+    "rank", "alpha", "conv_rank", "conv_alpha", "text_encoder", "unet", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio")) + (
+    MethodOption("unit", int, "DyLoRA: rows trained per step; the file can be cut to any multiple of it (kohya "
+                 "network_args unit; default 1; --network-dim must be a multiple)", ("--dylora-unit",), "N"),
+)
+register_method(Method("dylora", "DyLoRA r8 (kohya networks.dylora: a random slice of unit rows trains per step; "
+                       "the file cuts to any multiple of unit) on the UNet transformer blocks and the text encoder",
+                       prepare_dylora, 3e-3, 600, "auto", options=DYLORA_OPTIONS))
 #: (IA)³'s options: the LoRA family's that apply to a vector per layer + LyCORIS' train_on_input
 IA3_OPTIONS = tuple(o for o in LORA_OPTIONS if o.name in ("text_encoder", "targets", "module_dropout", "unet",
                                                           "network_weights")) + (

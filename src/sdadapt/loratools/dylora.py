@@ -1,0 +1,92 @@
+"""Cut a DyLoRA file to a lower rank, as kohya's ``networks/extract_lora_from_dylora.py``.
+
+A DyLoRA file (:mod:`sdadapt.adapters.dylora`, kohya's ``networks.dylora``) is a plain LoRA file
+of rank R whose leading rows form a usable LoRA at every multiple of the training ``unit``. The
+cut keeps ``lora_down.weight[:r]`` and ``lora_up.weight[:, :r]`` of every layer and every other
+tensor (``alpha`` included) unchanged — kohya's ``split_lora_model``, which leaves ``alpha`` as
+it is (its comment: scaling it made results worse), so the cut file's scale is ``alpha / r``.
+Metadata: ``ss_network_dim = r`` and ``ss_training_comment = "split from DyLoRA, rank R to r; <old
+comment>"`` as kohya writes them; the rest is kept.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+
+__all__ = ["dylora_cut", "dylora_cut_state", "dylora_max_rank"]
+
+
+def dylora_max_rank(state: Mapping[str, Tensor]) -> int:
+    """The largest ``lora_down`` rank in ``state`` (kohya's ``max_rank``); 0 when there is none."""
+    return max((int(v.shape[0]) for k, v in state.items() if "lora_down" in k), default=0)
+
+
+def dylora_cut_state(state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:
+    """``state`` cut to ``rank``: ``lora_down[:rank]``, ``lora_up[:, :rank]`` (contiguous), other tensors as given.
+
+    Args:
+        state: ``{key: tensor}`` of a kohya LoRA file (``*.lora_down.weight`` (R, in, *k),
+            ``*.lora_up.weight`` (out, R, *1), ``*.alpha``).
+        rank: the new rank, ``1 <= rank <= R``.
+
+    Raises:
+        InputError: ``rank`` outside ``1 … R``, or no ``lora_down`` tensor (not a LoRA file).
+    """
+    max_rank = dylora_max_rank(state)
+    if max_rank == 0:
+        raise InputError("not a LoRA/DyLoRA file: it has no lora_down tensor to cut")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
+        raise InputError(f"--rank {rank!r}: cut to a rank from 1 to the file's {max_rank}")
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if "lora_down" in key:
+            out[key] = value[:rank].contiguous()
+        elif "lora_up" in key:
+            out[key] = value[:, :rank].contiguous()
+        else:
+            out[key] = value
+    return out
+
+
+def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, unit: int | None = None,
+               dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write ``path`` (a DyLoRA file) cut to ``rank`` at ``out``.
+
+    ``unit``: when given (or read from ``ss_network_args``), ``rank`` must be a multiple of it — the
+    ranks DyLoRA trained; kohya's tool writes every multiple of ``--unit`` below R. ``dtype``: the
+    floating tensors are written in it (``None``: each tensor's own dtype).
+
+    Raises:
+        InputError: a rank out of range or not a multiple of the unit.
+    """
+    import json
+
+    from ..formats.files import check_output_file, read_weights, write_safetensors
+
+    target = check_output_file(out, overwrite=overwrite)
+    state, metadata = read_weights(path)
+    metadata = dict(metadata or {})
+    if unit is None:
+        try:
+            unit = int(json.loads(metadata.get("ss_network_args", "{}")).get("unit", 0)) or None
+        except (ValueError, TypeError, AttributeError):
+            unit = None
+    if unit is not None and (unit < 1 or rank % unit):
+        raise InputError(f"--rank {rank} is not a multiple of the DyLoRA unit {unit}: only those ranks were trained "
+                         f"(e.g. --rank {max(unit, rank - rank % unit)})")
+    cut = dylora_cut_state(state, rank)
+    if dtype is not None:
+        cut = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cut.items()}
+    comment = metadata.get("ss_training_comment", "")
+    metadata["ss_training_comment"] = f"split from DyLoRA, rank {dylora_max_rank(state)} to {rank}; {comment}"
+    metadata["ss_network_dim"] = str(rank)
+    metadata.pop("sshs_model_hash", None)  # (hashes of the uncut file would be wrong)
+    metadata.pop("sshs_legacy_hash", None)
+    return write_safetensors(target, cut, metadata, overwrite=overwrite)
