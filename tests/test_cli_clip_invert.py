@@ -192,7 +192,8 @@ def test_refusals(unclip, images, learnt, tmp_path, capsys):
         code, err = _error(["generate", "--model", str(unclip), "--image-vectors", str(out), "--prompt", "", *extra, "-o",
                             str(tmp_path / "t.png")], capsys)
         assert code == 2 and f"{extra[0]} does not apply with --image-vectors" in err
-    # a lambdalabs image-variation folder (no text encoder): refused before loading, naming the Python route
+    # an image-variation folder (no text encoder) missing its parts' configs: refused before any weights load,
+    # naming what is missing and the Python route (complete ones: tests/test_clip_inversion_variation.py)
     variation = tmp_path / "sd-image-variations"
     for part in ("unet", "vae", "image_encoder", "feature_extractor", "scheduler"):
         (variation / part).mkdir(parents=True)

@@ -201,15 +201,7 @@ class DiffusersSystem(nn.Module):
                 "tokenizer_2": ["transformers", "CLIPTokenizer"]} if self.is_sdxl else {}),
             **dict(model_index or {}),
         }
-        beta_schedule = scheduler_config.get("beta_schedule", "scaled_linear")
-        betas = diffusion.noise_schedule(
-            {"squaredcos_cap_v2": "cosine"}.get(beta_schedule, beta_schedule),
-            num_steps=scheduler_config.get("num_train_timesteps", 1000),
-            beta_start=scheduler_config.get("beta_start", 0.00085),
-            beta_end=scheduler_config.get("beta_end", 0.012),
-            zero_terminal_snr=bool(scheduler_config.get("rescale_betas_zero_snr", False)),
-        )
-        self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod_of(betas).float(), persistent=False)
+        self.register_buffer("alphas_cumprod", diffusion.scheduler_alphas_cumprod(scheduler_config), persistent=False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
         if self.is_sdxl:
             self.base_model = "sdxl"

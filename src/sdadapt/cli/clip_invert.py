@@ -1,5 +1,5 @@
 """``python -m sdadapt clip-invert``: learn CLIP-image-embedding vectors of a concept from a folder of
-images (an SD 2.1 unCLIP diffusers folder, or the toys); ``generate --image-vectors FILE`` uses them."""
+images (an SD 2.1 unCLIP or lambdalabs image-variation diffusers folder, or the toys); ``generate --image-vectors FILE`` uses them."""
 
 from __future__ import annotations
 
@@ -54,17 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``clip-invert`` to a CLI."""
     command = sub.add_parser(
         "clip-invert",
-        help="learn image-embedding vectors of a concept from a few images (SD 2.1 unCLIP, toy-image)",
+        help="learn image-embedding vectors of a concept from a few images (SD 2.1 unCLIP, image variation, toy-image)",
         description="CLIP inversion (docs/clip-inversion.md): learn K vectors in the image-embedding space a model takes "
-        "(SD 2.1 unCLIP's noise-augmented CLIP image embedding; the toys' image input) from the images of a folder, "
-        "the model frozen. The vectors start at the images' mean embedding (the unCLIP folder's own image_encoder/) "
-        "and are written as OUT.safetensors; generate --image-vectors OUT.safetensors samples from them, mixed with "
-        "a prompt. Images of another size are resized (shorter side) and centre-cropped to the model's size.",
+        "(SD 2.1 unCLIP's noise-augmented CLIP image embedding; an image-variation model's cross-attention "
+        "tokens; the toys' image input) from the images of a folder, the model frozen. The vectors start at the "
+        "images' mean embedding (the folder's own image_encoder/) and are written as OUT.safetensors; generate "
+        "--image-vectors OUT.safetensors samples from them, mixed with a prompt (image-variation models take no "
+        "prompt: the vectors are the whole condition). Images of another size are resized (shorter side) and centre-cropped to the model's size.",
     )
     command.add_argument("--images", required=True, metavar="DIR", help="folder of the concept's .png/.jpg images")
     command.add_argument("--model", default="toy-image", metavar="toy-image|toy|PATH",
-                         help="a diffusers SD 2.1 unCLIP folder (stable-diffusion-2-1-unclip), or the built-in "
-                         "'toy-image' (default) / 'toy'")
+                         help="a diffusers SD 2.1 unCLIP folder (stable-diffusion-2-1-unclip), an image-variation "
+                         "folder (lambdalabs sd-image-variations-diffusers; no --prompt/--captions there), or the "
+                         "built-in 'toy-image' (default) / 'toy'")
     command.add_argument("--captions", action="store_true",
                          help="train with each image's NAME.txt caption (the vectors then carry what the captions do "
                          "not say); default: the empty prompt (the vectors carry the whole concept)")
@@ -75,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="AdamW learning rate, warm-up then cosine (default 0.05)")
     command.add_argument("--batch-size", type=positive_int, default=4, help="images per step (default 4)")
     command.add_argument("--vectors", type=positive_int, default=1, metavar="K",
-                         help="vectors to learn (default 1; unCLIP and the toys take one image embedding)")
+                         help="vectors to learn (default 1; unCLIP and the toys take one image embedding, an "
+                         "image-variation model reads K tokens)")
     command.add_argument("--noise-level", type=_noise_level, default=0, metavar="L",
                          help="unCLIP's image-embedding noise level 0..999, used in training and stored for "
                          "generation (default 0, the pipelines'; > 0 needs the folder's image_normalizer/)")

@@ -54,6 +54,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                          "the tensors of written weight files, so leave it out")
     if args.image_vectors is not None:
         return _cmd_generate_image_vectors(args)
+    if args.prompt is None:
+        raise InputError("--prompt is required: what to draw (--prompt '' for none)")
 
     def log(line: str) -> None:
         if not args.quiet or line.startswith("warning:"):
@@ -115,7 +117,7 @@ def _cmd_generate_image_vectors(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: with --image-vectors give the seed (>= 0) to draw the image from")
     result = run_generate_image_vectors(
-        args.image_vectors, out=args.out, model=args.model, prompt=args.prompt, negative=args.negative,
+        args.image_vectors, out=args.out, model=args.model, prompt=args.prompt or "", negative=args.negative,
         count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, device=args.device,
         overwrite=args.overwrite, progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None,
     )
@@ -137,8 +139,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("--model", default="toy", metavar="toy|PATH",
                           help="'toy' (built in, default), a diffusers folder or a .safetensors/.ckpt checkpoint")
-    generate.add_argument("--prompt", required=True,
-                          help="what to draw, in A1111's prompt syntax (docs/prompts.md): emphasis (word:1.2), (word) "
+    generate.add_argument("--prompt", default=None,
+                          help="required (optional with --image-vectors, default empty): what to draw, in A1111's "
+                          "prompt syntax (docs/prompts.md): emphasis (word:1.2), (word) "
                           "x1.1, [word] /1.1, \\( a literal bracket (Stable Diffusion models; the toy reads the plain "
                           "words); prompt editing [from:to:when], alternation [a|b], AND with :weight, BREAK; "
                           "<lora:NAME:MULT> and <hypernet:NAME:MULT> tags (with --lora-dir / --hypernetwork-dir)")
@@ -306,7 +309,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--image-vectors", default=None, metavar="FILE",
                           help="sample from CLIP-inversion vectors (python -m sdadapt clip-invert's file) mixed with "
                           "--prompt, on the model they were learnt for (SD 2.1 unCLIP: guidance default 10, as its "
-                          "pipelines; docs/clip-inversion.md); DDIM, the prompt as plain text")
+                          "pipelines; an image-variation folder: no --prompt/--negative, guidance default 7.5; "
+                          "docs/clip-inversion.md); DDIM, the prompt as plain text")
     single = [action.option_strings[-1] for action in generate._actions
               if action.option_strings and action.dest not in _IMAGE_VECTOR_OPTIONS
               and not isinstance(action, (argparse._AppendAction, argparse._CountAction))]

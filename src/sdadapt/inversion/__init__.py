@@ -7,6 +7,8 @@
   (reconstruction and edits, bit-identical on rerun).
 * :mod:`.clip` — CLIP inversion: vectors in an image-embedding conditioning space learnt from a
   few images (toy image variant, SD 2.1 unCLIP UNets, image-variation UNets).
+* :mod:`.variation` — :func:`load_image_variation`: a lambdalabs image-variation diffusers folder
+  (no text encoder) as the system CLIP inversion needs.
 * :mod:`.job` — :func:`~.job.run_invert`, the job behind ``python -m sdadapt invert`` (import it
   from ``sdadapt.inversion.job``).
 * :mod:`.clip_job` — :func:`~.clip_job.run_clip_invert` / :func:`~.clip_job.run_generate_image_vectors`,
@@ -52,6 +54,7 @@ from .invert import (
     sample_inversion,
     save_inversion,
 )
+from .variation import ImageVariationSystem, load_image_variation
 
 __all__ = [
     # one image (null-text / negative-prompt / DDIM inversion)
@@ -80,6 +83,8 @@ __all__ = [
     "toy_image_conditioning",
     "unclip_image_conditioning",
     "image_variation_conditioning",
+    "ImageVariationSystem",
+    "load_image_variation",
     "noise_image_embeddings",
     "learn_image_vectors",
     "sample_image_vectors",

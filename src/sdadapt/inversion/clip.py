@@ -39,6 +39,7 @@ from ..training import diffusion
 from ..training.optim import lr_at, set_lr
 from ..training.step import StepConfig, TrainState, train_step
 from .core import Progress
+from .variation import ImageVariationSystem
 
 __all__ = [
     "SITES",
@@ -68,8 +69,9 @@ Model = Callable[[Tensor, Tensor, Any], Tensor]
 MODELS_WITH_IMAGE_CONDITIONING = (
     "the toy image variant (`--model toy-image`, sdadapt.toy.image_variant.load_toy_image(); any toy-system file), "
     "SD 2.1 unCLIP UNets (class_embed_type='projection': sdadapt.inversion.unclip_image_conditioning(unet, text=...)) "
-    "and image-variation UNets that take CLIP image embeddings as cross-attention tokens (lambdalabs "
-    "sd-image-variations: sdadapt.inversion.image_variation_conditioning(unet))"
+    "and image-variation UNets that take CLIP image embeddings as cross-attention tokens (a lambdalabs "
+    "sd-image-variations diffusers folder: sdadapt.inversion.load_image_variation(folder); any such UNet: "
+    "sdadapt.inversion.image_variation_conditioning(unet))"
 )
 
 
@@ -461,17 +463,26 @@ def image_conditioning(system, *, noise_level: int = 0) -> ImageConditioning:
     UNet has ``class_embed_type="projection"``: unCLIP, with its ``image_normalizer`` — the
     system's attribute, else the ``image_normalizer/`` of the folder it was loaded from — the
     folder's ``image_noising_scheduler/`` schedule, as the unCLIP pipelines load them, and its
-    ``image_encoder/`` as ``encode_image`` (:func:`clip_image_encoder`)).
+    ``image_encoder/`` as ``encode_image`` (:func:`clip_image_encoder`); an
+    :class:`~sdadapt.inversion.variation.ImageVariationSystem`: the cross-attention site
+    (:func:`image_variation_conditioning`) with its folder's ``image_encoder/``, as
+    ``StableDiffusionImageVariationPipeline`` encodes images).
 
     Raises:
         ValueError: ``noise_level > 0`` on an unCLIP system loaded from a file or folder that
-            holds no image normaliser (identity stats would be wrong there).
+            holds no image normaliser (identity stats would be wrong there), or on an
+            image-variation system (it has no noise augmentation).
         NoImageConditioningError: the system's model has no image-embedding input; the message
             lists the models that have one.
     """
     unet = getattr(system, "unet", None)
     if unet is not None and hasattr(unet, "image_embedding") and hasattr(system, "clip"):  # the toy UNet
         return toy_image_conditioning(system)
+    if isinstance(system, ImageVariationSystem):
+        if noise_level:
+            raise ValueError(f"noise_level={noise_level}: image-variation models take the CLIP image embedding as it is "
+                             "(no noise augmentation, which is SD unCLIP's); use noise_level=0")
+        return image_variation_conditioning(system.unet, encode_image=clip_image_encoder(system.source))
     config = getattr(unet, "config", None)
     if config is not None and getattr(config, "class_embed_type", None) == "projection":
         normalizer, schedule, encode_image = getattr(system, "image_normalizer", None), None, None
@@ -596,6 +607,9 @@ def sample_image_vectors(
         vectors = vectors.to(x_T)[None].expand(b, *vectors.shape)
     if prompts is not None and len(prompts) != b:
         raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
+    if conditioning.text is None and negative:
+        raise ValueError("this model takes no text (image embeddings only; the unconditional input is zeros): leave the "
+                         "negative prompt out")
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     cond = conditioning.condition(vectors, conditioning.text_states(prompts, b), batch=b, like=x_T, generator=generator)
     uncond = conditioning.condition(None, conditioning.text_states([negative] * b if conditioning.text else None, b),
@@ -678,8 +692,9 @@ def clip_invert(
     ``captions`` (N) train the vectors *with* text (they then carry what the text does not say);
     default: the empty prompt (the vectors carry the whole concept). ``init``: ``"images"`` (the
     mean embedding of the images, needs an image encoder: the toy's CLIP, or the ``image_encoder/``
-    of the diffusers unCLIP folder the system was loaded from), ``"zeros"``, or ``"auto"`` (images
-    when an encoder is at hand).
+    of the diffusers unCLIP or image-variation folder the system was loaded from), ``"zeros"``, or
+    ``"auto"`` (images when an encoder is at hand). An image-variation model takes no text: no
+    ``captions`` there.
 
     Raises:
         NoImageConditioningError: the system has no image-embedding input.
@@ -734,6 +749,10 @@ def generate_with_vectors(
     v = vectors.vectors if isinstance(vectors, ImageVectors) else vectors
     noise_level = vectors.noise_level if isinstance(vectors, ImageVectors) else 0
     conditioning = image_conditioning(system, noise_level=noise_level)
+    if conditioning.text is None and (prompt or negative):
+        raise ValueError("this model takes no text (an image-variation model: the vectors are the whole condition, the "
+                         "unconditional input is zeros, as StableDiffusionImageVariationPipeline's): leave the prompt and "
+                         "negative prompt out")
     if isinstance(vectors, ImageVectors) and vectors.site != conditioning.site:
         raise ValueError(f"these vectors were learnt for the {vectors.site} site; this model's image input is {conditioning.site}")
     device = system.alphas_cumprod.device

@@ -10,13 +10,13 @@ runs :func:`~.clip.clip_invert` and writes :func:`~.clip.save_image_vectors`' fi
 Models: whatever :func:`sdadapt.jobs.load_system` loads whose UNet takes an image embedding —
 a diffusers SD 2.1 unCLIP folder (``stable-diffusion-2-1-unclip``: its ``image_encoder/``,
 ``image_normalizer/`` and ``image_noising_scheduler/`` are used as the pipelines use them), the
-toy image variant ``toy-image`` or the toy ``toy``. A lambdalabs image-variation folder (no text
-encoder) is refused with a message naming the Python route (:func:`~.clip.image_variation_conditioning`).
+toy image variant ``toy-image`` or the toy ``toy`` — and a lambdalabs image-variation folder
+(``sd-image-variations-diffusers``, no text encoder: :func:`~.variation.load_image_variation`; its
+vectors are the whole condition, so a prompt, captions or a negative prompt are refused there).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -30,7 +30,6 @@ __all__ = ["run_clip_invert", "run_generate_image_vectors", "default_guidance", 
 #: image variation 7.5 (``StableDiffusionImageVariationPipeline``), the toys 2 (``generate``'s toy default)
 DEFAULT_GUIDANCE: dict[str, float] = {"class-labels": 10.0, "cross-attention": 7.5, "time-embedding": 2.0,
                                       "time-embedding+token": 2.0}
-_VARIATION_PIPELINE = "StableDiffusionImageVariationPipeline"
 
 
 def default_guidance(site: str) -> float:
@@ -40,32 +39,24 @@ def default_guidance(site: str) -> float:
     return DEFAULT_GUIDANCE[site]
 
 
-def _refuse_image_variation_folder(model: str) -> None:
-    """A lambdalabs image-variation folder (no ``text_encoder/``): refused before loading, naming the way that works."""
-    root = Path(model)
-    if not root.is_dir() or (root / "text_encoder").exists():
-        return
-    index = root / "model_index.json"
-    try:
-        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        name = None
-    if name == _VARIATION_PIPELINE or ((root / "image_encoder").is_dir() and (root / "unet").is_dir()):
-        from ..diffusers_system import ModelFolderError
-
-        raise ModelFolderError(
-            f"{root}: an image-variation folder (lambdalabs sd-image-variations: {_VARIATION_PIPELINE}, no text "
-            "encoder), which the shell commands cannot load yet (sdadapt's model loader needs text_encoder/ and "
-            "tokenizer/). From Python: sdadapt.inversion.image_variation_conditioning(unet, encode_image="
-            "clip_image_encoder(folder)) with learn_image_vectors / sample_image_vectors (docs/clip-inversion.md); "
-            "or use an SD 2.1 unCLIP folder or --model toy-image here")
-
-
 def _load(model: str, device: str):
+    """``load_system``'s model, or an image-variation folder (:func:`~.variation.load_image_variation`)."""
     from ..jobs.models import load_system, resolve_device
+    from .variation import is_image_variation_folder, load_image_variation
 
-    _refuse_image_variation_folder(model)
+    if is_image_variation_folder(model):
+        return load_image_variation(model, device=resolve_device(device))
     return load_system(model, device=resolve_device(device))
+
+
+def _refuse_text(system, *, what: str) -> None:
+    """An image-variation model takes no text: refuse ``what`` (the prompt options given) by name."""
+    from .variation import ImageVariationSystem
+
+    if isinstance(system, ImageVariationSystem):
+        raise ValueError(f"{what}: an image-variation model ({Path(system.source).name}) takes no text — the image "
+                         "vectors are the whole condition and the unconditional input is zeros, as "
+                         "StableDiffusionImageVariationPipeline's; leave it out")
 
 
 def run_clip_invert(
@@ -92,7 +83,8 @@ def run_clip_invert(
         images: a folder of .png/.jpg images (any size: brought to the model's by shorter-side resize
             and centre crop, as ``train`` reads folders).
         out: the ``.safetensors`` file (:func:`~.clip.save_image_vectors`; metadata ``model``, ``images``, ...).
-        model: ``"toy-image"`` (default), ``"toy"``, or a diffusers SD 2.1 unCLIP folder.
+        model: ``"toy-image"`` (default), ``"toy"``, a diffusers SD 2.1 unCLIP folder or an
+            image-variation folder (lambdalabs ``sd-image-variations-diffusers``; no ``prompt``/``captions``).
         captions: train with each image's ``NAME.txt`` / ``NAME.caption`` caption (``prompt`` for
             images without one, else an error naming them).
         prompt: one caption for every image (with ``captions``: for those without a caption file).
@@ -115,6 +107,8 @@ def run_clip_invert(
     folder = check_image_folder(images)
     start = time.perf_counter()
     system = _load(model, device)
+    if captions or prompt:
+        _refuse_text(system, what="--captions" if captions else "--prompt")
     image_conditioning(system, noise_level=noise_level)  # no image input / no normaliser: refused before reading images
     pictures, texts = load_image_folder(folder, size=system.image_size,
                                         default_caption=prompt if captions else "")
@@ -155,8 +149,9 @@ def run_generate_image_vectors(
     Image ``i`` is :func:`~.clip.generate_with_vectors` with ``count=1, seed=seed + i`` (each image
     made again from its own seed, as ``generate``'s), at the noise level the file was learnt at.
     ``out``: ``X.png``; ``count > 1`` writes ``X-00.png``, ``X-01.png`` …. ``steps`` default 25;
-    ``guidance`` default per model (:data:`DEFAULT_GUIDANCE`: SD unCLIP 10, as its pipelines). The
-    prompt is plain text (no A1111 emphasis or tags).
+    ``guidance`` default per model (:data:`DEFAULT_GUIDANCE`: SD unCLIP 10, image variation 7.5, as
+    their pipelines). The prompt is plain text (no A1111 emphasis or tags); an image-variation
+    model takes none (``prompt`` and ``negative`` must be empty).
 
     Returns:
         ``{"files", "seed", "steps", "guidance", "site", "noise_level"}``.
@@ -178,6 +173,8 @@ def run_generate_image_vectors(
         check_output_file(file, overwrite=overwrite, suffix=".png")
     learnt = load_image_vectors(check_input_file(vectors, what="CLIP-inversion file"))
     system = _load(model, device)
+    if prompt or negative:
+        _refuse_text(system, what="--prompt " + repr(prompt) if prompt else "--negative " + repr(negative))
     site = image_conditioning(system, noise_level=learnt.noise_level).site  # no image input: refused here
     if learnt.site != site:
         raise ValueError(f"{vectors}: these vectors were learnt for the {learnt.site} site; this model's image input is "

@@ -23,6 +23,7 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "zero_terminal_snr_alphas_cumprod",
     "alphas_cumprod_of",
+    "scheduler_alphas_cumprod",
     "add_noise",
     "target_for",
     "predicted_x0",
@@ -130,6 +131,22 @@ def zero_terminal_snr_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
 def alphas_cumprod_of(betas: Tensor) -> Tensor:
     """``ᾱ_t = Π_{s≤t} (1 - β_s)`` (T,) -> (T,)."""
     return torch.cumprod(1 - betas, 0)
+
+
+def scheduler_alphas_cumprod(scheduler_config: dict) -> Tensor:
+    """ᾱ (T,) float32 of a diffusers scheduler config (``beta_schedule``, ``num_train_timesteps``,
+    ``beta_start``, ``beta_end``, ``rescale_betas_zero_snr``; diffusers' defaults for missing keys:
+    ``scaled_linear``, 1000, 0.00085, 0.012; ``squaredcos_cap_v2`` is :func:`noise_schedule`'s ``cosine``),
+    computed in float64 as :func:`noise_schedule` does."""
+    beta_schedule = scheduler_config.get("beta_schedule", "scaled_linear")
+    betas = noise_schedule(
+        {"squaredcos_cap_v2": "cosine"}.get(beta_schedule, beta_schedule),
+        num_steps=scheduler_config.get("num_train_timesteps", 1000),
+        beta_start=scheduler_config.get("beta_start", 0.00085),
+        beta_end=scheduler_config.get("beta_end", 0.012),
+        zero_terminal_snr=bool(scheduler_config.get("rescale_betas_zero_snr", False)),
+    )
+    return alphas_cumprod_of(betas).float()
 
 
 def _at(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
