@@ -12,7 +12,8 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo
-from _fast_compile import small_toy
+from _fast_s1 import one_level_toy
+from _fast_s2 import two_level_toy
 
 import sdadapt
 from sdadapt.cli import main
@@ -30,7 +31,10 @@ def _fresh_dynamo():
 
 
 def _run(method: str, config: FitConfig):
-    system = small_toy(seed=1)  # (the toy's every block at half width, one text layer: a cheaper trace)
+    # (cheaper traces, half width, one text layer. LoRA: every UNet layer kind and the toy's down/upsampler and skip
+    # concatenations, one resnet + transformer per block; textual inversion, whose own path is the text encoder's
+    # token rows: the one-level UNet)
+    system = two_level_toy(seed=1) if method == "lora" else one_level_toy(seed=1)
     adaptation = METHODS[method].adapt(system, seed=1, **({"token": "sks"} if method == "textual-inversion" else {}))
     images, captions = concept_data("cross", 4, seed=0)
     if method == "textual-inversion":
