@@ -17,8 +17,9 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from ..diffusers_system import DiffusersSystem, ModelFolderError, _require
 from ..training import diffusion
 
 __all__ = ["VARIATION_PIPELINE", "ImageVariationSystem", "is_image_variation_folder", "load_image_variation"]
@@ -72,15 +73,9 @@ class ImageVariationSystem(nn.Module):
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = int(unet.config.sample_size) * self.vae_factor
 
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) (posterior mean × scaling factor)."""
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean * self.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (``vae.decode(latents / scaling_factor)``)."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample.float().clamp(-1, 1)
+    # the VAE's way in and out, as every Stable Diffusion system (they read only ``vae`` and ``scaling_factor``)
+    encode_images = DiffusersSystem.encode_images
+    decode_latents = DiffusersSystem.decode_latents
 
 
 def load_image_variation(folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> ImageVariationSystem:
@@ -91,8 +86,6 @@ def load_image_variation(folder: str | os.PathLike, *, device: str | torch.devic
         ModelFolderError: not such a folder, a part missing, or a UNet whose ``cross_attention_dim``
             is not the image encoder's ``projection_dim``.
     """
-    from ..diffusers_system import ModelFolderError
-
     root = Path(folder)
     if not is_image_variation_folder(root):
         raise ModelFolderError(f"{root}: not a diffusers image-variation folder ({VARIATION_PIPELINE}: model_index.json, "
@@ -105,7 +98,6 @@ def load_image_variation(folder: str | os.PathLike, *, device: str | torch.devic
             "save it with save_pretrained (unet/ vae/ scheduler/ image_encoder/ feature_extractor/). For a UNet "
             "built another way: sdadapt.inversion.image_variation_conditioning(unet, encode_image="
             "clip_image_encoder(folder)) with learn_image_vectors / sample_image_vectors (docs/clip-inversion.md)")
-    from ..diffusers_system import _require
     from ..formats.pickles import check_folder_pickles
 
     check_folder_pickles(root)  # a .bin/.pt that would run code: refused before diffusers sees it
