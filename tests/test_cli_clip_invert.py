@@ -16,6 +16,8 @@ import json
 import pytest
 import torch
 
+from tiny_clip_vision import save_clip_image_encoder, save_clip_image_processor
+
 from sdadapt.cli import main
 from sdadapt.images import decode_png, load_image_folder, to_uint8, write_png
 from sdadapt.inversion import (
@@ -61,11 +63,8 @@ def _unclip_folder(root, *, projection: bool = True):
                             prediction_type="v_prediction").save_pretrained(root / "scheduler")
     index = {"_class_name": "StableUnCLIPImg2ImgPipeline" if projection else "StableDiffusionPipeline"}
     if projection:
-        transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
-            hidden_size=32, intermediate_size=37, projection_dim=D, num_hidden_layers=2, num_attention_heads=4,
-            image_size=16, patch_size=4)).eval().save_pretrained(root / "image_encoder")
-        transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
-            root / "feature_extractor")
+        save_clip_image_encoder(root, projection_dim=D)
+        save_clip_image_processor(root)
         normalizer = StableUnCLIPImageNormalizer(embedding_dim=D)
         with torch.no_grad():
             normalizer.mean.copy_(torch.randn(1, D) * 0.1)

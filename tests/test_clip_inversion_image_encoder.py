@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_clip_vision import save_clip_image_encoder, save_clip_image_processor
+
 from sdadapt.inversion import clip_image_encoder, clip_invert, clip_pixel_values, image_conditioning
 from sdadapt.training import diffusion
 
@@ -91,11 +93,9 @@ def _tiny_encoder_folder(root, *, preprocessor=None, seed=0):
     """image_encoder/ (a tiny random CLIPVisionModelWithProjection, 16-px images, D=16) and
     feature_extractor/ (shortest side 16, crop 16) as a diffusers unCLIP folder holds them."""
     torch.manual_seed(seed)
-    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=D, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=16, patch_size=4)
-    transformers.CLIPVisionModelWithProjection(config).eval().save_pretrained(root / "image_encoder")
+    save_clip_image_encoder(root, projection_dim=D)
     if preprocessor is None:
-        _processor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(root / "feature_extractor")
+        save_clip_image_processor(root)
     else:
         (root / "feature_extractor").mkdir(parents=True)
         (root / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(preprocessor))

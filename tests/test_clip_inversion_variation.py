@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_clip_vision import save_clip_image_encoder, save_clip_image_processor
+
 from sdadapt.cli import main
 from sdadapt.images import decode_png, load_image_folder, to_uint8, write_png
 from sdadapt.inversion import (
@@ -60,11 +62,8 @@ def _variation_folder(root, *, cross_attention_dim: int = D):
     ).save_pretrained(root / "vae")
     diffusers.PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                             skip_prk_steps=True).save_pretrained(root / "scheduler")
-    transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, projection_dim=D, num_hidden_layers=2, num_attention_heads=4,
-        image_size=16, patch_size=4)).eval().save_pretrained(root / "image_encoder")
-    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
-        root / "feature_extractor")
+    save_clip_image_encoder(root, projection_dim=D)
+    save_clip_image_processor(root)
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionImageVariationPipeline"}))
     return root
 

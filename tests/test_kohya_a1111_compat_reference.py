@@ -27,6 +27,7 @@ import math
 
 import pytest
 import torch
+from kohya_arguments import int_or_float
 from torch import nn
 
 from sdadapt.apply import apply_lora
@@ -54,19 +55,9 @@ def test_clip_skip_on_sdxl_and_sd2_is_noted_as_kohya_warns():
 
 
 # ------------------------------------------------------------------------------ 3. ss_lr_warmup_steps
-def _kohya_int_or_float(value: str):
-    """kohya @48d368fa library/train_util.py:3664-3676 (``--lr_warmup_steps`` type)."""
-    if value.endswith("%"):
-        return float(value[:-1]) / 100.0
-    float_value = float(value)
-    if float_value >= 1:
-        return int(value)
-    return float(value)
-
-
 @pytest.mark.parametrize("given", ["20", "0.1", "0.25", "1", "5%"])
 def test_ss_lr_warmup_steps_is_the_value_given_as_kohya_writes_it(given):
-    raw = _kohya_int_or_float(given)
+    raw = int_or_float(given)
     assert _ss_lr_warmup_steps(float(raw), 7) == str(raw)  # (sdadapt's options hold a float)
     assert _ss_lr_warmup_steps(0, 0) == "0"  # (kohya's default 0)
     assert _ss_lr_warmup_steps(None, 12) == "12"  # none given: sdadapt's own default, the steps it warms up

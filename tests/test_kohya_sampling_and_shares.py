@@ -9,26 +9,17 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from kohya_arguments import int_or_float
 from train_inputs import lora_train_args
 
 from sdadapt.cli import build_parser, main
 from sdadapt.cli.train import steps_or_share
 
 
-def _kohya_int_or_float(value: str):
-    """kohya's ``int_or_float`` (train_util.py:3664), transcribed."""
-    if value.endswith("%"):
-        return float(value[:-1]) / 100.0
-    float_value = float(value)
-    if float_value >= 1:
-        return int(value)
-    return float(value)
-
-
 @pytest.mark.parametrize("text", ["10%", "5.5%", "0%", "0.25", "0", "100", "7"])
 def test_warmup_steps_read_as_kohya_reads_them(text):
     ours = steps_or_share(text)
-    assert ours == _kohya_int_or_float(text)
+    assert ours == int_or_float(text)
     args = build_parser().parse_args(["train", "lora", "--images", "x", "--lr-warmup-steps", text, "--lr-decay-steps", text])
     assert args.lr_warmup_steps == ours and args.lr_decay_steps == ours
 
