@@ -63,7 +63,7 @@ def test_a_minimal_kohya_lora_config_takes_kohyas_defaults_for_the_rest(tmp_path
     assert options.config_defaults == "kohya"
     for kohya, name in _FIELDS.items():
         assert getattr(options, name) == _kohya_value(kohya), (kohya, getattr(options, name), KOHYA_OPTIONS[kohya])
-    assert options.max_token_length == 75 and options.clip_skip == 1  # (kohya's None: one window, the last layer)
+    assert options.max_token_length == 75 and options.clip_skip is None  # (kohya's None: not given, the last layer)
     assert (options.steps, options.learning_rate, options.optimizer) == (800, 1e-4, "adamw")  # (the given ones)
     assert options.method_options == {"rank": 16, "alpha": _kohya_value("network_alpha")}
     assert options.prior is None  # (not the toy: no class images without class_prompt / reg_data_dir anyway)

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .adapters.base import LayerGeometry, geometry_of
-from .adapters.registry import file_layer_delta, weight_shape_of_file_tensors
+from .adapters.base import geometry_of
+from .adapters.input_pad import is_inpainting_conv_in_delta
+from .adapters.registry import file_layer_delta
 from .checks import finite_number
 from .formats.layers import group_by_layer, resolve_layers
 from .model_args import as_module, check_layer_state
@@ -46,32 +47,6 @@ class AppliedDelta:
         self.original_biases.clear()
 
 
-def _inpainting_conv_in(tensors: Mapping[str, Tensor], geometry: LayerGeometry, layer_name: str) -> bool:
-    """Whether one layer's file tensors are a 4-input-channel ``conv_in`` delta for an inpainting
-    UNet's 9-channel ``conv_in`` (latents, mask, masked-image latents): A1111's Lora extension
-    zero-pads such a delta's input channels 4 -> 9 (``networks.py`` ``network_apply_weights``) and
-    so does :func:`apply_lora` — for that case only; every other shape mismatch is refused.
-
-    Raises:
-        ValueError: such a layer with a DoRA magnitude (``dora_scale``: its delta reads the base
-            weight, which has 9 input channels), naming the layer.
-    """
-    if not (geometry.kernel and geometry.in_features == 9
-            and (layer_name.rsplit(".", 1)[-1] == "conv_in" or layer_name.endswith("input_blocks.0.0"))):
-        return False
-    try:
-        shape = weight_shape_of_file_tensors(tensors, name=layer_name)
-    except ValueError:
-        return False  # (keys of no family: file_layer_delta says so)
-    if shape is None or tuple(shape) != (geometry.out_features, 4, *geometry.kernel):
-        return False
-    if "dora_scale" in tensors:
-        raise ValueError(f"{layer_name}: a DoRA delta made for a 4-channel conv_in on an inpainting model's 9-channel "
-                         "conv_in; DoRA reads the base weight, which does not fit it; apply the file to a "
-                         "non-inpainting model, or leave conv_in out of the file")
-    return True
-
-
 def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 1.0) -> AppliedDelta:
     """``W ← W + scale · ΔW`` for each layer in ``state`` (canonical keys, any layer naming).
 
@@ -85,7 +60,7 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
 
     A ``conv_in`` delta of 4 input channels on an inpainting UNet's 9-channel ``conv_in`` is
     zero-padded to 9, as A1111's Lora extension does: the latent channels change, the mask and
-    masked-image channels do not.
+    masked-image channels do not (:mod:`sdadapt.adapters.input_pad`; ``load_adapter`` does the same).
 
     Raises:
         LayerNotFoundError, ValueError, TypeError: as :func:`sdadapt.load_adapter`; InputError (a
@@ -102,7 +77,7 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
         weight = layer.weight.detach()
         acc = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
         geometry = geometry_of(layer, name=layer_name)
-        padded = _inpainting_conv_in(groups[key_name], geometry, layer_name)
+        padded = is_inpainting_conv_in_delta(groups[key_name], geometry, layer_name)
         delta, bias_delta = file_layer_delta(
             groups[key_name], dataclasses.replace(geometry, in_features=4) if padded else geometry,
             base_weight=None if padded else weight, scale=scale, dtype=acc, name=layer_name,

@@ -14,12 +14,14 @@ it was: same module objects, same keys, same weights (bit for bit, PiSSA residua
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .adapters.base import AdapterModule, LayerGeometry, geometry_of
+from .adapters.input_pad import LATENT_CHANNELS, ChannelPadAdapter, is_inpainting_conv_in_delta
 from .adapters.registry import adapter_from_file_tensors, build_adapter, family_of_config
 from .checks import finite_number
 from .errors import SdadaptError
@@ -433,7 +435,9 @@ def load_adapter(
     LoRA/LoCon, LoHa, LoKr, full ``diff``, DoRA over any of them).
 
     ``state`` keys are ``"<layer name>.<file key>"`` with layer names as :func:`resolve_layers`
-    produces them from files (see ``sdadapt.formats``).
+    produces them from files (see ``sdadapt.formats``). A ``conv_in`` delta of 4 input channels on an
+    inpainting UNet's 9-channel ``conv_in`` acts on the latent channels only, as :func:`sdadapt.apply_lora`'s
+    zero-padded merge (A1111's rule; :class:`~sdadapt.adapters.input_pad.ChannelPadAdapter`).
 
     Raises:
         KeyError: a layer name matches no module of ``model`` (nearest names suggested).
@@ -453,7 +457,12 @@ def load_adapter(
         layer = _named_layer(model, layer_name)
         geometry = geometry_of(layer, name=layer_name)
         _check_name_free(layer_name, layer, name)
-        adapter = adapter_from_file_tensors(geometry, groups[key_name], name=layer_name)
+        if is_inpainting_conv_in_delta(groups[key_name], geometry, layer_name):  # (A1111 pads it 4 -> 9 channels)
+            inner = adapter_from_file_tensors(dataclasses.replace(geometry, in_features=LATENT_CHANNELS),
+                                              groups[key_name], name=layer_name)
+            adapter = ChannelPadAdapter(inner, geometry)
+        else:
+            adapter = adapter_from_file_tensors(geometry, groups[key_name], name=layer_name)
         if dtype is not None:
             adapter.to(dtype)
         built.append((layer_name, layer, adapter.to(layer.weight.device)))

@@ -15,7 +15,9 @@ Each factor is stored full (``lokr_w1`` (a, c), ``lokr_w2`` (b, d, *k)) or as a 
 * Tucker (``use_tucker``, kxk convs): ``w2 = rebuild_tucker(lokr_t2 (r, r, kh, kw),
   lokr_w2_a (r, b), lokr_w2_b (r, d))``.
 
-Scale: ``alpha / r`` with r the rank of the decomposed factor (``lokr_w*_b.shape[0]``); when both
+Scale: ``alpha / r`` with r the rank of the decomposed factor (``lokr_w*_b.shape[0]``; a file whose
+``lokr_w1_b`` and ``lokr_w2_b`` ranks differ, which LyCORIS never writes, uses ``lokr_w2_b``'s, as
+A1111 and ComfyUI do); when both
 factors are full there is no rank and the scale is 1 whatever ``alpha`` says (LyCORIS writes
 ``alpha = r``; A1111 and ComfyUI use 1). Init (LyCORIS): ``w1`` (or ``w1_a``, ``w1_b``) and
 ``w2_a``/``t2`` kaiming-uniform(a=sqrt 5), ``w2`` or ``w2_b`` zero (ΔW = 0).
@@ -86,7 +88,7 @@ class LoKrLayout:
     b: int
     c: int
     d: int
-    rank: int | None  # None when both factors are full
+    rank: int | None  # the scale's: lokr_w2_b's, else lokr_w1_b's; None when both factors are full
     shapes: dict[str, tuple[int, ...]]
 
     @property
@@ -146,10 +148,11 @@ def _layout_from_tensors(geometry: LayerGeometry, tensors: dict[str, Tensor], na
             f"{name}: LoKr needs lokr_w1 or (lokr_w1_a, lokr_w1_b), and lokr_w2 or (lokr_w2_a, lokr_w2_b[, lokr_t2]); "
             f"have {sorted(tensors)}"
         )
-    ranks = {int(tensors[k].shape[0]) for k in ("lokr_w1_b", "lokr_w2_b") if k in has}
-    if len(ranks) > 1:
-        raise ValueError(f"{name}: LoKr lokr_w1_b and lokr_w2_b have different ranks {sorted(ranks)}")
-    rank = ranks.pop() if ranks else None
+    r1 = int(tensors["lokr_w1_b"].shape[0]) if "lokr_w1_b" in has else None
+    r2 = int(tensors["lokr_w2_b"].shape[0]) if "lokr_w2_b" in has else None
+    # the scale's rank: w2_b's, w1_b's only when w2 is full — A1111 (network_lokr.py) and ComfyUI
+    # (weight_adapter/lokr.py) read it so when the two differ (LyCORIS writes one rank for both)
+    rank = r2 if r2 is not None else r1
     a, c = tensors["lokr_w1"].shape if "lokr_w1" in has else (tensors["lokr_w1_a"].shape[0], tensors["lokr_w1_b"].shape[1])
     if "lokr_w2" in has:
         b, d = tensors["lokr_w2"].shape[:2]
@@ -160,11 +163,11 @@ def _layout_from_tensors(geometry: LayerGeometry, tensors: dict[str, Tensor], na
         d = tensors["lokr_w2_b"].shape[1] // max(1, math.prod(geometry.kernel))
     shapes: dict[str, tuple[int, ...]] = {}
     kernel = geometry.kernel
-    r = rank or 0
+    r = r2 or 0
     if "lokr_w1" in has:
         shapes["lokr_w1"] = (a, c)
     else:
-        shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (a, r), (r, c)
+        shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (a, r1), (r1, c)
     if "lokr_w2" in has:
         shapes["lokr_w2"] = (b, d, *kernel)
     elif "lokr_t2" in has:
@@ -234,7 +237,7 @@ class LoKrModule(AdapterModule):
     scale_is_alpha_over_rank: ClassVar[bool] = True
     file_keys: ClassVar[tuple[str, ...]] = (*_KEYS, "alpha")
     marker_keys: ClassVar[tuple[str, ...]] = _KEYS
-    rank_keys: ClassVar[tuple[str, ...]] = ("lokr_w1_b", "lokr_w2_b")
+    rank_keys: ClassVar[tuple[str, ...]] = ("lokr_w2_b", "lokr_w1_b")  # (w2_b first: the scale's rank)
     tucker_keys: ClassVar[tuple[str, ...]] = ("lokr_t2",)
     #: ΔW = c · kron(W1, W2) is linear in W1, whichever form (full or W1_a·W1_b) the file holds
     linear_keys: ClassVar[tuple[str, ...]] = ("lokr_w1", "lokr_w1_a")

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..diffusers_system import DiffusersSystem, ModelFolderError, _require
+from ..optional_packages import require_interop
+from ..diffusers_system import DiffusersSystem, ModelFolderError
 from ..training import diffusion
 
-__all__ = ["VARIATION_PIPELINE", "ImageVariationSystem", "is_image_variation_folder", "load_image_variation"]
+__all__ = ["VARIATION_PIPELINE", "ImageVariationSystem", "image_variation_refusal", "is_image_variation_folder",
+           "load_image_variation"]
 
 #: the ``model_index.json`` ``_class_name`` of an image-variation folder
 VARIATION_PIPELINE = "StableDiffusionImageVariationPipeline"
@@ -40,6 +42,18 @@ def is_image_variation_folder(folder: str | os.PathLike) -> bool:
     except (OSError, ValueError, AttributeError):
         name = None
     return name == VARIATION_PIPELINE or ((root / "image_encoder").is_dir() and (root / "unet").is_dir())
+
+
+def image_variation_refusal(folder: str | os.PathLike) -> ModelFolderError:
+    """The error for an image-variation folder given to a command that needs a text-to-image model
+    (every command but ``clip-invert`` and ``generate --image-vectors``): it names the folder's kind and
+    the commands that take it, rather than the generic "missing text_encoder". Returned, for the caller to raise."""
+    return ModelFolderError(
+        f"{folder}: an image-variation model (lambdalabs sd-image-variations-diffusers, {VARIATION_PIPELINE}): "
+        "its UNet reads a CLIP image embedding and it has no text encoder or tokenizer, so it takes no prompts and "
+        "cannot be trained or converted as a text-to-image model; the commands that take it are "
+        "`sdadapt clip-invert` and `sdadapt generate --image-vectors FILE` (docs/clip-inversion.md), or "
+        "sdadapt.inversion.load_image_variation(folder) from Python")
 
 
 class ImageVariationSystem(nn.Module):
@@ -101,7 +115,7 @@ def load_image_variation(folder: str | os.PathLike, *, device: str | torch.devic
     from ..formats.pickles import check_folder_pickles
 
     check_folder_pickles(root)  # a .bin/.pt that would run code: refused before diffusers sees it
-    _require("diffusers")
+    require_interop("diffusers")
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(root / "unet")

@@ -68,7 +68,10 @@ def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None
             return load_toy_image(device=device)
         return load_toy(None if model == "toy" else model, device=device)
     from ..diffusers_system import load_model
+    from ..inversion.variation import image_variation_refusal, is_image_variation_folder
 
+    if is_image_variation_folder(model):  # (clip-invert / generate --image-vectors load it themselves)
+        raise image_variation_refusal(model)
     if vae is not None:
         from ..formats.vae_file import vae_weights_file
 

@@ -112,7 +112,7 @@ class TrainOptions:
     dropped), its own caption, ``caption_template``, prefix / suffix and the tag options unused.
 
     Model: ``model`` (``toy``, a diffusers folder, a single file), ``tokenizer``,
-    ``prediction_type``, ``clip_skip``, ``max_token_length`` (75, 150 or 225 caption tokens: kohya's
+    ``prediction_type``, ``clip_skip`` (``None``: not given, the last layer, kohya's ``None``), ``max_token_length`` (75, 150 or 225 caption tokens: kohya's
     long captions in 75-token CLIP windows, :mod:`sdadapt.text_chunks`), ``vae`` (kohya's ``--vae``: a VAE file or
     folder that replaces the model's for the latents and samples, :mod:`sdadapt.external_vae`), ``device``; ``method_options`` (the method's own, e.g.
     ``{"rank": 16}``; see :class:`sdadapt.methods.MethodOption`).
@@ -280,7 +280,7 @@ class TrainOptions:
     tokenizer: str | None = None
     vae: str | os.PathLike | None = None
     prediction_type: str | None = None
-    clip_skip: int = 1
+    clip_skip: int | None = None  # (None: not given — layer 1 is used; ss_clip_skip "None", as kohya writes)
     max_token_length: int = 75
     device: str = "auto"
     method_options: dict = field(default_factory=dict)
@@ -413,7 +413,7 @@ class TrainOptions:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 1, got {value}" + (" (leave it out for the method's default)" if name == "steps" else ""))
         for name in ("batch_size", "gradient_accumulation_steps", "repeats", "sample_steps", "lr_scheduler_num_cycles", "clip_skip"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # (clip_skip None: not given)
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("learning_rate", "unet_lr"):
             value = getattr(self, name)
@@ -1203,12 +1203,15 @@ def _clip_skip_notes(options: TrainOptions, architecture: str | None) -> list[st
     encoder's penultimate layer whatever the value; kohya's ``verify_sdxl_training_args`` warns),
     SD2 reads it but kohya warns it is unusual there (``verify_training_args``). ``architecture``:
     the model's (:attr:`~sdadapt.diffusers_system.DiffusersSystem.architecture`; ``None``: a toy)."""
-    if options.clip_skip == 1 or architecture not in ("sd2", "sdxl"):
+    if options.clip_skip is None or architecture not in ("sd2", "sdxl"):  # (kohya: `is not None`, 1 included)
         return []
     if architecture == "sdxl":
         return [(f"--clip-skip {options.clip_skip}: does nothing on SDXL ({options.model}); each text encoder's "
                  "penultimate layer is read whatever the value (kohya warns the same and records the value in "
                  "ss_clip_skip, as here)")]
+    if options.clip_skip == 1:  # (given as 1: the default layer; kohya warns whenever it is given)
+        return [(f"--clip-skip 1 on an SD2 model ({options.model}): the last layer, as without it (nothing changes); "
+                 "kohya warns that clip skip with v2 is unexpected whenever the option is given")]
     return [(f"--clip-skip {options.clip_skip} on an SD2 model ({options.model}): used (the text encoder's "
              f"{options.clip_skip}-th last layer), but SD2 was trained on the states it reads without it; kohya warns "
              "that clip skip with v2 is unexpected")]
@@ -1694,8 +1697,12 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                                       options, notes)
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
-                         prediction_type=options.prediction_type, clip_skip=options.clip_skip,
+                         prediction_type=options.prediction_type, clip_skip=options.clip_skip or 1,
                          max_token_length=options.max_token_length, vae=options.vae, log=say)
+    if getattr(system, "is_refiner", False):  # (kohya's sd-scripts train no refiner; its time_ids differ)
+        raise ValueError(f"--model {options.model}: the SDXL refiner is not trained here (kohya's sd-scripts train SDXL "
+                         "base models only; the refiner's size/aesthetic-score conditioning has no training path); train "
+                         "the base model, or use the refiner for generate and convert")
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")
@@ -2671,7 +2678,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_full_bf16": str(options.full_bf16),
         "ss_fp8_base": str(options.fp8_base), "ss_fp8_base_unet": str(options.fp8_base_unet),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        "ss_clip_skip": str(None if options.clip_skip == 1 else options.clip_skip),  # (kohya's: None unless given)
+        "ss_clip_skip": str(options.clip_skip),  # (kohya's args.clip_skip: None unless given, "1" when given as 1)
         "ss_max_token_length": str(None if options.max_token_length == 75 else options.max_token_length),
         "ss_resolution": f"({width}, {height})",
         "ss_enable_bucket": str(options.enable_bucket),
