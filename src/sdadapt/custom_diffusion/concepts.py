@@ -33,12 +33,15 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, to_uint8, write_png
 from ..training.data import ImageRecord, image_size, kohya_folder_name
 from ..training.reg_data import RegImages
+
+if TYPE_CHECKING:
+    from ..training.data_parallel import DataParallel
 
 __all__ = [
     "CONCEPT_KEYS",
@@ -216,7 +219,8 @@ def missing_class_images(concepts: Sequence[Concept], *, count: int = DIFFUSERS_
 
 def concept_class_images(system, concepts: Sequence[Concept], *, count: int = DIFFUSERS_NUM_CLASS_IMAGES, seed: int = 0,
                          size: tuple[int, int] | None = None, steps: int = 25,
-                         progress: Callable[[int, int, Any], None] | None = None) -> RegImages:
+                         progress: Callable[[int, int, Any], None] | None = None,
+                         group: DataParallel | None = None) -> RegImages:
     """Each concept's class images, generated where its ``class_data_dir`` holds fewer than ``count``
     (diffusers' ``train_custom_diffusion.py``: ``num_class_images - cur_class_images`` images of
     ``class_prompt``, saved into the folder), then read back.
@@ -229,14 +233,21 @@ def concept_class_images(system, concepts: Sequence[Concept], *, count: int = DI
     Then each concept's first ``count`` images by name train on its ``class_prompt`` (diffusers: the
     first ``num_class_images`` of the folder's listing).
 
+    ``group`` (data parallel, :func:`sdadapt.training.data_parallel.active`; call on every rank): the
+    missing images are made once across the ranks (:func:`sdadapt.methods.class_images` ``group=``:
+    one process's images, bit for bit), only rank 0 writes them, and every rank reads the folder after
+    it has (one machine, or folders every machine reads).
+
     Returns:
         :class:`~sdadapt.training.reg_data.RegImages`: every class image once (``repeats`` 1; not
         balanced by kohya's rule), each record's ``folder`` its concept's class folder name.
 
     Raises:
         ValueError: ``count`` < 1, or a concept without ``class_prompt`` / ``class_data_dir``.
+        PeerProcessError: with ``group``, another rank failed first.
     """
     from ..methods import class_images
+    from ..training.data_parallel import wait_for_all_ranks
 
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count (--class-images) must be an integer >= 1 (class images per concept), got {count!r}")
@@ -249,16 +260,20 @@ def concept_class_images(system, concepts: Sequence[Concept], *, count: int = DI
     dirs: dict[str, dict[str, int]] = {}
     for index, (concept, label) in enumerate(zip(concepts, _labels([c.class_data_dir for c in concepts]))):  # type: ignore[misc]
         folder: Path = concept.class_data_dir  # type: ignore[assignment]
-        folder.mkdir(parents=True, exist_ok=True)
-        have = _images_in(folder)
+        if group is None or group.main:  # (data parallel: rank 0 writes; the others read the folder after it)
+            folder.mkdir(parents=True, exist_ok=True)
+        have = _images_in(folder) if folder.is_dir() else []
         short = count - len(have)
         if short > 0:
             images, _ = class_images(system, [concept.class_prompt] * short, seed=seed + index * _CONCEPT_SEED_OFFSET + len(have),
-                                     size=size, steps=steps, progress=progress)
-            for k, image in enumerate(images):
-                pixels = to_uint8(image)
-                digest = hashlib.sha1(pixels.tobytes()).hexdigest()
-                write_png(folder / f"{len(have) + k}-{digest}.png", image)
+                                     size=size, steps=steps, progress=progress, group=group)
+            if group is None or group.main:
+                for k, image in enumerate(images):
+                    pixels = to_uint8(image)
+                    digest = hashlib.sha1(pixels.tobytes()).hexdigest()
+                    write_png(folder / f"{len(have) + k}-{digest}.png", image)
+            if group is not None:  # (before any rank lists the folder again)
+                wait_for_all_ranks(f"the wait for rank 0's class images in {folder}")
             notes.append(f"{concept.where}: {short} class image(s) of {concept.class_prompt!r} generated into {folder} "
                          f"({len(have)} there, {count} wanted)")
         files = _images_in(folder)[:count]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..images import image_grid, write_png
 from ..methods import METHODS, FitConfig, class_images, fit
+
+if TYPE_CHECKING:
+    from ..training.data_parallel import DataParallel
 
 __all__ = ["run_demo", "prior_images", "Progress"]
 
@@ -59,6 +63,7 @@ def prior_images(
     weight: float = 1.0,
     progress=None,
     size: tuple[int, int] | None = None,
+    group: DataParallel | None = None,
 ) -> tuple[torch.Tensor, list[str], float] | None:
     """Class images for prior preservation, or ``None`` when the run goes without.
 
@@ -66,7 +71,9 @@ def prior_images(
     ``class_prompt`` is given). The prompts are ``class_prompt`` repeated, or the system's own
     ``class_prompts(count, seed=)`` when it has one (the toy model: random held-in
     "a {colour} {shape}"); the images are what the *unadapted* ``system`` makes for them (so
-    call this before preparing the adaptation).
+    call this before preparing the adaptation). ``group`` (data parallel, a
+    :class:`~sdadapt.training.data_parallel.DataParallel`; call on every rank): made once across
+    the ranks, every rank gets them all (:func:`sdadapt.methods.class_images`).
 
     Returns:
         ``(images (count, 3, H, W), prompts, weight)`` for :func:`sdadapt.methods.fit`, or ``None``.
@@ -93,7 +100,7 @@ def prior_images(
                          "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog')")
     else:
         return None
-    images, captions = class_images(system, prompts, seed=seed, progress=progress, size=size)
+    images, captions = class_images(system, prompts, seed=seed, progress=progress, size=size, group=group)
     return images, captions, weight
 
 

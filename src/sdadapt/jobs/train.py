@@ -1012,11 +1012,11 @@ def _trigger_words(method: str, options: TrainOptions) -> tuple[str, ...]:
 def _read_concepts(method: str, options: TrainOptions):
     """``--concepts-list`` read and checked (:func:`sdadapt.custom_diffusion.concepts.read_concepts_list`, each
     ``instance_prompt`` naming a ``--token`` token); ``None`` without one. Refused: another method than
-    ``custom-diffusion``, the caption-template options (every image trains on its concept's instance_prompt,
-    diffusers has no templates), and class images still to be generated under data parallel."""
+    ``custom-diffusion`` and the caption-template options (every image trains on its concept's instance_prompt,
+    diffusers has no templates)."""
     if options.concepts_list is None:
         return None
-    from ..custom_diffusion.concepts import DIFFUSERS_NUM_CLASS_IMAGES, missing_class_images, read_concepts_list
+    from ..custom_diffusion.concepts import read_concepts_list
 
     if method != "custom-diffusion":
         raise ValueError(f"--concepts-list is diffusers' train_custom_diffusion.py concepts list, for train "
@@ -1027,14 +1027,9 @@ def _read_concepts(method: str, options: TrainOptions):
         if on:
             raise ValueError(f"{flag}: with --concepts-list every image trains on its concept's instance_prompt (as "
                              "diffusers, which has no caption templates); leave it out")
-    concepts = read_concepts_list(options.concepts_list, tokens=_trigger_words(method, options),
-                                  prior=options.prior is not False)
-    if options.prior is not False and data_parallel.launched_world_size() > 1 and any(missing_class_images(
-            concepts, count=options.class_images or DIFFUSERS_NUM_CLASS_IMAGES)):
-        raise ValueError(f"--concepts-list {options.concepts_list}: class images are still to be generated into the "
-                         "concepts' class_data_dir; run once in one process to make them (e.g. with --steps 1), then "
-                         "train data-parallel")
-    return concepts
+    # (data parallel: the missing class images are made once across the processes, rank 0 writes them)
+    return read_concepts_list(options.concepts_list, tokens=_trigger_words(method, options),
+                              prior=options.prior is not False)
 
 
 def _concepts_record(options: TrainOptions, concepts) -> dict:
@@ -1721,7 +1716,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         from ..custom_diffusion.concepts import DIFFUSERS_NUM_CLASS_IMAGES, concept_class_images
 
         reg = concept_class_images(system, concepts, count=options.class_images or DIFFUSERS_NUM_CLASS_IMAGES,
-                                   seed=options.seed, size=(height, width),
+                                   seed=options.seed, size=(height, width), group=parallel,
                                    progress=bars("class images", "image") if bars is not None else None)
         notes.extend(reg.notes)
     # (data parallel: each block's global batch, its batch × world)
@@ -1927,7 +1922,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     else:
         count = options.class_images if options.class_images is not None else 2 * len(records)
         prior_data = prior_images(system, spec, class_prompt=options.class_prompt, enabled=options.prior, seed=options.seed,
-                                  weight=options.prior_weight, count=count, size=(height, width),
+                                  weight=options.prior_weight, count=count, size=(height, width), group=parallel,
                                   progress=bars("class images", "image") if bars is not None else None)
         prior_count = 0 if prior_data is None else len(prior_data[1])
     adaptation = spec.adapt(system, seed=options.seed, **options.method_options)

@@ -27,6 +27,7 @@ from .system import text_encoders
 
 if TYPE_CHECKING:
     from ..loratools.output import LoRAJobReport
+    from ..training.data_parallel import DataParallel
 
 __all__ = ["EMAWeights", "FullAdaptation", "prepare_full", "prepare_dreambooth", "class_images", "extracted_lora_path"]
 
@@ -235,19 +236,45 @@ def prepare_dreambooth(system, *, text_encoder: bool = True, block_lr: str | Seq
 
 @torch.no_grad()
 def class_images(system, prompts: list[str], *, seed: int = 0, steps: int = 25, batch: int = 16,
-                 progress=None, size: tuple[int, int] | None = None) -> tuple[Tensor, list[str]]:
-    """DreamBooth's prior: the images the (still unadapted) system makes for ``prompts``.
+                 progress=None, size: tuple[int, int] | None = None,
+                 group: DataParallel | None = None) -> tuple[Tensor, list[str]]:
+    """DreamBooth's prior: the images (N, 3, H, W) the (still unadapted) system makes for the N ``prompts``.
 
-    ``progress(done, total, info)`` after each chunk of ``batch`` images; ``size`` (height, width)
-    for systems whose ``sample`` takes ``height``/``width`` (the training resolution), else their own size.
+    They are made in chunks of ``batch`` prompts, chunk ``k`` (prompts ``i = k·batch`` on) seeded
+    ``seed + i``. ``progress(done, total, info)`` after each chunk; ``size`` (height, width) for systems
+    whose ``sample`` takes ``height``/``width`` (the training resolution), else their own size.
+
+    ``group`` (data parallel: :func:`sdadapt.training.data_parallel.active`; call on every rank): the
+    chunks are made once across the ranks — rank ``r`` makes chunks ``r, r + world, ...`` (diffusers'
+    examples shard their class-image data loader so) — and every rank then receives all of them
+    (:func:`~sdadapt.training.data_parallel.share_chunks`): the same images, bit for bit, as one process
+    makes, since every chunk is the same call with the same seed. ``progress`` then counts this rank's
+    images; the images are on the collectives' device (NCCL: this rank's GPU; gloo: the CPU).
+
+    Raises:
+        PeerProcessError: with ``group``, another rank failed first.
     """
     import inspect
 
     sized = size is not None and "height" in inspect.signature(system.sample).parameters
     extra = {"height": size[0], "width": size[1]} if sized else {}  # type: ignore[index]
-    chunks = []
-    for i in range(0, len(prompts), batch):
-        chunks.append(system.sample(prompts[i : i + batch], seed=seed + i, steps=steps, **extra))
+    starts = range(0, len(prompts), batch)
+    if group is None:
+        chunks = []
+        for i in starts:
+            chunks.append(system.sample(prompts[i : i + batch], seed=seed + i, steps=steps, **extra))
+            if progress is not None:
+                progress(min(i + batch, len(prompts)), len(prompts), None)
+        return torch.cat(chunks), list(prompts)
+    from ..training.data_parallel import rank_chunks, share_chunks
+
+    own = rank_chunks(len(starts), group)
+    total, done = sum(len(prompts[starts[k] : starts[k] + batch]) for k in own), 0
+    mine: dict[int, Tensor] = {}
+    for k in own:
+        i = starts[k]
+        mine[k] = system.sample(prompts[i : i + batch], seed=seed + i, steps=steps, **extra)
+        done += len(prompts[i : i + batch])
         if progress is not None:
-            progress(min(i + batch, len(prompts)), len(prompts), None)
-    return torch.cat(chunks), list(prompts)
+            progress(done, total, None)
+    return torch.cat(share_chunks(mine, len(starts), group)), list(prompts)

@@ -17,6 +17,9 @@ process group is initialised with more than one rank:
   not wrapped modules, so this replaces ``DistributedDataParallel`` and works for every method).
 * :func:`mean_over_ranks` (the reported loss), :func:`broadcast_parameters` (rank 0's starting
   weights everywhere), :func:`is_main_process` (who writes), :func:`wait_for_all_ranks`.
+* :func:`rank_chunks` / :func:`share_chunks`: work made once across the ranks (the class images of
+  prior preservation, :func:`sdadapt.methods.class_images` ``group=``): rank ``r`` makes chunks
+  ``r, r + world, ...``, then every rank receives every chunk, bit for bit.
 
 A collective that fails — another process failed or was stopped first and left the group — raises
 :class:`~sdadapt.errors.PeerProcessError` (exit 11) naming this rank, instead of torch's bare
@@ -37,8 +40,8 @@ from torch import Tensor, nn
 from ..errors import InputError, PeerProcessError
 
 __all__ = ["DataParallel", "active", "average_gradients", "broadcast_parameters", "data_parallel_clashes",
-           "is_main_process", "launched_process_group", "launched_world_size", "mean_over_ranks", "rank_device",
-           "rank_rows", "shard_prepared", "share_switched_weights", "wait_for_all_ranks"]
+           "is_main_process", "launched_process_group", "launched_world_size", "mean_over_ranks", "rank_chunks",
+           "rank_device", "rank_rows", "shard_prepared", "share_chunks", "share_switched_weights", "wait_for_all_ranks"]
 
 #: the gradient bucket size of :func:`average_gradients` (bytes): one flat copy of at most this much at a time
 BUCKET_BYTES = 64 * 2**20
@@ -322,6 +325,85 @@ def share_switched_weights(params: Sequence[nn.Parameter], switched: list[bool],
     switched[0] = False
     if int(flag.item()):
         broadcast_parameters(params)
+
+
+#: the dtypes :func:`share_chunks` sends (a chunk's header names its dtype by its place here)
+_CHUNK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int32, torch.int64)
+#: the most dimensions a chunk :func:`share_chunks` sends may have
+_CHUNK_DIMS = 8
+
+
+def rank_chunks(count: int, group: DataParallel) -> range:
+    """The chunks of ``count`` (``0 .. count - 1``) that rank ``group.rank`` makes: ``rank, rank + world, ...``
+    (accelerate's ``BatchSamplerShard`` deals a data loader's batches out so, without its padding: a chunk is
+    made once, the last ranks may make one fewer or none)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an integer >= 0 (chunks to share out), got {count!r}")
+    return range(group.rank, count, group.world)
+
+
+def _collective_device() -> torch.device:
+    """Where the default group's collectives take their tensors: this rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def share_chunks(mine: Mapping[int, Tensor], count: int, group: DataParallel, *,
+                 what: str = "the sharing of the class images") -> list[Tensor]:
+    """Every rank's chunks on every rank (call on every rank, in the same order): chunk ``k`` of ``count``
+    is made by rank ``k % world`` (:func:`rank_chunks`) and sent to the others as it is — dtype, shape and
+    bits (a header of its dtype and shape, then the tensor: two broadcasts per chunk).
+
+    Args:
+        mine: this rank's chunks, ``{k: tensor}`` for exactly the ``k`` in ``rank_chunks(count, group)``;
+            each tensor of any shape (at most 8 dimensions) in one of float32/16, bfloat16, float64,
+            uint8, int32, int64 (e.g. class images (b, 3, H, W)).
+        count: the number of chunks in all.
+        group: this rank's place (:func:`active`).
+        what: what is shared, for the :class:`~sdadapt.errors.PeerProcessError` when another rank failed.
+
+    Returns:
+        The ``count`` chunks in order, on the collectives' device (NCCL: this rank's GPU; gloo: the CPU),
+        each equal bit for bit to the one its rank made.
+
+    Raises:
+        ValueError: ``mine`` does not hold exactly this rank's chunks.
+        TypeError: a chunk of another dtype or of more than 8 dimensions.
+        PeerProcessError: another rank failed or left the group first.
+    """
+    import torch.distributed as dist
+
+    owned = list(rank_chunks(count, group))
+    if sorted(mine) != owned:
+        raise ValueError(f"rank {group.rank} of {group.world} makes chunks {owned} of {count} "
+                         f"(rank_chunks), got {sorted(mine)}")
+    for k, chunk in mine.items():
+        if not isinstance(chunk, Tensor) or chunk.dtype not in _CHUNK_DTYPES or chunk.ndim > _CHUNK_DIMS:
+            raise TypeError(f"share_chunks sends tensors of at most {_CHUNK_DIMS} dimensions in "
+                            f"{', '.join(str(d) for d in _CHUNK_DTYPES)}; chunk {k} is "
+                            + (f"{chunk.dtype} {tuple(chunk.shape)}" if isinstance(chunk, Tensor) else type(chunk).__name__))
+    device = _collective_device()
+    out: list[Tensor] = []
+    for k in range(count):
+        owner = k % group.world
+        header = torch.zeros(2 + _CHUNK_DIMS, dtype=torch.int64)
+        if owner == group.rank:
+            chunk = mine[k].detach().to(device).contiguous()
+            header[0], header[1] = _CHUNK_DTYPES.index(chunk.dtype), chunk.ndim
+            header[2 : 2 + chunk.ndim] = torch.tensor(chunk.shape, dtype=torch.int64)
+        header = header.to(device)
+        with _with_the_others(what):
+            dist.broadcast(header, src=owner)
+        if owner != group.rank:
+            dtype, ndim, *dims = header.tolist()
+            chunk = torch.empty(dims[:ndim], dtype=_CHUNK_DTYPES[dtype], device=device)
+        with _with_the_others(what):
+            dist.broadcast(chunk, src=owner)
+        out.append(chunk)
+    return out
 
 
 def wait_for_all_ranks(what: str) -> None:
