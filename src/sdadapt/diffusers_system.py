@@ -5,7 +5,8 @@ for the model classes; nothing is downloaded. It implements :class:`sdadapt.meth
 so every method, ``train`` and ``generate`` work on it.
 
 * :meth:`DiffusersSystem.from_folder` — a diffusers pipeline folder (``save_pretrained`` layout),
-  SD1/SD2 (``StableDiffusionPipeline``) or SDXL (``text_encoder_2/``, ``tokenizer_2/``).
+  SD1/SD2 (``StableDiffusionPipeline``) or SDXL (``text_encoder_2/``, ``tokenizer_2/``; the SDXL
+  refiner: those without ``text_encoder/``, ``StableDiffusionXLImg2ImgPipeline``).
 * :meth:`DiffusersSystem.from_single_file` — an LDM single-file checkpoint (``.safetensors``, or
   ``.ckpt`` read with ``weights_only``): keys through :mod:`sdadapt.formats.model_keys`, configs
   from the shapes (:mod:`sdadapt.formats.single_file`), the CLIP tokenizer from sdadapt's shipped
@@ -17,7 +18,11 @@ final-normed, as A1111/kohya do), SD2 the 23-layer OpenCLIP-H's. SDXL concatenat
 penultimate states (768 + 1280 = 2048 wide), adds the second encoder's projected pooled output
 (``text_embeds``) and the size/crop conditioning ``time_ids = (orig_h, orig_w, crop_top,
 crop_left, target_h, target_w)``; an empty negative prompt is all zeros (diffusers'
-``force_zeros_for_empty_prompt``). Latents are the VAE posterior mean times its scaling factor
+``force_zeros_for_empty_prompt``). The SDXL refiner (:attr:`DiffusersSystem.is_refiner`) conditions
+on its one encoder (OpenCLIP-bigG: penultimate states, 1280 wide, and its projected pooled output) and
+``time_ids = (orig_h, orig_w, crop_top, crop_left, aesthetic_score)`` — 6.0 for the prompt, 2.5 for the
+negative (diffusers' ``requires_aesthetics_score``); its empty negative prompt is encoded, not zeroed.
+Latents are the VAE posterior mean times its scaling factor
 (SD1/SD2 0.18215, SDXL 0.13025). ``max_token_length=150`` / ``225`` (kohya's option) keeps that many
 prompt tokens, encoded in 75-token windows whose states are joined (:mod:`sdadapt.text_chunks`).
 
@@ -41,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import WeightFileError
+from .optional_packages import require_interop
 from .token_id_cache import TokenIdCache, tokenizer_state
 from .training import diffusion
 from .training.host_syncs import copy_to_device
@@ -58,13 +64,6 @@ SD_SCHEDULE = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
 class ModelFolderError(WeightFileError):
     """The folder or file is not a Stable Diffusion model this command can train (a missing one too): an input file
     that cannot be used, exit code 3 as every other one (a ``ValueError`` as before)."""
-
-
-def _require(name: str):
-    try:
-        return __import__(name)
-    except ImportError:
-        raise ImportError(f"Stable Diffusion models need `{name}`: pip install \"sdadapt[interop]\"") from None
 
 
 def _token_ids(tokenizer: Any, prompts: list[str], length: int | None = None) -> Tensor:
@@ -160,7 +159,8 @@ class DiffusersSystem(nn.Module):
         unet, vae, text_encoder, tokenizer: diffusers/transformers modules; the tokenizer may be
             sdadapt's :class:`~sdadapt.clip_tokenizer.CLIPTokenizer` or a transformers one.
         scheduler_config: the diffusers scheduler config (schedule, ``prediction_type``).
-        text_encoder_2, tokenizer_2: SDXL's second (OpenCLIP-bigG, with projection) encoder.
+        text_encoder_2, tokenizer_2: SDXL's second (OpenCLIP-bigG, with projection) encoder; with
+            ``text_encoder=None, tokenizer=None`` the SDXL refiner's only one (:attr:`is_refiner`).
         model_index: the loaded folder's ``model_index.json`` (what :meth:`save_model` writes).
         clip_skip: 1 = the last layer (default); 2 = the penultimate (A1111/kohya "clip skip"),
             SD1/SD2 only (SDXL always reads the penultimate layers).
@@ -177,6 +177,10 @@ class DiffusersSystem(nn.Module):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.is_sdxl = text_encoder_2 is not None
+        #: the SDXL refiner: OpenCLIP-bigG alone (no CLIP-L), aesthetic-score conditioning
+        self.is_refiner = self.is_sdxl and text_encoder is None
+        #: the refiner's ``time_ids`` aesthetic scores for the prompt and the negative (diffusers' defaults)
+        self.aesthetic_score, self.negative_aesthetic_score = 6.0, 2.5
         # each tokenizer's window and <EOS>/pad ids, read once: condition() runs inside torch.compile,
         # which cannot trace a tokenizer
         self._window_specs = [_window_spec(t) for t in (tokenizer, tokenizer_2) if t is not None]
@@ -190,6 +194,8 @@ class DiffusersSystem(nn.Module):
         self.max_token_length = max_token_length
         self.source = str(source) if source is not None else None
         pipeline = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
+        if self.is_refiner:
+            pipeline = "StableDiffusionXLImg2ImgPipeline"
         self.model_index = {  # what save_model writes (the loaded folder's entries win)
             "_class_name": pipeline,
             "unet": ["diffusers", "UNet2DConditionModel"],
@@ -199,6 +205,8 @@ class DiffusersSystem(nn.Module):
             "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
             **({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                 "tokenizer_2": ["transformers", "CLIPTokenizer"]} if self.is_sdxl else {}),
+            **({"text_encoder": [None, None], "tokenizer": [None, None], "requires_aesthetics_score": True,
+                "force_zeros_for_empty_prompt": False} if self.is_refiner else {}),
             **dict(model_index or {}),
         }
         self.register_buffer("alphas_cumprod", diffusion.scheduler_alphas_cumprod(scheduler_config), persistent=False)
@@ -233,6 +241,18 @@ class DiffusersSystem(nn.Module):
         self._max_token_length = int(value)
 
     @property
+    def _all_tokenizers(self) -> tuple:
+        """The tokenizers, in encoder order: (CLIP-L's,), SDXL (CLIP-L's, OpenCLIP-G's), the refiner (OpenCLIP-G's,)."""
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
+    def _negative_time_ids(self, time_ids: Tensor | None) -> Tensor | None:
+        """The refiner's negative ``time_ids``: the prompt's with :attr:`negative_aesthetic_score` last
+        (diffusers ``_get_add_time_ids``' ``add_neg_time_ids``); others' unchanged."""
+        if not self.is_refiner or time_ids is None:
+            return time_ids
+        return torch.cat([time_ids[:, :-1], torch.full_like(time_ids[:, -1:], self.negative_aesthetic_score)], dim=1)
+
+    @property
     def architecture(self) -> str:
         """``"sd1"``, ``"sd2"`` or ``"sdxl"`` (the LDM key layout)."""
         return "sdxl" if self.is_sdxl else ("sd1" if self.base_model == "sd1" else "sd2")
@@ -251,7 +271,10 @@ class DiffusersSystem(nn.Module):
         if not root.is_dir():
             raise ModelFolderError(f"{root}: no such folder; --model takes 'toy', a diffusers Stable Diffusion folder "
                                    "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint")
+        refiner = (root / "text_encoder_2").exists() and not (root / "text_encoder").exists()
         needed = ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+        if refiner:  # (the SDXL refiner: text_encoder_2/ tokenizer_2/ alone)
+            needed = ["model_index.json", "unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"]
         missing = [n for n in needed if not (root / n).exists()]
         if missing:
             raise ModelFolderError(
@@ -264,8 +287,8 @@ class DiffusersSystem(nn.Module):
         from .formats.pickles import check_folder_pickles
 
         check_folder_pickles(root)  # a .bin/.pt that would run code: refused before diffusers sees it (issue 17)
-        _require("diffusers")
-        _require("transformers")
+        require_interop("diffusers")
+        require_interop("transformers")
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -281,8 +304,8 @@ class DiffusersSystem(nn.Module):
         system = cls(
             UNet2DConditionModel.from_pretrained(root / "unet", **dtypes.get("unet", {})),
             AutoencoderKL.from_pretrained(root / "vae", **dtypes.get("vae", {})),
-            CLIPTextModel.from_pretrained(root / "text_encoder"),
-            CLIPTokenizer.from_pretrained(root / "tokenizer"),
+            None if refiner else CLIPTextModel.from_pretrained(root / "text_encoder"),
+            None if refiner else CLIPTokenizer.from_pretrained(root / "tokenizer"),
             scheduler_config,
             model_index=json.loads((root / "model_index.json").read_text()),
             clip_skip=clip_skip,
@@ -312,8 +335,8 @@ class DiffusersSystem(nn.Module):
         """
         from .formats.single_file import read_single_file
 
-        _require("diffusers")
-        _require("transformers")
+        require_interop("diffusers")
+        require_interop("transformers")
         return cls.from_checkpoint(read_single_file(path), tokenizer=tokenizer, prediction_type=prediction_type,
                                    clip_skip=clip_skip, device=device, max_token_length=max_token_length)
 
@@ -332,8 +355,8 @@ class DiffusersSystem(nn.Module):
         from .formats.model_keys import split_components
         from .formats.single_file import text_encoder_config, unet_config, vae_config
 
-        _require("diffusers")
-        _require("transformers")
+        require_interop("diffusers")
+        require_interop("transformers")
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -341,15 +364,18 @@ class DiffusersSystem(nn.Module):
         prediction = prediction_type or checkpoint.prediction_type
         parts = checkpoint.components
         configs = checkpoint.configs
+        refiner = bool(getattr(checkpoint, "refiner", False))
         pooled = parts.get("text_encoder_2", {}).get("text_projection.weight")
         unet = _build(UNet2DConditionModel, configs.get("unet") or unet_config(
             parts["unet"], architecture=architecture, prediction_type=prediction,
-            pooled_dim=int(pooled.shape[0]) if pooled is not None else None))
+            pooled_dim=int(pooled.shape[0]) if pooled is not None else None, refiner=refiner))
         vae = _build(AutoencoderKL, configs.get("vae") or vae_config(parts["vae"], architecture=architecture))
-        te_config = configs.get("text_encoder") or text_encoder_config(parts["text_encoder"], open_clip=architecture == "sd2")
-        with _no_init_weights():  # every weight comes from the file (a CLIP-L random init: ~5 s, OpenCLIP-G several times that)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
-        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+        modules = {"unet": unet, "vae": vae}
+        text_encoder = None
+        if not refiner:
+            te_config = configs.get("text_encoder") or text_encoder_config(parts["text_encoder"], open_clip=architecture == "sd2")
+            with _no_init_weights():  # every weight comes from the file (a CLIP-L random init: ~5 s, OpenCLIP-G several times that)
+                text_encoder = modules["text_encoder"] = CLIPTextModel(CLIPTextConfig(**te_config))
         extra: dict[str, Any] = {}
         if architecture == "sdxl":
             te2_config = configs.get("text_encoder_2") or text_encoder_config(parts["text_encoder_2"], open_clip=True)
@@ -359,11 +385,12 @@ class DiffusersSystem(nn.Module):
                                   expected={c: m.state_dict().keys() for c, m in modules.items()})
         for name, module in modules.items():
             _load(module, states[name], name=name, source=checkpoint.path, keep_dtypes=keep_dtypes)
-        first, second = _tokenizers(tokenizer, architecture, text_encoder.config, CLIPTokenizer)
+        encoder_config = (modules["text_encoder_2"] if refiner else text_encoder).config
+        first, second = _tokenizers(tokenizer, architecture, encoder_config, CLIPTokenizer)
         if architecture == "sdxl":
             extra["tokenizer_2"] = second
         schedule = {**SD_SCHEDULE, "prediction_type": prediction}
-        system = cls(unet, vae, text_encoder, first, schedule, clip_skip=clip_skip, source=checkpoint.path,
+        system = cls(unet, vae, text_encoder, None if refiner else first, schedule, clip_skip=clip_skip, source=checkpoint.path,
                      max_token_length=max_token_length, **extra)
         system.requires_grad_(False)
         return system.eval().to(device)
@@ -411,6 +438,8 @@ class DiffusersSystem(nn.Module):
         """The weighted pipeline parts :meth:`save_model` writes, by diffusers folder name:
         ``{"unet", "text_encoder", "vae"}`` (SDXL also ``"text_encoder_2"``); the modules themselves."""
         parts = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        if self.is_refiner:  # (the SDXL refiner: no CLIP-L)
+            del parts["text_encoder"]
         if self.is_sdxl:
             parts["text_encoder_2"] = self.text_encoder_2
         return parts
@@ -431,7 +460,7 @@ class DiffusersSystem(nn.Module):
             ldm["model_ema.decay"] = torch.tensor(float(ema.decay), dtype=torch.float32)
             ldm["model_ema.num_updates"] = torch.tensor(int(ema.updates), dtype=torch.int32)
         architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-                        "sdxl": "stable-diffusion-xl-v1-base"}
+                        "sdxl": "stable-diffusion-xl-v1-refiner" if self.is_refiner else "stable-diffusion-xl-v1-base"}
         configs = {name: _plain_config(module.config) for name, module in self.components().items()}
         implementation = {"sd1": "https://github.com/CompVis/stable-diffusion",
                           "sdxl": "https://github.com/Stability-AI/generative-models"}
@@ -467,6 +496,8 @@ class DiffusersSystem(nn.Module):
                 self._save_ema_folder(tmp / "unet_ema", ema, dtype)
             for name in ("tokenizer", "tokenizer_2") if self.is_sdxl else ("tokenizer",):
                 tokenizer = getattr(self, name)
+                if tokenizer is None:  # (the SDXL refiner's absent CLIP-L tokenizer)
+                    continue
                 if isinstance(tokenizer, CLIPTokenizer):
                     tokenizer.save_folder(tmp / name)
                 else:
@@ -475,6 +506,9 @@ class DiffusersSystem(nn.Module):
             (tmp / "scheduler").mkdir()
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
             index = {k: v for k, v in self.model_index.items() if k.startswith("_") or k in _WRITTEN}
+            if self.is_refiner:  # (StableDiffusionXLImg2ImgPipeline's registered config of the refiner)
+                index.update({k: self.model_index[k] for k in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")
+                              if k in self.model_index})
             if index.get("_class_name", "").startswith("StableDiffusion"):  # parts not written: absent
                 index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
                              requires_safety_checker=False)
@@ -536,11 +570,11 @@ class DiffusersSystem(nn.Module):
         from .text_chunks import long_prompt_length
 
         device = self.alphas_cumprod.device
-        length = long_prompt_length(self.max_token_length, window=int(self.tokenizer.model_max_length))
+        length = long_prompt_length(self.max_token_length, window=int(self._all_tokenizers[0].model_max_length))
 
         def encode(texts: list[str]) -> tuple[Tensor]:
-            ids = _token_ids(self.tokenizer, texts, length)  # (B, L)
-            if self.is_sdxl:
+            ids = _token_ids(self._all_tokenizers[0], texts, length)  # (B, L) (the refiner: OpenCLIP-G's alone)
+            if self.is_sdxl and not self.is_refiner:
                 ids = torch.stack([ids, _token_ids(self.tokenizer_2, texts, length)], dim=1)  # (B, 2, L)
             return (ids,)
 
@@ -557,11 +591,11 @@ class DiffusersSystem(nn.Module):
         from .text_chunks import long_prompt_length
 
         device = self.alphas_cumprod.device
-        length = long_prompt_length(self.max_token_length, window=int(self.tokenizer.model_max_length))
+        length = long_prompt_length(self.max_token_length, window=int(self._all_tokenizers[0].model_max_length))
 
         def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
-            ids, weights = weighted_token_ids(self.tokenizer, texts, length, a1111=a1111)  # (B, L) each
-            if self.is_sdxl:
+            ids, weights = weighted_token_ids(self._all_tokenizers[0], texts, length, a1111=a1111)  # (B, L) each
+            if self.is_sdxl and not self.is_refiner:
                 ids_2, weights_2 = weighted_token_ids(self.tokenizer_2, texts, length, a1111=a1111)
                 ids, weights = torch.stack([ids, ids_2], dim=1), torch.stack([weights, weights_2], dim=1)  # (B, 2, L)
             return ids, weights
@@ -579,7 +613,7 @@ class DiffusersSystem(nn.Module):
         whose state cannot be read."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         state: tuple = (length, self.is_sdxl, *rules)
-        for tokenizer in (self.tokenizer, self.tokenizer_2) if self.is_sdxl else (self.tokenizer,):
+        for tokenizer in self._all_tokenizers:
             part = tokenizer_state(tokenizer)
             if part is None:
                 return encode(prompts)
@@ -634,6 +668,8 @@ class DiffusersSystem(nn.Module):
             states = self._hidden(self.text_encoder, windows, penultimate=False)  # (B * n, C, D)
             states = states if n == 1 else merge_chunk_states(states, chunks=n)  # (B, L, D)
             return states if weights is None else _weigh_states(states, weights)
+        if self.is_refiner:
+            return self._refiner_condition(ids, weights, time_ids)
         if ids.ndim != 3 or ids.shape[1] != 2:
             raise ValueError(f"SDXL conditions on (B, 2, L) ids (both tokenizers), got {tuple(ids.shape)}")
         (windows_1, n), (windows_2, _) = self._windows(0, ids[:, 0]), self._windows(1, ids[:, 1])
@@ -653,6 +689,28 @@ class DiffusersSystem(nn.Module):
             time_ids[:, 2:4] = 0.0  # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
         return {"context": context, "text_embeds": pooled, "time_ids": time_ids.to(context)}
 
+    def _refiner_condition(self, ids: Tensor, weights: Tensor | None, time_ids: Tensor | None) -> dict[str, Tensor]:
+        """The SDXL refiner's :meth:`condition`: (B, L) OpenCLIP-G ids -> ``{"context": (B, L, 1280)`` penultimate
+        states, ``"text_embeds": (B, 1280)`` the projected pooled output, ``"time_ids": (B, 5)}`` (default: the
+        native size, no crop, :attr:`aesthetic_score`) — diffusers' ``encode_prompt`` with ``text_encoder=None``."""
+        from .text_chunks import merge_chunk_states
+
+        if ids.ndim != 2:
+            raise ValueError(f"the SDXL refiner conditions on (B, L) ids of its one tokenizer, got {tuple(ids.shape)}")
+        windows, n = self._windows(0, ids)
+        out = self.text_encoder_2(windows, output_hidden_states=True)
+        states = out.hidden_states[-2]  # (B * n, C, 1280)
+        pooled = _eos_pooled(self.text_encoder_2, out, windows, eos_id=self._window_specs[0]["eos_id"])  # (B * n, P)
+        if n > 1:
+            states, pooled = merge_chunk_states(states, chunks=n), pooled[::n]
+        if weights is not None:
+            states = _weigh_states(states, weights)
+        if time_ids is None:  # (orig_h, orig_w, crop_top, crop_left, aesthetic_score)
+            time_ids = states.new_full((ids.shape[0], 5), float(self.image_size))
+            time_ids[:, 2:4] = 0.0
+            time_ids[:, 4] = self.aesthetic_score
+        return {"context": states, "text_embeds": pooled, "time_ids": time_ids.to(states)}
+
     def denoiser(self):
         """``model(x_t, t, cond) -> prediction`` over :meth:`condition`'s output."""
         if not self.is_sdxl:
@@ -668,6 +726,8 @@ class DiffusersSystem(nn.Module):
         return model_xl
 
     def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None, *, breaks: bool = False) -> Any:
+        if self.is_refiner:  # (force_zeros_for_empty_prompt False; negative_aesthetic_score)
+            return self._prompt_condition([negative] * count, self._negative_time_ids(time_ids), breaks=breaks)
         if self.is_sdxl and not negative:  # SDXL base: force_zeros_for_empty_prompt
             return {k: (torch.zeros_like(v) if k != "time_ids" else v) for k, v in cond.items()}
         return self._prompt_condition([negative] * count, time_ids, breaks=breaks)
@@ -693,7 +753,7 @@ class DiffusersSystem(nn.Module):
         from .prompt_chunks import has_break, needs_chunks
 
         def chunked(prompt: str) -> bool:  # (A1111's BREAK, and its long prompts where no kohya length is set)
-            return needs_chunks(self.tokenizer, prompt) if self.max_token_length == 75 else has_break(prompt)
+            return needs_chunks(self._all_tokenizers[0], prompt) if self.max_token_length == 75 else has_break(prompt)
 
         if breaks and any(chunked(prompt) for prompt in prompts):  # (A1111's chunk layout)
             return self._break_condition(prompts, time_ids)
@@ -715,6 +775,8 @@ class DiffusersSystem(nn.Module):
             return plain
         if not self.is_sdxl:
             return _restore_mean(_weigh_states(plain, weights), plain)  # (B, L, D)
+        if self.is_refiner:  # (one encoder's states)
+            return {**plain, "context": _restore_mean(_weigh_states(plain["context"], weights), plain["context"])}
         width = int(self.text_encoder.config.hidden_size)  # context = [CLIP-L states | OpenCLIP-G states]
         parts = (plain["context"][..., :width], plain["context"][..., width:])
         # joined, then sliced: each part's mean reduced over the same memory layout as condition's output
@@ -732,7 +794,7 @@ class DiffusersSystem(nn.Module):
         from .prompt_chunks import prompt_chunks
 
         device = self.alphas_cumprod.device
-        tokenizers = (self.tokenizer, self.tokenizer_2) if self.is_sdxl else (self.tokenizer,)
+        tokenizers = self._all_tokenizers
         empty = [prompt_chunks(tokenizer, "") for tokenizer in tokenizers]  # ((1, C), (1, C)) each
         chunked = [[prompt_chunks(tokenizer, prompt) for tokenizer in tokenizers] for prompt in prompts]
         n = max(ids.shape[0] for row in chunked for ids, _ in row)
@@ -745,7 +807,7 @@ class DiffusersSystem(nn.Module):
         weights = [padded(part, 1) for part in range(len(tokenizers))]
         conds = []
         for j in range(n):
-            if self.is_sdxl:
+            if len(tokenizers) == 2:
                 chunk_ids = torch.stack([ids[0][:, j], ids[1][:, j]], dim=1)  # (B, 2, C)
                 chunk_weights = torch.stack([weights[0][:, j], weights[1][:, j]], dim=1)
             else:
@@ -819,7 +881,9 @@ class DiffusersSystem(nn.Module):
         if self.is_sdxl:
             size_h, size_w = size_conditioning or (height, width)
             time_ids = torch.tensor([[size_h, size_w, 0, 0, size_h, size_w]], dtype=torch.float32, device=device)
-            time_ids = time_ids.expand(len(prompts), 6)
+            if self.is_refiner:  # diffusers' requires_aesthetics_score: (orig size, crop, aesthetic score)
+                time_ids = torch.tensor([[size_h, size_w, 0, 0, self.aesthetic_score]], dtype=torch.float32, device=device)
+            time_ids = time_ids.expand(len(prompts), time_ids.shape[1])
         model, guidance_scale = self.denoiser(), guidance
         from .inpaint import check_inpainting_unet, concat_conditioning, txt2img_masked_image
 
@@ -836,7 +900,7 @@ class DiffusersSystem(nn.Module):
             # of texts that are all '', and the schedule's texts are one batch there)
             one = len(plan.negative_texts) == 1
             negatives = [self._uncond(text, conds[0], len(prompts), time_ids, breaks=True) if one
-                         else self._prompt_condition([text] * len(prompts), time_ids, breaks=True)
+                         else self._prompt_condition([text] * len(prompts), self._negative_time_ids(time_ids), breaks=True)
                          for text in plan.negative_texts]
             model, guidance_scale = plan.guidance(model, conds, negatives, guidance), 1.0
             cond = uncond = None

@@ -72,6 +72,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
+        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         vae=args.vae, device=args.device,
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
@@ -280,6 +281,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "VAE file, a diffusers AutoencoderKL folder, or a full checkpoint's VAE")
     generate.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     generate.add_argument("--clip-skip", type=positive_int, default=1)
+    generate.add_argument("--aesthetic-score", type=float, default=None, metavar="SCORE",
+                          help="the SDXL refiner's aesthetic-score conditioning of the prompt (diffusers' option; default 6.0)")
+    generate.add_argument("--negative-aesthetic-score", type=float, default=None, metavar="SCORE",
+                          help="the SDXL refiner's aesthetic score of the negative prompt (diffusers' option; default 2.5)")
     generate.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,
                           help="75 (default): a longer prompt is laid out in A1111's 77-token chunks (cut at a comma up "
                           "to 20 tokens back, every token kept); 150 or 225: up to that many tokens in 75-token windows "

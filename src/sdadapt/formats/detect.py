@@ -218,6 +218,11 @@ def _checkpoint_summary(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping
     if all(k.startswith(_UNET_ONLY) for k in keys):
         return {"model": f"a {names[architecture]} UNet alone ({architecture})",
                 "use": "merge, merge-lora BASE, extract-lora (UNet only); --model needs a whole checkpoint or folder"}
+    from .model_keys import is_sdxl_refiner
+
+    if architecture == "sdxl" and is_sdxl_refiner(keys):  # (OpenCLIP-bigG alone, at conditioner.embedders.0.model.)
+        return {"model": "Stable Diffusion XL refiner (sdxl)",
+                "use": "--model FILE (generate, usually with --init-image); merge, convert"}
     return {"model": f"{names[architecture]} ({architecture})",
             "use": "--model FILE (generate, train, invert); merge, merge-lora BASE, extract-lora, convert"}
 

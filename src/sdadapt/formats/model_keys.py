@@ -9,6 +9,12 @@ Top-level rule table (LDM prefix <-> diffusers component; the per-component rule
     cond_stage_model.model.              <-> text_encoder.    (SD2, OpenCLIP-H, fused qkv)
     conditioner.embedders.0.transformer. <-> text_encoder.    (SDXL, CLIP-L)
     conditioner.embedders.1.model.       <-> text_encoder_2.  (SDXL, OpenCLIP-bigG, text_projection)
+    conditioner.embedders.0.model.       <-> text_encoder_2.  (the SDXL refiner: OpenCLIP-bigG alone)
+
+The SDXL refiner (Stability's ``sd_xl_refiner_1.0``) is an SDXL checkpoint in this map: the same UNet
+and VAE naming, and its one text encoder (OpenCLIP-bigG, no CLIP-L) is the diffusers refiner's
+``text_encoder_2`` (diffusers' ``StableDiffusionXLImg2ImgPipeline`` has no ``text_encoder``; its
+single-file loader reads it from ``conditioner.embedders.0.model.``). :func:`is_sdxl_refiner` tells it.
 
 Diffusers-side keys are flat with a component prefix (``unet.conv_in.weight``); text encoders use
 the ``text_model.…`` spelling of diffusers' files and single-file loader (transformers 4);
@@ -42,6 +48,7 @@ __all__ = [
     "KeyMapError",
     "checkpoint_naming",
     "checkpoint_architecture",
+    "is_sdxl_refiner",
     "key_plan",
     "apply_plan",
     "convert_checkpoint",
@@ -64,7 +71,10 @@ LDM_PARTS = {
     "cond_stage_model.model.": ("text_encoder", "open_clip_sd2"),
     "conditioner.embedders.0.transformer.": ("text_encoder", "clip"),
     "conditioner.embedders.1.model.": ("text_encoder_2", "open_clip"),
+    "conditioner.embedders.0.model.": ("text_encoder_2", "open_clip"),  # the SDXL refiner's only encoder
 }
+#: where the SDXL refiner's OpenCLIP-bigG lives in LDM files (SGM's conditioner, embedder 0)
+_REFINER_TEXT = "conditioner.embedders.0.model."
 #: diffusers component -> architecture -> LDM prefix
 _DIFFUSERS_PARTS = {
     "unet": dict.fromkeys(ARCHITECTURES, "model.diffusion_model."),
@@ -180,6 +190,19 @@ def checkpoint_architecture(shapes: Mapping[str, tuple[int, ...]], *, default: s
     )
 
 
+def is_sdxl_refiner(keys: Iterable[str]) -> bool:
+    """Whether checkpoint keys are the SDXL refiner's: an OpenCLIP text encoder and no CLIP-L one.
+
+    LDM: ``conditioner.embedders.0.model.…`` (SGM's refiner config; diffusers'
+    ``infer_diffusers_model_type`` "xl_refiner"); diffusers: ``text_encoder_2.…`` without
+    ``text_encoder.…``. A bare UNet cannot tell (its add-embedding width only hints at it).
+    """
+    keys = list(keys)
+    if any(k.startswith(_REFINER_TEXT) for k in keys):
+        return True
+    return any(k.startswith("text_encoder_2.") for k in keys) and not any(k.startswith("text_encoder.") for k in keys)
+
+
 def key_plan(
     source_shapes: Mapping[str, tuple[int, ...]],
     *,
@@ -261,10 +284,13 @@ def _plan_to_ldm(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder, archi
     if groups["text_encoder"] or groups["text_encoder_2"]:
         architecture = architecture or checkpoint_architecture(shapes)
         builder.notes.append(f"text encoders written in {architecture} layout")
+    refiner = bool(groups["text_encoder_2"]) and not groups["text_encoder"] and architecture == "sdxl"
     for component, part in groups.items():
         if not part:
             continue
         prefix = _DIFFUSERS_PARTS[component].get(architecture or "sd1")
+        if refiner and component == "text_encoder_2":  # (the SDXL refiner: its one encoder is SGM's embedder 0)
+            prefix = _REFINER_TEXT
         if prefix is None:
             builder.unmatched.extend(part)
             builder.notes.append(f"{component} exists only in SDXL checkpoints, not in {architecture}")

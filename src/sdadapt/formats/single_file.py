@@ -1,4 +1,4 @@
-"""Single-file Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL): read, split, and the model configs.
+"""Single-file Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL, the SDXL refiner): read, split, and the model configs.
 
 A single file (``.safetensors``, or a legacy ``.ckpt`` read with ``torch.load(weights_only=True)``)
 holds the UNet, the text encoder(s) and the VAE in LDM naming. This module turns it into
@@ -8,7 +8,7 @@ config download, unlike diffusers' own single-file loader):
 
 | component | read from the shapes | fixed by the architecture |
 |---|---|---|
-| UNet | channels per block, layers per block, which blocks attend, transformer depth per block, cross-attention width, linear/conv ``proj_in``, SDXL's add-embedding | attention heads (SD1: 8; SD2/SDXL: 64-wide heads), GroupNorm groups (32) |
+| UNet | channels per block, layers per block, which blocks attend, transformer depth per block, cross-attention width, linear/conv ``proj_in``, SDXL's add-embedding | attention heads (SD1: 8; SD2/SDXL: 64-wide heads), GroupNorm groups (32), the add-embedding's size embeddings (SDXL 6, the refiner 5: sizes, crop and aesthetic score) |
 | VAE | channels per block, layers per block, latent channels | scaling factor (SD1/SD2 0.18215, SDXL 0.13025) |
 | CLIP text encoder(s) | width, depth, MLP width, vocabulary, positions, projection | 64-wide heads, activation (CLIP-L quick-GELU, OpenCLIP GELU) |
 
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .files import WeightFileError, read_weights
 from .key_source import KeyMapError
-from .model_keys import checkpoint_architecture, convert_checkpoint
+from .model_keys import checkpoint_architecture, convert_checkpoint, is_sdxl_refiner
 
 __all__ = [
     "SingleFile",
@@ -60,7 +60,7 @@ class SingleFile:
 
     Attributes:
         path: the file.
-        architecture: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        architecture: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (the SDXL refiner too: :attr:`refiner`).
         components: ``{"unet" | "vae" | "text_encoder" | "text_encoder_2": {diffusers key: tensor}}``
             (text-encoder keys in the ``text_model.…`` spelling).
         metadata: the file's string metadata.
@@ -74,6 +74,11 @@ class SingleFile:
     metadata: dict[str, str]
     configs: dict[str, dict] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+
+    @property
+    def refiner(self) -> bool:
+        """The SDXL refiner: an ``sdxl`` file whose one text encoder is ``text_encoder_2`` (OpenCLIP-bigG)."""
+        return self.architecture == "sdxl" and "text_encoder" not in self.components and "text_encoder_2" in self.components
 
     @property
     def prediction_type(self) -> str:
@@ -123,7 +128,10 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
     for key, tensor in converted.items():
         component, _, local = key.partition(".")
         components.setdefault(component, {})[local] = tensor
-    needed = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if architecture == "sdxl" else [])
+    if architecture == "sdxl" and is_sdxl_refiner(state):  # (the refiner: OpenCLIP-bigG alone)
+        needed = ["unet", "vae", "text_encoder_2"]
+    else:
+        needed = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if architecture == "sdxl" else [])
     missing = [c for c in needed if c not in components]
     if missing:
         raise WeightFileError(
@@ -148,11 +156,13 @@ def _indices(keys, pattern: str) -> list[int]:
 
 
 def unet_config(state: Mapping[str, Tensor], *, architecture: str, prediction_type: str = "epsilon",
-                pooled_dim: int | None = None) -> dict:
+                pooled_dim: int | None = None, refiner: bool = False) -> dict:
     """``UNet2DConditionModel(**config)`` arguments from a diffusers-named UNet state (see the module table).
 
     ``pooled_dim``: SDXL's pooled text width (the second encoder's projection, 1280): the rest of
     the add-embedding's input is six sinusoidal size/crop embeddings, which gives their width.
+    ``refiner``: the SDXL refiner's UNet, whose add-embedding takes five (original size, crop,
+    aesthetic score: 1280 + 5 * 256 = 2560, SGM's ``adm_in_channels``).
 
     Raises:
         WeightFileError: the state lacks the keys every SD UNet has.
@@ -170,6 +180,11 @@ def unet_config(state: Mapping[str, Tensor], *, architecture: str, prediction_ty
     ups = _indices(keys, r"up_blocks\.(\d+)\.")
     up_attends = [any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys) for i in ups]
     depth = [max(1, len(_indices(keys, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\."))) for i in downs]
+    middle = len(_indices(keys, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    if attends and not attends[-1] and middle:  # (diffusers' mid block takes the last block's depth: the refiner's 4)
+        depth[-1] = middle
+        if len({d for d, a in zip(depth, attends) if a} | {middle}) == 1:
+            depth = [middle] * len(depth)  # (one depth everywhere: the refiner config's transformer_layers_per_block 4)
     to_k = next((state[k] for k in keys if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((state[k] for k in keys if k.endswith(".proj_in.weight")), None)
     if architecture == "sd1":
@@ -195,10 +210,12 @@ def unet_config(state: Mapping[str, Tensor], *, architecture: str, prediction_ty
     if "add_embedding.linear_1.weight" in state:
         width = int(state["add_embedding.linear_1.weight"].shape[1])
         pooled = pooled_dim if pooled_dim is not None else 1280
-        if (width - pooled) % 6 or width <= pooled:
-            raise WeightFileError(f"the SDXL add-embedding takes {width} inputs, which is not {pooled} pooled + 6 size embeddings")
+        count = 5 if refiner else 6
+        if (width - pooled) % count or width <= pooled:
+            raise WeightFileError(f"the SDXL{' refiner' if refiner else ''} add-embedding takes {width} inputs, which is "
+                                  f"not {pooled} pooled + {count} size embeddings")
         config.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=width,
-                      addition_time_embed_dim=(width - pooled) // 6)
+                      addition_time_embed_dim=(width - pooled) // count)
     if architecture == "sd2":
         config["upcast_attention"] = prediction_type == "v_prediction"
     return config

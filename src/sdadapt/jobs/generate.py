@@ -76,6 +76,8 @@ def run_generate(
     prediction_type: str | None = None,
     clip_skip: int = 1,
     max_token_length: int = 75,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
     vae: str | os.PathLike | None = None,
     device: str = "auto",
     aesthetic: str | os.PathLike | None = None,
@@ -156,6 +158,8 @@ def run_generate(
             chunks encoded one by one, cut at a comma up to 20 tokens back: :mod:`sdadapt.prompt_chunks`); 150 or
             225: up to that many tokens in 75-token windows joined as kohya trains with ``--max_token_length``
             (:mod:`sdadapt.text_chunks`). Stable Diffusion models; not with ``aesthetic``.
+        aesthetic_score, negative_aesthetic_score: the SDXL refiner's aesthetic-score conditioning of the prompt
+            and of the negative (diffusers' options of those names; ``None``: its 6.0 and 2.5); refiner only.
         vae: a VAE file or folder that decodes the images instead of the model's (kohya's ``--vae``;
             LDM or diffusers layout, or a full checkpoint's VAE: :mod:`sdadapt.external_vae`).
         count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
@@ -384,6 +388,13 @@ def run_generate(
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
+    if aesthetic_score is not None or negative_aesthetic_score is not None:  # (the SDXL refiner's time_ids)
+        if not getattr(system, "is_refiner", False):
+            raise ValueError(f"--aesthetic-score / --negative-aesthetic-score: {model} is not the SDXL refiner; only the "
+                             "refiner conditions on an aesthetic score (diffusers' requires_aesthetics_score): leave them out")
+        system.aesthetic_score = system.aesthetic_score if aesthetic_score is None else float(aesthetic_score)
+        system.negative_aesthetic_score = (system.negative_aesthetic_score if negative_aesthetic_score is None
+                                           else float(negative_aesthetic_score))
     _check_step_counts(system, step_grids=step_grids, fixed_grids=fixed_grids)
     applied = []
     for path, scale in parsed:
@@ -468,7 +479,8 @@ def run_generate(
 
     def chunked(piece: str) -> bool:  # (A1111's BREAK; with no kohya --max-token-length, its long prompts too)
         if max_token_length == 75 and aesthetic is None and hasattr(system, "tokenizer"):
-            return needs_chunks(system.tokenizer, piece)
+            first = system.tokenizer if system.tokenizer is not None else system.tokenizer_2  # (the SDXL refiner's one)
+            return needs_chunks(first, piece)
         return has_break(piece)
 
     def kohya_reads_otherwise(piece: str) -> bool:  # ("(cat: 1.2)": a weight in A1111's emphasis, text in kohya's)

@@ -395,6 +395,16 @@ class MergedSource:
             listing = ", ".join(f"{n}: {a}" for n, a in zip(names, archs) if a)
             raise MergeError(f"the inputs are different architectures ({listing}); merge models of one family")
         architecture = archs[0] or next(iter(known), None)
+        if architecture == "sdxl" and (step.block_weights is not None or step.block_beta is not None
+                                       or step.elemental is not None):
+            from ..formats.model_keys import is_sdxl_refiner
+
+            refiners = [n for n, s in zip(names, sources) if is_sdxl_refiner(s.keys())]
+            if refiners:  # (supermerger reads the refiner as an SD1 UNet: its isxl needs conditioner.embedders.1)
+                raise InputError(
+                    f"{refiners[0]}: the SDXL refiner has no block-weight layout here (its UNet has SD1's 12 input and "
+                    "12 output blocks, SDXL's presets name 9; supermerger reads it as SD1); merge it with one alpha "
+                    "(leave out the per-block weights, beta and elemental rules)")
         alpha_fn: Callable[[str], tuple[float, str | None]] | None = None
         if step.block_weights is not None:
             if architecture is None:
