@@ -515,7 +515,8 @@ def test_tag_multipliers_are_a1111s(tag):
 @pytest.mark.parametrize("tag", ["<lora:ink:1:1:8>", "<lora:ink:0.5:dyn=8>"])
 def test_tag_dyn_is_refused_not_ignored(tag):
     """A1111's ``dyn`` (4th positional or ``dyn=``) keeps the first ``dyn`` ranks with the full-rank alpha/dim
-    scale; sdadapt does not read it and says so rather than apply the whole file (docs/prompts.md)."""
+    scale. ``lora_multipliers`` (a triple, no place for it) refuses it rather than drop it; ``generate`` reads it
+    through ``lora_tag_arguments`` (tests/test_dylora_features.py, docs/prompts.md)."""
     from sdadapt.errors import InputError
 
     _, tags = extra_network_tags(tag)

@@ -6,7 +6,8 @@
 * :func:`extra_network_tags` — ``<lora:NAME:MULT>``, ``<lyco:...>``, ``<hypernet:NAME:MULT>``: every
   ``<word:args>`` tag is taken out of the prompt (``modules/extra_networks.py`` ``parse_prompt``, the
   pattern ``<(\\w+):([^>]+)>``), its ``:``-separated arguments split into positional ones and
-  ``key=value`` ones (:class:`ExtraNetworkTag`); :func:`lora_multipliers` and
+  ``key=value`` ones (:class:`ExtraNetworkTag`); :func:`lora_multipliers` (:func:`lora_tag_arguments`
+  with A1111's ``dyn``) and
   :func:`hypernetwork_multiplier` read them as the built-in Lora extension and the hypernetwork
   network do.
 * :func:`composable_prompts` — ``AND`` (composable diffusion): ``a cat AND a dog:0.7`` is the
@@ -53,6 +54,7 @@ __all__ = [
     "extra_network_tags",
     "hypernetwork_multiplier",
     "lora_multipliers",
+    "lora_tag_arguments",
     "prompt_schedule",
     "schedule_index",
     "schedule_steps",
@@ -113,23 +115,55 @@ def _number(tag: ExtraNetworkTag, value: str, what: str) -> float:
         raise InputError(f"prompt tag {tag.text}: the {what} {value!r} is not a number") from None
 
 
+def lora_tag_arguments(tag: ExtraNetworkTag) -> tuple[str, float, float, int | None]:
+    """``(name, te, unet, dyn)`` of a ``<lora:...>`` / ``<lyco:...>`` tag: :func:`lora_multipliers`' three and
+    A1111's ``dyn`` (``<lora:NAME:TE:UNET:DYN>`` or ``dyn=N``, the named one winning; ``None`` when not given),
+    the leading LoRA ranks to keep (:func:`sdadapt.loratools.dylora.a1111_dyn_state`).
+
+    Raises:
+        InputError: as :func:`lora_multipliers`, or a ``dyn`` that is not a positive int (A1111 reads it with
+            ``int()``), or more than four positional arguments.
+    """
+    dyn_text = tag.named.get("dyn", tag.positional[3] if len(tag.positional) > 3 else None)
+    if len(tag.positional) > 4:
+        raise InputError(f"prompt tag {tag.text}: at most <lora:NAME:TE:UNET:DYN>; {tag.positional[4]!r} is one "
+                         "argument too many")
+    dyn = None
+    if dyn_text is not None:
+        try:
+            dyn = int(dyn_text)
+        except ValueError:
+            raise InputError(f"prompt tag {tag.text}: dyn {dyn_text!r} is not an int (the number of leading LoRA "
+                             "ranks to keep, e.g. dyn=8)") from None
+        if dyn < 1:
+            raise InputError(f"prompt tag {tag.text}: dyn {dyn} keeps no rank; give a positive number of leading "
+                             "LoRA ranks, or leave dyn out")
+    name, te, unet = _multipliers(tag)
+    return name, te, unet, dyn
+
+
 def lora_multipliers(tag: ExtraNetworkTag) -> tuple[str, float, float]:
     """``(name, te, unet)`` of a ``<lora:...>`` / ``<lyco:...>`` tag, A1111's Lora extension's rule:
     ``<lora:NAME>`` 1, 1; ``<lora:NAME:M>`` M, M; ``<lora:NAME:TE:UNET>``; ``te=``/``unet=`` override
     the positional ones (``<lora:NAME:0.8:unet=0.3>``), the UNet's defaulting to the text encoder's.
 
     Raises:
-        InputError: no name, a multiplier that is no number, or ``dyn=`` (LoRA dimension cuts: not read here).
+        InputError: no name, a multiplier that is no number, or a ``dyn`` (this triple has no place for it:
+            :func:`lora_tag_arguments` reads it, as ``generate`` does).
     """
+    if "dyn" in tag.named or len(tag.positional) > 3:
+        raise InputError(f"prompt tag {tag.text}: dyn (A1111's dynamic LoRA dimension) is not read by "
+                         "lora_multipliers; read the tag with lora_tag_arguments (as generate does)")
+    return _multipliers(tag)
+
+
+def _multipliers(tag: ExtraNetworkTag) -> tuple[str, float, float]:
     if not tag.positional or not tag.positional[0]:
         raise InputError(f"prompt tag {tag.text}: no LoRA name; write <lora:NAME:0.8>")
     te = _number(tag, tag.positional[1], "multiplier") if len(tag.positional) > 1 else 1.0
     te = _number(tag, tag.named["te"], "te multiplier") if "te" in tag.named else te
     unet = _number(tag, tag.positional[2], "UNet multiplier") if len(tag.positional) > 2 else te
     unet = _number(tag, tag.named["unet"], "UNet multiplier") if "unet" in tag.named else unet
-    if "dyn" in tag.named or len(tag.positional) > 3:
-        raise InputError(f"prompt tag {tag.text}: dyn (A1111's dynamic LoRA dimension) is not read here; "
-                         "cut the file with `sdadapt resize-lora` instead and leave it out")
     return tag.positional[0], te, unet
 
 

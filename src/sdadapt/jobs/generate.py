@@ -413,7 +413,7 @@ def run_generate(
         for item in items:
             report, unet_groups = _apply_lora_parts(system, item.file, item.te, unet_scale=item.unet, option=item.tag,
                                                     block_weights=item.block_weights, handles=handles,
-                                                    files=tag_files, hold_unet=item.steps is not None)
+                                                    files=tag_files, hold_unet=item.steps is not None, dyn=item.dyn)
             reports.append(report)
             if item.steps is not None:
                 step_parts.append((item.steps, unet_groups))
@@ -421,6 +421,7 @@ def run_generate(
             if not quiet:
                 blocks = ("" if item.block_weights is None else
                           ", blocks " + ",".join(f"{w:g}" for w in item.block_weights))
+                blocks += f", dyn {item.dyn}" if item.dyn is not None else ""
                 say(f"applied {item.file} ({item.tag}) at text encoder {item.te:g}, UNet {item.unet:g}{blocks} "
                     f"({reports[-1]['layers']} layers)")
         return reports
@@ -833,8 +834,8 @@ def _without_emphasis(text: str, say: Callable[[str], None]) -> str:
 
 
 def _networks(tag_loras) -> list[tuple]:
-    """What a list of tag LoRAs merges (the tag texts aside): ``(file, te, unet, block weights)`` in order."""
-    return [(item.file, item.te, item.unet, item.block_weights) for item in tag_loras]
+    """What a list of tag LoRAs merges (the tag texts aside): ``(file, te, unet, block weights, dyn)`` in order."""
+    return [(item.file, item.te, item.unet, item.block_weights, item.dyn) for item in tag_loras]
 
 
 def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | None = None,
@@ -849,7 +850,7 @@ def _apply_lora_file(system, path: Path, scale: float, *, unet_scale: float | No
 def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | None = None,
                       option: str = "--lora", block_weights: tuple[float, ...] | None = None,
                       handles: list | None = None, files: dict | None = None,
-                      hold_unet: bool = False) -> tuple[dict, list]:
+                      hold_unet: bool = False, dyn: int | None = None) -> tuple[dict, list]:
     """Merge a LoRA-family file into the system's weights (``apply_lora`` per component): the text
     encoders at ``scale``, the UNet at ``unet_scale`` (default ``scale``; A1111's ``<lora:NAME:TE:UNET>``).
     ``option`` names the request in errors (``--lora`` or the prompt tag). ``block_weights``: the LoRA Block
@@ -857,7 +858,8 @@ def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | N
     (:func:`sdadapt.jobs.generate_lbw.lbw_groups`). ``handles``: gets each ``apply_lora`` undo handle. ``files``: the
     files read so far (path -> what ``load_lora`` returned), read and filled here: a file merged again (the hires
     pass's switch, once per image) is read once per run. ``hold_unet``: the UNet part is not merged but its groups
-    returned (a tag's step range: :mod:`sdadapt.jobs.generate_lbw_steps`).
+    returned (a tag's step range: :mod:`sdadapt.jobs.generate_lbw_steps`). ``dyn``: A1111's ``dyn=N``, each LoRA
+    layer's first N ranks at the file's scale (:func:`sdadapt.loratools.dylora.a1111_dyn_state`).
 
     Returns:
         ``(report, unet_groups)``: the report ``{"file", "scale", "layers", ...}`` (``layers``: the merged and the
@@ -889,6 +891,10 @@ def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | N
             raise ValueError(f"{option} {path}: it adapts a {component}, which this model does not have "
                              f"(a LoRA for {metadata.get('ss_base_model_version', 'another model')}?)")
         multiplier = unet_scale if component == "unet" and unet_scale is not None else scale
+        if dyn is not None:
+            from ..loratools.dylora import a1111_dyn_state
+
+            state = a1111_dyn_state(state, dyn)
         groups = lbw_groups(state, component, multiplier, block_weights, sdxl=bool(getattr(system, "is_sdxl", False)),
                             tag=option)
         try:
@@ -914,6 +920,8 @@ def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | N
     report = {"file": str(path), "scale": scale, "layers": layers}
     if block_weights is not None:
         report["block_weights"] = list(block_weights)
+    if dyn is not None:
+        report["dyn"] = dyn
     return (report if unet_scale is None else {**report, "unet_scale": unet_scale, "tag": option}), unet_groups
 
 

@@ -34,7 +34,8 @@ class TagLoRA:
     """One ``<lora:...>`` / ``<lyco:...>`` tag: its ``tag`` text, the ``file`` it names, the text-encoder and UNet
     multipliers (``te``, ``unet``) and the LoRA Block Weight extension's 26 slot weights (``block_weights``:
     BASE, IN00..IN11, M00, OUT00..OUT11; ``None``: no ``lbw=``) and step range (``steps``: ``start=`` / ``stop=`` /
-    ``step=A-B``, :mod:`sdadapt.jobs.generate_lbw_steps`; ``None``: none)."""
+    ``step=A-B``, :mod:`sdadapt.jobs.generate_lbw_steps`; ``None``: none) and A1111's ``dyn`` (the leading LoRA
+    ranks kept, :func:`sdadapt.loratools.dylora.a1111_dyn_state`; ``None``: all)."""
 
     tag: str
     file: Path
@@ -42,6 +43,7 @@ class TagLoRA:
     unet: float
     block_weights: tuple[float, ...] | None = None
     steps: StepRange | None = None
+    dyn: int | None = None
 
 
 def read_lbw_presets(path: str | os.PathLike) -> dict[str, str]:
@@ -211,7 +213,7 @@ def prompt_tag_files(prompt: str, *, lora_dir: str | os.PathLike | None = None,
     from ..prompt_schedule import (
         extra_network_tags,
         hypernetwork_multiplier,
-        lora_multipliers,
+        lora_tag_arguments,
     )
     from .generate_lbw_steps import tag_step_range
 
@@ -221,11 +223,11 @@ def prompt_tag_files(prompt: str, *, lora_dir: str | os.PathLike | None = None,
     hypernetworks: list[tuple[Path, float]] = []
     for tag in tags:
         if tag.kind in ("lora", "lyco"):
-            name, te, unet = lora_multipliers(tag)
+            name, te, unet, dyn = lora_tag_arguments(tag)
             block_weights = tag_block_weights(tag, presets=lbw_presets)
             path = find_network_file(name, lora_dir, suffixes=LORA_SUFFIXES, option="--lora-dir", tag=tag.text,
                                      aliases=True)
-            loras.append(TagLoRA(tag.text, path, te, unet, block_weights, tag_step_range(tag)))
+            loras.append(TagLoRA(tag.text, path, te, unet, block_weights, tag_step_range(tag), dyn))
         elif tag.kind == "hypernet":
             name, multiplier = hypernetwork_multiplier(tag)
             path = find_network_file(name, hypernetwork_dir, suffixes=HYPERNETWORK_SUFFIXES,

@@ -948,7 +948,7 @@ _MAX_NORM_METHODS = ("lora", "locon", "loha", "lokr", "diag-oft", "boft")
 #: the methods kohya's --fp8_base serves (train_network.py): adapters over a frozen base (LyCORIS' OFT and GLoRA
 #: read the base weight: OFT's rotation upcasts it to float32 (its Cayley inverse too), GLoRA's W·a1·a2 runs under
 #: the run's autocast as the base layer does)
-_FP8_BASE_METHODS = ("lora", "locon", "loha", "lokr", "dora", "ia3", "diag-oft", "boft", "glora")
+_FP8_BASE_METHODS = ("lora", "locon", "loha", "lokr", "dora", "ia3", "diag-oft", "boft", "glora", "dylora")
 _HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
@@ -1571,6 +1571,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     _check_text_cache_method(method, spec, options)
     _check_fp8_base_method(method, options)
     _check_full_half_method(method, options)
+    if method == "dylora" and options.torch_compile:  # (a compiled fit of it trains as the eager one, slower)
+        raise ValueError("--torch-compile with dylora: each DyLoRA layer draws its trainable slice on the host every "
+                         "step, which breaks the compiled graph at every layer and recompiles it for every slice (no "
+                         "speed-up, torch's recompile limit is hit); leave --torch-compile out")
     _check_dtype(spec, options.dtype)
     outputs = _outputs(spec, options)
     samples = parse_sample_prompts(options.sample_prompts) if options.sample_prompts is not None else []

@@ -7,6 +7,9 @@ tensor (``alpha`` included) unchanged — kohya's ``split_lora_model``, which le
 it is (its comment: scaling it made results worse), so the cut file's scale is ``alpha / r``.
 Metadata: ``ss_network_dim = r`` and ``ss_training_comment = "split from DyLoRA, rank R to r; <old
 comment>"`` as kohya writes them; the rest is kept.
+
+:func:`a1111_dyn_state` is A1111's ``<lora:NAME:M:dyn=r>`` instead: the same leading rows, but the
+scale stays the full file's ``alpha / R`` (A1111's ``NetworkModuleLora.dim`` is the file's rank).
 """
 
 from __future__ import annotations
@@ -20,12 +23,45 @@ from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["dylora_cut", "dylora_cut_state", "dylora_max_rank"]
+__all__ = ["a1111_dyn_state", "dylora_cut", "dylora_cut_state", "dylora_max_rank"]
 
 
 def dylora_max_rank(state: Mapping[str, Tensor]) -> int:
     """The largest ``lora_down`` rank in ``state`` (kohya's ``max_rank``); 0 when there is none."""
     return max((int(v.shape[0]) for k, v in state.items() if "lora_down" in k), default=0)
+
+
+def a1111_dyn_state(state: Mapping[str, Tensor], dyn: int) -> dict[str, Tensor]:
+    """A1111's ``dyn`` (``<lora:NAME:M:dyn=N>``) on one component's canonical LoRA state.
+
+    Each layer with ``lora_down.weight`` (R, in, *k) and ``lora_up.weight`` (out, R, *1) and no
+    ``lora_mid.weight`` keeps ``down[:N]`` and ``up[:, :N]`` with its scale unchanged: ``alpha`` becomes
+    ``alpha · N / R`` so ``alpha' / N == alpha / R`` (a layer without ``alpha`` keeps scale 1, as
+    A1111's). A1111 (``extensions-builtin/Lora``: ``lyco_helpers.rebuild_conventional`` slices
+    ``up[:, :dyn_dim]`` / ``down[:dyn_dim]``, ``network.calc_scale`` divides by the file's rank) leaves
+    every other layer whole: Tucker (``lora_mid``), LoHa, LoKr, (IA)³, full, norm, OFT. ``N >= R``: the
+    layer as it is. A DoRA layer's ``dora_scale`` is kept (A1111 normalises the cut ΔW).
+
+    Raises:
+        InputError: ``dyn`` not a positive int.
+    """
+    from ..formats.layers import group_by_layer
+
+    if not isinstance(dyn, int) or isinstance(dyn, bool) or dyn < 1:
+        raise InputError(f"dyn={dyn!r}: give the number of leading LoRA ranks to keep, a positive int")
+    out: dict[str, Tensor] = {}
+    for layer, tensors in group_by_layer(state).items():
+        down, up = tensors.get("lora_down.weight"), tensors.get("lora_up.weight")
+        if down is not None and up is not None and "lora_mid.weight" not in tensors and dyn < down.shape[0]:
+            rank = int(down.shape[0])
+            tensors = dict(tensors)
+            tensors["lora_down.weight"] = down[:dyn].contiguous()
+            tensors["lora_up.weight"] = up[:, :dyn].contiguous()
+            if "alpha" in tensors:
+                # (float64: an fp16 file's alpha · N / R would round; A1111 divides the file's alpha by R)
+                tensors["alpha"] = tensors["alpha"].double() * dyn / rank
+        out.update({f"{layer}.{key}": value for key, value in tensors.items()})
+    return out
 
 
 def dylora_cut_state(state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:

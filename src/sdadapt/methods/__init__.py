@@ -265,7 +265,7 @@ register_method(Method("dora", "DoRA (LoRA r8 + magnitude) on the UNet transform
 #: DyLoRA's options (kohya's networks.dylora create_network: network_dim/alpha, conv_dim = network_dim, unit, LoRA+)
 DYLORA_OPTIONS = tuple(o for o in LORA_OPTIONS if o.name in (
     "rank", "alpha", "conv_rank", "conv_alpha", "text_encoder", "unet", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-    "loraplus_text_encoder_lr_ratio")) + (
+    "loraplus_text_encoder_lr_ratio", "network_weights")) + (
     MethodOption("unit", int, "DyLoRA: rows trained per step; the file can be cut to any multiple of it (kohya "
                  "network_args unit; default 1; --network-dim must be a multiple)", ("--dylora-unit",), "N"),
 )

@@ -9,19 +9,24 @@ plain kohya LoRA file of rank R with ``ss_network_module = "networks.dylora"`` a
 What kohya's ``create_network`` takes, and what sdadapt refuses instead of ignoring: ``conv_dim``
 must equal ``network_dim`` (kohya asserts it); ``conv_alpha`` is read and not used by kohya (the
 convolutions get ``network_alpha``), so one that differs from the network alpha is refused; the
-LoRA+ ratios are kohya's (``lora_B`` / ``lora_up`` columns); dropout, block-wise args and
-``--network-weights`` are not in kohya's DyLoRA and are not options here.
+LoRA+ ratios are kohya's (``lora_B`` / ``lora_up`` columns); dropout and block-wise args are not
+in kohya's DyLoRA and are not options here. ``--network-weights FILE`` starts the rows from a
+DyLoRA or plain LoRA file of the same rank and alpha (kohya's ``network.load_weights``, its
+``_load_from_state_dict`` splitting ``lora_down`` / ``lora_up`` into the rows); a DyLoRA file
+trained with another ``unit`` is refused, and kohya's ``--dim_from_weights`` (which its DyLoRA
+builds without the unit) is not an option.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..adapters.dylora import DyLoRAModule
 from ..errors import InputError
-from .lora import AdapterAdaptation, prepare_lora
+from .lora import AdapterAdaptation, adaptation_from_weights, prepare_lora
 from .loraplus import loraplus_ratios
 
 __all__ = ["DyLoRAAdaptation", "prepare_dylora"]
@@ -48,16 +53,42 @@ def _to_dylora(adaptation: AdapterAdaptation, unit: int) -> DyLoRAAdaptation:
     return new_adaptation
 
 
+def _file_unit(path: str | os.PathLike) -> int | None:
+    """The ``unit`` a DyLoRA file was trained with (its ``ss_network_args``), ``None`` for any other file."""
+    file = Path(path)
+    if file.suffix != ".safetensors" or not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # (not readable as safetensors: read_network_weights says why)
+        return None
+    if metadata.get("ss_network_module") != "networks.dylora":
+        return None
+    try:
+        return int(json.loads(metadata.get("ss_network_args") or "{}").get("unit", 1))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def prepare_dylora(system, *, rank: int = 8, alpha: float | None = None, unit: int = 1, conv_rank: int | None = None,
                    conv_alpha: float | None = None, text_encoder: bool = True, unet: bool = True,
                    loraplus_lr_ratio: float | None = None, loraplus_unet_lr_ratio: float | None = None,
-                   loraplus_text_encoder_lr_ratio: float | None = None) -> DyLoRAAdaptation:
+                   loraplus_text_encoder_lr_ratio: float | None = None,
+                   network_weights: str | os.PathLike | None = None) -> DyLoRAAdaptation:
     """kohya's DyLoRA network on ``system``: LoRA's layers (``conv_rank``: + the 3x3 convolutions),
     each a :class:`~sdadapt.adapters.dylora.DyLoRAModule` of rank ``rank`` training ``unit`` rows per step.
 
+    ``network_weights``: start every module the file holds from its ``lora_down`` rows and ``lora_up``
+    columns (kohya's ``--network_weights``; a DyLoRA or plain LoRA file of rank ``rank`` and the network
+    alpha). Loading draws nothing from the RNG, so the slices a run draws are those of a run without it.
+
     Raises:
-        InputError: ``rank`` not a multiple of ``unit``, ``conv_rank`` other than ``rank``, or a
-            ``conv_alpha`` other than the network alpha (kohya's DyLoRA gives convolutions the network alpha).
+        InputError: ``rank`` not a multiple of ``unit``, ``conv_rank`` other than ``rank``, a
+            ``conv_alpha`` other than the network alpha (kohya's DyLoRA gives convolutions the network alpha),
+            a ``network_weights`` DyLoRA file of another unit, or a module of another rank or alpha.
     """
     if not isinstance(unit, int) or unit < 1:
         raise InputError(f"DyLoRA unit must be a positive int, got {unit!r}")
@@ -74,6 +105,21 @@ def prepare_dylora(system, *, rank: int = 8, alpha: float | None = None, unit: i
         raise InputError(f"DyLoRA: conv_alpha {conv_alpha:g} differs from the network alpha {effective_alpha:g}; kohya's "
                          "networks/dylora.py reads conv_alpha but gives the convolutions network_alpha: leave "
                          "conv_alpha out (or equal to network_alpha)")
+    if network_weights is not None:
+        file_unit = _file_unit(network_weights)
+        if file_unit is not None and file_unit != unit:
+            raise InputError(f"--network-weights {network_weights}: a DyLoRA file trained with unit {file_unit}, the run "
+                             f"trains unit {unit}; pass --dylora-unit {file_unit} (network_args unit={file_unit}) so "
+                             "its rows keep the ranks it was cut at")
+
+        def build() -> DyLoRAAdaptation:
+            return prepare_dylora(system, rank=rank, alpha=alpha, unit=unit, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                                  text_encoder=text_encoder, unet=unet, loraplus_lr_ratio=loraplus_lr_ratio,
+                                  loraplus_unet_lr_ratio=loraplus_unet_lr_ratio,
+                                  loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio)
+
+        return adaptation_from_weights(system, build, text_encoder=text_encoder, network={},  # type: ignore[return-value]
+                                       network_weights=network_weights)
     lora = prepare_lora(system, rank=rank, alpha=effective_alpha, conv_rank=conv_rank,
                         conv_alpha=effective_alpha if conv_rank is not None else None, text_encoder=text_encoder,
                         unet=unet)

@@ -192,6 +192,9 @@ def _compare(layer: str, component: str, adapter, tensors: Mapping[str, Tensor],
     if any(shapes[k] != tuple(own[k].shape) for k in own):
         rank, kxk = file_rank(shapes, name=layer)
         option = "--conv-dim" if kxk else "--network-dim"
+        if rank is not None and rank != adapter.rank and getattr(adapter, "family", None) == "dylora":
+            raise InputError(f"{where} has rank {rank}, {option} gives rank {adapter.rank}; pass --network-dim {rank} "
+                             "(DyLoRA has no --dim-from-weights: one rank for every module, as kohya's networks.dylora)")
         if rank is not None and rank != adapter.rank:
             raise InputError(f"{where} has rank {rank}, {option} gives rank {adapter.rank}; pass {option} {rank} "
                              f"or --dim-from-weights (with {'conv_block_dims' if kxk else 'block_dims'} in --network-args: "
@@ -275,8 +278,12 @@ def load_network_weights(handles: Mapping[str, AdapterHandle], weights: NetworkW
             report.missing += [f"{component}/{live}" for live in handle.modules]
     with torch.no_grad():  # only once every module is checked: a refused file leaves the adapters as they were
         for adapter, own, tensors in loads:
-            for key, value in tensors.items():
-                own[key].copy_(value)
+            load_file_tensors = getattr(adapter, "load_file_tensors", None)
+            if load_file_tensors is not None:  # DyLoRA: file_tensors() are concatenations of its row parameters
+                load_file_tensors(tensors)
+            else:
+                for key, value in tensors.items():
+                    own[key].copy_(value)
             adapter.refresh_scale()  # type: ignore[attr-defined]
     report.loaded = len(loads)
     return report
