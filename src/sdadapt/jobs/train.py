@@ -2085,6 +2085,9 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
 
     if 0 in sample_points and main:  # --sample-at-first
         write_samples(0)
+    # kohya's set_seed(args.seed): torch's global RNG, which adapter dropout and DyLoRA's slices draw from (the
+    # noise, timesteps and data order have their own generators); a --resume restores the saved RNG state
+    torch.manual_seed(options.seed)
     try:
         losses = fit(system, adaptation, dataset, config=config, prior=prior_data, callback=progress, on_step=on_step,
                      resume=options.resume, validation=validation_data)
