@@ -284,8 +284,8 @@ def test_a_kohya_toml_with_max_train_epochs_trains_kohyas_steps_on_kohyas_schedu
     (the epochs), 1693-1697 (an epoch save after each epoch but the last), with the schedule sized
     for those steps (a warm-up share of them): 3 images at one size, batch 2 — 2 batches an epoch —,
     3 epochs: 6 steps, epoch saves after steps 2 and 4, the logged LRs transformers' linear with
-    ``int(0.25 · 6)`` = 1 warm-up step. (With an accumulation that does not divide the batches
-    sdadapt's count differs: train.md, ``--gradient_accumulation_steps``.)"""
+    ``int(0.25 · 6)`` = 1 warm-up step. (An accumulation that does not divide the batches ends each epoch
+    with a short step, as kohya: tests/test_epoch_end_accumulation_reference.py.)"""
     import csv
 
     from sdadapt.cli import main

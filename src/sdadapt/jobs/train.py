@@ -1784,11 +1784,14 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                              f"its words: {', '.join(_toy_vocabulary(system))}")
     per_epoch = dataset.batches_per_epoch(options.batch_size * world)  # (data parallel: the global batch, batch × world)
     accumulation = options.gradient_accumulation_steps
+    # kohya's (accelerate's) epochs: ceil(B / A) optimiser steps each, the last a short one when A does not divide
+    # B (sdadapt.methods.fit.micro_batches_of_step)
+    steps_per_epoch = math.ceil(per_epoch / accumulation)
     if options.epochs is not None:
-        total = max(1, math.ceil(options.epochs * per_epoch / accumulation))
+        total = max(1, options.epochs * steps_per_epoch)
     else:
         total = options.steps or spec.steps
-    epochs = math.ceil(total * accumulation / per_epoch)
+    epochs = math.ceil(total / steps_per_epoch)
     if options.token_warmup_step:  # kohya's token_warmup_step below 1 is a share of the run's steps: known now
         dataset.captions = _caption_options(options, templates=templates, total_steps=total, keep_empty_tags=keep_empty_tags,
                                             kohya_assembly=kohya_assembly, kohya_order=kohya_order)
@@ -1804,7 +1807,6 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         raise ValueError(f"{options.resume}: the saved state is at step {start} of {total}; raise --steps to train further")
     dataset.notes.extend(initial_step_notes(options, initial_step, skip_until, total=total))
     # every periodic file is known now: check them all before the first step
-    steps_per_epoch = per_epoch / accumulation
     every_epochs = options.save_every_n_epochs
     if options.save_n_epoch_ratio:  # kohya's: floor(epochs / ratio) or 1, in place of --save-every-n-epochs
         every_epochs = max(1, epochs // options.save_n_epoch_ratio)

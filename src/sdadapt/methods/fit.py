@@ -74,7 +74,8 @@ from .optimizers import (
 from .system import System, system_models, text_encoders
 
 __all__ = ["Adaptation", "FitConfig", "FitProgress", "INDUCTOR_CPU_OPTIONS", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES",
-           "compiled_model", "cuda_graph_clashes", "fit", "make_optimizer", "zero_terminal_snr_clashes"]
+           "compiled_model", "cuda_graph_clashes", "fit", "make_optimizer", "micro_batches_of_step", "step_of_micro_batch",
+           "zero_terminal_snr_clashes"]
 
 #: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``; the last four:
 #: :mod:`sdadapt.training.lr_schedules`)
@@ -940,11 +941,21 @@ def fit(
         if state.step >= config.steps:
             raise ValueError(f"{resume}: the saved state is at step {state.step}, which is not before the last step "
                              f"({config.steps}); raise --steps to train further")
+    # a dataset's epochs of per_epoch batches (each ends with a short step when accumulation does not divide it:
+    # micro_batches_of_step); image tensors have no epochs (0)
+    per_epoch = 0 if dataset is None else len(epoch_batches_of(dataset, config))
+
+    def micro_batches(step: int) -> range:  # the micro-batches optimiser step ``step`` (0-based) accumulates
+        return micro_batches_of_step(step, accumulation=accumulation, per_epoch=per_epoch)
+
+    if resume is not None:
+        _check_resumed_position(resume, state, micro_batches(state.step).start, accumulation=accumulation,
+                                per_epoch=per_epoch)
     elif config.initial_step:  # kohya's initial_step: the counters start there (the noise generator does not)
-        state.step, state.micro_step = config.initial_step, config.initial_step * accumulation
+        state.step, state.micro_step = config.initial_step, micro_batches(config.initial_step).start
     # kohya's initial_step: the data position of a micro-batch (skipped to it, or from the first batch) and the
     # LR schedule's step (from its beginning)
-    data_offset = 0 if config.skip_until_initial_step else config.initial_step * accumulation
+    data_offset = 0 if config.skip_until_initial_step else micro_batches(config.initial_step).start
     schedule_offset = config.initial_step
 
     extra_loss = getattr(adaptation, "extra_loss", None)
@@ -972,7 +983,6 @@ def fit(
     # ------------------------------------------------------------------ batches
     if dataset is None:
         g = torch.Generator().manual_seed(config.seed + 1)
-        per_epoch = 0
 
         # the prior's per-sample loss weights are the same every step: made once, on the device
         prior_weights = None if prior is None else torch.cat([
@@ -1001,14 +1011,13 @@ def fit(
             pidx = torch.randint(len(prior[1]), (config.batch_size,), generator=g) if prior is not None else None
             return batch_of(idx, pidx), None
 
-        for _ in range(state.step * accumulation - data_offset):  # a resumed run continues the same draws
+        for _ in range(micro_batches(state.step).start - data_offset):  # a resumed run continues the same draws
             draw(0)
 
         def first_batch() -> dict[str, Any]:  # draw()'s layout (with the prior rows) without advancing its generator
             rows = torch.arange(config.batch_size)
             return batch_of(rows % len(captions), None if prior is None else rows % len(prior[1]))  # type: ignore[arg-type]
     else:
-        per_epoch = len(epoch_batches_of(dataset, config))
         epoch_cache: dict[int, list] = {}
         prior_sizes = None
         if prior is not None and reg is None and getattr(system, "size_conditioning", False):
@@ -1039,7 +1048,8 @@ def fit(
             # the training epoch (class images too, as kohya's one dataset) and optimiser step: kohya's
             # caption_dropout_every_n_epochs and token_warmup_step
             texts = [(data.captions if r.captions is None else r.captions).apply(  # (a record's own: a dataset TOML subset's)
-                r.caption, rng, epoch=at // per_epoch, step=at // accumulation) for r in records]
+                r.caption, rng, epoch=at // per_epoch, step=step_of_micro_batch(at, accumulation=accumulation,
+                                                                  per_epoch=per_epoch)) for r in records]
             # kohya's flip_aug: a seeded coin per image (its own stream; a resumed run draws the same)
             flips = flip_draws(seed, micro, len(positions)) if data.flip else [False] * len(positions)
             crops = [r.crop for r in records]
@@ -1095,7 +1105,7 @@ def fit(
             return batch, prior_batch
 
         def first_batch() -> dict[str, Any]:
-            return draw(state.step * accumulation - data_offset)[0]  # a dataset's draws depend only on the position
+            return draw(micro_batches(state.step).start - data_offset)[0]  # a dataset's draws depend only on the position
 
     validate: Callable[[int], float] | None = None  # the validation pass after a step (FitConfig.validate_every_n_*)
     if validation is not None:
@@ -1118,7 +1128,7 @@ def fit(
             def validation_batches(step: int) -> Iterator[dict[str, Any]]:  # one epoch of the held-out data, always the same
                 # the captions (their draws the same each pass) under the caption schedule of the step just
                 # trained, as kohya's validation dataset: its token warm-up and caption_dropout_every_n_epochs
-                last_micro = (step + 1) * accumulation - 1
+                last_micro = micro_batches(step).stop - 1
                 for index in range(val_count):
                     yield dataset_batch(validation, val_cache, index, batches=val_count, seed=val_seed,
                                         schedule_at=last_micro)
@@ -1249,7 +1259,12 @@ def fit(
                 if cycled_momentum is not None:
                     _set_momentum(group, cycled_momentum(position), config.optimizer)
             micro_losses: list[Tensor] = []
-            for micro in range(step * accumulation, (step + 1) * accumulation):
+            micros = micro_batches(step)
+            # train_step / CapturedStep step the optimiser when their count reaches a multiple of accumulation: a
+            # short step (an epoch's last, fewer batches) starts its count that many batches later, so it steps
+            # after its last batch (each batch's loss still divided by accumulation, as accelerate's backward)
+            state.micro_step = (step + 1) * accumulation - len(micros)
+            for micro in micros:
                 batch, prior_batch = draw(micro - data_offset)
                 class_batch = None if prior_batch is None else (prior_batch, float(prior[-1]))  # type: ignore[index]
                 if captured is not None:
@@ -1259,6 +1274,7 @@ def fit(
                                          alphas_cumprod=alphas_cumprod, extra_loss=extra_loss, prior=class_batch,
                                          after_update=after_update, **parallel_step)
                 micro_losses.append(metrics["loss"])
+            state.micro_step = micros.stop  # (the batches seen: what a saved state records)
             stats = {k: metrics[k] for k in _MAX_NORM_STATS} if after_update is not None else {}
             if isinstance(state.skipped_steps, Tensor):  # (an fp16 scaler ran: its count comes with the read)
                 stats = {**stats, "skipped_steps": state.skipped_steps}
@@ -1275,11 +1291,10 @@ def fit(
             if callback is not None:
                 callback(step + 1, config.steps, loss)
             if on_step is not None:
-                micro_done = (step + 1) * accumulation
-                epoch = (micro_done - 1) // per_epoch + 1 if per_epoch else 1
+                epoch = (micros.stop - 1) // per_epoch + 1 if per_epoch else 1
                 on_step(FitProgress(step + 1, config.steps, loss, config.lr_at(position, config.learning_rate), epoch,
-                                    bool(per_epoch) and micro_done % per_epoch < accumulation,
-                                    micro_done // per_epoch if per_epoch else 0, save_state, averaged,
+                                    bool(per_epoch) and micros.stop % per_epoch == 0,
+                                    micros.stop // per_epoch if per_epoch else 0, save_state, averaged,
                                     step_config.sdpa_backends,
                                     {**read, "keys_scaled": int(read["keys_scaled"])} if read else None,
                                     use_weights, validation_value, validated, ema.updates if ema is not None else 0))
@@ -1520,17 +1535,68 @@ def _check_validation_data(validation: Any, dataset: Any) -> None:
         raise ValueError("validation= with image tensors must be (images (M, 3, H, W), M captions) with M >= 1")
 
 
+def micro_batches_of_step(step: int, *, accumulation: int, per_epoch: int) -> range:
+    """The micro-batches optimiser step ``step`` (0-based) accumulates: positions in the run's stream of
+    batches, epoch ``e`` (0-based) being batches ``[e·B, (e+1)·B)`` of ``per_epoch`` = B.
+
+    As accelerate's ``accumulate()`` (kohya's and diffusers' training loops), which syncs the gradients
+    every ``accumulation`` = A batches and at the end of the data loader, and restarts its count there:
+    an epoch is S = ⌈B/A⌉ optimiser steps, step ``k`` is step ``j = k mod S`` of epoch ``k // S`` and
+    takes batches ``[e·B + j·A, e·B + min((j+1)·A, B))`` — the epoch's last step a short one of
+    ``B mod A`` batches when A does not divide B (each batch's loss still divided by A, as accelerate's
+    ``backward``). ``per_epoch = 0`` (no epochs: image tensors drawn at random): A batches every step,
+    ``[k·A, (k+1)·A)``.
+
+    Raises:
+        ValueError: ``accumulation < 1``, ``per_epoch < 0`` or ``step < 0``.
+    """
+    if accumulation < 1 or per_epoch < 0 or step < 0:
+        raise ValueError(f"micro_batches_of_step needs step >= 0, accumulation >= 1 and per_epoch >= 0, got step={step}, "
+                         f"accumulation={accumulation}, per_epoch={per_epoch}")
+    if not per_epoch:
+        return range(step * accumulation, (step + 1) * accumulation)
+    epoch, j = divmod(step, -(-per_epoch // accumulation))
+    start = epoch * per_epoch + j * accumulation
+    return range(start, min(start + accumulation, (epoch + 1) * per_epoch))
+
+
+def step_of_micro_batch(micro: int, *, accumulation: int, per_epoch: int) -> int:
+    """The optimiser step (0-based) whose micro-batches (:func:`micro_batches_of_step`) hold batch ``micro``."""
+    if not per_epoch:
+        return micro // accumulation
+    epoch, position = divmod(micro, per_epoch)
+    return epoch * -(-per_epoch // accumulation) + position // accumulation
+
+
+def _check_resumed_position(resume: str | os.PathLike, state: TrainState, expected: int, *, accumulation: int,
+                            per_epoch: int) -> None:
+    """A resumed state's batch count (``micro_step``) must be where this version's step ``state.step``
+    starts: a state saved by an sdadapt before the epochs' short steps (one step's batches ran on across an
+    epoch's end) is at another data position once an epoch has ended with accumulation not dividing it.
+
+    Raises:
+        ValueError: naming both positions and the fix.
+    """
+    if state.micro_step == expected:
+        return
+    raise ValueError(
+        f"{resume}: the saved state is at step {state.step} after {state.micro_step} batches, but this sdadapt's step "
+        f"{state.step} starts at batch {expected} ({per_epoch} batches an epoch, --gradient-accumulation-steps "
+        f"{accumulation}: each epoch ends with a short step, as kohya's and accelerate's). The state was saved by an "
+        "older sdadapt, whose steps ran on across an epoch's end; finish that run with the version that saved it, or "
+        "start again (or resume from a state saved before the first epoch ended)")
+
+
 def _validation_due(config: FitConfig, step: int, accumulation: int, per_epoch: int) -> tuple[str, ...]:
     """Which of kohya's validation triggers fire after optimiser step ``step`` (1-based): ``"step"``
     every ``validate_every_n_steps`` steps; ``"epoch"`` when the step ends an epoch (or the run: the
     last step ends the last epoch; image tensors are one epoch) whose number is a multiple of
     ``validate_every_n_epochs`` (``None``: every epoch)."""
-    micro_done = step * accumulation
+    micro_done = micro_batches_of_step(step - 1, accumulation=accumulation, per_epoch=per_epoch).stop
     last = step == config.steps
-    if per_epoch:  # the epoch this step finished (its micro-batches crossed the end), else the one it is in
-        crossed = micro_done % per_epoch < accumulation
-        epoch = micro_done // per_epoch if crossed else (micro_done - 1) // per_epoch + 1
-        ends = crossed or last
+    if per_epoch:  # the epoch this step is in (each epoch's last step ends it: micro_batches_of_step)
+        epoch = (micro_done - 1) // per_epoch + 1
+        ends = micro_done % per_epoch == 0 or last
     else:
         epoch, ends = 1, last
     every = config.validate_every_n_epochs
