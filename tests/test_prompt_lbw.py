@@ -419,6 +419,17 @@ def test_hires_prompt_with_the_same_tags_changes_nothing(pipe, tmp_path):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
+_SAME_EACH_CASE: dict = {}  # (what, checkpoint, ...) -> a reference image the parametrized cases share, made once
+
+
+def _both_passes_with_the_lora(pipe):
+    """:func:`_reference` with the LoRA in both passes, seed 1: the image both cases below differ from (made once)."""
+    key = ("both", str(pipe[0]))
+    if key not in _SAME_EACH_CASE:
+        _SAME_EACH_CASE[key] = _reference(pipe, "a cat", "a cat", first_lora=True, hires_lora=True)
+    return _SAME_EACH_CASE[key]
+
+
 @pytest.mark.parametrize(("prompt", "hires_prompt"), [("a cat <lora:ink:0.7>", "a cat"),
                                                       ("a cat", "a cat <lora:ink:0.7>")])
 def test_hires_prompt_tags_are_the_hires_pass_networks(pipe, tmp_path, prompt, hires_prompt):
@@ -430,8 +441,7 @@ def test_hires_prompt_tags_are_the_hires_pass_networks(pipe, tmp_path, prompt, h
                            seed=seed)
         write_png(tmp_path / f"ref{index}.png", image)
         assert (tmp_path / f"cli-{index:02d}.png").read_bytes() == (tmp_path / f"ref{index}.png").read_bytes(), index
-    plain = _reference(pipe, "a cat", "a cat", first_lora=True, hires_lora=True)
-    write_png(tmp_path / "both.png", plain)
+    write_png(tmp_path / "both.png", _both_passes_with_the_lora(pipe))
     assert (tmp_path / "both.png").read_bytes() != (tmp_path / "ref0.png").read_bytes()
 
 
@@ -781,7 +791,10 @@ def test_a_step_range_is_the_lora_switched_by_hand(pipe, tmp_path, sampler, opti
         write_png(tmp_path / f"ref{index}.png", _stepped_reference(pipe, sampler=sampler, start=start, stop=stop,
                                                                    seed=seed))
         assert (tmp_path / f"cli-{index:02d}.png").read_bytes() == (tmp_path / f"ref{index}.png").read_bytes(), index
-    write_png(tmp_path / "always.png", _stepped_reference(pipe, sampler=sampler, start=None, stop=None, seed=1))
+    key = ("always", str(pipe[0]), sampler)  # (the same image for each case of one sampler: made once)
+    if key not in _SAME_EACH_CASE:
+        _SAME_EACH_CASE[key] = _stepped_reference(pipe, sampler=sampler, start=None, stop=None, seed=1)
+    write_png(tmp_path / "always.png", _SAME_EACH_CASE[key])
     assert (tmp_path / "always.png").read_bytes() != (tmp_path / "ref0.png").read_bytes()
 
 
