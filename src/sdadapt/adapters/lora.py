@@ -340,6 +340,11 @@ class LoRAModule(AdapterModule):
     ) -> "LoRAModule":
         """Build from ``{"lora_down.weight", "lora_up.weight"[, "lora_mid.weight"][, "alpha"]}``; rank from shapes.
 
+        A convolution's ``lora_up.weight`` may be flat, ``(out, r)``: LyCORIS' DyLoRA saves its
+        up blocks concatenated so (``up (out, r)``, ``down (r, in, kh, kw)``, ``alpha``), and A1111
+        (``network_lora.py``) and ComfyUI (``weight_adapter/lora.py``) apply it as this LoRA,
+        ``alpha / r · up ⋅ down``; the module holds it as ``(out, r, 1, 1)``.
+
         Raises:
             ValueError: if a tensor is missing or its shape does not fit the base layer.
         """
@@ -364,6 +369,8 @@ class LoRAModule(AdapterModule):
         )
         up_ok = tuple(up.shape) == want_up or (
             not geometry.is_conv and up.dim() == 4 and tuple(up.shape) == (*want_up, 1, 1)
+        ) or (  # LyCORIS DyLoRA writes a convolution's up flat, (out, r): A1111 and ComfyUI reshape it
+            geometry.is_conv and mid is None and tuple(up.shape) == want_up[:2]
         )
         if not (down_ok and up_ok):
             raise ValueError(

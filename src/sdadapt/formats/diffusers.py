@@ -128,6 +128,9 @@ def _peft_keys(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
         if suffix == "lora_down.weight":
             out[f"{prefix}{layer}.lora_A.weight"] = value
         elif suffix == "lora_up.weight":
+            down = state.get(f"{layer}.lora_down.weight")
+            if value.dim() == 2 and down is not None and down.dim() == 4:  # LyCORIS DyLoRA's flat conv up (out, r):
+                value = value.reshape(*value.shape, 1, 1)  # peft's Conv2d lora_B is a 1x1 conv (out, r, 1, 1)
             out[f"{prefix}{layer}.lora_B.weight"] = value
         elif suffix == "dora_scale":
             out[f"{prefix}{layer}.lora_magnitude_vector"] = _peft_magnitude(key, value, state.get(f"{layer}.lora_up.weight"))

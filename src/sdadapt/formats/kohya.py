@@ -276,7 +276,7 @@ def from_kohya(
             f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
             "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with one of "
             f"{', '.join(sorted(file_keys()))}. Is this a diffusers/peft file? Use load_lora() to auto-detect. "
-            "(LyCORIS GLoRA's Tucker bm.weight and DyLoRA are not supported.)"
+            "(LyCORIS GLoRA's Tucker bm.weight is not supported.)"
         )
     return out
 
