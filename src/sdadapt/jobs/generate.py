@@ -78,6 +78,8 @@ def run_generate(
     max_token_length: int = 75,
     aesthetic_score: float | None = None,
     negative_aesthetic_score: float | None = None,
+    refiner: str | os.PathLike | None = None,
+    refiner_switch_at: float = 0.8,
     vae: str | os.PathLike | None = None,
     device: str = "auto",
     aesthetic: str | os.PathLike | None = None,
@@ -159,7 +161,13 @@ def run_generate(
             225: up to that many tokens in 75-token windows joined as kohya trains with ``--max_token_length``
             (:mod:`sdadapt.text_chunks`). Stable Diffusion models; not with ``aesthetic``.
         aesthetic_score, negative_aesthetic_score: the SDXL refiner's aesthetic-score conditioning of the prompt
-            and of the negative (diffusers' options of those names; ``None``: its 6.0 and 2.5); refiner only.
+            and of the negative (diffusers' options of those names; ``None``: its 6.0 and 2.5); refiner only
+            (``model``, or ``refiner``).
+        refiner: an SDXL refiner (file or folder) that takes over from the SDXL base ``model`` in the same sampler
+            run once its timesteps fall below ``round(1000 - 1000 * refiner_switch_at)`` (diffusers' ensemble of
+            experts, ``denoising_end`` / ``denoising_start``; A1111's "Refiner" and "Switch at"):
+            :mod:`sdadapt.jobs.generate_refiner`. Both models are held at once; ``vae`` applies to both. txt2img
+            with plain prompts only; LoRA files and hypernetworks act on the base only.
         vae: a VAE file or folder that decodes the images instead of the model's (kohya's ``--vae``;
             LDM or diffusers layout, or a full checkpoint's VAE: :mod:`sdadapt.external_vae`).
         count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
@@ -368,6 +376,19 @@ def run_generate(
     hypernetwork_modules = [read_hypernetwork_option(path) for path, _ in hypernetwork_specs]  # before the model
 
     chunk_count(max_token_length)  # 75, 150 or 225
+    if refiner is not None:  # (the base -> refiner handoff: sdadapt.jobs.generate_refiner)
+        from .generate_refiner import refiner_cutoff
+
+        refiner_cutoff(refiner_switch_at)
+        refused = [name for name, given in (
+            ("--init-image", init_image is not None), ("--hires-*", hires is not None),
+            ("--aesthetic", aesthetic is not None), ("--custom-diffusion", bool(custom_specs)),
+            ("--embedding / --embeddings-dir", bool(embeddings) or embeddings_dir is not None)) if given]
+        if refused:
+            raise ValueError(f"--refiner: not built with {', '.join(refused)} (the refiner takes over a txt2img run "
+                             "of the base, each model with its own text conditioning); leave those out or --refiner")
+        if not Path(refiner).exists():
+            raise FileNotFoundError(f"--refiner {refiner}: no such file or folder")
     if aesthetic is not None and max_token_length != 75:
         raise ValueError(f"--aesthetic personalises the text encoder on one 75-token CLIP window; leave out "
                          f"--max-token-length {max_token_length}")
@@ -388,13 +409,29 @@ def run_generate(
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
+    if getattr(system, "is_refiner", False) and (aesthetic is not None or custom_specs):
+        raise ValueError(f"{model} is the SDXL refiner (OpenCLIP-G alone, no CLIP-L): "
+                         f"{'--aesthetic' if aesthetic is not None else '--custom-diffusion'} needs a model with the "
+                         "first text encoder (SD1/SD2; --custom-diffusion SD1/SD2 only); leave it out with the refiner")
+    refiner_system = None
+    if refiner is not None:  # (both held at once: the base's latents go to the refiner undecoded)
+        from .generate_refiner import check_refiner_pair
+
+        refiner_system = load_system(str(refiner), device=resolve_device(device), prediction_type=prediction_type,
+                                     vae=vae, log=say)
+        check_refiner_pair(system, refiner_system)
+        say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the schedule")
     if aesthetic_score is not None or negative_aesthetic_score is not None:  # (the SDXL refiner's time_ids)
+        if refiner_system is not None:
+            system, refiner_system = refiner_system, system  # (set on the refiner, below; swapped back after)
         if not getattr(system, "is_refiner", False):
             raise ValueError(f"--aesthetic-score / --negative-aesthetic-score: {model} is not the SDXL refiner; only the "
                              "refiner conditions on an aesthetic score (diffusers' requires_aesthetics_score): leave them out")
         system.aesthetic_score = system.aesthetic_score if aesthetic_score is None else float(aesthetic_score)
         system.negative_aesthetic_score = (system.negative_aesthetic_score if negative_aesthetic_score is None
                                            else float(negative_aesthetic_score))
+        if refiner_system is not None:
+            system, refiner_system = refiner_system, system
     _check_step_counts(system, step_grids=step_grids, fixed_grids=fixed_grids)
     applied = []
     for path, scale in parsed:
@@ -502,6 +539,12 @@ def run_generate(
         if aesthetic is not None:
             raise ValueError("--aesthetic personalises one prompt's conditioning; leave out prompt editing, "
                              "alternation, AND and BREAK, or --aesthetic")
+        if refiner is not None:
+            raise ValueError("--refiner: the prompt has prompt editing, alternation, AND or BREAK, which the "
+                             "handoff does not schedule; give a plain prompt (emphasis is fine), or leave out --refiner")
+    if refiner is not None and step_switch is not None:
+        raise ValueError("--refiner: <lora:...> tags with start= / stop= / step= switch the base's weights per "
+                         "model call, which the handoff does not do; leave those out, or --refiner")
     unknown = unknown_words(system, " ".join(plan.texts) if plan is not None else text)
     if unknown:
         say(f"warning: the toy model does not know {', '.join(unknown)} (it reads them as <unk>); its words: "
@@ -622,6 +665,18 @@ def run_generate(
                 init_latents = inpainting.init_latents(seed + i, a1111_seeds)
             elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
                 options["inpaint_conditioning"] = model_conditioning
+            if refiner_system is not None:  # (the base, then the refiner, in one sampler run)
+                from .generate_refiner import sample_base_then_refiner
+
+                image = sample_base_then_refiner(
+                    system, refiner_system, [text], switch_at=refiner_switch_at, negative=negative_text, seed=seed + i,
+                    steps=steps or 25, guidance=7.5 if guidance is None else guidance, sampler=sampler, karras=karras,
+                    schedule=schedule, height=height, width=width, noise=options.get("noise"),
+                    schedule_options=schedule_options, log=say)[0]
+                written.append(str(write_png(file, image)))
+                if progress is not None:
+                    progress(i + 1, len(files), file.name)
+                continue
             try:
                 image = sample_image(system, [text], options, init_latents=init_latents,
                                      denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
@@ -642,7 +697,8 @@ def run_generate(
             "loras": applied,
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
-            "aesthetic": None if aesthetic is None else str(aesthetic)}
+            "aesthetic": None if aesthetic is None else str(aesthetic),
+            **({} if refiner is None else {"refiner": str(refiner), "refiner_switch_at": refiner_switch_at})}
 
 
 def _expanded(text: str | None, handles) -> str | None:
