@@ -337,6 +337,26 @@ def test_block_weights_on_a_refiner_are_refused_by_name(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_a_refiner_and_an_sdxl_base_are_refused_before_merging(tmp_path):
+    """Both read as "sdxl", but every UNet block and the text encoders differ in shape: refused naming which file is
+    the refiner, before a tensor is read or a byte written (in either order)."""
+    from tiny_checkpoints import tiny_sdxl_file
+
+    from sdadapt.errors import MergeError
+    from sdadapt.formats.files import write_safetensors
+    from sdadapt.merge.engine import merge_file
+    from sdadapt.merge.recipe import MergeStep
+
+    _, refiner = _parts_and_ldm()
+    write_safetensors(tmp_path / "refiner.safetensors", dict(refiner), {})
+    base = tiny_sdxl_file(tmp_path / "base.safetensors")
+    for pair in ((tmp_path / "refiner.safetensors", base), (base, tmp_path / "refiner.safetensors")):
+        step = MergeStep("weighted-sum", tuple(map(str, pair)), alpha=0.5)
+        with pytest.raises(MergeError, match=r"refiner\.safetensors is an SDXL refiner and base\.safetensors an SDXL base"):
+            merge_file(step, tmp_path / "m.safetensors")
+        assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_train_refuses_a_refiner(refiner_files, tmp_path):
     """kohya's sd-scripts train no SDXL refiner (sdxl_train*.py load base models with two text encoders): refused."""
     from PIL import Image

@@ -395,12 +395,16 @@ class MergedSource:
             listing = ", ".join(f"{n}: {a}" for n, a in zip(names, archs) if a)
             raise MergeError(f"the inputs are different architectures ({listing}); merge models of one family")
         architecture = archs[0] or next(iter(known), None)
-        if architecture == "sdxl" and (step.block_weights is not None or step.block_beta is not None
-                                       or step.elemental is not None):
+        if architecture == "sdxl":
             from ..formats.model_keys import is_sdxl_refiner
 
             refiners = [n for n, s in zip(names, sources) if is_sdxl_refiner(s.keys())]
-            if refiners:  # (supermerger reads the refiner as an SD1 UNet: its isxl needs conditioner.embedders.1)
+            if refiners and len(refiners) < len(sources):  # (both "sdxl"; the UNets differ in every block's width)
+                bases = [n for n in names if n not in refiners]
+                raise MergeError(f"{refiners[0]} is an SDXL refiner and {bases[0]} an SDXL base model: their UNets and "
+                                 "text encoders differ in shape; merge refiners with refiners, base models with base models")
+            if refiners and (step.block_weights is not None or step.block_beta is not None or step.elemental is not None):
+                # (supermerger reads the refiner as an SD1 UNet: its isxl needs conditioner.embedders.1)
                 raise InputError(
                     f"{refiners[0]}: the SDXL refiner has no block-weight layout here (its UNet has SD1's 12 input and "
                     "12 output blocks, SDXL's presets name 9; supermerger reads it as SD1); merge it with one alpha "
