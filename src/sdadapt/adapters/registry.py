@@ -40,6 +40,7 @@ __all__ = [
     "adapter_from_file_tensors",
     "algorithm_of_keys",
     "file_layer_delta",
+    "adapter_layer_delta",
     "weight_shape_of_file_tensors",
     "file_keys",
     "file_rank",
@@ -277,16 +278,49 @@ def file_layer_delta(
         ValueError: keys of no family, tensors that do not fit ``geometry``, or a missing
             ``base_weight`` for DoRA — naming ``name``.
     """
+    module = adapter_from_file_tensors(geometry, tensors, name=name)
+    delta, bias = adapter_layer_delta(module, base_weight=base_weight, scale=scale, dtype=dtype, name=name)
+    return delta, bias  # type: ignore[return-value]
+
+
+def adapter_layer_delta(
+    module: AdapterModule,
+    *,
+    base_weight: Tensor | None = None,
+    scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    name: str = "<layer>",
+    weight: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`file_layer_delta` for a module already built from a layer's file tensors
+    (:func:`adapter_from_file_tensors`), so a caller that checked the layer by building it
+    (``merge-lora``) computes its delta without building it again.
+
+    The module is moved to ``dtype`` (and ``base_weight``'s device) **in place** and its
+    multiplier set to ``scale``; everything else is :func:`file_layer_delta`'s.
+
+    Args:
+        weight: compute ``ΔW``; ``False``: only ``Δb`` (``ΔW`` is ``None``, ``base_weight`` is not read).
+
+    Returns:
+        ``ΔW`` (out, in, *kernel) (``None`` when not ``weight``) and ``Δb`` (out,) or ``None``, in ``dtype``.
+
+    Raises:
+        ValueError: ``weight`` and a missing ``base_weight`` for a family that reads it (DoRA).
+    """
     device = base_weight.device if base_weight is not None else None
-    module = adapter_from_file_tensors(geometry, tensors, name=name).to(device=device, dtype=dtype)
-    if module.uses_base_weight and base_weight is None:
+    module = module.to(device=device, dtype=dtype)
+    if weight and module.uses_base_weight and base_weight is None:
         raise ValueError(f"{name}: a {module.family} layer needs the base weight to compute its delta")
     module.set_multiplier(scale)
+    geometry = module.geometry
     with torch.no_grad():
-        base = None if base_weight is None else base_weight.to(dtype).reshape(geometry.weight_shape)
-        delta = module.merge_delta(base)  # type: ignore[arg-type]
+        delta = None
+        if weight:
+            base = None if base_weight is None else base_weight.to(dtype).reshape(geometry.weight_shape)
+            delta = module.merge_delta(base).reshape(geometry.weight_shape)  # type: ignore[arg-type]
         bias = module.bias_delta()
-    return delta.reshape(geometry.weight_shape), bias
+    return delta, bias
 
 
 def weight_shape_of_file_tensors(tensors: Mapping[str, Tensor], *, name: str = "<layer>") -> tuple[int, ...] | None:

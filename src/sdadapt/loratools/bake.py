@@ -3,7 +3,8 @@
 Every family a file can hold (LoRA/LoCon, LoHa, LoKr, Tucker variants, full ``diff``/``diff_b``,
 DoRA over any of them) goes through the one delta path,
 :func:`sdadapt.adapters.registry.file_layer_delta` — the code ``inject``/``apply_lora`` run — with
-``scale = strength × block weight``. For DoRA that moves the weight towards DoRA's ``W'``:
+``scale = strength × block weight`` (each layer's module is built once, when the layer is checked,
+and its delta computed from it: :func:`~sdadapt.adapters.registry.adapter_layer_delta`). For DoRA that moves the weight towards DoRA's ``W'``:
 ``W + s · (W' − W)``. Bias deltas (``diff_b``) go to the layer's ``.bias`` tensor.
 
 Order. Additive families commute; DoRA does not (its ``W'`` depends on the weight it adapts). The
@@ -18,6 +19,7 @@ memory at a time.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -27,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..adapters.base import LayerGeometry
-from ..adapters.registry import adapter_from_file_tensors, file_layer_delta, weight_shape_of_file_tensors
+from ..adapters.base import AdapterModule, LayerGeometry
+from ..adapters.registry import adapter_from_file_tensors, adapter_layer_delta, weight_shape_of_file_tensors
 from ..checks import cast_checked, check_result, finite_numbers, has_nonfinite
 from ..errors import InputError
 from ..formats import WeightFileError
@@ -54,15 +56,14 @@ __all__ = ["BakedCheckpoint", "merge_loras_into_checkpoint"]
 
 @dataclass(frozen=True)
 class _Entry:
-    """One file layer scheduled onto one checkpoint tensor."""
+    """One file layer scheduled onto one checkpoint tensor (and its bias)."""
 
-    tensors: Mapping[str, Tensor]  # the layer's file tensors by suffix
+    module: AdapterModule  # the family's module, built once from the layer's file tensors (their dtype)
     scale: float  # strength × block weight
     rows: slice | None  # the rows of a fused weight (OpenCLIP in_proj), None = all
-    geometry: LayerGeometry  # the layer's shape as the family sees it
     uses_base: bool  # the family reads the base weight (DoRA)
     name: str  # "file: component:layer" for messages
-    weight_key: str  # the checkpoint weight (for a bias entry: the weight its family may read)
+    built_in: torch.dtype  # the widest float dtype it was built in: moved in place only to one as wide (exact)
 
 
 class BakedCheckpoint:
@@ -154,7 +155,10 @@ class BakedCheckpoint:
         for path, components, strength, vector in zip(self.loras, loaded, self.strengths, self.block_weights):
             weigh = _block_weigher(vector, model)
             for component, state in components.items():
-                for layer, tensors in group_by_layer(state).items():
+                layers = group_by_layer(state)
+                state.clear()  # (each layer's tensors are dropped once its module holds them)
+                for layer in list(layers):
+                    tensors = layers.pop(layer)
                     label = f"{path.name}: {component}:{layer}"
                     slot = slots.get((component, layer))
                     if slot is None:
@@ -164,11 +168,11 @@ class BakedCheckpoint:
                     if isinstance(checked, str):
                         problems.append(f"{path.name}: {checked}")
                         continue
-                    geometry, uses_base, bias_key = checked
+                    module, bias_key = checked
                     scale = strength * weigh(component, layer)
                     if scale == 0.0:
                         continue
-                    entry = _Entry(tensors, scale, slot.row_slice(), geometry, uses_base, label, slot.key)
+                    entry = _Entry(module, scale, slot.row_slice(), module.uses_base_weight, label, _widest(module))
                     plan.setdefault(slot.key, []).append(entry)
                     if bias_key is not None:
                         bias_plan.setdefault(bias_key, []).append(entry)
@@ -190,10 +194,11 @@ class BakedCheckpoint:
 
     def _check_layer(
         self, tensors: Mapping[str, Tensor], slot: LayerSlot, name: str
-    ) -> tuple[LayerGeometry, bool, str | None] | str:
-        """``(geometry, uses the base weight, bias key or None)`` of a layer on its slot, or why it does not fit.
+    ) -> tuple[AdapterModule, str | None] | str:
+        """``(the family's module, bias key or None)`` of a layer on its slot, or why it does not fit.
 
-        The family decides (its ``from_file_tensors`` raises for tensors that do not fit); a file
+        The family decides (its ``from_file_tensors`` raises for tensors that do not fit); the module
+        it builds (CPU, the file's dtype) is the one :meth:`get` computes the delta with. A file
         layer saved Linear for a 1x1 convolution (or the reverse) takes the file's own geometry and
         its delta is reshaped onto the tensor.
         """
@@ -208,15 +213,15 @@ class BakedCheckpoint:
         bias_key = _bias_key(slot.key)
         geometry = LayerGeometry.from_weight_shape(tuple(shape), has_bias=bias_key in self._shapes)
         try:
-            module = _validated_module(geometry, tensors, name)
+            module = adapter_from_file_tensors(geometry, dict(tensors), name=name)
             has_bias_delta = module.bias_delta() is not None
         except ValueError as exc:
             return f"{exc!s} (checkpoint tensor {slot.key} {want})"
         if not has_bias_delta:
-            return geometry, module.uses_base_weight, None
+            return module, None
         if bias_key not in self._shapes:
             return f"{name}: has a bias delta but the checkpoint has no {bias_key}"
-        return geometry, module.uses_base_weight, bias_key
+        return module, bias_key
 
     # ------------------------------------------------------------------------------ source API
     def keys(self) -> list[str]:
@@ -240,23 +245,18 @@ class BakedCheckpoint:
                 check_result(value, key=key, inputs=[value], what=f"{self.path.name}'s tensor")
             return cast_checked(value, self._dtypes[key], key=key, hint="write float32 (--dtype fp32)")
         compute = torch.float64 if value.dtype == torch.float64 else torch.float32
-        merged = value.to(compute).clone()
+        merged = value.to(compute, copy=True)
         for entry in entries:
             target = merged if entry.rows is None else merged[entry.rows]
             # DoRA sees the weight with the earlier files' deltas in it (apply_lora in turn)
-            delta, _ = file_layer_delta(
-                dict(entry.tensors), entry.geometry, base_weight=target if entry.uses_base else None,
-                scale=entry.scale, dtype=compute, name=entry.name,
+            delta, _ = adapter_layer_delta(
+                _module_in(entry, compute), base_weight=target if entry.uses_base else None, scale=entry.scale,
+                dtype=compute, name=entry.name,
             )
-            target.add_(delta.reshape(target.shape))
-        for entry in bias_entries:
-            weight = None
-            if entry.uses_base:
-                weight = self._source.get(entry.weight_key)
-                weight = weight if entry.rows is None else weight[entry.rows]
-            _, bias = file_layer_delta(
-                dict(entry.tensors), entry.geometry, base_weight=weight, scale=entry.scale, dtype=compute,
-                name=entry.name,
+            target.add_(delta.reshape(target.shape))  # type: ignore[union-attr]
+        for entry in bias_entries:  # (Δb reads no base weight: the family's bias_delta takes none)
+            _, bias = adapter_layer_delta(
+                _module_in(entry, compute), scale=entry.scale, dtype=compute, name=entry.name, weight=False
             )
             target = merged if entry.rows is None else merged[entry.rows]
             target.add_(bias.reshape(target.shape))  # type: ignore[union-attr]
@@ -367,17 +367,22 @@ def _vectors(
     return vectors
 
 
-def _validated_module(geometry: LayerGeometry, tensors: Mapping[str, Tensor], name: str):
-    """The family's module for ``tensors`` on ``geometry`` — built on the meta device (shapes only, no
-    copy of the weights) when the family allows it; its ``from_file_tensors`` raises ValueError
-    for tensors that do not fit."""
-    shapes_only = {k: v if v.dim() == 0 else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
-    try:
-        return adapter_from_file_tensors(geometry, shapes_only, name=name)
-    except ValueError:
-        raise
-    except Exception:  # a family that reads values while building: build it for real
-        return adapter_from_file_tensors(geometry, dict(tensors), name=name)
+_FLOAT_WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+
+
+def _widest(module: AdapterModule) -> torch.dtype:
+    """The widest float dtype of ``module``'s parameters and buffers (float32 when it has none)."""
+    dtypes = [t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return max(dtypes, key=lambda d: _FLOAT_WIDTH.get(d, 64), default=torch.float32)
+
+
+def _module_in(entry: _Entry, dtype: torch.dtype) -> AdapterModule:
+    """The entry's module, to be moved to ``dtype`` in place (as the fresh build of every earlier
+    call was: the file's values, exactly) — or a copy, when ``dtype`` is narrower than the file's
+    (a float64 file on a float32 tensor: the module must keep its float64 values for a float64 one)."""
+    if _FLOAT_WIDTH.get(dtype, 64) >= _FLOAT_WIDTH.get(entry.built_in, 64):
+        return entry.module
+    return copy.deepcopy(entry.module)
 
 
 def _bias_key(weight_key: str) -> str:
