@@ -12,6 +12,7 @@ import importlib
 
 import pytest
 import torch
+from toy_adapter_files import random_adapter_file
 
 import sdadapt
 from sdadapt.adapters.dylora import DyLoRAModule
@@ -28,19 +29,6 @@ def toy():
     return load_toy()
 
 
-def _file(toy, path, method: str, **options) -> dict[str, dict[str, torch.Tensor]]:
-    """A ``method`` file on the toy with random (known) weights; returns what it holds."""
-    adaptation = METHODS[method].adapt(toy, seed=1, **options)
-    try:
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for p in adaptation.params:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        adaptation.save(path)
-    finally:
-        adaptation.remove()
-    return sdadapt.load_lora(path)[0]
-
 
 def kohya_load_rows(down: torch.Tensor, up: torch.Tensor, is_conv2d_1x1: bool):
     """networks/dylora.py:161-170: the file's lora_down / lora_up split into kohya's lora_A / lora_B rows."""
@@ -55,7 +43,7 @@ def test_network_weights_fill_the_rows_as_kohyas_load_state_dict(toy, tmp_path, 
     """A DyLoRA file and a plain LoRA file of the same rank/alpha: every DyLoRA row / column is kohya's
     (networks/dylora.py:161-170) bit for bit, and ΔW is a float64 ``up @ down · alpha / R`` of the file."""
     file = tmp_path / "start.safetensors"
-    components = _file(toy, file, method, rank=4, alpha=2.0, **options)
+    components = random_adapter_file(toy, file, method, rank=4, alpha=2.0, **options)
     adaptation = METHODS["dylora"].adapt(toy, seed=3, rank=4, alpha=2.0, unit=2, network_weights=str(file))
     try:
         compared = 0
@@ -115,7 +103,7 @@ def test_a_run_from_its_own_start_file_is_the_run_without_it(toy, red_circles, t
 
 def test_mismatched_rank_alpha_or_unit_is_refused_naming_module_and_fix(toy, red_circles, tmp_path, capsys):
     file = tmp_path / "dy.safetensors"
-    _file(toy, file, "dylora", rank=4, alpha=2.0, unit=2)
+    random_adapter_file(toy, file, "dylora", rank=4, alpha=2.0, unit=2)
     base = ["train", "dylora", "--images", str(red_circles), "--network-weights", str(file), "--steps", "1",
             "--no-prior", "-q", "-o", str(tmp_path / "o.safetensors")]
     assert main([*base, "--network-dim", "8", "--network-alpha", "2", "--dylora-unit", "2"]) == 2

@@ -15,6 +15,7 @@ import importlib
 import pytest
 import torch
 from safetensors import safe_open
+from toy_adapter_files import random_adapter_file
 
 import sdadapt
 from sdadapt.adapters.base import geometry_of
@@ -32,19 +33,6 @@ def toy():
     return load_toy()
 
 
-def _adapter_file(toy, path, method: str, **options) -> dict[str, dict[str, torch.Tensor]]:
-    """A file of ``method``'s adapters on the toy with random (known) weights; returns what it holds."""
-    adaptation = METHODS[method].adapt(toy, seed=1, **options)
-    try:
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for p in adaptation.params:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        adaptation.save(path)
-    finally:
-        adaptation.remove()
-    return sdadapt.load_lora(path)[0]
-
 
 def _live_layer(model, layer_path: str):
     name = resolve_layers(model, [layer_path])[layer_path]
@@ -55,7 +43,7 @@ def test_lora_adapters_start_from_the_files_weights_exactly(toy, tmp_path):
     """Each adapter's tensors are the file's bit for bit, and its ΔW equals a float64 reference
     ``up @ down · alpha / rank`` of the file's tensors (and the registry's file delta exactly)."""
     file = tmp_path / "start.safetensors"
-    components = _adapter_file(toy, file, "lora", rank=4, alpha=2.0)
+    components = random_adapter_file(toy, file, "lora", rank=4, alpha=2.0)
     adaptation = METHODS["lora"].adapt(toy, seed=3, rank=4, alpha=2.0, network_weights=str(file))
     try:
         compared = 0
@@ -87,7 +75,7 @@ def test_lycoris_and_locon_files_load_exactly(toy, tmp_path, method, options):
     """LoCon (conv modules), LoHa, LoKr and DoRA files: the run's adapters hold the file's tensors
     and the same ΔW as the registry's file delta (DoRA: the merged change W' − W)."""
     file = tmp_path / f"{method}.safetensors"
-    components = _adapter_file(toy, file, method, **options)
+    components = random_adapter_file(toy, file, method, **options)
     adaptation = METHODS[method].adapt(toy, seed=3, network_weights=str(file), **options)
     try:
         for component, state in components.items():
@@ -108,7 +96,7 @@ def test_lycoris_and_locon_files_load_exactly(toy, tmp_path, method, options):
 def test_a_run_starts_from_the_file_before_its_first_step(toy, red_circles, tmp_path, monkeypatch, capsys):
     """Through `train`: what `fit` receives already holds the file's weights, and the report says so."""
     file = tmp_path / "start.safetensors"
-    components = _adapter_file(toy, file, "lora", rank=4, alpha=1.0)
+    components = random_adapter_file(toy, file, "lora", rank=4, alpha=1.0)
     jobs = importlib.import_module("sdadapt.jobs.train")
     seen: list[dict] = []
     real_fit = jobs.fit
@@ -136,7 +124,7 @@ def test_a_run_starts_from_the_file_before_its_first_step(toy, red_circles, tmp_
 
 def test_rank_alpha_and_family_mismatches_name_module_file_value_and_option(toy, red_circles, tmp_path, capsys):
     file = tmp_path / "r4.safetensors"
-    _adapter_file(toy, file, "lora", rank=4, alpha=1.0)
+    random_adapter_file(toy, file, "lora", rank=4, alpha=1.0)
     base = ["--images", str(red_circles), "--network-weights", str(file), "--steps", "1", "--no-prior",
             "-o", str(tmp_path / "o.safetensors")]
     assert main(["train", "lora", *base, "--network-dim", "8", "--network-alpha", "1"]) == 2
@@ -153,7 +141,7 @@ def test_rank_alpha_and_family_mismatches_name_module_file_value_and_option(toy,
 def test_dim_from_weights_takes_modules_family_ranks_and_alphas_from_the_file(toy, tmp_path):
     """kohya's create_network_from_weights: the file's modules, ranks and alphas (no alpha: the rank)."""
     file = tmp_path / "loha.safetensors"
-    components = _adapter_file(toy, file, "loha", rank=3, alpha=1.5, text_encoder=False)
+    components = random_adapter_file(toy, file, "loha", rank=3, alpha=1.5, text_encoder=False)
     # train lora --dim-from-weights on a LoHa file trains the file's LoHa modules
     adaptation = METHODS["lora"].adapt(toy, network_weights=str(file), dim_from_weights=True)
     try:
@@ -167,7 +155,7 @@ def test_dim_from_weights_takes_modules_family_ranks_and_alphas_from_the_file(to
         adaptation.remove()
     # a LoRA file without alpha tensors: alpha = rank (kohya's "old LoRA without alpha")
     lora = tmp_path / "r2.safetensors"
-    _adapter_file(toy, lora, "lora", rank=2, alpha=2.0, text_encoder=False)
+    random_adapter_file(toy, lora, "lora", rank=2, alpha=2.0, text_encoder=False)
     tensors, meta = read_safetensors(lora)
     write_safetensors(tmp_path / "noalpha.safetensors", {k: v for k, v in tensors.items() if not k.endswith(".alpha")}, meta)
     adaptation = METHODS["lora"].adapt(toy, network_weights=str(tmp_path / "noalpha.safetensors"), dim_from_weights=True)
@@ -179,7 +167,7 @@ def test_dim_from_weights_takes_modules_family_ranks_and_alphas_from_the_file(to
 
 def test_modules_the_run_does_not_target_or_the_file_lacks_are_reported(toy, tmp_path):
     file = tmp_path / "lora.safetensors"
-    components = _adapter_file(toy, file, "lora", rank=4, alpha=4.0, text_encoder=False)
+    components = random_adapter_file(toy, file, "lora", rank=4, alpha=4.0, text_encoder=False)
     in_file = len(group_by_layer(components["unet"]))
     adaptation = METHODS["locon"].adapt(toy, rank=4, network_weights=str(file))  # + ResNets and convs, text encoder
     try:
@@ -190,7 +178,7 @@ def test_modules_the_run_does_not_target_or_the_file_lacks_are_reported(toy, tmp
     finally:
         adaptation.remove()
     locon = tmp_path / "locon.safetensors"
-    _adapter_file(toy, locon, "locon", rank=4, alpha=4.0, conv_rank=2, conv_alpha=2.0)
+    random_adapter_file(toy, locon, "locon", rank=4, alpha=4.0, conv_rank=2, conv_alpha=2.0)
     adaptation = METHODS["lora"].adapt(toy, rank=4, network_weights=str(locon), text_encoder=False)
     try:
         assert any("module(s) of the file are not targeted by this run and are left out" in n for n in adaptation.notes)
@@ -205,7 +193,7 @@ def _rewrite(src, dst, *, tensors=None, metadata=None):
 
 def test_a_file_for_another_base_model_is_refused(toy, tmp_path):
     file = tmp_path / "sd1.safetensors"
-    _adapter_file(toy, file, "lora", rank=2, alpha=2.0)
+    random_adapter_file(toy, file, "lora", rank=2, alpha=2.0)
     sdxl = tmp_path / "sdxl.safetensors"
     _rewrite(file, sdxl, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(WeightFileError, match="made for SDXL .* the model is SD1"):
@@ -242,7 +230,7 @@ def test_kohya_toml_keys_and_resume(toy, red_circles, tmp_path, capsys):
     """``network_weights`` / ``dim_from_weights`` in a kohya TOML; a resumed run must name the same file
     (the state's weights win: the report says so)."""
     file = tmp_path / "start.safetensors"
-    _adapter_file(toy, file, "lora", rank=2, alpha=1.0)
+    random_adapter_file(toy, file, "lora", rank=2, alpha=1.0)
     config = tmp_path / "kohya.toml"
     config.write_text(f'network_weights = "{file}"\ndim_from_weights = true\nnetwork_dim = 16\n')
     out = tmp_path / "o.safetensors"
