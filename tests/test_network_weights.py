@@ -17,7 +17,6 @@ import torch
 from safetensors import safe_open
 from toy_adapter_files import random_adapter_file
 
-import sdadapt
 from sdadapt.adapters.base import geometry_of
 from sdadapt.adapters.registry import file_layer_delta
 from sdadapt.cli import main
