@@ -409,7 +409,7 @@ def run_generate(
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
-    if getattr(system, "is_refiner", False) and (aesthetic is not None or custom_specs):
+    if (aesthetic is not None or custom_specs) and getattr(system, "is_refiner", False):
         raise ValueError(f"{model} is the SDXL refiner (OpenCLIP-G alone, no CLIP-L): "
                          f"{'--aesthetic' if aesthetic is not None else '--custom-diffusion'} needs a model with the "
                          "first text encoder (SD1/SD2; --custom-diffusion SD1/SD2 only); leave it out with the refiner")
