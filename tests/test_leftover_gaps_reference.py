@@ -18,6 +18,7 @@
    alpha / dim. LyCORIS KohakuBlueleaf/LyCORIS @f49d30d6 ``lycoris/modules/lokr.py:106-134`` makes both pairs with
    one ``lora_dim`` (it never writes such a file) and ``make_module_from_state_dict`` (247-342) takes ``lora_dim =
    w1a.size(1)`` and then fails copying a w2 pair of another rank: so the file is read as A1111/ComfyUI read it.
+   (The two readers' transcriptions are tests/test_apply_reference.py's ``comfy_weight`` / ``a1111_updown``.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import shutil
 
 import pytest
 import torch
+from test_apply_reference import a1111_updown, comfy_weight
 from torch import nn
 
 from sdadapt import apply_lora, load_adapter
@@ -238,33 +240,6 @@ def test_require_interop_is_the_one_public_helper():
 
 
 # ------------------------------------------------------------------------------ 5. LoKr w1_b / w2_b ranks differ
-def _comfy_lokr64(w: dict, alpha: float, strength: float) -> torch.Tensor:
-    """ComfyUI @179c2d35 comfy/weight_adapter/lokr.py calculate_weight (no t2, no dora), float64."""
-    dim = None
-    if "w1" in w:
-        w1 = w["w1"]
-    else:
-        dim = w["w1_b"].shape[0]
-        w1 = torch.mm(w["w1_a"], w["w1_b"])
-    if "w2" in w:
-        w2 = w["w2"]
-    else:
-        dim = w["w2_b"].shape[0]
-        w2 = torch.mm(w["w2_a"], w["w2_b"])
-    scale = alpha / dim if dim is not None else 1.0
-    return (strength * scale) * torch.kron(w1, w2)
-
-
-def _a1111_lokr64(w: dict, alpha: float, multiplier: float) -> torch.Tensor:
-    """A1111 @17e14ed2 network_lokr.py (dim from w1b, then w2b) + network.py calc_scale / finalize_updown."""
-    dim = None
-    dim = w["w1_b"].shape[0] if "w1_b" in w else dim
-    dim = w["w2_b"].shape[0] if "w2_b" in w else dim
-    w1 = w["w1"] if "w1" in w else w["w1_a"] @ w["w1_b"]
-    w2 = w["w2"] if "w2" in w else w["w2_a"] @ w["w2_b"]
-    return torch.kron(w1, w2) * (alpha / dim if dim is not None else 1.0) * multiplier
-
-
 @pytest.mark.parametrize("layout", ["both", "w1_only", "w2_only"])
 def test_lokr_with_different_ranks_reads_as_a1111_and_comfyui(layout):
     g = torch.Generator().manual_seed(3)
@@ -287,13 +262,15 @@ def test_lokr_with_different_ranks_reads_as_a1111_and_comfyui(layout):
 
     geometry = LayerGeometry(8, 12)
     delta, _ = file_layer_delta(tensors, geometry, scale=0.8, dtype=F64, name="layer")
-    torch.testing.assert_close(delta, _comfy_lokr64(w, alpha, 0.8), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(delta, _a1111_lokr64(w, alpha, 0.8), rtol=1e-12, atol=1e-14)
+    zero = torch.zeros(8, 12, dtype=F64)
+    comfy = comfy_weight(tensors, zero, 0.8)  # (ComfyUI's patched weight over a zero weight: its delta)
+    torch.testing.assert_close(delta, comfy, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(delta, a1111_updown(tensors, zero, 0.8)[0], rtol=1e-12, atol=1e-14)
     module = LoKrModule.from_file_tensors(geometry, tensors, name="layer")
     assert {k: tuple(v.shape) for k, v in module.file_tensors().items() if k != "alpha"} == \
         {f"lokr_{k}": tuple(v.shape) for k, v in w.items()}  # the file's shapes back, both ranks kept
     assert float(module.file_tensors()["alpha"]) == alpha
     x = r(5, 12)
-    torch.testing.assert_close(module.to(F64)(x) * 0.8, x @ _comfy_lokr64(w, alpha, 0.8).T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(module.to(F64)(x) * 0.8, x @ comfy.T, rtol=1e-10, atol=1e-12)
     rank = 3 if "w2_b" in w else 1
     assert LoKrModule.file_rank({f"lokr_{k}": tuple(v.shape) for k, v in w.items()})[0] == rank  # the scale's rank
