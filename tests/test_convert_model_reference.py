@@ -185,10 +185,9 @@ def _reshape_weight_for_sd(w):
     return w.reshape(*w.shape, 1, 1) if w.ndim != 1 else w
 
 
-def _d1_convert_vae(vae_state_dict):
-    """D1:179-206 convert_vae_state_dict (old ``query``/``key``/``value``/``proj_attn`` names, then the new ones)."""
-    attn = [("norm.", "group_norm."), ("q.", "query."), ("k.", "key."), ("v.", "value."), ("proj_out.", "proj_attn.")]
-    extra = [("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+def _convert_vae_by_maps(vae_state_dict, attn):
+    """D1:179-199 / D2:157-194 convert_vae_state_dict (the same body over their own attention names ``attn``):
+    the VAE map, then ``attn`` inside the attentions, the mid attention's q/k/v/proj_out weights as 1x1 convs."""
     mapping = {k: k for k in vae_state_dict}
     for k, v in mapping.items():
         for sd_part, hf_part in _vae_map():
@@ -200,11 +199,22 @@ def _d1_convert_vae(vae_state_dict):
                 v = v.replace(hf_part, sd_part)
             mapping[k] = v
     new_state_dict = {v: vae_state_dict[k] for k, v in mapping.items()}
-    keys_to_rename = {}
     for k, v in new_state_dict.items():
         for weight_name in ("q", "k", "v", "proj_out"):
             if f"mid.attn_1.{weight_name}.weight" in k:
                 new_state_dict[k] = _reshape_weight_for_sd(v)
+    return new_state_dict
+
+
+def _d1_convert_vae(vae_state_dict):
+    """D1:179-206 convert_vae_state_dict: the old ``query``/``key``/``value``/``proj_attn`` names, then the new
+    ``to_q``... ones renamed (D1:196-205; their keys are not the reshaped ones: the two loops of D1 touch
+    disjoint keys, so running them one after the other is D1's single loop)."""
+    attn = [("norm.", "group_norm."), ("q.", "query."), ("k.", "key."), ("v.", "value."), ("proj_out.", "proj_attn.")]
+    extra = [("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+    new_state_dict = _convert_vae_by_maps(vae_state_dict, attn)
+    keys_to_rename = {}
+    for k in new_state_dict:
         for weight_name, real_weight_name in extra:
             if f"mid.attn_1.{weight_name}.weight" in k or f"mid.attn_1.{weight_name}.bias" in k:
                 keys_to_rename[k] = k.replace(weight_name, real_weight_name)
@@ -301,22 +311,7 @@ def _d2_unet_maps():
 def _d2_convert_vae(vae_state_dict):
     """D2:157-194: the new attention names only, reshaped to 1x1 convs."""
     attn = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
-    mapping = {k: k for k in vae_state_dict}
-    for k, v in mapping.items():
-        for sd_part, hf_part in _vae_map():
-            v = v.replace(hf_part, sd_part)
-        mapping[k] = v
-    for k, v in mapping.items():
-        if "attentions" in k:
-            for sd_part, hf_part in attn:
-                v = v.replace(hf_part, sd_part)
-            mapping[k] = v
-    new_state_dict = {v: vae_state_dict[k] for k, v in mapping.items()}
-    for k, v in new_state_dict.items():
-        for weight_name in ("q", "k", "v", "proj_out"):
-            if f"mid.attn_1.{weight_name}.weight" in k:
-                new_state_dict[k] = _reshape_weight_for_sd(v)
-    return new_state_dict
+    return _convert_vae_by_maps(vae_state_dict, attn)
 
 
 #: D2:202-213 textenc_conversion_lst

@@ -40,6 +40,7 @@ from sdadapt.formats import describe_file, load_lora, save_lora
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="lycoris-lora is not installed (pip install lycoris-lora)")
 lycoris_dylora = pytest.importorskip("lycoris.modules.dylora")
+from test_lycoris_files import kohya_rewrite_is_the_file  # noqa: E402  (the kohya round trip, one copy)
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 BLOCK_SIZE = 2
@@ -161,13 +162,7 @@ def test_load_adapter_and_apply_lora_match_lycoris_full_rank_forward_at_block_si
 def test_dylora_file_round_trips_bits_and_inspects(dylora_file, tmp_path):
     path, *_ = dylora_file
     components, _ = load_lora(path)
-    again = tmp_path / "again.safetensors"
-    save_lora(again, components, format="kohya", base_model="sd1")
-    original, written = load_file(str(path)), load_file(str(again))
-    ecosystem = {k.replace("lora_te_encoder_", "lora_te_text_model_encoder_"): v for k, v in original.items()}
-    assert set(written) == set(ecosystem)
-    for key, value in ecosystem.items():
-        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+    kohya_rewrite_is_the_file(path, components, tmp_path)
     summary = describe_file(path)
     assert summary["kind"] == "lycoris" and summary["family"] == "lora"
     assert summary["ranks"] == {"4": summary["modules"]}

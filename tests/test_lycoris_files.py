@@ -43,10 +43,8 @@ def _lycoris_file(path, unet, text_encoders, *, dim, alpha, preset, seed=5, **kw
 def _loads_applies_and_round_trips(path, inputs, ids, y_unet, y_te, tmp_path):
     """The LyCORIS SD1 file ``path`` loaded into fresh tiny SD1 models (UNet on ``inputs``, CLIP on
     ``ids`` (1,L)) gives LyCORIS' outputs ``y_unet`` / ``y_te``, applied and merged; written back as a
-    kohya file it has the ecosystem's keys (lycoris on a transformers-5 CLIPTextModel, no
-    ``text_model``, writes ``lora_te_encoder_...``; sdadapt writes ``lora_te_text_model_encoder_...``)
-    and the same bits. Returns ``(handles, written)``: the adapters in the fresh models and the
-    tensors of the rewritten file ``tmp_path/again.safetensors``."""
+    kohya file it is the same file (:func:`kohya_rewrite_is_the_file`). Returns ``(handles, written)``:
+    the adapters in the fresh models and the tensors of the rewritten file ``tmp_path/again.safetensors``."""
     components, _ = load_lora(path)
     fresh_unet, fresh_te = tiny_unet_sd1(), tiny_clip()
     base_unet = run_unet(fresh_unet, inputs)
@@ -60,6 +58,14 @@ def _loads_applies_and_round_trips(path, inputs, ids, y_unet, y_te, tmp_path):
         handle.merge()
     assert torch.allclose(run_unet(fresh_unet, inputs), y_unet, atol=2e-5, rtol=1e-4)
 
+    return handles, kohya_rewrite_is_the_file(path, components, tmp_path)
+
+
+def kohya_rewrite_is_the_file(path, components, tmp_path) -> dict[str, torch.Tensor]:
+    """``components`` (``load_lora`` of the LyCORIS SD1 file ``path``) written back as a kohya file
+    ``tmp_path/again.safetensors`` has the file's keys, as the ecosystem spells them (lycoris on a
+    transformers-5 CLIPTextModel, no ``text_model``, writes ``lora_te_encoder_...``; sdadapt writes
+    ``lora_te_text_model_encoder_...``), and the same bits and dtypes. Returns the written tensors."""
     again = tmp_path / "again.safetensors"
     save_lora(again, components, format="kohya", base_model="sd1")
     original, written = load_file(str(path)), load_file(str(again))
@@ -67,7 +73,7 @@ def _loads_applies_and_round_trips(path, inputs, ids, y_unet, y_te, tmp_path):
     assert set(written) == set(ecosystem)
     for key, value in ecosystem.items():
         assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
-    return handles, written
+    return written
 
 
 def _case_id(kwargs) -> str:

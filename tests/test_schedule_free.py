@@ -584,8 +584,9 @@ def test_a_kohya_config_with_a_schedule_free_optimizer_trains_two_steps_and_save
     assert f"{kohya_name} is schedule-free" in out.out + out.err and "--lr-warmup-steps 1: not used" in out.out + out.err
     path = str(tmp_path / "out" / "sf.safetensors")
     assert meta["ss_optimizer"] == shown
-    # (ss_lr_warmup_steps: the value given, as kohya's train_network.py writes args.lr_warmup_steps, though unused)
-    assert meta["ss_steps"] == "2" and meta["ss_lr_scheduler"] == "constant" and meta["ss_lr_warmup_steps"] == "1"
+    # (ss_lr_warmup_steps and ss_lr_scheduler: the values given, as kohya's train_network.py:1018-1019 writes
+    # args.lr_warmup_steps and args.lr_scheduler, though its dummy scheduler uses neither)
+    assert meta["ss_steps"] == "2" and meta["ss_lr_scheduler"] == "cosine" and meta["ss_lr_warmup_steps"] == "1"
     opt = made[0]
     assert isinstance(opt, cls) and not opt.param_groups[0]["train_mode"]
     eval_weights = sorted(p.detach().flatten().tolist() for g in opt.param_groups for p in g["params"])

@@ -1526,7 +1526,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     from ..sampling import parse_sample_prompts
     from ..training.data import Dataset, encode_buckets, find_images, plan_dataset
     from ..training.pixel_augment import LARGE_PREFIXES, SMALL_PREFIXES, PixelAugment
-    from ..training.monitor import MAX_NORM_COLUMNS, RunLog, tensorboard_available
+    from ..training.monitor import MAX_NORM_COLUMNS, LossAverage, RunLog, tensorboard_available
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
     from .caption_lines import recorded_caption_assembly, recorded_caption_empties, recorded_caption_lines
     from .run_versions import recorded_version
@@ -2051,6 +2051,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                      after_step=start, extra={**(MAX_NORM_COLUMNS if options.scale_weight_norms is not None else {}),
                                               **(VALIDATION_COLUMNS if validation_data is not None else {})} or None)
     validation_losses: list[tuple[int, float]] = []
+    average_loss = LossAverage(per_epoch=per_epoch)  # kohya's loss/average (avr_loss): TensorBoard only
 
     last: dict = {}
 
@@ -2069,7 +2070,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             validation_losses.append((info.step, info.validation_loss))
             say(f"step {info.step}: validation loss {info.validation_loss:.6g}")
         # (kohya's max-norm statistics and the validation loss, when on)
-        run_log.step(info.step, info.epoch, info.loss, info.lr, {**(info.max_norm or {}), **validation} or None)
+        run_log.step(info.step, info.epoch, info.loss, info.lr, {**(info.max_norm or {}), **validation,
+                                                                "loss/average": average_loss.add(info.batch_losses)})
         if info.step in planned:
             save_now(info, planned[info.step])
         if info.step == total and options.save_state_on_train_end:  # kohya's: the state at the end, to train further

@@ -271,7 +271,13 @@ def schedule_free_notes(options: TrainOptions, given: OptimizerArgs) -> list[str
 
 def ss_lr_scheduler(options: TrainOptions, given: OptimizerArgs, *, learning_rate: float, schedule: str,
                     defaults: str = KOHYA_DEFAULTS) -> str:
-    """kohya's ``ss_lr_scheduler``: ``adafactor:<lr>`` under Adafactor's relative step, else ``schedule``."""
+    """kohya's ``ss_lr_scheduler``: ``adafactor:<lr>`` under Adafactor's relative step (kohya rewrites
+    ``args.lr_scheduler`` so, sd-scripts@48d368fa ``library/train_util.py:5079``); with a schedule-free
+    optimiser the ``--lr-scheduler`` given, which it does not use (kohya writes ``args.lr_scheduler``,
+    ``train_network.py:1019``, though ``get_scheduler_fix`` hands such an optimiser a dummy scheduler,
+    ``train_util.py:5270-5271``); else ``schedule``."""
     if uses_relative_step(options, given, defaults):
         return f"adafactor:{learning_rate}"
+    if uses_schedule_free(options):
+        return options.lr_scheduler
     return schedule

@@ -474,7 +474,7 @@ class FitConfig:
         if self.schedule_free:
             return base
         if self.torch_schedule is not None:
-            return self.torch_schedule.lr(step, base, accumulation=self.step.accumulation_steps)
+            return self.torch_schedule.lr(step, base)  # (OneCycleLR: accelerate's stop at total_steps)
         schedule = {"constant_with_warmup": "warmup"}.get(self.schedule, self.schedule)
         if schedule == "constant" and self.warmup_steps:
             schedule = "warmup"
@@ -582,7 +582,8 @@ class FitProgress:
 
     Attributes:
         step: optimiser steps done (1-based), of ``total``.
-        loss: this step's loss (mean over its accumulated batches).
+        loss: this step's loss: the mean of :attr:`batch_losses` (an epoch's short last step, with
+            gradient accumulation not dividing the epoch's batches, the mean of its fewer batches).
         lr: the base group's learning rate at this step.
         epoch: the epoch this step's last batch belongs to (1-based; dataset mode, else 1).
         epoch_end: whether this step finished an epoch.
@@ -598,6 +599,11 @@ class FitProgress:
             pass ran at this step.
         validated: what asked for this step's pass: ``("step",)``, ``("epoch",)`` or both (kohya
             logs ``loss/validation/step_average`` and ``loss/validation/epoch_average``); ``()``.
+        batch_losses: each of this step's batches' loss, in order (``accumulation_steps`` of them; an
+            epoch's short last step fewer): kohya logs each batch's (``loss/current``, undivided by
+            the accumulation) and the mean of the last epoch's (``loss/average``, its bar's
+            ``avr_loss``: :class:`~sdadapt.training.monitor.LossAverage`). Read with ``loss``
+            (no extra host read); data parallel: each the mean over the ranks.
         ema_updates: the updates the EMA has averaged (``FitConfig.ema_decay``; 0 without): optimiser
             steps since it started, a resumed run's included, not counting ``initial_step`` (what
             :class:`~sdadapt.methods.finetune.EMAWeights` ``updates`` records).
@@ -618,6 +624,7 @@ class FitProgress:
     validation_loss: float | None = None
     validated: tuple[str, ...] = ()
     ema_updates: int = 0
+    batch_losses: tuple[float, ...] = ()
 
     def save_state(self, folder: str | os.PathLike) -> None:
         """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``
@@ -659,9 +666,11 @@ def _mean_loss(micro_losses: list[Tensor]) -> float:
     return _read_step(micro_losses, {})[0]
 
 
-def _read_step(micro_losses: list[Tensor], stats: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
-    """:func:`_mean_loss` of ``micro_losses`` and the values of ``stats`` (0-dim tensors on the same
-    device, e.g. the max-norm statistics), all read in the one device → host read of the step."""
+def _read_step(micro_losses: list[Tensor], stats: Mapping[str, Tensor]
+               ) -> tuple[float, dict[str, float], tuple[float, ...]]:
+    """:func:`_mean_loss` of ``micro_losses``, the values of ``stats`` (0-dim tensors on the same
+    device, e.g. the max-norm statistics) and each micro-batch's loss, all read in the one device →
+    host read of the step."""
     if not stats:  # (the usual step: the losses alone, no extra list or dict made)
         values = torch.stack(micro_losses).tolist()
     else:
@@ -669,7 +678,8 @@ def _read_step(micro_losses: list[Tensor], stats: Mapping[str, Tensor]) -> tuple
     total = 0.0
     for value in values[:len(micro_losses)]:
         total += value
-    return total / len(micro_losses), dict(zip(stats, values[len(micro_losses):])) if stats else {}
+    return (total / len(micro_losses), dict(zip(stats, values[len(micro_losses):])) if stats else {},
+            tuple(values[:len(micro_losses)]))
 
 
 def _take(tree: Any, rows: Tensor) -> Any:
@@ -1227,7 +1237,7 @@ def fit(
             "before_update": functools.partial(data_parallel.average_gradients, trained, parallel)}
         cycled_momentum = None  # (OneCycleLR's β1, a function of the schedule's step, as its LR)
         if config.torch_schedule is not None and config.torch_schedule.cycles_momentum and not config.schedule_free:
-            cycled_momentum = functools.partial(config.torch_schedule.momentum, accumulation=accumulation)
+            cycled_momentum = config.torch_schedule.momentum
         for step in range(state.step, config.steps):
             position = step - schedule_offset - skipped  # (the LR schedule's step)
             if stopping and not stopped and step >= text_encoder_steps:  # type: ignore[operator]
@@ -1281,7 +1291,7 @@ def fit(
             if parallel is not None:  # the loss reported: the mean over the ranks (one all-reduce, at this read)
                 micro_losses = data_parallel.mean_over_ranks(micro_losses, parallel)
             # the one host read per optimiser step (callbacks, NaN check, result; the max-norm statistics with it)
-            loss, read = _read_step(micro_losses, stats)
+            loss, read, batch_losses = _read_step(micro_losses, stats)
             skipped = int(read.pop("skipped_steps", skipped))
             losses.append(loss)
             if not math.isfinite(loss) and config.stop_on_nonfinite:
@@ -1297,7 +1307,8 @@ def fit(
                                     micros.stop // per_epoch if per_epoch else 0, save_state, averaged,
                                     step_config.sdpa_backends,
                                     {**read, "keys_scaled": int(read["keys_scaled"])} if read else None,
-                                    use_weights, validation_value, validated, ema.updates if ema is not None else 0))
+                                    use_weights, validation_value, validated, ema.updates if ema is not None else 0,
+                                    batch_losses=batch_losses))
             if parallel is not None and config.schedule_free:  # rank 0 alone may have used its averaged weights
                 # (saves, samples): back in train mode its y is rounded once more, so every rank takes rank 0's y
                 switch_mode(optimizer, train=True)

@@ -6,6 +6,11 @@ statistics with ``--scale-weight-norms``); a resumed run appends to it, under th
 has (a column the resumed run adds is added to it, the older rows left empty there). TensorBoard
 event files go to a folder (``tensorboard --logdir FOLDER``) through ``torch.utils.tensorboard``,
 which needs the ``tensorboard`` package.
+
+sdadapt logs one row per optimiser step, its ``loss`` the mean of the step's batch losses; kohya's
+``train_network.py`` logs every batch (``loss/current``, and ``loss/average``: the mean of the last
+epoch's batch losses, its progress bar's ``avr_loss``). :class:`LossAverage` is that average,
+which the train command writes to TensorBoard as ``loss/average``.
 """
 
 from __future__ import annotations
@@ -14,15 +19,59 @@ import csv
 import io
 import os
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["MAX_NORM_COLUMNS", "RunLog", "tensorboard_available"]
+__all__ = ["MAX_NORM_COLUMNS", "LossAverage", "RunLog", "tensorboard_available"]
 
 #: kohya's max-norm statistics (``FitProgress.max_norm``, ``--scale-weight-norms``): CSV column ->
 #: the TensorBoard tag kohya's train_network.py logs it under
 MAX_NORM_COLUMNS: Mapping[str, str] = {"keys_scaled": "max_norm/keys_scaled", "average_key_norm": "norm/avg_key_norm",
                                        "max_key_norm": "max_norm/max_key_norm"}
+
+
+class LossAverage:
+    """kohya's ``loss/average`` (``avr_loss``): the mean of the last ``per_epoch`` batch losses.
+
+    kohya's ``LossRecorder`` (sd-scripts@48d368fa ``library/train_util.py:6668-6688``, fed each batch's
+    loss at ``train_network.py:1512-1514``) appends during epoch 0 and afterwards replaces the loss at
+    the batch's position in its epoch, keeping one running total (``total -= old; total += new``): for
+    a run from epoch 0 that is a window over the last ``per_epoch`` batches, which this keeps with the
+    same additions in the same order (bit for bit the same floats). Its value at an epoch's last batch
+    is kohya's ``loss/epoch_average``. ``per_epoch = 0`` (no epochs): the mean of every loss so far.
+
+    One difference: a resumed run starts empty here, while kohya's recorder, fresh too but fed a
+    later epoch's positions, pads the positions before the first with zeros (its average then reads
+    low until the epoch ends).
+
+    Raises:
+        ValueError: ``per_epoch < 0``.
+    """
+
+    def __init__(self, *, per_epoch: int) -> None:
+        if isinstance(per_epoch, bool) or not isinstance(per_epoch, int) or per_epoch < 0:
+            raise ValueError(f"LossAverage needs per_epoch, the batches of an epoch, as an integer >= 0 (0: no "
+                             f"epochs), got {per_epoch!r}")
+        self._window: deque[float] = deque()
+        self._size = per_epoch
+        self._total = 0.0
+
+    def add(self, losses: Iterable[float]) -> float:
+        """Take the next batches' losses, in order (e.g. :attr:`~sdadapt.methods.FitProgress.batch_losses`);
+        returns :attr:`value`."""
+        for loss in losses:
+            loss = float(loss)
+            if self._size and len(self._window) == self._size:
+                self._total -= self._window.popleft()
+            self._window.append(loss)
+            self._total += loss
+        return self.value
+
+    @property
+    def value(self) -> float:
+        """The mean of the losses in the window (0.0 before the first, as kohya's)."""
+        return self._total / len(self._window) if self._window else 0.0
 
 
 def tensorboard_available() -> bool:
@@ -104,7 +153,8 @@ class RunLog:
 
     def step(self, step: int, epoch: int, loss: float, lr: float, extra: Mapping[str, float] | None = None) -> None:
         """One row: the step's values, and ``extra``'s under their columns (a column without a value
-        this step: empty). TensorBoard gets ``loss``, ``lr`` and each ``extra`` value under its tag."""
+        this step: empty). TensorBoard gets ``loss``, ``lr`` and each ``extra`` value under its tag
+        (a name that is no column, e.g. ``loss/average``, goes to TensorBoard alone)."""
         extra = extra or {}
         values = {"step": step, "epoch": epoch, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
                   "seconds": f"{time.perf_counter() - self._start:.2f}",

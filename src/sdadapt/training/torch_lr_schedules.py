@@ -33,9 +33,16 @@ text-encoder and UNet LRs each get their own).
 
 ``OneCycleLR`` sets every group's LR from ``max_lr`` (the groups' own LRs are not used; the fit loop keeps a
 group of LR 0 at 0, as kohya leaves such a group out of the optimiser) and stops
-at ``total_steps``: accelerate stops stepping it there (with gradient accumulation ``A`` its
-counter also counts the ``A − 1`` micro-batches between optimiser steps, so it stops after
-``total_steps // A`` optimiser steps — :meth:`TorchSchedule.lr`'s ``accumulation``). By default
+after ``total_steps`` optimiser steps: accelerate's ``AcceleratedScheduler.step`` steps a scheduler
+with ``total_steps`` only while its ``_step_count <= total_steps`` (accelerate@v1.6.0, kohya's pin,
+``scheduler.py:78-80``), and that count is the scheduler's own steps whatever the gradient
+accumulation: the ``adjust_scheduler`` branch that would add the micro-batches between optimiser
+steps (``scheduler.py:61-64``) is off in kohya's ``Accelerator(gradient_accumulation_steps=A)``
+(``GradientAccumulationPlugin.to_kwargs`` leaves out its default ``adjust_scheduler=True``,
+``utils/dataclasses.py:71-81``, and ``GradientState.adjust_scheduler`` reads a missing key as
+``False``, ``state.py:1235-1237``). So the LR at optimiser step ``s`` is torch's after ``min(s, total_steps)``
+calls of ``.step()`` (the last one, at ``total_steps``, torch's value one step past the anneal's end),
+with any accumulation and an epoch's short last step alike. By default
 (``cycle_momentum=True``) it also moves every group's ``β1`` (``betas[0]``; SGD's ``momentum``)
 from ``max_momentum`` down to ``base_momentum`` while the LR rises and back while it falls:
 :meth:`TorchSchedule.momentum` (the fit loop sets it before each step, as torch's ``.step()`` does).
@@ -267,19 +274,16 @@ class TorchSchedule:
 
     # ------------------------------------------------------------------ the curve
 
-    def lr(self, step: int, base_lr: float, *, accumulation: int = 1) -> float:
+    def lr(self, step: int, base_lr: float) -> float:
         """The LR of a parameter group whose own LR is ``base_lr`` at optimiser step ``step``
-        (0-based): what the real scheduler sets after ``step`` calls of ``.step()``.
-
-        ``accumulation``: the micro-batches per optimiser step (accelerate's counter of a
-        ``OneCycleLR`` counts them; it stops stepping after ``total_steps // accumulation``
-        optimiser steps). Other classes ignore it.
+        (0-based): what the real scheduler sets after ``step`` calls of ``.step()`` (``OneCycleLR``:
+        after ``min(step, total_steps)``, where accelerate stops stepping it — the module's docstring).
 
         Raises:
             ValueError: ``step < 0``.
         """
         if self.name == "OneCycleLR":  # (_one_cycle_step checks the step)
-            return _one_cycle(self.options, self._one_cycle_step(step, accumulation))[0]
+            return _one_cycle(self.options, self._one_cycle_step(step))[0]
         _check_step(step)
         return _curve(self, float(base_lr)).at(step)
 
@@ -288,19 +292,18 @@ class TorchSchedule:
         """Whether the schedule also sets β1 / momentum (``OneCycleLR`` with ``cycle_momentum``)."""
         return self.name == "OneCycleLR" and bool(self.options["cycle_momentum"])
 
-    def momentum(self, step: int, *, accumulation: int = 1) -> float | None:
+    def momentum(self, step: int) -> float | None:
         """The β1 (AdamW's ``betas[0]``, SGD's ``momentum``) of every group at optimiser step
         ``step``, as torch's ``OneCycleLR`` sets it; ``None`` when the schedule does not set it
         (:attr:`cycles_momentum`)."""
         if not self.cycles_momentum:
             return None
-        return _one_cycle(self.options, self._one_cycle_step(step, accumulation))[1]
+        return _one_cycle(self.options, self._one_cycle_step(step))[1]
 
-    def _one_cycle_step(self, step: int, accumulation: int) -> int:
+    def _one_cycle_step(self, step: int) -> int:
+        """The calls of ``.step()`` accelerate has made by optimiser step ``step``: it stops at ``total_steps``."""
         _check_step(step)
-        o = self.options
-        total = _one_cycle_total(o)
-        return min(step, total // max(1, accumulation))
+        return min(step, _one_cycle_total(self.options))
 
     def closed_form(self, step: int, base_lr: float) -> float:
         """The closed form of the schedule at ``step`` (torch's ``_get_closed_form_lr``; the
