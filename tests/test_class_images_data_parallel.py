@@ -1,7 +1,8 @@
 """Prior preservation's class images under data parallel (two gloo ranks on the CPU): made once across the
 processes, every process with all of them, bit for bit one process's; a DreamBooth run equal to one process with
 the global batch; a Custom Diffusion ``--concepts-list`` run whose class images are still to be made works, each
-file written once, by rank 0; a rank failing while making them stops the other with ``PeerProcessError``.
+file written once, by rank 0; the DreamBooth run with ``--class-data-dir`` (still empty) writes them once, by rank 0,
+and trains bit for bit as without it; a rank failing while making them stops the other with ``PeerProcessError``.
 
 The reference: huggingface/diffusers@58eb52c0803ea9af3abec60841c2a093bdf1f951,
 examples/dreambooth/train_dreambooth.py:887-901 and examples/custom_diffusion/train_custom_diffusion.py:774-792:
@@ -100,8 +101,11 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
                                        "<new1>+<new2>", "--init-word", "red+blue", "--model", "toy", "--resolution", "16",
                                        "--steps", "1", "--batch-size", "1", "--class-images", "2", "--seed", "3",
                                        "-o", str(root / "cd.safetensors")])
+    # 4. the DreamBooth run again, its class images kept in --class-data-dir (still to be made): written once, by rank 0
+    results["folder"] = _quiet_main([*_DREAMBOOTH, "--images", str(root / "imgs"), "--batch-size", "1",
+                                     "--class-data-dir", str(root / "reg_db"), "-o", str(root / "dp-folder.safetensors")])
     wait_for_all_ranks("the test's runs")
-    # 4. rank 1 fails making its chunk and leaves the group: rank 0's share of the chunks names the failure
+    # 5. rank 1 fails making its chunk and leaves the group: rank 0's share of the chunks names the failure
     if rank == 1:
         def failing(*args, **kwargs):
             raise OSError("rank 1 fails making its class images (the test)")
@@ -125,6 +129,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 def test_class_images_are_made_once_across_the_ranks_and_equal_one_process(tmp_path, monkeypatch):
     import sdadapt.custom_diffusion.concepts as concepts_module
+    import sdadapt.training.class_folder as class_folder_module
     from sdadapt.methods import class_images
     from sdadapt.toy.system import ToySystem
 
@@ -132,9 +137,9 @@ def test_class_images_are_made_once_across_the_ranks_and_equal_one_process(tmp_p
     # rank, at a tenth of the sampling 16 would take; the one-process run below makes them in the same chunks
     monkeypatch.setitem(class_images.__wrapped__.__kwdefaults__, "batch", 1)
     writes = tmp_path / "writes.txt"
-    real_write_png = concepts_module.write_png
+    real_write_png = class_folder_module.write_png
 
-    def logged_write_png(path, image):  # (every class image written: which rank, which file)
+    def logged_write_png(path, image, **kwargs):  # (every class image written: which rank, which file)
         import time
 
         import torch.distributed as dist
@@ -142,9 +147,9 @@ def test_class_images_are_made_once_across_the_ranks_and_equal_one_process(tmp_p
         time.sleep(0.2)  # (a slow disk: another rank must not read the folder before the files are there)
         with open(writes, "a") as log:
             log.write(f"{dist.get_rank() if dist.is_initialized() else '-'} {Path(path).name}\n")
-        return real_write_png(path, image)
+        return real_write_png(path, image, **kwargs)
 
-    monkeypatch.setattr(concepts_module, "write_png", logged_write_png)
+    monkeypatch.setattr(class_folder_module, "write_png", logged_write_png)
     read = tmp_path / "read.txt"
     real_concept_class_images = concepts_module.concept_class_images
 
@@ -199,9 +204,11 @@ def test_class_images_are_made_once_across_the_ranks_and_equal_one_process(tmp_p
     # the runs' class images, each made once: DreamBooth's 2 (seed 3 + i) one on each rank; the concepts' (concept
     # 0 from seed 3, concept 1 from 3 + 100003 + the 1 image there), a chunk each, dealt out concept by concept
     made_by = [line.split("|") for line in samples.read_text().splitlines()]
-    assert len(made_by) == 5
-    dreambooth, concepts = made_by[:2], made_by[2:]  # (the concepts' start after the DreamBooth run's end)
+    assert len(made_by) == 7
+    # (the concepts' start after the DreamBooth run's end; the DreamBooth run with --class-data-dir's after theirs)
+    dreambooth, concepts, folder_run = made_by[:2], made_by[2:5], made_by[5:]
     assert sorted((r, seed) for r, seed, _ in dreambooth) == [("0", "3"), ("1", "4")]
+    assert sorted((r, seed) for r, seed, _ in folder_run) == [("0", "3"), ("1", "4")]
     assert sorted((r, seed, p) for r, seed, p in concepts) == [
         ("0", "100007", "a blue square"), ("0", "3", "a red circle"), ("1", "4", "a red circle")]
     # 2. DreamBooth on 2 processes (batch 1 each, class images one per rank) = one process with batch 2
@@ -235,7 +242,14 @@ def test_class_images_are_made_once_across_the_ranks_and_equal_one_process(tmp_p
     # every rank read every file, after rank 0 wrote them all
     assert sorted(read.read_text().splitlines()) == [f"{r}|{'+'.join(made['reg_circles'] + made['reg_squares'])}"
                                                      for r in (0, 1)]
-    assert sorted(written) == sorted([["0", n] for n in made["reg_circles"]] + [["0", made["reg_squares"][0]]])
+    db_folder = sorted(p.name for p in (tmp_path / "reg_db").iterdir())
+    assert [n.split("-")[0] for n in db_folder] == ["0", "1"]
+    assert sorted(written) == sorted([["0", n] for n in made["reg_circles"] + db_folder] + [["0", made["reg_squares"][0]]])
+    # the DreamBooth run with the folder trained bit for bit as the one without it (the same ranks, the same order)
+    assert ranks[0]["folder"][0] == 0 and ranks[1]["folder"][0] == 0, ranks[0]["folder"][1][-3000:]
+    assert "2 class image(s) generated into it (0 there, 2 wanted)" in ranks[0]["folder"][1]
+    kept, memory = load_file(tmp_path / "dp-folder.safetensors"), load_file(tmp_path / "dp.safetensors")
+    assert kept.keys() == memory.keys() and all(torch.equal(kept[k], memory[k]) for k in kept)
     # each file is the image its name's digest was taken of (diffusers' {n}-{sha1}), the two circles different
     for name, files in made.items():
         for file in files:
@@ -246,7 +260,7 @@ def test_class_images_are_made_once_across_the_ranks_and_equal_one_process(tmp_p
     # ... and they are one process's: the first circle is the one-image chunk 0 of 'a red circle' at seed 3
     first = class_images(_toy(), ["a red circle"], seed=3, size=(16, 16))[0]
     assert hashlib.sha1(to_uint8(first[0]).tobytes()).hexdigest() == Path(made["reg_circles"][0]).stem.split("-")[1]
-    # 4. rank 1 failed making its chunk: rank 0 stopped with PeerProcessError naming itself, not a bare RuntimeError
+    # 5. rank 1 failed making its chunk: rank 0 stopped with PeerProcessError naming itself, not a bare RuntimeError
     assert ranks[1]["failed"] == "rank 1 fails making its class images (the test)"
     peer = ranks[0]["peer"]
     assert peer is not None and "rank 0 of 2" in peer and "another process" in peer and "class images" in peer

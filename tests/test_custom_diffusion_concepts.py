@@ -212,10 +212,12 @@ def test_train_cli_two_concepts_generate_their_own_class_images_and_train_on_the
     # the generated files are what the unadapted toy makes for each concept's own class prompt
     toy = load_toy()
     red, _ = class_images(toy, ["a red circle"] * 2, seed=3, size=(16, 16))
-    blue, _ = class_images(toy, ["a blue square"], seed=3 + 100_003 + 1, size=(16, 16))
+    # (concept 1's folder held 1 image: its image 1 is image 1 of the 2 an empty folder gets, seeded 3 + 100003 —
+    # sdadapt.training.class_folder.fill_class_folder)
+    blue, _ = class_images(toy, ["a blue square"] * 2, seed=3 + 100_003, size=(16, 16))
     for image, name in zip(red, made["reg_circles"]):
         assert np.array_equal(read_image_channels(tmp_path / "reg_circles" / name)[..., :3], to_uint8(image))
-    assert np.array_equal(read_image_channels(tmp_path / "reg_squares" / made["reg_squares"][0])[..., :3], to_uint8(blue[0]))
+    assert np.array_equal(read_image_channels(tmp_path / "reg_squares" / made["reg_squares"][0])[..., :3], to_uint8(blue[1]))
     # a second run finds the folders full: nothing generated, the same class images
     seen.clear()
     assert main([*args[:-1], "cd2.safetensors", "-q"]) == 0

@@ -98,8 +98,13 @@ def test_prior_images_follow_the_method_default_and_the_switches():
     system = _small_toy(seed=2)
     images, prompts, weight = prior_images(system, METHODS["lora"], count=2, seed=4, weight=0.5)
     assert images.shape == (2, 3, 32, 32) and weight == 0.5 and len(prompts) == 2
-    # they are what the unadapted model draws for those prompts (DreamBooth's class images)
-    torch.testing.assert_close(images, system.sample(prompts, seed=4), rtol=0, atol=0)
+    # they are what the unadapted model draws for those prompts (DreamBooth's class images), as 8-bit pixels: what a
+    # --class-data-dir PNG holds (sdadapt.training.class_folder.as_saved; diffusers' class images are 8-bit images too)
+    from sdadapt.training.class_folder import as_saved
+
+    drawn = system.sample(prompts, seed=4)
+    torch.testing.assert_close(images, as_saved(drawn), rtol=0, atol=0)
+    assert (images - drawn.clamp(-1, 1)).abs().max() <= 1 / 255 + 1e-6
     # the default class prompts are held-in "a {colour} {shape}" (many drawn, on a sampler that only records)
     recorder = _RecordingToy()
     _, many, _ = prior_images(recorder, METHODS["lora"], count=40, seed=4)

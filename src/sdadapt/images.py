@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import Tensor
 from .formats.files import atomic_write
 
 __all__ = ["to_uint8", "write_png", "read_image", "read_image_channels", "scale_image", "image_grid", "load_image_folder", "ImageFolderError",
-           "IMAGE_SUFFIXES", "check_image_folder"]
+           "IMAGE_SUFFIXES", "check_image_folder", "read_png_text"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -57,19 +58,58 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """(H, W, C) uint8, C in 1/3/4 -> PNG bytes (filter 0 on every row, zlib level 6)."""
+def _text_chunk(key: str, value: str) -> bytes:
+    """An uncompressed ``iTXt`` chunk (UTF-8 text; the keyword 1-79 printable Latin-1 characters)."""
+    if not 1 <= len(key) <= 79 or not all(32 < ord(ch) < 127 or ch == " " for ch in key) or key != key.strip():
+        raise ValueError(f"a PNG text keyword must be 1-79 printable ASCII characters, got {key!r}")
+    return _chunk(b"iTXt", key.encode("latin-1") + b"\x00\x00\x00\x00\x00" + value.encode("utf-8"))
+
+
+def encode_png(pixels: np.ndarray, *, text: Mapping[str, str] | None = None) -> bytes:
+    """(H, W, C) uint8, C in 1/3/4 -> PNG bytes (filter 0 on every row, zlib level 6); ``text``: key -> value
+    written as uncompressed ``iTXt`` chunks before the pixels (:func:`read_png_text` reads them back)."""
     h, w, c = pixels.shape
     colour_type = {1: 0, 3: 2, 4: 6}[c]
     raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
     header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")
+    notes = b"".join(_text_chunk(k, v) for k, v in (text or {}).items())
+    return (_PNG_SIGNATURE + _chunk(b"IHDR", header) + notes + _chunk(b"IDAT", zlib.compress(raw, 6))
+            + _chunk(b"IEND", b""))
 
 
-def write_png(path: str | os.PathLike, image: Tensor) -> Path:
-    """Write one image — (C, H, W) float in [-1, 1] or (H, W, C) uint8 — as PNG, atomically."""
-    data = encode_png(to_uint8(image))
+def write_png(path: str | os.PathLike, image: Tensor, *, text: Mapping[str, str] | None = None) -> Path:
+    """Write one image — (C, H, W) float in [-1, 1] or (H, W, C) uint8 — as PNG, atomically (``text``: key ->
+    value, kept in the file as ``iTXt`` chunks)."""
+    data = encode_png(to_uint8(image), text=text)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def read_png_text(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks (``tEXt``, uncompressed ``iTXt``) of a PNG file as key -> value; ``{}`` for a file that is
+    not a PNG (no PIL needed). Only the chunks before the pixels are read (where :func:`write_png` puts them)."""
+    out: dict[str, str] = {}
+    with open(path, "rb") as handle:
+        if handle.read(8) != _PNG_SIGNATURE:
+            return out
+        while True:
+            head = handle.read(8)
+            if len(head) < 8:
+                return out
+            (length,) = struct.unpack(">I", head[:4])
+            kind = head[4:]
+            if kind in (b"IDAT", b"IEND"):
+                return out
+            body = handle.read(length)
+            handle.seek(4, os.SEEK_CUR)  # (the CRC)
+            if len(body) < length:
+                return out
+            key, _, rest = body.partition(b"\x00")
+            if kind == b"tEXt":
+                out[key.decode("latin-1")] = rest.decode("latin-1")
+            elif kind == b"iTXt" and rest[:1] == b"\x00":  # (compressed iTXt: not ours, not read)
+                _, _, rest = rest[2:].partition(b"\x00")  # language tag
+                _, _, rest = rest.partition(b"\x00")  # translated keyword
+                out[key.decode("latin-1")] = rest.decode("utf-8", errors="replace")
 
 
 def image_grid(images: Tensor, *, columns: int, padding: int = 2, fill: float = 1.0) -> Tensor:

@@ -115,7 +115,7 @@ def kohya_defaults(*, method: str, values: Mapping[str, Any], methods: Mapping[s
                 options[name] = value
                 shown.append(f"{name} {value}")
     if prior == "auto" and model in _TOY_MODELS and not any(name in values for name in (
-            "prior", "class_prompt", "class_images", "reg_data_dir", "dataset_config")):
+            "prior", "class_prompt", "class_images", "class_data_dir", "reg_data_dir", "dataset_config")):
         options["prior"] = False
         shown.append("no class images (kohya: only with reg_data_dir)")
     from_file = str(methods.get("dim_from_weights", False)).lower() in ("true", "1")  # (ranks and alphas: the file's)

@@ -1195,8 +1195,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(prior, "--reg-data-dir", metavar="DIR",
         help="your own class images (kohya's reg folder: N_classname/ sub-folders, captions as --images) instead of "
         "generated ones, repeated to match the training images per epoch (kohya's balancing)")
-    add(prior, "--prior", action=bool_flag, help="force prior preservation on/off (default: on with --class-prompt, on the "
-        "toy model for the LoRA family and dreambooth)")
+    add(prior, "--class-data-dir", metavar="DIR",
+        help="keep the generated class images in DIR (diffusers' --class_data_dir): the missing ones are made and "
+        "written there as {index}-{sha1}.png, the next run reuses them; trains as without it, bit for bit")
+    add(prior, "--prior", action=bool_flag, help="force prior preservation on/off (default: on with --class-prompt or "
+        "--class-data-dir, on the toy model for the LoRA family and dreambooth)")
 
     save = train.add_argument_group("saving, resuming, samples and logs")
     add(save, "--save-every-n-steps", type=int, metavar="N", help="also save OUT-stepNNNNNN every N steps (+ the state)")

@@ -27,7 +27,6 @@ once, not balanced by kohya's rule: diffusers cycles through all of them); a
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from ..images import IMAGE_SUFFIXES, to_uint8, write_png
+from ..images import IMAGE_SUFFIXES
 from ..training.data import ImageRecord, image_size, kohya_folder_name
 from ..training.reg_data import RegImages
 
@@ -209,11 +208,12 @@ def concept_records(concepts: Sequence[Concept], *, repeats: int = 1) -> tuple[l
 def missing_class_images(concepts: Sequence[Concept], *, count: int = DIFFUSERS_NUM_CLASS_IMAGES) -> list[int]:
     """How many class images each concept lacks: ``count`` minus the images directly in its
     ``class_data_dir`` (0 when it has enough; a missing folder has none; 0 for a concept without one)."""
+    from ..training.class_folder import class_image_files
+
     out = []
     for concept in concepts:
         folder = concept.class_data_dir
-        have = len(_images_in(folder)) if folder is not None and folder.is_dir() else 0
-        out.append(max(0, count - have) if folder is not None else 0)
+        out.append(max(0, count - len(class_image_files(folder))) if folder is not None else 0)
     return out
 
 
@@ -226,12 +226,14 @@ def concept_class_images(system, concepts: Sequence[Concept], *, count: int = DI
     ``class_prompt``, saved into the folder), then read back.
 
     The missing images are what the unadapted ``system`` makes for the concept's ``class_prompt``
-    (:func:`sdadapt.methods.class_images`, call this before preparing the adaptation), at ``size``
-    (height, width; ``None``: the system's), seeded ``seed + i·100003 + cur`` for concept ``i`` with
-    ``cur`` images already there; each is written as ``{cur + k}-{sha1 of its 8-bit pixels}.png``
-    (diffusers' name, PNG instead of JPEG: lossless) into the folder, which is made when missing.
-    Then each concept's first ``count`` images by name train on its ``class_prompt`` (diffusers: the
-    first ``num_class_images`` of the folder's listing).
+    (call this before preparing the adaptation), at ``size`` (height, width; ``None``: the system's):
+    concept ``i``'s folder is topped up by :func:`sdadapt.training.class_folder.fill_class_folder`
+    with ``count`` prompts from seed ``seed + i·100003`` (image ``n`` is the one an empty folder would
+    get; each written as ``{n}-{sha1 of its 8-bit pixels}.png``, diffusers' name, PNG instead of JPEG:
+    lossless), the folder made when missing. Then each concept's first ``count`` images
+    (:func:`~sdadapt.training.class_folder.class_image_files` order: ``{n}-`` files by ``n``, then the
+    others by name) train on its ``class_prompt`` (diffusers: the first ``num_class_images`` of the
+    folder's listing).
 
     ``group`` (data parallel, :func:`sdadapt.training.data_parallel.active`; call on every rank): the
     missing images are made once across the ranks (:func:`sdadapt.methods.class_images` ``group=``:
@@ -246,8 +248,7 @@ def concept_class_images(system, concepts: Sequence[Concept], *, count: int = DI
         ValueError: ``count`` < 1, or a concept without ``class_prompt`` / ``class_data_dir``.
         PeerProcessError: with ``group``, another rank failed first.
     """
-    from ..methods import class_images
-    from ..training.data_parallel import wait_for_all_ranks
+    from ..training.class_folder import class_image_files, fill_class_folder
 
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count (--class-images) must be an integer >= 1 (class images per concept), got {count!r}")
@@ -262,21 +263,13 @@ def concept_class_images(system, concepts: Sequence[Concept], *, count: int = DI
         folder: Path = concept.class_data_dir  # type: ignore[assignment]
         if group is None or group.main:  # (data parallel: rank 0 writes; the others read the folder after it)
             folder.mkdir(parents=True, exist_ok=True)
-        have = _images_in(folder) if folder.is_dir() else []
-        short = count - len(have)
-        if short > 0:
-            images, _ = class_images(system, [concept.class_prompt] * short, seed=seed + index * _CONCEPT_SEED_OFFSET + len(have),
-                                     size=size, steps=steps, progress=progress, group=group)
-            if group is None or group.main:
-                for k, image in enumerate(images):
-                    pixels = to_uint8(image)
-                    digest = hashlib.sha1(pixels.tobytes()).hexdigest()
-                    write_png(folder / f"{len(have) + k}-{digest}.png", image)
-            if group is not None:  # (before any rank lists the folder again)
-                wait_for_all_ranks(f"the wait for rank 0's class images in {folder}")
+        short = fill_class_folder(system, folder, [concept.class_prompt] * count,  # type: ignore[list-item]
+                                  seed=seed + index * _CONCEPT_SEED_OFFSET, size=size, steps=steps, progress=progress,
+                                  group=group)
+        if short:
             notes.append(f"{concept.where}: {short} class image(s) of {concept.class_prompt!r} generated into {folder} "
-                         f"({len(have)} there, {count} wanted)")
-        files = _images_in(folder)[:count]
+                         f"({count - short} there, {count} wanted)")
+        files = class_image_files(folder)[:count]
         records.extend(ImageRecord(file, concept.class_prompt, 1, label, image_size(file)) for file in files)  # type: ignore[arg-type]
         dirs[label] = {"n_repeats": 1, "img_count": len(files)}
     return RegImages(records, len(records), dirs, notes, list(records))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,16 +66,24 @@ def prior_images(
     progress=None,
     size: tuple[int, int] | None = None,
     group: DataParallel | None = None,
+    class_data_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, list[str], float] | None:
     """Class images for prior preservation, or ``None`` when the run goes without.
 
     Used when ``enabled`` (``None``: the method's ``prior`` default, or whenever a
-    ``class_prompt`` is given). The prompts are ``class_prompt`` repeated, or the system's own
-    ``class_prompts(count, seed=)`` when it has one (the toy model: random held-in
+    ``class_prompt`` or ``class_data_dir`` is given). The prompts are ``class_prompt`` repeated, or the
+    system's own ``class_prompts(count, seed=)`` when it has one (the toy model: random held-in
     "a {colour} {shape}"); the images are what the *unadapted* ``system`` makes for them (so
-    call this before preparing the adaptation). ``group`` (data parallel, a
+    call this before preparing the adaptation), rounded to 8-bit pixels as an image file holds them
+    (:func:`sdadapt.training.class_folder.as_saved`). ``group`` (data parallel, a
     :class:`~sdadapt.training.data_parallel.DataParallel`; call on every rank): made once across
     the ranks, every rank gets them all (:func:`sdadapt.methods.class_images`).
+
+    ``class_data_dir`` (diffusers' ``--class_data_dir``): the class images are kept in that folder —
+    the missing ones made and written there, the first ``count`` read back
+    (:mod:`sdadapt.training.class_folder`): bit for bit the images made without it, so the next run
+    makes none and trains the same. ``log`` gets a line saying what the folder held and what was made.
 
     Returns:
         ``(images (count, 3, H, W), prompts, weight)`` for :func:`sdadapt.methods.fit`, or ``None``.
@@ -81,8 +91,13 @@ def prior_images(
     Raises:
         ValueError: a method that requires prior preservation run without it, or prior
             preservation asked for on a user's model with no ``class_prompt``.
+        InputError: ``class_data_dir`` is a file, or holds an image of another size or made for
+            another class prompt (:func:`sdadapt.training.class_folder.read_class_folder`).
     """
-    wanted = enabled if enabled is not None else (method.prior != "off" or class_prompt is not None)
+    from ..training.class_folder import as_saved, fill_class_folder, read_class_folder
+
+    wanted = enabled if enabled is not None else (method.prior != "off" or class_prompt is not None
+                                                  or class_data_dir is not None)
     if method.prior == "required" and not wanted:
         raise ValueError(f"{method.name} is fine-tuning *with* prior preservation; to fine-tune without it use 'full'")
     if not wanted:
@@ -95,12 +110,23 @@ def prior_images(
         prompts = [class_prompt] * count
     elif hasattr(system, "class_prompts"):  # a system with its own default class (the toy one)
         prompts = system.class_prompts(count, seed=seed)
-    elif method.prior == "required" or enabled:
+    elif method.prior == "required" or enabled or class_data_dir is not None:
         raise ValueError(f"prior preservation for {method.name} needs a class prompt: pass --class-prompt "
                          "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog')")
     else:
         return None
-    images, captions = class_images(system, prompts, seed=seed, progress=progress, size=size, group=group)
+    if class_data_dir is None:
+        images, captions = class_images(system, prompts, seed=seed, progress=progress, size=size, group=group)
+        return as_saved(images), captions, weight
+    made = fill_class_folder(system, class_data_dir, prompts, seed=seed, size=size, progress=progress, group=group)
+    sized = size is not None and "height" in inspect.signature(system.sample).parameters  # (class_images' rule)
+    native = getattr(system, "image_size", None)
+    images, captions = read_class_folder(class_data_dir, count=count, class_prompt=class_prompt,
+                                         size=size if sized else (native, native) if isinstance(native, int) else None)
+    if log is not None:
+        log(f"--class-data-dir {class_data_dir}: " + (f"{made} class image(s) generated into it ({count - made} there, "
+                                                      f"{count} wanted)" if made else
+                                                      f"{count} class image(s) read, none generated"))
     return images, captions, weight
 
 

@@ -192,6 +192,9 @@ class TrainOptions:
     the LoRA of the change).
 
     Prior preservation: ``class_prompt``, ``class_images``, ``prior``, ``prior_weight``;
+    ``class_data_dir`` (diffusers' ``--class_data_dir``: the generated class images kept in that
+    folder, the missing ones made and written there, the next run reusing them; bit for bit the
+    images made without it: :mod:`sdadapt.training.class_folder`);
     ``reg_data_dir`` (kohya's: a folder of your own class images in kohya's layout, ``N_classname/``,
     read, bucketed and cached as ``images``, balanced against the training images by kohya's rule and
     trained on as the prior batches instead of generated ones; :mod:`sdadapt.training.reg_data`).
@@ -343,6 +346,7 @@ class TrainOptions:
     prior: bool | None = None
     prior_weight: float = 1.0
     reg_data_dir: str | os.PathLike | None = None
+    class_data_dir: str | os.PathLike | None = None
     dataset_config: str | os.PathLike | None = None
     in_json: str | os.PathLike | None = None
     concepts_list: str | os.PathLike | None = None
@@ -483,6 +487,16 @@ class TrainOptions:
         if self.reg_data_dir is not None and self.prior is False:
             raise ValueError(f"--reg-data-dir {self.reg_data_dir} is prior preservation with your class images, so it "
                              "cannot go with --no-prior: leave one of the two out")
+        if self.class_data_dir is not None:
+            if self.reg_data_dir is not None:
+                raise ValueError(f"--class-data-dir {self.class_data_dir} keeps generated class images and --reg-data-dir "
+                                 f"{self.reg_data_dir} gives your own (kohya's layout): give one of the two")
+            if self.prior is False:
+                raise ValueError(f"--class-data-dir {self.class_data_dir} keeps the class images of prior preservation, so "
+                                 "it cannot go with --no-prior: leave one of the two out")
+            if Path(self.class_data_dir).exists() and not Path(self.class_data_dir).is_dir():
+                raise ValueError(f"--class-data-dir {self.class_data_dir}: is a file; give a folder for the class images "
+                                 "(made when missing)")
         _check_data_sources(self)
         _check_loraplus_unet_base_weights_block_lr(self.method_options)  # LoRA+, --no-unet, --base-weights, --block-lr
         if self.method_options.get("dim_from_weights") and not self.method_options.get("network_weights"):
@@ -629,7 +643,8 @@ def _check_data_sources(options: TrainOptions) -> None:
     if options.concepts_list is not None:
         given = [flag for flag, value in (("--images", options.images), ("--dataset-config", options.dataset_config),
                                           ("--in-json", options.in_json), ("--reg-data-dir", options.reg_data_dir),
-                                          ("--prompt", options.prompt), ("--class-prompt", options.class_prompt))
+                                          ("--prompt", options.prompt), ("--class-prompt", options.class_prompt),
+                                          ("--class-data-dir", options.class_data_dir))
                  if value is not None]
         if given:
             raise ValueError(f"--concepts-list {options.concepts_list} gives each concept's images, prompts and class "
@@ -1632,11 +1647,13 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             data_config, uncaptioned=trigger is not None,
             kept=lambda train: _hold_out_for_validation(train, options, [], block_options)[0], caption_lines=caption_lines,
             empties=caption_empties, assembly=caption_assembly)
-        if config_reg is not None and (options.prior is False or options.class_images is not None):
+        if config_reg is not None and (options.prior is False or options.class_images is not None
+                                       or options.class_data_dir is not None):
             raise ValueError(f"--dataset-config {options.dataset_config}: its is_reg subsets are prior preservation with "
                              "your class images, so they cannot go with "
                              + ("--no-prior" if options.prior is False else f"--class-images {options.class_images} "
-                                "(generated ones)") + ": leave one of the two out")
+                                "(generated ones)" if options.class_images is not None else
+                                f"--class-data-dir {options.class_data_dir} (generated ones)") + ": leave one of the two out")
         if options.dataset_config is not None and options.images is not None:
             notes.append(f"--images {options.images}: not used, --dataset-config {options.dataset_config} lists the image "
                          "folders (kohya ignores train_data_dir with a dataset config too)")
@@ -1929,7 +1946,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         count = options.class_images if options.class_images is not None else 2 * len(records)
         prior_data = prior_images(system, spec, class_prompt=options.class_prompt, enabled=options.prior, seed=options.seed,
                                   weight=options.prior_weight, count=count, size=(height, width), group=parallel,
-                                  progress=bars("class images", "image") if bars is not None else None)
+                                  progress=bars("class images", "image") if bars is not None else None,
+                                  class_data_dir=options.class_data_dir, log=say)
         prior_count = 0 if prior_data is None else len(prior_data[1])
     adaptation = spec.adapt(system, seed=options.seed, **options.method_options)
     if options.method_options.get("block_lr") is not None:  # kohya's absolute rates -> factors of the run's rate
@@ -2490,8 +2508,11 @@ def _prior_record(method: str, options: TrainOptions) -> dict[str, object]:
     class batch's forward draws its own noise, so turning it on or off changes a resumed run's draws),
     their prompt and their count (which class images the steps draw)."""
     spec = _method(method)
-    on = options.prior if options.prior is not None else (spec.prior != "off" or options.class_prompt is not None)
-    return {"prior": bool(on), "class_prompt": options.class_prompt, "class_images": options.class_images}
+    on = options.prior if options.prior is not None else (spec.prior != "off" or options.class_prompt is not None
+                                                          or options.class_data_dir is not None)
+    # (--class-data-dir: recorded when given, absolute — a relative folder read from another current folder is other images)
+    folder = {} if options.class_data_dir is None else {"class_data_dir": str(Path(options.class_data_dir).resolve())}
+    return {"prior": bool(on), "class_prompt": options.class_prompt, "class_images": options.class_images, **folder}
 
 
 def _noise_record(options: TrainOptions) -> dict[str, object]:
@@ -2605,7 +2626,8 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
                 return entry.get("source") if isinstance(entry, dict) else entry
 
             mismatches.append(f"the dataset config / metadata {_source(record['dataset'])!r} (now {_source(dataset)!r})")
-    mismatches += _record_table_changes(folder, record, "prior", _prior_record(method, options))
+    mismatches += _record_table_changes(folder, record, "prior", _prior_record(method, options),
+                                        defaults={"class_data_dir": None})  # (a record without it: no folder)
     reg_now = None if options.reg_data_dir is None else str(options.reg_data_dir)
     if "reg_data_dir" in record and record["reg_data_dir"] != reg_now:  # (older records: not checked)
         mismatches.append(f"reg_data_dir {record['reg_data_dir']!r} (now {reg_now!r})")
