@@ -512,14 +512,15 @@ def test_tag_multipliers_are_a1111s(tag):
     assert lora_multipliers(tags[0]) == (name, te, unet)
 
 
-@pytest.mark.parametrize("tag", ["<lora:ink:1:1:8>", "<lora:ink:0.5:dyn=8>"])
-def test_tag_dyn_is_refused_not_ignored(tag):
+@pytest.mark.parametrize("tag", ["<lora:ink:1:0.5:8>", "<lora:ink:0.5:dyn=8>", "<lora:ink:0.5:0.2:3:dyn=8>"])
+def test_tag_dyn_is_accepted_as_a1111(tag):
     """A1111's ``dyn`` (4th positional or ``dyn=``) keeps the first ``dyn`` ranks with the full-rank alpha/dim
-    scale. ``lora_multipliers`` (a triple, no place for it) refuses it rather than drop it; ``generate`` reads it
-    through ``lora_tag_arguments`` (tests/test_dylora_features.py, docs/prompts.md)."""
-    from sdadapt.errors import InputError
+    scale. ``lora_multipliers`` accepts every tag A1111 does (it is ``lora_tag_arguments``' first three: one
+    parser) and gives A1111's multipliers; the dyn is ``lora_tag_arguments``' (tests/test_dylora_features.py)."""
+    from sdadapt.prompt_schedule import lora_tag_arguments
 
     _, tags = extra_network_tags(tag)
-    assert a1111_tag_multipliers(tag)[3] == 8
-    with pytest.raises(InputError, match="dyn"):
-        lora_multipliers(tags[0])
+    name, te, unet, dyn = a1111_tag_multipliers(tag)
+    assert dyn == 8
+    assert lora_multipliers(tags[0]) == (name, te, unet)
+    assert lora_tag_arguments(tags[0]) == (name, te, unet, dyn)

@@ -252,7 +252,8 @@ def test_cut_matches_kohya_split(tmp_path):
         assert set(got) == set(want)
         for key in want:
             assert torch.equal(got[key], want[key]), key
-    src = write_safetensors(tmp_path / "dy.safetensors", state, {"ss_network_args": json.dumps({"unit": "2"}),
+    src = write_safetensors(tmp_path / "dy.safetensors", state, {"ss_network_module": "networks.dylora",
+                                                                  "ss_network_args": json.dumps({"unit": "2"}),
                                                                   "ss_training_comment": "hi", "ss_network_dim": "8"})
     out = dylora_cut(src, tmp_path / "dy4.safetensors", rank=4)
     with safe_open(str(out), "pt") as f:

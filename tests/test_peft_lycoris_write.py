@@ -347,14 +347,16 @@ def test_fractional_absent_and_zero_alphas_and_half_factors_keep_their_scale_and
     assert float(again["none.alpha"]) == float(again["zero.alpha"]) == 2.0  # alpha = r: scale 1, as LyCORIS reads it
 
 
-def test_a_lokr_layer_whose_two_factors_have_other_ranks_is_refused(tmp_path):
+def test_a_lokr_layer_whose_two_factors_have_other_ranks_is_written_at_the_larger_rank(tmp_path):
+    """(tests/test_dylora_loose_ends.py checks these folders in peft: padded pairs, full factors, Tucker, refusals.)"""
     g = torch.Generator().manual_seed(0)
     state = {"p.lokr_w1_a": torch.randn(8, 1, generator=g), "p.lokr_w1_b": torch.randn(1, 8, generator=g),
              "p.lokr_w2_a": torch.randn(8, 2, generator=g), "p.lokr_w2_b": torch.randn(2, 8, generator=g),
              "p.alpha": torch.tensor(1.0)}
-    with pytest.raises(ValueError, match=r"p: LoKr lokr_w1_b and lokr_w2_b have ranks \[1, 2\]"):
-        save_peft(tmp_path / "a", state)
-    assert not (tmp_path / "a").exists()
+    save_peft(tmp_path / "a", state)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["alpha"] == 1  # alpha / r2, A1111's and ComfyUI's scale of the file
+    assert load_file(str(tmp_path / "a" / "adapter_model.safetensors"))["base_model.model.p.lokr_w1_b"].shape == (2, 8)
 
 
 def test_a_full_factor_lokr_layer_of_odd_factors_gets_a_rank_that_keeps_them_full(tmp_path):

@@ -243,8 +243,9 @@ def test_lora_multipliers_as_the_lora_extension(args, expected):
 def test_bad_tags_are_refused_naming_the_tag():
     with pytest.raises(InputError, match=r"<lora:ink:x>.*'x' is not a number"):
         lora_multipliers(extra_network_tags("<lora:ink:x>")[1][0])
-    with pytest.raises(InputError, match="dyn"):
-        lora_multipliers(extra_network_tags("<lora:ink:1:dyn=4>")[1][0])
+    assert lora_multipliers(extra_network_tags("<lora:ink:1:dyn=4>")[1][0]) == ("ink", 1.0, 1.0)  # (A1111's dyn)
+    with pytest.raises(InputError, match=r"<lora:ink:1:dyn=x>: dyn 'x' is not an int"):
+        lora_multipliers(extra_network_tags("<lora:ink:1:dyn=x>")[1][0])
     assert hypernetwork_multiplier(ExtraNetworkTag("hypernet", ("h", "0.7"))) == ("h", 0.7)
     assert hypernetwork_multiplier(extra_network_tags("<hypernet:h>")[1][0]) == ("h", 1.0)
 

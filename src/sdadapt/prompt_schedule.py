@@ -116,13 +116,14 @@ def _number(tag: ExtraNetworkTag, value: str, what: str) -> float:
 
 
 def lora_tag_arguments(tag: ExtraNetworkTag) -> tuple[str, float, float, int | None]:
-    """``(name, te, unet, dyn)`` of a ``<lora:...>`` / ``<lyco:...>`` tag: :func:`lora_multipliers`' three and
-    A1111's ``dyn`` (``<lora:NAME:TE:UNET:DYN>`` or ``dyn=N``, the named one winning; ``None`` when not given),
-    the leading LoRA ranks to keep (:func:`sdadapt.loratools.dylora.a1111_dyn_state`).
+    """``(name, te, unet, dyn)`` of a ``<lora:...>`` / ``<lyco:...>`` tag, the one parser of LoRA tags (A1111's
+    ``extensions-builtin/Lora/extra_networks_lora.py`` ``activate``): the multipliers of :func:`lora_multipliers`
+    and A1111's ``dyn`` (``<lora:NAME:TE:UNET:DYN>`` or ``dyn=N``, the named one winning; ``None`` when not
+    given), the leading LoRA ranks to keep (:func:`sdadapt.loratools.dylora.a1111_dyn_state`).
 
     Raises:
-        InputError: as :func:`lora_multipliers`, or a ``dyn`` that is not a positive int (A1111 reads it with
-            ``int()``), or more than four positional arguments.
+        InputError: no name, a multiplier that is no number, a ``dyn`` that is not a positive int (A1111 reads
+            it with ``int()``), or more than four positional arguments.
     """
     dyn_text = tag.named.get("dyn", tag.positional[3] if len(tag.positional) > 3 else None)
     if len(tag.positional) > 4:
@@ -147,14 +148,16 @@ def lora_multipliers(tag: ExtraNetworkTag) -> tuple[str, float, float]:
     ``<lora:NAME>`` 1, 1; ``<lora:NAME:M>`` M, M; ``<lora:NAME:TE:UNET>``; ``te=``/``unet=`` override
     the positional ones (``<lora:NAME:0.8:unet=0.3>``), the UNet's defaulting to the text encoder's.
 
+    The first three of :func:`lora_tag_arguments`, the one parser: a tag A1111 accepts is accepted here,
+    ``dyn`` included (``<lora:NAME:TE:UNET:DYN>``, ``dyn=N``: checked as A1111 reads it, not returned; read
+    it with :func:`lora_tag_arguments`, as ``generate`` does).
+
     Raises:
-        InputError: no name, a multiplier that is no number, or a ``dyn`` (this triple has no place for it:
-            :func:`lora_tag_arguments` reads it, as ``generate`` does).
+        InputError: as :func:`lora_tag_arguments`: no name, a multiplier that is no number, a ``dyn`` that is
+            not a positive int, or more than four positional arguments.
     """
-    if "dyn" in tag.named or len(tag.positional) > 3:
-        raise InputError(f"prompt tag {tag.text}: dyn (A1111's dynamic LoRA dimension) is not read by "
-                         "lora_multipliers; read the tag with lora_tag_arguments (as generate does)")
-    return _multipliers(tag)
+    name, te, unet, _ = lora_tag_arguments(tag)
+    return name, te, unet
 
 
 def _multipliers(tag: ExtraNetworkTag) -> tuple[str, float, float]:

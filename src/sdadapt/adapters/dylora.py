@@ -31,7 +31,13 @@ from torch import Tensor, nn
 from .base import AdapterModule, LayerGeometry, graph_capturing, refresh_scale_after_load
 from .lora import LoRAModule, lora_delta_weight, lora_scale
 
-__all__ = ["DyLoRAConfig", "DyLoRAModule", "dylora_forward", "dylora_trainable_rank"]
+__all__ = ["DYLORA_COMPILE_REASON", "DyLoRAConfig", "DyLoRAModule", "dylora_forward", "dylora_trainable_rank"]
+
+#: why a DyLoRA network is not trained compiled (``fit(..., config=FitConfig(compile_backend=...))`` and
+#: ``train dylora --torch-compile`` refuse it with this reason)
+DYLORA_COMPILE_REASON = ("each DyLoRA layer draws its trainable slice on the host every step, which breaks the "
+                         "compiled graph at every layer and recompiles it for every slice (no speed-up, torch's "
+                         "recompile limit is hit)")
 
 
 def dylora_trainable_rank(draw: int, unit: int) -> int:

@@ -259,6 +259,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cut.add_argument("lora", help="DyLoRA .safetensors file")
     cut.add_argument("--rank", type=int, required=True, help="the rank to keep (a multiple of the training unit)")
     cut.add_argument("--unit", type=int, default=None,
-                     help="the DyLoRA unit (default: ss_network_args' unit; none there: any rank)")
+                     help="the DyLoRA unit (default: the file's, from its metadata: kohya networks.dylora's unit, "
+                     "LyCORIS algo=dylora's block_size; not a DyLoRA file: any rank)")
     add_output_options(cut, dtype_help="each tensor's own dtype")
     cut.set_defaults(run=_cmd_cut_dylora)

@@ -6,6 +6,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -14,7 +15,8 @@ from ..adapters.registry import algorithm_of_keys, file_rank
 from .files import _check_is_file, read_safetensors_header, read_safetensors_scalars, sniff_format
 from .kohya import _component_of, is_kohya_state
 
-__all__ = ["ADAPTER_KINDS", "FILE_KINDS", "KOHYA_LAYOUT_KINDS", "detect_kind", "describe_file"]
+__all__ = ["ADAPTER_KINDS", "FILE_KINDS", "KOHYA_LAYOUT_KINDS", "DyLoRANetwork", "detect_kind", "describe_file",
+           "dylora_network"]
 
 FILE_KINDS = (
     "kohya-lora",
@@ -74,6 +76,61 @@ KOHYA_LAYOUT_KINDS = ("kohya-lora", "lycoris", "kohya-oft")
 ADAPTER_KINDS = (*KOHYA_LAYOUT_KINDS, "diffusers-lora", "peft-lora", "peft-ia3")
 #: per-layer algorithms with no rank and no alpha: what ``ranks`` / ``alphas`` say instead
 _UNRANKED = {"ia3": "IA3 vectors", "norm": "norm weight/bias offsets", "full": "full weight deltas"}
+
+
+class DyLoRANetwork(NamedTuple):
+    """What a file's training metadata says of its DyLoRA network (:func:`dylora_network`)."""
+
+    #: ``"kohya networks.dylora"`` or ``"LyCORIS algo=dylora"``
+    trainer: str
+    #: the rows trained together (kohya's ``unit``, LyCORIS' ``block_size``): the file is a trained LoRA at every
+    #: multiple of it; ``None`` when the metadata gives no positive int
+    unit: int | None
+
+
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    try:
+        number = int(value)  # (kohya and LyCORIS read the network_args strings with int())
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def dylora_network(metadata: Mapping[str, str]) -> DyLoRANetwork | None:
+    """The DyLoRA network a LoRA file was trained as, from its kohya training metadata; ``None`` for any other file.
+
+    A DyLoRA file holds plain ``lora_down`` / ``lora_up`` / ``alpha`` tensors (its keys cannot tell it from a
+    LoRA); the metadata kohya's ``train_network.py`` writes can (``ss_network_module``, and ``ss_network_args``:
+    the ``--network_args`` given, as strings, ``json.dumps``'d: sd-scripts@48d368fa train_network.py:664-668, 1204):
+
+    * kohya's own DyLoRA: ``ss_network_module = "networks.dylora"``; ``unit`` from ``ss_network_args``, 1 when
+      absent (``networks/dylora.py:193-205``: ``int(unit)`` if given, else 1);
+    * LyCORIS' (``lycoris.kohya`` with ``algo=dylora``, which LyCORIS lowercases): the unit is ``block_size``,
+      4 when absent or empty (LyCORIS@f49d30d ``lycoris/kohya.py:47, 55``: ``int(kwargs.get("block_size", None)
+      or 4)``).
+
+    Example: ``dylora_network({"ss_network_module": "networks.dylora", "ss_network_args": '{"unit": "4"}'})``
+    is ``DyLoRANetwork("kohya networks.dylora", 4)``.
+    """
+    from .header import load_json
+
+    module = str(metadata.get("ss_network_module", ""))
+    if module != "networks.dylora" and not module.startswith("lycoris"):
+        return None
+    text = metadata.get("ss_network_args") or "{}"
+    try:
+        args = load_json(text, source="ss_network_args", what="ss_network_args") if isinstance(text, str) else None
+    except ValueError:  # (malformed: a DyLoRA file whose unit is unknown)
+        args = None
+    if not isinstance(args, dict):
+        args = None
+    if module == "networks.dylora":
+        return DyLoRANetwork("kohya networks.dylora", _positive_int(args.get("unit", 1)) if args is not None else None)
+    if args is None or str(args.get("algo", "")).lower() != "dylora":
+        return None
+    return DyLoRANetwork("LyCORIS algo=dylora", _positive_int(args.get("block_size") or 4))
 
 
 def _suffix(key: str) -> str:
@@ -181,6 +238,8 @@ def _describe(file: Path) -> dict:
         summary["dims"] = {"image embedding": shapes[keys[0]][-1] if shapes[keys[0]] else 0}
     if kind in _USES:
         summary["use"] = _USES[kind]
+    if kind in KOHYA_LAYOUT_KINDS:  # (a DyLoRA file: its keys are a LoRA's, its metadata tells)
+        summary.update(_dylora_summary(summary, metadata))
     if kind == "embedding":  # trigger word, vectors, widths, encoders, which tool wrote it
         from .embeddings import embedding_summary
 
@@ -310,6 +369,28 @@ def _adapter_summary(
                   **{f"none ({_UNRANKED[a]})": n for a, n in rankless.items()}, **rotations},
         "alphas": dict(alphas),
     }
+
+
+def _dylora_summary(summary: Mapping, metadata: Mapping[str, str]) -> dict:
+    """A DyLoRA file's report (:func:`dylora_network` reads its metadata): its LoRA/LoCon layers are ``dylora``
+    layers of that family, and ``dylora`` says which network trained it, its unit and the ranks it was trained at;
+    ``{}`` for any other file, or one whose layers are not all LoRA/LoCon."""
+    network = dylora_network(metadata)
+    algorithms = dict(summary.get("algorithms") or {})
+    if network is None or not algorithms or set(algorithms) - {"lora", "locon"}:
+        return {}
+    unit = network.unit
+    ranks = sorted(int(r) for r in summary.get("ranks", {}) if str(r).isdigit())
+    trained = ("unknown (no unit in ss_network_args)" if unit is None else
+               f"every multiple of {unit}" + (f" up to {ranks[-1]}" if len(ranks) == 1 else ""))
+    info: dict = {"trained by": network.trainer, "unit": unit if unit is not None else "unknown",
+                  "trained ranks": trained}
+    if network.trainer.startswith("LyCORIS"):  # (docs/lycoris.md: its training forward scaled alpha·block_size/r)
+        info["strength"] = (f"apply at {unit} (its block_size) for its training forward's scale"
+                            if unit is not None else "its training forward's scale needs its block_size")
+    use = "generate --lora FILE:SCALE (<lora:NAME:M:dyn=r>: its first r ranks); cut-dylora FILE --rank r; " \
+          "merge-lora, resize-lora, combine-loras, convert"
+    return {"family": "dylora", "algorithms": {"dylora": sum(algorithms.values())}, "dylora": info, "use": use}
 
 
 def _is_scalar(shape: tuple[int, ...]) -> bool:

@@ -26,6 +26,12 @@ the tensors of the state, and refuses (naming the layer) what no config can:
   decomposed iff r < max(b, d)/2, ``w1`` iff ``decompose_both`` and r < max(a, c)/2; Tucker (``lokr_t2``)
   iff ``use_effective_conv2d`` on a kxk convolution with decomposed ``w2``. A layer with both factors
   full gets an r that keeps them full and ``alpha = r`` (scale 1, LyCORIS' scale).
+* LoKr whose ``lokr_w1_b`` and ``lokr_w2_b`` ranks r1 ≠ r2 differ (A1111 and ComfyUI load such files, scale
+  ``alpha / r2``; peft's ``update_layer`` gives both pairs the layer's one ``r``): written at ``r = max(r1, r2)``
+  with ``alpha · r / r2``. Each factor takes the form peft builds at that r: a pair peft keeps is zero-padded
+  to rank r (the product and the stored entries unchanged, bit for bit), a factor peft keeps full is written
+  as the pair's product (computed in float64, rounded once to the tensor's dtype). Without ``model``, a flat
+  ``w2`` that peft keeps full is refused (its kernel is unknown).
 
 Which layers are kxk convolutions the flattened factors (``hada_w*_b`` (r, in·kh·kw), ``lokr_w2_b``
 (r, d·kh·kw)) do not show. Given ``model``, the writer reads each layer's weight shape from it and the
@@ -162,7 +168,8 @@ def _peft_lokr_shapes(weight: tuple[int, ...], r: int, *, factor: int, decompose
 
 
 def _rank(family: str, tensors: Mapping[str, Tensor], layer: str) -> int | None:
-    """The layer's rank from its shapes (None: a LoKr with both factors full)."""
+    """The layer's rank from its shapes (None: a LoKr with both factors full); a LoKr whose ``lokr_w1_b`` and
+    ``lokr_w2_b`` ranks differ gets the larger (:func:`_mixed_lokr_ranks`)."""
     if family == "LOHA":
         ranks = {int(tensors[k].shape[0]) for k in ("hada_w1_b", "hada_w2_b") if k in tensors}
         if len(ranks) != 1:
@@ -170,10 +177,68 @@ def _rank(family: str, tensors: Mapping[str, Tensor], layer: str) -> int | None:
                              "gives both halves one rank. Save it as a kohya/LyCORIS file (format='kohya') instead.")
         return ranks.pop()
     ranks = {int(tensors[k].shape[0]) for k in ("lokr_w1_b", "lokr_w2_b") if k in tensors}
-    if len(ranks) > 1:
-        raise ValueError(f"{layer}: LoKr lokr_w1_b and lokr_w2_b have ranks {sorted(ranks)}; peft's LoKrConfig gives "
-                         "a layer one rank. Save it as a kohya/LyCORIS file (format='kohya') instead.")
-    return ranks.pop() if ranks else None
+    return max(ranks) if ranks else None
+
+
+def _mixed_lokr_ranks(tensors: Mapping[str, Tensor]) -> tuple[int, int] | None:
+    """``(r1, r2)``, the ranks of ``lokr_w1_b`` and ``lokr_w2_b`` when a LoKr layer has both and they differ
+    (A1111 and ComfyUI load such a file, its scale ``alpha / r2``), else None."""
+    if "lokr_w1_b" not in tensors or "lokr_w2_b" not in tensors:
+        return None
+    r1, r2 = int(tensors["lokr_w1_b"].shape[0]), int(tensors["lokr_w2_b"].shape[0])
+    return (r1, r2) if r1 != r2 else None
+
+
+def _pad_rank(tensor: Tensor, dims: tuple[int, ...], rank: int) -> Tensor:
+    """``tensor`` with zeros appended along ``dims`` up to ``rank`` (the rank axes of a low-rank factor): the
+    product it enters is unchanged, its own entries keep their bits."""
+    for dim in dims:
+        missing = rank - tensor.shape[dim]
+        if missing:
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            tensor = torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+    return tensor
+
+
+def _fit_mixed_lokr(tensors: Mapping[str, Tensor], weight: tuple[int, ...],
+                    built: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor] | None:
+    """A LoKr layer whose ``lokr_w1_b`` / ``lokr_w2_b`` ranks differ, in the tensors peft builds for it (``built``,
+    at one r ≥ both ranks, for a base weight of shape ``weight``), with the same Kronecker product: a factor peft
+    keeps as a low-rank pair is the layer's pair with zero rows/columns appended up to r (its entries' bits kept);
+    a factor peft keeps full is the layer's product (float64, rounded once to the layer's dtype). None when peft
+    builds another split or another form of ``w2`` (a Tucker core for a flat pair, or the reverse)."""
+    from ..adapters.base import LayerGeometry
+    from ..adapters.lokr import LoKrModule
+
+    factors = {name: value for name, value in tensors.items() if name != "alpha"}
+    dtype = factors["lokr_w1_b"].dtype
+    try:
+        module = LoKrModule.from_file_tensors(LayerGeometry.from_weight_shape(weight),
+                                              {k: v.double() for k, v in factors.items()}, name="<mixed>")
+    except ValueError:  # (the tensors do not fit this reading of the base weight)
+        return None
+    with torch.no_grad():
+        w1, w2 = module.factors()  # (a, c), (b, d, *k): float64
+    out: dict[str, Tensor] = {}
+    if "lokr_w1" in built:
+        out["lokr_w1"] = w1.to(dtype)  # (a, c)
+    elif "lokr_w1_a" in built:
+        r = built["lokr_w1_a"][1]
+        out["lokr_w1_a"] = _pad_rank(factors["lokr_w1_a"], (1,), r)  # (a, r1) -> (a, r)
+        out["lokr_w1_b"] = _pad_rank(factors["lokr_w1_b"], (0,), r)  # (r1, c) -> (r, c)
+    if "lokr_w2" in built:
+        out["lokr_w2"] = w2.to(dtype)  # (b, d, *k)
+    elif "lokr_t2" in built and "lokr_t2" in factors:
+        r = built["lokr_t2"][0]
+        out["lokr_t2"] = _pad_rank(factors["lokr_t2"], (0, 1), r)  # (r2, r2, kh, kw) -> (r, r, kh, kw)
+        out["lokr_w2_a"] = _pad_rank(factors["lokr_w2_a"], (0,), r)  # (r2, b) -> (r, b)
+        out["lokr_w2_b"] = _pad_rank(factors["lokr_w2_b"], (0,), r)  # (r2, d) -> (r, d)
+    elif "lokr_w2_a" in built and "lokr_t2" not in built and "lokr_t2" not in factors:
+        r = built["lokr_w2_a"][1]
+        out["lokr_w2_a"] = _pad_rank(factors["lokr_w2_a"], (1,), r)  # (b, r2) -> (b, r)
+        out["lokr_w2_b"] = _pad_rank(factors["lokr_w2_b"], (0,), r)  # (r2, d·kh·kw) -> (r, d·kh·kw)
+    return out if _shapes_of(out) == dict(built) else None
 
 
 def _weights_from_tensors(family: str, tensors: Mapping[str, Tensor]) -> list[tuple[int, ...]]:
@@ -293,6 +358,8 @@ def to_peft_lycoris(state: Mapping[str, Tensor], *, model: nn.Module | None = No
     weights = _weights_from_model(model, list(layers)) if model is not None else {
         layer: _weights_from_tensors(family, tensors) for layer, tensors in layers.items()}
     fixed = {layer: rank for layer in layers if (rank := _rank(family, layers[layer], layer)) is not None}
+    mixed = {layer: ranks for layer in layers
+             if family == "LOKR" and (ranks := _mixed_lokr_ranks(layers[layer])) is not None}
     r = Counter(fixed.values()).most_common(1)[0][0] if fixed else 8
     tucker = any(name in tensors for tensors in layers.values() for name in ("hada_t1", "lokr_t2"))
     options: dict[str, object] = {"use_effective_conv2d": tucker}
@@ -302,18 +369,42 @@ def to_peft_lycoris(state: Mapping[str, Tensor], *, model: nn.Module | None = No
         sizes = sorted({int(t[name].shape[axis]) for t in layers.values()  # (a, c: w1's sides, peft's factor)
                         for name, axis in (("lokr_w1", 0), ("lokr_w1", 1), ("lokr_w1_a", 0), ("lokr_w1_b", 1))
                         if name in t} - {1})
-        candidates = [{**options, "decompose_both": decompose_both, "decompose_factor": f} for f in (-1, *sizes)]
+        both_options = (decompose_both, not decompose_both) if mixed else (decompose_both,)  # (mixed: w1 fits both)
+        candidates = [{**options, "decompose_both": both, "decompose_factor": f}
+                      for both in both_options for f in (-1, *sizes)]
     misfits: list[str] = []
+    ambiguous = ""  # (a mixed-rank layer peft makes full without a model to tell its kernel)
     for chosen in candidates:
         ranks = dict(fixed)
         for layer in layers.keys() - fixed.keys():  # LoKr, both factors full: an r that keeps them so
             ranks[layer] = _free_rank(weights[layer], factor=int(chosen["decompose_factor"]),
                                       decompose_both=bool(chosen["decompose_both"]), preferred=r)
-        found = _misfits(family, layers, weights, ranks, chosen)
+        trial = dict(layers)
+        for layer in mixed:  # w1_b / w2_b ranks differ: the tensors peft builds at r = the larger rank, if any
+            fits = []
+            for weight in weights[layer]:
+                built = _peft_lokr_shapes(weight, ranks[layer], factor=int(chosen["decompose_factor"]),
+                                          decompose_both=bool(chosen["decompose_both"]),
+                                          effective=bool(chosen["use_effective_conv2d"]))
+                if (fitted := _fit_mixed_lokr(layers[layer], weight, built)) is not None:
+                    fits.append(fitted)
+            if len({tuple(sorted(_shapes_of(f).items())) for f in fits}) > 1:  # (w2 made full: which kernel?)
+                ambiguous = ambiguous or (
+                    f"{layer}: its lokr_w1_b / lokr_w2_b ranks {list(mixed[layer])} differ, and at the one rank "
+                    f"peft's LoKrConfig gives a layer (r={ranks[layer]}) peft keeps w2 full, whose shape depends on "
+                    "whether the layer is a Linear or a convolution, which its flattened lokr_w2_b does not show: "
+                    "pass model= (save_peft(folder, state, model=unet)), or save it as a kohya/LyCORIS file "
+                    "(format='kohya')")
+            elif fits:
+                trial[layer] = {**fits[0], **({"alpha": layers[layer]["alpha"]} if "alpha" in layers[layer] else {})}
+        found = _misfits(family, trial, weights, ranks, chosen)
         if not found:
+            layers = trial
             break
         misfits = misfits or found  # (the first candidate's, peft's default factor: the clearest message)
     else:
+        if ambiguous:
+            raise ValueError(ambiguous)
         hint = "" if model is not None else (" If the tensors were read for the wrong kind of layer (a flattened "
                                              "convolution), pass model= (save_peft(folder, state, model=unet)).")
         raise ValueError(
@@ -324,12 +415,15 @@ def to_peft_lycoris(state: Mapping[str, Tensor], *, model: nn.Module | None = No
     for layer, tensors in layers.items():
         alpha = tensors.get("alpha")
         value = float(alpha) if alpha is not None and alpha.numel() == 1 else 0.0
+        scale_rank = mixed[layer][1] if layer in mixed else ranks[layer]  # (mixed: alpha / r2, A1111's and ComfyUI's)
         if layer not in fixed or value == 0.0 or not math.isfinite(value):  # both full: scale 1; no alpha: alpha = r
             if alpha is not None and alpha.numel() != 1:
                 raise ValueError(f"{layer}: alpha has {alpha.numel()} values, not one")
             if layer in fixed and not math.isfinite(value):
                 raise ValueError(f"{layer}: alpha is {value}; the adapter is broken")
-            value = float(ranks[layer])
+            value = float(scale_rank)
+        if layer in mixed:  # peft's alpha' / r is the file's alpha / r2
+            value = value * ranks[layer] / scale_rank
         alphas[layer] = value
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     peft_state = {f"{_PREFIX}{layer}.{name}": value for layer, tensors in layers.items()

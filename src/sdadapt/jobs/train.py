@@ -1586,10 +1586,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     _check_text_cache_method(method, spec, options)
     _check_fp8_base_method(method, options)
     _check_full_half_method(method, options)
-    if method == "dylora" and options.torch_compile:  # (a compiled fit of it trains as the eager one, slower)
-        raise ValueError("--torch-compile with dylora: each DyLoRA layer draws its trainable slice on the host every "
-                         "step, which breaks the compiled graph at every layer and recompiles it for every slice (no "
-                         "speed-up, torch's recompile limit is hit); leave --torch-compile out")
+    if method == "dylora" and options.torch_compile:  # (fit refuses it too; here before the model loads)
+        from ..adapters.dylora import DYLORA_COMPILE_REASON
+
+        raise ValueError(f"--torch-compile with dylora: {DYLORA_COMPILE_REASON}; leave --torch-compile out")
     _check_dtype(spec, options.dtype)
     outputs = _outputs(spec, options)
     samples = parse_sample_prompts(options.sample_prompts) if options.sample_prompts is not None else []

@@ -95,25 +95,22 @@ def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, un
                dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write ``path`` (a DyLoRA file) cut to ``rank`` at ``out``.
 
-    ``unit``: when given (or read from ``ss_network_args``), ``rank`` must be a multiple of it — the
-    ranks DyLoRA trained; kohya's tool writes every multiple of ``--unit`` below R. ``dtype``: the
-    floating tensors are written in it (``None``: each tensor's own dtype).
+    ``unit``: when given (or read from the file's metadata by :func:`sdadapt.formats.detect.dylora_network`:
+    kohya's ``unit``, LyCORIS' ``block_size``), ``rank`` must be a multiple of it — the ranks DyLoRA trained;
+    kohya's tool writes every multiple of ``--unit`` below R. ``dtype``: the floating tensors are written in it
+    (``None``: each tensor's own dtype).
 
     Raises:
         InputError: a rank out of range or not a multiple of the unit.
     """
-    import json
-
+    from ..formats.detect import dylora_network
     from ..formats.files import check_output_file, read_weights, write_safetensors
 
     target = check_output_file(out, overwrite=overwrite)
     state, metadata = read_weights(path)
     metadata = dict(metadata or {})
-    if unit is None:
-        try:
-            unit = int(json.loads(metadata.get("ss_network_args", "{}")).get("unit", 0)) or None
-        except (ValueError, TypeError, AttributeError):
-            unit = None
+    if unit is None and (network := dylora_network(metadata)) is not None:
+        unit = network.unit
     if unit is not None and (unit < 1 or rank % unit):
         raise InputError(f"--rank {rank} is not a multiple of the DyLoRA unit {unit}: only those ranks were trained "
                          f"(e.g. --rank {max(unit, rank - rank % unit)})")

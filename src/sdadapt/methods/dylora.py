@@ -19,7 +19,6 @@ builds without the unit) is not an option.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -54,23 +53,22 @@ def _to_dylora(adaptation: AdapterAdaptation, unit: int) -> DyLoRAAdaptation:
 
 
 def _file_unit(path: str | os.PathLike) -> int | None:
-    """The ``unit`` a DyLoRA file was trained with (its ``ss_network_args``), ``None`` for any other file."""
+    """The ``unit`` a kohya DyLoRA file was trained with (:func:`sdadapt.formats.detect.dylora_network`), ``None``
+    for any other file."""
     file = Path(path)
     if file.suffix != ".safetensors" or not file.is_file():
         return None
     from safetensors import safe_open
+
+    from ..formats.detect import dylora_network
 
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except Exception:  # (not readable as safetensors: read_network_weights says why)
         return None
-    if metadata.get("ss_network_module") != "networks.dylora":
-        return None
-    try:
-        return int(json.loads(metadata.get("ss_network_args") or "{}").get("unit", 1))
-    except (ValueError, TypeError, AttributeError):
-        return None
+    network = dylora_network(metadata)
+    return network.unit if network is not None and network.trainer == "kohya networks.dylora" else None
 
 
 def prepare_dylora(system, *, rank: int = 8, alpha: float | None = None, unit: int = 1, conv_rank: int | None = None,

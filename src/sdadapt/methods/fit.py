@@ -241,7 +241,8 @@ class FitConfig:
             backend (``"inductor"``, ``"aot_eager"``, ...; kohya's ``--torch_compile
             --dynamo_backend``); ``None``: eager. The first steps compile; a new batch size or
             bucket compiles once more (then dynamic). Every adapter family traces in one graph
-            (``tests/test_compile_graphs.py``). Attention is measured (``measure_attention``) on the
+            (``tests/test_compile_graphs.py``) but DyLoRA, which is refused (ValueError: its host-side
+            slice draw breaks the graph at every layer and recompiles it for every slice). Attention is measured (``measure_attention``) on the
             eager model, before compiling.
         zero_terminal_snr: train on the system's schedule rescaled to zero terminal SNR
             (:func:`~sdadapt.training.diffusion.zero_terminal_snr_alphas_cumprod`, kohya's
@@ -842,7 +843,8 @@ def fit(
     Raises:
         NonFiniteLossError: a NaN/inf loss with ``config.stop_on_nonfinite``.
         ValueError: empty data, no trainable parameters, or a state that does not fit; ``resize_aug``
-            with loss masks or ``cache_text_encoder_outputs``.
+            with loss masks or ``cache_text_encoder_outputs``; ``compile_backend`` with DyLoRA layers
+            (:data:`~sdadapt.adapters.dylora.DYLORA_COMPILE_REASON`).
         PeerProcessError: data parallel, a collective failed (another rank failed first); its
             ``trained_steps`` is the optimiser steps the weights have taken (the last ``on_step``'s
             step, or one more when the failure came after this step's update).
@@ -880,6 +882,8 @@ def fit(
     params = adaptation.params
     if not params:
         raise ValueError("the adaptation has no trainable parameters")
+    if config.compile_backend is not None:
+        _refuse_compiled_dylora(system, adaptation, config.compile_backend)
     tokenize = getattr(adaptation, "tokenize", None) or system.tokenize
     # the dataset's captions (kohya's weighted_captions: emphasis read, weights beside the ids)
     tokenize_captions = _weighted_tokenizer(system, adaptation, dataset) if config.weighted_captions else tokenize
@@ -1402,6 +1406,26 @@ def _fastest_attention(model: Callable[[Tensor, Tensor, Any], Tensor], batch: di
         prepared = prepare_batch(batch, state=TrainState(seed=0, device=device), config=config, alphas_cumprod=alphas_cumprod)
         calls = record_attention_calls(lambda: step_loss(model, prepared, config))
         return fastest_sdpa_backends(calls) if calls else config.sdpa_backends  # no attention: nothing to choose
+
+
+def _refuse_compiled_dylora(system: System, adaptation: Any, backend: str) -> None:
+    """``compile_backend`` with a DyLoRA layer in the system's models (or the adaptation): a ``ValueError``
+    naming the layers and :data:`~sdadapt.adapters.dylora.DYLORA_COMPILE_REASON` (``train --torch-compile``
+    refuses it with the same reason)."""
+    from ..adapters.dylora import DYLORA_COMPILE_REASON, DyLoRAModule
+
+    roots = [model for _, model in system_models(system)]
+    roots += [extra for extra in (system, adaptation) if isinstance(extra, nn.Module)]
+    seen: dict[int, str] = {}  # (a module reached from two roots named once)
+    for root in roots:
+        for name, sub in root.named_modules():
+            if isinstance(sub, DyLoRAModule):
+                seen.setdefault(id(sub), name)
+    found = list(seen.values())
+    if found:
+        more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+        raise ValueError(f"compile_backend={backend!r} (--torch-compile) with DyLoRA layers ({', '.join(found[:2])}"
+                         f"{more}): {DYLORA_COMPILE_REASON}; train DyLoRA with compile_backend=None (no --torch-compile)")
 
 
 def _checkpoint_unet(system: System, fraction: float = 1.0) -> Any:
