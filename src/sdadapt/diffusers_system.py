@@ -23,7 +23,9 @@ on its one encoder (OpenCLIP-bigG: penultimate states, 1280 wide, and its projec
 ``time_ids = (orig_h, orig_w, crop_top, crop_left, aesthetic_score)`` — 6.0 for the prompt, 2.5 for the
 negative (diffusers' ``requires_aesthetics_score``); its empty negative prompt is encoded, not zeroed.
 Latents are the VAE posterior mean times its scaling factor
-(SD1/SD2 0.18215, SDXL 0.13025). ``max_token_length=150`` / ``225`` (kohya's option) keeps that many
+(SD1/SD2 0.18215, SDXL 0.13025; with the VAE config's ``latents_mean`` / ``latents_std``, normalised by them as
+diffusers does). An EDM model (Playground v2.5: :mod:`sdadapt.formats.edm`) has :attr:`DiffusersSystem.edm` set and
+samples by :mod:`sdadapt.samplers.edm`. ``max_token_length=150`` / ``225`` (kohya's option) keeps that many
 prompt tokens, encoded in 75-token windows whose states are joined (:mod:`sdadapt.text_chunks`).
 
 :meth:`DiffusersSystem.save_model` writes the whole (fine-tuned) model as users load it: an LDM
@@ -211,6 +213,14 @@ class DiffusersSystem(nn.Module):
         }
         self.register_buffer("alphas_cumprod", diffusion.scheduler_alphas_cumprod(scheduler_config), persistent=False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        from .formats.edm import is_edm_scheduler, vae_latent_stats
+        from .samplers.edm import EDMSchedule
+
+        #: the EDM formulation (Playground v2.5: an EDM scheduler class in the config), else ``None``
+        #: (:mod:`sdadapt.samplers.edm`)
+        self.edm = EDMSchedule.from_config(scheduler_config) if is_edm_scheduler(scheduler_config) else None
+        #: the VAE config's ``latents_mean`` / ``latents_std`` (Playground v2.5's), else ``None``
+        self.latent_stats = vae_latent_stats(vae.config)
         if self.is_sdxl:
             self.base_model = "sdxl"
         else:
@@ -369,7 +379,9 @@ class DiffusersSystem(nn.Module):
         unet = _build(UNet2DConditionModel, configs.get("unet") or unet_config(
             parts["unet"], architecture=architecture, prediction_type=prediction,
             pooled_dim=int(pooled.shape[0]) if pooled is not None else None, refiner=refiner))
-        vae = _build(AutoencoderKL, configs.get("vae") or vae_config(parts["vae"], architecture=architecture))
+        stats = getattr(checkpoint, "edm_stats", None)  # (Playground v2.5: edm_mean / edm_std, sdadapt.formats.edm)
+        vae = _build(AutoencoderKL, configs.get("vae") or vae_config(parts["vae"], architecture=architecture,
+                                                                     latent_stats=stats))
         modules = {"unet": unet, "vae": vae}
         text_encoder = None
         if not refiner:
@@ -390,6 +402,10 @@ class DiffusersSystem(nn.Module):
         if architecture == "sdxl":
             extra["tokenizer_2"] = second
         schedule = {**SD_SCHEDULE, "prediction_type": prediction}
+        if stats is not None:  # (diffusers' scheduler config of a Playground v2.5 file)
+            from .formats.edm import PLAYGROUND_SCHEDULER
+
+            schedule = {**PLAYGROUND_SCHEDULER, **({"prediction_type": prediction_type} if prediction_type else {})}
         system = cls(unet, vae, text_encoder, None if refiner else first, schedule, clip_skip=clip_skip, source=checkpoint.path,
                      max_token_length=max_token_length, **extra)
         system.requires_grad_(False)
@@ -456,6 +472,14 @@ class DiffusersSystem(nn.Module):
             ldm.update({ema_key(k): v for k, v in averaged.items()})
         if dtype is not None:
             ldm = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ldm.items()}
+        if self.edm is not None:  # (Playground v2.5: the file says EDM by its latent statistics, float32)
+            from .formats.edm import edm_stat_tensors
+
+            if self.latent_stats is None:
+                raise ValueError(f"{target}: this EDM model's VAE config has no latents_mean / latents_std, and an "
+                                 "LDM file tells an EDM model (Playground v2.5) by its edm_mean / edm_std tensors; "
+                                 "write a diffusers folder instead")
+            ldm.update(edm_stat_tensors(*self.latent_stats))
         if ema is not None:
             ldm["model_ema.decay"] = torch.tensor(float(ema.decay), dtype=torch.float32)
             ldm["model_ema.num_updates"] = torch.tensor(int(ema.updates), dtype=torch.int32)
@@ -537,15 +561,34 @@ class DiffusersSystem(nn.Module):
         write_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors, {"format": "pt"})
 
     # ------------------------------------------------------------------------------- the protocol
+    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """:attr:`latent_stats` as (1, C, 1, 1) tensors on ``like``'s device and dtype."""
+        mean, std = self.latent_stats
+        return (torch.tensor(mean).view(1, -1, 1, 1).to(like.device, like.dtype),
+                torch.tensor(std).view(1, -1, 1, 1).to(like.device, like.dtype))
+
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) (posterior mean × scaling factor)."""
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean * self.scaling_factor
+        """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) (posterior mean × scaling factor; with the VAE
+        config's ``latents_mean`` / ``latents_std``, ``(mean − latents_mean) · scaling / latents_std`` as diffusers'
+        SDXL img2img pipeline encodes)."""
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        if self.latent_stats is not None:
+            mean, std = self._stats(latents)
+            return (latents - mean) * self.scaling_factor / std
+        return latents * self.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample.float().clamp(-1, 1)
+        """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (with the VAE config's ``latents_mean`` /
+        ``latents_std``: ``latents · latents_std / scaling + latents_mean`` first, diffusers' SDXL pipeline's rule)."""
+        latents = latents.to(self.vae.dtype)
+        if self.latent_stats is not None:
+            mean, std = self._stats(latents)
+            latents = latents * std / self.scaling_factor + mean
+        else:
+            latents = latents / self.scaling_factor
+        return self.vae.decode(latents).sample.float().clamp(-1, 1)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The latent (C, h, w) of a ``height`` x ``width`` image."""
@@ -823,7 +866,7 @@ class DiffusersSystem(nn.Module):
                cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
                noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None,
                before_model_call: Any = None, clip_sample: float | None = None,
-               size_conditioning: tuple[int, int] | None = None) -> Tensor:
+               size_conditioning: tuple[int, int] | None = None, refiner: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -856,7 +899,10 @@ class DiffusersSystem(nn.Module):
         (:func:`sdadapt.samplers.sample_latents`). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
-        ``None``: the image's.
+        ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
+        refiner takes the model calls it picks (A1111's "Refiner: switch at"), conditioned as its own ``sample``
+        conditions the same ``prompts`` / ``negative`` / ``plan`` (the plan's call count running on across the
+        switch, as A1111's ``CFGDenoiser.step``); the images are then decoded by the refiner's VAE once it took a call.
 
         Raises:
             ValueError: a UNet that is neither plain nor an inpainting one (InstructPix2Pix's 8 channels).
@@ -866,6 +912,11 @@ class DiffusersSystem(nn.Module):
         from . import samplers
 
         name = samplers.canonical_sampler(sampler)  # (ValueError for an unknown one, before any work)
+        if self.edm is not None:  # (Playground v2.5: diffusers' EDM schedulers only, sdadapt.samplers.edm)
+            from .samplers.edm import check_edm_request
+
+            check_edm_request(name, karras=karras, schedule=schedule, start=start, noise=noise, clip_sample=clip_sample,
+                              schedule_options=schedule_options, refiner=refiner)
         samplers.check_karras(name, karras)
         schedule = samplers.resolve_schedule(name, schedule, karras)
         if schedule == "align_your_steps" and self.is_sdxl:
@@ -877,14 +928,9 @@ class DiffusersSystem(nn.Module):
         else:
             g = torch.Generator().manual_seed(seed)
             x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
-        time_ids = None
-        if self.is_sdxl:
-            size_h, size_w = size_conditioning or (height, width)
-            time_ids = torch.tensor([[size_h, size_w, 0, 0, size_h, size_w]], dtype=torch.float32, device=device)
-            if self.is_refiner:  # diffusers' requires_aesthetics_score: (orig size, crop, aesthetic score)
-                time_ids = torch.tensor([[size_h, size_w, 0, 0, self.aesthetic_score]], dtype=torch.float32, device=device)
-            time_ids = time_ids.expand(len(prompts), time_ids.shape[1])
-        model, guidance_scale = self.denoiser(), guidance
+        size_h, size_w = size_conditioning or (height, width)
+        time_ids = self._size_time_ids(len(prompts), size_h, size_w)
+        model = self.denoiser()
         from .inpaint import check_inpainting_unet, concat_conditioning, txt2img_masked_image
 
         if check_inpainting_unet(int(self.unet.config.in_channels), int(self.vae.config.latent_channels)):
@@ -892,24 +938,26 @@ class DiffusersSystem(nn.Module):
             if conditioning is None:  # txt2img on an inpainting model: A1111's txt2img_image_conditioning
                 conditioning = self.inpainting_conditioning(*txt2img_masked_image(len(prompts), height, width))
             model = concat_conditioning(model, conditioning)
-        if plan is not None:  # A1111 prompt syntax: every text once, switched per model call
-            if cond is not None:
-                raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
-            conds = [self._prompt_condition([text] * len(prompts), time_ids, breaks=True) for text in plan.texts]
-            # (SDXL zeros an empty negative only when all its schedule's texts are empty: A1111 zeros a batch
-            # of texts that are all '', and the schedule's texts are one batch there)
-            one = len(plan.negative_texts) == 1
-            negatives = [self._uncond(text, conds[0], len(prompts), time_ids, breaks=True) if one
-                         else self._prompt_condition([text] * len(prompts), self._negative_time_ids(time_ids), breaks=True)
-                         for text in plan.negative_texts]
-            model, guidance_scale = plan.guidance(model, conds, negatives, guidance), 1.0
-            cond = uncond = None
-        elif cond is None:
-            cond = self._prompt_condition(prompts, time_ids)
-        elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:
-            time_ids = cond["time_ids"]
-        if plan is None:
-            uncond = self._uncond(negative, cond, len(prompts), time_ids)
+        model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
+                                                                    plan=plan, time_ids=time_ids, guidance=guidance)
+        if self.edm is not None:  # (Playground v2.5: diffusers' EDM schedulers, sdadapt.samplers.edm)
+            from .samplers.edm import edm_sample_latents
+
+            latents = edm_sample_latents(model, x, cond, sampler=name, schedule=self.edm, num_steps=steps, uncond=uncond,
+                                         guidance_scale=guidance_scale, generator=g, before_model_call=before_model_call)
+            return latents if output == "latents" else self.decode_latents(latents)
+        if refiner is not None:  # (the SDXL refiner below the cut: sdadapt.jobs.generate_refiner)
+            from .training.diffusion import guided
+
+            other = refiner.refiner
+            refined = other._guidance_inputs(other.denoiser(), prompts, negative=negative, cond=None, plan=plan,
+                                             time_ids=other._size_time_ids(len(prompts), size_h, size_w),
+                                             guidance=guidance)
+            # (a plan's ScheduledGuidance as it is: the handoff runs its call count on across the switch)
+            model = refiner.switched(model if plan is not None else guided(model, cond, uncond, guidance_scale),
+                                     refined[0] if plan is not None else guided(*refined),
+                                     a1111_grid=schedule is not None)  # (A1111's schedules: A1111's cut)
+            cond, uncond, guidance_scale = None, None, 1.0
         latents = samplers.sample_latents(model, x, cond, sampler=name, alphas_cumprod=self.alphas_cumprod,
                                           num_steps=steps, uncond=uncond, guidance_scale=guidance_scale,
                                           prediction_type=self.prediction_type, karras=karras, generator=g,
@@ -917,7 +965,43 @@ class DiffusersSystem(nn.Module):
                                           before_model_call=before_model_call,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}))
-        return latents if output == "latents" else self.decode_latents(latents)
+        decoder = self if refiner is None else refiner.decoder(self)  # (the refiner's VAE once it took a call)
+        return latents if output == "latents" else decoder.decode_latents(latents)
+
+    def _size_time_ids(self, count: int, size_h: int, size_w: int) -> Tensor | None:
+        """SDXL's ``time_ids`` for ``count`` prompts at size ``(size_h, size_w)``: (count, 6) original size, crop
+        (0, 0), target size; the refiner (count, 5) original size, crop, :attr:`aesthetic_score` (diffusers'
+        ``requires_aesthetics_score``); ``None`` for SD1/SD2."""
+        if not self.is_sdxl:
+            return None
+        device = self.alphas_cumprod.device
+        last = [self.aesthetic_score] if self.is_refiner else [size_h, size_w]
+        time_ids = torch.tensor([[size_h, size_w, 0, 0, *last]], dtype=torch.float32, device=device)
+        return time_ids.expand(count, time_ids.shape[1])
+
+    def _guidance_inputs(self, model: Any, prompts: list[str], *, negative: str, cond: Any, plan: Any,
+                         time_ids: Tensor | None, guidance: float) -> tuple[Any, Any, Any, float]:
+        """``(model, cond, uncond, guidance_scale)`` for :func:`sdadapt.samplers.sample_latents`: the prompts'
+        conditioning and the negative's (:meth:`sample`'s rules), or with a ``plan`` its
+        :class:`~sdadapt.prompt_guidance.ScheduledGuidance` over every text's conditioning (``cond``/``uncond``
+        ``None``, scale 1)."""
+        count = len(prompts)
+        if plan is not None:  # A1111 prompt syntax: every text once, switched per model call
+            if cond is not None:
+                raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
+            conds = [self._prompt_condition([text] * count, time_ids, breaks=True) for text in plan.texts]
+            # (SDXL zeros an empty negative only when all its schedule's texts are empty: A1111 zeros a batch
+            # of texts that are all '', and the schedule's texts are one batch there)
+            one = len(plan.negative_texts) == 1
+            negatives = [self._uncond(text, conds[0], count, time_ids, breaks=True) if one
+                         else self._prompt_condition([text] * count, self._negative_time_ids(time_ids), breaks=True)
+                         for text in plan.negative_texts]
+            return plan.guidance(model, conds, negatives, guidance), None, None, 1.0
+        if cond is None:
+            cond = self._prompt_condition(prompts, time_ids)
+        elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:
+            time_ids = cond["time_ids"]
+        return model, cond, self._uncond(negative, cond, count, time_ids), guidance
 
 
 def _add_vocabulary_files(folder: Path, tokenizer: Any) -> None:

@@ -195,7 +195,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              denoising_strength: float = 0.75, img2img_steps: int | None = None, output: str = "images",
              inpaint_mask: Tensor | None = None, inpaint_conditioning: Tensor | None = None,
              before_model_call: Callable[[int, int], None] | None = None,
-             clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None) -> Tensor:
+             clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
+             refiner: object | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
@@ -257,12 +258,19 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     (:func:`sdadapt.jobs.generate_hires.sample_image`); ``None``: the image's size. A system whose ``sample`` takes
     no ``size_conditioning=`` has no size conditioning, and it is not passed.
 
+    ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL refiner takes the model calls
+    below its cut (the system's ``sample`` when it takes ``refiner=``: SDXL's).
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
             system cannot make; an inpainting mask or conditioning without ``init_latents``; ``clip_sample`` on a
             sampler other than ``heun``, or not above 0.
-        TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``.
+        TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``, or ``refiner`` to one whose
+            ``sample`` takes no ``refiner=``.
     """
+    if refiner is not None and not _takes(system.sample, "refiner"):
+        raise TypeError(f"{type(system).__name__}.sample takes no refiner= argument; the SDXL refiner hands over "
+                        "inside an SDXL base's sample (DiffusersSystem)")
     try:
         name = samplers.canonical_sampler(sampler)
     except ValueError:
@@ -291,7 +299,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
                      noise=noise, schedule_options=schedule_options, start=start, output=output,
                      before_model_call=before_model_call, clip_sample=clip_sample,
-                     size_conditioning=size_conditioning)
+                     size_conditioning=size_conditioning, refiner=refiner)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -339,7 +347,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               karras: bool, height: int | None, width: int | None, cond: object | None, schedule: str | None,
               info: dict | None, plan: object | None, noise: object | None, schedule_options: object | None,
               start: object | None, output: str, before_model_call: Callable[[int, int], None] | None = None,
-              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None) -> Tensor:
+              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
+              refiner: object | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -355,7 +364,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (output == "images" or _takes(system.sample, "output"))
                      and (start is None or _takes(system.sample, "start"))
                      and (before_model_call is None or _takes(system.sample, "before_model_call"))
-                     and (clip_sample is None or _takes(system.sample, "clip_sample")))
+                     and (clip_sample is None or _takes(system.sample, "clip_sample"))
+                     and (refiner is None or _takes(system.sample, "refiner")))
     # (else through the protocol, below)
     own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
                                     and before_model_call is None)
@@ -392,6 +402,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["clip_sample"] = clip_sample
         if size_conditioning is not None and _takes(system.sample, "size_conditioning"):
             options["size_conditioning"] = size_conditioning
+        if refiner is not None:
+            options["refiner"] = refiner
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")

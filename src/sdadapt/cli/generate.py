@@ -73,7 +73,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-        refiner=args.refiner, refiner_switch_at=args.refiner_switch_at,
+        refiner=args.refiner, refiner_switch_at=args.refiner_switch_at, refiner_hires_pass=args.refiner_hires_pass,
         vae=args.vae, device=args.device,
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
@@ -290,6 +290,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
                           help="the fraction of the schedule the base runs before the refiner (default 0.8: the "
                                "timesteps >= round(1000 - 1000 F) are the base's, as diffusers cuts them)")
+    generate.add_argument("--refiner-hires-pass", choices=("second", "first", "both"), default=None,
+                          help="with --refiner and the hires fix: the pass the refiner works in (A1111's 'Hires fix: "
+                               "which pass to enable refiner for'; default second); once it took over in the first "
+                               "pass it runs the whole hires pass")
     generate.add_argument("--negative-aesthetic-score", type=float, default=None, metavar="SCORE",
                           help="the SDXL refiner's aesthetic score of the negative prompt (diffusers' option; default 2.5)")
     generate.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,

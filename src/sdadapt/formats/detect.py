@@ -282,6 +282,11 @@ def _checkpoint_summary(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping
     if architecture == "sdxl" and is_sdxl_refiner(keys):  # (OpenCLIP-bigG alone, at conditioner.embedders.0.model.)
         return {"model": "Stable Diffusion XL refiner (sdxl)",
                 "use": "--model FILE (generate, usually with --init-image); merge, convert"}
+    from .edm import has_edm_stats
+
+    if architecture == "sdxl" and has_edm_stats(keys):  # (edm_mean / edm_std: ComfyUI's and diffusers' test)
+        return {"model": "Playground v2.5: SDXL layout in the EDM formulation (sdxl, edm_mean / edm_std)",
+                "use": "--model FILE (generate --sampler dpmsolver++ or euler); merge with EDM models only, convert"}
     return {"model": f"{names[architecture]} ({architecture})",
             "use": "--model FILE (generate, train, invert); merge, merge-lora BASE, extract-lora, convert"}
 

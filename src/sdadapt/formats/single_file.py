@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .files import WeightFileError, read_weights
 from .key_source import KeyMapError
+from .edm import EDM_STAT_KEYS, PLAYGROUND_SCALING_FACTOR, edm_stats
 from .model_keys import checkpoint_architecture, convert_checkpoint, is_sdxl_refiner
 
 __all__ = [
@@ -66,6 +67,8 @@ class SingleFile:
         metadata: the file's string metadata.
         configs: the exact configs of a file sdadapt wrote (``{}`` otherwise).
         dropped: keys left out on purpose (EMA copies, schedule buffers, SD2's unused layer ...).
+        edm_stats: an EDM model's (Playground v2.5's) VAE latent ``(mean, std)`` per channel, from its
+            ``edm_mean`` / ``edm_std`` tensors (:mod:`.edm`); ``None`` for the others.
     """
 
     path: Path
@@ -74,6 +77,7 @@ class SingleFile:
     metadata: dict[str, str]
     configs: dict[str, dict] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    edm_stats: tuple[list[float], list[float]] | None = None
 
     @property
     def refiner(self) -> bool:
@@ -119,6 +123,10 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
             f"found e.g. {', '.join(list(state)[:3]) or 'no tensors'}); --model takes 'toy', a diffusers folder "
             "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint"
         )
+    stats = None
+    if any(k in state for k in EDM_STAT_KEYS):  # (Playground v2.5: read apart, the key map has no rule for them)
+        stats = edm_stats(state, source=file)
+        state = {k: v for k, v in state.items() if k not in EDM_STAT_KEYS}
     try:
         architecture = checkpoint_architecture({k: tuple(v.shape) for k, v in state.items()})
         converted, report = convert_checkpoint(state, to="diffusers", strict=False)
@@ -146,7 +154,11 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
             configs = {}
     if report.unmatched or report.missing or report.mismatched:
         raise WeightFileError(f"{file}: cannot read this {architecture} checkpoint: {report.problems()}")
-    return SingleFile(file, architecture, components, meta, configs, list(report.dropped))
+    if stats is not None and (architecture != "sdxl" or is_sdxl_refiner(state)):
+        raise WeightFileError(f"{file}: edm_mean / edm_std (an EDM model's latent statistics, Playground v2.5) in an "
+                              f"{architecture}{' refiner' if architecture == 'sdxl' else ''} checkpoint: only SDXL base "
+                              "models come in the EDM formulation; remove the two tensors if the file is a plain one")
+    return SingleFile(file, architecture, components, meta, configs, list(report.dropped), stats)
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -221,8 +233,11 @@ def unet_config(state: Mapping[str, Tensor], *, architecture: str, prediction_ty
     return config
 
 
-def vae_config(state: Mapping[str, Tensor], *, architecture: str) -> dict:
-    """``AutoencoderKL(**config)`` arguments from a diffusers-named VAE state."""
+def vae_config(state: Mapping[str, Tensor], *, architecture: str,
+               latent_stats: tuple[list[float], list[float]] | None = None) -> dict:
+    """``AutoencoderKL(**config)`` arguments from a diffusers-named VAE state. ``latent_stats``: an EDM
+    (Playground v2.5) file's ``(mean, std)``: the config's ``latents_mean`` / ``latents_std`` and scaling factor
+    0.5, as diffusers' ``create_vae_diffusers_config_from_ldm`` makes them."""
     keys = list(state)
     downs = _indices(keys, r"encoder\.down_blocks\.(\d+)\.")
     channels = [int(state[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in downs]
@@ -245,6 +260,9 @@ def vae_config(state: Mapping[str, Tensor], *, architecture: str) -> dict:
         "scaling_factor": SCALING_FACTORS.get(architecture, 0.18215),
         "sample_size": _NATIVE_SIZE.get(architecture, 512),
     })
+    if latent_stats is not None:
+        config.update(scaling_factor=PLAYGROUND_SCALING_FACTOR, latents_mean=list(latent_stats[0]),
+                      latents_std=list(latent_stats[1]))
     return config
 
 

@@ -34,7 +34,12 @@ def load_model(model: str, *, device: str = "cpu"):
         return load_toy_image(device=device)
     from ..jobs import load_system
 
-    return load_system(model, device=device)
+    system = load_system(model, device=device)
+    if getattr(system, "edm", None) is not None:  # (Playground v2.5: no DDPM timesteps to invert through)
+        raise ValueError(f"{model}: an EDM-formulation model (Playground v2.5) is not inverted here: null-text and "
+                         "textual inversion run DDIM / the DDPM training loss over discrete timesteps, which this "
+                         "model does not have; use it for generate, merge and convert")
+    return system
 
 
 def _image_header(path: Path) -> tuple[int, int, str]:

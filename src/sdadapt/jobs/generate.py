@@ -80,6 +80,7 @@ def run_generate(
     negative_aesthetic_score: float | None = None,
     refiner: str | os.PathLike | None = None,
     refiner_switch_at: float = 0.8,
+    refiner_hires_pass: str | None = None,
     vae: str | os.PathLike | None = None,
     device: str = "auto",
     aesthetic: str | os.PathLike | None = None,
@@ -164,10 +165,16 @@ def run_generate(
             and of the negative (diffusers' options of those names; ``None``: its 6.0 and 2.5); refiner only
             (``model``, or ``refiner``).
         refiner: an SDXL refiner (file or folder) that takes over from the SDXL base ``model`` in the same sampler
-            run once its timesteps fall below ``round(1000 - 1000 * refiner_switch_at)`` (diffusers' ensemble of
-            experts, ``denoising_end`` / ``denoising_start``; A1111's "Refiner" and "Switch at"):
-            :mod:`sdadapt.jobs.generate_refiner`. Both models are held at once; ``vae`` applies to both. txt2img
-            with plain prompts only; LoRA files and hypernetworks act on the base only.
+            run once its timesteps fall below ``round(1000 - 1000 * refiner_switch_at)`` (A1111's "Refiner" and "Switch
+            at", sd_samplers_common.apply_refiner; diffusers' ensemble of experts, ``denoising_end`` /
+            ``denoising_start``): :mod:`sdadapt.jobs.generate_refiner`. Both models are held at once; ``vae`` applies
+            to both. As A1111: an img2img / inpaint run switches by the timestep on its shortened grid; the prompt's
+            schedule (prompt editing, alternation, ``AND``, ``BREAK``) is encoded again by the refiner's OpenCLIP-G and
+            runs on across the switch; embeddings stay the base's (the refiner reads their names as words: A1111
+            skips an SDXL embedding on the refiner, whose width is not its 2048); LoRA files and tags, hypernetworks
+            act on the base (A1111's stay loaded, but no SDXL-base layer fits the refiner's). ``refiner_hires_pass``:
+            with the hires fix, A1111's "Hires fix: which pass to enable refiner for": ``"second"`` (``None``:
+            A1111's default), ``"first"`` or ``"both"`` (:func:`sdadapt.jobs.generate_hires.sample_image`).
         vae: a VAE file or folder that decodes the images instead of the model's (kohya's ``--vae``;
             LDM or diffusers layout, or a full checkpoint's VAE: :mod:`sdadapt.external_vae`).
         count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
@@ -381,14 +388,24 @@ def run_generate(
 
         refiner_cutoff(refiner_switch_at)
         refused = [name for name, given in (
-            ("--init-image", init_image is not None), ("--hires-*", hires is not None),
-            ("--aesthetic", aesthetic is not None), ("--custom-diffusion", bool(custom_specs)),
-            ("--embedding / --embeddings-dir", bool(embeddings) or embeddings_dir is not None)) if given]
-        if refused:
-            raise ValueError(f"--refiner: not built with {', '.join(refused)} (the refiner takes over a txt2img run "
-                             "of the base, each model with its own text conditioning); leave those out or --refiner")
+            ("--aesthetic", aesthetic is not None), ("--custom-diffusion", bool(custom_specs))) if given]
+        if refused:  # (A1111 cannot either: aesthetic gradients and Custom Diffusion are CLIP-L methods of SD1/SD2)
+            raise ValueError(f"--refiner: not with {', '.join(refused)}: aesthetic gradients and Custom Diffusion "
+                             "personalise CLIP-L / an SD1-SD2 UNet, and neither the SDXL base nor its refiner takes "
+                             "them here (nor in A1111); leave those out or --refiner")
+        from .generate_refiner import REFINER_HIRES_PASSES
+
+        if refiner_hires_pass is not None and refiner_hires_pass not in REFINER_HIRES_PASSES:
+            raise ValueError(f"--refiner-hires-pass must be one of {', '.join(REFINER_HIRES_PASSES)} (A1111's "
+                             f"'Hires fix: which pass to enable refiner for'), got {refiner_hires_pass!r}")
+        if refiner_hires_pass is not None and hires is None:
+            raise ValueError("--refiner-hires-pass picks the hires-fix pass the refiner works in; add --hires-scale or "
+                             "--hires-width/--hires-height, or leave it out")
         if not Path(refiner).exists():
             raise FileNotFoundError(f"--refiner {refiner}: no such file or folder")
+    elif refiner_hires_pass is not None:
+        raise ValueError("--refiner-hires-pass picks the hires-fix pass the SDXL refiner works in; add --refiner, or "
+                         "leave it out")
     if aesthetic is not None and max_token_length != 75:
         raise ValueError(f"--aesthetic personalises the text encoder on one 75-token CLIP window; leave out "
                          f"--max-token-length {max_token_length}")
@@ -503,6 +520,11 @@ def run_generate(
                 say(f"warning: {exc}; skipped, as A1111 skips it")
                 continue
             say(f"embedding {handles[-1].name!r} from {path}")
+    if refiner is not None and not all(getattr(handle, "matched_by_ids", False) for handle in handles):
+        # (the texts go to both models as written: an embedding spelled out as placeholder tokens for the base's
+        # tokenizers would reach the refiner as those words; generate's SDXL embeddings are matched by ids)
+        raise ValueError("--refiner: an embedding here is spelled out as placeholder tokens for the base, which the "
+                         "refiner would read as words; leave out the embedding or --refiner")
     text, negative_text = _expanded(prompt, handles), _expanded(negative, handles)
     from ..prompt_guidance import plan_prompt
     from ..prompt_schedule import schedule_steps
@@ -539,12 +561,6 @@ def run_generate(
         if aesthetic is not None:
             raise ValueError("--aesthetic personalises one prompt's conditioning; leave out prompt editing, "
                              "alternation, AND and BREAK, or --aesthetic")
-        if refiner is not None:
-            raise ValueError("--refiner: the prompt has prompt editing, alternation, AND or BREAK, which the "
-                             "handoff does not schedule; give a plain prompt (emphasis is fine), or leave out --refiner")
-    if refiner is not None and step_switch is not None:
-        raise ValueError("--refiner: <lora:...> tags with start= / stop= / step= switch the base's weights per "
-                         "model call, which the handoff does not do; leave those out, or --refiner")
     unknown = unknown_words(system, " ".join(plan.texts) if plan is not None else text)
     if unknown:
         say(f"warning: the toy model does not know {', '.join(unknown)} (it reads them as <unk>); its words: "
@@ -665,27 +681,25 @@ def run_generate(
                 init_latents = inpainting.init_latents(seed + i, a1111_seeds)
             elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
                 options["inpaint_conditioning"] = model_conditioning
-            if refiner_system is not None:  # (the base, then the refiner, in one sampler run)
-                from .generate_refiner import sample_base_then_refiner
+            handoff = None
+            if refiner_system is not None:  # (the base, then the refiner, in one sampler run per pass)
+                from .generate_refiner import RefinerHandoff
 
-                image = sample_base_then_refiner(
-                    system, refiner_system, [text], switch_at=refiner_switch_at, negative=negative_text, seed=seed + i,
-                    steps=steps or 25, guidance=7.5 if guidance is None else guidance, sampler=sampler, karras=karras,
-                    schedule=schedule, height=height, width=width, noise=options.get("noise"),
-                    schedule_options=schedule_options, log=say)[0]
-                written.append(str(write_png(file, image)))
-                if progress is not None:
-                    progress(i + 1, len(files), file.name)
-                continue
+                handoff = RefinerHandoff(system, refiner_system, switch_at=refiner_switch_at)
             try:
                 image = sample_image(system, [text], options, init_latents=init_latents,
                                      denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
-                                     fix_steps=img2img_fix_steps, hires_networks=hires_networks)[0]
+                                     fix_steps=img2img_fix_steps, hires_networks=hires_networks, refiner=handoff,
+                                     refiner_hires_pass=refiner_hires_pass or "second")[0]
             finally:  # (the next image starts from the weights without the step-switched parts)
                 if step_switch is not None:
                     step_switch.release()
             if inpainting is not None:  # A1111's final overlay: the original pixels outside the mask
                 image = inpainting.overlay(image)
+            if handoff is not None:
+                from .generate_refiner import handoff_report
+
+                say(f"{file.name}: {handoff_report(handoff)}")
             if report:
                 say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
                     f"{report['nfe']} model calls")
@@ -698,7 +712,8 @@ def run_generate(
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic),
-            **({} if refiner is None else {"refiner": str(refiner), "refiner_switch_at": refiner_switch_at})}
+            **({} if refiner is None else {"refiner": str(refiner), "refiner_switch_at": refiner_switch_at,
+                                           "refiner_hires_pass": (refiner_hires_pass or "second") if hires else None})}
 
 
 def _expanded(text: str | None, handles) -> str | None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .generate_refiner import REFINER_HIRES_PASSES
+
 __all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "crop_hires_latents",
            "hires_size", "hires_upscale_size", "init_latents_from_image", "lanczos_upscale_pixels",
            "networks_switched", "sample_image"]
@@ -276,7 +278,8 @@ def networks_switched(system, *, first: list, apply_first: Callable[[list], obje
 def sample_image(system, prompts: list[str], options: dict, *, init_latents: Tensor | None = None,
                  denoising_strength: float = 0.75, hires: HiresRequest | None = None,
                  plan_for: Callable[[int], object] | None = None, fix_steps: bool = False,
-                 hires_networks: Callable[[], AbstractContextManager] | None = None) -> Tensor:
+                 hires_networks: Callable[[], AbstractContextManager] | None = None, refiner=None,
+                 refiner_hires_pass: str = "second") -> Tensor:
     """One :func:`sdadapt.sampling.generate` call's images (B, 3, H, W) in [-1, 1] with img2img and/or hires fix.
 
     ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
@@ -298,11 +301,24 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     at mask weight 1: all 0); A1111's latent upscalers hand it the first pass's size and fail (its issue #6281).
     ``options["before_model_call"]`` with a ``next_pass(sampler=)`` (:class:`.generate_lbw_steps.StepSwitchedLoRAs`)
     is told when the hires pass begins, and with which sampler (the step ranges' hires pass).
+    ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` (``generate --refiner``): without ``hires``
+    it takes the run's calls below its cut (an img2img run's too: A1111 switches by the timestep whatever the grid);
+    with ``hires``, ``refiner_hires_pass`` is A1111's setting "Hires fix: which pass to enable refiner for"
+    (``hires_fix_refiner_pass``; sd_samplers_common.apply_refiner): ``"second"`` (A1111's default) the hires pass
+    only, ``"first"`` the first pass only, ``"both"`` either; once the refiner took over in the first pass it is the
+    loaded model, so the whole hires pass is the refiner's, its pixels decoded and encoded by the refiner's VAE
+    (A1111's ``sample`` keeps the model ``current`` after the first pass for ``sample_hr_pass``).
     """
     from ..img2img import LATENT_UPSCALERS, upscale_latents
     from ..sampling import generate
 
     first = dict(options)
+    if refiner_hires_pass not in REFINER_HIRES_PASSES:
+        raise ValueError(f"--refiner-hires-pass must be one of {', '.join(REFINER_HIRES_PASSES)} (A1111's 'Hires fix: "
+                         f"which pass to enable refiner for'), got {refiner_hires_pass!r}")
+    if refiner is not None and (hires is None or refiner_hires_pass in ("first", "both")):
+        first["refiner"] = refiner
+    refined_before = refiner.calls["refiner"] if refiner is not None else 0
     if init_latents is not None:
         first.update(init_latents=init_latents, denoising_strength=denoising_strength)
         if fix_steps:
@@ -310,15 +326,17 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     if hires is None:
         return generate(system, prompts, **first)
     latents = generate(system, prompts, **first, output="latents")
+    took_over = refiner is not None and refiner.calls["refiner"] > refined_before  # (in the first pass)
+    loaded = refiner.refiner if took_over else system  # (A1111's shared.sd_model after the first pass)
     height, width = hires.size
     up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y/x: covers the size, then cropped)
     factor = int(getattr(system, "vae_factor", 8))
     if hires.upscaler in LATENT_UPSCALERS:
         start = upscale_latents(latents.float(), (up_h // factor, up_w // factor), upscaler=hires.upscaler)
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
-        pixels = lanczos_upscale_pixels(system.decode_latents(latents), (up_h, up_w)).to(latents.device)
+        pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w)).to(latents.device)
         with torch.no_grad():
-            start = system.encode_images(pixels).float()
+            start = loaded.encode_images(pixels).float()
     start = crop_hires_latents(start, upscale_to=(up_h, up_w), size=(height, width), factor=factor)
     if tuple(start.shape[-2:]) != (height // factor, width // factor):
         raise ValueError(f"the hires pass's latents are {tuple(start.shape[-2:])} after the crop from "
@@ -326,6 +344,10 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
                          f"the hires size must be a multiple of {factor} (check_hires_request)")
     steps = hires.steps or int(options.get("steps", 25))
     second = dict(options, height=height, width=width)
+    if took_over:  # (the refiner loaded: every call of the hires pass is its own)
+        second["refiner"] = refiner.taken_over()
+    elif refiner is not None and refiner_hires_pass in ("second", "both"):
+        second["refiner"] = refiner
     if (up_h, up_w) != (height, width):  # (A1111's calculate_hr_conds: SDXL told the size it enlarged to)
         second["size_conditioning"] = (up_h, up_w)
     next_pass = getattr(options.get("before_model_call"), "next_pass", None)

@@ -7,23 +7,40 @@ timesteps ``t >= round(T - f·T)`` (pipeline_stable_diffusion_xl.py, ``discrete_
 ``t < round(T - f·T)`` (``get_timesteps``), from those latents as they are (``add_noise=False``: no noise added,
 nothing decoded). A1111 switches the checkpoint inside one k-diffusion run at the first model call whose timestep
 (the σ's nearest index) has ``(999 - t) / 1000 >= f`` (sd_samplers_common.apply_refiner) — for integer timesteps the
-same cut when ``f`` has at most three decimals (A1111's slider steps 0.01; 0.3333: A1111 one timestep later). sdadapt does A1111's design with diffusers' cut: one sampler run over the grid, each model call to the base
+same cut when ``f`` has at most three decimals (A1111's slider steps 0.01; 0.3333: A1111 one timestep later).
+sdadapt does A1111's design with diffusers' cut (A1111's own on A1111's σ grids, :meth:`RefinerHandoff.late`; the
+refiner keeps the run once it took a call, as A1111's loaded model): one sampler run over the grid, each model call
+to the base
 (with its two encoders' conditioning and 6 time ids) while ``t >= round(T - f·T)``, to the refiner (OpenCLIP-G,
 its aesthetic score's 5 time ids) after. For a one-step deterministic sampler (``ddim``, ``euler``, ``lcm`` ...)
 that is diffusers' two pipelines exactly; a multistep sampler (DPM++ 2M, UniPC, LMS, PNDM) keeps its history
 across the switch and a second-order one (Heun, DPM2) may switch between a step's two calls, as A1111's does,
 where diffusers' refiner starts a fresh scheduler (and moves an even cut of a 2nd-order grid by one); an ancestral
 sampler's noise continues one generator where diffusers' second pipeline draws from the generator it is given.
+That restart is not offered: A1111 does not restart, and sdadapt's run equals one diffusers scheduler stepped over
+both models (tests/test_refiner_a1111.py; docs/train.md, "Multistep samplers keep one solver").
+
+:class:`RefinerHandoff` is the switch as :meth:`~sdadapt.diffusers_system.DiffusersSystem.sample` takes it
+(``refiner=``), so it rides on every run ``generate`` makes, as A1111's ``apply_refiner`` sits in its denoiser: an
+img2img run's shortened grid, the hires fix's passes (:func:`sdadapt.jobs.generate_hires.sample_image`, A1111's
+"Hires fix: which pass to enable refiner for"), a prompt plan (re-encoded by the refiner, its call count running on).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_refiner_pair", "refiner_cutoff", "sample_base_then_refiner"]
+__all__ = ["REFINER_HIRES_PASSES", "RefinerHandoff", "check_refiner_pair", "handoff_report", "refiner_cutoff",
+           "sample_base_then_refiner"]
+
+#: A1111's setting "Hires fix: which pass to enable refiner for" (``hires_fix_refiner_pass``, default "second pass";
+#: modules/shared_options.py), as ``generate --refiner-hires-pass`` names it
+REFINER_HIRES_PASSES: tuple[str, ...] = ("second", "first", "both")
 
 
 def refiner_cutoff(switch_at: float, num_train_timesteps: int = 1000) -> int:
@@ -69,6 +86,91 @@ def check_refiner_pair(base, refiner, *, refiner_name: str = "--refiner") -> Non
                          "sampler grid both run on needs the same schedule")
 
 
+class RefinerHandoff:
+    """The SDXL refiner taking over a sampler run of the base: :meth:`switched` sends each model call to the base while
+    its timestep ``t >= cutoff`` (:func:`refiner_cutoff` of ``switch_at``) and to the refiner after; ``switch_at=None``
+    sends every call to the refiner (A1111's hires pass once the refiner took over in the first pass: the refiner is
+    then the loaded model). :meth:`~sdadapt.diffusers_system.DiffusersSystem.sample` takes it as ``refiner=``.
+
+    Args:
+        base, refiner: the SDXL base and refiner (:class:`~sdadapt.diffusers_system.DiffusersSystem`), both held.
+        switch_at: A1111's "Switch at", in (0, 1); ``None``: every call the refiner's.
+
+    ``calls``: ``{"base": n, "refiner": m}``, the model calls each took so far (over every run it switched).
+
+    Raises:
+        ValueError: a ``switch_at`` outside (0, 1); a pair :func:`check_refiner_pair` refuses.
+    """
+
+    def __init__(self, base, refiner, *, switch_at: float | None) -> None:
+        check_refiner_pair(base, refiner)
+        if getattr(base, "edm", None) is not None:  # (its sampling runs diffusers' EDM schedulers, no handoff)
+            raise ValueError("--refiner: this --model is an EDM model (Playground v2.5), which samples on its own EDM "
+                             "schedule; the SDXL refiner takes over from an SDXL base model")
+        self.refiner = refiner
+        self.switch_at = switch_at
+        self.cutoff = math.inf if switch_at is None else refiner_cutoff(switch_at, len(base.alphas_cumprod))
+        self.calls = {"base": 0, "refiner": 0}
+        self._taken_before = 0
+        acp = base.alphas_cumprod.detach().double().cpu()
+        self._train_sigmas = ((1 - acp) / acp).sqrt()  # (T,) the model's σ, A1111's inner_model.sigmas
+
+    @property
+    def taken(self) -> bool:
+        """True once the refiner took a model call."""
+        return self.calls["refiner"] > 0
+
+    def decoder(self, base):
+        """The system whose VAE decodes the run's latents: the refiner once it took a call of the last run (A1111
+        decodes with the model loaded at the end), else ``base``."""
+        return self.refiner if self.calls["refiner"] > self._taken_before else base
+
+    def taken_over(self) -> RefinerHandoff:
+        """A handoff that sends every call to the refiner, counting into the same :attr:`calls` (the hires pass once
+        the refiner took over in the first pass)."""
+        whole = copy.copy(self)  # (a shallow copy: the same calls dict)
+        whole.switch_at, whole.cutoff = None, math.inf
+        return whole
+
+    def late(self, t: float, *, a1111_grid: bool = False) -> bool:
+        """Whether a call at timestep ``t`` is past the switch: diffusers' ``t < cutoff`` (``denoising_end``'s filter
+        keeps ``t >= cutoff`` for the base, fractional timesteps as they are), or on one of A1111's σ grids
+        (``a1111_grid``) A1111's ``apply_refiner``: the σ's nearest model index ``i`` (``argmin |sigmas - σ|``) with
+        ``(T - 1 - i) / T >= switch_at`` — the same for integer timesteps and ``switch_at`` of three decimals, one
+        call apart where a fractional ``t`` lies within half a step below the cut."""
+        if self.switch_at is None:
+            return True
+        if not a1111_grid:
+            return t < self.cutoff
+        from ..samplers.sigma_space import t_to_sigma
+
+        sigma = t_to_sigma(torch.tensor([float(t)], dtype=torch.float64), self._train_sigmas)
+        index = int(torch.argmin((self._train_sigmas - sigma).abs()))
+        total = len(self._train_sigmas)
+        return (total - 1 - index) / total >= self.switch_at
+
+    def switched(self, base_model: Callable, refiner_model: Callable, *, a1111_grid: bool = False) -> Callable:
+        """``model(x_t, t, cond)`` that calls ``base_model`` until a call is :meth:`late` (``t``: the batch's
+        timesteps, all equal) and ``refiner_model`` from then on — the refiner stays, as A1111's loaded model stays
+        (a Restart sampler's climb back up the σ grid is the refiner's too). Each model is guided already (``cond``
+        is not read). A prompt plan's :class:`~sdadapt.prompt_guidance.ScheduledGuidance` on either side is told the
+        run's call count before each call, so the schedule runs on across the switch (A1111's ``CFGDenoiser.step``).
+        ``a1111_grid``: the run is on one of A1111's schedules (``schedule=``), so A1111's cut."""
+        self._taken_before = self.calls["refiner"]
+        done, switched = [0], [False]
+
+        def model(x_t: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+            switched[0] = switched[0] or self.late(float(torch.as_tensor(t).flatten()[0]), a1111_grid=a1111_grid)
+            chosen = refiner_model if switched[0] else base_model
+            if hasattr(chosen, "calls"):  # (a ScheduledGuidance: its texts picked by the run's call count)
+                chosen.calls = done[0]
+            done[0] += 1
+            self.calls["refiner" if switched[0] else "base"] += 1
+            return chosen(x_t, t, None)
+
+        return model
+
+
 def sample_base_then_refiner(base, refiner, prompts: list[str], *, switch_at: float, negative: str = "",
                              seed: int = 0, steps: int = 25, guidance: float = 7.5, sampler: str = "ddim",
                              karras: bool = False, schedule: str | None = None, height: int | None = None,
@@ -79,63 +181,31 @@ def sample_base_then_refiner(base, refiner, prompts: list[str], *, switch_at: fl
     SDXL; :func:`check_refiner_pair`) in one run of ``sampler``: images (B, 3, H, W) in [-1, 1] decoded by the
     refiner's VAE (diffusers' refiner pipeline decodes), or ``output="latents"`` (B, 4, H/8, W/8).
 
-    The start noise and the ancestral noise are ``base.sample``'s (``torch.Generator().manual_seed(seed)``, or
-    A1111's ``noise``); the grid is the sampler's on the base's schedule (``steps``, ``karras``, ``schedule``,
-    ``schedule_options`` as :meth:`~sdadapt.diffusers_system.DiffusersSystem.sample`); each model call is
-    classifier-free guided by the base while its timestep ``t >= refiner_cutoff(switch_at)`` and by the refiner
-    after (module docstring: diffusers' two pipelines exactly for one-step deterministic samplers). Each model
-    conditions as its own ``sample`` does: the base its two encoders and ``(H, W, 0, 0, H, W)``, the refiner
-    OpenCLIP-G and ``(H, W, 0, 0, aesthetic score)`` (its negative with the negative aesthetic score; an empty
-    negative encoded, not zeroed). Prompts may carry A1111 emphasis, as ``sample`` reads it.
+    ``base.sample`` with a :class:`RefinerHandoff`: the start noise and the ancestral noise are ``base.sample``'s
+    (``torch.Generator().manual_seed(seed)``, or A1111's ``noise``); the grid is the sampler's on the base's schedule
+    (``steps``, ``karras``, ``schedule``, ``schedule_options``); each model call is classifier-free guided by the base
+    while its timestep ``t >= refiner_cutoff(switch_at)`` and by the refiner after (module docstring: diffusers' two
+    pipelines exactly for one-step deterministic samplers). Each model conditions as its own ``sample`` does: the base
+    its two encoders and ``(H, W, 0, 0, H, W)``, the refiner OpenCLIP-G and ``(H, W, 0, 0, aesthetic score)`` (its
+    negative with the negative aesthetic score; an empty negative encoded, not zeroed). Prompts may carry A1111
+    emphasis, as ``sample`` reads it.
 
     Raises:
         ValueError: a ``switch_at`` outside (0, 1); a pair :func:`check_refiner_pair` refuses.
     """
-    from .. import samplers
-    from ..diffusers_system import check_image_size
-    from ..training import diffusion
-
-    check_refiner_pair(base, refiner)
-    cutoff = refiner_cutoff(switch_at, len(base.alphas_cumprod))
-    height, width = height or base.image_size, width or base.image_size
-    check_image_size(width, height, multiple=base.size_multiple)
-    name = samplers.canonical_sampler(sampler)
-    samplers.check_karras(name, karras)
-    schedule = samplers.resolve_schedule(name, schedule, karras)
-    if schedule == "align_your_steps":
-        schedule = "align_your_steps_sdxl"
-    device = base.alphas_cumprod.device
-    if noise is not None:
-        g = noise.for_batch(seed, len(prompts))
-        x = g.start_noise((len(prompts), *base.latent_shape(height, width))).to(device)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(len(prompts), *base.latent_shape(height, width), generator=g).to(device)
-    count = len(prompts)
-
-    def guided_for(system, last: float | None):
-        ids = [height, width, 0, 0] + ([float(last)] if last is not None else [height, width])
-        time_ids = torch.tensor([ids], dtype=torch.float32, device=device).expand(count, len(ids))
-        cond = system._prompt_condition(prompts, time_ids)
-        uncond = system._uncond(negative, cond, count, time_ids)
-        return diffusion.guided(system.denoiser(), cond, uncond, guidance), cond
-
-    base_fn, base_cond = guided_for(base, None)
-    refiner_fn, refiner_cond = guided_for(refiner, refiner.aesthetic_score)
-    calls = {"base": 0, "refiner": 0}
-
-    def switched(x_t: Tensor, t: Tensor, _cond: object) -> Tensor:
-        # (t: the sampler's timesteps for the batch, all equal; the base while t >= cutoff, as diffusers' filter)
-        if float(torch.as_tensor(t).flatten()[0]) >= cutoff:
-            calls["base"] += 1
-            return base_fn(x_t, t, base_cond)
-        calls["refiner"] += 1
-        return refiner_fn(x_t, t, refiner_cond)
-
-    latents = samplers.sample_latents(switched, x, None, sampler=name, alphas_cumprod=base.alphas_cumprod,
-                                      num_steps=steps, prediction_type=base.prediction_type, karras=karras,
-                                      generator=g, schedule=schedule, schedule_options=schedule_options)
+    handoff = RefinerHandoff(base, refiner, switch_at=switch_at)
+    out = base.sample(prompts, seed=seed, steps=steps, guidance=guidance, negative=negative, sampler=sampler,
+                      karras=karras, schedule=schedule, height=height, width=width, noise=noise,
+                      schedule_options=schedule_options, output=output, refiner=handoff)
     if log is not None:
-        log(f"refiner: {calls['base']} model calls on the base, {calls['refiner']} on the refiner "
-            f"(switch at {switch_at:g}: timesteps below {cutoff})")
-    return latents if output == "latents" else refiner.decode_latents(latents)
+        log(handoff_report(handoff))
+    return out
+
+
+def handoff_report(handoff: RefinerHandoff) -> str:
+    """The log line of a handoff's model calls (those of the runs it switched: with the hires fix's ``second`` pass
+    setting, the first pass is the base's and not counted)."""
+    where = ("every call" if handoff.switch_at is None else
+             f"switch at {handoff.switch_at:g}: timesteps below {handoff.cutoff}")
+    return (f"refiner: {handoff.calls['base']} model calls on the base, {handoff.calls['refiner']} on the refiner "
+            f"({where})")

@@ -1719,6 +1719,11 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         raise ValueError(f"--model {options.model}: the SDXL refiner is not trained here (kohya's sd-scripts train SDXL "
                          "base models only; the refiner's size/aesthetic-score conditioning has no training path); train "
                          "the base model, or use the refiner for generate and convert")
+    if getattr(system, "edm", None) is not None:  # (Playground v2.5; docs/train.md "EDM models")
+        raise ValueError(f"--model {options.model}: an EDM-formulation model (Playground v2.5) is not trained here: its "
+                         "loss needs EDM's continuous noise levels, c_in/c_skip/c_out preconditioning and loss weighting, "
+                         "and its VAE latents' mean/std, where sdadapt's training step draws discrete DDPM timesteps "
+                         "(neither kohya's sd-scripts nor OneTrainer train it either); use it for generate, merge and convert")
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")

@@ -403,6 +403,16 @@ class MergedSource:
                 bases = [n for n in names if n not in refiners]
                 raise MergeError(f"{refiners[0]} is an SDXL refiner and {bases[0]} an SDXL base model: their UNets and "
                                  "text encoders differ in shape; merge refiners with refiners, base models with base models")
+            from ..formats.edm import has_edm_stats
+
+            edm = [n for n, s in zip(names, sources) if has_edm_stats(s.keys())]
+            if edm and len(edm) < len(sources):  # (same shapes: nothing else would stop it)
+                plain = [n for n in names if n not in edm]
+                raise MergeError(
+                    f"{edm[0]} is an EDM model (Playground v2.5: edm_mean / edm_std) and {plain[0]} a plain SDXL one: "
+                    "their UNets predict in different formulations (EDM's c_in/c_out-preconditioned σ-space vs. the "
+                    "discrete DDPM ε schedule) and read different VAE latent scalings, so a weight average is neither "
+                    "model; merge EDM models with EDM models only")
             if refiners and (step.block_weights is not None or step.block_beta is not None or step.elemental is not None):
                 # (supermerger reads the refiner as an SD1 UNet: its isxl needs conditioner.embedders.1)
                 raise InputError(
