@@ -255,7 +255,7 @@ def test_resize_keeps_strength_and_is_best_lower_rank(sd1, tmp_path, capsys):
     assert code == 0 and "rank 1" in stdout
     old, meta_old = load_lora(big)
     new, meta = load_lora(small)
-    assert meta["ss_base_model_version"] == "sd_v1" and "resized by sdadapt" in meta["ss_training_comment"]
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_training_comment"].startswith("dimension is resized from 4 to 1; ")
     for component in old:
         old_layers, new_layers = group_by_layer(old[component]), group_by_layer(new[component])
         assert set(old_layers) == set(new_layers)

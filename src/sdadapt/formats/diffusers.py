@@ -300,17 +300,21 @@ def save_diffusers(
     components: Mapping[str, Mapping[str, Tensor]],
     *,
     dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a diffusers LoRA file (``pipe.load_lora_weights`` reads it) atomically."""
+    """Write a diffusers LoRA file (``pipe.load_lora_weights`` reads it) atomically.
+
+    ``metadata``: string metadata written beside the file's own (``format``, ``lora_adapter_metadata``, which
+    win), e.g. the training metadata of the file it was converted from (``carried_metadata``)."""
     from ..checks import cast_checked
 
     check_components(components, caller="save_diffusers")
     check_safetensors_name(path, caller="save_diffusers")
-    state, metadata = to_diffusers(components)
+    state, own = to_diffusers(components)
     if dtype is not None:
         state = {k: cast_checked(v, dtype, key=k, hint="save in float32") for k, v in state.items()}
     check_finite_output(state, path=path)
-    write_safetensors(path, state, metadata)
+    write_safetensors(path, state, {**{str(k): str(v) for k, v in (metadata or {}).items()}, **own})
 
 
 def load_diffusers(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
@@ -374,9 +378,12 @@ def _from_peft_file_names(state: Mapping[str, Tensor], config: Mapping | None, *
 
 def save_peft(
     folder: str | os.PathLike, state: Mapping[str, Tensor], *, model: nn.Module | None = None,
-    component: str | None = None,
+    component: str | None = None, metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` reads it).
+
+    ``metadata``: string metadata for ``adapter_model.safetensors`` beside peft's own ``format`` (which wins),
+    e.g. the training metadata of the file it was converted from; peft reads neither.
 
     Layers are written under the names the model has (:func:`~sdadapt.formats.peft_names.peft_layer_names`):
     ``model``'s own module names when it is given, else pipeline ``component``'s (``"text_encoder"``: the installed
@@ -405,7 +412,8 @@ def save_peft(
     target = Path(folder)  # (a missing folder is made by the writes, and removed again if the save fails)
     check_finite_output(peft_state, path=target / "adapter_model.safetensors")
     with staged_outputs() as stage:
-        write_safetensors(target / "adapter_model.safetensors", peft_state, {"format": "pt"}, stage=stage)
+        write_safetensors(target / "adapter_model.safetensors", peft_state,
+                          {**{str(k): str(v) for k, v in (metadata or {}).items()}, "format": "pt"}, stage=stage)
         atomic_write(target / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)),
                      stage=stage)
 

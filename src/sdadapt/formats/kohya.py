@@ -26,6 +26,7 @@ unchanged (exact keys, exact bits; ``alpha`` as float32); :func:`kohya_metadata`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -55,7 +56,12 @@ __all__ = [
     "from_kohya",
     "is_kohya_state",
     "kohya_metadata",
+    "kohya_hashes",
+    "carried_metadata",
+    "metadata_base_model",
     "kohya_oft_dim_alpha",
+    "NETWORK_METADATA",
+    "STALE_METADATA",
     "save_kohya",
     "load_kohya",
     "cast_factors",
@@ -73,6 +79,31 @@ BASE_MODELS: dict[str, tuple[str, str, str, str]] = {
         "https://github.com/Stability-AI/generative-models",
     ),
 }
+
+#: the four keys that say what network the file holds (kohya's train_network.py writes them from its arguments)
+NETWORK_METADATA: tuple[str, ...] = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+#: metadata a file written from another never inherits: the sshs hashes, which kohya recomputes on every save
+#: (train_util.precalculate_safetensors_hashes), hashes of the old bytes, the writing tool's version, and the
+#: container formats' own keys (a diffusers file's peft config, safetensors' ``format``)
+STALE_METADATA: frozenset[str] = frozenset({
+    "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "modelspec.implementation_version",
+    "lora_adapter_metadata", "format",
+})
+# base-model keys, rewritten when the file is written for another base model than its metadata says
+_BASE_METADATA = ("ss_v2", "ss_base_model_version", "modelspec.architecture", "modelspec.implementation",
+                  "modelspec.resolution", "modelspec.prediction_type")
+# ss_network_args entries that describe the network's shape (ranks, factorisation) rather than its training: a
+# re-factored file (resize) gets them from its tensors, keeping only the others (dropout, preset, lr ratios ...)
+_SHAPE_ARGS = frozenset({
+    "conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "unit",
+    "block_size", "algo", "use_tucker", "use_cp", "dora_wd", "wd_on_output", "factor", "decompose_both",
+    "full_matrix", "use_scalar", "constraint", "rescaled", "train_norm", "bypass_mode", "rank_dropout_scale",
+})
+# kohya network modules whose files hold plain lora_down/lora_up/alpha layers (networks/lora.py, dylora.py,
+# lora_fa.py), and LyCORIS algos that write the same layout (lycoris/modules/locon.py, dylora.py)
+_LORA_LAYOUT_MODULES = frozenset({"networks.lora", "networks.dylora", "networks.lora_fa"})
+_LORA_LAYOUT_ALGOS = frozenset({"lora", "locon", "dylora"})
+_ALGO_ALIASES = {"locon": "lora", "diff": "full", "oft": "diag-oft"}
 
 _PREFIX_TO_COMPONENT = {
     "lora_unet": "unet",
@@ -287,8 +318,11 @@ def kohya_metadata(
     base_model: str = "sd1",
     title: str = "sdadapt-lora",
     extra: Mapping[str, str] | None = None,
+    source: Mapping[str, str] | None = None,
+    reshaped: bool = False,
 ) -> dict[str, str]:
-    """The ``ss_*`` minimum set and ModelSpec 1.0.1 fields kohya writes (all strings).
+    """The ``ss_*`` minimum set and ModelSpec 1.0.1 fields kohya writes (all strings); ``source``'s own
+    metadata over them where it still holds; ``extra`` last.
 
     ``ss_network_dim``/``ss_network_alpha`` are the most common rank and alpha; ``ss_network_args``
     records ``conv_dim``/``conv_alpha`` when convolutions have their own rank. A state with LyCORIS
@@ -296,6 +330,17 @@ def kohya_metadata(
     ``algo`` (plus ``dora_wd``/``use_tucker``) in the args, as LyCORIS writes them. An OFT-only state
     (no rank) gets kohya's values for a LyCORIS OFT run: ``ss_network_dim`` the block size, ``ss_network_alpha``
     1 (kohya's default, unused by OFT), the constraint and ``rescaled`` in the args.
+
+    ``source`` is the metadata of the file these tensors come from (convert, ``--dtype``, resize). What a user
+    expects of the copy is kohya's ``resize_lora.py`` rule (it copies the input's metadata, updates what the
+    operation changed, networks/resize_lora.py:342-368): every training key (``ss_training_comment``,
+    ``ss_datasets``, ``modelspec.title`` / ``date`` ...) is kept; :data:`STALE_METADATA` never is (the sshs hashes
+    are recomputed by :func:`save_kohya`); the base-model keys are kept unless ``base_model`` differs from the
+    one they name. The network keys (:data:`NETWORK_METADATA`): with ``reshaped=False`` (the same tensors, any
+    dtype) the source's are kept when its ``ss_network_module`` writes these tensors' layout — so a kohya DyLoRA
+    (``networks.dylora``, ``unit``) or a LyCORIS LoCon (``lycoris.kohya``, ``algo``, ``preset``, ``dropout`` ...)
+    still says so — else the ones generated here. With ``reshaped=True`` (new ranks) they are generated, the
+    source's non-shape ``ss_network_args`` (dropouts, preset ...) kept when the module stays the same.
     """
     _check_base_model(base_model)
     version, v2, architecture, implementation = BASE_MODELS[base_model]
@@ -379,8 +424,95 @@ def kohya_metadata(
     }
     if base_model == "sd2-v":
         meta["modelspec.prediction_type"] = "v"
+    if source:
+        meta.update(_inherited_metadata(source, meta, base_model=base_model, reshaped=reshaped))
     meta.update(dict(extra or {}))
     return meta
+
+
+def metadata_base_model(metadata: Mapping[str, str]) -> str | None:
+    """The base model (a :data:`BASE_MODELS` key) kohya metadata names (``ss_base_model_version``, else
+    ``ss_v2``), or ``None`` when it names none."""
+    version = str(metadata.get("ss_base_model_version", ""))
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version == "sd_v2_v":
+        return "sd2-v"
+    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    return None
+
+
+def _network_args(metadata: Mapping[str, str]) -> dict | None:
+    """``ss_network_args`` as a dict; ``None`` when absent or not a JSON object ("None", malformed)."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "null")
+    except (TypeError, ValueError):
+        return None
+    return args if isinstance(args, dict) else None
+
+
+def _algo(args: Mapping | None) -> str:
+    algo = str((args or {}).get("algo") or "lora").lower()  # LyCORIS' default (lycoris/kohya.py create_network)
+    return _ALGO_ALIASES.get(algo, algo)
+
+
+def _writes_layout(source: Mapping[str, str], generated: Mapping[str, str]) -> bool:
+    """Whether the network ``source`` names writes the tensors ``generated`` describes (same module family; for
+    LyCORIS the same ``algo``)."""
+    module, own = str(source.get("ss_network_module", "")), generated["ss_network_module"]
+    if own == "networks.lora":
+        return module in _LORA_LAYOUT_MODULES or (
+            module == "lycoris.kohya" and _algo(_network_args(source)) in _LORA_LAYOUT_ALGOS)
+    if own == "lycoris.kohya":
+        args = _network_args(source)
+        return module == own and args is not None and _algo(args) == _algo(_network_args(generated))
+    return module == own
+
+
+def _inherited_metadata(source: Mapping[str, str], generated: Mapping[str, str], *, base_model: str,
+                        reshaped: bool) -> dict[str, str]:
+    """What ``source`` (the input file's metadata) gives a file written from it (see :func:`kohya_metadata`)."""
+    out = {str(k): str(v) for k, v in source.items() if k not in STALE_METADATA and k not in NETWORK_METADATA}
+    if metadata_base_model(source) not in (None, base_model):
+        for key in _BASE_METADATA:
+            out.pop(key, None)
+    if not reshaped and _writes_layout(source, generated):
+        out.update({key: str(source[key]) for key in NETWORK_METADATA if key in source})
+    elif reshaped and source.get("ss_network_module") == generated["ss_network_module"]:
+        args = _network_args(source)
+        if args:
+            kept = {k: v for k, v in args.items() if k not in _SHAPE_ARGS}
+            out["ss_network_args"] = json.dumps({**kept, **json.loads(generated["ss_network_args"])})
+    return out
+
+
+def carried_metadata(source: Mapping[str, str] | None) -> dict[str, str]:
+    """The metadata a re-encoding of a file (the same tensors in another format or dtype: a diffusers LoRA
+    file, a peft adapter's ``adapter_model.safetensors``) carries over: ``source`` less :data:`STALE_METADATA`.
+    The training metadata (``ss_*``, ``modelspec.*``) then still says what trained it, and comes back when the
+    copy is converted to kohya again."""
+    return {str(k): str(v) for k, v in (source or {}).items() if k not in STALE_METADATA}
+
+
+def kohya_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """kohya's ``sshs_model_hash`` / ``sshs_legacy_hash`` of a file holding ``tensors`` (as written) and ``metadata``.
+
+    kohya's ``train_util.precalculate_safetensors_hashes`` (library/train_util.py:3259-3298, what
+    sd-webui-additional-networks shows): the safetensors serialisation of the tensors with only the ``ss_*``
+    metadata; ``sshs_model_hash`` = sha256 of its bytes after the header, ``sshs_legacy_hash`` = the first 8 hex
+    digits of the sha256 of its bytes ``0x100000 … 0x110000`` (of no bytes, for a file under 1 MiB). kohya recomputes both on every save (resize_lora.py:366-368, merge_lora.py:283-285, LoRANetwork
+    .save_weights).
+    """
+    from safetensors.torch import save
+
+    kept = {str(k): str(v) for k, v in metadata.items() if str(k).startswith("ss_")}
+    data = save({k: v.detach().contiguous() for k, v in tensors.items()}, kept)
+    header = int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
 
 
 def _num(value: float) -> str:
@@ -397,15 +529,20 @@ def save_kohya(
     title: str | None = None,
     overwrite: bool = True,
     layers_per_block: int = 2,
+    source_metadata: Mapping[str, str] | None = None,
+    reshaped: bool = False,
 ) -> None:
-    """Write a kohya LoRA ``.safetensors`` atomically, with kohya/ModelSpec metadata.
+    """Write a kohya LoRA ``.safetensors`` atomically, with kohya/ModelSpec metadata and kohya's sshs hashes
+    (:func:`kohya_hashes`, of the file as written).
 
     Args:
         components: ``{"unet": handle.state_dict(), "text_encoder": ...}``.
         dtype: cast adapter weights (not ``alpha``, kept float32, nor integer flags such as
             (IA)³'s ``on_input``) e.g. to ``torch.float16``
             (values the dtype cannot hold are refused before the cast, naming the tensor).
-        metadata: extra string metadata merged over the generated fields.
+        metadata: extra string metadata merged over the generated (and inherited) fields.
+        source_metadata: the metadata of the file ``components`` were read from, kept where it still holds
+            (:func:`kohya_metadata`); ``reshaped``: the tensors were re-factored (new ranks), not only re-cast.
         overwrite: replace an existing file (False: refuse, also if it appears while writing).
         layers_per_block: the UNet's resnets per down block (see :func:`to_kohya`; 2 in SD).
 
@@ -418,7 +555,9 @@ def save_kohya(
     state = cast_factors(to_kohya(components, base_model=base_model, layers_per_block=layers_per_block), dtype)
     check_finite_output(state, path=path)
     title = title or os.path.splitext(os.path.basename(str(path)))[0]
-    meta = kohya_metadata(components, base_model=base_model, title=title, extra=metadata)
+    meta = kohya_metadata(components, base_model=base_model, title=title, extra=metadata, source=source_metadata,
+                          reshaped=reshaped)
+    meta.update(kohya_hashes(state, meta))
     write_safetensors(path, state, meta, overwrite=overwrite)
 
 

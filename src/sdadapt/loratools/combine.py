@@ -449,10 +449,22 @@ def combine_loras(
         if layers_of_base is not None:
             layers_of_base.close()
     report = LoRAJobReport(path=Path(out), base_model=model, layers=written_layers, skipped=skipped)
+    # a new network: kohya's merge_lora.py / svd_merge_lora.py write fresh metadata, not the inputs' (their
+    # base model, "networks.lora", dim and alpha — "Dynamic" when the merged layers' differ, merge_lora.py:205-222 —
+    # and new sshs hashes, which save_kohya computes). kxk convolutions' rank and alpha are ss_network_args' conv_dim /
+    # conv_alpha (as svd_merge_lora.py:389-396 writes them), so only the other layers decide "Dynamic".
     meta = {
         "ss_training_comment": "combined by sdadapt: "
         + ", ".join(f"{s:g} x {Path(p).name}" for p, s in zip(loras, values)) + f" ({mode})",
     }
+    linear = [layer for s in combined.values() for layer in group_by_layer(s).values()
+              if layer["lora_down.weight"].dim() == 2 or layer["lora_down.weight"].shape[2:].numel() == 1]
+    ranks = {int(layer["lora_down.weight"].shape[0]) for layer in linear}
+    alphas = {float(layer["alpha"]) for layer in linear if "alpha" in layer}
+    if len(ranks) > 1:
+        meta["ss_network_dim"] = "Dynamic"
+    if len(alphas) > 1:
+        meta["ss_network_alpha"] = "Dynamic"
     needed = sum(t.numel() * t.element_size() for s in combined.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
     save_kohya(out, combined, base_model=model, metadata=meta, overwrite=overwrite, layers_per_block=layers_per_block)

@@ -26,6 +26,10 @@ layers' inputs (``feedforward_modules``) and on the outputs of SD UNet layers wi
 of an output-scaled layer, which a kohya/LyCORIS file cannot say: such layers (CLIP projections, ``to_out.0``
 ...) stay refused, naming them.
 
+Metadata: a kohya target keeps the input's (its network keys too, when its module writes these tensors: a DyLoRA
+stays one; fresh sshs hashes), see :func:`~sdadapt.formats.kohya.kohya_metadata`; diffusers / peft targets carry
+it beside their own config (:func:`~sdadapt.formats.kohya.carried_metadata`).
+
 The report is about what was written: the file is read back through sdadapt's own loader and
 every layer's dense delta ``ΔW`` (float64, strength 1) is compared with the input's
 (:func:`delta_difference`). Layers whose delta needs the base weights (DoRA, (IA)³) or whose
@@ -61,9 +65,9 @@ from ..errors import (
 from ..formats import load_lora
 from ..formats.clip_keys import add_text_model
 from ..formats.detect import describe_file
-from ..formats.diffusers import METADATA_KEY, save_diffusers, save_peft
+from ..formats.diffusers import save_diffusers, save_peft
 from ..formats.files import atomic_write, staged_outputs
-from ..formats.kohya import cast_factors, save_kohya
+from ..formats.kohya import cast_factors, carried_metadata, save_kohya
 from ..formats.layers import COMPONENTS, canonical_state, group_by_layer
 from ..formats.peft_ia3 import resolve_sd_bias_free
 from .output import (
@@ -99,12 +103,6 @@ LORA_KINDS: dict[str, str] = {
 }
 # families diffusers/peft LoRA files can hold (algorithm_of_keys labels)
 _PEFT_LORA_FAMILIES = {"lora", "locon", "dora"}
-# kohya metadata the writer regenerates from the tensors (the input's would be stale)
-_REGENERATED = {
-    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.date",
-    "modelspec.implementation_version", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256",
-    "format", METADATA_KEY,
-}
 _PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
@@ -311,20 +309,20 @@ def convert_lora(
         try:
             if to == "kohya":
                 model = _base_model_for_kohya(source, components, metadata, base_model)
-                kept = {k: v for k, v in metadata.items() if k not in _REGENERATED}
-                save_kohya(staging, components, base_model=model, dtype=dtype, metadata=kept,
-                           title=kept.get("modelspec.title") or kept.get("ss_output_name") or target.stem)
+                save_kohya(staging, components, base_model=model, dtype=dtype, source_metadata=metadata,
+                           title=metadata.get("modelspec.title") or metadata.get("ss_output_name") or target.stem)
                 report.base_model = model
                 written = {c: components[c] for c in components}
             elif to == "diffusers":
-                save_diffusers(staging, components, dtype=dtype)
+                save_diffusers(staging, components, dtype=dtype, metadata=carried_metadata(metadata))
                 written = dict(components)
             else:
                 name = _peft_component(components, component if kind not in ("peft-lora", "peft-ia3") else None,
                                        str(source))
                 written = {name: canonical_state(name, components[name])}
                 try:  # (under the names pipeline component `name` has: transformers 5's CLIPTextModel lacks text_model.)
-                    save_peft(staging, cast_factors(components[name], dtype), component=name)
+                    save_peft(staging, cast_factors(components[name], dtype), component=name,
+                              metadata=carried_metadata(metadata))
                 except ValueError as exc:  # (a LoHa/LoKr layer no peft config rebuilds, named)
                     message = (str(exc).replace("(format='kohya')", "(convert --to kohya)")
                                .replace("save it as kohya", "convert --to kohya keeps it"))

@@ -105,6 +105,7 @@ def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, un
     """
     from ..formats.detect import dylora_network
     from ..formats.files import check_output_file, read_weights, write_safetensors
+    from ..formats.kohya import kohya_hashes
 
     target = check_output_file(out, overwrite=overwrite)
     state, metadata = read_weights(path)
@@ -120,6 +121,6 @@ def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, un
     comment = metadata.get("ss_training_comment", "")
     metadata["ss_training_comment"] = f"split from DyLoRA, rank {dylora_max_rank(state)} to {rank}; {comment}"
     metadata["ss_network_dim"] = str(rank)
-    metadata.pop("sshs_model_hash", None)  # (hashes of the uncut file would be wrong)
-    metadata.pop("sshs_legacy_hash", None)
+    # the cut file's own sshs hashes (extract_lora_from_dylora.py:93-95 computes them, though into the input's dict)
+    metadata.update(kohya_hashes(cut, metadata))
     return write_safetensors(target, cut, metadata, overwrite=overwrite)

@@ -22,7 +22,7 @@ from ..checks import finite_numbers
 from ..errors import InputError, NonFiniteError, ResourceError, SdadaptError
 from ..formats import WeightFileError, load_lora
 from ..formats.files import check_input_file, check_output_file, read_safetensors_header, sniff_format
-from ..formats.kohya import BASE_MODELS
+from ..formats.kohya import BASE_MODELS, metadata_base_model
 from ..adapters.base import LayerGeometry
 from .checkpoint_layers import LayerSlot, checkpoint_layers, unet_layers_per_block
 
@@ -173,15 +173,9 @@ def check_save_dtype(dtype: torch.dtype | None) -> None:
 def lora_base_model(path: str | os.PathLike, components: Mapping[str, object], metadata: Mapping[str, str]) -> str:
     """SD1/SD2/SDXL of a LoRA file: kohya metadata, else its key naming (LDM UNet names or a
     second text encoder mean SDXL), else ``"sd1"`` (SD1 and SD2 files are named alike)."""
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version == "sd_v2_v":
-        return "sd2-v"
-    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
-        return "sd2"
-    if version.startswith("sd_v1"):
-        return "sd1"
+    told = metadata_base_model(metadata)
+    if told is not None:
+        return told
     if "text_encoder_2" in components:
         return "sdxl"
     if sniff_format(path) == "safetensors":

@@ -69,6 +69,7 @@ __all__ = [
     "factored_svd",
     "resize_layer",
     "resize_lora_state",
+    "resize_comment",
     "ResizedLayer",
     "resize_lora",
     "is_plain_lora",
@@ -369,10 +370,27 @@ def _resize_one(
 
 
 # -------------------------------------------------------------------------------- the file job
-_REGENERATED = {
-    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.date", "modelspec.implementation_version",
-    "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256",
-}
+def resize_comment(metadata: Mapping[str, str], *, old_rank: int | None, rank: int, conv_rank: int | None,
+                   method: str, param: float | None) -> str:
+    """The ``ss_training_comment`` kohya's ``resize_lora.py`` writes (networks/resize_lora.py:346-356): ``"dimension
+    is resized from OLD to NEW[ (conv: C)]; <old comment>"``, or ``"Dynamic resize with METHOD: PARAM from OLD; <old
+    comment>"`` (``OLD``: the largest input rank, kohya's ``max_old_rank``; ``C`` only when it differs from NEW)."""
+    comment = metadata.get("ss_training_comment", "")
+    if method == "fixed":
+        conv = rank if conv_rank is None else conv_rank
+        conv_desc = "" if conv == rank else f" (conv: {conv})"
+        return f"dimension is resized from {old_rank} to {rank}{conv_desc}; {comment}"
+    return f"Dynamic resize with {method}: {param} from {old_rank}; {comment}"
+
+
+def _largest_rank(components: Mapping[str, Mapping[str, Tensor]]) -> int | None:
+    """The largest rank of any layer (kohya's ``max_old_rank``); ``None`` when no layer has one (full deltas)."""
+    from ..adapters.registry import file_rank
+    from ..formats.layers import group_by_layer
+
+    ranks = [file_rank({k: tuple(v.shape) for k, v in tensors.items()}, name=layer)[0]
+             for state in components.values() for layer, tensors in group_by_layer(state).items()]
+    return max((r for r in ranks if r is not None), default=None)
 
 
 def resize_lora(
@@ -443,16 +461,17 @@ def resize_lora(
     finally:
         if layers_of_base is not None:
             layers_of_base.close()
-    kept = {k: v for k, v in metadata.items() if k not in _REGENERATED}
-    note = f"resized by sdadapt to rank {rank}" + (f" ({method} {param})" if method != "fixed" else "")
-    kept["ss_training_comment"] = note + (f"; {metadata['ss_training_comment']}" if metadata.get("ss_training_comment") else "")
+    # kohya's resize_lora.py keeps the input's metadata and updates what the resize changed (the comment, dim and
+    # alpha: "Dynamic" for a dynamic method, resize_lora.py:342-358; the hashes are recomputed by save_kohya)
+    updates = {"ss_training_comment": resize_comment(metadata, old_rank=_largest_rank(components), rank=rank,
+                                                     conv_rank=conv_rank, method=method, param=param)}
     if method != "fixed":
-        kept.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
+        updates.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
     needed = sum(t.numel() * t.element_size() for s in resized.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
     save_kohya(
-        out, resized, base_model=model, metadata=kept, title=kept.get("modelspec.title"), overwrite=overwrite,
-        layers_per_block=layers_per_block,
+        out, resized, base_model=model, metadata=updates, title=metadata.get("modelspec.title"), overwrite=overwrite,
+        layers_per_block=layers_per_block, source_metadata=metadata, reshaped=True,
     )
     return report
 
