@@ -629,7 +629,10 @@ def extract_lora(
             for layer_key in [k for k in components[component] if k.endswith(".alpha")]:
                 name = f"{component}:{layer_key[: -len('.alpha')]}"
                 report.layers.pop(name, None)
-                report.skipped[name] = f"text encoder unchanged: its max |Δ| = {largest:.3g} <= min_diff {min_diff:g}"
+                keep = (f"min_diff / --min-diff {_round_below(largest):g} keeps it" if largest > 0
+                        else "its weights are the base's")
+                report.skipped[name] = (f"text encoder unchanged: its max |Δ| = {largest:.3g} <= min_diff {min_diff:g} "
+                                        f"(kohya's rule; {keep})")
             del components[component]
     if not components:
         raise WeightFileError(
@@ -707,3 +710,10 @@ def _read_pair(
         base_w = base_w[slot.rows[0] : slot.rows[1]]
         tuned_w = tuned_w[tuned_slot.rows[0] : tuned_slot.rows[1]]  # type: ignore[index]
     return base_w, tuned_w
+
+
+def _round_below(value: float) -> float:
+    """``value`` rounded to 3 significant digits, and strictly below it (a threshold that keeps a layer
+    whose largest |difference| is ``value``: the skip rule is ``largest <= min_diff``)."""
+    shown = float(f"{value:.3g}")
+    return shown if shown < value else float(f"{value * 0.99:.3g}")
