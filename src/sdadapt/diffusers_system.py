@@ -237,6 +237,13 @@ class DiffusersSystem(nn.Module):
         self.size_multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         #: SDXL takes the original size and crop of each training image (``time_ids``)
         self.size_conditioning = self.is_sdxl
+        #: SD 2.1 unCLIP's image side (:class:`sdadapt.unclip.UnclipParts`: encoder, normaliser, noising schedule),
+        #: set by the loaders for an unCLIP file or folder; ``None`` otherwise
+        self.unclip: Any = None
+        #: an unCLIP UNet's class input (1 or B, 2D) for the conditional branch while sampling (A1111's ``c_adm``:
+        #: its img2img's noise-augmented embedding of the init image); ``None``: zeros, A1111's txt2img. The
+        #: unconditional branch always gets zeros (A1111's ``image_uncond = torch.zeros_like(image_cond)``)
+        self.unclip_image: Tensor | None = None
 
     @property
     def max_token_length(self) -> int:
@@ -271,7 +278,8 @@ class DiffusersSystem(nn.Module):
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu", clip_skip: int = 1,
                     prediction_type: str | None = None, max_token_length: int = 75,
-                    torch_dtypes: dict[str, torch.dtype] | None = None) -> DiffusersSystem:
+                    torch_dtypes: dict[str, torch.dtype] | None = None,
+                    clip_stats: str | os.PathLike | None = None) -> DiffusersSystem:
         """A diffusers Stable Diffusion folder (SD1/SD2 or SDXL).
 
         ``torch_dtypes``: ``{"unet"|"vae": dtype}`` to load those in (diffusers' ``torch_dtype``; e.g.
@@ -323,14 +331,25 @@ class DiffusersSystem(nn.Module):
             max_token_length=max_token_length,
             **extra,
         )
+        unet_config = system.unet.config
+        if getattr(unet_config, "class_embed_type", None) == "projection":  # SD 2.1 unCLIP (sdadapt.unclip)
+            from .unclip import unclip_parts_from_folder
+
+            system.unclip = unclip_parts_from_folder(
+                root, dim=int(unet_config.projection_class_embeddings_input_dim) // 2, clip_stats=clip_stats)
+        elif clip_stats is not None:
+            raise ValueError(f"{root}: --clip-stats is for SD 2.1 unCLIP models (this UNet takes no image embedding)")
         system.requires_grad_(False)
         return system.eval().to(device)
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                          prediction_type: str | None = None, clip_skip: int = 1,
-                         device: str | torch.device = "cpu", max_token_length: int = 75) -> DiffusersSystem:
-        """An SD1/SD2/SDXL single-file checkpoint (see the module docstring).
+                         device: str | torch.device = "cpu", max_token_length: int = 75,
+                         clip_stats: str | os.PathLike | None = None) -> DiffusersSystem:
+        """An SD1/SD2/SDXL single-file checkpoint (see the module docstring); SD 2.1 unCLIP files too
+        (:mod:`sdadapt.formats.unclip`): ``clip_stats`` is karlo's ``ViT-L-14_stats.th`` an unCLIP-L file's
+        normaliser needs (diffusers' ``clip_stats_path``; :class:`sdadapt.unclip.UnclipParts`).
 
         Args:
             tokenizer: a tokenizer folder (``vocab.json`` + ``merges.txt``; for SDXL a folder
@@ -348,13 +367,14 @@ class DiffusersSystem(nn.Module):
         require_interop("diffusers")
         require_interop("transformers")
         return cls.from_checkpoint(read_single_file(path), tokenizer=tokenizer, prediction_type=prediction_type,
-                                   clip_skip=clip_skip, device=device, max_token_length=max_token_length)
+                                   clip_skip=clip_skip, device=device, max_token_length=max_token_length,
+                                   clip_stats=clip_stats)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, *, tokenizer: str | os.PathLike | None = None,
                         prediction_type: str | None = None, clip_skip: int = 1,
                         device: str | torch.device = "cpu", max_token_length: int = 75,
-                        keep_dtypes: bool = False) -> DiffusersSystem:
+                        keep_dtypes: bool = False, clip_stats: str | os.PathLike | None = None) -> DiffusersSystem:
         """A single-file checkpoint already read and split (:class:`sdadapt.formats.single_file.SingleFile`,
         e.g. from :func:`~sdadapt.formats.single_file.split_single_file` of a state whose UNet was
         replaced by its EMA copy); the options as :meth:`from_single_file`'s. The modules hold float32
@@ -393,6 +413,18 @@ class DiffusersSystem(nn.Module):
             te2_config = configs.get("text_encoder_2") or text_encoder_config(parts["text_encoder_2"], open_clip=True)
             with _no_init_weights():
                 modules["text_encoder_2"] = extra["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te2_config))
+        unclip = getattr(checkpoint, "unclip", None)  # (SD 2.1 unCLIP: the file's image embedder, sdadapt.formats.unclip)
+        if clip_stats is not None and unclip is None:
+            raise ValueError(f"{checkpoint.path}: --clip-stats is for SD 2.1 unCLIP checkpoints (this one has no image "
+                             "embedder / label_emb)")
+        if unclip is not None and "image_encoder" in parts:
+            from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+            from .formats.unclip import image_encoder_config
+
+            with _no_init_weights():
+                modules["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(
+                    **(configs.get("image_encoder") or image_encoder_config(parts["image_encoder"], variant=unclip.variant))))
         states = split_components({f"{c}.{k}": v for c, part in parts.items() for k, v in part.items()},
                                   expected={c: m.state_dict().keys() for c, m in modules.items()})
         for name, module in modules.items():
@@ -408,6 +440,11 @@ class DiffusersSystem(nn.Module):
             schedule = {**PLAYGROUND_SCHEDULER, **({"prediction_type": prediction_type} if prediction_type else {})}
         system = cls(unet, vae, text_encoder, None if refiner else first, schedule, clip_skip=clip_skip, source=checkpoint.path,
                      max_token_length=max_token_length, **extra)
+        if unclip is not None:
+            from .unclip import unclip_parts_from_file
+
+            system.unclip = unclip_parts_from_file(unclip, modules.get("image_encoder"), clip_stats=clip_stats)
+            system.model_index["_class_name"] = "StableUnCLIPImg2ImgPipeline"
         system.requires_grad_(False)
         return system.eval().to(device)
 
@@ -458,6 +495,8 @@ class DiffusersSystem(nn.Module):
             del parts["text_encoder"]
         if self.is_sdxl:
             parts["text_encoder_2"] = self.text_encoder_2
+        if self.unclip is not None and self.unclip.has_encoder:  # (SD 2.1 unCLIP's CLIP image encoder)
+            parts["image_encoder"] = self.unclip.image_encoder
         return parts
 
     def _save_ldm(self, target: Path, dtype: torch.dtype | None, metadata: dict[str, str], ema: Any = None) -> Path:
@@ -480,6 +519,8 @@ class DiffusersSystem(nn.Module):
                                  "LDM file tells an EDM model (Playground v2.5) by its edm_mean / edm_std tensors; "
                                  "write a diffusers folder instead")
             ldm.update(edm_stat_tensors(*self.latent_stats))
+        if self.unclip is not None:  # (the noise augmentor's schedule buffers and A1111's unCLIP marker)
+            ldm.update(self.unclip.ldm_tensors())
         if ema is not None:
             ldm["model_ema.decay"] = torch.tensor(float(ema.decay), dtype=torch.float32)
             ldm["model_ema.num_updates"] = torch.tensor(int(ema.updates), dtype=torch.int32)
@@ -512,6 +553,7 @@ class DiffusersSystem(nn.Module):
             mask = os.umask(0o022)
             os.umask(mask)
             os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700: the folder gets the umask's mode like any other
+            unclip_index = self.unclip.write_folder(tmp) if self.unclip is not None else {}
             for component, module in self.components().items():
                 if dtype is not None:
                     module = copy.deepcopy(module).to(dtype)
@@ -539,6 +581,9 @@ class DiffusersSystem(nn.Module):
                 if self.is_sdxl:
                     index.pop("safety_checker")
                     index.pop("requires_safety_checker")
+            index.update(unclip_index)  # (SD 2.1 unCLIP: StableUnCLIPImg2ImgPipeline's parts)
+            if unclip_index and not self.unclip.has_encoder:
+                index["image_encoder"] = [None, None]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
             os.replace(tmp, target)
         except BaseException:
@@ -756,6 +801,14 @@ class DiffusersSystem(nn.Module):
 
     def denoiser(self):
         """``model(x_t, t, cond) -> prediction`` over :meth:`condition`'s output."""
+        width = self._unclip_width()
+        if width:  # SD 2.1 unCLIP: a dict condition carries the class input (_unclip_conditions), else zeros
+            def model_unclip(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+                if isinstance(cond, dict):
+                    return self.unet(x, t, cond["context"], class_labels=cond["class_labels"]).sample
+                return self.unet(x, t, cond, class_labels=x.new_zeros(x.shape[0], width)).sample
+
+            return model_unclip
         if not self.is_sdxl:
             def model(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
                 return self.unet(x, t, cond).sample
@@ -767,6 +820,30 @@ class DiffusersSystem(nn.Module):
             return self.unet(x, t, cond["context"], added_cond_kwargs=added).sample
 
         return model_xl
+
+    def _unclip_width(self) -> int | None:
+        """2D, an SD 2.1 unCLIP UNet's class input width (``class_embed_type="projection"``), else ``None``."""
+        config = self.unet.config
+        if getattr(config, "class_embed_type", None) != "projection":
+            return None
+        return int(config.projection_class_embeddings_input_dim)
+
+    def _unclip_conditions(self, conds: list, *, negative: bool) -> list:
+        """Text conditions (B, L, D) as an unCLIP UNet's ``{"context", "class_labels"}``: :attr:`unclip_image` for the
+        conditional branch, zeros for the unconditional one (A1111's ``CFGDenoiser``: ``image_uncond =
+        torch.zeros_like(image_cond)`` for ``crossattn-adm`` models; its txt2img's ``image_cond`` is zeros too)."""
+        width = self._unclip_width()
+        if not width or self.unclip_image is None:
+            return conds
+        out = []
+        for cond in conds:
+            batch = cond.shape[0]
+            image = self.unclip_image.to(device=cond.device, dtype=cond.dtype)
+            if image.shape[-1] != width or image.shape[0] not in (1, batch):
+                raise ValueError(f"unclip_image {tuple(image.shape)} does not fit this unCLIP UNet: (1 or {batch}, {width})")
+            labels = torch.zeros(batch, width, device=cond.device, dtype=cond.dtype) if negative else image.expand(batch, -1)
+            out.append({"context": cond, "class_labels": labels})
+        return out
 
     def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None, *, breaks: bool = False) -> Any:
         if self.is_refiner:  # (force_zeros_for_empty_prompt False; negative_aesthetic_score)
@@ -996,12 +1073,16 @@ class DiffusersSystem(nn.Module):
             negatives = [self._uncond(text, conds[0], count, time_ids, breaks=True) if one
                          else self._prompt_condition([text] * count, self._negative_time_ids(time_ids), breaks=True)
                          for text in plan.negative_texts]
+            conds, negatives = self._unclip_conditions(conds, negative=False), self._unclip_conditions(negatives, negative=True)
             return plan.guidance(model, conds, negatives, guidance), None, None, 1.0
         if cond is None:
             cond = self._prompt_condition(prompts, time_ids)
         elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:
             time_ids = cond["time_ids"]
-        return model, cond, self._uncond(negative, cond, count, time_ids), guidance
+        uncond = self._uncond(negative, cond, count, time_ids)
+        if self.unclip_image is not None and self._unclip_width():
+            (cond,), (uncond,) = self._unclip_conditions([cond], negative=False), self._unclip_conditions([uncond], negative=True)
+        return model, cond, uncond, guidance
 
 
 def _add_vocabulary_files(folder: Path, tokenizer: Any) -> None:
@@ -1026,7 +1107,7 @@ def _plain_config(config: Any) -> dict:
         raw = config.to_dict()
         keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
-                "projection_dim", "layer_norm_eps")
+                "projection_dim", "layer_norm_eps", "image_size", "patch_size")
         return {k: raw[k] for k in keep if k in raw}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()
             if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
@@ -1109,10 +1190,12 @@ def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any
 
 
 def load_model(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None,
-               clip_skip: int = 1, device: str | torch.device = "cpu", max_token_length: int = 75) -> DiffusersSystem:
+               clip_skip: int = 1, device: str | torch.device = "cpu", max_token_length: int = 75,
+               clip_stats: str | os.PathLike | None = None) -> DiffusersSystem:
     """A diffusers folder or a single-file checkpoint as a :class:`DiffusersSystem`.
 
     ``max_token_length``: 75 (default), 150 or 225 prompt tokens (:attr:`DiffusersSystem.max_token_length`).
+    ``clip_stats``: an SD 2.1 unCLIP model's CLIP-embedding stats (karlo's ``ViT-L-14_stats.th``, :mod:`sdadapt.unclip`).
 
     Raises:
         ModelFolderError: neither a folder nor a file.
@@ -1126,9 +1209,10 @@ def load_model(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None 
         if tokenizer is not None:
             raise ValueError("--tokenizer is for single-file checkpoints; a diffusers folder has its own tokenizer/")
         return DiffusersSystem.from_folder(path, device=device, clip_skip=clip_skip, prediction_type=prediction_type,
-                                           max_token_length=max_token_length)
+                                           max_token_length=max_token_length, clip_stats=clip_stats)
     if path.is_file():
         return DiffusersSystem.from_single_file(path, tokenizer=tokenizer, prediction_type=prediction_type,
-                                                clip_skip=clip_skip, device=device, max_token_length=max_token_length)
+                                                clip_skip=clip_skip, device=device, max_token_length=max_token_length,
+                                                clip_stats=clip_stats)
     raise ModelFolderError(f"{path}: no such file or folder; --model takes 'toy', a diffusers Stable Diffusion folder "
                            "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint")

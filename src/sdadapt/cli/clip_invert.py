@@ -22,7 +22,7 @@ def _cmd_clip_invert(args: argparse.Namespace) -> int:
         args.images, out=args.out, model=args.model, captions=args.captions, prompt=args.prompt,
         num_vectors=args.vectors, init=args.init, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
         noise_level=args.noise_level, seed=args.seed, device=args.device, overwrite=args.overwrite,
-        progress=progress_bar(args, "clip-invert", unit="step"),
+        progress=progress_bar(args, "clip-invert", unit="step"), clip_stats=args.clip_stats,
     )
     k, d = result["vectors"]
     print(f"wrote {result['file']} ({k} vector(s) of width {d} for the {result['site']} site, from {result['images']} "
@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     command.add_argument("--images", required=True, metavar="DIR", help="folder of the concept's .png/.jpg images")
     command.add_argument("--model", default="toy-image", metavar="toy-image|toy|PATH",
-                         help="a diffusers SD 2.1 unCLIP folder (stable-diffusion-2-1-unclip), an image-variation "
+                         help="a diffusers SD 2.1 unCLIP folder (stable-diffusion-2-1-unclip) or single file "
+                         "(sd21-unclip-h/-l .ckpt/.safetensors), an image-variation "
                          "folder (lambdalabs sd-image-variations-diffusers; no --prompt/--captions there), or the "
                          "built-in 'toy-image' (default) / 'toy'")
     command.add_argument("--captions", action="store_true",
@@ -81,13 +82,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "image-variation model reads K tokens)")
     command.add_argument("--noise-level", type=_noise_level, default=0, metavar="L",
                          help="unCLIP's image-embedding noise level 0..999, used in training and stored for "
-                         "generation (default 0, the pipelines'; > 0 needs the folder's image_normalizer/)")
+                         "generation (default 0, the pipelines'; > 0 needs the folder's image_normalizer/, or for "
+                         "an unCLIP-L single file --clip-stats)")
+    command.add_argument("--clip-stats", default=None, metavar="FILE",
+                         help="SD 2.1 unCLIP-L single file: karlo's ViT-L-14_stats.th (its CLIP-embedding mean/std, "
+                         "which the file lacks; diffusers' clip_stats_path), for --noise-level > 0")
     command.add_argument("--init", choices=("auto", "images", "zeros"), default="auto",
                          help="the start: the images' mean CLIP image embedding (images; auto when the model has an "
                          "image encoder) or zeros")
     command.add_argument("--seed", type=int, default=0, help="the seed of the batches and noises (default 0)")
     command.add_argument("--device", default="auto")
-    only_with(command, ["--noise-level"], needs="an SD unCLIP --model PATH",
+    only_with(command, ["--noise-level", "--clip-stats"], needs="an SD unCLIP --model PATH",
               when=lambda args: args.model not in ("toy", "toy-image"),
               message="{option} is SD unCLIP's image-embedding noise augmentation; the toys have none: leave {option} out")
     add_output_options(command, out_help="output .safetensors (the vectors, written atomically)",

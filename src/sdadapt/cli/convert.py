@@ -42,7 +42,7 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     report = convert_model(args.input, args.out, to=args.to, dtype=torch_dtype(args.dtype),
                            prediction_type=args.prediction_type, vae=args.vae, ema=args.ema, overwrite=args.overwrite,
-                           log=log)
+                           log=log, clip_stats=args.clip_stats)
     what = "diffusers folder" if report.target == "diffusers" else "LDM single file"
     parts = ", ".join(f"{c} {n}" for c, n in report.tensors.items())
     dtypes = " + ".join(f"{n} {d}" for d, n in sorted(report.dtypes.items()))
@@ -88,7 +88,8 @@ def _convert(args: argparse.Namespace) -> int:
     kind = input_kind(args.input)
     if kind == "checkpoint":
         return _convert_checkpoint(args)
-    for option, value in (("--ema", args.ema), ("--vae", args.vae), ("--prediction-type", args.prediction_type)):
+    for option, value in (("--ema", args.ema), ("--vae", args.vae), ("--prediction-type", args.prediction_type),
+                          ("--clip-stats", args.clip_stats)):
         if value:
             raise InputError(f"{option} is for whole checkpoints; {args.input} is a {kind} file: leave it out")
     if args.to == "ldm":
@@ -169,6 +170,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--ema", action="store_true",
                        help="write the input's EMA UNet (LDM model_ema.*, a folder's unet_ema/) instead of the raw "
                        "one; default: the raw weights, the EMA copy dropped")
+    model.add_argument("--clip-stats", metavar="FILE", default=None,
+                       help="SD 2.1 unCLIP-L: karlo's ViT-L-14_stats.th (the CLIP-embedding mean/std its LDM config "
+                       "reads from clip_stats_path; no checkpoint holds it), needed to write its diffusers folder's "
+                       "image_normalizer/ (as diffusers' converter's clip_stats_path); unCLIP-H's is identity")
     add_output_options(convert, out_help="output: a .safetensors file (kohya, diffusers; embeddings also .pt/.bin) or "
                        "a folder (--to peft; a checkpoint --to diffusers); written atomically",
                        dtype_help="each tensor's own, as in the input; LoRA alphas stay float32")

@@ -10,6 +10,12 @@ Top-level rule table (LDM prefix <-> diffusers component; the per-component rule
     conditioner.embedders.0.transformer. <-> text_encoder.    (SDXL, CLIP-L)
     conditioner.embedders.1.model.       <-> text_encoder_2.  (SDXL, OpenCLIP-bigG, text_projection)
     conditioner.embedders.0.model.       <-> text_encoder_2.  (the SDXL refiner: OpenCLIP-bigG alone)
+    embedder.model.visual.               <-> image_encoder.   (SD 2.1 unCLIP: the CLIP vision tower, :mod:`.unclip`)
+
+SD 2.1 unCLIP files (Stability's ``sd21-unclip-h`` / ``-l``) are SD2 checkpoints in this map whose UNet
+``label_emb.0.{0,2}`` is diffusers' ``class_embedding.linear_{1,2}`` (``class_embed_type="projection"``; SDXL's
+``label_emb`` is ``add_embedding``), as diffusers' ``convert_ldm_unet_checkpoint`` maps it; the embedder's unused
+text tower and the ``noise_augmentor.*`` schedule buffers are dropped towards diffusers (:mod:`.unclip`).
 
 The SDXL refiner (Stability's ``sd_xl_refiner_1.0``) is an SDXL checkpoint in this map: the same UNet
 and VAE naming, and its one text encoder (OpenCLIP-bigG, no CLIP-L) is the diffusers refiner's
@@ -36,6 +42,7 @@ from torch import Tensor
 
 from .clip_keys import add_text_model, plan_clip, plan_open_clip
 from .key_source import KeyMapError, KeyReport, KeySource, PlanBuilder, name_keys
+from .unclip import EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX, VISUAL_PREFIX, plan_clip_vision
 from .unet_keys import plan_unet
 from .vae_keys import plan_vae
 
@@ -59,7 +66,7 @@ __all__ = [
     "join_components",
 ]
 
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae", "image_encoder")
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
 
 #: LDM prefix -> (diffusers component, key family); SD1/SD2 and SDXL text encoders differ in prefix.
@@ -72,6 +79,7 @@ LDM_PARTS = {
     "conditioner.embedders.0.transformer.": ("text_encoder", "clip"),
     "conditioner.embedders.1.model.": ("text_encoder_2", "open_clip"),
     "conditioner.embedders.0.model.": ("text_encoder_2", "open_clip"),  # the SDXL refiner's only encoder
+    VISUAL_PREFIX: ("image_encoder", "clip_vision"),  # SD 2.1 unCLIP's image embedder (:mod:`.unclip`)
 }
 #: where the SDXL refiner's OpenCLIP-bigG lives in LDM files (SGM's conditioner, embedder 0)
 _REFINER_TEXT = "conditioner.embedders.0.model."
@@ -85,8 +93,14 @@ _DIFFUSERS_PARTS = {
         "sdxl": "conditioner.embedders.0.transformer.",
     },
     "text_encoder_2": {"sdxl": "conditioner.embedders.1.model."},
+    "image_encoder": {"sd2": VISUAL_PREFIX},
 }
-_LDM_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.")
+#: diffusers' unCLIP class embedding <-> the LDM UNet's label_emb (diffusers' convert_ldm_unet_checkpoint,
+#: class_embed_type "projection"); SDXL's label_emb is add_embedding (unet_names)
+_CLASS_EMBEDDING = {f"class_embedding.linear_{i}.{p}": f"label_emb.0.{j}.{p}"
+                    for i, j in ((1, 0), (2, 2)) for p in ("weight", "bias")}
+_LDM_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.",
+                EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX)
 #: DDPM/LatentDiffusion schedule buffers at the top of LDM files (diffusers keeps them in scheduler config)
 _SCHEDULE_BUFFERS = frozenset(
     "betas alphas_cumprod alphas_cumprod_prev sqrt_alphas_cumprod sqrt_one_minus_alphas_cumprod"
@@ -250,17 +264,31 @@ def key_plan(
 
 def _plan_to_diffusers(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder) -> None:
     groups: dict[str, dict] = {prefix: {} for prefix in LDM_PARTS}
-    ema, schedule = [], []
+    ema, schedule, text_tower, augmentor = [], [], [], []
+    unclip = _is_unclip(shapes)
     for key, shape in shapes.items():
         prefix = next((p for p in LDM_PARTS if key.startswith(p)), None)
-        if prefix is not None:
+        local = key.removeprefix("model.diffusion_model.")
+        if unclip and local in _CLASS_EMBEDDING.values():  # (unCLIP's label_emb: diffusers' class_embedding)
+            target = next(k for k, v in _CLASS_EMBEDDING.items() if v == local)
+            builder.add("unet." + target, KeySource((key,), shape), by=key)
+        elif prefix is not None:
             groups[prefix][key] = shape
         elif key.startswith("model_ema."):
             ema.append(key)
         elif key in _SCHEDULE_BUFFERS:
             schedule.append(key)
+        elif key.startswith(EMBEDDER_PREFIX):
+            text_tower.append(key)
+        elif key.startswith(NOISE_AUGMENTOR_PREFIX):
+            augmentor.append(key)
         else:
             builder.unmatched.append(key)
+    builder.drop(text_tower, "the unCLIP image embedder's text tower (token/positional embedding, ln_final, text_projection,"
+                 " logit_scale; unCLIP-L's whole OpenAI CLIP text transformer): unCLIP runs the vision tower only and"
+                 " diffusers' StableUnCLIPImg2ImgPipeline has no place for them")
+    builder.drop(augmentor, "the unCLIP noise augmentor's schedule buffers; diffusers keeps the schedule in the"
+                 " image_noising_scheduler config (squaredcos_cap_v2, 1000 levels)")
     builder.drop(
         ema,
         "EMA copies of the UNet (model_ema.*, flattened names); diffusers' single-file loader also ignores them"
@@ -277,11 +305,14 @@ def _plan_to_ldm(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder, archi
     groups: dict[str, dict] = {c: {} for c in DIFFUSERS_COMPONENTS}
     for key, shape in shapes.items():
         component = key.split(".", 1)[0]
-        if component in groups:
+        if key.removeprefix("unet.") in _CLASS_EMBEDDING and component == "unet":  # (unCLIP's projection class embedding)
+            builder.add("model.diffusion_model." + _CLASS_EMBEDDING[key.removeprefix("unet.")], KeySource((key,), shape),
+                        by=key)
+        elif component in groups:
             groups[component][key] = shape
         else:
             builder.unmatched.append(key)
-    if groups["text_encoder"] or groups["text_encoder_2"]:
+    if groups["text_encoder"] or groups["text_encoder_2"] or groups["image_encoder"]:
         architecture = architecture or checkpoint_architecture(shapes)
         builder.notes.append(f"text encoders written in {architecture} layout")
     refiner = bool(groups["text_encoder_2"]) and not groups["text_encoder"] and architecture == "sdxl"
@@ -293,7 +324,8 @@ def _plan_to_ldm(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder, archi
             prefix = _REFINER_TEXT
         if prefix is None:
             builder.unmatched.extend(part)
-            builder.notes.append(f"{component} exists only in SDXL checkpoints, not in {architecture}")
+            where = "SD2 (SD 2.1 unCLIP)" if component == "image_encoder" else "SDXL"
+            builder.notes.append(f"{component} exists only in {where} checkpoints, not in {architecture}")
             continue
         family = LDM_PARTS[prefix][1]
         _plan_family(family, part, builder, to="ldm", source_prefix=component + ".", target_prefix=prefix)
@@ -308,9 +340,19 @@ def _plan_family(
         plan_vae(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix)
     elif family == "clip":
         plan_clip(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix)
+    elif family == "clip_vision":
+        plan_clip_vision(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix)
     else:
         sd2 = family == "open_clip_sd2"
         plan_open_clip(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix, sd2=sd2)
+
+
+def _is_unclip(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """An SD 2.1 unCLIP LDM state: a UNet ``label_emb`` beside SD2's OpenCLIP text encoder (SDXL's ``label_emb``
+    sits beside ``conditioner.embedders``), or beside the unCLIP image embedder / noise augmentor."""
+    if "model.diffusion_model.label_emb.0.0.weight" not in shapes:
+        return False
+    return any(k.startswith(("cond_stage_model.model.", EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX)) for k in shapes)
 
 
 def _fit_to_target(builder: PlanBuilder, target: dict[str, tuple[int, ...]], to: str) -> None:

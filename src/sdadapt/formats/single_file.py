@@ -34,6 +34,7 @@ from .files import WeightFileError, read_weights
 from .key_source import KeyMapError
 from .edm import EDM_STAT_KEYS, PLAYGROUND_SCALING_FACTOR, edm_stats
 from .model_keys import checkpoint_architecture, convert_checkpoint, is_sdxl_refiner
+from .unclip import UnclipFile, unclip_info
 
 __all__ = [
     "SingleFile",
@@ -78,6 +79,8 @@ class SingleFile:
     configs: dict[str, dict] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     edm_stats: tuple[list[float], list[float]] | None = None
+    #: an SD 2.1 unCLIP file's image-conditioning parts (:mod:`.unclip`; its ``image_encoder`` component), else ``None``
+    unclip: UnclipFile | None = None
 
     @property
     def refiner(self) -> bool:
@@ -86,8 +89,11 @@ class SingleFile:
 
     @property
     def prediction_type(self) -> str:
-        """``"v_prediction"`` when the file says so (ModelSpec ``prediction_type`` ``v``), else ``"epsilon"``."""
+        """``"v_prediction"`` when the file says so (ModelSpec ``prediction_type`` ``v``), else ``"epsilon"``;
+        an SD 2.1 unCLIP file without ModelSpec: ``"v_prediction"`` (its LDM configs' ``parameterization: "v"``)."""
         value = self.metadata.get("modelspec.prediction_type", "").lower()
+        if not value and self.unclip is not None:
+            return "v_prediction"
         return "v_prediction" if value in ("v", "v_prediction", "v-prediction") else "epsilon"
 
 
@@ -127,6 +133,7 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
     if any(k in state for k in EDM_STAT_KEYS):  # (Playground v2.5: read apart, the key map has no rule for them)
         stats = edm_stats(state, source=file)
         state = {k: v for k, v in state.items() if k not in EDM_STAT_KEYS}
+    unclip = unclip_info(state)  # (SD 2.1 unCLIP: read before the key map drops its noise-augmentor buffers)
     try:
         architecture = checkpoint_architecture({k: tuple(v.shape) for k, v in state.items()})
         converted, report = convert_checkpoint(state, to="diffusers", strict=False)
@@ -158,7 +165,7 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
         raise WeightFileError(f"{file}: edm_mean / edm_std (an EDM model's latent statistics, Playground v2.5) in an "
                               f"{architecture}{' refiner' if architecture == 'sdxl' else ''} checkpoint: only SDXL base "
                               "models come in the EDM formulation; remove the two tensors if the file is a plain one")
-    return SingleFile(file, architecture, components, meta, configs, list(report.dropped), stats)
+    return SingleFile(file, architecture, components, meta, configs, list(report.dropped), stats, unclip)
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -228,6 +235,9 @@ def unet_config(state: Mapping[str, Tensor], *, architecture: str, prediction_ty
                                   f"not {pooled} pooled + {count} size embeddings")
         config.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=width,
                       addition_time_embed_dim=(width - pooled) // count)
+    if "class_embedding.linear_1.weight" in state:  # (SD 2.1 unCLIP: diffusers' create_unet_diffusers_config)
+        config.update(class_embed_type="projection",
+                      projection_class_embeddings_input_dim=int(state["class_embedding.linear_1.weight"].shape[1]))
     if architecture == "sd2":
         config["upcast_attention"] = prediction_type == "v_prediction"
     return config

@@ -446,8 +446,9 @@ def _unclip_folder_parts(folder: Path) -> tuple[tuple[Tensor, Tensor] | None, Te
     config_file = folder / "image_noising_scheduler" / "scheduler_config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text())
-        if config.get("trained_betas") is not None:
-            raise ValueError(f"{config_file}: trained_betas are not supported; pass noise_schedule= to unclip_image_conditioning")
+        if config.get("trained_betas") is not None:  # (DDPMScheduler's own rule: the betas as given)
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+            return normalizer, diffusion.alphas_cumprod_of(betas).float()
         name = config.get("beta_schedule", "linear")
         betas = diffusion.noise_schedule(
             {"squaredcos_cap_v2": "cosine"}.get(name, name), num_steps=int(config.get("num_train_timesteps", 1000)),
@@ -487,7 +488,12 @@ def image_conditioning(system, *, noise_level: int = 0) -> ImageConditioning:
     if config is not None and getattr(config, "class_embed_type", None) == "projection":
         normalizer, schedule, encode_image = getattr(system, "image_normalizer", None), None, None
         source = getattr(system, "source", None)
-        if source is not None and Path(source).is_dir():  # a diffusers unCLIP folder: its noise-augmentation parts
+        parts = getattr(system, "unclip", None)
+        if parts is not None:  # a loaded unCLIP file or folder's parts (sdadapt.unclip.UnclipParts)
+            normalizer = normalizer if normalizer is not None else parts.normalizer
+            schedule = parts.noise_alphas_cumprod
+            encode_image = parts.encode_image if parts.has_encoder else None
+        elif source is not None and Path(source).is_dir():  # a diffusers unCLIP folder: its noise-augmentation parts
             folder_normalizer, schedule = _unclip_folder_parts(Path(source))
             normalizer = normalizer if normalizer is not None else folder_normalizer
             if (Path(source) / "image_encoder").is_dir():  # its CLIP image encoder (loaded at the first use)
@@ -497,7 +503,8 @@ def image_conditioning(system, *, noise_level: int = 0) -> ImageConditioning:
                 f"{source}: this unCLIP model has no image normaliser (the CLIP-embedding mean/std a diffusers unCLIP "
                 "folder keeps in image_normalizer/; LDM holds them in non-persistent noise_augmentor buffers, so a "
                 f"single-file checkpoint lacks them): noise_level={noise_level} would noise un-normalised embeddings. "
-                "Load the model from a diffusers unCLIP folder with image_normalizer/, set system.image_normalizer = "
+                "For an SD 2.1 unCLIP-L file pass karlo's ViT-L-14_stats.th as --clip-stats FILE (clip_stats= when "
+                "loading), load a diffusers unCLIP folder with image_normalizer/, set system.image_normalizer = "
                 "(mean (1, D), std (1, D)), or use noise_level=0")
         return unclip_image_conditioning(
             unet, text=lambda prompts: system.condition(system.tokenize(prompts)), noise_level=noise_level,

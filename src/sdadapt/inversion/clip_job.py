@@ -39,14 +39,14 @@ def default_guidance(site: str) -> float:
     return DEFAULT_GUIDANCE[site]
 
 
-def _load(model: str, device: str):
+def _load(model: str, device: str, clip_stats: str | Path | None = None):
     """``load_system``'s model, or an image-variation folder (:func:`~.variation.load_image_variation`)."""
     from ..jobs.models import load_system, resolve_device
     from .variation import is_image_variation_folder, load_image_variation
 
     if is_image_variation_folder(model):
         return load_image_variation(model, device=resolve_device(device))
-    return load_system(model, device=resolve_device(device))
+    return load_system(model, device=resolve_device(device), clip_stats=clip_stats)
 
 
 def _refuse_text(system, *, what: str) -> None:
@@ -76,6 +76,7 @@ def run_clip_invert(
     device: str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    clip_stats: str | Path | None = None,
 ) -> dict:
     """Learn image-space vectors for the concept of the images in folder ``images`` and write them to ``out``.
 
@@ -83,8 +84,9 @@ def run_clip_invert(
         images: a folder of .png/.jpg images (any size: brought to the model's by shorter-side resize
             and centre crop, as ``train`` reads folders).
         out: the ``.safetensors`` file (:func:`~.clip.save_image_vectors`; metadata ``model``, ``images``, ...).
-        model: ``"toy-image"`` (default), ``"toy"``, a diffusers SD 2.1 unCLIP folder or an
-            image-variation folder (lambdalabs ``sd-image-variations-diffusers``; no ``prompt``/``captions``).
+        model: ``"toy-image"`` (default), ``"toy"``, a diffusers SD 2.1 unCLIP folder, an SD 2.1 unCLIP single
+            file (Stability's ``sd21-unclip-h`` / ``-l``: :mod:`sdadapt.unclip`) or an image-variation folder
+            (lambdalabs ``sd-image-variations-diffusers``; no ``prompt``/``captions``).
         captions: train with each image's ``NAME.txt`` / ``NAME.caption`` caption (``prompt`` for
             images without one, else an error naming them).
         prompt: one caption for every image (with ``captions``: for those without a caption file).
@@ -92,6 +94,8 @@ def run_clip_invert(
         num_vectors, init, steps, learning_rate, batch_size, noise_level, seed: :func:`~.clip.clip_invert`'s.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         overwrite: replace an existing ``out`` (else refused before any work).
+        clip_stats: an SD 2.1 unCLIP-L file's CLIP-embedding stats (karlo's ``ViT-L-14_stats.th``), which
+            ``noise_level > 0`` needs there.
 
     Returns:
         ``{"file", "site", "vectors" (K, D), "init", "final_loss", "images", "seconds"}``.
@@ -106,7 +110,7 @@ def run_clip_invert(
     target = check_output_file(out, overwrite=overwrite)
     folder = check_image_folder(images)
     start = time.perf_counter()
-    system = _load(model, device)
+    system = _load(model, device, clip_stats)
     if captions or prompt:
         _refuse_text(system, what="--captions" if captions else "--prompt")
     image_conditioning(system, noise_level=noise_level)  # no image input / no normaliser: refused before reading images

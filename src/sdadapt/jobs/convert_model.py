@@ -278,7 +278,7 @@ def _check_whole(state: Mapping[str, Tensor], file: Path) -> None:
             "other layers)")
 
 
-def _load_file(file: Path, *, ema: bool, prediction_type: str | None):
+def _load_file(file: Path, *, ema: bool, prediction_type: str | None, clip_stats: str | os.PathLike | None = None):
     """-> (system, {component: {module key: dtype}}, ema tensors, dropped keys, notes)."""
     from ..diffusers_system import DiffusersSystem
     from ..formats.files import read_weights
@@ -301,9 +301,15 @@ def _load_file(file: Path, *, ema: bool, prediction_type: str | None):
     checkpoint = split_single_file(model, metadata=metadata, path=file)
     # the file's own tensors, each in its dtype (no float32 copy beside them: an SDXL fp16 file would need
     # ~3x its size in memory); --dtype casts them when writing
-    system = DiffusersSystem.from_checkpoint(checkpoint, prediction_type=prediction_type, keep_dtypes=True)
+    system = DiffusersSystem.from_checkpoint(checkpoint, prediction_type=prediction_type, keep_dtypes=True,
+                                             clip_stats=clip_stats)
     notes = []
-    if prediction_type is None and checkpoint.architecture == "sd2" and "modelspec.prediction_type" not in metadata:
+    if checkpoint.unclip is not None:  # (SD 2.1 unCLIP: sdadapt.formats.unclip)
+        notes.append(f"SD 2.1 unCLIP-{checkpoint.unclip.variant.upper()} file: v-prediction (its LDM config's), image "
+                     "encoder from embedder.model.visual.*, normaliser "
+                     + ("identity (LDM's, no clip_stats_path)" if clip_stats is None and checkpoint.unclip.variant == "h"
+                        else f"from {clip_stats}" if clip_stats is not None else "missing (karlo's ViT-L-14_stats.th: --clip-stats)"))
+    elif prediction_type is None and checkpoint.architecture == "sd2" and "modelspec.prediction_type" not in metadata:
         notes.append("SD2 file without prediction metadata: written as epsilon (a 768-v model needs --prediction-type "
                      "v_prediction)")
     modules = system.components()
@@ -328,7 +334,7 @@ def _header_dtypes(folder: Path) -> dict[str, torch.dtype] | None:
     return found
 
 
-def _load_folder(folder: Path, *, ema: bool, prediction_type: str | None):
+def _load_folder(folder: Path, *, ema: bool, prediction_type: str | None, clip_stats: str | os.PathLike | None = None):
     from ..diffusers_system import DiffusersSystem
     from ..formats.model_keys import split_components
 
@@ -337,7 +343,7 @@ def _load_folder(folder: Path, *, ema: bool, prediction_type: str | None):
         kinds = set((_header_dtypes(folder / component) or {}).values())
         if len(kinds) == 1 and kinds <= set(_COMMON_DTYPES):
             stored[component] = kinds.pop()
-    system = DiffusersSystem.from_folder(folder, prediction_type=prediction_type, torch_dtypes=stored)
+    system = DiffusersSystem.from_folder(folder, prediction_type=prediction_type, torch_dtypes=stored, clip_stats=clip_stats)
     modules = system.components()
     ema_folder = folder / "unet_ema"
     ema_tensors = 0
@@ -451,10 +457,10 @@ def _read_back(target: Path, to: str, modules: Mapping[str, nn.Module], *, dtype
         import json
 
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
         classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-                   "text_encoder_2": CLIPTextModelWithProjection}
+                   "text_encoder_2": CLIPTextModelWithProjection, "image_encoder": CLIPVisionModelWithProjection}
         for name, module in modules.items():
             kinds = {dtype or v.dtype for v in module.state_dict().values() if v.is_floating_point()}
             options = {"torch_dtype": kinds.pop()} if kinds <= set(_COMMON_DTYPES) and len(kinds) == 1 and name in (
@@ -489,6 +495,7 @@ def convert_model(
     ema: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    clip_stats: str | os.PathLike | None = None,
 ) -> ModelConversion:
     """Write the SD1/SD2/SDXL model at ``source`` as a diffusers folder or an LDM single file.
 
@@ -506,6 +513,9 @@ def convert_model(
         overwrite: replace an existing ``out`` (a folder only when it is a diffusers model; an empty
             folder is written into without it).
         log: hears progress lines.
+        clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, diffusers'
+            ``clip_stats_path``): needed to write an unCLIP-L file as a diffusers folder (its ``image_normalizer/``);
+            unCLIP-H's is identity (:mod:`sdadapt.unclip`).
 
     Returns:
         :class:`ModelConversion`.
@@ -538,9 +548,11 @@ def convert_model(
     if log is not None:
         log(f"reading {src}")
     if folder_input:
-        system, dtypes, ema_tensors, dropped, notes = _load_folder(src, ema=ema, prediction_type=prediction_type)
+        system, dtypes, ema_tensors, dropped, notes = _load_folder(src, ema=ema, prediction_type=prediction_type,
+                                                                   clip_stats=clip_stats)
     else:
-        system, dtypes, ema_tensors, dropped, notes = _load_file(src, ema=ema, prediction_type=prediction_type)
+        system, dtypes, ema_tensors, dropped, notes = _load_file(src, ema=ema, prediction_type=prediction_type,
+                                                                 clip_stats=clip_stats)
     notes[:0] = recovered
     if vae is not None:
         from ..external_vae import replace_vae

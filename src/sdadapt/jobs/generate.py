@@ -605,6 +605,12 @@ def run_generate(
                                                   resize_mode=resize_mode, inpainting_mask_weight=inpainting_mask_weight)
         say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, "
             f"{resize_mode} resize{', exact steps' if img2img_fix_steps else ''})")
+        if getattr(system, "unclip", None) is not None:  # SD 2.1 unCLIP: A1111's image variation (sdadapt.unclip)
+            from ..unclip import img2img_unclip_image
+
+            system.unclip_image = img2img_unclip_image(system, init_image, height=size_h, width=size_w,
+                                                       resize_mode=resize_mode, seed=seed)
+            say("unCLIP: conditioned on the init image's CLIP image embedding (noise level 0), as A1111's img2img")
     if hires is not None:
         import inspect
 

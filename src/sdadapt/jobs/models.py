@@ -40,7 +40,7 @@ def resolve_device(device: str | None) -> str:
 
 def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None, prediction_type: str | None = None,
                 clip_skip: int = 1, max_token_length: int = 75, vae: str | os.PathLike | None = None,
-                log: Callable[[str], None] | None = None):
+                log: Callable[[str], None] | None = None, clip_stats: str | os.PathLike | None = None):
     """``"toy"`` -> the shipped toy system; ``"toy-image"`` -> its image-embedding variant (CLIP
     inversion); a toy-system file (a toy fine-tune) -> that system;
     a folder -> a diffusers Stable Diffusion folder (SD1/SD2/SDXL); a ``.safetensors``/``.ckpt``
@@ -49,15 +49,17 @@ def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None
     (default), 150 or 225 prompt tokens, Stable Diffusion models only (:mod:`sdadapt.text_chunks`).
     ``vae``: a VAE file or folder that replaces the model's (kohya's ``--vae``,
     :func:`sdadapt.external_vae.replace_vae`), Stable Diffusion models only; ``log(line)`` hears what
-    was read."""
+    was read. ``clip_stats``: an SD 2.1 unCLIP model's CLIP-embedding mean/std file (karlo's
+    ``ViT-L-14_stats.th``, which an unCLIP-L single file needs for noise levels above 0: :mod:`sdadapt.unclip`)."""
     if model in ("toy", "toy-image") or _is_toy_file(model):
         if vae is not None:
             from ..errors import InputError
 
             raise InputError(f"--vae {vae}: the toy has no Stable Diffusion VAE to replace; --vae is for Stable Diffusion "
                              "models (a diffusers folder or a single-file checkpoint)")
-        if tokenizer is not None or prediction_type is not None or clip_skip != 1:
-            raise ValueError("--tokenizer, --prediction-type and --clip-skip are for Stable Diffusion models, not the toy")
+        if tokenizer is not None or prediction_type is not None or clip_skip != 1 or clip_stats is not None:
+            raise ValueError("--tokenizer, --prediction-type, --clip-skip and --clip-stats are for Stable Diffusion models, "
+                             "not the toy")
         if max_token_length != 75:
             raise ValueError(f"--max-token-length {max_token_length}: long prompts are split into 75-token CLIP windows, "
                              "which Stable Diffusion models have; the toy's text encoder reads at most 14 words, so "
@@ -77,7 +79,7 @@ def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None
 
         vae_weights_file(vae)  # a missing --vae is refused before the model loads
     system = load_model(model, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, device=device,
-                        max_token_length=max_token_length)
+                        max_token_length=max_token_length, clip_stats=clip_stats)
     if vae is not None:
         from ..external_vae import replace_vae
 

@@ -1,0 +1,251 @@
+"""SD 2.1 unCLIP's image-conditioning parts on a loaded model: image encoder, normaliser, noising schedule.
+
+A :class:`~sdadapt.diffusers_system.DiffusersSystem` loaded from an unCLIP single file (Stability's
+``sd21-unclip-h`` / ``-l``, :mod:`sdadapt.formats.unclip`) carries them as :class:`UnclipParts`
+(``system.unclip``); one loaded from a diffusers unCLIP folder too (its ``image_encoder/``,
+``image_normalizer/``, ``image_noising_scheduler/``). They serve generation (A1111's unCLIP img2img /
+txt2img conditioning), CLIP inversion (:func:`sdadapt.inversion.image_conditioning`) and conversion
+(:meth:`UnclipParts.write_folder` writes a diffusers ``StableUnCLIPImg2ImgPipeline`` folder's parts,
+:meth:`UnclipParts.ldm_tensors` an LDM file's extra tensors).
+
+The normaliser follows the LDM model: identity for H (``v2-1-stable-unclip-h-inference.yaml`` gives no
+``clip_stats_path``, so ``CLIPEmbeddingNoiseAugmentation`` uses zeros / ones), karlo's
+``ViT-L-14_stats.th`` for L — which no file holds (non-persistent buffers): pass it as ``clip_stats``
+(diffusers' ``clip_stats_path``). Without it an L model has no normaliser (``None``): noise levels
+above 0 are refused (:func:`sdadapt.inversion.image_conditioning`) and writing a diffusers folder is
+refused, as diffusers' converter refuses (``stable_unclip_image_noising_components``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .formats.unclip import UnclipFile, ldm_clip_pixels, noise_augmentor_buffers, read_clip_stats
+
+__all__ = ["UnclipParts", "unclip_parts_from_file", "unclip_parts_from_folder", "unclip_image_input",
+           "img2img_unclip_image", "COSINE_SCHEDULER_CONFIG"]
+
+#: diffusers' converter's image-noising scheduler: DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+COSINE_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+
+
+def _cosine_schedule() -> Tensor:
+    from .training import diffusion
+
+    return diffusion.alphas_cumprod_of(diffusion.noise_schedule("cosine", num_steps=1000)).float()
+
+
+class UnclipParts:
+    """The image side of an SD 2.1 unCLIP model.
+
+    Attributes:
+        dim: D, the CLIP image-embedding width (the UNet's class input is 2D).
+        normalizer: ``(mean (1, D), std (1, D))`` or ``None`` (an L file without its CLIP stats).
+        noise_alphas_cumprod: (T',) the image-noising schedule.
+        variant: ``"h"`` / ``"l"`` for a single file's embedder, ``None`` for a folder.
+        preprocess: ``"ldm"`` (the LDM embedders' squash to 224, :func:`~sdadapt.formats.unclip.ldm_clip_pixels`,
+            what A1111 runs) or ``"diffusers"`` (a folder's ``CLIPImageProcessor``, :func:`~sdadapt.inversion.clip_pixel_values`).
+        processor_config: the folder's ``feature_extractor/preprocessor_config.json`` (``{}`` for a file).
+    """
+
+    def __init__(self, *, dim: int, normalizer: tuple[Tensor, Tensor] | None, noise_alphas_cumprod: Tensor,
+                 image_encoder: nn.Module | Callable[[], nn.Module] | None, variant: str | None = None,
+                 preprocess: str = "ldm", processor_config: dict | None = None) -> None:
+        if preprocess not in ("ldm", "diffusers"):
+            raise ValueError(f"preprocess must be 'ldm' or 'diffusers', got {preprocess!r}")
+        self.dim, self.normalizer, self.noise_alphas_cumprod = int(dim), normalizer, noise_alphas_cumprod
+        self.variant, self.preprocess, self.processor_config = variant, preprocess, dict(processor_config or {})
+        self._encoder = image_encoder
+
+    @property
+    def has_encoder(self) -> bool:
+        """Whether an image encoder is at hand (loaded or loadable)."""
+        return self._encoder is not None
+
+    @property
+    def image_encoder(self) -> nn.Module | None:
+        """The ``CLIPVisionModelWithProjection`` (a folder's loads at the first use)."""
+        if self._encoder is not None and not isinstance(self._encoder, nn.Module):
+            self._encoder = self._encoder()
+        return self._encoder
+
+    def pixel_values(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> CLIP pixel values (B, 3, S, S) by :attr:`preprocess`."""
+        if self.preprocess == "ldm":  # (the encoder's own input size: 224 for both files' towers)
+            encoder = self.image_encoder
+            size = int(getattr(getattr(encoder, "config", None), "image_size", 224) or 224)
+            return ldm_clip_pixels(images, size=size)
+        from .inversion.clip import clip_pixel_values
+
+        return clip_pixel_values(images, config=self.processor_config)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> the projected CLIP image embeddings (B, D) float32, not normalised
+        (the LDM embedder's ``model.visual(preprocess(x))``; diffusers' ``_encode_image``'s ``image_embeds``).
+
+        Raises:
+            ValueError: no image encoder.
+        """
+        encoder = self.image_encoder
+        if encoder is None:
+            raise ValueError("this unCLIP model has no image encoder (neither embedder.model.visual.* in its file nor an "
+                             "image_encoder/ folder)")
+        encoder = encoder.to(images.device)  # (not a submodule of the system: it follows the images, as clip_image_encoder)
+        dtype = next(encoder.parameters()).dtype
+        with torch.no_grad():
+            return encoder(pixel_values=self.pixel_values(images).to(dtype)).image_embeds.float()
+
+    # ------------------------------------------------------------------------------- writing
+    def require_normalizer(self, what: str) -> tuple[Tensor, Tensor]:
+        """:attr:`normalizer`, or a ``ValueError`` saying ``what`` needs karlo's CLIP stats."""
+        if self.normalizer is None:
+            raise ValueError(f"{what} needs this SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ViT-L-14_stats.th, "
+                             "which LDM reads from clip_stats_path and no checkpoint holds): pass it as --clip-stats "
+                             "FILE (clip_stats= in Python), as diffusers' converter requires clip_stats_path")
+        return self.normalizer
+
+    def write_folder(self, folder: Path) -> dict[str, list]:
+        """Write a diffusers unCLIP folder's ``image_normalizer/``, ``image_noising_scheduler/`` and
+        ``feature_extractor/`` into ``folder`` (``image_encoder/`` is a component, written with the others);
+        returns their ``model_index.json`` entries.
+
+        Raises:
+            ValueError: no normaliser (an L file without ``clip_stats``), as diffusers' converter refuses.
+        """
+        from .formats.files import write_safetensors
+
+        mean, std = self.require_normalizer(f"writing {folder.name} as a diffusers unCLIP folder")
+        (folder / "image_normalizer").mkdir()
+        (folder / "image_normalizer" / "config.json").write_text(json.dumps(
+            {"_class_name": "StableUnCLIPImageNormalizer", "embedding_dim": self.dim}, indent=2))
+        write_safetensors(folder / "image_normalizer" / "diffusion_pytorch_model.safetensors",
+                          {"mean": mean.detach().float().reshape(1, -1).contiguous(),
+                           "std": std.detach().float().reshape(1, -1).contiguous()}, {"format": "pt"})
+        (folder / "image_noising_scheduler").mkdir()
+        config = self._scheduler_config()
+        (folder / "image_noising_scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+        (folder / "feature_extractor").mkdir()
+        from .inversion.clip import _PROCESSOR_DEFAULTS
+
+        processor = {**_PROCESSOR_DEFAULTS, "image_processor_type": "CLIPImageProcessor", **self.processor_config}
+        (folder / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+        return {"feature_extractor": ["transformers", "CLIPImageProcessor"],
+                "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+                "image_normalizer": ["stable_diffusion", "StableUnCLIPImageNormalizer"],
+                "image_noising_scheduler": ["diffusers", "DDPMScheduler"]}
+
+    def _scheduler_config(self) -> dict:
+        """diffusers' converter's ``DDPMScheduler`` config when the schedule is its cosine one, else ``trained_betas``."""
+        cosine = _cosine_schedule()
+        ac = self.noise_alphas_cumprod.detach().float().cpu()
+        if ac.shape == cosine.shape and torch.allclose(ac, cosine, rtol=0, atol=1e-6):
+            return dict(COSINE_SCHEDULER_CONFIG)
+        prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        return {"_class_name": "DDPMScheduler", "num_train_timesteps": int(ac.shape[0]),
+                "trained_betas": (1 - ac.double() / prev.double()).tolist()}
+
+    def ldm_tensors(self) -> dict[str, Tensor]:
+        """The unCLIP LDM file's tensors outside the key map: the ``noise_augmentor.*`` schedule buffers and A1111's
+        marker ``embedder.model.ln_final.{weight,bias}`` (ones / zeros of D: the width A1111 tells H (1024) from L
+        (768) by; the text tower it belongs to is never run)."""
+        out = noise_augmentor_buffers(self.noise_alphas_cumprod)
+        out["embedder.model.ln_final.weight"] = torch.ones(self.dim)
+        out["embedder.model.ln_final.bias"] = torch.zeros(self.dim)
+        return out
+
+
+def unclip_parts_from_file(unclip: UnclipFile, image_encoder: nn.Module | None, *,
+                           clip_stats: str | os.PathLike | None = None) -> UnclipParts:
+    """The parts of an unCLIP single file (:class:`~sdadapt.formats.unclip.UnclipFile`): the file's schedule (its
+    ``noise_augmentor.alphas_cumprod``, else the cosine one), identity stats for H, ``clip_stats`` (karlo's file) for L
+    (for H a given file replaces the identity).
+
+    Raises:
+        WeightFileError: an unreadable stats file, or one of another width.
+    """
+    dim = unclip.dim
+    normalizer = None
+    if clip_stats is not None:
+        normalizer = read_clip_stats(clip_stats, dim=dim)
+    elif not unclip.needs_clip_stats:  # (H: LDM's CLIPEmbeddingNoiseAugmentation without clip_stats_path)
+        normalizer = (torch.zeros(1, dim), torch.ones(1, dim))
+    schedule = unclip.noise_alphas_cumprod if unclip.noise_alphas_cumprod is not None else _cosine_schedule()
+    return UnclipParts(dim=dim, normalizer=normalizer, noise_alphas_cumprod=schedule, image_encoder=image_encoder,
+                       variant=unclip.variant, preprocess="ldm")
+
+
+def unclip_parts_from_folder(folder: str | os.PathLike, *, dim: int,
+                             clip_stats: str | os.PathLike | None = None) -> UnclipParts:
+    """The parts of a diffusers unCLIP folder: ``image_normalizer/`` (or ``clip_stats``), the
+    ``image_noising_scheduler/`` schedule (cosine when absent), ``image_encoder/`` (loaded at the first use,
+    float32) with ``feature_extractor/preprocessor_config.json``."""
+    from .inversion.clip import _unclip_folder_parts
+
+    root = Path(folder)
+    normalizer, schedule = _unclip_folder_parts(root)
+    if clip_stats is not None:
+        normalizer = read_clip_stats(clip_stats, dim=dim)
+    loader = None
+    if (root / "image_encoder").is_dir():
+        def loader() -> nn.Module:
+            from transformers import CLIPVisionModelWithProjection
+
+            from .formats.pickles import check_folder_pickles
+
+            check_folder_pickles(root / "image_encoder")
+            model = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", local_files_only=True,
+                                                                  dtype=torch.float32)
+            return model.requires_grad_(False).eval()
+    config_file = root / "feature_extractor" / "preprocessor_config.json"
+    processor = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return UnclipParts(dim=dim, normalizer=normalizer, noise_alphas_cumprod=schedule if schedule is not None else _cosine_schedule(),
+                       image_encoder=loader, preprocess="diffusers", processor_config=processor)
+
+
+def unclip_image_input(parts: UnclipParts, embeds: Tensor, *, noise_level: int = 0,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """The UNet's class input of image embeddings (B, D) -> (B, 2D): LDM's ``noise_augmentor(c_adm, noise_level)``
+    then ``cat`` (A1111's ``unclip_image_conditioning``, noise level 0), by
+    :func:`sdadapt.inversion.noise_image_embeddings` with the parts' normaliser (identity when ``None``, level 0
+    only) and schedule; the noise drawn on the CPU from ``generator``.
+
+    Raises:
+        ValueError: ``noise_level > 0`` without a normaliser.
+    """
+    from .inversion.clip import noise_image_embeddings
+
+    if noise_level and parts.normalizer is None:
+        parts.require_normalizer(f"noise_level={noise_level}")
+    noise = torch.randn(embeds.shape, generator=generator).to(embeds)
+    mean, std = parts.normalizer if parts.normalizer is not None else (None, None)
+    return noise_image_embeddings(embeds, noise_level, noise=noise, alphas_cumprod=parts.noise_alphas_cumprod.to(embeds.device),
+                                  mean=mean, std=std)
+
+
+
+def img2img_unclip_image(system, image_path: str | os.PathLike, *, height: int, width: int, resize_mode: str = "just",
+                         seed: int = 0) -> Tensor | None:
+    """A1111's unCLIP img2img image conditioning (``modules/processing.py`` ``unclip_image_conditioning``): the init
+    image brought to ``width`` x ``height`` as img2img reads it (:func:`sdadapt.resize_modes.init_image_pixels`, in
+    [-1, 1]), through the model's embedder (:meth:`UnclipParts.encode_image`) and the noise augmentor at level 0 —
+    (1, 2D), the conditional branch's class input (``system.unclip_image``). ``None`` for a model that is not unCLIP.
+    The level-0 augmentation noise (scale √(1 − ᾱ₀)) is drawn from ``torch.Generator().manual_seed(seed)`` (A1111
+    draws it from the global generator).
+
+    Raises:
+        ValueError: an unCLIP model without an image encoder.
+    """
+    parts = getattr(system, "unclip", None)
+    if parts is None:
+        return None
+    from .resize_modes import init_image_pixels
+
+    pixels = init_image_pixels(image_path, (height, width), mode=resize_mode)[None]  # (1, 3, H, W)
+    embeds = parts.encode_image(pixels)  # (1, D)
+    return unclip_image_input(parts, embeds, noise_level=0, generator=torch.Generator().manual_seed(seed))
