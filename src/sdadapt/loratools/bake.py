@@ -7,6 +7,12 @@ DoRA over any of them) goes through the one delta path,
 and its delta computed from it: :func:`~sdadapt.adapters.registry.adapter_layer_delta`). For DoRA that moves the weight towards DoRA's ``W'``:
 ``W + s · (W' − W)``. Bias deltas (``diff_b``) go to the layer's ``.bias`` tensor.
 
+Memory. The modules keep the file's dtype (an fp16 file's layers hold its size, not twice it): each
+``get`` computes on a float32 working copy of the one module it needs
+(:func:`~sdadapt.adapters.registry.adapter_working_copy`), dropped after. Peak: the file's layers,
+the checkpoint tensor being merged (float32) and one layer's float32 working set; one ``aminmax``
+per tensor finds NaN/inf and the output dtype's overflow (:func:`~sdadapt.checks.nonfinite_scan`).
+
 Order. Additive families commute; DoRA does not (its ``W'`` depends on the weight it adapts). The
 files are applied in the order given, each DoRA layer on the weight *with the earlier files'
 deltas already in it* — so ``merge-lora BASE A B`` equals ``apply_lora`` of A, then of B, on the
@@ -19,7 +25,6 @@ memory at a time.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -30,8 +35,14 @@ import torch
 from torch import Tensor
 
 from ..adapters.base import AdapterModule, LayerGeometry
-from ..adapters.registry import adapter_from_file_tensors, adapter_layer_delta, weight_shape_of_file_tensors
-from ..checks import cast_checked, check_result, finite_numbers, has_nonfinite
+from ..adapters.input_pad import ChannelPadAdapter, is_inpainting_conv_in_delta
+from ..adapters.registry import (
+    adapter_from_file_tensors,
+    adapter_layer_delta,
+    adapter_working_copy,
+    weight_shape_of_file_tensors,
+)
+from ..checks import cast_checked, check_result, finite_numbers, nonfinite_scan
 from ..errors import InputError
 from ..formats import WeightFileError
 from ..formats.layers import group_by_layer
@@ -58,12 +69,11 @@ __all__ = ["BakedCheckpoint", "merge_loras_into_checkpoint"]
 class _Entry:
     """One file layer scheduled onto one checkpoint tensor (and its bias)."""
 
-    module: AdapterModule  # the family's module, built once from the layer's file tensors (their dtype)
+    module: AdapterModule  # the family's module, built once from the layer's file tensors (their dtype; never moved)
     scale: float  # strength × block weight
     rows: slice | None  # the rows of a fused weight (OpenCLIP in_proj), None = all
     uses_base: bool  # the family reads the base weight (DoRA)
     name: str  # "file: component:layer" for messages
-    built_in: torch.dtype  # the widest float dtype it was built in: moved in place only to one as wide (exact)
 
 
 class BakedCheckpoint:
@@ -172,7 +182,7 @@ class BakedCheckpoint:
                     scale = strength * weigh(component, layer)
                     if scale == 0.0:
                         continue
-                    entry = _Entry(module, scale, slot.row_slice(), module.uses_base_weight, label, _widest(module))
+                    entry = _Entry(module, scale, slot.row_slice(), module.uses_base_weight, label)
                     plan.setdefault(slot.key, []).append(entry)
                     if bias_key is not None:
                         bias_plan.setdefault(bias_key, []).append(entry)
@@ -198,7 +208,8 @@ class BakedCheckpoint:
         """``(the family's module, bias key or None)`` of a layer on its slot, or why it does not fit.
 
         The family decides (its ``from_file_tensors`` raises for tensors that do not fit); the module
-        it builds (CPU, the file's dtype) is the one :meth:`get` computes the delta with. A file
+        it builds (CPU, the file's dtype) is the one :meth:`get` computes the delta from (on a float32
+        working copy: the module itself keeps the file's dtype). A file
         layer saved Linear for a 1x1 convolution (or the reverse) takes the file's own geometry and
         its delta is reshaped onto the tensor.
         """
@@ -207,13 +218,22 @@ class BakedCheckpoint:
             implied = weight_shape_of_file_tensors(tensors, name=name)
         except ValueError as exc:
             return str(exc)
-        if implied is not None and not same_layer_shape(implied, want):
-            return f"{name}: delta {implied} vs {slot.key} {want}"
-        shape = implied if implied is not None else want
         bias_key = _bias_key(slot.key)
+        padded = None  # (a plain model's 4-channel conv_in delta on an inpainting model's 9-channel conv_in)
+        if implied is not None and not same_layer_shape(implied, want):
+            layer = LayerGeometry.from_weight_shape(tuple(want), has_bias=bias_key in self._shapes)
+            try:  # zero-padded 4 -> 9 input channels, as apply_lora and A1111 (sdadapt.adapters.input_pad)
+                fits = is_inpainting_conv_in_delta(tensors, layer, slot.key.removesuffix(".weight"))
+            except ValueError as exc:
+                return str(exc)
+            if not fits:
+                return f"{name}: delta {implied} vs {slot.key} {want}"
+            padded = layer
+        shape = implied if implied is not None else want
         geometry = LayerGeometry.from_weight_shape(tuple(shape), has_bias=bias_key in self._shapes)
         try:
             module = adapter_from_file_tensors(geometry, dict(tensors), name=name)
+            module = module if padded is None else ChannelPadAdapter(module, padded)
             has_bias_delta = module.bias_delta() is not None
         except ValueError as exc:
             return f"{exc!s} (checkpoint tensor {slot.key} {want})"
@@ -241,33 +261,41 @@ class BakedCheckpoint:
         value = self._source.get(key)
         entries, bias_entries = self._plan.get(key, []), self._bias_plan.get(key, [])
         if not entries and not bias_entries:
-            if not self.allow_nonfinite and has_nonfinite(value):
-                check_result(value, key=key, inputs=[value], what=f"{self.path.name}'s tensor")
-            return cast_checked(value, self._dtypes[key], key=key, hint="write float32 (--dtype fp32)")
+            extremes = None
+            if not self.allow_nonfinite:
+                nonfinite, extremes = nonfinite_scan(value)  # (the range serves cast_checked's overflow check)
+                if nonfinite:
+                    check_result(value, key=key, inputs=[value], what=f"{self.path.name}'s tensor")
+            return cast_checked(value, self._dtypes[key], key=key, hint="write float32 (--dtype fp32)",
+                                extremes=extremes)
         compute = torch.float64 if value.dtype == torch.float64 else torch.float32
         merged = value.to(compute, copy=True)
         for entry in entries:
             target = merged if entry.rows is None else merged[entry.rows]
             # DoRA sees the weight with the earlier files' deltas in it (apply_lora in turn)
+            # (a float32 working copy of the module: the entry's keeps the file's dtype, see the module doc)
             delta, _ = adapter_layer_delta(
-                _module_in(entry, compute), base_weight=target if entry.uses_base else None, scale=entry.scale,
-                dtype=compute, name=entry.name,
+                adapter_working_copy(entry.module, compute), base_weight=target if entry.uses_base else None,
+                scale=entry.scale, dtype=compute, name=entry.name,
             )
             target.add_(delta.reshape(target.shape))  # type: ignore[union-attr]
+            del delta
         for entry in bias_entries:  # (Δb reads no base weight: the family's bias_delta takes none)
             _, bias = adapter_layer_delta(
-                _module_in(entry, compute), scale=entry.scale, dtype=compute, name=entry.name, weight=False
+                adapter_working_copy(entry.module, compute), scale=entry.scale, dtype=compute, name=entry.name,
+                weight=False,
             )
             target = merged if entry.rows is None else merged[entry.rows]
             target.add_(bias.reshape(target.shape))  # type: ignore[union-attr]
         self.report.merged[key] = len(entries) + len(bias_entries)
-        if has_nonfinite(merged):
+        nonfinite, extremes = nonfinite_scan(merged)  # (one pass: the NaN/inf check and cast_checked's range)
+        if nonfinite:
             names = ", ".join(entry.name for entry in entries + bias_entries)
             check_result(merged, key=key, inputs=[value], allow_nonfinite=self.allow_nonfinite,
                          what=f"the merged weight ({names})",
                          hint="the LoRA's deltas overflow (check its alphas and the --scale)")
         return cast_checked(merged, self._dtypes[key], key=key,
-                            hint="write float32 (--dtype fp32) or lower --scale")
+                            hint="write float32 (--dtype fp32) or lower --scale", extremes=extremes)
 
     def planned_bytes(self) -> int:
         """Bytes of the tensors the output file will hold."""
@@ -365,24 +393,6 @@ def _vectors(
             finite_numbers(vector, name="block weight", low=-100.0, high=100.0)
             expand_block_weights(vector)
     return vectors
-
-
-_FLOAT_WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
-
-
-def _widest(module: AdapterModule) -> torch.dtype:
-    """The widest float dtype of ``module``'s parameters and buffers (float32 when it has none)."""
-    dtypes = [t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-    return max(dtypes, key=lambda d: _FLOAT_WIDTH.get(d, 64), default=torch.float32)
-
-
-def _module_in(entry: _Entry, dtype: torch.dtype) -> AdapterModule:
-    """The entry's module, to be moved to ``dtype`` in place (as the fresh build of every earlier
-    call was: the file's values, exactly) — or a copy, when ``dtype`` is narrower than the file's
-    (a float64 file on a float32 tensor: the module must keep its float64 values for a float64 one)."""
-    if _FLOAT_WIDTH.get(dtype, 64) >= _FLOAT_WIDTH.get(entry.built_in, 64):
-        return entry.module
-    return copy.deepcopy(entry.module)
 
 
 def _bias_key(weight_key: str) -> str:
