@@ -361,3 +361,16 @@ def test_convert_l_needs_clip_stats(tmp_path):
     assert torch.equal(loaded.mean.detach(), mean[None]) and torch.equal(loaded.std.detach(), std[None])
     vision = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "folder" / "image_encoder")
     assert vision.config.hidden_act == "quick_gelu"  # (OpenAI CLIP's ViT-L/14)
+
+
+def test_inspect_names_the_unclip_file_and_its_variant(unclip_file):
+    from sdadapt.formats import describe_file
+
+    variant, _, path = unclip_file
+    summary = describe_file(path)
+    assert summary["model"].startswith("Stable Diffusion 2.1 unCLIP, " + variant.upper()), summary["model"]
+    assert ("--clip-stats" in summary["model"]) == (variant == "l")  # (only L needs karlo's stats)
+    plain = {k: v for k, v in stability_file(variant).items() if not k.startswith("model.diffusion_model.label_emb")}
+    other = path.with_name("plain.safetensors")
+    write_safetensors(other, plain, {})
+    assert "unCLIP" not in describe_file(other).get("model", "")  # (the label_emb is what says unCLIP)

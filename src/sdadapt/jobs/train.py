@@ -1390,21 +1390,15 @@ def _whole_model(spec) -> bool:
 def _stamp(path: Path, *, metadata: dict[str, str], dtype: torch.dtype | None, hashes: bool) -> None:
     """Rewrite a safetensors adapter file: float tensors in ``dtype``, ``metadata`` added, and
     kohya's ``sshs_model_hash``/``sshs_legacy_hash`` of the result (what A1111 shows)."""
-    import hashlib
-
     from ..formats.files import read_safetensors, write_safetensors
+    from ..formats.kohya import kohya_hashes
 
     tensors, meta = read_safetensors(path)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() and v.dim() > 0 else v for k, v in tensors.items()}
     meta.update(metadata)
     if hashes:
-        from safetensors.torch import save
-
-        data = save({k: v.contiguous() for k, v in tensors.items()}, {k: v for k, v in meta.items() if k.startswith("ss_")})
-        header = int.from_bytes(data[:8], "little")
-        meta["sshs_model_hash"] = hashlib.sha256(data[8 + header:]).hexdigest()
-        meta["sshs_legacy_hash"] = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+        meta.update(kohya_hashes(tensors, meta))
     write_safetensors(path, tensors, meta)
 
 

@@ -28,6 +28,12 @@
 | :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
 | :mod:`.param_groups` | parameter groups, one per block, for an optimiser fused into backward |
 | :mod:`.host_syncs` | host syncs found on any device (:class:`~.host_syncs.HostSyncs`), copies that do not wait |
+| :mod:`.data` | training data as kohya and OneTrainer lay it out: folders, captions, aspect-ratio buckets |
+| :mod:`.data_parallel` | data-parallel training under torchrun / ``accelerate launch``: each rank's slice, averaged gradients |
+| :mod:`.loss_masks` | kohya's masked loss: a per-pixel weight in [0, 1] for each image's loss |
+| :mod:`.monitor` | a CSV log of every step, TensorBoard scalars, kohya's ``loss/average`` |
+| :mod:`.reg_data` | kohya's regularisation images (``--reg-data-dir``): your own class images as the prior data |
+| :mod:`.class_folder` | diffusers' ``--class_data_dir``: generated class images kept in a folder, topped up, reused |
 """
 
 from . import (
