@@ -30,6 +30,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from accelerate_sandbox import accelerate_sandbox
 from sdadapt.methods import METHODS, FitConfig, fit
 from sdadapt.training.monitor import LossAverage
 from sdadapt.training.step import StepConfig
@@ -49,13 +50,9 @@ def accelerate_lrs(make_scheduler, *, per_epoch: int, accumulation: int, steps: 
     first ``steps`` optimiser steps (``with_beta1``: ``(lr, betas[0])``). The optimiser steps in ``skips`` get
     inf gradients (an fp16 GradScaler skips them, as accelerate's ``step_was_skipped``)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from torch.utils.data import DataLoader
 
-    environ, threads = dict(os.environ), torch.get_num_threads()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
+    with accelerate_sandbox():
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
         if skips:
             accelerator.scaler = torch.amp.GradScaler("cpu")  # (accelerate makes one on CUDA only)
@@ -81,12 +78,6 @@ def accelerate_lrs(make_scheduler, *, per_epoch: int, accumulation: int, steps: 
                     if len(lrs) == steps and accelerator.sync_gradients:
                         break
         return lrs
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        os.environ.clear()
-        os.environ.update(environ)
-        torch.set_num_threads(threads)
 
 
 def ours(config: FitConfig, steps: int, skips: tuple[int, ...] = ()) -> list[float]:

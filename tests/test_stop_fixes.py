@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from accelerate_sandbox import accelerate_sandbox
 from sdadapt.errors import DiskSpaceError
 from sdadapt.formats import files
 from sdadapt.formats.files import atomic_write, staged_outputs, write_safetensors
@@ -335,12 +336,8 @@ def _accelerate_lrs(skips: list[int], steps: int) -> list[float]:
     import math
 
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    environ, threads = dict(os.environ), torch.get_num_threads()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
+    with accelerate_sandbox():
         accelerator = Accelerator(cpu=True)
         accelerator.scaler = torch.amp.GradScaler("cpu")  # (accelerate makes one on CUDA only; kohya's fp16 runs)
         w = torch.nn.Parameter(torch.ones(3))
@@ -355,12 +352,6 @@ def _accelerate_lrs(skips: list[int], steps: int) -> list[float]:
             schedule.step()
             optimizer.zero_grad()
         return lrs
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        os.environ.clear()
-        os.environ.update(environ)
-        torch.set_num_threads(threads)
 
 
 def test_train_step_does_not_step_the_lr_scheduler_after_a_skipped_fp16_step_as_accelerate():
