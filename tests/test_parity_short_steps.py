@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import warnings
 
 import pytest
