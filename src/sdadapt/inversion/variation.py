@@ -83,13 +83,19 @@ class ImageVariationSystem(nn.Module):
         self.register_buffer("alphas_cumprod", diffusion.scheduler_alphas_cumprod(scheduler_config), persistent=False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
+        from ..formats.edm import vae_latent_stats
+
+        #: the VAE config's ``latents_mean`` / ``latents_std`` (``None`` for SD's VAEs), as DiffusersSystem reads them
+        self.latent_stats = vae_latent_stats(vae.config)
         #: pixels per latent cell (8 for every SD VAE)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = int(unet.config.sample_size) * self.vae_factor
 
-    # the VAE's way in and out, as every Stable Diffusion system (they read only ``vae`` and ``scaling_factor``)
+    # the VAE's way in and out, as every Stable Diffusion system (they read ``vae``, ``scaling_factor`` and
+    # ``latent_stats``)
     encode_images = DiffusersSystem.encode_images
     decode_latents = DiffusersSystem.decode_latents
+    _stats = DiffusersSystem._stats
 
 
 def load_image_variation(folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> ImageVariationSystem:
