@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from png_pixels import pixels as _pixels
 import sdadapt
 from sdadapt.cli import main
 from sdadapt.formats.files import write_safetensors
@@ -70,11 +71,11 @@ def test_cli_image_equals_the_python_path_and_strength_zero_is_the_plain_image(s
     image = generate(system, [PROMPT], seed=1, steps=2, height=32, width=32)[0]
     write_png(tmp_path / "python.png", image)
 
-    plain = (tmp_path / "plain.png").read_bytes()
-    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "python.png").read_bytes()
-    assert (tmp_path / "twin.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
-    assert (tmp_path / "cli.png").read_bytes() != plain  # the hypernetwork changes the image
-    assert (tmp_path / "zero.png").read_bytes() == plain
+    plain = _pixels(tmp_path / "plain.png")
+    assert _pixels(tmp_path / "cli.png") == _pixels(tmp_path / "python.png")
+    assert _pixels(tmp_path / "twin.png") == _pixels(tmp_path / "cli.png")
+    assert _pixels(tmp_path / "cli.png") != plain  # the hypernetwork changes the image
+    assert _pixels(tmp_path / "zero.png") == plain
 
 
 def test_several_chain_in_order_like_the_python_path(sd, tmp_path):
@@ -91,7 +92,7 @@ def test_several_chain_in_order_like_the_python_path(sd, tmp_path):
     sdadapt.inject_hypernetwork(system.unet, sdadapt.load_hypernetwork(root / "style.pt"), strength=0.5, name="a")
     sdadapt.inject_hypernetwork(system.unet, sdadapt.load_hypernetwork(tmp_path / "second.pt"), name="b")
     write_png(tmp_path / "python.png", generate(system, [PROMPT], seed=1, steps=2, height=32, width=32)[0])
-    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "python.png").read_bytes()
+    assert _pixels(tmp_path / "cli.png") == _pixels(tmp_path / "python.png")
 
 
 def test_refusals_are_one_line_errors_naming_the_problem(sd, tmp_path, capsys):
@@ -138,3 +139,5 @@ def test_docs_shell_example_parses_and_its_generate_line_runs(tmp_path, monkeypa
     sdadapt.save_hypernetwork(tmp_path / "purple.pt", _random_hypernetwork([32, 64], seed=4, name="purple"))  # toy widths
     assert main([*commands[1][3:], "--steps", "3", "-q"]) == 0, capsys.readouterr().err
     assert (tmp_path / "circle.png").is_file()
+
+

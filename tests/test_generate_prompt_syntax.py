@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from png_pixels import pixels as _pixels
 import sdadapt
 from sdadapt import samplers
 from sdadapt.cli import main
@@ -174,7 +175,7 @@ def test_a_prompt_without_the_syntax_goes_through_the_job_exactly_as_before(sd, 
 
     image = generate(system, [prompt], negative="ugly", seed=1, steps=3, sampler="euler", height=32, width=32)[0]
     write_png(tmp_path / "python.png", image)
-    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "python.png").read_bytes()
+    assert _pixels(tmp_path / "cli.png") == _pixels(tmp_path / "python.png")
 
 
 def test_a_schedule_encodes_each_text_once_and_mixes_both_images(system):
@@ -222,10 +223,10 @@ def test_lora_tags_apply_what_lora_applies(sd, tmp_path):
     assert _cli(sd, tmp_path / "lyco.png", "a <lyco:ink:te=0.7:unet=0.7>cat", "--lora-dir", str(root / "loras")) == 0
     assert _cli(sd, tmp_path / "alias.png", "a cat <lora:inkwash:0.7>", "--lora-dir", str(root / "loras")) == 0
     assert _cli(sd, tmp_path / "plain.png", "a cat") == 0
-    flag = (tmp_path / "flag.png").read_bytes()
-    assert (tmp_path / "tag.png").read_bytes() == flag == (tmp_path / "lyco.png").read_bytes()
-    assert (tmp_path / "alias.png").read_bytes() == flag  # (found by its ss_output_name, as A1111's alias)
-    assert flag != (tmp_path / "plain.png").read_bytes()
+    flag = _pixels(tmp_path / "flag.png")
+    assert _pixels(tmp_path / "tag.png") == flag == _pixels(tmp_path / "lyco.png")
+    assert _pixels(tmp_path / "alias.png") == flag  # (found by its ss_output_name, as A1111's alias)
+    assert flag != _pixels(tmp_path / "plain.png")
 
 
 def test_separate_text_encoder_and_unet_multipliers(sd, system):
@@ -252,7 +253,7 @@ def test_hypernet_tags_apply_what_hypernetwork_applies(sd, tmp_path):
     root = sd[1]
     assert _cli(sd, tmp_path / "flag.png", "a cat", "--hypernetwork", f"{root / 'hn' / 'style.pt'}:0.5") == 0
     assert _cli(sd, tmp_path / "tag.png", "<hypernet:style:0.5>a cat", "--hypernetwork-dir", str(root / "hn")) == 0
-    assert (tmp_path / "tag.png").read_bytes() == (tmp_path / "flag.png").read_bytes()
+    assert _pixels(tmp_path / "tag.png") == _pixels(tmp_path / "flag.png")
 
 
 def test_tag_refusals_name_the_tag_and_the_fix(sd, tmp_path, capsys):
@@ -442,7 +443,7 @@ def test_break_reaches_generate_but_not_the_training_samples(sd, system, tmp_pat
     word = generate(system, [prompt], seed=1, steps=2, sampler="euler", height=32, width=32)
     assert not torch.equal(chunked, word)
     write_png(tmp_path / "chunked.png", chunked[0])
-    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "chunked.png").read_bytes()
+    assert _pixels(tmp_path / "cli.png") == _pixels(tmp_path / "chunked.png")
 
 
 def test_a_long_prompt_is_laid_out_in_a1111s_chunks_unless_a_kohya_length_is_set(sd, system, tmp_path):
@@ -468,9 +469,9 @@ def test_a_long_prompt_is_laid_out_in_a1111s_chunks_unless_a_kohya_length_is_set
             "euler", "--width", "32", "--height", "32", "-q"]
     assert main([*base, "-o", str(tmp_path / "a1111.png")]) == 0
     write_png(tmp_path / "planned.png", _image(system, prompt, steps=2)[0])
-    assert (tmp_path / "a1111.png").read_bytes() == (tmp_path / "planned.png").read_bytes()
+    assert _pixels(tmp_path / "a1111.png") == _pixels(tmp_path / "planned.png")
     assert main([*base, "--max-token-length", "150", "-o", str(tmp_path / "kohya.png")]) == 0
-    assert (tmp_path / "kohya.png").read_bytes() != (tmp_path / "a1111.png").read_bytes()
+    assert _pixels(tmp_path / "kohya.png") != _pixels(tmp_path / "a1111.png")
 
 
 def test_break_prompts_sample_and_and_parts_of_other_lengths_are_padded(system):
@@ -508,8 +509,8 @@ def test_the_toy_reads_schedules_through_the_system_protocol(tmp_path):
     run_generate(prompt="a red shape", out=tmp_path / "r.png", steps=2)
     run_generate(prompt="a [red:blue:9] (shape)", out=tmp_path / "same.png", steps=2, log=logs.append)
     assert logs[0] == "prompt schedule: 2 texts, 1 AND parts, 1 negative texts"
-    assert (tmp_path / "s.png").read_bytes() != (tmp_path / "r.png").read_bytes()
-    assert (tmp_path / "same.png").read_bytes() == (tmp_path / "r.png").read_bytes()  # (never switches: plain)
+    assert _pixels(tmp_path / "s.png") != _pixels(tmp_path / "r.png")
+    assert _pixels(tmp_path / "same.png") == _pixels(tmp_path / "r.png")  # (never switches: plain)
 
 
 @pytest.fixture(scope="module")
@@ -554,3 +555,5 @@ def test_sdxl_zeros_an_empty_negative_only_when_its_whole_schedule_is_empty(sdxl
     with torch.no_grad():
         empty = system._prompt_condition([""], scheduled[0]["time_ids"])
     assert torch.equal(scheduled[0]["context"], empty["context"])
+
+

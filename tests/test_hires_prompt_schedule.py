@@ -21,6 +21,7 @@ from a1111_prompt_parser import parse_prompt_attention as a1111_parse_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from png_pixels import pixels as _pixels
 from sdadapt.errors import InputError
 from sdadapt.prompt_schedule import prompt_schedule
 
@@ -212,7 +213,7 @@ def test_generate_reads_blanks_around_a_weight_as_a1111(tiny_sd, tmp_path):
     def png(name, prompt, negative):
         run_generate(model=str(tiny_sd), prompt=prompt, negative=negative, out=tmp_path / f"{name}.png", steps=3,
                      sampler="euler", seed=1, guidance=3.0, width=16, height=16, log=lambda _: None)
-        return (tmp_path / f"{name}.png").read_bytes()
+        return _pixels(tmp_path / f"{name}.png")
 
     assert png("blanks", "a (cat: 1.2 )", "(ugly:\t0.8)") == png("tight", "a (cat:1.2)", "(ugly:0.8)")
 
@@ -253,7 +254,7 @@ def _png(tiny_sd, path, **options):
 
     run_generate(model=str(tiny_sd), out=path, steps=2, sampler="euler", seed=1, guidance=3.0, width=16, height=16,
                  log=lambda _: None, **options)
-    return path.read_bytes()
+    return _pixels(path)
 
 
 def test_the_hires_prompt_reads_blanks_around_a_weight_as_a1111(tiny_sd, tmp_path):
@@ -310,3 +311,5 @@ def test_aesthetic_with_an_edit_only_the_hires_pass_reaches_is_refused(tiny_sd, 
                          sampler="euler", seed=1, guidance=3.0, width=16, height=16, hires_scale=2.0, hires_steps=4,
                          hires_denoising=0.5, aesthetic=tmp_path / "style.pt", log=lambda _: None)
     assert not (tmp_path / "h.png").exists()
+
+

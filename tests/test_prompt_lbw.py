@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from png_pixels import pixels as _pixels
 from sdadapt.errors import InputError
 from sdadapt.loratools.block_weights import (
     LBW_PRESETS,
@@ -416,7 +417,7 @@ def _reference(pipe, prompt, hires_prompt, *, first_lora: bool, hires_lora: bool
 def test_hires_prompt_with_the_same_tags_changes_nothing(pipe, tmp_path):
     assert _cli(pipe, tmp_path / "a.png", "a cat <lora:ink:0.7>") == 0
     assert _cli(pipe, tmp_path / "b.png", "a cat <lora:ink:0.7>", "--hires-prompt", "a cat <lora:ink:0.7>") == 0
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert _pixels(tmp_path / "a.png") == _pixels(tmp_path / "b.png")
 
 
 _SAME_EACH_CASE: dict = {}  # (what, checkpoint, ...) -> a reference image the parametrized cases share, made once
@@ -440,9 +441,9 @@ def test_hires_prompt_tags_are_the_hires_pass_networks(pipe, tmp_path, prompt, h
         image = _reference(pipe, "a cat", "a cat", first_lora="<lora" in prompt, hires_lora="<lora" in hires_prompt,
                            seed=seed)
         write_png(tmp_path / f"ref{index}.png", image)
-        assert (tmp_path / f"cli-{index:02d}.png").read_bytes() == (tmp_path / f"ref{index}.png").read_bytes(), index
+        assert _pixels(tmp_path / f"cli-{index:02d}.png") == _pixels(tmp_path / f"ref{index}.png"), index
     write_png(tmp_path / "both.png", _both_passes_with_the_lora(pipe))
-    assert (tmp_path / "both.png").read_bytes() != (tmp_path / "ref0.png").read_bytes()
+    assert _pixels(tmp_path / "both.png") != _pixels(tmp_path / "ref0.png")
 
 
 def test_networks_switched_restores_the_first_pass_bits_and_the_cache():
@@ -523,15 +524,15 @@ def test_hires_tag_lbw_from_the_preset_file_switches_the_hires_networks(pipe, tm
                 *_presets(tmp_path)) == 0
     assert _cli(pipe, tmp_path / "none.png", "a cat <lora:ink:0.7>", "--hires-prompt", "a cat") == 0
     assert _cli(pipe, tmp_path / "same.png", "a cat <lora:ink:0.7>") == 0
-    assert (tmp_path / "lbw.png").read_bytes() == (tmp_path / "none.png").read_bytes()
-    assert (tmp_path / "lbw.png").read_bytes() != (tmp_path / "same.png").read_bytes()
+    assert _pixels(tmp_path / "lbw.png") == _pixels(tmp_path / "none.png")
+    assert _pixels(tmp_path / "lbw.png") != _pixels(tmp_path / "same.png")
 
 
 def test_prompt_tag_lbw_reads_the_preset_file(pipe, tmp_path):
     assert _cli(pipe, tmp_path / "lbw.png", "a cat <lora:ink:0.7:lbw=MINE>", "--hires-prompt", "a cat",
                 *_presets(tmp_path)) == 0
     assert _cli(pipe, tmp_path / "plain.png", "a cat", "--hires-prompt", "a cat") == 0
-    assert (tmp_path / "lbw.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+    assert _pixels(tmp_path / "lbw.png") == _pixels(tmp_path / "plain.png")
 
 
 def test_overlapping_hires_loras_are_undone_in_reverse_for_the_next_image(pipe, tmp_path):
@@ -543,7 +544,7 @@ def test_overlapping_hires_loras_are_undone_in_reverse_for_the_next_image(pipe, 
     assert main(["generate", "--model", str(pipe[0]), "--prompt", "a cat", "--seed", "2", "--steps", "2",
                  "--sampler", "euler", "--guidance", "5", "--width", "32", "--height", "32", "--hires-scale", "2",
                  "--lora-dir", str(pipe[1]), "-q", "-o", str(tmp_path / "alone.png"), *hires]) == 0
-    assert (tmp_path / "two-01.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+    assert _pixels(tmp_path / "two-01.png") == _pixels(tmp_path / "alone.png")
 
 
 def test_hires_hypernetwork_tags_that_differ_are_refused(pipe, tmp_path):
@@ -790,12 +791,12 @@ def test_a_step_range_is_the_lora_switched_by_hand(pipe, tmp_path, sampler, opti
     for index, seed in enumerate((1, 2)):
         write_png(tmp_path / f"ref{index}.png", _stepped_reference(pipe, sampler=sampler, start=start, stop=stop,
                                                                    seed=seed))
-        assert (tmp_path / f"cli-{index:02d}.png").read_bytes() == (tmp_path / f"ref{index}.png").read_bytes(), index
+        assert _pixels(tmp_path / f"cli-{index:02d}.png") == _pixels(tmp_path / f"ref{index}.png"), index
     key = ("always", str(pipe[0]), sampler)  # (the same image for each case of one sampler: made once)
     if key not in _SAME_EACH_CASE:
         _SAME_EACH_CASE[key] = _stepped_reference(pipe, sampler=sampler, start=None, stop=None, seed=1)
     write_png(tmp_path / "always.png", _SAME_EACH_CASE[key])
-    assert (tmp_path / "always.png").read_bytes() != (tmp_path / "ref0.png").read_bytes()
+    assert _pixels(tmp_path / "always.png") != _pixels(tmp_path / "ref0.png")
 
 
 def test_start_0_and_a_stop_past_the_end_are_no_option_and_stop_0_is_the_text_encoder_part_alone(pipe, tmp_path):
@@ -804,11 +805,11 @@ def test_start_0_and_a_stop_past_the_end_are_no_option_and_stop_0_is_the_text_en
     assert _cli_steps(pipe, tmp_path / "plain.png", "a cat <lora:ink:0.7>") == 0
     for name, option in (("start", "start=0"), ("late", "stop=9")):
         assert _cli_steps(pipe, tmp_path / f"{name}.png", f"a cat <lora:ink:0.7:{option}>") == 0
-        assert (tmp_path / f"{name}.png").read_bytes() == (tmp_path / "plain.png").read_bytes(), option
+        assert _pixels(tmp_path / f"{name}.png") == _pixels(tmp_path / "plain.png"), option
     assert _cli_steps(pipe, tmp_path / "stop0.png", "a cat <lora:ink:0.7:stop=0>") == 0
     write_png(tmp_path / "te.png", _stepped_reference(pipe, sampler="euler", start=None, stop=0, seed=1))
-    assert (tmp_path / "stop0.png").read_bytes() == (tmp_path / "te.png").read_bytes()
-    assert (tmp_path / "stop0.png").read_bytes() != (tmp_path / "plain.png").read_bytes()
+    assert _pixels(tmp_path / "stop0.png") == _pixels(tmp_path / "te.png")
+    assert _pixels(tmp_path / "stop0.png") != _pixels(tmp_path / "plain.png")
 
 
 @pytest.mark.parametrize(("extra", "words"), [(("--sampler", "pndm"), "pndm")])
@@ -841,10 +842,10 @@ def test_img2img_counts_its_shortened_schedule_from_0(pipe, tmp_path):
                       str(tmp_path / "init.png"), "--denoising-strength", "0.6") == 0
     write_png(tmp_path / "ref.png", _stepped_reference(pipe, sampler="euler", start=2, stop=None, seed=1,
                                                        init_image=tmp_path / "init.png"))
-    assert (tmp_path / "cli.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
+    assert _pixels(tmp_path / "cli.png") == _pixels(tmp_path / "ref.png")
     write_png(tmp_path / "always.png", _stepped_reference(pipe, sampler="euler", start=None, stop=None, seed=1,
                                                           init_image=tmp_path / "init.png"))
-    assert (tmp_path / "always.png").read_bytes() != (tmp_path / "ref.png").read_bytes()
+    assert _pixels(tmp_path / "always.png") != _pixels(tmp_path / "ref.png")
 
 
 # ---- review RS: refusals per sampler, merges per switch only, the protocol path, the report, errors mid-sampling --
@@ -983,3 +984,5 @@ def test_conditions_that_do_not_batch_are_one_announced_call():
                             alphas_cumprod=torch.linspace(0.999, 0.01, 1000), num_steps=3,
                             before_model_call=lambda done, calls: seen.append((done, calls)))
     assert seen == [(0, 0), (1, 0), (2, 0)]
+
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from png_pixels import pixels as _pixels
 from sdadapt.cli import main
 
 
@@ -113,7 +114,7 @@ def test_generate_on_the_toy_reads_emphasis_as_the_plain_words_and_says_so(tmp_p
     assert "does not know" not in err  # before: "the toy model does not know (red:1.3) (it reads them as <unk>)"
     assert main(["generate", "--prompt", "a red circle", "--negative", "blue", *steps, "-o", str(plain)]) == 0
     assert "prompt weights" not in capsys.readouterr().err
-    assert weighted.read_bytes() == plain.read_bytes()
+    assert _pixels(weighted) == _pixels(plain)
 
 
 # ------------------------------------------------------------------ a Custom Diffusion result from the shell
@@ -144,7 +145,7 @@ def test_generate_uses_a_custom_diffusion_file_and_its_token(tmp_path, capsys):
     assert f"custom diffusion {file} at 0.7 (" in capsys.readouterr().err
     from sdadapt.images import write_png
 
-    assert out.read_bytes() == write_png(tmp_path / "want.png", want[0]).read_bytes()
+    assert _pixels(out) == _pixels(write_png(tmp_path / "want.png", want[0]))
     assert main(["generate", "--prompt", "a", "--lora", str(file), "-o", str(tmp_path / "x.png")]) == 3
     assert "use it with `generate --custom-diffusion FILE[:SCALE]`" in capsys.readouterr().err
 
@@ -220,9 +221,9 @@ def test_invert_takes_cfg_as_generate_does(tmp_path, capsys):
     common = ["invert", str(image), "--prompt", "a red circle", "--method", "ddim", "--steps", "3", "-q"]
     assert main([*common, "--guidance", "3", "-o", str(tmp_path / "a.png")]) == 0
     assert main([*common, "--cfg", "3", "-o", str(tmp_path / "b.png")]) == 0  # before: "unrecognized arguments: --cfg"
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert _pixels(tmp_path / "a.png") == _pixels(tmp_path / "b.png")
     assert main([*common, "--cfg", "1", "-o", str(tmp_path / "c.png")]) == 0
-    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+    assert _pixels(tmp_path / "c.png") != _pixels(tmp_path / "a.png")
 
 
 def test_a_size_the_model_cannot_make_names_the_nearest_it_can(tmp_path):
@@ -346,3 +347,5 @@ def test_dtype_on_a_command_that_writes_no_weights_is_refused_not_ignored(tmp_pa
     assert main([*argv, "--dtype", "fp16", "-q", "-o", str(tmp_path / "o.png")]) == 2
     assert f"--dtype fp16: {command}" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
     assert main([*argv, "-q", "-o", str(tmp_path / "o.png")]) == 0
+
+

@@ -20,7 +20,6 @@ Nothing here imports diffusers or transformers: configs are plain dicts for thei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -314,15 +313,10 @@ def file_hashes(path: str | os.PathLike, *, full: bool = True) -> dict[str, str]
     digits. ``sha256`` (``ss_new_sd_model_hash``; its first 10 digits are A1111's "AutoV2"): of the
     whole file — a few seconds per GB, skipped with ``full=False``.
     """
+    from ..merge.sources import legacy_hash, sha256_of
+
     file = Path(path)
-    with open(file, "rb") as handle:
-        handle.seek(0x100000)
-        legacy = hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
-        out = {"legacy": legacy}
-        if full:
-            digest = hashlib.sha256()
-            handle.seek(0)
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-            out["sha256"] = digest.hexdigest()
+    out = {"legacy": legacy_hash(file)}
+    if full:
+        out["sha256"] = sha256_of(file)
     return out

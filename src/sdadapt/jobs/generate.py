@@ -338,6 +338,7 @@ def run_generate(
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
     from .generate_prompt_tags import prompt_tag_files, read_lbw_presets
 
+    infotext_texts = (prompt, negative, hires_prompt, hires_negative)  # (tags kept: A1111's infotext, jobs.infotext)
     presets = None if lbw_presets is None else read_lbw_presets(lbw_presets)
     prompt, tag_loras, tag_hypernetworks = prompt_tag_files(prompt, lora_dir=lora_dir,
                                                             hypernetwork_dir=hypernetwork_dir, log=say,
@@ -504,9 +505,11 @@ def run_generate(
                               "tokens": [h.name for h in custom.embeddings]})
         tokens = ", ".join(repr(h.name) for h in custom.embeddings) or "none"
         say(f"custom diffusion {path} at {scale:g} ({len(custom.layers)} layers; tokens {tokens})")
+    embedding_files: dict[str, Path] = {}  # (name -> file: A1111's "TI hashes", toy hints)
     for path in embeddings:
         handles.append(_inject_embedding_file(system, Path(path)))
         say(f"embedding {handles[-1].name!r} from {path}")
+        embedding_files[handles[-1].name] = Path(path)
     if embeddings_dir is not None:
         from .generate_prompt_tags import prompt_embedding_files
 
@@ -520,6 +523,7 @@ def run_generate(
                 say(f"warning: {exc}; skipped, as A1111 skips it")
                 continue
             say(f"embedding {handles[-1].name!r} from {path}")
+            embedding_files[handles[-1].name] = Path(path)
     if refiner is not None and not all(getattr(handle, "matched_by_ids", False) for handle in handles):
         # (the texts go to both models as written: an embedding spelled out as placeholder tokens for the base's
         # tokenizers would reach the refiner as those words; generate's SDXL embeddings are matched by ids)
@@ -565,6 +569,11 @@ def run_generate(
     if unknown:
         say(f"warning: the toy model does not know {', '.join(unknown)} (it reads them as <unk>); its words: "
             f"{', '.join(_toy_vocabulary(system))}")
+        for word in unknown:  # ("<sks>" for an embedding named sks: its trigger is the file name, A1111's rule)
+            name = next((n for n in embedding_files if n.lower() == word.strip("<>").lower() != word.lower()), None)
+            if name is not None:
+                say(f"  {word}: the embedding {name!r} from {embedding_files[name]} is triggered by its file name, "
+                    f"{name}, as A1111 names embeddings; write {name} without the <>")
     from .generate_hires import (
         HiresRequest,
         check_hires_request,
@@ -669,6 +678,25 @@ def run_generate(
         say(f"aesthetic {aesthetic}: {aesthetic_steps} steps at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
             f"{' (slerp)' if aesthetic_slerp else ''}")
 
+    from .infotext import run_infotext
+
+    infotext = run_infotext(
+        system, texts=infotext_texts, sampler=sampler, steps=steps or 25, guidance=guidance, seed=seed,
+        width=size_w, height=size_h, schedule=schedule, karras=karras, schedule_asked=asked_schedule, model=model,
+        vae=vae, subseed=subseed, subseed_strength=subseed_strength if a1111_seeds is not None else 0.0,
+        seed_resize_from=seed_resize_from, ensd=ensd, noise=noise, clip_skip=clip_skip,
+        init_image=init_image, denoising_strength=denoising_strength, hires=hires,
+        hires_options=dict(scale=hires_scale, width=hires_width, height=hires_height, steps=hires_steps,
+                           upscaler=hires_upscaler, denoising=hires_denoising, sampler=hires_sampler,
+                           schedule=hires_schedule),
+        mask=mask, inpainting=inpainting, inpainting_model=model_conditioning is not None or (
+            inpainting is not None and inpainting.conditioning is not None),
+        mask_options=dict(blur=4.0 if mask_blur is None else mask_blur, invert=invert_mask, fill=inpainting_fill,
+                          padding=32 if inpaint_full_res_padding is None else inpaint_full_res_padding,
+                          weight=inpainting_mask_weight),
+        loras=[path for path, _ in parsed], tag_loras=hires_tag_loras if hires is not None else tag_loras,
+        embedding_files=embedding_files, tokenize=_token_ids(system), refiner=refiner,
+        refiner_switch_at=refiner_switch_at)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from .generate_conditions import conditions_cached
@@ -710,7 +738,7 @@ def run_generate(
                 say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
                     f"{report['nfe']} model calls")
                 report.clear()
-            written.append(str(write_png(file, image)))
+            written.append(str(write_png(file, image, text={"parameters": infotext.for_image(i)})))
             if progress is not None:
                 progress(i + 1, len(files), file.name)
     return {"files": written, "seed": seed, "subseed": subseed, "seconds": time.perf_counter() - start,

@@ -155,10 +155,12 @@ def open_source(path: str | os.PathLike) -> TensorSource:
     return TensorSource(check_input_file(path))
 
 
-def sha256_of(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of the whole file, read in ``chunk``-byte pieces (A1111's "sha256" / full hash)."""
+def sha256_of(path: str | os.PathLike, *, chunk: int = 1 << 22, start: int = 0) -> str:
+    """Hex sha256 of the whole file (A1111's "sha256" / full hash), or of its bytes from ``start`` on, read in
+    ``chunk``-byte pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        handle.seek(start)
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -22,7 +22,7 @@ import difflib
 
 from . import KARRAS_SAMPLERS, SAMPLER_ALIASES, SAMPLERS, resolve_schedule
 
-__all__ = ["A1111_LABELS", "A1111_MISSING", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
+__all__ = ["A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING", "a1111_label", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
 
 #: A1111 label (lower case, without " Karras") -> sampler name here (diffusers' scheduler of the label)
 A1111_LABELS: dict[str, str] = {
@@ -75,15 +75,26 @@ A1111_MISSING: dict[str, str] = {
 }
 
 
+#: A1111 label (lower case) -> A1111's display name (its ``SamplerData.name``, what its infotext writes)
+A1111_DISPLAY: dict[str, str] = {
+    "euler a": "Euler a", "dpm2": "DPM2", "dpm2 a": "DPM2 a", "dpm++ 2m": "DPM++ 2M", "ddim": "DDIM",
+    "dpm++ 2m sde": "DPM++ 2M SDE", "lcm": "LCM", "dpm++ sde": "DPM++ SDE", "dpm++ 2s a": "DPM++ 2S a",
+    "dpm++ 3m sde": "DPM++ 3M SDE", "dpm++ 2m sde heun": "DPM++ 2M SDE Heun",
+    "dpm fast": "DPM fast", "dpm adaptive": "DPM adaptive", "restart": "Restart",
+    "plms": "PLMS", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
+
+
+def a1111_label(name: str) -> str | None:
+    """A sampler name here (:data:`SAMPLERS`) -> the A1111 display name of the sampler it follows
+    (``"dpmsolver++"`` -> ``"DPM++ 2M"``), ``None`` when it follows none (``unipc``, ``ddpm``, ...)."""
+    return next((A1111_DISPLAY[key] for key, mapped in A1111_LABELS.items()
+                 if mapped == name and key in A1111_DISPLAY), None)
+
+
 def sampler_choices() -> list[str]:
     """Every name :func:`sampler_from_label` takes without " Karras": the samplers, kohya's aliases
     and the A1111 labels whose sampler is registered (A1111's capitalisation)."""
-    pretty = {"euler a": "Euler a", "dpm2": "DPM2", "dpm2 a": "DPM2 a", "dpm++ 2m": "DPM++ 2M", "ddim": "DDIM",
-              "dpm++ 2m sde": "DPM++ 2M SDE", "lcm": "LCM", "dpm++ sde": "DPM++ SDE", "dpm++ 2s a": "DPM++ 2S a",
-              "dpm++ 3m sde": "DPM++ 3M SDE", "dpm++ 2m sde heun": "DPM++ 2M SDE Heun",
-              "dpm fast": "DPM fast", "dpm adaptive": "DPM adaptive", "restart": "Restart",
-              "plms": "PLMS", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
-    labels = [pretty[k] for k, name in A1111_LABELS.items() if k in pretty and name in SAMPLERS]
+    labels = [A1111_DISPLAY[k] for k, name in A1111_LABELS.items() if k in A1111_DISPLAY and name in SAMPLERS]
     return [*SAMPLERS, *SAMPLER_ALIASES, *labels]
 
 

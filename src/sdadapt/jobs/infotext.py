@@ -1,0 +1,332 @@
+"""AUTOMATIC1111's "parameters" text (its *infotext*) for the PNGs ``generate`` writes.
+
+A1111 keeps, in a ``parameters`` PNG text chunk of every image, the prompt, ``Negative prompt: ...`` and one line
+of ``Key: value`` fields; its PNG Info tab, "Send to txt2img", civitai's image pages and ComfyUI's A1111
+importers read it back. This module writes the same text for a ``generate`` run, following A1111 (read at
+v1.10, ``modules/processing.py`` ``create_infotext``; ``modules/infotext_utils.py`` ``quote`` and
+``parse_generation_parameters``, commit 036500223de0):
+
+* the fields in ``create_infotext``'s order: Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash,
+  Model, VAE hash, VAE, Variation seed, Variation seed strength, Seed resize from, Denoising strength,
+  Conditional mask weight, Clip skip, ENSD, RNG, then ``p.extra_generation_params`` in the order A1111's
+  processing adds them (the txt2img hires fix's ``init``, img2img's ``init`` mask fields, then the networks'
+  ``Lora hashes`` / ``TI hashes``, then the refiner's), then Version; a field A1111 leaves out (``None``) is
+  left out here;
+* each value through A1111's ``quote``: JSON-quoted (``ensure_ascii=False``) when its text has ``,``, ``:`` or a
+  newline; numbers as A1111's UI hands them over (a whole float such as CFG 7.0 or hires scale 2.0 as ``7`` /
+  ``2``, since A1111's sliders reach Python through JSON; others as Python's ``repr``: ``7.5``, ``0.35``);
+* the text: ``PROMPT[\\nNegative prompt: NEGATIVE]\\nFIELDS``, stripped.
+
+Hashes as A1111 computes them: "Model hash" the checkpoint file's sha256, first 10 hex digits
+(``sd_models.CheckpointInfo.shorthash``), "Model" its file name without the extension (``name_for_extra``);
+"VAE hash" / "VAE" the same 10 digits and the file's base name (``sd_vae.get_loaded_vae_hash/name``); "Lora
+hashes" ``NAME: HASH`` with HASH the file's ``sshs_model_hash`` metadata or else its sha256 over the bytes after the
+safetensors header (sha256 of the whole file for other formats), 12 digits (``extra_networks_lora.activate``,
+``networks.NetworkOnDisk.set_hash``); "TI hashes" ``NAME: HASH`` with the embedding file's sha256, 12 digits
+(``textual_inversion.Embedding.set_hash``); "Refiner" ``NAME [HASH10]`` (``CheckpointInfo.short_title``).
+A diffusers folder gets its name and no hash (A1111 loads no folders). Each file is hashed once per run; a
+run in the same process reuses it while the file's size and modification time are unchanged (A1111 keeps
+its hashes in ``cache.json`` by modification time). The sha256 costs one read of the file (about 1.5 GiB/s
+on one core here: 1.3 s for a 2 GB checkpoint; docs/samplers.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["HIRES_UPSCALER_LABELS", "InfotextRun", "a1111_number", "file_sha256", "format_infotext", "quote",
+           "run_infotext"]
+
+#: ``--hires-upscaler`` -> A1111's upscaler name (``shared.latent_upscale_modes``; "Lanczos": ``UpscalerLanczos``)
+HIRES_UPSCALER_LABELS: dict[str, str] = {
+    "latent": "Latent", "latent-antialiased": "Latent (antialiased)", "latent-bicubic": "Latent (bicubic)",
+    "latent-bicubic-antialiased": "Latent (bicubic antialiased)", "latent-nearest": "Latent (nearest)",
+    "latent-nearest-exact": "Latent (nearest-exact)", "pixel-lanczos": "Lanczos"}
+#: sampler names here whose A1111 sampler has ``uses_ensd`` (``sd_samplers_kdiffusion.samplers_k_diffusion``;
+#: ``sd_samplers_common.is_sampler_using_eta_noise_seed_delta``): the ones whose infotext has ENSD
+_USES_ENSD: frozenset[str] = frozenset({"euler_a", "dpm_2_a", "dpmpp_2s_a", "dpm_fast", "dpm_adaptive"})
+#: ``--inpainting-fill`` -> A1111's "Masked content" ("original" is its default and not written)
+_MASKED_CONTENT: dict[str, str] = {"fill": "fill", "latent-noise": "latent noise", "latent-nothing": "latent nothing"}
+
+_HASHES: dict[tuple[str, int, int, str], str] = {}  # (file, size, mtime_ns, kind) -> hex sha256
+
+
+def a1111_number(value: float | int) -> int | float:
+    """A number as A1111's UI holds it: a whole float (7.0) is the int JSON made of it (7), others unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def quote(value: object) -> str:
+    """A1111's ``infotext_utils.quote``: ``str(value)``, JSON-quoted (non-ASCII kept) when it holds ``,``, ``:``
+    or a newline."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def format_infotext(prompt: str, negative: str, fields: Mapping[str, object]) -> str:
+    """A1111's ``create_infotext`` text: ``prompt``, ``"\\nNegative prompt: " + negative`` when ``negative`` is
+    not empty, then the ``fields`` (in order; ``None`` left out; a field whose value is its own key written
+    bare) joined by ``", "``, each value through :func:`quote` (a float through :func:`a1111_number`)."""
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            value = a1111_number(value)
+        parts.append(key if key == value else f"{key}: {quote(value)}")
+    negative_text = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{prompt}{negative_text}\n{', '.join(parts)}".strip()
+
+
+def file_sha256(path: str | os.PathLike, *, after_header: bool = False) -> str:
+    """Hex sha256 of a file, read once per (file, size, modification time) in this process. ``after_header``:
+    of the bytes after a safetensors header (A1111's ``addnet_hash_safetensors``, kohya's ``sshs_model_hash``)."""
+    file = Path(path).resolve()
+    stat = file.stat()
+    key = (str(file), stat.st_size, stat.st_mtime_ns, "addnet" if after_header else "sha256")
+    if key not in _HASHES:
+        from ..merge.sources import sha256_of
+
+        start = 0
+        if after_header:
+            with open(file, "rb") as handle:
+                head = handle.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
+            start = 8 + struct.unpack("<Q", head)[0]
+        _HASHES[key] = sha256_of(file, start=start)
+    return _HASHES[key]
+
+
+def _lora_hash(path: Path) -> str | None:
+    """A1111's LoRA short hash (12 digits) of ``path``; ``None`` for a folder (A1111 lists it with no hash)."""
+    if path.is_dir():
+        return None
+    if path.suffix.lower() == ".safetensors":
+        from ..formats.files import read_safetensors_header
+
+        stored = read_safetensors_header(path)[1].get("sshs_model_hash")
+        return (stored or file_sha256(path, after_header=True))[:12]
+    return file_sha256(path)[:12]
+
+
+def _tag_name(tag: str) -> str:
+    """The name a ``<lora:NAME:...>`` tag mentions (A1111's ``mentioned_name``)."""
+    inner = tag.strip()[1:-1]
+    return inner.split(":")[1] if inner.count(":") >= 1 else inner
+
+
+def _hash_list(pairs: Sequence[tuple[str, str | None]]) -> str | None:
+    """A1111's ``"NAME: HASH, NAME: HASH"`` (``:`` and ``,`` taken out of names; no hash: not listed)."""
+    items = [f"{name.replace(':', '').replace(',', '')}: {short}" for name, short in pairs if short]
+    return ", ".join(items) or None
+
+
+def _checkpoint(path: str | os.PathLike | None) -> tuple[str | None, str | None]:
+    """``(name_for_extra, shorthash)`` of a model file (A1111's ``CheckpointInfo``), a folder's name and no
+    hash, ``(None, None)`` for the toy / nothing."""
+    if path is None or str(path) == "toy":
+        return None, None
+    file = Path(path)
+    if file.is_dir():
+        return file.resolve().name, None
+    if not file.is_file():
+        return None, None
+    return file.stem, file_sha256(file)[:10]
+
+
+@dataclass
+class InfotextRun:
+    """One ``generate`` run's A1111 infotext: what is the same for every image, hashed once
+    (:meth:`for_image` gives image i's text).
+
+    Args (keyword only; ``None`` / 0: not used, the field left out as A1111 leaves it out):
+        prompt, negative: the texts as given (comments taken out, ``<lora:>`` tags and embedding names kept, as
+            A1111's infotext keeps them). hires_prompt, hires_negative: the hires pass's (``None``: the first's).
+        sampler: the sampler name here (:data:`sdadapt.samplers.SAMPLERS`), written as A1111's display name
+            where it follows an A1111 sampler (:func:`sdadapt.samplers.labels.a1111_label`), else as is.
+        schedule, karras, schedule_asked: the σ grid run (``resolve_schedule``'s) and whether ``automatic`` was
+            asked; hires_sampler, hires_schedule: the hires pass's.
+        steps, guidance, seed (image 0's; image i: ``seed + i``), width, height (the first pass's).
+        model, vae, refiner: the paths given (files hashed once); loras: ``--lora`` files (name: file stem);
+        tag_loras: ``(tag, file)`` of the ``<lora:>`` tags in effect at the end (the hires pass's if it switched);
+        embeddings: ``(name, file)`` of the embeddings the texts use.
+        subseed, subseed_strength, seed_resize_from ``(height, width)``, ensd, noise: A1111's seed settings.
+        denoising_strength: img2img's (or the hires pass's). mask_*: the inpaint settings A1111 writes.
+    """
+
+    prompt: str
+    negative: str = ""
+    sampler: str = "ddim"
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    width: int = 0
+    height: int = 0
+    schedule: str | None = None
+    schedule_asked: bool = False
+    karras: bool = False
+    model: str | os.PathLike | None = None
+    vae: str | os.PathLike | None = None
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None
+    denoising_strength: float | None = None
+    inpainting_conditioning: float | None = None
+    clip_skip: int = 1
+    ensd: int = 0
+    noise: str | None = None
+    hires: Mapping[str, object] | None = None
+    mask: Mapping[str, object] | None = None
+    loras: Sequence[str | os.PathLike] = ()
+    tag_loras: Sequence[tuple[str, str | os.PathLike]] = ()
+    embeddings: Sequence[tuple[str, str | os.PathLike]] = ()
+    negative_embeddings: Sequence[tuple[str, str | os.PathLike]] = ()
+    refiner: str | os.PathLike | None = None
+    refiner_switch_at: float = 0.8
+    version: str | None = None
+    _fixed: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from ..samplers.labels import a1111_label
+        from ..samplers.schedules import SCHEDULE_LABELS
+
+        def label(name: str) -> str:
+            return a1111_label(name) or name
+
+        def schedule_label(name: str | None, sampler: str) -> str | None:
+            if name is None:
+                return "Karras" if self.karras else None
+            if self.schedule_asked and name == "uniform":  # (A1111's "Automatic" that resolves to no scheduler)
+                return "Automatic"
+            return SCHEDULE_LABELS[name]
+
+        model_name, model_hash = _checkpoint(self.model)
+        vae_name, vae_hash = (None, None) if self.vae is None else _checkpoint(self.vae)
+        if self.vae is not None and vae_name is not None and Path(self.vae).is_file():
+            vae_name = Path(self.vae).name  # (A1111's VAE name keeps the extension: os.path.basename)
+        first_schedule = schedule_label(self.schedule, self.sampler)
+        fields: dict[str, object] = {
+            "Steps": self.steps, "Sampler": label(self.sampler), "Schedule type": first_schedule,
+            "CFG scale": float(self.guidance), "Seed": None, "Size": f"{self.width}x{self.height}",
+            "Model hash": model_hash, "Model": model_name, "VAE hash": vae_hash, "VAE": vae_name,
+            "Variation seed": None,
+            "Variation seed strength": None if not self.subseed_strength else float(self.subseed_strength),
+            "Seed resize from": (None if not self.seed_resize_from or min(self.seed_resize_from) <= 0
+                                 else f"{self.seed_resize_from[1]}x{self.seed_resize_from[0]}"),
+            "Denoising strength": None if self.denoising_strength is None else float(self.denoising_strength),
+            "Conditional mask weight": (None if self.inpainting_conditioning is None
+                                        else float(self.inpainting_conditioning)),
+            "Clip skip": None if self.clip_skip <= 1 else self.clip_skip,
+            "ENSD": self.ensd if self.ensd and self.sampler in _USES_ENSD else None,
+            "RNG": {"a1111-cpu": "CPU", "a1111-nv": "NV"}.get((self.noise or "").strip().lower()),
+        }
+        if self.hires is not None:  # StableDiffusionProcessingTxt2Img.init's order
+            hires = dict(self.hires)
+            hr_sampler = hires.get("sampler")
+            fields["Hires sampler"] = (None if hr_sampler is None or hr_sampler == self.sampler
+                                       else label(str(hr_sampler)))
+            fields["Hires prompt"] = (None if hires.get("prompt") in (None, self.prompt) else hires["prompt"])
+            fields["Hires negative prompt"] = (None if hires.get("negative") in (None, self.negative)
+                                               else hires["negative"])
+            hr_schedule = (schedule_label(hires.get("schedule"), str(hr_sampler)) if hr_sampler is not None
+                           else first_schedule)
+            fields["Hires schedule type"] = hr_schedule if hr_schedule != first_schedule else None
+            if hires.get("width") or hires.get("height"):
+                fields["Hires resize"] = f"{hires.get('width') or 0}x{hires.get('height') or 0}"
+            else:
+                fields["Hires upscale"] = float(hires["scale"])
+            fields["Hires steps"] = hires.get("steps") or None
+            fields["Hires upscaler"] = HIRES_UPSCALER_LABELS.get(str(hires.get("upscaler")), hires.get("upscaler"))
+        if self.mask is not None:  # StableDiffusionProcessingImg2Img.init's order
+            mask = dict(self.mask)
+            fields["Mask mode"] = "Inpaint not masked" if mask.get("invert") else None
+            blur = float(mask.get("blur") or 0)
+            fields["Mask blur"] = blur if blur > 0 else None
+            if mask.get("region"):
+                fields["Inpaint area"] = "Only masked"
+                fields["Masked area padding"] = mask.get("padding")
+            if mask.get("applied"):
+                fields["Masked content"] = _MASKED_CONTENT.get(str(mask.get("fill")))
+        lora_pairs = [(_tag_name(tag), _lora_hash(Path(file))) for tag, file in self.tag_loras]
+        lora_pairs += [(Path(file).stem, _lora_hash(Path(file))) for file in self.loras]
+        fields["Lora hashes"] = _hash_list(lora_pairs)
+        ti = [(name, None if Path(file).is_dir() else file_sha256(file)[:12])
+              for name, file in (*self.embeddings, *self.negative_embeddings)]
+        fields["TI hashes"] = _hash_list(ti)
+        if self.refiner is not None:
+            name, short = _checkpoint(self.refiner)
+            fields["Refiner"] = name if short is None else f"{name} [{short}]"
+            fields["Refiner switch at"] = float(self.refiner_switch_at)
+        if self.version is None:
+            from .. import __version__
+
+            self.version = f"sdadapt {__version__}"
+        fields["Version"] = self.version
+        self._fixed = fields
+
+    def for_image(self, i: int) -> str:
+        """Image ``i``'s infotext (its seed ``seed + i``; its variation seed ``subseed + i``)."""
+        fields = dict(self._fixed)
+        fields["Seed"] = self.seed + i
+        if self.subseed_strength and self.subseed is not None:
+            fields["Variation seed"] = self.subseed + i
+        return format_infotext(self.prompt, self.negative, fields)
+
+
+def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], sampler: str, steps: int,
+                 guidance: float | None, seed: int, width: int, height: int, schedule: str | None, karras: bool,
+                 schedule_asked: str | None, model: str | os.PathLike, vae: str | os.PathLike | None,
+                 subseed: int | None, subseed_strength: float, seed_resize_from: tuple[int, int] | None, ensd: int,
+                 noise: str | None, clip_skip: int, init_image: object, denoising_strength: float, hires: object,
+                 hires_options: Mapping[str, object], mask: object, inpainting: object, inpainting_model: bool,
+                 mask_options: Mapping[str, object], loras: Sequence[Path], tag_loras: Sequence,
+                 embedding_files: Mapping[str, Path], tokenize, refiner: str | os.PathLike | None,
+                 refiner_switch_at: float) -> InfotextRun:
+    """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
+    holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
+    kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
+    embeddings the texts use as A1111's ``used_embeddings``; ``hires``: the checked request or ``None``;
+    ``inpainting``: :func:`sdadapt.jobs.generate_inpaint.inpaint_inputs`'s result)."""
+    import inspect
+
+    from ..samplers.schedules import canonical_schedule
+    from .generate_prompt_tags import _contains
+
+    prompt, negative, hires_prompt, hires_negative = texts
+    if guidance is None:
+        guidance = inspect.signature(system.sample).parameters["guidance"].default
+
+    def used(text: str | None) -> list[tuple[str, Path]]:
+        ids = tokenize(text) if text else []
+        return [(name, file) for name, file in embedding_files.items() if _contains(ids, tokenize(name))]
+
+    hires_fields = None
+    if hires is not None:
+        hires_fields = {**hires_options, "prompt": hires_prompt, "negative": hires_negative}
+    mask_fields = None
+    if init_image is not None and mask is not None:
+        region = getattr(inpainting, "region", None)
+        mask_fields = {**mask_options, "applied": inpainting is not None, "region": region is not None}
+    return InfotextRun(
+        prompt=prompt, negative=negative or "", sampler=sampler, steps=steps, guidance=float(guidance), seed=seed,
+        width=width, height=height, schedule=schedule, karras=karras,
+        schedule_asked=schedule_asked is not None and canonical_schedule(schedule_asked) == "automatic",
+        model=model, vae=vae, subseed=subseed, subseed_strength=subseed_strength,
+        seed_resize_from=seed_resize_from, ensd=ensd, noise=noise, clip_skip=clip_skip,
+        denoising_strength=(denoising_strength if init_image is not None
+                            else None if hires is None else float(hires_options["denoising"])),
+        inpainting_conditioning=float(mask_options.get("weight", 1.0)) if inpainting_model else None,
+        hires=hires_fields, mask=mask_fields, loras=list(loras),
+        tag_loras=[(item.tag, item.file) for item in tag_loras],
+        embeddings=used(prompt), negative_embeddings=used(negative), refiner=refiner,
+        refiner_switch_at=refiner_switch_at)
