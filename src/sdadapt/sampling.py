@@ -364,8 +364,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (output == "images" or _takes(system.sample, "output"))
                      and (start is None or _takes(system.sample, "start"))
                      and (before_model_call is None or _takes(system.sample, "before_model_call"))
-                     and (clip_sample is None or _takes(system.sample, "clip_sample"))
-                     and (refiner is None or _takes(system.sample, "refiner")))
+                     and (clip_sample is None or _takes(system.sample, "clip_sample")))
     # (else through the protocol, below)
     own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
                                     and before_model_call is None)
@@ -376,6 +375,9 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["plan"] = plan
         else:
             own_sampler = takes_sampler = False  # (the protocol path below runs the plan)
+    if refiner is not None and not takes_sampler:  # (the protocol path below has no handoff: never drop it)
+        raise TypeError(f"{type(system).__name__}.sample takes no refiner= argument with these options; the SDXL "
+                        "refiner hands over inside an SDXL base's sample (DiffusersSystem)")
     if cond is not None and own_sampler:
         if not _takes(system.sample, "cond"):
             raise TypeError(f"{type(system).__name__}.sample takes no cond= argument, so a precomputed conditioning "

@@ -394,11 +394,10 @@ def run_generate(
             raise ValueError(f"--refiner: not with {', '.join(refused)}: aesthetic gradients and Custom Diffusion "
                              "personalise CLIP-L / an SD1-SD2 UNet, and neither the SDXL base nor its refiner takes "
                              "them here (nor in A1111); leave those out or --refiner")
-        from .generate_refiner import REFINER_HIRES_PASSES
+        from .generate_refiner import check_refiner_hires_pass
 
-        if refiner_hires_pass is not None and refiner_hires_pass not in REFINER_HIRES_PASSES:
-            raise ValueError(f"--refiner-hires-pass must be one of {', '.join(REFINER_HIRES_PASSES)} (A1111's "
-                             f"'Hires fix: which pass to enable refiner for'), got {refiner_hires_pass!r}")
+        if refiner_hires_pass is not None:
+            check_refiner_hires_pass(refiner_hires_pass)
         if refiner_hires_pass is not None and hires is None:
             raise ValueError("--refiner-hires-pass picks the hires-fix pass the refiner works in; add --hires-scale or "
                              "--hires-width/--hires-height, or leave it out")
@@ -701,7 +700,9 @@ def run_generate(
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from .generate_conditions import conditions_cached
 
-    with conditions_cached(system):  # (each distinct text encoded once over the images: the same images)
+    # (each distinct text encoded once over the images: the same images; the refiner's too, whose weights the run
+    # never changes: LoRAs, hypernetworks and step switches act on the base)
+    with conditions_cached(system), conditions_cached(refiner_system):
         for i, file in enumerate(files):
             options = dict(negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
                            sampler=sampler, karras=karras, height=height, width=width, cond=cond, plan=plan,

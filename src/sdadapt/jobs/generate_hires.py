@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .generate_refiner import REFINER_HIRES_PASSES
+from .generate_refiner import check_refiner_hires_pass
 
 __all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "crop_hires_latents",
            "hires_size", "hires_upscale_size", "init_latents_from_image", "lanczos_upscale_pixels",
@@ -313,9 +313,7 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     from ..sampling import generate
 
     first = dict(options)
-    if refiner_hires_pass not in REFINER_HIRES_PASSES:
-        raise ValueError(f"--refiner-hires-pass must be one of {', '.join(REFINER_HIRES_PASSES)} (A1111's 'Hires fix: "
-                         f"which pass to enable refiner for'), got {refiner_hires_pass!r}")
+    check_refiner_hires_pass(refiner_hires_pass)
     if refiner is not None and (hires is None or refiner_hires_pass in ("first", "both")):
         first["refiner"] = refiner
     refined_before = refiner.calls["refiner"] if refiner is not None else 0

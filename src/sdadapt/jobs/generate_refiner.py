@@ -35,12 +35,23 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["REFINER_HIRES_PASSES", "RefinerHandoff", "check_refiner_pair", "handoff_report", "refiner_cutoff",
-           "sample_base_then_refiner"]
+__all__ = ["REFINER_HIRES_PASSES", "RefinerHandoff", "check_refiner_hires_pass", "check_refiner_pair", "handoff_report",
+           "refiner_cutoff", "sample_base_then_refiner"]
 
 #: A1111's setting "Hires fix: which pass to enable refiner for" (``hires_fix_refiner_pass``, default "second pass";
 #: modules/shared_options.py), as ``generate --refiner-hires-pass`` names it
 REFINER_HIRES_PASSES: tuple[str, ...] = ("second", "first", "both")
+
+
+def check_refiner_hires_pass(value: str) -> None:
+    """Refuse a ``--refiner-hires-pass`` that is not one of :data:`REFINER_HIRES_PASSES`.
+
+    Raises:
+        ValueError: naming the choices.
+    """
+    if value not in REFINER_HIRES_PASSES:
+        raise ValueError(f"--refiner-hires-pass must be one of {', '.join(REFINER_HIRES_PASSES)} (A1111's "
+                         f"'Hires fix: which pass to enable refiner for'), got {value!r}")
 
 
 def refiner_cutoff(switch_at: float, num_train_timesteps: int = 1000) -> int:

@@ -149,17 +149,12 @@ def edm_sigmas(schedule: EDMSchedule, num_steps: int, *, sampler: str) -> Tensor
     return torch.cat([sigmas, last])
 
 
-def _noise_level(sigma: Tensor, x: Tensor) -> Tensor:
-    """``c_noise`` of the 0-dim ``sigma`` as the (B,) timesteps a denoiser takes."""
-    return (0.25 * torch.log(sigma)).to(x.device).expand(x.shape[0])
-
-
 def _denoised(model: Model, x: Tensor, sigma: Tensor, schedule: EDMSchedule) -> Tensor:
     """``D(x; σ)`` (B, C, H, W) for a 0-dim float32 ``sigma``: the UNet on ``c_in·x`` at ``c_noise``, mixed
     into the denoised latent (diffusers' ``scale_model_input`` then ``precondition_outputs``)."""
-    c_skip, c_out, c_in, _ = edm_precondition(sigma, sigma_data=schedule.sigma_data,
-                                              prediction_type=schedule.prediction_type)
-    out = model(x * c_in.to(x.device), _noise_level(sigma, x))
+    c_skip, c_out, c_in, c_noise = edm_precondition(sigma, sigma_data=schedule.sigma_data,
+                                                    prediction_type=schedule.prediction_type)
+    out = model(x * c_in.to(x.device), c_noise.to(x.device).expand(x.shape[0]))  # (c_noise as the (B,) timesteps)
     return c_skip.to(x.device) * x + c_out.to(x.device) * out
 
 
