@@ -142,6 +142,14 @@ def test_a_folder_is_filled_topped_up_and_resumed_with_the_images_an_empty_one_g
     assert fill_class_folder(None, tmp_path / "fresh", _PROMPTS[:4], seed=7, steps=2, batch=2) == 0
     with pytest.raises(InputError, match="is a file"):
         fill_class_folder(None, tmp_path / "fresh" / names[0], _PROMPTS, seed=7)
+    # a removed image (the folder's others kept): made again under its own index, not written over image 4
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for name in names:
+        (gap / name).write_bytes((tmp_path / "fresh" / name).read_bytes())
+    (gap / names[1]).unlink()
+    assert fill_class_folder(_Counting(toy), gap, _PROMPTS, seed=7, steps=2, batch=2) == 1
+    assert _names(gap) == names
 
 
 def test_the_folder_is_read_in_index_order_with_its_prompts_and_one_size(tmp_path):

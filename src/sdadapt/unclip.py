@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .formats.unclip import UnclipFile, ldm_clip_pixels, noise_augmentor_buffers, read_clip_stats
+from .formats.unclip import UnclipFile, ldm_clip_pixels, ldm_cosine_alphas_cumprod, noise_augmentor_buffers, read_clip_stats
 
 __all__ = ["UnclipParts", "unclip_parts_from_file", "unclip_parts_from_folder", "unclip_image_input",
            "img2img_unclip_image", "COSINE_SCHEDULER_CONFIG"]
@@ -36,9 +36,7 @@ COSINE_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps"
 
 
 def _cosine_schedule() -> Tensor:
-    from .training import diffusion
-
-    return diffusion.alphas_cumprod_of(diffusion.noise_schedule("cosine", num_steps=1000)).float()
+    return ldm_cosine_alphas_cumprod(1000).float()
 
 
 class UnclipParts:

@@ -888,18 +888,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {result['method']} on {_plural(result['images'], 'image')}{prior} for {_plural(result['steps'], 'step')} "
           f"({_plural(result['epochs'], 'epoch')}){resumed} in {result['seconds']:.0f} s{trend}")
     print(f"wrote {result['file']}")
-    # the files a method writes beside its output, named so a user copies them with it (walkthrough)
-    if result["method"] == "custom-diffusion":  # diffusers' <token>.bin beside its weights
-        from ..formats.custom_diffusion import existing_token_files
+    # the files a method writes beside its output (MethodSpec.companion_files: DreamArtist's <name>-neg.pt, Custom
+    # Diffusion's token files), named so a user copies them with it (walkthrough)
+    from ..methods import METHODS
 
-        companions = existing_token_files(result["file"])
-    elif result["method"] == "dreamartist":  # A1111's <name>-neg.pt beside <name>.pt
-        from ..methods.dreamartist import negative_files
-
-        companions = [p for p in negative_files(Path(result["file"])) if p.is_file()]
-    else:
-        companions = []
-    for companion in companions:
+    for companion in (p for p in METHODS[result["method"]].outputs(Path(result["file"]))[1:] if p.is_file()):
         print(f"wrote {companion} (beside it: copy the two together)")
     if result["method"] == "textual-inversion":  # (the trigger word is the file name, not --token: A1111's rule)
         print(f"use:  generate --embedding {result['file']} with {Path(result['file']).stem!r} in the prompt (the file "

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_rank
 from .files import _check_is_file, read_safetensors_header, read_safetensors_scalars, sniff_format
-from .kohya import _component_of, is_kohya_state
+from .kohya import _component_of, _network_args, is_kohya_state
 
 __all__ = ["ADAPTER_KINDS", "FILE_KINDS", "KOHYA_LAYOUT_KINDS", "DyLoRANetwork", "detect_kind", "describe_file",
            "dylora_network"]
@@ -114,18 +114,11 @@ def dylora_network(metadata: Mapping[str, str]) -> DyLoRANetwork | None:
     Example: ``dylora_network({"ss_network_module": "networks.dylora", "ss_network_args": '{"unit": "4"}'})``
     is ``DyLoRANetwork("kohya networks.dylora", 4)``.
     """
-    from .header import load_json
-
     module = str(metadata.get("ss_network_module", ""))
     if module != "networks.dylora" and not module.startswith("lycoris"):
         return None
-    text = metadata.get("ss_network_args") or "{}"
-    try:
-        args = load_json(text, source="ss_network_args", what="ss_network_args") if isinstance(text, str) else None
-    except ValueError:  # (malformed: a DyLoRA file whose unit is unknown)
-        args = None
-    if not isinstance(args, dict):
-        args = None
+    # (absent: the defaults; malformed or not an object: a DyLoRA file whose unit is unknown)
+    args = _network_args(metadata) if metadata.get("ss_network_args") else {}
     if module == "networks.dylora":
         return DyLoRANetwork("kohya networks.dylora", _positive_int(args.get("unit", 1)) if args is not None else None)
     if args is None or str(args.get("algo", "")).lower() != "dylora":
@@ -282,7 +275,7 @@ def _checkpoint_summary(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping
     if architecture == "sdxl" and is_sdxl_refiner(keys):  # (OpenCLIP-bigG alone, at conditioner.embedders.0.model.)
         return {"model": "Stable Diffusion XL refiner (sdxl)",
                 "use": "--model FILE (generate, usually with --init-image); merge, convert"}
-    if architecture == "sd2" and "model.diffusion_model.label_emb.0.0.weight" in shapes:  # (SD 2.1 unCLIP)
+    if architecture == "sd2" and len(shapes.get("model.diffusion_model.label_emb.0.0.weight", ())) == 2:  # (SD 2.1 unCLIP)
         from .unclip import A1111_MARKER
 
         marker = shapes.get(A1111_MARKER)  # (A1111's variant test: its width; else the embedding width D)

@@ -446,9 +446,12 @@ def metadata_base_model(metadata: Mapping[str, str]) -> str | None:
 
 
 def _network_args(metadata: Mapping[str, str]) -> dict | None:
-    """``ss_network_args`` as a dict; ``None`` when absent or not a JSON object ("None", malformed)."""
+    """``ss_network_args`` as a dict; ``None`` when absent or not a JSON object ("None", malformed, nested too
+    deeply: :func:`~sdadapt.formats.header.load_json`, no ``RecursionError``)."""
+    from .header import load_json
+
     try:
-        args = json.loads(metadata.get("ss_network_args") or "null")
+        args = load_json(metadata.get("ss_network_args") or "null", source="ss_network_args", what="ss_network_args")
     except (TypeError, ValueError):
         return None
     return args if isinstance(args, dict) else None

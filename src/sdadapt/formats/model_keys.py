@@ -97,8 +97,9 @@ _DIFFUSERS_PARTS = {
 }
 #: diffusers' unCLIP class embedding <-> the LDM UNet's label_emb (diffusers' convert_ldm_unet_checkpoint,
 #: class_embed_type "projection"); SDXL's label_emb is add_embedding (unet_names)
-_CLASS_EMBEDDING = {f"class_embedding.linear_{i}.{p}": f"label_emb.0.{j}.{p}"
+_CLASS_EMBEDDING = {f"unet.class_embedding.linear_{i}.{p}": f"model.diffusion_model.label_emb.0.{j}.{p}"
                     for i, j in ((1, 0), (2, 2)) for p in ("weight", "bias")}
+_LDM_CLASS_EMBEDDING = {ldm: diffusers for diffusers, ldm in _CLASS_EMBEDDING.items()}
 _LDM_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.",
                 EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX)
 #: DDPM/LatentDiffusion schedule buffers at the top of LDM files (diffusers keeps them in scheduler config)
@@ -268,10 +269,8 @@ def _plan_to_diffusers(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder)
     unclip = _is_unclip(shapes)
     for key, shape in shapes.items():
         prefix = next((p for p in LDM_PARTS if key.startswith(p)), None)
-        local = key.removeprefix("model.diffusion_model.")
-        if unclip and local in _CLASS_EMBEDDING.values():  # (unCLIP's label_emb: diffusers' class_embedding)
-            target = next(k for k, v in _CLASS_EMBEDDING.items() if v == local)
-            builder.add("unet." + target, KeySource((key,), shape), by=key)
+        if unclip and key in _LDM_CLASS_EMBEDDING:  # (unCLIP's label_emb: diffusers' class_embedding)
+            builder.add(_LDM_CLASS_EMBEDDING[key], KeySource((key,), shape), by=key)
         elif prefix is not None:
             groups[prefix][key] = shape
         elif key.startswith("model_ema."):
@@ -305,9 +304,8 @@ def _plan_to_ldm(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder, archi
     groups: dict[str, dict] = {c: {} for c in DIFFUSERS_COMPONENTS}
     for key, shape in shapes.items():
         component = key.split(".", 1)[0]
-        if key.removeprefix("unet.") in _CLASS_EMBEDDING and component == "unet":  # (unCLIP's projection class embedding)
-            builder.add("model.diffusion_model." + _CLASS_EMBEDDING[key.removeprefix("unet.")], KeySource((key,), shape),
-                        by=key)
+        if key in _CLASS_EMBEDDING:  # (unCLIP's projection class embedding)
+            builder.add(_CLASS_EMBEDDING[key], KeySource((key,), shape), by=key)
         elif component in groups:
             groups[component][key] = shape
         else:

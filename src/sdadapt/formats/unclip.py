@@ -131,13 +131,16 @@ def unclip_info(state: Mapping[str, Tensor]) -> UnclipFile | None:
     label = state.get("model.diffusion_model.label_emb.0.0.weight")
     if label is None or not any(k.startswith("cond_stage_model.model.") for k in state):
         return None
+    if label.dim() != 2:
+        raise WeightFileError(f"model.diffusion_model.label_emb.0.0.weight has shape {tuple(label.shape)}: an unCLIP "
+                              "UNet's label_emb.0.0 is a Linear weight (out, 2D); the file is corrupt")
     width = int(label.shape[1])
     if width % 2:
         raise WeightFileError(f"model.diffusion_model.label_emb.0.0.weight takes {width} inputs: an unCLIP UNet takes "
                               "[image embedding ‖ noise-level embedding] (2D, even)")
     dim = width // 2
     marker = state.get(A1111_MARKER)
-    if marker is not None:
+    if marker is not None and marker.dim() > 0:
         variant = "l" if int(marker.shape[0]) == 768 else "h"
     else:
         variant = "l" if dim == 768 else "h"
@@ -238,13 +241,11 @@ def read_clip_stats(path: str | os.PathLike, *, dim: int | None = None) -> tuple
 
 def ldm_cosine_alphas_cumprod(steps: int = 1000) -> Tensor:
     """(steps,) float64: LDM's ``make_beta_schedule("squaredcos_cap_v2")`` (``betas_for_alpha_bar``, β capped at
-    0.999) cumulated as ``register_schedule`` does, the unCLIP noise augmentor's schedule."""
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    0.999) cumulated as ``register_schedule`` does, the unCLIP noise augmentor's schedule
+    (:func:`sdadapt.training.diffusion.noise_schedule`'s ``"cosine"``)."""
+    from ..training import diffusion
 
-    betas = torch.tensor([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
-                         dtype=torch.float64)
-    return torch.cumprod(1 - betas, dim=0)
+    return diffusion.alphas_cumprod_of(diffusion.noise_schedule("cosine", num_steps=steps))
 
 
 def noise_augmentor_buffers(alphas_cumprod: Tensor) -> dict[str, Tensor]:

@@ -305,10 +305,14 @@ def _load_file(file: Path, *, ema: bool, prediction_type: str | None, clip_stats
                                              clip_stats=clip_stats)
     notes = []
     if checkpoint.unclip is not None:  # (SD 2.1 unCLIP: sdadapt.formats.unclip)
+        if clip_stats is not None:
+            normaliser = f"from {clip_stats}"
+        elif checkpoint.unclip.needs_clip_stats:
+            normaliser = "missing (karlo's ViT-L-14_stats.th: --clip-stats)"
+        else:
+            normaliser = "identity (LDM's, no clip_stats_path)"
         notes.append(f"SD 2.1 unCLIP-{checkpoint.unclip.variant.upper()} file: v-prediction (its LDM config's), image "
-                     "encoder from embedder.model.visual.*, normaliser "
-                     + ("identity (LDM's, no clip_stats_path)" if clip_stats is None and checkpoint.unclip.variant == "h"
-                        else f"from {clip_stats}" if clip_stats is not None else "missing (karlo's ViT-L-14_stats.th: --clip-stats)"))
+                     f"encoder from embedder.model.visual.*, normaliser {normaliser}")
     elif prediction_type is None and checkpoint.architecture == "sd2" and "modelspec.prediction_type" not in metadata:
         notes.append("SD2 file without prediction metadata: written as epsilon (a 768-v model needs --prediction-type "
                      "v_prediction)")

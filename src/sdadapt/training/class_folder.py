@@ -104,7 +104,8 @@ def fill_class_folder(system, folder: str | os.PathLike, prompts: Sequence[str],
                       progress: Callable[[int, int, Any], None] | None = None,
                       group: DataParallel | None = None) -> int:
     """Top ``folder`` up to ``len(prompts)`` class images: image ``i`` for each ``i`` from the number
-    already there up to ``len(prompts) - 1``, made as :func:`sdadapt.methods.class_images` makes image
+    already there up to ``len(prompts) - 1`` (an ``i`` a ``{i}-`` file holds already: the last free ``i``
+    below ``len(prompts)`` instead), made as :func:`sdadapt.methods.class_images` makes image
     ``i`` of ``prompts`` (``seed``, ``size`` (height, width), ``steps`` and chunks of ``batch``; ``None``:
     its defaults) and written as ``{i}-{sha1 of its 8-bit pixels}.png`` with ``prompts[i]`` in the file
     (:data:`PROMPT_KEY`), atomically, chunk by chunk. The folder is made when missing; nothing is made
@@ -127,32 +128,38 @@ def fill_class_folder(system, folder: str | os.PathLike, prompts: Sequence[str],
     if root.exists() and not root.is_dir():
         raise InputError(f"--class-data-dir {root}: is a file; give a folder for the class images (made when missing)")
     count = len(prompts)
-    have = len(class_image_files(root))
+    files = class_image_files(root)
+    have = len(files)
     if have >= count:
         return 0
+    # the images to make: ``have .. count - 1``, or where a file already holds one of those indices (a removed
+    # image below it), the last free ones below ``count`` (a folder with a gap is filled, not overwritten)
+    taken = {int(match.group(1)) for match in map(_INDEXED.match, (p.name for p in files)) if match}
+    todo = set([i for i in range(count) if i not in taken][have - count:])
     main = group is None or group.main
     world = 1 if group is None else group.world
     chunk = _chunk_size(batch)
-    start = have // chunk * chunk  # (the chunk holding image `have`: made whole, as the in-memory path makes it)
+    start = min(todo) // chunk * chunk  # (the chunk holding the first image made: whole, as the in-memory path makes it)
     chunks = math.ceil((count - start) / chunk)
     own = range(chunks) if group is None else rank_chunks(chunks, group)
     total = sum(min(chunk, count - start - k * chunk) for k in own)
-    done = 0
+    done = made = 0  # (this process's images before this round; in it, as class_images reports them)
+
+    def report(now: int, _total: int, info: Any) -> None:
+        nonlocal made
+        made = now
+        if progress is not None:
+            progress(done + now, total, info)
+
     per_round = world * chunk  # (a round: a chunk per rank, dealt out as class_images deals them)
     for first in range(start, count, per_round):
         last = min(first + per_round, count)
-        reported = [0]
-
-        def report(made: int, _total: int, info: Any, reported: list[int] = reported) -> None:
-            reported[0] = made
-            if progress is not None:
-                progress(done + made, total, info)
-
+        made = 0
         images, _ = class_images(system, list(prompts[first:last]), seed=seed + first, batch=chunk, size=size,
                                  progress=report, group=group, **({} if steps is None else {"steps": steps}))
-        done += reported[0]
+        done += made
         if main:
-            for offset in range(max(0, have - first), last - first):
+            for offset in (k for k in range(last - first) if first + k in todo):
                 digest = hashlib.sha1(to_uint8(images[offset]).tobytes()).hexdigest()  # (diffusers: the PIL image's bytes)
                 write_png(root / f"{first + offset}-{digest}.png", images[offset], text={PROMPT_KEY: prompts[first + offset]})
     if group is not None:  # (before any rank lists the folder again)
