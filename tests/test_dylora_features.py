@@ -14,6 +14,7 @@ import pytest
 import torch
 from toy_adapter_files import random_adapter_file
 
+from png_pixels import pixels as _pixels
 import sdadapt
 from sdadapt.adapters.dylora import DyLoRAModule
 from sdadapt.cli import main
@@ -250,7 +251,7 @@ def test_generate_tag_dyn_is_the_pre_cut_file_at_the_files_scale(tmp_path):
         assert main(["generate", "--model", str(pipe), "--prompt", prompt, "--seed", "1", "--steps", "2",
                      "--sampler", "euler", "--width", "32", "--height", "32", "--lora-dir", str(loras), "-q",
                      "-o", str(out)]) == 0
-        images.append(out.read_bytes())
+        images.append(_pixels(out))  # (the image: the PNG's infotext names the tag)
     assert images[0] == images[1] != images[2]
 
 

@@ -22,6 +22,7 @@ peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import tiny_clip  # noqa: E402
 
+from png_pixels import pixels as _pixels
 import sdadapt  # noqa: E402
 from sdadapt.formats import load_lora, load_peft, save_kohya, save_peft  # noqa: E402
 from sdadapt.targets import TEXT_ENCODER, UNET_LOCON  # noqa: E402
@@ -244,7 +245,7 @@ def _generate(model, out, extra) -> bytes:
 
     assert main(["generate", "--model", str(model), "--prompt", "a photo", "--steps", "2", "--seed", "3",
                  "--width", "32", "--height", "32", *extra, "-o", str(out)]) == 0
-    return out.read_bytes()
+    return _pixels(out)  # (the image: the PNG's infotext names the LoRA file)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from train_inputs import captioned_pngs
 
+from png_pixels import pixels as _pixels
 from sdadapt.cli import main
 
 
@@ -462,7 +463,7 @@ def test_a_peft_adapter_folder_is_taken_by_lora_as_its_kohya_twin(tmp_path, caps
                      "--width", "32", "--height", "32",  # (default: 128x128, 16x the pixels)
                      "--lora", f"{lora_spec}:0.7", "-o", str(out)]) == 0
         assert f"applied {lora_spec} at 0.7 (6 layers)" in capsys.readouterr().err
-        images.append(out.read_bytes())
+        images.append(_pixels(out))  # (the image: the PNG's infotext names the LoRA file)
     assert images[0] == images[1]
 
 

@@ -92,7 +92,9 @@ def _scaled(product: Tensor, scale: float | Tensor) -> Tensor:
     same tensor: a Python number, or a 0-dim tensor that keeps ``product``'s dtype (an out-of-place
     multiply otherwise). Autograd takes it as it takes ``product * scale`` (a scale that needs a
     gradient: autograd keeps the product's old value itself)."""
-    if isinstance(scale, Tensor) and (scale.dim() != 0 or torch.result_type(product, scale) != product.dtype):
+    # (a 0-dim float scale never changes a float product's dtype: torch's promotion lets a dimensioned tensor win
+    # within its category; checked with is_floating_point, not torch.result_type, which torch.compile cannot trace)
+    if isinstance(scale, Tensor) and (scale.dim() != 0 or not (scale.is_floating_point() and product.is_floating_point())):
         return product * scale
     return product.mul_(scale)
 
