@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import platform
 import threading
 import time
+from pathlib import Path
 
 import torch
 
-__all__ = ["UNET_CONFIGS", "VAE_CONFIGS", "CLIP_CONFIGS", "RssSampler", "glibc_return_freed_memory", "malloc_trim", "sync"]
+__all__ = ["UNET_CONFIGS", "VAE_CONFIGS", "CLIP_CONFIGS", "RssSampler", "environment", "glibc_return_freed_memory",
+           "malloc_trim", "sync", "write_result"]
 
 
 # diffusers UNet2DConditionModel configs (random weights): a tiny one and the public SD1.5 / SDXL ones
@@ -157,3 +160,17 @@ def malloc_trim() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+def environment() -> dict:
+    """Where a result was measured: torch's CPU threads, the torch and Python versions, the processor."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine()}
+
+
+def write_result(out: str | Path, result: dict) -> Path:
+    """Write a benchmark's ``result`` as indented JSON to ``out`` (its folder made when missing)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return out

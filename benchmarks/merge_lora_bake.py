@@ -26,8 +26,6 @@ Writes ``benchmarks/results/merge_lora_bake.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -38,6 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the shared synthetic layouts
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _bench import environment, write_result  # noqa: E402
 
 from sdadapt.adapters import LoHaConfig, LoKrConfig, LoRAConfig  # noqa: E402
 from sdadapt.adapters.base import LayerGeometry  # noqa: E402
@@ -236,13 +237,9 @@ def main(argv=None) -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"checkpoint": "SD1.5 UNet shapes (sd1-unet layout), fp16, random", "strength": 0.8,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-              "machine": platform.processor() or platform.machine(), "repeats": max(1, args.repeats), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    result = {"checkpoint": "SD1.5 UNet shapes (sd1-unet layout), fp16, random", "strength": 0.8, **environment(), "repeats": max(1, args.repeats),
+              "rows": rows}
+    print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

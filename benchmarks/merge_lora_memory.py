@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -50,6 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the shared synthetic layouts, the HEAD transcription
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _bench import environment, write_result  # noqa: E402
 
 FAMILIES = ("lora", "loha", "lokr", "full")
 
@@ -189,13 +190,9 @@ def main(argv=None) -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"checkpoint": "SD1.5 UNet shapes (sd1-unet layout), fp16, random", "strength": 0.8,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-              "machine": platform.processor() or platform.machine(), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    result = {"checkpoint": "SD1.5 UNet shapes (sd1-unet layout), fp16, random", "strength": 0.8, **environment(),
+              "rows": rows}
+    print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -34,17 +34,10 @@ def test_sdxl_hires_pass_equals_diffusers_xl_img2img_at_the_hires_size(sdxl, mon
     (16 steps at strength 0.5: the same 8), whose time_ids are (32, 32, 0, 0, 32, 32); within
     1e-4 on the latents (measured 3.8e-6 on latents of max ~17). The same pipeline told another original size
     differs by far more (2.5e-2): the comparison sees the time_ids."""
-    import sdadapt.sampling
+    from generate_recorder import record_generate
     from sdadapt.jobs.generate_hires import HiresRequest, sample_image
 
-    calls, real = [], sdadapt.sampling.generate
-
-    def record(system, prompts, **kw):
-        out = real(system, prompts, **{**kw, "output": "latents"})
-        calls.append((kw, out))
-        return out if kw.get("output") == "latents" else system.decode_latents(out)
-
-    monkeypatch.setattr(sdadapt.sampling, "generate", record)
+    calls = record_generate(monkeypatch)
     options = {"seed": 5, "steps": 8, "guidance": 3.0, "sampler": "ddim", "negative": "", "height": 16, "width": 16}
     image = sample_image(sdxl, ["a photo"], options, hires=HiresRequest((32, 32), denoising=0.5))
     assert image.shape == (1, 3, 32, 32)

@@ -274,8 +274,7 @@ def test_merge_refuses_edm_with_plain_sdxl_and_keeps_the_stats_between_edm_model
 
 def test_train_and_invert_refuse_an_edm_model(files, tmp_path):
     """No EDM loss or DDIM inversion here (kohya's sd-scripts and OneTrainer train no EDM model either)."""
-    from PIL import Image
-
+    from caption_images import two_captioned_images
     from sdadapt.inversion.job import load_model
     from sdadapt.jobs.train import run_train
 
@@ -283,10 +282,6 @@ def test_train_and_invert_refuse_an_edm_model(files, tmp_path):
         load_model(str(files[0]))
     assert load_model(str(files[1])).edm is None  # (the plain SDXL file inverts as before)
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text("a cube")
+    images = two_captioned_images(tmp_path / "images")
     with pytest.raises(ValueError, match="EDM-formulation model \\(Playground v2.5\\) is not trained here"):
         run_train("lora", images=str(images), model=str(files[0]), out=str(tmp_path / "out.safetensors"), steps=1)

@@ -386,7 +386,7 @@ def test_after_the_refiner_took_over_the_pixel_upscaler_uses_its_vae(pair, monke
     its decoder's last conv shifted) tells them apart."""
     import copy
 
-    import sdadapt.sampling
+    from generate_recorder import record_generate
     from sdadapt.jobs.generate_hires import HiresRequest, lanczos_upscale_pixels, sample_image
     from sdadapt.jobs.generate_refiner import RefinerHandoff
 
@@ -395,14 +395,7 @@ def test_after_the_refiner_took_over_the_pixel_upscaler_uses_its_vae(pair, monke
     own.vae = copy.deepcopy(base.vae)
     with torch.no_grad():
         own.vae.decoder.conv_out.bias += 0.3
-    runs, real = [], sdadapt.sampling.generate
-
-    def record(system, prompts, **kw):
-        out = real(system, prompts, **{**kw, "output": "latents"})
-        runs.append((kw, out))
-        return out if kw.get("output") == "latents" else system.decode_latents(out)
-
-    monkeypatch.setattr(sdadapt.sampling, "generate", record)
+    runs = record_generate(monkeypatch)
     options = {"seed": 5, "steps": 4, "guidance": 3.0, "sampler": "ddim", "negative": "", "height": 16, "width": 16}
     starts = {}
     for mode in ("first", "second"):

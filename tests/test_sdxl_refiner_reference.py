@@ -359,16 +359,11 @@ def test_a_refiner_and_an_sdxl_base_are_refused_before_merging(tmp_path):
 
 def test_train_refuses_a_refiner(refiner_files, tmp_path):
     """kohya's sd-scripts train no SDXL refiner (sdxl_train*.py load base models with two text encoders): refused."""
-    from PIL import Image
-
+    from caption_images import two_captioned_images
     from sdadapt.jobs.train import run_train
 
     file, _ = refiner_files
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text("a cube")
+    images = two_captioned_images(tmp_path / "images")
     with pytest.raises(ValueError, match="SDXL refiner is not trained here"):
         run_train("lora", images=str(images), model=str(file), out=str(tmp_path / "out.safetensors"), steps=1)
 
