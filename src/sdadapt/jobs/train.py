@@ -1402,6 +1402,14 @@ def _stamp(path: Path, *, metadata: dict[str, str], dtype: torch.dtype | None, h
     write_safetensors(path, tensors, meta)
 
 
+def _hashed(path: Path) -> bool:
+    """The file already carries kohya's hashes of itself (``save_kohya`` writes them: ``_stamp`` would only
+    read, hash and write it again to the same bytes)."""
+    from ..formats.files import read_safetensors_header
+
+    return "sshs_model_hash" in read_safetensors_header(path)[1]
+
+
 def _model_file(model: str) -> Path | None:
     if model == "toy":
         from ..toy.system import DEFAULT_WEIGHTS
@@ -1435,7 +1443,7 @@ def _save(adaptation, spec, path: Path, *, metadata: dict[str, str], dtype: torc
         saved = Path(adaptation.save(path, metadata=metadata, dtype=dtype, **extra))
     else:
         saved = Path(adaptation.save(path, metadata=metadata))
-        if saved.suffix.lower() == ".safetensors":
+        if saved.suffix.lower() == ".safetensors" and (dtype is not None or not _hashed(saved)):
             _stamp(saved, metadata={}, dtype=dtype, hashes=True)
     return saved
 
