@@ -131,13 +131,20 @@ def test_an_a1111_sd_merge_recipe_file_is_named_as_a1111s(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.parametrize("operator, inputs, argv", [
-    ("triple-sum", 3, ["--alpha", "0.2", "--b", "0.1"]),
-    ("weighted-sum", 2, ["--alpha", "0.2", "--weight"]),
+@pytest.mark.parametrize("operator, inputs, argv, hint", [
+    ("triple-sum", 3, ["--alpha", "0.2", "--b", "0.1"], "--b: options are not abbreviated; did you mean --beta?"),
+    ("weighted-sum", 2, ["--alpha", "0.2", "--weight"],
+     "--weight: options are not abbreviated; did you mean --weights-clip?"),
 ])
-def test_abbreviations_that_worked_before_still_work(tmp_path, files, capsys, operator, inputs, argv):
-    assert main(["merge", operator, *files[:inputs], *argv, "-o", str(tmp_path / "o.safetensors"), "-q",
-                 "--no-recipe"]) == 0
+def test_an_abbreviation_is_refused_naming_the_visible_options_it_begins(tmp_path, files, capsys, operator, inputs,
+                                                                          argv, hint):
+    """No abbreviations (a prefix's meaning changes when an option is added); the hint names only the options
+    ``--help`` shows, not the hidden block-weight flags that catch other tools' names (--base-alpha, --weights)."""
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", operator, *files[:inputs], *argv, "-o", str(out), "-q", "--no-recipe"])
+    assert exited.value.code == 2 and not out.exists()
+    assert hint in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--mbw", "True"], ["--base-alpha", "x"], ["--block-weights", "0.5 0.5"]])

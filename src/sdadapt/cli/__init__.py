@@ -33,13 +33,30 @@ __all__ = ["main", "build_parser"]
 class _OneLineErrors(CheckedParser):
     """argparse with one-line usage errors (``error: PROG: message (see PROG --help)``, exit 2), like
     every other error of the command line, and the commands' :func:`~.option_rules.only_with` rules
-    (an option given without the one it needs); sub-command parsers inherit it."""
+    (an option given without the one it needs); sub-command parsers inherit it. No abbreviations
+    (``allow_abbrev=False``): a unique prefix such as ``--min-d`` or ``--overw`` is refused with the options it begins,
+    never silently read as ``--min-diff`` or ``--overwrite`` (argparse refused only ambiguous ones, so a prefix's
+    meaning changed, or it broke, when an option with the same prefix was added). kohya's scripts keep argparse's default, abbreviations on (sd-scripts train_network.py:1733,
+    ``argparse.ArgumentParser()``)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        self._arg_strings = list(sys.argv[1:] if args is None else args)  # (for error's abbreviation hints)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):  # type: ignore[override]
         from .options import safe_text
 
-        self.exit(2, f"error: {safe_text(self.prog)}: {safe_text(' '.join(message.split()))} "
-                     f"(see {safe_text(self.prog)} --help)\n")
+        message = " ".join(message.split())
+        if message.startswith("the following arguments are required"):  # (argparse checks them before extras:
+            known = _visible_options(self)
+            hints = [hint for arg in getattr(self, "_arg_strings", ()) if arg.startswith("--")  # an abbreviation
+                     for hint in [_abbreviation_hint(arg.split("=", 1)[0], known)] if hint]  # of one is named too)
+            message += f" ({'; '.join(hints)})" if hints else ""
+        self.exit(2, f"error: {safe_text(self.prog)}: {safe_text(message)} (see {safe_text(self.prog)} --help)\n")
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         """argparse's, but an unknown option is reported by the command it was given to, with the
@@ -47,15 +64,33 @@ class _OneLineErrors(CheckedParser):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             command = _chosen_command(self, namespace)
-            known = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+            known = _visible_options(command)
             hints = []
             for extra in extras:
                 flag = extra.split("=", 1)[0]
                 close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
-                if close:
+                abbreviation = _abbreviation_hint(flag, known)
+                if abbreviation:
+                    hints.append(abbreviation)
+                elif close:
                     hints.append(f"{flag}: did you mean {close[0]}?")
             command.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
         return namespace
+
+
+def _visible_options(parser: argparse.ArgumentParser) -> list[str]:
+    """``parser``'s ``--`` options that its ``--help`` shows (the hidden ones only catch other tools' flags)."""
+    return [flag for action in parser._actions if action.help != argparse.SUPPRESS
+            for flag in action.option_strings if flag.startswith("--")]
+
+
+def _abbreviation_hint(flag: str, known: list[str]) -> str | None:
+    """The hint for ``flag`` when it begins longer options of ``known`` (``allow_abbrev=False``), else ``None``."""
+    longer = [option for option in known if option.startswith(flag) and option != flag] if flag.startswith("--") else []
+    if not longer or len(flag) <= 2:
+        return None
+    return (f"{flag}: options are not abbreviated; did you mean {' or '.join(longer[:3])}"
+            f"{' or ...' if len(longer) > 3 else ''}?")
 
 
 def _chosen_command(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> argparse.ArgumentParser:
@@ -86,15 +121,49 @@ _COMMAND_MODULES = {
 }
 
 
+#: each command's line in ``python -m sdadapt --help``, for the parser :func:`main` builds when its command line names
+#: no command (``--help``, ``--version``, a misspelt command): the command names and these lines only, without
+#: importing the command modules (``train``'s methods, ``generate``'s samplers and ``merge``'s operators import torch,
+#: ~2 s). Each module's ``register`` passes the same text (tests/test_cli_startup.py checks that they agree).
+_COMMAND_HELP = {
+    "inspect": "say what weights files are (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint)",
+    "demo": "teach the built-in toy model a concept it has never seen and show before/after scores and pictures",
+    "train": "train a method on your own images (toy, diffusers folder, SD1/SD2/SDXL single file; kohya-like options)",
+    "generate": "make images from a prompt on the toy model or a Stable Diffusion model, with LoRAs and embeddings",
+    "aesthetic-embedding": "make an aesthetic-gradient embedding (mean CLIP image embedding) from a folder of images",
+    "invert": "invert a real image (null-text / negative-prompt / DDIM inversion) to reconstruct or edit it",
+    "clip-invert": "learn image-embedding vectors of a concept from a few images (SD 2.1 unCLIP, image variation, "
+                   "toy-image)",
+    "extract-lora": "extract a LoRA from a base and a fine-tuned checkpoint (SVD of the difference)",
+    "resize-lora": "resize a LoRA (or LoHa/LoKr/full/DoRA file) to a LoRA of a smaller or per-layer dynamic rank",
+    "merge-lora": "bake one or more adapter files (LoRA, LoCon, LoHa, LoKr, Tucker, full, DoRA) into a checkpoint",
+    "combine-loras": "combine several adapter files (any family) into one LoRA (exact concatenation, or SVD to a rank)",
+    "cut-dylora": "cut a DyLoRA file to a lower rank (kohya's extract_lora_from_dylora.py)",
+    "convert": "convert a LoRA-family file (kohya/LyCORIS, diffusers, peft), an embedding or a whole SD checkpoint "
+               "(LDM single file <-> diffusers folder) to another format",
+    "merge": "merge checkpoints (weighted sum, add difference, TIES, DARE, SLERP, block weights, recipes)",
+    "merge-custom-diffusion": "merge single-concept Custom Diffusion results into one (the paper's closed-form K/V "
+                              "merge)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m sdadapt`` parser with every command (each module's ``register``)."""
     return _parser(dict.fromkeys(_COMMAND_MODULES.values()))
 
 
-def _parser(modules: Iterable[str]) -> argparse.ArgumentParser:
-    """The ``python -m sdadapt`` parser with the commands of ``modules`` (names of this package's modules)."""
-    import importlib
+def _summary_parser() -> argparse.ArgumentParser:
+    """The ``python -m sdadapt`` parser for a command line that names no command: every command by name and
+    :data:`_COMMAND_HELP` line, none of their options (nothing of torch imported). Its ``--help`` is
+    :func:`build_parser`'s, its errors (``invalid choice: 'trian'``) the same."""
+    parser, sub = _top_parser()
+    for command in _COMMAND_MODULES:
+        sub.add_parser(command, help=_COMMAND_HELP[command], add_help=False)
+    return parser
 
+
+def _top_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The ``python -m sdadapt`` parser without its commands, and its (empty) sub-parsers action."""
     from .. import __version__
     from ..errors import exit_code_table
 
@@ -106,16 +175,24 @@ def _parser(modules: Iterable[str]) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sdadapt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser, parser.add_subparsers(dest="command", metavar="COMMAND")
+
+
+def _parser(modules: Iterable[str]) -> argparse.ArgumentParser:
+    """The ``python -m sdadapt`` parser with the commands of ``modules`` (names of this package's modules)."""
+    import importlib
+
+    parser, sub = _top_parser()
     for module in modules:
         importlib.import_module(f".{module}", __name__).register(sub)
     return parser
 
 
 def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
-    """The parser for one command line: only its command's, when its first word names one."""
+    """The parser for one command line: only its command's, when its first word names one; else the commands'
+    names and help lines (:func:`_summary_parser`: ``--help`` without importing torch)."""
     module = _COMMAND_MODULES.get(argv[0]) if argv else None
-    return build_parser() if module is None else _parser([module])
+    return _summary_parser() if module is None else _parser([module])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ Thin argparse shells over :mod:`sdadapt.loratools`; heavy imports happen when a 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .option_rules import only_with
@@ -45,14 +46,39 @@ def _summary(report, verb: str) -> str:
     return line
 
 
+#: per reason, how many skipped layers :func:`skipped_lines` names (the rest are counted)
+_NAMES_SHOWN = 3
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
+
+
+def skipped_lines(skipped: dict[str, str], *, names: int = _NAMES_SHOWN) -> list[str]:
+    """``report.skipped`` (``{"component:layer": reason}``) as one line per reason: the count, the reason and the first
+    ``names`` layers (``extract-lora`` on a checkpoint whose text encoder did not change skips its 70-200 layers for
+    one reason; they were one line each). Reasons that differ only in their numbers (``max |Δ| = 3e-06 <=
+    min_layer_diff 0.01``) are one reason, each number that differs shown as its range (``max |Δ| = 0..3e-06``)."""
+    groups: dict[str, tuple[list[str], list[list[str]]]] = {}
+    for name, reason in skipped.items():
+        layers, values = groups.setdefault(_NUMBER.sub("{}", reason.replace("{", "{{").replace("}", "}}")), ([], []))
+        layers.append(name)
+        values.append(_NUMBER.findall(reason))
+    lines = []
+    for template, (layers, values) in groups.items():
+        texts = []
+        for column in zip(*values):
+            low, high = min(map(float, column)), max(map(float, column))
+            texts.append(column[0] if low == high else f"{low:.3g}..{high:.3g}")
+        shown = ", ".join(safe_text(name) for name in layers[:names])
+        more = f", ... ({len(layers) - names} more)" if len(layers) > names else ""
+        lines.append(f"  {len(layers)} × {safe_text(template.format(*texts))}: {shown}{more}")
+    return lines
+
+
 def _print_skipped(report) -> None:
     if not report.skipped:
         return
     print(f"skipped {len(report.skipped)} layer(s):", file=sys.stderr)
-    for name, reason in list(report.skipped.items())[:10]:
-        print(f"  {safe_text(name)}: {safe_text(reason)}", file=sys.stderr)
-    if len(report.skipped) > 10:
-        print(f"  ... and {len(report.skipped) - 10} more", file=sys.stderr)
+    for line in skipped_lines(report.skipped):
+        print(line, file=sys.stderr)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:

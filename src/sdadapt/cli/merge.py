@@ -334,14 +334,9 @@ class _BlockWeightsElsewhere(argparse.Action):
 
 
 def _operator_parser_class(merge: argparse.ArgumentParser) -> type:
-    """The operator commands' parser class: abbreviations (``--b`` for ``--beta``, ``--weight`` for
-    ``--weights-clip``) never match the hidden block-weight flags, so they mean what they meant before."""
+    """The operator commands' parser class: preset names resolved once every flag is read."""
 
     class OperatorParser(type(merge)):  # type: ignore[misc]
-        def _get_option_tuples(self, option_string):  # type: ignore[no-untyped-def]
-            return [t for t in super()._get_option_tuples(option_string)
-                    if not str(getattr(t[0], "dest", "")).startswith("misplaced_")]
-
         def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
             # preset names resolve once every flag is read (--presets may come after them): an unknown
             # name is a usage error, before anything is opened
