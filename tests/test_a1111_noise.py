@@ -370,8 +370,9 @@ def test_generate_command_options_for_a1111_noise(tmp_path):
     out = run_generate(prompt="a red circle", out=tmp_path / "a.png", steps=3, seed=2, sampler="Euler a",
                        noise="a1111-cpu", subseed=9, subseed_strength=0.4, ensd=31337, count=2)
     assert len(out["files"]) == 2
-    # image 1 of --count 2: seed SEED + 1 and variation seed SUBSEED + 1 (A1111's all_seeds / all_subseeds)
-    run_generate(prompt="a red circle", out=tmp_path / "one.png", steps=3, seed=3, sampler="Euler a",
+    # image 1 of --count 2: seed SEED (a variation strength != 0 keeps it) and variation seed SUBSEED + 1 (A1111's
+    # all_seeds = [seed + (x if subseed_strength == 0 else 0) ...] / all_subseeds, processing.process_images_inner)
+    run_generate(prompt="a red circle", out=tmp_path / "one.png", steps=3, seed=2, sampler="Euler a",
                  noise="a1111-cpu", subseed=10, subseed_strength=0.4, ensd=31337)
     from PIL import Image
 

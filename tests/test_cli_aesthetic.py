@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from docs_pages import code_blocks
+from png_pixels import pixels
 
 import sdadapt
 from sdadapt.aesthetic import (
@@ -128,8 +129,8 @@ def test_weight_zero_is_plain_generate_bit_for_bit_and_steps_change_the_image(bl
     assert main([*base, "-o", str(tmp_path / "s0.png"), "--aesthetic", str(blue_file), "--aesthetic-steps", "0"]) == 0
     assert main([*base, "-o", str(tmp_path / "tuned.png"), "--aesthetic", str(blue_file), "--aesthetic-steps", "4",
                  "--aesthetic-lr", "3e-3"]) == 0
-    plain = (tmp_path / "plain.png").read_bytes()
-    assert (tmp_path / "w0.png").read_bytes() == plain and (tmp_path / "s0.png").read_bytes() == plain
+    plain = pixels(tmp_path / "plain.png")  # (the image: the PNG's infotext names the aesthetic options)
+    assert pixels(tmp_path / "w0.png") == plain and pixels(tmp_path / "s0.png") == plain
     assert not torch.equal(_png(tmp_path / "tuned.png"), _png(tmp_path / "plain.png"))
 
 
@@ -203,7 +204,7 @@ def test_real_fixtures_personalise_a_stable_diffusion_model(sd_folder, fixture, 
     assert main([*base, "-o", str(tmp_path / "plain.png")]) == 0
     assert main([*base, *aesthetic, "--aesthetic-weight", "0", "-o", str(tmp_path / "w0.png")]) == 0
     assert main([*base, *aesthetic, "--aesthetic-lr", "1e-2", "--aesthetic-slerp", "-o", str(tmp_path / "on.png")]) == 0
-    assert (tmp_path / "w0.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+    assert pixels(tmp_path / "w0.png") == pixels(tmp_path / "plain.png")
     assert not torch.equal(_png(tmp_path / "on.png"), _png(tmp_path / "plain.png"))
     # without the CLIP projection: one line saying what to pass
     code, err = _run([*base, "--aesthetic", str(FIXTURES / fixture), "-o", str(tmp_path / "x.png")], capsys)

@@ -275,7 +275,7 @@ def test_subseed_minus_one_is_drawn_and_printed(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     subseed = int(lines[0].rpartition("--subseed ")[2][:-1])
     assert lines == [f"wrote {tmp_path / 'v-00.png'} (--seed 5 --subseed {subseed})",
-                     f"wrote {tmp_path / 'v-01.png'} (--seed 6 --subseed {subseed + 1})"]
+                     f"wrote {tmp_path / 'v-01.png'} (--seed 5 --subseed {subseed + 1})"]  # (A1111's all_seeds)
 
 
 # ------------------------------------------------------------------ convert --to peft --component: the layers counted

@@ -21,7 +21,8 @@ crop_left, target_h, target_w)``; an empty negative prompt is all zeros (diffuse
 ``force_zeros_for_empty_prompt``). The SDXL refiner (:attr:`DiffusersSystem.is_refiner`) conditions
 on its one encoder (OpenCLIP-bigG: penultimate states, 1280 wide, and its projected pooled output) and
 ``time_ids = (orig_h, orig_w, crop_top, crop_left, aesthetic_score)`` — 6.0 for the prompt, 2.5 for the
-negative (diffusers' ``requires_aesthetics_score``); its empty negative prompt is encoded, not zeroed.
+negative (diffusers' ``requires_aesthetics_score``); its empty negative prompt is encoded, not zeroed (diffusers'
+refiner config; :attr:`DiffusersSystem.zero_empty_negative` set: zeroed, as A1111 does).
 Latents are the VAE posterior mean times its scaling factor
 (SD1/SD2 0.18215, SDXL 0.13025; with the VAE config's ``latents_mean`` / ``latents_std``, normalised by them as
 diffusers does). An EDM model (Playground v2.5: :mod:`sdadapt.formats.edm`) has :attr:`DiffusersSystem.edm` set and
@@ -211,6 +212,12 @@ class DiffusersSystem(nn.Module):
                 "force_zeros_for_empty_prompt": False} if self.is_refiner else {}),
             **dict(model_index or {}),
         }
+        #: SDXL: an empty negative prompt sampled as zeros (its text states and pooled embedding; ``time_ids`` kept,
+        #: the refiner's with its negative aesthetic score) instead of the encoded ``""``: diffusers'
+        #: ``force_zeros_for_empty_prompt`` of the pipeline config (:attr:`model_index`: the base's True, the
+        #: refiner's False). A1111 zeros it on both (modules/sd_models_xl.py ``get_learned_conditioning``:
+        #: ``force_zero_negative_prompt``): ``generate --refiner-empty-negative zeros`` sets it on the refiner
+        self.zero_empty_negative = self.is_sdxl and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
         self.register_buffer("alphas_cumprod", diffusion.scheduler_alphas_cumprod(scheduler_config), persistent=False)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
         from .formats.edm import is_edm_scheduler, vae_latent_stats
@@ -846,11 +853,12 @@ class DiffusersSystem(nn.Module):
         return out
 
     def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None, *, breaks: bool = False) -> Any:
-        if self.is_refiner:  # (force_zeros_for_empty_prompt False; negative_aesthetic_score)
-            return self._prompt_condition([negative] * count, self._negative_time_ids(time_ids), breaks=breaks)
-        if self.is_sdxl and not negative:  # SDXL base: force_zeros_for_empty_prompt
-            return {k: (torch.zeros_like(v) if k != "time_ids" else v) for k, v in cond.items()}
-        return self._prompt_condition([negative] * count, time_ids, breaks=breaks)
+        if self.is_sdxl and not negative and self.zero_empty_negative:  # force_zeros_for_empty_prompt
+            # (time_ids kept; the refiner's with its negative aesthetic score, as A1111's is_negative_prompt)
+            return {k: (torch.zeros_like(v) if k != "time_ids" else self._negative_time_ids(v))
+                    for k, v in cond.items()}
+        # (the refiner: negative_aesthetic_score in its time_ids)
+        return self._prompt_condition([negative] * count, self._negative_time_ids(time_ids), breaks=breaks)
 
     def _prompt_condition(self, prompts: list[str], time_ids: Tensor | None, *, breaks: bool = False) -> Any:
         """:meth:`condition` of prompts to sample, with A1111 emphasis (``(word:1.2)``, ``[word]``;
@@ -1030,10 +1038,18 @@ class DiffusersSystem(nn.Module):
             refined = other._guidance_inputs(other.denoiser(), prompts, negative=negative, cond=None, plan=plan,
                                              time_ids=other._size_time_ids(len(prompts), size_h, size_w),
                                              guidance=guidance)
+            total_steps = None
+            if getattr(refiner, "by_steps", False):  # (A1111's "Refiner switch by sampling steps": this run's steps)
+                from .img2img import img2img_rule, start_index
+                from .jobs.generate_refiner import a1111_total_steps
+
+                run = steps if start is None else steps - start_index(start, steps, rule=img2img_rule(name, schedule))
+                total_steps = a1111_total_steps(name, run)
             # (a plan's ScheduledGuidance as it is: the handoff runs its call count on across the switch)
             model = refiner.switched(model if plan is not None else guided(model, cond, uncond, guidance_scale),
                                      refined[0] if plan is not None else guided(*refined),
-                                     a1111_grid=schedule is not None)  # (A1111's schedules: A1111's cut)
+                                     a1111_grid=schedule is not None,  # (A1111's schedules: A1111's cut)
+                                     **({} if total_steps is None else {"total_steps": total_steps}))
             cond, uncond, guidance_scale = None, None, 1.0
         latents = samplers.sample_latents(model, x, cond, sampler=name, alphas_cumprod=self.alphas_cumprod,
                                           num_steps=steps, uncond=uncond, guidance_scale=guidance_scale,

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .formats.unclip import UnclipFile, ldm_clip_pixels, ldm_cosine_alphas_cumprod, noise_augmentor_buffers, read_clip_stats
+from .formats.unclip import (UnclipFile, ldm_clip_pixels, ldm_cosine_alphas_cumprod, noise_augmentor_buffers, read_clip_stats,
+                              variant_of_width)
 
 __all__ = ["UnclipParts", "unclip_parts_from_file", "unclip_parts_from_folder", "unclip_image_input",
-           "img2img_unclip_image", "COSINE_SCHEDULER_CONFIG"]
+           "unclip_image_of_pixels", "img2img_unclip_image", "COSINE_SCHEDULER_CONFIG"]
 
 #: diffusers' converter's image-noising scheduler: DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
 COSINE_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
@@ -46,7 +47,8 @@ class UnclipParts:
         dim: D, the CLIP image-embedding width (the UNet's class input is 2D).
         normalizer: ``(mean (1, D), std (1, D))`` or ``None`` (an L file without its CLIP stats).
         noise_alphas_cumprod: (T',) the image-noising schedule.
-        variant: ``"h"`` / ``"l"`` for a single file's embedder, ``None`` for a folder.
+        variant: ``"h"`` / ``"l"``: a single file's embedder (A1111's marker), a folder's by its embedding width
+            (:func:`~sdadapt.formats.unclip.variant_of_width`: 768 is L), or ``None`` when not given.
         preprocess: ``"ldm"`` (the LDM embedders' squash to 224, :func:`~sdadapt.formats.unclip.ldm_clip_pixels`,
             what A1111 runs) or ``"diffusers"`` (a folder's ``CLIPImageProcessor``, :func:`~sdadapt.inversion.clip_pixel_values`).
         processor_config: the folder's ``feature_extractor/preprocessor_config.json`` (``{}`` for a file).
@@ -186,7 +188,7 @@ def unclip_parts_from_folder(folder: str | os.PathLike, *, dim: int,
     from .inversion.clip import _unclip_folder_parts
 
     root = Path(folder)
-    normalizer, schedule = _unclip_folder_parts(root)
+    normalizer, schedule = _unclip_folder_parts(root, dim=dim)
     if clip_stats is not None:
         normalizer = read_clip_stats(clip_stats, dim=dim)
     loader = None
@@ -203,7 +205,8 @@ def unclip_parts_from_folder(folder: str | os.PathLike, *, dim: int,
     config_file = root / "feature_extractor" / "preprocessor_config.json"
     processor = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return UnclipParts(dim=dim, normalizer=normalizer, noise_alphas_cumprod=schedule if schedule is not None else _cosine_schedule(),
-                       image_encoder=loader, preprocess="diffusers", processor_config=processor)
+                       image_encoder=loader, variant=variant_of_width(dim), preprocess="diffusers",
+                       processor_config=processor)
 
 
 def unclip_image_input(parts: UnclipParts, embeds: Tensor, *, noise_level: int = 0,
@@ -227,14 +230,14 @@ def unclip_image_input(parts: UnclipParts, embeds: Tensor, *, noise_level: int =
 
 
 
-def img2img_unclip_image(system, image_path: str | os.PathLike, *, height: int, width: int, resize_mode: str = "just",
-                         seed: int = 0) -> Tensor | None:
-    """A1111's unCLIP img2img image conditioning (``modules/processing.py`` ``unclip_image_conditioning``): the init
-    image brought to ``width`` x ``height`` as img2img reads it (:func:`sdadapt.resize_modes.init_image_pixels`, in
-    [-1, 1]), through the model's embedder (:meth:`UnclipParts.encode_image`) and the noise augmentor at level 0 —
-    (1, 2D), the conditional branch's class input (``system.unclip_image``). ``None`` for a model that is not unCLIP.
-    The level-0 augmentation noise (scale √(1 − ᾱ₀)) is drawn from ``torch.Generator().manual_seed(seed)`` (A1111
-    draws it from the global generator).
+def unclip_image_of_pixels(system, pixels: Tensor, *, seed: int = 0) -> Tensor | None:
+    """A1111's ``unclip_image_conditioning`` (``modules/processing.py``) of images (B, 3, H, W) in [-1, 1]: through the
+    model's embedder (:meth:`UnclipParts.encode_image`) and the noise augmentor at level 0 — (B, 2D), the conditional
+    branch's class input (``system.unclip_image``); ``None`` for a model that is not unCLIP. The level-0
+    augmentation noise (scale √(1 − ᾱ₀), 0.0064 on SD 2.1 unCLIP's cosine schedule) is drawn on the CPU from
+    ``torch.Generator().manual_seed(seed)``: A1111 draws it with ``torch.randn_like`` from the global generator
+    in ``init()``, before its image RNG seeds anything, so its value there depends on what ran before in the
+    session and no seed reproduces it (docs/clip-inversion.md).
 
     Raises:
         ValueError: an unCLIP model without an image encoder.
@@ -242,8 +245,23 @@ def img2img_unclip_image(system, image_path: str | os.PathLike, *, height: int, 
     parts = getattr(system, "unclip", None)
     if parts is None:
         return None
+    embeds = parts.encode_image(pixels)  # (B, D)
+    return unclip_image_input(parts, embeds, noise_level=0, generator=torch.Generator().manual_seed(seed))
+
+
+def img2img_unclip_image(system, image_path: str | os.PathLike, *, height: int, width: int, resize_mode: str = "just",
+                         seed: int = 0) -> Tensor | None:
+    """A1111's unCLIP img2img image conditioning: the init image brought to ``width`` x ``height`` as img2img reads it
+    (:func:`sdadapt.resize_modes.init_image_pixels`, in [-1, 1]) through :func:`unclip_image_of_pixels` — (1, 2D),
+    ``None`` for a model that is not unCLIP. (Inpainting takes the image it encodes, resized or cut out and filled:
+    :attr:`sdadapt.jobs.generate_inpaint.InpaintInputs.pixels`.)
+
+    Raises:
+        ValueError: an unCLIP model without an image encoder.
+    """
+    if getattr(system, "unclip", None) is None:
+        return None
     from .resize_modes import init_image_pixels
 
     pixels = init_image_pixels(image_path, (height, width), mode=resize_mode)[None]  # (1, 3, H, W)
-    embeds = parts.encode_image(pixels)  # (1, D)
-    return unclip_image_input(parts, embeds, noise_level=0, generator=torch.Generator().manual_seed(seed))
+    return unclip_image_of_pixels(system, pixels, seed=seed)

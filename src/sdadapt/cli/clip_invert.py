@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .option_rules import only_with
-from .options import add_output_options, positive_int, progress_bar
+from .options import add_clip_stats_option, add_output_options, positive_int, progress_bar
 
 __all__ = ["register"]
 
@@ -84,15 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="unCLIP's image-embedding noise level 0..999, used in training and stored for "
                          "generation (default 0, the pipelines'; > 0 needs the folder's image_normalizer/, or for "
                          "an unCLIP-L single file --clip-stats)")
-    command.add_argument("--clip-stats", default=None, metavar="FILE",
-                         help="SD 2.1 unCLIP-L single file: karlo's ViT-L-14_stats.th (its CLIP-embedding mean/std, "
-                         "which the file lacks; diffusers' clip_stats_path), for --noise-level > 0")
+    add_clip_stats_option(command, use="needed for --noise-level > 0 on an unCLIP-L single file", model_dest="model")
     command.add_argument("--init", choices=("auto", "images", "zeros"), default="auto",
                          help="the start: the images' mean CLIP image embedding (images; auto when the model has an "
                          "image encoder) or zeros")
     command.add_argument("--seed", type=int, default=0, help="the seed of the batches and noises (default 0)")
     command.add_argument("--device", default="auto")
-    only_with(command, ["--noise-level", "--clip-stats"], needs="an SD unCLIP --model PATH",
+    only_with(command, ["--noise-level"], needs="an SD unCLIP --model PATH",
               when=lambda args: args.model not in ("toy", "toy-image"),
               message="{option} is SD unCLIP's image-embedding noise augmentation; the toys have none: leave {option} out")
     add_output_options(command, out_help="output .safetensors (the vectors, written atomically)",

@@ -14,7 +14,7 @@ import argparse
 import math
 import sys
 
-from .options import add_output_options, safe_text, torch_dtype
+from .options import add_clip_stats_option, add_output_options, safe_text, torch_dtype
 
 __all__ = ["register"]
 
@@ -47,7 +47,8 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     parts = ", ".join(f"{c} {n}" for c, n in report.tensors.items())
     dtypes = " + ".join(f"{n} {d}" for d, n in sorted(report.dtypes.items()))
     source = "an LDM file" if report.source_format == "ldm" else "a diffusers folder"
-    line = (f"wrote {safe_text(report.path)}: {what} of an {report.base_model} model from {source} ({parts} tensors; "
+    model = report.base_model if report.unclip is None else f"SD 2.1 unCLIP-{report.unclip.upper()} ({report.base_model})"
+    line = (f"wrote {safe_text(report.path)}: {what} of an {model} model from {source} ({parts} tensors; "
             f"{dtypes}{', as in the input' if args.dtype == 'keep' else ''}), {_size(report.size_in)} -> "
             f"{_size(report.size_out)}")
     if report.ema == "used":
@@ -170,10 +171,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--ema", action="store_true",
                        help="write the input's EMA UNet (LDM model_ema.*, a folder's unet_ema/) instead of the raw "
                        "one; default: the raw weights, the EMA copy dropped")
-    model.add_argument("--clip-stats", metavar="FILE", default=None,
-                       help="SD 2.1 unCLIP-L: karlo's ViT-L-14_stats.th (the CLIP-embedding mean/std its LDM config "
-                       "reads from clip_stats_path; no checkpoint holds it), needed to write its diffusers folder's "
-                       "image_normalizer/ (as diffusers' converter's clip_stats_path); unCLIP-H's is identity")
+    add_clip_stats_option(model, use="needed to write an unCLIP-L file's diffusers folder (its image_normalizer/), "
+                          "as diffusers' converter requires clip_stats_path")
     add_output_options(convert, out_help="output: a .safetensors file (kohya, diffusers; embeddings also .pt/.bin) or "
                        "a folder (--to peft; a checkpoint --to diffusers); written atomically",
                        dtype_help="each tensor's own, as in the input; LoRA alphas stay float32")

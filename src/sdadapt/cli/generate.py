@@ -10,7 +10,7 @@ from ..samplers import KARRAS_SAMPLERS, SCHEDULE_SAMPLERS
 from ..samplers.labels import sampler_choices, sampler_schedule_from_label
 from ..samplers.schedules import SCHEDULE_LABELS, canonical_schedule
 from .option_rules import only_with
-from .options import add_output_options, positive_int, progress_bar
+from .options import add_clip_stats_option, add_output_options, positive_int, progress_bar
 
 __all__ = ["register"]
 
@@ -72,8 +72,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
-        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+        clip_stats=args.clip_stats, aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         refiner=args.refiner, refiner_switch_at=args.refiner_switch_at, refiner_hires_pass=args.refiner_hires_pass,
+        refiner_switch_by_steps=args.refiner_switch_by_steps, refiner_empty_negative=args.refiner_empty_negative,
         vae=args.vae, device=args.device,
         aesthetic=args.aesthetic, aesthetic_steps=args.aesthetic_steps, aesthetic_lr=args.aesthetic_lr,
         aesthetic_weight=args.aesthetic_weight, aesthetic_slerp=args.aesthetic_slerp, aesthetic_clip=args.aesthetic_clip,
@@ -91,8 +92,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
+    from ..jobs.generate import image_seed
+
     for i, file in enumerate(result["files"]):
-        seeds = f"--seed {result['seed'] + i}" + ("" if result["subseed"] is None else f" --subseed {result['subseed'] + i}")
+        seed_i = image_seed(result["seed"], i, subseed_strength=args.subseed_strength if args.noise else 0.0)
+        seeds = f"--seed {seed_i}" + ("" if result["subseed"] is None else f" --subseed {result['subseed'] + i}")
         print(f"wrote {file} ({seeds})" if drawn else f"wrote {file}")
     return 0
 
@@ -101,7 +105,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 #: what ``generate --image-vectors`` takes besides the output options: the rest is refused (it samples with
 #: :func:`sdadapt.inversion.generate_with_vectors`, DDIM at the model's size, the prompt as plain text)
 _IMAGE_VECTOR_OPTIONS = ("image_vectors", "model", "prompt", "negative", "seed", "steps", "guidance", "count", "device",
-                         "help")
+                         "clip_stats", "help")
 _IMAGE_VECTOR_MESSAGE = ("{option} does not apply with --image-vectors (CLIP-inversion vectors are sampled with DDIM at "
                          "the model's size from --prompt, --negative, --seed, --steps, --guidance and --count; "
                          "docs/clip-inversion.md): leave {option} out")
@@ -121,7 +125,7 @@ def _cmd_generate_image_vectors(args: argparse.Namespace) -> int:
     result = run_generate_image_vectors(
         args.image_vectors, out=args.out, model=args.model, prompt=args.prompt or "", negative=args.negative,
         count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, device=args.device,
-        overwrite=args.overwrite, progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None,
+        clip_stats=args.clip_stats, overwrite=args.overwrite, progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None,
     )
     for file in result["files"]:
         print(f"wrote {file}")
@@ -275,13 +279,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--hires-sampler", type=_sampler, default=None, metavar="NAME",
                          help="hires fix: the second pass's sampler (A1111's 'Hires sampling method'; default: "
                          "--sampler; one that starts from an image, docs/samplers.md)")
-    generate.add_argument("--count", type=positive_int, default=1, help="images (seeds SEED, SEED+1, ...; OUT-00.png ...)")
+    generate.add_argument("--count", type=positive_int, default=1,
+                          help="images (seeds SEED, SEED+1, ...; with --subseed-strength all SEED, as A1111; "
+                          "OUT-00.png ...)")
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
     generate.add_argument("--vae", default=None, metavar="FILE|DIR",
                           help="a VAE that decodes the images instead of the model's (kohya's --vae): an LDM or diffusers "
                           "VAE file, a diffusers AutoencoderKL folder, or a full checkpoint's VAE")
     generate.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     generate.add_argument("--clip-skip", type=positive_int, default=1)
+    add_clip_stats_option(generate, use="for an unCLIP-L single file's image conditioning (the init image's "
+                          "embedding, --image-vectors learnt at a noise level > 0)", model_dest="model")
     generate.add_argument("--aesthetic-score", type=float, default=None, metavar="SCORE",
                           help="the SDXL refiner's aesthetic-score conditioning of the prompt (diffusers' option; default 6.0)")
     generate.add_argument("--refiner", default=None, metavar="MODEL",
@@ -294,6 +302,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="with --refiner and the hires fix: the pass the refiner works in (A1111's 'Hires fix: "
                                "which pass to enable refiner for'; default second); once it took over in the first "
                                "pass it runs the whole hires pass")
+    generate.add_argument("--refiner-switch-by-steps", action="store_true",
+                          help="with --refiner: switch at the first model call past F of the pass's sampling steps "
+                               "(twice the steps for A1111's two-call samplers: Heun, DPM2, DPM++ SDE, ...) instead of "
+                               "by timestep (A1111's setting 'Refiner switch by sampling steps')")
+    generate.add_argument("--refiner-empty-negative", choices=("encoded", "zeros"), default="encoded",
+                          help="the SDXL refiner's empty negative prompt: encoded (default, diffusers' refiner "
+                               "pipeline) or zeros (A1111, which zeros it on the base and the refiner alike)")
     generate.add_argument("--negative-aesthetic-score", type=float, default=None, metavar="SCORE",
                           help="the SDXL refiner's aesthetic score of the negative prompt (diffusers' option; default 2.5)")
     generate.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=75,

@@ -238,8 +238,8 @@ def _settings(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compute-dtype", choices=["fp32", "fp64"], default="fp32", help="dtype the math runs in")
     group.add_argument("--device", default="cpu", help="compute device, e.g. cuda (tensors move one at a time)")
     group.add_argument("--components", default=None,
-                       help="comma list of parts to merge: unet,text_encoder,text_encoder_2,vae (default all); "
-                       "the others are copied from the first input")
+                       help="comma list of parts to merge: unet,text_encoder,text_encoder_2,vae,image_encoder (default "
+                       "all; image_encoder: SD 2.1 unCLIP's embedder); the others are copied from the first input")
     group.add_argument("--keep-ema", action="store_true", help="keep the first input's model_ema.* (default: pruned)")
     group.add_argument("--copy-extra-keys", action="store_true",
                        help="copy keys only later inputs have (default: dropped, as A1111 does)")

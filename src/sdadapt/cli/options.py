@@ -32,6 +32,7 @@ __all__ = [
     "DTYPE_CHOICES",
     "OUTPUT_OPTIONS",
     "add_output_options",
+    "add_clip_stats_option",
     "numbers",
     "positive_int",
     "ExtendNumbers",
@@ -85,6 +86,28 @@ def add_output_options(
     group.add_argument("--dtype", dest=f"{dest_prefix}dtype", choices=DTYPE_CHOICES, default="keep",
                        help=f"dtype of the written float tensors (default keep: {dtype_help})")
     return group
+
+
+def add_clip_stats_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, use: str,
+                          model_dest: str | None = None) -> None:
+    """Add ``--clip-stats FILE`` (``args.clip_stats``): an SD 2.1 unCLIP-L model's CLIP-embedding mean/std, the one
+    definition ``generate``, ``convert`` and ``clip-invert`` share. ``use``: what the command needs it for (the end
+    of the help). ``model_dest``: the attribute holding ``--model``; given, the option is refused at the parse for
+    the toys (:func:`~sdadapt.cli.option_rules.only_with`; ``parser`` must then be the command's parser, not a
+    group), which have no image-embedding normaliser. The file is
+    read (and a wrong one refused, naming it) by :func:`sdadapt.formats.unclip.read_clip_stats` when the model
+    loads; a model that is not unCLIP refuses it there (``--clip-stats is for SD 2.1 unCLIP ...``)."""
+    parser.add_argument("--clip-stats", default=None, metavar="FILE",
+                        help="SD 2.1 unCLIP-L: karlo's ViT-L-14_stats.th, the CLIP-embedding mean/std its LDM config "
+                        "reads from clip_stats_path and no checkpoint holds (diffusers' clip_stats_path; unCLIP-H's "
+                        f"is identity); {use}")
+    if model_dest is not None:
+        from .option_rules import only_with
+
+        only_with(parser, ["--clip-stats"], needs="an SD unCLIP --model PATH",
+                  when=lambda args: getattr(args, model_dest) not in ("toy", "toy-image"),
+                  message="{option} is an SD 2.1 unCLIP-L model's CLIP-embedding mean/std; the toys have no image "
+                  "normaliser: leave {option} out")
 
 
 def positive_int(text: str) -> int:

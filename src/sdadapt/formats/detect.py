@@ -275,12 +275,11 @@ def _checkpoint_summary(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping
     if architecture == "sdxl" and is_sdxl_refiner(keys):  # (OpenCLIP-bigG alone, at conditioner.embedders.0.model.)
         return {"model": "Stable Diffusion XL refiner (sdxl)",
                 "use": "--model FILE (generate, usually with --init-image); merge, convert"}
-    if architecture == "sd2" and len(shapes.get("model.diffusion_model.label_emb.0.0.weight", ())) == 2:  # (SD 2.1 unCLIP)
-        from .unclip import A1111_MARKER
+    from .unclip import unclip_variant
 
-        marker = shapes.get(A1111_MARKER)  # (A1111's variant test: its width; else the embedding width D)
-        width = marker[0] if marker else shapes["model.diffusion_model.label_emb.0.0.weight"][1] // 2
-        variant = "L (OpenAI ViT-L/14; needs karlo's ViT-L-14_stats.th: --clip-stats)" if width == 768 else \
+    unclip = unclip_variant(shapes) if architecture == "sd2" else None
+    if unclip is not None:  # (SD 2.1 unCLIP)
+        variant = "L (OpenAI ViT-L/14; needs karlo's ViT-L-14_stats.th: --clip-stats)" if unclip == "l" else \
             "H (OpenCLIP ViT-H-14)"
         return {"model": f"Stable Diffusion 2.1 unCLIP, {variant} (sd2, v-prediction, label_emb)",
                 "use": "--model FILE (generate: img2img as A1111's image variation; clip-invert); convert"}

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .clip_keys import add_text_model, plan_clip, plan_open_clip
 from .key_source import KeyMapError, KeyReport, KeySource, PlanBuilder, name_keys
-from .unclip import EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX, VISUAL_PREFIX, plan_clip_vision
+from .unclip import EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX, VISUAL_PREFIX, plan_clip_vision, unclip_variant
 from .unet_keys import plan_unet
 from .vae_keys import plan_vae
 
@@ -188,6 +188,8 @@ def checkpoint_architecture(shapes: Mapping[str, tuple[int, ...]], *, default: s
         return "sd2"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
+    if unclip_variant(shapes) is not None:  # (an unCLIP file pruned of its text encoder: label_emb + embedder)
+        return "sd2"
     if any(k.startswith(_SDXL_MARKERS) for k in keys):
         return "sdxl"
     proj_in = [shapes[k] for k in keys if k.startswith(_UNET_PREFIXES) and k.endswith(".proj_in.weight")]
@@ -266,7 +268,7 @@ def key_plan(
 def _plan_to_diffusers(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder) -> None:
     groups: dict[str, dict] = {prefix: {} for prefix in LDM_PARTS}
     ema, schedule, text_tower, augmentor = [], [], [], []
-    unclip = _is_unclip(shapes)
+    unclip = unclip_variant(shapes) is not None
     for key, shape in shapes.items():
         prefix = next((p for p in LDM_PARTS if key.startswith(p)), None)
         if unclip and key in _LDM_CLASS_EMBEDDING:  # (unCLIP's label_emb: diffusers' class_embedding)
@@ -343,14 +345,6 @@ def _plan_family(
     else:
         sd2 = family == "open_clip_sd2"
         plan_open_clip(part, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix, sd2=sd2)
-
-
-def _is_unclip(shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    """An SD 2.1 unCLIP LDM state: a UNet ``label_emb`` beside SD2's OpenCLIP text encoder (SDXL's ``label_emb``
-    sits beside ``conditioner.embedders``), or beside the unCLIP image embedder / noise augmentor."""
-    if "model.diffusion_model.label_emb.0.0.weight" not in shapes:
-        return False
-    return any(k.startswith(("cond_stage_model.model.", EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX)) for k in shapes)
 
 
 def _fit_to_target(builder: PlanBuilder, target: dict[str, tuple[int, ...]], to: str) -> None:

@@ -52,7 +52,10 @@ __all__ = [
     "NOISE_AUGMENTOR_PREFIX",
     "VISION_RULES",
     "UnclipFile",
+    "unclip_variant",
+    "variant_of_width",
     "unclip_info",
+    "normalizer_file",
     "plan_clip_vision",
     "image_encoder_config",
     "read_clip_stats",
@@ -118,19 +121,47 @@ class UnclipFile:
         return self.variant == "l"
 
 
-def unclip_info(state: Mapping[str, Tensor]) -> UnclipFile | None:
-    """The unCLIP parts of an LDM state dict, or ``None`` for a file without them.
+def variant_of_width(width: int) -> str:
+    """``"l"`` for a 768-wide CLIP (OpenAI ViT-L/14's text width, and its image embedding), else ``"h"``: A1111's
+    rule on ``embedder.model.ln_final.weight`` (``sd_models_config.py`` ``guess_model_config_from_state_dict``)."""
+    return "l" if int(width) == 768 else "h"
 
-    An unCLIP file has an SD2 (``cond_stage_model.model.``) text encoder and a UNet ``label_emb`` (the
-    projection class embedding); the variant comes from A1111's marker ``embedder.model.ln_final.weight``
-    (768 wide: L, 1024: H), else from the embedding width D (the ``label_emb`` input is 2D: 768 → L).
+
+def unclip_variant(shapes: Mapping[str, Tensor | tuple[int, ...]]) -> str | None:
+    """``"h"`` / ``"l"`` for an SD 2.1 unCLIP LDM state dict (whole or partial), ``None`` for any other — the one
+    test every reader uses (the key map, ``inspect``, the single-file loader, the merge engine).
+
+    unCLIP: a UNet ``model.diffusion_model.label_emb.0.0.weight`` beside SD2's OpenCLIP text encoder
+    (``cond_stage_model.model.``) or beside the unCLIP image embedder / noise augmentor (``embedder.model.`` /
+    ``noise_augmentor.``, so a file pruned of its text encoder is still one). SDXL's ``label_emb`` sits beside
+    ``conditioner.embedders.``: never unCLIP. The variant: the width of A1111's marker
+    ``embedder.model.ln_final.weight`` (768: L, else H), else the image-embedding width D (the ``label_emb``
+    input is 2D; :func:`variant_of_width`), else H. ``shapes``: ``{key: shape}`` or ``{key: tensor}``.
+    """
+    label = shapes.get("model.diffusion_model.label_emb.0.0.weight")
+    if label is None or any(k.startswith("conditioner.embedders.") for k in shapes):
+        return None
+    if not any(k.startswith(("cond_stage_model.model.", EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX)) for k in shapes):
+        return None
+    marker = shapes.get(A1111_MARKER)
+    marker_shape = tuple(marker.shape) if isinstance(marker, Tensor) else tuple(marker or ())
+    label_shape = tuple(label.shape) if isinstance(label, Tensor) else tuple(label)
+    if marker_shape:
+        return variant_of_width(marker_shape[0])
+    return variant_of_width(label_shape[1] // 2) if len(label_shape) == 2 else "h"
+
+
+def unclip_info(state: Mapping[str, Tensor]) -> UnclipFile | None:
+    """The unCLIP parts of an LDM state dict, or ``None`` for a file without them (:func:`unclip_variant`).
 
     Raises:
-        WeightFileError: an odd ``label_emb`` input width (unCLIP concatenates embedding and level: 2D).
+        WeightFileError: a ``label_emb`` that is no Linear weight, or an odd input width (unCLIP concatenates
+            embedding and level: 2D).
     """
-    label = state.get("model.diffusion_model.label_emb.0.0.weight")
-    if label is None or not any(k.startswith("cond_stage_model.model.") for k in state):
+    variant = unclip_variant(state)
+    if variant is None:
         return None
+    label = state["model.diffusion_model.label_emb.0.0.weight"]
     if label.dim() != 2:
         raise WeightFileError(f"model.diffusion_model.label_emb.0.0.weight has shape {tuple(label.shape)}: an unCLIP "
                               "UNet's label_emb.0.0 is a Linear weight (out, 2D); the file is corrupt")
@@ -138,14 +169,8 @@ def unclip_info(state: Mapping[str, Tensor]) -> UnclipFile | None:
     if width % 2:
         raise WeightFileError(f"model.diffusion_model.label_emb.0.0.weight takes {width} inputs: an unCLIP UNet takes "
                               "[image embedding ‖ noise-level embedding] (2D, even)")
-    dim = width // 2
-    marker = state.get(A1111_MARKER)
-    if marker is not None and marker.dim() > 0:
-        variant = "l" if int(marker.shape[0]) == 768 else "h"
-    else:
-        variant = "l" if dim == 768 else "h"
     schedule = state.get(NOISE_AUGMENTOR_PREFIX + "alphas_cumprod")
-    return UnclipFile(variant, dim, None if schedule is None else schedule.detach().float().clone(),
+    return UnclipFile(variant, width // 2, None if schedule is None else schedule.detach().float().clone(),
                       any(k.startswith(VISUAL_PREFIX) for k in state))
 
 
@@ -200,6 +225,17 @@ def image_encoder_config(state: Mapping[str, Tensor], *, variant: str) -> dict:
     }
 
 
+def normalizer_file(folder: str | os.PathLike) -> Path | None:
+    """The ``StableUnCLIPImageNormalizer`` weights of a diffusers unCLIP folder or of its ``image_normalizer/``
+    folder (``diffusion_pytorch_model.safetensors``, else ``.bin``), or ``None`` when there are none."""
+    root = Path(folder)
+    for where in (root, root / "image_normalizer"):
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+            if (where / name).is_file():
+                return where / name
+    return None
+
+
 def read_clip_stats(path: str | os.PathLike, *, dim: int | None = None) -> tuple[Tensor, Tensor]:
     """The CLIP image-embedding ``(mean (1, D), std (1, D))`` float32 of a stats file.
 
@@ -214,12 +250,11 @@ def read_clip_stats(path: str | os.PathLike, *, dim: int | None = None) -> tuple
     """
     source = Path(path)
     if source.is_dir():
-        found = [f for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                 if (f := source / name).is_file() or (f := source / "image_normalizer" / name).is_file()]
-        if not found:
+        found = normalizer_file(source)
+        if found is None:
             raise WeightFileError(f"{source}: no image_normalizer weights (diffusion_pytorch_model.safetensors) here; "
                                   "--clip-stats takes karlo's ViT-L-14_stats.th or an image_normalizer file/folder")
-        source = found[0]
+        source = found
     tensors, _ = read_weights(source)
     if {"mean", "std"} <= set(tensors):
         mean, std = tensors["mean"], tensors["std"]

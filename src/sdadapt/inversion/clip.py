@@ -426,22 +426,22 @@ def clip_image_encoder(folder: str | os.PathLike) -> Callable[[Tensor], Tensor]:
     return encode
 
 
-def _unclip_folder_parts(folder: Path) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
+def _unclip_folder_parts(folder: Path, *, dim: int | None = None) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
     """The ``image_normalizer/`` ``(mean (1, D), std (1, D))`` and the ``image_noising_scheduler/``
     ``alphas_cumprod`` (T',) of a diffusers unCLIP folder (``None`` for a part the folder lacks).
 
-    The schedule is built as diffusers' ``DDPMScheduler`` builds it from that config (its defaults
-    for missing keys: linear, β 1e-4..0.02, 1000 steps)."""
-    normalizer = None
-    weights = [f for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-               if (f := folder / "image_normalizer" / name).is_file()]
-    if weights:
-        from ..formats.files import read_weights
+    The normaliser is read by :func:`sdadapt.formats.unclip.read_clip_stats` (as ``--clip-stats``: equal widths,
+    ``dim`` when given, std > 0). The schedule is built as diffusers' ``DDPMScheduler`` builds it from that config
+    (its defaults for missing keys: linear, β 1e-4..0.02, 1000 steps).
 
-        tensors, _ = read_weights(weights[0])
-        if "mean" not in tensors or "std" not in tensors:
-            raise WeightFileError(f"{weights[0]}: not a StableUnCLIPImageNormalizer (needs 'mean' and 'std' tensors)")
-        normalizer = (tensors["mean"].float().reshape(1, -1), tensors["std"].float().reshape(1, -1))
+    Raises:
+        WeightFileError: a normaliser file that is not CLIP stats of width ``dim`` with a positive std.
+    """
+    from ..formats.unclip import normalizer_file, read_clip_stats
+
+    normalizer = None
+    if (folder / "image_normalizer").is_dir() and normalizer_file(folder / "image_normalizer") is not None:
+        normalizer = read_clip_stats(folder / "image_normalizer", dim=dim)
     schedule = None
     config_file = folder / "image_noising_scheduler" / "scheduler_config.json"
     if config_file.is_file():
@@ -494,7 +494,8 @@ def image_conditioning(system, *, noise_level: int = 0) -> ImageConditioning:
             schedule = parts.noise_alphas_cumprod
             encode_image = parts.encode_image if parts.has_encoder else None
         elif source is not None and Path(source).is_dir():  # a diffusers unCLIP folder: its noise-augmentation parts
-            folder_normalizer, schedule = _unclip_folder_parts(Path(source))
+            folder_normalizer, schedule = _unclip_folder_parts(
+                Path(source), dim=int(config.projection_class_embeddings_input_dim) // 2)
             normalizer = normalizer if normalizer is not None else folder_normalizer
             if (Path(source) / "image_encoder").is_dir():  # its CLIP image encoder (loaded at the first use)
                 encode_image = clip_image_encoder(source)

@@ -45,6 +45,9 @@ def _load(model: str, device: str, clip_stats: str | Path | None = None):
     from .variation import is_image_variation_folder, load_image_variation
 
     if is_image_variation_folder(model):
+        if clip_stats is not None:  # (the error the unCLIP loaders give any other model)
+            raise ValueError(f"{model}: --clip-stats is for SD 2.1 unCLIP models (an image-variation model takes the "
+                             "CLIP image embedding as it is, with no normaliser or noise augmentation)")
         return load_image_variation(model, device=resolve_device(device))
     return load_system(model, device=resolve_device(device), clip_stats=clip_stats)
 
@@ -147,6 +150,7 @@ def run_generate_image_vectors(
     device: str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    clip_stats: str | Path | None = None,
 ) -> dict:
     """Images from a CLIP-inversion file (:func:`~.clip.load_image_vectors`) mixed with ``prompt``.
 
@@ -155,7 +159,8 @@ def run_generate_image_vectors(
     ``out``: ``X.png``; ``count > 1`` writes ``X-00.png``, ``X-01.png`` …. ``steps`` default 25;
     ``guidance`` default per model (:data:`DEFAULT_GUIDANCE`: SD unCLIP 10, image variation 7.5, as
     their pipelines). The prompt is plain text (no A1111 emphasis or tags); an image-variation
-    model takes none (``prompt`` and ``negative`` must be empty).
+    model takes none (``prompt`` and ``negative`` must be empty). ``clip_stats``: an SD 2.1 unCLIP-L single
+    file's CLIP stats (karlo's ``ViT-L-14_stats.th``), which vectors learnt at a noise level > 0 need.
 
     Returns:
         ``{"files", "seed", "steps", "guidance", "site", "noise_level"}``.
@@ -176,7 +181,7 @@ def run_generate_image_vectors(
     for file in files:
         check_output_file(file, overwrite=overwrite, suffix=".png")
     learnt = load_image_vectors(check_input_file(vectors, what="CLIP-inversion file"))
-    system = _load(model, device)
+    system = _load(model, device, clip_stats)
     if prompt or negative:
         _refuse_text(system, what="--prompt " + repr(prompt) if prompt else "--negative " + repr(negative))
     site = image_conditioning(system, noise_level=learnt.noise_level).site  # no image input: refused here

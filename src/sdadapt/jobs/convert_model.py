@@ -71,6 +71,7 @@ class ModelConversion:
             NaN where both hold NaN at the same place counts as equal: ``nan`` says a NaN appeared or
             vanished, ``inf`` that an infinity did or integer tensors differ).
         notes: what else to know (the VAE baked in, an assumed prediction type ...).
+        unclip: ``"h"`` / ``"l"`` for an SD 2.1 unCLIP model (its image embedder: :mod:`sdadapt.unclip`), else ``None``.
     """
 
     path: Path
@@ -86,6 +87,7 @@ class ModelConversion:
     dropped: list[str] = field(default_factory=list)
     max_delta: float = 0.0
     notes: list[str] = field(default_factory=list)
+    unclip: str | None = None
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
@@ -597,4 +599,4 @@ def convert_model(
         path=target, target=to, source_format="diffusers" if folder_input else "ldm", base_model=system.base_model,
         tensors=counts, dtypes=written_dtypes, size_in=_size(src), size_out=_size(target),
         ema="used" if ema else ("dropped" if ema_tensors else "none"), ema_tensors=ema_tensors, dropped=dropped,
-        max_delta=delta, notes=notes)
+        max_delta=delta, notes=notes, unclip=system.unclip.variant if system.unclip is not None else None)

@@ -12,7 +12,7 @@ import torch
 from .models import load_system, resolve_device
 from .train import _toy_vocabulary
 
-__all__ = ["run_generate"]
+__all__ = ["image_seed", "run_generate"]
 
 
 def _lora_spec(text: str) -> tuple[Path, float]:
@@ -76,11 +76,14 @@ def run_generate(
     prediction_type: str | None = None,
     clip_skip: int = 1,
     max_token_length: int = 75,
+    clip_stats: str | os.PathLike | None = None,
     aesthetic_score: float | None = None,
     negative_aesthetic_score: float | None = None,
     refiner: str | os.PathLike | None = None,
     refiner_switch_at: float = 0.8,
     refiner_hires_pass: str | None = None,
+    refiner_switch_by_steps: bool = False,
+    refiner_empty_negative: str = "encoded",
     vae: str | os.PathLike | None = None,
     device: str = "auto",
     aesthetic: str | os.PathLike | None = None,
@@ -157,6 +160,8 @@ def run_generate(
         sigma_min, sigma_max, rho, beta_alpha, beta_beta, old_karras_sigmas: A1111's schedule settings
             (:class:`sdadapt.samplers.schedules.ScheduleOptions`; 0 / 0.6 / False: A1111's defaults), with a
             ``schedule`` (or a sampler label that names one).
+        clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
+            :func:`sdadapt.jobs.models.load_system`): the normaliser of its image conditioning (:mod:`sdadapt.unclip`).
         max_token_length: 75 (default): a prompt longer than 75 tokens is laid out as A1111 lays it out (77-token
             chunks encoded one by one, cut at a comma up to 20 tokens back: :mod:`sdadapt.prompt_chunks`); 150 or
             225: up to that many tokens in 75-token windows joined as kohya trains with ``--max_token_length``
@@ -171,13 +176,24 @@ def run_generate(
             to both. As A1111: an img2img / inpaint run switches by the timestep on its shortened grid; the prompt's
             schedule (prompt editing, alternation, ``AND``, ``BREAK``) is encoded again by the refiner's OpenCLIP-G and
             runs on across the switch; embeddings stay the base's (the refiner reads their names as words: A1111
-            skips an SDXL embedding on the refiner, whose width is not its 2048); LoRA files and tags, hypernetworks
-            act on the base (A1111's stay loaded, but no SDXL-base layer fits the refiner's). ``refiner_hires_pass``:
+            skips an SDXL embedding on the refiner, whose width is not its 2048); LoRA files and tags act on the base
+            (A1111's stay loaded, but no SDXL-base layer fits the refiner's); hypernetworks act on both, each on every
+            attention layer whose K/V input width it has a pair for (A1111's ``apply_hypernetworks`` on every
+            ``CrossAttention`` of the loaded model: an SDXL file's 1280 pair meets the refiner's 1280-wide text context;
+            :func:`sdadapt.jobs.generate_hypernetworks.inject_refiner_hypernetwork`). ``refiner_hires_pass``:
             with the hires fix, A1111's "Hires fix: which pass to enable refiner for": ``"second"`` (``None``:
             A1111's default), ``"first"`` or ``"both"`` (:func:`sdadapt.jobs.generate_hires.sample_image`).
+            ``refiner_switch_by_steps``: A1111's "Refiner switch by sampling steps" — the switch at the first model call
+            ``k`` of a pass with ``k / total >= refiner_switch_at`` (``total``: the pass's steps, twice that for A1111's
+            second-order samplers: :class:`sdadapt.jobs.generate_refiner.RefinerHandoff`) instead of by timestep.
+            ``refiner_empty_negative``: ``"encoded"`` (default; diffusers' refiner pipeline encodes an empty negative
+            prompt) or ``"zeros"`` (A1111: an empty negative prompt is zeros on the refiner as on the base,
+            sd_models_xl.py ``force_zero_negative_prompt``); the SDXL refiner only (``refiner``, or ``model``).
         vae: a VAE file or folder that decodes the images instead of the model's (kohya's ``--vae``;
             LDM or diffusers layout, or a full checkpoint's VAE: :mod:`sdadapt.external_vae`).
-        count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` ….
+        count: images; ``count > 1`` writes ``OUT-00.png``, ``OUT-01.png`` … with seeds ``seed``, ``seed+1`` … (with
+            ``noise`` and a ``subseed_strength`` ≠ 0 every image has ``seed``, its variation seed ``subseed + i``:
+            A1111's ``all_seeds``: :func:`image_seed`).
         aesthetic: an aesthetic-gradient embedding file (``.pt``/``.safetensors``): the prompt's text
             conditioning is personalised toward it (``aesthetic_steps`` Adam steps at ``aesthetic_lr``,
             mixed in at ``aesthetic_weight``, linearly or by ``aesthetic_slerp``; A1111's defaults 5,
@@ -406,6 +422,12 @@ def run_generate(
     elif refiner_hires_pass is not None:
         raise ValueError("--refiner-hires-pass picks the hires-fix pass the SDXL refiner works in; add --refiner, or "
                          "leave it out")
+    elif refiner_switch_by_steps:
+        raise ValueError("--refiner-switch-by-steps counts the SDXL refiner's switch in sampling steps; add --refiner, "
+                         "or leave it out")
+    if refiner_empty_negative not in ("encoded", "zeros"):
+        raise ValueError(f"--refiner-empty-negative must be 'encoded' (diffusers' refiner) or 'zeros' (A1111), got "
+                         f"{refiner_empty_negative!r}")
     if aesthetic is not None and max_token_length != 75:
         raise ValueError(f"--aesthetic personalises the text encoder on one 75-token CLIP window; leave out "
                          f"--max-token-length {max_token_length}")
@@ -425,7 +447,7 @@ def run_generate(
             say(f"{option} -1: drew {drawn} (pass {option} {drawn} to make the same image again)")
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
-                         clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
+                         clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say, clip_stats=clip_stats)
     if (aesthetic is not None or custom_specs) and getattr(system, "is_refiner", False):
         raise ValueError(f"{model} is the SDXL refiner (OpenCLIP-G alone, no CLIP-L): "
                          f"{'--aesthetic' if aesthetic is not None else '--custom-diffusion'} needs a model with the "
@@ -449,6 +471,12 @@ def run_generate(
                                            else float(negative_aesthetic_score))
         if refiner_system is not None:
             system, refiner_system = refiner_system, system
+    if refiner_empty_negative == "zeros":  # (A1111's force_zero_negative_prompt on the refiner too)
+        holder = refiner_system if refiner_system is not None else system
+        if not getattr(holder, "is_refiner", False):
+            raise ValueError(f"--refiner-empty-negative zeros: {model} is not the SDXL refiner and no --refiner is "
+                             "given; the SDXL base zeros an empty negative prompt already: leave it out")
+        holder.zero_empty_negative = True
     _check_step_counts(system, step_grids=step_grids, fixed_grids=fixed_grids)
     applied = []
     for path, scale in parsed:
@@ -496,6 +524,13 @@ def run_generate(
                                     "unused_widths": list(handle.unused_widths)})
         unused = f"; widths {list(handle.unused_widths)} unused" if handle.unused_widths else ""
         say(f"hypernetwork {path} at {strength:g} ({len(handle.layers)} layers{unused})")
+        if refiner_system is not None:  # (A1111's loaded hypernetworks act on the refiner's attention too)
+            from .generate_hypernetworks import inject_refiner_hypernetwork
+
+            on_refiner = inject_refiner_hypernetwork(refiner_system, module, strength=strength, index=index)
+            hypernetwork_report[-1]["refiner_layers"] = 0 if on_refiner is None else len(on_refiner.layers)
+            say(f"hypernetwork {path} on the refiner: "
+                + ("no layer of its widths" if on_refiner is None else f"{len(on_refiner.layers)} layers"))
     handles, custom_report = [], []
     for path, scale in custom_specs:
         custom = _apply_custom_diffusion_file(system, path, scale)
@@ -603,6 +638,12 @@ def run_generate(
                 f"{', inpainting model' if inpainting.conditioning is not None else ''}"
                 + ("" if inpainting.region is None else f", only masked: region {inpainting.region} inpainted at "
                    f"{size_w}x{size_h}"))
+            if getattr(system, "unclip", None) is not None:  # SD 2.1 unCLIP: A1111 conditions on the encoded image
+                from ..unclip import unclip_image_of_pixels
+
+                system.unclip_image = unclip_image_of_pixels(system, inpainting.pixels[None], seed=seed)
+                say("unCLIP: conditioned on the CLIP image embedding of the image it inpaints (noise level 0), as "
+                    "A1111's img2img_image_conditioning")
     model_conditioning = None  # (an inpainting model's img2img without a mask)
     if init_image is not None and inpainting is None:
         from .generate_inpaint import img2img_conditioning
@@ -695,7 +736,12 @@ def run_generate(
                           weight=inpainting_mask_weight),
         loras=[path for path, _ in parsed], tag_loras=hires_tag_loras if hires is not None else tag_loras,
         embedding_files=embedding_files, tokenize=_token_ids(system), refiner=refiner,
-        refiner_switch_at=refiner_switch_at)
+        refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_switch_by_steps,
+        refiner_hires_pass=refiner_hires_pass or "second",
+        aesthetic=None if aesthetic is None else dict(
+            embedding=aesthetic, lr=aesthetic_lr, weight=aesthetic_weight, steps=aesthetic_steps,
+            slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
+            slerp_angle=aesthetic_text_angle))
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from .generate_conditions import conditions_cached
@@ -704,7 +750,8 @@ def run_generate(
     # never changes: LoRAs, hypernetworks and step switches act on the base)
     with conditions_cached(system), conditions_cached(refiner_system):
         for i, file in enumerate(files):
-            options = dict(negative=negative_text, seed=seed + i, steps=steps or 25, guidance=guidance,
+            seed_i = image_seed(seed, i, subseed_strength=subseed_strength if a1111_seeds is not None else 0.0)
+            options = dict(negative=negative_text, seed=seed_i, steps=steps or 25, guidance=guidance,
                            sampler=sampler, karras=karras, height=height, width=width, cond=cond, plan=plan,
                            **({"schedule": schedule} if schedule is not None else {}),
                            **({"info": report} if sampler == "dpm_adaptive" else {}),
@@ -713,14 +760,15 @@ def run_generate(
                            **({} if step_switch is None else {"before_model_call": step_switch}))
             if inpainting is not None:
                 options.update(inpainting.generate_options())
-                init_latents = inpainting.init_latents(seed + i, a1111_seeds)
+                init_latents = inpainting.init_latents(seed_i, a1111_seeds)
             elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
                 options["inpaint_conditioning"] = model_conditioning
             handoff = None
             if refiner_system is not None:  # (the base, then the refiner, in one sampler run per pass)
                 from .generate_refiner import RefinerHandoff
 
-                handoff = RefinerHandoff(system, refiner_system, switch_at=refiner_switch_at)
+                handoff = RefinerHandoff(system, refiner_system, switch_at=refiner_switch_at,
+                                         by_steps=refiner_switch_by_steps)
             try:
                 image = sample_image(system, [text], options, init_latents=init_latents,
                                      denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
@@ -735,6 +783,7 @@ def run_generate(
                 from .generate_refiner import handoff_report
 
                 say(f"{file.name}: {handoff_report(handoff)}")
+                infotext.refiner_took = infotext.refiner_took or handoff.taken  # (A1111's, from its first switch)
             if report:
                 say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
                     f"{report['nfe']} model calls")
@@ -917,6 +966,14 @@ def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed
         raise ValueError("--sigma-min, --sigma-max, --rho, --beta-alpha, --beta-beta and --old-karras-sigmas shape "
                          "one of A1111's schedules: add --schedule (e.g. --schedule karras, or automatic)")
     return seeds, options
+
+
+def image_seed(seed: int, i: int, *, subseed_strength: float = 0.0) -> int:
+    """Image ``i``'s seed of a run from ``seed``: ``seed + i``, or ``seed`` for every image when A1111's variation
+    strength ``subseed_strength`` is not 0 (modules/processing.py ``process_images_inner``: ``p.all_seeds =
+    [int(seed) + (x if p.subseed_strength == 0 else 0) ...]``; the variations then differ by their variation seed
+    ``subseed + i``). ``subseed_strength``: the one in effect (0 without ``--noise``, which alone draws variations)."""
+    return int(seed) + (i if not subseed_strength else 0)
 
 
 def _image_seeds(seeds, i: int):

@@ -4,6 +4,13 @@ A1111 chains the hypernetworks of a prompt's ``<hypernet:name:strength>`` tags i
 ``--hypernetwork`` options chain the same way (:func:`sdadapt.inject_hypernetwork` with distinct
 names). They are forward pre-hooks on the UNet's ``to_k``/``to_v`` (nothing is merged), applied
 after any ``--lora`` merge, so a LoRA's K/V layers see the transformed context, as in A1111.
+
+With ``--refiner`` each hypernetwork acts on the SDXL refiner as well (:func:`inject_refiner_hypernetwork`): A1111's
+hypernetworks are global (``shared.loaded_hypernetworks``) and every attention forward of the loaded model calls
+``apply_hypernetworks(shared.loaded_hypernetworks, context)`` (modules/sd_hijack_optimizations.py, each optimised
+``CrossAttention`` forward; modules/hypernetworks/hypernetwork.py ``apply_single_hypernetwork``: the pair for
+``context.shape[2]``, or nothing), so after the switch the refiner's cross-attention (its 1280-wide OpenCLIP-G context)
+takes a file's 1280 pair, and its self-attention the pairs of its own widths (384, 768, 1536 on sd_xl_refiner_1.0).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import torch
 
 from ..errors import WeightFileError
 
-__all__ = ["inject_hypernetwork_option", "read_hypernetwork_option"]
+__all__ = ["inject_hypernetwork_option", "inject_refiner_hypernetwork", "read_hypernetwork_option"]
 
 # the text-context width (cross-attention input) of each family; a hypernetwork's pair for it decides the family
 _FAMILY_OF_TEXT_WIDTH = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
@@ -99,3 +106,21 @@ def inject_hypernetwork_option(system, hypernetwork, *, path: Path, strength: fl
         return inject_hypernetwork(unet, hypernetwork, strength=strength, name=f"generate_{index}")
     except ValueError as exc:
         raise ValueError(f"--hypernetwork {path}: {exc}") from None
+
+
+def inject_refiner_hypernetwork(refiner, hypernetwork, *, strength: float, index: int):
+    """Inject ``hypernetwork`` (the one :func:`inject_hypernetwork_option` put on the base, shared: the same
+    parameters) into the SDXL refiner's UNet at ``strength`` as ``generate_<index>``: every K/V projection whose
+    input width it has a pair for, self- and cross-attention alike (A1111's ``apply_single_hypernetwork``: the pair
+    of ``context.shape[2]``; module docstring). No family check: A1111 applies whatever fits the loaded model.
+
+    Returns:
+        the :class:`~sdadapt.hypernetworks.HypernetworkHandle`, or ``None`` when no layer of the refiner has one of
+        the file's widths (A1111 then changes nothing there).
+    """
+    from ..hypernetworks import context_widths, inject_hypernetwork
+
+    widths = set(context_widths(refiner.unet).values())
+    if not widths & {int(w) for w in hypernetwork.widths}:
+        return None
+    return inject_hypernetwork(refiner.unet, hypernetwork, strength=strength, name=f"generate_{index}")

@@ -26,7 +26,9 @@ class InpaintInputs:
     for a plain model), ``fill`` the ``--inpainting-fill``; ``original`` / ``mask``: the init image (PIL RGB, before
     any fill) and the prepared mask (PIL ``L``) for the final overlay — at the output size ("Whole picture"), or at
     the init image's own size with ``region`` the (x1, y1, x2, y2) box that was inpainted ("Only masked",
-    :mod:`sdadapt.inpaint_crop`; A1111's ``paste_to``)."""
+    :mod:`sdadapt.inpaint_crop`; A1111's ``paste_to``). ``pixels`` (3, H, W) in [-1, 1]: the image that was encoded
+    (resized or cut out, filled) — what A1111 hands ``img2img_image_conditioning`` (an SD 2.1 unCLIP model's image
+    embedding is taken of it: :func:`sdadapt.unclip.unclip_image_of_pixels`)."""
 
     init: Tensor
     latmask: Tensor
@@ -35,6 +37,7 @@ class InpaintInputs:
     original: object = None
     mask: object = None
     region: tuple[int, int, int, int] | None = None
+    pixels: Tensor | None = None
 
     def overlay(self, image: Tensor) -> Tensor:
         """A1111's final overlay on a generated image (3, H, W) in [-1, 1], 8-bit as the PNG will be: "Whole
@@ -237,7 +240,7 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
         masked = inpaint.masked_image(pixels[None], pixel_mask, inpainting_mask_weight)
         conditioning = system.inpainting_conditioning(masked, pixel_mask).float()
     return InpaintInputs(init, latmask, conditioning, inpainting_fill, original=original, mask=overlay_mask,
-                         region=region)
+                         region=region, pixels=pixels)
 
 
 def _is_inpainting_model(system) -> bool:

@@ -35,12 +35,25 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["REFINER_HIRES_PASSES", "RefinerHandoff", "check_refiner_hires_pass", "check_refiner_pair", "handoff_report",
-           "refiner_cutoff", "sample_base_then_refiner"]
+__all__ = ["A1111_SECOND_ORDER", "REFINER_HIRES_PASSES", "RefinerHandoff", "a1111_total_steps", "check_refiner_hires_pass",
+           "check_refiner_pair", "handoff_report", "refiner_cutoff", "sample_base_then_refiner"]
 
 #: A1111's setting "Hires fix: which pass to enable refiner for" (``hires_fix_refiner_pass``, default "second pass";
 #: modules/shared_options.py), as ``generate --refiner-hires-pass`` names it
 REFINER_HIRES_PASSES: tuple[str, ...] = ("second", "first", "both")
+
+
+#: sdadapt's samplers whose A1111 sampler is marked ``"second_order": True`` (A1111 v1.10
+#: modules/sd_samplers_kdiffusion.py ``samplers_k_diffusion``: DPM++ SDE, DPM++ 2S a, Heun, DPM2, DPM2 a, Restart):
+#: A1111 expects two denoiser calls per step of them (``SamplerData.total_steps``, modules/sd_samplers_common.py:13-18)
+A1111_SECOND_ORDER: frozenset[str] = frozenset({"dpmpp_sde", "dpmpp_2s_a", "heun", "dpm_2", "dpm_2_a", "restart"})
+
+
+def a1111_total_steps(sampler: str, steps: int) -> int:
+    """A1111's ``CFGDenoiser.total_steps`` of a sampler run of ``steps`` steps (``launch_sampling``'s argument: the
+    txt2img steps, an img2img / hires pass's ``t_enc + 1``): ``2 * steps`` for :data:`A1111_SECOND_ORDER` samplers,
+    else ``steps`` (``sampler``: a canonical name, :func:`sdadapt.samplers.canonical_sampler`)."""
+    return int(steps) * (2 if sampler in A1111_SECOND_ORDER else 1)
 
 
 def check_refiner_hires_pass(value: str) -> None:
@@ -106,6 +119,12 @@ class RefinerHandoff:
     Args:
         base, refiner: the SDXL base and refiner (:class:`~sdadapt.diffusers_system.DiffusersSystem`), both held.
         switch_at: A1111's "Switch at", in (0, 1); ``None``: every call the refiner's.
+        by_steps: A1111's setting "Refiner switch by sampling steps" (``refiner_switch_by_sample_steps``,
+            modules/shared_options.py): the switch counted in model calls over the calls A1111 expects of the run,
+            not by timestep — call ``k`` (0-based, counted per sampler run) is the refiner's once
+            ``k / a1111_total_steps(sampler, run_steps) >= switch_at`` (modules/sd_samplers_common.py
+            ``apply_refiner``: ``completed_ratio = cfg_denoiser.step / cfg_denoiser.total_steps``; ``step`` counts
+            ``CFGDenoiser.forward`` calls, modules/sd_samplers_cfg_denoiser.py). Default ``False``: the timestep cut.
 
     ``calls``: ``{"base": n, "refiner": m}``, the model calls each took so far (over every run it switched).
 
@@ -113,13 +132,14 @@ class RefinerHandoff:
         ValueError: a ``switch_at`` outside (0, 1); a pair :func:`check_refiner_pair` refuses.
     """
 
-    def __init__(self, base, refiner, *, switch_at: float | None) -> None:
+    def __init__(self, base, refiner, *, switch_at: float | None, by_steps: bool = False) -> None:
         check_refiner_pair(base, refiner)
         if getattr(base, "edm", None) is not None:  # (its sampling runs diffusers' EDM schedulers, no handoff)
             raise ValueError("--refiner: this --model is an EDM model (Playground v2.5), which samples on its own EDM "
                              "schedule; the SDXL refiner takes over from an SDXL base model")
         self.refiner = refiner
         self.switch_at = switch_at
+        self.by_steps = bool(by_steps)
         self.cutoff = math.inf if switch_at is None else refiner_cutoff(switch_at, len(base.alphas_cumprod))
         self.calls = {"base": 0, "refiner": 0}
         self._taken_before = 0
@@ -160,18 +180,41 @@ class RefinerHandoff:
         total = len(self._train_sigmas)
         return (total - 1 - index) / total >= self.switch_at
 
-    def switched(self, base_model: Callable, refiner_model: Callable, *, a1111_grid: bool = False) -> Callable:
+    def late_by_steps(self, call: int, total_steps: int) -> bool:
+        """Whether model call ``call`` (0-based, of a run A1111 expects ``total_steps`` calls of:
+        :func:`a1111_total_steps`) is past the switch by A1111's "Refiner switch by sampling steps":
+        ``call / total_steps >= switch_at`` (``apply_refiner``'s ``completed_ratio``; every call once
+        ``switch_at`` is ``None``)."""
+        if self.switch_at is None:
+            return True
+        return call / max(int(total_steps), 1) >= self.switch_at
+
+    def switched(self, base_model: Callable, refiner_model: Callable, *, a1111_grid: bool = False,
+                 total_steps: int | None = None) -> Callable:
         """``model(x_t, t, cond)`` that calls ``base_model`` until a call is :meth:`late` (``t``: the batch's
         timesteps, all equal) and ``refiner_model`` from then on — the refiner stays, as A1111's loaded model stays
         (a Restart sampler's climb back up the σ grid is the refiner's too). Each model is guided already (``cond``
         is not read). A prompt plan's :class:`~sdadapt.prompt_guidance.ScheduledGuidance` on either side is told the
         run's call count before each call, so the schedule runs on across the switch (A1111's ``CFGDenoiser.step``).
-        ``a1111_grid``: the run is on one of A1111's schedules (``schedule=``), so A1111's cut."""
+        ``a1111_grid``: the run is on one of A1111's schedules (``schedule=``), so A1111's cut. With :attr:`by_steps`
+        the switch is :meth:`late_by_steps` of the run's call count over ``total_steps`` (required then).
+
+        Raises:
+            ValueError: :attr:`by_steps` without ``total_steps``.
+        """
+        if self.by_steps and total_steps is None:
+            raise ValueError("a refiner switched by sampling steps needs the run's total_steps "
+                             "(a1111_total_steps(sampler, steps))")
         self._taken_before = self.calls["refiner"]
         done, switched = [0], [False]
 
+        def past(t: Tensor) -> bool:
+            if self.by_steps:
+                return self.late_by_steps(done[0], total_steps)
+            return self.late(float(torch.as_tensor(t).flatten()[0]), a1111_grid=a1111_grid)
+
         def model(x_t: Tensor, t: Tensor, _cond: object = None) -> Tensor:
-            switched[0] = switched[0] or self.late(float(torch.as_tensor(t).flatten()[0]), a1111_grid=a1111_grid)
+            switched[0] = switched[0] or past(t)
             chosen = refiner_model if switched[0] else base_model
             if hasattr(chosen, "calls"):  # (a ScheduledGuidance: its texts picked by the run's call count)
                 chosen.calls = done[0]
@@ -182,7 +225,8 @@ class RefinerHandoff:
         return model
 
 
-def sample_base_then_refiner(base, refiner, prompts: list[str], *, switch_at: float, negative: str = "",
+def sample_base_then_refiner(base, refiner, prompts: list[str], *, switch_at: float, by_steps: bool = False,
+                             negative: str = "",
                              seed: int = 0, steps: int = 25, guidance: float = 7.5, sampler: str = "ddim",
                              karras: bool = False, schedule: str | None = None, height: int | None = None,
                              width: int | None = None, noise=None, schedule_options=None,
@@ -196,7 +240,8 @@ def sample_base_then_refiner(base, refiner, prompts: list[str], *, switch_at: fl
     (``torch.Generator().manual_seed(seed)``, or A1111's ``noise``); the grid is the sampler's on the base's schedule
     (``steps``, ``karras``, ``schedule``, ``schedule_options``); each model call is classifier-free guided by the base
     while its timestep ``t >= refiner_cutoff(switch_at)`` and by the refiner after (module docstring: diffusers' two
-    pipelines exactly for one-step deterministic samplers). Each model conditions as its own ``sample`` does: the base
+    pipelines exactly for one-step deterministic samplers); ``by_steps``: A1111's "Refiner switch by sampling steps"
+    instead (:class:`RefinerHandoff`). Each model conditions as its own ``sample`` does: the base
     its two encoders and ``(H, W, 0, 0, H, W)``, the refiner OpenCLIP-G and ``(H, W, 0, 0, aesthetic score)`` (its
     negative with the negative aesthetic score; an empty negative encoded, not zeroed). Prompts may carry A1111
     emphasis, as ``sample`` reads it.
@@ -204,7 +249,7 @@ def sample_base_then_refiner(base, refiner, prompts: list[str], *, switch_at: fl
     Raises:
         ValueError: a ``switch_at`` outside (0, 1); a pair :func:`check_refiner_pair` refuses.
     """
-    handoff = RefinerHandoff(base, refiner, switch_at=switch_at)
+    handoff = RefinerHandoff(base, refiner, switch_at=switch_at, by_steps=by_steps)
     out = base.sample(prompts, seed=seed, steps=steps, guidance=guidance, negative=negative, sampler=sampler,
                       karras=karras, schedule=schedule, height=height, width=width, noise=noise,
                       schedule_options=schedule_options, output=output, refiner=handoff)
@@ -217,6 +262,7 @@ def handoff_report(handoff: RefinerHandoff) -> str:
     """The log line of a handoff's model calls (those of the runs it switched: with the hires fix's ``second`` pass
     setting, the first pass is the base's and not counted)."""
     where = ("every call" if handoff.switch_at is None else
+             f"switch at {handoff.switch_at:g} of the sampling steps" if handoff.by_steps else
              f"switch at {handoff.switch_at:g}: timesteps below {handoff.cutoff}")
     return (f"refiner: {handoff.calls['base']} model calls on the base, {handoff.calls['refiner']} on the refiner "
             f"({where})")

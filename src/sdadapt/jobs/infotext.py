@@ -50,6 +50,12 @@ HIRES_UPSCALER_LABELS: dict[str, str] = {
 #: sampler names here whose A1111 sampler has ``uses_ensd`` (``sd_samplers_kdiffusion.samplers_k_diffusion``;
 #: ``sd_samplers_common.is_sampler_using_eta_noise_seed_delta``): the ones whose infotext has ENSD
 _USES_ENSD: frozenset[str] = frozenset({"euler_a", "dpm_2_a", "dpmpp_2s_a", "dpm_fast", "dpm_adaptive"})
+#: sampler names here whose A1111 sampler has ``brownian_noise`` (its Brownian tree seeded by the image seeds): without
+#: ``--noise`` sdadapt's tree is not A1111's, while every other sampler draws A1111's "CPU" numbers (start noise and
+#: sampler noise from ``torch.Generator().manual_seed(seed)``, each pass afresh: tests/test_refiner_infotext.py)
+_BROWNIAN: frozenset[str] = frozenset({"dpmpp_sde", "dpmsolver++_sde", "dpmsolver++_3m_sde", "dpmsolver++_sde_heun"})
+#: ``--refiner-hires-pass`` -> A1111's "Hires refiner" (``hires_fix_refiner_pass``; "second pass" is not written)
+_HIRES_REFINER: dict[str, str] = {"first": "first pass", "both": "both passes"}
 #: ``--inpainting-fill`` -> A1111's "Masked content" ("original" is its default and not written)
 _MASKED_CONTENT: dict[str, str] = {"fill": "fill", "latent-noise": "latent noise", "latent-nothing": "latent nothing"}
 
@@ -119,6 +125,20 @@ def _lora_hash(path: Path) -> str | None:
     return file_sha256(path)[:12]
 
 
+def _aesthetic_fields(settings: Mapping[str, object]) -> dict[str, object]:
+    """The A1111 aesthetic-gradients extension's fields in its order (aesthetic_clip.py ``set_aesthetic_params``,
+    called by scripts/aesthetic.py ``process`` with ``float(aesthetic_lr)``, ``float(aesthetic_weight)``,
+    ``int(aesthetic_steps)``): the learning rate and weight as Python prints a float (``0.0001``, ``1.0``), the steps,
+    the embedding's name (its file name without ``.pt``: the extension's dropdown key), slerp and "text negative" as
+    ``True`` / ``False``, the text as given (empty: written empty), the slerp angle."""
+    return {
+        "Aesthetic LR": repr(float(settings["lr"])), "Aesthetic weight": repr(float(settings["weight"])),
+        "Aesthetic steps": int(settings["steps"]), "Aesthetic embedding": Path(str(settings["embedding"])).stem,
+        "Aesthetic slerp": bool(settings.get("slerp", False)), "Aesthetic text": str(settings.get("text") or ""),
+        "Aesthetic text negative": bool(settings.get("text_negative", False)),
+        "Aesthetic slerp angle": float(settings.get("slerp_angle", 0.1))}
+
+
 def _tag_name(tag: str) -> str:
     """The name a ``<lora:NAME:...>`` tag mentions (A1111's ``mentioned_name``)."""
     inner = tag.strip()[1:-1]
@@ -158,6 +178,14 @@ class InfotextRun:
             asked; hires_sampler, hires_schedule: the hires pass's.
         steps, guidance, seed (image 0's; image i: ``seed + i``), width, height (the first pass's).
         model, vae, refiner: the paths given (files hashed once); loras: ``--lora`` files (name: file stem);
+        refiner_switch_at, refiner_by_steps, refiner_hires_pass: the refiner's settings; the Refiner fields are
+            written once :attr:`refiner_took` (A1111's ``apply_refiner`` writes "Refiner" / "Refiner switch at" / "Hires
+            refiner" when it switches: ``generate`` sets it when a handoff took a call, and it stays set for the
+            run's later images as A1111's ``p.extra_generation_params`` do); "Refiner switch by sampling steps" with
+            ``refiner_by_steps`` on every image (A1111 writes it at the first model call).
+        aesthetic: the aesthetic-gradient settings (keys ``embedding`` (a path), ``lr``, ``weight``, ``steps``,
+            ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
+            stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
         tag_loras: ``(tag, file)`` of the ``<lora:>`` tags in effect at the end (the hires pass's if it switched);
         embeddings: ``(name, file)`` of the embeddings the texts use.
         subseed, subseed_strength, seed_resize_from ``(height, width)``, ensd, noise: A1111's seed settings.
@@ -193,8 +221,13 @@ class InfotextRun:
     negative_embeddings: Sequence[tuple[str, str | os.PathLike]] = ()
     refiner: str | os.PathLike | None = None
     refiner_switch_at: float = 0.8
+    refiner_by_steps: bool = False
+    refiner_hires_pass: str | None = None
+    refiner_took: bool = False
+    aesthetic: Mapping[str, object] | None = None
     version: str | None = None
     _fixed: dict = field(default_factory=dict, init=False, repr=False)
+    _refiner_fields: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from ..samplers.labels import a1111_label
@@ -228,8 +261,10 @@ class InfotextRun:
                                         else float(self.inpainting_conditioning)),
             "Clip skip": None if self.clip_skip <= 1 else self.clip_skip,
             "ENSD": self.ensd if self.ensd and self.sampler in _USES_ENSD else None,
-            "RNG": {"a1111-cpu": "CPU", "a1111-nv": "NV"}.get((self.noise or "").strip().lower()),
+            "RNG": self._rng(),
         }
+        if self.aesthetic is not None:  # (the extension's process(): before p.init, so before the hires fields)
+            fields.update(_aesthetic_fields(self.aesthetic))
         if self.hires is not None:  # StableDiffusionProcessingTxt2Img.init's order
             hires = dict(self.hires)
             hr_sampler = hires.get("sampler")
@@ -263,10 +298,14 @@ class InfotextRun:
         ti = [(name, None if Path(file).is_dir() else file_sha256(file)[:12])
               for name, file in (*self.embeddings, *self.negative_embeddings)]
         fields["TI hashes"] = _hash_list(ti)
-        if self.refiner is not None:
+        if self.refiner is not None:  # (sd_samplers_common.apply_refiner's order; written per image: for_image)
+            if self.refiner_by_steps:
+                fields["Refiner switch by sampling steps"] = True
             name, short = _checkpoint(self.refiner)
-            fields["Refiner"] = name if short is None else f"{name} [{short}]"
-            fields["Refiner switch at"] = float(self.refiner_switch_at)
+            self._refiner_fields = {
+                "Hires refiner": None if self.hires is None else _HIRES_REFINER.get(str(self.refiner_hires_pass)),
+                "Refiner": name if short is None else f"{name} [{short}]",
+                "Refiner switch at": float(self.refiner_switch_at)}
         if self.version is None:
             from .. import __version__
 
@@ -274,12 +313,31 @@ class InfotextRun:
         fields["Version"] = self.version
         self._fixed = fields
 
+    def _rng(self) -> str | None:
+        """A1111's "RNG" (``randn_source``, written when not its default "GPU"): "CPU" for ``a1111-cpu`` and for no
+        ``noise`` on a sampler without a Brownian tree (sdadapt's CPU generator draws A1111's CPU numbers there:
+        :data:`_BROWNIAN`), "NV" for ``a1111-nv``; nothing for ``a1111`` (the GPU/NV numbers, A1111's default)."""
+        noise = (self.noise or "").strip().lower()
+        if noise:
+            return {"a1111-cpu": "CPU", "a1111-nv": "NV"}.get(noise)
+        samplers = {self.sampler, *([] if self.hires is None or not self.hires.get("sampler") else
+                                    [str(self.hires["sampler"])])}
+        return None if samplers & _BROWNIAN else "CPU"
+
     def for_image(self, i: int) -> str:
-        """Image ``i``'s infotext (its seed ``seed + i``; its variation seed ``subseed + i``)."""
+        """Image ``i``'s infotext: its seed ``seed + i`` (``seed`` for every image when the variation strength is not
+        0: A1111's ``all_seeds``, :func:`sdadapt.jobs.generate.image_seed`); its variation seed ``subseed + i``; the
+        Refiner fields once :attr:`refiner_took`."""
+        from .generate import image_seed
+
         fields = dict(self._fixed)
-        fields["Seed"] = self.seed + i
+        fields["Seed"] = image_seed(self.seed, i, subseed_strength=self.subseed_strength)
         if self.subseed_strength and self.subseed is not None:
             fields["Variation seed"] = self.subseed + i
+        if self.refiner is not None and self.refiner_took:
+            version = fields.pop("Version")
+            fields.update(self._refiner_fields)
+            fields["Version"] = version
         return format_infotext(self.prompt, self.negative, fields)
 
 
@@ -291,12 +349,14 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  hires_options: Mapping[str, object], mask: object, inpainting: object, inpainting_model: bool,
                  mask_options: Mapping[str, object], loras: Sequence[Path], tag_loras: Sequence,
                  embedding_files: Mapping[str, Path], tokenize, refiner: str | os.PathLike | None,
-                 refiner_switch_at: float) -> InfotextRun:
+                 refiner_switch_at: float, refiner_by_steps: bool = False, refiner_hires_pass: str | None = None,
+                 aesthetic: Mapping[str, object] | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
     embeddings the texts use as A1111's ``used_embeddings``; ``hires``: the checked request or ``None``;
-    ``inpainting``: :func:`sdadapt.jobs.generate_inpaint.inpaint_inputs`'s result)."""
+    ``inpainting``: :func:`sdadapt.jobs.generate_inpaint.inpaint_inputs`'s result; ``aesthetic``: the
+    aesthetic-gradient settings, :class:`InfotextRun`'s)."""
     import inspect
 
     from ..samplers.schedules import canonical_schedule
@@ -329,4 +389,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         hires=hires_fields, mask=mask_fields, loras=list(loras),
         tag_loras=[(item.tag, item.file) for item in tag_loras],
         embeddings=used(prompt), negative_embeddings=used(negative), refiner=refiner,
-        refiner_switch_at=refiner_switch_at)
+        refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
+        aesthetic=aesthetic)

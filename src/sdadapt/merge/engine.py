@@ -44,6 +44,7 @@ from ..errors import InputError, MergeError, NonFiniteError
 from ..formats.files import WeightFileError, check_output_file, read_safetensors_header, sniff_format
 from ..patterns import compile_pattern
 from ..formats.model_keys import DIFFUSERS_COMPONENTS, LDM_PARTS
+from ..formats.unclip import EMBEDDER_PREFIX, NOISE_AUGMENTOR_PREFIX
 from .blocks import block_alpha_fn, key_block, parse_block_weights
 from .model_metadata import inherited_metadata
 from .sdxl_layers import SDXL_LAYERS
@@ -202,16 +203,25 @@ class _ConvertedSource:
         self._source.close()
 
 
-#: key prefix -> component: the key map's LDM parts, EMA copies, then the diffusers components
+#: key prefix -> component: the key map's LDM parts, EMA copies, then the diffusers components. SD 2.1 unCLIP's
+#: whole LDM embedder (``embedder.model.``: the vision tower and the unused text-tower leftovers) is its
+#: image_encoder, merged as A1111 merges every key named ``*model*`` (modules/extras.py ``run_modelmerger``)
 _COMPONENT_PREFIXES = (
     *((prefix, component) for prefix, (component, _) in LDM_PARTS.items()),
+    (EMBEDDER_PREFIX, "image_encoder"),
     ("model_ema.", "ema"),
     *((f"{component}.", component) for component in DIFFUSERS_COMPONENTS),
 )
 
 
+#: why the unCLIP noise augmentor's buffers are A's (A1111 merges only keys with "model" in the name)
+_AUGMENTOR_REASON = ("the unCLIP noise augmentor's fixed schedule buffers: kept A's (A1111 merges only keys named "
+                     "'*model*')")
+
+
 def key_component(key: str) -> str:
-    """``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``, ``"vae"``, ``"ema"`` or ``"other"`` (LDM or diffusers keys)."""
+    """``"unet"``, ``"text_encoder"``, ``"text_encoder_2"``, ``"vae"``, ``"image_encoder"`` (SD 2.1 unCLIP's
+    ``embedder.model.*``), ``"ema"`` or ``"other"`` (LDM or diffusers keys)."""
     for prefix, component in _COMPONENT_PREFIXES:
         if key.startswith(prefix):
             return component
@@ -419,6 +429,8 @@ class MergedSource:
                     f"{refiners[0]}: the SDXL refiner has no block-weight layout here (its UNet has SD1's 12 input and "
                     "12 output blocks, SDXL's presets name 9; supermerger reads it as SD1); merge it with one alpha "
                     "(leave out the per-block weights, beta and elemental rules)")
+        if architecture == "sd2":
+            self._check_unclip(names)
         alpha_fn: Callable[[str], tuple[float, str | None]] | None = None
         if step.block_weights is not None:
             if architecture is None:
@@ -514,7 +526,8 @@ class MergedSource:
                 wanted = False
             if not wanted:
                 actions[key] = _Action("copy", float_dtype(dtype, False), shape)
-                report.copied[key] = f"{component} not merged by the policy"
+                report.copied[key] = (_AUGMENTOR_REASON if key.startswith(NOISE_AUGMENTOR_PREFIX)
+                                      else f"{component} not merged by the policy")
                 continue
             left_out = selected(key) if selected is not None else None
             if left_out is not None:
@@ -611,6 +624,46 @@ class MergedSource:
             report.notes.append(f"elemental rules changed the strength of {elemental_keys} of {len(report.merged)} "
                                 f"merged keys ({architecture} blocks)")
         return actions
+
+    def _check_unclip(self, names: list[str]) -> None:
+        """SD 2.1 unCLIP inputs (:func:`sdadapt.formats.unclip.unclip_variant`): H and L are refused together;
+        unCLIP with plain SD2 merges as A1111's merger merges it (every shared key; A's keys that B lacks kept,
+        B's that A lacks dropped unless ``only_in_others="copy"``), with a note saying what the result is."""
+        from ..formats.unclip import unclip_variant
+
+        variants = [unclip_variant({k: s.shape(k) for k in s.keys()}) for s in self._sources]
+        found = {v for v in variants if v is not None}
+        if not found:
+            return
+        if len(found) > 1:
+            h, l = variants.index("h"), variants.index("l")
+            raise MergeError(
+                f"{names[h]} is an SD 2.1 unCLIP-H model (OpenCLIP ViT-H-14 image embedder, 1024-wide image "
+                f"embeddings) and {names[l]} an unCLIP-L one (OpenAI ViT-L/14, 768-wide): their embedders and the "
+                "UNets' label_emb differ in shape and in what the embedding means (A1111's merger stops at the first "
+                "tensor whose sizes differ); merge unCLIP-H files with unCLIP-H files, L with L")
+        variant = next(iter(found)).upper()
+        plain = [n for n, v in zip(names, variants) if v is None]
+        if not plain:
+            self.report.notes.append(f"SD 2.1 unCLIP-{variant} inputs: the image embedder (embedder.model.*) is merged "
+                                     "with the UNet, text encoder and VAE; the noise augmentor's schedule is A's")
+        elif variants[0] is not None:
+            self.report.notes.append(
+                f"{names[0]} is SD 2.1 unCLIP-{variant} and {', '.join(plain)} plain SD2: the shared UNet, text encoder "
+                f"and VAE tensors are merged and {names[0]}'s label_emb, image embedder and noise augmentor kept, as "
+                "A1111's merger does — the result is an unCLIP model (add-difference UNCLIP FINETUNE SD21 gives a "
+                "fine-tune's unCLIP variant)")
+        elif self.step.policy.only_in_others == "copy":
+            self.report.notes.append(
+                f"{names[0]} is plain SD2 and {', '.join(n for n, v in zip(names, variants) if v)} SD 2.1 "
+                f"unCLIP-{variant}: the unCLIP parts (label_emb, embedder.model.*, noise_augmentor.*) are copied from "
+                "it (--copy-extra-keys), so the result is an unCLIP model")
+        else:
+            self.report.notes.append(
+                f"{names[0]} is plain SD2 and {', '.join(n for n, v in zip(names, variants) if v)} SD 2.1 "
+                f"unCLIP-{variant}: its unCLIP parts (label_emb, embedder.model.*, noise_augmentor.*) are dropped, as "
+                "A1111's merger drops keys the first model lacks — the result is a plain SD2 model; put the unCLIP "
+                "file first (or --copy-extra-keys) to keep its image conditioning")
 
     def _by_ldm_name(self, skip: Callable[[str], str | None], architecture: str | None) -> Callable[[str], str | None]:
         """``skip`` judged on each diffusers key's LDM name: supermerger matches its key substrings

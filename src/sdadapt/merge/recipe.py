@@ -53,7 +53,7 @@ RECIPE_FORMAT = "sdadapt-merge-recipe"
 RECIPE_VERSION = 1
 #: dtype names used by recipes and the command line
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae", "image_encoder")
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ class KeyPolicy:
 
     Attributes:
         components: parts whose float tensors are merged: any of ``"unet"``, ``"text_encoder"``,
-            ``"text_encoder_2"``, ``"vae"``. Keys of the other parts are copied from the first
-            input (and ``"other"`` keys — schedule buffers etc. — always are).
+            ``"text_encoder_2"``, ``"vae"``, ``"image_encoder"`` (SD 2.1 unCLIP's ``embedder.model.*``, a
+            diffusers ``image_encoder.*``). Keys of the other parts are copied from the first input (and
+            ``"other"`` keys — schedule buffers, unCLIP's ``noise_augmentor.*`` etc. — always are).
         ema: ``"prune"`` (drop ``model_ema.*``), ``"copy"`` (keep the first input's) or ``"merge"``.
         only_in_others: keys the first input lacks: ``"drop"`` (A1111) or ``"copy"`` (from the first
             input that has them, supermerger).
