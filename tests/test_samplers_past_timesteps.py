@@ -275,6 +275,7 @@ class _PastTheCheck(Exception):
 
 class _StandIn:
     alphas_cumprod = torch.zeros(T)
+    edm = None  # (a DDPM model: the img2img request is checked on its discrete grid)
 
     def __getattr__(self, name):
         raise _PastTheCheck(name)

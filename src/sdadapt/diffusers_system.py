@@ -1000,7 +1000,7 @@ class DiffusersSystem(nn.Module):
         if self.edm is not None:  # (Playground v2.5: diffusers' EDM schedulers only, sdadapt.samplers.edm)
             from .samplers.edm import check_edm_request
 
-            check_edm_request(name, karras=karras, schedule=schedule, start=start, noise=noise, clip_sample=clip_sample,
+            check_edm_request(name, karras=karras, schedule=schedule, noise=noise, clip_sample=clip_sample,
                               schedule_options=schedule_options, refiner=refiner)
         samplers.check_karras(name, karras)
         schedule = samplers.resolve_schedule(name, schedule, karras)
@@ -1029,7 +1029,8 @@ class DiffusersSystem(nn.Module):
             from .samplers.edm import edm_sample_latents
 
             latents = edm_sample_latents(model, x, cond, sampler=name, schedule=self.edm, num_steps=steps, uncond=uncond,
-                                         guidance_scale=guidance_scale, generator=g, before_model_call=before_model_call)
+                                         guidance_scale=guidance_scale, generator=g, before_model_call=before_model_call,
+                                         start=start)
             return latents if output == "latents" else self.decode_latents(latents)
         if refiner is not None:  # (the SDXL refiner below the cut: sdadapt.jobs.generate_refiner)
             from .training.diffusion import guided

@@ -233,7 +233,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     ``init_latents``: img2img — (1 or B, C, H/8, W/8) latents of the init image (``system.encode_images``) the
     sampler starts from at ``denoising_strength`` (:mod:`sdadapt.img2img`: A1111's t_enc rule for the samplers on
     A1111's σ grid and any sampler given a ``schedule``, diffusers' strength rule for the samplers run as diffusers'
-    schedulers, :func:`sdadapt.img2img.img2img_rule`; the start noise is the noise a txt2img run of ``seed`` draws).
+    schedulers, :func:`sdadapt.img2img.img2img_rule`; an EDM model's samplers all take diffusers' rule,
+    :func:`sdadapt.samplers.edm.edm_start`; the start noise is the noise a txt2img run of ``seed`` draws).
     ``img2img_steps``: A1111's ``steps=`` of ``sample_img2img`` (the hires pass, "img2img does exactly the steps"):
     the grid is then built for ``int(img2img_steps / min(strength, 0.999))`` steps and the last ``img2img_steps`` of
     them run, by either rule. ``None``: ``steps``, of which A1111's rule runs ``int(strength · steps) + 1`` and
@@ -290,7 +291,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     if init_latents is not None:
         start, steps = _img2img_request(name, init_latents, len(prompts), steps, denoising_strength, img2img_steps,
                                         schedule=schedule, karras=karras,
-                                        num_train_steps=len(getattr(system, "alphas_cumprod", ())) or 1000)
+                                        num_train_steps=len(getattr(system, "alphas_cumprod", ())) or 1000,
+                                        edm=getattr(system, "edm", None) is not None)
     if inpaint_mask is not None or inpaint_conditioning is not None:
         if start is None:
             raise ValueError("an inpainting mask or conditioning needs init_latents (the image to inpaint)")
@@ -304,11 +306,13 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
                      img2img_steps: int | None, *, schedule: str | None = None, num_train_steps: int = 1000,
-                     karras: bool = False):
+                     karras: bool = False, edm: bool = False):
     """``(Img2ImgStart, the steps the sampler's grid is built for)`` of an img2img request (module :mod:`.img2img`;
     ``schedule``: the resolved A1111 grid, which takes A1111's rule, :func:`~sdadapt.img2img.img2img_rule`).
     With ``img2img_steps`` (A1111's fixed steps) both rules build a grid of ``int(N / min(S, 0.999))`` and run its
-    last ``N`` steps (the diffusers rule then starts at that index: ``add_noise`` there).
+    last ``N`` steps (the diffusers rule then starts at that index: ``add_noise`` there). ``edm``: an EDM model
+    (Playground v2.5), whose samplers are diffusers' EDM schedulers: diffusers' rule for every sampler
+    (:func:`sdadapt.samplers.edm.edm_start`), any grid length (its σ are continuous).
 
     Raises:
         ValueError: a strength outside [0, 1]; strength 0 with fixed steps, or fixed steps whose grid would be
@@ -329,12 +333,12 @@ def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, st
     if init_latents.dim() != 4 or init_latents.shape[0] not in (1, batch):
         raise ValueError(f"init_latents must be (1 or {batch}, C, h, w) latents, got {tuple(init_latents.shape)}")
     init = init_latents.expand(batch, *init_latents.shape[1:])
-    a1111 = img2img_rule(name, schedule) == "a1111"
+    a1111 = img2img_rule(name, schedule) == "a1111" and not edm
     if a1111 or img2img_steps is not None:
         total, t_enc = a1111_img2img_steps(steps, strength, requested=img2img_steps)
         if total < 1:
             raise ValueError("denoising strength 0 with a fixed step count leaves no grid (A1111's steps / strength)")
-        if img2img_steps is not None:  # (a grid past the model's timesteps: k-diffusion's samplers only)
+        if img2img_steps is not None and not edm:  # (a grid past the model's timesteps: k-diffusion's samplers only)
             check_fixed_grid(name, schedule, steps=img2img_steps, strength=strength, num_train_steps=num_train_steps,
                              karras=karras)
         if a1111:

@@ -1236,6 +1236,51 @@ def _ss_lr_warmup_steps(given: float | None, steps: int) -> str:
     return str(int(given)) if given >= 1 or given == 0 else str(float(given))
 
 
+#: methods an EDM-formulation model (Playground v2.5) does not train, and why
+_EDM_REFUSED_METHODS = {
+    "dreamartist": "its dynamic CFG scale and its reconstruction loss read DDPM timesteps and an ε/v output, where an "
+                   "EDM model's step has σ and a denoised latent",
+}
+
+
+def _edm_options(method: str, options: TrainOptions, notes: list[str], *, sample_samplers: Sequence[str] = ()
+                 ) -> TrainOptions:
+    """``options`` for an EDM-formulation model (:mod:`sdadapt.training.edm`, diffusers' EDM training): sdadapt's default
+    min-SNR γ 5 dropped (with a note; diffusers refuses min-SNR with EDM), everything with no EDM form refused by name
+    before any work (ValueError), the samplers of the sample images (``sample_samplers``) included."""
+    from ..samplers import canonical_sampler
+    from ..samplers.edm import EDM_SAMPLERS
+    from ..training.edm import edm_step_clashes
+
+    where = f"--model {options.model}: an EDM-formulation model (Playground v2.5)"
+    if method in _EDM_REFUSED_METHODS:
+        raise ValueError(f"{where} is not trained with {method}: {_EDM_REFUSED_METHODS[method]}; LoRA and the LyCORIS "
+                         "families, DreamBooth, full fine-tuning and textual inversion train it")
+    if options.zero_terminal_snr:
+        raise ValueError(f"{where} cannot train with --zero-terminal-snr: it rescales the DDPM ᾱ schedule, and an EDM "
+                         "model trains on its σ grid; leave it out")
+    if options.min_snr_gamma == TrainOptions.min_snr_gamma:  # (sdadapt's default, not kohya's nor diffusers')
+        notes.append(f"{where}: min-SNR weighting (sdadapt's default --min-snr-gamma {TrainOptions.min_snr_gamma:g}) is "
+                     "off: it weighs by the DDPM SNR, and diffusers' EDM training has no loss weight")
+        options = dataclasses.replace(options, min_snr_gamma=0.0)
+    clashes = edm_step_clashes(StepConfig(
+        min_snr_gamma=options.min_snr_gamma or None, debiased_estimation=options.debiased_estimation_loss,
+        scale_v_pred_loss_like_noise_pred=False, v_pred_like_loss=options.v_pred_like_loss or 0.0,
+        loss=options.loss_type, huber_schedule=options.huber_schedule, input_perturbation=options.ip_noise_gamma,
+        timestep_range=options.timestep_range()))
+    if options.scale_v_pred_loss_like_noise_pred:  # (StepConfig takes it for v-prediction only)
+        clashes.insert(0, "--scale-v-pred-loss-like-noise-pred: an EDM model's loss is on x0, not on v")
+    if clashes:
+        raise ValueError(f"{where} trains on σ and an x0 target, as diffusers' EDM training; these options have no "
+                         "meaning for it: " + "; ".join(clashes))
+    discrete = sorted({name for name in sample_samplers if canonical_sampler(name) not in EDM_SAMPLERS})
+    if discrete:  # (refused now, not at the first sample after training steps)
+        raise ValueError(f"{where} samples with {', '.join(EDM_SAMPLERS)} only (diffusers' EDM schedulers), and the "
+                         f"sample images would use {', '.join(discrete)}: give --sample-sampler dpmsolver++ (the model's "
+                         "own scheduler) or euler, and no other --ss in --sample-prompts")
+    return options
+
+
 def _check_zero_terminal_snr(options: TrainOptions, prediction_type: str, notes: list[str]) -> None:
     """Refuse what cannot train on the rescaled schedule (:func:`~sdadapt.methods.fit.zero_terminal_snr_clashes`);
     note kohya's warning that an ε-prediction model is not what zero terminal SNR is for."""
@@ -1721,11 +1766,9 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         raise ValueError(f"--model {options.model}: the SDXL refiner is not trained here (kohya's sd-scripts train SDXL "
                          "base models only; the refiner's size/aesthetic-score conditioning has no training path); train "
                          "the base model, or use the refiner for generate and convert")
-    if getattr(system, "edm", None) is not None:  # (Playground v2.5; docs/train.md "EDM models")
-        raise ValueError(f"--model {options.model}: an EDM-formulation model (Playground v2.5) is not trained here: its "
-                         "loss needs EDM's continuous noise levels, c_in/c_skip/c_out preconditioning and loss weighting, "
-                         "and its VAE latents' mean/std, where sdadapt's training step draws discrete DDPM timesteps "
-                         "(neither kohya's sd-scripts nor OneTrainer train it either); use it for generate, merge and convert")
+    if getattr(system, "edm", None) is not None:  # (Playground v2.5: diffusers' EDM training; docs/train.md "EDM models")
+        options = _edm_options(method, options, notes,
+                               sample_samplers=[sample.sampler or options.sample_sampler for sample in samples])
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")

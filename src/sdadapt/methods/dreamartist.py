@@ -146,7 +146,14 @@ class DreamArtist:
 
     def training_model(self, system):
         """``model(x_t, t, ids (B, 2, …)) -> ε̂`` — one UNet batch ``[negative; positive]``, CFG-combined
-        (``ids`` may also be ``{"ids": (B, 2, …), "time_ids": …}``, SDXL's size-conditioned batch)."""
+        (``ids`` may also be ``{"ids": (B, 2, …), "time_ids": …}``, SDXL's size-conditioned batch).
+
+        Raises:
+            ValueError: an EDM-formulation system (Playground v2.5): the CFG schedule reads DDPM timesteps.
+        """
+        if getattr(system, "edm", None) is not None:
+            raise ValueError("DreamArtist does not train an EDM-formulation model (Playground v2.5): its dynamic CFG "
+                             "scale and reconstruction loss read DDPM timesteps and an ε/v output")
         denoiser = system.denoiser()
         num_timesteps = int(system.alphas_cumprod.shape[0])
 

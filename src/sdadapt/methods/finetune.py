@@ -242,7 +242,9 @@ def class_images(system, prompts: list[str], *, seed: int = 0, steps: int = 25, 
 
     They are made in chunks of ``batch`` prompts, chunk ``k`` (prompts ``i = k·batch`` on) seeded
     ``seed + i``. ``progress(done, total, info)`` after each chunk; ``size`` (height, width) for systems
-    whose ``sample`` takes ``height``/``width`` (the training resolution), else their own size.
+    whose ``sample`` takes ``height``/``width`` (the training resolution), else their own size. An EDM model
+    (Playground v2.5) samples them with its own scheduler (:func:`~sdadapt.training.edm.edm_own_sampler`), as
+    diffusers' DreamBooth script makes them with the model's pipeline; others with ``sample``'s default.
 
     ``group`` (data parallel: :func:`sdadapt.training.data_parallel.active`; call on every rank): the
     chunks are made once across the ranks — rank ``r`` makes chunks ``r, r + world, ...`` (diffusers'
@@ -257,7 +259,11 @@ def class_images(system, prompts: list[str], *, seed: int = 0, steps: int = 25, 
     import inspect
 
     sized = size is not None and "height" in inspect.signature(system.sample).parameters
-    extra = {"height": size[0], "width": size[1]} if sized else {}  # type: ignore[index]
+    extra: dict[str, object] = {"height": size[0], "width": size[1]} if sized else {}  # type: ignore[index]
+    if getattr(system, "edm", None) is not None and "sampler" in inspect.signature(system.sample).parameters:
+        from ..training.edm import edm_own_sampler  # (an EDM model: its own scheduler, as diffusers' pipeline makes them)
+
+        extra["sampler"] = edm_own_sampler(getattr(system, "scheduler_config", None))
     starts = range(0, len(prompts), batch)
     if group is None:
         chunks = []

@@ -902,8 +902,13 @@ def fit(
     alphas_cumprod = (zero_terminal_snr_alphas_cumprod(system.alphas_cumprod) if config.zero_terminal_snr
                       else system.alphas_cumprod)
     prediction_type = getattr(system, "prediction_type", "epsilon")
-    if step_config.prediction_type != prediction_type:  # the system's scheduler decides what it predicts
-        step_config = dataclasses.replace(step_config, prediction_type=prediction_type)
+    edm_schedule = getattr(system, "edm", None)  # (an EDM model, Playground v2.5: the step's EDM branch, training.edm)
+    if edm_schedule is not None and config.zero_terminal_snr:
+        raise ValueError("zero_terminal_snr (--zero-terminal-snr) rescales the DDPM ᾱ schedule; an EDM-formulation model "
+                         "(Playground v2.5) trains on its σ grid, which has no such schedule: leave it out")
+    if step_config.prediction_type != prediction_type or step_config.edm != edm_schedule:
+        # the system's scheduler decides what it predicts, and whether it is an EDM model (ValueError: what has no EDM form)
+        step_config = dataclasses.replace(step_config, prediction_type=prediction_type, edm=edm_schedule)
     clashes = zero_terminal_snr_clashes(step_config) if config.zero_terminal_snr else []
     if clashes:
         raise ValueError("zero_terminal_snr (--zero-terminal-snr) cannot train " + "; ".join(clashes))

@@ -33,6 +33,10 @@ Optional:
   ``generate`` and training samples use them (any :mod:`sdadapt.samplers` name, other sizes); else DDIM
   at ``image_size`` (the other samplers through the protocol: ``sdadapt.samplers.sample_latents``);
 - ``text_encoder_2`` — a second text encoder (SDXL): the LoRA family adapts it too, ``text_encoder_lr`` covers it.
+- ``edm`` — an :class:`~sdadapt.samplers.edm.EDMSchedule` when the model is in the EDM formulation (Playground v2.5;
+  ``None`` or absent otherwise): the fit loop's step then takes its EDM branch (:mod:`sdadapt.training.edm`: σ-grid
+  noising, ``denoiser()`` called with ``c_in·x`` at ``c_noise``, the x0 target) and ``alphas_cumprod.shape[0]`` is
+  the scheduler's ``num_train_timesteps``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,15 @@ built from the model's scheduler config (``Scheduler.from_config(pipe.scheduler.
 Both start from unit noise times diffusers' ``init_noise_sigma`` = √(σ_max² + 1) and end at σ = 0
 (``final_sigmas_type`` ``zero``) or σ_min (``sigma_min``). Classifier-free guidance mixes the UNet outputs
 ``F`` (the pipeline's ``noise_pred``), before the preconditioning, as diffusers' SDXL pipeline does.
+
+img2img, the hires fix's second pass and inpainting (``start=``, an :class:`sdadapt.img2img.Img2ImgStart`, the
+contract every sampler of :mod:`sdadapt.samplers` takes) follow diffusers' ``StableDiffusionXLImg2ImgPipeline`` and
+``StableDiffusionXLInpaintPipeline`` with these schedulers (:func:`edm_start`, :func:`edm_inpaint_blend`): the grid
+of ``steps`` steps is built whole and run from ``t_start = steps − int(steps·strength)`` (``get_timesteps``, the
+scheduler's ``set_begin_index``: the step counters and the solver's last-step order rules see the whole grid, its
+history starts empty), from ``init + σ[t_start]·noise`` (the EDM schedulers' ``add_noise``); the inpainting pipeline
+starts from ``noise·init_noise_sigma`` at strength 1 and blends after every step
+``x ← (1 − m)·(init + σ_next·noise) + m·x`` (the init unnoised after the last step).
 """
 
 from __future__ import annotations
@@ -28,13 +37,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["EDM_SAMPLERS", "EDMSchedule", "check_edm_request", "edm_dpmsolver_sample", "edm_euler_sample", "edm_precondition",
-           "edm_sample_latents", "edm_sigmas"]
+if TYPE_CHECKING:
+    from ..img2img import Img2ImgStart
+
+__all__ = ["EDM_SAMPLERS", "EDMSchedule", "check_edm_request", "edm_dpmsolver_sample", "edm_euler_sample",
+           "edm_inpaint_blend", "edm_precondition", "edm_sample_latents", "edm_sigmas", "edm_start"]
 
 #: sampler name -> (diffusers scheduler class, its algorithm_type)
 EDM_SAMPLERS: dict[str, tuple[str, str | None]] = {
@@ -44,6 +56,7 @@ EDM_SAMPLERS: dict[str, tuple[str, str | None]] = {
 }
 
 Model = Callable[[Tensor, Tensor], Tensor]
+Blend = Callable[[int, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,54 @@ def edm_sigmas(schedule: EDMSchedule, num_steps: int, *, sampler: str) -> Tensor
     return torch.cat([sigmas, last])
 
 
+def edm_start(start: Img2ImgStart | None, x_T: Tensor, sigmas: Tensor, *, schedule: EDMSchedule
+              ) -> tuple[int, Tensor]:
+    """Where an EDM sampler on the (n + 1,) grid ``sigmas`` starts and from what: ``(first, x)`` (B, C, H, W).
+
+    No ``start`` (txt2img): ``(0, x_T·init_noise_sigma)``. Otherwise diffusers' img2img rule for every EDM sampler
+    (:func:`sdadapt.img2img.start_index` ``rule="diffusers"``: ``start.index`` as given, else
+    ``t_start = n − min(int(n·strength), n)``, ``get_timesteps`` in ``pipeline_stable_diffusion_xl_img2img.py``) and
+    the EDM schedulers' ``add_noise`` at ``sigmas[first]``: ``init + x_T·σ`` (``scheduling_edm_euler.py``
+    ``add_noise``, the same in ``scheduling_edm_dpmsolver_multistep.py``; ``prepare_latents`` calls it at the first
+    kept timestep). With ``start.mask`` at strength 1 (no ``index``): ``x_T·init_noise_sigma``, the inpainting
+    pipeline's ``is_strength_max`` start (``pipeline_stable_diffusion_xl_inpaint.py`` ``prepare_latents``).
+    ``first = n`` (strength 0): no step, ``x`` the init latent (diffusers' pipelines refuse it).
+    """
+    if start is None:
+        return 0, x_T * schedule.init_noise_sigma
+    from ..img2img import start_index
+
+    n = sigmas.shape[0] - 1
+    init = start.init_like(x_T).to(torch.float32)
+    if start.mask is not None and start.index is None and start.strength in (None, 1.0):
+        return 0, x_T * schedule.init_noise_sigma
+    first = start_index(start, n, rule="diffusers")
+    if first >= n:
+        return n, init
+    return first, init + x_T.to(torch.float32) * sigmas[first].to(x_T.device)
+
+
+def edm_inpaint_blend(start: Img2ImgStart | None, x_T: Tensor, sigmas: Tensor) -> Blend | None:
+    """diffusers' inpainting blend for a 4-channel UNet (``StableDiffusionXLInpaintPipeline``'s loop, after each
+    ``scheduler.step``): ``blend(i, x)`` after step ``i`` of the (n + 1,) grid ``sigmas`` is
+    ``(1 − m)·p + m·x`` with ``m`` = ``start.mask`` (1 or B, 1, H, W; 1 = repaint) and ``p = init + x_T·σ[i + 1]``
+    (``add_noise`` at the next timestep: the scheduler's ``step_index`` once the step is done), ``p = init`` after
+    the last step. ``None`` without a mask, and for an inpainting UNet (``start.conditioning``: its 9-channel input
+    carries the mask and the masked image; the pipeline blends only for a 4-channel UNet)."""
+    if start is None or start.mask is None or start.conditioning is not None:
+        return None
+    init = start.init_like(x_T).to(torch.float32)
+    mask = start.mask.to(device=x_T.device, dtype=torch.float32)
+    noise = x_T.to(torch.float32)
+    n = sigmas.shape[0] - 1
+
+    def blend(i: int, x: Tensor) -> Tensor:
+        proper = init if i == n - 1 else init + noise * sigmas[i + 1].to(x.device)
+        return (1 - mask) * proper + mask * x
+
+    return blend
+
+
 def _denoised(model: Model, x: Tensor, sigma: Tensor, schedule: EDMSchedule) -> Tensor:
     """``D(x; σ)`` (B, C, H, W) for a 0-dim float32 ``sigma``: the UNet on ``c_in·x`` at ``c_noise``, mixed
     into the denoised latent (diffusers' ``scale_model_input`` then ``precondition_outputs``)."""
@@ -159,19 +220,24 @@ def _denoised(model: Model, x: Tensor, sigma: Tensor, schedule: EDMSchedule) -> 
 
 
 def edm_euler_sample(model: Model, x_T: Tensor, *, schedule: EDMSchedule, num_steps: int,
-                     callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+                     callback: Callable[[int, Tensor, Tensor], None] | None = None,
+                     start: Img2ImgStart | None = None) -> Tensor:
     """Latents (B, C, H, W) from unit noise ``x_T`` (B, C, H, W) by ``EDMEulerScheduler``'s steps.
 
     ``model(x_in, c_noise)``: the guided UNet output ``F`` for the preconditioned input; ``callback(i, σ, x)``
-    after each step.
+    after each step (``i`` the step's index on the whole grid). ``start``: img2img / hires / inpainting from its
+    init latents (:func:`edm_start`, :func:`edm_inpaint_blend`).
     """
     sigmas = edm_sigmas(schedule, num_steps, sampler="euler")
-    x = x_T * schedule.init_noise_sigma
-    for i in range(num_steps):
+    first, x = edm_start(start, x_T, sigmas, schedule=schedule)
+    blend = edm_inpaint_blend(start, x_T, sigmas)
+    for i in range(first, num_steps):
         sigma, after = sigmas[i], sigmas[i + 1]
         x = x.to(torch.float32)
         denoised = _denoised(model, x, sigma, schedule)
         x = x + (x - denoised) / sigma.to(x.device) * (after - sigma).to(x.device)
+        if blend is not None:
+            x = blend(i, x)
         if callback is not None:
             callback(i, sigma, x)
     return x
@@ -179,7 +245,8 @@ def edm_euler_sample(model: Model, x_T: Tensor, *, schedule: EDMSchedule, num_st
 
 def edm_dpmsolver_sample(model: Model, x_T: Tensor, *, schedule: EDMSchedule, num_steps: int,
                          algorithm_type: str = "dpmsolver++", generator: torch.Generator | None = None,
-                         callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
+                         callback: Callable[[int, Tensor, Tensor], None] | None = None,
+                         start: Img2ImgStart | None = None) -> Tensor:
     """Latents (B, C, H, W) from unit noise ``x_T`` by ``EDMDPMSolverMultistepScheduler``'s steps
     (``algorithm_type`` ``dpmsolver++`` or ``sde-dpmsolver++``; the SDE draws each step's noise from
     ``generator`` on its device, then moves it, as diffusers' ``randn_tensor``).
@@ -188,6 +255,9 @@ def edm_dpmsolver_sample(model: Model, x_T: Tensor, *, schedule: EDMSchedule, nu
     (SDE: ``(σ_next/σ)e^{−h}·x + (1 − e^{−2h})·D + σ_next√(1 − e^{−2h})·z``); the second and third orders
     add diffusers' ``D1`` / ``D2`` differences of the previous denoised latents. The order drops at the last
     step(s) by the config's ``lower_order_final`` / ``euler_at_final`` / ``final_sigmas_type`` rule.
+    ``start``: img2img / hires / inpainting (:func:`edm_start`, :func:`edm_inpaint_blend`): the steps from its
+    first index on, the order rules still counted on the whole grid and the history empty at the first step
+    (diffusers' ``set_begin_index``; ``lower_order_nums`` 0); ``callback(i, σ, x)`` with ``i`` on the whole grid.
 
     Raises:
         ValueError: another ``algorithm_type``, or the third order with the SDE (diffusers has none).
@@ -201,10 +271,11 @@ def edm_dpmsolver_sample(model: Model, x_T: Tensor, *, schedule: EDMSchedule, nu
     sigmas = edm_sigmas(schedule, num_steps, sampler="dpmsolver++")
     one = torch.tensor(1)  # (diffusers' alpha_t: an integer tensor)
     lam = [torch.log(one) - torch.log(s) for s in sigmas]  # λ = log α − log σ
-    x = x_T * schedule.init_noise_sigma
+    first, x = edm_start(start, x_T, sigmas, schedule=schedule)
+    blend = edm_inpaint_blend(start, x_T, sigmas)
     outputs: list[Tensor | None] = [None] * order
     lower = 0
-    for i in range(num_steps):
+    for i in range(first, num_steps):
         last = i == num_steps - 1
         final_low = last and (schedule.euler_at_final or (schedule.lower_order_final and num_steps < 15)
                               or schedule.final_sigmas_type == "zero")
@@ -253,18 +324,20 @@ def edm_dpmsolver_sample(model: Model, x_T: Tensor, *, schedule: EDMSchedule, nu
                  + (one * ((torch.exp(-h) - 1.0) / h + 1.0)).to(dev) * d1
                  - (one * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5)).to(dev) * d2)
         lower = min(lower + 1, order)
+        if blend is not None:
+            x = blend(i, x)
         if callback is not None:
             callback(i, sigmas[i], x)
     return x
 
 
-def check_edm_request(name: str, *, karras: bool = False, schedule: str | None = None, start: object = None,
-                      noise: object = None, clip_sample: float | None = None, schedule_options: object = None,
+def check_edm_request(name: str, *, karras: bool = False, schedule: str | None = None, noise: object = None,
+                      clip_sample: float | None = None, schedule_options: object = None,
                       refiner: object = None) -> None:
     """Refuse, before any work, what an EDM model's samplers do not do here: a sampler diffusers has no EDM
     scheduler for (``name``: a name in :data:`sdadapt.samplers.SAMPLERS`), A1111's σ grids and settings,
-    ``karras`` (the EDM grid is Karras' already), img2img / hires / inpainting starts, A1111's noise,
-    ``clip_sample`` and an SDXL refiner handoff (the refiner is a discrete-time model).
+    ``karras`` (the EDM grid is Karras' already), A1111's noise, ``clip_sample`` and an SDXL refiner handoff (the
+    refiner is a discrete-time model). A ``start`` (img2img / hires / inpainting) runs (:func:`edm_start`).
 
     Raises:
         ValueError: naming the option, why, and what works.
@@ -278,7 +351,6 @@ def check_edm_request(name: str, *, karras: bool = False, schedule: str | None =
                                            schedule is not None),
                                           ("schedule options", schedule_options is not None
                                            and not getattr(schedule_options, "is_default", False)),
-                                          ("an init image / hires pass / mask (no EDM img2img here)", start is not None),
                                           ("A1111's noise (its seeds draw for the discrete samplers)", noise is not None),
                                           ("clip_sample", clip_sample is not None),
                                           ("a refiner (the SDXL refiner samples on the discrete DDPM schedule)",
@@ -292,11 +364,14 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
                        sampler: str, schedule: EDMSchedule, num_steps: int, uncond: object | None = None,
                        guidance_scale: float = 1.0, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None,
-                       before_model_call: Callable[[int, int], None] | None = None) -> Tensor:
+                       before_model_call: Callable[[int, int], None] | None = None,
+                       start: Img2ImgStart | None = None) -> Tensor:
     """:func:`sdadapt.samplers.sample_latents` for an EDM model: latents (B, C, H, W) from unit noise ``x_T``
     by ``sampler`` (a name in :data:`EDM_SAMPLERS`), with classifier-free guidance ``u + s·(c − u)`` over the
     UNet outputs when ``uncond`` is given. ``model(x_in, t, cond)``: the system's denoiser (the UNet); ``t`` is
     ``c_noise`` (B,). ``before_model_call(steps_done, calls)``: as :func:`~sdadapt.samplers.sample_latents`.
+    ``start``: img2img / hires fix / inpainting from its init latents (``start.index``, or its strength by
+    diffusers' rule; ``start.mask``: diffusers' inpainting blend), :func:`edm_start`.
 
     Raises:
         ValueError: a sampler diffusers has no EDM scheduler for (names the ones there are).
@@ -314,6 +389,6 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
         return guided(x, t, cond)
 
     if name == "euler":
-        return edm_euler_sample(fn, x_T, schedule=schedule, num_steps=num_steps, callback=callback)
+        return edm_euler_sample(fn, x_T, schedule=schedule, num_steps=num_steps, callback=callback, start=start)
     return edm_dpmsolver_sample(fn, x_T, schedule=schedule, num_steps=num_steps, algorithm_type=EDM_SAMPLERS[name][1],
-                                generator=generator, callback=callback)
+                                generator=generator, callback=callback, start=start)

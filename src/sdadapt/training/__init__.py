@@ -4,6 +4,7 @@
 |---|---|
 | :mod:`.diffusion` | schedules, noising, ε/v/x0 targets, SNR weights, losses, DDIM/Euler samplers, inversion |
 | :mod:`.step` | the one-screen :func:`train_step`, :class:`StepConfig`, resumable :class:`TrainState`, EMA |
+| :mod:`.edm` | the step's EDM branch (Playground v2.5): σ grid, c_in / c_noise / c_skip / c_out, x0 target, as diffusers |
 | :mod:`.optim` | lean optimisers (fp32/bf16/int8 AdamW states, Adafactor), fused backward, LR schedules |
 | :mod:`.lion` | Lion (kohya's ``Lion``): one float32 or bf16 momentum, multi-tensor and capturable steps |
 | :mod:`.prodigy` | Prodigy (kohya's ``Prodigy``): prodigyopt's step-size estimate kept on the device, capturable |
@@ -41,6 +42,7 @@ from . import (
     dadapt,
     diffusion,
     distributed,
+    edm,
     fp8_base,
     grad_checkpointing,
     half_weights,
@@ -68,6 +70,7 @@ from .step_capture import CapturedStep
 __all__ = [
     "attention",
     "diffusion",
+    "edm",
     "step",
     "optim",
     "lr_schedules",

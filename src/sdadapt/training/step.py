@@ -20,15 +20,19 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from . import diffusion
+from . import diffusion, edm
 from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .half_weights import found_inf, loss_scaler
 from .optim import FusedBackward, restore_capturable_mode
+
+if TYPE_CHECKING:
+    from ..samplers.edm import EDMSchedule
 
 __all__ = [
     "StepConfig",
@@ -71,6 +75,9 @@ class StepConfig:
     mixed_precision: str | None = None  # None | "bf16" | "fp16"
     channels_last: bool = False  # feed NHWC latents (use with model.to(memory_format=torch.channels_last))
     sdpa_backends: tuple[str, ...] | None = None  # attention kernels to try in order (training.attention); None: torch's choice
+    # an EDM-formulation model's schedule (the system's ``edm``, Playground v2.5): σ-grid noising, c_in / c_noise /
+    # c_skip / c_out preconditioning and the x0 target, as diffusers' EDM training (training.edm); None: DDPM
+    edm: EDMSchedule | None = None
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in (None, "bf16", "fp16"):
@@ -100,6 +107,11 @@ class StepConfig:
             if unknown or not self.sdpa_backends:
                 raise ValueError(f"sdpa_backends must be a non-empty sequence of {', '.join(SDPA_BACKENDS)} (or None), "
                                  f"got {self.sdpa_backends!r}")
+        if self.edm is not None:
+            clashes = edm.edm_step_clashes(self)
+            if clashes:
+                raise ValueError("an EDM-formulation model (Playground v2.5) trains on σ and an x0 target, so these options "
+                                 "have no meaning for it: " + "; ".join(clashes))
 
 
 class EMA:
@@ -220,6 +232,10 @@ def prepare_batch(
     debiased × P2; kohya's ``scale_v_pred_loss_like_noise_pred`` and ``v_pred_like_loss`` in kohya's
     order, between min-SNR and debiased — :func:`~sdadapt.training.diffusion.noise_like_scale`).
 
+    With ``config.edm`` (an EDM model, :mod:`~sdadapt.training.edm`) the timesteps are indices of the σ grid
+    (0: σ_max), ``"x_t"`` is the UNet's input ``c_in·x_σ``, ``"t"`` its ``c_noise``, ``"target"`` the clean latents,
+    and ``"edm_skip"`` / ``"edm_out"`` turn the UNet output into the denoised latent (:func:`step_loss`).
+
     ``prior=(class_batch, weight)``: DreamBooth's prior preservation as a second forward — the class
     batch prepared the same way (its draws after the batch's) under ``"prior"``, ``weight`` under
     ``"prior_weight"``; :func:`step_loss` adds ``weight`` × its loss.
@@ -238,10 +254,16 @@ def prepare_batch(
         noise = noisy_input = batch["noise"]  # type: ignore[assignment]
     if batch.get("timesteps") is not None:
         t = batch["timesteps"]  # type: ignore[assignment]
-    x_t = diffusion.add_noise(latents, noisy_input, t, alphas_cumprod)
+    preconditioned: dict[str, Tensor] = {}
+    if config.edm is not None:  # (EDM: t indexes the σ grid; the model gets c_in·x_σ at c_noise, training.edm)
+        preconditioned = edm.edm_inputs(latents, noisy_input, t, schedule=config.edm,
+                                        num_train_timesteps=alphas_cumprod.shape[0])
+        x_t, model_t, target = preconditioned.pop("x_t"), preconditioned.pop("t"), preconditioned.pop("target")
+    else:
+        x_t, model_t = diffusion.add_noise(latents, noisy_input, t, alphas_cumprod), t
+        target = diffusion.target_for(config.prediction_type, latents, noise, t, alphas_cumprod)
     if config.channels_last and x_t.ndim == 4:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
-    target = diffusion.target_for(config.prediction_type, latents, noise, t, alphas_cumprod)
 
     # (B,) per-sample weights; None stands for all ones until a factor comes (1 * w is w exactly: no fill and
     # multiply on the device per step for nothing)
@@ -269,8 +291,8 @@ def prepare_batch(
     if config.loss in ("huber", "smooth_l1") and config.huber_schedule != "constant":
         huber_c = diffusion.huber_c_for(t, huber_c=config.huber_c, schedule=config.huber_schedule, alphas_cumprod=alphas_cumprod,
                                         scale=config.huber_scale)
-    prepared = {"x_t": x_t, "t": t, "cond": batch.get("cond"), "target": target, "weights": weights.float(),
-                "huber_c": huber_c, "latents": latents}
+    prepared = {"x_t": x_t, "t": model_t, "cond": batch.get("cond"), "target": target, "weights": weights.float(),
+                "huber_c": huber_c, "latents": latents, **preconditioned}
     if batch.get("loss_mask") is not None:  # (B, 1, h, w) in [0, 1]: kohya's masked loss
         prepared["loss_mask"] = batch["loss_mask"]
     if prior is not None:
@@ -287,7 +309,8 @@ ExtraLoss = Callable[[Mapping[str, object], Tensor], Tensor]
 
 def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig,
               extra_loss: ExtraLoss | None = None, *, autocast_cache: bool = True) -> Tensor:
-    """Forward under the configured autocast and the weighted loss (0-dim, float32), plus
+    """Forward under the configured autocast (an EDM model's output mixed into its denoised latent,
+    :func:`~sdadapt.training.edm.edm_denoised`) and the weighted loss (0-dim, float32), plus
     ``prior_weight`` × the class batch's loss when ``prepared`` holds a ``"prior"``
     (:func:`prepare_batch`'s ``prior=``), plus ``extra_loss(prepared, prediction)`` when given (times
     ``prepared["share"]`` when there: a data-parallel rank's share of an uneven global batch,
@@ -299,6 +322,8 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
                 if dtype is not None else nullcontext())
     with autocast, sdpa_backends(config.sdpa_backends):
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
+    if "edm_out" in prepared:  # (EDM: the denoised latent c_skip·x_σ + c_out·F is what the loss sees, training.edm)
+        prediction = edm.edm_denoised(prepared, prediction)
     loss = diffusion.diffusion_loss(
         prediction.float(), prepared["target"].float(), weights=prepared["weights"],  # type: ignore[union-attr]
         kind=config.loss, huber_c=prepared["huber_c"], mask=prepared.get("loss_mask"),  # type: ignore[arg-type]
