@@ -57,8 +57,9 @@ CONFIGS = {
 
 
 # ----------------------------------------------------------------------------------- inputs
-def make_checkpoint(path: Path) -> Path:
-    """SD1.5's UNet keys and shapes (LDM names), fp16 values uniform in ±0.05 (one tensor in memory at a time)."""
+def make_checkpoint(path: Path, keep=None) -> Path:
+    """SD1.5's UNet keys and shapes (LDM names), fp16 values uniform in ±0.05 (one tensor in memory at a time);
+    ``keep(key)``: only the keys it accepts (a smaller checkpoint)."""
     from merge_layouts import layout
 
     from sdadapt.merge.writer import write_streaming
@@ -66,7 +67,7 @@ def make_checkpoint(path: Path) -> Path:
     if path.exists():
         return path
     shapes = layout("sd1-unet")
-    plan = {k: (torch.float16, tuple(s)) for k, s in shapes.items()}
+    plan = {k: (torch.float16, tuple(s)) for k, s in shapes.items() if keep is None or keep(k)}
     g = torch.Generator().manual_seed(1)
 
     def tensors():
@@ -76,8 +77,9 @@ def make_checkpoint(path: Path) -> Path:
     return write_streaming(path, plan, tensors(), overwrite=True)
 
 
-def make_lora(path: Path, family: str) -> Path:
-    """A rank-16 file of ``family`` on the UNet's attention, resnet and sampler layers (kohya names, fp16)."""
+def make_lora(path: Path, family: str, keep=None) -> Path:
+    """A rank-16 file of ``family`` on the UNet's attention, resnet and sampler layers (kohya names, fp16);
+    ``keep(name)``: only the (diffusers) layer names it accepts."""
     from merge_layouts import SD15_UNET, diffusers_shapes
 
     from sdadapt.formats import save_kohya
@@ -89,7 +91,7 @@ def make_lora(path: Path, family: str) -> Path:
     for key, shape in diffusers_shapes(SD15_UNET).items():
         name = key[len("unet."):-len(".weight")]
         if not key.endswith(".weight") or len(shape) not in (2, 4) or not any(
-                part in name for part in (".attentions.", ".resnets.", "samplers.")):
+                part in name for part in (".attentions.", ".resnets.", "samplers.")) or (keep is not None and not keep(name)):
             continue
         module = build_adapter(CONFIGS[family], LayerGeometry.from_weight_shape(shape), device="meta")
         for suffix, value in module.file_tensors().items():

@@ -26,6 +26,13 @@ over ``baseline`` (after the imports, before the bake). Both outputs are compare
 must not move a bit).
 
     OMP_NUM_THREADS=2 python benchmarks/merge_lora_memory.py [--families lora loha lokr full] [--work DIR]
+        [--quick] [--paths head sdadapt before] [--before SRC]
+
+``--quick``: only the UNet's first up block (LDM ``output_blocks.0-2``: three 1280-channel resnets and the
+upsampler, SD1.5's largest layers; a 324 MiB checkpoint) — each bake in seconds, the per-layer peaks the same.
+``--before SRC``: a third path, ``before``, the bake of another sdadapt source tree (e.g. ``git archive HEAD
+src | tar -x -C DIR``, then ``--before DIR/src``), compared bit for bit with ``sdadapt``; ``--paths`` picks the
+paths run (default ``head sdadapt``, plus ``before`` when given).
 
 Writes ``benchmarks/results/merge_lora_memory.json`` (``--out`` to change).
 """
@@ -56,9 +63,9 @@ FAMILIES = ("lora", "loha", "lokr", "full")
 
 
 # ----------------------------------------------------------------------------------- inputs
-def make_full(path: Path) -> Path:
+def make_full(path: Path, keep=None) -> Path:
     """A full-delta file (``diff``, and ``diff_b`` where the layer has a bias; fp16, values ~N(0, 0.002)) on
-    merge_lora_bake's layers."""
+    merge_lora_bake's layers (``keep(name)``: only those it accepts)."""
     from merge_layouts import SD15_UNET, diffusers_shapes
 
     from sdadapt.formats import save_kohya
@@ -71,7 +78,7 @@ def make_full(path: Path) -> Path:
     for key, shape in shapes.items():
         name = key[len("unet."):-len(".weight")]
         if not key.endswith(".weight") or len(shape) not in (2, 4) or not any(
-                part in name for part in (".attentions.", ".resnets.", "samplers.")):
+                part in name for part in (".attentions.", ".resnets.", "samplers.")) or (keep is not None and not keep(name)):
             continue
         state[f"{name}.diff"] = torch.empty(shape, dtype=torch.float16).normal_(0.0, 0.002, generator=g)
         if key[: -len("weight")] + "bias" in shapes:
@@ -80,11 +87,20 @@ def make_full(path: Path) -> Path:
     return path
 
 
-def make_inputs(work: Path, family: str) -> tuple[Path, Path]:
+#: --quick: the first up block (LDM output_blocks.0-2 = diffusers up_blocks.0)
+QUICK_CHECKPOINT = tuple(f"model.diffusion_model.output_blocks.{i}." for i in range(3))
+QUICK_LAYERS = "up_blocks.0."
+
+
+def make_inputs(work: Path, family: str, *, quick: bool = False) -> tuple[Path, Path]:
     from merge_lora_bake import make_checkpoint, make_lora
 
-    base = make_checkpoint(work / "sd15-unet.safetensors")
-    lora = make_full(work / "full.safetensors") if family == "full" else make_lora(work / f"{family}.safetensors", family)
+    tag = "-quick" if quick else ""
+    keep_key = (lambda key: key.startswith(QUICK_CHECKPOINT)) if quick else None
+    keep_layer = (lambda name: name.startswith(QUICK_LAYERS)) if quick else None
+    base = make_checkpoint(work / f"sd15-unet{tag}.safetensors", keep_key)
+    lora = (make_full(work / f"full{tag}.safetensors", keep_layer) if family == "full"
+            else make_lora(work / f"{family}{tag}.safetensors", family, keep_layer))
     return base, lora
 
 
@@ -98,7 +114,8 @@ def _status_kib(field: str) -> int:
 
 
 def child(path: str, base: str, lora: str, out: str) -> dict:
-    """Bake ``lora`` into ``base`` with ``path`` ("head" or "sdadapt"); the numbers, as a dict."""
+    """Bake ``lora`` into ``base`` with ``path`` ("head", or "sdadapt" / "before": the BakedCheckpoint of the
+    sdadapt on PYTHONPATH); the numbers, as a dict."""
     from merge_lora_head import HeadBake, head_patched
 
     from sdadapt.loratools.bake import BakedCheckpoint
@@ -147,11 +164,11 @@ def same_files(a: Path, b: Path) -> bool:
     return same(a, b)
 
 
-def run_child(path: str, base: Path, lora: Path, out: Path) -> dict:
+def run_child(path: str, base: Path, lora: Path, out: Path, *, src: Path = ROOT / "src") -> dict:
     out.unlink(missing_ok=True)
     result = subprocess.run(
         [sys.executable, __file__, "--child", path, str(base), str(lora), str(out)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(src)},
     )
     if result.returncode:
         raise SystemExit(f"the {path} bake of {lora.name} failed:\n{result.stderr[-3000:]}")
@@ -163,8 +180,14 @@ def main(argv=None) -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--work", default=None, help="folder for the inputs and outputs (default: a temporary one, removed)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "merge_lora_memory.json"))
+    parser.add_argument("--quick", action="store_true", help="only the first up block (seconds a bake)")
+    parser.add_argument("--before", default=None, metavar="SRC", help="another sdadapt source tree: the 'before' path")
+    parser.add_argument("--paths", nargs="+", default=None, choices=["head", "sdadapt", "before"])
     parser.add_argument("--child", nargs=4, metavar=("PATH", "BASE", "LORA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    paths = args.paths or ["head", "sdadapt", *(["before"] if args.before else [])]
+    if "before" in paths and not args.before:
+        parser.error("--paths before needs --before SRC")
     if args.child:
         print(json.dumps(child(*args.child)))
         return
@@ -175,22 +198,25 @@ def main(argv=None) -> None:
         print(f"{'file':5} {'MiB':>6} {'path':8} {'wall s':>7} {'CPU s':>6} {'peak RSS':>9} {'peak anon':>10} "
               f"{'held':>7}  (MiB over the baseline)")
         for family in args.families:
-            base, lora = make_inputs(work, family)
+            base, lora = make_inputs(work, family, quick=args.quick)
             runs = {}
-            for path in ("head", "sdadapt"):  # (fresh processes: the order does not matter for the peaks)
-                runs[path] = run_child(path, base, lora, work / f"{path}.safetensors")
+            for path in paths:  # (fresh processes: the order does not matter for the peaks)
+                src = Path(args.before) if path == "before" else ROOT / "src"
+                runs[path] = run_child(path, base, lora, work / f"{path}.safetensors", src=src)
                 r = runs[path]
                 print(f"{family:5} {lora.stat().st_size / 2**20:>6.0f} {path:8} {r['wall_s']:>7.1f} {r['cpu_s']:>6.1f} "
                       f"{r['peak_rss_mib']:>9.0f} {r['peak_anon_mib']:>10.0f} {r['held_mib']:>7.0f}", flush=True)
-            equal = same_files(work / "head.safetensors", work / "sdadapt.safetensors")
+            ran = [work / f"{path}.safetensors" for path in paths]
+            equal = all(same_files(ran[0], other) for other in ran[1:])
             rows.append({"family": family, "file_mib": lora.stat().st_size / 2**20,
                          "checkpoint_mib": base.stat().st_size / 2**20, "bit_identical": equal, **runs})
             if not equal:
-                raise SystemExit(f"{family}: the two bakes differ; the change must be bit-identical")
+                raise SystemExit(f"{family}: the bakes ({', '.join(paths)}) differ; the change must be bit-identical")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"checkpoint": "SD1.5 UNet shapes (sd1-unet layout), fp16, random", "strength": 0.8, **environment(),
+    result = {"checkpoint": "SD1.5 UNet shapes (sd1-unet layout), fp16, random"
+              + (" — --quick: output_blocks.0-2 only" if args.quick else ""), "strength": 0.8, **environment(),
               "rows": rows}
     print(f"wrote {write_result(args.out, result)}")
 

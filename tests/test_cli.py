@@ -78,7 +78,7 @@ def test_inspect_kohya_file(tmp_path, capsys):
     assert summary["dtypes"] == {"float16": 8, "float32": 4}  # alphas stay float32
     assert summary["size_bytes"] == path.stat().st_size
     assert summary["metadata"]["ss_network_dim"] == "4"
-    assert summary["metadata"]["ss_network_alpha"] == "2"
+    assert summary["metadata"]["ss_network_alpha"] == "2.0"  # (kohya's str(float))
     assert summary["metadata"]["modelspec.title"] == "style"
 
     text = _inspect_text(capsys, path)

@@ -235,6 +235,7 @@ def test_a_state_saved_with_the_old_mapping_is_refused(monkeypatch, tmp_path):
     meta = json.loads((tmp_path / "s" / "state.json").read_text())
     assert meta["micro_step"] == 5
     meta["micro_step"] = 6  # the old version's step 3: 3 · A batches, one of them epoch 2's
+    del meta["batches_per_epoch"]  # (the old version recorded no epoch length)
     (tmp_path / "s" / "state.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="saved by an older sdadapt"):
         _fit(5, 2, monkeypatch, schedule="constant", resume=tmp_path / "s")

@@ -382,7 +382,7 @@ def test_kohya_metadata_fields(tmp_path):
     _, metadata = load_kohya(path)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     assert metadata["ss_network_dim"] == "4"
-    assert metadata["ss_network_alpha"] == "2"
+    assert metadata["ss_network_alpha"] == "2.0"  # kohya's str(float) (extract_lora_from_models.py:253)
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "0.5"}
     assert metadata["ss_network_module"] == "networks.lora"
     assert metadata["ss_v2"] == "False"
@@ -393,7 +393,8 @@ def test_kohya_metadata_fields(tmp_path):
     assert metadata["modelspec.implementation"] == "diffusers"
     assert metadata["modelspec.title"] == "meta_test"
     assert metadata["modelspec.resolution"] == "512x512"
-    assert datetime.fromisoformat(metadata["modelspec.date"]).tzinfo is not None
+    date = datetime.fromisoformat(metadata["modelspec.date"])  # kohya's: local time, whole seconds, no offset
+    assert date.tzinfo is None and metadata["modelspec.date"] == date.isoformat() and len(metadata["modelspec.date"]) == 19
     assert metadata["modelspec.implementation_version"].startswith("sdadapt/")
 
 

@@ -206,7 +206,7 @@ def test_resize_keeps_training_metadata_and_updates_what_it_changed(tmp_path):
     source = dict(read_weights(src)[1])
     assert meta["ss_training_comment"] == kohya_resize_comment(source, 2, 3, 8) == \
         "dimension is resized from 8 to 2 (conv: 3); my style"
-    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "2", "1")
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "2", "1.0")
     # the training args stay, the shape args are the new file's (no stale conv_dim 4, no block_dims of 8)
     assert json.loads(meta["ss_network_args"]) == {"dropout": "0.1", "conv_dim": "3", "conv_alpha": "3"}
     assert {k: meta[k] for k in TRAINING if k != "ss_training_comment"} == \
@@ -265,7 +265,7 @@ def test_combine_writes_fresh_metadata_dynamic_when_ranks_differ(tmp_path):
     assert meta["ss_network_dim"] == "Dynamic"
     alphas = {float(v) for k, v in read_weights(tmp_path / "ac.safetensors")[0].items() if k.endswith(".alpha")
               and CONV not in k}
-    assert meta["ss_network_alpha"] == ("Dynamic" if len(alphas) > 1 else f"{alphas.pop():g}")
+    assert meta["ss_network_alpha"] == ("Dynamic" if len(alphas) > 1 else str(alphas.pop()))  # (merge_lora.py: str(float))
     combine_loras([a, b], tmp_path / "svd.safetensors", mode="svd", rank=4)
     meta = _file_hashes_ok(tmp_path / "svd.safetensors")
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "4")

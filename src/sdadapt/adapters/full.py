@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import AdapterModule, LayerGeometry
+from .lora import _scaled
 
 __all__ = ["FullConfig", "FullModule"]
 
@@ -47,6 +48,8 @@ class FullModule(AdapterModule):
     """
 
     family: ClassVar[str] = "full"
+    #: parameters a working copy may hand over to its delta (adapter_working_copy(consumable=True) sets it)
+    _consumable: frozenset[str] = frozenset()
     file_keys: ClassVar[tuple[str, ...]] = ("diff", "diff_b")
     marker_keys: ClassVar[tuple[str, ...]] = ("diff", "diff_b")
     linear_keys: ClassVar[tuple[str, ...]] = ("diff", "diff_b")
@@ -77,7 +80,20 @@ class FullModule(AdapterModule):
         return self.diff.dtype
 
     def delta_weight(self) -> Tensor:
-        """(out, in, *k): ``multiplier · diff``."""
+        """(out, in, *k): ``multiplier · diff``.
+
+        A working copy made with ``consumable`` (:func:`~sdadapt.adapters.registry.adapter_working_copy`:
+        ``merge-lora``'s float32 copy of an fp16 file's layer) scales its own ``diff`` in place and hands
+        it over (no second tensor of the layer's size; the copy has no ``diff`` after); otherwise a new
+        tensor."""
+        if self.diff is None:
+            raise RuntimeError("this working copy's diff was handed over by its delta_weight (consumable); make a "
+                               "new working copy for another delta")
+        if "diff" in self._consumable and not (torch.is_grad_enabled() and self.diff.requires_grad):
+            diff = self.diff.detach()
+            self.diff = None  # (handed over: scaled in place below)
+            self._consumable = self._consumable - {"diff"}
+            return _scaled(diff, self.scale)
         return self.diff * self.scale
 
     def bias_delta(self) -> Tensor | None:

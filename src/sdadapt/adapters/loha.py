@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import AdapterModule, LayerGeometry, check_ranks_and_rates, rank_alpha_for, refresh_scale_after_load
-from .lora import lora_scale
+from .lora import _scaled, lora_scale
 from .tucker import rebuild_tucker
 
 __all__ = ["LoHaConfig", "LoHaModule", "loha_delta_weight"]
@@ -58,17 +58,28 @@ def loha_delta_weight(
 
     Returns:
         (out, in, *kernel).
+
+    Two allocations of the delta's size: the second half's product is multiplied into the first's
+    and the result scaled in place (the same kernels as ``a * b * scale``, bit for bit; autograd
+    keeps what it needs itself).
     """
     if (t1 is None) != (t2 is None):
         raise ValueError("LoHa Tucker form needs both hada_t1 and hada_t2")
     if t1 is not None:
-        return rebuild_tucker(t1, w1_a, w1_b) * rebuild_tucker(t2, w2_a, w2_b) * scale  # type: ignore[arg-type]
+        return _scaled(_product(rebuild_tucker(t1, w1_a, w1_b), rebuild_tucker(t2, w2_a, w2_b)), scale)  # type: ignore[arg-type]
     out_features = w1_a.shape[0]
     # (out, r) @ (r, in*k) -> (out, in*k), twice, elementwise product
-    delta = (w1_a.reshape(out_features, -1) @ w1_b.reshape(w1_b.shape[0], -1)) * (
-        w2_a.reshape(out_features, -1) @ w2_b.reshape(w2_b.shape[0], -1)
-    )
-    return (delta * scale).reshape(out_features, -1, *kernel)
+    delta = _product(w1_a.reshape(out_features, -1) @ w1_b.reshape(w1_b.shape[0], -1),
+                     w2_a.reshape(out_features, -1) @ w2_b.reshape(w2_b.shape[0], -1))
+    return _scaled(delta, scale).reshape(out_features, -1, *kernel)
+
+
+def _product(first: Tensor, second: Tensor) -> Tensor:
+    """``first * second``, in place in ``first`` (a fresh product of the caller's) when that gives the same
+    dtype and shape."""
+    if first.dtype == second.dtype and first.shape == second.shape:
+        return first.mul_(second)
+    return first * second
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import AdapterModule, LayerGeometry, check_ranks_and_rates, rank_alpha_for, refresh_scale_after_load
-from .lora import lora_scale
+from .lora import _scaled, lora_scale
 from .tucker import rebuild_tucker
 
 __all__ = ["LoKrConfig", "LoKrModule", "lokr_delta_weight", "lokr_layout", "factorization"]
@@ -75,9 +75,12 @@ def lokr_delta_weight(w1: Tensor, w2: Tensor, scale: float | Tensor = 1.0) -> Te
 
     Returns:
         (a·b, c·d, *kernel).
+
+    One allocation of the delta's size: the Kronecker product is scaled in place (bit for bit
+    ``kron * scale``).
     """
     w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))  # (a, c, 1, 1) for convs
-    return torch.kron(w1, w2.contiguous()) * scale
+    return _scaled(torch.kron(w1, w2.contiguous()), scale)
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def lora_delta_weight(
     return _scaled(delta, scale).reshape(out_features, *down.shape[1:])
 
 
-def _scaled(product: Tensor, scale: float | Tensor) -> Tensor:
+def _scaled(product: Tensor, scale: float | Tensor) -> Tensor:  # (also LoHa's, LoKr's and full's)
     """``product * scale``, in place in ``product`` (a fresh tensor of the caller's) when that is the
     same tensor: a Python number, or a 0-dim tensor that keeps ``product``'s dtype (an out-of-place
     multiply otherwise). Autograd takes it as it takes ``product * scale`` (a scale that needs a

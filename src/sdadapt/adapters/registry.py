@@ -302,7 +302,8 @@ def adapter_layer_delta(
     multiplier set to ``scale``; everything else is :func:`file_layer_delta`'s.
 
     Args:
-        weight: compute ``ΔW``; ``False``: only ``Δb`` (``ΔW`` is ``None``, ``base_weight`` is not read).
+        weight: compute ``ΔW``; ``False``: only ``Δb`` (``ΔW`` is ``None``, ``base_weight`` is not read;
+            only the module's vectors and scalars, what ``Δb`` reads, are moved to ``dtype``).
 
     Returns:
         ``ΔW`` (out, in, *kernel) (``None`` when not ``weight``) and ``Δb`` (out,) or ``None``, in ``dtype``.
@@ -311,7 +312,13 @@ def adapter_layer_delta(
         ValueError: ``weight`` and a missing ``base_weight`` for a family that reads it (DoRA).
     """
     device = base_weight.device if base_weight is not None else None
-    module = module.to(device=device, dtype=dtype)
+    if weight:
+        module = module.to(device=device, dtype=dtype)
+    else:  # (Δb reads only vectors and scalars: a weight-sized tensor is neither copied nor converted)
+        with torch.no_grad():
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.is_floating_point() and tensor.dim() <= 1 and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
     if weight and module.uses_base_weight and base_weight is None:
         raise ValueError(f"{name}: a {module.family} layer needs the base weight to compute its delta")
     module.set_multiplier(scale)
@@ -325,7 +332,8 @@ def adapter_layer_delta(
     return delta, bias
 
 
-def adapter_working_copy(module: AdapterModule, dtype: torch.dtype) -> AdapterModule:
+def adapter_working_copy(module: AdapterModule, dtype: torch.dtype, *, vectors_only: bool = False,
+                         consumable: bool = False) -> AdapterModule:
     """A copy of ``module`` whose floating parameters and buffers are in ``dtype``, ``module`` untouched.
 
     For a caller that keeps modules at the file's dtype and computes each delta in float32
@@ -336,15 +344,32 @@ def adapter_working_copy(module: AdapterModule, dtype: torch.dtype) -> AdapterMo
     functions read their parameters, never write them); buffers are always copied (the copy's
     ``set_multiplier`` fills its own ``scale``). Other tensors the module holds as plain attributes
     are deep-copied as :func:`copy.deepcopy` does.
+
+    ``vectors_only``: only the vectors and scalars are converted (what a bias delta reads:
+    :func:`adapter_layer_delta` with ``weight=False``); the other parameters are shared as they are
+    (a full delta's bias costs no float32 copy of its ``diff``). ``consumable``: the copy is for one
+    delta, which may hand over the parameters the copy converted (a full delta scales its float32
+    ``diff`` in place rather than allocating a second one: :meth:`~sdadapt.adapters.full.FullModule.delta_weight`); a
+    parameter shared with ``module`` is never handed over.
     """
     memo: dict[int, object] = {}
-    for tensor in module.parameters():
-        if tensor.is_floating_point() and id(tensor) not in memo:
-            memo[id(tensor)] = nn.Parameter(tensor.detach().to(dtype), requires_grad=tensor.requires_grad)
+    fresh: set[str] = set()
+    for name, tensor in module.named_parameters():
+        if id(tensor) in memo:
+            continue
+        if tensor.is_floating_point() and (tensor.dim() <= 1 or not vectors_only):
+            memo[id(tensor)] = converted = nn.Parameter(tensor.detach().to(dtype), requires_grad=tensor.requires_grad)
+            if converted.data_ptr() != tensor.data_ptr():
+                fresh.add(name)
+        else:
+            memo[id(tensor)] = tensor  # (shared: its delta functions only read it)
     for tensor in module.buffers():
         if id(tensor) not in memo:
             memo[id(tensor)] = tensor.detach().to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
-    return copy.deepcopy(module, memo)
+    working = copy.deepcopy(module, memo)
+    if consumable and hasattr(type(working), "_consumable"):
+        working._consumable = frozenset(fresh)  # type: ignore[attr-defined]
+    return working
 
 
 def weight_shape_of_file_tensors(tensors: Mapping[str, Tensor], *, name: str = "<layer>") -> tuple[int, ...] | None:

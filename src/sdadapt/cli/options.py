@@ -187,7 +187,8 @@ class ProgressBar:
 
         merge weighted-sum [#########.....................]  30/100  12.5 tensor/s  ETA 0:06
 
-    ``info``: a float is shown as ``loss 0.1234``, a string (the item just done) after the ETA.
+    ``info``: a float is shown as ``loss 0.1234`` (``info_name`` in place of ``loss``: the train bar's
+    ``avr_loss``, kohya's), a string (the item just done) after the ETA.
 
     Args:
         label: what runs (the bar's title).
@@ -200,8 +201,9 @@ class ProgressBar:
     width = 30
 
     def __init__(self, label: str, *, unit: str = "it", stream: TextIO | None = None, use_tqdm: bool | None = None,
-                 min_interval: float = 0.1, clock: Callable[[], float] = time.perf_counter) -> None:
+                 min_interval: float = 0.1, clock: Callable[[], float] = time.perf_counter, info_name: str = "loss") -> None:
         self.label = label
+        self.info_name = info_name
         self.unit = unit
         self._stream = stream
         self._use_tqdm = use_tqdm
@@ -245,7 +247,7 @@ class ProgressBar:
         if bar.total != total:
             bar.total = total
         if isinstance(info, (int, float)) and not isinstance(info, bool):
-            bar.set_postfix(loss=f"{info:.4f}", refresh=False)
+            bar.set_postfix({self.info_name: f"{info:.4f}"}, refresh=False)
         elif isinstance(info, str):
             bar.set_postfix_str(_shorten(info), refresh=False)
         bar.update(done - bar.n)
@@ -264,7 +266,7 @@ class ProgressBar:
             rate_text, eta_text = f"? {self.unit}/s", "ETA ?"
         parts = [f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}]", count, rate_text, eta_text]
         if isinstance(info, (int, float)) and not isinstance(info, bool):
-            parts.append(f"loss {info:.4f}")
+            parts.append(f"{self.info_name} {info:.4f}")
         elif isinstance(info, str) and info:
             parts.append(_shorten(info))
         line = "  ".join(parts)
@@ -303,9 +305,9 @@ def _shorten(text: str, limit: int = 48) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
-def progress_bar(args: argparse.Namespace, label: str, *, unit: str = "it") -> ProgressBar | None:
-    """The bar for a command run with ``args`` (``None`` with ``-q``)."""
-    return None if getattr(args, "quiet", False) else ProgressBar(label, unit=unit)
+def progress_bar(args: argparse.Namespace, label: str, *, unit: str = "it", info_name: str = "loss") -> ProgressBar | None:
+    """The bar for a command run with ``args`` (``None`` with ``-q``); ``info_name``: what its number is."""
+    return None if getattr(args, "quiet", False) else ProgressBar(label, unit=unit, info_name=info_name)
 
 
 def close_progress() -> None:

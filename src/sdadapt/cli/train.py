@@ -803,6 +803,22 @@ def _apply_kohya_defaults(method: str, values: dict, chosen: dict, *, method_opt
     return "kohya", note
 
 
+def _kohya_alpha_text(raw: Any) -> str | None:
+    """``ss_network_alpha`` as kohya's ``train_network.py`` writes the alpha given (``str(args.network_alpha)``,
+    sd-scripts@48d368fa ``train_network.py:1022,1223``): a command-line value through argparse's
+    ``type=float`` (``"2"`` -> ``"2.0"``), a TOML number as TOML typed it (``read_config_from_file`` puts
+    it in the namespace untouched: ``2`` -> ``"2"``, ``2.0`` -> ``"2.0"``); ``None`` when not given (or
+    not a number: the option's own check names it)."""
+    if raw is None or isinstance(raw, bool):
+        return None
+    if isinstance(raw, (int, float)):
+        return str(raw)
+    try:
+        return str(float(raw))
+    except (TypeError, ValueError):
+        return None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -810,7 +826,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..training.data_parallel import is_main_process
 
     method_options = _method_options()
-    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options", "config_defaults"}
+    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options", "config_defaults", "network_alpha_text"}
     given = {k: v for k, v in vars(args).items() if v is not _UNSET and k in fields}
     given_methods = {name: getattr(args, f"mo_{name}") for name in method_options
                      if getattr(args, f"mo_{name}", _UNSET) is not _UNSET}
@@ -843,10 +859,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_lycoris_args(args.method, chosen)
     _drop_lycoris_ignored(args.method, chosen, keep=set(given_methods), notes=notes)
     config_defaults = "sdadapt"
+    alpha_text = _kohya_alpha_text(chosen.get("alpha"))
     if kohya:  # a kohya config: kohya's defaults for what it and the flags leave out
         config_defaults, note = _apply_kohya_defaults(args.method, values, chosen, method_options=method_options)
         if note is not None:
             notes.append(note)
+        if alpha_text is None and "alpha" in chosen:  # kohya's --network_alpha default, the int 1 (argparse does
+            alpha_text = "1"  # not pass a default through type=float): str() writes "1"
     if values.get("images") is None and values.get("dataset_config") is None and values.get("in_json") is None \
             and values.get("concepts_list") is None:
         raise ValueError("no images: pass --images DIR or --dataset-config TOML (or images = 'DIR' / dataset_config = "
@@ -861,7 +880,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"dtype must be keep, fp32, fp16 or bf16, got {dtype!r}")
     main = is_main_process()  # under torchrun: rank 0 reports (the others train silently)
     quiet = bool(args.quiet) or not main
-    options = TrainOptions(**values, method_options=chosen, dtype=torch_dtype(dtype), config_defaults=config_defaults)
+    options = TrainOptions(**values, method_options=chosen, dtype=torch_dtype(dtype), config_defaults=config_defaults,
+                           network_alpha_text=alpha_text if "alpha" in chosen else None)
 
     def log(line: str) -> None:
         if not quiet:
@@ -873,7 +893,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     def bars(label: str, unit: str):
         return progress_bar(argparse.Namespace(quiet=quiet), label, unit=unit)
 
-    result = run_train(args.method, options, progress=progress_bar(argparse.Namespace(quiet=quiet), args.method, unit="step"),
+    # (kohya's bar shows avr_loss, the moving average of the batch losses: train_network.py:1513-1516)
+    result = run_train(args.method, options, progress=progress_bar(argparse.Namespace(quiet=quiet), args.method, unit="step",
+                                                                   info_name="avr_loss"),
                        bars=bars, log=log)
     if not main:
         return 0

@@ -18,7 +18,7 @@ from torch import Tensor
 from .detect import KOHYA_LAYOUT_KINDS, describe_file, detect_kind
 from .diffusers import from_diffusers, load_diffusers, load_peft, save_diffusers, save_peft, to_diffusers
 from .embeddings import EMBEDDING_FORMATS, load_embedding, save_embedding
-from .files import WeightFileError, read_safetensors_header, read_weights, write_safetensors
+from .files import WeightFileError, read_safetensors_header, read_weights, sniff_format, write_safetensors
 from .kohya import from_kohya, load_kohya, save_kohya, to_kohya
 from .layers import LayerNotFoundError, canonical_state, resolve_layers
 from .model_keys import (
@@ -95,9 +95,13 @@ def load_lora(
     if os.path.isdir(path):  # (the metadata of its adapter_model.safetensors: training metadata carried there)
         weights = os.path.join(path, "adapter_model.safetensors")
         return {"model": load_peft(path)}, (read_safetensors_header(weights)[1] if os.path.isfile(weights) else {})
-    state, metadata = read_weights(path)
-    kind = detect_kind(list(state), metadata)
-    del state  # (the loaders read the file again: one copy of a 1.6 GiB full-delta file in memory, not two)
+    if os.path.isfile(path) and sniff_format(path) == "safetensors":  # the kind from the header: the file read once
+        header, metadata = read_safetensors_header(path)
+        kind = detect_kind(list(header), metadata)
+    else:  # (a legacy pickle: its keys are in the pickle; the loaders read it again)
+        state, metadata = read_weights(path)
+        kind = detect_kind(list(state), metadata)
+        del state
     if kind in KOHYA_LAYOUT_KINDS:
         return load_kohya(path, layers_per_block=layers_per_block)
     if kind == "diffusers-lora":

@@ -30,7 +30,6 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -47,6 +46,7 @@ from .files import (
     sniff_format,
     write_safetensors,
 )
+from .kohya import modelspec_date
 
 __all__ = [
     "A1111_TOKEN",
@@ -153,7 +153,7 @@ def to_kohya(embedding: Embedding, *, base_model: str | None = None) -> tuple[di
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if base == "sdxl" else "diffusers",
         "modelspec.title": embedding.name,
         "modelspec.resolution": {"sdxl": "1024x1024", "sd2-v": "768x768"}.get(base, "512x512"),
-        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.date": modelspec_date(),  # (kohya's local time, no offset: formats.kohya)
         "modelspec.implementation_version": f"sdadapt/{__version__}",
     }
     if embedding.step is not None:

@@ -31,7 +31,8 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
+import time
+from datetime import datetime
 
 import torch
 from torch import Tensor
@@ -60,6 +61,7 @@ __all__ = [
     "carried_metadata",
     "metadata_base_model",
     "kohya_oft_dim_alpha",
+    "modelspec_date",
     "NETWORK_METADATA",
     "STALE_METADATA",
     "save_kohya",
@@ -379,10 +381,12 @@ def kohya_metadata(
             bucket[(rank, alpha)] = bucket.get((rank, alpha), 0) + 1
     dim, alpha = max(ranks, key=ranks.get) if ranks else (None, None)
     oft_constraint = max(oft_blocks, key=oft_blocks.get)[1] if oft_blocks else 0.0
+    oft_default = False  # (kohya's --network_alpha left at its argparse default, the int 1: written "1")
     if dim is None and oft_blocks:  # an OFT-only state: what kohya's train_network writes for a LyCORIS OFT run,
         # network_dim (the block size: given back as LyCORIS' network_dim it rebuilds this layout) and
         # network_alpha (kohya's default 1; LyCORIS' OFT ignores it, its constraint is an arg)
         dim, alpha = max(oft_blocks, key=oft_blocks.get)[0], 1.0
+        oft_default = True
     args: dict[str, str] = {}
     if conv_ranks:
         conv_dim, conv_alpha = max(conv_ranks, key=conv_ranks.get)
@@ -391,6 +395,7 @@ def kohya_metadata(
     kohya_oft = kohya_oft_dim_alpha(components)
     if kohya_oft is not None:  # kohya's networks.oft: dim = blocks per layer, alpha = the constraint
         network_module, (dim, alpha), args = "networks.oft", kohya_oft, {}
+        oft_default = False  # (the constraint, given as --network_alpha: str(float))
     elif set(algorithms) - {"lora", "unknown"}:
         network_module = "lycoris.kohya"
         args["algo"] = max(lycoris_algos, key=lycoris_algos.get) if lycoris_algos else "lora"
@@ -411,7 +416,7 @@ def kohya_metadata(
         "ss_base_model_version": version,
         "ss_network_module": network_module,
         "ss_network_dim": str(dim),
-        "ss_network_alpha": _num(alpha) if alpha is not None else "None",
+        "ss_network_alpha": _alpha_text(alpha, kohya_default=oft_default),
         "ss_network_args": json.dumps(args),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.1",
@@ -419,7 +424,7 @@ def kohya_metadata(
         "modelspec.implementation": implementation,
         "modelspec.title": title,
         "modelspec.resolution": "1024x1024" if base_model == "sdxl" else ("768x768" if base_model == "sd2-v" else "512x512"),
-        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.date": modelspec_date(),
         "modelspec.implementation_version": f"sdadapt/{__version__}",
     }
     if base_model == "sd2-v":
@@ -516,6 +521,25 @@ def kohya_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> 
     header = int.from_bytes(data[:8], "little")
     return {"sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest(),
             "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def modelspec_date(timestamp: float | None = None) -> str:
+    """``modelspec.date`` as kohya writes it: the local time of ``timestamp`` (default: now) in whole
+    seconds, ISO 8601 without an offset (``"2024-01-02T03:04:05"``) — sd-scripts@48d368fa
+    ``library/sai_model_spec.py:425-427``: ``datetime.fromtimestamp(int(timestamp)).isoformat()``."""
+    return datetime.fromtimestamp(int(time.time() if timestamp is None else timestamp)).isoformat()
+
+
+def _alpha_text(alpha: float | None, *, kohya_default: bool = False) -> str:
+    """``ss_network_alpha`` for an alpha read from the tensors: ``str(float)`` (``"4.0"``, ``"0.5"``), as
+    kohya's tools write it (``networks/extract_lora_from_models.py:253`` ``str(float(dim))``,
+    ``networks/resize_lora.py:161,352`` ``str(float(scale * new_rank))``) and ``train_network.py:1022,1223``
+    for ``--network_alpha`` given on its command line (argparse ``type=float``); ``"1"`` for
+    ``kohya_default`` (the argparse default, the int 1, is not passed through ``type``); ``"None"``
+    without one."""
+    if alpha is None:
+        return "None"
+    return "1" if kohya_default else str(float(alpha))
 
 
 def _num(value: float) -> str:

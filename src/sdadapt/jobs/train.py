@@ -241,6 +241,10 @@ class TrainOptions:
     fields') or ``"kohya"`` (a kohya ``--config`` file: kohya's argparse defaults,
     :mod:`sdadapt.cli.kohya_defaults`); recorded in the ``--resume`` record (``run.json``) when
     ``"kohya"``, and a resumed run must have the same.
+
+    ``network_alpha_text``: the ``ss_network_alpha`` string kohya's ``train_network.py`` writes for the
+    alpha as it was given (``str(args.network_alpha)``: ``"2.0"`` from its command line, ``"2"`` from a
+    TOML integer, ``"1"`` for its default); ``None``: the saved tensors' alpha as ``str(float)``.
     """
 
     images: str | os.PathLike | None = None
@@ -389,6 +393,7 @@ class TrainOptions:
     metadata_license: str | None = None
     metadata_tags: str | None = None
     config_defaults: str = "sdadapt"
+    network_alpha_text: str | None = None
 
     def timestep_range(self) -> tuple[int, int] | None:
         """``[min_timestep, max_timestep)`` (kohya's defaults 0 and 1000), or ``None`` for all of them."""
@@ -1538,7 +1543,8 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
     Args:
         options: the run; or give its fields as keywords (``images=..., steps=...``; the old
             ``class_count`` is ``class_images``).
-        progress: ``progress(step, total, loss)`` after each step.
+        progress: ``progress(step, total, avr_loss)`` after each step: kohya's moving average of the
+            batch losses (:class:`~sdadapt.training.monitor.LossAverage`), what its progress bar shows.
         bars: ``bars(label, unit)`` makes the progress callback of the other phases (caching
             latents, class images, samples).
         log: ``log(line)`` for what the run does (the per-image dataset report, saves, samples).
@@ -2119,7 +2125,9 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                      after_step=start, extra={**(MAX_NORM_COLUMNS if options.scale_weight_norms is not None else {}),
                                               **(VALIDATION_COLUMNS if validation_data is not None else {})} or None)
     validation_losses: list[tuple[int, float]] = []
-    average_loss = LossAverage(per_epoch=per_epoch)  # kohya's loss/average (avr_loss): TensorBoard only
+    # kohya's loss/average (avr_loss: TensorBoard and the bar); a resumed run's starts empty (LossAverage: kohya's
+    # recorder reads low there, by a padded zero)
+    average_loss = LossAverage(per_epoch=per_epoch)
 
     last: dict = {}
 
@@ -2138,8 +2146,11 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             validation_losses.append((info.step, info.validation_loss))
             say(f"step {info.step}: validation loss {info.validation_loss:.6g}")
         # (kohya's max-norm statistics and the validation loss, when on)
+        average = average_loss.add(info.batch_losses)
+        if progress is not None:  # kohya's bar shows avr_loss, the moving average (train_network.py:1513-1516)
+            progress(info.step, info.total, average)
         run_log.step(info.step, info.epoch, info.loss, info.lr, {**(info.max_norm or {}), **validation,
-                                                                "loss/average": average_loss.add(info.batch_losses)})
+                                                                "loss/average": average})
         if info.step in planned:
             save_now(info, planned[info.step])
         if info.step == total and options.save_state_on_train_end:  # kohya's: the state at the end, to train further
@@ -2161,7 +2172,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     # noise, timesteps and data order have their own generators); a --resume restores the saved RNG state
     torch.manual_seed(options.seed)
     try:
-        losses = fit(system, adaptation, dataset, config=config, prior=prior_data, callback=progress, on_step=on_step,
+        losses = fit(system, adaptation, dataset, config=config, prior=prior_data, callback=None, on_step=on_step,
                      resume=options.resume, validation=validation_data)
     except NonFiniteLossError as exc:
         where = (f"the last good save is {saved[-1]}" + (f" (resume from {outputs.state})" if options.save_state else "")
@@ -2808,6 +2819,8 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         **_vae_metadata(options),
         "ss_training_comment": options.training_comment or "",
         "ss_sdadapt_method": spec.name,
+        # (kohya's str(args.network_alpha), train_network.py:1022,1223; else the writer's, from the tensors)
+        **({"ss_network_alpha": options.network_alpha_text} if options.network_alpha_text is not None else {}),
         "modelspec.resolution": f"{width}x{height}",
     }
     meta.update(_modelspec_fields(options))

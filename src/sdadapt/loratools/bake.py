@@ -274,16 +274,16 @@ class BakedCheckpoint:
             target = merged if entry.rows is None else merged[entry.rows]
             # DoRA sees the weight with the earlier files' deltas in it (apply_lora in turn)
             # (a float32 working copy of the module: the entry's keeps the file's dtype, see the module doc)
-            delta, _ = adapter_layer_delta(
-                adapter_working_copy(entry.module, compute), base_weight=target if entry.uses_base else None,
+            delta, _ = adapter_layer_delta(  # (consumable: a full delta scales its float32 copy in place)
+                adapter_working_copy(entry.module, compute, consumable=True), base_weight=target if entry.uses_base else None,
                 scale=entry.scale, dtype=compute, name=entry.name,
             )
             target.add_(delta.reshape(target.shape))  # type: ignore[union-attr]
             del delta
         for entry in bias_entries:  # (Δb reads no base weight: the family's bias_delta takes none)
             _, bias = adapter_layer_delta(
-                adapter_working_copy(entry.module, compute), scale=entry.scale, dtype=compute, name=entry.name,
-                weight=False,
+                adapter_working_copy(entry.module, compute, vectors_only=True), scale=entry.scale, dtype=compute,
+                name=entry.name, weight=False,  # (only the vectors in float32: no copy of a full delta's diff)
             )
             target = merged if entry.rows is None else merged[entry.rows]
             target.add_(bias.reshape(target.shape))  # type: ignore[union-attr]

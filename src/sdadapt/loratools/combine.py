@@ -465,6 +465,8 @@ def combine_loras(
         meta["ss_network_dim"] = "Dynamic"
     if len(alphas) > 1:
         meta["ss_network_alpha"] = "Dynamic"
+    elif mode == "svd" and alphas and (alpha := alphas.pop()).is_integer():  # svd_merge_lora.py:391-392: alpha = the
+        meta["ss_network_alpha"] = str(int(alpha))  # new rank, f"{new_rank}" ("4"; merge_lora.py's concat writes "4.0")
     needed = sum(t.numel() * t.element_size() for s in combined.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
     save_kohya(out, combined, base_model=model, metadata=meta, overwrite=overwrite, layers_per_block=layers_per_block)

@@ -8,6 +8,13 @@ it is (its comment: scaling it made results worse), so the cut file's scale is `
 Metadata: ``ss_network_dim = r`` and ``ss_training_comment = "split from DyLoRA, rank R to r; <old
 comment>"`` as kohya writes them; the rest is kept.
 
+A LyCORIS DyLoRA file (``algo=dylora``, unit ``block_size`` b) was trained at another scale: its
+``get_weight(rank)`` (LyCORIS@f49d30d ``lycoris/modules/dylora.py:97-106``) takes ``ceil(rank / b) + 1``
+blocks and scales them by ``alpha / blocks`` — so the rank ``r = k·b`` network it trained (``k`` blocks,
+``get_random_rank_weight``'s ``get_weight((k - 1)·b)``, ``dylora.py:108-110``) is
+``up[:, :r] @ down[:r] · alpha / k``, not ``· alpha / r``. Its cut writes ``alpha · b`` so that a LoRA
+loader's ``alpha' / r`` is that ``alpha / k`` (:func:`lycoris_dylora_alpha`); ``ss_network_alpha`` with it.
+
 :func:`a1111_dyn_state` is A1111's ``<lora:NAME:M:dyn=r>`` instead: the same leading rows, but the
 scale stays the full file's ``alpha / R`` (A1111's ``NetworkModuleLora.dim`` is the file's rank).
 """
@@ -23,7 +30,7 @@ from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["a1111_dyn_state", "dylora_cut", "dylora_cut_state", "dylora_max_rank"]
+__all__ = ["a1111_dyn_state", "dylora_cut", "dylora_cut_state", "dylora_max_rank", "lycoris_dylora_alpha"]
 
 
 def dylora_max_rank(state: Mapping[str, Tensor]) -> int:
@@ -91,17 +98,36 @@ def dylora_cut_state(state: Mapping[str, Tensor], rank: int) -> dict[str, Tensor
     return out
 
 
+def lycoris_dylora_alpha(state: Mapping[str, Tensor], block_size: int) -> dict[str, Tensor]:
+    """A LyCORIS DyLoRA state (cut or whole) with every ``alpha`` times ``block_size``: the scale LyCORIS
+    trained its rank ``r = k·block_size`` network at, ``alpha / k``, as a LoRA file's ``alpha' / r``.
+
+    LyCORIS@f49d30d ``lycoris/modules/dylora.py:97-106``: ``get_weight`` returns the leading blocks
+    and ``self.alpha / (blocks)``; ``alpha'`` keeps the file's alpha dtype (``alpha · b`` is exact for the
+    powers of two block sizes are).
+
+    Raises:
+        InputError: ``block_size`` not a positive int.
+    """
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise InputError(f"block_size={block_size!r}: LyCORIS' DyLoRA block size is a positive int")
+    return {key: (value.double() * block_size).to(value.dtype) if key.endswith("alpha") and value.is_floating_point()
+            else value for key, value in state.items()}
+
+
 def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, unit: int | None = None,
                dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write ``path`` (a DyLoRA file) cut to ``rank`` at ``out``.
 
     ``unit``: when given (or read from the file's metadata by :func:`sdadapt.formats.detect.dylora_network`:
     kohya's ``unit``, LyCORIS' ``block_size``), ``rank`` must be a multiple of it — the ranks DyLoRA trained;
-    kohya's tool writes every multiple of ``--unit`` below R. ``dtype``: the floating tensors are written in it
-    (``None``: each tensor's own dtype).
+    kohya's tool writes every multiple of ``--unit`` below R. A LyCORIS file's ``alpha`` becomes
+    ``alpha · block_size`` (LyCORIS' own scale at that rank: the module docstring). ``dtype``: the
+    floating tensors are written in it (``None``: each tensor's own dtype).
 
     Raises:
-        InputError: a rank out of range or not a multiple of the unit.
+        InputError: a rank out of range or not a multiple of the unit; a LyCORIS file with no readable
+            block size and no ``unit``.
     """
     from ..formats.detect import dylora_network
     from ..formats.files import check_output_file, read_weights, write_safetensors
@@ -110,12 +136,24 @@ def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, un
     target = check_output_file(out, overwrite=overwrite)
     state, metadata = read_weights(path)
     metadata = dict(metadata or {})
-    if unit is None and (network := dylora_network(metadata)) is not None:
+    network = dylora_network(metadata)
+    if unit is None and network is not None:
         unit = network.unit
+    lycoris = network is not None and network.trainer.startswith("LyCORIS")
+    if lycoris and unit is None:
+        raise InputError(f"{path}: a LyCORIS DyLoRA file whose block_size the metadata does not give as a positive int; "
+                         "pass --unit with the block size it was trained with (LyCORIS' default is 4)")
     if unit is not None and (unit < 1 or rank % unit):
         raise InputError(f"--rank {rank} is not a multiple of the DyLoRA unit {unit}: only those ranks were trained "
                          f"(e.g. --rank {max(unit, rank - rank % unit)})")
     cut = dylora_cut_state(state, rank)
+    if lycoris:  # (LyCORIS' scale alpha / blocks: the module docstring; its block size, whatever --unit says)
+        block_size = network.unit if network is not None and network.unit is not None else unit
+        cut = lycoris_dylora_alpha(cut, block_size)  # type: ignore[arg-type]
+        try:
+            metadata["ss_network_alpha"] = str(float(metadata["ss_network_alpha"]) * block_size)
+        except (KeyError, ValueError):
+            pass  # (absent or not a number: left as it is)
     if dtype is not None:
         cut = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cut.items()}
     comment = metadata.get("ss_training_comment", "")

@@ -956,7 +956,7 @@ def fit(
     state = TrainState(seed=config.seed, device=device, ema=ema)
     named = {f"p{i}": p for i, p in enumerate(trained)}
     if resume is not None:
-        load_training_state(resume, named_params=named, optimizer=optimizer, state=state)
+        saved_record = load_training_state(resume, named_params=named, optimizer=optimizer, state=state)
         if state.step >= config.steps:
             raise ValueError(f"{resume}: the saved state is at step {state.step}, which is not before the last step "
                              f"({config.steps}); raise --steps to train further")
@@ -969,7 +969,7 @@ def fit(
 
     if resume is not None:
         _check_resumed_position(resume, state, micro_batches(state.step).start, accumulation=accumulation,
-                                per_epoch=per_epoch)
+                                per_epoch=per_epoch, saved=saved_record)
     elif config.initial_step:  # kohya's initial_step: the counters start there (the noise generator does not)
         state.step, state.micro_step = config.initial_step, micro_batches(config.initial_step).start
     # kohya's initial_step: the data position of a micro-batch (skipped to it, or from the first batch) and the
@@ -1182,7 +1182,8 @@ def fit(
                     p.copy_(b)
 
     def save_state(folder: Path) -> None:
-        save_training_state(folder, named_params=named, optimizer=optimizer, state=state, config=step_config)
+        save_training_state(folder, named_params=named, optimizer=optimizer, state=state, config=step_config,
+                            extra={"batches_per_epoch": per_epoch})  # (what a resume's position check compares)
 
     switched: list[bool] = [False]  # (data parallel: whether this rank switched to the averaged weights since the step)
 
@@ -1609,22 +1610,43 @@ def step_of_micro_batch(micro: int, *, accumulation: int, per_epoch: int) -> int
 
 
 def _check_resumed_position(resume: str | os.PathLike, state: TrainState, expected: int, *, accumulation: int,
-                            per_epoch: int) -> None:
-    """A resumed state's batch count (``micro_step``) must be where this version's step ``state.step``
-    starts: a state saved by an sdadapt before the epochs' short steps (one step's batches ran on across an
-    epoch's end) is at another data position once an epoch has ended with accumulation not dividing it.
+                            per_epoch: int, saved: Mapping[str, Any] | None = None) -> None:
+    """A resumed state's batch count (``micro_step``) must be where step ``state.step`` starts now.
+
+    The cause named: the accumulation the state was saved with (``saved``: its ``state.json``) differs;
+    the batches per epoch it recorded differ (images added or removed, another batch size, repeats,
+    buckets); for a state that did not record them (saved before they were), a position no sdadapt
+    gives for these epochs (the epoch length changed) or ``step × accumulation`` (an sdadapt before
+    the epochs' short steps ran one step's batches on across an epoch's end — or the epoch length
+    changed: both named).
 
     Raises:
-        ValueError: naming both positions and the fix.
+        ValueError: naming both positions, the cause and the fix.
     """
     if state.micro_step == expected:
         return
+    saved = saved or {}
+    where = (f"{resume}: the saved state is at step {state.step} after {state.micro_step} batches, but step {state.step} "
+             f"now starts at batch {expected} ({per_epoch} batches an epoch, --gradient-accumulation-steps {accumulation})")
+    saved_accumulation = (saved.get("config") or {}).get("accumulation_steps")
+    if isinstance(saved_accumulation, int) and saved_accumulation != accumulation:
+        raise ValueError(f"{where}: the state was saved with --gradient-accumulation-steps {saved_accumulation}; resume "
+                         "with the same")
+    data = ("images added or removed, another --batch-size, repeats or bucket settings: resume with the data and "
+            "options the run was saved with")
+    saved_epoch = saved.get("batches_per_epoch")
+    if isinstance(saved_epoch, int):
+        if saved_epoch != per_epoch:
+            raise ValueError(f"{where}: the saved run had {saved_epoch} batches an epoch ({data})")
+        raise ValueError(f"{where}: the saved run had as many batches an epoch; the state folder was edited or mixes "
+                         "two runs — resume from an intact one")
+    if state.micro_step != state.step * accumulation:  # (no sdadapt without short steps counts so)
+        raise ValueError(f"{where}: the number of batches an epoch changed since the save ({data})")
     raise ValueError(
-        f"{resume}: the saved state is at step {state.step} after {state.micro_step} batches, but this sdadapt's step "
-        f"{state.step} starts at batch {expected} ({per_epoch} batches an epoch, --gradient-accumulation-steps "
-        f"{accumulation}: each epoch ends with a short step, as kohya's and accelerate's). The state was saved by an "
-        "older sdadapt, whose steps ran on across an epoch's end; finish that run with the version that saved it, or "
-        "start again (or resume from a state saved before the first epoch ended)")
+        f"{where}: either the number of batches an epoch changed since the save ({data}), or the state was saved by an "
+        "older sdadapt, whose steps ran on across an epoch's end (each epoch now ends with a short step, as kohya's and "
+        "accelerate's): finish that run with the version that saved it, or start again (or resume from a state saved "
+        "before the first epoch ended)")
 
 
 def _validation_due(config: FitConfig, step: int, accumulation: int, per_epoch: int) -> tuple[str, ...]:

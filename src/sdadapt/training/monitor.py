@@ -41,9 +41,12 @@ class LossAverage:
     same additions in the same order (bit for bit the same floats). Its value at an epoch's last batch
     is kohya's ``loss/epoch_average``. ``per_epoch = 0`` (no epochs): the mean of every loss so far.
 
-    One difference: a resumed run starts empty here, while kohya's recorder, fresh too but fed a
-    later epoch's positions, pads the positions before the first with zeros (its average then reads
-    low until the epoch ends).
+    One difference, on purpose: a resumed run (or one started at ``initial_step`` mid-epoch) starts
+    empty here, the mean of the batches it has trained. kohya's recorder, fresh too, is fed that
+    epoch's batches as indices ``1, 2, …`` (its loop enumerates ``skip_first_batches(dl, r - 1)`` and
+    skips the first, ``train_network.py:1410-1419``) and, past epoch 0, pads slot 0 with a zero: its
+    average reads half the first loss right after the resume and low until the epoch ends, a
+    bookkeeping artefact rather than the training's loss.
 
     Raises:
         ValueError: ``per_epoch < 0``.

@@ -494,8 +494,10 @@ def save_training_state(
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     config: StepConfig | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``state.safetensors`` (weights, optimiser tensors, EMA, RNG states) + ``state.json``.
+    """Write ``state.safetensors`` (weights, optimiser tensors, EMA, RNG states) + ``state.json``
+    (``extra``: more JSON entries for it, e.g. the caller's ``batches_per_epoch``).
 
     Both files are written as temporaries and renamed into place together
     (:func:`~sdadapt.formats.files.staged_outputs`): a crash or Ctrl-C while saving leaves the
@@ -526,6 +528,7 @@ def save_training_state(
         "optimizer": opt_meta,
         "scaler": scaler_sd,
         "config": asdict(config) if config else None,
+        **dict(extra or {}),
     }
     with staged_outputs() as stage:  # both files renamed into place together, or neither
         write_safetensors(target / "state.safetensors", tensors, {"step": str(state.step)}, stage=stage)
