@@ -33,10 +33,11 @@ from sdadapt.cli.loratools import skipped_lines
 
 SRC = Path(sdadapt.__file__).resolve().parents[1]  # (the tree under test, also for the fresh interpreters)
 
-#: commands whose parser needs torch modules to be built: train/demo (the method registry, sdadapt.methods: each
-#: method's options), generate (the sampler tables of sdadapt.samplers and img2img) and merge (the operators of
-#: sdadapt.merge.operators). Every other command's --help and usage errors are torch-free.
-TORCH_AT_PARSE = {"demo", "train", "generate", "merge"}
+#: commands whose parser needs torch modules to be built: merge (its operators, sdadapt.merge.operators, are
+#: declared with their torch functions, in three modules). train/demo read the method names and options from
+#: sdadapt.method_tables, generate its sampler tables from sdadapt.sampler_tables (torch-free). Every other
+#: command's --help and usage errors are torch-free.
+TORCH_AT_PARSE = {"merge"}
 
 
 def _type_checking_table() -> dict[str, tuple[str, bool]]:
@@ -125,8 +126,12 @@ def test_help_version_and_usage_errors_do_not_import_torch():
     free = [command for command in cli._COMMAND_MODULES if command not in TORCH_AT_PARSE]
     argvs = [[], ["--help"], ["--version"], ["trian"], ["--bogus"]]
     argvs += [[command, "--help"] for command in free]
-    argvs += [[command] for command in free]  # missing required arguments
+    argvs += [[command] for command in free if command != "demo"]  # missing required arguments (bare demo runs)
     argvs += [["extract-lora", "a", "b", "-o", "c", "--min-d", "0.1"], ["inspect", "x", "--json", "--jsn"]]
+    argvs += [["demo", "--method", "lorra"], ["train", "lorra"], ["train", "lora", "--lr-scheduler", "cosin"],
+              ["train", "lora", "--network-d", "4"], ["train", "lora", "--sample-sampler", "eulr"],
+              ["generate", "--sampler", "DPM++ 2M Karas"], ["generate", "--schedule", "karas"],
+              ["generate", "--hires-upscaler", "lanczos"]]
     done = subprocess.run([sys.executable, "-c", _CLI_RUNNER, json.dumps(argvs)], capture_output=True, text=True,
                           timeout=300, env={**_env(), "PYTHONPATH": str(SRC)})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -143,6 +148,14 @@ def test_help_version_and_usage_errors_do_not_import_torch():
     assert "--min-d: options are not abbreviated; did you mean --min-diff?" in by_argv["extract-lora a b -o c --min-d 0.1"][1]
     for command in free:
         assert by_argv[f"{command} --help"][1].startswith(f"usage: python -m sdadapt {command}"), command
+    assert "argument --method: invalid choice: 'lorra'" in by_argv["demo --method lorra"][1]
+    assert "argument method: invalid choice: 'lorra'" in by_argv["train lorra"][1]
+    assert "invalid choice: 'cosin'" in by_argv["train lora --lr-scheduler cosin"][1]
+    assert "did you mean --network-dim" in by_argv["train lora --network-d 4"][1]
+    assert "invalid choice: 'eulr'" in by_argv["train lora --sample-sampler eulr"][1]
+    assert "did you mean 'DPM++ 2M Karras'?" in by_argv["generate --sampler DPM++ 2M Karas"][1]
+    assert "unknown schedule 'karas'" in by_argv["generate --schedule karas"][1]
+    assert "argument --hires-upscaler: invalid choice: 'lanczos'" in by_argv["generate --hires-upscaler lanczos"][1]
 
 
 def _parsers(parser: argparse.ArgumentParser, name: str = "python -m sdadapt"):

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .sampler_tables import HIRES_UPSCALERS, LATENT_UPSCALERS  # (torch-free: their one home)
+
 __all__ = [
     "A1111_RULE_SAMPLERS",
     "DIFFUSERS_RULE_SAMPLERS",
@@ -75,18 +77,6 @@ DIFFUSERS_RULE_SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver", "dpmsolver++", 
 SCHEDULE_FOLLOWS_A1111: tuple[str, ...] = ("dpmsolver", "dpmsolver++", "dpmsolver++_sde", "dpmsolver++_sde_heun",
                                            "dpmsolver++_3m_sde", "dpmsingle", "unipc")
 IMG2IMG_SAMPLERS: tuple[str, ...] = (*DIFFUSERS_RULE_SAMPLERS, *A1111_RULE_SAMPLERS)
-
-#: ``--hires-upscaler`` name -> A1111's latent upscale mode (``interpolate`` mode, antialias)
-LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
-    "latent": ("bilinear", False),                   # A1111 "Latent"
-    "latent-antialiased": ("bilinear", True),        # "Latent (antialiased)"
-    "latent-bicubic": ("bicubic", False),            # "Latent (bicubic)"
-    "latent-bicubic-antialiased": ("bicubic", True),  # "Latent (bicubic antialiased)"
-    "latent-nearest": ("nearest", False),            # "Latent (nearest)"
-    "latent-nearest-exact": ("nearest-exact", False),  # "Latent (nearest-exact)"
-}
-#: every hires upscaler: the latent ones and the pixel one (decode, Lanczos resize, encode)
-HIRES_UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALERS, "pixel-lanczos")
 
 
 def check_img2img_sampler(sampler: str) -> str:

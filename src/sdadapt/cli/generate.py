@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..img2img import HIRES_UPSCALERS
-from ..samplers import KARRAS_SAMPLERS, SCHEDULE_SAMPLERS
-from ..samplers.labels import sampler_choices, sampler_schedule_from_label
-from ..samplers.schedules import SCHEDULE_LABELS, canonical_schedule
+from ..sampler_tables import (  # (torch-free: --help and usage errors import no torch)
+    HIRES_UPSCALERS,
+    KARRAS_SAMPLERS,
+    SCHEDULE_LABELS,
+    SCHEDULE_SAMPLERS,
+    canonical_schedule,
+    sampler_choices,
+    sampler_schedule_from_label,
+)
 from .option_rules import only_with
 from .options import add_clip_stats_option, add_output_options, positive_int, progress_bar
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..samplers import SAMPLER_ALIASES, SAMPLERS, canonical_sampler
+from ..sampler_tables import SAMPLER_ALIASES, SAMPLERS, canonical_sampler  # (torch-free, as the parser must be)
 from .options import add_output_options, numbers, positive_int, progress_bar, torch_dtype
 
 __all__ = ["register", "read_config", "parse_network_args", "steps_or_share", "KOHYA_KEYS", "KOHYA_IGNORED"]
@@ -650,15 +650,26 @@ def _drop_lycoris_ignored(method: str, chosen: dict, *, keep: set[str], notes: l
 
 
 # ----------------------------------------------------------------------------------- train
+def _methods() -> dict[str, tuple[Any, ...]]:
+    """Every method's name -> its :class:`~sdadapt.method_tables.MethodOption` s, in registration order: the
+    built-in methods' from :data:`sdadapt.method_tables.METHOD_OPTIONS` (torch-free, so that ``--help`` and usage
+    errors import no torch), or, once :mod:`sdadapt.methods` is imported (a method added with
+    :func:`~sdadapt.methods.register_method` needs it), its registry :data:`~sdadapt.methods.METHODS`."""
+    from ..method_tables import METHOD_OPTIONS
+
+    registry = sys.modules.get(f"{__name__.rsplit('.', 2)[0]}.methods")
+    if registry is None or not hasattr(registry, "METHODS"):
+        return dict(METHOD_OPTIONS)
+    return {name: method.options for name, method in registry.METHODS.items()}
+
+
 def _method_options():
     """Every method option by name: ``{name: (MethodOption, [methods that take it])}``."""
-    from ..methods import METHODS
-
     options: dict[str, tuple[Any, list[str]]] = {}
-    for method in METHODS.values():
-        for option in method.options:
+    for method, method_options in _methods().items():
+        for option in method_options:
             entry = options.setdefault(option.name, (option, []))
-            entry[1].append(method.name)
+            entry[1].append(method)
     return options
 
 
@@ -937,7 +948,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     """Every ``train`` flag, default ``_UNSET`` (the TOML file, then :class:`sdadapt.jobs.TrainOptions`, decide)."""
-    from ..methods.fit import OPTIMIZERS, SCHEDULES
+    from ..method_tables import LR_SCHEDULES as SCHEDULES, OPTIMIZERS  # (torch-free)
 
     def add(group, *flags, **kw):
         kw.setdefault("default", _UNSET)
@@ -1294,9 +1305,7 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo`` and ``train`` to a CLI."""
-    from ..methods import METHODS
-
-    methods = sorted(METHODS)
+    methods = sorted(_methods())
     demo = sub.add_parser(
         "demo",
         help="teach the built-in toy model a concept it has never seen and show before/after scores and pictures",

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import PeerProcessError
+from ..method_tables import LR_SCHEDULES
 from ..training import data_parallel
 from ..training.diffusion import region_loss_mask, zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
@@ -78,9 +79,8 @@ __all__ = ["Adaptation", "FitConfig", "FitProgress", "INDUCTOR_CPU_OPTIONS", "No
            "zero_terminal_snr_clashes"]
 
 #: LR schedules (``constant_with_warmup`` is kohya's/diffusers' name for ``warmup``; the last four:
-#: :mod:`sdadapt.training.lr_schedules`)
-SCHEDULES = ("constant", "constant_with_warmup", "warmup", "cosine", "cosine_with_restarts", "linear", "polynomial",
-             *EXTRA_SCHEDULES)
+#: :mod:`sdadapt.training.lr_schedules`); their one home is :data:`sdadapt.method_tables.LR_SCHEDULES` (torch-free)
+SCHEDULES = LR_SCHEDULES
 
 
 class Adaptation(Protocol):

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+# the optimiser names (kohya's spellings are accepted case-insensitively by make_optimizer): their one home is
+# sdadapt.method_tables (torch-free, for the command line's parser), re-exported here
+from ..method_tables import OPTIMIZERS
+
 if TYPE_CHECKING:
     from .fit import FitConfig
 
 __all__ = ["OPTIMIZERS", "cuda_graph_clashes", "make_optimizer"]
 
-#: optimiser names (kohya's spellings are accepted case-insensitively by :func:`make_optimizer`)
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor", "lion", "lion-bf16", "sgd-nesterov", "prodigy",
-              "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint", "adamw-schedulefree",
-              "sgd-schedulefree")
 _OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw-8bit": "adamw8bit",
                       "pagedadamw8bit": "adamw8bit", "adamw-bf16": "adamw-bf16", "adamw_bf16": "adamw-bf16",
                       "adamwbf16": "adamw-bf16", "adafactor": "adafactor", "lion": "lion", "lion-bf16": "lion-bf16",

@@ -29,6 +29,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..sampler_tables import (  # (the names and checks, torch-free: their one home, re-exported here)
+    DISCARD_NEXT_TO_LAST_SIGMA,
+    KARRAS_SAMPLERS,
+    SAMPLER_ALIASES,
+    SAMPLERS,
+    SCHEDULE_SAMPLERS,
+    SCHEDULES,
+    canonical_sampler,
+    check_karras,
+    resolve_schedule,
+)
 from ..training import diffusion
 
 if TYPE_CHECKING:
@@ -52,13 +63,7 @@ from .lcm import lcm_sample
 from .lms import lms_sample
 from .pndm import pndm_sample
 from .restart import restart_sample
-from .schedules import (
-    A1111_AUTOMATIC,
-    DISCARD_NEXT_TO_LAST_SIGMA,
-    SCHEDULES,
-    ScheduleOptions,
-    canonical_schedule,
-)
+from .schedules import ScheduleOptions
 from .unipc import unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
@@ -90,92 +95,7 @@ _SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_adaptive": dpm_adaptive_sample,  # not a kohya name: k-diffusion's sample_dpm_adaptive (its own steps)
     "restart": restart_sample,  # not a kohya name: A1111's restart_sampler (Heun + restart segments, Karras σ)
 }
-#: every sampler name ``sample_latents`` takes (kohya's ``sample_sampler`` spellings)
-SAMPLERS: tuple[str, ...] = ("ddim", *_SAMPLERS)
-#: other spellings of the same samplers (kohya's ``k_`` names)
-SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
-                                   "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++",
-                                   "dpm++_2m_sde": "dpmsolver++_sde", "dpmpp_2m_sde": "dpmsolver++_sde",
-                                   "dpm++_sde": "dpmpp_sde", "k_dpmpp_sde": "dpmpp_sde", "dpmsolversde": "dpmpp_sde",
-                                   "dpm++_2s_a": "dpmpp_2s_a", "dpmpp_2s_ancestral": "dpmpp_2s_a",
-                                   "k_dpmpp_2s_a": "dpmpp_2s_a", "k_dpmpp_2s_ancestral": "dpmpp_2s_a",
-                                   "dpm++_3m_sde": "dpmsolver++_3m_sde", "dpmpp_3m_sde": "dpmsolver++_3m_sde",
-                                   "k_dpmpp_3m_sde": "dpmsolver++_3m_sde", "dpm++_2m_sde_heun": "dpmsolver++_sde_heun",
-                                   "dpmpp_2m_sde_heun": "dpmsolver++_sde_heun",
-                                   "k_dpmpp_2m_sde_heun": "dpmsolver++_sde_heun", "k_dpm_fast": "dpm_fast",
-                                   "k_dpm_ad": "dpm_adaptive", "dpm_ad": "dpm_adaptive"}
-#: samplers that take ``karras=True`` (σ on Karras et al.'s ρ = 7 grid)
-KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-                                    "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
-                                    "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart")
-#: samplers that take a ``schedule`` (A1111's "Schedule type", :mod:`.schedules`): those on a σ grid
-SCHEDULE_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "euler_a", "dpmsolver", "dpmsolver++",
-                                      "dpmsingle", "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
-                                      "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart")
-#: samplers without a σ grid -> why no schedule applies
-_NO_SCHEDULE: dict[str, str] = {
-    "ddim": "DDIM steps the model's integer timesteps (its own alphas), not a σ grid",
-    "ddpm": "DDPM steps the model's integer timesteps by its posterior variance, not a σ grid",
-    "pndm": "PNDM (PLMS) steps fixed integer timesteps with a multistep rule tied to their spacing",
-    "lcm": "LCM runs on LCM's own distilled timesteps (the consistency scalings depend on them)",
-    "dpm_fast": "DPM fast spaces its steps evenly in log σ between the model's σ_max and σ_min itself",
-    "dpm_adaptive": "DPM adaptive chooses its own steps in log σ between the model's σ_max and σ_min",
-}
-
-
-def canonical_sampler(name: str) -> str:
-    """``name`` (any case, kohya's ``k_`` aliases) -> its name in :data:`SAMPLERS`.
-
-    Raises:
-        ValueError: an unknown name; the message lists the names taken.
-    """
-    key = str(name).strip().lower()
-    key = SAMPLER_ALIASES.get(key, key)
-    if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)} "
-                         f"(or {', '.join(SAMPLER_ALIASES)})")
-    return key
-
-
-def check_karras(name: str, karras: bool) -> None:
-    """Refuse ``karras`` for a sampler (``name``: its name in :data:`SAMPLERS`) without Karras σ
-    (its diffusers scheduler has no ``use_karras_sigmas``), before any work.
-
-    Raises:
-        ValueError: naming the sampler and :data:`KARRAS_SAMPLERS`.
-    """
-    if karras and name not in KARRAS_SAMPLERS:
-        raise ValueError(f"sampler {name!r} has no Karras noise levels (diffusers' scheduler has no "
-                         f"use_karras_sigmas); karras works with {', '.join(KARRAS_SAMPLERS)}")
-
-
-def resolve_schedule(name: str, schedule: str | None, karras: bool = False) -> str | None:
-    """The σ grid a sampler runs on: ``None`` (the sampler's diffusers grid; with ``karras``, its Karras σ) or a
-    name in :data:`SCHEDULES` other than ``automatic``. ``schedule``: a schedule name or A1111 label (any case);
-    ``"automatic"`` is A1111 ≥ 1.9's choice for the sampler (:data:`.schedules.A1111_AUTOMATIC`, else
-    ``uniform``; on a sampler without a σ grid, ``None``: its own steps, as A1111 runs it). ``name``: a name
-    in :data:`SAMPLERS`.
-
-    Raises:
-        ValueError: an unknown schedule, a schedule other than ``automatic`` on a sampler without a σ grid
-            (``ddim``, ``ddpm``, ``pndm``, ``lcm``, ``dpm_fast``, ``dpm_adaptive``: the reason named), or
-            ``karras`` with a schedule other than Karras.
-    """
-    if schedule is None:
-        return None
-    key = canonical_schedule(schedule)
-    if key == "automatic" and name not in SCHEDULE_SAMPLERS:
-        return None
-    if name not in SCHEDULE_SAMPLERS:
-        raise ValueError(f"sampler {name!r} takes no schedule: {_NO_SCHEDULE.get(name, 'it has no σ grid')}; "
-                         f"schedules work with {', '.join(SCHEDULE_SAMPLERS)}")
-    if key == "automatic":
-        key = A1111_AUTOMATIC.get(name, "uniform")
-    if karras and key != "karras":
-        raise ValueError(f"karras and schedule {schedule!r} both name a σ grid; give one (karras is schedule 'karras')")
-    return key
-
-
+# (SAMPLERS, sdadapt.sampler_tables: "ddim" and these names, in this order; tests/test_cli_parse_tables.py)
 def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tensor, cond: object, *, sampler: str,
                    alphas_cumprod: Tensor, num_steps: int, uncond: object | None = None, guidance_scale: float = 1.0,
                    prediction_type: str = "epsilon", karras: bool = False, generator: torch.Generator | None = None,

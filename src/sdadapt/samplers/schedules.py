@@ -54,53 +54,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..sampler_tables import (  # (the names, torch-free: their one home, re-exported here)
+    A1111_AUTOMATIC,
+    DISCARD_NEXT_TO_LAST_SIGMA,
+    SCHEDULE_LABELS,
+    SCHEDULES,
+    canonical_schedule,
+)
 from .sigma_space import sigma_to_t, t_to_sigma
 
 __all__ = ["A1111_AUTOMATIC", "ALIGN_YOUR_STEPS", "DISCARD_NEXT_TO_LAST_SIGMA", "SCHEDULES", "SCHEDULE_LABELS",
            "ScheduleOptions", "beta_ppf", "canonical_schedule", "schedule_sigmas"]
 
-#: every schedule name taken (A1111's ``Scheduler.name``), ``automatic`` first
-SCHEDULES: tuple[str, ...] = ("automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform",
-                              "kl_optimal", "align_your_steps", "align_your_steps_sdxl", "simple", "normal", "ddim",
-                              "beta")
-#: schedule name -> A1111's label (its infotext "Schedule type: ...")
-SCHEDULE_LABELS: dict[str, str] = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras",
-                                   "exponential": "Exponential", "polyexponential": "Polyexponential",
-                                   "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
-                                   "align_your_steps": "Align Your Steps",
-                                   "align_your_steps_sdxl": "Align Your Steps", "simple": "Simple", "normal": "Normal",
-                                   "ddim": "DDIM", "beta": "Beta"}
-#: sampler name here -> the schedule A1111 ≥ 1.9 runs it on under "Automatic" (the others: ``uniform``)
-A1111_AUTOMATIC: dict[str, str] = {"dpmsolver++": "karras", "dpmpp_sde": "karras", "dpmsolver++_sde": "exponential",
-                                   "dpmsolver++_sde_heun": "exponential", "dpmpp_2s_a": "karras",
-                                   "dpmsolver++_3m_sde": "exponential", "dpm_2": "karras", "dpm_2_a": "karras",
-                                   "restart": "karras"}
-#: sampler names here that A1111 marks ``discard_next_to_last_sigma`` (its DPM2, DPM2 a, DPM++ 3M SDE): on a
-#: schedule they run the grid of n + 1 steps without its next-to-last σ (:func:`schedule_sigmas`)
-DISCARD_NEXT_TO_LAST_SIGMA: tuple[str, ...] = ("dpm_2", "dpm_2_a", "dpmsolver++_3m_sde")
 #: NVIDIA's Align Your Steps 10-step σ (11 values, the last σ_min), as A1111 lists them
 ALIGN_YOUR_STEPS: dict[str, tuple[float, ...]] = {
     "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
     "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
 }
-_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's alias
-
-
-def canonical_schedule(name: str) -> str:
-    """A schedule name or A1111 label (any case: ``"SGM Uniform"``, ``"sgm_uniform"``, ``"KL Optimal"``)
-    -> its name in :data:`SCHEDULES`.
-
-    Raises:
-        ValueError: an unknown schedule, naming those taken.
-    """
-    key = "_".join(str(name).strip().lower().replace("-", " ").split())
-    key = _ALIASES.get(key, key)
-    if key not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)} "
-                         f"(or A1111's labels {', '.join(repr(v) for v in SCHEDULE_LABELS.values())})")
-    return key
-
-
 @dataclass(frozen=True)
 class ScheduleOptions:
     """A1111's schedule settings (see the module): ``sigma_min``, ``sigma_max``, ``rho`` (0: the default),

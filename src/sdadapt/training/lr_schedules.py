@@ -23,6 +23,10 @@ import functools
 import math
 from dataclasses import dataclass
 
+# the schedules this module computes (the others are sdadapt.training.optim.lr_at's): their one home is
+# sdadapt.method_tables (torch-free, for the command line's parser), re-exported here
+from ..method_tables import EXTRA_SCHEDULES
+
 __all__ = ["EXTRA_SCHEDULES", "WSD_SHAPES", "StepRules", "check_extra_schedule", "cosine_with_min_lr_factor",
            "extra_schedule_factor", "inverse_sqrt_factor", "warmup_stable_decay_factor"]
 
@@ -176,8 +180,6 @@ def _factor(text: str, rules: str) -> float:
     return value
 
 
-#: the schedules this module computes (the others are :func:`sdadapt.training.optim.lr_at`'s)
-EXTRA_SCHEDULES = ("piecewise_constant", "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 
 
 def check_extra_schedule(schedule: str, *, total_steps: int, warmup_steps: int, decay_steps: int = 0,

@@ -1,0 +1,321 @@
+"""The names and option tables of the samplers, schedules, A1111 sampler labels and hires upscalers, without torch.
+
+``python -m sdadapt generate`` and ``train`` build their ``--sampler`` / ``--schedule`` / ``--hires-upscaler`` /
+``--sample-sampler`` options and check their values from these at parse time, so ``--help`` and usage errors
+import no torch (tests/test_cli_startup.py). This is their one home: :mod:`sdadapt.samplers`,
+:mod:`sdadapt.samplers.schedules`, :mod:`sdadapt.samplers.labels` and :mod:`sdadapt.img2img` import them from
+here and re-export them under the names they always had (``sdadapt.samplers.SAMPLERS``,
+``sdadapt.samplers.labels.sampler_from_label`` ...).
+
+* samplers (:data:`SAMPLERS`, :data:`SAMPLER_ALIASES`, :data:`KARRAS_SAMPLERS`, :data:`SCHEDULE_SAMPLERS`,
+  :func:`canonical_sampler`, :func:`check_karras`, :func:`resolve_schedule`): see :mod:`sdadapt.samplers`;
+* A1111's "Schedule type" names (:data:`SCHEDULES`, :data:`SCHEDULE_LABELS`, :data:`A1111_AUTOMATIC`,
+  :data:`DISCARD_NEXT_TO_LAST_SIGMA`, :func:`canonical_schedule`): see :mod:`sdadapt.samplers.schedules`;
+* AUTOMATIC1111's sampler labels ("DPM++ 2M Karras", "Euler a", ...; :data:`A1111_LABELS`,
+  :func:`sampler_from_label`, :func:`sampler_schedule_from_label`): see :mod:`sdadapt.samplers.labels`;
+* the hires-fix upscalers (:data:`LATENT_UPSCALERS`, :data:`HIRES_UPSCALERS`): see :mod:`sdadapt.img2img`.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+__all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING", "DISCARD_NEXT_TO_LAST_SIGMA",
+           "HIRES_UPSCALERS", "KARRAS_SAMPLERS", "LATENT_UPSCALERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
+           "SCHEDULE_LABELS", "SCHEDULE_SAMPLERS", "a1111_label", "canonical_sampler", "canonical_schedule",
+           "check_karras", "resolve_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
+
+# ------------------------------------------------------------------------------------------------ schedules
+#: every schedule name taken (A1111's ``Scheduler.name``), ``automatic`` first
+SCHEDULES: tuple[str, ...] = ("automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform",
+                              "kl_optimal", "align_your_steps", "align_your_steps_sdxl", "simple", "normal", "ddim",
+                              "beta")
+#: schedule name -> A1111's label (its infotext "Schedule type: ...")
+SCHEDULE_LABELS: dict[str, str] = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras",
+                                   "exponential": "Exponential", "polyexponential": "Polyexponential",
+                                   "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+                                   "align_your_steps": "Align Your Steps",
+                                   "align_your_steps_sdxl": "Align Your Steps", "simple": "Simple", "normal": "Normal",
+                                   "ddim": "DDIM", "beta": "Beta"}
+#: sampler name here -> the schedule A1111 ≥ 1.9 runs it on under "Automatic" (the others: ``uniform``)
+A1111_AUTOMATIC: dict[str, str] = {"dpmsolver++": "karras", "dpmpp_sde": "karras", "dpmsolver++_sde": "exponential",
+                                   "dpmsolver++_sde_heun": "exponential", "dpmpp_2s_a": "karras",
+                                   "dpmsolver++_3m_sde": "exponential", "dpm_2": "karras", "dpm_2_a": "karras",
+                                   "restart": "karras"}
+#: sampler names here that A1111 marks ``discard_next_to_last_sigma`` (its DPM2, DPM2 a, DPM++ 3M SDE): on a
+#: schedule they run the grid of n + 1 steps without its next-to-last σ (:func:`schedule_sigmas`)
+DISCARD_NEXT_TO_LAST_SIGMA: tuple[str, ...] = ("dpm_2", "dpm_2_a", "dpmsolver++_3m_sde")
+_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's alias
+
+
+def canonical_schedule(name: str) -> str:
+    """A schedule name or A1111 label (any case: ``"SGM Uniform"``, ``"sgm_uniform"``, ``"KL Optimal"``)
+    -> its name in :data:`SCHEDULES`.
+
+    Raises:
+        ValueError: an unknown schedule, naming those taken.
+    """
+    key = "_".join(str(name).strip().lower().replace("-", " ").split())
+    key = _ALIASES.get(key, key)
+    if key not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)} "
+                         f"(or A1111's labels {', '.join(repr(v) for v in SCHEDULE_LABELS.values())})")
+    return key
+
+
+# ------------------------------------------------------------------------------------------------- samplers
+#: every sampler name ``sdadapt.samplers.sample_latents`` takes (kohya's ``sample_sampler`` spellings), in the order
+#: of its function table (``sdadapt.samplers._SAMPLERS``, ``ddim`` first: tests/test_cli_parse_tables.py checks it)
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a",
+                              "dpmsolver", "dpmsolver++", "dpmsingle", "unipc", "dpmsolver++_sde", "lcm", "dpmpp_sde",
+                              "dpmpp_2s_a", "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "dpm_fast", "dpm_adaptive",
+                              "restart")
+#: other spellings of the same samplers (kohya's ``k_`` names)
+SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
+                                   "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++",
+                                   "dpm++_2m_sde": "dpmsolver++_sde", "dpmpp_2m_sde": "dpmsolver++_sde",
+                                   "dpm++_sde": "dpmpp_sde", "k_dpmpp_sde": "dpmpp_sde", "dpmsolversde": "dpmpp_sde",
+                                   "dpm++_2s_a": "dpmpp_2s_a", "dpmpp_2s_ancestral": "dpmpp_2s_a",
+                                   "k_dpmpp_2s_a": "dpmpp_2s_a", "k_dpmpp_2s_ancestral": "dpmpp_2s_a",
+                                   "dpm++_3m_sde": "dpmsolver++_3m_sde", "dpmpp_3m_sde": "dpmsolver++_3m_sde",
+                                   "k_dpmpp_3m_sde": "dpmsolver++_3m_sde", "dpm++_2m_sde_heun": "dpmsolver++_sde_heun",
+                                   "dpmpp_2m_sde_heun": "dpmsolver++_sde_heun",
+                                   "k_dpmpp_2m_sde_heun": "dpmsolver++_sde_heun", "k_dpm_fast": "dpm_fast",
+                                   "k_dpm_ad": "dpm_adaptive", "dpm_ad": "dpm_adaptive"}
+#: samplers that take ``karras=True`` (σ on Karras et al.'s ρ = 7 grid)
+KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
+                                    "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
+                                    "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart")
+#: samplers that take a ``schedule`` (A1111's "Schedule type", :mod:`.schedules`): those on a σ grid
+SCHEDULE_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "euler_a", "dpmsolver", "dpmsolver++",
+                                      "dpmsingle", "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
+                                      "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart")
+#: samplers without a σ grid -> why no schedule applies
+_NO_SCHEDULE: dict[str, str] = {
+    "ddim": "DDIM steps the model's integer timesteps (its own alphas), not a σ grid",
+    "ddpm": "DDPM steps the model's integer timesteps by its posterior variance, not a σ grid",
+    "pndm": "PNDM (PLMS) steps fixed integer timesteps with a multistep rule tied to their spacing",
+    "lcm": "LCM runs on LCM's own distilled timesteps (the consistency scalings depend on them)",
+    "dpm_fast": "DPM fast spaces its steps evenly in log σ between the model's σ_max and σ_min itself",
+    "dpm_adaptive": "DPM adaptive chooses its own steps in log σ between the model's σ_max and σ_min",
+}
+
+
+def canonical_sampler(name: str) -> str:
+    """``name`` (any case, kohya's ``k_`` aliases) -> its name in :data:`SAMPLERS`.
+
+    Raises:
+        ValueError: an unknown name; the message lists the names taken.
+    """
+    key = str(name).strip().lower()
+    key = SAMPLER_ALIASES.get(key, key)
+    if key not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)} "
+                         f"(or {', '.join(SAMPLER_ALIASES)})")
+    return key
+
+
+def check_karras(name: str, karras: bool) -> None:
+    """Refuse ``karras`` for a sampler (``name``: its name in :data:`SAMPLERS`) without Karras σ
+    (its diffusers scheduler has no ``use_karras_sigmas``), before any work.
+
+    Raises:
+        ValueError: naming the sampler and :data:`KARRAS_SAMPLERS`.
+    """
+    if karras and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"sampler {name!r} has no Karras noise levels (diffusers' scheduler has no "
+                         f"use_karras_sigmas); karras works with {', '.join(KARRAS_SAMPLERS)}")
+
+
+def resolve_schedule(name: str, schedule: str | None, karras: bool = False) -> str | None:
+    """The σ grid a sampler runs on: ``None`` (the sampler's diffusers grid; with ``karras``, its Karras σ) or a
+    name in :data:`SCHEDULES` other than ``automatic``. ``schedule``: a schedule name or A1111 label (any case);
+    ``"automatic"`` is A1111 ≥ 1.9's choice for the sampler (:data:`A1111_AUTOMATIC`, else
+    ``uniform``; on a sampler without a σ grid, ``None``: its own steps, as A1111 runs it). ``name``: a name
+    in :data:`SAMPLERS`.
+
+    Raises:
+        ValueError: an unknown schedule, a schedule other than ``automatic`` on a sampler without a σ grid
+            (``ddim``, ``ddpm``, ``pndm``, ``lcm``, ``dpm_fast``, ``dpm_adaptive``: the reason named), or
+            ``karras`` with a schedule other than Karras.
+    """
+    if schedule is None:
+        return None
+    key = canonical_schedule(schedule)
+    if key == "automatic" and name not in SCHEDULE_SAMPLERS:
+        return None
+    if name not in SCHEDULE_SAMPLERS:
+        raise ValueError(f"sampler {name!r} takes no schedule: {_NO_SCHEDULE.get(name, 'it has no σ grid')}; "
+                         f"schedules work with {', '.join(SCHEDULE_SAMPLERS)}")
+    if key == "automatic":
+        key = A1111_AUTOMATIC.get(name, "uniform")
+    if karras and key != "karras":
+        raise ValueError(f"karras and schedule {schedule!r} both name a σ grid; give one (karras is schedule 'karras')")
+    return key
+
+
+# -------------------------------------------------------------------------------------- A1111 sampler labels
+#: A1111 label (lower case, without " Karras") -> sampler name here (diffusers' scheduler of the label)
+A1111_LABELS: dict[str, str] = {
+    "euler": "euler",  # EulerDiscreteScheduler
+    "euler a": "euler_a",  # EulerAncestralDiscreteScheduler
+    "lms": "lms",  # LMSDiscreteScheduler
+    "heun": "heun",  # HeunDiscreteScheduler
+    "dpm2": "dpm_2",  # KDPM2DiscreteScheduler
+    "dpm2 a": "dpm_2_a",  # KDPM2AncestralDiscreteScheduler
+    "dpm++ 2m": "dpmsolver++",  # DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"), order 2
+    # DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"): A1111's update rule, Gaussian noise per
+    # step instead of its Brownian tree (docs/samplers.md)
+    "dpm++ 2m sde": "dpmsolver++_sde",
+    # the same with solver_type="heun" (k-diffusion's sample_dpmpp_2m_sde(solver_type="heun")); Gaussian noise
+    "dpm++ 2m sde heun": "dpmsolver++_sde_heun",
+    "dpm++ sde": "dpmpp_sde",  # DPMSolverSDEScheduler (k-diffusion's sample_dpmpp_sde, Brownian-tree noise)
+    "dpm++ 2s a": "dpmpp_2s_a",  # no diffusers class: k-diffusion's sample_dpmpp_2s_ancestral on the Euler σ grid
+    # DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++") with its third-order
+    # coefficient corrected; Gaussian noise per step instead of A1111's Brownian tree (docs/samplers.md)
+    "dpm++ 3m sde": "dpmsolver++_3m_sde",
+    "dpm fast": "dpm_fast",  # no diffusers class: k-diffusion's sample_dpm_fast (steps = model calls)
+    "dpm adaptive": "dpm_adaptive",  # no diffusers class: k-diffusion's sample_dpm_adaptive (its own step count)
+    "restart": "restart",  # no diffusers class: A1111's restart_sampler (Heun steps + restart segments)
+    "lcm": "lcm",  # LCMScheduler: A1111's x̂0-then-renoise rule on LCM's own timesteps (docs/samplers.md)
+    "ddim": "ddim",  # DDIMScheduler
+    "plms": "plms",  # PNDMScheduler(skip_prk_steps=True): only when a sampler named plms is registered
+    # A1111's lower-case aliases (modules/sd_samplers_kdiffusion.py)
+    "k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_lms": "lms", "k_heun": "heun",
+    "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "k_dpmpp_2m": "dpmsolver++",
+    "k_dpmpp_2m_sde": "dpmsolver++_sde", "k_lcm": "lcm",
+    "k_dpmpp_sde": "dpmpp_sde", "k_dpmpp_2s_a": "dpmpp_2s_a", "k_dpmpp_3m_sde": "dpmsolver++_3m_sde",
+    "k_dpmpp_2m_sde_heun": "dpmsolver++_sde_heun", "k_dpm_fast": "dpm_fast", "k_dpm_ad": "dpm_adaptive",
+}
+#: A1111's aliases of its " Karras" labels (1.6–1.8: "DPM++ SDE Karras" is ``k_dpmpp_sde_ka``, ...), read as
+#: the base alias + " Karras". (A1111 lists ``k_dpmpp_2m_sde_ka`` for both "DPM++ 2M SDE" and its Karras label;
+#: its alias map keeps the later, Karras one.)
+_KARRAS_ALIASES: frozenset[str] = frozenset({"k_dpmpp_sde_ka", "k_dpmpp_2s_a_ka", "k_dpmpp_3m_sde_ka",
+                                             "k_dpmpp_2m_sde_ka", "k_dpmpp_2m_sde_heun_ka"})
+#: A1111 1.6–1.8's aliases of its " Exponential" labels ("DPM++ 3M SDE Exponential" is ``k_dpmpp_3m_sde_exp``, ...)
+_EXPONENTIAL_ALIASES: frozenset[str] = frozenset({"k_dpmpp_3m_sde_exp", "k_dpmpp_2m_sde_heun_exp",
+                                                  "k_dpmpp_2m_sde_exp"})
+
+#: A1111 labels with no sampler here (lower case) -> why
+A1111_MISSING: dict[str, str] = {
+    "unipc": "its own UniPC port (bh1, order 3), not diffusers' UniPCMultistepScheduler defaults",
+    "ddim cfg++": "DDIM with CFG++ guidance",
+    "euler cfg++": "Euler with CFG++ guidance",
+    "plms": "PNDMScheduler with skip_prk_steps=True; kohya's pndm (the class's defaults) runs PNDM's Runge-Kutta "
+            "warm-up steps first, so it is not A1111's PLMS",
+}
+
+
+#: A1111 label (lower case) -> A1111's display name (its ``SamplerData.name``, what its infotext writes)
+A1111_DISPLAY: dict[str, str] = {
+    "euler a": "Euler a", "dpm2": "DPM2", "dpm2 a": "DPM2 a", "dpm++ 2m": "DPM++ 2M", "ddim": "DDIM",
+    "dpm++ 2m sde": "DPM++ 2M SDE", "lcm": "LCM", "dpm++ sde": "DPM++ SDE", "dpm++ 2s a": "DPM++ 2S a",
+    "dpm++ 3m sde": "DPM++ 3M SDE", "dpm++ 2m sde heun": "DPM++ 2M SDE Heun",
+    "dpm fast": "DPM fast", "dpm adaptive": "DPM adaptive", "restart": "Restart",
+    "plms": "PLMS", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
+
+
+def a1111_label(name: str) -> str | None:
+    """A sampler name here (:data:`SAMPLERS`) -> the A1111 display name of the sampler it follows
+    (``"dpmsolver++"`` -> ``"DPM++ 2M"``), ``None`` when it follows none (``unipc``, ``ddpm``, ...)."""
+    return next((A1111_DISPLAY[key] for key, mapped in A1111_LABELS.items()
+                 if mapped == name and key in A1111_DISPLAY), None)
+
+
+def sampler_choices() -> list[str]:
+    """Every name :func:`sampler_from_label` takes without " Karras": the samplers, kohya's aliases
+    and the A1111 labels whose sampler is registered (A1111's capitalisation)."""
+    labels = [A1111_DISPLAY[k] for k, name in A1111_LABELS.items() if k in A1111_DISPLAY and name in SAMPLERS]
+    return [*SAMPLERS, *SAMPLER_ALIASES, *labels]
+
+
+def _taken() -> str:
+    labels = [label for label in sampler_choices() if label[0].isupper()]
+    return (f"the samplers {', '.join(SAMPLERS)}; their other names {', '.join(SAMPLER_ALIASES)}; A1111's "
+            f"{', '.join(repr(label) for label in labels)}"
+            f" (+ ' Karras' for {', '.join(KARRAS_SAMPLERS) or 'none'})")
+
+
+def _did_you_mean(words: str) -> str:
+    """``"; did you mean 'DPM++ 2M Karras'?"`` for the taken name closest to the lower-cased ``words``
+    (a typo such as ``"dpm++ 2m karas"``), or ``""`` when none is close."""
+    names = {}
+    for choice in sampler_choices():
+        names.setdefault(choice.lower(), choice)
+        if choice[0].isupper() and A1111_LABELS.get(choice.lower()) in KARRAS_SAMPLERS:
+            names.setdefault(f"{choice.lower()} karras", f"{choice} Karras")
+    close = difflib.get_close_matches(words, list(names), n=1, cutoff=0.7)
+    return f"; did you mean {names[close[0]]!r}?" if close else ""
+
+
+def sampler_schedule_from_label(text: str) -> tuple[str, str | None]:
+    """A sampler name, kohya alias or A1111 label, with an optional σ-grid suffix -> ``(name in SAMPLERS,
+    schedule)``: ``" Karras"`` is ``"karras"``, ``" Exponential"`` (A1111 1.6–1.8's "DPM++ 3M SDE Exponential",
+    "DPM++ 2M SDE Heun Exponential") ``"exponential"``, none ``None``.
+
+    ``"DPM++ 2M SDE Heun Exponential"`` -> ``("dpmsolver++_sde_heun", "exponential")``; ``"Euler a"`` ->
+    ``("euler_a", None)``. Case and repeated spaces do not matter.
+
+    Raises:
+        ValueError: a label with no sampler here (the message says why and lists what is taken), or a
+            suffix on a sampler without that σ grid.
+    """
+    words = " ".join(str(text).lower().replace("_karras", " karras").split())
+    if words in _EXPONENTIAL_ALIASES:
+        words = words[: -len("_exp")] + " exponential"
+    if words.endswith(" exponential"):
+        base = words[: -len(" exponential")].strip()
+        name, _ = sampler_from_label(base)
+        try:
+            return name, resolve_schedule(name, "exponential")
+        except ValueError as exc:
+            raise ValueError(f"sampler {text!r}: {exc}") from None
+    name, karras = sampler_from_label(text)
+    return name, ("karras" if karras else None)
+
+
+def sampler_from_label(text: str) -> tuple[str, bool]:
+    """A sampler name, kohya alias or A1111 label -> ``(name in SAMPLERS, karras)``.
+
+    ``"DPM++ 2M Karras"`` -> ``("dpmsolver++", True)``; ``"Euler a"`` -> ``("euler_a", False)``;
+    ``"k_euler"`` -> ``("euler", False)``. Case and repeated spaces do not matter.
+
+    Raises:
+        ValueError: a label with no sampler here (the message says why and lists what is taken), or
+            " Karras" on a sampler without Karras σ.
+    """
+    words = " ".join(str(text).lower().replace("_karras", " karras").split())
+    if words in _KARRAS_ALIASES:
+        words = words[: -len("_ka")] + " karras"
+    karras = words.endswith(" karras")
+    base = words[: -len(" karras")].strip() if karras else words
+    key = SAMPLER_ALIASES.get(base, base)
+    if key in SAMPLERS:
+        name = key
+    elif base in A1111_LABELS and A1111_LABELS[base] in SAMPLERS:
+        name = A1111_LABELS[base]
+    elif base in A1111_MISSING:
+        raise ValueError(f"sampler {text!r}: A1111's {base!r} is {A1111_MISSING[base]}; no sampler here matches it. "
+                         f"Taken: {_taken()}")
+    elif base in A1111_LABELS:
+        raise ValueError(f"sampler {text!r} ({A1111_LABELS[base]}) is not available in this sdadapt; taken: {_taken()}")
+    else:
+        raise ValueError(f"unknown sampler {text!r}{_did_you_mean(words)}; taken: {_taken()}")
+    if karras and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"sampler {text!r}: {name} has no Karras noise levels (diffusers' class has no "
+                         f"use_karras_sigmas); ' Karras' works with {', '.join(KARRAS_SAMPLERS) or 'none'}")
+    return name, karras
+
+
+# ------------------------------------------------------------------------------------------- hires upscalers
+#: ``--hires-upscaler`` name -> A1111's latent upscale mode (``interpolate`` mode, antialias)
+LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
+    "latent": ("bilinear", False),                   # A1111 "Latent"
+    "latent-antialiased": ("bilinear", True),        # "Latent (antialiased)"
+    "latent-bicubic": ("bicubic", False),            # "Latent (bicubic)"
+    "latent-bicubic-antialiased": ("bicubic", True),  # "Latent (bicubic antialiased)"
+    "latent-nearest": ("nearest", False),            # "Latent (nearest)"
+    "latent-nearest-exact": ("nearest-exact", False),  # "Latent (nearest-exact)"
+}
+#: every hires upscaler: the latent ones and the pixel one (decode, Lanczos resize, encode)
+HIRES_UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALERS, "pixel-lanczos")
