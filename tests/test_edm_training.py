@@ -24,7 +24,8 @@ from torch.nn import functional as F
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from test_playground_edm import CONFIG, playground_files
+import test_playground_edm
+from test_playground_edm import CONFIG
 
 from sdadapt.samplers.edm import EDMSchedule
 from sdadapt.training.edm import edm_training_sigmas
@@ -32,17 +33,8 @@ from sdadapt.training.step import StepConfig, TrainState, prepare_batch, step_lo
 
 T = 1000
 
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return playground_files(tmp_path_factory.mktemp("playground_train"))
-
-
-@pytest.fixture(scope="module")
-def system(files):
-    from sdadapt.diffusers_system import DiffusersSystem
-
-    return DiffusersSystem.from_single_file(files[0])
+# the shared tiny Playground-like file and its system (module-scoped fixtures of test_playground_edm)
+files, system = test_playground_edm.files, test_playground_edm.system
 
 
 def _stand_in(x, t, _cond=None):

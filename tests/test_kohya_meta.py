@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import math
 
@@ -86,38 +85,25 @@ def test_a_resumed_run_logs_and_shows_the_average_of_its_batches(tmp_path, monke
     """2 images at batch 1 (2 batches an epoch): a run saves its state after step 3 (epoch 2's first batch), the
     resumed one trains steps 4-5. Its loss/average and the bar's avr_loss are the mean of the batches it trained
     (kohya's recorder would read half the first loss: a padded slot 0, LossAverage)."""
-    from train_inputs import captioned_pngs, lora_train_args
+    from train_inputs import captioned_pngs, lora_train_args, record_training
 
     from sdadapt.cli import main
     from sdadapt.cli import options as cli_options
-    from sdadapt.training import monitor
 
-    fit_module = importlib.import_module("sdadapt.methods.fit")
     images = captioned_pngs(tmp_path / "imgs", [(32, 32)] * 2)
     common = lora_train_args(images, "--batch-size", "1", "--seed", "3", "--log-with", "csv")
     assert main([*common, "--steps", "3", "--save-state-on-train-end", "-q", "-o", str(tmp_path / "a.safetensors")]) == 0
-    batch_losses, logged, shown = [], [], []
-    real_step, real_log = fit_module.train_step, monitor.RunLog.step
-
-    def recording(model, batch, **kwargs):
-        metrics = real_step(model, batch, **kwargs)
-        batch_losses.append(float(metrics["loss"]))
-        return metrics
-
-    def log_step(self, step, epoch, loss, lr, extra=None):
-        logged.append((step, dict(extra or {})))
-        return real_log(self, step, epoch, loss, lr, extra)
+    batch_losses, logged = record_training(monkeypatch)
+    shown = []
 
     def bar(self, done, total, info=None):
         shown.append((self.info_name, done, total, info))
 
-    monkeypatch.setattr(fit_module, "train_step", recording)
-    monkeypatch.setattr(monitor.RunLog, "step", log_step)
     monkeypatch.setattr(cli_options.ProgressBar, "__call__", bar)
     assert main([*common, "--steps", "5", "--resume", str(tmp_path / "a-state"), "-o", str(tmp_path / "b.safetensors")]) == 0
     want = [batch_losses[0], sum(batch_losses) / 2]
-    assert [s for s, _ in logged] == [4, 5] and len(batch_losses) == 2
-    assert [extra["loss/average"] for _, extra in logged] == want
+    assert [s for s, _, _ in logged] == [4, 5] and len(batch_losses) == 2
+    assert [extra["loss/average"] for _, _, extra in logged] == want
     assert [row for row in shown if row[0] == "avr_loss"] == [("avr_loss", 4, 5, want[0]), ("avr_loss", 5, 5, want[1])]
 
 

@@ -267,26 +267,12 @@ def test_train_logs_kohyas_loss_average_beside_the_step_loss(tmp_path, monkeypat
     """3 images at batch 1 with accumulation 2 (steps of 2 and 1 batches): each CSV row's loss is the mean
     of its step's batch losses, and TensorBoard's ``loss/average`` (a value with no CSV column) is kohya's
     LossRecorder average of every batch so far, fed as kohya's loop feeds it."""
-    from train_inputs import captioned_pngs, lora_train_args
+    from train_inputs import captioned_pngs, lora_train_args, record_training
 
     from sdadapt.cli import main
-    from sdadapt.training import monitor
 
     images = captioned_pngs(tmp_path / "imgs", [(32, 32)] * 3)
-    batch_losses, logged = [], []
-    real_step, real_log = fit_module.train_step, monitor.RunLog.step
-
-    def recording(model, batch, **kwargs):
-        metrics = real_step(model, batch, **kwargs)
-        batch_losses.append(float(metrics["loss"]))
-        return metrics
-
-    def log_step(self, step, epoch, loss, lr, extra=None):
-        logged.append((step, loss, dict(extra or {})))
-        return real_log(self, step, epoch, loss, lr, extra)
-
-    monkeypatch.setattr(fit_module, "train_step", recording)
-    monkeypatch.setattr(monitor.RunLog, "step", log_step)
+    batch_losses, logged = record_training(monkeypatch)
     out = tmp_path / "o.safetensors"
     assert main(lora_train_args(images, "--batch-size", "1", "--gradient-accumulation-steps", "2", "--steps", "4",
                                 "--log-with", "csv", "-o", out)) == 0

@@ -17,7 +17,7 @@ from sdadapt.formats.files import read_weights, write_safetensors
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from test_unclip_single_file import D, stability_file  # noqa: E402  (the shared builder)
+from test_unclip_single_file import D, spy_class_labels, stability_file  # noqa: E402  (the shared builders)
 
 
 def _plain_sd2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -267,16 +267,17 @@ def test_generate_clip_stats_reaches_the_image_conditioning(files, pictures, tmp
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
 
-def test_generate_clip_stats_refusals(files, tmp_path):
+def test_generate_clip_stats_refusals(files, tmp_path, capsys):
     """--clip-stats on the toy: a usage error at the parse; on a model that is not unCLIP: the loaders' error."""
     from sdadapt.cli import build_parser
     from sdadapt.jobs import run_generate
 
     parser = build_parser()
-    with pytest.raises(SystemExit):
-        parser.parse_args(["generate", "--prompt", "a", "-o", str(tmp_path / "a.png"), "--clip-stats", "s.th"])
     stats = tmp_path / "s.th"
-    torch.save((torch.zeros(D), torch.ones(D)), stats)
+    torch.save((torch.zeros(D), torch.ones(D)), stats)  # (an existing file: the toy rule, not the path check, refuses)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--prompt", "a", "-o", str(tmp_path / "a.png"), "--clip-stats", str(stats)])
+    assert "the toys have no image normaliser" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--clip-stats is for SD 2.1 unCLIP"):
         run_generate(model=str(files["plain1"]), prompt="a", out=tmp_path / "p.png", steps=1, width=32, height=32,
                      clip_stats=stats)
@@ -325,20 +326,14 @@ def test_inpainting_conditions_on_the_image_it_inpaints(h_system, pictures, tmp_
     from sdadapt.jobs.generate_inpaint import inpaint_inputs
 
     monkeypatch.setattr(generate_job, "load_system", lambda *a, **k: h_system)
-    seen = []
-    original = h_system.unet.forward
-
-    def spy(x, t, encoder_hidden_states, class_labels=None, **kw):
-        seen.append(class_labels.detach().clone())
-        return original(x, t, encoder_hidden_states, class_labels=class_labels, **kw)
-
-    h_system.unet.forward = spy
+    seen = spy_class_labels(h_system.unet)
     init, mask = pictures
     try:
         h_system.unclip_image = None
         run_generate(model="unclip", prompt="a", out=tmp_path / "o.png", steps=2, seed=7, width=32, height=32,
                      guidance=3.0, init_image=init, mask=mask, inpainting_fill=fill, inpaint_full_res=full_res)
-        got = h_system.unclip_image
+        assert h_system.unclip_image is None  # (set for the run's images only: sdadapt.unclip.unclip_image_scope)
+        got = seen[-1].chunk(2)[1]  # (the conditional branch's class input of the last call)
     finally:
         del h_system.unet.forward
         h_system.unclip_image = None

@@ -277,18 +277,25 @@ def test_clip_stats_refused_with_a_clear_message(unclip_file, tmp_path):
         unclip_parts_from_file(read_single_file(path).unclip, None, clip_stats=wrong)
 
 
-def test_generation_conditions_like_a1111(loaded):
-    """A1111's CFGDenoiser for crossattn-adm models: the conditional branch gets c_adm (img2img: the init image's
-    augmented embedding; txt2img: zeros), the unconditional one zeros."""
-    _, _, _, system = loaded
+def spy_class_labels(unet) -> list:
+    """Record the ``class_labels`` (B, 2·D) of every call of ``unet`` (an instance ``forward`` that calls the real
+    one; ``del unet.forward`` restores it): the list it fills (the unCLIP tests share it: import it from here)."""
     seen = []
-    original = system.unet.forward
+    original = unet.forward
 
     def spy(x, t, encoder_hidden_states, class_labels=None, **kw):
         seen.append(class_labels.detach().clone())
         return original(x, t, encoder_hidden_states, class_labels=class_labels, **kw)
 
-    system.unet.forward = spy
+    unet.forward = spy
+    return seen
+
+
+def test_generation_conditions_like_a1111(loaded):
+    """A1111's CFGDenoiser for crossattn-adm models: the conditional branch gets c_adm (img2img: the init image's
+    augmented embedding; txt2img: zeros), the unconditional one zeros."""
+    _, _, _, system = loaded
+    seen = spy_class_labels(system.unet)
     try:
         system.sample(["a"], steps=2, guidance=3.0, height=32, width=32)
         assert seen and all(torch.equal(c, torch.zeros_like(c)) for c in seen)

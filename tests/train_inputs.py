@@ -132,3 +132,30 @@ def train_toy_kohya(folder: Path, images: Path, table: dict) -> dict[str, str]:
         raise AssertionError(f"train --config exited {code}")
     with safe_open(str(folder / "out" / f"{table.get('output_name', 'kohya')}.safetensors"), "pt") as file:
         return file.metadata()
+
+
+def record_training(monkeypatch) -> tuple[list[float], list[tuple[int, float, dict]]]:
+    """Spy on the train command's loop (``monkeypatch`` undoes it): ``(batch losses, logged rows)``, the
+    lists filled as it runs — each batch's ``train_step`` loss, and each ``RunLog.step`` row as
+    ``(step, loss, extra)`` (extra: the values with no CSV column, e.g. ``loss/average``)."""
+    import importlib
+
+    from sdadapt.training import monitor
+
+    fit_module = importlib.import_module("sdadapt.methods.fit")  # (the package's ``fit`` is the function)
+    batch_losses: list[float] = []
+    logged: list[tuple[int, float, dict]] = []
+    real_step, real_log = fit_module.train_step, monitor.RunLog.step
+
+    def recording(model, batch, **kwargs):
+        metrics = real_step(model, batch, **kwargs)
+        batch_losses.append(float(metrics["loss"]))
+        return metrics
+
+    def log_step(self, step, epoch, loss, lr, extra=None):
+        logged.append((step, loss, dict(extra or {})))
+        return real_log(self, step, epoch, loss, lr, extra)
+
+    monkeypatch.setattr(fit_module, "train_step", recording)
+    monkeypatch.setattr(monitor.RunLog, "step", log_step)
+    return batch_losses, logged

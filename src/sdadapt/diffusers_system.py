@@ -947,7 +947,7 @@ class DiffusersSystem(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
-               sampler: str = "ddim", karras: bool = False, height: int | None = None, width: int | None = None,
+               sampler: str | None = None, karras: bool = False, height: int | None = None, width: int | None = None,
                cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
                noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None,
                before_model_call: Any = None, clip_sample: float | None = None,
@@ -955,7 +955,8 @@ class DiffusersSystem(nn.Module):
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
-        ``sampler``: a name in :data:`sdadapt.samplers.SAMPLERS` (or kohya's ``k_`` alias);
+        ``sampler``: a name in :data:`sdadapt.samplers.SAMPLERS` (or kohya's ``k_`` alias); ``None``:
+        :func:`sdadapt.sampling.default_sampler` (``ddim``; an EDM model's own scheduler, ``dpmsolver++``);
         ``karras``: diffusers' ``use_karras_sigmas`` (the samplers in
         :data:`sdadapt.samplers.KARRAS_SAMPLERS`); ``schedule``: A1111's "Schedule type"
         (:func:`sdadapt.samplers.resolve_schedule`; Align Your Steps takes the SDXL table on SDXL);
@@ -996,6 +997,10 @@ class DiffusersSystem(nn.Module):
         check_image_size(width, height, multiple=self.size_multiple)
         from . import samplers
 
+        if sampler is None:  # (an EDM model's own scheduler, else ddim)
+            from .sampling import default_sampler
+
+            sampler = default_sampler(self)
         name = samplers.canonical_sampler(sampler)  # (ValueError for an unknown one, before any work)
         if self.edm is not None:  # (Playground v2.5: diffusers' EDM schedulers only, sdadapt.samplers.edm)
             from .samplers.edm import check_edm_request

@@ -28,8 +28,8 @@ from torch import Tensor
 from . import samplers
 from .errors import InputError
 
-__all__ = ["SamplePrompt", "SAMPLERS", "generate", "kohya_clip_sample", "parse_sample_prompts", "unknown_words",
-           "with_defaults"]
+__all__ = ["SamplePrompt", "SAMPLERS", "default_sampler", "generate", "kohya_clip_sample", "parse_sample_prompts",
+           "unknown_words", "with_defaults"]
 
 #: every sampler name :func:`generate` takes: :data:`sdadapt.samplers.SAMPLERS` and kohya's aliases
 SAMPLERS: tuple[str, ...] = (*samplers.SAMPLERS, *samplers.SAMPLER_ALIASES)
@@ -186,9 +186,21 @@ def _takes(method, name: str) -> bool:
         return False
 
 
+def default_sampler(system: object) -> str:
+    """The sampler a request that names none runs on ``system``: ``ddim``, or for an EDM-formulation model
+    (Playground v2.5: ``system.edm`` set) the model's own scheduler
+    (:func:`sdadapt.training.edm.edm_own_sampler` of its ``scheduler_config``: ``dpmsolver++``, what its diffusers
+    ``StableDiffusionXLPipeline`` samples with when no scheduler is swapped in), which has no DDIM form."""
+    if getattr(system, "edm", None) is None:
+        return "ddim"
+    from .training.edm import edm_own_sampler
+
+    return edm_own_sampler(getattr(system, "scheduler_config", None))
+
+
 @torch.no_grad()
 def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, steps: int = 25,
-             guidance: float | None = None, sampler: str = "ddim", karras: bool = False, height: int | None = None,
+             guidance: float | None = None, sampler: str | None = None, karras: bool = False, height: int | None = None,
              width: int | None = None, cond: object | None = None, schedule: str | None = None,
              info: dict | None = None, plan: object | None = None, noise: object | None = None,
              schedule_options: object | None = None, init_latents: Tensor | None = None,
@@ -199,7 +211,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              refiner: object | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
-    ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases);
+    ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
+    system's :func:`default_sampler` (``ddim``; an EDM model's own scheduler, ``dpmsolver++`` for Playground v2.5);
     ``karras``: σ on Karras et al.'s grid (diffusers' ``use_karras_sigmas``), for
     :data:`sdadapt.samplers.KARRAS_SAMPLERS`. ``schedule``: A1111's "Schedule type" (σ grid), for
     :data:`sdadapt.samplers.SCHEDULE_SAMPLERS` (:func:`sdadapt.samplers.resolve_schedule`; ``None``: the
@@ -272,6 +285,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     if refiner is not None and not _takes(system.sample, "refiner"):
         raise TypeError(f"{type(system).__name__}.sample takes no refiner= argument; the SDXL refiner hands over "
                         "inside an SDXL base's sample (DiffusersSystem)")
+    if sampler is None:
+        sampler = default_sampler(system)
     try:
         name = samplers.canonical_sampler(sampler)
     except ValueError:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ from .formats.unclip import (UnclipFile, ldm_clip_pixels, ldm_cosine_alphas_cump
                               variant_of_width)
 
 __all__ = ["UnclipParts", "unclip_parts_from_file", "unclip_parts_from_folder", "unclip_image_input",
-           "unclip_image_of_pixels", "img2img_unclip_image", "COSINE_SCHEDULER_CONFIG"]
+           "unclip_image_of_pixels", "img2img_unclip_image", "hires_unclip_image", "unclip_image_scope",
+           "COSINE_SCHEDULER_CONFIG"]
 
 #: diffusers' converter's image-noising scheduler: DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
 COSINE_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
@@ -265,3 +267,39 @@ def img2img_unclip_image(system, image_path: str | os.PathLike, *, height: int, 
 
     pixels = init_image_pixels(image_path, (height, width), mode=resize_mode)[None]  # (1, 3, H, W)
     return unclip_image_of_pixels(system, pixels, seed=seed)
+
+
+def hires_unclip_image(system, pixels: Tensor, *, seed: int = 0) -> Tensor | None:
+    """The class input of A1111's txt2img hires pass with a pixel upscaler on an unCLIP model: ``sample_hr_pass``
+    (``modules/processing.py`` at 0027ce1f6e58) hands ``img2img_image_conditioning`` the upscaled first pass as
+    ``decoded_samples`` — the 8-bit pixels ``/ 255``, in **[0, 1]** (the VAE encode, ``images_tensor_to_samples``,
+    maps them to [−1, 1] itself) — and that runs ``unclip_image_conditioning``, whose LDM embedder reads its input
+    as [−1, 1] (``preprocess``: ``(x + 1) / 2``). So the embedding is of the [0, 1] pixels read as [−1, 1] (the
+    image squeezed into [0.5, 1], paler); img2img hands it ``image * 2 - 1`` (A1111 before 1.6 did ``2x − 1`` in
+    the hires pass too). ``pixels``: the upscaled images (B, 3, H, W) in [−1, 1]
+    (:func:`sdadapt.jobs.generate_hires.lanczos_upscale_pixels`, A1111's ``decoded_samples · 2 − 1``); -> (B, 2D)
+    through :func:`unclip_image_of_pixels` of ``(pixels + 1) / 2`` (A1111's ``decoded_samples`` to float
+    rounding), the level-0 noise from ``seed``; ``None`` for a model that is not unCLIP.
+
+    Raises:
+        ValueError: an unCLIP model without an image encoder.
+    """
+    if getattr(system, "unclip", None) is None:
+        return None
+    return unclip_image_of_pixels(system, (pixels.float() + 1.0) / 2.0, seed=seed)
+
+
+@contextmanager
+def unclip_image_scope(system, image: Tensor | None) -> Iterator[None]:
+    """A block run with ``system.unclip_image`` = ``image`` ((1 or B, 2D), or ``None``: txt2img's zeros), the value
+    it had put back on exit (an exception too) — so a run's image conditioning does not stay on a system that is
+    used again. Nothing for a system without the attribute and ``image`` ``None``."""
+    if image is None and not hasattr(system, "unclip_image"):
+        yield
+        return
+    before = getattr(system, "unclip_image", None)
+    system.unclip_image = image
+    try:
+        yield
+    finally:
+        system.unclip_image = before

@@ -191,8 +191,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 25)")
     generate.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
                           help="classifier-free guidance scale (default: the model's, SD 7.5, toy 2)")
-    generate.add_argument("--sampler", type=_sampler, default="ddim", metavar="NAME",
-                          help=f"default ddim; one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "
+    generate.add_argument("--sampler", type=_sampler, default=None, metavar="NAME",
+                          help="default ddim (an EDM model such as Playground v2.5: dpmsolver++, its own scheduler); "
+                          f"one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "
                           "('DPM++ 2M Karras'); docs/samplers.md")
     generate.add_argument("--karras", action="store_true",
                           help="noise levels on Karras et al.'s grid (diffusers' use_karras_sigmas; A1111's 'Karras'), "

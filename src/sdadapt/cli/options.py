@@ -88,16 +88,27 @@ def add_output_options(
     return group
 
 
+def _clip_stats_path(text: str) -> str:
+    """argparse type of ``--clip-stats``: a path that exists (a typo is said at the parse, naming the option, not
+    after the model's load as the file's bare name)."""
+    from pathlib import Path
+
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder (karlo's ViT-L-14_stats.th, or an unCLIP "
+                                         "folder's image_normalizer file or folder)")
+    return text
+
+
 def add_clip_stats_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, use: str,
                           model_dest: str | None = None) -> None:
     """Add ``--clip-stats FILE`` (``args.clip_stats``): an SD 2.1 unCLIP-L model's CLIP-embedding mean/std, the one
     definition ``generate``, ``convert`` and ``clip-invert`` share. ``use``: what the command needs it for (the end
     of the help). ``model_dest``: the attribute holding ``--model``; given, the option is refused at the parse for
     the toys (:func:`~sdadapt.cli.option_rules.only_with`; ``parser`` must then be the command's parser, not a
-    group), which have no image-embedding normaliser. The file is
+    group), which have no image-embedding normaliser. A path that does not exist is refused at the parse; the file is
     read (and a wrong one refused, naming it) by :func:`sdadapt.formats.unclip.read_clip_stats` when the model
     loads; a model that is not unCLIP refuses it there (``--clip-stats is for SD 2.1 unCLIP ...``)."""
-    parser.add_argument("--clip-stats", default=None, metavar="FILE",
+    parser.add_argument("--clip-stats", default=None, metavar="FILE", type=_clip_stats_path,
                         help="SD 2.1 unCLIP-L: karlo's ViT-L-14_stats.th, the CLIP-embedding mean/std its LDM config "
                         "reads from clip_stats_path and no checkpoint holds (diffusers' clip_stats_path; unCLIP-H's "
                         f"is identity); {use}")

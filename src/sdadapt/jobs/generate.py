@@ -54,7 +54,7 @@ def run_generate(
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     karras: bool = False,
     schedule: str | None = None,
     noise: str | None = None,
@@ -145,7 +145,9 @@ def run_generate(
         steps: sampler steps (default 25; the toy 25).
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
-            ``schedule="karras"``, " Exponential" ``schedule="exponential"``.
+            ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
+            own scheduler (Playground v2.5: ``dpmsolver++``, as its diffusers pipeline;
+            :func:`sdadapt.jobs.model_size.model_default_sampler`, said in the log).
         karras: σ on Karras et al.'s grid (diffusers' ``use_karras_sigmas``), for the samplers in
             :data:`sdadapt.samplers.KARRAS_SAMPLERS`.
         schedule: A1111's "Schedule type" (``"exponential"``, ``"Align Your Steps"``, ``"automatic"``, ...;
@@ -275,6 +277,14 @@ def run_generate(
         prompt, negative = strip_comments(prompt), strip_comments(negative)
     if not prompt or not prompt.strip():
         raise ValueError("--prompt is empty; say what the image should show")
+    asked_sampler = sampler
+    if sampler is None:  # (an EDM model has no ddim: its own scheduler, told from its header before the load)
+        from .model_size import model_default_sampler
+
+        sampler = model_default_sampler(model)
+        if sampler != "ddim":
+            say(f"--model {model}: an EDM model (Playground v2.5); sampling with {sampler}, its own scheduler "
+                "(--sampler euler or dpmsolver++_sde for the others)")
     try:
         sampler, label_schedule = sampler_schedule_from_label(sampler)
     except ValueError as exc:
@@ -315,6 +325,9 @@ def run_generate(
         noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
         ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         beta_alpha=beta_alpha, beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
+    _check_edm_request(model, sampler, hires_sampler, asked_sampler=asked_sampler, label_schedule=label_schedule,
+                       karras=karras, schedule=schedule, noise=a1111_seeds, schedule_options=schedule_options,
+                       refiner=refiner)
     if schedule_options is not None and hires_sampler is not None and hires_schedule is None:
         raise ValueError(f"--hires-sampler {hires_sampler} runs on no σ grid (its own steps), so --sigma-min, "
                          "--sigma-max, --rho, --beta-alpha, --beta-beta and --old-karras-sigmas cannot shape the hires "
@@ -391,6 +404,10 @@ def run_generate(
     for path in embeddings:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--embedding {path}: no such file")
+    if embeddings_dir is not None and not Path(embeddings_dir).is_dir():  # (said before the model's load)
+        from ..errors import InputError
+
+        raise InputError(f"--embeddings-dir {embeddings_dir}: no such folder")
     from ..text_chunks import chunk_count
     from .generate_hypernetworks import (
         inject_hypernetwork_option,
@@ -459,7 +476,8 @@ def run_generate(
         refiner_system = load_system(str(refiner), device=resolve_device(device), prediction_type=prediction_type,
                                      vae=vae, log=say)
         check_refiner_pair(system, refiner_system)
-        say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the schedule")
+        say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
+            f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
     if aesthetic_score is not None or negative_aesthetic_score is not None:  # (the SDXL refiner's time_ids)
         if refiner_system is not None:
             system, refiner_system = refiner_system, system  # (set on the refiner, below; swapped back after)
@@ -620,6 +638,7 @@ def run_generate(
     size_h, size_w = height or int(getattr(system, "image_size", 0)), width or int(getattr(system, "image_size", 0))
     init_latents = None
     inpainting = None
+    unclip_image = None  # (an unCLIP model's image conditioning: set on the system while its images are sampled)
     if init_image is not None and mask is not None:  # A1111's inpaint tab (sdadapt.jobs.generate_inpaint)
         from .generate_inpaint import inpaint_inputs
 
@@ -641,7 +660,7 @@ def run_generate(
             if getattr(system, "unclip", None) is not None:  # SD 2.1 unCLIP: A1111 conditions on the encoded image
                 from ..unclip import unclip_image_of_pixels
 
-                system.unclip_image = unclip_image_of_pixels(system, inpainting.pixels[None], seed=seed)
+                unclip_image = unclip_image_of_pixels(system, inpainting.pixels[None], seed=seed)
                 say("unCLIP: conditioned on the CLIP image embedding of the image it inpaints (noise level 0), as "
                     "A1111's img2img_image_conditioning")
     model_conditioning = None  # (an inpainting model's img2img without a mask)
@@ -657,8 +676,8 @@ def run_generate(
         if getattr(system, "unclip", None) is not None:  # SD 2.1 unCLIP: A1111's image variation (sdadapt.unclip)
             from ..unclip import img2img_unclip_image
 
-            system.unclip_image = img2img_unclip_image(system, init_image, height=size_h, width=size_w,
-                                                       resize_mode=resize_mode, seed=seed)
+            unclip_image = img2img_unclip_image(system, init_image, height=size_h, width=size_w,
+                                                resize_mode=resize_mode, seed=seed)
             say("unCLIP: conditioned on the init image's CLIP image embedding (noise level 0), as A1111's img2img")
     if hires is not None:
         import inspect
@@ -734,7 +753,7 @@ def run_generate(
         mask_options=dict(blur=4.0 if mask_blur is None else mask_blur, invert=invert_mask, fill=inpainting_fill,
                           padding=32 if inpaint_full_res_padding is None else inpaint_full_res_padding,
                           weight=inpainting_mask_weight),
-        loras=[path for path, _ in parsed], tag_loras=hires_tag_loras if hires is not None else tag_loras,
+        loras=[path for path, _ in parsed], tag_loras=[*tag_loras, *(hires_tag_loras if hires is not None else ())],
         embedding_files=embedding_files, tokenize=_token_ids(system), refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_switch_by_steps,
         refiner_hires_pass=refiner_hires_pass or "second",
@@ -744,6 +763,7 @@ def run_generate(
             slerp_angle=aesthetic_text_angle))
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
+    from ..unclip import unclip_image_scope
     from .generate_conditions import conditions_cached
 
     # (each distinct text encoded once over the images: the same images; the refiner's too, whose weights the run
@@ -770,10 +790,11 @@ def run_generate(
                 handoff = RefinerHandoff(system, refiner_system, switch_at=refiner_switch_at,
                                          by_steps=refiner_switch_by_steps)
             try:
-                image = sample_image(system, [text], options, init_latents=init_latents,
-                                     denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
-                                     fix_steps=img2img_fix_steps, hires_networks=hires_networks, refiner=handoff,
-                                     refiner_hires_pass=refiner_hires_pass or "second")[0]
+                with unclip_image_scope(system, unclip_image):  # (the system as it was after each image)
+                    image = sample_image(system, [text], options, init_latents=init_latents,
+                                         denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
+                                         fix_steps=img2img_fix_steps, hires_networks=hires_networks,
+                                         refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second")[0]
             finally:  # (the next image starts from the weights without the step-switched parts)
                 if step_switch is not None:
                     step_switch.release()
@@ -813,6 +834,31 @@ def _expanded(text: str | None, handles) -> str | None:
         if not getattr(handle, "matched_by_ids", False):
             text = handle.expand(text)
     return text
+
+
+def _check_edm_request(model: str | os.PathLike, sampler: str, hires_sampler: str | None, *, asked_sampler: str | None,
+                       label_schedule: str | None, karras: bool, schedule: str | None, noise: object,
+                       schedule_options: object, refiner: object) -> None:
+    """An EDM model's refusals (:func:`sdadapt.samplers.edm.check_edm_request`) before the load, when the header says
+    EDM (:func:`~sdadapt.jobs.model_size.model_edm_scheduler`): ``--sampler`` and ``--hires-sampler`` by name; an
+    A1111 label's schedule (``'DPM++ 2M Karras'``, A1111's default) named as the label's, with the label to give."""
+    from ..samplers import canonical_sampler
+    from ..samplers.edm import EDM_SAMPLERS, check_edm_request
+    from .model_size import model_edm_scheduler
+
+    if model_edm_scheduler(model) is None:
+        return
+    for option, name in (("--sampler", sampler), ("--hires-sampler", hires_sampler)):
+        if name is None:
+            continue
+        try:
+            check_edm_request(canonical_sampler(name), karras=karras, schedule=schedule, noise=noise,
+                              schedule_options=schedule_options, refiner=refiner)
+        except ValueError as exc:
+            hint = (f"; the label {asked_sampler!r} names A1111's {label_schedule!r} σ grid: give --sampler {name} "
+                    f"(the EDM grid is Karras' ρ = 7 grid already)" if option == "--sampler" and label_schedule
+                    is not None and canonical_sampler(name) in EDM_SAMPLERS else "")
+            raise ValueError(f"{option} {name} on --model {model}: {exc}{hint}") from None
 
 
 def _check_img2img_options(sampler: str, *, init_image, denoising_strength: float, hires_scale: float | None,
@@ -911,9 +957,13 @@ def _check_step_counts(system, *, steps: int | None = None, hires_steps: int = 0
     :func:`sdadapt.img2img.check_step_count` but ``num_train_steps``, per pass; without them ``steps`` and
     ``hires_steps`` are at most ``T``) — and an img2img pass of A1111's fixed steps (``fixed_grids``:
     :func:`_check_img2img_passes`) whose grid ``int(steps / min(strength, 0.999))`` would be longer on such a
-    sampler (:func:`sdadapt.img2img.check_fixed_grid`), before the first pass rather than after it."""
+    sampler (:func:`sdadapt.img2img.check_fixed_grid`), before the first pass rather than after it. An EDM model
+    (``system.edm``: Playground v2.5) is refused nothing here: its samplers build a grid of any length on continuous
+    σ (:func:`sdadapt.samplers.edm.edm_sigmas`), and the library runs them (``sampling._img2img_request(edm=True)``)."""
     from ..img2img import check_fixed_grid, check_step_count
 
+    if getattr(system, "edm", None) is not None:  # (Playground v2.5: its σ are continuous, any grid length runs,
+        return  # as sampling._img2img_request(edm=True) and samplers.edm.edm_sigmas take it)
     limit = len(getattr(system, "alphas_cumprod", ())) or 1000
     for option, value in (("--steps", steps), ("--hires-steps", hires_steps)) if step_grids is None else ():
         if value and value > limit:

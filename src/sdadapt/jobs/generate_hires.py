@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,6 +299,10 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     size. An inpainting model's hires pass is conditioned as its txt2img (a grey image under a mask of ones) at
     ``hires.size`` — what A1111's pixel upscalers give it (``img2img_image_conditioning`` of the upscaled pixels
     at mask weight 1: all 0); A1111's latent upscalers hand it the first pass's size and fail (its issue #6281).
+    An SD 2.1 unCLIP model's hires pass with ``pixel-lanczos`` is conditioned on the CLIP image embedding of the
+    upscaled pixels as A1111 hands them over (:func:`sdadapt.unclip.hires_unclip_image`, the level-0 noise from
+    ``options["seed"]``), set on the system for that pass only (:func:`sdadapt.unclip.unclip_image_scope`); with a
+    latent upscaler it keeps the first pass's (txt2img: zeros, A1111's ``txt2img_image_conditioning``).
     ``options["before_model_call"]`` with a ``next_pass(sampler=)`` (:class:`.generate_lbw_steps.StepSwitchedLoRAs`)
     is told when the hires pass begins, and with which sampler (the step ranges' hires pass).
     ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` (``generate --refiner``): without ``hires``
@@ -329,12 +333,18 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     height, width = hires.size
     up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y/x: covers the size, then cropped)
     factor = int(getattr(system, "vae_factor", 8))
+    unclip_scope: AbstractContextManager = nullcontext()  # (the first pass's unCLIP image, if any, stays)
     if hires.upscaler in LATENT_UPSCALERS:
         start = upscale_latents(latents.float(), (up_h // factor, up_w // factor), upscaler=hires.upscaler)
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
         pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w)).to(latents.device)
         with torch.no_grad():
             start = loaded.encode_images(pixels).float()
+        if getattr(loaded, "unclip", None) is not None:  # (A1111: img2img_image_conditioning of those pixels)
+            from ..unclip import hires_unclip_image, unclip_image_scope
+
+            unclip_scope = unclip_image_scope(loaded, hires_unclip_image(loaded, pixels,
+                                                                         seed=int(options.get("seed", 0))))
     start = crop_hires_latents(start, upscale_to=(up_h, up_w), size=(height, width), factor=factor)
     if tuple(start.shape[-2:]) != (height // factor, width // factor):
         raise ValueError(f"the hires pass's latents are {tuple(start.shape[-2:])} after the crop from "
@@ -371,9 +381,6 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
             second.pop("plan", None)
         else:
             second["plan"] = plan
-    if hires_networks is None:
-        return generate(system, second_prompts, **second, init_latents=start.to(latents.dtype),
-                        denoising_strength=hires.denoising, img2img_steps=steps)
-    with hires_networks():
+    with unclip_scope, (nullcontext() if hires_networks is None else hires_networks()):
         return generate(system, second_prompts, **second, init_latents=start.to(latents.dtype),
                         denoising_strength=hires.denoising, img2img_steps=steps)

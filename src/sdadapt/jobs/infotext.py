@@ -145,10 +145,29 @@ def _tag_name(tag: str) -> str:
     return inner.split(":")[1] if inner.count(":") >= 1 else inner
 
 
-def _hash_list(pairs: Sequence[tuple[str, str | None]]) -> str | None:
-    """A1111's ``"NAME: HASH, NAME: HASH"`` (``:`` and ``,`` taken out of names; no hash: not listed)."""
-    items = [f"{name.replace(':', '').replace(',', '')}: {short}" for name, short in pairs if short]
-    return ", ".join(items) or None
+def _hash_list(pairs: Sequence[tuple[str, str | None]], *, unique: bool = False) -> str | None:
+    """A1111's ``"NAME: HASH, NAME: HASH"`` (``:`` and ``,`` taken out of names; no hash: not listed). ``unique``:
+    each name once, where it first comes, with its last hash — the "Lora hashes" rule, a dict keyed by the cleaned
+    name (``p.lora_hashes[name] = shorthash``, extensions-builtin/Lora/extra_networks_lora.py ``activate``, A1111
+    v1.10), so a LoRA given twice is listed once; without it every pair is listed (the "TI hashes" rule: A1111
+    joins each text encoder call's list onto the one before, :class:`InfotextRun`)."""
+    items: dict[str, str] | list[tuple[str, str]] = {} if unique else []
+    for name, short in pairs:
+        if not short:
+            continue
+        clean = name.replace(":", "").replace(",", "")
+        if unique:
+            items[clean] = short  # type: ignore[index]
+        else:
+            items.append((clean, short))  # type: ignore[union-attr]
+    listed = items.items() if isinstance(items, dict) else items
+    return ", ".join(f"{name}: {short}" for name, short in listed) or None
+
+
+def _first_position(ids: Sequence[int], part: Sequence[int]) -> int:
+    """Where ``part`` first occurs in ``ids`` as a contiguous run; -1 where it does not."""
+    n = len(part)
+    return next((i for i in range(len(ids) - n + 1) if n and list(ids[i:i + n]) == list(part)), -1)
 
 
 def _checkpoint(path: str | os.PathLike | None) -> tuple[str | None, str | None]:
@@ -186,8 +205,11 @@ class InfotextRun:
         aesthetic: the aesthetic-gradient settings (keys ``embedding`` (a path), ``lr``, ``weight``, ``steps``,
             ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
             stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
-        tag_loras: ``(tag, file)`` of the ``<lora:>`` tags in effect at the end (the hires pass's if it switched);
-        embeddings: ``(name, file)`` of the embeddings the texts use.
+        tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass, then the hires pass's (A1111's
+            hires pass adds its networks to ``p.lora_hashes``); each name listed once, where it first comes.
+        embeddings, negative_embeddings: ``(name, file)`` of the embeddings the prompt / negative prompt use, in the
+            order each text first uses them; text_encoders: how many of A1111's hijacked text encoders list them
+            (SDXL's base 2: CLIP-L and OpenCLIP-G each write the list again; 1 otherwise).
         subseed, subseed_strength, seed_resize_from ``(height, width)``, ensd, noise: A1111's seed settings.
         denoising_strength: img2img's (or the hires pass's). mask_*: the inpaint settings A1111 writes.
     """
@@ -219,6 +241,7 @@ class InfotextRun:
     tag_loras: Sequence[tuple[str, str | os.PathLike]] = ()
     embeddings: Sequence[tuple[str, str | os.PathLike]] = ()
     negative_embeddings: Sequence[tuple[str, str | os.PathLike]] = ()
+    text_encoders: int = 1
     refiner: str | os.PathLike | None = None
     refiner_switch_at: float = 0.8
     refiner_by_steps: bool = False
@@ -294,9 +317,13 @@ class InfotextRun:
                 fields["Masked content"] = _MASKED_CONTENT.get(str(mask.get("fill")))
         lora_pairs = [(_tag_name(tag), _lora_hash(Path(file))) for tag, file in self.tag_loras]
         lora_pairs += [(Path(file).stem, _lora_hash(Path(file))) for file in self.loras]
-        fields["Lora hashes"] = _hash_list(lora_pairs)
+        fields["Lora hashes"] = _hash_list(lora_pairs, unique=True)
+        # (A1111's sd_hijack_clip.py forward: each text encoder call lists the embeddings its texts use, each once in
+        # the order they come, and puts its list before the one already there; the negative prompt is encoded first,
+        # then the prompt, each by every hijacked text encoder: SDXL's two give "P, P, N, N")
         ti = [(name, None if Path(file).is_dir() else file_sha256(file)[:12])
-              for name, file in (*self.embeddings, *self.negative_embeddings)]
+              for name, file in ([*self.embeddings] * self.text_encoders
+                                 + [*self.negative_embeddings] * self.text_encoders)]
         fields["TI hashes"] = _hash_list(ti)
         if self.refiner is not None:  # (sd_samplers_common.apply_refiner's order; written per image: for_image)
             if self.refiner_by_steps:
@@ -341,6 +368,21 @@ class InfotextRun:
         return format_infotext(self.prompt, self.negative, fields)
 
 
+def _edm_grid(system, *, schedule: str | None, karras: bool) -> dict[str, object]:
+    """``schedule`` / ``karras`` as the infotext names the σ grid: an EDM model's (Playground v2.5,
+    ``system.edm``: diffusers' EDM schedulers on Karras' ρ grid, or a log-linear one) by A1111's schedule label for
+    that grid — "Karras" / "Exponential" — beside the sampler's A1111 name (the EDM DPM-Solver is DPM++ 2M's
+    update, the Euler one Euler's). A1111 itself cannot run these models (``sd_models_config.
+    guess_model_config_from_state_dict`` has no EDM case and loads them as plain SDXL), so no A1111 infotext of such
+    a run exists to match; this is what its vocabulary says of the grid run (docs/samplers.md)."""
+    edm = getattr(system, "edm", None)
+    if edm is None:
+        return {"schedule": schedule, "karras": karras}
+    if getattr(edm, "sigma_schedule", "karras") == "karras":
+        return {"schedule": None, "karras": True}
+    return {"schedule": "exponential", "karras": False}
+
+
 def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], sampler: str, steps: int,
                  guidance: float | None, seed: int, width: int, height: int, schedule: str | None, karras: bool,
                  schedule_asked: str | None, model: str | os.PathLike, vae: str | os.PathLike | None,
@@ -360,15 +402,15 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     import inspect
 
     from ..samplers.schedules import canonical_schedule
-    from .generate_prompt_tags import _contains
 
     prompt, negative, hires_prompt, hires_negative = texts
     if guidance is None:
         guidance = inspect.signature(system.sample).parameters["guidance"].default
 
-    def used(text: str | None) -> list[tuple[str, Path]]:
-        ids = tokenize(text) if text else []
-        return [(name, file) for name, file in embedding_files.items() if _contains(ids, tokenize(name))]
+    def used(text: str | None) -> list[tuple[str, Path]]:  # (in the order the text first uses them, as A1111's
+        ids = tokenize(text) if text else []  # used_embeddings dict fills)
+        found = [(_first_position(ids, tokenize(name)), name, file) for name, file in embedding_files.items()]
+        return [(name, file) for at, name, file in sorted(item for item in found if item[0] >= 0)]
 
     hires_fields = None
     if hires is not None:
@@ -379,7 +421,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         mask_fields = {**mask_options, "applied": inpainting is not None, "region": region is not None}
     return InfotextRun(
         prompt=prompt, negative=negative or "", sampler=sampler, steps=steps, guidance=float(guidance), seed=seed,
-        width=width, height=height, schedule=schedule, karras=karras,
+        width=width, height=height, **_edm_grid(system, schedule=schedule, karras=karras),
         schedule_asked=schedule_asked is not None and canonical_schedule(schedule_asked) == "automatic",
         model=model, vae=vae, subseed=subseed, subseed_strength=subseed_strength,
         seed_resize_from=seed_resize_from, ensd=ensd, noise=noise, clip_skip=clip_skip,
@@ -388,6 +430,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         inpainting_conditioning=float(mask_options.get("weight", 1.0)) if inpainting_model else None,
         hires=hires_fields, mask=mask_fields, loras=list(loras),
         tag_loras=[(item.tag, item.file) for item in tag_loras],
-        embeddings=used(prompt), negative_embeddings=used(negative), refiner=refiner,
+        embeddings=used(prompt), negative_embeddings=used(negative),
+        text_encoders=2 if getattr(system, "is_sdxl", False) and not getattr(system, "is_refiner", False) else 1,
+        refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
         aesthetic=aesthetic)

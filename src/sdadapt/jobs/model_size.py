@@ -1,5 +1,6 @@
-"""The image-size rule of a Stable Diffusion model read from its configs or file header — without
-loading its weights — so ``generate`` refuses a size the model cannot make before the load."""
+"""The image-size rule and the default sampler of a Stable Diffusion model read from its configs or file header —
+without loading its weights — so ``generate`` refuses a size the model cannot make before the load, and checks the
+sampler a model that names none runs with before the load too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["model_size_multiple"]
+__all__ = ["model_default_sampler", "model_edm_scheduler", "model_size_multiple"]
 
 #: LDM single-file keys of a downsampling step: the UNet's ``input_blocks.N.0.op`` and the VAE
 #: encoder's ``down.N.downsample`` (each halves the side)
@@ -58,3 +59,45 @@ def model_size_multiple(model: str | os.PathLike) -> int | None:
     if path.is_file():
         return _file_multiple(path)
     return None
+
+
+def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
+    """The EDM scheduler config of an EDM-formulation ``model`` (Playground v2.5), told without loading it: a
+    diffusers folder whose ``scheduler/scheduler_config.json`` names an EDM scheduler (that config), or a
+    ``.safetensors`` single file with ``edm_mean`` / ``edm_std`` (diffusers' Playground scheduler config, what the
+    loader gives it: :data:`sdadapt.formats.edm.PLAYGROUND_SCHEDULER`); ``None`` for every other model and where the
+    header cannot tell (the toy, a ``.ckpt`` pickle: the loaded model's own checks apply then)."""
+    from ..formats.edm import PLAYGROUND_SCHEDULER, has_edm_stats, is_edm_scheduler
+
+    path = Path(model)
+    config = None
+    if path.is_dir():
+        try:
+            config = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None  # (the loader says what is wrong with the folder)
+    elif path.is_file():
+        from ..formats.files import (
+            WeightFileError,
+            read_safetensors_header,
+            sniff_format,
+        )
+
+        try:
+            if sniff_format(path) == "safetensors" and has_edm_stats(read_safetensors_header(path)[0]):
+                config = dict(PLAYGROUND_SCHEDULER)
+        except (OSError, WeightFileError):
+            config = None
+    return config if isinstance(config, dict) and is_edm_scheduler(config) else None
+
+
+def model_default_sampler(model: str | os.PathLike) -> str:
+    """The sampler ``generate`` runs ``model`` with when none is given, told without loading it: an EDM-formulation
+    model's own scheduler (:func:`model_edm_scheduler`) by :func:`sdadapt.training.edm.edm_own_sampler` —
+    ``dpmsolver++`` for Playground v2.5, what its diffusers pipeline samples with (a folder's ``EDMEulerScheduler``:
+    ``euler``); ``ddim`` for every other model (and where the header cannot tell: the toy, a ``.ckpt`` pickle).
+    :func:`sdadapt.sampling.default_sampler` is the same rule on a loaded system."""
+    from ..training.edm import edm_own_sampler
+
+    config = model_edm_scheduler(model)
+    return "ddim" if config is None else edm_own_sampler(config)

@@ -216,7 +216,8 @@ class TrainOptions:
     ``initial_step`` / ``initial_epoch`` / ``skip_until_initial_step`` (kohya's: a new run that
     starts at that step, :mod:`sdadapt.jobs.initial_step`),
     ``sample_prompts`` (kohya prompt file), ``sample_every_n_steps``, ``sample_every_n_epochs``,
-    ``sample_sampler``, ``sample_steps``, ``log_with`` (``auto``/``csv``/``tensorboard``),
+    ``sample_sampler`` (default ``ddim``; an EDM model's own scheduler when left at it), ``sample_steps``,
+    ``log_with`` (``auto``/``csv``/``tensorboard``),
     kohya's validation loss: ``validation_split`` (the share of each subset's images held out,
     kohya's seeded draw: :mod:`sdadapt.training.validation`), ``validation_seed`` (default ``seed``),
     ``validate_every_n_steps``, ``validate_every_n_epochs`` (default every epoch),
@@ -1248,11 +1249,13 @@ _EDM_REFUSED_METHODS = {
 }
 
 
-def _edm_options(method: str, options: TrainOptions, notes: list[str], *, sample_samplers: Sequence[str] = ()
-                 ) -> TrainOptions:
+def _edm_options(method: str, options: TrainOptions, notes: list[str], *,
+                 sample_samplers: Sequence[str | None] = (), own_sampler: str = "dpmsolver++") -> TrainOptions:
     """``options`` for an EDM-formulation model (:mod:`sdadapt.training.edm`, diffusers' EDM training): sdadapt's default
-    min-SNR γ 5 dropped (with a note; diffusers refuses min-SNR with EDM), everything with no EDM form refused by name
-    before any work (ValueError), the samplers of the sample images (``sample_samplers``) included."""
+    min-SNR γ 5 dropped (with a note; diffusers refuses min-SNR with EDM), sdadapt's default ``--sample-sampler ddim``
+    (no EDM form) made the model's own scheduler ``own_sampler`` (:func:`sdadapt.training.edm.edm_own_sampler`; a
+    note when a sample image uses it), everything with no EDM form refused by name before any work (ValueError), the
+    samplers of the sample images (``sample_samplers``; ``None``: the command's ``--sample-sampler``) included."""
     from ..samplers import canonical_sampler
     from ..samplers.edm import EDM_SAMPLERS
     from ..training.edm import edm_step_clashes
@@ -1278,6 +1281,12 @@ def _edm_options(method: str, options: TrainOptions, notes: list[str], *, sample
     if clashes:
         raise ValueError(f"{where} trains on σ and an x0 target, as diffusers' EDM training; these options have no "
                          "meaning for it: " + "; ".join(clashes))
+    if options.sample_sampler == TrainOptions.sample_sampler:  # (sdadapt's default ddim: the model's own scheduler)
+        if None in sample_samplers:
+            notes.append(f"{where}: the sample images use {own_sampler}, its own scheduler (as its diffusers pipeline), "
+                         f"not sdadapt's default --sample-sampler {TrainOptions.sample_sampler}, which has no EDM form")
+        options = dataclasses.replace(options, sample_sampler=own_sampler)
+    sample_samplers = [options.sample_sampler if name is None else name for name in sample_samplers]
     discrete = sorted({name for name in sample_samplers if canonical_sampler(name) not in EDM_SAMPLERS})
     if discrete:  # (refused now, not at the first sample after training steps)
         raise ValueError(f"{where} samples with {', '.join(EDM_SAMPLERS)} only (diffusers' EDM schedulers), and the "
@@ -1773,8 +1782,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                          "base models only; the refiner's size/aesthetic-score conditioning has no training path); train "
                          "the base model, or use the refiner for generate and convert")
     if getattr(system, "edm", None) is not None:  # (Playground v2.5: diffusers' EDM training; docs/train.md "EDM models")
-        options = _edm_options(method, options, notes,
-                               sample_samplers=[sample.sampler or options.sample_sampler for sample in samples])
+        from ..training.edm import edm_own_sampler
+
+        options = _edm_options(method, options, notes, sample_samplers=[sample.sampler for sample in samples],
+                               own_sampler=edm_own_sampler(getattr(system, "scheduler_config", None)))
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")

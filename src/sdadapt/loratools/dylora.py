@@ -21,6 +21,7 @@ scale stays the full file's ``alpha / R`` (A1111's ``NetworkModuleLora.dim`` is 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -103,8 +104,8 @@ def lycoris_dylora_alpha(state: Mapping[str, Tensor], block_size: int) -> dict[s
     trained its rank ``r = k·block_size`` network at, ``alpha / k``, as a LoRA file's ``alpha' / r``.
 
     LyCORIS@f49d30d ``lycoris/modules/dylora.py:97-106``: ``get_weight`` returns the leading blocks
-    and ``self.alpha / (blocks)``; ``alpha'`` keeps the file's alpha dtype (``alpha · b`` is exact for the
-    powers of two block sizes are).
+    and ``self.alpha / (blocks)``. ``alpha'`` is computed in float64 and stored in the file's alpha dtype
+    (exact for a power-of-two block size, LyCORIS' default 4; otherwise rounded once to that dtype).
 
     Raises:
         InputError: ``block_size`` not a positive int.
@@ -131,7 +132,7 @@ def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, un
     """
     from ..formats.detect import dylora_network
     from ..formats.files import check_output_file, read_weights, write_safetensors
-    from ..formats.kohya import kohya_hashes
+    from ..formats.kohya import _network_args, kohya_hashes
 
     target = check_output_file(out, overwrite=overwrite)
     state, metadata = read_weights(path)
@@ -154,6 +155,11 @@ def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, un
             metadata["ss_network_alpha"] = str(float(metadata["ss_network_alpha"]) * block_size)
         except (KeyError, ValueError):
             pass  # (absent or not a number: left as it is)
+        # the cut is a LyCORIS LoRA (LoCon) at the scale LyCORIS trained, alpha already times block_size: its metadata
+        # must no longer say algo=dylora, or inspect would advise strength block_size and a second cut would multiply
+        # alpha again
+        args = {k: v for k, v in (_network_args(metadata) or {}).items() if k != "block_size"}
+        metadata["ss_network_args"] = json.dumps({**args, "algo": "lora"})
     if dtype is not None:
         cut = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cut.items()}
     comment = metadata.get("ss_training_comment", "")
