@@ -71,6 +71,7 @@ def test_every_public_name_is_its_submodules_object_in_all_three_lists():
     assert set(namespace) - {"__builtins__"} == set(sdadapt.__all__)
     assert all(namespace[name] is getattr(sdadapt, name) for name in sdadapt.__all__)
     assert set(sdadapt.__all__) <= set(dir(sdadapt))
+    assert not {"importlib", "sys", "types", "Any", "TYPE_CHECKING"} & set(dir(sdadapt))  # (its own imports)
     with pytest.raises(AttributeError, match="no attribute 'LoRAConfg'"):
         sdadapt.LoRAConfg  # noqa: B018
 

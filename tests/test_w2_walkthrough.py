@@ -157,15 +157,18 @@ def test_a_cut_lycoris_dylora_file_no_longer_says_dylora_so_a_second_cut_keeps_i
     torch.testing.assert_close(applied, trained, rtol=1e-12, atol=1e-12)
 
 
-def test_a_missing_embeddings_dir_is_said_before_the_model_loads(tmp_path):
-    """``--embeddings-dir /typo`` was found out after the model's load (15 s on the tiny SDXL here); it is refused
-    first now: with a model that does not exist either, the embeddings folder is what is named."""
+@pytest.mark.parametrize("option", ["embeddings_dir", "lora_dir", "hypernetwork_dir"])
+def test_a_missing_folder_is_said_before_the_model_loads(tmp_path, option):
+    """``--embeddings-dir /typo`` was found out after the model's load (15 s on the tiny SDXL here), ``--lora-dir`` /
+    ``--hypernetwork-dir /typo`` only when a prompt tag looked in it; each is refused first now, tags or not: with
+    a model that does not exist either, the folder is what is named."""
     from sdadapt.errors import InputError
     from sdadapt.jobs.generate import run_generate
 
-    with pytest.raises(InputError, match="--embeddings-dir .*nowhere: no such folder"):
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(InputError, match=f"{flag} .*nowhere: no such folder"):
         run_generate(model=str(tmp_path / "no-model.safetensors"), prompt="a cat", out=tmp_path / "a.png",
-                     embeddings_dir=tmp_path / "nowhere")
+                     **{option: tmp_path / "nowhere"})
 
 
 @pytest.mark.parametrize("options, said", [

@@ -162,8 +162,11 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    """The module's attributes and every public name, loaded or not."""
-    return sorted(set(globals()) | set(__all__))
+    """Every public name, loaded or not, the dunder attributes and the submodules imported so far (not the names
+    this file imports for its own work: ``importlib``, ``sys``, ``types``, ``Any``)."""
+    ours = {name for name, value in globals().items()
+            if name.startswith("__") or (isinstance(value, types.ModuleType) and value.__name__.startswith(f"{__name__}."))}
+    return sorted(ours | set(__all__))
 
 
 class _Package(types.ModuleType):

@@ -367,6 +367,12 @@ def run_generate(
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
     from .generate_prompt_tags import prompt_tag_files, read_lbw_presets
 
+    for option, folder in (("--lora-dir", lora_dir), ("--hypernetwork-dir", hypernetwork_dir),
+                           ("--embeddings-dir", embeddings_dir)):  # (said before the model's load, tags or not)
+        if folder is not None and not Path(folder).is_dir():
+            from ..errors import InputError
+
+            raise InputError(f"{option} {folder}: no such folder")
     infotext_texts = (prompt, negative, hires_prompt, hires_negative)  # (tags kept: A1111's infotext, jobs.infotext)
     presets = None if lbw_presets is None else read_lbw_presets(lbw_presets)
     prompt, tag_loras, tag_hypernetworks = prompt_tag_files(prompt, lora_dir=lora_dir,
@@ -404,10 +410,6 @@ def run_generate(
     for path in embeddings:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--embedding {path}: no such file")
-    if embeddings_dir is not None and not Path(embeddings_dir).is_dir():  # (said before the model's load)
-        from ..errors import InputError
-
-        raise InputError(f"--embeddings-dir {embeddings_dir}: no such folder")
     from ..text_chunks import chunk_count
     from .generate_hypernetworks import (
         inject_hypernetwork_option,
