@@ -186,8 +186,8 @@ def test_refusals(unclip, images, learnt, tmp_path, capsys):
                        capsys)
     assert code == 2 and "float32" in err
     assert not (tmp_path / "a.safetensors").exists()
-    # generate options that do not apply with --image-vectors
-    for extra in (["--sampler", "euler"], ["--width", "32"], ["--lora", str(out)]):
+    # generate options that do not apply with --image-vectors (--sampler does: tests/test_clip_inversion_samplers.py)
+    for extra in (["--height", "32"], ["--width", "32"], ["--lora", str(out)]):
         code, err = _error(["generate", "--model", str(unclip), "--image-vectors", str(out), "--prompt", "", *extra, "-o",
                             str(tmp_path / "t.png")], capsys)
         assert code == 2 and f"{extra[0]} does not apply with --image-vectors" in err
@@ -237,5 +237,6 @@ def test_defaults_and_options_reach_the_library(unclip, images, learnt, tmp_path
     assert main(["generate", "--model", str(unclip), "--image-vectors", str(out), "--prompt", "p", "-q", "-o", str(png)]) == 0
     assert main(["generate", "--model", str(unclip), "--image-vectors", str(out), "--prompt", "p", "--negative", "n",
                  "--guidance", "4", "--steps", "3", "--seed", "2", "--overwrite", "-q", "-o", str(png)]) == 0
-    assert calls[3] == {"prompt": "p", "negative": "", "count": 1, "seed": 0, "steps": 25, "guidance": 10.0}
-    assert calls[4] == {"prompt": "p", "negative": "n", "count": 1, "seed": 2, "steps": 3, "guidance": 4.0}
+    ddim = {"sampler": "ddim", "karras": False, "schedule": None}  # (the default sampler: test_clip_inversion_samplers.py)
+    assert calls[3] == {"prompt": "p", "negative": "", "count": 1, "seed": 0, "steps": 25, "guidance": 10.0, **ddim}
+    assert calls[4] == {"prompt": "p", "negative": "n", "count": 1, "seed": 2, "steps": 3, "guidance": 4.0, **ddim}

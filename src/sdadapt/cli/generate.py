@@ -108,12 +108,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 #: what ``generate --image-vectors`` takes besides the output options: the rest is refused (it samples with
-#: :func:`sdadapt.inversion.generate_with_vectors`, DDIM at the model's size, the prompt as plain text)
+#: :func:`sdadapt.inversion.generate_with_vectors`, at the model's size, the prompt as plain text)
 _IMAGE_VECTOR_OPTIONS = ("image_vectors", "model", "prompt", "negative", "seed", "steps", "guidance", "count", "device",
-                         "clip_stats", "help")
-_IMAGE_VECTOR_MESSAGE = ("{option} does not apply with --image-vectors (CLIP-inversion vectors are sampled with DDIM at "
-                         "the model's size from --prompt, --negative, --seed, --steps, --guidance and --count; "
-                         "docs/clip-inversion.md): leave {option} out")
+                         "clip_stats", "help", "sampler", "karras", "schedule")
+_IMAGE_VECTOR_MESSAGE = ("{option} does not apply with --image-vectors (CLIP-inversion vectors are sampled at "
+                         "the model's size from --prompt, --negative, --seed, --steps, --guidance, --count, --sampler, "
+                         "--karras and --schedule; docs/clip-inversion.md): leave {option} out")
 
 
 def _cmd_generate_image_vectors(args: argparse.Namespace) -> int:
@@ -131,6 +131,7 @@ def _cmd_generate_image_vectors(args: argparse.Namespace) -> int:
         args.image_vectors, out=args.out, model=args.model, prompt=args.prompt or "", negative=args.negative,
         count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, device=args.device,
         clip_stats=args.clip_stats, overwrite=args.overwrite, progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None,
+        sampler=args.sampler, karras=args.karras, schedule=args.schedule,
     )
     for file in result["files"]:
         print(f"wrote {file}")
@@ -347,7 +348,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="sample from CLIP-inversion vectors (python -m sdadapt clip-invert's file) mixed with "
                           "--prompt, on the model they were learnt for (SD 2.1 unCLIP: guidance default 10, as its "
                           "pipelines; an image-variation folder: no --prompt/--negative, guidance default 7.5; "
-                          "docs/clip-inversion.md); DDIM, the prompt as plain text")
+                          "docs/clip-inversion.md); --sampler/--karras/--schedule as without it (default ddim), the "
+                          "prompt as plain text")
     single = [action.option_strings[-1] for action in generate._actions
               if action.option_strings and action.dest not in _IMAGE_VECTOR_OPTIONS
               and not isinstance(action, (argparse._AppendAction, argparse._CountAction))]

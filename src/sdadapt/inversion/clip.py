@@ -132,7 +132,8 @@ class ImageConditioning:
         noise_level: unCLIP's augmentation level used in training and generation (class-labels site).
         noise_alphas_cumprod: (T',) the image-noising schedule (class-labels site).
         normalizer: ``(mean (1, D), std (1, D))`` of the model's image normaliser (class-labels site).
-        sampler: extra :func:`~sdadapt.training.diffusion.ddim_sample` options for this model.
+        sampler: extra :func:`~sdadapt.training.diffusion.ddim_sample` options for this model
+            (:func:`sample_image_vectors` passes them with ``sampler="ddim"`` only).
         modules: the model's modules; :func:`learn_image_vectors` freezes them while it trains
             (and restores their ``requires_grad`` flags), so no gradient reaches the weights.
     """
@@ -604,11 +605,23 @@ def sample_image_vectors(
     steps: int = 25,
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
+    sampler: str = "ddim",
+    karras: bool = False,
+    schedule: str | None = None,
 ) -> Tensor:
-    """DDIM + CFG from noise ``x_T`` (B, C, h, w) conditioned on ``vectors`` (K, D) (``None``:
+    """CFG sampling from noise ``x_T`` (B, C, h, w) conditioned on ``vectors`` (K, D) (``None``:
     text only) and ``prompts`` (B strings; default ``""``). The unconditional branch is
     ``(negative, zeros)``. ``generator`` draws unCLIP's augmentation noise (class-labels site;
-    default: one seeded with 0). Returns latents (B, C, h, w)."""
+    default: one seeded with 0), then the ancestral samplers' noise. Returns latents (B, C, h, w).
+
+    ``sampler`` / ``karras`` / ``schedule``: :func:`sdadapt.samplers.sample_latents`' (any of its
+    samplers and σ grids; default ``"ddim"``), run on ``conditioning.model`` with the image
+    conditioning built here as ``cond`` / ``uncond``. ``conditioning.sampler`` (the toy's DDIM
+    settings: ``final_alpha_cumprod``, ``clip_sample``) applies to ``ddim`` only.
+    """
+    from ..samplers import canonical_sampler, sample_latents
+
+    name = canonical_sampler(sampler)
     b = x_T.shape[0]
     if vectors is not None:
         conditioning.check_vectors(vectors)
@@ -624,9 +637,10 @@ def sample_image_vectors(
                                     batch=b, like=x_T)
     if cond["image"] is not None and uncond["image"] is not None and cond["image"].shape != uncond["image"].shape:
         uncond["image"] = cond["image"].new_zeros(cond["image"].shape)  # K-token contexts: zeros of the same length
-    return diffusion.ddim_sample(conditioning.model, x_T, cond, alphas_cumprod=alphas_cumprod, num_steps=steps,
-                                 uncond=uncond, guidance_scale=guidance, prediction_type=prediction_type,
-                                 **dict(conditioning.sampler))
+    return sample_latents(conditioning.model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=steps,
+                          uncond=uncond, guidance_scale=guidance, prediction_type=prediction_type, karras=karras,
+                          schedule=schedule, generator=generator,
+                          **(dict(conditioning.sampler) if name == "ddim" else {}))
 
 
 # ------------------------------------------------------------------------ files and systems
@@ -750,10 +764,14 @@ def generate_with_vectors(
     steps: int = 25,
     guidance: float = 2.0,
     negative: str = "",
+    sampler: str = "ddim",
+    karras: bool = False,
+    schedule: str | None = None,
 ) -> Tensor:
     """Images (count, 3, H, W) in [-1, 1] from image vectors (K, D), mixed with ``prompt`` where
     the model takes text. ``vectors=None`` samples from the prompt alone (same noise: a baseline).
-    ``seed`` draws the starting noise and then unCLIP's augmentation noise (class-labels site)."""
+    ``seed`` draws the starting noise, then unCLIP's augmentation noise (class-labels site), then
+    the ancestral samplers' noise. ``sampler`` / ``karras`` / ``schedule``: :func:`sample_image_vectors`'."""
     v = vectors.vectors if isinstance(vectors, ImageVectors) else vectors
     noise_level = vectors.noise_level if isinstance(vectors, ImageVectors) else 0
     conditioning = image_conditioning(system, noise_level=noise_level)
@@ -769,5 +787,6 @@ def generate_with_vectors(
     x_T = torch.randn(count, *shape, generator=g).to(device)
     latents = sample_image_vectors(conditioning, None if v is None else v.to(device), x_T, alphas_cumprod=system.alphas_cumprod,
                                    prompts=[prompt] * count if conditioning.text else None, negative=negative,
-                                   guidance=guidance, steps=steps, prediction_type=system.prediction_type, generator=g)
+                                   guidance=guidance, steps=steps, prediction_type=system.prediction_type, generator=g,
+                                   sampler=sampler, karras=karras, schedule=schedule)
     return system.decode_latents(latents)

@@ -151,6 +151,9 @@ def run_generate_image_vectors(
     overwrite: bool = False,
     progress: Progress | None = None,
     clip_stats: str | Path | None = None,
+    sampler: str | None = None,
+    karras: bool = False,
+    schedule: str | None = None,
 ) -> dict:
     """Images from a CLIP-inversion file (:func:`~.clip.load_image_vectors`) mixed with ``prompt``.
 
@@ -161,9 +164,11 @@ def run_generate_image_vectors(
     their pipelines). The prompt is plain text (no A1111 emphasis or tags); an image-variation
     model takes none (``prompt`` and ``negative`` must be empty). ``clip_stats``: an SD 2.1 unCLIP-L single
     file's CLIP stats (karlo's ``ViT-L-14_stats.th``), which vectors learnt at a noise level > 0 need.
+    ``sampler``: a name or A1111 label as ``generate --sampler`` takes (``"DPM++ 2M Karras"``; default ``ddim``);
+    ``karras`` / ``schedule``: ``generate``'s ``--karras`` / ``--schedule`` (:func:`sdadapt.samplers.sample_latents`).
 
     Returns:
-        ``{"files", "seed", "steps", "guidance", "site", "noise_level"}``.
+        ``{"files", "seed", "steps", "guidance", "site", "noise_level", "sampler", "schedule", "karras"}``.
 
     Raises:
         WeightFileError: not a CLIP-inversion file. ValueError: vectors of another site or width
@@ -174,6 +179,7 @@ def run_generate_image_vectors(
 
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    sampler, karras, schedule = _sampler_grid(sampler, karras, schedule)  # (checked before the model loads)
     target = Path(out)
     if target.suffix.lower() != ".png":
         raise ValueError(f"{target}: the output must be a .png file")
@@ -192,9 +198,35 @@ def run_generate_image_vectors(
     guidance = default_guidance(site) if guidance is None else guidance
     for i, file in enumerate(files):
         image = generate_with_vectors(system, learnt, prompt=prompt, negative=negative, count=1, seed=seed + i,
-                                      steps=steps, guidance=guidance)[0]
+                                      steps=steps, guidance=guidance, sampler=sampler, karras=karras,
+                                      schedule=schedule)[0]
         write_png(file, image)
         if progress is not None:
             progress(i + 1, count, file.name)
     return {"files": [str(f) for f in files], "seed": seed, "steps": steps, "guidance": guidance, "site": site,
-            "noise_level": learnt.noise_level}
+            "noise_level": learnt.noise_level, "sampler": sampler, "schedule": schedule, "karras": karras}
+
+
+def _sampler_grid(sampler: str | None, karras: bool, schedule: str | None) -> tuple[str, bool, str | None]:
+    """``(name, karras, schedule)`` from ``--sampler`` (a name or A1111 label, ``None``: ``ddim``), ``--karras`` and
+    ``--schedule``, resolved as ``generate``'s (:func:`sdadapt.jobs.generate.run_generate`: a label's grid, then
+    :func:`~sdadapt.samplers.resolve_schedule`), for :func:`~sdadapt.samplers.sample_latents`."""
+    from ..samplers import check_karras, resolve_schedule
+    from ..samplers.labels import sampler_schedule_from_label
+    from ..samplers.schedules import canonical_schedule as schedule_name
+
+    try:
+        name, label_schedule = sampler_schedule_from_label("ddim" if sampler is None else sampler)
+    except ValueError as exc:
+        raise ValueError(f"--sampler: {exc}") from None
+    if schedule is not None and label_schedule is not None and schedule_name(schedule) != label_schedule:
+        raise ValueError(f"--schedule {schedule!r} and the sampler label's {label_schedule!r} grid disagree; give one")
+    try:
+        check_karras(name, karras)
+    except ValueError as exc:
+        raise ValueError(f"--karras: {exc}") from None
+    try:
+        resolved = resolve_schedule(name, schedule if schedule is not None else label_schedule, karras)
+    except ValueError as exc:
+        raise ValueError(f"--schedule: {exc}") from None
+    return name, karras, resolved
