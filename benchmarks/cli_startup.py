@@ -41,6 +41,10 @@ CASES = [
     ("python -m sdadapt train --help", ["-m", "sdadapt", "train", "--help"]),
     ("python -m sdadapt generate --help", ["-m", "sdadapt", "generate", "--help"]),
     ("python -m sdadapt merge --help", ["-m", "sdadapt", "merge", "--help"]),
+    ("python -m sdadapt merge ties --help", ["-m", "sdadapt", "merge", "ties", "--help"]),
+    ("python -m sdadapt merge cosine-a --help", ["-m", "sdadapt", "merge", "cosine-a", "--help"]),
+    ("python -m sdadapt merge weighted-sum --beta 1 (usage error)", ["-m", "sdadapt", "merge", "weighted-sum", "a",
+                                                                    "b", "--beta", "1"]),
 ]
 
 

@@ -9,13 +9,14 @@
     python -m sdadapt merge block-weighted A B [C] --weights "0,1,...,1" -o OUT
     python -m sdadapt merge --recipe FILE -o OUT
 
-One sub-command per entry of :data:`sdadapt.merge.operators.OPERATORS`, made from its declaration
-(inputs, options with their types, defaults and help), so a new operator is a new command with no
-code here. ``--alpha``, ``--beta`` and ``--lam`` take one number, one per block (supermerger's MBW
-list, BASE first) or a supermerger preset name (:func:`per_block_fields`, the recipe's ``block_weights``
-/ ``block_beta``; ``--presets FILE`` replaces the built-in presets); ``block-weighted``
-is weighted sum / add difference with one alpha per UNet block (also 25/19 values plus --base-alpha).
-Heavy imports happen inside the run functions.
+One sub-command per registered operator, made from its declaration (inputs, options with their
+types, defaults and help: :func:`operator_declarations`), so a new operator is a new command with no
+code here. The parsers are built from the torch-free :data:`sdadapt.merge_tables.OPERATOR_SPECS`, so
+``merge --help``, each operator's ``--help`` and usage errors import no torch. ``--alpha``, ``--beta``
+and ``--lam`` take one number, one per block (supermerger's MBW list, BASE first) or a supermerger
+preset name (:func:`per_block_fields`, the recipe's ``block_weights`` / ``block_beta``; ``--presets FILE``
+replaces the built-in presets); ``block-weighted`` is weighted sum / add difference with one alpha per
+UNet block (also 25/19 values plus --base-alpha). Heavy imports happen inside the run functions.
 """
 
 from __future__ import annotations
@@ -28,7 +29,22 @@ from typing import Any
 
 from .options import add_output_options, dtype_name, numbers, progress_bar, safe_text
 
-__all__ = ["register", "operator_dest", "number_or_blocks", "per_block_fields", "PER_BLOCK_HELP", "PresetName"]
+__all__ = ["register", "operator_dest", "operator_declarations", "number_or_blocks", "per_block_fields",
+           "PER_BLOCK_HELP", "PresetName"]
+
+
+def operator_declarations() -> Mapping[str, Any]:
+    """Every merge operator's name -> its declaration (inputs, options, help text; an
+    :class:`~sdadapt.merge_tables.OperatorDeclaration`), in ``merge --help``'s order: the built-in ones'
+    :data:`sdadapt.merge_tables.OPERATOR_SPECS` (torch-free, so that ``--help`` and usage errors import no torch),
+    or, once :mod:`sdadapt.merge.operators` is imported (an operator added at run time,
+    ``OPERATORS[name] = Operator(...)``, needs it), its registry :data:`~sdadapt.merge.operators.OPERATORS`."""
+    from ..merge_tables import OPERATOR_SPECS
+
+    registry = sys.modules.get(f"{__name__.rsplit('.', 2)[0]}.merge.operators")
+    if registry is None or not hasattr(registry, "OPERATORS"):  # (not imported, or half-imported)
+        return OPERATOR_SPECS
+    return registry.OPERATORS
 
 
 def operator_dest(name: str) -> str:
@@ -169,8 +185,6 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
 def _resolve_preset_names(args: argparse.Namespace) -> None:
     """Replace preset names in ``--alpha`` / ``--beta`` / ``--lam`` by their values (in place)."""
-    from ..merge.presets import resolve_preset
-
     named = [(operator_dest(n), f"--{n}") for n in _PER_BLOCK_FIELD
              if isinstance(getattr(args, operator_dest(n), None), PresetName)]
     if getattr(args, "presets", None) and getattr(args, "operator_run", None) is _cmd_block:
@@ -178,15 +192,21 @@ def _resolve_preset_names(args: argparse.Namespace) -> None:
                          "weighted-sum / add-difference --alpha NAME --presets FILE")
     presets = _presets(args)  # (read whenever given: a mistyped path is an error even when no name uses it)
     if named:
+        # (sdadapt.merge imports torch: only for a name)
+        from ..merge.presets import resolve_preset
+
         for dest, flag in named:
             setattr(args, dest, resolve_preset(getattr(args, dest), presets=presets, option=f"argument {flag}"))
 
 
 def _presets(args: argparse.Namespace) -> dict[str, str] | None:
     """``--presets FILE`` read (it replaces the built-in list, as supermerger's mbwpresets.txt does)."""
+    if not getattr(args, "presets", None):
+        return None
+    # (sdadapt.merge imports torch: only when a file is given)
     from ..merge.presets import read_presets
 
-    return read_presets(args.presets) if getattr(args, "presets", None) else None
+    return read_presets(args.presets)
 
 
 def _cmd_block(args: argparse.Namespace) -> int:
@@ -289,11 +309,9 @@ _BLOCK_FLAGS = ("--block-weights", "--mbw", "--base-alpha")
 
 def _block_hint(name: str) -> str:
     """Where per-block weights go for operator ``name`` (a block-weight flag of another tool was given)."""
-    from ..merge.operators import get_operator
-
     blocks = ("26 values for SD1/SD2 (BASE, IN00..IN11, M00, OUT00..OUT11); 20, 26 (reduced) or 110 (one per layer) "
               "for SDXL; BASE first")
-    names = get_operator(name).option_names
+    names = operator_declarations()[name].option_names
     if "alpha" in names:
         same = (f", the same as block-weighted {_BLOCK_COMMAND[name]} --weights W,W,..." if name in _BLOCK_COMMAND
                 else "; in a recipe: \"block_weights\"")
@@ -307,9 +325,7 @@ def _block_hint(name: str) -> str:
 
 def _strength_hint(name: str, flag: str) -> str:
     """What operator ``name`` takes instead of ``flag`` (``--alpha`` / ``--beta``, which it does not have)."""
-    from ..merge.operators import get_operator
-
-    names = get_operator(name).option_names
+    names = operator_declarations()[name].option_names
     if "lam" in names:
         return (f"{name} has no {flag.lstrip('-')}; its strength is --lam: one number, one per block (W,W,..., 26 "
                 "values for SD1/SD2; 20, 26 or 110 for SDXL; BASE first) or a preset name")
@@ -351,7 +367,7 @@ def _operator_parser_class(merge: argparse.ArgumentParser) -> type:
 
 
 def _add_operator_option(group: argparse._ArgumentGroup, option) -> None:
-    """One declared :class:`~sdadapt.merge.operators.OperatorOption` as a command-line flag."""
+    """One declared :class:`~sdadapt.merge_tables.OperatorOption` as a command-line flag."""
     kwargs: dict[str, Any] = {"dest": operator_dest(option.name)}
     default_text = " (required)" if option.required else "" if option.default is None else f" (default {option.default})"
     if option.per_model:
@@ -401,8 +417,8 @@ def _add_operator_command(ops: argparse._SubParsersAction, name: str, op) -> arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``merge`` and its sub-commands (one per registered operator) to the ``python -m sdadapt`` parser."""
-    from ..merge.operators import OPERATORS  # torch: only when the parser is built
+    """Add ``merge`` and its sub-commands (one per registered operator, :func:`operator_declarations`) to the
+    ``python -m sdadapt`` parser."""
 
     merge = subparsers.add_parser(
         "merge",
@@ -422,7 +438,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        dtype_help="the dtype the recipe records", dest_prefix="recipe_")
     merge.set_defaults(run=_cmd_merge, operator_run=None, merge_parser=merge)
     ops = merge.add_subparsers(dest="operator", metavar="OPERATOR", parser_class=_operator_parser_class(merge))
-    for name, op in OPERATORS.items():
+    for name, op in operator_declarations().items():
         _add_operator_command(ops, name, op)
 
     p = ops.add_parser(

@@ -40,10 +40,13 @@ one-model ``self`` / ``plus-random``, whose inputs are ``"a"``) live in
 ``distribution-crossover``, ``ties-add-difference``, ``rotate``) live in :mod:`.meh_modes`, registered
 after them. ``weights_clip`` (:data:`ENGINE_OPTIONS`) is applied by the engine.
 
-:data:`OPERATORS` declares each operator once — its inputs (``A B``, ``A B C`` or
-``BASE MODEL...``) and its options (:class:`OperatorOption`: name, type, default, help). The engine
-feeds the function from it, :func:`check_options` validates recipes against it (an undeclared
-option is refused, naming it), and the ``python -m sdadapt merge`` sub-commands are generated from it.
+:data:`OPERATORS` holds each operator once: its declaration — inputs (``A B``, ``A B C`` or
+``BASE MODEL...``) and options (:class:`OperatorOption`: name, type, default, help) — bound to its
+function. The built-in declarations live, torch-free, in :data:`sdadapt.merge_tables.OPERATOR_SPECS`
+(``merge --help`` reads them without importing torch); this module binds each to its function by
+name (:class:`Operator`, :meth:`Operator.bind`). The engine feeds the function from the declaration,
+:func:`check_options` validates recipes against it (an undeclared option is refused, naming it), and
+the ``python -m sdadapt merge`` sub-commands are generated from it.
 """
 
 from __future__ import annotations
@@ -51,13 +54,24 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..merge_tables import (
+    ENGINE_OPTIONS,
+    MAX_MERGE_STRENGTH,
+    OPERATOR_SPECS,
+    REQUIRED,
+    STEP_FIELDS,
+    WEIGHTS_CLIP,
+    OperatorDeclaration,
+    OperatorOption,
+    OperatorSpec,
+)
 from .operator_inputs import _alpha, _count, _difference_inputs, _same_shape, _up
 
 __all__ = [
@@ -78,6 +92,7 @@ __all__ = [
     "key_seed",
     "Operator",
     "OperatorOption",
+    "OperatorSpec",
     "OPERATORS",
     "REQUIRED",
     "STEP_FIELDS",
@@ -86,6 +101,7 @@ __all__ = [
     "check_options",
     "get_operator",
     "MAX_MERGE_STRENGTH",
+    "WEIGHTS_CLIP",
 ]
 
 SLERP_PARALLEL = 0.9995  # |cos| above this: lerp (mergekit's threshold)
@@ -433,111 +449,6 @@ def model_stock(
 # registry
 
 
-#: the option names that are :class:`~sdadapt.merge.recipe.MergeStep` fields rather than entries of
-#: ``MergeStep.options``: the engine turns ``alpha`` / ``weights`` into the operator's ``weights``
-#: argument and ``seed`` into per-key generators; every other option is a keyword of ``fn``
-STEP_FIELDS: frozenset[str] = frozenset({"alpha", "weights", "seed"})
-
-#: keyword options the engine applies around ``fn`` instead of passing them to it: ``weights_clip``
-#: clamps each merged value to ``[min(A, B), max(A, B)]`` of the first two inputs (sd-meh's rule)
-ENGINE_OPTIONS: frozenset[str] = frozenset({"weights_clip"})
-
-_INPUT_NAMES: dict[str, tuple[str, ...]] = {"a": ("A",), "ab": ("A", "B"), "abc": ("A", "B", "C"), "base+models": ("BASE", "MODEL")}
-
-
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-_REQUIRED: Any = _Required()
-
-
-@dataclass(frozen=True)
-class OperatorOption:
-    """One setting of an operator, declared once for recipes, their validation and the command line.
-
-    Attributes:
-        name: the recipe name (a :data:`STEP_FIELDS` name or a keyword of the operator's ``fn``);
-            the command-line flag is ``--name`` with ``_`` as ``-``.
-        type: ``float``, ``int``, ``str`` or ``bool``; ``per_model`` options are sequences of it.
-        default: the value when not given; :data:`REQUIRED` (no default) makes the flag required.
-        help: one line for ``--help``.
-        choices: the allowed values (``str`` options).
-        per_model: one value per MODEL (``weights``), given as comma-separated numbers.
-        low, high: the range of a number (``high_open``: ``high`` itself excluded); every number
-            must also be finite. A value outside is an :class:`~sdadapt.errors.InputError`.
-    """
-
-    name: str
-    type: type
-    default: Any = None
-    help: str = ""
-    choices: tuple[Any, ...] | None = None
-    per_model: bool = False
-    low: float | None = None
-    high: float | None = None
-    high_open: bool = False
-
-    @property
-    def required(self) -> bool:
-        return self.default is _REQUIRED
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def check(self, operator: str, value: Any) -> Any:
-        """``value`` converted to the declared type; ``ValueError`` naming the option otherwise."""
-        if value is None and not self.required and self.default is None:
-            return None
-        if self.per_model:
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-                raise InputError(f"{operator}: option {self.name!r} is a list of numbers (one per model), got {value!r}")
-            return tuple(self._in_range(operator, _checked_scalar(operator, self.name, float, v)) for v in value)
-        checked = _checked_scalar(operator, self.name, self.type, value)
-        if self.choices is not None and checked not in self.choices:
-            raise InputError(f"{operator}: option {self.name!r} must be one of {', '.join(map(str, self.choices))}, "
-                             f"got {value!r}")
-        return self._in_range(operator, checked)
-
-    def _in_range(self, operator: str, value: Any) -> Any:
-        if self.type not in (int, float) or isinstance(value, bool):
-            return value
-        if not math.isfinite(value):
-            raise InputError(f"{operator}: option {self.name!r} ({self.flag}) must be a finite number, got {value}")
-        low_ok = self.low is None or value >= self.low
-        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        if not (low_ok and high_ok):
-            span = f"[{_g(self.low)}, {_g(self.high)}{')' if self.high_open else ']'}"
-            raise InputError(f"{operator}: option {self.name!r} ({self.flag}) must be in {span}, got {value:g}")
-        return value
-
-
-def _g(value: float | None) -> str:
-    return "-inf" if value is None else f"{value:g}"
-
-
-#: :attr:`OperatorOption.default` of an option that must be given
-REQUIRED: Any = _REQUIRED
-
-
-def _checked_scalar(operator: str, name: str, kind: type, value: Any) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, kind):
-        return value
-    raise InputError(f"{operator}: option {name!r} must be {'a number' if kind in (int, float) else kind.__name__}"
-                     f"{' (an integer)' if kind is int else ''}, got {str(value)[:80]!r}")
-
-
 @dataclass(frozen=True)
 class PrePass:
     """A first pass over every merged key before any key is merged (two-pass operators).
@@ -568,9 +479,12 @@ class PrePass:
 
 
 @dataclass(frozen=True)
-class Operator:
+class Operator(OperatorDeclaration):
     """A registered operator: its function, its inputs and its options — the one declaration the
-    engine, recipe validation and the ``python -m sdadapt merge`` sub-commands are made from.
+    engine, recipe validation and the ``python -m sdadapt merge`` sub-commands are made from. A
+    built-in one is its torch-free :class:`~sdadapt.merge_tables.OperatorSpec` bound to its function
+    (:meth:`bind`); the declaration's properties (``input_names``, ``variadic``, ``option_names``,
+    ``keyword_options``, ``random``, ``option``) are :class:`~sdadapt.merge_tables.OperatorDeclaration`'s.
 
     Attributes:
         fn: the pure function.
@@ -603,41 +517,21 @@ class Operator:
     keep_first: Callable[[Sequence[Tensor]], str | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.inputs not in _INPUT_NAMES:
-            raise ValueError(f"Operator.inputs must be one of {', '.join(_INPUT_NAMES)}, got {self.inputs!r}")
-        names = [o.name for o in self.options]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Operator options repeat a name: {names}")
+        self._check_declaration()
+
+    @classmethod
+    def bind(cls, spec: OperatorSpec, fn: Callable[..., Tensor], *, prepass: PrePass | None = None,
+             skip: Callable[[str], str | None] | None = None,
+             keep_first: Callable[[Sequence[Tensor]], str | None] | None = None) -> Operator:
+        """``spec`` (every field of it: inputs, options, help text) with its function and engine hooks."""
+        return cls(fn, **{f.name: getattr(spec, f.name) for f in fields(spec)}, prepass=prepass, skip=skip,
+                   keep_first=keep_first)
 
     @property
-    def input_names(self) -> tuple[str, ...]:
-        """``("A", "B")``, ``("A", "B", "C")`` or ``("BASE", "MODEL")`` (MODEL repeats)."""
-        return _INPUT_NAMES[self.inputs]
-
-    @property
-    def variadic(self) -> bool:
-        """Whether the last input repeats (``BASE MODEL [MODEL ...]``)."""
-        return self.inputs == "base+models"
-
-    @property
-    def option_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.options)
-
-    @property
-    def keyword_options(self) -> tuple[OperatorOption, ...]:
-        """The options of ``MergeStep.options`` (keywords of ``fn``, and :data:`ENGINE_OPTIONS`)."""
-        return tuple(o for o in self.options if o.name not in STEP_FIELDS)
-
-    @property
-    def random(self) -> bool:
-        """Takes a ``generator`` (seeded per key from the step's ``seed``)."""
-        return "seed" in self.option_names
-
-    def option(self, name: str) -> OperatorOption:
-        for o in self.options:
-            if o.name == name:
-                return o
-        raise KeyError(name)
+    def spec(self) -> OperatorSpec:
+        """The declaration without the code (what :data:`~sdadapt.merge_tables.OPERATOR_SPECS` holds for a
+        built-in operator)."""
+        return OperatorSpec(**{f.name: getattr(self, f.name) for f in fields(OperatorSpec)})
 
 
 def check_options(
@@ -683,85 +577,6 @@ def check_options(
     return {key: declared[key].check(name, value) for key, value in given.items()}
 
 
-#: the largest |alpha|, |lam| and |weight| a merge accepts: beyond it the result is no model, and
-#: float16 outputs overflow
-MAX_MERGE_STRENGTH = 100.0
-
-
-def _alpha_option(help_text: str, default: Any = _REQUIRED) -> OperatorOption:
-    return OperatorOption("alpha", float, default, help_text, low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
-
-
-_LAM = OperatorOption("lam", float, 1.0, "scale of the merged task vector", low=-MAX_MERGE_STRENGTH,
-                      high=MAX_MERGE_STRENGTH)
-_WEIGHTS = OperatorOption("weights", float, None, "one weight per MODEL, comma-separated (default 1 each)",
-                          per_model=True, low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
-
-#: sd-meh's weights_clip, an option of the two- and three-model operators (applied by the engine)
-WEIGHTS_CLIP = OperatorOption("weights_clip", bool, False,
-                              "clamp each merged value to [min(A, B), max(A, B)] (sd-meh's weights_clip)")
-
-OPERATORS: dict[str, Operator] = {
-    "weighted-sum": Operator(
-        weighted_sum, "ab", (_alpha_option("weight of B: 0 gives A, 1 gives B"), WEIGHTS_CLIP),
-        summary="(1-alpha)*A + alpha*B",
-        description="A1111 weighted sum: (1 - alpha)*A + alpha*B; alpha is B's weight (0 gives A back, 1 gives B).",
-    ),
-    "slerp": Operator(
-        slerp, "ab", (_alpha_option("interpolation point: 0 = A, 1 = B"), WEIGHTS_CLIP),
-        summary="spherical interpolation of A and B",
-        description="Spherical interpolation per tensor (lerp when nearly parallel); alpha 0 = A, 1 = B.",
-    ),
-    "add-difference": Operator(
-        add_difference, "abc", (_alpha_option("strength of B - C", 1.0), WEIGHTS_CLIP),
-        summary="A + alpha*(B - C)",
-        description="A1111 add difference: A + alpha*(B - C). Inpainting recipe: A = sd15-inpainting, B = your "
-        "model, C = sd15, alpha 1.",
-    ),
-    "train-difference": Operator(
-        train_difference, "abc", (_alpha_option("strength of B - C", 1.0), WEIGHTS_CLIP),
-        summary="A + 1.8*alpha*w*(B - C)",
-        description="supermerger train difference: the B - C difference scaled per element by "
-        "|B - A| / (|B - C| + |B - A|).",
-    ),
-    "task-arithmetic": Operator(
-        task_arithmetic, "base+models", (_LAM, _WEIGHTS),
-        summary="BASE + lam*sum(w_i*(M_i - BASE))",
-        description="Task arithmetic: add the weighted task vectors (MODEL - BASE) to BASE.",
-    ),
-    "ties": Operator(
-        ties, "base+models",
-        (OperatorOption("density", float, 0.2, "kept fraction of each task vector, by magnitude", low=0.0, high=1.0), _LAM, _WEIGHTS,
-         OperatorOption("normalize", bool, True, "average the agreeing entries (TIES' disjoint mean); "
-                        "--no-normalize sums them")),
-        summary="TIES: trim, elect sign, disjoint mean",
-        description="TIES-merging: trim every task vector (MODEL - BASE) to its top --density by magnitude (paper "
-        "default 0.2), elect the sign of their sum, average the agreeing entries, add lam times that to BASE.",
-    ),
-    "dare": Operator(
-        dare, "base+models",
-        (OperatorOption("drop", float, 0.9, "drop probability p of each task-vector entry", low=0.0, high=1.0,
-                        high_open=True),
-         OperatorOption("seed", int, 0, "merge seed; recorded in the file", low=0, high=2**63 - 1),
-         OperatorOption("consensus", str, "sum", "sum: TIES sign election (DARE-TIES); count: sign of the vote "
-                        "count; none: plain sum (DARE-linear)", choices=("sum", "count", "none")),
-         OperatorOption("rescale", bool, True, "rescale the kept entries by 1/(1-p); --no-rescale keeps them as "
-                        "they are"),
-         _LAM, _WEIGHTS),
-        summary="DARE: random drop and rescale",
-        description="DARE: drop each task-vector entry with probability --drop (paper 0.9), rescale survivors by "
-        "1/(1-drop), then TIES sign consensus (or a plain sum). Randomness is seeded per key from --seed, so the "
-        "result does not depend on order or threads.",
-    ),
-    "model-stock": Operator(
-        model_stock, "base+models", min_models=2,
-        summary="Model Stock: interpolate the mean toward BASE",
-        description="Model Stock: t*mean(models) + (1-t)*BASE with t = k*cos/(1+(k-1)*cos) from the angle between "
-        "the task vectors, per tensor. Takes no options.",
-    ),
-}
-
-
 def get_operator(name: str) -> Operator:
     """The registered operator ``name``; ``ValueError`` listing the names otherwise."""
     try:
@@ -777,10 +592,6 @@ def get_operator(name: str) -> Operator:
 from . import supermerger_modes as _sm
 
 
-def _beta_option(help_text: str) -> OperatorOption:
-    return OperatorOption("beta", float, _REQUIRED, help_text, low=-MAX_MERGE_STRENGTH, high=MAX_MERGE_STRENGTH)
-
-
 def _cosine_skip(key: str) -> str | None:
     from .engine import key_component  # the engine imports this module: look the component map up late
 
@@ -792,105 +603,18 @@ def _cosine_aggregate(statistics: Sequence[_sm.CosineStatistic]) -> dict[str, fl
     return _sm.cosine_range([s.columns for s in statistics])
 
 
-def _cosine_operator(normalize: bool) -> Operator:
-    letter = "A" if normalize else "B"
-    return Operator(
-        lambda tensors, weights, *, base=None, s_min, s_max, statistic=None, compute_dtype=torch.float32: (
+def _cosine_hooks(normalize: bool) -> dict[str, Any]:
+    """supermerger's cosineA / cosineB: the merge, its first pass over every key and the all-zero rule."""
+    return {
+        "fn": lambda tensors, weights, *, base=None, s_min, s_max, statistic=None, compute_dtype=torch.float32: (
             _sm.cosine_merge(tensors, weights, normalize=normalize, s_min=s_min, s_max=s_max, statistic=statistic,
                              compute_dtype=compute_dtype)),
-        "ab", (_alpha_option("shift toward B: k = clip(similarity - " + ("|alpha|" if normalize else "alpha")
-                             + ", 0, 1)"), WEIGHTS_CLIP),
-        summary=f"supermerger cosine{letter}: per-column lerp(B, A, k) from the similarity",
-        description=f"supermerger calcmode cosine{letter} (Weight sum): a first pass over every key pools the "
-        "similarity of A and B (" + ("the column cosine of the column-normalised tensors" if normalize else
-                                     "the mean of the column cosine and the whole-tensor cosine")
-        + "), drops the values below the 1st and above the 99th percentile and keeps s_min/s_max; then per key "
-        "k = clip((s - s_min)/(s_max - s_min) - " + ("|alpha|" if normalize else "alpha") + ", 0, 1) per column, "
-        "result lerp(B, A, k): similar columns keep A, alpha pushes toward B. VAE keys stay A, and so does a key "
-        "where A or B is all zeros (the similarity is 0/0 there: supermerger writes NaN; the report lists them).",
-        prepass=PrePass(
+        "prepass": PrePass(
             lambda tensors, *, compute_dtype=torch.float32: _sm.cosine_key_statistic(
                 tensors, normalize=normalize, compute_dtype=compute_dtype),
             _cosine_aggregate, _cosine_skip, per_key=True),
-        keep_first=_sm.cosine_undefined,
-    )
-
-
-_THIRD_MODEL = {"C": "third model"}
-
-OPERATORS.update({
-    "triple-sum": Operator(
-        _sm.triple_sum, "abc",
-        (_alpha_option("weight of B"), _beta_option("weight of C"), WEIGHTS_CLIP),
-        summary="(1-alpha-beta)*A + alpha*B + beta*C",
-        description="supermerger Triple sum: (1 - alpha - beta)*A + alpha*B + beta*C, computed as "
-        "lerp(A, lerp(B, C, beta/(alpha+beta)), alpha+beta) in the compute dtype.",
-        input_help=_THIRD_MODEL,
-    ),
-    "sum-twice": Operator(
-        _sm.sum_twice, "abc",
-        (_alpha_option("weight of B in the first sum"), _beta_option("weight of C in the second sum"), WEIGHTS_CLIP),
-        summary="(1-beta)*((1-alpha)*A + alpha*B) + beta*C",
-        description="supermerger sum Twice: (1 - beta)*((1 - alpha)*A + alpha*B) + beta*C.",
-        input_help=_THIRD_MODEL,
-    ),
-    "cosine-a": _cosine_operator(True),
-    "cosine-b": _cosine_operator(False),
-    "smooth-add": Operator(
-        _sm.smooth_add, "abc", (_alpha_option("strength of the smoothed B - C", 1.0), WEIGHTS_CLIP),
-        summary="A + alpha*gauss(median(B - C))",
-        description="supermerger calcmode smoothAdd: A + alpha*gaussian_filter(median_filter(B - C, size=3), "
-        "sigma=1) over each whole N-D tensor (scipy's reflect mode; computed in torch). The smoothed difference is "
-        "weaker: supermerger suggests alpha up to 2.",
-    ),
-    "extract": Operator(
-        _sm.extract, "abc",
-        (OperatorOption("alpha", float, _REQUIRED, "0 takes B - A, 1 takes C - A", low=0.0, high=1.0),
-         OperatorOption("beta", float, _REQUIRED, "0 keeps what B - A and C - A share, 1 what they do not",
-                        low=0.0, high=1.0),
-         OperatorOption("gamma", float, 0.3, "sharpness of the similarity weight", low=0.0,
-                        high=MAX_MERGE_STRENGTH),
-         WEIGHTS_CLIP),
-        summary="A + lerp(B-A, C-A, alpha)*lerp(d, 1-d, beta)",
-        description="supermerger calcmode extract (subaqua's): a = B - A, b = C - A, c = row cosine of a and b "
-        "(last dim), d = ((c + 1)/2)^gamma; result A + lerp(a, b, alpha)*lerp(d, 1 - d, beta).",
-        input_help={"C": "second model whose difference from A is compared with B's"},
-    ),
-    "tensor": Operator(
-        _sm.tensor_slice, "ab",
-        (_alpha_option("fraction of rows taken from B"), _beta_option("where the slice starts (fraction of rows)")),
-        summary="rows [beta*n, (alpha+beta)*n) of A replaced by B's",
-        description="supermerger calcmode tensor: no interpolation; rows [int(beta*n), int((alpha+beta)*n)) of "
-        "dim 0 come from B, the rest from A; past alpha + beta > 1 it wraps (B with rows "
-        "[int((alpha+beta-1)*n), int(beta*n)) from A).",
-    ),
-    "tensor2": Operator(
-        lambda tensors, weights, *, base=None, beta, compute_dtype=torch.float32: _sm.tensor_slice(
-            tensors, weights, beta=beta, columns=True, compute_dtype=compute_dtype),
-        "ab",
-        (_alpha_option("fraction of columns taken from B"), _beta_option("where the slice starts")),
-        summary="columns [beta*n, (alpha+beta)*n) of A replaced by B's",
-        description="supermerger calcmode tensor2: as tensor, on dim 1 for tensors of 2+ dims (n = shape[1] when "
-        "it is larger than 100, else shape[0], as supermerger computes it).",
-    ),
-    "self": Operator(
-        _sm.scale_self, "a", (_alpha_option("the factor"),),
-        summary="A*alpha (supermerger self)",
-        description="supermerger calcmode self: every merged key of A times alpha; keys whose LDM name contains "
-        "to_out, proj_out or norm keep A, and alpha 0 keeps A (supermerger skips both).",
-        skip=_sm.self_skip,
-    ),
-    "plus-random": Operator(
-        _sm.plus_random, "a",
-        (_alpha_option("scale of the N(0, 1) noise"),
-         OperatorOption("seed", int, 0, "merge seed; recorded in the file", low=0, high=2**63 - 1)),
-        summary="A + alpha*N(0,1) (supermerger plus random)",
-        description="supermerger calcmode plus random: A + alpha*N(0, 1) per element, keys whose LDM name contains "
-        "to_out, proj_out or norm keep A. The noise is seeded per key from --seed (supermerger uses torch's global RNG, "
-        "which no seed reproduces).",
-        skip=_sm.self_skip,
-    ),
-})
+        "keep_first": _sm.cosine_undefined,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -898,86 +622,55 @@ OPERATORS.update({
 
 from . import meh_modes as _meh
 
+# --------------------------------------------------------------------------------------------
+# the built-in operators: each declaration of sdadapt.merge_tables bound to its function by name
 
-def _unit_alpha(help_text: str) -> OperatorOption:
-    return OperatorOption("alpha", float, _REQUIRED, help_text, low=0.0, high=1.0)
+#: each built-in operator's function and engine hooks (:meth:`Operator.bind`'s keywords), by name; its
+#: inputs, options and help text are :data:`sdadapt.merge_tables.OPERATOR_SPECS` ``[name]``
+_BINDINGS: dict[str, dict[str, Any]] = {
+    "weighted-sum": {"fn": weighted_sum},
+    "slerp": {"fn": slerp},
+    "add-difference": {"fn": add_difference},
+    "train-difference": {"fn": train_difference},
+    "task-arithmetic": {"fn": task_arithmetic},
+    "ties": {"fn": ties},
+    "dare": {"fn": dare},
+    "model-stock": {"fn": model_stock},
+    # supermerger's modes
+    "triple-sum": {"fn": _sm.triple_sum},
+    "sum-twice": {"fn": _sm.sum_twice},
+    "cosine-a": _cosine_hooks(True),
+    "cosine-b": _cosine_hooks(False),
+    "smooth-add": {"fn": _sm.smooth_add},
+    "extract": {"fn": _sm.extract},
+    "tensor": {"fn": _sm.tensor_slice},
+    "tensor2": {"fn": lambda tensors, weights, *, base=None, beta, compute_dtype=torch.float32: _sm.tensor_slice(
+        tensors, weights, beta=beta, columns=True, compute_dtype=compute_dtype)},
+    "self": {"fn": _sm.scale_self, "skip": _sm.self_skip},
+    "plus-random": {"fn": _sm.plus_random, "skip": _sm.self_skip},
+    # sd-meh's merge methods
+    "weighted-subtraction": {"fn": _meh.weighted_subtraction},
+    "euclidean-add-difference": {"fn": _meh.euclidean_add_difference},
+    "multiply-difference": {"fn": _meh.multiply_difference},
+    "similarity-add-difference": {"fn": _meh.similarity_add_difference},
+    "top-k-tensor-sum": {"fn": _meh.top_k_tensor_sum},
+    "distribution-crossover": {"fn": _meh.distribution_crossover},
+    "ties-add-difference": {"fn": _meh.ties_add_difference},
+    "rotate": {"fn": _meh.rotate},
+}
 
 
-OPERATORS.update({
-    "weighted-subtraction": Operator(
-        _meh.weighted_subtraction, "ab",
-        (_alpha_option("alpha of alpha*beta, the share of B taken out"), _beta_option("beta of alpha*beta"),
-         WEIGHTS_CLIP),
-        summary="(A - alpha*beta*B)/(1 - alpha*beta)",
-        description="sd-meh weighted_subtraction: (A - alpha*beta*B)/(1 - alpha*beta), the weighted sum solved for "
-        "its other input (beta is nudged by 1e-10 when alpha*beta = 1, as sd-meh does for alpha = beta = 1).",
-    ),
-    "euclidean-add-difference": Operator(
-        _meh.euclidean_add_difference, "abc",
-        (_unit_alpha("weight of B: 0 gives A, 1 gives B"), WEIGHTS_CLIP),
-        summary="C + the RMS of the normalised A-C, B-C, at the norm of lerp(A, B, alpha) - C",
-        description="sd-meh euclidean_add_difference: d = sqrt((1-alpha)*a^2 + alpha*b^2) with a, b the "
-        "differences A - C, B - C divided by their norms, signed like s = lerp(A, B, alpha) - C; result "
-        "C + d*|s|/|d| (norms over each tensor).",
-        input_help={"C": "base model both differences are taken from"},
-    ),
-    "multiply-difference": Operator(
-        _meh.multiply_difference, "abc",
-        (_unit_alpha("exponent: |A-C|^(1-alpha) * |B-C|^alpha"),
-         _beta_option("sign from lerp(A, B, beta) - C"), WEIGHTS_CLIP),
-        summary="C + |A-C|^(1-alpha)*|B-C|^alpha, signed by lerp(A, B, beta) - C",
-        description="sd-meh multiply_difference: the weighted geometric mean of the two differences from C, "
-        "with the sign of the weighted-sum difference lerp(A, B, beta) - C.",
-        input_help={"C": "base model both differences are taken from"},
-    ),
-    "similarity-add-difference": Operator(
-        _meh.similarity_add_difference, "abc",
-        (_alpha_option("strength of B - C (and 2x the weight of B where A and B agree)"),
-         _beta_option("how far agreement moves toward the weighted sum (similarity scale)"), WEIGHTS_CLIP),
-        summary="lerp(A + alpha*(B-C), lerp(A, B, alpha/2), beta*similarity(A, B))",
-        description="sd-meh similarity_add_difference: s = beta*(A*B/max(|A|,|B|)^2 + 1)/2 per element; result "
-        "(1-s)*(A + alpha*(B - C)) + s*((1-alpha/2)*A + alpha/2*B): add difference where A and B disagree, "
-        "weighted sum where they agree.",
-    ),
-    "top-k-tensor-sum": Operator(
-        _meh.top_k_tensor_sum, "ab",
-        (_alpha_option("width of the magnitude band (fraction of the values)"),
-         _beta_option("offset of the band (fraction; wraps past 1)"), WEIGHTS_CLIP),
-        summary="A's values rearranged in B's order on a band of magnitudes",
-        description="sd-meh top_k_tensor_sum: A's sorted values are given to the elements in B's rank order, on "
-        "the values whose magnitude lies in the band [beta, beta+alpha) of A's magnitude ranks (the complement "
-        "when it wraps past 1); A elsewhere. The result holds only A's values.",
-    ),
-    "distribution-crossover": Operator(
-        _meh.distribution_crossover, "abc",
-        (_alpha_option("crossover frequency (fraction of the spectrum) below which A is kept"),
-         _beta_option("width of the crossover (<= 1e-10: a hard step)"), WEIGHTS_CLIP),
-        summary="FFT crossover of A and B sorted by C",
-        description="sd-meh distribution_crossover: A and B are sorted by C's values, their real FFTs mixed "
-        "(low frequencies from A, high from B; filter clip((k/m - alpha)/beta + 1/2, 0, 1)), transformed back and "
-        "unsorted.",
-        input_help={"C": "model whose value order A and B are sorted by"},
-    ),
-    "ties-add-difference": Operator(
-        _meh.ties_add_difference, "abc",
-        (_alpha_option("strength of the merged difference"),
-         OperatorOption("beta", float, _REQUIRED, "kept fraction of each difference, by magnitude", low=0.0,
-                        high=1.0),
-         WEIGHTS_CLIP),
-        summary="C + alpha*TIES(top-beta(A-C), top-beta(B-C))",
-        description="sd-meh ties_add_difference: keep the top --beta fraction (by magnitude) of A - C and of "
-        "B - C, elect the sign by vote count (a conflict zeroes the entry), average the agreeing entries, add "
-        "alpha times that to C.",
-        input_help={"C": "base model both differences are taken from"},
-    ),
-    "rotate": Operator(
-        _meh.rotate, "ab",
-        (_alpha_option("fraction of the rotation of A's neurons onto B's (1: all of it; integers: its powers)"),
-         _beta_option("interpolation of the neurons toward B's, rotated into A's frame"), WEIGHTS_CLIP),
-        summary="A's neurons turned toward B's by alpha of their Procrustes rotation",
-        description="sd-meh rotate (orthogonal Procrustes): the rows of A and B (centred) give the rotation R "
-        "= U V^T of the SVD of A^T B; result lerp(A, B R^T, beta) R^alpha + lerp(mean A, mean B, alpha), the "
-        "fractional power by eigendecomposition. 1-d tensors and single rows: lerp(A, B, alpha); k x k "
-        "convolutions (k > 1) and A ~ B: lerp(A, B, beta). Costs O(d^3) per tensor (d = row width).",
-    ),
-})
+def _bind_builtins() -> dict[str, Operator]:
+    """:data:`OPERATORS` in :data:`~sdadapt.merge_tables.OPERATOR_SPECS`' order; a spec without a function here
+    (or a function without a spec) is a bug in this module, named."""
+    unbound = [name for name in OPERATOR_SPECS if name not in _BINDINGS]
+    undeclared = [name for name in _BINDINGS if name not in OPERATOR_SPECS]
+    if unbound or undeclared:
+        raise RuntimeError(f"sdadapt.merge.operators: declared without a function: {unbound}; a function without a "
+                           f"declaration in sdadapt.merge_tables.OPERATOR_SPECS: {undeclared}")
+    return {name: Operator.bind(spec, **_BINDINGS[name]) for name, spec in OPERATOR_SPECS.items()}
+
+
+#: every registered operator by name (``merge``'s sub-commands, recipes' ``operator``); add one with
+#: ``OPERATORS[name] = Operator(fn, inputs, options, summary=..., description=...)``
+OPERATORS: dict[str, Operator] = _bind_builtins()
