@@ -277,10 +277,10 @@ def test_merge_refuses_edm_with_plain_sdxl_and_keeps_the_stats_between_edm_model
     assert not torch.equal(merged[key], source[key])
 
 
-def test_invert_refuses_an_edm_model(files):
-    """No DDIM inversion of an EDM model here (training it: tests/test_edm_training.py)."""
+def test_invert_loads_an_edm_model(files):
+    """`invert` inverts an EDM model through its Euler ODE (tests/test_edm_inversion.py); training it:
+    tests/test_edm_training.py."""
     from sdadapt.inversion.job import load_model
 
-    with pytest.raises(ValueError, match="EDM-formulation model \\(Playground v2.5\\) is not inverted here"):
-        load_model(str(files[0]))
-    assert load_model(str(files[1])).edm is None  # (the plain SDXL file inverts as before)
+    assert load_model(str(files[0])).edm == EDMSchedule.from_config(CONFIG)
+    assert load_model(str(files[1])).edm is None  # (the plain SDXL file inverts by DDIM as before)

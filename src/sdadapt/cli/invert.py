@@ -52,9 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     invert.add_argument("--method", choices=("null-text", "negative-prompt", "ddim"), default="null-text")
     invert.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=7.5,
                         help="classifier-free guidance scale (default 7.5)")
-    invert.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    invert.add_argument("--steps", type=positive_int, default=50,
+                        help="DDIM steps (default 50; an EDM model, Playground v2.5: Euler steps on its σ grid)")
     invert.add_argument("--model", default="toy", metavar="toy|toy-image|PATH",
-                        help="'toy' (built in), 'toy-image' (the image-embedding toy) or a diffusers folder")
+                        help="'toy' (built in), 'toy-image' (the image-embedding toy), a diffusers folder or a single file")
     invert.add_argument("--edit-prompt", default=None, help="also write OUT-edit.png regenerated with this prompt")
     invert.add_argument("--source-steps", type=int, default=0,
                         help="for the edit: keep the source prompt for the first K steps (default 0)")

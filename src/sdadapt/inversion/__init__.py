@@ -1,7 +1,8 @@
 """Inversion: find the conditioning that reproduces real images.
 
 * :mod:`.core` — pure functions over any ``model(x, t, cond)``: the guided DDIM step, the
-  null-text objective, the pivot, null-text optimisation, negative-prompt embeddings, PSNR.
+  null-text objective, the pivot, null-text optimisation, negative-prompt embeddings, PSNR; the
+  step rules :class:`DDIMSteps` / :class:`EDMSteps` (an EDM model, Playground v2.5: the Euler ODE).
 * :mod:`.invert` — one image: :func:`invert_image` / :func:`invert_latents` -> :class:`Inversion`,
   :func:`save_inversion` / :func:`load_inversion`, :func:`regenerate_image` / :func:`sample_inversion`
   (reconstruction and edits, bit-identical on rerun).
@@ -36,8 +37,11 @@ from .clip import (
     unclip_image_conditioning,
 )
 from .core import (
+    DDIMSteps,
+    EDMSteps,
     ddim_pivot,
     guided_ddim_step,
+    inversion_steps,
     negative_prompt_embeddings,
     null_text_objective,
     null_text_optimize,
@@ -69,6 +73,9 @@ __all__ = [
     # pure pieces
     "guided_ddim_step",
     "null_text_objective",
+    "DDIMSteps",
+    "EDMSteps",
+    "inversion_steps",
     "ddim_pivot",
     "null_text_optimize",
     "negative_prompt_embeddings",

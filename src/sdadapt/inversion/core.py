@@ -19,6 +19,12 @@ null-text inversion optimises is the condition itself, or its entry ``embedding_
   source prompt's own conditional embedding, so the guided step collapses to the conditional
   step and retraces the pivot (up to the model's local non-linearity).
 
+The step rule is chosen by the model's formulation (:func:`inversion_steps`): :class:`DDIMSteps`
+(discrete DDPM timesteps, DDIM with η = 0) or, for an EDM-formulation model (Playground v2.5,
+``edm=`` an :class:`~sdadapt.samplers.edm.EDMSchedule`), :class:`EDMSteps` — the Euler step of
+diffusers' ``EDMEulerScheduler`` on its σ grid, run with σ increasing for the pivot. The loops
+(:func:`null_text_optimize`, :func:`sample_with_embeddings`) are the same for both.
+
 Everything here is a function of tensors and the model; :mod:`.invert` adds systems, files and
 images on top.
 """
@@ -32,10 +38,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..samplers.edm import EDMSchedule, edm_precondition, edm_sigmas
 from ..training import diffusion
 
 __all__ = [
     "Progress",
+    "DDIMSteps",
+    "EDMSteps",
+    "inversion_steps",
     "condition_embedding",
     "with_embedding",
     "default_embedding_key",
@@ -119,6 +129,126 @@ def guided_ddim_step(
                                final_alpha_cumprod=final_alpha_cumprod)
 
 
+# ------------------------------------------------------------------------- the step rules
+class DDIMSteps:
+    """DDIM (η = 0) on a discrete schedule: ``n`` sampling steps at ``t_i`` (descending,
+    :func:`~sdadapt.training.diffusion.ddim_timesteps`), each ``t_i → t_i − T//n`` (ᾱ_0 after the
+    last); the pivot is :func:`~sdadapt.training.diffusion.ddim_invert`.
+
+    Attributes:
+        timesteps: (n,) int64, the model's timestep at each sampling step, descending.
+    """
+
+    def __init__(self, alphas_cumprod: Tensor, num_steps: int, *, prediction_type: str = "epsilon",
+                 spacing: str = "leading", steps_offset: int = 1) -> None:
+        self.alphas_cumprod, self.num_steps = alphas_cumprod, num_steps
+        self.prediction_type, self.spacing, self.steps_offset = prediction_type, spacing, steps_offset
+        self.timesteps = diffusion.ddim_timesteps(num_steps, num_train_steps=alphas_cumprod.shape[0], spacing=spacing,
+                                                  steps_offset=steps_offset)
+        self._t = self.timesteps.tolist()
+
+    def model_output(self, model: Model, x: Tensor, i: int, cond: object) -> Tensor:
+        """``model(x_t, t_i, cond)`` (B, C, H, W) at sampling step ``i``."""
+        return model(x, torch.full((x.shape[0],), self._t[i], device=x.device, dtype=torch.long), cond)
+
+    def step(self, out: Tensor, x: Tensor, i: int) -> Tensor:
+        """Sampling step ``i``, ``x_{t_i} → x_{t_i − T//n}`` (B, C, H, W), from the (guided) output ``out``."""
+        t = self._t[i]
+        return diffusion.ddim_step(out, t, prev_timestep(t, self.num_steps, self.alphas_cumprod.shape[0]), x,
+                                   self.alphas_cumprod, prediction_type=self.prediction_type)
+
+    def pivot(self, model: Model, x0: Tensor, cond: object) -> list[Tensor]:
+        """``[x0, …, x_{t_1}]`` (n + 1 of (B, C, H, W), noisiest last): guidance-1 DDIM inversion."""
+        return diffusion.ddim_invert(model, x0, cond, alphas_cumprod=self.alphas_cumprod, num_steps=self.num_steps,
+                                     prediction_type=self.prediction_type, spacing=self.spacing,
+                                     steps_offset=self.steps_offset)
+
+
+class EDMSteps:
+    """The Euler step of an EDM-formulation model (Playground v2.5) on diffusers' ``EDMEulerScheduler`` grid.
+
+    ``σ_0 > … > σ_{n−1}``, ``σ_n`` (0, or σ_{n−1} for ``final_sigmas_type`` ``sigma_min``):
+    :func:`~sdadapt.samplers.edm.edm_sigmas` ``sampler="euler"``. The model (the UNet ``F``) is called on
+    ``c_in(σ)·x`` at ``c_noise(σ)``; ``D = c_skip(σ)·x + c_out(σ)·F``
+    (:func:`~sdadapt.samplers.edm.edm_precondition`), the ODE's ``ε̂(x; σ) = (x − D(x; σ))/σ``.
+
+    * Sampling step ``i`` is the scheduler's ``step`` (``s_churn`` 0), ``x ← x + ε̂(x; σ_i)·(σ_{i+1} − σ_i)``,
+      the arithmetic of :func:`~sdadapt.samplers.edm.edm_euler_sample`.
+    * The pivot runs that Euler step with σ increasing, ``σ_{i+1} → σ_i``:
+      ``x ← x + ε̂(x̃; σ_i)·(σ_i − σ_{i+1})`` with ``x̃ = x·c_in(σ_{i+1})/c_in(σ_i)``, so the UNet is
+      given the current latent's own input ``c_in(σ_{i+1})·x`` at the level it goes to, ``c_noise(σ_i)``.
+      That is DDIM inversion transcribed: diffusers' ``DDIMInverseScheduler.step`` takes the UNet's
+      output for the current latent (variance-preserving, ``x/√(1 + σ²)``: ``c_in`` with σ_data 1) at
+      the next, higher timestep, and steps ``x/√ᾱ`` by ``ε̂·Δσ``. ``c_in(0) = 1/σ_data``: the first step
+      from the clean latent needs no model call at σ = 0, where ``c_noise = ¼·ln σ`` does not exist.
+      (Evaluating ``ε̂`` at the unscaled current latent instead underestimates it by the growth of
+      ``x`` across the step: on a Gaussian's exact denoiser its 10-step round trip is ~50x worse.)
+
+    Attributes:
+        sigmas: (n + 1,) float32, the grid. timesteps: (n,) float32, ``sigmas[:-1]`` (what a file stores).
+    """
+
+    def __init__(self, schedule: EDMSchedule, num_steps: int) -> None:
+        self.schedule, self.num_steps = schedule, num_steps
+        self.sigmas = edm_sigmas(schedule, num_steps, sampler="euler")  # (n + 1,) float32
+        self.timesteps = self.sigmas[:-1].clone()
+        self._pre = [edm_precondition(s, sigma_data=schedule.sigma_data, prediction_type=schedule.prediction_type)
+                     for s in self.timesteps]  # (c_skip, c_out, c_in, c_noise), 0-dim each
+        self._c_in = 1 / (self.sigmas ** 2 + schedule.sigma_data ** 2) ** 0.5  # (n + 1,): c_in(0) = 1/σ_data
+
+    def model_output(self, model: Model, x: Tensor, i: int, cond: object) -> Tensor:
+        """The UNet output ``F`` (B, C, H, W) on ``c_in(σ_i)·x`` at ``c_noise(σ_i)``."""
+        _, _, c_in, c_noise = self._pre[i]
+        return model(x * c_in.to(x.device), c_noise.to(x.device).expand(x.shape[0]), cond)
+
+    def derivative(self, out: Tensor, x: Tensor, i: int) -> Tensor:
+        """``ε̂ = (x − D)/σ_i`` (B, C, H, W), ``D = c_skip(σ_i)·x + c_out(σ_i)·out`` (diffusers'
+        ``precondition_outputs``, then the scheduler's "ODE derivative")."""
+        c_skip, c_out, _, _ = self._pre[i]
+        denoised = c_skip.to(x.device) * x + c_out.to(x.device) * out
+        return (x - denoised) / self.sigmas[i].to(x.device)
+
+    def step(self, out: Tensor, x: Tensor, i: int) -> Tensor:
+        """Sampling step ``i``, ``σ_i → σ_{i+1}`` (B, C, H, W) float32 (the scheduler's upcast), from the
+        (guided) UNet output ``out`` at σ_i."""
+        x = x.to(torch.float32)
+        return x + self.derivative(out, x, i) * (self.sigmas[i + 1] - self.sigmas[i]).to(x.device)
+
+    def invert_step(self, model: Model, x: Tensor, i: int, cond: object) -> Tensor:
+        """The inverse of sampling step ``i`` to first order: ``x`` at σ_{i+1} → σ_i (B, C, H, W) float32."""
+        x = x.to(torch.float32)
+        scaled = x * (self._c_in[i + 1] / self._c_in[i]).to(x.device)  # x̃: its UNet input at σ_i is x's at σ_{i+1}
+        out = self.model_output(model, scaled, i, cond)
+        return x + self.derivative(out, scaled, i) * (self.sigmas[i] - self.sigmas[i + 1]).to(x.device)
+
+    def pivot(self, model: Model, x0: Tensor, cond: object) -> list[Tensor]:
+        """``[x0 (at σ_n), x at σ_{n−1}, …, x at σ_0 = σ_max]`` (n + 1 of (B, C, H, W), float32)."""
+        out = [x0.to(torch.float32)]
+        for i in range(self.num_steps - 1, -1, -1):
+            out.append(self.invert_step(model, out[-1], i, cond))
+        return out
+
+
+def inversion_steps(num_steps: int, *, alphas_cumprod: Tensor | None = None, edm: EDMSchedule | None = None,
+                    prediction_type: str = "epsilon", spacing: str = "leading",
+                    steps_offset: int = 1) -> DDIMSteps | EDMSteps:
+    """The step rule of a model: :class:`EDMSteps` for an EDM-formulation one (``edm``, a system's
+    ``edm``; its own ``prediction_type`` counts), else :class:`DDIMSteps` on ``alphas_cumprod``.
+
+    Raises:
+        ValueError: ``num_steps`` < 1, or neither ``alphas_cumprod`` nor ``edm`` given.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if edm is not None:
+        return EDMSteps(edm, num_steps)
+    if alphas_cumprod is None:
+        raise ValueError("inversion needs the model's noise schedule: alphas_cumprod= (a discrete-time model) or "
+                         "edm= (an EDM-formulation model's EDMSchedule, e.g. system.edm)")
+    return DDIMSteps(alphas_cumprod, num_steps, prediction_type=prediction_type, spacing=spacing,
+                     steps_offset=steps_offset)
+
+
 def null_text_objective(
     model: Model,
     x_t: Tensor,
@@ -154,17 +284,20 @@ def ddim_pivot(
     x0: Tensor,
     cond: object,
     *,
-    alphas_cumprod: Tensor,
+    alphas_cumprod: Tensor | None = None,
     num_steps: int,
     prediction_type: str = "epsilon",
     spacing: str = "leading",
     steps_offset: int = 1,
+    edm: EDMSchedule | None = None,
 ) -> list[Tensor]:
     """The pivot trajectory: DDIM inversion at guidance 1, ``[z*_0, z*_{t_1'}, …, z*_{t_n}]``
-    (n+1 latents (B, C, H, W), ascending t) — :func:`sdadapt.training.diffusion.ddim_invert`."""
+    (n+1 latents (B, C, H, W), ascending t) — :func:`sdadapt.training.diffusion.ddim_invert`;
+    with ``edm`` (an EDM-formulation model) the Euler ODE inversion of :class:`EDMSteps`, ending at σ_max."""
+    rule = inversion_steps(num_steps, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type,
+                           spacing=spacing, steps_offset=steps_offset)
     with torch.no_grad():
-        return diffusion.ddim_invert(model, x0, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset)
+        return rule.pivot(model, x0, cond)
 
 
 def null_text_optimize(
@@ -173,7 +306,7 @@ def null_text_optimize(
     cond: object,
     uncond: object,
     *,
-    alphas_cumprod: Tensor,
+    alphas_cumprod: Tensor | None = None,
     guidance: float = 7.5,
     embedding_key: str | None = None,
     inner_steps: int = 10,
@@ -185,9 +318,13 @@ def null_text_optimize(
     prediction_type: str = "epsilon",
     spacing: str = "leading",
     steps_offset: int = 1,
+    edm: EDMSchedule | None = None,
     progress: Progress | None = None,
 ) -> Tensor:
     """Per-timestep unconditional embeddings that make guided DDIM retrace ``pivot``.
+
+    The step is :func:`inversion_steps`' (``edm``: an EDM-formulation model's Euler step, the
+    objective the same ``‖ step(z̄; ∅_i) − z*_{next} ‖²`` on its σ grid).
 
     Args:
         pivot: the :func:`ddim_pivot` latents ``[z*_0, …, z*_{t_n}]`` (n+1 of (B, C, H, W)).
@@ -210,8 +347,8 @@ def null_text_optimize(
         raise ValueError(f"inner_steps must be >= 1 and learning_rate > 0, got {inner_steps} and {learning_rate}")
     if not 0 <= lr_decay * (n - 1) < 1:
         raise ValueError(f"lr_decay={lr_decay} makes the learning rate reach 0 within {n} steps; use lr_decay < 1/{n - 1}")
-    T = alphas_cumprod.shape[0]
-    steps = diffusion.ddim_timesteps(n, num_train_steps=T, spacing=spacing, steps_offset=steps_offset).tolist()
+    rule = inversion_steps(n, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type, spacing=spacing,
+                           steps_offset=steps_offset)
     base = condition_embedding(uncond, embedding_key)
     dtype = base.dtype
     embedding = (base if init is None else init).detach().float().clone()  # (B, *E)
@@ -219,22 +356,19 @@ def null_text_optimize(
         raise ValueError(f"init has shape {tuple(embedding.shape)}, the unconditional embedding {tuple(base.shape)}")
     out: list[Tensor] = []
     x = pivot[-1]
-    for i, t in enumerate(steps):
-        t_prev = prev_timestep(t, n, T)
+    for i in range(n):
         target = pivot[n - i - 1]  # z*_{t_prev}
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with torch.no_grad():
-            out_cond = model(x, tt, cond)
+            out_cond = rule.model_output(model, x, i, cond)
         embedding = embedding.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([embedding], lr=learning_rate * (1.0 - lr_decay * i))
         threshold = epsilon + i * epsilon_slope
         with torch.enable_grad():
             for _ in range(inner_steps):
-                loss = null_text_objective(
-                    model, x, t, t_prev, target, out_cond=out_cond,
-                    uncond=with_embedding(uncond, embedding_key, embedding.to(dtype)), alphas_cumprod=alphas_cumprod,
-                    guidance=guidance, prediction_type=prediction_type,
-                )
+                # (null_text_objective, for any step rule)
+                out_uncond = rule.model_output(model, x, i, with_embedding(uncond, embedding_key, embedding.to(dtype)))
+                x_prev = rule.step(diffusion.guidance_combine(out_uncond, out_cond, guidance), x, i)
+                loss = F.mse_loss(x_prev.float(), target.float())
                 (embedding.grad,) = torch.autograd.grad(loss, [embedding])  # never touches the model's .grad
                 optimizer.step()
                 if loss.item() < threshold:
@@ -242,9 +376,8 @@ def null_text_optimize(
         embedding = embedding.detach()
         out.append(embedding.clone())
         with torch.no_grad():
-            out_uncond = model(x, tt, with_embedding(uncond, embedding_key, embedding.to(dtype)))
-            x = guided_ddim_step(out_uncond, out_cond, x, t, t_prev, alphas_cumprod, guidance=guidance,
-                                 prediction_type=prediction_type)
+            out_uncond = rule.model_output(model, x, i, with_embedding(uncond, embedding_key, embedding.to(dtype)))
+            x = rule.step(diffusion.guidance_combine(out_uncond, out_cond, guidance), x, i)
         if progress is not None:
             progress(i + 1, n, "null-text")
     return torch.stack(out)
@@ -265,12 +398,13 @@ def sample_with_embeddings(
     uncond: object,
     embeddings: Tensor,
     *,
-    alphas_cumprod: Tensor,
+    alphas_cumprod: Tensor | None = None,
     guidance: float,
     embedding_key: str | None = None,
     prediction_type: str = "epsilon",
     spacing: str = "leading",
     steps_offset: int = 1,
+    edm: EDMSchedule | None = None,
     progress: Progress | None = None,
     label: str = "sample",
 ) -> Tensor:
@@ -278,22 +412,21 @@ def sample_with_embeddings(
 
     ``cond`` is one condition, or a list of ``n`` (one per step: prompt switching for edits).
     Each step evaluates ``u`` and ``c`` as one batch of 2B (as :func:`~sdadapt.training.diffusion.guided`);
-    the last step uses ᾱ_0 (as the pivot). Returns x_0 (B, C, H, W).
+    the last step uses ᾱ_0 (as the pivot). ``edm``: an EDM-formulation model, whose ``x_T`` is the
+    latent at σ_max, sampled by :class:`EDMSteps` (``EDMEulerScheduler``'s steps). Returns x_0 (B, C, H, W).
     """
     n = embeddings.shape[0]
-    T = alphas_cumprod.shape[0]
-    steps = diffusion.ddim_timesteps(n, num_train_steps=T, spacing=spacing, steps_offset=steps_offset).tolist()
+    rule = inversion_steps(n, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type, spacing=spacing,
+                           steps_offset=steps_offset)
     conds = cond if isinstance(cond, list) else [cond] * n
     if len(conds) != n:
         raise ValueError(f"got {len(conds)} per-step conditions for {n} steps")
     dtype = condition_embedding(uncond, embedding_key).dtype
     x = x_T
-    for i, t in enumerate(steps):
+    for i in range(n):
         u = with_embedding(uncond, embedding_key, embeddings[i].to(device=x.device, dtype=dtype))
-        fn = diffusion.guided(model, conds[i], u, guidance)
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = fn(x, tt, conds[i])
-        x = diffusion.ddim_step(out, t, prev_timestep(t, n, T), x, alphas_cumprod, prediction_type=prediction_type)
+        out = rule.model_output(diffusion.guided(model, conds[i], u, guidance), x, i, conds[i])
+        x = rule.step(out, x, i)
         if progress is not None:
             progress(i + 1, n, label)
     return x

@@ -16,10 +16,16 @@ atomically) holds everything the sampler needs besides the model: ``x_T``, the p
 embeddings, the source condition, the unconditional template, the timesteps and ``alphas_cumprod``
 (so regeneration never depends on re-running the text encoder), plus the guidance and scheduler
 settings as metadata. Regeneration is deterministic: the same model and file give the same bits.
+
+An EDM-formulation model (Playground v2.5: the system's ``edm``) is inverted and regenerated through
+its deterministic sampler's ODE, the Euler step of diffusers' ``EDMEulerScheduler``
+(:class:`~.core.EDMSteps`): the same loops, ``x_T`` the latent at σ_max, ``timesteps`` the σ of the
+sampling steps, the schedule in the file's ``edm`` metadata (format ``sdadapt-inversion/2``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -31,13 +37,13 @@ import torch
 from torch import Tensor
 
 from ..formats.files import WeightFileError, read_safetensors, write_safetensors
-from ..training import diffusion
+from ..samplers.edm import EDMSchedule
 from .core import (
     Model,
     Progress,
     condition_embedding,
-    ddim_pivot,
     default_embedding_key,
+    inversion_steps,
     negative_prompt_embeddings,
     null_text_optimize,
     sample_with_embeddings,
@@ -56,6 +62,10 @@ __all__ = [
 
 INVERSION_METHODS = ("null-text", "negative-prompt", "ddim")
 _FORMAT = "sdadapt-inversion/1"
+#: an EDM model's inversion (σ timesteps, the ``edm`` schedule): a reader of /1 files only would run it as DDIM
+_FORMAT_EDM = "sdadapt-inversion/2"
+#: the :class:`~sdadapt.samplers.edm.EDMSchedule` fields the Euler step reads (what must match to regenerate)
+_EDM_FIELDS = ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho", "prediction_type", "final_sigmas_type")
 
 
 @dataclass(frozen=True)
@@ -64,17 +74,19 @@ class Inversion:
 
     Attributes:
         method: ``"null-text"``, ``"negative-prompt"`` or ``"ddim"``.
-        x_T: (B, C, h, w) the latent at the noisiest timestep (the end of the pivot).
+        x_T: (B, C, h, w) the latent at the noisiest timestep (the end of the pivot; EDM: at σ_max,
+            not divided by diffusers' ``init_noise_sigma``).
         null_embeddings: (n, B, *E) float32, row ``i`` the null embedding of sampling step ``i``.
-        timesteps: (n,) int64, the sampling timesteps, descending.
+        timesteps: (n,) int64, the sampling timesteps, descending (EDM: float32 σ_0 … σ_{n−1}).
         cond: the source prompt's condition (a tensor (B, *E) or a dict of tensors).
         uncond: the unconditional condition its ``embedding_key`` part is replaced in, per step.
-        alphas_cumprod: (T,) the noise schedule the inversion ran with.
+        alphas_cumprod: (T,) the noise schedule the inversion ran with (EDM: the system's, unused; may be (0,)).
         guidance: the classifier-free guidance scale the null embeddings are made for.
         embedding_key: ``None`` (tensor conditions) or the dict entry holding the text embedding.
         prediction_type, spacing, steps_offset: the scheduler settings (diffusers' names).
         prompt: the source prompt (informational).
         info: extra string metadata (model, source image, timings).
+        edm: the EDM schedule of an EDM-formulation model (its Euler step ran), else ``None``.
     """
 
     method: str
@@ -91,6 +103,7 @@ class Inversion:
     steps_offset: int = 1
     prompt: str = ""
     info: Mapping[str, str] = field(default_factory=dict)
+    edm: EDMSchedule | None = None
 
     @property
     def num_steps(self) -> int:
@@ -108,7 +121,7 @@ def invert_latents(
     cond: object,
     uncond: object,
     *,
-    alphas_cumprod: Tensor,
+    alphas_cumprod: Tensor | None = None,
     method: str = "null-text",
     guidance: float = 7.5,
     num_steps: int = 50,
@@ -123,9 +136,14 @@ def invert_latents(
     epsilon: float = 1e-5,
     epsilon_slope: float = 2e-5,
     prompt: str = "",
+    edm: EDMSchedule | None = None,
     progress: Progress | None = None,
 ) -> Inversion:
     """Invert clean latents ``x0`` (B, C, h, w) made from the prompt whose condition is ``cond``.
+
+    ``edm``: an EDM-formulation model (a system's ``edm``): the pivot and the steps are
+    :class:`~.core.EDMSteps`' (``EDMEulerScheduler``'s Euler step; ``alphas_cumprod``, ``spacing`` and
+    ``steps_offset`` unused, ``prediction_type`` the schedule's); else DDIM on ``alphas_cumprod``.
 
     Runs the guidance-1 DDIM pivot (:func:`~.core.ddim_pivot`), then builds the null embeddings
     by ``method``; ``init="negative-prompt"`` starts null-text optimisation from the conditional
@@ -140,9 +158,12 @@ def invert_latents(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     key = default_embedding_key(uncond) if embedding_key is None else embedding_key
-    T = alphas_cumprod.shape[0]
-    pivot = ddim_pivot(model, x0, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                       prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset)
+    if edm is not None:
+        prediction_type = edm.prediction_type
+    rule = inversion_steps(num_steps, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type,
+                           spacing=spacing, steps_offset=steps_offset)
+    with torch.no_grad():
+        pivot = rule.pivot(model, x0, cond)
     if progress is not None:
         progress(num_steps, num_steps, "invert")
     if method == "negative-prompt":
@@ -155,7 +176,7 @@ def invert_latents(
             model, pivot, cond, uncond, alphas_cumprod=alphas_cumprod, guidance=guidance, embedding_key=key,
             inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
             epsilon_slope=epsilon_slope, init=start, prediction_type=prediction_type, spacing=spacing,
-            steps_offset=steps_offset, progress=progress,
+            steps_offset=steps_offset, edm=edm, progress=progress,
         )
     info = {}
     if method == "null-text":
@@ -165,10 +186,10 @@ def invert_latents(
         method=method,
         x_T=pivot[-1].detach(),
         null_embeddings=nulls,
-        timesteps=diffusion.ddim_timesteps(num_steps, num_train_steps=T, spacing=spacing, steps_offset=steps_offset),
+        timesteps=rule.timesteps.clone(),
         cond=_detach(cond),
         uncond=_detach(uncond),
-        alphas_cumprod=alphas_cumprod.detach(),
+        alphas_cumprod=torch.zeros(0) if alphas_cumprod is None else alphas_cumprod.detach(),
         guidance=float(guidance),
         embedding_key=key,
         prediction_type=prediction_type,
@@ -176,6 +197,7 @@ def invert_latents(
         steps_offset=steps_offset,
         prompt=prompt,
         info=info,
+        edm=edm,
     )
 
 
@@ -224,7 +246,7 @@ def sample_inversion(
         model, inversion.x_T.to(dev), conds, _to(inversion.uncond, dev), inversion.null_embeddings.to(dev),
         alphas_cumprod=inversion.alphas_cumprod.to(dev), guidance=inversion.guidance if guidance is None else guidance,
         embedding_key=inversion.embedding_key, prediction_type=inversion.prediction_type, spacing=inversion.spacing,
-        steps_offset=inversion.steps_offset, progress=progress, label=label,
+        steps_offset=inversion.steps_offset, edm=inversion.edm, progress=progress, label=label,
     )
 
 
@@ -267,7 +289,9 @@ def invert_image(
     """Invert one image (3, H, W) or (1, 3, H, W) in [-1, 1] at the system's size, with its caption.
 
     ``system`` is any :class:`~sdadapt.methods.system.System` (``encode_images``, ``tokenize``,
-    ``condition``, ``denoiser``, ``alphas_cumprod``, ``prediction_type``, ``image_size``).
+    ``condition``, ``denoiser``, ``alphas_cumprod``, ``prediction_type``, ``image_size``); one with an
+    ``edm`` schedule (Playground v2.5) is inverted through ``EDMEulerScheduler``'s ODE (its
+    ``encode_images`` applies the VAE latents' mean / std, as diffusers' SDXL img2img pipeline).
     ``negative`` is the prompt of the starting null embedding (default ``""``, the paper's);
     the other options are :func:`invert_latents`'.
 
@@ -284,7 +308,7 @@ def invert_image(
         system.denoiser(), x0, cond, uncond, alphas_cumprod=system.alphas_cumprod, method=method, guidance=guidance,
         num_steps=num_steps, prediction_type=system.prediction_type, spacing=spacing, steps_offset=steps_offset,
         init=init, inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
-        epsilon_slope=epsilon_slope, prompt=prompt, progress=progress,
+        epsilon_slope=epsilon_slope, prompt=prompt, edm=getattr(system, "edm", None), progress=progress,
     )
 
 
@@ -301,13 +325,26 @@ def regenerate_image(
     with ``prompt`` the edit (same ``x_T`` and null embeddings, the new prompt's condition).
 
     Raises:
-        ValueError: the inversion was made on a model with another noise schedule or prediction type.
+        ValueError: the inversion was made on a model with another noise schedule or prediction type
+            (an EDM model's inversion on a discrete-time one, or the other way round).
     """
     device = system.alphas_cumprod.device
     ac = system.alphas_cumprod
-    if inversion.alphas_cumprod.shape != ac.shape or not torch.allclose(inversion.alphas_cumprod.to(ac), ac, rtol=1e-5, atol=1e-7):
-        raise ValueError("this inversion was made with another noise schedule: regenerate it with the model it was made on"
-                         f"{' (' + inversion.info['model'] + ')' if 'model' in inversion.info else ''}")
+    made_on = f" ({inversion.info['model']})" if "model" in inversion.info else ""
+    edm = getattr(system, "edm", None)
+    if (inversion.edm is None) != (edm is None):
+        kinds = ("an EDM-formulation model (Playground v2.5)", "a discrete-time (DDPM) model")
+        made, this = kinds if inversion.edm is not None else kinds[::-1]
+        raise ValueError(f"this inversion was made on {made}, the system is {this}: regenerate it with the model it "
+                         f"was made on{made_on}")
+    if edm is not None:
+        theirs, ours = (tuple(getattr(s, f) for f in _EDM_FIELDS) for s in (inversion.edm, edm))
+        if theirs != ours:
+            raise ValueError(f"this inversion was made with another EDM schedule ({dict(zip(_EDM_FIELDS, theirs))}, "
+                             f"the system's {dict(zip(_EDM_FIELDS, ours))}): regenerate it with the model it was made "
+                             f"on{made_on}")
+    elif inversion.alphas_cumprod.shape != ac.shape or not torch.allclose(inversion.alphas_cumprod.to(ac), ac, rtol=1e-5, atol=1e-7):
+        raise ValueError(f"this inversion was made with another noise schedule: regenerate it with the model it was made on{made_on}")
     if inversion.prediction_type != system.prediction_type:
         raise ValueError(f"this inversion was made for a {inversion.prediction_type} model, the system predicts "
                          f"{system.prediction_type}: use the model it was made on")
@@ -353,18 +390,19 @@ def save_inversion(path: str | os.PathLike, inversion: Inversion, *, metadata: M
     Tensors: ``x_T``, ``null_embeddings``, ``timesteps``, ``alphas_cumprod``, ``cond[.<key>]``,
     ``uncond[.<key>]``. Metadata: ``format`` (``sdadapt-inversion/1``), ``method``, ``guidance``,
     ``embedding_key``, ``prediction_type``, ``spacing``, ``steps_offset``, ``prompt``, the
-    conditions' layouts, ``inversion.info`` and ``metadata``.
+    conditions' layouts, ``inversion.info`` and ``metadata``. An EDM model's inversion: format
+    ``sdadapt-inversion/2``, ``timesteps`` the float32 σ, metadata ``edm`` (the schedule as JSON).
     """
     tensors: dict[str, Tensor] = {
         "x_T": inversion.x_T,
         "null_embeddings": inversion.null_embeddings,
-        "timesteps": inversion.timesteps.long(),
+        "timesteps": inversion.timesteps.long() if inversion.edm is None else inversion.timesteps.float(),
         "alphas_cumprod": inversion.alphas_cumprod,
     }
     meta = {
         **{str(k): str(v) for k, v in inversion.info.items()},
         **dict(metadata or {}),
-        "format": _FORMAT,
+        "format": _FORMAT if inversion.edm is None else _FORMAT_EDM,
         "method": inversion.method,
         "guidance": repr(float(inversion.guidance)),
         "embedding_key": "" if inversion.embedding_key is None else inversion.embedding_key,
@@ -374,12 +412,29 @@ def save_inversion(path: str | os.PathLike, inversion: Inversion, *, metadata: M
         "prompt": inversion.prompt,
         "cond_layout": _flatten("cond", inversion.cond, tensors),
         "uncond_layout": _flatten("uncond", inversion.uncond, tensors),
+        **({} if inversion.edm is None else {"edm": json.dumps(dataclasses.asdict(inversion.edm), sort_keys=True)}),
     }
     return write_safetensors(path, tensors, meta)
 
 
 _RESERVED = {"format", "method", "guidance", "embedding_key", "prediction_type", "spacing", "steps_offset", "prompt",
-             "cond_layout", "uncond_layout"}
+             "cond_layout", "uncond_layout", "edm"}
+
+
+def _file_edm(file: Path, meta: Mapping[str, str], timesteps: Tensor) -> EDMSchedule | None:
+    """The EDM schedule of a ``sdadapt-inversion/2`` file (checked against its σ), ``None`` for /1."""
+    if meta.get("format") == _FORMAT:
+        return None
+    try:
+        schedule = EDMSchedule.from_config(json.loads(meta["edm"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WeightFileError(f"{file}: an EDM inversion file needs its 'edm' schedule metadata ({exc}); the file is "
+                              "damaged") from None
+    want = inversion_steps(timesteps.shape[0], edm=schedule).timesteps
+    if timesteps.shape != want.shape or not torch.equal(timesteps.float().cpu(), want):
+        raise WeightFileError(f"{file}: its σ timesteps are not the {timesteps.shape[0]}-step grid of its EDM schedule; "
+                              "the file is damaged")
+    return schedule
 
 
 def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Inversion:
@@ -390,7 +445,7 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
     """
     file = Path(path)
     tensors, meta = read_safetensors(file)
-    if meta.get("format") != _FORMAT:
+    if meta.get("format") not in (_FORMAT, _FORMAT_EDM):
         raise WeightFileError(f"{file}: not an sdadapt inversion file (metadata format {meta.get('format')!r}); "
                               "write one with save_inversion / `python -m sdadapt invert`")
     missing = [k for k in ("x_T", "null_embeddings", "timesteps", "alphas_cumprod") if k not in tensors]
@@ -400,6 +455,7 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
     if tensors["null_embeddings"].shape[0] != tensors["timesteps"].shape[0]:
         raise WeightFileError(f"{file}: {tensors['null_embeddings'].shape[0]} null embeddings for "
                               f"{tensors['timesteps'].shape[0]} timesteps; the file is damaged")
+    edm = _file_edm(file, meta, tensors["timesteps"])
     try:
         guidance = float(meta["guidance"])
         steps_offset = int(meta["steps_offset"])
@@ -420,4 +476,5 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
         steps_offset=steps_offset,
         prompt=meta.get("prompt", ""),
         info={k: v for k, v in meta.items() if k not in _RESERVED},
+        edm=edm,
     )

@@ -27,19 +27,16 @@ _PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
 
 def load_model(model: str, *, device: str = "cpu"):
     """``"toy"`` (the shipped toy), ``"toy-image"`` (its image-embedding variant) or a path
-    (``sdadapt.jobs.load_system``: a diffusers Stable Diffusion folder)."""
+    (``sdadapt.jobs.load_system``: a diffusers Stable Diffusion folder or single file). An
+    EDM-formulation model (Playground v2.5, ``system.edm``) is inverted through its Euler ODE
+    (:class:`sdadapt.inversion.core.EDMSteps`)."""
     if model == "toy-image":
         from ..toy import load_toy_image
 
         return load_toy_image(device=device)
     from ..jobs import load_system
 
-    system = load_system(model, device=device)
-    if getattr(system, "edm", None) is not None:  # (Playground v2.5: no DDPM timesteps to invert through)
-        raise ValueError(f"{model}: an EDM-formulation model (Playground v2.5) is not inverted here: null-text and "
-                         "textual inversion run DDIM / the DDPM training loss over discrete timesteps, which this "
-                         "model does not have; use it for generate, merge and convert")
-    return system
+    return load_system(model, device=device)
 
 
 def _image_header(path: Path) -> tuple[int, int, str]:
@@ -91,9 +88,11 @@ def run_invert(
     """Invert ``image`` (its caption ``prompt``) and write the reconstruction, the inversion and an edit.
 
     Args:
-        method: ``"null-text"`` (default), ``"negative-prompt"`` or ``"ddim"``.
-        guidance, steps: classifier-free guidance scale and DDIM steps (the paper: 7.5, 50).
-        model: ``"toy"``, ``"toy-image"`` or a diffusers Stable Diffusion folder.
+        method: ``"null-text"`` (default), ``"negative-prompt"`` or ``"ddim"`` (on an EDM model: plain
+            Euler ODE inversion with the empty prompt).
+        guidance, steps: classifier-free guidance scale and DDIM steps (the paper: 7.5, 50); on an EDM
+            model (Playground v2.5) the steps of diffusers' ``EDMEulerScheduler`` grid.
+        model: ``"toy"``, ``"toy-image"`` or a diffusers Stable Diffusion folder or single file.
         edit_prompt: also regenerate the inversion with this prompt (plain prompt swap; no
             prompt-to-prompt attention control) into ``OUT-edit.png``.
         source_steps: for the edit, keep the source prompt for the first ``source_steps`` steps.
