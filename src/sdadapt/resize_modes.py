@@ -33,11 +33,13 @@ import os
 import torch
 from torch import Tensor
 
+from .sampler_tables import RESIZE_MODE_LABELS
+
 __all__ = ["RESIZE_MODES", "a1111_resize", "init_image_pixels", "open_init_image", "pil_pixels"]
 
-#: ``--resize-mode`` names -> A1111's resize_mode number and label
-RESIZE_MODES: dict[str, tuple[int, str]] = {"just": (0, "Just resize"), "crop": (1, "Crop and resize"),
-                                            "fill": (2, "Resize and fill")}
+#: ``--resize-mode`` names -> A1111's resize_mode number and label (the labels' home: :mod:`sdadapt.sampler_tables`)
+RESIZE_MODES: dict[str, tuple[int, str]] = {name: (number, RESIZE_MODE_LABELS[name])
+                                            for number, name in enumerate(("just", "crop", "fill"))}
 
 
 def _scaled(image: Tensor, size: tuple[int, int], bounds: tuple[float, float]) -> Tensor:

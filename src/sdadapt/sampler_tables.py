@@ -13,17 +13,21 @@ here and re-export them under the names they always had (``sdadapt.samplers.SAMP
   :data:`DISCARD_NEXT_TO_LAST_SIGMA`, :func:`canonical_schedule`): see :mod:`sdadapt.samplers.schedules`;
 * AUTOMATIC1111's sampler labels ("DPM++ 2M Karras", "Euler a", ...; :data:`A1111_LABELS`,
   :func:`sampler_from_label`, :func:`sampler_schedule_from_label`): see :mod:`sdadapt.samplers.labels`;
-* the hires-fix upscalers (:data:`LATENT_UPSCALERS`, :data:`HIRES_UPSCALERS`): see :mod:`sdadapt.img2img`.
+* the hires-fix upscalers (:data:`LATENT_UPSCALERS`, :data:`HIRES_UPSCALERS`): see :mod:`sdadapt.img2img`;
+* A1111's labels of ``--hires-upscaler`` / ``--resize-mode`` / ``--inpainting-fill`` (:data:`HIRES_UPSCALER_LABELS`,
+  :data:`RESIZE_MODE_LABELS`, :data:`INPAINTING_FILL_LABELS`; :func:`canonical_choice` reads either spelling).
 """
 
 from __future__ import annotations
 
 import difflib
 
-__all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING", "DISCARD_NEXT_TO_LAST_SIGMA",
-           "HIRES_UPSCALERS", "KARRAS_SAMPLERS", "LATENT_UPSCALERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
-           "SCHEDULE_LABELS", "SCHEDULE_SAMPLERS", "a1111_label", "canonical_sampler", "canonical_schedule",
-           "check_karras", "resolve_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
+__all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING",
+           "DISCARD_NEXT_TO_LAST_SIGMA", "HIRES_UPSCALERS", "HIRES_UPSCALER_LABELS",
+           "INPAINTING_FILL_LABELS", "KARRAS_SAMPLERS", "LATENT_UPSCALERS", "RESIZE_MODE_LABELS",
+           "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES", "SCHEDULE_LABELS", "SCHEDULE_SAMPLERS",
+           "a1111_label", "canonical_choice", "canonical_sampler", "canonical_schedule", "check_karras",
+           "resolve_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
 
 # ------------------------------------------------------------------------------------------------ schedules
 #: every schedule name taken (A1111's ``Scheduler.name``), ``automatic`` first
@@ -319,3 +323,38 @@ LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
 }
 #: every hires upscaler: the latent ones and the pixel one (decode, Lanczos resize, encode)
 HIRES_UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALERS, "pixel-lanczos")
+#: ``--hires-upscaler`` -> A1111's upscaler name, the infotext's "Hires upscaler" (modules/shared.py
+#: ``latent_upscale_modes``; "Lanczos": modules/upscaler.py ``UpscalerLanczos``)
+HIRES_UPSCALER_LABELS: dict[str, str] = {
+    "latent": "Latent", "latent-antialiased": "Latent (antialiased)", "latent-bicubic": "Latent (bicubic)",
+    "latent-bicubic-antialiased": "Latent (bicubic antialiased)", "latent-nearest": "Latent (nearest)",
+    "latent-nearest-exact": "Latent (nearest-exact)", "pixel-lanczos": "Lanczos"}
+#: ``--resize-mode`` -> A1111's img2img "Resize mode" radio label (modules/ui.py ``resize_mode``; its fourth,
+#: "Just resize (latent upscale)", has no mode here)
+RESIZE_MODE_LABELS: dict[str, str] = {"just": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill"}
+#: ``--inpainting-fill`` -> A1111's "Masked content" radio label (modules/ui.py ``inpainting_fill``)
+INPAINTING_FILL_LABELS: dict[str, str] = {"fill": "fill", "original": "original", "latent-noise": "latent noise",
+                                          "latent-nothing": "latent nothing"}
+
+
+def canonical_choice(option: str, text: str, labels: dict[str, str]) -> str:
+    """``text`` as the option's own name: the name itself, or A1111's label for it as its UI and infotext spell it
+    (``"Latent (bicubic antialiased)"`` -> ``latent-bicubic-antialiased``, ``"Crop and resize"`` -> ``crop``,
+    ``"latent noise"`` -> ``latent-noise``), case and blanks at the ends ignored.
+
+    Args:
+        option: the option's name, for the message (``"--hires-upscaler"``).
+        text: the value given.
+        labels: the option's names -> A1111 labels (:data:`HIRES_UPSCALER_LABELS`, :data:`RESIZE_MODE_LABELS`,
+            :data:`INPAINTING_FILL_LABELS`).
+
+    Raises:
+        ValueError: neither a name nor a label; names both lists.
+    """
+    wanted = " ".join(str(text).split()).casefold()
+    for spelling in (lambda name: name, labels.get):  # (the names first: a name is never read as another's label)
+        for name in labels:
+            if spelling(name).casefold() == wanted:
+                return name
+    raise ValueError(f"{option} {text!r}: not one of {', '.join(labels)} "
+                     f"(or A1111's {', '.join(repr(label) for label in labels.values())})")

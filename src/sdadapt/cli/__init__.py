@@ -70,7 +70,10 @@ class _OneLineErrors(CheckedParser):
                 flag = extra.split("=", 1)[0]
                 close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
                 abbreviation = _abbreviation_hint(flag, known)
-                if abbreviation:
+                kohya = _kohya_hint(flag, known) if command.prog.split()[-1] == "train" else None
+                if kohya:
+                    hints.append(kohya)
+                elif abbreviation:
                     hints.append(abbreviation)
                 elif close:
                     hints.append(f"{flag}: did you mean {close[0]}?")
@@ -82,6 +85,26 @@ def _visible_options(parser: argparse.ArgumentParser) -> list[str]:
     """``parser``'s ``--`` options that its ``--help`` shows (the hidden ones only catch other tools' flags)."""
     return [flag for action in parser._actions if action.help != argparse.SUPPRESS
             for flag in action.option_strings if flag.startswith("--")]
+
+
+def _kohya_hint(flag: str, known: list[str]) -> str | None:
+    """What ``train`` calls kohya sd-scripts' command-line ``flag`` (``--output_dir`` -> ``-o DIR/NAME.safetensors``,
+    ``--network_module`` -> the method), from the tables its ``--config`` reads kohya's keys by
+    (docs/train.md "kohya sd-scripts flags"); ``None`` for a flag that is none of kohya's there."""
+    from .train import KOHYA_IGNORED, KOHYA_KEYS
+
+    name = flag[2:].replace("-", "_") if flag.startswith("--") else ""
+    if "--" + name.replace("_", "-") in known:  # (kohya's name with dashes is an option: "did you mean" says so)
+        return None
+    if name in ("output_dir", "output_name"):
+        return f"{flag}: kohya's --output_dir and --output_name are one option here: -o DIR/NAME.safetensors"
+    if name in KOHYA_IGNORED:
+        why = f" ({KOHYA_IGNORED[name]})" if KOHYA_IGNORED[name] else ""
+        return f"{flag}: kohya's option has no counterpart here{why}; leave it out"
+    ours = "--" + KOHYA_KEYS.get(name, "").replace("_", "-")
+    if name in KOHYA_KEYS and ours in known and ours != flag:
+        return f"{flag}: kohya's name; here {ours}"
+    return None
 
 
 def _abbreviation_hint(flag: str, known: list[str]) -> str | None:

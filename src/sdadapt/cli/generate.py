@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from ..sampler_tables import (  # (torch-free: --help and usage errors import no torch)
+    HIRES_UPSCALER_LABELS,
     HIRES_UPSCALERS,
+    INPAINTING_FILL_LABELS,
     KARRAS_SAMPLERS,
+    RESIZE_MODE_LABELS,
     SCHEDULE_LABELS,
     SCHEDULE_SAMPLERS,
+    canonical_choice,
     canonical_schedule,
     sampler_choices,
     sampler_schedule_from_label,
@@ -27,6 +32,20 @@ def _sampler(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _a1111_choice(option: str, labels: dict[str, str]) -> Callable[[str], str]:
+    """An argparse ``type`` for ``option``: its own name, or A1111's label as its UI and infotext spell it
+    (``--hires-upscaler "Latent (bicubic antialiased)"``), as the name (:func:`canonical_choice`)."""
+
+    def read(text: str) -> str:
+        try:
+            return canonical_choice(option, text, labels)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    read.__name__ = option.lstrip("-").replace("-", "_")
+    return read
 
 
 def _schedule(text: str) -> str:
@@ -233,8 +252,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--init-image", default=None, metavar="IMAGE",
                          help="img2img: start from this image, brought to --width x --height by --resize-mode "
                          "(Lanczos) and VAE-encoded")
-    img2img.add_argument("--resize-mode", default="just", choices=("just", "crop", "fill"),
-                         help="how --init-image is brought to the size: A1111's 'Just resize' (stretch, the default), "
+    img2img.add_argument("--resize-mode", default="just", choices=tuple(RESIZE_MODE_LABELS),
+                         type=_a1111_choice("--resize-mode", RESIZE_MODE_LABELS),
+                         help="how --init-image is brought to the size (the name or A1111's label): A1111's 'Just "
+                         "resize' (stretch, the default), "
                          "'Crop and resize' (cover, cut the centre), 'Resize and fill' (fit, pad with the edges); with "
                          "--inpaint-full-res only a blank mask's plain img2img and the overlay of a --mask of another "
                          "size use it, as in A1111")
@@ -250,12 +271,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                          help="Gaussian blur of the mask in pixels (default 4, A1111's)")
     img2img.add_argument("--invert-mask", action="store_true", help="repaint the black area (A1111's 'Inpaint not masked')")
-    img2img.add_argument("--inpainting-fill", default="original",
-                         choices=("fill", "original", "latent-noise", "latent-nothing"),
-                         help="what the masked area starts as (A1111's 'Masked content'; default original)")
+    img2img.add_argument("--inpainting-fill", default="original", choices=tuple(INPAINTING_FILL_LABELS),
+                         type=_a1111_choice("--inpainting-fill", INPAINTING_FILL_LABELS),
+                         help="what the masked area starts as (A1111's 'Masked content', its labels too: 'latent "
+                         "noise'; default original)")
     img2img.add_argument("--inpainting-mask-weight", type=float, default=1.0, metavar="W",
                          help="inpainting models: A1111's 'Inpainting conditioning mask strength' in [0, 1] (default 1; "
-                         "img2img without --mask too)")
+                         "img2img without --mask too, and the txt2img hires pass, where below 1 it conditions an "
+                         "inpainting or unCLIP model on the upscaled first pass, as A1111)")
     img2img.add_argument("--inpaint-full-res", action="store_true",
                          help="A1111's 'Inpaint area: Only masked': inpaint the mask's region (plus the padding, grown "
                          "to the --width:--height aspect) at --width x --height and paste it back; the output keeps "
@@ -275,8 +298,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--hires-denoising", type=float, default=0.7, metavar="S",
                          help="hires fix: the second pass's denoising strength (default 0.7, A1111's)")
     img2img.add_argument("--hires-upscaler", default="latent", choices=HIRES_UPSCALERS,
+                         type=_a1111_choice("--hires-upscaler", HIRES_UPSCALER_LABELS),
                          help="hires fix: how the first pass is enlarged: A1111's latent upscalers (interpolate the "
-                         "latents) or pixel-lanczos (decode, Lanczos resize, encode); default latent")
+                         "latents) or pixel-lanczos (decode, Lanczos resize, encode); A1111's names as its infotext "
+                         "writes them work too ('Latent (bicubic antialiased)', 'Lanczos'); default latent")
     img2img.add_argument("--hires-prompt", default=None, metavar="TEXT",
                          help="hires fix: the second pass's prompt (A1111's 'Hires prompt'; default or empty: "
                               "--prompt)")

@@ -39,20 +39,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
+
 __all__ = ["HIRES_UPSCALER_LABELS", "InfotextRun", "a1111_number", "file_sha256", "format_infotext", "quote",
            "run_infotext"]
 
-#: ``--hires-upscaler`` -> A1111's upscaler name (``shared.latent_upscale_modes``; "Lanczos": ``UpscalerLanczos``)
-HIRES_UPSCALER_LABELS: dict[str, str] = {
-    "latent": "Latent", "latent-antialiased": "Latent (antialiased)", "latent-bicubic": "Latent (bicubic)",
-    "latent-bicubic-antialiased": "Latent (bicubic antialiased)", "latent-nearest": "Latent (nearest)",
-    "latent-nearest-exact": "Latent (nearest-exact)", "pixel-lanczos": "Lanczos"}
 #: sampler names here whose A1111 sampler has ``uses_ensd`` (``sd_samplers_kdiffusion.samplers_k_diffusion``;
 #: ``sd_samplers_common.is_sampler_using_eta_noise_seed_delta``): the ones whose infotext has ENSD
 _USES_ENSD: frozenset[str] = frozenset({"euler_a", "dpm_2_a", "dpmpp_2s_a", "dpm_fast", "dpm_adaptive"})
 #: sampler names here whose A1111 sampler has ``brownian_noise`` (its Brownian tree seeded by the image seeds): without
 #: ``--noise`` sdadapt's tree is not A1111's, while every other sampler draws A1111's "CPU" numbers (start noise and
-#: sampler noise from ``torch.Generator().manual_seed(seed)``, each pass afresh: tests/test_refiner_infotext.py)
+#: sampler noise from ``torch.Generator().manual_seed(seed)``, each pass afresh: tests/test_refiner_infotext.py; img2img
+#: and every inpainting fill, whose "latent noise" is a fresh generator's first draw as A1111's create_random_tensors,
+#: and an EDM model's euler / dpmsolver++, which draw nothing after the start noise: tests/test_infotext_gaps.py). An
+#: EDM model's dpmsolver++_sde draws its step noise from the generator where A1111's "DPM++ 2M SDE" samples a tree.
 _BROWNIAN: frozenset[str] = frozenset({"dpmpp_sde", "dpmsolver++_sde", "dpmsolver++_3m_sde", "dpmsolver++_sde_heun"})
 #: ``--refiner-hires-pass`` -> A1111's "Hires refiner" (``hires_fix_refiner_pass``; "second pass" is not written)
 _HIRES_REFINER: dict[str, str] = {"first": "first pass", "both": "both passes"}

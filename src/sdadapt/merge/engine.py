@@ -753,10 +753,15 @@ class MergedSource:
                 f"{names[0]} and {', '.join(strangers)} share no weights (no tensor name in common): they are not "
                 f"the same kind of model, so there is nothing to merge; {_not_models(sources, names) or 'check the input files'}"
             )
+        common = first_set.intersection(*(s.keys() for s in sources[1:]))
+        not_sd = ("; none of them is a Stable Diffusion checkpoint's (unet, text encoder, VAE: LDM or diffusers "
+                  "names), and merge_file / merge_state_dicts merge checkpoints: for another model's state dict apply "
+                  "an operator per tensor, e.g. {k: sdadapt.merge.weighted_sum([a[k], b[k]], 0.3) for k in a}"
+                  if common and all(key_component(k) == "other" for k in common) else "")
         return MergeError(
             f"nothing to merge: the inputs share {len(first_set & set(sources[1].keys()))} tensor name(s), but none is "
             f"a floating-point weight of the merged components ({', '.join(self.step.policy.components)}) that every "
-            "input has with the same shape; check --components, --discard and the input files"
+            f"input has with the same shape{not_sd}; check --components, --discard and the input files"
         )
 
     # ---------------------------------------------------------------- source API

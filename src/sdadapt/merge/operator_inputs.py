@@ -47,6 +47,9 @@ def _alpha(weights: float | Sequence[float], name: str) -> float:
 def _difference_inputs(tensors: Sequence[Tensor], weights: float | Sequence[float], base: Tensor | None, name: str,
                        compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, float]:
     """Checked ``(A, B, C, α)`` in ``compute_dtype`` for the A/B/C difference operators."""
+    if len(tensors) == 3 and base is None:  # (the command line's order A B C, handed over as it is)
+        raise ValueError(f"{name}: takes tensors=(A, B) and the third model as base=C (the command line's A B C), "
+                         f"got 3 tensors and no base: call {name}([A, B], ..., base=C)")
     _count(tensors, 2, name)
     if base is None:
         raise ValueError(f"{name}: needs base= (the C model the difference B − C is taken from)")
