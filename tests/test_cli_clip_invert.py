@@ -237,6 +237,7 @@ def test_defaults_and_options_reach_the_library(unclip, images, learnt, tmp_path
     assert main(["generate", "--model", str(unclip), "--image-vectors", str(out), "--prompt", "p", "-q", "-o", str(png)]) == 0
     assert main(["generate", "--model", str(unclip), "--image-vectors", str(out), "--prompt", "p", "--negative", "n",
                  "--guidance", "4", "--steps", "3", "--seed", "2", "--overwrite", "-q", "-o", str(png)]) == 0
-    ddim = {"sampler": "ddim", "karras": False, "schedule": None}  # (the default sampler: test_clip_inversion_samplers.py)
+    ddim = {"sampler": "ddim", "karras": False, "schedule": None,  # (the default sampler: test_clip_inversion_samplers.py)
+            "schedule_options": None, "noise": None}  # (no A1111 noise or σ settings: tests/test_infotext_gaps.py)
     assert calls[3] == {"prompt": "p", "negative": "", "count": 1, "seed": 0, "steps": 25, "guidance": 10.0, **ddim}
     assert calls[4] == {"prompt": "p", "negative": "n", "count": 1, "seed": 2, "steps": 3, "guidance": 4.0, **ddim}

@@ -150,7 +150,7 @@ def test_generate_lora_on_an_inpainting_model_with_a_plain_models_lora(tmp_path_
     save_file(lora, str(tmp_path / "locon.safetensors"))
     assert main(["generate", "--model", str(root), "--prompt", "a photo", "--steps", "1", "--sampler", "euler",
                  "--seed", "3", "--out", str(tmp_path / "lora.png"), "--lora", f"{tmp_path / 'locon.safetensors'}:0.5"]) == 0
-    assert "at 0.5 (1 layers)" in capsys.readouterr().err  # (the run report: conv_in merged, padded)
+    assert "at 0.5 (1 layer)" in capsys.readouterr().err  # (the run report: conv_in merged, padded)
     assert decode_png((tmp_path / "lora.png").read_bytes()).shape[:2] == (32, 32)
 
 

@@ -459,7 +459,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                          else {}),
                                       prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g,
                                       start=start, before_model_call=before_model_call,
-                                      **({} if clip_sample is None else {"clip_sample": clip_sample}))
+                                      **({} if clip_sample is None else {"clip_sample": clip_sample}),
+                                      **(dict(getattr(system, "ddim_options", {})) if name == "ddim" else {}))
     return latents if output == "latents" else system.decode_latents(latents)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..plurals import plural
 from .options import add_output_options, positive_int, torch_dtype
 
 __all__ = ["register"]
@@ -18,7 +19,7 @@ def _cmd_aesthetic_embedding(args: argparse.Namespace) -> int:
         dtype=torch_dtype(args.dtype), normalize_each=args.normalize_each, batch_size=args.batch_size,
         device=resolve_device(args.device),
     )
-    print(f"wrote {result['file']}: (1, {result['dim']}) mean of {result['images']} images by the {result['encoder']}, "
+    print(f"wrote {result['file']}: (1, {result['dim']}) mean of {plural(result['images'], 'image')} by the {result['encoder']}, "
           f"norm {result['norm']:.3f}")
     return 0
 

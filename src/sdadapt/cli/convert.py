@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 
+from ..plurals import plural
 from .options import add_clip_stats_option, add_output_options, safe_text, torch_dtype
 
 __all__ = ["register"]
@@ -57,7 +58,7 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
         line += f"; EMA copy dropped ({report.ema_tensors} tensors; --ema writes it as the UNet instead)"
     if report.dropped:
         shown = ", ".join(safe_text(k) for k in report.dropped[:3])
-        line += f"; {len(report.dropped)} other entr{'y' if len(report.dropped) == 1 else 'ies'} dropped ({shown}"
+        line += f"; {plural(len(report.dropped), 'other entry', many='other entries')} dropped ({shown}"
         line += " ...)" if len(report.dropped) > 3 else ")"
     for note in report.notes:
         line += f"; {safe_text(note)}"
@@ -123,7 +124,7 @@ def _convert(args: argparse.Namespace) -> int:
     parts = ", ".join(f"{safe_text(c)} {n}" for c, n in report.layers.items())
     line = (f"wrote {safe_text(report.path)}: {report.target} "
             f"{'(' + report.base_model + ' naming) ' if report.base_model else ''}from {report.source_kind}, "
-            f"{layers} layer{'' if layers == 1 else 's'} ({parts}; {families}), max |ΔW| {report.max_delta:.3g} (float64, read back)")
+            f"{plural(layers, 'layer')} ({parts}; {families}), max |ΔW| {report.max_delta:.3g} (float64, read back)")
     if report.tensor_compared:
         line += f"; {report.tensor_compared} layer(s) compared tensor by tensor (their ΔW needs the base weights)"
     print(line)

@@ -129,10 +129,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 #: what ``generate --image-vectors`` takes besides the output options: the rest is refused (it samples with
 #: :func:`sdadapt.inversion.generate_with_vectors`, at the model's size, the prompt as plain text)
 _IMAGE_VECTOR_OPTIONS = ("image_vectors", "model", "prompt", "negative", "seed", "steps", "guidance", "count", "device",
-                         "clip_stats", "help", "sampler", "karras", "schedule")
+                         "clip_stats", "help", "sampler", "karras", "schedule",
+                         # (A1111's noise and σ settings: the same sample_latents call as without --image-vectors)
+                         "noise", "subseed", "subseed_strength", "seed_resize_from", "ensd", "sigma_min", "sigma_max",
+                         "rho", "beta_alpha", "beta_beta", "old_karras_sigmas")
 _IMAGE_VECTOR_MESSAGE = ("{option} does not apply with --image-vectors (CLIP-inversion vectors are sampled at "
                          "the model's size from --prompt, --negative, --seed, --steps, --guidance, --count, --sampler, "
-                         "--karras and --schedule; docs/clip-inversion.md): leave {option} out")
+                         "--karras, --schedule and A1111's noise and σ settings (--noise, --subseed, --sigma-min, ...); "
+                         "docs/clip-inversion.md): leave {option} out")
 
 
 def _cmd_generate_image_vectors(args: argparse.Namespace) -> int:
@@ -150,7 +154,10 @@ def _cmd_generate_image_vectors(args: argparse.Namespace) -> int:
         args.image_vectors, out=args.out, model=args.model, prompt=args.prompt or "", negative=args.negative,
         count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, device=args.device,
         clip_stats=args.clip_stats, overwrite=args.overwrite, progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None,
-        sampler=args.sampler, karras=args.karras, schedule=args.schedule,
+        sampler=args.sampler, karras=args.karras, schedule=args.schedule, noise=args.noise, subseed=args.subseed,
+        subseed_strength=args.subseed_strength, seed_resize_from=args.seed_resize_from, ensd=args.ensd,
+        sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, beta_alpha=args.beta_alpha,
+        beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas,
     )
     for file in result["files"]:
         print(f"wrote {file}")
@@ -373,8 +380,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="sample from CLIP-inversion vectors (python -m sdadapt clip-invert's file) mixed with "
                           "--prompt, on the model they were learnt for (SD 2.1 unCLIP: guidance default 10, as its "
                           "pipelines; an image-variation folder: no --prompt/--negative, guidance default 7.5; "
-                          "docs/clip-inversion.md); --sampler/--karras/--schedule as without it (default ddim), the "
-                          "prompt as plain text")
+                          "docs/clip-inversion.md); --sampler/--karras/--schedule, --noise and the σ settings as "
+                          "without it (default ddim), the prompt as plain text")
     single = [action.option_strings[-1] for action in generate._actions
               if action.option_strings and action.dest not in _IMAGE_VECTOR_OPTIONS
               and not isinstance(action, (argparse._AppendAction, argparse._CountAction))]

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from ..plurals import plural
 from .options import safe_text
 
 __all__ = ["register"]
@@ -59,7 +60,7 @@ def _print_summary(summary: dict) -> None:
             text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
             print(f"{field + ':':<11} {safe_text(text)}")
     metadata = summary["metadata"]
-    print(f"metadata:   {len(metadata)} entries")
+    print(f"metadata:   {plural(len(metadata), 'entry', many='entries')}")
     for key in sorted(metadata):
         value = safe_text(metadata[key])  # text from the file: control characters (ESC, BEL ...) shown escaped
         if len(value) > 100:

@@ -9,6 +9,7 @@ import argparse
 import re
 import sys
 
+from ..plurals import plural
 from .option_rules import only_with
 from .options import (
     ExtendNumbers,
@@ -38,7 +39,7 @@ def _summary(report, verb: str) -> str:
     ranks = sorted({info.rank for info in report.layers.values()})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     parts = ", ".join(f"{safe_text(c)} {n}" for c, n in by_component.items())
-    line = (f"{verb} {safe_text(report.path)}: {len(report.layers)} layers ({parts}), rank {rank_text}, "
+    line = (f"{verb} {safe_text(report.path)}: {plural(len(report.layers), 'layer')} ({parts}), rank {rank_text}, "
             f"base model {report.base_model}")
     worst = report.worst_layer()
     if worst is not None:
@@ -133,7 +134,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(f"skipped {len(report.unmatched)} LoRA layer(s) that match nothing:", file=sys.stderr)
         for name in report.unmatched[:10]:
             print(f"  {safe_text(name)}", file=sys.stderr)
-    print(f"wrote {safe_text(report.path)}: {len(report.merged)} tensors changed by {len(args.loras)} LoRA(s)")
+    print(f"wrote {safe_text(report.path)}: {plural(len(report.merged), 'tensor')} changed by {plural(len(args.loras), 'LoRA')}")
     return 0
 
 
@@ -148,7 +149,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
         base_model=args.base_model, dtype=torch_dtype(args.dtype), overwrite=args.overwrite, base=args.base,
     )
     _print_skipped(report)
-    files = f"{len(args.loras)} file{'' if len(args.loras) == 1 else 's'}"
+    files = plural(len(args.loras), "file")
     print(_summary(report, f"combined {files} ({args.mode}), wrote"))
     return 0
 

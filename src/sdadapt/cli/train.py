@@ -200,7 +200,9 @@ def _message(line: str) -> None:
 
 
 def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
+    from ..plurals import plural
+
+    return plural(count, word)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -936,7 +938,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{first[0]} -> {last[1]:.4f} at step {last[0]}")
     if result.get("lora"):
         lora = result["lora"]
-        print(f"wrote {lora['file']}: rank-{lora['rank']} LoRA of the change, {lora['layers']} layers, largest relative "
+        print(f"wrote {lora['file']}: rank-{lora['rank']} LoRA of the change, {_plural(lora['layers'], 'layer')}, largest relative "
               f"error ‖Δ − LoRA‖/‖Δ‖ = {lora['max_relative_error']:.3g} ({lora['worst_layer']})")
     print(f"log:  {result['log']}" + (f" (TensorBoard: {result['tensorboard']})" if result["tensorboard"] else ""))
     if result["samples"]:

@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,10 @@ from ..training.optim import lr_at, set_lr
 from ..training.step import StepConfig, TrainState, train_step
 from .core import Progress
 from .variation import ImageVariationSystem
+
+if TYPE_CHECKING:
+    from ..samplers.a1111_noise import A1111Noise, A1111Seeds
+    from ..samplers.schedules import ScheduleOptions
 
 __all__ = [
     "SITES",
@@ -214,7 +218,7 @@ def toy_image_conditioning(system) -> ImageConditioning:
         site="time-embedding+token" if system.unet.config.get("image_token") else "time-embedding",
         dim=int(system.unet.config["image_embed_dim"]), model=model,
         text=lambda prompts: system.condition(prompts)["context"], encode_image=system.clip.encode_image,
-        sampler={"final_alpha_cumprod": 1.0, "clip_sample": 1.0}, modules=(system.unet, system.text_encoder),
+        sampler=dict(system.ddim_options), modules=(system.unet, system.text_encoder),
     )
 
 
@@ -608,6 +612,8 @@ def sample_image_vectors(
     sampler: str = "ddim",
     karras: bool = False,
     schedule: str | None = None,
+    schedule_options: ScheduleOptions | None = None,
+    noise: A1111Noise | None = None,
 ) -> Tensor:
     """CFG sampling from noise ``x_T`` (B, C, h, w) conditioned on ``vectors`` (K, D) (``None``:
     text only) and ``prompts`` (B strings; default ``""``). The unconditional branch is
@@ -617,7 +623,10 @@ def sample_image_vectors(
     ``sampler`` / ``karras`` / ``schedule``: :func:`sdadapt.samplers.sample_latents`' (any of its
     samplers and σ grids; default ``"ddim"``), run on ``conditioning.model`` with the image
     conditioning built here as ``cond`` / ``uncond``. ``conditioning.sampler`` (the toy's DDIM
-    settings: ``final_alpha_cumprod``, ``clip_sample``) applies to ``ddim`` only.
+    settings: ``final_alpha_cumprod``, ``clip_sample``) applies to ``ddim`` only. ``schedule_options``:
+    A1111's σ settings for ``schedule`` (:class:`~sdadapt.samplers.schedules.ScheduleOptions`). ``noise``: an
+    :class:`~sdadapt.samplers.a1111_noise.A1111Noise` whose start noise ``x_T`` is (``generate --noise``): the
+    samplers' noise is then its next draws, and ``generator`` draws unCLIP's augmentation noise only.
     """
     from ..samplers import canonical_sampler, sample_latents
 
@@ -639,7 +648,8 @@ def sample_image_vectors(
         uncond["image"] = cond["image"].new_zeros(cond["image"].shape)  # K-token contexts: zeros of the same length
     return sample_latents(conditioning.model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=steps,
                           uncond=uncond, guidance_scale=guidance, prediction_type=prediction_type, karras=karras,
-                          schedule=schedule, generator=generator,
+                          schedule=schedule, generator=generator if noise is None else noise,
+                          **({} if schedule_options is None else {"schedule_options": schedule_options}),
                           **(dict(conditioning.sampler) if name == "ddim" else {}))
 
 
@@ -767,11 +777,18 @@ def generate_with_vectors(
     sampler: str = "ddim",
     karras: bool = False,
     schedule: str | None = None,
+    schedule_options: ScheduleOptions | None = None,
+    noise: A1111Seeds | None = None,
 ) -> Tensor:
     """Images (count, 3, H, W) in [-1, 1] from image vectors (K, D), mixed with ``prompt`` where
     the model takes text. ``vectors=None`` samples from the prompt alone (same noise: a baseline).
     ``seed`` draws the starting noise, then unCLIP's augmentation noise (class-labels site), then
-    the ancestral samplers' noise. ``sampler`` / ``karras`` / ``schedule``: :func:`sample_image_vectors`'."""
+    the ancestral samplers' noise. ``sampler`` / ``karras`` / ``schedule`` / ``schedule_options``:
+    :func:`sample_image_vectors`'. ``noise``: an :class:`~sdadapt.samplers.a1111_noise.A1111Seeds` (``generate
+    --noise a1111`` / ``a1111-cpu``, variation seed, resize-from, ENSD): the start noise and the samplers' noise are
+    A1111's for ``seed`` (image i: ``seed + i``) as :func:`sdadapt.sampling.generate` draws them with it, and the
+    seed's CPU generator draws only unCLIP's augmentation noise (its first draw; A1111 takes that from its global
+    RNG, which no setting reproduces: docs/clip-inversion.md)."""
     v = vectors.vectors if isinstance(vectors, ImageVectors) else vectors
     noise_level = vectors.noise_level if isinstance(vectors, ImageVectors) else 0
     conditioning = image_conditioning(system, noise_level=noise_level)
@@ -784,9 +801,11 @@ def generate_with_vectors(
     device = system.alphas_cumprod.device
     shape = _latent_shape(system)
     g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(count, *shape, generator=g).to(device)
+    a1111 = None if noise is None else noise.for_batch(seed, count)
+    x_T = (torch.randn(count, *shape, generator=g) if a1111 is None else a1111.start_noise((count, *shape))).to(device)
     latents = sample_image_vectors(conditioning, None if v is None else v.to(device), x_T, alphas_cumprod=system.alphas_cumprod,
                                    prompts=[prompt] * count if conditioning.text else None, negative=negative,
                                    guidance=guidance, steps=steps, prediction_type=system.prediction_type, generator=g,
-                                   sampler=sampler, karras=karras, schedule=schedule)
+                                   sampler=sampler, karras=karras, schedule=schedule,
+                                   schedule_options=schedule_options, noise=a1111)
     return system.decode_latents(latents)

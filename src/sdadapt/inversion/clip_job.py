@@ -154,6 +154,17 @@ def run_generate_image_vectors(
     sampler: str | None = None,
     karras: bool = False,
     schedule: str | None = None,
+    noise: str | None = None,
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
+    seed_resize_from: tuple[int, int] | None = None,
+    ensd: int = 0,
+    sigma_min: float = 0.0,
+    sigma_max: float = 0.0,
+    rho: float = 0.0,
+    beta_alpha: float = 0.6,
+    beta_beta: float = 0.6,
+    old_karras_sigmas: bool = False,
 ) -> dict:
     """Images from a CLIP-inversion file (:func:`~.clip.load_image_vectors`) mixed with ``prompt``.
 
@@ -166,9 +177,13 @@ def run_generate_image_vectors(
     file's CLIP stats (karlo's ``ViT-L-14_stats.th``), which vectors learnt at a noise level > 0 need.
     ``sampler``: a name or A1111 label as ``generate --sampler`` takes (``"DPM++ 2M Karras"``; default ``ddim``);
     ``karras`` / ``schedule``: ``generate``'s ``--karras`` / ``--schedule`` (:func:`sdadapt.samplers.sample_latents`).
+    ``noise`` (``"a1111"`` / ``"a1111-cpu"``), ``subseed``, ``subseed_strength``, ``seed_resize_from``, ``ensd`` and
+    the σ settings ``sigma_min`` … ``old_karras_sigmas``: ``generate``'s options of those names, checked by the same
+    rule (:func:`sdadapt.jobs.generate.run_generate`) and drawn as it draws them: image i from seed ``seed + i``
+    (``seed`` for all with a variation strength, A1111's ``all_seeds``) and variation seed ``subseed + i``.
 
     Returns:
-        ``{"files", "seed", "steps", "guidance", "site", "noise_level", "sampler", "schedule", "karras"}``.
+        ``{"files", "seed", "steps", "guidance", "site", "noise_level", "sampler", "schedule", "karras", "noise"}``.
 
     Raises:
         WeightFileError: not a CLIP-inversion file. ValueError: vectors of another site or width
@@ -180,6 +195,12 @@ def run_generate_image_vectors(
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     sampler, karras, schedule = _sampler_grid(sampler, karras, schedule)  # (checked before the model loads)
+    from ..jobs.generate import _a1111_noise_and_schedule, _image_seeds, image_seed
+
+    seeds, schedule_options = _a1111_noise_and_schedule(
+        noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, ensd=ensd,
+        seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, beta_alpha=beta_alpha,
+        beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
     target = Path(out)
     if target.suffix.lower() != ".png":
         raise ValueError(f"{target}: the output must be a .png file")
@@ -197,14 +218,18 @@ def run_generate_image_vectors(
     steps = 25 if steps is None else steps
     guidance = default_guidance(site) if guidance is None else guidance
     for i, file in enumerate(files):
-        image = generate_with_vectors(system, learnt, prompt=prompt, negative=negative, count=1, seed=seed + i,
+        image = generate_with_vectors(system, learnt, prompt=prompt, negative=negative, count=1,
+                                      seed=image_seed(seed, i, subseed_strength=0.0 if seeds is None
+                                                      else seeds.subseed_strength),
                                       steps=steps, guidance=guidance, sampler=sampler, karras=karras,
-                                      schedule=schedule)[0]
+                                      schedule=schedule, schedule_options=schedule_options,
+                                      noise=None if seeds is None else _image_seeds(seeds, i))[0]
         write_png(file, image)
         if progress is not None:
             progress(i + 1, count, file.name)
     return {"files": [str(f) for f in files], "seed": seed, "steps": steps, "guidance": guidance, "site": site,
-            "noise_level": learnt.noise_level, "sampler": sampler, "schedule": schedule, "karras": karras}
+            "noise_level": learnt.noise_level, "sampler": sampler, "schedule": schedule, "karras": karras,
+            "noise": noise}
 
 
 def _sampler_grid(sampler: str | None, karras: bool, schedule: str | None) -> tuple[str, bool, str | None]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..plurals import plural
 from .models import load_system, resolve_device
 from .train import _toy_vocabulary
 
@@ -501,7 +502,7 @@ def run_generate(
     applied = []
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
-        say(f"applied {path} at {scale:g} ({applied[-1]['layers']} layers)")
+        say(f"applied {path} at {scale:g} ({plural(applied[-1]['layers'], 'layer')})")
     # the hires pass switches the tag LoRAs when its prompt names others (A1111 activates hr_extra_network_data):
     # only then are the undo handles (each a copy of the weights it changed) and the files read kept for the run
     switch_networks = hires is not None and _networks(hires_tag_loras) != _networks(tag_loras)
@@ -525,7 +526,7 @@ def run_generate(
                           ", blocks " + ",".join(f"{w:g}" for w in item.block_weights))
                 blocks += f", dyn {item.dyn}" if item.dyn is not None else ""
                 say(f"applied {item.file} ({item.tag}) at text encoder {item.te:g}, UNet {item.unet:g}{blocks} "
-                    f"({reports[-1]['layers']} layers)")
+                    f"({plural(reports[-1]['layers'], 'layer')})")
         return reports
 
     applied.extend(apply_tag_loras(tag_loras, tag_handles))
@@ -543,14 +544,14 @@ def run_generate(
         hypernetwork_report.append({"file": str(path), "strength": strength, "layers": len(handle.layers),
                                     "unused_widths": list(handle.unused_widths)})
         unused = f"; widths {list(handle.unused_widths)} unused" if handle.unused_widths else ""
-        say(f"hypernetwork {path} at {strength:g} ({len(handle.layers)} layers{unused})")
+        say(f"hypernetwork {path} at {strength:g} ({plural(len(handle.layers), 'layer')}{unused})")
         if refiner_system is not None:  # (A1111's loaded hypernetworks act on the refiner's attention too)
             from .generate_hypernetworks import inject_refiner_hypernetwork
 
             on_refiner = inject_refiner_hypernetwork(refiner_system, module, strength=strength, index=index)
             hypernetwork_report[-1]["refiner_layers"] = 0 if on_refiner is None else len(on_refiner.layers)
             say(f"hypernetwork {path} on the refiner: "
-                + ("no layer of its widths" if on_refiner is None else f"{len(on_refiner.layers)} layers"))
+                + ("no layer of its widths" if on_refiner is None else plural(len(on_refiner.layers), 'layer')))
     handles, custom_report = [], []
     for path, scale in custom_specs:
         custom = _apply_custom_diffusion_file(system, path, scale)
@@ -558,7 +559,7 @@ def run_generate(
         custom_report.append({"file": str(path), "scale": scale, "layers": len(custom.layers),
                               "tokens": [h.name for h in custom.embeddings]})
         tokens = ", ".join(repr(h.name) for h in custom.embeddings) or "none"
-        say(f"custom diffusion {path} at {scale:g} ({len(custom.layers)} layers; tokens {tokens})")
+        say(f"custom diffusion {path} at {scale:g} ({plural(len(custom.layers), 'layer')}; tokens {tokens})")
     embedding_files: dict[str, Path] = {}  # (name -> file: A1111's "TI hashes", toy hints)
     for path in embeddings:
         handles.append(_inject_embedding_file(system, Path(path)))
@@ -697,7 +698,7 @@ def run_generate(
         cut = any((up - side) // 8 for up, side in zip(hires.upscale_to, hires.size))  # (A1111's truncate_x/y)
         cover = "" if hires.upscale_to == hires.size else (
             f" (enlarged to {hires.upscale_to[1]}x{hires.upscale_to[0]}{' and cropped' if cut else ''}, as A1111)")
-        say(f"hires fix: {hires.size[1]}x{hires.size[0]}{cover}, {hires.steps or steps or 25} steps at denoising "
+        say(f"hires fix: {hires.size[1]}x{hires.size[0]}{cover}, {plural(hires.steps or steps or 25, 'step')} at denoising "
             f"{hires.denoising:g}, {hires.upscaler}")
 
     hires_networks = None
@@ -736,7 +737,7 @@ def run_generate(
                                                  weight=aesthetic_weight, slerp=aesthetic_slerp, clip=aesthetic_clip,
                                                  text=aesthetic_text, text_angle=aesthetic_text_angle,
                                                  text_negative=aesthetic_text_negative)
-        say(f"aesthetic {aesthetic}: {aesthetic_steps} steps at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
+        say(f"aesthetic {aesthetic}: {plural(aesthetic_steps, 'step')} at lr {aesthetic_lr:g}, weight {aesthetic_weight:g}"
             f"{' (slerp)' if aesthetic_slerp else ''}")
 
     from .infotext import run_infotext
@@ -808,8 +809,8 @@ def run_generate(
                 say(f"{file.name}: {handoff_report(handoff)}")
                 infotext.refiner_took = infotext.refiner_took or handoff.taken  # (A1111's, from its first switch)
             if report:
-                say(f"{file.name}: dpm_adaptive took {report['n_accept']} steps ({report['n_reject']} rejected), "
-                    f"{report['nfe']} model calls")
+                say(f"{file.name}: dpm_adaptive took {plural(report['n_accept'], 'step')} ({report['n_reject']} "
+                    f"rejected), {plural(report['nfe'], 'model call')}")
                 report.clear()
             written.append(str(write_png(file, image, text={"parameters": infotext.for_image(i)})))
             if progress is not None:

@@ -264,5 +264,7 @@ def handoff_report(handoff: RefinerHandoff) -> str:
     where = ("every call" if handoff.switch_at is None else
              f"switch at {handoff.switch_at:g} of the sampling steps" if handoff.by_steps else
              f"switch at {handoff.switch_at:g}: timesteps below {handoff.cutoff}")
-    return (f"refiner: {handoff.calls['base']} model calls on the base, {handoff.calls['refiner']} on the refiner "
-            f"({where})")
+    from ..plurals import plural
+
+    return (f"refiner: {plural(handoff.calls['base'], 'model call')} on the base, {handoff.calls['refiner']} on the "
+            f"refiner ({where})")

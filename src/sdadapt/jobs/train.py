@@ -27,6 +27,7 @@ from ..errors import PeerProcessError
 from ..formats.files import make_output_folder
 from ..images import ImageFolderError
 from ..methods import FitConfig, fit
+from ..plurals import plural
 from ..methods.finetune import EMAWeights, extracted_lora_path
 from ..methods.fit import FitProgress
 from ..training import data_parallel
@@ -2085,7 +2086,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                  clip_sample=kohya_clip_sample(sample.sampler or options.sample_sampler))[0]
             path = write_png(outputs.samples / f"step{step:06d}-{i:02d}.png", image)
             sample_written.append(str(path))
-        say(f"step {step}: {len(samples)} sample image{'s' if len(samples) != 1 else ''} in {outputs.samples}")
+        say(f"step {step}: {plural(len(samples), 'sample image')} in {outputs.samples}")
 
     def ema_beside(progress_info) -> EMAWeights | None:
         """The UNet's EMA now, when it is saved beside the raw weights (--ema-save beside)."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +43,11 @@ class ToySystem(nn.Module):
     prediction_type = "epsilon"
     #: files name its layers like SD1's (diffusers UNet paths, CLIP text encoder): kohya "sd1" naming
     base_model = "sd1"
+    #: the toy's DDIM settings (x̂0 clamped to ±1 — its "latents" are pixels in [-1, 1] — and the last step to
+    #: ᾱ = 1): its own :meth:`sample`, the shared sampler path's ``ddim`` (:func:`sdadapt.sampling.generate`
+    #: with any option) and CLIP-inversion sampling all run ``ddim`` with them, so a toy image does not change with
+    #: the path; the other samplers run as on every model (docs/samplers.md, "The toy model")
+    ddim_options: Mapping[str, float] = MappingProxyType({"final_alpha_cumprod": 1.0, "clip_sample": 1.0})
 
     def __init__(self, unet: ToyUNet, text_encoder: ToyTextEncoder, clip: ToyCLIP) -> None:
         super().__init__()
@@ -140,7 +147,7 @@ class ToySystem(nn.Module):
         uncond = self.condition([negative] * len(prompts))
         latents = diffusion.ddim_sample(
             model or self.denoiser(), x, cond, alphas_cumprod=self.alphas_cumprod, num_steps=steps,
-            uncond=uncond, guidance_scale=guidance, final_alpha_cumprod=1.0, clip_sample=1.0,
+            uncond=uncond, guidance_scale=guidance, **self.ddim_options,
         )
         return self.decode_latents(latents)
 
