@@ -180,7 +180,7 @@ def test_class_images_of_an_edm_model_come_from_its_own_scheduler(system):
 # --------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("option", [dict(min_snr_gamma=5.0), dict(debiased_estimation=True), dict(p2_gamma=1.0),
                                     dict(v_pred_like_loss=0.1), dict(loss="huber", huber_schedule="snr"),
-                                    dict(input_perturbation=0.1), dict(timestep_range=(0, 500))])
+                                    dict(input_perturbation=0.1)])  # (timestep_range maps: test_edm_options.py)
 def test_options_with_no_edm_form_are_refused_by_name(option):
     name = next(iter(option)) if "huber_schedule" not in option else "huber_schedule"
     with pytest.raises(ValueError, match=f"EDM-formulation.*{name}"):

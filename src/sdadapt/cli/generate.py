@@ -217,7 +217,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="the noise seed (default 0); -1 draws one, as A1111, printed with the file name")
     generate.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default 25)")
     generate.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
-                          help="classifier-free guidance scale (default: the model's, SD 7.5, toy 2)")
+                          help="classifier-free guidance scale (default: the model's, SD 7.5, toy 2; an EDM model such as "
+                          "Playground v2.5: 3 with dpmsolver++, 5 with euler, its model card's)")
     generate.add_argument("--sampler", type=_sampler, default=None, metavar="NAME",
                           help="default ddim (an EDM model such as Playground v2.5: dpmsolver++, its own scheduler); "
                           f"one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "

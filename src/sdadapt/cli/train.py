@@ -1148,7 +1148,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         "warm-up. The LRs are torch's, bit for bit")
     add(optim, "--max-grad-norm", type=float, metavar="X", help="gradient clipping (default 1; 0 = off)")
     add(optim, "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast the forward pass (default no)")
-    add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off)")
+    add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off; an EDM "
+        "model such as Playground v2.5: off, and a value given is refused)")
     add(optim, "--noise-offset", type=float, metavar="X", help="offset noise strength (e.g. 0.05; default 0)")
     add(optim, "--noise-offset-random-strength", action=bool_flag,
         help="with --noise-offset X: each batch's offset strength drawn uniformly in [0, X) (kohya's)")
@@ -1177,7 +1178,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--v-pred-like-loss", type=float, metavar="X",
         help="epsilon models: add X times a v-prediction-like loss, loss x (1 + X (SNR+1)/SNR) (kohya's; e.g. 0.1)")
     add(optim, "--min-timestep", type=int, metavar="T", help="train on timesteps >= T (default 0)")
-    add(optim, "--max-timestep", type=int, metavar="T", help="train on timesteps < T (default 1000)")
+    add(optim, "--max-timestep", type=int, metavar="T", help="train on timesteps < T (default 1000; 0 is the least "
+        "noise, on an EDM model's σ grid too)")
     add(optim, "--ema-decay", type=float, metavar="D", help="save the EMA of the weights (e.g. 0.999; default off)")
     add(optim, "--ema-save", choices=("weights", "beside"),
         help="full/dreambooth with --ema-decay: weights (default) saves the EMA as the model's weights; beside saves the "

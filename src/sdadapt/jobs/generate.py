@@ -144,6 +144,9 @@ def run_generate(
         seed: the seed of image 0; ``-1`` draws one, as A1111's ``get_fixed_seed`` (also a ``subseed`` of
             ``-1``; :mod:`.generate_seed`), said in the log and returned as ``"seed"`` / ``"subseed"``.
         steps: sampler steps (default 25; the toy 25).
+        guidance: the classifier-free guidance scale; ``None``: the model's — the system's own (SD 7.5, the toy 2),
+            an EDM model's model-card default for the sampler (Playground v2.5: 3 with ``dpmsolver++``, 5 with
+            ``euler``; :func:`sdadapt.training.edm.edm_default_guidance`, said in the log and written in the infotext).
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
             ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
@@ -468,6 +471,12 @@ def run_generate(
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say, clip_stats=clip_stats)
+    if guidance is None and getattr(system, "edm", None) is not None:  # (Playground v2.5: its model card's scale)
+        from ..training.edm import edm_default_guidance
+
+        guidance = edm_default_guidance(sampler)
+        say(f"--model {model}: an EDM model (Playground v2.5); guidance {guidance:g}, its model card's default for "
+            f"{sampler} (--guidance to change)")
     if (aesthetic is not None or custom_specs) and getattr(system, "is_refiner", False):
         raise ValueError(f"{model} is the SDXL refiner (OpenCLIP-G alone, no CLIP-L): "
                          f"{'--aesthetic' if aesthetic is not None else '--custom-diffusion'} needs a model with the "

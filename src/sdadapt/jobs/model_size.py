@@ -63,10 +63,16 @@ def model_size_multiple(model: str | os.PathLike) -> int | None:
 
 def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
     """The EDM scheduler config of an EDM-formulation ``model`` (Playground v2.5), told without loading it: a
-    diffusers folder whose ``scheduler/scheduler_config.json`` names an EDM scheduler (that config), or a
-    ``.safetensors`` single file with ``edm_mean`` / ``edm_std`` (diffusers' Playground scheduler config, what the
-    loader gives it: :data:`sdadapt.formats.edm.PLAYGROUND_SCHEDULER`); ``None`` for every other model and where the
-    header cannot tell (the toy, a ``.ckpt`` pickle: the loaded model's own checks apply then)."""
+    diffusers folder whose ``scheduler/scheduler_config.json`` names an EDM scheduler (that config), or a single file
+    with ``edm_mean`` / ``edm_std`` (diffusers' Playground scheduler config, what the loader gives it:
+    :data:`sdadapt.formats.edm.PLAYGROUND_SCHEDULER`) — a ``.safetensors`` file by its header, a ``.ckpt`` /
+    ``torch.save`` pickle by its tensor names (:func:`sdadapt.formats.pickles.pickle_header`: the pickle stream only,
+    no tensor read, nothing run); ``None`` for every other model and where that cannot tell (the toy, a corrupt or
+    oversized file: the loader reports it, and the loaded model's own checks apply then).
+
+    Raises:
+        UnsafeFileError: a pickle that would run code (what the load would refuse, said before it).
+    """
     from ..formats.edm import PLAYGROUND_SCHEDULER, has_edm_stats, is_edm_scheduler
 
     path = Path(model)
@@ -77,16 +83,23 @@ def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
         except (OSError, ValueError):
             config = None  # (the loader says what is wrong with the folder)
     elif path.is_file():
+        from ..errors import ResourceError, UnsafeFileError
         from ..formats.files import (
             WeightFileError,
             read_safetensors_header,
             sniff_format,
         )
+        from ..formats.pickles import pickle_header
 
         try:
-            if sniff_format(path) == "safetensors" and has_edm_stats(read_safetensors_header(path)[0]):
+            kind = sniff_format(path)
+            keys = (read_safetensors_header(path)[0] if kind == "safetensors"
+                    else pickle_header(path).tensors if kind == "pickle" else ())
+            if has_edm_stats(keys):
                 config = dict(PLAYGROUND_SCHEDULER)
-        except (OSError, WeightFileError):
+        except UnsafeFileError:
+            raise
+        except (OSError, WeightFileError, ResourceError):
             config = None
     return config if isinstance(config, dict) and is_edm_scheduler(config) else None
 
@@ -95,7 +108,7 @@ def model_default_sampler(model: str | os.PathLike) -> str:
     """The sampler ``generate`` runs ``model`` with when none is given, told without loading it: an EDM-formulation
     model's own scheduler (:func:`model_edm_scheduler`) by :func:`sdadapt.training.edm.edm_own_sampler` —
     ``dpmsolver++`` for Playground v2.5, what its diffusers pipeline samples with (a folder's ``EDMEulerScheduler``:
-    ``euler``); ``ddim`` for every other model (and where the header cannot tell: the toy, a ``.ckpt`` pickle).
+    ``euler``); ``ddim`` for every other model (and where the file cannot tell: the toy, a corrupt file).
     :func:`sdadapt.sampling.default_sampler` is the same rule on a loaded system."""
     from ..training.edm import edm_own_sampler
 

@@ -57,7 +57,7 @@ from .initial_step import (
 from .models import load_system, resolve_device
 from .save_rotation import PeriodicSave, remove_save, saves_to_remove
 
-__all__ = ["TrainOptions", "run_train", "Bars", "TE2_AT_LEARNING_RATE"]
+__all__ = ["TrainOptions", "run_train", "Bars", "TE2_AT_LEARNING_RATE", "DEFAULT_MIN_SNR_GAMMA"]
 
 #: ``bars(label, unit) -> progress(done, total, info)``: one progress bar per phase (the CLI draws them)
 Bars = Callable[[str, str], Callable[..., None]]
@@ -133,7 +133,8 @@ class TrainOptions:
     LyCORIS; kohya's max-norm
     regularisation, :mod:`sdadapt.training.max_norm`), ``lr_scheduler``, ``lr_warmup_steps`` (a count, or a fraction of the steps
     when < 1), ``lr_scheduler_num_cycles``, ``max_grad_norm`` (0 = no clipping),
-    ``mixed_precision`` (``no``/``fp16``/``bf16``), ``min_snr_gamma`` (0 = off), ``noise_offset``,
+    ``mixed_precision`` (``no``/``fp16``/``bf16``), ``min_snr_gamma`` (0 = off; ``None``: not given,
+    :data:`DEFAULT_MIN_SNR_GAMMA`, and off on an EDM model, where a γ given is refused), ``noise_offset``,
     ``ema_decay``, ``seed``, ``stop_on_nan``; ``text_encoder_steps`` (train the text encoder for
     the first N steps only, kohya's ``stop_text_encoder_training``). kohya's loss and noise
     options, with kohya's names and defaults: ``loss_type`` (``l2``, ``l1``, ``huber``,
@@ -310,7 +311,7 @@ class TrainOptions:
     lr_scheduler_num_cycles: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float | None = None  # (None: not given — DEFAULT_MIN_SNR_GAMMA, off on an EDM model)
     noise_offset: float = 0.0
     noise_offset_random_strength: bool = False
     adaptive_noise_scale: float | None = None
@@ -438,6 +439,8 @@ class TrainOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         for name in ("keep_tokens", "max_grad_norm", "min_snr_gamma", "noise_offset", "prior_weight",
                      "multires_noise_iterations", "ip_noise_gamma"):
+            if name == "min_snr_gamma" and self.min_snr_gamma is None:  # (not given: DEFAULT_MIN_SNR_GAMMA)
+                continue
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.weight_decay is not None and (isinstance(self.weight_decay, bool) or not self.weight_decay >= 0):
@@ -1243,6 +1246,10 @@ def _ss_lr_warmup_steps(given: float | None, steps: int) -> str:
     return str(int(given)) if given >= 1 or given == 0 else str(float(given))
 
 
+#: ``--min-snr-gamma`` when it is not given (``TrainOptions.min_snr_gamma`` ``None``): sdadapt's default γ on a DDPM
+#: model; off on an EDM model (:func:`_edm_options`), where a γ given (this value too) is refused as diffusers does
+DEFAULT_MIN_SNR_GAMMA = 5.0
+
 #: methods an EDM-formulation model (Playground v2.5) does not train, and why
 _EDM_REFUSED_METHODS = {
     "dreamartist": "its dynamic CFG scale and its reconstruction loss read DDPM timesteps and an ε/v output, where an "
@@ -1253,7 +1260,9 @@ _EDM_REFUSED_METHODS = {
 def _edm_options(method: str, options: TrainOptions, notes: list[str], *,
                  sample_samplers: Sequence[str | None] = (), own_sampler: str = "dpmsolver++") -> TrainOptions:
     """``options`` for an EDM-formulation model (:mod:`sdadapt.training.edm`, diffusers' EDM training): sdadapt's default
-    min-SNR γ 5 dropped (with a note; diffusers refuses min-SNR with EDM), sdadapt's default ``--sample-sampler ddim``
+    min-SNR γ 5 dropped when ``--min-snr-gamma`` is not given (``None``; with a note) and a γ given (≠ 0, 5 too) refused,
+    as diffusers refuses min-SNR with EDM; kohya's ``--min-timestep`` / ``--max-timestep`` kept (the step maps them onto
+    the σ grid, :func:`sdadapt.training.edm.edm_index_range`); sdadapt's default ``--sample-sampler ddim``
     (no EDM form) made the model's own scheduler ``own_sampler`` (:func:`sdadapt.training.edm.edm_own_sampler`; a
     note when a sample image uses it), everything with no EDM form refused by name before any work (ValueError), the
     samplers of the sample images (``sample_samplers``; ``None``: the command's ``--sample-sampler``) included."""
@@ -1268,8 +1277,8 @@ def _edm_options(method: str, options: TrainOptions, notes: list[str], *,
     if options.zero_terminal_snr:
         raise ValueError(f"{where} cannot train with --zero-terminal-snr: it rescales the DDPM ᾱ schedule, and an EDM "
                          "model trains on its σ grid; leave it out")
-    if options.min_snr_gamma == TrainOptions.min_snr_gamma:  # (sdadapt's default, not kohya's nor diffusers')
-        notes.append(f"{where}: min-SNR weighting (sdadapt's default --min-snr-gamma {TrainOptions.min_snr_gamma:g}) is "
+    if options.min_snr_gamma is None:  # (not given: sdadapt's default γ, not kohya's nor diffusers'; one given is refused)
+        notes.append(f"{where}: min-SNR weighting (sdadapt's default --min-snr-gamma {DEFAULT_MIN_SNR_GAMMA:g}) is "
                      "off: it weighs by the DDPM SNR, and diffusers' EDM training has no loss weight")
         options = dataclasses.replace(options, min_snr_gamma=0.0)
     clashes = edm_step_clashes(StepConfig(
@@ -1774,6 +1783,15 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     if options.templates_replace_captions and trigger is not None:
         templates = reg_templates = _replace_captions(records, reg.records if reg is not None else [], trigger,
                                                       options, notes)
+    from ..training.edm import edm_own_sampler
+    from .model_size import model_edm_scheduler
+
+    # an EDM model told by its header or configs (Playground v2.5; a .ckpt by its pickle's key names): its refusals and
+    # defaults before the (slow) load; one only the loaded model tells is checked after it (docs/train.md "EDM models")
+    edm_config = model_edm_scheduler(options.model)
+    if edm_config is not None:
+        options = _edm_options(method, options, notes, sample_samplers=[sample.sampler for sample in samples],
+                               own_sampler=edm_own_sampler(edm_config))
     say(f"loading {options.model} on {device}")
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
                          prediction_type=options.prediction_type, clip_skip=options.clip_skip or 1,
@@ -1782,11 +1800,11 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         raise ValueError(f"--model {options.model}: the SDXL refiner is not trained here (kohya's sd-scripts train SDXL "
                          "base models only; the refiner's size/aesthetic-score conditioning has no training path); train "
                          "the base model, or use the refiner for generate and convert")
-    if getattr(system, "edm", None) is not None:  # (Playground v2.5: diffusers' EDM training; docs/train.md "EDM models")
-        from ..training.edm import edm_own_sampler
-
+    if getattr(system, "edm", None) is not None and edm_config is None:  # (Playground v2.5: diffusers' EDM training)
         options = _edm_options(method, options, notes, sample_samplers=[sample.sampler for sample in samples],
                                own_sampler=edm_own_sampler(getattr(system, "scheduler_config", None)))
+    if options.min_snr_gamma is None:  # (not given, not an EDM model: sdadapt's default γ)
+        options = dataclasses.replace(options, min_snr_gamma=DEFAULT_MIN_SNR_GAMMA)
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")
@@ -2071,6 +2089,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         outputs.samples.mkdir(exist_ok=True)
         for i, sample in enumerate(samples):
             sample = with_defaults(sample, seed=options.seed, steps=options.sample_steps, guidance=None)
+            if sample.guidance is None and getattr(system, "edm", None) is not None:  # (no --l: the model card's scale)
+                from ..training.edm import edm_default_guidance
+
+                sample = dataclasses.replace(sample, guidance=edm_default_guidance(sample.sampler or options.sample_sampler))
             sized = "height" in inspect.signature(system.sample).parameters  # else the model's own size only
             bf16 = torch.autocast(system.alphas_cumprod.device.type, dtype=torch.bfloat16) if options.full_bf16 else None
             if options.full_fp16:  # fp16 adapter weights: samples under the run's fp16 autocast

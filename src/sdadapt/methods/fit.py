@@ -1128,10 +1128,12 @@ def fit(
 
     validate: Callable[[int], float] | None = None  # the validation pass after a step (FitConfig.validate_every_n_*)
     if validation is not None:
+        from ..training.step import timestep_bounds
         from ..training.validation import eval_mode, validation_loss, validation_timesteps
 
         val_seed = config.seed if config.validation_seed is None else config.validation_seed
-        val_timesteps = validation_timesteps(*(step_config.timestep_range or (0, alphas_cumprod.shape[0])))
+        # (the training draws' bounds: an EDM model's σ-grid indices for kohya's range, training.edm.edm_index_range)
+        val_timesteps = validation_timesteps(*timestep_bounds(step_config, alphas_cumprod.shape[0]))
         if dataset is None:
             starts = list(range(0, val_latents.shape[0], config.batch_size))[:config.max_validation_steps]
 

@@ -40,7 +40,13 @@ if TYPE_CHECKING:
     from ..samplers.edm import EDMSchedule
     from .step import StepConfig
 
-__all__ = ["edm_denoised", "edm_inputs", "edm_own_sampler", "edm_step_clashes", "edm_training_sigmas"]
+__all__ = ["EDM_GUIDANCE", "edm_default_guidance", "edm_denoised", "edm_index_range", "edm_inputs", "edm_own_sampler",
+           "edm_step_clashes", "edm_training_sigmas"]
+
+#: the guidance scale Playground v2.5's model card gives per diffusers EDM scheduler ("Notes": "guidance_scale=3.0 is a
+#: good default" for ``EDMDPMSolverMultistepScheduler``, its pipeline's own, and 5.0 for ``EDMEulerScheduler``; card
+#: of ``playgroundai/playground-v2.5-1024px-aesthetic`` at its commit aba2c6d), used when no guidance is given
+EDM_GUIDANCE = {"EDMDPMSolverMultistepScheduler": 3.0, "EDMEulerScheduler": 5.0}
 
 
 def edm_training_sigmas(schedule: EDMSchedule, num_train_timesteps: int) -> Tensor:
@@ -117,7 +123,7 @@ def edm_step_clashes(config: StepConfig) -> list[str]:
     ``snr`` / ``exponential`` schedules read the DDPM ᾱ_t of an integer timestep, which an EDM model does not
     have (diffusers refuses min-SNR with EDM training: ``train_dreambooth_lora_sdxl.py`` 990-991); input
     perturbation is defined by an ε target (the input's noise differs from the target's) and the EDM target is
-    x0; ``timestep_range`` would name DDPM timesteps where the step draws σ-grid indices (0 = σ_max).
+    x0. ``timestep_range`` (kohya's ``--min-timestep`` / ``--max-timestep``) has an EDM form: :func:`edm_index_range`.
     The noise offset, pyramid noise and the adaptive offset stay: they change ε, and ``x0 + σ·ε`` is the DDPM
     ``x_t/√ᾱ_t`` with the same ε, so they mean what they mean there.
     """
@@ -136,12 +142,32 @@ def edm_step_clashes(config: StepConfig) -> list[str]:
          f"huber_schedule={config.huber_schedule!r} (--huber-schedule): it reads the DDPM timestep; use 'constant'"),
         (bool(config.input_perturbation), f"input_perturbation={config.input_perturbation} (--ip-noise-gamma): it "
          "perturbs the input's noise against an ε target, and the EDM target is x0"),
-        (config.timestep_range is not None, f"timestep_range={config.timestep_range} (--min-timestep / --max-timestep): "
-         "an EDM model has no DDPM timesteps (the step draws indices of the σ grid, as diffusers does)"),
     ):
         if given:
             clashes.append(what)
     return clashes
+
+
+def edm_index_range(timestep_range: tuple[int, int], num_train_timesteps: int) -> tuple[int, int]:
+    """The σ-grid indices ``[T − high, T − low)`` an EDM step draws from for kohya's training-timestep range
+    ``[low, high)`` (``--min-timestep`` / ``--max-timestep``; T = ``num_train_timesteps``).
+
+    kohya draws ``randint(min_timestep, max_timestep)`` of the DDPM timesteps, timestep 0 the least noise and T − 1 the
+    most (``library/train_util.py`` ``get_noise_noisy_latents_and_timesteps``). diffusers' EDM training draws an index
+    ``randint(0, T)`` of the scheduler's σ grid, index 0 being σ_max (the most noise) and T − 1 the smallest σ drawn
+    (σ_min, index T, never is; :func:`edm_training_sigmas`); the scheduler's ``timesteps`` there, ``c_noise = ¼·ln σ``,
+    also grow with the noise. So kohya's timestep ``t`` is index ``T − 1 − t``: "timestep 0" is the least-noise end of
+    the grid, as in every other model, ``[0, T)`` is diffusers' own draw (the same indices, the same draws), and
+    ``--max-timestep 500`` trains the half of the grid with the least noise.
+
+    Raises:
+        ValueError: not ``0 <= low < high <= T``.
+    """
+    low, high = (int(v) for v in timestep_range)
+    if not 0 <= low < high <= num_train_timesteps:
+        raise ValueError(f"timestep_range {timestep_range} (--min-timestep / --max-timestep): need 0 <= min < max <= "
+                         f"{num_train_timesteps} (the EDM model's num_train_timesteps)")
+    return num_train_timesteps - high, num_train_timesteps - low
 
 
 def edm_own_sampler(scheduler_config: Mapping[str, object] | None) -> str:
@@ -157,3 +183,21 @@ def edm_own_sampler(scheduler_config: Mapping[str, object] | None) -> str:
         if cls == kind[0] and algorithm in (None, kind[1]):
             return name
     return "dpmsolver++"
+
+
+def edm_default_guidance(sampler: str) -> float:
+    """The classifier-free guidance scale an EDM-formulation model (Playground v2.5) samples with by ``sampler`` (an
+    :data:`sdadapt.samplers.edm.EDM_SAMPLERS` name, A1111-style spellings read) when none is given: its model card's
+    default for the diffusers scheduler the sampler is (:data:`EDM_GUIDANCE`) — 3.0 for ``dpmsolver++`` /
+    ``dpmsolver++_sde``, 5.0 for ``euler`` — where sdadapt's SD default is 7.5.
+
+    Raises:
+        ValueError: a sampler with no EDM form (named, with the EDM samplers).
+    """
+    from ..samplers import canonical_sampler
+    from ..samplers.edm import EDM_SAMPLERS
+
+    name = canonical_sampler(sampler)
+    if name not in EDM_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} has no EDM form; an EDM model samples with {', '.join(EDM_SAMPLERS)}")
+    return EDM_GUIDANCE[EDM_SAMPLERS[name][0]]

@@ -41,6 +41,7 @@ __all__ = [
     "train_step",
     "prepare_batch",
     "step_loss",
+    "timestep_bounds",
     "clip_and_step",
     "fused_backward_clashes",
     "save_training_state",
@@ -193,7 +194,7 @@ def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState,
         noise = diffusion.pyramid_noise(
             noise, iterations=config.pyramid_noise_iterations, discount=config.pyramid_noise_discount, generator=g
         )
-    low, high = config.timestep_range or (0, num_steps)
+    low, high = timestep_bounds(config, num_steps)
     t = diffusion.sample_timesteps(latents.shape[0], num_steps, generator=g, low=low, high=high, device=latents.device)
     # input perturbation: the model sees noise + γ·ε', the target keeps the unperturbed noise
     noisy_input = noise
@@ -203,6 +204,18 @@ def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState,
             gamma = _random_strength(config.input_perturbation, latents, g)
         noisy_input = diffusion.perturbed_noise(noise, gamma, generator=g)
     return noise, noisy_input, t
+
+
+def timestep_bounds(config: StepConfig, num_steps: int) -> tuple[int, int]:
+    """``[low, high)`` the step draws its timesteps from (uniform) for a schedule of ``num_steps``: ``config``'s
+    ``timestep_range`` (kohya's ``--min-timestep`` / ``--max-timestep``), else all of them; with ``config.edm`` σ-grid
+    indices, kohya's range mapped onto the grid by :func:`~sdadapt.training.edm.edm_index_range` (timestep 0 the least
+    noise: index ``num_steps − 1``). The validation loss's fixed timesteps come from the same bounds."""
+    if config.timestep_range is None:
+        return 0, num_steps
+    if config.edm is not None:
+        return edm.edm_index_range(config.timestep_range, num_steps)
+    return config.timestep_range
 
 
 def _times(weights: Tensor | None, factor: Tensor) -> Tensor:
