@@ -185,14 +185,14 @@ def test_a_transformers_position_ids_buffer_is_dropped_by_name_going_to_ldm():
 def test_a_folders_parts_take_the_given_clip_stats_and_write_its_processor(tmp_path):
     from sdadapt.unclip import UnclipParts, unclip_parts_from_folder
 
-    mean, std = torch.randn(8), torch.rand(8) + 0.5
+    mean, std = torch.randn(768), torch.rand(768) + 0.5  # (an L folder: ViT-L/14's width; H refuses stats)
     torch.save((mean, std), tmp_path / "stats.th")
     (tmp_path / "folder").mkdir()
-    parts = unclip_parts_from_folder(tmp_path / "folder", dim=8, clip_stats=tmp_path / "stats.th")
+    parts = unclip_parts_from_folder(tmp_path / "folder", dim=768, clip_stats=tmp_path / "stats.th")
     assert torch.equal(parts.normalizer[0], mean[None]) and torch.equal(parts.normalizer[1], std[None])
     out = tmp_path / "out"
     out.mkdir()
-    UnclipParts(dim=8, normalizer=parts.normalizer, noise_alphas_cumprod=parts.noise_alphas_cumprod, image_encoder=None,
+    UnclipParts(dim=768, normalizer=parts.normalizer, noise_alphas_cumprod=parts.noise_alphas_cumprod, image_encoder=None,
                 processor_config={"crop_size": {"height": 100, "width": 100}}).write_folder(out)
     import json
 

@@ -242,14 +242,19 @@ def test_generate_clip_stats_reaches_the_image_conditioning(files, pictures, tmp
     from sdadapt.jobs import run_generate
 
     seen = []
-    original = unclip_module.unclip_image_of_pixels
+    original = unclip_module.seeded_unclip_image
 
-    def spy(system, pixels, *, seed=0):
-        out = original(system, pixels, seed=seed)
-        seen.append((system.unclip, pixels, out))
-        return out
+    def spy(system, pixels, *, source=None):  # (the image encoded once, each image's class input for its seed)
+        for_seed = original(system, pixels, source=source)
 
-    monkeypatch.setattr(unclip_module, "unclip_image_of_pixels", spy)
+        def recorded(seed):
+            out = for_seed(seed)
+            seen.append((system.unclip, pixels, out))
+            return out
+
+        return recorded
+
+    monkeypatch.setattr(unclip_module, "seeded_unclip_image", spy)
     g = torch.Generator().manual_seed(11)
     mean, std = torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5
     stats = tmp_path / "ViT-L-14_stats.th"

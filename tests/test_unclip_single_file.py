@@ -270,9 +270,13 @@ def test_clip_stats_refused_with_a_clear_message(unclip_file, tmp_path):
     from sdadapt.unclip import unclip_parts_from_file
     from sdadapt.formats.single_file import read_single_file
 
-    _, _, path = unclip_file
+    variant, _, path = unclip_file
     wrong = tmp_path / "wide.th"
     torch.save((torch.zeros(768), torch.ones(768)), wrong)
+    if variant == "h":  # (H takes no stats at all: tests/test_unclip_gaps.py)
+        with pytest.raises(ValueError, match="unCLIP-H model, whose noise augmentor takes no CLIP stats"):
+            unclip_parts_from_file(read_single_file(path).unclip, None, clip_stats=wrong)
+        return
     with pytest.raises(WeightFileError, match="768"):
         unclip_parts_from_file(read_single_file(path).unclip, None, clip_stats=wrong)
 

@@ -424,6 +424,10 @@ class DiffusersSystem(nn.Module):
         if clip_stats is not None and unclip is None:
             raise ValueError(f"{checkpoint.path}: --clip-stats is for SD 2.1 unCLIP checkpoints (this one has no image "
                              "embedder / label_emb)")
+        if unclip is not None:  # (an unCLIP-H file refuses them before its image encoder is built)
+            from .unclip import check_clip_stats_variant
+
+            check_clip_stats_variant(unclip.variant, clip_stats, what=str(checkpoint.path))
         if unclip is not None and "image_encoder" in parts:
             from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -631,16 +635,19 @@ class DiffusersSystem(nn.Module):
         return latents * self.scaling_factor
 
     @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
+    def decode_latents(self, latents: Tensor, *, clamp: bool = True) -> Tensor:
         """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (with the VAE config's ``latents_mean`` /
-        ``latents_std``: ``latents · latents_std / scaling + latents_mean`` first, diffusers' SDXL pipeline's rule)."""
+        ``latents_std``: ``latents · latents_std / scaling + latents_mean`` first, diffusers' SDXL pipeline's rule).
+        ``clamp=False``: the VAE's output as it is (A1111's ``decode_first_stage``, which the hires pass's image
+        conditioning takes unclamped)."""
         latents = latents.to(self.vae.dtype)
         if self.latent_stats is not None:
             mean, std = self._stats(latents)
             latents = latents * std / self.scaling_factor + mean
         else:
             latents = latents / self.scaling_factor
-        return self.vae.decode(latents).sample.float().clamp(-1, 1)
+        images = self.vae.decode(latents).sample.float()
+        return images.clamp(-1, 1) if clamp else images
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The latent (C, h, w) of a ``height`` x ``width`` image."""

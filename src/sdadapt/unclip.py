@@ -13,7 +13,9 @@ The normaliser follows the LDM model: identity for H (``v2-1-stable-unclip-h-inf
 ``ViT-L-14_stats.th`` for L — which no file holds (non-persistent buffers): pass it as ``clip_stats``
 (diffusers' ``clip_stats_path``). Without it an L model has no normaliser (``None``): noise levels
 above 0 are refused (:func:`sdadapt.inversion.image_conditioning`) and writing a diffusers folder is
-refused, as diffusers' converter refuses (``stable_unclip_image_noising_components``).
+refused, as diffusers' converter refuses (``stable_unclip_image_noising_components``). A stats file for H is
+refused (:func:`check_clip_stats_variant`: H's LDM config names none and diffusers' converter ignores one).
+The level-0 noise of generation is drawn per image, for the image's seed (:func:`unclip_level0_noise`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from torch import Tensor, nn
 from .formats.unclip import (UnclipFile, ldm_clip_pixels, ldm_cosine_alphas_cumprod, noise_augmentor_buffers, read_clip_stats,
                               variant_of_width)
 
-__all__ = ["UnclipParts", "unclip_parts_from_file", "unclip_parts_from_folder", "unclip_image_input",
-           "unclip_image_of_pixels", "img2img_unclip_image", "hires_unclip_image", "unclip_image_scope",
-           "COSINE_SCHEDULER_CONFIG"]
+__all__ = ["UnclipParts", "check_clip_stats_variant", "unclip_parts_from_file", "unclip_parts_from_folder", "unclip_image_input",
+           "unclip_image_of_pixels", "seeded_unclip_image", "unclip_level0_noise", "img2img_unclip_image",
+           "img2img_seeded_unclip_image",
+           "hires_unclip_image", "unclip_image_scope", "COSINE_SCHEDULER_CONFIG"]
 
 #: diffusers' converter's image-noising scheduler: DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
 COSINE_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
@@ -162,15 +165,35 @@ class UnclipParts:
         return out
 
 
+def check_clip_stats_variant(variant: str | None, clip_stats: str | os.PathLike | None, *, what: str = "this model") -> None:
+    """Refuse ``clip_stats`` (``--clip-stats``) for an SD 2.1 unCLIP-H model (``variant`` ``"h"``): its noise augmentor
+    normalises with no CLIP stats — LDM's ``v2-1-stable-unclip-h-inference.yaml`` gives
+    ``CLIPEmbeddingNoiseAugmentation`` no ``clip_stats_path`` (zeros / ones, stablediffusion
+    ``ldm/modules/encoders/modules.py:323``), diffusers' converter ignores a ``clip_stats_path`` for it
+    (``convert_from_ckpt.py:1075`` reads it only when the config names one) and A1111 has no such setting — so a
+    stats file would only move the model off what it was trained with. ``what``: the model, for the message.
+
+    Raises:
+        ValueError: ``clip_stats`` given for an H model.
+    """
+    if clip_stats is not None and variant == "h":
+        raise ValueError(
+            f"--clip-stats {clip_stats}: {what} is an SD 2.1 unCLIP-H model, whose noise augmentor takes no CLIP "
+            "stats (identity: its LDM config v2-1-stable-unclip-h-inference.yaml gives no clip_stats_path, and "
+            "diffusers' converter ignores one for it); karlo's ViT-L-14_stats.th is for unCLIP-L models: leave "
+            "--clip-stats out")
+
+
 def unclip_parts_from_file(unclip: UnclipFile, image_encoder: nn.Module | None, *,
                            clip_stats: str | os.PathLike | None = None) -> UnclipParts:
     """The parts of an unCLIP single file (:class:`~sdadapt.formats.unclip.UnclipFile`): the file's schedule (its
-    ``noise_augmentor.alphas_cumprod``, else the cosine one), identity stats for H, ``clip_stats`` (karlo's file) for L
-    (for H a given file replaces the identity).
+    ``noise_augmentor.alphas_cumprod``, else the cosine one), identity stats for H, ``clip_stats`` (karlo's file) for L.
 
     Raises:
+        ValueError: ``clip_stats`` for an H file (:func:`check_clip_stats_variant`).
         WeightFileError: an unreadable stats file, or one of another width.
     """
+    check_clip_stats_variant(unclip.variant, clip_stats, what="the checkpoint")
     dim = unclip.dim
     normalizer = None
     if clip_stats is not None:
@@ -186,10 +209,16 @@ def unclip_parts_from_folder(folder: str | os.PathLike, *, dim: int,
                              clip_stats: str | os.PathLike | None = None) -> UnclipParts:
     """The parts of a diffusers unCLIP folder: ``image_normalizer/`` (or ``clip_stats``), the
     ``image_noising_scheduler/`` schedule (cosine when absent), ``image_encoder/`` (loaded at the first use,
-    float32) with ``feature_extractor/preprocessor_config.json``."""
+    float32) with ``feature_extractor/preprocessor_config.json``.
+
+    Raises:
+        ValueError: ``clip_stats`` for an H folder (an embedding width other than ViT-L/14's 768:
+            :func:`check_clip_stats_variant`).
+    """
     from .inversion.clip import _unclip_folder_parts
 
     root = Path(folder)
+    check_clip_stats_variant(variant_of_width(dim), clip_stats, what=str(root))
     normalizer, schedule = _unclip_folder_parts(root, dim=dim)
     if clip_stats is not None:
         normalizer = read_clip_stats(clip_stats, dim=dim)
@@ -212,34 +241,69 @@ def unclip_parts_from_folder(folder: str | os.PathLike, *, dim: int,
 
 
 def unclip_image_input(parts: UnclipParts, embeds: Tensor, *, noise_level: int = 0,
-                       generator: torch.Generator | None = None) -> Tensor:
+                       generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
     """The UNet's class input of image embeddings (B, D) -> (B, 2D): LDM's ``noise_augmentor(c_adm, noise_level)``
     then ``cat`` (A1111's ``unclip_image_conditioning``, noise level 0), by
     :func:`sdadapt.inversion.noise_image_embeddings` with the parts' normaliser (identity when ``None``, level 0
-    only) and schedule; the noise drawn on the CPU from ``generator``.
+    only) and schedule; the noise ``noise`` (B, D) when given, else drawn on the CPU from ``generator``.
 
     Raises:
-        ValueError: ``noise_level > 0`` without a normaliser.
+        ValueError: ``noise_level > 0`` without a normaliser; a ``noise`` of another shape than ``embeds``.
     """
     from .inversion.clip import noise_image_embeddings
 
     if noise_level and parts.normalizer is None:
         parts.require_normalizer(f"noise_level={noise_level}")
-    noise = torch.randn(embeds.shape, generator=generator).to(embeds)
+    if noise is None:
+        noise = torch.randn(embeds.shape, generator=generator)
+    elif tuple(noise.shape) != tuple(embeds.shape):
+        raise ValueError(f"unCLIP augmentation noise {tuple(noise.shape)} for embeddings {tuple(embeds.shape)}: one row "
+                         "per embedding")
+    noise = noise.to(embeds)
     mean, std = parts.normalizer if parts.normalizer is not None else (None, None)
     return noise_image_embeddings(embeds, noise_level, noise=noise, alphas_cumprod=parts.noise_alphas_cumprod.to(embeds.device),
                                   mean=mean, std=std)
 
 
+def unclip_level0_noise(seed: int, shape: tuple[int, ...], *, source: str | None = None) -> Tensor:
+    """The noise ``n`` (``shape`` = (B, D), float32, CPU) of an image's level-0 augmentation, drawn for the image's
+    ``seed``.
 
-def unclip_image_of_pixels(system, pixels: Tensor, *, seed: int = 0) -> Tensor | None:
-    """A1111's ``unclip_image_conditioning`` (``modules/processing.py``) of images (B, 3, H, W) in [-1, 1]: through the
-    model's embedder (:meth:`UnclipParts.encode_image`) and the noise augmentor at level 0 — (B, 2D), the conditional
-    branch's class input (``system.unclip_image``); ``None`` for a model that is not unCLIP. The level-0
-    augmentation noise (scale √(1 − ᾱ₀), 0.0064 on SD 2.1 unCLIP's cosine schedule) is drawn on the CPU from
-    ``torch.Generator().manual_seed(seed)``: A1111 draws it with ``torch.randn_like`` from the global generator
-    in ``init()``, before its image RNG seeds anything, so its value there depends on what ran before in the
-    session and no seed reproduces it (docs/clip-inversion.md).
+    ``source`` ``None`` (``generate`` without ``--noise``): ``torch.randn(shape)`` from
+    ``torch.Generator().manual_seed(seed)``, sdadapt's CPU draw. ``"nv"`` / ``"cpu"`` (A1111's "Random number
+    generator source", ``generate --noise a1111`` / ``a1111-cpu``): what A1111 on an NVIDIA GPU draws in its txt2img
+    hires pass — LDM's ``q_sample`` takes ``torch.randn_like(x_start)`` (stablediffusion
+    ``ldm/modules/diffusionmodules/upscaling.py:45``, from ``CLIPEmbeddingNoiseAugmentation.forward``,
+    ``ldm/modules/encoders/modules.py:347``): CUDA's *global* generator, which the batch's ``rng.ImageRNG.first``
+    last seeded with ``torch.manual_seed(seed)`` (A1111 ``modules/rng.py`` ``randn`` → ``manual_seed``, for the GPU
+    and CPU sources alike; its own draws come from per-image generators and leave the global one untouched), so
+    the (B, D) block is the first draw of a CUDA generator seeded with the batch's last seed —
+    :func:`sdadapt.samplers.a1111_noise.philox_randn` (``seed``, ``shape``), on any device. (A1111's "NV" source
+    never seeds torch's generator; its img2img draws in ``init()``, before any seed reaches it: there the value
+    is the session's, and sdadapt draws the same as for its hires pass.)
+
+    Raises:
+        ValueError: an unknown ``source``; a negative seed with a ``source``.
+    """
+    if source is None:
+        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
+    from .samplers.a1111_noise import NOISE_SOURCES, philox_randn
+
+    if str(source).strip().lower() not in NOISE_SOURCES:
+        raise ValueError(f"unknown noise source {source!r}; use one of {', '.join(NOISE_SOURCES)} (or None)")
+    return philox_randn(int(seed), tuple(shape))
+
+
+def seeded_unclip_image(system, pixels: Tensor, *, source: str | None = None) -> Callable[[int], Tensor] | None:
+    """A1111's ``unclip_image_conditioning`` (``modules/processing.py`` @ 0027ce1) of images (B, 3, H, W) in
+    [-1, 1] as a function of the image's seed: the embedding through the model's embedder
+    (:meth:`UnclipParts.encode_image`) once, then for each ``seed`` the noise augmentor at level 0 with that seed's
+    noise (:func:`unclip_level0_noise`, ``source``) — (B, 2D), the conditional branch's class input
+    (``system.unclip_image``). ``None`` for a model that is not unCLIP.
+
+    Every image of a ``generate --count N`` run has its own noise row, drawn for its own seed, so an image is made
+    again from its seed alone: A1111 draws a row per batch item too (``torch.randn_like`` of the (B, D)
+    embeddings), where the level-0 scale is √(1 − ᾱ₀) = 0.0064 on SD 2.1 unCLIP's cosine schedule.
 
     Raises:
         ValueError: an unCLIP model without an image encoder.
@@ -248,11 +312,31 @@ def unclip_image_of_pixels(system, pixels: Tensor, *, seed: int = 0) -> Tensor |
     if parts is None:
         return None
     embeds = parts.encode_image(pixels)  # (B, D)
-    return unclip_image_input(parts, embeds, noise_level=0, generator=torch.Generator().manual_seed(seed))
+
+    def for_seed(seed: int) -> Tensor:
+        noise = unclip_level0_noise(seed, tuple(embeds.shape), source=source)
+        return unclip_image_input(parts, embeds, noise_level=0, noise=noise)
+
+    return for_seed
+
+
+def unclip_image_of_pixels(system, pixels: Tensor, *, seed: int = 0, source: str | None = None) -> Tensor | None:
+    """A1111's ``unclip_image_conditioning`` (``modules/processing.py``) of images (B, 3, H, W) in [-1, 1]: through the
+    model's embedder (:meth:`UnclipParts.encode_image`) and the noise augmentor at level 0 — (B, 2D), the conditional
+    branch's class input (``system.unclip_image``); ``None`` for a model that is not unCLIP. The level-0
+    augmentation noise (scale √(1 − ᾱ₀), 0.0064 on SD 2.1 unCLIP's cosine schedule) is the (B, D) draw of
+    :func:`unclip_level0_noise` for ``seed`` and ``source`` (one image per call in ``generate``: its own seed;
+    :func:`seeded_unclip_image` encodes once for many seeds).
+
+    Raises:
+        ValueError: an unCLIP model without an image encoder.
+    """
+    for_seed = seeded_unclip_image(system, pixels, source=source)
+    return None if for_seed is None else for_seed(seed)
 
 
 def img2img_unclip_image(system, image_path: str | os.PathLike, *, height: int, width: int, resize_mode: str = "just",
-                         seed: int = 0) -> Tensor | None:
+                         seed: int = 0, source: str | None = None) -> Tensor | None:
     """A1111's unCLIP img2img image conditioning: the init image brought to ``width`` x ``height`` as img2img reads it
     (:func:`sdadapt.resize_modes.init_image_pixels`, in [-1, 1]) through :func:`unclip_image_of_pixels` — (1, 2D),
     ``None`` for a model that is not unCLIP. (Inpainting takes the image it encodes, resized or cut out and filled:
@@ -261,15 +345,24 @@ def img2img_unclip_image(system, image_path: str | os.PathLike, *, height: int, 
     Raises:
         ValueError: an unCLIP model without an image encoder.
     """
+    for_seed = img2img_seeded_unclip_image(system, image_path, height=height, width=width, resize_mode=resize_mode,
+                                           source=source)
+    return None if for_seed is None else for_seed(seed)
+
+
+def img2img_seeded_unclip_image(system, image_path: str | os.PathLike, *, height: int, width: int,
+                                resize_mode: str = "just", source: str | None = None) -> Callable[[int], Tensor] | None:
+    """:func:`img2img_unclip_image` as a function of the image's seed (:func:`seeded_unclip_image`: the init image
+    encoded once)."""
     if getattr(system, "unclip", None) is None:
         return None
     from .resize_modes import init_image_pixels
 
     pixels = init_image_pixels(image_path, (height, width), mode=resize_mode)[None]  # (1, 3, H, W)
-    return unclip_image_of_pixels(system, pixels, seed=seed)
+    return seeded_unclip_image(system, pixels, source=source)
 
 
-def hires_unclip_image(system, pixels: Tensor, *, seed: int = 0) -> Tensor | None:
+def hires_unclip_image(system, pixels: Tensor, *, seed: int = 0, source: str | None = None) -> Tensor | None:
     """The class input of A1111's txt2img hires pass with a pixel upscaler on an unCLIP model: ``sample_hr_pass``
     (``modules/processing.py`` at 0027ce1f6e58) hands ``img2img_image_conditioning`` the upscaled first pass as
     ``decoded_samples`` — the 8-bit pixels ``/ 255``, in **[0, 1]** (the VAE encode, ``images_tensor_to_samples``,
@@ -279,14 +372,15 @@ def hires_unclip_image(system, pixels: Tensor, *, seed: int = 0) -> Tensor | Non
     the hires pass too). ``pixels``: the upscaled images (B, 3, H, W) in [−1, 1]
     (:func:`sdadapt.jobs.generate_hires.lanczos_upscale_pixels`, A1111's ``decoded_samples · 2 − 1``); -> (B, 2D)
     through :func:`unclip_image_of_pixels` of ``(pixels + 1) / 2`` (A1111's ``decoded_samples`` to float
-    rounding), the level-0 noise from ``seed``; ``None`` for a model that is not unCLIP.
+    rounding), the level-0 noise for ``seed`` and ``source`` (:func:`unclip_level0_noise`: with an A1111 source,
+    A1111's own draw on an NVIDIA GPU); ``None`` for a model that is not unCLIP.
 
     Raises:
         ValueError: an unCLIP model without an image encoder.
     """
     if getattr(system, "unclip", None) is None:
         return None
-    return unclip_image_of_pixels(system, (pixels.float() + 1.0) / 2.0, seed=seed)
+    return unclip_image_of_pixels(system, (pixels.float() + 1.0) / 2.0, seed=seed, source=source)
 
 
 @contextmanager

@@ -364,7 +364,8 @@ def run_generate(
 
     check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
                           inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
-                          inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding)
+                          inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
+                          hires=hires is not None)
     files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
@@ -651,6 +652,8 @@ def run_generate(
     init_latents = None
     inpainting = None
     unclip_image = None  # (an unCLIP model's image conditioning: set on the system while its images are sampled)
+    unclip_for_seed = None  # (its level-0 noise drawn per image, for the image's seed: sdadapt.unclip.seeded_unclip_image)
+    unclip_source = None if a1111_seeds is None else a1111_seeds.source
     if init_image is not None and mask is not None:  # A1111's inpaint tab (sdadapt.jobs.generate_inpaint)
         from .generate_inpaint import inpaint_inputs
 
@@ -670,9 +673,9 @@ def run_generate(
                 + ("" if inpainting.region is None else f", only masked: region {inpainting.region} inpainted at "
                    f"{size_w}x{size_h}"))
             if getattr(system, "unclip", None) is not None:  # SD 2.1 unCLIP: A1111 conditions on the encoded image
-                from ..unclip import unclip_image_of_pixels
+                from ..unclip import seeded_unclip_image
 
-                unclip_image = unclip_image_of_pixels(system, inpainting.pixels[None], seed=seed)
+                unclip_for_seed = seeded_unclip_image(system, inpainting.pixels[None], source=unclip_source)
                 say("unCLIP: conditioned on the CLIP image embedding of the image it inpaints (noise level 0), as "
                     "A1111's img2img_image_conditioning")
     model_conditioning = None  # (an inpainting model's img2img without a mask)
@@ -686,10 +689,10 @@ def run_generate(
         say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, "
             f"{resize_mode} resize{', exact steps' if img2img_fix_steps else ''})")
         if getattr(system, "unclip", None) is not None:  # SD 2.1 unCLIP: A1111's image variation (sdadapt.unclip)
-            from ..unclip import img2img_unclip_image
+            from ..unclip import img2img_seeded_unclip_image
 
-            unclip_image = img2img_unclip_image(system, init_image, height=size_h, width=size_w,
-                                                resize_mode=resize_mode, seed=seed)
+            unclip_for_seed = img2img_seeded_unclip_image(system, init_image, height=size_h, width=size_w,
+                                                          resize_mode=resize_mode, source=unclip_source)
             say("unCLIP: conditioned on the init image's CLIP image embedding (noise level 0), as A1111's img2img")
     if hires is not None:
         import inspect
@@ -790,6 +793,8 @@ def run_generate(
                            **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
                            **({} if schedule_options is None else {"schedule_options": schedule_options}),
                            **({} if step_switch is None else {"before_model_call": step_switch}))
+            if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
+                unclip_image = unclip_for_seed(seed_i)
             if inpainting is not None:
                 options.update(inpainting.generate_options())
                 init_latents = inpainting.init_latents(seed_i, a1111_seeds)
@@ -806,7 +811,8 @@ def run_generate(
                     image = sample_image(system, [text], options, init_latents=init_latents,
                                          denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
                                          fix_steps=img2img_fix_steps, hires_networks=hires_networks,
-                                         refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second")[0]
+                                         refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
+                                         inpainting_mask_weight=inpainting_mask_weight)[0]
             finally:  # (the next image starts from the weights without the step-switched parts)
                 if step_switch is not None:
                     step_switch.release()

@@ -16,8 +16,8 @@ from torch import Tensor
 from .generate_refiner import check_refiner_hires_pass
 
 __all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "crop_hires_latents",
-           "hires_size", "hires_upscale_size", "init_latents_from_image", "lanczos_upscale_pixels",
-           "networks_switched", "sample_image"]
+           "hires_image_conditioning", "hires_size", "hires_upscale_size", "init_latents_from_image",
+           "lanczos_upscale_pixels", "networks_switched", "sample_image"]
 
 #: the samplers whose img2img cannot run at A1111's ``t_enc = 0`` (no step): k-diffusion's DPMSolver takes the
 #: ``σ_min = σ_max`` A1111 hands it as reverse sampling and refuses it with ``eta > 0``, which generate runs them with
@@ -275,11 +275,53 @@ def networks_switched(system, *, first: list, apply_first: Callable[[list], obje
             apply_first(first)
 
 
+def hires_image_conditioning(system, latents: Tensor | None, *, weight: float, seed: int = 0, source: str | None = None,
+                             pixels: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """The image conditioning of A1111's txt2img hires pass when its "Inpainting conditioning mask strength"
+    ``weight`` is below 1: ``sample_hr_pass`` (``modules/processing.py`` @ 0027ce1) hands
+    ``img2img_image_conditioning`` the upscaled first pass — with a latent upscaler ``decode_first_stage`` of the
+    upscaled ``latents`` (B, C, h, w) (in [-1, 1], not clamped), with a pixel upscaler its ``decoded_samples``
+    (``pixels`` (B, 3, H, W) in [0, 1], given here instead of ``latents``) — and that gives
+
+    * an inpainting model (``hybrid`` / ``concat``): ``inpainting_image_conditioning`` without a mask — a mask of ones
+      and the image ``lerp(x, x·(1 − 1), weight) = x·(1 − weight)`` encoded
+      (:func:`sdadapt.inpaint.masked_image`, :meth:`~sdadapt.diffusers_system.DiffusersSystem.inpainting_conditioning`;
+      the posterior's mean, as every sdadapt encode: A1111 samples it): the first of the pair, (B, 5, h, w);
+    * an SD 2.1 unCLIP model (``crossattn-adm``): ``unclip_image_conditioning`` — the embedding of that image at noise
+      level 0 (:func:`sdadapt.unclip.unclip_image_of_pixels`, the noise for ``seed`` / ``source``): the second, (B, 2D)
+      (the weight's value plays no part; below 1 it switches from zeros to the image);
+    * a plain model: neither (A1111's dummy zeros).
+
+    With a weight of 1 A1111 conditions the latent pass as txt2img (``txt2img_image_conditioning``), which
+    :func:`sample_image` keeps.
+
+    Raises:
+        ValueError: ``weight`` outside [0, 1]; an unCLIP model without an image encoder.
+    """
+    from .. import inpaint
+    from .generate_inpaint import _is_inpainting_model
+
+    inpaint.check_mask_weight(weight)
+    unclip = getattr(system, "unclip", None) is not None
+    inpainting = not unclip and _is_inpainting_model(system)
+    if not (unclip or inpainting):
+        return None, None
+    with torch.no_grad():
+        image = pixels.float() if pixels is not None else system.decode_latents(latents, clamp=False)
+        if unclip:
+            from ..unclip import unclip_image_of_pixels
+
+            return None, unclip_image_of_pixels(system, image, seed=seed, source=source)
+        ones = torch.ones(1, 1, *image.shape[-2:])
+        masked = inpaint.masked_image(image, ones, weight)
+        return system.inpainting_conditioning(masked, ones).float(), None
+
+
 def sample_image(system, prompts: list[str], options: dict, *, init_latents: Tensor | None = None,
                  denoising_strength: float = 0.75, hires: HiresRequest | None = None,
                  plan_for: Callable[[int], object] | None = None, fix_steps: bool = False,
                  hires_networks: Callable[[], AbstractContextManager] | None = None, refiner=None,
-                 refiner_hires_pass: str = "second") -> Tensor:
+                 refiner_hires_pass: str = "second", inpainting_mask_weight: float = 1.0) -> Tensor:
     """One :func:`sdadapt.sampling.generate` call's images (B, 3, H, W) in [-1, 1] with img2img and/or hires fix.
 
     ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
@@ -303,6 +345,9 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     upscaled pixels as A1111 hands them over (:func:`sdadapt.unclip.hires_unclip_image`, the level-0 noise from
     ``options["seed"]``), set on the system for that pass only (:func:`sdadapt.unclip.unclip_image_scope`); with a
     latent upscaler it keeps the first pass's (txt2img: zeros, A1111's ``txt2img_image_conditioning``).
+    ``inpainting_mask_weight`` < 1 (A1111's "Inpainting conditioning mask strength"): the hires pass of an inpainting or
+    unCLIP model is conditioned on the upscaled first pass instead, as A1111's ``sample_hr_pass`` does
+    (:func:`hires_image_conditioning`).
     ``options["before_model_call"]`` with a ``next_pass(sampler=)`` (:class:`.generate_lbw_steps.StepSwitchedLoRAs`)
     is told when the hires pass begins, and with which sampler (the step ranges' hires pass).
     ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` (``generate --refiner``): without ``hires``
@@ -334,8 +379,17 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y/x: covers the size, then cropped)
     factor = int(getattr(system, "vae_factor", 8))
     unclip_scope: AbstractContextManager = nullcontext()  # (the first pass's unCLIP image, if any, stays)
+    seed, source = int(options.get("seed", 0)), getattr(options.get("noise"), "source", None)
+    conditioning = None  # (an inpainting model's c_concat for the hires pass; None: its txt2img grey)
     if hires.upscaler in LATENT_UPSCALERS:
         start = upscale_latents(latents.float(), (up_h // factor, up_w // factor), upscaler=hires.upscaler)
+        if inpainting_mask_weight < 1.0:  # (A1111: img2img_image_conditioning(decode_first_stage(samples), samples))
+            conditioning, unclip_image = hires_image_conditioning(loaded, start, weight=inpainting_mask_weight,
+                                                                  seed=seed, source=source)
+            if unclip_image is not None:
+                from ..unclip import unclip_image_scope
+
+                unclip_scope = unclip_image_scope(loaded, unclip_image)
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
         pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w)).to(latents.device)
         with torch.no_grad():
@@ -343,9 +397,13 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         if getattr(loaded, "unclip", None) is not None:  # (A1111: img2img_image_conditioning of those pixels)
             from ..unclip import hires_unclip_image, unclip_image_scope
 
-            unclip_scope = unclip_image_scope(loaded, hires_unclip_image(loaded, pixels,
-                                                                         seed=int(options.get("seed", 0))))
+            unclip_scope = unclip_image_scope(loaded, hires_unclip_image(loaded, pixels, seed=seed, source=source))
+        elif inpainting_mask_weight < 1.0:  # (an inpainting model: A1111 weighs its decoded_samples, in [0, 1])
+            conditioning, _ = hires_image_conditioning(loaded, None, weight=inpainting_mask_weight, seed=seed,
+                                                       source=source, pixels=(pixels.float() + 1.0) / 2.0)
     start = crop_hires_latents(start, upscale_to=(up_h, up_w), size=(height, width), factor=factor)
+    if conditioning is not None:  # (cut as the latents; A1111 leaves it uncut and fails on a crop)
+        conditioning = crop_hires_latents(conditioning, upscale_to=(up_h, up_w), size=(height, width), factor=factor)
     if tuple(start.shape[-2:]) != (height // factor, width // factor):
         raise ValueError(f"the hires pass's latents are {tuple(start.shape[-2:])} after the crop from "
                          f"{up_w}x{up_h}, not the {width}x{height} image's {(height // factor, width // factor)}: "
@@ -356,6 +414,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         second["refiner"] = refiner.taken_over()
     elif refiner is not None and refiner_hires_pass in ("second", "both"):
         second["refiner"] = refiner
+    if conditioning is not None:
+        second["inpaint_conditioning"] = conditioning.to(latents.device)
     if (up_h, up_w) != (height, width):  # (A1111's calculate_hr_conds: SDXL told the size it enlarged to)
         second["size_conditioning"] = (up_h, up_w)
     next_pass = getattr(options.get("before_model_call"), "next_pass", None)

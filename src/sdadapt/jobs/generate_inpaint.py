@@ -77,12 +77,14 @@ class InpaintInputs:
 
 def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_blur: float | None, invert_mask: bool,
                           inpainting_fill: str, inpainting_mask_weight: float, inpaint_full_res: bool = False,
-                          inpaint_full_res_padding: int | None = None) -> None:
-    """The inpainting options, checked before any loading.
+                          inpaint_full_res_padding: int | None = None, hires: bool = False) -> None:
+    """The inpainting options, checked before any loading. ``hires``: the run has a txt2img hires pass, whose
+    conditioning takes ``--inpainting-mask-weight`` without an init image (A1111's ``sample_hr_pass``:
+    :func:`sdadapt.jobs.generate_hires.hires_image_conditioning`).
 
     Raises:
         ValueError: ``--mask`` without ``--init-image``, a mask option without ``--mask`` (``--inpainting-mask-weight``
-            alone needs an ``--init-image``: A1111's txt2img conditioning has no weight), the padding without
+            alone needs an ``--init-image`` or the hires fix: A1111's txt2img conditioning has no weight), the padding without
             ``--inpaint-full-res`` or negative, a negative blur, an unknown fill, a weight outside [0, 1]. (A mask of
             another size than the init image is taken, as A1111 takes it: :func:`inpaint_inputs`. ``--resize-mode``
             is taken with ``--inpaint-full-res`` too: the crop is fitted by "Resize and fill" whatever the mode; the
@@ -101,10 +103,11 @@ def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_bl
         if mask_blur is not None or invert_mask or inpainting_fill != "original" or inpaint_full_res:
             raise ValueError("--mask-blur / --invert-mask / --inpainting-fill / --inpaint-full-res shape a "
                              "--mask: give one")
-        if inpainting_mask_weight != 1.0 and init_image is None:
+        if inpainting_mask_weight != 1.0 and init_image is None and not hires:
             raise ValueError("--inpainting-mask-weight weighs an inpainting model's image conditioning of an "
-                             "--init-image (A1111's txt2img conditioning is a grey image, without a weight): give "
-                             "--init-image, or leave the weight out")
+                             "--init-image or of a txt2img hires pass (A1111's txt2img conditioning is a grey image, "
+                             "without a weight): give --init-image or --hires-scale / --hires-width / --hires-height, "
+                             "or leave the weight out")
         check_mask_weight(inpainting_mask_weight)
         return
     if init_image is None:

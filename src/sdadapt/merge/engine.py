@@ -268,6 +268,23 @@ def _architecture(source: Source) -> str | None:
         return None
 
 
+def _ldm_shapes(source) -> dict[str, tuple[int, ...]]:
+    """``{LDM key: shape}`` of an input as it was given (a converted input's own keys): a diffusers-named one through
+    the key map (:func:`sdadapt.formats.model_keys.key_plan` to LDM), so one detector
+    (:func:`sdadapt.formats.unclip.unclip_variant`, LDM names) judges every input whatever its naming."""
+    raw = source._source if isinstance(source, _ConvertedSource) else source
+    shapes = {k: tuple(raw.shape(k)) for k in raw.keys()}
+    if _naming(raw) != "diffusers":
+        return shapes
+    from ..formats.model_keys import KeyMapError, key_plan
+
+    try:
+        plan, _ = key_plan(shapes, to="ldm", architecture=_architecture(raw))
+    except KeyMapError:
+        return shapes
+    return {target: tuple(recipe.shape) for target, recipe in plan.items()}
+
+
 def _is_position_ids(key: str) -> bool:
     return key.endswith("position_ids")
 
@@ -631,10 +648,13 @@ class MergedSource:
         B's that A lacks dropped unless ``only_in_others="copy"``), with a note saying what the result is."""
         from ..formats.unclip import unclip_variant
 
-        variants = [unclip_variant({k: s.shape(k) for k in s.keys()}) for s in self._sources]
+        variants = [unclip_variant(_ldm_shapes(s)) for s in self._sources]  # (whatever each input's naming)
         found = {v for v in variants if v is not None}
         if not found:
             return
+        ldm = _naming(self._sources[0]) != "diffusers"
+        parts = ("label_emb, embedder.model.*, noise_augmentor.*" if ldm
+                 else "unet.class_embedding.*, image_encoder.*")
         if len(found) > 1:
             h, l = variants.index("h"), variants.index("l")
             raise MergeError(
@@ -645,23 +665,26 @@ class MergedSource:
         variant = next(iter(found)).upper()
         plain = [n for n, v in zip(names, variants) if v is None]
         if not plain:
-            self.report.notes.append(f"SD 2.1 unCLIP-{variant} inputs: the image embedder (embedder.model.*) is merged "
-                                     "with the UNet, text encoder and VAE; the noise augmentor's schedule is A's")
+            self.report.notes.append(
+                f"SD 2.1 unCLIP-{variant} inputs: the image embedder ({'embedder.model.*' if ldm else 'image_encoder.*'}) "
+                "is merged with the UNet, text encoder and VAE; "
+                + ("the noise augmentor's schedule is A's" if ldm else
+                   "diffusers naming holds no noise augmentor (a folder's image_noising_scheduler/ config)"))
         elif variants[0] is not None:
             self.report.notes.append(
                 f"{names[0]} is SD 2.1 unCLIP-{variant} and {', '.join(plain)} plain SD2: the shared UNet, text encoder "
-                f"and VAE tensors are merged and {names[0]}'s label_emb, image embedder and noise augmentor kept, as "
+                f"and VAE tensors are merged and {names[0]}'s unCLIP parts ({parts}) kept, as "
                 "A1111's merger does — the result is an unCLIP model (add-difference UNCLIP FINETUNE SD21 gives a "
                 "fine-tune's unCLIP variant)")
         elif self.step.policy.only_in_others == "copy":
             self.report.notes.append(
                 f"{names[0]} is plain SD2 and {', '.join(n for n, v in zip(names, variants) if v)} SD 2.1 "
-                f"unCLIP-{variant}: the unCLIP parts (label_emb, embedder.model.*, noise_augmentor.*) are copied from "
+                f"unCLIP-{variant}: the unCLIP parts ({parts}) are copied from "
                 "it (--copy-extra-keys), so the result is an unCLIP model")
         else:
             self.report.notes.append(
                 f"{names[0]} is plain SD2 and {', '.join(n for n, v in zip(names, variants) if v)} SD 2.1 "
-                f"unCLIP-{variant}: its unCLIP parts (label_emb, embedder.model.*, noise_augmentor.*) are dropped, as "
+                f"unCLIP-{variant}: its unCLIP parts ({parts}) are dropped, as "
                 "A1111's merger drops keys the first model lacks — the result is a plain SD2 model; put the unCLIP "
                 "file first (or --copy-extra-keys) to keep its image conditioning")
 
