@@ -115,11 +115,11 @@ def test_the_bar_names_its_number(capsys):
     bar(1, 2, 0.25)
     bar(2, 2, 0.125)
     err = capsys.readouterr().err
-    assert "avr_loss 0.2500" in err and "avr_loss 0.1250" in err and "loss 0" not in err.replace("avr_loss", "")
+    assert "avr_loss=0.25" in err and "avr_loss=0.125" in err and "loss 0" not in err.replace("avr_loss", "")
     pytest.importorskip("tqdm")
     bar = ProgressBar("lora", unit="step", info_name="avr_loss")
     bar(2, 2, 0.25)
-    assert "avr_loss=0.2500" in capsys.readouterr().err
+    assert "avr_loss=0.25" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ 3. a LyCORIS DyLoRA cut

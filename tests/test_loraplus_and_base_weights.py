@@ -376,4 +376,6 @@ def test_cli_run_records_loraplus_in_ss_network_args(red_circles, tmp_path):
                  "--batch-size", "2", "--no-prior", "-q", "-o", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         args = json.loads(f.metadata()["ss_network_args"])
-    assert args["loraplus_unet_lr_ratio"] == "4.0" and args["loraplus_text_encoder_lr_ratio"] == "2.0"
+    # (the network_args as written, kohya's json.dumps(net_kwargs) with its dropout; the top-level key, which sd-scripts
+    # would not read, after them as applied)
+    assert args == {"loraplus_text_encoder_lr_ratio": "2", "dropout": None, "loraplus_unet_lr_ratio": "4.0"}

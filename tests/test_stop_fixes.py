@@ -325,6 +325,10 @@ def test_every_kohya_flag_and_number_quoted_reads_as_unquoted(tmp_path, name, ki
     "false" turned use_8bit_adam, network_train_unet_only, v_parameterization ... on, and refused
     deepspeed / no_metadata)."""
     quoted = str(value).lower() if isinstance(value, bool) else str(value)
+    if name == "network_alpha":  # (the one exception: kohya stops on a quoted one, networks/lora.py:72 —
+        assert _read(tmp_path, name, quoted)[0] == "refused"  # tests/test_kohya_polish.py)
+        assert _read(tmp_path, name, value)[0] == "read"
+        return
     assert _read(tmp_path, name, quoted) == _read(tmp_path, name, value)
 
 

@@ -102,7 +102,8 @@ def test_sdxl_lora_from_a_toml_config_with_buckets_samples_log_and_resume(files,
     assert not missing, missing
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["modelspec.resolution"] == "16x16"
     assert metadata["ss_steps"] == "3" and metadata["ss_seed"] == "3" and metadata["ss_optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"
-    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    # (kohya's json.dumps(net_kwargs): the network_args as written, dropout = --network_dropout added, train_network.py:664-677)
+    assert metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1", "dropout": null}'
     assert json.loads(metadata["ss_dataset_dirs"])["2_sks toy"] == {"n_repeats": 2, "img_count": 1}
     assert json.loads(metadata["ss_tag_frequency"])["imgs"]["sks toy"] == 3  # (kohya: the folder's name)
     assert metadata["ss_sd_model_name"] == "sdxl.safetensors" and len(metadata["ss_new_sd_model_hash"]) == 64

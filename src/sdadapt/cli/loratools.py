@@ -55,23 +55,40 @@ _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
 def skipped_lines(skipped: dict[str, str], *, names: int = _NAMES_SHOWN) -> list[str]:
     """``report.skipped`` (``{"component:layer": reason}``) as one line per reason: the count, the reason and the first
     ``names`` layers (``extract-lora`` on a checkpoint whose text encoder did not change skips its 70-200 layers for
-    one reason; they were one line each). Reasons that differ only in their numbers (``max |Δ| = 3e-06 <=
-    min_layer_diff 0.01``) are one reason, each number that differs shown as its range (``max |Δ| = 0..3e-06``)."""
-    groups: dict[str, tuple[list[str], list[list[str]]]] = {}
+    one reason; they were one line each). Reasons that differ in one number only (``max |Δ| = 3e-06 <= min_layer_diff
+    0.01``) are one reason, that number shown as the values it took (``max |Δ| = 0 or 3e-06``; from four values on as
+    their range, ``max |Δ| = 0..0.0004``). Reasons that differ in two numbers or more (a max |Δ| and the --min-diff
+    that keeps it, a shape's sides) stay one line each: ranges taken one number at a time would pair values no
+    layer had (``(320..640, 320..640)`` for the shapes (320, 640) and (640, 320))."""
+    groups: dict[str, list[tuple[str, str, list[str]]]] = {}
     for name, reason in skipped.items():
-        layers, values = groups.setdefault(_NUMBER.sub("{}", reason.replace("{", "{{").replace("}", "}}")), ([], []))
-        layers.append(name)
-        values.append(_NUMBER.findall(reason))
+        template = _NUMBER.sub("{}", reason.replace("{", "{{").replace("}", "}}"))
+        groups.setdefault(template, []).append((name, reason, _NUMBER.findall(reason)))
     lines = []
-    for template, (layers, values) in groups.items():
-        texts = []
-        for column in zip(*values):
-            low, high = min(map(float, column)), max(map(float, column))
-            texts.append(column[0] if low == high else f"{low:.3g}..{high:.3g}")
-        shown = ", ".join(safe_text(name) for name in layers[:names])
-        more = f", ... ({len(layers) - names} more)" if len(layers) > names else ""
-        lines.append(f"  {len(layers)} × {safe_text(template.format(*texts))}: {shown}{more}")
+    for template, members in groups.items():
+        columns = list(zip(*(numbers for _, _, numbers in members)))
+        varying = [i for i, column in enumerate(columns) if len({float(v) for v in column}) > 1]
+        if len(varying) > 1:  # numbers that belong together: each reason as it is
+            exact: dict[str, list[str]] = {}
+            for name, reason, _ in members:
+                exact.setdefault(reason, []).append(name)
+            lines.extend(_skipped_line(reason, layers, names) for reason, layers in exact.items())
+            continue
+        texts = [column[0] for column in columns]
+        for i in varying:  # (each value as the reasons wrote it)
+            written = {float(v): v for v in reversed(columns[i])}
+            distinct = [written[v] for v in sorted(written)]
+            texts[i] = (f"{distinct[0]}..{distinct[-1]}" if len(distinct) > 3 else
+                        " or ".join(distinct) if len(distinct) == 2 else
+                        f"{distinct[0]}, {distinct[1]} or {distinct[2]}")
+        lines.append(_skipped_line(template.format(*texts), [name for name, _, _ in members], names))
     return lines
+
+
+def _skipped_line(reason: str, layers: list[str], names: int) -> str:
+    shown = ", ".join(safe_text(name) for name in layers[:names])
+    more = f", ... ({len(layers) - names} more)" if len(layers) > names else ""
+    return f"  {len(layers)} × {safe_text(reason)}: {shown}{more}"
 
 
 def _print_skipped(report) -> None:

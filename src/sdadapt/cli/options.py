@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 __all__ = [
+    "tqdm_number",
     "quiet_library_bars",
     "DTYPE_CHOICES",
     "OUTPUT_OPTIONS",
@@ -198,8 +199,9 @@ class ProgressBar:
 
         merge weighted-sum [#########.....................]  30/100  12.5 tensor/s  ETA 0:06
 
-    ``info``: a float is shown as ``loss 0.1234`` (``info_name`` in place of ``loss``: the train bar's
-    ``avr_loss``, kohya's), a string (the item just done) after the ETA.
+    ``info``: a float is shown as tqdm's ``set_postfix`` shows it, ``loss=0.123`` (:func:`tqdm_number`;
+    ``info_name`` in place of ``loss``: the train bar's ``avr_loss``, kohya's ``set_postfix(avr_loss=...)``,
+    sd-scripts@48d368fa train_network.py:1514-1516), a string (the item just done) after the ETA.
 
     Args:
         label: what runs (the bar's title).
@@ -258,7 +260,7 @@ class ProgressBar:
         if bar.total != total:
             bar.total = total
         if isinstance(info, (int, float)) and not isinstance(info, bool):
-            bar.set_postfix({self.info_name: f"{info:.4f}"}, refresh=False)
+            bar.set_postfix({self.info_name: info}, refresh=False)  # (tqdm's format_num: tqdm_number)
         elif isinstance(info, str):
             bar.set_postfix_str(_shorten(info), refresh=False)
         bar.update(done - bar.n)
@@ -277,7 +279,7 @@ class ProgressBar:
             rate_text, eta_text = f"? {self.unit}/s", "ETA ?"
         parts = [f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}]", count, rate_text, eta_text]
         if isinstance(info, (int, float)) and not isinstance(info, bool):
-            parts.append(f"{self.info_name} {info:.4f}")
+            parts.append(f"{self.info_name}={tqdm_number(info)}")  # (as tqdm's set_postfix shows it)
         elif isinstance(info, str) and info:
             parts.append(_shorten(info))
         line = "  ".join(parts)
@@ -314,6 +316,18 @@ class ProgressBar:
 
 def _shorten(text: str, limit: int = 48) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+def tqdm_number(value: float) -> str:
+    """``value`` as tqdm shows a number in a bar's postfix (tqdm/std.py ``tqdm.format_num``, which
+    ``set_postfix`` applies to every number): ``f"{value:.3g}"`` with the exponent's leading zero dropped
+    (``1e-05`` -> ``1e-5``), or ``str(value)`` when that is not longer (``0.5``, ``12``)::
+
+        tqdm_number(0.123456) == "0.123"; tqdm_number(1.5e-05) == "1.5e-5"; tqdm_number(0.5) == "0.5"
+    """
+    short = f"{value:.3g}".replace("e+0", "e+").replace("e-0", "e-")
+    text = str(value)
+    return short if len(short) < len(text) else text
 
 
 def progress_bar(args: argparse.Namespace, label: str, *, unit: str = "it", info_name: str = "loss") -> ProgressBar | None:

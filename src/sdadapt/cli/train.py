@@ -20,7 +20,8 @@ from typing import Any
 from ..sampler_tables import SAMPLER_ALIASES, SAMPLERS, canonical_sampler  # (torch-free, as the parser must be)
 from .options import add_output_options, numbers, positive_int, progress_bar, torch_dtype
 
-__all__ = ["register", "read_config", "parse_network_args", "steps_or_share", "KOHYA_KEYS", "KOHYA_IGNORED"]
+__all__ = ["register", "read_config", "parse_network_args", "steps_or_share", "kohya_network_args_text", "KOHYA_KEYS",
+           "KOHYA_IGNORED"]
 
 #: an option the command line did not give (the TOML file or the default then decides)
 _UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
@@ -313,6 +314,8 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
         if (isinstance(value, str) and not value.strip() or value == [] or _zero(value) and name in _ZERO_IS_UNSET
                 or _zero(value) and key == "stop_text_encoder_training"):
             continue  # (kohya's GUI writes "" / [] / 0 for an option not used; sd-scripts reads them as not given)
+        if isinstance(value, str) and key.replace("-", "_") == "network_alpha":
+            raise ValueError(_quoted_network_alpha(file, key, value))
         if isinstance(value, str):  # the one conversion of quoted values (seed = "1234", use_8bit_adam = "false")
             hint = (hints.get(name) if name in fields else _scalar_type(typed_methods[name][0]) if name in typed_methods
                     else _KOHYA_ONLY_TYPES.get(name))
@@ -407,6 +410,23 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     if "mixed_precision" in options and str(options["mixed_precision"]).lower() in ("none", "fp32"):
         options["mixed_precision"] = "no"
     return options, methods, notes
+
+
+def _quoted_network_alpha(file: Path, key: str, value: str) -> str:
+    """The refusal of ``network_alpha = "4"`` (a TOML string). sd-scripts does not convert a config's values
+    (``train_util.read_config_from_file`` hands them to ``parser.parse_args(namespace=...)``, and argparse
+    applies ``type=float`` only to what the command line gives: sd-scripts@48d368fa library/train_util.py:
+    4759-4760), so the string reaches the network, whose ``alpha / lora_dim`` fails with a ``TypeError``
+    (networks/lora.py:71-72; LyCORIS' LoConModule the same): kohya trains nothing and writes no
+    ``ss_network_alpha`` to match."""
+    number = value.strip()
+    try:
+        float(number)
+    except ValueError:
+        number = "4"
+    return (f"--config {file}: {key} = {value!r} is a string; write it as a number without quotes ({key} = {number}): "
+            "kohya's train_network.py stops on a quoted network_alpha (its LoRA modules divide it by the rank, "
+            "networks/lora.py:72), so there is no kohya run to match")
 
 
 def _encoder_lr_list(file: Path, key: str, value: list, notes: list[str]) -> float:
@@ -832,6 +852,25 @@ def _kohya_alpha_text(raw: Any) -> str | None:
         return None
 
 
+def kohya_network_args_text(items: list, *, dropout: Any = None, from_weights: bool = False) -> str:
+    """``ss_network_args`` as kohya's ``train_network.py`` writes it for ``network_args`` ``items`` (sd-scripts@48d368fa
+    train_network.py:664-677, 1203-1204): each ``KEY=VALUE`` split at its first ``=``, the value text as written
+    (``"conv_alpha=1.0"`` -> ``"1.0"``; a later key replaces an earlier one), ``dropout`` (``--network_dropout``,
+    ``None``: JSON null; a command-line text as argparse's float) added unless given there or the network comes
+    from its weights (``--dim_from_weights``); ``""`` for no items (kohya writes no ``ss_network_args``)."""
+    import json
+
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        kwargs[key] = value
+    if not kwargs:
+        return ""
+    if "dropout" not in kwargs and not from_weights:
+        kwargs["dropout"] = float(dropout) if isinstance(dropout, str) else dropout
+    return json.dumps(kwargs)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -839,7 +878,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..training.data_parallel import is_main_process
 
     method_options = _method_options()
-    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options", "config_defaults", "network_alpha_text"}
+    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options", "config_defaults", "network_alpha_text",
+                                                                   "kohya_network_args"}
     given = {k: v for k, v in vars(args).items() if v is not _UNSET and k in fields}
     given_methods = {name: getattr(args, f"mo_{name}") for name in method_options
                      if getattr(args, f"mo_{name}", _UNSET) is not _UNSET}
@@ -873,6 +913,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _drop_lycoris_ignored(args.method, chosen, keep=set(given_methods), notes=notes)
     config_defaults = "sdadapt"
     alpha_text = _kohya_alpha_text(chosen.get("alpha"))
+    network_args_text = None
+    if kohya and args.method == "lora":  # (kohya's networks.lora: ss_network_args is the network_args as written)
+        written = _flat_config(Path(args.config)).get("network_args") or []
+        network_args_text = kohya_network_args_text(
+            [*(written if isinstance(written, list) else [written]), *(getattr(args, "network_args", None) or [])],
+            dropout=chosen.get("dropout"), from_weights=bool(chosen.get("dim_from_weights")))
     if kohya:  # a kohya config: kohya's defaults for what it and the flags leave out
         config_defaults, note = _apply_kohya_defaults(args.method, values, chosen, method_options=method_options)
         if note is not None:
@@ -894,7 +940,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     main = is_main_process()  # under torchrun: rank 0 reports (the others train silently)
     quiet = bool(args.quiet) or not main
     options = TrainOptions(**values, method_options=chosen, dtype=torch_dtype(dtype), config_defaults=config_defaults,
-                           network_alpha_text=alpha_text if "alpha" in chosen else None)
+                           network_alpha_text=alpha_text if "alpha" in chosen else None,
+                           kohya_network_args=network_args_text)
 
     def log(line: str) -> None:
         if not quiet:

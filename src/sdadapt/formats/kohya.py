@@ -319,12 +319,13 @@ def kohya_metadata(
     *,
     base_model: str = "sd1",
     title: str = "sdadapt-lora",
-    extra: Mapping[str, str] | None = None,
+    extra: Mapping[str, str | None] | None = None,
     source: Mapping[str, str] | None = None,
     reshaped: bool = False,
 ) -> dict[str, str]:
     """The ``ss_*`` minimum set and ModelSpec 1.0.1 fields kohya writes (all strings); ``source``'s own
-    metadata over them where it still holds; ``extra`` last.
+    metadata over them where it still holds; ``extra`` last (a ``None`` value leaves its key out: kohya's
+    ``merge_lora.py`` writes no ``ss_network_args``, nor ``train_network.py`` without ``--network_args``).
 
     ``ss_network_dim``/``ss_network_alpha`` are the most common rank and alpha; ``ss_network_args``
     records ``conv_dim``/``conv_alpha`` when convolutions have their own rank. A state with LyCORIS
@@ -431,7 +432,11 @@ def kohya_metadata(
         meta["modelspec.prediction_type"] = "v"
     if source:
         meta.update(_inherited_metadata(source, meta, base_model=base_model, reshaped=reshaped))
-    meta.update(dict(extra or {}))
+    for key, value in (extra or {}).items():  # (None: the key left out, as a kohya tool that writes none of it)
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
     return meta
 
 
@@ -493,8 +498,22 @@ def _inherited_metadata(source: Mapping[str, str], generated: Mapping[str, str],
         args = _network_args(source)
         if args:
             kept = {k: v for k, v in args.items() if k not in _SHAPE_ARGS}
-            out["ss_network_args"] = json.dumps({**kept, **json.loads(generated["ss_network_args"])})
+            fresh = json.loads(generated["ss_network_args"])
+            shape = {k for k in args if k in _SHAPE_ARGS}
+            if shape == set(fresh) and all(_same_arg(args[k], v) for k, v in fresh.items()):
+                out["ss_network_args"] = str(source["ss_network_args"])  # still true: as kohya's resize_lora.py, which
+                # never touches it (networks/resize_lora.py:342-358), the text as it was ("conv_alpha": "1.0" stays)
+            else:  # (kohya would keep the old conv_dim / block_dims, which no longer describe the tensors)
+                out["ss_network_args"] = json.dumps({**kept, **fresh})
     return out
+
+
+def _same_arg(old: object, new: object) -> bool:
+    """Whether two ``ss_network_args`` values say the same (``"1.0"`` and ``"1"`` and ``1`` do)."""
+    try:
+        return float(old) == float(new)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(old) == str(new)
 
 
 def carried_metadata(source: Mapping[str, str] | None) -> dict[str, str]:
@@ -552,7 +571,7 @@ def save_kohya(
     *,
     base_model: str = "sd1",
     dtype: torch.dtype | None = None,
-    metadata: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str | None] | None = None,
     title: str | None = None,
     overwrite: bool = True,
     layers_per_block: int = 2,
@@ -567,7 +586,7 @@ def save_kohya(
         dtype: cast adapter weights (not ``alpha``, kept float32, nor integer flags such as
             (IA)³'s ``on_input``) e.g. to ``torch.float16``
             (values the dtype cannot hold are refused before the cast, naming the tensor).
-        metadata: extra string metadata merged over the generated (and inherited) fields.
+        metadata: extra string metadata merged over the generated (and inherited) fields (``None``: key left out).
         source_metadata: the metadata of the file ``components`` were read from, kept where it still holds
             (:func:`kohya_metadata`); ``reshaped``: the tensors were re-factored (new ranks), not only re-cast.
         overwrite: replace an existing file (False: refuse, also if it appears while writing).

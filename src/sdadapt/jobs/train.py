@@ -248,6 +248,11 @@ class TrainOptions:
     ``network_alpha_text``: the ``ss_network_alpha`` string kohya's ``train_network.py`` writes for the
     alpha as it was given (``str(args.network_alpha)``: ``"2.0"`` from its command line, ``"2"`` from a
     TOML integer, ``"1"`` for its default); ``None``: the saved tensors' alpha as ``str(float)``.
+
+    ``kohya_network_args``: the ``ss_network_args`` text kohya's ``train_network.py`` writes (a kohya
+    config's run): ``json.dumps`` of its ``network_args`` as written, ``dropout`` (``--network_dropout``)
+    added when they lack it (train_network.py:664-677, 1203-1204); ``""``: kohya writes none (no
+    ``network_args``); ``None``: the writer's, from the tensors and the options.
     """
 
     images: str | os.PathLike | None = None
@@ -397,6 +402,7 @@ class TrainOptions:
     metadata_tags: str | None = None
     config_defaults: str = "sdadapt"
     network_alpha_text: str | None = None
+    kohya_network_args: str | None = None
 
     def timestep_range(self) -> tuple[int, int] | None:
         """``[min_timestep, max_timestep)`` (kohya's defaults 0 and 1000), or ``None`` for all of them."""
@@ -2855,6 +2861,8 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_sdadapt_method": spec.name,
         # (kohya's str(args.network_alpha), train_network.py:1022,1223; else the writer's, from the tensors)
         **({"ss_network_alpha": options.network_alpha_text} if options.network_alpha_text is not None else {}),
+        # (kohya's json.dumps(net_kwargs), train_network.py:1203-1204; "" = no network_args: no key, None drops it)
+        **({"ss_network_args": options.kohya_network_args or None} if options.kohya_network_args is not None else {}),
         "modelspec.resolution": f"{width}x{height}",
     }
     meta.update(_modelspec_fields(options))

@@ -31,6 +31,7 @@ alone cannot tell.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -73,6 +74,7 @@ __all__ = [
     "concat_layers",
     "combine_lora_states",
     "combine_loras",
+    "combine_network_metadata",
 ]
 
 
@@ -382,6 +384,44 @@ def _combine_dense(
 
 
 # -------------------------------------------------------------------------------- the file job
+def combine_network_metadata(states: Mapping[str, Mapping[str, Tensor]], *, mode: str, rank: int | None = None,
+                             conv_rank: int | None = None, method: str = "fixed") -> dict[str, str | None]:
+    """``ss_network_dim`` / ``ss_network_alpha`` / ``ss_network_args`` of a combined file as its kohya twin writes
+    them (``None``: the key left out; the rest is :func:`~sdadapt.formats.kohya.kohya_metadata`'s).
+
+    * ``mode="svd"``, fixed rank — ``svd_merge_lora.py`` (sd-scripts@48d368fa networks/svd_merge_lora.py:389-396,
+      ``new_conv_rank`` defaulting to ``new_rank`` at :426): dim and alpha the rank given (``f"{new_rank}"``:
+      ``"4"``), ``ss_network_args`` ``json.dumps({"conv_dim": C, "conv_alpha": C})`` with ``C`` the conv rank as
+      a JSON number (``{"conv_dim": 4, "conv_alpha": 4}``), written whether or not a conv was merged.
+    * ``mode="concat"`` — ``merge_lora.py``'s LoRA merge (networks/merge_lora.py:205-222): dim and alpha those
+      of every layer, convolutions included (``f"{dim}"``, the alpha a float, ``"8.0"``), ``"Dynamic"`` when
+      the layers' differ; no ``ss_network_args`` (``network_args=None``).
+    * ``mode="svd"`` with a dynamic rank (no kohya twin): dim and alpha as ``concat``'s, ``"Dynamic"`` when
+      they differ, and the conv args of :func:`~sdadapt.formats.kohya.kohya_metadata`.
+    """
+    if mode == "svd" and method == "fixed":
+        if rank is None:
+            raise ValueError("mode='svd' needs a target rank")
+        conv = rank if conv_rank is None else conv_rank
+        return {"ss_network_dim": f"{rank}", "ss_network_alpha": f"{rank}",
+                "ss_network_args": json.dumps({"conv_dim": conv, "conv_alpha": conv})}
+    layers = [layer for s in states.values() for layer in group_by_layer(s).values() if "lora_down.weight" in layer]
+    if mode == "svd":  # (dynamic: the Linear / 1x1 layers decide; kxk convs' are conv_dim / conv_alpha in the args)
+        layers = [layer for layer in layers if layer["lora_down.weight"].dim() == 2
+                  or layer["lora_down.weight"].shape[2:].numel() == 1]
+    dims = list(dict.fromkeys(int(layer["lora_down.weight"].shape[0]) for layer in layers))
+    alphas = list(dict.fromkeys(float(layer["alpha"]) if "alpha" in layer else int(layer["lora_down.weight"].shape[0])
+                                for layer in layers))
+    meta: dict[str, str | None] = {}
+    if dims:
+        meta["ss_network_dim"] = f"{dims[0]}" if len(dims) == 1 else "Dynamic"
+    if alphas:
+        meta["ss_network_alpha"] = f"{alphas[0]}" if len(alphas) == 1 else "Dynamic"
+    if mode == "concat":
+        meta["ss_network_args"] = None
+    return meta
+
+
 def combine_loras(
     loras: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -449,24 +489,13 @@ def combine_loras(
         if layers_of_base is not None:
             layers_of_base.close()
     report = LoRAJobReport(path=Path(out), base_model=model, layers=written_layers, skipped=skipped)
-    # a new network: kohya's merge_lora.py / svd_merge_lora.py write fresh metadata, not the inputs' (their
-    # base model, "networks.lora", dim and alpha — "Dynamic" when the merged layers' differ, merge_lora.py:205-222 —
-    # and new sshs hashes, which save_kohya computes). kxk convolutions' rank and alpha are ss_network_args' conv_dim /
-    # conv_alpha (as svd_merge_lora.py:389-396 writes them), so only the other layers decide "Dynamic".
+    # a new network: kohya's merge_lora.py / svd_merge_lora.py write fresh metadata, not the inputs' (their base
+    # model, "networks.lora", dim, alpha and args; new sshs hashes, which save_kohya computes): combine_metadata
     meta = {
         "ss_training_comment": "combined by sdadapt: "
         + ", ".join(f"{s:g} x {Path(p).name}" for p, s in zip(loras, values)) + f" ({mode})",
+        **combine_network_metadata(combined, mode=mode, rank=rank, conv_rank=conv_rank, method=method),
     }
-    linear = [layer for s in combined.values() for layer in group_by_layer(s).values()
-              if layer["lora_down.weight"].dim() == 2 or layer["lora_down.weight"].shape[2:].numel() == 1]
-    ranks = {int(layer["lora_down.weight"].shape[0]) for layer in linear}
-    alphas = {float(layer["alpha"]) for layer in linear if "alpha" in layer}
-    if len(ranks) > 1:
-        meta["ss_network_dim"] = "Dynamic"
-    if len(alphas) > 1:
-        meta["ss_network_alpha"] = "Dynamic"
-    elif mode == "svd" and alphas and (alpha := alphas.pop()).is_integer():  # svd_merge_lora.py:391-392: alpha = the
-        meta["ss_network_alpha"] = str(int(alpha))  # new rank, f"{new_rank}" ("4"; merge_lora.py's concat writes "4.0")
     needed = sum(t.numel() * t.element_size() for s in combined.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
     save_kohya(out, combined, base_model=model, metadata=meta, overwrite=overwrite, layers_per_block=layers_per_block)

@@ -649,6 +649,8 @@ def extract_lora(
     }
     if method != "fixed":
         meta.update({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"})
+    else:
+        meta.update(_kohya_network_metadata(rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha))
     needed = sum(t.numel() * t.element_size() for s in components.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
     save_kohya(
@@ -656,6 +658,22 @@ def extract_lora(
         layers_per_block=unet_layers_per_block(base_shapes),
     )
     return report
+
+
+def _kohya_network_metadata(*, rank: int, alpha: float | None = None, conv_rank: int | None = None,
+                                   conv_alpha: float | None = None) -> dict[str, str]:
+    """``ss_network_dim`` / ``ss_network_alpha`` / ``ss_network_args`` as kohya's ``extract_lora_from_models.py``
+    writes them (sd-scripts@48d368fa networks/extract_lora_from_models.py:242-254): the rank given, ``str(dim)``;
+    the alpha as ``str(float)`` (kohya's is the rank, ``str(float(dim))``: ``"4.0"``); ``ss_network_args`` the
+    JSON of ``{"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))}`` when convolutions are extracted,
+    else ``"{}"``. sdadapt's ``alpha`` / ``conv_alpha`` (kohya has none: alpha = rank) are written the same way;
+    a kxk conv's alpha left out is ``alpha``, else its rank (as the layers get them)."""
+    args: dict[str, str] = {}
+    if conv_rank is not None:
+        conv = conv_alpha if conv_alpha is not None else alpha if alpha is not None else conv_rank
+        args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv))}
+    return {"ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha if alpha is not None else rank)),
+            "ss_network_args": json.dumps(args)}
 
 
 def _check_same_architecture(

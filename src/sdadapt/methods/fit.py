@@ -969,7 +969,7 @@ def fit(
 
     if resume is not None:
         _check_resumed_position(resume, state, micro_batches(state.step).start, accumulation=accumulation,
-                                per_epoch=per_epoch, saved=saved_record)
+                                per_epoch=per_epoch, saved=saved_record, processes=1 if parallel is None else parallel.world)
     elif config.initial_step:  # kohya's initial_step: the counters start there (the noise generator does not)
         state.step, state.micro_step = config.initial_step, micro_batches(config.initial_step).start
     # kohya's initial_step: the data position of a micro-batch (skipped to it, or from the first batch) and the
@@ -1185,7 +1185,8 @@ def fit(
 
     def save_state(folder: Path) -> None:
         save_training_state(folder, named_params=named, optimizer=optimizer, state=state, config=step_config,
-                            extra={"batches_per_epoch": per_epoch})  # (what a resume's position check compares)
+                            extra={"batches_per_epoch": per_epoch,  # (what a resume's position check compares,
+                                   "processes": 1 if parallel is None else parallel.world})  # and names as its cause)
 
     switched: list[bool] = [False]  # (data parallel: whether this rank switched to the averaged weights since the step)
 
@@ -1612,12 +1613,16 @@ def step_of_micro_batch(micro: int, *, accumulation: int, per_epoch: int) -> int
 
 
 def _check_resumed_position(resume: str | os.PathLike, state: TrainState, expected: int, *, accumulation: int,
-                            per_epoch: int, saved: Mapping[str, Any] | None = None) -> None:
+                            per_epoch: int, saved: Mapping[str, Any] | None = None, processes: int = 1) -> None:
     """A resumed state's batch count (``micro_step``) must be where step ``state.step`` starts now.
 
     The cause named: the accumulation the state was saved with (``saved``: its ``state.json``) differs;
     the batches per epoch it recorded differ (images added or removed, another batch size, repeats,
-    buckets); for a state that did not record them (saved before they were), a position no sdadapt
+    buckets) — and when it recorded another number of data-parallel ``processes`` (``state.json``'s
+    ``processes``; 1 without torchrun), that change first: a caller that makes ``batch_size`` the
+    per-process batch × processes (``sdadapt train``, kohya's per-device ``train_batch_size``) has another
+    global batch, so other batches an epoch, on another process count; for a state that did not record
+    them (saved before they were), a position no sdadapt
     gives for these epochs (the epoch length changed) or ``step × accumulation`` (an sdadapt before
     the epochs' short steps ran one step's batches on across an epoch's end — or the epoch length
     changed: both named).
@@ -1638,6 +1643,12 @@ def _check_resumed_position(resume: str | os.PathLike, state: TrainState, expect
             "options the run was saved with")
     saved_epoch = saved.get("batches_per_epoch")
     if isinstance(saved_epoch, int):
+        saved_processes = saved.get("processes")
+        if saved_epoch != per_epoch and isinstance(saved_processes, int) and saved_processes != processes:
+            raise ValueError(f"{where}: the saved run had {saved_epoch} batches an epoch on {saved_processes} "
+                             f"data-parallel process{'es' if saved_processes != 1 else ''}, this one runs on {processes} "
+                             "(the global batch is the batch per process × processes): resume on "
+                             f"{saved_processes} (torchrun --nproc-per-node {saved_processes})")
         if saved_epoch != per_epoch:
             raise ValueError(f"{where}: the saved run had {saved_epoch} batches an epoch ({data})")
         raise ValueError(f"{where}: the saved run had as many batches an epoch; the state folder was edited or mixes "

@@ -146,9 +146,17 @@ class AdapterAdaptation:
     def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
         states = {c: h.state_dict() for c, h in self.handles.items()}
         metadata = dict(metadata or {})
-        if self.network_args and "ss_network_args" not in metadata:
+        given = metadata.get("ss_network_args")  # (train's kohya text; None: kohya writes none, nor here unless
+        # an option beside --network_dropout came from elsewhere: a top-level key, a flag)
+        other = set(self.network_args) - {"dropout"}
+        if self.network_args and ("ss_network_args" not in metadata or given is None and other):
             args = json.loads(kohya_metadata(states, base_model=self.base_model)["ss_network_args"])
             metadata["ss_network_args"] = json.dumps({**args, **self.network_args})
+        elif self.network_args and isinstance(given, str):  # what was applied beyond the kohya text (a top-level
+            written = json.loads(given)  # key, a flag), after it; the text's own values as written
+            extra = {k: v for k, v in self.network_args.items() if k not in written}
+            if extra:
+                metadata["ss_network_args"] = json.dumps({**written, **extra})
         unet = self.handles["unet"].model if "unet" in self.handles else None
         save_lora(path, states, format="kohya", base_model=self.base_model, metadata=metadata,
                   layers_per_block=model_layers_per_block(unet))  # SDXL's LDM names follow the UNet
