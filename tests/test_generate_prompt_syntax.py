@@ -504,10 +504,11 @@ def test_the_toy_reads_schedules_through_the_system_protocol(tmp_path):
     from sdadapt.jobs.generate import run_generate
 
     logs = []
-    # (2 steps: [red:blue:0.5] switches after the first; [red:blue:9] never does)
-    run_generate(prompt="a [red:blue:0.5] shape", out=tmp_path / "s.png", steps=2, log=logs.append)
-    run_generate(prompt="a red shape", out=tmp_path / "r.png", steps=2)
-    run_generate(prompt="a [red:blue:9] (shape)", out=tmp_path / "same.png", steps=2, log=logs.append)
+    # (4 steps: [red:blue:0.5] switches after the second; [red:blue:9] never does. Not 2: the toy's DDIM returns x̂0 of
+    # its last step, at t = 1 with 2 steps, where ᾱ ≈ 1 leaves a switch there below one 8-bit level)
+    run_generate(prompt="a [red:blue:0.5] shape", out=tmp_path / "s.png", steps=4, log=logs.append)
+    run_generate(prompt="a red shape", out=tmp_path / "r.png", steps=4)
+    run_generate(prompt="a [red:blue:9] (shape)", out=tmp_path / "same.png", steps=4, log=logs.append)
     assert logs[0] == "prompt schedule: 2 texts, 1 AND parts, 1 negative texts"
     assert _pixels(tmp_path / "s.png") != _pixels(tmp_path / "r.png")
     assert _pixels(tmp_path / "same.png") == _pixels(tmp_path / "r.png")  # (never switches: plain)

@@ -25,7 +25,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         model=args.model, edit_prompt=args.edit_prompt, source_steps=args.source_steps, init=args.init,
         negative=args.negative, overwrite=args.overwrite, progress=progress_bar(args, "invert", unit="step"),
     )
-    for note in (result.get("resized"), result.get("converted")):
+    for note in (result.get("resized"), result.get("converted"), result.get("guidance_note")):
         if note and not args.quiet:
             print(f"note: {note}", file=sys.stderr)
     print(f"{result['method']}: reconstruction PSNR {result['psnr']:.2f} dB in {result['seconds']:.1f} s")
@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     invert.add_argument("image", help=".png/.jpg image")
     invert.add_argument("--prompt", required=True, help="the image's caption")
     invert.add_argument("--method", choices=("null-text", "negative-prompt", "ddim"), default="null-text")
-    invert.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale (default 7.5)")
+    invert.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's, 7.5; an EDM model such as "
+                        "Playground v2.5: 5, its model card's for the Euler scheduler inversion runs)")
     invert.add_argument("--steps", type=positive_int, default=50,
                         help="DDIM steps (default 50; an EDM model, Playground v2.5: Euler steps on its σ grid)")
     invert.add_argument("--model", default="toy", metavar="toy|toy-image|PATH",

@@ -75,7 +75,7 @@ def run_invert(
     prompt: str,
     out: str | Path,
     method: str = "null-text",
-    guidance: float = 7.5,
+    guidance: float | None = None,
     steps: int = 50,
     model: str = "toy",
     edit_prompt: str | None = None,
@@ -91,7 +91,9 @@ def run_invert(
         method: ``"null-text"`` (default), ``"negative-prompt"`` or ``"ddim"`` (on an EDM model: plain
             Euler ODE inversion with the empty prompt).
         guidance, steps: classifier-free guidance scale and DDIM steps (the paper: 7.5, 50); on an EDM
-            model (Playground v2.5) the steps of diffusers' ``EDMEulerScheduler`` grid.
+            model (Playground v2.5) the steps of diffusers' ``EDMEulerScheduler`` grid. ``guidance`` ``None``: the
+            model's — 7.5, an EDM model's model-card scale for the Euler scheduler its inversion and reconstruction
+            run (Playground v2.5: 5; :func:`sdadapt.training.edm.edm_default_guidance`, as ``generate``'s).
         model: ``"toy"``, ``"toy-image"`` or a diffusers Stable Diffusion folder or single file.
         edit_prompt: also regenerate the inversion with this prompt (plain prompt swap; no
             prompt-to-prompt attention control) into ``OUT-edit.png``.
@@ -102,9 +104,10 @@ def run_invert(
         overwrite: replace existing outputs (else refused before any work).
 
     Returns:
-        ``{"method", "psnr" (dB, reconstruction vs the input at the model's size), "seconds",
-        "invert_seconds", "size", "source_size", "resized" (a sentence or None), "converted"
-        (a sentence or None), "files": {"reconstruction", "inversion"[, "edit"]}}``.
+        ``{"method", "guidance" (the scale used), "psnr" (dB, reconstruction vs the input at the model's size),
+        "seconds", "invert_seconds", "size", "source_size", "resized" (a sentence or None), "converted"
+        (a sentence or None), "guidance_note" (a sentence when an EDM model's default was taken, else None),
+        "files": {"reconstruction", "inversion"[, "edit"]}}``.
 
     Raises:
         FileExistsError, ValueError, ImageFolderError (unreadable image), ModelFolderError.
@@ -123,6 +126,15 @@ def run_invert(
     check_output_file(files["reconstruction"], overwrite=True, suffix=None)  # (a missing folder: made at the first write)
     start = time.perf_counter()
     system = load_model(model)
+    guidance_note = None
+    if guidance is None:  # (the model's: an EDM model's card scale for the Euler step inversion runs, else the paper's)
+        guidance = 7.5
+        if getattr(system, "edm", None) is not None:
+            from ..training.edm import edm_default_guidance
+
+            guidance = edm_default_guidance("euler")
+            guidance_note = (f"guidance {guidance:g}, the EDM model's model card default for the Euler scheduler "
+                             "inversion and reconstruction run (--guidance to change)")
     size = system.image_size
     width, height, mode = _image_header(source)
     picture = read_image(source, size=size)  # (3, size, size) in [-1, 1], as `train` reads images
@@ -145,6 +157,8 @@ def run_invert(
         write_png(files["edit"], edited)
     return {
         "method": method,
+        "guidance": float(guidance),
+        "guidance_note": guidance_note,
         "psnr": psnr(reconstruction, picture.to(reconstruction.device)),
         "seconds": time.perf_counter() - start,
         "invert_seconds": invert_seconds,
