@@ -418,7 +418,7 @@ def test_the_resume_record_holds_absolute_paths_and_names_what_changed(tmp_path,
     one, two = (tmp_path / "one").resolve(), (tmp_path / "two").resolve()
     assert record_changes(here, there) == [f"source {str(one / 'd.toml')!r} (now {str(two / 'd.toml')!r})",
                                            f"subsets[0].image_dir {str(one / 'img')!r} (now {str(two / 'img')!r})"]
-    assert record_changes(here, {**here, "subsets": []}) == ["subsets: 1 entries (now 0)"]
+    assert record_changes(here, {**here, "subsets": []}) == ["subsets: 1 entry (now 0)"]
 
 
 def test_fine_tuning_subsets_name_a_missing_metadata_file_and_keep_tags_only_captions(tmp_path):

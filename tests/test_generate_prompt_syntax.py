@@ -509,7 +509,7 @@ def test_the_toy_reads_schedules_through_the_system_protocol(tmp_path):
     run_generate(prompt="a [red:blue:0.5] shape", out=tmp_path / "s.png", steps=4, log=logs.append)
     run_generate(prompt="a red shape", out=tmp_path / "r.png", steps=4)
     run_generate(prompt="a [red:blue:9] (shape)", out=tmp_path / "same.png", steps=4, log=logs.append)
-    assert logs[0] == "prompt schedule: 2 texts, 1 AND parts, 1 negative texts"
+    assert logs[0] == "prompt schedule: 2 texts, 1 AND part, 1 negative text"
     assert _pixels(tmp_path / "s.png") != _pixels(tmp_path / "r.png")
     assert _pixels(tmp_path / "same.png") == _pixels(tmp_path / "r.png")  # (never switches: plain)
 

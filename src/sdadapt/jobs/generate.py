@@ -625,8 +625,8 @@ def run_generate(
     if plan.plain and not breaks:  # (no prompt editing, alternation, AND or BREAK: the one text, sampled as ever)
         text, negative_text, plan = plan.texts[0], plan.negative_texts[0], None
     else:
-        say(f"prompt schedule: {len(plan.texts)} texts, {len(plan.parts)} AND parts, "
-            f"{len(plan.negative_texts)} negative texts")
+        say(f"prompt schedule: {plural(len(plan.texts), 'text')}, {plural(len(plan.parts), 'AND part')}, "
+            f"{plural(len(plan.negative_texts), 'negative text')}")
         if aesthetic is not None:
             raise ValueError("--aesthetic personalises one prompt's conditioning; leave out prompt editing, "
                              "alternation, AND and BREAK, or --aesthetic")

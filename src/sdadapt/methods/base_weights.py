@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..apply import AppliedDelta, apply_lora
 from ..errors import InputError, WeightFileError
+from ..plurals import plural
 
 __all__ = ["BaseWeights", "base_weights_multipliers", "merge_base_weights"]
 
@@ -44,7 +45,7 @@ class BaseWeights:
 
     def notes(self) -> list[str]:
         """One line per file, for the run report."""
-        return [f"--base-weights {file}: merged into the base model at multiplier {m:g} ({n} layers)"
+        return [f"--base-weights {file}: merged into the base model at multiplier {m:g} ({plural(n, 'layer')})"
                 for file, m, n in zip(self.files, self.multipliers, self.layers)]
 
     def undo(self) -> None:

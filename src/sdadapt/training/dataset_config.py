@@ -45,6 +45,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, ImageFolderError
+from ..plurals import plural
 from .data import (
     ASSEMBLY_BEFORE,
     ASSEMBLY_KOHYA,
@@ -251,7 +252,7 @@ def record_changes(before: Any, after: Any, *, at: str = "") -> list[str]:
                 for change in record_changes(before.get(key), after.get(key), at=f"{at}.{key}" if at else str(key))]
     if isinstance(before, list) and isinstance(after, list):
         if len(before) != len(after):
-            return [f"{at}: {len(before)} entries (now {len(after)})"]
+            return [f"{at}: {plural(len(before), 'entry', many='entries')} (now {len(after)})"]
         return [change for i, (b, a) in enumerate(zip(before, after)) for change in record_changes(b, a, at=f"{at}[{i}]")]
     return [] if before == after else [f"{at or 'the dataset'} {before!r} (now {after!r})"]
 
