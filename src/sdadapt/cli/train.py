@@ -1312,7 +1312,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(save, "--sample-every-n-steps", type=int, metavar="N", help="sample every N steps (default: at the end)")
     add(save, "--sample-every-n-epochs", type=int, metavar="N", help="sample every N epochs")
     add(save, "--sample-sampler", type=str.lower, choices=(*SAMPLERS, *SAMPLER_ALIASES), metavar="NAME",
-        help="default ddim (an EDM model such as Playground v2.5: its own scheduler, dpmsolver++); "
+        help="default ddim (an EDM model such as Playground v2.5: its own scheduler, dpmsolver++; a sampler given "
+        "with no EDM form, ddim too, is refused there); "
         f"the samplers {', '.join((*SAMPLERS, *SAMPLER_ALIASES))} (kohya's names; docs/samplers.md); a prompt's "
         "--ss NAME (sample_sampler in a table) overrides it")
     add(save, "--sample-steps", type=int, metavar="N", help="sampler steps of samples without --s (default 20)")

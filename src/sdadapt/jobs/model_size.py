@@ -1,20 +1,68 @@
-"""The image-size rule and the default sampler of a Stable Diffusion model read from its configs or file header —
-without loading its weights — so ``generate`` refuses a size the model cannot make before the load, and checks the
-sampler a model that names none runs with before the load too."""
+"""The image-size rule, the default sampler and the layout of a Stable Diffusion model read from its configs or file
+header — without loading its weights — so ``generate`` refuses a size the model cannot make before the load, checks
+the sampler a model that names none runs with before the load too, and ``train`` refuses what an SDXL model cannot
+train before the load.
+
+A single file's header (a ``.safetensors`` header; a ``.ckpt`` / ``torch.save`` pickle's tensor names and shapes,
+read by :func:`sdadapt.formats.pickles.pickle_header`: the pickle stream only, no tensor read, nothing run) is read
+once per file version: :func:`_header_shapes` keeps the last few, keyed by the path and the file's size, mtime and
+inode, so ``generate``'s several questions about one ``--model`` read a ``.ckpt``'s ~1 MB pickle stream once."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
-__all__ = ["model_default_sampler", "model_edm_scheduler", "model_size_multiple"]
+__all__ = ["model_default_sampler", "model_edm_scheduler", "model_is_sdxl", "model_size_multiple"]
 
 #: LDM single-file keys of a downsampling step: the UNet's ``input_blocks.N.0.op`` and the VAE
 #: encoder's ``down.N.downsample`` (each halves the side)
 _UNET_DOWNSAMPLE = re.compile(r"model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.weight$")
 _VAE_DOWNSAMPLE = re.compile(r"first_stage_model\.encoder\.down\.(\d+)\.downsample\.conv\.weight$")
+
+
+def _header_shapes(file: Path) -> Mapping[str, tuple[int, ...]] | None:
+    """``{key: shape}`` of a single file's tensors, from its header alone (a ``.ckpt``'s ``{"state_dict": ...}``
+    level taken off, as the loader and ``inspect`` do), read-only; ``None`` where the header cannot tell (not a
+    weight file, corrupt, a pickle stream over :data:`~sdadapt.formats.pickles.MAX_PICKLE_STREAM`: the loader
+    reports it). The same file version is read once (:func:`_cached_header_shapes`).
+
+    Raises:
+        UnsafeFileError: a pickle that would run code (what the load would refuse, said before it).
+    """
+    try:
+        stat = file.stat()
+    except OSError:
+        return None
+    return _cached_header_shapes(str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_header_shapes(path: str, size: int, mtime_ns: int, inode: int) -> Mapping[str, tuple[int, ...]] | None:
+    """:func:`_header_shapes` of the file version ``(path, size, mtime_ns, inode)`` (a file rewritten or replaced is
+    another version, read anew; an exception, e.g. ``UnsafeFileError``, is not kept and is raised again)."""
+    from ..errors import ResourceError, UnsafeFileError
+    from ..formats.files import WeightFileError, read_safetensors_header, sniff_format
+    from ..formats.pickles import pickle_header
+
+    try:
+        kind = sniff_format(path)
+        if kind == "safetensors":
+            shapes = {key: tuple(info["shape"]) for key, info in read_safetensors_header(path)[0].items()}
+        elif kind == "pickle":
+            shapes = {key.removeprefix("state_dict."): stub.shape for key, stub in pickle_header(path).tensors.items()}
+        else:
+            return None
+    except UnsafeFileError:  # (a WeightFileError too: raised, as the load would)
+        raise
+    except (OSError, WeightFileError, ResourceError):
+        return None
+    return MappingProxyType(shapes)
 
 
 def _folder_multiple(folder: Path) -> int | None:
@@ -28,16 +76,11 @@ def _folder_multiple(folder: Path) -> int | None:
 
 
 def _file_multiple(file: Path) -> int | None:
-    from ..formats.files import WeightFileError, read_safetensors_header, sniff_format
-
-    try:
-        if sniff_format(file) != "safetensors":
-            return None  # (a legacy pickle: its keys need the whole load)
-        keys = read_safetensors_header(file)[0]
-    except (OSError, WeightFileError):
+    shapes = _header_shapes(file)
+    if shapes is None:
         return None
-    unet = {m.group(1) for k in keys if (m := _UNET_DOWNSAMPLE.match(k))}
-    vae = {m.group(1) for k in keys if (m := _VAE_DOWNSAMPLE.match(k))}
+    unet = {m.group(1) for k in shapes if (m := _UNET_DOWNSAMPLE.match(k))}
+    vae = {m.group(1) for k in shapes if (m := _VAE_DOWNSAMPLE.match(k))}
     if not unet or not vae:
         return None  # (no LDM checkpoint this rule knows: the loaded model's own check applies)
     return 2 ** len(vae) * 2 ** len(unet)
@@ -46,12 +89,16 @@ def _file_multiple(file: Path) -> int | None:
 def model_size_multiple(model: str | os.PathLike) -> int | None:
     """What :attr:`sdadapt.diffusers_system.DiffusersSystem.size_multiple` will be for ``model``
     (image sides must be multiples of it: the VAE's times the UNet's downsampling, 64 for SD1/SD2,
-    32 for SDXL), read from a diffusers folder's ``unet``/``vae`` configs or an LDM
-    ``.safetensors`` file's header (the downsampling layers' keys), no weights loaded.
+    32 for SDXL), read from a diffusers folder's ``unet``/``vae`` configs or an LDM single file's
+    header (the downsampling layers' keys; a ``.ckpt`` by its pickle's tensor names, :func:`_header_shapes`:
+    no tensor read, nothing run), no weights loaded.
 
     Returns:
-        the multiple, or ``None`` where it cannot be told without loading (the toy, a ``.ckpt``
-        pickle, a file of another layout): the loaded model checks the size then.
+        the multiple, or ``None`` where it cannot be told without loading (the toy, a file of
+        another layout, a corrupt one): the loaded model checks the size then.
+
+    Raises:
+        UnsafeFileError: a pickle that would run code (what the load would refuse, said before it).
     """
     path = Path(model)
     if path.is_dir():
@@ -67,8 +114,9 @@ def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
     with ``edm_mean`` / ``edm_std`` (diffusers' Playground scheduler config, what the loader gives it:
     :data:`sdadapt.formats.edm.PLAYGROUND_SCHEDULER`) — a ``.safetensors`` file by its header, a ``.ckpt`` /
     ``torch.save`` pickle by its tensor names (:func:`sdadapt.formats.pickles.pickle_header`: the pickle stream only,
-    no tensor read, nothing run); ``None`` for every other model and where that cannot tell (the toy, a corrupt or
-    oversized file: the loader reports it, and the loaded model's own checks apply then).
+    no tensor read, nothing run; read once per file version, :func:`_header_shapes`); ``None`` for every other model
+    and where that cannot tell (the toy, a corrupt or oversized file: the loader reports it, and the loaded model's
+    own checks apply then).
 
     Raises:
         UnsafeFileError: a pickle that would run code (what the load would refuse, said before it).
@@ -83,24 +131,9 @@ def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
         except (OSError, ValueError):
             config = None  # (the loader says what is wrong with the folder)
     elif path.is_file():
-        from ..errors import ResourceError, UnsafeFileError
-        from ..formats.files import (
-            WeightFileError,
-            read_safetensors_header,
-            sniff_format,
-        )
-        from ..formats.pickles import pickle_header
-
-        try:
-            kind = sniff_format(path)
-            keys = (read_safetensors_header(path)[0] if kind == "safetensors"
-                    else pickle_header(path).tensors if kind == "pickle" else ())
-            if has_edm_stats(keys):
-                config = dict(PLAYGROUND_SCHEDULER)
-        except UnsafeFileError:
-            raise
-        except (OSError, WeightFileError, ResourceError):
-            config = None
+        shapes = _header_shapes(path)
+        if shapes is not None and has_edm_stats(shapes):
+            config = dict(PLAYGROUND_SCHEDULER)
     return config if isinstance(config, dict) and is_edm_scheduler(config) else None
 
 
@@ -114,3 +147,34 @@ def model_default_sampler(model: str | os.PathLike) -> str:
 
     config = model_edm_scheduler(model)
     return "ddim" if config is None else edm_own_sampler(config)
+
+
+def model_is_sdxl(model: str | os.PathLike) -> bool | None:
+    """Whether ``model`` has the SDXL layout (two text encoders; Playground v2.5 and the refiner too), told without
+    loading it as the loader tells it: a diffusers folder by its ``text_encoder_2/`` folder
+    (:meth:`sdadapt.diffusers_system.DiffusersSystem.from_pretrained`), a single file by its header's keys and shapes
+    (:func:`sdadapt.formats.model_keys.checkpoint_architecture`, the loader's detector; a ``.ckpt`` by its pickle's
+    tensor names, :func:`_header_shapes`).
+
+    Returns:
+        ``True`` / ``False``; ``None`` where that cannot be told without loading (the toy, a name that is no path, a
+        file of another layout or a corrupt one): the loaded model decides then.
+
+    Raises:
+        UnsafeFileError: a pickle that would run code (what the load would refuse, said before it).
+    """
+    path = Path(model)
+    if path.is_dir():
+        return (path / "text_encoder_2").exists() if (path / "model_index.json").is_file() else None
+    if not path.is_file():
+        return None
+    shapes = _header_shapes(path)
+    if shapes is None:
+        return None
+    from ..formats.key_source import KeyMapError
+    from ..formats.model_keys import checkpoint_architecture
+
+    try:
+        return checkpoint_architecture(shapes) == "sdxl"
+    except KeyMapError:
+        return None

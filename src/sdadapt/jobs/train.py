@@ -29,7 +29,7 @@ from ..images import ImageFolderError
 from ..methods import FitConfig, fit
 from ..plurals import plural
 from ..methods.finetune import EMAWeights, extracted_lora_path
-from ..methods.fit import FitProgress
+from ..methods.fit import DEFAULT_MIN_SNR_GAMMA, FitProgress
 from ..training import data_parallel
 from ..training.data import (
     ASSEMBLY_KOHYA,
@@ -57,7 +57,8 @@ from .initial_step import (
 from .models import load_system, resolve_device
 from .save_rotation import PeriodicSave, remove_save, saves_to_remove
 
-__all__ = ["TrainOptions", "run_train", "Bars", "TE2_AT_LEARNING_RATE", "DEFAULT_MIN_SNR_GAMMA"]
+__all__ = ["TrainOptions", "run_train", "Bars", "TE2_AT_LEARNING_RATE", "DEFAULT_MIN_SNR_GAMMA",
+           "DEFAULT_SAMPLE_SAMPLER"]
 
 #: ``bars(label, unit) -> progress(done, total, info)``: one progress bar per phase (the CLI draws them)
 Bars = Callable[[str, str], Callable[..., None]]
@@ -218,7 +219,8 @@ class TrainOptions:
     ``initial_step`` / ``initial_epoch`` / ``skip_until_initial_step`` (kohya's: a new run that
     starts at that step, :mod:`sdadapt.jobs.initial_step`),
     ``sample_prompts`` (kohya prompt file), ``sample_every_n_steps``, ``sample_every_n_epochs``,
-    ``sample_sampler`` (default ``ddim``; an EDM model's own scheduler when left at it), ``sample_steps``,
+    ``sample_sampler`` (``None``: not given — :data:`DEFAULT_SAMPLE_SAMPLER` ``ddim``, and an EDM model's own
+    scheduler, where a sampler with no EDM form given, ``ddim`` too, is refused), ``sample_steps``,
     ``log_with`` (``auto``/``csv``/``tensorboard``),
     kohya's validation loss: ``validation_split`` (the share of each subset's images held out,
     kohya's seeded draw: :mod:`sdadapt.training.validation`), ``validation_seed`` (default ``seed``),
@@ -375,7 +377,7 @@ class TrainOptions:
     sample_prompts: str | os.PathLike | None = None
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None
-    sample_sampler: str = "ddim"
+    sample_sampler: str | None = None  # (None: not given — DEFAULT_SAMPLE_SAMPLER, an EDM model's own scheduler)
     sample_steps: int = 20
     log_with: str = "auto"
     validation_split: float = 0.0
@@ -541,7 +543,8 @@ class TrainOptions:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         try:
-            canonical_sampler(self.sample_sampler)
+            if self.sample_sampler is not None:  # (not given: DEFAULT_SAMPLE_SAMPLER, or an EDM model's own)
+                canonical_sampler(self.sample_sampler)
         except ValueError as exc:
             raise ValueError(f"--sample-sampler: {exc}") from None
         if self.log_with not in ("auto", "csv", "tensorboard"):
@@ -1252,9 +1255,13 @@ def _ss_lr_warmup_steps(given: float | None, steps: int) -> str:
     return str(int(given)) if given >= 1 or given == 0 else str(float(given))
 
 
-#: ``--min-snr-gamma`` when it is not given (``TrainOptions.min_snr_gamma`` ``None``): sdadapt's default γ on a DDPM
-#: model; off on an EDM model (:func:`_edm_options`), where a γ given (this value too) is refused as diffusers does
-DEFAULT_MIN_SNR_GAMMA = 5.0
+# DEFAULT_MIN_SNR_GAMMA (methods.fit, the library's FitConfig default step): ``--min-snr-gamma`` when it is not given
+# (``TrainOptions.min_snr_gamma`` ``None``) on a DDPM model; off on an EDM model (:func:`_edm_options`), where a γ given
+# (this value too) is refused as diffusers does
+#: ``--sample-sampler`` when it is not given (``TrainOptions.sample_sampler`` ``None``): kohya's default ``ddim``
+#: (train_util.py ``--sample_sampler``) on a DDPM model; an EDM model's own scheduler (:func:`_edm_options`), where
+#: a sampler given that has no EDM form (this one too) is refused by name
+DEFAULT_SAMPLE_SAMPLER = "ddim"
 
 #: methods an EDM-formulation model (Playground v2.5) does not train, and why
 _EDM_REFUSED_METHODS = {
@@ -1268,9 +1275,10 @@ def _edm_options(method: str, options: TrainOptions, notes: list[str], *,
     """``options`` for an EDM-formulation model (:mod:`sdadapt.training.edm`, diffusers' EDM training): sdadapt's default
     min-SNR γ 5 dropped when ``--min-snr-gamma`` is not given (``None``; with a note) and a γ given (≠ 0, 5 too) refused,
     as diffusers refuses min-SNR with EDM; kohya's ``--min-timestep`` / ``--max-timestep`` kept (the step maps them onto
-    the σ grid, :func:`sdadapt.training.edm.edm_index_range`); sdadapt's default ``--sample-sampler ddim``
-    (no EDM form) made the model's own scheduler ``own_sampler`` (:func:`sdadapt.training.edm.edm_own_sampler`; a
-    note when a sample image uses it), everything with no EDM form refused by name before any work (ValueError), the
+    the σ grid, :func:`sdadapt.training.edm.edm_index_range`); ``--sample-sampler`` not given (``None``: not the
+    default ``ddim``, which has no EDM form) made the model's own scheduler ``own_sampler``
+    (:func:`sdadapt.training.edm.edm_own_sampler`; a note when a sample image uses it), and a sampler given with no
+    EDM form (``ddim`` too) refused by name before any work (ValueError), as everything with no EDM form, the
     samplers of the sample images (``sample_samplers``; ``None``: the command's ``--sample-sampler``) included."""
     from ..samplers import canonical_sampler
     from ..samplers.edm import EDM_SAMPLERS
@@ -1297,17 +1305,17 @@ def _edm_options(method: str, options: TrainOptions, notes: list[str], *,
     if clashes:
         raise ValueError(f"{where} trains on σ and an x0 target, as diffusers' EDM training; these options have no "
                          "meaning for it: " + "; ".join(clashes))
-    if options.sample_sampler == TrainOptions.sample_sampler:  # (sdadapt's default ddim: the model's own scheduler)
+    if options.sample_sampler is None:  # (not given: the model's own scheduler; one given is kept, and checked below)
         if None in sample_samplers:
             notes.append(f"{where}: the sample images use {own_sampler}, its own scheduler (as its diffusers pipeline), "
-                         f"not sdadapt's default --sample-sampler {TrainOptions.sample_sampler}, which has no EDM form")
+                         f"not the default --sample-sampler {DEFAULT_SAMPLE_SAMPLER}, which has no EDM form")
         options = dataclasses.replace(options, sample_sampler=own_sampler)
     sample_samplers = [options.sample_sampler if name is None else name for name in sample_samplers]
     discrete = sorted({name for name in sample_samplers if canonical_sampler(name) not in EDM_SAMPLERS})
     if discrete:  # (refused now, not at the first sample after training steps)
         raise ValueError(f"{where} samples with {', '.join(EDM_SAMPLERS)} only (diffusers' EDM schedulers), and the "
-                         f"sample images would use {', '.join(discrete)}: give --sample-sampler dpmsolver++ (the model's "
-                         "own scheduler) or euler, and no other --ss in --sample-prompts")
+                         f"sample images would use {', '.join(discrete)}: leave --sample-sampler out (the model's own "
+                         f"scheduler, {own_sampler}) or give one of those, and no other --ss in --sample-prompts")
     return options
 
 
@@ -1790,8 +1798,14 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         templates = reg_templates = _replace_captions(records, reg.records if reg is not None else [], trigger,
                                                       options, notes)
     from ..training.edm import edm_own_sampler
-    from .model_size import model_edm_scheduler
+    from .model_size import model_edm_scheduler, model_is_sdxl
 
+    # an SDXL-layout model told by its header or folder: Custom Diffusion refused before the load (what the header
+    # cannot tell, prepare_custom_diffusion refuses on the loaded system)
+    if method == "custom-diffusion" and model_is_sdxl(options.model):
+        from ..methods.custom_diffusion import SDXL_REFUSAL
+
+        raise ValueError(f"--model {options.model} has the SDXL layout (two text encoders): {SDXL_REFUSAL}")
     # an EDM model told by its header or configs (Playground v2.5; a .ckpt by its pickle's key names): its refusals and
     # defaults before the (slow) load; one only the loaded model tells is checked after it (docs/train.md "EDM models")
     edm_config = model_edm_scheduler(options.model)
@@ -1811,6 +1825,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                own_sampler=edm_own_sampler(getattr(system, "scheduler_config", None)))
     if options.min_snr_gamma is None:  # (not given, not an EDM model: sdadapt's default γ)
         options = dataclasses.replace(options, min_snr_gamma=DEFAULT_MIN_SNR_GAMMA)
+    if options.sample_sampler is None:  # (not given, not an EDM model: kohya's default ddim)
+        options = dataclasses.replace(options, sample_sampler=DEFAULT_SAMPLE_SAMPLER)
     if options.ema_save == "beside" and "ema" not in inspect.signature(system.save_model).parameters:
         raise ValueError(f"--ema-save beside: {type(system).__name__} ({options.model}) has no place for an EMA beside its "
                          "weights (LDM files and diffusers folders do); use --ema-save weights")
@@ -2793,8 +2809,8 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_steps": str(steps),
         "ss_max_train_steps": str(config.steps),
         "ss_batch_size_per_device": str(config.batch_size // data_parallel.launched_world_size()),
-        "ss_total_batch_size": str(config.batch_size * config.step.accumulation_steps),
-        "ss_gradient_accumulation_steps": str(config.step.accumulation_steps),
+        "ss_total_batch_size": str(config.batch_size * config.step_config().accumulation_steps),
+        "ss_gradient_accumulation_steps": str(config.step_config().accumulation_steps),
         "ss_lr_warmup_steps": _ss_lr_warmup_steps(options.lr_warmup_steps, config.warmup_steps),
         "ss_lr_scheduler": train_optimizer.ss_lr_scheduler(options, given_args, learning_rate=config.learning_rate,
                                                            # (cosine with num_cycles runs as cosine_with_min_lr)

@@ -32,7 +32,14 @@ from ..custom_diffusion.weights import (
 from ..formats.custom_diffusion import existing_token_files, save_custom_diffusion_file, token_files
 from .textual_inversion import TextualInversion, mentions, prepare_textual_inversion
 
-__all__ = ["CustomDiffusion", "companion_token_files", "detach_first_token", "modifier_tokens", "prepare_custom_diffusion"]
+__all__ = ["CustomDiffusion", "SDXL_REFUSAL", "companion_token_files", "detach_first_token", "modifier_tokens",
+           "prepare_custom_diffusion"]
+
+#: why Custom Diffusion refuses an SDXL-layout model (two text encoders; Playground v2.5 and the refiner too): said by
+#: :func:`prepare_custom_diffusion` on a loaded system, and by ``train`` from the model's header before the load
+#: (:func:`sdadapt.jobs.model_size.model_is_sdxl`)
+SDXL_REFUSAL = ("custom-diffusion supports one-text-encoder models (SD1/SD2, the toy); SDXL's two-encoder modifier "
+                "tokens have no Custom Diffusion file format")
 
 #: the most training prompts recorded in the file's metadata (the merge's target features)
 MAX_RECORDED_PROMPTS = 64
@@ -228,9 +235,8 @@ def prepare_custom_diffusion(
             or not math.isfinite(token_lr_scale) or token_lr_scale < 0:
         raise ValueError(f"custom-diffusion: token_lr_scale must be a finite number >= 0 (1 = the weights' rate, "
                          f"diffusers'; default 10), got {token_lr_scale!r}")
-    if getattr(system, "text_encoder_2", None) is not None:
-        raise ValueError("custom-diffusion supports one-text-encoder models (SD1/SD2, the toy); SDXL's two-encoder "
-                         "modifier tokens have no Custom Diffusion file format")
+    if getattr(system, "text_encoder_2", None) is not None:  # (train refuses it before the load where the header tells)
+        raise ValueError(SDXL_REFUSAL)
     tokens, words = modifier_tokens(token, init_word)
     inversions: list[TextualInversion] = []
     try:

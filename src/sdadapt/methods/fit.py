@@ -32,7 +32,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,7 +74,8 @@ from .optimizers import (
 )
 from .system import System, system_models, text_encoders
 
-__all__ = ["Adaptation", "FitConfig", "FitProgress", "INDUCTOR_CPU_OPTIONS", "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES",
+__all__ = ["DEFAULT_MIN_SNR_GAMMA", "Adaptation", "FitConfig", "FitProgress", "INDUCTOR_CPU_OPTIONS",
+           "NonFiniteLossError", "OPTIMIZERS", "SCHEDULES",
            "compiled_model", "cuda_graph_clashes", "fit", "make_optimizer", "micro_batches_of_step", "step_of_micro_batch",
            "zero_terminal_snr_clashes"]
 
@@ -120,12 +121,21 @@ class NonFiniteLossError(_NonFinite):  # type: ignore[misc,valid-type]
                          "--mixed-precision no / bf16 instead of fp16)")
 
 
+#: min-SNR γ of :class:`FitConfig`'s default step (``step=None``) on a DDPM model; an EDM model's default step has
+#: none (diffusers refuses min-SNR with EDM training), and ``train``'s ``--min-snr-gamma`` left out is the same rule
+DEFAULT_MIN_SNR_GAMMA = 5.0
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """Loop options (the step's own options — min-SNR, noise offset, mixed precision, gradient
     accumulation, clipping — are in ``step``).
 
     Attributes:
+        step: the :class:`~sdadapt.training.step.StepConfig` each step runs; ``None`` (default): not
+            given, so :func:`fit` takes :meth:`step_config` for its system — ``StepConfig(min_snr_gamma=``
+            :data:`DEFAULT_MIN_SNR_GAMMA` ``)`` on a DDPM model, ``StepConfig()`` (no min-SNR) on an EDM
+            model (``system.edm``, Playground v2.5), where a γ given is refused as diffusers does.
         steps: optimiser steps (each ``step.accumulation_steps`` batches).
         optimizer: one of :data:`OPTIMIZERS` (``adamw8bit``/``adamw-bf16``: sdadapt's lean AdamW
             with 8-bit / bf16 states; ``adafactor``: factored second moments, fixed LR unless
@@ -303,7 +313,7 @@ class FitConfig:
     warmup_steps: int = 20
     schedule: str = "cosine"
     seed: int = 0
-    step: StepConfig = field(default_factory=lambda: StepConfig(min_snr_gamma=5.0))
+    step: StepConfig | None = None  # (None: not given — step_config(), by the system's formulation)
     optimizer: str = "adamw"
     weight_decay: float | None = None
     text_encoder_lr: float | None = None
@@ -418,7 +428,7 @@ class FitConfig:
                 raise ValueError(f"optimizer {self.optimizer!r} is schedule-free (no LR schedule; its eval-mode weights "
                                  "are the average of its steps), so it cannot work with " + "; ".join(clashes))
         if self.fused_backward:
-            clashes = fused_backward_clashes(self.step)
+            clashes = fused_backward_clashes(self.step_config())
             if clashes:
                 raise ValueError("fused_backward (--fused-backward-pass) steps each parameter as soon as its gradient "
                                  "arrives, so it cannot work with " + "; ".join(clashes))
@@ -429,11 +439,21 @@ class FitConfig:
                              "encoded, which cache_text_encoder_outputs does once without the weights; give one of "
                              "the two (kohya refuses the pair too)")
         if self.cuda_graph:
-            clashes = cuda_graph_clashes(fused_backward=self.fused_backward, mixed_precision=self.step.mixed_precision,
+            clashes = cuda_graph_clashes(fused_backward=self.fused_backward,
+                                         mixed_precision=self.step_config().mixed_precision,
                                          optimizer=self.optimizer, compile_backend=self.compile_backend)
             if clashes:
                 raise ValueError("cuda_graph (--cuda-graph) captures each optimiser step in a CUDA graph, so it cannot "
                                  "work with " + "; ".join(clashes))
+
+    def step_config(self, *, edm: bool = False) -> StepConfig:
+        """The step :func:`fit` runs: ``step`` when given, else the default step of a DDPM model (``edm`` false:
+        min-SNR γ :data:`DEFAULT_MIN_SNR_GAMMA`) or of an EDM-formulation model (``edm`` true: no min-SNR, which
+        weighs by the DDPM SNR; diffusers' EDM training has no loss weight). Everything else is
+        :class:`~sdadapt.training.step.StepConfig`'s default either way."""
+        if self.step is not None:
+            return self.step
+        return StepConfig() if edm else StepConfig(min_snr_gamma=DEFAULT_MIN_SNR_GAMMA)
 
     def encoder_lrs(self) -> tuple[float | None, float | None]:
         """``(first, second)``: the base LR of the parameters in ``text_encoder`` and in
@@ -897,12 +917,12 @@ def fit(
             prior_latents, prior_ids = system.encode_images(prior[0].to(device)), tokenize(prior[1])  # type: ignore[union-attr,index]
         if validation is not None and dataset is None:  # the held-out images: encoded once, as the training ones
             val_latents, val_ids = system.encode_images(validation[0].to(device)), tokenize(list(validation[1]))
-    step_config = config.step
+    edm_schedule = getattr(system, "edm", None)  # (an EDM model, Playground v2.5: the step's EDM branch, training.edm)
+    step_config = config.step_config(edm=edm_schedule is not None)  # (step=None: min-SNR by the formulation)
     # the schedule the steps train on (the system's own ᾱ keeps serving samples and class images)
     alphas_cumprod = (zero_terminal_snr_alphas_cumprod(system.alphas_cumprod) if config.zero_terminal_snr
                       else system.alphas_cumprod)
     prediction_type = getattr(system, "prediction_type", "epsilon")
-    edm_schedule = getattr(system, "edm", None)  # (an EDM model, Playground v2.5: the step's EDM branch, training.edm)
     if edm_schedule is not None and config.zero_terminal_snr:
         raise ValueError("zero_terminal_snr (--zero-terminal-snr) rescales the DDPM ᾱ schedule; an EDM-formulation model "
                          "(Playground v2.5) trains on its σ grid, which has no such schedule: leave it out")
