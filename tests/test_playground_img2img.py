@@ -68,6 +68,13 @@ def _ours(system, sampler, strength, **kw):
                     height=16, width=16, denoising_strength=strength, output="latents", **kw)
 
 
+@pytest.fixture(scope="module")
+def img2img_of(system):
+    """``img2img_of(sampler, strength)``: ``_ours`` from :func:`_init`'s latents, each run once per module (the
+    img2img test checks it against D's pipeline; the inpainting test reuses it as its unmasked run)."""
+    return functools.cache(lambda sampler, strength: _ours(system, sampler, strength, init_latents=_init(system)))
+
+
 def _theirs(pipe, strength, **kw):
     return pipe("a red cube", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=4.0, height=16,
                 width=16, strength=strength, generator=torch.Generator().manual_seed(3), output_type="latent",
@@ -76,14 +83,14 @@ def _theirs(pipe, strength, **kw):
 
 @pytest.mark.parametrize("strength", STRENGTHS)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_img2img_is_diffusers_xl_img2img_with_its_edm_scheduler(system, sampler, strength):
+def test_img2img_is_diffusers_xl_img2img_with_its_edm_scheduler(system, img2img_of, sampler, strength):
     """generate(init_latents=, denoising_strength=) = D's StableDiffusionXLImg2ImgPipeline on the same latents
     (``image`` with 4 channels: used as the init latents) — every sampler by diffusers' strength rule (Euler too,
     which takes A1111's on the discrete models: 8 steps at 0.75 run 6 here, A1111's rule 7), the SDE's noise drawn
     after the start noise from the seed's generator. A run from the txt2img start (x_T·√(σ_max²+1), A1111's
     init + x_T·σ or the whole grid) would differ by far more."""
     init = _init(system)
-    ours = _ours(system, sampler, strength, init_latents=init)
+    ours = img2img_of(sampler, strength)
     theirs = _theirs(_pipeline(system, sampler, diffusers.StableDiffusionXLImg2ImgPipeline), strength, image=init)
     assert (ours - theirs).abs().max() <= TOL, (ours - theirs).abs().max()
     assert (ours - init).abs().max() > 1e-3  # (the steps ran)
@@ -119,7 +126,7 @@ def _latent_mask():
 
 @pytest.mark.parametrize("strength", STRENGTHS)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_inpainting_is_diffusers_xl_inpaint_with_its_edm_scheduler(system, sampler, strength):
+def test_inpainting_is_diffusers_xl_inpaint_with_its_edm_scheduler(system, img2img_of, sampler, strength):
     """generate(init_latents=, inpaint_mask=) = D's StableDiffusionXLInpaintPipeline (4-channel UNet) on the same
     latents and mask: pure noise at strength 1, the blend with the init noised to the next σ after every step; outside
     the mask the result is the init latent itself (the last blend's)."""
@@ -132,7 +139,7 @@ def test_inpainting_is_diffusers_xl_inpaint_with_its_edm_scheduler(system, sampl
     keep = latmask.expand_as(ours) == 0
     assert torch.equal(ours[keep], init[keep])
     if strength > 0.5:  # (the per-step blend reaches the repainted part; at 0.3 the tiny UNet moves it ~5e-5)
-        plain = _ours(system, sampler, strength, init_latents=init)
+        plain = img2img_of(sampler, strength)  # (the img2img run of the same init, seed and strength)
         assert (plain - ours)[~keep].abs().max() > 0.1
 
 

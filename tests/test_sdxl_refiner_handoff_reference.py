@@ -142,12 +142,13 @@ def test_pairs_that_cannot_hand_over_are_refused(pair):
 
 @pytest.fixture(scope="module")
 def pair_files(pair, tmp_path_factory):
-    """(the base's file, the refiner's file as sdadapt writes it), the refiner on the base's VAE."""
-    from tiny_checkpoints import tiny_sdxl_file
+    """(the base's file, the refiner's file as sdadapt writes it), the refiner on the base's VAE. The base's file is
+    the one :func:`pair` loaded its base from (a second ``tiny_sdxl_file`` would write the same bytes again)."""
+    from pathlib import Path
 
     root = tmp_path_factory.mktemp("handoff_files")
     base, refiner = pair
-    return tiny_sdxl_file(root / "xl.safetensors"), refiner.save_model(root / "refiner.safetensors")
+    return Path(base.source), refiner.save_model(root / "refiner.safetensors")
 
 
 def test_generate_refiner_is_the_handoff_and_refuses_bad_requests(pair_files, tmp_path):
