@@ -163,7 +163,7 @@ def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
-def test_generate_applies_a_hypernetwork_to_the_refiners_layers_of_its_widths(pair_files, tmp_path):
+def test_generate_applies_a_hypernetwork_to_the_refiners_layers_of_its_widths(pair_files, tmp_path, monkeypatch):
     """A file with pairs for 128 (the tiny base's attention width) and 8 (the tiny refiner's text-context width, as
     an SDXL file's 1280 meets sd_xl_refiner's): generate hooks the base's 128-wide layers and exactly the refiner's
     layers whose K/V input width the file has (A's ``apply_single_hypernetwork`` per ``context.shape[2]``: here its
@@ -182,7 +182,18 @@ def test_generate_applies_a_hypernetwork_to_the_refiners_layers_of_its_widths(pa
     said = []
     kwargs = dict(model=str(base_file), refiner=str(refiner_file), refiner_switch_at=0.5, steps=4, width=16, height=16,
                   seed=3, sampler="euler", device="cpu", prompt="a photo")
+    from sdadapt.diffusers_system import DiffusersSystem
+
+    decoded = []  # (the latents generate decodes: the hypernetwork's effect on the tiny refiner is about one 8-bit
+    real_decode = DiffusersSystem.decode_latents  # level in the PNG, too little to tell a wrong strength by)
+
+    def spy(self, latents, *args, **kw):
+        decoded.append(latents.detach().clone())
+        return real_decode(self, latents, *args, **kw)
+
+    monkeypatch.setattr(DiffusersSystem, "decode_latents", spy)
     result = run_generate(hypernetworks=[f"{file}:0.7"], out=tmp_path / "h.png", log=said.append, **kwargs)
+    monkeypatch.undo()
     base, refiner = load_system(str(base_file), device="cpu"), load_system(str(refiner_file), device="cpu")
     refiner_widths = context_widths(refiner.unet)  # (before any injection: the file's UNet)
     want_layers = sum(w in (128, 8) for w in refiner_widths.values())
@@ -200,6 +211,7 @@ def test_generate_applies_a_hypernetwork_to_the_refiners_layers_of_its_widths(pa
     assert float((both - base_only).abs().max()) > 1e-3  # (the refiner's layers did change its calls)
     written = _pixels(tmp_path / "h.png")
     assert abs(written - to_uint8(refiner.decode_latents(both)[0]).astype(int)).max() <= 1
+    assert len(decoded) == 1 and float((decoded[0] - both).abs().max()) <= 1e-6 * float(both.abs().max())
 
     other = sdadapt.save_hypernetwork(tmp_path / "base_only.safetensors", _hypernetwork([128, 64]))
     result = run_generate(hypernetworks=[str(other)], out=tmp_path / "o.png", **kwargs)
