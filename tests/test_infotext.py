@@ -106,15 +106,16 @@ def test_every_field_reads_back_exactly_through_a1111s_parser_in_a1111s_order(tm
     sha = lambda name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()  # noqa: E731
     addnet = hashlib.sha256(b"\x00" * 64).hexdigest()[:12]
     expected = {
-        "Prompt": "a cat, (red:1.2) <lora:detail:0.8>", "Negative prompt": "blurry, EasyNeg",
+        "Prompt": "<lora:style,v2:1.0>a cat, (red:1.2) <lora:detail:0.8>",  # (--lora as a tag: test_infotext_tags)
+        "Negative prompt": "blurry, EasyNeg",
         "Steps": "20", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7", "Seed": "42",
         "Size-1": "512", "Size-2": "768", "Model hash": sha("myModel_v1.safetensors")[:10], "Model": "myModel_v1",
         "VAE hash": sha("vae-ft-mse.safetensors")[:10], "VAE": "vae-ft-mse.safetensors",
         "Variation seed": "8", "Variation seed strength": "0.35", "Seed resize from-1": "480",
         "Seed resize from-2": "640", "Denoising strength": "0.55", "Clip skip": "2", "ENSD": None, "RNG": "CPU",
-        "Hires sampler": "Euler a", "Hires prompt": "a cat: sharp", "Hires schedule type": "Exponential",
+        "Hires sampler": "Euler a", "Hires prompt": "<lora:style,v2:1.0>a cat: sharp", "Hires schedule type": "Exponential",
         "Hires upscale": "2", "Hires steps": "10", "Hires upscaler": "Latent (bicubic)",
-        "Lora hashes": f"detail: {'ab' * 6}, stylev2: {addnet}", "TI hashes": f"EasyNeg: {sha('EasyNeg.pt')[:12]}",
+        "Lora hashes": f"stylev2: {addnet}, detail: {'ab' * 6}", "TI hashes": f"EasyNeg: {sha('EasyNeg.pt')[:12]}",
         "Refiner": f"sd_xl_refiner_1.0 [{sha('sd_xl_refiner_1.0.safetensors')[:10]}]", "Refiner switch at": "0.8",
         "Version": "sdadapt " + __import__("sdadapt").__version__}
     expected = {k: v for k, v in expected.items() if v is not None}  # (ENSD: DPM++ 2M draws no noise, A1111's rule)

@@ -218,7 +218,10 @@ def run_generate(
             ``NAME.safetensors|.pt|.ckpt`` anywhere under ``lora_dir``, merged at the text-encoder and
             UNet multipliers, after and besides ``loras``) and ``<hypernet:NAME:MULT>`` tags (``NAME.pt``
             or ``.safetensors`` under ``hypernetwork_dir``, after ``hypernetworks``); tags are taken out
-            of the text before it is encoded. A prompt without that syntax samples as it always did. A LoRA tag's
+            of the text before it is encoded (a file also given in ``loras`` / ``hypernetworks`` at the tag's weight
+            is applied once, as the tag; at another weight it is refused: the PNG's infotext writes the options
+            as tags, :func:`sdadapt.jobs.generate_prompt_tags.drop_tagged_options`). A prompt without that syntax
+            samples as it always did. A LoRA tag's
             ``lbw=PRESET`` / ``lbw=w,w,...`` (hako-mikan's LoRA Block Weight extension) weighs it per block
             (:func:`sdadapt.jobs.generate_prompt_tags.tag_block_weights`; ``lbw_presets``: the extension's preset
             file, added to its built-in presets). ``hires_prompt``'s tags are the hires pass's networks, as A1111's
@@ -410,7 +413,20 @@ def run_generate(
                                  "ranges differ is not built for the hires pass (the extension reads the ranges of "
                                  "the first pass's prompt only, by LoRA name); give --hires-prompt the same tags")
     parsed = _checked_specs("--lora", loras, folders=True)  # (a folder: a peft adapter)
-    hypernetwork_specs = _checked_specs("--hypernetwork", hypernetworks) + tag_hypernetworks
+    # (a file given both as an option and as a prompt tag at the same weight — an sdadapt PNG's prompt pasted back,
+    # whose infotext writes the options as tags — is applied once: generate_prompt_tags.drop_tagged_options)
+    from .generate_prompt_tags import drop_tagged_options
+
+    tag_passes = [tag_loras, *([hires_tag_loras] if hires is not None and hires_tag_loras is not tag_loras else [])]
+    parsed = drop_tagged_options(
+        "--lora", parsed, [[(item.file, (item.te, item.unet, item.block_weights, item.steps, item.dyn), item.tag)
+                            for item in items] for items in tag_passes],
+        option_weights=lambda scale: (scale, scale, None, None, None), log=say)
+    hypernetwork_options = drop_tagged_options(
+        "--hypernetwork", _checked_specs("--hypernetwork", hypernetworks),
+        [[(path, (strength,), f"<hypernet:{path.stem}:{strength!r}>") for path, strength in tag_hypernetworks]],
+        option_weights=lambda scale: (scale,), log=say)
+    hypernetwork_specs = hypernetwork_options + tag_hypernetworks
     custom_specs = _checked_specs("--custom-diffusion", custom_diffusions, folders=True)
     for path in embeddings:
         if not Path(path).is_file():
@@ -768,7 +784,8 @@ def run_generate(
         mask_options=dict(blur=4.0 if mask_blur is None else mask_blur, invert=invert_mask, fill=inpainting_fill,
                           padding=32 if inpaint_full_res_padding is None else inpaint_full_res_padding,
                           weight=inpainting_mask_weight),
-        loras=[path for path, _ in parsed], tag_loras=[*tag_loras, *(hires_tag_loras if hires is not None else ())],
+        loras=parsed, hypernetworks=hypernetwork_options, tag_loras=tag_loras,
+        hires_tag_loras=hires_tag_loras if hires is not None else (),
         embedding_files=embedding_files, tokenize=_token_ids(system), refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_switch_by_steps,
         refiner_hires_pass=refiner_hires_pass or "second",

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from ..prompt_schedule import ExtraNetworkTag
     from .generate_lbw_steps import StepRange
 
-__all__ = ["EMBEDDING_SUFFIXES", "HYPERNETWORK_SUFFIXES", "LORA_SUFFIXES", "TagLoRA", "find_network_file",
-           "prompt_embedding_files", "prompt_tag_files", "read_lbw_presets", "tag_block_weights"]
+__all__ = ["EMBEDDING_SUFFIXES", "HYPERNETWORK_SUFFIXES", "LORA_SUFFIXES", "TagLoRA", "drop_tagged_options",
+           "find_network_file", "prompt_embedding_files", "prompt_tag_files", "read_lbw_presets", "tag_block_weights"]
 
 #: the files A1111's Lora extension lists (``--lora-dir``)
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -237,3 +237,44 @@ def prompt_tag_files(prompt: str, *, lora_dir: str | os.PathLike | None = None,
             say(f"warning: prompt tag {tag.text}: no extra network {tag.kind!r} here (lora, lyco, hypernet); "
                 "taken out of the prompt, as A1111 skips it")
     return text, loras, hypernetworks
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def drop_tagged_options(option: str, specs: list[tuple[Path, float]], passes: list[list[tuple[Path, tuple, str]]],
+                        *, option_weights: Callable[[float], tuple], log: Callable[[str], None] | None = None,
+                        ) -> list[tuple[Path, float]]:
+    """``specs`` (an option's ``(file, scale)``, e.g. ``--lora``) without those the prompt's tags already give.
+
+    The infotext of a run writes its ``--lora`` / ``--hypernetwork`` options as prompt tags
+    (:func:`sdadapt.jobs.infotext.option_network_tags`), so a prompt pasted back from a PNG may name a file that is
+    also given as an option. Such a file is applied once, as its tag, when every pass's tags (``passes``: each a
+    list of ``(file, weights, tag text)``; the first pass's, then the hires prompt's when it has its own) name it
+    with exactly ``option_weights(scale)`` — the same effect; said on ``log``.
+
+    Raises:
+        InputError: a file given both ways at other weights (or with a tag in one pass only): which one is meant
+            is not guessed.
+    """
+    say = log or (lambda line: None)
+    kept = []
+    for path, scale in specs:
+        found = [[(weights, text) for file, weights, text in items if _same_file(Path(file), path)]
+                 for items in passes]
+        tags = [text for items in found for _, text in items]
+        if not tags:
+            kept.append((path, scale))
+            continue
+        if all(items and all(weights == option_weights(scale) for weights, _ in items) for items in found):
+            say(f"{option} {path}:{scale!r}: the prompt's tag {tags[0]} gives the same file at the same weight; "
+                "applied once, as the tag")
+            continue
+        raise InputError(f"{option} {path}:{scale!r} and the prompt tag {tags[0]} name the same file "
+                         f"{'at other weights' if all(found) else 'in one pass only'}; give it one way: leave out "
+                         f"{option} or the tag (an sdadapt PNG's prompt already holds its {option} files as tags)")
+    return kept

@@ -41,8 +41,8 @@ from pathlib import Path
 
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 
-__all__ = ["HIRES_UPSCALER_LABELS", "InfotextRun", "a1111_number", "file_sha256", "format_infotext", "quote",
-           "run_infotext"]
+__all__ = ["HIRES_UPSCALER_LABELS", "InfotextRun", "a1111_number", "file_sha256", "format_infotext",
+           "option_network_tags", "quote", "run_infotext"]
 
 #: sampler names here whose A1111 sampler has ``uses_ensd`` (``sd_samplers_kdiffusion.samplers_k_diffusion``;
 #: ``sd_samplers_common.is_sampler_using_eta_noise_seed_delta``): the ones whose infotext has ENSD
@@ -139,6 +139,43 @@ def _aesthetic_fields(settings: Mapping[str, object]) -> dict[str, object]:
         "Aesthetic slerp angle": float(settings.get("slerp_angle", 0.1))}
 
 
+def _option_spec(item: object) -> tuple[Path, float]:
+    """A ``--lora`` / ``--hypernetwork`` entry: ``(file, scale)``, or a bare file at 1.0 (the options' default)."""
+    if isinstance(item, tuple):
+        return Path(item[0]), float(item[1])
+    return Path(item), 1.0  # type: ignore[arg-type]
+
+
+def _network_name(path: Path) -> str | None:
+    """The name A1111 looks a network file up by (its stem: ``networks.list_available_networks``,
+    ``hypernetwork.list_hypernetworks``); ``None`` when no tag can name it: a folder (a peft adapter; A1111 loads
+    no folders) or a stem holding ``:`` / ``>`` / ``=`` / a newline, which A1111's tag parser would cut
+    (``extra_networks.re_extra_net`` ``<(\\w+):([^>]+)>``, split at ``:``; an item with one ``=`` is a named
+    argument)."""
+    if path.is_dir() or any(mark in path.stem for mark in (":", ">", "=", "\n")) or not path.stem:
+        return None
+    return path.stem
+
+
+def option_network_tags(loras: Sequence[object] = (), hypernetworks: Sequence[object] = ()) -> str:
+    """The prompt tags that name the ``--lora`` / ``--hypernetwork`` options of a run (each entry ``FILE`` or
+    ``(FILE, SCALE)``): ``<lora:STEM:SCALE>`` for each LoRA-family file (LyCORIS too: A1111 >= 1.5 reads them
+    as ``lora``, ``lyco`` being an alias), then ``<hypernet:STEM:STRENGTH>``, in the order given, joined with no
+    separator; SCALE as Python prints the float (``0.8``, ``1.0``), as A1111's own "Add network to prompt"
+    writes a network it applies without a tag (extensions-builtin/Lora/extra_networks_lora.py ``activate``,
+    modules/extra_networks_hypernet.py ``activate``: ``f"<hypernet:{name}:{multiplier}>"``), which reads back
+    to the same float. A file no tag can name (:func:`_network_name`) is left out. The infotext puts these in
+    front of the prompt (:class:`InfotextRun`)."""
+    tags = []
+    for kind, items in (("lora", loras), ("hypernet", hypernetworks)):
+        for item in items:
+            path, scale = _option_spec(item)
+            name = _network_name(path)
+            if name is not None:
+                tags.append(f"<{kind}:{name}:{scale!r}>")
+    return "".join(tags)
+
+
 def _tag_name(tag: str) -> str:
     """The name a ``<lora:NAME:...>`` tag mentions (A1111's ``mentioned_name``)."""
     inner = tag.strip()[1:-1]
@@ -196,7 +233,12 @@ class InfotextRun:
         schedule, karras, schedule_asked: the σ grid run (``resolve_schedule``'s) and whether ``automatic`` was
             asked; hires_sampler, hires_schedule: the hires pass's.
         steps, guidance, seed (image 0's; image i: ``seed + i``), width, height (the first pass's).
-        model, vae, refiner: the paths given (files hashed once); loras: ``--lora`` files (name: file stem);
+        model, vae, refiner: the paths given (files hashed once); loras, hypernetworks: the ``--lora`` /
+            ``--hypernetwork`` options, each ``FILE`` (at 1.0) or ``(FILE, SCALE)``: written as prompt tags in front
+            of the prompt (and of a Hires prompt), :func:`option_network_tags`, so that A1111 — and sdadapt's own
+            tag path — reading the text back applies them, in the order the run applied them (options before the
+            prompt's tags: a hypernetwork chain's order matters); a LoRA's hash listed under its file stem, before
+            the prompt's tags;
         refiner_switch_at, refiner_by_steps, refiner_hires_pass: the refiner's settings; the Refiner fields are
             written once :attr:`refiner_took` (A1111's ``apply_refiner`` writes "Refiner" / "Refiner switch at" / "Hires
             refiner" when it switches: ``generate`` sets it when a handoff took a call, and it stays set for the
@@ -205,8 +247,9 @@ class InfotextRun:
         aesthetic: the aesthetic-gradient settings (keys ``embedding`` (a path), ``lr``, ``weight``, ``steps``,
             ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
             stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
-        tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass, then the hires pass's (A1111's
-            hires pass adds its networks to ``p.lora_hashes``); each name listed once, where it first comes.
+        tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass; hires_tag_loras: the hires pass's
+            (A1111's hires pass adds its networks to ``p.lora_hashes``), listed after; each name listed once,
+            where it first comes.
         embeddings, negative_embeddings: ``(name, file)`` of the embeddings the prompt / negative prompt use, in the
             order each text first uses them; text_encoders: how many of A1111's hijacked text encoders list them
             (SDXL's base 2: CLIP-L and OpenCLIP-G each write the list again; 1 otherwise).
@@ -237,8 +280,10 @@ class InfotextRun:
     noise: str | None = None
     hires: Mapping[str, object] | None = None
     mask: Mapping[str, object] | None = None
-    loras: Sequence[str | os.PathLike] = ()
+    loras: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]] = ()
     tag_loras: Sequence[tuple[str, str | os.PathLike]] = ()
+    hires_tag_loras: Sequence[tuple[str, str | os.PathLike]] = ()
+    hypernetworks: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]] = ()
     embeddings: Sequence[tuple[str, str | os.PathLike]] = ()
     negative_embeddings: Sequence[tuple[str, str | os.PathLike]] = ()
     text_encoders: int = 1
@@ -250,6 +295,7 @@ class InfotextRun:
     aesthetic: Mapping[str, object] | None = None
     version: str | None = None
     _fixed: dict = field(default_factory=dict, init=False, repr=False)
+    _option_tags: str = field(default="", init=False, repr=False)
     _refiner_fields: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -266,6 +312,7 @@ class InfotextRun:
                 return "Automatic"
             return SCHEDULE_LABELS[name]
 
+        self._option_tags = option_network_tags(self.loras, self.hypernetworks)
         model_name, model_hash = _checkpoint(self.model)
         vae_name, vae_hash = (None, None) if self.vae is None else _checkpoint(self.vae)
         if self.vae is not None and vae_name is not None and Path(self.vae).is_file():
@@ -293,7 +340,8 @@ class InfotextRun:
             hr_sampler = hires.get("sampler")
             fields["Hires sampler"] = (None if hr_sampler is None or hr_sampler == self.sampler
                                        else label(str(hr_sampler)))
-            fields["Hires prompt"] = (None if hires.get("prompt") in (None, self.prompt) else hires["prompt"])
+            fields["Hires prompt"] = (None if hires.get("prompt") in (None, self.prompt)
+                                      else self._option_tags + str(hires["prompt"]))
             fields["Hires negative prompt"] = (None if hires.get("negative") in (None, self.negative)
                                                else hires["negative"])
             hr_schedule = (schedule_label(hires.get("schedule"), str(hr_sampler)) if hr_sampler is not None
@@ -315,8 +363,10 @@ class InfotextRun:
                 fields["Masked area padding"] = mask.get("padding")
             if mask.get("applied"):
                 fields["Masked content"] = _MASKED_CONTENT.get(str(mask.get("fill")))
-        lora_pairs = [(_tag_name(tag), _lora_hash(Path(file))) for tag, file in self.tag_loras]
-        lora_pairs += [(Path(file).stem, _lora_hash(Path(file))) for file in self.loras]
+        options = [_option_spec(item)[0] for item in self.loras]
+        lora_pairs = [(name, _lora_hash(file)) for file in options if (name := _network_name(file)) is not None]
+        lora_pairs += [(_tag_name(tag), _lora_hash(Path(file))) for tag, file in [*self.tag_loras,
+                                                                                    *self.hires_tag_loras]]
         fields["Lora hashes"] = _hash_list(lora_pairs, unique=True)
         # (A1111's sd_hijack_clip.py forward: each text encoder call lists the embeddings its texts use, each once in
         # the order they come, and puts its list before the one already there; the negative prompt is encoded first,
@@ -365,7 +415,7 @@ class InfotextRun:
             version = fields.pop("Version")
             fields.update(self._refiner_fields)
             fields["Version"] = version
-        return format_infotext(self.prompt, self.negative, fields)
+        return format_infotext(self._option_tags + self.prompt, self.negative, fields)
 
 
 def _edm_grid(system, *, schedule: str | None, karras: bool) -> dict[str, object]:
@@ -389,16 +439,18 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  subseed: int | None, subseed_strength: float, seed_resize_from: tuple[int, int] | None, ensd: int,
                  noise: str | None, clip_skip: int, init_image: object, denoising_strength: float, hires: object,
                  hires_options: Mapping[str, object], mask: object, inpainting: object, inpainting_model: bool,
-                 mask_options: Mapping[str, object], loras: Sequence[Path], tag_loras: Sequence,
+                 mask_options: Mapping[str, object], loras: Sequence, tag_loras: Sequence,
                  embedding_files: Mapping[str, Path], tokenize, refiner: str | os.PathLike | None,
                  refiner_switch_at: float, refiner_by_steps: bool = False, refiner_hires_pass: str | None = None,
-                 aesthetic: Mapping[str, object] | None = None) -> InfotextRun:
+                 aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
+                 hypernetworks: Sequence = ()) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
     embeddings the texts use as A1111's ``used_embeddings``; ``hires``: the checked request or ``None``;
     ``inpainting``: :func:`sdadapt.jobs.generate_inpaint.inpaint_inputs`'s result; ``aesthetic``: the
-    aesthetic-gradient settings, :class:`InfotextRun`'s)."""
+    aesthetic-gradient settings, :class:`InfotextRun`'s; ``loras`` / ``hypernetworks``: the options' ``(file,
+    scale)``; ``tag_loras`` / ``hires_tag_loras``: the passes' :class:`~sdadapt.jobs.generate_prompt_tags.TagLoRA`)."""
     import inspect
 
     from ..samplers.schedules import canonical_schedule
@@ -428,8 +480,9 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         denoising_strength=(denoising_strength if init_image is not None
                             else None if hires is None else float(hires_options["denoising"])),
         inpainting_conditioning=float(mask_options.get("weight", 1.0)) if inpainting_model else None,
-        hires=hires_fields, mask=mask_fields, loras=list(loras),
+        hires=hires_fields, mask=mask_fields, loras=list(loras), hypernetworks=list(hypernetworks),
         tag_loras=[(item.tag, item.file) for item in tag_loras],
+        hires_tag_loras=[(item.tag, item.file) for item in hires_tag_loras],
         embeddings=used(prompt), negative_embeddings=used(negative),
         text_encoders=2 if getattr(system, "is_sdxl", False) and not getattr(system, "is_refiner", False) else 1,
         refiner=refiner,
