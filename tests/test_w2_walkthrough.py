@@ -172,14 +172,14 @@ def test_a_missing_folder_is_said_before_the_model_loads(tmp_path, option):
 
 
 @pytest.mark.parametrize("options, said", [
-    ({"sampler": "DPM++ 2M Karras"}, (r"--sampler dpmsolver\+\+ on --model .*leave out a schedule.*the label 'DPM\+\+ "
-                                      r"2M Karras' names A1111's 'karras' σ grid: give --sampler dpmsolver\+\+")),
+    # (the model's own grid asked for — "DPM++ 2M Karras", --karras — runs: test_edm_own_grid_as_its_infotext_names_it)
+    ({"sampler": "DPM++ 2M", "schedule": "exponential"}, r"--sampler dpmsolver\+\+ on --model .*leave out a schedule"),
+    ({"sampler": "DPM++ 2M Karras", "rho": 5.0}, r"--sampler dpmsolver\+\+ on --model .*; schedule options"),
     ({"sampler": "Euler a"}, r"--sampler euler_a on --model .*has no EDM form"),
     ({"sampler": "DPM++ SDE Karras"},  # (no EDM form whatever the grid: no label hint)
      r"--sampler dpmpp_sde on --model .*has no EDM form.*: --sampler dpmsolver\+\+\)$"),
-    ({"sampler": "DPM++ 2M SDE Karras"}, r"the label 'DPM\+\+ 2M SDE Karras' names .*give --sampler dpmsolver\+\+_sde "),
     ({"hires_scale": 2.0, "hires_sampler": "heun"}, r"--hires-sampler heun on --model .*has no EDM form"),
-    ({"sampler": "euler", "karras": True}, r"--sampler euler on --model .*leave out karras"),
+    ({"sampler": "euler", "karras": True, "schedule": "exponential"}, r"karras and schedule 'exponential' both name"),
 ])
 def test_edm_refusals_come_before_the_model_loads(files, tmp_path, monkeypatch, options, said):
     """An A1111 user's ``--sampler 'DPM++ 2M Karras'`` (A1111's default) on Playground was refused after the whole
@@ -195,3 +195,32 @@ def test_edm_refusals_come_before_the_model_loads(files, tmp_path, monkeypatch, 
         job.run_generate(model=str(files[0]), prompt="a cat", out=tmp_path / "a.png", steps=2, **options)
     with pytest.raises(AssertionError, match="loaded before"):  # (the plain SDXL file: no EDM refusal, it loads)
         job.run_generate(model=str(files[1]), prompt="a cat", out=tmp_path / "b.png", steps=2, sampler="DPM++ 2M Karras")
+
+
+def test_edm_own_grid_as_its_infotext_names_it(files, tmp_path):
+    """An EDM run's infotext says "Sampler: DPM++ 2M, Schedule type: Karras" (its σ grid is Karras' ρ grid); pasted
+    back — the label "DPM++ 2M Karras", ``--schedule Karras``, ``--karras`` — it was refused ("leave out a schedule").
+    The model's own grid asked for now runs as without it: the same pixels and the same infotext, said in the log; the
+    plain SDXL file with the same label still runs A1111's Karras grid (a different image)."""
+    from sdadapt.images import read_image_channels, read_png_text
+    from sdadapt.jobs.generate import run_generate
+
+    run = dict(model=str(files[0]), prompt="a cube", seed=3, steps=2, width=32, height=32)
+    run_generate(out=tmp_path / "own.png", sampler="dpmsolver++", **run)
+    said: list[str] = []
+    for name, options in (("label", {"sampler": "DPM++ 2M Karras"}),
+                          ("schedule", {"sampler": "DPM++ 2M", "schedule": "Karras"}),
+                          ("flag", {"sampler": "dpmsolver++", "karras": True})):
+        run_generate(out=tmp_path / f"{name}.png", log=said.append, **options, **run)
+        assert (read_image_channels(tmp_path / f"{name}.png") == read_image_channels(tmp_path / "own.png")).all(), name
+        assert read_png_text(tmp_path / f"{name}.png") == read_png_text(tmp_path / "own.png"), name
+    assert sum("samples on its own σ grid, which is the karras grid asked for" in line for line in said) == 3
+    text = read_png_text(tmp_path / "own.png")["parameters"]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in text
+    run_generate(out=tmp_path / "euler.png", sampler="euler", **run)
+    run_generate(out=tmp_path / "euler_k.png", sampler="euler", karras=True, **run)
+    assert (read_image_channels(tmp_path / "euler.png") == read_image_channels(tmp_path / "euler_k.png")).all()
+    plain = dict(run, model=str(files[1]))
+    run_generate(out=tmp_path / "p.png", sampler="dpmsolver++", **plain)
+    run_generate(out=tmp_path / "pk.png", sampler="DPM++ 2M Karras", **plain)
+    assert (read_image_channels(tmp_path / "p.png") != read_image_channels(tmp_path / "pk.png")).any()

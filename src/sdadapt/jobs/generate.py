@@ -332,6 +332,12 @@ def run_generate(
         noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
         ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         beta_alpha=beta_alpha, beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
+    if _is_edm_own_grid(model, schedule=schedule, karras=karras, schedule_options=schedule_options):
+        say(f"--model {model}: an EDM model (Playground v2.5) samples on its own σ grid, which is the "
+            f"{schedule or 'karras'} grid asked for (as its infotext's Schedule type names it); nothing changes")
+        schedule = label_schedule = schedule_options = None
+        karras = False
+        hires_schedule = None
     _check_edm_request(model, sampler, hires_sampler, asked_sampler=asked_sampler, label_schedule=label_schedule,
                        karras=karras, schedule=schedule, noise=a1111_seeds, schedule_options=schedule_options,
                        refiner=refiner)
@@ -869,6 +875,24 @@ def _expanded(text: str | None, handles) -> str | None:
         if not getattr(handle, "matched_by_ids", False):
             text = handle.expand(text)
     return text
+
+
+def _is_edm_own_grid(model: str | os.PathLike, *, schedule: str | None, karras: bool, schedule_options: object) -> bool:
+    """Whether the σ grid asked for (``schedule``, a resolved schedule name, or ``karras``) is an EDM model's own —
+    its scheduler config's ``sigma_schedule``, ``karras`` for Playground v2.5 — with A1111's settings at their
+    defaults: what an EDM run's infotext writes ("Schedule type: Karras"; :func:`sdadapt.jobs.infotext._edm_grid`),
+    so a pasted infotext (``--sampler "DPM++ 2M" --schedule Karras``, or the label ``"DPM++ 2M Karras"``) runs as
+    written. ``False`` for a model that is not EDM (told from its header, before the load) or another grid."""
+    if schedule is None and not karras:
+        return False
+    if schedule_options is not None and not getattr(schedule_options, "is_default", False):
+        return False
+    from .model_size import model_edm_scheduler
+
+    config = model_edm_scheduler(model)
+    if config is None:
+        return False
+    return (schedule or "karras") == str(config.get("sigma_schedule", "karras"))
 
 
 def _check_edm_request(model: str | os.PathLike, sampler: str, hires_sampler: str | None, *, asked_sampler: str | None,

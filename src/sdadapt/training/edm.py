@@ -130,7 +130,8 @@ def edm_step_clashes(config: StepConfig) -> list[str]:
     clashes = []
     for given, what in (
         (config.min_snr_gamma is not None, f"min_snr_gamma={config.min_snr_gamma} (--min-snr-gamma): min-SNR weights by "
-         "the DDPM SNR, and diffusers refuses it with EDM training; set it to None (--min-snr-gamma 0)"),
+         "the DDPM SNR, and diffusers refuses it with EDM training; leave --min-snr-gamma out (or give 0; from Python "
+         "StepConfig(min_snr_gamma=None))"),
         (config.debiased_estimation, "debiased_estimation (--debiased-estimation-loss): its weight 1/√SNR is of the DDPM "
          "schedule"),
         (config.p2_gamma is not None, f"p2_gamma={config.p2_gamma}: the P2 weight 1/(1 + SNR)^γ is of the DDPM schedule"),
