@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..plurals import plural
 from ..sampler_tables import SAMPLER_ALIASES, SAMPLERS, canonical_sampler  # (torch-free, as the parser must be)
 from .options import add_output_options, numbers, positive_int, progress_bar, torch_dtype
 
@@ -200,18 +201,12 @@ def _message(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _plural(count: int, word: str) -> str:
-    from ..plurals import plural
-
-    return plural(count, word)
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..jobs import run_demo
 
     if not args.quiet:
         print(f"teaching the toy model the held-out concept {args.concept!r} with {args.method} "
-              f"from {_plural(args.images, 'image')} (the model has never seen it)", file=sys.stderr)
+              f"from {plural(args.images, 'image')} (the model has never seen it)", file=sys.stderr)
     result = run_demo(method=args.method, concept=args.concept, images=args.images, steps=args.steps, prior=args.prior,
                       seed=args.seed, out=args.out, overwrite=args.overwrite, dtype=torch_dtype(args.dtype),
                       progress=progress_bar(args, args.method, unit="step"))
@@ -960,15 +955,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not main:
         return 0
     losses = result["losses"]
-    prior = f" + {_plural(result['prior_images'], 'class image')}" if result["prior_images"] else ""
+    prior = f" + {plural(result['prior_images'], 'class image')}" if result["prior_images"] else ""
     resumed = f" (resumed at step {result['resumed_from']})" if result["resumed_from"] is not None else ""
     if losses:
         head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
         trend = f"; loss {sum(head) / len(head):.4f} -> {sum(tail) / len(tail):.4f}"
     else:
         trend = ""
-    print(f"trained {result['method']} on {_plural(result['images'], 'image')}{prior} for {_plural(result['steps'], 'step')} "
-          f"({_plural(result['epochs'], 'epoch')}){resumed} in {result['seconds']:.0f} s{trend}")
+    print(f"trained {result['method']} on {plural(result['images'], 'image')}{prior} for {plural(result['steps'], 'step')} "
+          f"({plural(result['epochs'], 'epoch')}){resumed} in {result['seconds']:.0f} s{trend}")
     print(f"wrote {result['file']}")
     # the files a method writes beside its output (MethodSpec.companion_files: DreamArtist's <name>-neg.pt, Custom
     # Diffusion's token files), named so a user copies them with it (walkthrough)
@@ -981,15 +976,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
               "name is the trigger word, as in A1111)")
     if result.get("validation_losses"):  # kohya's validation loss of the held-out images (--validation-split)
         first, last = result["validation_losses"][0], result["validation_losses"][-1]
-        print(f"validation loss ({_plural(result['validation_images'], 'held-out image')}): {first[1]:.4f} at step "
+        print(f"validation loss ({plural(result['validation_images'], 'held-out image')}): {first[1]:.4f} at step "
               f"{first[0]} -> {last[1]:.4f} at step {last[0]}")
     if result.get("lora"):
         lora = result["lora"]
-        print(f"wrote {lora['file']}: rank-{lora['rank']} LoRA of the change, {_plural(lora['layers'], 'layer')}, largest relative "
+        print(f"wrote {lora['file']}: rank-{lora['rank']} LoRA of the change, {plural(lora['layers'], 'layer')}, largest relative "
               f"error ‖Δ − LoRA‖/‖Δ‖ = {lora['max_relative_error']:.3g} ({lora['worst_layer']})")
     print(f"log:  {result['log']}" + (f" (TensorBoard: {result['tensorboard']})" if result["tensorboard"] else ""))
     if result["samples"]:
-        print(f"samples: {_plural(len(result['samples']), 'image')} in {Path(result['samples'][0]).parent}")
+        print(f"samples: {plural(len(result['samples']), 'image')} in {Path(result['samples'][0]).parent}")
     if result["state"]:
         print(f"state: {result['state']} (continue with --resume)")
     return 0

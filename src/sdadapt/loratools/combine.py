@@ -490,7 +490,7 @@ def combine_loras(
             layers_of_base.close()
     report = LoRAJobReport(path=Path(out), base_model=model, layers=written_layers, skipped=skipped)
     # a new network: kohya's merge_lora.py / svd_merge_lora.py write fresh metadata, not the inputs' (their base
-    # model, "networks.lora", dim, alpha and args; new sshs hashes, which save_kohya computes): combine_metadata
+    # model, "networks.lora", dim, alpha and args; new sshs hashes, which save_kohya computes): combine_network_metadata
     meta = {
         "ss_training_comment": "combined by sdadapt: "
         + ", ".join(f"{s:g} x {Path(p).name}" for p, s in zip(loras, values)) + f" ({mode})",

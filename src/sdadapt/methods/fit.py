@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import PeerProcessError
 from ..method_tables import LR_SCHEDULES
+from ..plurals import plural
 from ..training import data_parallel
 from ..training.diffusion import region_loss_mask, zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
@@ -1665,8 +1666,9 @@ def _check_resumed_position(resume: str | os.PathLike, state: TrainState, expect
     if isinstance(saved_epoch, int):
         saved_processes = saved.get("processes")
         if saved_epoch != per_epoch and isinstance(saved_processes, int) and saved_processes != processes:
-            raise ValueError(f"{where}: the saved run had {saved_epoch} batches an epoch on {saved_processes} "
-                             f"data-parallel process{'es' if saved_processes != 1 else ''}, this one runs on {processes} "
+            raise ValueError(f"{where}: the saved run had {saved_epoch} batches an epoch on "
+                             f"{plural(saved_processes, 'data-parallel process', many='data-parallel processes')}, "
+                             f"this one runs on {processes} "
                              "(the global batch is the batch per process × processes): resume on "
                              f"{saved_processes} (torchrun --nproc-per-node {saved_processes})")
         if saved_epoch != per_epoch:
