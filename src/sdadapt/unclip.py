@@ -287,10 +287,9 @@ def unclip_level0_noise(seed: int, shape: tuple[int, ...], *, source: str | None
     """
     if source is None:
         return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
-    from .samplers.a1111_noise import NOISE_SOURCES, philox_randn
+    from .samplers.a1111_noise import check_noise_source, philox_randn
 
-    if str(source).strip().lower() not in NOISE_SOURCES:
-        raise ValueError(f"unknown noise source {source!r}; use one of {', '.join(NOISE_SOURCES)} (or None)")
+    check_noise_source(source, or_none=True)
     return philox_randn(int(seed), tuple(shape))
 
 

@@ -34,12 +34,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NOISE_SOURCES", "A1111Noise", "A1111Seeds", "PhiloxGenerator", "paste_centre", "philox_randn", "randn_local",
-           "slerp"]
+__all__ = ["NOISE_SOURCES", "A1111Noise", "A1111Seeds", "PhiloxGenerator", "check_noise_source", "paste_centre",
+           "philox_randn", "randn_local", "slerp"]
 
 #: A1111's "Random number generator source" values taken here (``"nv"``: what A1111's default "GPU" draws on
 #: an NVIDIA card, on any device; ``"cpu"``: a CPU ``torch.Generator``)
 NOISE_SOURCES: tuple[str, ...] = ("nv", "cpu")
+
+
+def check_noise_source(source: object, *, or_none: bool = False) -> str:
+    """``source`` as a name in :data:`NOISE_SOURCES` (any case, surrounding spaces dropped).
+
+    Raises:
+        ValueError: another value, naming the sources (and ``None`` when the caller takes it: ``or_none``).
+    """
+    key = str(source).strip().lower()
+    if key not in NOISE_SOURCES:
+        raise ValueError(f"unknown noise source {source!r}; use one of {', '.join(NOISE_SOURCES)}"
+                         + (" (or None)" if or_none else ""))
+    return key
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _MUL = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))  # Philox4x32's round multipliers
@@ -185,9 +198,7 @@ class A1111Noise:
                  ensd: int = 0) -> None:
         if not seeds:
             raise ValueError("A1111Noise needs one seed per image, got none")
-        key = str(source).strip().lower()
-        if key not in NOISE_SOURCES:
-            raise ValueError(f"unknown noise source {source!r}; use one of {', '.join(NOISE_SOURCES)}")
+        key = check_noise_source(source)
         if any(int(s) < 0 for s in seeds):
             raise ValueError(f"seeds must be >= 0 (A1111's seeds are), got {list(seeds)}")
         if subseeds is not None and any(int(s) < 0 for s in subseeds):
@@ -274,8 +285,7 @@ class A1111Seeds:
     ensd: int = 0
 
     def __post_init__(self) -> None:
-        if str(self.source).strip().lower() not in NOISE_SOURCES:
-            raise ValueError(f"unknown noise source {self.source!r}; use one of {', '.join(NOISE_SOURCES)}")
+        check_noise_source(self.source)
         if not 0.0 <= float(self.subseed_strength) <= 1.0:
             raise ValueError(f"subseed_strength must be in [0, 1] (A1111's 'Variation strength'), "
                              f"got {self.subseed_strength}")
