@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGeometry", "AdapterModule", "geometry_of", "graph_capturing", "refresh_scale_after_load", "rank_alpha_for"]
+__all__ = ["LayerGeometry", "AdapterModule", "geometry_of", "graph_capturing", "refresh_scale_after_load", "rank_alpha_for",
+           "ConvRankAlpha"]
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,10 @@ class AdapterModule(nn.Module):
         the suffixes files use (``lora_down.weight``, ``lora_up.weight``, ``alpha`` ...).
 
     Families whose merged weight is not ``W + ΔW`` (DoRA: ``m · (W + ΔW) / ‖W + ΔW‖``) set
-    ``uses_base_weight = True`` and override :meth:`merge_delta` / :meth:`delta_output`, which get
-    the layer's weight *without* merged deltas; a family with a bias delta (``diff_b``) overrides
-    :meth:`bias_delta`. The injector and ``apply_lora`` only ever call these three.
+    ``uses_base_weight = True``, override :meth:`merge_delta` and take the weight as ``forward(x,
+    base_weight)`` (:meth:`delta_output` passes it on); both get the layer's weight *without* merged
+    deltas. A family with a bias delta (``diff_b``) overrides :meth:`bias_delta`. The injector and
+    ``apply_lora`` only ever call these three.
 
     ``multiplier`` is the run-time strength (a Python float, not saved). Families fold it into a
     0-dim ``scale`` buffer (:meth:`refresh_scale`) that ``forward`` reads, so changing the strength
@@ -263,8 +265,9 @@ class AdapterModule(nn.Module):
         return cls.lycoris_algo
 
     def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
-        """Δy for base input ``x``; ``base_weight`` is only read when ``uses_base_weight``."""
-        return self(x)
+        """Δy for base input ``x``: ``self(x, base_weight)`` when :attr:`uses_base_weight`, else ``self(x)``
+        (``base_weight`` unread)."""
+        return self(x, base_weight) if self.uses_base_weight else self(x)
 
     def set_multiplier(self, value: float) -> None:
         """Set the run-time strength and refresh the cached scale."""
@@ -286,6 +289,15 @@ class AdapterModule(nn.Module):
         if isinstance(scale, Tensor):
             with torch.no_grad():
                 scale.fill_(self.base_scale() * self.multiplier)
+
+    def _register_alpha_scale(self, alpha: float, scale: float, device: torch.device | str | None) -> None:
+        """Register the 0-dim float32 buffers of a family whose scale is ``alpha / r``: ``alpha``
+        (saved, the file's value) and ``scale`` (the strength-1 scale; not saved, :meth:`refresh_scale`
+        keeps it ``base_scale() · multiplier``), and the post-hook that refreshes ``scale`` when
+        ``load_state_dict`` brings another ``alpha``."""
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=device))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
+        self.register_load_state_dict_post_hook(refresh_scale_after_load)
 
     def file_tensors(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -362,6 +374,15 @@ def check_ranks_and_rates(config, *, ranks: tuple[str, ...] = ("rank", "conv_ran
         value = getattr(config, field)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}.{field} must be in [0, 1), got {value!r}")
+
+
+class ConvRankAlpha:
+    """Mixin of the family configs with ``rank``, ``alpha``, ``conv_rank`` and ``conv_alpha`` fields
+    (LoRA, LoHa, LoKr, GLoRA)."""
+
+    def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
+        """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
+        return rank_alpha_for(geometry, self.rank, self.alpha, self.conv_rank, self.conv_alpha)  # type: ignore[attr-defined]
 
 
 def rank_alpha_for(

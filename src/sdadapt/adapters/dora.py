@@ -196,9 +196,6 @@ class DoRAModule(AdapterModule):
         base = base_weight.to(self.delta_dtype())
         return (self.adapted_weight(base) - base.reshape(self.geometry.weight_shape)) * self.strength
 
-    def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
-        return self(x, base_weight)
-
     def forward(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Δy = ``geometry.conv(x, t · (W' − W))`` (one extra pass of the layer's op over ``x``)."""
         if base_weight is None:

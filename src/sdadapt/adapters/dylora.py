@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry, graph_capturing, refresh_scale_after_load
+from .base import AdapterModule, LayerGeometry, graph_capturing
 from .lora import LoRAModule, lora_delta_weight, lora_scale
 
 __all__ = ["DYLORA_COMPILE_REASON", "DyLoRAConfig", "DyLoRAModule", "dylora_forward", "dylora_trainable_rank"]
@@ -140,9 +140,7 @@ class DyLoRAModule(AdapterModule):
             [nn.Parameter(torch.zeros(geometry.out_features, 1, *ones, **factory)) for _ in range(rank)])
         for row in self.lora_down:  # kohya: each (1, in[, kh, kw]) row ~ kaiming-uniform(a=sqrt 5), up = 0
             nn.init.kaiming_uniform_(row, a=math.sqrt(5))
-        self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
-        self.register_load_state_dict_post_hook(refresh_scale_after_load)
+        self._register_alpha_scale(scale * rank, scale, device)
         #: the slice start of the last training forward (for reports and tests)
         self.last_trainable_rank: int | None = None
 

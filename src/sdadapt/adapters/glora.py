@@ -34,13 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    AdapterModule,
-    LayerGeometry,
-    check_ranks_and_rates,
-    rank_alpha_for,
-    refresh_scale_after_load,
-)
+from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
 from .lora import lora_scale
 
 __all__ = ["GLoRAConfig", "GLoRAModule", "glora_delta_weight"]
@@ -71,7 +65,7 @@ def glora_delta_weight(base_weight: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, 
 
 
 @dataclass(frozen=True)
-class GLoRAConfig:
+class GLoRAConfig(ConvRankAlpha):
     """GLoRA hyper-parameters (LyCORIS ``algo=glora``).
 
     Attributes:
@@ -89,10 +83,6 @@ class GLoRAConfig:
 
     def __post_init__(self) -> None:
         check_ranks_and_rates(self)
-
-    def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
-        """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
-        return rank_alpha_for(geometry, self.rank, self.alpha, self.conv_rank, self.conv_alpha)
 
 
 def _factor_shapes(geometry: LayerGeometry, rank: int) -> dict[str, tuple[int, ...]]:
@@ -146,9 +136,7 @@ class GLoRAModule(AdapterModule):
         self.b1 = nn.Parameter(torch.empty(shapes["b1.weight"], **factory))
         self.b2 = nn.Parameter(fill(shapes["b2.weight"], **factory))
         scale = lora_scale(alpha, rank)
-        self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
-        self.register_load_state_dict_post_hook(refresh_scale_after_load)
+        self._register_alpha_scale(scale * rank, scale, device)
         self.module_dropout = module_dropout
         if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
             return
@@ -171,9 +159,6 @@ class GLoRAModule(AdapterModule):
         """(out, in, *k): ``scale · (W ·ᵢ (a1 ⋅ a2) + b1 ⋅ b2)`` for the base weight ``W``."""
         base = base_weight.to(self.a1.dtype).reshape(self.geometry.weight_shape)
         return glora_delta_weight(base, self.a1, self.a2, self.b1, self.b2, self.scale.to(self.a1.dtype))
-
-    def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
-        return self(x, base_weight)
 
     def forward(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Δy for input ``x`` (linear: (..., in); conv: (N, in, H, W)): ``scale · (op(a1 a2 x, W) + b1 op(x, b2))``."""

@@ -174,9 +174,6 @@ class IA3Module(AdapterModule):
         base = base_weight.to(self.weight.dtype).reshape(self.geometry.weight_shape)
         return ia3_delta_weight(base, self.weight, on_input=self.train_input, scale=self.scale.to(self.weight.dtype))
 
-    def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
-        return self(x, base_weight)
-
     def _delta_added(self, module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
         """``y + Δy``; on the output axis from the base output ``y`` itself when the hook sees it
         unchanged: ``y + (y − b) ⊙ m·w`` (no second matmul; see the module docstring)."""

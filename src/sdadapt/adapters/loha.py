@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry, check_ranks_and_rates, rank_alpha_for, refresh_scale_after_load
+from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
 from .lora import _scaled, lora_scale
 from .tucker import rebuild_tucker
 
@@ -83,7 +83,7 @@ def _product(first: Tensor, second: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LoHaConfig:
+class LoHaConfig(ConvRankAlpha):
     """LoHa hyper-parameters.
 
     Attributes:
@@ -105,10 +105,6 @@ class LoHaConfig:
 
     def __post_init__(self) -> None:
         check_ranks_and_rates(self)
-
-    def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
-        """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
-        return rank_alpha_for(geometry, self.rank, self.alpha, self.conv_rank, self.conv_alpha)
 
 
 def _factor_shapes(geometry: LayerGeometry, rank: int, tucker: bool) -> dict[str, tuple[int, ...]]:
@@ -165,9 +161,7 @@ class LoHaModule(AdapterModule):
         if not self.tucker:
             self.hada_t1 = self.hada_t2 = None
         scale = lora_scale(alpha, rank, rank_stabilized=rank_stabilized)
-        self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
-        self.register_load_state_dict_post_hook(refresh_scale_after_load)
+        self._register_alpha_scale(scale * rank, scale, device)
         self.module_dropout = module_dropout
         if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
             return

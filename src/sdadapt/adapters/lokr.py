@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry, check_ranks_and_rates, rank_alpha_for, refresh_scale_after_load
+from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
 from .lora import _scaled, lora_scale
 from .tucker import rebuild_tucker
 
@@ -189,7 +189,7 @@ def _layout_from_tensors(geometry: LayerGeometry, tensors: dict[str, Tensor], na
 
 
 @dataclass(frozen=True)
-class LoKrConfig:
+class LoKrConfig(ConvRankAlpha):
     """LoKr hyper-parameters (LyCORIS names).
 
     Attributes:
@@ -220,10 +220,6 @@ class LoKrConfig:
         check_ranks_and_rates(self)
         if not isinstance(self.factor, int) or self.factor == 0 or self.factor < -1:
             raise ValueError(f"LoKrConfig.factor must be -1 or a positive int, got {self.factor!r}")
-
-    def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
-        """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
-        return rank_alpha_for(geometry, self.rank, self.alpha, self.conv_rank, self.conv_alpha)
 
 
 class LoKrModule(AdapterModule):
@@ -269,9 +265,7 @@ class LoKrModule(AdapterModule):
         else:
             scale = lora_scale(alpha, layout.rank, rank_stabilized=rank_stabilized)
             stored_alpha = scale * layout.rank
-        self.register_buffer("alpha", torch.tensor(stored_alpha, dtype=torch.float32, device=device))
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
-        self.register_load_state_dict_post_hook(refresh_scale_after_load)
+        self._register_alpha_scale(stored_alpha, scale, device)
         self.module_dropout = module_dropout
         if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
             return

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry, check_ranks_and_rates, rank_alpha_for, refresh_scale_after_load
+from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
 from .tucker import rebuild_tucker
 
 __all__ = [
@@ -172,7 +172,7 @@ def pissa_factors(weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tens
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(ConvRankAlpha):
     """LoRA / LoCon hyper-parameters.
 
     Attributes:
@@ -209,10 +209,6 @@ class LoRAConfig:
             )
         if self.use_tucker and self.init == "pissa":
             raise ValueError("LoRAConfig: init='pissa' has no Tucker form; use use_tucker=False with PiSSA")
-
-    def rank_alpha_for(self, geometry: LayerGeometry) -> tuple[int, float | None]:
-        """(rank, alpha) for a layer: kxk convolutions use ``conv_rank``/``conv_alpha``."""
-        return rank_alpha_for(geometry, self.rank, self.alpha, self.conv_rank, self.conv_alpha)
 
 
 class LoRAModule(AdapterModule):
@@ -262,11 +258,9 @@ class LoRAModule(AdapterModule):
         self.lora_down = nn.Parameter(torch.empty(rank, geometry.in_features, *down_kernel, **factory))
         self.lora_up = nn.Parameter((torch.zeros if init_weights else torch.empty)(up_shape, **factory))
         self.lora_mid = nn.Parameter(torch.empty(rank, rank, *geometry.kernel, **factory)) if tucker else None
-        # stored alpha follows the file convention scale = alpha / r
-        self.register_buffer("alpha", torch.tensor(scale * rank, dtype=torch.float32, device=device))
-        # alpha / r · multiplier, cached (not saved): one multiply per call on the hot path
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
-        self.register_load_state_dict_post_hook(refresh_scale_after_load)
+        # stored alpha follows the file convention scale = alpha / r; scale (alpha / r · multiplier) is
+        # cached, not saved: one multiply per call on the hot path
+        self._register_alpha_scale(scale * rank, scale, device)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout

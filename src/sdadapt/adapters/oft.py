@@ -331,9 +331,6 @@ class OFTModule(AdapterModule):
                                  scale=self.scale, stored_rotation=self.stored_rotation)
         return delta.to(self.oft_blocks.dtype)
 
-    def delta_output(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:
-        return self(x, base_weight)
-
     def forward(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Δy = ``op(x, ΔW)`` for input ``x`` (linear: (..., in); conv: (N, in, H, W)), without the bias."""
         if base_weight is None:
