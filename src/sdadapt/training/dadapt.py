@@ -26,6 +26,7 @@ from .lion import _lion_direction, _lion_directions
 from .optim import (
     _call_closure,
     _flat,
+    _float32,
     _float32_many,
     _param_chunks,
     _write_weight,
@@ -35,6 +36,7 @@ from .step_size_estimate import (
     StepSizeEstimator,
     _adam_moments,
     _adam_moments_many,
+    _bias_corrected,
     _masked,
     _sum64,
     _total,
@@ -176,13 +178,8 @@ class DAdaptAdam(_DAdaptation):
         first, S = self.param_groups[0], self._scalars
         beta1, beta2 = first["betas"]
         sqrt_beta2 = math.sqrt(beta2)
-        d, k = S["d"], S["k"]
-        lr_max = self._lr_max(d.device, d.dtype)
-        if first["use_bias_correction"]:
-            t = k + 1
-            dlr = d * lr_max * ((1 - torch.pow(beta2, t)).sqrt() / (1 - torch.pow(beta1, t)))
-        else:
-            dlr = d * lr_max  # η
+        d = S["d"]
+        dlr = _bias_corrected(d * self._lr_max(d.device, d.dtype), first, S["k"])  # η
         active = self._active_groups()
         dots: list[Tensor] = []  # Σ ρ η ⟨g, s/(√v + ε)⟩ per group, float64
         norms: list[Tensor] = []  # Σ ρ ‖s‖₁ per group, float64
@@ -225,7 +222,7 @@ class DAdaptAdam(_DAdaptation):
         dots, norms = [], []
         for p in params:
             state = self.state[p]
-            w = p if p.dtype == torch.float32 else p.float()  # (*shape) float32
+            w = _float32(p)  # (*shape) float32
             g = self._gradient(group, p.grad, w)  # type: ignore[arg-type]
             denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
             # (a product and a sum, not torch.dot: BLAS sums in an order that depends on the memory
@@ -345,7 +342,7 @@ class DAdaptAdamPreprint(DAdaptAdam):
         g_sq, sk_sq, l1 = [], [], []
         for p in params:
             state = self.state[p]
-            w = p if p.dtype == torch.float32 else p.float()
+            w = _float32(p)
             g = self._gradient(group, p.grad, w)  # type: ignore[arg-type]
             _adam_moments(state, g, b1, b2, c_m, c_v)
             denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
@@ -479,8 +476,8 @@ class DAdaptLion(_DAdaptation):
         for p in params:
             state = self.state[p]
             m, s = state["exp_avg"], state["s"]
-            g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()  # type: ignore[union-attr]
-            w = p if p.dtype == torch.float32 else p.float()
+            g = _float32(p.grad)  # type: ignore[arg-type]
+            w = _float32(p)
             if shrink is not None:
                 w.mul_(shrink)
             u = _lion_direction(m, g, beta1)  # (*shape) in {−1, 0, 1}

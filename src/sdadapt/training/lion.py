@@ -29,6 +29,7 @@ from .optim import (
     _check_capturable_lr,
     _check_common,
     _check_tensor_lr,
+    _float32,
     _float32_many,
     _load_keeping_mode,
     _lr_value,
@@ -147,10 +148,10 @@ class Lion(torch.optim.Optimizer):
         """The update of one parameter (its state made already; ``scalars``: :func:`_lion_scalars`)."""
         beta1, beta2 = group["betas"]
         decay, neg_lr = scalars
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()  # type: ignore[union-attr]
-        w = p if p.dtype == torch.float32 else p.float()  # fp32 working weight
+        grad = _float32(p.grad)  # type: ignore[arg-type]
+        w = _float32(p)  # fp32 working weight
         stored = self.state[p]["exp_avg"]
-        m = stored if stored.dtype == torch.float32 else stored.float()
+        m = _float32(stored)
         if decay is not None:
             w.mul_(decay)
         c = _lion_direction(m, grad, beta1)

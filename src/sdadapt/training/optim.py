@@ -248,6 +248,14 @@ def _check_common(lr: float, weight_decay: float) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
+def _float32(t: Tensor) -> Tensor:
+    """``t`` itself when it is float32 (any layout: a working weight updated in place, which
+    :func:`_write_weight` then skips), else a float32 copy (``t.float()``: exact from a narrower
+    float). The check skips ``t.float()``'s call, about 0.2 µs of host time per tensor and step;
+    :func:`_float32_many` is the multi-tensor path's (contiguous) counterpart."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def _float32_many(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Contiguous float32 versions of ``tensors`` (same shapes): contiguous float32 ones as they are
     (not copied), the others (narrower floats, and float32 in another layout such as channels_last)
@@ -552,8 +560,8 @@ class AdamW(torch.optim.Optimizer):
                     self._init_state(state, p, group)
                 state["step"] += 1  # in place for a capturable step tensor
                 decay, step_sizes, bias_corrections2_sqrt = _adamw_scalars(group, [state["step"]])
-                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-                w = p if p.dtype == torch.float32 else p.float()  # fp32 working weight
+                grad = _float32(p.grad)  # type: ignore[arg-type]
+                w = _float32(p)  # fp32 working weight
                 m, v = self._load_moments(state, p, group)
                 w.mul_(decay)
                 m.lerp_(grad, 1 - beta1)
@@ -1168,8 +1176,7 @@ class Adafactor(torch.optim.Optimizer):
         weights = _float32_many(params)  # contiguous float32 (the parameters themselves when they are)
         if group["scale_parameter"]:  # max(ε₂, RMS(w))·ρ in float64, as the per-parameter step
             # (the norm of a weight in its own layout, channels_last say, as that step sums it: the order of a sum)
-            norms = torch._foreach_norm([w if p.is_contiguous() else p if p.dtype == torch.float32 else p.float()
-                                         for p, w in zip(params, weights)])
+            norms = torch._foreach_norm([w if p.is_contiguous() else _float32(p) for p, w in zip(params, weights)])
             torch._foreach_div_(norms, [w.numel() ** 0.5 for w in weights])
             scaled = torch.stack(norms).double().clamp_(min=group["eps"][1])  # (k,) float64
             if isinstance(rhos[0], Tensor):
@@ -1228,9 +1235,9 @@ class Adafactor(torch.optim.Optimizer):
     def _update(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], beta2t: Any, rest: Any, rho: Any) -> None:
         """One parameter's update, given ``β₂ₜ``, ``1 − β₂ₜ`` and ρ before the RMS scale (numbers,
         or device tensors in capturable mode)."""
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()  # type: ignore[union-attr]
+        grad = _float32(p.grad)  # type: ignore[arg-type]
         g = self._factored_view(grad, group)  # (R, C), (..., R, C) or (n,)
-        w = p if p.dtype == torch.float32 else p.float()
+        w = _float32(p)
         if group["scale_parameter"]:  # max(ε₂, RMS(w))·ρ as a float64 device tensor, as Python would: no host read
             rho = self._rms(w).double().clamp(min=group["eps"][1]) * rho
         update = g.square() + group["eps"][0]

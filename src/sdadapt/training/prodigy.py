@@ -17,11 +17,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .optim import _call_closure, _flat, _float32_many, _param_chunks
+from .optim import _call_closure, _flat, _float32, _float32_many, _param_chunks
 from .step_size_estimate import (
     StepSizeEstimator,
     _adam_moments,
     _adam_moments_many,
+    _bias_corrected,
     _masked,
     _sum64,
     _total,
@@ -181,13 +182,7 @@ class Prodigy(StepSizeEstimator):
         beta3 = first["beta3"] if first["beta3"] is not None else math.sqrt(beta2)
         d0, S = first["d0"], self._scalars
         d, k = S["d"], S["k"]
-        lr_max = self._lr_max(d.device, d.dtype)
-        if first["use_bias_correction"]:
-            t = k + 1
-            bias_correction: Any = (1 - torch.pow(beta2, t)).sqrt() / (1 - torch.pow(beta1, t))
-        else:
-            bias_correction = 1.0
-        dlr = d * lr_max * bias_correction  # η, from this step's d
+        dlr = _bias_corrected(d * self._lr_max(d.device, d.dtype), first, k)  # η, from this step's d
         # ---- pass 1: moments, s, and the estimate's two sums (float32 per tensor, float64 over tensors)
         dots: list[Tensor] = []  # (d/d0)·η·Σ⟨g, w₀ − w⟩ per group, float64
         norms: list[Tensor] = []  # Σ‖s‖₁ per group, float64
@@ -239,7 +234,7 @@ class Prodigy(StepSizeEstimator):
         dots, norms = [], []
         for p in params:
             state = self.state[p]
-            w = p if p.dtype == torch.float32 else p.float()  # (*shape) float32
+            w = _float32(p)  # (*shape) float32
             g = self._gradient(group, p.grad, w)
             sg = _flat(g)[::sp]  # (n/sp,)
             dots.append(torch.dot(sg, state["p0"] - _flat(w)[::sp]))

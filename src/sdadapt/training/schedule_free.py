@@ -40,6 +40,7 @@ from .optim import (
     _check_capturable_lr,
     _check_common,
     _check_tensor_lr,
+    _float32,
     _float32_many,
     _load_keeping_mode,
     _lr_value,
@@ -138,7 +139,7 @@ class _ScheduleFree(torch.optim.Optimizer):
             return
         if not group["foreach"]:
             for p in params:
-                w = p if p.dtype == torch.float32 else p.float()
+                w = _float32(p)
                 w.lerp_(self.state[p]["z"], weight)
                 _write_weight(p, w, group["stochastic_rounding"], self.generator)
             return
@@ -182,8 +183,8 @@ class _ScheduleFree(torch.optim.Optimizer):
     def _single_step(self, group: dict[str, Any], p: Tensor, scalars: tuple[Any, Any, Any, Any]) -> None:
         """The update of one parameter (its state made already)."""
         ckp1, y_rate, z_rate, bias_correction2 = scalars
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()  # type: ignore[union-attr]
-        y = p if p.dtype == torch.float32 else p.float()
+        grad = _float32(p.grad)  # type: ignore[arg-type]
+        y = _float32(p)
         z = self.state[p]["z"]
         u = self._direction(group, p, grad, y, bias_correction2)  # a new tensor
         y.lerp_(z, ckp1)

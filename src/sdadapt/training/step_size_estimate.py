@@ -17,6 +17,7 @@ from torch import Tensor
 from .optim import (
     _check_lr_device,
     _check_tensor_lr,
+    _float32,
     _float32_many,
     _foreach_add_quotient_,
     _load_keeping_mode,
@@ -140,7 +141,7 @@ class StepSizeEstimator(torch.optim.Optimizer):
     # ------------------------------------------------------------------------ per-tensor pieces
     def _gradient(self, group: dict[str, Any], grad: Tensor, w: Tensor) -> Tensor:
         """``g`` in float32, plus ``λ w`` with coupled weight decay (a new tensor: ``p.grad`` is kept)."""
-        g = grad if grad.dtype == torch.float32 else grad.float()
+        g = _float32(grad)
         decay = group["weight_decay"]
         if decay != 0 and not group["decouple"]:
             g = torch.add(g, w, alpha=decay)
@@ -166,7 +167,7 @@ class StepSizeEstimator(torch.optim.Optimizer):
         if not group["foreach"]:
             for p in params:
                 state = self.state[p]
-                w = p if p.dtype == torch.float32 else p.float()
+                w = _float32(p)
                 denom = state["exp_avg_sq"].sqrt().add_(eps)
                 if shrink is not None:
                     w.add_(w.mul(shrink))
@@ -228,6 +229,19 @@ def _sum64(values: Sequence[Tensor]) -> Tensor:
     """Float32 0-dim tensors summed in float64 (float32 on MPS): one stack and one sum."""
     dtype = torch.float32 if values[0].device.type == "mps" else torch.float64
     return torch.stack(list(values)).to(dtype).sum()
+
+
+def _bias_corrected(step_size: Tensor, group: dict[str, Any], k: Tensor) -> Tensor:
+    """``step_size`` (a 0-dim tensor) times Adam's bias correction ``√(1 − β₂^(k+1)) / (1 − β₁^(k+1))``
+    at step ``k`` (0-based, the estimate's 0-dim count) when the group's ``use_bias_correction`` is
+    set, else ``step_size`` itself: ``η = d · lr · b`` as dadaptation 3.2 (``dadaptation/dadapt_adam.py``,
+    ``DAdaptAdam.step``) and prodigyopt 1.1.2 (``prodigyopt/prodigy.py``, ``Prodigy.step``) compute
+    it (their ``bias_correction``, from group 0's betas and ``k``)."""
+    if not group["use_bias_correction"]:
+        return step_size
+    beta1, beta2 = group["betas"]
+    t = k + 1
+    return step_size * ((1 - torch.pow(beta2, t)).sqrt() / (1 - torch.pow(beta1, t)))
 
 
 def _adam_moments(state: dict[str, Any], g: Tensor, b1: Any, b2: Any, c_m: Tensor, c_v: Tensor) -> None:
