@@ -45,6 +45,11 @@ CASES = [
     ("python -m sdadapt merge cosine-a --help", ["-m", "sdadapt", "merge", "cosine-a", "--help"]),
     ("python -m sdadapt merge weighted-sum --beta 1 (usage error)", ["-m", "sdadapt", "merge", "weighted-sum", "a",
                                                                     "b", "--beta", "1"]),
+    ("python -m sdadapt merge (no operator: its help, exit 2)", ["-m", "sdadapt", "merge"]),
+    ("python -m sdadapt merge weighted-sum --alpha NOPE (unknown preset)", ["-m", "sdadapt", "merge", "weighted-sum",
+                                                                          "a", "b", "--alpha", "NOPE", "-o", "c"]),
+    ("python -m sdadapt merge weighted-sum (no -o: refused in the run)", ["-m", "sdadapt", "merge", "weighted-sum",
+                                                                         "a", "b", "--alpha", "0.3"]),
 ]
 
 

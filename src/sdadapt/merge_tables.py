@@ -154,7 +154,7 @@ class OperatorDeclaration:
     inputs: str
     options: tuple[OperatorOption, ...]
 
-    def _check_declaration(self) -> None:
+    def __post_init__(self) -> None:  # (the dataclasses' __init__ calls it: the spec's and the registry's alike)
         if self.inputs not in INPUT_NAMES:
             raise ValueError(f"Operator.inputs must be one of {', '.join(INPUT_NAMES)}, got {self.inputs!r}")
         names = [o.name for o in self.options]
@@ -217,9 +217,6 @@ class OperatorSpec(OperatorDeclaration):
     summary: str = ""
     description: str = ""
     input_help: Mapping[str, str] | None = None
-
-    def __post_init__(self) -> None:
-        self._check_declaration()
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def per_block_fields(values: dict[str, Any], *, presets: Mapping[str, str] | Non
     """Move per-block ``--alpha`` / ``--beta`` / ``--lam`` lists out of ``values`` (one code path for all).
 
     ``values``: option name -> parsed value. A preset name (:class:`PresetName`) is first replaced by
-    its values from ``presets`` (a :func:`sdadapt.merge.presets.parse_presets` table; default
+    its values from ``presets`` (a :func:`sdadapt.merge_presets.parse_presets` table; default
     supermerger's built-in list), as supermerger's ``wpreseter`` does. A tuple of 26 (SD1/SD2), 20
     (SDXL) or 110 (SDXL, one per layer) values, BASE first, becomes the step field ``block_weights``
     / ``block_beta`` (the recipe's spelling, the engine's one path). ``alpha`` / ``beta``: the BASE
@@ -146,7 +146,7 @@ def per_block_fields(values: dict[str, Any], *, presets: Mapping[str, str] | Non
             which counts fit, why 25/19 do not, and that 61 is supermerger's Flux list).
     """
     from ..merge.blocks import FLUX_VALUES
-    from ..merge.presets import resolve_preset
+    from ..merge_presets import resolve_preset
 
     fields: dict[str, tuple[float, ...]] = {}
     for name, field_name in _PER_BLOCK_FIELD.items():
@@ -192,8 +192,8 @@ def _resolve_preset_names(args: argparse.Namespace) -> None:
                          "weighted-sum / add-difference --alpha NAME --presets FILE")
     presets = _presets(args)  # (read whenever given: a mistyped path is an error even when no name uses it)
     if named:
-        # (sdadapt.merge imports torch: only for a name)
-        from ..merge.presets import resolve_preset
+        # (torch-free: an unknown name is refused without torch)
+        from ..merge_presets import resolve_preset
 
         for dest, flag in named:
             setattr(args, dest, resolve_preset(getattr(args, dest), presets=presets, option=f"argument {flag}"))
@@ -203,8 +203,7 @@ def _presets(args: argparse.Namespace) -> dict[str, str] | None:
     """``--presets FILE`` read (it replaces the built-in list, as supermerger's mbwpresets.txt does)."""
     if not getattr(args, "presets", None):
         return None
-    # (sdadapt.merge imports torch: only when a file is given)
-    from ..merge.presets import read_presets
+    from ..merge_presets import read_presets
 
     return read_presets(args.presets)
 

@@ -20,12 +20,13 @@ import argparse
 import contextlib
 import math
 import re
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
+
+from ..held_signals import put_back, swap_in
 
 __all__ = [
     "tqdm_number",
@@ -523,20 +524,9 @@ def terminate_as_interrupt() -> Iterator[None]:
         fired.append(number)
         raise Interrupted(number)
 
-    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    from ..formats.files import _put_back
-
     saved: list[tuple[int, Any]] = []  # noted before each swap: a signal mid-setup still restores them
     try:
-        for number in wanted:
-            previous = signal.getsignal(number)
-            if previous is None:  # a handler installed outside Python: left alone
-                continue
-            saved.append((number, previous))
-            try:
-                signal.signal(number, handler)
-            except (ValueError, OSError):  # not settable here
-                saved.pop()
+        swap_in(handler, saved)
         yield
     finally:
-        _put_back(saved)  # every one, even when a signal arrives as the first is put back
+        put_back(saved)  # every one, even when a signal arrives as the first is put back

@@ -19,23 +19,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import re
 import shutil
-import signal
 import stat
 import struct
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,6 +46,7 @@ from ..errors import (
     UnsafeFileError,
     WeightFileError,
 )
+from ..held_signals import signals_held
 from .header import MAX_HEADER_BYTES, parse_header, read_tensor, safetensors_layout
 
 __all__ = [
@@ -360,64 +358,6 @@ def _write_failure(target: Path, exc: OSError, tmp: str | None) -> OutputError:
                            "or for the file-size limit (ulimit -f); write elsewhere (the partial file was removed)")
     reason = exc.strerror or str(exc) or type(exc).__name__
     return OutputError(f"{target}: writing failed ({reason}); the partial file was removed")
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP back while the block runs: each that arrives is noted and
-    raised again when the block ends, to whatever handler was there, in the order they arrived, all of
-    them even when the first one's handler raises (:func:`_deliver`) (main thread only; elsewhere
-    a no-op). For making a temporary file or folder and taking its name in one step — a handler
-    raising between the two would leave it behind. (Not a signal mask: a process-directed signal
-    goes to any thread that does not block it, and Python runs its handler in the main thread.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous: dict[int, Any] = {}
-    try:  # (from the first swap: a signal to a handler not yet swapped raises with the others put back)
-        for number in _HELD_SIGNALS:
-            handler = signal.getsignal(number)
-            if handler is None:  # a handler installed outside Python: left alone
-                continue
-            previous[number] = handler  # (noted first: putting back a handler never swapped is harmless)
-            try:
-                signal.signal(number, lambda received, frame: pending.append(received))
-            except (ValueError, OSError):  # (not swapped — e.g. not the main interpreter: not held, not put back)
-                del previous[number]
-        yield
-    finally:
-        _put_back(list(previous.items()))
-        _deliver(list(dict.fromkeys(pending)))
-
-
-def _deliver(numbers: list[int]) -> None:
-    """Raise each held signal, in the order they first arrived, to its handler now back in place —
-    every one even when a handler raises (SIGINT's ``KeyboardInterrupt``): the later ones run in a
-    ``finally``, so a SIGTERM held behind a SIGINT still ends the process (its default) or raises its
-    own exception (the SIGINT's as its ``__context__``). A signal held twice is raised once, as the
-    kernel keeps one pending instance of a blocked standard signal."""
-    if not numbers:
-        return
-    try:
-        signal.raise_signal(numbers[0])
-    finally:
-        _deliver(numbers[1:])
-
-
-def _put_back(handlers: list[tuple[int, Any]]) -> None:
-    """Install each ``(signal number, handler)``, all of them even when one just put back raises
-    (a signal that arrives the moment its handler is back runs it at once)."""
-    try:
-        while handlers:
-            signal.signal(*handlers[0])
-            handlers.pop(0)
-    finally:
-        for number, handler in handlers:  # (cut short: the rest, then the exception goes on)
-            signal.signal(number, handler)
-
-
-_HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def atomic_write(

@@ -487,17 +487,11 @@ class Operator(OperatorDeclaration):
     ``keyword_options``, ``random``, ``option``) are :class:`~sdadapt.merge_tables.OperatorDeclaration`'s.
 
     Attributes:
-        fn: the pure function.
-        inputs: how to read the input list: ``"a"`` (A alone), ``"ab"`` (A, B), ``"abc"`` (A, B, base=C) or
-            ``"base+models"`` (BASE first, then ≥ ``min_models`` MODELs).
-        options: every setting it takes (:class:`OperatorOption`): ``alpha`` / ``weights`` / ``seed``
-            (:data:`STEP_FIELDS`) and the keyword options of ``fn``. Anything else is refused.
-        min_models: fewest fine-tuned models for ``"base+models"``.
-        summary: one line for the command list.
-        description: the formula and what the options do (the command's ``--help``).
+        fn: the pure function; its keyword options are the declared ``options`` that are not
+            :data:`STEP_FIELDS`.
+        inputs, options, min_models, summary, description, input_help: the declaration, as
+            :class:`~sdadapt.merge_tables.OperatorSpec`'s fields of those names.
         prepass: a :class:`PrePass` for operators that need statistics over the whole model first.
-        input_help: ``{input name: help}`` where an input means something else than usual
-            (C of Triple sum is a third model, not the base of a difference).
         skip: ``key -> reason`` for keys the operator leaves as the first input (supermerger's
             ``self`` skips to_out/proj_out/norm), or ``None``.
         keep_first: ``(tensors) -> reason`` judged on a key's values (in ``fn``'s order): a reason
@@ -515,9 +509,6 @@ class Operator(OperatorDeclaration):
     input_help: Mapping[str, str] | None = None
     skip: Callable[[str], str | None] | None = None
     keep_first: Callable[[Sequence[Tensor]], str | None] | None = None
-
-    def __post_init__(self) -> None:
-        self._check_declaration()
 
     @classmethod
     def bind(cls, spec: OperatorSpec, fn: Callable[..., Tensor], *, prepass: PrePass | None = None,
