@@ -308,17 +308,18 @@ def test_generate_without_guidance_samples_at_the_model_cards_scale_and_says_so(
 
 
 def test_train_samples_without_a_scale_use_the_model_cards(files, images, tmp_path, monkeypatch):
-    """kohya's prompt lines without --l sample an EDM model at its card's scale (per sampler); --l wins."""
-    from sdadapt import sampling
+    """kohya's prompt lines without --l sample an EDM model at its card's scale (per sampler); --l wins. (The scale
+    the EDM sampler is handed: the job passes no scale, the library's default_guidance answers.)"""
+    from sdadapt.samplers import edm
 
     used: list[tuple[str, float | None]] = []
-    real = sampling.generate
+    real = edm.edm_sample_latents
 
-    def spy(system, prompts, **kwargs):
-        used.append((kwargs.get("sampler"), kwargs.get("guidance")))
-        return real(system, prompts, **kwargs)
+    def spy(model, x_T, cond, **kwargs):
+        used.append((kwargs.get("sampler"), kwargs.get("guidance_scale")))
+        return real(model, x_T, cond, **kwargs)
 
-    monkeypatch.setattr(sampling, "generate", spy)
+    monkeypatch.setattr(edm, "edm_sample_latents", spy)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cube --w 16 --h 16 --s 1\na cube --w 16 --h 16 --s 1 --ss euler\n"
                        "a cube --w 16 --h 16 --s 1 --l 7\n")

@@ -859,6 +859,17 @@ class DiffusersSystem(nn.Module):
             out.append({"context": cond, "class_labels": labels})
         return out
 
+    def negative_condition(self, negative: str, cond: Any) -> Any:
+        """The unconditional branch's condition that :meth:`sample` pairs with ``cond`` (one :meth:`condition`
+        output, batch B) for the negative prompt ``negative``: SDXL's empty negative is zeros — its text states
+        and its pooled ``text_embeds`` (``time_ids`` kept) — under ``force_zeros_for_empty_prompt``
+        (:attr:`zero_empty_negative`: diffusers' ``StableDiffusionXLPipeline.encode_prompt`` zeroes both
+        ``negative_prompt_embeds`` and ``negative_pooled_prompt_embeds``), else the encoded negative. Used by
+        :func:`sdadapt.inversion.invert_image` so that an inversion's null branch is the sampler's."""
+        context = cond["context"] if isinstance(cond, dict) else cond
+        time_ids = cond.get("time_ids") if isinstance(cond, dict) else None
+        return self._uncond(negative, cond, int(context.shape[0]), time_ids)
+
     def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None, *, breaks: bool = False) -> Any:
         if self.is_sdxl and not negative and self.zero_empty_negative:  # force_zeros_for_empty_prompt
             # (time_ids kept; the refiner's with its negative aesthetic score, as A1111's is_negative_prompt)
@@ -953,7 +964,8 @@ class DiffusersSystem(nn.Module):
         return {**conds[0], "context": torch.cat([c["context"] for c in conds], dim=1)}
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float = 7.5, negative: str = "",
+    def sample(self, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance: float | None = None,
+               negative: str = "",
                sampler: str | None = None, karras: bool = False, height: int | None = None, width: int | None = None,
                cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
                noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None,
@@ -964,9 +976,13 @@ class DiffusersSystem(nn.Module):
 
         ``sampler``: a name in :data:`sdadapt.samplers.SAMPLERS` (or kohya's ``k_`` alias); ``None``:
         :func:`sdadapt.sampling.default_sampler` (``ddim``; an EDM model's own scheduler, ``dpmsolver++``);
+        ``guidance``: the classifier-free guidance scale; ``None``: :func:`sdadapt.sampling.default_guidance` for the
+        sampler (7.5; an EDM model its model card's, 3 with ``dpmsolver++``, 5 with ``euler``);
         ``karras``: diffusers' ``use_karras_sigmas`` (the samplers in
         :data:`sdadapt.samplers.KARRAS_SAMPLERS`); ``schedule``: A1111's "Schedule type"
-        (:func:`sdadapt.samplers.resolve_schedule`; Align Your Steps takes the SDXL table on SDXL);
+        (:func:`sdadapt.samplers.resolve_schedule`; Align Your Steps takes the SDXL table on SDXL); on an EDM model
+        both are refused unless they name its own σ grid (:func:`sdadapt.samplers.edm.edm_own_grid`: Karras' for
+        Playground v2.5), which samples as without them;
         ``info``: a dict ``dpm_adaptive`` fills with its steps and model calls (``nfe``).
         ``height``/``width`` default to :attr:`image_size`
         and must be multiples of :attr:`size_multiple`. The starting noise is drawn on the CPU from
@@ -1013,7 +1029,12 @@ class DiffusersSystem(nn.Module):
             from .samplers.edm import check_edm_request
 
             check_edm_request(name, karras=karras, schedule=schedule, noise=noise, clip_sample=clip_sample,
-                              schedule_options=schedule_options, refiner=refiner)
+                              schedule_options=schedule_options, refiner=refiner, edm=self.edm)
+            karras, schedule, schedule_options = False, None, None  # (left: its own grid, which it samples on anyway)
+        if guidance is None:  # (the model's: 7.5, an EDM model's card scale for this sampler)
+            from .sampling import default_guidance
+
+            guidance = default_guidance(self, name)
         samplers.check_karras(name, karras)
         schedule = samplers.resolve_schedule(name, schedule, karras)
         if schedule == "align_your_steps" and self.is_sdxl:

@@ -28,8 +28,12 @@ from torch import Tensor
 from . import samplers
 from .errors import InputError
 
-__all__ = ["SamplePrompt", "SAMPLERS", "default_sampler", "generate", "kohya_clip_sample", "parse_sample_prompts",
-           "unknown_words", "with_defaults"]
+__all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
+           "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
+
+#: the classifier-free guidance scale of a system whose ``sample`` names no number of its own: Stable Diffusion's
+#: (diffusers' ``StableDiffusionPipeline.__call__`` ``guidance_scale=7.5``; the System protocol's ``sample``)
+SD_GUIDANCE = 7.5
 
 #: every sampler name :func:`generate` takes: :data:`sdadapt.samplers.SAMPLERS` and kohya's aliases
 SAMPLERS: tuple[str, ...] = (*samplers.SAMPLERS, *samplers.SAMPLER_ALIASES)
@@ -198,6 +202,29 @@ def default_sampler(system: object) -> str:
     return edm_own_sampler(getattr(system, "scheduler_config", None))
 
 
+def default_guidance(system: object, sampler: str | None = None) -> float:
+    """The classifier-free guidance scale ``system`` samples ``sampler`` at when none is given — the one answer
+    :func:`generate`, :meth:`sdadapt.diffusers_system.DiffusersSystem.sample` and the jobs (``generate``, ``train``'s
+    sample images, ``invert``) take. An EDM-formulation model (Playground v2.5: ``system.edm`` set): its model card's
+    scale for the diffusers scheduler ``sampler`` is (:func:`sdadapt.training.edm.edm_default_guidance`: 3 for
+    ``dpmsolver++`` / ``dpmsolver++_sde``, 5 for ``euler``; ``sampler`` ``None``: :func:`default_sampler`'s, the
+    model's own scheduler). Any other system: the ``guidance`` default of its own ``sample`` (the toy's 2), or
+    :data:`SD_GUIDANCE` (7.5) where that names no number (``DiffusersSystem.sample``'s ``None``).
+
+    Raises:
+        ValueError: a sampler with no EDM form, on an EDM model (named, with the EDM samplers).
+    """
+    if getattr(system, "edm", None) is not None:
+        from .training.edm import edm_default_guidance
+
+        return edm_default_guidance(default_sampler(system) if sampler is None else sampler)
+    try:
+        own = inspect.signature(system.sample).parameters["guidance"].default  # type: ignore[attr-defined]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return SD_GUIDANCE
+    return float(own) if isinstance(own, (int, float)) and not isinstance(own, bool) else SD_GUIDANCE
+
+
 @torch.no_grad()
 def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, steps: int = 25,
              guidance: float | None = None, sampler: str | None = None, karras: bool = False, height: int | None = None,
@@ -208,7 +235,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              inpaint_mask: Tensor | None = None, inpaint_conditioning: Tensor | None = None,
              before_model_call: Callable[[int, int], None] | None = None,
              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
-             refiner: object | None = None) -> Tensor:
+             refiner: object | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -225,7 +252,12 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     :func:`sdadapt.samplers.sample_latents`, the latent shape probed with ``encode_images``, the
     start noise drawn from a CPU ``torch.Generator().manual_seed(seed)`` and the ancestral samplers'
     noise from the same generator after it (as a diffusers pipeline given that generator does).
-    ``guidance`` ``None``: the system's default (SD 7.5, toy 2).
+    ``guidance`` ``None``: the system's default for the sampler, :func:`default_guidance` (SD 7.5, the toy 2; an EDM
+    model its model card's: Playground v2.5 3 with ``dpmsolver++``, 5 with ``euler``).
+
+    On an EDM model ``karras`` / ``schedule`` naming the model's own σ grid (Karras' for Playground v2.5, with
+    ``schedule_options`` at their defaults: :func:`sdadapt.samplers.edm.edm_own_grid`) give the images without them,
+    bit for bit; any other grid is refused (:func:`sdadapt.samplers.edm.check_edm_request`).
 
     ``cond``: the prompts' conditioning, precomputed — what ``system.condition`` returns for them
     ((B, L, D) text states, or the system's dict), e.g. personalised by aesthetic gradients
@@ -275,13 +307,23 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL refiner takes the model calls
     below its cut (the system's ``sample`` when it takes ``refiner=``: SDXL's).
 
+    ``generator``: a CPU ``torch.Generator`` the start noise and the ancestral samplers' noise are drawn from in
+    place of ``torch.Generator().manual_seed(seed)`` (diffusers' pipelines' ``generator=``): diffusers' img2img is
+    ``init_latents=system.encode_images(pixels, generator=g)`` then ``generator=g``, the posterior sample drawn
+    before the start noise (:func:`sdadapt.img2img.init_generator`); ``None``: the seed's generator, as ever
+    (the system's ``sample`` when it takes ``generator=``, else the System protocol).
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
             system cannot make; an inpainting mask or conditioning without ``init_latents``; ``clip_sample`` on a
             sampler other than ``heun``, or not above 0.
         TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``, or ``refiner`` to one whose
             ``sample`` takes no ``refiner=``.
+        ValueError: ``generator`` with ``noise`` (A1111's noise draws its own).
     """
+    if generator is not None and noise is not None:
+        raise ValueError("generator= draws the start noise in place of the seed's generator; A1111's noise= draws "
+                         "its own: pass one of them")
     if refiner is not None and not _takes(system.sample, "refiner"):
         raise TypeError(f"{type(system).__name__}.sample takes no refiner= argument; the SDXL refiner hands over "
                         "inside an SDXL base's sample (DiffusersSystem)")
@@ -316,7 +358,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
                      noise=noise, schedule_options=schedule_options, start=start, output=output,
                      before_model_call=before_model_call, clip_sample=clip_sample,
-                     size_conditioning=size_conditioning, refiner=refiner)
+                     size_conditioning=size_conditioning, refiner=refiner, generator=generator)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -367,7 +409,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               info: dict | None, plan: object | None, noise: object | None, schedule_options: object | None,
               start: object | None, output: str, before_model_call: Callable[[int, int], None] | None = None,
               clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
-              refiner: object | None = None) -> Tensor:
+              refiner: object | None = None, generator: torch.Generator | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -383,10 +425,11 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (output == "images" or _takes(system.sample, "output"))
                      and (start is None or _takes(system.sample, "start"))
                      and (before_model_call is None or _takes(system.sample, "before_model_call"))
-                     and (clip_sample is None or _takes(system.sample, "clip_sample")))
+                     and (clip_sample is None or _takes(system.sample, "clip_sample"))
+                     and (generator is None or _takes(system.sample, "generator")))
     # (else through the protocol, below)
     own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
-                                    and before_model_call is None)
+                                    and before_model_call is None and generator is None)
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -425,11 +468,13 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["size_conditioning"] = size_conditioning
         if refiner is not None:
             options["refiner"] = refiner
+        if generator is not None:
+            options["generator"] = generator
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
     if name == "ddim" and plan is None and noise is None and schedule_options is None and start is None \
-            and output == "images" and before_model_call is None:
+            and output == "images" and before_model_call is None and generator is None:
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
@@ -437,9 +482,9 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
         g = noise.for_batch(seed, len(prompts))
         x = g.start_noise((len(prompts), *probe.shape[1:])).to(probe.device)
     else:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed) if generator is None else generator
         x = torch.randn(len(prompts), *probe.shape[1:], generator=g).to(probe.device)
-    scale = guidance if guidance is not None else float(inspect.signature(system.sample).parameters["guidance"].default)
+    scale = guidance if guidance is not None else default_guidance(system, name)
     model, uncond = system.denoiser(), None
     if plan is not None:
         def encode(text: str) -> object:

@@ -24,6 +24,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         args.image, prompt=args.prompt, out=args.out, method=args.method, guidance=args.guidance, steps=args.steps,
         model=args.model, edit_prompt=args.edit_prompt, source_steps=args.source_steps, init=args.init,
         negative=args.negative, overwrite=args.overwrite, progress=progress_bar(args, "invert", unit="step"),
+        optimize_pooled=args.optimize_pooled,
     )
     for note in (result.get("resized"), result.get("converted"), result.get("guidance_note")):
         if note and not args.quiet:
@@ -63,7 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     invert.add_argument("--init", choices=("null", "negative-prompt"), default="null",
                         help="null-text's start: the empty prompt (paper) or the negative-prompt inversion")
     invert.add_argument("--negative", default="", help="prompt of the starting null embedding (default empty)")
+    invert.add_argument("--optimize-pooled", action="store_true",
+                        help="SDXL: null-text also optimises the pooled null embedding (text_embeds) per step, "
+                        "as Null-SDXL does (default: only the text states)")
     only_with(invert, ["--source-steps"], needs="--edit-prompt TEXT", when=lambda args: args.edit_prompt is not None)
+    only_with(invert, ["--optimize-pooled"], needs="--method null-text (the default)",
+              when=lambda args: args.method == "null-text")
     only_with(invert, ["--init"], needs="--method null-text (the default)", when=lambda args: args.method == "null-text",
               message="{option} is null-text inversion's start: it does nothing with another --method; leave {option} out")
     add_output_options(invert, out_help="output .png (the inversion is written beside it as .safetensors)",

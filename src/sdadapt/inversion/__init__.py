@@ -45,6 +45,7 @@ from .core import (
     negative_prompt_embeddings,
     null_text_objective,
     null_text_optimize,
+    null_text_optimize_entries,
     psnr,
     sample_with_embeddings,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "inversion_steps",
     "ddim_pivot",
     "null_text_optimize",
+    "null_text_optimize_entries",
     "negative_prompt_embeddings",
     "sample_with_embeddings",
     "psnr",

@@ -31,7 +31,7 @@ images on top.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +54,7 @@ __all__ = [
     "null_text_objective",
     "ddim_pivot",
     "null_text_optimize",
+    "null_text_optimize_entries",
     "negative_prompt_embeddings",
     "sample_with_embeddings",
     "psnr",
@@ -249,33 +250,65 @@ def inversion_steps(num_steps: int, *, alphas_cumprod: Tensor | None = None, edm
                      steps_offset=steps_offset)
 
 
+class _DDIMPair:
+    """One DDIM step ``t → t_prev`` as a one-step rule (step index 0): what :func:`null_text_objective` runs
+    when it is given timesteps rather than a step rule."""
+
+    def __init__(self, t: int, t_prev: int, alphas_cumprod: Tensor, prediction_type: str,
+                 final_alpha_cumprod: float | None) -> None:
+        self.t, self.t_prev, self.alphas_cumprod = t, t_prev, alphas_cumprod
+        self.prediction_type, self.final_alpha_cumprod = prediction_type, final_alpha_cumprod
+
+    def model_output(self, model: Model, x: Tensor, i: int, cond: object) -> Tensor:
+        return model(x, torch.full((x.shape[0],), self.t, device=x.device, dtype=torch.long), cond)
+
+    def step(self, out: Tensor, x: Tensor, i: int) -> Tensor:
+        return diffusion.ddim_step(out, self.t, self.t_prev, x, self.alphas_cumprod,
+                                   prediction_type=self.prediction_type, final_alpha_cumprod=self.final_alpha_cumprod)
+
+
 def null_text_objective(
     model: Model,
     x_t: Tensor,
-    t: int,
-    t_prev: int,
+    t: int | None,
+    t_prev: int | None,
     target: Tensor,
     *,
     out_cond: Tensor,
     uncond: object,
-    alphas_cumprod: Tensor,
+    alphas_cumprod: Tensor | None = None,
     guidance: float,
     prediction_type: str = "epsilon",
     final_alpha_cumprod: float | None = None,
+    rule: DDIMSteps | EDMSteps | None = None,
+    step: int | None = None,
 ) -> Tensor:
-    """Null-text inversion's per-step loss (0-dim): ``mean ‖ DDIM(x_t; u(∅) + s·(c − u(∅))) − z*_{t_prev} ‖²``.
+    """Null-text inversion's per-step loss (0-dim): ``mean ‖ step(x_t; u(∅) + s·(c − u(∅))) − z*_{next} ‖²``
+    — the loss :func:`null_text_optimize` minimises (it calls this function).
+
+    The step is either the DDIM step ``t → t_prev`` on ``alphas_cumprod`` (η = 0; ``t_prev < 0`` uses
+    ``final_alpha_cumprod``, default ᾱ_0), or, with ``rule`` (an :func:`inversion_steps` rule: DDIM or an
+    EDM model's Euler step) and ``t = t_prev = None``, that rule's sampling step ``step``.
 
     Args:
         x_t: (B, C, H, W) the current latent of the guided trajectory.
-        target: (B, C, H, W) the pivot latent ``z*_{t_prev}``.
+        target: (B, C, H, W) the pivot latent the step should reach (``z*_{t_prev}``).
         out_cond: (B, C, H, W) the model output for the source prompt at ``x_t`` (computed once).
         uncond: the unconditional condition carrying ``∅`` (gradients flow into its tensors).
+
+    Raises:
+        ValueError: neither ``t``/``t_prev`` + ``alphas_cumprod`` nor ``rule`` + ``step`` given, or both.
     """
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    out_uncond = model(x_t, tt, uncond)  # (B, C, H, W)
-    x_prev = guided_ddim_step(out_uncond, out_cond, x_t, t, t_prev, alphas_cumprod, guidance=guidance,
-                              prediction_type=prediction_type, final_alpha_cumprod=final_alpha_cumprod)
-    return F.mse_loss(x_prev.float(), target.float())
+    if rule is None:
+        if t is None or t_prev is None or alphas_cumprod is None or step is not None:
+            raise ValueError("null_text_objective needs t, t_prev and alphas_cumprod= (one DDIM step), or "
+                             "t=None, t_prev=None with rule= and step= (a sampling step of an inversion_steps rule)")
+        rule, step = _DDIMPair(t, t_prev, alphas_cumprod, prediction_type, final_alpha_cumprod), 0
+    elif step is None or t is not None or t_prev is not None:
+        raise ValueError("null_text_objective with rule= takes the sampling step as step= (and t=None, t_prev=None)")
+    out_uncond = rule.model_output(model, x_t, step, uncond)  # (B, C, H, W)
+    x_next = rule.step(diffusion.guidance_combine(out_uncond, out_cond, guidance), x_t, step)
+    return F.mse_loss(x_next.float(), target.float())
 
 
 # ----------------------------------------------------------------------------- inversions
@@ -324,7 +357,9 @@ def null_text_optimize(
     """Per-timestep unconditional embeddings that make guided DDIM retrace ``pivot``.
 
     The step is :func:`inversion_steps`' (``edm``: an EDM-formulation model's Euler step, the
-    objective the same ``‖ step(z̄; ∅_i) − z*_{next} ‖²`` on its σ grid).
+    objective the same ``‖ step(z̄; ∅_i) − z*_{next} ‖²`` on its σ grid); the loss is
+    :func:`null_text_objective`. :func:`null_text_optimize_entries` optimises several entries of a
+    dict condition at once (SDXL's text states and pooled ``text_embeds``).
 
     Args:
         pivot: the :func:`ddim_pivot` latents ``[z*_0, …, z*_{t_n}]`` (n+1 of (B, C, H, W)).
@@ -340,6 +375,55 @@ def null_text_optimize(
     Returns:
         (n, B, *E) float32: row ``i`` is the null embedding of sampling step ``i`` (descending t).
     """
+    return null_text_optimize_entries(
+        model, pivot, cond, uncond, keys=(embedding_key,), alphas_cumprod=alphas_cumprod, guidance=guidance,
+        inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
+        epsilon_slope=epsilon_slope, init=None if init is None else {embedding_key: init},
+        prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset, edm=edm, progress=progress,
+    )[embedding_key]
+
+
+def null_text_optimize_entries(
+    model: Model,
+    pivot: list[Tensor],
+    cond: object,
+    uncond: object,
+    *,
+    keys: Sequence[str | None],
+    alphas_cumprod: Tensor | None = None,
+    guidance: float = 7.5,
+    inner_steps: int = 10,
+    learning_rate: float = 1e-2,
+    lr_decay: float = 1e-2,
+    epsilon: float = 1e-5,
+    epsilon_slope: float = 2e-5,
+    init: Mapping[str | None, Tensor] | None = None,
+    prediction_type: str = "epsilon",
+    spacing: str = "leading",
+    steps_offset: int = 1,
+    edm: EDMSchedule | None = None,
+    progress: Progress | None = None,
+) -> dict[str | None, Tensor]:
+    """:func:`null_text_optimize` over several entries of the unconditional condition at once: one Adam
+    over all of them per step (Null-SDXL's ``NullInversion.null_optimization`` optimises SDXL's
+    unconditional text states and pooled embedding together, ugiugi0823/Null-SDXL null-sdxl.ipynb).
+
+    Args:
+        keys: the entries ``∅^k`` (B, *E_k) of ``uncond`` to optimise, e.g. ``("context", "text_embeds")``;
+            ``(None,)`` for a tensor condition.
+        init: starting values per key (default: ``uncond``'s own).
+        The rest: :func:`null_text_optimize`'s.
+
+    Returns:
+        ``{key: (n, B, *E_k) float32}``, row ``i`` the entry's value at sampling step ``i``.
+
+    Raises:
+        ValueError: no keys, a repeated key, ``None`` beside other keys, a missing entry, a bad option.
+    """
+    keys = tuple(keys)
+    if not keys or len(set(keys)) != len(keys) or (None in keys and len(keys) > 1):
+        raise ValueError(f"keys must name distinct entries of the unconditional condition (or be (None,) for a "
+                         f"tensor condition), got {keys}")
     n = len(pivot) - 1
     if n < 1:
         raise ValueError("the pivot trajectory needs at least 2 latents (z*_0 and z*_T)")
@@ -349,38 +433,50 @@ def null_text_optimize(
         raise ValueError(f"lr_decay={lr_decay} makes the learning rate reach 0 within {n} steps; use lr_decay < 1/{n - 1}")
     rule = inversion_steps(n, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type, spacing=spacing,
                            steps_offset=steps_offset)
-    base = condition_embedding(uncond, embedding_key)
-    dtype = base.dtype
-    embedding = (base if init is None else init).detach().float().clone()  # (B, *E)
-    if embedding.shape != base.shape:
-        raise ValueError(f"init has shape {tuple(embedding.shape)}, the unconditional embedding {tuple(base.shape)}")
-    out: list[Tensor] = []
+    bases = [condition_embedding(uncond, key) for key in keys]
+    starts = dict(init or {})
+    unknown = set(starts) - set(keys)
+    if unknown:
+        raise ValueError(f"init has entries {sorted(map(str, unknown))} that are not optimised (keys {keys})")
+    embeddings = [starts.get(key, base).detach().float().clone() for key, base in zip(keys, bases)]  # (B, *E_k)
+    for key, base, e in zip(keys, bases, embeddings):
+        if e.shape != base.shape:
+            what = "" if key is None else f" {key!r}"
+            raise ValueError(f"init{what} has shape {tuple(e.shape)}, the unconditional embedding {tuple(base.shape)}")
+
+    def condition(values: list[Tensor]) -> object:
+        out = uncond
+        for key, base, value in zip(keys, bases, values):
+            out = with_embedding(out, key, value.to(base.dtype))
+        return out
+
+    out: list[list[Tensor]] = []
     x = pivot[-1]
     for i in range(n):
         target = pivot[n - i - 1]  # z*_{t_prev}
         with torch.no_grad():
             out_cond = rule.model_output(model, x, i, cond)
-        embedding = embedding.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([embedding], lr=learning_rate * (1.0 - lr_decay * i))
+        embeddings = [e.detach().clone().requires_grad_(True) for e in embeddings]
+        optimizer = torch.optim.Adam(embeddings, lr=learning_rate * (1.0 - lr_decay * i))
         threshold = epsilon + i * epsilon_slope
         with torch.enable_grad():
             for _ in range(inner_steps):
-                # (null_text_objective, for any step rule)
-                out_uncond = rule.model_output(model, x, i, with_embedding(uncond, embedding_key, embedding.to(dtype)))
-                x_prev = rule.step(diffusion.guidance_combine(out_uncond, out_cond, guidance), x, i)
-                loss = F.mse_loss(x_prev.float(), target.float())
-                (embedding.grad,) = torch.autograd.grad(loss, [embedding])  # never touches the model's .grad
+                loss = null_text_objective(model, x, None, None, target, out_cond=out_cond, guidance=guidance,
+                                           uncond=condition(embeddings), rule=rule, step=i)
+                grads = torch.autograd.grad(loss, embeddings)  # never touches the model's .grad
+                for e, grad in zip(embeddings, grads):
+                    e.grad = grad
                 optimizer.step()
                 if loss.item() < threshold:
                     break
-        embedding = embedding.detach()
-        out.append(embedding.clone())
+        embeddings = [e.detach() for e in embeddings]
+        out.append([e.clone() for e in embeddings])
         with torch.no_grad():
-            out_uncond = rule.model_output(model, x, i, with_embedding(uncond, embedding_key, embedding.to(dtype)))
+            out_uncond = rule.model_output(model, x, i, condition(embeddings))
             x = rule.step(diffusion.guidance_combine(out_uncond, out_cond, guidance), x, i)
         if progress is not None:
             progress(i + 1, n, "null-text")
-    return torch.stack(out)
+    return {key: torch.stack([row[j] for row in out]) for j, key in enumerate(keys)}
 
 
 def negative_prompt_embeddings(cond: object, num_steps: int, *, embedding_key: str | None = None) -> Tensor:
@@ -407,13 +503,16 @@ def sample_with_embeddings(
     edm: EDMSchedule | None = None,
     progress: Progress | None = None,
     label: str = "sample",
+    extra_embeddings: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Guided DDIM from ``x_T`` (B, C, H, W) with a per-step null embedding ``embeddings[i]``.
 
     ``cond`` is one condition, or a list of ``n`` (one per step: prompt switching for edits).
     Each step evaluates ``u`` and ``c`` as one batch of 2B (as :func:`~sdadapt.training.diffusion.guided`);
     the last step uses ᾱ_0 (as the pivot). ``edm``: an EDM-formulation model, whose ``x_T`` is the
-    latent at σ_max, sampled by :class:`EDMSteps` (``EDMEulerScheduler``'s steps). Returns x_0 (B, C, H, W).
+    latent at σ_max, sampled by :class:`EDMSteps` (``EDMEulerScheduler``'s steps). ``extra_embeddings``:
+    per-step values (n, B, *E_k) of other entries ``k`` of a dict ``uncond`` (:func:`null_text_optimize_entries`'
+    output, e.g. SDXL's pooled ``text_embeds``). Returns x_0 (B, C, H, W).
     """
     n = embeddings.shape[0]
     rule = inversion_steps(n, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type, spacing=spacing,
@@ -422,9 +521,17 @@ def sample_with_embeddings(
     if len(conds) != n:
         raise ValueError(f"got {len(conds)} per-step conditions for {n} steps")
     dtype = condition_embedding(uncond, embedding_key).dtype
+    extras = dict(extra_embeddings or {})
+    for key, value in extras.items():
+        if key == embedding_key or value.shape[:1] != (n,):
+            raise ValueError(f"extra_embeddings[{key!r}] must be another entry than embedding_key with one row per "
+                             f"step ({n}), got shape {tuple(value.shape)}")
+    extra_dtypes = {key: condition_embedding(uncond, key).dtype for key in extras}
     x = x_T
     for i in range(n):
         u = with_embedding(uncond, embedding_key, embeddings[i].to(device=x.device, dtype=dtype))
+        for key, value in extras.items():
+            u = with_embedding(u, key, value[i].to(device=x.device, dtype=extra_dtypes[key]))
         out = rule.model_output(diffusion.guided(model, conds[i], u, guidance), x, i, conds[i])
         x = rule.step(out, x, i)
         if progress is not None:

@@ -20,7 +20,9 @@ settings as metadata. Regeneration is deterministic: the same model and file giv
 An EDM-formulation model (Playground v2.5: the system's ``edm``) is inverted and regenerated through
 its deterministic sampler's ODE, the Euler step of diffusers' ``EDMEulerScheduler``
 (:class:`~.core.EDMSteps`): the same loops, ``x_T`` the latent at σ_max, ``timesteps`` the σ of the
-sampling steps, the schedule in the file's ``edm`` metadata (format ``sdadapt-inversion/2``).
+sampling steps, the schedule in the file's ``edm`` metadata (format ``sdadapt-inversion/2``, without the DDPM
+``alphas_cumprod`` / scheduler settings). Per-step values of more null-condition entries (SDXL's pooled
+``text_embeds``, ``extra_keys``) make format ``sdadapt-inversion/3``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from .core import (
     inversion_steps,
     negative_prompt_embeddings,
     null_text_optimize,
+    null_text_optimize_entries,
     sample_with_embeddings,
 )
 
@@ -64,6 +67,11 @@ INVERSION_METHODS = ("null-text", "negative-prompt", "ddim")
 _FORMAT = "sdadapt-inversion/1"
 #: an EDM model's inversion (σ timesteps, the ``edm`` schedule): a reader of /1 files only would run it as DDIM
 _FORMAT_EDM = "sdadapt-inversion/2"
+#: an inversion with per-step values of more than one entry of the null condition (``null_keys``, e.g. SDXL's pooled
+#: ``text_embeds``; DDIM, or EDM with the ``edm`` metadata): a reader of /1 or /2 files would drop them unnoticed
+_FORMAT_ENTRIES = "sdadapt-inversion/3"
+#: SDXL's pooled text embedding in a condition dict: negative-prompt inversion takes it from the prompt too
+POOLED_KEY = "text_embeds"
 #: the :class:`~sdadapt.samplers.edm.EDMSchedule` fields the Euler step reads (what must match to regenerate)
 _EDM_FIELDS = ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho", "prediction_type", "final_sigmas_type")
 
@@ -80,13 +88,15 @@ class Inversion:
         timesteps: (n,) int64, the sampling timesteps, descending (EDM: float32 σ_0 … σ_{n−1}).
         cond: the source prompt's condition (a tensor (B, *E) or a dict of tensors).
         uncond: the unconditional condition its ``embedding_key`` part is replaced in, per step.
-        alphas_cumprod: (T,) the noise schedule the inversion ran with (EDM: the system's, unused; may be (0,)).
+        alphas_cumprod: (T,) the noise schedule the inversion ran with (EDM: (0,), nothing of it is used).
         guidance: the classifier-free guidance scale the null embeddings are made for.
         embedding_key: ``None`` (tensor conditions) or the dict entry holding the text embedding.
         prediction_type, spacing, steps_offset: the scheduler settings (diffusers' names).
         prompt: the source prompt (informational).
         info: extra string metadata (model, source image, timings).
         edm: the EDM schedule of an EDM-formulation model (its Euler step ran), else ``None``.
+        null_extra: per-step values (n, B, *E_k) float32 of other entries ``k`` of a dict ``uncond`` made with
+            the null embeddings (``extra_keys`` of :func:`invert_latents`, e.g. SDXL's pooled ``text_embeds``).
     """
 
     method: str
@@ -104,6 +114,7 @@ class Inversion:
     prompt: str = ""
     info: Mapping[str, str] = field(default_factory=dict)
     edm: EDMSchedule | None = None
+    null_extra: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -123,7 +134,7 @@ def invert_latents(
     *,
     alphas_cumprod: Tensor | None = None,
     method: str = "null-text",
-    guidance: float = 7.5,
+    guidance: float | None = None,
     num_steps: int = 50,
     embedding_key: str | None = None,
     prediction_type: str = "epsilon",
@@ -138,6 +149,7 @@ def invert_latents(
     prompt: str = "",
     edm: EDMSchedule | None = None,
     progress: Progress | None = None,
+    extra_keys: Sequence[str] = (),
 ) -> Inversion:
     """Invert clean latents ``x0`` (B, C, h, w) made from the prompt whose condition is ``cond``.
 
@@ -145,12 +157,25 @@ def invert_latents(
     :class:`~.core.EDMSteps`' (``EDMEulerScheduler``'s Euler step; ``alphas_cumprod``, ``spacing`` and
     ``steps_offset`` unused, ``prediction_type`` the schedule's); else DDIM on ``alphas_cumprod``.
 
+    ``guidance``: the classifier-free guidance scale the null embeddings are made for; ``None``: the paper's 7.5, or
+    with ``edm`` the EDM model's model card scale for the ``EDMEulerScheduler`` the inversion and its reconstruction
+    run (Playground v2.5: 5; :func:`sdadapt.training.edm.edm_default_guidance` of ``euler``, what
+    :func:`sdadapt.sampling.default_guidance` answers for the model's ``euler``). Saved in the inversion.
+
     Runs the guidance-1 DDIM pivot (:func:`~.core.ddim_pivot`), then builds the null embeddings
     by ``method``; ``init="negative-prompt"`` starts null-text optimisation from the conditional
     embedding instead of the empty prompt's. ``embedding_key`` defaults to
     :func:`~.core.default_embedding_key` of ``uncond``. The other options are
     :func:`~.core.null_text_optimize`'s. ``progress(done, total, label)`` reports ``"invert"``
     (the pivot, once at the end) and ``"null-text"`` steps.
+
+    ``extra_keys``: other entries of a dict ``uncond`` that get a per-step value too
+    (:attr:`Inversion.null_extra`): null-text optimises them with the embedding in one Adam
+    (:func:`~.core.null_text_optimize_entries`; SDXL's pooled ``("text_embeds",)``, as Null-SDXL), negative-prompt
+    takes the prompt's, ddim keeps ``uncond``'s. Negative-prompt inversion always takes SDXL's pooled
+    ``text_embeds`` from the prompt (Miyake et al.: the null condition *is* the prompt's, so the guided step is
+    the conditional one), and so does null-text's ``init="negative-prompt"`` where the pooled entry is not optimised
+    (kept fixed in :attr:`Inversion.uncond`).
     """
     _check_method(method)
     if init not in ("null", "negative-prompt"):
@@ -158,18 +183,42 @@ def invert_latents(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     key = default_embedding_key(uncond) if embedding_key is None else embedding_key
-    if edm is not None:
-        prediction_type = edm.prediction_type
+    if guidance is None:  # (an EDM model's card scale for the Euler step it runs, else the paper's)
+        from ..training.edm import edm_default_guidance
+
+        guidance = 7.5 if edm is None else edm_default_guidance("euler")
+    if edm is not None:  # (the schedule's; the DDPM settings mean nothing there: what a file of it reads back)
+        prediction_type, spacing, steps_offset, alphas_cumprod = edm.prediction_type, "leading", 1, None
+    extras = tuple(extra_keys)
+    if (method == "negative-prompt" and isinstance(cond, dict) and isinstance(cond.get(POOLED_KEY), Tensor)
+            and key != POOLED_KEY and POOLED_KEY not in extras):
+        extras += (POOLED_KEY,)
+    if (method == "null-text" and init == "negative-prompt" and isinstance(cond, dict) and isinstance(uncond, dict)
+            and isinstance(cond.get(POOLED_KEY), Tensor) and key != POOLED_KEY and POOLED_KEY not in extras):
+        uncond = {**uncond, POOLED_KEY: cond[POOLED_KEY]}  # (start from NPI: its null condition, pooled part fixed)
+    if extras and (not isinstance(uncond, dict) or key in extras or len(set(extras)) != len(extras)):
+        raise ValueError(f"extra_keys={tuple(extra_keys)} must name other entries of a dict condition than "
+                         f"embedding_key={key!r}, each once")
     rule = inversion_steps(num_steps, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type,
                            spacing=spacing, steps_offset=steps_offset)
     with torch.no_grad():
         pivot = rule.pivot(model, x0, cond)
     if progress is not None:
         progress(num_steps, num_steps, "invert")
-    if method == "negative-prompt":
-        nulls = negative_prompt_embeddings(cond, num_steps, embedding_key=key)
-    elif method == "ddim":
-        nulls = negative_prompt_embeddings(uncond, num_steps, embedding_key=key)
+    null_extra: dict[str, Tensor] = {}
+    if method in ("negative-prompt", "ddim"):
+        source = cond if method == "negative-prompt" else uncond
+        nulls = negative_prompt_embeddings(source, num_steps, embedding_key=key)
+        null_extra = {k: negative_prompt_embeddings(source, num_steps, embedding_key=k) for k in extras}
+    elif extras:
+        start = {k: condition_embedding(cond, k) for k in (key, *extras)} if init == "negative-prompt" else None
+        found = null_text_optimize_entries(
+            model, pivot, cond, uncond, keys=(key, *extras), alphas_cumprod=alphas_cumprod, guidance=guidance,
+            inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
+            epsilon_slope=epsilon_slope, init=start, prediction_type=prediction_type, spacing=spacing,
+            steps_offset=steps_offset, edm=edm, progress=progress,
+        )
+        nulls, null_extra = found.pop(key), found  # type: ignore[assignment]
     else:
         start = condition_embedding(cond, key) if init == "negative-prompt" else None
         nulls = null_text_optimize(
@@ -198,6 +247,7 @@ def invert_latents(
         prompt=prompt,
         info=info,
         edm=edm,
+        null_extra=null_extra,
     )
 
 
@@ -247,6 +297,7 @@ def sample_inversion(
         alphas_cumprod=inversion.alphas_cumprod.to(dev), guidance=inversion.guidance if guidance is None else guidance,
         embedding_key=inversion.embedding_key, prediction_type=inversion.prediction_type, spacing=inversion.spacing,
         steps_offset=inversion.steps_offset, edm=inversion.edm, progress=progress, label=label,
+        extra_embeddings={k: v.to(dev) for k, v in inversion.null_extra.items()},
     )
 
 
@@ -273,7 +324,7 @@ def invert_image(
     prompt: str,
     *,
     method: str = "null-text",
-    guidance: float = 7.5,
+    guidance: float | None = None,
     num_steps: int = 50,
     negative: str = "",
     init: str = "null",
@@ -285,6 +336,7 @@ def invert_image(
     spacing: str = "leading",
     steps_offset: int = 1,
     progress: Progress | None = None,
+    extra_keys: Sequence[str] = (),
 ) -> Inversion:
     """Invert one image (3, H, W) or (1, 3, H, W) in [-1, 1] at the system's size, with its caption.
 
@@ -292,8 +344,11 @@ def invert_image(
     ``condition``, ``denoiser``, ``alphas_cumprod``, ``prediction_type``, ``image_size``); one with an
     ``edm`` schedule (Playground v2.5) is inverted through ``EDMEulerScheduler``'s ODE (its
     ``encode_images`` applies the VAE latents' mean / std, as diffusers' SDXL img2img pipeline).
-    ``negative`` is the prompt of the starting null embedding (default ``""``, the paper's);
-    the other options are :func:`invert_latents`'.
+    ``negative`` is the prompt of the starting null embedding (default ``""``, the paper's), conditioned as
+    the system samples it (``system.negative_condition`` where it has one: SDXL's empty negative is zeros,
+    text states and pooled ``text_embeds``, as diffusers' SDXL pipeline under ``force_zeros_for_empty_prompt``);
+    ``extra_keys=("text_embeds",)`` also optimises SDXL's pooled null embedding; the other options are
+    :func:`invert_latents`' (``guidance`` ``None``: 7.5, an EDM model's card scale for Euler, 5).
 
     Raises:
         ValueError: an unknown method, or an image not of the system's size.
@@ -303,12 +358,15 @@ def invert_image(
     x = _as_batch(image, system.image_size).to(device)
     with torch.no_grad():
         x0 = system.encode_images(x)
-        cond, uncond = _prompt_condition(system, prompt), _prompt_condition(system, negative)
+        cond = _prompt_condition(system, prompt)
+        negative_condition = getattr(system, "negative_condition", None)
+        uncond = _prompt_condition(system, negative) if negative_condition is None else negative_condition(negative, cond)
     return invert_latents(
         system.denoiser(), x0, cond, uncond, alphas_cumprod=system.alphas_cumprod, method=method, guidance=guidance,
         num_steps=num_steps, prediction_type=system.prediction_type, spacing=spacing, steps_offset=steps_offset,
         init=init, inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
         epsilon_slope=epsilon_slope, prompt=prompt, edm=getattr(system, "edm", None), progress=progress,
+        extra_keys=extra_keys,
     )
 
 
@@ -387,43 +445,51 @@ def _unflatten(prefix: str, layout: str, tensors: Mapping[str, Tensor], file: Pa
 def save_inversion(path: str | os.PathLike, inversion: Inversion, *, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``inversion`` as safetensors (float tensors as they are, strings-only metadata), atomically.
 
-    Tensors: ``x_T``, ``null_embeddings``, ``timesteps``, ``alphas_cumprod``, ``cond[.<key>]``,
-    ``uncond[.<key>]``. Metadata: ``format`` (``sdadapt-inversion/1``), ``method``, ``guidance``,
-    ``embedding_key``, ``prediction_type``, ``spacing``, ``steps_offset``, ``prompt``, the
-    conditions' layouts, ``inversion.info`` and ``metadata``. An EDM model's inversion: format
-    ``sdadapt-inversion/2``, ``timesteps`` the float32 σ, metadata ``edm`` (the schedule as JSON).
+    DDIM (format ``sdadapt-inversion/1``): tensors ``x_T``, ``null_embeddings``, ``timesteps`` (int64),
+    ``alphas_cumprod``, ``cond[.<key>]``, ``uncond[.<key>]``; metadata ``format``, ``method``, ``guidance``,
+    ``embedding_key``, ``prediction_type``, ``spacing``, ``steps_offset``, ``prompt``, the conditions' layouts,
+    ``inversion.info`` and ``metadata``. An EDM model's inversion (format ``sdadapt-inversion/2``): ``timesteps``
+    the float32 σ, metadata ``edm`` (the schedule as JSON, its ``prediction_type`` included) instead of the DDPM
+    ``alphas_cumprod`` / ``prediction_type`` / ``spacing`` / ``steps_offset``. With per-step values of other
+    null-condition entries (:attr:`Inversion.null_extra`): format ``sdadapt-inversion/3`` (DDIM, or EDM when
+    ``edm`` is there), tensors ``null_embeddings.<key>``, metadata ``null_keys`` (a JSON list).
     """
+    edm = inversion.edm is not None
+    extra = dict(inversion.null_extra)
     tensors: dict[str, Tensor] = {
         "x_T": inversion.x_T,
         "null_embeddings": inversion.null_embeddings,
-        "timesteps": inversion.timesteps.long() if inversion.edm is None else inversion.timesteps.float(),
-        "alphas_cumprod": inversion.alphas_cumprod,
+        "timesteps": inversion.timesteps.float() if edm else inversion.timesteps.long(),
+        **({} if edm else {"alphas_cumprod": inversion.alphas_cumprod}),
+        **{f"null_embeddings.{key}": value for key, value in extra.items()},
     }
+    ddpm = {} if edm else {"prediction_type": inversion.prediction_type, "spacing": inversion.spacing,
+                           "steps_offset": str(int(inversion.steps_offset))}
     meta = {
         **{str(k): str(v) for k, v in inversion.info.items()},
         **dict(metadata or {}),
-        "format": _FORMAT if inversion.edm is None else _FORMAT_EDM,
+        "format": _FORMAT_ENTRIES if extra else (_FORMAT_EDM if edm else _FORMAT),
         "method": inversion.method,
         "guidance": repr(float(inversion.guidance)),
         "embedding_key": "" if inversion.embedding_key is None else inversion.embedding_key,
-        "prediction_type": inversion.prediction_type,
-        "spacing": inversion.spacing,
-        "steps_offset": str(int(inversion.steps_offset)),
+        **ddpm,
         "prompt": inversion.prompt,
         "cond_layout": _flatten("cond", inversion.cond, tensors),
         "uncond_layout": _flatten("uncond", inversion.uncond, tensors),
-        **({} if inversion.edm is None else {"edm": json.dumps(dataclasses.asdict(inversion.edm), sort_keys=True)}),
+        **({"edm": json.dumps(dataclasses.asdict(inversion.edm), sort_keys=True)} if edm else {}),
+        **({"null_keys": json.dumps(list(extra))} if extra else {}),
     }
     return write_safetensors(path, tensors, meta)
 
 
 _RESERVED = {"format", "method", "guidance", "embedding_key", "prediction_type", "spacing", "steps_offset", "prompt",
-             "cond_layout", "uncond_layout", "edm"}
+             "cond_layout", "uncond_layout", "edm", "null_keys"}
 
 
 def _file_edm(file: Path, meta: Mapping[str, str], timesteps: Tensor) -> EDMSchedule | None:
-    """The EDM schedule of a ``sdadapt-inversion/2`` file (checked against its σ), ``None`` for /1."""
-    if meta.get("format") == _FORMAT:
+    """The EDM schedule of a ``sdadapt-inversion/2`` file (checked against its σ), ``None`` for /1 (and a /3
+    file without ``edm``)."""
+    if meta.get("format") == _FORMAT or (meta.get("format") == _FORMAT_ENTRIES and "edm" not in meta):
         return None
     try:
         schedule = EDMSchedule.from_config(json.loads(meta["edm"]))
@@ -445,22 +511,37 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
     """
     file = Path(path)
     tensors, meta = read_safetensors(file)
-    if meta.get("format") not in (_FORMAT, _FORMAT_EDM):
+    if meta.get("format") not in (_FORMAT, _FORMAT_EDM, _FORMAT_ENTRIES):
         raise WeightFileError(f"{file}: not an sdadapt inversion file (metadata format {meta.get('format')!r}); "
                               "write one with save_inversion / `python -m sdadapt invert`")
-    missing = [k for k in ("x_T", "null_embeddings", "timesteps", "alphas_cumprod") if k not in tensors]
+    missing = [k for k in ("x_T", "null_embeddings", "timesteps") if k not in tensors]
     if missing:
         raise WeightFileError(f"{file}: inversion file lacks {', '.join(missing)}; the file is damaged")
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    if tensors["null_embeddings"].shape[0] != tensors["timesteps"].shape[0]:
+    n = tensors["timesteps"].shape[0]
+    if tensors["null_embeddings"].shape[0] != n:
         raise WeightFileError(f"{file}: {tensors['null_embeddings'].shape[0]} null embeddings for "
-                              f"{tensors['timesteps'].shape[0]} timesteps; the file is damaged")
+                              f"{n} timesteps; the file is damaged")
     edm = _file_edm(file, meta, tensors["timesteps"])
     try:
         guidance = float(meta["guidance"])
-        steps_offset = int(meta["steps_offset"])
+        # (an EDM file: no DDPM settings; those of the previous version's /2 files, written but unused, are ignored)
+        steps_offset = int(meta["steps_offset"]) if edm is None else 1
+        null_keys = json.loads(meta.get("null_keys", "[]")) if meta["format"] == _FORMAT_ENTRIES else []
     except (KeyError, ValueError) as exc:
         raise WeightFileError(f"{file}: bad inversion metadata ({exc})") from None
+    if edm is None and "alphas_cumprod" not in tensors:
+        raise WeightFileError(f"{file}: inversion file lacks alphas_cumprod; the file is damaged")
+    if not isinstance(null_keys, list) or not all(isinstance(k, str) for k in null_keys):
+        raise WeightFileError(f"{file}: bad inversion metadata (null_keys {meta.get('null_keys')!r}, want a JSON list "
+                              "of names)")
+    null_extra = {}
+    for key in null_keys:
+        value = tensors.get(f"null_embeddings.{key}")
+        if value is None or value.shape[:1] != (n,):
+            raise WeightFileError(f"{file}: inversion file lacks tensor 'null_embeddings.{key}' with a row for each of "
+                                  f"its {n} steps; the file is damaged")
+        null_extra[key] = value
     return Inversion(
         method=meta.get("method", "null-text"),
         x_T=tensors["x_T"],
@@ -468,13 +549,14 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
         timesteps=tensors["timesteps"],
         cond=_unflatten("cond", meta.get("cond_layout", '{"kind": "tensor"}'), tensors, file),
         uncond=_unflatten("uncond", meta.get("uncond_layout", '{"kind": "tensor"}'), tensors, file),
-        alphas_cumprod=tensors["alphas_cumprod"],
+        alphas_cumprod=tensors["alphas_cumprod"] if edm is None else torch.zeros(0, device=device),
         guidance=guidance,
         embedding_key=meta.get("embedding_key") or None,
-        prediction_type=meta.get("prediction_type", "epsilon"),
-        spacing=meta.get("spacing", "leading"),
+        prediction_type=meta.get("prediction_type", "epsilon") if edm is None else edm.prediction_type,
+        spacing=meta.get("spacing", "leading") if edm is None else "leading",
         steps_offset=steps_offset,
         prompt=meta.get("prompt", ""),
         info={k: v for k, v in meta.items() if k not in _RESERVED},
         edm=edm,
+        null_extra=null_extra,
     )

@@ -84,6 +84,7 @@ def run_invert(
     negative: str = "",
     overwrite: bool = False,
     progress: Progress | None = None,
+    optimize_pooled: bool = False,
 ) -> dict:
     """Invert ``image`` (its caption ``prompt``) and write the reconstruction, the inversion and an edit.
 
@@ -93,7 +94,7 @@ def run_invert(
         guidance, steps: classifier-free guidance scale and DDIM steps (the paper: 7.5, 50); on an EDM
             model (Playground v2.5) the steps of diffusers' ``EDMEulerScheduler`` grid. ``guidance`` ``None``: the
             model's — 7.5, an EDM model's model-card scale for the Euler scheduler its inversion and reconstruction
-            run (Playground v2.5: 5; :func:`sdadapt.training.edm.edm_default_guidance`, as ``generate``'s).
+            run (Playground v2.5: 5; :func:`sdadapt.inversion.invert.invert_latents`' default, as ``generate``'s).
         model: ``"toy"``, ``"toy-image"`` or a diffusers Stable Diffusion folder or single file.
         edit_prompt: also regenerate the inversion with this prompt (plain prompt swap; no
             prompt-to-prompt attention control) into ``OUT-edit.png``.
@@ -101,6 +102,8 @@ def run_invert(
         init: null-text's starting embedding, ``"null"`` (the empty prompt, the paper's) or
             ``"negative-prompt"`` (start from negative-prompt inversion: better in fewer steps).
         negative: the prompt of the starting null embedding (default ``""``).
+        optimize_pooled: SDXL: null-text also optimises the pooled null embedding ``text_embeds`` per step
+            (``extra_keys=("text_embeds",)`` of :func:`~.invert.invert_image`; saved in the inversion file).
         overwrite: replace existing outputs (else refused before any work).
 
     Returns:
@@ -126,15 +129,9 @@ def run_invert(
     check_output_file(files["reconstruction"], overwrite=True, suffix=None)  # (a missing folder: made at the first write)
     start = time.perf_counter()
     system = load_model(model)
-    guidance_note = None
-    if guidance is None:  # (the model's: an EDM model's card scale for the Euler step inversion runs, else the paper's)
-        guidance = 7.5
-        if getattr(system, "edm", None) is not None:
-            from ..training.edm import edm_default_guidance
-
-            guidance = edm_default_guidance("euler")
-            guidance_note = (f"guidance {guidance:g}, the EDM model's model card default for the Euler scheduler "
-                             "inversion and reconstruction run (--guidance to change)")
+    if optimize_pooled and not getattr(system, "is_sdxl", False):
+        raise ValueError(f"optimize_pooled (--optimize-pooled): the model {model!r} has no pooled text embedding; it is "
+                         "an SDXL option (SDXL, Playground v2.5) — leave it out")
     size = system.image_size
     width, height, mode = _image_header(source)
     picture = read_image(source, size=size)  # (3, size, size) in [-1, 1], as `train` reads images
@@ -144,8 +141,15 @@ def run_invert(
                    "as the train command reads images")
     converted = None if mode in ("RGB", "?") else f"converted {mode} -> RGB" + (" (alpha over white)" if "A" in mode else "")
     t0 = time.perf_counter()
+    # (guidance None: the library's default, invert_latents': 7.5, an EDM model's card scale for Euler)
     inversion = invert_image(system, picture, prompt, method=method, guidance=guidance, num_steps=steps, init=init,
-                             negative=negative, progress=progress)
+                             negative=negative, progress=progress,
+                             extra_keys=("text_embeds",) if optimize_pooled else ())
+    guidance_note = None
+    if guidance is None and getattr(system, "edm", None) is not None:
+        guidance_note = (f"guidance {inversion.guidance:g}, the EDM model's model card default for the Euler scheduler "
+                         "inversion and reconstruction run (--guidance to change)")
+    guidance = inversion.guidance
     invert_seconds = time.perf_counter() - t0
     reconstruction = regenerate_image(system, inversion, progress=progress)[0]
     info = {"model": model, "source_image": source.name, "source_size": f"{width}x{height}", "size": f"{size}x{size}",

@@ -146,7 +146,7 @@ def run_generate(
         steps: sampler steps (default 25; the toy 25).
         guidance: the classifier-free guidance scale; ``None``: the model's — the system's own (SD 7.5, the toy 2),
             an EDM model's model-card default for the sampler (Playground v2.5: 3 with ``dpmsolver++``, 5 with
-            ``euler``; :func:`sdadapt.training.edm.edm_default_guidance`, said in the log and written in the infotext).
+            ``euler``; :func:`sdadapt.sampling.default_guidance`, said in the log and written in the infotext).
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
             ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
@@ -332,7 +332,7 @@ def run_generate(
         noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
         ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         beta_alpha=beta_alpha, beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
-    if _is_edm_own_grid(model, schedule=schedule, karras=karras, schedule_options=schedule_options):
+    if _is_edm_own_grid(model, sampler=sampler, schedule=schedule, karras=karras, schedule_options=schedule_options):
         say(f"--model {model}: an EDM model (Playground v2.5) samples on its own σ grid, which is the "
             f"{schedule or 'karras'} grid asked for (as its infotext's Schedule type names it); nothing changes")
         schedule = label_schedule = schedule_options = None
@@ -494,10 +494,10 @@ def run_generate(
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say, clip_stats=clip_stats)
-    if guidance is None and getattr(system, "edm", None) is not None:  # (Playground v2.5: its model card's scale)
-        from ..training.edm import edm_default_guidance
+    if guidance is None and getattr(system, "edm", None) is not None:  # (said, and one scale for both passes)
+        from ..sampling import default_guidance
 
-        guidance = edm_default_guidance(sampler)
+        guidance = default_guidance(system, sampler)  # (Playground v2.5: its model card's, as the library's default)
         say(f"--model {model}: an EDM model (Playground v2.5); guidance {guidance:g}, its model card's default for "
             f"{sampler} (--guidance to change)")
     if (aesthetic is not None or custom_specs) and getattr(system, "is_refiner", False):
@@ -877,22 +877,24 @@ def _expanded(text: str | None, handles) -> str | None:
     return text
 
 
-def _is_edm_own_grid(model: str | os.PathLike, *, schedule: str | None, karras: bool, schedule_options: object) -> bool:
+def _is_edm_own_grid(model: str | os.PathLike, *, sampler: str, schedule: str | None, karras: bool,
+                     schedule_options: object) -> bool:
     """Whether the σ grid asked for (``schedule``, a resolved schedule name, or ``karras``) is an EDM model's own —
     its scheduler config's ``sigma_schedule``, ``karras`` for Playground v2.5 — with A1111's settings at their
     defaults: what an EDM run's infotext writes ("Schedule type: Karras"; :func:`sdadapt.jobs.infotext._edm_grid`),
     so a pasted infotext (``--sampler "DPM++ 2M" --schedule Karras``, or the label ``"DPM++ 2M Karras"``) runs as
-    written. ``False`` for a model that is not EDM (told from its header, before the load) or another grid."""
+    written. The library's rule (:func:`sdadapt.samplers.edm.edm_own_grid`, which ``DiffusersSystem.sample`` takes
+    too) on the config the header names, before the load; ``False`` for a model that is not EDM or another grid."""
     if schedule is None and not karras:
         return False
-    if schedule_options is not None and not getattr(schedule_options, "is_default", False):
-        return False
+    from ..samplers.edm import edm_own_grid
     from .model_size import model_edm_scheduler
 
     config = model_edm_scheduler(model)
     if config is None:
         return False
-    return (schedule or "karras") == str(config.get("sigma_schedule", "karras"))
+    return edm_own_grid(str(config.get("sigma_schedule", "karras")), sampler=sampler, karras=karras, schedule=schedule,
+                        schedule_options=schedule_options)
 
 
 def _check_edm_request(model: str | os.PathLike, sampler: str, hires_sampler: str | None, *, asked_sampler: str | None,

@@ -451,13 +451,12 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``inpainting``: :func:`sdadapt.jobs.generate_inpaint.inpaint_inputs`'s result; ``aesthetic``: the
     aesthetic-gradient settings, :class:`InfotextRun`'s; ``loras`` / ``hypernetworks``: the options' ``(file,
     scale)``; ``tag_loras`` / ``hires_tag_loras``: the passes' :class:`~sdadapt.jobs.generate_prompt_tags.TagLoRA`)."""
-    import inspect
-
     from ..samplers.schedules import canonical_schedule
+    from ..sampling import default_guidance
 
     prompt, negative, hires_prompt, hires_negative = texts
-    if guidance is None:
-        guidance = inspect.signature(system.sample).parameters["guidance"].default
+    if guidance is None:  # (the scale the run's sample took: the system's default for the sampler)
+        guidance = default_guidance(system, sampler)
 
     def used(text: str | None) -> list[tuple[str, Path]]:  # (in the order the text first uses them, as A1111's
         ids = tokenize(text) if text else []  # used_embeddings dict fills)

@@ -2110,11 +2110,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
 
         outputs.samples.mkdir(exist_ok=True)
         for i, sample in enumerate(samples):
+            # (no --l: generate's default_guidance for the line's sampler, an EDM model's model card scale)
             sample = with_defaults(sample, seed=options.seed, steps=options.sample_steps, guidance=None)
-            if sample.guidance is None and getattr(system, "edm", None) is not None:  # (no --l: the model card's scale)
-                from ..training.edm import edm_default_guidance
-
-                sample = dataclasses.replace(sample, guidance=edm_default_guidance(sample.sampler or options.sample_sampler))
             sized = "height" in inspect.signature(system.sample).parameters  # else the model's own size only
             bf16 = torch.autocast(system.alphas_cumprod.device.type, dtype=torch.bfloat16) if options.full_bf16 else None
             if options.full_fp16:  # fp16 adapter weights: samples under the run's fp16 autocast

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
 
 __all__ = ["EDM_SAMPLERS", "EDMSchedule", "check_edm_request", "edm_dpmsolver_sample", "edm_euler_sample",
-           "edm_inpaint_blend", "edm_precondition", "edm_sample_latents", "edm_sigmas", "edm_start"]
+           "edm_inpaint_blend", "edm_own_grid", "edm_precondition", "edm_sample_latents", "edm_sigmas", "edm_start"]
 
 #: sampler name -> (diffusers scheduler class, its algorithm_type)
 EDM_SAMPLERS: dict[str, tuple[str, str | None]] = {
@@ -331,13 +331,46 @@ def edm_dpmsolver_sample(model: Model, x_T: Tensor, *, schedule: EDMSchedule, nu
     return x
 
 
+def edm_own_grid(sigma_schedule: str, *, sampler: str, karras: bool = False, schedule: str | None = None,
+                 schedule_options: object = None) -> bool:
+    """Whether the σ grid ``karras`` / ``schedule`` ask ``sampler`` for is an EDM model's own, ``sigma_schedule``
+    (its scheduler config's: ``"karras"`` for Playground v2.5, :attr:`EDMSchedule.sigma_schedule`), with A1111's
+    settings at their defaults (``schedule_options`` ``None`` or ``is_default``). ``schedule``: a schedule name or
+    A1111 label, ``"automatic"`` resolved for ``sampler`` as A1111 resolves it
+    (:func:`sdadapt.samplers.resolve_schedule`); ``karras``: Karras' ρ grid. An EDM run's infotext names its grid
+    ("Schedule type: Karras", :func:`sdadapt.jobs.infotext._edm_grid`; diffusers' docstring of
+    ``EDMDPMSolverMultistepScheduler``: "an EDM formulation of the DPM++ 2M Karras scheduler"), so asking for it
+    asks for nothing else: the model samples on it either way. ``False`` when no grid is asked for, for another
+    grid, a schedule option moved, or a request :func:`~sdadapt.samplers.resolve_schedule` refuses.
+
+    The one rule both the library (:func:`check_edm_request` given ``edm``, which
+    :meth:`sdadapt.diffusers_system.DiffusersSystem.sample` passes) and ``generate``'s header check before the model
+    loads (``sdadapt.jobs.generate._is_edm_own_grid``) read."""
+    if schedule is None and not karras:
+        return False
+    if schedule_options is not None and not getattr(schedule_options, "is_default", False):
+        return False
+    from ..sampler_tables import canonical_sampler, resolve_schedule
+
+    try:
+        asked = resolve_schedule(canonical_sampler(sampler), schedule, karras)
+    except ValueError:  # (an unknown schedule, or karras with another grid: refused as a schedule by the caller)
+        return False
+    return (asked or "karras") == str(sigma_schedule)
+
+
 def check_edm_request(name: str, *, karras: bool = False, schedule: str | None = None, noise: object = None,
                       clip_sample: float | None = None, schedule_options: object = None,
-                      refiner: object = None) -> None:
+                      refiner: object = None, edm: EDMSchedule | None = None) -> None:
     """Refuse, before any work, what an EDM model's samplers do not do here: a sampler diffusers has no EDM
     scheduler for (``name``: a name in :data:`sdadapt.samplers.SAMPLERS`), A1111's σ grids and settings,
     ``karras`` (the EDM grid is Karras' already), A1111's noise, ``clip_sample`` and an SDXL refiner handoff (the
     refiner is a discrete-time model). A ``start`` (img2img / hires / inpainting) runs (:func:`edm_start`).
+
+    ``edm``: the model's schedule. Given, ``karras`` / ``schedule`` naming the model's own σ grid
+    (:func:`edm_own_grid` of its ``sigma_schedule``, A1111's settings at their defaults) are not refused: the
+    model samples on that grid anyway, so the images are those without the option, bit for bit (what an EDM run's
+    infotext pasted back asks). Another grid is refused as without ``edm``.
 
     Raises:
         ValueError: naming the option, why, and what works.
@@ -346,6 +379,9 @@ def check_edm_request(name: str, *, karras: bool = False, schedule: str | None =
         raise ValueError(f"sampler {name!r} has no EDM form: an EDM model (Playground v2.5) samples with "
                          f"{', '.join(EDM_SAMPLERS)} (diffusers' EDMEulerScheduler and EDMDPMSolverMultistepScheduler; "
                          "the model's own scheduler is EDMDPMSolverMultistepScheduler: --sampler dpmsolver++)")
+    if edm is not None and edm_own_grid(edm.sigma_schedule, sampler=name, karras=karras, schedule=schedule,
+                                        schedule_options=schedule_options):
+        karras, schedule, schedule_options = False, None, None  # (the model's own grid: nothing asked for)
     refused = [label for label, given in (("karras (the EDM σ grid is Karras' ρ grid already)", karras),
                                           ("a schedule (A1111's σ grids are for the discrete-time SD models)",
                                            schedule is not None),
