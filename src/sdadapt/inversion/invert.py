@@ -175,7 +175,9 @@ def invert_latents(
     takes the prompt's, ddim keeps ``uncond``'s. Negative-prompt inversion always takes SDXL's pooled
     ``text_embeds`` from the prompt (Miyake et al.: the null condition *is* the prompt's, so the guided step is
     the conditional one), and so does null-text's ``init="negative-prompt"`` where the pooled entry is not optimised
-    (kept fixed in :attr:`Inversion.uncond`).
+    (kept fixed in :attr:`Inversion.uncond`); both take the prompt's other fixed entries into
+    :attr:`Inversion.uncond` too (the SDXL refiner's ``time_ids``, with the prompt's aesthetic score, not the
+    negative one).
     """
     _check_method(method)
     if init not in ("null", "negative-prompt"):
@@ -193,9 +195,12 @@ def invert_latents(
     if (method == "negative-prompt" and isinstance(cond, dict) and isinstance(cond.get(POOLED_KEY), Tensor)
             and key != POOLED_KEY and POOLED_KEY not in extras):
         extras += (POOLED_KEY,)
-    if (method == "null-text" and init == "negative-prompt" and isinstance(cond, dict) and isinstance(uncond, dict)
-            and isinstance(cond.get(POOLED_KEY), Tensor) and key != POOLED_KEY and POOLED_KEY not in extras):
-        uncond = {**uncond, POOLED_KEY: cond[POOLED_KEY]}  # (start from NPI: its null condition, pooled part fixed)
+    if ((method == "negative-prompt" or (method == "null-text" and init == "negative-prompt"))
+            and isinstance(cond, dict) and isinstance(uncond, dict)):
+        # (NPI's null condition is the prompt's, and null-text's init starts from it: the entries not made per step
+        # are the prompt's — the pooled text_embeds where it is not per step, the refiner's time_ids, whose negative
+        # aesthetic score would otherwise stay in the null branch and the guided step not be the conditional one)
+        uncond = {**uncond, **{k: cond[k] for k in uncond if k in cond and k != key and k not in extras}}
     if extras and (not isinstance(uncond, dict) or key in extras or len(set(extras)) != len(extras)):
         raise ValueError(f"extra_keys={tuple(extra_keys)} must name other entries of a dict condition than "
                          f"embedding_key={key!r}, each once")
