@@ -624,11 +624,29 @@ class DiffusersSystem(nn.Module):
                 torch.tensor(std).view(1, -1, 1, 1).to(like.device, like.dtype))
 
     @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
+    def encode_images(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) (posterior mean × scaling factor; with the VAE
         config's ``latents_mean`` / ``latents_std``, ``(mean − latents_mean) · scaling / latents_std`` as diffusers'
-        SDXL img2img pipeline encodes)."""
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        SDXL img2img pipeline encodes).
+
+        ``generator``: a posterior *sample* in place of the mean, ``mean + std · ε`` with ε (B, 4, H/8, W/8) drawn
+        from ``generator`` in the VAE's dtype (diffusers' ``DiagonalGaussianDistribution.sample`` through its img2img
+        pipelines' ``retrieve_latents``, :func:`sdadapt.img2img.init_generator`); ``None``: the mean, bit for bit as
+        ever."""
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        latents = posterior.mean if generator is None else posterior.sample(generator)
+        return self.scale_vae_latents(latents)
+
+    @torch.no_grad()
+    def vae_latents(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> the VAE's posterior mean (B, 4, H/8, W/8), not yet scaled: what kohya's
+        latent ``.npz`` files hold (:mod:`sdadapt.training.kohya_latent_files`)."""
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+
+    def scale_vae_latents(self, latents: Tensor) -> Tensor:
+        """Unscaled VAE latents (B, C, h, w) -> the latents the UNet takes (× scaling factor; with the VAE config's
+        ``latents_mean`` / ``latents_std``, ``(latents − latents_mean) · scaling / latents_std``); elementwise, so
+        a latent scales to the same bits alone or in any batch."""
         if self.latent_stats is not None:
             mean, std = self._stats(latents)
             return (latents - mean) * self.scaling_factor / std
@@ -970,7 +988,8 @@ class DiffusersSystem(nn.Module):
                cond: Any = None, schedule: str | None = None, info: dict | None = None, plan: Any = None,
                noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None,
                before_model_call: Any = None, clip_sample: float | None = None,
-               size_conditioning: tuple[int, int] | None = None, refiner: Any = None) -> Tensor:
+               size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
+               generator: torch.Generator | None = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1012,9 +1031,14 @@ class DiffusersSystem(nn.Module):
         refiner takes the model calls it picks (A1111's "Refiner: switch at"), conditioned as its own ``sample``
         conditions the same ``prompts`` / ``negative`` / ``plan`` (the plan's call count running on across the
         switch, as A1111's ``CFGDenoiser.step``); the images are then decoded by the refiner's VAE once it took a call.
+        ``generator``: a CPU ``torch.Generator`` the start noise and the sampler noise are drawn from in place of
+        ``torch.Generator().manual_seed(seed)`` (a diffusers pipeline's ``generator=``; e.g. after
+        ``encode_images(pixels, generator=generator)`` drew the init image's posterior sample from it); not with
+        ``noise``.
 
         Raises:
-            ValueError: a UNet that is neither plain nor an inpainting one (InstructPix2Pix's 8 channels).
+            ValueError: a UNet that is neither plain nor an inpainting one (InstructPix2Pix's 8 channels);
+                ``generator`` with ``noise``.
         """
         height, width = height or self.image_size, width or self.image_size
         check_image_size(width, height, multiple=self.size_multiple)
@@ -1041,10 +1065,13 @@ class DiffusersSystem(nn.Module):
             schedule = "align_your_steps_sdxl"
         device = self.alphas_cumprod.device
         if noise is not None:  # A1111's noise (sdadapt.samplers.a1111_noise)
+            if generator is not None:
+                raise ValueError("generator= draws the start noise in place of the seed's generator; A1111's noise= "
+                                 "draws its own: pass one of them")
             g = noise.for_batch(seed, len(prompts))
             x = g.start_noise((len(prompts), *self.latent_shape(height, width))).to(device)
         else:
-            g = torch.Generator().manual_seed(seed)
+            g = torch.Generator().manual_seed(seed) if generator is None else generator
             x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
         size_h, size_w = size_conditioning or (height, width)
         time_ids = self._size_time_ids(len(prompts), size_h, size_w)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .sampler_tables import HIRES_UPSCALERS, LATENT_UPSCALERS  # (torch-free: their one home)
+from .sampler_tables import HIRES_UPSCALERS, LATENT_UPSCALERS, VAE_ENCODE_METHODS  # (torch-free: their one home)
 
 __all__ = [
     "A1111_RULE_SAMPLERS",
@@ -48,6 +48,7 @@ __all__ = [
     "IMG2IMG_SAMPLERS",
     "LATENT_UPSCALERS",
     "SCHEDULE_FOLLOWS_A1111",
+    "VAE_ENCODE_METHODS",
     "Img2ImgStart",
     "a1111_img2img_steps",
     "a1111_start_index",
@@ -55,9 +56,11 @@ __all__ = [
     "check_img2img_sampler",
     "check_step_count",
     "check_strength",
+    "check_vae_encode",
     "ddim_img2img",
     "diffusers_start_index",
     "img2img_rule",
+    "init_generator",
     "start_index",
     "takes_any_step_count",
     "upscale_latents",
@@ -103,6 +106,47 @@ def img2img_rule(sampler: str, schedule: str | None = None) -> str:
     if sampler in A1111_RULE_SAMPLERS or (schedule is not None and sampler in SCHEDULE_FOLLOWS_A1111):
         return "a1111"
     return "diffusers"
+
+
+def check_vae_encode(method: str) -> str:
+    """``method`` if it is one of :data:`VAE_ENCODE_METHODS` (``generate --vae-encode``).
+
+    Raises:
+        ValueError: another name, naming those taken.
+    """
+    if method not in VAE_ENCODE_METHODS:
+        raise ValueError(f"--vae-encode must be one of {', '.join(VAE_ENCODE_METHODS)} (how the init image is "
+                         f"VAE-encoded), got {method!r}")
+    return method
+
+
+def init_generator(seed: int, *, a1111_noise: bool = False, shape: tuple[int, ...] | None = None) -> torch.Generator:
+    """The CPU generator the image of ``seed`` draws its init image's VAE posterior sample from
+    (``generate --vae-encode sample``: ``system.encode_images(pixels, generator=g)``).
+
+    sdadapt's own noise: ``torch.Generator().manual_seed(seed)``, to be handed on to
+    :func:`sdadapt.sampling.generate` (``generator=g``) so that the start noise (and an ancestral sampler's noise)
+    is drawn from it after the posterior sample — diffusers' order (``pipeline_stable_diffusion_img2img.py`` and
+    ``pipeline_stable_diffusion_xl_img2img.py`` ``prepare_latents``: ``retrieve_latents(vae.encode(image),
+    generator=generator)`` and then ``randn_tensor(shape, generator=generator)``, diffusers 0.42), which makes
+    sdadapt's img2img that pipeline's with ``generator=torch.Generator().manual_seed(seed)``.
+
+    ``a1111_noise``: A1111 draws the sample from its global torch RNG at whatever state earlier work left it
+    (``modules/sd_samplers_common.py`` ``images_tensor_to_samples`` → ldm's ``get_first_stage_encoding`` →
+    ``DiagonalGaussianDistribution.sample``: ``torch.randn``), which no seed reproduces; here the same CPU generator
+    after one draw of ``shape`` (the init latents' (1, C, h, w)) is discarded, so the posterior noise is never the
+    CPU-source start noise A1111's noise draws for the seed (that generator's first draw). A1111's start and sampler
+    noise are left as they are: do not hand this generator to ``generate``.
+
+    Raises:
+        ValueError: ``a1111_noise`` without ``shape``.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    if a1111_noise:
+        if shape is None:
+            raise ValueError("init_generator(a1111_noise=True) needs shape=, the init latents' (1, C, h, w)")
+        torch.randn(tuple(shape), generator=g)  # (discarded: the seed's CPU start noise)
+    return g
 
 
 def check_strength(strength: float) -> float:

@@ -26,7 +26,7 @@ __all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING",
            "DISCARD_NEXT_TO_LAST_SIGMA", "HIRES_UPSCALERS", "HIRES_UPSCALER_LABELS",
            "INPAINTING_FILL_LABELS", "KARRAS_SAMPLERS", "LATENT_UPSCALERS", "RESIZE_MODE_LABELS",
            "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES", "SCHEDULE_LABELS", "SCHEDULE_SAMPLERS",
-           "a1111_label", "canonical_choice", "canonical_sampler", "canonical_schedule", "check_karras",
+           "VAE_ENCODE_METHODS", "a1111_label", "canonical_choice", "canonical_sampler", "canonical_schedule", "check_karras",
            "resolve_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -335,6 +335,10 @@ RESIZE_MODE_LABELS: dict[str, str] = {"just": "Just resize", "crop": "Crop and r
 #: ``--inpainting-fill`` -> A1111's "Masked content" radio label (modules/ui.py ``inpainting_fill``)
 INPAINTING_FILL_LABELS: dict[str, str] = {"fill": "fill", "original": "original", "latent-noise": "latent noise",
                                           "latent-nothing": "latent nothing"}
+#: ``--vae-encode``: how an init image (img2img, inpainting, the pixel hires pass) becomes latents — the VAE
+#: posterior's ``mean`` (sdadapt's default) or a ``sample`` drawn from the image's seed generator before its start
+#: noise (diffusers' img2img pipelines; :func:`sdadapt.img2img.init_generator`)
+VAE_ENCODE_METHODS: tuple[str, ...] = ("mean", "sample")
 
 
 def canonical_choice(option: str, text: str, labels: dict[str, str]) -> str:

@@ -14,6 +14,7 @@ from ..sampler_tables import (  # (torch-free: --help and usage errors import no
     RESIZE_MODE_LABELS,
     SCHEDULE_LABELS,
     SCHEDULE_SAMPLERS,
+    VAE_ENCODE_METHODS,
     canonical_choice,
     canonical_schedule,
     sampler_choices,
@@ -108,7 +109,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         init_image=args.init_image, denoising_strength=args.denoising_strength, hires_scale=args.hires_scale,
         hires_width=args.hires_width, hires_height=args.hires_height, hires_steps=args.hires_steps,
         hires_denoising=args.hires_denoising, hires_upscaler=args.hires_upscaler,
-        resize_mode=args.resize_mode, img2img_fix_steps=args.img2img_fix_steps, hires_prompt=args.hires_prompt,
+        resize_mode=args.resize_mode, vae_encode=args.vae_encode, img2img_fix_steps=args.img2img_fix_steps,
+        hires_prompt=args.hires_prompt,
         hires_negative=args.hires_negative, hires_sampler=args.hires_sampler,
         mask=args.mask, mask_blur=args.mask_blur, invert_mask=args.invert_mask, inpainting_fill=args.inpainting_fill,
         inpainting_mask_weight=args.inpainting_mask_weight, inpaint_full_res=args.inpaint_full_res,
@@ -267,6 +269,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "'Crop and resize' (cover, cut the centre), 'Resize and fill' (fit, pad with the edges); with "
                          "--inpaint-full-res only a blank mask's plain img2img and the overlay of a --mask of another "
                          "size use it, as in A1111")
+    img2img.add_argument("--vae-encode", default="mean", choices=VAE_ENCODE_METHODS,
+                         help="how the --init-image (and the pixel-lanczos hires pass's image) is VAE-encoded: 'mean' "
+                         "(default) the posterior mean, the same for every seed; 'sample' a posterior sample drawn "
+                         "from the seed's generator before its start noise, as diffusers' img2img pipelines (their "
+                         "images for --seed); A1111's setting 'sd_vae_encode_method' samples from an unseeded RNG "
+                         "(docs/samplers.md, 'Encoding the init image')")
     img2img.add_argument("--img2img-fix-steps", action="store_true",
                          help="A1111's setting 'With img2img, do exactly the amount of steps the slider specifies': "
                          "--steps steps run (the grid is built for steps / strength); default: strength x steps")

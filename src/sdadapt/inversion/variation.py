@@ -94,6 +94,8 @@ class ImageVariationSystem(nn.Module):
     # the VAE's way in and out, as every Stable Diffusion system (they read ``vae``, ``scaling_factor`` and
     # ``latent_stats``)
     encode_images = DiffusersSystem.encode_images
+    vae_latents = DiffusersSystem.vae_latents
+    scale_vae_latents = DiffusersSystem.scale_vae_latents
     decode_latents = DiffusersSystem.decode_latents
     _stats = DiffusersSystem._stats
 

@@ -119,6 +119,7 @@ def run_generate(
     inpainting_mask_weight: float = 1.0,
     inpaint_full_res: bool = False,
     inpaint_full_res_padding: int | None = None,
+    vae_encode: str = "mean",
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -253,6 +254,13 @@ def run_generate(
         img2img_fix_steps: A1111's setting "With img2img, do exactly the amount of steps the slider specifies".
         hires_prompt, hires_negative, hires_sampler: A1111's hr_prompt, hr_negative_prompt, hr_sampler_name: the
             hires pass's texts and sampler (``None``, and ``""`` for the texts as in A1111: the first pass's).
+        vae_encode: how ``init_image`` (img2img, inpainting) and the ``pixel-lanczos`` hires pass's pixels become
+            latents: ``"mean"`` (the default) the VAE posterior's mean, the same latents for every seed; ``"sample"``
+            a posterior sample drawn per image from ``torch.Generator().manual_seed(seed)`` before that generator
+            draws the start noise — diffusers' img2img pipelines' order, whose images it then gives for the seed
+            (:func:`sdadapt.jobs.generate_hires.seeded_encoding`); with ``noise`` (A1111's) the start and sampler
+            noise stay A1111's and the sample comes from that generator after one discarded draw
+            (:func:`sdadapt.img2img.init_generator`). docs/samplers.md, "Encoding the init image".
 
     Returns:
         ``{"files": [...], "seed": int, "subseed": int | None, "seconds": ..., "loras": [...],
@@ -349,6 +357,14 @@ def run_generate(
     if target.suffix.lower() != ".png":
         raise OutputError(f"{target}: generate writes PNG images; name the output *.png")
     check_output_file(target, overwrite=True, suffix=None)  # (a missing folder is made when the first image is written)
+    from ..img2img import check_vae_encode
+
+    check_vae_encode(vae_encode)
+    if vae_encode == "sample" and init_image is None and (hires_upscaler != "pixel-lanczos" or (
+            hires_scale is None and hires_width is None and hires_height is None)):
+        raise ValueError("--vae-encode sample draws the VAE encoding of an init image: it needs --init-image, or a "
+                         "hires fix with --hires-upscaler pixel-lanczos (a latent upscaler encodes nothing); leave it "
+                         "out otherwise")
     hires = _check_img2img_options(sampler, init_image=init_image, denoising_strength=denoising_strength,
                                    hires_scale=hires_scale, hires_width=hires_width, hires_height=hires_height,
                                    hires_steps=hires_steps, hires_denoising=hires_denoising,
@@ -668,6 +684,7 @@ def run_generate(
         hires_upscale_size,
         init_latents_from_image,
         sample_image,
+        seeded_encoding,
     )
 
     size_h, size_w = height or int(getattr(system, "image_size", 0)), width or int(getattr(system, "image_size", 0))
@@ -704,8 +721,9 @@ def run_generate(
     if init_image is not None and inpainting is None:
         from .generate_inpaint import img2img_conditioning
 
+        # (--vae-encode sample: encoded per image, from its seed's generator, in the loop below)
         init_latents = init_latents_from_image(system, init_image, height=size_h, width=size_w,
-                                               resize_mode=resize_mode)
+                                               resize_mode=resize_mode) if vae_encode == "mean" else None
         model_conditioning = img2img_conditioning(system, init_image, height=size_h, width=size_w,
                                                   resize_mode=resize_mode, inpainting_mask_weight=inpainting_mask_weight)
         say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, "
@@ -818,9 +836,26 @@ def run_generate(
                            **({} if step_switch is None else {"before_model_call": step_switch}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
+            encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)
+            if vae_encode == "sample" and init_image is not None:
+                if inpainting is not None:
+                    pixels = inpainting.pixels[None].to(system.alphas_cumprod.device)
+
+                    def encode(g, pixels=pixels):
+                        return system.encode_images(pixels, generator=g)
+                else:
+                    def encode(g):
+                        return init_latents_from_image(system, init_image, height=size_h, width=size_w,
+                                                       resize_mode=resize_mode, generator=g)
+                encoded, generator = seeded_encoding(system, encode, seed=seed_i, a1111_noise=a1111_seeds is not None,
+                                                     latent_shape=(1, *system.latent_shape(size_h, size_w)))
+                if generator is not None:
+                    options["generator"] = generator
+                if inpainting is None:
+                    init_latents = encoded
             if inpainting is not None:
                 options.update(inpainting.generate_options())
-                init_latents = inpainting.init_latents(seed_i, a1111_seeds)
+                init_latents = inpainting.init_latents(seed_i, a1111_seeds, init=encoded)
             elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
                 options["inpaint_conditioning"] = model_conditioning
             handoff = None
@@ -835,7 +870,7 @@ def run_generate(
                                          denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
                                          fix_steps=img2img_fix_steps, hires_networks=hires_networks,
                                          refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
-                                         inpainting_mask_weight=inpainting_mask_weight)[0]
+                                         inpainting_mask_weight=inpainting_mask_weight, vae_encode=vae_encode)[0]
             finally:  # (the next image starts from the weights without the step-switched parts)
                 if step_switch is not None:
                     step_switch.release()

@@ -17,7 +17,7 @@ from .generate_refiner import check_refiner_hires_pass
 
 __all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "crop_hires_latents",
            "hires_image_conditioning", "hires_size", "hires_upscale_size", "init_latents_from_image",
-           "lanczos_upscale_pixels", "networks_switched", "sample_image"]
+           "lanczos_upscale_pixels", "networks_switched", "sample_image", "seeded_encoding"]
 
 #: the samplers whose img2img cannot run at A1111's ``t_enc = 0`` (no step): k-diffusion's DPMSolver takes the
 #: ``σ_min = σ_max`` A1111 hands it as reverse sampling and refuses it with ``eta > 0``, which generate runs them with
@@ -162,12 +162,12 @@ def check_img2img_pass(sampler: str, *, steps: int, strength: float, fixed_steps
 
 
 def init_latents_from_image(system, path: str | os.PathLike, *, height: int, width: int,
-                            resize_mode: str = "just") -> Tensor:
+                            resize_mode: str = "just", generator: torch.Generator | None = None) -> Tensor:
     """``--init-image``: the image at ``path`` flattened on white and brought to ``width`` x ``height`` by A1111's
     ``resize_mode`` (``just`` stretches, ``crop`` cuts the centre, ``fill`` pads with the edges; Lanczos), as
     A1111's img2img does it on 8-bit PIL images (:func:`sdadapt.resize_modes.init_image_pixels`: the pixels bit for
     bit; without Pillow within ~3 levels), and encoded (``system.encode_images``: the VAE posterior mean × scaling
-    factor) -> (1, C, height/8, width/8).
+    factor; ``generator``: a posterior sample drawn from it, :func:`seeded_encoding`) -> (1, C, height/8, width/8).
 
     Raises:
         FileNotFoundError: no such image.
@@ -183,7 +183,34 @@ def init_latents_from_image(system, path: str | os.PathLike, *, height: int, wid
     image = init_image_pixels(file, (height, width), mode=resize_mode)
     device = system.alphas_cumprod.device
     with torch.no_grad():
-        return system.encode_images(image[None].to(device)).float()
+        if generator is None:  # (the mean: encode_images as ever)
+            return system.encode_images(image[None].to(device)).float()
+        return system.encode_images(image[None].to(device), generator=generator).float()
+
+
+def seeded_encoding(system, encode: Callable[[torch.Generator], Tensor], *, seed: int, a1111_noise: bool,
+                    latent_shape: tuple[int, ...]) -> tuple[Tensor, torch.Generator | None]:
+    """``--vae-encode sample`` for the image of ``seed``: ``encode(generator)`` (an init image encoded by a VAE
+    posterior sample drawn from ``generator``, e.g. ``lambda g: system.encode_images(pixels, generator=g)``) with
+    the generator :func:`sdadapt.img2img.init_generator` gives (``a1111_noise``: A1111's noise, ``latent_shape`` the
+    (1, C, h, w) the sample is drawn at) -> ``(latents float32, generator)``: the generator to hand
+    :func:`sdadapt.sampling.generate` (``generator=``; the start noise drawn after the posterior sample, diffusers'
+    order), ``None`` with A1111's noise (which draws its own start noise).
+
+    Raises:
+        ValueError: a system whose ``encode_images`` draws no posterior sample (no ``generator=``; the toy's).
+    """
+    import inspect
+
+    from ..img2img import init_generator
+
+    if "generator" not in inspect.signature(system.encode_images).parameters:
+        raise ValueError(f"--vae-encode sample: {type(system).__name__}.encode_images has no VAE posterior to draw "
+                         "from (no generator=); use --vae-encode mean")
+    g = init_generator(seed, a1111_noise=a1111_noise, shape=latent_shape)
+    with torch.no_grad():
+        latents = encode(g).float()
+    return latents, None if a1111_noise else g
 
 
 def _lanczos_upscaler(image, width: int, height: int):
@@ -321,7 +348,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
                  denoising_strength: float = 0.75, hires: HiresRequest | None = None,
                  plan_for: Callable[[int], object] | None = None, fix_steps: bool = False,
                  hires_networks: Callable[[], AbstractContextManager] | None = None, refiner=None,
-                 refiner_hires_pass: str = "second", inpainting_mask_weight: float = 1.0) -> Tensor:
+                 refiner_hires_pass: str = "second", inpainting_mask_weight: float = 1.0,
+                 vae_encode: str = "mean") -> Tensor:
     """One :func:`sdadapt.sampling.generate` call's images (B, 3, H, W) in [-1, 1] with img2img and/or hires fix.
 
     ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
@@ -348,6 +376,10 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     ``inpainting_mask_weight`` < 1 (A1111's "Inpainting conditioning mask strength"): the hires pass of an inpainting or
     unCLIP model is conditioned on the upscaled first pass instead, as A1111's ``sample_hr_pass`` does
     (:func:`hires_image_conditioning`).
+    ``vae_encode``: ``"sample"`` encodes the ``pixel-lanczos`` hires pass's upscaled pixels by a VAE posterior sample
+    drawn from the seed's generator before that pass's start noise (:func:`seeded_encoding`; A1111's
+    ``images_tensor_to_samples`` samples too); ``"mean"``: the posterior mean. A ``generator`` in ``options`` (the
+    first pass's, after its own posterior draw) is not the hires pass's: that pass draws from the seed afresh.
     ``options["before_model_call"]`` with a ``next_pass(sampler=)`` (:class:`.generate_lbw_steps.StepSwitchedLoRAs`)
     is told when the hires pass begins, and with which sampler (the step ranges' hires pass).
     ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` (``generate --refiner``): without ``hires``
@@ -380,6 +412,7 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     factor = int(getattr(system, "vae_factor", 8))
     unclip_scope: AbstractContextManager = nullcontext()  # (the first pass's unCLIP image, if any, stays)
     seed, source = int(options.get("seed", 0)), getattr(options.get("noise"), "source", None)
+    hires_generator = None  # (--vae-encode sample's, for the pixel hires pass: seeded_encoding)
     conditioning = None  # (an inpainting model's c_concat for the hires pass; None: its txt2img grey)
     if hires.upscaler in LATENT_UPSCALERS:
         start = upscale_latents(latents.float(), (up_h // factor, up_w // factor), upscaler=hires.upscaler)
@@ -392,8 +425,14 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
                 unclip_scope = unclip_image_scope(loaded, unclip_image)
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
         pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w)).to(latents.device)
-        with torch.no_grad():
-            start = loaded.encode_images(pixels).float()
+        if vae_encode == "sample":  # (the seed's generator: the posterior sample, then this pass's start noise)
+            start, hires_generator = seeded_encoding(
+                loaded, lambda g: loaded.encode_images(pixels, generator=g), seed=seed,
+                a1111_noise=options.get("noise") is not None,
+                latent_shape=(len(pixels), *loaded.latent_shape(up_h, up_w)))
+        else:
+            with torch.no_grad():
+                start = loaded.encode_images(pixels).float()
         if getattr(loaded, "unclip", None) is not None:  # (A1111: img2img_image_conditioning of those pixels)
             from ..unclip import hires_unclip_image, unclip_image_scope
 
@@ -410,6 +449,9 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
                          f"the hires size must be a multiple of {factor} (check_hires_request)")
     steps = hires.steps or int(options.get("steps", 25))
     second = dict(options, height=height, width=width)
+    second.pop("generator", None)  # (the first pass's, spent: the hires pass draws from the seed afresh)
+    if hires_generator is not None:
+        second["generator"] = hires_generator
     if took_over:  # (the refiner loaded: every call of the hires pass is its own)
         second["refiner"] = refiner.taken_over()
     elif refiner is not None and refiner_hires_pass in ("second", "both"):

@@ -53,22 +53,27 @@ class InpaintInputs:
             return _tensor(paste_back(image, original=self.original, mask=self.mask, region=self.region)).to(image)
         return _tensor(overlay_original(_pil(image), self.original, self.mask)).to(image)
 
-    def init_latents(self, seed: int, noise: A1111Seeds | None = None) -> Tensor:
+    def init_latents(self, seed: int, noise: A1111Seeds | None = None, *, init: Tensor | None = None) -> Tensor:
         """The init latent of the image of ``seed`` under :attr:`fill`. ``latent-noise``: A1111's
         ``create_random_tensors`` of the seed — with ``noise`` (an :class:`~sdadapt.samplers.a1111_noise.A1111Seeds`:
         ``--noise a1111``/``a1111-cpu``) the first draw of a generator newly seeded with ``seed`` from its source,
         without variation seed or seed resize (A1111 passes it the seeds alone); without it the unit noise of
-        ``torch.Generator().manual_seed(seed)``, the start noise ``generate`` draws for that seed."""
+        ``torch.Generator().manual_seed(seed)``, the start noise ``generate`` draws for that seed. ``init``: the
+        image's latent (1, C, h, w) in place of :attr:`init` (``--vae-encode sample``: a VAE posterior sample of
+        :attr:`pixels` for this seed, :func:`sdadapt.jobs.generate_hires.seeded_encoding`); ``None``: :attr:`init`,
+        the posterior mean."""
         from ..inpaint import fill_latent
+
+        init = self.init if init is None else init.to(self.init)
 
         draw = None
         if self.fill == "latent-noise" and noise is not None:
             from ..samplers.a1111_noise import randn_local
 
-            draw = randn_local(seed, self.init.shape[1:], source=noise.source)[None].to(self.init)
+            draw = randn_local(seed, init.shape[1:], source=noise.source)[None].to(init)
         elif self.fill == "latent-noise":
-            draw = torch.randn(self.init.shape, generator=torch.Generator().manual_seed(seed)).to(self.init)
-        return fill_latent(self.init, self.latmask, self.fill, draw)
+            draw = torch.randn(init.shape, generator=torch.Generator().manual_seed(seed)).to(init)
+        return fill_latent(init, self.latmask, self.fill, draw)
 
     def generate_options(self) -> dict:
         """:func:`sdadapt.sampling.generate`'s inpainting keywords."""
