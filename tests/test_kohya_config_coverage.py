@@ -321,9 +321,10 @@ def test_a_current_gui_sdxl_config_loads_with_kohyas_meaning(tmp_path, monkeypat
     assert options.resolution == (1024, 1024) and options.save_last_n_epochs == 3
     assert options.method_options["text_encoder"] is False and options.method_options["conv_rank"] == 8
     assert options.metadata_author == "me" and options.training_comment == "trigger: ohwx"
-    for key in ("epoch", "noise_offset_type", "wandb_run_name", "no_half_vae", "sdpa", "cache_latents_to_disk",
+    for key in ("epoch", "noise_offset_type", "wandb_run_name", "no_half_vae", "sdpa",
                 "persistent_data_loader_workers", "metadata_trigger_phrase", "vae_batch_size"):
         assert f"config: ignored {key} (" in said, key
+    assert options.cache_latents_to_disk  # (read: the latents go to kohya's .npz files, tests/test_disk_latent_cache.py)
 
 
 @pytest.mark.parametrize("table, words", [

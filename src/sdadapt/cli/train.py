@@ -19,6 +19,7 @@ from typing import Any
 
 from ..plurals import plural
 from ..sampler_tables import SAMPLER_ALIASES, SAMPLERS, canonical_sampler  # (torch-free, as the parser must be)
+from ..timestep_tables import BIAS_STRATEGIES, DISTRIBUTIONS  # (torch-free)
 from .options import add_output_options, numbers, positive_int, progress_bar, torch_dtype
 
 __all__ = ["register", "read_config", "parse_network_args", "steps_or_share", "kohya_network_args_text", "KOHYA_KEYS",
@@ -55,7 +56,6 @@ KOHYA_KEYS = {
 #: kohya options that change nothing here (sdadapt always does it, or picks it itself)
 KOHYA_IGNORED = {
     "cache_latents": "latents are always cached (per bucket)",
-    "cache_latents_to_disk": "latents are cached in memory",
     "xformers": "torch picks the attention kernel (--sdpa-backends measure times them)",
     "sdpa": "torch picks the attention kernel (--sdpa-backends measure times them)",
     "mem_eff_attn": "torch picks the attention kernel (--sdpa-backends efficient,math asks for it)",
@@ -93,8 +93,8 @@ KOHYA_IGNORED = {
     "log_tracker_config": "the CSV log and TensorBoard events go beside the output",
     "log_config": "the options are recorded in the output's ss_* metadata and OUT-state/",
     "config_file": "the --config file is this one",
-    "skip_cache_check": "latents are cached in memory: no cache files to check",
-    "cache_info": "latents are cached in memory and image sizes read from the file headers: no cache info file",
+    "skip_cache_check": "each latent .npz file (cache_latents_to_disk) is checked as it is read, at no extra cost",
+    "cache_info": "image sizes are read from the file headers: no cache info file",
     "disable_mmap_load_safetensors": "how the checkpoint file is read (the same weights either way)",
     "diffusers_xformers": "torch picks the attention kernel (--sdpa-backends measure times them)",
     "use_safetensors": "sdadapt writes .safetensors",
@@ -137,7 +137,7 @@ _REFUSED_WHEN_ON = {
 _KOHYA_ONLY_FLAGS = frozenset({
     "network_train_unet_only", "network_train_text_encoder_only", "train_text_encoder", "v_parameterization",
     "use_8bit_adam", "use_lion_optimizer", "use_object_template", "use_style_template",
-    "cache_text_encoder_outputs_to_disk", "cache_latents", "cache_latents_to_disk", "no_metadata",
+    "cache_text_encoder_outputs_to_disk", "cache_latents", "no_metadata",
     "save_state_to_huggingface", "resume_from_huggingface", "async_upload", "output_config", "debug_dataset",
     "deepspeed", "train_inpainting", "cpu_offload_checkpointing", "no_half_vae", "v2", "mem_eff_attn", "xformers",
     "sdpa", "persistent_data_loader_workers", "ddp_gradient_as_bucket_view", "ddp_static_graph", "log_config",
@@ -1092,6 +1092,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(data, "--color-aug", action=bool_flag,
         help="kohya's --color_aug: a third of the uses get a small hue rotation (up to 16 degrees) or gamma curve "
         "(0.95-1.05); the latents are then encoded at every step, not cached")
+    add(data, "--cache-latents-to-disk", action=bool_flag,
+        help="keep each image's VAE latents in a .npz file beside it, named and laid out as kohya sd-scripts' "
+        "--cache_latents_to_disk writes them, and read them back on the next run instead of encoding (files kohya "
+        "wrote are read too; a file of another size is encoded again and rewritten); not with --random-crop, "
+        "--color-aug, --face-crop-aug-range, --resize-aug")
     add(data, "--resize-aug", action=bool_flag,
         help="custom-diffusion: Custom Diffusion's resize augmentation (diffusers' default, its --noaug turns it off): "
         "each use of a training image is rescaled to 1/3-1.4 of its size, padded or cut, its loss masked to the image "
@@ -1222,6 +1227,23 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--min-timestep", type=int, metavar="T", help="train on timesteps >= T (default 0)")
     add(optim, "--max-timestep", type=int, metavar="T", help="train on timesteps < T (default 1000; 0 is the least "
         "noise, on an EDM model's σ grid too)")
+    add(optim, "--timestep-bias-strategy", type=str.lower, choices=BIAS_STRATEGIES,
+        help="diffusers' timestep bias (train_text_to_image_sdxl.py): earlier / later weight the first / last "
+        "--timestep-bias-portion of the timesteps by --timestep-bias-multiplier, range those in [--timestep-bias-begin, "
+        "--timestep-bias-end) (default none)")
+    add(optim, "--timestep-bias-multiplier", type=float, metavar="M", help="weight of the biased timesteps (default 1)")
+    add(optim, "--timestep-bias-begin", type=int, metavar="T", help="range strategy: first biased timestep (default 0)")
+    add(optim, "--timestep-bias-end", type=int, metavar="T", help="range strategy: end of the biased timesteps, "
+        "exclusive as diffusers' slice (default 1000)")
+    add(optim, "--timestep-bias-portion", type=float, metavar="P",
+        help="earlier / later: the share of the timesteps biased (default 0.25)")
+    add(optim, "--timestep-distribution", type=str.lower, choices=DISTRIBUTIONS,
+        help="OneTrainer's timestep distribution (default uniform, kohya's draw), shaped by --noising-weight, "
+        "--noising-bias and --timestep-shift; --min/--max-timestep are its range")
+    add(optim, "--noising-weight", type=float, metavar="W", help="OneTrainer's noising_weight (default 0)")
+    add(optim, "--noising-bias", type=float, metavar="B", help="OneTrainer's noising_bias (default 0)")
+    add(optim, "--timestep-shift", type=float, metavar="S",
+        help="OneTrainer's timestep_shift: > 1 draws more noise, < 1 less (default 1)")
     add(optim, "--ema-decay", type=float, metavar="D", help="save the EMA of the weights (e.g. 0.999; default off)")
     add(optim, "--ema-save", choices=("weights", "beside"),
         help="full/dreambooth with --ema-decay: weights (default) saves the EMA as the model's weights; beside saves the "

@@ -45,6 +45,7 @@ from ..training.data import (
 )
 from ..training.half_weights import cast_trainable_
 from ..training.loss_masks import LossMaskSource
+from ..timestep_tables import TimestepSampling
 from ..training.step import StepConfig
 from . import train_optimizer, train_schedule
 from .demo import Progress, _check_dtype, _method, prior_images
@@ -101,6 +102,9 @@ class TrainOptions:
     each use of a training image rescaled to 1/3–1.4 of its size, padded or cut, its loss the mean over the
     image's latent region and its caption prefixed, "a far away " / "zoomed in " …; the class images are
     not augmented; encoded at every step, not cached; not with ``alpha_mask`` / ``masked_loss``).
+    ``cache_latents_to_disk`` (kohya's: each image's VAE latents kept in a ``.npz`` file beside it, in
+    kohya's names and keys, and read back by the next run instead of encoding;
+    :mod:`sdadapt.training.kohya_latent_files`; not with the pixel augmentations above).
 
     Trigger-word methods (textual inversion, DreamArtist, Custom Diffusion): captions must mention
     ``--token``. Images without a caption get a random one of the ``templates`` set (``object``:
@@ -142,7 +146,10 @@ class TrainOptions:
     ``smooth_l1``) with ``huber_c`` (0.1) and ``huber_schedule`` (``snr``, ``exponential``,
     ``constant``), ``debiased_estimation_loss``, ``multires_noise_iterations`` with
     ``multires_noise_discount`` (0.3; pyramid noise), ``ip_noise_gamma`` (input perturbation),
-    ``min_timestep`` / ``max_timestep`` (train on ``[min, max)`` of the 1000 timesteps);
+    ``min_timestep`` / ``max_timestep`` (train on ``[min, max)`` of the 1000 timesteps); the timestep draw's shape
+    (:meth:`timestep_sampling`, :mod:`sdadapt.training.timestep_distribution`): diffusers' ``timestep_bias_strategy``
+    / ``_multiplier`` / ``_begin`` / ``_end`` / ``_portion`` or OneTrainer's ``timestep_distribution`` with
+    ``noising_weight``, ``noising_bias``, ``timestep_shift``;
     ``huber_scale`` (1.0: multiplies ``huber_c`` of the ``constant`` and ``exponential`` schedules, as
     kohya's), ``noise_offset_random_strength`` (each batch's offset strength drawn in
     ``[0, noise_offset)``), ``adaptive_noise_scale`` (needs ``noise_offset``: the offset of each
@@ -293,6 +300,7 @@ class TrainOptions:
     color_aug: bool = False
     face_crop_aug_range: tuple[float, float] | str | None = None
     resize_aug: bool = False
+    cache_latents_to_disk: bool = False
     model: str = "toy"
     tokenizer: str | None = None
     vae: str | os.PathLike | None = None
@@ -336,6 +344,15 @@ class TrainOptions:
     ip_noise_gamma_random_strength: bool = False
     min_timestep: int | None = None
     max_timestep: int | None = None
+    timestep_bias_strategy: str = "none"  # diffusers' --timestep_bias_* (train_text_to_image_sdxl.py)
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
+    timestep_bias_portion: float = 0.25
+    timestep_distribution: str = "uniform"  # OneTrainer's (ModelSetupNoiseMixin._get_timestep_discrete)
+    noising_weight: float = 0.0
+    noising_bias: float = 0.0
+    timestep_shift: float = 1.0
     ema_decay: float | None = None
     ema_save: str = "weights"
     text_encoder_steps: int | None = None
@@ -411,6 +428,16 @@ class TrainOptions:
         if self.min_timestep is None and self.max_timestep is None:
             return None
         return (0 if self.min_timestep is None else self.min_timestep, 1000 if self.max_timestep is None else self.max_timestep)
+
+    def timestep_sampling(self) -> TimestepSampling | None:
+        """The timestep draw's shape (diffusers' bias or OneTrainer's distribution), ``None`` for kohya's uniform
+        draw. Raises ValueError (naming the option) for values with no meaning."""
+        sampling = TimestepSampling(
+            bias_strategy=self.timestep_bias_strategy, bias_multiplier=self.timestep_bias_multiplier,
+            bias_begin=self.timestep_bias_begin, bias_end=self.timestep_bias_end, bias_portion=self.timestep_bias_portion,
+            distribution=self.timestep_distribution, noising_weight=self.noising_weight, noising_bias=self.noising_bias,
+            shift=self.timestep_shift)
+        return None if sampling.is_uniform else sampling
 
     def __post_init__(self) -> None:
         if self.ddp_timeout is not None and (isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int)
@@ -493,6 +520,9 @@ class TrainOptions:
         if not 0 <= low < high <= 1000:
             raise ValueError(f"--min-timestep {low} / --max-timestep {high}: need 0 <= min < max <= 1000 (the range "
                              "[min, max) of the 1000 training timesteps)")
+        if (sampling := self.timestep_sampling()) is not None:  # (its weights over the 1000 timesteps: none all 0)
+            from ..training.timestep_distribution import draw_timesteps
+            draw_timesteps(sampling, 1, 1000, low=low, high=high, generator=torch.Generator().manual_seed(0))
         if self.lr_warmup_steps is not None and not self.lr_warmup_steps >= 0:
             raise ValueError(f"--lr-warmup-steps must be >= 0 (a count, or a fraction of the steps below 1), got {self.lr_warmup_steps}")
         if self.steps is not None and self.epochs is not None:
@@ -632,6 +662,8 @@ class TrainOptions:
         if self.resize_aug and (self.alpha_mask or self.masked_loss):
             raise ValueError("--resize-aug masks the loss to each resized image's region itself; it cannot be combined "
                              f"with {'--alpha-mask' if self.alpha_mask else '--masked-loss'}: leave one out")
+        if self.cache_latents_to_disk:
+            _check_disk_latents(self)
         if self.resize_aug and self.cache_text_encoder_outputs:
             raise ValueError("--resize-aug prefixes the captions at each use, so the text-encoder outputs cannot be "
                              "cached: leave out --cache-text-encoder-outputs")
@@ -899,6 +931,33 @@ def _check_saving_options(options: TrainOptions) -> None:
 _lr_scheduler_kwargs = train_schedule.lr_scheduler_kwargs
 
 
+def _check_disk_latents(options: TrainOptions) -> None:
+    """``--cache-latents-to-disk`` with an option that changes the pixels at each use: refused, as kohya's
+    train_network.py asserts ``is_latent_cacheable`` ("when caching latents, either color_aug or random_crop
+    cannot be used"); the dataset TOML's subsets are checked by :func:`_disk_latents`."""
+    changing = [flag for flag, on in (("--random-crop", options.random_crop), ("--color-aug", options.color_aug),
+                                      ("--face-crop-aug-range", options.face_crop_aug_range is not None),
+                                      ("--resize-aug", options.resize_aug)) if on]
+    if changing:
+        raise ValueError(f"--cache-latents-to-disk keeps each image's latents in a file, but {' and '.join(changing)} "
+                         "change the pixels at each use (kohya refuses caching latents with them too): leave one out")
+
+
+def _disk_latents(options: TrainOptions, system: object, augment: object) -> object:
+    """The :class:`~sdadapt.training.kohya_latent_files.KohyaLatentFiles` hook of ``--cache-latents-to-disk``
+    (``None`` without it); refused when the dataset's pixel augmentation (a dataset TOML subset's
+    ``random_crop`` / ``color_aug``) is on."""
+    if not options.cache_latents_to_disk:
+        return None
+    if getattr(augment, "active", False):
+        raise ValueError("--cache-latents-to-disk keeps each image's latents in a file, but the dataset's random_crop / "
+                         "color_aug (a --dataset-config subset) change the pixels at each use (kohya refuses caching "
+                         "latents with them too): leave one out")
+    from ..training.kohya_latent_files import KohyaLatentFiles
+
+    return KohyaLatentFiles(system)
+
+
 def _check_text_cache_captions(options: TrainOptions) -> None:
     """``--cache-text-encoder-outputs`` needs captions that read the same at each use (a whole-caption
     dropout is fine: ``""`` is cached too); kohya refuses the same options
@@ -1130,6 +1189,26 @@ def _replace_captions(records: list, reg_records: list, token: str, options: Tra
     return templates
 
 
+def _timestep_sampling_notes(options: TrainOptions) -> list[str]:
+    """The timestep-distribution options the chosen bias strategy / distribution does not read (run report notes)."""
+    strategy, distribution, notes = options.timestep_bias_strategy.lower(), options.timestep_distribution.lower(), []
+    reads = {"none": (), "earlier": ("multiplier", "portion"), "later": ("multiplier", "portion"),
+             "range": ("multiplier", "begin", "end")}.get(strategy, ())
+    unused = [f"--timestep-bias-{name} {value}" for name, value, default in (
+        ("multiplier", options.timestep_bias_multiplier, 1.0), ("begin", options.timestep_bias_begin, 0),
+        ("end", options.timestep_bias_end, 1000), ("portion", options.timestep_bias_portion, 0.25))
+        if value != default and name not in reads]
+    if unused:
+        notes.append(f"{', '.join(unused)}: not used by --timestep-bias-strategy {strategy}")
+    reads = {"sigmoid": ("weight", "bias"), "inverted_parabola": ("weight", "bias"), "logit_normal": ("weight", "bias"),
+             "beta": ("weight", "bias"), "heavy_tail": ("weight",)}.get(distribution, ())
+    unused = [f"--noising-{name} {value}" for name, value in (("weight", options.noising_weight),
+                                                              ("bias", options.noising_bias)) if value and name not in reads]
+    if unused:
+        notes.append(f"{', '.join(unused)}: not used by --timestep-distribution {distribution}")
+    return notes
+
+
 def _inactive_option_notes(options: TrainOptions, *, caption_notes: bool = True) -> list[str]:
     """Options that act only together with another one, given without it: said in the run report, not
     refused — kohya configs (and GUIs writing them) carry these values whatever the other setting is.
@@ -1166,6 +1245,7 @@ def _inactive_option_notes(options: TrainOptions, *, caption_notes: bool = True)
             notes.append(f"{', '.join(unused)}: not used without --noise-offset")
     if options.ip_noise_gamma_random_strength and not options.ip_noise_gamma:
         notes.append("--ip-noise-gamma-random-strength: not used without --ip-noise-gamma")
+    notes.extend(_timestep_sampling_notes(options))
     if options.masked_loss and options.conditioning_data_dir is None and not options.alpha_mask:
         notes.append("--masked-loss: no masks to apply without --conditioning-data-dir (mask images) or --alpha-mask; "
                      "every pixel counts fully")
@@ -1299,7 +1379,7 @@ def _edm_options(method: str, options: TrainOptions, notes: list[str], *,
         min_snr_gamma=options.min_snr_gamma or None, debiased_estimation=options.debiased_estimation_loss,
         scale_v_pred_loss_like_noise_pred=False, v_pred_like_loss=options.v_pred_like_loss or 0.0,
         loss=options.loss_type, huber_schedule=options.huber_schedule, input_perturbation=options.ip_noise_gamma,
-        timestep_range=options.timestep_range()))
+        timestep_range=options.timestep_range(), timestep_sampling=options.timestep_sampling()))
     if options.scale_v_pred_loss_like_noise_pred:  # (StepConfig takes it for v-prediction only)
         clashes.insert(0, "--scale-v-pred-loss-like-noise-pred: an EDM model's loss is on x0, not on v")
     if clashes:
@@ -2002,6 +2082,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                         pyramid_noise_iterations=options.multires_noise_iterations,
                         pyramid_noise_discount=options.multires_noise_discount,
                         input_perturbation=options.ip_noise_gamma, timestep_range=options.timestep_range(),
+                        timestep_sampling=options.timestep_sampling(),
                         input_perturbation_random_strength=options.ip_noise_gamma_random_strength,
                         prediction_type=getattr(system, "prediction_type", "epsilon"),
                         scale_v_pred_loss_like_noise_pred=options.scale_v_pred_loss_like_noise_pred,
@@ -2014,7 +2095,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         say(line)
 
     # ------------------------------------------------------------------ the expensive part
-    encode_buckets(dataset, system.encode_images,
+    disk = _disk_latents(options, system, augment)
+    encode_buckets(dataset, system.encode_images, latents_of=disk,
                    progress=bars("caching latents", "image") if bars is not None and not augment.active else None)
     if augment.active:
         changing = [f for f, on in (("--random-crop", options.random_crop), ("--color-aug", options.color_aug),
@@ -2030,14 +2112,14 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     validation_data = None
     if held_out:  # the held-out images' latents, cached as the others (no flips or pixel augmentation: the same each pass)
         validation_data = Dataset(held_out, captions=dataset.captions, loss_masks=loss_masks, batch_sizes=batch_sizes)
-        encode_buckets(validation_data, system.encode_images,
+        encode_buckets(validation_data, system.encode_images, latents_of=disk,
                        progress=bars("caching validation latents", "image") if bars is not None else None)
         split = "the blocks' validation_split" if block_options else f"--validation-split {options.validation_split}"
         say(f"{split}: {len(held_out)} image(s) held out for the validation loss "
             f"({validation_data.batches_per_epoch(options.batch_size * world)} batch(es) × 4 timesteps a pass)")
     prior_data: tuple | None
     if reg is not None and reg_dataset is not None:
-        encode_buckets(reg_dataset, system.encode_images,
+        encode_buckets(reg_dataset, system.encode_images, latents_of=disk,
                        progress=bars("caching class latents", "image") if bars is not None and not augment.active else None)
         reg_source = f"--reg-data-dir {options.reg_data_dir}" if options.reg_data_dir is not None else "the is_reg subsets"
         if concepts is not None:  # (not balanced: diffusers cycles through every class image)
@@ -2057,6 +2139,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                   progress=bars("class images", "image") if bars is not None else None,
                                   class_data_dir=options.class_data_dir, log=say)
         prior_count = 0 if prior_data is None else len(prior_data[1])
+    for line in disk.report() if disk is not None else ():
+        say(line)
     adaptation = spec.adapt(system, seed=options.seed, **options.method_options)
     if options.method_options.get("block_lr") is not None:  # kohya's absolute rates -> factors of the run's rate
         adaptation.use_learning_rate(config.learning_rate)  # type: ignore[attr-defined]
@@ -2614,7 +2698,7 @@ def _augmentation_record(options: TrainOptions) -> dict[str, object]:
 #: what a record written before these options existed trained with
 _AUGMENTATION_DEFAULTS = {"flip_aug": False, "random_crop": False, "color_aug": False, "resize_aug": False}
 _NOISE_RECORD_DEFAULTS = {"noise_offset_random_strength": False, "zero_terminal_snr": False,
-                          "ip_noise_gamma_random_strength": False}
+                          "ip_noise_gamma_random_strength": False, "timestep_sampling": None}
 
 
 def _prior_record(method: str, options: TrainOptions) -> dict[str, object]:
@@ -2634,7 +2718,9 @@ def _noise_record(options: TrainOptions) -> dict[str, object]:
     draw per batch) or the schedule its steps train on (zero terminal SNR)."""
     return {"noise_offset_random_strength": options.noise_offset_random_strength,
             "ip_noise_gamma_random_strength": options.ip_noise_gamma_random_strength,
-            "zero_terminal_snr": options.zero_terminal_snr}
+            "zero_terminal_snr": options.zero_terminal_snr,
+            # (recorded when set: older records lack it; the draw's shape changes the draws that follow)
+            **({"timestep_sampling": sampling.describe()} if (sampling := options.timestep_sampling()) else {})}
 
 
 def _record_table_changes(folder: Path, record: dict, entry: str, now: dict[str, object], *,

@@ -5,6 +5,7 @@
 | :mod:`.diffusion` | schedules, noising, ε/v/x0 targets, SNR weights, losses, DDIM/Euler samplers, inversion |
 | :mod:`.step` | the one-screen :func:`train_step`, :class:`StepConfig`, resumable :class:`TrainState`, EMA |
 | :mod:`.edm` | the step's EDM branch (Playground v2.5): σ grid, c_in / c_noise / c_skip / c_out, x0 target, as diffusers |
+| :mod:`.timestep_distribution` | the step's timestep draw shaped as diffusers' timestep bias or OneTrainer's timestep distributions |
 | :mod:`.optim` | lean optimisers (fp32/bf16/int8 AdamW states, Adafactor), fused backward, LR schedules |
 | :mod:`.lion` | Lion (kohya's ``Lion``): one float32 or bf16 momentum, multi-tensor and capturable steps |
 | :mod:`.prodigy` | Prodigy (kohya's ``Prodigy``): prodigyopt's step-size estimate kept on the device, capturable |
@@ -60,6 +61,7 @@ from . import (
     step_capture,
     step_size_estimate,
     text_cache,
+    timestep_distribution,
     torch_lr_schedules,
     validation,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "attention",
     "diffusion",
     "edm",
+    "timestep_distribution",
     "step",
     "optim",
     "lr_schedules",

@@ -989,7 +989,8 @@ class Dataset:
 
 def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batch: int = 4,
                    images: Tensor | None = None,
-                   progress: Callable[[int, int, str], None] | None = None) -> None:
+                   progress: Callable[[int, int, str], None] | None = None,
+                   latents_of: Callable[..., tuple[Tensor, Tensor | None]] | None = None) -> None:
     """Fill ``dataset.latents`` / ``members``: each bucket's images encoded ``batch`` at a time (CPU latents).
 
     With ``dataset.flip`` also ``dataset.latents_flipped``: the same images mirrored left-right
@@ -997,7 +998,9 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
     in the same batches, after the plain ones. With ``dataset.loss_masks`` also ``dataset.masks``: each
     image's loss mask scaled and cropped as the image, at the latents' size (:mod:`.loss_masks`).
     ``images`` (N, 3, H, W): encode these tensors (one bucket) instead of reading the files.
-    ``progress(done, total, name)`` after each image.
+    ``progress(done, total, name)`` after each image. ``latents_of(records, flip=...)``: each batch's
+    ``(latents (n, C, h, w), mirrored latents or None)`` from it in place of ``encode`` (kohya's latent
+    ``.npz`` files, :class:`sdadapt.training.kohya_latent_files.KohyaLatentFiles`; not with ``images``).
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for index, record in enumerate(dataset.records):  # (by bucket; with several dataset blocks, by block and bucket)
@@ -1019,11 +1022,17 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
         chunks, mirrored, masks = [], [], []
         for start in range(0, len(indices), batch):
             part = indices[start: start + batch]
-            pixels = images[part] if images is not None else torch.stack([_load(dataset.records[i]) for i in part])
-            with torch.no_grad():
-                chunks.append(encode(pixels).detach().float().cpu())
+            if latents_of is not None and images is None:
+                plain, flipped = latents_of([dataset.records[i] for i in part], flip=dataset.flip)
+                chunks.append(plain)
                 if dataset.flip:
-                    mirrored.append(encode(torch.flip(pixels, dims=[3])).detach().float().cpu())
+                    mirrored.append(flipped)
+            else:
+                pixels = images[part] if images is not None else torch.stack([_load(dataset.records[i]) for i in part])
+                with torch.no_grad():
+                    chunks.append(encode(pixels).detach().float().cpu())
+                    if dataset.flip:
+                        mirrored.append(encode(torch.flip(pixels, dims=[3])).detach().float().cpu())
             if dataset.loss_masks is not None:
                 size = tuple(chunks[-1].shape[-2:])
                 masks.extend(mask_like_image(dataset.loss_masks.read(dataset.records[i]), dataset.records[i], size=size)

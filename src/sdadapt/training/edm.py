@@ -143,6 +143,11 @@ def edm_step_clashes(config: StepConfig) -> list[str]:
          f"huber_schedule={config.huber_schedule!r} (--huber-schedule): it reads the DDPM timestep; use 'constant'"),
         (bool(config.input_perturbation), f"input_perturbation={config.input_perturbation} (--ip-noise-gamma): it "
          "perturbs the input's noise against an ε target, and the EDM target is x0"),
+        (config.timestep_sampling is not None and not config.timestep_sampling.is_uniform,
+         f"timestep_sampling ({config.timestep_sampling.describe() if config.timestep_sampling else ''}; "
+         "--timestep-bias-strategy / --timestep-distribution / --timestep-shift): they shape the draw of the DDPM "
+         "timesteps, and diffusers' EDM training (train_dreambooth_lora_sdxl.py) draws its σ-grid index uniformly, "
+         "with no bias option; --min-timestep / --max-timestep restrict the σ grid"),
     ):
         if given:
             clashes.append(what)

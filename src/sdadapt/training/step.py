@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from . import diffusion, edm
+from . import diffusion, edm, timestep_distribution
 from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
+from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .half_weights import found_inf, loss_scaler
 from .optim import FusedBackward, restore_capturable_mode
@@ -71,6 +72,8 @@ class StepConfig:
     pyramid_noise_iterations: int = 0
     pyramid_noise_discount: float = 0.4
     timestep_range: tuple[int, int] | None = None  # [low, high) of training timesteps
+    # diffusers' timestep bias or OneTrainer's timestep distribution (training.timestep_distribution); None: uniform
+    timestep_sampling: TimestepSampling | None = None
     max_grad_norm: float | None = 1.0
     accumulation_steps: int = 1
     mixed_precision: str | None = None  # None | "bf16" | "fp16"
@@ -195,7 +198,11 @@ def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState,
             noise, iterations=config.pyramid_noise_iterations, discount=config.pyramid_noise_discount, generator=g
         )
     low, high = timestep_bounds(config, num_steps)
-    t = diffusion.sample_timesteps(latents.shape[0], num_steps, generator=g, low=low, high=high, device=latents.device)
+    if config.timestep_sampling is None or config.timestep_sampling.is_uniform:
+        t = diffusion.sample_timesteps(latents.shape[0], num_steps, generator=g, low=low, high=high, device=latents.device)
+    else:  # (the weights made once, kept on the device: no host read, capturable)
+        t = timestep_distribution.draw_timesteps(config.timestep_sampling, latents.shape[0], num_steps, low=low, high=high,
+                                                 generator=g, device=latents.device)
     # input perturbation: the model sees noise + γ·ε', the target keeps the unperturbed noise
     noisy_input = noise
     if config.input_perturbation:

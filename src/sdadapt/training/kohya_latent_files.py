@@ -1,0 +1,212 @@
+"""kohya sd-scripts' latent cache files: ``--cache-latents-to-disk`` (kohya's ``cache_latents_to_disk``).
+
+Each training image's VAE latents are kept in a ``.npz`` file beside the image, named and laid out as
+kohya sd-scripts writes them, so that a second run (of sdadapt or of kohya) reads them instead of
+running the VAE encoder again, and files kohya wrote are read here.
+
+What kohya does (sd-scripts, ``library/strategy_sd.py`` ``SdSdxlLatentsCachingStrategy`` and
+``library/strategy_base.py`` ``LatentsCachingStrategy``, the current layout; ``library/train_util.py``
+``is_disk_cached_latents_is_expected``, the older check):
+
+* the file: ``<stem>_<W:04d>x<H:04d>_sd.npz`` (SDXL: ``_sdxl.npz``), ``W x H`` the image file's own size
+  (``get_latents_npz_path`` with ``info.image_size``); an older ``<stem>.npz`` is used instead when it
+  exists (read *and* written there, "support old .npz").
+* the keys (SD / SDXL: no ``_<h>x<w>`` key suffix, which only kohya's multi-resolution FLUX / SD3 / Lumina
+  caches use; ``save_latents_to_disk``): ``latents`` (C, H/8, W/8) float32, the VAE's latents *unscaled*
+  (kohya multiplies by the scaling factor at each step); ``original_size`` ``[W, H]`` of the image;
+  ``crop_ltrb`` ``BucketManager.get_crop_ltrb(bucket, image size)``; with ``flip_aug`` also
+  ``latents_flipped`` (the mirrored image's latents); with ``alpha_mask`` also ``alpha_mask`` (H, W).
+* the check (``_default_is_disk_cached_latents_expected``): the file exists and has ``latents`` (with
+  ``flip_aug`` ``latents_flipped``, with ``alpha_mask`` ``alpha_mask``); ``--skip_cache_check`` skips it.
+  Otherwise the image is encoded again and the file rewritten. The current SD/SDXL check looks at no
+  shape; the older ``is_disk_cached_latents_is_expected`` also compared ``latents.shape[1:3]`` with the
+  bucket // 8 — sdadapt does (a wrong-size entry is re-encoded and rewritten, never trained on).
+* an unreadable file: kohya logs "Error loading file" and stops. sdadapt encodes the image again and
+  rewrites the file (a cache is derived data; a file cut short by an interrupted write is the usual
+  case), saying so in the run's report.
+
+sdadapt writes the posterior *mean* (kohya writes a posterior *sample*, ``latent_dist.sample()``); both are
+``(C, H/8, W/8)`` float32 unscaled latents that either tool reads. Files are written atomically (a
+temporary file renamed into place, :func:`sdadapt.formats.files.atomic_write`) and read with
+``numpy.load(..., allow_pickle=False)``. sdadapt's loss masks (``alpha_mask`` / ``masked_loss``) are read
+from the image files at each run (no VAE involved): a file's ``alpha_mask`` is neither needed nor written.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..formats.files import atomic_write
+from .data import ImageRecord, _load
+
+__all__ = ["KohyaLatentFiles", "crop_ltrb", "npz_path_for", "read_npz_latents", "write_npz_latents"]
+
+#: kohya's SdSdxlLatentsCachingStrategy suffixes (library/strategy_sd.py)
+_SD_SUFFIX, _SDXL_SUFFIX, _OLD_SUFFIX = "_sd.npz", "_sdxl.npz", ".npz"
+
+
+def npz_path_for(image: str | os.PathLike, *, size: tuple[int, int], sdxl: bool = False) -> Path:
+    """The latent file kohya reads for ``image`` of ``size`` = (height, width) pixels (the file's own size):
+    ``<stem>.npz`` when that older file exists, else ``<stem>_<W:04d>x<H:04d>_sd.npz`` (``_sdxl.npz``
+    with ``sdxl``) — kohya's ``SdSdxlLatentsCachingStrategy.get_latents_npz_path``."""
+    image = Path(image)
+    old = image.with_name(image.stem + _OLD_SUFFIX)
+    if old.exists():
+        return old
+    height, width = size
+    return image.with_name(f"{image.stem}_{width:04d}x{height:04d}{_SDXL_SUFFIX if sdxl else _SD_SUFFIX}")
+
+
+def crop_ltrb(bucket: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """kohya's ``BucketManager.get_crop_ltrb`` (library/train_util.py): ``(left, top, right, bottom)`` of
+    an image of ``size`` = (height, width) fitted into ``bucket`` = (height, width), as Stability AI's
+    preprocessing computes it (the ``crop_ltrb`` key; kohya's SDXL crop conditioning)."""
+    bucket_w, bucket_h = bucket[1], bucket[0]
+    image_ar = size[1] / size[0]
+    if bucket_w / bucket_h > image_ar:
+        width, height = bucket_h * image_ar, bucket_h
+    else:
+        width, height = bucket_w, bucket_w / image_ar
+    left, top = (bucket_w - width) // 2, (bucket_h - height) // 2
+    return left, top, left + width, top + height
+
+
+def read_npz_latents(path: str | os.PathLike, *, shape: tuple[int, ...], flip: bool) -> tuple[Tensor, Tensor | None] | str:
+    """``(latents (C, h, w), mirrored latents or None)`` from a kohya latent file, float32 as stored, or
+    the reason it cannot serve (a string): missing keys, another size than ``shape`` (this run's bucket),
+    no ``latents_flipped`` with ``flip``, unreadable. Reads the current keys (``latents`` ...) and none
+    of the multi-resolution ``latents_<h>x<w>`` ones (kohya writes those for FLUX / SD3 only)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            if "latents" not in names:
+                return "no 'latents' array"
+            plain = npz["latents"]
+            mirrored = npz["latents_flipped"] if flip and "latents_flipped" in names else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    if tuple(plain.shape) != tuple(shape):
+        return f"latents of shape {tuple(plain.shape)}, this run's bucket needs {tuple(shape)}"
+    if flip and mirrored is None:
+        return "no 'latents_flipped' (flip_aug needs it)"
+    if flip and tuple(mirrored.shape) != tuple(shape):
+        return f"latents_flipped of shape {tuple(mirrored.shape)}, this run's bucket needs {tuple(shape)}"
+    if not np.issubdtype(plain.dtype, np.floating) or (mirrored is not None and not np.issubdtype(mirrored.dtype, np.floating)):
+        return f"latents of dtype {plain.dtype}, not floating point"
+    return _tensor(plain), (_tensor(mirrored) if mirrored is not None else None)
+
+
+def _tensor(array: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def write_npz_latents(path: str | os.PathLike, latents: Tensor, *, original_size: tuple[int, int],
+                      crop: tuple[float, float, float, float], flipped: Tensor | None = None) -> Path:
+    """Write one image's kohya latent file atomically: ``latents`` (C, h, w) and ``flipped`` as float32
+    (kohya's ``save_latents_to_disk``: ``latents_tensor.float().cpu().numpy()``), ``original_size`` =
+    ``[W, H]`` (from ``original_size`` = (height, width)) and ``crop_ltrb``. The file holds only these
+    keys (a stale ``latents_flipped`` or ``alpha_mask`` of another size is not carried over)."""
+    arrays = {"latents": latents.detach().float().cpu().numpy(),
+              "original_size": np.array((original_size[1], original_size[0])), "crop_ltrb": np.array(crop)}
+    if flipped is not None:
+        arrays["latents_flipped"] = flipped.detach().float().cpu().numpy()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # (a file object: numpy adds no second ".npz" to the temporary name)
+            np.savez(handle, **arrays)
+
+    return atomic_write(path, write)
+
+
+@dataclass
+class KohyaLatentFiles:
+    """The ``latents_of`` hook of :func:`sdadapt.training.data.encode_buckets` for ``--cache-latents-to-disk``.
+
+    For each batch of records it reads every image's valid latent file and encodes the others (the VAE's
+    unscaled latents, :meth:`DiffusersSystem.vae_latents`, written to their file), then scales both
+    alike (:meth:`DiffusersSystem.scale_vae_latents`): an image trains on the same bits whether its latents
+    were encoded now or read back from the file the last run wrote. A system without these two methods
+    (the toy) stores what its ``encode_images`` gives.
+
+    Attributes:
+        read, encoded: how many images' latents came from files / from the VAE (``encoded`` counts the
+            rewritten ones too); ``rewritten``: files that were there but could not serve, with the reason.
+    """
+
+    system: object
+    read: int = 0
+    encoded: int = 0
+    rewritten: list[tuple[Path, str]] = field(default_factory=list)
+    _shapes: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
+
+    @property
+    def sdxl(self) -> bool:
+        return isinstance(getattr(self.system, "text_encoder_2", None), nn.Module)
+
+    def _raw(self, pixels: Tensor) -> Tensor:
+        encode: Callable[[Tensor], Tensor] = getattr(self.system, "vae_latents", self.system.encode_images)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            return encode(pixels).detach().float().cpu()
+
+    def _scaled(self, raw: Tensor) -> Tensor:
+        scale = getattr(self.system, "scale_vae_latents", None)
+        with torch.no_grad():
+            return (scale(raw) if scale is not None else raw).float()
+
+    def _shape(self, bucket: tuple[int, int]) -> tuple[int, ...]:
+        """The (C, h, w) latents of a ``bucket`` image (the system's ``latent_shape``, else one encode of zeros)."""
+        if bucket not in self._shapes:
+            shape_of = getattr(self.system, "latent_shape", None)
+            self._shapes[bucket] = (tuple(shape_of(*bucket)) if shape_of is not None
+                                    else tuple(self._raw(torch.zeros(1, 3, *bucket)).shape[1:]))
+        return self._shapes[bucket]
+
+    def __call__(self, records: list[ImageRecord], *, flip: bool) -> tuple[Tensor, Tensor | None]:
+        """One batch of records of one bucket -> ``(latents (n, C, h, w), mirrored (n, C, h, w) or None)``,
+        scaled for training, float32 on the CPU."""
+        if any(r.path is None for r in records):
+            raise ValueError("--cache-latents-to-disk keeps each image's latents beside its file; these images were "
+                             "given as tensors (build the dataset with find_images)")
+        plain: list[Tensor | None] = [None] * len(records)
+        mirrored: list[Tensor | None] = [None] * len(records)
+        missing: list[tuple[int, Path]] = []
+        for i, record in enumerate(records):
+            path = npz_path_for(record.path, size=record.size, sdxl=self.sdxl)  # type: ignore[arg-type]
+            found = read_npz_latents(path, shape=self._shape(record.bucket), flip=flip) if path.exists() else None
+            if isinstance(found, tuple):
+                plain[i], mirrored[i] = found
+                self.read += 1
+                continue
+            if found is not None:
+                self.rewritten.append((path, found))
+            missing.append((i, path))
+        if missing:
+            pixels = torch.stack([_load(records[i]) for i, _ in missing])
+            raw = self._raw(pixels)
+            raw_flipped = self._raw(torch.flip(pixels, dims=[3])) if flip else None
+            for k, (i, path) in enumerate(missing):
+                record = records[i]
+                write_npz_latents(path, raw[k], original_size=record.size, crop=crop_ltrb(record.bucket, record.size),
+                                  flipped=raw_flipped[k] if raw_flipped is not None else None)
+                plain[i] = raw[k]
+                mirrored[i] = raw_flipped[k] if raw_flipped is not None else None
+            self.encoded += len(missing)
+        # (contiguous whatever layout the VAE gave: a file read back and an encode give the same tensor, bit for bit,
+        # in the same layout; the in-memory path keeps the VAE's, channels-last from some CPU kernels, with the same values)
+        latents = self._scaled(torch.stack(plain)).contiguous()  # type: ignore[arg-type]
+        return latents, (self._scaled(torch.stack(mirrored)).contiguous() if flip else None)  # type: ignore[arg-type]
+
+    def report(self) -> list[str]:
+        """The run's lines: how many latents were read from files and how many encoded, and each rewritten file."""
+        lines = [(f"--cache-latents-to-disk: {self.read} image(s)' latents read from their .npz files, {self.encoded} "
+                  "encoded by the VAE and written beside the images (kohya's layout)")]
+        lines += [f"  {path}: {why}; encoded again and rewritten" for path, why in self.rewritten]
+        return lines
