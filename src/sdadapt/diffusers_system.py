@@ -886,7 +886,19 @@ class DiffusersSystem(nn.Module):
         :func:`sdadapt.inversion.invert_image` so that an inversion's null branch is the sampler's."""
         context = cond["context"] if isinstance(cond, dict) else cond
         time_ids = cond.get("time_ids") if isinstance(cond, dict) else None
-        return self._uncond(negative, cond, int(context.shape[0]), time_ids)
+        # (breaks: BREAK / long negatives in A1111's chunks, as generate's prompt plans read them; :meth:`prompt_condition`)
+        return self._uncond(negative, cond, int(context.shape[0]), time_ids, breaks=True)
+
+    def prompt_condition(self, prompt: str) -> Any:
+        """The condition (batch 1, native size) that ``generate`` samples ``prompt`` with: A1111 emphasis
+        (``(cat:1.3)``, ``[cat]``, blanks around a weight allowed), ``BREAK`` and — with :attr:`max_token_length`
+        75 — a prompt longer than 75 tokens in A1111's chunks (:meth:`_prompt_condition` with ``breaks``, the path
+        of a prompt plan). A prompt without brackets, backslashes, ``BREAK`` nor over 75 tokens: exactly
+        ``condition(tokenize([prompt]))``. Used by :func:`sdadapt.inversion.invert_image` and
+        :func:`~sdadapt.inversion.regenerate_image` so that an inversion reconstructs and edits what ``generate``
+        samples for that text (prompt editing ``[a:b:n]``, alternation and ``AND`` are plans of several texts: not
+        read here)."""
+        return self._prompt_condition([prompt], None, breaks=True)
 
     def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None, *, breaks: bool = False) -> Any:
         if self.is_sdxl and not negative and self.zero_empty_negative:  # force_zeros_for_empty_prompt

@@ -308,7 +308,11 @@ def sample_inversion(
 
 # ----------------------------------------------------------------------------- system level
 def _prompt_condition(system, prompt: str) -> object:
-    return system.condition(system.tokenize([prompt]))
+    """``prompt``'s condition as the system samples it (``system.prompt_condition``: ``DiffusersSystem``'s A1111
+    emphasis, ``BREAK`` and long-prompt chunks, ``generate``'s reading); ``condition(tokenize([prompt]))`` for a
+    system without that reader (the toy)."""
+    read = getattr(system, "prompt_condition", None)
+    return system.condition(system.tokenize([prompt])) if read is None else read(prompt)
 
 
 def _as_batch(image: Tensor, size: int) -> Tensor:
@@ -532,14 +536,18 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
         guidance = float(meta["guidance"])
         # (an EDM file: no DDPM settings; those of the previous version's /2 files, written but unused, are ignored)
         steps_offset = int(meta["steps_offset"]) if edm is None else 1
-        null_keys = json.loads(meta.get("null_keys", "[]")) if meta["format"] == _FORMAT_ENTRIES else []
+        null_keys = json.loads(meta.get("null_keys", "null")) if meta["format"] == _FORMAT_ENTRIES else []
     except (KeyError, ValueError) as exc:
         raise WeightFileError(f"{file}: bad inversion metadata ({exc})") from None
     if edm is None and "alphas_cumprod" not in tensors:
         raise WeightFileError(f"{file}: inversion file lacks alphas_cumprod; the file is damaged")
-    if not isinstance(null_keys, list) or not all(isinstance(k, str) for k in null_keys):
-        raise WeightFileError(f"{file}: bad inversion metadata (null_keys {meta.get('null_keys')!r}, want a JSON list "
-                              "of names)")
+    if not isinstance(null_keys, list) or not all(isinstance(k, str) for k in null_keys) or \
+            (meta["format"] == _FORMAT_ENTRIES and not null_keys):
+        # (save_inversion writes /3 only with per-step values of other null entries, named in null_keys)
+        found = "no 'null_keys' metadata" if "null_keys" not in meta else f"null_keys {meta['null_keys']!r}"
+        raise WeightFileError(f"{file}: bad inversion metadata ({found}): a "
+                              f"{_FORMAT_ENTRIES} file names its per-step null-condition entries in 'null_keys', a "
+                              "non-empty JSON list (e.g. [\"text_embeds\"]); the file is damaged")
     null_extra = {}
     for key in null_keys:
         value = tensors.get(f"null_embeddings.{key}")

@@ -128,10 +128,16 @@ def run_invert(
             raise FileExistsError(f"{path}: already exists; pass --overwrite (overwrite=True) to replace it")
     check_output_file(files["reconstruction"], overwrite=True, suffix=None)  # (a missing folder: made at the first write)
     start = time.perf_counter()
+    no_pooled = (f"optimize_pooled (--optimize-pooled): the model {model!r} has no pooled text embedding; it is an SDXL "
+                 "option (SDXL, Playground v2.5) — leave it out")
+    if optimize_pooled:  # (told from the folder / header, before the load; None: unknown there)
+        from ..jobs.model_size import model_is_sdxl
+
+        if model_is_sdxl(model) is False:
+            raise ValueError(no_pooled)
     system = load_model(model)
-    if optimize_pooled and not getattr(system, "is_sdxl", False):
-        raise ValueError(f"optimize_pooled (--optimize-pooled): the model {model!r} has no pooled text embedding; it is "
-                         "an SDXL option (SDXL, Playground v2.5) — leave it out")
+    if optimize_pooled and not getattr(system, "is_sdxl", False):  # (what the header could not tell: the toy, ...)
+        raise ValueError(no_pooled)
     size = system.image_size
     width, height, mode = _image_header(source)
     picture = read_image(source, size=size)  # (3, size, size) in [-1, 1], as `train` reads images
