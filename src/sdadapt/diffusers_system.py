@@ -633,15 +633,15 @@ class DiffusersSystem(nn.Module):
         from ``generator`` in the VAE's dtype (diffusers' ``DiagonalGaussianDistribution.sample`` through its img2img
         pipelines' ``retrieve_latents``, :func:`sdadapt.img2img.init_generator`); ``None``: the mean, bit for bit as
         ever."""
-        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        latents = posterior.mean if generator is None else posterior.sample(generator)
-        return self.scale_vae_latents(latents)
+        return self.scale_vae_latents(self.vae_latents(images, generator=generator))
 
     @torch.no_grad()
-    def vae_latents(self, images: Tensor) -> Tensor:
+    def vae_latents(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> the VAE's posterior mean (B, 4, H/8, W/8), not yet scaled: what kohya's
-        latent ``.npz`` files hold (:mod:`sdadapt.training.kohya_latent_files`)."""
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        latent ``.npz`` files hold (:mod:`sdadapt.training.kohya_latent_files`); ``generator``: a posterior sample
+        drawn from it in place of the mean (:meth:`encode_images`)."""
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return posterior.mean if generator is None else posterior.sample(generator)
 
     def scale_vae_latents(self, latents: Tensor) -> Tensor:
         """Unscaled VAE latents (B, C, h, w) -> the latents the UNet takes (× scaling factor; with the VAE config's
