@@ -29,6 +29,7 @@ from .optim import (
     _float32,
     _float32_many,
     _param_chunks,
+    _step_options,
     _write_weight,
     _write_weights_many,
 )
@@ -37,6 +38,7 @@ from .step_size_estimate import (
     _adam_moments,
     _adam_moments_many,
     _bias_corrected,
+    _growth_rate,
     _masked,
     _sum64,
     _total,
@@ -159,12 +161,10 @@ class DAdaptAdam(_DAdaptation):
         capturable: bool = False,
     ) -> None:
         del log_every  # (dadaptation prints every log_every steps; sdadapt logs nothing from the step)
-        if not growth_rate > 0.0:
-            raise ValueError(f"DAdaptAdam: growth_rate must be > 0 (e.g. 1.02, or inf: unbounded), got {growth_rate!r}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "layer_scale": 1.0,
                     "decouple": bool(decouple), "use_bias_correction": bool(use_bias_correction),
-                    "growth_rate": float(growth_rate), "stochastic_rounding": bool(stochastic_rounding),
-                    "foreach": bool(foreach), "capturable": bool(capturable)}
+                    "growth_rate": _growth_rate(self._NAME, growth_rate),
+                    **_step_options(stochastic_rounding=stochastic_rounding, foreach=foreach, capturable=capturable)}
         super().__init__(params, defaults, d0=d0, fsdp_in_use=fsdp_in_use, generator=generator)
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
@@ -199,10 +199,18 @@ class DAdaptAdam(_DAdaptation):
         if not dots:
             return loss
         numerator_weighted, d_hat, ok = self._estimate(dots, norms, sqrt_beta2)
-        d_new = torch.maximum(d, torch.minimum(d_hat, d * first["growth_rate"]))
-        self._weights(active, ok, dlr)
-        self._commit(numerator_weighted, d_new, ok)
+        self._finish(active, dlr, numerator_weighted, d_hat, ok)
         return loss
+
+    def _finish(self, active: list[tuple[dict[str, Any], list[Tensor], Any]], dlr: Tensor, weighted: Tensor,
+                d_hat: Tensor, ok: Tensor, *, name: str = "numerator_weighted") -> None:
+        """The end of an Adam step after the sums: ``d ← max(d, min(d̂, d · growth_rate))``, the
+        weights (:meth:`_weights`), then the estimate committed with ``weighted`` stored as ``name``
+        (its weighted numerator; the preprint's ``gsq_weighted``) — where ``ok``."""
+        d = self._scalars["d"]
+        d_new = torch.maximum(d, torch.minimum(d_hat, d * self.param_groups[0]["growth_rate"]))
+        self._weights(active, ok, dlr)
+        self._commit(weighted, d_new, ok, name=name)
 
     def _weights(self, active: list[tuple[dict[str, Any], list[Tensor], Any]], ok: Tensor, dlr: Tensor) -> None:
         """The weight update of every active group after the estimate: ``w ← w − λ η w`` (decoupled
@@ -301,11 +309,9 @@ class DAdaptAdamPreprint(DAdaptAdam):
         capturable: bool = False,
     ) -> None:
         del log_every  # (ignored: see DAdaptAdam)
-        if not growth_rate > 0.0:
-            raise ValueError(f"DAdaptAdamPreprint: growth_rate must be > 0 (e.g. 1.02, or inf), got {growth_rate!r}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "decouple": bool(decouple),
-                    "growth_rate": float(growth_rate), "stochastic_rounding": bool(stochastic_rounding),
-                    "foreach": bool(foreach), "capturable": bool(capturable)}
+                    "growth_rate": _growth_rate(self._NAME, growth_rate),
+                    **_step_options(stochastic_rounding=stochastic_rounding, foreach=foreach, capturable=capturable)}
         _DAdaptation.__init__(self, params, defaults, d0=d0, fsdp_in_use=fsdp_in_use, generator=generator)
 
     @torch.no_grad()
@@ -330,10 +336,7 @@ class DAdaptAdamPreprint(DAdaptAdam):
         g_sq, sk_sq, sk_l1 = (_total(v) for v in sums)
         gsq_weighted = S["gsq_weighted"] * beta2 + g_sq * (dlr * dlr * (1 - beta2))
         d_hat = (sk_sq / (1 - beta2) - gsq_weighted) / sk_l1
-        ok = sk_l1 > 0
-        d_new = torch.maximum(d, torch.minimum(d_hat, d * first["growth_rate"]))
-        self._weights(active, ok, dlr)
-        self._commit(gsq_weighted, d_new, ok, name="gsq_weighted")
+        self._finish(active, dlr, gsq_weighted, d_hat, sk_l1 > 0, name="gsq_weighted")
         return loss
 
     def _single_sums(self, group: dict[str, Any], params: list[Tensor], b1: Any, b2: Any, c_m: Tensor, c_v: Tensor,
@@ -430,8 +433,7 @@ class DAdaptLion(_DAdaptation):
     ) -> None:
         del log_every  # (ignored: see DAdaptAdam)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
-                    "stochastic_rounding": bool(stochastic_rounding), "foreach": bool(foreach),
-                    "capturable": bool(capturable)}
+                    **_step_options(stochastic_rounding=stochastic_rounding, foreach=foreach, capturable=capturable)}
         super().__init__(params, defaults, d0=d0, fsdp_in_use=fsdp_in_use, generator=generator)
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from .optim import (
     _param_chunks,
     _params_with_grads,
     _state_bytes,
+    _step_options,
     _write_back_many,
     _write_weight,
 )
@@ -106,8 +107,8 @@ class Lion(torch.optim.Optimizer):
         _check_common(_lr_value(lr), weight_decay)
         _check_betas(betas)
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay,
-                    "state_dtype": _lion_state_dtype(state_dtype), "stochastic_rounding": bool(stochastic_rounding),
-                    "foreach": bool(foreach), "capturable": bool(capturable)}
+                    "state_dtype": _lion_state_dtype(state_dtype),
+                    **_step_options(stochastic_rounding=stochastic_rounding, foreach=foreach, capturable=capturable)}
         super().__init__(params, defaults)
         self.generator = generator
 

@@ -248,6 +248,14 @@ def _check_common(lr: float, weight_decay: float) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
+def _step_options(*, stochastic_rounding: bool, foreach: bool, capturable: bool) -> dict[str, bool]:
+    """The param-group defaults every sdadapt optimiser takes, as bools: ``stochastic_rounding``
+    (bf16 weights written with stochastic rounding), ``foreach`` (multi-tensor ops per chunk) and
+    ``capturable`` (the step can be recorded in a CUDA graph)."""
+    return {"stochastic_rounding": bool(stochastic_rounding), "foreach": bool(foreach),
+            "capturable": bool(capturable)}
+
+
 def _float32(t: Tensor) -> Tensor:
     """``t`` itself when it is float32 (any layout: a working weight updated in place, which
     :func:`_write_weight` then skips), else a float32 copy (``t.float()``: exact from a narrower
@@ -471,8 +479,8 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         state_dtype=_state_dtype_name(state_dtype),
-                        stochastic_rounding=bool(stochastic_rounding), block_size=block_size, foreach=bool(foreach),
-                        capturable=bool(capturable))
+                        block_size=block_size, **_step_options(stochastic_rounding=stochastic_rounding,
+                                                               foreach=foreach, capturable=capturable))
         super().__init__(params, defaults)
         self.generator = generator
         self._codes: dict[tuple[torch.device, bool], Tensor] = {}
@@ -1053,8 +1061,8 @@ class Adafactor(torch.optim.Optimizer):
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
                         beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init,
-                        factor_conv_as_matrix=factor_conv_as_matrix, stochastic_rounding=bool(stochastic_rounding),
-                        foreach=bool(foreach), capturable=bool(capturable))
+                        factor_conv_as_matrix=factor_conv_as_matrix,
+                        **_step_options(stochastic_rounding=stochastic_rounding, foreach=foreach, capturable=capturable))
         super().__init__(params, defaults)
         self.generator = generator
 

@@ -17,12 +17,20 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .optim import _call_closure, _flat, _float32, _float32_many, _param_chunks
+from .optim import (
+    _call_closure,
+    _flat,
+    _float32,
+    _float32_many,
+    _param_chunks,
+    _step_options,
+)
 from .step_size_estimate import (
     StepSizeEstimator,
     _adam_moments,
     _adam_moments_many,
     _bias_corrected,
+    _growth_rate,
     _masked,
     _sum64,
     _total,
@@ -143,16 +151,15 @@ class Prodigy(StepSizeEstimator):
     ) -> None:
         if not d_coef > 0.0:
             raise ValueError(f"Prodigy: d_coef must be > 0 (e.g. 0.5, 1 or 2), got {d_coef!r}")
-        if not growth_rate > 0.0:
-            raise ValueError(f"Prodigy: growth_rate must be > 0 (e.g. 1.02, or inf: unbounded), got {growth_rate!r}")
+        growth_rate = _growth_rate("Prodigy", growth_rate)
         if beta3 is not None and not 0.0 <= beta3 < 1.0:
             raise ValueError(f"Prodigy: beta3 must be in [0, 1) or None (√β₂), got {beta3!r}")
         defaults = {"lr": lr, "betas": betas,
                     "beta3": None if beta3 is None else float(beta3), "eps": eps, "weight_decay": weight_decay,
                     "decouple": bool(decouple), "use_bias_correction": bool(use_bias_correction),
                     "safeguard_warmup": bool(safeguard_warmup), "d_coef": float(d_coef),
-                    "growth_rate": float(growth_rate), "slice_p": slice_p, "stochastic_rounding": bool(stochastic_rounding),
-                    "foreach": bool(foreach), "capturable": bool(capturable)}
+                    "growth_rate": growth_rate, "slice_p": slice_p,
+                    **_step_options(stochastic_rounding=stochastic_rounding, foreach=foreach, capturable=capturable)}
         super().__init__(params, defaults, d0=d0, fsdp_in_use=fsdp_in_use, generator=generator)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

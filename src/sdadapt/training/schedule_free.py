@@ -47,6 +47,7 @@ from .optim import (
     _param_chunks,
     _params_with_grads,
     _state_bytes,
+    _step_options,
     _write_weight,
     _write_weights_many,
 )
@@ -92,6 +93,18 @@ def switch_mode(optimizer: Any, *, train: bool) -> None:
 class _ScheduleFree(torch.optim.Optimizer):
     """What every schedule-free optimiser here shares: the counters, the train/eval modes, the
     ``y``/``z`` updates given a direction ``u`` (the subclass's), the bf16 write-back, resume."""
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], own: dict[str, Any], *,
+                 warmup_steps: int, r: float, weight_lr_power: float, stochastic_rounding: bool,
+                 generator: torch.Generator | None, foreach: bool, capturable: bool) -> None:
+        """``own``: the subclass's defaults (``lr``, its direction's options, ``weight_decay``),
+        followed here by the options and counters every schedule-free optimiser's groups carry
+        (eval mode first, as schedulefree's)."""
+        defaults = {**own, "warmup_steps": warmup_steps, "r": r, "weight_lr_power": weight_lr_power,
+                    "train_mode": False, **_START,
+                    **_step_options(stochastic_rounding=stochastic_rounding, foreach=foreach, capturable=capturable)}
+        super().__init__(params, defaults)
+        self.generator = generator
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``, validating the group's options and giving
@@ -302,12 +315,10 @@ class AdamWScheduleFree(_ScheduleFree):
         foreach: bool = False,
         capturable: bool = False,
     ) -> None:
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                    "warmup_steps": warmup_steps, "r": r, "weight_lr_power": weight_lr_power, "train_mode": False,
-                    **_START, "stochastic_rounding": bool(stochastic_rounding), "foreach": bool(foreach),
-                    "capturable": bool(capturable)}
-        super().__init__(params, defaults)
-        self.generator = generator
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
+                         warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                         stochastic_rounding=stochastic_rounding, generator=generator, foreach=foreach,
+                         capturable=capturable)
 
     def _beta1(self, group: dict[str, Any]) -> float:
         return group["betas"][0]
@@ -381,12 +392,10 @@ class SGDScheduleFree(_ScheduleFree):
         foreach: bool = False,
         capturable: bool = False,
     ) -> None:
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "r": r,
-                    "weight_lr_power": weight_lr_power, "train_mode": False, **_START,
-                    "stochastic_rounding": bool(stochastic_rounding), "foreach": bool(foreach),
-                    "capturable": bool(capturable)}
-        super().__init__(params, defaults)
-        self.generator = generator
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+                         warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                         stochastic_rounding=stochastic_rounding, generator=generator, foreach=foreach,
+                         capturable=capturable)
 
     def _beta1(self, group: dict[str, Any]) -> float:
         return group["momentum"]

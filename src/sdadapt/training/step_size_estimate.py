@@ -231,6 +231,14 @@ def _sum64(values: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(values)).to(dtype).sum()
 
 
+def _growth_rate(optimizer: str, growth_rate: float) -> float:
+    """``growth_rate`` (the largest factor the estimate ``d`` may grow by in one step) as a float,
+    checked: > 0, ``inf`` for unbounded (dadaptation's and prodigyopt's default)."""
+    if not growth_rate > 0.0:
+        raise ValueError(f"{optimizer}: growth_rate must be > 0 (e.g. 1.02, or inf: unbounded), got {growth_rate!r}")
+    return float(growth_rate)
+
+
 def _bias_corrected(step_size: Tensor, group: dict[str, Any], k: Tensor) -> Tensor:
     """``step_size`` (a 0-dim tensor) times Adam's bias correction ``√(1 − β₂^(k+1)) / (1 − β₁^(k+1))``
     at step ``k`` (0-based, the estimate's 0-dim count) when the group's ``use_bias_correction`` is
