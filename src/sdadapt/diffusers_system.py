@@ -131,9 +131,17 @@ def _restore_mean(weighted: Tensor, plain: Tensor) -> Tensor:
     """Emphasis-weighted text states (B, L, D) rescaled so each prompt's mean over (L, D) is its
     unweighted states' ``plain`` (B, L, D) mean again, per prompt, not over the batch (A1111's
     "Original" emphasis; kohya's SD1/SD2 ``lpw_stable_diffusion.get_weighted_text_embeddings``), in
-    float32, rounded once to the states' dtype."""
+    float32, rounded once to the states' dtype.
+
+    A prompt whose weighted mean is 0 (a ratio ``plain mean / weighted mean`` that is not finite: states all 0, or
+    of mean exactly 0) keeps its weighted states unscaled — A1111's "No norm" for that prompt — where A1111's
+    ``z * (original_mean / new_mean)`` (``modules/sd_emphasis.py`` ``EmphasisOriginal.after_transformers``, lines
+    40-46 at f8391b8a) has no guard and makes every state NaN (0/0) or infinite. A finite ratio is applied as
+    A1111 applies it, however large (a weighted mean that is merely near 0)."""
     previous, current = plain.float().mean(dim=(-2, -1), keepdim=True), weighted.float().mean(dim=(-2, -1), keepdim=True)
-    return (weighted.float() * (previous / current)).to(weighted.dtype)
+    ratio = previous / current
+    ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))  # (weighted mean 0: left unscaled)
+    return (weighted.float() * ratio).to(weighted.dtype)
 
 
 def check_image_size(width: int, height: int, *, multiple: int) -> None:
@@ -672,14 +680,19 @@ class DiffusersSystem(nn.Module):
         # (the VAE's latent channels: an inpainting UNet takes 9 in, the latent's 4 plus its image conditioning)
         return int(self.vae.config.latent_channels), height // self.vae_factor, width // self.vae_factor
 
-    def inpainting_conditioning(self, images: Tensor, mask: Tensor) -> Tensor:
+    def inpainting_conditioning(self, images: Tensor, mask: Tensor, *,
+                                generator: torch.Generator | None = None) -> Tensor:
         """An inpainting UNet's ``c_concat`` (B, 5, h, w) for the masked images ``images`` (B, 3, H, W) in [-1, 1]
         (:func:`sdadapt.inpaint.masked_image`) and their pixel ``mask`` (1, 1, H, W) of 0 / 1
         (:func:`sdadapt.inpaint.image_conditioning`; the latent is the VAE posterior's mean, as
-        :meth:`encode_images`)."""
+        :meth:`encode_images`; with ``generator`` a posterior sample drawn from it, as diffusers' inpaint pipelines'
+        ``prepare_mask_latents`` → ``_encode_vae_image(masked_image, generator=generator)``)."""
         from .inpaint import image_conditioning
 
-        return image_conditioning(mask, self.encode_images(images.to(self.alphas_cumprod.device)))
+        images = images.to(self.alphas_cumprod.device)
+        if generator is None:  # (the mean, as ever)
+            return image_conditioning(mask, self.encode_images(images))
+        return image_conditioning(mask, self.encode_images(images, generator=generator))
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """Token ids (B, L); SDXL: both tokenizers' ids stacked, (B, 2, L).
@@ -896,9 +909,30 @@ class DiffusersSystem(nn.Module):
         of a prompt plan). A prompt without brackets, backslashes, ``BREAK`` nor over 75 tokens: exactly
         ``condition(tokenize([prompt]))``. Used by :func:`sdadapt.inversion.invert_image` and
         :func:`~sdadapt.inversion.regenerate_image` so that an inversion reconstructs and edits what ``generate``
-        samples for that text (prompt editing ``[a:b:n]``, alternation and ``AND`` are plans of several texts: not
-        read here)."""
+        samples for that text. One text only: prompt editing ``[a:b:n]``, alternation ``[a|b]`` and ``AND`` are
+        plans of several texts switched per model call, which this does not read (it would take their brackets for
+        emphasis); the inversion reads them with :func:`sdadapt.prompt_guidance.plan_prompt` and
+        :meth:`plan_conditions`, each text conditioned by this same rule."""
         return self._prompt_condition([prompt], None, breaks=True)
+
+    def plan_conditions(self, plan: Any, *, count: int = 1, time_ids: Tensor | None = None) -> tuple[list, list]:
+        """``(conds, negatives)``: the condition of each text of a :class:`~sdadapt.prompt_guidance.PromptPlan`
+        (``plan.texts``, then ``plan.negative_texts``; batch ``count``), as :meth:`sample` conditions a plan —
+        A1111 emphasis, ``BREAK`` and long-prompt chunks (:meth:`_prompt_condition` with ``breaks``); the
+        negatives with the refiner's negative aesthetic score, SDXL's empty negative zeros only when it is the
+        schedule's one text (:meth:`negative_condition`). ``time_ids``: SDXL's size conditioning (default: the
+        native size's). Used by :func:`sdadapt.inversion.invert_image` too, so an inversion reads a plan's texts as
+        ``generate`` does."""
+        if time_ids is None:
+            time_ids = self._size_time_ids(count, self.image_size, self.image_size)
+        conds = [self._prompt_condition([text] * count, time_ids, breaks=True) for text in plan.texts]
+        # (SDXL zeros an empty negative only when all its schedule's texts are empty: A1111 zeros a batch
+        # of texts that are all '', and the schedule's texts are one batch there)
+        one = len(plan.negative_texts) == 1
+        negatives = [self._uncond(text, conds[0], count, time_ids, breaks=True) if one
+                     else self._prompt_condition([text] * count, self._negative_time_ids(time_ids), breaks=True)
+                     for text in plan.negative_texts]
+        return conds, negatives
 
     def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None, *, breaks: bool = False) -> Any:
         if self.is_sdxl and not negative and self.zero_empty_negative:  # force_zeros_for_empty_prompt
@@ -1001,7 +1035,7 @@ class DiffusersSystem(nn.Module):
                noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None,
                before_model_call: Any = None, clip_sample: float | None = None,
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, start_noise: Tensor | None = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1046,11 +1080,12 @@ class DiffusersSystem(nn.Module):
         ``generator``: a CPU ``torch.Generator`` the start noise and the sampler noise are drawn from in place of
         ``torch.Generator().manual_seed(seed)`` (a diffusers pipeline's ``generator=``; e.g. after
         ``encode_images(pixels, generator=generator)`` drew the init image's posterior sample from it); not with
-        ``noise``.
+        ``noise``. ``start_noise``: the unit start noise (B, 4, H/8, W/8) in place of the generator's first draw
+        (a diffusers pipeline's ``latents=``; :func:`sdadapt.sampling.generate`); not with ``noise``.
 
         Raises:
             ValueError: a UNet that is neither plain nor an inpainting one (InstructPix2Pix's 8 channels);
-                ``generator`` with ``noise``.
+                ``generator`` or ``start_noise`` with ``noise``; a ``start_noise`` of another shape.
         """
         height, width = height or self.image_size, width or self.image_size
         check_image_size(width, height, multiple=self.size_multiple)
@@ -1080,11 +1115,18 @@ class DiffusersSystem(nn.Module):
             if generator is not None:
                 raise ValueError("generator= draws the start noise in place of the seed's generator; A1111's noise= "
                                  "draws its own: pass one of them")
+            if start_noise is not None:
+                raise ValueError("start_noise= is the start noise; A1111's noise= draws its own: pass one of them")
             g = noise.for_batch(seed, len(prompts))
             x = g.start_noise((len(prompts), *self.latent_shape(height, width))).to(device)
         else:
             g = torch.Generator().manual_seed(seed) if generator is None else generator
-            x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
+            if start_noise is None:
+                x = torch.randn(len(prompts), *self.latent_shape(height, width), generator=g).to(device)
+            else:  # (drawn by the caller: the generator draws only the sampler noise)
+                from .sampling import given_start_noise
+
+                x = given_start_noise(start_noise, (len(prompts), *self.latent_shape(height, width))).to(device)
         size_h, size_w = size_conditioning or (height, width)
         time_ids = self._size_time_ids(len(prompts), size_h, size_w)
         model = self.denoiser()
@@ -1155,13 +1197,7 @@ class DiffusersSystem(nn.Module):
         if plan is not None:  # A1111 prompt syntax: every text once, switched per model call
             if cond is not None:
                 raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
-            conds = [self._prompt_condition([text] * count, time_ids, breaks=True) for text in plan.texts]
-            # (SDXL zeros an empty negative only when all its schedule's texts are empty: A1111 zeros a batch
-            # of texts that are all '', and the schedule's texts are one batch there)
-            one = len(plan.negative_texts) == 1
-            negatives = [self._uncond(text, conds[0], count, time_ids, breaks=True) if one
-                         else self._prompt_condition([text] * count, self._negative_time_ids(time_ids), breaks=True)
-                         for text in plan.negative_texts]
+            conds, negatives = self.plan_conditions(plan, count=count, time_ids=time_ids)
             conds, negatives = self._unclip_conditions(conds, negative=False), self._unclip_conditions(negatives, negative=True)
             return plan.guidance(model, conds, negatives, guidance), None, None, 1.0
         if cond is None:

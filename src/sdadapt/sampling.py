@@ -29,7 +29,7 @@ from . import samplers
 from .errors import InputError
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
-           "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
+           "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
 
 #: the classifier-free guidance scale of a system whose ``sample`` names no number of its own: Stable Diffusion's
 #: (diffusers' ``StableDiffusionPipeline.__call__`` ``guidance_scale=7.5``; the System protocol's ``sample``)
@@ -235,7 +235,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              inpaint_mask: Tensor | None = None, inpaint_conditioning: Tensor | None = None,
              before_model_call: Callable[[int, int], None] | None = None,
              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
-             refiner: object | None = None, generator: torch.Generator | None = None) -> Tensor:
+             refiner: object | None = None, generator: torch.Generator | None = None,
+             start_noise: Tensor | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -313,17 +314,25 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     before the start noise (:func:`sdadapt.img2img.init_generator`); ``None``: the seed's generator, as ever
     (the system's ``sample`` when it takes ``generator=``, else the System protocol).
 
+    ``start_noise``: the unit start noise (B, C, H/8, W/8), float32, in place of the generator's first draw
+    (diffusers' pipelines' ``latents=``); the generator (``generator`` or the seed's) then draws only the sampler
+    noise. An inpainting model's ``--vae-encode sample`` draws its masked image's posterior sample between the two,
+    as diffusers' inpaint pipelines do (:func:`sdadapt.jobs.generate_inpaint.sampled_encodings`); ``None``: drawn
+    from the generator, as ever (the system's ``sample`` when it takes ``start_noise=``, else the System protocol).
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
             system cannot make; an inpainting mask or conditioning without ``init_latents``; ``clip_sample`` on a
             sampler other than ``heun``, or not above 0.
         TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``, or ``refiner`` to one whose
             ``sample`` takes no ``refiner=``.
-        ValueError: ``generator`` with ``noise`` (A1111's noise draws its own).
+        ValueError: ``generator`` or ``start_noise`` with ``noise`` (A1111's noise draws its own).
     """
     if generator is not None and noise is not None:
         raise ValueError("generator= draws the start noise in place of the seed's generator; A1111's noise= draws "
                          "its own: pass one of them")
+    if start_noise is not None and noise is not None:
+        raise ValueError("start_noise= is the start noise; A1111's noise= draws its own: pass one of them")
     if refiner is not None and not _takes(system.sample, "refiner"):
         raise TypeError(f"{type(system).__name__}.sample takes no refiner= argument; the SDXL refiner hands over "
                         "inside an SDXL base's sample (DiffusersSystem)")
@@ -358,7 +367,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
                      noise=noise, schedule_options=schedule_options, start=start, output=output,
                      before_model_call=before_model_call, clip_sample=clip_sample,
-                     size_conditioning=size_conditioning, refiner=refiner, generator=generator)
+                     size_conditioning=size_conditioning, refiner=refiner, generator=generator,
+                     start_noise=start_noise)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -409,7 +419,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               info: dict | None, plan: object | None, noise: object | None, schedule_options: object | None,
               start: object | None, output: str, before_model_call: Callable[[int, int], None] | None = None,
               clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
-              refiner: object | None = None, generator: torch.Generator | None = None) -> Tensor:
+              refiner: object | None = None, generator: torch.Generator | None = None,
+              start_noise: Tensor | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -426,10 +437,11 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (start is None or _takes(system.sample, "start"))
                      and (before_model_call is None or _takes(system.sample, "before_model_call"))
                      and (clip_sample is None or _takes(system.sample, "clip_sample"))
-                     and (generator is None or _takes(system.sample, "generator")))
+                     and (generator is None or _takes(system.sample, "generator"))
+                     and (start_noise is None or _takes(system.sample, "start_noise")))
     # (else through the protocol, below)
     own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
-                                    and before_model_call is None and generator is None)
+                                    and before_model_call is None and generator is None and start_noise is None)
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -470,11 +482,13 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["refiner"] = refiner
         if generator is not None:
             options["generator"] = generator
+        if start_noise is not None:
+            options["start_noise"] = start_noise
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
     if name == "ddim" and plan is None and noise is None and schedule_options is None and start is None \
-            and output == "images" and before_model_call is None and generator is None:
+            and output == "images" and before_model_call is None and generator is None and start_noise is None:
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
@@ -483,7 +497,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
         x = g.start_noise((len(prompts), *probe.shape[1:])).to(probe.device)
     else:
         g = torch.Generator().manual_seed(seed) if generator is None else generator
-        x = torch.randn(len(prompts), *probe.shape[1:], generator=g).to(probe.device)
+        x = (torch.randn(len(prompts), *probe.shape[1:], generator=g) if start_noise is None
+             else given_start_noise(start_noise, (len(prompts), *probe.shape[1:]))).to(probe.device)
     scale = guidance if guidance is not None else default_guidance(system, name)
     model, uncond = system.denoiser(), None
     if plan is not None:
@@ -507,6 +522,19 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                       **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                       **(dict(getattr(system, "ddim_options", {})) if name == "ddim" else {}))
     return latents if output == "latents" else system.decode_latents(latents)
+
+
+def given_start_noise(start_noise: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """:func:`generate`'s ``start_noise`` for a batch whose start noise is ``shape`` (B, C, h, w): the tensor as it
+    is (a draw from the generator is float32 on the CPU; the caller moves it to the model's device).
+
+    Raises:
+        ValueError: another shape (naming both).
+    """
+    if tuple(start_noise.shape) != tuple(shape):
+        raise ValueError(f"start_noise is {tuple(start_noise.shape)}, the batch's start noise is {tuple(shape)}: "
+                         "draw it at the size being generated, one row per prompt")
+    return start_noise
 
 
 def kohya_clip_sample(sampler: str) -> float | None:

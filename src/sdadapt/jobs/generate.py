@@ -260,7 +260,10 @@ def run_generate(
             draws the start noise — diffusers' img2img pipelines' order, whose images it then gives for the seed
             (:func:`sdadapt.jobs.generate_hires.seeded_encoding`); with ``noise`` (A1111's) the start and sampler
             noise stay A1111's and the sample comes from that generator after one discarded draw
-            (:func:`sdadapt.img2img.init_generator`). docs/samplers.md, "Encoding the init image".
+            (:func:`sdadapt.img2img.init_generator`). An inpainting model's masked image is sampled too, after the
+            start noise (diffusers' inpaint pipelines' order: :func:`sdadapt.jobs.generate_inpaint.sampled_encodings`).
+            ``"sample"`` is written in the infotext (``VAE encode: sample``). docs/samplers.md, "Encoding the init
+            image".
 
     Returns:
         ``{"files": [...], "seed": int, "subseed": int | None, "seconds": ..., "loras": [...],
@@ -684,8 +687,8 @@ def run_generate(
         hires_upscale_size,
         init_latents_from_image,
         sample_image,
-        seeded_encoding,
     )
+    from .generate_inpaint import img2img_pixels, sampled_encodings
 
     size_h, size_w = height or int(getattr(system, "image_size", 0)), width or int(getattr(system, "image_size", 0))
     init_latents = None
@@ -816,7 +819,7 @@ def run_generate(
         aesthetic=None if aesthetic is None else dict(
             embedding=aesthetic, lr=aesthetic_lr, weight=aesthetic_weight, steps=aesthetic_steps,
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
-            slerp_angle=aesthetic_text_angle))
+            slerp_angle=aesthetic_text_angle), vae_encode=vae_encode)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -837,27 +840,25 @@ def run_generate(
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)
+            sampled: dict = {}  # (and generate's options it draws: generator, an inpainting model's start noise
+            start_generator = None  # and sampled conditioning; the generator whose next draw is the start noise)
             if vae_encode == "sample" and init_image is not None:
                 if inpainting is not None:
-                    pixels = inpainting.pixels[None].to(system.alphas_cumprod.device)
-
-                    def encode(g, pixels=pixels):
-                        return system.encode_images(pixels, generator=g)
+                    pixels, masked = inpainting.pixels[None], inpainting.masked
                 else:
-                    def encode(g):
-                        return init_latents_from_image(system, init_image, height=size_h, width=size_w,
-                                                       resize_mode=resize_mode, generator=g)
-                encoded, generator = seeded_encoding(system, encode, seed=seed_i, a1111_noise=a1111_seeds is not None,
-                                                     latent_shape=(1, *system.latent_shape(size_h, size_w)))
-                if generator is not None:
-                    options["generator"] = generator
+                    pixels, masked = img2img_pixels(system, init_image, height=size_h, width=size_w,
+                                                    resize_mode=resize_mode,
+                                                    inpainting_mask_weight=inpainting_mask_weight)
+                encoded, sampled, start_generator = sampled_encodings(
+                    system, pixels, seed=seed_i, a1111_noise=a1111_seeds is not None, masked=masked)
                 if inpainting is None:
                     init_latents = encoded
             if inpainting is not None:
                 options.update(inpainting.generate_options())
-                init_latents = inpainting.init_latents(seed_i, a1111_seeds, init=encoded)
+                init_latents = inpainting.init_latents(seed_i, a1111_seeds, init=encoded, start=start_generator)
             elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
                 options["inpaint_conditioning"] = model_conditioning
+            options.update(sampled)  # (after the mean conditioning: an inpainting model's sampled one replaces it)
             handoff = None
             if refiner_system is not None:  # (the base, then the refiner, in one sampler run per pass)
                 from .generate_refiner import RefinerHandoff

@@ -16,7 +16,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from ..samplers.a1111_noise import A1111Seeds
 
-__all__ = ["InpaintInputs", "check_inpaint_options", "img2img_conditioning", "inpaint_inputs"]
+__all__ = ["InpaintInputs", "check_inpaint_options", "img2img_conditioning", "img2img_pixels", "inpaint_inputs",
+           "sampled_encodings"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class InpaintInputs:
     the init image's own size with ``region`` the (x1, y1, x2, y2) box that was inpainted ("Only masked",
     :mod:`sdadapt.inpaint_crop`; A1111's ``paste_to``). ``pixels`` (3, H, W) in [-1, 1]: the image that was encoded
     (resized or cut out, filled) — what A1111 hands ``img2img_image_conditioning`` (an SD 2.1 unCLIP model's image
-    embedding is taken of it: :func:`sdadapt.unclip.unclip_image_of_pixels`)."""
+    embedding is taken of it: :func:`sdadapt.unclip.unclip_image_of_pixels`). ``masked``: an inpainting model's
+    masked image (1, 3, H, W) and pixel mask (1, 1, H, W) that ``conditioning`` encodes (``None`` for a plain model;
+    ``--vae-encode sample`` encodes them again by a posterior sample: :func:`sampled_encodings`)."""
 
     init: Tensor
     latmask: Tensor
@@ -38,6 +41,7 @@ class InpaintInputs:
     mask: object = None
     region: tuple[int, int, int, int] | None = None
     pixels: Tensor | None = None
+    masked: tuple[Tensor, Tensor] | None = None
 
     def overlay(self, image: Tensor) -> Tensor:
         """A1111's final overlay on a generated image (3, H, W) in [-1, 1], 8-bit as the PNG will be: "Whole
@@ -53,7 +57,8 @@ class InpaintInputs:
             return _tensor(paste_back(image, original=self.original, mask=self.mask, region=self.region)).to(image)
         return _tensor(overlay_original(_pil(image), self.original, self.mask)).to(image)
 
-    def init_latents(self, seed: int, noise: A1111Seeds | None = None, *, init: Tensor | None = None) -> Tensor:
+    def init_latents(self, seed: int, noise: A1111Seeds | None = None, *, init: Tensor | None = None,
+                     start: torch.Generator | None = None) -> Tensor:
         """The init latent of the image of ``seed`` under :attr:`fill`. ``latent-noise``: A1111's
         ``create_random_tensors`` of the seed — with ``noise`` (an :class:`~sdadapt.samplers.a1111_noise.A1111Seeds`:
         ``--noise a1111``/``a1111-cpu``) the first draw of a generator newly seeded with ``seed`` from its source,
@@ -61,7 +66,10 @@ class InpaintInputs:
         ``torch.Generator().manual_seed(seed)``, the start noise ``generate`` draws for that seed. ``init``: the
         image's latent (1, C, h, w) in place of :attr:`init` (``--vae-encode sample``: a VAE posterior sample of
         :attr:`pixels` for this seed, :func:`sdadapt.jobs.generate_hires.seeded_encoding`); ``None``: :attr:`init`,
-        the posterior mean."""
+        the posterior mean. ``start``: the generator ``generate`` will draw the start noise from (``--vae-encode
+        sample``: the seed's generator after the posterior sample, whose first draw that ε took); ``latent-noise``
+        then draws from a copy of it, so that its noise is still the start noise, as A1111's fill (its
+        ``create_random_tensors`` and its start noise are the same draw of the seed) and the mean encoding's are."""
         from ..inpaint import fill_latent
 
         init = self.init if init is None else init.to(self.init)
@@ -72,7 +80,10 @@ class InpaintInputs:
 
             draw = randn_local(seed, init.shape[1:], source=noise.source)[None].to(init)
         elif self.fill == "latent-noise":
-            draw = torch.randn(init.shape, generator=torch.Generator().manual_seed(seed)).to(init)
+            g = torch.Generator().manual_seed(seed)
+            if start is not None:  # (the start noise's generator, untouched: its next draw, from a copy)
+                g.set_state(start.get_state())
+            draw = torch.randn(init.shape, generator=g).to(init)
         return fill_latent(init, self.latmask, self.fill, draw)
 
     def generate_options(self) -> dict:
@@ -242,13 +253,13 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
     with torch.no_grad():
         init = system.encode_images(pixels[None].to(device)).float()
     latmask = inpaint.latent_mask(mask, tuple(init.shape[-2:])).to(device)
-    conditioning = None
+    conditioning = masked = None
     if _is_inpainting_model(system):
         pixel_mask = inpaint.conditioning_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
-        masked = inpaint.masked_image(pixels[None], pixel_mask, inpainting_mask_weight)
-        conditioning = system.inpainting_conditioning(masked, pixel_mask).float()
+        masked = (inpaint.masked_image(pixels[None], pixel_mask, inpainting_mask_weight), pixel_mask)
+        conditioning = system.inpainting_conditioning(*masked).float()
     return InpaintInputs(init, latmask, conditioning, inpainting_fill, original=original, mask=overlay_mask,
-                         region=region, pixels=pixels)
+                         region=region, pixels=pixels, masked=masked)
 
 
 def _is_inpainting_model(system) -> bool:
@@ -275,12 +286,84 @@ def img2img_conditioning(system, image_path: str | os.PathLike, *, height: int, 
         ValueError: a UNet neither plain nor an inpainting one, a weight outside [0, 1], an unreadable image, a
             resize mode that scales a side to 0 pixels.
     """
+    if not _is_inpainting_model(system):
+        return None
+    _, masked = img2img_pixels(system, image_path, height=height, width=width, resize_mode=resize_mode,
+                               inpainting_mask_weight=inpainting_mask_weight)
+    return system.inpainting_conditioning(*masked).float()
+
+
+def img2img_pixels(system, image_path: str | os.PathLike, *, height: int, width: int, resize_mode: str = "just",
+                   inpainting_mask_weight: float = 1.0) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The pixels an img2img run without a mask encodes: ``(image, masked)`` — the init image (1, 3, H, W) in
+    [-1, 1] brought to ``width`` x ``height`` by ``resize_mode`` (:func:`sdadapt.resize_modes.init_image_pixels`,
+    what :func:`sdadapt.jobs.generate_hires.init_latents_from_image` encodes) and, on an inpainting model, the masked
+    image ``image·(1 − W)`` (1, 3, H, W) with its mask of ones (1, 1, H, W) that :func:`img2img_conditioning`
+    encodes; ``None`` on a plain model.
+
+    Raises:
+        ValueError: a UNet neither plain nor an inpainting one, a weight outside [0, 1], an unreadable image, a
+            resize mode that scales a side to 0 pixels.
+    """
     from .. import inpaint
     from ..resize_modes import init_image_pixels
 
+    image = init_image_pixels(image_path, (height, width), mode=resize_mode)[None]
     if not _is_inpainting_model(system):
-        return None
-    image = init_image_pixels(image_path, (height, width), mode=resize_mode)
+        return image, None
     ones = torch.ones(1, 1, height, width)
-    masked = inpaint.masked_image(image[None], ones, inpainting_mask_weight)
-    return system.inpainting_conditioning(masked, ones).float()
+    return image, (inpaint.masked_image(image, ones, inpainting_mask_weight), ones)
+
+
+def sampled_encodings(system, pixels: Tensor, *, seed: int, a1111_noise: bool,
+                      masked: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict, torch.Generator | None]:
+    """``--vae-encode sample`` for the image of ``seed`` of an img2img or inpainting run: ``pixels`` (1, 3, H, W) in
+    [-1, 1] encoded by a VAE posterior sample and, on an inpainting model (``masked``: its masked image (1, 3, H, W)
+    and pixel mask (1, 1, H, W), :attr:`InpaintInputs.masked` / :func:`img2img_pixels`), the masked image too, all
+    from the generator :func:`sdadapt.img2img.init_generator` gives (:func:`sdadapt.jobs.generate_hires.
+    seeded_encoding`).
+
+    The draws follow diffusers' inpaint pipelines (``pipeline_stable_diffusion_inpaint.py`` and
+    ``pipeline_stable_diffusion_xl_inpaint.py``, diffusers 0.42: ``prepare_latents`` encodes the image with the
+    generator, ``_encode_vae_image`` → ``retrieve_latents``, then draws the start noise ``randn_tensor(shape,
+    generator=generator)``; ``prepare_mask_latents`` then encodes the masked image with the same generator; the
+    scheduler's noise comes after): the image's ε, the start noise, the masked image's ε, then the sampler noise.
+    The start noise is therefore drawn here and handed to :func:`sdadapt.sampling.generate` as ``start_noise``, with
+    the generator, which then draws only the sampler noise. On a plain model (``masked`` ``None``) the start noise is
+    left to ``generate``, as diffusers' img2img pipelines draw it. With A1111's noise (``a1111_noise``) the start and
+    sampler noise stay A1111's; the masked image's ε follows the image's on the same generator, A1111's order
+    (``StableDiffusionProcessingImg2Img.init``: ``images_tensor_to_samples`` of the image, then
+    ``img2img_image_conditioning`` encodes the masked image, both from its global RNG).
+
+    Returns:
+        ``(init, options, start)``: the init latents (1, C, h, w) float32; ``generate``'s options — ``generator``,
+        ``start_noise`` (1, C, h, w) and ``inpaint_conditioning`` (1, 5, h, w), each where drawn; ``start``: a
+        generator whose next draw is the start noise (``None`` with A1111's noise), for ``--inpainting-fill
+        latent-noise`` (:meth:`InpaintInputs.init_latents`).
+
+    Raises:
+        ValueError: a system whose ``encode_images`` draws no posterior sample (the toy's).
+    """
+    from .generate_hires import seeded_encoding
+
+    device = system.alphas_cumprod.device
+    drawn: dict = {}
+
+    def encode(g: torch.Generator) -> Tensor:
+        init = system.encode_images(pixels.to(device), generator=g)
+        if masked is not None:
+            if not a1111_noise:  # (diffusers' randn_tensor on a CPU generator: drawn on the CPU, float32)
+                drawn["start"] = g.get_state()
+                drawn["start_noise"] = torch.randn(tuple(init.shape), generator=g)
+            drawn["inpaint_conditioning"] = system.inpainting_conditioning(*masked, generator=g).float()
+        return init
+
+    shape = (1, *system.latent_shape(int(pixels.shape[-2]), int(pixels.shape[-1])))
+    init, g = seeded_encoding(system, encode, seed=seed, a1111_noise=a1111_noise, latent_shape=shape)
+    options = {k: v for k, v in drawn.items() if k != "start"}
+    start = g
+    if g is not None:
+        options["generator"] = g
+        if "start" in drawn:  # (a copy at the start noise: the generator itself has moved past it)
+            start = torch.Generator().set_state(drawn["start"])
+    return init, options, start

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 
-__all__ = ["HIRES_UPSCALER_LABELS", "InfotextRun", "a1111_number", "file_sha256", "format_infotext",
+__all__ = ["HIRES_UPSCALER_LABELS", "VAE_ENCODE_FIELD", "InfotextRun", "a1111_number", "file_sha256", "format_infotext",
            "option_network_tags", "quote", "run_infotext"]
 
 #: sampler names here whose A1111 sampler has ``uses_ensd`` (``sd_samplers_kdiffusion.samplers_k_diffusion``;
@@ -58,6 +58,10 @@ _BROWNIAN: frozenset[str] = frozenset({"dpmpp_sde", "dpmsolver++_sde", "dpmsolve
 _HIRES_REFINER: dict[str, str] = {"first": "first pass", "both": "both passes"}
 #: ``--inpainting-fill`` -> A1111's "Masked content" ("original" is its default and not written)
 _MASKED_CONTENT: dict[str, str] = {"fill": "fill", "latent-noise": "latent noise", "latent-nothing": "latent nothing"}
+#: the field that names ``--vae-encode sample`` (sdadapt's own: A1111's "VAE Encoder" is its setting
+#: ``sd_vae_encode_method``, "Full" or "TAESD" — which network encodes, not mean or sample —, read back by A1111
+#: into that setting; its "Full" draws an unseeded posterior sample, so neither value says what sdadapt ran)
+VAE_ENCODE_FIELD = "VAE encode"
 
 _HASHES: dict[tuple[str, int, int, str], str] = {}  # (file, size, mtime_ns, kind) -> hex sha256
 
@@ -255,6 +259,10 @@ class InfotextRun:
             (SDXL's base 2: CLIP-L and OpenCLIP-G each write the list again; 1 otherwise).
         subseed, subseed_strength, seed_resize_from ``(height, width)``, ensd, noise: A1111's seed settings.
         denoising_strength: img2img's (or the hires pass's). mask_*: the inpaint settings A1111 writes.
+        vae_encode: ``--vae-encode``; ``"sample"`` is written as ``VAE encode: sample`` (:data:`VAE_ENCODE_FIELD`)
+            after the hires and inpaint fields, where A1111's ``init`` would add a field of its encoding; the
+            default ``"mean"`` is left out, as A1111 leaves its defaults out. The value is the option's own name,
+            so the text reads back as ``--vae-encode sample``.
     """
 
     prompt: str
@@ -293,6 +301,7 @@ class InfotextRun:
     refiner_hires_pass: str | None = None
     refiner_took: bool = False
     aesthetic: Mapping[str, object] | None = None
+    vae_encode: str = "mean"
     version: str | None = None
     _fixed: dict = field(default_factory=dict, init=False, repr=False)
     _option_tags: str = field(default="", init=False, repr=False)
@@ -363,6 +372,7 @@ class InfotextRun:
                 fields["Masked area padding"] = mask.get("padding")
             if mask.get("applied"):
                 fields["Masked content"] = _MASKED_CONTENT.get(str(mask.get("fill")))
+        fields[VAE_ENCODE_FIELD] = None if self.vae_encode == "mean" else self.vae_encode
         options = [_option_spec(item)[0] for item in self.loras]
         lora_pairs = [(name, _lora_hash(file)) for file in options if (name := _network_name(file)) is not None]
         lora_pairs += [(_tag_name(tag), _lora_hash(Path(file))) for tag, file in [*self.tag_loras,
@@ -443,14 +453,15 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  embedding_files: Mapping[str, Path], tokenize, refiner: str | os.PathLike | None,
                  refiner_switch_at: float, refiner_by_steps: bool = False, refiner_hires_pass: str | None = None,
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
-                 hypernetworks: Sequence = ()) -> InfotextRun:
+                 hypernetworks: Sequence = (), vae_encode: str = "mean") -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
     embeddings the texts use as A1111's ``used_embeddings``; ``hires``: the checked request or ``None``;
     ``inpainting``: :func:`sdadapt.jobs.generate_inpaint.inpaint_inputs`'s result; ``aesthetic``: the
     aesthetic-gradient settings, :class:`InfotextRun`'s; ``loras`` / ``hypernetworks``: the options' ``(file,
-    scale)``; ``tag_loras`` / ``hires_tag_loras``: the passes' :class:`~sdadapt.jobs.generate_prompt_tags.TagLoRA`)."""
+    scale)``; ``tag_loras`` / ``hires_tag_loras``: the passes' :class:`~sdadapt.jobs.generate_prompt_tags.TagLoRA`;
+    ``vae_encode``: ``--vae-encode``)."""
     from ..samplers.schedules import canonical_schedule
     from ..sampling import default_guidance
 
@@ -486,4 +497,4 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         text_encoders=2 if getattr(system, "is_sdxl", False) and not getattr(system, "is_refiner", False) else 1,
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
-        aesthetic=aesthetic)
+        aesthetic=aesthetic, vae_encode=vae_encode)
