@@ -312,9 +312,10 @@ def test_toml_keys(tmp_path):
     config.write_text("cache_text_encoder_outputs = true\nfp8_base = false\n")
     options, _, notes = read_config(config, fields=fields, method_options=set())
     assert options == {"cache_text_encoder_outputs": True, "fp8_base": False} and notes == []
-    config.write_text("cache_text_encoder_outputs_to_disk = true\n")  # kohya: turns the cache on
+    config.write_text("cache_text_encoder_outputs_to_disk = true\n")  # kohya's files (tests/test_text_cache_disk.py)
     options, _, notes = read_config(config, fields=fields, method_options=set())
-    assert options == {"cache_text_encoder_outputs": True} and "cached in memory" in notes[0]
+    assert options == {"cache_text_encoder_outputs_to_disk": True} and notes == []
+    assert TrainOptions(images=str(tmp_path), **options).cache_text_encoder_outputs  # (turned on: sdxl_train_util.py)
     for key in ("fp8_base", "fp8_base_unet"):  # kohya's fp8 base: read (tests/test_fp8_base.py trains with it)
         config.write_text(f"{key} = true\n")
         assert read_config(config, fields=fields, method_options=set())[0] == {key: True}

@@ -341,8 +341,11 @@ def test_train_options_build_the_sampling_and_refuse_bad_values():
     assert TrainOptions(images=".").timestep_sampling() is None
     assert TrainOptions(images=".", timestep_bias_strategy="range", timestep_bias_multiplier=2.0, timestep_bias_begin=10,
                         timestep_bias_end=20).timestep_sampling() == _bias("range", 2.0, 10, 20)
+    # (an end past T is refused against the loaded model's T — a model may have more than 1000: _check_timesteps)
+    from sdadapt.jobs.train import _check_timesteps
+
     with pytest.raises(ValueError, match="--timestep-bias-end"):
-        TrainOptions(images=".", timestep_bias_strategy="range", timestep_bias_end=1200)
+        _check_timesteps(TrainOptions(images=".", timestep_bias_strategy="range", timestep_bias_end=1200), 1000)
     with pytest.raises(ValueError, match="gives no timestep a finite weight"):
         TrainOptions(images=".", timestep_distribution="inverted_parabola", noising_weight=50.0, noising_bias=3.0)
 

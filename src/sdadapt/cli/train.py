@@ -137,7 +137,7 @@ _REFUSED_WHEN_ON = {
 _KOHYA_ONLY_FLAGS = frozenset({
     "network_train_unet_only", "network_train_text_encoder_only", "train_text_encoder", "v_parameterization",
     "use_8bit_adam", "use_lion_optimizer", "use_object_template", "use_style_template",
-    "cache_text_encoder_outputs_to_disk", "cache_latents", "no_metadata",
+    "cache_latents", "no_metadata",
     "save_state_to_huggingface", "resume_from_huggingface", "async_upload", "output_config", "debug_dataset",
     "deepspeed", "train_inpainting", "cpu_offload_checkpointing", "no_half_vae", "v2", "mem_eff_attn", "xformers",
     "sdpa", "persistent_data_loader_workers", "ddp_gradient_as_bucket_view", "ddp_static_graph", "log_config",
@@ -257,6 +257,46 @@ def _dataset_toml_face_crop(path: object) -> bool:
     return any(isinstance(t, dict) and t.get("face_crop_aug_range") not in (None, "", []) for t in tables)
 
 
+def _dataset_toml_pixel_changes(path: object) -> list[str]:
+    """``random_crop`` / ``color_aug`` where the kohya dataset TOML at ``path`` turns them on for some subset (a
+    subset's own value, else its ``[[datasets]]`` block's, else ``[general]``'s: kohya's blueprint order); ``[]``
+    for ``None`` / no such file."""
+    from ..training.dataset_config import read_config_table
+
+    if path is None or not Path(str(path)).is_file():
+        return []
+    table = read_config_table(Path(str(path)), flag="--dataset-config", allow_json=True)
+    general = table.get("general", {}) if isinstance(table.get("general"), dict) else {}
+    found: list[str] = []
+    for block in (d for d in table.get("datasets", []) if isinstance(d, dict)):
+        for subset in (s for s in block.get("subsets", []) if isinstance(s, dict)):
+            for key in ("random_crop", "color_aug"):
+                value = next((t[key] for t in (subset, block, general) if key in t), False)
+                if (value is True or str(value).lower() == "true") and key not in found:
+                    found.append(key)
+    return found
+
+
+def _check_cached_pixel_changes(file: Path, values: dict[str, Any]) -> None:
+    """A kohya config's ``cache_latents = true`` with ``random_crop`` / ``color_aug`` (the file's, a flag's or a
+    ``dataset_config`` subset's): refused, as kohya refuses it (sd-scripts@48d368fa train_network.py:581-584,
+    train_db.py:113-115, fine_tune.py:117-119, sdxl_train.py:201-203: ``assert
+    train_dataset_group.is_latent_cacheable()``, library/train_util.py:1099-1100, "when caching latents, either
+    color_aug or random_crop cannot be used"). Without it sdadapt would encode the changed pixels at each step,
+    which is not the run the file asks kohya for."""
+    cached = _flat_config(file).get("cache_latents")
+    if not (cached is True or str(cached).lower() == "true"):
+        return
+    changing = [key for key in ("random_crop", "color_aug") if values.get(key) is True]
+    subsets = [key for key in _dataset_toml_pixel_changes(values.get("dataset_config")) if key not in changing]
+    if changing or subsets:
+        where = ", ".join([*changing, *(f"{key} (a subset of dataset_config {values['dataset_config']})" for key in subsets)])
+        raise ValueError(f"--config {file}: cache_latents = true with {where}: kohya refuses caching latents when the "
+                         "pixels change at each use (is_latent_cacheable: \"when caching latents, either color_aug or "
+                         "random_crop cannot be used\"). Leave out cache_latents (sdadapt then encodes the augmented "
+                         "images at each step) or random_crop / color_aug (to cache the latents, as kohya does)")
+
+
 def _flat_config(path: Path) -> dict[str, Any]:
     """The ``--config`` TOML's keys and values, its tables (``[training_arguments]`` ...) flattened."""
     flat: dict[str, Any] = {}
@@ -359,11 +399,6 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
         if name == "v_parameterization":
             if value:
                 options["prediction_type"] = "v_prediction"
-            continue
-        if name == "cache_text_encoder_outputs_to_disk":  # kohya: it turns cache_text_encoder_outputs on
-            if value:
-                options["cache_text_encoder_outputs"] = True
-                notes.append(f"{key}: the text encoder outputs are cached in memory (cache_text_encoder_outputs)")
             continue
         if name in _REFUSED_WHEN_ON:
             if value:
@@ -898,6 +933,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if given.get("dtype") == "keep" and "dtype" in values:
         given.pop("dtype")
     values.update(given)
+    if kohya:  # (after the flags: a --random-crop given with the file's cache_latents counts too)
+        _check_cached_pixel_changes(Path(args.config), values)
     if given.get("save_state") is True and "save_state_on_train_end" not in given:
         values["save_state_on_train_end"] = True  # kohya's --save_state: args.save_state or args.save_state_on_train_end
         # (train_network.py); without it a run with no periodic saves wrote no state at all
@@ -1225,8 +1262,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--v-pred-like-loss", type=float, metavar="X",
         help="epsilon models: add X times a v-prediction-like loss, loss x (1 + X (SNR+1)/SNR) (kohya's; e.g. 0.1)")
     add(optim, "--min-timestep", type=int, metavar="T", help="train on timesteps >= T (default 0)")
-    add(optim, "--max-timestep", type=int, metavar="T", help="train on timesteps < T (default 1000; 0 is the least "
-        "noise, on an EDM model's σ grid too)")
+    add(optim, "--max-timestep", type=int, metavar="T", help="train on timesteps < T (default: the model's "
+        "num_train_timesteps, 1000 for SD/SDXL; 0 is the least noise, on an EDM model's σ grid too)")
     add(optim, "--timestep-bias-strategy", type=str.lower, choices=BIAS_STRATEGIES,
         help="diffusers' timestep bias (train_text_to_image_sdxl.py): earlier / later weight the first / last "
         "--timestep-bias-portion of the timesteps by --timestep-bias-multiplier, range those in [--timestep-bias-begin, "
@@ -1267,6 +1304,11 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="encode every caption once before training and train the UNet on the cached conditioning: the steps no "
         "longer run the text encoder (kohya's --cache_text_encoder_outputs); needs a UNet-only run (--no-text-encoder "
         "for the LoRA family) and fixed captions (no --shuffle-caption, tag dropout, token warm-up, wildcards)")
+    add(optim, "--cache-text-encoder-outputs-to-disk", action=bool_flag,
+        help="SDXL: --cache-text-encoder-outputs with each image's caption encoding kept in a <stem>_te_outputs.npz file "
+        "beside it, named and laid out as kohya sd-scripts' --cache_text_encoder_outputs_to_disk writes it, and read back "
+        "on the next run instead of encoding (kohya's files too; a file of another shape or caption, or cut short, is "
+        "encoded again and rewritten)")
     add(optim, "--cuda-graph", action=bool_flag,
         help="replay each optimiser step (forward, backward, optimiser) as one CUDA graph per batch layout after 3 eager "
         "steps: far fewer kernel launches at small batches; AdamW, Adafactor, Lion, Prodigy, DAdapt or schedule-free optimisers, no fp16, no "

@@ -146,7 +146,7 @@ class TrainOptions:
     ``smooth_l1``) with ``huber_c`` (0.1) and ``huber_schedule`` (``snr``, ``exponential``,
     ``constant``), ``debiased_estimation_loss``, ``multires_noise_iterations`` with
     ``multires_noise_discount`` (0.3; pyramid noise), ``ip_noise_gamma`` (input perturbation),
-    ``min_timestep`` / ``max_timestep`` (train on ``[min, max)`` of the 1000 timesteps); the timestep draw's shape
+    ``min_timestep`` / ``max_timestep`` (train on ``[min, max)`` of the model's T timesteps, 1000 for SD/SDXL); the timestep draw's shape
     (:meth:`timestep_sampling`, :mod:`sdadapt.training.timestep_distribution`): diffusers' ``timestep_bias_strategy``
     / ``_multiplier`` / ``_begin`` / ``_end`` / ``_portion`` or OneTrainer's ``timestep_distribution`` with
     ``noising_weight``, ``noising_bias``, ``timestep_shift``;
@@ -188,8 +188,10 @@ class TrainOptions:
     ``cache_text_encoder_outputs`` (kohya's: every caption encoded once before training, the steps
     train the UNet on the cached conditioning, bit for bit what the text encoder gives; needs a
     UNet-only run and captions fixed before training — a whole-caption dropout is fine;
-    :mod:`sdadapt.training.text_cache`; kohya's ``cache_text_encoder_outputs_to_disk`` turns it on,
-    in memory). ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
+    :mod:`sdadapt.training.text_cache`). ``cache_text_encoder_outputs_to_disk`` (kohya's; turns
+    ``cache_text_encoder_outputs`` on): SDXL only, each image's caption encoding kept in kohya's
+    ``<stem>_te_outputs.npz`` beside it and read back on the next run (kohya's files too),
+    :mod:`sdadapt.training.kohya_text_files`. ``cuda_graph`` (each optimiser step replayed as one CUDA graph per batch layout after 3 eager
     steps: :attr:`sdadapt.methods.FitConfig.cuda_graph`; AdamW, Adafactor, Lion, Prodigy or D-Adaptation optimisers, no fp16,
     no fused backward; on a CPU the steps run eagerly). ``ddp_timeout``: under torchrun, the process
     group's timeout in minutes (kohya's; ``None``: torch's, 10 minutes; docs/train.md#several-gpus-torchrun-accelerate-launch). ``torch_compile``
@@ -363,6 +365,7 @@ class TrainOptions:
     cuda_graph: bool = False
     ddp_timeout: int | None = None
     cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
     full_bf16: bool = False
@@ -423,11 +426,14 @@ class TrainOptions:
     network_alpha_text: str | None = None
     kohya_network_args: str | None = None
 
-    def timestep_range(self) -> tuple[int, int] | None:
-        """``[min_timestep, max_timestep)`` (kohya's defaults 0 and 1000), or ``None`` for all of them."""
+    def timestep_range(self, num_train_timesteps: int = 1000) -> tuple[int, int] | None:
+        """``[min_timestep, max_timestep)``, or ``None`` for all of them. The defaults are 0 and the model's
+        ``num_train_timesteps`` T (kohya's train step: sd-scripts@48d368fa library/train_util.py:6089-6090, ``max_timestep
+        = noise_scheduler.config.num_train_timesteps`` when not given)."""
         if self.min_timestep is None and self.max_timestep is None:
             return None
-        return (0 if self.min_timestep is None else self.min_timestep, 1000 if self.max_timestep is None else self.max_timestep)
+        return (0 if self.min_timestep is None else self.min_timestep,
+                num_train_timesteps if self.max_timestep is None else self.max_timestep)
 
     def timestep_sampling(self) -> TimestepSampling | None:
         """The timestep draw's shape (diffusers' bias or OneTrainer's distribution), ``None`` for kohya's uniform
@@ -516,13 +522,15 @@ class TrainOptions:
                                         "folder of mask images named as the training images)")
         if not 0 < self.multires_noise_discount <= 1:
             raise ValueError(f"--multires-noise-discount must be in (0, 1], got {self.multires_noise_discount}")
-        low, high = self.timestep_range() or (0, 1000)
-        if not 0 <= low < high <= 1000:
-            raise ValueError(f"--min-timestep {low} / --max-timestep {high}: need 0 <= min < max <= 1000 (the range "
-                             "[min, max) of the 1000 training timesteps)")
-        if (sampling := self.timestep_sampling()) is not None:  # (its weights over the 1000 timesteps: none all 0)
-            from ..training.timestep_distribution import draw_timesteps
-            draw_timesteps(sampling, 1, 1000, low=low, high=high, generator=torch.Generator().manual_seed(0))
+        # (the model's T is not known before the load: checked against it there, _check_timesteps; here what holds for
+        # any T, with 1000 — SD's, SDXL's — or a larger one the options need)
+        low, high = self.timestep_range(max(1000, (self.min_timestep or 0) + 1)) or (0, 1000)
+        if not 0 <= low < high:
+            raise ValueError(f"--min-timestep {low} / --max-timestep {high}: need 0 <= min < max (the range [min, max) "
+                             "of the model's training timesteps, 1000 for SD and SDXL)")
+        if (sampling := self.timestep_sampling()) is not None:  # (its weights: none all 0)
+            from ..training.timestep_distribution import check_timestep_draw
+            check_timestep_draw(sampling, max(1000, high, self.timestep_bias_end), low=low, high=high)
         if self.lr_warmup_steps is not None and not self.lr_warmup_steps >= 0:
             raise ValueError(f"--lr-warmup-steps must be >= 0 (a count, or a fraction of the steps below 1), got {self.lr_warmup_steps}")
         if self.steps is not None and self.epochs is not None:
@@ -640,6 +648,8 @@ class TrainOptions:
                 _check_compile_backend(self.dynamo_backend)
             except ValueError as exc:
                 raise ValueError(f"--dynamo-backend: {exc}") from None
+        if self.cache_text_encoder_outputs_to_disk:  # kohya: it turns the cache on (sdxl_train_util.py)
+            object.__setattr__(self, "cache_text_encoder_outputs", True)
         if self.cache_text_encoder_outputs:
             _check_text_cache_captions(self)
         if self.cuda_graph:
@@ -958,6 +968,17 @@ def _disk_latents(options: TrainOptions, system: object, augment: object) -> obj
     return KohyaLatentFiles(system)
 
 
+def _disk_text_outputs(options: TrainOptions, system: object, say: Callable[[str], None]) -> object:
+    """The :class:`~sdadapt.training.kohya_text_files.KohyaTextFiles` hook of
+    ``--cache-text-encoder-outputs-to-disk`` (``None`` without it); refused for a model kohya writes no
+    such file for (SD1/SD2, the SDXL refiner)."""
+    if not options.cache_text_encoder_outputs_to_disk:
+        return None
+    from ..training.kohya_text_files import KohyaTextFiles
+
+    return KohyaTextFiles(system, log=say)
+
+
 def _check_text_cache_captions(options: TrainOptions) -> None:
     """``--cache-text-encoder-outputs`` needs captions that read the same at each use (a whole-caption
     dropout is fine: ``""`` is cached too); kohya refuses the same options
@@ -1187,6 +1208,19 @@ def _replace_captions(records: list, reg_records: list, token: str, options: Tra
                  "the caption prefix / suffix and tag options do not reach the text encoder (kohya's "
                  "use_object_template / use_style_template; a dropped caption stays empty)")
     return templates
+
+
+def _check_timesteps(options: TrainOptions, num_train_timesteps: int) -> None:
+    """``--min-timestep`` / ``--max-timestep`` and the timestep draw's options checked against the loaded model's
+    ``num_train_timesteps`` T (before any latent is cached; the option checks before the load assume nothing about
+    T): :func:`~sdadapt.training.timestep_distribution.check_timestep_draw`, its error naming the model too."""
+    from ..training.timestep_distribution import check_timestep_draw
+
+    low, high = options.timestep_range(num_train_timesteps) or (0, num_train_timesteps)
+    try:
+        check_timestep_draw(options.timestep_sampling(), num_train_timesteps, low=low, high=high)
+    except ValueError as exc:
+        raise ValueError(f"--model {options.model}: {exc}") from None
 
 
 def _timestep_sampling_notes(options: TrainOptions) -> list[str]:
@@ -1896,6 +1930,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     system = load_system(options.model, device=device, tokenizer=options.tokenizer,
                          prediction_type=options.prediction_type, clip_skip=options.clip_skip or 1,
                          max_token_length=options.max_token_length, vae=options.vae, log=say)
+    num_train_timesteps = int(system.alphas_cumprod.shape[0])  # (the model's T: the range and the draw's table)
+    _check_timesteps(options, num_train_timesteps)
     if getattr(system, "is_refiner", False):  # (kohya's sd-scripts train no refiner; its time_ids differ)
         raise ValueError(f"--model {options.model}: the SDXL refiner is not trained here (kohya's sd-scripts train SDXL "
                          "base models only; the refiner's size/aesthetic-score conditioning has no training path); train "
@@ -2069,6 +2105,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
         cuda_graph=options.cuda_graph, compile_backend=options.dynamo_backend if options.torch_compile else None,
         zero_terminal_snr=options.zero_terminal_snr, cache_text_encoder_outputs=options.cache_text_encoder_outputs,
+        text_encoder_outputs_files=_disk_text_outputs(options, system, say),
         weighted_captions=options.weighted_captions,
         validate_every_n_steps=options.validate_every_n_steps, validate_every_n_epochs=options.validate_every_n_epochs,
         max_validation_steps=options.max_validation_steps, validation_seed=options.validation_seed,
@@ -2081,7 +2118,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                         debiased_estimation=options.debiased_estimation_loss,
                         pyramid_noise_iterations=options.multires_noise_iterations,
                         pyramid_noise_discount=options.multires_noise_discount,
-                        input_perturbation=options.ip_noise_gamma, timestep_range=options.timestep_range(),
+                        input_perturbation=options.ip_noise_gamma,
+                        timestep_range=options.timestep_range(num_train_timesteps),
                         timestep_sampling=options.timestep_sampling(),
                         input_perturbation_random_strength=options.ip_noise_gamma_random_strength,
                         prediction_type=getattr(system, "prediction_type", "epsilon"),
@@ -2096,6 +2134,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
 
     # ------------------------------------------------------------------ the expensive part
     disk = _disk_latents(options, system, augment)
+    if disk is not None:  # (data parallel: each rank encodes and writes its share of the missing files, then all read)
+        disk.share_out(dataset.records, flip=dataset.flip, group=parallel)
     encode_buckets(dataset, system.encode_images, latents_of=disk,
                    progress=bars("caching latents", "image") if bars is not None and not augment.active else None)
     if augment.active:
@@ -2112,6 +2152,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     validation_data = None
     if held_out:  # the held-out images' latents, cached as the others (no flips or pixel augmentation: the same each pass)
         validation_data = Dataset(held_out, captions=dataset.captions, loss_masks=loss_masks, batch_sizes=batch_sizes)
+        if disk is not None:
+            disk.share_out(validation_data.records, flip=validation_data.flip, group=parallel)
         encode_buckets(validation_data, system.encode_images, latents_of=disk,
                        progress=bars("caching validation latents", "image") if bars is not None else None)
         split = "the blocks' validation_split" if block_options else f"--validation-split {options.validation_split}"
@@ -2478,6 +2520,8 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               "captions": _caption_record(options), "augmentations": _augmentation_record(options),
               "noise": _noise_record(options), "prior": _prior_record(method, options),
               "fp8_base": _fp8_base_record(options), "half_weights": _half_weights_record(options),
+              # (recorded, not checked by --resume: the files give the bits an encode gives)
+              **({"text_encoder_outputs": "kohya-te-outputs-npz"} if options.cache_text_encoder_outputs_to_disk else {}),
               "alpha_mask": bool(options.alpha_mask),  # (the subsets' fallback: _data_config_record)
               "reg_data_dir": None if options.reg_data_dir is None else str(options.reg_data_dir),
               "vae": _vae_record(options),

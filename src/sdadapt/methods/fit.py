@@ -279,6 +279,12 @@ class FitConfig:
             wildcards drawn per use; a whole-caption dropout works, ``""`` is cached too) and
             nothing in the text path training (no text-encoder adapters or embeddings unless their
             ``text_encoder_lr`` is 0, no adaptation ``tokenize`` / ``training_model``).
+        text_encoder_outputs_files: with ``cache_text_encoder_outputs`` and a dataset, the cache's
+            files (kohya's ``cache_text_encoder_outputs_to_disk``):
+            ``files(encode, entries, texts) -> TextConditionCache`` with ``entries`` = (image path,
+            caption as a use writes it) of every dataset / regularisation / validation image with a file,
+            ``texts`` every caption the run can draw and ``encode(captions)`` the in-memory encode
+            (:class:`~sdadapt.training.kohya_text_files.KohyaTextFiles`); ``None``: in memory only.
         weighted_captions: kohya's ``--weighted_captions``: a dataset's captions are read with
             A1111 emphasis (``(word:1.2)``, ``[word]``; :mod:`sdadapt.prompt_weights`) and each
             token's text states are multiplied by its weight (``system.tokenize_weighted``, e.g.
@@ -334,6 +340,7 @@ class FitConfig:
     optimizer_args: Any = ()
     scale_weight_norms: float | None = None
     cache_text_encoder_outputs: bool = False
+    text_encoder_outputs_files: Any = None
     weighted_captions: bool = False
     lr_power: float = 1.0
     lr_end: float = 1e-7
@@ -439,6 +446,9 @@ class FitConfig:
             raise ValueError("weighted_captions (--weighted-captions) weights each caption's text states as it is "
                              "encoded, which cache_text_encoder_outputs does once without the weights; give one of "
                              "the two (kohya refuses the pair too)")
+        if self.text_encoder_outputs_files is not None and not self.cache_text_encoder_outputs:
+            raise ValueError("text_encoder_outputs_files keeps the text-encoder cache's files: set "
+                             "cache_text_encoder_outputs=True too (kohya's cache_text_encoder_outputs_to_disk turns it on)")
         if self.cuda_graph:
             clashes = cuda_graph_clashes(fused_backward=self.fused_backward,
                                          mixed_precision=self.step_config().mixed_precision,
@@ -730,7 +740,7 @@ def _own_text_path(adaptation: Any) -> list[str]:
 
 def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], step_config: StepConfig, *,
                 batch_size: int, dataset: Any, reg: Any, captions: list[str] | None, prior: Any,
-                validation: Any = None) -> Any:
+                validation: Any = None, files: Any = None) -> Any:
     """``FitConfig.cache_text_encoder_outputs``: the conditioning of every caption the run can draw
     (:func:`~sdadapt.training.text_cache.cache_text_conditions`), after refusing what would make
     it differ from the text encoder's output at the step.
@@ -768,8 +778,17 @@ def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], st
     if conditioning_depends_on(system.condition, system.tokenize(texts[:1]), trained):
         raise ValueError(f"{what}, but the text conditioning depends on trained parameters (an adapter or embedding "
                          "in the text path); train without caching")
-    return cache_text_conditions(system, texts, batch=batch_size, mixed_precision=step_config.mixed_precision,
-                                 sdpa_backends=step_config.sdpa_backends, per_image_sizes=dataset is not None)
+    def encode(captions: list[str]) -> Any:
+        return cache_text_conditions(system, captions, batch=batch_size, mixed_precision=step_config.mixed_precision,
+                                     sdpa_backends=step_config.sdpa_backends, per_image_sizes=dataset is not None)
+
+    if files is not None and dataset is not None:  # kohya's cache_text_encoder_outputs_to_disk: one file per image
+        entries = [(record.path, caption_variants(record.caption, data.captions if record.captions is None
+                                                  else record.captions)[0])
+                   for data in (dataset, reg, validation) if data is not None for record in data.records
+                   if record.path is not None]
+        return files(encode, entries, texts)
+    return encode(texts)
 
 
 def _condition_batch(system: System, ids: Tensor | dict[str, Tensor], sizes: Tensor | None) -> Any:
@@ -1003,7 +1022,8 @@ def fit(
     text_cache = None  # kohya's cache_text_encoder_outputs: every caption encoded once, here
     if config.cache_text_encoder_outputs:
         text_cache = _text_cache(system, adaptation, trained, step_config, batch_size=config.batch_size, dataset=dataset,
-                                 reg=reg, captions=captions, prior=prior, validation=validation)
+                                 reg=reg, captions=captions, prior=prior, validation=validation,
+                                 files=config.text_encoder_outputs_files)
         if dataset is None:  # the N captions' conditioning on the device, indexed as the ids were
             ids = text_cache.lookup(captions, device)  # type: ignore[arg-type]
             if prior is not None:

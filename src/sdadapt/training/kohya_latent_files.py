@@ -30,13 +30,18 @@ sdadapt writes the posterior *mean* (kohya writes a posterior *sample*, ``latent
 temporary file renamed into place, :func:`sdadapt.formats.files.atomic_write`) and read with
 ``numpy.load(..., allow_pickle=False)``. sdadapt's loss masks (``alpha_mask`` / ``masked_loss``) are read
 from the image files at each run (no VAE involved): a file's ``alpha_mask`` is neither needed nor written.
+
+Data parallel (torchrun): :meth:`KohyaLatentFiles.share_out` makes each file once across the ranks, kohya's split
+(``new_cache_latents``: image ``i`` by process ``i % num_processes``, then ``wait_for_everyone``), before every rank
+reads every file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +51,7 @@ from torch import Tensor, nn
 
 from ..formats.files import atomic_write
 from .data import ImageRecord, _load
+from .data_parallel import DataParallel
 
 __all__ = ["KohyaLatentFiles", "crop_ltrb", "npz_path_for", "read_npz_latents", "write_npz_latents"]
 
@@ -146,6 +152,8 @@ class KohyaLatentFiles:
     encoded: int = 0
     rewritten: list[tuple[Path, str]] = field(default_factory=list)
     _shapes: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
+    #: the files :meth:`share_out` had the ranks write in this run (read back by :meth:`__call__`, counted as encoded)
+    _fresh: set[str] = field(default_factory=set, repr=False)
 
     @property
     def sdxl(self) -> bool:
@@ -172,6 +180,62 @@ class KohyaLatentFiles:
     def __call__(self, records: list[ImageRecord], *, flip: bool) -> tuple[Tensor, Tensor | None]:
         """One batch of records of one bucket -> ``(latents (n, C, h, w), mirrored (n, C, h, w) or None)``,
         scaled for training, float32 on the CPU."""
+        plain, mirrored, _ = self._read_or_encode(records, flip=flip)
+        # (contiguous whatever layout the VAE gave: a file read back and an encode give the same tensor, bit for bit,
+        # in the same layout; the in-memory path keeps the VAE's, channels-last from some CPU kernels, with the same values)
+        latents = self._scaled(torch.stack(plain)).contiguous()  # type: ignore[arg-type]
+        return latents, (self._scaled(torch.stack(mirrored)).contiguous() if flip else None)  # type: ignore[arg-type]
+
+    def share_out(self, records: Sequence[ImageRecord], *, flip: bool, group: DataParallel | None,
+                  batch: int = 4) -> None:
+        """Data parallel: make every record's file once across the ranks, before :meth:`__call__` reads them all.
+
+        kohya's ``new_cache_latents`` (sd-scripts@48d368fa library/train_util.py:1147-1185, 2625-2629): with
+        ``cache_to_disk``, process ``process_index`` checks and encodes the images ``i`` with ``i % num_processes ==
+        process_index`` only (``rank_chunks``), then ``accelerator.wait_for_everyone()``; every process then reads
+        every file. Here rank ``r`` checks records ``r, r + world, ...`` (``records`` in the same order on every
+        rank: the dataset's), encodes and writes the missing or unusable ones ``batch`` at a time (per bucket), then
+        the ranks exchange what each did (:func:`~.data_parallel.share_chunks`, which returns only once every rank has
+        finished its writes: the wait). Afterwards :attr:`encoded` / :attr:`rewritten` hold every rank's counts (the
+        report of rank 0 names them all), and the files written now are not counted again as :attr:`read`. Nothing
+        without ``group`` (one process: :meth:`__call__` does it all).
+
+        Raises:
+            ValueError: a record given as a tensor (no file to keep its latents beside).
+            PeerProcessError: another rank failed first.
+        """
+        if group is None:
+            return
+        from .data_parallel import rank_chunks, share_chunks
+
+        mine = [records[i] for i in rank_chunks(len(records), group)]
+        before, seen = self.encoded, len(self.rewritten)
+        by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
+        for record in mine:
+            by_bucket.setdefault(record.bucket, []).append(record)
+        written: list[str] = []
+        for part in by_bucket.values():
+            for start in range(0, len(part), batch):
+                written += [str(p) for p in self._read_or_encode(part[start: start + batch], flip=flip, count=False,
+                                                                 keep=False)[2]]
+        done = {"encoded": self.encoded - before, "rewritten": [[str(p), why] for p, why in self.rewritten[seen:]],
+                "written": written}
+        del self.rewritten[seen:]
+        self.encoded = before
+        own = torch.tensor(list(json.dumps(done).encode()), dtype=torch.uint8)
+        for chunk in share_chunks({group.rank: own}, group.world, group,
+                                  what="the sharing out of the latent files (--cache-latents-to-disk)"):
+            theirs = json.loads(bytes(chunk.cpu().tolist()).decode())
+            self.encoded += int(theirs["encoded"])
+            self.rewritten += [(Path(p), why) for p, why in theirs["rewritten"]]
+            self._fresh.update(theirs["written"])
+
+    def _read_or_encode(self, records: Sequence[ImageRecord], *, flip: bool, count: bool = True,
+                        keep: bool = True) -> tuple[list[Tensor | None], list[Tensor | None], list[Path]]:
+        """Each record's unscaled latents (C, h, w) and mirrored ones (with ``flip``, else ``None``) from its valid
+        file, or encoded (one batch: the records share a bucket) and written to it; and the files written.
+        ``count``: a file read counts in :attr:`read` (not one :meth:`share_out` wrote in this run); ``keep=False``:
+        the latents are not returned (``[]``, ``[]``)."""
         if any(r.path is None for r in records):
             raise ValueError("--cache-latents-to-disk keeps each image's latents beside its file; these images were "
                              "given as tensors (build the dataset with find_images)")
@@ -183,7 +247,8 @@ class KohyaLatentFiles:
             found = read_npz_latents(path, shape=self._shape(record.bucket), flip=flip) if path.exists() else None
             if isinstance(found, tuple):
                 plain[i], mirrored[i] = found
-                self.read += 1
+                if count and str(path) not in self._fresh:
+                    self.read += 1
                 continue
             if found is not None:
                 self.rewritten.append((path, found))
@@ -199,10 +264,9 @@ class KohyaLatentFiles:
                 plain[i] = raw[k]
                 mirrored[i] = raw_flipped[k] if raw_flipped is not None else None
             self.encoded += len(missing)
-        # (contiguous whatever layout the VAE gave: a file read back and an encode give the same tensor, bit for bit,
-        # in the same layout; the in-memory path keeps the VAE's, channels-last from some CPU kernels, with the same values)
-        latents = self._scaled(torch.stack(plain)).contiguous()  # type: ignore[arg-type]
-        return latents, (self._scaled(torch.stack(mirrored)).contiguous() if flip else None)  # type: ignore[arg-type]
+        if not keep:
+            return [], [], [path for _, path in missing]
+        return plain, mirrored, [path for _, path in missing]
 
     def report(self) -> list[str]:
         """The run's lines: how many latents were read from files and how many encoded, and each rewritten file."""

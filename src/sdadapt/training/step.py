@@ -222,6 +222,11 @@ def timestep_bounds(config: StepConfig, num_steps: int) -> tuple[int, int]:
         return 0, num_steps
     if config.edm is not None:
         return edm.edm_index_range(config.timestep_range, num_steps)
+    low, high = config.timestep_range
+    if not 0 <= low < high <= num_steps:  # (host ints: a clear error at the first step, not the draw's)
+        raise ValueError(f"timestep_range ({low}, {high}) (--min-timestep / --max-timestep): the model has {num_steps} "
+                         f"training timesteps (alphas_cumprod's length, its scheduler's num_train_timesteps), so need "
+                         f"0 <= min < max <= {num_steps}")
     return config.timestep_range
 
 

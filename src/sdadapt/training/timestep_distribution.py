@@ -32,6 +32,7 @@ from ..timestep_tables import CONTINUOUS_DISTRIBUTIONS, TimestepSampling
 
 __all__ = [
     "bias_weights",
+    "check_timestep_draw",
     "continuous_timesteps",
     "draw_timesteps",
     "inverse_cdf",
@@ -183,6 +184,27 @@ def draw_timesteps(sampling: TimestepSampling, batch: int, num_steps: int, *, lo
     cdf = _cdf(sampling, int(num_steps), int(low), int(high), where)
     t = inverse_cdf(cdf, torch.rand(batch, generator=generator, device=where))
     return t.to(device) if device is not None else t
+
+
+def check_timestep_draw(sampling: TimestepSampling | None, num_steps: int, *, low: int = 0,
+                        high: int | None = None) -> None:
+    """Check ``[low, high)`` (``--min-timestep`` / ``--max-timestep``) and ``sampling``'s table against a model of
+    ``num_steps`` = T training timesteps (its scheduler's ``num_train_timesteps``): the range inside ``[0, T)``, the
+    weights — sized T, as every draw here makes them (diffusers' ``generate_timestep_weights(args, num_timesteps)``;
+    OneTrainer's ``_get_timestep_discrete(num_train_timesteps, ...)`` with ``model.noise_scheduler.config[
+    'num_train_timesteps']``, modules/modelSetup/BaseStableDiffusionSetup.py:170-176) — with some timestep of weight
+    > 0 in the range. One draw on the CPU (a host check, before training).
+
+    Raises:
+        ValueError: naming the option and T: a range outside the model's timesteps, a diffusers ``range`` bias whose
+            end is past T, OneTrainer weights all 0.
+    """
+    high = num_steps if high is None else high
+    if not 0 <= low < high <= num_steps:
+        raise ValueError(f"--min-timestep {low} / --max-timestep {high}: the model has {num_steps} training timesteps "
+                         f"(its scheduler's num_train_timesteps), so need 0 <= min < max <= {num_steps}")
+    if sampling is not None and not sampling.is_uniform:
+        draw_timesteps(sampling, 1, num_steps, low=low, high=high, generator=torch.Generator().manual_seed(0))
 
 
 def inverse_cdf(cdf: Tensor, u: Tensor) -> Tensor:
