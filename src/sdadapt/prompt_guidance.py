@@ -31,7 +31,7 @@ from torch import Tensor
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
 
-__all__ = ["PromptPlan", "ScheduledGuidance", "plan_prompt"]
+__all__ = ["PromptPlan", "ScheduledGuidance", "combine_composed", "composed_guidance", "composed_outputs", "plan_prompt"]
 
 
 @dataclass(frozen=True)
@@ -143,14 +143,40 @@ class ScheduledGuidance:
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         call, self.calls = self.calls, self.calls + 1
-        parts = _same_length([(self.conds[schedule.at(call)], weight) for schedule, weight in self.plan.parts])
-        if len(parts) == 1 and parts[0][1] == 1.0 and self.scale == 1.0:
-            return self.model(x, t, parts[0][0])  # (sdadapt's plain guidance at scale 1: no negative pass)
-        uncond = self.negative_conds[self.plan.negative.at(call)]
-        out_u, *outs = _batched(self.model, x, t, [uncond, *(cond for cond, _ in parts)])
-        if len(parts) == 1 and parts[0][1] == 1.0:
-            return guidance_combine(out_u, outs[0], self.scale)
-        out = out_u.clone()
-        for out_c, (_, weight) in zip(outs, parts):  # A1111's combine_denoised, in its order
-            out += (out_c - out_u) * (weight * self.scale)
-        return out
+        parts = [(self.conds[schedule.at(call)], weight) for schedule, weight in self.plan.parts]
+        return composed_guidance(self.model, x, t, parts, self.negative_conds[self.plan.negative.at(call)], self.scale)
+
+
+def combine_composed(out_uncond: Tensor, outs: Sequence[tuple[Tensor, float]], scale: float) -> Tensor:
+    """A1111's ``combine_denoised`` over model outputs (B, C, H, W): ``u + Σ_i (c_i − u)·(w_i·s)`` in its order;
+    one sub-prompt of weight 1 is :func:`~sdadapt.training.diffusion.guidance_combine` ``u + s·(c − u)``.
+    ``outs``: ``(c_i, w_i)`` per ``AND`` sub-prompt. Differentiable in every output."""
+    if len(outs) == 1 and outs[0][1] == 1.0:
+        return guidance_combine(out_uncond, outs[0][0], scale)
+    out = out_uncond.clone()
+    for out_c, weight in outs:  # A1111's combine_denoised, in its order
+        out = out + (out_c - out_uncond) * (weight * scale)
+    return out
+
+
+def composed_outputs(model: Callable[[Tensor, Tensor, object], Tensor], x: Tensor, t: Tensor,
+                     parts: Sequence[tuple[object, float]]) -> list[tuple[Tensor, float]]:
+    """``(model output (B, C, H, W), weight)`` of each ``AND`` sub-prompt ``(cond, weight)`` at ``x``: padded to one
+    length as A1111 pads them, one batch where they concatenate (:class:`ScheduledGuidance`'s calls, without the
+    negative)."""
+    parts = _same_length(list(parts))
+    outs = _batched(model, x, t, [cond for cond, _ in parts])
+    return [(out, weight) for out, (_, weight) in zip(outs, parts)]
+
+
+def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tensor, t: Tensor,
+                      parts: Sequence[tuple[object, float]], uncond: object, scale: float) -> Tensor:
+    """One guided model call of a prompt plan (B, C, H, W): the ``AND`` sub-prompts ``parts`` (``(cond, weight)``)
+    and the negative's ``uncond`` at ``x`` (one batch where they concatenate; sub-prompts padded to one length), then
+    :func:`combine_composed`. One sub-prompt of weight 1 at scale 1 is the conditional output alone (no negative
+    pass). What :class:`ScheduledGuidance` runs at each call, given that call's conditions."""
+    parts = _same_length(list(parts))
+    if len(parts) == 1 and parts[0][1] == 1.0 and scale == 1.0:
+        return model(x, t, parts[0][0])  # (sdadapt's plain guidance at scale 1: no negative pass)
+    out_u, *outs = _batched(model, x, t, [uncond, *(cond for cond, _ in parts)])
+    return combine_composed(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scale)

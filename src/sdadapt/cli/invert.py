@@ -49,7 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of another size are resized/cropped to the model's, and grayscale/RGBA converted (said on stderr).",
     )
     invert.add_argument("image", help=".png/.jpg image")
-    invert.add_argument("--prompt", required=True, help="the image's caption")
+    invert.add_argument("--prompt", required=True,
+                        help="the image's caption, read as generate reads it: emphasis, BREAK, prompt editing "
+                        "[a:b:0.4], alternation [a|b], AND (per-step conditions through the inversion); --negative "
+                        "and --edit-prompt too")
     invert.add_argument("--method", choices=("null-text", "negative-prompt", "ddim"), default="null-text")
     invert.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the model's, 7.5; an EDM model such as "

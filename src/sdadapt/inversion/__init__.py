@@ -37,6 +37,8 @@ from .clip import (
     unclip_image_conditioning,
 )
 from .core import (
+    Composed,
+    ConditionPlan,
     DDIMSteps,
     EDMSteps,
     ddim_pivot,
@@ -72,6 +74,8 @@ __all__ = [
     "save_inversion",
     "load_inversion",
     # pure pieces
+    "Composed",
+    "ConditionPlan",
     "guided_ddim_step",
     "null_text_objective",
     "DDIMSteps",

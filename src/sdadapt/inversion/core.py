@@ -19,6 +19,15 @@ null-text inversion optimises is the condition itself, or its entry ``embedding_
   source prompt's own conditional embedding, so the guided step collapses to the conditional
   step and retraces the pivot (up to the model's local non-linearity).
 
+A prompt plan (A1111's prompt editing ``[a:b:0.4]``, alternation ``[a|b]``, ``AND`` with ``:weight``;
+:mod:`sdadapt.prompt_guidance`) gives each sampling step its own condition: the loops take ``cond`` (and
+``uncond``) as a list of ``n`` per-step values, a step's value being a condition or a :class:`Composed` (``AND``'s
+sub-prompts, guided as A1111's ``combine_denoised``: ``u + Σ_j (c_j − u)·(w_j·s)``). The pivot runs each step
+at guidance 1 as ``generate --guidance 1`` samples it (the conditional output; with ``AND``, the combination at
+``s = 1``), null-text optimises step ``i``'s ``∅_i`` against step ``i``'s conditions, and
+:func:`sample_with_embeddings` samples step ``i`` with them (:class:`ConditionPlan`: a plan's distinct
+conditions and which step uses which).
+
 The step rule is chosen by the model's formulation (:func:`inversion_steps`): :class:`DDIMSteps`
 (discrete DDPM timesteps, DDIM with η = 0) or, for an EDM-formulation model (Playground v2.5,
 ``edm=`` an :class:`~sdadapt.samplers.edm.EDMSchedule`), :class:`EDMSteps` — the Euler step of
@@ -32,17 +41,21 @@ images on top.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..prompt_guidance import combine_composed, composed_guidance, composed_outputs
 from ..samplers.edm import EDMSchedule, edm_precondition, edm_sigmas
 from ..training import diffusion
 
 __all__ = [
     "Progress",
+    "Composed",
+    "ConditionPlan",
     "DDIMSteps",
     "EDMSteps",
     "inversion_steps",
@@ -50,6 +63,9 @@ __all__ = [
     "with_embedding",
     "default_embedding_key",
     "prev_timestep",
+    "per_step",
+    "guided_model",
+    "plan_pivot",
     "guided_ddim_step",
     "null_text_objective",
     "ddim_pivot",
@@ -98,6 +114,117 @@ def condition_embedding(cond: object, key: str | None) -> Tensor:
 def with_embedding(cond: object, key: str | None, embedding: Tensor) -> object:
     """``cond`` with its optimised part replaced by ``embedding`` (a new dict; inputs untouched)."""
     return embedding if key is None else {**cond, key: embedding}  # type: ignore[dict-item]
+
+
+@dataclass(frozen=True)
+class Composed:
+    """``AND`` (composable diffusion) at one sampling step: ``parts``, ``(condition, weight)`` per sub-prompt
+    (batch B each). Guided as A1111's ``combine_denoised``, ``u + Σ_j (c_j − u)·(w_j·s)``
+    (:func:`sdadapt.prompt_guidance.composed_guidance`, what ``generate`` runs)."""
+
+    parts: tuple[tuple[object, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("Composed needs at least one (condition, weight) sub-prompt")
+
+
+@dataclass(frozen=True)
+class ConditionPlan:
+    """A prompt plan's conditions per sampling step: ``conds`` the distinct conditions (one per text, batch B),
+    ``steps[i]`` the ``(index into conds, weight)`` of each ``AND`` sub-prompt at sampling step ``i`` (descending t).
+
+    :meth:`at` is step ``i``'s value for the loops: the condition itself (one sub-prompt of weight 1), else a
+    :class:`Composed`."""
+
+    conds: tuple[object, ...]
+    steps: tuple[tuple[tuple[int, float], ...], ...]
+
+    def __post_init__(self) -> None:
+        for i, parts in enumerate(self.steps):
+            if not parts or any(not 0 <= j < len(self.conds) for j, _ in parts):
+                raise ValueError(f"ConditionPlan step {i}: {parts} must name one or more of its {len(self.conds)} "
+                                 "conditions")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def at(self, i: int) -> object:
+        """Sampling step ``i``'s condition, or :class:`Composed` for several sub-prompts or a weight other than 1."""
+        parts = self.steps[i]
+        if len(parts) == 1 and parts[0][1] == 1.0:
+            return self.conds[parts[0][0]]
+        return Composed(tuple((self.conds[j], float(w)) for j, w in parts))
+
+    def per_step(self) -> list[object]:
+        """``[at(0), …, at(n − 1)]``."""
+        return [self.at(i) for i in range(self.num_steps)]
+
+    @classmethod
+    def from_steps(cls, steps: Sequence[object]) -> ConditionPlan:
+        """The plan of per-step values (each a condition or a :class:`Composed`); conditions that are the same
+        object are kept once."""
+        conds: list[object] = []
+        index: dict[int, int] = {}
+
+        def number(cond: object) -> int:
+            if id(cond) not in index:
+                index[id(cond)] = len(conds)
+                conds.append(cond)
+            return index[id(cond)]
+
+        rows = tuple(tuple((number(c), float(w)) for c, w in step.parts) if isinstance(step, Composed)
+                     else ((number(step), 1.0),) for step in steps)
+        return cls(tuple(conds), rows)
+
+
+def per_step(value: object, num_steps: int, what: str) -> list[object]:
+    """``value`` as ``num_steps`` per-step values: a list of that length as it is, anything else repeated.
+
+    Raises:
+        ValueError: a list of another length.
+    """
+    if isinstance(value, list):
+        if len(value) != num_steps:
+            raise ValueError(f"got {len(value)} per-step {what} for {num_steps} steps")
+        return value
+    return [value] * num_steps
+
+
+def guided_model(model: Model, cond: object, uncond: object, guidance: float) -> Model:
+    """``model`` guided at scale ``guidance``: ``u + s·(c − u)`` for a condition ``cond``
+    (:func:`~sdadapt.training.diffusion.guided`: one batch of 2B), A1111's ``AND`` combination for a
+    :class:`Composed` (:func:`sdadapt.prompt_guidance.composed_guidance`, ``generate``'s call). The returned
+    model ignores the ``cond`` it is given."""
+    if isinstance(cond, Composed):
+        return lambda x, t, _c: composed_guidance(model, x, t, cond.parts, uncond, guidance)
+    return diffusion.guided(model, cond, uncond, guidance)
+
+
+def _cond_outputs(rule: Any, model: Model, x: Tensor, i: int, cond: object) -> Tensor | list[tuple[Tensor, float]]:
+    """Step ``i``'s conditional output(s): (B, C, H, W), or ``(output, weight)`` per sub-prompt of a :class:`Composed`."""
+    if isinstance(cond, Composed):
+        return rule.model_output(lambda x_, t_, _c: composed_outputs(model, x_, t_, cond.parts), x, i, None)
+    return rule.model_output(model, x, i, cond)
+
+
+def _combine(out_uncond: Tensor, out_cond: Tensor | Sequence[tuple[Tensor, float]], guidance: float) -> Tensor:
+    if isinstance(out_cond, Tensor):
+        return diffusion.guidance_combine(out_uncond, out_cond, guidance)
+    return combine_composed(out_uncond, out_cond, guidance)
+
+
+def plan_pivot(rule: DDIMSteps | EDMSteps, model: Model, x0: Tensor, cond: object, uncond: object = None) -> list[Tensor]:
+    """The guidance-1 pivot of per-step conditions (``cond``, ``uncond``: one value or a list of ``n``): step ``i``
+    inverted with step ``i``'s conditional output (a :class:`Composed` step: A1111's combination at ``s = 1``,
+    its negative ``uncond[i]`` included, as ``generate --guidance 1`` samples it). One plain ``cond``: exactly
+    ``rule.pivot(model, x0, cond)``."""
+    if not isinstance(cond, (list, Composed)):
+        return rule.pivot(model, x0, cond)
+    n = rule.num_steps
+    pairs = list(zip(per_step(cond, n, "conditions"), per_step(uncond, n, "unconditional conditions")))
+    return rule.pivot(lambda x, t, pair: guided_model(model, pair[0], pair[1], 1.0)(x, t, None), x0, pairs)
 
 
 def prev_timestep(t: int, num_steps: int, num_train_steps: int) -> int:
@@ -159,7 +286,16 @@ class DDIMSteps:
                                    self.alphas_cumprod, prediction_type=self.prediction_type)
 
     def pivot(self, model: Model, x0: Tensor, cond: object) -> list[Tensor]:
-        """``[x0, …, x_{t_1}]`` (n + 1 of (B, C, H, W), noisiest last): guidance-1 DDIM inversion."""
+        """``[x0, …, x_{t_1}]`` (n + 1 of (B, C, H, W), noisiest last): guidance-1 DDIM inversion. ``cond``: one
+        condition, or a list of ``n`` (sampling step ``i``'s ``cond[i]``, handed to ``model`` at the step that
+        inverts it)."""
+        if isinstance(cond, list):
+            if len(cond) != self.num_steps:
+                raise ValueError(f"got {len(cond)} per-step conditions for {self.num_steps} steps")
+            # (ddim_invert inverts sampling step n − 1 first, step 0 last: one model call each)
+            order = iter(range(self.num_steps - 1, -1, -1))
+            stepwise = model
+            model = lambda x, t, _c: stepwise(x, t, cond[next(order)])
         return diffusion.ddim_invert(model, x0, cond, alphas_cumprod=self.alphas_cumprod, num_steps=self.num_steps,
                                      prediction_type=self.prediction_type, spacing=self.spacing,
                                      steps_offset=self.steps_offset)
@@ -223,10 +359,12 @@ class EDMSteps:
         return x + self.derivative(out, scaled, i) * (self.sigmas[i] - self.sigmas[i + 1]).to(x.device)
 
     def pivot(self, model: Model, x0: Tensor, cond: object) -> list[Tensor]:
-        """``[x0 (at σ_n), x at σ_{n−1}, …, x at σ_0 = σ_max]`` (n + 1 of (B, C, H, W), float32)."""
+        """``[x0 (at σ_n), x at σ_{n−1}, …, x at σ_0 = σ_max]`` (n + 1 of (B, C, H, W), float32). ``cond``: one
+        condition, or a list of ``n`` (sampling step ``i``'s ``cond[i]``)."""
+        conds = per_step(cond, self.num_steps, "conditions")
         out = [x0.to(torch.float32)]
         for i in range(self.num_steps - 1, -1, -1):
-            out.append(self.invert_step(model, out[-1], i, cond))
+            out.append(self.invert_step(model, out[-1], i, conds[i]))
         return out
 
 
@@ -274,7 +412,7 @@ def null_text_objective(
     t_prev: int | None,
     target: Tensor,
     *,
-    out_cond: Tensor,
+    out_cond: Tensor | Sequence[tuple[Tensor, float]],
     uncond: object,
     alphas_cumprod: Tensor | None = None,
     guidance: float,
@@ -293,7 +431,8 @@ def null_text_objective(
     Args:
         x_t: (B, C, H, W) the current latent of the guided trajectory.
         target: (B, C, H, W) the pivot latent the step should reach (``z*_{t_prev}``).
-        out_cond: (B, C, H, W) the model output for the source prompt at ``x_t`` (computed once).
+        out_cond: (B, C, H, W) the model output for the source prompt at ``x_t`` (computed once); for ``AND``
+            (a :class:`Composed` step) ``(output, weight)`` per sub-prompt, combined as A1111's ``combine_denoised``.
         uncond: the unconditional condition carrying ``∅`` (gradients flow into its tensors).
 
     Raises:
@@ -307,7 +446,7 @@ def null_text_objective(
     elif step is None or t is not None or t_prev is not None:
         raise ValueError("null_text_objective with rule= takes the sampling step as step= (and t=None, t_prev=None)")
     out_uncond = rule.model_output(model, x_t, step, uncond)  # (B, C, H, W)
-    x_next = rule.step(diffusion.guidance_combine(out_uncond, out_cond, guidance), x_t, step)
+    x_next = rule.step(_combine(out_uncond, out_cond, guidance), x_t, step)
     return F.mse_loss(x_next.float(), target.float())
 
 
@@ -323,14 +462,17 @@ def ddim_pivot(
     spacing: str = "leading",
     steps_offset: int = 1,
     edm: EDMSchedule | None = None,
+    uncond: object = None,
 ) -> list[Tensor]:
     """The pivot trajectory: DDIM inversion at guidance 1, ``[z*_0, z*_{t_1'}, …, z*_{t_n}]``
     (n+1 latents (B, C, H, W), ascending t) — :func:`sdadapt.training.diffusion.ddim_invert`;
-    with ``edm`` (an EDM-formulation model) the Euler ODE inversion of :class:`EDMSteps`, ending at σ_max."""
+    with ``edm`` (an EDM-formulation model) the Euler ODE inversion of :class:`EDMSteps`, ending at σ_max.
+    ``cond``: one condition or a list of ``n`` per-step values (a prompt plan, :func:`plan_pivot`; ``uncond``, one
+    or per step, is read at ``AND`` steps only)."""
     rule = inversion_steps(num_steps, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type,
                            spacing=spacing, steps_offset=steps_offset)
     with torch.no_grad():
-        return rule.pivot(model, x0, cond)
+        return plan_pivot(rule, model, x0, cond, uncond)
 
 
 def null_text_optimize(
@@ -408,6 +550,10 @@ def null_text_optimize_entries(
     over all of them per step (Null-SDXL's ``NullInversion.null_optimization`` optimises SDXL's
     unconditional text states and pooled embedding together, ugiugi0823/Null-SDXL null-sdxl.ipynb).
 
+    ``cond`` / ``uncond``: one value, or a list of ``n`` per-step values (a prompt plan): step ``i``'s ``∅_i`` is
+    optimised against step ``i``'s condition (a :class:`Composed` one through A1111's ``AND`` combination), its
+    other entries taken from ``uncond[i]``; the starting value is ``uncond[0]``'s.
+
     Args:
         keys: the entries ``∅^k`` (B, *E_k) of ``uncond`` to optimise, e.g. ``("context", "text_embeds")``;
             ``(None,)`` for a tensor condition.
@@ -433,7 +579,15 @@ def null_text_optimize_entries(
         raise ValueError(f"lr_decay={lr_decay} makes the learning rate reach 0 within {n} steps; use lr_decay < 1/{n - 1}")
     rule = inversion_steps(n, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type, spacing=spacing,
                            steps_offset=steps_offset)
-    bases = [condition_embedding(uncond, key) for key in keys]
+    conds, unconds = per_step(cond, n, "conditions"), per_step(uncond, n, "unconditional conditions")
+    bases = [condition_embedding(unconds[0], key) for key in keys]
+    for i, u in enumerate(unconds):
+        for key, base in zip(keys, bases):
+            if condition_embedding(u, key).shape != base.shape:
+                raise ValueError(f"the unconditional condition of step {i} has {key or 'its embedding'} of shape "
+                                 f"{tuple(condition_embedding(u, key).shape)}, step 0's {tuple(base.shape)}: one "
+                                 "null embedding per step needs one shape (a negative prompt plan whose texts "
+                                 "differ in length, BREAK or over 75 tokens in one branch?)")
     starts = dict(init or {})
     unknown = set(starts) - set(keys)
     if unknown:
@@ -444,8 +598,8 @@ def null_text_optimize_entries(
             what = "" if key is None else f" {key!r}"
             raise ValueError(f"init{what} has shape {tuple(e.shape)}, the unconditional embedding {tuple(base.shape)}")
 
-    def condition(values: list[Tensor]) -> object:
-        out = uncond
+    def condition(values: list[Tensor], i: int) -> object:
+        out = unconds[i]
         for key, base, value in zip(keys, bases, values):
             out = with_embedding(out, key, value.to(base.dtype))
         return out
@@ -455,14 +609,14 @@ def null_text_optimize_entries(
     for i in range(n):
         target = pivot[n - i - 1]  # z*_{t_prev}
         with torch.no_grad():
-            out_cond = rule.model_output(model, x, i, cond)
+            out_cond = _cond_outputs(rule, model, x, i, conds[i])
         embeddings = [e.detach().clone().requires_grad_(True) for e in embeddings]
         optimizer = torch.optim.Adam(embeddings, lr=learning_rate * (1.0 - lr_decay * i))
         threshold = epsilon + i * epsilon_slope
         with torch.enable_grad():
             for _ in range(inner_steps):
                 loss = null_text_objective(model, x, None, None, target, out_cond=out_cond, guidance=guidance,
-                                           uncond=condition(embeddings), rule=rule, step=i)
+                                           uncond=condition(embeddings, i), rule=rule, step=i)
                 grads = torch.autograd.grad(loss, embeddings)  # never touches the model's .grad
                 for e, grad in zip(embeddings, grads):
                     e.grad = grad
@@ -472,8 +626,8 @@ def null_text_optimize_entries(
         embeddings = [e.detach() for e in embeddings]
         out.append([e.clone() for e in embeddings])
         with torch.no_grad():
-            out_uncond = rule.model_output(model, x, i, condition(embeddings))
-            x = rule.step(diffusion.guidance_combine(out_uncond, out_cond, guidance), x, i)
+            out_uncond = rule.model_output(model, x, i, condition(embeddings, i))
+            x = rule.step(_combine(out_uncond, out_cond, guidance), x, i)
         if progress is not None:
             progress(i + 1, n, "null-text")
     return {key: torch.stack([row[j] for row in out]) for j, key in enumerate(keys)}
@@ -481,9 +635,32 @@ def null_text_optimize_entries(
 
 def negative_prompt_embeddings(cond: object, num_steps: int, *, embedding_key: str | None = None) -> Tensor:
     """Negative-prompt inversion's null embeddings: the conditional embedding (B, *E), repeated
-    ``num_steps`` times -> (n, B, *E) float32."""
-    e = condition_embedding(cond, embedding_key).detach().float()
-    return e[None].expand(num_steps, *e.shape).clone()
+    ``num_steps`` times -> (n, B, *E) float32; for a list of ``num_steps`` per-step conditions (a prompt plan)
+    row ``i`` is step ``i``'s.
+
+    Raises:
+        ValueError: a :class:`Composed` step (``AND``: several sub-prompts, no one condition whose embedding makes
+            the guided step the conditional one), per-step embeddings of different shapes.
+    """
+    if any(isinstance(c, Composed) for c in (cond if isinstance(cond, list) else [cond])):
+        raise ValueError(_NO_ONE_CONDITION)
+    if not isinstance(cond, list):
+        e = condition_embedding(cond, embedding_key).detach().float()
+        return e[None].expand(num_steps, *e.shape).clone()
+    if len(cond) != num_steps:
+        raise ValueError(f"got {len(cond)} per-step conditions for {num_steps} steps")
+    rows = [condition_embedding(c, embedding_key).detach().float() for c in cond]
+    if len({tuple(r.shape) for r in rows}) > 1:
+        raise ValueError(f"the per-step embeddings differ in shape ({sorted({tuple(r.shape) for r in rows})}): one "
+                         "null embedding per step needs one shape (a prompt plan whose texts differ in length: BREAK "
+                         "or over 75 tokens in one branch); give every branch the same number of 75-token chunks")
+    return torch.stack(rows)
+
+
+_NO_ONE_CONDITION = ("negative-prompt inversion puts the prompt's own condition in the null branch, so that the guided "
+                     "step is the conditional one; a prompt with AND has several sub-prompt conditions, combined over "
+                     "the model's outputs (A1111's composable diffusion), and no one condition does that: use "
+                     "method null-text (with init 'null') or ddim for an AND prompt")
 
 
 @torch.no_grad()
@@ -507,7 +684,9 @@ def sample_with_embeddings(
 ) -> Tensor:
     """Guided DDIM from ``x_T`` (B, C, H, W) with a per-step null embedding ``embeddings[i]``.
 
-    ``cond`` is one condition, or a list of ``n`` (one per step: prompt switching for edits).
+    ``cond`` is one condition, or a list of ``n`` (one per step: a prompt plan, prompt switching for edits), a step's
+    value a condition or a :class:`Composed` (``AND``: A1111's combination, ``generate``'s call,
+    :func:`guided_model`).
     Each step evaluates ``u`` and ``c`` as one batch of 2B (as :func:`~sdadapt.training.diffusion.guided`);
     the last step uses ᾱ_0 (as the pivot). ``edm``: an EDM-formulation model, whose ``x_T`` is the
     latent at σ_max, sampled by :class:`EDMSteps` (``EDMEulerScheduler``'s steps). ``extra_embeddings``:
@@ -532,7 +711,7 @@ def sample_with_embeddings(
         u = with_embedding(uncond, embedding_key, embeddings[i].to(device=x.device, dtype=dtype))
         for key, value in extras.items():
             u = with_embedding(u, key, value[i].to(device=x.device, dtype=extra_dtypes[key]))
-        out = rule.model_output(diffusion.guided(model, conds[i], u, guidance), x, i, conds[i])
+        out = rule.model_output(guided_model(model, conds[i], u, guidance), x, i, conds[i])
         x = rule.step(out, x, i)
         if progress is not None:
             progress(i + 1, n, label)

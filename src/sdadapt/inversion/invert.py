@@ -23,6 +23,10 @@ its deterministic sampler's ODE, the Euler step of diffusers' ``EDMEulerSchedule
 sampling steps, the schedule in the file's ``edm`` metadata (format ``sdadapt-inversion/2``, without the DDPM
 ``alphas_cumprod`` / scheduler settings). Per-step values of more null-condition entries (SDXL's pooled
 ``text_embeds``, ``extra_keys``) make format ``sdadapt-inversion/3``.
+
+Prompts are read as ``generate`` reads them, prompt plans included (A1111's prompt editing, alternation, ``AND``:
+:func:`invert_image`); a plan's per-step source conditions (:attr:`Inversion.cond_plan`) make format
+``sdadapt-inversion/4``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ from torch import Tensor
 from ..formats.files import WeightFileError, read_safetensors, write_safetensors
 from ..samplers.edm import EDMSchedule
 from .core import (
+    _NO_ONE_CONDITION,
+    Composed,
+    ConditionPlan,
     Model,
     Progress,
     condition_embedding,
@@ -49,6 +56,8 @@ from .core import (
     negative_prompt_embeddings,
     null_text_optimize,
     null_text_optimize_entries,
+    per_step,
+    plan_pivot,
     sample_with_embeddings,
 )
 
@@ -70,6 +79,10 @@ _FORMAT_EDM = "sdadapt-inversion/2"
 #: an inversion with per-step values of more than one entry of the null condition (``null_keys``, e.g. SDXL's pooled
 #: ``text_embeds``; DDIM, or EDM with the ``edm`` metadata): a reader of /1 or /2 files would drop them unnoticed
 _FORMAT_ENTRIES = "sdadapt-inversion/3"
+#: an inversion of a prompt plan (A1111's prompt editing, alternation, ``AND``): per-step source conditions
+#: (``cond_plan.<j>[.<key>]`` tensors, ``cond_plan`` metadata); a reader of /1-/3 files would reconstruct the one
+#: ``cond`` at every step unnoticed. ``edm`` and ``null_keys`` as in /2 and /3 where they apply.
+_FORMAT_PLAN = "sdadapt-inversion/4"
 #: SDXL's pooled text embedding in a condition dict: negative-prompt inversion takes it from the prompt too
 POOLED_KEY = "text_embeds"
 #: the :class:`~sdadapt.samplers.edm.EDMSchedule` fields the Euler step reads (what must match to regenerate)
@@ -96,7 +109,10 @@ class Inversion:
         info: extra string metadata (model, source image, timings).
         edm: the EDM schedule of an EDM-formulation model (its Euler step ran), else ``None``.
         null_extra: per-step values (n, B, *E_k) float32 of other entries ``k`` of a dict ``uncond`` made with
-            the null embeddings (``extra_keys`` of :func:`invert_latents`, e.g. SDXL's pooled ``text_embeds``).
+            the null embeddings (``extra_keys`` of :func:`invert_latents`, e.g. SDXL's pooled ``text_embeds``; an
+            entry a negative prompt plan changes from step to step).
+        cond_plan: a prompt plan's source conditions per sampling step (:class:`~.core.ConditionPlan`; ``cond`` is
+            then its first condition), ``None`` for one condition at every step.
     """
 
     method: str
@@ -115,10 +131,16 @@ class Inversion:
     info: Mapping[str, str] = field(default_factory=dict)
     edm: EDMSchedule | None = None
     null_extra: Mapping[str, Tensor] = field(default_factory=dict)
+    cond_plan: ConditionPlan | None = None
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    def source_conditions(self) -> list[object]:
+        """The source prompt's condition at each sampling step (``n`` values: a condition, or a
+        :class:`~.core.Composed` for ``AND``)."""
+        return self.cond_plan.per_step() if self.cond_plan is not None else [self.cond] * self.num_steps
 
 
 def _check_method(method: str) -> None:
@@ -169,6 +191,15 @@ def invert_latents(
     :func:`~.core.null_text_optimize`'s. ``progress(done, total, label)`` reports ``"invert"``
     (the pivot, once at the end) and ``"null-text"`` steps.
 
+    A prompt plan (A1111's prompt editing, alternation, ``AND``; :func:`invert_image` reads one from the text):
+    ``cond`` a list of ``num_steps`` per-step values (a condition, or a :class:`~.core.Composed` for ``AND``),
+    ``uncond`` one condition or a list of ``num_steps`` (a negative prompt plan). The pivot inverts step ``i`` with
+    step ``i``'s guidance-1 output (:func:`~.core.plan_pivot`), null-text optimises ``∅_i`` against step ``i``'s
+    conditions, negative-prompt inversion's ``∅_i`` is step ``i``'s prompt condition (refused for ``AND``: no one
+    condition makes the guided step the conditional one; so is null-text's ``init="negative-prompt"``), ddim's is
+    step ``i``'s negative; the per-step conditions are kept in :attr:`Inversion.cond_plan`, entries of the null
+    condition a negative plan changes per step in :attr:`Inversion.null_extra`.
+
     ``extra_keys``: other entries of a dict ``uncond`` that get a per-step value too
     (:attr:`Inversion.null_extra`): null-text optimises them with the embedding in one Adam
     (:func:`~.core.null_text_optimize_entries`; SDXL's pooled ``("text_embeds",)``, as Null-SDXL), negative-prompt
@@ -184,7 +215,14 @@ def invert_latents(
         raise ValueError(f"init must be 'null' or 'negative-prompt', got {init!r}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    key = default_embedding_key(uncond) if embedding_key is None else embedding_key
+    planned = isinstance(cond, list)
+    conds, unconds = per_step(cond, num_steps, "conditions"), per_step(uncond, num_steps, "unconditional conditions")
+    composed = any(isinstance(c, Composed) for c in conds)
+    if composed and (method == "negative-prompt" or (method == "null-text" and init == "negative-prompt")):
+        what = "negative-prompt inversion" if method == "negative-prompt" else "null-text's init 'negative-prompt'"
+        raise ValueError(f"{what}: " + _NO_ONE_CONDITION)
+    cond0, uncond0 = conds[0], unconds[0]
+    key = default_embedding_key(uncond0) if embedding_key is None else embedding_key
     if guidance is None:  # (an EDM model's card scale for the Euler step it runs, else the paper's)
         from ..training.edm import edm_default_guidance
 
@@ -192,46 +230,62 @@ def invert_latents(
     if edm is not None:  # (the schedule's; the DDPM settings mean nothing there: what a file of it reads back)
         prediction_type, spacing, steps_offset, alphas_cumprod = edm.prediction_type, "leading", 1, None
     extras = tuple(extra_keys)
-    if (method == "negative-prompt" and isinstance(cond, dict) and isinstance(cond.get(POOLED_KEY), Tensor)
+    if (method == "negative-prompt" and isinstance(cond0, dict) and isinstance(cond0.get(POOLED_KEY), Tensor)
             and key != POOLED_KEY and POOLED_KEY not in extras):
         extras += (POOLED_KEY,)
     if ((method == "negative-prompt" or (method == "null-text" and init == "negative-prompt"))
-            and isinstance(cond, dict) and isinstance(uncond, dict)):
+            and isinstance(cond0, dict) and isinstance(uncond0, dict)):
         # (NPI's null condition is the prompt's, and null-text's init starts from it: the entries not made per step
         # are the prompt's — the pooled text_embeds where it is not per step, the refiner's time_ids, whose negative
         # aesthetic score would otherwise stay in the null branch and the guided step not be the conditional one)
-        uncond = {**uncond, **{k: cond[k] for k in uncond if k in cond and k != key and k not in extras}}
-    if extras and (not isinstance(uncond, dict) or key in extras or len(set(extras)) != len(extras)):
+        unconds = [{**u, **{k: c[k] for k in u if k in c and k != key and k not in extras}}
+                   for u, c in zip(unconds, conds)]
+        if not isinstance(uncond, list):
+            uncond = unconds[0]
+    uncond0 = unconds[0]
+    if extras and (not isinstance(uncond0, dict) or key in extras or len(set(extras)) != len(extras)):
         raise ValueError(f"extra_keys={tuple(extra_keys)} must name other entries of a dict condition than "
                          f"embedding_key={key!r}, each once")
     rule = inversion_steps(num_steps, alphas_cumprod=alphas_cumprod, edm=edm, prediction_type=prediction_type,
                            spacing=spacing, steps_offset=steps_offset)
+    # (one value where one was given: bit-identical to the single-condition path)
+    uncond_arg = unconds if isinstance(uncond, list) else uncond0
     with torch.no_grad():
-        pivot = rule.pivot(model, x0, cond)
+        pivot = plan_pivot(rule, model, x0, conds if planned else cond, uncond_arg)
     if progress is not None:
         progress(num_steps, num_steps, "invert")
     null_extra: dict[str, Tensor] = {}
     if method in ("negative-prompt", "ddim"):
-        source = cond if method == "negative-prompt" else uncond
+        source = (conds if planned else cond) if method == "negative-prompt" else uncond_arg
         nulls = negative_prompt_embeddings(source, num_steps, embedding_key=key)
         null_extra = {k: negative_prompt_embeddings(source, num_steps, embedding_key=k) for k in extras}
     elif extras:
-        start = {k: condition_embedding(cond, k) for k in (key, *extras)} if init == "negative-prompt" else None
+        start = {k: condition_embedding(cond0, k) for k in (key, *extras)} if init == "negative-prompt" else None
         found = null_text_optimize_entries(
-            model, pivot, cond, uncond, keys=(key, *extras), alphas_cumprod=alphas_cumprod, guidance=guidance,
+            model, pivot, conds if planned else cond, uncond_arg, keys=(key, *extras), alphas_cumprod=alphas_cumprod,
+            guidance=guidance,
             inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
             epsilon_slope=epsilon_slope, init=start, prediction_type=prediction_type, spacing=spacing,
             steps_offset=steps_offset, edm=edm, progress=progress,
         )
         nulls, null_extra = found.pop(key), found  # type: ignore[assignment]
     else:
-        start = condition_embedding(cond, key) if init == "negative-prompt" else None
+        start = condition_embedding(cond0, key) if init == "negative-prompt" else None
         nulls = null_text_optimize(
-            model, pivot, cond, uncond, alphas_cumprod=alphas_cumprod, guidance=guidance, embedding_key=key,
+            model, pivot, conds if planned else cond, uncond_arg, alphas_cumprod=alphas_cumprod, guidance=guidance,
+            embedding_key=key,
             inner_steps=inner_steps, learning_rate=learning_rate, lr_decay=lr_decay, epsilon=epsilon,
             epsilon_slope=epsilon_slope, init=start, prediction_type=prediction_type, spacing=spacing,
             steps_offset=steps_offset, edm=edm, progress=progress,
         )
+    if isinstance(uncond0, dict):  # (entries of the null condition a negative plan changes per step: kept per step)
+        for k, value in uncond0.items():
+            if (k != key and k not in null_extra and isinstance(value, Tensor)
+                    and any(not torch.equal(u[k], value) for u in unconds)):  # type: ignore[index]
+                null_extra[k] = torch.stack([u[k].detach() for u in unconds])  # type: ignore[index]
+    cond_plan = ConditionPlan.from_steps(conds) if planned else None
+    if cond_plan is not None and len(cond_plan.conds) == 1 and all(r == ((0, 1.0),) for r in cond_plan.steps):
+        cond_plan = None  # (one condition at every step: the plain inversion)
     info = {}
     if method == "null-text":
         info["options"] = json.dumps({"init": init, "inner_steps": inner_steps, "learning_rate": learning_rate,
@@ -241,8 +295,8 @@ def invert_latents(
         x_T=pivot[-1].detach(),
         null_embeddings=nulls,
         timesteps=rule.timesteps.clone(),
-        cond=_detach(cond),
-        uncond=_detach(uncond),
+        cond=_detach(cond0 if cond_plan is None else cond_plan.conds[0]),
+        uncond=_detach(uncond0),
         alphas_cumprod=torch.zeros(0) if alphas_cumprod is None else alphas_cumprod.detach(),
         guidance=float(guidance),
         embedding_key=key,
@@ -253,6 +307,8 @@ def invert_latents(
         info=info,
         edm=edm,
         null_extra=null_extra,
+        cond_plan=None if cond_plan is None else ConditionPlan(tuple(_detach(c) for c in cond_plan.conds),
+                                                               cond_plan.steps),
     )
 
 
@@ -267,7 +323,14 @@ def _detach(cond: object) -> object:
 def _to(cond: object, device: torch.device) -> object:
     if isinstance(cond, Tensor):
         return cond.to(device)
+    if isinstance(cond, Composed):
+        return Composed(tuple((_to(c, device), w) for c, w in cond.parts))
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in cond.items()}  # type: ignore[union-attr]
+
+
+def _plan_to(plan: ConditionPlan, device: torch.device) -> list[object]:
+    """A plan's per-step values on ``device`` (each distinct condition moved once)."""
+    return ConditionPlan(tuple(_to(c, device) for c in plan.conds), plan.steps).per_step()
 
 
 def sample_inversion(
@@ -283,9 +346,11 @@ def sample_inversion(
     """Regenerate latents (B, C, h, w) from an inversion: its reconstruction, or an edit.
 
     Args:
-        cond: an edit's condition (default: the source prompt's — the reconstruction).
+        cond: an edit's condition (default: the source prompt's — the reconstruction); for an edit prompt plan a
+            :class:`~.core.ConditionPlan` or a list of ``n`` per-step values (step ``i`` uses its value ``i``).
         source_steps: prompt switching for edits: the first ``source_steps`` sampling steps keep
-            the source condition (the layout settles there), the rest use ``cond``.
+            the source condition (the layout settles there; a source plan's per-step conditions), the rest
+            use ``cond``.
         guidance: override the scale (the null embeddings are made for ``inversion.guidance``).
         device: where to run (default: the inversion's tensors' device).
     """
@@ -293,9 +358,18 @@ def sample_inversion(
     if not 0 <= source_steps <= n:
         raise ValueError(f"source_steps must be in [0, {n}], got {source_steps}")
     dev = torch.device(device) if device is not None else inversion.x_T.device
-    source = _to(inversion.cond, dev)
-    target = source if cond is None else cond
-    conds = [source] * source_steps + [target] * (n - source_steps)
+    source = [_to(inversion.cond, dev)] * n if inversion.cond_plan is None else _plan_to(inversion.cond_plan, dev)
+    if cond is None:
+        target = source
+    elif isinstance(cond, ConditionPlan):
+        if cond.num_steps != n:
+            raise ValueError(f"the edit's condition plan has {cond.num_steps} steps, the inversion {n}")
+        target = _plan_to(cond, dev)
+    else:
+        target = [_to(c, dev) for c in cond] if isinstance(cond, list) else [cond] * n
+        if len(target) != n:
+            raise ValueError(f"got {len(target)} per-step edit conditions for the inversion's {n} steps")
+    conds = source[:source_steps] + target[source_steps:]
     label = "reconstruct" if cond is None else "edit"
     return sample_with_embeddings(
         model, inversion.x_T.to(dev), conds, _to(inversion.uncond, dev), inversion.null_embeddings.to(dev),
@@ -313,6 +387,41 @@ def _prompt_condition(system, prompt: str) -> object:
     system without that reader (the toy)."""
     read = getattr(system, "prompt_condition", None)
     return system.condition(system.tokenize([prompt])) if read is None else read(prompt)
+
+
+def _read_plan(system, prompt: str, negative: str, num_steps: int) -> tuple[object, object]:
+    """``(cond, uncond)`` of ``prompt`` / ``negative`` as ``generate`` samples them over ``num_steps`` sampling steps
+    of one model call each (DDIM, the EDM Euler step: A1111's schedule steps are the steps): read by
+    :func:`sdadapt.prompt_guidance.plan_prompt` (prompt editing, alternation, ``AND``), each text conditioned once as
+    ``generate`` conditions a plan's texts (``system.plan_conditions``; else :func:`_prompt_condition` per text, and
+    the one negative as :func:`invert_image` reads it). Step ``i`` takes each schedule's entry for model call ``i``
+    (A1111's ``reconstruct_cond_batch``, :meth:`sdadapt.prompt_guidance.ScheduledGuidance.__call__`). Each is one
+    condition where the plan has one (a plan of one text of weight 1 and one negative text: the plain reading of
+    that text, as ``generate`` samples it — ``[red:red:0.5]`` is ``red``), else a list of ``num_steps``."""
+    from ..prompt_guidance import plan_prompt
+
+    plan = plan_prompt(prompt, negative, steps=num_steps)
+    if plan.plain:  # (the one text, read as before: generate samples plan.texts[0] so too)
+        cond = _prompt_condition(system, plan.texts[0])
+        negative_condition = getattr(system, "negative_condition", None)
+        uncond = (_prompt_condition(system, plan.negative_texts[0]) if negative_condition is None
+                  else negative_condition(plan.negative_texts[0], cond))
+        return cond, uncond
+    read = getattr(system, "plan_conditions", None)
+    if read is not None:
+        texts, negatives = read(plan)
+    else:  # (the toy: each text as _prompt_condition reads it)
+        texts = [_prompt_condition(system, text) for text in plan.texts]
+        negative_condition = getattr(system, "negative_condition", None)
+        negatives = [_prompt_condition(system, text) if negative_condition is None or len(plan.negative_texts) > 1
+                     else negative_condition(text, texts[0]) for text in plan.negative_texts]
+    conds: list[object] = []
+    for i in range(num_steps):
+        parts = tuple((texts[schedule.at(i)], weight) for schedule, weight in plan.parts)
+        conds.append(parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else Composed(parts))
+    unconds = [negatives[plan.negative.at(i)] for i in range(num_steps)]
+    plain_prompt = len(plan.texts) == 1 and len(plan.parts) == 1 and plan.parts[0][1] == 1.0
+    return (conds[0] if plain_prompt else conds), (unconds[0] if len(plan.negative_texts) == 1 else unconds)
 
 
 def _as_batch(image: Tensor, size: int) -> Tensor:
@@ -359,17 +468,23 @@ def invert_image(
     ``extra_keys=("text_embeds",)`` also optimises SDXL's pooled null embedding; the other options are
     :func:`invert_latents`' (``guidance`` ``None``: 7.5, an EDM model's card scale for Euler, 5).
 
+    ``prompt`` and ``negative`` are read as ``generate`` reads them, prompt plans included: A1111's prompt editing
+    (``[a:b:0.4]``, ``[a:0.4]``, ``[a::0.4]``), alternation (``[a|b]``) and ``AND`` (``a cat AND a hat:0.5``) give
+    each of the ``num_steps`` sampling steps its own conditions (:func:`_read_plan`; the schedule counts the
+    inversion's steps, one model call each, as ``generate --sampler ddim`` / an EDM model's ``euler`` counts them),
+    which the inversion and its reconstruction run step by step (:func:`invert_latents`). A plan of one text
+    (``[cat:cat:0.5]``) is the plain prompt, bit-identical.
+
     Raises:
-        ValueError: an unknown method, or an image not of the system's size.
+        ValueError: an unknown method, or an image not of the system's size; ``AND`` with method
+            ``negative-prompt`` or ``init="negative-prompt"``.
     """
     _check_method(method)
     device = system.alphas_cumprod.device
     x = _as_batch(image, system.image_size).to(device)
     with torch.no_grad():
         x0 = system.encode_images(x)
-        cond = _prompt_condition(system, prompt)
-        negative_condition = getattr(system, "negative_condition", None)
-        uncond = _prompt_condition(system, negative) if negative_condition is None else negative_condition(negative, cond)
+        cond, uncond = _read_plan(system, prompt, negative, num_steps)
     return invert_latents(
         system.denoiser(), x0, cond, uncond, alphas_cumprod=system.alphas_cumprod, method=method, guidance=guidance,
         num_steps=num_steps, prediction_type=system.prediction_type, spacing=spacing, steps_offset=steps_offset,
@@ -389,7 +504,10 @@ def regenerate_image(
     progress: Progress | None = None,
 ) -> Tensor:
     """The image (1, 3, H, W) in [-1, 1] regenerated from ``inversion``: the reconstruction, or
-    with ``prompt`` the edit (same ``x_T`` and null embeddings, the new prompt's condition).
+    with ``prompt`` the edit (same ``x_T`` and null embeddings, the new prompt's condition). The reconstruction
+    runs the inversion's per-step conditions (a prompt plan's, :attr:`Inversion.cond_plan`); an edit ``prompt``
+    is read as :func:`invert_image` reads the prompt (prompt editing, alternation, ``AND`` over the inversion's
+    steps, counted from its first step), ``source_steps`` taking the source's conditions of the steps it keeps.
 
     Raises:
         ValueError: the inversion was made on a model with another noise schedule or prediction type
@@ -415,7 +533,9 @@ def regenerate_image(
     if inversion.prediction_type != system.prediction_type:
         raise ValueError(f"this inversion was made for a {inversion.prediction_type} model, the system predicts "
                          f"{system.prediction_type}: use the model it was made on")
-    cond = None if prompt is None else _prompt_condition(system, prompt)
+    cond = None
+    if prompt is not None:
+        cond, _ = _read_plan(system, prompt, "", inversion.num_steps)  # (the edit's own negative: none, the nulls')
     latents = sample_inversion(system.denoiser(), inversion, cond=cond, source_steps=source_steps, device=device,
                                progress=progress)
     return system.decode_latents(latents)
@@ -461,7 +581,10 @@ def save_inversion(path: str | os.PathLike, inversion: Inversion, *, metadata: M
     the float32 σ, metadata ``edm`` (the schedule as JSON, its ``prediction_type`` included) instead of the DDPM
     ``alphas_cumprod`` / ``prediction_type`` / ``spacing`` / ``steps_offset``. With per-step values of other
     null-condition entries (:attr:`Inversion.null_extra`): format ``sdadapt-inversion/3`` (DDIM, or EDM when
-    ``edm`` is there), tensors ``null_embeddings.<key>``, metadata ``null_keys`` (a JSON list).
+    ``edm`` is there), tensors ``null_embeddings.<key>``, metadata ``null_keys`` (a JSON list). A prompt plan's
+    inversion (:attr:`Inversion.cond_plan`): format ``sdadapt-inversion/4`` (with ``edm`` / ``null_keys`` where they
+    apply), tensors ``cond_plan.<j>[.<key>]`` (its distinct conditions), metadata ``cond_plan`` (JSON: ``layouts``
+    of those conditions, ``steps`` the ``[j, weight]`` ``AND`` parts of each sampling step).
     """
     edm = inversion.edm is not None
     extra = dict(inversion.null_extra)
@@ -474,10 +597,15 @@ def save_inversion(path: str | os.PathLike, inversion: Inversion, *, metadata: M
     }
     ddpm = {} if edm else {"prediction_type": inversion.prediction_type, "spacing": inversion.spacing,
                            "steps_offset": str(int(inversion.steps_offset))}
+    plan = {}
+    if inversion.cond_plan is not None:
+        layouts = [json.loads(_flatten(f"cond_plan.{j}", c, tensors)) for j, c in enumerate(inversion.cond_plan.conds)]
+        steps = [[[j, w] for j, w in row] for row in inversion.cond_plan.steps]
+        plan = {"cond_plan": json.dumps({"layouts": layouts, "steps": steps})}
     meta = {
         **{str(k): str(v) for k, v in inversion.info.items()},
         **dict(metadata or {}),
-        "format": _FORMAT_ENTRIES if extra else (_FORMAT_EDM if edm else _FORMAT),
+        "format": _FORMAT_PLAN if plan else (_FORMAT_ENTRIES if extra else (_FORMAT_EDM if edm else _FORMAT)),
         "method": inversion.method,
         "guidance": repr(float(inversion.guidance)),
         "embedding_key": "" if inversion.embedding_key is None else inversion.embedding_key,
@@ -487,18 +615,19 @@ def save_inversion(path: str | os.PathLike, inversion: Inversion, *, metadata: M
         "uncond_layout": _flatten("uncond", inversion.uncond, tensors),
         **({"edm": json.dumps(dataclasses.asdict(inversion.edm), sort_keys=True)} if edm else {}),
         **({"null_keys": json.dumps(list(extra))} if extra else {}),
+        **plan,
     }
     return write_safetensors(path, tensors, meta)
 
 
 _RESERVED = {"format", "method", "guidance", "embedding_key", "prediction_type", "spacing", "steps_offset", "prompt",
-             "cond_layout", "uncond_layout", "edm", "null_keys"}
+             "cond_layout", "uncond_layout", "edm", "null_keys", "cond_plan"}
 
 
 def _file_edm(file: Path, meta: Mapping[str, str], timesteps: Tensor) -> EDMSchedule | None:
-    """The EDM schedule of a ``sdadapt-inversion/2`` file (checked against its σ), ``None`` for /1 (and a /3
+    """The EDM schedule of a ``sdadapt-inversion/2`` file (checked against its σ), ``None`` for /1 (and a /3 or /4
     file without ``edm``)."""
-    if meta.get("format") == _FORMAT or (meta.get("format") == _FORMAT_ENTRIES and "edm" not in meta):
+    if meta.get("format") == _FORMAT or (meta.get("format") in (_FORMAT_ENTRIES, _FORMAT_PLAN) and "edm" not in meta):
         return None
     try:
         schedule = EDMSchedule.from_config(json.loads(meta["edm"]))
@@ -520,7 +649,7 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
     """
     file = Path(path)
     tensors, meta = read_safetensors(file)
-    if meta.get("format") not in (_FORMAT, _FORMAT_EDM, _FORMAT_ENTRIES):
+    if meta.get("format") not in (_FORMAT, _FORMAT_EDM, _FORMAT_ENTRIES, _FORMAT_PLAN):
         raise WeightFileError(f"{file}: not an sdadapt inversion file (metadata format {meta.get('format')!r}); "
                               "write one with save_inversion / `python -m sdadapt invert`")
     missing = [k for k in ("x_T", "null_embeddings", "timesteps") if k not in tensors]
@@ -536,7 +665,8 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
         guidance = float(meta["guidance"])
         # (an EDM file: no DDPM settings; those of the previous version's /2 files, written but unused, are ignored)
         steps_offset = int(meta["steps_offset"]) if edm is None else 1
-        null_keys = json.loads(meta.get("null_keys", "null")) if meta["format"] == _FORMAT_ENTRIES else []
+        null_keys = (json.loads(meta.get("null_keys", "null")) if meta["format"] == _FORMAT_ENTRIES
+                     else json.loads(meta.get("null_keys", "[]")) if meta["format"] == _FORMAT_PLAN else [])
     except (KeyError, ValueError) as exc:
         raise WeightFileError(f"{file}: bad inversion metadata ({exc})") from None
     if edm is None and "alphas_cumprod" not in tensors:
@@ -555,6 +685,7 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
             raise WeightFileError(f"{file}: inversion file lacks tensor 'null_embeddings.{key}' with a row for each of "
                                   f"its {n} steps; the file is damaged")
         null_extra[key] = value
+    cond_plan = _file_plan(file, meta, tensors, n) if meta["format"] == _FORMAT_PLAN else None
     return Inversion(
         method=meta.get("method", "null-text"),
         x_T=tensors["x_T"],
@@ -572,4 +703,23 @@ def load_inversion(path: str | os.PathLike, *, device: str | torch.device = "cpu
         info={k: v for k, v in meta.items() if k not in _RESERVED},
         edm=edm,
         null_extra=null_extra,
+        cond_plan=cond_plan,
     )
+
+
+def _file_plan(file: Path, meta: Mapping[str, str], tensors: Mapping[str, Tensor], n: int) -> ConditionPlan:
+    """The :class:`~.core.ConditionPlan` of a ``sdadapt-inversion/4`` file (its ``cond_plan`` metadata and
+    ``cond_plan.<j>`` tensors), checked: one row per step, each naming stored conditions."""
+    damaged = (f"{file}: a {_FORMAT_PLAN} file keeps its prompt plan in 'cond_plan' metadata (JSON: 'layouts', one "
+               f"per condition, and 'steps', {n} rows of [index, weight] parts) and cond_plan.<j> tensors")
+    try:
+        spec = json.loads(meta["cond_plan"])
+        layouts, rows = spec["layouts"], spec["steps"]
+        conds = tuple(_unflatten(f"cond_plan.{j}", json.dumps(layout), tensors, file) for j, layout in enumerate(layouts))
+        steps = tuple(tuple((int(j), float(w)) for j, w in row) for row in rows)
+        plan = ConditionPlan(conds, steps)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WeightFileError(f"{damaged} ({exc!r}); the file is damaged") from None
+    if plan.num_steps != n:
+        raise WeightFileError(f"{damaged}: its plan has {plan.num_steps} steps for {n} timesteps; the file is damaged")
+    return plan
