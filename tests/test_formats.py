@@ -487,13 +487,13 @@ def test_load_lora_reads_lycoris_and_refuses_unsupported_algorithms_clearly(tmp_
     old_oft = tmp_path / "oft_diag.safetensors"
     write_safetensors(old_oft, {f"{layer}.oft_diag": torch.zeros(2, 2, 2)}, {"ss_network_module": "lycoris.kohya"})
     assert set(load_lora(old_oft)[0]["unet"]) == {"down_blocks.0.attentions.0.proj_in.oft_diag"}
-    # a LyCORIS tensor no family reads (GLoRA's Tucker `bm.weight`): refused naming the key
-    tucker = tmp_path / "glora-tucker.safetensors"
-    write_safetensors(tucker, {f"{layer}.bm.weight": torch.zeros(2, 2)}, {"ss_network_module": "lycoris.kohya"})
+    # a LyCORIS tensor no family reads (4.x T-LoRA `q_layer.weight`): refused naming the key
+    tucker = tmp_path / "tlora.safetensors"
+    write_safetensors(tucker, {f"{layer}.q_layer.weight": torch.zeros(2, 2)}, {"ss_network_module": "lycoris.kohya"})
     with pytest.raises(WeightFileError) as info:
         load_lora(tucker)
     message = str(info.value)
-    assert str(tucker) in message and "bm.weight" in message and "LyCORIS" in message
+    assert str(tucker) in message and "q_layer.weight" in message and "LyCORIS" in message
 
 
 @pytest.mark.parametrize(

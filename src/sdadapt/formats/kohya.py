@@ -15,8 +15,9 @@ LyCORIS files (``lycoris.kohya``) use the same prefixes and paths with their own
 ``hada_w1_a/b``, ``hada_w2_a/b`` (+ ``hada_t1/t2``) for LoHa, ``lokr_w1[_a/_b]``,
 ``lokr_w2[_a/_b]`` (+ ``lokr_t2``) for LoKr, ``lora_mid.weight`` for Tucker LoCon, ``diff`` /
 ``diff_b`` for full deltas, ``weight`` + ``on_input`` for (IA)³, ``oft_blocks`` (+ ``rescale``; ``alpha`` is the
-COFT constraint there) for Diag-OFT / BOFT, ``a1/a2/b1/b2.weight`` for GLoRA, ``w_norm`` / ``b_norm`` for
-norm modules (``train_norm``) and ``dora_scale`` next to any of them for DoRA. kohya's own OFT
+COFT constraint there) for Diag-OFT / BOFT, ``a1/a2/b1/b2.weight`` (+ ``bm.weight``, LyCORIS 3.0.0's
+Tucker core) for GLoRA, ``w_norm`` / ``b_norm`` for norm modules (``train_norm``) and ``dora_scale``
+next to any of them for DoRA. kohya's own OFT
 files (``oft_unet_<layer>.oft_blocks`` / ``.alpha``) are read as Diag-OFT; a state in kohya's layout
 (:func:`kohya_oft_dim_alpha`, which LyCORIS cannot load) is written back with ``oft_unet_`` and
 ``ss_network_module = "networks.oft"``, any other OFT state as LyCORIS' ``lora_unet_``. They pass through
@@ -309,7 +310,7 @@ def from_kohya(
             f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
             "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with one of "
             f"{', '.join(sorted(file_keys()))}. Is this a diffusers/peft file? Use load_lora() to auto-detect. "
-            "(LyCORIS GLoRA's Tucker bm.weight is not supported.)"
+            "A LyCORIS tensor outside that list is of an algorithm or version sdadapt does not read."
         )
     return out
 
