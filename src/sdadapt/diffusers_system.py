@@ -1035,7 +1035,8 @@ class DiffusersSystem(nn.Module):
                noise: Any = None, schedule_options: Any = None, output: str = "images", start: Any = None,
                before_model_call: Any = None, clip_sample: float | None = None,
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
-               generator: torch.Generator | None = None, start_noise: Tensor | None = None) -> Tensor:
+               generator: torch.Generator | None = None, start_noise: Tensor | None = None,
+               vae_encode: str = "mean") -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1082,6 +1083,17 @@ class DiffusersSystem(nn.Module):
         ``encode_images(pixels, generator=generator)`` drew the init image's posterior sample from it); not with
         ``noise``. ``start_noise``: the unit start noise (B, 4, H/8, W/8) in place of the generator's first draw
         (a diffusers pipeline's ``latents=``; :func:`sdadapt.sampling.generate`); not with ``noise``.
+        ``vae_encode``: how the image conditioning this call encodes itself — an inpainting model's txt2img grey
+        (above; also a hires pass's, which has no ``start.conditioning``) — is encoded: ``"mean"`` the posterior
+        mean, the same for every seed; ``"sample"`` a posterior sample (B, 4, h, w) drawn after the start noise and
+        before the sampler noise from the run's generator (``generator`` or ``torch.Generator().manual_seed(seed)``):
+        diffusers' ``StableDiffusionInpaintPipeline`` at ``strength=1`` with a white mask, whose masked image is all
+        0 (``prepare_latents`` draws the start noise, then ``prepare_mask_latents`` encodes the masked image with the
+        generator, then the scheduler's noise); with ``noise`` (A1111's, whose start and sampler noise stay its own)
+        from :func:`sdadapt.img2img.init_generator` ``(seed, a1111_noise=True)`` after one draw of the latent's shape
+        (:meth:`_conditioning_generator`; A1111's ``txt2img_image_conditioning`` samples from its unseeded global
+        RNG). A given conditioning is used as it is. B prompts draw B samples at once; diffusers encodes its one
+        masked image once and repeats it over the batch — the same for B = 1, what ``generate`` (the command) runs.
 
         Raises:
             ValueError: a UNet that is neither plain nor an inpainting one (InstructPix2Pix's 8 channels);
@@ -1135,7 +1147,10 @@ class DiffusersSystem(nn.Module):
         if check_inpainting_unet(int(self.unet.config.in_channels), int(self.vae.config.latent_channels)):
             conditioning = start.conditioning if start is not None else None
             if conditioning is None:  # txt2img on an inpainting model: A1111's txt2img_image_conditioning
-                conditioning = self.inpainting_conditioning(*txt2img_masked_image(len(prompts), height, width))
+                conditioning = self.inpainting_conditioning(
+                    *txt2img_masked_image(len(prompts), height, width),
+                    generator=self._conditioning_generator(vae_encode, g if noise is None else None, seed=seed,
+                                                           shape=tuple(x.shape)))
             model = concat_conditioning(model, conditioning)
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance)
@@ -1175,6 +1190,30 @@ class DiffusersSystem(nn.Module):
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}))
         decoder = self if refiner is None else refiner.decoder(self)  # (the refiner's VAE once it took a call)
         return latents if output == "latents" else decoder.decode_latents(latents)
+
+    @staticmethod
+    def _conditioning_generator(vae_encode: str, run: torch.Generator | None, *, seed: int,
+                                shape: tuple[int, ...]) -> torch.Generator | None:
+        """The generator :meth:`sample` draws its own image conditioning's posterior sample from under
+        ``vae_encode`` (``None``: the mean): ``run``, the run's generator after the start noise (sdadapt's noise), or
+        with A1111's noise (``run`` ``None``) :func:`sdadapt.img2img.init_generator` of ``seed`` (past its discarded
+        draw of ``shape`` (B, C, h, w)) past one more draw of ``shape``: the place of an image's posterior ε drawn
+        from that generator first — A1111 encodes a hires pass's upscaled pixels before their conditioning
+        (``sample_hr_pass``), and the ``pixel-lanczos`` hires pass draws that ε there
+        (:func:`sdadapt.jobs.generate_hires.seeded_encoding`), so the two are not the same draw.
+
+        Raises:
+            ValueError: a ``vae_encode`` that is not ``"mean"`` / ``"sample"``.
+        """
+        from .img2img import check_vae_encode, init_generator
+
+        if check_vae_encode(vae_encode) == "mean":
+            return None
+        if run is not None:
+            return run
+        g = init_generator(seed, a1111_noise=True, shape=shape)
+        torch.randn(shape, generator=g)  # (an image's posterior ε: A1111 encodes it before the conditioning)
+        return g
 
     def _size_time_ids(self, count: int, size_h: int, size_w: int) -> Tensor | None:
         """SDXL's ``time_ids`` for ``count`` prompts at size ``(size_h, size_w)``: (count, 6) original size, crop

@@ -236,7 +236,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              before_model_call: Callable[[int, int], None] | None = None,
              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
              refiner: object | None = None, generator: torch.Generator | None = None,
-             start_noise: Tensor | None = None) -> Tensor:
+             start_noise: Tensor | None = None, vae_encode: str = "mean") -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -320,19 +320,28 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     as diffusers' inpaint pipelines do (:func:`sdadapt.jobs.generate_inpaint.sampled_encodings`); ``None``: drawn
     from the generator, as ever (the system's ``sample`` when it takes ``start_noise=``, else the System protocol).
 
+    ``vae_encode``: ``"sample"``: the image conditioning the system encodes itself (an inpainting model's txt2img
+    grey, a hires pass's without ``inpaint_conditioning``) is a VAE posterior sample drawn after the start noise
+    (:meth:`sdadapt.diffusers_system.DiffusersSystem.sample`); ``"mean"``: the posterior mean, as ever. Handed to a
+    system whose ``sample`` takes ``vae_encode=``; a system without one encodes no conditioning, and it is moot.
+
     Raises:
         ValueError: an unknown sampler, ``karras`` for a sampler without Karras σ, or a size the
             system cannot make; an inpainting mask or conditioning without ``init_latents``; ``clip_sample`` on a
             sampler other than ``heun``, or not above 0.
         TypeError: ``cond`` given to a system whose ``sample`` takes no ``cond=``, or ``refiner`` to one whose
             ``sample`` takes no ``refiner=``.
-        ValueError: ``generator`` or ``start_noise`` with ``noise`` (A1111's noise draws its own).
+        ValueError: ``generator`` or ``start_noise`` with ``noise`` (A1111's noise draws its own); a ``vae_encode``
+            other than ``"mean"`` / ``"sample"``.
     """
     if generator is not None and noise is not None:
         raise ValueError("generator= draws the start noise in place of the seed's generator; A1111's noise= draws "
                          "its own: pass one of them")
     if start_noise is not None and noise is not None:
         raise ValueError("start_noise= is the start noise; A1111's noise= draws its own: pass one of them")
+    from .img2img import check_vae_encode
+
+    check_vae_encode(vae_encode)
     if refiner is not None and not _takes(system.sample, "refiner"):
         raise TypeError(f"{type(system).__name__}.sample takes no refiner= argument; the SDXL refiner hands over "
                         "inside an SDXL base's sample (DiffusersSystem)")
@@ -368,7 +377,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      noise=noise, schedule_options=schedule_options, start=start, output=output,
                      before_model_call=before_model_call, clip_sample=clip_sample,
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
-                     start_noise=start_noise)
+                     start_noise=start_noise, vae_encode=vae_encode)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -420,7 +429,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               start: object | None, output: str, before_model_call: Callable[[int, int], None] | None = None,
               clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
               refiner: object | None = None, generator: torch.Generator | None = None,
-              start_noise: Tensor | None = None) -> Tensor:
+              start_noise: Tensor | None = None, vae_encode: str = "mean") -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -484,6 +493,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["generator"] = generator
         if start_noise is not None:
             options["start_noise"] = start_noise
+        if vae_encode != "mean" and _takes(system.sample, "vae_encode"):
+            options["vae_encode"] = vae_encode
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")

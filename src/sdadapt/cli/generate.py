@@ -273,7 +273,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="how the --init-image (and the pixel-lanczos hires pass's image) is VAE-encoded: 'mean' "
                          "(default) the posterior mean, the same for every seed; 'sample' a posterior sample drawn "
                          "from the seed's generator before its start noise, as diffusers' img2img pipelines (their "
-                         "images for --seed; an inpainting model's masked image too, as diffusers' inpaint pipelines); "
+                         "images for --seed; an inpainting model's masked image too, as diffusers' inpaint pipelines, "
+                         "and the grey image of its txt2img and hires conditioning, drawn after the start noise, so "
+                         "an inpainting model needs no --init-image for it); "
                          "A1111's setting 'sd_vae_encode_method' samples from an unseeded RNG "
                          "(docs/samplers.md, 'Encoding the init image')")
     img2img.add_argument("--img2img-fix-steps", action="store_true",

@@ -261,8 +261,11 @@ def run_generate(
             (:func:`sdadapt.jobs.generate_hires.seeded_encoding`); with ``noise`` (A1111's) the start and sampler
             noise stay A1111's and the sample comes from that generator after one discarded draw
             (:func:`sdadapt.img2img.init_generator`). An inpainting model's masked image is sampled too, after the
-            start noise (diffusers' inpaint pipelines' order: :func:`sdadapt.jobs.generate_inpaint.sampled_encodings`).
-            ``"sample"`` is written in the infotext (``VAE encode: sample``). docs/samplers.md, "Encoding the init
+            start noise (diffusers' inpaint pipelines' order: :func:`sdadapt.jobs.generate_inpaint.sampled_encodings`),
+            and so is the grey image of its txt2img conditioning and of its hires pass's (at mask weight 1), drawn
+            after that pass's start noise (``StableDiffusionInpaintPipeline`` at strength 1 under a white mask;
+            :meth:`sdadapt.diffusers_system.DiffusersSystem.sample`): on an inpainting model ``"sample"`` needs no
+            init image. ``"sample"`` is written in the infotext (``VAE encode: sample``). docs/samplers.md, "Encoding the init
             image".
 
     Returns:
@@ -363,11 +366,9 @@ def run_generate(
     from ..img2img import check_vae_encode
 
     check_vae_encode(vae_encode)
-    if vae_encode == "sample" and init_image is None and (hires_upscaler != "pixel-lanczos" or (
-            hires_scale is None and hires_width is None and hires_height is None)):
-        raise ValueError("--vae-encode sample draws the VAE encoding of an init image: it needs --init-image, or a "
-                         "hires fix with --hires-upscaler pixel-lanczos (a latent upscaler encodes nothing); leave it "
-                         "out otherwise")
+    # (otherwise only an inpainting model's own image conditioning is encoded: checked once the model is loaded)
+    encodes_pixels = init_image is not None or (hires_upscaler == "pixel-lanczos" and (
+        hires_scale is not None or hires_width is not None or hires_height is not None))
     hires = _check_img2img_options(sampler, init_image=init_image, denoising_strength=denoising_strength,
                                    hires_scale=hires_scale, hires_width=hires_width, hires_height=hires_height,
                                    hires_steps=hires_steps, hires_denoising=hires_denoising,
@@ -513,6 +514,13 @@ def run_generate(
     start = time.perf_counter()
     system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                          clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say, clip_stats=clip_stats)
+    from .generate_inpaint import _is_inpainting_model
+
+    if vae_encode == "sample" and not encodes_pixels and not _is_inpainting_model(system):
+        raise ValueError("--vae-encode sample draws the VAE encoding of an init image or of an inpainting model's "
+                         f"image conditioning: {model} is no inpainting model, so it needs --init-image, or a hires fix "
+                         "with --hires-upscaler pixel-lanczos (a latent upscaler encodes nothing); leave it out "
+                         "otherwise")
     if guidance is None and getattr(system, "edm", None) is not None:  # (said, and one scale for both passes)
         from ..sampling import default_guidance
 
@@ -859,6 +867,8 @@ def run_generate(
             elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
                 options["inpaint_conditioning"] = model_conditioning
             options.update(sampled)  # (after the mean conditioning: an inpainting model's sampled one replaces it)
+            if vae_encode == "sample":  # (an inpainting model's txt2img grey, a hires pass's: drawn in sample)
+                options["vae_encode"] = vae_encode
             handoff = None
             if refiner_system is not None:  # (the base, then the refiner, in one sampler run per pass)
                 from .generate_refiner import RefinerHandoff

@@ -41,8 +41,8 @@ from pathlib import Path
 
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 
-__all__ = ["HIRES_UPSCALER_LABELS", "VAE_ENCODE_FIELD", "InfotextRun", "a1111_number", "file_sha256", "format_infotext",
-           "option_network_tags", "quote", "run_infotext"]
+__all__ = ["HIRES_UPSCALER_LABELS", "NOISE_FIELD", "VAE_ENCODE_FIELD", "InfotextRun", "a1111_number", "file_sha256",
+           "format_infotext", "option_network_tags", "quote", "run_infotext"]
 
 #: sampler names here whose A1111 sampler has ``uses_ensd`` (``sd_samplers_kdiffusion.samplers_k_diffusion``;
 #: ``sd_samplers_common.is_sampler_using_eta_noise_seed_delta``): the ones whose infotext has ENSD
@@ -62,6 +62,11 @@ _MASKED_CONTENT: dict[str, str] = {"fill": "fill", "latent-noise": "latent noise
 #: ``sd_vae_encode_method``, "Full" or "TAESD" — which network encodes, not mean or sample —, read back by A1111
 #: into that setting; its "Full" draws an unseeded posterior sample, so neither value says what sdadapt ran)
 VAE_ENCODE_FIELD = "VAE encode"
+#: the field that names ``--noise`` in a ``--vae-encode sample`` run (sdadapt's own; no A1111 setting or field is
+#: named so — its reader keeps it unapplied): there ``--noise a1111-cpu`` and sdadapt's generator both write ``RNG: CPU`` but draw differently
+#: (A1111's order: the start noise first, the posterior ε apart; sdadapt's: diffusers' order, the ε before or between
+#: the start and sampler noise), so the text would not tell them apart otherwise
+NOISE_FIELD = "Noise"
 
 _HASHES: dict[tuple[str, int, int, str], str] = {}  # (file, size, mtime_ns, kind) -> hex sha256
 
@@ -262,7 +267,11 @@ class InfotextRun:
         vae_encode: ``--vae-encode``; ``"sample"`` is written as ``VAE encode: sample`` (:data:`VAE_ENCODE_FIELD`)
             after the hires and inpaint fields, where A1111's ``init`` would add a field of its encoding; the
             default ``"mean"`` is left out, as A1111 leaves its defaults out. The value is the option's own name,
-            so the text reads back as ``--vae-encode sample``.
+            so the text reads back as ``--vae-encode sample``. With ``noise`` a sampled run also writes ``Noise:
+            <noise>`` (:data:`NOISE_FIELD`), read back as ``--noise <noise>``: there "RNG" alone cannot tell A1111's
+            order from sdadapt's. Without ``noise`` "RNG: CPU" stays (:meth:`_rng`): the draws are the seed's CPU
+            generator's in diffusers' order — A1111, which samples the posterior from an unseeded RNG, cannot
+            reproduce such a run under any "RNG", and its CPU source is that generator; left out it would read GPU.
     """
 
     prompt: str
@@ -373,6 +382,7 @@ class InfotextRun:
             if mask.get("applied"):
                 fields["Masked content"] = _MASKED_CONTENT.get(str(mask.get("fill")))
         fields[VAE_ENCODE_FIELD] = None if self.vae_encode == "mean" else self.vae_encode
+        fields[NOISE_FIELD] = self.noise if self.vae_encode != "mean" and self.noise else None
         options = [_option_spec(item)[0] for item in self.loras]
         lora_pairs = [(name, _lora_hash(file)) for file in options if (name := _network_name(file)) is not None]
         lora_pairs += [(_tag_name(tag), _lora_hash(Path(file))) for tag, file in [*self.tag_loras,

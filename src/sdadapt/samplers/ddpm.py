@@ -1,6 +1,10 @@
 """Ancestral DDPM sampling (Ho et al. 2020): diffusers' ``DDPMScheduler`` with its defaults
 (``variance_type="fixed_small"``, ``clip_sample=True`` to [-1, 1], ``timestep_spacing="leading"``,
-``steps_offset=0``), kohya's ``ddpm``.
+``steps_offset=0``), kohya's ``ddpm`` (its sample loop assigns ``pipeline.scheduler`` on the built pipeline,
+``library/train_util.py``). Not what diffusers' SD1/SD2 pipelines run when the scheduler is handed to their
+constructor: ``StableDiffusion(Img2Img|Inpaint)Pipeline.__init__`` rewrites ``steps_offset`` to 1 (timesteps 801,
+..., 1 for 5 steps; the first two also ``clip_sample`` to False) — assigned after construction, the inpaint pipeline
+gives these latents (docs/samplers.md, tests/test_generate_posterior.py).
 
 Each step samples the posterior ``q(x_{t'} | x_t, x̂0)`` between consecutive inference timesteps
 ``t > t'`` (``t' = −1`` at the end, where ᾱ = 1):
