@@ -4,13 +4,34 @@ schedule and one fixed stand-in model."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["SD_BETAS", "assert_guidance_is_the_guided_model", "reference_dpmpp_2m_sde", "stand_in"]
+__all__ = [
+    "SD_BETAS",
+    "KDiffusionDPMSolver",
+    "assert_guidance_is_the_guided_model",
+    "get_ancestral_step",
+    "reference_dpmpp_2m_sde",
+    "rel_err",
+    "sd_alphas_cumprod",
+    "stand_in",
+]
 
 #: Stable Diffusion's training schedule, as a diffusers scheduler config (scaled-linear β, 1000 steps)
 SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """(1000,) SD's training ᾱ (:data:`SD_BETAS`: scaled-linear β) computed in float64, not diffusers' float32."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a − b| / max |b|`` in float64 (``b``'s scale at least 1e-30): how far ``a`` is from the reference ``b``."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
 def stand_in(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -54,6 +75,138 @@ def reference_dpmpp_2m_sde(x_T: torch.Tensor, ac: torch.Tensor, n: int, noises, 
         old = den
     return x
 
+
+def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """k-diffusion 4601bf0 ``get_ancestral_step`` on floats: (σ_down, σ_up) of the step σ_from → σ_to."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - up ** 2) ** 0.5, up
+
+
+class KDiffusionDPMSolver:
+    """k-diffusion 4601bf0 ``k_diffusion/sampling.py`` ``DPMSolver`` (``dpm_solver_fast``, ``dpm_solver_adaptive``,
+    ``PIDStepSizeController``) transcribed on Python floats (t = −log σ; float64 tensors in, float64 out).
+
+    ``eps_of(x, σ)``: the ε its ``eps`` returns, ``(x − model(x, σ))/σ`` (counted in :attr:`calls`);
+    ``noise(like)``: its ``noise_sampler``, unit noise of ``like``'s shape (drawn after every fast step and
+    every accepted adaptive step, η = 0 too); ``info_callback(d)``: its ``info_callback``, with ``d["i"]`` only
+    (after the step's first ε in ``fast``, after every try in ``adaptive``).
+    """
+
+    def __init__(self, eps_of: Callable[[torch.Tensor, float], torch.Tensor],
+                 noise: Callable[[torch.Tensor], torch.Tensor | float],
+                 info_callback: Callable[[dict], None] | None = None):
+        self.eps_of, self.noise, self.info_callback, self.calls = eps_of, noise, info_callback, 0
+
+    @staticmethod
+    def sigma(t: float) -> float:
+        return math.exp(-t)
+
+    def eps(self, cache: dict, key: str, x: torch.Tensor, t: float) -> tuple[torch.Tensor, dict]:
+        if key in cache:
+            return cache[key], cache
+        self.calls += 1
+        eps = self.eps_of(x, self.sigma(t))
+        return eps, {key: eps, **cache}
+
+    def step_1(self, x, t, t_next, cache):
+        eps, cache = self.eps(cache, "eps", x, t)
+        return x - self.sigma(t_next) * math.expm1(t_next - t) * eps, cache
+
+    def step_2(self, x, t, t_next, r1=1 / 2, cache=None):
+        h = t_next - t
+        eps, cache = self.eps(cache, "eps", x, t)
+        s1 = t + r1 * h
+        u1 = x - self.sigma(s1) * math.expm1(r1 * h) * eps
+        eps_r1, cache = self.eps(cache, "eps_r1", u1, s1)
+        return (x - self.sigma(t_next) * math.expm1(h) * eps
+                - self.sigma(t_next) / (2 * r1) * math.expm1(h) * (eps_r1 - eps)), cache
+
+    def step_3(self, x, t, t_next, cache, r1=1 / 3, r2=2 / 3):
+        h = t_next - t
+        eps, cache = self.eps(cache, "eps", x, t)
+        s1, s2 = t + r1 * h, t + r2 * h
+        u1 = x - self.sigma(s1) * math.expm1(r1 * h) * eps
+        eps_r1, cache = self.eps(cache, "eps_r1", u1, s1)
+        u2 = (x - self.sigma(s2) * math.expm1(r2 * h) * eps
+              - self.sigma(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps_r1 - eps))
+        eps_r2, cache = self.eps(cache, "eps_r2", u2, s2)
+        return (x - self.sigma(t_next) * math.expm1(h) * eps
+                - self.sigma(t_next) / r2 * (math.expm1(h) / h - 1) * (eps_r2 - eps)), cache
+
+    def fast(self, x, t_start, t_end, nfe, eta=0.0, s_noise=1.0):
+        m = math.floor(nfe / 3) + 1
+        ts = torch.linspace(t_start, t_end, m + 1, dtype=torch.float64).tolist()
+        orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+        for i in range(len(orders)):
+            cache: dict = {}
+            t, t_next = ts[i], ts[i + 1]
+            if eta:
+                sd, su = get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
+                t_next_ = min(t_end, -math.log(sd))
+                su = (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2) ** 0.5
+            else:
+                t_next_, su = t_next, 0.0
+            _, cache = self.eps(cache, "eps", x, t)  # (k-diffusion's denoised for the info callback; cached)
+            if self.info_callback is not None:
+                self.info_callback({"i": i})
+            if orders[i] == 1:
+                x, cache = self.step_1(x, t, t_next_, cache)
+            elif orders[i] == 2:
+                x, cache = self.step_2(x, t, t_next_, cache=cache)
+            else:
+                x, cache = self.step_3(x, t, t_next_, cache)
+            x = x + su * s_noise * self.noise(x)
+        return x
+
+    def adaptive(self, x, t_start, t_end, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0,
+                 dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0):
+        pid_order = 1.5 if eta else order
+        h = h_init
+        b1, b2, b3 = (pcoeff + icoeff + dcoeff) / pid_order, -(pcoeff + 2 * dcoeff) / pid_order, dcoeff / pid_order
+        errs: list[float] = []
+        s, x_prev = t_start, x
+        info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+        while s < t_end - 1e-5:
+            cache: dict = {}
+            t = min(t_end, s + h)
+            if eta:
+                sd, su = get_ancestral_step(self.sigma(s), self.sigma(t), eta)
+                t_ = min(t_end, -math.log(sd))
+                su = (self.sigma(t) ** 2 - self.sigma(t_) ** 2) ** 0.5
+            else:
+                t_, su = t, 0.0
+            _, cache = self.eps(cache, "eps", x, s)
+            if order == 2:
+                x_low, cache = self.step_1(x, s, t_, cache)
+                x_high, cache = self.step_2(x, s, t_, cache=cache)
+            else:
+                x_low, cache = self.step_2(x, s, t_, r1=1 / 3, cache=cache)
+                x_high, cache = self.step_3(x, s, t_, cache)
+            delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+            error = float(torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5)
+            inv = 1 / (error + 1e-8)  # (PIDStepSizeController.propose_step)
+            if not errs:
+                errs = [inv, inv, inv]
+            errs[0] = inv
+            factor = 1 + math.atan(errs[0] ** b1 * errs[1] ** b2 * errs[2] ** b3 - 1)
+            accept = factor >= accept_safety
+            if accept:
+                errs[2], errs[1] = errs[1], errs[0]
+            h *= factor
+            if accept:
+                x_prev = x_low
+                x = x_high + su * s_noise * self.noise(x_high)
+                s = t
+                info["n_accept"] += 1
+            else:
+                info["n_reject"] += 1
+            info["nfe"] += order
+            info["steps"] += 1
+            if self.info_callback is not None:
+                self.info_callback({"i": info["steps"] - 1})
+        return x, info
 
 def assert_guidance_is_the_guided_model(sampler: str, direct, *, alphas_cumprod: torch.Tensor, karras: bool,
                                         num_steps: int = 6) -> None:

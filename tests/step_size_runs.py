@@ -14,8 +14,9 @@ from torch import nn
 from sdadapt.training.host_syncs import HostSyncs
 from sdadapt.training.optim import set_lr
 
-__all__ = ["assert_cuda_capturable_step_matches", "assert_steps_read_nothing_back", "capturable_and_plain_runs",
-           "estimated_d", "foreach_and_per_parameter_runs", "gradients", "params_of", "run", "weights"]
+__all__ = ["assert_cuda_capturable_step_matches", "assert_resumed_run_is_straight", "assert_steps_read_nothing_back",
+           "capturable_and_plain_runs", "estimated_d", "foreach_and_per_parameter_runs", "gradients", "params_of", "run",
+           "weights"]
 
 
 def weights(shapes: Sequence[tuple[int, ...]], seed: int = 0, *, zero_first: bool = True) -> list[torch.Tensor]:
@@ -99,6 +100,18 @@ def capturable_and_plain_runs(make: OptimizerFactory, weights: Sequence[torch.Te
 def estimated_d(optimizer: torch.optim.Optimizer) -> float:
     """The step-size estimate ``d`` (group 0's) as a Python float."""
     return float(optimizer.param_groups[0]["d"])
+
+
+def assert_resumed_run_is_straight(reference: torch.optim.Optimizer, straight: Sequence[torch.Tensor],
+                                   resumed_optimizer: torch.optim.Optimizer, resumed: Sequence[torch.Tensor],
+                                   grads: list[list[torch.Tensor]]) -> None:
+    """The rest of a run, straight and resumed: ``reference`` steps on ``straight`` and ``resumed_optimizer``
+    (loaded from ``reference``'s saved state) on ``resumed`` through ``grads``; the weights and ``d`` end
+    equal bit for bit."""
+    run(reference, straight, grads)
+    run(resumed_optimizer, resumed, grads)
+    assert all(torch.equal(p, q) for p, q in zip(straight, resumed))
+    assert estimated_d(resumed_optimizer) == estimated_d(reference)
 
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from optimizer_states import assert_same_optimizer_state, load_saved_state
 from step_size_runs import (
     assert_cuda_capturable_step_matches,
+    assert_resumed_run_is_straight,
     assert_steps_read_nothing_back,
     capturable_and_plain_runs,
     foreach_and_per_parameter_runs,
@@ -445,10 +446,7 @@ def test_a_state_dict_resumes_bit_for_bit(case):
     optimizer.generator.set_state(gen.get_state())
     assert optimizer.param_groups[0]["d"] is d and float(d) == _d(reference)
     assert all(t.dtype == torch.float32 for s in optimizer.state.values() for t in s.values())
-    _run(reference, straight, grads[4:])
-    _run(optimizer, resumed, grads[4:])
-    assert all(torch.equal(p, q) for p, q in zip(straight, resumed))
-    assert _d(optimizer) == _d(reference)
+    assert_resumed_run_is_straight(reference, straight, optimizer, resumed, grads[4:])
 
 
 @pytest.mark.parametrize("cls", [DAdaptAdam, DAdaptLion, DAdaptAdamPreprint])
@@ -466,10 +464,7 @@ def test_a_captured_multi_tensor_state_resumes_in_a_plain_optimiser_keeping_its_
     group = optimizer.param_groups[0]
     assert group["foreach"] is False and group["capturable"] is False and group["lr"] == 1.0
     assert not isinstance(group["lr"], torch.Tensor)
-    _run(reference, straight, grads[4:])
-    _run(optimizer, resumed, grads[4:])
-    assert all(torch.equal(p, q) for p, q in zip(straight, resumed))
-    assert _d(optimizer) == _d(reference)
+    assert_resumed_run_is_straight(reference, straight, optimizer, resumed, grads[4:])
     back = cls(_params(weights), foreach=True)
     back.load_state_dict(optimizer.state_dict())
     assert back.param_groups[0]["foreach"] is True

@@ -1,8 +1,8 @@
 """Sampler leftovers (2): LoRA step ranges on DPM fast, DPM adaptive and Restart counted as A1111 counts them, PNDM
 refused; DPM2 / DPM2 a below 4 steps on A1111's grid; kohya's Heun ``clip_sample`` in training previews.
 
-The references are float64 transcriptions written here of k-diffusion 4601bf0 ``k_diffusion/sampling.py``
-(``DPMSolver.dpm_solver_fast`` / ``dpm_solver_adaptive``, ``PIDStepSizeController``, ``sample_dpm_2``,
+The references are float64 transcriptions (here, and ``sampler_stand_ins``' DPMSolver) of k-diffusion 4601bf0
+``k_diffusion/sampling.py`` (``DPMSolver.dpm_solver_fast`` / ``dpm_solver_adaptive``, ``PIDStepSizeController``, ``sample_dpm_2``,
 ``sample_dpm_2_ancestral``, ``get_sigmas_karras``), A1111's ``modules/sd_samplers_extra.py: restart_sampler`` and
 ``KDiffusionSampler.callback_state`` (``state.sampling_step = d['i']``, 0 at ``launch_sampling``), and
 sd-webui-lora-block-weight b403cb7 ``denoiser_callback`` (A1111's path: ``elif self.active``).
@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from sampler_stand_ins import KDiffusionDPMSolver, get_ancestral_step
 
 from sdadapt import samplers
 from sdadapt.errors import InputError
@@ -106,123 +107,6 @@ def _denoiser(net: _Net, a1111: _A1111):
     return denoised
 
 
-def _get_ancestral_step(sigma_from: float, sigma_to: float, eta: float) -> tuple[float, float]:
-    if not eta:
-        return sigma_to, 0.0
-    up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
-    return (sigma_to ** 2 - up ** 2) ** 0.5, up
-
-
-class _DPMSolver:
-    """k-diffusion's ``DPMSolver`` (t = −log σ), float64, its ``info_callback`` A1111's ``callback_state``."""
-
-    def __init__(self, denoised, callback):
-        self.denoised, self.info_callback = denoised, callback
-
-    @staticmethod
-    def sigma(t: float) -> float:
-        return math.exp(-t)
-
-    def eps(self, cache: dict, key: str, x: torch.Tensor, t: float) -> tuple[torch.Tensor, dict]:
-        if key in cache:
-            return cache[key], cache
-        eps = (x - self.denoised(x, self.sigma(t))) / self.sigma(t)
-        return eps, {key: eps, **cache}
-
-    def step_1(self, x, t, t_next, cache):
-        eps, cache = self.eps(cache, "eps", x, t)
-        return x - self.sigma(t_next) * math.expm1(t_next - t) * eps, cache
-
-    def step_2(self, x, t, t_next, r1=1 / 2, cache=None):
-        h = t_next - t
-        eps, cache = self.eps(cache, "eps", x, t)
-        s1 = t + r1 * h
-        u1 = x - self.sigma(s1) * math.expm1(r1 * h) * eps
-        eps_r1, cache = self.eps(cache, "eps_r1", u1, s1)
-        return (x - self.sigma(t_next) * math.expm1(h) * eps
-                - self.sigma(t_next) / (2 * r1) * math.expm1(h) * (eps_r1 - eps)), cache
-
-    def step_3(self, x, t, t_next, cache):
-        r1, r2 = 1 / 3, 2 / 3
-        h = t_next - t
-        eps, cache = self.eps(cache, "eps", x, t)
-        s1, s2 = t + r1 * h, t + r2 * h
-        u1 = x - self.sigma(s1) * math.expm1(r1 * h) * eps
-        eps_r1, cache = self.eps(cache, "eps_r1", u1, s1)
-        u2 = (x - self.sigma(s2) * math.expm1(r2 * h) * eps
-              - self.sigma(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps_r1 - eps))
-        eps_r2, cache = self.eps(cache, "eps_r2", u2, s2)
-        return (x - self.sigma(t_next) * math.expm1(h) * eps
-                - self.sigma(t_next) / r2 * (math.expm1(h) / h - 1) * (eps_r2 - eps)), cache
-
-    def fast(self, x, t_start, t_end, nfe, eta, noise):
-        m = math.floor(nfe / 3) + 1
-        ts = torch.linspace(t_start, t_end, m + 1, dtype=F64).tolist()
-        orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
-        for i in range(len(orders)):
-            cache: dict = {}
-            t, t_next = ts[i], ts[i + 1]
-            if eta:
-                sd, su = _get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
-                t_next_ = min(t_end, -math.log(sd))
-                su = (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2) ** 0.5
-            else:
-                t_next_, su = t_next, 0.0
-            eps, cache = self.eps(cache, "eps", x, t)
-            self.info_callback({"i": i})
-            if orders[i] == 1:
-                x, cache = self.step_1(x, t, t_next_, cache)
-            elif orders[i] == 2:
-                x, cache = self.step_2(x, t, t_next_, cache=cache)
-            else:
-                x, cache = self.step_3(x, t, t_next_, cache)
-            x = x + su * noise(x)
-        return x
-
-    def adaptive(self, x, t_start, t_end, *, order, rtol, atol, h_init, eta, noise, accept_safety=0.81):
-        pid_order = 1.5 if eta else order
-        b1, b2, b3 = 1 / pid_order, 0.0, 0.0  # (pcoeff 0, icoeff 1, dcoeff 0)
-        h, errs = h_init, []
-        s, x_prev = t_start, x
-        info = {"steps": 0, "n_reject": 0}
-        while s < t_end - 1e-5:
-            cache: dict = {}
-            t = min(t_end, s + h)
-            if eta:
-                sd, su = _get_ancestral_step(self.sigma(s), self.sigma(t), eta)
-                t_ = min(t_end, -math.log(sd))
-                su = (self.sigma(t) ** 2 - self.sigma(t_) ** 2) ** 0.5
-            else:
-                t_, su = t, 0.0
-            eps, cache = self.eps(cache, "eps", x, s)
-            if order == 2:
-                x_low, cache = self.step_1(x, s, t_, cache)
-                x_high, cache = self.step_2(x, s, t_, cache=cache)
-            else:
-                x_low, cache = self.step_2(x, s, t_, r1=1 / 3, cache=cache)
-                x_high, cache = self.step_3(x, s, t_, cache)
-            delta = torch.maximum(torch.tensor(atol, dtype=F64), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
-            error = float(torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5)
-            inv = 1 / (error + 1e-8)
-            if not errs:
-                errs = [inv, inv, inv]
-            errs[0] = inv
-            factor = 1 + math.atan(errs[0] ** b1 * errs[1] ** b2 * errs[2] ** b3 - 1)
-            accept = factor >= accept_safety
-            if accept:
-                errs[2], errs[1] = errs[1], errs[0]
-            h *= factor
-            if accept:
-                x_prev = x_low
-                x = x_high + su * noise(x_high)
-                s = t
-            else:
-                info["n_reject"] += 1
-            info["steps"] += 1
-            self.info_callback({"i": info["steps"] - 1})
-        return x, info
-
-
 def _karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
     ramp = torch.linspace(0, 1, n, dtype=F64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -280,11 +164,12 @@ def _reference(sampler: str, steps: int, step_range: StepRange, *, eta: float = 
     sigma_min, sigma_max = float(TRAIN[0]), float(TRAIN[-1])
     x = _x_T() * sigma_max
     info: dict = {}
+    # k-diffusion's DPMSolver, its info_callback A1111's callback_state
+    solver = KDiffusionDPMSolver(lambda x, sigma: (x - denoised(x, sigma)) / sigma, noise, a1111.callback)
     if sampler == "dpm_fast":
-        x = _DPMSolver(denoised, a1111.callback).fast(x, -math.log(sigma_max), -math.log(sigma_min), steps, eta, noise)
+        x = solver.fast(x, -math.log(sigma_max), -math.log(sigma_min), steps, eta=eta)
     elif sampler == "dpm_adaptive":
-        x, info = _DPMSolver(denoised, a1111.callback).adaptive(x, -math.log(sigma_max), -math.log(sigma_min),
-                                                                 eta=eta, noise=noise, **options)
+        x, info = solver.adaptive(x, -math.log(sigma_max), -math.log(sigma_min), eta=eta, **options)
     else:
         x = _restart_reference(denoised, a1111.callback, x, _karras(steps, sigma_min, sigma_max), noise)
     return x, a1111.seen, info
@@ -384,7 +269,7 @@ def _kd_dpm_2(sigmas: list[float], x: torch.Tensor, *, ancestral: bool, g: torch
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = (x - denoised(x, s)) / s
-        down, up = _get_ancestral_step(s, s_next, 1.0) if ancestral else (s_next, 0.0)
+        down, up = get_ancestral_step(s, s_next, 1.0) if ancestral else (s_next, 0.0)
         if down == 0:
             x = x + d * (down - s)
         else:

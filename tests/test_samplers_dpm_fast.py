@@ -1,6 +1,6 @@
 """``dpm_fast`` and ``dpm_adaptive`` (A1111's "DPM fast" / "DPM adaptive", k-diffusion's ``sample_dpm_fast`` /
 ``sample_dpm_adaptive``; no diffusers class): against a float64 transcription of k-diffusion's ``DPMSolver``
-class written here (same noise), convergence on a Gaussian model whose ODE solution is known, the model-call
+class (``sampler_stand_ins.KDiffusionDPMSolver``, same noise), convergence on a Gaussian model whose ODE solution is known, the model-call
 counts, and the registry / labels / refusals."""
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from sampler_stand_ins import assert_guidance_is_the_guided_model, stand_in
+from sampler_stand_ins import (
+    KDiffusionDPMSolver,
+    assert_guidance_is_the_guided_model,
+    rel_err,
+    sd_alphas_cumprod,
+    stand_in,
+)
 
 from sdadapt.samplers import (
     SAMPLERS,
@@ -30,131 +36,6 @@ from sdadapt.samplers.labels import A1111_MISSING, sampler_from_label
 from sdadapt.samplers.sigma_space import training_sigmas
 
 
-def _sd_ac64() -> torch.Tensor:
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
-
-
-# ------------------------------------------------- k-diffusion's DPMSolver, transcribed (float64)
-class KDiffusionDPMSolver:
-    """k-diffusion's ``DPMSolver`` (``dpm_solver_fast``, ``dpm_solver_adaptive``, ``PIDStepSizeController``) on the
-    ε model ``eps(x, σ)`` with a list of unit noises for its ``noise_sampler`` calls."""
-
-    def __init__(self, eps_of, noises):
-        self.eps_of, self.noises, self.calls = eps_of, list(noises), 0
-
-    def eps(self, cache, key, x, t):
-        if key in cache:
-            return cache[key], cache
-        self.calls += 1
-        e = self.eps_of(x, math.exp(-t))
-        return e, {key: e, **cache}
-
-    def step_1(self, x, t, t_next, cache):
-        eps, cache = self.eps(cache, "eps", x, t)
-        return x - math.exp(-t_next) * math.expm1(t_next - t) * eps, cache
-
-    def step_2(self, x, t, t_next, r1=0.5, cache=None):
-        h = t_next - t
-        eps, cache = self.eps(cache, "eps", x, t)
-        s1 = t + r1 * h
-        u1 = x - math.exp(-s1) * math.expm1(r1 * h) * eps
-        eps_r1, cache = self.eps(cache, "eps_r1", u1, s1)
-        x_2 = (x - math.exp(-t_next) * math.expm1(h) * eps
-               - math.exp(-t_next) / (2 * r1) * math.expm1(h) * (eps_r1 - eps))
-        return x_2, cache
-
-    def step_3(self, x, t, t_next, cache, r1=1 / 3, r2=2 / 3):
-        h = t_next - t
-        eps, cache = self.eps(cache, "eps", x, t)
-        s1, s2 = t + r1 * h, t + r2 * h
-        u1 = x - math.exp(-s1) * math.expm1(r1 * h) * eps
-        eps_r1, cache = self.eps(cache, "eps_r1", u1, s1)
-        u2 = (x - math.exp(-s2) * math.expm1(r2 * h) * eps
-              - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps_r1 - eps))
-        eps_r2, cache = self.eps(cache, "eps_r2", u2, s2)
-        x_3 = x - math.exp(-t_next) * math.expm1(h) * eps - math.exp(-t_next) / r2 * (math.expm1(h) / h - 1) * (eps_r2 - eps)
-        return x_3, cache
-
-    @staticmethod
-    def ancestral(sigma_from, sigma_to, eta):
-        up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
-        return (sigma_to**2 - up**2) ** 0.5, up
-
-    def fast(self, x, t_start, t_end, nfe, eta=0.0, s_noise=1.0):
-        m = math.floor(nfe / 3) + 1
-        ts = np.linspace(t_start, t_end, m + 1)
-        orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
-        for i in range(len(orders)):
-            cache = {}
-            t, t_next = float(ts[i]), float(ts[i + 1])
-            if eta:
-                sd, su = self.ancestral(math.exp(-t), math.exp(-t_next), eta)
-                t_next_ = min(t_end, -math.log(sd))
-                su = (math.exp(-t_next) ** 2 - math.exp(-t_next_) ** 2) ** 0.5
-            else:
-                t_next_, su = t_next, 0.0
-            _, cache = self.eps(cache, "eps", x, t)  # (the callback's denoised in k-diffusion; cached)
-            if orders[i] == 1:
-                x, cache = self.step_1(x, t, t_next_, cache)
-            elif orders[i] == 2:
-                x, cache = self.step_2(x, t, t_next_, cache=cache)
-            else:
-                x, cache = self.step_3(x, t, t_next_, cache)
-            x = x + su * s_noise * self.noises.pop(0)
-        return x
-
-    def adaptive(self, x, t_start, t_end, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0,
-                 dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0):
-        pid_order = 1.5 if eta else order
-        h = h_init
-        b1, b2, b3 = (pcoeff + icoeff + dcoeff) / pid_order, -(pcoeff + 2 * dcoeff) / pid_order, dcoeff / pid_order
-        errs: list[float] = []
-        s, x_prev = t_start, x
-        info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
-        while s < t_end - 1e-5:
-            cache = {}
-            t = min(t_end, s + h)
-            if eta:
-                sd, su = self.ancestral(math.exp(-s), math.exp(-t), eta)
-                t_ = min(t_end, -math.log(sd))
-                su = (math.exp(-t) ** 2 - math.exp(-t_) ** 2) ** 0.5
-            else:
-                t_, su = t, 0.0
-            _, cache = self.eps(cache, "eps", x, s)
-            if order == 2:
-                x_low, cache = self.step_1(x, s, t_, cache)
-                x_high, cache = self.step_2(x, s, t_, cache=cache)
-            else:
-                x_low, cache = self.step_2(x, s, t_, r1=1 / 3, cache=cache)
-                x_high, cache = self.step_3(x, s, t_, cache)
-            delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
-            error = float(torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5)
-            inv = 1 / (error + 1e-8)
-            if not errs:
-                errs = [inv, inv, inv]
-            errs[0] = inv
-            factor = 1 + math.atan(errs[0] ** b1 * errs[1] ** b2 * errs[2] ** b3 - 1)
-            accept = factor >= accept_safety
-            if accept:
-                errs[2], errs[1] = errs[1], errs[0]
-            h *= factor
-            if accept:
-                x_prev = x_low
-                x = x_high + su * s_noise * self.noises.pop(0)
-                s = t
-                info["n_accept"] += 1
-            else:
-                info["n_reject"] += 1
-            info["nfe"] += order
-            info["steps"] += 1
-        return x, info
-
-
 def _a1111_eps(ac: torch.Tensor, model=stand_in):
     """ε(x, σ) of CompVisDenoiser on the stand-in ε model: the model at x/√(σ²+1) and t(σ) (log-σ interpolation,
     float32-held); the ε model's ε̂ is the sampler's ε (x − D)/σ exactly."""
@@ -169,9 +50,11 @@ def _a1111_eps(ac: torch.Tensor, model=stand_in):
     return eps
 
 
-def _noises(seed: int, shape, count: int) -> list[torch.Tensor]:
+def _noises(seed: int, shape, count: int):
+    """The reference's noise sampler: the next of ``count`` unit noises of ``shape`` drawn from ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(count)]
+    noises = iter([torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(count)])
+    return lambda like: next(noises)
 
 
 def _ends(ac):
@@ -182,7 +65,7 @@ def _ends(ac):
 @pytest.mark.parametrize("nfe", [1, 2, 3, 4, 5, 6, 10, 25])
 @pytest.mark.parametrize("eta", [0.0, 1.0, 0.5])
 def test_dpm_fast_is_k_diffusions_function(nfe, eta):
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(nfe), dtype=torch.float64)
     calls = []
     got = dpm_fast_sample(lambda x, t: (calls.append(t), stand_in(x, t))[1], x_T, alphas_cumprod=ac, num_steps=nfe,
@@ -191,7 +74,7 @@ def test_dpm_fast_is_k_diffusions_function(nfe, eta):
     ref = KDiffusionDPMSolver(_a1111_eps(ac), _noises(7, x_T.shape, 100))
     want = ref.fast(x_T * s_max, t0, t1, nfe, eta=eta)
     assert len(calls) == ref.calls == nfe  # exactly n model calls
-    assert _rel_err(got, want) < 1e-10, _rel_err(got, want)
+    assert rel_err(got, want) < 1e-10, rel_err(got, want)
     assert sum(dpm_fast_orders(nfe)) == nfe
 
 
@@ -200,7 +83,7 @@ def test_dpm_fast_is_k_diffusions_function(nfe, eta):
                                             (0.0, 0.01, (0.0, 1.0, 0.0)), (0.0, 0.05, (0.3, 0.7, 0.2))])
 def test_dpm_adaptive_is_k_diffusions_function(order, eta, rtol, pid):
     """(the last case: a PID controller with P and D terms, k-diffusion's b₂ and b₃ nonzero)"""
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     pcoeff, icoeff, dcoeff = pid
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(order), dtype=torch.float64)
     calls, info = [], {}
@@ -213,19 +96,19 @@ def test_dpm_adaptive_is_k_diffusions_function(order, eta, rtol, pid):
                                    dcoeff=dcoeff)
     assert info == want_info and info["nfe"] == len(calls) == ref.calls
     assert info["n_accept"] > 3
-    assert _rel_err(got, want) < 1e-9, _rel_err(got, want)
+    assert rel_err(got, want) < 1e-9, rel_err(got, want)
 
 
 def test_transcription_catches_a_wrong_third_order_weight():
     """The tolerance above is tight enough: a 3-step with r₂ = 0.7 (not ⅔) is off by far more."""
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t0, t1, s_max = _ends(ac)
-    ref = KDiffusionDPMSolver(_a1111_eps(ac), [0.0] * 4)  # (η = 0: the noise is multiplied by 0)
+    ref = KDiffusionDPMSolver(_a1111_eps(ac), lambda like: 0.0)  # (η = 0: the noise is multiplied by 0)
     want = ref.fast(x_T * s_max, t0, t1, 9)
-    bad = KDiffusionDPMSolver(_a1111_eps(ac), [0.0] * 4)
+    bad = KDiffusionDPMSolver(_a1111_eps(ac), lambda like: 0.0)
     bad.step_3 = functools.partial(KDiffusionDPMSolver.step_3, bad, r2=0.7)
-    assert _rel_err(bad.fast(x_T * s_max, t0, t1, 9), want) > 1e-6
+    assert rel_err(bad.fast(x_T * s_max, t0, t1, 9), want) > 1e-6
 
 
 # ------------------------------------------------- convergence on an exactly solvable model
@@ -244,13 +127,13 @@ def test_dpm_fast_converges_at_third_order_on_a_gaussian_model():
     """With η = 0 and m = 4, 8, 16, 32 steps (h halving), nfe = 3(m−1) + 2 (third-order steps, a second-order
     last step) converges ~8-12× per halving: third order; nfe = 3(m−1) + 1 ends on a first-order step, whose
     O(h²) local error leaves ~4× (second order): k-diffusion's split, kept."""
-    ac, c = _sd_ac64(), 0.5
+    ac, c = sd_alphas_cumprod(), 0.5
     model, s_min, s_max = _gaussian(ac, c)
     x_T = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = x_T * s_max * math.sqrt((c * c + s_min**2) / (c * c + s_max**2))
 
     def ratios(extra):
-        errors = [_rel_err(dpm_fast_sample(model, x_T, alphas_cumprod=ac, num_steps=3 * (m - 1) + extra, eta=0.0),
+        errors = [rel_err(dpm_fast_sample(model, x_T, alphas_cumprod=ac, num_steps=3 * (m - 1) + extra, eta=0.0),
                            exact) for m in (4, 8, 16, 32)]
         return [a / b for a, b in itertools.pairwise(errors)], errors
 
@@ -262,7 +145,7 @@ def test_dpm_fast_converges_at_third_order_on_a_gaussian_model():
 
 def test_dpm_adaptive_tolerance_buys_accuracy():
     """A tighter rtol/atol costs model calls and brings the result closer to the exact ODE solution."""
-    ac, c = _sd_ac64(), 0.5
+    ac, c = sd_alphas_cumprod(), 0.5
     model, s_min, s_max = _gaussian(ac, c)
     x_T = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = x_T * s_max * math.sqrt((c * c + s_min**2) / (c * c + s_max**2))
@@ -270,7 +153,7 @@ def test_dpm_adaptive_tolerance_buys_accuracy():
     for tol in (0.05, 0.0005, 0.000005):
         info = {}
         out = dpm_adaptive_sample(model, x_T, alphas_cumprod=ac, rtol=tol, atol=tol / 6, eta=0.0, info=info)
-        results.append((info["nfe"], _rel_err(out, exact)))
+        results.append((info["nfe"], rel_err(out, exact)))
     assert results[0][0] < results[1][0] < results[2][0], results
     assert results[0][1] > results[1][1] > results[2][1], results
     assert results[2][1] < 1e-4, results  # (measured: 27 calls 2.5e-2, 54 7.4e-4, 168 1.1e-5)
@@ -290,16 +173,16 @@ def test_registered_names_aliases_labels_and_refusals():
         resolve_schedule("dpm_adaptive", "karras")
     x_T = torch.randn(1, 4, 4, 4)
     with pytest.raises(ValueError, match="order must be 2 or 3"):
-        dpm_adaptive_sample(stand_in, x_T, alphas_cumprod=_sd_ac64(), order=1)
+        dpm_adaptive_sample(stand_in, x_T, alphas_cumprod=sd_alphas_cumprod(), order=1)
     with pytest.raises(ValueError, match="num_steps .* must be >= 1"):
-        dpm_fast_sample(stand_in, x_T, alphas_cumprod=_sd_ac64(), num_steps=0)
+        dpm_fast_sample(stand_in, x_T, alphas_cumprod=sd_alphas_cumprod(), num_steps=0)
     with pytest.raises(RuntimeError, match="error estimate is nan"):
-        dpm_adaptive_sample(lambda x, t: x * float("nan"), x_T, alphas_cumprod=_sd_ac64())
+        dpm_adaptive_sample(lambda x, t: x * float("nan"), x_T, alphas_cumprod=sd_alphas_cumprod())
 
 
 @pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
 def test_sample_latents_guidance_and_options(name):
-    ac = _sd_ac64().float()
+    ac = sd_alphas_cumprod().float()
     fn = dpm_fast_sample if name == "dpm_fast" else dpm_adaptive_sample
     assert_guidance_is_the_guided_model(name, functools.partial(fn, alphas_cumprod=ac), alphas_cumprod=ac,
                                         karras=False)
@@ -311,12 +194,12 @@ def test_sample_latents_guidance_and_options(name):
 
 
 def test_half_inputs_keep_their_dtype():
-    ac = _sd_ac64().float()
+    ac = sd_alphas_cumprod().float()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
     a = dpm_fast_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=10, generator=torch.Generator().manual_seed(1))
     h = dpm_fast_sample(stand_in, x_T.to(torch.bfloat16), alphas_cumprod=ac, num_steps=10,
                         generator=torch.Generator().manual_seed(1))
-    assert h.dtype == torch.bfloat16 and torch.isfinite(h).all() and _rel_err(h, a) < 0.05
+    assert h.dtype == torch.bfloat16 and torch.isfinite(h).all() and rel_err(h, a) < 0.05
 
 
 def test_generate_says_dpm_adaptives_model_calls(tmp_path):

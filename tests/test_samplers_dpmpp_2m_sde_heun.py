@@ -14,6 +14,8 @@ from sampler_stand_ins import (
     SD_BETAS,
     assert_guidance_is_the_guided_model,
     reference_dpmpp_2m_sde,
+    rel_err,
+    sd_alphas_cumprod,
     stand_in,
 )
 
@@ -35,15 +37,6 @@ from sdadapt.samplers.labels import (
 )
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _sd_alphas_cumprod() -> torch.Tensor:
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
 def _diffusers_run(x_T, n, *, seed, karras, prediction_type):
@@ -71,34 +64,34 @@ def test_matches_diffusers_with_the_same_generator(n, karras, prediction_type, d
                                        prediction_type=prediction_type, karras=karras, generator=g,
                                        callback=lambda i, t, x: seen.append(t[0].item()))
     assert got.dtype == dtype
-    assert _rel_err(got, want) <= 2e-5, _rel_err(got, want)
+    assert rel_err(got, want) <= 2e-5, rel_err(got, want)
     assert torch.equal(g.get_state(), g_ref.get_state())  # one float32 draw per step, as diffusers
     assert seen == sched.timesteps.tolist()
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 15, 25])
 def test_float64_reference(n):
-    ac = _sd_alphas_cumprod()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     got = dpmsolver_pp_sde_heun_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n,
                                        generator=torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
     noises = [torch.randn(x_T.shape, generator=g, dtype=torch.float32) for _ in range(n)]  # float32 draws
     want = reference_dpmpp_2m_sde(x_T, ac, n, noises, solver_type="heun")
-    assert _rel_err(got, want) <= 1e-10, _rel_err(got, want)
+    assert rel_err(got, want) <= 1e-10, rel_err(got, want)
 
 
 def test_heun_is_not_the_midpoint_form_but_equal_while_no_second_order_step():
     """Up to 2 steps (first step order 1, last onto σ = 0 order 1) the two forms are the same; from 3 steps the
     order-2 correction differs (φ₂ ≈ ½ only as h → 0)."""
-    ac = _sd_alphas_cumprod()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for n, same in ((1, True), (2, True), (3, False), (10, False)):
         heun = dpmsolver_pp_sde_heun_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n,
                                             generator=torch.Generator().manual_seed(1))
         mid = dpmsolver_pp_sde_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n,
                                       generator=torch.Generator().manual_seed(1))
-        assert (_rel_err(heun, mid) <= 1e-12) == same, (n, _rel_err(heun, mid))
+        assert (rel_err(heun, mid) <= 1e-12) == same, (n, rel_err(heun, mid))
 
 
 def test_registered_names_aliases_and_labels():
@@ -116,7 +109,7 @@ def test_registered_names_aliases_and_labels():
 
 @pytest.mark.parametrize("karras", [False, True])
 def test_sample_latents_guidance(karras):
-    ac = _sd_alphas_cumprod().float()
+    ac = sd_alphas_cumprod().float()
     options = {"karras": True} if karras else {}
     assert_guidance_is_the_guided_model("dpmsolver++_sde_heun",
                                         functools.partial(dpmsolver_pp_sde_heun_sample, alphas_cumprod=ac, **options),
@@ -125,10 +118,10 @@ def test_sample_latents_guidance(karras):
 
 def test_a1111_automatic_is_the_exponential_grid():
     """A1111 ≥ 1.9 runs "DPM++ 2M SDE Heun" on the Exponential grid under "Automatic"."""
-    ac = _sd_alphas_cumprod()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     run = functools.partial(sample_latents, lambda x, t, c: stand_in(x, t), x_T, None, sampler="DPM++_2M_SDE_HEUN",
                             alphas_cumprod=ac, num_steps=8)
     auto = run(schedule="Automatic", generator=torch.Generator().manual_seed(2))
     assert torch.equal(auto, run(schedule="exponential", generator=torch.Generator().manual_seed(2)))
-    assert _rel_err(auto, run(generator=torch.Generator().manual_seed(2))) > 1e-3
+    assert rel_err(auto, run(generator=torch.Generator().manual_seed(2))) > 1e-3

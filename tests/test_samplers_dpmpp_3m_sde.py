@@ -24,7 +24,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sampler_stand_ins import SD_BETAS, stand_in
+from sampler_stand_ins import SD_BETAS, rel_err, stand_in
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -57,10 +57,6 @@ class _Fixed(diffusers.DPMSolverMultistepScheduler):
         return x + alpha_t * (d1_0 - d1_1) / (r0 + r1)
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
-
-
 def _diffusers_run(cls, x_T, n, *, seed, karras=False, prediction_type="epsilon", model=stand_in):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -86,7 +82,7 @@ def test_matches_diffusers_with_k_diffusions_third_order_weight(karras, predicti
                                      prediction_type=prediction_type, karras=karras, generator=g,
                                      callback=lambda i, t, x: seen.append(t[0].clone()))
     assert out.dtype == dtype and out.shape == x_T.shape
-    assert _rel_err(out, ref) <= 2e-5, _rel_err(out, ref)
+    assert rel_err(out, ref) <= 2e-5, rel_err(out, ref)
     assert torch.equal(g.get_state(), g_ref.get_state())
     assert torch.equal(torch.stack(seen), sched.timesteps)
 
@@ -100,7 +96,7 @@ def test_short_runs_are_the_unmodified_class_and_longer_ones_are_not():
         raw, sched, _ = _diffusers_run(diffusers.DPMSolverMultistepScheduler, x_T, n, seed=7)
         ours = dpmsolver_pp_3m_sde_sample(stand_in, x_T, alphas_cumprod=sched.alphas_cumprod, num_steps=n,
                                           generator=torch.Generator().manual_seed(7))
-        assert (_rel_err(ours, raw) <= 2e-5) == (n <= 4), (n, _rel_err(ours, raw))
+        assert (rel_err(ours, raw) <= 2e-5) == (n <= 4), (n, rel_err(ours, raw))
 
 
 def test_the_third_order_weight_is_k_diffusions_convention():

@@ -28,7 +28,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sampler_stand_ins import SD_BETAS, assert_guidance_is_the_guided_model, stand_in
+from sampler_stand_ins import (
+    SD_BETAS,
+    assert_guidance_is_the_guided_model,
+    rel_err,
+    sd_alphas_cumprod,
+    stand_in,
+)
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -44,15 +50,6 @@ from sdadapt.samplers.labels import A1111_MISSING, sampler_from_label
 diffusers = pytest.importorskip("diffusers")
 #: the dpmpp_sde tests need torchsde (the interop extra); dpmpp_2s_a's do not
 needs_torchsde = pytest.mark.skipif(importlib.util.find_spec("torchsde") is None, reason="torchsde not installed")
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
-
-
-def _sd_ac64() -> torch.Tensor:
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
 
 
 # ---------------------------------------------------------------- dpmpp_sde against diffusers
@@ -104,7 +101,7 @@ def test_dpmpp_sde_matches_diffusers_with_the_same_seed(karras, prediction_type,
                            prediction_type=prediction_type, karras=karras, generator=g2,
                            callback=lambda i, t, x: seen.append(i))
     assert out.dtype == dtype and out.shape == x_T.shape
-    assert _rel_err(out, ref) <= 2e-5, _rel_err(out, ref)
+    assert rel_err(out, ref) <= 2e-5, rel_err(out, ref)
     assert torch.equal(g2.get_state(), g.get_state())  # exactly the one draw of the seed
     assert len(log) == 2 * n - 1 and np.allclose(log, ref_log, rtol=0, atol=1e-4)
     assert seen == list(range(n))
@@ -125,25 +122,25 @@ def test_dpmpp_sde_other_spacings_match_diffusers(spacing, offset):
                 x = sched.step(stand_in(sched.scale_model_input(x, t), t.expand(1)), t, x).prev_sample
         out = dpmpp_sde_sample(stand_in, x_T, alphas_cumprod=sched.alphas_cumprod, num_steps=n, spacing=spacing,
                                steps_offset=offset, noise_sampler_seed=5)
-        assert _rel_err(out, x) <= 2e-5, (n, _rel_err(out, x))
+        assert rel_err(out, x) <= 2e-5, (n, rel_err(out, x))
 
 
 @needs_torchsde
 def test_dpmpp_sde_seed_rules():
     """The same generator seed twice: bit-equal; another seed: other noise; an explicit
     ``noise_sampler_seed`` is diffusers' config value and draws nothing from the generator."""
-    ac = _sd_ac64().float()
+    ac = sd_alphas_cumprod().float()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     run = lambda **kw: dpmpp_sde_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=8, **kw)
     a, b = run(generator=torch.Generator().manual_seed(5)), run(generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a, b) and _rel_err(run(generator=torch.Generator().manual_seed(6)), a) > 1e-3
+    assert torch.equal(a, b) and rel_err(run(generator=torch.Generator().manual_seed(6)), a) > 1e-3
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
     ref, sched = _diffusers_sde(x_T, 8, tree_seed=123)
     fixed = dpmpp_sde_sample(stand_in, x_T, alphas_cumprod=sched.alphas_cumprod, num_steps=8, generator=g,
                              noise_sampler_seed=123)
     assert torch.equal(g.get_state(), state)
-    assert _rel_err(fixed, ref) <= 2e-5
+    assert rel_err(fixed, ref) <= 2e-5
     assert brownian_tree_seed(torch.Generator().manual_seed(5)) == int(
         torch.randint(0, 2**63 - 1, [], generator=torch.Generator().manual_seed(5)))
 
@@ -156,30 +153,30 @@ def test_dpmpp_sde_tolerance_catches_a_shifted_timestep_or_sigma():
         ac = sched.alphas_cumprod
         shifted = dpmpp_sde_sample(lambda x, t: stand_in(x, t - 1), x_T, alphas_cumprod=ac, num_steps=10,
                                    karras=karras, noise_sampler_seed=4)
-        assert _rel_err(shifted, ref) > 1e-3
+        assert rel_err(shifted, ref) > 1e-3
         # σ from float64 ᾱ (the other σ samplers' way): the tree is queried a float32 step off at some σ
-        other = dpmpp_sde_sample(stand_in, x_T, alphas_cumprod=_sd_ac64(), num_steps=25, karras=karras,
+        other = dpmpp_sde_sample(stand_in, x_T, alphas_cumprod=sd_alphas_cumprod(), num_steps=25, karras=karras,
                                  noise_sampler_seed=4)
         ref25, _ = _diffusers_sde(x_T, 25, tree_seed=4, karras=karras)
-        assert _rel_err(other, ref25) > 2e-5
+        assert rel_err(other, ref25) > 2e-5
 
 
 @needs_torchsde
 def test_dpmpp_sde_noise_is_brownian():
     """The point of the tree: the image hardly moves with the step count for one seed, unlike
     independent draws per step (``dpmsolver++_sde``)."""
-    ac = _sd_ac64().float()
+    ac = sd_alphas_cumprod().float()
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     runs = {n: dpmpp_sde_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n, karras=True, noise_sampler_seed=9)
             for n in (20, 40)}
     other_seed = dpmpp_sde_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=40, karras=True, noise_sampler_seed=10)
-    assert _rel_err(runs[20], runs[40]) < 0.25 * _rel_err(other_seed, runs[40])
+    assert rel_err(runs[20], runs[40]) < 0.25 * rel_err(other_seed, runs[40])
 
 
 def test_dpmpp_sde_without_torchsde_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchsde", None)
     with pytest.raises(ImportError, match=r"dpmpp_sde.*pip install torchsde"):
-        dpmpp_sde_sample(stand_in, torch.zeros(1, 1, 2, 2), alphas_cumprod=_sd_ac64(), num_steps=3,
+        dpmpp_sde_sample(stand_in, torch.zeros(1, 1, 2, 2), alphas_cumprod=sd_alphas_cumprod(), num_steps=3,
                          generator=torch.Generator())
 
 
@@ -247,7 +244,7 @@ def _noises(seed, shape, count, dtype):
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 15, 30])
 @pytest.mark.parametrize("karras", [False, True])
 def test_dpmpp_2s_a_is_k_diffusions_function(n, karras):
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     for pred in ("epsilon", "v_prediction"):
         calls: list[float] = []
@@ -262,7 +259,7 @@ def test_dpmpp_2s_a_is_k_diffusions_function(n, karras):
                                         generator=g)
         want = reference_dpmpp_2s_a(stand_in, x_T, ac, n, _noises(9, x_T.shape, n, torch.float64), karras=karras,
                                     prediction=pred)
-        assert _rel_err(got, want) <= 1e-10, (pred, _rel_err(got, want))
+        assert rel_err(got, want) <= 1e-10, (pred, rel_err(got, want))
         assert len(calls) == 2 * n - 1
         drawn = torch.Generator().manual_seed(9)  # k-diffusion's n − 1 draws (none after the last step)
         _ = [torch.randn(x_T.shape, generator=drawn, dtype=x_T.dtype) for _ in range(n - 1)]
@@ -274,28 +271,28 @@ def test_dpmpp_2s_a_is_k_diffusions_function(n, karras):
                                         s_noise=s_noise, generator=torch.Generator().manual_seed(9))
         want = reference_dpmpp_2s_a(stand_in, x_T, ac, n, _noises(9, x_T.shape, n, torch.float64), karras=karras,
                                     eta=eta, s_noise=s_noise)
-        assert _rel_err(got, want) <= 1e-10, (eta, s_noise, _rel_err(got, want))
+        assert rel_err(got, want) <= 1e-10, (eta, s_noise, rel_err(got, want))
     if n >= 3:
         det = dpmpp_2s_ancestral_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n, karras=karras, eta=0.0)
         quiet = dpmpp_2s_ancestral_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n, karras=karras, s_noise=0.0)
-        assert _rel_err(quiet, det) > 1e-3
+        assert rel_err(quiet, det) > 1e-3
 
 
 def test_dpmpp_2s_a_reference_catches_a_wrong_midpoint():
     """The 1e-10 comparison has room to spare: a model a timestep off (~3% on the stand-in) is far outside it."""
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want = reference_dpmpp_2s_a(stand_in, x_T, ac, 10, _noises(9, x_T.shape, 10, torch.float64))
     got = dpmpp_2s_ancestral_sample(lambda x, t: stand_in(x, t + 1), x_T, alphas_cumprod=ac, num_steps=10,
                                     generator=torch.Generator().manual_seed(9))
-    assert _rel_err(got, want) > 1e-4
+    assert rel_err(got, want) > 1e-4
 
 
 def test_deterministic_2s_is_second_order_on_a_linear_gaussian_model():
     """Data x0 ~ N(0, c²): the exact denoiser is D(x, σ) = c²/(c²+σ²)·x and the probability-flow ODE
     dx/dσ = (x − D)/σ has x(σ) = x(σ_0)·√((c²+σ²)/(c²+σ_0²)). With η = 0 the error at σ_{n−1} (before
     the final Euler step onto x̂0) shrinks ~4× per doubling of n: second order."""
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     train = np.sqrt((1 - ac.numpy()) / ac.numpy())
     c = 0.5
 
@@ -312,16 +309,16 @@ def test_deterministic_2s_is_second_order_on_a_linear_gaussian_model():
         dpmpp_2s_ancestral_sample(model, x_T, alphas_cumprod=ac, num_steps=n, karras=True, eta=0.0,
                                   callback=lambda i, t, x, at=at: at.__setitem__(i, x.clone()))
         exact = x_T * sig[0] * math.sqrt((c * c + sig[n - 1] ** 2) / (c * c + sig[0] ** 2))
-        errors.append(_rel_err(at[n - 2], exact))
+        errors.append(rel_err(at[n - 2], exact))
     ratios = [a / b for a, b in itertools.pairwise(errors)]
     assert all(3.3 < r < 4.7 for r in ratios[1:]), (errors, ratios)
 
 
 def test_dpmpp_2s_a_refuses_bad_options():
     with pytest.raises(ValueError, match="dpmpp_2s_a: eta and s_noise must be >= 0"):
-        dpmpp_2s_ancestral_sample(stand_in, torch.zeros(1, 1, 2, 2), alphas_cumprod=_sd_ac64(), num_steps=3, eta=-1)
+        dpmpp_2s_ancestral_sample(stand_in, torch.zeros(1, 1, 2, 2), alphas_cumprod=sd_alphas_cumprod(), num_steps=3, eta=-1)
     with pytest.raises(ValueError, match="dpmpp_2s_a: prediction_type"):
-        dpmpp_2s_ancestral_sample(stand_in, torch.zeros(1, 1, 2, 2), alphas_cumprod=_sd_ac64(), num_steps=3,
+        dpmpp_2s_ancestral_sample(stand_in, torch.zeros(1, 1, 2, 2), alphas_cumprod=sd_alphas_cumprod(), num_steps=3,
                                   prediction_type="flow")
 
 
@@ -348,14 +345,14 @@ def test_registered_names_aliases_and_labels():
 @needs_torchsde
 @pytest.mark.parametrize("name, karras", [("dpmpp_sde", False), ("dpmpp_sde", True), ("dpmpp_2s_a", True)])
 def test_sample_latents_guidance(name, karras):
-    ac = _sd_ac64().float()
+    ac = sd_alphas_cumprod().float()
     fn = dpmpp_sde_sample if name == "dpmpp_sde" else dpmpp_2s_ancestral_sample
     assert_guidance_is_the_guided_model(name, functools.partial(fn, alphas_cumprod=ac, karras=karras), alphas_cumprod=ac,
                                         karras=karras)
 
 
 def test_half_inputs_keep_their_dtype():
-    ac = _sd_ac64().float()
+    ac = sd_alphas_cumprod().float()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
     for fn in (dpmpp_sde_sample, dpmpp_2s_ancestral_sample):
         if fn is dpmpp_sde_sample and importlib.util.find_spec("torchsde") is None:
@@ -413,8 +410,8 @@ def test_dpmpp_sde_on_a_tiny_unet_is_the_diffusers_pipeline_loop(tiny_sd, karras
         want, sched = _diffusers_sde(latents, 4, tree_seed=tree_seed, karras=karras, prediction_type="v_prediction",
                                      model=_guided_unet(tiny_sd))
     got = _ours_on(tiny_sd, "dpmpp_sde", karras, 4, 3, alphas_cumprod=sched.alphas_cumprod)
-    assert _rel_err(got, want) < 3e-5, _rel_err(got, want)
-    assert _rel_err(_ours_on(tiny_sd, "dpmpp_sde", karras, 4, 3), want) < 2e-3
+    assert rel_err(got, want) < 3e-5, rel_err(got, want)
+    assert rel_err(_ours_on(tiny_sd, "dpmpp_sde", karras, 4, 3), want) < 2e-3
 
 
 def test_dpmpp_2s_a_on_a_tiny_unet_is_the_transcription(tiny_sd):
@@ -429,4 +426,4 @@ def test_dpmpp_2s_a_on_a_tiny_unet_is_the_transcription(tiny_sd):
         want = reference_dpmpp_2s_a(lambda x, t: unet(x.float(), t).double(), x_T.double(),
                                     tiny_sd.alphas_cumprod.double(), 4, [z.double() for z in noises], karras=True,
                                     prediction="v_prediction")
-    assert _rel_err(got, want) < 3e-5, _rel_err(got, want)
+    assert rel_err(got, want) < 3e-5, rel_err(got, want)

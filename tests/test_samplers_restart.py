@@ -10,7 +10,12 @@ import math
 
 import pytest
 import torch
-from sampler_stand_ins import assert_guidance_is_the_guided_model, stand_in
+from sampler_stand_ins import (
+    assert_guidance_is_the_guided_model,
+    rel_err,
+    sd_alphas_cumprod,
+    stand_in,
+)
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -22,15 +27,6 @@ from sdadapt.samplers import (
 from sdadapt.samplers.labels import A1111_MISSING, sampler_from_label
 from sdadapt.samplers.restart import restart_sample, restart_steps
 from sdadapt.samplers.sigma_space import training_sigmas
-
-
-def _sd_ac64() -> torch.Tensor:
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
 def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0):
@@ -118,7 +114,7 @@ def _noises(seed, shape, count):
 
 @pytest.mark.parametrize("n", [1, 2, 5, 19, 20, 27, 36, 40])
 def test_restart_is_a1111s_function(n):
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     train = training_sigmas(ac)
     x_T = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     seen, calls = [], []
@@ -130,11 +126,11 @@ def test_restart_is_a1111s_function(n):
     assert seen == list(range(count)) and count == n  # n Heun steps in all, restarts included
     assert len(calls) == want_calls == 2 * n - 1
     assert len(noises) == 10 - (0 if n < 20 else 1 if n < 36 else 2)  # one draw per restart
-    assert _rel_err(got, want) < 1e-10, _rel_err(got, want)
+    assert rel_err(got, want) < 1e-10, rel_err(got, want)
 
 
 def test_restart_with_a_list_and_a_schedule():
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     train = training_sigmas(ac)
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     restart_list = {0.5: (4, 3, 5.0), 3.0: (3, 1, 8.0)}
@@ -144,14 +140,14 @@ def test_restart_with_a_list_and_a_schedule():
     want, count, _ = a1111_restart_sampler(_denoiser(ac), x_T * sigmas[0], sigmas, _noises(1, x_T.shape, 10),
                                            s_noise=0.8, restart_list={k: list(v) for k, v in restart_list.items()})
     assert count == 12 + 3 * 3 + 1 * 2  # (4 σ: 3 steps) three times, (3 σ: 2 steps) once
-    assert _rel_err(got, want) < 1e-10
+    assert rel_err(got, want) < 1e-10
     # on another schedule: the same function given that grid
     from sdadapt.samplers.schedules import schedule_sigmas
     got = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler="Restart", alphas_cumprod=ac,
                          num_steps=24, schedule="exponential", generator=torch.Generator().manual_seed(2))
     sig = schedule_sigmas("exponential", 24, train)
     want, _, _ = a1111_restart_sampler(_denoiser(ac), x_T * sig[0], sig, _noises(2, x_T.shape, 5))
-    assert _rel_err(got, want) < 1e-10
+    assert rel_err(got, want) < 1e-10
 
 
 def test_restart_pairs_jump_up_once_per_restart():
@@ -174,7 +170,7 @@ def test_registered_names_labels_and_options():
     assert "restart" in SAMPLERS and "restart" in KARRAS_SAMPLERS and "restart" in SCHEDULE_SAMPLERS
     assert sampler_from_label("Restart") == ("restart", False) and "restart" not in A1111_MISSING
     assert resolve_schedule("restart", "automatic") == "karras"
-    ac = _sd_ac64()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     plain = restart_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=8)
     assert torch.equal(plain, restart_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=8, karras=True))

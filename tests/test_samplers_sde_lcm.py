@@ -27,6 +27,8 @@ from sampler_stand_ins import (
     SD_BETAS,
     assert_guidance_is_the_guided_model,
     reference_dpmpp_2m_sde,
+    rel_err,
+    sd_alphas_cumprod,
     stand_in,
 )
 
@@ -70,7 +72,7 @@ def _diffusers_run(name, x_T, n, *, seed, karras=False, prediction_type="epsilon
 
 def _ours(name, x_T, n, *, seed, karras=False, prediction_type="epsilon", model=stand_in, ac=None, callback=None):
     g = torch.Generator().manual_seed(seed)
-    ac = _sd_alphas_cumprod().float() if ac is None else ac
+    ac = sd_alphas_cumprod().float() if ac is None else ac
     if name == "lcm":
         out = lcm_sample(model, x_T, alphas_cumprod=ac, num_steps=n, prediction_type=prediction_type, generator=g,
                          callback=callback)
@@ -78,15 +80,6 @@ def _ours(name, x_T, n, *, seed, karras=False, prediction_type="epsilon", model=
         out = dpmsolver_pp_sde_sample(model, x_T, alphas_cumprod=ac, num_steps=n, prediction_type=prediction_type,
                                       karras=karras, generator=g, callback=callback)
     return out, g
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
-
-
-def _sd_alphas_cumprod() -> torch.Tensor:
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
 
 
 # ---------------------------------------------------------------- against diffusers
@@ -106,7 +99,7 @@ def test_matches_diffusers_with_the_same_generator(name, karras, prediction_type
     out, g = _ours(name, x_T, n, seed=seed + 1, karras=karras, prediction_type=prediction_type,
                    ac=sched.alphas_cumprod, callback=lambda i, t, x: seen.append((i, t.clone())))
     assert out.dtype == dtype and out.shape == x_T.shape
-    assert _rel_err(out, ref) <= TOL[dtype], _rel_err(out, ref)
+    assert rel_err(out, ref) <= TOL[dtype], rel_err(out, ref)
     assert torch.equal(g.get_state(), g_ref.get_state())  # the same number of draws of the same size and dtype
     assert [i for i, _ in seen] == list(range(n))
     assert all(t.dtype == torch.long and t.shape == (batch,) for _, t in seen)
@@ -128,11 +121,11 @@ def test_noise_is_drawn_where_diffusers_draws_it():
         x_T2 = torch.randn(1, 4, 4, 4, generator=g2)
         fn = lcm_sample if name == "lcm" else dpmsolver_pp_sde_sample
         got = fn(stand_in, x_T2, alphas_cumprod=sched.alphas_cumprod, num_steps=6, generator=g2)
-        assert _rel_err(got, x) <= 2e-5, name
+        assert rel_err(got, x) <= 2e-5, name
         a, _ = _ours(name, x_T, 6, seed=1)
         b, _ = _ours(name, x_T, 6, seed=1)
         c, _ = _ours(name, x_T, 6, seed=2)
-        assert torch.equal(a, b) and _rel_err(c, a) > 1e-3, name
+        assert torch.equal(a, b) and rel_err(c, a) > 1e-3, name
 
 
 @pytest.mark.parametrize("name", ["dpmsolver++_sde", "lcm"])
@@ -141,7 +134,7 @@ def test_tolerance_catches_an_off_by_one_timestep(name):
     for karras in (False, True) if name != "lcm" else (False,):
         ref, _, _ = _diffusers_run(name, x_T, 8, seed=4, karras=karras)
         shifted, _ = _ours(name, x_T, 8, seed=4, karras=karras, model=lambda x, t: stand_in(x, t - 1))
-        assert _rel_err(shifted, ref) > 1e-3
+        assert rel_err(shifted, ref) > 1e-3
 
 
 def test_sde_steps_near_the_training_count():
@@ -151,7 +144,7 @@ def test_sde_steps_near_the_training_count():
     for n, karras in ((999, False), (1000, True)):
         ref, sched, _ = _diffusers_run("dpmsolver++_sde", x_T, n, seed=2, karras=karras)
         out, _ = _ours("dpmsolver++_sde", x_T, n, seed=2, karras=karras, ac=sched.alphas_cumprod)
-        assert _rel_err(out, ref) <= 1e-4, (n, karras)
+        assert rel_err(out, ref) <= 1e-4, (n, karras)
     with pytest.raises(ValueError, match=r"dpmsolver\+\+_sde: 1000 steps repeat a timestep.*at most 999"):
         _ours("dpmsolver++_sde", x_T, 1000, seed=2)
 
@@ -170,7 +163,7 @@ def test_zero_terminal_snr_schedules():
         ac = sched.alphas_cumprod.clone()
         ac[-1] = 0.0  # the system's own ᾱ (diffusers' multistep class stores 2⁻²⁴ in its copy)
         out, _ = _ours(name, x_T, n, seed=1, karras=karras, prediction_type="v_prediction", ac=ac)
-        assert torch.isfinite(out).all() and _rel_err(out, x) <= 1e-5, (name, karras)
+        assert torch.isfinite(out).all() and rel_err(out, x) <= 1e-5, (name, karras)
     # ε prediction on that schedule: LCM's first x̂0 divides by √ᾱ_999 = 0, NaN in diffusers and here (documented)
     sched = _scheduler("lcm", rescale_betas_zero_snr=True)
     out, _ = _ours("lcm", x_T, 4, seed=1, ac=sched.alphas_cumprod)
@@ -192,7 +185,7 @@ def test_lcm_timesteps_are_diffusers():
 
 def test_lcm_refuses_steps_outside_its_schedule():
     x_T = torch.zeros(1, 1, 2, 2)
-    ac = _sd_alphas_cumprod()
+    ac = sd_alphas_cumprod()
     for n in (0, 51):
         with pytest.raises(ValueError, match=r"lcm: num_steps must be in \[1, 50\]"):
             lcm_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n)
@@ -243,27 +236,27 @@ def reference_lcm(x_T: torch.Tensor, ac: torch.Tensor, n: int, noises) -> torch.
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 15, 25, 50])
 def test_float64_references(n):
-    ac = _sd_alphas_cumprod()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     got = dpmsolver_pp_sde_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n,
                                   generator=torch.Generator().manual_seed(9))
     want = reference_dpmpp_2m_sde(x_T, ac, n, _noises(9, x_T.shape, n, torch.float32))  # float32 draws
-    assert _rel_err(got, want) <= 1e-10, _rel_err(got, want)
+    assert rel_err(got, want) <= 1e-10, rel_err(got, want)
     got = lcm_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=n, generator=torch.Generator().manual_seed(9))
     want = reference_lcm(x_T, ac, n, _noises(9, x_T.shape, n, torch.float64))  # draws in the sample's dtype
-    assert _rel_err(got, want) <= 1e-10, _rel_err(got, want)
+    assert rel_err(got, want) <= 1e-10, rel_err(got, want)
 
 
 def test_sde_without_noise_is_not_dpmpp_2m_but_close_in_one_step():
     """One step lands on σ = 0: x̂0 of the start, the same as DPM++ 2M (the noise is multiplied by 0);
     with more steps the stochastic sampler differs."""
-    ac = _sd_alphas_cumprod()
+    ac = sd_alphas_cumprod()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     one = dpmsolver_pp_sde_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=1, generator=torch.Generator())
-    assert _rel_err(one, dpmsolver_pp_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=1)) <= 1e-12
+    assert rel_err(one, dpmsolver_pp_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=1)) <= 1e-12
     many = dpmsolver_pp_sde_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=10,
                                    generator=torch.Generator().manual_seed(0))
-    assert _rel_err(many, dpmsolver_pp_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=10)) > 1e-3
+    assert rel_err(many, dpmsolver_pp_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=10)) > 1e-3
 
 
 # ---------------------------------------------------------------- registry, labels, entry point
@@ -287,7 +280,7 @@ def test_registered_names_aliases_and_labels():
 
 @pytest.mark.parametrize("name, karras", [("dpmsolver++_sde", False), ("dpmsolver++_sde", True), ("lcm", False)])
 def test_sample_latents_guidance(name, karras):
-    ac = _sd_alphas_cumprod().float()
+    ac = sd_alphas_cumprod().float()
     fn = lcm_sample if name == "lcm" else dpmsolver_pp_sde_sample
     options = {"karras": True} if karras else {}
     assert_guidance_is_the_guided_model(name, functools.partial(fn, alphas_cumprod=ac, **options), alphas_cumprod=ac,
@@ -295,7 +288,7 @@ def test_sample_latents_guidance(name, karras):
 
 
 def test_half_inputs_keep_their_dtype():
-    ac = _sd_alphas_cumprod().float()
+    ac = sd_alphas_cumprod().float()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
     for fn in (dpmsolver_pp_sde_sample, lcm_sample):
         a = fn(stand_in, x_T, alphas_cumprod=ac, num_steps=6, generator=torch.Generator().manual_seed(3))
@@ -303,7 +296,7 @@ def test_half_inputs_keep_their_dtype():
                generator=torch.Generator().manual_seed(3))
         assert h.dtype == torch.bfloat16 and torch.isfinite(h).all()
         if fn is dpmsolver_pp_sde_sample:  # float32 noise, as diffusers: the same draws as the float32 run
-            assert _rel_err(h, a) < 0.05
+            assert rel_err(h, a) < 0.05
 
 
 # ---------------------------------------------------------------- end to end on a tiny SD UNet
@@ -350,4 +343,4 @@ def test_the_system_samples_as_a_diffusers_pipeline(tiny_sd, name, karras):
                              uncond=tiny_sd.condition(tiny_sd.tokenize([""])), guidance_scale=4.0, karras=karras,
                              prediction_type=tiny_sd.prediction_type, generator=g)
     assert got.shape == want.shape
-    assert _rel_err(got, want) < 3e-5
+    assert rel_err(got, want) < 3e-5
