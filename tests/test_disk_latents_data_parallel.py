@@ -87,6 +87,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         dataset, disk = _dataset(root / "imgs"), kohya_latent_files.KohyaLatentFiles(toy)
         disk.share_out(dataset.records, flip=dataset.flip, group=group, batch=2)
         encode_buckets(dataset, toy.encode_images, latents_of=disk)
+        dist.barrier()  # (every rank done reading this run's files before rank 0 cuts one short for the next)
         results[run] = {"latents": dataset.latents, "flipped": dataset.latents_flipped,
                         "counts": (disk.read, disk.encoded, [(p.name, why[:11]) for p, why in disk.rewritten])}
     torch.save(results, root / f"rank{rank}.pt")

@@ -941,13 +941,18 @@ def _check_saving_options(options: TrainOptions) -> None:
 _lr_scheduler_kwargs = train_schedule.lr_scheduler_kwargs
 
 
+def _pixel_changing_flags(options: TrainOptions, *, face_crop: bool) -> list[str]:
+    """The options on that change an image's pixels at each use (so its latents cannot be cached), by their flags;
+    ``face_crop``: whether ``--face-crop-aug-range`` crops (the option given, or the run's augmentation doing it)."""
+    return [flag for flag, on in (("--random-crop", options.random_crop), ("--color-aug", options.color_aug),
+                                  ("--face-crop-aug-range", face_crop), ("--resize-aug", options.resize_aug)) if on]
+
+
 def _check_disk_latents(options: TrainOptions) -> None:
     """``--cache-latents-to-disk`` with an option that changes the pixels at each use: refused, as kohya's
     train_network.py asserts ``is_latent_cacheable`` ("when caching latents, either color_aug or random_crop
     cannot be used"); the dataset TOML's subsets are checked by :func:`_disk_latents`."""
-    changing = [flag for flag, on in (("--random-crop", options.random_crop), ("--color-aug", options.color_aug),
-                                      ("--face-crop-aug-range", options.face_crop_aug_range is not None),
-                                      ("--resize-aug", options.resize_aug)) if on]
+    changing = _pixel_changing_flags(options, face_crop=options.face_crop_aug_range is not None)
     if changing:
         raise ValueError(f"--cache-latents-to-disk keeps each image's latents in a file, but {' and '.join(changing)} "
                          "change the pixels at each use (kohya refuses caching latents with them too): leave one out")
@@ -968,15 +973,16 @@ def _disk_latents(options: TrainOptions, system: object, augment: object) -> obj
     return KohyaLatentFiles(system)
 
 
-def _disk_text_outputs(options: TrainOptions, system: object, say: Callable[[str], None]) -> object:
+def _disk_text_outputs(options: TrainOptions, system: object, say: Callable[[str], None], *,
+                       group: data_parallel.DataParallel | None = None) -> object:
     """The :class:`~sdadapt.training.kohya_text_files.KohyaTextFiles` hook of
-    ``--cache-text-encoder-outputs-to-disk`` (``None`` without it); refused for a model kohya writes no
-    such file for (SD1/SD2, the SDXL refiner)."""
+    ``--cache-text-encoder-outputs-to-disk`` (``None`` without it; under torchrun, ``group``, each file made by
+    one rank); refused for a model kohya writes no such file for (SD1/SD2, the SDXL refiner)."""
     if not options.cache_text_encoder_outputs_to_disk:
         return None
     from ..training.kohya_text_files import KohyaTextFiles
 
-    return KohyaTextFiles(system, log=say)
+    return KohyaTextFiles(system, log=say, group=group)
 
 
 def _check_text_cache_captions(options: TrainOptions) -> None:
@@ -2085,6 +2091,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     mixed = None if options.mixed_precision == "no" else options.mixed_precision
     second_encoder_lr = _second_encoder_lr(options, system, learning_rate=spec.learning_rate)
     _check_resumed_second_encoder_lr(resume_record, options, second_encoder_lr)
+    text_files = _disk_text_outputs(options, system, say, group=parallel)
     config = FitConfig(
         # the schedule as kohya maps its options (Adafactor's relative step: constant, no warm-up, as kohya's adafactor
         # schedule; the polynomial / cosine_with_min_lr reference LR is --learning_rate, not --unet-lr)
@@ -2105,7 +2112,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         fused_backward=options.fused_backward_pass, measure_attention=options.sdpa_backends == "measure",
         cuda_graph=options.cuda_graph, compile_backend=options.dynamo_backend if options.torch_compile else None,
         zero_terminal_snr=options.zero_terminal_snr, cache_text_encoder_outputs=options.cache_text_encoder_outputs,
-        text_encoder_outputs_files=_disk_text_outputs(options, system, say),
+        text_encoder_outputs_files=text_files,
         weighted_captions=options.weighted_captions,
         validate_every_n_steps=options.validate_every_n_steps, validate_every_n_epochs=options.validate_every_n_epochs,
         max_validation_steps=options.max_validation_steps, validation_seed=options.validation_seed,
@@ -2133,15 +2140,19 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         say(line)
 
     # ------------------------------------------------------------------ the expensive part
+    if text_files is not None:  # (before any encode; the captions are checked as fit reads them, before the encoders run)
+        text_files.check_images(r.path for data in (dataset.records, held_out, reg.records if reg is not None else ())  # type: ignore[attr-defined]
+                                for r in data if r.path is not None)
     disk = _disk_latents(options, system, augment)
     if disk is not None:  # (data parallel: each rank encodes and writes its share of the missing files, then all read)
+        # (before any encode: no two images of the run, class images and held-out ones included, share a file)
+        disk.claim([*dataset.records, *held_out, *(reg_dataset.records if reg_dataset is not None
+                                                   and not reg_dataset.augment.active else ())])
         disk.share_out(dataset.records, flip=dataset.flip, group=parallel)
     encode_buckets(dataset, system.encode_images, latents_of=disk,
                    progress=bars("caching latents", "image") if bars is not None and not augment.active else None)
     if augment.active:
-        changing = [f for f, on in (("--random-crop", options.random_crop), ("--color-aug", options.color_aug),
-                                    ("--face-crop-aug-range", augment.face_crop_range is not None),
-                                    ("--resize-aug", options.resize_aug)) if on]
+        changing = _pixel_changing_flags(options, face_crop=augment.face_crop_range is not None)
         say(f"{' and '.join(changing)}: "
             "the pixels change at every use, so nothing is cached: each batch's images are read, augmented and "
             "encoded by the VAE before its step")
@@ -2161,6 +2172,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             f"({validation_data.batches_per_epoch(options.batch_size * world)} batch(es) × 4 timesteps a pass)")
     prior_data: tuple | None
     if reg is not None and reg_dataset is not None:
+        if disk is not None and not reg_dataset.augment.active:  # (kohya's split covers the reg subsets too)
+            disk.share_out(reg_dataset.records, flip=reg_dataset.flip, group=parallel)
         encode_buckets(reg_dataset, system.encode_images, latents_of=disk,
                        progress=bars("caching class latents", "image") if bars is not None and not augment.active else None)
         reg_source = f"--reg-data-dir {options.reg_data_dir}" if options.reg_data_dir is not None else "the is_reg subsets"

@@ -19,7 +19,8 @@ process group is initialised with more than one rank:
   weights everywhere), :func:`is_main_process` (who writes), :func:`wait_for_all_ranks`.
 * :func:`rank_chunks` / :func:`share_chunks`: work made once across the ranks (the class images of
   prior preservation, :func:`sdadapt.methods.class_images` ``group=``): rank ``r`` makes chunks
-  ``r, r + world, ...``, then every rank receives every chunk, bit for bit.
+  ``r, r + world, ...``, then every rank receives every chunk, bit for bit. :func:`deal_out`: the same split
+  for work whose result is files (kohya's cache files), each rank's summary to every rank.
 
 A collective that fails — another process failed or was stopped first and left the group — raises
 :class:`~sdadapt.errors.PeerProcessError` (exit 11) naming this rank, instead of torch's bare
@@ -31,8 +32,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 from ..errors import InputError, PeerProcessError
 
 __all__ = ["DataParallel", "active", "average_gradients", "broadcast_parameters", "data_parallel_clashes",
-           "is_main_process", "launched_process_group", "launched_world_size", "mean_over_ranks", "rank_chunks",
+           "deal_out", "is_main_process", "launched_process_group", "launched_world_size", "mean_over_ranks", "rank_chunks",
            "rank_device", "rank_rows", "shard_prepared", "share_chunks", "share_switched_weights", "wait_for_all_ranks"]
 
 #: the gradient bucket size of :func:`average_gradients` (bytes): one flat copy of at most this much at a time
@@ -404,6 +406,31 @@ def share_chunks(mine: Mapping[int, Tensor], count: int, group: DataParallel, *,
             dist.broadcast(chunk, src=owner)
         out.append(chunk)
     return out
+
+
+def deal_out(count: int, group: DataParallel, work: Callable[[list[int]], Any], *, what: str) -> list[Any]:
+    """Work on ``count`` items done once across the ranks, kohya's split of its cache files
+    (sd-scripts@48d368fa library/train_util.py:1182-1185 ``new_cache_latents``, 1324-1327
+    ``new_cache_text_encoder_outputs``: item ``i`` by the process with ``i % num_processes == process_index``,
+    then ``accelerator.wait_for_everyone()``, 2629 / 2651).
+
+    Rank ``r`` calls ``work(items)`` with its items ``r, r + world, ...`` (:func:`rank_chunks`; possibly none),
+    which does them (writes their files) and returns a summary of what it did as JSON-able data; then every rank
+    receives every rank's summary (:func:`share_chunks`, which returns only once every rank has finished its work:
+    the wait). Call on every rank, with the items in the same order.
+
+    Returns:
+        The ranks' summaries, ``[rank 0's, rank 1's, ...]`` (this rank's too, as JSON read it back).
+
+    Raises:
+        PeerProcessError: another rank failed or left the group first (its ``work`` raised, say).
+    """
+    import json
+
+    done = work(list(rank_chunks(count, group)))
+    own = torch.tensor(list(json.dumps(done).encode()), dtype=torch.uint8)
+    return [json.loads(bytes(chunk.cpu().tolist()).decode()) for chunk in share_chunks({group.rank: own}, group.world,
+                                                                                        group, what=what)]
 
 
 def wait_for_all_ranks(what: str) -> None:

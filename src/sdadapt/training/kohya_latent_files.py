@@ -34,14 +34,18 @@ from the image files at each run (no VAE involved): a file's ``alpha_mask`` is n
 Data parallel (torchrun): :meth:`KohyaLatentFiles.share_out` makes each file once across the ranks, kohya's split
 (``new_cache_latents``: image ``i`` by process ``i % num_processes``, then ``wait_for_everyone``), before every rank
 reads every file.
+
+One file, one image: two different images whose files would be one (``a.png`` and ``a.jpg`` of one size in one
+folder; both beside an old ``a.npz``) are refused before anything is encoded (:func:`claim_files`), where kohya
+would train the second on the first's latents or overwrite them. The same image listed twice (two subsets of one
+folder, a class image that is also a training image) is one file, as in kohya, when both uses need the same latents.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +57,7 @@ from ..formats.files import atomic_write
 from .data import ImageRecord, _load
 from .data_parallel import DataParallel
 
-__all__ = ["KohyaLatentFiles", "crop_ltrb", "npz_path_for", "read_npz_latents", "write_npz_latents"]
+__all__ = ["KohyaLatentFiles", "claim_files", "crop_ltrb", "npz_path_for", "read_npz_latents", "write_npz_latents"]
 
 #: kohya's SdSdxlLatentsCachingStrategy suffixes (library/strategy_sd.py)
 _SD_SUFFIX, _SDXL_SUFFIX, _OLD_SUFFIX = "_sd.npz", "_sdxl.npz", ".npz"
@@ -69,6 +73,39 @@ def npz_path_for(image: str | os.PathLike, *, size: tuple[int, int], sdxl: bool 
         return old
     height, width = size
     return image.with_name(f"{image.stem}_{width:04d}x{height:04d}{_SDXL_SUFFIX if sdxl else _SD_SUFFIX}")
+
+
+def claim_files(taken: dict[str, tuple[Path, str, Hashable, str]], claims: Iterable[tuple[Path, Path, Hashable, str]], *,
+                option: str, what: str) -> None:
+    """Record which image each cache file belongs to, refusing a file claimed by two images or for two contents.
+
+    ``claims``: ``(image, its file, what the file must hold, that in words)`` each; ``taken``: the claims so far
+    (``{real path of the file: (image, real path of the image, need, words)}``, updated in place), so that the
+    files of several calls (training, validation and class images) are checked against one another. The same
+    image claiming its file again for the same content is fine (an image listed twice: kohya keys its images by
+    path, ``register_image``, sd-scripts@48d368fa library/train_util.py:983-985, so it is one image there too).
+
+    kohya checks nothing here: ``glob_images`` (train_util.py:2847-2856) lists ``a.png`` and ``a.jpg`` both, and
+    their files are one (``get_latents_npz_path``, library/strategy_sd.py:152-157, the image's name without its
+    extension, and its size; ``get_outputs_npz_path``, library/strategy_sdxl.py:235-236): with the file there
+    the second image passes kohya's check and trains on the first's latents or caption, else it overwrites them.
+
+    Raises:
+        ValueError: two different images (real paths) claim one file (rename one), or one image claims its file
+            for two different contents (``option`` and ``what`` name the option and what the file keeps).
+    """
+    for image, file, need, words in claims:
+        key, real = os.path.realpath(file), os.path.realpath(image)
+        before = taken.setdefault(key, (Path(image), real, need, words))
+        first, first_real, first_need, first_words = before
+        if first_real != real:
+            raise ValueError(f"{option}: {first} and {image} would keep their {what} in one file, {file} (kohya names "
+                             "it after the image's name without its extension): the one would be trained on or "
+                             "overwrite the other's; rename one of the two images")
+        if first_need != need:
+            raise ValueError(f"{option}: {image} is used {first_words} and {words}, but its one file {file} can keep "
+                             f"the {what} of one of these: use the image once, or copy it under another name for "
+                             "the other use")
 
 
 def crop_ltrb(bucket: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -108,6 +145,13 @@ def read_npz_latents(path: str | os.PathLike, *, shape: tuple[int, ...], flip: b
     if not np.issubdtype(plain.dtype, np.floating) or (mirrored is not None and not np.issubdtype(mirrored.dtype, np.floating)):
         return f"latents of dtype {plain.dtype}, not floating point"
     return _tensor(plain), (_tensor(mirrored) if mirrored is not None else None)
+
+
+def _use(record: ImageRecord) -> str:
+    """How a record's image is prepared for its latents, in words (:meth:`KohyaLatentFiles.claim`)."""
+    (bh, bw), (rh, rw), (top, left) = record.bucket, record.resized, record.crop
+    how = f", {record.interpolation} resampling" if record.interpolation is not None else ""
+    return f"at {bw}x{bh} (scaled to {rw}x{rh}, cropped at x={left}, y={top}{how})"
 
 
 def _tensor(array: np.ndarray) -> Tensor:
@@ -154,6 +198,8 @@ class KohyaLatentFiles:
     _shapes: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
     #: the files :meth:`share_out` had the ranks write in this run (read back by :meth:`__call__`, counted as encoded)
     _fresh: set[str] = field(default_factory=set, repr=False)
+    #: the files claimed so far (:func:`claim_files`) and their images
+    _claims: dict[str, tuple[Path, str, Hashable, str]] = field(default_factory=dict, repr=False)
 
     @property
     def sdxl(self) -> bool:
@@ -186,46 +232,71 @@ class KohyaLatentFiles:
         latents = self._scaled(torch.stack(plain)).contiguous()  # type: ignore[arg-type]
         return latents, (self._scaled(torch.stack(mirrored)).contiguous() if flip else None)  # type: ignore[arg-type]
 
+    def claim(self, records: Iterable[ImageRecord]) -> None:
+        """Check, before anything is encoded, that no two images of this run (all calls so far) share a latent file,
+        and that an image listed twice needs the same latents both times (the same bucket, scale, crop and
+        resampling); :meth:`share_out` and :meth:`__call__` check their records so too.
+
+        Raises:
+            ValueError: a record given as a tensor (no file to keep its latents beside); two images, or two uses
+                of one image, for one file (:func:`claim_files`).
+        """
+        records = list(records)
+        if any(r.path is None for r in records):
+            raise ValueError("--cache-latents-to-disk keeps each image's latents beside its file; these images were "
+                             "given as tensors (build the dataset with find_images)")
+        claim_files(self._claims, ((r.path, self._path(r), (r.bucket, r.resized, r.crop, r.interpolation), _use(r))
+                                   for r in records), option="--cache-latents-to-disk", what="latents")
+
+    def _path(self, record: ImageRecord) -> Path:
+        return npz_path_for(record.path, size=record.size, sdxl=self.sdxl)  # type: ignore[arg-type]
+
     def share_out(self, records: Sequence[ImageRecord], *, flip: bool, group: DataParallel | None,
                   batch: int = 4) -> None:
         """Data parallel: make every record's file once across the ranks, before :meth:`__call__` reads them all.
 
         kohya's ``new_cache_latents`` (sd-scripts@48d368fa library/train_util.py:1147-1185, 2625-2629): with
         ``cache_to_disk``, process ``process_index`` checks and encodes the images ``i`` with ``i % num_processes ==
-        process_index`` only (``rank_chunks``), then ``accelerator.wait_for_everyone()``; every process then reads
-        every file. Here rank ``r`` checks records ``r, r + world, ...`` (``records`` in the same order on every
-        rank: the dataset's), encodes and writes the missing or unusable ones ``batch`` at a time (per bucket), then
-        the ranks exchange what each did (:func:`~.data_parallel.share_chunks`, which returns only once every rank has
-        finished its writes: the wait). Afterwards :attr:`encoded` / :attr:`rewritten` hold every rank's counts (the
-        report of rank 0 names them all), and the files written now are not counted again as :attr:`read`. Nothing
-        without ``group`` (one process: :meth:`__call__` does it all).
+        process_index`` only, then ``accelerator.wait_for_everyone()``; every process then reads every file
+        (:func:`~.data_parallel.deal_out`). Here rank ``r`` checks the files ``r, r + world, ...`` (the records' files
+        in the dataset's order, the same on every rank; an image listed twice is one file), encodes and writes the
+        missing or unusable ones ``batch`` at a time (per bucket), then the ranks exchange what each did. Afterwards
+        :attr:`encoded` / :attr:`rewritten` hold every rank's counts (the report of rank 0 names them all), and the
+        files written now are not counted again as :attr:`read`. Without ``group`` only :meth:`claim` (one process:
+        :meth:`__call__` does it all).
 
         Raises:
-            ValueError: a record given as a tensor (no file to keep its latents beside).
+            ValueError: as :meth:`claim`.
             PeerProcessError: another rank failed first.
         """
+        self.claim(records)
         if group is None:
             return
-        from .data_parallel import rank_chunks, share_chunks
+        from .data_parallel import deal_out
 
-        mine = [records[i] for i in rank_chunks(len(records), group)]
-        before, seen = self.encoded, len(self.rewritten)
-        by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
-        for record in mine:
-            by_bucket.setdefault(record.bucket, []).append(record)
-        written: list[str] = []
-        for part in by_bucket.values():
-            for start in range(0, len(part), batch):
-                written += [str(p) for p in self._read_or_encode(part[start: start + batch], flip=flip, count=False,
-                                                                 keep=False)[2]]
-        done = {"encoded": self.encoded - before, "rewritten": [[str(p), why] for p, why in self.rewritten[seen:]],
-                "written": written}
-        del self.rewritten[seen:]
-        self.encoded = before
-        own = torch.tensor(list(json.dumps(done).encode()), dtype=torch.uint8)
-        for chunk in share_chunks({group.rank: own}, group.world, group,
-                                  what="the sharing out of the latent files (--cache-latents-to-disk)"):
-            theirs = json.loads(bytes(chunk.cpu().tolist()).decode())
+        files: dict[str, ImageRecord] = {}
+        for record in records:  # (the first record of each file: the others need the same latents, claim says)
+            files.setdefault(os.path.realpath(self._path(record)), record)
+        distinct = list(files.values())
+
+        def work(mine: list[int]) -> dict[str, object]:
+            before, seen = self.encoded, len(self.rewritten)
+            by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
+            for i in mine:
+                by_bucket.setdefault(distinct[i].bucket, []).append(distinct[i])
+            written: list[str] = []
+            for part in by_bucket.values():
+                for start in range(0, len(part), batch):
+                    written += [str(p) for p in self._read_or_encode(part[start: start + batch], flip=flip, count=False,
+                                                                     keep=False)[2]]
+            done = {"encoded": self.encoded - before, "rewritten": [[str(p), why] for p, why in self.rewritten[seen:]],
+                    "written": written}
+            del self.rewritten[seen:]
+            self.encoded = before
+            return done
+
+        for theirs in deal_out(len(distinct), group, work,
+                               what="the sharing out of the latent files (--cache-latents-to-disk)"):
             self.encoded += int(theirs["encoded"])
             self.rewritten += [(Path(p), why) for p, why in theirs["rewritten"]]
             self._fresh.update(theirs["written"])
@@ -236,14 +307,17 @@ class KohyaLatentFiles:
         file, or encoded (one batch: the records share a bucket) and written to it; and the files written.
         ``count``: a file read counts in :attr:`read` (not one :meth:`share_out` wrote in this run); ``keep=False``:
         the latents are not returned (``[]``, ``[]``)."""
-        if any(r.path is None for r in records):
-            raise ValueError("--cache-latents-to-disk keeps each image's latents beside its file; these images were "
-                             "given as tensors (build the dataset with find_images)")
+        self.claim(records)
         plain: list[Tensor | None] = [None] * len(records)
         mirrored: list[Tensor | None] = [None] * len(records)
         missing: list[tuple[int, Path]] = []
+        pending: dict[str, int] = {}  # the files this batch writes -> the record encoded for it
+        again: list[tuple[int, int]] = []  # (an image listed twice in the batch, the record encoded for it)
         for i, record in enumerate(records):
-            path = npz_path_for(record.path, size=record.size, sdxl=self.sdxl)  # type: ignore[arg-type]
+            path = self._path(record)
+            if str(path) in pending:  # (claim: the same image, the same latents; encoded and written once)
+                again.append((i, pending[str(path)]))
+                continue
             found = read_npz_latents(path, shape=self._shape(record.bucket), flip=flip) if path.exists() else None
             if isinstance(found, tuple):
                 plain[i], mirrored[i] = found
@@ -253,6 +327,7 @@ class KohyaLatentFiles:
             if found is not None:
                 self.rewritten.append((path, found))
             missing.append((i, path))
+            pending[str(path)] = i
         if missing:
             pixels = torch.stack([_load(records[i]) for i, _ in missing])
             raw = self._raw(pixels)
@@ -264,6 +339,8 @@ class KohyaLatentFiles:
                 plain[i] = raw[k]
                 mirrored[i] = raw_flipped[k] if raw_flipped is not None else None
             self.encoded += len(missing)
+        for i, first in again:
+            plain[i], mirrored[i] = plain[first], mirrored[first]
         if not keep:
             return [], [], [path for _, path in missing]
         return plain, mirrored, [path for _, path in missing]

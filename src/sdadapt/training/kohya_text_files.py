@@ -39,6 +39,14 @@ separators applied, :func:`sdadapt.training.text_cache.caption_variants`); kohya
 ``info.caption``. The step trains on the same bits whether a caption's outputs were encoded now or read
 back from the file the last run wrote (float32 and float16 rows are stored as they are; bfloat16 rows are
 stored as float32 and cast back, exactly).
+
+One file, one image (:func:`~sdadapt.training.kohya_latent_files.claim_files`): two images whose files would be one
+(``a.png`` and ``a.jpg`` of one folder) are refused before anything is encoded (:meth:`KohyaTextFiles.check_images`,
+then again as the captions are read), and so is one image listed with two captions (its file keeps one); the same
+image listed twice with one caption is one file. Data parallel (torchrun, :attr:`KohyaTextFiles.group`): each file is
+checked and made by one rank, kohya's ``new_cache_text_encoder_outputs`` split (image ``i`` by process
+``i % num_processes``, then ``wait_for_everyone``; :func:`~sdadapt.training.data_parallel.deal_out`), before every
+rank reads every file.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +64,8 @@ import torch
 from torch import Tensor
 
 from ..formats.files import atomic_write
+from .data_parallel import DataParallel
+from .kohya_latent_files import claim_files
 from .text_cache import TextConditionCache
 
 __all__ = ["TE_OUTPUTS_SUFFIX", "KohyaTextFiles", "read_npz_text_outputs", "te_outputs_path_for", "write_npz_text_outputs"]
@@ -151,6 +161,9 @@ class KohyaTextFiles:
     Args:
         system: an SDXL :class:`~sdadapt.diffusers_system.DiffusersSystem` (two text encoders; others are refused).
         log: called with each line of :meth:`report` once the files are read and written.
+        group: this rank's place in a data-parallel run (:func:`~sdadapt.training.data_parallel.active`): each
+            file is then checked and made by one rank (kohya's ``new_cache_text_encoder_outputs`` split) before every
+            rank reads them all; ``None``: one process.
 
     Attributes:
         read, encoded: images whose caption's outputs came from their file / were encoded and written;
@@ -160,10 +173,15 @@ class KohyaTextFiles:
 
     system: Any
     log: Callable[[str], None] | None = None
+    group: DataParallel | None = None
     read: int = 0
     encoded: int = 0
     trusted: int = 0
     rewritten: list[tuple[Path, str]] = field(default_factory=list)
+    #: the files :meth:`_share_out` had the ranks write in this run (counted as encoded, not again as read)
+    _fresh: set[str] = field(default_factory=set, repr=False)
+    #: the files claimed so far and their images (:func:`~sdadapt.training.kohya_latent_files.claim_files`)
+    _claims: dict[str, tuple[Path, str, Any, str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         refusal = _refusal(self.system)
@@ -176,6 +194,17 @@ class KohyaTextFiles:
         first, second = self.system.text_encoder.config, self.system.text_encoder_2.config
         return (length, first.hidden_size), (length, second.hidden_size), (second.projection_dim,)
 
+    def check_images(self, images: Iterable[str | os.PathLike]) -> None:
+        """Refuse, before anything is encoded, two different images whose files would be one (``a.png`` and ``a.jpg``
+        of one folder: kohya's name drops the extension); an image listed twice is fine (its captions are checked
+        when :meth:`__call__` reads them).
+
+        Raises:
+            ValueError: naming both images and the file (:func:`~sdadapt.training.kohya_latent_files.claim_files`).
+        """
+        claim_files({}, ((Path(image), te_outputs_path_for(image), None, "") for image in images),
+                    option="--cache-text-encoder-outputs-to-disk", what="text-encoder outputs")
+
     def __call__(self, encode: Callable[[list[str]], TextConditionCache], entries: Sequence[tuple[str | os.PathLike, str]],
                  texts: Sequence[str]) -> TextConditionCache:
         """The run's text cache: each image's file in ``entries`` ((image path, its caption as a use writes it))
@@ -183,24 +212,76 @@ class KohyaTextFiles:
         ``encode`` (:func:`~sdadapt.training.text_cache.cache_text_conditions` as the run calls it) and each
         image's file among them written. Returns the cache with one row per text, as ``encode(texts)`` gives.
 
+        An image listed twice with one caption has one file; with :attr:`group` the files are first made once
+        across the ranks (:meth:`_share_out`), then every rank reads every file.
+
         Raises:
-            ValueError: a caption of ``entries`` is not among ``texts``.
+            ValueError: a caption of ``entries`` is not among ``texts``; two images, or one image with two captions,
+                for one file (:func:`~sdadapt.training.kohya_latent_files.claim_files`).
+            PeerProcessError: another rank failed first.
         """
         shapes = self._shapes()
-        width = shapes[0][1]
         texts = list(dict.fromkeys(texts))
         known = set(texts)
-        found: dict[str, _Entry] = {}
-        to_write: list[tuple[Path, str]] = []
         for image, caption in entries:
             if caption not in known:
                 raise ValueError(f"{image}: its caption {caption!r} is not among the run's captions")
-            path = te_outputs_path_for(image)
+        claim_files(self._claims, ((Path(image), te_outputs_path_for(image), caption, f"with the caption {caption!r}")
+                                   for image, caption in entries),
+                    option="--cache-text-encoder-outputs-to-disk", what="text-encoder outputs")
+        files: dict[str, tuple[Path, str]] = {}
+        for image, caption in entries:  # (an image listed twice: one file, claim_files saw one caption)
+            files.setdefault(os.path.realpath(te_outputs_path_for(image)), (te_outputs_path_for(image), caption))
+        if self.group is not None:
+            self._share_out(encode, list(files.values()), shapes)
+        cache = self._read_or_encode(encode, list(files.values()), texts, shapes)
+        if self.log is not None:
+            for line in self.report():
+                self.log(line)
+        return cache
+
+    def _share_out(self, encode: Callable[[list[str]], TextConditionCache], files: list[tuple[Path, str]],
+                   shapes: tuple[tuple[int, ...], ...]) -> None:
+        """Data parallel: rank ``r`` checks the files ``r, r + world, ...`` and encodes and writes those missing or
+        unusable (their captions only), then the ranks exchange what each did (:func:`~.data_parallel.deal_out`, the
+        split of kohya's ``new_cache_text_encoder_outputs``: sd-scripts@48d368fa library/train_util.py:1320-1330, then
+        ``wait_for_everyone``, 2647-2651); the counts then hold every rank's work, and the files written now are not
+        counted again as read."""
+        from .data_parallel import deal_out
+
+        def work(mine: list[int]) -> dict[str, object]:
+            before = (self.read, self.encoded, len(self.rewritten))
+            share = [files[i] for i in mine]
+            written = self._read_or_encode(encode, share, list(dict.fromkeys(c for _, c in share)), shapes, share=True)
+            done = {"read": self.read - before[0], "encoded": self.encoded - before[1],
+                    "rewritten": [[str(p), why] for p, why in self.rewritten[before[2]:]], "written": written}
+            self.read, self.encoded = before[:2]
+            del self.rewritten[before[2]:]
+            return done
+
+        for theirs in deal_out(len(files), self.group, work,  # type: ignore[arg-type]
+                               what="the sharing out of the text-encoder output files "
+                                    "(--cache-text-encoder-outputs-to-disk)"):
+            self.read += int(theirs["read"])
+            self.encoded += int(theirs["encoded"])
+            self.rewritten += [(Path(p), why) for p, why in theirs["rewritten"]]
+            self._fresh.update(theirs["written"])
+
+    def _read_or_encode(self, encode: Callable[[list[str]], TextConditionCache], files: Sequence[tuple[Path, str]],
+                        texts: list[str], shapes: tuple[tuple[int, ...], ...], *, share: bool = False) -> Any:
+        """Read the ``files`` ((file, caption)) that serve, encode the other ``texts`` and write the files among them
+        (a caption another file holds copied from it); the cache of ``texts``, or with ``share`` (a rank's share of
+        :meth:`_share_out`) the files written, without counting reads (the whole pass counts them after)."""
+        width = shapes[0][1]
+        found: dict[str, _Entry] = {}
+        to_write: list[tuple[Path, str]] = []
+        for path, caption in files:
             got = read_npz_text_outputs(path, shapes=shapes, caption=caption) if path.exists() else None
             if isinstance(got, _Entry):
                 found.setdefault(caption, got)
-                self.read += 1
-                self.trusted += got.caption is None
+                if not share and str(path) not in self._fresh:
+                    self.read += 1
+                    self.trusted += got.caption is None
                 continue
             if got is not None:
                 self.rewritten.append((path, got))
@@ -209,6 +290,8 @@ class KohyaTextFiles:
         fresh = encode(missing) if missing else None
         if fresh is not None:
             dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in fresh.values.items()}
+        elif share and not found:
+            return []
         else:
             own = next((e.dtypes for e in found.values() if set(e.dtypes) >= {"context", "text_embeds"}), None)
             first = next(iter(found.values()))
@@ -226,6 +309,8 @@ class KohyaTextFiles:
             context, pooled = fresh.values["context"][row], fresh.values["text_embeds"][row]  # type: ignore[union-attr]
             write_npz_text_outputs(path, context[..., :width], context[..., width:], pooled, caption=caption, dtypes=dtypes)
             self.encoded += 1
+        if share:
+            return [str(path) for path, _ in to_write]
         contexts, pooled_rows = [], []
         for text in texts:
             if text in found:
@@ -238,9 +323,6 @@ class KohyaTextFiles:
                 pooled_rows.append(fresh.values["text_embeds"][row].cpu())  # type: ignore[union-attr]
         values = {"context": torch.stack(contexts), "text_embeds": torch.stack(pooled_rows)}
         time_ids_dtype = fresh.time_ids_dtype if fresh is not None else context_dtype
-        if self.log is not None:
-            for line in self.report():
-                self.log(line)
         return TextConditionCache({text: i for i, text in enumerate(texts)}, values, time_ids_dtype)
 
     def report(self) -> list[str]:
