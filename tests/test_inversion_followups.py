@@ -110,7 +110,9 @@ def test_edit_prompt_is_read_as_the_sampler_reads_it(system, monkeypatch):
     assert _equal(seen["cond"], _sampler_conditions(system, "a (blue:1.4) cube", "")[0])
 
 
-def test_a_system_without_the_reader_keeps_condition_of_tokenize():
+def test_a_system_without_the_reader_gets_the_text_generate_hands_it():
+    """A model with neither ``prompt_condition`` nor ``tokenize_weighted`` (the toy's interface): the inversion
+    conditions it on the text with A1111 emphasis taken out, as ``generate`` hands such a model its prompt."""
     class Plain:  # (the toy's interface: tokenize + condition, no prompt_condition)
         alphas_cumprod = _schedule(torch.float32)
         prediction_type, image_size = "epsilon", 8
@@ -131,7 +133,7 @@ def test_a_system_without_the_reader_keeps_condition_of_tokenize():
     plain = Plain()
     image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
     inv = invert_image(plain, image, "a (cat:1.3)", method="ddim", num_steps=2)
-    assert torch.equal(inv.cond, plain.condition(plain.tokenize(["a (cat:1.3)"])))
+    assert torch.equal(inv.cond, plain.condition(plain.tokenize(["a cat"])))
 
 
 # ----------------------------------------------------------------------------- (2) --optimize-pooled before the load

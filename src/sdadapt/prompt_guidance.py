@@ -31,7 +31,8 @@ from torch import Tensor
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
 
-__all__ = ["PromptPlan", "ScheduledGuidance", "combine_composed", "composed_guidance", "composed_outputs", "plan_prompt"]
+__all__ = ["PromptPlan", "ScheduledGuidance", "combine_composed", "composed_guidance", "composed_outputs", "plan_prompt",
+           "reads_emphasis", "without_emphasis"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,25 @@ class PromptPlan:
         return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale))
 
 
+def reads_emphasis(system: object) -> bool:
+    """Whether ``system`` weighs A1111 emphasis itself (it has ``tokenize_weighted``, as
+    :class:`~sdadapt.diffusers_system.DiffusersSystem`); one without it (the toy, a user's own model) gets each
+    scheduled text through :func:`without_emphasis` — ``generate``'s rule, and the inversion's, so an inversion
+    reconstructs the conditions ``generate`` samples."""
+    return hasattr(system, "tokenize_weighted")
+
+
+def without_emphasis(text: str) -> str:
+    r"""``text`` with A1111 emphasis taken out, for a model that reads no prompt weights: ``"a (red:1.3) [cube]"``
+    -> ``"a red cube"``, ``"a (cat: 1.2 )"`` -> ``"a cat"`` (A1111's pattern,
+    :func:`sdadapt.prompt_weights.parse_prompt_attention` with ``a1111=True``), ``"\(red\)"`` -> ``"(red)"``
+    (an escaped bracket is the literal bracket); ``text`` itself when it has none. ``plan_prompt(clean=)`` for such
+    a model."""
+    from .prompt_weights import parse_prompt_attention
+
+    return "".join(piece for piece, _ in parse_prompt_attention(text, a1111=True))
+
+
 def _schedule(prompt: str, steps: int, texts: dict[str, int], clean: Callable[[str], str],
               old_scheduling: bool, first_pass_steps: int | None) -> _Schedule:
     entries = prompt_schedule(prompt, steps, old_scheduling=old_scheduling, first_pass_steps=first_pass_steps)
@@ -85,7 +105,7 @@ def plan_prompt(prompt: str, negative: str = "", *, steps: int,
     """Read ``prompt`` (``AND``, prompt editing, alternation) and ``negative`` (prompt editing,
     alternation) for ``steps`` schedule steps (:func:`sdadapt.prompt_schedule.schedule_steps` of the
     sampler's steps). ``clean``: applied to every scheduled text before encoding (the toy's emphasis
-    removal); texts equal after it are encoded once. ``old_scheduling``: A1111's "Use old prompt
+    removal, :func:`without_emphasis`); texts equal after it are encoded once. ``old_scheduling``: A1111's "Use old prompt
     editing timelines" (:func:`sdadapt.prompt_schedule.prompt_schedule`). ``first_pass_steps``: the plan of a
     hires fix's second pass after a first pass of that many schedule steps (its timeline continues the first's).
 

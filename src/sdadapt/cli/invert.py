@@ -23,7 +23,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     result = run_invert(
         args.image, prompt=args.prompt, out=args.out, method=args.method, guidance=args.guidance, steps=args.steps,
         model=args.model, edit_prompt=args.edit_prompt, source_steps=args.source_steps, init=args.init,
-        negative=args.negative, overwrite=args.overwrite, progress=progress_bar(args, "invert", unit="step"),
+        negative=args.negative, comments=args.comments, overwrite=args.overwrite, progress=progress_bar(args, "invert", unit="step"),
         optimize_pooled=args.optimize_pooled,
     )
     for note in (result.get("resized"), result.get("converted"), result.get("guidance_note")):
@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     invert.add_argument("--init", choices=("null", "negative-prompt"), default="null",
                         help="null-text's start: the empty prompt (paper) or the negative-prompt inversion")
     invert.add_argument("--negative", default="", help="prompt of the starting null embedding (default empty)")
+    invert.add_argument("--no-comments", dest="comments", action="store_false",
+                        help="keep '#' in --prompt/--negative/--edit-prompt as text (default: as generate, A1111's "
+                        "\"Enable comments\": '#' and the rest of its line are left out)")
     invert.add_argument("--optimize-pooled", action="store_true",
                         help="SDXL: null-text also optimises the pooled null embedding (text_embeds) per step, "
                         "as Null-SDXL does (default: only the text states)")

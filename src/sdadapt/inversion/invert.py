@@ -192,7 +192,8 @@ def invert_latents(
     (the pivot, once at the end) and ``"null-text"`` steps.
 
     A prompt plan (A1111's prompt editing, alternation, ``AND``; :func:`invert_image` reads one from the text):
-    ``cond`` a list of ``num_steps`` per-step values (a condition, or a :class:`~.core.Composed` for ``AND``),
+    ``cond`` a list of ``num_steps`` per-step values (a condition, or a :class:`~.core.Composed` for ``AND``; one
+    :class:`~.core.Composed` is that value at every step),
     ``uncond`` one condition or a list of ``num_steps`` (a negative prompt plan). The pivot inverts step ``i`` with
     step ``i``'s guidance-1 output (:func:`~.core.plan_pivot`), null-text optimises ``∅_i`` against step ``i``'s
     conditions, negative-prompt inversion's ``∅_i`` is step ``i``'s prompt condition (refused for ``AND``: no one
@@ -215,7 +216,7 @@ def invert_latents(
         raise ValueError(f"init must be 'null' or 'negative-prompt', got {init!r}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    planned = isinstance(cond, list)
+    planned = isinstance(cond, (list, Composed))  # (one Composed: the plan of it at every step)
     conds, unconds = per_step(cond, num_steps, "conditions"), per_step(uncond, num_steps, "unconditional conditions")
     composed = any(isinstance(c, Composed) for c in conds)
     if composed and (method == "negative-prompt" or (method == "null-text" and init == "negative-prompt")):
@@ -384,7 +385,7 @@ def sample_inversion(
 def _prompt_condition(system, prompt: str) -> object:
     """``prompt``'s condition as the system samples it (``system.prompt_condition``: ``DiffusersSystem``'s A1111
     emphasis, ``BREAK`` and long-prompt chunks, ``generate``'s reading); ``condition(tokenize([prompt]))`` for a
-    system without that reader (the toy)."""
+    system without that reader (the toy: :func:`_read_plan` has taken A1111 emphasis out of ``prompt`` already)."""
     read = getattr(system, "prompt_condition", None)
     return system.condition(system.tokenize([prompt])) if read is None else read(prompt)
 
@@ -397,10 +398,13 @@ def _read_plan(system, prompt: str, negative: str, num_steps: int) -> tuple[obje
     the one negative as :func:`invert_image` reads it). Step ``i`` takes each schedule's entry for model call ``i``
     (A1111's ``reconstruct_cond_batch``, :meth:`sdadapt.prompt_guidance.ScheduledGuidance.__call__`). Each is one
     condition where the plan has one (a plan of one text of weight 1 and one negative text: the plain reading of
-    that text, as ``generate`` samples it — ``[red:red:0.5]`` is ``red``), else a list of ``num_steps``."""
-    from ..prompt_guidance import plan_prompt
+    that text, as ``generate`` samples it — ``[red:red:0.5]`` is ``red``), else a list of ``num_steps``. A system
+    that reads no A1111 emphasis (no ``tokenize_weighted``: the toy) gets each scheduled text without it
+    (:func:`sdadapt.prompt_guidance.without_emphasis`: ``(red:1.3)`` is ``red``), as ``generate`` gives it."""
+    from ..prompt_guidance import plan_prompt, reads_emphasis, without_emphasis
 
-    plan = plan_prompt(prompt, negative, steps=num_steps)
+    # (a model that reads no prompt weights, the toy: emphasis taken out of each scheduled text, as generate does)
+    plan = plan_prompt(prompt, negative, steps=num_steps, clean=None if reads_emphasis(system) else without_emphasis)
     if plan.plain:  # (the one text, read as before: generate samples plan.texts[0] so too)
         cond = _prompt_condition(system, plan.texts[0])
         negative_condition = getattr(system, "negative_condition", None)

@@ -85,6 +85,7 @@ def run_invert(
     overwrite: bool = False,
     progress: Progress | None = None,
     optimize_pooled: bool = False,
+    comments: bool = True,
 ) -> dict:
     """Invert ``image`` (its caption ``prompt``) and write the reconstruction, the inversion and an edit.
 
@@ -105,6 +106,10 @@ def run_invert(
         optimize_pooled: SDXL: null-text also optimises the pooled null embedding ``text_embeds`` per step
             (``extra_keys=("text_embeds",)`` of :func:`~.invert.invert_image`; saved in the inversion file).
         overwrite: replace existing outputs (else refused before any work).
+        comments: A1111's "Enable comments", as ``generate``'s (on by default): ``#`` and the rest of its line are
+            left out of ``prompt``, ``negative`` and ``edit_prompt`` before anything reads them
+            (:func:`sdadapt.prompt_schedule.strip_comments`), so the inversion conditions on the text ``generate``
+            samples; ``False`` keeps ``#`` as text.
 
     Returns:
         ``{"method", "guidance" (the scale used), "psnr" (dB, reconstruction vs the input at the model's size),
@@ -119,6 +124,14 @@ def run_invert(
         raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(INVERSION_METHODS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if comments:  # (A1111's "Enable comments", generate's default: before any other reading of the texts)
+        from ..prompt_schedule import strip_comments
+
+        if prompt.strip() and not strip_comments(prompt).strip():
+            raise ValueError(f"--prompt {prompt!r} is all # comments (A1111's comment syntax, read as generate reads "
+                             "it: '#' to the end of the line is left out); give the image's caption")
+        prompt, negative = strip_comments(prompt), strip_comments(negative)
+        edit_prompt = None if edit_prompt is None else strip_comments(edit_prompt)
     source = Path(image)
     if not source.is_file():
         raise ImageFolderError(f"{source}: no such image file")

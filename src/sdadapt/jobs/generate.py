@@ -644,11 +644,11 @@ def run_generate(
         raise ValueError("--refiner: an embedding here is spelled out as placeholder tokens for the base, which the "
                          "refiner would read as words; leave out the embedding or --refiner")
     text, negative_text = _expanded(prompt, handles), _expanded(negative, handles)
-    from ..prompt_guidance import plan_prompt
+    from ..prompt_guidance import plan_prompt, reads_emphasis
     from ..prompt_schedule import schedule_steps
 
     clean = None
-    if not hasattr(system, "tokenize_weighted"):  # (the toy: A1111 emphasis would reach it as unknown words)
+    if not reads_emphasis(system):  # (the toy: A1111 emphasis would reach it as unknown words)
         def clean(piece: str) -> str:
             return _without_emphasis(piece, say)
     plan = plan_prompt(text, negative_text, steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean)
@@ -1143,11 +1143,11 @@ def _image_seeds(seeds, i: int):
 
 def _without_emphasis(text: str, say: Callable[[str], None]) -> str:
     """``text`` with A1111 emphasis taken out (``(red:1.3)`` -> ``red``), said on ``say``, for a
-    model that reads no prompt weights (the toy); ``text`` itself when it has none."""
-    from ..prompt_weights import parse_prompt_attention
+    model that reads no prompt weights (the toy); ``text`` itself when it has none
+    (:func:`sdadapt.prompt_guidance.without_emphasis`, the inversion's rule too)."""
+    from ..prompt_guidance import without_emphasis
 
-    pieces = parse_prompt_attention(text, a1111=True)
-    plain = "".join(piece for piece, _ in pieces)
+    plain = without_emphasis(text)
     if plain != text:
         say(f"warning: this model reads no prompt weights; {text!r} is read as {plain!r}")
     return plain
