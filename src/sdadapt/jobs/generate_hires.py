@@ -303,7 +303,8 @@ def networks_switched(system, *, first: list, apply_first: Callable[[list], obje
 
 
 def hires_image_conditioning(system, latents: Tensor | None, *, weight: float, seed: int = 0, source: str | None = None,
-                             pixels: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+                             pixels: Tensor | None = None,
+                             generator: torch.Generator | None = None) -> tuple[Tensor | None, Tensor | None]:
     """The image conditioning of A1111's txt2img hires pass when its "Inpainting conditioning mask strength"
     ``weight`` is below 1: ``sample_hr_pass`` (``modules/processing.py`` @ 0027ce1) hands
     ``img2img_image_conditioning`` the upscaled first pass — with a latent upscaler ``decode_first_stage`` of the
@@ -312,8 +313,9 @@ def hires_image_conditioning(system, latents: Tensor | None, *, weight: float, s
 
     * an inpainting model (``hybrid`` / ``concat``): ``inpainting_image_conditioning`` without a mask — a mask of ones
       and the image ``lerp(x, x·(1 − 1), weight) = x·(1 − weight)`` encoded
-      (:func:`sdadapt.inpaint.masked_image`, :meth:`~sdadapt.diffusers_system.DiffusersSystem.inpainting_conditioning`;
-      the posterior's mean, as every sdadapt encode: A1111 samples it): the first of the pair, (B, 5, h, w);
+      (:func:`sdadapt.inpaint.masked_image`, :meth:`~sdadapt.diffusers_system.DiffusersSystem.inpainting_conditioning`:
+      the posterior's mean; with ``generator`` a posterior sample drawn from it, as A1111's ``get_first_stage_encoding``
+      samples — ``generate --vae-encode sample``, :func:`sample_image`): the first of the pair, (B, 5, h, w);
     * an SD 2.1 unCLIP model (``crossattn-adm``): ``unclip_image_conditioning`` — the embedding of that image at noise
       level 0 (:func:`sdadapt.unclip.unclip_image_of_pixels`, the noise for ``seed`` / ``source``): the second, (B, 2D)
       (the weight's value plays no part; below 1 it switches from zeros to the image);
@@ -341,7 +343,51 @@ def hires_image_conditioning(system, latents: Tensor | None, *, weight: float, s
             return None, unclip_image_of_pixels(system, image, seed=seed, source=source)
         ones = torch.ones(1, 1, *image.shape[-2:])
         masked = inpaint.masked_image(image, ones, weight)
-        return system.inpainting_conditioning(masked, ones).float(), None
+        drawn = {} if generator is None else {"generator": generator}  # (the mean: as ever)
+        return system.inpainting_conditioning(masked, ones, **drawn).float(), None
+
+
+def _hires_conditioning_draws(system, second: dict, *, vae_encode: str, weighted: bool,
+                              pixel_generator: torch.Generator | None,
+                              batch: int) -> tuple[torch.Generator | None, dict]:
+    """Where ``--vae-encode sample`` draws the posterior sample of an inpainting model's hires conditioning when
+    :func:`sample_image` encodes it itself -> ``(generator, options)``: the generator to hand
+    :func:`hires_image_conditioning` (or the grey's encode; ``None``: the posterior mean, or the grey left to the
+    system's ``sample``) and what to add to the hires pass's ``generate`` options ``second`` (its ``height``,
+    ``width``, ``seed``, ``noise`` and ``generator``: the upscaled pixels' posterior generator, if any).
+
+    * sdadapt's noise, mask weight below 1 (``weighted``): the pass's generator (the pixels' or
+      ``torch.Generator().manual_seed(seed)``) draws the start noise (``batch``, C, h, w) at the cropped hires size,
+      then the conditioning's ε, then the sampler noise — diffusers' inpaint pipeline called on the upscaled image
+      (``prepare_latents``: the image's ε, ``randn_tensor``; ``prepare_mask_latents``: the masked image's ε), and the
+      draw order of the pass at weight 1, whose grey the system draws after the same start noise
+      (:meth:`sdadapt.diffusers_system.DiffusersSystem.sample`). Returned as ``start_noise`` and ``generator``.
+    * A1111's noise: the conditioning's ε follows the upscaled pixels' on their generator (``sample_hr_pass``:
+      ``images_tensor_to_samples``, then ``img2img_image_conditioning``, both from the global RNG), the grey's at
+      weight 1 too, whatever the crop; without pixels (a latent upscaler below weight 1)
+      :func:`sdadapt.img2img.init_generator` of the seed past one more draw — where the system draws that pass's
+      grey at weight 1 (``DiffusersSystem._conditioning_generator``). A1111's start noise stays its own.
+    """
+    from ..img2img import init_generator
+    from .generate_inpaint import _is_inpainting_model
+
+    if vae_encode != "sample" or getattr(system, "unclip", None) is not None or not _is_inpainting_model(system):
+        return None, {}
+    shape = (batch, *system.latent_shape(int(second["height"]), int(second["width"])))
+    seed = int(second.get("seed", 0))
+    if second.get("noise") is None:
+        if not weighted:  # (the grey: the system draws it after the start noise)
+            return None, {}
+        g = second.get("generator")
+        g = torch.Generator().manual_seed(seed) if g is None else g
+        return g, {"start_noise": torch.randn(shape, generator=g), "generator": g}
+    if pixel_generator is not None:
+        return pixel_generator, {}
+    if not weighted:
+        return None, {}
+    g = init_generator(seed, a1111_noise=True, shape=shape)
+    torch.randn(shape, generator=g)  # (the place of a pixel pass's ε: where the weight-1 grey is drawn)
+    return g, {}
 
 
 def sample_image(system, prompts: list[str], options: dict, *, init_latents: Tensor | None = None,
@@ -379,7 +425,17 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     ``vae_encode``: ``"sample"`` encodes the ``pixel-lanczos`` hires pass's upscaled pixels by a VAE posterior sample
     drawn from the seed's generator before that pass's start noise (:func:`seeded_encoding`; A1111's
     ``images_tensor_to_samples`` samples too); ``"mean"``: the posterior mean. A ``generator`` in ``options`` (the
-    first pass's, after its own posterior draw) is not the hires pass's: that pass draws from the seed afresh.
+    first pass's, after its own posterior draw) is not the hires pass's: that pass draws from the seed afresh. An
+    inpainting model's hires conditioning is sampled too: at mask weight 1 its grey by the system, through
+    ``options["vae_encode"]`` (``second = dict(options)`` carries it into the hires pass; drawn after that pass's
+    start noise, :meth:`sdadapt.diffusers_system.DiffusersSystem.sample`); below 1 the weighted upscaled image here
+    (:func:`hires_image_conditioning` with a generator), in the same place — with sdadapt's noise that pass's
+    generator (the pixels', else ``torch.Generator().manual_seed(seed)``) draws the start noise at the cropped size,
+    handed over as ``start_noise``, then the conditioning's ε, then the sampler noise (diffusers'
+    ``StableDiffusionInpaintPipeline`` on the upscaled image); with A1111's noise the conditioning's ε (the grey's at
+    weight 1 too) follows the pixels' on their generator, cropped pass or not (A1111: the pixels' encode, then
+    ``img2img_image_conditioning``, from its global RNG). :func:`_hires_conditioning_draws`; docs/samplers.md,
+    "Encoding the init image".
     ``options["before_model_call"]`` with a ``next_pass(sampler=)`` (:class:`.generate_lbw_steps.StepSwitchedLoRAs`)
     is told when the hires pass begins, and with which sampler (the step ranges' hires pass).
     ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` (``generate --refiner``): without ``hires``
@@ -413,23 +469,25 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     unclip_scope: AbstractContextManager = nullcontext()  # (the first pass's unCLIP image, if any, stays)
     seed, source = int(options.get("seed", 0)), getattr(options.get("noise"), "source", None)
     hires_generator = None  # (--vae-encode sample's, for the pixel hires pass: seeded_encoding)
-    conditioning = None  # (an inpainting model's c_concat for the hires pass; None: its txt2img grey)
+    pixel_generator = None  # (--vae-encode sample: the generator the upscaled pixels' ε came from, either noise)
+    weighted = None  # (mask weight < 1: what hires_image_conditioning makes the conditioning of, after the noise)
     if hires.upscaler in LATENT_UPSCALERS:
         start = upscale_latents(latents.float(), (up_h // factor, up_w // factor), upscaler=hires.upscaler)
         if inpainting_mask_weight < 1.0:  # (A1111: img2img_image_conditioning(decode_first_stage(samples), samples))
-            conditioning, unclip_image = hires_image_conditioning(loaded, start, weight=inpainting_mask_weight,
-                                                                  seed=seed, source=source)
-            if unclip_image is not None:
-                from ..unclip import unclip_image_scope
-
-                unclip_scope = unclip_image_scope(loaded, unclip_image)
+            weighted = {"latents": start}
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
         pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w)).to(latents.device)
         if vae_encode == "sample":  # (the seed's generator: the posterior sample, then this pass's start noise)
+            spent: list[torch.Generator] = []
+
+            def encode(g: torch.Generator) -> Tensor:
+                spent.append(g)
+                return loaded.encode_images(pixels, generator=g)
+
             start, hires_generator = seeded_encoding(
-                loaded, lambda g: loaded.encode_images(pixels, generator=g), seed=seed,
-                a1111_noise=options.get("noise") is not None,
+                loaded, encode, seed=seed, a1111_noise=options.get("noise") is not None,
                 latent_shape=(len(pixels), *loaded.latent_shape(up_h, up_w)))
+            pixel_generator = spent[0]
         else:
             with torch.no_grad():
                 start = loaded.encode_images(pixels).float()
@@ -438,11 +496,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
 
             unclip_scope = unclip_image_scope(loaded, hires_unclip_image(loaded, pixels, seed=seed, source=source))
         elif inpainting_mask_weight < 1.0:  # (an inpainting model: A1111 weighs its decoded_samples, in [0, 1])
-            conditioning, _ = hires_image_conditioning(loaded, None, weight=inpainting_mask_weight, seed=seed,
-                                                       source=source, pixels=(pixels.float() + 1.0) / 2.0)
+            weighted = {"latents": None, "pixels": (pixels.float() + 1.0) / 2.0}
     start = crop_hires_latents(start, upscale_to=(up_h, up_w), size=(height, width), factor=factor)
-    if conditioning is not None:  # (cut as the latents; A1111 leaves it uncut and fails on a crop)
-        conditioning = crop_hires_latents(conditioning, upscale_to=(up_h, up_w), size=(height, width), factor=factor)
     if tuple(start.shape[-2:]) != (height // factor, width // factor):
         raise ValueError(f"the hires pass's latents are {tuple(start.shape[-2:])} after the crop from "
                          f"{up_w}x{up_h}, not the {width}x{height} image's {(height // factor, width // factor)}: "
@@ -452,6 +507,27 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     second.pop("generator", None)  # (the first pass's, spent: the hires pass draws from the seed afresh)
     if hires_generator is not None:
         second["generator"] = hires_generator
+    conditioning = None  # (an inpainting model's c_concat for the hires pass; None: its txt2img grey, drawn in sample)
+    drawn, noise_options = _hires_conditioning_draws(loaded, second, vae_encode=vae_encode,
+                                                     weighted=weighted is not None, pixel_generator=pixel_generator,
+                                                     batch=len(start))
+    second.update(noise_options)
+    if weighted is not None:
+        conditioning, unclip_image = hires_image_conditioning(loaded, **weighted, weight=inpainting_mask_weight,
+                                                              seed=seed, source=source, generator=drawn)
+        if unclip_image is not None:
+            from ..unclip import unclip_image_scope
+
+            unclip_scope = unclip_image_scope(loaded, unclip_image)
+        if conditioning is not None:  # (cut as the latents; A1111 leaves it uncut and fails on a crop)
+            conditioning = crop_hires_latents(conditioning, upscale_to=(up_h, up_w), size=(height, width),
+                                              factor=factor)
+    elif drawn is not None:  # (A1111's noise, a pixel pass at weight 1: the grey's ε after the pixels' own)
+        from ..inpaint import txt2img_masked_image
+
+        with torch.no_grad():
+            conditioning = loaded.inpainting_conditioning(*txt2img_masked_image(len(start), height, width),
+                                                          generator=drawn).float()
     if took_over:  # (the refiner loaded: every call of the hires pass is its own)
         second["refiner"] = refiner.taken_over()
     elif refiner is not None and refiner_hires_pass in ("second", "both"):
