@@ -15,8 +15,9 @@
 #   lora.json, compiled.json, full.json   the benchmark results (benchmarks/train_step.py JSON)
 #   attention.json   SDPA backend timings (benchmarks/attention.py)
 #
-# GPU_CHECK_DRY=1 runs the same steps on a CPU with the tiny config, 2 steps per row and the
-# "eager" compile backend (about 3-4 minutes on 2 busy cores): the end-to-end rehearsal.
+# GPU_CHECK_DRY=1 runs the same steps on a CPU with the tiny config, 2 steps per row, batch 2 for 8,
+# one profiled step and the "eager" compile backend (a few minutes on 2 cores; limits doubled): the
+# end-to-end rehearsal (tests/test_gpu_rehearsal.py checks the lists and command lines in seconds).
 # `bash benchmarks/gpu_check.sh --download` (here, with network) fetches the wheels into .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,10 @@ fi
 
 DRY=${GPU_CHECK_DRY:-0}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu_check}
-BUDGET=${GPU_CHECK_BUDGET:-470}
+# the dry run's CPU rows take about as long as the GPU's, on 2 cores other work may share: each
+# step's limit and the budget doubled there
+SCALE=$([[ "$DRY" == 1 ]] && echo 2 || echo 1)
+BUDGET=${GPU_CHECK_BUDGET:-$((470 * SCALE))}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/summary.md
@@ -41,7 +45,7 @@ log() { echo "[gpu_check +${SECONDS}s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET - SECONDS)); }
 # step NAME SECONDS CMD...: run CMD under `timeout SECONDS` (cut to the budget left), output to the log
 step() {
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * SCALE))
     shift 2
     local remaining
     remaining=$(left)
@@ -70,10 +74,7 @@ if [[ "$DRY" != 1 ]]; then
         fi
     fi
 fi
-if [[ "$DRY" != 1 ]]; then  # (a dry run leaves the local environment alone)
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1 || log "note: pip install -e . failed; using PYTHONPATH=src"
-fi
-export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}  # (sdadapt from this tree, as in the dry run: no install)
 
 {
     echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)$([[ "$DRY" == 1 ]] && echo ' (GPU_CHECK_DRY=1: tiny config on CPU)')"
@@ -94,14 +95,18 @@ CORE_TESTS=(tests/test_train.py tests/test_fit_cuda_graph.py tests/test_captured
 MORE_TESTS=(tests/test_train_options.py tests/test_optim.py tests/test_host_syncs.py tests/test_optim_split.py
     tests/test_compile_graphs.py tests/test_max_norm.py tests/test_capture_new_inputs.py tests/test_lion.py tests/test_prodigy.py
     tests/test_adafactor_capturable.py tests/test_schedule_free.py tests/test_dadapt.py tests/test_fp8_base.py tests/test_compile_inductor.py
-    tests/test_a1111_noise.py)
+    tests/test_a1111_noise.py tests/test_optim_flat.py)
 step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
 
 # ------------------------------------------------------------------------------------ benchmarks
+# the dry run: the same rows and code paths, lighter (batch 2 for 8, one profiled step: a busy 2-core
+# CPU took 195 s to over 400 s for the LoRA rows at batch 8 with 3 profiled steps)
 if [[ "$DRY" == 1 ]]; then
     BENCH=(python3 benchmarks/train_step.py --config tiny --device cpu --steps 2 --warmup 1 --compile-backend eager)
+    LARGE=2 LORA_PROFILE=1 FULL_PROFILE=1
 else
     BENCH=(python3 benchmarks/train_step.py --config sd15 --steps 10 --warmup 3)
+    LARGE=8 LORA_PROFILE=3 FULL_PROFILE=2
 fi
 bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.json, table appended to the summary
     local name=$1 limit=$2
@@ -116,11 +121,12 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
 }
 # LoRA r16 on attention: recipe, UNet-only peft on cached latents, sdadapt eager (channels_last and not; per-adapter and
 # q/k/v down-projections batched: batch_shared_input_adapters) and CUDA-graph
-bench lora 200 --modes lora --batch 1 8 --variants reference peft-unet sdadapt sdadapt-nchw sdadapt-qkv sdadapt-captured --profile 3
+bench lora 200 --modes lora --batch 1 $LARGE --variants reference peft-unet sdadapt sdadapt-nchw sdadapt-qkv sdadapt-captured \
+    --profile $LORA_PROFILE
 # full fine-tune at batch 1: fp32 recipe, lean (int8 foreach), lean-fused (int8 in backward), fast (bf16),
 # lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True)
 bench full 180 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
-    sdadapt-lean-captured sdadapt-fast-captured --profile 2
+    sdadapt-lean-captured sdadapt-fast-captured --profile $FULL_PROFILE
 # which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~20 s
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"
@@ -128,7 +134,7 @@ if [[ -f "$OUT/attention.md" ]]; then { echo; echo "## attention (SDPA backends)
 step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
 # torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the slowest
 # rows, so last; the second compile mostly hits inductor's cache)
-bench compiled 170 --modes lora --batch 8 --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops
+bench compiled 170 --modes lora --batch $LARGE --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops
 
 log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 cat "$SUMMARY"

@@ -408,12 +408,20 @@ def profile_steps(step, device, steps: int) -> dict:
         sync(device)
         wall = time.perf_counter() - start
     averages = prof.key_averages()
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    busy_us = sum(getattr(e, key, 0.0) for e in averages) if device.type == "cuda" else None
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy_us = kernel_time_us(averages) if device.type == "cuda" else None
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return {"steps": steps, "wall_ms_per_step": wall / steps * 1e3,
             "device_busy_fraction": None if busy_us is None else busy_us / 1e6 / wall,
             "table": averages.table(sort_by=sort, row_limit=15, max_name_column_width=60)}
+
+
+def kernel_time_us(averages) -> float:
+    """µs the device spent in kernels: the self device time of the device's own events (the kernels,
+    memcpys). A CPU op's self device time is the time of the kernels it launched — counted again if
+    summed too (torch's table sums the same way: profiler_util._build_table)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in averages if e.device_type != DeviceType.CPU)
 
 
 def measure(mode, variants, models, device, mp_dtype, batch, args) -> dict[str, dict[str, float]]:

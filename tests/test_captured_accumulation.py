@@ -309,4 +309,4 @@ def test_cuda_captured_accumulation_matches_eager_steps(k):
     assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
     for p, q in zip(eager_params, graph_params):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
-    assert torch.equal(graph_params[-1], torch.ones(3, device="cuda"))
+    assert torch.equal(graph_params[0], torch.ones(3, device="cuda"))  # (unreached: the module's own parameter, first)

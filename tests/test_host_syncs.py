@@ -370,11 +370,13 @@ def test_cuda_train_step_and_captured_replays_make_no_host_sync():
     copy): LoRA on the toy through train_step (fused torch AdamW, EMA, pyramid noise, huber-snr loss)
     and through CapturedStep replays with sdadapt's capturable int8 AdamW (LR changed in between)."""
     torch.manual_seed(0)
-    system = build_toy(seed=1)
-    adaptation = METHODS["lora"].adapt(system, seed=1)
+    # (two copies of the same LoRA: train_step clears the gradients of its parameters, which a CapturedStep owns)
+    system, eager_system = build_toy(seed=1), build_toy(seed=1)
+    adaptation, eager_adaptation = METHODS["lora"].adapt(system, seed=1), METHODS["lora"].adapt(eager_system, seed=1)
     system.cuda()
-    params = adaptation.params
-    denoiser = system.denoiser()
+    eager_system.cuda()
+    params, eager_params = adaptation.params, eager_adaptation.params
+    denoiser, eager_denoiser = system.denoiser(), eager_system.denoiser()
     images, captions = concept_data("cross", 4, seed=0)
     latents, ids = system.encode_images(images.cuda()), system.tokenize(captions)
     ac = system.alphas_cumprod
@@ -382,18 +384,23 @@ def test_cuda_train_step_and_captured_replays_make_no_host_sync():
     def model(x, t, token_ids):
         return denoiser(x, t, system.condition(token_ids))
 
+    def eager_model(x, t, token_ids):
+        return eager_denoiser(x, t, eager_system.condition(token_ids))
+
     config = StepConfig(mixed_precision="bf16", min_snr_gamma=5.0, noise_offset=0.05, pyramid_noise_iterations=3,
                         loss="huber", huber_schedule="snr")
-    state = TrainState(seed=2, device="cuda", ema=EMA(params, decay=0.9))
+    state = TrainState(seed=2, device="cuda", ema=EMA(eager_params, decay=0.9))
+    captured_state = TrainState(seed=2, device="cuda", ema=EMA(params, decay=0.9))
     batch = {"latents": latents, "cond": ids}
-    fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    fused = torch.optim.AdamW(eager_params, lr=1e-3, fused=True)
     int8 = AdamW(params, lr=torch.tensor(1e-3, device="cuda"), state_dtype="int8", foreach=True, capturable=True)
     captured = CapturedStep(model, params=params, optimizer=int8, config=config, alphas_cumprod=ac, warmup_steps=1)
     rows = torch.tensor([0, 2, 1, 3])
 
     def steps():
-        train_step(model, batch, params=params, optimizer=fused, state=state, config=config, alphas_cumprod=ac)
-        captured({"latents": latents[copy_to_device(rows, "cuda")], "cond": ids}, state=state)
+        train_step(eager_model, batch, params=eager_params, optimizer=fused, state=state, config=config,
+                   alphas_cumprod=ac)
+        captured({"latents": latents[copy_to_device(rows, "cuda")], "cond": ids}, state=captured_state)
         captured.set_lr(5e-4)
 
     for _ in range(2):  # warm-up: optimiser states, lookup tables, the graph's capture, pinned memory
@@ -406,7 +413,7 @@ def test_cuda_train_step_and_captured_replays_make_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert captured.captured
-    assert torch.isfinite(torch.stack([p.float().norm() for p in params])).all()
+    assert torch.isfinite(torch.stack([p.float().norm() for p in [*params, *eager_params]])).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

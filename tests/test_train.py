@@ -448,21 +448,27 @@ def test_cuda_graph_step_matches_eager_steps(mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_step_has_no_host_sync():
-    """After warm-up neither train_step nor a graph replay makes the host wait for the GPU."""
+    """After warm-up neither train_step nor a graph replay makes the host wait for the GPU. (Two
+    copies of the LoRA: train_step's ``zero_grad(set_to_none=True)`` would drop the gradients the
+    captured step owns, which it refuses.)"""
     from sdadapt.training.step_capture import CapturedStep
 
-    torch.manual_seed(0)
-    model = ToyDenoiser().cuda()
-    handle = sdadapt.inject(model, by_type(nn.Conv2d, nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
-    params = list(handle.parameters())
+    def lora():
+        torch.manual_seed(0)
+        net = ToyDenoiser().cuda()
+        return net, list(sdadapt.inject(net, by_type(nn.Conv2d, nn.Linear),
+                                        sdadapt.LoRAConfig(rank=4, init="gaussian")).parameters())
+
+    (model, params), (graphed, graphed_params) = lora(), lora()
     latents, cond = (x.cuda() for x in _data(4))
     ac = _alphas().cuda()
     state = TrainState(seed=2, device="cuda")
     config = StepConfig(mixed_precision="bf16", min_snr_gamma=5.0, noise_offset=0.05)
     batch = {"latents": latents, "cond": cond}
     fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    capturable = torch.optim.AdamW(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True)
-    step = CapturedStep(model, params=params, optimizer=capturable, config=config, alphas_cumprod=ac, warmup_steps=1)
+    capturable = torch.optim.AdamW(graphed_params, lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    step = CapturedStep(graphed, params=graphed_params, optimizer=capturable, config=config, alphas_cumprod=ac,
+                        warmup_steps=1)
     for _ in range(2):  # warm-up: optimiser state, the graph's capture
         train_step(model, batch, params=params, optimizer=fused, state=state, config=config, alphas_cumprod=ac)
         step(batch, state=state)
