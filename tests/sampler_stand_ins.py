@@ -86,9 +86,15 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> 
 
 class KDiffusionDPMSolver:
     """k-diffusion 4601bf0 ``k_diffusion/sampling.py`` ``DPMSolver`` (``dpm_solver_fast``, ``dpm_solver_adaptive``,
-    ``PIDStepSizeController``) transcribed on Python floats (t = −log σ; float64 tensors in, float64 out).
+    ``PIDStepSizeController``; sampling.py:304-478) transcribed on 0-dim ``time_dtype`` times (t = −log σ).
 
-    ``eps_of(x, σ)``: the ε its ``eps`` returns, ``(x − model(x, σ))/σ`` (counted in :attr:`calls`);
+    ``time_dtype=torch.float32`` is k-diffusion as A1111 calls it: ``sample_dpm_fast`` / ``sample_dpm_adaptive``
+    (sampling.py:490, 502) start from ``t(torch.tensor(sigma))`` (float32), ``ts`` is a float32 ``linspace``
+    (:394), ``atol`` / ``rtol`` float32 tensors (:435-436), and every h, σ(t), coefficient is a float32 0-dim
+    tensor (expressions kept in k-diffusion's order, so the rounding is its); pass ``t_start`` / ``t_end`` from
+    :meth:`t_of` of the float32 σ. ``torch.float64`` (the default): the same in float64, a precise reference.
+
+    ``eps_of(x, σ)``: the ε its ``eps`` returns, ``(x − model(x, σ))/σ`` (σ a float; counted in :attr:`calls`);
     ``noise(like)``: its ``noise_sampler``, unit noise of ``like``'s shape (drawn after every fast step and
     every accepted adaptive step, η = 0 too); ``info_callback(d)``: its ``info_callback``, with ``d["i"]`` only
     (after the step's first ε in ``fast``, after every try in ``adaptive``).
@@ -96,58 +102,71 @@ class KDiffusionDPMSolver:
 
     def __init__(self, eps_of: Callable[[torch.Tensor, float], torch.Tensor],
                  noise: Callable[[torch.Tensor], torch.Tensor | float],
-                 info_callback: Callable[[dict], None] | None = None):
+                 info_callback: Callable[[dict], None] | None = None, *, time_dtype: torch.dtype = torch.float64):
         self.eps_of, self.noise, self.info_callback, self.calls = eps_of, noise, info_callback, 0
+        self.time_dtype = time_dtype
 
     @staticmethod
-    def sigma(t: float) -> float:
-        return math.exp(-t)
+    def sigma(t: torch.Tensor) -> torch.Tensor:
+        return t.neg().exp()
 
-    def eps(self, cache: dict, key: str, x: torch.Tensor, t: float) -> tuple[torch.Tensor, dict]:
+    def t_of(self, sigma: float) -> torch.Tensor:
+        """``DPMSolver.t(torch.tensor(sigma))``: what ``sample_dpm_*`` hand the solver (in ``time_dtype``)."""
+        return -torch.tensor(sigma, dtype=self.time_dtype).log()
+
+    def _time(self, t) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=self.time_dtype)
+
+    def eps(self, cache: dict, key: str, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict]:
         if key in cache:
             return cache[key], cache
         self.calls += 1
-        eps = self.eps_of(x, self.sigma(t))
+        eps = self.eps_of(x, float(self.sigma(t)))
         return eps, {key: eps, **cache}
 
     def step_1(self, x, t, t_next, cache):
+        h = t_next - t
         eps, cache = self.eps(cache, "eps", x, t)
-        return x - self.sigma(t_next) * math.expm1(t_next - t) * eps, cache
+        return x - self.sigma(t_next) * h.expm1() * eps, cache
 
     def step_2(self, x, t, t_next, r1=1 / 2, cache=None):
         h = t_next - t
         eps, cache = self.eps(cache, "eps", x, t)
         s1 = t + r1 * h
-        u1 = x - self.sigma(s1) * math.expm1(r1 * h) * eps
+        u1 = x - self.sigma(s1) * (r1 * h).expm1() * eps
         eps_r1, cache = self.eps(cache, "eps_r1", u1, s1)
-        return (x - self.sigma(t_next) * math.expm1(h) * eps
-                - self.sigma(t_next) / (2 * r1) * math.expm1(h) * (eps_r1 - eps)), cache
+        return (x - self.sigma(t_next) * h.expm1() * eps
+                - self.sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)), cache
 
     def step_3(self, x, t, t_next, cache, r1=1 / 3, r2=2 / 3):
         h = t_next - t
         eps, cache = self.eps(cache, "eps", x, t)
         s1, s2 = t + r1 * h, t + r2 * h
-        u1 = x - self.sigma(s1) * math.expm1(r1 * h) * eps
+        u1 = x - self.sigma(s1) * (r1 * h).expm1() * eps
         eps_r1, cache = self.eps(cache, "eps_r1", u1, s1)
-        u2 = (x - self.sigma(s2) * math.expm1(r2 * h) * eps
-              - self.sigma(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps_r1 - eps))
+        u2 = (x - self.sigma(s2) * (r2 * h).expm1() * eps
+              - self.sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
         eps_r2, cache = self.eps(cache, "eps_r2", u2, s2)
-        return (x - self.sigma(t_next) * math.expm1(h) * eps
-                - self.sigma(t_next) / r2 * (math.expm1(h) / h - 1) * (eps_r2 - eps)), cache
+        return (x - self.sigma(t_next) * h.expm1() * eps
+                - self.sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)), cache
+
+    def _ancestral(self, t, t_next, t_end, eta):
+        """(t_next_, su) of sampling.py:404-409 / 446-451."""
+        if not eta:
+            return t_next, 0.0
+        sd, _ = get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
+        t_next_ = torch.minimum(t_end, -sd.log())
+        return t_next_, (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2) ** 0.5
 
     def fast(self, x, t_start, t_end, nfe, eta=0.0, s_noise=1.0):
+        t_start, t_end = self._time(t_start), self._time(t_end)
         m = math.floor(nfe / 3) + 1
-        ts = torch.linspace(t_start, t_end, m + 1, dtype=torch.float64).tolist()
+        ts = torch.linspace(float(t_start), float(t_end), m + 1, dtype=self.time_dtype)
         orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
         for i in range(len(orders)):
             cache: dict = {}
             t, t_next = ts[i], ts[i + 1]
-            if eta:
-                sd, su = get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
-                t_next_ = min(t_end, -math.log(sd))
-                su = (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2) ** 0.5
-            else:
-                t_next_, su = t_next, 0.0
+            t_next_, su = self._ancestral(t, t_next, t_end, eta)
             _, cache = self.eps(cache, "eps", x, t)  # (k-diffusion's denoised for the info callback; cached)
             if self.info_callback is not None:
                 self.info_callback({"i": i})
@@ -162,6 +181,8 @@ class KDiffusionDPMSolver:
 
     def adaptive(self, x, t_start, t_end, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0,
                  dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0):
+        t_start, t_end = self._time(t_start), self._time(t_end)
+        atol, rtol = torch.tensor(atol, dtype=self.time_dtype), torch.tensor(rtol, dtype=self.time_dtype)
         pid_order = 1.5 if eta else order
         h = h_init
         b1, b2, b3 = (pcoeff + icoeff + dcoeff) / pid_order, -(pcoeff + 2 * dcoeff) / pid_order, dcoeff / pid_order
@@ -170,13 +191,8 @@ class KDiffusionDPMSolver:
         info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
         while s < t_end - 1e-5:
             cache: dict = {}
-            t = min(t_end, s + h)
-            if eta:
-                sd, su = get_ancestral_step(self.sigma(s), self.sigma(t), eta)
-                t_ = min(t_end, -math.log(sd))
-                su = (self.sigma(t) ** 2 - self.sigma(t_) ** 2) ** 0.5
-            else:
-                t_, su = t, 0.0
+            t = torch.minimum(t_end, s + h)
+            t_, su = self._ancestral(s, t, t_end, eta)
             _, cache = self.eps(cache, "eps", x, s)
             if order == 2:
                 x_low, cache = self.step_1(x, s, t_, cache)
@@ -184,7 +200,7 @@ class KDiffusionDPMSolver:
             else:
                 x_low, cache = self.step_2(x, s, t_, r1=1 / 3, cache=cache)
                 x_high, cache = self.step_3(x, s, t_, cache)
-            delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+            delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
             error = float(torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5)
             inv = 1 / (error + 1e-8)  # (PIDStepSizeController.propose_step)
             if not errs:
@@ -207,6 +223,7 @@ class KDiffusionDPMSolver:
             if self.info_callback is not None:
                 self.info_callback({"i": info["steps"] - 1})
         return x, info
+
 
 def assert_guidance_is_the_guided_model(sampler: str, direct, *, alphas_cumprod: torch.Tensor, karras: bool,
                                         num_steps: int = 6) -> None:

@@ -1,6 +1,7 @@
 """``dpm_fast`` and ``dpm_adaptive`` (A1111's "DPM fast" / "DPM adaptive", k-diffusion's ``sample_dpm_fast`` /
-``sample_dpm_adaptive``; no diffusers class): against a float64 transcription of k-diffusion's ``DPMSolver``
-class (``sampler_stand_ins.KDiffusionDPMSolver``, same noise), convergence on a Gaussian model whose ODE solution is known, the model-call
+``sample_dpm_adaptive``; no diffusers class): on float64 latents (sdadapt's float64 precise mode) against
+``sampler_stand_ins.KDiffusionDPMSolver`` in float64 (same noise; float32 latents against k-diffusion's float32
+times: test_dpm_adaptive_float32.py), convergence on a Gaussian model whose ODE solution is known, the model-call
 counts, and the registry / labels / refusals."""
 
 from __future__ import annotations

@@ -24,6 +24,15 @@ With ``eta`` > 0 each step aims at σ_down of the ancestral split σ(t) → σ(t
 ``s_noise·√(σ(t')² − σ_down²)·z``; k-diffusion's ``randn_like`` draws z after every fast step (η = 0 too: the
 noise is then multiplied by 0) and after every accepted adaptive step: here from ``generator``, in that
 order. A1111 runs both with its "Eta for ancestral samplers" (1 by default); k-diffusion's default is 0.
+
+**Dtypes.** On float32 (and half) latents everything runs as A1111 runs k-diffusion 4601bf0, bit for bit: the σ
+table is A1111's float32 one (``((1 − ᾱ)/ᾱ)**0.5`` of float32 ᾱ, on the latents' device), t_start / t_end are
+``−log`` of its ends as float32 0-dim tensors (``t(torch.tensor(sigma))``), the fast grid a float32 ``linspace``,
+every h, σ(t) and coefficient a float32 0-dim tensor in k-diffusion's order of operations, ``atol`` / ``rtol``
+float32 tensors, and the model sees ``x·c_in`` at the timesteps of the denoiser's float32 ``sigma_to_t``. The
+adaptive controller turns any rounding difference into other steps (with float64 times and σ, 5 of 8 SD test
+cases took other tries than k-diffusion's: 190 for 184, 125 for 151, ...). Float64 latents keep all of it in
+float64 (a precise mode; k-diffusion's times stay float32 there).
 """
 
 from __future__ import annotations
@@ -36,14 +45,12 @@ import torch
 from torch import Tensor
 
 from .sigma_space import (
+    ZERO_SNR_ALPHA_CUMPROD,
     ancestral_step,
     check_prediction_type,
     denoised,
-    model_input,
-    sigma_to_t,
     step_noise,
-    timestep_batch,
-    training_sigmas,
+    t_to_sigma,
     work_dtype,
 )
 from .signatures import Denoise, StepCallback
@@ -65,64 +72,131 @@ def dpm_fast_orders(nfe: int) -> list[int]:
     return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
 
 
-class _Solver:
-    """k-diffusion's ``DPMSolver`` on a (guided) ``model(x_in, t)``: ε at (x, t = −log σ), the three step rules."""
+def _a1111_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(T,) on ``device`` in ``dtype``: the σ A1111's ``CompVisDenoiser`` holds, ``((1 − ᾱ)/ᾱ)**0.5`` computed in
+    ``dtype`` from ᾱ in ``dtype`` (k_diffusion/external.py:94 at 4601bf0; LDM keeps ᾱ as a float32 buffer on the
+    model's device: float32 is A1111's). σ_min = σ[0] and σ_max = σ[−1] are what ``KDiffusionSampler.sample``
+    hands ``sample_dpm_fast`` / ``_adaptive``. A zero last ᾱ reads as :func:`~.sigma_space.training_sigmas`
+    reads it."""
+    ac = alphas_cumprod.detach().to(device=device, dtype=dtype)
+    if float(ac[-1]) == 0.0:
+        ac = torch.cat([ac[:-1], ac.new_full((1,), ZERO_SNR_ALPHA_CUMPROD)])
+    return ((1 - ac) / ac) ** 0.5
 
-    def __init__(self, model: Denoise, alphas_cumprod: Tensor, prediction_type: str, dtype: torch.dtype):
-        self.model, self.prediction_type, self.dtype = model, prediction_type, dtype
-        self.train = training_sigmas(alphas_cumprod)
+
+def _model_timesteps(sigma: Tensor, log_sigmas: Tensor) -> Tensor:
+    """k-diffusion's ``DiscreteSchedule.sigma_to_t`` (external.py:65-77 at 4601bf0, unquantized) in the dtype of
+    ``sigma`` (B,) against the table ``log_sigmas`` (T,): fractional timesteps (B,), linear in log σ.
+    (:func:`~.sigma_space.sigma_to_t` is this in float64 only.)"""
+    log_sigma = sigma.log()
+    dists = log_sigma - log_sigmas[:, None]
+    low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+    return (1 - w) * low_idx + w * high_idx
+
+
+def _a1111_denoised(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """x̂0 (B,C,H,W) of the model output ``out`` at the σ-scaled ``x``, rounded as A1111's wrappers round it
+    (σ (B,1,1,1) in x's dtype): ``CompVisVDenoiser`` ``out·c_out + x·c_skip`` with ``c_skip = 1/(σ² + 1)``,
+    ``c_out = −σ/(σ² + 1)**0.5`` (k_diffusion/external.py:149-167 at 4601bf0); ε (``CompVisDenoiser``,
+    ``x + out·(−σ)``) and sample predictions: :func:`~.sigma_space.denoised` (the same bits)."""
+    if prediction_type == "v_prediction":
+        return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x * (1 / (sigma ** 2 + 1))
+    return denoised(out, x, sigma, prediction_type)
+
+
+class _Solver:
+    """k-diffusion's ``DPMSolver`` on a (guided) ``model(x_in, t)`` as A1111 wraps it: ε at (x, t = −log σ) and
+    the three step rules, written as k-diffusion writes them (sampling.py:343-386) on 0-dim times ``t`` in
+    ``time_dtype``: each coefficient is computed as a 0-dim tensor, then multiplied into the latents."""
+
+    def __init__(self, model: Denoise, alphas_cumprod: Tensor, prediction_type: str, x_T: Tensor):
+        self.model, self.prediction_type, self.dtype = model, prediction_type, x_T.dtype
+        #: times, σ table, coefficients, atol / rtol: float32 for float32 (and half) latents, as k-diffusion holds
+        #: them whatever the latents (``t(torch.tensor(sigma))``, sampling.py:490, 502); float64 latents keep them
+        #: in float64, a precise mode k-diffusion has not
+        self.time_dtype = work_dtype(x_T)
+        #: (T,) A1111's σ table and its log, on the latents' device (A1111's model_wrap buffers)
+        self.sigmas = _a1111_sigmas(alphas_cumprod, self.time_dtype, x_T.device)
+        self.log_sigmas = self.sigmas.log()
         self.calls = 0
 
-    def eps(self, x: Tensor, t: float) -> Tensor:
-        sigma = math.exp(-t)
-        step = float(sigma_to_t(torch.tensor([sigma], dtype=torch.float64), self.train)[0])
-        out = self.model(model_input(x, sigma, self.dtype), timestep_batch(step, x))
+    @staticmethod
+    def sigma(t: Tensor) -> Tensor:
+        return t.neg().exp()
+
+    @staticmethod
+    def t(sigma: Tensor) -> Tensor:
+        return -sigma.log()
+
+    def model_steps(self, sigma: Tensor) -> Tensor:
+        """The model's float32 timesteps (B,) at noise levels ``sigma`` (B,) (A1111: the denoiser's ``sigma_to_t``)."""
+        return _model_timesteps(sigma, self.log_sigmas.to(sigma.device)).float()
+
+    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+        """``DPMSolver.eps`` on A1111's ``CompVisDenoiser`` / ``CompVisVDenoiser`` (external.py:90-110, 141-167):
+        σ (B,) in x's dtype, the model at ``x·c_in``, ``c_in = 1/(σ² + 1)**0.5``, timesteps of σ against the σ table,
+        then ``(x − x̂0)/σ(t)`` (B,C,H,W) (:func:`_a1111_denoised`)."""
+        sigma = self.sigma(t) * x.new_ones([x.shape[0]])
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        out = self.model((x * (1 / (s ** 2 + 1) ** 0.5)).to(self.dtype), self.model_steps(sigma))
         self.calls += 1
-        return (x - denoised(out, x, sigma, self.prediction_type)) / sigma
+        return (x - _a1111_denoised(out, x, s, self.prediction_type)) / self.sigma(t)
 
-    def step_1(self, x: Tensor, t: float, t_next: float, eps: Tensor) -> Tensor:
-        return x - (math.exp(-t_next) * math.expm1(t_next - t)) * eps
+    def step_1(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor) -> Tensor:
+        h = t_next - t
+        return x - self.sigma(t_next) * h.expm1() * eps
 
-    def step_2(self, x: Tensor, t: float, t_next: float, eps: Tensor, r1: float = 0.5,
+    def step_2(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, r1: float = 0.5,
                cache: dict | None = None) -> Tensor:
         h = t_next - t
         s1 = t + r1 * h
-        eps_r1 = self._eps_r1(x, t, s1, r1 * h, eps, cache)
-        sig_next = math.exp(-t_next)
-        return x - (sig_next * math.expm1(h)) * eps - (sig_next / (2 * r1) * math.expm1(h)) * (eps_r1 - eps)
+        eps_r1 = self._eps_r1(x, s1, r1 * h, eps, cache)
+        return (x - self.sigma(t_next) * h.expm1() * eps
+                - self.sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps))
 
-    def step_3(self, x: Tensor, t: float, t_next: float, eps: Tensor, cache: dict | None = None) -> Tensor:
+    def step_3(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, cache: dict | None = None) -> Tensor:
         r1, r2 = 1 / 3, 2 / 3
         h = t_next - t
         s1, s2 = t + r1 * h, t + r2 * h
-        eps_r1 = self._eps_r1(x, t, s1, r1 * h, eps, cache)
-        u2 = (x - (math.exp(-s2) * math.expm1(r2 * h)) * eps
-              - (math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)) * (eps_r1 - eps))
+        eps_r1 = self._eps_r1(x, s1, r1 * h, eps, cache)
+        u2 = (x - self.sigma(s2) * (r2 * h).expm1() * eps
+              - self.sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
         eps_r2 = self.eps(u2, s2)
-        sig_next = math.exp(-t_next)
-        return x - (sig_next * math.expm1(h)) * eps - (sig_next / r2 * (math.expm1(h) / h - 1)) * (eps_r2 - eps)
+        return (x - self.sigma(t_next) * h.expm1() * eps
+                - self.sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps))
 
-    def _eps_r1(self, x: Tensor, t: float, s1: float, r1h: float, eps: Tensor, cache: dict | None) -> Tensor:
+    def _eps_r1(self, x: Tensor, s1: Tensor, r1h: Tensor, eps: Tensor, cache: dict | None) -> Tensor:
         """ε at ``u₁ = x − σ(s₁)(e^(r₁h) − 1)·ε``; k-diffusion's ``eps_cache['eps_r1']`` reuses it within a step
         (the adaptive order-3 try: its order-2 step with r₁ = ⅓ and its order-3 step share it)."""
         if cache is not None and "eps_r1" in cache:
             return cache["eps_r1"]
-        eps_r1 = self.eps(x - (math.exp(-s1) * math.expm1(r1h)) * eps, s1)
+        eps_r1 = self.eps(x - self.sigma(s1) * r1h.expm1() * eps, s1)
         if cache is not None:
             cache["eps_r1"] = eps_r1
         return eps_r1
 
+    def callback_steps(self, t: Tensor, x: Tensor) -> Tensor:
+        """The model timesteps (B,) of σ(t) on x's device (what the step callbacks get)."""
+        return self.model_steps(self.sigma(t).reshape(1)).expand(x.shape[0]).to(x.device)
 
-def _ends(solver: _Solver, sampler: str, eta: float, s_noise: float) -> tuple[float, float]:
+
+def _ends(solver: _Solver, sampler: str, eta: float, s_noise: float) -> tuple[Tensor, Tensor]:
+    """``(t_start, t_end)`` 0-dim CPU: ``t(torch.tensor(σ))`` of A1111's σ_max and σ_min (``.item()`` of
+    :func:`_a1111_sigmas`' ends; k_diffusion/sampling.py:490, 502), in the time dtype."""
     if eta < 0 or s_noise < 0:
         raise ValueError(f"{sampler}: eta and s_noise must be >= 0, got eta={eta}, s_noise={s_noise}")
-    return -math.log(float(solver.train[-1])), -math.log(float(solver.train[0]))  # t of σ_max, of σ_min
+    ends = solver.t(solver.sigmas[[-1, 0]].cpu())
+    return ends[0], ends[1]
 
 
 def _img2img_ends(solver: _Solver, start: Img2ImgStart, num_steps: int, x_T: Tensor, *, sampler: str,
-                  eta: float) -> tuple[float, float, int, Tensor]:
+                  eta: float) -> tuple[Tensor, Tensor, int, Tensor]:
     """A1111's ``sample_img2img`` for DPM fast / adaptive: ``sigma_sched`` = its uniform grid of ``num_steps``
-    (``model_wrap.get_sigmas``, A1111's grid for both) from ``start``'s index on; ``(t_start, t_end, n, x)`` with
+    (``model_wrap.get_sigmas``, A1111's grid for both, computed in the time dtype as A1111 does in float32:
+    k_diffusion/external.py:59-63, 79-83) from ``start``'s index on; ``(t_start, t_end, n, x)`` with
     ``σ_max = sigma_sched[0]``, ``σ_min = sigma_sched[−2]`` (the last σ is 0), ``n = len(sigma_sched) − 1`` model
     calls (DPM fast) and ``x = init + x_T·σ_max`` (B,C,H,W) in the work dtype.
 
@@ -135,28 +209,29 @@ def _img2img_ends(solver: _Solver, start: Img2ImgStart, num_steps: int, x_T: Ten
         ValueError: ``t_enc = 0`` with ``eta > 0``, as k-diffusion (naming the strength that runs a step).
     """
     from ..img2img import start_index
-    from .schedules import schedule_sigmas
 
-    grid = schedule_sigmas("uniform", int(num_steps), solver.train).tolist()
-    sched = grid[start_index(start, len(grid) - 1, rule="a1111"):]
-    if len(sched) == 2 and eta:
+    ts = torch.linspace(solver.sigmas.shape[0] - 1, 0, int(num_steps), dtype=solver.time_dtype,
+                        device=solver.sigmas.device)
+    grid = t_to_sigma(ts, solver.sigmas)  # (without the appended 0; on the device, as A1111's)
+    sched = grid[start_index(start, len(grid), rule="a1111"):]
+    if len(sched) == 1 and eta:
         raise ValueError(f"{sampler}: img2img runs no step of this {num_steps}-step grid (t_enc = 0: a denoising "
                          f"strength below 1/{num_steps}, or a single fixed step); A1111 hands k-diffusion σ_min = "
                          "σ_max, which it refuses with eta > 0 ('eta must be 0 for reverse sampling'): raise the "
                          "strength or the steps (--steps, --img2img-steps, --hires-steps), choose another sampler, "
                          "or pass eta=0 from Python")
-    x = start.noised(x_T, sched[0])
-    return -math.log(sched[0]), -math.log(sched[-2]), len(sched) - 1, x
+    x = start.noised(x_T, float(sched[0]))
+    return solver.t(sched[0]), solver.t(sched[-1]), len(sched), x
 
 
-def _ancestral_target(t: float, t_next: float, t_end: float, eta: float) -> tuple[float, float]:
+def _ancestral_target(t: Tensor, t_next: Tensor, t_end: Tensor, eta: float) -> tuple[Tensor, Tensor | float]:
     """``(t', σ_up)``: k-diffusion's ``sd, su = get_ancestral_step(σ(t), σ(t_next), η)``, ``t' = min(t_end, t(sd))``,
-    ``su = √(σ(t_next)² − σ(t')²)``; η = 0: ``(t_next, 0)``."""
+    ``su = √(σ(t_next)² − σ(t')²)`` on the 0-dim times (sampling.py:404-409, 446-451); η = 0: ``(t_next, 0)``."""
     if not eta:
         return t_next, 0.0
-    down, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
-    target = min(t_end, -math.log(down)) if down > 0 else t_end
-    return target, max(math.exp(-2 * t_next) - math.exp(-2 * target), 0.0) ** 0.5
+    down, _ = ancestral_step(_Solver.sigma(t), _Solver.sigma(t_next), eta)
+    target = torch.minimum(t_end, _Solver.t(torch.as_tensor(down, dtype=t.dtype)))  # (σ_down = 0: t_end)
+    return target, (_Solver.sigma(t_next) ** 2 - _Solver.sigma(target) ** 2) ** 0.5
 
 
 def dpm_fast_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
@@ -179,14 +254,15 @@ def dpm_fast_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
     check_prediction_type("dpm_fast", prediction_type)
     if int(num_steps) < 1:
         raise ValueError(f"dpm_fast: num_steps (model calls) must be >= 1, got {num_steps}")
-    solver = _Solver(model, alphas_cumprod, prediction_type, x_T.dtype)
+    solver = _Solver(model, alphas_cumprod, prediction_type, x_T)
     t_start, t_end = _ends(solver, "dpm_fast", eta, s_noise)
     nfe = int(num_steps)
-    x = x_T.to(work_dtype(x_T)) * math.exp(-t_start)
+    x = x_T.to(work_dtype(x_T)) * float(solver.log_sigmas[-1].exp())  # (A1111: x·get_sigmas(n)[0] = e^(log σ_max))
     if start is not None:  # img2img (sdadapt.img2img): A1111's sigma_sched ends and n
         t_start, t_end, nfe, x = _img2img_ends(solver, start, num_steps, x_T, sampler="dpm_fast", eta=eta)
     orders = dpm_fast_orders(nfe)
-    ts = torch.linspace(t_start, t_end, len(orders) + 1, dtype=torch.float64).tolist()
+    ts = torch.linspace(float(t_start), float(t_end), len(orders) + 1, dtype=solver.time_dtype,
+                        device=x.device)  # (sampling.py:394)
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
         target, up = _ancestral_target(t, t_next, t_end, eta)
@@ -197,9 +273,9 @@ def dpm_fast_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
             x = solver.step_2(x, t, target, eps)
         else:
             x = solver.step_3(x, t, target, eps)
-        x = x + step_noise(x, generator, x_T.dtype) * (up * s_noise)  # drawn every step, as k-diffusion's
+        x = x + up * s_noise * step_noise(x, generator, x_T.dtype)  # drawn every step, as k-diffusion's
         if callback is not None:
-            callback(i, timestep_batch(float(sigma_to_t(torch.tensor([math.exp(-t)]), solver.train)[0]), x), x)
+            callback(i, solver.callback_steps(t, x), x)
     return x.to(x_T.dtype)
 
 
@@ -261,9 +337,9 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
         raise ValueError(f"dpm_adaptive: order must be 2 or 3, got {order}")
     if rtol < 0 or atol < 0 or h_init == 0:
         raise ValueError(f"dpm_adaptive: rtol and atol must be >= 0 and h_init non-zero, got {rtol}, {atol}, {h_init}")
-    solver = _Solver(model, alphas_cumprod, prediction_type, x_T.dtype)
+    solver = _Solver(model, alphas_cumprod, prediction_type, x_T)
     t_start, t_end = _ends(solver, "dpm_adaptive", eta, s_noise)
-    x = x_T.to(work_dtype(x_T)) * math.exp(-t_start)
+    x = x_T.to(work_dtype(x_T)) * float(solver.log_sigmas[-1].exp())  # (A1111: x·get_sigmas(n)[0] = e^(log σ_max))
     if start is not None:  # img2img (sdadapt.img2img): A1111's sigma_sched ends
         if num_steps is None or int(num_steps) < 1:
             raise ValueError("dpm_adaptive: img2img needs num_steps (the grid A1111's rule cuts), got "
@@ -273,12 +349,13 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
     x_prev = x
     pid = _PIDController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     stats = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+    atol_t, rtol_t = (torch.tensor(v, dtype=solver.time_dtype, device=x.device) for v in (atol, rtol))  # (:435)
     s = t_start
     while s < t_end - 1e-5:
         if stats["steps"] >= max_tries:
-            raise RuntimeError(f"dpm_adaptive: {max_tries} tries did not reach σ_min (at σ = {math.exp(-s):.4g}); "
-                               "raise rtol/atol")
-        t = min(t_end, s + pid.h)
+            raise RuntimeError(f"dpm_adaptive: {max_tries} tries did not reach σ_min (at σ = "
+                               f"{float(solver.sigma(s)):.4g}); raise rtol/atol")
+        t = torch.minimum(t_end, s + pid.h)
         target, up = _ancestral_target(s, t, t_end, eta)
         cache: dict = {}
         eps = solver.eps(x, s)
@@ -288,17 +365,16 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
         else:
             x_low = solver.step_2(x, s, target, eps, r1=1 / 3, cache=cache)
             x_high = solver.step_3(x, s, target, eps, cache=cache)
-        delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
         error = float(torch.linalg.vector_norm((x_low - x_high).detach() / delta.detach()) / x.numel() ** 0.5)
         if not math.isfinite(error):
-            raise RuntimeError(f"dpm_adaptive: the error estimate is {error} at σ = {math.exp(-s):.4g} "
+            raise RuntimeError(f"dpm_adaptive: the error estimate is {error} at σ = {float(solver.sigma(s)):.4g} "
                                "(a non-finite model output?)")
         if pid.propose_step(error):
             x_prev = x_low
-            x = x_high + step_noise(x_high, generator, x_T.dtype) * (up * s_noise)
+            x = x_high + up * s_noise * step_noise(x_high, generator, x_T.dtype)
             if callback is not None:
-                step = float(sigma_to_t(torch.tensor([math.exp(-s)]), solver.train)[0])
-                callback(stats["n_accept"], timestep_batch(step, x), x)
+                callback(stats["n_accept"], solver.callback_steps(s, x), x)
             s = t
             stats["n_accept"] += 1
         else:
