@@ -91,7 +91,7 @@ def test_files_are_kohyas_and_read_back_to_the_same_bits(system, tmp_path):
     records = {r.path.name: r for r in first.records}
     for name, (h, w) in zip(("img0", "img1"), SIZES):
         with np.load(folder / f"{name}_{w:04d}x{h:04d}_sd.npz", allow_pickle=False) as npz:
-            assert set(npz.files) == {"latents", "original_size", "crop_ltrb", "latents_flipped"}
+            assert set(npz.files) == {"latents", "original_size", "crop_ltrb", "latents_flipped", "sdadapt"}
             assert npz["latents"].dtype == np.float32 and npz["latents"].shape == system.latent_shape(32, 32)  # (C, 32/f, 32/f)
             assert npz["original_size"].tolist() == [w, h]
             assert npz["crop_ltrb"].tolist() == list(_kohya_crop_ltrb((32, 32), (w, h)))

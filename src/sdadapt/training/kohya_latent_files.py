@@ -26,7 +26,19 @@ What kohya does (sd-scripts, ``library/strategy_sd.py`` ``SdSdxlLatentsCachingSt
   case), saying so in the run's report.
 
 sdadapt writes the posterior *mean* (kohya writes a posterior *sample*, ``latent_dist.sample()``); both are
-``(C, H/8, W/8)`` float32 unscaled latents that either tool reads. Files are written atomically (a
+``(C, H/8, W/8)`` float32 unscaled latents that either tool reads.
+
+The VAE that made them: sdadapt adds one key of its own, ``sdadapt`` (a JSON string), which kohya ignores — its
+reader and its check take the keys they need by name (sd-scripts@48d368fa library/strategy_base.py:460-467 and
+586-595) and its writer keeps the keys already in a file (598-639, ``for key in npz.files``). The record holds a
+fingerprint of the VAE's encoder (:func:`~sdadapt.training.model_fingerprint.module_fingerprint` of ``vae.encoder``
+and ``vae.quant_conv``: another ``--vae`` or checkpoint, or another dtype, gives another; a VAE whose decoder
+alone was fine-tuned, as ``sd-vae-ft-mse``, encodes the same latents and gives the same) and a digest of the
+``latents`` array it vouches for, so that a file kohya rewrote (its writer carries the record over to latents of
+its own VAE) counts as kohya's. A file whose record names another VAE is encoded again and rewritten, named in
+the run's report; a file without a valid record (kohya's, an older sdadapt's) is used as kohya uses it and counted
+in the report: delete those files after changing ``--vae``. A change of the VAE's weights only at positions the
+fingerprint does not sample is not seen (:mod:`~sdadapt.training.model_fingerprint`). Files are written atomically (a
 temporary file renamed into place, :func:`sdadapt.formats.files.atomic_write`) and read with
 ``numpy.load(..., allow_pickle=False)``. sdadapt's loss masks (``alpha_mask`` / ``masked_loss``) are read
 from the image files at each run (no VAE involved): a file's ``alpha_mask`` is neither needed nor written.
@@ -43,9 +55,11 @@ folder, a class image that is also a training image) is one file, as in kohya, w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import zipfile
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,11 +70,13 @@ from torch import Tensor, nn
 from ..formats.files import atomic_write
 from .data import ImageRecord, _load
 from .data_parallel import DataParallel
+from .model_fingerprint import module_fingerprint
 
 __all__ = ["KohyaLatentFiles", "claim_files", "crop_ltrb", "npz_path_for", "read_npz_latents", "write_npz_latents"]
 
 #: kohya's SdSdxlLatentsCachingStrategy suffixes (library/strategy_sd.py)
 _SD_SUFFIX, _SDXL_SUFFIX, _OLD_SUFFIX = "_sd.npz", "_sdxl.npz", ".npz"
+_OWN_KEY = "sdadapt"
 
 
 def npz_path_for(image: str | os.PathLike, *, size: tuple[int, int], sdxl: bool = False) -> Path:
@@ -122,11 +138,26 @@ def crop_ltrb(bucket: tuple[int, int], size: tuple[int, int]) -> tuple[float, fl
     return left, top, left + width, top + height
 
 
-def read_npz_latents(path: str | os.PathLike, *, shape: tuple[int, ...], flip: bool) -> tuple[Tensor, Tensor | None] | str:
+def read_npz_latents(path: str | os.PathLike, *, shape: tuple[int, ...], flip: bool,
+                     made_by: Mapping[str, str] | None = None) -> tuple[Tensor, Tensor | None] | str:
     """``(latents (C, h, w), mirrored latents or None)`` from a kohya latent file, float32 as stored, or
     the reason it cannot serve (a string): missing keys, another size than ``shape`` (this run's bucket),
-    no ``latents_flipped`` with ``flip``, unreadable. Reads the current keys (``latents`` ...) and none
-    of the multi-resolution ``latents_<h>x<w>`` ones (kohya writes those for FLUX / SD3 only)."""
+    no ``latents_flipped`` with ``flip``, unreadable, or written by sdadapt with another VAE than ``made_by``
+    (:meth:`KohyaLatentFiles.made_by`; a file without a valid record, kohya's, is not compared). Reads the
+    current keys (``latents`` ...) and none of the multi-resolution ``latents_<h>x<w>`` ones (kohya writes
+    those for FLUX / SD3 only)."""
+    got = _read(path, shape=shape, flip=flip, made_by=made_by)
+    return got if isinstance(got, str) else got[:2]
+
+
+def _digest(latents: np.ndarray) -> str:
+    """The ``latents`` array a record vouches for (a file kohya rewrote keeps the record, not the latents)."""
+    return hashlib.sha256(np.ascontiguousarray(latents, dtype=np.float32).tobytes()).hexdigest()[:20]
+
+
+def _read(path: str | os.PathLike, *, shape: tuple[int, ...], flip: bool,
+          made_by: Mapping[str, str] | None) -> tuple[Tensor, Tensor | None, bool] | str:
+    """:func:`read_npz_latents`, and whether the file carries sdadapt's valid record of the VAE."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = set(npz.files)
@@ -134,6 +165,7 @@ def read_npz_latents(path: str | os.PathLike, *, shape: tuple[int, ...], flip: b
                 return "no 'latents' array"
             plain = npz["latents"]
             mirrored = npz["latents_flipped"] if flip and "latents_flipped" in names else None
+            own = json.loads(str(npz[_OWN_KEY][()])) if _OWN_KEY in names else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         return f"unreadable ({type(exc).__name__}: {exc})"
     if tuple(plain.shape) != tuple(shape):
@@ -144,7 +176,13 @@ def read_npz_latents(path: str | os.PathLike, *, shape: tuple[int, ...], flip: b
         return f"latents_flipped of shape {tuple(mirrored.shape)}, this run's bucket needs {tuple(shape)}"
     if not np.issubdtype(plain.dtype, np.floating) or (mirrored is not None and not np.issubdtype(mirrored.dtype, np.floating)):
         return f"latents of dtype {plain.dtype}, not floating point"
-    return _tensor(plain), (_tensor(mirrored) if mirrored is not None else None)
+    written_by = own.get("made_by") if isinstance(own, dict) else None
+    vouched = isinstance(written_by, dict) and own.get("latents") == _digest(plain)
+    for key, want in (made_by or {}).items():
+        if vouched and written_by.get(key) != want:  # type: ignore[union-attr]
+            return (f"written for another VAE (its encoder's fingerprint {written_by.get(key)}, this model's {want})"  # type: ignore[union-attr]
+                    if key == "vae" else f"written for {key} {written_by.get(key)} (this run: {want})")  # type: ignore[union-attr]
+    return _tensor(plain), (_tensor(mirrored) if mirrored is not None else None), vouched
 
 
 def _use(record: ImageRecord) -> str:
@@ -159,15 +197,20 @@ def _tensor(array: np.ndarray) -> Tensor:
 
 
 def write_npz_latents(path: str | os.PathLike, latents: Tensor, *, original_size: tuple[int, int],
-                      crop: tuple[float, float, float, float], flipped: Tensor | None = None) -> Path:
+                      crop: tuple[float, float, float, float], flipped: Tensor | None = None,
+                      made_by: Mapping[str, str] | None = None) -> Path:
     """Write one image's kohya latent file atomically: ``latents`` (C, h, w) and ``flipped`` as float32
     (kohya's ``save_latents_to_disk``: ``latents_tensor.float().cpu().numpy()``), ``original_size`` =
-    ``[W, H]`` (from ``original_size`` = (height, width)) and ``crop_ltrb``. The file holds only these
-    keys (a stale ``latents_flipped`` or ``alpha_mask`` of another size is not carried over)."""
+    ``[W, H]`` (from ``original_size`` = (height, width)) and ``crop_ltrb``; with ``made_by``
+    (:meth:`KohyaLatentFiles.made_by`) also sdadapt's ``sdadapt`` key (JSON: ``made_by`` and a digest of these
+    ``latents``), which kohya ignores. The file holds only these keys (a stale ``latents_flipped`` or
+    ``alpha_mask`` of another size is not carried over)."""
     arrays = {"latents": latents.detach().float().cpu().numpy(),
               "original_size": np.array((original_size[1], original_size[0])), "crop_ltrb": np.array(crop)}
     if flipped is not None:
         arrays["latents_flipped"] = flipped.detach().float().cpu().numpy()
+    if made_by is not None:
+        arrays[_OWN_KEY] = np.array(json.dumps({"made_by": dict(made_by), "latents": _digest(arrays["latents"])}))
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:  # (a file object: numpy adds no second ".npz" to the temporary name)
@@ -188,18 +231,38 @@ class KohyaLatentFiles:
 
     Attributes:
         read, encoded: how many images' latents came from files / from the VAE (``encoded`` counts the
-            rewritten ones too); ``rewritten``: files that were there but could not serve, with the reason.
+            rewritten ones too); ``rewritten``: files that were there but could not serve, with the reason;
+        trusted: files read without sdadapt's record of the VAE (kohya's, an older sdadapt's; counted with a VAE
+            to compare only, :meth:`made_by`).
     """
 
     system: object
     read: int = 0
     encoded: int = 0
+    trusted: int = 0
     rewritten: list[tuple[Path, str]] = field(default_factory=list)
     _shapes: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
     #: the files :meth:`share_out` had the ranks write in this run (read back by :meth:`__call__`, counted as encoded)
     _fresh: set[str] = field(default_factory=set, repr=False)
     #: the files claimed so far (:func:`claim_files`) and their images
     _claims: dict[str, tuple[Path, str, Hashable, str]] = field(default_factory=dict, repr=False)
+    #: :meth:`made_by`, computed once (``()``: not yet)
+    _made_by: dict[str, str] | None | tuple[()] = field(default=(), repr=False)
+
+    def made_by(self) -> dict[str, str] | None:
+        """What makes this run's latents, as the files record it (computed once per run): ``{"vae":``
+        :func:`~sdadapt.training.model_fingerprint.module_fingerprint` of the VAE's ``encoder`` and ``quant_conv``
+        ``}`` (the whole VAE when it has no ``encoder``); ``None`` for a system without a ``vae`` module (the toy),
+        whose files record nothing."""
+        if self._made_by == ():
+            vae = getattr(self.system, "vae", None)
+            if not isinstance(vae, nn.Module):
+                self._made_by = None
+            else:
+                encoder = getattr(vae, "encoder", None)
+                parts = (encoder, getattr(vae, "quant_conv", None)) if isinstance(encoder, nn.Module) else (vae,)
+                self._made_by = {"vae": module_fingerprint(*parts)}
+        return self._made_by  # type: ignore[return-value]
 
     @property
     def sdxl(self) -> bool:
@@ -318,11 +381,13 @@ class KohyaLatentFiles:
             if str(path) in pending:  # (claim: the same image, the same latents; encoded and written once)
                 again.append((i, pending[str(path)]))
                 continue
-            found = read_npz_latents(path, shape=self._shape(record.bucket), flip=flip) if path.exists() else None
+            found = (_read(path, shape=self._shape(record.bucket), flip=flip, made_by=self.made_by())
+                     if path.exists() else None)
             if isinstance(found, tuple):
-                plain[i], mirrored[i] = found
+                plain[i], mirrored[i], vouched = found
                 if count and str(path) not in self._fresh:
                     self.read += 1
+                    self.trusted += not vouched and self.made_by() is not None
                 continue
             if found is not None:
                 self.rewritten.append((path, found))
@@ -335,7 +400,7 @@ class KohyaLatentFiles:
             for k, (i, path) in enumerate(missing):
                 record = records[i]
                 write_npz_latents(path, raw[k], original_size=record.size, crop=crop_ltrb(record.bucket, record.size),
-                                  flipped=raw_flipped[k] if raw_flipped is not None else None)
+                                  flipped=raw_flipped[k] if raw_flipped is not None else None, made_by=self.made_by())
                 plain[i] = raw[k]
                 mirrored[i] = raw_flipped[k] if raw_flipped is not None else None
             self.encoded += len(missing)
@@ -349,5 +414,9 @@ class KohyaLatentFiles:
         """The run's lines: how many latents were read from files and how many encoded, and each rewritten file."""
         lines = [(f"--cache-latents-to-disk: {self.read} image(s)' latents read from their .npz files, {self.encoded} "
                   "encoded by the VAE and written beside the images (kohya's layout)")]
+        if self.trusted:
+            lines.append(f"  {self.trusted} of the files read carry no record of the VAE (kohya or an older sdadapt wrote "
+                         "them) and were used as kohya uses them: delete the latent .npz files after changing --vae or "
+                         "the model")
         lines += [f"  {path}: {why}; encoded again and rewritten" for path, why in self.rewritten]
         return lines

@@ -26,13 +26,26 @@ What kohya does (sd-scripts ``library/strategy_sdxl.py`` ``SdxlTextEncoderOutput
   compared and an unreadable file stops kohya ("Error loading file").
 
 sdadapt reads kohya's three keys and writes them in kohya's dtype rule, and adds one key of its own,
-``sdadapt`` (a JSON string: the caption it encoded and the dtypes the run's in-memory cache held), which
-kohya's reader ignores. An entry is encoded again and its file rewritten (atomically,
-:func:`sdadapt.formats.files.atomic_write`; named in the run's report) when it is unreadable or cut short,
-lacks a key, has another shape than this model and ``--max-token-length`` give, is not floating point,
-or was written by sdadapt for another caption. A file kohya wrote carries no caption, so it is used as
-kohya uses it, and the report says how many such files were trusted: delete the ``_te_outputs.npz``
-files after changing captions or the model, as with kohya.
+``sdadapt`` (a JSON string: the caption it encoded, the dtypes the run's in-memory cache held, and
+``made_by``: what produced the outputs, :meth:`KohyaTextFiles.made_by`), which kohya's reader ignores
+(``load_outputs_npz`` reads the three keys by name, sd-scripts@48d368fa library/strategy_sdxl.py:256-261;
+``is_disk_cached_outputs_expected`` checks only them, 238-254). ``made_by`` holds a fingerprint of the two text
+encoders' weights (:func:`~sdadapt.training.model_fingerprint.module_fingerprint`: a fixed sample of every
+tensor, names, shapes and dtypes; a fine-tune, another checkpoint, a merged LoRA or an fp16 copy give another),
+one of the tokenizers (the ids of a fixed probe caption: another vocabulary, padding or added tokens) and
+``--max-token-length``. SDXL's conditioning takes the penultimate layer whatever ``--clip-skip`` says
+(:meth:`DiffusersSystem.condition <sdadapt.diffusers_system.DiffusersSystem.condition>`), and
+``--weighted-captions`` is refused with the cache, so neither is recorded.
+
+An entry is encoded again and its file rewritten (atomically, :func:`sdadapt.formats.files.atomic_write`; named
+in the run's report with the reason) when it is unreadable or cut short, lacks a key, has another shape than this
+model and ``--max-token-length`` give, is not floating point, was written by sdadapt for another caption, or
+for another text encoder, other tokenizers or another ``--max-token-length``. A file kohya wrote carries no
+caption and no ``made_by`` (nor does one an older sdadapt wrote), so it is used as kohya uses it, and the report
+says how many such files were trusted: delete those ``_te_outputs.npz`` files after changing captions or the
+model, as with kohya. The fingerprint samples the weights (measured: about 20 ms for SDXL's two encoders on a
+CPU, :mod:`~sdadapt.training.model_fingerprint`): a change at unsampled positions only (one token's embedding
+row retrained) is not seen.
 
 What is encoded is the caption as one use writes it (``caption_prefix`` / ``caption_suffix`` and the
 separators applied, :func:`sdadapt.training.text_cache.caption_variants`); kohya encodes the bare
@@ -51,10 +64,11 @@ rank reads every file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +80,7 @@ from torch import Tensor
 from ..formats.files import atomic_write
 from .data_parallel import DataParallel
 from .kohya_latent_files import claim_files
+from .model_fingerprint import module_fingerprint
 from .text_cache import TextConditionCache
 
 __all__ = ["TE_OUTPUTS_SUFFIX", "KohyaTextFiles", "read_npz_text_outputs", "te_outputs_path_for", "write_npz_text_outputs"]
@@ -74,6 +89,12 @@ __all__ = ["TE_OUTPUTS_SUFFIX", "KohyaTextFiles", "read_npz_text_outputs", "te_o
 TE_OUTPUTS_SUFFIX = "_te_outputs.npz"
 _KEYS = ("hidden_state1", "hidden_state2", "pool2")
 _OWN_KEY = "sdadapt"
+#: tokenized to fingerprint the tokenizers (words, punctuation, emphasis, a number, non-ASCII, an unknown word)
+_PROBE = "a photo of sks, (masterpiece:1.2), [blurry] 1girl 2024 caf\u00e9 \u00fcber \u6771\u4eac zxqvj"
+#: what a ``made_by`` entry that differs means, in the report
+_MADE_BY_WORDS = {"text_encoders": "another text encoder (its weights' fingerprint {have}, this model's {want})",
+                  "tokenizers": "other tokenizers (a probe caption gives other token ids)",
+                  "max_token_length": "--max-token-length {have} (this run: {want})"}
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
@@ -90,14 +111,16 @@ class _Entry:
     pool2: Tensor  # (P,)
     caption: str | None  # the caption sdadapt encoded; None in a file kohya wrote
     dtypes: dict[str, str]  # sdadapt's: the in-memory cache's dtype of "context" / "text_embeds"
+    made_by: dict[str, Any] | None = None  # sdadapt's: what produced the outputs; None: kohya's or an older sdadapt's
 
 
 def read_npz_text_outputs(path: str | os.PathLike, *, shapes: Sequence[tuple[int, ...]],
-                          caption: str | None = None) -> _Entry | str:
+                          caption: str | None = None, made_by: Mapping[str, Any] | None = None) -> _Entry | str:
     """One kohya text-encoder output file -> its arrays as tensors (the dtype stored), or the reason it
     cannot serve (a string): unreadable or cut short, a missing key, another shape than ``shapes`` =
     ((L, D1), (L, D2), (P,)) of ``hidden_state1`` / ``hidden_state2`` / ``pool2``, not floating point, or
-    written by sdadapt for another caption than ``caption``."""
+    written by sdadapt for another caption than ``caption`` or with another entry of ``made_by``
+    (:meth:`KohyaTextFiles.made_by`; a file without the record, kohya's, is not compared)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in _KEYS if k not in npz.files]
@@ -115,9 +138,14 @@ def read_npz_text_outputs(path: str | os.PathLike, *, shapes: Sequence[tuple[int
     written_for = own.get("caption") if isinstance(own, dict) else None
     if caption is not None and written_for is not None and written_for != caption:
         return f"written for the caption {written_for!r}, the image's caption is now {caption!r}"
+    written_by = own.get("made_by") if isinstance(own, dict) and isinstance(own.get("made_by"), dict) else None
+    for key, want in (made_by or {}).items():
+        if written_by is not None and written_by.get(key) != want:
+            words = _MADE_BY_WORDS.get(key, key + " {have} (this run: {want})")
+            return "written for " + words.format(have=written_by.get(key), want=want)
     dtypes = own.get("dtypes", {}) if isinstance(own, dict) else {}
     return _Entry(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays), caption=written_for,
-                  dtypes={k: v for k, v in dtypes.items() if v in _DTYPES})
+                  dtypes={k: v for k, v in dtypes.items() if v in _DTYPES}, made_by=written_by)
 
 
 def _kohya_array(tensor: Tensor) -> np.ndarray:
@@ -127,13 +155,17 @@ def _kohya_array(tensor: Tensor) -> np.ndarray:
 
 
 def write_npz_text_outputs(path: str | os.PathLike, hidden_state1: Tensor, hidden_state2: Tensor, pool2: Tensor, *,
-                           caption: str, dtypes: dict[str, str] | None = None) -> Path:
+                           caption: str, dtypes: dict[str, str] | None = None,
+                           made_by: Mapping[str, Any] | None = None) -> Path:
     """Write one image's kohya text-encoder output file atomically: ``hidden_state1`` (L, D1),
     ``hidden_state2`` (L, D2), ``pool2`` (P,) in kohya's dtype rule (a bfloat16 tensor as float32), and
-    sdadapt's ``sdadapt`` key (JSON: ``caption`` and the in-memory ``dtypes``), which kohya's reader ignores."""
+    sdadapt's ``sdadapt`` key (JSON: ``caption``, the in-memory ``dtypes`` and, unless ``None``, ``made_by``:
+    :meth:`KohyaTextFiles.made_by`), which kohya's reader ignores."""
+    own: dict[str, Any] = {"caption": caption, "dtypes": dtypes or {}}
+    if made_by is not None:
+        own["made_by"] = dict(made_by)
     arrays = {"hidden_state1": _kohya_array(hidden_state1), "hidden_state2": _kohya_array(hidden_state2),
-              "pool2": _kohya_array(pool2),
-              _OWN_KEY: np.array(json.dumps({"caption": caption, "dtypes": dtypes or {}}, ensure_ascii=False))}
+              "pool2": _kohya_array(pool2), _OWN_KEY: np.array(json.dumps(own, ensure_ascii=False))}
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:  # (a file object: numpy adds no second ".npz" to the temporary name)
@@ -167,7 +199,7 @@ class KohyaTextFiles:
 
     Attributes:
         read, encoded: images whose caption's outputs came from their file / were encoded and written;
-        trusted: files kohya wrote (no caption recorded) that were read as kohya reads them;
+        trusted: files without sdadapt's record of the model (kohya's; an older sdadapt's) read as kohya reads them;
         rewritten: files that were there but could not serve, with the reason.
     """
 
@@ -182,11 +214,26 @@ class KohyaTextFiles:
     _fresh: set[str] = field(default_factory=set, repr=False)
     #: the files claimed so far and their images (:func:`~sdadapt.training.kohya_latent_files.claim_files`)
     _claims: dict[str, tuple[Path, str, Any, str]] = field(default_factory=dict, repr=False)
+    #: :meth:`made_by`, computed once
+    _made_by: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         refusal = _refusal(self.system)
         if refusal is not None:
             raise ValueError(refusal)
+
+    def made_by(self) -> dict[str, Any]:
+        """What produces this run's outputs, as the files record it (computed once per run): ``text_encoders``,
+        :func:`~sdadapt.training.model_fingerprint.module_fingerprint` of the two encoders; ``tokenizers``, a
+        digest of the ids :meth:`tokenize` gives a fixed probe caption (both tokenizers, the padded length);
+        ``max_token_length``."""
+        if self._made_by is None:
+            ids = self.system.tokenize([_PROBE])
+            tokens = hashlib.sha256(np.ascontiguousarray(ids.detach().cpu().numpy().astype(np.int64)).tobytes())
+            self._made_by = {"text_encoders": module_fingerprint(self.system.text_encoder, self.system.text_encoder_2),
+                             "tokenizers": tokens.hexdigest()[:20],
+                             "max_token_length": int(getattr(self.system, "max_token_length", 75))}
+        return self._made_by
 
     def _shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int]]:
         """((L, D1), (L, D2), (P,)) from the tokenizer's length and the encoders' configs (no encoder run)."""
@@ -276,12 +323,13 @@ class KohyaTextFiles:
         found: dict[str, _Entry] = {}
         to_write: list[tuple[Path, str]] = []
         for path, caption in files:
-            got = read_npz_text_outputs(path, shapes=shapes, caption=caption) if path.exists() else None
+            got = (read_npz_text_outputs(path, shapes=shapes, caption=caption, made_by=self.made_by())
+                   if path.exists() else None)
             if isinstance(got, _Entry):
                 found.setdefault(caption, got)
                 if not share and str(path) not in self._fresh:
                     self.read += 1
-                    self.trusted += got.caption is None
+                    self.trusted += got.made_by is None
                 continue
             if got is not None:
                 self.rewritten.append((path, got))
@@ -302,12 +350,13 @@ class KohyaTextFiles:
             if caption in found:  # another image's file holds this caption: copied, no encoder run
                 entry = found[caption]
                 write_npz_text_outputs(path, entry.hidden_state1, entry.hidden_state2, entry.pool2, caption=caption,
-                                       dtypes=dtypes)
+                                       dtypes=dtypes, made_by=entry.made_by)  # (a kohya file's copy: still unvouched)
                 self.read += 1
                 continue
             row = fresh.rows[caption]  # type: ignore[union-attr]
             context, pooled = fresh.values["context"][row], fresh.values["text_embeds"][row]  # type: ignore[union-attr]
-            write_npz_text_outputs(path, context[..., :width], context[..., width:], pooled, caption=caption, dtypes=dtypes)
+            write_npz_text_outputs(path, context[..., :width], context[..., width:], pooled, caption=caption, dtypes=dtypes,
+                                   made_by=self.made_by())
             self.encoded += 1
         if share:
             return [str(path) for path, _ in to_write]
@@ -331,7 +380,8 @@ class KohyaTextFiles:
         lines = [(f"--cache-text-encoder-outputs-to-disk: {self.read} image(s)' text-encoder outputs read from their "
                   f"{TE_OUTPUTS_SUFFIX} files, {self.encoded} encoded and written beside the images (kohya's layout)")]
         if self.trusted:
-            lines.append(f"  {self.trusted} of the files read carry no caption (kohya wrote them) and were used as kohya "
-                         f"uses them: delete the {TE_OUTPUTS_SUFFIX} files after changing the captions or the model")
+            lines.append(f"  {self.trusted} of the files read carry no caption (kohya wrote them) or no record of the text "
+                         "encoders (an older sdadapt wrote them) and were used as kohya uses them: delete the "
+                         f"{TE_OUTPUTS_SUFFIX} files after changing the captions or the model")
         lines += [f"  {path}: {why}; encoded again and rewritten" for path, why in self.rewritten]
         return lines
