@@ -114,3 +114,24 @@ def cli_ranks(argv: list[str], cwd: Path, world: int = 2, *, other_cwd: Path | N
             os.unlink(f"{folder}/{rank}.{kind}")
     os.rmdir(folder)
     return done
+
+
+def logging_writes(real: Callable, log: Path) -> Callable:
+    """``real`` (a file writer ``real(path, ...)``) wrapped so that every write first appends ``[rank, file name]``
+    to ``log`` (one JSON line, O_APPEND: whole lines from every rank); ``RANK`` -1 outside a rank."""
+    import json
+
+    def write(path, *args, **kwargs):
+        with open(log, "a") as handle:
+            handle.write(json.dumps([int(os.environ.get("RANK", "-1")), Path(path).name]) + "\n")
+        return real(path, *args, **kwargs)
+
+    return write
+
+
+def logged_writes(log: Path) -> list[tuple[int, str]]:
+    """The ``(rank, file name)`` of every write :func:`logging_writes` logged to ``log`` (``[]``: none)."""
+    import json
+
+    return [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
+

@@ -11,14 +11,13 @@ one process's; a second run writes nothing; a cut file is rewritten once, by its
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _fast_dist import cli_ranks, fork_ranks, free_port
+from _fast_dist import cli_ranks, fork_ranks, free_port, logged_writes, logging_writes
 
 from sdadapt.training import kohya_text_files
 from sdadapt.training.kohya_text_files import KohyaTextFiles, te_outputs_path_for
@@ -57,19 +56,12 @@ def _entries(folder: Path) -> list[tuple[Path, str]]:
 
 
 def _logging_writes(log: Path):
-    """Wrap ``write_npz_text_outputs`` so every write appends ``(rank, file name)`` to ``log`` (O_APPEND: whole lines)."""
-    real = kohya_text_files.write_npz_text_outputs
-
-    def write(path, *args, **kwargs):
-        with open(log, "a") as handle:
-            handle.write(json.dumps([int(os.environ.get("RANK", "-1")), Path(path).name]) + "\n")
-        return real(path, *args, **kwargs)
-
-    return write
+    """``write_npz_text_outputs`` logging each write's ``(rank, file name)`` to ``log``."""
+    return logging_writes(getattr(kohya_text_files, "write_npz_text_outputs"), log)
 
 
 def _writes(log: Path) -> list[tuple[int, str]]:
-    return [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
+    return logged_writes(log)
 
 
 def _summary(files: KohyaTextFiles, cache) -> dict:

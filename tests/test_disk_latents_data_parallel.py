@@ -11,13 +11,12 @@ rewritten once, by its owner, and both ranks report it.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import socket
 from pathlib import Path
 
 import torch
-from _fast_dist import cli_ranks, fork_ranks
+from _fast_dist import cli_ranks, fork_ranks, logged_writes, logging_writes
 
 from sdadapt.images import write_png
 from sdadapt.training import kohya_latent_files
@@ -54,19 +53,12 @@ def _dataset(folder: Path) -> Dataset:
 
 
 def _logging_writes(log: Path):
-    """Wrap ``write_npz_latents`` so every write appends ``(rank, file name)`` to ``log`` (O_APPEND: whole lines)."""
-    real = kohya_latent_files.write_npz_latents
-
-    def write(path, *args, **kwargs):
-        with open(log, "a") as handle:
-            handle.write(json.dumps([int(os.environ.get("RANK", "-1")), Path(path).name]) + "\n")
-        return real(path, *args, **kwargs)
-
-    return write
+    """``write_npz_latents`` logging each write's ``(rank, file name)`` to ``log``."""
+    return logging_writes(getattr(kohya_latent_files, "write_npz_latents"), log)
 
 
 def _writes(log: Path) -> list[tuple[int, str]]:
-    return [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
+    return logged_writes(log)
 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
