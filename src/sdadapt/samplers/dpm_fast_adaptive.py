@@ -45,10 +45,11 @@ import torch
 from torch import Tensor
 
 from .sigma_space import (
-    ZERO_SNR_ALPHA_CUMPROD,
     ancestral_step,
     check_prediction_type,
     denoised,
+    model_sigmas,
+    sigma_to_t,
     step_noise,
     t_to_sigma,
     work_dtype,
@@ -72,41 +73,6 @@ def dpm_fast_orders(nfe: int) -> list[int]:
     return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
 
 
-def _a1111_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(T,) on ``device`` in ``dtype``: the σ A1111's ``CompVisDenoiser`` holds, ``((1 − ᾱ)/ᾱ)**0.5`` computed in
-    ``dtype`` from ᾱ in ``dtype`` (k_diffusion/external.py:94 at 4601bf0; LDM keeps ᾱ as a float32 buffer on the
-    model's device: float32 is A1111's). σ_min = σ[0] and σ_max = σ[−1] are what ``KDiffusionSampler.sample``
-    hands ``sample_dpm_fast`` / ``_adaptive``. A zero last ᾱ reads as :func:`~.sigma_space.training_sigmas`
-    reads it."""
-    ac = alphas_cumprod.detach().to(device=device, dtype=dtype)
-    if float(ac[-1]) == 0.0:
-        ac = torch.cat([ac[:-1], ac.new_full((1,), ZERO_SNR_ALPHA_CUMPROD)])
-    return ((1 - ac) / ac) ** 0.5
-
-
-def _model_timesteps(sigma: Tensor, log_sigmas: Tensor) -> Tensor:
-    """k-diffusion's ``DiscreteSchedule.sigma_to_t`` (external.py:65-77 at 4601bf0, unquantized) in the dtype of
-    ``sigma`` (B,) against the table ``log_sigmas`` (T,): fractional timesteps (B,), linear in log σ.
-    (:func:`~.sigma_space.sigma_to_t` is this in float64 only.)"""
-    log_sigma = sigma.log()
-    dists = log_sigma - log_sigmas[:, None]
-    low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
-    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
-    return (1 - w) * low_idx + w * high_idx
-
-
-def _a1111_denoised(out: Tensor, x: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
-    """x̂0 (B,C,H,W) of the model output ``out`` at the σ-scaled ``x``, rounded as A1111's wrappers round it
-    (σ (B,1,1,1) in x's dtype): ``CompVisVDenoiser`` ``out·c_out + x·c_skip`` with ``c_skip = 1/(σ² + 1)``,
-    ``c_out = −σ/(σ² + 1)**0.5`` (k_diffusion/external.py:149-167 at 4601bf0); ε (``CompVisDenoiser``,
-    ``x + out·(−σ)``) and sample predictions: :func:`~.sigma_space.denoised` (the same bits)."""
-    if prediction_type == "v_prediction":
-        return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x * (1 / (sigma ** 2 + 1))
-    return denoised(out, x, sigma, prediction_type)
-
-
 class _Solver:
     """k-diffusion's ``DPMSolver`` on a (guided) ``model(x_in, t)`` as A1111 wraps it: ε at (x, t = −log σ) and
     the three step rules, written as k-diffusion writes them (sampling.py:343-386) on 0-dim times ``t`` in
@@ -119,7 +85,7 @@ class _Solver:
         #: in float64, a precise mode k-diffusion has not
         self.time_dtype = work_dtype(x_T)
         #: (T,) A1111's σ table and its log, on the latents' device (A1111's model_wrap buffers)
-        self.sigmas = _a1111_sigmas(alphas_cumprod, self.time_dtype, x_T.device)
+        self.sigmas = model_sigmas(alphas_cumprod, self.time_dtype, x_T.device)
         self.log_sigmas = self.sigmas.log()
         self.calls = 0
 
@@ -133,17 +99,17 @@ class _Solver:
 
     def model_steps(self, sigma: Tensor) -> Tensor:
         """The model's float32 timesteps (B,) at noise levels ``sigma`` (B,) (A1111: the denoiser's ``sigma_to_t``)."""
-        return _model_timesteps(sigma, self.log_sigmas.to(sigma.device)).float()
+        return sigma_to_t(sigma, self.sigmas.to(sigma.device)).float()
 
     def eps(self, x: Tensor, t: Tensor) -> Tensor:
         """``DPMSolver.eps`` on A1111's ``CompVisDenoiser`` / ``CompVisVDenoiser`` (external.py:90-110, 141-167):
         σ (B,) in x's dtype, the model at ``x·c_in``, ``c_in = 1/(σ² + 1)**0.5``, timesteps of σ against the σ table,
-        then ``(x − x̂0)/σ(t)`` (B,C,H,W) (:func:`_a1111_denoised`)."""
+        then ``(x − x̂0)/σ(t)`` (B,C,H,W) (:func:`~.sigma_space.denoised`: the wrappers' rounding)."""
         sigma = self.sigma(t) * x.new_ones([x.shape[0]])
         s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
         out = self.model((x * (1 / (s ** 2 + 1) ** 0.5)).to(self.dtype), self.model_steps(sigma))
         self.calls += 1
-        return (x - _a1111_denoised(out, x, s, self.prediction_type)) / self.sigma(t)
+        return (x - denoised(out, x, s, self.prediction_type)) / self.sigma(t)
 
     def step_1(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor) -> Tensor:
         h = t_next - t
@@ -185,7 +151,7 @@ class _Solver:
 
 def _ends(solver: _Solver, sampler: str, eta: float, s_noise: float) -> tuple[Tensor, Tensor]:
     """``(t_start, t_end)`` 0-dim CPU: ``t(torch.tensor(σ))`` of A1111's σ_max and σ_min (``.item()`` of
-    :func:`_a1111_sigmas`' ends; k_diffusion/sampling.py:490, 502), in the time dtype."""
+    :func:`~.sigma_space.model_sigmas`' ends; k_diffusion/sampling.py:490, 502), in the time dtype."""
     if eta < 0 or s_noise < 0:
         raise ValueError(f"{sampler}: eta and s_noise must be >= 0, got eta={eta}, s_noise={s_noise}")
     ends = solver.t(solver.sigmas[[-1, 0]].cpu())

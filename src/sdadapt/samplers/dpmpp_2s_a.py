@@ -17,7 +17,6 @@ steps cost ``2n − 1`` model calls (η ≤ 1); z is drawn from
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,11 +26,11 @@ from .sigma_space import (
     ancestral_step,
     denoised,
     discrete_start,
+    grid_table,
     model_input,
     sigma_to_t,
     step_noise,
     timestep_batch,
-    training_sigmas,
 )
 from .signatures import Denoise, StepCallback
 
@@ -68,25 +67,27 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
                                     karras=karras, schedule=schedule, schedule_options=schedule_options,
                                     discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
-    splits = [ancestral_step(grid[i], grid[i + 1], eta) for i in range(len(times))]
-    mids = [(grid[i] * down) ** 0.5 for i, (down, _) in enumerate(splits)]
-    mid_times = sigma_to_t(torch.tensor(mids, dtype=torch.float64), training_sigmas(alphas_cumprod)).tolist()
+    dt, table = x.dtype, grid_table(alphas_cumprod, x_T, schedule)  # (float32 latents: A1111's float32 run)
 
-    def x0_at(x: Tensor, sigma: float, t: Tensor) -> Tensor:
+    def x0_at(x: Tensor, sigma: float | Tensor, t: Tensor) -> Tensor:
         return denoised(model(model_input(x, sigma, x_T.dtype), t), x, sigma, prediction_type)
 
     for i in range(len(times)):
-        s, (down, up) = grid[i], splits[i]
+        s = grid[i]
+        down, up = ancestral_step(s, grid[i + 1], eta, dtype=dt)
         t = timestep_batch(times[i], x)
         x0 = x0_at(x, s, t)
         if down == 0:  # the last step: Euler onto x̂0
             x = x + (x - x0) / s * (down - s)
-        else:
-            h = math.log(s / down)  # λ_down − λ_i, λ = −log σ
-            x_2 = x * (mids[i] / s) - x0 * math.expm1(-h / 2)
-            x = x * (down / s) - x0_at(x_2, mids[i], timestep_batch(mid_times[i], x_2)) * math.expm1(-h)
+        else:  # 0-dim times in k-diffusion's order (sampling.py:524-530): λ = −log σ, h = λ_down − λ_i
+            lam, lam_next = -torch.tensor(s, dtype=dt).log(), -torch.tensor(down, dtype=dt).log()
+            h = lam_next - lam
+            mid = (lam + 0.5 * h).neg().exp()  # σ_s = √(σ_i·σ_down)
+            x_2 = (mid / lam.neg().exp()) * x - (-h * 0.5).expm1() * x0
+            t_mid = timestep_batch(float(sigma_to_t(mid.reshape(1), table)[0]), x_2)
+            x = (lam_next.neg().exp() / lam.neg().exp()) * x - (-h).expm1() * x0_at(x_2, mid, t_mid)
         if grid[i + 1] > 0:  # drawn even when σ_up = 0 (η = 0), as k-diffusion draws it
-            x = x + step_noise(x, generator, x_T.dtype) * (s_noise * up)
+            x = x + step_noise(x, generator, x_T.dtype) * s_noise * up
         if callback is not None:
             callback(i, t, x)
     return x.to(x_T.dtype)

@@ -48,7 +48,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
         t = timestep_batch(times[i], x)
         d = sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype)
         if ancestral:
-            down, up = ancestral_step(s, s_next)
+            down, up = ancestral_step(s, s_next, dtype=x.dtype)
             x = x + d * (down - s) + step_noise(x, generator, x_T.dtype) * up
         else:
             x = x + d * (s_next - s)

@@ -15,10 +15,10 @@ from torch import Tensor
 
 from .sigma_space import (
     discrete_start,
+    grid_table,
     sigma_slope,
     sigma_to_t,
     timestep_batch,
-    training_sigmas,
 )
 from .signatures import Denoise, StepCallback
 
@@ -65,8 +65,11 @@ def heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
         else:
             x_pred = x + d * (s_next - s)
             # t of σ_{i+1}; past the last timestep (a schedule ending above σ = 0, kl_optimal's) t(σ) of the end
-            t_next = times[i + 1] if i + 1 < len(times) else float(
-                sigma_to_t(torch.tensor([s_next], dtype=torch.float64), training_sigmas(alphas_cumprod))[0])
+            if i + 1 < len(times):
+                t_next = times[i + 1]
+            else:
+                table = grid_table(alphas_cumprod, x_T, schedule)
+                t_next = float(sigma_to_t(torch.tensor([s_next], dtype=table.dtype), table)[0])
             x = x + (d + slope(x_pred, s_next, timestep_batch(t_next, x))) * ((s_next - s) / 2)
         if callback is not None:
             callback(i, t, x)

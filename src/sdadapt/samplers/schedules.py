@@ -4,8 +4,8 @@ run as its own choice, apart from the sampler's update rule.
 Every schedule here is a function of the step count n and the model's training noise levels
 ``σ_t = √((1 − ᾱ_t)/ᾱ_t)`` (T,), ascending, ``σ_min = σ_0``, ``σ_max = σ_{T−1}`` (A1111's
 ``model_wrap.sigmas``), and returns the σ a sampler steps through, descending, its last the value
-the run ends on (0, or σ_min for "KL Optimal"). A1111's code, transcribed, in float64 (A1111 computes
-them in float32):
+the run ends on (0, or σ_min for "KL Optimal"). A1111's code, transcribed, in the table's dtype (on A1111's
+float32 table, :func:`.sigma_space.model_sigmas`, in float32 as A1111 computes them; on a float64 one in float64):
 
 * ``uniform`` (k-diffusion's ``get_sigmas(n)``): ``t = linspace(T−1, 0, n)``, σ interpolated in log σ
   between the integer timesteps (``t_to_sigma``), then 0. ``normal``: the same (A1111's
@@ -139,7 +139,7 @@ def beta_ppf(q: Tensor, alpha: float, beta: float) -> Tensor:
 def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bool = False, rho: float | None = None,
                     beta_alpha: float = 0.6, beta_beta: float = 0.6,
                     discard_next_to_last_sigma: bool = False, options: ScheduleOptions | None = None) -> Tensor:
-    """The σ grid (m+1,) float64 CPU, descending, of A1111's schedule ``name`` for ``num_steps`` steps on the
+    """The σ grid (m+1,) CPU, descending, of A1111's schedule ``name`` for ``num_steps`` steps on the
     training σ ``train_sigmas`` (T,) ascending (see the module): m = n except for ``ddim``; the last value
     is 0 except for ``kl_optimal`` (σ_min). ``automatic`` is refused here (it depends on the sampler:
     :data:`A1111_AUTOMATIC`). ``sdxl``: Align Your Steps' SDXL table (else SD 1.5's). ``rho``: Karras' ρ
@@ -147,7 +147,10 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
     ``discard_next_to_last_sigma``: A1111's option of that name (:data:`DISCARD_NEXT_TO_LAST_SIGMA`): the grid
     for ``num_steps + 1`` steps without its next-to-last value (still m + 1 values, m = n but for ``ddim``).
     ``options``: A1111's schedule settings (:class:`ScheduleOptions`, applied as the module says; they take the
-    place of ``rho``/``beta_alpha``/``beta_beta``); ``None``: none.
+    place of ``rho``/``beta_alpha``/``beta_beta``); ``None``: none. A float32 ``train_sigmas`` (A1111's table,
+    :func:`.sigma_space.model_sigmas`) gives a float32 grid computed as A1111 computes it (the torch schedules in
+    float32; Beta, Align Your Steps: float64 rounded to float32, as A1111's ``torch.FloatTensor``); otherwise
+    float64.
 
     Raises:
         ValueError: an unknown schedule, ``automatic``, ``num_steps`` < 1.
@@ -162,7 +165,9 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
         longer = schedule_sigmas(key, n + 1, train_sigmas, sdxl=sdxl, rho=rho, beta_alpha=beta_alpha,
                                  beta_beta=beta_beta, options=options)
         return torch.cat([longer[:-2], longer[-1:]])
-    train = train_sigmas.detach().double().cpu()
+    train = train_sigmas.detach().cpu()
+    dt = torch.float32 if train.dtype == torch.float32 else torch.float64  # (A1111's float32 table: its float32 grids)
+    train = train.to(dt)
     T = int(train.shape[0])
     s_min, s_max = float(train[0]), float(train[-1])
     t_max, t_min = float(T - 1), 0.0
@@ -173,26 +178,26 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
         beta_alpha, beta_beta = options.beta_alpha, options.beta_beta
         if (s_min, s_max) != options.bounds(train):
             s_min, s_max = options.bounds(train)
-            t_max, t_min = (float(t) for t in sigma_to_t(torch.tensor([s_max, s_min], dtype=torch.float64), train))
-    zero = torch.zeros(1, dtype=torch.float64)
+            t_max, t_min = (float(t) for t in sigma_to_t(torch.tensor([s_max, s_min], dtype=dt), train))
+    zero = torch.zeros(1, dtype=dt)
     if key == "uniform" or (key == "normal" and (t_max, t_min) == (T - 1, 0.0)):
-        sig = t_to_sigma(torch.linspace(T - 1, 0, n, dtype=torch.float64), train)
+        sig = t_to_sigma(torch.linspace(T - 1, 0, n, dtype=dt), train)
     elif key == "normal":  # A1111's normal_scheduler: t(σ_max) … t(σ_min)
-        sig = t_to_sigma(torch.linspace(t_max, t_min, n, dtype=torch.float64), train)
+        sig = t_to_sigma(torch.linspace(t_max, t_min, n, dtype=dt), train)
     elif key == "sgm_uniform":
-        sig = t_to_sigma(torch.linspace(t_max, t_min, n + 1, dtype=torch.float64)[:-1], train)
+        sig = t_to_sigma(torch.linspace(t_max, t_min, n + 1, dtype=dt)[:-1], train)
     elif key == "karras":
         r = 7.0 if rho is None else float(rho)
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        ramp = torch.linspace(0, 1, n, dtype=dt)
         sig = (s_max ** (1 / r) + ramp * (s_min ** (1 / r) - s_max ** (1 / r))) ** r
     elif key == "exponential":
-        sig = torch.linspace(math.log(s_max), math.log(s_min), n, dtype=torch.float64).exp()
+        sig = torch.linspace(math.log(s_max), math.log(s_min), n, dtype=dt).exp()
     elif key == "polyexponential":
-        ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** (1.0 if rho is None else float(rho))
+        ramp = torch.linspace(1, 0, n, dtype=dt) ** (1.0 if rho is None else float(rho))
         sig = (ramp * (math.log(s_max) - math.log(s_min)) + math.log(s_min)).exp()
     elif key == "kl_optimal":
-        i = torch.arange(n + 1, dtype=torch.float64)
-        return torch.tan(i / n * math.atan(s_min) + (1.0 - i / n) * math.atan(s_max))
+        i = torch.arange(n + 1, dtype=dt)
+        return torch.tan(i / n * math.atan(s_min) + (1.0 - i / n) * math.atan(s_max)).to(dt)
     elif key in ("align_your_steps", "align_your_steps_sdxl"):
         table = ALIGN_YOUR_STEPS["sdxl" if sdxl or key == "align_your_steps_sdxl" else "sd15"]
         sig = torch.tensor(table, dtype=torch.float64) if n == len(table) else _loglinear_interp(table, n)
@@ -203,6 +208,6 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
         k = max(T // n, 1)
         sig = train[list(range(1, T, k))].flip(0)
     else:  # beta
-        q = 1 - torch.linspace(0, 1, n, dtype=torch.float64)
+        q = 1 - torch.linspace(0, 1, n, dtype=torch.float64)  # (A1111: np.linspace)
         sig = s_min + beta_ppf(q, beta_alpha, beta_beta) * (s_max - s_min)
-    return torch.cat([sig, zero])
+    return torch.cat([sig.to(dt), zero])

@@ -4,8 +4,15 @@ first sample (:func:`discrete_start`) and derivative (:func:`sigma_slope`), and 
 batches, working dtype and noise draws of every sampler.
 
 ``σ_t = √((1-ᾱ_t)/ᾱ_t)`` is the k-diffusion noise level of DDPM step t; a sampler on σ runs the
-model at ``x/√(σ²+1)`` and timestep ``t(σ)``. The grids are float64 on the CPU (a few dozen
+model at ``x·c_in``, ``c_in = 1/√(σ²+1)``, and timestep ``t(σ)``. The grids live on the CPU (a few dozen
 numbers, made once per sampling run); the samples stay on the caller's device.
+
+**Dtypes.** On float32 (and half) latents the σ table, A1111's grids and ``t(σ)`` are float32 and ``c_in`` /
+the v-prediction scalings are float32 0-dim tensors, computed as A1111's k-diffusion wrapper computes them
+(``CompVisDenoiser``: ``((1 − ᾱ)/ᾱ)**0.5`` of float32 ᾱ, ``sigma_to_t`` and ``get_sigmas`` in float32;
+k_diffusion/external.py:59-110, 141-167 at 4601bf0): :func:`model_sigmas`. Float64 latents keep all of it in
+float64 (a precise mode). diffusers' grids (no ``schedule``; ``karras``) keep the float64 table, σ and ``t(σ)``
+(:func:`grid_table`).
 """
 
 from __future__ import annotations
@@ -29,10 +36,33 @@ if TYPE_CHECKING:
     from .schedules import ScheduleOptions
 from .a1111_noise import A1111Noise
 
-__all__ = ["TRAINING_STEP_SCHEDULES", "ancestral_step", "any_step_count", "check_grid_steps", "check_prediction_type",
-           "denoised", "discrete_sigmas", "discrete_start", "grid_timesteps", "initial_noise_sigma", "karras_sigmas",
-           "model_input", "sigma_slope", "sigma_to_t", "sigmas_at", "step_noise", "t_to_sigma", "timestep_batch",
-           "training_sigmas", "vp_alpha_sigma", "vp_data_prediction", "vp_noise_prediction", "work_dtype"]
+__all__ = [
+    "TRAINING_STEP_SCHEDULES",
+    "ancestral_step",
+    "any_step_count",
+    "check_grid_steps",
+    "check_prediction_type",
+    "denoised",
+    "discrete_sigmas",
+    "discrete_start",
+    "grid_table",
+    "grid_timesteps",
+    "initial_noise_sigma",
+    "karras_sigmas",
+    "model_input",
+    "model_sigmas",
+    "sigma_slope",
+    "sigma_to_t",
+    "sigmas_at",
+    "step_noise",
+    "t_to_sigma",
+    "timestep_batch",
+    "training_sigmas",
+    "vp_alpha_sigma",
+    "vp_data_prediction",
+    "vp_noise_prediction",
+    "work_dtype",
+]
 
 #: A1111's schedules that pick the model's own training σ, so they hold at most T distinct steps (past T A1111's
 #: ``simple`` repeats σ and its ``ddim_uniform`` strides by ``max(T // n, 1)``, a shorter grid than asked:
@@ -56,6 +86,27 @@ def training_sigmas(alphas_cumprod: Tensor) -> Tensor:
     return sigmas_of(ac)
 
 
+def model_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """The σ table (T,) the samplers read in ``dtype`` on ``device``: float64, :func:`training_sigmas`; otherwise
+    A1111's (``CompVisDenoiser.sigmas``, k_diffusion/external.py:94 at 4601bf0: ``((1 − ᾱ)/ᾱ)**0.5`` computed in
+    float32 from ᾱ as float32, the buffer LDM and A1111 keep), in float32 whatever lower ``dtype`` (half latents:
+    A1111 keeps ᾱ float32). A zero last ᾱ reads as :func:`training_sigmas` reads it."""
+    if dtype == torch.float64:
+        return training_sigmas(alphas_cumprod).to(device)
+    ac = alphas_cumprod.detach().to(device=device, dtype=torch.float32)
+    if float(ac[-1]) == 0.0:
+        ac = torch.cat([ac[:-1], ac.new_full((1,), ZERO_SNR_ALPHA_CUMPROD)])
+    return ((1 - ac) / ac) ** 0.5
+
+
+def grid_table(alphas_cumprod: Tensor, x: Tensor, schedule: str | None) -> Tensor:
+    """The σ table (T,) CPU a discrete-σ sampler reads its timesteps ``t(σ)`` on, for latents ``x``: A1111's in the
+    work dtype (:func:`model_sigmas`, :func:`work_dtype`) on one of A1111's grids (``schedule`` given), else float64
+    (diffusers' grids: its float64 ``_sigma_to_t``)."""
+    return model_sigmas(alphas_cumprod, work_dtype(x) if schedule is not None else torch.float64)
+
+
 def sigmas_at(timesteps: Tensor, train_sigmas: Tensor) -> Tensor:
     """σ at (fractional) timesteps (n,), linear in t between training steps (diffusers'
     ``np.interp(timesteps, arange(T), sigmas)``; its ``interpolation_type="linear"``).
@@ -72,7 +123,8 @@ def sigmas_at(timesteps: Tensor, train_sigmas: Tensor) -> Tensor:
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, rho: float = 7.0) -> Tensor:
     """Karras et al. (2022) noise levels (n,) float64, descending from ``sigma_max`` to ``sigma_min``:
-    ``σ_i = (σ_max^(1/ρ) + i/(n-1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ`` (diffusers' ``use_karras_sigmas``)."""
+    ``σ_i = (σ_max^(1/ρ) + i/(n-1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ`` (diffusers' ``use_karras_sigmas``; A1111's
+    float32 Karras grid: :func:`.schedules.schedule_sigmas` on a float32 table)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
@@ -81,15 +133,18 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, rho: fl
 
 
 def sigma_to_t(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
-    """Fractional timesteps (n,) float64 of noise levels ``sigmas`` (n,): linear in log σ between
-    the two training steps around each (diffusers' ``_sigma_to_t``), clamped to [0, T-1]."""
-    log_train = train_sigmas.double().cpu().log()
-    log_sigma = sigmas.double().cpu().clamp_min(1e-10).log()
+    """Fractional timesteps (n,) of noise levels ``sigmas`` (n,): linear in log σ between the two training steps
+    around each (diffusers' ``_sigma_to_t``), clamped to [0, T-1]; on ``train_sigmas``' device, in the dtype both
+    promote to (float32 sigmas on a float32 table: k-diffusion's float32 ``DiscreteSchedule.sigma_to_t``,
+    k_diffusion/external.py:65-77 at 4601bf0, unquantized, bit for bit; float64 otherwise)."""
+    dtype = torch.promote_types(sigmas.dtype, train_sigmas.dtype)
+    log_train = train_sigmas.to(dtype).log()
+    log_sigma = sigmas.to(device=log_train.device, dtype=dtype).clamp_min(1e-10).log()
     dists = log_sigma[None, :] - log_train[:, None]  # (T, n)
     low = (dists >= 0).cumsum(0).argmax(0).clamp(max=log_train.shape[0] - 2)
     high = low + 1
     w = ((log_train[low] - log_sigma) / (log_train[low] - log_train[high])).clamp(0, 1)
-    return (1 - w) * low.double() + w * high.double()
+    return (1 - w) * low + w * high
 
 
 def t_to_sigma(t: Tensor, train_sigmas: Tensor) -> Tensor:
@@ -102,11 +157,14 @@ def t_to_sigma(t: Tensor, train_sigmas: Tensor) -> Tensor:
 
 def denoised(output: Tensor, x: Tensor, sigma: float | Tensor, prediction_type: str) -> Tensor:
     """x̂0 (B,C,H,W) from the model's ``output`` at the σ-scaled sample ``x`` (the model saw
-    ``x/√(σ²+1)``): ε: ``x − σ·out``; v: ``x/(σ²+1) − σ·out/√(σ²+1)``; sample: ``out``."""
+    ``x/√(σ²+1)``): ε: ``x − σ·out``; v: ``out·c_out + x·c_skip``, ``c_out = −σ/√(σ²+1)``, ``c_skip = 1/(σ²+1)``
+    computed in x's dtype as A1111's ``CompVisVDenoiser`` computes them (k_diffusion/external.py:149-167 at
+    4601bf0); sample: ``out``. ``sigma``: a float, or a tensor broadcasting against x."""
     if prediction_type == "epsilon":
         return x - sigma * output
     if prediction_type == "v_prediction":
-        return output * (-sigma / (sigma * sigma + 1) ** 0.5) + x / (sigma * sigma + 1)
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        return output * (-s / (s ** 2 + 1) ** 0.5) + x * (1 / (s ** 2 + 1))
     if prediction_type == "sample":
         return output
     raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
@@ -194,8 +252,9 @@ def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "l
                     karras: bool = False, round_karras_timesteps: bool = False,
                     schedule: str | None = None,
                     schedule_options: ScheduleOptions | None = None,
-                    discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor]:
-    """``(timesteps (n,), sigmas (n+1,))`` float64 CPU of diffusers' discrete-σ schedulers
+                    discard_next_to_last_sigma: bool = False,
+                    dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """``(timesteps (n,), sigmas (n+1,))`` CPU of diffusers' discrete-σ schedulers
     (``EulerDiscreteScheduler``, ``EulerAncestral``, ``Heun``, ``KDPM2``, ``KDPM2Ancestral``,
     ``LMS``) after ``set_timesteps(num_steps)``, on the training schedule ``alphas_cumprod`` (T,).
 
@@ -207,13 +266,15 @@ def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "l
     (:func:`.schedules.schedule_sigmas`, not ``automatic``) instead: its σ (m+1,), timesteps ``t(σ)`` as for
     Karras σ (``spacing`` unused); the last σ is the schedule's (0, or σ_min for ``kl_optimal``).
     ``discard_next_to_last_sigma``: with a ``schedule``, A1111's option of that name
-    (:func:`.schedules.schedule_sigmas`); unused without one.
+    (:func:`.schedules.schedule_sigmas`); unused without one. ``dtype``: the σ table's with a ``schedule``
+    (:func:`model_sigmas`): float32 makes A1111's grid and ``t(σ)`` float32, as A1111 computes them; diffusers'
+    grids (no ``schedule``, ``karras`` too) stay float64, as diffusers' ``np.interp`` / ``_sigma_to_t``.
 
     Raises:
         ValueError: ``num_steps`` below 1, or above T on a grid of training steps (:func:`check_grid_steps`: the
             ``leading`` / ``trailing`` spacings, the ``simple`` / ``ddim`` schedules), an unknown spacing or schedule.
     """
-    train = training_sigmas(alphas_cumprod)
+    train = model_sigmas(alphas_cumprod, dtype if schedule is not None else torch.float64)  # (as grid_table)
     if schedule is not None:
         from .schedules import schedule_sigmas
 
@@ -270,7 +331,8 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
                                         karras=karras, round_karras_timesteps=round_karras_timesteps,
                                         schedule=schedule,
                                         schedule_options=schedule_options,
-                                        discard_next_to_last_sigma=discard_next_to_last_sigma)
+                                        discard_next_to_last_sigma=discard_next_to_last_sigma,
+                                        dtype=work_dtype(x_T))
     if start is not None:  # img2img / hires fix: A1111's sigmas[index:], x = init + noise·σ (sdadapt.img2img)
         from ..img2img import start_index
 
@@ -284,9 +346,11 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
 
 
 def model_input(x: Tensor, sigma: float, dtype: torch.dtype) -> Tensor:
-    """What the model sees at noise level σ: ``x/√(σ²+1)`` (B,C,H,W) in ``dtype`` (the
-    caller's latent dtype; the samplers keep ``x`` in at least float32 between steps)."""
-    return (x / (sigma * sigma + 1) ** 0.5).to(dtype)
+    """What the model sees at noise level σ: ``x·c_in``, ``c_in = 1/(σ² + 1)**0.5`` computed in x's dtype (A1111's
+    ``CompVisDenoiser``, k_diffusion/external.py:99-110 at 4601bf0), (B,C,H,W) in ``dtype`` (the caller's latent
+    dtype; the samplers keep ``x`` in at least float32 between steps)."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return (x * (1 / (s ** 2 + 1) ** 0.5)).to(dtype)
 
 
 def timestep_batch(t: float, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -320,14 +384,20 @@ def step_noise(like: Tensor, generator: torch.Generator | None, dtype: torch.dty
     return torch.randn(like.shape, generator=generator, dtype=dtype, device=device).to(like.device)
 
 
-def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0,
+                   dtype: torch.dtype = torch.float64) -> tuple[float, float]:
     """``(σ_down, σ_up)`` of an ancestral step from σ_from to σ_to (k-diffusion's
     ``get_ancestral_step``): ``σ_up = min(σ_to, η·√(σ_to²(σ_from² − σ_to²)/σ_from²))``,
     ``σ_down = √(σ_to² − σ_up²)``; the deterministic part steps to σ_down, noise·σ_up is added.
     η = 1 (diffusers' ancestral schedulers) needs no cap (σ_up ≤ σ_to) and has none, as in diffusers;
-    η = 0 is ``(σ_to, 0)``."""
+    η = 0 is ``(σ_to, 0)``. ``dtype`` float32: computed on float32 0-dim tensors in k-diffusion's order
+    (k_diffusion/sampling.py:51-58 at 4601bf0, as A1111 calls it on its float32 σ), returned as floats."""
     if not eta:
         return sigma_to, 0.0
+    if dtype != torch.float64:
+        s_from, s_to = torch.tensor(sigma_from, dtype=torch.float32), torch.tensor(sigma_to, dtype=torch.float32)
+        up = torch.minimum(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
+        return float((s_to ** 2 - up ** 2).clamp_min(0) ** 0.5), float(up)
     up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
     if eta != 1.0:
         up = min(sigma_to, eta * up)
