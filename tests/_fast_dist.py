@@ -135,3 +135,9 @@ def logged_writes(log: Path) -> list[tuple[int, str]]:
 
     return [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
 
+
+def kohya_owner(i: int, num_processes: int) -> int:
+    """Transcription of kohya's split of its cache files: process ``process_index`` skips item ``i`` unless
+    ``i % num_processes == process_index`` (sd-scripts@48d368fa library/train_util.py:1182-1185
+    ``new_cache_latents``, 1326-1327 ``new_cache_text_encoder_outputs``)."""
+    return i % num_processes

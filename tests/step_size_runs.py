@@ -114,8 +114,6 @@ def assert_resumed_run_is_straight(reference: torch.optim.Optimizer, straight: S
     assert estimated_d(resumed_optimizer) == estimated_d(reference)
 
 
-
-
 def assert_cuda_capturable_step_matches(make: OptimizerFactory, weights: Sequence[torch.Tensor],
                                         grads: list[list[torch.Tensor]]) -> None:
     """On a GPU: ``make(params, lr, capturable)`` (``foreach`` multi-tensor) steps ``grads`` on CUDA

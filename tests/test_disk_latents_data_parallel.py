@@ -3,7 +3,7 @@
 kohya's rule (sd-scripts@48d368fa library/train_util.py:1147-1185 ``BaseDataset.new_cache_latents``): with
 ``cache_to_disk`` the image ``i`` is checked and, when its file is missing or unusable, encoded by the process with
 ``i % num_processes == process_index`` only; then ``accelerator.wait_for_everyone()`` (2625-2629) and every process
-reads every file. :func:`_kohya_owner` transcribes the split. Here: every file written exactly once across the ranks,
+reads every file. :func:`_fast_dist.kohya_owner` transcribes the split. Here: every file written exactly once across the ranks,
 by its owner; every rank's latents bit for bit one process's; a second run writes nothing; an unusable file is
 rewritten once, by its owner, and both ranks report it.
 """
@@ -12,29 +12,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from pathlib import Path
 
 import torch
-from _fast_dist import cli_ranks, fork_ranks, logged_writes, logging_writes
+from _fast_dist import fork_ranks, free_port, kohya_owner, logged_writes, logging_writes
+from test_train_data_parallel import _torchrun
 
 from sdadapt.images import write_png
 from sdadapt.training import kohya_latent_files
 from sdadapt.training.data import Dataset, encode_buckets, find_images, plan_dataset
 
 N = 5  # (odd: rank 0 owns 0, 2, 4; rank 1 owns 1, 3)
-
-
-def _kohya_owner(i: int, num_processes: int) -> int:
-    """Transcription of kohya's split: process ``process_index`` skips ``i`` unless ``i % num_processes ==
-    process_index`` (library/train_util.py:1182-1185)."""
-    return i % num_processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _images(folder: Path) -> Path:
@@ -54,11 +42,7 @@ def _dataset(folder: Path) -> Dataset:
 
 def _logging_writes(log: Path):
     """``write_npz_latents`` logging each write's ``(rank, file name)`` to ``log``."""
-    return logging_writes(getattr(kohya_latent_files, "write_npz_latents"), log)
-
-
-def _writes(log: Path) -> list[tuple[int, str]]:
-    return logged_writes(log)
+    return logging_writes(kohya_latent_files.write_npz_latents, log)
 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -92,14 +76,14 @@ def test_each_file_is_written_once_by_its_owner_and_every_rank_reads_all(tmp_pat
     images = _images(tmp_path / "imgs")
     log = tmp_path / "writes.log"
     monkeypatch.setattr(kohya_latent_files, "write_npz_latents", _logging_writes(log))  # (the forks inherit it)
-    fork_ranks(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    writes = _writes(log)
+    fork_ranks(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    writes = logged_writes(log)
     names = [p.name for p in sorted(images.glob("*.png"))]  # (find_images' order: the dataset's)
     npz = {f"img{i}_0032x0032_sd.npz": i for i in range(N)}
     # first run: each file once, by kohya's owner; second: none; third: the cut file only, by its owner (rank 1)
     first, third = writes[:N], writes[N:]
     assert sorted(name for _, name in first) == sorted(npz)
-    assert all(rank == _kohya_owner(npz[name], 2) for rank, name in first), first
+    assert all(rank == kohya_owner(npz[name], 2) for rank, name in first), first
     assert third == [(1, "img3_0032x0032_sd.npz")]
     assert names == [f"img{i}.png" for i in range(N)]
     # every rank: the latents of one process encoding them all (the in-memory path), bit for bit, in every run
@@ -127,14 +111,12 @@ def test_train_writes_each_file_once_across_the_ranks(tmp_path, monkeypatch):
     args = ["train", "lora", "--model", "toy", "--images", str(images), "--steps", "1", "--batch-size", "1",
             "--seed", "1", "--cache-latents-to-disk", "--flip-aug", "--rank", "2"]
     runs = []
-    for name in ("a", "b"):
-        done = cli_ranks([*args, "-o", str(tmp_path / f"{name}.safetensors")], tmp_path, 2)
-        for rank, result in enumerate(done):
-            assert result.returncode == 0, f"rank {rank}: {result.stderr[-3000:]}"
-        runs.append(done[0].stdout + done[0].stderr)
-    writes = _writes(log)
+    for name in ("a", "b"):  # (each rank's exit status checked)
+        rank0 = _torchrun([*args, "-o", str(tmp_path / f"{name}.safetensors")], tmp_path)[0]
+        runs.append(rank0.stdout + rank0.stderr)
+    writes = logged_writes(log)
     assert sorted(name for _, name in writes) == sorted(f"img{i}_0032x0032_sd.npz" for i in range(N))
-    assert all(rank == _kohya_owner(int(name[3]), 2) for rank, name in writes), writes
+    assert all(rank == kohya_owner(int(name[3]), 2) for rank, name in writes), writes
     assert "0 image(s)' latents read from their .npz files, 5 encoded" in runs[0]
     assert "5 image(s)' latents read from their .npz files, 0 encoded" in runs[1]
     from safetensors.torch import load_file

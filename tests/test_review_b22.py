@@ -91,8 +91,9 @@ def test_class_image_latent_files_are_shared_out_across_the_ranks(tmp_path, monk
     (image ``i`` by process ``i % num_processes``) covers the reg subsets too (``DatasetGroup.new_cache_latents``
     walks every dataset, sd-scripts@48d368fa library/train_util.py:2625-2629; the reg images are a subset of the
     DreamBooth dataset). The class images' files must be written once across the ranks, as the training images'."""
-    from _fast_dist import cli_ranks
-    from test_disk_latents_data_parallel import _images, _logging_writes, _writes
+    from _fast_dist import logged_writes
+    from test_disk_latents_data_parallel import _images, _logging_writes
+    from test_train_data_parallel import _torchrun
 
     from sdadapt.training import kohya_latent_files
 
@@ -109,9 +110,8 @@ def test_class_image_latent_files_are_shared_out_across_the_ranks(tmp_path, monk
     args = ["train", "lora", "--model", "toy", "--images", str(images), "--reg-data-dir", str(reg), "--steps", "1",
             "--batch-size", "1", "--seed", "1", "--cache-latents-to-disk", "--rank", "2",
             "-o", str(tmp_path / "a.safetensors")]
-    for rank, result in enumerate(cli_ranks(args, tmp_path, 2)):
-        assert result.returncode == 0, f"rank {rank}: {result.stderr[-3000:]}"
-    names = [name for _, name in _writes(log)]
+    _torchrun(args, tmp_path)  # (each rank's exit status checked)
+    names = [name for _, name in logged_writes(log)]
     assert sorted(names) == sorted(set(names)), sorted(names)  # (each file written once, by one rank)
     assert sum(name.startswith("cimg") for name in names) == 5
 
@@ -179,10 +179,9 @@ def test_text_encoder_output_files_are_shared_out_across_the_ranks(tmp_path, mon
     (sd-scripts@48d368fa library/train_util.py:1314-1327: ``if i % num_processes != process_index: continue``, then
     ``accelerator.wait_for_everyone()``, 2651) makes each image's file once across the processes, as its latent
     files; sdadapt shares the latent files out that way (``KohyaLatentFiles.share_out``) but not these."""
-    import json
-    import os
-
-    from _fast_dist import cli_ranks
+    from _fast_dist import logged_writes
+    from test_cache_files_followups_ranks import _logging_writes
+    from test_train_data_parallel import _torchrun
     from tiny_checkpoints import tiny_sdxl_file
     from train_inputs import captioned_pngs
 
@@ -190,20 +189,12 @@ def test_text_encoder_output_files_are_shared_out_across_the_ranks(tmp_path, mon
 
     images = captioned_pngs(tmp_path / "imgs", [(16, 16)] * 4, caption=[f"sks toy, photo {i}" for i in range(4)])
     log = tmp_path / "writes.log"
-    real = kohya_text_files.write_npz_text_outputs
-
-    def write(path, *args, **kwargs):
-        with open(log, "a") as handle:
-            handle.write(json.dumps([int(os.environ.get("RANK", "-1")), os.path.basename(path)]) + "\n")
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(kohya_text_files, "write_npz_text_outputs", write)  # (the forks inherit it)
+    monkeypatch.setattr(kohya_text_files, "write_npz_text_outputs", _logging_writes(log))  # (the forks inherit it)
     args = ["train", "lora", "--model", str(tiny_sdxl_file(tmp_path / "sdxl.safetensors")), "--images", str(images),
             "--resolution", "16", "--steps", "1", "--batch-size", "1", "--seed", "1", "--no-text-encoder",
             "--rank", "2", "--cache-text-encoder-outputs-to-disk", "-o", str(tmp_path / "a.safetensors")]
-    for rank, result in enumerate(cli_ranks(args, tmp_path, 2)):
-        assert result.returncode == 0, f"rank {rank}: {result.stderr[-3000:]}"
-    names = [name for _, name in (json.loads(line) for line in log.read_text().splitlines())]
+    _torchrun(args, tmp_path)  # (each rank's exit status checked)
+    names = [name for _, name in logged_writes(log)]
     assert len(names) == 4 and sorted(set(names)) == sorted(names), sorted(names)
 
 

@@ -366,9 +366,6 @@ def run_generate(
     from ..img2img import check_vae_encode
 
     check_vae_encode(vae_encode)
-    # (otherwise only an inpainting model's own image conditioning is encoded: checked once the model is loaded)
-    encodes_pixels = init_image is not None or (hires_upscaler == "pixel-lanczos" and (
-        hires_scale is not None or hires_width is not None or hires_height is not None))
     hires = _check_img2img_options(sampler, init_image=init_image, denoising_strength=denoising_strength,
                                    hires_scale=hires_scale, hires_width=hires_width, hires_height=hires_height,
                                    hires_steps=hires_steps, hires_denoising=hires_denoising,
@@ -376,6 +373,8 @@ def run_generate(
                                    hires_texts=(hires_prompt, hires_negative, hires_sampler))
     # (A1111's setup_prompts: an empty hires prompt or negative prompt is the first pass's, tags and all)
     hires_prompt, hires_negative = hires_prompt or None, hires_negative or None
+    # (otherwise only an inpainting model's own image conditioning is encoded: checked once the model is loaded)
+    encodes_pixels = init_image is not None or (hires is not None and hires_upscaler == "pixel-lanczos")
     fixed_grids = _check_img2img_passes(sampler, steps=steps or 25, init_image=init_image,
                                         denoising_strength=denoising_strength, fix_steps=img2img_fix_steps,
                                         hires=hires is not None, hires_sampler=hires_sampler, hires_steps=hires_steps,

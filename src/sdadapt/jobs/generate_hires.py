@@ -368,7 +368,7 @@ def _hires_conditioning_draws(system, second: dict, *, vae_encode: str, weighted
       :func:`sdadapt.img2img.init_generator` of the seed past one more draw — where the system draws that pass's
       grey at weight 1 (``DiffusersSystem._conditioning_generator``). A1111's start noise stays its own.
     """
-    from ..img2img import init_generator
+    from ..diffusers_system import DiffusersSystem
     from .generate_inpaint import _is_inpainting_model
 
     if vae_encode != "sample" or getattr(system, "unclip", None) is not None or not _is_inpainting_model(system):
@@ -385,9 +385,8 @@ def _hires_conditioning_draws(system, second: dict, *, vae_encode: str, weighted
         return pixel_generator, {}
     if not weighted:
         return None, {}
-    g = init_generator(seed, a1111_noise=True, shape=shape)
-    torch.randn(shape, generator=g)  # (the place of a pixel pass's ε: where the weight-1 grey is drawn)
-    return g, {}
+    # (the place of a pixel pass's ε: where the system draws the weight-1 grey)
+    return DiffusersSystem._conditioning_generator(vae_encode, None, seed=seed, shape=shape), {}
 
 
 def sample_image(system, prompts: list[str], options: dict, *, init_latents: Tensor | None = None,

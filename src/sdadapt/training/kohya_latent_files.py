@@ -62,6 +62,7 @@ import zipfile
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +73,8 @@ from .data import ImageRecord, _load
 from .data_parallel import DataParallel
 from .model_fingerprint import module_fingerprint
 
-__all__ = ["KohyaLatentFiles", "claim_files", "crop_ltrb", "npz_path_for", "read_npz_latents", "write_npz_latents"]
+__all__ = ["KohyaLatentFiles", "claim_files", "crop_ltrb", "deal_out_files", "npz_path_for", "read_npz_latents",
+           "write_npz_latents"]
 
 #: kohya's SdSdxlLatentsCachingStrategy suffixes (library/strategy_sd.py)
 _SD_SUFFIX, _SDXL_SUFFIX, _OLD_SUFFIX = "_sd.npz", "_sdxl.npz", ".npz"
@@ -122,6 +124,37 @@ def claim_files(taken: dict[str, tuple[Path, str, Hashable, str]], claims: Itera
             raise ValueError(f"{option}: {image} is used {first_words} and {words}, but its one file {file} can keep "
                              f"the {what} of one of these: use the image once, or copy it under another name for "
                              "the other use")
+
+
+def deal_out_files(cache: Any, count: int, group: DataParallel,
+                   make: Callable[[list[int]], list[str]], *, what: str) -> None:
+    """Make ``count`` cache files once across the ranks, the ``share_out`` of :class:`KohyaLatentFiles` and of
+    :class:`~sdadapt.training.kohya_text_files.KohyaTextFiles` (``cache``): rank ``r`` calls ``make(items)`` with its
+    items ``r, r + world, ...`` (:func:`~.data_parallel.deal_out`, kohya's split), which checks them, writes those
+    missing or unusable, counting in ``cache.read`` / ``cache.encoded`` / ``cache.rewritten`` as it goes, and returns
+    the files it wrote; then the ranks exchange what each counted. Afterwards those counts hold every rank's work
+    (the report of rank 0 names it all) and ``cache._fresh`` every file written, so that reading them back does not
+    count them again as read.
+
+    Raises:
+        PeerProcessError: another rank failed first.
+    """
+    from .data_parallel import deal_out
+
+    def work(mine: list[int]) -> dict[str, object]:
+        read, encoded, seen = cache.read, cache.encoded, len(cache.rewritten)
+        written = make(mine)
+        done = {"read": cache.read - read, "encoded": cache.encoded - encoded,
+                "rewritten": [[str(p), why] for p, why in cache.rewritten[seen:]], "written": written}
+        cache.read, cache.encoded = read, encoded  # (counted once, from the exchange below)
+        del cache.rewritten[seen:]
+        return done
+
+    for theirs in deal_out(count, group, work, what=what):
+        cache.read += int(theirs["read"])
+        cache.encoded += int(theirs["encoded"])
+        cache.rewritten += [(Path(p), why) for p, why in theirs["rewritten"]]
+        cache._fresh.update(theirs["written"])
 
 
 def crop_ltrb(bucket: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -335,15 +368,12 @@ class KohyaLatentFiles:
         self.claim(records)
         if group is None:
             return
-        from .data_parallel import deal_out
-
         files: dict[str, ImageRecord] = {}
         for record in records:  # (the first record of each file: the others need the same latents, claim says)
             files.setdefault(os.path.realpath(self._path(record)), record)
         distinct = list(files.values())
 
-        def work(mine: list[int]) -> dict[str, object]:
-            before, seen = self.encoded, len(self.rewritten)
+        def make(mine: list[int]) -> list[str]:
             by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
             for i in mine:
                 by_bucket.setdefault(distinct[i].bucket, []).append(distinct[i])
@@ -352,17 +382,10 @@ class KohyaLatentFiles:
                 for start in range(0, len(part), batch):
                     written += [str(p) for p in self._read_or_encode(part[start: start + batch], flip=flip, count=False,
                                                                      keep=False)[2]]
-            done = {"encoded": self.encoded - before, "rewritten": [[str(p), why] for p, why in self.rewritten[seen:]],
-                    "written": written}
-            del self.rewritten[seen:]
-            self.encoded = before
-            return done
+            return written
 
-        for theirs in deal_out(len(distinct), group, work,
-                               what="the sharing out of the latent files (--cache-latents-to-disk)"):
-            self.encoded += int(theirs["encoded"])
-            self.rewritten += [(Path(p), why) for p, why in theirs["rewritten"]]
-            self._fresh.update(theirs["written"])
+        deal_out_files(self, len(distinct), group, make,
+                       what="the sharing out of the latent files (--cache-latents-to-disk)")
 
     def _read_or_encode(self, records: Sequence[ImageRecord], *, flip: bool, count: bool = True,
                         keep: bool = True) -> tuple[list[Tensor | None], list[Tensor | None], list[Path]]:

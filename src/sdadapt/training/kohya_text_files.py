@@ -79,7 +79,7 @@ from torch import Tensor
 
 from ..formats.files import atomic_write
 from .data_parallel import DataParallel
-from .kohya_latent_files import claim_files
+from .kohya_latent_files import claim_files, deal_out_files
 from .model_fingerprint import module_fingerprint
 from .text_cache import TextConditionCache
 
@@ -290,29 +290,18 @@ class KohyaTextFiles:
     def _share_out(self, encode: Callable[[list[str]], TextConditionCache], files: list[tuple[Path, str]],
                    shapes: tuple[tuple[int, ...], ...]) -> None:
         """Data parallel: rank ``r`` checks the files ``r, r + world, ...`` and encodes and writes those missing or
-        unusable (their captions only), then the ranks exchange what each did (:func:`~.data_parallel.deal_out`, the
-        split of kohya's ``new_cache_text_encoder_outputs``: sd-scripts@48d368fa library/train_util.py:1320-1330, then
+        unusable (their captions only), then the ranks exchange what each did
+        (:func:`~sdadapt.training.kohya_latent_files.deal_out_files`, the split of kohya's
+        ``new_cache_text_encoder_outputs``: sd-scripts@48d368fa library/train_util.py:1320-1330, then
         ``wait_for_everyone``, 2647-2651); the counts then hold every rank's work, and the files written now are not
         counted again as read."""
-        from .data_parallel import deal_out
 
-        def work(mine: list[int]) -> dict[str, object]:
-            before = (self.read, self.encoded, len(self.rewritten))
+        def make(mine: list[int]) -> list[str]:
             share = [files[i] for i in mine]
-            written = self._read_or_encode(encode, share, list(dict.fromkeys(c for _, c in share)), shapes, share=True)
-            done = {"read": self.read - before[0], "encoded": self.encoded - before[1],
-                    "rewritten": [[str(p), why] for p, why in self.rewritten[before[2]:]], "written": written}
-            self.read, self.encoded = before[:2]
-            del self.rewritten[before[2]:]
-            return done
+            return self._read_or_encode(encode, share, list(dict.fromkeys(c for _, c in share)), shapes, share=True)
 
-        for theirs in deal_out(len(files), self.group, work,  # type: ignore[arg-type]
-                               what="the sharing out of the text-encoder output files "
-                                    "(--cache-text-encoder-outputs-to-disk)"):
-            self.read += int(theirs["read"])
-            self.encoded += int(theirs["encoded"])
-            self.rewritten += [(Path(p), why) for p, why in theirs["rewritten"]]
-            self._fresh.update(theirs["written"])
+        deal_out_files(self, len(files), self.group, make,  # type: ignore[arg-type]
+                       what="the sharing out of the text-encoder output files (--cache-text-encoder-outputs-to-disk)")
 
     def _read_or_encode(self, encode: Callable[[list[str]], TextConditionCache], files: Sequence[tuple[Path, str]],
                         texts: list[str], shapes: tuple[tuple[int, ...], ...], *, share: bool = False) -> Any:

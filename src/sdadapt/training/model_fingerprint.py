@@ -67,6 +67,6 @@ def module_fingerprint(*modules: nn.Module | None, samples: int = SAMPLES_PER_TE
                 index_tensor = torch.tensor(positions, device=flat.device)
                 gathered.append(flat[index_tensor].to(torch.float32 if flat.device.type == "mps" else torch.float64))
         if gathered:  # (one copy to the host: no sync per tensor on an accelerator)
-            values = torch.cat([g.to(gathered[0].dtype) for g in gathered]).cpu().to(torch.float64)
+            values = torch.cat(gathered).cpu().to(torch.float64)
             digest.update(np.ascontiguousarray(values.numpy()).tobytes())
     return digest.hexdigest()[:20]
