@@ -34,6 +34,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
+def kdiffusion_sigma_to_t(log_sigmas: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """k-diffusion 4601bf0 ``DiscreteSchedule.sigma_to_t`` (external.py:65-77, ``quantize=False``): the fractional
+    timestep of ``sigma`` on the table ``log_sigmas`` (T,), interpolated in log σ, computed in the table's dtype
+    (float32 as A1111 runs it, float64 for a precise reference); shaped as ``sigma``."""
+    log_sigma = sigma.log()
+    dists = log_sigma - log_sigmas[:, None]
+    low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+    return ((1 - w) * low_idx + w * high_idx).view(sigma.shape)
+
+
 def stand_in(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A fixed nonlinear 'model' in which t matters a lot (an off-by-one t changes it by ~3%):
     ``0.3·tanh(x) + 0.2·sin(t/7)·flip(x)`` over x (B,C,H,W) at timesteps t (B,)."""

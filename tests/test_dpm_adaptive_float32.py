@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sampler_stand_ins import KDiffusionDPMSolver, sd_alphas_cumprod, stand_in
+from sampler_stand_ins import (
+    KDiffusionDPMSolver,
+    kdiffusion_sigma_to_t,
+    sd_alphas_cumprod,
+    stand_in,
+)
 
 from sdadapt.img2img import Img2ImgStart
 from sdadapt.samplers.dpm_fast_adaptive import dpm_adaptive_sample, dpm_fast_sample
@@ -28,14 +33,8 @@ ADAPTIVE_CASES = [  # (order, eta, rtol, (pcoeff, icoeff, dcoeff))
 
 
 def _sigma_to_t(sigma: torch.Tensor) -> torch.Tensor:
-    """k-diffusion 4601bf0 ``DiscreteSchedule.sigma_to_t`` (external.py:65-77, unquantized) on the float32 table."""
-    log_sigma = sigma.log()
-    dists = log_sigma - LOG_SIGMAS[:, None]
-    low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=LOG_SIGMAS.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = LOG_SIGMAS[low_idx], LOG_SIGMAS[high_idx]
-    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
-    return ((1 - w) * low_idx + w * high_idx).view(sigma.shape)
+    """k-diffusion's ``sigma_to_t`` on the float32 table."""
+    return kdiffusion_sigma_to_t(LOG_SIGMAS, sigma)
 
 
 def _get_sigmas(n: int) -> torch.Tensor:

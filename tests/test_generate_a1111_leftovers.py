@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from sampler_stand_ins import kdiffusion_sigma_to_t
 
 from sdadapt.inpaint_crop import crop_and_resize, paste_back
 from tests.test_img2img_resize import _a1111_resize_image
@@ -254,14 +255,7 @@ def _a1111_setup_img2img_steps(steps, denoising_strength):
 
 def _k_sigma_to_t(sigma):
     """k-diffusion's ``DiscreteSchedule.sigma_to_t`` (quantize=False), float64."""
-    log_sigmas = _TRAIN_SIGMAS.log()
-    log_sigma = sigma.log()
-    dists = log_sigma - log_sigmas[:, None]
-    low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
-    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
-    return (1 - w) * low_idx + w * high_idx
+    return kdiffusion_sigma_to_t(_TRAIN_SIGMAS.log(), sigma)
 
 
 def _k_t_to_sigma(t):
