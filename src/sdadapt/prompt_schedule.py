@@ -59,6 +59,7 @@ __all__ = [
     "schedule_index",
     "schedule_steps",
     "strip_comments",
+    "strip_prompt_comments",
 ]
 
 #: sdadapt's names of the samplers A1111 marks ``second_order`` (Heun, DPM2, DPM2 a, DPM++ 2S a,
@@ -428,3 +429,13 @@ def strip_comments(text: str) -> str:
     if "#" not in text:
         return text
     return _COMMENT_TAIL.sub("\n", _COMMENT_LINE.sub("\n", text))
+
+
+def strip_prompt_comments(prompt: str, *, fix: str) -> str:
+    """:func:`strip_comments` of a job's ``--prompt``, refusing a prompt that is all comments (nothing left to
+    condition on): ``ValueError`` naming the prompt, then ``fix`` (what to give instead)."""
+    stripped = strip_comments(prompt)
+    if prompt.strip() and not stripped.strip():
+        raise ValueError(f"--prompt {prompt!r} is all # comments (A1111's comment syntax: '#' to the end of the line "
+                         f"is left out); {fix}")
+    return stripped

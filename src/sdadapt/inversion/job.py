@@ -125,12 +125,11 @@ def run_invert(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if comments:  # (A1111's "Enable comments", generate's default: before any other reading of the texts)
-        from ..prompt_schedule import strip_comments
+        from ..prompt_schedule import strip_comments, strip_prompt_comments
 
-        if prompt.strip() and not strip_comments(prompt).strip():
-            raise ValueError(f"--prompt {prompt!r} is all # comments (A1111's comment syntax, read as generate reads "
-                             "it: '#' to the end of the line is left out); give the image's caption")
-        prompt, negative = strip_comments(prompt), strip_comments(negative)
+        prompt = strip_prompt_comments(prompt, fix="give the image's caption, or pass comments=False "
+                                       "(--no-comments) to keep '#'")
+        negative = strip_comments(negative)
         edit_prompt = None if edit_prompt is None else strip_comments(edit_prompt)
     source = Path(image)
     if not source.is_file():

@@ -289,13 +289,11 @@ def run_generate(
 
     say = log or (lambda line: None)
     if comments and prompt:  # A1111's "Enable comments": before any other reading of the prompts
-        from ..prompt_schedule import strip_comments
+        from ..prompt_schedule import strip_comments, strip_prompt_comments
 
-        if not strip_comments(prompt).strip() and prompt.strip():
-            raise ValueError(f"--prompt {prompt!r} is all # comments (A1111's comment syntax: '#' to the end of "
-                             "the line is left out); say what the image should show, or pass comments=False "
-                             "(--no-comments) to keep '#'")
-        prompt, negative = strip_comments(prompt), strip_comments(negative)
+        prompt = strip_prompt_comments(prompt, fix="say what the image should show, or pass comments=False "
+                                       "(--no-comments) to keep '#'")
+        negative = strip_comments(negative)
     if not prompt or not prompt.strip():
         raise ValueError("--prompt is empty; say what the image should show")
     asked_sampler = sampler
