@@ -484,15 +484,24 @@ def test_automatic_is_a1111s_per_sampler_option(label, option):
 
 def test_schedule_karras_is_the_karras_option():
     """``schedule="karras"`` is ``karras=True``, but on DPM2, DPM2 a and DPM++ 3M SDE, where it is A1111's grid
-    (n + 1 Karras σ, the next-to-last dropped) and ``karras=True`` alone diffusers' (n Karras σ)."""
+    (n + 1 Karras σ, the next-to-last dropped) and ``karras=True`` alone diffusers' (n Karras σ); and on Euler, Heun,
+    LMS and DPM++ 2S a with float32 latents, where it is A1111's float32 Karras grid (k-diffusion's bits:
+    tests/test_review_b22b.py) — the same grid as ``karras=True``'s float64 one within float32 rounding — while on
+    float64 latents it is ``karras=True``."""
     ac = _sd_alphas_cumprod().float()
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     for name in samplers.KARRAS_SAMPLERS:
-        def run(name=name, **kw):
+        def run(name=name, x_T=x_T, **kw):
             return sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler=name, alphas_cumprod=ac,
                                   num_steps=5, generator=torch.Generator().manual_seed(1), **kw)
 
-        if name in samplers.DISCARD_NEXT_TO_LAST_SIGMA:
+        if name in ("euler", "heun", "lms", "dpmpp_2s_a"):
+            a1111, diffusers = run(schedule="Karras"), run(karras=True)
+            assert not torch.equal(a1111, diffusers) and _rel_err(a1111, diffusers) < 1e-4, name
+            assert torch.equal(a1111, run(schedule="Karras", discard_next_to_last_sigma=False)), name
+            x64 = x_T.double()
+            assert torch.equal(run(x_T=x64, schedule="Karras"), run(x_T=x64, karras=True)), name
+        elif name in samplers.DISCARD_NEXT_TO_LAST_SIGMA:
             assert _rel_err(run(schedule="Karras"), run(karras=True)) > 1e-4, name
             assert torch.equal(run(schedule="Karras"), run(schedule="Karras", karras=True)), name
             if name != "dpmsolver++_3m_sde":  # (A1111's pick for DPM2, DPM2 a: Karras; for DPM++ 3M SDE: Exponential)
@@ -563,8 +572,8 @@ def test_run_generate_with_a_schedule_end_to_end(tmp_path):
 
 def test_a_tiny_sd_model_samples_on_a_schedule(tmp_path):
     """``generate`` on a tiny random SD1 UNet (DiffusersSystem): ``schedule=`` reaches the sampler (the latents of
-    ``sample_latents`` on that grid, decoded), ``"Karras"`` is ``karras=True`` (but for DPM2), and no schedule is the
-    diffusers grid."""
+    ``sample_latents`` on that grid, decoded), ``"Karras"`` is ``karras=True``'s grid (DPM2: A1111's other grid; Heun on
+    float32 latents: in float32, A1111's arithmetic), and no schedule is the diffusers grid."""
     from test_cli_train import _tiny_pipeline
 
     from sdadapt.diffusers_system import DiffusersSystem
@@ -582,7 +591,9 @@ def test_a_tiny_sd_model_samples_on_a_schedule(tmp_path):
                                  prediction_type=system.prediction_type, generator=g, schedule="exponential")
         want = system.decode_latents(latents)
     assert _rel_err(exp, want) < 1e-5
-    assert torch.equal(run(sampler="heun", schedule="karras"), run(sampler="heun", karras=True))
+    # Heun Karras on float32 latents: A1111's float32 Karras grid, within float32 rounding of karras=True's float64 one
+    heun_a1111, heun_diffusers = run(sampler="heun", schedule="karras"), run(sampler="heun", karras=True)
+    assert not torch.equal(heun_a1111, heun_diffusers) and _rel_err(heun_a1111, heun_diffusers) < 1e-4
     # DPM2 on a schedule: A1111's grid (n + 1 Karras σ, the next-to-last dropped), not diffusers' Karras σ
     assert _rel_err(run(sampler="dpm_2", schedule="karras"), run(sampler="dpm_2", karras=True)) > 1e-4
     assert _rel_err(run(sampler="euler"), exp) > 1e-4

@@ -64,11 +64,17 @@ from .lms import lms_sample
 from .pndm import pndm_sample
 from .restart import restart_sample
 from .schedules import ScheduleOptions
+from .sigma_space import work_dtype
 from .unipc import unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
            "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler",
            "check_karras", "resolve_schedule", "sample_latents"]
+
+#: σ samplers whose A1111 grid (a ``schedule``) runs A1111's k-diffusion arithmetic bit for bit on float32 / half
+#: latents (:mod:`.sigma_space`: float32 σ table, ``x·c_in``, float32 ``sigma_to_t``): there ``schedule="karras"``
+#: stays A1111's float32 Karras grid instead of ``karras=True`` (diffusers' float64 one, as on float64 latents)
+_A1111_FLOAT32: tuple[str, ...] = ("euler", "heun", "lms", "dpmpp_2s_a")
 
 #: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
 #: callback[, karras][, **options]) -> x0`` (``ddim`` is dispatched separately, with its own options)
@@ -159,7 +165,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     schedule = resolve_schedule(name, schedule, karras)
     discard = schedule is not None and (name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
                                         else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one)
-    if schedule == "karras" and name in KARRAS_SAMPLERS and not discard and not tuned:
+    if schedule == "karras" and name in KARRAS_SAMPLERS and not discard and not tuned and not (
+            name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64):
         karras, schedule = True, None
     check_karras(name, karras)
     if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
