@@ -12,6 +12,16 @@ The noise z of an interval [σ', σ] is the increment of one Brownian motion ove
 ``√(σ − σ')`` (torchsde's ``BrownianInterval``, as diffusers' ``BatchedBrownianTree`` builds it), so the
 noise of the two stages of a step are correlated and the image hardly changes with the step count.
 torchsde is needed for this sampler only; it is imported when the sampler runs.
+
+**On A1111's grids** (a ``schedule``) the run is k-diffusion's ``sample_dpmpp_sde`` as A1111 calls it
+(k_diffusion/sampling.py:543-582 at 4601bf0, η = 1, r = ½, on its ``CompVisDenoiser`` / ``CompVisVDenoiser``):
+the same two stages in its arithmetic — ``t = −log σ``, ``h``, ``s = t + h/2`` as 0-dim tensors, σ read back as
+``e^(−t)``, each stage ``x' = (e^(−t_down)/e^(−t))·x − expm1(t − t_down)·x̂0`` plus ``σ_up·noise(e^(−t), σ')``
+(:func:`.sigma_space.ancestral_step` on the same 0-dim values), the midpoint's model call at ``e^(−s)`` and its
+``t(σ)`` on the σ table. On float32 (and half) latents everything is float32 — A1111's σ table, grid and ``t(σ)``
+(:func:`.sigma_space.discrete_start`), the tree — and the result is k-diffusion's bit for bit; float64 latents run
+the same form in float64 (a precise mode, as the other samplers on A1111's grids). Without a ``schedule`` the
+steps are diffusers' (float32 σ, float64 ratios), as above.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,9 +39,10 @@ from .a1111_noise import A1111Noise, randn_local
 from .sigma_space import (
     ZERO_SNR_ALPHA_CUMPROD,
     ancestral_step,
-    check_grid_steps,
     check_prediction_type,
     denoised,
+    discrete_start,
+    grid_table,
     grid_timesteps,
     initial_noise_sigma,
     karras_sigmas,
@@ -72,31 +84,21 @@ def brownian_tree_seed(generator: torch.Generator | None) -> int:
 
 
 def dpmpp_sde_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False, spacing: str = "linspace",
-                   steps_offset: int = 0, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                   discard_next_to_last_sigma: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The grid of diffusers' ``DPMSolverSDEScheduler.set_timesteps(num_steps)`` on ``alphas_cumprod`` (T,).
+                   steps_offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The grid of diffusers' ``DPMSolverSDEScheduler.set_timesteps(num_steps)`` on ``alphas_cumprod`` (T,)
+    (A1111's grids: :func:`.sigma_space.discrete_sigmas`, as :func:`dpmpp_sde_sample` runs them).
 
     Returns:
         ``(timesteps (n,), sigmas (n+1,), mid_timesteps (n−1,), mid_sigmas (n−1,))`` float64 CPU:
         the timesteps by ``spacing`` (linspace unrounded, float64 as the class keeps them), σ linear in t
         (or Karras σ between the last and first of those, timesteps ``t(σ)`` unrounded), σ_n = 0; the
-        log-midpoints ``√(σ_i σ_{i+1})`` of the steps before the last and their timesteps ``t(σ)``. With a
-        ``schedule`` (one of A1111's, :func:`.schedules.schedule_sigmas`, with ``discard_next_to_last_sigma``): its σ
-        (m+1,), its last σ as it is.
+        log-midpoints ``√(σ_i σ_{i+1})`` of the steps before the last and their timesteps ``t(σ)``.
 
     Raises:
         ValueError: ``num_steps`` below 1 or above T on a grid of training steps
             (:func:`.sigma_space.check_grid_steps`), an unknown spacing.
     """
     train = _float32_training_sigmas(alphas_cumprod)
-    if schedule is not None:
-        from .schedules import schedule_sigmas
-
-        check_grid_steps(num_steps, train.shape[0], schedule=schedule)
-        full = schedule_sigmas(schedule, num_steps, train, discard_next_to_last_sigma=discard_next_to_last_sigma,
-                               options=schedule_options)
-        mids = (full[:-1] * full[1:]).sqrt()  # (0 for a step onto σ = 0, never used)
-        return sigma_to_t(full[:-1], train), full, sigma_to_t(mids, train), mids
     timesteps = grid_timesteps(num_steps, train.shape[0], spacing, steps_offset)
     sigmas = sigmas_at(timesteps, train)
     if karras:
@@ -193,13 +195,62 @@ def brownian_noise(like: Tensor, sigma_min: float, sigma_max: float, seed: int |
 
 
 def _no_noise(sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    raise RuntimeError("dpmpp_sde: a one-step run draws no noise")  # pragma: no cover - unreachable
+    raise RuntimeError("dpmpp_sde: a run that only steps onto σ = 0 draws no noise")  # pragma: no cover
 
 
 def _sigma_round_trip(sigma: Tensor) -> Tensor:
     """``σ → t = −log σ → e^(−t)`` in float32, the noise levels diffusers queries its tree at (the
     negations are exact: ``exp(log σ)``, σ with log's and exp's rounding)."""
     return sigma.log().exp()
+
+
+#: x̂0 (B,C,H,W) of the model at (x, σ, timestep)
+_X0At = Callable[[Tensor, float | Tensor, float], Tensor]
+#: the Brownian noise of an interval (σ, σ') (B,C,H,W)
+_Noise = Callable[[Tensor, Tensor], Tensor]
+
+
+def _diffusers_ancestral(x: Tensor, x0: Tensor, sigma: Tensor, sigma_to: Tensor, noise: _Noise) -> Tensor:
+    """One of ``DPMSolverSDEScheduler.step``'s ancestral first-order steps σ → σ_to (float32 0-dim σ): from
+    σ's round trip, the ratio ``σ_down/σ`` in float64, plus ``σ_up·noise``."""
+    s_from = _sigma_round_trip(sigma)
+    down, up = ancestral_step(float(s_from), float(sigma_to))
+    ratio = down / float(s_from)
+    return x * ratio + x0 * (1.0 - ratio) + noise(s_from, sigma_to) * up
+
+
+def _diffusers_step(x: Tensor, x0: Tensor, i: int, sigmas: Tensor, *, mid_times: list[float], x0_at: _X0At,
+                    noise: _Noise) -> Tensor:
+    """diffusers' two stages from σ_i to σ_{i+1} > 0 (``sigmas`` (n+1,) float32): to the float32 log-midpoint with
+    x̂0, then from x the whole way with the midpoint's x̂0 (model at ``mid_times[i]``, the grid's ``t(σ_mid)``)."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    t_i, t_next = sigma.log().neg(), sigma_next.log().neg()
+    s_mid = (t_i + (t_next - t_i) * 0.5).neg().exp()  # float32, as diffusers' midpoint σ
+    x_mid = _diffusers_ancestral(x, x0, sigma, s_mid, noise)
+    x0_mid = x0_at(x_mid, float(s_mid), mid_times[i])
+    return _diffusers_ancestral(x, x0_mid, sigma, _sigma_round_trip(sigma_next), noise)
+
+
+def _kdiffusion_step(x: Tensor, x0: Tensor, i: int, sigmas: Tensor, *, table: Tensor, x0_at: _X0At,
+                     noise: _Noise) -> Tensor:
+    """k-diffusion's ``sample_dpmpp_sde`` step from σ_i to σ_{i+1} > 0 (``sigmas`` (n+1,) in x's dtype), η = 1,
+    r = ½, in its order (k_diffusion/sampling.py:562-580 at 4601bf0); the midpoint's model call at ``t(e^(−s))`` on
+    the σ ``table`` (T,). Its ``(1 − fac)·x̂0 + fac·x̂0_mid`` is x̂0_mid (fac = 1/(2r) = 1: the same number but for
+    a zero's sign)."""
+    dt = x.dtype
+    t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()  # t_fn
+    h = t_next - t
+    s = t + h * 0.5
+    sigma_t, sigma_s = t.neg().exp(), s.neg().exp()  # sigma_fn
+    down, up = ancestral_step(float(sigma_t), float(sigma_s), dtype=dt)
+    s_ = torch.tensor(down, dtype=dt).log().neg()
+    x_2 = (s_.neg().exp() / sigma_t) * x - (t - s_).expm1() * x0
+    x_2 = x_2 + noise(sigma_t, sigma_s) * up
+    x0_2 = x0_at(x_2, sigma_s, float(sigma_to_t(sigma_s.reshape(1), table)[0]))
+    down, up = ancestral_step(float(sigma_t), float(t_next.neg().exp()), dtype=dt)
+    t_next_ = torch.tensor(down, dtype=dt).log().neg()
+    x = (t_next_.neg().exp() / sigma_t) * x - (t - t_next_).expm1() * x0_2
+    return x + noise(sigma_t, t_next.neg().exp()) * up
 
 
 def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
@@ -216,10 +267,12 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     when None, one ``torch.randint(0, 2⁶³ − 1)`` drawn from ``generator`` before the first step
     (:func:`brownian_tree_seed`; diffusers draws it from the global RNG); an
     :class:`~.a1111_noise.A1111Noise` as ``generator``: one tree per image seeded with the image's seed, as
-    A1111 builds them. The trees have the sample's dtype and device. ``callback(i, t, x)`` sees each step's sample
+    A1111 builds them. The trees have the sample's dtype (on A1111's grids the work dtype) and device. ``callback(i, t, x)`` sees each step's sample
     (after both stages). ``schedule_options``: A1111's settings for ``schedule`` (:class:`.schedules.ScheduleOptions`).
     ``prediction_type`` "sample" is taken too (diffusers' class refuses it). ``schedule``: one of A1111's σ
-    grids (:func:`dpmpp_sde_grid`); a last σ above 0 (``kl_optimal``) gets a full two-stage step.
+    grids (:func:`.sigma_space.discrete_sigmas`, with ``discard_next_to_last_sigma``), run as k-diffusion's
+    ``sample_dpmpp_sde`` (see the module: bit for bit on float32 and half latents, whose trees are float32 as
+    A1111's x; float64 latents in float64); a last σ above 0 (``kl_optimal``) gets a full two-stage step.
     ``start``: img2img by A1111's rule (``sample_img2img``: the grid from ``start``'s index on,
     ``x = init + x_T·σ_start``); the Brownian tree still spans the whole grid's σ (A1111's
     ``create_noise_sampler(x, sigmas, p)`` gets the untruncated ``sigmas``, as diffusers' scheduler uses its own).
@@ -228,50 +281,47 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
         ImportError: torchsde is not installed (``pip install torchsde``).
     """
-    check_prediction_type("dpmpp_sde", prediction_type)
-    times, grid, mid_times, _ = dpmpp_sde_grid(alphas_cumprod, num_steps, karras=karras, spacing=spacing,
-                                               steps_offset=steps_offset, schedule=schedule,
-                                               schedule_options=schedule_options,
-                                               discard_next_to_last_sigma=discard_next_to_last_sigma)
+    if schedule is None:
+        check_prediction_type("dpmpp_sde", prediction_type)
+        timesteps, grid, mid_times, _ = dpmpp_sde_grid(alphas_cumprod, num_steps, karras=karras, spacing=spacing,
+                                                       steps_offset=steps_offset)
+        times, sigmas = timesteps.tolist(), grid.float()  # diffusers keeps σ in float32 and computes its coefficients there
+        x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sigmas, spacing)
+        step = partial(_diffusers_step, mid_times=mid_times.tolist())
+        tree_like = x_T  # (diffusers builds the tree from its sample: fp16 latents, an fp16 tree, the same draws)
+    else:  # A1111's grid, float32 (float64 latents: float64), x = x_T·σ_0: k-diffusion's run
+        times, grid_list, x = discrete_start("dpmpp_sde", x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                                             prediction_type=prediction_type, schedule=schedule,
+                                             schedule_options=schedule_options,
+                                             discard_next_to_last_sigma=discard_next_to_last_sigma)
+        sigmas = torch.tensor(grid_list, dtype=x.dtype)
+        step = partial(_kdiffusion_step, table=grid_table(alphas_cumprod, x_T, schedule))
+        tree_like = x  # (A1111 samples float32 x, half latents too: a float32 tree)
     seed: int | tuple[int, ...] = (int(noise_sampler_seed) if noise_sampler_seed is not None else generator.seeds
                                    if isinstance(generator, A1111Noise) else brownian_tree_seed(generator))
-    sig32 = grid.float()  # diffusers keeps σ in float32 and computes its coefficients there
-    x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sig32, "linspace" if schedule is not None else spacing)
-    positive = sig32[sig32 > 0]  # (the whole grid's: the tree's ends, img2img too)
+    positive = sigmas[sigmas > 0]  # (the whole grid's: the tree's ends, img2img too)
+    first = 0
     if start is not None:  # img2img: A1111's sigmas[index:], x = init + noise·σ (sdadapt.img2img)
         from ..img2img import start_index
 
         first = start_index(start, len(times), rule="a1111")
-        times, sig32, mid_times = times[first:], sig32[first:], mid_times[first:]
-        x = start.noised(x_T, float(sig32[0]))
-    # a one-step run is a single Euler step onto x̂0: nothing to draw, no tree (the seed is drawn all the same)
-    # the tree in the caller's dtype (diffusers builds it from its sample: fp16 latents, an fp16 tree, the same draws)
+        x = start.noised(x_T, float(sigmas[first]))
     source = generator.source if isinstance(generator, A1111Noise) else None  # (A1111's draws inside the trees)
-    noise = (_BrownianNoise(x_T, float(positive.min()), float(positive.max()), seed, source) if len(times) > 1
-             else _no_noise)
+    # no tree when every step run lands on σ = 0 (one step; the seed is drawn all the same)
+    noise = (_BrownianNoise(tree_like, float(positive.min()), float(positive.max()), seed, source)
+             if bool((sigmas[first + 1:] > 0).any()) else _no_noise)
 
-    def x0_at(x: Tensor, sigma: float, t: float) -> Tensor:
+    def x0_at(x: Tensor, sigma: float | Tensor, t: float) -> Tensor:
         out = model(model_input(x, sigma, x_T.dtype), timestep_batch(t, x))
         return denoised(out, x, sigma, prediction_type)
 
-    def ancestral(x: Tensor, x0: Tensor, s: Tensor, s_to: Tensor,
-                  draw: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        s_from = _sigma_round_trip(s)
-        down, up = ancestral_step(float(s_from), float(s_to))
-        ratio = down / float(s_from)
-        return x * ratio + x0 * (1.0 - ratio) + draw(s_from, s_to) * up
-
-    for i in range(len(times)):
-        s = float(sig32[i])
-        x0 = x0_at(x, s, float(times[i]))
-        if float(sig32[i + 1]) == 0:  # σ_next = 0: Euler onto x̂0
+    for i in range(first, len(times)):
+        s = float(sigmas[i])
+        x0 = x0_at(x, s, times[i])
+        if float(sigmas[i + 1]) == 0:  # σ_next = 0: Euler onto x̂0
             x = x + (x - x0) / s * (0.0 - s)
         else:
-            t_i, t_next = sig32[i].log().neg(), sig32[i + 1].log().neg()
-            s_mid = (t_i + (t_next - t_i) * 0.5).neg().exp()  # float32, as diffusers' midpoint σ
-            x_mid = ancestral(x, x0, sig32[i], s_mid, noise)
-            x0_mid = x0_at(x_mid, float(s_mid), float(mid_times[i]))
-            x = ancestral(x, x0_mid, sig32[i], _sigma_round_trip(sig32[i + 1]), noise)
+            x = step(x, x0, i, sigmas, x0_at=x0_at, noise=noise)
         if callback is not None:
-            callback(i, timestep_batch(float(times[i]), x), x)
+            callback(i - first, timestep_batch(times[i], x), x)
     return x.to(x_T.dtype)
