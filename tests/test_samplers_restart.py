@@ -151,14 +151,14 @@ def test_restart_with_a_list_and_a_schedule():
 
 
 def test_restart_pairs_jump_up_once_per_restart():
-    sigmas = get_sigmas_karras(40, 0.03, 14.6).tolist()
+    sigmas = get_sigmas_karras(40, 0.03, 14.6)
     pairs = restart_steps(sigmas)
     ups = [i for i in range(1, len(pairs)) if pairs[i][0] > pairs[i - 1][1]]
     assert len(pairs) == 40 and len(ups) == 2  # n ≥ 36: 10-step segments, twice
     assert all(1.8 < pairs[i][0] < 2.3 for i in ups)  # back up to σ ≈ 2
-    assert restart_steps(sigmas[:11]) == list(itertools.pairwise(sigmas[:11]))  # < 20 steps: no restart
+    assert restart_steps(sigmas[:11]) == list(itertools.pairwise(sigmas[:11].tolist()))  # < 20 steps: no restart
     # a given list: no segment when σ_max_r is not above σ_min_r on the grid (A1111's max_idx < min_idx) or times = 0
-    plain = list(itertools.pairwise(sigmas))
+    plain = list(itertools.pairwise(sigmas.tolist()))
     assert restart_steps(sigmas, {1.0: (4, 2, 0.5)}) == plain
     assert restart_steps(sigmas, {1.0: (4, 2, 1.0)}) == plain
     assert restart_steps(sigmas, {1.0: (4, 0, 5.0)}) == plain

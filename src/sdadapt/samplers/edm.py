@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .sigma_space import karras_sigmas
+
 if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
 
@@ -148,10 +150,8 @@ def edm_sigmas(schedule: EDMSchedule, num_steps: int, *, sampler: str) -> Tensor
         raise ValueError(f"unknown EDM sampler {sampler!r}; use one of {', '.join(EDM_SAMPLERS)}")
     euler = sampler == "euler"
     dtype = torch.float64 if euler else torch.float32
-    ramp = torch.linspace(0, 1, num_steps, dtype=dtype)  # (n,)
     if schedule.sigma_schedule == "karras":
-        lo, hi = schedule.sigma_min ** (1 / schedule.rho), schedule.sigma_max ** (1 / schedule.rho)
-        sigmas = (hi + ramp * (lo - hi)) ** schedule.rho
+        sigmas = karras_sigmas(schedule.sigma_min, schedule.sigma_max, num_steps, rho=schedule.rho, dtype=dtype)
     else:  # (k-diffusion's get_sigmas_exponential, as diffusers' _compute_exponential_sigmas: float32 linspace)
         sigmas = torch.linspace(math.log(schedule.sigma_min), math.log(schedule.sigma_max), num_steps).exp().flip(0)
     sigmas = sigmas.to(torch.float32)

@@ -61,7 +61,7 @@ from ..sampler_tables import (  # (the names, torch-free: their one home, re-exp
     SCHEDULES,
     canonical_schedule,
 )
-from .sigma_space import sigma_to_t, t_to_sigma
+from .sigma_space import karras_sigmas, sigma_to_t, t_to_sigma
 
 __all__ = ["A1111_AUTOMATIC", "ALIGN_YOUR_STEPS", "DISCARD_NEXT_TO_LAST_SIGMA", "SCHEDULES", "SCHEDULE_LABELS",
            "ScheduleOptions", "beta_ppf", "canonical_schedule", "schedule_sigmas"]
@@ -187,9 +187,7 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
     elif key == "sgm_uniform":
         sig = t_to_sigma(torch.linspace(t_max, t_min, n + 1, dtype=dt)[:-1], train)
     elif key == "karras":
-        r = 7.0 if rho is None else float(rho)
-        ramp = torch.linspace(0, 1, n, dtype=dt)
-        sig = (s_max ** (1 / r) + ramp * (s_min ** (1 / r) - s_max ** (1 / r))) ** r
+        sig = karras_sigmas(s_min, s_max, n, rho=7.0 if rho is None else float(rho), dtype=dt)
     elif key == "exponential":
         sig = torch.linspace(math.log(s_max), math.log(s_min), n, dtype=dt).exp()
     elif key == "polyexponential":

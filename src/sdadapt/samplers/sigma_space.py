@@ -121,13 +121,15 @@ def sigmas_at(timesteps: Tensor, train_sigmas: Tensor) -> Tensor:
     return sig[lo] * (1 - frac) + sig[hi] * frac
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, rho: float = 7.0) -> Tensor:
-    """Karras et al. (2022) noise levels (n,) float64, descending from ``sigma_max`` to ``sigma_min``:
-    ``σ_i = (σ_max^(1/ρ) + i/(n-1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ`` (diffusers' ``use_karras_sigmas``; A1111's
-    float32 Karras grid: :func:`.schedules.schedule_sigmas` on a float32 table)."""
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, *, rho: float = 7.0,
+                  dtype: torch.dtype = torch.float64) -> Tensor:
+    """Karras et al. (2022) noise levels (n,) in ``dtype``, descending from ``sigma_max`` to ``sigma_min``:
+    ``σ_i = (σ_max^(1/ρ) + i/(n-1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ`` (diffusers' ``use_karras_sigmas`` in float64;
+    float32: k-diffusion's ``get_sigmas_karras``, sampling.py:17-23 at 4601bf0 — a float32 ramp, the ends' 1/ρ
+    powers as Python floats — A1111's Karras grid)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, num_steps, dtype=dtype)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
 
