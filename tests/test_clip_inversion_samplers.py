@@ -178,7 +178,7 @@ def test_generate_image_vectors_cli_passes_the_sampler(toy, tmp_path, monkeypatc
     assert main([*base, "--sampler", "DPM++ 2M Karras", "-o", str(png)]) == 0
     assert seen == [{"sampler": "dpmsolver++", "karras": False, "schedule": "karras"}]
     image = generate_with_vectors(toy, learnt, prompt="a circle", count=1, seed=4, steps=3, guidance=2.0,
-                                  sampler="dpmsolver++", karras=True)[0]
+                                  sampler="dpmsolver++", schedule="karras")[0]
     assert (decode_png(png.read_bytes()) == to_uint8(image)).all()
     assert main([*base, "--sampler", "euler", "--schedule", "exponential", "-o", str(tmp_path / "b.png")]) == 0
     assert seen[-1] == {"sampler": "euler", "karras": False, "schedule": "exponential"}

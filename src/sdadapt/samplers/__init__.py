@@ -74,7 +74,8 @@ __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER
 #: σ samplers whose A1111 grid (a ``schedule``) runs A1111's k-diffusion arithmetic bit for bit on float32 / half
 #: latents (:mod:`.sigma_space`: float32 σ table, ``x·c_in``, float32 ``sigma_to_t``): there ``schedule="karras"``
 #: stays A1111's float32 Karras grid instead of ``karras=True`` (diffusers' float64 one, as on float64 latents)
-_A1111_FLOAT32: tuple[str, ...] = ("euler", "heun", "lms", "dpmpp_2s_a")
+_A1111_FLOAT32: tuple[str, ...] = ("euler", "heun", "lms", "dpmpp_2s_a", "dpm_2", "dpm_2_a", "dpmpp_sde",
+                                   "dpmsolver++", "dpmsolver++_sde", "dpmsolver++_sde_heun", "dpmsolver++_3m_sde")
 
 #: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
 #: callback[, karras][, **options]) -> x0`` (``ddim`` is dispatched separately, with its own options)

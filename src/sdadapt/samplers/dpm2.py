@@ -7,6 +7,11 @@ Each step evaluates the model at σ_i, takes an Euler half step to the log-midpo
 calls, except the last step (onto σ = 0), a plain Euler step onto x̂0. At the midpoint the model
 gets diffusers' interpolated timestep ``t(σ_mid)`` (fractional, by :func:`.sigma_space.sigma_to_t`);
 with Karras σ the main timesteps are rounded to whole steps, as diffusers rounds them.
+
+On one of A1111's grids (``schedule``) both run as A1111 runs k-diffusion's ``sample_dpm_2`` /
+``sample_dpm_2_ancestral`` (k_diffusion/sampling.py:188-244 at 4601bf0): every timestep the unrounded ``t(σ)``,
+``σ_mid = exp(lerp(log σ_i, log σ_target, ½))`` and the ancestral step in the work dtype (float32 latents: A1111's
+float32 table and arithmetic, :mod:`.sigma_space`, bit for bit; float64: the same in float64).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor
 from .sigma_space import (
     ancestral_step,
     discrete_start,
+    grid_table,
     sigma_slope,
     sigma_to_t,
     step_noise,
@@ -40,18 +46,25 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
     """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step."""
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
-                                    karras=karras, round_karras_timesteps=True, schedule=schedule,
+                                    karras=karras, round_karras_timesteps=schedule is None, schedule=schedule,
                                     schedule_options=schedule_options,
                                     discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
     # per step: the σ the whole step reaches (σ_down when ancestral), the noise scale, the midpoint
+    work = x.dtype  # (A1111's grid: k-diffusion's arithmetic in it; diffusers' grid: float64 σ)
     targets, ups = [], []
     for i in range(len(times)):
-        down, up = ancestral_step(grid[i], grid[i + 1]) if ancestral else (grid[i + 1], 0.0)
+        down, up = (ancestral_step(grid[i], grid[i + 1], dtype=work if schedule is not None else torch.float64)
+                    if ancestral else (grid[i + 1], 0.0))
         targets.append(down)
         ups.append(up)
-    mids = [(s * target) ** 0.5 for s, target in zip(grid[:-1], targets)]
-    mid_times = sigma_to_t(torch.tensor(mids, dtype=torch.float64),
-                           training_sigmas(alphas_cumprod)).tolist()
+    if schedule is not None:  # k-diffusion: sigma.log().lerp(target.log(), 0.5).exp(), t(σ_mid) on A1111's table
+        mid_sigmas = torch.tensor(grid[:-1], dtype=work).log().lerp(
+            torch.tensor(targets, dtype=work).clamp_min(torch.finfo(work).tiny).log(), 0.5).exp()
+        mid_times = sigma_to_t(mid_sigmas, grid_table(alphas_cumprod, x_T, schedule)).tolist()
+        mids = mid_sigmas.tolist()
+    else:
+        mids = [(s * target) ** 0.5 for s, target in zip(grid[:-1], targets)]
+        mid_times = sigma_to_t(torch.tensor(mids, dtype=torch.float64), training_sigmas(alphas_cumprod)).tolist()
 
     def slope(x: Tensor, s: float, t: Tensor) -> Tensor:
         return sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype)
@@ -66,7 +79,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
             x_mid = x + d * (mid - s)
             x = x + slope(x_mid, mid, timestep_batch(mid_times[i], x)) * (target - s)
             if ancestral:
-                x = x + step_noise(x, generator, x_T.dtype) * ups[i]
+                x = x + step_noise(x, generator, work if schedule is not None else x_T.dtype) * ups[i]
         if callback is not None:
             callback(i, t, x)
     return x.to(x_T.dtype)

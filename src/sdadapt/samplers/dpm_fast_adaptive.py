@@ -239,7 +239,7 @@ def dpm_fast_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
             x = solver.step_2(x, t, target, eps)
         else:
             x = solver.step_3(x, t, target, eps)
-        x = x + up * s_noise * step_noise(x, generator, x_T.dtype)  # drawn every step, as k-diffusion's
+        x = x + up * s_noise * step_noise(x, generator, x.dtype)  # drawn every step (float32: A1111 samples float32 x)
         if callback is not None:
             callback(i, solver.callback_steps(t, x), x)
     return x.to(x_T.dtype)
@@ -338,7 +338,7 @@ def dpm_adaptive_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
                                "(a non-finite model output?)")
         if pid.propose_step(error):
             x_prev = x_low
-            x = x_high + up * s_noise * step_noise(x_high, generator, x_T.dtype)
+            x = x_high + up * s_noise * step_noise(x_high, generator, x_high.dtype)
             if callback is not None:
                 callback(stats["n_accept"], solver.callback_steps(s, x), x)
             s = t

@@ -25,11 +25,12 @@ multistep update runs in float32 or wider (diffusers upcasts); its first step is
 so is its last when it lands on σ = 0 or, on σ_min (``dpmsolver``), in runs of fewer than 15 steps
 (diffusers' ``lower_order_final``).
 
-Past the model's T timesteps (A1111's hires pass of 1000 exact steps at denoising 0.75: a grid of 1333), the
-DPM++ samplers that are A1111's k-diffusion samplers (:data:`K_DIFFUSION_DPMPP`) run on a continuous grid (Karras
-σ, A1111's schedules but ``simple`` / ``ddim``) on A1111's grid and timesteps: the model at the unrounded float32
-``t(σ)`` of k-diffusion's ``sigma_to_t`` (up to T steps they keep diffusers' rounded timesteps, bit for bit as
-before; the 3M SDE keeps diffusers' order-2 step there too: docs/samplers.md).
+With a ``schedule`` (one of A1111's grids) the DPM++ samplers that are A1111's k-diffusion samplers
+(:data:`K_DIFFUSION_DPMPP`) run k-diffusion's own form on it instead (:mod:`.dpmpp_sigma`: A1111's run, bit for bit
+on float32 latents). With ``karras=True`` past the model's T timesteps (A1111's hires pass of 1000 exact steps at
+denoising 0.75: a grid of 1333) they run k-diffusion's Karras grid with the model at the unrounded float32 ``t(σ)``
+of k-diffusion's ``sigma_to_t`` and diffusers' update (up to T steps diffusers' rounded timesteps, bit for bit as
+diffusers).
 """
 
 from __future__ import annotations
@@ -229,6 +230,13 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
     label = ("dpmsolver++_3m_sde" if order == 3 else "dpmsolver++_sde_heun" if heun else "dpmsolver++_sde") if sde \
         else "dpmsolver++" if data else "dpmsolver"
     check_prediction_type(label, prediction_type)
+    if schedule is not None and label in K_DIFFUSION_DPMPP:  # A1111's grid: A1111's k-diffusion sampler on it
+        from .dpmpp_sigma import dpmpp_on_sigmas
+
+        return dpmpp_on_sigmas(label, model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                               prediction_type=prediction_type, generator=generator, callback=callback,
+                               schedule=schedule, schedule_options=schedule_options,
+                               discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
     final = "zero" if data else "sigma_min"
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final, schedule=schedule,
                                  schedule_options=schedule_options,
@@ -301,8 +309,9 @@ def dpmsolver_pp_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, 
                         callback: StepCallback | None = None, karras: bool = False,
                         schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
                         discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
-    """DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler`` defaults; A1111's "DPM++ 2M",
-    "DPM++ 2M Karras" with ``karras=True``) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
+    """DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler`` defaults; with ``schedule``, one of A1111's grids,
+    A1111's "DPM++ 2M" / "DPM++ 2M Karras": k-diffusion's ``sample_dpmpp_2m``, :mod:`.dpmpp_sigma`) from unit noise
+    x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
     ``model(x_t, t)``: the (guided) model at the VP sample x_t (B,C,H,W) and int64 timesteps t (B,);
     ``alphas_cumprod`` (T,); ``callback(i, t, x)`` after each step. Deterministic (``generator`` unused).

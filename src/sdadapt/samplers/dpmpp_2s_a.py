@@ -87,7 +87,7 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
             t_mid = timestep_batch(float(sigma_to_t(mid.reshape(1), table)[0]), x_2)
             x = (lam_next.neg().exp() / lam.neg().exp()) * x - (-h).expm1() * x0_at(x_2, mid, t_mid)
         if grid[i + 1] > 0:  # drawn even when σ_up = 0 (η = 0), as k-diffusion draws it
-            x = x + step_noise(x, generator, x_T.dtype) * s_noise * up
+            x = x + step_noise(x, generator, x.dtype) * s_noise * up
         if callback is not None:
             callback(i, t, x)
     return x.to(x_T.dtype)

@@ -49,7 +49,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
         d = sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype)
         if ancestral:
             down, up = ancestral_step(s, s_next, dtype=x.dtype)
-            x = x + d * (down - s) + step_noise(x, generator, x_T.dtype) * up
+            x = x + d * (down - s) + step_noise(x, generator, x.dtype if schedule is not None else x_T.dtype) * up
         else:
             x = x + d * (s_next - s)
         if callback is not None:
