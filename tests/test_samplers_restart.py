@@ -1,12 +1,11 @@
 """``restart`` (A1111's "Restart", ``modules/sd_samplers_extra.py: restart_sampler``; no diffusers class): against
-a float64 transcription of A1111's function written here (its Karras grid, same noise), its step and model-call
-counts, and the registry / labels."""
+A1111's function transcribed (tests/test_restart_a1111_float32.py) run in float64 (its Karras grid, same noise),
+its step and model-call counts, and the registry / labels."""
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from sampler_stand_ins import (
     sd_alphas_cumprod,
     stand_in,
 )
+from test_restart_a1111_float32 import _denoiser64, a1111_restart_sampler, get_sigmas_karras
 
 from sdadapt.samplers import (
     KARRAS_SAMPLERS,
@@ -29,87 +29,14 @@ from sdadapt.samplers.restart import restart_sample, restart_steps
 from sdadapt.samplers.sigma_space import training_sigmas
 
 
-def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0):
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros([1])])
-
-
-def a1111_restart_sampler(model, x, sigmas, noises, s_noise=1.0, restart_list=None):
-    """A1111's ``restart_sampler`` transcribed (float64; ``randn_like`` -> the next of ``noises``)."""
-    calls = 0
-
-    def to_d(x, sigma, denoised):
-        return (x - denoised) / sigma
-
-    def heun_step(x, old_sigma, new_sigma, second_order=True):
-        nonlocal calls
-        denoised = model(x, old_sigma)
-        calls += 1
-        d = to_d(x, old_sigma, denoised)
-        dt = new_sigma - old_sigma
-        if new_sigma == 0 or not second_order:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            denoised_2 = model(x_2, new_sigma)
-            calls += 1
-            d_2 = to_d(x_2, new_sigma, denoised_2)
-            x = x + (d + d_2) / 2 * dt
-        return x
-
-    steps = sigmas.shape[0] - 1
-    if restart_list is None:
-        if steps >= 20:
-            restart_steps, restart_times = 9, 1
-            if steps >= 36:
-                restart_steps = steps // 4
-                restart_times = 2
-            sigmas = get_sigmas_karras(steps - restart_steps * restart_times, sigmas[-2].item(), sigmas[0].item())
-            restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
-        else:
-            restart_list = {}
-    restart_list = {int(torch.argmin(abs(sigmas - key), dim=0)): value for key, value in restart_list.items()}
-    step_list = []
-    for i in range(len(sigmas) - 1):
-        step_list.append((sigmas[i], sigmas[i + 1]))
-        if i + 1 in restart_list:
-            restart_steps, restart_times, restart_max = restart_list[i + 1]
-            min_idx = i + 1
-            max_idx = int(torch.argmin(abs(sigmas - restart_max), dim=0))
-            if max_idx < min_idx:
-                sigma_restart = get_sigmas_karras(restart_steps, sigmas[min_idx].item(), sigmas[max_idx].item())[:-1]
-                while restart_times > 0:
-                    restart_times -= 1
-                    step_list.extend(zip(sigma_restart[:-1], sigma_restart[1:]))  # noqa: RUF007 (A1111's)
-    last_sigma = None
-    for old_sigma, new_sigma in step_list:
-        old_sigma, new_sigma = float(old_sigma), float(new_sigma)
-        if last_sigma is None:
-            last_sigma = old_sigma
-        elif last_sigma < old_sigma:
-            x = x + noises.pop(0) * s_noise * (old_sigma**2 - last_sigma**2) ** 0.5
-        x = heun_step(x, old_sigma, new_sigma)
-        last_sigma = new_sigma
-    return x, len(step_list), calls
-
-
-def _denoiser(ac):
-    """CompVisDenoiser on the stand-in ε model at t(σ) (log-σ interpolation, float32-held)."""
-    log_train = training_sigmas(ac).log()
-
-    def model(x, sigma):
-        d = math.log(sigma) - log_train
-        low = min(int((d >= 0).cumsum(0).argmax()), len(log_train) - 2)
-        w = min(max(float((log_train[low] - math.log(sigma)) / (log_train[low] - log_train[low + 1])), 0.0), 1.0)
-        t = torch.full((x.shape[0],), (1 - w) * low + w * (low + 1), dtype=torch.float32).double()
-        return x - sigma * stand_in(x / math.sqrt(sigma * sigma + 1), t)
-    return model
-
-
-def _noises(seed, shape, count):
+def _counted_noise(seed: int, drawn: list[int]):
+    """A1111's ``randn_like`` as float64 draws of a seeded generator, each draw counted in ``drawn``."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(count)]
+
+    def randn_like(like: torch.Tensor) -> torch.Tensor:
+        drawn.append(1)
+        return torch.randn(like.shape, generator=g, dtype=torch.float64)
+    return randn_like
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 19, 20, 27, 36, 40])
@@ -120,12 +47,12 @@ def test_restart_is_a1111s_function(n):
     seen, calls = [], []
     got = restart_sample(lambda x, t: (calls.append(1), stand_in(x, t))[1], x_T, alphas_cumprod=ac, num_steps=n,
                          generator=torch.Generator().manual_seed(3), callback=lambda i, t, x: seen.append(i))
-    sigmas = get_sigmas_karras(n, float(train[0]), float(train[-1]))  # A1111's "Automatic" for Restart
-    noises = _noises(3, x_T.shape, 10)
-    want, count, want_calls = a1111_restart_sampler(_denoiser(ac), x_T * sigmas[0], sigmas, noises)
-    assert seen == list(range(count)) and count == n  # n Heun steps in all, restarts included
-    assert len(calls) == want_calls == 2 * n - 1
-    assert len(noises) == 10 - (0 if n < 20 else 1 if n < 36 else 2)  # one draw per restart
+    sigmas = get_sigmas_karras(n, float(train[0]), float(train[-1]), dtype=torch.float64)  # A1111's "Automatic"
+    drawn: list[int] = []
+    want, model_sigmas_seen = a1111_restart_sampler(_denoiser64, x_T * sigmas[0], sigmas, _counted_noise(3, drawn))
+    assert seen == list(range(n))  # n Heun steps in all, restarts included
+    assert len(calls) == len(model_sigmas_seen) == 2 * n - 1
+    assert len(drawn) == (0 if n < 20 else 1 if n < 36 else 2)  # one draw per restart
     assert rel_err(got, want) < 1e-10, rel_err(got, want)
 
 
@@ -136,22 +63,22 @@ def test_restart_with_a_list_and_a_schedule():
     restart_list = {0.5: (4, 3, 5.0), 3.0: (3, 1, 8.0)}
     got = restart_sample(stand_in, x_T, alphas_cumprod=ac, num_steps=12, restart_list=restart_list, s_noise=0.8,
                          generator=torch.Generator().manual_seed(1))
-    sigmas = get_sigmas_karras(12, float(train[0]), float(train[-1]))
-    want, count, _ = a1111_restart_sampler(_denoiser(ac), x_T * sigmas[0], sigmas, _noises(1, x_T.shape, 10),
-                                           s_noise=0.8, restart_list={k: list(v) for k, v in restart_list.items()})
-    assert count == 12 + 3 * 3 + 1 * 2  # (4 σ: 3 steps) three times, (3 σ: 2 steps) once
+    sigmas = get_sigmas_karras(12, float(train[0]), float(train[-1]), dtype=torch.float64)
+    want, seen = a1111_restart_sampler(_denoiser64, x_T * sigmas[0], sigmas, _counted_noise(1, []), s_noise=0.8,
+                                       restart_list={k: list(v) for k, v in restart_list.items()})
+    assert len(seen) == 2 * (12 + 3 * 3 + 1 * 2) - 1  # (4 σ: 3 steps) three times, (3 σ: 2 steps) once
     assert rel_err(got, want) < 1e-10
     # on another schedule: the same function given that grid
     from sdadapt.samplers.schedules import schedule_sigmas
     got = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler="Restart", alphas_cumprod=ac,
                          num_steps=24, schedule="exponential", generator=torch.Generator().manual_seed(2))
     sig = schedule_sigmas("exponential", 24, train)
-    want, _, _ = a1111_restart_sampler(_denoiser(ac), x_T * sig[0], sig, _noises(2, x_T.shape, 5))
+    want, _ = a1111_restart_sampler(_denoiser64, x_T * sig[0], sig, _counted_noise(2, []))
     assert rel_err(got, want) < 1e-10
 
 
 def test_restart_pairs_jump_up_once_per_restart():
-    sigmas = get_sigmas_karras(40, 0.03, 14.6)
+    sigmas = get_sigmas_karras(40, 0.03, 14.6, dtype=torch.float64)
     pairs = restart_steps(sigmas)
     ups = [i for i in range(1, len(pairs)) if pairs[i][0] > pairs[i - 1][1]]
     assert len(pairs) == 40 and len(ups) == 2  # n ≥ 36: 10-step segments, twice
