@@ -55,7 +55,6 @@ folder, a class image that is also a training image) is one file, as in kohya, w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -71,7 +70,7 @@ from torch import Tensor, nn
 from ..formats.files import atomic_write
 from .data import ImageRecord, _load
 from .data_parallel import DataParallel
-from .model_fingerprint import module_fingerprint
+from .model_fingerprint import array_digest, module_fingerprint
 
 __all__ = ["KohyaLatentFiles", "claim_files", "crop_ltrb", "deal_out_files", "npz_path_for", "read_npz_latents",
            "write_npz_latents"]
@@ -185,7 +184,7 @@ def read_npz_latents(path: str | os.PathLike, *, shape: tuple[int, ...], flip: b
 
 def _digest(latents: np.ndarray) -> str:
     """The ``latents`` array a record vouches for (a file kohya rewrote keeps the record, not the latents)."""
-    return hashlib.sha256(np.ascontiguousarray(latents, dtype=np.float32).tobytes()).hexdigest()[:20]
+    return array_digest(np.asarray(latents, dtype=np.float32))
 
 
 def _read(path: str | os.PathLike, *, shape: tuple[int, ...], flip: bool,

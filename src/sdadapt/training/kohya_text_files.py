@@ -64,7 +64,6 @@ rank reads every file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -80,7 +79,7 @@ from torch import Tensor
 from ..formats.files import atomic_write
 from .data_parallel import DataParallel
 from .kohya_latent_files import claim_files, deal_out_files
-from .model_fingerprint import module_fingerprint
+from .model_fingerprint import array_digest, module_fingerprint
 from .text_cache import TextConditionCache
 
 __all__ = ["TE_OUTPUTS_SUFFIX", "KohyaTextFiles", "read_npz_text_outputs", "te_outputs_path_for", "write_npz_text_outputs"]
@@ -229,9 +228,9 @@ class KohyaTextFiles:
         ``max_token_length``."""
         if self._made_by is None:
             ids = self.system.tokenize([_PROBE])
-            tokens = hashlib.sha256(np.ascontiguousarray(ids.detach().cpu().numpy().astype(np.int64)).tobytes())
+            tokens = array_digest(ids.detach().cpu().numpy().astype(np.int64))
             self._made_by = {"text_encoders": module_fingerprint(self.system.text_encoder, self.system.text_encoder_2),
-                             "tokenizers": tokens.hexdigest()[:20],
+                             "tokenizers": tokens,
                              "max_token_length": int(getattr(self.system, "max_token_length", 75))}
         return self._made_by
 

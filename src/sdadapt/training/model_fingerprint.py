@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SAMPLES_PER_TENSOR", "module_fingerprint", "sample_positions"]
+__all__ = ["SAMPLES_PER_TENSOR", "array_digest", "module_fingerprint", "sample_positions"]
 
 #: values hashed per tensor (fewer when a tensor has fewer elements)
 SAMPLES_PER_TENSOR = 8
@@ -70,3 +70,9 @@ def module_fingerprint(*modules: nn.Module | None, samples: int = SAMPLES_PER_TE
             values = torch.cat(gathered).cpu().to(torch.float64)
             digest.update(np.ascontiguousarray(values.numpy()).tobytes())
     return digest.hexdigest()[:20]
+
+
+def array_digest(values: np.ndarray) -> str:
+    """The records' digest of an array (any shape; its dtype as given): sha256 of its C-order bytes, 20 hex digits
+    (a latent file's ``latents``, the token ids of a probe caption)."""
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:20]
