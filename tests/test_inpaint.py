@@ -435,17 +435,21 @@ def test_a_keep_everything_mask_makes_every_x0_the_init_latent(sampler, schedule
     assert torch.allclose(out, init, rtol=0, atol=1e-10), (out - init).abs().max()  # (measured <= 2e-15)
 
 
-@pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_a"])
-def test_mask_on_dpm_2_with_a_schedule_is_exact_or_refused(sampler):
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_a", "dpmsolver++", "dpmsolver++_sde"])
+def test_mask_on_a1111s_grid_reads_sigma_exactly_and_diffusers_karras_is_refused(sampler):
+    """On A1111's grids DPM2 and DPM-Solver++ call the model at the unrounded t(σ) (k-diffusion's form), so the
+    blend reads σ back exactly: an all-keep mask returns the init latent; on diffusers' Karras σ (rounded
+    timesteps) a mask is refused, naming the fix."""
     g = torch.Generator().manual_seed(3)
     init, noise = torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64), torch.randn(1, 4, 4, 4, generator=g,
                                                                                        dtype=torch.float64)
-    try:
+    with pytest.raises(ValueError, match="rounds them.*A1111's"):
         samplers.sample_latents(_toy, noise, None, sampler=sampler, alphas_cumprod=ALPHAS_CUMPROD, num_steps=7,
-                                schedule="exponential", generator=torch.Generator().manual_seed(0),
+                                karras=True, generator=torch.Generator().manual_seed(0),
                                 start=Img2ImgStart(init, index=0, mask=_latmask()))
-    except ValueError:
-        return
+    samplers.sample_latents(_toy, noise, None, sampler=sampler, alphas_cumprod=ALPHAS_CUMPROD, num_steps=7,
+                            schedule="exponential", generator=torch.Generator().manual_seed(0),
+                            start=Img2ImgStart(init, index=0, mask=_latmask()))  # (taken)
     wrapped = inpaint.masked_model(_toy, init=init, latmask=torch.zeros(1, 1, 4, 4), sampler=sampler,
                                    alphas_cumprod=ALPHAS_CUMPROD, prediction_type="epsilon", linear_timesteps=False)
     out = samplers.sample_latents(wrapped, noise, None, sampler=sampler, alphas_cumprod=ALPHAS_CUMPROD, num_steps=7,

@@ -251,13 +251,10 @@ def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: 
     from ..img2img import DIFFUSERS_RULE_SAMPLERS
     from ..inpaint import blend_denoised, masked_model
 
-    rounds = (karras and sampler in DIFFUSERS_RULE_SAMPLERS) or (
-        (karras or schedule is not None) and sampler in ("dpm_2", "dpm_2_a"))
-    if rounds:
-        grid = "Karras σ" if karras else f"the {schedule} schedule"
-        raise ValueError(f"inpainting with a mask reads σ back from the model's timesteps; {sampler} on {grid} "
-                         "rounds them, so the blend would be off: inpaint on its own grid, or with a σ-grid sampler "
-                         "(euler, euler_a, heun, lms)")
+    if karras and (sampler in DIFFUSERS_RULE_SAMPLERS or sampler in ("dpm_2", "dpm_2_a")):  # (A1111's grids: t(σ))
+        raise ValueError(f"inpainting with a mask reads σ back from the model's timesteps; {sampler} on diffusers' "
+                         "Karras σ rounds them, so the blend would be off: inpaint on its own grid, on one of A1111's "
+                         "(--schedule karras on float32 latents), or with a σ-grid sampler (euler, euler_a, heun, lms)")
     init = start.init_like(x_T)
     guided = diffusion.guided(model, cond, uncond, guidance_scale)
     blended = masked_model(guided, init=init, latmask=start.mask, sampler=sampler, alphas_cumprod=alphas_cumprod,
