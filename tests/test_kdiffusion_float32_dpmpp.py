@@ -125,7 +125,8 @@ def _kd_dpmpp_3m_sde(model, x, sigmas, noise, eta=1.0, s_noise=1.0):
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + phi_2 * d
             if eta:
-                x = x + noise(x, sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                z = noise(x, sigmas[i], sigmas[i + 1])
+                x = x + z * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = den, denoised_1
         h_1, h_2 = h, h_1
     return x
@@ -188,7 +189,8 @@ def test_always_discard_off_is_k_diffusion_on_the_plain_grid(sampler):
     sigmas = _a1111_grid("karras", 9, False)
     want = _reference(sampler, "epsilon", x_T * sigmas[0], sigmas)
     got = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler=sampler, alphas_cumprod=AC, num_steps=9,
-                         schedule="karras", discard_next_to_last_sigma=False, generator=torch.Generator().manual_seed(7))
+                         schedule="karras", discard_next_to_last_sigma=False,
+                         generator=torch.Generator().manual_seed(7))
     assert torch.equal(got, want), rel_err(got, want)
 
 
@@ -242,7 +244,8 @@ def test_half_latents_run_the_float32_arithmetic(sampler, dtype):
     fn, discard, takes_sigmas = REFERENCES[sampler]
     g = torch.Generator().manual_seed(7)
     draw = lambda like: torch.randn(like.shape, generator=g, dtype=like.dtype)
-    want = fn(half_input, x_T.float() * sigmas[0], sigmas, (lambda like, s, s_next: draw(like)) if takes_sigmas else draw)
+    noise = (lambda like, s, s_next: draw(like)) if takes_sigmas else draw
+    want = fn(half_input, x_T.float() * sigmas[0], sigmas, noise)
     got = _SAMPLERS[sampler](model, x_T, alphas_cumprod=AC, num_steps=6, schedule="uniform",
                              discard_next_to_last_sigma=discard, generator=torch.Generator().manual_seed(7))
     assert got.dtype == dtype and set(seen) == {dtype}
@@ -301,7 +304,8 @@ def test_float64_latents_run_the_same_form_in_float64():
 
 
 def _float64_denoiser(table64: torch.Tensor):
-    """The CompVisDenoiser of :func:`stand_in` on the float64 table; the timestep held in float32 as the model gets it."""
+    """The CompVisDenoiser of :func:`stand_in` on the float64 table; the timestep held in float32 as the model gets
+    it."""
     from sdadapt.samplers.sigma_space import sigma_to_t
 
     def model(x, s):
