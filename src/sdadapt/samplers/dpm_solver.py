@@ -334,7 +334,8 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
                             discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """SDE-DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``,
     order 2, midpoint; the algorithm of A1111's "DPM++ 2M SDE" with Gaussian noise per step instead of
-    k-diffusion's Brownian tree) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
+    k-diffusion's Brownian tree; with ``schedule``, A1111's run itself: :mod:`.dpmpp_sigma`) from unit noise x_T
+    (B,C,H,W) -> x0 latents (B,C,H,W).
 
     Each step is DPM++ 2M's data-prediction update with the stochastic term
     ``x' = (σ'_t/σ_t)·e^(−h)·x + α'(1 − e^(−2h))·(D0 + ½·D1) + σ'_t·√(1 − e^(−2h))·z``; z is unit
@@ -361,8 +362,8 @@ def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod:
                                  discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """SDE-DPM-Solver++ 2M, Heun form (``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
     solver_type="heun")``; the algorithm of A1111's "DPM++ 2M SDE Heun", k-diffusion's
-    ``sample_dpmpp_2m_sde(solver_type="heun")``, with Gaussian noise per step instead of its Brownian tree)
-    from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
+    ``sample_dpmpp_2m_sde(solver_type="heun")``, with Gaussian noise per step instead of its Brownian tree; with
+    ``schedule``, A1111's run itself: :mod:`.dpmpp_sigma`) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
     As :func:`dpmsolver_pp_sde_sample` (grid, noise draws, first and last steps order 1) with the order-2
     correction ``α'·((1 − e^(−2h))/(−2h) + 1)·D1`` (``D1 = (m0 − m1)/r``, ``r = h_prev/h``) in place of the
@@ -386,8 +387,8 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
                                schedule_options: ScheduleOptions | None = None,
                                discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
     """SDE-DPM-Solver++ 3M (``DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++")``;
-    A1111's "DPM++ 3M SDE", Gaussian noise per step instead of its Brownian tree) from unit noise x_T
-    (B,C,H,W) -> x0 latents (B,C,H,W).
+    A1111's "DPM++ 3M SDE", Gaussian noise per step instead of its Brownian tree; with ``schedule``, A1111's run
+    itself: :mod:`.dpmpp_sigma`) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
 
     As :func:`dpmsolver_pp_sde_sample` (grid, noise draws, first step order 1, last step order 1 onto
     σ = 0, order 2 on the second step and, in runs of fewer than 15 steps, on the next-to-last), with
