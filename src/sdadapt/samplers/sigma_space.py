@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 from .a1111_noise import A1111Noise
 
 __all__ = [
+    "A1111_ZERO_SNR_ALPHA_CUMPROD",
     "TRAINING_STEP_SCHEDULES",
     "ancestral_step",
     "any_step_count",
@@ -73,16 +74,22 @@ TRAINING_STEP_SCHEDULES: tuple[str, ...] = ("simple", "ddim")
 #: Euler, Euler ancestral, DPM-Solver multistep and UniPC set it so under ``rescale_betas_zero_snr``
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 
+#: the same as A1111 reads it (``rescale_zero_terminal_snr_abar``, modules/sd_models.py, for its "Zero Terminal
+#: SNR" noise schedule and checkpoints marked ``ztsnr``; ComfyUI's ``rescale_zero_terminal_snr_sigmas`` too):
+#: σ_max ≈ 4518.8 on A1111's grids
+A1111_ZERO_SNR_ALPHA_CUMPROD = 4.8973451890853435e-08
 
-def training_sigmas(alphas_cumprod: Tensor) -> Tensor:
+
+def training_sigmas(alphas_cumprod: Tensor, *, zero_snr_alpha_cumprod: float = ZERO_SNR_ALPHA_CUMPROD) -> Tensor:
     """σ of each training step (T,) float64 CPU, ``√((1-ᾱ_t)/ᾱ_t)``, from the training ᾱ (T,).
 
-    A zero last ᾱ (a zero-terminal-SNR schedule) is read as :data:`ZERO_SNR_ALPHA_CUMPROD`, as
-    diffusers' schedulers do, so σ_max ≈ 4096 rather than ∞ (which would make every σ sampler NaN).
+    A zero last ᾱ (a zero-terminal-SNR schedule) is read as ``zero_snr_alpha_cumprod``: by default
+    :data:`ZERO_SNR_ALPHA_CUMPROD`, as diffusers' schedulers do, so σ_max ≈ 4096 rather than ∞ (which would make
+    every σ sampler NaN).
     """
     ac = alphas_cumprod.detach().double().cpu()
     if float(ac[-1]) == 0.0:
-        ac = torch.cat([ac[:-1], ac.new_full((1,), ZERO_SNR_ALPHA_CUMPROD)])
+        ac = torch.cat([ac[:-1], ac.new_full((1,), zero_snr_alpha_cumprod)])
     return sigmas_of(ac)
 
 
@@ -91,12 +98,13 @@ def model_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype = torch.float64,
     """The σ table (T,) the samplers read in ``dtype`` on ``device``: float64, :func:`training_sigmas`; otherwise
     A1111's (``CompVisDenoiser.sigmas``, k_diffusion/external.py:94 at 4601bf0: ``((1 − ᾱ)/ᾱ)**0.5`` computed in
     float32 from ᾱ as float32, the buffer LDM and A1111 keep), in float32 whatever lower ``dtype`` (half latents:
-    A1111 keeps ᾱ float32). A zero last ᾱ reads as :func:`training_sigmas` reads it."""
+    A1111 keeps ᾱ float32). A zero last ᾱ reads as A1111 reads it, :data:`A1111_ZERO_SNR_ALPHA_CUMPROD` (float64
+    too: the precise mode of A1111's table; diffusers' grids read :func:`training_sigmas`' 2⁻²⁴)."""
     if dtype == torch.float64:
-        return training_sigmas(alphas_cumprod).to(device)
+        return training_sigmas(alphas_cumprod, zero_snr_alpha_cumprod=A1111_ZERO_SNR_ALPHA_CUMPROD).to(device)
     ac = alphas_cumprod.detach().to(device=device, dtype=torch.float32)
     if float(ac[-1]) == 0.0:
-        ac = torch.cat([ac[:-1], ac.new_full((1,), ZERO_SNR_ALPHA_CUMPROD)])
+        ac = torch.cat([ac[:-1], ac.new_full((1,), A1111_ZERO_SNR_ALPHA_CUMPROD)])
     return ((1 - ac) / ac) ** 0.5
 
 
@@ -104,7 +112,7 @@ def grid_table(alphas_cumprod: Tensor, x: Tensor, schedule: str | None) -> Tenso
     """The σ table (T,) CPU a discrete-σ sampler reads its timesteps ``t(σ)`` on, for latents ``x``: A1111's in the
     work dtype (:func:`model_sigmas`, :func:`work_dtype`) on one of A1111's grids (``schedule`` given), else float64
     (diffusers' grids: its float64 ``_sigma_to_t``)."""
-    return model_sigmas(alphas_cumprod, work_dtype(x) if schedule is not None else torch.float64)
+    return model_sigmas(alphas_cumprod, work_dtype(x)) if schedule is not None else training_sigmas(alphas_cumprod)
 
 
 def sigmas_at(timesteps: Tensor, train_sigmas: Tensor) -> Tensor:
@@ -276,7 +284,7 @@ def discrete_sigmas(alphas_cumprod: Tensor, num_steps: int, *, spacing: str = "l
         ValueError: ``num_steps`` below 1, or above T on a grid of training steps (:func:`check_grid_steps`: the
             ``leading`` / ``trailing`` spacings, the ``simple`` / ``ddim`` schedules), an unknown spacing or schedule.
     """
-    train = model_sigmas(alphas_cumprod, dtype if schedule is not None else torch.float64)  # (as grid_table)
+    train = model_sigmas(alphas_cumprod, dtype) if schedule is not None else training_sigmas(alphas_cumprod)
     if schedule is not None:
         from .schedules import schedule_sigmas
 
