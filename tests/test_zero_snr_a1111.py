@@ -67,3 +67,32 @@ def test_a_ztsnr_v_model_on_a1111s_grid_is_a1111s_run(schedule):
     got = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler="euler", alphas_cumprod=ac, num_steps=n,
                          schedule=schedule, prediction_type="v_prediction")
     assert torch.equal(got, want), rel_err(got, want)
+
+
+def test_inpainting_a_ztsnr_model_on_a1111s_grid_reads_sigma_on_its_table():
+    """The inpainting blend reads σ back from the timesteps on the sampler's own table (``sample_latents`` hands
+    :func:`sdadapt.inpaint.masked_model` A1111's table on A1111's grids): with an all-keep mask every x̂0 is the init
+    latent, so Euler's first step lands on ``init + (x − init)·σ₁/σ₀``; read on diffusers' table (σ_max 4096 at
+    t = 999) that first x̂0 is off."""
+    from sdadapt import inpaint
+    from sdadapt.samplers.sigma_space import discrete_sigmas
+
+    ac = _ztsnr()
+    g = torch.Generator().manual_seed(3)
+    init, noise = (torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    _, sig = discrete_sigmas(ac, 7, schedule="exponential", dtype=torch.float64)
+    s0, s1 = float(sig[0]), float(sig[1])
+    want = init + (noise * s0 - init) * (s1 / s0)
+
+    def first_step(sigma_table):
+        wrapped = inpaint.masked_model(lambda x, t, c: stand_in(x, t.double()), init=init,
+                                       latmask=torch.zeros(1, 1, 4, 4), sampler="euler", alphas_cumprod=ac,
+                                       prediction_type="v_prediction", linear_timesteps=False, sigma_table=sigma_table)
+        seen = []
+        sample_latents(wrapped, noise, None, sampler="euler", alphas_cumprod=ac, num_steps=7, schedule="exponential",
+                       prediction_type="v_prediction", callback=lambda i, t, x: seen.append(x))
+        return seen[0]
+
+    assert s0 == pytest.approx(4518.8, abs=0.1)
+    assert torch.allclose(first_step(model_sigmas(ac)), want, rtol=0, atol=1e-9)
+    assert not torch.allclose(first_step(None), want, rtol=0, atol=1e-6)  # (measured: 6e-5 off)

@@ -264,8 +264,8 @@ def _sigma_of(t: Tensor, train_sigmas: Tensor, linear: bool) -> Tensor:
 
 
 def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor, latmask: Tensor, sampler: str,
-                 alphas_cumprod: Tensor, prediction_type: str,
-                 linear_timesteps: bool = True) -> Callable[[Tensor, Tensor, object], Tensor]:
+                 alphas_cumprod: Tensor, prediction_type: str, linear_timesteps: bool = True,
+                 sigma_table: Tensor | None = None) -> Callable[[Tensor, Tensor, object], Tensor]:
     """The guided model ``fn(x_in, t, cond)`` with A1111's inpainting blend on a 4-channel model
     (``CFGDenoiser.forward``): ``init`` (B, C, h, w) the init latent, ``latmask`` (1 or B, 1 or C, h, w) 1 = repaint.
 
@@ -275,11 +275,13 @@ def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor
     x̂0 read as :func:`sdadapt.samplers.sigma_space.vp_data_prediction` reads it, blended, and written back in the
     model's prediction type. σ comes from the call's timesteps: integer ones exactly (DPM-Solver), fractional ones
     linear in t (``linear_timesteps``: diffusers' σ grids, exact on their grid points) or in log σ (Karras σ and
-    A1111's schedules, exact: their timesteps are ``t(σ)``).
+    A1111's schedules, exact: their timesteps are ``t(σ)``), on ``sigma_table`` (T,): the σ table the sampler reads
+    its timesteps on (``None``: :func:`~sdadapt.samplers.sigma_space.training_sigmas`, diffusers'; A1111's grids:
+    :func:`~sdadapt.samplers.sigma_space.model_sigmas`, whose zero-terminal-SNR σ_max is A1111's).
     """
     from .samplers.sigma_space import training_sigmas, vp_data_prediction
 
-    train = training_sigmas(alphas_cumprod)
+    train = training_sigmas(alphas_cumprod) if sigma_table is None else sigma_table.double().cpu()
     if sampler == "ddim":
         def before(x: Tensor, t: Tensor, cond: object) -> Tensor:
             return fn(blend_denoised(x, init, latmask), t, cond)

@@ -64,7 +64,7 @@ from .lms import lms_sample
 from .pndm import pndm_sample
 from .restart import restart_sample
 from .schedules import ScheduleOptions
-from .sigma_space import work_dtype
+from .sigma_space import model_sigmas, work_dtype
 from .unipc import unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
@@ -258,7 +258,8 @@ def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: 
     init = start.init_like(x_T)
     guided = diffusion.guided(model, cond, uncond, guidance_scale)
     blended = masked_model(guided, init=init, latmask=start.mask, sampler=sampler, alphas_cumprod=alphas_cumprod,
-                           prediction_type=prediction_type, linear_timesteps=schedule is None and not karras)
+                           prediction_type=prediction_type, linear_timesteps=schedule is None and not karras,
+                           sigma_table=None if schedule is None else model_sigmas(alphas_cumprod))
     plain = replace(start, mask=None)
     latents = sample_latents(blended, x_T, cond, sampler=sampler,
                              alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, karras=karras,
