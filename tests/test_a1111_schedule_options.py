@@ -213,4 +213,7 @@ def test_every_schedule_sampler_runs_the_tuned_grid():
 
         sample_latents(record, x_T, None, sampler=name, alphas_cumprod=ac, num_steps=6, schedule="karras",
                        schedule_options=options, generator=torch.Generator().manual_seed(1))
+        if name == "lcm":  # A1111's LCM calls the model at the nearest of its 50 timesteps
+            assert first[0] == 799.0, first[0]
+            continue
         assert abs(first[0] - want) <= 0.51, (name, first[0], want)  # (some samplers round t to an integer)

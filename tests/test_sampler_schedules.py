@@ -17,6 +17,7 @@ from sampler_stand_ins import SD_BETAS, stand_in
 from sdadapt import samplers
 from sdadapt.samplers import SCHEDULE_SAMPLERS, resolve_schedule, sample_latents
 from sdadapt.samplers.dpm_solver import dpm_grid
+from sdadapt.samplers.lcm import lcm_sigma_table
 from sdadapt.samplers.schedules import SCHEDULES, canonical_schedule, schedule_sigmas
 from sdadapt.samplers.sigma_space import discrete_sigmas, training_sigmas
 
@@ -446,15 +447,16 @@ def test_resolution_automatic_karras_and_refusals():
     assert resolve_schedule("dpm_2_a", "automatic") == "karras"
     assert resolve_schedule("euler_a", "automatic") == "uniform"
     assert resolve_schedule("heun", "SGM Uniform") == "sgm_uniform"
-    for name in ("ddim", "lcm", "dpm_fast", "dpm_adaptive"):  # A1111's "Automatic": their own steps
+    for name in ("ddim", "dpm_fast", "dpm_adaptive"):  # A1111's "Automatic": their own steps
         assert resolve_schedule(name, "Automatic") is None
-    for name in ("ddim", "ddpm", "pndm", "lcm"):
+    assert resolve_schedule("lcm", "Automatic") == "uniform"  # A1111's LCM: its denoiser's get_sigmas
+    for name in ("ddim", "ddpm", "pndm"):
         with pytest.raises(ValueError, match=f"sampler '{name}' takes no schedule: .*"):
             resolve_schedule(name, "exponential")
     with pytest.raises(ValueError, match="karras and schedule 'beta'"):
         resolve_schedule("euler", "beta", karras=True)
     assert resolve_schedule("euler", "karras", karras=True) == "karras"
-    assert set(SCHEDULE_SAMPLERS) == set(samplers.SAMPLERS) - {"ddim", "ddpm", "pndm", "lcm", "dpm_fast", "dpm_adaptive"}
+    assert set(SCHEDULE_SAMPLERS) == set(samplers.SAMPLERS) - {"ddim", "ddpm", "pndm", "dpm_fast", "dpm_adaptive"}
 
 
 #: A1111 ≥ 1.9's ``samplers_k_diffusion`` (modules/sd_samplers_kdiffusion.py): label -> its option ``scheduler``
@@ -521,7 +523,8 @@ def test_every_schedule_sampler_runs_every_schedule(name):
                              schedule=schedule, generator=torch.Generator().manual_seed(1),
                              callback=lambda i, t, x, seen=steps: seen.append(i))
         assert torch.isfinite(out).all(), schedule
-        expected = len(schedule_sigmas(schedule, 7, training_sigmas(ac),
+        table = lcm_sigma_table(ac) if name == "lcm" else training_sigmas(ac)  # (A1111's LCM: its 50 σ)
+        expected = len(schedule_sigmas(schedule, 7, table,
                                        discard_next_to_last_sigma=name in samplers.DISCARD_NEXT_TO_LAST_SIGMA)) - 1
         assert steps == list(range(expected)), (schedule, steps)
         results[schedule] = out

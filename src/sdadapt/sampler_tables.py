@@ -90,16 +90,16 @@ SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_
 KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
                                     "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
                                     "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart")
-#: samplers that take a ``schedule`` (A1111's "Schedule type", :mod:`.schedules`): those on a σ grid
+#: samplers that take a ``schedule`` (A1111's "Schedule type", :mod:`.schedules`): those on a σ grid (``lcm``: A1111's
+#: LCM sampler on its 50-entry σ table, sdadapt.samplers.lcm)
 SCHEDULE_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "euler_a", "dpmsolver", "dpmsolver++",
                                       "dpmsingle", "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
-                                      "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart")
+                                      "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart", "lcm")
 #: samplers without a σ grid -> why no schedule applies
 _NO_SCHEDULE: dict[str, str] = {
     "ddim": "DDIM steps the model's integer timesteps (its own alphas), not a σ grid",
     "ddpm": "DDPM steps the model's integer timesteps by its posterior variance, not a σ grid",
     "pndm": "PNDM (PLMS) steps fixed integer timesteps with a multistep rule tied to their spacing",
-    "lcm": "LCM runs on LCM's own distilled timesteps (the consistency scalings depend on them)",
     "dpm_fast": "DPM fast spaces its steps evenly in log σ between the model's σ_max and σ_min itself",
     "dpm_adaptive": "DPM adaptive chooses its own steps in log σ between the model's σ_max and σ_min",
 }
@@ -140,7 +140,7 @@ def resolve_schedule(name: str, schedule: str | None, karras: bool = False) -> s
 
     Raises:
         ValueError: an unknown schedule, a schedule other than ``automatic`` on a sampler without a σ grid
-            (``ddim``, ``ddpm``, ``pndm``, ``lcm``, ``dpm_fast``, ``dpm_adaptive``: the reason named), or
+            (``ddim``, ``ddpm``, ``pndm``, ``dpm_fast``, ``dpm_adaptive``: the reason named), or
             ``karras`` with a schedule other than Karras.
     """
     if schedule is None:
@@ -181,7 +181,7 @@ A1111_LABELS: dict[str, str] = {
     "dpm fast": "dpm_fast",  # no diffusers class: k-diffusion's sample_dpm_fast (steps = model calls)
     "dpm adaptive": "dpm_adaptive",  # no diffusers class: k-diffusion's sample_dpm_adaptive (its own step count)
     "restart": "restart",  # no diffusers class: A1111's restart_sampler (Heun steps + restart segments)
-    "lcm": "lcm",  # LCMScheduler: A1111's x̂0-then-renoise rule on LCM's own timesteps (docs/samplers.md)
+    "lcm": "lcm",  # LCMScheduler on LCM's own timesteps; with a schedule A1111's LCM sampler (its σ grid)
     "ddim": "ddim",  # DDIMScheduler
     "plms": "plms",  # PNDMScheduler(skip_prk_steps=True): only when a sampler named plms is registered
     # A1111's lower-case aliases (modules/sd_samplers_kdiffusion.py)

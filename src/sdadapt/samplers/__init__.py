@@ -93,7 +93,7 @@ _SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmsingle": dpmsingle_sample,
     "unipc": unipc_sample,  # not a kohya name: diffusers' UniPCMultistepScheduler
     "dpmsolver++_sde": dpmsolver_pp_sde_sample,  # not a kohya name: algorithm_type="sde-dpmsolver++"
-    "lcm": lcm_sample,  # not a kohya name: diffusers' LCMScheduler (LCM models, LCM-LoRA)
+    "lcm": lcm_sample,  # not a kohya name: diffusers' LCMScheduler (LCM models, LCM-LoRA); A1111's LCM on a schedule
     "dpmpp_sde": dpmpp_sde_sample,  # not a kohya name: diffusers' DPMSolverSDEScheduler (needs torchsde)
     "dpmpp_2s_a": dpmpp_2s_ancestral_sample,  # not a kohya name: k-diffusion's sample_dpmpp_2s_ancestral
     "dpmsolver++_3m_sde": dpmsolver_pp_3m_sde_sample,  # not a kohya name: solver_order=3, sde-dpmsolver++
@@ -170,6 +170,10 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64):
         karras, schedule = True, None
     check_karras(name, karras)
+    if name == "lcm" and schedule is not None and start is not None and start.mask is not None:
+        raise ValueError("inpainting with a mask reads σ back from the model's timesteps; A1111's LCM (lcm with a "
+                         "schedule) quantizes them to its 50 steps, so the blend would be off: inpaint with lcm "
+                         "without a schedule (diffusers' LCMScheduler) or with a σ-grid sampler (euler, euler_a, ...)")
     if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
         return _inpaint(model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                         uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type, karras=karras,
