@@ -106,22 +106,21 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
     / ``use_beta_sigmas`` truncate them instead: docs/samplers.md), then the schedule's last σ (0 read as
     σ of t = 0 under ``final_sigma="sigma_min"``; ``kl_optimal`` ends on σ_min itself).
     ``discard_next_to_last_sigma``: with a ``schedule``, A1111's option of that name
-    (:func:`.schedules.schedule_sigmas`); unused without one. ``past_timesteps``: a grid of more steps than the
-    model's T timesteps is built where it is continuous (:func:`continuous_grid`), as k-diffusion's
-    ``get_sigmas_karras(n)`` / A1111's schedules are, its timesteps then the unrounded ``t(σ)`` (k-diffusion's
-    ``sigma_to_t``, where A1111 calls the model: rounding would repeat timesteps); up to T steps the grid is the
-    same either way.
+    (:func:`.schedules.schedule_sigmas`); unused without one. ``past_timesteps``: on Karras σ a grid of more
+    steps than the model's T timesteps is built, as k-diffusion's ``get_sigmas_karras(n)`` is, its timesteps then
+    the unrounded ``t(σ)`` (k-diffusion's ``sigma_to_t``, where A1111 calls the model: rounding would repeat
+    timesteps); up to T steps the grid is the same either way. (The DPM++ samplers that are k-diffusion's run
+    A1111's schedules in k-diffusion's own form, :mod:`.dpmpp_sigma`, any step count there.)
 
     Returns:
-        ``timesteps`` (n,) descending: int64, or float64 fractional on a grid past T; ``sigmas`` (n+1,) float64
-        k-diffusion σ (CPU).
+        ``timesteps`` (n,) descending: int64, or float64 fractional on a Karras grid past T; ``sigmas`` (n+1,)
+        float64 k-diffusion σ (CPU).
 
     Raises:
-        ValueError: ``num_steps`` < 1, or > T on a grid that is not continuous or without ``past_timesteps``,
-            an unknown ``final_sigma``.
+        ValueError: ``num_steps`` < 1, or > T but on Karras σ with ``past_timesteps``, an unknown ``final_sigma``.
     """
     T = int(alphas_cumprod.shape[0])
-    past = past_timesteps and int(num_steps) > T and continuous_grid(karras=karras, schedule=schedule)
+    past = past_timesteps and int(num_steps) > T and karras and schedule is None
     if not 1 <= int(num_steps) <= T and not past:
         raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
     if final_sigma not in ("zero", "sigma_min"):
@@ -134,8 +133,7 @@ def dpm_grid(alphas_cumprod: Tensor, num_steps: int, *, karras: bool = False,
         full = schedule_sigmas(schedule, n, train, discard_next_to_last_sigma=discard_next_to_last_sigma,
                                options=schedule_options)
         last = full[-1:] if float(full[-1]) > 0 or final_sigma == "zero" else train[:1]
-        timesteps = sigma_to_t(full[:-1], train)
-        return (timesteps if past else timesteps.round().long()), torch.cat([full[:-1], last])
+        return sigma_to_t(full[:-1], train).round().long(), torch.cat([full[:-1], last])
     if karras:
         sigmas = karras_sigmas(float(train[0]), float(train[-1]), n)
         timesteps = sigma_to_t(sigmas, train)
