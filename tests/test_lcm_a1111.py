@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from sampler_stand_ins import sd_alphas_cumprod, stand_in
+from sampler_stand_ins import rel_err, sd_alphas_cumprod, stand_in
 
 from sdadapt.img2img import (
     Img2ImgStart,
@@ -243,9 +243,27 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="give a schedule too"):  # called directly, A1111's options without a grid
         lcm_sample(lambda x, t: stand_in(x, t), x_T, alphas_cumprod=sd_alphas_cumprod(), num_steps=4,
                    discard_next_to_last_sigma=True)
-    mask = torch.ones(1, 1, 8, 8)
-    with pytest.raises(ValueError, match="inpainting with a mask.*A1111's LCM"):
-        run(x_T, 4, "automatic", 0, start=Img2ImgStart(init=x_T, strength=0.5, mask=mask))
+
+
+@pytest.mark.parametrize("schedule", ["automatic", "karras"])
+def test_masked_inpainting_blends_the_consistency_output_as_a1111(schedule):
+    """A1111's LCM with a mask: ``CFGDenoiser`` blends ``init·mask + nmask·denoised`` over the ``LCMCompVisDenoiser``
+    output at every call, ``samples·nmask + init·mask`` at the end (was refused: σ could not be read back)."""
+    x_T, init, n, strength = _noise(3), _noise(4), 6, 0.6
+    latmask = torch.zeros(1, 1, 8, 8)
+    latmask[..., 2:6, 1:5] = 1.0
+    wrap = A1111LCM(sd_alphas_cumprod(), torch.float32)
+    steps, t_enc = a1111_img2img_steps(n, strength)
+    sigmas = wrap.schedule(schedule, n)[steps - t_enc - 1:]
+    x, g = init + x_T * sigmas[0], torch.Generator().manual_seed(2)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        x = init * (1.0 - latmask) + latmask * wrap(stand_in, x, sigmas[i] * s_in, [])
+        if sigmas[i + 1] > 0:
+            x += sigmas[i + 1] * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    want = x * latmask + init * (1.0 - latmask)
+    got = run(x_T, n, schedule, 2, start=Img2ImgStart(init=init, strength=strength, mask=latmask))
+    assert torch.equal(got, want), rel_err(got, want)
 
 
 def test_generate_runs_a1111s_lcm_with_a_schedule(tmp_path):

@@ -70,11 +70,13 @@ def test_a_ztsnr_v_model_on_a1111s_grid_is_a1111s_run(schedule):
 
 
 def test_inpainting_a_ztsnr_model_on_a1111s_grid_reads_sigma_on_its_table():
-    """The inpainting blend reads σ back from the timesteps on the sampler's own table (``sample_latents`` hands
-    :func:`sdadapt.inpaint.masked_model` A1111's table on A1111's grids): with an all-keep mask every x̂0 is the init
-    latent, so Euler's first step lands on ``init + (x − init)·σ₁/σ₀``; read on diffusers' table (σ_max 4096 at
-    t = 999) that first x̂0 is off."""
+    """With an all-keep mask every x̂0 is the init latent, so Euler's first step lands on ``init + (x − init)·σ₁/σ₀``.
+    ``sample_latents`` on A1111's grid blends the x̂0 the sampler reads (no σ read back: any table gives it); a sampler
+    called on the model's outputs reads σ back from the timesteps, right on the sampler's own table
+    (:func:`sdadapt.inpaint.masked_model`'s ``sigma_table``; A1111's σ_max 4518.8 at t = 999) and off on diffusers'
+    (4096)."""
     from sdadapt import inpaint
+    from sdadapt.samplers.euler import euler_sample
     from sdadapt.samplers.sigma_space import discrete_sigmas
 
     ac = _ztsnr()
@@ -84,15 +86,21 @@ def test_inpainting_a_ztsnr_model_on_a1111s_grid_reads_sigma_on_its_table():
     s0, s1 = float(sig[0]), float(sig[1])
     want = init + (noise * s0 - init) * (s1 / s0)
 
-    def first_step(sigma_table):
+    def first_step(sigma_table, *, on_outputs=False):
         wrapped = inpaint.masked_model(lambda x, t, c: stand_in(x, t.double()), init=init,
                                        latmask=torch.zeros(1, 1, 4, 4), sampler="euler", alphas_cumprod=ac,
                                        prediction_type="v_prediction", linear_timesteps=False, sigma_table=sigma_table)
         seen = []
-        sample_latents(wrapped, noise, None, sampler="euler", alphas_cumprod=ac, num_steps=7, schedule="exponential",
-                       prediction_type="v_prediction", callback=lambda i, t, x: seen.append(x))
+        run = {"alphas_cumprod": ac, "num_steps": 7, "schedule": "exponential", "prediction_type": "v_prediction",
+               "callback": lambda i, t, x: seen.append(x)}
+        if on_outputs:
+            euler_sample(lambda x, t: wrapped(x, t, None), noise, **run)
+        else:
+            sample_latents(wrapped, noise, None, sampler="euler", **run)
         return seen[0]
 
     assert s0 == pytest.approx(4518.8, abs=0.1)
-    assert torch.allclose(first_step(model_sigmas(ac)), want, rtol=0, atol=1e-9)
-    assert not torch.allclose(first_step(None), want, rtol=0, atol=1e-6)  # (measured: 6e-5 off)
+    for table in (model_sigmas(ac), None):
+        assert torch.allclose(first_step(table), want, rtol=0, atol=1e-9)
+    assert torch.allclose(first_step(model_sigmas(ac), on_outputs=True), want, rtol=0, atol=1e-9)
+    assert not torch.allclose(first_step(None, on_outputs=True), want, rtol=0, atol=1e-6)  # (measured: 6e-5 off)

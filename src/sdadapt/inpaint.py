@@ -36,6 +36,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .denoised_branches import ReadDenoised, denoised_of
+
 __all__ = [
     "INPAINTING_FILLS",
     "binary_mask",
@@ -277,9 +279,11 @@ def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor
     linear in t (``linear_timesteps``: diffusers' σ grids, exact on their grid points) or in log σ (Karras σ and
     A1111's schedules, exact: their timesteps are ``t(σ)``), on ``sigma_table`` (T,): the σ table the sampler reads
     its timesteps on (``None``: :func:`~sdadapt.samplers.sigma_space.training_sigmas`, diffusers'; A1111's grids:
-    :func:`~sdadapt.samplers.sigma_space.model_sigmas`, whose zero-terminal-SNR σ_max is A1111's).
+    :func:`~sdadapt.samplers.sigma_space.model_sigmas`, whose zero-terminal-SNR σ_max is A1111's). A sampler that
+    reads x̂0 by branch (A1111's grids, :mod:`sdadapt.denoised_branches`) gets the blend of its own x̂0 instead, in
+    A1111's arithmetic, with no σ read back.
     """
-    from .samplers.sigma_space import training_sigmas, vp_data_prediction
+    from .samplers.sigma_space import training_sigmas
 
     train = training_sigmas(alphas_cumprod) if sigma_table is None else sigma_table.double().cpu()
     if sampler == "ddim":
@@ -288,23 +292,40 @@ def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor
 
         return before
 
-    def after(x: Tensor, t: Tensor, cond: object) -> Tensor:
-        out = fn(x, t, cond)
-        sigma = _sigma_of(t, train, linear_timesteps).to(device=x.device, dtype=torch.float64).view(-1, 1, 1, 1)
+    return _BlendedAfter(fn, init, latmask, train, linear_timesteps, prediction_type)
+
+
+class _BlendedAfter:
+    """:func:`masked_model` for the σ samplers: A1111's blend on the x̂0 the sampler reads (its docstring)."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], init: Tensor, latmask: Tensor, train: Tensor,
+                 linear_timesteps: bool, prediction_type: str) -> None:
+        self.fn, self.init, self.latmask, self.train = fn, init, latmask, train
+        self.linear_timesteps, self.prediction_type = linear_timesteps, prediction_type
+
+    def __call__(self, x: Tensor, t: Tensor, cond: object) -> Tensor:
+        """The model output (B, C, h, w) whose x̂0 is the blend, σ read back from ``t`` (float64 arithmetic)."""
+        from .samplers.sigma_space import vp_data_prediction
+
+        out = self.fn(x, t, cond)
+        sigma = _sigma_of(t, self.train, self.linear_timesteps).to(device=x.device, dtype=torch.float64)
+        sigma = sigma.view(-1, 1, 1, 1)
         alpha = 1.0 / (sigma * sigma + 1).sqrt()
         s = sigma * alpha
         x64, out64 = x.double(), out.double()
-        x0 = vp_data_prediction(out64, x64, alpha, s, prediction_type)
-        x0 = blend_denoised(x0, init.double(), latmask.double())
-        if prediction_type == "epsilon":
+        x0 = vp_data_prediction(out64, x64, alpha, s, self.prediction_type)
+        x0 = blend_denoised(x0, self.init.double(), self.latmask.double())
+        if self.prediction_type == "epsilon":
             new = (x64 - alpha * x0) / s
-        elif prediction_type == "v_prediction":
+        elif self.prediction_type == "v_prediction":
             new = (alpha * x64 - x0) / s
         else:  # sample
             new = x0
         return new.to(out.dtype)
 
-    return after
+    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object) -> Tensor:
+        """The blend of the x̂0 (B, C, h, w) the sampler reads (one of A1111's grids: A1111's own arithmetic)."""
+        return blend_denoised(denoised_of(self.fn, read, x, t, cond), self.init, self.latmask)
 
 
 # -------------------------------------------------------------------------------------- inpainting models (9-ch)

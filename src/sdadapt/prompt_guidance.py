@@ -13,7 +13,9 @@ and the outputs combine as A1111's ``combine_denoised`` (composable diffusion)::
 one sub-prompt of weight 1 is the ordinary ``u + s·(c − u)``
 (:func:`sdadapt.training.diffusion.guidance_combine`), and with ``s = 1`` it is ``c`` alone (no
 negative pass), as sdadapt's plain guidance. The combination is affine (its coefficients sum to 1), so
-taking it over ε or v predictions equals A1111 taking it over the denoised latents. Conditionings of
+taking it over ε or v predictions equals A1111 taking it over the denoised latents up to float rounding; on
+A1111's grids the samplers ask for it over x̂0 (:meth:`ScheduledGuidance.denoised_by_branch`,
+:mod:`sdadapt.denoised_branches`), A1111's bits. Conditionings of
 equal shapes run as one batch; others one call each. Sub-prompts of different lengths (``BREAK``
 chunks) are padded to the longest of each call by repeating their last token's states, as A1111 pads
 them; the negative prompt is not padded (A1111's default runs it on its own then).
@@ -28,6 +30,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
+from .denoised_branches import ReadDenoised, denoised_of
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
 
@@ -162,9 +165,18 @@ class ScheduledGuidance:
         self.calls = 0
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+        return self._call(x, t, None)
+
+    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+        """x̂0 (B, C, H, W) of the call: each output read by ``read``, combined on x̂0 (A1111's ``combine_denoised``,
+        :mod:`sdadapt.denoised_branches`)."""
+        return self._call(x, t, read)
+
+    def _call(self, x: Tensor, t: Tensor, read: ReadDenoised | None) -> Tensor:
         call, self.calls = self.calls, self.calls + 1
         parts = [(self.conds[schedule.at(call)], weight) for schedule, weight in self.plan.parts]
-        return composed_guidance(self.model, x, t, parts, self.negative_conds[self.plan.negative.at(call)], self.scale)
+        return composed_guidance(self.model, x, t, parts, self.negative_conds[self.plan.negative.at(call)], self.scale,
+                                 read=read)
 
 
 def combine_composed(out_uncond: Tensor, outs: Sequence[tuple[Tensor, float]], scale: float) -> Tensor:
@@ -190,13 +202,16 @@ def composed_outputs(model: Callable[[Tensor, Tensor, object], Tensor], x: Tenso
 
 
 def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tensor, t: Tensor,
-                      parts: Sequence[tuple[object, float]], uncond: object, scale: float) -> Tensor:
+                      parts: Sequence[tuple[object, float]], uncond: object, scale: float, *,
+                      read: ReadDenoised | None = None) -> Tensor:
     """One guided model call of a prompt plan (B, C, H, W): the ``AND`` sub-prompts ``parts`` (``(cond, weight)``)
     and the negative's ``uncond`` at ``x`` (one batch where they concatenate; sub-prompts padded to one length), then
     :func:`combine_composed`. One sub-prompt of weight 1 at scale 1 is the conditional output alone (no negative
-    pass). What :class:`ScheduledGuidance` runs at each call, given that call's conditions."""
+    pass). What :class:`ScheduledGuidance` runs at each call, given that call's conditions. ``read``: each output
+    read to x̂0 by it first, so the combination runs on x̂0 (:mod:`sdadapt.denoised_branches`)."""
     parts = _same_length(list(parts))
-    if len(parts) == 1 and parts[0][1] == 1.0 and scale == 1.0:
-        return model(x, t, parts[0][0])  # (sdadapt's plain guidance at scale 1: no negative pass)
-    out_u, *outs = _batched(model, x, t, [uncond, *(cond for cond, _ in parts)])
+    if len(parts) == 1 and parts[0][1] == 1.0 and scale == 1.0:  # (sdadapt's plain guidance at scale 1: no negative)
+        return model(x, t, parts[0][0]) if read is None else denoised_of(model, read, x, t, parts[0][0])
+    outs = _batched(model, x, t, [uncond, *(cond for cond, _ in parts)])
+    out_u, *outs = outs if read is None else [read(out) for out in outs]
     return combine_composed(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scale)

@@ -35,6 +35,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..denoised_branches import ReadDenoised, denoised_of
+
 __all__ = ["A1111_SECOND_ORDER", "REFINER_HIRES_PASSES", "RefinerHandoff", "a1111_total_steps", "check_refiner_hires_pass",
            "check_refiner_pair", "handoff_report", "refiner_cutoff", "sample_base_then_refiner"]
 
@@ -213,16 +215,30 @@ class RefinerHandoff:
                 return self.late_by_steps(done[0], total_steps)
             return self.late(float(torch.as_tensor(t).flatten()[0]), a1111_grid=a1111_grid)
 
-        def model(x_t: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+        def pick(t: Tensor) -> Callable:
             switched[0] = switched[0] or past(t)
             chosen = refiner_model if switched[0] else base_model
             if hasattr(chosen, "calls"):  # (a ScheduledGuidance: its texts picked by the run's call count)
                 chosen.calls = done[0]
             done[0] += 1
             self.calls["refiner" if switched[0] else "base"] += 1
-            return chosen(x_t, t, None)
+            return chosen
 
-        return model
+        return _Switched(pick)
+
+
+class _Switched:
+    """:meth:`RefinerHandoff.switched`'s model: each call goes to the model ``pick(t)`` chooses — its x̂0 by branch
+    too, where the sampler asks for it (:mod:`sdadapt.denoised_branches`)."""
+
+    def __init__(self, pick: Callable[[Tensor], Callable]) -> None:
+        self.pick = pick
+
+    def __call__(self, x_t: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+        return self.pick(t)(x_t, t, None)
+
+    def denoised_by_branch(self, read: ReadDenoised, x_t: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+        return denoised_of(self.pick(t), read, x_t, t, None)
 
 
 def sample_base_then_refiner(base, refiner, prompts: list[str], *, switch_at: float, by_steps: bool = False,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..denoised_branches import ReadDenoised, denoised_of
 from ..sampler_tables import (  # (the names and checks, torch-free: their one home, re-exported here)
     DISCARD_NEXT_TO_LAST_SIGMA,
     KARRAS_SAMPLERS,
@@ -77,6 +78,9 @@ __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER
 _A1111_FLOAT32: tuple[str, ...] = ("euler", "heun", "lms", "dpmpp_2s_a", "dpm_2", "dpm_2_a", "dpmpp_sde",
                                    "dpmsolver++", "dpmsolver++_sde", "dpmsolver++_sde_heun", "dpmsolver++_3m_sde")
 
+#: samplers without a diffusers class (k-diffusion's, A1111's Restart): guided on x̂0 with or without a schedule
+_KDIFFUSION_ONLY: tuple[str, ...] = ("dpmpp_2s_a", "dpm_fast", "dpm_adaptive", "restart")
+
 #: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
 #: callback[, karras][, **options]) -> x0`` (``ddim`` is dispatched separately, with its own options)
 _SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -111,7 +115,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    start: Img2ImgStart | None = None,
                    before_model_call: Callable[[int, int], None] | None = None, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
-    classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given.
+    classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given: over the model outputs on diffusers' grids
+    (diffusers' pipelines), over each output's x̂0 on A1111's (a ``schedule``; ``dpmpp_2s_a``, ``dpm_fast``,
+    ``dpm_adaptive``, ``restart`` always), as A1111's ``CFGDenoiser`` (:mod:`sdadapt.denoised_branches`).
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
     its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
@@ -170,10 +176,6 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64):
         karras, schedule = True, None
     check_karras(name, karras)
-    if name == "lcm" and schedule is not None and start is not None and start.mask is not None:
-        raise ValueError("inpainting with a mask reads σ back from the model's timesteps; A1111's LCM (lcm with a "
-                         "schedule) quantizes them to its 50 steps, so the blend would be off: inpaint with lcm "
-                         "without a schedule (diffusers' LCMScheduler) or with a σ-grid sampler (euler, euler_a, ...)")
     if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
         return _inpaint(model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                         uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type, karras=karras,
@@ -202,27 +204,68 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         options["discard_next_to_last_sigma"] = True
     if start is not None:
         options["start"] = start
-    return run(lambda x, t: fn(x, t, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+    a1111 = schedule is not None or name in _KDIFFUSION_ONLY
+    bound = _A1111Denoiser(fn, cond) if a1111 else lambda x, t: fn(x, t, cond)
+    return run(bound, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)
+
+
+class _A1111Denoiser:
+    """The guided ``fn(x_in, t, cond)`` bound to ``cond`` for a sampler on one of A1111's grids (a ``schedule``;
+    :data:`_KDIFFUSION_ONLY` always): read
+    as A1111's ``CFGDenoiser`` over its ``CompVisDenoiser`` reads the model — each branch's output (half ones in
+    float32, A1111's σ scalings are float32 tensors) read to x̂0, then guidance, ``AND`` and the inpainting blend on
+    x̂0 (:mod:`sdadapt.denoised_branches`). Samplers that read no x̂0 call it ``(x_in, t)``: ``fn``'s output."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], cond: object) -> None:
+        self.fn, self.cond = fn, cond
+
+    def __call__(self, x_in: Tensor, t: Tensor) -> Tensor:
+        return self.fn(x_in, t, self.cond)
+
+    def denoised_by_branch(self, read: ReadDenoised, x_in: Tensor, t: Tensor) -> Tensor:
+        def read_float32(out: Tensor) -> Tensor:
+            return read(out.to(torch.promote_types(out.dtype, torch.float32)))
+
+        return denoised_of(self.fn, read_float32, x_in, t, self.cond)
+
+
+class _Announced:
+    """``model(x, t, cond)`` that tells ``before_model_call(done, calls)`` before each call (:func:`sample_latents`):
+    ``done`` steps (or tries) finished, as :meth:`finished` last set it, and the calls since."""
+
+    def __init__(self, model: Callable[[Tensor, Tensor, object], Tensor],
+                 before_model_call: Callable[[int, int], None]) -> None:
+        self.model, self.before_model_call, self.done, self.calls = model, before_model_call, 0, 0
+
+    def __call__(self, x: Tensor, t: Tensor, cond: object) -> Tensor:
+        self._announce()
+        return self.model(x, t, cond)
+
+    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object) -> Tensor:
+        self._announce()
+        return denoised_of(self.model, read, x, t, cond)
+
+    def _announce(self) -> None:
+        self.before_model_call(self.done, self.calls)
+        self.calls += 1
+
+    def finished(self, done: int) -> None:
+        self.done, self.calls = done, 0
 
 
 def _announced(model: Callable[[Tensor, Tensor, object], Tensor], callback: Callable[[int, Tensor, Tensor], None] | None,
                before_model_call: Callable[[int, int], None]):
     """``model`` and ``callback`` that tell ``before_model_call(steps_done, calls)`` before each model call
     (:func:`sample_latents`)."""
-    count = {"steps": 0, "calls": 0}
-
-    def announced_model(x: Tensor, t: Tensor, cond: object) -> Tensor:
-        before_model_call(count["steps"], count["calls"])
-        count["calls"] += 1
-        return model(x, t, cond)
+    announced = _Announced(model, before_model_call)
 
     def counted_callback(i: int, t: Tensor, x: Tensor) -> None:
-        count["steps"], count["calls"] = count["steps"] + 1, 0
+        announced.finished(announced.done + 1)
         if callback is not None:
             callback(i, t, x)
 
-    return announced_model, counted_callback
+    return announced, counted_callback
 
 
 def _announced_tries(model: Callable[[Tensor, Tensor, object], Tensor],
@@ -230,19 +273,14 @@ def _announced_tries(model: Callable[[Tensor, Tensor, object], Tensor],
     """``model`` and a ``tried(k)`` for :func:`.dpm_fast_adaptive.dpm_adaptive_sample` that tell
     ``before_model_call(tries_done, calls)`` before each model call (:func:`sample_latents`); ``tried``: the
     caller's own, still called."""
-    count = {"tries": 0, "calls": 0}
-
-    def announced_model(x: Tensor, t: Tensor, cond: object) -> Tensor:
-        before_model_call(count["tries"], count["calls"])
-        count["calls"] += 1
-        return model(x, t, cond)
+    announced = _Announced(model, before_model_call)
 
     def counted_try(k: int) -> None:
-        count["tries"], count["calls"] = k + 1, 0
+        announced.finished(k + 1)
         if tried is not None:
             tried(k)
 
-    return announced_model, counted_try
+    return announced, counted_try
 
 
 def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: Tensor, uncond: object | None,

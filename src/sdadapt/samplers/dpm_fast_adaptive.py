@@ -47,7 +47,7 @@ from torch import Tensor
 from .sigma_space import (
     ancestral_step,
     check_prediction_type,
-    denoised,
+    denoise,
     model_sigmas,
     sigma_to_t,
     step_noise,
@@ -107,9 +107,9 @@ class _Solver:
         then ``(x − x̂0)/σ(t)`` (B,C,H,W) (:func:`~.sigma_space.denoised`: the wrappers' rounding)."""
         sigma = self.sigma(t) * x.new_ones([x.shape[0]])
         s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
-        out = self.model((x * (1 / (s ** 2 + 1) ** 0.5)).to(self.dtype), self.model_steps(sigma))
+        x0 = denoise(self.model, x, s, self.model_steps(sigma), prediction_type=self.prediction_type, dtype=self.dtype)
         self.calls += 1
-        return (x - denoised(out, x, s, self.prediction_type)) / self.sigma(t)
+        return (x - x0) / self.sigma(t)
 
     def step_1(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor) -> Tensor:
         h = t_next - t

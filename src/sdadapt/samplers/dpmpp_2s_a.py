@@ -24,10 +24,9 @@ from torch import Tensor
 
 from .sigma_space import (
     ancestral_step,
-    denoised,
+    denoise,
     discrete_start,
     grid_table,
-    model_input,
     sigma_to_t,
     step_noise,
     timestep_batch,
@@ -70,7 +69,7 @@ def dpmpp_2s_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Te
     dt, table = x.dtype, grid_table(alphas_cumprod, x_T, schedule)  # (float32 latents: A1111's float32 run)
 
     def x0_at(x: Tensor, sigma: float | Tensor, t: Tensor) -> Tensor:
-        return denoised(model(model_input(x, sigma, x_T.dtype), t), x, sigma, prediction_type)
+        return denoise(model, x, sigma, t, prediction_type=prediction_type, dtype=x_T.dtype)
 
     for i in range(len(times)):
         s = grid[i]

@@ -40,13 +40,12 @@ from .sigma_space import (
     ZERO_SNR_ALPHA_CUMPROD,
     ancestral_step,
     check_prediction_type,
-    denoised,
+    denoise,
     discrete_start,
     grid_table,
     grid_timesteps,
     initial_noise_sigma,
     karras_sigmas,
-    model_input,
     sigma_to_t,
     sigmas_at,
     timestep_batch,
@@ -312,8 +311,7 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
              if bool((sigmas[first + 1:] > 0).any()) else _no_noise)
 
     def x0_at(x: Tensor, sigma: float | Tensor, t: float) -> Tensor:
-        out = model(model_input(x, sigma, x_T.dtype), timestep_batch(t, x))
-        return denoised(out, x, sigma, prediction_type)
+        return denoise(model, x, sigma, timestep_batch(t, x), prediction_type=prediction_type, dtype=x_T.dtype)
 
     for i in range(first, len(times)):
         s = float(sigmas[i])

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .a1111_noise import A1111Noise
-from .sigma_space import denoised, discrete_start, model_input, step_noise, timestep_batch
+from .sigma_space import denoise, discrete_start, step_noise, timestep_batch
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def dpmpp_on_sigmas(sampler: str, model: Denoise, x_T: Tensor, *, alphas_cumprod
     for i in range(len(times)):
         s, s_next = sig[i], sig[i + 1]
         t = timestep_batch(times[i], x)
-        d = denoised(model(model_input(x, grid[i], x_T.dtype), t), x, grid[i], prediction_type)
+        d = denoise(model, x, grid[i], t, prediction_type=prediction_type, dtype=x_T.dtype)
         if sampler == "dpmsolver++":  # sample_dpmpp_2m, sampling.py:585-608
             t_i, t_next = s.log().neg(), s_next.log().neg()
             h = t_next - t_i

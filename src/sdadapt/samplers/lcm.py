@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..denoised_branches import ReadDenoised, denoised_of
 from .sigma_space import (
     check_prediction_type,
     model_input,
@@ -207,6 +208,14 @@ def lcm_a1111_sigmas(table: Tensor, num_steps: int, schedule: str, *, skip: int,
     return torch.cat([t_to_sigma(index, table), table.new_zeros(1)])
 
 
+def _consistency_read(x: Tensor, sigma: Tensor, scaled: Tensor) -> ReadDenoised:
+    """``LCMCompVisDenoiser``'s output for an ε at the σ-scaled x (B,C,H,W), σ and A1111's scaled timestep (0-dim):
+    ``c_out·(x − σ·ε) + c_skip·x`` with the consistency scalings in x's dtype — what A1111's guidance combines."""
+    c_skip = _SIGMA_DATA**2 / (scaled**2 + _SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + _SIGMA_DATA**2) ** 0.5
+    return lambda eps: c_out * (x + eps.to(x.dtype) * -sigma) + c_skip * x
+
+
 def _a1111_lcm(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, schedule: str,
                prediction_type: str, generator: torch.Generator | None, callback: StepCallback | None,
                start: Img2ImgStart | None, schedule_options: ScheduleOptions | None,
@@ -235,12 +244,9 @@ def _a1111_lcm(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
         sigma = sigmas[i]
         t = lcm_sigma_to_t(sigma, table, skip=skip)
         batch_t = t.expand(x.shape[0]).to(x.device)
-        eps = model(model_input(x, sigma, x_T.dtype), batch_t).to(dt)
-        s = sigma.to(x.device)
         scaled = (t.to(dt) * scaling).to(x.device)  # (A1111: the int64 timestep · 10.0, in float32)
-        c_skip = _SIGMA_DATA**2 / (scaled**2 + _SIGMA_DATA**2)
-        c_out = scaled / (scaled**2 + _SIGMA_DATA**2) ** 0.5
-        x = c_out * (x + eps * -s) + c_skip * x
+        x = denoised_of(model, _consistency_read(x, sigma.to(x.device), scaled), model_input(x, sigma, x_T.dtype),
+                        batch_t)
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1].to(x.device) * step_noise(x, generator)
         if callback is not None:

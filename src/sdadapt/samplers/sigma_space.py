@@ -34,6 +34,7 @@ from ..training.diffusion import (
 if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
     from .schedules import ScheduleOptions
+from ..denoised_branches import denoised_of
 from .a1111_noise import A1111Noise
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "any_step_count",
     "check_grid_steps",
     "check_prediction_type",
+    "denoise",
     "denoised",
     "discrete_sigmas",
     "discrete_start",
@@ -370,13 +372,21 @@ def timestep_batch(t: float, x: Tensor, dtype: torch.dtype = torch.float32) -> T
     return torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
 
 
+def denoise(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: float | Tensor, t: Tensor, *,
+            prediction_type: str, dtype: torch.dtype) -> Tensor:
+    """x̂0 (B,C,H,W) at the σ-scaled sample ``x`` (B,C,H,W): one ``model`` call on :func:`model_input` (in ``dtype``)
+    at timesteps ``t`` (B,), its output read by :func:`denoised` — each guidance branch's output apart, combined on
+    x̂0, where the model offers that (:func:`sdadapt.denoised_branches.denoised_of`: guidance on A1111's grids)."""
+    return denoised_of(model, lambda out: denoised(out, x, sigma, prediction_type), model_input(x, sigma, dtype), t)
+
+
 def sigma_slope(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: float, t: Tensor, *,
                 prediction_type: str, dtype: torch.dtype, clip_sample: float | None = None) -> Tensor:
     """``dx/dσ = (x − x̂0(x, σ))/σ`` (B,C,H,W) at the σ-scaled sample ``x`` (B,C,H,W), with one
     ``model`` call on :func:`model_input` (in ``dtype``) at timesteps ``t`` (B,); k-diffusion's
     ``to_d``, diffusers' ``derivative``. ``clip_sample``: clamp x̂0 to ±that first (Heun's
     ``clip_sample``)."""
-    x0 = denoised(model(model_input(x, sigma, dtype), t), x, sigma, prediction_type)
+    x0 = denoise(model, x, sigma, t, prediction_type=prediction_type, dtype=dtype)
     if clip_sample is not None:
         x0 = x0.clamp(-clip_sample, clip_sample)
     return (x - x0) / sigma

@@ -17,7 +17,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..denoised_branches import denoised_of
+
 __all__ = [
+    "Guided",
     "PREDICTION_TYPES",
     "noise_schedule",
     "rescale_zero_terminal_snr",
@@ -543,21 +546,41 @@ def guidance_combine(out_uncond: Tensor, out_cond: Tensor, scale: Tensor | float
     return out_uncond + scale * (out_cond - out_uncond)
 
 
-def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float) -> Model:
-    """Classifier-free guidance: ``u + s·(c - u)``; tensor conditions (or dicts of tensors with
-    the same keys) run as one batch of 2B, anything else as two calls."""
-    if uncond is None or guidance_scale == 1.0:
-        return lambda x, t, _c: model(x, t, cond)
+class Guided:
+    """Classifier-free guidance over ``model(x, t, cond)``: ``u + s·(c − u)`` (:func:`guidance_combine`); tensor
+    conditions (or dicts of tensors with the same keys) run as one batch of 2B, anything else as two calls. With no
+    ``uncond`` or at scale 1 the model on ``cond`` alone. Called ``(x, t, _cond)`` (the ``cond`` it was made with is
+    used); :meth:`denoised_by_branch` combines the two halves on x̂0 (:mod:`sdadapt.denoised_branches`)."""
 
-    def run(x: Tensor, t: Tensor, _c: object) -> Tensor:
-        both = _cat_conditions(uncond, cond)
+    def __init__(self, model: Model, cond: object, uncond: object | None, guidance_scale: float) -> None:
+        self.model, self.cond, self.scale = model, cond, guidance_scale
+        self.uncond = None if guidance_scale == 1.0 else uncond
+
+    def _halves(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        both = _cat_conditions(self.uncond, self.cond)
         if both is not None:
-            out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        else:
-            out_u, out_c = model(x, t, uncond), model(x, t, cond)
-        return guidance_combine(out_u, out_c, guidance_scale)
+            out_u, out_c = self.model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            return out_u, out_c
+        return self.model(x, t, self.uncond), self.model(x, t, self.cond)
 
-    return run
+    def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+        """The guided output (B,C,H,W) at ``x`` (B,C,H,W), timesteps ``t`` (B,)."""
+        if self.uncond is None:
+            return self.model(x, t, self.cond)
+        return guidance_combine(*self._halves(x, t), self.scale)
+
+    def denoised_by_branch(self, read: Callable[[Tensor], Tensor], x: Tensor, t: Tensor,
+                           _cond: object = None) -> Tensor:
+        """x̂0 (B,C,H,W): each half's output read by ``read``, combined on x̂0 as A1111's ``combine_denoised``."""
+        if self.uncond is None:
+            return denoised_of(self.model, read, x, t, self.cond)
+        out_u, out_c = self._halves(x, t)
+        return guidance_combine(read(out_u), read(out_c), self.scale)
+
+
+def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float) -> Guided:
+    """Classifier-free guidance ``u + s·(c − u)`` over ``model``: a :class:`Guided` (called ``(x, t, _cond)``)."""
+    return Guided(model, cond, uncond, guidance_scale)
 
 
 def ddim_sample(
