@@ -242,8 +242,10 @@ def assert_guidance_is_the_guided_model(sampler: str, direct, *, alphas_cumprod:
                                         num_steps: int = 6) -> None:
     """``sample_latents(sampler, uncond=..., guidance_scale=1.5)`` on a conditioned stand-in (a batch of 2
     (4, 4, 4) latents) equals ``direct(guided, x_T, num_steps=, generator=)``, the sampler's own function
-    run on the guided model ``uncond + 1.5·(cond − uncond)`` with the same seed (rtol = atol = 1e-6)."""
-    from sdadapt.samplers import sample_latents
+    run on the guided model ``uncond + 1.5·(cond − uncond)`` with the same seed (rtol = atol = 1e-6); for the
+    samplers only A1111 runs (``KDIFFUSION_ONLY``) the guided model combines the two outputs' x̂0 instead, as A1111's
+    CFGDenoiser (``denoised_by_branch``, sdadapt.denoised_branches), and the runs are equal bit for bit."""
+    from sdadapt.samplers import KDIFFUSION_ONLY, sample_latents
 
     x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     cond, uncond = torch.full((2, 1), 1.0), torch.full((2, 1), -0.5)
@@ -254,5 +256,17 @@ def assert_guidance_is_the_guided_model(sampler: str, direct, *, alphas_cumprod:
     got = sample_latents(model, x_T, cond, sampler=sampler.upper(), alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                          uncond=uncond, guidance_scale=1.5, karras=karras, generator=torch.Generator().manual_seed(4))
     guided = lambda x, t: model(x, t, uncond) + 1.5 * (model(x, t, cond) - model(x, t, uncond))
+    if sampler in KDIFFUSION_ONLY:
+        class OnX0:
+            def __call__(self, x, t):
+                raise AssertionError("an A1111-only sampler combined the model outputs")
+
+            def denoised_by_branch(self, read, x, t, *, sigma):
+                den_u, den_c = read(model(x, t, uncond)), read(model(x, t, cond))
+                return den_u + 1.5 * (den_c - den_u)
+
+        want = direct(OnX0(), x_T, num_steps=num_steps, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(got, want), rel_err(got, want)
+        return
     want = direct(guided, x_T, num_steps=num_steps, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -161,7 +161,7 @@ class _ByBranchOnly:
     def __call__(self, x, t, cond):
         raise AssertionError("the sampler combined on the model output, not on x̂0")
 
-    def denoised_by_branch(self, read, x, t, cond):
+    def denoised_by_branch(self, read, x, t, cond, *, sigma):
         self.calls += 1
         return read(stand_in(x, t))
 

@@ -125,7 +125,7 @@ def test_each_hires_model_call_gets_a1111s_scheduled_text(tiny_sd, tmp_path, mon
 
     passes, real = [], guidance.PromptPlan.guidance
 
-    def spied(self, model, conds, negative_conds, scale):
+    def spied(self, model, conds, negative_conds, scale, **options):
         seen = []
         passes.append((self.texts, conds, seen))
 
@@ -134,7 +134,7 @@ def test_each_hires_model_call_gets_a1111s_scheduled_text(tiny_sd, tmp_path, mon
             seen.append(states[-1].clone())  # (B = 1: rows uncond, cond; the last is the prompt's)
             return model(x, t, cond)
 
-        return real(self, record, conds, negative_conds, scale)
+        return real(self, record, conds, negative_conds, scale, **options)
 
     monkeypatch.setattr(guidance.PromptPlan, "guidance", spied)
     prompt = "[cat:dog:6] [red:blue:0.5] [x|y]"

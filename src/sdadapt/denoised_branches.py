@@ -5,8 +5,10 @@ uncond and cond, the ``AND`` sub-prompts — is read to x̂0 by its ``CompVisDen
 combination (and the inpainting blend) runs on those x̂0. sdadapt's guided models combine the model outputs (as
 diffusers' pipelines do); the same numbers up to float rounding, as the combination is affine. For A1111's
 rounding a model (or a guided wrapper, ``model(x_in, t[, cond])``) may also offer
-``model.denoised_by_branch(read, x_in, t[, cond])``: x̂0 of the call, each branch's output read by the sampler's
-``read`` and then combined on x̂0. :func:`denoised_of` is the one place that asks for it.
+``model.denoised_by_branch(read, x_in, t[, cond], *, sigma)``: x̂0 of the call, each branch's output read by the
+sampler's ``read`` and then combined on x̂0; ``sigma``: the call's noise level (a float, or a tensor whose first
+entry is it), for what A1111 decides by it (:mod:`sdadapt.uncond_skip`'s NGMS). :func:`denoised_of` is the one place
+that asks for it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ __all__ = ["ReadDenoised", "denoised_of"]
 ReadDenoised = Callable[[Tensor], Tensor]
 
 
-def denoised_of(model: Callable[..., Tensor], read: ReadDenoised, *inputs: object) -> Tensor:
-    """x̂0 (B,C,H,W) of one call of ``model`` on ``inputs`` (``x_in, t`` or ``x_in, t, cond``):
-    ``model.denoised_by_branch(read, *inputs)`` where the model combines its branches on x̂0 itself (the module
-    docstring), else ``read(model(*inputs))``."""
+def denoised_of(model: Callable[..., Tensor], read: ReadDenoised, *inputs: object, sigma: float | Tensor) -> Tensor:
+    """x̂0 (B,C,H,W) of one call of ``model`` on ``inputs`` (``x_in, t`` or ``x_in, t, cond``) at noise level
+    ``sigma``: ``model.denoised_by_branch(read, *inputs, sigma=sigma)`` where the model combines its branches on x̂0
+    itself (the module docstring), else ``read(model(*inputs))``."""
     by_branch = getattr(model, "denoised_by_branch", None)
-    return by_branch(read, *inputs) if by_branch is not None else read(model(*inputs))
+    return by_branch(read, *inputs, sigma=sigma) if by_branch is not None else read(model(*inputs))

@@ -1036,7 +1036,7 @@ class DiffusersSystem(nn.Module):
                before_model_call: Any = None, clip_sample: float | None = None,
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
-               vae_encode: str = "mean") -> Tensor:
+               vae_encode: str = "mean", uncond_skip: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1071,7 +1071,8 @@ class DiffusersSystem(nn.Module):
         (:func:`sdadapt.samplers.sample_latents`); its ``conditioning``: an inpainting UNet's ``c_concat``
         (:mod:`sdadapt.inpaint`; without it, A1111's txt2img conditioning: a grey image under a mask of ones).
         ``before_model_call(steps_done, calls)``: told before each sampler model call
-        (:func:`sdadapt.samplers.sample_latents`). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        (:func:`sdadapt.samplers.sample_latents`). ``uncond_skip``: A1111's "Skip Early CFG" / NGMS
+        (:class:`sdadapt.uncond_skip.UncondSkip`) over this run's calls, the prompt plan's and the refiner's too. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1114,6 +1115,9 @@ class DiffusersSystem(nn.Module):
             check_edm_request(name, karras=karras, schedule=schedule, noise=noise, clip_sample=clip_sample,
                               schedule_options=schedule_options, refiner=refiner, edm=self.edm)
             karras, schedule, schedule_options = False, None, None  # (left: its own grid, which it samples on anyway)
+            if uncond_skip is not None and not uncond_skip.is_off:
+                raise ValueError("Skip Early CFG / NGMS are A1111's settings; an EDM model (Playground v2.5) samples "
+                                 "with diffusers' EDM schedulers, which A1111 does not run: leave them out")
         if guidance is None:  # (the model's: 7.5, an EDM model's card scale for this sampler)
             from .sampling import default_guidance
 
@@ -1152,8 +1156,12 @@ class DiffusersSystem(nn.Module):
                     generator=self._conditioning_generator(vae_encode, g if noise is None else None, seed=seed,
                                                            shape=tuple(x.shape)))
             model = concat_conditioning(model, conditioning)
+        skip = {} if uncond_skip is None else {
+            "uncond_skip": uncond_skip, "total_steps": samplers.run_total_steps(name, steps, start=start,
+                                                                                schedule=schedule)}
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
-                                                                    plan=plan, time_ids=time_ids, guidance=guidance)
+                                                                    plan=plan, time_ids=time_ids, guidance=guidance,
+                                                                    **skip)
         if self.edm is not None:  # (Playground v2.5: diffusers' EDM schedulers, sdadapt.samplers.edm)
             from .samplers.edm import edm_sample_latents
 
@@ -1167,17 +1175,13 @@ class DiffusersSystem(nn.Module):
             other = refiner.refiner
             refined = other._guidance_inputs(other.denoiser(), prompts, negative=negative, cond=None, plan=plan,
                                              time_ids=other._size_time_ids(len(prompts), size_h, size_w),
-                                             guidance=guidance)
+                                             guidance=guidance, **skip)
             total_steps = None
             if getattr(refiner, "by_steps", False):  # (A1111's "Refiner switch by sampling steps": this run's steps)
-                from .img2img import img2img_rule, start_index
-                from .jobs.generate_refiner import a1111_total_steps
-
-                run = steps if start is None else steps - start_index(start, steps, rule=img2img_rule(name, schedule))
-                total_steps = a1111_total_steps(name, run)
+                total_steps = samplers.run_total_steps(name, steps, start=start, schedule=schedule)
             # (a plan's ScheduledGuidance as it is: the handoff runs its call count on across the switch)
-            model = refiner.switched(model if plan is not None else guided(model, cond, uncond, guidance_scale),
-                                     refined[0] if plan is not None else guided(*refined),
+            model = refiner.switched(model if plan is not None else guided(model, cond, uncond, guidance_scale, **skip),
+                                     refined[0] if plan is not None else guided(*refined, **skip),
                                      a1111_grid=schedule is not None,  # (A1111's schedules: A1111's cut)
                                      **({} if total_steps is None else {"total_steps": total_steps}))
             cond, uncond, guidance_scale = None, None, 1.0
@@ -1186,6 +1190,7 @@ class DiffusersSystem(nn.Module):
                                           prediction_type=self.prediction_type, karras=karras, generator=g,
                                           schedule=schedule, schedule_options=schedule_options, start=start,
                                           before_model_call=before_model_call,
+                                          uncond_skip=uncond_skip if uncond is not None else None,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}))
         decoder = self if refiner is None else refiner.decoder(self)  # (the refiner's VAE once it took a call)
@@ -1227,7 +1232,8 @@ class DiffusersSystem(nn.Module):
         return time_ids.expand(count, time_ids.shape[1])
 
     def _guidance_inputs(self, model: Any, prompts: list[str], *, negative: str, cond: Any, plan: Any,
-                         time_ids: Tensor | None, guidance: float) -> tuple[Any, Any, Any, float]:
+                         time_ids: Tensor | None, guidance: float, uncond_skip: Any = None,
+                         total_steps: int = 1) -> tuple[Any, Any, Any, float]:
         """``(model, cond, uncond, guidance_scale)`` for :func:`sdadapt.samplers.sample_latents`: the prompts'
         conditioning and the negative's (:meth:`sample`'s rules), or with a ``plan`` its
         :class:`~sdadapt.prompt_guidance.ScheduledGuidance` over every text's conditioning (``cond``/``uncond``
@@ -1238,7 +1244,8 @@ class DiffusersSystem(nn.Module):
                 raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
             conds, negatives = self.plan_conditions(plan, count=count, time_ids=time_ids)
             conds, negatives = self._unclip_conditions(conds, negative=False), self._unclip_conditions(negatives, negative=True)
-            return plan.guidance(model, conds, negatives, guidance), None, None, 1.0
+            return (plan.guidance(model, conds, negatives, guidance, uncond_skip=uncond_skip, total_steps=total_steps),
+                    None, None, 1.0)
         if cond is None:
             cond = self._prompt_condition(prompts, time_ids)
         elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:

@@ -323,9 +323,10 @@ class _BlendedAfter:
             new = x0
         return new.to(out.dtype)
 
-    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object) -> Tensor:
+    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object, *,
+                           sigma: float | Tensor) -> Tensor:
         """The blend of the x̂0 (B, C, h, w) the sampler reads (one of A1111's grids: A1111's own arithmetic)."""
-        return blend_denoised(denoised_of(self.fn, read, x, t, cond), self.init, self.latmask)
+        return blend_denoised(denoised_of(self.fn, read, x, t, cond, sigma=sigma), self.init, self.latmask)
 
 
 # -------------------------------------------------------------------------------------- inpainting models (9-ch)

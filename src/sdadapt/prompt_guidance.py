@@ -33,6 +33,7 @@ from torch import Tensor
 from .denoised_branches import ReadDenoised, denoised_of
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
+from .uncond_skip import UncondSkip
 
 __all__ = ["PromptPlan", "ScheduledGuidance", "combine_composed", "composed_guidance", "composed_outputs", "plan_prompt",
            "reads_emphasis", "without_emphasis"]
@@ -67,13 +68,16 @@ class PromptPlan:
             and len(self.negative_texts) == 1
 
     def guidance(self, model: Callable[[Tensor, Tensor, object], Tensor], conds: Sequence[object],
-                 negative_conds: Sequence[object], scale: float) -> ScheduledGuidance:
+                 negative_conds: Sequence[object], scale: float, *, uncond_skip: UncondSkip | None = None,
+                 total_steps: int = 1) -> ScheduledGuidance:
         """The denoiser over ``conds`` (one per :attr:`texts`, what the system's conditioning returns
-        for them, batch B) and ``negative_conds`` (one per :attr:`negative_texts`)."""
+        for them, batch B) and ``negative_conds`` (one per :attr:`negative_texts`); ``uncond_skip`` over a run of
+        ``total_steps`` expected calls: A1111's "Skip Early CFG" / NGMS (:mod:`sdadapt.uncond_skip`)."""
         if len(conds) != len(self.texts) or len(negative_conds) != len(self.negative_texts):
             raise ValueError(f"the plan has {len(self.texts)} texts and {len(self.negative_texts)} negative texts; "
                              f"got {len(conds)} and {len(negative_conds)} conditionings")
-        return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale))
+        return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale),
+                                 uncond_skip=uncond_skip, total_steps=total_steps)
 
 
 def reads_emphasis(system: object) -> bool:
@@ -157,26 +161,30 @@ def _same_length(parts: list[tuple[object, float]]) -> list[tuple[object, float]
 
 class ScheduledGuidance:
     """A denoiser ``(x, t, _cond) -> prediction`` that picks each call's conditionings from a
-    :class:`PromptPlan` by its call count (module docstring). ``calls``: model calls so far."""
+    :class:`PromptPlan` by its call count (module docstring). ``calls``: model calls so far. ``uncond_skip``: A1111's
+    "Skip Early CFG" / NGMS over a run of ``total_steps`` expected calls (:mod:`sdadapt.uncond_skip`)."""
 
     def __init__(self, model: Callable[[Tensor, Tensor, object], Tensor], plan: PromptPlan, conds: list[object],
-                 negative_conds: list[object], scale: float) -> None:
+                 negative_conds: list[object], scale: float, *, uncond_skip: UncondSkip | None = None,
+                 total_steps: int = 1) -> None:
         self.model, self.plan, self.conds, self.negative_conds, self.scale = model, plan, conds, negative_conds, scale
-        self.calls = 0
+        self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
-        return self._call(x, t, None)
+        return self._call(x, t, None, None)
 
-    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
+    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, _cond: object = None, *,
+                           sigma: float | Tensor) -> Tensor:
         """x̂0 (B, C, H, W) of the call: each output read by ``read``, combined on x̂0 (A1111's ``combine_denoised``,
         :mod:`sdadapt.denoised_branches`)."""
-        return self._call(x, t, read)
+        return self._call(x, t, read, sigma)
 
-    def _call(self, x: Tensor, t: Tensor, read: ReadDenoised | None) -> Tensor:
+    def _call(self, x: Tensor, t: Tensor, read: ReadDenoised | None, sigma: float | Tensor | None) -> Tensor:
         call, self.calls = self.calls, self.calls + 1
         parts = [(self.conds[schedule.at(call)], weight) for schedule, weight in self.plan.parts]
+        skip = self.uncond_skip is not None and self.uncond_skip.skips(call, self.total_steps, sigma)
         return composed_guidance(self.model, x, t, parts, self.negative_conds[self.plan.negative.at(call)], self.scale,
-                                 read=read)
+                                 read=read, sigma=sigma, skip_uncond=skip)
 
 
 def combine_composed(out_uncond: Tensor, outs: Sequence[tuple[Tensor, float]], scale: float) -> Tensor:
@@ -203,15 +211,22 @@ def composed_outputs(model: Callable[[Tensor, Tensor, object], Tensor], x: Tenso
 
 def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tensor, t: Tensor,
                       parts: Sequence[tuple[object, float]], uncond: object, scale: float, *,
-                      read: ReadDenoised | None = None) -> Tensor:
+                      read: ReadDenoised | None = None, sigma: float | Tensor | None = None,
+                      skip_uncond: bool = False) -> Tensor:
     """One guided model call of a prompt plan (B, C, H, W): the ``AND`` sub-prompts ``parts`` (``(cond, weight)``)
     and the negative's ``uncond`` at ``x`` (one batch where they concatenate; sub-prompts padded to one length), then
     :func:`combine_composed`. One sub-prompt of weight 1 at scale 1 is the conditional output alone (no negative
     pass). What :class:`ScheduledGuidance` runs at each call, given that call's conditions. ``read``: each output
-    read to x̂0 by it first, so the combination runs on x̂0 (:mod:`sdadapt.denoised_branches`)."""
+    read to x̂0 by it first, so the combination runs on x̂0 (:mod:`sdadapt.denoised_branches`; ``sigma``: the call's
+    σ). ``skip_uncond``: no negative pass — the first sub-prompt's output in its place and scale 1, A1111's skipped
+    call (:mod:`sdadapt.uncond_skip`)."""
     parts = _same_length(list(parts))
-    if len(parts) == 1 and parts[0][1] == 1.0 and scale == 1.0:  # (sdadapt's plain guidance at scale 1: no negative)
-        return model(x, t, parts[0][0]) if read is None else denoised_of(model, read, x, t, parts[0][0])
-    outs = _batched(model, x, t, [uncond, *(cond for cond, _ in parts)])
-    out_u, *outs = outs if read is None else [read(out) for out in outs]
+    if len(parts) == 1 and parts[0][1] == 1.0 and (scale == 1.0 or skip_uncond):  # (one pass: the prompt's output)
+        return model(x, t, parts[0][0]) if read is None else denoised_of(model, read, x, t, parts[0][0],
+                                                                         sigma=sigma)
+    outs = _batched(model, x, t, [*([] if skip_uncond else [uncond]), *(cond for cond, _ in parts)])
+    outs = outs if read is None else [read(out) for out in outs]
+    if skip_uncond:  # (A1111: the first sub-prompt's output as the negative's, at scale 1)
+        return combine_composed(outs[0], [(out, weight) for out, (_, weight) in zip(outs, parts)], 1.0)
+    out_u, *outs = outs
     return combine_composed(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scale)

@@ -22,12 +22,26 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING",
+__all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING", "A1111_SECOND_ORDER",
            "DISCARD_NEXT_TO_LAST_SIGMA", "HIRES_UPSCALERS", "HIRES_UPSCALER_LABELS",
            "INPAINTING_FILL_LABELS", "KARRAS_SAMPLERS", "LATENT_UPSCALERS", "RESIZE_MODE_LABELS",
            "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES", "SCHEDULE_LABELS", "SCHEDULE_SAMPLERS",
-           "VAE_ENCODE_METHODS", "a1111_label", "canonical_choice", "canonical_sampler", "canonical_schedule", "check_karras",
+           "VAE_ENCODE_METHODS", "a1111_label", "a1111_total_steps", "canonical_choice", "canonical_sampler", "canonical_schedule", "check_karras",
            "resolve_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
+
+# ------------------------------------------------------------------------------------------ A1111's call counts
+#: sdadapt's samplers whose A1111 sampler is marked ``"second_order": True`` (A1111 v1.10
+#: modules/sd_samplers_kdiffusion.py ``samplers_k_diffusion``: DPM++ SDE, DPM++ 2S a, Heun, DPM2, DPM2 a, Restart):
+#: A1111 expects two denoiser calls per step of them (``SamplerData.total_steps``, modules/sd_samplers_common.py:13-18)
+A1111_SECOND_ORDER: frozenset[str] = frozenset({"dpmpp_sde", "dpmpp_2s_a", "heun", "dpm_2", "dpm_2_a", "restart"})
+
+
+def a1111_total_steps(sampler: str, steps: int) -> int:
+    """A1111's ``CFGDenoiser.total_steps`` of a sampler run of ``steps`` steps (``launch_sampling``'s argument: the
+    txt2img steps, an img2img / hires pass's ``t_enc + 1``): ``2 * steps`` for :data:`A1111_SECOND_ORDER` samplers,
+    else ``steps`` (``sampler``: a canonical name, :func:`sdadapt.samplers.canonical_sampler`)."""
+    return int(steps) * (2 if sampler in A1111_SECOND_ORDER else 1)
+
 
 # ------------------------------------------------------------------------------------------------ schedules
 #: every schedule name taken (A1111's ``Scheduler.name``), ``automatic`` first

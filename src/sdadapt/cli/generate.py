@@ -94,6 +94,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         rho=args.rho, beta_alpha=args.beta_alpha, beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas,
+        skip_early_cfg=args.skip_early_cfg, ngms=args.ngms, ngms_all_steps=args.ngms_all_steps,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
@@ -256,6 +257,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     a1111.add_argument("--beta-beta", type=float, default=0.6, metavar="B", help="the Beta schedule's beta (0.6)")
     a1111.add_argument("--old-karras-sigmas", action="store_true",
                        help="A1111's 'Use old karras scheduler sigmas (0.1 to 10)' for --schedule")
+    a1111.add_argument("--skip-early-cfg", type=float, default=0.0, metavar="F",
+                       help="A1111's 'Skip Early CFG': the first F (0-1) of each pass's model calls skip the negative "
+                            "prompt (0: off)")
+    a1111.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
+                       help="A1111's 'Negative Guidance minimum sigma': every other model call below SIGMA skips the "
+                            "negative prompt (0: off; needs --schedule)")
+    a1111.add_argument("--ngms-all-steps", action="store_true",
+                       help="A1111's 'NGMS all steps': every call below --ngms skips it, not every other one")
     generate.add_argument("--width", type=positive_int, default=None, help="default: the model's size")
     generate.add_argument("--height", type=positive_int, default=None, help="default: the model's size")
     img2img = generate.add_argument_group("img2img and hires fix (A1111's; docs/samplers.md, 'img2img and hires fix')")

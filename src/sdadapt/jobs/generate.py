@@ -69,6 +69,9 @@ def run_generate(
     beta_alpha: float = 0.6,
     beta_beta: float = 0.6,
     old_karras_sigmas: bool = False,
+    skip_early_cfg: float = 0.0,
+    ngms: float = 0.0,
+    ngms_all_steps: bool = False,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -167,6 +170,10 @@ def run_generate(
         sigma_min, sigma_max, rho, beta_alpha, beta_beta, old_karras_sigmas: A1111's schedule settings
             (:class:`sdadapt.samplers.schedules.ScheduleOptions`; 0 / 0.6 / False: A1111's defaults), with a
             ``schedule`` (or a sampler label that names one).
+        skip_early_cfg, ngms, ngms_all_steps: A1111's "Skip Early CFG" (the fraction of each pass's model calls that
+            skip the negative prompt) and "Negative Guidance minimum sigma" (odd calls below that σ skip it; every
+            call with ``ngms_all_steps``; needs one of A1111's grids: a ``schedule``): :mod:`sdadapt.uncond_skip`,
+            written into the infotext as A1111 writes them, once a call skipped.
         clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
             :func:`sdadapt.jobs.models.load_system`): the normaliser of its image conditioning (:mod:`sdadapt.unclip`).
         max_token_length: 75 (default): a prompt longer than 75 tokens is laid out as A1111 lays it out (77-token
@@ -327,11 +334,14 @@ def run_generate(
         schedule = resolve_schedule(sampler, asked_schedule, karras)
     except ValueError as exc:
         raise ValueError(f"--schedule: {exc}") from None
+    skipped: set[str] = set()  # (the rules that skipped a call: their infotext fields)
+    uncond_skip = _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, sampler, schedule, seen=skipped.add)
     hires_schedule = None
     if hires_sampler is not None:  # (its grid resolved for it, as A1111 resolves "automatic" per sampler)
         try:
             check_karras(hires_sampler, karras)
             hires_schedule = resolve_schedule(hires_sampler, asked_schedule, karras)
+            _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, hires_sampler, hires_schedule)
         except ValueError as exc:
             raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None
     if count < 1 or (steps is not None and steps < 1):
@@ -824,7 +834,7 @@ def run_generate(
         aesthetic=None if aesthetic is None else dict(
             embedding=aesthetic, lr=aesthetic_lr, weight=aesthetic_weight, steps=aesthetic_steps,
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
-            slerp_angle=aesthetic_text_angle), vae_encode=vae_encode)
+            slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -841,7 +851,8 @@ def run_generate(
                            **({"info": report} if sampler == "dpm_adaptive" else {}),
                            **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
                            **({} if schedule_options is None else {"schedule_options": schedule_options}),
-                           **({} if step_switch is None else {"before_model_call": step_switch}))
+                           **({} if step_switch is None else {"before_model_call": step_switch}),
+                           **({} if uncond_skip is None else {"uncond_skip": uncond_skip}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)
@@ -889,6 +900,7 @@ def run_generate(
 
                 say(f"{file.name}: {handoff_report(handoff)}")
                 infotext.refiner_took = infotext.refiner_took or handoff.taken  # (A1111's, from its first switch)
+            infotext.uncond_skips = frozenset(skipped)  # (A1111's, from the first skipped call on)
             if report:
                 say(f"{file.name}: dpm_adaptive took {plural(report['n_accept'], 'step')} ({report['n_reject']} "
                     f"rejected), {plural(report['nfe'], 'model call')}")
@@ -1077,6 +1089,31 @@ def _check_step_counts(system, *, steps: int | None = None, hires_steps: int = 0
         check_step_count(**grid, num_train_steps=limit)
     for grid in fixed_grids or ():
         check_fixed_grid(**grid, num_train_steps=limit)
+
+
+def _uncond_skip(skip_early_cfg: float, ngms: float, ngms_all_steps: bool, sampler: str, schedule: str | None, *,
+                 seen: Callable[[str], None] | None = None):
+    """The :class:`sdadapt.uncond_skip.UncondSkip` of ``--skip-early-cfg`` / ``--ngms`` / ``--ngms-all-steps``
+    (``None``: both off), checked before any loading.
+
+    Raises:
+        ValueError: a value out of range, ``--ngms-all-steps`` without ``--ngms``, ``--ngms`` on a sampler that runs
+            diffusers' grid (no schedule): each names its option.
+    """
+    from ..samplers import KDIFFUSION_ONLY
+    from ..uncond_skip import UncondSkip
+
+    if ngms_all_steps and not ngms:
+        raise ValueError("--ngms-all-steps applies A1111's NGMS on every call: give --ngms SIGMA too")
+    if not skip_early_cfg and not ngms:
+        return None
+    if ngms and schedule is None and sampler not in KDIFFUSION_ONLY:
+        raise ValueError(f"--ngms compares each model call's σ, which sdadapt reads on A1111's grids: give {sampler} "
+                         "a --schedule (automatic is A1111's default) or leave --ngms out")
+    try:
+        return UncondSkip(ngms=ngms, ngms_all_steps=ngms_all_steps, skip_early=skip_early_cfg, seen=seen)
+    except ValueError as exc:
+        raise ValueError(f"--skip-early-cfg / --ngms: {exc}") from None
 
 
 def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed_strength: float,

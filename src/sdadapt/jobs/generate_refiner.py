@@ -36,6 +36,10 @@ import torch
 from torch import Tensor
 
 from ..denoised_branches import ReadDenoised, denoised_of
+from ..sampler_tables import (  # (their one home; re-exported here)
+    A1111_SECOND_ORDER,
+    a1111_total_steps,
+)
 
 __all__ = ["A1111_SECOND_ORDER", "REFINER_HIRES_PASSES", "RefinerHandoff", "a1111_total_steps", "check_refiner_hires_pass",
            "check_refiner_pair", "handoff_report", "refiner_cutoff", "sample_base_then_refiner"]
@@ -43,19 +47,6 @@ __all__ = ["A1111_SECOND_ORDER", "REFINER_HIRES_PASSES", "RefinerHandoff", "a111
 #: A1111's setting "Hires fix: which pass to enable refiner for" (``hires_fix_refiner_pass``, default "second pass";
 #: modules/shared_options.py), as ``generate --refiner-hires-pass`` names it
 REFINER_HIRES_PASSES: tuple[str, ...] = ("second", "first", "both")
-
-
-#: sdadapt's samplers whose A1111 sampler is marked ``"second_order": True`` (A1111 v1.10
-#: modules/sd_samplers_kdiffusion.py ``samplers_k_diffusion``: DPM++ SDE, DPM++ 2S a, Heun, DPM2, DPM2 a, Restart):
-#: A1111 expects two denoiser calls per step of them (``SamplerData.total_steps``, modules/sd_samplers_common.py:13-18)
-A1111_SECOND_ORDER: frozenset[str] = frozenset({"dpmpp_sde", "dpmpp_2s_a", "heun", "dpm_2", "dpm_2_a", "restart"})
-
-
-def a1111_total_steps(sampler: str, steps: int) -> int:
-    """A1111's ``CFGDenoiser.total_steps`` of a sampler run of ``steps`` steps (``launch_sampling``'s argument: the
-    txt2img steps, an img2img / hires pass's ``t_enc + 1``): ``2 * steps`` for :data:`A1111_SECOND_ORDER` samplers,
-    else ``steps`` (``sampler``: a canonical name, :func:`sdadapt.samplers.canonical_sampler`)."""
-    return int(steps) * (2 if sampler in A1111_SECOND_ORDER else 1)
 
 
 def check_refiner_hires_pass(value: str) -> None:
@@ -237,8 +228,9 @@ class _Switched:
     def __call__(self, x_t: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         return self.pick(t)(x_t, t, None)
 
-    def denoised_by_branch(self, read: ReadDenoised, x_t: Tensor, t: Tensor, _cond: object = None) -> Tensor:
-        return denoised_of(self.pick(t), read, x_t, t, None)
+    def denoised_by_branch(self, read: ReadDenoised, x_t: Tensor, t: Tensor, _cond: object = None, *,
+                           sigma: float | Tensor) -> Tensor:
+        return denoised_of(self.pick(t), read, x_t, t, None, sigma=sigma)
 
 
 def sample_base_then_refiner(base, refiner, prompts: list[str], *, switch_at: float, by_steps: bool = False,

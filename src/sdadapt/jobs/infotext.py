@@ -264,6 +264,10 @@ class InfotextRun:
             (SDXL's base 2: CLIP-L and OpenCLIP-G each write the list again; 1 otherwise).
         subseed, subseed_strength, seed_resize_from ``(height, width)``, ensd, noise: A1111's seed settings.
         denoising_strength: img2img's (or the hires pass's). mask_*: the inpaint settings A1111 writes.
+        uncond_skip, uncond_skips: the run's :class:`~sdadapt.uncond_skip.UncondSkip` and the rules that skipped a call
+            so far (its ``seen`` keys): "Skip Early CFG" / "NGMS" / "NGMS all steps" written from the first skipped call
+            on, as A1111's ``CFGDenoiser`` adds them to ``p.extra_generation_params``, before the Refiner fields (an
+            NGMS that first skips after the refiner took over comes after them in A1111's text).
         vae_encode: ``--vae-encode``; ``"sample"`` is written as ``VAE encode: sample`` (:data:`VAE_ENCODE_FIELD`)
             after the hires and inpaint fields, where A1111's ``init`` would add a field of its encoding; the
             default ``"mean"`` is left out, as A1111 leaves its defaults out. The value is the option's own name,
@@ -311,6 +315,8 @@ class InfotextRun:
     refiner_took: bool = False
     aesthetic: Mapping[str, object] | None = None
     vae_encode: str = "mean"
+    uncond_skip: object = None
+    uncond_skips: frozenset[str] = frozenset()
     version: str | None = None
     _fixed: dict = field(default_factory=dict, init=False, repr=False)
     _option_tags: str = field(default="", init=False, repr=False)
@@ -431,10 +437,12 @@ class InfotextRun:
         fields["Seed"] = image_seed(self.seed, i, subseed_strength=self.subseed_strength)
         if self.subseed_strength and self.subseed is not None:
             fields["Variation seed"] = self.subseed + i
+        version = fields.pop("Version")  # (what A1111 adds while sampling: before its Version, in its order)
+        if self.uncond_skip is not None:
+            fields.update(self.uncond_skip.fields(self.uncond_skips))
         if self.refiner is not None and self.refiner_took:
-            version = fields.pop("Version")
             fields.update(self._refiner_fields)
-            fields["Version"] = version
+        fields["Version"] = version
         return format_infotext(self._option_tags + self.prompt, self.negative, fields)
 
 
@@ -463,7 +471,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  embedding_files: Mapping[str, Path], tokenize, refiner: str | os.PathLike | None,
                  refiner_switch_at: float, refiner_by_steps: bool = False, refiner_hires_pass: str | None = None,
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
-                 hypernetworks: Sequence = (), vae_encode: str = "mean") -> InfotextRun:
+                 hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -471,7 +479,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``inpainting``: :func:`sdadapt.jobs.generate_inpaint.inpaint_inputs`'s result; ``aesthetic``: the
     aesthetic-gradient settings, :class:`InfotextRun`'s; ``loras`` / ``hypernetworks``: the options' ``(file,
     scale)``; ``tag_loras`` / ``hires_tag_loras``: the passes' :class:`~sdadapt.jobs.generate_prompt_tags.TagLoRA`;
-    ``vae_encode``: ``--vae-encode``)."""
+    ``vae_encode``: ``--vae-encode``; ``uncond_skip``: the run's :class:`~sdadapt.uncond_skip.UncondSkip`)."""
     from ..samplers.schedules import canonical_schedule
     from ..sampling import default_guidance
 
@@ -507,4 +515,4 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         text_encoders=2 if getattr(system, "is_sdxl", False) and not getattr(system, "is_refiner", False) else 1,
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
-        aesthetic=aesthetic, vae_encode=vae_encode)
+        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip)

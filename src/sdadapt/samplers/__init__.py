@@ -37,11 +37,13 @@ from ..sampler_tables import (  # (the names and checks, torch-free: their one h
     SAMPLERS,
     SCHEDULE_SAMPLERS,
     SCHEDULES,
+    a1111_total_steps,
     canonical_sampler,
     check_karras,
     resolve_schedule,
 )
 from ..training import diffusion
+from ..uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
@@ -68,9 +70,9 @@ from .schedules import ScheduleOptions
 from .sigma_space import model_sigmas, work_dtype
 from .unipc import unipc_sample
 
-__all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
+__all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "KDIFFUSION_ONLY", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
            "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler",
-           "check_karras", "resolve_schedule", "sample_latents"]
+           "check_karras", "resolve_schedule", "run_total_steps", "sample_latents"]
 
 #: σ samplers whose A1111 grid (a ``schedule``) runs A1111's k-diffusion arithmetic bit for bit on float32 / half
 #: latents (:mod:`.sigma_space`: float32 σ table, ``x·c_in``, float32 ``sigma_to_t``): there ``schedule="karras"``
@@ -79,7 +81,7 @@ _A1111_FLOAT32: tuple[str, ...] = ("euler", "heun", "lms", "dpmpp_2s_a", "dpm_2"
                                    "dpmsolver++", "dpmsolver++_sde", "dpmsolver++_sde_heun", "dpmsolver++_3m_sde")
 
 #: samplers without a diffusers class (k-diffusion's, A1111's Restart): guided on x̂0 with or without a schedule
-_KDIFFUSION_ONLY: tuple[str, ...] = ("dpmpp_2s_a", "dpm_fast", "dpm_adaptive", "restart")
+KDIFFUSION_ONLY: tuple[str, ...] = ("dpmpp_2s_a", "dpm_fast", "dpm_adaptive", "restart")
 
 #: sampler name -> its function ``fn(model, x_T, *, alphas_cumprod, num_steps, prediction_type, generator,
 #: callback[, karras][, **options]) -> x0`` (``ddim`` is dispatched separately, with its own options)
@@ -113,7 +115,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    callback: Callable[[int, Tensor, Tensor], None] | None = None, schedule: str | None = None,
                    discard_next_to_last_sigma: bool | None = None, schedule_options: ScheduleOptions | None = None,
                    start: Img2ImgStart | None = None,
-                   before_model_call: Callable[[int, int], None] | None = None, **options) -> Tensor:
+                   before_model_call: Callable[[int, int], None] | None = None,
+                   uncond_skip: UncondSkip | None = None, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given: over the model outputs on diffusers' grids
     (diffusers' pipelines), over each output's x̂0 on A1111's (a ``schedule``; ``dpmpp_2s_a``, ``dpm_fast``,
@@ -151,13 +154,6 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             cannot start from an image.
     """
     name = canonical_sampler(sampler)
-    if before_model_call is not None:  # (guidance first: one announced call per sampler call, as A1111's
-        # on_cfg_denoiser fires once per CFGDenoiser.forward, also where the conditionings do not batch)
-        model, uncond, guidance_scale = diffusion.guided(model, cond, uncond, guidance_scale), None, 1.0
-        if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)
-            model, options["tried"] = _announced_tries(model, before_model_call, options.pop("tried", None))
-        else:
-            model, callback = _announced(model, callback, before_model_call)
     if start is not None:
         from ..img2img import check_img2img_sampler
 
@@ -176,6 +172,21 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64):
         karras, schedule = True, None
     check_karras(name, karras)
+    a1111 = schedule is not None or name in KDIFFUSION_ONLY  # (A1111's path: x̂0 by branch, σ known per call)
+    if uncond_skip is not None and uncond_skip.ngms > 0 and not a1111:
+        raise ValueError(f"NGMS (A1111's 'Negative Guidance minimum sigma') compares each model call's σ, which "
+                         f"sdadapt reads on A1111's grids only; {name} runs diffusers' grid here: give it a schedule "
+                         "(schedule='automatic' is A1111's default) or leave NGMS out")
+    # guidance first, once: A1111's CFGDenoiser (its call count over the run's expected calls, for uncond_skip)
+    model = diffusion.guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip,
+                             total_steps=run_total_steps(name, num_steps, start=start, schedule=schedule))
+    uncond, guidance_scale = None, 1.0
+    if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
+        # per CFGDenoiser.forward, also where the conditionings do not batch)
+        if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)
+            model, options["tried"] = _announced_tries(model, before_model_call, options.pop("tried", None))
+        else:
+            model, callback = _announced(model, callback, before_model_call)
     if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
         return _inpaint(model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                         uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type, karras=karras,
@@ -186,13 +197,12 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         if start is not None:  # img2img / hires fix: diffusers' strength rule (sdadapt.img2img)
             from ..img2img import ddim_img2img
 
-            return ddim_img2img(diffusion.guided(model, cond, uncond, guidance_scale), x_T, start,
+            return ddim_img2img(lambda x, t, _c: model(x, t, cond), x_T, start,
                                 alphas_cumprod=alphas_cumprod, num_steps=num_steps, prediction_type=prediction_type,
                                 generator=generator, callback=callback, **options)
         return diffusion.ddim_sample(model, x_T, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                      uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type,
                                      generator=generator, callback=callback, **options)
-    fn = diffusion.guided(model, cond, uncond, guidance_scale)
     run = _SAMPLERS[name]
     if karras:
         options["karras"] = True
@@ -204,15 +214,26 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         options["discard_next_to_last_sigma"] = True
     if start is not None:
         options["start"] = start
-    a1111 = schedule is not None or name in _KDIFFUSION_ONLY
-    bound = _A1111Denoiser(fn, cond) if a1111 else lambda x, t: fn(x, t, cond)
+    bound = _A1111Denoiser(model, cond) if a1111 else lambda x, t: model(x, t, cond)
     return run(bound, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)
 
 
+def run_total_steps(sampler: str, num_steps: int, *, start: Img2ImgStart | None = None,
+                    schedule: str | None = None) -> int:
+    """A1111's ``CFGDenoiser.total_steps`` of a sampler run (:func:`sdadapt.sampler_tables.a1111_total_steps`) of the
+    steps it takes: ``num_steps``, less an img2img ``start``'s index by the sampler's rule on ``schedule``'s grid."""
+    name = canonical_sampler(sampler)
+    if start is None:
+        return a1111_total_steps(name, num_steps)
+    from ..img2img import img2img_rule, start_index
+
+    return a1111_total_steps(name, num_steps - start_index(start, num_steps, rule=img2img_rule(name, schedule)))
+
+
 class _A1111Denoiser:
     """The guided ``fn(x_in, t, cond)`` bound to ``cond`` for a sampler on one of A1111's grids (a ``schedule``;
-    :data:`_KDIFFUSION_ONLY` always): read
+    :data:`KDIFFUSION_ONLY` always): read
     as A1111's ``CFGDenoiser`` over its ``CompVisDenoiser`` reads the model — each branch's output (half ones in
     float32, A1111's σ scalings are float32 tensors) read to x̂0, then guidance, ``AND`` and the inpainting blend on
     x̂0 (:mod:`sdadapt.denoised_branches`). Samplers that read no x̂0 call it ``(x_in, t)``: ``fn``'s output."""
@@ -223,11 +244,11 @@ class _A1111Denoiser:
     def __call__(self, x_in: Tensor, t: Tensor) -> Tensor:
         return self.fn(x_in, t, self.cond)
 
-    def denoised_by_branch(self, read: ReadDenoised, x_in: Tensor, t: Tensor) -> Tensor:
+    def denoised_by_branch(self, read: ReadDenoised, x_in: Tensor, t: Tensor, *, sigma: float | Tensor) -> Tensor:
         def read_float32(out: Tensor) -> Tensor:
             return read(out.to(torch.promote_types(out.dtype, torch.float32)))
 
-        return denoised_of(self.fn, read_float32, x_in, t, self.cond)
+        return denoised_of(self.fn, read_float32, x_in, t, self.cond, sigma=sigma)
 
 
 class _Announced:
@@ -242,9 +263,10 @@ class _Announced:
         self._announce()
         return self.model(x, t, cond)
 
-    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object) -> Tensor:
+    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object, *,
+                           sigma: float | Tensor) -> Tensor:
         self._announce()
-        return denoised_of(self.model, read, x, t, cond)
+        return denoised_of(self.model, read, x, t, cond, sigma=sigma)
 
     def _announce(self) -> None:
         self.before_model_call(self.done, self.calls)

@@ -246,7 +246,7 @@ def _a1111_lcm(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
         batch_t = t.expand(x.shape[0]).to(x.device)
         scaled = (t.to(dt) * scaling).to(x.device)  # (A1111: the int64 timestep · 10.0, in float32)
         x = denoised_of(model, _consistency_read(x, sigma.to(x.device), scaled), model_input(x, sigma, x_T.dtype),
-                        batch_t)
+                        batch_t, sigma=sigma)
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1].to(x.device) * step_noise(x, generator)
         if callback is not None:

@@ -377,7 +377,8 @@ def denoise(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: float |
     """x̂0 (B,C,H,W) at the σ-scaled sample ``x`` (B,C,H,W): one ``model`` call on :func:`model_input` (in ``dtype``)
     at timesteps ``t`` (B,), its output read by :func:`denoised` — each guidance branch's output apart, combined on
     x̂0, where the model offers that (:func:`sdadapt.denoised_branches.denoised_of`: guidance on A1111's grids)."""
-    return denoised_of(model, lambda out: denoised(out, x, sigma, prediction_type), model_input(x, sigma, dtype), t)
+    return denoised_of(model, lambda out: denoised(out, x, sigma, prediction_type), model_input(x, sigma, dtype), t,
+                       sigma=sigma)
 
 
 def sigma_slope(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: float, t: Tensor, *,

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..denoised_branches import denoised_of
+from ..uncond_skip import UncondSkip
 
 __all__ = [
     "Guided",
@@ -550,11 +551,16 @@ class Guided:
     """Classifier-free guidance over ``model(x, t, cond)``: ``u + s·(c − u)`` (:func:`guidance_combine`); tensor
     conditions (or dicts of tensors with the same keys) run as one batch of 2B, anything else as two calls. With no
     ``uncond`` or at scale 1 the model on ``cond`` alone. Called ``(x, t, _cond)`` (the ``cond`` it was made with is
-    used); :meth:`denoised_by_branch` combines the two halves on x̂0 (:mod:`sdadapt.denoised_branches`)."""
+    used); :meth:`denoised_by_branch` combines the two halves on x̂0 (:mod:`sdadapt.denoised_branches`).
+    ``uncond_skip``: A1111's "Skip Early CFG" / NGMS (:class:`sdadapt.uncond_skip.UncondSkip`) over a run of
+    ``total_steps`` expected calls: a skipped call runs the model on ``cond`` alone. ``calls``: calls so far (the run's
+    count, which a refiner handoff sets)."""
 
-    def __init__(self, model: Model, cond: object, uncond: object | None, guidance_scale: float) -> None:
+    def __init__(self, model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
+                 uncond_skip: UncondSkip | None = None, total_steps: int = 1) -> None:
         self.model, self.cond, self.scale = model, cond, guidance_scale
         self.uncond = None if guidance_scale == 1.0 else uncond
+        self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
 
     def _halves(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         both = _cat_conditions(self.uncond, self.cond)
@@ -563,24 +569,30 @@ class Guided:
             return out_u, out_c
         return self.model(x, t, self.uncond), self.model(x, t, self.cond)
 
+    def _cond_alone(self, sigma: float | Tensor | None) -> bool:
+        call, self.calls = self.calls, self.calls + 1
+        skip = self.uncond_skip is not None and self.uncond_skip.skips(call, self.total_steps, sigma)
+        return skip or self.uncond is None
+
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         """The guided output (B,C,H,W) at ``x`` (B,C,H,W), timesteps ``t`` (B,)."""
-        if self.uncond is None:
+        if self._cond_alone(None):
             return self.model(x, t, self.cond)
         return guidance_combine(*self._halves(x, t), self.scale)
 
-    def denoised_by_branch(self, read: Callable[[Tensor], Tensor], x: Tensor, t: Tensor,
-                           _cond: object = None) -> Tensor:
+    def denoised_by_branch(self, read: Callable[[Tensor], Tensor], x: Tensor, t: Tensor, _cond: object = None, *,
+                           sigma: float | Tensor) -> Tensor:
         """x̂0 (B,C,H,W): each half's output read by ``read``, combined on x̂0 as A1111's ``combine_denoised``."""
-        if self.uncond is None:
-            return denoised_of(self.model, read, x, t, self.cond)
+        if self._cond_alone(sigma):
+            return denoised_of(self.model, read, x, t, self.cond, sigma=sigma)
         out_u, out_c = self._halves(x, t)
         return guidance_combine(read(out_u), read(out_c), self.scale)
 
 
-def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float) -> Guided:
+def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
+           uncond_skip: UncondSkip | None = None, total_steps: int = 1) -> Guided:
     """Classifier-free guidance ``u + s·(c − u)`` over ``model``: a :class:`Guided` (called ``(x, t, _cond)``)."""
-    return Guided(model, cond, uncond, guidance_scale)
+    return Guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip, total_steps=total_steps)
 
 
 def ddim_sample(
