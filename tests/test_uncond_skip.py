@@ -122,3 +122,5 @@ def test_the_rule_and_its_infotext_fields():
     assert odd_only.fields(set()) == {} and odd_only.fields({NGMS_FIELD}) == {"NGMS": 0.5}
     # σ compared in float32, as A1111's sigma[0] < s_min_uncond: 0.1 + 1e-9 rounds to float32(0.1)
     assert not UncondSkip(ngms=0.1).skips(1, 10, 0.1 - 1e-9) and UncondSkip(ngms=0.1).skips(1, 10, 0.0999)
+    # and the setting too: just above float32(0.1) it is float32(0.1), not above σ = float32(0.1)
+    assert not UncondSkip(ngms=float(torch.tensor(0.1)) + 1e-12).skips(1, 10, 0.1)

@@ -32,6 +32,17 @@ def test_the_toy_skipping_every_call_is_guidance_1_and_the_infotext_says_so(tmp_
     assert np.array_equal(ngms, skip) and ", NGMS: 10000, NGMS all steps: True, Version: " in text
 
 
+def test_the_toy_skips_a_prompt_plans_calls_too(tmp_path):
+    """A scheduled prompt runs through the System protocol's prompt plan: every call skipped is the prompt alone."""
+    run = {"prompt": "a [red:blue:0.5] circle", "negative": "green", "steps": 4, "seed": 5, "sampler": "Heun",
+           "schedule": "automatic"}
+    run_generate(out=tmp_path / "skip.png", skip_early_cfg=1.0, **run)
+    run_generate(out=tmp_path / "alone.png", guidance=1.0, **run)
+    run_generate(out=tmp_path / "half.png", skip_early_cfg=0.5, **run)
+    skip, half = _png(tmp_path / "skip.png")[0], _png(tmp_path / "half.png")[0]
+    assert np.array_equal(skip, _png(tmp_path / "alone.png")[0]) and not np.array_equal(skip, half)
+
+
 def test_a_rule_that_never_skips_writes_nothing(tmp_path):
     """A1111 writes the setting once a call skipped: NGMS below the grid's last σ skips nothing."""
     run = {"prompt": "a red circle", "steps": 5, "seed": 1, "sampler": "Euler a", "schedule": "karras"}
@@ -88,15 +99,17 @@ def test_diffusers_runs_skip_in_both_passes(tiny_sd, tmp_path, prompt):
 
 def test_diffusers_sample_takes_the_rule_and_refuses_ngms_off_a1111s_grids(tiny_sd):
     from sdadapt.diffusers_system import DiffusersSystem
+    from sdadapt.prompt_guidance import plan_prompt
     from sdadapt.uncond_skip import UncondSkip
 
     system = DiffusersSystem.from_folder(tiny_sd)
     run = {"seed": 1, "steps": 3, "sampler": "heun", "schedule": "automatic", "height": 32, "width": 32,
            "output": "latents", "negative": "x"}
-    seen = []
-    skipped = system.sample(["a cat"], uncond_skip=UncondSkip(skip_early=0.5, seen=seen.append), **run)
-    assert len(seen) == 4  # (heun, 3 steps: A1111 expects 6 calls, and calls 0..3 are <= 0.5 of them)
-    assert not torch.equal(skipped, system.sample(["a cat"], **run))
+    for plan in (None, plan_prompt("a [cat:dog:2]", "x", steps=3)):  # (plain guidance; a prompt plan's)
+        seen = []
+        skipped = system.sample(["a cat"], uncond_skip=UncondSkip(skip_early=0.5, seen=seen.append), plan=plan, **run)
+        assert len(seen) == 4  # (heun, 3 steps: A1111 expects 6 calls, and calls 0..3 are <= 0.5 of them)
+        assert not torch.equal(skipped, system.sample(["a cat"], plan=plan, **run))
     with pytest.raises(ValueError, match="NGMS.*A1111's grids only; euler runs diffusers' grid"):
         system.sample(["a cat"], sampler="euler", seed=1, steps=3, height=32, width=32, output="latents",
                       uncond_skip=UncondSkip(ngms=1.0))
@@ -120,6 +133,9 @@ def test_the_refiner_handoff_skips_on_the_runs_call_count(pair):
     seen = []
     skipped, handoff = sample(guidance=3.0, uncond_skip=UncondSkip(ngms=1e4, ngms_all_steps=True, seen=seen.append))
     assert handoff.calls["base"] > 0 and handoff.calls["refiner"] > 0 and len(seen) == 6
+    odd = []  # (NGMS on the run's odd calls 1, 3, 5 — not each model's own count, which starts again at the switch)
+    sample(guidance=3.0, uncond_skip=UncondSkip(ngms=1e4, seen=odd.append))
+    assert handoff.calls == {"base": 3, "refiner": 3} and len(odd) == 3
     alone, _ = sample(guidance=1.0)
     assert torch.equal(skipped, alone)
     assert not torch.equal(skipped, sample(guidance=3.0)[0])
