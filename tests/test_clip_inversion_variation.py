@@ -156,11 +156,13 @@ def test_guided_prediction_is_the_pipelines_unet_call(system, monkeypatch, k):
     vectors = torch.randn(k, D, generator=torch.Generator().manual_seed(1))
     x = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(2))
     sample_image_vectors(conditioning, vectors, x, alphas_cumprod=system.alphas_cumprod, guidance=7.5, steps=1)
-    assert seen["cond"]["context"] is None and seen["uncond"]["context"] is None
-    assert torch.equal(seen["cond"]["image"], vectors[None].expand(2, k, D))
-    assert torch.equal(seen["uncond"]["image"], torch.zeros(2, k, D)) and seen["guidance_scale"] == 7.5
+    guided = seen["model"]  # (sample_latents guides first: the sampler gets the guided model)
+    assert isinstance(guided, clip_module.diffusion.Guided) and guided.scale == 7.5
+    assert guided.cond is seen["cond"] and guided.cond["context"] is None and guided.uncond["context"] is None
+    assert torch.equal(guided.cond["image"], vectors[None].expand(2, k, D))
+    assert torch.equal(guided.uncond["image"], torch.zeros(2, k, D))
     t = torch.tensor([500, 500])
-    got = clip_module.diffusion.guided(seen["model"], seen["cond"], seen["uncond"], 7.5)(x, t, None)
+    got = guided(x, t, None)
     # the pipeline: image_embeddings = cat([zeros_like(e), e]) with e = embeds.unsqueeze(1) (152, 160, 165)
     e = vectors[None].expand(2, k, D)
     image_embeddings = torch.cat([torch.zeros_like(e), e])
@@ -171,7 +173,7 @@ def test_guided_prediction_is_the_pipelines_unet_call(system, monkeypatch, k):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # one conditional denoiser call = unet(x, t, encoder_hidden_states=vectors)
     with torch.no_grad():
-        torch.testing.assert_close(seen["model"](x, t, seen["cond"]),
+        torch.testing.assert_close(guided.model(x, t, guided.cond),
                                    system.unet(x, t, encoder_hidden_states=e).sample, atol=0, rtol=0)
 
 

@@ -180,7 +180,6 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     # guidance first, once: A1111's CFGDenoiser (its call count over the run's expected calls, for uncond_skip)
     model = diffusion.guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip,
                              total_steps=run_total_steps(name, num_steps, start=start, schedule=schedule))
-    uncond, guidance_scale = None, 1.0
     if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
         # per CFGDenoiser.forward, also where the conditionings do not batch)
         if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)
@@ -189,7 +188,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             model, callback = _announced(model, callback, before_model_call)
     if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
         return _inpaint(model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                        uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type, karras=karras,
+                        prediction_type=prediction_type, karras=karras,
                         generator=generator, callback=callback, schedule=schedule, start=start,
                         discard_next_to_last_sigma=discard if schedule is not None else None,
                         schedule_options=schedule_options if tuned else None, **options)
@@ -201,8 +200,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                                 alphas_cumprod=alphas_cumprod, num_steps=num_steps, prediction_type=prediction_type,
                                 generator=generator, callback=callback, **options)
         return diffusion.ddim_sample(model, x_T, cond, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                                     uncond=uncond, guidance_scale=guidance_scale, prediction_type=prediction_type,
-                                     generator=generator, callback=callback, **options)
+                                     prediction_type=prediction_type, generator=generator, callback=callback,
+                                     **options)
     run = _SAMPLERS[name]
     if karras:
         options["karras"] = True
@@ -233,10 +232,10 @@ def run_total_steps(sampler: str, num_steps: int, *, start: Img2ImgStart | None 
 
 class _A1111Denoiser:
     """The guided ``fn(x_in, t, cond)`` bound to ``cond`` for a sampler on one of A1111's grids (a ``schedule``;
-    :data:`KDIFFUSION_ONLY` always): read
-    as A1111's ``CFGDenoiser`` over its ``CompVisDenoiser`` reads the model — each branch's output (half ones in
-    float32, A1111's σ scalings are float32 tensors) read to x̂0, then guidance, ``AND`` and the inpainting blend on
-    x̂0 (:mod:`sdadapt.denoised_branches`). Samplers that read no x̂0 call it ``(x_in, t)``: ``fn``'s output."""
+    :data:`KDIFFUSION_ONLY` always), read as A1111's ``CFGDenoiser`` over its ``CompVisDenoiser`` reads the model:
+    each branch's output (half ones in float32, A1111's σ scalings are float32 tensors) read to x̂0, then guidance,
+    ``AND`` and the inpainting blend on x̂0 (:mod:`sdadapt.denoised_branches`). Samplers that read no x̂0 call it
+    ``(x_in, t)``: ``fn``'s output."""
 
     def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], cond: object) -> None:
         self.fn, self.cond = fn, cond
@@ -305,11 +304,10 @@ def _announced_tries(model: Callable[[Tensor, Tensor, object], Tensor],
     return announced, counted_try
 
 
-def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: Tensor, uncond: object | None,
-             guidance_scale: float, prediction_type: str, karras: bool, schedule: str | None, start: Img2ImgStart,
-             **options) -> Tensor:
+def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: Tensor, prediction_type: str,
+             karras: bool, schedule: str | None, start: Img2ImgStart, **options) -> Tensor:
     """:func:`sample_latents` with ``start.mask`` (inpainting a 4-channel model, :mod:`sdadapt.inpaint`): the guided
-    model wrapped by :func:`sdadapt.inpaint.masked_model` (A1111's blend), then ``samples·nmask + init·mask``."""
+    ``model`` wrapped by :func:`sdadapt.inpaint.masked_model` (A1111's blend), then ``samples·nmask + init·mask``."""
     from dataclasses import replace
 
     from ..img2img import DIFFUSERS_RULE_SAMPLERS
@@ -320,8 +318,7 @@ def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: 
                          "Karras σ rounds them, so the blend would be off: inpaint on its own grid, on one of A1111's "
                          "(--schedule karras on float32 latents), or with a σ-grid sampler (euler, euler_a, heun, lms)")
     init = start.init_like(x_T)
-    guided = diffusion.guided(model, cond, uncond, guidance_scale)
-    blended = masked_model(guided, init=init, latmask=start.mask, sampler=sampler, alphas_cumprod=alphas_cumprod,
+    blended = masked_model(model, init=init, latmask=start.mask, sampler=sampler, alphas_cumprod=alphas_cumprod,
                            prediction_type=prediction_type, linear_timesteps=schedule is None and not karras,
                            sigma_table=None if schedule is None else model_sigmas(alphas_cumprod))
     plain = replace(start, mask=None)
