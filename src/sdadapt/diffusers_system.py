@@ -915,6 +915,15 @@ class DiffusersSystem(nn.Module):
         :meth:`plan_conditions`, each text conditioned by this same rule."""
         return self._prompt_condition([prompt], None, breaks=True)
 
+    def empty_prompt_states(self, time_ids: Tensor | None = None) -> Tensor:
+        """The text states (1, 77, D) of the empty prompt ``""`` as :meth:`sample` encodes a prompt (SDXL: the two
+        encoders' joined states, not zeroed): A1111's ``cond_stage_model_empty_prompt``, what its "Pad
+        prompt/negative prompt" pads with (:mod:`sdadapt.cond_padding`)."""
+        from .cond_padding import condition_states
+
+        time_ids = self._size_time_ids(1, self.image_size, self.image_size) if time_ids is None else time_ids[:1]
+        return condition_states(self._prompt_condition([""], time_ids, breaks=True))[:1]
+
     def plan_conditions(self, plan: Any, *, count: int = 1, time_ids: Tensor | None = None) -> tuple[list, list]:
         """``(conds, negatives)``: the condition of each text of a :class:`~sdadapt.prompt_guidance.PromptPlan`
         (``plan.texts``, then ``plan.negative_texts``; batch ``count``), as :meth:`sample` conditions a plan —
@@ -1036,7 +1045,7 @@ class DiffusersSystem(nn.Module):
                before_model_call: Any = None, clip_sample: float | None = None,
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
-               vae_encode: str = "mean", uncond_skip: Any = None) -> Tensor:
+               vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1072,7 +1081,10 @@ class DiffusersSystem(nn.Module):
         (:mod:`sdadapt.inpaint`; without it, A1111's txt2img conditioning: a grey image under a mask of ones).
         ``before_model_call(steps_done, calls)``: told before each sampler model call
         (:func:`sdadapt.samplers.sample_latents`). ``uncond_skip``: A1111's "Skip Early CFG" / NGMS
-        (:class:`sdadapt.uncond_skip.UncondSkip`) over this run's calls, the prompt plan's and the refiner's too. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        (:class:`sdadapt.uncond_skip.UncondSkip`) over this run's calls, the prompt plan's and the refiner's too.
+        ``pad_conds``: A1111's "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`) for a
+        ``plan`` whose prompt and negative have different chunk counts (each model pads with its own states of
+        ``""``: :meth:`empty_prompt_states`). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1159,6 +1171,8 @@ class DiffusersSystem(nn.Module):
         skip = {} if uncond_skip is None else {
             "uncond_skip": uncond_skip, "total_steps": samplers.run_total_steps(name, steps, start=start,
                                                                                 schedule=schedule)}
+        if pad_conds is not None:
+            skip["pad_conds"] = pad_conds
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance,
                                                                     **skip)
@@ -1233,7 +1247,7 @@ class DiffusersSystem(nn.Module):
 
     def _guidance_inputs(self, model: Any, prompts: list[str], *, negative: str, cond: Any, plan: Any,
                          time_ids: Tensor | None, guidance: float, uncond_skip: Any = None,
-                         total_steps: int = 1) -> tuple[Any, Any, Any, float]:
+                         total_steps: int = 1, pad_conds: Any = None) -> tuple[Any, Any, Any, float]:
         """``(model, cond, uncond, guidance_scale)`` for :func:`sdadapt.samplers.sample_latents`: the prompts'
         conditioning and the negative's (:meth:`sample`'s rules), or with a ``plan`` its
         :class:`~sdadapt.prompt_guidance.ScheduledGuidance` over every text's conditioning (``cond``/``uncond``
@@ -1244,8 +1258,10 @@ class DiffusersSystem(nn.Module):
                 raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
             conds, negatives = self.plan_conditions(plan, count=count, time_ids=time_ids)
             conds, negatives = self._unclip_conditions(conds, negative=False), self._unclip_conditions(negatives, negative=True)
-            return (plan.guidance(model, conds, negatives, guidance, uncond_skip=uncond_skip, total_steps=total_steps),
-                    None, None, 1.0)
+            if pad_conds is not None:  # (this model's states of "": A1111's cond_stage_model_empty_prompt)
+                pad_conds = pad_conds.for_model(lambda: self.empty_prompt_states(time_ids))
+            return (plan.guidance(model, conds, negatives, guidance, uncond_skip=uncond_skip, total_steps=total_steps,
+                                  pad_conds=pad_conds), None, None, 1.0)
         if cond is None:
             cond = self._prompt_condition(prompts, time_ids)
         elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:

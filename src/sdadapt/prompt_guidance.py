@@ -30,6 +30,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
+from .cond_padding import CondPadding, condition_states, with_condition_states
 from .denoised_branches import ReadDenoised, denoised_of
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
@@ -69,15 +70,16 @@ class PromptPlan:
 
     def guidance(self, model: Callable[[Tensor, Tensor, object], Tensor], conds: Sequence[object],
                  negative_conds: Sequence[object], scale: float, *, uncond_skip: UncondSkip | None = None,
-                 total_steps: int = 1) -> ScheduledGuidance:
+                 total_steps: int = 1, pad_conds: CondPadding | None = None) -> ScheduledGuidance:
         """The denoiser over ``conds`` (one per :attr:`texts`, what the system's conditioning returns
         for them, batch B) and ``negative_conds`` (one per :attr:`negative_texts`); ``uncond_skip`` over a run of
-        ``total_steps`` expected calls: A1111's "Skip Early CFG" / NGMS (:mod:`sdadapt.uncond_skip`)."""
+        ``total_steps`` expected calls: A1111's "Skip Early CFG" / NGMS (:mod:`sdadapt.uncond_skip`); ``pad_conds``:
+        A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`)."""
         if len(conds) != len(self.texts) or len(negative_conds) != len(self.negative_texts):
             raise ValueError(f"the plan has {len(self.texts)} texts and {len(self.negative_texts)} negative texts; "
                              f"got {len(conds)} and {len(negative_conds)} conditionings")
         return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale),
-                                 uncond_skip=uncond_skip, total_steps=total_steps)
+                                 uncond_skip=uncond_skip, total_steps=total_steps, pad_conds=pad_conds)
 
 
 def reads_emphasis(system: object) -> bool:
@@ -141,20 +143,16 @@ def _batched(model: Callable, x: Tensor, t: Tensor, conds: list[object]) -> list
     return list(out.chunk(n))
 
 
-def _states(cond: object) -> Tensor:
-    return cond["context"] if isinstance(cond, dict) else cond
-
-
 def _same_length(parts: list[tuple[object, float]]) -> list[tuple[object, float]]:
     """The sub-prompts' conditionings of one call padded to the longest by repeating their last token's
     states (A1111's ``reconstruct_multicond_batch``; lengths differ only with ``BREAK`` chunks)."""
-    longest = max(_states(cond).shape[1] for cond, _ in parts)
+    longest = max(condition_states(cond).shape[1] for cond, _ in parts)
     out = []
     for cond, weight in parts:
-        states = _states(cond)  # (B, L, D)
+        states = condition_states(cond)  # (B, L, D)
         if states.shape[1] < longest:
             states = torch.cat([states, states[:, -1:].expand(-1, longest - states.shape[1], -1)], dim=1)
-            cond = {**cond, "context": states} if isinstance(cond, dict) else states
+            cond = with_condition_states(cond, states)
         out.append((cond, weight))
     return out
 
@@ -162,13 +160,14 @@ def _same_length(parts: list[tuple[object, float]]) -> list[tuple[object, float]
 class ScheduledGuidance:
     """A denoiser ``(x, t, _cond) -> prediction`` that picks each call's conditionings from a
     :class:`PromptPlan` by its call count (module docstring). ``calls``: model calls so far. ``uncond_skip``: A1111's
-    "Skip Early CFG" / NGMS over a run of ``total_steps`` expected calls (:mod:`sdadapt.uncond_skip`)."""
+    "Skip Early CFG" / NGMS over a run of ``total_steps`` expected calls (:mod:`sdadapt.uncond_skip`); ``pad_conds``:
+    A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`)."""
 
     def __init__(self, model: Callable[[Tensor, Tensor, object], Tensor], plan: PromptPlan, conds: list[object],
                  negative_conds: list[object], scale: float, *, uncond_skip: UncondSkip | None = None,
-                 total_steps: int = 1) -> None:
+                 total_steps: int = 1, pad_conds: CondPadding | None = None) -> None:
         self.model, self.plan, self.conds, self.negative_conds, self.scale = model, plan, conds, negative_conds, scale
-        self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
+        self.uncond_skip, self.total_steps, self.pad_conds, self.calls = uncond_skip, total_steps, pad_conds, 0
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         return self._call(x, t, None, None)
@@ -184,7 +183,7 @@ class ScheduledGuidance:
         parts = [(self.conds[schedule.at(call)], weight) for schedule, weight in self.plan.parts]
         skip = self.uncond_skip is not None and self.uncond_skip.skips(call, self.total_steps, sigma)
         return composed_guidance(self.model, x, t, parts, self.negative_conds[self.plan.negative.at(call)], self.scale,
-                                 read=read, sigma=sigma, skip_uncond=skip)
+                                 read=read, sigma=sigma, skip_uncond=skip, pad_conds=self.pad_conds)
 
 
 def combine_composed(out_uncond: Tensor, outs: Sequence[tuple[Tensor, float]], scale: float) -> Tensor:
@@ -212,15 +211,19 @@ def composed_outputs(model: Callable[[Tensor, Tensor, object], Tensor], x: Tenso
 def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tensor, t: Tensor,
                       parts: Sequence[tuple[object, float]], uncond: object, scale: float, *,
                       read: ReadDenoised | None = None, sigma: float | Tensor | None = None,
-                      skip_uncond: bool = False) -> Tensor:
+                      skip_uncond: bool = False, pad_conds: CondPadding | None = None) -> Tensor:
     """One guided model call of a prompt plan (B, C, H, W): the ``AND`` sub-prompts ``parts`` (``(cond, weight)``)
     and the negative's ``uncond`` at ``x`` (one batch where they concatenate; sub-prompts padded to one length), then
     :func:`combine_composed`. One sub-prompt of weight 1 at scale 1 is the conditional output alone (no negative
     pass). What :class:`ScheduledGuidance` runs at each call, given that call's conditions. ``read``: each output
     read to x̂0 by it first, so the combination runs on x̂0 (:mod:`sdadapt.denoised_branches`; ``sigma``: the call's
     σ). ``skip_uncond``: no negative pass — the first sub-prompt's output in its place and scale 1, A1111's skipped
-    call (:mod:`sdadapt.uncond_skip`)."""
+    call (:mod:`sdadapt.uncond_skip`). ``pad_conds``: the sub-prompts and the negative brought to one length first,
+    as A1111 pads them whether or not the negative runs (:mod:`sdadapt.cond_padding`)."""
     parts = _same_length(list(parts))
+    if pad_conds is not None:
+        conds, uncond = pad_conds.pad([cond for cond, _ in parts], uncond)
+        parts = [(cond, weight) for cond, (_, weight) in zip(conds, parts)]
     if len(parts) == 1 and parts[0][1] == 1.0 and (scale == 1.0 or skip_uncond):  # (one pass: the prompt's output)
         return model(x, t, parts[0][0]) if read is None else denoised_of(model, read, x, t, parts[0][0],
                                                                          sigma=sigma)

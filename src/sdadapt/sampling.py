@@ -236,7 +236,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              before_model_call: Callable[[int, int], None] | None = None,
              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
              refiner: object | None = None, generator: torch.Generator | None = None,
-             start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None) -> Tensor:
+             start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
+             pad_conds: object | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -310,6 +311,9 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
 
     ``uncond_skip``: A1111's "Skip Early CFG" / NGMS (:class:`sdadapt.uncond_skip.UncondSkip`): calls that skip the
     negative prompt (the system's ``sample`` when it takes ``uncond_skip=``, else the System protocol).
+    ``pad_conds``: A1111's "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`) for a ``plan``
+    (the system's ``sample`` when it takes ``pad_conds=``, else the System protocol, padding with the system's
+    conditioning of ``""``).
 
     ``generator``: a CPU ``torch.Generator`` the start noise and the ancestral samplers' noise are drawn from in
     place of ``torch.Generator().manual_seed(seed)`` (diffusers' pipelines' ``generator=``): diffusers' img2img is
@@ -380,7 +384,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      noise=noise, schedule_options=schedule_options, start=start, output=output,
                      before_model_call=before_model_call, clip_sample=clip_sample,
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
-                     start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip)
+                     start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -432,7 +436,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               start: object | None, output: str, before_model_call: Callable[[int, int], None] | None = None,
               clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
               refiner: object | None = None, generator: torch.Generator | None = None,
-              start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None) -> Tensor:
+              start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
+              pad_conds: object | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -451,11 +456,12 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (clip_sample is None or _takes(system.sample, "clip_sample"))
                      and (generator is None or _takes(system.sample, "generator"))
                      and (start_noise is None or _takes(system.sample, "start_noise"))
-                     and (uncond_skip is None or _takes(system.sample, "uncond_skip")))
+                     and (uncond_skip is None or _takes(system.sample, "uncond_skip"))
+                     and (pad_conds is None or _takes(system.sample, "pad_conds")))
     # (else through the protocol, below)
     own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
                                     and before_model_call is None and generator is None and start_noise is None
-                                    and uncond_skip is None)
+                                    and uncond_skip is None and pad_conds is None)
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -500,6 +506,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["start_noise"] = start_noise
         if uncond_skip is not None:
             options["uncond_skip"] = uncond_skip
+        if pad_conds is not None:
+            options["pad_conds"] = pad_conds
         if vae_encode != "mean" and _takes(system.sample, "vae_encode"):
             options["vae_encode"] = vae_encode
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
@@ -507,7 +515,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
     if name == "ddim" and plan is None and noise is None and schedule_options is None and start is None \
             and output == "images" and before_model_call is None and generator is None and start_noise is None \
-            and uncond_skip is None:
+            and uncond_skip is None and pad_conds is None:
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
@@ -524,9 +532,14 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
         def encode(text: str) -> object:
             return system.condition(system.tokenize([text] * len(prompts)))
 
+        if pad_conds is not None:  # (the system's states of "", A1111's cond_stage_model_empty_prompt)
+            from .cond_padding import condition_states
+
+            pad_conds = pad_conds.for_model(lambda: condition_states(system.condition(system.tokenize([""])))[:1])
         model = plan.guidance(model, [encode(t) for t in plan.texts], [encode(t) for t in plan.negative_texts], scale,
                               uncond_skip=uncond_skip, total_steps=samplers.run_total_steps(
-                                  name, steps, start=start, schedule=samplers.resolve_schedule(name, schedule, karras)))
+                                  name, steps, start=start, schedule=samplers.resolve_schedule(name, schedule, karras)),
+                              pad_conds=pad_conds)
         scale, uncond_skip = 1.0, None
     else:
         if cond is None:

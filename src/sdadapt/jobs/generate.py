@@ -72,6 +72,8 @@ def run_generate(
     skip_early_cfg: float = 0.0,
     ngms: float = 0.0,
     ngms_all_steps: bool = False,
+    pad_conds: bool = False,
+    pad_conds_v0: bool = False,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -174,6 +176,9 @@ def run_generate(
             skip the negative prompt) and "Negative Guidance minimum sigma" (odd calls below that σ skip it; every
             call with ``ngms_all_steps``; needs one of A1111's grids: a ``schedule``): :mod:`sdadapt.uncond_skip`,
             written into the infotext as A1111 writes them, once a call skipped.
+        pad_conds, pad_conds_v0: A1111's "Pad prompt/negative prompt" and its "(v0)" (:mod:`sdadapt.cond_padding`):
+            a prompt and negative of different chunk counts brought to one length (the empty prompt's states; v0:
+            the negative's last token), "Pad conds: True" / "Pad conds v0: True" in the infotext when they padded.
         clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
             :func:`sdadapt.jobs.models.load_system`): the normaliser of its image conditioning (:mod:`sdadapt.unclip`).
         max_token_length: 75 (default): a prompt longer than 75 tokens is laid out as A1111 lays it out (77-token
@@ -336,6 +341,15 @@ def run_generate(
         raise ValueError(f"--schedule: {exc}") from None
     skipped: set[str] = set()  # (the rules that skipped a call: their infotext fields)
     uncond_skip = _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, sampler, schedule, seen=skipped.add)
+    if pad_conds and pad_conds_v0:
+        raise ValueError("--pad-conds and --pad-conds-v0 are two ways to pad (A1111 takes v0 when both are set): "
+                         "give one")
+    padded: set[str] = set()  # (the paddings a call took: their infotext fields)
+    cond_padding = None
+    if pad_conds or pad_conds_v0:
+        from ..cond_padding import CondPadding
+
+        cond_padding = CondPadding(v0=pad_conds_v0, seen=padded.add)
     hires_schedule = None
     if hires_sampler is not None:  # (its grid resolved for it, as A1111 resolves "automatic" per sampler)
         try:
@@ -852,7 +866,8 @@ def run_generate(
                            **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
                            **({} if schedule_options is None else {"schedule_options": schedule_options}),
                            **({} if step_switch is None else {"before_model_call": step_switch}),
-                           **({} if uncond_skip is None else {"uncond_skip": uncond_skip}))
+                           **({} if uncond_skip is None else {"uncond_skip": uncond_skip}),
+                           **({} if cond_padding is None else {"pad_conds": cond_padding}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)
@@ -901,6 +916,7 @@ def run_generate(
                 say(f"{file.name}: {handoff_report(handoff)}")
                 infotext.refiner_took = infotext.refiner_took or handoff.taken  # (A1111's, from its first switch)
             infotext.uncond_skips = frozenset(skipped)  # (A1111's, from the first skipped call on)
+            infotext.pads = frozenset(padded)  # (A1111's, after a pass that padded)
             if report:
                 say(f"{file.name}: dpm_adaptive took {plural(report['n_accept'], 'step')} ({report['n_reject']} "
                     f"rejected), {plural(report['nfe'], 'model call')}")

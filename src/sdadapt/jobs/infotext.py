@@ -268,6 +268,8 @@ class InfotextRun:
             so far (its ``seen`` keys): "Skip Early CFG" / "NGMS" / "NGMS all steps" written from the first skipped call
             on, as A1111's ``CFGDenoiser`` adds them to ``p.extra_generation_params``, before the Refiner fields (an
             NGMS that first skips after the refiner took over comes after them in A1111's text).
+        pads: the paddings a call took (:mod:`sdadapt.cond_padding`'s ``seen`` keys): "Pad conds: True" / "Pad conds
+            v0: True" after the Refiner fields, as A1111 adds them after each pass.
         vae_encode: ``--vae-encode``; ``"sample"`` is written as ``VAE encode: sample`` (:data:`VAE_ENCODE_FIELD`)
             after the hires and inpaint fields, where A1111's ``init`` would add a field of its encoding; the
             default ``"mean"`` is left out, as A1111 leaves its defaults out. The value is the option's own name,
@@ -317,6 +319,7 @@ class InfotextRun:
     vae_encode: str = "mean"
     uncond_skip: object = None
     uncond_skips: frozenset[str] = frozenset()
+    pads: frozenset[str] = frozenset()
     version: str | None = None
     _fixed: dict = field(default_factory=dict, init=False, repr=False)
     _option_tags: str = field(default="", init=False, repr=False)
@@ -442,6 +445,9 @@ class InfotextRun:
             fields.update(self.uncond_skip.fields(self.uncond_skips))
         if self.refiner is not None and self.refiner_took:
             fields.update(self._refiner_fields)
+        for key in ("Pad conds", "Pad conds v0"):  # (sd_samplers_common.add_infotext, after each pass)
+            if key in self.pads:
+                fields[key] = True
         fields["Version"] = version
         return format_infotext(self._option_tags + self.prompt, self.negative, fields)
 
