@@ -848,7 +848,8 @@ def run_generate(
         aesthetic=None if aesthetic is None else dict(
             embedding=aesthetic, lr=aesthetic_lr, weight=aesthetic_weight, steps=aesthetic_steps,
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
-            slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip)
+            slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip,
+        schedule_options=schedule_options)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope

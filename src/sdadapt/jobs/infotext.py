@@ -264,6 +264,8 @@ class InfotextRun:
             (SDXL's base 2: CLIP-L and OpenCLIP-G each write the list again; 1 otherwise).
         subseed, subseed_strength, seed_resize_from ``(height, width)``, ensd, noise: A1111's seed settings.
         denoising_strength: img2img's (or the hires pass's). mask_*: the inpaint settings A1111 writes.
+        schedule_fields: A1111's schedule settings as its ``get_sigmas`` writes them ("Schedule min sigma", "Schedule
+            max sigma", "Schedule rho", "Beta schedule alpha/beta": :meth:`ScheduleOptions.infotext_fields`).
         uncond_skip, uncond_skips: the run's :class:`~sdadapt.uncond_skip.UncondSkip` and the rules that skipped a call
             so far (its ``seen`` keys): "Skip Early CFG" / "NGMS" / "NGMS all steps" written from the first skipped call
             on, as A1111's ``CFGDenoiser`` adds them to ``p.extra_generation_params``, before the Refiner fields (an
@@ -317,6 +319,7 @@ class InfotextRun:
     refiner_took: bool = False
     aesthetic: Mapping[str, object] | None = None
     vae_encode: str = "mean"
+    schedule_fields: Mapping[str, float] = field(default_factory=dict)
     uncond_skip: object = None
     uncond_skips: frozenset[str] = frozenset()
     pads: frozenset[str] = frozenset()
@@ -404,6 +407,7 @@ class InfotextRun:
               for name, file in ([*self.embeddings] * self.text_encoders
                                  + [*self.negative_embeddings] * self.text_encoders)]
         fields["TI hashes"] = _hash_list(ti)
+        fields.update(self.schedule_fields)  # (KDiffusionSampler.get_sigmas, as each pass starts)
         if self.refiner is not None:  # (sd_samplers_common.apply_refiner's order; written per image: for_image)
             if self.refiner_by_steps:
                 fields["Refiner switch by sampling steps"] = True
@@ -477,7 +481,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  embedding_files: Mapping[str, Path], tokenize, refiner: str | os.PathLike | None,
                  refiner_switch_at: float, refiner_by_steps: bool = False, refiner_hires_pass: str | None = None,
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
-                 hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None) -> InfotextRun:
+                 hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
+                 schedule_options: object = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -485,8 +490,13 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``inpainting``: :func:`sdadapt.jobs.generate_inpaint.inpaint_inputs`'s result; ``aesthetic``: the
     aesthetic-gradient settings, :class:`InfotextRun`'s; ``loras`` / ``hypernetworks``: the options' ``(file,
     scale)``; ``tag_loras`` / ``hires_tag_loras``: the passes' :class:`~sdadapt.jobs.generate_prompt_tags.TagLoRA`;
-    ``vae_encode``: ``--vae-encode``; ``uncond_skip``: the run's :class:`~sdadapt.uncond_skip.UncondSkip`)."""
-    from ..samplers.schedules import canonical_schedule
+    ``vae_encode``: ``--vae-encode``; ``uncond_skip``: the run's :class:`~sdadapt.uncond_skip.UncondSkip`;
+    ``schedule_options``: A1111's schedule settings (:class:`~sdadapt.samplers.schedules.ScheduleOptions`), written
+    as A1111's ``get_sigmas`` writes them for the passes' grids)."""
+    import torch
+
+    from ..samplers.schedules import ScheduleOptions, canonical_schedule
+    from ..samplers.sigma_space import model_sigmas
     from ..sampling import default_guidance
 
     prompt, negative, hires_prompt, hires_negative = texts
@@ -501,6 +511,13 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     hires_fields = None
     if hires is not None:
         hires_fields = {**hires_options, "prompt": hires_prompt, "negative": hires_negative}
+    automatic = schedule_asked is not None and canonical_schedule(schedule_asked) == "automatic"
+    grids = [schedule, *([hires_options.get("schedule")] if hires is not None else [])]
+    schedule_fields: dict[str, float] = {}
+    for grid in grids:  # (A1111's scheduler, none where Automatic is the sampler's own: its get_sigmas writes nothing)
+        if grid is not None and not (automatic and grid == "uniform") and getattr(system, "edm", None) is None:
+            schedule_fields.update((schedule_options or ScheduleOptions()).infotext_fields(
+                str(grid), model_sigmas(system.alphas_cumprod, torch.float32)))
     mask_fields = None
     if init_image is not None and mask is not None:
         region = getattr(inpainting, "region", None)
@@ -508,7 +525,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     return InfotextRun(
         prompt=prompt, negative=negative or "", sampler=sampler, steps=steps, guidance=float(guidance), seed=seed,
         width=width, height=height, **_edm_grid(system, schedule=schedule, karras=karras),
-        schedule_asked=schedule_asked is not None and canonical_schedule(schedule_asked) == "automatic",
+        schedule_asked=automatic, schedule_fields=schedule_fields,
         model=model, vae=vae, subseed=subseed, subseed_strength=subseed_strength,
         seed_resize_from=seed_resize_from, ensd=ensd, noise=noise, clip_skip=clip_skip,
         denoising_strength=(denoising_strength if init_image is not None

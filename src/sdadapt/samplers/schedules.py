@@ -100,6 +100,28 @@ class ScheduleOptions:
         """Whether every setting is A1111's default (the grids are then the plain schedules')."""
         return self == ScheduleOptions()
 
+    def takes_rho(self, schedule: str) -> bool:
+        """Whether ``rho`` replaces ``schedule``'s own ρ (Karras' 7, Polyexponential's 1; A1111's ``default_rho``;
+        the other schedules have none): set, and not that default."""
+        default = _DEFAULT_RHO.get(schedule)
+        return default is not None and self.rho != 0 and self.rho != default
+
+    def infotext_fields(self, schedule: str, train_sigmas: Tensor) -> dict[str, float]:
+        """A1111's infotext fields of these settings on ``schedule``'s grid (``KDiffusionSampler.get_sigmas``):
+        "Schedule min sigma" / "Schedule max sigma" where set and not the model's own (training σ (T,) ascending,
+        float32 as A1111 holds them), "Schedule rho" where :meth:`takes_rho`, "Beta schedule alpha/beta" on Beta."""
+        m_min, m_max = float(train_sigmas[0]), float(train_sigmas[-1])
+        out: dict[str, float] = {}
+        if self.sigma_min != 0 and self.sigma_min != m_min:
+            out["Schedule min sigma"] = float(self.sigma_min)
+        if self.sigma_max != 0 and self.sigma_max != m_max:
+            out["Schedule max sigma"] = float(self.sigma_max)
+        if self.takes_rho(schedule):
+            out["Schedule rho"] = float(self.rho)
+        if schedule == "beta":
+            out["Beta schedule alpha"], out["Beta schedule beta"] = float(self.beta_alpha), float(self.beta_beta)
+        return out
+
     def bounds(self, train_sigmas: Tensor) -> tuple[float, float]:
         """(σ_min, σ_max) A1111 gives a schedule on the training σ (T,) ascending."""
         m_min, m_max = float(train_sigmas[0]), float(train_sigmas[-1])
@@ -109,6 +131,10 @@ class ScheduleOptions:
         if self.sigma_max != 0 and self.sigma_max != m_max:
             hi = float(self.sigma_max)
         return lo, hi
+
+
+#: the schedules with a ρ of their own (A1111's ``Scheduler.default_rho``)
+_DEFAULT_RHO: dict[str, float] = {"karras": 7.0, "polyexponential": 1.0}
 
 
 def _loglinear_interp(values: tuple[float, ...], num: int) -> Tensor:
@@ -172,8 +198,7 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
     s_min, s_max = float(train[0]), float(train[-1])
     t_max, t_min = float(T - 1), 0.0
     if options is not None and not options.is_default:  # A1111's settings (KDiffusionSampler.get_sigmas)
-        default_rho = {"karras": 7.0, "polyexponential": 1.0}.get(key)
-        if default_rho is not None and options.rho != 0 and options.rho != default_rho:
+        if options.takes_rho(key):
             rho = float(options.rho)
         beta_alpha, beta_beta = options.beta_alpha, options.beta_beta
         if (s_min, s_max) != options.bounds(train):
