@@ -79,6 +79,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                          "the tensors of written weight files, so leave it out")
     if args.image_vectors is not None:
         return _cmd_generate_image_vectors(args)
+    if args.infotext is not None:
+        _take_infotext(args)
     if args.prompt is None:
         raise InputError("--prompt is required: what to draw (--prompt '' for none)")
 
@@ -128,6 +130,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {file} ({seeds})" if drawn else f"wrote {file}")
     return 0
 
+
+
+#: generate's option defaults (:func:`register`): an option still at its default takes ``--infotext``'s value
+_DEFAULTS: dict[str, object] = {}
+
+
+def _take_infotext(args: argparse.Namespace) -> None:
+    """``--infotext FILE``: its fields as the options not given (still at their defaults), said on stderr with the
+    fields not taken (:mod:`sdadapt.jobs.infotext_read`)."""
+    from ..errors import InputError
+    from ..jobs.infotext_read import infotext_options, parse_infotext, read_infotext
+
+    try:
+        options, not_taken = infotext_options(parse_infotext(read_infotext(args.infotext)),
+                                              img2img=args.init_image is not None, inpaint=args.mask is not None,
+                                              refiner=args.refiner is not None)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--infotext {args.infotext}: {exc}") from None
+    given = []
+    for option, value in options.items():
+        if getattr(args, option) == _DEFAULTS.get(option):
+            setattr(args, option, value)
+        else:
+            given.append(option)
+    if not args.quiet:
+        print(f"--infotext {args.infotext}: {len(options) - len(given)} settings taken"
+              + (f" (given on the command line instead: {', '.join(given)})" if given else ""), file=sys.stderr)
+        for line in not_taken:
+            print(f"--infotext: not taken: {line}", file=sys.stderr)
 
 
 #: what ``generate --image-vectors`` takes besides the output options: the rest is refused (it samples with
@@ -181,6 +212,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("--model", default="toy", metavar="toy|PATH",
                           help="'toy' (built in, default), a diffusers folder or a .safetensors/.ckpt checkpoint")
+    generate.add_argument("--infotext", default=None, metavar="PNG|TXT",
+                          help="A1111's generation parameters (an image's 'parameters' text, A1111's or generate's, or "
+                               "that text saved in a file) as the options not given: prompt, sampler, seed, size, "
+                               "hires fix, A1111's noise... (docs/samplers.md, 'Reading an infotext back')")
     generate.add_argument("--prompt", default=None,
                           help="required (optional with --image-vectors, default empty): what to draw, in A1111's "
                           "prompt syntax (docs/prompts.md): emphasis (word:1.2), (word) "
@@ -445,3 +480,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = add_output_options(generate, out_help="output .png", dtype_help="images; any other value is refused")
     del group
     generate.set_defaults(run=_cmd_generate)
+    _DEFAULTS.update({action.dest: action.default for action in generate._actions})

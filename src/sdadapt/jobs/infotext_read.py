@@ -1,0 +1,217 @@
+"""AUTOMATIC1111's infotext read back: ``generate --infotext IMAGE.png`` takes an image's "parameters" text (A1111's,
+or the one ``generate`` writes, :mod:`sdadapt.jobs.infotext`) as its options — A1111's "PNG Info" / "Send to
+txt2img".
+
+:func:`parse_infotext` is A1111's ``parse_generation_parameters`` (v1.10 ``modules/infotext_utils.py``) without the
+defaults it fills for its UI: the prompt lines, the ``Negative prompt:`` lines, and the last line's ``Key: value``
+fields (a line with fewer than three is still prompt), JSON-quoted values unquoted, a ``WxH`` value as ``Key-1`` /
+``Key-2``. :func:`infotext_options` maps the fields to :func:`sdadapt.jobs.generate.run_generate`'s options and says
+which it did not take: the ones that only name files (Model hash, Lora hashes...: give the files) and the settings
+sdadapt has no option for (their image would differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["INFORMATIONAL_FIELDS", "infotext_options", "parse_infotext", "read_infotext"]
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # (A1111's re_param)
+_SIZE = re.compile(r"^(\d+)x(\d+)$")  # (A1111's re_imagesize)
+
+#: fields that name the files the run used and set nothing (``--model``, ``--vae``, ``--lora-dir``... give those
+#: files; the hashes are for checking), and the writer's version
+INFORMATIONAL_FIELDS: frozenset[str] = frozenset({
+    "Model", "Model hash", "VAE", "VAE hash", "Lora hashes", "TI hashes", "Version", "Refiner", "Hires checkpoint",
+    "Init image hash", "User", "Hypernet", "Hypernet hash", "Hypernet strength"})
+_MODEL_FILES = frozenset({"Model", "Model hash", "VAE", "VAE hash", "Refiner", "Hires checkpoint"})
+
+_RNG = {"CPU": "a1111-cpu", "NV": "a1111-nv", "GPU": "a1111"}
+_HIRES_REFINER = {"first pass": "first", "both passes": "both", "second pass": "second"}
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """A1111's ``parse_generation_parameters`` of an infotext (module docstring): ``{"Prompt": ..., "Negative prompt":
+    ..., field: value}``, values as text (``Size: 512x768`` -> ``Size-1: 512``, ``Size-2: 768``)."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = "", "", False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[16:].strip()
+        if in_negative:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    fields: dict[str, str] = {}
+    for key, value in _PARAM.findall(last):
+        if value[:1] == '"' and value[-1:] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        size = _SIZE.match(value)
+        if size is not None:
+            fields[f"{key}-1"], fields[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            fields[key] = value
+    return {"Prompt": prompt, "Negative prompt": negative, **fields}
+
+
+def read_infotext(path: str | os.PathLike) -> str:
+    """The infotext of ``path``: a PNG's ``parameters`` text chunk (A1111's and ``generate``'s), or a text file's
+    contents (A1111's "PNG Info" copied out).
+
+    Raises:
+        ValueError: a PNG without a ``parameters`` chunk, or a file that is neither, naming it.
+    """
+    from ..images import read_png_text
+
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head == b"\x89PNG\r\n\x1a\n":
+        text = read_png_text(path).get("parameters")
+        if not text:
+            raise ValueError(f"{path}: this PNG has no 'parameters' text (A1111's infotext); it was not written by "
+                             "A1111 or generate, or its text was stripped")
+        return text
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: neither a PNG nor a UTF-8 text file; give the PNG A1111 wrote, or its "
+                         "'parameters' text saved as a .txt") from None
+
+
+def _take_choice(fields: Mapping[str, str], field: str, option: str, flag: str, labels: Mapping[str, str],
+                 options: dict[str, object], taken: set[str]) -> None:
+    """``options[option]``: the name of ``fields[field]`` (an A1111 label or a name, :func:`canonical_choice`), if it
+    is one of sdadapt's; else left for the fields not taken."""
+    from ..sampler_tables import canonical_choice
+
+    if field in fields:
+        try:
+            options[option] = canonical_choice(flag, fields[field], dict(labels))
+        except ValueError:
+            return
+        taken.add(field)
+
+
+def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpaint: bool = False,
+                     refiner: bool = False) -> tuple[dict[str, object], list[str]]:
+    """``(options, not_taken)``: :func:`sdadapt.jobs.generate.run_generate` keywords of parsed infotext ``fields``
+    (:func:`parse_infotext`) and the fields it did not take, each with why. ``img2img`` / ``inpaint`` / ``refiner``:
+    the run has an init image / a mask / a refiner (their fields are taken only then: the infotext cannot give the
+    images or the refiner's file).
+
+    Raises:
+        ValueError: a field whose value is not what A1111 writes there (a number that is not one), naming it.
+    """
+    from ..sampler_tables import HIRES_UPSCALER_LABELS, INPAINTING_FILL_LABELS
+    from ..samplers.schedules import canonical_schedule
+
+    options: dict[str, object] = {}
+    taken: set[str] = set()
+
+    def take(field: str, option: str, convert=str) -> None:
+        if field in fields:
+            try:
+                options[option] = convert(fields[field])
+            except ValueError:
+                raise ValueError(f"infotext field {field}: {fields[field]!r} is not what A1111 writes there") from None
+            taken.add(field)
+
+    def flag(text: str) -> bool:
+        return str(text).strip().lower() == "true"
+
+    options["prompt"] = fields.get("Prompt", "")
+    options["negative"] = fields.get("Negative prompt", "")
+    taken.update({"Prompt", "Negative prompt"})
+    take("Steps", "steps", int)
+    take("Sampler", "sampler")
+    take("Schedule type", "schedule", canonical_schedule)
+    take("CFG scale", "guidance", float)
+    take("Seed", "seed", int)
+    take("Size-1", "width", int)
+    take("Size-2", "height", int)
+    take("Clip skip", "clip_skip", int)
+    take("Variation seed", "subseed", int)
+    take("Variation seed strength", "subseed_strength", float)
+    if "Seed resize from-1" in fields:  # (A1111 writes WxH; the option is (height, width))
+        options["seed_resize_from"] = (int(fields["Seed resize from-2"]), int(fields["Seed resize from-1"]))
+        taken.update({"Seed resize from-1", "Seed resize from-2"})
+    take("ENSD", "ensd", int)
+    options["noise"] = _RNG.get(str(fields.get("RNG", "GPU")).strip(), "a1111")  # (no RNG: A1111's default GPU)
+    taken.add("RNG")
+    take("Noise", "noise")  # (generate's own, where RNG alone cannot tell: VAE encode sample)
+    take("VAE encode", "vae_encode")
+    take("Schedule min sigma", "sigma_min", float)
+    take("Schedule max sigma", "sigma_max", float)
+    take("Schedule rho", "rho", float)
+    take("Beta schedule alpha", "beta_alpha", float)
+    take("Beta schedule beta", "beta_beta", float)
+    take("Skip Early CFG", "skip_early_cfg", float)
+    take("NGMS", "ngms", float)
+    take("NGMS all steps", "ngms_all_steps", flag)
+    take("Pad conds", "pad_conds", flag)
+    take("Pad conds v0", "pad_conds_v0", flag)
+    hires = "Hires upscale" in fields or "Hires resize-1" in fields
+    if hires:  # (A1111's txt2img hires fix: its Denoising strength is the hires pass's)
+        take("Hires upscale", "hires_scale", float)
+        take("Hires resize-1", "hires_width", int)
+        take("Hires resize-2", "hires_height", int)
+        take("Hires steps", "hires_steps", int)
+        _take_choice(fields, "Hires upscaler", "hires_upscaler", "--hires-upscaler", HIRES_UPSCALER_LABELS, options,
+                     taken)
+        take("Hires sampler", "hires_sampler")
+        take("Hires prompt", "hires_prompt")
+        take("Hires negative prompt", "hires_negative")
+        take("Denoising strength", "hires_denoising", float)
+    elif img2img:
+        take("Denoising strength", "denoising_strength", float)
+    if inpaint:
+        take("Mask blur", "mask_blur", float)
+        _take_choice(fields, "Masked content", "inpainting_fill", "--inpainting-fill", INPAINTING_FILL_LABELS, options,
+                     taken)
+        take("Masked area padding", "inpaint_full_res_padding", int)
+        take("Conditional mask weight", "inpainting_mask_weight", float)
+        if "Mask mode" in fields:
+            options["invert_mask"] = fields["Mask mode"] == "Inpaint not masked"
+            taken.add("Mask mode")
+        if "Inpaint area" in fields:
+            options["inpaint_full_res"] = fields["Inpaint area"] == "Only masked"
+            taken.add("Inpaint area")
+    if refiner:
+        take("Refiner switch at", "refiner_switch_at", float)
+        take("Refiner switch by sampling steps", "refiner_switch_by_steps", flag)
+        take("Hires refiner", "refiner_hires_pass", lambda v: _HIRES_REFINER[v.strip()])
+    if "Hires schedule type" in fields and fields["Hires schedule type"] == fields.get("Schedule type"):
+        taken.add("Hires schedule type")  # (the same grid: generate's hires pass runs on --schedule's)
+    not_taken = []
+    for field in fields:
+        if field in taken or field in ("Version", "User", "Init image hash"):
+            continue
+        base = field[:-2] if field.endswith(("-1", "-2")) else field
+        if base in _MODEL_FILES:
+            reason = f"{fields[field]} — the run's model files: give them (--model, --vae, --refiner)"
+        elif base in INFORMATIONAL_FIELDS:
+            reason = "the run's networks and embeddings: give their folders (--lora-dir, --hypernetwork-dir, " \
+                     "--embeddings-dir)"
+        elif base in ("Denoising strength",) or base.startswith(("Mask", "Masked", "Inpaint", "Conditional mask")):
+            reason = "needs the init image / mask: give --init-image (--mask)"
+        elif base.startswith(("Refiner", "Hires refiner")):
+            reason = "needs the refiner: give --refiner FILE"
+        elif base in ("Hires upscaler", "Masked content"):
+            reason = f"{fields[field]!r} is not one of sdadapt's: give another (the image will differ from A1111's)"
+        else:
+            reason = "sdadapt has no such setting: the image may differ from A1111's"
+        if f"{base}: {reason}" not in not_taken:
+            not_taken.append(f"{base}: {reason}")
+    return options, not_taken

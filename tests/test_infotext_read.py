@@ -1,0 +1,169 @@
+"""``generate --infotext``: A1111's infotext read back (sdadapt.jobs.infotext_read). The parser against A1111 v1.10's
+``parse_generation_parameters`` (modules/infotext_utils.py) transcribed below, without the UI defaults it fills; and
+round trips: an image ``generate`` wrote, made again from its PNG alone, is the same image with the same text."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdadapt.cli import main
+from sdadapt.jobs import run_generate
+from sdadapt.jobs.infotext_read import infotext_options, parse_infotext, read_infotext
+
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def _a1111_parse(x: str) -> dict:
+    """A1111's ``parse_generation_parameters`` up to its defaults."""
+    def unquote(text):
+        if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+            return text
+        try:
+            return json.loads(text)
+        except Exception:  # noqa: BLE001  (A1111's)
+            return text
+
+    res, prompt, negative_prompt, done_with_prompt = {}, "", "", False
+    *lines, lastline = x.strip().split("\n")
+    if len(_RE_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    for k, v in _RE_PARAM.findall(lastline):
+        if v[0] == '"' and v[-1] == '"':
+            v = unquote(v)
+        m = _RE_SIZE.match(v)
+        if m is not None:
+            res[f"{k}-1"], res[f"{k}-2"] = m.group(1), m.group(2)
+        else:
+            res[k] = v
+    res["Prompt"], res["Negative prompt"] = prompt, negative_prompt
+    return res
+
+
+TEXTS = [
+    ("a castle, (masterpiece:1.2), <lora:style:0.8>\nat night\nNegative prompt: blurry, lowres\nugly\n"
+     'Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1234, Size: 512x768, '
+     'Model hash: 6ce0161689, Model: v1-5, Denoising strength: 0.45, Hires upscale: 2, Hires upscaler: Latent, '
+     'Lora hashes: "style: 0a1b2c3d4e5f", TI hashes: "easyneg: 9f8e7d6c5b4a, bad: 111", Version: v1.10.1'),
+    "just a prompt, no fields: here",
+    "a prompt line with style: ink, and mood: calm",  # (two 'Key: value' pairs: A1111 keeps it as the prompt)
+    ('p\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, Hires resize: 1024x1536, '
+     'Hires prompt: "a \\"quoted\\" prompt, with commas", NGMS: 2, Skip Early CFG: 0.1, Pad conds: True'),
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_the_parser_is_a1111s(text):
+    assert parse_infotext(text) == _a1111_parse(text)
+    if "\n" not in text:
+        assert parse_infotext(text) == {"Prompt": text, "Negative prompt": ""}
+
+
+def test_the_fields_become_generates_options_and_the_rest_is_said():
+    options, not_taken = infotext_options(parse_infotext(TEXTS[0]))
+    assert {k: options[k] for k in ("steps", "sampler", "schedule", "guidance", "seed", "width", "height",
+                                    "hires_scale", "hires_upscaler", "hires_denoising", "noise")} == {
+        "steps": 30, "sampler": "DPM++ 2M", "schedule": "karras", "guidance": 7.5, "seed": 1234, "width": 512,
+        "height": 768, "hires_scale": 2.0, "hires_upscaler": "latent", "hires_denoising": 0.45, "noise": "a1111"}
+    assert options["prompt"] == "a castle, (masterpiece:1.2), <lora:style:0.8>\nat night"
+    assert options["negative"] == "blurry, lowres\nugly"
+    assert [line.split(":")[0] for line in not_taken] == ["Model hash", "Model", "Lora hashes", "TI hashes"]
+    assert not_taken[0] == "Model hash: 6ce0161689 — the run's model files: give them (--model, --vae, --refiner)"
+    options, not_taken = infotext_options(parse_infotext(TEXTS[2]))
+    assert (options["hires_width"], options["hires_height"], options["hires_prompt"]) == (
+        1024, 1536, 'a "quoted" prompt, with commas')
+    assert (options["ngms"], options["skip_early_cfg"], options["pad_conds"]) == (2.0, 0.1, True)
+    _, not_taken = infotext_options(parse_infotext("p\nSteps: 2, Eta: 0.5, Hires upscaler: R-ESRGAN 4x+, "
+                                                   "Hires upscale: 2, Mask blur: 4"))
+    assert not_taken == ["Eta: sdadapt has no such setting: the image may differ from A1111's",
+                         ("Hires upscaler: 'R-ESRGAN 4x+' is not one of sdadapt's: give another (the image will "
+                          "differ from A1111's)"),
+                         "Mask blur: needs the init image / mask: give --init-image (--mask)"]
+
+
+def test_bad_files_and_values_are_named(tmp_path):
+    plain = tmp_path / "plain.png"
+    run_generate(prompt="a", out=plain, steps=1)
+    stripped = tmp_path / "stripped.png"
+    Image.open(plain).save(stripped)  # (PIL drops the text chunks)
+    with pytest.raises(ValueError, match="stripped.png: this PNG has no 'parameters' text"):
+        read_infotext(stripped)
+    binary = tmp_path / "x.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ValueError, match="x.bin: neither a PNG nor a UTF-8 text file"):
+        read_infotext(binary)
+    with pytest.raises(ValueError, match="infotext field Steps: 'many' is not what A1111 writes there"):
+        infotext_options(parse_infotext("p\nSteps: many, Seed: 1, CFG scale: 7"))
+
+
+ROUND_TRIPS = [
+    ["--prompt", "a red circle, (sharp:1.2)", "--negative", "blue, dull", "--sampler", "Euler a", "--schedule",
+     "karras", "--steps", "5", "--cfg", "3.5", "--seed", "7", "--noise", "a1111"],
+    ["--prompt", "a red circle", "--sampler", "euler", "--steps", "4", "--seed", "3"],  # (RNG: CPU, diffusers' grid)
+    ["--prompt", "a [red:blue:0.5] circle AND a square:0.5", "--negative", "green", "--sampler", "DPM++ 2M",
+     "--schedule", "beta", "--steps", "4", "--seed", "11", "--skip-early-cfg", "0.2", "--ngms", "2",
+     "--ngms-all-steps", "--beta-alpha", "0.5"],
+    ["--prompt", "a red circle", "--sampler", "DPM++ 2M Karras", "--steps", "4", "--seed", "5", "--noise",
+     "a1111-cpu", "--subseed", "9", "--subseed-strength", "0.3", "--seed-resize-from", "24x40", "--rho", "5",
+     "--sigma-min", "0.05"],
+]
+
+
+@pytest.mark.parametrize("args", ROUND_TRIPS)
+def test_generate_makes_its_own_image_again_from_the_png(tmp_path, capsys, args):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    assert main(["generate", *args, "-o", str(first)]) == 0
+    assert main(["generate", "--infotext", str(first), "-o", str(again)]) == 0
+    assert "settings taken" in capsys.readouterr().err
+    a, b = Image.open(first), Image.open(again)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert a.text["parameters"] == b.text["parameters"]
+
+
+def test_options_given_win_over_the_infotext(tmp_path, capsys):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    main(["generate", "--prompt", "a red circle", "--steps", "3", "--seed", "4", "-o", str(first)])
+    main(["generate", "--infotext", str(first), "--seed", "5", "-o", str(again)])
+    assert "given on the command line instead: seed" in capsys.readouterr().err
+    assert ", Seed: 5," in Image.open(again).text["parameters"]
+
+
+# ---- a diffusers model: the hires fix, BREAK chunks padded --------------------------------------------------------
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from test_cli_train import _tiny_pipeline
+
+    return _tiny_pipeline(tmp_path_factory.mktemp("infotext_read"), prediction_type="epsilon")
+
+
+def test_a_diffusers_hires_run_is_made_again_from_its_png(tiny_sd, tmp_path):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    args = ["--model", str(tiny_sd), "--prompt", "a cat BREAK a [hat:cap:0.5]", "--negative", "blurry",
+            "--sampler", "DPM++ 2M", "--schedule", "karras", "--steps", "3", "--seed", "2", "--width", "32",
+            "--height", "32", "--cfg", "5", "--hires-scale", "1.5", "--hires-steps", "2", "--hires-denoising", "0.55",
+            "--hires-upscaler", "Latent (bicubic)", "--hires-prompt", "a dog BREAK a hat", "--pad-conds",
+            "--noise", "a1111"]
+    assert main(["generate", *args, "-o", str(first)]) == 0
+    assert main(["generate", "--model", str(tiny_sd), "--infotext", str(first), "-o", str(again)]) == 0
+    a, b = Image.open(first), Image.open(again)
+    assert "Hires upscale: 1.5" in a.text["parameters"] and "Pad conds: True" in a.text["parameters"]
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and a.text["parameters"] == b.text["parameters"]
