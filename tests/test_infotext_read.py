@@ -155,15 +155,36 @@ def tiny_sd(tmp_path_factory):
     return _tiny_pipeline(tmp_path_factory.mktemp("infotext_read"), prediction_type="epsilon")
 
 
-def test_a_diffusers_hires_run_is_made_again_from_its_png(tiny_sd, tmp_path):
+HIRES_RUNS = [
+    ["--prompt", "a cat BREAK a [hat:cap:0.5]", "--hires-prompt", "a dog BREAK a hat", "--pad-conds",
+     "--hires-upscaler", "Latent (bicubic)"],
+    ["--prompt", "a cat", "--hires-schedule", "exponential", "--hires-upscaler", "Lanczos"],
+]
+
+
+@pytest.mark.parametrize("extra", HIRES_RUNS)
+def test_a_diffusers_hires_run_is_made_again_from_its_png(tiny_sd, tmp_path, extra):
     first, again = tmp_path / "first.png", tmp_path / "again.png"
-    args = ["--model", str(tiny_sd), "--prompt", "a cat BREAK a [hat:cap:0.5]", "--negative", "blurry",
-            "--sampler", "DPM++ 2M", "--schedule", "karras", "--steps", "3", "--seed", "2", "--width", "32",
-            "--height", "32", "--cfg", "5", "--hires-scale", "1.5", "--hires-steps", "2", "--hires-denoising", "0.55",
-            "--hires-upscaler", "Latent (bicubic)", "--hires-prompt", "a dog BREAK a hat", "--pad-conds",
-            "--noise", "a1111"]
+    args = ["--model", str(tiny_sd), "--negative", "blurry", "--sampler", "DPM++ 2M", "--schedule", "karras",
+            "--steps", "3", "--seed", "2", "--width", "32", "--height", "32", "--cfg", "5", "--hires-scale", "1.5",
+            "--hires-steps", "2", "--hires-denoising", "0.55", "--noise", "a1111", *extra]
     assert main(["generate", *args, "-o", str(first)]) == 0
     assert main(["generate", "--model", str(tiny_sd), "--infotext", str(first), "-o", str(again)]) == 0
     a, b = Image.open(first), Image.open(again)
-    assert "Hires upscale: 1.5" in a.text["parameters"] and "Pad conds: True" in a.text["parameters"]
-    assert np.array_equal(np.asarray(a), np.asarray(b)) and a.text["parameters"] == b.text["parameters"]
+    text = a.text["parameters"]
+    assert "Hires upscale: 1.5" in text and ("Pad conds: True" in text) == ("--pad-conds" in extra)
+    assert ("Hires schedule type: Exponential" in text) == ("--hires-schedule" in extra)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and text == b.text["parameters"]
+
+
+def test_the_hires_schedule_is_the_hires_passs_grid(tiny_sd, tmp_path):
+    """``--hires-schedule`` (A1111's Hires schedule type) is the second pass's grid: the first pass's own again is the
+    run without it; another changes the image (4 hires steps: with 2, Karras and Exponential are both (σ_max, σ_min))."""
+    base = ["--model", str(tiny_sd), "--prompt", "a cat", "--sampler", "Euler", "--schedule", "karras", "--steps",
+            "3", "--seed", "2", "--width", "32", "--height", "32", "--hires-scale", "1.5", "--hires-steps", "4"]
+    main(["generate", *base, "-o", str(tmp_path / "same.png")])
+    main(["generate", *base, "--hires-schedule", "karras", "-o", str(tmp_path / "karras.png")])
+    main(["generate", *base, "--hires-schedule", "exponential", "-o", str(tmp_path / "exp.png")])
+    same, karras, exp = (Image.open(tmp_path / f"{n}.png") for n in ("same", "karras", "exp"))
+    assert np.array_equal(np.asarray(same), np.asarray(karras)) and same.text == karras.text
+    assert not np.array_equal(np.asarray(same), np.asarray(exp))

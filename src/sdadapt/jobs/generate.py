@@ -117,6 +117,7 @@ def run_generate(
     hires_prompt: str | None = None,
     hires_negative: str | None = None,
     hires_sampler: str | None = None,
+    hires_schedule: str | None = None,
     mask: str | os.PathLike | None = None,
     mask_blur: float | None = None,
     invert_mask: bool = False,
@@ -266,6 +267,7 @@ def run_generate(
         img2img_fix_steps: A1111's setting "With img2img, do exactly the amount of steps the slider specifies".
         hires_prompt, hires_negative, hires_sampler: A1111's hr_prompt, hr_negative_prompt, hr_sampler_name: the
             hires pass's texts and sampler (``None``, and ``""`` for the texts as in A1111: the first pass's).
+        hires_schedule: A1111's "Hires schedule type" (hr_scheduler): the hires pass's grid (``None``: ``schedule``'s).
         vae_encode: how ``init_image`` (img2img, inpainting) and the ``pixel-lanczos`` hires pass's pixels become
             latents: ``"mean"`` (the default) the VAE posterior's mean, the same latents for every seed; ``"sample"``
             a posterior sample drawn per image from ``torch.Generator().manual_seed(seed)`` before that generator
@@ -350,11 +352,13 @@ def run_generate(
         from ..cond_padding import CondPadding
 
         cond_padding = CondPadding(v0=pad_conds_v0, seen=padded.add)
-    hires_schedule = None
+    asked_hires_schedule, hires_schedule = hires_schedule, None
+    if asked_hires_schedule is not None and hires_sampler is None:  # (A1111's Hires schedule type: its own grid)
+        hires_sampler = sampler
     if hires_sampler is not None:  # (its grid resolved for it, as A1111 resolves "automatic" per sampler)
         try:
             check_karras(hires_sampler, karras)
-            hires_schedule = resolve_schedule(hires_sampler, asked_schedule, karras)
+            hires_schedule = resolve_schedule(hires_sampler, asked_hires_schedule or asked_schedule, karras)
             _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, hires_sampler, hires_schedule)
         except ValueError as exc:
             raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None

@@ -192,8 +192,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take("Refiner switch at", "refiner_switch_at", float)
         take("Refiner switch by sampling steps", "refiner_switch_by_steps", flag)
         take("Hires refiner", "refiner_hires_pass", lambda v: _HIRES_REFINER[v.strip()])
-    if "Hires schedule type" in fields and fields["Hires schedule type"] == fields.get("Schedule type"):
-        taken.add("Hires schedule type")  # (the same grid: generate's hires pass runs on --schedule's)
+    if hires:
+        take("Hires schedule type", "hires_schedule", canonical_schedule)
     not_taken = []
     for field in fields:
         if field in taken or field in ("Version", "User", "Init image hash"):
