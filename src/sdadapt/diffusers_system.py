@@ -1045,7 +1045,8 @@ class DiffusersSystem(nn.Module):
                before_model_call: Any = None, clip_sample: float | None = None,
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
-               vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None) -> Tensor:
+               vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None,
+               eta: float | None = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1084,7 +1085,7 @@ class DiffusersSystem(nn.Module):
         (:class:`sdadapt.uncond_skip.UncondSkip`) over this run's calls, the prompt plan's and the refiner's too.
         ``pad_conds``: A1111's "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`) for a
         ``plan`` whose prompt and negative have different chunk counts (each model pads with its own states of
-        ``""``: :meth:`empty_prompt_states`). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        ``""``: :meth:`empty_prompt_states`). ``eta``: A1111's "Eta for ancestral samplers" (the sampler's ``eta=``). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1127,6 +1128,9 @@ class DiffusersSystem(nn.Module):
             check_edm_request(name, karras=karras, schedule=schedule, noise=noise, clip_sample=clip_sample,
                               schedule_options=schedule_options, refiner=refiner, edm=self.edm)
             karras, schedule, schedule_options = False, None, None  # (left: its own grid, which it samples on anyway)
+            if eta is not None:
+                raise ValueError("eta is A1111's (its k-diffusion samplers'); an EDM model (Playground v2.5) samples "
+                                 "with diffusers' EDM schedulers, which take none: leave it out")
             if uncond_skip is not None and not uncond_skip.is_off:
                 raise ValueError("Skip Early CFG / NGMS are A1111's settings; an EDM model (Playground v2.5) samples "
                                  "with diffusers' EDM schedulers, which A1111 does not run: leave them out")
@@ -1206,7 +1210,8 @@ class DiffusersSystem(nn.Module):
                                           before_model_call=before_model_call,
                                           uncond_skip=uncond_skip if uncond is not None else None,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
-                                          **({} if clip_sample is None else {"clip_sample": clip_sample}))
+                                          **({} if clip_sample is None else {"clip_sample": clip_sample}),
+                                          **({} if eta is None else {"eta": eta}))
         decoder = self if refiner is None else refiner.decoder(self)  # (the refiner's VAE once it took a call)
         return latents if output == "latents" else decoder.decode_latents(latents)
 

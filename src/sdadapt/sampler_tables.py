@@ -23,11 +23,16 @@ from __future__ import annotations
 import difflib
 
 __all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING", "A1111_SECOND_ORDER",
-           "DISCARD_NEXT_TO_LAST_SIGMA", "HIRES_UPSCALERS", "HIRES_UPSCALER_LABELS",
+           "DISCARD_NEXT_TO_LAST_SIGMA", "ETA_SAMPLERS", "HIRES_UPSCALERS", "HIRES_UPSCALER_LABELS",
            "INPAINTING_FILL_LABELS", "KARRAS_SAMPLERS", "LATENT_UPSCALERS", "RESIZE_MODE_LABELS",
            "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES", "SCHEDULE_LABELS", "SCHEDULE_SAMPLERS",
            "VAE_ENCODE_METHODS", "a1111_label", "a1111_total_steps", "canonical_choice", "canonical_sampler", "canonical_schedule", "check_karras",
            "resolve_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
+
+#: samplers that take A1111's "Eta for ancestral samplers" (``eta=``; k-diffusion's functions with an ``eta``:
+#: ``KDiffusionSampler.initialize`` passes ``opts.eta_ancestral`` to them and writes "Eta" when it is not 1)
+ETA_SAMPLERS: tuple[str, ...] = ("euler_a", "dpm_2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmsolver++_sde",
+                                 "dpmsolver++_sde_heun", "dpmsolver++_3m_sde", "dpm_fast", "dpm_adaptive")
 
 # ------------------------------------------------------------------------------------------ A1111's call counts
 #: sdadapt's samplers whose A1111 sampler is marked ``"second_order": True`` (A1111 v1.10

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import samplers
 from .errors import InputError
+from .sampler_tables import ETA_SAMPLERS
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
            "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
@@ -237,7 +238,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
              refiner: object | None = None, generator: torch.Generator | None = None,
              start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
-             pad_conds: object | None = None) -> Tensor:
+             pad_conds: object | None = None, eta: float | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -313,7 +314,9 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     negative prompt (the system's ``sample`` when it takes ``uncond_skip=``, else the System protocol).
     ``pad_conds``: A1111's "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`) for a ``plan``
     (the system's ``sample`` when it takes ``pad_conds=``, else the System protocol, padding with the system's
-    conditioning of ``""``).
+    conditioning of ``""``). ``eta``: A1111's "Eta for ancestral samplers" for a sampler in
+    :data:`sdadapt.sampler_tables.ETA_SAMPLERS` (``None``: theirs, 1; another sampler takes none and it is not passed,
+    as A1111 passes it only to the k-diffusion functions that have one).
 
     ``generator``: a CPU ``torch.Generator`` the start noise and the ancestral samplers' noise are drawn from in
     place of ``torch.Generator().manual_seed(seed)`` (diffusers' pipelines' ``generator=``): diffusers' img2img is
@@ -384,7 +387,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      noise=noise, schedule_options=schedule_options, start=start, output=output,
                      before_model_call=before_model_call, clip_sample=clip_sample,
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
-                     start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds)
+                     start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds,
+                     eta=eta if name in ETA_SAMPLERS else None)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -437,7 +441,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
               refiner: object | None = None, generator: torch.Generator | None = None,
               start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
-              pad_conds: object | None = None) -> Tensor:
+              pad_conds: object | None = None, eta: float | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -457,11 +461,12 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (generator is None or _takes(system.sample, "generator"))
                      and (start_noise is None or _takes(system.sample, "start_noise"))
                      and (uncond_skip is None or _takes(system.sample, "uncond_skip"))
-                     and (pad_conds is None or _takes(system.sample, "pad_conds")))
+                     and (pad_conds is None or _takes(system.sample, "pad_conds"))
+                     and (eta is None or _takes(system.sample, "eta")))
     # (else through the protocol, below)
     own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
                                     and before_model_call is None and generator is None and start_noise is None
-                                    and uncond_skip is None and pad_conds is None)
+                                    and uncond_skip is None and pad_conds is None and eta is None)
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -508,6 +513,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["uncond_skip"] = uncond_skip
         if pad_conds is not None:
             options["pad_conds"] = pad_conds
+        if eta is not None:
+            options["eta"] = eta
         if vae_encode != "mean" and _takes(system.sample, "vae_encode"):
             options["vae_encode"] = vae_encode
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
@@ -515,7 +522,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
     if name == "ddim" and plan is None and noise is None and schedule_options is None and start is None \
             and output == "images" and before_model_call is None and generator is None and start_noise is None \
-            and uncond_skip is None and pad_conds is None:
+            and uncond_skip is None and pad_conds is None and eta is None:
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
@@ -553,6 +560,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                          else {}),
                                       prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g,
                                       start=start, before_model_call=before_model_call, uncond_skip=uncond_skip,
+                                      **({} if eta is None else {"eta": eta}),
                                       **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                       **(dict(getattr(system, "ddim_options", {})) if name == "ddim" else {}))
     return latents if output == "latents" else system.decode_latents(latents)

@@ -74,6 +74,7 @@ def run_generate(
     ngms_all_steps: bool = False,
     pad_conds: bool = False,
     pad_conds_v0: bool = False,
+    eta: float | None = None,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -180,6 +181,9 @@ def run_generate(
         pad_conds, pad_conds_v0: A1111's "Pad prompt/negative prompt" and its "(v0)" (:mod:`sdadapt.cond_padding`):
             a prompt and negative of different chunk counts brought to one length (the empty prompt's states; v0:
             the negative's last token), "Pad conds: True" / "Pad conds v0: True" in the infotext when they padded.
+        eta: A1111's "Eta for ancestral samplers" (``None``: 1) for the passes whose sampler takes it
+            (:data:`sdadapt.sampler_tables.ETA_SAMPLERS`: Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs on
+            A1111's grids, DPM fast/adaptive), "Eta: x" in the infotext when it is not 1.
         clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
             :func:`sdadapt.jobs.models.load_system`): the normaliser of its image conditioning (:mod:`sdadapt.unclip`).
         max_token_length: 75 (default): a prompt longer than 75 tokens is laid out as A1111 lays it out (77-token
@@ -346,6 +350,8 @@ def run_generate(
     if pad_conds and pad_conds_v0:
         raise ValueError("--pad-conds and --pad-conds-v0 are two ways to pad (A1111 takes v0 when both are set): "
                          "give one")
+    if eta is not None:
+        _check_eta(eta, [s for s in (sampler, hires_sampler) if s is not None])
     padded: set[str] = set()  # (the paddings a call took: their infotext fields)
     cond_padding = None
     if pad_conds or pad_conds_v0:
@@ -853,7 +859,7 @@ def run_generate(
             embedding=aesthetic, lr=aesthetic_lr, weight=aesthetic_weight, steps=aesthetic_steps,
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
             slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip,
-        schedule_options=schedule_options)
+        schedule_options=schedule_options, eta=eta)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -872,7 +878,8 @@ def run_generate(
                            **({} if schedule_options is None else {"schedule_options": schedule_options}),
                            **({} if step_switch is None else {"before_model_call": step_switch}),
                            **({} if uncond_skip is None else {"uncond_skip": uncond_skip}),
-                           **({} if cond_padding is None else {"pad_conds": cond_padding}))
+                           **({} if cond_padding is None else {"pad_conds": cond_padding}),
+                           **({} if eta is None else {"eta": eta}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)
@@ -1110,6 +1117,21 @@ def _check_step_counts(system, *, steps: int | None = None, hires_steps: int = 0
         check_step_count(**grid, num_train_steps=limit)
     for grid in fixed_grids or ():
         check_fixed_grid(**grid, num_train_steps=limit)
+
+
+def _check_eta(eta: float, samplers: list[str]) -> None:
+    """Refuse ``--eta`` out of range or for passes none of whose samplers takes it.
+
+    Raises:
+        ValueError: naming the option and the samplers that take it.
+    """
+    from ..sampler_tables import ETA_SAMPLERS, canonical_sampler
+
+    if not eta >= 0:
+        raise ValueError(f"--eta must be >= 0 (A1111's 'Eta for ancestral samplers'; 1: the default), got {eta}")
+    if not any(canonical_sampler(s) in ETA_SAMPLERS for s in samplers):
+        raise ValueError(f"--eta: {' and '.join(samplers)} {'takes' if len(samplers) == 1 else 'take'} no η; A1111's "
+                         f"'Eta for ancestral samplers' is {', '.join(ETA_SAMPLERS)}'s")
 
 
 def _uncond_skip(skip_early_cfg: float, ngms: float, ngms_all_steps: bool, sampler: str, schedule: str | None, *,

@@ -265,7 +265,8 @@ class InfotextRun:
         subseed, subseed_strength, seed_resize_from ``(height, width)``, ensd, noise: A1111's seed settings.
         denoising_strength: img2img's (or the hires pass's). mask_*: the inpaint settings A1111 writes.
         schedule_fields: A1111's schedule settings as its ``get_sigmas`` writes them ("Schedule min sigma", "Schedule
-            max sigma", "Schedule rho", "Beta schedule alpha/beta": :meth:`ScheduleOptions.infotext_fields`).
+            max sigma", "Schedule rho", "Beta schedule alpha/beta": :meth:`ScheduleOptions.infotext_fields`), then
+            "Eta" as its ``initialize`` writes it (not 1, a sampler that takes it).
         uncond_skip, uncond_skips: the run's :class:`~sdadapt.uncond_skip.UncondSkip` and the rules that skipped a call
             so far (its ``seen`` keys): "Skip Early CFG" / "NGMS" / "NGMS all steps" written from the first skipped call
             on, as A1111's ``CFGDenoiser`` adds them to ``p.extra_generation_params``, before the Refiner fields (an
@@ -482,7 +483,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  refiner_switch_at: float, refiner_by_steps: bool = False, refiner_hires_pass: str | None = None,
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
-                 schedule_options: object = None) -> InfotextRun:
+                 schedule_options: object = None, eta: float | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -492,9 +493,10 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     scale)``; ``tag_loras`` / ``hires_tag_loras``: the passes' :class:`~sdadapt.jobs.generate_prompt_tags.TagLoRA`;
     ``vae_encode``: ``--vae-encode``; ``uncond_skip``: the run's :class:`~sdadapt.uncond_skip.UncondSkip`;
     ``schedule_options``: A1111's schedule settings (:class:`~sdadapt.samplers.schedules.ScheduleOptions`), written
-    as A1111's ``get_sigmas`` writes them for the passes' grids)."""
+    as A1111's ``get_sigmas`` writes them for the passes' grids; ``eta``: A1111's "Eta for ancestral samplers")."""
     import torch
 
+    from ..sampler_tables import ETA_SAMPLERS, canonical_sampler
     from ..samplers.schedules import ScheduleOptions, canonical_schedule
     from ..samplers.sigma_space import model_sigmas
     from ..sampling import default_guidance
@@ -518,6 +520,9 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         if grid is not None and not (automatic and grid == "uniform") and getattr(system, "edm", None) is None:
             schedule_fields.update((schedule_options or ScheduleOptions()).infotext_fields(
                 str(grid), model_sigmas(system.alphas_cumprod, torch.float32)))
+    passes = [sampler, *([hires_options.get("sampler") or sampler] if hires is not None else [])]
+    if eta is not None and eta != 1.0 and any(canonical_sampler(s) in ETA_SAMPLERS for s in passes):
+        schedule_fields["Eta"] = float(eta)  # (KDiffusionSampler.initialize, after get_sigmas)
     mask_fields = None
     if init_image is not None and mask is not None:
         region = getattr(inpainting, "region", None)

@@ -157,6 +157,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Schedule rho", "rho", float)
     take("Beta schedule alpha", "beta_alpha", float)
     take("Beta schedule beta", "beta_beta", float)
+    take("Eta", "eta", float)
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)

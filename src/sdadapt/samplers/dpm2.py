@@ -42,8 +42,11 @@ __all__ = ["dpm2_ancestral_sample", "dpm2_sample"]
 def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int, prediction_type: str,
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str, steps_offset: int,
          ancestral: bool, schedule: str | None = None,
-         schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+         schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+         eta: float = 1.0) -> Tensor:
     """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step."""
+    if eta < 0:
+        raise ValueError(f"{name}: eta must be >= 0, got {eta}")
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
                                     karras=karras, round_karras_timesteps=schedule is None, schedule=schedule,
@@ -53,7 +56,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
     work = x.dtype  # (A1111's grid: k-diffusion's arithmetic in it; diffusers' grid: float64 σ)
     targets, ups = [], []
     for i in range(len(times)):
-        down, up = (ancestral_step(grid[i], grid[i + 1], dtype=work if schedule is not None else torch.float64)
+        down, up = (ancestral_step(grid[i], grid[i + 1], eta, dtype=work if schedule is not None else torch.float64)
                     if ancestral else (grid[i + 1], 0.0))
         targets.append(down)
         ups.append(up)
@@ -117,20 +120,22 @@ def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor
                           callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                           steps_offset: int = 0, schedule: str | None = None,
                           schedule_options: ScheduleOptions | None = None,
-                          discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+                          discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+                          eta: float = 1.0) -> Tensor:
     """DPM2 ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2AncestralDiscreteScheduler``.
 
     As :func:`dpm2_sample`, but each step aims at σ_down of σ_i → σ_{i+1}
     (:func:`.sigma_space.ancestral_step`; midpoint ``√(σ_i σ_down)``) and then adds σ_up·z, ``z``
     drawn from ``generator`` after the step's second model call (n − 1 draws; none on the last,
-    Euler step), as diffusers draws it.
+    Euler step), as diffusers draws it. ``eta``: the ancestral η (k-diffusion's ``sample_dpm_2_ancestral(eta=)``,
+    A1111's "Eta for ancestral samplers"; 1: diffusers' class).
 
     Raises:
-        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T], a negative ``eta``.
     """
     return _run("dpm_2_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=karras,
                 spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule,
                 schedule_options=schedule_options,
-                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
+                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start, eta=eta)

@@ -224,7 +224,8 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
                karras: bool, data: bool, callback: StepCallback | None, sde: bool = False,
                generator: torch.Generator | None = None, order: int = 2, heun: bool = False,
                schedule: str | None = None,
-               schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+               schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+               eta: float = 1.0) -> Tensor:
     label = ("dpmsolver++_3m_sde" if order == 3 else "dpmsolver++_sde_heun" if heun else "dpmsolver++_sde") if sde \
         else "dpmsolver++" if data else "dpmsolver"
     check_prediction_type(label, prediction_type)
@@ -234,7 +235,11 @@ def _multistep(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
         return dpmpp_on_sigmas(label, model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                prediction_type=prediction_type, generator=generator, callback=callback,
                                schedule=schedule, schedule_options=schedule_options,
-                               discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
+                               discard_next_to_last_sigma=discard_next_to_last_sigma, start=start, eta=eta)
+    if eta != 1.0:
+        raise ValueError(f"{label}: eta (A1111's 'Eta for ancestral samplers') is k-diffusion's, on A1111's grids: give "
+                         "a schedule (schedule='automatic' is A1111's default); diffusers' DPMSolverMultistepScheduler "
+                         "has none")
     final = "zero" if data else "sigma_min"
     timesteps, sigmas = dpm_grid(alphas_cumprod, num_steps, karras=karras, final_sigma=final, schedule=schedule,
                                  schedule_options=schedule_options,
@@ -329,7 +334,8 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
                             prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                             callback: StepCallback | None = None, karras: bool = False,
                             schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                            discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+                            discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+                            eta: float = 1.0) -> Tensor:
     """SDE-DPM-Solver++ 2M (diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``,
     order 2, midpoint; the algorithm of A1111's "DPM++ 2M SDE" with Gaussian noise per step instead of
     k-diffusion's Brownian tree; with ``schedule``, A1111's run itself: :mod:`.dpmpp_sigma`) from unit noise x_T
@@ -350,14 +356,15 @@ def dpmsolver_pp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tens
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
                       generator=generator, schedule=schedule, schedule_options=schedule_options,
-                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
+                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start, eta=eta)
 
 
 def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
                                  prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                                  callback: StepCallback | None = None, karras: bool = False,
                                  schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                                 discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+                                 discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+                                 eta: float = 1.0) -> Tensor:
     """SDE-DPM-Solver++ 2M, Heun form (``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
     solver_type="heun")``; the algorithm of A1111's "DPM++ 2M SDE Heun", k-diffusion's
     ``sample_dpmpp_2m_sde(solver_type="heun")``, with Gaussian noise per step instead of its Brownian tree; with
@@ -375,7 +382,7 @@ def dpmsolver_pp_sde_heun_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod:
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
                       generator=generator, heun=True, schedule=schedule, schedule_options=schedule_options,
-                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
+                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start, eta=eta)
 
 
 def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
@@ -383,7 +390,8 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
                                callback: StepCallback | None = None, karras: bool = False,
                                schedule: str | None = None,
                                schedule_options: ScheduleOptions | None = None,
-                               discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+                               discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+                               eta: float = 1.0) -> Tensor:
     """SDE-DPM-Solver++ 3M (``DPMSolverMultistepScheduler(solver_order=3, algorithm_type="sde-dpmsolver++")``;
     A1111's "DPM++ 3M SDE", Gaussian noise per step instead of its Brownian tree; with ``schedule``, A1111's run
     itself: :mod:`.dpmpp_sigma`) from unit noise x_T (B,C,H,W) -> x0 latents (B,C,H,W).
@@ -405,7 +413,7 @@ def dpmsolver_pp_3m_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: T
     return _multistep(model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                       prediction_type=prediction_type, karras=karras, data=True, callback=callback, sde=True,
                       generator=generator, order=3, schedule=schedule, schedule_options=schedule_options,
-                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
+                      discard_next_to_last_sigma=discard_next_to_last_sigma, start=start, eta=eta)
 
 
 def dpmsolver_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,

@@ -231,8 +231,8 @@ def _diffusers_step(x: Tensor, x0: Tensor, i: int, sigmas: Tensor, *, mid_times:
 
 
 def _kdiffusion_step(x: Tensor, x0: Tensor, i: int, sigmas: Tensor, *, table: Tensor, x0_at: _X0At,
-                     noise: _Noise) -> Tensor:
-    """k-diffusion's ``sample_dpmpp_sde`` step from σ_i to σ_{i+1} > 0 (``sigmas`` (n+1,) in x's dtype), η = 1,
+                     noise: _Noise, eta: float = 1.0) -> Tensor:
+    """k-diffusion's ``sample_dpmpp_sde`` step from σ_i to σ_{i+1} > 0 (``sigmas`` (n+1,) in x's dtype), η ``eta``,
     r = ½, in its order (k_diffusion/sampling.py:562-580 at 4601bf0); the midpoint's model call at ``t(e^(−s))`` on
     the σ ``table`` (T,). Its ``(1 − fac)·x̂0 + fac·x̂0_mid`` is x̂0_mid (fac = 1/(2r) = 1: the same number but for
     a zero's sign)."""
@@ -241,12 +241,12 @@ def _kdiffusion_step(x: Tensor, x0: Tensor, i: int, sigmas: Tensor, *, table: Te
     h = t_next - t
     s = t + h * 0.5
     sigma_t, sigma_s = t.neg().exp(), s.neg().exp()  # sigma_fn
-    down, up = ancestral_step(float(sigma_t), float(sigma_s), dtype=dt)
+    down, up = ancestral_step(float(sigma_t), float(sigma_s), eta, dtype=dt)
     s_ = torch.tensor(down, dtype=dt).log().neg()
     x_2 = (s_.neg().exp() / sigma_t) * x - (t - s_).expm1() * x0
     x_2 = x_2 + noise(sigma_t, sigma_s) * up
     x0_2 = x0_at(x_2, sigma_s, float(sigma_to_t(sigma_s.reshape(1), table)[0]))
-    down, up = ancestral_step(float(sigma_t), float(t_next.neg().exp()), dtype=dt)
+    down, up = ancestral_step(float(sigma_t), float(t_next.neg().exp()), eta, dtype=dt)
     t_next_ = torch.tensor(down, dtype=dt).log().neg()
     x = (t_next_.neg().exp() / sigma_t) * x - (t - t_next_).expm1() * x0_2
     return x + noise(sigma_t, t_next.neg().exp()) * up
@@ -257,7 +257,8 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
                      callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                      steps_offset: int = 0, noise_sampler_seed: int | None = None,
                      schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                     discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+                     discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+                     eta: float = 1.0) -> Tensor:
     """DPM-Solver++ SDE from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``DPMSolverSDEScheduler`` (``use_karras_sigmas=karras``, ``timestep_spacing=spacing``, ``steps_offset``).
 
@@ -276,10 +277,18 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
     ``x = init + x_T·σ_start``); the Brownian tree still spans the whole grid's σ (A1111's
     ``create_noise_sampler(x, sigmas, p)`` gets the untruncated ``sigmas``, as diffusers' scheduler uses its own).
 
+    ``eta``: k-diffusion's η of both stages' ancestral steps (A1111's "Eta for ancestral samplers"), with a
+    ``schedule`` (diffusers' class has none).
+
     Raises:
-        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T], a negative ``eta`` or one
+            other than 1 without a schedule.
         ImportError: torchsde is not installed (``pip install torchsde``).
     """
+    if eta < 0 or (eta != 1.0 and schedule is None):
+        raise ValueError(f"dpmpp_sde: eta (A1111's 'Eta for ancestral samplers', >= 0) is k-diffusion's, on A1111's "
+                         f"grids: give a schedule (schedule='automatic' is A1111's default), got eta={eta}"
+                         + (" without one" if schedule is None else ""))
     if schedule is None:
         check_prediction_type("dpmpp_sde", prediction_type)
         timesteps, grid, mid_times, _ = dpmpp_sde_grid(alphas_cumprod, num_steps, karras=karras, spacing=spacing,
@@ -294,7 +303,7 @@ def dpmpp_sde_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num
                                              schedule_options=schedule_options,
                                              discard_next_to_last_sigma=discard_next_to_last_sigma)
         sigmas = torch.tensor(grid_list, dtype=x.dtype)
-        step = partial(_kdiffusion_step, table=grid_table(alphas_cumprod, x_T, schedule))
+        step = partial(_kdiffusion_step, table=grid_table(alphas_cumprod, x_T, schedule), eta=eta)
         tree_like = x  # (A1111 samples float32 x, half latents too: a float32 tree)
     seed: int | tuple[int, ...] = (int(noise_sampler_seed) if noise_sampler_seed is not None else generator.seeds
                                    if isinstance(generator, A1111Noise) else brownian_tree_seed(generator))

@@ -50,15 +50,19 @@ def dpmpp_on_sigmas(sampler: str, model: Denoise, x_T: Tensor, *, alphas_cumprod
                     prediction_type: str, generator: torch.Generator | A1111Noise | None,
                     callback: StepCallback | None, schedule: str,
                     schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False,
-                    start: Img2ImgStart | None = None) -> Tensor:
+                    start: Img2ImgStart | None = None, eta: float = 1.0) -> Tensor:
     """``sampler`` (a key of :data:`DPMPP_SIGMA_FORMS`) from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W) on A1111's
     grid ``schedule`` (:func:`.sigma_space.discrete_start`: its σ, unrounded ``t(σ)``, ``x_T·σ_0``; ``start``:
     A1111's img2img ``sigmas[index:]``, ``init + x_T·σ_index``). ``model(x·c_in, t)``: the (guided) model, float32
-    timesteps t (B,); ``callback(i, t, x)`` after each step. See the module for the steps and the noise.
+    timesteps t (B,); ``callback(i, t, x)`` after each step. See the module for the steps and the noise. ``eta``:
+    the SDEs' η (A1111's "Eta for ancestral samplers"; 0: no noise, none drawn, as k-diffusion's ``if eta``).
 
     Raises:
-        ValueError: an unknown sampler, prediction type or schedule, a step count the grid cannot hold.
+        ValueError: an unknown sampler, prediction type or schedule, a step count the grid cannot hold, a negative
+            ``eta``.
     """
+    if eta < 0:
+        raise ValueError(f"{sampler}: eta must be >= 0, got {eta}")
     if sampler not in DPMPP_SIGMA_FORMS:
         raise ValueError(f"no k-diffusion form of sampler {sampler!r}: one of {', '.join(DPMPP_SIGMA_FORMS)}")
     times, grid, x = discrete_start(sampler, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
@@ -109,9 +113,9 @@ def dpmpp_on_sigmas(sampler: str, model: Denoise, x_T: Tensor, *, alphas_cumprod
                 x = (t_next.neg().exp() / t_i.neg().exp()) * x - (-h).expm1() * d_d
         elif grid[i + 1] == 0:  # the SDEs' denoising step onto σ = 0
             x = d
-        elif sampler == "dpmsolver++_3m_sde":  # sample_dpmpp_3m_sde, sampling.py:656-700 (η = 1)
+        elif sampler == "dpmsolver++_3m_sde":  # sample_dpmpp_3m_sde, sampling.py:656-700
             h = s_next.log().neg() - s.log().neg()
-            h_eta = h * 2.0
+            h_eta = h * (eta + 1)
             x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * d
             if h_2 is not None and old is not None and old2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
@@ -124,10 +128,11 @@ def dpmpp_on_sigmas(sampler: str, model: Denoise, x_T: Tensor, *, alphas_cumprod
             elif h_1 is not None and old is not None:
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + phi_2 * ((d - old) / (h_1 / h))
-            x = x + noise(i) * s_next * (-2 * h * 1.0).expm1().neg().sqrt()
-        else:  # sample_dpmpp_2m_sde, sampling.py:611-653 (η = 1; midpoint or Heun)
+            if eta:
+                x = x + noise(i) * s_next * (-2 * h * eta).expm1().neg().sqrt()
+        else:  # sample_dpmpp_2m_sde, sampling.py:611-653 (midpoint or Heun)
             h = s_next.log().neg() - s.log().neg()
-            eta_h = 1.0 * h
+            eta_h = eta * h
             x = s_next / s * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * d
             if old is not None:
                 r = h_1 / h
@@ -135,7 +140,8 @@ def dpmpp_on_sigmas(sampler: str, model: Denoise, x_T: Tensor, *, alphas_cumprod
                     x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (d - old)
                 else:
                     x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (d - old)
-            x = x + noise(i) * s_next * (-2 * eta_h).expm1().neg().sqrt()
+            if eta:
+                x = x + noise(i) * s_next * (-2 * eta_h).expm1().neg().sqrt()
         old, old2 = d, old
         h_1, h_2 = h, h_1
         if callback is not None:

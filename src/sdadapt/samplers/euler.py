@@ -37,8 +37,10 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str,
          steps_offset: int, ancestral: bool, schedule: str | None = None,
          schedule_options: ScheduleOptions | None = None,
-         discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+         discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None, eta: float = 1.0) -> Tensor:
     """Both Euler samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each step's model call."""
+    if eta < 0:
+        raise ValueError(f"{name}: eta must be >= 0, got {eta}")
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
                                     karras=karras, schedule=schedule, schedule_options=schedule_options,
@@ -48,7 +50,7 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
         t = timestep_batch(times[i], x)
         d = sigma_slope(model, x, s, t, prediction_type=prediction_type, dtype=x_T.dtype)
         if ancestral:
-            down, up = ancestral_step(s, s_next, dtype=x.dtype)
+            down, up = ancestral_step(s, s_next, eta, dtype=x.dtype)
             x = x + d * (down - s) + step_noise(x, generator, x.dtype if schedule is not None else x_T.dtype) * up
         else:
             x = x + d * (s_next - s)
@@ -87,7 +89,8 @@ def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tenso
                            callback: StepCallback | None = None, spacing: str = "linspace",
                            steps_offset: int = 0, schedule: str | None = None,
                            schedule_options: ScheduleOptions | None = None,
-                           discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+                           discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+                           eta: float = 1.0) -> Tensor:
     """Euler ancestral from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``EulerAncestralDiscreteScheduler`` (it has no Karras σ).
 
@@ -95,13 +98,15 @@ def euler_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tenso
     ``x ← x + d·(σ_down − σ_i) + σ_up·z`` with ``z`` drawn from ``generator`` after the model call
     of every step, the last (σ_up = 0) included, as diffusers draws it; so a seeded CPU generator
     gives diffusers' numbers. Other arguments as :func:`euler_sample` (``schedule`` too: the class has
-    no Karras σ, A1111's "Euler a" runs on any schedule).
+    no Karras σ, A1111's "Euler a" runs on any schedule). ``eta``: the ancestral η (k-diffusion's
+    ``sample_euler_ancestral(eta=)``, A1111's "Eta for ancestral samplers"; 1: diffusers' class; 0: plain Euler's
+    σ_down with the noise still drawn, times 0, as k-diffusion).
 
     Raises:
-        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
+        ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T], a negative ``eta``.
     """
     return _run("euler_a", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                 prediction_type=prediction_type, generator=generator, callback=callback, karras=False,
                 spacing=spacing, steps_offset=steps_offset, ancestral=True, schedule=schedule,
                 schedule_options=schedule_options,
-                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
+                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start, eta=eta)
