@@ -88,9 +88,9 @@ def test_the_fields_become_generates_options_and_the_rest_is_said():
     assert (options["hires_width"], options["hires_height"], options["hires_prompt"]) == (
         1024, 1536, 'a "quoted" prompt, with commas')
     assert (options["ngms"], options["skip_early_cfg"], options["pad_conds"]) == (2.0, 0.1, True)
-    _, not_taken = infotext_options(parse_infotext("p\nSteps: 2, Eta: 0.5, Hires upscaler: R-ESRGAN 4x+, "
+    _, not_taken = infotext_options(parse_infotext("p\nSteps: 2, Eta DDIM: 0.5, Hires upscaler: R-ESRGAN 4x+, "
                                                    "Hires upscale: 2, Mask blur: 4"))
-    assert not_taken == ["Eta: sdadapt has no such setting: the image may differ from A1111's",
+    assert not_taken == ["Eta DDIM: sdadapt has no such setting: the image may differ from A1111's",
                          ("Hires upscaler: 'R-ESRGAN 4x+' is not one of sdadapt's: give another (the image will "
                           "differ from A1111's)"),
                          "Mask blur: needs the init image / mask: give --init-image (--mask)"]
