@@ -54,7 +54,7 @@ from .token_id_cache import TokenIdCache, tokenizer_state
 from .training import diffusion
 from .training.host_syncs import copy_to_device
 
-__all__ = ["DiffusersSystem", "ModelFolderError", "check_image_size", "load_model"]
+__all__ = ["EMPHASIS_MODES", "DiffusersSystem", "ModelFolderError", "check_image_size", "load_model"]
 
 
 #: the parts :meth:`DiffusersSystem.save_model` writes into a folder
@@ -125,6 +125,17 @@ def _eos_pooled(encoder: Any, out: Any, ids: Tensor, *, eos_id: int) -> Tensor:
     states = out.last_hidden_state  # (N, C, D)
     first_eos = (ids == eos_id).int().argmax(dim=-1)  # (N,): 0 where a window has no <EOS>, as kohya
     return projection(states[torch.arange(states.shape[0], device=states.device), first_eos.to(states.device)])
+
+
+#: A1111's "Emphasis mode" choices sdadapt samples with (modules/sd_emphasis.py: ``EmphasisOriginal``,
+#: ``EmphasisOriginalNoNorm``, ``EmphasisIgnore``; its "None", the brackets as literal text, is not taken)
+EMPHASIS_MODES: tuple[str, ...] = ("Original", "No norm", "Ignore")
+
+
+def _weighted_only(weighted: Tensor, plain: Tensor) -> Tensor:
+    """A1111's "No norm" emphasis: the weighted states (B, L, D) as they are (``plain`` unused)."""
+    del plain
+    return weighted
 
 
 def _restore_mean(weighted: Tensor, plain: Tensor) -> Tensor:
@@ -202,6 +213,9 @@ class DiffusersSystem(nn.Module):
         if clip_skip < 1:
             raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
         self.clip_skip = int(clip_skip)
+        #: A1111's "Emphasis mode" for sampling prompts (:data:`EMPHASIS_MODES`): "Original" (weights, then each
+        #: prompt's mean restored), "No norm" (weights only), "Ignore" (the syntax read, the weights not applied)
+        self.emphasis = "Original"
         self.max_token_length = max_token_length
         self.source = str(source) if source is not None else None
         pipeline = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
@@ -990,18 +1004,21 @@ class DiffusersSystem(nn.Module):
         # one text-encoder pass: the weights multiply the finished states (condition's "weights"), so
         # the weighted states are the plain ones times them — the same numbers as a second, weighted pass
         plain = self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
-        if bool((weights == 1).all()):  # (no emphasis: the rescale is × 1, or 0/0 on states of mean 0)
-            return plain
+        if bool((weights == 1).all()) or self.emphasis == "Ignore":  # (no emphasis: the rescale is × 1, or 0/0
+            return plain  # on states of mean 0; A1111's "Ignore": the syntax read, its weights not applied)
+        if self.emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)} (A1111's 'Emphasis mode'), got "
+                             f"{self.emphasis!r}")
+        restore = _restore_mean if self.emphasis == "Original" else _weighted_only  # ("No norm": the weights only)
         if not self.is_sdxl:
-            return _restore_mean(_weigh_states(plain, weights), plain)  # (B, L, D)
+            return restore(_weigh_states(plain, weights), plain)  # (B, L, D)
         if self.is_refiner:  # (one encoder's states)
-            return {**plain, "context": _restore_mean(_weigh_states(plain["context"], weights), plain["context"])}
+            return {**plain, "context": restore(_weigh_states(plain["context"], weights), plain["context"])}
         width = int(self.text_encoder.config.hidden_size)  # context = [CLIP-L states | OpenCLIP-G states]
         parts = (plain["context"][..., :width], plain["context"][..., width:])
         # joined, then sliced: each part's mean reduced over the same memory layout as condition's output
         cond = torch.cat([_weigh_states(part, weights[:, row]) for row, part in enumerate(parts)], dim=-1)
-        context = torch.cat([_restore_mean(cond[..., :width], parts[0]), _restore_mean(cond[..., width:], parts[1])],
-                            dim=-1)
+        context = torch.cat([restore(cond[..., :width], parts[0]), restore(cond[..., width:], parts[1])], dim=-1)
         return {**plain, "context": context}  # (text_embeds, the pooled output, unweighted)
 
     def _break_condition(self, prompts: list[str], time_ids: Tensor | None) -> Any:

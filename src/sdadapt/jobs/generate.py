@@ -75,6 +75,7 @@ def run_generate(
     pad_conds: bool = False,
     pad_conds_v0: bool = False,
     eta: float | None = None,
+    emphasis: str = "Original",
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -184,6 +185,9 @@ def run_generate(
         eta: A1111's "Eta for ancestral samplers" (``None``: 1) for the passes whose sampler takes it
             (:data:`sdadapt.sampler_tables.ETA_SAMPLERS`: Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs on
             A1111's grids, DPM fast/adaptive), "Eta: x" in the infotext when it is not 1.
+        emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
+            "Ignore"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
+            Original and a text encoded has "(" or "[", as A1111 writes it.
         clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
             :func:`sdadapt.jobs.models.load_system`): the normaliser of its image conditioning (:mod:`sdadapt.unclip`).
         max_token_length: 75 (default): a prompt longer than 75 tokens is laid out as A1111 lays it out (77-token
@@ -352,6 +356,7 @@ def run_generate(
                          "give one")
     if eta is not None:
         _check_eta(eta, [s for s in (sampler, hires_sampler) if s is not None])
+    emphasis = _emphasis_mode(emphasis)
     padded: set[str] = set()  # (the paddings a call took: their infotext fields)
     cond_padding = None
     if pad_conds or pad_conds_v0:
@@ -562,6 +567,11 @@ def run_generate(
         raise ValueError(f"{model} is the SDXL refiner (OpenCLIP-G alone, no CLIP-L): "
                          f"{'--aesthetic' if aesthetic is not None else '--custom-diffusion'} needs a model with the "
                          "first text encoder (SD1/SD2; --custom-diffusion SD1/SD2 only); leave it out with the refiner")
+    if emphasis != "Original":  # (A1111's opts.emphasis: every text encoder it hijacks)
+        if not hasattr(system, "emphasis"):
+            raise ValueError(f"--emphasis {emphasis}: {model} reads no emphasis itself (the toy model drops the "
+                             "brackets' weights); leave it out")
+        system.emphasis = emphasis
     refiner_system = None
     if refiner is not None:  # (both held at once: the base's latents go to the refiner undecoded)
         from .generate_refiner import check_refiner_pair
@@ -569,6 +579,7 @@ def run_generate(
         refiner_system = load_system(str(refiner), device=resolve_device(device), prediction_type=prediction_type,
                                      vae=vae, log=say)
         check_refiner_pair(system, refiner_system)
+        refiner_system.emphasis = emphasis
         say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
             f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
     if aesthetic_score is not None or negative_aesthetic_score is not None:  # (the SDXL refiner's time_ids)
@@ -859,7 +870,9 @@ def run_generate(
             embedding=aesthetic, lr=aesthetic_lr, weight=aesthetic_weight, steps=aesthetic_steps,
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
             slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip,
-        schedule_options=schedule_options, eta=eta)
+        schedule_options=schedule_options, eta=eta,
+        emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
+                                                                          steps) else None)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -1117,6 +1130,32 @@ def _check_step_counts(system, *, steps: int | None = None, hires_steps: int = 0
         check_step_count(**grid, num_train_steps=limit)
     for grid in fixed_grids or ():
         check_fixed_grid(**grid, num_train_steps=limit)
+
+
+def _emphasis_written(plan, text: str, negative_text: str, hires, plan_for, steps: int | None) -> bool:
+    """Whether a text the run encodes has ``(`` or ``[`` (A1111 writes its "Emphasis" field then, sd_hijack_clip): the
+    prompt plan's texts (prompt editing resolved), the negative's, the hires pass's."""
+    texts = [*plan.texts, *plan.negative_texts] if plan is not None else [text, negative_text]
+    if hires is not None:
+        second = plan_for(hires.steps or steps or 25)
+        texts += list(second) if isinstance(second, tuple) else [*second.texts, *second.negative_texts]
+    return any("(" in t or "[" in t for t in texts)
+
+
+def _emphasis_mode(emphasis: str) -> str:
+    """``--emphasis`` as A1111's label (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`), any case and ``-``/``_``.
+
+    Raises:
+        ValueError: another mode, naming them (A1111's "None" too: not taken).
+    """
+    from ..diffusers_system import EMPHASIS_MODES
+
+    key = str(emphasis).strip().lower().replace("-", " ").replace("_", " ")
+    for mode in EMPHASIS_MODES:
+        if mode.lower() == key:
+            return mode
+    raise ValueError(f"--emphasis must be one of {', '.join(EMPHASIS_MODES)} (A1111's 'Emphasis mode'; its 'None', "
+                     f"brackets as literal text, is not taken), got {emphasis!r}")
 
 
 def _check_eta(eta: float, samplers: list[str]) -> None:

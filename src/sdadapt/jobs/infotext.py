@@ -264,6 +264,7 @@ class InfotextRun:
             (SDXL's base 2: CLIP-L and OpenCLIP-G each write the list again; 1 otherwise).
         subseed, subseed_strength, seed_resize_from ``(height, width)``, ensd, noise: A1111's seed settings.
         denoising_strength: img2img's (or the hires pass's). mask_*: the inpaint settings A1111 writes.
+        emphasis: A1111's "Emphasis mode" when not Original and a text encoded has "(" or "[" (else ``None``).
         schedule_fields: A1111's schedule settings as its ``get_sigmas`` writes them ("Schedule min sigma", "Schedule
             max sigma", "Schedule rho", "Beta schedule alpha/beta": :meth:`ScheduleOptions.infotext_fields`), then
             "Eta" as its ``initialize`` writes it (not 1, a sampler that takes it).
@@ -321,6 +322,7 @@ class InfotextRun:
     aesthetic: Mapping[str, object] | None = None
     vae_encode: str = "mean"
     schedule_fields: Mapping[str, float] = field(default_factory=dict)
+    emphasis: str | None = None
     uncond_skip: object = None
     uncond_skips: frozenset[str] = frozenset()
     pads: frozenset[str] = frozenset()
@@ -408,6 +410,7 @@ class InfotextRun:
               for name, file in ([*self.embeddings] * self.text_encoders
                                  + [*self.negative_embeddings] * self.text_encoders)]
         fields["TI hashes"] = _hash_list(ti)
+        fields["Emphasis"] = self.emphasis  # (sd_hijack_clip, as the texts are encoded)
         fields.update(self.schedule_fields)  # (KDiffusionSampler.get_sigmas, as each pass starts)
         if self.refiner is not None:  # (sd_samplers_common.apply_refiner's order; written per image: for_image)
             if self.refiner_by_steps:
@@ -483,7 +486,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  refiner_switch_at: float, refiner_by_steps: bool = False, refiner_hires_pass: str | None = None,
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
-                 schedule_options: object = None, eta: float | None = None) -> InfotextRun:
+                 schedule_options: object = None, eta: float | None = None,
+                 emphasis: str | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -493,7 +497,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     scale)``; ``tag_loras`` / ``hires_tag_loras``: the passes' :class:`~sdadapt.jobs.generate_prompt_tags.TagLoRA`;
     ``vae_encode``: ``--vae-encode``; ``uncond_skip``: the run's :class:`~sdadapt.uncond_skip.UncondSkip`;
     ``schedule_options``: A1111's schedule settings (:class:`~sdadapt.samplers.schedules.ScheduleOptions`), written
-    as A1111's ``get_sigmas`` writes them for the passes' grids; ``eta``: A1111's "Eta for ancestral samplers")."""
+    as A1111's ``get_sigmas`` writes them for the passes' grids; ``eta``: A1111's "Eta for ancestral samplers";
+    ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
     from ..sampler_tables import ETA_SAMPLERS, canonical_sampler
@@ -543,4 +548,4 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         text_encoders=2 if getattr(system, "is_sdxl", False) and not getattr(system, "is_refiner", False) else 1,
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
-        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip)
+        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis)

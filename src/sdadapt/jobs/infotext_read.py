@@ -158,6 +158,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Beta schedule alpha", "beta_alpha", float)
     take("Beta schedule beta", "beta_beta", float)
     take("Eta", "eta", float)
+    if fields.get("Emphasis", "").strip().lower() != "none":  # (A1111's None, brackets as text: not taken)
+        take("Emphasis", "emphasis")
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)
