@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from sampler_stand_ins import rel_err, stand_in
 from test_dpm_adaptive_float32 import AC, F32
-from test_kdiffusion_float32 import _ancestral, _denoiser, _karras, _to_d, _x_T
+from test_kdiffusion_float32 import _denoiser, _karras, _kd_euler_ancestral, _x_T
 from test_kdiffusion_float32_dpmpp import (
     _a1111_grid,
+    _kd_dpm_2_ancestral,
     _kd_dpmpp_2m_sde,
     _kd_dpmpp_3m_sde,
 )
@@ -28,41 +29,14 @@ from sdadapt.samplers.dpmpp_sde import dpmpp_sde_sample
 ETAS = [0.0, 0.5, 0.67, 1.0]
 
 
-def _kd_euler_ancestral(model, x, sigmas, noise, eta):
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        den = model(x, sigmas[i] * s_in)
-        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta)
-        x = x + _to_d(x, sigmas[i], den) * (down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + noise(x) * 1.0 * up
-    return x
-
-
-def _kd_dpm_2_ancestral(model, x, sigmas, noise, eta):
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        den = model(x, sigmas[i] * s_in)
-        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta)
-        d = _to_d(x, sigmas[i], den)
-        if down == 0:
-            x = x + d * (down - sigmas[i])
-        else:
-            mid = sigmas[i].log().lerp(down.log(), 0.5).exp()
-            x_2 = x + d * (mid - sigmas[i])
-            x = x + _to_d(x_2, mid, model(x_2, mid * s_in)) * (down - sigmas[i])
-            x = x + noise(x) * 1.0 * up
-    return x
-
-
 def _draws(seed: int = 7):
     g = torch.Generator().manual_seed(seed)
     return lambda like, *_: torch.randn(like.shape, generator=g, dtype=like.dtype)
 
 
 REFERENCES = {  # sdadapt name -> (transcription with eta, A1111 discards the next-to-last σ)
-    "euler_a": (_kd_euler_ancestral, False),
-    "dpm_2_a": (_kd_dpm_2_ancestral, True),
+    "euler_a": (lambda m, x, s, n, eta: _kd_euler_ancestral(m, x, s, n, eta), False),
+    "dpm_2_a": (lambda m, x, s, n, eta: _kd_dpm_2_ancestral(m, x, s, n, eta), True),
     "dpmsolver++_sde": (lambda m, x, s, n, eta: _kd_dpmpp_2m_sde(m, x, s, n, eta=eta), False),
     "dpmsolver++_sde_heun": (lambda m, x, s, n, eta: _kd_dpmpp_2m_sde(m, x, s, n, solver_type="heun", eta=eta), False),
     "dpmsolver++_3m_sde": (lambda m, x, s, n, eta: _kd_dpmpp_3m_sde(m, x, s, n, eta=eta), True),

@@ -1,59 +1,20 @@
 """``generate --infotext``: A1111's infotext read back (sdadapt.jobs.infotext_read). The parser against A1111 v1.10's
-``parse_generation_parameters`` (modules/infotext_utils.py) transcribed below, without the UI defaults it fills; and
+``parse_generation_parameters`` (modules/infotext_utils.py; tests/test_infotext.py's transcription), without the UI
+defaults it fills; and
 round trips: an image ``generate`` wrote, made again from its PNG alone, is the same image with the same text."""
 
 from __future__ import annotations
 
-import json
-import re
-
 import numpy as np
 import pytest
 from PIL import Image
+from test_infotext import (
+    a1111_parse as _a1111_parse,  # (A1111's parse_generation_parameters, transcribed)
+)
 
 from sdadapt.cli import main
 from sdadapt.jobs import run_generate
 from sdadapt.jobs.infotext_read import infotext_options, parse_infotext, read_infotext
-
-_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-def _a1111_parse(x: str) -> dict:
-    """A1111's ``parse_generation_parameters`` up to its defaults."""
-    def unquote(text):
-        if len(text) == 0 or text[0] != '"' or text[-1] != '"':
-            return text
-        try:
-            return json.loads(text)
-        except Exception:  # noqa: BLE001  (A1111's)
-            return text
-
-    res, prompt, negative_prompt, done_with_prompt = {}, "", "", False
-    *lines, lastline = x.strip().split("\n")
-    if len(_RE_PARAM.findall(lastline)) < 3:
-        lines.append(lastline)
-        lastline = ""
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            done_with_prompt = True
-            line = line[16:].strip()
-        if done_with_prompt:
-            negative_prompt += ("" if negative_prompt == "" else "\n") + line
-        else:
-            prompt += ("" if prompt == "" else "\n") + line
-    for k, v in _RE_PARAM.findall(lastline):
-        if v[0] == '"' and v[-1] == '"':
-            v = unquote(v)
-        m = _RE_SIZE.match(v)
-        if m is not None:
-            res[f"{k}-1"], res[f"{k}-2"] = m.group(1), m.group(2)
-        else:
-            res[k] = v
-    res["Prompt"], res["Negative prompt"] = prompt, negative_prompt
-    return res
-
 
 TEXTS = [
     ("a castle, (masterpiece:1.2), <lora:style:0.8>\nat night\nNegative prompt: blurry, lowres\nugly\n"
@@ -62,6 +23,7 @@ TEXTS = [
      'Lora hashes: "style: 0a1b2c3d4e5f", TI hashes: "easyneg: 9f8e7d6c5b4a, bad: 111", Version: v1.10.1'),
     "just a prompt, no fields: here",
     "a prompt line with style: ink, and mood: calm",  # (two 'Key: value' pairs: A1111 keeps it as the prompt)
+    "p\nSteps: 3, Aesthetic text: , Seed: 2, CFG scale: 5",  # (an empty value: A1111 drops the field)
     ('p\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, Hires resize: 1024x1536, '
      'Hires prompt: "a \\"quoted\\" prompt, with commas", NGMS: 2, Skip Early CFG: 0.1, Pad conds: True'),
 ]

@@ -59,11 +59,11 @@ def _kd_euler(model, x, sigmas):
     return x
 
 
-def _kd_euler_ancestral(model, x, sigmas, noise):
+def _kd_euler_ancestral(model, x, sigmas, noise, eta=1.0):
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         den = model(x, sigmas[i] * s_in)
-        down, up = _ancestral(sigmas[i], sigmas[i + 1])
+        down, up = _ancestral(sigmas[i], sigmas[i + 1], eta)
         x = x + _to_d(x, sigmas[i], den) * (down - sigmas[i])
         if sigmas[i + 1] > 0:
             x = x + noise(x) * 1.0 * up

@@ -36,11 +36,11 @@ def _kd_dpm_2(model, x, sigmas, noise):
     return x
 
 
-def _kd_dpm_2_ancestral(model, x, sigmas, noise):
+def _kd_dpm_2_ancestral(model, x, sigmas, noise, eta=1.0):
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         den = model(x, sigmas[i] * s_in)
-        sigma_down, sigma_up = _ancestral(sigmas[i], sigmas[i + 1])
+        sigma_down, sigma_up = _ancestral(sigmas[i], sigmas[i + 1], eta)
         d = _to_d(x, sigmas[i], den)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])

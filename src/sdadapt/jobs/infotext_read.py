@@ -5,7 +5,7 @@ txt2img".
 :func:`parse_infotext` is A1111's ``parse_generation_parameters`` (v1.10 ``modules/infotext_utils.py``) without the
 defaults it fills for its UI: the prompt lines, the ``Negative prompt:`` lines, and the last line's ``Key: value``
 fields (a line with fewer than three is still prompt), JSON-quoted values unquoted, a ``WxH`` value as ``Key-1`` /
-``Key-2``. :func:`infotext_options` maps the fields to :func:`sdadapt.jobs.generate.run_generate`'s options and says
+``Key-2``, an empty value dropped (A1111's parse fails on it and skips the field). :func:`infotext_options` maps the fields to :func:`sdadapt.jobs.generate.run_generate`'s options and says
 which it did not take: the ones that only name files (Model hash, Lora hashes...: give the files) and the settings
 sdadapt has no option for (their image would differ).
 """
@@ -52,6 +52,8 @@ def parse_infotext(text: str) -> dict[str, str]:
             prompt += ("" if prompt == "" else "\n") + line
     fields: dict[str, str] = {}
     for key, value in _PARAM.findall(last):
+        if not value:  # (A1111's v[0] raises on an empty value: "Error parsing", the field dropped)
+            continue
         if value[:1] == '"' and value[-1:] == '"':
             try:
                 value = json.loads(value)
