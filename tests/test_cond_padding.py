@@ -94,6 +94,30 @@ def test_a_plans_guidance_runs_the_padded_conditionings_in_one_call(v0):
     assert calls == [torch.Size([2, 77, D]), torch.Size([2, 154, D])]
 
 
+def test_sample_latents_pads_a_prompt_and_negative_of_different_lengths():
+    """``sample_latents(..., pad_conds=)`` (no prompt plan): the two run as one batch, each row on A1111's padded
+    states — the run equals guiding the padded conditionings, and differs from the unpadded one."""
+    from sampler_stand_ins import sd_alphas_cumprod
+
+    from sdadapt.samplers import sample_latents
+
+    cond, negative = _states(154, 6), _states(77, 7)
+    calls = []
+
+    def model(x, t, c):
+        calls.append(c.shape[0])
+        return x * c.mean(dim=(1, 2)).view(-1, 1, 1, 1) * 0.1
+
+    x_T = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(8))
+    run = {"sampler": "euler", "alphas_cumprod": sd_alphas_cumprod(), "num_steps": 3, "schedule": "karras",
+           "guidance_scale": 5.0}
+    got = sample_latents(model, x_T, cond, uncond=negative, pad_conds=CondPadding(empty=EMPTY), **run)
+    assert calls == [4, 4, 4]
+    cond_p, negative_p = _a1111_pad(cond, negative, False)
+    assert torch.equal(got, sample_latents(model, x_T, cond_p, uncond=negative_p, **run))
+    assert not torch.equal(got, sample_latents(model, x_T, cond, uncond=negative, **run))
+
+
 # ---- generate --pad-conds on a tiny diffusers model ----------------------------------------------------------------
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -151,3 +175,4 @@ def test_diffusers_pads_with_its_own_states_of_the_empty_prompt(tiny_sd):
     assert torch.equal(filled, system.sample(["a cat BREAK a hat"], pad_conds=CondPadding(empty=empty), **run))
     assert not torch.equal(filled, system.sample(["a cat BREAK a hat"], pad_conds=CondPadding(
         empty=torch.zeros_like(empty)), **run))
+

@@ -929,6 +929,11 @@ class DiffusersSystem(nn.Module):
         :meth:`plan_conditions`, each text conditioned by this same rule."""
         return self._prompt_condition([prompt], None, breaks=True)
 
+    def _padding(self, pad_conds: Any, time_ids: Tensor | None) -> Any:
+        """``pad_conds`` padding with this model's states of ``""`` (A1111's ``cond_stage_model_empty_prompt``: each
+        model its own, the refiner's too), or ``None``."""
+        return None if pad_conds is None else pad_conds.for_model(lambda: self.empty_prompt_states(time_ids))
+
     def empty_prompt_states(self, time_ids: Tensor | None = None) -> Tensor:
         """The text states (1, 77, D) of the empty prompt ``""`` as :meth:`sample` encodes a prompt (SDXL: the two
         encoders' joined states, not zeroed): A1111's ``cond_stage_model_empty_prompt``, what its "Pad
@@ -1192,11 +1197,9 @@ class DiffusersSystem(nn.Module):
         skip = {} if uncond_skip is None else {
             "uncond_skip": uncond_skip, "total_steps": samplers.run_total_steps(name, steps, start=start,
                                                                                 schedule=schedule)}
-        if pad_conds is not None:
-            skip["pad_conds"] = pad_conds
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance,
-                                                                    **skip)
+                                                                    pad_conds=pad_conds, **skip)
         if self.edm is not None:  # (Playground v2.5: diffusers' EDM schedulers, sdadapt.samplers.edm)
             from .samplers.edm import edm_sample_latents
 
@@ -1208,15 +1211,18 @@ class DiffusersSystem(nn.Module):
             from .training.diffusion import guided
 
             other = refiner.refiner
+            other_time_ids = other._size_time_ids(len(prompts), size_h, size_w)
             refined = other._guidance_inputs(other.denoiser(), prompts, negative=negative, cond=None, plan=plan,
-                                             time_ids=other._size_time_ids(len(prompts), size_h, size_w),
-                                             guidance=guidance, **skip)
+                                             time_ids=other_time_ids, guidance=guidance, pad_conds=pad_conds, **skip)
             total_steps = None
             if getattr(refiner, "by_steps", False):  # (A1111's "Refiner switch by sampling steps": this run's steps)
                 total_steps = samplers.run_total_steps(name, steps, start=start, schedule=schedule)
             # (a plan's ScheduledGuidance as it is: the handoff runs its call count on across the switch)
-            model = refiner.switched(model if plan is not None else guided(model, cond, uncond, guidance_scale, **skip),
-                                     refined[0] if plan is not None else guided(*refined, **skip),
+            model = refiner.switched(
+                model if plan is not None else guided(model, cond, uncond, guidance_scale, **skip,
+                                                      pad_conds=self._padding(pad_conds, time_ids)),
+                refined[0] if plan is not None else guided(*refined, **skip,
+                                                           pad_conds=other._padding(pad_conds, other_time_ids)),
                                      a1111_grid=schedule is not None,  # (A1111's schedules: A1111's cut)
                                      **({} if total_steps is None else {"total_steps": total_steps}))
             cond, uncond, guidance_scale = None, None, 1.0
@@ -1226,6 +1232,7 @@ class DiffusersSystem(nn.Module):
                                           schedule=schedule, schedule_options=schedule_options, start=start,
                                           before_model_call=before_model_call,
                                           uncond_skip=uncond_skip if uncond is not None else None,
+                                          pad_conds=self._padding(pad_conds, time_ids) if uncond is not None else None,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                           **({} if eta is None else {"eta": eta}))
@@ -1280,10 +1287,8 @@ class DiffusersSystem(nn.Module):
                 raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
             conds, negatives = self.plan_conditions(plan, count=count, time_ids=time_ids)
             conds, negatives = self._unclip_conditions(conds, negative=False), self._unclip_conditions(negatives, negative=True)
-            if pad_conds is not None:  # (this model's states of "": A1111's cond_stage_model_empty_prompt)
-                pad_conds = pad_conds.for_model(lambda: self.empty_prompt_states(time_ids))
             return (plan.guidance(model, conds, negatives, guidance, uncond_skip=uncond_skip, total_steps=total_steps,
-                                  pad_conds=pad_conds), None, None, 1.0)
+                                  pad_conds=self._padding(pad_conds, time_ids)), None, None, 1.0)
         if cond is None:
             cond = self._prompt_condition(prompts, time_ids)
         elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:

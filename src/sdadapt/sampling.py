@@ -535,19 +535,19 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
              else given_start_noise(start_noise, (len(prompts), *probe.shape[1:]))).to(probe.device)
     scale = guidance if guidance is not None else default_guidance(system, name)
     model, uncond = system.denoiser(), None
+    if pad_conds is not None:  # (the system's states of "", A1111's cond_stage_model_empty_prompt)
+        from .cond_padding import condition_states
+
+        pad_conds = pad_conds.for_model(lambda: condition_states(system.condition(system.tokenize([""])))[:1])
     if plan is not None:
         def encode(text: str) -> object:
             return system.condition(system.tokenize([text] * len(prompts)))
 
-        if pad_conds is not None:  # (the system's states of "", A1111's cond_stage_model_empty_prompt)
-            from .cond_padding import condition_states
-
-            pad_conds = pad_conds.for_model(lambda: condition_states(system.condition(system.tokenize([""])))[:1])
         model = plan.guidance(model, [encode(t) for t in plan.texts], [encode(t) for t in plan.negative_texts], scale,
                               uncond_skip=uncond_skip, total_steps=samplers.run_total_steps(
                                   name, steps, start=start, schedule=samplers.resolve_schedule(name, schedule, karras)),
                               pad_conds=pad_conds)
-        scale, uncond_skip = 1.0, None
+        scale, uncond_skip, pad_conds = 1.0, None, None
     else:
         if cond is None:
             cond = system.condition(system.tokenize(prompts))
@@ -560,6 +560,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                          else {}),
                                       prediction_type=getattr(system, "prediction_type", "epsilon"), generator=g,
                                       start=start, before_model_call=before_model_call, uncond_skip=uncond_skip,
+                                      pad_conds=pad_conds,
                                       **({} if eta is None else {"eta": eta}),
                                       **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                       **(dict(getattr(system, "ddim_options", {})) if name == "ddim" else {}))

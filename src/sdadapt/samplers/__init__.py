@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..cond_padding import CondPadding
 from ..denoised_branches import ReadDenoised, denoised_of
 from ..sampler_tables import (  # (the names and checks, torch-free: their one home, re-exported here)
     DISCARD_NEXT_TO_LAST_SIGMA,
@@ -116,11 +117,14 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    discard_next_to_last_sigma: bool | None = None, schedule_options: ScheduleOptions | None = None,
                    start: Img2ImgStart | None = None,
                    before_model_call: Callable[[int, int], None] | None = None,
-                   uncond_skip: UncondSkip | None = None, **options) -> Tensor:
+                   uncond_skip: UncondSkip | None = None, pad_conds: CondPadding | None = None,
+                   **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given: over the model outputs on diffusers' grids
     (diffusers' pipelines), over each output's x̂0 on A1111's (a ``schedule``; ``dpmpp_2s_a``, ``dpm_fast``,
     ``dpm_adaptive``, ``restart`` always), as A1111's ``CFGDenoiser`` (:mod:`sdadapt.denoised_branches`).
+    ``uncond_skip``: A1111's "Skip Early CFG" / NGMS (:class:`sdadapt.uncond_skip.UncondSkip`; NGMS on A1111's grids);
+    ``pad_conds``: ``cond`` and ``uncond`` padded to one length first (:class:`sdadapt.cond_padding.CondPadding`).
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
     its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
@@ -179,7 +183,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                          "(schedule='automatic' is A1111's default) or leave NGMS out")
     # guidance first, once: A1111's CFGDenoiser (its call count over the run's expected calls, for uncond_skip)
     model = diffusion.guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip,
-                             total_steps=run_total_steps(name, num_steps, start=start, schedule=schedule))
+                             total_steps=run_total_steps(name, num_steps, start=start, schedule=schedule),
+                             pad_conds=pad_conds)
     if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
         # per CFGDenoiser.forward, also where the conditionings do not batch)
         if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)

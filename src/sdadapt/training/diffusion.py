@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..cond_padding import CondPadding
 from ..denoised_branches import denoised_of
 from ..uncond_skip import UncondSkip
 
@@ -554,10 +555,13 @@ class Guided:
     used); :meth:`denoised_by_branch` combines the two halves on x̂0 (:mod:`sdadapt.denoised_branches`).
     ``uncond_skip``: A1111's "Skip Early CFG" / NGMS (:class:`sdadapt.uncond_skip.UncondSkip`) over a run of
     ``total_steps`` expected calls: a skipped call runs the model on ``cond`` alone. ``calls``: calls so far (the run's
-    count, which a refiner handoff sets)."""
+    count, which a refiner handoff sets). ``pad_conds``: ``cond`` and ``uncond`` brought to one length first, A1111's
+    "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`, with its ``empty`` states)."""
 
     def __init__(self, model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
-                 uncond_skip: UncondSkip | None = None, total_steps: int = 1) -> None:
+                 uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None) -> None:
+        if pad_conds is not None and uncond is not None:  # (A1111 pads before it runs either: at scale 1 too)
+            (cond,), uncond = pad_conds.pad([cond], uncond)
         self.model, self.cond, self.scale = model, cond, guidance_scale
         self.uncond = None if guidance_scale == 1.0 else uncond
         self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
@@ -590,9 +594,10 @@ class Guided:
 
 
 def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
-           uncond_skip: UncondSkip | None = None, total_steps: int = 1) -> Guided:
+           uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None) -> Guided:
     """Classifier-free guidance ``u + s·(c − u)`` over ``model``: a :class:`Guided` (called ``(x, t, _cond)``)."""
-    return Guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip, total_steps=total_steps)
+    return Guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip, total_steps=total_steps,
+                  pad_conds=pad_conds)
 
 
 def ddim_sample(
