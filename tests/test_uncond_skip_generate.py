@@ -139,3 +139,32 @@ def test_the_refiner_handoff_skips_on_the_runs_call_count(pair):
     alone, _ = sample(guidance=1.0)
     assert torch.equal(skipped, alone)
     assert not torch.equal(skipped, sample(guidance=3.0)[0])
+
+
+def test_the_refiner_pads_with_its_own_empty_prompt(pair, monkeypatch):
+    """Pad conds across a refiner handoff: each model pads with its own states of "" (A1111's shared.sd_model's
+    cond_stage_model_empty_prompt switches with the model), for a prompt plan and for plain guidance alike."""
+    from sdadapt.cond_padding import CondPadding
+    from sdadapt.diffusers_system import DiffusersSystem
+    from sdadapt.jobs.generate_refiner import RefinerHandoff
+    from sdadapt.prompt_guidance import plan_prompt
+    from sdadapt.sampling import generate
+
+    base, refiner = pair
+    asked, real = [], DiffusersSystem.empty_prompt_states
+
+    def spied(self, time_ids=None):
+        asked.append(self)
+        return real(self, time_ids)
+
+    monkeypatch.setattr(DiffusersSystem, "empty_prompt_states", spied)
+    run = {"seed": 3, "steps": 4, "sampler": "euler", "schedule": "karras", "height": 16, "width": 16,
+           "output": "latents", "negative": "x", "guidance": 3.0}
+    for plan in (plan_prompt("a photo BREAK at night", "x", steps=4), None):
+        asked.clear()
+        padded = []
+        latents = generate(base, ["a photo BREAK at night" if plan else "a photo"], plan=plan,
+                           refiner=RefinerHandoff(base, refiner, switch_at=0.5),
+                           pad_conds=CondPadding(seen=padded.append), **run)
+        assert torch.isfinite(latents).all()
+        assert base in asked and refiner in asked and set(padded) == ({"Pad conds"} if plan else set())
