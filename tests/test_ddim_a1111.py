@@ -2,7 +2,8 @@
 ``sd_samplers_timesteps_impl.ddim`` and ``sd_samplers_timesteps.py`` (``get_timesteps``, ``sample_img2img``)
 transcribed below over A1111's ``CFGDenoiserTimesteps`` (ε outputs combined; ``CompVisTimestepsVDenoiser`` reads v as
 ε per branch), bit for bit; the guided model is :func:`sdadapt.training.diffusion.guided`'s (its x̂0-by-branch
-reading gives the per-branch ε)."""
+reading gives the per-branch ε). ``ddim`` with a schedule (``sample_latents``, ``generate --sampler DDIM --schedule
+automatic``) runs it; without one ``ddim`` stays diffusers' ``DDIMScheduler``."""
 
 from __future__ import annotations
 
@@ -122,6 +123,52 @@ def test_img2img_and_inpainting_are_a1111s(strength, masked):
     if masked:
         got = blend_denoised(got, init, latmask)
     assert torch.equal(got, want), rel_err(got, want)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sample_latents_ddim_with_a_schedule_runs_it(masked):
+    from sdadapt.samplers import sample_latents
+    from sdadapt.training.diffusion import ddim_sample
+
+    x_T, steps = _x_T(41), 9
+    init = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(42))
+    latmask = torch.zeros(1, 1, 6, 6)
+    latmask[..., 2:5, 1:4] = 1.0
+    start = Img2ImgStart(init, strength=0.6, mask=latmask) if masked else None
+    got = sample_latents(_unet, x_T, _cond(0.5), uncond=_cond(-0.25), guidance_scale=4.0, sampler="ddim",
+                         alphas_cumprod=sd_alphas_cumprod(), num_steps=steps, schedule="automatic", start=start,
+                         eta=0.5, generator=torch.Generator().manual_seed(4))
+    model = _guided(4.0)
+    if masked:
+        model = guided(masked_model(model, init=init, latmask=latmask, sampler="ddim",
+                                    alphas_cumprod=sd_alphas_cumprod(), prediction_type="epsilon"), None, None, 1.0)
+    want = a1111_ddim_sample(model, x_T, alphas_cumprod=sd_alphas_cumprod(), num_steps=steps, eta=0.5,
+                             start=None if start is None else Img2ImgStart(init, strength=0.6),
+                             generator=torch.Generator().manual_seed(4))
+    if masked:
+        want = blend_denoised(want, init, latmask)
+    assert torch.equal(got, want), rel_err(got, want)
+    if not masked:
+        plain = sample_latents(_unet, x_T, _cond(0.5), uncond=_cond(-0.25), guidance_scale=4.0, sampler="ddim",
+                               alphas_cumprod=sd_alphas_cumprod(), num_steps=steps)
+        assert torch.equal(plain, ddim_sample(_guided(4.0), x_T, None, alphas_cumprod=sd_alphas_cumprod(),
+                                              num_steps=steps))
+
+
+def test_generate_ddim_with_a_schedule_is_a1111s_and_reads_back(tmp_path):
+    from PIL import Image
+
+    from sdadapt.cli import main
+
+    base = ["--prompt", "a red circle", "--negative", "blue", "--sampler", "DDIM", "--steps", "6", "--seed", "2"]
+    assert main(["generate", *base, "--schedule", "automatic", "-o", str(tmp_path / "a1111.png")]) == 0
+    assert main(["generate", *base, "-o", str(tmp_path / "diffusers.png")]) == 0
+    assert main(["generate", "--infotext", str(tmp_path / "a1111.png"), "-o", str(tmp_path / "again.png")]) == 0
+    a, d, again = (Image.open(tmp_path / f"{n}.png") for n in ("a1111", "diffusers", "again"))
+    assert ", Sampler: DDIM, Schedule type: Automatic," in a.text["parameters"]
+    assert "Schedule type" not in d.text["parameters"]
+    assert not np.array_equal(np.asarray(a), np.asarray(d))
+    assert np.array_equal(np.asarray(a), np.asarray(again)) and a.text["parameters"] == again.text["parameters"]
 
 
 def test_bad_requests_are_refused():

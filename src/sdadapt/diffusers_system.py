@@ -1161,7 +1161,8 @@ class DiffusersSystem(nn.Module):
 
             guidance = default_guidance(self, name)
         samplers.check_karras(name, karras)
-        schedule = samplers.resolve_schedule(name, schedule, karras)
+        resolved = samplers.resolve_schedule(name, schedule, karras)  # (ddim: A1111's DDIM keeps 'automatic')
+        schedule = "automatic" if name == "ddim" and schedule is not None else resolved
         if schedule == "align_your_steps" and self.is_sdxl:
             schedule = "align_your_steps_sdxl"
         device = self.alphas_cumprod.device

@@ -78,7 +78,7 @@ DIFFUSERS_RULE_SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver", "dpmsolver++", 
 #: samplers on the diffusers rule whose grid can be one of A1111's (``schedule=``): on A1111's grid they take
 #: A1111's rule, as A1111 runs them on that grid (k-diffusion's ``sample_img2img``)
 SCHEDULE_FOLLOWS_A1111: tuple[str, ...] = ("dpmsolver", "dpmsolver++", "dpmsolver++_sde", "dpmsolver++_sde_heun",
-                                           "dpmsolver++_3m_sde", "dpmsingle", "unipc", "lcm")
+                                           "dpmsolver++_3m_sde", "dpmsingle", "unipc", "lcm", "ddim")
 IMG2IMG_SAMPLERS: tuple[str, ...] = (*DIFFUSERS_RULE_SAMPLERS, *A1111_RULE_SAMPLERS)
 
 

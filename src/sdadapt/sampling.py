@@ -365,7 +365,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     if clip_sample is not None and (name != "heun" or not clip_sample > 0):
         raise ValueError(f"clip_sample={clip_sample} clamps x̂0 on the heun sampler only (diffusers' "
                          f"HeunDiscreteScheduler clip_sample), to a range above 0; got sampler {name!r}: leave it out")
-    schedule = samplers.resolve_schedule(name, schedule, karras)
+    resolved = samplers.resolve_schedule(name, schedule, karras)
+    schedule = "automatic" if name == "ddim" and schedule is not None else resolved  # (ddim: A1111's own DDIM)
     if schedule == "align_your_steps" and getattr(system, "is_sdxl", False):
         schedule = "align_your_steps_sdxl"
     if steps < 1:
@@ -464,7 +465,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (pad_conds is None or _takes(system.sample, "pad_conds"))
                      and (eta is None or _takes(system.sample, "eta")))
     # (else through the protocol, below)
-    own_sampler = takes_sampler or (name == "ddim" and noise is None and start is None and output == "images"
+    own_sampler = takes_sampler or (name == "ddim" and schedule is None and noise is None and start is None
+                                    and output == "images"
                                     and before_model_call is None and generator is None and start_noise is None
                                     and uncond_skip is None and pad_conds is None and eta is None)
     if plan is not None:
@@ -520,7 +522,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
-    if name == "ddim" and plan is None and noise is None and schedule_options is None and start is None \
+    if name == "ddim" and schedule is None and plan is None and noise is None and schedule_options is None \
+            and start is None \
             and output == "images" and before_model_call is None and generator is None and start_noise is None \
             and uncond_skip is None and pad_conds is None and eta is None:
         return system.sample(prompts, **options)
@@ -563,7 +566,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                       pad_conds=pad_conds,
                                       **({} if eta is None else {"eta": eta}),
                                       **({} if clip_sample is None else {"clip_sample": clip_sample}),
-                                      **(dict(getattr(system, "ddim_options", {})) if name == "ddim" else {}))
+                                      **(dict(getattr(system, "ddim_options", {})) if name == "ddim" and schedule is None
+                                         else {}))
     return latents if output == "latents" else system.decode_latents(latents)
 
 

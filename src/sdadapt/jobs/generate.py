@@ -349,6 +349,8 @@ def run_generate(
         schedule = resolve_schedule(sampler, asked_schedule, karras)
     except ValueError as exc:
         raise ValueError(f"--schedule: {exc}") from None
+    if canonical_sampler(sampler) == "ddim" and asked_schedule is not None:  # (A1111's own DDIM, not diffusers')
+        schedule = "automatic"
     skipped: set[str] = set()  # (the rules that skipped a call: their infotext fields)
     uncond_skip = _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, sampler, schedule, seen=skipped.add)
     if pad_conds and pad_conds_v0:
@@ -370,6 +372,8 @@ def run_generate(
         try:
             check_karras(hires_sampler, karras)
             hires_schedule = resolve_schedule(hires_sampler, asked_hires_schedule or asked_schedule, karras)
+            if canonical_sampler(hires_sampler) == "ddim" and (asked_hires_schedule or asked_schedule) is not None:
+                hires_schedule = "automatic"
             _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, hires_sampler, hires_schedule)
         except ValueError as exc:
             raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None

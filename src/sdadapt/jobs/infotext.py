@@ -522,7 +522,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     grids = [schedule, *([hires_options.get("schedule")] if hires is not None else [])]
     schedule_fields: dict[str, float] = {}
     for grid in grids:  # (A1111's scheduler, none where Automatic is the sampler's own: its get_sigmas writes nothing)
-        if grid is not None and not (automatic and grid == "uniform") and getattr(system, "edm", None) is None:
+        if grid not in (None, "automatic") and not (automatic and grid == "uniform") and getattr(system, "edm", None) is None:
             schedule_fields.update((schedule_options or ScheduleOptions()).infotext_fields(
                 str(grid), model_sigmas(system.alphas_cumprod, torch.float32)))
     passes = [sampler, *([hires_options.get("sampler") or sampler] if hires is not None else [])]

@@ -131,7 +131,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     device, then moved, as diffusers does); ``callback(i, t, x)`` sees each step's sample;
     ``options``: the sampler's own (``ddim``: ``eta``, ``final_alpha_cumprod``, ``clip_sample``...).
     ``schedule``: A1111's "Schedule type" (:func:`resolve_schedule`; ``None``: the sampler's diffusers grid),
-    for :data:`SCHEDULE_SAMPLERS`; ``"karras"`` on a sampler in :data:`KARRAS_SAMPLERS` is ``karras=True``, but on
+    for :data:`SCHEDULE_SAMPLERS`, ``"automatic"`` on ``ddim``: A1111's own DDIM (:mod:`.ddim_a1111`; without a schedule
+    ``ddim`` is diffusers' ``DDIMScheduler``); ``"karras"`` on a sampler in :data:`KARRAS_SAMPLERS` is ``karras=True``, but on
     DPM2, DPM2 a and DPM++ 3M SDE (:data:`DISCARD_NEXT_TO_LAST_SIGMA`), which run any schedule as A1111 does:
     the grid of n + 1 steps without its next-to-last σ (``karras=True`` alone stays diffusers' Karras grid).
     ``discard_next_to_last_sigma`` (with a ``schedule``): ``None``, A1111's choice per sampler (those three);
@@ -169,6 +170,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if discard_next_to_last_sigma and schedule is None:
         raise ValueError("discard_next_to_last_sigma=True drops a σ of A1111's grid: give a schedule too "
                          "(schedule='automatic' is A1111's default); without one the sampler runs diffusers' grid")
+    a1111_ddim = name == "ddim" and schedule is not None  # (A1111's own DDIM: .ddim_a1111)
     schedule = resolve_schedule(name, schedule, karras)
     discard = schedule is not None and (name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
                                         else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one)
@@ -176,7 +178,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64):
         karras, schedule = True, None
     check_karras(name, karras)
-    a1111 = schedule is not None or name in KDIFFUSION_ONLY  # (A1111's path: x̂0 by branch, σ known per call)
+    a1111 = schedule is not None or name in KDIFFUSION_ONLY or a1111_ddim  # (A1111's path: by branch, σ known)
     if uncond_skip is not None and uncond_skip.ngms > 0 and not a1111:
         raise ValueError(f"NGMS (A1111's 'Negative Guidance minimum sigma') compares each model call's σ, which "
                          f"sdadapt reads on A1111's grids only; {name} runs diffusers' grid here: give it a schedule "
@@ -194,9 +196,16 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
         return _inpaint(model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                         prediction_type=prediction_type, karras=karras,
-                        generator=generator, callback=callback, schedule=schedule, start=start,
+                        generator=generator, callback=callback, schedule="automatic" if a1111_ddim else schedule,
+                        start=start,
                         discard_next_to_last_sigma=discard if schedule is not None else None,
                         schedule_options=schedule_options if tuned else None, **options)
+    if a1111_ddim:
+        from .ddim_a1111 import a1111_ddim_sample
+
+        return a1111_ddim_sample(_A1111Denoiser(model, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                                 prediction_type=prediction_type, generator=generator, callback=callback, start=start,
+                                 discard_next_to_last_sigma=bool(discard_next_to_last_sigma), **options)
     if name == "ddim":
         if start is not None:  # img2img / hires fix: diffusers' strength rule (sdadapt.img2img)
             from ..img2img import ddim_img2img

@@ -1,7 +1,7 @@
 """A1111's own DDIM (its timesteps sampler, v1.6+: ``modules/sd_samplers_timesteps.py`` and
-``sd_samplers_timesteps_impl.ddim``) as a sampler function of its own, :func:`a1111_ddim_sample`, for a guided model
-(:func:`sdadapt.training.diffusion.guided`). ``sample_latents`` / ``generate``'s ``ddim`` is diffusers'
-``DDIMScheduler`` (another timestep grid and last step); this function is not (yet) one of their samplers.
+``sd_samplers_timesteps_impl.ddim``): ``ddim`` with a ``schedule`` (``"automatic"``, the only one DDIM takes) in
+:func:`sdadapt.samplers.sample_latents` and ``generate`` — as ``lcm`` with a schedule is A1111's LCM. Without one
+``ddim`` is diffusers' ``DDIMScheduler`` (another timestep grid and last step).
 
 A1111's run of ``n`` steps on a model of ``T`` training steps: timesteps ``range(0, T, T // n) + 1`` clipped to
 ``T − 1`` (``n + 1`` of them with "Always discard next-to-last sigma"), the sample starting at the unit noise itself,
