@@ -179,3 +179,23 @@ def test_bad_requests_are_refused():
         a1111_ddim_sample(_guided(3.0), x_T, alphas_cumprod=sd_alphas_cumprod(), num_steps=4, eta=-1.0)
     with pytest.raises(ValueError, match="reads ε or v"):
         a1111_ddim_sample(_guided(3.0), x_T, alphas_cumprod=sd_alphas_cumprod(), num_steps=4, prediction_type="sample")
+
+
+def test_generate_eta_ddim(tmp_path, capsys):
+    """``--eta-ddim`` (A1111's "Eta DDIM") on A1111's DDIM: written as A1111 writes it (not 0) and read back."""
+    from PIL import Image
+
+    from sdadapt.cli import main
+
+    base = ["--prompt", "a red circle", "--sampler", "DDIM", "--schedule", "automatic", "--steps", "5", "--seed", "3"]
+    assert main(["generate", *base, "--eta-ddim", "0.5", "-o", str(tmp_path / "eta.png")]) == 0
+    assert main(["generate", *base, "-o", str(tmp_path / "zero.png")]) == 0
+    assert main(["generate", "--infotext", str(tmp_path / "eta.png"), "-o", str(tmp_path / "again.png")]) == 0
+    eta, zero, again = (Image.open(tmp_path / f"{n}.png") for n in ("eta", "zero", "again"))
+    assert ", Eta DDIM: 0.5, " in eta.text["parameters"] and "Eta" not in zero.text["parameters"]
+    assert not np.array_equal(np.asarray(eta), np.asarray(zero))
+    assert np.array_equal(np.asarray(eta), np.asarray(again)) and eta.text["parameters"] == again.text["parameters"]
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "a", "--sampler", "DDIM", "--eta-ddim", "0.5", "-o",
+                 str(tmp_path / "x.png")]) == 2
+    assert "--eta-ddim is A1111's 'Eta DDIM'" in capsys.readouterr().err

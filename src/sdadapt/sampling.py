@@ -238,7 +238,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
              refiner: object | None = None, generator: torch.Generator | None = None,
              start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
-             pad_conds: object | None = None, eta: float | None = None) -> Tensor:
+             pad_conds: object | None = None, eta: float | None = None, eta_ddim: float | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -316,7 +316,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     (the system's ``sample`` when it takes ``pad_conds=``, else the System protocol, padding with the system's
     conditioning of ``""``). ``eta``: A1111's "Eta for ancestral samplers" for a sampler in
     :data:`sdadapt.sampler_tables.ETA_SAMPLERS` (``None``: theirs, 1; another sampler takes none and it is not passed,
-    as A1111 passes it only to the k-diffusion functions that have one).
+    as A1111 passes it only to the k-diffusion functions that have one); ``eta_ddim``: A1111's "Eta DDIM" for
+    ``ddim`` with a schedule (A1111's own DDIM; ``None``: 0).
 
     ``generator``: a CPU ``torch.Generator`` the start noise and the ancestral samplers' noise are drawn from in
     place of ``torch.Generator().manual_seed(seed)`` (diffusers' pipelines' ``generator=``): diffusers' img2img is
@@ -389,7 +390,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      before_model_call=before_model_call, clip_sample=clip_sample,
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
                      start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds,
-                     eta=eta if name in ETA_SAMPLERS else None)
+                     eta=(eta if name in ETA_SAMPLERS else eta_ddim if name == "ddim" and schedule is not None
+                          else None))
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,

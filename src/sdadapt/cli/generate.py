@@ -97,7 +97,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         rho=args.rho, beta_alpha=args.beta_alpha, beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas,
         skip_early_cfg=args.skip_early_cfg, ngms=args.ngms, ngms_all_steps=args.ngms_all_steps,
-        pad_conds=args.pad_conds, pad_conds_v0=args.pad_conds_v0, eta=args.eta, emphasis=args.emphasis,
+        pad_conds=args.pad_conds, pad_conds_v0=args.pad_conds_v0, eta=args.eta, eta_ddim=args.eta_ddim,
+        emphasis=args.emphasis,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
@@ -307,6 +308,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a1111.add_argument("--eta", type=float, default=None, metavar="F",
                        help="A1111's 'Eta for ancestral samplers' (default 1): the noise share of Euler a, DPM2 a, "
                             "DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs (with --schedule), DPM fast/adaptive")
+    a1111.add_argument("--eta-ddim", type=float, default=None, metavar="F",
+                       help="A1111's 'Eta DDIM' (default 0): the noise of its own DDIM (--sampler DDIM --schedule "
+                            "automatic)")
     a1111.add_argument("--pad-conds", action="store_true",
                        help="A1111's 'Pad prompt/negative prompt': a prompt and negative of different chunk counts "
                             "padded with the empty prompt's states to one length (one model call for both)")

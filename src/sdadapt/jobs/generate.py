@@ -75,6 +75,7 @@ def run_generate(
     pad_conds: bool = False,
     pad_conds_v0: bool = False,
     eta: float | None = None,
+    eta_ddim: float | None = None,
     emphasis: str = "Original",
     width: int | None = None,
     height: int | None = None,
@@ -185,6 +186,8 @@ def run_generate(
         eta: A1111's "Eta for ancestral samplers" (``None``: 1) for the passes whose sampler takes it
             (:data:`sdadapt.sampler_tables.ETA_SAMPLERS`: Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs on
             A1111's grids, DPM fast/adaptive), "Eta: x" in the infotext when it is not 1.
+        eta_ddim: A1111's "Eta DDIM" (``None``: 0) for ``ddim`` with a schedule (A1111's own DDIM), "Eta DDIM: x" in
+            the infotext when it is not 0.
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
             "Ignore"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
@@ -359,6 +362,12 @@ def run_generate(
     if eta is not None:
         _check_eta(eta, [s for s in (sampler, hires_sampler) if s is not None])
     emphasis = _emphasis_mode(emphasis)
+    if eta_ddim is not None:
+        ddim_passes = [s for s in (sampler, hires_sampler) if s is not None and canonical_sampler(s) == "ddim"]
+        if not eta_ddim >= 0 or not ddim_passes or schedule is None:
+            raise ValueError(f"--eta-ddim is A1111's 'Eta DDIM' (>= 0) of its own DDIM: --sampler DDIM --schedule "
+                             f"automatic; got {eta_ddim} with {sampler}" + ("" if schedule is not None
+                                                                           else " and no --schedule"))
     padded: set[str] = set()  # (the paddings a call took: their infotext fields)
     cond_padding = None
     if pad_conds or pad_conds_v0:
@@ -874,7 +883,7 @@ def run_generate(
             embedding=aesthetic, lr=aesthetic_lr, weight=aesthetic_weight, steps=aesthetic_steps,
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
             slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip,
-        schedule_options=schedule_options, eta=eta,
+        schedule_options=schedule_options, eta=eta, eta_ddim=eta_ddim,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None)
     written = []
@@ -896,7 +905,8 @@ def run_generate(
                            **({} if step_switch is None else {"before_model_call": step_switch}),
                            **({} if uncond_skip is None else {"uncond_skip": uncond_skip}),
                            **({} if cond_padding is None else {"pad_conds": cond_padding}),
-                           **({} if eta is None else {"eta": eta}))
+                           **({} if eta is None else {"eta": eta}),
+                           **({} if eta_ddim is None else {"eta_ddim": eta_ddim}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)

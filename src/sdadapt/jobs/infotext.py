@@ -486,7 +486,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  refiner_switch_at: float, refiner_by_steps: bool = False, refiner_hires_pass: str | None = None,
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
-                 schedule_options: object = None, eta: float | None = None,
+                 schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  emphasis: str | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
@@ -528,6 +528,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     passes = [sampler, *([hires_options.get("sampler") or sampler] if hires is not None else [])]
     if eta is not None and eta != 1.0 and any(canonical_sampler(s) in ETA_SAMPLERS for s in passes):
         schedule_fields["Eta"] = float(eta)  # (KDiffusionSampler.initialize, after get_sigmas)
+    if eta_ddim:  # (CompVisSampler.initialize: its eta_infotext_field, when not its default 0)
+        schedule_fields["Eta DDIM"] = float(eta_ddim)
     mask_fields = None
     if init_image is not None and mask is not None:
         region = getattr(inpainting, "region", None)

@@ -160,6 +160,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Beta schedule alpha", "beta_alpha", float)
     take("Beta schedule beta", "beta_beta", float)
     take("Eta", "eta", float)
+    if "Eta DDIM" in fields and str(fields.get("Sampler", "")).strip() == "DDIM":
+        take("Eta DDIM", "eta_ddim", float)
     if fields.get("Emphasis", "").strip().lower() != "none":  # (A1111's None, brackets as text: not taken)
         take("Emphasis", "emphasis")
     take("Skip Early CFG", "skip_early_cfg", float)
