@@ -396,7 +396,7 @@ def test_without_a_schedule_the_discard_samplers_are_unchanged():
 def test_always_discard_is_a1111s_setting():
     """``discard_next_to_last_sigma=True`` (A1111's "Always discard next-to-last sigma"): Euler is k-diffusion's
     ``sample_euler`` on the discarded grid (1e-10); ``False`` puts DPM2 back on the plain grid (``sample_dpm_2``
-    there); ``True`` needs a schedule, and does nothing where "Automatic" means the sampler's own steps."""
+    there); ``True`` needs a schedule; on A1111's own DDIM (``ddim`` with a schedule) one more timestep."""
     ac = _sd_alphas_cumprod()
     model = KDiffusionSchedule(training_sigmas(ac).numpy())
     x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
@@ -417,7 +417,13 @@ def test_always_discard_is_a1111s_setting():
     assert _rel_err(run("dpm_2", schedule="Automatic", discard_next_to_last_sigma=False), plain) < 1e-10
     with pytest.raises(ValueError, match="discard_next_to_last_sigma=True .* give a schedule"):
         run("dpm_2", karras=True, discard_next_to_last_sigma=True)
-    assert torch.equal(run("ddim", schedule="Automatic", discard_next_to_last_sigma=True), run("ddim"))
+    # (ddim with a schedule is A1111's own DDIM, whose get_timesteps takes the setting too: one timestep more)
+    from sdadapt.samplers.ddim_a1111 import a1111_ddim_sample
+
+    own = a1111_ddim_sample(lambda x, t: stand_in(x, t.double()), x_T, alphas_cumprod=ac, num_steps=6,
+                            discard_next_to_last_sigma=True)
+    assert torch.equal(run("ddim", schedule="Automatic", discard_next_to_last_sigma=True), own)
+    assert not torch.equal(run("ddim", schedule="Automatic"), own)
 
 
 @pytest.mark.parametrize("name", SCHEDULE_SAMPLERS)

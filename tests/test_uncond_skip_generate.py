@@ -59,9 +59,9 @@ def test_the_options_are_checked_before_any_work(tmp_path):
         run_generate(prompt="a", out=tmp_path / "a.png", ngms_all_steps=True)
     with pytest.raises(ValueError, match=r"--skip-early-cfg / --ngms:.*\[0, 1\]"):
         run_generate(prompt="a", out=tmp_path / "a.png", skip_early_cfg=1.5)
-    with pytest.raises(ValueError, match="--hires-sampler ddim: --ngms"):
+    with pytest.raises(ValueError, match="--hires-sampler ddpm: --ngms"):
         run_generate(prompt="a", out=tmp_path / "a.png", sampler="euler", schedule="automatic", ngms=1.0,
-                     hires_scale=2.0, hires_sampler="ddim")
+                     hires_scale=2.0, hires_sampler="ddpm")
     assert not list(tmp_path.iterdir())
 
 

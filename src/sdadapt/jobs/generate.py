@@ -405,7 +405,8 @@ def run_generate(
     _check_edm_request(model, sampler, hires_sampler, asked_sampler=asked_sampler, label_schedule=label_schedule,
                        karras=karras, schedule=schedule, noise=a1111_seeds, schedule_options=schedule_options,
                        refiner=refiner)
-    if schedule_options is not None and hires_sampler is not None and hires_schedule is None:
+    if schedule_options is not None and hires_sampler is not None and (
+            hires_schedule is None or canonical_sampler(hires_sampler) == "ddim"):  # (A1111's DDIM: timesteps)
         raise ValueError(f"--hires-sampler {hires_sampler} runs on no σ grid (its own steps), so --sigma-min, "
                          "--sigma-max, --rho, --beta-alpha, --beta-beta and --old-karras-sigmas cannot shape the hires "
                          "pass; choose a hires sampler with a σ grid or leave those settings out")
