@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from .errors import WeightFileError
 from .optional_packages import require_interop
+from .sampler_tables import run_schedule
 from .token_id_cache import TokenIdCache, tokenizer_state
 from .training import diffusion
 from .training.host_syncs import copy_to_device
@@ -1161,8 +1162,7 @@ class DiffusersSystem(nn.Module):
 
             guidance = default_guidance(self, name)
         samplers.check_karras(name, karras)
-        resolved = samplers.resolve_schedule(name, schedule, karras)  # (ddim: A1111's DDIM keeps 'automatic')
-        schedule = "automatic" if name == "ddim" and schedule is not None else resolved
+        schedule = run_schedule(name, schedule, karras)
         if schedule == "align_your_steps" and self.is_sdxl:
             schedule = "align_your_steps_sdxl"
         device = self.alphas_cumprod.device

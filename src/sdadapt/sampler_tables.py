@@ -27,7 +27,7 @@ __all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING", 
            "INPAINTING_FILL_LABELS", "KARRAS_SAMPLERS", "LATENT_UPSCALERS", "RESIZE_MODE_LABELS",
            "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES", "SCHEDULE_LABELS", "SCHEDULE_SAMPLERS",
            "VAE_ENCODE_METHODS", "a1111_label", "a1111_total_steps", "canonical_choice", "canonical_sampler", "canonical_schedule", "check_karras",
-           "resolve_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
+           "resolve_schedule", "run_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
 
 #: samplers that take A1111's "Eta for ancestral samplers" (``eta=``; k-diffusion's functions with an ``eta``:
 #: ``KDiffusionSampler.initialize`` passes ``opts.eta_ancestral`` to them and writes "Eta" when it is not 1)
@@ -148,6 +148,17 @@ def check_karras(name: str, karras: bool) -> None:
     if karras and name not in KARRAS_SAMPLERS:
         raise ValueError(f"sampler {name!r} has no Karras noise levels (diffusers' scheduler has no "
                          f"use_karras_sigmas); karras works with {', '.join(KARRAS_SAMPLERS)}")
+
+
+def run_schedule(name: str, schedule: str | None, karras: bool = False) -> str | None:
+    """The grid a run is asked for: :func:`resolve_schedule`'s, but ``ddim`` given a schedule keeps ``"automatic"``
+    — A1111's own DDIM (:mod:`sdadapt.samplers.ddim_a1111`), where without one it is diffusers' DDIM.
+
+    Raises:
+        ValueError: as :func:`resolve_schedule`.
+    """
+    resolved = resolve_schedule(name, schedule, karras)
+    return "automatic" if canonical_sampler(name) == "ddim" and schedule is not None else resolved
 
 
 def resolve_schedule(name: str, schedule: str | None, karras: bool = False) -> str | None:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import samplers
 from .errors import InputError
-from .sampler_tables import ETA_SAMPLERS
+from .sampler_tables import ETA_SAMPLERS, run_schedule
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
            "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
@@ -366,8 +366,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     if clip_sample is not None and (name != "heun" or not clip_sample > 0):
         raise ValueError(f"clip_sample={clip_sample} clamps x̂0 on the heun sampler only (diffusers' "
                          f"HeunDiscreteScheduler clip_sample), to a range above 0; got sampler {name!r}: leave it out")
-    resolved = samplers.resolve_schedule(name, schedule, karras)
-    schedule = "automatic" if name == "ddim" and schedule is not None else resolved  # (ddim: A1111's own DDIM)
+    schedule = run_schedule(name, schedule, karras)
     if schedule == "align_your_steps" and getattr(system, "is_sdxl", False):
         schedule = "align_your_steps_sdxl"
     if steps < 1:

@@ -307,7 +307,8 @@ def run_generate(
     from ..errors import OutputError
     from ..formats.files import check_output_file
     from ..images import write_png
-    from ..samplers import canonical_sampler, check_karras, resolve_schedule
+    from ..sampler_tables import run_schedule
+    from ..samplers import canonical_sampler, check_karras
     from ..samplers.labels import sampler_schedule_from_label
     from ..samplers.schedules import canonical_schedule as schedule_name
     from ..sampling import unknown_words
@@ -349,11 +350,9 @@ def run_generate(
         raise ValueError(f"--schedule {schedule!r} and the sampler label's {label_schedule!r} grid disagree; give one")
     asked_schedule = schedule if schedule is not None else label_schedule
     try:
-        schedule = resolve_schedule(sampler, asked_schedule, karras)
+        schedule = run_schedule(sampler, asked_schedule, karras)
     except ValueError as exc:
         raise ValueError(f"--schedule: {exc}") from None
-    if canonical_sampler(sampler) == "ddim" and asked_schedule is not None:  # (A1111's own DDIM, not diffusers')
-        schedule = "automatic"
     skipped: set[str] = set()  # (the rules that skipped a call: their infotext fields)
     uncond_skip = _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, sampler, schedule, seen=skipped.add)
     if pad_conds and pad_conds_v0:
@@ -380,9 +379,7 @@ def run_generate(
     if hires_sampler is not None:  # (its grid resolved for it, as A1111 resolves "automatic" per sampler)
         try:
             check_karras(hires_sampler, karras)
-            hires_schedule = resolve_schedule(hires_sampler, asked_hires_schedule or asked_schedule, karras)
-            if canonical_sampler(hires_sampler) == "ddim" and (asked_hires_schedule or asked_schedule) is not None:
-                hires_schedule = "automatic"
+            hires_schedule = run_schedule(hires_sampler, asked_hires_schedule or asked_schedule, karras)
             _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, hires_sampler, hires_schedule)
         except ValueError as exc:
             raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None
