@@ -52,7 +52,7 @@ def test_the_fields_become_generates_options_and_the_rest_is_said():
     assert (options["ngms"], options["skip_early_cfg"], options["pad_conds"]) == (2.0, 0.1, True)
     _, not_taken = infotext_options(parse_infotext("p\nSteps: 2, Eta DDIM: 0.5, Hires upscaler: R-ESRGAN 4x+, "
                                                    "Hires upscale: 2, Mask blur: 4"))
-    assert not_taken == ["Eta DDIM: sdadapt has no such setting: the image may differ from A1111's",
+    assert not_taken == ["Eta DDIM: A1111's setting of its DDIM and DDIM CFG++; not taken with Sampler '(none)'",
                          ("Hires upscaler: 'R-ESRGAN 4x+' is not one of sdadapt's: give another (the image will "
                           "differ from A1111's)"),
                          "Mask blur: needs the init image / mask: give --init-image (--mask)"]
@@ -121,6 +121,9 @@ HIRES_RUNS = [
     ["--prompt", "a cat BREAK a [hat:cap:0.5]", "--hires-prompt", "a dog BREAK a hat", "--pad-conds",
      "--hires-upscaler", "Latent (bicubic)"],
     ["--prompt", "a cat", "--hires-schedule", "exponential", "--hires-upscaler", "Lanczos"],
+    # (A1111's timestep samplers in the hires pass, the first pass's Karras not applying to them)
+    ["--prompt", "a cat", "--hires-sampler", "DDIM CFG++", "--eta-ddim", "0.3"],
+    ["--prompt", "a [cat:dog:0.5]", "--hires-sampler", "PLMS", "--skip-early-cfg", "0.3"],
 ]
 
 

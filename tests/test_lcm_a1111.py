@@ -216,7 +216,10 @@ def test_discard_next_to_last_sigma_is_a1111s_setting():
     sigmas = torch.cat([longer[:-2], longer[-1:]])  # KDiffusionSampler.get_sigmas
     seen = []
     run(x_T, 4, "automatic", 0, discard_next_to_last_sigma=True, seen=seen)
-    assert [int(t[0]) for t in seen] == [int(wrap.sigma_to_t(s)) for s in sigmas[:-1]] == [999, 759, 499, 259]
+    assert [int(t[0]) for t in seen] == [int(wrap.sigma_to_t(s)) for s in sigmas[:-1]]
+    # (the third σ, t = 24.5 in the table, sits 3e-8 from the tie between entries 24 and 25 in log σ: torch 2.13's
+    # float32 log/exp pick 499, torch 2.14's 519 — A1111 on that torch picks the same, as the line above checks)
+    assert [int(t[0]) for t in seen] in ([999, 759, 499, 259], [999, 759, 519, 259])
 
 
 def test_a1111s_sigma_settings_shape_the_schedules_that_take_them():

@@ -39,7 +39,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .sampler_tables import HIRES_UPSCALERS, LATENT_UPSCALERS, VAE_ENCODE_METHODS  # (torch-free: their one home)
+from .sampler_tables import (  # (torch-free: their one home)
+    HIRES_UPSCALERS,
+    LATENT_UPSCALERS,
+    TIMESTEP_SAMPLERS,
+    VAE_ENCODE_METHODS,
+)
 
 __all__ = [
     "A1111_RULE_SAMPLERS",
@@ -68,9 +73,10 @@ __all__ = [
     "vp_timestep_start",
 ]
 
-#: samplers on A1111's σ grid (k-diffusion's samplers and A1111's Restart): A1111's t_enc rule
+#: samplers on A1111's σ grid (k-diffusion's samplers and A1111's Restart) or its timesteps (its PLMS and DDIM
+#: CFG++): A1111's t_enc rule
 A1111_RULE_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2s_a",
-                                        "dpmpp_sde", "restart", "dpm_fast", "dpm_adaptive")
+                                        "dpmpp_sde", "restart", "dpm_fast", "dpm_adaptive", "plms", "ddim_cfgpp")
 #: samplers run as diffusers' scheduler: diffusers' strength rule
 DIFFUSERS_RULE_SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver", "dpmsolver++", "dpmsolver++_sde",
                                             "dpmsolver++_sde_heun", "dpmsolver++_3m_sde", "dpmsingle", "unipc",
@@ -192,20 +198,21 @@ def takes_any_step_count(sampler: str, schedule: str | None = None, *, karras: b
     such a schedule, the model then called at fractional timesteps as A1111 calls it. The others step the model's
     integer timesteps as diffusers' schedulers do (``DDIMScheduler``, ``DDPMScheduler`` and ``LCMScheduler`` refuse
     more steps than ``num_train_timesteps``; the DPM-Solver family and UniPC would repeat timesteps; PNDM's leading
-    grid has none)."""
+    grid has none), or A1111's (its DDIM, PLMS, DDIM CFG++: ``range(0, T, T // n)`` needs n ≤ T)."""
     from .samplers.dpm_solver import K_DIFFUSION_DPMPP, continuous_grid
     from .samplers.sigma_space import any_step_count
 
     if sampler in K_DIFFUSION_DPMPP:
         return continuous_grid(karras=karras, schedule=schedule)
-    return sampler in A1111_RULE_SAMPLERS and any_step_count(schedule)
+    return sampler in A1111_RULE_SAMPLERS and sampler not in TIMESTEP_SAMPLERS and any_step_count(schedule)
 
 
 def _any_count_samplers() -> str:
     """The samplers (and grids) that take any step count, for the refusals' fixes."""
     from .samplers.dpm_solver import K_DIFFUSION_DPMPP
 
-    return (f"{', '.join(A1111_RULE_SAMPLERS)}, not on the 'simple' or 'ddim' schedule; "
+    return (f"{', '.join(s for s in A1111_RULE_SAMPLERS if s not in TIMESTEP_SAMPLERS)}, not on the 'simple' or "
+            "'ddim' schedule; "
             f"{', '.join(K_DIFFUSION_DPMPP)} with Karras σ or such a schedule")
 
 
@@ -230,6 +237,8 @@ def _grid_reason(sampler: str, schedule: str | None) -> str:
     """Why ``sampler`` on ``schedule`` takes at most the model's timesteps (the refusals' middle part)."""
     from .samplers.sigma_space import any_step_count
 
+    if sampler in TIMESTEP_SAMPLERS and (sampler != "ddim" or schedule is not None):
+        return f"A1111's {sampler} steps its timesteps range(0, T, T // steps)"
     if schedule is not None and not any_step_count(schedule):
         return f"A1111's {schedule!r} schedule picks the model's training steps"
     if schedule is None:

@@ -36,7 +36,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .denoised_branches import ReadDenoised, denoised_of
+from .denoised_branches import ReadDenoised, denoised_of, read_at
+from .sampler_tables import TIMESTEP_SAMPLERS
 
 __all__ = [
     "INPAINTING_FILLS",
@@ -271,7 +272,8 @@ def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor
     """The guided model ``fn(x_in, t, cond)`` with A1111's inpainting blend on a 4-channel model
     (``CFGDenoiser.forward``): ``init`` (B, C, h, w) the init latent, ``latmask`` (1 or B, 1 or C, h, w) 1 = repaint.
 
-    ``sampler == "ddim"`` (A1111's ``CFGDenoiserTimesteps``, ``mask_before_denoising``): the model sees
+    A timestep sampler (``ddim``, ``plms``, ``ddim_cfgpp``: A1111's ``CFGDenoiserTimesteps``,
+    ``mask_before_denoising``): the model sees
     ``init·mask + nmask·x_t``. Every other sampler: the output is changed so that the sampler's x̂0 is
     ``init·mask + nmask·x̂0`` — the VP sample ``x_in = α·x0 + s·ε`` at the call's σ, ``α = 1/√(σ²+1)``, ``s = σα``,
     x̂0 read as :func:`sdadapt.samplers.sigma_space.vp_data_prediction` reads it, blended, and written back in the
@@ -286,13 +288,25 @@ def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor
     from .samplers.sigma_space import training_sigmas
 
     train = training_sigmas(alphas_cumprod) if sigma_table is None else sigma_table.double().cpu()
-    if sampler == "ddim":
-        def before(x: Tensor, t: Tensor, cond: object) -> Tensor:
-            return fn(blend_denoised(x, init, latmask), t, cond)
-
-        return before
-
+    if sampler in TIMESTEP_SAMPLERS:
+        return _BlendedBefore(fn, init, latmask)
     return _BlendedAfter(fn, init, latmask, train, linear_timesteps, prediction_type)
+
+
+class _BlendedBefore:
+    """:func:`masked_model` for the timestep samplers (``ddim``, ``plms``, ``ddim_cfgpp``): the model at
+    ``init·mask + nmask·x_t``, its branches read by the sampler where it asks (:mod:`sdadapt.denoised_branches`)."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], init: Tensor, latmask: Tensor) -> None:
+        self.fn, self.init, self.latmask = fn, init, latmask
+
+    def __call__(self, x: Tensor, t: Tensor, cond: object) -> Tensor:
+        return self.fn(blend_denoised(x, self.init, self.latmask), t, cond)
+
+    def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object, *,
+                           sigma: float | Tensor) -> Tensor:
+        x_in = blend_denoised(x, self.init, self.latmask)
+        return denoised_of(self.fn, read_at(read, x_in), x_in, t, cond, sigma=sigma)
 
 
 class _BlendedAfter:

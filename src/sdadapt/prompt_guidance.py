@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from .cond_padding import CondPadding, condition_states, with_condition_states
-from .denoised_branches import ReadDenoised, denoised_of
+from .denoised_branches import (
+    ReadDenoised,
+    denoised_of,
+    keep_negative,
+    scaled_by,
+    wants_negative,
+)
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
 from .uncond_skip import UncondSkip
@@ -217,19 +223,21 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
     :func:`combine_composed`. One sub-prompt of weight 1 at scale 1 is the conditional output alone (no negative
     pass). What :class:`ScheduledGuidance` runs at each call, given that call's conditions. ``read``: each output
     read to x̂0 by it first, so the combination runs on x̂0 (:mod:`sdadapt.denoised_branches`; ``sigma``: the call's
-    σ). ``skip_uncond``: no negative pass — the first sub-prompt's output in its place and scale 1, A1111's skipped
+    σ; a :class:`~sdadapt.denoised_branches.ReadKeepingNegative` keeps the negative's read output and scales
+    ``scale``, and the negative then runs at scale 1 too). ``skip_uncond``: no negative pass — the first sub-prompt's output in its place and scale 1, A1111's skipped
     call (:mod:`sdadapt.uncond_skip`). ``pad_conds``: the sub-prompts and the negative brought to one length first,
     as A1111 pads them whether or not the negative runs (:mod:`sdadapt.cond_padding`)."""
     parts = _same_length(list(parts))
     if pad_conds is not None:
         conds, uncond = pad_conds.pad([cond for cond, _ in parts], uncond)
         parts = [(cond, weight) for cond, (_, weight) in zip(conds, parts)]
-    if len(parts) == 1 and parts[0][1] == 1.0 and (scale == 1.0 or skip_uncond):  # (one pass: the prompt's output)
+    if len(parts) == 1 and parts[0][1] == 1.0 and (skip_uncond or scale == 1.0 and not wants_negative(read)):
         return model(x, t, parts[0][0]) if read is None else denoised_of(model, read, x, t, parts[0][0],
-                                                                         sigma=sigma)
+                                                                         sigma=sigma)  # (one pass: the prompt's)
     outs = _batched(model, x, t, [*([] if skip_uncond else [uncond]), *(cond for cond, _ in parts)])
     outs = outs if read is None else [read(out) for out in outs]
+    keep_negative(read, outs[0])  # (the negative's, or A1111's stand-in for it: the first sub-prompt's)
     if skip_uncond:  # (A1111: the first sub-prompt's output as the negative's, at scale 1)
         return combine_composed(outs[0], [(out, weight) for out, (_, weight) in zip(outs, parts)], 1.0)
     out_u, *outs = outs
-    return combine_composed(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scale)
+    return combine_composed(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scaled_by(read, scale))

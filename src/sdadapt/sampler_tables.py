@@ -22,17 +22,64 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["A1111_AUTOMATIC", "A1111_DISPLAY", "A1111_LABELS", "A1111_MISSING", "A1111_SECOND_ORDER",
-           "DISCARD_NEXT_TO_LAST_SIGMA", "ETA_SAMPLERS", "HIRES_UPSCALERS", "HIRES_UPSCALER_LABELS",
-           "INPAINTING_FILL_LABELS", "KARRAS_SAMPLERS", "LATENT_UPSCALERS", "RESIZE_MODE_LABELS",
-           "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES", "SCHEDULE_LABELS", "SCHEDULE_SAMPLERS",
-           "VAE_ENCODE_METHODS", "a1111_label", "a1111_total_steps", "canonical_choice", "canonical_sampler", "canonical_schedule", "check_karras",
-           "resolve_schedule", "run_schedule", "sampler_choices", "sampler_from_label", "sampler_schedule_from_label"]
+__all__ = [
+    "A1111_AUTOMATIC",
+    "A1111_DISPLAY",
+    "A1111_LABELS",
+    "A1111_MISSING",
+    "A1111_SECOND_ORDER",
+    "DISCARD_NEXT_TO_LAST_SIGMA",
+    "ETA_SAMPLERS",
+    "HIRES_UPSCALERS",
+    "HIRES_UPSCALER_LABELS",
+    "INPAINTING_FILL_LABELS",
+    "KARRAS_SAMPLERS",
+    "LATENT_UPSCALERS",
+    "RESIZE_MODE_LABELS",
+    "SAMPLERS",
+    "SAMPLER_ALIASES",
+    "SCHEDULES",
+    "SCHEDULE_LABELS",
+    "SCHEDULE_SAMPLERS",
+    "TIMESTEP_SAMPLERS",
+    "VAE_ENCODE_METHODS",
+    "a1111_label",
+    "a1111_total_steps",
+    "canonical_choice",
+    "canonical_sampler",
+    "canonical_schedule",
+    "check_karras",
+    "resolve_schedule",
+    "run_schedule",
+    "runs_a1111_timesteps",
+    "sampler_choices",
+    "sampler_from_label",
+    "sampler_schedule_from_label",
+    "takes_eta_ddim",
+]
 
 #: samplers that take A1111's "Eta for ancestral samplers" (``eta=``; k-diffusion's functions with an ``eta``:
 #: ``KDiffusionSampler.initialize`` passes ``opts.eta_ancestral`` to them and writes "Eta" when it is not 1)
 ETA_SAMPLERS: tuple[str, ...] = ("euler_a", "dpm_2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmsolver++_sde",
                                  "dpmsolver++_sde_heun", "dpmsolver++_3m_sde", "dpm_fast", "dpm_adaptive")
+
+# ------------------------------------------------------------------------------------- A1111's timestep samplers
+#: A1111's timestep samplers (modules/sd_samplers_timesteps.py: DDIM, PLMS, DDIM CFG++; :mod:`sdadapt.samplers.
+#: a1111_timesteps`): integer timesteps ``range(0, T, T // n) + 1``, no σ grid. ``plms`` and ``ddim_cfgpp`` are
+#: A1111's always; ``ddim`` is A1111's given a schedule, diffusers' ``DDIMScheduler`` without one.
+TIMESTEP_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "ddim_cfgpp")
+
+
+def runs_a1111_timesteps(name: str, schedule: str | None) -> bool:
+    """Whether sampler ``name`` (canonical) asked for on ``schedule`` runs as A1111's timestep sampler."""
+    return name in TIMESTEP_SAMPLERS and (name != "ddim" or schedule is not None)
+
+
+def takes_eta_ddim(name: str, schedule: str | None) -> bool:
+    """Whether sampler ``name`` (canonical) on ``schedule`` takes A1111's "Eta DDIM" (its DDIM and DDIM CFG++: the
+    timestep samplers with an ``eta``; not PLMS)."""
+    return name != "plms" and runs_a1111_timesteps(name, schedule)
+
 
 # ------------------------------------------------------------------------------------------ A1111's call counts
 #: sdadapt's samplers whose A1111 sampler is marked ``"second_order": True`` (A1111 v1.10
@@ -92,7 +139,7 @@ def canonical_schedule(name: str) -> str:
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a",
                               "dpmsolver", "dpmsolver++", "dpmsingle", "unipc", "dpmsolver++_sde", "lcm", "dpmpp_sde",
                               "dpmpp_2s_a", "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "dpm_fast", "dpm_adaptive",
-                              "restart")
+                              "restart", "plms", "ddim_cfgpp")
 #: other spellings of the same samplers (kohya's ``k_`` names)
 SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
                                    "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++",
@@ -104,7 +151,7 @@ SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_
                                    "k_dpmpp_3m_sde": "dpmsolver++_3m_sde", "dpm++_2m_sde_heun": "dpmsolver++_sde_heun",
                                    "dpmpp_2m_sde_heun": "dpmsolver++_sde_heun",
                                    "k_dpmpp_2m_sde_heun": "dpmsolver++_sde_heun", "k_dpm_fast": "dpm_fast",
-                                   "k_dpm_ad": "dpm_adaptive", "dpm_ad": "dpm_adaptive"}
+                                   "k_dpm_ad": "dpm_adaptive", "dpm_ad": "dpm_adaptive", "ddim_cfg++": "ddim_cfgpp"}
 #: samplers that take ``karras=True`` (σ on Karras et al.'s ρ = 7 grid)
 KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
                                     "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
@@ -119,6 +166,8 @@ _NO_SCHEDULE: dict[str, str] = {
     "ddim": "DDIM steps the model's integer timesteps (its own alphas), not a σ grid",
     "ddpm": "DDPM steps the model's integer timesteps by its posterior variance, not a σ grid",
     "pndm": "PNDM (PLMS) steps fixed integer timesteps with a multistep rule tied to their spacing",
+    "plms": "A1111's PLMS steps its own integer timesteps, not a σ grid",
+    "ddim_cfgpp": "A1111's DDIM CFG++ steps its own integer timesteps, not a σ grid",
     "dpm_fast": "DPM fast spaces its steps evenly in log σ between the model's σ_max and σ_min itself",
     "dpm_adaptive": "DPM adaptive chooses its own steps in log σ between the model's σ_max and σ_min",
 }
@@ -151,14 +200,18 @@ def check_karras(name: str, karras: bool) -> None:
 
 
 def run_schedule(name: str, schedule: str | None, karras: bool = False) -> str | None:
-    """The grid a run is asked for: :func:`resolve_schedule`'s, but ``ddim`` given a schedule keeps ``"automatic"``
-    — A1111's own DDIM (:mod:`sdadapt.samplers.ddim_a1111`), where without one it is diffusers' DDIM.
+    """The grid a run is asked for: :func:`resolve_schedule`'s, but a timestep sampler given any schedule keeps
+    ``"automatic"`` — A1111's own DDIM, PLMS, DDIM CFG++ (:data:`TIMESTEP_SAMPLERS`), which A1111 runs on its
+    timesteps whatever the schedule type ("Sampler: DDIM, Schedule type: Karras" is A1111's DDIM); without one
+    ``ddim`` is diffusers' DDIM.
 
     Raises:
         ValueError: as :func:`resolve_schedule`.
     """
-    resolved = resolve_schedule(name, schedule, karras)
-    return "automatic" if canonical_sampler(name) == "ddim" and schedule is not None else resolved
+    if schedule is not None and canonical_sampler(name) in TIMESTEP_SAMPLERS:
+        canonical_schedule(schedule)  # (a name A1111 has, which it does not apply to them)
+        return "automatic"
+    return resolve_schedule(name, schedule, karras)
 
 
 def resolve_schedule(name: str, schedule: str | None, karras: bool = False) -> str | None:
@@ -212,8 +265,9 @@ A1111_LABELS: dict[str, str] = {
     "dpm adaptive": "dpm_adaptive",  # no diffusers class: k-diffusion's sample_dpm_adaptive (its own step count)
     "restart": "restart",  # no diffusers class: A1111's restart_sampler (Heun steps + restart segments)
     "lcm": "lcm",  # LCMScheduler on LCM's own timesteps; with a schedule A1111's LCM sampler (its σ grid)
-    "ddim": "ddim",  # DDIMScheduler
-    "plms": "plms",  # PNDMScheduler(skip_prk_steps=True): only when a sampler named plms is registered
+    "ddim": "ddim",  # DDIMScheduler; with a schedule A1111's own DDIM (sdadapt.samplers.a1111_timesteps)
+    "plms": "plms",  # A1111's PLMS (sd_samplers_timesteps_impl.plms, not diffusers' PNDMScheduler)
+    "ddim cfg++": "ddim_cfgpp",  # A1111's DDIM CFG++ (sd_samplers_timesteps_impl.ddim_cfgpp)
     # A1111's lower-case aliases (modules/sd_samplers_kdiffusion.py)
     "k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_lms": "lms", "k_heun": "heun",
     "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "k_dpmpp_2m": "dpmsolver++",
@@ -233,10 +287,7 @@ _EXPONENTIAL_ALIASES: frozenset[str] = frozenset({"k_dpmpp_3m_sde_exp", "k_dpmpp
 #: A1111 labels with no sampler here (lower case) -> why
 A1111_MISSING: dict[str, str] = {
     "unipc": "its own UniPC port (bh1, order 3), not diffusers' UniPCMultistepScheduler defaults",
-    "ddim cfg++": "DDIM with CFG++ guidance",
-    "euler cfg++": "Euler with CFG++ guidance",
-    "plms": "PNDMScheduler with skip_prk_steps=True; kohya's pndm (the class's defaults) runs PNDM's Runge-Kutta "
-            "warm-up steps first, so it is not A1111's PLMS",
+    "euler cfg++": "Forge's Euler with CFG++ guidance (not an A1111 sampler)",
 }
 
 
@@ -246,7 +297,7 @@ A1111_DISPLAY: dict[str, str] = {
     "dpm++ 2m sde": "DPM++ 2M SDE", "lcm": "LCM", "dpm++ sde": "DPM++ SDE", "dpm++ 2s a": "DPM++ 2S a",
     "dpm++ 3m sde": "DPM++ 3M SDE", "dpm++ 2m sde heun": "DPM++ 2M SDE Heun",
     "dpm fast": "DPM fast", "dpm adaptive": "DPM adaptive", "restart": "Restart",
-    "plms": "PLMS", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
+    "plms": "PLMS", "ddim cfg++": "DDIM CFG++", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
 
 
 def a1111_label(name: str) -> str | None:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import samplers
 from .errors import InputError
-from .sampler_tables import ETA_SAMPLERS, run_schedule
+from .sampler_tables import ETA_SAMPLERS, run_schedule, takes_eta_ddim
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
            "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
@@ -317,7 +317,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     conditioning of ``""``). ``eta``: A1111's "Eta for ancestral samplers" for a sampler in
     :data:`sdadapt.sampler_tables.ETA_SAMPLERS` (``None``: theirs, 1; another sampler takes none and it is not passed,
     as A1111 passes it only to the k-diffusion functions that have one); ``eta_ddim``: A1111's "Eta DDIM" for
-    ``ddim`` with a schedule (A1111's own DDIM; ``None``: 0).
+    ``ddim`` with a schedule (A1111's own DDIM) and ``ddim_cfgpp`` (``None``: 0).
 
     ``generator``: a CPU ``torch.Generator`` the start noise and the ancestral samplers' noise are drawn from in
     place of ``torch.Generator().manual_seed(seed)`` (diffusers' pipelines' ``generator=``): diffusers' img2img is
@@ -389,8 +389,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      before_model_call=before_model_call, clip_sample=clip_sample,
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
                      start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds,
-                     eta=(eta if name in ETA_SAMPLERS else eta_ddim if name == "ddim" and schedule is not None
-                          else None))
+                     eta=(eta if name in ETA_SAMPLERS else eta_ddim if takes_eta_ddim(name, schedule) else None))
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,

@@ -310,7 +310,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs (with --schedule), DPM fast/adaptive")
     a1111.add_argument("--eta-ddim", type=float, default=None, metavar="F",
                        help="A1111's 'Eta DDIM' (default 0): the noise of its own DDIM (--sampler DDIM --schedule "
-                            "automatic)")
+                            "automatic) and DDIM CFG++")
     a1111.add_argument("--pad-conds", action="store_true",
                        help="A1111's 'Pad prompt/negative prompt': a prompt and negative of different chunk counts "
                             "padded with the empty prompt's states to one length (one model call for both)")

@@ -186,8 +186,8 @@ def run_generate(
         eta: A1111's "Eta for ancestral samplers" (``None``: 1) for the passes whose sampler takes it
             (:data:`sdadapt.sampler_tables.ETA_SAMPLERS`: Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs on
             A1111's grids, DPM fast/adaptive), "Eta: x" in the infotext when it is not 1.
-        eta_ddim: A1111's "Eta DDIM" (``None``: 0) for ``ddim`` with a schedule (A1111's own DDIM), "Eta DDIM: x" in
-            the infotext when it is not 0.
+        eta_ddim: A1111's "Eta DDIM" (``None``: 0) for ``ddim`` with a schedule (A1111's own DDIM) and
+            ``ddim_cfgpp`` (its DDIM CFG++), "Eta DDIM: x" in the infotext when it is not 0.
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
             "Ignore"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
@@ -307,7 +307,7 @@ def run_generate(
     from ..errors import OutputError
     from ..formats.files import check_output_file
     from ..images import write_png
-    from ..sampler_tables import run_schedule
+    from ..sampler_tables import TIMESTEP_SAMPLERS, run_schedule, takes_eta_ddim
     from ..samplers import canonical_sampler, check_karras
     from ..samplers.labels import sampler_schedule_from_label
     from ..samplers.schedules import canonical_schedule as schedule_name
@@ -362,11 +362,13 @@ def run_generate(
         _check_eta(eta, [s for s in (sampler, hires_sampler) if s is not None])
     emphasis = _emphasis_mode(emphasis)
     if eta_ddim is not None:
-        ddim_passes = [s for s in (sampler, hires_sampler) if s is not None and canonical_sampler(s) == "ddim"]
-        if not eta_ddim >= 0 or not ddim_passes or schedule is None:
-            raise ValueError(f"--eta-ddim is A1111's 'Eta DDIM' (>= 0) of its own DDIM: --sampler DDIM --schedule "
-                             f"automatic; got {eta_ddim} with {sampler}" + ("" if schedule is not None
-                                                                           else " and no --schedule"))
+        ddim_passes = [s for s in (sampler, hires_sampler)
+                       if s is not None and takes_eta_ddim(canonical_sampler(s), schedule)]
+        if not eta_ddim >= 0 or not ddim_passes:
+            raise ValueError(f"--eta-ddim is A1111's 'Eta DDIM' (>= 0) of its own DDIM and DDIM CFG++: --sampler "
+                             f"DDIM --schedule automatic, or --sampler 'DDIM CFG++'; got {eta_ddim} with {sampler}"
+                             + ("" if schedule is not None or canonical_sampler(sampler) != "ddim"
+                                else " and no --schedule"))
     padded: set[str] = set()  # (the paddings a call took: their infotext fields)
     cond_padding = None
     if pad_conds or pad_conds_v0:
@@ -403,7 +405,7 @@ def run_generate(
                        karras=karras, schedule=schedule, noise=a1111_seeds, schedule_options=schedule_options,
                        refiner=refiner)
     if schedule_options is not None and hires_sampler is not None and (
-            hires_schedule is None or canonical_sampler(hires_sampler) == "ddim"):  # (A1111's DDIM: timesteps)
+            hires_schedule is None or canonical_sampler(hires_sampler) in TIMESTEP_SAMPLERS):  # (A1111's: timesteps)
         raise ValueError(f"--hires-sampler {hires_sampler} runs on no σ grid (its own steps), so --sigma-min, "
                          "--sigma-max, --rho, --beta-alpha, --beta-beta and --old-karras-sigmas cannot shape the hires "
                          "pass; choose a hires sampler with a σ grid or leave those settings out")

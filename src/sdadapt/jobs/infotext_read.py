@@ -32,6 +32,8 @@ _MODEL_FILES = frozenset({"Model", "Model hash", "VAE", "VAE hash", "Refiner", "
 
 _RNG = {"CPU": "a1111-cpu", "NV": "a1111-nv", "GPU": "a1111"}
 _HIRES_REFINER = {"first pass": "first", "both passes": "both", "second pass": "second"}
+#: the A1111 samplers that write "Eta DDIM" (its timestep samplers with an eta: CompVisSampler.initialize)
+_ETA_DDIM_SAMPLERS = ("DDIM", "DDIM CFG++")
 
 
 def parse_infotext(text: str) -> dict[str, str]:
@@ -160,7 +162,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Beta schedule alpha", "beta_alpha", float)
     take("Beta schedule beta", "beta_beta", float)
     take("Eta", "eta", float)
-    if "Eta DDIM" in fields and str(fields.get("Sampler", "")).strip() == "DDIM":
+    if "Eta DDIM" in fields and any(str(fields.get(field, "")).strip() in _ETA_DDIM_SAMPLERS
+                                    for field in ("Sampler", "Hires sampler")):  # (the pass whose sampler wrote it)
         take("Eta DDIM", "eta_ddim", float)
     if fields.get("Emphasis", "").strip().lower() != "none":  # (A1111's None, brackets as text: not taken)
         take("Emphasis", "emphasis")
@@ -215,6 +218,10 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
             reason = "needs the init image / mask: give --init-image (--mask)"
         elif base.startswith(("Refiner", "Hires refiner")):
             reason = "needs the refiner: give --refiner FILE"
+        elif base == "Eta DDIM":
+            reason = (f"A1111's setting of its {' and '.join(_ETA_DDIM_SAMPLERS)}; not taken with Sampler "
+                      f"{fields.get('Sampler', '(none)')!r}" + (f" and Hires sampler {fields['Hires sampler']!r}"
+                                                                if "Hires sampler" in fields else ""))
         elif base in ("Hires upscaler", "Masked content"):
             reason = f"{fields[field]!r} is not one of sdadapt's: give another (the image will differ from A1111's)"
         else:

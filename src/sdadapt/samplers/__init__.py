@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..cond_padding import CondPadding
-from ..denoised_branches import ReadDenoised, denoised_of
+from ..denoised_branches import ReadDenoised, denoised_of, reading_first
 from ..sampler_tables import (  # (the names and checks, torch-free: their one home, re-exported here)
     DISCARD_NEXT_TO_LAST_SIGMA,
     KARRAS_SAMPLERS,
@@ -42,12 +42,18 @@ from ..sampler_tables import (  # (the names and checks, torch-free: their one h
     canonical_sampler,
     check_karras,
     resolve_schedule,
+    runs_a1111_timesteps,
 )
 from ..training import diffusion
 from ..uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
+from .a1111_timesteps import (
+    a1111_ddim_cfgpp_sample,
+    a1111_ddim_sample,
+    a1111_plms_sample,
+)
 from .ddpm import ddpm_sample
 from .dpm2 import dpm2_ancestral_sample, dpm2_sample
 from .dpm_fast_adaptive import dpm_adaptive_sample, dpm_fast_sample
@@ -108,6 +114,8 @@ _SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_fast": dpm_fast_sample,  # not a kohya name: k-diffusion's sample_dpm_fast (num_steps = model calls)
     "dpm_adaptive": dpm_adaptive_sample,  # not a kohya name: k-diffusion's sample_dpm_adaptive (its own steps)
     "restart": restart_sample,  # not a kohya name: A1111's restart_sampler (Heun + restart segments, Karras σ)
+    "plms": a1111_plms_sample,  # not a kohya name: A1111's PLMS (sd_samplers_timesteps_impl.plms)
+    "ddim_cfgpp": a1111_ddim_cfgpp_sample,  # not a kohya name: A1111's DDIM CFG++
 }
 # (SAMPLERS, sdadapt.sampler_tables: "ddim" and these names, in this order; tests/test_cli_parse_tables.py)
 def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tensor, cond: object, *, sampler: str,
@@ -131,8 +139,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     device, then moved, as diffusers does); ``callback(i, t, x)`` sees each step's sample;
     ``options``: the sampler's own (``ddim``: ``eta``, ``final_alpha_cumprod``, ``clip_sample``...).
     ``schedule``: A1111's "Schedule type" (:func:`resolve_schedule`; ``None``: the sampler's diffusers grid),
-    for :data:`SCHEDULE_SAMPLERS`, ``"automatic"`` on ``ddim``: A1111's own DDIM (:mod:`.ddim_a1111`; without a schedule
-    ``ddim`` is diffusers' ``DDIMScheduler``); ``"karras"`` on a sampler in :data:`KARRAS_SAMPLERS` is ``karras=True``, but on
+    for :data:`SCHEDULE_SAMPLERS`, ``"automatic"`` on ``ddim``: A1111's own DDIM (:mod:`.a1111_timesteps`; without a
+    schedule ``ddim`` is diffusers' ``DDIMScheduler``; ``plms`` and ``ddim_cfgpp`` are A1111's PLMS and DDIM CFG++
+    always); ``"karras"`` on a sampler in :data:`KARRAS_SAMPLERS` is ``karras=True``, but on
     DPM2, DPM2 a and DPM++ 3M SDE (:data:`DISCARD_NEXT_TO_LAST_SIGMA`), which run any schedule as A1111 does:
     the grid of n + 1 steps without its next-to-last σ (``karras=True`` alone stays diffusers' Karras grid).
     ``discard_next_to_last_sigma`` (with a ``schedule``): ``None``, A1111's choice per sampler (those three);
@@ -167,18 +176,19 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if tuned and schedule is None:
         raise ValueError("schedule_options (A1111's sigma min/max, rho, Beta α/β) shape one of A1111's schedules: "
                          "give a schedule too (schedule='automatic' is A1111's default)")
-    if discard_next_to_last_sigma and schedule is None:
+    timesteps = runs_a1111_timesteps(name, schedule)  # (A1111's DDIM, PLMS, DDIM CFG++: .a1111_timesteps)
+    if discard_next_to_last_sigma and schedule is None and not timesteps:
         raise ValueError("discard_next_to_last_sigma=True drops a σ of A1111's grid: give a schedule too "
                          "(schedule='automatic' is A1111's default); without one the sampler runs diffusers' grid")
-    a1111_ddim = name == "ddim" and schedule is not None  # (A1111's own DDIM: .ddim_a1111)
     schedule = resolve_schedule(name, schedule, karras)
-    discard = schedule is not None and (name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
-                                        else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one)
+    discard = bool(discard_next_to_last_sigma) if timesteps else schedule is not None and (
+        name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
+        else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one; its timesteps: one more)
     if schedule == "karras" and name in KARRAS_SAMPLERS and not discard and not tuned and not (
             name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64):
         karras, schedule = True, None
     check_karras(name, karras)
-    a1111 = schedule is not None or name in KDIFFUSION_ONLY or a1111_ddim  # (A1111's path: by branch, σ known)
+    a1111 = schedule is not None or name in KDIFFUSION_ONLY or timesteps  # (A1111's path: by branch, σ known)
     if uncond_skip is not None and uncond_skip.ngms > 0 and not a1111:
         raise ValueError(f"NGMS (A1111's 'Negative Guidance minimum sigma') compares each model call's σ, which "
                          f"sdadapt reads on A1111's grids only; {name} runs diffusers' grid here: give it a schedule "
@@ -196,16 +206,15 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
         return _inpaint(model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                         prediction_type=prediction_type, karras=karras,
-                        generator=generator, callback=callback, schedule="automatic" if a1111_ddim else schedule,
+                        generator=generator, callback=callback, schedule="automatic" if timesteps else schedule,
                         start=start,
-                        discard_next_to_last_sigma=discard if schedule is not None else None,
+                        discard_next_to_last_sigma=discard if schedule is not None or timesteps else None,
                         schedule_options=schedule_options if tuned else None, **options)
-    if a1111_ddim:
-        from .ddim_a1111 import a1111_ddim_sample
-
-        return a1111_ddim_sample(_A1111Denoiser(model, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                                 prediction_type=prediction_type, generator=generator, callback=callback, start=start,
-                                 discard_next_to_last_sigma=bool(discard_next_to_last_sigma), **options)
+    if timesteps:
+        run = a1111_ddim_sample if name == "ddim" else _SAMPLERS[name]
+        return run(_A1111Denoiser(model, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
+                   prediction_type=prediction_type, generator=generator, callback=callback, start=start,
+                   discard_next_to_last_sigma=discard, **options)
     if name == "ddim":
         if start is not None:  # img2img / hires fix: diffusers' strength rule (sdadapt.img2img)
             from ..img2img import ddim_img2img
@@ -258,9 +267,7 @@ class _A1111Denoiser:
         return self.fn(x_in, t, self.cond)
 
     def denoised_by_branch(self, read: ReadDenoised, x_in: Tensor, t: Tensor, *, sigma: float | Tensor) -> Tensor:
-        def read_float32(out: Tensor) -> Tensor:
-            return read(out.to(torch.promote_types(out.dtype, torch.float32)))
-
+        read_float32 = reading_first(read, lambda out: out.to(torch.promote_types(out.dtype, torch.float32)))
         return denoised_of(self.fn, read_float32, x_in, t, self.cond, sigma=sigma)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..cond_padding import CondPadding
-from ..denoised_branches import denoised_of
+from ..denoised_branches import denoised_of, keep_negative, scaled_by, wants_negative
 from ..uncond_skip import UncondSkip
 
 __all__ = [
@@ -562,8 +562,7 @@ class Guided:
                  uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None) -> None:
         if pad_conds is not None and uncond is not None:  # (A1111 pads before it runs either: at scale 1 too)
             (cond,), uncond = pad_conds.pad([cond], uncond)
-        self.model, self.cond, self.scale = model, cond, guidance_scale
-        self.uncond = None if guidance_scale == 1.0 else uncond
+        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, guidance_scale
         self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
 
     def _halves(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -573,10 +572,11 @@ class Guided:
             return out_u, out_c
         return self.model(x, t, self.uncond), self.model(x, t, self.cond)
 
-    def _cond_alone(self, sigma: float | Tensor | None) -> bool:
+    def _cond_alone(self, sigma: float | Tensor | None, read: Callable[[Tensor], Tensor] | None = None) -> bool:
         call, self.calls = self.calls, self.calls + 1
         skip = self.uncond_skip is not None and self.uncond_skip.skips(call, self.total_steps, sigma)
-        return skip or self.uncond is None
+        # (at scale 1 the cond alone, unless the sampler steps along the negative too: DDIM CFG++)
+        return skip or self.uncond is None or (self.scale == 1.0 and not wants_negative(read))
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         """The guided output (B,C,H,W) at ``x`` (B,C,H,W), timesteps ``t`` (B,)."""
@@ -586,11 +586,15 @@ class Guided:
 
     def denoised_by_branch(self, read: Callable[[Tensor], Tensor], x: Tensor, t: Tensor, _cond: object = None, *,
                            sigma: float | Tensor) -> Tensor:
-        """x̂0 (B,C,H,W): each half's output read by ``read``, combined on x̂0 as A1111's ``combine_denoised``."""
-        if self._cond_alone(sigma):
+        """x̂0 (B,C,H,W): each half's output read by ``read``, combined on x̂0 as A1111's ``combine_denoised``
+        (the negative half kept for a :class:`~sdadapt.denoised_branches.ReadKeepingNegative`, its scale multiplier
+        applied)."""
+        if self._cond_alone(sigma, read):  # (no negative kept: the output itself stands in, as in A1111)
             return denoised_of(self.model, read, x, t, self.cond, sigma=sigma)
         out_u, out_c = self._halves(x, t)
-        return guidance_combine(read(out_u), read(out_c), self.scale)
+        negative = read(out_u)
+        keep_negative(read, negative)
+        return guidance_combine(negative, read(out_c), scaled_by(read, self.scale))
 
 
 def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
