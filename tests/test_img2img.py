@@ -121,9 +121,9 @@ def test_ddim_strength_zero_returns_the_init_latent():
 def test_every_sampler_starts_from_an_image_and_another_name_is_refused():
     from sdadapt.img2img import IMG2IMG_SAMPLERS, check_img2img_sampler
 
-    assert sorted(IMG2IMG_SAMPLERS) == sorted(samplers.SAMPLERS)
-    with pytest.raises(ValueError, match="'plms' cannot start from an image"):
-        check_img2img_sampler("plms")
+    assert sorted(IMG2IMG_SAMPLERS) == sorted(samplers.SAMPLERS)  # (A1111's PLMS too, since plms is A1111's)
+    with pytest.raises(ValueError, match="'euler_cfgpp' cannot start from an image"):
+        check_img2img_sampler("euler_cfgpp")
 
 
 @pytest.mark.parametrize("name", list(LATENT_UPSCALERS))
@@ -322,7 +322,7 @@ def test_img2img_option_errors_name_the_option(tmp_path):
     with pytest.raises(ValueError, match="leave it out with --init-image"):
         run_generate(prompt="x", out=tmp_path / "a.png", init_image=tmp_path / "i.png", hires_scale=2)
     with pytest.raises(ValueError, match="--sampler"):
-        run_generate(prompt="x", out=tmp_path / "a.png", sampler="plms", hires_scale=2)
+        run_generate(prompt="x", out=tmp_path / "a.png", sampler="Euler CFG++", hires_scale=2)
     with pytest.raises(ValueError, match="init latents are"):
         generate(__import__("sdadapt.toy.system", fromlist=["load_toy"]).load_toy(), ["a red circle"], steps=2,
                  sampler="euler", init_latents=torch.zeros(1, 12, 8, 8))

@@ -118,8 +118,8 @@ def test_hires_text_options_need_a_hires_pass_and_an_img2img_sampler(tmp_path):
 
     with pytest.raises(ValueError, match="give --hires-scale"):
         run_generate(prompt="x", out=tmp_path / "a.png", hires_prompt="y")
-    with pytest.raises(ValueError, match="--hires-sampler: .*'plms'"):
-        run_generate(prompt="x", out=tmp_path / "a.png", hires_scale=2, hires_sampler="plms")
+    with pytest.raises(ValueError, match="--hires-sampler: .*'Euler CFG\\+\\+'"):
+        run_generate(prompt="x", out=tmp_path / "a.png", hires_scale=2, hires_sampler="Euler CFG++")
     with pytest.raises(ValueError, match="--hires-sampler: give the sampler without its 'karras' grid"):
         run_generate(prompt="x", out=tmp_path / "a.png", hires_scale=2, hires_sampler="DPM++ 2M Karras")
     with pytest.raises(ValueError, match="--resize-mode must be one of just, crop, fill"):
@@ -179,7 +179,7 @@ def test_check_hires_request_refuses_each_bad_field_by_its_option():
                       (HiresRequest((64, 64), denoising=1.5), "--hires-denoising"),
                       (HiresRequest((64, 64), steps=-1), "--hires-steps"),
                       (HiresRequest((64, 64), upscaler="esrgan"), "--hires-upscaler"),
-                      (HiresRequest((64, 64), sampler="plms"), "--hires-sampler"),
+                      (HiresRequest((64, 64), sampler="Euler CFG++"), "--hires-sampler"),
                       (HiresRequest((60, 64)), "--hires-scale")):
         with pytest.raises(ValueError, match=flag):
             check_hires_request(bad)
@@ -201,7 +201,8 @@ def test_a_low_hires_strength_is_run_or_refused_by_name():
     assert generate_latents.shape == latents.shape
 
 
-@pytest.mark.parametrize("grid", [{"schedule": "karras", "hires_sampler": "ddim"},
+# (ddim there is A1111's DDIM, which A1111 runs on its timesteps whatever the schedule type: taken)
+@pytest.mark.parametrize("grid", [{"schedule": "karras", "hires_sampler": "ddpm"},
                                   {"karras": True, "hires_sampler": "euler_a"}])
 def test_a_hires_sampler_without_the_first_pass_grid_is_refused_before_sampling(tiny_sd, tmp_path, spy, grid):
     from sdadapt.jobs import run_generate

@@ -76,7 +76,8 @@ __all__ = [
 #: samplers on A1111's σ grid (k-diffusion's samplers and A1111's Restart) or its timesteps (its PLMS and DDIM
 #: CFG++): A1111's t_enc rule
 A1111_RULE_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2s_a",
-                                        "dpmpp_sde", "restart", "dpm_fast", "dpm_adaptive", "plms", "ddim_cfgpp")
+                                        "dpmpp_sde", "restart", "dpm_fast", "dpm_adaptive", "plms", "ddim_cfgpp",
+                                        "unipc_a1111")
 #: samplers run as diffusers' scheduler: diffusers' strength rule
 DIFFUSERS_RULE_SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver", "dpmsolver++", "dpmsolver++_sde",
                                             "dpmsolver++_sde_heun", "dpmsolver++_3m_sde", "dpmsingle", "unipc",

@@ -64,10 +64,13 @@ ETA_SAMPLERS: tuple[str, ...] = ("euler_a", "dpm_2_a", "dpmpp_2s_a", "dpmpp_sde"
                                  "dpmsolver++_sde_heun", "dpmsolver++_3m_sde", "dpm_fast", "dpm_adaptive")
 
 # ------------------------------------------------------------------------------------- A1111's timestep samplers
-#: A1111's timestep samplers (modules/sd_samplers_timesteps.py: DDIM, PLMS, DDIM CFG++; :mod:`sdadapt.samplers.
-#: a1111_timesteps`): integer timesteps ``range(0, T, T // n) + 1``, no σ grid. ``plms`` and ``ddim_cfgpp`` are
-#: A1111's always; ``ddim`` is A1111's given a schedule, diffusers' ``DDIMScheduler`` without one.
-TIMESTEP_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "ddim_cfgpp")
+#: A1111's timestep samplers (modules/sd_samplers_timesteps.py: DDIM, PLMS, DDIM CFG++ —
+#: :mod:`sdadapt.samplers.a1111_timesteps` — and UniPC, :mod:`sdadapt.samplers.unipc_a1111`): A1111's timesteps
+#: ``range(0, T, T // n) + 1``, no σ grid. ``plms``, ``ddim_cfgpp`` and ``unipc_a1111`` are A1111's always; ``ddim``
+#: is A1111's given a schedule, diffusers' ``DDIMScheduler`` without one.
+TIMESTEP_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "ddim_cfgpp", "unipc_a1111")
+#: the timestep samplers with an ``eta``, A1111's "Eta DDIM" (its DDIM and DDIM CFG++)
+_ETA_DDIM: tuple[str, ...] = ("ddim", "ddim_cfgpp")
 
 
 def runs_a1111_timesteps(name: str, schedule: str | None) -> bool:
@@ -77,8 +80,8 @@ def runs_a1111_timesteps(name: str, schedule: str | None) -> bool:
 
 def takes_eta_ddim(name: str, schedule: str | None) -> bool:
     """Whether sampler ``name`` (canonical) on ``schedule`` takes A1111's "Eta DDIM" (its DDIM and DDIM CFG++: the
-    timestep samplers with an ``eta``; not PLMS)."""
-    return name != "plms" and runs_a1111_timesteps(name, schedule)
+    timestep samplers with an ``eta``; not PLMS or UniPC)."""
+    return name in _ETA_DDIM and runs_a1111_timesteps(name, schedule)
 
 
 # ------------------------------------------------------------------------------------------ A1111's call counts
@@ -139,7 +142,7 @@ def canonical_schedule(name: str) -> str:
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a",
                               "dpmsolver", "dpmsolver++", "dpmsingle", "unipc", "dpmsolver++_sde", "lcm", "dpmpp_sde",
                               "dpmpp_2s_a", "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "dpm_fast", "dpm_adaptive",
-                              "restart", "plms", "ddim_cfgpp")
+                              "restart", "plms", "ddim_cfgpp", "unipc_a1111")
 #: other spellings of the same samplers (kohya's ``k_`` names)
 SAMPLER_ALIASES: dict[str, str] = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
                                    "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++",
@@ -168,6 +171,7 @@ _NO_SCHEDULE: dict[str, str] = {
     "pndm": "PNDM (PLMS) steps fixed integer timesteps with a multistep rule tied to their spacing",
     "plms": "A1111's PLMS steps its own integer timesteps, not a σ grid",
     "ddim_cfgpp": "A1111's DDIM CFG++ steps its own integer timesteps, not a σ grid",
+    "unipc_a1111": "A1111's UniPC steps DPM-Solver's continuous time of the model's discrete schedule, not a σ grid",
     "dpm_fast": "DPM fast spaces its steps evenly in log σ between the model's σ_max and σ_min itself",
     "dpm_adaptive": "DPM adaptive chooses its own steps in log σ between the model's σ_max and σ_min",
 }
@@ -268,6 +272,9 @@ A1111_LABELS: dict[str, str] = {
     "ddim": "ddim",  # DDIMScheduler; with a schedule A1111's own DDIM (sdadapt.samplers.a1111_timesteps)
     "plms": "plms",  # A1111's PLMS (sd_samplers_timesteps_impl.plms, not diffusers' PNDMScheduler)
     "ddim cfg++": "ddim_cfgpp",  # A1111's DDIM CFG++ (sd_samplers_timesteps_impl.ddim_cfgpp)
+    # A1111's UniPC (sd_samplers_timesteps_impl.unipc): the label as A1111 writes it, "UniPC" (the name unipc in
+    # any other case is diffusers' UniPCMultistepScheduler, sdadapt's unipc)
+    "unipc": "unipc_a1111",
     # A1111's lower-case aliases (modules/sd_samplers_kdiffusion.py)
     "k_euler": "euler", "k_euler_a": "euler_a", "k_euler_ancestral": "euler_a", "k_lms": "lms", "k_heun": "heun",
     "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "k_dpmpp_2m": "dpmsolver++",
@@ -286,7 +293,6 @@ _EXPONENTIAL_ALIASES: frozenset[str] = frozenset({"k_dpmpp_3m_sde_exp", "k_dpmpp
 
 #: A1111 labels with no sampler here (lower case) -> why
 A1111_MISSING: dict[str, str] = {
-    "unipc": "its own UniPC port (bh1, order 3), not diffusers' UniPCMultistepScheduler defaults",
     "euler cfg++": "Forge's Euler with CFG++ guidance (not an A1111 sampler)",
 }
 
@@ -297,7 +303,10 @@ A1111_DISPLAY: dict[str, str] = {
     "dpm++ 2m sde": "DPM++ 2M SDE", "lcm": "LCM", "dpm++ sde": "DPM++ SDE", "dpm++ 2s a": "DPM++ 2S a",
     "dpm++ 3m sde": "DPM++ 3M SDE", "dpm++ 2m sde heun": "DPM++ 2M SDE Heun",
     "dpm fast": "DPM fast", "dpm adaptive": "DPM adaptive", "restart": "Restart",
-    "plms": "PLMS", "ddim cfg++": "DDIM CFG++", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
+    "plms": "PLMS", "ddim cfg++": "DDIM CFG++", "unipc": "UniPC", "lms": "LMS", "euler": "Euler", "heun": "Heun"}
+#: A1111 display labels that read as another sampler's name in another case: taken as A1111's only written as A1111
+#: writes them ("UniPC": A1111's UniPC; "unipc", "UNIPC": sdadapt's unipc, diffusers')
+_EXACT_LABELS: dict[str, str] = {"UniPC": "unipc_a1111"}
 
 
 def a1111_label(name: str) -> str | None:
@@ -369,6 +378,8 @@ def sampler_from_label(text: str) -> tuple[str, bool]:
         ValueError: a label with no sampler here (the message says why and lists what is taken), or
             " Karras" on a sampler without Karras σ.
     """
+    if " ".join(str(text).split()) in _EXACT_LABELS:
+        return _EXACT_LABELS[" ".join(str(text).split())], False
     words = " ".join(str(text).lower().replace("_karras", " karras").split())
     if words in _KARRAS_ALIASES:
         words = words[: -len("_ka")] + " karras"

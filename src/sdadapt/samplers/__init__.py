@@ -76,6 +76,7 @@ from .restart import restart_sample
 from .schedules import ScheduleOptions
 from .sigma_space import model_sigmas, work_dtype
 from .unipc import unipc_sample
+from .unipc_a1111 import a1111_unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "KDIFFUSION_ONLY", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
            "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler",
@@ -116,6 +117,7 @@ _SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "restart": restart_sample,  # not a kohya name: A1111's restart_sampler (Heun + restart segments, Karras σ)
     "plms": a1111_plms_sample,  # not a kohya name: A1111's PLMS (sd_samplers_timesteps_impl.plms)
     "ddim_cfgpp": a1111_ddim_cfgpp_sample,  # not a kohya name: A1111's DDIM CFG++
+    "unipc_a1111": a1111_unipc_sample,  # not a kohya name: A1111's UniPC (its uni_pc port, bh1, order 3)
 }
 # (SAMPLERS, sdadapt.sampler_tables: "ddim" and these names, in this order; tests/test_cli_parse_tables.py)
 def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tensor, cond: object, *, sampler: str,

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
 
 __all__ = ["CFG_PP_SCALE_MULTIPLIER", "a1111_ddim_cfgpp_sample", "a1111_ddim_sample", "a1111_plms_sample",
-           "a1111_timesteps"]
+           "a1111_timesteps", "ldm_sqrt_tables"]
 
 #: DDIM CFG++'s guidance multiplier (A1111's ``model.cond_scale_miltiplier = 1 / 12.5``: CFG 0..12.5 -> 0..1)
 CFG_PP_SCALE_MULTIPLIER = 1 / 12.5
@@ -56,6 +56,17 @@ def a1111_timesteps(num_steps: int, num_train_steps: int = 1000) -> Tensor:
     if not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"A1111's timestep samplers: steps must be in [1, {num_train_steps}], got {num_steps}")
     return (torch.arange(0, num_train_steps, num_train_steps // num_steps) + 1).clamp(0, num_train_steps - 1)
+
+
+def ldm_sqrt_tables(alphas_cumprod: Tensor, prediction_type: str,
+                    device: torch.device | str = "cpu") -> tuple[Tensor, Tensor] | None:
+    """LDM's float32 buffers ``sqrt_alphas_cumprod`` and ``sqrt_one_minus_alphas_cumprod`` (T,) on ``device`` — the
+    float32 of the float64 roots of ``alphas_cumprod`` (T,) — that A1111's ``CompVisTimestepsVDenoiser`` reads a v
+    output as ε with; ``None`` for an ε model (nothing to read)."""
+    if prediction_type == "epsilon":
+        return None
+    ac64 = alphas_cumprod.detach().double().cpu()
+    return ac64.sqrt().float().to(device), (1 - ac64).sqrt().float().to(device)
 
 
 class _EpsRead:
@@ -89,8 +100,7 @@ class _Run:
         if prediction_type == "sample":
             raise ValueError(f"A1111's {name} reads ε or v; for a sample-prediction model use ddim (diffusers' "
                              "DDIMScheduler)")
-        ac64 = alphas_cumprod.detach().double().cpu()
-        ac = ac64.float()  # (A1111's alphas_cumprod buffer: float32)
+        ac = alphas_cumprod.detach().double().cpu().float()  # (A1111's alphas_cumprod buffer: float32)
         steps = num_steps + (1 if discard_next_to_last_sigma else 0)
         timesteps = a1111_timesteps(steps, int(ac.shape[0]))
         self.work = torch.promote_types(x_T.dtype, torch.float32)
@@ -107,8 +117,7 @@ class _Run:
         self.alphas = ac[timesteps]
         self.alphas_prev = ac[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].double()
         self.sqrt_one_minus = (1 - self.alphas).sqrt()
-        self.tables = None if prediction_type == "epsilon" else (  # (LDM's buffers: float32 of the float64 roots)
-            ac64.sqrt().float().to(x.device), (1 - ac64).sqrt().float().to(x.device))
+        self.tables = ldm_sqrt_tables(alphas_cumprod, prediction_type, x.device)
         self.ones = torch.ones(x.shape[0], 1, 1, 1, dtype=self.work, device=x.device)  # (A1111's s_x)
 
     @property
