@@ -418,7 +418,7 @@ def test_always_discard_is_a1111s_setting():
     with pytest.raises(ValueError, match="discard_next_to_last_sigma=True .* give a schedule"):
         run("dpm_2", karras=True, discard_next_to_last_sigma=True)
     # (ddim with a schedule is A1111's own DDIM, whose get_timesteps takes the setting too: one timestep more)
-    from sdadapt.samplers.ddim_a1111 import a1111_ddim_sample
+    from sdadapt.samplers.a1111_timesteps import a1111_ddim_sample
 
     own = a1111_ddim_sample(lambda x, t: stand_in(x, t.double()), x_T, alphas_cumprod=ac, num_steps=6,
                             discard_next_to_last_sigma=True)
@@ -462,7 +462,8 @@ def test_resolution_automatic_karras_and_refusals():
     with pytest.raises(ValueError, match="karras and schedule 'beta'"):
         resolve_schedule("euler", "beta", karras=True)
     assert resolve_schedule("euler", "karras", karras=True) == "karras"
-    assert set(SCHEDULE_SAMPLERS) == set(samplers.SAMPLERS) - {"ddim", "ddpm", "pndm", "dpm_fast", "dpm_adaptive"}
+    assert set(SCHEDULE_SAMPLERS) == set(samplers.SAMPLERS) - {"ddim", "ddpm", "pndm", "dpm_fast", "dpm_adaptive",
+                                                               "plms", "ddim_cfgpp", "unipc_a1111"}
 
 
 #: A1111 ≥ 1.9's ``samplers_k_diffusion`` (modules/sd_samplers_kdiffusion.py): label -> its option ``scheduler``
@@ -568,8 +569,9 @@ def test_run_generate_with_a_schedule_end_to_end(tmp_path):
     named = image("named.png", sampler="dpmsolver++_3m_sde", schedule="exponential")
     other = image("other.png", sampler="dpmsolver++_3m_sde", schedule="KL Optimal")
     assert np.array_equal(label, named) and not np.array_equal(label, other)
-    with pytest.raises(ValueError, match="--schedule: sampler 'ddim' takes no schedule"):
-        run_generate(prompt="x", out=tmp_path / "d.png", sampler="ddim", schedule="beta")
+    # (ddim given any schedule is A1111's DDIM, which A1111 runs on its timesteps whatever the type: taken)
+    with pytest.raises(ValueError, match="--schedule: sampler 'ddpm' takes no schedule"):
+        run_generate(prompt="x", out=tmp_path / "d.png", sampler="ddpm", schedule="beta")
     with pytest.raises(ValueError, match="--schedule 'beta' and the sampler label's 'exponential' grid disagree"):
         run_generate(prompt="x", out=tmp_path / "d.png", sampler="DPM++ 3M SDE Exponential", schedule="beta")
 

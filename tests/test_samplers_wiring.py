@@ -18,7 +18,12 @@ import pytest
 import torch
 
 from sdadapt import samplers
-from sdadapt.samplers.labels import A1111_LABELS, A1111_MISSING, sampler_from_label
+from sdadapt.samplers.labels import (
+    A1111_DISPLAY,
+    A1111_LABELS,
+    A1111_MISSING,
+    sampler_from_label,
+)
 from sdadapt.sampling import SamplePrompt, generate, parse_sample_prompts
 
 #: kohya's get_my_scheduler: name -> (diffusers class, extra config)
@@ -150,15 +155,18 @@ def test_a1111_labels_map_to_their_diffusers_scheduler():
     for alias, name in samplers.SAMPLER_ALIASES.items():
         assert sampler_from_label(alias) == (name, False)
     for label, name in A1111_LABELS.items():  # every label maps to a registry name or says it is not here
-        if name in samplers.SAMPLERS:
+        if label in samplers.SAMPLERS and name != label:  # ("unipc": the name wins; the label as A1111 writes it,
+            # "UniPC", is A1111's sampler)
+            assert sampler_from_label(label)[0] == label
+            assert sampler_from_label(A1111_DISPLAY[label])[0] == name
+        elif name in samplers.SAMPLERS:
             assert sampler_from_label(label)[0] == name
         else:
             with pytest.raises(ValueError, match="not available|no sampler here matches"):
                 sampler_from_label(label)
 
 
-@pytest.mark.parametrize("label", ["DDIM CFG++", "DDIM CFG++ Karras",
-                                   "Euler CFG++ Karras", "Euler CFG++", "nonsense"])
+@pytest.mark.parametrize("label", ["Euler CFG++ Karras", "Euler CFG++", "nonsense"])
 def test_a1111_labels_without_a_sampler_here_say_why_and_what_is_taken(label):
     with pytest.raises(ValueError) as info:
         sampler_from_label(label)
@@ -202,8 +210,10 @@ def test_run_generate_refuses_karras_for_a_sampler_without_it(tmp_path):
     plain = next(n for n in samplers.SAMPLERS if n not in samplers.KARRAS_SAMPLERS)
     with pytest.raises(ValueError, match=f"--karras: sampler '{plain}' has no Karras"):
         run_generate(prompt="x", out=tmp_path / "a.png", sampler=plain, karras=True)
-    with pytest.raises(ValueError, match="--sampler: .*'DDIM CFG\\+\\+'"):
-        run_generate(prompt="x", out=tmp_path / "a.png", sampler="DDIM CFG++")
+    with pytest.raises(ValueError, match="--sampler: .*'Euler CFG\\+\\+'"):
+        run_generate(prompt="x", out=tmp_path / "a.png", sampler="Euler CFG++")
+    with pytest.raises(ValueError, match="ddim_cfgpp has no Karras noise levels"):  # (A1111's DDIM CFG++: timesteps)
+        run_generate(prompt="x", out=tmp_path / "a.png", sampler="DDIM CFG++ Karras")
 
 
 def test_generate_command_writes_a_toy_image_with_a_label(tmp_path):
