@@ -435,3 +435,22 @@ def test_more_steps_than_timesteps_are_refused_before_the_run(sampler):
     assert "plms" not in str(info.value).split("any step count")[1]
     with pytest.raises(ValueError, match=r"steps must be in \[1, 1000\]"):
         _OURS[sampler](_guided(2.0), _x_T(1), alphas_cumprod=sd_alphas_cumprod(), num_steps=1001)
+
+
+@pytest.mark.parametrize("label", ["PLMS", "DDIM CFG++", "UniPC"])
+def test_generate_takes_ngms_on_them_without_a_schedule(tmp_path, label):
+    """A1111's timestep samplers are A1111's without ``--schedule``: NGMS (which compares the call's timesteps there,
+    as A1111 hands them over) is taken; A1111 writes it once a call skipped — never at these timesteps for a
+    small NGMS, after the first call for one above them."""
+    from PIL import Image
+
+    from sdadapt.cli import main
+
+    base = ["--prompt", "a red circle", "--negative", "blue", "--sampler", label, "--steps", "5", "--seed", "3"]
+    assert main(["generate", *base, "--ngms", "0.5", "-o", str(tmp_path / "small.png")]) == 0
+    assert main(["generate", *base, "--ngms", "2000", "-o", str(tmp_path / "large.png")]) == 0
+    assert main(["generate", *base, "-o", str(tmp_path / "none.png")]) == 0
+    small, large, none = (Image.open(tmp_path / f"{n}.png") for n in ("small", "large", "none"))
+    assert "NGMS" not in small.text["parameters"] and ", NGMS: 2000, " in large.text["parameters"]
+    assert np.array_equal(np.asarray(small), np.asarray(none))
+    assert not np.array_equal(np.asarray(large), np.asarray(none))

@@ -45,9 +45,9 @@ def denoised_of(model: Callable[..., Tensor], read: ReadDenoised, *inputs: objec
 class ReadKeepingNegative:
     """A sampler's ``read`` (:data:`ReadDenoised`) that also asks the guidance for the call's negative branch, read
     (:attr:`negative`, A1111's ``last_noise_uncond``), and to scale guidance by ``scale_multiplier`` (A1111's
-    ``cond_scale_miltiplier``; DDIM CFG++: 1/12.5). The sampler calls :meth:`clear` before each model call; the
-    innermost guidance that combines the call keeps its negative (:func:`keep_negative`), outer ones leave it.
-    ``negative`` stays ``None`` after a call that ran no negative (module docstring)."""
+    ``cond_scale_miltiplier``; DDIM CFG++: 1/12.5). The sampler makes one per model call; the innermost guidance
+    that combines the call keeps its negative (:func:`keep_negative`), outer ones leave it. ``negative`` stays
+    ``None`` after a call that ran no negative (module docstring)."""
 
     def __init__(self, read: ReadDenoised, *, scale_multiplier: float = 1.0, _kept: list | None = None) -> None:
         self.read, self.scale_multiplier = read, float(scale_multiplier)
@@ -61,13 +61,9 @@ class ReadKeepingNegative:
         """The last call's negative branch, read (B,C,H,W), or ``None``."""
         return self._kept[0]
 
-    def clear(self) -> None:
-        self._kept[0] = None
-
     def keep(self, value: Tensor) -> None:
         if self._kept[0] is None:
             self._kept[0] = value
-
 
     def at(self, x_in: Tensor) -> ReadKeepingNegative:
         """This read for a model call at input ``x_in`` (:func:`read_at`), the same negative kept."""

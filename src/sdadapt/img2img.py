@@ -44,6 +44,7 @@ from .sampler_tables import (  # (torch-free: their one home)
     LATENT_UPSCALERS,
     TIMESTEP_SAMPLERS,
     VAE_ENCODE_METHODS,
+    runs_a1111_timesteps,
 )
 
 __all__ = [
@@ -73,8 +74,8 @@ __all__ = [
     "vp_timestep_start",
 ]
 
-#: samplers on A1111's σ grid (k-diffusion's samplers and A1111's Restart) or its timesteps (its PLMS and DDIM
-#: CFG++): A1111's t_enc rule
+#: samplers on A1111's σ grid (k-diffusion's samplers and A1111's Restart) or its timesteps (its PLMS, DDIM CFG++
+#: and UniPC): A1111's t_enc rule
 A1111_RULE_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2s_a",
                                         "dpmpp_sde", "restart", "dpm_fast", "dpm_adaptive", "plms", "ddim_cfgpp",
                                         "unipc_a1111")
@@ -199,7 +200,7 @@ def takes_any_step_count(sampler: str, schedule: str | None = None, *, karras: b
     such a schedule, the model then called at fractional timesteps as A1111 calls it. The others step the model's
     integer timesteps as diffusers' schedulers do (``DDIMScheduler``, ``DDPMScheduler`` and ``LCMScheduler`` refuse
     more steps than ``num_train_timesteps``; the DPM-Solver family and UniPC would repeat timesteps; PNDM's leading
-    grid has none), or A1111's (its DDIM, PLMS, DDIM CFG++: ``range(0, T, T // n)`` needs n ≤ T)."""
+    grid has none), or A1111's (its DDIM, PLMS, DDIM CFG++, UniPC: ``range(0, T, T // n)`` needs n ≤ T)."""
     from .samplers.dpm_solver import K_DIFFUSION_DPMPP, continuous_grid
     from .samplers.sigma_space import any_step_count
 
@@ -238,7 +239,7 @@ def _grid_reason(sampler: str, schedule: str | None) -> str:
     """Why ``sampler`` on ``schedule`` takes at most the model's timesteps (the refusals' middle part)."""
     from .samplers.sigma_space import any_step_count
 
-    if sampler in TIMESTEP_SAMPLERS and (sampler != "ddim" or schedule is not None):
+    if runs_a1111_timesteps(sampler, schedule):
         return f"A1111's {sampler} steps its timesteps range(0, T, T // steps)"
     if schedule is not None and not any_step_count(schedule):
         return f"A1111's {schedule!r} schedule picks the model's training steps"

@@ -272,7 +272,7 @@ def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor
     """The guided model ``fn(x_in, t, cond)`` with A1111's inpainting blend on a 4-channel model
     (``CFGDenoiser.forward``): ``init`` (B, C, h, w) the init latent, ``latmask`` (1 or B, 1 or C, h, w) 1 = repaint.
 
-    A timestep sampler (``ddim``, ``plms``, ``ddim_cfgpp``: A1111's ``CFGDenoiserTimesteps``,
+    A timestep sampler (:data:`sdadapt.sampler_tables.TIMESTEP_SAMPLERS`: A1111's ``CFGDenoiserTimesteps``,
     ``mask_before_denoising``): the model sees
     ``init·mask + nmask·x_t``. Every other sampler: the output is changed so that the sampler's x̂0 is
     ``init·mask + nmask·x̂0`` — the VP sample ``x_in = α·x0 + s·ε`` at the call's σ, ``α = 1/√(σ²+1)``, ``s = σα``,
@@ -294,7 +294,7 @@ def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor
 
 
 class _BlendedBefore:
-    """:func:`masked_model` for the timestep samplers (``ddim``, ``plms``, ``ddim_cfgpp``): the model at
+    """:func:`masked_model` for the timestep samplers (A1111's DDIM, PLMS, DDIM CFG++, UniPC): the model at
     ``init·mask + nmask·x_t``, its branches read by the sampler where it asks (:mod:`sdadapt.denoised_branches`)."""
 
     def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], init: Tensor, latmask: Tensor) -> None:

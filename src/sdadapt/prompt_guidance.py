@@ -224,8 +224,8 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
     pass). What :class:`ScheduledGuidance` runs at each call, given that call's conditions. ``read``: each output
     read to x̂0 by it first, so the combination runs on x̂0 (:mod:`sdadapt.denoised_branches`; ``sigma``: the call's
     σ; a :class:`~sdadapt.denoised_branches.ReadKeepingNegative` keeps the negative's read output and scales
-    ``scale``, and the negative then runs at scale 1 too). ``skip_uncond``: no negative pass — the first sub-prompt's output in its place and scale 1, A1111's skipped
-    call (:mod:`sdadapt.uncond_skip`). ``pad_conds``: the sub-prompts and the negative brought to one length first,
+    ``scale``, and the negative then runs at scale 1 too). ``skip_uncond``: no negative pass — the first
+    sub-prompt's output in its place and scale 1, A1111's skipped call (:mod:`sdadapt.uncond_skip`). ``pad_conds``: the sub-prompts and the negative brought to one length first,
     as A1111 pads them whether or not the negative runs (:mod:`sdadapt.cond_padding`)."""
     parts = _same_length(list(parts))
     if pad_conds is not None:

@@ -1196,6 +1196,7 @@ def _uncond_skip(skip_early_cfg: float, ngms: float, ngms_all_steps: bool, sampl
         ValueError: a value out of range, ``--ngms-all-steps`` without ``--ngms``, ``--ngms`` on a sampler that runs
             diffusers' grid (no schedule): each names its option.
     """
+    from ..sampler_tables import runs_a1111_timesteps
     from ..samplers import KDIFFUSION_ONLY
     from ..uncond_skip import UncondSkip
 
@@ -1203,7 +1204,7 @@ def _uncond_skip(skip_early_cfg: float, ngms: float, ngms_all_steps: bool, sampl
         raise ValueError("--ngms-all-steps applies A1111's NGMS on every call: give --ngms SIGMA too")
     if not skip_early_cfg and not ngms:
         return None
-    if ngms and schedule is None and sampler not in KDIFFUSION_ONLY:
+    if ngms and schedule is None and sampler not in KDIFFUSION_ONLY and not runs_a1111_timesteps(sampler, None):
         raise ValueError(f"--ngms compares each model call's σ, which sdadapt reads on A1111's grids: give {sampler} "
                          "a --schedule (automatic is A1111's default) or leave --ngms out")
     try:
