@@ -471,3 +471,31 @@ def test_the_refiner_stays_once_it_took_over_as_a1111s_loaded_model(pair):
     first = names.index("refiner")
     assert set(names[:first]) == {"base"} and set(names[first:]) == {"refiner"}
     assert any(t >= handoff.cutoff for name, t in order[first:])  # (the climb: the refiner's by staying)
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim_cfgpp", "unipc_a1111"])
+def test_a1111s_timestep_samplers_switch_at_their_timestep(pair, sampler):
+    """A's timestep samplers hand ``apply_refiner`` their timesteps as "σ"; its denoiser has no σ table, so the
+    timestep itself is the index: a call switches once ``(999 − int(t)) / 1000 >= refiner_switch_at`` (UniPC's
+    fractional timesteps truncated). The calls the base and the refiner take follow that rule, in order."""
+    from sdadapt.jobs.generate_refiner import RefinerHandoff
+
+    base, refiner = pair
+    handoff = RefinerHandoff(base, refiner, switch_at=SWITCH)
+    seen: list[tuple[str, float]] = []
+    wrapped = handoff.switched
+
+    def spying(base_model, refiner_model, **kw):
+        def spy(name, fn):
+            def run(x, t, c):
+                seen.append((name, float(t.flatten()[0])))
+                return fn(x, t, c)
+            return run
+        return wrapped(spy("base", base_model), spy("refiner", refiner_model), **kw)
+
+    handoff.switched = spying
+    base.sample(["a photo"], seed=1, steps=10, guidance=3.0, sampler=sampler, height=16, width=16,
+                output="latents", refiner=handoff)
+    first = next(i for i, (_, t) in enumerate(seen) if (999 - int(t)) / 1000 >= SWITCH)
+    assert [name for name, _ in seen] == ["base"] * first + ["refiner"] * (len(seen) - first)
+    assert 0 < first < len(seen)
