@@ -128,9 +128,10 @@ def _eos_pooled(encoder: Any, out: Any, ids: Tensor, *, eos_id: int) -> Tensor:
     return projection(states[torch.arange(states.shape[0], device=states.device), first_eos.to(states.device)])
 
 
-#: A1111's "Emphasis mode" choices sdadapt samples with (modules/sd_emphasis.py: ``EmphasisOriginal``,
-#: ``EmphasisOriginalNoNorm``, ``EmphasisIgnore``; its "None", the brackets as literal text, is not taken)
-EMPHASIS_MODES: tuple[str, ...] = ("Original", "No norm", "Ignore")
+#: A1111's "Emphasis mode" choices (modules/sd_emphasis.py: ``EmphasisOriginal``, ``EmphasisOriginalNoNorm``,
+#: ``EmphasisIgnore``, ``EmphasisNone``: the text as it is — brackets and ``BREAK`` literal words, sd_hijack_clip's
+#: ``parsed = [[line, 1.0]]``)
+EMPHASIS_MODES: tuple[str, ...] = ("Original", "No norm", "Ignore", "None")
 
 
 def _weighted_only(weighted: Tensor, plain: Tensor) -> Tensor:
@@ -215,7 +216,8 @@ class DiffusersSystem(nn.Module):
             raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
         self.clip_skip = int(clip_skip)
         #: A1111's "Emphasis mode" for sampling prompts (:data:`EMPHASIS_MODES`): "Original" (weights, then each
-        #: prompt's mean restored), "No norm" (weights only), "Ignore" (the syntax read, the weights not applied)
+        #: prompt's mean restored), "No norm" (weights only), "Ignore" (the syntax read, the weights not applied),
+        #: "None" (no syntax: brackets and ``BREAK`` are words of the text)
         self.emphasis = "Original"
         self.max_token_length = max_token_length
         self.source = str(source) if source is not None else None
@@ -991,17 +993,32 @@ class DiffusersSystem(nn.Module):
         ``breaks``, ``BREAK``): :meth:`tokenize`'s conditioning, unchanged."""
         from .prompt_chunks import has_break, needs_chunks
 
+        literal = self._literal_prompts()
+
         def chunked(prompt: str) -> bool:  # (A1111's BREAK, and its long prompts where no kohya length is set)
-            return needs_chunks(self._all_tokenizers[0], prompt) if self.max_token_length == 75 else has_break(prompt)
+            if self.max_token_length == 75:
+                return needs_chunks(self._all_tokenizers[0], prompt, literal=literal)
+            return not literal and has_break(prompt)
 
         if breaks and any(chunked(prompt) for prompt in prompts):  # (A1111's chunk layout)
             return self._break_condition(prompts, time_ids)
-        if not any(mark in prompt for prompt in prompts for mark in "()[]\\"):
+        if literal or not any(mark in prompt for prompt in prompts for mark in "()[]\\"):
             ids = self.tokenize(prompts)
             return self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
         # (generate's A1111 prompts: A1111's emphasis pattern, blanks around a weight allowed)
         weighted = self.tokenize_weighted(prompts, a1111=breaks)  # {"ids": (B, L) / (B, 2, L), "weights": the same}
         return self._emphasised(weighted["ids"], weighted["weights"], time_ids)
+
+    def _literal_prompts(self) -> bool:
+        """Whether :attr:`emphasis` is "None" (the prompts' text as it is).
+
+        Raises:
+            ValueError: an :attr:`emphasis` not in :data:`EMPHASIS_MODES`.
+        """
+        if self.emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)} (A1111's 'Emphasis mode'), got "
+                             f"{self.emphasis!r}")
+        return self.emphasis == "None"
 
     def _emphasised(self, ids: Tensor, weights: Tensor, time_ids: Tensor | None) -> Any:
         """:meth:`condition` of ids (B, L) / SDXL (B, 2, L) with their emphasis ``weights`` (the same
@@ -1012,9 +1029,7 @@ class DiffusersSystem(nn.Module):
         plain = self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
         if bool((weights == 1).all()) or self.emphasis == "Ignore":  # (no emphasis: the rescale is × 1, or 0/0
             return plain  # on states of mean 0; A1111's "Ignore": the syntax read, its weights not applied)
-        if self.emphasis not in EMPHASIS_MODES:
-            raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)} (A1111's 'Emphasis mode'), got "
-                             f"{self.emphasis!r}")
+        self._literal_prompts()  # (a mode it knows)
         restore = _restore_mean if self.emphasis == "Original" else _weighted_only  # ("No norm": the weights only)
         if not self.is_sdxl:
             return restore(_weigh_states(plain, weights), plain)  # (B, L, D)
@@ -1037,8 +1052,10 @@ class DiffusersSystem(nn.Module):
 
         device = self.alphas_cumprod.device
         tokenizers = self._all_tokenizers
+        literal = self._literal_prompts()
         empty = [prompt_chunks(tokenizer, "") for tokenizer in tokenizers]  # ((1, C), (1, C)) each
-        chunked = [[prompt_chunks(tokenizer, prompt) for tokenizer in tokenizers] for prompt in prompts]
+        chunked = [[prompt_chunks(tokenizer, prompt, literal=literal) for tokenizer in tokenizers]
+                   for prompt in prompts]
         n = max(ids.shape[0] for row in chunked for ids, _ in row)
 
         def padded(part: int, k: int) -> Tensor:  # (B, n, C) ids (k=0) or weights (k=1) of tokenizer `part`

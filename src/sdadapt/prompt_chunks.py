@@ -42,10 +42,11 @@ def has_break(text: str) -> bool:
     return _BREAK_WORD.search(text) is not None
 
 
-def needs_chunks(tokenizer: Any, text: str) -> bool:
+def needs_chunks(tokenizer: Any, text: str, *, literal: bool = False) -> bool:
     """Whether A1111 lays ``text`` out in more than one chunk: it holds ``BREAK``, or its tokens (emphasis
-    parsed, :func:`prompt_chunks`) do not fit one chunk of ``C - 2``."""
-    return has_break(text) or prompt_chunks(tokenizer, text)[0].shape[0] > 1
+    parsed, :func:`prompt_chunks`) do not fit one chunk of ``C - 2``; ``literal``: A1111's emphasis "None" (the
+    text as it is: no ``BREAK``, no emphasis)."""
+    return (not literal and has_break(text)) or prompt_chunks(tokenizer, text, literal=literal)[0].shape[0] > 1
 
 
 def _embedding_runs(tokenizer: Any, ids: list[int]) -> list[int]:
@@ -70,13 +71,16 @@ def _embedding_runs(tokenizer: Any, ids: list[int]) -> list[int]:
     return [max(run, 1) for run in runs]
 
 
-def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> tuple[Tensor, Tensor]:
+def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BACKTRACK,
+                  literal: bool = False) -> tuple[Tensor, Tensor]:
     """``text`` (A1111 emphasis and ``BREAK``) as A1111's chunks.
 
     Args:
         tokenizer: sdadapt's or a transformers CLIP tokenizer; its ``model_max_length`` is ``C``.
         text: one prompt.
         comma_backtrack: the comma rule's reach in tokens (0: off).
+        literal: A1111's emphasis "None": the text as it is, one piece of weight 1 (brackets and ``BREAK`` are
+            words; its ``tokenize_line`` then has ``parsed = [[line, 1.0]]``).
 
     Returns:
         ``(ids, weights)``: (n, C) int64 token ids and (n, C) float32 weights, one row per chunk.
@@ -103,7 +107,8 @@ def prompt_chunks(tokenizer: Any, text: str, *, comma_backtrack: int = COMMA_BAC
         tokens, weights = [], []
 
     last_comma = -1
-    for piece, weight in parse_prompt_attention(text, breaks=True, a1111=True):
+    pieces = [(text, 1.0)] if literal else parse_prompt_attention(text, breaks=True, a1111=True)
+    for piece, weight in pieces:
         if piece == "BREAK" and weight == -1:
             close()
             last_comma = -1

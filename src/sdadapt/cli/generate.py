@@ -304,7 +304,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="A1111's 'NGMS all steps': every call below --ngms skips it, not every other one")
     a1111.add_argument("--emphasis", default="Original", metavar="MODE",
                        help="A1111's 'Emphasis mode' for (word:1.2) / [word]: Original (default: weights, then the "
-                            "mean restored), 'No norm' (weights only), Ignore (the weights not applied)")
+                            "mean restored), 'No norm' (weights only), Ignore (the weights not applied), None "
+                            "(no syntax: brackets and BREAK are words of the prompt)")
     a1111.add_argument("--eta", type=float, default=None, metavar="F",
                        help="A1111's 'Eta for ancestral samplers' (default 1): the noise share of Euler a, DPM2 a, "
                             "DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs (with --schedule), DPM fast/adaptive")

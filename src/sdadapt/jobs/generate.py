@@ -189,7 +189,7 @@ def run_generate(
         eta_ddim: A1111's "Eta DDIM" (``None``: 0) for ``ddim`` with a schedule (A1111's own DDIM) and
             ``ddim_cfgpp`` (its DDIM CFG++), "Eta DDIM: x" in the infotext when it is not 0.
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
-            "Ignore"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
+            "Ignore", "None"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
         clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
             :func:`sdadapt.jobs.models.load_system`): the normaliser of its image conditioning (:mod:`sdadapt.unclip`).
@@ -1160,7 +1160,7 @@ def _emphasis_mode(emphasis: str) -> str:
     """``--emphasis`` as A1111's label (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`), any case and ``-``/``_``.
 
     Raises:
-        ValueError: another mode, naming them (A1111's "None" too: not taken).
+        ValueError: another mode, naming them.
     """
     from ..diffusers_system import EMPHASIS_MODES
 
@@ -1168,8 +1168,8 @@ def _emphasis_mode(emphasis: str) -> str:
     for mode in EMPHASIS_MODES:
         if mode.lower() == key:
             return mode
-    raise ValueError(f"--emphasis must be one of {', '.join(EMPHASIS_MODES)} (A1111's 'Emphasis mode'; its 'None', "
-                     f"brackets as literal text, is not taken), got {emphasis!r}")
+    raise ValueError(f"--emphasis must be one of {', '.join(EMPHASIS_MODES)} (A1111's 'Emphasis mode'), "
+                     f"got {emphasis!r}")
 
 
 def _check_eta(eta: float, samplers: list[str]) -> None:

@@ -165,8 +165,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     if "Eta DDIM" in fields and any(str(fields.get(field, "")).strip() in _ETA_DDIM_SAMPLERS
                                     for field in ("Sampler", "Hires sampler")):  # (the pass whose sampler wrote it)
         take("Eta DDIM", "eta_ddim", float)
-    if fields.get("Emphasis", "").strip().lower() != "none":  # (A1111's None, brackets as text: not taken)
-        take("Emphasis", "emphasis")
+    take("Emphasis", "emphasis")
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)
