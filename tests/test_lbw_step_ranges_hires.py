@@ -269,9 +269,30 @@ def test_run_generate_counts_the_first_pass_on_its_samplers_counter(lora_dir, tm
     monkeypatch.setattr(job, "load_system", lambda *args, **kwargs: System())
     monkeypatch.setattr(job, "_apply_lora_parts", lambda *args, **kwargs: ({"layers": 1}, []))
     monkeypatch.setattr(steps, "StepSwitchedLoRAs", Recorded)
-    with pytest.raises(_Built):
-        job.run_generate(prompt="a cat <lora:ink:0.7:stop=3>", out=tmp_path / "x.png", sampler="UniPC", steps=4,
-                         lora_dir=lora_dir)
-    assert made == ["unipc"]
+    for sampler in ("unipc", "UniPC"):  # (diffusers' UniPC; A1111's label as A1111 writes it: A1111's UniPC)
+        with pytest.raises(_Built):
+            job.run_generate(prompt="a cat <lora:ink:0.7:stop=3>", out=tmp_path / "x.png", sampler=sampler, steps=4,
+                             lora_dir=lora_dir)
+    assert made == ["unipc", "unipc_a1111"]
+
+
+def test_a1111s_own_unipc_and_plms_report_steps_as_a1111_does():
+    """A1111's UniPC calls the model once before its first step and calls back after each step's corrector call, so
+    its k-th model call sees ``max(k − 2, 0)``; sdadapt's ``unipc_a1111`` is made the same way, so the plain rule
+    counts it (only diffusers' ``unipc`` needs the late rule). A1111's PLMS: both calls of its first step see 0."""
+    from sdadapt.jobs.generate_lbw_steps import a1111_sampling_step
+    from sdadapt.samplers import sample_latents
+
+    def seen(sampler: str, steps: int) -> list[int]:
+        out = []
+        sample_latents(lambda x, t, c: 0.1 * x, torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)),
+                       None, sampler=sampler, alphas_cumprod=torch.linspace(0.999, 0.01, 1000, dtype=torch.float64),
+                       num_steps=steps,
+                       before_model_call=lambda done, calls: out.append(a1111_sampling_step(done, calls,
+                                                                                          sampler=sampler)))
+        return out
+
+    assert seen("unipc_a1111", 5) == [max(k - 2, 0) for k in range(5)]
+    assert seen("plms", 5) == [0, 0, 0, 1, 2]  # (5 steps: 4 steps of A1111's 5 timesteps, the first of two calls)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sampler_stand_ins import rel_err, sd_alphas_cumprod
 from test_a1111_timesteps import AC32, _cfg, _cond, _get_timesteps, _guided, _unet, _x_T
 
@@ -299,3 +301,39 @@ def test_the_schedule_is_dpm_solvers_discrete_vp():
         assert torch.equal(ours.lambda_(t), ref.marginal_lambda(t))
     lambdas = torch.cat([ref.marginal_lambda(ref.t_array.reshape(-1)), torch.linspace(-8, 8, 999)])
     assert torch.equal(ours.inverse_lambda(lambdas), ref.inverse_lambda(lambdas))
+
+
+
+@settings(max_examples=20, deadline=None)
+@given(steps=st.integers(1, 60), prediction_type=st.sampled_from(["epsilon", "v_prediction"]),
+       sampler=st.sampled_from(["ddim", "plms", "ddim_cfgpp", "unipc_a1111"]),
+       scale=st.sampled_from([1.0, 3.5, 7.5]), eta=st.sampled_from([0.0, 0.5]), seed=st.integers(0, 2**16))
+def test_every_step_count_is_a1111s(steps, prediction_type, sampler, scale, eta, seed):
+    """Any step count (1..60: timesteps ``range(0, 1000, 1000 // n)``, as many as 1000 // (1000 // n)), both
+    prediction types, three CFG scales, η for the DDIMs: each of A1111's timestep samplers bit for bit its code."""
+    from test_a1111_timesteps import _a1111_ddim, _a1111_plms
+
+    from sdadapt.samplers.a1111_timesteps import (
+        a1111_ddim_cfgpp_sample,
+        a1111_ddim_sample,
+        a1111_plms_sample,
+    )
+
+    if scale == 1.0 and sampler != "ddim_cfgpp":  # (at CFG 1 sdadapt runs the prompt alone, A1111 u + (c − u)·1 too:
+        scale = 3.5  # ulp-level apart, docs/samplers.md; CFG++ runs the negative at CFG 1, as A1111)
+    timesteps = _get_timesteps(steps)
+    if sampler == "unipc_a1111" and len(timesteps) < 3:
+        steps, timesteps = 3, _get_timesteps(3)
+    x_T = _x_T(seed)
+    reference = _cfg(prediction_type, scale)
+    kw = {"alphas_cumprod": sd_alphas_cumprod(), "num_steps": steps, "prediction_type": prediction_type}
+    if sampler == "plms":
+        want, got = _a1111_plms(reference, x_T, timesteps), a1111_plms_sample(_guided(scale), x_T, **kw)
+    elif sampler == "unipc_a1111":
+        want, got = _a1111_unipc(reference, x_T, timesteps), a1111_unipc_sample(_guided(scale), x_T, **kw)
+    else:
+        cfgpp = sampler == "ddim_cfgpp"
+        want = _a1111_ddim(reference, x_T, timesteps, eta, torch.Generator().manual_seed(seed), cfgpp=cfgpp)
+        run = a1111_ddim_cfgpp_sample if cfgpp else a1111_ddim_sample
+        got = run(_guided(scale), x_T, eta=eta, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(got, want), rel_err(got, want)

@@ -27,7 +27,8 @@ for the first N steps only (``stop=0`` and ``stop=1``: never on). A pass counts 
 too). A1111's UniPC (``sd_samplers_timesteps_impl.UniPCCFG``) calls the model once before its first step and reports
 each step after the next step's corrector call, so its k-th model call sees ``max(k − 2, 0)``
 (:data:`LATE_REPORTING_SAMPLERS`); sdadapt's ``unipc`` (diffusers' UniPC, one call per step at the same grid points)
-is counted so.
+is counted so. ``unipc_a1111`` is A1111's UniPC itself, its calls and callbacks made as A1111's: the plain rule
+counts it so already.
 
 The hires pass (A1111's ``sample_hr_pass``): the extension's ``starts`` / ``stops`` are filled once per batch
 (A1111 ≥ 1.5, the built-in ``networks``: ``after_extra_networks_activate``, which ``sample_hr_pass`` does not
