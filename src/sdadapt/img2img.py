@@ -332,6 +332,14 @@ class Img2ImgStart:
     mask: Tensor | None = None
     #: an inpainting model's ``c_concat`` (B, 5, h, w) (:func:`sdadapt.inpaint.image_conditioning`)
     conditioning: Tensor | None = None
+    #: A1111's "Noise multiplier for img2img" (``initial_noise_multiplier``): the start noise times it before the
+    #: sampler starts from the image (img2img's ``x *= self.initial_noise_multiplier``; not the hires pass's)
+    noise_multiplier: float = 1.0
+
+    def start_noise(self, x_T: Tensor) -> Tensor:
+        """The unit start noise ``x_T`` (B, C, h, w) the sampler starts from the image with: times
+        :attr:`noise_multiplier` (as A1111 multiplies its float32 noise in place), else as it is."""
+        return x_T if self.noise_multiplier == 1.0 else x_T * self.noise_multiplier
 
     def init_like(self, x_T: Tensor) -> Tensor:
         """``init`` on ``x_T``'s device and dtype.

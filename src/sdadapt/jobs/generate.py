@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -76,6 +77,7 @@ def run_generate(
     pad_conds_v0: bool = False,
     eta: float | None = None,
     eta_ddim: float | None = None,
+    noise_multiplier: float = 1.0,
     emphasis: str = "Original",
     width: int | None = None,
     height: int | None = None,
@@ -188,6 +190,9 @@ def run_generate(
             A1111's grids, DPM fast/adaptive), "Eta: x" in the infotext when it is not 1.
         eta_ddim: A1111's "Eta DDIM" (``None``: 0) for ``ddim`` with a schedule (A1111's own DDIM) and
             ``ddim_cfgpp`` (its DDIM CFG++), "Eta DDIM: x" in the infotext when it is not 0.
+        noise_multiplier: A1111's "Noise multiplier for img2img" (default 1): the start noise of the
+            ``init_image`` run times it (:attr:`sdadapt.img2img.Img2ImgStart.noise_multiplier`), "Noise multiplier: x"
+            in the infotext when it is not 1.
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
             "Ignore", "None"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
@@ -361,6 +366,10 @@ def run_generate(
     if eta is not None:
         _check_eta(eta, [s for s in (sampler, hires_sampler) if s is not None])
     emphasis = _emphasis_mode(emphasis)
+    if noise_multiplier != 1.0 and (init_image is None or not 0.0 <= noise_multiplier < math.inf):
+        raise ValueError(f"--noise-multiplier is A1111's 'Noise multiplier for img2img' (>= 0): it scales the start "
+                         f"noise of an --init-image run; got {noise_multiplier}"
+                         + ("" if init_image is not None else " without --init-image"))
     if eta_ddim is not None:
         ddim_passes = [s for s in (sampler, hires_sampler)
                        if s is not None and takes_eta_ddim(canonical_sampler(s), schedule)]
@@ -883,7 +892,7 @@ def run_generate(
             embedding=aesthetic, lr=aesthetic_lr, weight=aesthetic_weight, steps=aesthetic_steps,
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
             slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip,
-        schedule_options=schedule_options, eta=eta, eta_ddim=eta_ddim,
+        schedule_options=schedule_options, eta=eta, eta_ddim=eta_ddim, noise_multiplier=noise_multiplier,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None)
     written = []
@@ -906,7 +915,8 @@ def run_generate(
                            **({} if uncond_skip is None else {"uncond_skip": uncond_skip}),
                            **({} if cond_padding is None else {"pad_conds": cond_padding}),
                            **({} if eta is None else {"eta": eta}),
-                           **({} if eta_ddim is None else {"eta_ddim": eta_ddim}))
+                           **({} if eta_ddim is None else {"eta_ddim": eta_ddim}),
+                           **({} if noise_multiplier == 1.0 else {"noise_multiplier": noise_multiplier}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)

@@ -487,7 +487,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
-                 emphasis: str | None = None) -> InfotextRun:
+                 noise_multiplier: float = 1.0, emphasis: str | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -498,6 +498,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``vae_encode``: ``--vae-encode``; ``uncond_skip``: the run's :class:`~sdadapt.uncond_skip.UncondSkip`;
     ``schedule_options``: A1111's schedule settings (:class:`~sdadapt.samplers.schedules.ScheduleOptions`), written
     as A1111's ``get_sigmas`` writes them for the passes' grids; ``eta``: A1111's "Eta for ancestral samplers";
+    ``noise_multiplier``: A1111's "Noise multiplier for img2img" (written for an ``init_image`` run when not 1);
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
@@ -521,6 +522,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     automatic = schedule_asked is not None and canonical_schedule(schedule_asked) == "automatic"
     grids = [schedule, *([hires_options.get("schedule")] if hires is not None else [])]
     schedule_fields: dict[str, float] = {}
+    if init_image is not None and noise_multiplier != 1.0:  # (img2img's sample, before its sampler starts)
+        schedule_fields["Noise multiplier"] = float(noise_multiplier)
     for grid in grids:  # (A1111's scheduler, none where Automatic is the sampler's own: its get_sigmas writes nothing)
         if grid not in (None, "automatic") and not (automatic and grid == "uniform") and getattr(system, "edm", None) is None:
             schedule_fields.update((schedule_options or ScheduleOptions()).infotext_fields(

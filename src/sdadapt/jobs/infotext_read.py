@@ -185,6 +185,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take("Denoising strength", "hires_denoising", float)
     elif img2img:
         take("Denoising strength", "denoising_strength", float)
+        take("Noise multiplier", "noise_multiplier", float)
     if inpaint:
         take("Mask blur", "mask_blur", float)
         _take_choice(fields, "Masked content", "inpainting_fill", "--inpainting-fill", INPAINTING_FILL_LABELS, options,
@@ -213,7 +214,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         elif base in INFORMATIONAL_FIELDS:
             reason = "the run's networks and embeddings: give their folders (--lora-dir, --hypernetwork-dir, " \
                      "--embeddings-dir)"
-        elif base in ("Denoising strength",) or base.startswith(("Mask", "Masked", "Inpaint", "Conditional mask")):
+        elif base in ("Denoising strength", "Noise multiplier") or base.startswith(("Mask", "Masked", "Inpaint",
+                                                                                      "Conditional mask")):
             reason = "needs the init image / mask: give --init-image (--mask)"
         elif base.startswith(("Refiner", "Hires refiner")):
             reason = "needs the refiner: give --refiner FILE"

@@ -212,6 +212,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                         start=start,
                         discard_next_to_last_sigma=discard if schedule is not None or timesteps else None,
                         schedule_options=schedule_options if tuned else None, **options)
+    if start is not None:  # (A1111's noise multiplier for img2img, once: not again in _inpaint's run above)
+        x_T = start.start_noise(x_T)
     if timesteps:
         run = a1111_ddim_sample if name == "ddim" else _SAMPLERS[name]
         return run(_A1111Denoiser(model, cond), x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,

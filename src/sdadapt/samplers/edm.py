@@ -424,6 +424,8 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
     def fn(x: Tensor, t: Tensor) -> Tensor:
         return guided(x, t, cond)
 
+    if start is not None:  # (the noise multiplier for img2img: the start's noise, and the inpainting blend's)
+        x_T = start.start_noise(x_T)
     if name == "euler":
         return edm_euler_sample(fn, x_T, schedule=schedule, num_steps=num_steps, callback=callback, start=start)
     return edm_dpmsolver_sample(fn, x_T, schedule=schedule, num_steps=num_steps, algorithm_type=EDM_SAMPLERS[name][1],
