@@ -124,6 +124,7 @@ HIRES_RUNS = [
     # (A1111's timestep samplers in the hires pass, the first pass's Karras not applying to them)
     ["--prompt", "a cat", "--hires-sampler", "DDIM CFG++", "--eta-ddim", "0.3"],
     ["--prompt", "a [cat:dog:0.5]", "--hires-sampler", "PLMS", "--skip-early-cfg", "0.3"],
+    ["--prompt", "a cat", "--extra-noise", "0.2"],  # (A1111's extra noise on the hires pass's first sample)
 ]
 
 

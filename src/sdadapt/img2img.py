@@ -335,6 +335,9 @@ class Img2ImgStart:
     #: A1111's "Noise multiplier for img2img" (``initial_noise_multiplier``): the start noise times it before the
     #: sampler starts from the image (img2img's ``x *= self.initial_noise_multiplier``; not the hires pass's)
     noise_multiplier: float = 1.0
+    #: A1111's "Extra noise multiplier for img2img and hires fix" (``img2img_extra_noise``): ``noise·extra`` more on
+    #: the first sample (its ``sample_img2img``: ``xi += noise * extra``, on the timestep samplers ``·√ᾱ`` too)
+    extra_noise: float = 0.0
 
     def start_noise(self, x_T: Tensor) -> Tensor:
         """The unit start noise ``x_T`` (B, C, h, w) the sampler starts from the image with: times
@@ -354,9 +357,19 @@ class Img2ImgStart:
 
     def noised(self, x_T: Tensor, sigma: float) -> Tensor:
         """A1111's first img2img sample ``init + x_T·σ`` (``sample_img2img``'s ``xi = x + noise · sigma_sched[0]``)
-        (B, C, h, w), in the samplers' work dtype (``x_T``'s, at least float32)."""
+        (B, C, h, w), in the samplers' work dtype (``x_T``'s, at least float32); with :attr:`extra_noise`,
+        ``+ x_T·extra`` (its ``xi += noise * opts.img2img_extra_noise``)."""
         work = torch.promote_types(x_T.dtype, torch.float32)
-        return self.init_like(x_T).to(work) + x_T.to(work) * float(sigma)
+        xi = self.init_like(x_T).to(work) + x_T.to(work) * float(sigma)
+        return xi if not self.extra_noise else xi + x_T.to(work) * float(self.extra_noise)
+
+    def timestep_noised(self, x_T: Tensor, alpha_cumprod: Tensor, work: torch.dtype) -> Tensor:
+        """A1111's first img2img sample on its timestep samplers (``sd_samplers_timesteps.py`` ``sample_img2img``):
+        ``init·√ᾱ + x_T·√(1−ᾱ)`` at the start timestep's float32 ``alpha_cumprod`` (a 0-dim tensor), with
+        :attr:`extra_noise` ``+ x_T·extra·√ᾱ`` (B, C, h, w) in ``work``."""
+        noise = x_T.to(work)
+        xi = self.init_like(x_T).to(work) * alpha_cumprod.sqrt() + noise * (1 - alpha_cumprod).sqrt()
+        return xi if not self.extra_noise else xi + noise * float(self.extra_noise) * alpha_cumprod.sqrt()
 
 
 def vp_add_noise_start(start: Img2ImgStart, x_T: Tensor, alphas_cumprod: list[float], *,

@@ -239,7 +239,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              refiner: object | None = None, generator: torch.Generator | None = None,
              start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
              pad_conds: object | None = None, eta: float | None = None, eta_ddim: float | None = None,
-             noise_multiplier: float = 1.0) -> Tensor:
+             noise_multiplier: float = 1.0, extra_noise: float = 0.0) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -290,7 +290,10 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     diffusers' ``int(strength · steps)``.
 
     ``noise_multiplier``: A1111's "Noise multiplier for img2img": the start noise times it for the ``init_latents``
-    run (:attr:`sdadapt.img2img.Img2ImgStart.noise_multiplier`; 1: off).
+    run (:attr:`sdadapt.img2img.Img2ImgStart.noise_multiplier`; 1: off). ``extra_noise``: A1111's "Extra noise
+    multiplier for img2img and hires fix" for an ``init_latents`` run (a hires pass's too; ignored without
+    ``init_latents``, as A1111 adds it in ``sample_img2img`` only; :attr:`~sdadapt.img2img.Img2ImgStart.extra_noise`;
+    0: off).
     ``inpaint_mask``: inpainting with ``init_latents`` — A1111's latent mask (1 or B, 1, H/8, W/8), 1 = repaint
     (:func:`sdadapt.inpaint.latent_mask`; blended by :func:`sdadapt.inpaint.masked_model`);
     ``inpaint_conditioning``: an inpainting model's ``c_concat`` (B, 5, H/8, W/8)
@@ -391,6 +394,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
             raise ValueError("noise_multiplier is A1111's 'Noise multiplier for img2img': it scales the start noise "
                              "of an img2img run; give init_latents or leave it at 1")
         start = replace(start, noise_multiplier=float(noise_multiplier))
+    if extra_noise and start is not None:
+        start = replace(start, extra_noise=float(extra_noise))
     return _generate(system, prompts, name=name, negative=negative, seed=seed, steps=steps, guidance=guidance,
                      karras=karras, height=height, width=width, cond=cond, schedule=schedule, info=info, plan=plan,
                      noise=noise, schedule_options=schedule_options, start=start, output=output,

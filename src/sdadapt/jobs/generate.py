@@ -78,6 +78,7 @@ def run_generate(
     eta: float | None = None,
     eta_ddim: float | None = None,
     noise_multiplier: float = 1.0,
+    extra_noise: float = 0.0,
     emphasis: str = "Original",
     width: int | None = None,
     height: int | None = None,
@@ -193,6 +194,9 @@ def run_generate(
         noise_multiplier: A1111's "Noise multiplier for img2img" (default 1): the start noise of the
             ``init_image`` run times it (:attr:`sdadapt.img2img.Img2ImgStart.noise_multiplier`), "Noise multiplier: x"
             in the infotext when it is not 1.
+        extra_noise: A1111's "Extra noise multiplier for img2img and hires fix" (default 0): the start noise times it
+            added to the first sample of the ``init_image`` run and of the hires pass (:attr:`sdadapt.img2img.
+            Img2ImgStart.extra_noise`; A1111's samplers only), "Extra noise: x" in the infotext when not 0.
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
             "Ignore", "None"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
@@ -370,6 +374,10 @@ def run_generate(
         raise ValueError(f"--noise-multiplier is A1111's 'Noise multiplier for img2img' (>= 0): it scales the start "
                          f"noise of an --init-image run; got {noise_multiplier}"
                          + ("" if init_image is not None else " without --init-image"))
+    if extra_noise and (not 0.0 <= extra_noise < math.inf or (init_image is None and hires_scale is None
+                                                                and hires_width is None and hires_height is None)):
+        raise ValueError(f"--extra-noise is A1111's 'Extra noise multiplier for img2img and hires fix' (>= 0): added "
+                         f"where a pass starts from an image; give --init-image or a hires pass, got {extra_noise}")
     if eta_ddim is not None:
         ddim_passes = [s for s in (sampler, hires_sampler)
                        if s is not None and takes_eta_ddim(canonical_sampler(s), schedule)]
@@ -893,6 +901,7 @@ def run_generate(
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
             slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip,
         schedule_options=schedule_options, eta=eta, eta_ddim=eta_ddim, noise_multiplier=noise_multiplier,
+        extra_noise=extra_noise,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None)
     written = []
@@ -916,7 +925,8 @@ def run_generate(
                            **({} if cond_padding is None else {"pad_conds": cond_padding}),
                            **({} if eta is None else {"eta": eta}),
                            **({} if eta_ddim is None else {"eta_ddim": eta_ddim}),
-                           **({} if noise_multiplier == 1.0 else {"noise_multiplier": noise_multiplier}))
+                           **({} if noise_multiplier == 1.0 else {"noise_multiplier": noise_multiplier}),
+                           **({} if not extra_noise else {"extra_noise": extra_noise}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)

@@ -487,7 +487,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
-                 noise_multiplier: float = 1.0, emphasis: str | None = None) -> InfotextRun:
+                 noise_multiplier: float = 1.0, extra_noise: float = 0.0, emphasis: str | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -499,6 +499,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``schedule_options``: A1111's schedule settings (:class:`~sdadapt.samplers.schedules.ScheduleOptions`), written
     as A1111's ``get_sigmas`` writes them for the passes' grids; ``eta``: A1111's "Eta for ancestral samplers";
     ``noise_multiplier``: A1111's "Noise multiplier for img2img" (written for an ``init_image`` run when not 1);
+    ``extra_noise``: its "Extra noise multiplier for img2img and hires fix" (written when a pass starts from an
+    image and it is not 0);
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
@@ -528,6 +530,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         if grid not in (None, "automatic") and not (automatic and grid == "uniform") and getattr(system, "edm", None) is None:
             schedule_fields.update((schedule_options or ScheduleOptions()).infotext_fields(
                 str(grid), model_sigmas(system.alphas_cumprod, torch.float32)))
+    if extra_noise and (init_image is not None or hires is not None):  # (sample_img2img, after get_sigmas)
+        schedule_fields["Extra noise"] = float(extra_noise)
     passes = [sampler, *([hires_options.get("sampler") or sampler] if hires is not None else [])]
     if eta is not None and eta != 1.0 and any(canonical_sampler(s) in ETA_SAMPLERS for s in passes):
         schedule_fields["Eta"] = float(eta)  # (KDiffusionSampler.initialize, after get_sigmas)

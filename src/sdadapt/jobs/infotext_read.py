@@ -172,6 +172,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Pad conds", "pad_conds", flag)
     take("Pad conds v0", "pad_conds_v0", flag)
     hires = "Hires upscale" in fields or "Hires resize-1" in fields
+    if hires or img2img:  # (sample_img2img's: a pass that starts from an image)
+        take("Extra noise", "extra_noise", float)
     if hires:  # (A1111's txt2img hires fix: its Denoising strength is the hires pass's)
         take("Hires upscale", "hires_scale", float)
         take("Hires resize-1", "hires_width", int)
@@ -214,8 +216,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         elif base in INFORMATIONAL_FIELDS:
             reason = "the run's networks and embeddings: give their folders (--lora-dir, --hypernetwork-dir, " \
                      "--embeddings-dir)"
-        elif base in ("Denoising strength", "Noise multiplier") or base.startswith(("Mask", "Masked", "Inpaint",
-                                                                                      "Conditional mask")):
+        elif base in ("Denoising strength", "Noise multiplier", "Extra noise") or base.startswith((
+                "Mask", "Masked", "Inpaint", "Conditional mask")):
             reason = "needs the init image / mask: give --init-image (--mask)"
         elif base.startswith(("Refiner", "Hires refiner")):
             reason = "needs the refiner: give --refiner FILE"

@@ -171,9 +171,13 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     """
     name = canonical_sampler(sampler)
     if start is not None:
-        from ..img2img import check_img2img_sampler
+        from ..img2img import check_img2img_sampler, img2img_rule
 
         check_img2img_sampler(name)
+        if start.extra_noise and img2img_rule(name, schedule) != "a1111":
+            raise ValueError(f"extra_noise is A1111's 'Extra noise multiplier for img2img and hires fix', added where "
+                             f"A1111 starts from an image; {name} runs diffusers' img2img here: give it a schedule "
+                             "(schedule='automatic' is A1111's default) or take an A1111 sampler")
     tuned = schedule_options is not None and not schedule_options.is_default
     if tuned and schedule is None:
         raise ValueError("schedule_options (A1111's sigma min/max, rho, Beta α/β) shape one of A1111's schedules: "

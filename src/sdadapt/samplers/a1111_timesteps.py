@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
 
 __all__ = ["CFG_PP_SCALE_MULTIPLIER", "a1111_ddim_cfgpp_sample", "a1111_ddim_sample", "a1111_plms_sample",
-           "a1111_timesteps", "ldm_sqrt_tables"]
+           "a1111_timestep_start", "a1111_timesteps", "ldm_sqrt_tables"]
 
 #: DDIM CFG++'s guidance multiplier (A1111's ``model.cond_scale_miltiplier = 1 / 12.5``: CFG 0..12.5 -> 0..1)
 CFG_PP_SCALE_MULTIPLIER = 1 / 12.5
@@ -67,6 +67,18 @@ def ldm_sqrt_tables(alphas_cumprod: Tensor, prediction_type: str,
         return None
     ac64 = alphas_cumprod.detach().double().cpu()
     return ac64.sqrt().float().to(device), (1 - ac64).sqrt().float().to(device)
+
+
+def a1111_timestep_start(start: Img2ImgStart, x_T: Tensor, alphas_cumprod: Tensor, timesteps: Tensor, steps: int,
+                         work: torch.dtype) -> tuple[Tensor, Tensor]:
+    """img2img on A1111's ``timesteps`` (``steps`` of them asked for) as its timestep samplers' ``sample_img2img``:
+    ``(x, timesteps[:t_enc])`` — ``t_enc`` by A1111's rule, ``x`` (B,C,H,W) the init noised to ``timesteps[t_enc]``
+    on the float32 ``alphas_cumprod`` (T,) (:meth:`sdadapt.img2img.Img2ImgStart.timestep_noised`)."""
+    from ..img2img import start_index
+
+    t_enc = steps - 1 - start_index(start, steps, rule="a1111")
+    x = start.timestep_noised(x_T, alphas_cumprod[timesteps[min(t_enc, len(timesteps) - 1)]], work)
+    return x, timesteps[:t_enc]
 
 
 class _EpsRead:
@@ -106,13 +118,8 @@ class _Run:
         self.work = torch.promote_types(x_T.dtype, torch.float32)
         self.model_dtype = x_T.dtype
         x = x_T.to(self.work)
-        if start is not None:  # sample_img2img: noised to timesteps[t_enc], the run over timesteps[:t_enc]
-            from ..img2img import start_index
-
-            t_enc = steps - 1 - start_index(start, steps, rule="a1111")
-            a = ac[timesteps[min(t_enc, len(timesteps) - 1)]]
-            x = start.init_like(x_T).to(self.work) * a.sqrt() + x * (1 - a).sqrt()
-            timesteps = timesteps[:t_enc]
+        if start is not None:
+            x, timesteps = a1111_timestep_start(start, x_T, ac, timesteps, steps, self.work)
         self.x, self.timesteps = x, timesteps
         self.alphas = ac[timesteps]
         self.alphas_prev = ac[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].double()

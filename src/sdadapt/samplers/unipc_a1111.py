@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..denoised_branches import denoised_of
-from .a1111_timesteps import _EpsRead, a1111_timesteps, ldm_sqrt_tables
+from .a1111_timesteps import _EpsRead, a1111_timestep_start, a1111_timesteps, ldm_sqrt_tables
 from .sigma_space import check_prediction_type
 from .signatures import Denoise, StepCallback
 
@@ -134,13 +134,8 @@ def a1111_unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, n
     x = x_T.to(work)
     t_start: float | Tensor = 1.0
     if start is not None:  # sample_img2img, then unipc(is_img2img=True): t_start from the last kept timestep
-        from ..img2img import start_index
-
-        t_enc = steps - 1 - start_index(start, steps, rule="a1111")
-        a = ac[timesteps[min(t_enc, len(timesteps) - 1)]]
-        x = start.init_like(x_T).to(work) * a.sqrt() + x * (1 - a).sqrt()
-        timesteps = timesteps[:t_enc]
-        t_start = timesteps[-1] / 1000 + 1 / 1000
+        x, timesteps = a1111_timestep_start(start, x_T, ac, timesteps, steps, work)
+        t_start = timesteps[-1] / 1000 + 1 / 1000 if len(timesteps) else t_start
     steps = len(timesteps)
     if steps < order:
         raise ValueError(f"A1111's UniPC of order {order} needs at least {order} steps, got {steps} (A1111: 'UniPC "
