@@ -28,7 +28,12 @@ import torch
 from torch import Tensor
 
 from ..denoised_branches import denoised_of
-from .a1111_timesteps import _EpsRead, a1111_timestep_start, a1111_timesteps, ldm_sqrt_tables
+from .a1111_timesteps import (
+    _EpsRead,
+    a1111_timestep_start,
+    a1111_timesteps,
+    ldm_sqrt_tables,
+)
 from .sigma_space import check_prediction_type
 from .signatures import Denoise, StepCallback
 
