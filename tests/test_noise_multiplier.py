@@ -79,6 +79,9 @@ def test_generate_writes_it_reads_it_back_and_refuses_it_without_an_image(tmp_pa
     capsys.readouterr()
     assert main(["generate", "--prompt", "a", "--extra-noise", "0.3", "-o", str(tmp_path / "x.png")]) == 2
     assert "--extra-noise is A1111's 'Extra noise multiplier for img2img and hires fix'" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "a", "--init-image", str(tmp_path / "init.png"), "--sampler", "ddim",
+                 "--extra-noise", "0.3", "-o", str(tmp_path / "x.png")]) == 2  # (diffusers' DDIM: before any load)
+    assert "ddim runs diffusers' img2img here" in capsys.readouterr().err
 
 
 def test_the_infotext_field_needs_the_image():

@@ -402,6 +402,17 @@ def run_generate(
             _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, hires_sampler, hires_schedule)
         except ValueError as exc:
             raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None
+    if extra_noise:  # (A1111 adds it on its own img2img path: refused up front where a pass runs diffusers')
+        from ..img2img import img2img_rule
+
+        image_passes = ([(sampler, schedule)] if init_image is not None else []) + (
+            [(hires_sampler or sampler, hires_schedule if hires_sampler is not None else schedule)]
+            if init_image is None else [])
+        for name, grid in image_passes:
+            if img2img_rule(canonical_sampler(name), grid) != "a1111":
+                raise ValueError(f"--extra-noise is added where A1111 starts from an image; {name} runs diffusers' "
+                                 "img2img here: give it a --schedule (automatic is A1111's default) or take an A1111 "
+                                 "sampler")
     if count < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")
     from .generate_seed import RANDOM_SEED, fixed_seed
