@@ -444,6 +444,23 @@ def test_on_a1111s_grids_the_cut_is_a1111s_nearest_index(pair):
     assert handoff.calls == {"base": 25 - a1111, "refiner": a1111} and a1111 == 13
 
 
+def _spied(handoff) -> list[tuple[str, float]]:
+    """The ``(model, timestep)`` of each call ``handoff``'s switched model makes, in order ("base" / "refiner")."""
+    calls: list[tuple[str, float]] = []
+    wrapped = handoff.switched
+
+    def spying(base_model, refiner_model, **kw):
+        def spy(name, fn):
+            def run(x, t, c):
+                calls.append((name, float(t.flatten()[0])))
+                return fn(x, t, c)
+            return run
+        return wrapped(spy("base", base_model), spy("refiner", refiner_model), **kw)
+
+    handoff.switched = spying
+    return calls
+
+
 def test_the_refiner_stays_once_it_took_over_as_a1111s_loaded_model(pair):
     """The Restart sampler (20 steps on Karras σ: from t ≈ 5 back up to t ≈ 594) climbs back up the σ grid after the
     switch at 0.8; A's refiner, once loaded, takes those calls
@@ -453,18 +470,7 @@ def test_the_refiner_stays_once_it_took_over_as_a1111s_loaded_model(pair):
 
     base, refiner = pair
     handoff = RefinerHandoff(base, refiner, switch_at=0.8)
-    order: list[tuple[str, float]] = []
-    wrapped = handoff.switched
-
-    def spying(base_model, refiner_model, **kw):
-        def spy(name, fn):
-            def run(x, t, c):
-                order.append((name, float(t.flatten()[0])))
-                return fn(x, t, c)
-            return run
-        return wrapped(spy("base", base_model), spy("refiner", refiner_model), **kw)
-
-    handoff.switched = spying
+    order = _spied(handoff)
     base.sample(["a photo"], seed=1, steps=20, guidance=3.0, sampler="restart", schedule="karras", height=16,
                 width=16, output="latents", refiner=handoff)
     names = [name for name, _ in order]
@@ -482,18 +488,7 @@ def test_a1111s_timestep_samplers_switch_at_their_timestep(pair, sampler):
 
     base, refiner = pair
     handoff = RefinerHandoff(base, refiner, switch_at=SWITCH)
-    seen: list[tuple[str, float]] = []
-    wrapped = handoff.switched
-
-    def spying(base_model, refiner_model, **kw):
-        def spy(name, fn):
-            def run(x, t, c):
-                seen.append((name, float(t.flatten()[0])))
-                return fn(x, t, c)
-            return run
-        return wrapped(spy("base", base_model), spy("refiner", refiner_model), **kw)
-
-    handoff.switched = spying
+    seen = _spied(handoff)
     base.sample(["a photo"], seed=1, steps=10, guidance=3.0, sampler=sampler, height=16, width=16,
                 output="latents", refiner=handoff)
     first = next(i for i, (_, t) in enumerate(seen) if (999 - int(t)) / 1000 >= SWITCH)
