@@ -125,6 +125,7 @@ HIRES_RUNS = [
     ["--prompt", "a cat", "--hires-sampler", "DDIM CFG++", "--eta-ddim", "0.3"],
     ["--prompt", "a [cat:dog:0.5]", "--hires-sampler", "PLMS", "--skip-early-cfg", "0.3"],
     ["--prompt", "a cat", "--extra-noise", "0.2"],  # (A1111's extra noise on the hires pass's first sample)
+    ["--prompt", "a cat", "--hires-sampler", "Euler", "--sigma-churn", "0.3", "--sigma-tmax", "5"],  # (its churn)
 ]
 
 

@@ -1086,7 +1086,7 @@ class DiffusersSystem(nn.Module):
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
                vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None,
-               eta: float | None = None) -> Tensor:
+               eta: float | None = None, churn: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1125,7 +1125,8 @@ class DiffusersSystem(nn.Module):
         (:class:`sdadapt.uncond_skip.UncondSkip`) over this run's calls, the prompt plan's and the refiner's too.
         ``pad_conds``: A1111's "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`) for a
         ``plan`` whose prompt and negative have different chunk counts (each model pads with its own states of
-        ``""``: :meth:`empty_prompt_states`). ``eta``: A1111's "Eta for ancestral samplers" (the sampler's ``eta=``). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        ``""``: :meth:`empty_prompt_states`). ``eta``: A1111's "Eta for ancestral samplers" (the sampler's ``eta=``).
+        ``churn``: A1111's "Sigma churn" settings (the sampler's ``churn=``: Euler, Heun, DPM2 on A1111's grids). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1168,9 +1169,10 @@ class DiffusersSystem(nn.Module):
             check_edm_request(name, karras=karras, schedule=schedule, noise=noise, clip_sample=clip_sample,
                               schedule_options=schedule_options, refiner=refiner, edm=self.edm)
             karras, schedule, schedule_options = False, None, None  # (left: its own grid, which it samples on anyway)
-            if eta is not None:
-                raise ValueError("eta is A1111's (its k-diffusion samplers'); an EDM model (Playground v2.5) samples "
-                                 "with diffusers' EDM schedulers, which take none: leave it out")
+            if eta is not None or churn is not None:
+                raise ValueError("eta and sigma churn are A1111's (its k-diffusion samplers'); an EDM model "
+                                 "(Playground v2.5) samples with diffusers' EDM schedulers, which take none: leave "
+                                 "them out")
             if uncond_skip is not None and not uncond_skip.is_off:
                 raise ValueError("Skip Early CFG / NGMS are A1111's settings; an EDM model (Playground v2.5) samples "
                                  "with diffusers' EDM schedulers, which A1111 does not run: leave them out")
@@ -1253,7 +1255,8 @@ class DiffusersSystem(nn.Module):
                                           pad_conds=self._padding(pad_conds, time_ids) if uncond is not None else None,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}),
-                                          **({} if eta is None else {"eta": eta}))
+                                          **({} if eta is None else {"eta": eta}),
+                                          **({} if churn is None else {"churn": churn}))
         decoder = self if refiner is None else refiner.decoder(self)  # (the refiner's VAE once it took a call)
         return latents if output == "latents" else decoder.decode_latents(latents)
 

@@ -63,6 +63,10 @@ __all__ = [
 ETA_SAMPLERS: tuple[str, ...] = ("euler_a", "dpm_2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmsolver++_sde",
                                  "dpmsolver++_sde_heun", "dpmsolver++_3m_sde", "dpm_fast", "dpm_adaptive")
 
+#: the samplers A1111 hands its "Sigma churn" settings (``sampler_extra_params``: ``sample_euler``, ``sample_heun``,
+#: ``sample_dpm_2``; :mod:`sdadapt.samplers.churn`)
+CHURN_SAMPLERS: tuple[str, ...] = ("euler", "heun", "dpm_2")
+
 # ------------------------------------------------------------------------------------- A1111's timestep samplers
 #: A1111's timestep samplers (modules/sd_samplers_timesteps.py: DDIM, PLMS, DDIM CFG++ —
 #: :mod:`sdadapt.samplers.a1111_timesteps` — and UniPC, :mod:`sdadapt.samplers.unipc_a1111`): A1111's timesteps

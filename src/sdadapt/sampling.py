@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import samplers
 from .errors import InputError
-from .sampler_tables import ETA_SAMPLERS, run_schedule, takes_eta_ddim
+from .sampler_tables import CHURN_SAMPLERS, ETA_SAMPLERS, run_schedule, takes_eta_ddim
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
            "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
@@ -239,7 +239,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              refiner: object | None = None, generator: torch.Generator | None = None,
              start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
              pad_conds: object | None = None, eta: float | None = None, eta_ddim: float | None = None,
-             noise_multiplier: float = 1.0, extra_noise: float = 0.0) -> Tensor:
+             noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -289,6 +289,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     them run, by either rule. ``None``: ``steps``, of which A1111's rule runs ``int(strength · steps) + 1`` and
     diffusers' ``int(strength · steps)``.
 
+    ``churn``: A1111's "Sigma churn" settings (:class:`sdadapt.samplers.churn.SigmaChurn`) for Euler, Heun and DPM2
+    (passed to those samplers only, as A1111 passes them).
     ``noise_multiplier``: A1111's "Noise multiplier for img2img": the start noise times it for the ``init_latents``
     run (:attr:`sdadapt.img2img.Img2ImgStart.noise_multiplier`; 1: off). ``extra_noise``: A1111's "Extra noise
     multiplier for img2img and hires fix" for an ``init_latents`` run (a hires pass's too; ignored without
@@ -402,7 +404,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      before_model_call=before_model_call, clip_sample=clip_sample,
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
                      start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds,
-                     eta=(eta if name in ETA_SAMPLERS else eta_ddim if takes_eta_ddim(name, schedule) else None))
+                     eta=(eta if name in ETA_SAMPLERS else eta_ddim if takes_eta_ddim(name, schedule) else None),
+                     churn=churn if name in CHURN_SAMPLERS else None)
 
 
 def _img2img_request(name: str, init_latents: Tensor, batch: int, steps: int, strength: float,
@@ -455,7 +458,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               clip_sample: float | None = None, size_conditioning: tuple[int, int] | None = None,
               refiner: object | None = None, generator: torch.Generator | None = None,
               start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
-              pad_conds: object | None = None, eta: float | None = None) -> Tensor:
+              pad_conds: object | None = None, eta: float | None = None, churn: object | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -476,12 +479,13 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (start_noise is None or _takes(system.sample, "start_noise"))
                      and (uncond_skip is None or _takes(system.sample, "uncond_skip"))
                      and (pad_conds is None or _takes(system.sample, "pad_conds"))
-                     and (eta is None or _takes(system.sample, "eta")))
+                     and (eta is None or _takes(system.sample, "eta"))
+                     and (churn is None or _takes(system.sample, "churn")))
     # (else through the protocol, below)
     own_sampler = takes_sampler or (name == "ddim" and schedule is None and noise is None and start is None
                                     and output == "images"
                                     and before_model_call is None and generator is None and start_noise is None
-                                    and uncond_skip is None and pad_conds is None and eta is None)
+                                    and uncond_skip is None and pad_conds is None and eta is None and churn is None)
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -530,6 +534,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["pad_conds"] = pad_conds
         if eta is not None:
             options["eta"] = eta
+        if churn is not None:
+            options["churn"] = churn
         if vae_encode != "mean" and _takes(system.sample, "vae_encode"):
             options["vae_encode"] = vae_encode
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
@@ -538,7 +544,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
     if name == "ddim" and schedule is None and plan is None and noise is None and schedule_options is None \
             and start is None \
             and output == "images" and before_model_call is None and generator is None and start_noise is None \
-            and uncond_skip is None and pad_conds is None and eta is None:
+            and uncond_skip is None and pad_conds is None and eta is None and churn is None:
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
@@ -578,6 +584,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                       start=start, before_model_call=before_model_call, uncond_skip=uncond_skip,
                                       pad_conds=pad_conds,
                                       **({} if eta is None else {"eta": eta}),
+                                      **({} if churn is None else {"churn": churn}),
                                       **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                       **(dict(getattr(system, "ddim_options", {})) if name == "ddim" and schedule is None
                                          else {}))

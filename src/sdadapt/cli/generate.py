@@ -98,7 +98,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         rho=args.rho, beta_alpha=args.beta_alpha, beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas,
         skip_early_cfg=args.skip_early_cfg, ngms=args.ngms, ngms_all_steps=args.ngms_all_steps,
         pad_conds=args.pad_conds, pad_conds_v0=args.pad_conds_v0, eta=args.eta, eta_ddim=args.eta_ddim,
-        noise_multiplier=args.noise_multiplier, extra_noise=args.extra_noise,
+        noise_multiplier=args.noise_multiplier, extra_noise=args.extra_noise, sigma_churn=args.sigma_churn,
+        sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
         emphasis=args.emphasis,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
@@ -319,6 +320,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     a1111.add_argument("--extra-noise", type=float, default=0.0, metavar="F",
                        help="A1111's 'Extra noise multiplier for img2img and hires fix' (default 0): the start noise "
                             "times F added to the first sample of an --init-image run and of the hires pass")
+    a1111.add_argument("--sigma-churn", type=float, default=0.0, metavar="F",
+                       help="A1111's 'Sigma churn' (default 0: off) for Euler, Heun, DPM2 (with --schedule): "
+                            "k-diffusion's churn, noise added before each step")
+    a1111.add_argument("--sigma-tmin", type=float, default=0.0, metavar="F",
+                       help="A1111's 'Sigma tmin' (default 0): churn only from this σ up")
+    a1111.add_argument("--sigma-tmax", type=float, default=0.0, metavar="F",
+                       help="A1111's 'Sigma tmax' (default 0: no limit): churn only up to this σ")
+    a1111.add_argument("--sigma-noise", type=float, default=1.0, metavar="F",
+                       help="A1111's 'Sigma noise' (default 1): the churn noise's scale")
     a1111.add_argument("--pad-conds", action="store_true",
                        help="A1111's 'Pad prompt/negative prompt': a prompt and negative of different chunk counts "
                             "padded with the empty prompt's states to one length (one model call for both)")

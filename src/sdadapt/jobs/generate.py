@@ -79,6 +79,10 @@ def run_generate(
     eta_ddim: float | None = None,
     noise_multiplier: float = 1.0,
     extra_noise: float = 0.0,
+    sigma_churn: float = 0.0,
+    sigma_tmin: float = 0.0,
+    sigma_tmax: float = 0.0,
+    sigma_noise: float = 1.0,
     emphasis: str = "Original",
     width: int | None = None,
     height: int | None = None,
@@ -197,6 +201,9 @@ def run_generate(
         extra_noise: A1111's "Extra noise multiplier for img2img and hires fix" (default 0): the start noise times it
             added to the first sample of the ``init_image`` run and of the hires pass (:attr:`sdadapt.img2img.
             Img2ImgStart.extra_noise`; A1111's samplers only), "Extra noise: x" in the infotext when not 0.
+        sigma_churn, sigma_tmin, sigma_tmax, sigma_noise: A1111's "Sigma churn" (0: off), "Sigma tmin", "Sigma tmax"
+            (0: no limit), "Sigma noise" for the passes on Euler, Heun or DPM2 (:class:`sdadapt.samplers.churn.
+            SigmaChurn`; churn on A1111's grids only), "Sigma …" in the infotext when not the defaults.
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
             "Ignore", "None"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
@@ -316,7 +323,7 @@ def run_generate(
     from ..errors import OutputError
     from ..formats.files import check_output_file
     from ..images import write_png
-    from ..sampler_tables import TIMESTEP_SAMPLERS, run_schedule, takes_eta_ddim
+    from ..sampler_tables import CHURN_SAMPLERS, TIMESTEP_SAMPLERS, run_schedule, takes_eta_ddim
     from ..samplers import canonical_sampler, check_karras
     from ..samplers.labels import sampler_schedule_from_label
     from ..samplers.schedules import canonical_schedule as schedule_name
@@ -378,6 +385,7 @@ def run_generate(
                                                                 and hires_width is None and hires_height is None)):
         raise ValueError(f"--extra-noise is A1111's 'Extra noise multiplier for img2img and hires fix' (>= 0): added "
                          f"where a pass starts from an image; give --init-image or a hires pass, got {extra_noise}")
+    churn = _sigma_churn(sigma_churn, sigma_tmin, sigma_tmax, sigma_noise)
     if eta_ddim is not None:
         ddim_passes = [s for s in (sampler, hires_sampler)
                        if s is not None and takes_eta_ddim(canonical_sampler(s), schedule)]
@@ -402,6 +410,19 @@ def run_generate(
             _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, hires_sampler, hires_schedule)
         except ValueError as exc:
             raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None
+    if churn is not None:  # (A1111 passes it to Euler, Heun and DPM2: refused where no pass can take it)
+        from ..samplers.churn import check_churn
+
+        passes = [(sampler, schedule), *([(hires_sampler, hires_schedule)] if hires_sampler is not None else [])]
+        taking = [(canonical_sampler(name), grid) for name, grid in passes if canonical_sampler(name) in CHURN_SAMPLERS]
+        if churn.active and not taking:
+            raise ValueError(f"--sigma-churn is A1111's setting for {', '.join(CHURN_SAMPLERS)}; "
+                             f"{sampler} takes none")
+        for name, grid in taking:
+            try:
+                check_churn(name, churn, grid)
+            except ValueError as exc:
+                raise ValueError(f"--sigma-churn: {exc}") from None
     if extra_noise:  # (A1111 adds it on its own img2img path: refused up front where a pass runs diffusers')
         from ..img2img import img2img_rule
 
@@ -912,7 +933,7 @@ def run_generate(
             slerp=aesthetic_slerp, text=aesthetic_text, text_negative=aesthetic_text_negative,
             slerp_angle=aesthetic_text_angle), vae_encode=vae_encode, uncond_skip=uncond_skip,
         schedule_options=schedule_options, eta=eta, eta_ddim=eta_ddim, noise_multiplier=noise_multiplier,
-        extra_noise=extra_noise,
+        extra_noise=extra_noise, churn=churn,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None)
     written = []
@@ -937,7 +958,8 @@ def run_generate(
                            **({} if eta is None else {"eta": eta}),
                            **({} if eta_ddim is None else {"eta_ddim": eta_ddim}),
                            **({} if noise_multiplier == 1.0 else {"noise_multiplier": noise_multiplier}),
-                           **({} if not extra_noise else {"extra_noise": extra_noise}))
+                           **({} if not extra_noise else {"extra_noise": extra_noise}),
+                           **({} if churn is None else {"churn": churn}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)
@@ -1185,6 +1207,23 @@ def _emphasis_written(plan, text: str, negative_text: str, hires, plan_for, step
         second = plan_for(hires.steps or steps or 25)
         texts += list(second) if isinstance(second, tuple) else [*second.texts, *second.negative_texts]
     return any("(" in t or "[" in t for t in texts)
+
+
+def _sigma_churn(churn: float, tmin: float, tmax: float, noise: float):
+    """The :class:`sdadapt.samplers.churn.SigmaChurn` of ``--sigma-churn`` / ``--sigma-tmin`` / ``--sigma-tmax`` /
+    ``--sigma-noise`` (``None``: all at A1111's defaults), checked before any loading.
+
+    Raises:
+        ValueError: a value out of range, naming the options.
+    """
+    if (churn, tmin, tmax, noise) == (0.0, 0.0, 0.0, 1.0):
+        return None
+    from ..samplers.churn import SigmaChurn
+
+    try:
+        return SigmaChurn(churn=churn, tmin=tmin, tmax=tmax, noise=noise)
+    except ValueError as exc:
+        raise ValueError(f"--sigma-churn / --sigma-tmin / --sigma-tmax / --sigma-noise: {exc}") from None
 
 
 def _emphasis_mode(emphasis: str) -> str:

@@ -487,7 +487,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  aesthetic: Mapping[str, object] | None = None, hires_tag_loras: Sequence = (),
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
-                 noise_multiplier: float = 1.0, extra_noise: float = 0.0, emphasis: str | None = None) -> InfotextRun:
+                 noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
+                 emphasis: str | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -500,11 +501,12 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     as A1111's ``get_sigmas`` writes them for the passes' grids; ``eta``: A1111's "Eta for ancestral samplers";
     ``noise_multiplier``: A1111's "Noise multiplier for img2img" (written for an ``init_image`` run when not 1);
     ``extra_noise``: its "Extra noise multiplier for img2img and hires fix" (written when a pass starts from an
-    image and it is not 0);
+    image and it is not 0); ``churn``: its "Sigma churn" settings (:class:`sdadapt.samplers.churn.SigmaChurn`,
+    written when a pass runs Euler, Heun or DPM2);
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
-    from ..sampler_tables import ETA_SAMPLERS, canonical_sampler
+    from ..sampler_tables import CHURN_SAMPLERS, ETA_SAMPLERS, canonical_sampler
     from ..samplers.schedules import ScheduleOptions, canonical_schedule
     from ..samplers.sigma_space import model_sigmas
     from ..sampling import default_guidance
@@ -537,6 +539,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         schedule_fields["Eta"] = float(eta)  # (KDiffusionSampler.initialize, after get_sigmas)
     if eta_ddim:  # (CompVisSampler.initialize: its eta_infotext_field, when not its default 0)
         schedule_fields["Eta DDIM"] = float(eta_ddim)
+    if churn is not None and any(canonical_sampler(s) in CHURN_SAMPLERS for s in passes):
+        schedule_fields.update(churn.infotext_fields())  # (Sampler.initialize, after the eta)
     mask_fields = None
     if init_image is not None and mask is not None:
         region = getattr(inpainting, "region", None)

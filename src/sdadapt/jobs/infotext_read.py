@@ -162,6 +162,10 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Beta schedule alpha", "beta_alpha", float)
     take("Beta schedule beta", "beta_beta", float)
     take("Eta", "eta", float)
+    take("Sigma churn", "sigma_churn", float)
+    take("Sigma tmin", "sigma_tmin", float)
+    take("Sigma tmax", "sigma_tmax", float)
+    take("Sigma noise", "sigma_noise", float)
     if "Eta DDIM" in fields and any(str(fields.get(field, "")).strip() in _ETA_DDIM_SAMPLERS
                                     for field in ("Sampler", "Hires sampler")):  # (the pass whose sampler wrote it)
         take("Eta DDIM", "eta_ddim", float)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .churn import SigmaChurn, check_churn, churned, churned_timestep
 from .sigma_space import (
     ancestral_step,
     discrete_start,
@@ -43,10 +44,12 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
          generator: torch.Generator | None, callback: StepCallback | None, karras: bool, spacing: str, steps_offset: int,
          ancestral: bool, schedule: str | None = None,
          schedule_options: ScheduleOptions | None = None, discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
-         eta: float = 1.0) -> Tensor:
-    """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step."""
+         eta: float = 1.0, churn: SigmaChurn | None = None) -> Tensor:
+    """Both DPM2 samplers; ``ancestral`` steps to σ_down and adds noise·σ_up after each two-call step; ``churn``
+    (DPM2 on A1111's grids): :mod:`.churn` before each step, the midpoint then between σ̂ and σ_{i+1}."""
     if eta < 0:
         raise ValueError(f"{name}: eta must be >= 0, got {eta}")
+    churning = check_churn(name, churn, schedule)
     times, grid, x = discrete_start(name, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                                     prediction_type=prediction_type, spacing=spacing, steps_offset=steps_offset,
                                     karras=karras, round_karras_timesteps=schedule is None, schedule=schedule,
@@ -75,12 +78,21 @@ def _run(name: str, model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_
     for i in range(len(times)):
         s, target, mid = grid[i], targets[i], mids[i]
         t = timestep_batch(times[i], x)
+        mid_t = mid_times[i]
+        if churning:  # (k-diffusion: from σ̂, the model at t(σ̂), the log-midpoint of σ̂ and σ_{i+1})
+            x, s, moved = churned(x, s, len(times), churn, generator)
+            if moved:
+                t = churned_timestep(s, alphas_cumprod, x_T, schedule, x)
+                mid_sigma = torch.tensor(s, dtype=work).log().lerp(torch.tensor(target, dtype=work).clamp_min(
+                    torch.finfo(work).tiny).log(), 0.5).exp()
+                mid, mid_t = float(mid_sigma), float(churned_timestep(float(mid_sigma), alphas_cumprod, x_T, schedule,
+                                                                      x)[0])
         d = slope(x, s, t)
         if target == 0:  # the last step: Euler onto x̂0, no noise (k-diffusion: σ_next / σ_down = 0)
             x = x + d * (target - s)
         else:
             x_mid = x + d * (mid - s)
-            x = x + slope(x_mid, mid, timestep_batch(mid_times[i], x)) * (target - s)
+            x = x + slope(x_mid, mid, timestep_batch(mid_t, x)) * (target - s)
             if ancestral:
                 x = x + step_noise(x, generator, work if schedule is not None else x_T.dtype) * ups[i]
         if callback is not None:
@@ -92,14 +104,16 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
                 prediction_type: str = "epsilon", generator: torch.Generator | None = None,
                 callback: StepCallback | None = None, karras: bool = False, spacing: str = "linspace",
                 steps_offset: int = 0, schedule: str | None = None, schedule_options: ScheduleOptions | None = None,
-                discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None) -> Tensor:
+                discard_next_to_last_sigma: bool = False, start: Img2ImgStart | None = None,
+                churn: SigmaChurn | None = None) -> Tensor:
     """DPM2 from unit noise ``x_T`` (B,C,H,W) -> x0 (B,C,H,W), step for step diffusers'
     ``KDPM2DiscreteScheduler`` (``timestep_spacing=spacing``, ``steps_offset``, ``use_karras_sigmas=karras``).
 
     Per step i < n−1: ``d = (x − x̂0(x, σ_i))/σ_i``, ``x' = x + d·(σ_mid − σ_i)`` with
     ``σ_mid = √(σ_i σ_{i+1})``, ``x ← x + d'·(σ_{i+1} − σ_i)`` with
     ``d' = (x' − x̂0(x', σ_mid))/σ_mid``;
-    the last step is Euler onto x̂0 (``2·num_steps − 1`` model calls). ``generator``: unused.
+    the last step is Euler onto x̂0 (``2·num_steps − 1`` model calls). ``generator``: unused but by ``churn``
+    (A1111's "Sigma churn" settings, :mod:`.churn`, with a ``schedule``: the step from σ̂).
     ``callback(i, t, x)`` sees each step's sample. Other arguments as :func:`.euler.euler_sample`
     (``schedule`` too: timesteps rounded as with Karras σ; a last σ above 0, ``kl_optimal``'s, gets a DPM2
     step, as in k-diffusion; ``discard_next_to_last_sigma`` with it: A1111's option of that name, which A1111
@@ -108,11 +122,11 @@ def dpm2_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_step
     Raises:
         ValueError: an unknown prediction type or spacing, ``num_steps`` outside [1, T].
     """
-    del generator
     return _run("dpm_2", model, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
-                prediction_type=prediction_type, generator=None, callback=callback, karras=karras, spacing=spacing,
+                prediction_type=prediction_type, generator=generator if churn is not None else None,
+                callback=callback, karras=karras, spacing=spacing,
                 steps_offset=steps_offset, ancestral=False, schedule=schedule, schedule_options=schedule_options,
-                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start)
+                discard_next_to_last_sigma=discard_next_to_last_sigma, start=start, churn=churn)
 
 
 def dpm2_ancestral_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps: int,
