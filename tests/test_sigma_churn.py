@@ -107,7 +107,7 @@ def test_churn_off_and_bad_requests():
     with pytest.raises(ValueError, match="sigma churn runs on its grids: give a schedule"):
         sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler="euler", alphas_cumprod=AC, num_steps=6,
                        churn=SigmaChurn(churn=0.5))
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="churn .* is for euler, heun, dpm_2, not lms"):
         sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, sampler="lms", churn=SigmaChurn(churn=0.5),
                        **base)
     with pytest.raises(ValueError, match="sigma churn must be a number >= 0"):

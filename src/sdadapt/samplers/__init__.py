@@ -32,6 +32,7 @@ from torch import Tensor
 from ..cond_padding import CondPadding
 from ..denoised_branches import ReadDenoised, denoised_of, reading_first
 from ..sampler_tables import (  # (the names and checks, torch-free: their one home, re-exported here)
+    CHURN_SAMPLERS,
     DISCARD_NEXT_TO_LAST_SIGMA,
     KARRAS_SAMPLERS,
     SAMPLER_ALIASES,
@@ -178,6 +179,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             raise ValueError(f"extra_noise is A1111's 'Extra noise multiplier for img2img and hires fix', added where "
                              f"A1111 starts from an image; {name} runs diffusers' img2img here: give it a schedule "
                              "(schedule='automatic' is A1111's default) or take an A1111 sampler")
+    if options.get("churn") is not None and name not in CHURN_SAMPLERS:
+        raise ValueError(f"churn (A1111's Sigma churn settings) is for {', '.join(CHURN_SAMPLERS)}, not {name}")
     tuned = schedule_options is not None and not schedule_options.is_default
     if tuned and schedule is None:
         raise ValueError("schedule_options (A1111's sigma min/max, rho, Beta α/β) shape one of A1111's schedules: "
