@@ -5,6 +5,7 @@ below, over A1111's ``CFGDenoiserTimesteps`` (tests/test_a1111_timesteps.py's), 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -337,3 +338,20 @@ def test_every_step_count_is_a1111s(steps, prediction_type, sampler, scale, eta,
         run = a1111_ddim_cfgpp_sample if cfgpp else a1111_ddim_sample
         got = run(_guided(scale), x_T, eta=eta, generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(got, want), rel_err(got, want)
+
+
+def test_generate_refuses_fewer_steps_than_its_order_before_loading(tmp_path, capsys):
+    """txt2img below 3 steps and img2img whose ``t_enc`` is below 3 (strength 0.29 of 10 steps: 2 steps) are refused
+    from the options; strength 0.3 (3 steps) runs."""
+    from PIL import Image as PILImage
+
+    from sdadapt.cli import main
+
+    PILImage.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")).save(tmp_path / "i.png")
+    assert main(["generate", "--prompt", "a", "--sampler", "UniPC", "--steps", "2", "-o", str(tmp_path / "a.png")]) == 2
+    assert "A1111's UniPC needs at least its order, 3 steps" in capsys.readouterr().err
+    img2img = ["generate", "--prompt", "a", "--sampler", "UniPC", "--init-image", str(tmp_path / "i.png"), "--steps",
+               "10"]
+    assert main([*img2img, "--denoising-strength", "0.29", "-o", str(tmp_path / "b.png")]) == 2
+    assert "runs 2 steps, and A1111's UniPC needs at least its order, 3" in capsys.readouterr().err
+    assert main([*img2img, "--denoising-strength", "0.3", "-o", str(tmp_path / "c.png")]) == 0

@@ -434,6 +434,9 @@ def run_generate(
                 raise ValueError(f"--extra-noise is added where A1111 starts from an image; {name} runs diffusers' "
                                  "img2img here: give it a --schedule (automatic is A1111's default) or take an A1111 "
                                  "sampler")
+    if canonical_sampler(sampler) == "unipc_a1111" and init_image is None and (steps or 25) < 3:
+        raise ValueError(f"--sampler UniPC: A1111's UniPC needs at least its order, 3 steps ('UniPC order must be < "
+                         f"sampling steps'); got --steps {steps}")
     if count < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--count and --steps must be >= 1, got {count} and {steps}")
     from .generate_seed import RANDOM_SEED, fixed_seed

@@ -122,6 +122,10 @@ def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresReq
     return request
 
 
+#: A1111's default "UniPC order" (the fewest steps its UniPC runs: :mod:`sdadapt.samplers.unipc_a1111`)
+UNIPC_ORDER = 3
+
+
 def check_img2img_pass(sampler: str, *, steps: int, strength: float, fixed_steps: int | None = None,
                        sampler_option: str = "--sampler", strength_option: str = "--denoising-strength",
                        steps_option: str = "--steps") -> None:
@@ -135,7 +139,7 @@ def check_img2img_pass(sampler: str, *, steps: int, strength: float, fixed_steps
     Raises:
         ValueError: ``fixed_steps`` with strength 0 (no grid, for every sampler); a sampler of
             :data:`NO_STEP_REFUSED` at ``t_enc = 0`` (a strength below ``1 / steps``, ``steps`` 1, or one fixed
-            step), naming the strength or steps that run one.
+            step), naming the strength or steps that run one; A1111's UniPC with fewer steps than its order.
     """
     from ..img2img import a1111_img2img_steps
 
@@ -143,6 +147,11 @@ def check_img2img_pass(sampler: str, *, steps: int, strength: float, fixed_steps
     if total < 1:
         raise ValueError(f"{strength_option} 0 with a fixed step count ({steps_option} {fixed_steps} run exactly) "
                          f"leaves no grid to run them on (A1111's steps / strength): raise {strength_option}")
+    if sampler == "unipc_a1111" and t_enc < UNIPC_ORDER:  # (its steps: timesteps[:t_enc])
+        raise ValueError(f"{sampler_option} UniPC: img2img at {strength_option} {strength:g} and {steps_option} "
+                         f"{fixed_steps or steps} runs {t_enc} steps, and A1111's UniPC needs at least its order, "
+                         f"{UNIPC_ORDER} ('UniPC order must be < sampling steps'): raise {strength_option} or "
+                         f"{steps_option}, or choose another sampler")
     if sampler not in NO_STEP_REFUSED or t_enc > 0:
         return
     if fixed_steps is not None:
