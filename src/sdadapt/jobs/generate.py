@@ -410,11 +410,13 @@ def run_generate(
             _uncond_skip(skip_early_cfg, ngms, ngms_all_steps, hires_sampler, hires_schedule)
         except ValueError as exc:
             raise ValueError(f"--hires-sampler {hires_sampler}: {exc}") from None
+    # the passes' (sampler, grid): the first, and the hires pass when it has a sampler of its own (else the first's)
+    passes = [(canonical_sampler(sampler), schedule),
+              *([(canonical_sampler(hires_sampler), hires_schedule)] if hires_sampler is not None else [])]
     if churn is not None:  # (A1111 passes it to Euler, Heun and DPM2: refused where no pass can take it)
         from ..samplers.churn import check_churn
 
-        passes = [(sampler, schedule), *([(hires_sampler, hires_schedule)] if hires_sampler is not None else [])]
-        taking = [(canonical_sampler(name), grid) for name, grid in passes if canonical_sampler(name) in CHURN_SAMPLERS]
+        taking = [(name, grid) for name, grid in passes if name in CHURN_SAMPLERS]
         if churn.active and not taking:
             raise ValueError(f"--sigma-churn is A1111's setting for {', '.join(CHURN_SAMPLERS)}; "
                              f"{sampler} takes none")
@@ -426,14 +428,11 @@ def run_generate(
     if extra_noise:  # (A1111 adds it on its own img2img path: refused up front where a pass runs diffusers')
         from ..img2img import img2img_rule
 
-        image_passes = ([(sampler, schedule)] if init_image is not None else []) + (
-            [(hires_sampler or sampler, hires_schedule if hires_sampler is not None else schedule)]
-            if init_image is None else [])
-        for name, grid in image_passes:
-            if img2img_rule(canonical_sampler(name), grid) != "a1111":
-                raise ValueError(f"--extra-noise is added where A1111 starts from an image; {name} runs diffusers' "
-                                 "img2img here: give it a --schedule (automatic is A1111's default) or take an A1111 "
-                                 "sampler")
+        name, grid = passes[0] if init_image is not None else passes[-1]  # (the pass that starts from an image)
+        if img2img_rule(name, grid) != "a1111":
+            raise ValueError(f"--extra-noise is added where A1111 starts from an image; {name} runs diffusers' "
+                             "img2img here: give it a --schedule (automatic is A1111's default) or take an A1111 "
+                             "sampler")
     if canonical_sampler(sampler) == "unipc_a1111" and init_image is None and (steps or 25) < 3:
         raise ValueError(f"--sampler UniPC: A1111's UniPC needs at least its order, 3 steps ('UniPC order must be < "
                          f"sampling steps'); got --steps {steps}")
