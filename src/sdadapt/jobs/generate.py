@@ -323,7 +323,12 @@ def run_generate(
     from ..errors import OutputError
     from ..formats.files import check_output_file
     from ..images import write_png
-    from ..sampler_tables import CHURN_SAMPLERS, TIMESTEP_SAMPLERS, run_schedule, takes_eta_ddim
+    from ..sampler_tables import (
+        CHURN_SAMPLERS,
+        TIMESTEP_SAMPLERS,
+        run_schedule,
+        takes_eta_ddim,
+    )
     from ..samplers import canonical_sampler, check_karras
     from ..samplers.labels import sampler_schedule_from_label
     from ..samplers.schedules import canonical_schedule as schedule_name
