@@ -50,10 +50,21 @@ def _ancestral(sigma_from, sigma_to, eta=1.0):
     return (sigma_to ** 2 - up ** 2) ** 0.5, up
 
 
-def _kd_euler(model, x, sigmas):
+def _churn(x, sigmas, i, noise, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.):
+    """The churn that opens each step of ``sample_euler`` / ``sample_heun`` / ``sample_dpm_2`` (sampling.py:123-127):
+    ``(x, sigma_hat)``; ``noise(x)`` is k-diffusion's ``randn_like``, drawn every step (``None``: no draws, s_churn 0)."""
+    gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+    eps = noise(x) * s_noise if noise is not None else None
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+    return x, sigma_hat
+
+
+def _kd_euler(model, x, sigmas, noise=None, **churn):
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        sigma_hat = sigmas[i] * (0.0 + 1)
+        x, sigma_hat = _churn(x, sigmas, i, noise, **churn)
         d = _to_d(x, sigma_hat, model(x, sigma_hat * s_in))
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
@@ -70,10 +81,10 @@ def _kd_euler_ancestral(model, x, sigmas, noise, eta=1.0):
     return x
 
 
-def _kd_heun(model, x, sigmas):
+def _kd_heun(model, x, sigmas, noise=None, **churn):
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        sigma_hat = sigmas[i] * (0.0 + 1)
+        x, sigma_hat = _churn(x, sigmas, i, noise, **churn)
         d = _to_d(x, sigma_hat, model(x, sigma_hat * s_in))
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:

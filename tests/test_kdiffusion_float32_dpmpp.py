@@ -13,18 +13,17 @@ import pytest
 import torch
 from sampler_stand_ins import rel_err, stand_in
 from test_dpm_adaptive_float32 import AC, F32, _get_sigmas, _sigma_to_t
-from test_kdiffusion_float32 import _ancestral, _denoiser, _karras, _to_d, _x_T
+from test_kdiffusion_float32 import _ancestral, _churn, _denoiser, _karras, _to_d, _x_T
 
 from sdadapt.img2img import Img2ImgStart
 from sdadapt.samplers import _SAMPLERS, sample_latents
 from sdadapt.samplers.a1111_noise import A1111Noise
 
 
-def _kd_dpm_2(model, x, sigmas, noise):
+def _kd_dpm_2(model, x, sigmas, noise, **churn):
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        noise(x)  # (k-diffusion draws eps = randn_like(x) every step, unused at s_churn = 0)
-        sigma_hat = sigmas[i] * (0.0 + 1)
+        x, sigma_hat = _churn(x, sigmas, i, noise, **churn)  # (eps = randn_like(x) every step, unused at s_churn 0)
         d = _to_d(x, sigma_hat, model(x, sigma_hat * s_in))
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)

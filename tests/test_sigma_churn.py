@@ -1,7 +1,7 @@
 """A1111's "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise" (``s_churn``, ``s_tmin``, ``s_tmax``,
 ``s_noise``: its ``sampler_extra_params`` for ``sample_euler``, ``sample_heun``, ``sample_dpm_2``) on A1111's grids:
 k-diffusion 4601bf0's ``sample_euler`` (sampling.py:118-135), ``sample_heun`` (:159-184) and ``sample_dpm_2``
-(:188-216) transcribed below with their churn, over A1111's float32 ``CompVisDenoiser`` (tests/
+(:188-216) transcribed with their churn (tests/test_kdiffusion_float32.py, tests/test_kdiffusion_float32_dpmpp.py), over A1111's float32 ``CompVisDenoiser`` (tests/
 test_kdiffusion_float32.py), against ``sdadapt.samplers.churn`` in the samplers, bit for bit."""
 
 from __future__ import annotations
@@ -12,59 +12,11 @@ import pytest
 import torch
 from sampler_stand_ins import rel_err, stand_in
 from test_dpm_adaptive_float32 import AC, _get_sigmas
-from test_kdiffusion_float32 import _denoiser, _karras, _to_d, _x_T
+from test_kdiffusion_float32 import _denoiser, _karras, _kd_euler, _kd_heun, _x_T
+from test_kdiffusion_float32_dpmpp import _kd_dpm_2
 
 from sdadapt.samplers import sample_latents
 from sdadapt.samplers.churn import SigmaChurn
-
-
-def _churn(x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise):
-    gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
-    eps = noise(x) * s_noise
-    sigma_hat = sigmas[i] * (gamma + 1)
-    if gamma > 0:
-        x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
-    return x, sigma_hat
-
-
-def _kd_euler(model, x, sigmas, noise, **churn):
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(x, sigmas, i, noise, **churn)
-        d = _to_d(x, sigma_hat, model(x, sigma_hat * s_in))
-        x = x + d * (sigmas[i + 1] - sigma_hat)
-    return x
-
-
-def _kd_heun(model, x, sigmas, noise, **churn):
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(x, sigmas, i, noise, **churn)
-        d = _to_d(x, sigma_hat, model(x, sigma_hat * s_in))
-        dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in))
-            x = x + (d + d_2) / 2 * dt
-    return x
-
-
-def _kd_dpm_2(model, x, sigmas, noise, **churn):
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(x, sigmas, i, noise, **churn)
-        d = _to_d(x, sigma_hat, model(x, sigma_hat * s_in))
-        if sigmas[i + 1] == 0:
-            x = x + d * (sigmas[i + 1] - sigma_hat)
-        else:
-            sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
-            x_2 = x + d * (sigma_mid - sigma_hat)
-            d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in))
-            x = x + d_2 * (sigmas[i + 1] - sigma_hat)
-    return x
-
 
 _REFERENCE = {"euler": _kd_euler, "heun": _kd_heun, "dpm_2": _kd_dpm_2}
 #: (s_churn, s_tmin, s_tmax, s_noise): churn everywhere; a σ window; a large churn (γ capped at √2 − 1)
