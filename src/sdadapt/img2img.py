@@ -74,11 +74,10 @@ __all__ = [
     "vp_timestep_start",
 ]
 
-#: samplers on A1111's σ grid (k-diffusion's samplers and A1111's Restart) or its timesteps (its PLMS, DDIM CFG++
-#: and UniPC): A1111's t_enc rule
+#: samplers on A1111's σ grid (k-diffusion's samplers and A1111's Restart): A1111's t_enc rule (A1111's timestep
+#: samplers take it too: :func:`img2img_rule`)
 A1111_RULE_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "lms", "dpmpp_2s_a",
-                                        "dpmpp_sde", "restart", "dpm_fast", "dpm_adaptive", "plms", "ddim_cfgpp",
-                                        "unipc_a1111")
+                                        "dpmpp_sde", "restart", "dpm_fast", "dpm_adaptive")
 #: samplers run as diffusers' scheduler: diffusers' strength rule
 DIFFUSERS_RULE_SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver", "dpmsolver++", "dpmsolver++_sde",
                                             "dpmsolver++_sde_heun", "dpmsolver++_3m_sde", "dpmsingle", "unipc",
@@ -87,7 +86,8 @@ DIFFUSERS_RULE_SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver", "dpmsolver++", 
 #: A1111's rule, as A1111 runs them on that grid (k-diffusion's ``sample_img2img``)
 SCHEDULE_FOLLOWS_A1111: tuple[str, ...] = ("dpmsolver", "dpmsolver++", "dpmsolver++_sde", "dpmsolver++_sde_heun",
                                            "dpmsolver++_3m_sde", "dpmsingle", "unipc", "lcm", "ddim")
-IMG2IMG_SAMPLERS: tuple[str, ...] = (*DIFFUSERS_RULE_SAMPLERS, *A1111_RULE_SAMPLERS)
+IMG2IMG_SAMPLERS: tuple[str, ...] = tuple(dict.fromkeys((*DIFFUSERS_RULE_SAMPLERS, *A1111_RULE_SAMPLERS,
+                                                          *TIMESTEP_SAMPLERS)))
 
 
 def check_img2img_sampler(sampler: str) -> str:
@@ -104,14 +104,16 @@ def check_img2img_sampler(sampler: str) -> str:
 
 def img2img_rule(sampler: str, schedule: str | None = None) -> str:
     """``"a1111"`` or ``"diffusers"``: the rule ``sampler`` (a canonical name in :data:`IMG2IMG_SAMPLERS`) starts
-    from an image by — A1111's for :data:`A1111_RULE_SAMPLERS` and, on one of A1111's grids (``schedule`` not
-    None), for :data:`SCHEDULE_FOLLOWS_A1111`; diffusers' otherwise.
+    from an image by — A1111's for :data:`A1111_RULE_SAMPLERS`, for A1111's timestep samplers
+    (:func:`~sdadapt.sampler_tables.runs_a1111_timesteps`) and, on one of A1111's grids (``schedule`` not None), for
+    :data:`SCHEDULE_FOLLOWS_A1111`; diffusers' otherwise.
 
     Raises:
         ValueError: a sampler that cannot start from an image (:func:`check_img2img_sampler`).
     """
     check_img2img_sampler(sampler)
-    if sampler in A1111_RULE_SAMPLERS or (schedule is not None and sampler in SCHEDULE_FOLLOWS_A1111):
+    if (sampler in A1111_RULE_SAMPLERS or runs_a1111_timesteps(sampler, schedule)
+            or (schedule is not None and sampler in SCHEDULE_FOLLOWS_A1111)):
         return "a1111"
     return "diffusers"
 
@@ -206,15 +208,14 @@ def takes_any_step_count(sampler: str, schedule: str | None = None, *, karras: b
 
     if sampler in K_DIFFUSION_DPMPP:
         return continuous_grid(karras=karras, schedule=schedule)
-    return sampler in A1111_RULE_SAMPLERS and sampler not in TIMESTEP_SAMPLERS and any_step_count(schedule)
+    return sampler in A1111_RULE_SAMPLERS and any_step_count(schedule)
 
 
 def _any_count_samplers() -> str:
     """The samplers (and grids) that take any step count, for the refusals' fixes."""
     from .samplers.dpm_solver import K_DIFFUSION_DPMPP
 
-    return (f"{', '.join(s for s in A1111_RULE_SAMPLERS if s not in TIMESTEP_SAMPLERS)}, not on the 'simple' or "
-            "'ddim' schedule; "
+    return (f"{', '.join(A1111_RULE_SAMPLERS)}, not on the 'simple' or 'ddim' schedule; "
             f"{', '.join(K_DIFFUSION_DPMPP)} with Karras σ or such a schedule")
 
 
