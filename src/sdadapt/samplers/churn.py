@@ -79,15 +79,13 @@ def churned(x: Tensor, sigma: float, steps: int, churn: SigmaChurn, generator: t
 
 
 def check_churn(name: str, churn: SigmaChurn | None, schedule: str | None) -> bool:
-    """Whether sampler ``name`` churns (``churn`` active); refused off A1111's grids.
+    """Whether sampler ``name`` (one of :data:`CHURN_SAMPLERS`) churns (``churn`` active); refused off A1111's grids.
 
     Raises:
-        ValueError: an active ``churn`` without a ``schedule`` (diffusers' grid), or for a sampler A1111 gives none.
+        ValueError: an active ``churn`` without a ``schedule`` (diffusers' grid).
     """
     if churn is None or not churn.active:
         return False
-    if name not in CHURN_SAMPLERS:
-        raise ValueError(f"A1111's sigma churn is {', '.join(CHURN_SAMPLERS)}'s (its sampler_extra_params), not {name}'s")
     if schedule is None:
         raise ValueError(f"{name}: A1111's sigma churn runs on its grids: give a schedule (schedule='automatic' is "
                          "A1111's default)")
