@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
 
 __all__ = ["CFG_PP_SCALE_MULTIPLIER", "a1111_ddim_cfgpp_sample", "a1111_ddim_sample", "a1111_plms_sample",
-           "a1111_timestep_start", "a1111_timesteps", "ldm_sqrt_tables"]
+           "a1111_timestep_start", "a1111_timesteps", "ldm_sqrt_tables", "timestep_eps"]
 
 #: DDIM CFG++'s guidance multiplier (A1111's ``model.cond_scale_miltiplier = 1 / 12.5``: CFG 0..12.5 -> 0..1)
 CFG_PP_SCALE_MULTIPLIER = 1 / 12.5
@@ -101,6 +101,13 @@ class _EpsRead:
         return _EpsRead(self.tables, self.t, x_in, self.dtype)
 
 
+def timestep_eps(model: Denoise, x: Tensor, t: Tensor, read: object, model_dtype: torch.dtype) -> Tensor:
+    """The guided ε (B,C,H,W) of a timestep sampler's model call at the sample ``x`` (work dtype) and timesteps ``t``
+    (B,): the model at ``x`` in ``model_dtype``, each branch read as ε by ``read`` and guided on ε; A1111 hands its
+    CFGDenoiser the timesteps as "sigma" (its NGMS compares them)."""
+    return denoised_of(model, read, x.to(model_dtype), t, sigma=t)
+
+
 class _Run:
     """What one run of a timestep sampler reads (A1111's ``_prepare_sampling_parameters`` and ``sample`` /
     ``sample_img2img``): the start ``x``, the timesteps, ᾱ and ᾱ_prev, √(1−ᾱ), the ε reading, and per step the
@@ -140,9 +147,8 @@ class _Run:
         return _EpsRead(self.tables, t, x, self.work)
 
     def eps(self, model: Denoise, x: Tensor, t: Tensor, read: object | None = None) -> Tensor:
-        """The guided ε (B,C,H,W) at ``x``, ``t``: each branch read as ε (``read``: :meth:`read`'s, or one wrapping
-        it), guided on ε; A1111 hands its CFGDenoiser the timesteps as "sigma" (its NGMS compares them)."""
-        return denoised_of(model, self.read(x, t) if read is None else read, x.to(self.model_dtype), t, sigma=t)
+        """:func:`timestep_eps` of this run (``read``: :meth:`read`'s, or one wrapping it)."""
+        return timestep_eps(model, x, t, self.read(x, t) if read is None else read, self.model_dtype)
 
     def coefficients(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(ᾱ_t, ᾱ_prev, √(1−ᾱ_t))`` (B,1,1,1) of step ``index``, as A1111 makes them (``.item() * s_x``)."""

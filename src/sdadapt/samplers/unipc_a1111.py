@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..denoised_branches import denoised_of
 from .a1111_timesteps import (
     _EpsRead,
     a1111_timestep_start,
     a1111_timesteps,
     ldm_sqrt_tables,
+    timestep_eps,
 )
 from .sigma_space import check_prediction_type
 from .signatures import Denoise, StepCallback
@@ -153,7 +153,7 @@ def a1111_unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, n
     def data(x: Tensor, t: Tensor) -> Tensor:
         """x̂0 (B,C,H,W) of the guided model at ``x``, times ``t`` (B,)."""
         t_input = (t - one_over_n) * 1000.0
-        eps = denoised_of(model, _EpsRead(tables, t_input, x, work), x.to(x_T.dtype), t_input, sigma=t_input)
+        eps = timestep_eps(model, x, t_input, _EpsRead(tables, t_input, x, work), x_T.dtype)
         return (x - schedule.std(t)[:, None, None, None] * eps) / schedule.alpha(t)[:, None, None, None]
 
     def update(x: Tensor, model_prev: list[Tensor], t_prev: list[Tensor], t: Tensor, order: int,
