@@ -482,10 +482,11 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (eta is None or _takes(system.sample, "eta"))
                      and (churn is None or _takes(system.sample, "churn")))
     # (else through the protocol, below)
-    own_sampler = takes_sampler or (name == "ddim" and schedule is None and noise is None and start is None
-                                    and output == "images"
-                                    and before_model_call is None and generator is None and start_noise is None
-                                    and uncond_skip is None and pad_conds is None and eta is None and churn is None)
+    # (a plain DDIM request the system's own sample runs whatever it takes)
+    plain_ddim = (name == "ddim" and schedule is None and noise is None and start is None and output == "images"
+                  and before_model_call is None and generator is None and start_noise is None
+                  and uncond_skip is None and pad_conds is None and eta is None and churn is None)
+    own_sampler = takes_sampler or plain_ddim
     if plan is not None:
         if cond is not None:
             raise ValueError("a prompt plan encodes its own texts; pass plan= or cond=, not both")
@@ -541,10 +542,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
     if custom:
         raise ValueError(f"this model makes {size}x{size} images only; leave out the width and height")
-    if name == "ddim" and schedule is None and plan is None and noise is None and schedule_options is None \
-            and start is None \
-            and output == "images" and before_model_call is None and generator is None and start_noise is None \
-            and uncond_skip is None and pad_conds is None and eta is None and churn is None:
+    if plain_ddim and plan is None and schedule_options is None:
         return system.sample(prompts, **options)
     height = width = size
     probe = system.encode_images(torch.zeros(1, 3, height, width, device=system.alphas_cumprod.device))
