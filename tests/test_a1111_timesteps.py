@@ -275,6 +275,30 @@ def test_skip_early_cfg_and_and_prompts_are_a1111s(sampler):
     assert reference.step == (calls + 1 if sampler == "plms" else calls)  # (PLMS's first step: two calls)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "ddim_cfgpp"])
+@pytest.mark.parametrize("strength", [0.35, 0.8])
+def test_skip_early_cfg_on_img2img_counts_a1111s_steps(sampler, strength):
+    """Skip Early CFG on an img2img pass of a timestep sampler: A1111 launches it with ``t_enc + 1`` steps
+    (``CFGDenoiser.total_steps``), so its skipped calls are those with ``step / (t_enc + 1) <= skip`` — A1111's DDIM
+    asked for by its schedule ("automatic", resolved to none) counts them by A1111's rule too."""
+    from sdadapt.uncond_skip import UncondSkip
+
+    steps, x_T, skip = 10, _x_T(81), 0.3
+    init = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(82))
+    total, t_enc = a1111_img2img_steps(steps, strength)
+    timesteps = _get_timesteps(total)
+    a = AC32[timesteps[t_enc]]
+    xi = init * torch.sqrt(a) + x_T * torch.sqrt(1 - a)
+    reference = _cfg("epsilon", 6.0, skip_early=skip, total_steps=t_enc + 1)
+    want = _transcribed(sampler, reference, xi, timesteps[:t_enc])
+    got = sample_latents(_unet, x_T, _cond(0.5), uncond=_cond(-0.25), guidance_scale=6.0, sampler=sampler,
+                         alphas_cumprod=sd_alphas_cumprod(), num_steps=steps,
+                         schedule="automatic" if sampler == "ddim" else None,
+                         start=Img2ImgStart(init, strength=strength), uncond_skip=UncondSkip(skip_early=skip),
+                         generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, want), rel_err(got, want)
+
+
 def test_sampler_names_and_labels():
     from sdadapt.sampler_tables import (
         A1111_MISSING,

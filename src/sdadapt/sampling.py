@@ -565,7 +565,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
 
         model = plan.guidance(model, [encode(t) for t in plan.texts], [encode(t) for t in plan.negative_texts], scale,
                               uncond_skip=uncond_skip, total_steps=samplers.run_total_steps(
-                                  name, steps, start=start, schedule=samplers.resolve_schedule(name, schedule, karras)),
+                                  name, steps, start=start, schedule=run_schedule(name, schedule, karras)),
                               pad_conds=pad_conds)
         scale, uncond_skip, pad_conds = 1.0, None, None
     else:

@@ -190,6 +190,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         raise ValueError("discard_next_to_last_sigma=True drops a σ of A1111's grid: give a schedule too "
                          "(schedule='automatic' is A1111's default); without one the sampler runs diffusers' grid")
     schedule = resolve_schedule(name, schedule, karras)
+    run_grid = "automatic" if timesteps else schedule  # (sampler_tables.run_schedule's: A1111's own timesteps kept)
     discard = bool(discard_next_to_last_sigma) if timesteps else schedule is not None and (
         name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
         else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one; its timesteps: one more)
@@ -204,7 +205,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                          "(schedule='automatic' is A1111's default) or leave NGMS out")
     # guidance first, once: A1111's CFGDenoiser (its call count over the run's expected calls, for uncond_skip)
     model = diffusion.guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip,
-                             total_steps=run_total_steps(name, num_steps, start=start, schedule=schedule),
+                             total_steps=run_total_steps(name, num_steps, start=start, schedule=run_grid),
                              pad_conds=pad_conds)
     if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
         # per CFGDenoiser.forward, also where the conditionings do not batch)
@@ -215,7 +216,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if start is not None and start.mask is not None:  # inpainting on a 4-channel model: A1111's blend
         return _inpaint(model, x_T, cond, sampler=name, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                         prediction_type=prediction_type, karras=karras,
-                        generator=generator, callback=callback, schedule="automatic" if timesteps else schedule,
+                        generator=generator, callback=callback, schedule=run_grid,
                         start=start,
                         discard_next_to_last_sigma=discard if schedule is not None or timesteps else None,
                         schedule_options=schedule_options if tuned else None, **options)
@@ -255,7 +256,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
 def run_total_steps(sampler: str, num_steps: int, *, start: Img2ImgStart | None = None,
                     schedule: str | None = None) -> int:
     """A1111's ``CFGDenoiser.total_steps`` of a sampler run (:func:`sdadapt.sampler_tables.a1111_total_steps`) of the
-    steps it takes: ``num_steps``, less an img2img ``start``'s index by the sampler's rule on ``schedule``'s grid."""
+    steps it takes: ``num_steps``, less an img2img ``start``'s index by the sampler's rule on ``schedule``'s grid
+    (:func:`sdadapt.sampler_tables.run_schedule`'s: ``"automatic"`` for A1111's own DDIM, which ``resolve_schedule``
+    reads as none, diffusers' DDIM)."""
     name = canonical_sampler(sampler)
     if start is None:
         return a1111_total_steps(name, num_steps)
