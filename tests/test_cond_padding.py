@@ -176,3 +176,37 @@ def test_diffusers_pads_with_its_own_states_of_the_empty_prompt(tiny_sd):
     assert not torch.equal(filled, system.sample(["a cat BREAK a hat"], pad_conds=CondPadding(
         empty=torch.zeros_like(empty)), **run))
 
+
+
+def test_generate_pads_with_the_empty_prompt_of_the_model_before_its_lora(tiny_sd, tmp_path, monkeypatch):
+    """A1111 encodes ``""`` once when it loads a checkpoint, with no network active (``sd_models.get_empty_cond``
+    after ``extra_networks.activate(p, {})``): a text-encoder LoRA merged for the run leaves what it pads with as the
+    plain model's states of ``""`` (``DiffusersSystem.keep_empty_prompt_states`` before the merges)."""
+    from sdadapt.diffusers_system import DiffusersSystem
+    from sdadapt.jobs import run_generate
+    from sdadapt.methods.lora import prepare_lora
+
+    system = DiffusersSystem.from_folder(tiny_sd)
+    plain = system.empty_prompt_states()
+    adaptation = prepare_lora(system, rank=2, alpha=2.0, unet=False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in adaptation.params:
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.3)
+    with_lora = system.empty_prompt_states()
+    assert (with_lora - plain).abs().max() > 1e-2  # (the LoRA changes the states of "": the test can tell)
+    adaptation.save(tmp_path / "te.safetensors")
+    adaptation.remove()
+    kept = system.keep_empty_prompt_states()
+    assert torch.equal(kept, plain) and "kept_empty_prompt" not in system.state_dict()
+    used, real = [], CondPadding.pad
+
+    def spied(self, conds, uncond):
+        used.append(self.empty)
+        return real(self, conds, uncond)
+
+    monkeypatch.setattr(CondPadding, "pad", spied)
+    run = {"model": str(tiny_sd), "prompt": "a cat BREAK a hat", "negative": "blurry", "steps": 2, "seed": 1,
+           "sampler": "Euler", "schedule": "automatic", "width": 32, "height": 32, "pad_conds": True}
+    run_generate(out=tmp_path / "lora.png", loras=[str(tmp_path / "te.safetensors")], **run)
+    assert used and all(torch.equal(empty, plain) for empty in used)

@@ -219,6 +219,9 @@ class DiffusersSystem(nn.Module):
         #: prompt's mean restored), "No norm" (weights only), "Ignore" (the syntax read, the weights not applied),
         #: "None" (no syntax: brackets and ``BREAK`` are words of the text)
         self.emphasis = "Original"
+        #: the states of ``""`` kept by :meth:`keep_empty_prompt_states` (``None``: encoded when asked; a buffer outside
+        #: the state dict, so that ``.to()`` moves it with the model)
+        self.register_buffer("kept_empty_prompt", None, persistent=False)
         self.max_token_length = max_token_length
         self.source = str(source) if source is not None else None
         pipeline = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
@@ -940,11 +943,24 @@ class DiffusersSystem(nn.Module):
     def empty_prompt_states(self, time_ids: Tensor | None = None) -> Tensor:
         """The text states (1, 77, D) of the empty prompt ``""`` as :meth:`sample` encodes a prompt (SDXL: the two
         encoders' joined states, not zeroed): A1111's ``cond_stage_model_empty_prompt``, what its "Pad
-        prompt/negative prompt" pads with (:mod:`sdadapt.cond_padding`)."""
+        prompt/negative prompt" pads with (:mod:`sdadapt.cond_padding`). Those :meth:`keep_empty_prompt_states`
+        kept, once it ran; else encoded now, with the text encoder as it is."""
         from .cond_padding import condition_states
 
+        if self.kept_empty_prompt is not None:
+            return self.kept_empty_prompt
         time_ids = self._size_time_ids(1, self.image_size, self.image_size) if time_ids is None else time_ids[:1]
         return condition_states(self._prompt_condition([""], time_ids, breaks=True))[:1]
+
+    @torch.no_grad()
+    def keep_empty_prompt_states(self) -> Tensor:
+        """Encode ``""`` now (:meth:`empty_prompt_states`, (1, 77, D)) and pad with these states from here on, as A1111
+        encodes its ``cond_stage_model_empty_prompt`` once when it loads a checkpoint, with no network active: call it
+        before merging a LoRA into the text encoder (``generate --pad-conds`` does) for A1111's padding under a
+        text-encoder LoRA. ``kept_empty_prompt = None`` forgets them."""
+        self.kept_empty_prompt = None
+        self.kept_empty_prompt = self.empty_prompt_states()
+        return self.kept_empty_prompt
 
     def plan_conditions(self, plan: Any, *, count: int = 1, time_ids: Tensor | None = None) -> tuple[list, list]:
         """``(conds, negatives)``: the condition of each text of a :class:`~sdadapt.prompt_guidance.PromptPlan`

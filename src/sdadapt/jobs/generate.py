@@ -669,6 +669,10 @@ def run_generate(
                              "given; the SDXL base zeros an empty negative prompt already: leave it out")
         holder.zero_empty_negative = True
     _check_step_counts(system, step_grids=step_grids, fixed_grids=fixed_grids)
+    if pad_conds:  # (A1111 pads with the states of "" it encoded at load, before any LoRA: kept before the merges)
+        for holder in (system, refiner_system):
+            if hasattr(holder, "keep_empty_prompt_states"):
+                holder.keep_empty_prompt_states()
     applied = []
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
