@@ -266,6 +266,18 @@ def test_debiased_estimation_with_epsilon_is_what_zero_terminal_snr_cannot_train
     assert 1 / math.sqrt(float(D.snr(torch.tensor([998]), ac))) > 1000  # why: 1/√SNR next to the end
 
 
+def test_a_model_on_the_zero_snr_schedule_already_refuses_what_it_cannot_train():
+    """A model whose own ᾱ ends at 0 (a ``ztsnr`` checkpoint, a ``rescale_betas_zero_snr`` config) is checked as
+    ``--zero-terminal-snr`` is: debiased estimation with ε would weigh its last timestep by 1/√0."""
+    system = build_toy(seed=1)
+    system.alphas_cumprod = D.zero_terminal_snr_alphas_cumprod(system.alphas_cumprod)
+    images, captions = concept_data("cross", 2, seed=0)
+    with pytest.raises(ValueError, match=r"this model's zero-terminal-SNR schedule .* cannot train debiased "
+                                         "estimation with epsilon"):
+        fit(system, METHODS["lora"].adapt(system, seed=1), images, captions, config=FitConfig(
+            steps=1, batch_size=2, warmup_steps=0, step=StepConfig(debiased_estimation=True)))
+
+
 def test_fit_trains_on_the_rescaled_schedule_and_leaves_the_systems(monkeypatch):
     fit_module = importlib.import_module("sdadapt.methods.fit")
     seen = []

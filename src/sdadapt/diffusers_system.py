@@ -473,6 +473,8 @@ class DiffusersSystem(nn.Module):
         if architecture == "sdxl":
             extra["tokenizer_2"] = second
         schedule = {**SD_SCHEDULE, "prediction_type": prediction}
+        if getattr(checkpoint, "zero_terminal_snr", False):  # (its ztsnr marker: sdadapt.formats.prediction_markers)
+            schedule["rescale_betas_zero_snr"] = True
         if stats is not None:  # (diffusers' scheduler config of a Playground v2.5 file)
             from .formats.edm import PLAYGROUND_SCHEDULER
 
@@ -541,6 +543,7 @@ class DiffusersSystem(nn.Module):
     def _save_ldm(self, target: Path, dtype: torch.dtype | None, metadata: dict[str, str], ema: Any = None) -> Path:
         from .formats.files import write_safetensors
         from .formats.model_keys import diffusers_to_ldm, ema_key, join_components
+        from .formats.prediction_markers import marker_tensors
         from .formats.single_file import CONFIG_METADATA_KEY
 
         state = {k: v.detach() for k, v in join_components({c: m.state_dict() for c, m in self.components().items()}).items()}
@@ -560,6 +563,9 @@ class DiffusersSystem(nn.Module):
             ldm.update(edm_stat_tensors(*self.latent_stats))
         if self.unclip is not None:  # (the noise augmentor's schedule buffers and A1111's unCLIP marker)
             ldm.update(self.unclip.ldm_tensors())
+        # (v_pred / ztsnr, as ComfyUI and A1111 read them: sdadapt.formats.prediction_markers)
+        ldm.update(marker_tensors(architecture=self.architecture, v_prediction=self.prediction_type == "v_prediction",
+                                  zero_terminal_snr=self.zero_terminal_snr))
         if ema is not None:
             ldm["model_ema.decay"] = torch.tensor(float(ema.decay), dtype=torch.float32)
             ldm["model_ema.num_updates"] = torch.tensor(int(ema.updates), dtype=torch.int32)
@@ -951,6 +957,31 @@ class DiffusersSystem(nn.Module):
             return self.kept_empty_prompt
         time_ids = self._size_time_ids(1, self.image_size, self.image_size) if time_ids is None else time_ids[:1]
         return condition_states(self._prompt_condition([""], time_ids, breaks=True))[:1]
+
+    def rescale_to_zero_terminal_snr(self) -> None:
+        """Sample on the zero-terminal-SNR schedule from here on, as A1111's setting "Noise schedule for sampling: Zero
+        Terminal SNR" does (``apply_alpha_schedule_override``): ᾱ rescaled as A1111 rescales it
+        (:func:`sdadapt.training.diffusion.a1111_zero_terminal_snr_alphas_cumprod`) and the scheduler config's
+        ``rescale_betas_zero_snr`` set (a model saved afterwards says so). Nothing changes on a model that is already
+        (:attr:`zero_terminal_snr`: a ``ztsnr`` checkpoint or such a config).
+
+        Raises:
+            ValueError: an EDM model (Playground v2.5), whose σ do not come from ᾱ.
+        """
+        if self.zero_terminal_snr:
+            return
+        if self.edm is not None:
+            raise ValueError("the zero-terminal-SNR noise schedule rescales the model's ᾱ; an EDM model (Playground "
+                             "v2.5) samples on its own σ range instead: leave it out")
+        self.scheduler_config = {**self.scheduler_config, "rescale_betas_zero_snr": True}
+        self.alphas_cumprod = diffusion.scheduler_alphas_cumprod(self.scheduler_config).to(self.alphas_cumprod.device)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the model samples on the zero-terminal-SNR schedule (its scheduler config's
+        ``rescale_betas_zero_snr``: a diffusers folder's, a single file's ``ztsnr`` marker, or
+        :meth:`rescale_to_zero_terminal_snr`): ᾱ rescaled as A1111 rescales it, the last 0."""
+        return bool(self.scheduler_config.get("rescale_betas_zero_snr", False))
 
     @torch.no_grad()
     def keep_empty_prompt_states(self) -> Tensor:

@@ -100,7 +100,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         pad_conds=args.pad_conds, pad_conds_v0=args.pad_conds_v0, eta=args.eta, eta_ddim=args.eta_ddim,
         noise_multiplier=args.noise_multiplier, extra_noise=args.extra_noise, sigma_churn=args.sigma_churn,
         sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
-        emphasis=args.emphasis,
+        emphasis=args.emphasis, noise_schedule=args.noise_schedule,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
@@ -308,6 +308,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="A1111's 'Emphasis mode' for (word:1.2) / [word]: Original (default: weights, then the "
                             "mean restored), 'No norm' (weights only), Ignore (the weights not applied), None "
                             "(no syntax: brackets and BREAK are words of the prompt)")
+    a1111.add_argument("--noise-schedule", default="Default", metavar="NAME",
+                       help="A1111's 'Noise schedule for sampling': Default (the model's own; a checkpoint marked ztsnr "
+                            "is on the next one already) or 'Zero Terminal SNR' (ztsnr): the model's schedule rescaled "
+                            "so its last step is pure noise")
     a1111.add_argument("--eta", type=float, default=None, metavar="F",
                        help="A1111's 'Eta for ancestral samplers' (default 1): the noise share of Euler a, DPM2 a, "
                             "DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs (with --schedule), DPM fast/adaptive")

@@ -33,6 +33,7 @@ from .files import WeightFileError, read_weights
 from .key_source import KeyMapError
 from .edm import EDM_STAT_KEYS, PLAYGROUND_SCALING_FACTOR, edm_stats
 from .model_keys import checkpoint_architecture, convert_checkpoint, is_sdxl_refiner
+from .prediction_markers import V_PRED_KEY, ZTSNR_KEY, read_markers
 from .unclip import UnclipFile, unclip_info
 
 __all__ = [
@@ -69,6 +70,7 @@ class SingleFile:
         dropped: keys left out on purpose (EMA copies, schedule buffers, SD2's unused layer ...).
         edm_stats: an EDM model's (Playground v2.5's) VAE latent ``(mean, std)`` per channel, from its
             ``edm_mean`` / ``edm_std`` tensors (:mod:`.edm`); ``None`` for the others.
+        markers: the file's prediction marker keys, ``"v_pred"`` / ``"ztsnr"`` (:mod:`.prediction_markers`).
     """
 
     path: Path
@@ -80,6 +82,7 @@ class SingleFile:
     edm_stats: tuple[list[float], list[float]] | None = None
     #: an SD 2.1 unCLIP file's image-conditioning parts (:mod:`.unclip`; its ``image_encoder`` component), else ``None``
     unclip: UnclipFile | None = None
+    markers: frozenset[str] = frozenset()
 
     @property
     def refiner(self) -> bool:
@@ -88,12 +91,22 @@ class SingleFile:
 
     @property
     def prediction_type(self) -> str:
-        """``"v_prediction"`` when the file says so (ModelSpec ``prediction_type`` ``v``), else ``"epsilon"``;
-        an SD 2.1 unCLIP file without ModelSpec: ``"v_prediction"`` (its LDM configs' ``parameterization: "v"``)."""
-        value = self.metadata.get("modelspec.prediction_type", "").lower()
+        """``"v_prediction"`` when the file says so — its ``v_pred`` marker (:mod:`.prediction_markers`; ComfyUI and
+        A1111 read the key alone, so it wins), or ModelSpec ``prediction_type`` (kohya's) / ``predict_key``
+        (ComfyUI's) ``v`` —, else ``"epsilon"``; an SD 2.1 unCLIP file without either: ``"v_prediction"`` (its LDM
+        configs' ``parameterization: "v"``)."""
+        if V_PRED_KEY in self.markers:
+            return "v_prediction"
+        value = (self.metadata.get("modelspec.prediction_type") or self.metadata.get("modelspec.predict_key", "")).lower()
         if not value and self.unclip is not None:
             return "v_prediction"
         return "v_prediction" if value in ("v", "v_prediction", "v-prediction") else "epsilon"
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the model was trained on the zero-terminal-SNR schedule: the file's ``ztsnr`` marker
+        (:mod:`.prediction_markers`; A1111 then rescales ᾱ as its "Zero Terminal SNR" noise schedule does)."""
+        return ZTSNR_KEY in self.markers
 
 
 def unwrap_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -128,6 +141,7 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
             f"found e.g. {', '.join(list(state)[:3]) or 'no tensors'}); --model takes 'toy', a diffusers folder "
             "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint"
         )
+    markers, state = read_markers(state, source=file)  # (v_pred / ztsnr: read apart, no component's keys)
     stats = None
     if any(k in state for k in EDM_STAT_KEYS):  # (Playground v2.5: read apart, the key map has no rule for them)
         stats = edm_stats(state, source=file)
@@ -164,7 +178,7 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
         raise WeightFileError(f"{file}: edm_mean / edm_std (an EDM model's latent statistics, Playground v2.5) in an "
                               f"{architecture}{' refiner' if architecture == 'sdxl' else ''} checkpoint: only SDXL base "
                               "models come in the EDM formulation; remove the two tensors if the file is a plain one")
-    return SingleFile(file, architecture, components, meta, configs, list(report.dropped), stats, unclip)
+    return SingleFile(file, architecture, components, meta, configs, list(report.dropped), stats, unclip, markers)
 
 
 # ------------------------------------------------------------------------------------- configs

@@ -315,7 +315,14 @@ def _load_file(file: Path, *, ema: bool, prediction_type: str | None, clip_stats
             normaliser = "identity (LDM's, no clip_stats_path)"
         notes.append(f"SD 2.1 unCLIP-{checkpoint.unclip.variant.upper()} file: v-prediction (its LDM config's), image "
                      f"encoder from embedder.model.visual.*, normaliser {normaliser}")
-    elif prediction_type is None and checkpoint.architecture == "sd2" and "modelspec.prediction_type" not in metadata:
+    elif checkpoint.markers:  # (v_pred / ztsnr: sdadapt.formats.prediction_markers)
+        said = [words for key, words in (("v_pred", "v-prediction"), ("ztsnr", "zero terminal SNR"))
+                if key in checkpoint.markers]
+        notes.append(f"{' / '.join(sorted(checkpoint.markers))} marker: {', '.join(said)} (a folder's scheduler config "
+                     "says it, an LDM file its markers)" + (f"; --prediction-type {prediction_type} given"
+                                                            if prediction_type is not None else ""))
+    elif prediction_type is None and checkpoint.architecture == "sd2" and not any(
+            key in metadata for key in ("modelspec.prediction_type", "modelspec.predict_key")):
         notes.append("SD2 file without prediction metadata: written as epsilon (a 768-v model needs --prediction-type "
                      "v_prediction)")
     modules = system.components()

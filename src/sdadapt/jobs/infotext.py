@@ -321,7 +321,7 @@ class InfotextRun:
     refiner_took: bool = False
     aesthetic: Mapping[str, object] | None = None
     vae_encode: str = "mean"
-    schedule_fields: Mapping[str, float] = field(default_factory=dict)
+    schedule_fields: Mapping[str, object] = field(default_factory=dict)
     emphasis: str | None = None
     uncond_skip: object = None
     uncond_skips: frozenset[str] = frozenset()
@@ -525,7 +525,9 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         hires_fields = {**hires_options, "prompt": hires_prompt, "negative": hires_negative}
     automatic = schedule_asked is not None and canonical_schedule(schedule_asked) == "automatic"
     grids = [schedule, *([hires_options.get("schedule")] if hires is not None else [])]
-    schedule_fields: dict[str, float] = {}
+    schedule_fields: dict[str, object] = {}
+    if getattr(system, "zero_terminal_snr", False):  # (apply_alpha_schedule_override, as the sampling starts)
+        schedule_fields["Noise Schedule"] = "Zero Terminal SNR"
     if init_image is not None and noise_multiplier != 1.0:  # (img2img's sample, before its sampler starts)
         schedule_fields["Noise multiplier"] = float(noise_multiplier)
     for grid in grids:  # (A1111's scheduler, none where Automatic is the sampler's own: its get_sigmas writes nothing)

@@ -170,6 +170,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
                                     for field in ("Sampler", "Hires sampler")):  # (the pass whose sampler wrote it)
         take("Eta DDIM", "eta_ddim", float)
     take("Emphasis", "emphasis")
+    take("Noise Schedule", "noise_schedule")
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)

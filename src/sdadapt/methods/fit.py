@@ -949,9 +949,12 @@ def fit(
     if step_config.prediction_type != prediction_type or step_config.edm != edm_schedule:
         # the system's scheduler decides what it predicts, and whether it is an EDM model (ValueError: what has no EDM form)
         step_config = dataclasses.replace(step_config, prediction_type=prediction_type, edm=edm_schedule)
-    clashes = zero_terminal_snr_clashes(step_config) if config.zero_terminal_snr else []
-    if clashes:
-        raise ValueError("zero_terminal_snr (--zero-terminal-snr) cannot train " + "; ".join(clashes))
+    own = not config.zero_terminal_snr and edm_schedule is None and float(alphas_cumprod[-1]) == 0.0
+    clashes = zero_terminal_snr_clashes(step_config) if config.zero_terminal_snr or own else []
+    if clashes:  # (a model on that schedule already: a ztsnr checkpoint, a rescale_betas_zero_snr config)
+        raise ValueError(("this model's zero-terminal-SNR schedule (its ztsnr marker or rescale_betas_zero_snr "
+                          "config)" if own else "zero_terminal_snr (--zero-terminal-snr)") + " cannot train "
+                         + "; ".join(clashes))
     accumulation = step_config.accumulation_steps
 
     # parameter groups: (lr scale, in a text encoder) -> params

@@ -26,6 +26,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "noise_schedule",
     "rescale_zero_terminal_snr",
+    "a1111_zero_terminal_snr_alphas_cumprod",
     "zero_terminal_snr_alphas_cumprod",
     "alphas_cumprod_of",
     "scheduler_alphas_cumprod",
@@ -133,6 +134,29 @@ def zero_terminal_snr_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     return (rescaled**2).to(alphas_cumprod.dtype).to(alphas_cumprod.device)
 
 
+def a1111_zero_terminal_snr_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """ᾱ (T,) -> (T,) float32 rescaled to zero terminal SNR as A1111 rescales it (``rescale_zero_terminal_snr_abar``,
+    modules/sd_models.py: its "Zero Terminal SNR" noise schedule and checkpoints marked ``ztsnr``): the formula of
+    :func:`zero_terminal_snr_alphas_cumprod` in float32 on the float32 ᾱ (LDM's buffer), step by step as A1111
+    writes it, the last entry 0 (A1111 stores 4.897e-08 there, which the σ tables read a 0 as:
+    :data:`sdadapt.samplers.sigma_space.A1111_ZERO_SNR_ALPHA_CUMPROD`). It differs from the float64 rescale by up to
+    1.1e-5 relative on SD's schedule (667 of the 999 other entries).
+
+    Raises:
+        ValueError: ᾱ that does not decrease from its first to its last step.
+    """
+    sqrt_ab = alphas_cumprod.detach().to(torch.float32).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    if not first > last:
+        raise ValueError(f"alphas_cumprod must decrease from its first to its last step to be rescaled to zero terminal "
+                         f"SNR; got ᾱ_0 = {float(first) ** 2:.6g}, ᾱ_T = {float(last) ** 2:.6g}")
+    sqrt_ab -= last
+    sqrt_ab *= first / (first - last)
+    rescaled = sqrt_ab**2
+    rescaled[-1] = 0.0
+    return rescaled
+
+
 def alphas_cumprod_of(betas: Tensor) -> Tensor:
     """``ᾱ_t = Π_{s≤t} (1 - β_s)`` (T,) -> (T,)."""
     return torch.cumprod(1 - betas, 0)
@@ -142,16 +166,19 @@ def scheduler_alphas_cumprod(scheduler_config: dict) -> Tensor:
     """ᾱ (T,) float32 of a diffusers scheduler config (``beta_schedule``, ``num_train_timesteps``,
     ``beta_start``, ``beta_end``, ``rescale_betas_zero_snr``; diffusers' defaults for missing keys:
     ``scaled_linear``, 1000, 0.00085, 0.012; ``squaredcos_cap_v2`` is :func:`noise_schedule`'s ``cosine``),
-    computed in float64 as :func:`noise_schedule` does."""
+    computed in float64 as :func:`noise_schedule` does (LDM's float32 buffer, A1111's ᾱ); under
+    ``rescale_betas_zero_snr`` rescaled from it as A1111 does (:func:`a1111_zero_terminal_snr_alphas_cumprod`)."""
     beta_schedule = scheduler_config.get("beta_schedule", "scaled_linear")
     betas = noise_schedule(
         {"squaredcos_cap_v2": "cosine"}.get(beta_schedule, beta_schedule),
         num_steps=scheduler_config.get("num_train_timesteps", 1000),
         beta_start=scheduler_config.get("beta_start", 0.00085),
         beta_end=scheduler_config.get("beta_end", 0.012),
-        zero_terminal_snr=bool(scheduler_config.get("rescale_betas_zero_snr", False)),
     )
-    return alphas_cumprod_of(betas).float()
+    alphas_cumprod = alphas_cumprod_of(betas).float()
+    if scheduler_config.get("rescale_betas_zero_snr", False):
+        return a1111_zero_terminal_snr_alphas_cumprod(alphas_cumprod)
+    return alphas_cumprod
 
 
 def _at(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
