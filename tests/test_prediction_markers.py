@@ -143,7 +143,7 @@ def test_convert_keeps_the_markers_and_says_them(sdxl_file, tmp_path, capsys):
 
     marked = _with(sdxl_file, tmp_path / "vpred.safetensors", {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
     assert main(["convert", str(marked), "--to", "ldm", "-q", "-o", str(tmp_path / "out.safetensors")]) == 0
-    assert "v_pred / ztsnr marker: v-prediction, zero terminal SNR" in capsys.readouterr().out
+    assert "v-prediction, zero terminal SNR: v_pred / ztsnr markers (a folder's" in capsys.readouterr().out
     state, _ = read_weights(tmp_path / "out.safetensors")
     assert {"v_pred", "ztsnr"} <= set(state)
     edm_v = _with(sdxl_file, tmp_path / "cosxl.safetensors", {"edm_vpred.sigma_max": torch.tensor(120.0)})
@@ -198,3 +198,47 @@ def test_generate_zero_terminal_snr_is_the_ztsnr_models_run_and_reads_back(tiny_
     with pytest.raises(ValueError, match="no ᾱ schedule to rescale"):
         run_generate(model="toy", prompt="a", out=tmp_path / "x.png", noise_schedule="ztsnr")
     assert not (tmp_path / "x.png").exists()
+
+
+def _sd2_768_layout_file(path: Path, *, bias_std: float, metadata: dict | None = None) -> Path:
+    """A tiny SD2 file in SD2's UNet layout (four levels, the last three attending, three layers per up block), its
+    ``output_blocks.11.1…norm1.bias`` drawn with standard deviation ``bias_std``."""
+    import diffusers
+    from tiny_checkpoints import _clip, _vae, write_single_file
+
+    torch.manual_seed(7)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=64,
+        attention_head_dim=1, use_linear_projection=True, norm_num_groups=32,
+    ).eval()
+    with torch.no_grad():
+        bias = unet.up_blocks[3].attentions[2].transformer_blocks[0].norm1.bias
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(8)) * bias_std)
+    write_single_file({"unet": unet, "vae": _vae(4, 0.18215), "text_encoder": _clip(5, open_clip=True)}, path,
+                      architecture="sd2")
+    if metadata:
+        _with(path, path, {}, metadata)
+    return path
+
+
+def test_an_sd2_file_without_metadata_is_told_by_comfyuis_weight_test(tmp_path, capsys):
+    """ComfyUI's ``SD20.model_type``: std(``output_blocks.11.1.transformer_blocks.0.norm1.bias``) > 0.09 is a 768-v
+    model; ModelSpec (or a marker) says it first; ``convert`` says which way it read the file."""
+    from sdadapt.cli import main
+    from sdadapt.diffusers_system import DiffusersSystem
+    from sdadapt.formats.single_file import read_single_file
+
+    v = _sd2_768_layout_file(tmp_path / "v.safetensors", bias_std=0.2)
+    eps = _sd2_768_layout_file(tmp_path / "eps.safetensors", bias_std=0.05)
+    said = _sd2_768_layout_file(tmp_path / "said.safetensors", bias_std=0.2,
+                                metadata={"modelspec.prediction_type": "epsilon"})
+    assert [read_single_file(f).prediction_type for f in (v, eps, said)] == ["v_prediction", "epsilon", "epsilon"]
+    system = DiffusersSystem.from_single_file(v)
+    assert system.prediction_type == "v_prediction" and system.unet.config.upcast_attention  # (SD2-v's config)
+    assert main(["convert", str(v), "--to", "ldm", "-q", "-o", str(tmp_path / "out.safetensors")]) == 0
+    assert "written as v-prediction (a 768-v model by ComfyUI's weight test" in capsys.readouterr().out
+    assert read_weights(tmp_path / "out.safetensors")[1]["modelspec.prediction_type"] == "v"
+    assert main(["convert", str(eps), "--to", "ldm", "-q", "-o", str(tmp_path / "out_eps.safetensors")]) == 0
+    assert "written as epsilon (ComfyUI's weight test says no 768-v model" in capsys.readouterr().out

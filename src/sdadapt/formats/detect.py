@@ -288,15 +288,14 @@ def _checkpoint_summary(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping
     if architecture == "sdxl" and has_edm_stats(keys):  # (edm_mean / edm_std: ComfyUI's and diffusers' test)
         return {"model": "Playground v2.5: SDXL layout in the EDM formulation (sdxl, edm_mean / edm_std)",
                 "use": "--model FILE (generate --sampler dpmsolver++ or euler); merge with EDM models only, convert"}
-    from .prediction_markers import EDM_V_KEYS, V_PRED_KEY, ZTSNR_KEY
+    from .prediction_markers import EDM_V_KEYS, markers_said
 
     if any(k in keys for k in EDM_V_KEYS):  # (ComfyUI's EDM v-prediction markers: CosXL)
         return {"model": f"{names[architecture]} layout in the EDM v-prediction formulation (CosXL; "
                          f"{' / '.join(k for k in EDM_V_KEYS if k in keys)})",
                 "use": "not read by sdadapt (EDM v-prediction); ComfyUI samples it"}
-    said = [words for key, words in ((V_PRED_KEY, "v-prediction"), (ZTSNR_KEY, "zero terminal SNR")) if key in keys]
-    markers = f", {', '.join(said)}: {' / '.join(k for k in (V_PRED_KEY, ZTSNR_KEY) if k in keys)}" if said else ""
-    return {"model": f"{names[architecture]} ({architecture}{markers})",
+    said = markers_said(keys)
+    return {"model": f"{names[architecture]} ({architecture}{', ' + said if said else ''})",
             "use": "--model FILE (generate, train, invert); merge, merge-lora BASE, extract-lora, convert"}
 
 

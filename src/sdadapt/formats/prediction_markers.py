@@ -23,14 +23,14 @@ a model sdadapt does not sample (its EDM support is Playground v2.5's): such a f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor
 
 from .files import WeightFileError
 
-__all__ = ["EDM_V_KEYS", "V_PRED_KEY", "ZTSNR_KEY", "marker_tensors", "read_markers"]
+__all__ = ["EDM_V_KEYS", "V_PRED_KEY", "ZTSNR_KEY", "marker_tensors", "markers_said", "read_markers"]
 
 #: a v-prediction model
 V_PRED_KEY = "v_pred"
@@ -38,6 +38,16 @@ V_PRED_KEY = "v_pred"
 ZTSNR_KEY = "ztsnr"
 #: ComfyUI's EDM v-prediction model (CosXL): its σ range
 EDM_V_KEYS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min")
+_WORDS = {V_PRED_KEY: "v-prediction", ZTSNR_KEY: "zero terminal SNR"}
+
+
+def markers_said(keys: Collection[str]) -> str:
+    """What the markers among ``keys`` say, for reports: ``"v-prediction, zero terminal SNR: v_pred / ztsnr"``
+    (``""`` without any)."""
+    found = [key for key in (V_PRED_KEY, ZTSNR_KEY) if key in keys]
+    if not found:
+        return ""
+    return f"{', '.join(_WORDS[key] for key in found)}: {' / '.join(found)}"
 
 
 def read_markers(state: Mapping[str, Tensor], *, source: object) -> tuple[frozenset[str], dict[str, Tensor]]:

@@ -93,14 +93,32 @@ class SingleFile:
     def prediction_type(self) -> str:
         """``"v_prediction"`` when the file says so — its ``v_pred`` marker (:mod:`.prediction_markers`; ComfyUI and
         A1111 read the key alone, so it wins), or ModelSpec ``prediction_type`` (kohya's) / ``predict_key``
-        (ComfyUI's) ``v`` —, else ``"epsilon"``; an SD 2.1 unCLIP file without either: ``"v_prediction"`` (its LDM
-        configs' ``parameterization: "v"``)."""
+        (ComfyUI's) ``v`` —, else ``"epsilon"``; where neither says anything: an SD 2.1 unCLIP file
+        ``"v_prediction"`` (its LDM configs' ``parameterization: "v"``), an SD2 file by ComfyUI's weight test
+        (:attr:`sd2_v_by_weights`)."""
         if V_PRED_KEY in self.markers:
             return "v_prediction"
         value = (self.metadata.get("modelspec.prediction_type") or self.metadata.get("modelspec.predict_key", "")).lower()
         if not value and self.unclip is not None:
             return "v_prediction"
+        if not value and self.sd2_v_by_weights:
+            return "v_prediction"
         return "v_prediction" if value in ("v", "v_prediction", "v-prediction") else "epsilon"
+
+    @property
+    def sd2_v_by_weights(self) -> bool:
+        """ComfyUI's test of an SD2 file that says nothing of its prediction (``supported_models.SD20.model_type``):
+        a 4-channel SD2 UNet whose ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` (diffusers'
+        ``up_blocks.3.attentions.2…``) has a standard deviation above 0.09 is a 768-v model (SD 2.0/2.1-768: v
+        prediction; the 512 base models: ε). Without that layer (another layout, the tiny test models) ``False``."""
+        if self.architecture != "sd2" or self.unclip is not None:
+            return False
+        unet = self.components.get("unet", {})
+        bias = unet.get("up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias")
+        conv_in = unet.get("conv_in.weight")
+        if bias is None or conv_in is None or conv_in.shape[1] != 4 or bias.numel() < 2:  # (inpainting: ε)
+            return False
+        return float(bias.detach().double().std(unbiased=False)) > 0.09
 
     @property
     def zero_terminal_snr(self) -> bool:

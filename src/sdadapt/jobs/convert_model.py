@@ -316,15 +316,17 @@ def _load_file(file: Path, *, ema: bool, prediction_type: str | None, clip_stats
         notes.append(f"SD 2.1 unCLIP-{checkpoint.unclip.variant.upper()} file: v-prediction (its LDM config's), image "
                      f"encoder from embedder.model.visual.*, normaliser {normaliser}")
     elif checkpoint.markers:  # (v_pred / ztsnr: sdadapt.formats.prediction_markers)
-        said = [words for key, words in (("v_pred", "v-prediction"), ("ztsnr", "zero terminal SNR"))
-                if key in checkpoint.markers]
-        notes.append(f"{' / '.join(sorted(checkpoint.markers))} marker: {', '.join(said)} (a folder's scheduler config "
-                     "says it, an LDM file its markers)" + (f"; --prediction-type {prediction_type} given"
-                                                            if prediction_type is not None else ""))
+        from ..formats.prediction_markers import markers_said
+
+        notes.append(f"{markers_said(checkpoint.markers)} markers (a folder's scheduler config says them, an LDM file "
+                     "its markers)" + (f"; --prediction-type {prediction_type} given" if prediction_type is not None
+                                       else ""))
     elif prediction_type is None and checkpoint.architecture == "sd2" and not any(
             key in metadata for key in ("modelspec.prediction_type", "modelspec.predict_key")):
-        notes.append("SD2 file without prediction metadata: written as epsilon (a 768-v model needs --prediction-type "
-                     "v_prediction)")
+        notes.append("SD2 file without prediction metadata: written as "
+                     + ("v-prediction (a 768-v model by ComfyUI's weight test; --prediction-type epsilon if it is not)"
+                        if checkpoint.sd2_v_by_weights else
+                        "epsilon (ComfyUI's weight test says no 768-v model; --prediction-type v_prediction if it is)"))
     modules = system.components()
     flat = {f"{c}.{k}": v.dtype for c, part in checkpoint.components.items() for k, v in part.items()}
     dtypes = split_components(flat, expected={c: m.state_dict().keys() for c, m in modules.items()})
