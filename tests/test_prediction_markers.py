@@ -242,3 +242,25 @@ def test_an_sd2_file_without_metadata_is_told_by_comfyuis_weight_test(tmp_path, 
     assert read_weights(tmp_path / "out.safetensors")[1]["modelspec.prediction_type"] == "v"
     assert main(["convert", str(eps), "--to", "ldm", "-q", "-o", str(tmp_path / "out_eps.safetensors")]) == 0
     assert "written as epsilon (ComfyUI's weight test says no 768-v model" in capsys.readouterr().out
+
+
+def test_a_lora_trained_on_a_ztsnr_model_says_it_trained_on_that_schedule(tiny_sd, tmp_path, capsys):
+    """kohya's ``ss_zero_terminal_snr`` says the steps trained on the zero-terminal-SNR schedule: a model on it already
+    (here its config's ``rescale_betas_zero_snr``, as a ``ztsnr`` checkpoint reads) trains so without the option."""
+    from safetensors import safe_open
+    from test_cli_train import _images
+
+    from sdadapt.cli import main
+
+    ztsnr = tmp_path / "ztsnr"
+    shutil.copytree(tiny_sd, ztsnr)
+    config_file = ztsnr / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "rescale_betas_zero_snr": True}))
+    images = _images(tmp_path / "imgs", n=2)
+    for model, name in ((ztsnr, "z"), (tiny_sd, "plain")):
+        out = tmp_path / f"{name}.safetensors"
+        assert main(["train", "lora", "--images", str(images), "--model", str(model), "--steps", "1", "-q",
+                     "-o", str(out)]) == 0, capsys.readouterr().err
+        with safe_open(out, "pt") as handle:
+            meta = handle.metadata()
+        assert meta["ss_zero_terminal_snr"] == str(name == "z") and meta["ss_v_parameterization"] == "True"
