@@ -264,3 +264,27 @@ def test_a_lora_trained_on_a_ztsnr_model_says_it_trained_on_that_schedule(tiny_s
         with safe_open(out, "pt") as handle:
             meta = handle.metadata()
         assert meta["ss_zero_terminal_snr"] == str(name == "z") and meta["ss_v_parameterization"] == "True"
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 500), ("plms", 500), ("ddim_cfgpp", 500), ("unipc_a1111", 20)])
+def test_a1111s_timestep_samplers_read_the_last_alpha_as_a1111_holds_it(sampler, steps):
+    """A1111's DDIM, PLMS, DDIM CFG++ (500 steps reach t = 999) and UniPC (its VP schedule's log α at t = 1) on a
+    zero-terminal-SNR schedule read ᾱ_999 as A1111 holds it, 4.897e-08 (``a1111_alphas_cumprod``): the run on the
+    zero is the run on that value, and finite (ᾱ = 0 gave NaN)."""
+    from sampler_stand_ins import stand_in
+
+    from sdadapt.samplers import sample_latents
+    from sdadapt.samplers.sigma_space import A1111_ZERO_SNR_ALPHA_CUMPROD, a1111_alphas_cumprod
+
+    ac = scheduler_alphas_cumprod({"rescale_betas_zero_snr": True})
+    held = ac.clone()
+    held[-1] = A1111_ZERO_SNR_ALPHA_CUMPROD
+    assert torch.equal(a1111_alphas_cumprod(ac), held)
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    run = {"sampler": sampler, "num_steps": steps, "schedule": "automatic" if sampler == "ddim" else None}
+    got = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, alphas_cumprod=ac, **run)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, alphas_cumprod=held, **run))
+    v = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, alphas_cumprod=ac, prediction_type="v_prediction",
+                       **run)
+    assert torch.isfinite(v).all()

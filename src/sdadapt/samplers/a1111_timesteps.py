@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..denoised_branches import ReadKeepingNegative, denoised_of
-from .sigma_space import check_prediction_type, step_noise
+from .sigma_space import a1111_alphas_cumprod, check_prediction_type, step_noise
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class _Run:
         if prediction_type == "sample":
             raise ValueError(f"A1111's {name} reads ε or v; for a sample-prediction model use ddim (diffusers' "
                              "DDIMScheduler)")
-        ac = alphas_cumprod.detach().double().cpu().float()  # (A1111's alphas_cumprod buffer: float32)
+        ac = a1111_alphas_cumprod(alphas_cumprod.detach().double().cpu())  # (A1111's buffer: float32, ZTSNR's last)
         steps = num_steps + (1 if discard_next_to_last_sigma else 0)
         timesteps = a1111_timesteps(steps, int(ac.shape[0]))
         self.work = torch.promote_types(x_T.dtype, torch.float32)

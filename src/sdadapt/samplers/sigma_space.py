@@ -39,6 +39,7 @@ from .a1111_noise import A1111Noise
 
 __all__ = [
     "A1111_ZERO_SNR_ALPHA_CUMPROD",
+    "a1111_alphas_cumprod",
     "TRAINING_STEP_SCHEDULES",
     "ancestral_step",
     "any_step_count",
@@ -95,6 +96,16 @@ def training_sigmas(alphas_cumprod: Tensor, *, zero_snr_alpha_cumprod: float = Z
     return sigmas_of(ac)
 
 
+def a1111_alphas_cumprod(alphas_cumprod: Tensor, device: torch.device | str | None = None) -> Tensor:
+    """ᾱ (T,) as A1111 holds it, float32 (``sd_model.alphas_cumprod``): a zero last entry (a zero-terminal-SNR
+    schedule) is :data:`A1111_ZERO_SNR_ALPHA_CUMPROD`, where ``rescale_zero_terminal_snr_abar`` leaves it (so its
+    timestep samplers and σ tables stay finite at t = T − 1)."""
+    ac = alphas_cumprod.detach().to(device=alphas_cumprod.device if device is None else device, dtype=torch.float32)
+    if float(ac[-1]) == 0.0:
+        ac = torch.cat([ac[:-1], ac.new_full((1,), A1111_ZERO_SNR_ALPHA_CUMPROD)])
+    return ac
+
+
 def model_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype = torch.float64,
                  device: torch.device | str = "cpu") -> Tensor:
     """The σ table (T,) the samplers read in ``dtype`` on ``device``: float64, :func:`training_sigmas`; otherwise
@@ -104,9 +115,7 @@ def model_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype = torch.float64,
     too: the precise mode of A1111's table; diffusers' grids read :func:`training_sigmas`' 2⁻²⁴)."""
     if dtype == torch.float64:
         return training_sigmas(alphas_cumprod, zero_snr_alpha_cumprod=A1111_ZERO_SNR_ALPHA_CUMPROD).to(device)
-    ac = alphas_cumprod.detach().to(device=device, dtype=torch.float32)
-    if float(ac[-1]) == 0.0:
-        ac = torch.cat([ac[:-1], ac.new_full((1,), A1111_ZERO_SNR_ALPHA_CUMPROD)])
+    ac = a1111_alphas_cumprod(alphas_cumprod, device)
     return ((1 - ac) / ac) ** 0.5
 
 

@@ -34,7 +34,7 @@ from .a1111_timesteps import (
     ldm_sqrt_tables,
     timestep_eps,
 )
-from .sigma_space import check_prediction_type
+from .sigma_space import a1111_alphas_cumprod, check_prediction_type
 from .signatures import Denoise, StepCallback
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def a1111_unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, n
     if int(order) < 1:
         raise ValueError(f"A1111's UniPC order must be >= 1, got {order}")
     order = int(order)
-    ac = alphas_cumprod.detach().double().cpu().float()  # (A1111's alphas_cumprod buffer: float32)
+    ac = a1111_alphas_cumprod(alphas_cumprod.detach().double().cpu())  # (A1111's buffer: float32, ZTSNR's last)
     steps = num_steps + (1 if discard_next_to_last_sigma else 0)
     timesteps = a1111_timesteps(steps, int(ac.shape[0]))
     work = torch.promote_types(x_T.dtype, torch.float32)
