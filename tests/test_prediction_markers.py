@@ -274,7 +274,10 @@ def test_a1111s_timestep_samplers_read_the_last_alpha_as_a1111_holds_it(sampler,
     from sampler_stand_ins import stand_in
 
     from sdadapt.samplers import sample_latents
-    from sdadapt.samplers.sigma_space import A1111_ZERO_SNR_ALPHA_CUMPROD, a1111_alphas_cumprod
+    from sdadapt.samplers.sigma_space import (
+        A1111_ZERO_SNR_ALPHA_CUMPROD,
+        a1111_alphas_cumprod,
+    )
 
     ac = scheduler_alphas_cumprod({"rescale_betas_zero_snr": True})
     held = ac.clone()

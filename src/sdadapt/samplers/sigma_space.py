@@ -39,8 +39,8 @@ from .a1111_noise import A1111Noise
 
 __all__ = [
     "A1111_ZERO_SNR_ALPHA_CUMPROD",
-    "a1111_alphas_cumprod",
     "TRAINING_STEP_SCHEDULES",
+    "a1111_alphas_cumprod",
     "ancestral_step",
     "any_step_count",
     "check_grid_steps",
