@@ -177,8 +177,10 @@ def test_generate_zero_terminal_snr_is_the_ztsnr_models_run_and_reads_back(tiny_
     for sampler, schedule in (("Euler", "karras"), ("DDIM", None)):
         run = {"prompt": "a cat", "negative": "blurry", "steps": 3, "seed": 2, "sampler": sampler, "width": 32,
                "height": 32, **({"schedule": schedule, "rho": 5.0} if schedule else {})}
+        said = []
         run_generate(model=str(tiny_sd), out=tmp_path / "option.png", noise_schedule="zero-terminal-snr",
-                     overwrite=True, **run)
+                     overwrite=True, log=said.append, **run)
+        assert not any(line.startswith("refiner") for line in said)  # (no refiner: nothing said of one)
         run_generate(model=str(ztsnr), out=tmp_path / "config.png", overwrite=True, **run)
         run_generate(model=str(tiny_sd), out=tmp_path / "plain.png", overwrite=True, **run)
         images = {name: Image.open(tmp_path / f"{name}.png") for name in ("option", "config", "plain")}

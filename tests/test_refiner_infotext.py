@@ -243,6 +243,7 @@ def test_generate_refiner_options_and_their_infotext(pair_files, tmp_path):
                  **kwargs)
     assert any("refiner: 2 model calls on the base, 2 on the refiner (switch at 0.5 of the sampling steps)" in line
                for line in said)
+    assert f"refiner {refiner_file}: takes over at 0.5 of the sampling steps" in said  # (said as it loads)
     got = fields("s.png")
     assert got["Refiner switch by sampling steps"] == "True" and got["Refiner switch at"] == "0.5"
     assert got["Refiner"] == "refiner [" + __import__("hashlib").sha256(refiner_file.read_bytes()).hexdigest()[:10] + "]"

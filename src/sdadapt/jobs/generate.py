@@ -660,12 +660,12 @@ def run_generate(
                                      vae=vae, log=say)
         check_refiner_pair(system, refiner_system)
         refiner_system.emphasis = emphasis
+        say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
+            f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
     if noise_schedule == "Zero Terminal SNR":  # (A1111's apply_alpha_schedule_override: every model it samples)
         for holder in (system, refiner_system):
             if holder is not None:
                 holder.rescale_to_zero_terminal_snr()
-        say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
-            f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
     if aesthetic_score is not None or negative_aesthetic_score is not None:  # (the SDXL refiner's time_ids)
         if refiner_system is not None:
             system, refiner_system = refiner_system, system  # (set on the refiner, below; swapped back after)
