@@ -194,11 +194,12 @@ def test_generate_zero_terminal_snr_is_the_ztsnr_models_run_and_reads_back(tiny_
         if schedule:  # (A1111's order: the noise schedule is set before the sampler writes its grid's fields)
             assert text.index("Noise Schedule") < text.index("Schedule rho")
         options, not_taken = infotext_options(parse_infotext(text))
-        assert options["noise_schedule"] == "Zero Terminal SNR" and not any("Noise Schedule" in n for n in not_taken)
-    with pytest.raises(ValueError, match="--noise-schedule must be one of Default, Zero Terminal SNR"):
+        assert options["noise_schedule"] == "zero-terminal-snr" and not any("Noise Schedule" in n for n in not_taken)
+    with pytest.raises(ValueError, match=r"--noise-schedule 'cosine': not one of default, zero-terminal-snr \(or A1111's "
+                                         r"'Default', 'Zero Terminal SNR'\)"):
         run_generate(model=str(tiny_sd), prompt="a", out=tmp_path / "x.png", noise_schedule="cosine")
     with pytest.raises(ValueError, match="no ᾱ schedule to rescale"):
-        run_generate(model="toy", prompt="a", out=tmp_path / "x.png", noise_schedule="ztsnr")
+        run_generate(model="toy", prompt="a", out=tmp_path / "x.png", noise_schedule="Zero Terminal SNR")
     assert not (tmp_path / "x.png").exists()
 
 

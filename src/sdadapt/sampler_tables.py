@@ -35,6 +35,7 @@ __all__ = [
     "INPAINTING_FILL_LABELS",
     "KARRAS_SAMPLERS",
     "LATENT_UPSCALERS",
+    "NOISE_SCHEDULE_LABELS",
     "RESIZE_MODE_LABELS",
     "SAMPLERS",
     "SAMPLER_ALIASES",
@@ -428,6 +429,9 @@ HIRES_UPSCALER_LABELS: dict[str, str] = {
 #: ``--resize-mode`` -> A1111's img2img "Resize mode" radio label (modules/ui.py ``resize_mode``; its fourth,
 #: "Just resize (latent upscale)", has no mode here)
 RESIZE_MODE_LABELS: dict[str, str] = {"just": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill"}
+#: ``--noise-schedule`` -> A1111's "Noise schedule for sampling" (``sd_noise_schedule``), the infotext's "Noise
+#: Schedule" (modules/sd_models.py ``apply_alpha_schedule_override``)
+NOISE_SCHEDULE_LABELS: dict[str, str] = {"default": "Default", "zero-terminal-snr": "Zero Terminal SNR"}
 #: ``--inpainting-fill`` -> A1111's "Masked content" radio label (modules/ui.py ``inpainting_fill``)
 INPAINTING_FILL_LABELS: dict[str, str] = {"fill": "fill", "original": "original", "latent-noise": "latent noise",
                                           "latent-nothing": "latent nothing"}

@@ -308,10 +308,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="A1111's 'Emphasis mode' for (word:1.2) / [word]: Original (default: weights, then the "
                             "mean restored), 'No norm' (weights only), Ignore (the weights not applied), None "
                             "(no syntax: brackets and BREAK are words of the prompt)")
-    a1111.add_argument("--noise-schedule", default="Default", metavar="NAME",
-                       help="A1111's 'Noise schedule for sampling': Default (the model's own; a checkpoint marked ztsnr "
-                            "is on the next one already) or 'Zero Terminal SNR' (ztsnr): the model's schedule rescaled "
-                            "so its last step is pure noise")
+    a1111.add_argument("--noise-schedule", default="default", metavar="NAME",
+                       help="A1111's 'Noise schedule for sampling': default (the model's own; a checkpoint marked ztsnr "
+                            "is on the next one already) or zero-terminal-snr (A1111's 'Zero Terminal SNR'): the "
+                            "model's schedule rescaled so its last step is pure noise")
     a1111.add_argument("--eta", type=float, default=None, metavar="F",
                        help="A1111's 'Eta for ancestral samplers' (default 1): the noise share of Euler a, DPM2 a, "
                             "DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs (with --schedule), DPM fast/adaptive")

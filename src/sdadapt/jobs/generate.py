@@ -84,7 +84,7 @@ def run_generate(
     sigma_tmax: float = 0.0,
     sigma_noise: float = 1.0,
     emphasis: str = "Original",
-    noise_schedule: str = "Default",
+    noise_schedule: str = "default",
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -208,10 +208,10 @@ def run_generate(
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
             "Ignore", "None"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
-        noise_schedule: A1111's "Noise schedule for sampling": "Default" (the model's own: a checkpoint marked
+        noise_schedule: A1111's "Noise schedule for sampling": ``"default"`` (the model's own: a checkpoint marked
             ``ztsnr`` or a folder whose scheduler config has ``rescale_betas_zero_snr`` samples on the zero-terminal-SNR
-            schedule already) or "Zero Terminal SNR" (any case, ``-`` / ``_`` for spaces; ``ztsnr``): the model's and the
-            refiner's ᾱ rescaled as A1111 rescales them
+            schedule already) or ``"zero-terminal-snr"`` (or A1111's labels, "Default" / "Zero Terminal SNR"): the
+            model's and the refiner's ᾱ rescaled as A1111 rescales them
             (:meth:`sdadapt.diffusers_system.DiffusersSystem.rescale_to_zero_terminal_snr`). A run on that schedule
             writes "Noise Schedule: Zero Terminal SNR" in the infotext.
         clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
@@ -332,7 +332,9 @@ def run_generate(
     from ..images import write_png
     from ..sampler_tables import (
         CHURN_SAMPLERS,
+        NOISE_SCHEDULE_LABELS,
         TIMESTEP_SAMPLERS,
+        canonical_choice,
         run_schedule,
         takes_eta_ddim,
     )
@@ -389,7 +391,7 @@ def run_generate(
     if eta is not None:
         _check_eta(eta, [s for s in (sampler, hires_sampler) if s is not None])
     emphasis = _emphasis_mode(emphasis)
-    noise_schedule = _noise_schedule(noise_schedule)
+    noise_schedule = canonical_choice("--noise-schedule", noise_schedule, NOISE_SCHEDULE_LABELS)
     if noise_multiplier != 1.0 and (init_image is None or not 0.0 <= noise_multiplier < math.inf):
         raise ValueError(f"--noise-multiplier is A1111's 'Noise multiplier for img2img' (>= 0): it scales the start "
                          f"noise of an --init-image run; got {noise_multiplier}"
@@ -649,7 +651,7 @@ def run_generate(
             raise ValueError(f"--emphasis {emphasis}: {model} reads no emphasis itself (the toy model drops the "
                              "brackets' weights); leave it out")
         system.emphasis = emphasis
-    if noise_schedule != "Default" and not hasattr(system, "rescale_to_zero_terminal_snr"):
+    if noise_schedule != "default" and not hasattr(system, "rescale_to_zero_terminal_snr"):
         raise ValueError(f"--noise-schedule {noise_schedule!r}: {model} has no ᾱ schedule to rescale (the toy model); "
                          "give a Stable Diffusion model or leave it out")
     refiner_system = None
@@ -662,7 +664,7 @@ def run_generate(
         refiner_system.emphasis = emphasis
         say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
             f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
-    if noise_schedule == "Zero Terminal SNR":  # (A1111's apply_alpha_schedule_override: every model it samples)
+    if noise_schedule == "zero-terminal-snr":  # (A1111's apply_alpha_schedule_override: every model it samples)
         for holder in (system, refiner_system):
             if holder is not None:
                 holder.rescale_to_zero_terminal_snr()
@@ -1250,24 +1252,6 @@ def _sigma_churn(churn: float, tmin: float, tmax: float, noise: float):
         return SigmaChurn(churn=churn, tmin=tmin, tmax=tmax, noise=noise)
     except ValueError as exc:
         raise ValueError(f"--sigma-churn / --sigma-tmin / --sigma-tmax / --sigma-noise: {exc}") from None
-
-
-#: A1111's "Noise schedule for sampling" (``sd_noise_schedule``) choices
-NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")
-
-
-def _noise_schedule(name: str) -> str:
-    """``--noise-schedule`` as A1111's label (:data:`NOISE_SCHEDULES`), any case, ``-`` / ``_`` for spaces, ``ztsnr``.
-
-    Raises:
-        ValueError: another name, naming those taken.
-    """
-    key = str(name).strip().lower().replace("-", " ").replace("_", " ")
-    for label in NOISE_SCHEDULES:
-        if key in (label.lower(), "ztsnr" if label == "Zero Terminal SNR" else label.lower()):
-            return label
-    raise ValueError(f"--noise-schedule must be one of {', '.join(NOISE_SCHEDULES)} (A1111's 'Noise schedule for "
-                     f"sampling'; ztsnr for the second), got {name!r}")
 
 
 def _emphasis_mode(emphasis: str) -> str:

@@ -118,7 +118,11 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     Raises:
         ValueError: a field whose value is not what A1111 writes there (a number that is not one), naming it.
     """
-    from ..sampler_tables import HIRES_UPSCALER_LABELS, INPAINTING_FILL_LABELS
+    from ..sampler_tables import (
+        HIRES_UPSCALER_LABELS,
+        INPAINTING_FILL_LABELS,
+        NOISE_SCHEDULE_LABELS,
+    )
     from ..samplers.schedules import canonical_schedule
 
     options: dict[str, object] = {}
@@ -170,7 +174,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
                                     for field in ("Sampler", "Hires sampler")):  # (the pass whose sampler wrote it)
         take("Eta DDIM", "eta_ddim", float)
     take("Emphasis", "emphasis")
-    take("Noise Schedule", "noise_schedule")
+    _take_choice(fields, "Noise Schedule", "noise_schedule", "--noise-schedule", NOISE_SCHEDULE_LABELS, options, taken)
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)
