@@ -294,3 +294,29 @@ def test_a1111s_timestep_samplers_read_the_last_alpha_as_a1111_holds_it(sampler,
     v = sample_latents(lambda x, t, c: stand_in(x, t), x_T, None, alphas_cumprod=ac, prediction_type="v_prediction",
                        **run)
     assert torch.isfinite(v).all()
+
+
+def test_merge_keeps_the_first_inputs_markers_and_takes_those_every_other_input_has(sdxl_file, tmp_path, capsys):
+    """The markers travel as the merge's model description (``merge.model_metadata``'s rule): the first input's,
+    a disagreement noted; a marker the first lacks and every other input has is taken, said."""
+    from sdadapt.cli import main
+
+    marked = _with(sdxl_file, tmp_path / "vpred.safetensors", {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
+    only_v = _with(sdxl_file, tmp_path / "only_v.safetensors", {"v_pred": torch.tensor([])})
+
+    def merge(*inputs: Path, operator: str = "weighted-sum") -> tuple[set[str], str]:
+        out = tmp_path / "merged.safetensors"
+        options = ["--alpha", "0.5"] if operator == "weighted-sum" else []
+        assert main(["merge", operator, *map(str, inputs), *options, "--overwrite", "-o", str(out)]) == 0
+        said = capsys.readouterr().out
+        return {"v_pred", "ztsnr"} & set(read_weights(out)[0]), said
+
+    assert merge(marked, marked)[0] == {"v_pred", "ztsnr"}
+    keys, said = merge(sdxl_file, marked)
+    assert keys == {"v_pred", "ztsnr"} and "v_pred: plain.safetensors has none; every other input has it" in said
+    keys, said = merge(marked, sdxl_file)
+    assert keys == {"v_pred", "ztsnr"}
+    assert "ztsnr: vpred.safetensors has it, plain.safetensors not; the merge has it, as vpred" in said
+    keys, said = merge(sdxl_file, marked, only_v, operator="add-difference")  # (A + (B − C)·α: v_pred in B and C)
+    assert keys == {"v_pred"} and "ztsnr: vpred.safetensors has it, plain.safetensors, only_v.safetensors not; the " \
+                                  "merge lacks it, as plain" in said

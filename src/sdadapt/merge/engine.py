@@ -622,6 +622,7 @@ class MergedSource:
             for key in source.keys():
                 if key not in first_set and key not in others:
                     others[key] = index
+        self._plan_markers(actions, others, names, float_dtype)
         for key, index in others.items():
             if discard is not None and discard.search(key):
                 continue
@@ -641,6 +642,32 @@ class MergedSource:
             report.notes.append(f"elemental rules changed the strength of {elemental_keys} of {len(report.merged)} "
                                 f"merged keys ({architecture} blocks)")
         return actions
+
+    def _plan_markers(self, actions: dict[str, _Action], others: dict[str, int], names: list[str],
+                      float_dtype: Callable[[torch.dtype, bool], torch.dtype]) -> None:
+        """The single-file markers ``v_pred`` / ``ztsnr`` (:mod:`sdadapt.formats.prediction_markers`) as the merge's
+        model metadata (:mod:`.model_metadata`): the first input's, a disagreement noted; a marker the first input
+        lacks while every other input has it is copied (and taken out of ``others``), with a note — as for
+        ModelSpec's prediction type, a v model is not silently turned into ε."""
+        from ..formats.prediction_markers import V_PRED_KEY, ZTSNR_KEY
+
+        sources, report = self._sources, self.report
+        for marker in (V_PRED_KEY, ZTSNR_KEY):
+            having = [index for index, source in enumerate(sources) if marker in source]
+            if not having or len(having) == len(sources):
+                continue
+            if having == list(range(1, len(sources))):
+                source = sources[having[0]]
+                actions[marker] = _Action("copy", float_dtype(source.dtype(marker), False), source.shape(marker),
+                                          source=having[0])
+                report.copied[marker] = f"only in {', '.join(names[i] for i in having)}: every other input has it"
+                others.pop(marker, None)
+                report.notes.append(f"{marker}: {names[0]} has none; every other input has it, so the merge has it too")
+                continue
+            lacking = [names[i] for i in range(len(sources)) if i not in having]
+            report.notes.append(f"{marker}: {', '.join(names[i] for i in having)} {'has' if len(having) == 1 else 'have'} "
+                                f"it, {', '.join(lacking)} not; the merge {'has' if 0 in having else 'lacks'} it, as "
+                                f"{names[0]}: check that the inputs predict alike")
 
     def _check_unclip(self, names: list[str]) -> None:
         """SD 2.1 unCLIP inputs (:func:`sdadapt.formats.unclip.unclip_variant`): H and L are refused together;
