@@ -129,6 +129,7 @@ def run_generate(
     hires_negative: str | None = None,
     hires_sampler: str | None = None,
     hires_schedule: str | None = None,
+    hires_guidance: float | None = None,
     mask: str | os.PathLike | None = None,
     mask_blur: float | None = None,
     invert_mask: bool = False,
@@ -302,6 +303,8 @@ def run_generate(
         hires_prompt, hires_negative, hires_sampler: A1111's hr_prompt, hr_negative_prompt, hr_sampler_name: the
             hires pass's texts and sampler (``None``, and ``""`` for the texts as in A1111: the first pass's).
         hires_schedule: A1111's "Hires schedule type" (hr_scheduler): the hires pass's grid (``None``: ``schedule``'s).
+        hires_guidance: Forge's "Hires CFG Scale" (hr_cfg): the hires pass's guidance scale (``None``: ``guidance``'s),
+            "Hires CFG Scale" in the infotext when given.
         vae_encode: how ``init_image`` (img2img, inpainting) and the ``pixel-lanczos`` hires pass's pixels become
             latents: ``"mean"`` (the default) the VAE posterior's mean, the same latents for every seed; ``"sample"``
             a posterior sample drawn per image from ``torch.Generator().manual_seed(seed)`` before that generator
@@ -487,6 +490,9 @@ def run_generate(
                                    hires_steps=hires_steps, hires_denoising=hires_denoising,
                                    hires_upscaler=hires_upscaler, resize_mode=resize_mode,
                                    hires_texts=(hires_prompt, hires_negative, hires_sampler))
+    if hires_guidance is not None and not hires:
+        raise ValueError("--hires-guidance is the hires pass's guidance scale (Forge's 'Hires CFG Scale'); give "
+                         "--hires-scale or --hires-width/--hires-height too")
     # (A1111's setup_prompts: an empty hires prompt or negative prompt is the first pass's, tags and all)
     hires_prompt, hires_negative = hires_prompt or None, hires_negative or None
     # (otherwise only an inpainting model's own image conditioning is encoded: checked once the model is loaded)
@@ -888,7 +894,8 @@ def run_generate(
             hires_size(size_h, size_w, **hires_sides),
             steps=hires_steps, denoising=hires_denoising, upscaler=hires_upscaler,
             prompt=_expanded(hires_prompt, handles), negative=_expanded(hires_negative, handles), sampler=hires_sampler,
-            schedule=hires_schedule, upscale_to=hires_upscale_size(size_h, size_w, **hires_sides)),
+            schedule=hires_schedule, upscale_to=hires_upscale_size(size_h, size_w, **hires_sides),
+            guidance=hires_guidance),
             multiple=int(getattr(system, "size_multiple", 8)))
         cut = any((up - side) // 8 for up, side in zip(hires.upscale_to, hires.size))  # (A1111's truncate_x/y)
         cover = "" if hires.upscale_to == hires.size else (
@@ -945,6 +952,7 @@ def run_generate(
         init_image=init_image, denoising_strength=denoising_strength, hires=hires,
         hires_options=dict(scale=hires_scale, width=hires_width, height=hires_height, steps=hires_steps,
                            upscaler=hires_upscaler, denoising=hires_denoising, sampler=hires_sampler,
+                           guidance=hires_guidance,
                            schedule=hires_schedule),
         mask=mask, inpainting=inpainting, inpainting_model=model_conditioning is not None or (
             inpainting is not None and inpainting.conditioning is not None),

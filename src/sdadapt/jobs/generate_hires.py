@@ -33,7 +33,8 @@ class HiresRequest:
     ``None``: ``size``, no crop); A1111's ``hr_prompt`` /
     ``hr_negative_prompt`` (``prompt``, ``negative``: the second pass's conditioning; ``None``: the first pass's)
     and ``hr_sampler_name`` (``sampler``; ``None``: the first pass's) with its resolved grid (``schedule``, as
-    :func:`sdadapt.samplers.resolve_schedule` gives it for that sampler; used with ``sampler``)."""
+    :func:`sdadapt.samplers.resolve_schedule` gives it for that sampler; used with ``sampler``); Forge's "Hires CFG
+    Scale" (``guidance``: the second pass's guidance scale; ``None``: the first pass's)."""
 
     size: tuple[int, int]
     steps: int = 0
@@ -44,6 +45,7 @@ class HiresRequest:
     sampler: str | None = None
     schedule: str | None = None
     upscale_to: tuple[int, int] | None = None
+    guidance: float | None = None
 
 
 def hires_size(height: int, width: int, *, scale: float | None, hires_height: int | None,
@@ -556,6 +558,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         second_prompts = [hires.prompt] * len(prompts) if hires.prompt is not None else prompts
         if hires.negative is not None:
             second["negative"] = hires.negative
+    if hires.guidance is not None:  # (Forge's hr_cfg: the second pass's scale, its refiner's too)
+        second["guidance"] = hires.guidance
     if hires.sampler is not None:  # A1111's hr_sampler_name, on --schedule's grid as resolved for it
         second["sampler"] = hires.sampler
         second["schedule"] = hires.schedule

@@ -377,6 +377,8 @@ class InfotextRun:
                                       else self._option_tags + str(hires["prompt"]))
             fields["Hires negative prompt"] = (None if hires.get("negative") in (None, self.negative)
                                                else hires["negative"])
+            # (Forge's, after the hires texts: written when given, A1111 has no such setting)
+            fields["Hires CFG Scale"] = None if hires.get("guidance") is None else float(hires["guidance"])
             hr_schedule = (schedule_label(hires.get("schedule"), str(hr_sampler)) if hr_sampler is not None
                            else first_schedule)
             fields["Hires schedule type"] = hr_schedule if hr_schedule != first_schedule else None

@@ -193,6 +193,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take("Hires sampler", "hires_sampler")
         take("Hires prompt", "hires_prompt")
         take("Hires negative prompt", "hires_negative")
+        take("Hires CFG Scale", "hires_guidance", float)  # (Forge's hr_cfg)
         take("Denoising strength", "hires_denoising", float)
     elif img2img:
         take("Denoising strength", "denoising_strength", float)
