@@ -320,3 +320,8 @@ def test_merge_keeps_the_first_inputs_markers_and_takes_those_every_other_input_
     keys, said = merge(sdxl_file, marked, only_v, operator="add-difference")  # (A + (B − C)·α: v_pred in B and C)
     assert keys == {"v_pred"} and "ztsnr: vpred.safetensors has it, plain.safetensors, only_v.safetensors not; the " \
                                   "merge lacks it, as plain" in said
+    out = tmp_path / "copied.safetensors"  # (--copy-extra-keys: the marker copied with B's other keys, and said so)
+    assert main(["merge", "add-difference", *map(str, (sdxl_file, marked, only_v)), "--copy-extra-keys", "-o",
+                 str(out)]) == 0
+    assert {"v_pred", "ztsnr"} <= set(read_weights(out)[0])
+    assert "the merge has it: check that the inputs predict alike" in capsys.readouterr().out

@@ -665,9 +665,11 @@ class MergedSource:
                 report.notes.append(f"{marker}: {names[0]} has none; every other input has it, so the merge has it too")
                 continue
             lacking = [names[i] for i in range(len(sources)) if i not in having]
+            kept = 0 in having or self.step.policy.only_in_others == "copy"  # (--copy-extra-keys: copied with others)
             report.notes.append(f"{marker}: {', '.join(names[i] for i in having)} {'has' if len(having) == 1 else 'have'} "
-                                f"it, {', '.join(lacking)} not; the merge {'has' if 0 in having else 'lacks'} it, as "
-                                f"{names[0]}: check that the inputs predict alike")
+                                f"it, {', '.join(lacking)} not; the merge {'has' if kept else 'lacks'} it"
+                                + ("" if kept and 0 not in having else f", as {names[0]}")
+                                + ": check that the inputs predict alike")
 
     def _check_unclip(self, names: list[str]) -> None:
         """SD 2.1 unCLIP inputs (:func:`sdadapt.formats.unclip.unclip_variant`): H and L are refused together;
