@@ -171,6 +171,20 @@ def test_generate_is_diffusers_sdxl_pipeline_with_its_edm_scheduler(system, samp
         assert (plain - theirs).abs().max() > 0.5 and (plain_images / 2 + 0.5 - decoded).abs().max() > 0.05
 
 
+def test_guidance_rescale_is_diffusers_sdxl_pipelines_on_the_unet_outputs(system):
+    """``guidance_rescale`` on an EDM model: diffusers' SDXL pipeline rescales the guided UNet output before its EDM
+    scheduler preconditions it; sdadapt's EDM path does the same."""
+    options = dict(steps=5, guidance=5.0, height=16, width=16)
+    ours = system.sample(["a red cube"], negative="blurry", seed=4, sampler="dpmsolver++", output="latents",
+                         guidance_rescale=0.7, **options)
+    plain = system.sample(["a red cube"], negative="blurry", seed=4, sampler="dpmsolver++", output="latents", **options)
+    theirs = _pipeline(system, "dpmsolver++")(
+        "a red cube", negative_prompt="blurry", num_inference_steps=5, guidance_scale=5.0, guidance_rescale=0.7,
+        height=16, width=16, generator=torch.Generator().manual_seed(4), output_type="latent").images
+    gap = (ours - theirs).abs().max().item()
+    assert gap < 1e-5 and (ours - plain).abs().max().item() > 1e3 * max(gap, 1e-7), gap
+
+
 def test_encode_is_diffusers_img2img_rule_and_decode_inverts_it(system):
     """encode: (μ − mean)·scaling/std (D pipeline_stable_diffusion_xl_img2img.py prepare_latents)."""
     image = torch.rand(1, 3, 16, 16) * 2 - 1

@@ -350,3 +350,18 @@ def test_aesthetic_gradient_fields_are_the_extensions(tmp_path):
     assert (whole["Aesthetic LR"], whole["Aesthetic weight"], whole["Aesthetic slerp"],
             whole["Aesthetic text"]) == ("1.0", "1.0", "True", "oil, paint")
     assert not any(key.startswith("Aesthetic") for key in a1111_parse(InfotextRun(prompt="a").for_image(0)))
+
+
+def test_the_refiners_calls_are_rescaled_too(pair, monkeypatch):
+    """``guidance_rescale`` on a run with the SDXL refiner: every guided call, the base's and the refiner's, rescaled
+    (A1111's CFG Rescale extension replaces ``combine_denoised`` for the whole run)."""
+    from sdadapt.jobs.generate_refiner import RefinerHandoff
+    from sdadapt.training import diffusion
+
+    base, refiner = pair
+    real, phis = diffusion.rescale_guidance, []
+    monkeypatch.setattr(diffusion, "rescale_guidance", lambda out, cond, phi: phis.append(phi) or real(out, cond, phi))
+    handoff = RefinerHandoff(base, refiner, switch_at=0.5)
+    base.sample(["a photo"], seed=1, steps=4, guidance=3.0, sampler="euler", schedule="karras", height=16, width=16,
+                output="latents", refiner=handoff, guidance_rescale=0.7)
+    assert handoff.taken and phis == [0.7] * 4

@@ -1133,7 +1133,7 @@ class DiffusersSystem(nn.Module):
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
                vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None,
-               eta: float | None = None, churn: Any = None) -> Tensor:
+               eta: float | None = None, churn: Any = None, guidance_rescale: float = 0.0) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1173,7 +1173,10 @@ class DiffusersSystem(nn.Module):
         ``pad_conds``: A1111's "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`) for a
         ``plan`` whose prompt and negative have different chunk counts (each model pads with its own states of
         ``""``: :meth:`empty_prompt_states`). ``eta``: A1111's "Eta for ancestral samplers" (the sampler's ``eta=``).
-        ``churn``: A1111's "Sigma churn" settings (the sampler's ``churn=``: Euler, Heun, DPM2 on A1111's grids). ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        ``churn``: A1111's "Sigma churn" settings (the sampler's ``churn=``: Euler, Heun, DPM2 on A1111's grids).
+        ``guidance_rescale``: φ of :func:`sdadapt.guidance_rescale.rescale_guidance` on every guided call, the
+        refiner's too (diffusers' ``guidance_rescale`` on diffusers' grids, A1111's "CFG Rescale" on its own:
+        :func:`sdadapt.samplers.sample_latents`); 0 off. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1264,6 +1267,8 @@ class DiffusersSystem(nn.Module):
         skip = {} if uncond_skip is None else {
             "uncond_skip": uncond_skip, "total_steps": samplers.run_total_steps(name, steps, start=start,
                                                                                 schedule=schedule)}
+        if guidance_rescale:
+            skip["guidance_rescale"] = guidance_rescale
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance,
                                                                     pad_conds=pad_conds, **skip)
@@ -1272,7 +1277,7 @@ class DiffusersSystem(nn.Module):
 
             latents = edm_sample_latents(model, x, cond, sampler=name, schedule=self.edm, num_steps=steps, uncond=uncond,
                                          guidance_scale=guidance_scale, generator=g, before_model_call=before_model_call,
-                                         start=start)
+                                         start=start, guidance_rescale=guidance_rescale if uncond is not None else 0.0)
             return latents if output == "latents" else self.decode_latents(latents)
         if refiner is not None:  # (the SDXL refiner below the cut: sdadapt.jobs.generate_refiner)
             from .training.diffusion import guided
@@ -1300,6 +1305,7 @@ class DiffusersSystem(nn.Module):
                                           before_model_call=before_model_call,
                                           uncond_skip=uncond_skip if uncond is not None else None,
                                           pad_conds=self._padding(pad_conds, time_ids) if uncond is not None else None,
+                                          guidance_rescale=guidance_rescale if uncond is not None else 0.0,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                           **({} if eta is None else {"eta": eta}),
@@ -1344,7 +1350,8 @@ class DiffusersSystem(nn.Module):
 
     def _guidance_inputs(self, model: Any, prompts: list[str], *, negative: str, cond: Any, plan: Any,
                          time_ids: Tensor | None, guidance: float, uncond_skip: Any = None,
-                         total_steps: int = 1, pad_conds: Any = None) -> tuple[Any, Any, Any, float]:
+                         total_steps: int = 1, pad_conds: Any = None,
+                         guidance_rescale: float = 0.0) -> tuple[Any, Any, Any, float]:
         """``(model, cond, uncond, guidance_scale)`` for :func:`sdadapt.samplers.sample_latents`: the prompts'
         conditioning and the negative's (:meth:`sample`'s rules), or with a ``plan`` its
         :class:`~sdadapt.prompt_guidance.ScheduledGuidance` over every text's conditioning (``cond``/``uncond``
@@ -1356,7 +1363,8 @@ class DiffusersSystem(nn.Module):
             conds, negatives = self.plan_conditions(plan, count=count, time_ids=time_ids)
             conds, negatives = self._unclip_conditions(conds, negative=False), self._unclip_conditions(negatives, negative=True)
             return (plan.guidance(model, conds, negatives, guidance, uncond_skip=uncond_skip, total_steps=total_steps,
-                                  pad_conds=self._padding(pad_conds, time_ids)), None, None, 1.0)
+                                  pad_conds=self._padding(pad_conds, time_ids), guidance_rescale=guidance_rescale),
+                    None, None, 1.0)
         if cond is None:
             cond = self._prompt_condition(prompts, time_ids)
         elif self.is_sdxl and isinstance(cond, dict) and "time_ids" in cond:

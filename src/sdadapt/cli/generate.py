@@ -92,7 +92,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model=args.model, prompt=args.prompt, negative=args.negative, comments=args.comments, loras=args.lora,
         embeddings=args.embedding, embeddings_dir=args.embeddings_dir,
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
-        seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler, karras=args.karras,
+        seed=args.seed, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
+        sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         rho=args.rho, beta_alpha=args.beta_alpha, beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas,
@@ -262,6 +263,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
                           help="classifier-free guidance scale (default: the model's, SD 7.5, toy 2; an EDM model such as "
                           "Playground v2.5: 3 with dpmsolver++, 5 with euler, its model card's)")
+    generate.add_argument("--guidance-rescale", "--cfg-rescale", dest="guidance_rescale", type=float, default=0.0,
+                          metavar="PHI",
+                          help="guidance rescale φ in [0, 1] against high-guidance over-exposure (Lin et al.; 0.7 "
+                          "suggested for v-prediction / zero-terminal-SNR models; default 0, off): diffusers' "
+                          "guidance_rescale on diffusers' grids, A1111's 'CFG Rescale' extension on A1111's "
+                          "(docs/samplers.md)")
     generate.add_argument("--sampler", type=_sampler, default=None, metavar="NAME",
                           help="default ddim (an EDM model such as Playground v2.5: dpmsolver++, its own scheduler); "
                           f"one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..guidance_rescale import check_guidance_rescale
 from ..plurals import plural
 from .models import load_system, resolve_device
 from .train import _toy_vocabulary
@@ -56,6 +57,7 @@ def run_generate(
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
+    guidance_rescale: float = 0.0,
     sampler: str | None = None,
     karras: bool = False,
     schedule: str | None = None,
@@ -166,6 +168,10 @@ def run_generate(
         guidance: the classifier-free guidance scale; ``None``: the model's — the system's own (SD 7.5, the toy 2),
             an EDM model's model-card default for the sampler (Playground v2.5: 3 with ``dpmsolver++``, 5 with
             ``euler``; :func:`sdadapt.sampling.default_guidance`, said in the log and written in the infotext).
+        guidance_rescale: φ in [0, 1] of the guidance rescale (:mod:`sdadapt.guidance_rescale`; 0 off): diffusers'
+            ``guidance_rescale`` on diffusers' grids, A1111's "CFG Rescale" extension on A1111's (x̂0 on its σ
+            samplers, ε on DDIM / PLMS / UniPC), every pass and the refiner; written as "CFG Rescale". Not with
+            ``AND``.
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
             ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
@@ -490,6 +496,10 @@ def run_generate(
                                    hires_steps=hires_steps, hires_denoising=hires_denoising,
                                    hires_upscaler=hires_upscaler, resize_mode=resize_mode,
                                    hires_texts=(hires_prompt, hires_negative, hires_sampler))
+    try:
+        guidance_rescale = check_guidance_rescale(guidance_rescale)
+    except ValueError as exc:
+        raise ValueError(f"--guidance-rescale: {exc}") from None
     if hires_guidance is not None and not hires:
         raise ValueError("--hires-guidance is the hires pass's guidance scale (Forge's 'Hires CFG Scale'); give "
                          "--hires-scale or --hires-width/--hires-height too")
@@ -814,6 +824,11 @@ def run_generate(
     else:
         say(f"prompt schedule: {plural(len(plan.texts), 'text')}, {plural(len(plan.parts), 'AND part')}, "
             f"{plural(len(plan.negative_texts), 'negative text')}")
+        if guidance_rescale and len(plan.parts) > 1:
+            raise ValueError(f"--guidance-rescale brings the guided result to the conditional branch's spread; the "
+                             f"prompt has {len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers "
+                             "has no AND; A1111's 'CFG Rescale' extension keeps the last sub-prompt's alone): leave "
+                             "out --guidance-rescale or the AND")
         if aesthetic is not None:
             raise ValueError("--aesthetic personalises one prompt's conditioning; leave out prompt editing, "
                              "alternation, AND and BREAK, or --aesthetic")
@@ -971,7 +986,8 @@ def run_generate(
         schedule_options=schedule_options, eta=eta, eta_ddim=eta_ddim, noise_multiplier=noise_multiplier,
         extra_noise=extra_noise, churn=churn,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
-                                                                          steps) else None)
+                                                                          steps) else None,
+        guidance_rescale=guidance_rescale)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -995,7 +1011,8 @@ def run_generate(
                            **({} if eta_ddim is None else {"eta_ddim": eta_ddim}),
                            **({} if noise_multiplier == 1.0 else {"noise_multiplier": noise_multiplier}),
                            **({} if not extra_noise else {"extra_noise": extra_noise}),
-                           **({} if churn is None else {"churn": churn}))
+                           **({} if churn is None else {"churn": churn}),
+                           **({} if not guidance_rescale else {"guidance_rescale": guidance_rescale}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..guidance_rescale import GUIDANCE_RESCALE_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 
 __all__ = ["HIRES_UPSCALER_LABELS", "NOISE_FIELD", "VAE_ENCODE_FIELD", "InfotextRun", "a1111_number", "file_sha256",
@@ -256,6 +257,8 @@ class InfotextRun:
         aesthetic: the aesthetic-gradient settings (keys ``embedding`` (a path), ``lr``, ``weight``, ``steps``,
             ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
             stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
+        guidance_rescale: φ of ``--guidance-rescale``, written as "CFG Rescale" (the A1111 extension
+            CFG_Rescale_webui's field, added in its ``process``: after the aesthetic fields) when not 0.
         tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass; hires_tag_loras: the hires pass's
             (A1111's hires pass adds its networks to ``p.lora_hashes``), listed after; each name listed once,
             where it first comes.
@@ -320,6 +323,7 @@ class InfotextRun:
     refiner_hires_pass: str | None = None
     refiner_took: bool = False
     aesthetic: Mapping[str, object] | None = None
+    guidance_rescale: float = 0.0
     vae_encode: str = "mean"
     schedule_fields: Mapping[str, object] = field(default_factory=dict)
     emphasis: str | None = None
@@ -368,6 +372,8 @@ class InfotextRun:
         }
         if self.aesthetic is not None:  # (the extension's process(): before p.init, so before the hires fields)
             fields.update(_aesthetic_fields(self.aesthetic))
+        if self.guidance_rescale:  # (the CFG Rescale extension's process(), as the aesthetic one's)
+            fields[GUIDANCE_RESCALE_FIELD] = float(self.guidance_rescale)
         if self.hires is not None:  # StableDiffusionProcessingTxt2Img.init's order
             hires = dict(self.hires)
             hr_sampler = hires.get("sampler")
@@ -490,7 +496,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
-                 emphasis: str | None = None) -> InfotextRun:
+                 emphasis: str | None = None, guidance_rescale: float = 0.0) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -504,7 +510,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``noise_multiplier``: A1111's "Noise multiplier for img2img" (written for an ``init_image`` run when not 1);
     ``extra_noise``: its "Extra noise multiplier for img2img and hires fix" (written when a pass starts from an
     image and it is not 0); ``churn``: its "Sigma churn" settings (:class:`sdadapt.samplers.churn.SigmaChurn`,
-    written when a pass runs Euler, Heun or DPM2);
+    written when a pass runs Euler, Heun or DPM2); ``guidance_rescale``: ``--guidance-rescale`` ("CFG Rescale");
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
@@ -565,4 +571,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         text_encoders=2 if getattr(system, "is_sdxl", False) and not getattr(system, "is_refiner", False) else 1,
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
-        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis)
+        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
+        guidance_rescale=guidance_rescale)

@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..guidance_rescale import GUIDANCE_RESCALE_FIELDS_READ
+
 __all__ = ["INFORMATIONAL_FIELDS", "infotext_options", "parse_infotext", "read_infotext"]
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # (A1111's re_param)
@@ -175,6 +177,9 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take("Eta DDIM", "eta_ddim", float)
     take("Emphasis", "emphasis")
     _take_choice(fields, "Noise Schedule", "noise_schedule", "--noise-schedule", NOISE_SCHEDULE_LABELS, options, taken)
+    for key in GUIDANCE_RESCALE_FIELDS_READ:  # (A1111's CFG Rescale extension's, its older one, SD.Next's)
+        if key in fields and "guidance_rescale" not in options:
+            take(key, "guidance_rescale", float)
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)

@@ -129,13 +129,16 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    start: Img2ImgStart | None = None,
                    before_model_call: Callable[[int, int], None] | None = None,
                    uncond_skip: UncondSkip | None = None, pad_conds: CondPadding | None = None,
-                   **options) -> Tensor:
+                   guidance_rescale: float = 0.0, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given: over the model outputs on diffusers' grids
     (diffusers' pipelines), over each output's x̂0 on A1111's (a ``schedule``; ``dpmpp_2s_a``, ``dpm_fast``,
     ``dpm_adaptive``, ``restart`` always), as A1111's ``CFGDenoiser`` (:mod:`sdadapt.denoised_branches`).
     ``uncond_skip``: A1111's "Skip Early CFG" / NGMS (:class:`sdadapt.uncond_skip.UncondSkip`; NGMS on A1111's grids);
     ``pad_conds``: ``cond`` and ``uncond`` padded to one length first (:class:`sdadapt.cond_padding.CondPadding`).
+    ``guidance_rescale``: φ of :func:`sdadapt.guidance_rescale.rescale_guidance` on each combination, where it is
+    combined: the outputs on diffusers' grids (diffusers' ``guidance_rescale``), x̂0 on A1111's σ grids and ε on its
+    timestep samplers (A1111's "CFG Rescale" extension); 0 off.
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
     its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
@@ -206,7 +209,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     # guidance first, once: A1111's CFGDenoiser (its call count over the run's expected calls, for uncond_skip)
     model = diffusion.guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip,
                              total_steps=run_total_steps(name, num_steps, start=start, schedule=run_grid),
-                             pad_conds=pad_conds)
+                             pad_conds=pad_conds, guidance_rescale=guidance_rescale)
     if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
         # per CFGDenoiser.forward, also where the conditionings do not batch)
         if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)

@@ -401,13 +401,14 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
                        guidance_scale: float = 1.0, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None,
                        before_model_call: Callable[[int, int], None] | None = None,
-                       start: Img2ImgStart | None = None) -> Tensor:
+                       start: Img2ImgStart | None = None, guidance_rescale: float = 0.0) -> Tensor:
     """:func:`sdadapt.samplers.sample_latents` for an EDM model: latents (B, C, H, W) from unit noise ``x_T``
     by ``sampler`` (a name in :data:`EDM_SAMPLERS`), with classifier-free guidance ``u + s·(c − u)`` over the
     UNet outputs when ``uncond`` is given. ``model(x_in, t, cond)``: the system's denoiser (the UNet); ``t`` is
     ``c_noise`` (B,). ``before_model_call(steps_done, calls)``: as :func:`~sdadapt.samplers.sample_latents`.
     ``start``: img2img / hires fix / inpainting from its init latents (``start.index``, or its strength by
-    diffusers' rule; ``start.mask``: diffusers' inpainting blend), :func:`edm_start`.
+    diffusers' rule; ``start.mask``: diffusers' inpainting blend), :func:`edm_start`. ``guidance_rescale``: φ of
+    :func:`sdadapt.guidance_rescale.rescale_guidance` on the guided UNet outputs (diffusers' SDXL pipeline's); 0 off.
 
     Raises:
         ValueError: a sampler diffusers has no EDM scheduler for (names the ones there are).
@@ -417,7 +418,7 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
 
     name = canonical_sampler(sampler)
     check_edm_request(name)
-    guided = diffusion.guided(model, cond, uncond, guidance_scale)
+    guided = diffusion.guided(model, cond, uncond, guidance_scale, guidance_rescale=guidance_rescale)
     if before_model_call is not None:
         guided, callback = _announced(guided, callback, before_model_call)
 
