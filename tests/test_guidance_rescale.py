@@ -143,6 +143,78 @@ def test_a_prompt_plans_guidance_is_the_plain_guidance_and_refuses_and():
     assert both.guidance(_toy_model, [conds["a cat"], conds["a cat"]], [conds[""]], 5.0) is not None
 
 
+# ---- in v: ComfyUI's / reForge's RescaleCFG ------------------------------------------------------------------------
+def _comfyui_rescale_cfg(args, multiplier):
+    """ComfyUI's ``RescaleCFG.patch``'s ``rescale_cfg`` (comfy_extras/nodes_model_advanced.py), transcribed: ``cond`` /
+    ``uncond`` are ``input − x̂0`` of each branch, the result ``input − x̂0'``."""
+    cond = args["cond"]
+    uncond = args["uncond"]
+    cond_scale = args["cond_scale"]
+    sigma = args["sigma"]
+    sigma = sigma.view(sigma.shape[:1] + (1,) * (cond.ndim - 1))
+    x_orig = args["input"]
+    x = x_orig / (sigma * sigma + 1.0)
+    cond = ((x - (x_orig - cond)) * (sigma ** 2 + 1.0) ** 0.5) / (sigma)
+    uncond = ((x - (x_orig - uncond)) * (sigma ** 2 + 1.0) ** 0.5) / (sigma)
+    x_cfg = uncond + cond_scale * (cond - uncond)
+    ro_pos = torch.std(cond, dim=(1, 2, 3), keepdim=True)
+    ro_cfg = torch.std(x_cfg, dim=(1, 2, 3), keepdim=True)
+    x_rescaled = x_cfg * (ro_pos / ro_cfg)
+    x_final = multiplier * x_rescaled + (1.0 - multiplier) * x_cfg
+    return x_orig - (x - x_final * sigma / (sigma * sigma + 1.0) ** 0.5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_in_v_it_is_comfyuis_rescale_cfg(prediction_type):
+    from sdadapt.guidance_rescale import GuidanceRescale
+    from sdadapt.samplers.sigma_space import denoised
+
+    g = torch.Generator().manual_seed(4)
+    x_sigma = torch.randn(2, 4, 8, 8, generator=g) * 3  # (k-diffusion's x at σ)
+    sigma = torch.tensor([2.5, 2.5])
+    x_in, t = x_sigma / (sigma[0] ** 2 + 1) ** 0.5, torch.tensor([600, 600])
+    cond, uncond = torch.full((2, 1, 1, 1), 0.6), torch.full((2, 1, 1, 1), -0.4)
+
+    def read(out):
+        return denoised(out, x_sigma, sigma[0], prediction_type)
+
+    ours = guided(_toy_model, cond, uncond, 7.0, guidance_rescale=GuidanceRescale(0.7, "v")).denoised_by_branch(
+        read, x_in, t, sigma=sigma)
+    d_c, d_u = read(_toy_model(x_in, t, cond)), read(_toy_model(x_in, t, uncond))
+    args = {"cond": x_sigma - d_c, "uncond": x_sigma - d_u, "cond_scale": 7.0, "sigma": sigma, "input": x_sigma}
+    theirs = x_sigma - _comfyui_rescale_cfg(args, 0.7)  # (ComfyUI's cfg_result: the denoised)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
+    combined = guided(_toy_model, cond, uncond, 7.0, guidance_rescale=0.7).denoised_by_branch(read, x_in, t,
+                                                                                              sigma=sigma)
+    assert (ours - combined).abs().max() > 1e-2  # (not the x̂0 rescale of A1111's extension)
+    if prediction_type == "v_prediction":  # (a v model's v are its outputs: the outputs' rescale, read)
+        on_outputs = read(guided(_toy_model, cond, uncond, 7.0, guidance_rescale=0.7)(x_in, t))
+        assert torch.allclose(ours, on_outputs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_in_v_needs_a_calls_sigma():
+    from sdadapt.guidance_rescale import GuidanceRescale
+    from sdadapt.samplers import guidance_rescale_for_run
+
+    v = GuidanceRescale(0.7, "v")
+    for sampler, schedule in [("ddim", "automatic"), ("plms", None), ("unipc_a1111", None), ("lcm", None)]:
+        with pytest.raises(ValueError, match="steps on timesteps here"):
+            guidance_rescale_for_run(v, sampler, schedule=schedule, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="the model predicts epsilon, not v"):
+        guidance_rescale_for_run(v, "euler", schedule=None, prediction_type="epsilon")
+    assert guidance_rescale_for_run(v, "euler", schedule="karras", prediction_type="epsilon") == v
+    assert guidance_rescale_for_run(v, "dpmpp_2s_a", schedule=None, prediction_type="epsilon") == v
+    outputs_v = guidance_rescale_for_run(v, "dpmsolver++", schedule=None, prediction_type="v_prediction")
+    assert outputs_v == GuidanceRescale(0.7, "v", outputs_are_v=True)
+    assert guidance_rescale_for_run(0.7, "ddim", schedule=None, prediction_type="epsilon") == GuidanceRescale(0.7)
+    assert guidance_rescale_for_run(0.0, "ddim", schedule=None, prediction_type="epsilon") is None
+    with pytest.raises(ValueError, match="this call combines the model outputs"):  # (the guard where no σ is read)
+        guided(_toy_model, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), 3.0, guidance_rescale=v)(
+            torch.zeros(1, 4, 2, 2), torch.tensor([1]))
+    with pytest.raises(ValueError, match="space is one of combined, v"):
+        GuidanceRescale(0.7, "x0")
+
+
 # ---- generate end to end: the toy (System protocol path) -----------------------------------------------------------
 
 def _png(path):
@@ -173,6 +245,31 @@ def test_generate_rescales_writes_cfg_rescale_and_reads_it_back(tmp_path):
     run_generate(out=tmp_path / "r1.png", guidance_rescale=0.7, **{**run, "guidance": 1.0})
     run_generate(out=tmp_path / "p1.png", **{**run, "guidance": 1.0})
     assert np.array_equal(_png(tmp_path / "r1.png")[0], _png(tmp_path / "p1.png")[0])
+
+
+def test_generate_in_v_writes_reforges_fields_and_reads_them_back(tmp_path):
+    pytest.importorskip("PIL")
+    from sdadapt.jobs import run_generate
+    from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
+
+    run = {"prompt": "a red circle", "negative": "blue", "steps": 5, "seed": 4, "guidance": 6.0, "sampler": "Euler",
+           "schedule": "karras", "guidance_rescale": 0.7}
+    run_generate(out=tmp_path / "v.png", guidance_rescale_space="v", **run)
+    run_generate(out=tmp_path / "c.png", **run)
+    (in_v, text), (combined, _) = _png(tmp_path / "v.png"), _png(tmp_path / "c.png")
+    assert not np.array_equal(in_v, combined)
+    assert "rescale_cfg_enabled: True, rescale_cfg_version: Normal, rescale_cfg_multiplier: 0.7, " in text
+    assert "CFG Rescale" not in text
+    options, not_taken = infotext_options(parse_infotext(text))
+    assert options["guidance_rescale"] == 0.7 and options["guidance_rescale_space"] == "v"
+    assert not any("rescale_cfg" in line for line in not_taken)
+    older = text.replace("rescale_cfg_version: Normal, ", "")  # (reForge's first release wrote no version)
+    assert infotext_options(parse_infotext(older))[0]["guidance_rescale_space"] == "v"
+    other = infotext_options(parse_infotext(text.replace("Normal", "Alternative")))  # (another formula)
+    assert "guidance_rescale" not in other[0] and any("rescale_cfg_multiplier" in line for line in other[1])
+    with pytest.raises(ValueError, match="--guidance-rescale-space v: .*the model predicts epsilon, not v"):
+        run_generate(out=tmp_path / "x.png", guidance_rescale_space="v", **{**run, "schedule": None})
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_generate_refuses_and_and_a_bad_phi_before_any_output(tmp_path):
@@ -232,28 +329,29 @@ def test_generate_is_diffusers_pipeline_with_guidance_rescale(tiny_sd, sampler):
     gap = (ours - theirs).abs().max().item()
     assert gap < 1e-4, gap
     assert (ours - plain).abs().max().item() > 100 * max(gap, 1e-6)
+    from sdadapt.guidance_rescale import GuidanceRescale
+
+    in_v = GuidanceRescale(0.7, "v")
+    if system.prediction_type == "v_prediction":  # (a v model's outputs are v: ComfyUI's RescaleCFG is diffusers')
+        assert torch.equal(generate(system, ["a photo"], guidance_rescale=in_v, **run), ours)
+    else:
+        with pytest.raises(ValueError, match="the model predicts epsilon, not v"):
+            generate(system, ["a photo"], guidance_rescale=in_v, **run)
 
 
 def test_a_diffusers_model_rescales_every_pass_on_a1111s_grid_and_in_a_prompt_plan(tiny_sd, tmp_path, monkeypatch):
     """``DiffusersSystem.sample`` carries the rescale: a hires run on A1111's grid rescales every guided call of both
     passes (x̂0, by branch), a scheduled prompt's too (its prompt plan)."""
-    from sdadapt import prompt_guidance
+    from sdadapt import guidance_rescale
     from sdadapt.jobs import run_generate
-    from sdadapt.training import diffusion
 
-    phis = []
+    phis, real = [], guidance_rescale.rescale_guidance
 
-    def counted(module):
-        real = module.rescale_guidance
+    def spy(out, cond, phi):
+        phis.append(phi)
+        return real(out, cond, phi)
 
-        def spy(out, cond, phi):
-            phis.append(phi)
-            return real(out, cond, phi)
-
-        monkeypatch.setattr(module, "rescale_guidance", spy)
-
-    counted(diffusion)
-    counted(prompt_guidance)
+    monkeypatch.setattr(guidance_rescale, "rescale_guidance", spy)
     run = {"model": str(tiny_sd), "negative": "blurry", "steps": 3, "seed": 2, "sampler": "Euler",
            "schedule": "karras", "width": 32, "height": 32, "guidance": 6.0, "hires_scale": 1.5,
            "hires_denoising": 0.6, "hires_steps": 2}

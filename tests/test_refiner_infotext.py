@@ -355,12 +355,13 @@ def test_aesthetic_gradient_fields_are_the_extensions(tmp_path):
 def test_the_refiners_calls_are_rescaled_too(pair, monkeypatch):
     """``guidance_rescale`` on a run with the SDXL refiner: every guided call, the base's and the refiner's, rescaled
     (A1111's CFG Rescale extension replaces ``combine_denoised`` for the whole run)."""
+    from sdadapt import guidance_rescale
     from sdadapt.jobs.generate_refiner import RefinerHandoff
-    from sdadapt.training import diffusion
 
     base, refiner = pair
-    real, phis = diffusion.rescale_guidance, []
-    monkeypatch.setattr(diffusion, "rescale_guidance", lambda out, cond, phi: phis.append(phi) or real(out, cond, phi))
+    real, phis = guidance_rescale.rescale_guidance, []
+    monkeypatch.setattr(guidance_rescale, "rescale_guidance",
+                        lambda out, cond, phi: phis.append(phi) or real(out, cond, phi))
     handoff = RefinerHandoff(base, refiner, switch_at=0.5)
     base.sample(["a photo"], seed=1, steps=4, guidance=3.0, sampler="euler", schedule="karras", height=16, width=16,
                 output="latents", refiner=handoff, guidance_rescale=0.7)

@@ -1133,7 +1133,7 @@ class DiffusersSystem(nn.Module):
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
                vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None,
-               eta: float | None = None, churn: Any = None, guidance_rescale: float = 0.0) -> Tensor:
+               eta: float | None = None, churn: Any = None, guidance_rescale: Any = 0.0) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1174,9 +1174,9 @@ class DiffusersSystem(nn.Module):
         ``plan`` whose prompt and negative have different chunk counts (each model pads with its own states of
         ``""``: :meth:`empty_prompt_states`). ``eta``: A1111's "Eta for ancestral samplers" (the sampler's ``eta=``).
         ``churn``: A1111's "Sigma churn" settings (the sampler's ``churn=``: Euler, Heun, DPM2 on A1111's grids).
-        ``guidance_rescale``: φ of :func:`sdadapt.guidance_rescale.rescale_guidance` on every guided call, the
-        refiner's too (diffusers' ``guidance_rescale`` on diffusers' grids, A1111's "CFG Rescale" on its own:
-        :func:`sdadapt.samplers.sample_latents`); 0 off. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        ``guidance_rescale``: a :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ) on every guided call,
+        the refiner's too (:func:`sdadapt.samplers.sample_latents`; φ alone: diffusers' ``guidance_rescale`` on
+        diffusers' grids, A1111's "CFG Rescale" on its own); 0 off. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1226,12 +1226,19 @@ class DiffusersSystem(nn.Module):
             if uncond_skip is not None and not uncond_skip.is_off:
                 raise ValueError("Skip Early CFG / NGMS are A1111's settings; an EDM model (Playground v2.5) samples "
                                  "with diffusers' EDM schedulers, which A1111 does not run: leave them out")
+            if getattr(guidance_rescale, "space", "combined") != "combined":
+                raise ValueError("an EDM model (Playground v2.5) rescales its guidance as diffusers' SDXL pipeline "
+                                 "does, on the UNet outputs: leave the rescale's space 'combined'")
         if guidance is None:  # (the model's: 7.5, an EDM model's card scale for this sampler)
             from .sampling import default_guidance
 
             guidance = default_guidance(self, name)
         samplers.check_karras(name, karras)
         schedule = run_schedule(name, schedule, karras)
+        asked_rescale = guidance_rescale
+        if self.edm is None:  # (checked once for the run: a prompt plan's guidance takes it too)
+            guidance_rescale = samplers.guidance_rescale_for_run(guidance_rescale, name, schedule=schedule,
+                                                                 prediction_type=self.prediction_type)
         if schedule == "align_your_steps" and self.is_sdxl:
             schedule = "align_your_steps_sdxl"
         device = self.alphas_cumprod.device
@@ -1267,7 +1274,7 @@ class DiffusersSystem(nn.Module):
         skip = {} if uncond_skip is None else {
             "uncond_skip": uncond_skip, "total_steps": samplers.run_total_steps(name, steps, start=start,
                                                                                 schedule=schedule)}
-        if guidance_rescale:
+        if guidance_rescale:  # (a number or a GuidanceRescale: off when 0 or None)
             skip["guidance_rescale"] = guidance_rescale
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance,
@@ -1284,8 +1291,13 @@ class DiffusersSystem(nn.Module):
 
             other = refiner.refiner
             other_time_ids = other._size_time_ids(len(prompts), size_h, size_w)
+            other_skip = dict(skip)
+            if guidance_rescale is not None:  # (the refiner's own outputs: it may predict otherwise than the base)
+                other_skip["guidance_rescale"] = samplers.guidance_rescale_for_run(
+                    asked_rescale, name, schedule=schedule, prediction_type=other.prediction_type)
             refined = other._guidance_inputs(other.denoiser(), prompts, negative=negative, cond=None, plan=plan,
-                                             time_ids=other_time_ids, guidance=guidance, pad_conds=pad_conds, **skip)
+                                             time_ids=other_time_ids, guidance=guidance, pad_conds=pad_conds,
+                                             **other_skip)
             total_steps = None
             if getattr(refiner, "by_steps", False):  # (A1111's "Refiner switch by sampling steps": this run's steps)
                 total_steps = samplers.run_total_steps(name, steps, start=start, schedule=schedule)
@@ -1293,7 +1305,7 @@ class DiffusersSystem(nn.Module):
             model = refiner.switched(
                 model if plan is not None else guided(model, cond, uncond, guidance_scale, **skip,
                                                       pad_conds=self._padding(pad_conds, time_ids)),
-                refined[0] if plan is not None else guided(*refined, **skip,
+                refined[0] if plan is not None else guided(*refined, **other_skip,
                                                            pad_conds=other._padding(pad_conds, other_time_ids)),
                                      a1111_grid=schedule is not None,  # (A1111's schedules: A1111's cut)
                                      **({} if total_steps is None else {"total_steps": total_steps}))
@@ -1351,7 +1363,7 @@ class DiffusersSystem(nn.Module):
     def _guidance_inputs(self, model: Any, prompts: list[str], *, negative: str, cond: Any, plan: Any,
                          time_ids: Tensor | None, guidance: float, uncond_skip: Any = None,
                          total_steps: int = 1, pad_conds: Any = None,
-                         guidance_rescale: float = 0.0) -> tuple[Any, Any, Any, float]:
+                         guidance_rescale: Any = 0.0) -> tuple[Any, Any, Any, float]:
         """``(model, cond, uncond, guidance_scale)`` for :func:`sdadapt.samplers.sample_latents`: the prompts'
         conditioning and the negative's (:meth:`sample`'s rules), or with a ``plan`` its
         :class:`~sdadapt.prompt_guidance.ScheduledGuidance` over every text's conditioning (``cond``/``uncond``

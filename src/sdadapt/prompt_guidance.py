@@ -38,7 +38,7 @@ from .denoised_branches import (
     scaled_by,
     wants_negative,
 )
-from .guidance_rescale import check_guidance_rescale, rescale_guidance
+from .guidance_rescale import GuidanceRescale, as_guidance_rescale
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
 from .uncond_skip import UncondSkip
@@ -78,12 +78,12 @@ class PromptPlan:
     def guidance(self, model: Callable[[Tensor, Tensor, object], Tensor], conds: Sequence[object],
                  negative_conds: Sequence[object], scale: float, *, uncond_skip: UncondSkip | None = None,
                  total_steps: int = 1, pad_conds: CondPadding | None = None,
-                 guidance_rescale: float = 0.0) -> ScheduledGuidance:
+                 guidance_rescale: float | GuidanceRescale = 0.0) -> ScheduledGuidance:
         """The denoiser over ``conds`` (one per :attr:`texts`, what the system's conditioning returns
         for them, batch B) and ``negative_conds`` (one per :attr:`negative_texts`); ``uncond_skip`` over a run of
         ``total_steps`` expected calls: A1111's "Skip Early CFG" / NGMS (:mod:`sdadapt.uncond_skip`); ``pad_conds``:
-        A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`); ``guidance_rescale``: φ of
-        :func:`sdadapt.guidance_rescale.rescale_guidance` on each combination (0 off).
+        A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`); ``guidance_rescale``: a
+        :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ) on each combination (0 off).
 
         Raises:
             ValueError: conditionings that do not match the plan's texts, or a ``guidance_rescale`` with ``AND``
@@ -92,7 +92,7 @@ class PromptPlan:
         if len(conds) != len(self.texts) or len(negative_conds) != len(self.negative_texts):
             raise ValueError(f"the plan has {len(self.texts)} texts and {len(self.negative_texts)} negative texts; "
                              f"got {len(conds)} and {len(negative_conds)} conditionings")
-        if check_guidance_rescale(guidance_rescale) and len(self.parts) > 1:
+        if as_guidance_rescale(guidance_rescale) is not None and len(self.parts) > 1:
             raise ValueError(f"guidance rescale brings the guided result to the conditional branch's spread; this "
                              f"prompt has {len(self.parts)} AND sub-prompts, which no tool defines it for (diffusers "
                              "has no AND; A1111's 'CFG Rescale' extension keeps the last sub-prompt's alone): leave "
@@ -181,15 +181,16 @@ class ScheduledGuidance:
     """A denoiser ``(x, t, _cond) -> prediction`` that picks each call's conditionings from a
     :class:`PromptPlan` by its call count (module docstring). ``calls``: model calls so far. ``uncond_skip``: A1111's
     "Skip Early CFG" / NGMS over a run of ``total_steps`` expected calls (:mod:`sdadapt.uncond_skip`); ``pad_conds``:
-    A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`); ``guidance_rescale``: φ of
-    :func:`sdadapt.guidance_rescale.rescale_guidance` (:func:`composed_guidance`)."""
+    A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`); ``guidance_rescale``: a
+    :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ; :func:`composed_guidance`)."""
 
     def __init__(self, model: Callable[[Tensor, Tensor, object], Tensor], plan: PromptPlan, conds: list[object],
                  negative_conds: list[object], scale: float, *, uncond_skip: UncondSkip | None = None,
-                 total_steps: int = 1, pad_conds: CondPadding | None = None, guidance_rescale: float = 0.0) -> None:
+                 total_steps: int = 1, pad_conds: CondPadding | None = None,
+                 guidance_rescale: float | GuidanceRescale = 0.0) -> None:
         self.model, self.plan, self.conds, self.negative_conds, self.scale = model, plan, conds, negative_conds, scale
         self.uncond_skip, self.total_steps, self.pad_conds, self.calls = uncond_skip, total_steps, pad_conds, 0
-        self.guidance_rescale = check_guidance_rescale(guidance_rescale)
+        self.guidance_rescale = as_guidance_rescale(guidance_rescale)
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         return self._call(x, t, None, None)
@@ -235,7 +236,7 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
                       parts: Sequence[tuple[object, float]], uncond: object, scale: float, *,
                       read: ReadDenoised | None = None, sigma: float | Tensor | None = None,
                       skip_uncond: bool = False, pad_conds: CondPadding | None = None,
-                      guidance_rescale: float = 0.0) -> Tensor:
+                      guidance_rescale: float | GuidanceRescale | None = None) -> Tensor:
     """One guided model call of a prompt plan (B, C, H, W): the ``AND`` sub-prompts ``parts`` (``(cond, weight)``)
     and the negative's ``uncond`` at ``x`` (one batch where they concatenate; sub-prompts padded to one length), then
     :func:`combine_composed`. One sub-prompt of weight 1 at scale 1 is the conditional output alone (no negative
@@ -244,14 +245,16 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
     σ; a :class:`~sdadapt.denoised_branches.ReadKeepingNegative` keeps the negative's read output and scales
     ``scale``, and the negative then runs at scale 1 too). ``skip_uncond``: no negative pass — the first
     sub-prompt's output in its place and scale 1, A1111's skipped call (:mod:`sdadapt.uncond_skip`). ``pad_conds``: the sub-prompts and the negative brought to one length first,
-    as A1111 pads them whether or not the negative runs (:mod:`sdadapt.cond_padding`). ``guidance_rescale``: φ of
-    :func:`sdadapt.guidance_rescale.rescale_guidance` on a combination of one sub-prompt, toward its output (read, with
-    ``read``); a skipped call (no negative) is not rescaled, as the tools run no guidance then.
+    as A1111 pads them whether or not the negative runs (:mod:`sdadapt.cond_padding`). ``guidance_rescale``: a
+    :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ) on a combination of one sub-prompt, toward its output
+    (read, with ``read``: at ``x`` and ``sigma``); a skipped call (no negative) is not rescaled, as the tools run no
+    guidance then.
 
     Raises:
         ValueError: a ``guidance_rescale`` with more than one ``AND`` sub-prompt (:meth:`PromptPlan.guidance`).
     """
-    if guidance_rescale and len(parts) > 1:
+    rescale = as_guidance_rescale(guidance_rescale)
+    if rescale is not None and len(parts) > 1:
         raise ValueError(f"guidance rescale needs one conditional branch; got {len(parts)} AND sub-prompts")
     parts = _same_length(list(parts))
     if pad_conds is not None:
@@ -267,4 +270,6 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
         return combine_composed(outs[0], [(out, weight) for out, (_, weight) in zip(outs, parts)], 1.0)
     out_u, *outs = outs
     combined = combine_composed(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scaled_by(read, scale))
-    return rescale_guidance(combined, outs[0], guidance_rescale) if guidance_rescale else combined
+    if rescale is None:
+        return combined
+    return rescale.rescale(combined, outs[0], **({} if read is None else {"x_in": x, "sigma": sigma}))

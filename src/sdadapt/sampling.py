@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import samplers
 from .errors import InputError
-from .guidance_rescale import check_guidance_rescale
+from .guidance_rescale import GuidanceRescale, as_guidance_rescale
 from .sampler_tables import CHURN_SAMPLERS, ETA_SAMPLERS, run_schedule, takes_eta_ddim
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
@@ -241,7 +241,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
              pad_conds: object | None = None, eta: float | None = None, eta_ddim: float | None = None,
              noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object | None = None,
-             guidance_rescale: float = 0.0) -> Tensor:
+             guidance_rescale: float | GuidanceRescale = 0.0) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -327,10 +327,11 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     conditioning of ``""``). ``eta``: A1111's "Eta for ancestral samplers" for a sampler in
     :data:`sdadapt.sampler_tables.ETA_SAMPLERS` (``None``: theirs, 1; another sampler takes none and it is not passed,
     as A1111 passes it only to the k-diffusion functions that have one); ``eta_ddim``: A1111's "Eta DDIM" for
-    ``ddim`` with a schedule (A1111's own DDIM) and ``ddim_cfgpp`` (``None``: 0). ``guidance_rescale``: φ of
-    :func:`sdadapt.guidance_rescale.rescale_guidance` on each guided call (diffusers' ``guidance_rescale`` on
-    diffusers' grids, A1111's "CFG Rescale" extension on its grids: :func:`sdadapt.samplers.sample_latents`; the
-    system's ``sample`` when it takes ``guidance_rescale=``, else the System protocol); 0 off.
+    ``ddim`` with a schedule (A1111's own DDIM) and ``ddim_cfgpp`` (``None``: 0). ``guidance_rescale``: a
+    :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ: diffusers' ``guidance_rescale`` on diffusers' grids,
+    A1111's "CFG Rescale" extension on its grids; ``GuidanceRescale(0.7, "v")``: ComfyUI's RescaleCFG) on each
+    guided call (:func:`sdadapt.samplers.sample_latents`; the system's ``sample`` when it takes
+    ``guidance_rescale=``, else the System protocol); 0 off.
 
     ``generator``: a CPU ``torch.Generator`` the start noise and the ancestral samplers' noise are drawn from in
     place of ``torch.Generator().manual_seed(seed)`` (diffusers' pipelines' ``generator=``): diffusers' img2img is
@@ -409,7 +410,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      before_model_call=before_model_call, clip_sample=clip_sample,
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
                      start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds,
-                     guidance_rescale=check_guidance_rescale(guidance_rescale),
+                     guidance_rescale=as_guidance_rescale(guidance_rescale),
                      eta=(eta if name in ETA_SAMPLERS else eta_ddim if takes_eta_ddim(name, schedule) else None),
                      churn=churn if name in CHURN_SAMPLERS else None)
 
@@ -465,7 +466,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               refiner: object | None = None, generator: torch.Generator | None = None,
               start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
               pad_conds: object | None = None, eta: float | None = None, churn: object | None = None,
-              guidance_rescale: float = 0.0) -> Tensor:
+              guidance_rescale: GuidanceRescale | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -488,13 +489,13 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (pad_conds is None or _takes(system.sample, "pad_conds"))
                      and (eta is None or _takes(system.sample, "eta"))
                      and (churn is None or _takes(system.sample, "churn"))
-                     and (not guidance_rescale or _takes(system.sample, "guidance_rescale")))
+                     and (guidance_rescale is None or _takes(system.sample, "guidance_rescale")))
     # (else through the protocol, below)
     # (a plain DDIM request the system's own sample runs whatever it takes)
     plain_ddim = (name == "ddim" and schedule is None and noise is None and start is None and output == "images"
                   and before_model_call is None and generator is None and start_noise is None
                   and uncond_skip is None and pad_conds is None and eta is None and churn is None
-                  and not guidance_rescale)
+                  and guidance_rescale is None)
     own_sampler = takes_sampler or plain_ddim
     if plan is not None:
         if cond is not None:
@@ -546,7 +547,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["eta"] = eta
         if churn is not None:
             options["churn"] = churn
-        if guidance_rescale:
+        if guidance_rescale is not None:
             options["guidance_rescale"] = guidance_rescale
         if vae_encode != "mean" and _takes(system.sample, "vae_encode"):
             options["vae_encode"] = vae_encode
@@ -565,6 +566,9 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
         x = (torch.randn(len(prompts), *probe.shape[1:], generator=g) if start_noise is None
              else given_start_noise(start_noise, (len(prompts), *probe.shape[1:]))).to(probe.device)
     scale = guidance if guidance is not None else default_guidance(system, name)
+    guidance_rescale = samplers.guidance_rescale_for_run(  # (once, for the prompt plan's guidance too)
+        guidance_rescale, name, schedule=run_schedule(name, schedule, karras),
+        prediction_type=getattr(system, "prediction_type", "epsilon"))
     model, uncond = system.denoiser(), None
     if pad_conds is not None:  # (the system's states of "", A1111's cond_stage_model_empty_prompt)
         from .cond_padding import condition_states
@@ -578,7 +582,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                               uncond_skip=uncond_skip, total_steps=samplers.run_total_steps(
                                   name, steps, start=start, schedule=run_schedule(name, schedule, karras)),
                               pad_conds=pad_conds, guidance_rescale=guidance_rescale)
-        scale, uncond_skip, pad_conds, guidance_rescale = 1.0, None, None, 0.0
+        scale, uncond_skip, pad_conds, guidance_rescale = 1.0, None, None, None
     else:
         if cond is None:
             cond = system.condition(system.tokenize(prompts))

@@ -93,6 +93,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         embeddings=args.embedding, embeddings_dir=args.embeddings_dir,
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
         seed=args.seed, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
+        guidance_rescale_space=args.guidance_rescale_space,
         sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
@@ -269,6 +270,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "suggested for v-prediction / zero-terminal-SNR models; default 0, off): diffusers' "
                           "guidance_rescale on diffusers' grids, A1111's 'CFG Rescale' extension on A1111's "
                           "(docs/samplers.md)")
+    generate.add_argument("--guidance-rescale-space", choices=("combined", "v"), default="combined",
+                          help="where --guidance-rescale is taken: combined (default; where the guidance combines, "
+                          "as diffusers and A1111's extension) or v (ComfyUI's / reForge's RescaleCFG: each branch "
+                          "as the v it implies at σ; a σ sampler with --schedule, or a v model)")
     generate.add_argument("--sampler", type=_sampler, default=None, metavar="NAME",
                           help="default ddim (an EDM model such as Playground v2.5: dpmsolver++, its own scheduler); "
                           f"one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "
@@ -504,6 +509,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               message="{option} is img2img's strength and only applies with --init-image IMAGE (A1111's txt2img has "
               "none; the hires fix's is --hires-denoising): add --init-image IMAGE, or leave {option} out")
     only_with(generate, ["--resize-mode"], needs="--init-image IMAGE", when=lambda args: args.init_image is not None)
+    only_with(generate, ["--guidance-rescale-space"], needs="--guidance-rescale PHI",
+              when=lambda args: bool(args.guidance_rescale) or args.infotext is not None)
     hires_size = "--hires-scale F or --hires-width/--hires-height"
 
     def wants_hires(args: argparse.Namespace) -> bool:

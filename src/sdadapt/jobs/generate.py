@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..guidance_rescale import check_guidance_rescale
+from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..plurals import plural
 from .models import load_system, resolve_device
 from .train import _toy_vocabulary
@@ -58,6 +58,7 @@ def run_generate(
     steps: int | None = None,
     guidance: float | None = None,
     guidance_rescale: float = 0.0,
+    guidance_rescale_space: str = "combined",
     sampler: str | None = None,
     karras: bool = False,
     schedule: str | None = None,
@@ -172,6 +173,10 @@ def run_generate(
             ``guidance_rescale`` on diffusers' grids, A1111's "CFG Rescale" extension on A1111's (x̂0 on its σ
             samplers, ε on DDIM / PLMS / UniPC), every pass and the refiner; written as "CFG Rescale". Not with
             ``AND``.
+        guidance_rescale_space: ``"combined"`` (above) or ``"v"``: ComfyUI's / reForge's RescaleCFG, each branch's
+            x̂0 taken to v at the call's σ first (a σ sampler on A1111's grid, or a v model on diffusers' grid);
+            written as reForge writes it (``rescale_cfg_enabled: True, rescale_cfg_version: Normal,
+            rescale_cfg_multiplier: PHI``).
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
             ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
@@ -497,7 +502,7 @@ def run_generate(
                                    hires_upscaler=hires_upscaler, resize_mode=resize_mode,
                                    hires_texts=(hires_prompt, hires_negative, hires_sampler))
     try:
-        guidance_rescale = check_guidance_rescale(guidance_rescale)
+        rescale = as_guidance_rescale(GuidanceRescale(guidance_rescale, guidance_rescale_space))
     except ValueError as exc:
         raise ValueError(f"--guidance-rescale: {exc}") from None
     if hires_guidance is not None and not hires:
@@ -670,6 +675,18 @@ def run_generate(
     if noise_schedule != "default" and not hasattr(system, "rescale_to_zero_terminal_snr"):
         raise ValueError(f"--noise-schedule {noise_schedule!r}: {model} has no ᾱ schedule to rescale (the toy model); "
                          "give a Stable Diffusion model or leave it out")
+    if rescale is not None and rescale.space == "v":  # (each pass's sampler and grid against the model's prediction)
+        from ..samplers import guidance_rescale_for_run
+
+        if getattr(system, "edm", None) is not None:
+            raise ValueError("--guidance-rescale-space v: an EDM model (Playground v2.5) rescales as diffusers' SDXL "
+                             "pipeline does, on the UNet outputs: leave the space 'combined'")
+        for name, grid in passes:
+            try:
+                guidance_rescale_for_run(rescale, name, schedule=grid,
+                                         prediction_type=getattr(system, "prediction_type", "epsilon"))
+            except ValueError as exc:
+                raise ValueError(f"--guidance-rescale-space v: {exc}") from None
     refiner_system = None
     if refiner is not None:  # (both held at once: the base's latents go to the refiner undecoded)
         from .generate_refiner import check_refiner_pair
@@ -824,7 +841,7 @@ def run_generate(
     else:
         say(f"prompt schedule: {plural(len(plan.texts), 'text')}, {plural(len(plan.parts), 'AND part')}, "
             f"{plural(len(plan.negative_texts), 'negative text')}")
-        if guidance_rescale and len(plan.parts) > 1:
+        if rescale is not None and len(plan.parts) > 1:
             raise ValueError(f"--guidance-rescale brings the guided result to the conditional branch's spread; the "
                              f"prompt has {len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers "
                              "has no AND; A1111's 'CFG Rescale' extension keeps the last sub-prompt's alone): leave "
@@ -987,7 +1004,7 @@ def run_generate(
         extra_noise=extra_noise, churn=churn,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None,
-        guidance_rescale=guidance_rescale)
+        guidance_rescale=rescale)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -1012,7 +1029,7 @@ def run_generate(
                            **({} if noise_multiplier == 1.0 else {"noise_multiplier": noise_multiplier}),
                            **({} if not extra_noise else {"extra_noise": extra_noise}),
                            **({} if churn is None else {"churn": churn}),
-                           **({} if not guidance_rescale else {"guidance_rescale": guidance_rescale}))
+                           **({} if rescale is None else {"guidance_rescale": rescale}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)

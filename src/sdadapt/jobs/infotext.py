@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..guidance_rescale import GUIDANCE_RESCALE_FIELD
+from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 
 __all__ = ["HIRES_UPSCALER_LABELS", "NOISE_FIELD", "VAE_ENCODE_FIELD", "InfotextRun", "a1111_number", "file_sha256",
@@ -257,8 +257,11 @@ class InfotextRun:
         aesthetic: the aesthetic-gradient settings (keys ``embedding`` (a path), ``lr``, ``weight``, ``steps``,
             ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
             stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
-        guidance_rescale: φ of ``--guidance-rescale``, written as "CFG Rescale" (the A1111 extension
-            CFG_Rescale_webui's field, added in its ``process``: after the aesthetic fields) when not 0.
+        guidance_rescale: ``--guidance-rescale`` (a :class:`~sdadapt.guidance_rescale.GuidanceRescale` or its φ): in
+            the ``combined`` space written as "CFG Rescale: PHI" (the A1111 extension CFG_Rescale_webui's field,
+            added in its ``process``: after the aesthetic fields), in ``v`` as reForge's RescaleCFG writes it
+            (``rescale_cfg_enabled: True, rescale_cfg_version: Normal, rescale_cfg_multiplier: PHI``, added before
+            each pass samples: before the schedule fields); nothing when off.
         tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass; hires_tag_loras: the hires pass's
             (A1111's hires pass adds its networks to ``p.lora_hashes``), listed after; each name listed once,
             where it first comes.
@@ -323,7 +326,7 @@ class InfotextRun:
     refiner_hires_pass: str | None = None
     refiner_took: bool = False
     aesthetic: Mapping[str, object] | None = None
-    guidance_rescale: float = 0.0
+    guidance_rescale: object = None
     vae_encode: str = "mean"
     schedule_fields: Mapping[str, object] = field(default_factory=dict)
     emphasis: str | None = None
@@ -372,8 +375,9 @@ class InfotextRun:
         }
         if self.aesthetic is not None:  # (the extension's process(): before p.init, so before the hires fields)
             fields.update(_aesthetic_fields(self.aesthetic))
-        if self.guidance_rescale:  # (the CFG Rescale extension's process(), as the aesthetic one's)
-            fields[GUIDANCE_RESCALE_FIELD] = float(self.guidance_rescale)
+        rescale = as_guidance_rescale(self.guidance_rescale)
+        if rescale is not None and rescale.space == "combined":  # (the CFG Rescale extension's process(), as the
+            fields[GUIDANCE_RESCALE_FIELD] = rescale.phi  # aesthetic one's)
         if self.hires is not None:  # StableDiffusionProcessingTxt2Img.init's order
             hires = dict(self.hires)
             hr_sampler = hires.get("sampler")
@@ -419,6 +423,8 @@ class InfotextRun:
                                  + [*self.negative_embeddings] * self.text_encoders)]
         fields["TI hashes"] = _hash_list(ti)
         fields["Emphasis"] = self.emphasis  # (sd_hijack_clip, as the texts are encoded)
+        if rescale is not None and rescale.space == "v":  # (reForge's process_before_every_sampling)
+            fields.update(zip(RESCALE_CFG_FIELDS, (True, "Normal", rescale.phi)))
         fields.update(self.schedule_fields)  # (KDiffusionSampler.get_sigmas, as each pass starts)
         if self.refiner is not None:  # (sd_samplers_common.apply_refiner's order; written per image: for_image)
             if self.refiner_by_steps:
@@ -496,7 +502,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
-                 emphasis: str | None = None, guidance_rescale: float = 0.0) -> InfotextRun:
+                 emphasis: str | None = None, guidance_rescale: object = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the

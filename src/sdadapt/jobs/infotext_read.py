@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..guidance_rescale import GUIDANCE_RESCALE_FIELDS_READ
+from ..guidance_rescale import GUIDANCE_RESCALE_FIELDS_READ, RESCALE_CFG_FIELDS
 
 __all__ = ["INFORMATIONAL_FIELDS", "infotext_options", "parse_infotext", "read_infotext"]
 
@@ -180,6 +180,12 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     for key in GUIDANCE_RESCALE_FIELDS_READ:  # (A1111's CFG Rescale extension's, its older one, SD.Next's)
         if key in fields and "guidance_rescale" not in options:
             take(key, "guidance_rescale", float)
+    enabled, version, multiplier = RESCALE_CFG_FIELDS  # (reForge's RescaleCFG: ComfyUI's, in v; not "Alternative")
+    if (flag(fields.get(enabled, "")) and multiplier in fields and "guidance_rescale" not in options
+            and str(fields.get(version, "Normal")).strip() == "Normal"):
+        take(multiplier, "guidance_rescale", float)
+        options["guidance_rescale_space"] = "v"
+        taken.update(key for key in (enabled, version) if key in fields)
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)

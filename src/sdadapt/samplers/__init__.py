@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..cond_padding import CondPadding
 from ..denoised_branches import ReadDenoised, denoised_of, reading_first
+from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..sampler_tables import (  # (the names and checks, torch-free: their one home, re-exported here)
     CHURN_SAMPLERS,
     DISCARD_NEXT_TO_LAST_SIGMA,
@@ -81,7 +82,7 @@ from .unipc_a1111 import a1111_unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "KDIFFUSION_ONLY", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
            "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler",
-           "check_karras", "resolve_schedule", "run_total_steps", "sample_latents"]
+           "check_karras", "guidance_rescale_for_run", "resolve_schedule", "run_total_steps", "sample_latents"]
 
 #: σ samplers whose A1111 grid (a ``schedule``) runs A1111's k-diffusion arithmetic bit for bit on float32 / half
 #: latents (:mod:`.sigma_space`: float32 σ table, ``x·c_in``, float32 ``sigma_to_t``): there ``schedule="karras"``
@@ -129,16 +130,17 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    start: Img2ImgStart | None = None,
                    before_model_call: Callable[[int, int], None] | None = None,
                    uncond_skip: UncondSkip | None = None, pad_conds: CondPadding | None = None,
-                   guidance_rescale: float = 0.0, **options) -> Tensor:
+                   guidance_rescale: float | GuidanceRescale = 0.0, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given: over the model outputs on diffusers' grids
     (diffusers' pipelines), over each output's x̂0 on A1111's (a ``schedule``; ``dpmpp_2s_a``, ``dpm_fast``,
     ``dpm_adaptive``, ``restart`` always), as A1111's ``CFGDenoiser`` (:mod:`sdadapt.denoised_branches`).
     ``uncond_skip``: A1111's "Skip Early CFG" / NGMS (:class:`sdadapt.uncond_skip.UncondSkip`; NGMS on A1111's grids);
     ``pad_conds``: ``cond`` and ``uncond`` padded to one length first (:class:`sdadapt.cond_padding.CondPadding`).
-    ``guidance_rescale``: φ of :func:`sdadapt.guidance_rescale.rescale_guidance` on each combination, where it is
-    combined: the outputs on diffusers' grids (diffusers' ``guidance_rescale``), x̂0 on A1111's σ grids and ε on its
-    timestep samplers (A1111's "CFG Rescale" extension); 0 off.
+    ``guidance_rescale``: a :class:`sdadapt.guidance_rescale.GuidanceRescale` on each combination (checked by
+    :func:`guidance_rescale_for_run`), or its φ: where it is combined — the outputs on diffusers' grids (diffusers'
+    ``guidance_rescale``), x̂0 on A1111's σ grids and ε on its timestep samplers (A1111's "CFG Rescale" extension);
+    0 off.
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
     its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
@@ -174,6 +176,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
             cannot start from an image.
     """
     name = canonical_sampler(sampler)
+    guidance_rescale = guidance_rescale_for_run(guidance_rescale, name, schedule=schedule,
+                                                prediction_type=prediction_type)
     if start is not None:
         from ..img2img import check_img2img_sampler, img2img_rule
 
@@ -254,6 +258,32 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     bound = _A1111Denoiser(model, cond) if a1111 else lambda x, t: model(x, t, cond)
     return run(bound, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)
+
+
+def guidance_rescale_for_run(guidance_rescale: float | GuidanceRescale | None, sampler: str, *,
+                             schedule: str | None, prediction_type: str) -> GuidanceRescale | None:
+    """The :class:`~sdadapt.guidance_rescale.GuidanceRescale` a run of ``sampler`` on ``schedule`` (``None``:
+    diffusers' grid) of a model predicting ``prediction_type`` takes (``None``: off), its ``outputs_are_v`` set.
+
+    Raises:
+        ValueError: a rescale in v (ComfyUI's RescaleCFG) where a call's σ is not read: A1111's timestep samplers
+            (DDIM with a schedule, PLMS, DDIM CFG++, its UniPC) and LCM, or diffusers' grid on a model that does not
+            predict v — naming the sampler and what to do instead.
+    """
+    rescale = as_guidance_rescale(guidance_rescale)
+    if rescale is None or rescale.space != "v":
+        return rescale
+    name = canonical_sampler(sampler)
+    if runs_a1111_timesteps(name, schedule) or name == "lcm":
+        raise ValueError(f"a guidance rescale in v (ComfyUI's RescaleCFG) reads each call's σ; {name} steps on "
+                         "timesteps here: take a σ sampler (euler, dpmsolver++...) or rescale where it combines "
+                         "(space 'combined')")
+    v = prediction_type == "v_prediction"
+    if schedule is None and name not in KDIFFUSION_ONLY and not v:
+        raise ValueError(f"a guidance rescale in v (ComfyUI's RescaleCFG) reads each call's σ, which {name} on "
+                         f"diffusers' grid does not; the model predicts {prediction_type}, not v: give a schedule "
+                         "(schedule='automatic' is A1111's default) or rescale where it combines (space 'combined')")
+    return GuidanceRescale(rescale.phi, "v", outputs_are_v=v)
 
 
 def run_total_steps(sampler: str, num_steps: int, *, start: Img2ImgStart | None = None,

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ..cond_padding import CondPadding
 from ..denoised_branches import denoised_of, keep_negative, scaled_by, wants_negative
-from ..guidance_rescale import check_guidance_rescale, rescale_guidance
+from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..uncond_skip import UncondSkip
 
 __all__ = [
@@ -585,18 +585,18 @@ class Guided:
     ``total_steps`` expected calls: a skipped call runs the model on ``cond`` alone. ``calls``: calls so far (the run's
     count, which a refiner handoff sets). ``pad_conds``: ``cond`` and ``uncond`` brought to one length first, A1111's
     "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`, with its ``empty`` states).
-    ``guidance_rescale``: φ of :func:`sdadapt.guidance_rescale.rescale_guidance` on every combination, in the space it
-    combines in (the outputs; x̂0 or what the sampler reads by branch), diffusers' ``guidance_rescale`` / A1111's
-    "CFG Rescale"; 0 off."""
+    ``guidance_rescale``: a :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ: in the space it combines in,
+    the outputs or what the sampler reads by branch — diffusers' ``guidance_rescale`` / A1111's "CFG Rescale") taken
+    on every combination; 0 off."""
 
     def __init__(self, model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
                  uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None,
-                 guidance_rescale: float = 0.0) -> None:
+                 guidance_rescale: float | GuidanceRescale = 0.0) -> None:
         if pad_conds is not None and uncond is not None:  # (A1111 pads before it runs either: at scale 1 too)
             (cond,), uncond = pad_conds.pad([cond], uncond)
         self.model, self.cond, self.uncond, self.scale = model, cond, uncond, guidance_scale
         self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
-        self.guidance_rescale = check_guidance_rescale(guidance_rescale)
+        self.guidance_rescale = as_guidance_rescale(guidance_rescale)
 
     def _halves(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         both = _cat_conditions(self.uncond, self.cond)
@@ -616,7 +616,8 @@ class Guided:
         if self._cond_alone(None):
             return self.model(x, t, self.cond)
         out_u, out_c = self._halves(x, t)
-        return rescale_guidance(guidance_combine(out_u, out_c, self.scale), out_c, self.guidance_rescale)
+        combined = guidance_combine(out_u, out_c, self.scale)
+        return combined if self.guidance_rescale is None else self.guidance_rescale.rescale(combined, out_c)
 
     def denoised_by_branch(self, read: Callable[[Tensor], Tensor], x: Tensor, t: Tensor, _cond: object = None, *,
                            sigma: float | Tensor) -> Tensor:
@@ -628,15 +629,17 @@ class Guided:
         out_u, out_c = self._halves(x, t)
         negative, positive = read(out_u), read(out_c)
         keep_negative(read, negative)
-        return rescale_guidance(guidance_combine(negative, positive, scaled_by(read, self.scale)), positive,
-                                self.guidance_rescale)
+        combined = guidance_combine(negative, positive, scaled_by(read, self.scale))
+        if self.guidance_rescale is None:
+            return combined
+        return self.guidance_rescale.rescale(combined, positive, x_in=x, sigma=sigma)
 
 
 def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
            uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None,
-           guidance_rescale: float = 0.0) -> Guided:
+           guidance_rescale: float | GuidanceRescale = 0.0) -> Guided:
     """Classifier-free guidance ``u + s·(c − u)`` over ``model``: a :class:`Guided` (called ``(x, t, _cond)``);
-    ``guidance_rescale``: φ of :func:`sdadapt.guidance_rescale.rescale_guidance` on each combination (0 off)."""
+    ``guidance_rescale``: its :class:`sdadapt.guidance_rescale.GuidanceRescale` (or φ) on each combination (0 off)."""
     return Guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip, total_steps=total_steps,
                   pad_conds=pad_conds, guidance_rescale=guidance_rescale)
 
