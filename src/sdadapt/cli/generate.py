@@ -102,7 +102,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         pad_conds=args.pad_conds, pad_conds_v0=args.pad_conds_v0, eta=args.eta, eta_ddim=args.eta_ddim,
         noise_multiplier=args.noise_multiplier, extra_noise=args.extra_noise, sigma_churn=args.sigma_churn,
         sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
-        emphasis=args.emphasis, noise_schedule=args.noise_schedule,
+        emphasis=args.emphasis, noise_schedule=args.noise_schedule, tiling=args.tiling,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
@@ -321,6 +321,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="A1111's 'Emphasis mode' for (word:1.2) / [word]: Original (default: weights, then the "
                             "mean restored), 'No norm' (weights only), Ignore (the weights not applied), None "
                             "(no syntax: brackets and BREAK are words of the prompt)")
+    a1111.add_argument("--tiling", action="store_true",
+                       help="A1111's 'Tiling': every convolution of the UNet and VAE pads circularly, so the image "
+                            "tiles without a seam (seamless textures)")
     a1111.add_argument("--noise-schedule", default="default", metavar="NAME",
                        help="A1111's 'Noise schedule for sampling': default (the model's own; a checkpoint marked ztsnr "
                             "is on the next one already) or zero-terminal-snr (A1111's 'Zero Terminal SNR'): the "

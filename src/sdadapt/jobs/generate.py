@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -88,6 +89,7 @@ def run_generate(
     sigma_noise: float = 1.0,
     emphasis: str = "Original",
     noise_schedule: str = "default",
+    tiling: bool = False,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -220,6 +222,9 @@ def run_generate(
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
             "Ignore", "None"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
+        tiling: A1111's "Tiling": every ``Conv2d`` of the UNet and VAE (the refiner's too) pads circularly for the
+            run, so the image tiles without a seam (:func:`sdadapt.tiling.circular_padding`); "Tiling: True" in the
+            infotext.
         noise_schedule: A1111's "Noise schedule for sampling": ``"default"`` (the model's own: a checkpoint marked
             ``ztsnr`` or a folder whose scheduler config has ``rescale_betas_zero_snr`` samples on the zero-terminal-SNR
             schedule already) or ``"zero-terminal-snr"`` (or A1111's labels, "Default" / "Zero Terminal SNR"): the
@@ -697,6 +702,12 @@ def run_generate(
         refiner_system.emphasis = emphasis
         say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
             f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
+    tiled = contextlib.ExitStack()
+    if tiling:  # (A1111's apply_circular, before the init image is encoded: every Conv2d of the models it runs)
+        from ..tiling import circular_padding, models_of
+
+        tiled.enter_context(circular_padding(*models_of(system),
+                                             *(models_of(refiner_system) if refiner_system is not None else ())))
     if noise_schedule == "zero-terminal-snr":  # (A1111's apply_alpha_schedule_override: every model it samples)
         for holder in (system, refiner_system):
             if holder is not None:
@@ -1004,7 +1015,7 @@ def run_generate(
         extra_noise=extra_noise, churn=churn,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None,
-        guidance_rescale=rescale)
+        guidance_rescale=rescale, tiling=tiling)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -1086,6 +1097,7 @@ def run_generate(
             written.append(str(write_png(file, image, text={"parameters": infotext.for_image(i)})))
             if progress is not None:
                 progress(i + 1, len(files), file.name)
+    tiled.close()  # (the run's models pad as they did; they are the run's own, so an error leaves nothing behind)
     return {"files": written, "seed": seed, "subseed": subseed, "seconds": time.perf_counter() - start,
             "loras": applied,
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
+from ..tiling import TILING_FIELD
 
 __all__ = ["HIRES_UPSCALER_LABELS", "NOISE_FIELD", "VAE_ENCODE_FIELD", "InfotextRun", "a1111_number", "file_sha256",
            "format_infotext", "option_network_tags", "quote", "run_infotext"]
@@ -257,6 +258,7 @@ class InfotextRun:
         aesthetic: the aesthetic-gradient settings (keys ``embedding`` (a path), ``lr``, ``weight``, ``steps``,
             ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
             stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
+        tiling: ``--tiling``, written "Tiling: True" after "RNG" as A1111 writes it (nothing when off).
         guidance_rescale: ``--guidance-rescale`` (a :class:`~sdadapt.guidance_rescale.GuidanceRescale` or its φ): in
             the ``combined`` space written as "CFG Rescale: PHI" (the A1111 extension CFG_Rescale_webui's field,
             added in its ``process``: after the aesthetic fields), in ``v`` as reForge's RescaleCFG writes it
@@ -327,6 +329,7 @@ class InfotextRun:
     refiner_took: bool = False
     aesthetic: Mapping[str, object] | None = None
     guidance_rescale: object = None
+    tiling: bool = False
     vae_encode: str = "mean"
     schedule_fields: Mapping[str, object] = field(default_factory=dict)
     emphasis: str | None = None
@@ -372,6 +375,7 @@ class InfotextRun:
             "Clip skip": None if self.clip_skip <= 1 else self.clip_skip,
             "ENSD": self.ensd if self.ensd and self.sampler in _USES_ENSD else None,
             "RNG": self._rng(),
+            TILING_FIELD: True if self.tiling else None,  # (A1111's create_infotext: after RNG)
         }
         if self.aesthetic is not None:  # (the extension's process(): before p.init, so before the hires fields)
             fields.update(_aesthetic_fields(self.aesthetic))
@@ -502,7 +506,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
-                 emphasis: str | None = None, guidance_rescale: object = None) -> InfotextRun:
+                 emphasis: str | None = None, guidance_rescale: object = None, tiling: bool = False) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -578,4 +582,4 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
-        guidance_rescale=guidance_rescale)
+        guidance_rescale=guidance_rescale, tiling=tiling)

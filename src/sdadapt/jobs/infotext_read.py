@@ -186,6 +186,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take(multiplier, "guidance_rescale", float)
         options["guidance_rescale_space"] = "v"
         taken.update(key for key in (enabled, version) if key in fields)
+    take("Tiling", "tiling", flag)
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)
