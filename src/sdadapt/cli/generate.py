@@ -103,6 +103,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         noise_multiplier=args.noise_multiplier, extra_noise=args.extra_noise, sigma_churn=args.sigma_churn,
         sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
         emphasis=args.emphasis, noise_schedule=args.noise_schedule, tiling=args.tiling,
+        token_merging_ratio=args.token_merging_ratio, token_merging_ratio_hr=args.token_merging_ratio_hr,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
@@ -324,6 +325,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     a1111.add_argument("--tiling", action="store_true",
                        help="A1111's 'Tiling': every convolution of the UNet and VAE pads circularly, so the image "
                             "tiles without a seam (seamless textures)")
+    a1111.add_argument("--token-merging-ratio", "--tome", dest="token_merging_ratio", type=float, default=0.0,
+                       metavar="F",
+                       help="A1111's 'Token merging ratio' (ToMe, tomesd as A1111 runs it): the share of the "
+                            "full-resolution self-attention tokens merged, for speed (default 0, off; 0.5 usual)")
+    a1111.add_argument("--token-merging-ratio-hr", type=float, default=None, metavar="F",
+                       help="A1111's 'Token merging ratio for high-res pass' (default: --token-merging-ratio's)")
     a1111.add_argument("--noise-schedule", default="default", metavar="NAME",
                        help="A1111's 'Noise schedule for sampling': default (the model's own; a checkpoint marked ztsnr "
                             "is on the next one already) or zero-terminal-snr (A1111's 'Zero Terminal SNR'): the "
@@ -520,7 +527,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         return args.hires_scale is not None or args.hires_width is not None or args.hires_height is not None
 
     only_with(generate, ["--hires-steps", "--hires-denoising", "--hires-upscaler", "--hires-prompt", "--hires-negative",
-                         "--hires-sampler", "--hires-schedule", "--hires-guidance"], needs=hires_size, when=wants_hires,
+                         "--hires-sampler", "--hires-schedule", "--hires-guidance", "--token-merging-ratio-hr"],
+              needs=hires_size, when=wants_hires,
               message=f"{{option}} shapes the hires fix's second pass, which runs only with {hires_size}: add one, "
               "or leave {option} out")
     only_with(generate, ["--img2img-fix-steps"], needs=f"--init-image IMAGE or {hires_size}",

@@ -13,6 +13,7 @@ import torch
 
 from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..plurals import plural
+from ..token_merging import check_token_merging_ratio
 from .models import load_system, resolve_device
 from .train import _toy_vocabulary
 
@@ -90,6 +91,8 @@ def run_generate(
     emphasis: str = "Original",
     noise_schedule: str = "default",
     tiling: bool = False,
+    token_merging_ratio: float = 0.0,
+    token_merging_ratio_hr: float | None = None,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -225,6 +228,12 @@ def run_generate(
         tiling: A1111's "Tiling": every ``Conv2d`` of the UNet and VAE (the refiner's too) pads circularly for the
             run, so the image tiles without a seam (:func:`sdadapt.tiling.circular_padding`); "Tiling: True" in the
             infotext.
+        token_merging_ratio: A1111's "Token merging ratio" (ToMe, :class:`sdadapt.token_merging.TokenMerging`): the share
+            of the full-resolution self-attention tokens merged for the first pass (img2img's too); 0 off. Written
+            "Token merging ratio" in the infotext. Not with ``refiner``; a model without SD's transformer blocks
+            (the toy) is refused.
+        token_merging_ratio_hr: A1111's "Token merging ratio for high-res pass": the hires pass's (``None`` or 0: the
+            first pass's, A1111's fallback); "Token merging ratio hr" in the infotext when the hires pass merges.
         noise_schedule: A1111's "Noise schedule for sampling": ``"default"`` (the model's own: a checkpoint marked
             ``ztsnr`` or a folder whose scheduler config has ``rescale_betas_zero_snr`` samples on the zero-terminal-SNR
             schedule already) or ``"zero-terminal-snr"`` (or A1111's labels, "Default" / "Zero Terminal SNR"): the
@@ -510,6 +519,14 @@ def run_generate(
         rescale = as_guidance_rescale(GuidanceRescale(guidance_rescale, guidance_rescale_space))
     except ValueError as exc:
         raise ValueError(f"--guidance-rescale: {exc}") from None
+    try:
+        token_merging_ratio = check_token_merging_ratio(token_merging_ratio)
+        hr_merging_ratio = check_token_merging_ratio(token_merging_ratio_hr or 0.0) or token_merging_ratio  # (A1111's
+    except ValueError as exc:  # get_token_merging_ratio(for_hr=True): the hires one, else the first pass's)
+        raise ValueError(f"--token-merging-ratio: {exc}") from None
+    if token_merging_ratio_hr and not hires:
+        raise ValueError("--token-merging-ratio-hr is the hires pass's token merging; give --hires-scale or "
+                         "--hires-width/--hires-height too")
     if hires_guidance is not None and not hires:
         raise ValueError("--hires-guidance is the hires pass's guidance scale (Forge's 'Hires CFG Scale'); give "
                          "--hires-scale or --hires-width/--hires-height too")
@@ -702,12 +719,25 @@ def run_generate(
         refiner_system.emphasis = emphasis
         say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
             f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
-    tiled = contextlib.ExitStack()
+    run_scope = contextlib.ExitStack()  # (what the run changes on its models, taken off at its end)
     if tiling:  # (A1111's apply_circular, before the init image is encoded: every Conv2d of the models it runs)
         from ..tiling import circular_padding, models_of
 
-        tiled.enter_context(circular_padding(*models_of(system),
-                                             *(models_of(refiner_system) if refiner_system is not None else ())))
+        run_scope.enter_context(circular_padding(*models_of(system),
+                                                 *(models_of(refiner_system) if refiner_system is not None else ())))
+    merging = None
+    if token_merging_ratio or token_merging_ratio_hr:  # (A1111's apply_token_merging: tomesd on the loaded model)
+        from ..token_merging import TokenMerging
+
+        try:
+            if refiner_system is not None:
+                raise ValueError("A1111 patches the model it has loaded, and its refiner is loaded in the middle of "
+                                 "the run: leave token merging out with --refiner")
+            if getattr(system, "unet", None) is None:
+                raise ValueError(f"{model} has no SD UNet (the toy model)")
+            merging = run_scope.enter_context(TokenMerging(system.unet, ratio=token_merging_ratio))
+        except ValueError as exc:
+            raise ValueError(f"--token-merging-ratio: {exc}") from None
     if noise_schedule == "zero-terminal-snr":  # (A1111's apply_alpha_schedule_override: every model it samples)
         for holder in (system, refiner_system):
             if holder is not None:
@@ -959,6 +989,17 @@ def run_generate(
         say("hires pass: the hires prompt's LoRA tags instead of the prompt's: "
             f"{', '.join(item.tag for item in hires_tag_loras) or 'none'}")
 
+    hires_scope = hires_networks
+    if merging is not None and hires is not None and hr_merging_ratio != merging.ratio:
+        def merging_hires_scope() -> contextlib.ExitStack:  # (the hires pass at its own token merging ratio:
+            scope = contextlib.ExitStack()  # A1111's apply_token_merging(for_hr=True), the first pass's after)
+            if hires_networks is not None:
+                scope.enter_context(hires_networks())
+            scope.enter_context(merging.at(hr_merging_ratio))
+            return scope
+
+        hires_scope = merging_hires_scope
+
     def plan_for(hires_steps: int) -> object:  # (A1111 plans the hires pass's schedule for its steps, its
         # timeline continuing the first pass's: calculate_hr_conds passes firstpass_steps as base_steps)
         hr_text = scheduled_text if hires is None or hires.prompt is None else hires.prompt
@@ -1015,7 +1056,7 @@ def run_generate(
         extra_noise=extra_noise, churn=churn,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None,
-        guidance_rescale=rescale, tiling=tiling)
+        guidance_rescale=rescale, tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio))
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -1075,7 +1116,7 @@ def run_generate(
                 with unclip_image_scope(system, unclip_image):  # (the system as it was after each image)
                     image = sample_image(system, [text], options, init_latents=init_latents,
                                          denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
-                                         fix_steps=img2img_fix_steps, hires_networks=hires_networks,
+                                         fix_steps=img2img_fix_steps, hires_networks=hires_scope,
                                          refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
                                          inpainting_mask_weight=inpainting_mask_weight, vae_encode=vae_encode)[0]
             finally:  # (the next image starts from the weights without the step-switched parts)
@@ -1097,7 +1138,7 @@ def run_generate(
             written.append(str(write_png(file, image, text={"parameters": infotext.for_image(i)})))
             if progress is not None:
                 progress(i + 1, len(files), file.name)
-    tiled.close()  # (the run's models pad as they did; they are the run's own, so an error leaves nothing behind)
+    run_scope.close()  # (the run's models as loaded again; they are the run's own, so an error leaves nothing behind)
     return {"files": written, "seed": seed, "subseed": subseed, "seconds": time.perf_counter() - start,
             "loras": applied,
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,

@@ -42,6 +42,7 @@ from pathlib import Path
 from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 from ..tiling import TILING_FIELD
+from ..token_merging import TOKEN_MERGING_FIELD, TOKEN_MERGING_HR_FIELD
 
 __all__ = ["HIRES_UPSCALER_LABELS", "NOISE_FIELD", "VAE_ENCODE_FIELD", "InfotextRun", "a1111_number", "file_sha256",
            "format_infotext", "option_network_tags", "quote", "run_infotext"]
@@ -259,6 +260,8 @@ class InfotextRun:
             ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
             stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
         tiling: ``--tiling``, written "Tiling: True" after "RNG" as A1111 writes it (nothing when off).
+        token_merging: ``(first pass, hires pass)`` token merging ratios, written "Token merging ratio" / "Token
+            merging ratio hr" (the latter with a hires pass) after "ENSD" when not 0, as A1111 writes them.
         guidance_rescale: ``--guidance-rescale`` (a :class:`~sdadapt.guidance_rescale.GuidanceRescale` or its φ): in
             the ``combined`` space written as "CFG Rescale: PHI" (the A1111 extension CFG_Rescale_webui's field,
             added in its ``process``: after the aesthetic fields), in ``v`` as reForge's RescaleCFG writes it
@@ -330,6 +333,7 @@ class InfotextRun:
     aesthetic: Mapping[str, object] | None = None
     guidance_rescale: object = None
     tiling: bool = False
+    token_merging: tuple[float, float] = (0.0, 0.0)
     vae_encode: str = "mean"
     schedule_fields: Mapping[str, object] = field(default_factory=dict)
     emphasis: str | None = None
@@ -374,6 +378,8 @@ class InfotextRun:
                                         else float(self.inpainting_conditioning)),
             "Clip skip": None if self.clip_skip <= 1 else self.clip_skip,
             "ENSD": self.ensd if self.ensd and self.sampler in _USES_ENSD else None,
+            TOKEN_MERGING_FIELD: self.token_merging[0] or None,  # (A1111's create_infotext: after ENSD)
+            TOKEN_MERGING_HR_FIELD: (self.token_merging[1] or None) if self.hires is not None else None,
             "RNG": self._rng(),
             TILING_FIELD: True if self.tiling else None,  # (A1111's create_infotext: after RNG)
         }
@@ -506,7 +512,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
-                 emphasis: str | None = None, guidance_rescale: object = None, tiling: bool = False) -> InfotextRun:
+                 emphasis: str | None = None, guidance_rescale: object = None, tiling: bool = False,
+                 token_merging: tuple[float, float] = (0.0, 0.0)) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -582,4 +589,4 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
-        guidance_rescale=guidance_rescale, tiling=tiling)
+        guidance_rescale=guidance_rescale, tiling=tiling, token_merging=tuple(map(float, token_merging)))

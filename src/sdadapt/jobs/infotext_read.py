@@ -187,6 +187,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         options["guidance_rescale_space"] = "v"
         taken.update(key for key in (enabled, version) if key in fields)
     take("Tiling", "tiling", flag)
+    take("Token merging ratio", "token_merging_ratio", float)
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
     take("NGMS all steps", "ngms_all_steps", flag)
@@ -206,6 +207,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take("Hires prompt", "hires_prompt")
         take("Hires negative prompt", "hires_negative")
         take("Hires CFG Scale", "hires_guidance", float)  # (Forge's hr_cfg)
+        take("Token merging ratio hr", "token_merging_ratio_hr", float)
         take("Denoising strength", "hires_denoising", float)
     elif img2img:
         take("Denoising strength", "denoising_strength", float)
