@@ -75,6 +75,7 @@ def run_generate(
     beta_alpha: float = 0.6,
     beta_beta: float = 0.6,
     old_karras_sigmas: bool = False,
+    always_discard_next_to_last_sigma: bool = False,
     skip_early_cfg: float = 0.0,
     ngms: float = 0.0,
     ngms_all_steps: bool = False,
@@ -198,6 +199,10 @@ def run_generate(
             With it: ``subseed``/``subseed_strength`` (A1111's variation seed and strength; image i:
             ``subseed + i``), ``seed_resize_from`` ``(height, width)`` (A1111's "Resize seed from"), ``ensd``
             (A1111's "Eta noise seed delta").
+        always_discard_next_to_last_sigma: A1111's "Always discard next-to-last sigma" (with a ``schedule``): every
+            pass on A1111's grid runs n + 1 steps less the next-to-last σ (its timestep samplers one step more), as
+            DPM2 / DPM2 a / DPM++ 3M SDE do by themselves; "Discard penultimate sigma: True" in the infotext where it
+            changed a pass.
         sigma_min, sigma_max, rho, beta_alpha, beta_beta, old_karras_sigmas: A1111's schedule settings
             (:class:`sdadapt.samplers.schedules.ScheduleOptions`; 0 / 0.6 / False: A1111's defaults), with a
             ``schedule`` (or a sampler label that names one).
@@ -488,7 +493,8 @@ def run_generate(
     a1111_seeds, schedule_options = _a1111_noise_and_schedule(
         noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
         ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-        beta_alpha=beta_alpha, beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
+        beta_alpha=beta_alpha, beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas,
+        always_discard=always_discard_next_to_last_sigma)
     if _is_edm_own_grid(model, sampler=sampler, schedule=schedule, karras=karras, schedule_options=schedule_options):
         say(f"--model {model}: an EDM model (Playground v2.5) samples on its own σ grid, which is the "
             f"{schedule or 'karras'} grid asked for (as its infotext's Schedule type names it); nothing changes")
@@ -1409,7 +1415,7 @@ def _uncond_skip(skip_early_cfg: float, ngms: float, ngms_all_steps: bool, sampl
 def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed_strength: float,
                                seed_resize_from: tuple[int, int] | None, ensd: int, seed: int, schedule: str | None,
                                sigma_min: float, sigma_max: float, rho: float, beta_alpha: float, beta_beta: float,
-                               old_karras_sigmas: bool):
+                               old_karras_sigmas: bool, always_discard: bool = False):
     """``(A1111Seeds or None, ScheduleOptions or None)`` of the generate options, checked before any loading.
 
     Raises:
@@ -1438,14 +1444,16 @@ def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed
                          "add --noise a1111 (or a1111-cpu)")
     try:
         options = ScheduleOptions(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, beta_alpha=beta_alpha,
-                                  beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
+                                  beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas,
+                                  always_discard_next_to_last_sigma=bool(always_discard))
     except ValueError as exc:
         raise ValueError(f"--sigma-min/--sigma-max/--rho/--beta-alpha/--beta-beta: {exc}") from None
     if options.is_default:
         return seeds, None
     if schedule is None:
-        raise ValueError("--sigma-min, --sigma-max, --rho, --beta-alpha, --beta-beta and --old-karras-sigmas shape "
-                         "one of A1111's schedules: add --schedule (e.g. --schedule karras, or automatic)")
+        raise ValueError("--sigma-min, --sigma-max, --rho, --beta-alpha, --beta-beta, --old-karras-sigmas and "
+                         "--always-discard-next-to-last-sigma shape one of A1111's schedules: add --schedule (e.g. "
+                         "--schedule karras, or automatic)")
     return seeds, options
 
 

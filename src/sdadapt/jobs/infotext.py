@@ -531,7 +531,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
-    from ..sampler_tables import CHURN_SAMPLERS, ETA_SAMPLERS, canonical_sampler
+    from ..sampler_tables import CHURN_SAMPLERS, DISCARD_NEXT_TO_LAST_SIGMA, ETA_SAMPLERS, canonical_sampler
     from ..samplers.schedules import ScheduleOptions, canonical_schedule
     from ..samplers.sigma_space import model_sigmas
     from ..sampling import default_guidance
@@ -555,13 +555,16 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         schedule_fields["Noise Schedule"] = "Zero Terminal SNR"
     if init_image is not None and noise_multiplier != 1.0:  # (img2img's sample, before its sampler starts)
         schedule_fields["Noise multiplier"] = float(noise_multiplier)
+    passes = [sampler, *([hires_options.get("sampler") or sampler] if hires is not None else [])]
+    if (schedule_options is not None and schedule_options.always_discard_next_to_last_sigma
+            and any(canonical_sampler(s) not in DISCARD_NEXT_TO_LAST_SIGMA for s in passes)):
+        schedule_fields["Discard penultimate sigma"] = True  # (get_sigmas / get_timesteps, where the setting forced it)
     for grid in grids:  # (A1111's scheduler, none where Automatic is the sampler's own: its get_sigmas writes nothing)
         if grid not in (None, "automatic") and not (automatic and grid == "uniform") and getattr(system, "edm", None) is None:
             schedule_fields.update((schedule_options or ScheduleOptions()).infotext_fields(
                 str(grid), model_sigmas(system.alphas_cumprod, torch.float32)))
     if extra_noise and (init_image is not None or hires is not None):  # (sample_img2img, after get_sigmas)
         schedule_fields["Extra noise"] = float(extra_noise)
-    passes = [sampler, *([hires_options.get("sampler") or sampler] if hires is not None else [])]
     if eta is not None and eta != 1.0 and any(canonical_sampler(s) in ETA_SAMPLERS for s in passes):
         schedule_fields["Eta"] = float(eta)  # (KDiffusionSampler.initialize, after get_sigmas)
     if eta_ddim:  # (CompVisSampler.initialize: its eta_infotext_field, when not its default 0)

@@ -189,8 +189,11 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if options.get("churn") is not None and name not in CHURN_SAMPLERS:
         raise ValueError(f"churn (A1111's Sigma churn settings) is for {', '.join(CHURN_SAMPLERS)}, not {name}")
     tuned = schedule_options is not None and not schedule_options.is_default
+    if tuned and schedule_options.always_discard_next_to_last_sigma and discard_next_to_last_sigma is None:
+        discard_next_to_last_sigma = True  # (A1111's setting "Always discard next-to-last sigma")
     if tuned and schedule is None:
-        raise ValueError("schedule_options (A1111's sigma min/max, rho, Beta α/β) shape one of A1111's schedules: "
+        raise ValueError("schedule_options (A1111's sigma min/max, rho, Beta α/β, always discard next-to-last "
+                         "sigma) shape one of A1111's schedules: "
                          "give a schedule too (schedule='automatic' is A1111's default)")
     timesteps = runs_a1111_timesteps(name, schedule)  # (A1111's DDIM, PLMS, DDIM CFG++: .a1111_timesteps)
     if discard_next_to_last_sigma and schedule is None and not timesteps:

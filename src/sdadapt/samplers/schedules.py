@@ -75,7 +75,9 @@ ALIGN_YOUR_STEPS: dict[str, tuple[float, ...]] = {
 class ScheduleOptions:
     """A1111's schedule settings (see the module): ``sigma_min``, ``sigma_max``, ``rho`` (0: the default),
     ``beta_alpha``, ``beta_beta`` (the Beta schedule's, 0.6 each), ``old_karras_sigmas`` (A1111's
-    ``use_old_karras_scheduler_sigmas``: bounds 0.1 and 10).
+    ``use_old_karras_scheduler_sigmas``: bounds 0.1 and 10), ``always_discard_next_to_last_sigma`` (A1111's "Always
+    discard next-to-last sigma": every sampler on its grids runs n + 1 steps less the next-to-last σ, or its timestep
+    samplers one step more, as :func:`sdadapt.samplers.sample_latents`'s ``discard_next_to_last_sigma=True``).
 
     Raises:
         ValueError: a negative σ or ρ, a Beta parameter <= 0.
@@ -87,6 +89,7 @@ class ScheduleOptions:
     beta_alpha: float = 0.6
     beta_beta: float = 0.6
     old_karras_sigmas: bool = False
+    always_discard_next_to_last_sigma: bool = False
 
     def __post_init__(self) -> None:
         if self.sigma_min < 0 or self.sigma_max < 0 or self.rho < 0:
