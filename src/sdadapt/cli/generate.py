@@ -105,6 +105,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
         emphasis=args.emphasis, noise_schedule=args.noise_schedule, tiling=args.tiling,
         token_merging_ratio=args.token_merging_ratio, token_merging_ratio_hr=args.token_merging_ratio_hr,
+        hypertile_unet=args.hypertile_unet, hypertile_unet_second_pass=args.hypertile_unet_second_pass,
+        hypertile_vae=args.hypertile_vae,
         width=args.width,
         height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
@@ -335,6 +337,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "full-resolution self-attention tokens merged, for speed (default 0, off; 0.5 usual)")
     a1111.add_argument("--token-merging-ratio-hr", type=float, default=None, metavar="F",
                        help="A1111's 'Token merging ratio for high-res pass' (default: --token-merging-ratio's)")
+    a1111.add_argument("--hypertile-unet", action="store_true",
+                       help="A1111's 'Hypertile U-Net': the UNet's self-attention on tiles (A1111's depth 3, tile "
+                            "256, swap 3), for speed on large images")
+    a1111.add_argument("--hypertile-unet-second-pass", action="store_true",
+                       help="A1111's 'Hypertile U-Net second pass': tiled for the hires pass only")
+    a1111.add_argument("--hypertile-vae", action="store_true",
+                       help="A1111's 'Hypertile VAE': the VAE decoder's middle attention on tiles (tile 128, swap 3)")
     a1111.add_argument("--noise-schedule", default="default", metavar="NAME",
                        help="A1111's 'Noise schedule for sampling': default (the model's own; a checkpoint marked ztsnr "
                             "is on the next one already) or zero-terminal-snr (A1111's 'Zero Terminal SNR'): the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -94,6 +95,9 @@ def run_generate(
     tiling: bool = False,
     token_merging_ratio: float = 0.0,
     token_merging_ratio_hr: float | None = None,
+    hypertile_unet: object = False,
+    hypertile_unet_second_pass: bool = False,
+    hypertile_vae: object = False,
     width: int | None = None,
     height: int | None = None,
     count: int = 1,
@@ -237,6 +241,12 @@ def run_generate(
             of the full-resolution self-attention tokens merged for the first pass (img2img's too); 0 off. Written
             "Token merging ratio" in the infotext. Not with ``refiner``; a model without SD's transformer blocks
             (the toy) is refused.
+        hypertile_unet, hypertile_vae: A1111's "Hypertile U-Net" / "Hypertile VAE" (:class:`sdadapt.hypertile.Hypertile`):
+            ``True`` (A1111's default depth, tile and swap sizes) or a :class:`~sdadapt.hypertile.HypertileSettings`;
+            the tiles' RNG seeded with the run's first seed, and again before each hires pass. Written as A1111's
+            Hypertile fields and read back. Not with ``refiner``.
+        hypertile_unet_second_pass: A1111's "Hypertile U-Net second pass": the UNet tiled for the hires pass (and,
+            as A1111 leaves it, the passes after it).
         token_merging_ratio_hr: A1111's "Token merging ratio for high-res pass": the hires pass's (``None`` or 0: the
             first pass's, A1111's fallback); "Token merging ratio hr" in the infotext when the hires pass merges.
         noise_schedule: A1111's "Noise schedule for sampling": ``"default"`` (the model's own: a checkpoint marked
@@ -731,6 +741,23 @@ def run_generate(
 
         run_scope.enter_context(circular_padding(*models_of(system),
                                                  *(models_of(refiner_system) if refiner_system is not None else ())))
+    tiles, tile_settings = None, None
+    if hypertile_unet or hypertile_vae or hypertile_unet_second_pass:  # (A1111's Hypertile script's process())
+        from ..hypertile import HYPERTILE_DEFAULTS, Hypertile, HypertileSettings
+
+        def settings_of(value: object, default: HypertileSettings) -> HypertileSettings:
+            return value if isinstance(value, HypertileSettings) else dataclasses.replace(default, enabled=bool(value))
+
+        tile_settings = (settings_of(hypertile_unet, HYPERTILE_DEFAULTS[0]),
+                         settings_of(hypertile_vae, HYPERTILE_DEFAULTS[1]))
+        try:
+            if refiner_system is not None:
+                raise ValueError("A1111 tiles the model it has loaded, and its refiner is loaded in the middle of the "
+                                 "run: leave Hypertile out with --refiner")
+            tiles = run_scope.enter_context(Hypertile(getattr(system, "unet", None), getattr(system, "vae", None),
+                                                      sdxl=bool(getattr(system, "is_sdxl", False))))
+        except ValueError as exc:
+            raise ValueError(f"--hypertile-unet / --hypertile-vae: {exc}") from None
     merging = None
     if token_merging_ratio or token_merging_ratio_hr:  # (A1111's apply_token_merging: tomesd on the loaded model)
         from ..token_merging import TokenMerging
@@ -916,6 +943,9 @@ def run_generate(
     from .generate_inpaint import img2img_pixels, sampled_encodings
 
     size_h, size_w = height or int(getattr(system, "image_size", 0)), width or int(getattr(system, "image_size", 0))
+    if tiles is not None:  # (the job's first seed, the first pass's size: A1111's Hypertile process())
+        tiles.seed(image_seed(seed, 0))
+        tiles.configure(size_w, size_h, unet=tile_settings[0], vae=tile_settings[1])
     init_latents = None
     inpainting = None
     unclip_image = None  # (an unCLIP model's image conditioning: set on the system while its images are sampled)
@@ -996,15 +1026,30 @@ def run_generate(
             f"{', '.join(item.tag for item in hires_tag_loras) or 'none'}")
 
     hires_scope = hires_networks
+    if tiles is not None and hires is not None:  # (A1111's Hypertile before_hr: reseeded, the hires size; kept after)
+        unet_settings = tile_settings[0]
+        hr_unet = dataclasses.replace(unet_settings, enabled=unet_settings.enabled or hypertile_unet_second_pass)
+        first_scope = hires_scope
+
+        def tiled_hires_scope() -> contextlib.ExitStack:
+            scope = contextlib.ExitStack()
+            if first_scope is not None:
+                scope.enter_context(first_scope())
+            if hr_unet.enabled:
+                tiles.seed(image_seed(seed, 0))
+            tiles.configure(hires.upscale_to[1], hires.upscale_to[0], unet=hr_unet, vae=tile_settings[1])
+            return scope
+
+        hires_scope = tiled_hires_scope
     if merging is not None and hires is not None and hr_merging_ratio != merging.ratio:
         def merging_hires_scope() -> contextlib.ExitStack:  # (the hires pass at its own token merging ratio:
             scope = contextlib.ExitStack()  # A1111's apply_token_merging(for_hr=True), the first pass's after)
-            if hires_networks is not None:
-                scope.enter_context(hires_networks())
+            if before is not None:
+                scope.enter_context(before())
             scope.enter_context(merging.at(hr_merging_ratio))
             return scope
 
-        hires_scope = merging_hires_scope
+        before, hires_scope = hires_scope, merging_hires_scope
 
     def plan_for(hires_steps: int) -> object:  # (A1111 plans the hires pass's schedule for its steps, its
         # timeline continuing the first pass's: calculate_hr_conds passes firstpass_steps as base_steps)
@@ -1062,7 +1107,8 @@ def run_generate(
         extra_noise=extra_noise, churn=churn,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None,
-        guidance_rescale=rescale, tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio))
+        guidance_rescale=rescale, tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
+        hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass))
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope

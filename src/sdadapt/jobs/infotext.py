@@ -260,6 +260,8 @@ class InfotextRun:
             ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
             stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
         tiling: ``--tiling``, written "Tiling: True" after "RNG" as A1111 writes it (nothing when off).
+        hypertile: ``(UNet settings, VAE settings, second pass)`` of ``--hypertile-*``
+            (:func:`sdadapt.hypertile.hypertile_fields`), or ``None``.
         token_merging: ``(first pass, hires pass)`` token merging ratios, written "Token merging ratio" / "Token
             merging ratio hr" (the latter with a hires pass) after "ENSD" when not 0, as A1111 writes them.
         guidance_rescale: ``--guidance-rescale`` (a :class:`~sdadapt.guidance_rescale.GuidanceRescale` or its φ): in
@@ -334,6 +336,7 @@ class InfotextRun:
     guidance_rescale: object = None
     tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
+    hypertile: tuple | None = None
     vae_encode: str = "mean"
     schedule_fields: Mapping[str, object] = field(default_factory=dict)
     emphasis: str | None = None
@@ -388,6 +391,10 @@ class InfotextRun:
         rescale = as_guidance_rescale(self.guidance_rescale)
         if rescale is not None and rescale.space == "combined":  # (the CFG Rescale extension's process(), as the
             fields[GUIDANCE_RESCALE_FIELD] = rescale.phi  # aesthetic one's)
+        if self.hypertile is not None:  # (A1111's Hypertile script: process(), then before_hr's second pass)
+            from ..hypertile import hypertile_fields
+
+            fields.update(hypertile_fields(*self.hypertile, hires=self.hires is not None))
         if self.hires is not None:  # StableDiffusionProcessingTxt2Img.init's order
             hires = dict(self.hires)
             hr_sampler = hires.get("sampler")
@@ -513,7 +520,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
                  emphasis: str | None = None, guidance_rescale: object = None, tiling: bool = False,
-                 token_merging: tuple[float, float] = (0.0, 0.0)) -> InfotextRun:
+                 token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -592,4 +599,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
-        guidance_rescale=guidance_rescale, tiling=tiling, token_merging=tuple(map(float, token_merging)))
+        guidance_rescale=guidance_rescale, tiling=tiling, token_merging=tuple(map(float, token_merging)),
+        hypertile=hypertile)

@@ -188,6 +188,11 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         options["guidance_rescale_space"] = "v"
         taken.update(key for key in (enabled, version) if key in fields)
     take("Tiling", "tiling", flag)
+    from ..hypertile import hypertile_options
+
+    tile_options, tile_fields = hypertile_options(dict(fields))
+    options.update(tile_options)
+    taken.update(tile_fields)
     take("Token merging ratio", "token_merging_ratio", float)
     take("Skip Early CFG", "skip_early_cfg", float)
     take("NGMS", "ngms", float)
