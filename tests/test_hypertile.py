@@ -212,3 +212,8 @@ def test_the_cli_tiles_the_toy_and_a_model_without_the_layers_is_refused(tmp_pat
     assert "Hypertile U-Net: True" in Image.open(tmp_path / "a.png").text["parameters"]
     with pytest.raises(ValueError, match="Hypertile splits the self-attention layers A1111 names"):
         Hypertile(nn.Linear(2, 2), None)
+    from sdadapt.jobs import run_generate
+
+    with pytest.raises(ValueError, match="--token-merging-ratio and --hypertile-unet both reshape"):
+        run_generate(prompt="a", out=tmp_path / "b.png", hypertile_unet=True, token_merging_ratio=0.5)
+    assert not (tmp_path / "b.png").exists()

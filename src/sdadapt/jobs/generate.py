@@ -540,6 +540,9 @@ def run_generate(
         hr_merging_ratio = check_token_merging_ratio(token_merging_ratio_hr or 0.0) or token_merging_ratio  # (A1111's
     except ValueError as exc:  # get_token_merging_ratio(for_hr=True): the hires one, else the first pass's)
         raise ValueError(f"--token-merging-ratio: {exc}") from None
+    if (token_merging_ratio or token_merging_ratio_hr) and (hypertile_unet or hypertile_unet_second_pass):
+        raise ValueError("--token-merging-ratio and --hypertile-unet both reshape the UNet's full-resolution "
+                         "self-attention (A1111 would tile the merged tokens as if they were the image's): give one")
     if token_merging_ratio_hr and not hires:
         raise ValueError("--token-merging-ratio-hr is the hires pass's token merging; give --hires-scale or "
                          "--hires-width/--hires-height too")
