@@ -217,3 +217,28 @@ def test_the_cli_tiles_the_toy_and_a_model_without_the_layers_is_refused(tmp_pat
     with pytest.raises(ValueError, match="--token-merging-ratio and --hypertile-unet both reshape"):
         run_generate(prompt="a", out=tmp_path / "b.png", hypertile_unet=True, token_merging_ratio=0.5)
     assert not (tmp_path / "b.png").exists()
+
+
+def test_the_hires_pass_reseeds_and_takes_the_hires_size_as_a1111s_before_hr(tiny_sd, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sdadapt import hypertile
+    from sdadapt.jobs import run_generate
+    from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
+
+    calls = []
+    real_seed, real_configure = hypertile.Hypertile.seed, hypertile.Hypertile.configure
+    monkeypatch.setattr(hypertile.Hypertile, "seed", lambda self, s: calls.append(("seed", s)) or real_seed(self, s))
+    monkeypatch.setattr(hypertile.Hypertile, "configure", lambda self, w, h, **kw: calls.append(
+        ("configure", w, h, kw["unet"].enabled)) or real_configure(self, w, h, **kw))
+    run = {"model": str(tiny_sd), "prompt": "a cat", "steps": 2, "seed": 5, "width": 32, "height": 32,
+           "sampler": "Euler", "schedule": "karras", "hires_scale": 2.0, "hires_steps": 1, "hires_denoising": 0.5,
+           "count": 2}
+    run_generate(out=tmp_path / "h.png", hypertile_unet_second_pass=True, **run)
+    # (once per run: the first seed and size, the UNet off; before each image's hires pass: reseeded, 64x64, on)
+    assert calls == [("seed", 5), ("configure", 32, 32, False),
+                     ("seed", 5), ("configure", 64, 64, True), ("seed", 5), ("configure", 64, 64, True)]
+    text = Image.open(sorted(tmp_path.glob("*.png"))[0]).text["parameters"]
+    assert "Hypertile U-Net second pass: True" in text and "Hypertile U-Net: True" not in text
+    options, _ = infotext_options(parse_infotext(text))
+    assert options["hypertile_unet_second_pass"] is True and options["hypertile_unet"].enabled is False

@@ -1040,7 +1040,8 @@ def run_generate(
                 scope.enter_context(first_scope())
             if hr_unet.enabled:
                 tiles.seed(image_seed(seed, 0))
-            tiles.configure(hires.upscale_to[1], hires.upscale_to[0], unet=hr_unet, vae=tile_settings[1])
+            up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y / _x)
+            tiles.configure(up_w, up_h, unet=hr_unet, vae=tile_settings[1])
             return scope
 
         hires_scope = tiled_hires_scope
