@@ -238,7 +238,7 @@ def test_the_hires_pass_reseeds_and_takes_the_hires_size_as_a1111s_before_hr(tin
     # (once per run: the first seed and size, the UNet off; before each image's hires pass: reseeded, 64x64, on)
     assert calls == [("seed", 5), ("configure", 32, 32, False),
                      ("seed", 5), ("configure", 64, 64, True), ("seed", 5), ("configure", 64, 64, True)]
-    text = Image.open(sorted(tmp_path.glob("*.png"))[0]).text["parameters"]
+    text = Image.open(min(tmp_path.glob("*.png"))).text["parameters"]
     assert "Hypertile U-Net second pass: True" in text and "Hypertile U-Net: True" not in text
     options, _ = infotext_options(parse_infotext(text))
     assert options["hypertile_unet_second_pass"] is True and options["hypertile_unet"].enabled is False
