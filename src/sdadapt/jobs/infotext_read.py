@@ -18,8 +18,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..guidance_rescale import GUIDANCE_RESCALE_FIELDS_READ, RESCALE_CFG_FIELDS
-
 __all__ = ["INFORMATIONAL_FIELDS", "infotext_options", "parse_infotext", "read_infotext"]
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # (A1111's re_param)
@@ -120,6 +118,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     Raises:
         ValueError: a field whose value is not what A1111 writes there (a number that is not one), naming it.
     """
+    from ..guidance_rescale import GUIDANCE_RESCALE_FIELDS_READ, RESCALE_CFG_FIELDS
+    from ..hypertile import hypertile_options
     from ..sampler_tables import (
         HIRES_UPSCALER_LABELS,
         INPAINTING_FILL_LABELS,
@@ -188,8 +188,6 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         options["guidance_rescale_space"] = "v"
         taken.update(key for key in (enabled, version) if key in fields)
     take("Tiling", "tiling", flag)
-    from ..hypertile import hypertile_options
-
     tile_options, tile_fields = hypertile_options(dict(fields))
     options.update(tile_options)
     taken.update(tile_fields)
