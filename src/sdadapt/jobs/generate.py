@@ -1028,32 +1028,28 @@ def run_generate(
         say("hires pass: the hires prompt's LoRA tags instead of the prompt's: "
             f"{', '.join(item.tag for item in hires_tag_loras) or 'none'}")
 
-    hires_scope = hires_networks
+    hires_contexts = [] if hires_networks is None else [hires_networks]  # (what the hires pass runs inside)
     if tiles is not None and hires is not None:  # (A1111's Hypertile before_hr: reseeded, the hires size; kept after)
-        unet_settings = tile_settings[0]
-        hr_unet = dataclasses.replace(unet_settings, enabled=unet_settings.enabled or hypertile_unet_second_pass)
-        first_scope = hires_scope
+        hr_unet = dataclasses.replace(tile_settings[0], enabled=tile_settings[0].enabled or hypertile_unet_second_pass)
 
-        def tiled_hires_scope() -> contextlib.ExitStack:
-            scope = contextlib.ExitStack()
-            if first_scope is not None:
-                scope.enter_context(first_scope())
+        @contextlib.contextmanager
+        def tiled_hires_pass():
             if hr_unet.enabled:
                 tiles.seed(image_seed(seed, 0))
             up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y / _x)
             tiles.configure(up_w, up_h, unet=hr_unet, vae=tile_settings[1])
-            return scope
+            yield
 
-        hires_scope = tiled_hires_scope
-    if merging is not None and hires is not None and hr_merging_ratio != merging.ratio:
-        def merging_hires_scope() -> contextlib.ExitStack:  # (the hires pass at its own token merging ratio:
-            scope = contextlib.ExitStack()  # A1111's apply_token_merging(for_hr=True), the first pass's after)
-            if before is not None:
-                scope.enter_context(before())
-            scope.enter_context(merging.at(hr_merging_ratio))
-            return scope
+        hires_contexts.append(tiled_hires_pass)
+    if merging is not None and hires is not None and hr_merging_ratio != merging.ratio:  # (A1111's
+        hires_contexts.append(lambda: merging.at(hr_merging_ratio))  # apply_token_merging(for_hr=True), then back)
 
-        before, hires_scope = hires_scope, merging_hires_scope
+    @contextlib.contextmanager
+    def hires_scope():
+        with contextlib.ExitStack() as scope:
+            for context in hires_contexts:
+                scope.enter_context(context())
+            yield
 
     def plan_for(hires_steps: int) -> object:  # (A1111 plans the hires pass's schedule for its steps, its
         # timeline continuing the first pass's: calculate_hr_conds passes firstpass_steps as base_steps)
@@ -1172,7 +1168,8 @@ def run_generate(
                 with unclip_image_scope(system, unclip_image):  # (the system as it was after each image)
                     image = sample_image(system, [text], options, init_latents=init_latents,
                                          denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
-                                         fix_steps=img2img_fix_steps, hires_networks=hires_scope,
+                                         fix_steps=img2img_fix_steps,
+                                         hires_networks=hires_scope if hires_contexts else None,
                                          refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
                                          inpainting_mask_weight=inpainting_mask_weight, vae_encode=vae_encode)[0]
             finally:  # (the next image starts from the weights without the step-switched parts)
