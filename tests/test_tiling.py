@@ -43,6 +43,20 @@ def test_every_plain_conv2d_once_subclasses_and_none_left_alone_and_restored_on_
     assert sum(1 for key in first.state_dict()) == 6  # (keys untouched: weights and biases only)
 
 
+def test_the_python_example_in_docs_samplers_md_runs():
+    from docs_pages import code_blocks
+
+    from sdadapt.sampling import generate
+    from sdadapt.toy import build_toy
+
+    block = next(b for b in code_blocks("samplers.md") if "circular_padding(*models_of(toy))" in b)
+    scope: dict = {}
+    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    plain = generate(build_toy(seed=1), ["a red circle"], sampler="euler", schedule="karras", steps=8, seed=3)
+    assert scope["tiled"].shape == plain.shape and not torch.equal(scope["tiled"], plain)
+    assert all(m.padding_mode == "zeros" for m in scope["toy"].modules() if type(m) is nn.Conv2d)  # (restored)
+
+
 # ---- the property that tiles: UNet, VAE decoder and a whole sampler run commute with torch.roll ------------------------
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
