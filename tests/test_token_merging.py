@@ -60,6 +60,25 @@ def test_r_0_is_the_identity_and_the_ratio_is_checked():
 tomesd = pytest.importorskip("tomesd")
 
 
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(2, 12), w=st.integers(2, 12), share=st.floats(0.0, 0.95), seed=st.integers(0, 2**16),
+       sx=st.sampled_from([1, 2, 3]), sy=st.sampled_from([1, 2, 3]))
+def test_the_matching_is_tomesds_on_any_grid_stride_and_ratio(h, w, share, seed, sx, sy):
+    from tomesd.merge import bipartite_soft_matching_random2d
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, h * w, 6, generator=g)
+    r = int(h * w * share)
+    ours_m, ours_u = bipartite_soft_matching_2d(x, w, h, sx, sy, r)
+    if h < sy or w < sx:  # (no window fits: nothing to merge into; tomesd fails on the empty dst set)
+        assert ours_m(x) is x and ours_u(x) is x
+        return
+    theirs_m, theirs_u = bipartite_soft_matching_random2d(x, w, h, sx, sy, r, no_rand=True)
+    y = torch.randn(2, h * w, 3, generator=g)
+    assert torch.equal(ours_m(y), theirs_m(y))
+    assert torch.equal(ours_u(ours_m(y)), theirs_u(theirs_m(y)))
+
+
 @pytest.mark.parametrize("h, w, r", [(8, 8, 32), (6, 10, 20), (5, 7, 10), (7, 5, 30), (4, 4, 1)])
 def test_the_matching_is_tomesds_bit_for_bit(h, w, r):
     from tomesd.merge import bipartite_soft_matching_random2d

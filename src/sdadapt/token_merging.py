@@ -56,14 +56,14 @@ def bipartite_soft_matching_2d(metric: Tensor, w: int, h: int, sx: int, sy: int,
     window (of the windows that fit), ``src`` the rest; the ``r`` ``src`` tokens with the highest cosine similarity to
     a ``dst`` are merged into it. ``merge(x)`` (B, N, C') -> (B, N − r, C'): the unmerged ``src`` then the ``dst``,
     each ``dst`` the mean of itself and the ``src`` merged into it; ``unmerge(y)`` (B, N − r, C') -> (B, N, C'): each
-    token its own row of ``y``, a merged one its ``dst``'s. ``r <= 0`` gives the identity twice; ``r`` is capped at
-    the ``src`` count."""
+    token its own row of ``y``, a merged one its ``dst``'s. ``r <= 0``, or a grid smaller than one window (no ``dst``),
+    gives the identity twice; ``r`` is capped at the ``src`` count."""
     batch, n, _ = metric.shape
-    if r <= 0:
+    hsy, wsx = h // sy, w // sx
+    if r <= 0 or hsy * wsx == 0:  # (a grid smaller than one window has no dst to merge into: tomesd fails there)
         return (lambda x: x), (lambda x: x)
     device = metric.device
     with torch.no_grad():
-        hsy, wsx = h // sy, w // sx
         # dst marked -1 at the top-left of each window that fits, 0 elsewhere; argsort lists dst then src (tomesd's call)
         window = torch.zeros(hsy, wsx, sy * sx, device=device, dtype=torch.int64)
         window[..., 0] = -1
