@@ -92,11 +92,7 @@ class PromptPlan:
         if len(conds) != len(self.texts) or len(negative_conds) != len(self.negative_texts):
             raise ValueError(f"the plan has {len(self.texts)} texts and {len(self.negative_texts)} negative texts; "
                              f"got {len(conds)} and {len(negative_conds)} conditionings")
-        if as_guidance_rescale(guidance_rescale) is not None and len(self.parts) > 1:
-            raise ValueError(f"guidance rescale brings the guided result to the conditional branch's spread; this "
-                             f"prompt has {len(self.parts)} AND sub-prompts, which no tool defines it for (diffusers "
-                             "has no AND; A1111's 'CFG Rescale' extension keeps the last sub-prompt's alone): leave "
-                             "out the rescale or the AND")
+        _one_branch_to_rescale(as_guidance_rescale(guidance_rescale), len(self.parts))
         return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale),
                                  uncond_skip=uncond_skip, total_steps=total_steps, pad_conds=pad_conds,
                                  guidance_rescale=guidance_rescale)
@@ -210,6 +206,14 @@ class ScheduledGuidance:
                                  guidance_rescale=self.guidance_rescale)
 
 
+def _one_branch_to_rescale(rescale: GuidanceRescale | None, parts: int) -> None:
+    """Refuse a guidance rescale over ``parts`` > 1 ``AND`` sub-prompts (:meth:`PromptPlan.guidance`)."""
+    if rescale is not None and parts > 1:
+        raise ValueError(f"guidance rescale brings the guided result to the conditional branch's spread; this prompt "
+                         f"has {parts} AND sub-prompts, which no tool defines it for (diffusers has no AND; A1111's "
+                         "'CFG Rescale' extension keeps the last sub-prompt's alone): leave out the rescale or the AND")
+
+
 def combine_composed(out_uncond: Tensor, outs: Sequence[tuple[Tensor, float]], scale: float) -> Tensor:
     """A1111's ``combine_denoised`` over model outputs (B, C, H, W): ``u + Σ_i (c_i − u)·(w_i·s)`` in its order;
     one sub-prompt of weight 1 is :func:`~sdadapt.training.diffusion.guidance_combine` ``u + s·(c − u)``.
@@ -254,8 +258,7 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
         ValueError: a ``guidance_rescale`` with more than one ``AND`` sub-prompt (:meth:`PromptPlan.guidance`).
     """
     rescale = as_guidance_rescale(guidance_rescale)
-    if rescale is not None and len(parts) > 1:
-        raise ValueError(f"guidance rescale needs one conditional branch; got {len(parts)} AND sub-prompts")
+    _one_branch_to_rescale(rescale, len(parts))
     parts = _same_length(list(parts))
     if pad_conds is not None:
         conds, uncond = pad_conds.pad([cond for cond, _ in parts], uncond)
