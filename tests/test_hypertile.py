@@ -216,6 +216,8 @@ def test_the_cli_tiles_the_toy_and_a_model_without_the_layers_is_refused(tmp_pat
 
     with pytest.raises(ValueError, match="--token-merging-ratio and --hypertile-unet both reshape"):
         run_generate(prompt="a", out=tmp_path / "b.png", hypertile_unet=True, token_merging_ratio=0.5)
+    with pytest.raises(ValueError, match="--hypertile-unet-second-pass tiles the hires pass's UNet"):
+        run_generate(prompt="a", out=tmp_path / "b.png", hypertile_unet_second_pass=True)
     assert not (tmp_path / "b.png").exists()
 
 

@@ -540,7 +540,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         return args.hires_scale is not None or args.hires_width is not None or args.hires_height is not None
 
     only_with(generate, ["--hires-steps", "--hires-denoising", "--hires-upscaler", "--hires-prompt", "--hires-negative",
-                         "--hires-sampler", "--hires-schedule", "--hires-guidance", "--token-merging-ratio-hr"],
+                         "--hires-sampler", "--hires-schedule", "--hires-guidance", "--token-merging-ratio-hr",
+                         "--hypertile-unet-second-pass"],
               needs=hires_size, when=wants_hires,
               message=f"{{option}} shapes the hires fix's second pass, which runs only with {hires_size}: add one, "
               "or leave {option} out")

@@ -543,6 +543,9 @@ def run_generate(
     if (token_merging_ratio or token_merging_ratio_hr) and (hypertile_unet or hypertile_unet_second_pass):
         raise ValueError("--token-merging-ratio and --hypertile-unet both reshape the UNet's full-resolution "
                          "self-attention (A1111 would tile the merged tokens as if they were the image's): give one")
+    if hypertile_unet_second_pass and not hires:
+        raise ValueError("--hypertile-unet-second-pass tiles the hires pass's UNet; give --hires-scale or "
+                         "--hires-width/--hires-height too (or --hypertile-unet for every pass)")
     if token_merging_ratio_hr and not hires:
         raise ValueError("--token-merging-ratio-hr is the hires pass's token merging; give --hires-scale or "
                          "--hires-width/--hires-height too")
