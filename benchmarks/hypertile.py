@@ -18,7 +18,6 @@ Writes ``benchmarks/results/hypertile-<device>.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from torch import nn
 from sdadapt.hypertile import Hypertile, HypertileSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import environment, sync
+from _bench import environment, sync, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,9 +87,8 @@ def main() -> None:
         rows.append(row)
         print(f"{side}x{side} ({row['tokens']} tokens)  plain {medians['plain'] * 1e3:8.1f} ms  hypertile "
               f"{medians['hypertile'] * 1e3:8.1f} ms  ×{row['speedup']:.2f}", flush=True)
-    out = args.out or RESULTS / f"hypertile-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": {**environment(), "device": str(device)}, "rows": rows}, indent=2))
+    out = write_result(args.out or RESULTS / f"hypertile-{device.type}.json",
+                       {"environment": {**environment(), "device": str(device)}, "rows": rows})
     print(f"wrote {out}")
 
 

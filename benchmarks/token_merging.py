@@ -19,7 +19,6 @@ Writes ``benchmarks/results/token_merging-<device>.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from torch import nn
 from sdadapt.token_merging import TokenMerging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import environment, sync
+from _bench import environment, sync, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -119,9 +118,8 @@ def main() -> None:
                   f"{medians['sdadapt'] * 1e3:8.1f} ms" + (f"  tomesd {medians['tomesd'] * 1e3:8.1f} ms"
                                                           if "tomesd" in medians else "")
                   + f"  ×{row['speedup']:.2f}", flush=True)
-    out = args.out or RESULTS / f"token_merging-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": {**environment(), "device": str(device)}, "rows": rows}, indent=2))
+    out = write_result(args.out or RESULTS / f"token_merging-{device.type}.json",
+                       {"environment": {**environment(), "device": str(device)}, "rows": rows})
     print(f"wrote {out}")
 
 

@@ -96,18 +96,9 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from test_cli_train import _tiny_pipeline
+import tiny_sd_fixtures
 
-    return _tiny_pipeline(tmp_path_factory.mktemp("tome"), prediction_type="epsilon")
-
-
-@pytest.fixture(scope="module")
-def system(tiny_sd):
-    from sdadapt.jobs.models import load_system
-
-    return load_system(str(tiny_sd), device=torch.device("cpu"))
+system, tiny_sd = tiny_sd_fixtures.system, tiny_sd_fixtures.tiny_sd  # (module-scoped: the tiny SD folder, loaded)
 
 
 def _unet_inputs():
