@@ -366,3 +366,20 @@ def test_the_refiners_calls_are_rescaled_too(pair, monkeypatch):
     base.sample(["a photo"], seed=1, steps=4, guidance=3.0, sampler="euler", schedule="karras", height=16, width=16,
                 output="latents", refiner=handoff, guidance_rescale=0.7)
     assert handoff.taken and phis == [0.7] * 4
+
+
+def test_a_rescale_in_v_resolves_for_each_model_of_a_refiner_run(pair):
+    """``GuidanceRescale(phi, "v")`` with the refiner: on A1111's grid both models' x̂0 are taken to v at σ; on
+    diffusers' grid an ε base (and refiner) is refused, naming why."""
+    from sdadapt.guidance_rescale import GuidanceRescale
+    from sdadapt.jobs.generate_refiner import RefinerHandoff
+
+    base, refiner = pair
+    in_v = GuidanceRescale(0.7, "v")
+    run = dict(seed=1, steps=4, guidance=3.0, sampler="euler", height=16, width=16, output="latents")
+    handoff = RefinerHandoff(base, refiner, switch_at=0.5)
+    rescaled = base.sample(["a photo"], schedule="karras", refiner=handoff, guidance_rescale=in_v, **run)
+    plain = base.sample(["a photo"], schedule="karras", refiner=RefinerHandoff(base, refiner, switch_at=0.5), **run)
+    assert handoff.taken and not torch.equal(rescaled, plain)
+    with pytest.raises(ValueError, match="the model predicts epsilon, not v"):
+        base.sample(["a photo"], refiner=RefinerHandoff(base, refiner, switch_at=0.5), guidance_rescale=in_v, **run)
