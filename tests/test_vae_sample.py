@@ -10,6 +10,7 @@ import warnings
 
 import diffusers
 import pytest
+import tiny_sd_fixtures
 import torch
 
 from sdadapt import samplers
@@ -20,18 +21,7 @@ REAL_SAMPLE_LATENTS = samplers.sample_latents
 BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from tests.test_cli_train import _tiny_pipeline
-
-    return _tiny_pipeline(tmp_path_factory.mktemp("vae_sample_sd"), prediction_type="epsilon")
-
-
-@pytest.fixture(scope="module")
-def system(tiny_sd):
-    from sdadapt.jobs.models import load_system
-
-    return load_system(str(tiny_sd), device=torch.device("cpu"))
+system, tiny_sd = tiny_sd_fixtures.system, tiny_sd_fixtures.tiny_sd  # (module-scoped: the tiny SD folder, loaded)
 
 
 def _pixels(size: int, seed: int = 11) -> torch.Tensor:
