@@ -202,6 +202,10 @@ def test_a_run_in_v_needs_a_calls_sigma():
             guidance_rescale_for_run(v, sampler, schedule=schedule, prediction_type="epsilon")
     with pytest.raises(ValueError, match="the model predicts epsilon, not v"):
         guidance_rescale_for_run(v, "euler", schedule=None, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="an EDM model .* on the UNet outputs"):
+        guidance_rescale_for_run(v, "dpmsolver++", schedule=None, prediction_type="v_prediction", edm=True)
+    assert guidance_rescale_for_run(0.7, "dpmsolver++", schedule=None, prediction_type="epsilon",
+                                    edm=True) == GuidanceRescale(0.7)
     assert guidance_rescale_for_run(v, "euler", schedule="karras", prediction_type="epsilon") == v
     assert guidance_rescale_for_run(v, "dpmpp_2s_a", schedule=None, prediction_type="epsilon") == v
     outputs_v = guidance_rescale_for_run(v, "dpmsolver++", schedule=None, prediction_type="v_prediction")

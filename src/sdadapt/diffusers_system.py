@@ -1226,19 +1226,16 @@ class DiffusersSystem(nn.Module):
             if uncond_skip is not None and not uncond_skip.is_off:
                 raise ValueError("Skip Early CFG / NGMS are A1111's settings; an EDM model (Playground v2.5) samples "
                                  "with diffusers' EDM schedulers, which A1111 does not run: leave them out")
-            if getattr(guidance_rescale, "space", "combined") != "combined":
-                raise ValueError("an EDM model (Playground v2.5) rescales its guidance as diffusers' SDXL pipeline "
-                                 "does, on the UNet outputs: leave the rescale's space 'combined'")
         if guidance is None:  # (the model's: 7.5, an EDM model's card scale for this sampler)
             from .sampling import default_guidance
 
             guidance = default_guidance(self, name)
         samplers.check_karras(name, karras)
         schedule = run_schedule(name, schedule, karras)
-        asked_rescale = guidance_rescale
-        if self.edm is None:  # (checked once for the run: a prompt plan's guidance takes it too)
-            guidance_rescale = samplers.guidance_rescale_for_run(guidance_rescale, name, schedule=schedule,
-                                                                 prediction_type=self.prediction_type)
+        asked_rescale = guidance_rescale  # (checked once for the run: a prompt plan's guidance takes it too)
+        guidance_rescale = samplers.guidance_rescale_for_run(guidance_rescale, name, schedule=schedule,
+                                                             prediction_type=self.prediction_type,
+                                                             edm=self.edm is not None)
         if schedule == "align_your_steps" and self.is_sdxl:
             schedule = "align_your_steps_sdxl"
         device = self.alphas_cumprod.device

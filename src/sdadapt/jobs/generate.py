@@ -722,13 +722,11 @@ def run_generate(
     if rescale is not None and rescale.space == "v":  # (each pass's sampler and grid against the model's prediction)
         from ..samplers import guidance_rescale_for_run
 
-        if getattr(system, "edm", None) is not None:
-            raise ValueError("--guidance-rescale-space v: an EDM model (Playground v2.5) rescales as diffusers' SDXL "
-                             "pipeline does, on the UNet outputs: leave the space 'combined'")
         for name, grid in passes:
             try:
                 guidance_rescale_for_run(rescale, name, schedule=grid,
-                                         prediction_type=getattr(system, "prediction_type", "epsilon"))
+                                         prediction_type=getattr(system, "prediction_type", "epsilon"),
+                                         edm=getattr(system, "edm", None) is not None)
             except ValueError as exc:
                 raise ValueError(f"--guidance-rescale-space v: {exc}") from None
     refiner_system = None

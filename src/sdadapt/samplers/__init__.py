@@ -264,18 +264,22 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
 
 
 def guidance_rescale_for_run(guidance_rescale: float | GuidanceRescale | None, sampler: str, *,
-                             schedule: str | None, prediction_type: str) -> GuidanceRescale | None:
+                             schedule: str | None, prediction_type: str, edm: bool = False) -> GuidanceRescale | None:
     """The :class:`~sdadapt.guidance_rescale.GuidanceRescale` a run of ``sampler`` on ``schedule`` (``None``:
-    diffusers' grid) of a model predicting ``prediction_type`` takes (``None``: off), its ``outputs_are_v`` set.
+    diffusers' grid) of a model predicting ``prediction_type`` takes (``None``: off), its ``outputs_are_v`` set;
+    ``edm``: an EDM model (Playground v2.5), sampled by diffusers' EDM schedulers.
 
     Raises:
         ValueError: a rescale in v (ComfyUI's RescaleCFG) where a call's σ is not read: A1111's timestep samplers
-            (DDIM with a schedule, PLMS, DDIM CFG++, its UniPC) and LCM, or diffusers' grid on a model that does not
-            predict v — naming the sampler and what to do instead.
+            (DDIM with a schedule, PLMS, DDIM CFG++, its UniPC) and LCM, diffusers' grid on a model that does not
+            predict v, or an EDM model — naming the sampler and what to do instead.
     """
     rescale = as_guidance_rescale(guidance_rescale)
     if rescale is None or rescale.space != "v":
         return rescale
+    if edm:
+        raise ValueError("an EDM model (Playground v2.5) rescales its guidance as diffusers' SDXL pipeline does, on "
+                         "the UNet outputs: leave the rescale's space 'combined'")
     name = canonical_sampler(sampler)
     if runs_a1111_timesteps(name, schedule) or name == "lcm":
         raise ValueError(f"a guidance rescale in v (ComfyUI's RescaleCFG) reads each call's σ; {name} steps on "
