@@ -1268,14 +1268,14 @@ class DiffusersSystem(nn.Module):
                     generator=self._conditioning_generator(vae_encode, g if noise is None else None, seed=seed,
                                                            shape=tuple(x.shape)))
             model = concat_conditioning(model, conditioning)
-        skip = {} if uncond_skip is None else {
+        guiding = {} if uncond_skip is None else {  # (the guidance keywords of every model call: skip, rescale)
             "uncond_skip": uncond_skip, "total_steps": samplers.run_total_steps(name, steps, start=start,
                                                                                 schedule=schedule)}
         if guidance_rescale:  # (a number or a GuidanceRescale: off when 0 or None)
-            skip["guidance_rescale"] = guidance_rescale
+            guiding["guidance_rescale"] = guidance_rescale
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance,
-                                                                    pad_conds=pad_conds, **skip)
+                                                                    pad_conds=pad_conds, **guiding)
         if self.edm is not None:  # (Playground v2.5: diffusers' EDM schedulers, sdadapt.samplers.edm)
             from .samplers.edm import edm_sample_latents
 
@@ -1288,21 +1288,21 @@ class DiffusersSystem(nn.Module):
 
             other = refiner.refiner
             other_time_ids = other._size_time_ids(len(prompts), size_h, size_w)
-            other_skip = dict(skip)
+            refiner_guiding = dict(guiding)
             if guidance_rescale is not None:  # (the refiner's own outputs: it may predict otherwise than the base)
-                other_skip["guidance_rescale"] = samplers.guidance_rescale_for_run(
+                refiner_guiding["guidance_rescale"] = samplers.guidance_rescale_for_run(
                     asked_rescale, name, schedule=schedule, prediction_type=other.prediction_type)
             refined = other._guidance_inputs(other.denoiser(), prompts, negative=negative, cond=None, plan=plan,
                                              time_ids=other_time_ids, guidance=guidance, pad_conds=pad_conds,
-                                             **other_skip)
+                                             **refiner_guiding)
             total_steps = None
             if getattr(refiner, "by_steps", False):  # (A1111's "Refiner switch by sampling steps": this run's steps)
                 total_steps = samplers.run_total_steps(name, steps, start=start, schedule=schedule)
             # (a plan's ScheduledGuidance as it is: the handoff runs its call count on across the switch)
             model = refiner.switched(
-                model if plan is not None else guided(model, cond, uncond, guidance_scale, **skip,
+                model if plan is not None else guided(model, cond, uncond, guidance_scale, **guiding,
                                                       pad_conds=self._padding(pad_conds, time_ids)),
-                refined[0] if plan is not None else guided(*refined, **other_skip,
+                refined[0] if plan is not None else guided(*refined, **refiner_guiding,
                                                            pad_conds=other._padding(pad_conds, other_time_ids)),
                                      a1111_grid=schedule is not None,  # (A1111's schedules: A1111's cut)
                                      **({} if total_steps is None else {"total_steps": total_steps}))
