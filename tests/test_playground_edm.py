@@ -185,6 +185,33 @@ def test_guidance_rescale_is_diffusers_sdxl_pipelines_on_the_unet_outputs(system
     assert gap < 1e-5 and (ours - plain).abs().max().item() > 1e3 * max(gap, 1e-7), gap
 
 
+def test_perturbed_attention_is_diffusers_sdxl_pag_pipeline_with_its_edm_scheduler(system):
+    """PAG on an EDM model: StableDiffusionXLPAGPipeline with the EDM scheduler adds its term to the guided UNet
+    output before the scheduler preconditions it; sdadapt's EDM path does the same."""
+    from sdadapt.perturbed_attention import PerturbedAttentionGuidance
+
+    options = dict(steps=5, guidance=5.0, height=16, width=16)
+    with PerturbedAttentionGuidance(system.unet, scale=2.0) as pag:
+        ours = system.sample(["a red cube"], negative="blurry", seed=4, sampler="dpmsolver++", output="latents",
+                             perturbed_attention=pag, **options)
+    plain = system.sample(["a red cube"], negative="blurry", seed=4, sampler="dpmsolver++", output="latents", **options)
+    scheduler = diffusers.EDMDPMSolverMultistepScheduler.from_config(system.scheduler_config)
+    pipe = diffusers.StableDiffusionXLPAGPipeline(
+        vae=system.vae, text_encoder=system.text_encoder, text_encoder_2=system.text_encoder_2,
+        tokenizer=system.tokenizer, tokenizer_2=system.tokenizer_2, unet=system.unet, scheduler=scheduler,
+        pag_applied_layers="mid")
+    pipe.set_progress_bar_config(disable=True)
+    saved = dict(system.unet.attn_processors)
+    try:
+        theirs = pipe("a red cube", negative_prompt="blurry", num_inference_steps=5, guidance_scale=5.0,
+                      pag_scale=2.0, height=16, width=16, generator=torch.Generator().manual_seed(4),
+                      output_type="latent").images
+    finally:
+        system.unet.set_attn_processor(saved)
+    gap = (ours - theirs).abs().max().item()
+    assert gap < 1e-5 and (ours - plain).abs().max().item() > 1e3 * max(gap, 1e-7), gap
+
+
 def test_encode_is_diffusers_img2img_rule_and_decode_inverts_it(system):
     """encode: (μ − mean)·scaling/std (D pipeline_stable_diffusion_xl_img2img.py prepare_latents)."""
     image = torch.rand(1, 3, 16, 16) * 2 - 1

@@ -1133,7 +1133,8 @@ class DiffusersSystem(nn.Module):
                size_conditioning: tuple[int, int] | None = None, refiner: Any = None,
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
                vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None,
-               eta: float | None = None, churn: Any = None, guidance_rescale: Any = 0.0) -> Tensor:
+               eta: float | None = None, churn: Any = None, guidance_rescale: Any = 0.0,
+               perturbed_attention: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1176,7 +1177,9 @@ class DiffusersSystem(nn.Module):
         ``churn``: A1111's "Sigma churn" settings (the sampler's ``churn=``: Euler, Heun, DPM2 on A1111's grids).
         ``guidance_rescale``: a :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ) on every guided call,
         the refiner's too (:func:`sdadapt.samplers.sample_latents`; φ alone: diffusers' ``guidance_rescale`` on
-        diffusers' grids, A1111's "CFG Rescale" on its own); 0 off. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        diffusers' grids, A1111's "CFG Rescale" on its own); 0 off. ``perturbed_attention``: perturbed-attention
+        guidance (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance` hooked on this model's
+        :attr:`unet`) on every guided call, a prompt plan's too; not with ``refiner``. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1232,6 +1235,12 @@ class DiffusersSystem(nn.Module):
             guidance = default_guidance(self, name)
         samplers.check_karras(name, karras)
         schedule = run_schedule(name, schedule, karras)
+        if perturbed_attention is not None and getattr(perturbed_attention, "network", None) is not self.unet:
+            raise ValueError("perturbed_attention= perturbs the UNet it was made on; build it on this model's unet "
+                             "(PerturbedAttentionGuidance(system.unet, ...))")
+        if perturbed_attention is not None and refiner is not None:
+            raise ValueError("perturbed-attention guidance hooks the base UNet; the refiner's calls would run "
+                             "without it: leave PAG out with a refiner")
         asked_rescale = guidance_rescale  # (checked once for the run: a prompt plan's guidance takes it too)
         guidance_rescale = samplers.guidance_rescale_for_run(guidance_rescale, name, schedule=schedule,
                                                              prediction_type=self.prediction_type,
@@ -1273,6 +1282,8 @@ class DiffusersSystem(nn.Module):
                                                                                 schedule=schedule)}
         if guidance_rescale:  # (a number or a GuidanceRescale: off when 0 or None)
             guiding["guidance_rescale"] = guidance_rescale
+        if perturbed_attention is not None:
+            guiding["perturbed_attention"] = perturbed_attention
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance,
                                                                     pad_conds=pad_conds, **guiding)
@@ -1281,7 +1292,8 @@ class DiffusersSystem(nn.Module):
 
             latents = edm_sample_latents(model, x, cond, sampler=name, schedule=self.edm, num_steps=steps, uncond=uncond,
                                          guidance_scale=guidance_scale, generator=g, before_model_call=before_model_call,
-                                         start=start, guidance_rescale=guidance_rescale if uncond is not None else 0.0)
+                                         start=start, guidance_rescale=guidance_rescale if uncond is not None else 0.0,
+                                         perturbed_attention=perturbed_attention if uncond is not None else None)
             return latents if output == "latents" else self.decode_latents(latents)
         if refiner is not None:  # (the SDXL refiner below the cut: sdadapt.jobs.generate_refiner)
             from .training.diffusion import guided
@@ -1315,6 +1327,7 @@ class DiffusersSystem(nn.Module):
                                           uncond_skip=uncond_skip if uncond is not None else None,
                                           pad_conds=self._padding(pad_conds, time_ids) if uncond is not None else None,
                                           guidance_rescale=guidance_rescale if uncond is not None else 0.0,
+                                          perturbed_attention=perturbed_attention if uncond is not None else None,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                           **({} if eta is None else {"eta": eta}),
@@ -1360,7 +1373,7 @@ class DiffusersSystem(nn.Module):
     def _guidance_inputs(self, model: Any, prompts: list[str], *, negative: str, cond: Any, plan: Any,
                          time_ids: Tensor | None, guidance: float, uncond_skip: Any = None,
                          total_steps: int = 1, pad_conds: Any = None,
-                         guidance_rescale: Any = 0.0) -> tuple[Any, Any, Any, float]:
+                         guidance_rescale: Any = 0.0, perturbed_attention: Any = None) -> tuple[Any, Any, Any, float]:
         """``(model, cond, uncond, guidance_scale)`` for :func:`sdadapt.samplers.sample_latents`: the prompts'
         conditioning and the negative's (:meth:`sample`'s rules), or with a ``plan`` its
         :class:`~sdadapt.prompt_guidance.ScheduledGuidance` over every text's conditioning (``cond``/``uncond``
@@ -1372,7 +1385,8 @@ class DiffusersSystem(nn.Module):
             conds, negatives = self.plan_conditions(plan, count=count, time_ids=time_ids)
             conds, negatives = self._unclip_conditions(conds, negative=False), self._unclip_conditions(negatives, negative=True)
             return (plan.guidance(model, conds, negatives, guidance, uncond_skip=uncond_skip, total_steps=total_steps,
-                                  pad_conds=self._padding(pad_conds, time_ids), guidance_rescale=guidance_rescale),
+                                  pad_conds=self._padding(pad_conds, time_ids), guidance_rescale=guidance_rescale,
+                                  perturbed_attention=perturbed_attention),
                     None, None, 1.0)
         if cond is None:
             cond = self._prompt_condition(prompts, time_ids)

@@ -93,7 +93,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         embeddings=args.embedding, embeddings_dir=args.embeddings_dir,
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
         seed=args.seed, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
-        guidance_rescale_space=args.guidance_rescale_space,
+        guidance_rescale_space=args.guidance_rescale_space, pag_scale=args.pag_scale,
+        pag_adaptive_scale=args.pag_adaptive_scale, pag_layers=args.pag_layers,
         sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
@@ -278,6 +279,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="where --guidance-rescale is taken: combined (default; where the guidance combines, "
                           "as diffusers and A1111's extension) or v (ComfyUI's / reForge's RescaleCFG: each branch "
                           "as the v it implies at σ; a σ sampler with --schedule, or a v model)")
+    generate.add_argument("--pag-scale", type=float, default=0.0, metavar="F",
+                          help="perturbed-attention guidance scale (Ahn et al. 2024; 3 the usual; default 0, off): "
+                          "the guided result pushed away from the prompt's branch run with an identity self-attention "
+                          "map — diffusers' PAG pipelines' pag_scale, Forge's / ComfyUI's PerturbedAttentionGuidance "
+                          "(one more UNet branch per call; docs/samplers.md)")
+    generate.add_argument("--pag-adaptive-scale", type=float, default=0.0, metavar="F",
+                          help="diffusers' pag_adaptive_scale: the PAG scale at timestep t is max(scale − F·(1000 − t), "
+                          "0) (SD.Next's 'PAG adaptive'; default 0: constant)")
+    generate.add_argument("--pag-layers", nargs="+", default=None, metavar="PATTERN",
+                          help="the self-attention layers PAG perturbs: diffusers' pag_applied_layers, regular "
+                          "expressions searched in the UNet's module names (default: mid, the middle block's, as "
+                          "diffusers, Forge and ComfyUI; e.g. down_blocks.2 up_blocks.0)")
     generate.add_argument("--sampler", type=_sampler, default=None, metavar="NAME",
                           help="default ddim (an EDM model such as Playground v2.5: dpmsolver++, its own scheduler); "
                           f"one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "
@@ -534,6 +547,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     only_with(generate, ["--resize-mode"], needs="--init-image IMAGE", when=lambda args: args.init_image is not None)
     only_with(generate, ["--guidance-rescale-space"], needs="--guidance-rescale PHI",
               when=lambda args: bool(args.guidance_rescale) or args.infotext is not None)
+    only_with(generate, ["--pag-adaptive-scale", "--pag-layers"], needs="--pag-scale F",
+              when=lambda args: bool(args.pag_scale) or args.infotext is not None)
     hires_size = "--hires-scale F or --hires-width/--hires-height"
 
     def wants_hires(args: argparse.Namespace) -> bool:

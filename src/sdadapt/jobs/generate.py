@@ -7,7 +7,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -62,6 +62,9 @@ def run_generate(
     guidance: float | None = None,
     guidance_rescale: float = 0.0,
     guidance_rescale_space: str = "combined",
+    pag_scale: float = 0.0,
+    pag_adaptive_scale: float = 0.0,
+    pag_layers: Sequence[str] | None = None,
     sampler: str | None = None,
     karras: bool = False,
     schedule: str | None = None,
@@ -187,6 +190,15 @@ def run_generate(
             x̂0 taken to v at the call's σ first (a σ sampler on A1111's grid, or a v model on diffusers' grid);
             written as reForge writes it (``rescale_cfg_enabled: True, rescale_cfg_version: Normal,
             rescale_cfg_multiplier: PHI``).
+        pag_scale: perturbed-attention guidance (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`; 0
+            off, 3 the usual): diffusers' PAG pipelines' ``pag_scale`` on diffusers' grids, Forge's / ComfyUI's
+            PerturbedAttentionGuidance (on x̂0) on A1111's, every pass; written as Forge writes it
+            (``PerturbedAttentionGuidance_enabled: True, PerturbedAttentionGuidance_scale: S``). Not with ``AND`` or
+            ``refiner``.
+        pag_adaptive_scale: diffusers' ``pag_adaptive_scale`` (the scale at timestep t: ``max(S − F·(1000 − t),
+            0)``), written as SD.Next's "PAG adaptive"; with ``pag_scale``.
+        pag_layers: diffusers' ``pag_applied_layers`` (regular expressions searched in the UNet's module names;
+            ``None``: ``("mid",)``), written "PAG layers" when not ``mid``; with ``pag_scale``.
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
             ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
@@ -535,6 +547,17 @@ def run_generate(
         rescale = as_guidance_rescale(GuidanceRescale(guidance_rescale, guidance_rescale_space))
     except ValueError as exc:
         raise ValueError(f"--guidance-rescale: {exc}") from None
+    from ..perturbed_attention import check_pag_scale
+
+    try:
+        pag_scale = check_pag_scale(pag_scale)
+        pag_adaptive_scale = check_pag_scale(pag_adaptive_scale, what="PAG adaptive scale")
+    except ValueError as exc:
+        raise ValueError(f"--pag-scale / --pag-adaptive-scale: {exc}") from None
+    if (pag_adaptive_scale or pag_layers is not None) and not pag_scale:
+        raise ValueError("--pag-adaptive-scale / --pag-layers shape perturbed-attention guidance, which runs only with "
+                         "--pag-scale F: add it, or leave them out")
+    pag_layers = ("mid",) if pag_layers is None else tuple(pag_layers)
     try:
         token_merging_ratio = check_token_merging_ratio(token_merging_ratio)
         hr_merging_ratio = check_token_merging_ratio(token_merging_ratio_hr or 0.0) or token_merging_ratio  # (A1111's
@@ -775,6 +798,20 @@ def run_generate(
             merging = run_scope.enter_context(TokenMerging(system.unet, ratio=token_merging_ratio))
         except ValueError as exc:
             raise ValueError(f"--token-merging-ratio: {exc}") from None
+    pag = None
+    if pag_scale:  # (hooked on the base UNet for the run; first in line on each layer, before ToMe's / Hypertile's)
+        from ..perturbed_attention import PerturbedAttentionGuidance
+
+        try:
+            if refiner_system is not None:
+                raise ValueError("the refiner's UNet would run unperturbed below its cut: leave PAG out with --refiner")
+            if getattr(system, "unet", None) is None:
+                raise ValueError(f"{model} has no UNet to perturb")
+            pag = run_scope.enter_context(PerturbedAttentionGuidance(system.unet, scale=pag_scale,
+                                                                     adaptive_scale=pag_adaptive_scale,
+                                                                     layers=pag_layers))
+        except ValueError as exc:
+            raise ValueError(f"--pag-scale: {exc}") from None
     if noise_schedule == "zero-terminal-snr":  # (A1111's apply_alpha_schedule_override: every model it samples)
         for holder in (system, refiner_system):
             if holder is not None:
@@ -924,6 +961,10 @@ def run_generate(
                              f"prompt has {len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers "
                              "has no AND; A1111's 'CFG Rescale' extension keeps the last sub-prompt's alone): leave "
                              "out --guidance-rescale or the AND")
+        if pag_scale and len(plan.parts) > 1:
+            raise ValueError(f"--pag-scale steers away from the conditional branch's perturbed output; the prompt has "
+                             f"{len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers has no AND): "
+                             "leave out --pag-scale or the AND")
         if aesthetic is not None:
             raise ValueError("--aesthetic personalises one prompt's conditioning; leave out prompt editing, "
                              "alternation, AND and BREAK, or --aesthetic")
@@ -1108,7 +1149,8 @@ def run_generate(
         extra_noise=extra_noise, churn=churn,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None,
-        guidance_rescale=rescale, tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
+        guidance_rescale=rescale, perturbed_attention=None if pag is None else (pag_scale, pag_adaptive_scale, pag_layers),
+        tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass))
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
@@ -1134,7 +1176,8 @@ def run_generate(
                            **({} if noise_multiplier == 1.0 else {"noise_multiplier": noise_multiplier}),
                            **({} if not extra_noise else {"extra_noise": extra_noise}),
                            **({} if churn is None else {"churn": churn}),
-                           **({} if rescale is None else {"guidance_rescale": rescale}))
+                           **({} if rescale is None else {"guidance_rescale": rescale}),
+                           **({} if pag is None else {"perturbed_attention": pag}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)

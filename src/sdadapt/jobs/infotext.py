@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
+from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 from ..tiling import TILING_FIELD
 from ..token_merging import TOKEN_MERGING_FIELD, TOKEN_MERGING_HR_FIELD
@@ -269,6 +270,11 @@ class InfotextRun:
             added in its ``process``: after the aesthetic fields), in ``v`` as reForge's RescaleCFG writes it
             (``rescale_cfg_enabled: True, rescale_cfg_version: Normal, rescale_cfg_multiplier: PHI``, added before
             each pass samples: before the schedule fields); nothing when off.
+        perturbed_attention: ``(scale, adaptive scale, layers)`` of ``--pag-scale`` / ``--pag-adaptive-scale`` /
+            ``--pag-layers``, or ``None``: written as Forge's built-in PAG writes it
+            (``PerturbedAttentionGuidance_enabled: True, PerturbedAttentionGuidance_scale: S``, added before each pass
+            samples, after reForge's RescaleCFG fields), then SD.Next's "PAG adaptive" when not 0 and sdadapt's "PAG
+            layers" (space-separated) when not ``mid`` alone.
         tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass; hires_tag_loras: the hires pass's
             (A1111's hires pass adds its networks to ``p.lora_hashes``), listed after; each name listed once,
             where it first comes.
@@ -334,6 +340,7 @@ class InfotextRun:
     refiner_took: bool = False
     aesthetic: Mapping[str, object] | None = None
     guidance_rescale: object = None
+    perturbed_attention: tuple | None = None
     tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
     hypertile: tuple | None = None
@@ -442,6 +449,11 @@ class InfotextRun:
         fields["Emphasis"] = self.emphasis  # (sd_hijack_clip, as the texts are encoded)
         if rescale is not None and rescale.space == "v":  # (reForge's process_before_every_sampling)
             fields.update(zip(RESCALE_CFG_FIELDS, (True, "Normal", rescale.phi)))
+        if self.perturbed_attention is not None:  # (Forge's process_before_every_sampling; SD.Next's adaptive)
+            scale, adaptive, layers = self.perturbed_attention
+            fields.update(zip(PAG_FIELDS, (True, float(scale))))
+            fields[PAG_ADAPTIVE_FIELD] = float(adaptive) if adaptive else None
+            fields[PAG_LAYERS_FIELD] = None if tuple(layers) == ("mid",) else " ".join(layers)
         fields.update(self.schedule_fields)  # (KDiffusionSampler.get_sigmas, as each pass starts)
         if self.refiner is not None:  # (sd_samplers_common.apply_refiner's order; written per image: for_image)
             if self.refiner_by_steps:
@@ -519,7 +531,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
-                 emphasis: str | None = None, guidance_rescale: object = None, tiling: bool = False,
+                 emphasis: str | None = None, guidance_rescale: object = None,
+                 perturbed_attention: tuple | None = None, tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
@@ -535,6 +548,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``extra_noise``: its "Extra noise multiplier for img2img and hires fix" (written when a pass starts from an
     image and it is not 0); ``churn``: its "Sigma churn" settings (:class:`sdadapt.samplers.churn.SigmaChurn`,
     written when a pass runs Euler, Heun or DPM2); ``guidance_rescale``: ``--guidance-rescale`` ("CFG Rescale");
+    ``perturbed_attention``: ``(scale, adaptive scale, layers)`` of ``--pag-scale`` (Forge's PAG fields) or ``None``;
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
@@ -599,5 +613,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
-        guidance_rescale=guidance_rescale, tiling=tiling, token_merging=tuple(map(float, token_merging)),
+        guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention, tiling=tiling, token_merging=tuple(map(float, token_merging)),
         hypertile=hypertile)

@@ -120,6 +120,12 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     """
     from ..guidance_rescale import GUIDANCE_RESCALE_FIELDS_READ, RESCALE_CFG_FIELDS
     from ..hypertile import hypertile_options
+    from ..perturbed_attention import (
+        PAG_ADAPTIVE_FIELD,
+        PAG_FIELDS,
+        PAG_FIELDS_READ,
+        PAG_LAYERS_FIELD,
+    )
     from ..sampler_tables import (
         HIRES_UPSCALER_LABELS,
         INPAINTING_FILL_LABELS,
@@ -187,6 +193,16 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take(multiplier, "guidance_rescale", float)
         options["guidance_rescale_space"] = "v"
         taken.update(key for key in (enabled, version) if key in fields)
+    pag_enabled, pag_scale = PAG_FIELDS  # (Forge's built-in PAG; SD.Next's "PAG scale" / "PAG adaptive")
+    if flag(fields.get(pag_enabled, "")) and pag_scale in fields:
+        take(pag_scale, "pag_scale", float)
+        taken.add(pag_enabled)
+    elif pag_enabled in fields and not flag(fields[pag_enabled]):  # (written off: nothing to take)
+        taken.update(key for key in PAG_FIELDS if key in fields)
+    if "pag_scale" not in options:
+        take(PAG_FIELDS_READ[0], "pag_scale", float)
+    take(PAG_ADAPTIVE_FIELD, "pag_adaptive_scale", float)
+    take(PAG_LAYERS_FIELD, "pag_layers", str.split)
     take("Tiling", "tiling", flag)
     tile_options, tile_fields = hypertile_options(dict(fields))
     options.update(tile_options)

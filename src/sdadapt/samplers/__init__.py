@@ -51,6 +51,7 @@ from ..uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
+    from ..perturbed_attention import PerturbedAttentionGuidance
 from .a1111_timesteps import (
     a1111_ddim_cfgpp_sample,
     a1111_ddim_sample,
@@ -130,7 +131,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    start: Img2ImgStart | None = None,
                    before_model_call: Callable[[int, int], None] | None = None,
                    uncond_skip: UncondSkip | None = None, pad_conds: CondPadding | None = None,
-                   guidance_rescale: float | GuidanceRescale = 0.0, **options) -> Tensor:
+                   guidance_rescale: float | GuidanceRescale = 0.0,
+                   perturbed_attention: PerturbedAttentionGuidance | None = None, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given: over the model outputs on diffusers' grids
     (diffusers' pipelines), over each output's x̂0 on A1111's (a ``schedule``; ``dpmpp_2s_a``, ``dpm_fast``,
@@ -140,7 +142,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     ``guidance_rescale``: a :class:`sdadapt.guidance_rescale.GuidanceRescale` on each combination (checked by
     :func:`guidance_rescale_for_run`), or its φ: where it is combined — the outputs on diffusers' grids (diffusers'
     ``guidance_rescale``), x̂0 on A1111's σ grids and ε on its timestep samplers (A1111's "CFG Rescale" extension);
-    0 off.
+    0 off. ``perturbed_attention``: perturbed-attention guidance on every call
+    (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`, hooked on ``model``'s UNet; its term on the
+    outputs on diffusers' grids, on x̂0 on A1111's); ``None`` off.
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
     its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
@@ -216,7 +220,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     # guidance first, once: A1111's CFGDenoiser (its call count over the run's expected calls, for uncond_skip)
     model = diffusion.guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip,
                              total_steps=run_total_steps(name, num_steps, start=start, schedule=run_grid),
-                             pad_conds=pad_conds, guidance_rescale=guidance_rescale)
+                             pad_conds=pad_conds, guidance_rescale=guidance_rescale,
+                             perturbed_attention=perturbed_attention)
     if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
         # per CFGDenoiser.forward, also where the conditionings do not batch)
         if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)

@@ -46,6 +46,7 @@ from .sigma_space import karras_sigmas
 
 if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
+    from ..perturbed_attention import PerturbedAttentionGuidance
 
 __all__ = ["EDM_SAMPLERS", "EDMSchedule", "check_edm_request", "edm_dpmsolver_sample", "edm_euler_sample",
            "edm_inpaint_blend", "edm_own_grid", "edm_precondition", "edm_sample_latents", "edm_sigmas", "edm_start"]
@@ -401,7 +402,8 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
                        guidance_scale: float = 1.0, generator: torch.Generator | None = None,
                        callback: Callable[[int, Tensor, Tensor], None] | None = None,
                        before_model_call: Callable[[int, int], None] | None = None,
-                       start: Img2ImgStart | None = None, guidance_rescale: float = 0.0) -> Tensor:
+                       start: Img2ImgStart | None = None, guidance_rescale: float = 0.0,
+                       perturbed_attention: PerturbedAttentionGuidance | None = None) -> Tensor:
     """:func:`sdadapt.samplers.sample_latents` for an EDM model: latents (B, C, H, W) from unit noise ``x_T``
     by ``sampler`` (a name in :data:`EDM_SAMPLERS`), with classifier-free guidance ``u + s·(c − u)`` over the
     UNet outputs when ``uncond`` is given. ``model(x_in, t, cond)``: the system's denoiser (the UNet); ``t`` is
@@ -409,6 +411,8 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
     ``start``: img2img / hires fix / inpainting from its init latents (``start.index``, or its strength by
     diffusers' rule; ``start.mask``: diffusers' inpainting blend), :func:`edm_start`. ``guidance_rescale``: φ of
     :func:`sdadapt.guidance_rescale.rescale_guidance` on the guided UNet outputs (diffusers' SDXL pipeline's); 0 off.
+    ``perturbed_attention``: PAG on the UNet outputs (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`,
+    its adaptive scale reading ``t`` as diffusers' SDXL PAG pipeline reads an EDM scheduler's timesteps).
 
     Raises:
         ValueError: a sampler diffusers has no EDM scheduler for (names the ones there are).
@@ -418,7 +422,8 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
 
     name = canonical_sampler(sampler)
     check_edm_request(name)
-    guided = diffusion.guided(model, cond, uncond, guidance_scale, guidance_rescale=guidance_rescale)
+    guided = diffusion.guided(model, cond, uncond, guidance_scale, guidance_rescale=guidance_rescale,
+                              perturbed_attention=perturbed_attention)
     if before_model_call is not None:
         guided, callback = _announced(guided, callback, before_model_call)
 

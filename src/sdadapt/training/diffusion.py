@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,6 +22,9 @@ from ..cond_padding import CondPadding
 from ..denoised_branches import denoised_of, keep_negative, scaled_by, wants_negative
 from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..uncond_skip import UncondSkip
+
+if TYPE_CHECKING:
+    from ..perturbed_attention import PerturbedAttentionGuidance
 
 __all__ = [
     "Guided",
@@ -587,23 +591,36 @@ class Guided:
     "Pad prompt/negative prompt" (:class:`sdadapt.cond_padding.CondPadding`, with its ``empty`` states).
     ``guidance_rescale``: a :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ: in the space it combines in,
     the outputs or what the sampler reads by branch — diffusers' ``guidance_rescale`` / A1111's "CFG Rescale") taken
-    on every combination; 0 off."""
+    on every combination; 0 off. ``perturbed_attention``: a :class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`
+    hooked on ``model``'s UNet: every call adds ``p·(c − c̃)``, its perturbed branch batched with the others where the
+    conditions concatenate — on the outputs before the rescale (diffusers' PAG pipelines), on x̂0 after it by branch
+    (ComfyUI's / Forge's), and on the conditional output alone in a call without the negative."""
 
     def __init__(self, model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
                  uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None,
-                 guidance_rescale: float | GuidanceRescale = 0.0) -> None:
+                 guidance_rescale: float | GuidanceRescale = 0.0,
+                 perturbed_attention: PerturbedAttentionGuidance | None = None) -> None:
         if pad_conds is not None and uncond is not None:  # (A1111 pads before it runs either: at scale 1 too)
             (cond,), uncond = pad_conds.pad([cond], uncond)
         self.model, self.cond, self.uncond, self.scale = model, cond, uncond, guidance_scale
         self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
         self.guidance_rescale = as_guidance_rescale(guidance_rescale)
+        self.perturbed_attention = perturbed_attention
 
-    def _halves(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        both = _cat_conditions(self.uncond, self.cond)
-        if both is not None:
-            out_u, out_c = self.model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            return out_u, out_c
-        return self.model(x, t, self.uncond), self.model(x, t, self.cond)
+    def _plain(self, x: Tensor, t: Tensor, conds: list[object]) -> list[Tensor]:
+        """The outputs under ``conds`` (the cond alone, or uncond and cond): one batch where they concatenate."""
+        if len(conds) == 2:
+            both = _cat_conditions(*conds)
+            if both is not None:
+                return list(self.model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2))
+        return [self.model(x, t, cond) for cond in conds]
+
+    def _outputs(self, x: Tensor, t: Tensor, conds: list[object]) -> list[Tensor]:
+        """The outputs under ``conds``, then, with PAG, under the cond perturbed."""
+        if self.perturbed_attention is None:
+            return self._plain(x, t, conds)
+        return self.perturbed_attention.branch_outputs(self.model, x, t, conds,
+                                                       plain=lambda given: self._plain(x, t, given))
 
     def _cond_alone(self, sigma: float | Tensor | None, read: Callable[[Tensor], Tensor] | None = None) -> bool:
         call, self.calls = self.calls, self.calls + 1
@@ -613,10 +630,16 @@ class Guided:
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         """The guided output (B,C,H,W) at ``x`` (B,C,H,W), timesteps ``t`` (B,)."""
+        pag = self.perturbed_attention
         if self._cond_alone(None):
-            return self.model(x, t, self.cond)
-        out_u, out_c = self._halves(x, t)
+            if pag is None:
+                return self.model(x, t, self.cond)
+            out_c, out_p = self._outputs(x, t, [self.cond])
+            return pag.guide(out_c, out_c, out_p, t)
+        out_u, out_c, *perturbed = self._outputs(x, t, [self.uncond, self.cond])
         combined = guidance_combine(out_u, out_c, self.scale)
+        if pag is not None:  # (diffusers' PAG pipelines: the PAG term, then the rescale of the whole)
+            combined = pag.guide(combined, out_c, perturbed[0], t)
         return combined if self.guidance_rescale is None else self.guidance_rescale.rescale(combined, out_c)
 
     def denoised_by_branch(self, read: Callable[[Tensor], Tensor], x: Tensor, t: Tensor, _cond: object = None, *,
@@ -624,24 +647,31 @@ class Guided:
         """x̂0 (B,C,H,W): each half's output read by ``read``, combined on x̂0 as A1111's ``combine_denoised``
         (the negative half kept for a :class:`~sdadapt.denoised_branches.ReadKeepingNegative`, its scale multiplier
         applied)."""
+        pag = self.perturbed_attention
         if self._cond_alone(sigma, read):  # (no negative kept: the output itself stands in, as in A1111)
-            return denoised_of(self.model, read, x, t, self.cond, sigma=sigma)
-        out_u, out_c = self._halves(x, t)
+            if pag is None:
+                return denoised_of(self.model, read, x, t, self.cond, sigma=sigma)
+            out_c, out_p = self._outputs(x, t, [self.cond])
+            positive = read(out_c)
+            return pag.guide(positive, positive, read(out_p), t)
+        out_u, out_c, *perturbed = self._outputs(x, t, [self.uncond, self.cond])
         negative, positive = read(out_u), read(out_c)
         keep_negative(read, negative)
         combined = guidance_combine(negative, positive, scaled_by(read, self.scale))
-        if self.guidance_rescale is None:
-            return combined
-        return self.guidance_rescale.rescale(combined, positive, x_in=x, sigma=sigma)
+        if self.guidance_rescale is not None:
+            combined = self.guidance_rescale.rescale(combined, positive, x_in=x, sigma=sigma)
+        return combined if pag is None else pag.guide(combined, positive, read(perturbed[0]), t)  # (ComfyUI's order)
 
 
 def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
            uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None,
-           guidance_rescale: float | GuidanceRescale = 0.0) -> Guided:
+           guidance_rescale: float | GuidanceRescale = 0.0,
+           perturbed_attention: PerturbedAttentionGuidance | None = None) -> Guided:
     """Classifier-free guidance ``u + s·(c − u)`` over ``model``: a :class:`Guided` (called ``(x, t, _cond)``);
-    ``guidance_rescale``: its :class:`sdadapt.guidance_rescale.GuidanceRescale` (or φ) on each combination (0 off)."""
+    ``guidance_rescale``: its :class:`sdadapt.guidance_rescale.GuidanceRescale` (or φ) on each combination (0 off);
+    ``perturbed_attention``: PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`) on each call."""
     return Guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip, total_steps=total_steps,
-                  pad_conds=pad_conds, guidance_rescale=guidance_rescale)
+                  pad_conds=pad_conds, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention)
 
 
 def ddim_sample(
