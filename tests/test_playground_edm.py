@@ -190,7 +190,7 @@ def test_perturbed_attention_is_diffusers_sdxl_pag_pipeline_with_its_edm_schedul
     output before the scheduler preconditions it; sdadapt's EDM path does the same."""
     from sdadapt.perturbed_attention import PerturbedAttentionGuidance
 
-    options = dict(steps=5, guidance=5.0, height=16, width=16)
+    options = {"steps": 5, "guidance": 5.0, "height": 16, "width": 16}
     with PerturbedAttentionGuidance(system.unet, scale=2.0) as pag:
         ours = system.sample(["a red cube"], negative="blurry", seed=4, sampler="dpmsolver++", output="latents",
                              perturbed_attention=pag, **options)

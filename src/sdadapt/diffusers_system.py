@@ -1134,7 +1134,7 @@ class DiffusersSystem(nn.Module):
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
                vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None,
                eta: float | None = None, churn: Any = None, guidance_rescale: Any = 0.0,
-               perturbed_attention: Any = None) -> Tensor:
+               perturbed_attention: Any = None, self_attention_guidance: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1179,7 +1179,9 @@ class DiffusersSystem(nn.Module):
         the refiner's too (:func:`sdadapt.samplers.sample_latents`; φ alone: diffusers' ``guidance_rescale`` on
         diffusers' grids, A1111's "CFG Rescale" on its own); 0 off. ``perturbed_attention``: perturbed-attention
         guidance (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance` hooked on this model's
-        :attr:`unet`) on every guided call, a prompt plan's too; not with ``refiner``. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        :attr:`unet`) on every guided call, a prompt plan's too; not with ``refiner``. ``self_attention_guidance``:
+        self-attention guidance (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance` on :attr:`unet`)
+        likewise; not with ``refiner`` or an EDM model. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1241,6 +1243,16 @@ class DiffusersSystem(nn.Module):
         if perturbed_attention is not None and refiner is not None:
             raise ValueError("perturbed-attention guidance hooks the base UNet; the refiner's calls would run "
                              "without it: leave PAG out with a refiner")
+        if self_attention_guidance is not None:
+            from .self_attention_guidance import check_sag_run
+
+            if getattr(self_attention_guidance, "network", None) is not self.unet:
+                raise ValueError("self_attention_guidance= reads the UNet it was made on; build it on this model's "
+                                 "unet (SelfAttentionGuidance(system.unet, alphas_cumprod=system.alphas_cumprod, ...))")
+            if refiner is not None:
+                raise ValueError("self-attention guidance hooks the base UNet; the refiner's calls would run without "
+                                 "it: leave SAG out with a refiner")
+            check_sag_run(name, schedule=run_schedule(name, schedule, karras), edm=self.edm is not None)
         asked_rescale = guidance_rescale  # (checked once for the run: a prompt plan's guidance takes it too)
         guidance_rescale = samplers.guidance_rescale_for_run(guidance_rescale, name, schedule=schedule,
                                                              prediction_type=self.prediction_type,
@@ -1284,6 +1296,8 @@ class DiffusersSystem(nn.Module):
             guiding["guidance_rescale"] = guidance_rescale
         if perturbed_attention is not None:
             guiding["perturbed_attention"] = perturbed_attention
+        if self_attention_guidance is not None:
+            guiding["self_attention_guidance"] = self_attention_guidance
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance,
                                                                     pad_conds=pad_conds, **guiding)
@@ -1328,6 +1342,7 @@ class DiffusersSystem(nn.Module):
                                           pad_conds=self._padding(pad_conds, time_ids) if uncond is not None else None,
                                           guidance_rescale=guidance_rescale if uncond is not None else 0.0,
                                           perturbed_attention=perturbed_attention if uncond is not None else None,
+                                          self_attention_guidance=self_attention_guidance if uncond is not None else None,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                           **({} if eta is None else {"eta": eta}),
@@ -1373,7 +1388,8 @@ class DiffusersSystem(nn.Module):
     def _guidance_inputs(self, model: Any, prompts: list[str], *, negative: str, cond: Any, plan: Any,
                          time_ids: Tensor | None, guidance: float, uncond_skip: Any = None,
                          total_steps: int = 1, pad_conds: Any = None,
-                         guidance_rescale: Any = 0.0, perturbed_attention: Any = None) -> tuple[Any, Any, Any, float]:
+                         guidance_rescale: Any = 0.0, perturbed_attention: Any = None,
+                         self_attention_guidance: Any = None) -> tuple[Any, Any, Any, float]:
         """``(model, cond, uncond, guidance_scale)`` for :func:`sdadapt.samplers.sample_latents`: the prompts'
         conditioning and the negative's (:meth:`sample`'s rules), or with a ``plan`` its
         :class:`~sdadapt.prompt_guidance.ScheduledGuidance` over every text's conditioning (``cond``/``uncond``
@@ -1386,7 +1402,8 @@ class DiffusersSystem(nn.Module):
             conds, negatives = self._unclip_conditions(conds, negative=False), self._unclip_conditions(negatives, negative=True)
             return (plan.guidance(model, conds, negatives, guidance, uncond_skip=uncond_skip, total_steps=total_steps,
                                   pad_conds=self._padding(pad_conds, time_ids), guidance_rescale=guidance_rescale,
-                                  perturbed_attention=perturbed_attention),
+                                  perturbed_attention=perturbed_attention,
+                                  self_attention_guidance=self_attention_guidance),
                     None, None, 1.0)
         if cond is None:
             cond = self._prompt_condition(prompts, time_ids)

@@ -46,6 +46,7 @@ from .uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
     from .perturbed_attention import PerturbedAttentionGuidance
+    from .self_attention_guidance import SelfAttentionGuidance
 
 __all__ = ["PromptPlan", "ScheduledGuidance", "combine_composed", "composed_guidance", "composed_outputs", "plan_prompt",
            "reads_emphasis", "without_emphasis"]
@@ -83,26 +84,31 @@ class PromptPlan:
                  negative_conds: Sequence[object], scale: float, *, uncond_skip: UncondSkip | None = None,
                  total_steps: int = 1, pad_conds: CondPadding | None = None,
                  guidance_rescale: float | GuidanceRescale = 0.0,
-                 perturbed_attention: PerturbedAttentionGuidance | None = None) -> ScheduledGuidance:
+                 perturbed_attention: PerturbedAttentionGuidance | None = None,
+                 self_attention_guidance: SelfAttentionGuidance | None = None) -> ScheduledGuidance:
         """The denoiser over ``conds`` (one per :attr:`texts`, what the system's conditioning returns
         for them, batch B) and ``negative_conds`` (one per :attr:`negative_texts`); ``uncond_skip`` over a run of
         ``total_steps`` expected calls: A1111's "Skip Early CFG" / NGMS (:mod:`sdadapt.uncond_skip`); ``pad_conds``:
         A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`); ``guidance_rescale``: a
         :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ) on each combination (0 off);
-        ``perturbed_attention``: PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`) on each call.
+        ``perturbed_attention``: PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`) on each call;
+        ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`) likewise.
 
         Raises:
-            ValueError: conditionings that do not match the plan's texts, or a ``guidance_rescale`` or
-                ``perturbed_attention`` with ``AND`` sub-prompts (toward which conditional branch: no tool defines it).
+            ValueError: conditionings that do not match the plan's texts, or a ``guidance_rescale``,
+                ``perturbed_attention`` or ``self_attention_guidance`` with ``AND`` sub-prompts (no tool defines them
+                there).
         """
         if len(conds) != len(self.texts) or len(negative_conds) != len(self.negative_texts):
             raise ValueError(f"the plan has {len(self.texts)} texts and {len(self.negative_texts)} negative texts; "
                              f"got {len(conds)} and {len(negative_conds)} conditionings")
         _one_branch_to_rescale(as_guidance_rescale(guidance_rescale), len(self.parts))
         _one_branch_to_perturb(perturbed_attention, len(self.parts))
+        _one_branch_to_perturb(self_attention_guidance, len(self.parts))
         return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale),
                                  uncond_skip=uncond_skip, total_steps=total_steps, pad_conds=pad_conds,
-                                 guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention)
+                                 guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
+                                 self_attention_guidance=self_attention_guidance)
 
 
 def reads_emphasis(system: object) -> bool:
@@ -186,17 +192,19 @@ class ScheduledGuidance:
     "Skip Early CFG" / NGMS over a run of ``total_steps`` expected calls (:mod:`sdadapt.uncond_skip`); ``pad_conds``:
     A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`); ``guidance_rescale``: a
     :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ; :func:`composed_guidance`); ``perturbed_attention``:
-    PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`; :func:`composed_guidance`)."""
+    PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`; :func:`composed_guidance`);
+    ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`)."""
 
     def __init__(self, model: Callable[[Tensor, Tensor, object], Tensor], plan: PromptPlan, conds: list[object],
                  negative_conds: list[object], scale: float, *, uncond_skip: UncondSkip | None = None,
                  total_steps: int = 1, pad_conds: CondPadding | None = None,
                  guidance_rescale: float | GuidanceRescale = 0.0,
-                 perturbed_attention: PerturbedAttentionGuidance | None = None) -> None:
+                 perturbed_attention: PerturbedAttentionGuidance | None = None,
+                 self_attention_guidance: SelfAttentionGuidance | None = None) -> None:
         self.model, self.plan, self.conds, self.negative_conds, self.scale = model, plan, conds, negative_conds, scale
         self.uncond_skip, self.total_steps, self.pad_conds, self.calls = uncond_skip, total_steps, pad_conds, 0
         self.guidance_rescale = as_guidance_rescale(guidance_rescale)
-        self.perturbed_attention = perturbed_attention
+        self.perturbed_attention, self.self_attention_guidance = perturbed_attention, self_attention_guidance
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         return self._call(x, t, None, None)
@@ -213,7 +221,8 @@ class ScheduledGuidance:
         skip = self.uncond_skip is not None and self.uncond_skip.skips(call, self.total_steps, sigma)
         return composed_guidance(self.model, x, t, parts, self.negative_conds[self.plan.negative.at(call)], self.scale,
                                  read=read, sigma=sigma, skip_uncond=skip, pad_conds=self.pad_conds,
-                                 guidance_rescale=self.guidance_rescale, perturbed_attention=self.perturbed_attention)
+                                 guidance_rescale=self.guidance_rescale, perturbed_attention=self.perturbed_attention,
+                                 self_attention_guidance=self.self_attention_guidance)
 
 
 def _one_branch_to_rescale(rescale: GuidanceRescale | None, parts: int) -> None:
@@ -224,12 +233,12 @@ def _one_branch_to_rescale(rescale: GuidanceRescale | None, parts: int) -> None:
                          "'CFG Rescale' extension keeps the last sub-prompt's alone): leave out the rescale or the AND")
 
 
-def _one_branch_to_perturb(pag: PerturbedAttentionGuidance | None, parts: int) -> None:
-    """Refuse perturbed-attention guidance over ``parts`` > 1 ``AND`` sub-prompts."""
-    if pag is not None and parts > 1:
-        raise ValueError(f"perturbed-attention guidance steers away from the conditional branch's perturbed output; "
-                         f"this prompt has {parts} AND sub-prompts, which no tool defines it for (diffusers has no AND): "
-                         "leave out PAG or the AND")
+def _one_branch_to_perturb(term: object | None, parts: int) -> None:
+    """Refuse perturbed-attention or self-attention guidance over ``parts`` > 1 ``AND`` sub-prompts."""
+    if term is not None and parts > 1:
+        what = "perturbed-attention" if type(term).__name__.startswith("Perturbed") else "self-attention"
+        raise ValueError(f"{what} guidance degrades one branch of each call; this prompt has {parts} AND "
+                         "sub-prompts, which no tool defines it for (diffusers has no AND): leave it out or the AND")
 
 
 def combine_composed(out_uncond: Tensor, outs: Sequence[tuple[Tensor, float]], scale: float) -> Tensor:
@@ -259,7 +268,8 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
                       read: ReadDenoised | None = None, sigma: float | Tensor | None = None,
                       skip_uncond: bool = False, pad_conds: CondPadding | None = None,
                       guidance_rescale: float | GuidanceRescale | None = None,
-                      perturbed_attention: PerturbedAttentionGuidance | None = None) -> Tensor:
+                      perturbed_attention: PerturbedAttentionGuidance | None = None,
+                      self_attention_guidance: SelfAttentionGuidance | None = None) -> Tensor:
     """One guided model call of a prompt plan (B, C, H, W): the ``AND`` sub-prompts ``parts`` (``(cond, weight)``)
     and the negative's ``uncond`` at ``x`` (one batch where they concatenate; sub-prompts padded to one length), then
     :func:`combine_composed`. One sub-prompt of weight 1 at scale 1 is the conditional output alone (no negative
@@ -273,39 +283,58 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
     (read, with ``read``: at ``x`` and ``sigma``); a skipped call (no negative) is not rescaled, as the tools run no
     guidance then. ``perturbed_attention``: PAG's term added (:class:`sdadapt.training.diffusion.Guided`'s rule: on the
     outputs before the rescale, on x̂0 after it), the perturbed branch batched with the others where they concatenate.
+    ``self_attention_guidance``: SAG's term added after PAG's, from the first branch (the negative's; the prompt's in a
+    call without it).
 
     Raises:
         ValueError: a ``guidance_rescale`` or ``perturbed_attention`` with more than one ``AND`` sub-prompt
             (:meth:`PromptPlan.guidance`).
     """
-    rescale, pag = as_guidance_rescale(guidance_rescale), perturbed_attention
+    rescale, pag, sag = as_guidance_rescale(guidance_rescale), perturbed_attention, self_attention_guidance
     _one_branch_to_rescale(rescale, len(parts))
     _one_branch_to_perturb(pag, len(parts))
+    _one_branch_to_perturb(sag, len(parts))
     parts = _same_length(list(parts))
     if pad_conds is not None:
         conds, uncond = pad_conds.pad([cond for cond, _ in parts], uncond)
         parts = [(cond, weight) for cond, (_, weight) in zip(conds, parts)]
     alone = len(parts) == 1 and parts[0][1] == 1.0 and (skip_uncond or scale == 1.0 and not wants_negative(read))
-    if alone and pag is None:
+    if alone and pag is None and sag is None:
         return model(x, t, parts[0][0]) if read is None else denoised_of(model, read, x, t, parts[0][0],
                                                                          sigma=sigma)  # (one pass: the prompt's)
     conds = [*([] if skip_uncond or alone else [uncond]), *(cond for cond, _ in parts)]
-    outs = _batched(model, x, t, conds) if pag is None else pag.branch_outputs(
-        model, x, t, conds, plain=lambda given: _batched(model, x, t, given))
-    outs = outs if read is None else [read(out) for out in outs]
+
+    def run() -> list[Tensor]:
+        return _batched(model, x, t, conds) if pag is None else pag.branch_outputs(
+            model, x, t, conds, plain=lambda given: _batched(model, x, t, given))
+
+    raw, mask = (run(), None) if sag is None else sag.outputs(run, x.shape[0])
+    outs = list(raw) if read is None else [read(out) for out in raw]
     perturbed = outs.pop() if pag is not None else None
-    if alone:  # (PAG without the negative: the prompt's output and its perturbed one)
-        return pag.guide(outs[0], outs[0], perturbed, t)
+
+    first_cond, first_raw, first = conds[0], raw[0], outs[0]  # (the branch SAG degrades: the negative, else the prompt)
+
+    def sag_term() -> Tensor:
+        if read is None:
+            return sag.term_on_outputs(model, x, t, first_cond, first_raw, mask)
+        return sag.term_on_denoised(model, read, x, t, first_cond, first, mask, sigma=sigma)
+
+    if alone:  # (without the negative: the prompt's output, PAG's and SAG's terms)
+        out = outs[0] if pag is None else pag.guide(outs[0], outs[0], perturbed, t)
+        return out if sag is None else out + sag_term()
     keep_negative(read, outs[0])  # (the negative's, or A1111's stand-in for it: the first sub-prompt's)
     if skip_uncond:  # (A1111: the first sub-prompt's output as the negative's, at scale 1)
         combined = combine_composed(outs[0], [(out, weight) for out, (_, weight) in zip(outs, parts)], 1.0)
-        return combined if pag is None else pag.guide(combined, outs[-1], perturbed, t)
+        combined = combined if pag is None else pag.guide(combined, outs[-1], perturbed, t)
+        return combined if sag is None else combined + sag_term()
     out_u, *outs = outs
     combined = combine_composed(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scaled_by(read, scale))
-    if pag is not None and read is None:  # (diffusers' order: PAG, then the rescale of the whole)
-        combined = pag.guide(combined, outs[0], perturbed, t)
+    if read is None:  # (diffusers' order: PAG, SAG, then the rescale of the whole)
+        combined = combined if pag is None else pag.guide(combined, outs[0], perturbed, t)
+        combined = combined if sag is None else combined + sag_term()
     if rescale is not None:
         combined = rescale.rescale(combined, outs[0], **({} if read is None else {"x_in": x, "sigma": sigma}))
-    if pag is not None and read is not None:  # (ComfyUI's order: the rescale, then PAG)
-        combined = pag.guide(combined, outs[0], perturbed, t)
+    if read is not None:  # (ComfyUI's order: the rescale (its CFG function), then PAG and SAG (post-CFG))
+        combined = combined if pag is None else pag.guide(combined, outs[0], perturbed, t)
+        combined = combined if sag is None else combined + sag_term()
     return combined

@@ -33,6 +33,7 @@ from .sampler_tables import CHURN_SAMPLERS, ETA_SAMPLERS, run_schedule, takes_et
 
 if TYPE_CHECKING:
     from .perturbed_attention import PerturbedAttentionGuidance
+    from .self_attention_guidance import SelfAttentionGuidance
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
            "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
@@ -246,7 +247,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              pad_conds: object | None = None, eta: float | None = None, eta_ddim: float | None = None,
              noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object | None = None,
              guidance_rescale: float | GuidanceRescale = 0.0,
-             perturbed_attention: PerturbedAttentionGuidance | None = None) -> Tensor:
+             perturbed_attention: PerturbedAttentionGuidance | None = None,
+             self_attention_guidance: SelfAttentionGuidance | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -339,6 +341,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     ``guidance_rescale=``, else the System protocol); 0 off. ``perturbed_attention``: perturbed-attention guidance
     (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`, hooked on the system's UNet) on each guided
     call (the system's ``sample`` when it takes ``perturbed_attention=``, else the System protocol); ``None`` off.
+    ``self_attention_guidance``: self-attention guidance (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`,
+    hooked on the system's UNet) likewise.
 
     ``generator``: a CPU ``torch.Generator`` the start noise and the ancestral samplers' noise are drawn from in
     place of ``torch.Generator().manual_seed(seed)`` (diffusers' pipelines' ``generator=``): diffusers' img2img is
@@ -418,6 +422,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
                      start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds,
                      guidance_rescale=as_guidance_rescale(guidance_rescale), perturbed_attention=perturbed_attention,
+                     self_attention_guidance=self_attention_guidance,
                      eta=(eta if name in ETA_SAMPLERS else eta_ddim if takes_eta_ddim(name, schedule) else None),
                      churn=churn if name in CHURN_SAMPLERS else None)
 
@@ -474,7 +479,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               start_noise: Tensor | None = None, vae_encode: str = "mean", uncond_skip: object | None = None,
               pad_conds: object | None = None, eta: float | None = None, churn: object | None = None,
               guidance_rescale: GuidanceRescale | None = None,
-              perturbed_attention: PerturbedAttentionGuidance | None = None) -> Tensor:
+              perturbed_attention: PerturbedAttentionGuidance | None = None,
+              self_attention_guidance: SelfAttentionGuidance | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -498,13 +504,14 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (eta is None or _takes(system.sample, "eta"))
                      and (churn is None or _takes(system.sample, "churn"))
                      and (guidance_rescale is None or _takes(system.sample, "guidance_rescale"))
-                     and (perturbed_attention is None or _takes(system.sample, "perturbed_attention")))
+                     and (perturbed_attention is None or _takes(system.sample, "perturbed_attention"))
+                     and (self_attention_guidance is None or _takes(system.sample, "self_attention_guidance")))
     # (else through the protocol, below)
     # (a plain DDIM request the system's own sample runs whatever it takes)
     plain_ddim = (name == "ddim" and schedule is None and noise is None and start is None and output == "images"
                   and before_model_call is None and generator is None and start_noise is None
                   and uncond_skip is None and pad_conds is None and eta is None and churn is None
-                  and guidance_rescale is None and perturbed_attention is None)
+                  and guidance_rescale is None and perturbed_attention is None and self_attention_guidance is None)
     own_sampler = takes_sampler or plain_ddim
     if plan is not None:
         if cond is not None:
@@ -560,6 +567,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["guidance_rescale"] = guidance_rescale
         if perturbed_attention is not None:
             options["perturbed_attention"] = perturbed_attention
+        if self_attention_guidance is not None:
+            options["self_attention_guidance"] = self_attention_guidance
         if vae_encode != "mean" and _takes(system.sample, "vae_encode"):
             options["vae_encode"] = vae_encode
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
@@ -593,8 +602,13 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                               uncond_skip=uncond_skip, total_steps=samplers.run_total_steps(
                                   name, steps, start=start, schedule=run_schedule(name, schedule, karras)),
                               pad_conds=pad_conds, guidance_rescale=guidance_rescale,
-                              perturbed_attention=perturbed_attention)
-        scale, uncond_skip, pad_conds, guidance_rescale, perturbed_attention = 1.0, None, None, None, None
+                              perturbed_attention=perturbed_attention, self_attention_guidance=self_attention_guidance)
+        if self_attention_guidance is not None:
+            from .self_attention_guidance import check_sag_run
+
+            check_sag_run(name, schedule=run_schedule(name, schedule, karras))
+        scale, uncond_skip, pad_conds, guidance_rescale = 1.0, None, None, None
+        perturbed_attention = self_attention_guidance = None
     else:
         if cond is None:
             cond = system.condition(system.tokenize(prompts))
@@ -609,6 +623,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                       start=start, before_model_call=before_model_call, uncond_skip=uncond_skip,
                                       pad_conds=pad_conds, guidance_rescale=guidance_rescale,
                                       perturbed_attention=perturbed_attention,
+                                      self_attention_guidance=self_attention_guidance,
                                       **({} if eta is None else {"eta": eta}),
                                       **({} if churn is None else {"churn": churn}),
                                       **({} if clip_sample is None else {"clip_sample": clip_sample}),

@@ -94,7 +94,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
         seed=args.seed, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
         guidance_rescale_space=args.guidance_rescale_space, pag_scale=args.pag_scale,
-        pag_adaptive_scale=args.pag_adaptive_scale, pag_layers=args.pag_layers,
+        pag_adaptive_scale=args.pag_adaptive_scale, pag_layers=args.pag_layers, sag_scale=args.sag_scale,
+        sag_blur_sigma=args.sag_blur_sigma,
         sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
@@ -291,6 +292,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="the self-attention layers PAG perturbs: diffusers' pag_applied_layers, regular "
                           "expressions searched in the UNet's module names (default: mid, the middle block's, as "
                           "diffusers, Forge and ComfyUI; e.g. down_blocks.2 up_blocks.0)")
+    generate.add_argument("--sag-scale", type=float, default=0.0, metavar="F",
+                          help="self-attention guidance scale (Hong et al.; default 0, off; 0.5 ComfyUI's / Forge's, "
+                          "0.75 diffusers'): the regions the middle self-attention attends to most are blurred in x̂0, "
+                          "renoised and run again, and the result pushed away from that (one more UNet call per step; "
+                          "σ samplers or diffusers' grid; docs/samplers.md)")
+    generate.add_argument("--sag-blur-sigma", type=float, default=2.0, metavar="F",
+                          help="the SAG blur's σ in latent pixels (default 2, ComfyUI's / Forge's; diffusers' pipeline "
+                          "fixes 1)")
     generate.add_argument("--sampler", type=_sampler, default=None, metavar="NAME",
                           help="default ddim (an EDM model such as Playground v2.5: dpmsolver++, its own scheduler); "
                           f"one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "
@@ -549,6 +558,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: bool(args.guidance_rescale) or args.infotext is not None)
     only_with(generate, ["--pag-adaptive-scale", "--pag-layers"], needs="--pag-scale F",
               when=lambda args: bool(args.pag_scale) or args.infotext is not None)
+    only_with(generate, ["--sag-blur-sigma"], needs="--sag-scale F",
+              when=lambda args: bool(args.sag_scale) or args.infotext is not None)
     hires_size = "--hires-scale F or --hires-width/--hires-height"
 
     def wants_hires(args: argparse.Namespace) -> bool:

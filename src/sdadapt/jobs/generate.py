@@ -65,6 +65,8 @@ def run_generate(
     pag_scale: float = 0.0,
     pag_adaptive_scale: float = 0.0,
     pag_layers: Sequence[str] | None = None,
+    sag_scale: float = 0.0,
+    sag_blur_sigma: float = 2.0,
     sampler: str | None = None,
     karras: bool = False,
     schedule: str | None = None,
@@ -199,6 +201,11 @@ def run_generate(
             0)``), written as SD.Next's "PAG adaptive"; with ``pag_scale``.
         pag_layers: diffusers' ``pag_applied_layers`` (regular expressions searched in the UNet's module names;
             ``None``: ``("mid",)``), written "PAG layers" when not ``mid``; with ``pag_scale``.
+        sag_scale: self-attention guidance (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`; 0 off,
+            0.5 ComfyUI's / Forge's): diffusers' SAG pipeline on diffusers' grids, ComfyUI's / Forge's on A1111's σ
+            grids, every pass; written as Forge writes it (``sag_enabled: True, sag_scale: S, sag_blur_sigma: B``).
+            Not with ``AND``, ``refiner``, Hypertile U-Net, A1111's timestep samplers, LCM or an EDM model.
+        sag_blur_sigma: the SAG blur's σ (2 ComfyUI's / Forge's; diffusers' pipeline: 1).
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
             ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
@@ -558,6 +565,12 @@ def run_generate(
         raise ValueError("--pag-adaptive-scale / --pag-layers shape perturbed-attention guidance, which runs only with "
                          "--pag-scale F: add it, or leave them out")
     pag_layers = ("mid",) if pag_layers is None else tuple(pag_layers)
+    if not math.isfinite(sag_scale) or not (math.isfinite(sag_blur_sigma) and sag_blur_sigma > 0):
+        raise ValueError(f"--sag-scale / --sag-blur-sigma: a finite scale and a blur σ above 0, got {sag_scale} and "
+                         f"{sag_blur_sigma}")
+    if sag_scale and (hypertile_unet or hypertile_unet_second_pass):
+        raise ValueError("--sag-scale reads the middle block's self-attention map, which --hypertile-unet cuts into "
+                         "tiles: give one")
     try:
         token_merging_ratio = check_token_merging_ratio(token_merging_ratio)
         hr_merging_ratio = check_token_merging_ratio(token_merging_ratio_hr or 0.0) or token_merging_ratio  # (A1111's
@@ -812,6 +825,22 @@ def run_generate(
                                                                      layers=pag_layers))
         except ValueError as exc:
             raise ValueError(f"--pag-scale: {exc}") from None
+    sag = None
+    if sag_scale:  # (hooked on the base UNet for the run; each pass's sampler and grid checked first)
+        from ..self_attention_guidance import SelfAttentionGuidance, check_sag_run
+
+        try:
+            for name, grid in passes:
+                check_sag_run(name, schedule=grid, edm=getattr(system, "edm", None) is not None)
+            if refiner_system is not None:
+                raise ValueError("the refiner's UNet would run without it below its cut: leave SAG out with --refiner")
+            if getattr(system, "unet", None) is None:
+                raise ValueError(f"{model} has no UNet to read")
+            sag = run_scope.enter_context(SelfAttentionGuidance(
+                system.unet, scale=sag_scale, blur_sigma=sag_blur_sigma, alphas_cumprod=system.alphas_cumprod,
+                prediction_type=getattr(system, "prediction_type", "epsilon")))
+        except ValueError as exc:
+            raise ValueError(f"--sag-scale: {exc}") from None
     if noise_schedule == "zero-terminal-snr":  # (A1111's apply_alpha_schedule_override: every model it samples)
         for holder in (system, refiner_system):
             if holder is not None:
@@ -961,6 +990,10 @@ def run_generate(
                              f"prompt has {len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers "
                              "has no AND; A1111's 'CFG Rescale' extension keeps the last sub-prompt's alone): leave "
                              "out --guidance-rescale or the AND")
+        if sag_scale and len(plan.parts) > 1:
+            raise ValueError(f"--sag-scale degrades the negative branch of each call; the prompt has "
+                             f"{len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers has no AND): "
+                             "leave out --sag-scale or the AND")
         if pag_scale and len(plan.parts) > 1:
             raise ValueError(f"--pag-scale steers away from the conditional branch's perturbed output; the prompt has "
                              f"{len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers has no AND): "
@@ -1150,6 +1183,7 @@ def run_generate(
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None,
         guidance_rescale=rescale, perturbed_attention=None if pag is None else (pag_scale, pag_adaptive_scale, pag_layers),
+        self_attention_guidance=None if sag is None else (sag_scale, sag_blur_sigma),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass))
     written = []
@@ -1177,7 +1211,8 @@ def run_generate(
                            **({} if not extra_noise else {"extra_noise": extra_noise}),
                            **({} if churn is None else {"churn": churn}),
                            **({} if rescale is None else {"guidance_rescale": rescale}),
-                           **({} if pag is None else {"perturbed_attention": pag}))
+                           **({} if pag is None else {"perturbed_attention": pag}),
+                           **({} if sag is None else {"self_attention_guidance": sag}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)

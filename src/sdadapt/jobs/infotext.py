@@ -42,6 +42,7 @@ from pathlib import Path
 from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
 from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
+from ..self_attention_guidance import SAG_FIELDS
 from ..tiling import TILING_FIELD
 from ..token_merging import TOKEN_MERGING_FIELD, TOKEN_MERGING_HR_FIELD
 
@@ -275,6 +276,9 @@ class InfotextRun:
             (``PerturbedAttentionGuidance_enabled: True, PerturbedAttentionGuidance_scale: S``, added before each pass
             samples, after reForge's RescaleCFG fields), then SD.Next's "PAG adaptive" when not 0 and sdadapt's "PAG
             layers" (space-separated) when not ``mid`` alone.
+        self_attention_guidance: ``(scale, blur sigma)`` of ``--sag-scale`` / ``--sag-blur-sigma``, or ``None``:
+            written as Forge's built-in SAG writes it (``sag_enabled: True, sag_scale: S, sag_blur_sigma: B``, before
+            the PAG fields: Forge's script order).
         tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass; hires_tag_loras: the hires pass's
             (A1111's hires pass adds its networks to ``p.lora_hashes``), listed after; each name listed once,
             where it first comes.
@@ -341,6 +345,7 @@ class InfotextRun:
     aesthetic: Mapping[str, object] | None = None
     guidance_rescale: object = None
     perturbed_attention: tuple | None = None
+    self_attention_guidance: tuple | None = None
     tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
     hypertile: tuple | None = None
@@ -449,6 +454,8 @@ class InfotextRun:
         fields["Emphasis"] = self.emphasis  # (sd_hijack_clip, as the texts are encoded)
         if rescale is not None and rescale.space == "v":  # (reForge's process_before_every_sampling)
             fields.update(zip(RESCALE_CFG_FIELDS, (True, "Normal", rescale.phi)))
+        if self.self_attention_guidance is not None:  # (Forge's SAG script: process_before_every_sampling)
+            fields.update(zip(SAG_FIELDS, (True, *map(float, self.self_attention_guidance))))
         if self.perturbed_attention is not None:  # (Forge's process_before_every_sampling; SD.Next's adaptive)
             scale, adaptive, layers = self.perturbed_attention
             fields.update(zip(PAG_FIELDS, (True, float(scale))))
@@ -532,7 +539,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
                  emphasis: str | None = None, guidance_rescale: object = None,
-                 perturbed_attention: tuple | None = None, tiling: bool = False,
+                 perturbed_attention: tuple | None = None, self_attention_guidance: tuple | None = None,
+                 tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
@@ -549,10 +557,16 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     image and it is not 0); ``churn``: its "Sigma churn" settings (:class:`sdadapt.samplers.churn.SigmaChurn`,
     written when a pass runs Euler, Heun or DPM2); ``guidance_rescale``: ``--guidance-rescale`` ("CFG Rescale");
     ``perturbed_attention``: ``(scale, adaptive scale, layers)`` of ``--pag-scale`` (Forge's PAG fields) or ``None``;
+    ``self_attention_guidance``: ``(scale, blur sigma)`` of ``--sag-scale`` (Forge's SAG fields) or ``None``;
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
-    from ..sampler_tables import CHURN_SAMPLERS, DISCARD_NEXT_TO_LAST_SIGMA, ETA_SAMPLERS, canonical_sampler
+    from ..sampler_tables import (
+        CHURN_SAMPLERS,
+        DISCARD_NEXT_TO_LAST_SIGMA,
+        ETA_SAMPLERS,
+        canonical_sampler,
+    )
     from ..samplers.schedules import ScheduleOptions, canonical_schedule
     from ..samplers.sigma_space import model_sigmas
     from ..sampling import default_guidance
@@ -613,5 +627,6 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
-        guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention, tiling=tiling, token_merging=tuple(map(float, token_merging)),
+        guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
+        self_attention_guidance=self_attention_guidance, tiling=tiling, token_merging=tuple(map(float, token_merging)),
         hypertile=hypertile)

@@ -132,6 +132,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         NOISE_SCHEDULE_LABELS,
     )
     from ..samplers.schedules import canonical_schedule
+    from ..self_attention_guidance import SAG_FIELDS
 
     options: dict[str, object] = {}
     taken: set[str] = set()
@@ -203,6 +204,13 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take(PAG_FIELDS_READ[0], "pag_scale", float)
     take(PAG_ADAPTIVE_FIELD, "pag_adaptive_scale", float)
     take(PAG_LAYERS_FIELD, "pag_layers", str.split)
+    sag_enabled, sag_scale, sag_blur = SAG_FIELDS  # (Forge's built-in SAG)
+    if flag(fields.get(sag_enabled, "")) and sag_scale in fields:
+        take(sag_scale, "sag_scale", float)
+        take(sag_blur, "sag_blur_sigma", float)
+        taken.add(sag_enabled)
+    elif sag_enabled in fields and not flag(fields[sag_enabled]):  # (written off: nothing to take)
+        taken.update(key for key in SAG_FIELDS if key in fields)
     take("Tiling", "tiling", flag)
     tile_options, tile_fields = hypertile_options(dict(fields))
     options.update(tile_options)

@@ -52,6 +52,7 @@ from ..uncond_skip import UncondSkip
 if TYPE_CHECKING:
     from ..img2img import Img2ImgStart
     from ..perturbed_attention import PerturbedAttentionGuidance
+    from ..self_attention_guidance import SelfAttentionGuidance
 from .a1111_timesteps import (
     a1111_ddim_cfgpp_sample,
     a1111_ddim_sample,
@@ -132,7 +133,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    before_model_call: Callable[[int, int], None] | None = None,
                    uncond_skip: UncondSkip | None = None, pad_conds: CondPadding | None = None,
                    guidance_rescale: float | GuidanceRescale = 0.0,
-                   perturbed_attention: PerturbedAttentionGuidance | None = None, **options) -> Tensor:
+                   perturbed_attention: PerturbedAttentionGuidance | None = None,
+                   self_attention_guidance: SelfAttentionGuidance | None = None, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given: over the model outputs on diffusers' grids
     (diffusers' pipelines), over each output's x̂0 on A1111's (a ``schedule``; ``dpmpp_2s_a``, ``dpm_fast``,
@@ -144,7 +146,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     ``guidance_rescale``), x̂0 on A1111's σ grids and ε on its timestep samplers (A1111's "CFG Rescale" extension);
     0 off. ``perturbed_attention``: perturbed-attention guidance on every call
     (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`, hooked on ``model``'s UNet; its term on the
-    outputs on diffusers' grids, on x̂0 on A1111's); ``None`` off.
+    outputs on diffusers' grids, on x̂0 on A1111's); ``None`` off. ``self_attention_guidance``: self-attention
+    guidance on every call (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`: diffusers' SAG pipeline on
+    diffusers' grids, ComfyUI's / Forge's on A1111's σ grids; refused on A1111's timestep samplers and LCM).
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
     its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
@@ -182,6 +186,10 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     name = canonical_sampler(sampler)
     guidance_rescale = guidance_rescale_for_run(guidance_rescale, name, schedule=schedule,
                                                 prediction_type=prediction_type)
+    if self_attention_guidance is not None:
+        from ..self_attention_guidance import check_sag_run
+
+        check_sag_run(name, schedule=schedule)
     if start is not None:
         from ..img2img import check_img2img_sampler, img2img_rule
 
@@ -221,7 +229,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     model = diffusion.guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip,
                              total_steps=run_total_steps(name, num_steps, start=start, schedule=run_grid),
                              pad_conds=pad_conds, guidance_rescale=guidance_rescale,
-                             perturbed_attention=perturbed_attention)
+                             perturbed_attention=perturbed_attention,
+                             self_attention_guidance=self_attention_guidance)
     if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
         # per CFGDenoiser.forward, also where the conditionings do not batch)
         if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)

@@ -25,6 +25,7 @@ from ..uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
     from ..perturbed_attention import PerturbedAttentionGuidance
+    from ..self_attention_guidance import SelfAttentionGuidance
 
 __all__ = [
     "Guided",
@@ -594,18 +595,22 @@ class Guided:
     on every combination; 0 off. ``perturbed_attention``: a :class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`
     hooked on ``model``'s UNet: every call adds ``p·(c − c̃)``, its perturbed branch batched with the others where the
     conditions concatenate — on the outputs before the rescale (diffusers' PAG pipelines), on x̂0 after it by branch
-    (ComfyUI's / Forge's), and on the conditional output alone in a call without the negative."""
+    (ComfyUI's / Forge's), and on the conditional output alone in a call without the negative.
+    ``self_attention_guidance``: a :class:`sdadapt.self_attention_guidance.SelfAttentionGuidance` on ``model``'s UNet:
+    every call adds its term from the negative branch (the conditional one in a call without it) — diffusers' SAG
+    pipeline on the outputs, ComfyUI's / Forge's on x̂0 by branch — after PAG's."""
 
     def __init__(self, model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
                  uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None,
                  guidance_rescale: float | GuidanceRescale = 0.0,
-                 perturbed_attention: PerturbedAttentionGuidance | None = None) -> None:
+                 perturbed_attention: PerturbedAttentionGuidance | None = None,
+                 self_attention_guidance: SelfAttentionGuidance | None = None) -> None:
         if pad_conds is not None and uncond is not None:  # (A1111 pads before it runs either: at scale 1 too)
             (cond,), uncond = pad_conds.pad([cond], uncond)
         self.model, self.cond, self.uncond, self.scale = model, cond, uncond, guidance_scale
         self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
         self.guidance_rescale = as_guidance_rescale(guidance_rescale)
-        self.perturbed_attention = perturbed_attention
+        self.perturbed_attention, self.self_attention_guidance = perturbed_attention, self_attention_guidance
 
     def _plain(self, x: Tensor, t: Tensor, conds: list[object]) -> list[Tensor]:
         """The outputs under ``conds`` (the cond alone, or uncond and cond): one batch where they concatenate."""
@@ -622,6 +627,15 @@ class Guided:
         return self.perturbed_attention.branch_outputs(self.model, x, t, conds,
                                                        plain=lambda given: self._plain(x, t, given))
 
+    def _branches(self, x: Tensor, t: Tensor, conds: list[object]) -> tuple[list[Tensor], Tensor | None]:
+        """:meth:`_outputs`, and with SAG the attention mask of the first branch (:class:`SelfAttentionGuidance`)."""
+        if self.self_attention_guidance is None:
+            return self._outputs(x, t, conds), None
+        return self.self_attention_guidance.outputs(lambda: self._outputs(x, t, conds), x.shape[0])
+
+    def _extra(self) -> bool:
+        return self.perturbed_attention is not None or self.self_attention_guidance is not None
+
     def _cond_alone(self, sigma: float | Tensor | None, read: Callable[[Tensor], Tensor] | None = None) -> bool:
         call, self.calls = self.calls, self.calls + 1
         skip = self.uncond_skip is not None and self.uncond_skip.skips(call, self.total_steps, sigma)
@@ -630,16 +644,19 @@ class Guided:
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         """The guided output (B,C,H,W) at ``x`` (B,C,H,W), timesteps ``t`` (B,)."""
-        pag = self.perturbed_attention
+        pag, sag = self.perturbed_attention, self.self_attention_guidance
         if self._cond_alone(None):
-            if pag is None:
+            if not self._extra():
                 return self.model(x, t, self.cond)
-            out_c, out_p = self._outputs(x, t, [self.cond])
-            return pag.guide(out_c, out_c, out_p, t)
-        out_u, out_c, *perturbed = self._outputs(x, t, [self.uncond, self.cond])
+            (out_c, *perturbed), mask = self._branches(x, t, [self.cond])
+            out = out_c if pag is None else pag.guide(out_c, out_c, perturbed[0], t)
+            return out if sag is None else out + sag.term_on_outputs(self.model, x, t, self.cond, out_c, mask)
+        (out_u, out_c, *perturbed), mask = self._branches(x, t, [self.uncond, self.cond])
         combined = guidance_combine(out_u, out_c, self.scale)
         if pag is not None:  # (diffusers' PAG pipelines: the PAG term, then the rescale of the whole)
             combined = pag.guide(combined, out_c, perturbed[0], t)
+        if sag is not None:  # (diffusers' SAG pipeline: from the negative branch)
+            combined = combined + sag.term_on_outputs(self.model, x, t, self.uncond, out_u, mask)
         return combined if self.guidance_rescale is None else self.guidance_rescale.rescale(combined, out_c)
 
     def denoised_by_branch(self, read: Callable[[Tensor], Tensor], x: Tensor, t: Tensor, _cond: object = None, *,
@@ -647,31 +664,40 @@ class Guided:
         """x̂0 (B,C,H,W): each half's output read by ``read``, combined on x̂0 as A1111's ``combine_denoised``
         (the negative half kept for a :class:`~sdadapt.denoised_branches.ReadKeepingNegative`, its scale multiplier
         applied)."""
-        pag = self.perturbed_attention
+        pag, sag = self.perturbed_attention, self.self_attention_guidance
         if self._cond_alone(sigma, read):  # (no negative kept: the output itself stands in, as in A1111)
-            if pag is None:
+            if not self._extra():
                 return denoised_of(self.model, read, x, t, self.cond, sigma=sigma)
-            out_c, out_p = self._outputs(x, t, [self.cond])
+            (out_c, *perturbed), mask = self._branches(x, t, [self.cond])
             positive = read(out_c)
-            return pag.guide(positive, positive, read(out_p), t)
-        out_u, out_c, *perturbed = self._outputs(x, t, [self.uncond, self.cond])
+            out = positive if pag is None else pag.guide(positive, positive, read(perturbed[0]), t)
+            return out if sag is None else out + sag.term_on_denoised(self.model, read, x, t, self.cond, positive, mask,
+                                                                      sigma=sigma)
+        (out_u, out_c, *perturbed), mask = self._branches(x, t, [self.uncond, self.cond])
         negative, positive = read(out_u), read(out_c)
         keep_negative(read, negative)
         combined = guidance_combine(negative, positive, scaled_by(read, self.scale))
         if self.guidance_rescale is not None:
             combined = self.guidance_rescale.rescale(combined, positive, x_in=x, sigma=sigma)
-        return combined if pag is None else pag.guide(combined, positive, read(perturbed[0]), t)  # (ComfyUI's order)
+        if pag is not None:  # (ComfyUI's order: its CFG function (RescaleCFG), then the post-CFG ones)
+            combined = pag.guide(combined, positive, read(perturbed[0]), t)
+        if sag is not None:
+            combined = combined + sag.term_on_denoised(self.model, read, x, t, self.uncond, negative, mask, sigma=sigma)
+        return combined
 
 
 def guided(model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
            uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None,
            guidance_rescale: float | GuidanceRescale = 0.0,
-           perturbed_attention: PerturbedAttentionGuidance | None = None) -> Guided:
+           perturbed_attention: PerturbedAttentionGuidance | None = None,
+           self_attention_guidance: SelfAttentionGuidance | None = None) -> Guided:
     """Classifier-free guidance ``u + s·(c − u)`` over ``model``: a :class:`Guided` (called ``(x, t, _cond)``);
     ``guidance_rescale``: its :class:`sdadapt.guidance_rescale.GuidanceRescale` (or φ) on each combination (0 off);
-    ``perturbed_attention``: PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`) on each call."""
+    ``perturbed_attention``: PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`) on each call;
+    ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`) on each call."""
     return Guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip, total_steps=total_steps,
-                  pad_conds=pad_conds, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention)
+                  pad_conds=pad_conds, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
+                  self_attention_guidance=self_attention_guidance)
 
 
 def ddim_sample(
