@@ -320,3 +320,43 @@ def test_the_example_in_docs_samplers_md_runs():
     assert scope["guided_by_sag"].shape == (1, 3, 32, 32) and torch.isfinite(scope["guided_by_sag"]).all()
     plain = scope["generate"](scope["toy"], ["a red circle"], sampler="dpmpp_2m", schedule="karras", steps=8, seed=3)
     assert (scope["guided_by_sag"] - plain).abs().max() > 1e-3  # (the toy's middle block read and degraded)
+
+
+def test_the_alpha_bar_of_a_call_is_the_tables_or_that_of_its_sigma(system):
+    """Integer timesteps read the table (diffusers' pipeline); the fractional ones diffusers' Euler / Heun grids
+    give the model read ᾱ = 1/(1 + σ²) of the σ they came from."""
+    from sdadapt.samplers.sigma_space import sigma_to_t, training_sigmas
+
+    table = system.alphas_cumprod
+    sag = SelfAttentionGuidance(system.unet, alphas_cumprod=table)
+    try:
+        steps = torch.tensor([0, 17, 999])
+        assert torch.equal(sag.alpha_bar_at(steps), table[steps])
+        sigmas = torch.tensor([0.05, 0.9, 3.3, 12.0])
+        t = sigma_to_t(sigmas, training_sigmas(table).float())
+        assert not bool((t == t.round()).all())
+        assert torch.allclose(sag.alpha_bar_at(t), 1 / (1 + sigmas**2), rtol=1e-4)
+    finally:
+        sag.remove()
+
+
+def test_sdxls_dict_conditions_take_it_and_scale_0_is_no_sag(tmp_path_factory):
+    """SDXL (dict conditions, two text encoders, ``time_ids``): the degraded call runs under the negative's dict; at
+    scale 0 the run is the one without SAG, at 0.5 another."""
+    from tiny_checkpoints import tiny_sdxl_file
+
+    from sdadapt.jobs.models import load_system
+    from sdadapt.sampling import generate
+
+    xl = load_system(str(tiny_sdxl_file(tmp_path_factory.mktemp("sag_xl") / "xl.safetensors")), device="cpu")
+    run = {"seed": 3, "steps": 4, "guidance": 4.0, "negative": "blurry", "output": "latents", "height": 48,
+           "width": 48}
+    for sampler, schedule in (("ddim", None), ("euler", "karras")):
+        plain = generate(xl, ["a red cube"], sampler=sampler, schedule=schedule, **run)
+        for scale in (0.0, 0.5):
+            with SelfAttentionGuidance(xl.unet, scale=scale, alphas_cumprod=xl.alphas_cumprod,
+                                       prediction_type=xl.prediction_type) as sag:
+                got = generate(xl, ["a red cube"], sampler=sampler, schedule=schedule, self_attention_guidance=sag,
+                               **run)
+            gap = (got - plain).abs().max().item()
+            assert gap < 1e-5 if scale == 0 else gap > 1e-3, (sampler, scale, gap)

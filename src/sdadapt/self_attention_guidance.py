@@ -173,22 +173,38 @@ class SelfAttentionGuidance:
             mask = attention_token_mask(self.attn, kept[0][:batch], threshold=self.threshold)
         return outs, mask
 
+    def alpha_bar_at(self, t: Tensor) -> Tensor:
+        """ᾱ (B,) at the call's timesteps ``t`` (B,): the table's entry at an integer ``t`` (diffusers' SAG pipeline's
+        ``alphas_cumprod[t]``); at a fractional one (diffusers' Euler / Heun grids) ``1/(1 + σ²)`` with σ linear in
+        log σ between the two steps around it, the inverse of the timestep those schedulers give the model
+        (:func:`sdadapt.samplers.sigma_space.t_to_sigma`)."""
+        from .samplers.sigma_space import t_to_sigma
+
+        table = self.alphas_cumprod.to(t.device)
+        step = t.reshape(-1)
+        if not torch.is_floating_point(step) or bool((step == step.round()).all()):
+            return table[step.long()]
+        sigma = t_to_sigma(step.to(table.dtype), ((1 - table) / table) ** 0.5)
+        return 1 / (1 + sigma * sigma)
+
     def term_on_outputs(self, model: Callable[..., Tensor], x: Tensor, t: Tensor, cond: object, out: Tensor,
                         mask: Tensor) -> Tensor:
         """diffusers' SAG term (B, C, H, W) on the model outputs at a timestep grid: ``s·(out − model(x_deg))``, with
-        ``x_deg = add_noise(blur(x̂0), ε, t)`` from the branch's output ``out`` under ``cond`` at ``x``, ``t``; 0 on
-        a latent of 4 pixels or fewer a side (ComfyUI's rule: the 9×9 blur's padding needs 5)."""
-        from .training.diffusion import add_noise, predicted_noise, predicted_x0
-
+        ``x_deg = √ᾱ·blur(x̂0) + √(1 − ᾱ)·ε`` (its ``add_noise``), x̂0 and ε of the branch's output ``out`` under
+        ``cond`` at ``x`` (the VP sample the model sees) and ``t`` (:meth:`alpha_bar_at`), in diffusers' order of
+        operations; 0 on a latent of 4 pixels or fewer a side (ComfyUI's rule: the 9×9 blur's padding needs 5)."""
         if min(x.shape[-2:]) <= 4:
             return torch.zeros_like(out)
-
-        ac = self.alphas_cumprod.to(x.device)
-        step = t.reshape(-1).long()
-        x0 = predicted_x0(self.prediction_type, x, out, step, ac)
-        noise = predicted_noise(self.prediction_type, x, out, step, ac)
-        degraded = add_noise(blur_by_attention(x0, mask, sigma=self.blur_sigma), noise, step, ac)
-        return self.scale * (out - model(degraded.to(x.dtype), t, cond))
+        alpha = self.alpha_bar_at(t).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        beta = 1 - alpha
+        if self.prediction_type == "epsilon":
+            x0, noise = (x - beta ** 0.5 * out) / alpha ** 0.5, out
+        elif self.prediction_type == "v_prediction":
+            x0, noise = alpha ** 0.5 * x - beta ** 0.5 * out, alpha ** 0.5 * out + beta ** 0.5 * x
+        else:  # (sample)
+            x0, noise = out, (x - alpha ** 0.5 * out) / beta ** 0.5
+        degraded = alpha ** 0.5 * blur_by_attention(x0, mask, sigma=self.blur_sigma) + beta ** 0.5 * noise
+        return self.scale * (out - model(degraded, t, cond))
 
     def term_on_denoised(self, model: Callable[..., Tensor], read: Callable[[Tensor], Tensor], x: Tensor, t: Tensor,
                          cond: object, denoised: Tensor, mask: Tensor, *, sigma: float | Tensor) -> Tensor:
