@@ -10,6 +10,11 @@ from __future__ import annotations
 import pytest
 import tiny_sd_fixtures
 import torch
+from guidance_terms import (
+    branch_inputs,
+    check_plan_is_plain_guidance,
+    diffusers_scheduler,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -165,14 +170,6 @@ def test_the_adaptive_scale_is_diffusers():
 
 
 # ---- against diffusers' PAG pipelines ------------------------------------------------------------------------------
-def _scheduler(sampler: str, prediction_type: str):
-    betas = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-             "prediction_type": prediction_type}
-    if sampler == "ddim":
-        return diffusers.DDIMScheduler(**betas, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-    return diffusers.DPMSolverMultistepScheduler(**betas, algorithm_type="dpmsolver++", steps_offset=1)
-
-
 def _run_pipeline(pipe, unet, **call):
     saved = dict(unet.attn_processors)  # (the pipeline leaves its processors set on an error)
     try:
@@ -201,7 +198,7 @@ def test_generate_is_diffusers_pag_pipeline(system, sampler, guidance, extra):
     plain = generate(system, ["a photo"], **run)
     pipe = diffusers.StableDiffusionPAGPipeline(
         vae=system.vae, text_encoder=system.text_encoder, tokenizer=system.tokenizer, unet=system.unet,
-        scheduler=_scheduler(sampler, system.prediction_type), safety_checker=None, feature_extractor=None,
+        scheduler=diffusers_scheduler(sampler, system.prediction_type), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False, pag_applied_layers=layers)
     pipe.set_progress_bar_config(disable=True)
     theirs = _run_pipeline(pipe, system.unet, prompt="a photo", num_inference_steps=6, guidance_scale=guidance,
@@ -235,7 +232,7 @@ def test_generate_is_diffusers_sdxl_pag_pipeline(tiny_sdxl):
     plain = generate(xl, ["a red cube"], **run)
     pipe = diffusers.StableDiffusionXLPAGPipeline(
         vae=xl.vae, text_encoder=xl.text_encoder, text_encoder_2=xl.text_encoder_2, tokenizer=xl.tokenizer,
-        tokenizer_2=xl.tokenizer_2, unet=xl.unet, scheduler=_scheduler("ddim", xl.prediction_type),
+        tokenizer_2=xl.tokenizer_2, unet=xl.unet, scheduler=diffusers_scheduler("ddim", xl.prediction_type),
         pag_applied_layers="mid")
     pipe.set_progress_bar_config(disable=True)
     theirs = _run_pipeline(pipe, xl.unet, prompt="a red cube", negative_prompt="blurry", num_inference_steps=5,
@@ -263,11 +260,8 @@ def test_on_a1111s_grids_it_is_forges_post_cfg_function_on_x0(system, rescale):
     from sdadapt.guidance_rescale import rescale_guidance
     from sdadapt.training.diffusion import guided
 
-    model = system.denoiser()
-    cond = system.condition(system.tokenize(["a photo"]))
-    uncond = system.condition(system.tokenize(["blurry"]))
-    g = torch.Generator().manual_seed(4)
-    x, t, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400]), 1.3
+    model, cond, uncond, x, t = branch_inputs(system, seed=4, t=400)
+    sigma = 1.3
 
     def read(out):
         return x * (sigma**2 + 1) ** 0.5 - sigma * out
@@ -297,12 +291,8 @@ def test_conditions_that_do_not_batch_run_the_perturbed_branch_on_its_own(system
     way), the same guidance as the batched one."""
     from sdadapt.training.diffusion import guided
 
-    model = system.denoiser()
-    cond = system.condition(system.tokenize(["a photo"]))
-    uncond = system.condition(system.tokenize(["blurry"]))
+    model, cond, uncond, x, t = branch_inputs(system, seed=6, t=600)
     short = uncond[:, :-2]
-    g = torch.Generator().manual_seed(6)
-    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([600])
     calls = []
 
     def counted(x_, t_, c_):
@@ -323,29 +313,8 @@ def test_conditions_that_do_not_batch_run_the_perturbed_branch_on_its_own(system
 
 
 def test_a_prompt_plans_guidance_is_the_plain_guidance_and_refuses_and(system):
-    from sdadapt.prompt_guidance import plan_prompt
-    from sdadapt.training.diffusion import guided
-
-    model = system.denoiser()
-    cond = system.condition(system.tokenize(["a cat"]))
-    uncond = system.condition(system.tokenize([""]))
-    g = torch.Generator().manual_seed(7)
-    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([700])
-
-    def read(out):
-        return x - 0.5 * out
-
     with PerturbedAttentionGuidance(system.unet, scale=2.0) as pag:
-        for scale in (5.0, 1.0):
-            plan = plan_prompt("a cat", "", steps=4)
-            scheduled = plan.guidance(model, [cond], [uncond], scale, perturbed_attention=pag)
-            plain = guided(model, cond, uncond, scale, perturbed_attention=pag)
-            assert torch.allclose(scheduled(x, t), plain(x, t), atol=1e-6)
-            assert torch.allclose(scheduled.denoised_by_branch(read, x, t, sigma=0.5),
-                                  plain.denoised_by_branch(read, x, t, sigma=0.5), atol=1e-6)
-        both = plan_prompt("a cat AND a dog", "", steps=4)
-        with pytest.raises(ValueError, match="2 AND sub-prompts"):
-            both.guidance(model, [cond, cond], [uncond], 5.0, perturbed_attention=pag)
+        check_plan_is_plain_guidance(system, perturbed_attention=pag)
 
 
 # ---- generate --pag-scale --------------------------------------------------------------------------------------------
@@ -453,11 +422,7 @@ def test_without_a_negative_pass_it_is_the_prompt_pushed_from_its_perturbed_self
     from sdadapt.training.diffusion import guided
     from sdadapt.uncond_skip import UncondSkip
 
-    model = system.denoiser()
-    cond = system.condition(system.tokenize(["a photo"]))
-    uncond = system.condition(system.tokenize(["blurry"]))
-    g = torch.Generator().manual_seed(8)
-    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300])
+    model, cond, uncond, x, t = branch_inputs(system, seed=8, t=300)
 
     def read(out):
         return x * 1.5 - 0.8 * out

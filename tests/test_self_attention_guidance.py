@@ -12,6 +12,7 @@ import math
 import pytest
 import tiny_sd_fixtures
 import torch
+from guidance_terms import check_plan_is_plain_guidance, diffusers_scheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,7 +81,7 @@ def _comfyui_grid(total: int, lh: int, lw: int) -> tuple[int, int]:
     """ComfyUI's ``create_blur_map`` grid search, transcribed."""
     x = round(math.sqrt((lh / lw) * total))
     xx = None
-    for i in range(0, math.floor(math.sqrt(total) / 2)):
+    for i in range(math.floor(math.sqrt(total) / 2)):
         for j in [(x + i), max(1, x - i)]:
             if total % j == 0:
                 xx = j
@@ -123,14 +124,6 @@ def any_system(request, tmp_path_factory):
     return load_system(str(folder), device=torch.device("cpu"))
 
 
-def _scheduler(sampler: str, prediction_type: str):
-    betas = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-             "prediction_type": prediction_type}
-    if sampler == "ddim":
-        return diffusers.DDIMScheduler(**betas, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-    return diffusers.DPMSolverMultistepScheduler(**betas, algorithm_type="dpmsolver++", steps_offset=1)
-
-
 @pytest.mark.parametrize("sampler,guidance", [("ddim", 5.0), ("dpmsolver++", 5.0), ("ddim", 1.0)])
 def test_generate_is_diffusers_sag_pipeline(any_system, sampler, guidance):
     """sdadapt's txt2img with SAG (diffusers' blur σ 1) = StableDiffusionSAGPipeline's, with the scheduler sdadapt
@@ -146,7 +139,7 @@ def test_generate_is_diffusers_sag_pipeline(any_system, sampler, guidance):
     plain = generate(system_, ["a photo"], **run)
     pipe = sag_module.StableDiffusionSAGPipeline(
         vae=system_.vae, text_encoder=system_.text_encoder, tokenizer=system_.tokenizer, unet=system_.unet,
-        scheduler=_scheduler(sampler, system_.prediction_type), safety_checker=None, feature_extractor=None,
+        scheduler=diffusers_scheduler(sampler, system_.prediction_type), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     saved = dict(system_.unet.attn_processors)
@@ -244,30 +237,8 @@ def test_where_it_has_no_x0_to_degrade_it_is_refused(system, tmp_path):
 
 
 def test_a_prompt_plans_guidance_is_the_plain_guidance_and_refuses_and(system):
-    from sdadapt.prompt_guidance import plan_prompt
-    from sdadapt.training.diffusion import guided
-
-    model = system.denoiser()
-    cond = system.condition(system.tokenize(["a cat"]))
-    uncond = system.condition(system.tokenize([""]))
-    g = torch.Generator().manual_seed(7)
-    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([700])
-
-    def read(out):
-        return x * 1.25 - 0.75 * out
-
     with SelfAttentionGuidance(system.unet, scale=0.8, alphas_cumprod=system.alphas_cumprod) as sag:
-        for scale in (5.0, 1.0):
-            plan = plan_prompt("a cat", "", steps=4)
-            scheduled = plan.guidance(model, [cond], [uncond], scale, self_attention_guidance=sag)
-            plain = guided(model, cond, uncond, scale, self_attention_guidance=sag)
-            assert torch.allclose(scheduled(x, t), plain(x, t), atol=1e-6)
-            assert torch.allclose(scheduled.denoised_by_branch(read, x, t, sigma=0.75),
-                                  plain.denoised_by_branch(read, x, t, sigma=0.75), atol=1e-6)
-        assert not torch.allclose(plain(x, t), guided(model, cond, uncond, 1.0)(x, t), atol=1e-3)
-        with pytest.raises(ValueError, match="self-attention guidance degrades one branch"):
-            plan_prompt("a cat AND a dog", "", steps=4).guidance(model, [cond, cond], [uncond], 5.0,
-                                                                 self_attention_guidance=sag)
+        check_plan_is_plain_guidance(system, self_attention_guidance=sag)
 
 
 # ---- generate --sag-scale ------------------------------------------------------------------------------------------
