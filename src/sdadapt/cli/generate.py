@@ -95,7 +95,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
         guidance_rescale_space=args.guidance_rescale_space, pag_scale=args.pag_scale,
         pag_adaptive_scale=args.pag_adaptive_scale, pag_layers=args.pag_layers, sag_scale=args.sag_scale,
-        sag_blur_sigma=args.sag_blur_sigma,
+        sag_blur_sigma=args.sag_blur_sigma, freeu=args.freeu, freeu_version=args.freeu_version,
         sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
@@ -300,6 +300,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--sag-blur-sigma", type=float, default=2.0, metavar="F",
                           help="the SAG blur's σ in latent pixels (default 2, ComfyUI's / Forge's; diffusers' pipeline "
                           "fixes 1)")
+    generate.add_argument("--freeu", nargs="*", type=float, default=None, metavar="F",
+                          help="FreeU (Si et al.): the decoder's backbone features amplified and its skip features' "
+                          "lowest frequencies damped; alone Forge's defaults, or B1 B2 S1 S2 (SD1.5 1.5 1.6 0.9 0.2, "
+                          "SDXL 1.3 1.4 0.9 0.2 are the paper's; docs/samplers.md)")
+    generate.add_argument("--freeu-version", choices=("v2", "diffusers"), default="v2",
+                          help="v2 (default): ComfyUI's FreeU_V2, Forge's 'FreeU Integrated'; diffusers: "
+                          "UNet2DConditionModel.enable_freeu")
     generate.add_argument("--sampler", type=_sampler, default=None, metavar="NAME",
                           help="default ddim (an EDM model such as Playground v2.5: dpmsolver++, its own scheduler); "
                           f"one of {', '.join(sampler_choices())}, or an A1111 label with ' Karras' "
@@ -558,6 +565,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: bool(args.guidance_rescale) or args.infotext is not None)
     only_with(generate, ["--pag-adaptive-scale", "--pag-layers"], needs="--pag-scale F",
               when=lambda args: bool(args.pag_scale) or args.infotext is not None)
+    only_with(generate, ["--freeu-version"], needs="--freeu",
+              when=lambda args: args.freeu is not None or args.infotext is not None)
     only_with(generate, ["--sag-blur-sigma"], needs="--sag-scale F",
               when=lambda args: bool(args.sag_scale) or args.infotext is not None)
     hires_size = "--hires-scale F or --hires-width/--hires-height"

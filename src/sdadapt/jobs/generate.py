@@ -67,6 +67,8 @@ def run_generate(
     pag_layers: Sequence[str] | None = None,
     sag_scale: float = 0.0,
     sag_blur_sigma: float = 2.0,
+    freeu: Sequence[float] | None = None,
+    freeu_version: str = "v2",
     sampler: str | None = None,
     karras: bool = False,
     schedule: str | None = None,
@@ -206,6 +208,11 @@ def run_generate(
             grids, every pass; written as Forge writes it (``sag_enabled: True, sag_scale: S, sag_blur_sigma: B``).
             Not with ``AND``, ``refiner``, Hypertile U-Net, A1111's timestep samplers, LCM or an EDM model.
         sag_blur_sigma: the SAG blur's σ (2 ComfyUI's / Forge's; diffusers' pipeline: 1).
+        freeu: FreeU (:class:`sdadapt.freeu.FreeU`) on the UNet for the run: ``()`` Forge's defaults, or ``(b1, b2,
+            s1, s2)``; ``None`` off. Written as Forge writes it (``freeu_enabled: True, freeu_b1: ..., freeu_s2:
+            ...``). Not with ``refiner``.
+        freeu_version: ``"v2"`` (ComfyUI's FreeU_V2, Forge's) or ``"diffusers"`` (``enable_freeu``; written "FreeU
+            version: diffusers").
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
             ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
@@ -568,6 +575,12 @@ def run_generate(
     if not math.isfinite(sag_scale) or not (math.isfinite(sag_blur_sigma) and sag_blur_sigma > 0):
         raise ValueError(f"--sag-scale / --sag-blur-sigma: a finite scale and a blur σ above 0, got {sag_scale} and "
                          f"{sag_blur_sigma}")
+    if freeu is not None:
+        from ..freeu import FREEU_DEFAULTS
+
+        if len(freeu) not in (0, 4):
+            raise ValueError(f"--freeu takes no value (Forge's defaults) or four, B1 B2 S1 S2; got {len(freeu)}")
+        freeu = tuple(map(float, freeu)) or FREEU_DEFAULTS
     if sag_scale and (hypertile_unet or hypertile_unet_second_pass):
         raise ValueError("--sag-scale reads the middle block's self-attention map, which --hypertile-unet cuts into "
                          "tiles: give one")
@@ -825,6 +838,23 @@ def run_generate(
                                                                      layers=pag_layers))
         except ValueError as exc:
             raise ValueError(f"--pag-scale: {exc}") from None
+    if freeu is not None:  # (Forge's process_before_every_sampling: the UNet patched for every pass)
+        from ..freeu import FreeU
+
+        try:
+            if refiner_system is not None:
+                raise ValueError("the refiner's UNet would run without it below its cut: leave FreeU out with "
+                                 "--refiner")
+            if getattr(system, "unet", None) is None:
+                raise ValueError(f"{model} has no UNet")
+            changed = run_scope.enter_context(FreeU(system.unet, b1=freeu[0], b2=freeu[1], s1=freeu[2], s2=freeu[3],
+                                                    version=freeu_version))
+            if not changed.skips:
+                raise ValueError(f"{model}'s UNet has no skip connection FreeU {freeu_version} changes "
+                                 "(v2 acts where the decoder is 2 or 4 times its first width; diffusers' needs all "
+                                 "four factors above 0)")
+        except ValueError as exc:
+            raise ValueError(f"--freeu: {exc}") from None
     sag = None
     if sag_scale:  # (hooked on the base UNet for the run; each pass's sampler and grid checked first)
         from ..self_attention_guidance import SelfAttentionGuidance, check_sag_run
@@ -1184,6 +1214,7 @@ def run_generate(
                                                                           steps) else None,
         guidance_rescale=rescale, perturbed_attention=None if pag is None else (pag_scale, pag_adaptive_scale, pag_layers),
         self_attention_guidance=None if sag is None else (sag_scale, sag_blur_sigma),
+        freeu=None if freeu is None else (*freeu, freeu_version),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass))
     written = []

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..freeu import FREEU_FIELDS, FREEU_VERSION_FIELD
 from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
 from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
@@ -279,6 +280,9 @@ class InfotextRun:
         self_attention_guidance: ``(scale, blur sigma)`` of ``--sag-scale`` / ``--sag-blur-sigma``, or ``None``:
             written as Forge's built-in SAG writes it (``sag_enabled: True, sag_scale: S, sag_blur_sigma: B``, before
             the PAG fields: Forge's script order).
+        freeu: ``(b1, b2, s1, s2, version)`` of ``--freeu`` / ``--freeu-version``, or ``None``: written as Forge's
+            "FreeU Integrated" writes it (``freeu_enabled: True, freeu_b1: ..., freeu_s2: ...``, before the SAG
+            fields), then "FreeU version: diffusers" for diffusers' version.
         tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass; hires_tag_loras: the hires pass's
             (A1111's hires pass adds its networks to ``p.lora_hashes``), listed after; each name listed once,
             where it first comes.
@@ -346,6 +350,7 @@ class InfotextRun:
     guidance_rescale: object = None
     perturbed_attention: tuple | None = None
     self_attention_guidance: tuple | None = None
+    freeu: tuple | None = None
     tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
     hypertile: tuple | None = None
@@ -454,6 +459,9 @@ class InfotextRun:
         fields["Emphasis"] = self.emphasis  # (sd_hijack_clip, as the texts are encoded)
         if rescale is not None and rescale.space == "v":  # (reForge's process_before_every_sampling)
             fields.update(zip(RESCALE_CFG_FIELDS, (True, "Normal", rescale.phi)))
+        if self.freeu is not None:  # (Forge's FreeU script: process_before_every_sampling, sorted before SAG's)
+            fields.update(zip(FREEU_FIELDS, (True, *map(float, self.freeu[:4]))))
+            fields[FREEU_VERSION_FIELD] = self.freeu[4] if self.freeu[4] != "v2" else None
         if self.self_attention_guidance is not None:  # (Forge's SAG script: process_before_every_sampling)
             fields.update(zip(SAG_FIELDS, (True, *map(float, self.self_attention_guidance))))
         if self.perturbed_attention is not None:  # (Forge's process_before_every_sampling; SD.Next's adaptive)
@@ -540,7 +548,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
                  emphasis: str | None = None, guidance_rescale: object = None,
                  perturbed_attention: tuple | None = None, self_attention_guidance: tuple | None = None,
-                 tiling: bool = False,
+                 freeu: tuple | None = None, tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
@@ -558,6 +566,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     written when a pass runs Euler, Heun or DPM2); ``guidance_rescale``: ``--guidance-rescale`` ("CFG Rescale");
     ``perturbed_attention``: ``(scale, adaptive scale, layers)`` of ``--pag-scale`` (Forge's PAG fields) or ``None``;
     ``self_attention_guidance``: ``(scale, blur sigma)`` of ``--sag-scale`` (Forge's SAG fields) or ``None``;
+    ``freeu``: ``(b1, b2, s1, s2, version)`` of ``--freeu`` (Forge's FreeU fields) or ``None``;
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 
@@ -628,5 +637,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
         guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
-        self_attention_guidance=self_attention_guidance, tiling=tiling, token_merging=tuple(map(float, token_merging)),
+        self_attention_guidance=self_attention_guidance, freeu=freeu, tiling=tiling, token_merging=tuple(map(float, token_merging)),
         hypertile=hypertile)

@@ -118,6 +118,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     Raises:
         ValueError: a field whose value is not what A1111 writes there (a number that is not one), naming it.
     """
+    from ..freeu import FREEU_FIELDS, FREEU_VERSION_FIELD
     from ..guidance_rescale import GUIDANCE_RESCALE_FIELDS_READ, RESCALE_CFG_FIELDS
     from ..hypertile import hypertile_options
     from ..perturbed_attention import (
@@ -204,6 +205,16 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take(PAG_FIELDS_READ[0], "pag_scale", float)
     take(PAG_ADAPTIVE_FIELD, "pag_adaptive_scale", float)
     take(PAG_LAYERS_FIELD, "pag_layers", str.split)
+    if flag(fields.get(FREEU_FIELDS[0], "")) and all(key in fields for key in FREEU_FIELDS[1:]):  # (Forge's FreeU)
+        try:
+            options["freeu"] = [float(fields[key]) for key in FREEU_FIELDS[1:]]
+        except ValueError:
+            raise ValueError(f"infotext fields {', '.join(FREEU_FIELDS[1:])}: "
+                             f"{[fields[key] for key in FREEU_FIELDS[1:]]} are not the numbers Forge writes there") from None
+        taken.update(FREEU_FIELDS)
+        take(FREEU_VERSION_FIELD, "freeu_version")
+    elif FREEU_FIELDS[0] in fields and not flag(fields[FREEU_FIELDS[0]]):  # (written off: nothing to take)
+        taken.update(key for key in FREEU_FIELDS if key in fields)
     sag_enabled, sag_scale, sag_blur = SAG_FIELDS  # (Forge's built-in SAG)
     if flag(fields.get(sag_enabled, "")) and sag_scale in fields:
         take(sag_scale, "sag_scale", float)

@@ -1,0 +1,175 @@
+"""FreeU (:mod:`sdadapt.freeu`): the Fourier filter against diffusers' own and a float64 reference written here;
+the hooks against diffusers' ``UNet2DConditionModel.enable_freeu`` and against ComfyUI's FreeU_V2 patch (Forge's
+"FreeU Integrated", transcribed and run through diffusers' own FreeU call site), SD1- and SDXL-shaped UNets; removal
+restores the model; ``generate --freeu`` end to end: Forge's infotext fields written and read back."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import tiny_sd_fixtures
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdadapt.freeu import FreeU, fourier_filter
+
+system, tiny_sd = tiny_sd_fixtures.system, tiny_sd_fixtures.tiny_sd
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(2, 12), w=st.integers(2, 12), scale=st.floats(0.0, 2.0), seed=st.integers(0, 2**16))
+def test_the_fourier_filter_scales_the_lowest_frequencies(h, w, scale, seed):
+    from diffusers.utils.torch_utils import fourier_filter as diffusers_filter
+
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    got = fourier_filter(x, 1, scale)
+    assert torch.equal(got, diffusers_filter(x, threshold=1, scale=scale))
+    freq = torch.fft.fftshift(torch.fft.fftn(x.double(), dim=(-2, -1)), dim=(-2, -1))  # (float64, by hand)
+    cr, cc = h // 2, w // 2
+    freq[..., cr - 1:cr + 1, cc - 1:cc + 1] *= scale
+    reference = torch.fft.ifftn(torch.fft.ifftshift(freq, dim=(-2, -1)), dim=(-2, -1)).real
+    assert torch.allclose(got.double(), reference, atol=1e-5)
+
+
+def _unet(kind: str):
+    torch.manual_seed(0)
+    if kind == "sd1":  # (four levels, CrossAttn and plain up blocks: SD1.5's shape in small)
+        return diffusers.UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=16).eval()
+    return diffusers.UNet2DConditionModel(  # (SDXL's: no attention at the first level, widths c, 2c, 4c)
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=16).eval()
+
+
+def _run(unet):
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([300, 700]), ctx).sample
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_the_diffusers_version_is_enable_freeu(kind):
+    unet = _unet(kind)
+    plain = _run(unet)
+    theirs_unet = copy.deepcopy(unet)
+    theirs_unet.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
+    theirs = _run(theirs_unet)
+    keys = list(unet.state_dict())
+    with FreeU(unet, b1=1.3, b2=1.4, s1=0.9, s2=0.2, version="diffusers") as freeu:
+        ours = _run(unet)
+        assert freeu.skips == 6 and list(unet.state_dict()) == keys  # (the first two decoder blocks, 3 skips each)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert (ours - plain).abs().max() > 1e-3
+    assert torch.equal(_run(unet), plain)  # (removed)
+    with FreeU(unet, b1=1.3, b2=1.4, s1=0.9, s2=0.0, version="diffusers") as off:  # (diffusers: any 0 turns it off)
+        assert off.skips == 0 and torch.equal(_run(unet), plain)
+
+
+def _comfyui_freeu_v2(model_channels, b1, b2, s1, s2):
+    """ComfyUI's FreeU_V2 ``output_block_patch`` (Forge's ``patch_freeu_v2``), transcribed; its Fourier filter is
+    diffusers' (the same code)."""
+    from diffusers.utils.torch_utils import fourier_filter as filter_
+
+    scale_dict = {model_channels * 4: (b1, s1), model_channels * 2: (b2, s2)}
+
+    def output_block_patch(h, hsp):
+        scale = scale_dict.get(h.shape[1], None)
+        if scale is not None:
+            hidden_mean = h.mean(1).unsqueeze(1)
+            B = hidden_mean.shape[0]
+            hidden_max, _ = torch.max(hidden_mean.view(B, -1), dim=-1, keepdim=True)
+            hidden_min, _ = torch.min(hidden_mean.view(B, -1), dim=-1, keepdim=True)
+            hidden_mean = (hidden_mean - hidden_min.unsqueeze(2).unsqueeze(3)) / (
+                hidden_max - hidden_min).unsqueeze(2).unsqueeze(3)
+            h[:, :h.shape[1] // 2] = h[:, :h.shape[1] // 2] * ((scale[0] - 1) * hidden_mean + 1)
+            hsp = filter_(hsp, threshold=1, scale=scale[1])
+        return h, hsp
+
+    return output_block_patch
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_the_v2_version_is_comfyuis_freeu_v2(kind, monkeypatch):
+    """ComfyUI's patch runs at every skip concatenation of its output blocks; diffusers' up blocks call
+    ``apply_freeu`` at each of theirs: the transcribed patch put there (every block enabled) is the reference."""
+    from diffusers.models.unets import unet_2d_blocks
+
+    unet = _unet(kind)
+    plain = _run(unet)
+    patch = _comfyui_freeu_v2(32, 1.3, 1.4, 0.9, 0.2)
+    reference_unet = copy.deepcopy(unet)
+    monkeypatch.setattr(unet_2d_blocks, "apply_freeu", lambda index, h, hsp, **_: patch(h, hsp))
+    reference_unet.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
+    theirs = _run(reference_unet)
+    with FreeU(unet, b1=1.3, b2=1.4, s1=0.9, s2=0.2) as freeu:
+        ours = _run(unet)
+    assert freeu.skips > 0
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert (ours - plain).abs().max() > 1e-3
+
+
+def test_a_unet_without_diffusers_decoder_or_a_bad_setting_is_refused():
+    with pytest.raises(ValueError, match="diffusers' layout"):
+        FreeU(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="FreeU version is one of v2, diffusers"):
+        FreeU(_unet("sd1"), version="comfy")
+    with pytest.raises(ValueError, match="finite"):
+        FreeU(_unet("sd1"), b1=float("nan"))
+
+
+# ---- generate --freeu ------------------------------------------------------------------------------------------------
+def test_generate_writes_forges_fields_and_reads_them_back(tiny_sd, tmp_path):
+    pytest.importorskip("PIL")
+    import numpy as np
+    from PIL import Image
+
+    from sdadapt.cli import main
+    from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
+
+    base = ["generate", "--model", str(tiny_sd), "--prompt", "a cat", "--steps", "3", "--width", "32", "--height",
+            "32", "--sampler", "Euler", "--schedule", "karras", "--seed", "2"]
+    assert main([*base, "--freeu", "--out", str(tmp_path / "a.png")]) == 0
+    text = Image.open(tmp_path / "a.png").text["parameters"]
+    assert "freeu_enabled: True, freeu_b1: 1.01, freeu_b2: 1.02, freeu_s1: 0.99, freeu_s2: 0.95" in text
+    assert main([*base, "--freeu", "1.3", "1.4", "0.9", "0.2", "--freeu-version", "diffusers",
+                 "--out", str(tmp_path / "b.png")]) == 0
+    text = Image.open(tmp_path / "b.png").text["parameters"]
+    assert "freeu_b1: 1.3, freeu_b2: 1.4, freeu_s1: 0.9, freeu_s2: 0.2, FreeU version: diffusers" in text
+    options, not_taken = infotext_options(parse_infotext(text))
+    assert (options["freeu"], options["freeu_version"]) == ([1.3, 1.4, 0.9, 0.2], "diffusers")
+    assert not [line for line in not_taken if "freeu" in line.lower()]
+    assert main([*base, "--infotext", str(tmp_path / "b.png"), "--out", str(tmp_path / "c.png")]) == 0
+    assert main([*base, "--out", str(tmp_path / "plain.png")]) == 0
+    a, b, c, plain = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("a", "b", "c", "plain"))
+    assert np.array_equal(b, c) and not np.array_equal(a, plain) and not np.array_equal(b, a)
+
+
+def test_generate_refuses_a_wrong_count_and_orphan_options(tiny_sd, tmp_path):
+    from sdadapt.cli import main
+    from sdadapt.jobs import run_generate
+
+    with pytest.raises(ValueError, match="--freeu takes no value .* or four"):
+        run_generate(model=str(tiny_sd), prompt="a cat", freeu=[1.1, 1.2], out=tmp_path / "a.png", steps=2)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):  # (a usage error: argparse's exit 2)
+        main(["generate", "--model", str(tiny_sd), "--prompt", "a cat", "--freeu-version", "diffusers",
+              "--out", str(tmp_path / "e.png")])
+
+
+def test_the_example_in_docs_samplers_md_runs():
+    from docs_pages import code_blocks
+
+    block = next(b for b in code_blocks("samplers.md") if "FreeU(toy.unet" in b)
+    scope: dict = {}
+    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    assert not any(m._forward_pre_hooks for m in scope["toy"].unet.modules())
