@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["UNET_CONFIGS", "VAE_CONFIGS", "CLIP_CONFIGS", "RssSampler", "environment", "glibc_return_freed_memory",
+           "median_times",
            "malloc_trim", "sync", "write_result"]
 
 
@@ -138,6 +139,25 @@ class RssSampler:
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, self.rss())
+
+
+def median_times(variants: dict, *, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each ``variants`` callable over ``steps`` runs after ``warmup``, interleaved (every round runs
+    them all, every other round in reverse order, so drift hits each alike), under ``torch.no_grad()``."""
+    import statistics
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for step in range(warmup + steps):
+        for name in (order if step % 2 == 0 else order[::-1]):
+            with torch.no_grad():
+                sync(device)
+                start = time.perf_counter()
+                variants[name]()
+                sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def glibc_return_freed_memory() -> bool:

@@ -28,9 +28,7 @@ Writes ``benchmarks/results/attention_guidance-<device>.json`` (``--out`` to cha
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,7 +38,7 @@ from sdadapt.self_attention_guidance import SAG_LAYER, SelfAttentionGuidance
 from sdadapt.training.diffusion import guidance_combine, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import UNET_CONFIGS, environment, sync, write_result
+from _bench import UNET_CONFIGS, environment, median_times, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -139,20 +137,9 @@ def main() -> None:
         raise SystemExit(f"sdadapt's PAG / SAG are {gap} / {sag_gap} from diffusers': not timing different things")
     print(f"PAG: sdadapt vs diffusers {gap:.2e}, vs separate call {apart:.2e}; it moves the output by {moved:.2f}")
     print(f"SAG: sdadapt vs diffusers {sag_gap:.2e}; it moves the output by {sag_moved:.2f}")
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for step in range(args.warmup + args.steps):
-        for name in (order if step % 2 == 0 else order[::-1]):
-            with torch.no_grad():
-                sync(device)
-                start = time.perf_counter()
-                variants[name]()
-                sync(device)
-            if step >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    medians = median_times(variants, steps=args.steps, warmup=args.warmup, device=device)
     pag.remove()
     sag.remove()
-    medians = {name: statistics.median(values) for name, values in times.items()}
     for name, value in medians.items():
         print(f"{name:14s} {value * 1e3:9.1f} ms  ×{value / medians['cfg']:.2f} of cfg", flush=True)
     out = write_result(args.out or RESULTS / f"attention_guidance-{device.type}.json",

@@ -15,9 +15,7 @@ Writes ``benchmarks/results/freeu-<device>.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ import torch
 from sdadapt.freeu import FreeU
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import UNET_CONFIGS, environment, sync, write_result
+from _bench import UNET_CONFIGS, environment, median_times, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FACTORS = {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}  # (the paper's SD1.5 setting)
@@ -72,18 +70,7 @@ def main() -> None:
     if gap > 1e-4:
         raise SystemExit(f"sdadapt's diffusers-version FreeU is {gap} from enable_freeu: not timing different things")
     print(f"sdadapt (diffusers' version) vs enable_freeu {gap:.2e}")
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for step in range(args.warmup + args.steps):
-        for name in (order if step % 2 == 0 else order[::-1]):
-            with torch.no_grad():
-                sync(device)
-                start = time.perf_counter()
-                variants[name]()
-                sync(device)
-            if step >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = median_times(variants, steps=args.steps, warmup=args.warmup, device=device)
     for name, value in medians.items():
         print(f"{name:18s} {value * 1e3:9.1f} ms  ×{value / medians['plain']:.3f} of plain", flush=True)
     out = write_result(args.out or RESULTS / f"freeu-{device.type}.json",

@@ -21,3 +21,14 @@ def run_block(page: str, index: int = 0, namespace: dict | None = None) -> dict:
     namespace = {} if namespace is None else namespace
     exec(compile(blocks[index], f"docs/{page}", "exec"), namespace)
     return namespace
+
+
+def run_block_with(page: str, marker: str, namespace: dict | None = None) -> dict:
+    """Execute the first python block of ``docs/<page>`` that contains ``marker`` in ``namespace`` (a new dict by
+    default) and return it."""
+    block = next((b for b in code_blocks(page) if marker in b), None)
+    if block is None:
+        raise AssertionError(f"docs/{page} has no python block with {marker!r}")
+    namespace = {} if namespace is None else namespace
+    exec(compile(block, f"docs/{page}", "exec"), namespace)  # noqa: S102 - the docs page's own example
+    return namespace

@@ -389,11 +389,9 @@ def test_generate_command_options_for_a1111_noise(tmp_path):
 
 
 def test_the_a1111_noise_example_in_docs_samplers_md_runs():
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if "A1111Seeds" in b)
-    scope: dict = {}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", "A1111Seeds")
     assert scope["image"].shape == (1, 3, 32, 32) and scope["x"].shape == (2, 4, 64, 64)
     assert torch.equal(scope["noise"], philox_randn(1234, (4, 64, 64)))
 

@@ -167,9 +167,7 @@ def test_generate_refuses_a_wrong_count_and_orphan_options(tiny_sd, tmp_path):
 
 
 def test_the_example_in_docs_samplers_md_runs():
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if "FreeU(toy.unet" in b)
-    scope: dict = {}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", "FreeU(toy.unet")
     assert not any(m._forward_pre_hooks for m in scope["toy"].unet.modules())

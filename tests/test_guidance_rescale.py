@@ -220,11 +220,9 @@ def test_a_run_in_v_needs_a_calls_sigma():
 
 
 def test_the_example_in_docs_samplers_md_runs():
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if "GuidanceRescale" in b)
-    scope: dict = {}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", "GuidanceRescale")
     assert scope["in_v"].shape == (1, 4, 8, 8) and torch.isfinite(scope["in_v"]).all()
     plain = scope["read"](scope["model"](scope["x"], scope["t"], scope["cond"]))
     assert not torch.allclose(scope["in_v"], plain)

@@ -252,11 +252,9 @@ def test_hires_with_a1111_noise_draws_a_fresh_image_rng_at_the_hires_size(tiny_s
 
 
 def test_the_img2img_example_in_docs_samplers_md_runs():
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if "init_latents=" in b)
-    scope: dict = {}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", "init_latents=")
     assert scope["again"].shape == (1, 3, 32, 32) and scope["bigger"].shape == (1, 12, 32, 32)
 
 

@@ -426,7 +426,6 @@ def test_latent_noise_fill_with_a1111_noise_is_create_random_tensors_of_the_seed
 
 
 def test_the_only_masked_example_in_docs_samplers_md_runs():
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if "only_masked_region" in b)
-    exec(compile(block, "docs/samplers.md", "exec"), {})  # noqa: S102 - the docs page's own example
+    run_block_with("samplers.md", "only_masked_region")

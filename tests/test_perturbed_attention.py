@@ -407,11 +407,9 @@ def test_every_guided_call_of_a_hires_run_is_perturbed(tiny_sd, tmp_path, monkey
 def test_the_example_in_docs_samplers_md_runs():
     """The toy model has SD's module names: ``"mid"`` finds its middle block's self-attention, and the protocol
     path (``sample_latents`` on ``toy.denoiser()``) perturbs it."""
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if "PerturbedAttentionGuidance(toy.unet" in b)
-    scope: dict = {}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", "PerturbedAttentionGuidance(toy.unet")
     assert scope["perturbed"].shape == (1, 3, 32, 32) and torch.isfinite(scope["perturbed"]).all()
     assert not scope["toy"].unet.mid_block.attentions[0].transformer_blocks[0].attn1._forward_hooks
 

@@ -303,11 +303,9 @@ def test_a_kohya_config_with_its_sampler_trains_and_samples_each_prompt_with_its
 
 
 def test_the_python_example_in_docs_samplers_md_runs():
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if '"ddim_cfgpp"' in b)  # (A1111's timestep samplers' one)
-    scope: dict = {}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", '"ddim_cfgpp"')  # (A1111's timestep samplers' one)
     assert scope["images"].shape == (1, 3, 32, 32) and scope["latents"].shape == (1, 12, 16, 16)
 
 

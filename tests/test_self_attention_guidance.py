@@ -283,11 +283,9 @@ def test_generate_refuses_before_any_output(tiny_sd, tmp_path):
 
 
 def test_the_example_in_docs_samplers_md_runs():
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if "SelfAttentionGuidance(toy.unet" in b)
-    scope: dict = {}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", "SelfAttentionGuidance(toy.unet")
     assert scope["guided_by_sag"].shape == (1, 3, 32, 32) and torch.isfinite(scope["guided_by_sag"]).all()
     plain = scope["generate"](scope["toy"], ["a red circle"], sampler="dpmpp_2m", schedule="karras", steps=8, seed=3)
     assert (scope["guided_by_sag"] - plain).abs().max() > 1e-3  # (the toy's middle block read and degraded)

@@ -44,14 +44,12 @@ def test_every_plain_conv2d_once_subclasses_and_none_left_alone_and_restored_on_
 
 
 def test_the_python_example_in_docs_samplers_md_runs():
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
     from sdadapt.sampling import generate
     from sdadapt.toy import build_toy
 
-    block = next(b for b in code_blocks("samplers.md") if "circular_padding(*models_of(toy))" in b)
-    scope: dict = {}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", "circular_padding(*models_of(toy))")
     plain = generate(build_toy(seed=1), ["a red circle"], sampler="euler", schedule="karras", steps=8, seed=3)
     assert scope["tiled"].shape == plain.shape and not torch.equal(scope["tiled"], plain)
     assert all(m.padding_mode == "zeros" for m in scope["toy"].modules() if type(m) is nn.Conv2d)  # (restored)

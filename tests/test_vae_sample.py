@@ -245,12 +245,10 @@ def test_cli_takes_vae_encode(tmp_path):
 
 
 def test_the_example_in_docs_samplers_md_runs_and_is_the_sampled_img2img(system):
-    from docs_pages import code_blocks
+    from docs_pages import run_block_with
 
-    block = next(b for b in code_blocks("samplers.md") if "init_generator" in b)
     pixels = _pixels(32)
-    scope = {"system": system, "pixels": pixels, "generate": generate}
-    exec(compile(block, "docs/samplers.md", "exec"), scope)  # noqa: S102 - the docs page's own example
+    scope = run_block_with("samplers.md", "init_generator", {"system": system, "pixels": pixels, "generate": generate})
     g = init_generator(5)
     expected = generate(system, ["a photo"], seed=5, init_latents=system.encode_images(pixels, generator=g),
                         denoising_strength=0.6, generator=g)
