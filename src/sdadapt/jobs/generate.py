@@ -824,53 +824,32 @@ def run_generate(
             merging = run_scope.enter_context(TokenMerging(system.unet, ratio=token_merging_ratio))
         except ValueError as exc:
             raise ValueError(f"--token-merging-ratio: {exc}") from None
-    pag = None
-    if pag_scale:  # (hooked on the base UNet for the run; first in line on each layer, before ToMe's / Hypertile's)
+    pag = sag = None  # (each hooked on the base UNet for the run, its hooks taken off with run_scope)
+    if pag_scale:  # (first in line on each layer, before ToMe's / Hypertile's)
         from ..perturbed_attention import PerturbedAttentionGuidance
 
-        try:
-            if refiner_system is not None:
-                raise ValueError("the refiner's UNet would run unperturbed below its cut: leave PAG out with --refiner")
-            if getattr(system, "unet", None) is None:
-                raise ValueError(f"{model} has no UNet to perturb")
-            pag = run_scope.enter_context(PerturbedAttentionGuidance(system.unet, scale=pag_scale,
-                                                                     adaptive_scale=pag_adaptive_scale,
-                                                                     layers=pag_layers))
-        except ValueError as exc:
-            raise ValueError(f"--pag-scale: {exc}") from None
+        pag = _on_base_unet(run_scope, "--pag-scale", system, refiner_system, model, lambda unet: (
+            PerturbedAttentionGuidance(unet, scale=pag_scale, adaptive_scale=pag_adaptive_scale, layers=pag_layers)))
     if freeu is not None:  # (Forge's process_before_every_sampling: the UNet patched for every pass)
         from ..freeu import FreeU
 
-        try:
-            if refiner_system is not None:
-                raise ValueError("the refiner's UNet would run without it below its cut: leave FreeU out with "
-                                 "--refiner")
-            if getattr(system, "unet", None) is None:
-                raise ValueError(f"{model} has no UNet")
-            changed = run_scope.enter_context(FreeU(system.unet, b1=freeu[0], b2=freeu[1], s1=freeu[2], s2=freeu[3],
-                                                    version=freeu_version))
-            if not changed.skips:
-                raise ValueError(f"{model}'s UNet has no skip connection FreeU {freeu_version} changes "
-                                 "(v2 acts where the decoder is 2 or 4 times its first width; diffusers' needs all "
-                                 "four factors above 0)")
-        except ValueError as exc:
-            raise ValueError(f"--freeu: {exc}") from None
-    sag = None
-    if sag_scale:  # (hooked on the base UNet for the run; each pass's sampler and grid checked first)
+        changed = _on_base_unet(run_scope, "--freeu", system, refiner_system, model, lambda unet: FreeU(
+            unet, b1=freeu[0], b2=freeu[1], s1=freeu[2], s2=freeu[3], version=freeu_version))
+        if not changed.skips:
+            raise ValueError(f"--freeu: {model}'s UNet has no skip connection FreeU {freeu_version} changes (v2 acts "
+                             "where the decoder is 2 or 4 times its first width; diffusers' needs all four factors "
+                             "above 0)")
+    if sag_scale:
         from ..self_attention_guidance import SelfAttentionGuidance, check_sag_run
 
-        try:
+        try:  # (each pass's sampler and grid first)
             for name, grid in passes:
                 check_sag_run(name, schedule=grid, edm=getattr(system, "edm", None) is not None)
-            if refiner_system is not None:
-                raise ValueError("the refiner's UNet would run without it below its cut: leave SAG out with --refiner")
-            if getattr(system, "unet", None) is None:
-                raise ValueError(f"{model} has no UNet to read")
-            sag = run_scope.enter_context(SelfAttentionGuidance(
-                system.unet, scale=sag_scale, blur_sigma=sag_blur_sigma, alphas_cumprod=system.alphas_cumprod,
-                prediction_type=getattr(system, "prediction_type", "epsilon")))
         except ValueError as exc:
             raise ValueError(f"--sag-scale: {exc}") from None
+        sag = _on_base_unet(run_scope, "--sag-scale", system, refiner_system, model, lambda unet: SelfAttentionGuidance(
+            unet, scale=sag_scale, blur_sigma=sag_blur_sigma, alphas_cumprod=system.alphas_cumprod,
+            prediction_type=getattr(system, "prediction_type", "epsilon")))
     if noise_schedule == "zero-terminal-snr":  # (A1111's apply_alpha_schedule_override: every model it samples)
         for holder in (system, refiner_system):
             if holder is not None:
@@ -1020,14 +999,11 @@ def run_generate(
                              f"prompt has {len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers "
                              "has no AND; A1111's 'CFG Rescale' extension keeps the last sub-prompt's alone): leave "
                              "out --guidance-rescale or the AND")
-        if sag_scale and len(plan.parts) > 1:
-            raise ValueError(f"--sag-scale degrades the negative branch of each call; the prompt has "
-                             f"{len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers has no AND): "
-                             "leave out --sag-scale or the AND")
-        if pag_scale and len(plan.parts) > 1:
-            raise ValueError(f"--pag-scale steers away from the conditional branch's perturbed output; the prompt has "
-                             f"{len(plan.parts)} AND sub-prompts, which no tool defines it for (diffusers has no AND): "
-                             "leave out --pag-scale or the AND")
+        for asked, option, what in ((sag_scale, "--sag-scale", "degrades the negative branch of each call"),
+                                    (pag_scale, "--pag-scale", "steers away from the prompt's perturbed output")):
+            if asked and len(plan.parts) > 1:
+                raise ValueError(f"{option} {what}; the prompt has {len(plan.parts)} AND sub-prompts, which no tool "
+                                 f"defines it for (diffusers has no AND): leave out {option} or the AND")
         if aesthetic is not None:
             raise ValueError("--aesthetic personalises one prompt's conditioning; leave out prompt editing, "
                              "alternation, AND and BREAK, or --aesthetic")
@@ -1483,6 +1459,25 @@ def _check_step_counts(system, *, steps: int | None = None, hires_steps: int = 0
         check_step_count(**grid, num_train_steps=limit)
     for grid in fixed_grids or ():
         check_fixed_grid(**grid, num_train_steps=limit)
+
+
+def _on_base_unet(run_scope: contextlib.ExitStack, option: str, system, refiner_system, model: str,
+                  make: Callable[[torch.nn.Module], object]):
+    """``make(system.unet)`` (hooks on the base UNet: PAG, SAG, FreeU) entered in ``run_scope``.
+
+    Raises:
+        ValueError: with a refiner (its UNet would run without them below its cut), a model without a UNet, or what
+            ``make`` refuses, each prefixed with ``option``.
+    """
+    try:
+        if refiner_system is not None:
+            raise ValueError(f"the refiner's UNet would run without it below its cut: leave {option} out with "
+                             "--refiner")
+        if getattr(system, "unet", None) is None:
+            raise ValueError(f"{model} has no UNet")
+        return run_scope.enter_context(make(system.unet))
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
 
 
 def _emphasis_written(plan, text: str, negative_text: str, hires, plan_for, steps: int | None) -> bool:
