@@ -43,16 +43,16 @@ from functools import reduce
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PAG_ADAPTIVE_FIELD", "PAG_FIELDS", "PAG_FIELDS_READ", "PAG_LAYERS_FIELD", "PerturbedAttentionGuidance",
+__all__ = ["PAG_ADAPTIVE_FIELD", "PAG_FIELDS", "PAG_LAYERS_FIELD", "PAG_SCALE_FIELD_READ", "PerturbedAttentionGuidance",
            "check_pag_scale", "pag_layers"]
 
 #: the infotext keys Forge's built-in "PerturbedAttentionGuidance Integrated" writes: enabled, scale
 PAG_FIELDS = ("PerturbedAttentionGuidance_enabled", "PerturbedAttentionGuidance_scale")
-#: SD.Next's keys (its diffusers PAG pipelines): scale, adaptive scale — read back as the scale too
-PAG_FIELDS_READ = ("PAG scale", "PAG adaptive")
-#: the adaptive scale's key written (SD.Next's), where it is not 0
+#: SD.Next's scale key (its diffusers PAG pipelines), read back as ``--pag-scale`` where Forge's fields are absent
+PAG_SCALE_FIELD_READ = "PAG scale"
+#: the adaptive scale's key, written where it is not 0 and read back (SD.Next's)
 PAG_ADAPTIVE_FIELD = "PAG adaptive"
-#: sdadapt's key for layers other than ``mid`` (diffusers' ``pag_applied_layers``, comma-joined); no tool writes one
+#: sdadapt's key for layers other than ``mid`` (diffusers' ``pag_applied_layers``, space-separated); no tool writes one
 PAG_LAYERS_FIELD = "PAG layers"
 
 

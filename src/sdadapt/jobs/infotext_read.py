@@ -124,8 +124,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     from ..perturbed_attention import (
         PAG_ADAPTIVE_FIELD,
         PAG_FIELDS,
-        PAG_FIELDS_READ,
         PAG_LAYERS_FIELD,
+        PAG_SCALE_FIELD_READ,
     )
     from ..sampler_tables import (
         HIRES_UPSCALER_LABELS,
@@ -202,7 +202,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     elif pag_enabled in fields and not flag(fields[pag_enabled]):  # (written off: nothing to take)
         taken.update(key for key in PAG_FIELDS if key in fields)
     if "pag_scale" not in options:
-        take(PAG_FIELDS_READ[0], "pag_scale", float)
+        take(PAG_SCALE_FIELD_READ, "pag_scale", float)
     take(PAG_ADAPTIVE_FIELD, "pag_adaptive_scale", float)
     take(PAG_LAYERS_FIELD, "pag_layers", str.split)
     if flag(fields.get(FREEU_FIELDS[0], "")) and all(key in fields for key in FREEU_FIELDS[1:]):  # (Forge's FreeU)
