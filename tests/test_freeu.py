@@ -171,3 +171,17 @@ def test_the_example_in_docs_samplers_md_runs():
 
     scope = run_block_with("samplers.md", "FreeU(toy.unet")
     assert not any(m._forward_pre_hooks for m in scope["toy"].unet.modules())
+
+
+def test_newer_forges_window_is_taken_at_its_defaults_and_reported_otherwise():
+    """Newer Forge writes ``freeu_start`` / ``freeu_end``; 0 and 1 are FreeU on every call, sdadapt's way; another
+    window is listed as not taken."""
+    from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
+
+    head = "a cat\nSteps: 20, freeu_enabled: True, freeu_b1: 1.01, freeu_b2: 1.02, freeu_s1: 0.99, freeu_s2: 0.95, "
+    options, not_taken = infotext_options(parse_infotext(head + "freeu_start: 0.0, freeu_end: 1.0"))
+    assert options["freeu"] == [1.01, 1.02, 0.99, 0.95]
+    assert not [line for line in not_taken if "freeu" in line]
+    options, not_taken = infotext_options(parse_infotext(head + "freeu_start: 0.2, freeu_end: 0.8"))
+    assert options["freeu"] == [1.01, 1.02, 0.99, 0.95]
+    assert [line for line in not_taken if "freeu_start" in line] and [line for line in not_taken if "freeu_end" in line]

@@ -24,7 +24,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FREEU_DEFAULTS", "FREEU_FIELDS", "FREEU_VERSIONS", "FREEU_VERSION_FIELD", "FreeU", "fourier_filter"]
+__all__ = ["FREEU_DEFAULTS", "FREEU_FIELDS", "FREEU_VERSIONS", "FREEU_VERSION_FIELD", "FREEU_WINDOW_FIELDS", "FreeU",
+           "fourier_filter"]
 
 #: the versions :class:`FreeU` runs (module docstring)
 FREEU_VERSIONS = ("v2", "diffusers")
@@ -32,6 +33,9 @@ FREEU_VERSIONS = ("v2", "diffusers")
 FREEU_DEFAULTS = (1.01, 1.02, 0.99, 0.95)
 #: Forge's infotext keys: enabled, b1, b2, s1, s2
 FREEU_FIELDS = ("freeu_enabled", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
+#: newer Forge's step window (FreeU where ``sampling_step / (steps − 1)`` lies in [start, end]; its defaults 0 and 1: every
+#: call) — read back at its defaults only: sdadapt runs FreeU on every call
+FREEU_WINDOW_FIELDS = ("freeu_start", "freeu_end")
 #: sdadapt's key for the version when it is diffusers' (Forge's is v2; no tool writes one)
 FREEU_VERSION_FIELD = "FreeU version"
 
