@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import platform
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["UNET_CONFIGS", "VAE_CONFIGS", "CLIP_CONFIGS", "RssSampler", "environment", "glibc_return_freed_memory",
-           "median_times",
+           "median_times", "unet_call_args",
            "malloc_trim", "sync", "write_result"]
 
 
@@ -139,6 +140,20 @@ class RssSampler:
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, self.rss())
+
+
+def unet_call_args(doc: str) -> tuple[argparse.Namespace, torch.device]:
+    """The command line of a benchmark that times UNet calls at one image size (``doc``: its module docstring, whose
+    first line describes it): ``--device`` (cpu), ``--side`` (512 px), ``--steps`` (3), ``--warmup`` (1), ``--out``;
+    ``(args, device)``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--side", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    return args, torch.device(args.device)
 
 
 def median_times(variants: dict, *, steps: int, warmup: int, device: torch.device) -> dict[str, float]:

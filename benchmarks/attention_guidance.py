@@ -27,7 +27,6 @@ Writes ``benchmarks/results/attention_guidance-<device>.json`` (``--out`` to cha
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -38,20 +37,13 @@ from sdadapt.self_attention_guidance import SAG_LAYER, SelfAttentionGuidance
 from sdadapt.training.diffusion import guidance_combine, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import UNET_CONFIGS, environment, median_times, write_result
+from _bench import UNET_CONFIGS, environment, median_times, unet_call_args, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--side", type=int, default=512, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args, device = unet_call_args(__doc__)
     from types import SimpleNamespace
 
     from diffusers import DDIMScheduler, UNet2DConditionModel

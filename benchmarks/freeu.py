@@ -14,7 +14,6 @@ Writes ``benchmarks/results/freeu-<device>.json`` (``--out`` to change).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,21 +22,14 @@ import torch
 from sdadapt.freeu import FreeU
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import UNET_CONFIGS, environment, median_times, write_result
+from _bench import UNET_CONFIGS, environment, median_times, unet_call_args, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FACTORS = {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2}  # (the paper's SD1.5 setting)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--side", type=int, default=512, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args, device = unet_call_args(__doc__)
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
