@@ -142,16 +142,18 @@ class RssSampler:
         self.peak = max(self.peak, self.rss())
 
 
-def unet_call_args(doc: str) -> tuple[argparse.Namespace, torch.device]:
+def unet_call_args(doc: str, *, extra=None) -> tuple[argparse.Namespace, torch.device]:
     """The command line of a benchmark that times UNet calls at one image size (``doc``: its module docstring, whose
-    first line describes it): ``--device`` (cpu), ``--side`` (512 px), ``--steps`` (3), ``--warmup`` (1), ``--out``;
-    ``(args, device)``."""
+    first line describes it): ``--device`` (cpu), ``--side`` (512 px), ``--steps`` (3), ``--warmup`` (1), ``--out``,
+    and what ``extra(parser)`` adds; ``(args, device)``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--side", type=int, default=512, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
     return args, torch.device(args.device)
 

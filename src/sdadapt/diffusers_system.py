@@ -1134,7 +1134,8 @@ class DiffusersSystem(nn.Module):
                generator: torch.Generator | None = None, start_noise: Tensor | None = None,
                vae_encode: str = "mean", uncond_skip: Any = None, pad_conds: Any = None,
                eta: float | None = None, churn: Any = None, guidance_rescale: Any = 0.0,
-               perturbed_attention: Any = None, self_attention_guidance: Any = None) -> Tensor:
+               perturbed_attention: Any = None, self_attention_guidance: Any = None,
+               dynamic_thresholding: Any = None) -> Tensor:
         """Any sampler of :mod:`sdadapt.samplers` with classifier-free guidance -> images (B, 3, H, W)
         in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8), not decoded).
 
@@ -1181,7 +1182,9 @@ class DiffusersSystem(nn.Module):
         guidance (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance` hooked on this model's
         :attr:`unet`) on every guided call, a prompt plan's too; not with ``refiner``. ``self_attention_guidance``:
         self-attention guidance (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance` on :attr:`unet`)
-        likewise; not with ``refiner`` or an EDM model. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
+        likewise; not with ``refiner`` or an EDM model. ``dynamic_thresholding``: A1111's / Forge's "CFG Scale Fix"
+        (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`) in place of every guided combination, the
+        refiner's and a plan's too, on A1111's σ samplers; not on an EDM model. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
         :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
         ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
@@ -1253,6 +1256,10 @@ class DiffusersSystem(nn.Module):
                 raise ValueError("self-attention guidance hooks the base UNet; the refiner's calls would run without "
                                  "it: leave SAG out with a refiner")
             check_sag_run(name, schedule=run_schedule(name, schedule, karras), edm=self.edm is not None)
+        if dynamic_thresholding is not None:
+            from .dynamic_thresholding import check_dynamic_thresholding_run
+
+            check_dynamic_thresholding_run(name, schedule=schedule, edm=self.edm is not None)
         asked_rescale = guidance_rescale  # (checked once for the run: a prompt plan's guidance takes it too)
         guidance_rescale = samplers.guidance_rescale_for_run(guidance_rescale, name, schedule=schedule,
                                                              prediction_type=self.prediction_type,
@@ -1289,7 +1296,8 @@ class DiffusersSystem(nn.Module):
                     generator=self._conditioning_generator(vae_encode, g if noise is None else None, seed=seed,
                                                            shape=tuple(x.shape)))
             model = concat_conditioning(model, conditioning)
-        guiding = {} if uncond_skip is None else {  # (the guidance keywords of every model call: skip, rescale)
+        guiding = {} if uncond_skip is None and dynamic_thresholding is None else {  # (the guidance keywords of
+            # every model call: skip, rescale...; the run's expected calls for those that count them)
             "uncond_skip": uncond_skip, "total_steps": samplers.run_total_steps(name, steps, start=start,
                                                                                 schedule=schedule)}
         if guidance_rescale:  # (a number or a GuidanceRescale: off when 0 or None)
@@ -1298,6 +1306,8 @@ class DiffusersSystem(nn.Module):
             guiding["perturbed_attention"] = perturbed_attention
         if self_attention_guidance is not None:
             guiding["self_attention_guidance"] = self_attention_guidance
+        if dynamic_thresholding is not None:
+            guiding["dynamic_thresholding"] = dynamic_thresholding
         model, cond, uncond, guidance_scale = self._guidance_inputs(model, prompts, negative=negative, cond=cond,
                                                                     plan=plan, time_ids=time_ids, guidance=guidance,
                                                                     pad_conds=pad_conds, **guiding)
@@ -1343,6 +1353,7 @@ class DiffusersSystem(nn.Module):
                                           guidance_rescale=guidance_rescale if uncond is not None else 0.0,
                                           perturbed_attention=perturbed_attention if uncond is not None else None,
                                           self_attention_guidance=self_attention_guidance if uncond is not None else None,
+                                          dynamic_thresholding=dynamic_thresholding,
                                           **({"info": info} if info is not None and name == "dpm_adaptive" else {}),
                                           **({} if clip_sample is None else {"clip_sample": clip_sample}),
                                           **({} if eta is None else {"eta": eta}),
@@ -1389,7 +1400,8 @@ class DiffusersSystem(nn.Module):
                          time_ids: Tensor | None, guidance: float, uncond_skip: Any = None,
                          total_steps: int = 1, pad_conds: Any = None,
                          guidance_rescale: Any = 0.0, perturbed_attention: Any = None,
-                         self_attention_guidance: Any = None) -> tuple[Any, Any, Any, float]:
+                         self_attention_guidance: Any = None,
+                         dynamic_thresholding: Any = None) -> tuple[Any, Any, Any, float]:
         """``(model, cond, uncond, guidance_scale)`` for :func:`sdadapt.samplers.sample_latents`: the prompts'
         conditioning and the negative's (:meth:`sample`'s rules), or with a ``plan`` its
         :class:`~sdadapt.prompt_guidance.ScheduledGuidance` over every text's conditioning (``cond``/``uncond``
@@ -1403,7 +1415,8 @@ class DiffusersSystem(nn.Module):
             return (plan.guidance(model, conds, negatives, guidance, uncond_skip=uncond_skip, total_steps=total_steps,
                                   pad_conds=self._padding(pad_conds, time_ids), guidance_rescale=guidance_rescale,
                                   perturbed_attention=perturbed_attention,
-                                  self_attention_guidance=self_attention_guidance),
+                                  self_attention_guidance=self_attention_guidance,
+                                  dynamic_thresholding=dynamic_thresholding),
                     None, None, 1.0)
         if cond is None:
             cond = self._prompt_condition(prompts, time_ids)

@@ -45,6 +45,7 @@ from .training.diffusion import _cat_conditions, guidance_combine
 from .uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
+    from .dynamic_thresholding import DynamicThresholding
     from .perturbed_attention import PerturbedAttentionGuidance
     from .self_attention_guidance import SelfAttentionGuidance
 
@@ -85,19 +86,22 @@ class PromptPlan:
                  total_steps: int = 1, pad_conds: CondPadding | None = None,
                  guidance_rescale: float | GuidanceRescale = 0.0,
                  perturbed_attention: PerturbedAttentionGuidance | None = None,
-                 self_attention_guidance: SelfAttentionGuidance | None = None) -> ScheduledGuidance:
+                 self_attention_guidance: SelfAttentionGuidance | None = None,
+                 dynamic_thresholding: DynamicThresholding | None = None) -> ScheduledGuidance:
         """The denoiser over ``conds`` (one per :attr:`texts`, what the system's conditioning returns
         for them, batch B) and ``negative_conds`` (one per :attr:`negative_texts`); ``uncond_skip`` over a run of
         ``total_steps`` expected calls: A1111's "Skip Early CFG" / NGMS (:mod:`sdadapt.uncond_skip`); ``pad_conds``:
         A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`); ``guidance_rescale``: a
         :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ) on each combination (0 off);
         ``perturbed_attention``: PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`) on each call;
-        ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`) likewise.
+        ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`) likewise;
+        ``dynamic_thresholding``: A1111's / Forge's CFG Scale Fix
+        (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`) in place of each combination on x̂0.
 
         Raises:
             ValueError: conditionings that do not match the plan's texts, or a ``guidance_rescale``,
                 ``perturbed_attention`` or ``self_attention_guidance`` with ``AND`` sub-prompts (no tool defines them
-                there).
+                there), or a ``dynamic_thresholding`` with a ``guidance_rescale``.
         """
         if len(conds) != len(self.texts) or len(negative_conds) != len(self.negative_texts):
             raise ValueError(f"the plan has {len(self.texts)} texts and {len(self.negative_texts)} negative texts; "
@@ -105,10 +109,12 @@ class PromptPlan:
         _one_branch_to_rescale(as_guidance_rescale(guidance_rescale), len(self.parts))
         _one_branch_to_perturb(perturbed_attention, len(self.parts))
         _one_branch_to_perturb(self_attention_guidance, len(self.parts))
+        _one_combination(dynamic_thresholding, as_guidance_rescale(guidance_rescale))
         return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale),
                                  uncond_skip=uncond_skip, total_steps=total_steps, pad_conds=pad_conds,
                                  guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
-                                 self_attention_guidance=self_attention_guidance)
+                                 self_attention_guidance=self_attention_guidance,
+                                 dynamic_thresholding=dynamic_thresholding)
 
 
 def reads_emphasis(system: object) -> bool:
@@ -193,18 +199,22 @@ class ScheduledGuidance:
     A1111's "Pad prompt/negative prompt" (:mod:`sdadapt.cond_padding`); ``guidance_rescale``: a
     :class:`sdadapt.guidance_rescale.GuidanceRescale` (or its φ; :func:`composed_guidance`); ``perturbed_attention``:
     PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`; :func:`composed_guidance`);
-    ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`)."""
+    ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`);
+    ``dynamic_thresholding``: CFG Scale Fix (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`, its schedules
+    over the calls of ``total_steps``)."""
 
     def __init__(self, model: Callable[[Tensor, Tensor, object], Tensor], plan: PromptPlan, conds: list[object],
                  negative_conds: list[object], scale: float, *, uncond_skip: UncondSkip | None = None,
                  total_steps: int = 1, pad_conds: CondPadding | None = None,
                  guidance_rescale: float | GuidanceRescale = 0.0,
                  perturbed_attention: PerturbedAttentionGuidance | None = None,
-                 self_attention_guidance: SelfAttentionGuidance | None = None) -> None:
+                 self_attention_guidance: SelfAttentionGuidance | None = None,
+                 dynamic_thresholding: DynamicThresholding | None = None) -> None:
         self.model, self.plan, self.conds, self.negative_conds, self.scale = model, plan, conds, negative_conds, scale
         self.uncond_skip, self.total_steps, self.pad_conds, self.calls = uncond_skip, total_steps, pad_conds, 0
         self.guidance_rescale = as_guidance_rescale(guidance_rescale)
         self.perturbed_attention, self.self_attention_guidance = perturbed_attention, self_attention_guidance
+        self.dynamic_thresholding = dynamic_thresholding
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         return self._call(x, t, None, None)
@@ -222,7 +232,17 @@ class ScheduledGuidance:
         return composed_guidance(self.model, x, t, parts, self.negative_conds[self.plan.negative.at(call)], self.scale,
                                  read=read, sigma=sigma, skip_uncond=skip, pad_conds=self.pad_conds,
                                  guidance_rescale=self.guidance_rescale, perturbed_attention=self.perturbed_attention,
-                                 self_attention_guidance=self.self_attention_guidance)
+                                 self_attention_guidance=self.self_attention_guidance,
+                                 dynamic_thresholding=self.dynamic_thresholding, call=call,
+                                 total_steps=self.total_steps)
+
+
+def _one_combination(dynamic_thresholding: DynamicThresholding | None, rescale: GuidanceRescale | None) -> None:
+    """Refuse dynamic thresholding with a guidance rescale: each replaces the tools' CFG function."""
+    if dynamic_thresholding is not None and rescale is not None:
+        raise ValueError("dynamic thresholding (CFG Scale Fix) and a guidance rescale each replace the guidance "
+                         "combination (A1111's combine_denoised, Forge's / ComfyUI's CFG function), so no tool runs "
+                         "both: leave one out")
 
 
 def _one_branch_to_rescale(rescale: GuidanceRescale | None, parts: int) -> None:
@@ -269,7 +289,9 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
                       skip_uncond: bool = False, pad_conds: CondPadding | None = None,
                       guidance_rescale: float | GuidanceRescale | None = None,
                       perturbed_attention: PerturbedAttentionGuidance | None = None,
-                      self_attention_guidance: SelfAttentionGuidance | None = None) -> Tensor:
+                      self_attention_guidance: SelfAttentionGuidance | None = None,
+                      dynamic_thresholding: DynamicThresholding | None = None, call: int = 0,
+                      total_steps: int = 1) -> Tensor:
     """One guided model call of a prompt plan (B, C, H, W): the ``AND`` sub-prompts ``parts`` (``(cond, weight)``)
     and the negative's ``uncond`` at ``x`` (one batch where they concatenate; sub-prompts padded to one length), then
     :func:`combine_composed`. One sub-prompt of weight 1 at scale 1 is the conditional output alone (no negative
@@ -284,13 +306,23 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
     guidance then. ``perturbed_attention``: PAG's term added (:class:`sdadapt.training.diffusion.Guided`'s rule: on the
     outputs before the rescale, on x̂0 after it), the perturbed branch batched with the others where they concatenate.
     ``self_attention_guidance``: SAG's term added after PAG's, from the first branch (the negative's; the prompt's in a
-    call without it).
+    call without it). ``dynamic_thresholding``: CFG Scale Fix
+    (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`) in place of the combination on x̂0 (a ``read`` needed),
+    the skipped call's at scale 1 too, its schedules at call ``call`` of ``total_steps``; the negative runs at scale 1
+    too, as in A1111.
 
     Raises:
         ValueError: a ``guidance_rescale`` or ``perturbed_attention`` with more than one ``AND`` sub-prompt
-            (:meth:`PromptPlan.guidance`).
+            (:meth:`PromptPlan.guidance`), a ``dynamic_thresholding`` with a ``guidance_rescale`` or without a
+            ``read``.
     """
     rescale, pag, sag = as_guidance_rescale(guidance_rescale), perturbed_attention, self_attention_guidance
+    dt = dynamic_thresholding
+    _one_combination(dt, rescale)
+    if dt is not None and read is None:
+        raise ValueError("dynamic thresholding (CFG Scale Fix) combines each branch's x̂0, as A1111 and Forge do; "
+                         "this call combines the model outputs (diffusers' grid): give the sampler a schedule "
+                         "(schedule='automatic' is A1111's default)")
     _one_branch_to_rescale(rescale, len(parts))
     _one_branch_to_perturb(pag, len(parts))
     _one_branch_to_perturb(sag, len(parts))
@@ -298,7 +330,8 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
     if pad_conds is not None:
         conds, uncond = pad_conds.pad([cond for cond, _ in parts], uncond)
         parts = [(cond, weight) for cond, (_, weight) in zip(conds, parts)]
-    alone = len(parts) == 1 and parts[0][1] == 1.0 and (skip_uncond or scale == 1.0 and not wants_negative(read))
+    alone = len(parts) == 1 and parts[0][1] == 1.0 and (
+        skip_uncond or scale == 1.0 and not wants_negative(read) and dt is None)
     if alone and pag is None and sag is None:
         return model(x, t, parts[0][0]) if read is None else denoised_of(model, read, x, t, parts[0][0],
                                                                          sigma=sigma)  # (one pass: the prompt's)
@@ -323,12 +356,17 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
         out = outs[0] if pag is None else pag.guide(outs[0], outs[0], perturbed, t)
         return out if sag is None else out + sag_term()
     keep_negative(read, outs[0])  # (the negative's, or A1111's stand-in for it: the first sub-prompt's)
+    frac = 0.0 if dt is None else dt.frac(call=call, total_steps=total_steps, t=t)
+
+    def combine(out_u: Tensor, outs_w: list[tuple[Tensor, float]], s: float) -> Tensor:
+        return combine_composed(out_u, outs_w, s) if dt is None else dt.combine(out_u, outs_w, s, frac=frac)
+
     if skip_uncond:  # (A1111: the first sub-prompt's output as the negative's, at scale 1)
-        combined = combine_composed(outs[0], [(out, weight) for out, (_, weight) in zip(outs, parts)], 1.0)
+        combined = combine(outs[0], [(out, weight) for out, (_, weight) in zip(outs, parts)], 1.0)
         combined = combined if pag is None else pag.guide(combined, outs[-1], perturbed, t)
         return combined if sag is None else combined + sag_term()
     out_u, *outs = outs
-    combined = combine_composed(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scaled_by(read, scale))
+    combined = combine(out_u, [(out, weight) for out, (_, weight) in zip(outs, parts)], scaled_by(read, scale))
     if read is None:  # (diffusers' order: PAG, SAG, then the rescale of the whole)
         combined = combined if pag is None else pag.guide(combined, outs[0], perturbed, t)
         combined = combined if sag is None else combined + sag_term()

@@ -32,6 +32,7 @@ from .guidance_rescale import GuidanceRescale, as_guidance_rescale
 from .sampler_tables import CHURN_SAMPLERS, ETA_SAMPLERS, run_schedule, takes_eta_ddim
 
 if TYPE_CHECKING:
+    from .dynamic_thresholding import DynamicThresholding
     from .perturbed_attention import PerturbedAttentionGuidance
     from .self_attention_guidance import SelfAttentionGuidance
 
@@ -248,7 +249,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object | None = None,
              guidance_rescale: float | GuidanceRescale = 0.0,
              perturbed_attention: PerturbedAttentionGuidance | None = None,
-             self_attention_guidance: SelfAttentionGuidance | None = None) -> Tensor:
+             self_attention_guidance: SelfAttentionGuidance | None = None,
+             dynamic_thresholding: DynamicThresholding | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -342,7 +344,9 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`, hooked on the system's UNet) on each guided
     call (the system's ``sample`` when it takes ``perturbed_attention=``, else the System protocol); ``None`` off.
     ``self_attention_guidance``: self-attention guidance (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`,
-    hooked on the system's UNet) likewise.
+    hooked on the system's UNet) likewise. ``dynamic_thresholding``: A1111's / Forge's "CFG Scale Fix"
+    (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`) in place of each guided combination, on A1111's σ
+    samplers (a ``schedule``), a prompt plan's too.
 
     ``generator``: a CPU ``torch.Generator`` the start noise and the ancestral samplers' noise are drawn from in
     place of ``torch.Generator().manual_seed(seed)`` (diffusers' pipelines' ``generator=``): diffusers' img2img is
@@ -422,7 +426,7 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
                      size_conditioning=size_conditioning, refiner=refiner, generator=generator,
                      start_noise=start_noise, vae_encode=vae_encode, uncond_skip=uncond_skip, pad_conds=pad_conds,
                      guidance_rescale=as_guidance_rescale(guidance_rescale), perturbed_attention=perturbed_attention,
-                     self_attention_guidance=self_attention_guidance,
+                     self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding,
                      eta=(eta if name in ETA_SAMPLERS else eta_ddim if takes_eta_ddim(name, schedule) else None),
                      churn=churn if name in CHURN_SAMPLERS else None)
 
@@ -480,7 +484,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
               pad_conds: object | None = None, eta: float | None = None, churn: object | None = None,
               guidance_rescale: GuidanceRescale | None = None,
               perturbed_attention: PerturbedAttentionGuidance | None = None,
-              self_attention_guidance: SelfAttentionGuidance | None = None) -> Tensor:
+              self_attention_guidance: SelfAttentionGuidance | None = None,
+              dynamic_thresholding: DynamicThresholding | None = None) -> Tensor:
     """:func:`generate` once its request is checked (``start``: img2img's
     :class:`~sdadapt.img2img.Img2ImgStart`, for a system whose ``sample`` takes ``start=`` or through the
     protocol path and :func:`sdadapt.samplers.sample_latents`)."""
@@ -505,13 +510,15 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                      and (churn is None or _takes(system.sample, "churn"))
                      and (guidance_rescale is None or _takes(system.sample, "guidance_rescale"))
                      and (perturbed_attention is None or _takes(system.sample, "perturbed_attention"))
-                     and (self_attention_guidance is None or _takes(system.sample, "self_attention_guidance")))
+                     and (self_attention_guidance is None or _takes(system.sample, "self_attention_guidance"))
+                     and (dynamic_thresholding is None or _takes(system.sample, "dynamic_thresholding")))
     # (else through the protocol, below)
     # (a plain DDIM request the system's own sample runs whatever it takes)
     plain_ddim = (name == "ddim" and schedule is None and noise is None and start is None and output == "images"
                   and before_model_call is None and generator is None and start_noise is None
                   and uncond_skip is None and pad_conds is None and eta is None and churn is None
-                  and guidance_rescale is None and perturbed_attention is None and self_attention_guidance is None)
+                  and guidance_rescale is None and perturbed_attention is None and self_attention_guidance is None
+                  and dynamic_thresholding is None)
     own_sampler = takes_sampler or plain_ddim
     if plan is not None:
         if cond is not None:
@@ -569,6 +576,8 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
             options["perturbed_attention"] = perturbed_attention
         if self_attention_guidance is not None:
             options["self_attention_guidance"] = self_attention_guidance
+        if dynamic_thresholding is not None:
+            options["dynamic_thresholding"] = dynamic_thresholding
         if vae_encode != "mean" and _takes(system.sample, "vae_encode"):
             options["vae_encode"] = vae_encode
         return system.sample(prompts, sampler=name, height=height, width=width, **options)
@@ -602,13 +611,14 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                               uncond_skip=uncond_skip, total_steps=samplers.run_total_steps(
                                   name, steps, start=start, schedule=run_schedule(name, schedule, karras)),
                               pad_conds=pad_conds, guidance_rescale=guidance_rescale,
-                              perturbed_attention=perturbed_attention, self_attention_guidance=self_attention_guidance)
+                              perturbed_attention=perturbed_attention, self_attention_guidance=self_attention_guidance,
+                              dynamic_thresholding=dynamic_thresholding)
         if self_attention_guidance is not None:
             from .self_attention_guidance import check_sag_run
 
             check_sag_run(name, schedule=run_schedule(name, schedule, karras))
         scale, uncond_skip, pad_conds, guidance_rescale = 1.0, None, None, None
-        perturbed_attention = self_attention_guidance = None
+        perturbed_attention = self_attention_guidance = None  # (dynamic_thresholding stays: it keeps x̂0 by branch)
     else:
         if cond is None:
             cond = system.condition(system.tokenize(prompts))
@@ -624,6 +634,7 @@ def _generate(system, prompts: list[str], *, name: str, negative: str, seed: int
                                       pad_conds=pad_conds, guidance_rescale=guidance_rescale,
                                       perturbed_attention=perturbed_attention,
                                       self_attention_guidance=self_attention_guidance,
+                                      dynamic_thresholding=dynamic_thresholding,
                                       **({} if eta is None else {"eta": eta}),
                                       **({} if churn is None else {"churn": churn}),
                                       **({} if clip_sample is None else {"clip_sample": clip_sample}),

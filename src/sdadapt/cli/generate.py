@@ -95,7 +95,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
         guidance_rescale_space=args.guidance_rescale_space, pag_scale=args.pag_scale,
         pag_adaptive_scale=args.pag_adaptive_scale, pag_layers=args.pag_layers, sag_scale=args.sag_scale,
-        sag_blur_sigma=args.sag_blur_sigma, freeu=args.freeu, freeu_version=args.freeu_version,
+        sag_blur_sigma=args.sag_blur_sigma, dynamic_thresholding=_dynamic_thresholding(args.dynamic_thresholding),
+        freeu=args.freeu, freeu_version=args.freeu_version,
         sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
@@ -142,6 +143,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {file} ({seeds})" if drawn else f"wrote {file}")
     return 0
 
+
+
+def _dynamic_thresholding(value: object) -> object:
+    """``--dynamic-thresholding``'s words (or what ``--infotext`` read) as a
+    :class:`~sdadapt.dynamic_thresholding.DynamicThresholding`; ``None`` off."""
+    if value is None or not isinstance(value, list):
+        return value
+    from ..dynamic_thresholding import parse_dynamic_thresholding
+    from ..errors import InputError
+
+    try:
+        return parse_dynamic_thresholding(value)
+    except ValueError as exc:
+        raise InputError(f"--dynamic-thresholding: {exc}") from None
 
 
 #: generate's option defaults (:func:`register`): an option still at its default takes ``--infotext``'s value
@@ -300,6 +315,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--sag-blur-sigma", type=float, default=2.0, metavar="F",
                           help="the SAG blur's σ in latent pixels (default 2, ComfyUI's / Forge's; diffusers' pipeline "
                           "fixes 1)")
+    generate.add_argument("--dynamic-thresholding", "--cfg-fix", dest="dynamic_thresholding", nargs="+", default=None,
+                          metavar=("MIMIC", "KEY=VALUE"),
+                          help="dynamic thresholding, 'CFG Scale Fix' (mcmonkey's extension; A1111's, Forge's "
+                          "built-in): a high --guidance renormalised to the spread of the MIMIC scale's, on each "
+                          "branch's x̂0; then any option as KEY=VALUE: threshold_percentile (0-1), mimic_mode / "
+                          "cfg_mode (Constant, 'Linear Down', 'Cosine Down', 'Power Up'...), mimic_scale_min, "
+                          "cfg_scale_min, sched_val, separate_feature_channels (true/false), scaling_startpoint "
+                          "(MEAN/ZERO), variability_measure (AD/STD), interpolate_phi, step_rule (calls: A1111's, "
+                          "timesteps: Forge's). A1111 σ samplers with a schedule (docs/samplers.md)")
     generate.add_argument("--freeu", nargs="*", type=float, default=None, metavar="F",
                           help="FreeU (Si et al.): the decoder's backbone features amplified and its skip features' "
                           "lowest frequencies damped; alone Forge's defaults, or B1 B2 S1 S2 (SD1.5 1.5 1.6 0.9 0.2, "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..dynamic_thresholding import DynamicThresholding
 from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..plurals import plural
 from ..token_merging import check_token_merging_ratio
@@ -67,6 +68,7 @@ def run_generate(
     pag_layers: Sequence[str] | None = None,
     sag_scale: float = 0.0,
     sag_blur_sigma: float = 2.0,
+    dynamic_thresholding: DynamicThresholding | None = None,
     freeu: Sequence[float] | None = None,
     freeu_version: str = "v2",
     sampler: str | None = None,
@@ -208,6 +210,12 @@ def run_generate(
             grids, every pass; written as Forge writes it (``sag_enabled: True, sag_scale: S, sag_blur_sigma: B``).
             Not with ``AND``, ``refiner``, Hypertile U-Net, A1111's timestep samplers, LCM or an EDM model.
         sag_blur_sigma: the SAG blur's σ (2 ComfyUI's / Forge's; diffusers' pipeline: 1).
+        dynamic_thresholding: A1111's / Forge's "CFG Scale Fix"
+            (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`; ``None`` off) in place of every guided
+            combination, every pass, the refiner's too; A1111's σ samplers only (a schedule). Written as A1111's
+            extension writes it ("Dynamic thresholding enabled: True, Mimic scale: ...") for ``step_rule="calls"``,
+            as Forge's built-in writes it (``dynthres_enabled: True, dynthres_mimic_scale: ...``) for
+            ``"timesteps"``. Not with ``guidance_rescale``.
         freeu: FreeU (:class:`sdadapt.freeu.FreeU`) on the UNet for the run: ``()`` Forge's defaults, or ``(b1, b2,
             s1, s2)``; ``None`` off. Written as Forge writes it (``freeu_enabled: True, freeu_b1: ..., freeu_s2:
             ...``). Not with ``refiner``.
@@ -581,6 +589,12 @@ def run_generate(
         if len(freeu) not in (0, 4):
             raise ValueError(f"--freeu takes no value (Forge's defaults) or four, B1 B2 S1 S2; got {len(freeu)}")
         freeu = tuple(map(float, freeu)) or FREEU_DEFAULTS
+    if dynamic_thresholding is not None and not isinstance(dynamic_thresholding, DynamicThresholding):
+        raise TypeError(f"dynamic_thresholding is a DynamicThresholding (sdadapt.dynamic_thresholding), got "
+                        f"{type(dynamic_thresholding).__name__}")
+    if dynamic_thresholding is not None and rescale is not None:
+        raise ValueError("--dynamic-thresholding and --guidance-rescale each replace the guidance combination "
+                         "(A1111's combine_denoised, Forge's / ComfyUI's CFG function), so no tool runs both: give one")
     if sag_scale and (hypertile_unet or hypertile_unet_second_pass):
         raise ValueError("--sag-scale reads the middle block's self-attention map, which --hypertile-unet cuts into "
                          "tiles: give one")
@@ -778,6 +792,14 @@ def run_generate(
                                          edm=getattr(system, "edm", None) is not None)
             except ValueError as exc:
                 raise ValueError(f"--guidance-rescale-space v: {exc}") from None
+    if dynamic_thresholding is not None:  # (each pass's sampler and grid)
+        from ..dynamic_thresholding import check_dynamic_thresholding_run
+
+        try:
+            for name, grid in passes:
+                check_dynamic_thresholding_run(name, schedule=grid, edm=getattr(system, "edm", None) is not None)
+        except ValueError as exc:
+            raise ValueError(f"--dynamic-thresholding: {exc}") from None
     refiner_system = None
     if refiner is not None:  # (both held at once: the base's latents go to the refiner undecoded)
         from .generate_refiner import check_refiner_pair
@@ -1190,7 +1212,7 @@ def run_generate(
                                                                           steps) else None,
         guidance_rescale=rescale, perturbed_attention=None if pag is None else (pag_scale, pag_adaptive_scale, pag_layers),
         self_attention_guidance=None if sag is None else (sag_scale, sag_blur_sigma),
-        freeu=None if freeu is None else (*freeu, freeu_version),
+        dynamic_thresholding=dynamic_thresholding, freeu=None if freeu is None else (*freeu, freeu_version),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass))
     written = []
@@ -1219,7 +1241,8 @@ def run_generate(
                            **({} if churn is None else {"churn": churn}),
                            **({} if rescale is None else {"guidance_rescale": rescale}),
                            **({} if pag is None else {"perturbed_attention": pag}),
-                           **({} if sag is None else {"self_attention_guidance": sag}))
+                           **({} if sag is None else {"self_attention_guidance": sag}),
+                           **({} if dynamic_thresholding is None else {"dynamic_thresholding": dynamic_thresholding}))
             if unclip_for_seed is not None:  # (each image its own level-0 noise row, from its own seed)
                 unclip_image = unclip_for_seed(seed_i)
             encoded = None  # (--vae-encode sample: the init image's posterior sample for this seed)

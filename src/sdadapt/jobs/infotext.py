@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..dynamic_thresholding import dynamic_thresholding_fields
 from ..freeu import FREEU_FIELDS, FREEU_VERSION_FIELD
 from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
 from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIELD
@@ -280,6 +281,12 @@ class InfotextRun:
         self_attention_guidance: ``(scale, blur sigma)`` of ``--sag-scale`` / ``--sag-blur-sigma``, or ``None``:
             written as Forge's built-in SAG writes it (``sag_enabled: True, sag_scale: S, sag_blur_sigma: B``, before
             the PAG fields: Forge's script order).
+        dynamic_thresholding: the run's :class:`~sdadapt.dynamic_thresholding.DynamicThresholding`, or ``None``:
+            for ``step_rule="calls"`` written as A1111's extension sd-dynamic-thresholding writes it ("Dynamic
+            thresholding enabled: True, Mimic scale: ..., Threshold percentile: 100.0", the schedules' fields when a
+            mode is not Constant; added in its ``process_batch``: after "Lora hashes", before "TI hashes"), for
+            ``"timesteps"`` as Forge's built-in writes it (``dynthres_enabled: True, dynthres_mimic_scale: ...``,
+            every field; before the FreeU fields: Forge's script order).
         freeu: ``(b1, b2, s1, s2, version)`` of ``--freeu`` / ``--freeu-version``, or ``None``: written as Forge's
             "FreeU Integrated" writes it (``freeu_enabled: True, freeu_b1: ..., freeu_s2: ...``, before the SAG
             fields), then "FreeU version: diffusers" for diffusers' version.
@@ -350,6 +357,7 @@ class InfotextRun:
     guidance_rescale: object = None
     perturbed_attention: tuple | None = None
     self_attention_guidance: tuple | None = None
+    dynamic_thresholding: object = None
     freeu: tuple | None = None
     tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
@@ -449,6 +457,9 @@ class InfotextRun:
         lora_pairs += [(_tag_name(tag), _lora_hash(Path(file))) for tag, file in [*self.tag_loras,
                                                                                     *self.hires_tag_loras]]
         fields["Lora hashes"] = _hash_list(lora_pairs, unique=True)
+        dt = self.dynamic_thresholding
+        if dt is not None and dt.step_rule == "calls":  # (A1111's extension: process_batch, before setup_conds)
+            fields.update(dynamic_thresholding_fields(dt))
         # (A1111's sd_hijack_clip.py forward: each text encoder call lists the embeddings its texts use, each once in
         # the order they come, and puts its list before the one already there; the negative prompt is encoded first,
         # then the prompt, each by every hijacked text encoder: SDXL's two give "P, P, N, N")
@@ -459,6 +470,8 @@ class InfotextRun:
         fields["Emphasis"] = self.emphasis  # (sd_hijack_clip, as the texts are encoded)
         if rescale is not None and rescale.space == "v":  # (reForge's process_before_every_sampling)
             fields.update(zip(RESCALE_CFG_FIELDS, (True, "Normal", rescale.phi)))
+        if dt is not None and dt.step_rule == "timesteps":  # (Forge's built-in: sorting priority 11, before FreeU)
+            fields.update(dynamic_thresholding_fields(dt))
         if self.freeu is not None:  # (Forge's FreeU script: process_before_every_sampling, sorted before SAG's)
             fields.update(zip(FREEU_FIELDS, (True, *map(float, self.freeu[:4]))))
             fields[FREEU_VERSION_FIELD] = self.freeu[4] if self.freeu[4] != "v2" else None
@@ -548,7 +561,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
                  emphasis: str | None = None, guidance_rescale: object = None,
                  perturbed_attention: tuple | None = None, self_attention_guidance: tuple | None = None,
-                 freeu: tuple | None = None, tiling: bool = False,
+                 dynamic_thresholding: object = None, freeu: tuple | None = None, tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
@@ -566,6 +579,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     written when a pass runs Euler, Heun or DPM2); ``guidance_rescale``: ``--guidance-rescale`` ("CFG Rescale");
     ``perturbed_attention``: ``(scale, adaptive scale, layers)`` of ``--pag-scale`` (Forge's PAG fields) or ``None``;
     ``self_attention_guidance``: ``(scale, blur sigma)`` of ``--sag-scale`` (Forge's SAG fields) or ``None``;
+    ``dynamic_thresholding``: the run's :class:`~sdadapt.dynamic_thresholding.DynamicThresholding` (A1111's
+    extension's fields or Forge's, by its step rule) or ``None``;
     ``freeu``: ``(b1, b2, s1, s2, version)`` of ``--freeu`` (Forge's FreeU fields) or ``None``;
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
@@ -637,5 +652,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
         guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
-        self_attention_guidance=self_attention_guidance, freeu=freeu, tiling=tiling, token_merging=tuple(map(float, token_merging)),
+        self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu, tiling=tiling, token_merging=tuple(map(float, token_merging)),
         hypertile=hypertile)

@@ -126,6 +126,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     Raises:
         ValueError: a field whose value is not what A1111 writes there (a number that is not one), naming it.
     """
+    from ..dynamic_thresholding import dynamic_thresholding_from_fields
     from ..freeu import FREEU_FIELDS, FREEU_VERSION_FIELD, FREEU_WINDOW_FIELDS
     from ..guidance_rescale import GUIDANCE_RESCALE_FIELDS_READ, RESCALE_CFG_FIELDS
     from ..hypertile import hypertile_options
@@ -235,6 +236,10 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         taken.add(sag_enabled)
     elif sag_enabled in fields and not flag(fields[sag_enabled]):  # (written off: nothing to take)
         taken.update(key for key in SAG_FIELDS if key in fields)
+    setting, dynthres_keys = dynamic_thresholding_from_fields(dict(fields))  # (A1111's extension's, Forge's)
+    taken.update(dynthres_keys)
+    if setting is not None:
+        options["dynamic_thresholding"] = setting
     take("Tiling", "tiling", flag)
     tile_options, tile_fields = hypertile_options(dict(fields))
     options.update(tile_options)

@@ -50,6 +50,7 @@ from ..training import diffusion
 from ..uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
+    from ..dynamic_thresholding import DynamicThresholding
     from ..img2img import Img2ImgStart
     from ..perturbed_attention import PerturbedAttentionGuidance
     from ..self_attention_guidance import SelfAttentionGuidance
@@ -134,7 +135,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                    uncond_skip: UncondSkip | None = None, pad_conds: CondPadding | None = None,
                    guidance_rescale: float | GuidanceRescale = 0.0,
                    perturbed_attention: PerturbedAttentionGuidance | None = None,
-                   self_attention_guidance: SelfAttentionGuidance | None = None, **options) -> Tensor:
+                   self_attention_guidance: SelfAttentionGuidance | None = None,
+                   dynamic_thresholding: DynamicThresholding | None = None, **options) -> Tensor:
     """Latents (B,C,H,W) sampled from unit noise ``x_T`` (B,C,H,W) by ``sampler``, with
     classifier-free guidance ``u + s·(c − u)`` when ``uncond`` is given: over the model outputs on diffusers' grids
     (diffusers' pipelines), over each output's x̂0 on A1111's (a ``schedule``; ``dpmpp_2s_a``, ``dpm_fast``,
@@ -149,6 +151,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     outputs on diffusers' grids, on x̂0 on A1111's); ``None`` off. ``self_attention_guidance``: self-attention
     guidance on every call (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`: diffusers' SAG pipeline on
     diffusers' grids, ComfyUI's / Forge's on A1111's σ grids; refused on A1111's timestep samplers and LCM).
+    ``dynamic_thresholding``: A1111's / Forge's "CFG Scale Fix" in place of every combination
+    (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`; on A1111's σ grids only, a ``schedule`` needed:
+    :func:`sdadapt.dynamic_thresholding.check_dynamic_thresholding_run`).
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
     its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
@@ -190,6 +195,10 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         from ..self_attention_guidance import check_sag_run
 
         check_sag_run(name, schedule=schedule)
+    if dynamic_thresholding is not None:
+        from ..dynamic_thresholding import check_dynamic_thresholding_run
+
+        check_dynamic_thresholding_run(name, schedule=schedule)
     if start is not None:
         from ..img2img import check_img2img_sampler, img2img_rule
 
@@ -217,7 +226,7 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
         name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
         else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one; its timesteps: one more)
     if schedule == "karras" and name in KARRAS_SAMPLERS and not discard and not tuned and not (
-            name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64):
+            name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64) and dynamic_thresholding is None:
         karras, schedule = True, None
     check_karras(name, karras)
     a1111 = schedule is not None or name in KDIFFUSION_ONLY or timesteps  # (A1111's path: by branch, σ known)
@@ -230,7 +239,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                              total_steps=run_total_steps(name, num_steps, start=start, schedule=run_grid),
                              pad_conds=pad_conds, guidance_rescale=guidance_rescale,
                              perturbed_attention=perturbed_attention,
-                             self_attention_guidance=self_attention_guidance)
+                             self_attention_guidance=self_attention_guidance,
+                             dynamic_thresholding=dynamic_thresholding)
     if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
         # per CFGDenoiser.forward, also where the conditionings do not batch)
         if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)

@@ -24,6 +24,7 @@ from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
+    from ..dynamic_thresholding import DynamicThresholding
     from ..perturbed_attention import PerturbedAttentionGuidance
     from ..self_attention_guidance import SelfAttentionGuidance
 
@@ -598,19 +599,32 @@ class Guided:
     (ComfyUI's / Forge's), and on the conditional output alone in a call without the negative.
     ``self_attention_guidance``: a :class:`sdadapt.self_attention_guidance.SelfAttentionGuidance` on ``model``'s UNet:
     every call adds its term from the negative branch (the conditional one in a call without it) — diffusers' SAG
-    pipeline on the outputs, ComfyUI's / Forge's on x̂0 by branch — after PAG's."""
+    pipeline on the outputs, ComfyUI's / Forge's on x̂0 by branch — after PAG's. ``dynamic_thresholding``: a
+    :class:`sdadapt.dynamic_thresholding.DynamicThresholding` in place of every combination on x̂0 by branch (A1111's
+    and Forge's "CFG Scale Fix"; its schedules over ``calls`` of ``total_steps``), the negative run at scale 1 too;
+    a call that combines the outputs refuses it.
+
+    Raises:
+        ValueError: ``dynamic_thresholding`` with a ``guidance_rescale`` (each replaces the combination).
+    """
 
     def __init__(self, model: Model, cond: object, uncond: object | None, guidance_scale: float, *,
                  uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None,
                  guidance_rescale: float | GuidanceRescale = 0.0,
                  perturbed_attention: PerturbedAttentionGuidance | None = None,
-                 self_attention_guidance: SelfAttentionGuidance | None = None) -> None:
+                 self_attention_guidance: SelfAttentionGuidance | None = None,
+                 dynamic_thresholding: DynamicThresholding | None = None) -> None:
         if pad_conds is not None and uncond is not None:  # (A1111 pads before it runs either: at scale 1 too)
             (cond,), uncond = pad_conds.pad([cond], uncond)
         self.model, self.cond, self.uncond, self.scale = model, cond, uncond, guidance_scale
         self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
         self.guidance_rescale = as_guidance_rescale(guidance_rescale)
         self.perturbed_attention, self.self_attention_guidance = perturbed_attention, self_attention_guidance
+        if dynamic_thresholding is not None and self.guidance_rescale is not None:
+            raise ValueError("dynamic thresholding (CFG Scale Fix) and a guidance rescale each replace the guidance "
+                             "combination (A1111's combine_denoised, Forge's / ComfyUI's CFG function), so no tool "
+                             "runs both: leave one out")
+        self.dynamic_thresholding = dynamic_thresholding
 
     def _plain(self, x: Tensor, t: Tensor, conds: list[object]) -> list[Tensor]:
         """The outputs under ``conds`` (the cond alone, or uncond and cond): one batch where they concatenate."""
@@ -639,12 +653,18 @@ class Guided:
     def _cond_alone(self, sigma: float | Tensor | None, read: Callable[[Tensor], Tensor] | None = None) -> bool:
         call, self.calls = self.calls, self.calls + 1
         skip = self.uncond_skip is not None and self.uncond_skip.skips(call, self.total_steps, sigma)
-        # (at scale 1 the cond alone, unless the sampler steps along the negative too: DDIM CFG++)
-        return skip or self.uncond is None or (self.scale == 1.0 and not wants_negative(read))
+        # (at scale 1 the cond alone, unless the sampler steps along the negative too (DDIM CFG++) or dynamic
+        # thresholding renormalises it to the mimic scale's spread, as A1111 runs both branches)
+        return skip or self.uncond is None or (self.scale == 1.0 and not wants_negative(read)
+                                               and self.dynamic_thresholding is None)
 
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         """The guided output (B,C,H,W) at ``x`` (B,C,H,W), timesteps ``t`` (B,)."""
         pag, sag = self.perturbed_attention, self.self_attention_guidance
+        if self.dynamic_thresholding is not None:
+            raise ValueError("dynamic thresholding (CFG Scale Fix) combines each branch's x̂0, as A1111 and Forge do; "
+                             "this sampler combines the model outputs (diffusers' grid or solver): take an A1111 σ "
+                             "sampler (euler, dpmpp_2m...) with a schedule (schedule='automatic' is A1111's default)")
         if self._cond_alone(None):
             if not self._extra():
                 return self.model(x, t, self.cond)
@@ -676,7 +696,10 @@ class Guided:
         (out_u, out_c, *perturbed), mask = self._branches(x, t, [self.uncond, self.cond])
         negative, positive = read(out_u), read(out_c)
         keep_negative(read, negative)
-        combined = guidance_combine(negative, positive, scaled_by(read, self.scale))
+        dt = self.dynamic_thresholding
+        combined = guidance_combine(negative, positive, scaled_by(read, self.scale)) if dt is None else dt.combine(
+            negative, [(positive, 1.0)], self.scale,
+            frac=dt.frac(call=self.calls - 1, total_steps=self.total_steps, t=t))
         if self.guidance_rescale is not None:
             combined = self.guidance_rescale.rescale(combined, positive, x_in=x, sigma=sigma)
         if pag is not None:  # (ComfyUI's order: its CFG function (RescaleCFG), then the post-CFG ones)
@@ -690,14 +713,17 @@ def guided(model: Model, cond: object, uncond: object | None, guidance_scale: fl
            uncond_skip: UncondSkip | None = None, total_steps: int = 1, pad_conds: CondPadding | None = None,
            guidance_rescale: float | GuidanceRescale = 0.0,
            perturbed_attention: PerturbedAttentionGuidance | None = None,
-           self_attention_guidance: SelfAttentionGuidance | None = None) -> Guided:
+           self_attention_guidance: SelfAttentionGuidance | None = None,
+           dynamic_thresholding: DynamicThresholding | None = None) -> Guided:
     """Classifier-free guidance ``u + s·(c − u)`` over ``model``: a :class:`Guided` (called ``(x, t, _cond)``);
     ``guidance_rescale``: its :class:`sdadapt.guidance_rescale.GuidanceRescale` (or φ) on each combination (0 off);
     ``perturbed_attention``: PAG (:class:`sdadapt.perturbed_attention.PerturbedAttentionGuidance`) on each call;
-    ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`) on each call."""
+    ``self_attention_guidance``: SAG (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance`) on each call;
+    ``dynamic_thresholding``: CFG Scale Fix (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`) in place of
+    each combination on x̂0."""
     return Guided(model, cond, uncond, guidance_scale, uncond_skip=uncond_skip, total_steps=total_steps,
                   pad_conds=pad_conds, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
-                  self_attention_guidance=self_attention_guidance)
+                  self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding)
 
 
 def ddim_sample(
