@@ -546,3 +546,38 @@ def test_the_example_in_docs_samplers_md_runs():
     plain = scope["generate"](scope["toy"], ["a red circle"], sampler="euler", schedule="karras", steps=8, seed=3,
                               guidance=12.0)
     assert (scope["fixed"] - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler,options", [("euler_a", {"schedule": "automatic", "inpaint": True}),
+                                             ("dpmpp_2m", {"schedule": "karras", "img2img": True}),
+                                             ("dpmpp_2m", {"schedule": "karras", "uncond_skip": True}),
+                                             ("dpmpp_2s_a", {}), ("restart", {"schedule": "exponential"})])
+def test_every_a1111_path_takes_it_and_the_mimic_at_the_scale_is_plain_guidance(system, sampler, options):
+    """img2img, the inpainting blend, Skip Early CFG and the k-diffusion-only samplers: with the mimic scale at the
+    guidance scale the run is plain guidance's (the clamp at its own maximum), with a lower one another run."""
+    from guidance_terms import branch_inputs
+
+    from sdadapt.img2img import Img2ImgStart
+    from sdadapt.samplers import sample_latents
+    from sdadapt.uncond_skip import UncondSkip
+
+    model, cond, uncond, x, _ = branch_inputs(system, seed=9, t=0)
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10))
+    kwargs = {"schedule": options.get("schedule")}
+    if options.get("img2img"):
+        kwargs["start"] = Img2ImgStart(init, index=1)
+    if options.get("inpaint"):
+        mask = torch.zeros(1, 1, 8, 8)
+        mask[..., 2:6, 2:6] = 1
+        kwargs["start"] = Img2ImgStart(init, index=1, mask=mask)
+    if options.get("uncond_skip"):
+        kwargs["uncond_skip"] = UncondSkip(skip_early=0.4)
+
+    def run(dt):
+        return sample_latents(model, x, cond, sampler=sampler, alphas_cumprod=system.alphas_cumprod, num_steps=4,
+                              uncond=uncond, guidance_scale=9.0, generator=torch.Generator().manual_seed(1),
+                              dynamic_thresholding=dt, **kwargs)
+
+    plain = run(None)
+    assert torch.allclose(run(DynamicThresholding(mimic_scale=9.0)), plain, atol=1e-4)
+    assert (run(DynamicThresholding(mimic_scale=2.0)) - plain).abs().max() > 1e-2
