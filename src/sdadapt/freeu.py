@@ -14,6 +14,11 @@ whose input is that concatenation (split where the backbone's channels end):
   first block (``b1``, ``s1``) and second (``b2``, ``s2``), the backbone times ``b``; off altogether when any of the
   four is 0 (its ``is_freeu_enabled``).
 
+Newer Forge runs it on part of a pass only: its ``freeu_start`` / ``freeu_end`` window, FreeU on a model call whose
+A1111 ``sampling_step / (steps − 1)`` lies in ``[start, end]`` (its ``denoiser_callback`` on ``on_cfg_denoiser``;
+``steps``: the pass's ``launch_sampling`` steps) — :meth:`FreeU.at_step`, driven per call by :class:`FreeUSteps`
+(:mod:`sdadapt.a1111_sampling_step`).
+
 Nothing is rebound or re-classed and no key changes; :meth:`FreeU.remove` takes the hooks off.
 """
 
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["FREEU_DEFAULTS", "FREEU_FIELDS", "FREEU_VERSIONS", "FREEU_VERSION_FIELD", "FREEU_WINDOW_FIELDS", "FreeU",
-           "fourier_filter"]
+           "FreeUSteps", "fourier_filter"]
 
 #: the versions :class:`FreeU` runs (module docstring)
 FREEU_VERSIONS = ("v2", "diffusers")
@@ -34,7 +39,7 @@ FREEU_DEFAULTS = (1.01, 1.02, 0.99, 0.95)
 #: Forge's infotext keys: enabled, b1, b2, s1, s2
 FREEU_FIELDS = ("freeu_enabled", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
 #: newer Forge's step window (FreeU where ``sampling_step / (steps − 1)`` lies in [start, end]; its defaults 0 and 1: every
-#: call) — read back at its defaults only: sdadapt runs FreeU on every call
+#: call; :meth:`FreeU.at_step`)
 FREEU_WINDOW_FIELDS = ("freeu_start", "freeu_end")
 #: sdadapt's key for the version when it is diffusers' (Forge's is v2; no tool writes one)
 FREEU_VERSION_FIELD = "FreeU version"
@@ -73,14 +78,17 @@ class FreeU:
     """FreeU on ``unet`` (diffusers' module names: ``up_blocks.N.resnets``, ``mid_block.resnets``, ``conv_in``; module
     docstring) with ``b1``, ``b2``, ``s1``, ``s2`` (Forge's defaults) in ``version`` (:data:`FREEU_VERSIONS`). Hooks
     installed at once; :meth:`remove` (or leaving the ``with`` block) takes them off. ``skips``: how many skip
-    connections it changes.
+    connections it changes. ``window``: Forge's ``(freeu_start, freeu_end)``, the part of a pass it runs on
+    (:meth:`at_step`; ``(0, 1)``: every call); ``active``: whether the next call runs it.
 
     Raises:
-        ValueError: an unknown version, a non-finite factor, or a ``unet`` without diffusers' decoder layout.
+        ValueError: an unknown version, a non-finite factor, a window outside [0, 1], or a ``unet`` without
+            diffusers' decoder layout.
     """
 
     def __init__(self, unet: nn.Module, *, b1: float = FREEU_DEFAULTS[0], b2: float = FREEU_DEFAULTS[1],
-                 s1: float = FREEU_DEFAULTS[2], s2: float = FREEU_DEFAULTS[3], version: str = "v2") -> None:
+                 s1: float = FREEU_DEFAULTS[2], s2: float = FREEU_DEFAULTS[3], version: str = "v2",
+                 window: tuple[float, float] = (0.0, 1.0)) -> None:
         if version not in FREEU_VERSIONS:
             raise ValueError(f"FreeU version is one of {', '.join(FREEU_VERSIONS)} (v2: ComfyUI's / Forge's, "
                              f"diffusers: enable_freeu), got {version!r}")
@@ -89,6 +97,11 @@ class FreeU:
             raise ValueError(f"FreeU's b1, b2, s1, s2 must be finite numbers, got {factors}")
         self.b1, self.b2, self.s1, self.s2 = factors
         self.version = version
+        start, end = (float(v) for v in window)
+        if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+            raise ValueError(f"FreeU's window is (start, end), fractions of a pass in [0, 1] (Forge's freeu_start / "
+                             f"freeu_end), got {tuple(window)}")
+        self.window, self.active = (start, end), True
         up_blocks, mid = getattr(unet, "up_blocks", None), getattr(unet, "mid_block", None)
         if not isinstance(up_blocks, nn.ModuleList) or mid is None or not hasattr(mid, "resnets") \
                 or not hasattr(unet, "conv_in"):
@@ -112,7 +125,9 @@ class FreeU:
     def _hook(self, backbone: int, b: float, s: float):
         v2 = self.version == "v2"
 
-        def change(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def change(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if not self.active:
+                return None
             x = args[0] if args else kwargs["input_tensor"]
             h, skip = x[:, :backbone], x[:, backbone:]
             if v2:
@@ -127,6 +142,13 @@ class FreeU:
 
         return change
 
+    def at_step(self, sampling_step: int, sampling_steps: int) -> None:
+        """Forge's ``denoiser_callback`` before a model call: :attr:`active` when ``sampling_step / (sampling_steps −
+        1)`` lies in :attr:`window` (``sampling_step``: A1111's ``state.sampling_step`` at the call; ``sampling_steps``:
+        the pass's ``launch_sampling`` steps; a pass of one step reads 0, where Forge divides by zero)."""
+        frac = sampling_step / (sampling_steps - 1) if sampling_steps > 1 else 0.0
+        self.active = self.window[0] <= frac <= self.window[1]
+
     def remove(self) -> None:
         """Take every hook off (idempotent)."""
         for handle in self._handles:
@@ -138,3 +160,31 @@ class FreeU:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+class FreeUSteps:
+    """A ``before_model_call`` (:func:`sdadapt.samplers.sample_latents`) that runs ``freeu`` on the model calls of
+    its window only, as Forge does (:meth:`FreeU.at_step` at each call's A1111 ``sampling_step`` of ``sampler``,
+    :func:`sdadapt.a1111_sampling_step.a1111_sampling_step`). ``sample_latents`` tells it the pass's steps
+    (:meth:`launch`); :meth:`next_pass` names a hires pass's sampler, :meth:`release` goes back to the first's."""
+
+    def __init__(self, freeu: FreeU, *, sampler: str) -> None:
+        self.freeu, self.sampler, self.first_sampler, self.sampling_steps = freeu, sampler, sampler, 1
+
+    def launch(self, sampling_steps: int) -> None:
+        """A pass starts: A1111's ``launch_sampling(steps)`` (:func:`sdadapt.samplers.run_sampling_steps`)."""
+        self.sampling_steps = int(sampling_steps)
+
+    def next_pass(self, *, sampler: str | None = None) -> None:
+        """The hires pass runs ``sampler`` (``None``: the same)."""
+        if sampler is not None:
+            self.sampler = sampler
+
+    def release(self) -> None:
+        """Back to the first pass's sampler (the next image), FreeU on."""
+        self.sampler, self.freeu.active = self.first_sampler, True
+
+    def __call__(self, steps_done: int, calls: int) -> None:
+        from .a1111_sampling_step import a1111_sampling_step
+
+        self.freeu.at_step(a1111_sampling_step(steps_done, calls, sampler=self.sampler), self.sampling_steps)

@@ -96,7 +96,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         guidance_rescale_space=args.guidance_rescale_space, pag_scale=args.pag_scale,
         pag_adaptive_scale=args.pag_adaptive_scale, pag_layers=args.pag_layers, sag_scale=args.sag_scale,
         sag_blur_sigma=args.sag_blur_sigma, dynamic_thresholding=_dynamic_thresholding(args.dynamic_thresholding),
-        freeu=args.freeu, freeu_version=args.freeu_version,
+        freeu=args.freeu, freeu_version=args.freeu_version, freeu_window=args.freeu_window,
         sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
@@ -328,6 +328,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="FreeU (Si et al.): the decoder's backbone features amplified and its skip features' "
                           "lowest frequencies damped; alone Forge's defaults, or B1 B2 S1 S2 (SD1.5 1.5 1.6 0.9 0.2, "
                           "SDXL 1.3 1.4 0.9 0.2 are the paper's; docs/samplers.md)")
+    generate.add_argument("--freeu-window", nargs=2, type=float, default=(0.0, 1.0), metavar=("START", "END"),
+                          help="newer Forge's FreeU window: FreeU on the model calls whose A1111 sampling step / "
+                          "(steps − 1) lies in [START, END], each pass (default 0 1: every call)")
     generate.add_argument("--freeu-version", choices=("v2", "diffusers"), default="v2",
                           help="v2 (default): ComfyUI's FreeU_V2, Forge's 'FreeU Integrated'; diffusers: "
                           "UNet2DConditionModel.enable_freeu")
@@ -589,7 +592,7 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: bool(args.guidance_rescale) or args.infotext is not None)
     only_with(generate, ["--pag-adaptive-scale", "--pag-layers"], needs="--pag-scale F",
               when=lambda args: bool(args.pag_scale) or args.infotext is not None)
-    only_with(generate, ["--freeu-version"], needs="--freeu",
+    only_with(generate, ["--freeu-version", "--freeu-window"], needs="--freeu",
               when=lambda args: args.freeu is not None or args.infotext is not None)
     only_with(generate, ["--sag-blur-sigma"], needs="--sag-scale F",
               when=lambda args: bool(args.sag_scale) or args.infotext is not None)

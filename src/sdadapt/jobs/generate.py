@@ -71,6 +71,7 @@ def run_generate(
     dynamic_thresholding: DynamicThresholding | None = None,
     freeu: Sequence[float] | None = None,
     freeu_version: str = "v2",
+    freeu_window: Sequence[float] = (0.0, 1.0),
     sampler: str | None = None,
     karras: bool = False,
     schedule: str | None = None,
@@ -221,6 +222,9 @@ def run_generate(
             ...``). Not with ``refiner``.
         freeu_version: ``"v2"`` (ComfyUI's FreeU_V2, Forge's) or ``"diffusers"`` (``enable_freeu``; written "FreeU
             version: diffusers").
+        freeu_window: newer Forge's ``(freeu_start, freeu_end)``: FreeU on the model calls whose A1111
+            ``sampling_step / (steps − 1)`` lies in it, each pass (:class:`sdadapt.freeu.FreeUSteps`); ``(0, 1)``:
+            every call. Written as ``freeu_start`` / ``freeu_end`` when not that.
         sampler: a sampler name, kohya alias or A1111 label ("DPM++ 2M Karras", "Euler a"):
             :func:`sdadapt.samplers.labels.sampler_schedule_from_label`; a label's " Karras" is
             ``schedule="karras"``, " Exponential" ``schedule="exponential"``. ``None``: ``ddim``, or an EDM model's
@@ -589,6 +593,12 @@ def run_generate(
         if len(freeu) not in (0, 4):
             raise ValueError(f"--freeu takes no value (Forge's defaults) or four, B1 B2 S1 S2; got {len(freeu)}")
         freeu = tuple(map(float, freeu)) or FREEU_DEFAULTS
+    freeu_window = tuple(float(v) for v in freeu_window)
+    if len(freeu_window) != 2 or not all(0.0 <= v <= 1.0 for v in freeu_window):
+        raise ValueError(f"--freeu-window is START END, fractions of each pass in [0, 1] (Forge's freeu_start / "
+                         f"freeu_end), got {freeu_window}")
+    if freeu is None and freeu_window != (0.0, 1.0):
+        raise ValueError("--freeu-window is the part of each pass FreeU runs on; add --freeu, or leave it out")
     if dynamic_thresholding is not None and not isinstance(dynamic_thresholding, DynamicThresholding):
         raise TypeError(f"dynamic_thresholding is a DynamicThresholding (sdadapt.dynamic_thresholding), got "
                         f"{type(dynamic_thresholding).__name__}")
@@ -856,7 +866,7 @@ def run_generate(
         from ..freeu import FreeU
 
         changed = _on_base_unet(run_scope, "--freeu", system, refiner_system, model, lambda unet: FreeU(
-            unet, b1=freeu[0], b2=freeu[1], s1=freeu[2], s2=freeu[3], version=freeu_version))
+            unet, b1=freeu[0], b2=freeu[1], s1=freeu[2], s2=freeu[3], version=freeu_version, window=freeu_window))
         if not changed.skips:
             raise ValueError(f"--freeu: {model}'s UNet has no skip connection FreeU {freeu_version} changes (v2 acts "
                              "where the decoder is 2 or 4 times its first width; diffusers' needs all four factors "
@@ -929,13 +939,20 @@ def run_generate(
         return reports
 
     applied.extend(apply_tag_loras(tag_loras, tag_handles))
-    step_switch = None
+    step_switch = freeu_steps = None
+    if freeu is not None and freeu_window != (0.0, 1.0):  # (Forge's denoiser_callback: FreeU per model call)
+        from ..freeu import FreeUSteps
+
+        freeu_steps = FreeUSteps(changed, sampler=canonical_sampler(sampler))
     if step_parts:
         from .generate_lbw_steps import StepSwitchedLoRAs
 
         step_switch = StepSwitchedLoRAs(step_parts, sampler=canonical_sampler(sampler))
         say("UNet parts switched per model call by start= / stop= / step=: "
             + ", ".join(item.tag for item in tag_loras if item.steps is not None))
+    from .generate_call_hooks import model_call_hooks
+
+    model_calls = model_call_hooks(step_switch, freeu_steps)
     hypernetwork_report = []
     for index, ((path, strength), module) in enumerate(zip(hypernetwork_specs, hypernetwork_modules)):
         unet_device = next(system.unet.parameters()).device
@@ -1212,7 +1229,7 @@ def run_generate(
                                                                           steps) else None,
         guidance_rescale=rescale, perturbed_attention=None if pag is None else (pag_scale, pag_adaptive_scale, pag_layers),
         self_attention_guidance=None if sag is None else (sag_scale, sag_blur_sigma),
-        dynamic_thresholding=dynamic_thresholding, freeu=None if freeu is None else (*freeu, freeu_version),
+        dynamic_thresholding=dynamic_thresholding, freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass))
     written = []
@@ -1231,7 +1248,7 @@ def run_generate(
                            **({"info": report} if sampler == "dpm_adaptive" else {}),
                            **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
                            **({} if schedule_options is None else {"schedule_options": schedule_options}),
-                           **({} if step_switch is None else {"before_model_call": step_switch}),
+                           **({} if model_calls is None else {"before_model_call": model_calls}),
                            **({} if uncond_skip is None else {"uncond_skip": uncond_skip}),
                            **({} if cond_padding is None else {"pad_conds": cond_padding}),
                            **({} if eta is None else {"eta": eta}),
@@ -1282,8 +1299,8 @@ def run_generate(
                                          refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
                                          inpainting_mask_weight=inpainting_mask_weight, vae_encode=vae_encode)[0]
             finally:  # (the next image starts from the weights without the step-switched parts)
-                if step_switch is not None:
-                    step_switch.release()
+                if model_calls is not None:
+                    model_calls.release()
             if inpainting is not None:  # A1111's final overlay: the original pixels outside the mask
                 image = inpainting.overlay(image)
             if handoff is not None:

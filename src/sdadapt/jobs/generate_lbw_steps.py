@@ -54,6 +54,11 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from ..a1111_sampling_step import (
+    END_REPORTING_SAMPLERS,
+    LATE_REPORTING_SAMPLERS,
+    a1111_sampling_step,
+)
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -67,13 +72,6 @@ __all__ = ["END_REPORTING_SAMPLERS", "LATE_REPORTING_SAMPLERS", "UNSTEPPED_SAMPL
 #: PLMS (``sd_samplers_timesteps_impl.plms``) is another method (one two-call first step, no warm-up), so there is no
 #: A1111 ``state.sampling_step`` to follow
 UNSTEPPED_SAMPLERS = frozenset({"pndm"})
-#: samplers whose callback comes after every model call of a step: k-diffusion's DPM adaptive reports each try
-#: (accepted or rejected) after its ``order`` calls, so all of a try's calls see ``max(tries done − 1, 0)``
-END_REPORTING_SAMPLERS = frozenset({"dpm_adaptive"})
-#: samplers whose A1111 counterpart reports a step one model call later than k-diffusion's: A1111's UniPC makes a model
-#: call before its first step and calls back after each step's corrector call (the next grid point's model call)
-LATE_REPORTING_SAMPLERS = frozenset({"unipc"})
-
 
 @dataclass(frozen=True)
 class StepRange:
@@ -111,19 +109,6 @@ def tag_step_range(tag: ExtraNetworkTag) -> StepRange | None:
         return None
     return StepRange(None if start is None else _integer(tag, "start=", start),
                      None if stop is None else _integer(tag, "stop=", stop))
-
-
-def a1111_sampling_step(steps_done: int, calls: int, *, sampler: str | None = None) -> int:
-    """A1111's ``state.sampling_step`` at a model call: ``steps_done`` steps finished before it, ``calls`` model
-    calls already made in this step (0: the step's first call, before the k-diffusion callback of the step).
-    ``sampler`` (canonical name) in :data:`LATE_REPORTING_SAMPLERS`: ``max(steps_done − 2, 0)`` (A1111's UniPC,
-    module docstring); in :data:`END_REPORTING_SAMPLERS` (``steps_done``: the tries done): ``max(steps_done − 1, 0)``
-    at every call of the try."""
-    if sampler in END_REPORTING_SAMPLERS:
-        return max(steps_done - 1, 0)
-    if calls > 0:
-        return steps_done
-    return max(steps_done - (2 if sampler in LATE_REPORTING_SAMPLERS else 1), 0)
 
 
 def unet_on(step_range: StepRange, sampling_step: int) -> bool:

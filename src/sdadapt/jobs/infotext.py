@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..dynamic_thresholding import dynamic_thresholding_fields
-from ..freeu import FREEU_FIELDS, FREEU_VERSION_FIELD
+from ..freeu import FREEU_FIELDS, FREEU_VERSION_FIELD, FREEU_WINDOW_FIELDS
 from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
 from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
@@ -287,9 +287,10 @@ class InfotextRun:
             mode is not Constant; added in its ``process_batch``: after "Lora hashes", before "TI hashes"), for
             ``"timesteps"`` as Forge's built-in writes it (``dynthres_enabled: True, dynthres_mimic_scale: ...``,
             every field; before the FreeU fields: Forge's script order).
-        freeu: ``(b1, b2, s1, s2, version)`` of ``--freeu`` / ``--freeu-version``, or ``None``: written as Forge's
-            "FreeU Integrated" writes it (``freeu_enabled: True, freeu_b1: ..., freeu_s2: ...``, before the SAG
-            fields), then "FreeU version: diffusers" for diffusers' version.
+        freeu: ``(b1, b2, s1, s2, version[, start, end])`` of ``--freeu`` / ``--freeu-version`` /
+            ``--freeu-window``, or ``None``: written as Forge's "FreeU Integrated" writes it (``freeu_enabled: True,
+            freeu_b1: ..., freeu_s2: ...``, then newer Forge's ``freeu_start`` / ``freeu_end`` when the window is not
+            (0, 1); before the SAG fields), then "FreeU version: diffusers" for diffusers' version.
         tag_loras: ``(tag, file)`` of the ``<lora:>`` tags of the first pass; hires_tag_loras: the hires pass's
             (A1111's hires pass adds its networks to ``p.lora_hashes``), listed after; each name listed once,
             where it first comes.
@@ -474,6 +475,9 @@ class InfotextRun:
             fields.update(dynamic_thresholding_fields(dt))
         if self.freeu is not None:  # (Forge's FreeU script: process_before_every_sampling, sorted before SAG's)
             fields.update(zip(FREEU_FIELDS, (True, *map(float, self.freeu[:4]))))
+            window = tuple(map(float, self.freeu[5:7])) or (0.0, 1.0)
+            if window != (0.0, 1.0):  # (newer Forge's window, after s2)
+                fields.update(zip(FREEU_WINDOW_FIELDS, window))
             fields[FREEU_VERSION_FIELD] = self.freeu[4] if self.freeu[4] != "v2" else None
         if self.self_attention_guidance is not None:  # (Forge's SAG script: process_before_every_sampling)
             fields.update(zip(SAG_FIELDS, (True, *map(float, self.self_attention_guidance))))
@@ -581,7 +585,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``self_attention_guidance``: ``(scale, blur sigma)`` of ``--sag-scale`` (Forge's SAG fields) or ``None``;
     ``dynamic_thresholding``: the run's :class:`~sdadapt.dynamic_thresholding.DynamicThresholding` (A1111's
     extension's fields or Forge's, by its step rule) or ``None``;
-    ``freeu``: ``(b1, b2, s1, s2, version)`` of ``--freeu`` (Forge's FreeU fields) or ``None``;
+    ``freeu``: ``(b1, b2, s1, s2, version[, start, end])`` of ``--freeu`` / ``--freeu-window`` (Forge's FreeU fields)
+    or ``None``;
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
     import torch
 

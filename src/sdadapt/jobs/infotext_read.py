@@ -108,14 +108,6 @@ def _take_choice(fields: Mapping[str, str], field: str, option: str, flag: str, 
         taken.add(field)
 
 
-def _number_is(text: str, value: float) -> bool:
-    """Whether infotext ``text`` is the number ``value`` (``False`` for text that is no number)."""
-    try:
-        return float(text) == value
-    except ValueError:
-        return False
-
-
 def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpaint: bool = False,
                      refiner: bool = False) -> tuple[dict[str, object], list[str]]:
     """``(options, not_taken)``: :func:`sdadapt.jobs.generate.run_generate` keywords of parsed infotext ``fields``
@@ -222,10 +214,15 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
                              f"{[fields[key] for key in FREEU_FIELDS[1:]]} are not the numbers Forge writes there") from None
         taken.update(FREEU_FIELDS)
         take(FREEU_VERSION_FIELD, "freeu_version")
-        # (newer Forge writes its step window too; at its defaults, 0 and 1, FreeU runs on every call, as here;
-        # another window is left for the fields not taken: sdadapt runs FreeU on every call)
-        window = [fields.get(key, default) for key, default in zip(FREEU_WINDOW_FIELDS, ("0", "1"))]
-        if all(_number_is(value, expected) for value, expected in zip(window, (0.0, 1.0))):
+        # (newer Forge writes its step window too: FreeU on the calls whose sampling_step / (steps − 1) lies in it)
+        if any(key in fields for key in FREEU_WINDOW_FIELDS):
+            try:
+                options["freeu_window"] = [float(fields.get(key, default))
+                                           for key, default in zip(FREEU_WINDOW_FIELDS, ("0", "1"))]
+            except ValueError:
+                raise ValueError(f"infotext fields {', '.join(FREEU_WINDOW_FIELDS)}: "
+                                 f"{[fields.get(key) for key in FREEU_WINDOW_FIELDS]} are not the numbers Forge "
+                                 "writes there") from None
             taken.update(key for key in FREEU_WINDOW_FIELDS if key in fields)
     elif FREEU_FIELDS[0] in fields and not flag(fields[FREEU_FIELDS[0]]):  # (written off: nothing to take)
         taken.update(key for key in FREEU_FIELDS if key in fields)

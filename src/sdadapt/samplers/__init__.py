@@ -85,7 +85,8 @@ from .unipc_a1111 import a1111_unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "KDIFFUSION_ONLY", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
            "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler",
-           "check_karras", "guidance_rescale_for_run", "resolve_schedule", "run_total_steps", "sample_latents"]
+           "check_karras", "guidance_rescale_for_run", "resolve_schedule", "run_sampling_steps", "run_total_steps",
+           "sample_latents"]
 
 #: σ samplers whose A1111 grid (a ``schedule``) runs A1111's k-diffusion arithmetic bit for bit on float32 / half
 #: latents (:mod:`.sigma_space`: float32 σ table, ``x·c_in``, float32 ``sigma_to_t``): there ``schedule="karras"``
@@ -180,7 +181,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     too, k-diffusion's ``info['steps']``) and ``model``'s calls since the last of them (0: the step's first call) —
     e.g. to switch weights between model calls
     (:mod:`sdadapt.jobs.generate_lbw_steps`). One announced call is one guided sampler model call (both halves of
-    classifier-free guidance, batched or not: :func:`sdadapt.training.diffusion.guided`).
+    classifier-free guidance, batched or not: :func:`sdadapt.training.diffusion.guided`). A ``before_model_call``
+    with a ``launch(steps)`` method hears the run's steps first (:func:`run_sampling_steps`, A1111's
+    ``launch_sampling``: e.g. :class:`sdadapt.freeu.FreeUSteps`).
 
     Raises:
         ValueError: an unknown sampler or schedule, ``karras=True`` for a sampler without Karras σ, a schedule
@@ -241,6 +244,9 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                              perturbed_attention=perturbed_attention,
                              self_attention_guidance=self_attention_guidance,
                              dynamic_thresholding=dynamic_thresholding)
+    launch = getattr(before_model_call, "launch", None)
+    if launch is not None:  # (A1111's launch_sampling: the pass's steps, for what counts them per call)
+        launch(run_sampling_steps(name, num_steps, start=start, schedule=run_grid))
     if before_model_call is not None:  # (one announced call per guided call, as A1111's on_cfg_denoiser fires once
         # per CFGDenoiser.forward, also where the conditionings do not batch)
         if name == "dpm_adaptive":  # (its steps_done: the tries, each reported after all its calls, as k-diffusion)
@@ -320,15 +326,23 @@ def guidance_rescale_for_run(guidance_rescale: float | GuidanceRescale | None, s
 def run_total_steps(sampler: str, num_steps: int, *, start: Img2ImgStart | None = None,
                     schedule: str | None = None) -> int:
     """A1111's ``CFGDenoiser.total_steps`` of a sampler run (:func:`sdadapt.sampler_tables.a1111_total_steps`) of the
-    steps it takes: ``num_steps``, less an img2img ``start``'s index by the sampler's rule on ``schedule``'s grid
-    (:func:`sdadapt.sampler_tables.run_schedule`'s: ``"automatic"`` for A1111's own DDIM, which ``resolve_schedule``
-    reads as none, diffusers' DDIM)."""
+    steps it takes (:func:`run_sampling_steps`)."""
     name = canonical_sampler(sampler)
+    return a1111_total_steps(name, run_sampling_steps(name, num_steps, start=start, schedule=schedule))
+
+
+def run_sampling_steps(sampler: str, num_steps: int, *, start: Img2ImgStart | None = None,
+                       schedule: str | None = None) -> int:
+    """The steps a sampler run takes, A1111's ``launch_sampling(steps)`` (``state.sampling_steps``): ``num_steps``,
+    less an img2img ``start``'s index by the sampler's rule on ``schedule``'s grid (A1111's ``t_enc + 1``;
+    :func:`sdadapt.sampler_tables.run_schedule`'s grid: ``"automatic"`` for A1111's own DDIM, which
+    ``resolve_schedule`` reads as none, diffusers' DDIM)."""
     if start is None:
-        return a1111_total_steps(name, num_steps)
+        return int(num_steps)
     from ..img2img import img2img_rule, start_index
 
-    return a1111_total_steps(name, num_steps - start_index(start, num_steps, rule=img2img_rule(name, schedule)))
+    name = canonical_sampler(sampler)
+    return int(num_steps) - start_index(start, num_steps, rule=img2img_rule(name, schedule))
 
 
 class _A1111Denoiser:

@@ -418,12 +418,15 @@ def edm_sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: T
         ValueError: a sampler diffusers has no EDM scheduler for (names the ones there are).
     """
     from ..training import diffusion
-    from . import _announced, canonical_sampler
+    from . import _announced, canonical_sampler, run_sampling_steps
 
     name = canonical_sampler(sampler)
     check_edm_request(name)
     guided = diffusion.guided(model, cond, uncond, guidance_scale, guidance_rescale=guidance_rescale,
                               perturbed_attention=perturbed_attention)
+    launch = getattr(before_model_call, "launch", None)
+    if launch is not None:  # (the run's steps, diffusers' img2img rule: sample_latents' launch)
+        launch(run_sampling_steps(name, num_steps, start=start))
     if before_model_call is not None:
         guided, callback = _announced(guided, callback, before_model_call)
 
