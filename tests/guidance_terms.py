@@ -1,5 +1,6 @@
 """Shared pieces of the tests of the guidance terms added to classifier-free guidance (PAG, SAG): one guided call's
-inputs on a loaded system, and the check that a prompt plan's guidance is the plain guidance with the term."""
+inputs on a loaded system, the sampler paths' keywords, and the check that a prompt plan's guidance is the plain guidance
+with the term."""
 
 from __future__ import annotations
 
@@ -51,3 +52,23 @@ def check_plan_is_plain_guidance(system, **term) -> None:
         assert not torch.allclose(plain(x, t), guided(model, cond, uncond, scale)(x, t), atol=1e-3)
     with pytest.raises(ValueError, match="guidance degrades one branch of each call; this prompt has 2 AND"):
         plan_prompt("a cat AND a dog", "", steps=4).guidance(model, [cond, cond], [uncond], 5.0, **term)
+
+
+def path_options(options: dict) -> dict:
+    """``sample_latents`` keywords of a guidance path named by ``options`` (``schedule``; ``img2img`` / ``inpaint``:
+    an :class:`~sdadapt.img2img.Img2ImgStart` at index 1 from seeded init latents (1, 4, 8, 8), the mask a centred
+    square; ``uncond_skip``: Skip Early CFG 0.4)."""
+    from sdadapt.img2img import Img2ImgStart
+    from sdadapt.uncond_skip import UncondSkip
+
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10))
+    kwargs = {"schedule": options.get("schedule")}
+    if options.get("img2img"):
+        kwargs["start"] = Img2ImgStart(init, index=1)  # (A1111's rule on its grid: a start index)
+    if options.get("inpaint"):
+        mask = torch.zeros(1, 1, 8, 8)
+        mask[..., 2:6, 2:6] = 1
+        kwargs["start"] = Img2ImgStart(init, index=1, mask=mask)
+    if options.get("uncond_skip"):
+        kwargs["uncond_skip"] = UncondSkip(skip_early=0.4)
+    return kwargs

@@ -555,23 +555,12 @@ def test_the_example_in_docs_samplers_md_runs():
 def test_every_a1111_path_takes_it_and_the_mimic_at_the_scale_is_plain_guidance(system, sampler, options):
     """img2img, the inpainting blend, Skip Early CFG and the k-diffusion-only samplers: with the mimic scale at the
     guidance scale the run is plain guidance's (the clamp at its own maximum), with a lower one another run."""
-    from guidance_terms import branch_inputs
+    from guidance_terms import branch_inputs, path_options
 
-    from sdadapt.img2img import Img2ImgStart
     from sdadapt.samplers import sample_latents
-    from sdadapt.uncond_skip import UncondSkip
 
     model, cond, uncond, x, _ = branch_inputs(system, seed=9, t=0)
-    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10))
-    kwargs = {"schedule": options.get("schedule")}
-    if options.get("img2img"):
-        kwargs["start"] = Img2ImgStart(init, index=1)
-    if options.get("inpaint"):
-        mask = torch.zeros(1, 1, 8, 8)
-        mask[..., 2:6, 2:6] = 1
-        kwargs["start"] = Img2ImgStart(init, index=1, mask=mask)
-    if options.get("uncond_skip"):
-        kwargs["uncond_skip"] = UncondSkip(skip_early=0.4)
+    kwargs = path_options(options)
 
     def run(dt):
         return sample_latents(model, x, cond, sampler=sampler, alphas_cumprod=system.alphas_cumprod, num_steps=4,

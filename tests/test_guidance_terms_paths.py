@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import tiny_sd_fixtures
 import torch
-from guidance_terms import branch_inputs
+from guidance_terms import branch_inputs, path_options
 
 system, tiny_sd = tiny_sd_fixtures.system, tiny_sd_fixtures.tiny_sd
 
@@ -32,21 +32,10 @@ def _term(system_, kind: str, scale: float):
 @pytest.mark.parametrize("kind", ["pag", "sag"])
 @pytest.mark.parametrize("sampler,options", _PATHS)
 def test_every_sampler_path_takes_the_term_and_scale_0_is_none(system, kind, sampler, options):
-    from sdadapt.img2img import Img2ImgStart
     from sdadapt.samplers import sample_latents
-    from sdadapt.uncond_skip import UncondSkip
 
     model, cond, uncond, x, _ = branch_inputs(system, seed=9, t=0)
-    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10))
-    kwargs = {"schedule": options.get("schedule")}
-    if options.get("img2img"):
-        kwargs["start"] = Img2ImgStart(init, index=1)  # (A1111's rule on its grid: a start index)
-    if options.get("inpaint"):
-        mask = torch.zeros(1, 1, 8, 8)
-        mask[..., 2:6, 2:6] = 1
-        kwargs["start"] = Img2ImgStart(init, index=1, mask=mask)
-    if options.get("uncond_skip"):
-        kwargs["uncond_skip"] = UncondSkip(skip_early=0.4)
+    kwargs = path_options(options)
 
     def run(**term):
         return sample_latents(model, x, cond, sampler=sampler, alphas_cumprod=system.alphas_cumprod, num_steps=4,
