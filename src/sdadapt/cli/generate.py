@@ -106,7 +106,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         pad_conds=args.pad_conds, pad_conds_v0=args.pad_conds_v0, eta=args.eta, eta_ddim=args.eta_ddim,
         noise_multiplier=args.noise_multiplier, extra_noise=args.extra_noise, sigma_churn=args.sigma_churn,
         sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
-        emphasis=args.emphasis, noise_schedule=args.noise_schedule, tiling=args.tiling,
+        emphasis=args.emphasis, noise_schedule=args.noise_schedule, downcast_alphas_cumprod=args.downcast_alphas_cumprod, tiling=args.tiling,
         token_merging_ratio=args.token_merging_ratio, token_merging_ratio_hr=args.token_merging_ratio_hr,
         hypertile_unet=args.hypertile_unet, hypertile_unet_second_pass=args.hypertile_unet_second_pass,
         hypertile_vae=args.hypertile_vae,
@@ -404,6 +404,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="A1111's 'Noise schedule for sampling': default (the model's own; a checkpoint marked ztsnr "
                             "is on the next one already) or zero-terminal-snr (A1111's 'Zero Terminal SNR'): the "
                             "model's schedule rescaled so its last step is pure noise")
+    a1111.add_argument("--downcast-alphas-cumprod", action="store_true",
+                       help="A1111's 'Downcast model alphas_cumprod to fp16 before sampling' (reproducing old seeds: "
+                            "every A1111 before v1.7.0-225 sampled so; --infotext turns it on for those): the σ "
+                            "samplers read the model's σ table as A1111 does from a half ᾱ (with a --schedule)")
     a1111.add_argument("--eta", type=float, default=None, metavar="F",
                        help="A1111's 'Eta for ancestral samplers' (default 1): the noise share of Euler a, DPM2 a, "
                             "DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs (with --schedule), DPM fast/adaptive")

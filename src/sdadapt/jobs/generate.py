@@ -102,6 +102,7 @@ def run_generate(
     sigma_noise: float = 1.0,
     emphasis: str = "Original",
     noise_schedule: str = "default",
+    downcast_alphas_cumprod: bool = False,
     tiling: bool = False,
     token_merging_ratio: float = 0.0,
     token_merging_ratio_hr: float | None = None,
@@ -293,6 +294,11 @@ def run_generate(
             model's and the refiner's ᾱ rescaled as A1111 rescales them
             (:meth:`sdadapt.diffusers_system.DiffusersSystem.rescale_to_zero_terminal_snr`). A run on that schedule
             writes "Noise Schedule: Zero Terminal SNR" in the infotext.
+        downcast_alphas_cumprod: A1111's "Downcast alphas_cumprod" (its setting "Downcast model alphas_cumprod to fp16
+            before sampling. For reproducing old seeds."): ᾱ held as float16, every σ table read from it as A1111 reads
+            it (:func:`sdadapt.samplers.sigma_space.downcast_alphas_cumprod`) — what every A1111 before v1.7.0-225
+            sampled with (its infotext backcompat turns it on for those); A1111's σ samplers with a schedule only,
+            not with the zero-terminal-SNR schedule. Written "Downcast alphas_cumprod: True".
         clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
             :func:`sdadapt.jobs.models.load_system`): the normaliser of its image conditioning (:mod:`sdadapt.unclip`).
         max_token_length: 75 (default): a prompt longer than 75 tokens is laid out as A1111 lays it out (77-token
@@ -802,6 +808,19 @@ def run_generate(
                                          edm=getattr(system, "edm", None) is not None)
             except ValueError as exc:
                 raise ValueError(f"--guidance-rescale-space v: {exc}") from None
+    if downcast_alphas_cumprod:  # (each pass's sampler and grid; the schedules A1111 downcasts before)
+        from ..samplers import check_downcast_run
+
+        try:
+            if getattr(system, "edm", None) is not None:
+                raise ValueError(f"{model} is an EDM model (Playground v2.5), whose σ do not come from ᾱ")
+            if noise_schedule == "zero-terminal-snr" or getattr(system, "zero_terminal_snr", False):
+                raise ValueError("A1111 rescales the halved ᾱ to zero terminal SNR in float16, which sdadapt does "
+                                 "not: leave out one of them")
+            for name, grid in passes:
+                check_downcast_run(name, schedule=grid)
+        except ValueError as exc:
+            raise ValueError(f"--downcast-alphas-cumprod: {exc}") from None
     if dynamic_thresholding is not None:  # (each pass's sampler and grid)
         from ..dynamic_thresholding import check_dynamic_thresholding_run
 
@@ -886,6 +905,14 @@ def run_generate(
         for holder in (system, refiner_system):
             if holder is not None:
                 holder.rescale_to_zero_terminal_snr()
+    if downcast_alphas_cumprod:  # (apply_alpha_schedule_override: ᾱ halved, each model it samples, for the run)
+        from ..samplers.sigma_space import downcast_alphas_cumprod as halved
+
+        for holder in (system, refiner_system):
+            if holder is not None:
+                original = holder.alphas_cumprod
+                holder.alphas_cumprod = halved(original)
+                run_scope.callback(setattr, holder, "alphas_cumprod", original)
     if aesthetic_score is not None or negative_aesthetic_score is not None:  # (the SDXL refiner's time_ids)
         if refiner_system is not None:
             system, refiner_system = refiner_system, system  # (set on the refiner, below; swapped back after)

@@ -597,7 +597,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         canonical_sampler,
     )
     from ..samplers.schedules import ScheduleOptions, canonical_schedule
-    from ..samplers.sigma_space import model_sigmas
+    from ..samplers.sigma_space import DOWNCAST_FIELD, model_sigmas
     from ..sampling import default_guidance
 
     prompt, negative, hires_prompt, hires_negative = texts
@@ -615,6 +615,9 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     automatic = schedule_asked is not None and canonical_schedule(schedule_asked) == "automatic"
     grids = [schedule, *([hires_options.get("schedule")] if hires is not None else [])]
     schedule_fields: dict[str, object] = {}
+    alphas = getattr(system, "alphas_cumprod", None)
+    if alphas is not None and alphas.dtype == torch.float16:  # (apply_alpha_schedule_override: downcast, then ZTSNR)
+        schedule_fields[DOWNCAST_FIELD] = True
     if getattr(system, "zero_terminal_snr", False):  # (apply_alpha_schedule_override, as the sampling starts)
         schedule_fields["Noise Schedule"] = "Zero Terminal SNR"
     if init_image is not None and noise_multiplier != 1.0:  # (img2img's sample, before its sampler starts)

@@ -108,6 +108,36 @@ def _take_choice(fields: Mapping[str, str], field: str, option: str, flag: str, 
         taken.add(field)
 
 
+def _a1111_version(text: object) -> tuple | None:
+    """A1111's ``parse_version`` of an infotext's Version (``modules/infotext_versions.py``: ``v1.6.0-2-gabc`` read
+    as ``v1.6.0-2``) as a sortable key ``((major, minor, patch), rank, n)`` — rank −1 a pre-release (``-RC``), 0 the
+    release, 1 a build past it (``-225``, packaging's post-release) — or ``None`` where packaging would not parse it
+    (Forge's ``f2.0.1v1.10.1-...``)."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    cut = re.match(r"([^-]+-[^-]+)-.*", text)
+    if cut:
+        text = cut.group(1)
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?:-(\d+)|-?(rc|a|b|alpha|beta|c|pre|preview)(\d*))?", text,
+                     flags=re.IGNORECASE)
+    if m is None:
+        return None
+    core = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+    if m.group(4) is not None:
+        return core, 1, int(m.group(4))
+    if m.group(5) is not None:
+        return core, -1, int(m.group(6) or 0)
+    return core, 0, 0
+
+
+def _made_before_float32_alphas(version: object) -> bool:
+    """Whether an infotext's Version is before v1.7.0-225, where A1111's backcompat ("auto_backcompat", on by
+    default) turns "Downcast alphas_cumprod" on: those versions halved ᾱ with the model."""
+    key = _a1111_version(version)
+    return key is not None and key < ((1, 7, 0), 1, 225)
+
+
 def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpaint: bool = False,
                      refiner: bool = False) -> tuple[dict[str, object], list[str]]:
     """``(options, not_taken)``: :func:`sdadapt.jobs.generate.run_generate` keywords of parsed infotext ``fields``
@@ -134,6 +164,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         NOISE_SCHEDULE_LABELS,
     )
     from ..samplers.schedules import canonical_schedule
+    from ..samplers.sigma_space import DOWNCAST_FIELD
     from ..self_attention_guidance import SAG_FIELDS
 
     options: dict[str, object] = {}
@@ -247,6 +278,9 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("NGMS all steps", "ngms_all_steps", flag)
     take("Pad conds", "pad_conds", flag)
     take("Pad conds v0", "pad_conds_v0", flag)
+    take(DOWNCAST_FIELD, "downcast_alphas_cumprod", flag)
+    if "downcast_alphas_cumprod" not in options and _made_before_float32_alphas(fields.get("Version")):
+        options["downcast_alphas_cumprod"] = True  # (A1111's infotext backcompat: its ᾱ was half before v1.7.0-225)
     hires = "Hires upscale" in fields or "Hires resize-1" in fields
     if hires or img2img:  # (sample_img2img's: a pass that starts from an image)
         take("Extra noise", "extra_noise", float)

@@ -85,7 +85,7 @@ from .unipc_a1111 import a1111_unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "KDIFFUSION_ONLY", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
            "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler",
-           "check_karras", "guidance_rescale_for_run", "resolve_schedule", "run_sampling_steps", "run_total_steps",
+           "check_downcast_run", "check_karras", "guidance_rescale_for_run", "resolve_schedule", "run_sampling_steps", "run_total_steps",
            "sample_latents"]
 
 #: σ samplers whose A1111 grid (a ``schedule``) runs A1111's k-diffusion arithmetic bit for bit on float32 / half
@@ -157,7 +157,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     :func:`sdadapt.dynamic_thresholding.check_dynamic_thresholding_run`).
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
-    its training schedule; ``generator``: the ancestral samplers' noise (drawn on the generator's
+    its training schedule (float16: A1111's "Downcast alphas_cumprod", read as A1111 reads it on its σ samplers,
+    :func:`.sigma_space.downcast_alphas_cumprod`; refused elsewhere); ``generator``: the ancestral samplers' noise (drawn on the generator's
     device, then moved, as diffusers does); ``callback(i, t, x)`` sees each step's sample;
     ``options``: the sampler's own (``ddim``: ``eta``, ``final_alpha_cumprod``, ``clip_sample``...).
     ``schedule``: A1111's "Schedule type" (:func:`resolve_schedule`; ``None``: the sampler's diffusers grid),
@@ -223,13 +224,16 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     if discard_next_to_last_sigma and schedule is None and not timesteps:
         raise ValueError("discard_next_to_last_sigma=True drops a σ of A1111's grid: give a schedule too "
                          "(schedule='automatic' is A1111's default); without one the sampler runs diffusers' grid")
+    if alphas_cumprod.dtype == torch.float16:
+        check_downcast_run(name, schedule=schedule, karras=karras)
     schedule = resolve_schedule(name, schedule, karras)
     run_grid = "automatic" if timesteps else schedule  # (sampler_tables.run_schedule's: A1111's own timesteps kept)
     discard = bool(discard_next_to_last_sigma) if timesteps else schedule is not None and (
         name in DISCARD_NEXT_TO_LAST_SIGMA if discard_next_to_last_sigma is None
         else bool(discard_next_to_last_sigma))  # (A1111: n + 1 σ, less one; its timesteps: one more)
     if schedule == "karras" and name in KARRAS_SAMPLERS and not discard and not tuned and not (
-            name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64) and dynamic_thresholding is None:
+            name in _A1111_FLOAT32 and work_dtype(x_T) != torch.float64) and dynamic_thresholding is None \
+            and alphas_cumprod.dtype != torch.float16:
         karras, schedule = True, None
     check_karras(name, karras)
     a1111 = schedule is not None or name in KDIFFUSION_ONLY or timesteps  # (A1111's path: by branch, σ known)
@@ -291,6 +295,27 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
     bound = _A1111Denoiser(model, cond) if a1111 else lambda x, t: model(x, t, cond)
     return run(bound, x_T, alphas_cumprod=alphas_cumprod, num_steps=num_steps,
                prediction_type=prediction_type, generator=generator, callback=callback, **options)
+
+
+def check_downcast_run(sampler: str, *, schedule: str | None, karras: bool = False) -> None:
+    """Refuse a float16 ᾱ (A1111's "Downcast alphas_cumprod", :func:`.sigma_space.downcast_alphas_cumprod`) for a
+    run of ``sampler`` on ``schedule`` (``karras``: diffusers' Karras grid) that does not read A1111's σ table of it.
+
+    Raises:
+        ValueError: A1111's timestep samplers (DDIM with a schedule, PLMS, DDIM CFG++, its UniPC), LCM, or diffusers'
+            grid (no ``schedule``, DDPM's and PNDM's own steps), naming the sampler and what to do.
+    """
+    name = canonical_sampler(sampler)
+    timesteps = runs_a1111_timesteps(name, schedule)
+    schedule = resolve_schedule(name, schedule, karras)
+    if timesteps or name == "lcm":
+        raise ValueError(f"a float16 ᾱ (A1111's 'Downcast alphas_cumprod') is read here by A1111's σ samplers, from "
+                         f"its σ table; {name} steps on ᾱ itself, which sdadapt does not run in float16: take a σ "
+                         "sampler (euler, dpmpp_2m...) or leave the downcast out")
+    if schedule is None and name not in KDIFFUSION_ONLY:
+        raise ValueError(f"a float16 ᾱ (A1111's 'Downcast alphas_cumprod') is A1111's; {name} without a schedule runs "
+                         "diffusers' grid: give a schedule (schedule='automatic' is A1111's default) or leave the "
+                         "downcast out")
 
 
 def guidance_rescale_for_run(guidance_rescale: float | GuidanceRescale | None, sampler: str, *,

@@ -195,8 +195,9 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
                                  beta_beta=beta_beta, options=options)
         return torch.cat([longer[:-2], longer[-1:]])
     train = train_sigmas.detach().cpu()
-    dt = torch.float32 if train.dtype == torch.float32 else torch.float64  # (A1111's float32 table: its float32 grids)
-    train = train.to(dt)
+    # (A1111's float32 table: its float32 grids; a float16 one, ᾱ downcast: float32 grids on its float16 values and logs)
+    dt = torch.float32 if train.dtype in (torch.float32, torch.float16) else torch.float64
+    train = train if train.dtype == torch.float16 else train.to(dt)
     T = int(train.shape[0])
     s_min, s_max = float(train[0]), float(train[-1])
     t_max, t_min = float(T - 1), 0.0
@@ -207,6 +208,8 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
         if (s_min, s_max) != options.bounds(train):
             s_min, s_max = options.bounds(train)
             t_max, t_min = (float(t) for t in sigma_to_t(torch.tensor([s_max, s_min], dtype=dt), train))
+    if train.dtype == torch.float16:  # (A1111's normal / sgm_uniform read t(σ_max), t(σ_min): off T − 1 and 0 there)
+        t_max, t_min = (float(t) for t in sigma_to_t(torch.tensor([s_max, s_min], dtype=dt), train))
     zero = torch.zeros(1, dtype=dt)
     if key == "uniform" or (key == "normal" and (t_max, t_min) == (T - 1, 0.0)):
         sig = t_to_sigma(torch.linspace(T - 1, 0, n, dtype=dt), train)

@@ -39,6 +39,7 @@ from .a1111_noise import A1111Noise
 
 __all__ = [
     "A1111_ZERO_SNR_ALPHA_CUMPROD",
+    "DOWNCAST_FIELD",
     "TRAINING_STEP_SCHEDULES",
     "a1111_alphas_cumprod",
     "ancestral_step",
@@ -49,6 +50,7 @@ __all__ = [
     "denoised",
     "discrete_sigmas",
     "discrete_start",
+    "downcast_alphas_cumprod",
     "grid_table",
     "grid_timesteps",
     "initial_noise_sigma",
@@ -72,6 +74,9 @@ __all__ = [
 #: ``simple`` repeats σ and its ``ddim_uniform`` strides by ``max(T // n, 1)``, a shorter grid than asked:
 #: degenerate or other grids, refused here — repeated σ divide by zero in LMS and DPM++)
 TRAINING_STEP_SCHEDULES: tuple[str, ...] = ("simple", "ddim")
+
+#: A1111's infotext key of its "Downcast alphas_cumprod" setting (``apply_alpha_schedule_override``)
+DOWNCAST_FIELD = "Downcast alphas_cumprod"
 
 #: the last ᾱ of a zero-terminal-SNR schedule (ᾱ = 0, σ = ∞) as the σ samplers use it: diffusers'
 #: Euler, Euler ancestral, DPM-Solver multistep and UniPC set it so under ``rescale_betas_zero_snr``
@@ -97,13 +102,24 @@ def training_sigmas(alphas_cumprod: Tensor, *, zero_snr_alpha_cumprod: float = Z
 
 
 def a1111_alphas_cumprod(alphas_cumprod: Tensor, device: torch.device | str | None = None) -> Tensor:
-    """ᾱ (T,) as A1111 holds it, float32 (``sd_model.alphas_cumprod``): a zero last entry (a zero-terminal-SNR
-    schedule) is :data:`A1111_ZERO_SNR_ALPHA_CUMPROD`, where ``rescale_zero_terminal_snr_abar`` leaves it (so its
-    timestep samplers and σ tables stay finite at t = T − 1)."""
-    ac = alphas_cumprod.detach().to(device=alphas_cumprod.device if device is None else device, dtype=torch.float32)
+    """ᾱ (T,) as A1111 holds it, float32 (``sd_model.alphas_cumprod``), or float16 when given so (A1111's "Downcast
+    alphas_cumprod", and every A1111 before 1.7.0-225 on a half model: :func:`downcast_alphas_cumprod`): a zero last
+    entry (a zero-terminal-SNR schedule) is :data:`A1111_ZERO_SNR_ALPHA_CUMPROD`, where
+    ``rescale_zero_terminal_snr_abar`` leaves it (so its timestep samplers and σ tables stay finite at t = T − 1)."""
+    dtype = torch.float16 if alphas_cumprod.dtype == torch.float16 else torch.float32
+    ac = alphas_cumprod.detach().to(device=alphas_cumprod.device if device is None else device, dtype=dtype)
     if float(ac[-1]) == 0.0:
         ac = torch.cat([ac[:-1], ac.new_full((1,), A1111_ZERO_SNR_ALPHA_CUMPROD)])
     return ac
+
+
+def downcast_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """ᾱ (T,) as A1111's "Downcast alphas_cumprod" holds it (``sd_model.alphas_cumprod.half()``,
+    ``apply_alpha_schedule_override``): float16. What every A1111 before 1.7.0-225 sampled with on a half model (its
+    ``model.half()`` cast the buffer too; its infotext backcompat turns the option on for those versions). Handed to
+    :func:`sdadapt.samplers.sample_latents` as ``alphas_cumprod``, A1111's σ samplers read it as A1111 does
+    (:func:`model_sigmas`)."""
+    return alphas_cumprod.detach().to(torch.float32).to(torch.float16)  # (LDM's float32 buffer, halved)
 
 
 def model_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype = torch.float64,
@@ -112,8 +128,10 @@ def model_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype = torch.float64,
     A1111's (``CompVisDenoiser.sigmas``, k_diffusion/external.py:94 at 4601bf0: ``((1 − ᾱ)/ᾱ)**0.5`` computed in
     float32 from ᾱ as float32, the buffer LDM and A1111 keep), in float32 whatever lower ``dtype`` (half latents:
     A1111 keeps ᾱ float32). A zero last ᾱ reads as A1111 reads it, :data:`A1111_ZERO_SNR_ALPHA_CUMPROD` (float64
-    too: the precise mode of A1111's table; diffusers' grids read :func:`training_sigmas`' 2⁻²⁴)."""
-    if dtype == torch.float64:
+    too: the precise mode of A1111's table; diffusers' grids read :func:`training_sigmas`' 2⁻²⁴). A float16 ᾱ
+    (:func:`downcast_alphas_cumprod`) gives A1111's table of it whatever ``dtype``: float16, computed in float16 as
+    k-diffusion computes it from a half buffer (:func:`sigma_to_t` / :func:`t_to_sigma` then read its float16 logs)."""
+    if dtype == torch.float64 and alphas_cumprod.dtype != torch.float16:
         return training_sigmas(alphas_cumprod, zero_snr_alpha_cumprod=A1111_ZERO_SNR_ALPHA_CUMPROD).to(device)
     ac = a1111_alphas_cumprod(alphas_cumprod, device)
     return ((1 - ac) / ac) ** 0.5
@@ -157,9 +175,11 @@ def sigma_to_t(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
     """Fractional timesteps (n,) of noise levels ``sigmas`` (n,): linear in log σ between the two training steps
     around each (diffusers' ``_sigma_to_t``), clamped to [0, T-1]; on ``train_sigmas``' device, in the dtype both
     promote to (float32 sigmas on a float32 table: k-diffusion's float32 ``DiscreteSchedule.sigma_to_t``,
-    k_diffusion/external.py:65-77 at 4601bf0, unquantized, bit for bit; float64 otherwise)."""
+    k_diffusion/external.py:65-77 at 4601bf0, unquantized, bit for bit; on a float16 table as k-diffusion reads a
+    half buffer; float64 otherwise)."""
     dtype = torch.promote_types(sigmas.dtype, train_sigmas.dtype)
-    log_train = train_sigmas.to(dtype).log()
+    # (a float16 table: k-diffusion's float16 log_sigmas buffer, its low − high in float16, the rest float32)
+    log_train = train_sigmas.log() if train_sigmas.dtype == torch.float16 else train_sigmas.to(dtype).log()
     log_sigma = sigmas.to(device=log_train.device, dtype=dtype).clamp_min(1e-10).log()
     dists = log_sigma[None, :] - log_train[:, None]  # (T, n)
     low = (dists >= 0).cumsum(0).argmax(0).clamp(max=log_train.shape[0] - 2)
