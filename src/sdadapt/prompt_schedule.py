@@ -48,6 +48,7 @@ _COMMENT_LINE = re.compile("(^|\n)#[^\n]*(\n|$)")
 _COMMENT_TAIL = re.compile("#[^\n]*(\n|$)")
 
 __all__ = [
+    "OLD_TIMELINES_FIELD",
     "SECOND_ORDER_SAMPLERS",
     "ExtraNetworkTag",
     "composable_prompts",
@@ -61,6 +62,10 @@ __all__ = [
     "strip_comments",
     "strip_prompt_comments",
 ]
+
+#: A1111's infotext key of its "Use old prompt editing timelines" (``old_scheduling``), written where they change a
+#: schedule (``get_conds_with_caching``)
+OLD_TIMELINES_FIELD = "Old prompt editing timelines"
 
 #: sdadapt's names of the samplers A1111 marks ``second_order`` (Heun, DPM2, DPM2 a, DPM++ 2S a,
 #: DPM++ SDE, Restart): their prompt schedules are built for twice the steps

@@ -106,7 +106,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         pad_conds=args.pad_conds, pad_conds_v0=args.pad_conds_v0, eta=args.eta, eta_ddim=args.eta_ddim,
         noise_multiplier=args.noise_multiplier, extra_noise=args.extra_noise, sigma_churn=args.sigma_churn,
         sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
-        emphasis=args.emphasis, noise_schedule=args.noise_schedule, downcast_alphas_cumprod=args.downcast_alphas_cumprod, tiling=args.tiling,
+        emphasis=args.emphasis, noise_schedule=args.noise_schedule, downcast_alphas_cumprod=args.downcast_alphas_cumprod,
+        old_prompt_editing_timelines=args.old_prompt_editing_timelines, tiling=args.tiling,
         token_merging_ratio=args.token_merging_ratio, token_merging_ratio_hr=args.token_merging_ratio_hr,
         hypertile_unet=args.hypertile_unet, hypertile_unet_second_pass=args.hypertile_unet_second_pass,
         hypertile_vae=args.hypertile_vae,
@@ -408,6 +409,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="A1111's 'Downcast model alphas_cumprod to fp16 before sampling' (reproducing old seeds: "
                             "every A1111 before v1.7.0-225 sampled so; --infotext turns it on for those): the σ "
                             "samplers read the model's σ table as A1111 does from a half ᾱ (with a --schedule)")
+    a1111.add_argument("--old-prompt-editing-timelines", action="store_true",
+                       help="A1111's 'Use old prompt editing timelines' (before 1.6): in [from:to:when] a when below 1 "
+                            "is a fraction of the steps, any other a step number ([a:b:1.0]: step 1), the hires pass "
+                            "planned as the first; --infotext turns it on for a prompt with [ made before v1.6.0")
     a1111.add_argument("--eta", type=float, default=None, metavar="F",
                        help="A1111's 'Eta for ancestral samplers' (default 1): the noise share of Euler a, DPM2 a, "
                             "DPM++ 2S a, DPM++ SDE, the 2M/3M SDEs (with --schedule), DPM fast/adaptive")

@@ -103,6 +103,7 @@ def run_generate(
     emphasis: str = "Original",
     noise_schedule: str = "default",
     downcast_alphas_cumprod: bool = False,
+    old_prompt_editing_timelines: bool = False,
     tiling: bool = False,
     token_merging_ratio: float = 0.0,
     token_merging_ratio_hr: float | None = None,
@@ -299,6 +300,11 @@ def run_generate(
             it (:func:`sdadapt.samplers.sigma_space.downcast_alphas_cumprod`) — what every A1111 before v1.7.0-225
             sampled with (its infotext backcompat turns it on for those); A1111's σ samplers with a schedule only,
             not with the zero-terminal-SNR schedule. Written "Downcast alphas_cumprod: True".
+        old_prompt_editing_timelines: A1111's "Use old prompt editing timelines" (``use_old_scheduling``): a
+            ``[from:to:when]`` below 1 is a fraction of the steps, any other a step number (A1111 before 1.6; since,
+            a number with a decimal point is a fraction), and the hires pass planned as the first
+            (:func:`sdadapt.prompt_schedule.prompt_schedule`). Written "Old prompt editing timelines: True" where it
+            changes a schedule, as A1111 writes it.
         clip_stats: an SD 2.1 unCLIP-L model's CLIP-embedding mean/std (karlo's ``ViT-L-14_stats.th``, ``--clip-stats``;
             :func:`sdadapt.jobs.models.load_system`): the normaliser of its image conditioning (:mod:`sdadapt.unclip`).
         max_token_length: 75 (default): a prompt longer than 75 tokens is laid out as A1111 lays it out (77-token
@@ -1035,7 +1041,8 @@ def run_generate(
     if not reads_emphasis(system):  # (the toy: A1111 emphasis would reach it as unknown words)
         def clean(piece: str) -> str:
             return _without_emphasis(piece, say)
-    plan = plan_prompt(text, negative_text, steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean)
+    plan = plan_prompt(text, negative_text, steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean,
+                       old_scheduling=old_prompt_editing_timelines)
     from ..prompt_chunks import has_break, needs_chunks
     from ..prompt_weights import parse_prompt_attention
 
@@ -1204,7 +1211,8 @@ def run_generate(
         hr_negative = scheduled_negative if hires is None or hires.negative is None else hires.negative
         hr_sampler = sampler if hires is None or hires.sampler is None else hires.sampler
         hr_plan = plan_prompt(hr_text, hr_negative, steps=schedule_steps(canonical_sampler(hr_sampler), hires_steps),
-                              first_pass_steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean)
+                              first_pass_steps=schedule_steps(canonical_sampler(sampler), steps or 25), clean=clean,
+                              old_scheduling=old_prompt_editing_timelines)
         if hr_plan.plain and not needs_plan_path(hr_plan):  # (the one text, sampled as ever)
             return hr_plan.texts[0], hr_plan.negative_texts[0]
         return hr_plan
@@ -1254,6 +1262,10 @@ def run_generate(
         extra_noise=extra_noise, churn=churn,
         emphasis=emphasis if emphasis != "Original" and _emphasis_written(plan, text, negative_text, hires, plan_for,
                                                                           steps) else None,
+        old_timelines=old_prompt_editing_timelines and _old_timelines_differ(
+            scheduled_text, scheduled_negative, sampler=sampler, steps=steps or 25, clean=clean,
+            hires=None if hires is None else (hires.sampler or sampler, hires.steps or steps or 25,
+                                              hires.prompt, hires.negative)),
         guidance_rescale=rescale, perturbed_attention=None if pag is None else (pag_scale, pag_adaptive_scale, pag_layers),
         self_attention_guidance=None if sag is None else (sag_scale, sag_blur_sigma),
         dynamic_thresholding=dynamic_thresholding, freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
@@ -1545,6 +1557,30 @@ def _on_base_unet(run_scope: contextlib.ExitStack, option: str, system, refiner_
         return run_scope.enter_context(make(system.unet))
     except ValueError as exc:
         raise ValueError(f"{option}: {exc}") from None
+
+
+def _old_timelines_differ(text: str, negative_text: str, *, sampler: str, steps: int, clean, hires) -> bool:
+    """Whether A1111's old prompt editing timelines plan another schedule than its new ones for the run's texts (its
+    ``get_conds_with_caching`` writes "Old prompt editing timelines" then): the first pass's, and with ``hires``
+    ``(sampler, steps, prompt, negative)`` the hires pass's."""
+    from ..prompt_guidance import plan_prompt
+    from ..prompt_schedule import schedule_steps
+    from ..samplers import canonical_sampler
+
+    first = schedule_steps(canonical_sampler(sampler), steps)
+
+    def differs(prompt: str, negative: str, n: int, base: int | None) -> bool:
+        plans = [plan_prompt(prompt, negative, steps=n, first_pass_steps=base, clean=clean, old_scheduling=old)
+                 for old in (True, False)]
+        return plans[0] != plans[1]
+
+    if differs(text, negative_text, first, None):
+        return True
+    if hires is None:
+        return False
+    hr_sampler, hr_steps, hr_prompt, hr_negative = hires
+    return differs(text if hr_prompt is None else hr_prompt, negative_text if hr_negative is None else hr_negative,
+                   schedule_steps(canonical_sampler(hr_sampler), hr_steps), first)
 
 
 def _emphasis_written(plan, text: str, negative_text: str, hires, plan_for, steps: int | None) -> bool:

@@ -43,6 +43,7 @@ from ..dynamic_thresholding import dynamic_thresholding_fields
 from ..freeu import FREEU_FIELDS, FREEU_VERSION_FIELD, FREEU_WINDOW_FIELDS
 from ..guidance_rescale import GUIDANCE_RESCALE_FIELD, RESCALE_CFG_FIELDS, as_guidance_rescale
 from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIELD
+from ..prompt_schedule import OLD_TIMELINES_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 from ..self_attention_guidance import SAG_FIELDS
 from ..tiling import TILING_FIELD
@@ -366,6 +367,7 @@ class InfotextRun:
     vae_encode: str = "mean"
     schedule_fields: Mapping[str, object] = field(default_factory=dict)
     emphasis: str | None = None
+    old_timelines: bool = False
     uncond_skip: object = None
     uncond_skips: frozenset[str] = frozenset()
     pads: frozenset[str] = frozenset()
@@ -461,6 +463,7 @@ class InfotextRun:
         dt = self.dynamic_thresholding
         if dt is not None and dt.step_rule == "calls":  # (A1111's extension: process_batch, before setup_conds)
             fields.update(dynamic_thresholding_fields(dt))
+        fields[OLD_TIMELINES_FIELD] = True if self.old_timelines else None  # (setup_conds: get_conds_with_caching)
         # (A1111's sd_hijack_clip.py forward: each text encoder call lists the embeddings its texts use, each once in
         # the order they come, and puts its list before the one already there; the negative prompt is encoded first,
         # then the prompt, each by every hijacked text encoder: SDXL's two give "P, P, N, N")
@@ -563,7 +566,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  hypernetworks: Sequence = (), vae_encode: str = "mean", uncond_skip: object = None,
                  schedule_options: object = None, eta: float | None = None, eta_ddim: float | None = None,
                  noise_multiplier: float = 1.0, extra_noise: float = 0.0, churn: object = None,
-                 emphasis: str | None = None, guidance_rescale: object = None,
+                 emphasis: str | None = None, old_timelines: bool = False, guidance_rescale: object = None,
                  perturbed_attention: tuple | None = None, self_attention_guidance: tuple | None = None,
                  dynamic_thresholding: object = None, freeu: tuple | None = None, tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None) -> InfotextRun:
@@ -587,7 +590,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     extension's fields or Forge's, by its step rule) or ``None``;
     ``freeu``: ``(b1, b2, s1, s2, version[, start, end])`` of ``--freeu`` / ``--freeu-window`` (Forge's FreeU fields)
     or ``None``;
-    ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written))."""
+    ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written); ``old_timelines``: "Old prompt editing
+    timelines: True" written (A1111's old timelines, where they change a schedule))."""
     import torch
 
     from ..sampler_tables import (
@@ -658,7 +662,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         text_encoders=2 if getattr(system, "is_sdxl", False) and not getattr(system, "is_refiner", False) else 1,
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
-        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
+        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis, old_timelines=old_timelines,
         guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
         self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu, tiling=tiling, token_merging=tuple(map(float, token_merging)),
         hypertile=hypertile)

@@ -131,11 +131,13 @@ def _a1111_version(text: object) -> tuple | None:
     return core, 0, 0
 
 
-def _made_before_float32_alphas(version: object) -> bool:
-    """Whether an infotext's Version is before v1.7.0-225, where A1111's backcompat ("auto_backcompat", on by
-    default) turns "Downcast alphas_cumprod" on: those versions halved ᾱ with the model."""
+def _made_before(version: object, release: tuple) -> bool:
+    """Whether an infotext's Version is before ``release`` (:func:`_a1111_version`'s key), as A1111's backcompat
+    ("auto_backcompat", on by default) compares it: v1.6.0 turns "Old prompt editing timelines" on for a prompt with
+    ``[``, v1.7.0-225 "Downcast alphas_cumprod" (those versions halved ᾱ with the model); a Version it cannot parse,
+    nothing."""
     key = _a1111_version(version)
-    return key is not None and key < ((1, 7, 0), 1, 225)
+    return key is not None and key < release
 
 
 def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpaint: bool = False,
@@ -158,6 +160,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         PAG_LAYERS_FIELD,
         PAG_SCALE_FIELD_READ,
     )
+    from ..prompt_schedule import OLD_TIMELINES_FIELD
     from ..sampler_tables import (
         HIRES_UPSCALER_LABELS,
         INPAINTING_FILL_LABELS,
@@ -279,7 +282,11 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Pad conds", "pad_conds", flag)
     take("Pad conds v0", "pad_conds_v0", flag)
     take(DOWNCAST_FIELD, "downcast_alphas_cumprod", flag)
-    if "downcast_alphas_cumprod" not in options and _made_before_float32_alphas(fields.get("Version")):
+    take(OLD_TIMELINES_FIELD, "old_prompt_editing_timelines", flag)
+    if ("old_prompt_editing_timelines" not in options and "[" in str(fields.get("Prompt", ""))
+            and _made_before(fields.get("Version"), ((1, 6, 0), 0, 0))):
+        options["old_prompt_editing_timelines"] = True  # (A1111's backcompat: its timelines before v1.6.0)
+    if "downcast_alphas_cumprod" not in options and _made_before(fields.get("Version"), ((1, 7, 0), 1, 225)):
         options["downcast_alphas_cumprod"] = True  # (A1111's infotext backcompat: its ᾱ was half before v1.7.0-225)
     hires = "Hires upscale" in fields or "Hires resize-1" in fields
     if hires or img2img:  # (sample_img2img's: a pass that starts from an image)
