@@ -148,6 +148,26 @@ def test_an_old_infotext_turns_the_downcast_on_as_a1111s_backcompat(version, dow
     assert written["downcast_alphas_cumprod"] is True and not [line for line in not_taken if "Downcast" in line]
 
 
+
+def test_where_the_run_would_not_read_it_the_downcast_is_reported_not_taken():
+    """A1111 < 1.9 infotexts name no schedule ("Sampler: Euler a": diffusers' grid here) or a timestep sampler: the
+    backcompat's (or the field's) downcast is not taken there but said, so ``--infotext`` still runs."""
+    from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
+
+    for sampler, field in (("Euler a", ""), ("DDIM", ""), ("PLMS", ", Downcast alphas_cumprod: True")):
+        text = f"a cat\nSteps: 20, Sampler: {sampler}, CFG scale: 7, Seed: 1, Size: 512x512{field}, Version: v1.5.2"
+        options, not_taken = infotext_options(parse_infotext(text))
+        assert "downcast_alphas_cumprod" not in options
+        assert [line for line in not_taken if f"which {sampler} here does not read" in line]
+    hires = ("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Hires upscale: 2, "
+             "Hires sampler: DDIM, Version: v1.6.0")
+    options, not_taken = infotext_options(parse_infotext(hires))
+    assert "downcast_alphas_cumprod" not in options and [line for line in not_taken if "DDIM here" in line]
+    options, _ = infotext_options(parse_infotext(hires.replace("Hires sampler: DDIM", "Hires sampler: Euler a, "
+                                                               "Hires schedule type: Karras")))
+    assert options["downcast_alphas_cumprod"] is True
+
+
 def test_generate_writes_the_field_and_reads_it_back(tmp_path):
     """``generate --downcast-alphas-cumprod`` (the toy, Euler on Karras): "Downcast alphas_cumprod: True" written
     where A1111's ``apply_alpha_schedule_override`` puts it, ``--infotext`` makes the same image, without it another;

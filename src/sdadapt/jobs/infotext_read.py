@@ -131,6 +131,26 @@ def _a1111_version(text: object) -> tuple | None:
     return core, 0, 0
 
 
+def _passes_not_reading_half_alphas(options: Mapping[str, object]) -> list[str]:
+    """The passes' samplers (labels as the infotext gives them) of ``options`` that would not read a float16 ᾱ
+    (:func:`sdadapt.samplers.check_downcast_run`): no schedule (diffusers' grid), A1111's timestep samplers..."""
+    from ..sampler_tables import sampler_schedule_from_label
+    from ..samplers import check_downcast_run
+
+    passes = [(options.get("sampler"), options.get("schedule"))]
+    if options.get("hires_sampler") is not None or "hires_scale" in options or "hires_width" in options:
+        passes.append((options.get("hires_sampler") or options.get("sampler"),
+                       options.get("hires_schedule") or options.get("schedule")))
+    unread = []
+    for label, schedule in passes:
+        try:
+            name, own = sampler_schedule_from_label(str(label if label is not None else "ddim"))
+            check_downcast_run(name, schedule=schedule or own)
+        except ValueError:
+            unread.append(str(label if label is not None else "DDIM (no Sampler field)"))
+    return unread
+
+
 def _made_before(version: object, release: tuple) -> bool:
     """Whether an infotext's Version is before ``release`` (:func:`_a1111_version`'s key), as A1111's backcompat
     ("auto_backcompat", on by default) compares it: v1.6.0 turns "Old prompt editing timelines" on for a prompt with
@@ -281,13 +301,14 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("NGMS all steps", "ngms_all_steps", flag)
     take("Pad conds", "pad_conds", flag)
     take("Pad conds v0", "pad_conds_v0", flag)
-    take(DOWNCAST_FIELD, "downcast_alphas_cumprod", flag)
+    half_alphas = DOWNCAST_FIELD in fields and flag(fields[DOWNCAST_FIELD])
+    if DOWNCAST_FIELD in fields and not half_alphas:  # (written off: nothing to take)
+        taken.add(DOWNCAST_FIELD)
     take(OLD_TIMELINES_FIELD, "old_prompt_editing_timelines", flag)
     if ("old_prompt_editing_timelines" not in options and "[" in str(fields.get("Prompt", ""))
             and _made_before(fields.get("Version"), ((1, 6, 0), 0, 0))):
         options["old_prompt_editing_timelines"] = True  # (A1111's backcompat: its timelines before v1.6.0)
-    if "downcast_alphas_cumprod" not in options and _made_before(fields.get("Version"), ((1, 7, 0), 1, 225)):
-        options["downcast_alphas_cumprod"] = True  # (A1111's infotext backcompat: its ᾱ was half before v1.7.0-225)
+    by_version = DOWNCAST_FIELD not in fields and _made_before(fields.get("Version"), ((1, 7, 0), 1, 225))
     hires = "Hires upscale" in fields or "Hires resize-1" in fields
     if hires or img2img:  # (sample_img2img's: a pass that starts from an image)
         take("Extra noise", "extra_noise", float)
@@ -326,6 +347,16 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     if hires:
         take("Hires schedule type", "hires_schedule", canonical_schedule)
     not_taken = []
+    if half_alphas or by_version:  # (the field, or A1111's backcompat: its ᾱ was half before v1.7.0-225)
+        unread = _passes_not_reading_half_alphas(options)
+        if not unread:
+            options["downcast_alphas_cumprod"] = True
+            taken.add(DOWNCAST_FIELD)
+        else:
+            field = DOWNCAST_FIELD if half_alphas else f"Version: {fields.get('Version')}"
+            not_taken.append(f"{field}: A1111 sampled on a half ᾱ (--downcast-alphas-cumprod), which "
+                             f"{' and '.join(unread)} here does not read (A1111's σ samplers with a schedule do): the "
+                             "image may differ")
     for field in fields:
         if field in taken or field in ("Version", "User", "Init image hash"):
             continue
