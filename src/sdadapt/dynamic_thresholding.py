@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["COMBINES_OUTPUTS", "DYNAMIC_THRESHOLDING_FIELDS", "DYNAMIC_THRESHOLDING_FORGE_FIELDS", "DYNAMIC_THRESHOLDING_MODES",
-           "DYNAMIC_THRESHOLDING_STEP_RULES", "DynamicThresholding", "check_dynamic_thresholding_run",
+           "DYNAMIC_THRESHOLDING_STEP_RULES", "DynamicThresholding", "check_dynamic_thresholding_guidance",
+           "check_dynamic_thresholding_run",
            "dynamic_threshold", "dynamic_thresholding_fields", "dynamic_thresholding_from_fields",
            "parse_dynamic_thresholding", "scheduled_scale"]
 
@@ -221,6 +222,27 @@ class DynamicThresholding:
                                  separate_feature_channels=self.separate_feature_channels,
                                  scaling_startpoint=self.scaling_startpoint,
                                  variability_measure=self.variability_measure, interpolate_phi=self.interpolate_phi)
+
+
+def check_dynamic_thresholding_guidance(setting: DynamicThresholding | None, *, rescale: object = None,
+                                        by_branch: bool = True) -> None:
+    """Refuse ``setting`` beside a guidance ``rescale`` (each replaces the combination: A1111's
+    ``combine_denoised``, Forge's / ComfyUI's CFG function) or on a combination of the model outputs
+    (``by_branch`` false: diffusers' grid or solver). Nothing for ``None``.
+
+    Raises:
+        ValueError: either, saying what to do.
+    """
+    if setting is None:
+        return
+    if rescale is not None:
+        raise ValueError("dynamic thresholding (CFG Scale Fix) and a guidance rescale each replace the guidance "
+                         "combination (A1111's combine_denoised, Forge's / ComfyUI's CFG function), so no tool runs "
+                         "both: leave one out")
+    if not by_branch:
+        raise ValueError("dynamic thresholding (CFG Scale Fix) combines each branch's x̂0, as A1111 and Forge do; "
+                         "this sampler combines the model outputs (diffusers' grid or solver): take an A1111 σ "
+                         "sampler (euler, dpmpp_2m...) with a schedule (schedule='automatic' is A1111's default)")
 
 
 def check_dynamic_thresholding_run(sampler: str, *, schedule: str | None, edm: bool = False) -> None:

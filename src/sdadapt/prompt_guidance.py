@@ -39,6 +39,7 @@ from .denoised_branches import (
     scaled_by,
     wants_negative,
 )
+from .dynamic_thresholding import check_dynamic_thresholding_guidance
 from .guidance_rescale import GuidanceRescale, as_guidance_rescale
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
@@ -109,7 +110,7 @@ class PromptPlan:
         _one_branch_to_rescale(as_guidance_rescale(guidance_rescale), len(self.parts))
         _one_branch_to_perturb(perturbed_attention, len(self.parts))
         _one_branch_to_perturb(self_attention_guidance, len(self.parts))
-        _one_combination(dynamic_thresholding, as_guidance_rescale(guidance_rescale))
+        check_dynamic_thresholding_guidance(dynamic_thresholding, rescale=as_guidance_rescale(guidance_rescale))
         return ScheduledGuidance(model, self, list(conds), list(negative_conds), float(scale),
                                  uncond_skip=uncond_skip, total_steps=total_steps, pad_conds=pad_conds,
                                  guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
@@ -237,14 +238,6 @@ class ScheduledGuidance:
                                  total_steps=self.total_steps)
 
 
-def _one_combination(dynamic_thresholding: DynamicThresholding | None, rescale: GuidanceRescale | None) -> None:
-    """Refuse dynamic thresholding with a guidance rescale: each replaces the tools' CFG function."""
-    if dynamic_thresholding is not None and rescale is not None:
-        raise ValueError("dynamic thresholding (CFG Scale Fix) and a guidance rescale each replace the guidance "
-                         "combination (A1111's combine_denoised, Forge's / ComfyUI's CFG function), so no tool runs "
-                         "both: leave one out")
-
-
 def _one_branch_to_rescale(rescale: GuidanceRescale | None, parts: int) -> None:
     """Refuse a guidance rescale over ``parts`` > 1 ``AND`` sub-prompts (:meth:`PromptPlan.guidance`)."""
     if rescale is not None and parts > 1:
@@ -318,11 +311,7 @@ def composed_guidance(model: Callable[[Tensor, Tensor, object], Tensor], x: Tens
     """
     rescale, pag, sag = as_guidance_rescale(guidance_rescale), perturbed_attention, self_attention_guidance
     dt = dynamic_thresholding
-    _one_combination(dt, rescale)
-    if dt is not None and read is None:
-        raise ValueError("dynamic thresholding (CFG Scale Fix) combines each branch's x̂0, as A1111 and Forge do; "
-                         "this call combines the model outputs (diffusers' grid): give the sampler a schedule "
-                         "(schedule='automatic' is A1111's default)")
+    check_dynamic_thresholding_guidance(dt, rescale=rescale, by_branch=read is not None)
     _one_branch_to_rescale(rescale, len(parts))
     _one_branch_to_perturb(pag, len(parts))
     _one_branch_to_perturb(sag, len(parts))

@@ -620,10 +620,9 @@ class Guided:
         self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
         self.guidance_rescale = as_guidance_rescale(guidance_rescale)
         self.perturbed_attention, self.self_attention_guidance = perturbed_attention, self_attention_guidance
-        if dynamic_thresholding is not None and self.guidance_rescale is not None:
-            raise ValueError("dynamic thresholding (CFG Scale Fix) and a guidance rescale each replace the guidance "
-                             "combination (A1111's combine_denoised, Forge's / ComfyUI's CFG function), so no tool "
-                             "runs both: leave one out")
+        from ..dynamic_thresholding import check_dynamic_thresholding_guidance
+
+        check_dynamic_thresholding_guidance(dynamic_thresholding, rescale=self.guidance_rescale)
         self.dynamic_thresholding = dynamic_thresholding
 
     def _plain(self, x: Tensor, t: Tensor, conds: list[object]) -> list[Tensor]:
@@ -662,9 +661,9 @@ class Guided:
         """The guided output (B,C,H,W) at ``x`` (B,C,H,W), timesteps ``t`` (B,)."""
         pag, sag = self.perturbed_attention, self.self_attention_guidance
         if self.dynamic_thresholding is not None:
-            raise ValueError("dynamic thresholding (CFG Scale Fix) combines each branch's x̂0, as A1111 and Forge do; "
-                             "this sampler combines the model outputs (diffusers' grid or solver): take an A1111 σ "
-                             "sampler (euler, dpmpp_2m...) with a schedule (schedule='automatic' is A1111's default)")
+            from ..dynamic_thresholding import check_dynamic_thresholding_guidance
+
+            check_dynamic_thresholding_guidance(self.dynamic_thresholding, by_branch=False)
         if self._cond_alone(None):
             if not self._extra():
                 return self.model(x, t, self.cond)
