@@ -1184,9 +1184,9 @@ class DiffusersSystem(nn.Module):
         self-attention guidance (:class:`sdadapt.self_attention_guidance.SelfAttentionGuidance` on :attr:`unet`)
         likewise; not with ``refiner`` or an EDM model. ``dynamic_thresholding``: A1111's / Forge's "CFG Scale Fix"
         (:class:`sdadapt.dynamic_thresholding.DynamicThresholding`) in place of every guided combination, the
-        refiner's and a plan's too, on A1111's σ samplers; not on an EDM model. ``clip_sample``: ``heun``'s x̂0 clamp (kohya's sample images:
-        :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the ``(height, width)`` SDXL's
-        ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
+        refiner's and a plan's too, on A1111's σ samplers; not on an EDM model. ``clip_sample``: ``heun``'s x̂0
+        clamp (kohya's sample images: :func:`sdadapt.sampling.kohya_clip_sample`). ``size_conditioning``: the
+        ``(height, width)`` SDXL's ``time_ids`` give as original and target size (A1111's cropped hires pass: the size it enlarged to);
         ``None``: the image's. ``refiner``: a :class:`~sdadapt.jobs.generate_refiner.RefinerHandoff` — the SDXL
         refiner takes the model calls it picks (A1111's "Refiner: switch at"), conditioned as its own ``sample``
         conditions the same ``prompts`` / ``negative`` / ``plan`` (the plan's call count running on across the

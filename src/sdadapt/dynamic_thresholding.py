@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["COMBINES_OUTPUTS", "DYNAMIC_THRESHOLDING_FIELDS", "DYNAMIC_THRESHOLDING_FORGE_FIELDS", "DYNAMIC_THRESHOLDING_MODES",
-           "DYNAMIC_THRESHOLDING_STEP_RULES", "DynamicThresholding", "check_dynamic_thresholding_guidance",
+__all__ = ["COMBINES_OUTPUTS", "DYNAMIC_THRESHOLDING_FIELDS", "DYNAMIC_THRESHOLDING_FORGE_FIELDS",
+           "DYNAMIC_THRESHOLDING_MODES", "DYNAMIC_THRESHOLDING_STEP_RULES", "DynamicThresholding", "check_dynamic_thresholding_guidance",
            "check_dynamic_thresholding_run",
            "dynamic_threshold", "dynamic_thresholding_fields", "dynamic_thresholding_from_fields",
            "parse_dynamic_thresholding", "scheduled_scale"]

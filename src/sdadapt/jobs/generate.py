@@ -1268,7 +1268,8 @@ def run_generate(
                                               hires.prompt, hires.negative)),
         guidance_rescale=rescale, perturbed_attention=None if pag is None else (pag_scale, pag_adaptive_scale, pag_layers),
         self_attention_guidance=None if sag is None else (sag_scale, sag_blur_sigma),
-        dynamic_thresholding=dynamic_thresholding, freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
+        dynamic_thresholding=dynamic_thresholding,
+        freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass))
     written = []

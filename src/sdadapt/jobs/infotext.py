@@ -662,7 +662,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         text_encoders=2 if getattr(system, "is_sdxl", False) and not getattr(system, "is_refiner", False) else 1,
         refiner=refiner,
         refiner_switch_at=refiner_switch_at, refiner_by_steps=refiner_by_steps, refiner_hires_pass=refiner_hires_pass,
-        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis, old_timelines=old_timelines,
-        guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
-        self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu, tiling=tiling, token_merging=tuple(map(float, token_merging)),
-        hypertile=hypertile)
+        aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
+        old_timelines=old_timelines, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
+        self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu,
+        tiling=tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile)

@@ -84,9 +84,8 @@ from .unipc import unipc_sample
 from .unipc_a1111 import a1111_unipc_sample
 
 __all__ = ["DISCARD_NEXT_TO_LAST_SIGMA", "KARRAS_SAMPLERS", "KDIFFUSION_ONLY", "SAMPLERS", "SAMPLER_ALIASES", "SCHEDULES",
-           "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler",
-           "check_downcast_run", "check_karras", "guidance_rescale_for_run", "resolve_schedule", "run_sampling_steps", "run_total_steps",
-           "sample_latents"]
+           "SCHEDULE_SAMPLERS", "ScheduleOptions", "canonical_sampler", "check_downcast_run", "check_karras",
+           "guidance_rescale_for_run", "resolve_schedule", "run_sampling_steps", "run_total_steps", "sample_latents"]
 
 #: σ samplers whose A1111 grid (a ``schedule``) runs A1111's k-diffusion arithmetic bit for bit on float32 / half
 #: latents (:mod:`.sigma_space`: float32 σ table, ``x·c_in``, float32 ``sigma_to_t``): there ``schedule="karras"``
@@ -158,8 +157,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
 
     ``model(x_t, t, cond)``: the denoiser (a system's ``denoiser()``); ``alphas_cumprod`` (T,):
     its training schedule (float16: A1111's "Downcast alphas_cumprod", read as A1111 reads it on its σ samplers,
-    :func:`.sigma_space.downcast_alphas_cumprod`; refused elsewhere); ``generator``: the ancestral samplers' noise (drawn on the generator's
-    device, then moved, as diffusers does); ``callback(i, t, x)`` sees each step's sample;
+    :func:`.sigma_space.downcast_alphas_cumprod`; refused elsewhere); ``generator``: the ancestral samplers' noise
+    (drawn on the generator's device, then moved, as diffusers does); ``callback(i, t, x)`` sees each step's sample;
     ``options``: the sampler's own (``ddim``: ``eta``, ``final_alpha_cumprod``, ``clip_sample``...).
     ``schedule``: A1111's "Schedule type" (:func:`resolve_schedule`; ``None``: the sampler's diffusers grid),
     for :data:`SCHEDULE_SAMPLERS`, ``"automatic"`` on ``ddim``: A1111's own DDIM (:mod:`.a1111_timesteps`; without a

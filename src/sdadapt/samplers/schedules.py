@@ -195,7 +195,7 @@ def schedule_sigmas(name: str, num_steps: int, train_sigmas: Tensor, *, sdxl: bo
                                  beta_beta=beta_beta, options=options)
         return torch.cat([longer[:-2], longer[-1:]])
     train = train_sigmas.detach().cpu()
-    # (A1111's float32 table: its float32 grids; a float16 one, ᾱ downcast: float32 grids on its float16 values and logs)
+    # (A1111's float32 table: its float32 grids; a float16 one, ᾱ downcast: float32 grids on its float16 values, logs)
     dt = torch.float32 if train.dtype in (torch.float32, torch.float16) else torch.float64
     train = train if train.dtype == torch.float16 else train.to(dt)
     T = int(train.shape[0])
