@@ -150,15 +150,20 @@ def test_an_old_infotext_turns_the_downcast_on_as_a1111s_backcompat(version, dow
 
 
 def test_where_the_run_would_not_read_it_the_downcast_is_reported_not_taken():
-    """A1111 < 1.9 infotexts name no schedule ("Sampler: Euler a": diffusers' grid here) or a timestep sampler: the
-    backcompat's (or the field's) downcast is not taken there but said, so ``--infotext`` still runs."""
+    """On a timestep sampler (A1111's DDIM, PLMS) or diffusers' grid (sdadapt's own infotext without a Schedule type)
+    the backcompat's (or the field's) downcast is not taken but said, so ``--infotext`` still runs; an A1111 < 1.9
+    infotext, which names no schedule, is read as A1111 pastes it (Automatic: its k-diffusion grid) and takes it."""
     from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
 
-    for sampler, field in (("Euler a", ""), ("DDIM", ""), ("PLMS", ", Downcast alphas_cumprod: True")):
-        text = f"a cat\nSteps: 20, Sampler: {sampler}, CFG scale: 7, Seed: 1, Size: 512x512{field}, Version: v1.5.2"
+    for sampler, tail in (("DDIM", ", Version: v1.5.2"), ("PLMS", ", Downcast alphas_cumprod: True, Version: v1.5.2"),
+                          ("Euler a", ", Downcast alphas_cumprod: True, Version: sdadapt 0.1.0")):
+        text = f"a cat\nSteps: 20, Sampler: {sampler}, CFG scale: 7, Seed: 1, Size: 512x512{tail}"
         options, not_taken = infotext_options(parse_infotext(text))
         assert "downcast_alphas_cumprod" not in options
         assert [line for line in not_taken if f"which {sampler} here does not read" in line]
+    options, not_taken = infotext_options(parse_infotext(
+        "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.5.2"))
+    assert (options["schedule"], options["downcast_alphas_cumprod"]) == ("automatic", True)
     hires = ("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Hires upscale: 2, "
              "Hires sampler: DDIM, Version: v1.6.0")
     options, not_taken = infotext_options(parse_infotext(hires))

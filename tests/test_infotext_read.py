@@ -155,3 +155,20 @@ def test_the_hires_schedule_is_the_hires_passs_grid(tiny_sd, tmp_path):
     same, karras, exp = (Image.open(tmp_path / f"{n}.png") for n in ("same", "karras", "exp"))
     assert np.array_equal(np.asarray(same), np.asarray(karras)) and same.text == karras.text
     assert not np.array_equal(np.asarray(same), np.asarray(exp))
+
+
+@pytest.mark.parametrize("tail,schedule", [
+    (", Version: v1.5.2", "automatic"), ("", "automatic"), (", Version: sdadapt 0.1.0", None),
+    (", Schedule type: Karras, Version: v1.10.1", "karras"), (", Version: f0.0.17v1.8.0rc-latest-276-g29be1da7",
+                                                               "automatic")])
+def test_no_schedule_type_is_automatic_in_a1111s_texts_and_diffusers_grid_in_sdadapts(tail, schedule):
+    """A1111's paste reads a missing Schedule type as its first scheduler, Automatic (``get_sampler_and_scheduler``):
+    its texts before 1.9 wrote none. sdadapt writes none on a sampler's diffusers grid, so its own texts keep none; a
+    label that names a schedule keeps it."""
+    from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
+
+    options, _ = infotext_options(parse_infotext(f"a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7{tail}"))
+    assert options.get("schedule") == schedule
+    options, _ = infotext_options(parse_infotext("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, "
+                                                 "Version: v1.6.0"))
+    assert options["sampler"] == "DPM++ 2M Karras" and "schedule" not in options

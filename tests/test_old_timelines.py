@@ -2,7 +2,7 @@
 passes made with :func:`sdadapt.prompt_schedule.prompt_schedule`'s ``old_scheduling``, "Old prompt editing timelines:
 True" written where they change a schedule (A1111's ``get_conds_with_caching`` compares the old and new schedules of
 the texts it encodes, the hires pass's too), read back, and turned on by A1111's backcompat for a prompt with ``[``
-made before v1.6.0."""
+made before v1.6.0; and the third rule, "Pad conds v0" for an old DDIM / PLMS text."""
 
 from __future__ import annotations
 
@@ -66,3 +66,18 @@ def test_generate_plans_with_them_writes_the_field_and_reads_it_back(tmp_path):
     assert np.array_equal(old, again) and not np.array_equal(old, new)
     assert np.array_equal(new, red)  # (new timelines: [red:blue:1.0] is red all through)
     assert "Old prompt editing" not in Image.open(tmp_path / "same.png").text["parameters"]
+
+
+@pytest.mark.parametrize("sampler,version,v0", [("DDIM", "v1.5.2", True), ("PLMS", "v1.5.1-12-gabc", True),
+                                                ("DDIM", "v1.6.0", False), ("Euler a", "v1.5.2", False),
+                                                ("DDIM", None, False)])
+def test_an_old_ddim_infotext_pads_as_a1111s_backcompat(sampler, version, v0):
+    """A1111's third backcompat rule: Sampler DDIM / PLMS before v1.6.0 padded the negative as "Pad conds v0" does."""
+    from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
+
+    text = f"a cat\nSteps: 20, Sampler: {sampler}, CFG scale: 7, Seed: 1"
+    options, _ = infotext_options(parse_infotext(text + ("" if version is None else f", Version: {version}")))
+    assert options.get("pad_conds_v0", False) is v0
+    options, _ = infotext_options(parse_infotext(text + ", Pad conds: True, Version: v1.5.2"))
+    assert "pad_conds_v0" not in options  # (the text's own padding wins)
+

@@ -131,6 +131,24 @@ def _a1111_version(text: object) -> tuple | None:
     return core, 0, 0
 
 
+def _from_a1111(fields: Mapping[str, str]) -> bool:
+    """Whether an infotext is A1111's (or a fork's) rather than sdadapt's, which writes no Schedule type on a sampler's
+    own diffusers grid: its Version does not name sdadapt (A1111 before 1.9 wrote no Schedule type, and its paste reads
+    none as "Automatic": ``get_sampler_and_scheduler``'s ``schedulers[0]``)."""
+    return not str(fields.get("Version", "")).strip().lower().startswith("sdadapt")
+
+
+def _label_schedule(label: str) -> str | None:
+    """The schedule an A1111 sampler label names (``"DPM++ 2M Karras"``: ``karras``), ``None`` for none or a label
+    sdadapt does not read."""
+    from ..sampler_tables import sampler_schedule_from_label
+
+    try:
+        return sampler_schedule_from_label(str(label))[1]
+    except ValueError:
+        return None
+
+
 def _passes_not_reading_half_alphas(options: Mapping[str, object]) -> list[str]:
     """The passes' samplers (labels as the infotext gives them) of ``options`` that would not read a float16 ᾱ
     (:func:`sdadapt.samplers.check_downcast_run`): no schedule (diffusers' grid), A1111's timestep samplers..."""
@@ -154,8 +172,8 @@ def _passes_not_reading_half_alphas(options: Mapping[str, object]) -> list[str]:
 def _made_before(version: object, release: tuple) -> bool:
     """Whether an infotext's Version is before ``release`` (:func:`_a1111_version`'s key), as A1111's backcompat
     ("auto_backcompat", on by default) compares it: v1.6.0 turns "Old prompt editing timelines" on for a prompt with
-    ``[``, v1.7.0-225 "Downcast alphas_cumprod" (those versions halved ᾱ with the model); a Version it cannot parse,
-    nothing."""
+    ``[`` and "Pad conds v0" on for Sampler DDIM / PLMS, v1.7.0-225 "Downcast alphas_cumprod" (those versions halved ᾱ
+    with the model); a Version it cannot parse, nothing."""
     key = _a1111_version(version)
     return key is not None and key < release
 
@@ -210,6 +228,9 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Steps", "steps", int)
     take("Sampler", "sampler")
     take("Schedule type", "schedule", canonical_schedule)
+    if "schedule" not in options and "Sampler" in fields and _from_a1111(fields) \
+            and _label_schedule(fields["Sampler"]) is None:  # (A1111's paste: no Schedule type is its first, Automatic)
+        options["schedule"] = "automatic"
     take("CFG scale", "guidance", float)
     take("Seed", "seed", int)
     take("Size-1", "width", int)
@@ -301,6 +322,9 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("NGMS all steps", "ngms_all_steps", flag)
     take("Pad conds", "pad_conds", flag)
     take("Pad conds v0", "pad_conds_v0", flag)
+    if ("pad_conds_v0" not in options and "pad_conds" not in options and fields.get("Sampler", "") in ("DDIM", "PLMS")
+            and _made_before(fields.get("Version"), ((1, 6, 0), 0, 0))):
+        options["pad_conds_v0"] = True  # (A1111's backcompat: its DDIM / PLMS padded so before v1.6.0)
     half_alphas = DOWNCAST_FIELD in fields and flag(fields[DOWNCAST_FIELD])
     if DOWNCAST_FIELD in fields and not half_alphas:  # (written off: nothing to take)
         taken.add(DOWNCAST_FIELD)
