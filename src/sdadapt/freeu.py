@@ -29,6 +29,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .module_hooks import ModuleHooks
+
 __all__ = ["FREEU_DEFAULTS", "FREEU_FIELDS", "FREEU_VERSIONS", "FREEU_VERSION_FIELD", "FREEU_WINDOW_FIELDS", "FreeU",
            "FreeUSteps", "fourier_filter"]
 
@@ -74,7 +76,7 @@ def _out_channels(module: nn.Module) -> int:
     return int(module.conv2.out_channels)
 
 
-class FreeU:
+class FreeU(ModuleHooks):
     """FreeU on ``unet`` (diffusers' module names: ``up_blocks.N.resnets``, ``mid_block.resnets``, ``conv_in``; module
     docstring) with ``b1``, ``b2``, ``s1``, ``s2`` (Forge's defaults) in ``version`` (:data:`FREEU_VERSIONS`). Hooks
     installed at once; :meth:`remove` (or leaving the ``with`` block) takes them off. ``skips``: how many skip
@@ -148,18 +150,6 @@ class FreeU:
         the pass's ``launch_sampling`` steps; a pass of one step reads 0, where Forge divides by zero)."""
         frac = sampling_step / (sampling_steps - 1) if sampling_steps > 1 else 0.0
         self.active = self.window[0] <= frac <= self.window[1]
-
-    def remove(self) -> None:
-        """Take every hook off (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> FreeU:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 class FreeUSteps:

@@ -26,6 +26,8 @@ from functools import cache
 
 from torch import Tensor, nn
 
+from .module_hooks import ModuleHooks
+
 __all__ = ["HYPERTILE_DEFAULTS", "Hypertile", "HypertileSettings", "hypertile_fields", "hypertile_layers",
            "hypertile_options", "largest_tile_size", "tile_counts"]
 
@@ -125,7 +127,7 @@ def hypertile_layers(model: nn.Module, *, vae: bool = False, sdxl: bool = False)
     return found
 
 
-class Hypertile:
+class Hypertile(ModuleHooks):
     """A1111's Hypertile on a UNet and/or a VAE (module docstring): hooks on the tabled layers, one shared RNG.
     :meth:`configure` sets the pass's image size and the settings (A1111's ``hypertile_hook_model``), :meth:`seed`
     reseeds the RNG (``set_hypertile_seed``); :meth:`remove` takes the hooks off. ``layers``: how many layers it
@@ -216,18 +218,6 @@ class Hypertile:
         c = output.shape[-1]
         out = output.reshape(b, nh, nw, h // nh, w // nw, c).permute(0, 1, 3, 2, 4, 5)
         return out.reshape(b, h * w, c).contiguous()
-
-    def remove(self) -> None:
-        """Take every hook off (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> Hypertile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 def hypertile_fields(unet: HypertileSettings, vae: HypertileSettings, second_pass: bool, *,

@@ -43,6 +43,8 @@ from functools import reduce
 import torch
 from torch import Tensor, nn
 
+from .module_hooks import ModuleHooks
+
 __all__ = ["PAG_ADAPTIVE_FIELD", "PAG_FIELDS", "PAG_LAYERS_FIELD", "PAG_SCALE_FIELD_READ", "PerturbedAttentionGuidance",
            "check_pag_scale", "pag_layers"]
 
@@ -135,7 +137,7 @@ def _identity_attention(attn: nn.Module, hidden: Tensor) -> Tensor:
     return out / getattr(attn, "rescale_output_factor", 1.0)
 
 
-class PerturbedAttentionGuidance:
+class PerturbedAttentionGuidance(ModuleHooks):
     """PAG on ``network`` (a UNet; module docstring): ``scale`` p, diffusers' ``adaptive_scale``, the ``layers``
     (diffusers' ``pag_applied_layers``, :func:`pag_layers`). Hooks installed at once, idle until a call runs
     :meth:`perturbing`; :meth:`remove` (or leaving the ``with`` block) takes them off. ``names``: the hooked layers.
@@ -216,14 +218,3 @@ class PerturbedAttentionGuidance:
         p = self.scale_at(t)
         return combined + p * (cond - perturbed) if p else combined
 
-    def remove(self) -> None:
-        """Take every hook off (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> PerturbedAttentionGuidance:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()

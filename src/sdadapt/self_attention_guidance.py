@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .module_hooks import ModuleHooks
+
 __all__ = ["SAG_FIELDS", "SAG_LAYER", "SelfAttentionGuidance", "attention_token_mask", "blur_by_attention",
            "check_sag_run", "gaussian_blur_2d"]
 
@@ -113,7 +115,7 @@ def check_sag_run(sampler: str, *, schedule: str | None, edm: bool = False) -> N
                          "(euler, dpmpp_2m...) or diffusers' grid (no schedule)")
 
 
-class SelfAttentionGuidance:
+class SelfAttentionGuidance(ModuleHooks):
     """SAG on ``network`` (a UNet whose ``layer`` is SD's middle self-attention; module docstring) at ``scale``,
     ``blur_sigma``, ``threshold``; ``alphas_cumprod`` (T,) and ``prediction_type``: the model's, to read x̂0 and ε on
     diffusers' grids and the input's share of x̂0 on A1111's. A hook is installed at once, idle outside
@@ -143,7 +145,7 @@ class SelfAttentionGuidance:
         self.network, self.layer, self.attn = network, layer, attn
         self.alphas_cumprod, self.prediction_type = alphas_cumprod, prediction_type
         self._kept: list[Tensor] | None = None
-        self._handle = attn.register_forward_hook(self._keep, with_kwargs=True)
+        self._handles = [attn.register_forward_hook(self._keep, with_kwargs=True)]
 
     def _keep(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         if self._kept is not None and not self._kept:
@@ -222,12 +224,3 @@ class SelfAttentionGuidance:
         out = model(x + shift / root, t, cond)
         return self.scale * (blurred - (read(out) + skip * shift))
 
-    def remove(self) -> None:
-        """Take the hook off (idempotent)."""
-        self._handle.remove()
-
-    def __enter__(self) -> SelfAttentionGuidance:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .module_hooks import ModuleHooks
+
 __all__ = ["TOKEN_MERGING_FIELD", "TOKEN_MERGING_HR_FIELD", "TokenMerging", "bipartite_soft_matching_2d",
            "check_token_merging_ratio"]
 
@@ -122,7 +124,7 @@ def _first(args: tuple, kwargs: dict, name: str) -> Tensor:
     return args[0] if args else kwargs[name]
 
 
-class TokenMerging:
+class TokenMerging(ModuleHooks):
     """A1111's token merging on ``unet`` (module docstring) at ``ratio`` (:attr:`ratio` may change between runs;
     :meth:`at` for a block), ``max_downsample`` / ``sx`` / ``sy`` tomesd's (A1111 leaves them at 1, 2, 2). Hooks
     installed at once; :meth:`remove` (or leaving the ``with`` block) takes them off. ``blocks``: how many transformer
@@ -190,13 +192,5 @@ class TokenMerging:
 
     def remove(self) -> None:
         """Take every hook off (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().remove()
         self._pending.clear()
-
-    def __enter__(self) -> TokenMerging:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
