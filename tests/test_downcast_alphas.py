@@ -8,6 +8,7 @@ schedule's grid; the refusals; A1111's infotext backcompat by Version; ``generat
 from __future__ import annotations
 
 import pytest
+import tiny_sd_fixtures
 import torch
 from sampler_stand_ins import kdiffusion_sigma_to_t, rel_err, stand_in
 from test_dpm_adaptive_float32 import AC
@@ -16,6 +17,8 @@ from test_kdiffusion_float32 import _run_reference
 from sdadapt.samplers import SAMPLERS, check_downcast_run, sample_latents
 from sdadapt.samplers.schedules import schedule_sigmas
 from sdadapt.samplers.sigma_space import downcast_alphas_cumprod, model_sigmas
+
+tiny_sd = tiny_sd_fixtures.tiny_sd
 
 AC16 = AC.float().half()  # (LDM's float32 buffer, .half() by A1111)
 SIGMAS16 = ((1 - AC16) / AC16) ** 0.5  # (CompVisDenoiser.__init__ on a half buffer: float16 arithmetic)
@@ -173,10 +176,11 @@ def test_where_the_run_would_not_read_it_the_downcast_is_reported_not_taken():
     assert options["downcast_alphas_cumprod"] is True
 
 
-def test_generate_writes_the_field_and_reads_it_back(tmp_path):
-    """``generate --downcast-alphas-cumprod`` (the toy, Euler on Karras): "Downcast alphas_cumprod: True" written
-    where A1111's ``apply_alpha_schedule_override`` puts it, ``--infotext`` makes the same image, without it another;
-    the system's ᾱ is float32 again after the run; the refusals come before any output."""
+def test_generate_writes_the_field_and_reads_it_back(tiny_sd, tmp_path):
+    """``generate --downcast-alphas-cumprod`` (a tiny SD model, Euler on Karras): "Downcast alphas_cumprod: True"
+    written where A1111's ``apply_alpha_schedule_override`` puts it, ``--infotext`` makes the same image, without it
+    another; the refusals (the toy's schedule, which float16 rounds to σ 0; DDIM without a schedule; a PLMS hires
+    pass) come before any output."""
     pytest.importorskip("PIL")
     import numpy as np
     from PIL import Image
@@ -184,21 +188,35 @@ def test_generate_writes_the_field_and_reads_it_back(tmp_path):
     from sdadapt.cli import main
     from sdadapt.jobs import run_generate
 
-    base = ["generate", "--model", "toy", "--prompt", "a red circle", "--steps", "6", "--sampler", "Euler",
-            "--schedule", "karras", "--seed", "4"]
+    base = ["generate", "--model", str(tiny_sd), "--prompt", "a red circle", "--steps", "6", "--sampler", "Euler",
+            "--schedule", "karras", "--seed", "4", "--width", "32", "--height", "32"]
     assert main([*base, "--downcast-alphas-cumprod", "--out", str(tmp_path / "a.png")]) == 0
     text = Image.open(tmp_path / "a.png").text["parameters"]
-    assert "RNG: CPU, Downcast alphas_cumprod: True" in text
-    assert main(["generate", "--model", "toy", "--infotext", str(tmp_path / "a.png"),
+    assert "Downcast alphas_cumprod: True" in text
+    assert main(["generate", "--model", str(tiny_sd), "--infotext", str(tmp_path / "a.png"),
                  "--out", str(tmp_path / "b.png")]) == 0
     assert main([*base, "--out", str(tmp_path / "plain.png")]) == 0
-    a, b, plain = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("a", "b", "plain"))
-    assert np.array_equal(a, b) and not np.array_equal(a, plain)
+    a, b, plain = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(np.float64) for n in ("a", "b", "plain"))
+    assert np.array_equal(a, b) and not np.array_equal(a, plain) and a.std() > 1.0
     out = tmp_path / "refused"
+    with pytest.raises(ValueError, match="--downcast-alphas-cumprod: .*round to 1 in float16"):
+        run_generate(model="toy", prompt="a red circle", sampler="euler", schedule="karras",
+                     downcast_alphas_cumprod=True, out=out / "t.png", steps=2)
     with pytest.raises(ValueError, match="--downcast-alphas-cumprod: .* ddim without a schedule"):
         run_generate(model="toy", prompt="a red circle", sampler="ddim", downcast_alphas_cumprod=True,
                      out=out / "c.png", steps=2)
-    with pytest.raises(ValueError, match="--downcast-alphas-cumprod: .* hires|--downcast-alphas-cumprod: .* plms"):
+    with pytest.raises(ValueError, match="--downcast-alphas-cumprod: .* plms"):
         run_generate(model="toy", prompt="a red circle", sampler="euler", schedule="karras", hires_scale=1.5,
                      hires_sampler="PLMS", downcast_alphas_cumprod=True, out=out / "d.png", steps=2)
     assert not out.exists()
+
+
+def test_the_example_in_docs_samplers_md_runs():
+    from docs_pages import run_block_with
+
+    scope = run_block_with("samplers.md", "downcast_alphas_cumprod(alphas_cumprod)")
+    assert torch.isfinite(scope["old_seed"]).all() and not torch.equal(scope["old_seed"], scope["float32_run"])
+    from sdadapt.toy import build_toy
+
+    with pytest.raises(ValueError, match="first 2 ᾱ round to 1 in float16"):
+        downcast_alphas_cumprod(build_toy(seed=1).alphas_cumprod)

@@ -317,3 +317,13 @@ def test_an_img2img_pass_launches_a1111s_t_enc_plus_one(strength, sampler):
     t_enc = int(min(strength, 0.999) * 20)
     assert run_sampling_steps(sampler, 20, start=start, schedule="karras") == t_enc + 1
     assert run_total_steps(sampler, 20, start=start, schedule="karras") == (t_enc + 1) * (2 if sampler == "heun" else 1)
+
+
+def test_the_window_example_in_docs_samplers_md_runs():
+    from docs_pages import run_block_with
+
+    scope = run_block_with("samplers.md", "FreeUSteps(freeu")
+    plain = scope["generate"](scope["toy"], ["a red circle"], sampler="euler", schedule="karras", steps=8, seed=3)
+    first_half, every_call = scope["first_half"], scope["every_call"]
+    assert not torch.equal(first_half, every_call) and not torch.equal(first_half, plain)
+    assert not any(m._forward_pre_hooks for m in scope["toy"].unet.modules())

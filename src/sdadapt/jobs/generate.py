@@ -917,7 +917,10 @@ def run_generate(
         for holder in (system, refiner_system):
             if holder is not None:
                 original = holder.alphas_cumprod
-                holder.alphas_cumprod = halved(original)
+                try:
+                    holder.alphas_cumprod = halved(original)
+                except ValueError as exc:
+                    raise ValueError(f"--downcast-alphas-cumprod: {model}: {exc}") from None
                 run_scope.callback(setattr, holder, "alphas_cumprod", original)
     if aesthetic_score is not None or negative_aesthetic_score is not None:  # (the SDXL refiner's time_ids)
         if refiner_system is not None:

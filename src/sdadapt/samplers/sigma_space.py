@@ -118,8 +118,18 @@ def downcast_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     ``apply_alpha_schedule_override``): float16. What every A1111 before 1.7.0-225 sampled with on a half model (its
     ``model.half()`` cast the buffer too; its infotext backcompat turns the option on for those versions). Handed to
     :func:`sdadapt.samplers.sample_latents` as ``alphas_cumprod``, A1111's σ samplers read it as A1111 does
-    (:func:`model_sigmas`)."""
-    return alphas_cumprod.detach().to(torch.float32).to(torch.float16)  # (LDM's float32 buffer, halved)
+    (:func:`model_sigmas`).
+
+    Raises:
+        ValueError: a schedule whose first ᾱ round to 1 in float16 (β below about 2.4e-4: σ 0 there, log σ −∞ — no
+            A1111 could sample it so; SD's first ᾱ, 0.99915, is 0.99902), saying how many.
+    """
+    half = alphas_cumprod.detach().to(torch.float32).to(torch.float16)  # (LDM's float32 buffer, halved)
+    ones = int((half == 1).sum())
+    if ones:
+        raise ValueError(f"this model's first {ones} ᾱ round to 1 in float16 (σ 0, log σ −∞: its schedule starts with "
+                         f"β below ~2.4e-4, unlike SD's), so a downcast σ table breaks; leave the downcast out")
+    return half
 
 
 def model_sigmas(alphas_cumprod: Tensor, dtype: torch.dtype = torch.float64,
