@@ -272,6 +272,12 @@ def check_dynamic_thresholding_run(sampler: str, *, schedule: str | None, edm: b
                          "schedule (schedule='automatic' is A1111's default)")
 
 
+#: the options in the order of the fields (:data:`DYNAMIC_THRESHOLDING_FIELDS`, the first their ``enabled``)
+_OPTION_NAMES = ("enabled", "mimic_scale", "separate_feature_channels", "scaling_startpoint", "variability_measure",
+                 "interpolate_phi", "threshold_percentile", "mimic_mode", "mimic_scale_min", "cfg_mode",
+                 "cfg_scale_min", "sched_val")
+_NUMBERS = ("mimic_scale", "interpolate_phi", "threshold_percentile", "mimic_scale_min", "cfg_scale_min", "sched_val")
+_WORDS = ("scaling_startpoint", "variability_measure", "mimic_mode", "cfg_mode")
 #: the schedules that read ``sched_val`` (the extension's ``MODES_WITH_VALUE``: "Scheduler value" written for them)
 _MODES_WITH_VALUE = ("Power Up", "Power Down", "Linear Repeating", "Cosine Repeating", "Sawtooth")
 
@@ -281,9 +287,7 @@ def dynamic_thresholding_fields(setting: DynamicThresholding) -> dict[str, objec
     (:data:`DYNAMIC_THRESHOLDING_FIELDS`; the percentile in %, the schedules' fields when a mode is not Constant,
     "Scheduler value" for a mode that reads it) for ``step_rule="calls"``, Forge's built-in's
     (:data:`DYNAMIC_THRESHOLDING_FORGE_FIELDS`, every one) for ``"timesteps"``."""
-    values = (True, setting.mimic_scale, setting.separate_feature_channels, setting.scaling_startpoint,
-              setting.variability_measure, setting.interpolate_phi, setting.threshold_percentile, setting.mimic_mode,
-              setting.mimic_scale_min, setting.cfg_mode, setting.cfg_scale_min, setting.sched_val)
+    values = (True, *(getattr(setting, name) for name in _OPTION_NAMES[1:]))  # (the fields' order)
     if setting.step_rule == "timesteps":
         fields = dict(zip(DYNAMIC_THRESHOLDING_FORGE_FIELDS, values))
         fields["dynthres_separate_feature_channels"] = "enable" if setting.separate_feature_channels else "disable"
@@ -332,13 +336,6 @@ def dynamic_thresholding_from_fields(fields: dict[str, str]) -> tuple[DynamicThr
             options.setdefault("sched_val", 4.0)
         return DynamicThresholding(**options, step_rule=rule), present[1:] + [keys[0]]
     return None, []
-
-
-_OPTION_NAMES = ("enabled", "mimic_scale", "separate_feature_channels", "scaling_startpoint", "variability_measure",
-                 "interpolate_phi", "threshold_percentile", "mimic_mode", "mimic_scale_min", "cfg_mode",
-                 "cfg_scale_min", "sched_val")
-_NUMBERS = ("mimic_scale", "interpolate_phi", "threshold_percentile", "mimic_scale_min", "cfg_scale_min", "sched_val")
-_WORDS = ("scaling_startpoint", "variability_measure", "mimic_mode", "cfg_mode")
 
 
 def parse_dynamic_thresholding(words: list[str] | tuple[str, ...]) -> DynamicThresholding:

@@ -39,14 +39,16 @@ from .denoised_branches import (
     scaled_by,
     wants_negative,
 )
-from .dynamic_thresholding import check_dynamic_thresholding_guidance
+from .dynamic_thresholding import (
+    DynamicThresholding,
+    check_dynamic_thresholding_guidance,
+)
 from .guidance_rescale import GuidanceRescale, as_guidance_rescale
 from .prompt_schedule import composable_prompts, prompt_schedule, schedule_index
 from .training.diffusion import _cat_conditions, guidance_combine
 from .uncond_skip import UncondSkip
 
 if TYPE_CHECKING:
-    from .dynamic_thresholding import DynamicThresholding
     from .perturbed_attention import PerturbedAttentionGuidance
     from .self_attention_guidance import SelfAttentionGuidance
 

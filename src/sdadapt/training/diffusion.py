@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from ..cond_padding import CondPadding
 from ..denoised_branches import denoised_of, keep_negative, scaled_by, wants_negative
+from ..dynamic_thresholding import check_dynamic_thresholding_guidance
 from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..uncond_skip import UncondSkip
 
@@ -620,8 +621,6 @@ class Guided:
         self.uncond_skip, self.total_steps, self.calls = uncond_skip, total_steps, 0
         self.guidance_rescale = as_guidance_rescale(guidance_rescale)
         self.perturbed_attention, self.self_attention_guidance = perturbed_attention, self_attention_guidance
-        from ..dynamic_thresholding import check_dynamic_thresholding_guidance
-
         check_dynamic_thresholding_guidance(dynamic_thresholding, rescale=self.guidance_rescale)
         self.dynamic_thresholding = dynamic_thresholding
 
@@ -660,10 +659,7 @@ class Guided:
     def __call__(self, x: Tensor, t: Tensor, _cond: object = None) -> Tensor:
         """The guided output (B,C,H,W) at ``x`` (B,C,H,W), timesteps ``t`` (B,)."""
         pag, sag = self.perturbed_attention, self.self_attention_guidance
-        if self.dynamic_thresholding is not None:
-            from ..dynamic_thresholding import check_dynamic_thresholding_guidance
-
-            check_dynamic_thresholding_guidance(self.dynamic_thresholding, by_branch=False)
+        check_dynamic_thresholding_guidance(self.dynamic_thresholding, by_branch=False)
         if self._cond_alone(None):
             if not self._extra():
                 return self.model(x, t, self.cond)
