@@ -614,9 +614,12 @@ def run_generate(
     if dynamic_thresholding is not None and not isinstance(dynamic_thresholding, DynamicThresholding):
         raise TypeError(f"dynamic_thresholding is a DynamicThresholding (sdadapt.dynamic_thresholding), got "
                         f"{type(dynamic_thresholding).__name__}")
-    if dynamic_thresholding is not None and rescale is not None:
-        raise ValueError("--dynamic-thresholding and --guidance-rescale each replace the guidance combination "
-                         "(A1111's combine_denoised, Forge's / ComfyUI's CFG function), so no tool runs both: give one")
+    from ..dynamic_thresholding import check_dynamic_thresholding_guidance
+
+    try:
+        check_dynamic_thresholding_guidance(dynamic_thresholding, rescale=rescale)
+    except ValueError as exc:
+        raise ValueError(f"--dynamic-thresholding and --guidance-rescale: {exc}") from None
     if sag_scale and (hypertile_unet or hypertile_unet_second_pass):
         raise ValueError("--sag-scale reads the middle block's self-attention map, which --hypertile-unet cuts into "
                          "tiles: give one")

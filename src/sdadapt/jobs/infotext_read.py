@@ -169,6 +169,10 @@ def _passes_not_reading_half_alphas(options: Mapping[str, object]) -> list[str]:
     return unread
 
 
+#: A1111's backcompat releases (``infotext_versions.py``: ``v160``, ``v170_tsnr``) as :func:`_a1111_version` keys
+_V160, _V170_TSNR = ((1, 6, 0), 0, 0), ((1, 7, 0), 1, 225)
+
+
 def _made_before(version: object, release: tuple) -> bool:
     """Whether an infotext's Version is before ``release`` (:func:`_a1111_version`'s key), as A1111's backcompat
     ("auto_backcompat", on by default) compares it: v1.6.0 turns "Old prompt editing timelines" on for a prompt with
@@ -323,16 +327,16 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Pad conds", "pad_conds", flag)
     take("Pad conds v0", "pad_conds_v0", flag)
     if ("pad_conds_v0" not in options and "pad_conds" not in options and fields.get("Sampler", "") in ("DDIM", "PLMS")
-            and _made_before(fields.get("Version"), ((1, 6, 0), 0, 0))):
+            and _made_before(fields.get("Version"), _V160)):
         options["pad_conds_v0"] = True  # (A1111's backcompat: its DDIM / PLMS padded so before v1.6.0)
     half_alphas = DOWNCAST_FIELD in fields and flag(fields[DOWNCAST_FIELD])
     if DOWNCAST_FIELD in fields and not half_alphas:  # (written off: nothing to take)
         taken.add(DOWNCAST_FIELD)
     take(OLD_TIMELINES_FIELD, "old_prompt_editing_timelines", flag)
     if ("old_prompt_editing_timelines" not in options and "[" in str(fields.get("Prompt", ""))
-            and _made_before(fields.get("Version"), ((1, 6, 0), 0, 0))):
+            and _made_before(fields.get("Version"), _V160)):
         options["old_prompt_editing_timelines"] = True  # (A1111's backcompat: its timelines before v1.6.0)
-    by_version = DOWNCAST_FIELD not in fields and _made_before(fields.get("Version"), ((1, 7, 0), 1, 225))
+    by_version = DOWNCAST_FIELD not in fields and _made_before(fields.get("Version"), _V170_TSNR)
     hires = "Hires upscale" in fields or "Hires resize-1" in fields
     if hires or img2img:  # (sample_img2img's: a pass that starts from an image)
         take("Extra noise", "extra_noise", float)
