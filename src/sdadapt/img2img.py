@@ -339,6 +339,9 @@ class Img2ImgStart:
     #: A1111's "Extra noise multiplier for img2img and hires fix" (``img2img_extra_noise``): ``noise·extra`` more on
     #: the first sample (its ``sample_img2img``: ``xi += noise * extra``, on the timestep samplers ``·√ᾱ`` too)
     extra_noise: float = 0.0
+    #: A1111's soft inpainting (:class:`sdadapt.soft_inpainting.SoftInpainting`) with ``mask``: its blend in place of
+    #: the linear one, and no blend after sampling (:func:`sdadapt.inpaint.masked_model`)
+    soft_inpainting: object = None
 
     def start_noise(self, x_T: Tensor) -> Tensor:
         """The unit start noise ``x_T`` (B, C, h, w) the sampler starts from the image with: times

@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .denoised_branches import ReadDenoised, denoised_of, read_at
 from .sampler_tables import TIMESTEP_SAMPLERS
+
+if TYPE_CHECKING:
+    from .soft_inpainting import SoftInpainting
 
 __all__ = [
     "INPAINTING_FILLS",
@@ -47,6 +51,7 @@ __all__ = [
     "check_inpainting_fill",
     "check_mask_weight",
     "check_inpainting_unet",
+    "composite_original",
     "concat_conditioning",
     "conditioning_mask",
     "fill_latent",
@@ -66,12 +71,14 @@ INPAINTING_FILLS: dict[str, int] = {"fill": 0, "original": 1, "latent-noise": 2,
 
 
 # ----------------------------------------------------------------------------------------------- the mask (pixels)
-def binary_mask(image):
+def binary_mask(image, *, rounded: bool = True):
     """A1111's ``create_binary_mask`` (``mask_round``): a PIL mask -> an ``L`` image. An RGBA mask with any
-    transparency is read from its alpha channel, made 0 / 255 (``> 128`` -> 255); any other mask is its luminance
-    as it is (A1111 rounds it only later, on the latent grid: :func:`latent_mask`)."""
+    transparency is read from its alpha channel, made 0 / 255 (``> 128`` -> 255; ``rounded=False``, soft
+    inpainting's: the alpha as it is); any other mask is its luminance as it is (A1111 rounds it only later, on the
+    latent grid: :func:`latent_mask`)."""
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
-        return image.split()[-1].convert("L").point(lambda v: 255 if v > 128 else 0)
+        alpha = image.split()[-1].convert("L")
+        return alpha.point(lambda v: 255 if v > 128 else 0) if rounded else alpha
     return image.convert("L")
 
 
@@ -151,15 +158,16 @@ def conditioning_mask(mask: Tensor) -> Tensor:
     return torch.round(m)
 
 
-def latent_mask(mask, size: tuple[int, int]) -> Tensor:
+def latent_mask(mask, size: tuple[int, int], *, rounded: bool = True) -> Tensor:
     """A1111's ``latmask``: the PIL ``L`` mask (the init image's size) resized to the latent ``size`` = (h, w) as RGB
-    with PIL's bicubic ``resize``, / 255, rounded (``mask_round``). Returns (1, 1, h, w) float32: 1 = repaint
-    (A1111's ``nmask``), 0 = keep (``mask = 1 − latmask``)."""
+    with PIL's bicubic ``resize``, / 255, rounded (``mask_round``; ``rounded=False``, soft inpainting's: the
+    fractions kept). Returns (1, 1, h, w) float32: 1 = repaint (A1111's ``nmask``), 0 = keep
+    (``mask = 1 − latmask``)."""
     import numpy as np
 
     small = mask.convert("RGB").resize((int(size[1]), int(size[0])))
     values = np.asarray(small, dtype=np.float32)[..., 0] / 255.0
-    return torch.from_numpy(np.around(values).copy())[None, None]
+    return torch.from_numpy((np.around(values) if rounded else values).copy())[None, None]
 
 
 # --------------------------------------------------------------------------------------------- latents and blends
@@ -250,8 +258,15 @@ def overlay_original(generated, original, mask):
     from PIL import Image
 
     doubled = Image.fromarray(np.clip(np.asarray(mask.convert("L"), dtype=np.float32) * 2, 0, 255).astype(np.uint8))
+    return composite_original(generated, original, doubled)
+
+
+def composite_original(generated, original, mask_for_overlay):
+    """A1111's ``apply_overlay`` without ``paste_to``: the PIL RGB ``original`` composited over the PIL RGB
+    ``generated`` image through :func:`overlay_layer` (alpha ``255 − mask_for_overlay``, PIL ``L``, 255 = the
+    generated pixels). Returns a PIL RGB image."""
     out = generated.convert("RGBA")
-    out.alpha_composite(overlay_layer(original, doubled))
+    out.alpha_composite(overlay_layer(original, mask_for_overlay))
     return out.convert("RGB")
 
 
@@ -268,7 +283,8 @@ def _sigma_of(t: Tensor, train_sigmas: Tensor, linear: bool) -> Tensor:
 
 def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor, latmask: Tensor, sampler: str,
                  alphas_cumprod: Tensor, prediction_type: str, linear_timesteps: bool = True,
-                 sigma_table: Tensor | None = None) -> Callable[[Tensor, Tensor, object], Tensor]:
+                 sigma_table: Tensor | None = None,
+                 soft: SoftInpainting | None = None) -> Callable[[Tensor, Tensor, object], Tensor]:
     """The guided model ``fn(x_in, t, cond)`` with A1111's inpainting blend on a 4-channel model
     (``CFGDenoiser.forward``): ``init`` (B, C, h, w) the init latent, ``latmask`` (1 or B, 1 or C, h, w) 1 = repaint.
 
@@ -284,28 +300,45 @@ def masked_model(fn: Callable[[Tensor, Tensor, object], Tensor], *, init: Tensor
     :func:`~sdadapt.samplers.sigma_space.model_sigmas`, whose zero-terminal-SNR σ_max is A1111's). A sampler that
     reads x̂0 by branch (A1111's grids, :mod:`sdadapt.denoised_branches`) gets the blend of its own x̂0 instead, in
     A1111's arithmetic, with no σ read back.
+
+    ``soft``: A1111's soft inpainting (:mod:`sdadapt.soft_inpainting`) in place of the linear blend — the call's σ
+    (the timestep samplers: its timestep, as A1111 hands it over) schedules the mask, the magnitudes are blended.
     """
     from .samplers.sigma_space import training_sigmas
 
     train = training_sigmas(alphas_cumprod) if sigma_table is None else sigma_table.double().cpu()
     if sampler in TIMESTEP_SAMPLERS:
-        return _BlendedBefore(fn, init, latmask)
-    return _BlendedAfter(fn, init, latmask, train, linear_timesteps, prediction_type)
+        return _BlendedBefore(fn, init, latmask, soft)
+    return _BlendedAfter(fn, init, latmask, train, linear_timesteps, prediction_type, soft)
+
+
+def _blend(current: Tensor, init: Tensor, latmask: Tensor, sigma: float | Tensor,
+           soft: SoftInpainting | None) -> Tensor:
+    """A1111's ``apply_blend``: :func:`blend_denoised`, or soft inpainting's blend at ``sigma``
+    (:func:`sdadapt.soft_inpainting.soft_blend`)."""
+    if soft is None:
+        return blend_denoised(current, init, latmask)
+    from .soft_inpainting import scheduled_nmask, soft_blend
+
+    nmask = latmask.to(device=current.device, dtype=torch.float32)  # (A1111's (C, h, w): its pow over every channel)
+    t = scheduled_nmask(nmask.expand(-1, current.shape[1], -1, -1).contiguous(), sigma, soft)
+    return soft_blend(init.to(current), current, t, soft)
 
 
 class _BlendedBefore:
     """:func:`masked_model` for the timestep samplers (A1111's DDIM, PLMS, DDIM CFG++, UniPC): the model at
     ``init·mask + nmask·x_t``, its branches read by the sampler where it asks (:mod:`sdadapt.denoised_branches`)."""
 
-    def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], init: Tensor, latmask: Tensor) -> None:
-        self.fn, self.init, self.latmask = fn, init, latmask
+    def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], init: Tensor, latmask: Tensor,
+                 soft: SoftInpainting | None = None) -> None:
+        self.fn, self.init, self.latmask, self.soft = fn, init, latmask, soft
 
     def __call__(self, x: Tensor, t: Tensor, cond: object) -> Tensor:
-        return self.fn(blend_denoised(x, self.init, self.latmask), t, cond)
+        return self.fn(_blend(x, self.init, self.latmask, t, self.soft), t, cond)
 
     def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object, *,
                            sigma: float | Tensor) -> Tensor:
-        x_in = blend_denoised(x, self.init, self.latmask)
+        x_in = _blend(x, self.init, self.latmask, t, self.soft)
         return denoised_of(self.fn, read_at(read, x_in), x_in, t, cond, sigma=sigma)
 
 
@@ -313,9 +346,9 @@ class _BlendedAfter:
     """:func:`masked_model` for the σ samplers: A1111's blend on the x̂0 the sampler reads (its docstring)."""
 
     def __init__(self, fn: Callable[[Tensor, Tensor, object], Tensor], init: Tensor, latmask: Tensor, train: Tensor,
-                 linear_timesteps: bool, prediction_type: str) -> None:
+                 linear_timesteps: bool, prediction_type: str, soft: SoftInpainting | None = None) -> None:
         self.fn, self.init, self.latmask, self.train = fn, init, latmask, train
-        self.linear_timesteps, self.prediction_type = linear_timesteps, prediction_type
+        self.linear_timesteps, self.prediction_type, self.soft = linear_timesteps, prediction_type, soft
 
     def __call__(self, x: Tensor, t: Tensor, cond: object) -> Tensor:
         """The model output (B, C, h, w) whose x̂0 is the blend, σ read back from ``t`` (float64 arithmetic)."""
@@ -328,7 +361,7 @@ class _BlendedAfter:
         s = sigma * alpha
         x64, out64 = x.double(), out.double()
         x0 = vp_data_prediction(out64, x64, alpha, s, self.prediction_type)
-        x0 = blend_denoised(x0, self.init.double(), self.latmask.double())
+        x0 = _blend(x0, self.init.double(), self.latmask.double(), sigma.reshape(-1)[0], self.soft)
         if self.prediction_type == "epsilon":
             new = (x64 - alpha * x0) / s
         elif self.prediction_type == "v_prediction":
@@ -340,7 +373,7 @@ class _BlendedAfter:
     def denoised_by_branch(self, read: ReadDenoised, x: Tensor, t: Tensor, cond: object, *,
                            sigma: float | Tensor) -> Tensor:
         """The blend of the x̂0 (B, C, h, w) the sampler reads (one of A1111's grids: A1111's own arithmetic)."""
-        return blend_denoised(denoised_of(self.fn, read, x, t, cond, sigma=sigma), self.init, self.latmask)
+        return _blend(denoised_of(self.fn, read, x, t, cond, sigma=sigma), self.init, self.latmask, sigma, self.soft)
 
 
 # -------------------------------------------------------------------------------------- inpainting models (9-ch)

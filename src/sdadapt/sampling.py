@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .dynamic_thresholding import DynamicThresholding
     from .perturbed_attention import PerturbedAttentionGuidance
     from .self_attention_guidance import SelfAttentionGuidance
+    from .soft_inpainting import SoftInpainting
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
            "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
@@ -250,7 +251,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
              guidance_rescale: float | GuidanceRescale = 0.0,
              perturbed_attention: PerturbedAttentionGuidance | None = None,
              self_attention_guidance: SelfAttentionGuidance | None = None,
-             dynamic_thresholding: DynamicThresholding | None = None) -> Tensor:
+             dynamic_thresholding: DynamicThresholding | None = None,
+             soft_inpainting: SoftInpainting | None = None) -> Tensor:
     """Images for ``prompts``: (B, 3, H, W) in [-1, 1] (``output="latents"``: the latents (B, C, H/8, W/8)).
 
     ``sampler``: a name in :data:`SAMPLERS` (:mod:`sdadapt.samplers`, kohya's ``k_`` aliases); ``None``: the
@@ -311,7 +313,10 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     (:func:`sdadapt.inpaint.latent_mask`; blended by :func:`sdadapt.inpaint.masked_model`);
     ``inpaint_conditioning``: an inpainting model's ``c_concat`` (B, 5, H/8, W/8)
     (:meth:`~sdadapt.diffusers_system.DiffusersSystem.inpainting_conditioning`). Both ride on the
-    :class:`~sdadapt.img2img.Img2ImgStart`.
+    :class:`~sdadapt.img2img.Img2ImgStart`. ``soft_inpainting``: A1111's soft inpainting with ``inpaint_mask`` (an
+    unrounded one, :func:`sdadapt.inpaint.latent_mask` ``rounded=False``) — its blend at each call, no blend after
+    sampling (:mod:`sdadapt.soft_inpainting`; its pixel composite is the caller's: :func:`sdadapt.soft_inpainting.
+    difference_mask` of the latents).
 
     ``before_model_call(steps_done, calls)``: told before each sampler model call
     (:func:`sdadapt.samplers.sample_latents`; the system's ``sample`` when it takes ``before_model_call=``, else the
@@ -411,7 +416,11 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
     if inpaint_mask is not None or inpaint_conditioning is not None:
         if start is None:
             raise ValueError("an inpainting mask or conditioning needs init_latents (the image to inpaint)")
-        start = replace(start, mask=inpaint_mask, conditioning=inpaint_conditioning)
+        start = replace(start, mask=inpaint_mask, conditioning=inpaint_conditioning, soft_inpainting=soft_inpainting)
+    if soft_inpainting is not None and (inpaint_mask is None or getattr(system, "edm", None) is not None):
+        raise ValueError("soft_inpainting blends by an inpainting mask on A1111's samplers: give inpaint_mask and "
+                         "init_latents" if inpaint_mask is None else "soft_inpainting is A1111's; an EDM model's "
+                         "samplers blend as diffusers' inpaint pipeline (no soft blend): leave it out")
     if noise_multiplier != 1.0:
         if start is None:
             raise ValueError("noise_multiplier is A1111's 'Noise multiplier for img2img': it scales the start noise "

@@ -134,6 +134,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         mask=args.mask, mask_blur=args.mask_blur, invert_mask=args.invert_mask, inpainting_fill=args.inpainting_fill,
         inpainting_mask_weight=args.inpainting_mask_weight, inpaint_full_res=args.inpaint_full_res,
         inpaint_full_res_padding=args.inpaint_full_res_padding,
+        soft_inpainting=_soft_inpainting(args.soft_inpainting),
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
@@ -159,6 +160,20 @@ def _dynamic_thresholding(value: object) -> object:
         return parse_dynamic_thresholding(value)
     except ValueError as exc:
         raise InputError(f"--dynamic-thresholding: {exc}") from None
+
+
+def _soft_inpainting(value: object) -> object:
+    """``--soft-inpainting``'s words (or what ``--infotext`` read) as a
+    :class:`~sdadapt.soft_inpainting.SoftInpainting`; ``None`` off."""
+    if value is None or not isinstance(value, list):
+        return value
+    from ..errors import InputError
+    from ..soft_inpainting import parse_soft_inpainting
+
+    try:
+        return parse_soft_inpainting(value)
+    except ValueError as exc:
+        raise InputError(f"--soft-inpainting: {exc}") from None
 
 
 #: generate's option defaults (:func:`register`): an option still at its default takes ``--infotext``'s value
@@ -489,6 +504,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "the init image's size")
     img2img.add_argument("--inpaint-full-res-padding", type=int, default=None, metavar="PX",
                          help="A1111's 'Only masked padding, pixels' around the mask's region (default 32)")
+    img2img.add_argument("--soft-inpainting", nargs="*", default=None, metavar="KEY=VALUE",
+                         help="A1111's soft inpainting: the mask's grey levels kept (use a high --mask-blur), the "
+                         "original blended in by them at each step, and composited back where the picture barely "
+                         "changed; alone A1111's defaults, or any of schedule_bias (1), preservation_strength (0.5), "
+                         "transition_contrast_boost (4), mask_influence (0), difference_threshold (0.5), "
+                         "difference_contrast (2) as KEY=VALUE (docs/samplers.md)")
     img2img.add_argument("--hires-scale", type=float, default=None, metavar="F",
                          help="hires fix: a second pass at F times the size (A1111's 'Upscale by')")
     img2img.add_argument("--hires-width", type=positive_int, default=None, metavar="W",
@@ -589,7 +610,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               and not isinstance(action, (argparse._AppendAction, argparse._CountAction))]
     only_with(generate, single, needs="no --image-vectors", when=lambda args: args.image_vectors is None,
               message=_IMAGE_VECTOR_MESSAGE)
-    only_with(generate, ["--inpaint-full-res"], needs="--mask IMAGE", when=lambda args: args.mask is not None)
+    only_with(generate, ["--inpaint-full-res", "--soft-inpainting"], needs="--mask IMAGE",
+              when=lambda args: args.mask is not None)
     only_with(generate, ["--subseed", "--subseed-strength", "--seed-resize-from", "--ensd"],
               needs="--noise a1111 (or a1111-cpu)", when=lambda args: args.noise is not None,
               message="{option} shapes A1111's noise, drawn only with --noise a1111 (or a1111-cpu): add --noise "

@@ -15,6 +15,7 @@ import torch
 from ..dynamic_thresholding import DynamicThresholding
 from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..plurals import plural
+from ..soft_inpainting import SoftInpainting
 from ..token_merging import check_token_merging_ratio
 from .models import load_system, resolve_device
 from .train import _toy_vocabulary
@@ -162,6 +163,7 @@ def run_generate(
     inpainting_mask_weight: float = 1.0,
     inpaint_full_res: bool = False,
     inpaint_full_res_padding: int | None = None,
+    soft_inpainting: SoftInpainting | None = None,
     vae_encode: str = "mean",
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -378,6 +380,12 @@ def run_generate(
         inpaint_full_res, inpaint_full_res_padding: A1111's "Inpaint area: Only masked" and its padding (``None``:
             A1111's 32 pixels): the mask's region inpainted at ``width`` x ``height`` and pasted back into the init
             image, which keeps its size (:mod:`sdadapt.inpaint_crop`); a blank mask: plain img2img, with a warning.
+        soft_inpainting: A1111's soft inpainting (:class:`sdadapt.soft_inpainting.SoftInpainting`; ``None`` off) with
+            ``mask``: the mask's grey levels kept (an RGBA mask's alpha not thresholded, the latent mask not
+            rounded), the original latents blended in at each model call by the mask scheduled by σ with their
+            magnitudes kept, no blend after sampling, and the original composited back where the latents barely
+            moved (its difference mask in place of the doubled mask blur). Written as A1111 writes it ("Soft
+            inpainting enabled: True, Soft inpainting schedule bias: ..."). Not on an EDM model.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
@@ -659,6 +667,12 @@ def run_generate(
                            "sampler_option": "--hires-sampler" if hires_sampler else "--sampler"})
     from .generate_inpaint import check_inpaint_options
 
+    if soft_inpainting is not None and not isinstance(soft_inpainting, SoftInpainting):
+        raise TypeError(f"soft_inpainting is a SoftInpainting (sdadapt.soft_inpainting), got "
+                        f"{type(soft_inpainting).__name__}")
+    if soft_inpainting is not None and mask is None:
+        raise ValueError("--soft-inpainting blends the original back by an inpainting mask: give --mask (and "
+                         "--init-image), or leave it out")
     check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
                           inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
                           inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
@@ -830,6 +844,9 @@ def run_generate(
                 check_downcast_run(name, schedule=grid)
         except ValueError as exc:
             raise ValueError(f"--downcast-alphas-cumprod: {exc}") from None
+    if soft_inpainting is not None and getattr(system, "edm", None) is not None:
+        raise ValueError(f"--soft-inpainting is A1111's; {model} is an EDM model (Playground v2.5), whose samplers "
+                         "blend as diffusers' inpaint pipeline: leave it out")
     if dynamic_thresholding is not None:  # (each pass's sampler and grid)
         from ..dynamic_thresholding import check_dynamic_thresholding_run
 
@@ -1122,7 +1139,7 @@ def run_generate(
                                     inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
                                     resize_mode=resize_mode, inpaint_full_res=inpaint_full_res,
                                     inpaint_full_res_padding=32 if inpaint_full_res_padding is None
-                                    else inpaint_full_res_padding)
+                                    else inpaint_full_res_padding, soft_inpainting=soft_inpainting)
         if inpainting is None:  # (A1111: 'Unable to perform "Inpaint Only mask" because mask is blank')
             say(f"warning: --inpaint-full-res: the mask {mask} is blank after --invert-mask / --mask-blur, so there "
                 "is no region to inpaint; running plain img2img on the whole image as A1111 does")
@@ -1277,7 +1294,8 @@ def run_generate(
         dynamic_thresholding=dynamic_thresholding,
         freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
-        hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass))
+        hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass),
+        soft_inpainting=soft_inpainting)
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -1324,6 +1342,8 @@ def run_generate(
                     init_latents = encoded
             if inpainting is not None:
                 options.update(inpainting.generate_options())
+                if inpainting.soft is not None:  # (its composite reads how far the latents moved)
+                    options["output"] = "latents"
                 init_latents = inpainting.init_latents(seed_i, a1111_seeds, init=encoded, start=start_generator)
             elif model_conditioning is not None:  # (an inpainting model's img2img: A1111's mask of ones)
                 options["inpaint_conditioning"] = model_conditioning
@@ -1338,17 +1358,22 @@ def run_generate(
                                          by_steps=refiner_switch_by_steps)
             try:
                 with unclip_image_scope(system, unclip_image):  # (the system as it was after each image)
-                    image = sample_image(system, [text], options, init_latents=init_latents,
-                                         denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
-                                         fix_steps=img2img_fix_steps,
-                                         hires_networks=hires_scope if hires_contexts else None,
-                                         refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
-                                         inpainting_mask_weight=inpainting_mask_weight, vae_encode=vae_encode)[0]
+                    result = sample_image(system, [text], options, init_latents=init_latents,
+                                          denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
+                                          fix_steps=img2img_fix_steps,
+                                          hires_networks=hires_scope if hires_contexts else None,
+                                          refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
+                                          inpainting_mask_weight=inpainting_mask_weight, vae_encode=vae_encode)
             finally:  # (the next image starts from the weights without the step-switched parts)
                 if model_calls is not None:
                     model_calls.release()
-            if inpainting is not None:  # A1111's final overlay: the original pixels outside the mask
-                image = inpainting.overlay(image)
+            if options.get("output") == "latents":  # (soft inpainting: decoded here, by the VAE generate uses)
+                decoder = system if handoff is None else handoff.decoder(system)
+                image = inpainting.overlay(decoder.decode_latents(result)[0], latents=result, init=init_latents)
+            elif inpainting is not None:  # A1111's final overlay: the original pixels outside the mask
+                image = inpainting.overlay(result[0])
+            else:
+                image = result[0]
             if handoff is not None:
                 from .generate_refiner import handoff_report
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from ..samplers.a1111_noise import A1111Seeds
+    from ..soft_inpainting import SoftInpainting
 
 __all__ = ["InpaintInputs", "check_inpaint_options", "img2img_conditioning", "img2img_pixels", "inpaint_inputs",
            "sampled_encodings"]
@@ -42,20 +43,53 @@ class InpaintInputs:
     region: tuple[int, int, int, int] | None = None
     pixels: Tensor | None = None
     masked: tuple[Tensor, Tensor] | None = None
+    soft: SoftInpainting | None = None
 
-    def overlay(self, image: Tensor) -> Tensor:
+    def overlay(self, image: Tensor, *, latents: Tensor | None = None, init: Tensor | None = None) -> Tensor:
         """A1111's final overlay on a generated image (3, H, W) in [-1, 1], 8-bit as the PNG will be: "Whole
         picture": :func:`sdadapt.inpaint.overlay_original`, (3, H, W); "Only masked": the image pasted back into
-        the init image (:func:`sdadapt.inpaint_crop.paste_back`), (3, H0, W0) at the init image's size. Returns
-        [-1, 1]."""
-        from ..inpaint import overlay_original
+        the init image (:func:`sdadapt.inpaint_crop.paste_back`), (3, H0, W0) at the init image's size. With
+        :attr:`soft` (soft inpainting) the mask composited through is its difference mask of the run's final
+        ``latents`` (1, C, h, w) against the ``init`` latents sampled from (1, C, h, w: after the fill; ``None``:
+        :attr:`init`) (:func:`sdadapt.soft_inpainting.difference_mask`, :func:`~sdadapt.soft_inpainting.
+        overlay_mask`; "Only masked": brought back to the region by "Crop and resize" on black, A1111's
+        ``uncrop``). Returns [-1, 1].
+
+        Raises:
+            ValueError: soft inpainting without the run's ``latents``.
+        """
+        from ..inpaint import composite_original, overlay_original
         from ..inpaint_crop import paste_back
 
         if self.original is None:
             return image
+        mask = self.mask
+        if self.soft is not None:
+            if latents is None:
+                raise ValueError("soft inpainting composites by how far the latents moved: pass the run's latents")
+            mask = self._soft_mask(latents, self.init if init is None else init, width=int(image.shape[-1]),
+                                   height=int(image.shape[-2]))
         if self.region is not None:
-            return _tensor(paste_back(image, original=self.original, mask=self.mask, region=self.region)).to(image)
-        return _tensor(overlay_original(_pil(image), self.original, self.mask)).to(image)
+            return _tensor(paste_back(image, original=self.original, mask=mask, region=self.region)).to(image)
+        if self.soft is not None:
+            return _tensor(composite_original(_pil(image), self.original, mask)).to(image)
+        return _tensor(overlay_original(_pil(image), self.original, mask)).to(image)
+
+    def _soft_mask(self, latents: Tensor, init: Tensor, *, width: int, height: int):
+        """Soft inpainting's ``mask_for_overlay``: a PIL ``L`` image at the output size, or (``region``) at the
+        original's, the region's part resized into it on black."""
+        from PIL import Image
+
+        from ..inpaint_crop import crop_and_resize
+        from ..soft_inpainting import difference_mask, overlay_mask
+
+        mask = overlay_mask(difference_mask(init, latents, self.latmask, self.soft)[0], width=width, height=height)
+        if self.region is None:
+            return mask
+        x1, y1, x2, y2 = self.region
+        canvas = Image.new("L", self.original.size)
+        canvas.paste(crop_and_resize(mask, x2 - x1, y2 - y1), (x1, y1))
+        return canvas
 
     def init_latents(self, seed: int, noise: A1111Seeds | None = None, *, init: Tensor | None = None,
                      start: torch.Generator | None = None) -> Tensor:
@@ -88,7 +122,8 @@ class InpaintInputs:
 
     def generate_options(self) -> dict:
         """:func:`sdadapt.sampling.generate`'s inpainting keywords."""
-        return {"inpaint_mask": self.latmask, "inpaint_conditioning": self.conditioning}
+        soft = {} if self.soft is None else {"soft_inpainting": self.soft}
+        return {"inpaint_mask": self.latmask, "inpaint_conditioning": self.conditioning, **soft}
 
 
 def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_blur: float | None, invert_mask: bool,
@@ -175,16 +210,18 @@ def _init_image(path):
     return open_init_image(path)
 
 
-def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool):
-    """A1111's mask preparation at the mask's own size: made binary (an RGBA mask's alpha, ``> 128``; other masks
-    their luminance), inverted (``invert_mask``), blurred (``mask_blur``, x and y). Returns a PIL ``L`` image."""
+def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool, rounded: bool = True):
+    """A1111's mask preparation at the mask's own size: made binary (an RGBA mask's alpha, ``> 128``; ``rounded=False``,
+    soft inpainting's: the alpha as it is; other masks their luminance), inverted (``invert_mask``), blurred
+    (``mask_blur``, x and y). Returns a PIL ``L`` image."""
     import numpy as np
     from PIL import Image, ImageOps
 
     from .. import inpaint
 
     with Image.open(mask_path) as opened:  # (upright by its EXIF orientation, as A1111's images.fix_image)
-        mask = inpaint.binary_mask(ImageOps.exif_transpose(opened))  # (RGBA: its alpha; LA/PA/L/RGB: luminance, as A1111's convert("L"))
+        # (RGBA: its alpha; LA/PA/L/RGB: luminance, as A1111's convert("L"))
+        mask = inpaint.binary_mask(ImageOps.exif_transpose(opened), rounded=rounded)
     if invert_mask:
         mask = inpaint.invert_mask(mask)
     if mask_blur > 0:
@@ -196,7 +233,8 @@ def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool):
 def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.PathLike, *, height: int, width: int,
                    mask_blur: float = 4.0, invert_mask: bool = False, inpainting_fill: str = "original",
                    inpainting_mask_weight: float = 1.0, resize_mode: str = "just", inpaint_full_res: bool = False,
-                   inpaint_full_res_padding: int = 32) -> InpaintInputs | None:
+                   inpaint_full_res_padding: int = 32,
+                   soft_inpainting: SoftInpainting | None = None) -> InpaintInputs | None:
     """A1111's ``StableDiffusionProcessingImg2Img.init`` for the inpaint tab, on 8-bit PIL images as A1111 runs it.
 
     The mask is prepared at its own size (made binary, inverted, blurred: :func:`_prepared_mask`) and the init image
@@ -212,6 +250,9 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
     at the region's place (:meth:`InpaintInputs.overlay`). Then every ``inpainting_fill`` but ``"original"``: the
     masked pixels filled from around them (A1111's ``masking.fill``); the image encoded; the latent mask; an
     inpainting UNet's conditioning (``inpainting_mask_weight``, A1111's "Inpainting conditioning mask strength").
+
+    ``soft_inpainting``: A1111's soft inpainting (its ``mask_round`` off: the RGBA mask's alpha and the latent mask
+    not rounded; the blend and the final composite: :mod:`sdadapt.soft_inpainting`).
 
     Returns ``None`` for "Only masked" with a blank prepared mask: A1111 then says "Unable to perform Inpaint Only
     mask because mask is blank" and runs plain img2img (:func:`img2img_conditioning` and the job's img2img path).
@@ -229,7 +270,8 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
     for flag, path in (("--init-image", image_path), ("--mask", mask_path)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such image file")
-    mask = _prepared_mask(mask_path, mask_blur=mask_blur, invert_mask=invert_mask)  # PIL L, the mask's size
+    rounded = soft_inpainting is None  # (soft inpainting turns A1111's mask_round off)
+    mask = _prepared_mask(mask_path, mask_blur=mask_blur, invert_mask=invert_mask, rounded=rounded)  # PIL L
     image = _init_image(image_path)  # PIL RGB, the image's size
     region = None
     if inpaint_full_res:
@@ -252,14 +294,14 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
     device = system.alphas_cumprod.device
     with torch.no_grad():
         init = system.encode_images(pixels[None].to(device)).float()
-    latmask = inpaint.latent_mask(mask, tuple(init.shape[-2:])).to(device)
+    latmask = inpaint.latent_mask(mask, tuple(init.shape[-2:]), rounded=rounded).to(device)
     conditioning = masked = None
     if _is_inpainting_model(system):
         pixel_mask = inpaint.conditioning_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
         masked = (inpaint.masked_image(pixels[None], pixel_mask, inpainting_mask_weight), pixel_mask)
         conditioning = system.inpainting_conditioning(*masked).float()
     return InpaintInputs(init, latmask, conditioning, inpainting_fill, original=original, mask=overlay_mask,
-                         region=region, pixels=pixels, masked=masked)
+                         region=region, pixels=pixels, masked=masked, soft=soft_inpainting)
 
 
 def _is_inpainting_model(system) -> bool:

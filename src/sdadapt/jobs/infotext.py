@@ -46,6 +46,7 @@ from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIE
 from ..prompt_schedule import OLD_TIMELINES_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 from ..self_attention_guidance import SAG_FIELDS
+from ..soft_inpainting import soft_inpainting_fields
 from ..tiling import TILING_FIELD
 from ..token_merging import TOKEN_MERGING_FIELD, TOKEN_MERGING_HR_FIELD
 
@@ -360,6 +361,7 @@ class InfotextRun:
     perturbed_attention: tuple | None = None
     self_attention_guidance: tuple | None = None
     dynamic_thresholding: object = None
+    soft_inpainting: object = None
     freeu: tuple | None = None
     tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
@@ -423,6 +425,8 @@ class InfotextRun:
             from ..hypertile import hypertile_fields
 
             fields.update(hypertile_fields(*self.hypertile, hires=self.hires is not None))
+        if self.soft_inpainting is not None and self.mask is not None:  # (its process(): before p.init)
+            fields.update(soft_inpainting_fields(self.soft_inpainting))
         if self.hires is not None:  # StableDiffusionProcessingTxt2Img.init's order
             hires = dict(self.hires)
             hr_sampler = hires.get("sampler")
@@ -569,7 +573,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  emphasis: str | None = None, old_timelines: bool = False, guidance_rescale: object = None,
                  perturbed_attention: tuple | None = None, self_attention_guidance: tuple | None = None,
                  dynamic_thresholding: object = None, freeu: tuple | None = None, tiling: bool = False,
-                 token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None) -> InfotextRun:
+                 token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None,
+                 soft_inpainting: object = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -588,6 +593,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``self_attention_guidance``: ``(scale, blur sigma)`` of ``--sag-scale`` (Forge's SAG fields) or ``None``;
     ``dynamic_thresholding``: the run's :class:`~sdadapt.dynamic_thresholding.DynamicThresholding` (A1111's
     extension's fields or Forge's, by its step rule) or ``None``;
+    ``soft_inpainting``: the run's :class:`~sdadapt.soft_inpainting.SoftInpainting` (A1111's fields, with a mask) or
+    ``None``;
     ``freeu``: ``(b1, b2, s1, s2, version[, start, end])`` of ``--freeu`` / ``--freeu-window`` (Forge's FreeU fields)
     or ``None``;
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written); ``old_timelines``: "Old prompt editing
@@ -665,4 +672,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
         old_timelines=old_timelines, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
         self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu,
-        tiling=tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile)
+        tiling=tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile,
+        soft_inpainting=soft_inpainting)

@@ -211,6 +211,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     from ..samplers.schedules import canonical_schedule
     from ..samplers.sigma_space import DOWNCAST_FIELD
     from ..self_attention_guidance import SAG_FIELDS
+    from ..soft_inpainting import soft_inpainting_from_fields
 
     options: dict[str, object] = {}
     taken: set[str] = set()
@@ -368,6 +369,10 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         if "Inpaint area" in fields:
             options["inpaint_full_res"] = fields["Inpaint area"] == "Only masked"
             taken.add("Inpaint area")
+        soft, soft_keys = soft_inpainting_from_fields(dict(fields))  # (A1111's built-in soft inpainting)
+        taken.update(soft_keys)
+        if soft is not None:
+            options["soft_inpainting"] = soft
     if refiner:
         take("Refiner switch at", "refiner_switch_at", float)
         take("Refiner switch by sampling steps", "refiner_switch_by_steps", flag)
@@ -395,7 +400,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
             reason = "the run's networks and embeddings: give their folders (--lora-dir, --hypernetwork-dir, " \
                      "--embeddings-dir)"
         elif base in ("Denoising strength", "Noise multiplier", "Extra noise") or base.startswith((
-                "Mask", "Masked", "Inpaint", "Conditional mask")):
+                "Mask", "Masked", "Inpaint", "Conditional mask", "Soft inpainting")):
             reason = "needs the init image / mask: give --init-image (--mask)"
         elif base.startswith(("Refiner", "Hires refiner")):
             reason = "needs the refiner: give --refiner FILE"

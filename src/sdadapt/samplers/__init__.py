@@ -444,7 +444,8 @@ def _announced_tries(model: Callable[[Tensor, Tensor, object], Tensor],
 def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: Tensor, prediction_type: str,
              karras: bool, schedule: str | None, start: Img2ImgStart, **options) -> Tensor:
     """:func:`sample_latents` with ``start.mask`` (inpainting a 4-channel model, :mod:`sdadapt.inpaint`): the guided
-    ``model`` wrapped by :func:`sdadapt.inpaint.masked_model` (A1111's blend), then ``samples·nmask + init·mask``."""
+    ``model`` wrapped by :func:`sdadapt.inpaint.masked_model` (A1111's blend), then ``samples·nmask + init·mask``
+    (with ``start.soft_inpainting``: its blend, and the samples as they are, A1111's ``is_final_blend``)."""
     from dataclasses import replace
 
     from ..img2img import DIFFUSERS_RULE_SAMPLERS
@@ -457,9 +458,10 @@ def _inpaint(model, x_T: Tensor, cond: object, *, sampler: str, alphas_cumprod: 
     init = start.init_like(x_T)
     blended = masked_model(model, init=init, latmask=start.mask, sampler=sampler, alphas_cumprod=alphas_cumprod,
                            prediction_type=prediction_type, linear_timesteps=schedule is None and not karras,
-                           sigma_table=None if schedule is None else model_sigmas(alphas_cumprod))
-    plain = replace(start, mask=None)
+                           sigma_table=None if schedule is None else model_sigmas(alphas_cumprod),
+                           soft=start.soft_inpainting)
+    plain = replace(start, mask=None, soft_inpainting=None)
     latents = sample_latents(blended, x_T, cond, sampler=sampler,
                              alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, karras=karras,
                              schedule=schedule, start=plain, **options)
-    return blend_denoised(latents, init, start.mask)
+    return latents if start.soft_inpainting is not None else blend_denoised(latents, init, start.mask)

@@ -197,6 +197,9 @@ def edm_inpaint_blend(start: Img2ImgStart | None, x_T: Tensor, sigmas: Tensor) -
     (``add_noise`` at the next timestep: the scheduler's ``step_index`` once the step is done), ``p = init`` after
     the last step. ``None`` without a mask, and for an inpainting UNet (``start.conditioning``: its 9-channel input
     carries the mask and the masked image; the pipeline blends only for a 4-channel UNet)."""
+    if start is not None and start.soft_inpainting is not None:
+        raise ValueError("soft inpainting is A1111's; an EDM model's samplers blend as diffusers' inpaint pipeline "
+                         "(no soft blend): leave it out")
     if start is None or start.mask is None or start.conditioning is not None:
         return None
     init = start.init_like(x_T).to(torch.float32)
