@@ -23,14 +23,21 @@ import numpy as np
 import torch
 
 from sdadapt.inpaint import blend_denoised
-from sdadapt.soft_inpainting import SoftInpainting, difference_mask, scheduled_nmask, soft_blend
+from sdadapt.soft_inpainting import (
+    SoftInpainting,
+    difference_mask,
+    scheduled_nmask,
+    soft_blend,
+)
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
-from _bench import environment, median_times, write_result  # noqa: E402
+from _bench import environment, median_times, write_result
 
-from tests.test_soft_inpainting import _a1111_adaptive_mask  # noqa: E402  (A1111's code, transcribed once)
+from tests.test_soft_inpainting import (
+    _a1111_adaptive_mask,  # (A1111's code, transcribed once)
+)
 
 
 def _latents(side: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,30 +50,33 @@ def _latents(side: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
     return init, samples, ramp
 
 
+def _row(side: int, setting: SoftInpainting, *, steps: int, warmup: int, device: torch.device) -> dict:
+    """One image size's timings (the masks checked equal first)."""
+    init, samples, nmask = _latents(side)
+    a1111_nmask = nmask[0].expand(4, *nmask.shape[-2:])  # (A1111's (C, h, w))
+    ours = difference_mask(init, samples, nmask, setting)
+    if not np.array_equal(ours, _a1111_adaptive_mask(setting, a1111_nmask, init, samples)):
+        raise SystemExit(f"{side}²: sdadapt's difference mask is not A1111's")
+    times = median_times({"A1111 apply_adaptive_masks (loop)": lambda: _a1111_adaptive_mask(
+                              setting, a1111_nmask, init, samples),
+                          "sdadapt difference_mask": lambda: difference_mask(init, samples, nmask, setting)},
+                         steps=steps, warmup=warmup, device=device)
+    t = scheduled_nmask(nmask.expand(1, 4, -1, -1).contiguous(), 3.0, setting)
+    blends = median_times({"linear blend": lambda: blend_denoised(samples, init, nmask),
+                           "soft blend": lambda: soft_blend(init, samples, t, setting)},
+                          steps=20 * steps, warmup=warmup, device=device)
+    return {"side": side, "latent": list(init.shape), **times, **blends}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "results" / "soft_inpainting-cpu.json"))
     args = parser.parse_args()
-    device = torch.device("cpu")
     setting = SoftInpainting()
-    rows = []
-    for side in (512, 1024):
-        init, samples, nmask = _latents(side)
-        ours = difference_mask(init, samples, nmask, setting)
-        theirs = _a1111_adaptive_mask(setting, nmask[0].expand(4, *nmask.shape[-2:]), init, samples)
-        if not np.array_equal(ours, theirs):
-            raise SystemExit(f"{side}²: sdadapt's difference mask is not A1111's")
-        times = median_times({"A1111 apply_adaptive_masks (loop)": lambda: _a1111_adaptive_mask(
-                                  setting, nmask[0].expand(4, *nmask.shape[-2:]), init, samples),
-                              "sdadapt difference_mask": lambda: difference_mask(init, samples, nmask, setting)},
-                             steps=args.steps, warmup=args.warmup, device=device)
-        t = scheduled_nmask(nmask.expand(1, 4, -1, -1).contiguous(), 3.0, setting)
-        blends = median_times({"linear blend": lambda: blend_denoised(samples, init, nmask),
-                               "soft blend": lambda: soft_blend(init, samples, t, setting)},
-                              steps=20 * args.steps, warmup=args.warmup, device=device)
-        rows.append({"side": side, "latent": list(init.shape), **{k: v for k, v in {**times, **blends}.items()}})
+    rows = [_row(side, setting, steps=args.steps, warmup=args.warmup, device=torch.device("cpu"))
+            for side in (512, 1024)]
     print(f"{'image':>6}  {'A1111 mask':>11}  {'sdadapt mask':>12}  {'ratio':>6}  {'linear blend':>12}  "
           f"{'soft blend':>10}")
     for row in rows:
