@@ -71,8 +71,10 @@ def _height_width(text: str) -> tuple[int, int]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from ..dynamic_thresholding import parse_dynamic_thresholding
     from ..errors import InputError
     from ..jobs import run_generate
+    from ..soft_inpainting import parse_soft_inpainting
 
     if args.dtype != "keep":  # (the shared output option: it casts written weight files, and this writes PNGs)
         raise InputError(f"--dtype {args.dtype}: generate writes PNG images and runs the model in float32; --dtype casts "
@@ -95,7 +97,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
         guidance_rescale_space=args.guidance_rescale_space, pag_scale=args.pag_scale,
         pag_adaptive_scale=args.pag_adaptive_scale, pag_layers=args.pag_layers, sag_scale=args.sag_scale,
-        sag_blur_sigma=args.sag_blur_sigma, dynamic_thresholding=_dynamic_thresholding(args.dynamic_thresholding),
+        sag_blur_sigma=args.sag_blur_sigma, dynamic_thresholding=_setting_of_words(
+            args.dynamic_thresholding, "--dynamic-thresholding", parse_dynamic_thresholding),
         freeu=args.freeu, freeu_version=args.freeu_version, freeu_window=args.freeu_window,
         sampler=args.sampler, karras=args.karras,
         schedule=args.schedule, noise=args.noise, subseed=args.subseed, subseed_strength=args.subseed_strength,
@@ -134,7 +137,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         mask=args.mask, mask_blur=args.mask_blur, invert_mask=args.invert_mask, inpainting_fill=args.inpainting_fill,
         inpainting_mask_weight=args.inpainting_mask_weight, inpaint_full_res=args.inpaint_full_res,
         inpaint_full_res_padding=args.inpaint_full_res_padding,
-        soft_inpainting=_soft_inpainting(args.soft_inpainting),
+        soft_inpainting=_setting_of_words(args.soft_inpainting, "--soft-inpainting", parse_soft_inpainting),
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
@@ -148,32 +151,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 
-def _dynamic_thresholding(value: object) -> object:
-    """``--dynamic-thresholding``'s words (or what ``--infotext`` read) as a
-    :class:`~sdadapt.dynamic_thresholding.DynamicThresholding`; ``None`` off."""
-    if value is None or not isinstance(value, list):
-        return value
-    from ..dynamic_thresholding import parse_dynamic_thresholding
-    from ..errors import InputError
+def _setting_of_words(value: object, flag: str, parse) -> object:
+    """A ``KEY=VALUE`` option's words (``value``: a list; or the setting ``--infotext`` read, or ``None`` off) as its
+    setting, by ``parse`` (:func:`sdadapt.dynamic_thresholding.parse_dynamic_thresholding`,
+    :func:`sdadapt.soft_inpainting.parse_soft_inpainting`).
 
-    try:
-        return parse_dynamic_thresholding(value)
-    except ValueError as exc:
-        raise InputError(f"--dynamic-thresholding: {exc}") from None
-
-
-def _soft_inpainting(value: object) -> object:
-    """``--soft-inpainting``'s words (or what ``--infotext`` read) as a
-    :class:`~sdadapt.soft_inpainting.SoftInpainting`; ``None`` off."""
+    Raises:
+        InputError: words ``parse`` refuses, named by ``flag``.
+    """
     if value is None or not isinstance(value, list):
         return value
     from ..errors import InputError
-    from ..soft_inpainting import parse_soft_inpainting
 
     try:
-        return parse_soft_inpainting(value)
+        return parse(value)
     except ValueError as exc:
-        raise InputError(f"--soft-inpainting: {exc}") from None
+        raise InputError(f"{flag}: {exc}") from None
 
 
 #: generate's option defaults (:func:`register`): an option still at its default takes ``--infotext``'s value
