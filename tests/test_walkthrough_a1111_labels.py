@@ -26,7 +26,7 @@ from sdadapt.sampler_tables import (
 A1111_UPSCALERS = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)", "latent-bicubic": "Latent (bicubic)",
                    "latent-bicubic-antialiased": "Latent (bicubic antialiased)", "latent-nearest": "Latent (nearest)",
                    "latent-nearest-exact": "Latent (nearest-exact)", "pixel-lanczos": "Lanczos"}
-A1111_RESIZE = ["Just resize", "Crop and resize", "Resize and fill"]  # (index = A1111's resize_mode)
+A1111_RESIZE = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]  # (resize_mode)
 A1111_FILLS = ["fill", "original", "latent noise", "latent nothing"]  # (index = A1111's inpainting_fill)
 
 CASES = ([("--hires-upscaler", "hires_upscaler", name, label) for name, label in A1111_UPSCALERS.items()]
@@ -52,12 +52,14 @@ def test_the_tables_are_a1111s_and_the_jobs_names():
     ones the jobs read: the infotext writes these labels, so an infotext's value parses back to its option."""
     from sdadapt.inpaint import INPAINTING_FILLS
     from sdadapt.jobs.infotext import HIRES_UPSCALER_LABELS as infotext_labels
-    from sdadapt.resize_modes import RESIZE_MODES
+    from sdadapt.resize_modes import LATENT_RESIZE, RESIZE_MODES
 
     assert HIRES_UPSCALER_LABELS == A1111_UPSCALERS and tuple(HIRES_UPSCALER_LABELS) == HIRES_UPSCALERS
     assert infotext_labels is HIRES_UPSCALER_LABELS  # (one home)
-    assert {name: A1111_RESIZE[number] for name, (number, _) in RESIZE_MODES.items()} == RESIZE_MODE_LABELS
-    assert {name: label for name, (_, label) in RESIZE_MODES.items()} == RESIZE_MODE_LABELS
+    numbers = {**{name: number for name, (number, _) in RESIZE_MODES.items()}, LATENT_RESIZE: 3}  # (the latents')
+    assert {name: A1111_RESIZE[number] for name, number in numbers.items()} == RESIZE_MODE_LABELS
+    assert {name: label for name, (_, label) in RESIZE_MODES.items()} == {
+        name: label for name, label in RESIZE_MODE_LABELS.items() if name != LATENT_RESIZE}
     assert {name: A1111_FILLS[number] for name, number in INPAINTING_FILLS.items()} == INPAINTING_FILL_LABELS
 
 

@@ -35,11 +35,18 @@ from torch import Tensor
 
 from .sampler_tables import RESIZE_MODE_LABELS
 
-__all__ = ["RESIZE_MODES", "a1111_resize", "init_image_pixels", "open_init_image", "pil_pixels"]
+__all__ = ["IMG2IMG_RESIZE_MODES", "LATENT_RESIZE", "RESIZE_MODES", "a1111_resize", "init_image_pixels",
+           "latent_resize", "open_init_image", "pil_pixels"]
 
-#: ``--resize-mode`` names -> A1111's resize_mode number and label (the labels' home: :mod:`sdadapt.sampler_tables`)
+#: ``--resize-mode`` names of the pixel resizes -> A1111's resize_mode number and label (the labels' home:
+#: :mod:`sdadapt.sampler_tables`)
 RESIZE_MODES: dict[str, tuple[int, str]] = {name: (number, RESIZE_MODE_LABELS[name])
                                             for number, name in enumerate(("just", "crop", "fill"))}
+#: A1111's fourth img2img resize mode (3, "Just resize (latent upscale)"): the init image encoded at its own size,
+#: its latents resized (:func:`latent_resize`)
+LATENT_RESIZE = "latent"
+#: every ``--resize-mode`` an img2img run takes
+IMG2IMG_RESIZE_MODES: tuple[str, ...] = (*RESIZE_MODES, LATENT_RESIZE)
 
 
 def _scaled(image: Tensor, size: tuple[int, int], bounds: tuple[float, float]) -> Tensor:
@@ -143,11 +150,21 @@ def pil_pixels(image) -> Tensor:
     return (unit * 2 - 1).permute(2, 0, 1).contiguous()
 
 
+def latent_resize(latents: Tensor, size: tuple[int, int]) -> Tensor:
+    """A1111's "Just resize (latent upscale)": the init image's latents (B, C, h, w), encoded at the image's own
+    size, brought to the latent ``size`` = (H/8, W/8) by ``F.interpolate(mode="bilinear")`` (corners not aligned;
+    ``StableDiffusionProcessingImg2Img.init``: ``interpolate(self.init_latent, size=(height // 8, width // 8))``).
+    Returns (B, C, *size) in ``latents``' dtype."""
+    return torch.nn.functional.interpolate(latents, size=tuple(int(v) for v in size), mode="bilinear")
+
+
 def init_image_pixels(path: str | os.PathLike, size: tuple[int, int], *, mode: str = "just",
                       option: str = "--init-image") -> Tensor:
     """The init image file at ``path`` brought to ``size`` = (H, W) by A1111's resize ``mode`` -> (3, H, W) float32
     in [-1, 1]: the pixels A1111's img2img encodes (``StableDiffusionProcessingImg2Img.init`` without a mask:
     :func:`open_init_image`, :func:`sdadapt.inpaint_crop.resize_image`, :func:`pil_pixels`), bit for bit.
+    ``mode`` :data:`LATENT_RESIZE`: the image at its own size (3, h, w), as A1111 encodes it there (its latents are
+    then resized: :func:`latent_resize`).
 
     Without Pillow: the float path (:func:`sdadapt.images.read_image`, which reads 8-bit PNGs without it, and
     :func:`a1111_resize`), within ~3 levels of 8 bits of A1111's pixels.
@@ -156,15 +173,18 @@ def init_image_pixels(path: str | os.PathLike, size: tuple[int, int], *, mode: s
         ValueError: an unknown mode, a size below 1, a mode that scales a side of the image to 0 pixels, an
             unreadable file (or, without Pillow, a file other than an 8-bit PNG: the message says to install it).
     """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    if mode not in IMG2IMG_RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {', '.join(IMG2IMG_RESIZE_MODES)}, got {mode!r}")
     H, W = (int(v) for v in size)
     try:
         import PIL.Image  # noqa: F401  (optional)
     except ImportError:  # (the float path: read_image says what needs Pillow)
         from .images import read_image
 
-        return a1111_resize(read_image(path), (H, W), mode=mode)
+        image = read_image(path)
+        return image if mode == LATENT_RESIZE else a1111_resize(image, (H, W), mode=mode)
+    if mode == LATENT_RESIZE:
+        return pil_pixels(open_init_image(path, option=option))
     from .inpaint_crop import resize_image
 
     return pil_pixels(resize_image(open_init_image(path, option=option), W, H, mode=mode))

@@ -426,9 +426,10 @@ HIRES_UPSCALER_LABELS: dict[str, str] = {
     "latent": "Latent", "latent-antialiased": "Latent (antialiased)", "latent-bicubic": "Latent (bicubic)",
     "latent-bicubic-antialiased": "Latent (bicubic antialiased)", "latent-nearest": "Latent (nearest)",
     "latent-nearest-exact": "Latent (nearest-exact)", "pixel-lanczos": "Lanczos"}
-#: ``--resize-mode`` -> A1111's img2img "Resize mode" radio label (modules/ui.py ``resize_mode``; its fourth,
-#: "Just resize (latent upscale)", has no mode here)
-RESIZE_MODE_LABELS: dict[str, str] = {"just": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill"}
+#: ``--resize-mode`` -> A1111's img2img "Resize mode" radio label (modules/ui.py ``resize_mode``, 0 to 3; the fourth
+#: resizes the init image's latents, not its pixels: :func:`sdadapt.resize_modes.latent_resize`)
+RESIZE_MODE_LABELS: dict[str, str] = {"just": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill",
+                                      "latent": "Just resize (latent upscale)"}
 #: ``--noise-schedule`` -> A1111's "Noise schedule for sampling" (``sd_noise_schedule``), the infotext's "Noise
 #: Schedule" (modules/sd_models.py ``apply_alpha_schedule_override``)
 NOISE_SCHEDULE_LABELS: dict[str, str] = {"default": "Default", "zero-terminal-snr": "Zero Terminal SNR"}

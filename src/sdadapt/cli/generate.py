@@ -459,7 +459,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          type=_a1111_choice("--resize-mode", RESIZE_MODE_LABELS),
                          help="how --init-image is brought to the size (the name or A1111's label): A1111's 'Just "
                          "resize' (stretch, the default), "
-                         "'Crop and resize' (cover, cut the centre), 'Resize and fill' (fit, pad with the edges); with "
+                         "'Crop and resize' (cover, cut the centre), 'Resize and fill' (fit, pad with the edges), "
+                         "'Just resize (latent upscale)' (latent: encoded at its own size, the latents stretched; not "
+                         "with --mask); with "
                          "--inpaint-full-res only a blank mask's plain img2img and the overlay of a --mask of another "
                          "size use it, as in A1111")
     img2img.add_argument("--vae-encode", default="mean", choices=VAE_ENCODE_METHODS,

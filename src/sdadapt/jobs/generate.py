@@ -394,7 +394,9 @@ def run_generate(
             ``latent-bicubic``..., or ``pixel-lanczos``: decode, Lanczos resize, encode)
             (:func:`sdadapt.jobs.generate_hires.sample_image`).
         resize_mode: A1111's img2img resize mode for ``init_image``: ``just`` (stretch), ``crop`` (crop and resize),
-            ``fill`` (resize and fill) (:func:`sdadapt.resize_modes.init_image_pixels`); with ``inpaint_full_res``
+            ``fill`` (resize and fill) (:func:`sdadapt.resize_modes.init_image_pixels`), ``latent`` ("Just resize
+            (latent upscale)": encoded at its own size, the latents stretched bilinearly,
+            :func:`sdadapt.resize_modes.latent_resize`; not with ``mask``); with ``inpaint_full_res``
             (as in A1111) it applies only when the mask is blank and the run falls back to plain img2img — the region is
             fitted by "Resize and fill" whatever the mode.
         img2img_fix_steps: A1111's setting "With img2img, do exactly the amount of steps the slider specifies".
@@ -673,6 +675,10 @@ def run_generate(
     if soft_inpainting is not None and mask is None:
         raise ValueError("--soft-inpainting blends the original back by an inpainting mask: give --mask (and "
                          "--init-image), or leave it out")
+    if resize_mode == "latent" and mask is not None:
+        raise ValueError("--resize-mode latent (A1111's 'Just resize (latent upscale)') with --mask: A1111 resizes "
+                         "the mask by 'Resize and fill' but the image's latents by stretching, and its final overlay "
+                         "fails for an image of another size; use --resize-mode just / crop / fill")
     check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
                           inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
                           inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
@@ -1119,6 +1125,7 @@ def run_generate(
         hires_upscale_size,
         init_latents_from_image,
         sample_image,
+        sized_init_latents,
     )
     from .generate_inpaint import img2img_pixels, sampled_encodings
 
@@ -1338,8 +1345,9 @@ def run_generate(
                                                     inpainting_mask_weight=inpainting_mask_weight)
                 encoded, sampled, start_generator = sampled_encodings(
                     system, pixels, seed=seed_i, a1111_noise=a1111_seeds is not None, masked=masked)
-                if inpainting is None:
-                    init_latents = encoded
+                if inpainting is None:  # (--resize-mode latent: encoded at the image's size, then resized)
+                    init_latents = sized_init_latents(system, encoded, height=size_h, width=size_w,
+                                                      resize_mode=resize_mode)
             if inpainting is not None:
                 options.update(inpainting.generate_options())
                 if inpainting.soft is not None:  # (its composite reads how far the latents moved)
@@ -1470,15 +1478,14 @@ def _check_img2img_options(sampler: str, *, init_image, denoising_strength: floa
         FileNotFoundError: no ``init_image`` file.
     """
     from ..img2img import HIRES_UPSCALERS, check_img2img_sampler
-
-    from ..resize_modes import RESIZE_MODES
+    from ..resize_modes import IMG2IMG_RESIZE_MODES
     from ..samplers import canonical_sampler
 
     wants_hires = hires_scale is not None or hires_width is not None or hires_height is not None
     if init_image is not None and not Path(init_image).is_file():
         raise FileNotFoundError(f"--init-image {init_image}: no such image file")
-    if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+    if resize_mode not in IMG2IMG_RESIZE_MODES:
+        raise ValueError(f"--resize-mode must be one of {', '.join(IMG2IMG_RESIZE_MODES)}, got {resize_mode!r}")
     hires_sampler = hires_texts[2]
     if any(v is not None for v in hires_texts) and not wants_hires:
         raise ValueError("--hires-prompt, --hires-negative and --hires-sampler shape the hires pass; give "

@@ -179,15 +179,17 @@ def init_latents_from_image(system, path: str | os.PathLike, *, height: int, wid
     A1111's img2img does it on 8-bit PIL images (:func:`sdadapt.resize_modes.init_image_pixels`: the pixels bit for
     bit; without Pillow within ~3 levels), and encoded (``system.encode_images``: the VAE posterior mean × scaling
     factor; ``generator``: a posterior sample drawn from it, :func:`seeded_encoding`) -> (1, C, height/8, width/8).
+    ``latent`` (A1111's "Just resize (latent upscale)"): encoded at its own size, the latents resized
+    (:func:`sdadapt.resize_modes.latent_resize`).
 
     Raises:
         FileNotFoundError: no such image.
         ValueError: an unknown resize mode, an unreadable image, a mode that scales a side to 0 pixels.
     """
-    from ..resize_modes import RESIZE_MODES, init_image_pixels
+    from ..resize_modes import IMG2IMG_RESIZE_MODES, init_image_pixels
 
-    if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+    if resize_mode not in IMG2IMG_RESIZE_MODES:
+        raise ValueError(f"--resize-mode must be one of {', '.join(IMG2IMG_RESIZE_MODES)}, got {resize_mode!r}")
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--init-image {file}: no such image file")
@@ -195,8 +197,21 @@ def init_latents_from_image(system, path: str | os.PathLike, *, height: int, wid
     device = system.alphas_cumprod.device
     with torch.no_grad():
         if generator is None:  # (the mean: encode_images as ever)
-            return system.encode_images(image[None].to(device)).float()
-        return system.encode_images(image[None].to(device), generator=generator).float()
+            latents = system.encode_images(image[None].to(device)).float()
+        else:
+            latents = system.encode_images(image[None].to(device), generator=generator).float()
+    return sized_init_latents(system, latents, height=height, width=width, resize_mode=resize_mode)
+
+
+def sized_init_latents(system, latents: Tensor, *, height: int, width: int, resize_mode: str) -> Tensor:
+    """An init image's latents (1, C, h, w) at the size being generated: ``resize_mode`` ``latent`` (A1111's "Just
+    resize (latent upscale)", the image encoded at its own size) resized to ``system.latent_shape(height, width)``
+    (:func:`sdadapt.resize_modes.latent_resize`); any other mode: as they are (the pixels were resized)."""
+    from ..resize_modes import LATENT_RESIZE, latent_resize
+
+    if resize_mode != LATENT_RESIZE:
+        return latents
+    return latent_resize(latents, tuple(system.latent_shape(height, width)[-2:]))
 
 
 def seeded_encoding(system, encode: Callable[[torch.Generator], Tensor], *, seed: int, a1111_noise: bool,

@@ -343,16 +343,25 @@ def img2img_pixels(system, image_path: str | os.PathLike, *, height: int, width:
     image ``image·(1 − W)`` (1, 3, H, W) with its mask of ones (1, 1, H, W) that :func:`img2img_conditioning`
     encodes; ``None`` on a plain model.
 
+    ``resize_mode`` ``latent``: the image at its own size (its latents are resized after the encoding:
+    :func:`sdadapt.jobs.generate_hires.sized_init_latents`).
+
     Raises:
         ValueError: a UNet neither plain nor an inpainting one, a weight outside [0, 1], an unreadable image, a
-            resize mode that scales a side to 0 pixels.
+            resize mode that scales a side to 0 pixels, ``latent`` on an inpainting model with an image of another
+            size (A1111 fails there: its conditioning is the image's size, its latents the generation's).
     """
     from .. import inpaint
-    from ..resize_modes import init_image_pixels
+    from ..resize_modes import LATENT_RESIZE, init_image_pixels
 
     image = init_image_pixels(image_path, (height, width), mode=resize_mode)[None]
     if not _is_inpainting_model(system):
         return image, None
+    if resize_mode == LATENT_RESIZE and tuple(image.shape[-2:]) != (height, width):
+        raise ValueError(f"--resize-mode latent on an inpainting model: the image is {image.shape[-1]}x"
+                         f"{image.shape[-2]}, the run {width}x{height}; A1111 builds the model's image conditioning "
+                         "at the image's size and fails joining it to the resized latents — resize the image to the "
+                         "run's size first, or use --resize-mode just / crop / fill")
     ones = torch.ones(1, 1, height, width)
     return image, (inpaint.masked_image(image, ones, inpainting_mask_weight), ones)
 
