@@ -138,6 +138,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         inpainting_mask_weight=args.inpainting_mask_weight, inpaint_full_res=args.inpaint_full_res,
         inpaint_full_res_padding=args.inpaint_full_res_padding,
         soft_inpainting=_setting_of_words(args.soft_inpainting, "--soft-inpainting", parse_soft_inpainting),
+        sd_upscale=args.sd_upscale, sd_upscale_overlap=args.sd_upscale_overlap,
+        sd_upscale_upscaler=args.sd_upscale_upscaler,
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
@@ -182,7 +184,7 @@ def _take_infotext(args: argparse.Namespace) -> None:
     try:
         options, not_taken = infotext_options(parse_infotext(read_infotext(args.infotext)),
                                               img2img=args.init_image is not None, inpaint=args.mask is not None,
-                                              refiner=args.refiner is not None)
+                                              refiner=args.refiner is not None, sd_upscale=args.sd_upscale is not None)
     except (OSError, ValueError) as exc:
         raise InputError(f"--infotext {args.infotext}: {exc}") from None
     given = []
@@ -499,6 +501,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "the init image's size")
     img2img.add_argument("--inpaint-full-res-padding", type=int, default=None, metavar="PX",
                          help="A1111's 'Only masked padding, pixels' around the mask's region (default 32)")
+    img2img.add_argument("--sd-upscale", type=float, default=None, metavar="SCALE",
+                         help="A1111's 'SD upscale' script: --init-image enlarged SCALE times, cut into --width x "
+                         "--height tiles, each run through img2img (seeds --seed + k), blended back over the overlaps; "
+                         "writes the big image (docs/samplers.md)")
+    img2img.add_argument("--sd-upscale-overlap", type=int, default=64, metavar="PX",
+                         help="SD upscale: the tiles' overlap in pixels (default 64, A1111's)")
+    img2img.add_argument("--sd-upscale-upscaler", default="lanczos", metavar="NAME",
+                         help="SD upscale: how the image is enlarged before tiling: lanczos (default), nearest or none "
+                         "(A1111's built-in upscalers, either spelling)")
     img2img.add_argument("--soft-inpainting", nargs="*", default=None, metavar="KEY=VALUE",
                          help="A1111's soft inpainting: the mask's grey levels kept (use a high --mask-blur), the "
                          "original blended in by them at each step, and composited back where the picture barely "
@@ -607,6 +618,9 @@ def register(sub: argparse._SubParsersAction) -> None:
               message=_IMAGE_VECTOR_MESSAGE)
     only_with(generate, ["--inpaint-full-res", "--soft-inpainting"], needs="--mask IMAGE",
               when=lambda args: args.mask is not None)
+    only_with(generate, ["--sd-upscale"], needs="--init-image IMAGE", when=lambda args: args.init_image is not None)
+    only_with(generate, ["--sd-upscale-overlap", "--sd-upscale-upscaler"], needs="--sd-upscale SCALE",
+              when=lambda args: args.sd_upscale is not None)
     only_with(generate, ["--subseed", "--subseed-strength", "--seed-resize-from", "--ensd"],
               needs="--noise a1111 (or a1111-cpu)", when=lambda args: args.noise is not None,
               message="{option} shapes A1111's noise, drawn only with --noise a1111 (or a1111-cpu): add --noise "

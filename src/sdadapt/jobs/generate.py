@@ -164,6 +164,9 @@ def run_generate(
     inpaint_full_res: bool = False,
     inpaint_full_res_padding: int | None = None,
     soft_inpainting: SoftInpainting | None = None,
+    sd_upscale: float | None = None,
+    sd_upscale_overlap: int = 64,
+    sd_upscale_upscaler: str = "lanczos",
     vae_encode: str = "mean",
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -386,6 +389,12 @@ def run_generate(
             magnitudes kept, no blend after sampling, and the original composited back where the latents barely
             moved (its difference mask in place of the doubled mask blur). Written as A1111 writes it ("Soft
             inpainting enabled: True, Soft inpainting schedule bias: ..."). Not on an EDM model.
+        sd_upscale, sd_upscale_overlap, sd_upscale_upscaler: A1111's "SD upscale" script with ``init_image``
+            (:mod:`sdadapt.sd_upscale`, :mod:`sdadapt.jobs.generate_sd_upscale`): the image enlarged ``sd_upscale``
+            times by the upscaler (``lanczos``, ``nearest``, ``none``), cut into ``width`` x ``height`` tiles
+            overlapping by ``sd_upscale_overlap`` pixels (A1111's 64), each tile img2img'd (seeds ``seed + k``; the
+            ``count`` upscales start at ``seed + n``), blended back over the overlaps; one PNG per upscale, with the
+            first tile's infotext ("SD upscale overlap", "SD upscale upscaler"). Not with ``mask``.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
@@ -675,6 +684,14 @@ def run_generate(
     if soft_inpainting is not None and mask is None:
         raise ValueError("--soft-inpainting blends the original back by an inpainting mask: give --mask (and "
                          "--init-image), or leave it out")
+    sd_upscaler = None
+    if sd_upscale is not None:
+        from ..sd_upscale import check_sd_upscale
+
+        sd_upscaler = check_sd_upscale(sd_upscale, sd_upscale_overlap, sd_upscale_upscaler)
+        if init_image is None or mask is not None:
+            raise ValueError("--sd-upscale is A1111's img2img script: give --init-image (the image to upscale) and no "
+                             "--mask")
     if resize_mode == "latent" and mask is not None:
         raise ValueError("--resize-mode latent (A1111's 'Just resize (latent upscale)') with --mask: A1111 resizes "
                          "the mask by 'Resize and fill' but the image's latents by stretching, and its final overlay "
@@ -1163,21 +1180,42 @@ def run_generate(
                 say("unCLIP: conditioned on the CLIP image embedding of the image it inpaints (noise level 0), as "
                     "A1111's img2img_image_conditioning")
     model_conditioning = None  # (an inpainting model's img2img without a mask)
-    if init_image is not None and inpainting is None:
+    upscale = None  # (--sd-upscale: its tiles, each the init image of one img2img run)
+
+    def img2img_inputs(image_file) -> tuple:
+        """An init image's ``(latents, an inpainting model's conditioning, an unCLIP model's seeded image)`` (the
+        latents ``None`` with ``--vae-encode sample``: encoded per image, from its seed's generator, in the loop)."""
         from .generate_inpaint import img2img_conditioning
 
-        # (--vae-encode sample: encoded per image, from its seed's generator, in the loop below)
-        init_latents = init_latents_from_image(system, init_image, height=size_h, width=size_w,
-                                               resize_mode=resize_mode) if vae_encode == "mean" else None
-        model_conditioning = img2img_conditioning(system, init_image, height=size_h, width=size_w,
-                                                  resize_mode=resize_mode, inpainting_mask_weight=inpainting_mask_weight)
-        say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, "
-            f"{resize_mode} resize{', exact steps' if img2img_fix_steps else ''})")
+        latents = init_latents_from_image(system, image_file, height=size_h, width=size_w,
+                                          resize_mode=resize_mode) if vae_encode == "mean" else None
+        conditioning = img2img_conditioning(system, image_file, height=size_h, width=size_w,
+                                            resize_mode=resize_mode, inpainting_mask_weight=inpainting_mask_weight)
+        seeded = None
         if getattr(system, "unclip", None) is not None:  # SD 2.1 unCLIP: A1111's image variation (sdadapt.unclip)
             from ..unclip import img2img_seeded_unclip_image
 
-            unclip_for_seed = img2img_seeded_unclip_image(system, init_image, height=size_h, width=size_w,
-                                                          resize_mode=resize_mode, source=unclip_source)
+            seeded = img2img_seeded_unclip_image(system, image_file, height=size_h, width=size_w,
+                                                 resize_mode=resize_mode, source=unclip_source)
+        return latents, conditioning, seeded
+
+    if init_image is not None and inpainting is None:
+        if sd_upscaler is not None:  # (A1111's SD upscale: the tiles are the init images, in the loop)
+            import tempfile
+
+            from .generate_sd_upscale import sd_upscale_tiles
+
+            folder = run_scope.enter_context(tempfile.TemporaryDirectory(prefix="sdadapt-sd-upscale-"))
+            upscale = sd_upscale_tiles(init_image, folder, scale=sd_upscale, overlap=sd_upscale_overlap,
+                                       upscaler=sd_upscaler, width=size_w, height=size_h)
+            big_w, big_h = upscale.grid.size
+            say(f"SD upscale of {init_image}: {big_w}x{big_h} by {sd_upscaler}, "
+                f"{plural(len(upscale.files), 'tile')} of {size_w}x{size_h} overlapping by {sd_upscale_overlap}")
+        else:
+            init_latents, model_conditioning, unclip_for_seed = img2img_inputs(init_image)
+        say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, "
+            f"{resize_mode} resize{', exact steps' if img2img_fix_steps else ''})")
+        if getattr(system, "unclip", None) is not None:
             say("unCLIP: conditioned on the init image's CLIP image embedding (noise level 0), as A1111's img2img")
     if hires is not None:
         import inspect
@@ -1302,7 +1340,7 @@ def run_generate(
         freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass),
-        soft_inpainting=soft_inpainting)
+        soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap, sd_upscaler))
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -1310,14 +1348,24 @@ def run_generate(
 
     # (each distinct text encoded once over the images: the same images; the refiner's too, whose weights the run
     # never changes: LoRAs, hypernetworks and step switches act on the base)
+    # (--sd-upscale: every tile of each upscale, tile k of upscale n with A1111's seed index n + k)
+    jobs = ([(i, file, None) for i, file in enumerate(files)] if upscale is None else
+            [(n + k, file, tile) for n, file in enumerate(files) for k, tile in enumerate(upscale.files)])
     with conditions_cached(system), conditions_cached(refiner_system):
-        for i, file in enumerate(files):
-            seed_i = image_seed(seed, i, subseed_strength=subseed_strength if a1111_seeds is not None else 0.0)
+        for done, (i, file, tile_file) in enumerate(jobs):
+            image_file = init_image if tile_file is None else tile_file
+            if tile_file is not None:
+                init_latents, model_conditioning, unclip_for_seed = img2img_inputs(tile_file)
+            # (SD upscale: A1111's script sets p.seed = processed.seed + 1 after each tile whatever the variation
+            # strength, and never moves p.subseed: every tile's variation seed is SUBSEED)
+            varied = a1111_seeds is not None and upscale is None
+            seed_i = image_seed(seed, i, subseed_strength=subseed_strength if varied else 0.0)
             options = dict(negative=negative_text, seed=seed_i, steps=steps or 25, guidance=guidance,
                            sampler=sampler, karras=karras, height=height, width=width, cond=cond, plan=plan,
                            **({"schedule": schedule} if schedule is not None else {}),
                            **({"info": report} if sampler == "dpm_adaptive" else {}),
-                           **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds, i)}),
+                           **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds,
+                                                                                    i if upscale is None else 0)}),
                            **({} if schedule_options is None else {"schedule_options": schedule_options}),
                            **({} if model_calls is None else {"before_model_call": model_calls}),
                            **({} if uncond_skip is None else {"uncond_skip": uncond_skip}),
@@ -1340,7 +1388,7 @@ def run_generate(
                 if inpainting is not None:
                     pixels, masked = inpainting.pixels[None], inpainting.masked
                 else:
-                    pixels, masked = img2img_pixels(system, init_image, height=size_h, width=size_w,
+                    pixels, masked = img2img_pixels(system, image_file, height=size_h, width=size_w,
                                                     resize_mode=resize_mode,
                                                     inpainting_mask_weight=inpainting_mask_weight)
                 encoded, sampled, start_generator = sampled_encodings(
@@ -1393,9 +1441,12 @@ def run_generate(
                 say(f"{file.name}: dpm_adaptive took {plural(report['n_accept'], 'step')} ({report['n_reject']} "
                     f"rejected), {plural(report['nfe'], 'model call')}")
                 report.clear()
-            written.append(str(write_png(file, image, text={"parameters": infotext.for_image(i)})))
+            if upscale is None:
+                written.append(str(write_png(file, image, text={"parameters": infotext.for_image(i)})))
+            elif (combined := upscale.add(image)) is not None:  # (A1111 saves each with the first tile's infotext)
+                written.append(str(write_png(file, combined, text={"parameters": infotext.for_image(0)})))
             if progress is not None:
-                progress(i + 1, len(files), file.name)
+                progress(done + 1, len(jobs), file.name)
     run_scope.close()  # (the run's models as loaded again; they are the run's own, so an error leaves nothing behind)
     return {"files": written, "seed": seed, "subseed": subseed, "seconds": time.perf_counter() - start,
             "loras": applied,

@@ -249,14 +249,11 @@ def _lanczos_upscaler(image, width: int, height: int):
     that the float product hits exactly is one resize; a stretched one (``--hires-width`` and ``--hires-height``
     out of proportion) or one the product misses by a rounding is two or three, as in A1111."""
     from ..inpaint_crop import resize_image
+    from ..sd_upscale import upscale_image
 
     scale = max(width / image.width, height / image.height)
     if scale > 1.0:
-        dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
-        if not (image.width >= dest_w and image.height >= dest_h):
-            image = resize_image(image, int(image.width * scale), int(image.height * scale))
-        if (image.width, image.height) != (dest_w, dest_h):
-            image = resize_image(image, dest_w, dest_h)
+        image = upscale_image(image, scale, upscaler="Lanczos")
     if (image.width, image.height) != (width, height):
         image = resize_image(image, width, height)
     return image

@@ -46,6 +46,7 @@ from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIE
 from ..prompt_schedule import OLD_TIMELINES_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 from ..self_attention_guidance import SAG_FIELDS
+from ..sd_upscale import SD_UPSCALE_FIELDS
 from ..soft_inpainting import soft_inpainting_fields
 from ..tiling import TILING_FIELD
 from ..token_merging import TOKEN_MERGING_FIELD, TOKEN_MERGING_HR_FIELD
@@ -362,6 +363,7 @@ class InfotextRun:
     self_attention_guidance: tuple | None = None
     dynamic_thresholding: object = None
     soft_inpainting: object = None
+    sd_upscale: tuple | None = None
     freeu: tuple | None = None
     tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
@@ -416,6 +418,8 @@ class InfotextRun:
             "RNG": self._rng(),
             TILING_FIELD: True if self.tiling else None,  # (A1111's create_infotext: after RNG)
         }
+        if self.sd_upscale is not None:  # (the SD upscale script's run(): before process_images, the first extras)
+            fields.update(zip(SD_UPSCALE_FIELDS, self.sd_upscale))
         if self.aesthetic is not None:  # (the extension's process(): before p.init, so before the hires fields)
             fields.update(_aesthetic_fields(self.aesthetic))
         rescale = as_guidance_rescale(self.guidance_rescale)
@@ -574,7 +578,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  perturbed_attention: tuple | None = None, self_attention_guidance: tuple | None = None,
                  dynamic_thresholding: object = None, freeu: tuple | None = None, tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None,
-                 soft_inpainting: object = None) -> InfotextRun:
+                 soft_inpainting: object = None, sd_upscale: tuple | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -594,6 +598,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``dynamic_thresholding``: the run's :class:`~sdadapt.dynamic_thresholding.DynamicThresholding` (A1111's
     extension's fields or Forge's, by its step rule) or ``None``;
     ``soft_inpainting``: the run's :class:`~sdadapt.soft_inpainting.SoftInpainting` (A1111's fields, with a mask) or
+    ``None``; ``sd_upscale``: ``(overlap, upscaler's A1111 name)`` of ``--sd-upscale`` (A1111's script's fields) or
     ``None``;
     ``freeu``: ``(b1, b2, s1, s2, version[, start, end])`` of ``--freeu`` / ``--freeu-window`` (Forge's FreeU fields)
     or ``None``;
@@ -673,4 +678,4 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         old_timelines=old_timelines, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
         self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu,
         tiling=tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile,
-        soft_inpainting=soft_inpainting)
+        soft_inpainting=soft_inpainting, sd_upscale=sd_upscale)

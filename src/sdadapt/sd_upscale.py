@@ -1,0 +1,171 @@
+"""SD upscale (A1111's built-in img2img script ``scripts/sd_upscale.py``): the init image enlarged by an upscaler,
+cut into overlapping tiles of the generation's size, each tile run through img2img, and the tiles blended back.
+
+The geometry and the blend are A1111's ``modules/images.py`` on 8-bit PIL images:
+
+* :func:`upscale_image` — the upscaler's ``Upscaler.upscale`` (``modules/upscaler.py``) for A1111's built-in ones:
+  ``dest = int((w·scale) // 8·8)`` per side; unless the image covers it already, ``do_upscale`` to
+  ``(int(w·scale), int(h·scale))`` (Lanczos or Nearest: PIL's resize; its loop stops once the image covers
+  ``dest``), then a Lanczos resize to ``dest`` where that differs; "None": the image as it is;
+* :func:`split_grid` — ``cols = ceil((W − overlap) / (tile_w − overlap))`` (rows likewise), the tiles spread evenly
+  (``x = int(col·dx)``, ``dx = (W − tile_w) / (cols − 1)``), the last one flush with the edge;
+* :func:`combine_grid` — each row's tiles pasted left to right, the ``overlap`` columns at a tile's left through a
+  linear ramp ``uint8(i·255 / overlap)``, then the rows top to bottom the same way over ``overlap`` rows.
+
+A run (``generate --sd-upscale SCALE``) samples the tiles in order with seeds ``seed + k`` (A1111's ``p.seed =
+processed.seed + 1`` after each one-image batch; upscale ``n`` of ``--count`` starts at ``seed + n``) and writes the
+combined image with the first tile's infotext (its ``Size`` the tile's, "SD upscale overlap" and "SD upscale
+upscaler" among the fields), as A1111 saves it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = [
+    "SD_UPSCALERS",
+    "SD_UPSCALE_FIELDS",
+    "TileGrid",
+    "check_sd_upscale",
+    "combine_grid",
+    "split_grid",
+    "upscale_image",
+]
+
+#: ``--sd-upscale-upscaler`` -> A1111's upscaler name (its built-in ones: ``modules/upscaler.py``)
+SD_UPSCALERS: dict[str, str] = {"lanczos": "Lanczos", "nearest": "Nearest", "none": "None"}
+#: A1111's infotext keys of the script (``p.extra_generation_params``): the overlap, the upscaler's name
+SD_UPSCALE_FIELDS = ("SD upscale overlap", "SD upscale upscaler")
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """A1111's ``Grid``: ``rows`` of ``(y, tile_h, [(x, tile_w), ...])`` and the tiles' PIL images in the same
+    order, row by row (``tiles``); the image's size ``(width, height)``; the ``overlap`` in pixels."""
+
+    rows: tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...]
+    tiles: tuple
+    tile_size: tuple[int, int]
+    size: tuple[int, int]
+    overlap: int
+
+
+def check_sd_upscale(scale: float, overlap: int, upscaler: str, *, tile_size: tuple[int, int] | None = None) -> str:
+    """The upscaler's A1111 name for ``upscaler`` (:data:`SD_UPSCALERS`, either spelling), the other settings checked
+    (``tile_size`` = (width, height): the generation's size, once known).
+
+    Raises:
+        ValueError: a scale that is not a finite number above 0, a negative overlap or one not below the tile's
+            sides (A1111's grid then has no step), an unknown upscaler.
+    """
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"--sd-upscale is the scale factor, a number above 0 (A1111's slider: 1 to 4), got {scale}")
+    names = {**{k: k for k in SD_UPSCALERS}, **{v.lower(): k for k, v in SD_UPSCALERS.items()}}
+    name = names.get(str(upscaler).strip().lower())
+    if name is None:
+        raise ValueError(f"--sd-upscale-upscaler must be one of {', '.join(SD_UPSCALERS)} (A1111's built-in "
+                         f"upscalers; ESRGAN and the other model upscalers are not run here), got {upscaler!r}")
+    if overlap < 0 or (tile_size is not None and overlap >= min(tile_size)):
+        raise ValueError(f"--sd-upscale-overlap must be at least 0 and below the tile's sides (--width x --height, "
+                         f"{'' if tile_size is None else f'{tile_size[0]}x{tile_size[1]}, '}A1111's slider: 0 to "
+                         f"256), got {overlap}")
+    return SD_UPSCALERS[name]
+
+
+def upscale_image(image, scale: float, *, upscaler: str = "Lanczos"):
+    """A1111's ``Upscaler.upscale(image, scale)`` for its built-in ``upscaler`` ("Lanczos", "Nearest"; "None":
+    ``image`` as it is) on a PIL image (module docstring). Returns a PIL image."""
+    from PIL import Image
+
+    if upscaler == "None":
+        return image
+    resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[upscaler]
+    dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
+    for _ in range(3):  # (its loop: a do_upscale until the image covers dest, or stops growing)
+        if image.width >= dest_w and image.height >= dest_h:
+            break
+        shape = image.size
+        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
+        if shape == image.size:
+            break
+    if image.size != (dest_w, dest_h):
+        image = image.resize((int(dest_w), int(dest_h)), resample=Image.LANCZOS)
+    return image
+
+
+def split_grid(image, *, tile_w: int, tile_h: int, overlap: int) -> TileGrid:
+    """A1111's ``images.split_grid``: the PIL ``image`` cut into ``tile_w`` x ``tile_h`` tiles overlapping by
+    ``overlap`` pixels (module docstring). Returns a :class:`TileGrid`.
+
+    Raises:
+        ValueError: an image smaller than a tile, or an overlap not below the tile's sides.
+    """
+    w, h = image.size
+    if w < tile_w or h < tile_h:
+        raise ValueError(f"SD upscale: the upscaled image is {w}x{h}, smaller than a {tile_w}x{tile_h} tile (the "
+                         "generation's --width x --height); raise --sd-upscale or make the tiles smaller")
+    if not 0 <= overlap < min(tile_w, tile_h):
+        raise ValueError(f"SD upscale: the overlap must be at least 0 and below the tile's sides, got {overlap}")
+    cols = math.ceil((w - overlap) / (tile_w - overlap))
+    rows = math.ceil((h - overlap) / (tile_h - overlap))
+    dx = (w - tile_w) / (cols - 1) if cols > 1 else 0
+    dy = (h - tile_h) / (rows - 1) if rows > 1 else 0
+    layout, tiles = [], []
+    for row in range(rows):
+        y = int(row * dy)
+        if y + tile_h >= h:
+            y = h - tile_h
+        row_tiles = []
+        for col in range(cols):
+            x = int(col * dx)
+            if x + tile_w >= w:
+                x = w - tile_w
+            tiles.append(image.crop((x, y, x + tile_w, y + tile_h)))
+            row_tiles.append((x, tile_w))
+        layout.append((y, tile_h, tuple(row_tiles)))
+    return TileGrid(tuple(layout), tuple(tiles), (tile_w, tile_h), (w, h), overlap)
+
+
+def combine_grid(grid: TileGrid, tiles: list | tuple | None = None):
+    """A1111's ``images.combine_grid``: the tiles (``tiles``: PIL images in :attr:`TileGrid.tiles`' order, e.g. the
+    img2img results; ``None``: the grid's own) blended back into an RGB image of the grid's size over linear ramps
+    in the overlaps (module docstring). Returns a PIL RGB image.
+
+    Raises:
+        ValueError: another number of tiles than the grid has.
+    """
+    import numpy as np
+    from PIL import Image
+
+    tiles = list(grid.tiles if tiles is None else tiles)
+    if len(tiles) != len(grid.tiles):
+        raise ValueError(f"SD upscale: {len(tiles)} tiles for a grid of {len(grid.tiles)}")
+    overlap, (_, tile_h), (width, height) = grid.overlap, grid.tile_size, grid.size
+
+    def ramp(values):
+        return Image.fromarray((values * 255 / overlap).astype(np.uint8), "L")
+
+    if overlap:
+        mask_w = ramp(np.arange(overlap, dtype=np.float32).reshape((1, overlap)).repeat(tile_h, axis=0))
+        mask_h = ramp(np.arange(overlap, dtype=np.float32).reshape((overlap, 1)).repeat(width, axis=1))
+    combined = Image.new("RGB", (width, height))
+    index = 0
+    for y, h, row in grid.rows:
+        combined_row = Image.new("RGB", (width, h))
+        for x, w in row:
+            tile = tiles[index]
+            index += 1
+            if x == 0:
+                combined_row.paste(tile, (0, 0))
+                continue
+            if overlap:
+                combined_row.paste(tile.crop((0, 0, overlap, h)), (x, 0), mask=mask_w)
+            combined_row.paste(tile.crop((overlap, 0, w, h)), (x + overlap, 0))
+        if y == 0:
+            combined.paste(combined_row, (0, 0))
+            continue
+        if overlap:
+            combined.paste(combined_row.crop((0, 0, combined_row.width, overlap)), (0, y), mask=mask_h)
+        combined.paste(combined_row.crop((0, overlap, combined_row.width, h)), (0, y + overlap))
+    return combined
