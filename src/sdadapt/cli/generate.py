@@ -139,7 +139,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         inpaint_full_res_padding=args.inpaint_full_res_padding,
         soft_inpainting=_setting_of_words(args.soft_inpainting, "--soft-inpainting", parse_soft_inpainting),
         sd_upscale=args.sd_upscale, sd_upscale_overlap=args.sd_upscale_overlap,
-        sd_upscale_upscaler=args.sd_upscale_upscaler,
+        sd_upscale_upscaler=args.sd_upscale_upscaler, loopback=args.loopback,
+        loopback_final_denoising=args.loopback_final_denoising, loopback_curve=args.loopback_curve,
         progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
     )
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
@@ -184,7 +185,8 @@ def _take_infotext(args: argparse.Namespace) -> None:
     try:
         options, not_taken = infotext_options(parse_infotext(read_infotext(args.infotext)),
                                               img2img=args.init_image is not None, inpaint=args.mask is not None,
-                                              refiner=args.refiner is not None, sd_upscale=args.sd_upscale is not None)
+                                              refiner=args.refiner is not None, sd_upscale=args.sd_upscale is not None,
+                                              loopback=args.loopback is not None)
     except (OSError, ValueError) as exc:
         raise InputError(f"--infotext {args.infotext}: {exc}") from None
     given = []
@@ -510,6 +512,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--sd-upscale-upscaler", default="lanczos", metavar="NAME",
                          help="SD upscale: how the image is enlarged before tiling: lanczos (default), nearest or none "
                          "(A1111's built-in upscalers, either spelling)")
+    img2img.add_argument("--loopback", type=positive_int, default=None, metavar="N",
+                         help="A1111's 'Loopback' script: img2img N times, each output the next run's --init-image, "
+                         "the strength moving from --denoising-strength to --loopback-final-denoising; every loop's "
+                         "image is written (docs/samplers.md)")
+    img2img.add_argument("--loopback-final-denoising", type=float, default=0.5, metavar="S",
+                         help="loopback: the last loop's denoising strength (default 0.5, A1111's)")
+    img2img.add_argument("--loopback-curve", default="linear", metavar="CURVE",
+                         help="loopback: how the strength moves — linear (default), aggressive (early), lazy (late); "
+                         "A1111's labels too")
     img2img.add_argument("--soft-inpainting", nargs="*", default=None, metavar="KEY=VALUE",
                          help="A1111's soft inpainting: the mask's grey levels kept (use a high --mask-blur), the "
                          "original blended in by them at each step, and composited back where the picture barely "
@@ -618,7 +629,10 @@ def register(sub: argparse._SubParsersAction) -> None:
               message=_IMAGE_VECTOR_MESSAGE)
     only_with(generate, ["--inpaint-full-res", "--soft-inpainting"], needs="--mask IMAGE",
               when=lambda args: args.mask is not None)
-    only_with(generate, ["--sd-upscale"], needs="--init-image IMAGE", when=lambda args: args.init_image is not None)
+    only_with(generate, ["--sd-upscale", "--loopback"], needs="--init-image IMAGE",
+              when=lambda args: args.init_image is not None)
+    only_with(generate, ["--loopback-final-denoising", "--loopback-curve"], needs="--loopback N",
+              when=lambda args: args.loopback is not None)
     only_with(generate, ["--sd-upscale-overlap", "--sd-upscale-upscaler"], needs="--sd-upscale SCALE",
               when=lambda args: args.sd_upscale is not None)
     only_with(generate, ["--subseed", "--subseed-strength", "--seed-resize-from", "--ensd"],

@@ -167,6 +167,9 @@ def run_generate(
     sd_upscale: float | None = None,
     sd_upscale_overlap: int = 64,
     sd_upscale_upscaler: str = "lanczos",
+    loopback: int | None = None,
+    loopback_final_denoising: float = 0.5,
+    loopback_curve: str = "linear",
     vae_encode: str = "mean",
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -395,6 +398,13 @@ def run_generate(
             overlapping by ``sd_upscale_overlap`` pixels (A1111's 64), each tile img2img'd (seeds ``seed + k``; the
             ``count`` upscales start at ``seed + n``), blended back over the overlaps; one PNG per upscale, with the
             first tile's infotext ("SD upscale overlap", "SD upscale upscaler"). Not with ``mask``.
+        loopback, loopback_final_denoising, loopback_curve: A1111's "Loopback" script with ``init_image``
+            (:mod:`sdadapt.loopback`): img2img ``loopback`` times, each output the next run's init image, the strength
+            moving from ``denoising_strength`` to ``loopback_final_denoising`` (A1111's 0.5) along ``loopback_curve``
+            (``linear``, ``aggressive``, ``lazy``); ``count`` batches, each from the init image again; every loop's
+            image written (``count · loopback`` files) with its own seed (``seed + i``) and strength and the fields
+            "Final denoising strength", "Denoising curve". With ``mask``: loops after the first start from
+            "original" content, as A1111. Not with ``sd_upscale``.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
@@ -663,12 +673,30 @@ def run_generate(
     hires_prompt, hires_negative = hires_prompt or None, hires_negative or None
     # (otherwise only an inpainting model's own image conditioning is encoded: checked once the model is loaded)
     encodes_pixels = init_image is not None or (hires is not None and hires_upscaler == "pixel-lanczos")
+    loop_strengths = loop_curve = None
+    if loopback is not None:
+        from ..loopback import LOOPBACK_CURVES, check_loopback, loopback_strengths
+
+        loop_curve = LOOPBACK_CURVES[check_loopback(loopback, loopback_final_denoising, loopback_curve)]
+        if init_image is None or sd_upscale is not None:
+            raise ValueError("--loopback is A1111's img2img script: give --init-image (the first run's image), and "
+                             "not with --sd-upscale")
+        loop_strengths = loopback_strengths(denoising_strength, loopback_final_denoising, loopback,
+                                            curve=loopback_curve)
     fixed_grids = _check_img2img_passes(sampler, steps=steps or 25, init_image=init_image,
                                         denoising_strength=denoising_strength, fix_steps=img2img_fix_steps,
                                         hires=hires is not None, hires_sampler=hires_sampler, hires_steps=hires_steps,
                                         hires_denoising=hires_denoising, schedule=schedule,
                                         hires_schedule=hires_schedule if hires_sampler is not None else schedule,
                                         karras=karras)
+    for strength in sorted(set(loop_strengths or ()) - {denoising_strength}):  # (--loopback: each loop's pass too)
+        try:
+            fixed_grids += _check_img2img_passes(sampler, steps=steps or 25, init_image=init_image,
+                                                 denoising_strength=strength, fix_steps=img2img_fix_steps, hires=False,
+                                                 hires_sampler=None, hires_steps=0, hires_denoising=0.0,
+                                                 schedule=schedule, karras=karras)
+        except ValueError as exc:
+            raise ValueError(f"--loopback: its loop at denoising strength {strength:g}: {exc}") from None
     step_grids = [{"sampler": canonical_sampler(sampler), "schedule": schedule, "karras": karras, "steps": steps,
                    "steps_option": "--steps", "sampler_option": "--sampler"}] if steps is not None else []
     if hires is not None and hires_steps:
@@ -700,7 +728,8 @@ def run_generate(
                           inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
                           inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
                           hires=hires is not None)
-    files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
+    images = count * (loopback or 1)  # (--loopback: every loop's image is written)
+    files = [target] if images == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(images)]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
@@ -1155,15 +1184,27 @@ def run_generate(
     unclip_image = None  # (an unCLIP model's image conditioning: set on the system while its images are sampled)
     unclip_for_seed = None  # (its level-0 noise drawn per image, for the image's seed: sdadapt.unclip.seeded_unclip_image)
     unclip_source = None if a1111_seeds is None else a1111_seeds.source
-    if init_image is not None and mask is not None:  # A1111's inpaint tab (sdadapt.jobs.generate_inpaint)
+
+    def inpaint_for(image_file, fill: str) -> tuple:
+        """An init image's inpainting inputs under ``mask`` with ``fill`` (:func:`.generate_inpaint.inpaint_inputs`;
+        ``None`` for "Only masked" with a blank mask) and an unCLIP model's seeded image of what it inpaints."""
         from .generate_inpaint import inpaint_inputs
 
-        inpainting = inpaint_inputs(system, init_image, mask, height=size_h, width=size_w,
-                                    mask_blur=4.0 if mask_blur is None else mask_blur, invert_mask=invert_mask,
-                                    inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
-                                    resize_mode=resize_mode, inpaint_full_res=inpaint_full_res,
-                                    inpaint_full_res_padding=32 if inpaint_full_res_padding is None
-                                    else inpaint_full_res_padding, soft_inpainting=soft_inpainting)
+        inputs = inpaint_inputs(system, image_file, mask, height=size_h, width=size_w,
+                                mask_blur=4.0 if mask_blur is None else mask_blur, invert_mask=invert_mask,
+                                inpainting_fill=fill, inpainting_mask_weight=inpainting_mask_weight,
+                                resize_mode=resize_mode, inpaint_full_res=inpaint_full_res,
+                                inpaint_full_res_padding=32 if inpaint_full_res_padding is None
+                                else inpaint_full_res_padding, soft_inpainting=soft_inpainting)
+        seeded = None
+        if inputs is not None and getattr(system, "unclip", None) is not None:  # (A1111: the image it inpaints)
+            from ..unclip import seeded_unclip_image
+
+            seeded = seeded_unclip_image(system, inputs.pixels[None], source=unclip_source)
+        return inputs, seeded
+
+    if init_image is not None and mask is not None:  # A1111's inpaint tab (sdadapt.jobs.generate_inpaint)
+        inpainting, seeded = inpaint_for(init_image, inpainting_fill)
         if inpainting is None:  # (A1111: 'Unable to perform "Inpaint Only mask" because mask is blank')
             say(f"warning: --inpaint-full-res: the mask {mask} is blank after --invert-mask / --mask-blur, so there "
                 "is no region to inpaint; running plain img2img on the whole image as A1111 does")
@@ -1173,10 +1214,8 @@ def run_generate(
                 f"{', inpainting model' if inpainting.conditioning is not None else ''}"
                 + ("" if inpainting.region is None else f", only masked: region {inpainting.region} inpainted at "
                    f"{size_w}x{size_h}"))
-            if getattr(system, "unclip", None) is not None:  # SD 2.1 unCLIP: A1111 conditions on the encoded image
-                from ..unclip import seeded_unclip_image
-
-                unclip_for_seed = seeded_unclip_image(system, inpainting.pixels[None], source=unclip_source)
+            if seeded is not None:  # SD 2.1 unCLIP: A1111 conditions on the encoded image
+                unclip_for_seed = seeded
                 say("unCLIP: conditioned on the CLIP image embedding of the image it inpaints (noise level 0), as "
                     "A1111's img2img_image_conditioning")
     model_conditioning = None  # (an inpainting model's img2img without a mask)
@@ -1340,7 +1379,8 @@ def run_generate(
         freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass),
-        soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap, sd_upscaler))
+        soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap, sd_upscaler),
+        loopback=None if loop_curve is None else (float(loopback_final_denoising), loop_curve))
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
@@ -1348,24 +1388,34 @@ def run_generate(
 
     # (each distinct text encoded once over the images: the same images; the refiner's too, whose weights the run
     # never changes: LoRAs, hypernetworks and step switches act on the base)
-    # (--sd-upscale: every tile of each upscale, tile k of upscale n with A1111's seed index n + k)
+    # (--sd-upscale: every tile of each upscale, tile k of upscale n with A1111's seed index n + k; --loopback: loop
+    # j of every batch, from the init image (j = 0) or the loop before's image)
     jobs = ([(i, file, None) for i, file in enumerate(files)] if upscale is None else
             [(n + k, file, tile) for n, file in enumerate(files) for k, tile in enumerate(upscale.files)])
+    script_seeds = upscale is not None or loop_strengths is not None
     with conditions_cached(system), conditions_cached(refiner_system):
         for done, (i, file, tile_file) in enumerate(jobs):
             image_file = init_image if tile_file is None else tile_file
+            job_strength = denoising_strength
             if tile_file is not None:
                 init_latents, model_conditioning, unclip_for_seed = img2img_inputs(tile_file)
-            # (SD upscale: A1111's script sets p.seed = processed.seed + 1 after each tile whatever the variation
-            # strength, and never moves p.subseed: every tile's variation seed is SUBSEED)
-            varied = a1111_seeds is not None and upscale is None
+            elif loop_strengths is not None:  # (A1111's loopback: "original" content after the first loop)
+                loop = i % len(loop_strengths)
+                image_file, job_strength = (init_image if loop == 0 else files[i - 1]), loop_strengths[loop]
+                if mask is not None:
+                    inpainting, unclip_for_seed = inpaint_for(image_file, inpainting_fill if loop == 0 else "original")
+                if inpainting is None or mask is None:
+                    init_latents, model_conditioning, unclip_for_seed = img2img_inputs(image_file)
+            # (SD upscale, loopback: A1111's scripts set p.seed = processed.seed + 1 after each run whatever the
+            # variation strength, and never move p.subseed: every image's variation seed is SUBSEED)
+            varied = a1111_seeds is not None and not script_seeds
             seed_i = image_seed(seed, i, subseed_strength=subseed_strength if varied else 0.0)
             options = dict(negative=negative_text, seed=seed_i, steps=steps or 25, guidance=guidance,
                            sampler=sampler, karras=karras, height=height, width=width, cond=cond, plan=plan,
                            **({"schedule": schedule} if schedule is not None else {}),
                            **({"info": report} if sampler == "dpm_adaptive" else {}),
                            **({} if a1111_seeds is None else {"noise": _image_seeds(a1111_seeds,
-                                                                                    i if upscale is None else 0)}),
+                                                                                    0 if script_seeds else i)}),
                            **({} if schedule_options is None else {"schedule_options": schedule_options}),
                            **({} if model_calls is None else {"before_model_call": model_calls}),
                            **({} if uncond_skip is None else {"uncond_skip": uncond_skip}),
@@ -1415,7 +1465,7 @@ def run_generate(
             try:
                 with unclip_image_scope(system, unclip_image):  # (the system as it was after each image)
                     result = sample_image(system, [text], options, init_latents=init_latents,
-                                          denoising_strength=denoising_strength, hires=hires, plan_for=plan_for,
+                                          denoising_strength=job_strength, hires=hires, plan_for=plan_for,
                                           fix_steps=img2img_fix_steps,
                                           hires_networks=hires_scope if hires_contexts else None,
                                           refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
@@ -1442,7 +1492,9 @@ def run_generate(
                     f"rejected), {plural(report['nfe'], 'model call')}")
                 report.clear()
             if upscale is None:
-                written.append(str(write_png(file, image, text={"parameters": infotext.for_image(i)})))
+                text = infotext.for_image(i, **({} if loop_strengths is None else
+                                                {"denoising": job_strength, "fixed_subseed": True}))
+                written.append(str(write_png(file, image, text={"parameters": text})))
             elif (combined := upscale.add(image)) is not None:  # (A1111 saves each with the first tile's infotext)
                 written.append(str(write_png(file, combined, text={"parameters": infotext.for_image(0)})))
             if progress is not None:

@@ -46,6 +46,7 @@ from ..perturbed_attention import PAG_ADAPTIVE_FIELD, PAG_FIELDS, PAG_LAYERS_FIE
 from ..prompt_schedule import OLD_TIMELINES_FIELD
 from ..sampler_tables import HIRES_UPSCALER_LABELS  # (its one home; re-exported here, where it always was)
 from ..self_attention_guidance import SAG_FIELDS
+from ..loopback import LOOPBACK_FIELDS
 from ..sd_upscale import SD_UPSCALE_FIELDS
 from ..soft_inpainting import soft_inpainting_fields
 from ..tiling import TILING_FIELD
@@ -364,6 +365,7 @@ class InfotextRun:
     dynamic_thresholding: object = None
     soft_inpainting: object = None
     sd_upscale: tuple | None = None
+    loopback: tuple | None = None
     freeu: tuple | None = None
     tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
@@ -420,6 +422,8 @@ class InfotextRun:
         }
         if self.sd_upscale is not None:  # (the SD upscale script's run(): before process_images, the first extras)
             fields.update(zip(SD_UPSCALE_FIELDS, self.sd_upscale))
+        if self.loopback is not None:  # (the Loopback script's run(): its own extra_generation_params, the first)
+            fields.update(zip(LOOPBACK_FIELDS, self.loopback))
         if self.aesthetic is not None:  # (the extension's process(): before p.init, so before the hires fields)
             fields.update(_aesthetic_fields(self.aesthetic))
         rescale = as_guidance_rescale(self.guidance_rescale)
@@ -524,16 +528,20 @@ class InfotextRun:
                                     [str(self.hires["sampler"])])}
         return None if samplers & _BROWNIAN else "CPU"
 
-    def for_image(self, i: int) -> str:
+    def for_image(self, i: int, *, denoising: float | None = None, fixed_subseed: bool = False) -> str:
         """Image ``i``'s infotext: its seed ``seed + i`` (``seed`` for every image when the variation strength is not
         0: A1111's ``all_seeds``, :func:`sdadapt.jobs.generate.image_seed`); its variation seed ``subseed + i``; the
-        Refiner fields once :attr:`refiner_took`."""
+        Refiner fields once :attr:`refiner_took`. ``fixed_subseed`` (A1111's Loopback: each image its own
+        ``process_images``, ``p.seed`` moved on, ``p.subseed`` not): the seed ``seed + i`` whatever the variation
+        strength, the variation seed ``subseed``; ``denoising``: the image's own "Denoising strength"."""
         from .generate import image_seed
 
         fields = dict(self._fixed)
-        fields["Seed"] = image_seed(self.seed, i, subseed_strength=self.subseed_strength)
+        fields["Seed"] = image_seed(self.seed, i, subseed_strength=0.0 if fixed_subseed else self.subseed_strength)
         if self.subseed_strength and self.subseed is not None:
-            fields["Variation seed"] = self.subseed + i
+            fields["Variation seed"] = self.subseed + (0 if fixed_subseed else i)
+        if denoising is not None:
+            fields["Denoising strength"] = float(denoising)
         version = fields.pop("Version")  # (what A1111 adds while sampling: before its Version, in its order)
         if self.uncond_skip is not None:
             fields.update(self.uncond_skip.fields(self.uncond_skips))
@@ -578,7 +586,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  perturbed_attention: tuple | None = None, self_attention_guidance: tuple | None = None,
                  dynamic_thresholding: object = None, freeu: tuple | None = None, tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None,
-                 soft_inpainting: object = None, sd_upscale: tuple | None = None) -> InfotextRun:
+                 soft_inpainting: object = None, sd_upscale: tuple | None = None,
+                 loopback: tuple | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -599,6 +608,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     extension's fields or Forge's, by its step rule) or ``None``;
     ``soft_inpainting``: the run's :class:`~sdadapt.soft_inpainting.SoftInpainting` (A1111's fields, with a mask) or
     ``None``; ``sd_upscale``: ``(overlap, upscaler's A1111 name)`` of ``--sd-upscale`` (A1111's script's fields) or
+    ``None``; ``loopback``: ``(final strength, curve's A1111 label)`` of ``--loopback`` (its script's fields) or
     ``None``;
     ``freeu``: ``(b1, b2, s1, s2, version[, start, end])`` of ``--freeu`` / ``--freeu-window`` (Forge's FreeU fields)
     or ``None``;
@@ -678,4 +688,4 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         old_timelines=old_timelines, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
         self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu,
         tiling=tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile,
-        soft_inpainting=soft_inpainting, sd_upscale=sd_upscale)
+        soft_inpainting=soft_inpainting, sd_upscale=sd_upscale, loopback=loopback)

@@ -183,11 +183,13 @@ def _made_before(version: object, release: tuple) -> bool:
 
 
 def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpaint: bool = False,
-                     refiner: bool = False, sd_upscale: bool = False) -> tuple[dict[str, object], list[str]]:
+                     refiner: bool = False, sd_upscale: bool = False,
+                     loopback: bool = False) -> tuple[dict[str, object], list[str]]:
     """``(options, not_taken)``: :func:`sdadapt.jobs.generate.run_generate` keywords of parsed infotext ``fields``
     (:func:`parse_infotext`) and the fields it did not take, each with why. ``img2img`` / ``inpaint`` / ``refiner``:
     the run has an init image / a mask / a refiner (their fields are taken only then: the infotext cannot give the
-    images or the refiner's file); ``sd_upscale``: the run is an SD upscale (A1111 does not write its scale).
+    images or the refiner's file); ``sd_upscale`` / ``loopback``: the run is an SD upscale / a loopback (A1111 writes
+    neither the scale nor the number of loops).
 
     Raises:
         ValueError: a field whose value is not what A1111 writes there (a number that is not one), naming it.
@@ -376,6 +378,9 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     if sd_upscale:  # (A1111's SD upscale script: the overlap and the upscaler, not the scale)
         take("SD upscale overlap", "sd_upscale_overlap", int)
         take("SD upscale upscaler", "sd_upscale_upscaler")
+    if loopback:  # (A1111's Loopback script: the final strength and the curve, not the loops)
+        take("Final denoising strength", "loopback_final_denoising", float)
+        take("Denoising curve", "loopback_curve")
     if refiner:
         take("Refiner switch at", "refiner_switch_at", float)
         take("Refiner switch by sampling steps", "refiner_switch_by_steps", flag)
@@ -410,6 +415,9 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         elif base.startswith("SD upscale"):
             reason = ("A1111's SD upscale does not write its scale: give --init-image and --sd-upscale SCALE, and "
                       "its overlap and upscaler are read")
+        elif base in ("Final denoising strength", "Denoising curve"):
+            reason = ("A1111's Loopback does not write its number of loops: give --init-image and --loopback N, and "
+                      "its final strength and curve are read")
         elif base == "Eta DDIM":
             reason = (f"A1111's setting of its {' and '.join(_ETA_DDIM_SAMPLERS)}; not taken with Sampler "
                       f"{fields.get('Sampler', '(none)')!r}" + (f" and Hires sampler {fields['Hires sampler']!r}"
