@@ -91,8 +91,8 @@ def test_cli_loopback_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # noqa
     strengths = _a1111_strengths(0.75, 0.5, 3, "Aggressive")
     assert calls == [(5 + i, strengths[i % 3]) for i in range(6)]
     outs = [tmp_path / f"loop-{i:02d}.png" for i in range(6)]
-    # (the first encoding is the run's own, before the loop; then one per loop, from its init image)
-    assert pixels[1:] == [str(tmp_path / "in.png"), str(outs[0]), str(outs[1]),
+    # (one encoding per loop, from its init image: the first loop's is the run's own, made before the loop)
+    assert pixels == [str(tmp_path / "in.png"), str(outs[0]), str(outs[1]),
                           str(tmp_path / "in.png"), str(outs[3]), str(outs[4])]
     for i, out in enumerate(outs):
         text = Image.open(out).text["parameters"]
@@ -125,7 +125,7 @@ def test_cli_loopback_with_a_mask_starts_later_loops_from_original_content(plain
     monkeypatch.setattr(generate_inpaint, "inpaint_inputs", spy)
     assert _cli(plain_sd, tmp_path / "loop.png", "--init-image", str(tmp_path / "in.png"), "--mask",
                 str(tmp_path / "mask.png"), "--inpainting-fill", "latent-noise", "--loopback", "3") == 0
-    assert fills[1:] == [(str(tmp_path / "in.png"), "latent-noise"), (str(tmp_path / "loop-00.png"), "original"),
+    assert fills == [(str(tmp_path / "in.png"), "latent-noise"), (str(tmp_path / "loop-00.png"), "original"),
                          (str(tmp_path / "loop-01.png"), "original")]
     outside = np.ones((64, 64), dtype=bool)
     outside[6:58, 6:58] = False  # (past the mask and its blur, 10 pixels: the original's pixels, every loop)

@@ -337,6 +337,12 @@ def test_soft_inpainting_needs_a_mask_and_refuses_edm_and_bad_values():
         SoftInpainting(difference_threshold=float("nan"))
     with pytest.raises(ValueError, match="finite number"):
         SoftInpainting(schedule_bias=-1)
+    from sdadapt.samplers.edm import edm_inpaint_blend
+
+    start = Img2ImgStart(torch.zeros(1, 4, 2, 2), strength=0.5, mask=torch.ones(1, 1, 2, 2),
+                         soft_inpainting=SoftInpainting())
+    with pytest.raises(ValueError, match="EDM"):
+        edm_inpaint_blend(start, torch.zeros(1, 4, 2, 2), torch.linspace(1, 0, 5))
     system = build_toy()
     with pytest.raises(ValueError, match="inpaint_mask"):
         generate(system, ["a"], steps=2, soft_inpainting=SoftInpainting(), init_latents=torch.zeros(1, 12, 16, 16))

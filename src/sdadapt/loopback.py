@@ -33,12 +33,9 @@ def check_loopback(loops: int, final_strength: float, curve: str) -> str:
         raise ValueError(f"--loopback is the number of img2img runs, at least 1 (A1111's slider: 1 to 32), got {loops}")
     if not (isinstance(final_strength, (int, float)) and 0.0 <= final_strength <= 1.0):
         raise ValueError(f"--loopback-final-denoising must be in [0, 1], got {final_strength}")
-    names = {**{k: k for k in LOOPBACK_CURVES}, **{v.lower(): k for k, v in LOOPBACK_CURVES.items()}}
-    name = names.get(str(curve).strip().lower())
-    if name is None:
-        raise ValueError(f"--loopback-curve must be one of {', '.join(LOOPBACK_CURVES)} (A1111's labels too), got "
-                         f"{curve!r}")
-    return name
+    from .sampler_tables import canonical_choice
+
+    return canonical_choice("--loopback-curve", curve, LOOPBACK_CURVES)
 
 
 def loopback_strengths(initial: float, final: float, loops: int, *, curve: str = "linear") -> list[float]:

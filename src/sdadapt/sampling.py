@@ -417,10 +417,8 @@ def generate(system, prompts: list[str], *, negative: str = "", seed: int = 0, s
         if start is None:
             raise ValueError("an inpainting mask or conditioning needs init_latents (the image to inpaint)")
         start = replace(start, mask=inpaint_mask, conditioning=inpaint_conditioning, soft_inpainting=soft_inpainting)
-    if soft_inpainting is not None and (inpaint_mask is None or getattr(system, "edm", None) is not None):
-        raise ValueError("soft_inpainting blends by an inpainting mask on A1111's samplers: give inpaint_mask and "
-                         "init_latents" if inpaint_mask is None else "soft_inpainting is A1111's; an EDM model's "
-                         "samplers blend as diffusers' inpaint pipeline (no soft blend): leave it out")
+    if soft_inpainting is not None and inpaint_mask is None:  # (an EDM model's samplers refuse it: samplers.edm)
+        raise ValueError("soft_inpainting blends by an inpainting mask: give inpaint_mask and init_latents")
     if noise_multiplier != 1.0:
         if start is None:
             raise ValueError("noise_multiplier is A1111's 'Noise multiplier for img2img': it scales the start noise "

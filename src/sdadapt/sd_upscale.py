@@ -61,11 +61,13 @@ def check_sd_upscale(scale: float, overlap: int, upscaler: str, *, tile_size: tu
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"--sd-upscale is the scale factor, a number above 0 (A1111's slider: 1 to 4), got {scale}")
-    names = {**{k: k for k in SD_UPSCALERS}, **{v.lower(): k for k, v in SD_UPSCALERS.items()}}
-    name = names.get(str(upscaler).strip().lower())
-    if name is None:
-        raise ValueError(f"--sd-upscale-upscaler must be one of {', '.join(SD_UPSCALERS)} (A1111's built-in "
-                         f"upscalers; ESRGAN and the other model upscalers are not run here), got {upscaler!r}")
+    from .sampler_tables import canonical_choice
+
+    try:
+        name = canonical_choice("--sd-upscale-upscaler", upscaler, SD_UPSCALERS)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: A1111's built-in upscalers (ESRGAN and its other model upscalers are not run "
+                         "here)") from None
     if overlap < 0 or (tile_size is not None and overlap >= min(tile_size)):
         raise ValueError(f"--sd-upscale-overlap must be at least 0 and below the tile's sides (--width x --height, "
                          f"{'' if tile_size is None else f'{tile_size[0]}x{tile_size[1]}, '}A1111's slider: 0 to "

@@ -1402,9 +1402,9 @@ def run_generate(
             elif loop_strengths is not None:  # (A1111's loopback: "original" content after the first loop)
                 loop = i % len(loop_strengths)
                 image_file, job_strength = (init_image if loop == 0 else files[i - 1]), loop_strengths[loop]
-                if mask is not None:
+                if done and mask is not None:  # (the first image's inputs are the run's own, made above)
                     inpainting, unclip_for_seed = inpaint_for(image_file, inpainting_fill if loop == 0 else "original")
-                if inpainting is None or mask is None:
+                if done and (inpainting is None or mask is None):
                     init_latents, model_conditioning, unclip_for_seed = img2img_inputs(image_file)
             # (SD upscale, loopback: A1111's scripts set p.seed = processed.seed + 1 after each run whatever the
             # variation strength, and never move p.subseed: every image's variation seed is SUBSEED)

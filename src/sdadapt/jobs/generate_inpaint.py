@@ -71,9 +71,8 @@ class InpaintInputs:
                                    height=int(image.shape[-2]))
         if self.region is not None:
             return _tensor(paste_back(image, original=self.original, mask=mask, region=self.region)).to(image)
-        if self.soft is not None:
-            return _tensor(composite_original(_pil(image), self.original, mask)).to(image)
-        return _tensor(overlay_original(_pil(image), self.original, mask)).to(image)
+        combine = overlay_original if self.soft is None else composite_original  # (soft: its mask as it is)
+        return _tensor(combine(_pil(image), self.original, mask)).to(image)
 
     def _soft_mask(self, latents: Tensor, init: Tensor, *, width: int, height: int):
         """Soft inpainting's ``mask_for_overlay``: a PIL ``L`` image at the output size, or (``region``) at the
