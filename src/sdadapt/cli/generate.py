@@ -141,7 +141,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sd_upscale=args.sd_upscale, sd_upscale_overlap=args.sd_upscale_overlap,
         sd_upscale_upscaler=args.sd_upscale_upscaler, loopback=args.loopback,
         loopback_final_denoising=args.loopback_final_denoising, loopback_curve=args.loopback_curve,
-        progress=progress_bar(args, "generate", unit="image") if args.count > 1 else None, log=log,
+        progress=progress_bar(args, "generate", unit="image") if _many_images(args) else None, log=log,
     )
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
     from ..jobs.generate import image_seed
@@ -152,6 +152,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {file} ({seeds})" if drawn else f"wrote {file}")
     return 0
 
+
+
+def _many_images(args: argparse.Namespace) -> bool:
+    """Whether the run makes more than one image (a progress bar then): ``--count``, the img2img scripts' loops and
+    tiles, a folder of init images."""
+    import os
+
+    return (args.count > 1 or args.loopback is not None or args.sd_upscale is not None
+            or (args.init_image is not None and os.path.isdir(args.init_image)))
 
 
 def _setting_of_words(value: object, flag: str, parse) -> object:
@@ -458,7 +467,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img = generate.add_argument_group("img2img and hires fix (A1111's; docs/samplers.md, 'img2img and hires fix')")
     img2img.add_argument("--init-image", default=None, metavar="IMAGE",
                          help="img2img: start from this image, brought to --width x --height by --resize-mode "
-                         "(Lanczos) and VAE-encoded")
+                         "(Lanczos) and VAE-encoded; a folder: every image in it and its subfolders (A1111's img2img "
+                         "batch), written under its own name into the --out folder")
     img2img.add_argument("--resize-mode", default="just", choices=tuple(RESIZE_MODE_LABELS),
                          type=_a1111_choice("--resize-mode", RESIZE_MODE_LABELS),
                          help="how --init-image is brought to the size (the name or A1111's label): A1111's 'Just "
@@ -485,7 +495,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--mask", default=None, metavar="IMAGE",
                          help="inpaint the --init-image: white = repaint, black = keep (an RGBA mask with transparency: "
                          "its alpha; any size, resized as A1111 resizes it); A1111's 'Inpaint whole picture', or 'Only "
-                         "masked' with --inpaint-full-res (docs/samplers.md, 'Inpainting')")
+                         "masked' with --inpaint-full-res (docs/samplers.md, 'Inpainting'); with a folder of init "
+                         "images: one mask for all, or a folder of masks named as the images")
     img2img.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                          help="Gaussian blur of the mask in pixels (default 4, A1111's)")
     img2img.add_argument("--invert-mask", action="store_true", help="repaint the black area (A1111's 'Inpaint not masked')")

@@ -599,9 +599,24 @@ def run_generate(
                          "--sigma-max, --rho, --beta-alpha, --beta-beta and --old-karras-sigmas cannot shape the hires "
                          "pass; choose a hires sampler with a σ grid or leave those settings out")
     target = Path(out)
-    if target.suffix.lower() != ".png":
+    batch = None  # (--init-image FOLDER: A1111's img2img batch, sdadapt.jobs.generate_batch)
+    if init_image is not None and Path(init_image).is_dir():
+        from .generate_batch import batch_images, batch_masks
+
+        if target.suffix.lower() == ".png" or target.is_file():
+            raise OutputError(f"{target}: --init-image {init_image} is a folder (A1111's img2img batch); --out is the "
+                              "folder its images are written into, under their own names")
+        if loopback is not None or sd_upscale is not None:
+            raise ValueError("--init-image FOLDER (A1111's img2img batch) runs each image once: run --loopback / "
+                             "--sd-upscale on one image at a time")
+        batch = list(zip(batch_images(init_image), batch_masks(mask, batch_images(init_image))))
+    elif mask is not None and Path(mask).is_dir():
+        raise ValueError(f"--mask {mask} is a folder of masks for a folder of images (A1111's batch); --init-image "
+                         f"{init_image} is one image: give its mask")
+    elif target.suffix.lower() != ".png":
         raise OutputError(f"{target}: generate writes PNG images; name the output *.png")
-    check_output_file(target, overwrite=True, suffix=None)  # (a missing folder is made when the first image is written)
+    if batch is None:
+        check_output_file(target, overwrite=True, suffix=None)  # (a missing folder is made when the first image is written)
     from ..img2img import check_vae_encode
 
     check_vae_encode(vae_encode)
@@ -724,12 +739,29 @@ def run_generate(
         raise ValueError("--resize-mode latent (A1111's 'Just resize (latent upscale)') with --mask: A1111 resizes "
                          "the mask by 'Resize and fill' but the image's latents by stretching, and its final overlay "
                          "fails for an image of another size; use --resize-mode just / crop / fill")
-    check_inpaint_options(mask=mask, init_image=init_image, mask_blur=mask_blur, invert_mask=invert_mask,
-                          inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
-                          inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
-                          hires=hires is not None)
+    if batch is not None:  # (A1111's batch: an image without its mask is skipped, with a warning)
+        from .generate_batch import batch_outputs
+
+        for image, found in batch:
+            if mask is not None and found is None:
+                say(f"warning: --mask {mask} has no mask named as {image.name}; skipping it, as A1111's batch does")
+        batch = [(image, found) for image, found in batch if mask is None or found is not None]
+        if not batch:
+            raise ValueError(f"--mask {mask}: no mask is named as an image of --init-image {init_image} (a mask "
+                             "IMAGE.* beside each IMAGE.png, or one mask for all)")
+    for image_file, mask_file in batch or [(init_image, mask)]:  # (every image and mask, before any loading)
+        check_inpaint_options(mask=mask_file, init_image=image_file, mask_blur=mask_blur, invert_mask=invert_mask,
+                              inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
+                              inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
+                              hires=hires is not None)
+        if batch is not None:
+            from ..resize_modes import open_init_image
+
+            open_init_image(image_file)  # (an unreadable image refused now, naming it: A1111 skips it)
     images = count * (loopback or 1)  # (--loopback: every loop's image is written)
     files = [target] if images == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(images)]
+    if batch is not None:  # (each image's outputs under its own name in the --out folder)
+        files = [file for group in batch_outputs([image for image, _ in batch], target, count) for file in group]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
@@ -1185,12 +1217,13 @@ def run_generate(
     unclip_for_seed = None  # (its level-0 noise drawn per image, for the image's seed: sdadapt.unclip.seeded_unclip_image)
     unclip_source = None if a1111_seeds is None else a1111_seeds.source
 
-    def inpaint_for(image_file, fill: str) -> tuple:
-        """An init image's inpainting inputs under ``mask`` with ``fill`` (:func:`.generate_inpaint.inpaint_inputs`;
-        ``None`` for "Only masked" with a blank mask) and an unCLIP model's seeded image of what it inpaints."""
+    def inpaint_for(image_file, fill: str, mask_file) -> tuple:
+        """An init image's inpainting inputs under ``mask_file`` with ``fill`` (:func:`.generate_inpaint.
+        inpaint_inputs`; ``None`` for "Only masked" with a blank mask) and an unCLIP model's seeded image of what it
+        inpaints."""
         from .generate_inpaint import inpaint_inputs
 
-        inputs = inpaint_inputs(system, image_file, mask, height=size_h, width=size_w,
+        inputs = inpaint_inputs(system, image_file, mask_file, height=size_h, width=size_w,
                                 mask_blur=4.0 if mask_blur is None else mask_blur, invert_mask=invert_mask,
                                 inpainting_fill=fill, inpainting_mask_weight=inpainting_mask_weight,
                                 resize_mode=resize_mode, inpaint_full_res=inpaint_full_res,
@@ -1203,8 +1236,12 @@ def run_generate(
             seeded = seeded_unclip_image(system, inputs.pixels[None], source=unclip_source)
         return inputs, seeded
 
-    if init_image is not None and mask is not None:  # A1111's inpaint tab (sdadapt.jobs.generate_inpaint)
-        inpainting, seeded = inpaint_for(init_image, inpainting_fill)
+    if batch is not None:  # (each image's inputs made in the loop)
+        say(f"img2img batch: {plural(len(batch), 'image')} of {init_image} at denoising strength "
+            f"{denoising_strength:g} ({size_w}x{size_h}), written into {target}"
+            + ("" if mask is None else f", inpainted with the masks of {mask}"))
+    elif init_image is not None and mask is not None:  # A1111's inpaint tab (sdadapt.jobs.generate_inpaint)
+        inpainting, seeded = inpaint_for(init_image, inpainting_fill, mask)
         if inpainting is None:  # (A1111: 'Unable to perform "Inpaint Only mask" because mask is blank')
             say(f"warning: --inpaint-full-res: the mask {mask} is blank after --invert-mask / --mask-blur, so there "
                 "is no region to inpaint; running plain img2img on the whole image as A1111 does")
@@ -1238,7 +1275,7 @@ def run_generate(
                                                  resize_mode=resize_mode, source=unclip_source)
         return latents, conditioning, seeded
 
-    if init_image is not None and inpainting is None:
+    if init_image is not None and inpainting is None and batch is None:
         if sd_upscaler is not None:  # (A1111's SD upscale: the tiles are the init images, in the loop)
             import tempfile
 
@@ -1389,21 +1426,29 @@ def run_generate(
     # (each distinct text encoded once over the images: the same images; the refiner's too, whose weights the run
     # never changes: LoRAs, hypernetworks and step switches act on the base)
     # (--sd-upscale: every tile of each upscale, tile k of upscale n with A1111's seed index n + k; --loopback: loop
-    # j of every batch, from the init image (j = 0) or the loop before's image)
-    jobs = ([(i, file, None) for i, file in enumerate(files)] if upscale is None else
-            [(n + k, file, tile) for n, file in enumerate(files) for k, tile in enumerate(upscale.files)])
+    # j of every batch, from the init image (j = 0) or the loop before's image; --init-image FOLDER: each image's
+    # outputs, its seeds seed + n as one image's: A1111 keeps p.seed over the batch)
+    if upscale is not None:
+        jobs = [(n + k, file, (tile, None)) for n, file in enumerate(files) for k, tile in enumerate(upscale.files)]
+    elif batch is not None:
+        jobs = [(i % count, file, batch[i // count]) for i, file in enumerate(files)]
+    else:
+        jobs = [(i, file, None) for i, file in enumerate(files)]
     script_seeds = upscale is not None or loop_strengths is not None
     with conditions_cached(system), conditions_cached(refiner_system):
-        for done, (i, file, tile_file) in enumerate(jobs):
-            image_file = init_image if tile_file is None else tile_file
+        for done, (i, file, source) in enumerate(jobs):
+            image_file = init_image if source is None else source[0]
             job_strength = denoising_strength
-            if tile_file is not None:
-                init_latents, model_conditioning, unclip_for_seed = img2img_inputs(tile_file)
+            if source is not None and source[1] is not None:  # (a batch image and its mask)
+                inpainting, unclip_for_seed = inpaint_for(source[0], inpainting_fill, source[1])
+            if source is not None and (source[1] is None or inpainting is None):  # (a tile, a batch image)
+                init_latents, model_conditioning, unclip_for_seed = img2img_inputs(source[0])
             elif loop_strengths is not None:  # (A1111's loopback: "original" content after the first loop)
                 loop = i % len(loop_strengths)
                 image_file, job_strength = (init_image if loop == 0 else files[i - 1]), loop_strengths[loop]
                 if done and mask is not None:  # (the first image's inputs are the run's own, made above)
-                    inpainting, unclip_for_seed = inpaint_for(image_file, inpainting_fill if loop == 0 else "original")
+                    inpainting, unclip_for_seed = inpaint_for(image_file, inpainting_fill if loop == 0 else "original",
+                                                              mask)
                 if done and (inpainting is None or mask is None):
                     init_latents, model_conditioning, unclip_for_seed = img2img_inputs(image_file)
             # (SD upscale, loopback: A1111's scripts set p.seed = processed.seed + 1 after each run whatever the
@@ -1492,9 +1537,9 @@ def run_generate(
                     f"rejected), {plural(report['nfe'], 'model call')}")
                 report.clear()
             if upscale is None:
-                text = infotext.for_image(i, **({} if loop_strengths is None else
-                                                {"denoising": job_strength, "fixed_subseed": True}))
-                written.append(str(write_png(file, image, text={"parameters": text})))
+                parameters = infotext.for_image(i, **({} if loop_strengths is None else
+                                                      {"denoising": job_strength, "fixed_subseed": True}))
+                written.append(str(write_png(file, image, text={"parameters": parameters})))
             elif (combined := upscale.add(image)) is not None:  # (A1111 saves each with the first tile's infotext)
                 written.append(str(write_png(file, combined, text={"parameters": infotext.for_image(0)})))
             if progress is not None:
@@ -1585,8 +1630,8 @@ def _check_img2img_options(sampler: str, *, init_image, denoising_strength: floa
     from ..samplers import canonical_sampler
 
     wants_hires = hires_scale is not None or hires_width is not None or hires_height is not None
-    if init_image is not None and not Path(init_image).is_file():
-        raise FileNotFoundError(f"--init-image {init_image}: no such image file")
+    if init_image is not None and not (Path(init_image).is_file() or Path(init_image).is_dir()):
+        raise FileNotFoundError(f"--init-image {init_image}: no such image file or folder")
     if resize_mode not in IMG2IMG_RESIZE_MODES:
         raise ValueError(f"--resize-mode must be one of {', '.join(IMG2IMG_RESIZE_MODES)}, got {resize_mode!r}")
     hires_sampler = hires_texts[2]
