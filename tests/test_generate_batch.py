@@ -91,6 +91,10 @@ def test_cli_batch_outputs_equal_each_images_own_run(plain_sd, tmp_path):  # noq
         assert np.array_equal(_pixels(tmp_path / "masked" / f"f10-{n:02d}.png"), _pixels(tmp_path / f"one-{n:02d}.png"))
     text = Image.open(tmp_path / "masked" / "f2-01.png").text["parameters"]
     assert "Seed: 6," in text and "Mask blur: 4" in text
+    assert _cli(plain_sd, tmp_path / "region", "--init-image", str(tmp_path / "in"), "--mask", str(tmp_path / "masks"),
+                "--inpaint-full-res", "--inpainting-fill", "latent-nothing") == 0
+    text = Image.open(tmp_path / "region" / "f10.png").text["parameters"]  # (the mask fields, as the single run's)
+    assert "Inpaint area: Only masked, Masked area padding: 32, Masked content: latent nothing" in text
 
 
 def test_cli_batch_refusals(plain_sd, tmp_path, capsys):  # noqa: F811

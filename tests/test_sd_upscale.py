@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sdadapt.sd_upscale import check_sd_upscale, combine_grid, split_grid, upscale_image
-from tests.test_inpaint import plain_sd  # noqa: F401  (module fixture: the tiny SD folder)
+from tests.test_inpaint import inpainting_sd, plain_sd  # noqa: F401  (module fixtures: the tiny SD folders)
 
 # ------------------------------------------------------------------------------------ A1111's code, transcribed
 Grid = namedtuple("Grid", ["tiles", "tile_w", "tile_h", "image_w", "image_h", "overlap"])
@@ -250,3 +250,12 @@ def test_cli_sd_upscale_with_a_variation_seed_moves_the_seed_not_the_subseed(pla
                 "--sd-upscale-overlap", "16", "--noise", "a1111-cpu", "--subseed", "7", "--subseed-strength",
                 "0.5") == 0
     assert seen == [(5 + k, 7) for k in range(9)]
+
+
+def test_cli_sd_upscale_on_an_inpainting_model_writes_its_conditioning_weight(inpainting_sd, tmp_path):  # noqa: F811
+    """The tiles of an inpainting model are conditioned as its img2img (a mask of ones), and the infotext says so
+    ("Conditional mask weight"), as for one image."""
+    _image(96, 80, 1).save(tmp_path / "small.png")
+    assert _cli(inpainting_sd, tmp_path / "up.png", "--init-image", str(tmp_path / "small.png"), "--sd-upscale",
+                "1.5", "--sd-upscale-overlap", "16", "--inpainting-mask-weight", "0.5") == 0
+    assert "Conditional mask weight: 0.5" in Image.open(tmp_path / "up.png").text["parameters"]

@@ -1236,7 +1236,7 @@ def run_generate(
             seeded = seeded_unclip_image(system, inputs.pixels[None], source=unclip_source)
         return inputs, seeded
 
-    if batch is not None:  # (each image's inputs made in the loop)
+    if batch is not None:  # (the first image's inputs made below, the others' in the loop)
         say(f"img2img batch: {plural(len(batch), 'image')} of {init_image} at denoising strength "
             f"{denoising_strength:g} ({size_w}x{size_h}), written into {target}"
             + ("" if mask is None else f", inpainted with the masks of {mask}"))
@@ -1275,7 +1275,12 @@ def run_generate(
                                                  resize_mode=resize_mode, source=unclip_source)
         return latents, conditioning, seeded
 
-    if init_image is not None and inpainting is None and batch is None:
+    if batch is not None:  # (the first image's: what the run's infotext reads, A1111's first image's)
+        if batch[0][1] is not None:
+            inpainting, unclip_for_seed = inpaint_for(batch[0][0], inpainting_fill, batch[0][1])
+        if inpainting is None:
+            init_latents, model_conditioning, unclip_for_seed = img2img_inputs(batch[0][0])
+    elif init_image is not None and inpainting is None:
         if sd_upscaler is not None:  # (A1111's SD upscale: the tiles are the init images, in the loop)
             import tempfile
 
@@ -1388,8 +1393,9 @@ def run_generate(
                            upscaler=hires_upscaler, denoising=hires_denoising, sampler=hires_sampler,
                            guidance=hires_guidance,
                            schedule=hires_schedule),
-        mask=mask, inpainting=inpainting, inpainting_model=model_conditioning is not None or (
-            inpainting is not None and inpainting.conditioning is not None),
+        mask=mask, inpainting=inpainting,
+        # (A1111's is_using_inpainting_conditioning: an init image on an inpainting model, every script's too)
+        inpainting_model=init_image is not None and _is_inpainting_model(system),
         mask_options=dict(blur=4.0 if mask_blur is None else mask_blur, invert=invert_mask, fill=inpainting_fill,
                           padding=32 if inpaint_full_res_padding is None else inpaint_full_res_padding,
                           weight=inpainting_mask_weight),
@@ -1439,9 +1445,10 @@ def run_generate(
         for done, (i, file, source) in enumerate(jobs):
             image_file = init_image if source is None else source[0]
             job_strength = denoising_strength
-            if source is not None and source[1] is not None:  # (a batch image and its mask)
+            fresh = source is not None and (batch is None or done > 0)  # (a tile, a batch image but the first)
+            if fresh and source[1] is not None:  # (a batch image and its mask)
                 inpainting, unclip_for_seed = inpaint_for(source[0], inpainting_fill, source[1])
-            if source is not None and (source[1] is None or inpainting is None):  # (a tile, a batch image)
+            if fresh and (source[1] is None or inpainting is None):
                 init_latents, model_conditioning, unclip_for_seed = img2img_inputs(source[0])
             elif loop_strengths is not None:  # (A1111's loopback: "original" content after the first loop)
                 loop = i % len(loop_strengths)
