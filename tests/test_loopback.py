@@ -153,3 +153,26 @@ def test_the_loopback_example_in_docs_samplers_md_runs():
     from docs_pages import run_block_with
 
     run_block_with("samplers.md", "loopback_strengths(0.6")
+
+
+def test_cli_loopback_with_a_variation_seed_moves_the_seed_not_the_subseed(plain_sd, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    """A1111's loopback sets ``p.seed = processed.seed + 1`` after each loop, variation strength or not, and leaves
+    ``p.subseed``: each loop draws with its own seed and the one variation seed, and says so in its infotext."""
+    from sdadapt import sampling
+
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    seen = []
+    real = sampling.generate
+
+    def spy(system, prompts, **kw):
+        seen.append((kw["seed"], kw["noise"].subseed))
+        return real(system, prompts, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    assert _cli(plain_sd, tmp_path / "loop.png", "--init-image", str(tmp_path / "in.png"), "--loopback", "3",
+                "--noise", "a1111-cpu", "--subseed", "7", "--subseed-strength", "0.5") == 0
+    assert seen == [(5, 7), (6, 7), (7, 7)]
+    for i in range(3):
+        text = Image.open(tmp_path / f"loop-{i:02d}.png").text["parameters"]
+        assert f"Seed: {5 + i}," in text and "Variation seed: 7," in text
