@@ -155,12 +155,12 @@ def test_cli_sd_upscale_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # no
     tile pixels with seed 5 + k, the PNG A1111's blend of the tiles' images, with the first tile's infotext; a second
     upscale (--count 2) starts at seed 6."""
     from sdadapt import resize_modes, sampling
-    from sdadapt.jobs.generate_sd_upscale import SdUpscaleTiles
+    from sdadapt.jobs.generate_tiles import TiledRun
     from sdadapt.resize_modes import open_init_image
 
     _image(96, 80, 1).save(tmp_path / "small.png")
     seeds, pixels, tiles = [], [], []
-    real_generate, real_encode, real_add = sampling.generate, resize_modes.init_image_pixels, SdUpscaleTiles.add
+    real_generate, real_encode, real_add = sampling.generate, resize_modes.init_image_pixels, TiledRun.add
 
     def spy_generate(system, prompts, **kw):
         seeds.append(kw["seed"])
@@ -177,7 +177,7 @@ def test_cli_sd_upscale_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # no
 
     monkeypatch.setattr(sampling, "generate", spy_generate)
     monkeypatch.setattr(resize_modes, "init_image_pixels", spy_pixels)
-    monkeypatch.setattr(SdUpscaleTiles, "add", spy_add)
+    monkeypatch.setattr(TiledRun, "add", spy_add)
     assert _cli(plain_sd, tmp_path / "up.png", "--init-image", str(tmp_path / "small.png"), "--sd-upscale", "1.5",
                 "--sd-upscale-overlap", "16", "--count", "2") == 0
     assert seeds == [5 + k for k in range(9)] + [6 + k for k in range(9)]

@@ -141,6 +141,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sd_upscale=args.sd_upscale, sd_upscale_overlap=args.sd_upscale_overlap,
         sd_upscale_upscaler=args.sd_upscale_upscaler, loopback=args.loopback,
         loopback_final_denoising=args.loopback_final_denoising, loopback_curve=args.loopback_curve,
+        outpaint=args.outpaint, outpaint_directions=args.outpaint_directions,
+        outpaint_mask_blur=args.outpaint_mask_blur, outpaint_fill=args.outpaint_fill,
         progress=progress_bar(args, "generate", unit="image") if _many_images(args) else None, log=log,
     )
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
@@ -159,7 +161,7 @@ def _many_images(args: argparse.Namespace) -> bool:
     tiles, a folder of init images."""
     import os
 
-    return (args.count > 1 or args.loopback is not None or args.sd_upscale is not None
+    return (args.count > 1 or args.loopback is not None or args.sd_upscale is not None or args.outpaint is not None
             or (args.init_image is not None and os.path.isdir(args.init_image)))
 
 
@@ -532,6 +534,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--loopback-curve", default="linear", metavar="CURVE",
                          help="loopback: how the strength moves — linear (default), aggressive (early), lazy (late); "
                          "A1111's labels too")
+    img2img.add_argument("--outpaint", type=positive_int, default=None, metavar="PX",
+                         help="A1111's 'Poor man's outpainting' script: --init-image on a canvas grown by PX pixels on "
+                         "each side of --outpaint-directions, the tiles reaching past it inpainted (docs/samplers.md)")
+    img2img.add_argument("--outpaint-directions", nargs="+", default=["left", "right", "up", "down"],
+                         choices=["left", "right", "up", "down"], metavar="SIDE",
+                         help="outpainting: the sides to grow (default all four)")
+    img2img.add_argument("--outpaint-mask-blur", type=int, default=4, metavar="PX",
+                         help="outpainting: the script's mask blur (default 4; the masks blur by twice it, as A1111)")
+    img2img.add_argument("--outpaint-fill", default="fill", choices=tuple(INPAINTING_FILL_LABELS),
+                         type=_a1111_choice("--outpaint-fill", INPAINTING_FILL_LABELS),
+                         help="outpainting: what the new border starts as (the script's 'Masked content'; default "
+                         "fill, A1111's)")
     img2img.add_argument("--soft-inpainting", nargs="*", default=None, metavar="KEY=VALUE",
                          help="A1111's soft inpainting: the mask's grey levels kept (use a high --mask-blur), the "
                          "original blended in by them at each step, and composited back where the picture barely "
@@ -640,7 +654,9 @@ def register(sub: argparse._SubParsersAction) -> None:
               message=_IMAGE_VECTOR_MESSAGE)
     only_with(generate, ["--inpaint-full-res", "--soft-inpainting"], needs="--mask IMAGE",
               when=lambda args: args.mask is not None)
-    only_with(generate, ["--sd-upscale", "--loopback"], needs="--init-image IMAGE",
+    only_with(generate, ["--outpaint-directions", "--outpaint-mask-blur", "--outpaint-fill"], needs="--outpaint PX",
+              when=lambda args: args.outpaint is not None)
+    only_with(generate, ["--sd-upscale", "--loopback", "--outpaint"], needs="--init-image IMAGE",
               when=lambda args: args.init_image is not None)
     only_with(generate, ["--loopback-final-denoising", "--loopback-curve"], needs="--loopback N",
               when=lambda args: args.loopback is not None)

@@ -170,6 +170,10 @@ def run_generate(
     loopback: int | None = None,
     loopback_final_denoising: float = 0.5,
     loopback_curve: str = "linear",
+    outpaint: int | None = None,
+    outpaint_directions: Sequence[str] = ("left", "right", "up", "down"),
+    outpaint_mask_blur: int = 4,
+    outpaint_fill: str = "fill",
     vae_encode: str = "mean",
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -393,7 +397,7 @@ def run_generate(
             moved (its difference mask in place of the doubled mask blur). Written as A1111 writes it ("Soft
             inpainting enabled: True, Soft inpainting schedule bias: ..."). Not on an EDM model.
         sd_upscale, sd_upscale_overlap, sd_upscale_upscaler: A1111's "SD upscale" script with ``init_image``
-            (:mod:`sdadapt.sd_upscale`, :mod:`sdadapt.jobs.generate_sd_upscale`): the image enlarged ``sd_upscale``
+            (:mod:`sdadapt.sd_upscale`, :mod:`sdadapt.jobs.generate_tiles`): the image enlarged ``sd_upscale``
             times by the upscaler (``lanczos``, ``nearest``, ``none``), cut into ``width`` x ``height`` tiles
             overlapping by ``sd_upscale_overlap`` pixels (A1111's 64), each tile img2img'd (seeds ``seed + k``; the
             ``count`` upscales start at ``seed + n``), blended back over the overlaps; one PNG per upscale, with the
@@ -405,6 +409,12 @@ def run_generate(
             image written (``count · loopback`` files) with its own seed (``seed + i``) and strength and the fields
             "Final denoising strength", "Denoising curve". With ``mask``: loops after the first start from
             "original" content, as A1111. Not with ``sd_upscale``.
+        outpaint, outpaint_directions, outpaint_mask_blur, outpaint_fill: A1111's "Poor man's outpainting" script
+            with ``init_image`` (:mod:`sdadapt.outpainting`): the image on a canvas grown by ``outpaint`` pixels on
+            each of ``outpaint_directions`` (rounded up to multiples of 64), the tiles reaching past it inpainted
+            with the border masked (blur ``2·outpaint_mask_blur``, content ``outpaint_fill``: A1111's "fill"), seeds
+            ``seed + k``, blended back; one PNG, the first tile's infotext. Not with ``mask``, ``count`` above 1 or
+            the other scripts.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
@@ -609,7 +619,8 @@ def run_generate(
         if loopback is not None or sd_upscale is not None:
             raise ValueError("--init-image FOLDER (A1111's img2img batch) runs each image once: run --loopback / "
                              "--sd-upscale on one image at a time")
-        batch = list(zip(batch_images(init_image), batch_masks(mask, batch_images(init_image))))
+        found = batch_images(init_image)  # ((image, mask, latent mask) as a tiled run's sources: no latent mask)
+        batch = [(image, image_mask, None) for image, image_mask in zip(found, batch_masks(mask, found))]
     elif mask is not None and Path(mask).is_dir():
         raise ValueError(f"--mask {mask} is a folder of masks for a folder of images (A1111's batch); --init-image "
                          f"{init_image} is one image: give its mask")
@@ -688,6 +699,17 @@ def run_generate(
     hires_prompt, hires_negative = hires_prompt or None, hires_negative or None
     # (otherwise only an inpainting model's own image conditioning is encoded: checked once the model is loaded)
     encodes_pixels = init_image is not None or (hires is not None and hires_upscaler == "pixel-lanczos")
+    if outpaint is not None:
+        from ..inpaint import check_inpainting_fill
+        from ..outpainting import check_outpainting
+
+        outpaint_directions = check_outpainting(outpaint, outpaint_mask_blur, outpaint_directions)
+        check_inpainting_fill(outpaint_fill)
+        if (init_image is None or Path(init_image).is_dir() or mask is not None or inpaint_full_res or count != 1
+                or loopback is not None or sd_upscale is not None):
+            raise ValueError("--outpaint is A1111's img2img script on one --init-image, run once: not with --mask / "
+                             "--inpaint-full-res (it masks the new border itself), --count, --loopback, --sd-upscale "
+                             "or a folder of images")
     loop_strengths = loop_curve = None
     if loopback is not None:
         from ..loopback import LOOPBACK_CURVES, check_loopback, loopback_strengths
@@ -742,14 +764,14 @@ def run_generate(
     if batch is not None:  # (A1111's batch: an image without its mask is skipped, with a warning)
         from .generate_batch import batch_outputs
 
-        for image, found in batch:
+        for image, found, _ in batch:
             if mask is not None and found is None:
                 say(f"warning: --mask {mask} has no mask named as {image.name}; skipping it, as A1111's batch does")
-        batch = [(image, found) for image, found in batch if mask is None or found is not None]
+        batch = [item for item in batch if mask is None or item[1] is not None]
         if not batch:
             raise ValueError(f"--mask {mask}: no mask is named as an image of --init-image {init_image} (a mask "
                              "IMAGE.* beside each IMAGE.png, or one mask for all)")
-    for image_file, mask_file in batch or [(init_image, mask)]:  # (every image and mask, before any loading)
+    for image_file, mask_file, _ in batch or [(init_image, mask, None)]:  # (every image and mask, before loading)
         check_inpaint_options(mask=mask_file, init_image=image_file, mask_blur=mask_blur, invert_mask=invert_mask,
                               inpainting_fill=inpainting_fill, inpainting_mask_weight=inpainting_mask_weight,
                               inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
@@ -758,10 +780,12 @@ def run_generate(
             from ..resize_modes import open_init_image
 
             open_init_image(image_file)  # (an unreadable image refused now, naming it: A1111 skips it)
+    if outpaint is not None:  # (the script sets p.mask_blur = 2·its blur and p.inpainting_fill to its own)
+        mask_blur, inpainting_fill = 2.0 * outpaint_mask_blur, outpaint_fill
     images = count * (loopback or 1)  # (--loopback: every loop's image is written)
     files = [target] if images == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(images)]
     if batch is not None:  # (each image's outputs under its own name in the --out folder)
-        files = [file for group in batch_outputs([image for image, _ in batch], target, count) for file in group]
+        files = [file for group in batch_outputs([image for image, *_ in batch], target, count) for file in group]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
@@ -1217,10 +1241,10 @@ def run_generate(
     unclip_for_seed = None  # (its level-0 noise drawn per image, for the image's seed: sdadapt.unclip.seeded_unclip_image)
     unclip_source = None if a1111_seeds is None else a1111_seeds.source
 
-    def inpaint_for(image_file, fill: str, mask_file) -> tuple:
+    def inpaint_for(image_file, fill: str, mask_file, latent_file=None) -> tuple:
         """An init image's inpainting inputs under ``mask_file`` with ``fill`` (:func:`.generate_inpaint.
-        inpaint_inputs`; ``None`` for "Only masked" with a blank mask) and an unCLIP model's seeded image of what it
-        inpaints."""
+        inpaint_inputs`; ``latent_file``: A1111's separate latent mask; ``None`` for "Only masked" with a blank mask)
+        and an unCLIP model's seeded image of what it inpaints."""
         from .generate_inpaint import inpaint_inputs
 
         inputs = inpaint_inputs(system, image_file, mask_file, height=size_h, width=size_w,
@@ -1228,7 +1252,8 @@ def run_generate(
                                 inpainting_fill=fill, inpainting_mask_weight=inpainting_mask_weight,
                                 resize_mode=resize_mode, inpaint_full_res=inpaint_full_res,
                                 inpaint_full_res_padding=32 if inpaint_full_res_padding is None
-                                else inpaint_full_res_padding, soft_inpainting=soft_inpainting)
+                                else inpaint_full_res_padding, soft_inpainting=soft_inpainting,
+                                latent_mask=latent_file)
         seeded = None
         if inputs is not None and getattr(system, "unclip", None) is not None:  # (A1111: the image it inpaints)
             from ..unclip import seeded_unclip_image
@@ -1256,7 +1281,7 @@ def run_generate(
                 say("unCLIP: conditioned on the CLIP image embedding of the image it inpaints (noise level 0), as "
                     "A1111's img2img_image_conditioning")
     model_conditioning = None  # (an inpainting model's img2img without a mask)
-    upscale = None  # (--sd-upscale: its tiles, each the init image of one img2img run)
+    tiled = None  # (--sd-upscale, --outpaint: the tiles, each the init image of one img2img run)
 
     def img2img_inputs(image_file) -> tuple:
         """An init image's ``(latents, an inpainting model's conditioning, an unCLIP model's seeded image)`` (the
@@ -1275,25 +1300,31 @@ def run_generate(
                                                  resize_mode=resize_mode, source=unclip_source)
         return latents, conditioning, seeded
 
-    if batch is not None:  # (the first image's: what the run's infotext reads, A1111's first image's)
-        if batch[0][1] is not None:
-            inpainting, unclip_for_seed = inpaint_for(batch[0][0], inpainting_fill, batch[0][1])
-        if inpainting is None:
-            init_latents, model_conditioning, unclip_for_seed = img2img_inputs(batch[0][0])
-    elif init_image is not None and inpainting is None:
-        if sd_upscaler is not None:  # (A1111's SD upscale: the tiles are the init images, in the loop)
-            import tempfile
+    if sd_upscaler is not None or outpaint is not None:  # (A1111's tiled scripts: the tiles are the init images)
+        import tempfile
 
-            from .generate_sd_upscale import sd_upscale_tiles
+        from .generate_tiles import outpainting_tiles, sd_upscale_tiles
 
-            folder = run_scope.enter_context(tempfile.TemporaryDirectory(prefix="sdadapt-sd-upscale-"))
-            upscale = sd_upscale_tiles(init_image, folder, scale=sd_upscale, overlap=sd_upscale_overlap,
-                                       upscaler=sd_upscaler, width=size_w, height=size_h)
-            big_w, big_h = upscale.grid.size
-            say(f"SD upscale of {init_image}: {big_w}x{big_h} by {sd_upscaler}, "
-                f"{plural(len(upscale.files), 'tile')} of {size_w}x{size_h} overlapping by {sd_upscale_overlap}")
+        folder = run_scope.enter_context(tempfile.TemporaryDirectory(prefix="sdadapt-tiles-"))
+        if sd_upscaler is not None:
+            tiled = sd_upscale_tiles(init_image, folder, scale=sd_upscale, overlap=sd_upscale_overlap,
+                                     upscaler=sd_upscaler, width=size_w, height=size_h)
+            say(f"SD upscale of {init_image}: {tiled.grid.size[0]}x{tiled.grid.size[1]} by {sd_upscaler}, "
+                f"{plural(len(tiled.run), 'tile')} of {size_w}x{size_h} overlapping by {sd_upscale_overlap}")
         else:
-            init_latents, model_conditioning, unclip_for_seed = img2img_inputs(init_image)
+            tiled = outpainting_tiles(init_image, folder, pixels=outpaint, mask_blur=outpaint_mask_blur,
+                                      directions=outpaint_directions, width=size_w, height=size_h)
+            say(f"poor man's outpainting of {init_image}: {tiled.grid.size[0]}x{tiled.grid.size[1]}, "
+                f"{plural(len(tiled.run), 'tile')} of {size_w}x{size_h} inpainted ({inpainting_fill})")
+    sources = tiled.sources if tiled is not None else batch  # (each image of a tiled run or a batch: its own inputs)
+    if sources is not None:  # (the first one's made here: what the run's infotext reads, A1111's first image's)
+        if sources[0][1] is not None:
+            inpainting, unclip_for_seed = inpaint_for(sources[0][0], inpainting_fill, sources[0][1], sources[0][2])
+        if inpainting is None:
+            init_latents, model_conditioning, unclip_for_seed = img2img_inputs(sources[0][0])
+    elif init_image is not None and inpainting is None:
+        init_latents, model_conditioning, unclip_for_seed = img2img_inputs(init_image)
+    if init_image is not None and inpainting is None and batch is None:
         say(f"img2img from {init_image} at denoising strength {denoising_strength:g} ({size_w}x{size_h}, "
             f"{resize_mode} resize{', exact steps' if img2img_fix_steps else ''})")
         if getattr(system, "unclip", None) is not None:
@@ -1393,7 +1424,7 @@ def run_generate(
                            upscaler=hires_upscaler, denoising=hires_denoising, sampler=hires_sampler,
                            guidance=hires_guidance,
                            schedule=hires_schedule),
-        mask=mask, inpainting=inpainting,
+        mask=mask if mask is not None or sources is None else sources[0][1], inpainting=inpainting,
         # (A1111's is_using_inpainting_conditioning: an init image on an inpainting model, every script's too)
         inpainting_model=init_image is not None and _is_inpainting_model(system),
         mask_options=dict(blur=4.0 if mask_blur is None else mask_blur, invert=invert_mask, fill=inpainting_fill,
@@ -1431,25 +1462,25 @@ def run_generate(
 
     # (each distinct text encoded once over the images: the same images; the refiner's too, whose weights the run
     # never changes: LoRAs, hypernetworks and step switches act on the base)
-    # (--sd-upscale: every tile of each upscale, tile k of upscale n with A1111's seed index n + k; --loopback: loop
-    # j of every batch, from the init image (j = 0) or the loop before's image; --init-image FOLDER: each image's
-    # outputs, its seeds seed + n as one image's: A1111 keeps p.seed over the batch)
-    if upscale is not None:
-        jobs = [(n + k, file, (tile, None)) for n, file in enumerate(files) for k, tile in enumerate(upscale.files)]
+    # (--sd-upscale, --outpaint: every run tile of each upscale, tile k of upscale n with A1111's seed index n + k;
+    # --loopback: loop j of every batch, from the init image (j = 0) or the loop before's image; --init-image FOLDER:
+    # each image's outputs, its seeds seed + n as one image's: A1111 keeps p.seed over the batch)
+    if tiled is not None:
+        jobs = [(n + k, file, source) for n, file in enumerate(files) for k, source in enumerate(tiled.sources)]
     elif batch is not None:
         jobs = [(i % count, file, batch[i // count]) for i, file in enumerate(files)]
     else:
         jobs = [(i, file, None) for i, file in enumerate(files)]
-    script_seeds = upscale is not None or loop_strengths is not None
+    script_seeds = tiled is not None or loop_strengths is not None
     with conditions_cached(system), conditions_cached(refiner_system):
         for done, (i, file, source) in enumerate(jobs):
             image_file = init_image if source is None else source[0]
             job_strength = denoising_strength
-            fresh = source is not None and (batch is None or done > 0)  # (a tile, a batch image but the first)
-            if fresh and source[1] is not None:  # (a batch image and its mask)
-                inpainting, unclip_for_seed = inpaint_for(source[0], inpainting_fill, source[1])
-            if fresh and (source[1] is None or inpainting is None):
-                init_latents, model_conditioning, unclip_for_seed = img2img_inputs(source[0])
+            if source is not None:  # (a tile or a batch image: the first one's inputs made above, a new one's here)
+                if done > 0 and source != jobs[done - 1][2] and source[1] is not None:
+                    inpainting, unclip_for_seed = inpaint_for(source[0], inpainting_fill, source[1], source[2])
+                if done > 0 and source != jobs[done - 1][2] and (source[1] is None or inpainting is None):
+                    init_latents, model_conditioning, unclip_for_seed = img2img_inputs(source[0])
             elif loop_strengths is not None:  # (A1111's loopback: "original" content after the first loop)
                 loop = i % len(loop_strengths)
                 image_file, job_strength = (init_image if loop == 0 else files[i - 1]), loop_strengths[loop]
@@ -1543,11 +1574,11 @@ def run_generate(
                 say(f"{file.name}: dpm_adaptive took {plural(report['n_accept'], 'step')} ({report['n_reject']} "
                     f"rejected), {plural(report['nfe'], 'model call')}")
                 report.clear()
-            if upscale is None:
+            if tiled is None:
                 parameters = infotext.for_image(i, **({} if loop_strengths is None else
                                                       {"denoising": job_strength, "fixed_subseed": True}))
                 written.append(str(write_png(file, image, text={"parameters": parameters})))
-            elif (combined := upscale.add(image)) is not None:  # (A1111 saves each with the first tile's infotext)
+            elif (combined := tiled.add(image)) is not None:  # (A1111 saves each with the first tile's infotext)
                 written.append(str(write_png(file, combined, text={"parameters": infotext.for_image(0)})))
             if progress is not None:
                 progress(done + 1, len(jobs), file.name)

@@ -232,8 +232,8 @@ def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool, rounded: b
 def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.PathLike, *, height: int, width: int,
                    mask_blur: float = 4.0, invert_mask: bool = False, inpainting_fill: str = "original",
                    inpainting_mask_weight: float = 1.0, resize_mode: str = "just", inpaint_full_res: bool = False,
-                   inpaint_full_res_padding: int = 32,
-                   soft_inpainting: SoftInpainting | None = None) -> InpaintInputs | None:
+                   inpaint_full_res_padding: int = 32, soft_inpainting: SoftInpainting | None = None,
+                   latent_mask: str | os.PathLike | None = None) -> InpaintInputs | None:
     """A1111's ``StableDiffusionProcessingImg2Img.init`` for the inpaint tab, on 8-bit PIL images as A1111 runs it.
 
     The mask is prepared at its own size (made binary, inverted, blurred: :func:`_prepared_mask`) and the init image
@@ -251,7 +251,10 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
     inpainting UNet's conditioning (``inpainting_mask_weight``, A1111's "Inpainting conditioning mask strength").
 
     ``soft_inpainting``: A1111's soft inpainting (its ``mask_round`` off: the RGBA mask's alpha and the latent mask
-    not rounded; the blend and the final composite: :mod:`sdadapt.soft_inpainting`).
+    not rounded; the blend and the final composite: :mod:`sdadapt.soft_inpainting`). ``latent_mask``: a mask file
+    of the output size taken as it is — no blur, no resize — for the fill and the latent mask (A1111's
+    ``p.latent_mask``, set by its Poor man's outpainting: :mod:`sdadapt.outpainting`); the prepared mask still makes
+    the overlay and an inpainting model's conditioning.
 
     Returns ``None`` for "Only masked" with a blank prepared mask: A1111 then says "Unable to perform Inpaint Only
     mask because mask is blank" and runs plain img2img (:func:`img2img_conditioning` and the job's img2img path).
@@ -287,13 +290,19 @@ def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.Pa
         mask = resize_image(mask, width, height, mode=resize_mode)  # (A1111 resizes the mask with the image's mode)
         image = resize_image(image, width, height, mode=resize_mode)
         original, overlay_mask = image, mask
+    latent = mask  # (A1111's latent_mask: p.latent_mask when given, else the prepared mask)
+    if latent_mask is not None:
+        from PIL import Image
+
+        with Image.open(latent_mask) as opened:
+            latent = opened.convert("L")
     if inpainting_fill != "original":  # (A1111's masking.fill for fill, latent noise and latent nothing)
-        image = inpaint.fill_masked_pixels(image, mask)
+        image = inpaint.fill_masked_pixels(image, latent)
     pixels = _tensor(image)  # (3, height, width) in [-1, 1]
     device = system.alphas_cumprod.device
     with torch.no_grad():
         init = system.encode_images(pixels[None].to(device)).float()
-    latmask = inpaint.latent_mask(mask, tuple(init.shape[-2:]), rounded=rounded).to(device)
+    latmask = inpaint.latent_mask(latent, tuple(init.shape[-2:]), rounded=rounded).to(device)
     conditioning = masked = None
     if _is_inpainting_model(system):
         pixel_mask = inpaint.conditioning_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)))
