@@ -76,27 +76,22 @@ def test_cli_latent_resize_samples_from_the_stretched_latents(plain_sd, tmp_path
                                                                vae_encode):
     """End to end: the sampler starts from A1111's mode-3 latents of the image (40 x 56 into 64 x 48), the mean or
     (``--vae-encode sample``) the seed's posterior sample, and the image differs from the pixel stretch's."""
-    from sdadapt import sampling
+    from generate_recorder import record_generate
+
     from sdadapt.jobs.models import load_system
 
     path = _write(tmp_path / "init.png", "RGB", 40, 56, seed=4)
-    seen = []
-    real = sampling.generate
-
-    def spy(system, prompts, **kw):
-        seen.append(kw["init_latents"].clone())
-        return real(system, prompts, **kw)
-
-    monkeypatch.setattr(sampling, "generate", spy)
+    calls = record_generate(monkeypatch)
     assert _cli(plain_sd, tmp_path / "latent.png", "--init-image", str(path), "--resize-mode", "latent",
                 "--vae-encode", vae_encode) == 0
     system = load_system(str(plain_sd), device=torch.device("cpu"))
     f = system.vae_factor
+    ours = calls[0][0]["init_latents"]
     if vae_encode == "mean":
         with torch.no_grad():
             _, theirs = _a1111_mode3_latents(path, 64, 48, lambda x: system.encode_images(x).float(), opt_f=f)
-        assert torch.allclose(seen[0], theirs, atol=1e-6), (seen[0] - theirs).abs().max()  # (the VAE loaded again)
-    assert seen[0].shape == (1, 4, 48 // f, 64 // f)
+        assert torch.allclose(ours, theirs, atol=1e-6), (ours - theirs).abs().max()  # (the VAE loaded again)
+    assert ours.shape == (1, 4, 48 // f, 64 // f)
     assert _cli(plain_sd, tmp_path / "just.png", "--init-image", str(path), "--vae-encode", vae_encode) == 0
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "latent.png")),
                               np.asarray(Image.open(tmp_path / "just.png")))

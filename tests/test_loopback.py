@@ -70,26 +70,23 @@ def _png_pixels(path):
 def test_cli_loopback_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # noqa: F811
     """3 loops x 2 batches: seeds 5..10, strengths 0.75 -> 0.5 (aggressive) in each batch, loop 0 from the init
     image and each later loop from the loop before's PNG; every image written with its own infotext."""
-    from sdadapt import resize_modes, sampling
+    from generate_recorder import record_generate
+
+    from sdadapt import resize_modes
 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    calls, pixels = [], []
-    real_generate, real_pixels = sampling.generate, resize_modes.init_image_pixels
-
-    def spy_generate(system, prompts, **kw):
-        calls.append((kw["seed"], kw["denoising_strength"]))
-        return real_generate(system, prompts, **kw)
-
+    pixels = []
+    real_pixels = resize_modes.init_image_pixels
     def spy_pixels(path, size, **kw):
         pixels.append(str(path))
         return real_pixels(path, size, **kw)
 
-    monkeypatch.setattr(sampling, "generate", spy_generate)
+    calls = record_generate(monkeypatch)
     monkeypatch.setattr(resize_modes, "init_image_pixels", spy_pixels)
     assert _cli(plain_sd, tmp_path / "loop.png", "--init-image", str(tmp_path / "in.png"), "--loopback", "3",
                 "--count", "2", "--denoising-strength", "0.75", "--loopback-curve", "Aggressive") == 0
     strengths = _a1111_strengths(0.75, 0.5, 3, "Aggressive")
-    assert calls == [(5 + i, strengths[i % 3]) for i in range(6)]
+    assert [(kw["seed"], kw["denoising_strength"]) for kw, _ in calls] == [(5 + i, strengths[i % 3]) for i in range(6)]
     outs = [tmp_path / f"loop-{i:02d}.png" for i in range(6)]
     # (one encoding per loop, from its init image: the first loop's is the run's own, made before the loop)
     assert pixels == [str(tmp_path / "in.png"), str(outs[0]), str(outs[1]),
@@ -159,20 +156,13 @@ def test_cli_loopback_with_a_variation_seed_moves_the_seed_not_the_subseed(plain
                                                                           monkeypatch):
     """A1111's loopback sets ``p.seed = processed.seed + 1`` after each loop, variation strength or not, and leaves
     ``p.subseed``: each loop draws with its own seed and the one variation seed, and says so in its infotext."""
-    from sdadapt import sampling
+    from generate_recorder import record_generate
 
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    seen = []
-    real = sampling.generate
-
-    def spy(system, prompts, **kw):
-        seen.append((kw["seed"], kw["noise"].subseed))
-        return real(system, prompts, **kw)
-
-    monkeypatch.setattr(sampling, "generate", spy)
+    calls = record_generate(monkeypatch)
     assert _cli(plain_sd, tmp_path / "loop.png", "--init-image", str(tmp_path / "in.png"), "--loopback", "3",
                 "--noise", "a1111-cpu", "--subseed", "7", "--subseed-strength", "0.5") == 0
-    assert seen == [(5, 7), (6, 7), (7, 7)]
+    assert [(kw["seed"], kw["noise"].subseed) for kw, _ in calls] == [(5, 7), (6, 7), (7, 7)]
     for i in range(3):
         text = Image.open(tmp_path / f"loop-{i:02d}.png").text["parameters"]
         assert f"Seed: {5 + i}," in text and "Variation seed: 7," in text

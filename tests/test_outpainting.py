@@ -98,18 +98,14 @@ def _cli(model, out, *extra):
 def test_cli_outpaint_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # noqa: F811
     """64 x 64 grown by 32 on each side -> 128 x 128, 8 of 3 x 3 tiles inpainted (the middle one is the image):
     each from A1111's tile, mask (blur 8) and latent mask with seed 5 + k, the PNG A1111's blend of them."""
-    from sdadapt import sampling
+    from generate_recorder import record_generate
+
     from sdadapt.jobs import generate_inpaint
     from sdadapt.jobs.generate_tiles import TiledRun
 
     _image(64, 64, 3).save(tmp_path / "in.png")
-    seeds, inputs, generated = [], [], []
-    real_generate, real_inputs, real_add = sampling.generate, generate_inpaint.inpaint_inputs, TiledRun.add
-
-    def spy_generate(system, prompts, **kw):
-        seeds.append(kw["seed"])
-        return real_generate(system, prompts, **kw)
-
+    inputs, generated = [], []
+    real_inputs, real_add = generate_inpaint.inpaint_inputs, TiledRun.add
     def spy_inputs(system, image_path, mask_path, **kw):
         inputs.append((np.asarray(Image.open(image_path)), np.asarray(Image.open(mask_path)),
                        np.asarray(Image.open(kw["latent_mask"])), kw["mask_blur"], kw["inpainting_fill"]))
@@ -119,13 +115,13 @@ def test_cli_outpaint_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # noqa
         generated.append(image.clone())
         return real_add(self, image)
 
-    monkeypatch.setattr(sampling, "generate", spy_generate)
+    calls = record_generate(monkeypatch)
     monkeypatch.setattr(generate_inpaint, "inpaint_inputs", spy_inputs)
     monkeypatch.setattr(TiledRun, "add", spy_add)
     assert _cli(plain_sd, tmp_path / "out.png", "--init-image", str(tmp_path / "in.png"), "--outpaint", "32") == 0
     grid, work, _ = _a1111_canvas(Image.open(tmp_path / "in.png").convert("RGB"), 32, 4,
                                   ["left", "right", "up", "down"], 64, 64)
-    assert len(work) == 8 and seeds == [5 + k for k in range(8)]
+    assert len(work) == 8 and [kw["seed"] for kw, _ in calls] == [5 + k for k in range(8)]
     for (_, tile, tile_mask, tile_latent), (image, mask, latent, blur, fill) in zip(work, inputs):
         assert np.array_equal(image, np.asarray(tile)) and np.array_equal(mask, np.asarray(tile_mask))
         assert np.array_equal(latent, np.asarray(tile_latent)) and blur == 8 and fill == "fill"

@@ -154,18 +154,15 @@ def test_cli_sd_upscale_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # no
     """80 x 96 at 1.5 by Lanczos -> 144 x 120, 3 x 3 tiles of 64 overlapping by 16: each tile img2img'd from A1111's
     tile pixels with seed 5 + k, the PNG A1111's blend of the tiles' images, with the first tile's infotext; a second
     upscale (--count 2) starts at seed 6."""
-    from sdadapt import resize_modes, sampling
+    from generate_recorder import record_generate
+
+    from sdadapt import resize_modes
     from sdadapt.jobs.generate_tiles import TiledRun
     from sdadapt.resize_modes import open_init_image
 
     _image(96, 80, 1).save(tmp_path / "small.png")
-    seeds, pixels, tiles = [], [], []
-    real_generate, real_encode, real_add = sampling.generate, resize_modes.init_image_pixels, TiledRun.add
-
-    def spy_generate(system, prompts, **kw):
-        seeds.append(kw["seed"])
-        return real_generate(system, prompts, **kw)
-
+    pixels, tiles = [], []
+    real_encode, real_add = resize_modes.init_image_pixels, TiledRun.add
     def spy_pixels(path, size, **kw):
         out = real_encode(path, size, **kw)
         pixels.append(out.clone())
@@ -175,12 +172,12 @@ def test_cli_sd_upscale_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # no
         tiles.append(image.clone())
         return real_add(self, image)
 
-    monkeypatch.setattr(sampling, "generate", spy_generate)
+    calls = record_generate(monkeypatch)
     monkeypatch.setattr(resize_modes, "init_image_pixels", spy_pixels)
     monkeypatch.setattr(TiledRun, "add", spy_add)
     assert _cli(plain_sd, tmp_path / "up.png", "--init-image", str(tmp_path / "small.png"), "--sd-upscale", "1.5",
                 "--sd-upscale-overlap", "16", "--count", "2") == 0
-    assert seeds == [5 + k for k in range(9)] + [6 + k for k in range(9)]
+    assert [kw["seed"] for kw, _ in calls] == [5 + k for k in range(9)] + [6 + k for k in range(9)]
     big = _a1111_upscale(open_init_image(tmp_path / "small.png"), 1.5, Image.LANCZOS)
     grid = _a1111_split_grid(big, tile_w=64, tile_h=64, overlap=16)
     flat = [item for _, _, row in grid.tiles for item in row]
@@ -235,21 +232,14 @@ def test_cli_sd_upscale_with_a_variation_seed_moves_the_seed_not_the_subseed(pla
                                                                             monkeypatch):
     """A1111's script sets ``p.seed = processed.seed + 1`` after each tile, variation strength or not, and leaves
     ``p.subseed``: every tile draws with its own seed and the one variation seed."""
-    from sdadapt import sampling
+    from generate_recorder import record_generate
 
     _image(96, 80, 1).save(tmp_path / "small.png")
-    seen = []
-    real = sampling.generate
-
-    def spy(system, prompts, **kw):
-        seen.append((kw["seed"], kw["noise"].subseed))
-        return real(system, prompts, **kw)
-
-    monkeypatch.setattr(sampling, "generate", spy)
+    calls = record_generate(monkeypatch)
     assert _cli(plain_sd, tmp_path / "up.png", "--init-image", str(tmp_path / "small.png"), "--sd-upscale", "1.5",
                 "--sd-upscale-overlap", "16", "--noise", "a1111-cpu", "--subseed", "7", "--subseed-strength",
                 "0.5") == 0
-    assert seen == [(5 + k, 7) for k in range(9)]
+    assert [(kw["seed"], kw["noise"].subseed) for kw, _ in calls] == [(5 + k, 7) for k in range(9)]
 
 
 def test_cli_sd_upscale_on_an_inpainting_model_writes_its_conditioning_weight(inpainting_sd, tmp_path):  # noqa: F811
