@@ -173,3 +173,10 @@ def test_cli_outpaint_refusals(plain_sd, tmp_path, capsys):  # noqa: F811
                     *extra) != 0, extra
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "a.png").exists()
+
+
+def test_the_outpainting_and_latent_resize_examples_in_docs_samplers_md_run():
+    from docs_pages import run_block_with
+
+    run_block_with("samplers.md", "outpainting_canvas(image, pixels=32")
+    run_block_with("samplers.md", "latent_resize(latents, (4, 6))")
