@@ -136,7 +136,9 @@ def test_check_and_split_refuse_what_a1111_cannot_run():
     with pytest.raises(ValueError, match="above 0"):
         check_sd_upscale(0.0, 64, "lanczos")
     with pytest.raises(ValueError, match="below the tile"):
-        check_sd_upscale(2.0, 64, "lanczos", tile_size=(64, 96))
+        split_grid(_image(200, 200, 0), tile_w=64, tile_h=96, overlap=64)
+    with pytest.raises(ValueError, match="at least 0"):
+        check_sd_upscale(2.0, -1, "lanczos")
     with pytest.raises(ValueError, match="smaller than a 64x64 tile"):
         split_grid(_image(60, 80, 0), tile_w=64, tile_h=64, overlap=8)
 

@@ -51,13 +51,12 @@ class TileGrid:
     overlap: int
 
 
-def check_sd_upscale(scale: float, overlap: int, upscaler: str, *, tile_size: tuple[int, int] | None = None) -> str:
+def check_sd_upscale(scale: float, overlap: int, upscaler: str) -> str:
     """The upscaler's A1111 name for ``upscaler`` (:data:`SD_UPSCALERS`, either spelling), the other settings checked
-    (``tile_size`` = (width, height): the generation's size, once known).
+    before the model's size is known (the overlap against the tile's sides: :func:`split_grid`).
 
     Raises:
-        ValueError: a scale that is not a finite number above 0, a negative overlap or one not below the tile's
-            sides (A1111's grid then has no step), an unknown upscaler.
+        ValueError: a scale that is not a finite number above 0, a negative overlap, an unknown upscaler.
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"--sd-upscale is the scale factor, a number above 0 (A1111's slider: 1 to 4), got {scale}")
@@ -68,10 +67,9 @@ def check_sd_upscale(scale: float, overlap: int, upscaler: str, *, tile_size: tu
     except ValueError as exc:
         raise ValueError(f"{exc}: A1111's built-in upscalers (ESRGAN and its other model upscalers are not run "
                          "here)") from None
-    if overlap < 0 or (tile_size is not None and overlap >= min(tile_size)):
-        raise ValueError(f"--sd-upscale-overlap must be at least 0 and below the tile's sides (--width x --height, "
-                         f"{'' if tile_size is None else f'{tile_size[0]}x{tile_size[1]}, '}A1111's slider: 0 to "
-                         f"256), got {overlap}")
+    if overlap < 0:
+        raise ValueError(f"--sd-upscale-overlap must be at least 0 and below the tile's sides (--width x --height; "
+                         f"A1111's slider: 0 to 256), got {overlap}")
     return SD_UPSCALERS[name]
 
 

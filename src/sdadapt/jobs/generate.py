@@ -1477,18 +1477,20 @@ def run_generate(
             image_file = init_image if source is None else source[0]
             job_strength = denoising_strength
             if source is not None:  # (a tile or a batch image: the first one's inputs made above, a new one's here)
-                if done > 0 and source != jobs[done - 1][2] and source[1] is not None:
-                    inpainting, unclip_for_seed = inpaint_for(source[0], inpainting_fill, source[1], source[2])
-                if done > 0 and source != jobs[done - 1][2] and (source[1] is None or inpainting is None):
-                    init_latents, model_conditioning, unclip_for_seed = img2img_inputs(source[0])
+                if done > 0 and source != jobs[done - 1][2]:
+                    if source[1] is not None:
+                        inpainting, unclip_for_seed = inpaint_for(source[0], inpainting_fill, source[1], source[2])
+                    if source[1] is None or inpainting is None:
+                        init_latents, model_conditioning, unclip_for_seed = img2img_inputs(source[0])
             elif loop_strengths is not None:  # (A1111's loopback: "original" content after the first loop)
                 loop = i % len(loop_strengths)
                 image_file, job_strength = (init_image if loop == 0 else files[i - 1]), loop_strengths[loop]
-                if done and mask is not None:  # (the first image's inputs are the run's own, made above)
-                    inpainting, unclip_for_seed = inpaint_for(image_file, inpainting_fill if loop == 0 else "original",
-                                                              mask)
-                if done and (inpainting is None or mask is None):
-                    init_latents, model_conditioning, unclip_for_seed = img2img_inputs(image_file)
+                if done:  # (the first image's inputs are the run's own, made above)
+                    if mask is not None:
+                        inpainting, unclip_for_seed = inpaint_for(image_file, "original" if loop else inpainting_fill,
+                                                                  mask)
+                    if mask is None or inpainting is None:
+                        init_latents, model_conditioning, unclip_for_seed = img2img_inputs(image_file)
             # (SD upscale, loopback: A1111's scripts set p.seed = processed.seed + 1 after each run whatever the
             # variation strength, and never move p.subseed: every image's variation seed is SUBSEED)
             varied = a1111_seeds is not None and not script_seeds

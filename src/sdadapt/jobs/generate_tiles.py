@@ -23,8 +23,8 @@ __all__ = ["TiledRun", "outpainting_tiles", "sd_upscale_tiles"]
 class TiledRun:
     """The tiles of one tiled run: ``grid`` (:class:`~sdadapt.sd_upscale.TileGrid`), ``run`` the indices of the
     tiles that are generated (the others stay the grid's own), ``sources`` their ``(image, mask, latent mask)``
-    PNGs (the masks ``None`` for plain img2img); :meth:`add` collects each generated tile, :meth:`add` returns the
-    blend of a full set."""
+    PNGs (the masks ``None`` for plain img2img); :meth:`add` collects each generated tile and returns the blend of
+    a full set."""
 
     grid: TileGrid
     run: tuple[int, ...]
