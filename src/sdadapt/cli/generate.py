@@ -83,15 +83,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _cmd_generate_image_vectors(args)
     if args.infotext is not None:
         _take_infotext(args)
-    if args.prompt is None:
+    if args.prompt is None and args.prompts_file is None:
         raise InputError("--prompt is required: what to draw (--prompt '' for none)")
 
     def log(line: str) -> None:
         if not args.quiet or line.startswith("warning:"):
             print(line, file=sys.stderr)
 
-    result = run_generate(
-        model=args.model, prompt=args.prompt, negative=args.negative, comments=args.comments, loras=args.lora,
+    options = dict(  # noqa: C408 - run_generate's keywords, as its call reads
+        model=args.model, prompt=args.prompt or "", negative=args.negative, comments=args.comments, loras=args.lora,
         embeddings=args.embedding, embeddings_dir=args.embeddings_dir,
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
         seed=args.seed, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
@@ -143,8 +143,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         loopback_final_denoising=args.loopback_final_denoising, loopback_curve=args.loopback_curve,
         outpaint=args.outpaint, outpaint_directions=args.outpaint_directions,
         outpaint_mask_blur=args.outpaint_mask_blur, outpaint_fill=args.outpaint_fill,
-        progress=progress_bar(args, "generate", unit="image") if _many_images(args) else None, log=log,
     )
+    if args.prompts_file is not None:  # (A1111's "Prompts from file or textbox": sdadapt.jobs.generate_prompt_lines)
+        from ..jobs.generate_prompt_lines import read_prompts_file, run_prompt_lines
+
+        result = run_prompt_lines(read_prompts_file(args.prompts_file, log=log),
+                                  iterate_seed=args.prompts_file_iterate_seed, same_seed=args.prompts_file_same_seed,
+                                  insert=args.prompts_file_insert, source=args.prompts_file,
+                                  progress=progress_bar(args, "generate", unit="line"),
+                                  log=log, **options)
+        for file in result["files"]:
+            print(f"wrote {file}")
+        return 0
+    result = run_generate(**options, progress=progress_bar(args, "generate", unit="image") if _many_images(args)
+                          else None, log=log)
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
     from ..jobs.generate import image_seed
 
@@ -586,6 +598,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--count", type=positive_int, default=1,
                           help="images (seeds SEED, SEED+1, ...; with --subseed-strength all SEED, as A1111; "
                           "OUT-00.png ...)")
+    lines = generate.add_argument_group("A1111's \"Prompts from file or textbox\" (docs/prompts.md, 'A prompts file')")
+    lines.add_argument("--prompts-file", default=None, metavar="FILE",
+                       help="one run per line of FILE: a prompt, or A1111's line options (--prompt TEXT "
+                       "--negative_prompt TEXT --seed N --steps N --cfg_scale F --sampler_name NAME --width PX "
+                       "--height PX --n_iter N --batch_size N ...); the line's prompt goes before --prompt's; line k "
+                       "writes OUT-kk.png (OUT-kk-ii.png for several images); the model is loaded once")
+    lines.add_argument("--prompts-file-iterate-seed", action="store_true",
+                       help="A1111's \"Iterate seed every line\": the seed moves by --count after each line")
+    lines.add_argument("--prompts-file-same-seed", action="store_true",
+                       help="A1111's \"Use same random seed for all lines\": --seed -1 drawn once for all lines")
+    lines.add_argument("--prompts-file-insert", choices=("start", "end"), default="start",
+                       help="A1111's \"Insert prompts at the\": a line's prompt before --prompt's (start, default) "
+                       "or after it (end)")
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
     generate.add_argument("--vae", default=None, metavar="FILE|DIR",
                           help="a VAE that decodes the images instead of the model's (kohya's --vae): an LDM or diffusers "
@@ -658,6 +683,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: args.outpaint is not None)
     only_with(generate, ["--sd-upscale", "--loopback", "--outpaint"], needs="--init-image IMAGE",
               when=lambda args: args.init_image is not None)
+    only_with(generate, ["--prompts-file-iterate-seed", "--prompts-file-same-seed", "--prompts-file-insert"],
+              needs="--prompts-file FILE", when=lambda args: args.prompts_file is not None)
     only_with(generate, ["--loopback-final-denoising", "--loopback-curve"], needs="--loopback N",
               when=lambda args: args.loopback is not None)
     only_with(generate, ["--sd-upscale-overlap", "--sd-upscale-upscaler"], needs="--sd-upscale SCALE",

@@ -17,6 +17,7 @@ from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..plurals import plural
 from ..soft_inpainting import SoftInpainting
 from ..token_merging import check_token_merging_ratio
+from .loaded_models import LoadedModels
 from .models import load_system, resolve_device
 from .train import _toy_vocabulary
 
@@ -175,6 +176,7 @@ def run_generate(
     outpaint_mask_blur: int = 4,
     outpaint_fill: str = "fill",
     vae_encode: str = "mean",
+    loaded: LoadedModels | None = None,
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -447,6 +449,8 @@ def run_generate(
             :meth:`sdadapt.diffusers_system.DiffusersSystem.sample`): on an inpainting model ``"sample"`` needs no
             init image. ``"sample"`` is written in the infotext (``VAE encode: sample``). docs/samplers.md, "Encoding the init
             image".
+        loaded: models kept loaded over several runs (:class:`sdadapt.jobs.loaded_models.LoadedModels`: a
+            prompts file's lines): ``model`` and ``refiner`` loaded once, each run given its own copy of them.
 
     Returns:
         ``{"files": [...], "seed": int, "subseed": int | None, "seconds": ..., "loras": [...],
@@ -902,8 +906,9 @@ def run_generate(
         if asked == RANDOM_SEED:  # A1111's -1: a random seed (processing.get_fixed_seed), said to make it again
             say(f"{option} -1: drew {drawn} (pass {option} {drawn} to make the same image again)")
     start = time.perf_counter()
-    system = load_system(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
-                         clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say, clip_stats=clip_stats)
+    load = load_system if loaded is None else loaded.load  # (a prompts file's lines: loaded once, each a copy)
+    system = load(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
+                  clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say, clip_stats=clip_stats)
     from .generate_inpaint import _is_inpainting_model
 
     if vae_encode == "sample" and not encodes_pixels and not _is_inpainting_model(system):
@@ -967,8 +972,8 @@ def run_generate(
     if refiner is not None:  # (both held at once: the base's latents go to the refiner undecoded)
         from .generate_refiner import check_refiner_pair
 
-        refiner_system = load_system(str(refiner), device=resolve_device(device), prediction_type=prediction_type,
-                                     vae=vae, log=say)
+        refiner_system = load(str(refiner), device=resolve_device(device), prediction_type=prediction_type,
+                              vae=vae, log=say)
         check_refiner_pair(system, refiner_system)
         refiner_system.emphasis = emphasis
         say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
