@@ -144,6 +144,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         outpaint=args.outpaint, outpaint_directions=args.outpaint_directions,
         outpaint_mask_blur=args.outpaint_mask_blur, outpaint_fill=args.outpaint_fill,
     )
+    axes = [args.xyz_x, args.xyz_y, args.xyz_z]
+    if any(axis is not None for axis in axes):  # (A1111's "X/Y/Z plot": sdadapt.jobs.generate_xyz)
+        from ..jobs.generate_xyz import run_xyz_plot
+
+        if args.prompts_file is not None:
+            raise InputError("--xyz-x/-y/-z and --prompts-file are two of A1111's scripts, which runs one at a time; "
+                             "leave one out")
+        result = run_xyz_plot(axes, legend=args.xyz_legend, keep_random_seeds=args.xyz_keep_random_seeds,
+                              vary_seeds=args.xyz_vary_seeds or (), sub_grids=args.xyz_sub_grids,
+                              margin=args.xyz_margin, font=args.xyz_font,
+                              progress=progress_bar(args, "generate", unit="cell"), log=log, **options)
+        for file in result["files"]:
+            print(f"wrote {file}")
+        return 0
     if args.prompts_file is not None:  # (A1111's "Prompts from file or textbox": sdadapt.jobs.generate_prompt_lines)
         from ..jobs.generate_prompt_lines import read_prompts_file, run_prompt_lines
 
@@ -611,6 +625,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     lines.add_argument("--prompts-file-insert", choices=("start", "end"), default="start",
                        help="A1111's \"Insert prompts at the\": a line's prompt before --prompt's (start, default) "
                        "or after it (end)")
+    xyz = generate.add_argument_group("A1111's \"X/Y/Z plot\" (docs/samplers.md, 'X/Y/Z plot')")
+    for axis in "xyz":
+        xyz.add_argument(f"--xyz-{axis}", nargs=2, default=None, metavar=("TYPE", "VALUES"),
+                         help=f"the grid's {axis.upper()} axis: an A1111 axis type (Seed, Steps, 'CFG Scale', "
+                         "'Prompt S/R', Sampler, 'Checkpoint name', Size, ...) and its values as A1111 reads them "
+                         "('10-30 (+10)', '5, 7.5', '0-1 [5]', 'cat, dog'); one run per cell, the grid written to "
+                         "OUT, cell k to OUT-kk.png" if axis == "x" else f"the grid's {axis.upper()} axis (as "
+                         "--xyz-x)")
+    xyz.add_argument("--xyz-no-legend", dest="xyz_legend", action="store_false",
+                     help="no labels around the grid (A1111's \"Draw legend\" off; the legend needs Pillow)")
+    xyz.add_argument("--xyz-keep-random-seeds", action="store_true",
+                     help="A1111's \"Keep -1 for seeds\": a seed -1 drawn per cell (default: once for all)")
+    xyz.add_argument("--xyz-vary-seeds", nargs="+", choices=("x", "y", "z"), default=None, metavar="AXIS",
+                     help="A1111's \"Vary seeds for X/Y/Z\": the seed moves along these axes (x y z)")
+    xyz.add_argument("--xyz-sub-grids", action="store_true",
+                     help="A1111's \"Include Sub Grids\": with a Z axis, each Z value's grid too (OUT-zNN.png)")
+    xyz.add_argument("--xyz-margin", type=int, default=0, metavar="PX",
+                     help="A1111's \"Grid margins (px)\" between the cells of a legend grid (default 0)")
+    xyz.add_argument("--xyz-font", default=None, metavar="TTF",
+                     help="a TrueType font for the legend (A1111's \"Font for image grids\"; default Pillow's)")
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
     generate.add_argument("--vae", default=None, metavar="FILE|DIR",
                           help="a VAE that decodes the images instead of the model's (kohya's --vae): an LDM or diffusers "
@@ -683,6 +717,9 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: args.outpaint is not None)
     only_with(generate, ["--sd-upscale", "--loopback", "--outpaint"], needs="--init-image IMAGE",
               when=lambda args: args.init_image is not None)
+    only_with(generate, ["--xyz-no-legend", "--xyz-keep-random-seeds", "--xyz-vary-seeds", "--xyz-sub-grids",
+                         "--xyz-margin", "--xyz-font"], needs="--xyz-x, --xyz-y or --xyz-z",
+              when=lambda args: any(getattr(args, f"xyz_{axis}") is not None for axis in "xyz"))
     only_with(generate, ["--prompts-file-iterate-seed", "--prompts-file-same-seed", "--prompts-file-insert"],
               needs="--prompts-file FILE", when=lambda args: args.prompts_file is not None)
     only_with(generate, ["--loopback-final-denoising", "--loopback-curve"], needs="--loopback N",

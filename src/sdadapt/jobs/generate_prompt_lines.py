@@ -48,9 +48,6 @@ PROMPT_LINE_OPTIONS: dict[str, Callable[[str], object]] = {
 #: the options that change nothing here: A1111's grids (the script turns them off), its UI's prompt text
 _NO_EFFECT = ("outpath_grids", "do_not_save_grid", "prompt_for_display")
 
-#: A1111's checkpoint files (``modules/sd_models.py`` ``list_models``)
-_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-
 
 @dataclasses.dataclass(frozen=True)
 class PromptLine:
@@ -160,31 +157,6 @@ def _joined(line_text: str | None, given: str, insert: str) -> str | None:
     return f"{line_text} {given}" if insert == "start" else f"{given} {line_text}"
 
 
-def _checkpoint(name: str, model: str) -> str:
-    """A line's ``--sd_model NAME`` as a model path: ``NAME`` itself where it exists, else A1111's
-    ``get_closet_checkpoint_match`` over the checkpoints beside ``model`` (its folder, recursively): the file whose
-    path there (or its stem) is ``NAME``, else the shortest whose path contains ``NAME`` (A1111's " [hash]" suffix
-    ignored)."""
-    if Path(name).exists():
-        return name
-    base = Path(model)
-    folder = base.parent if base.is_file() else base.parent if base.is_dir() else None
-    if folder is None:
-        raise ValueError(f"--sd_model {name}: no such file, and --model {model} names no folder to look in; give "
-                         "the checkpoint's path")
-    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in _CHECKPOINT_SUFFIXES)
-    names = {path.relative_to(folder).as_posix(): path for path in files}
-    for wanted in (name, re.sub(r"\s*\[\w+\]$", "", name)):
-        exact = names.get(wanted) or next((path for key, path in names.items() if Path(key).stem == wanted), None)
-        if exact is not None:
-            return str(exact)
-        close = sorted((key for key in names if wanted in key), key=len)
-        if close:
-            return str(names[close[0]])
-    raise ValueError(f"--sd_model {name}: no such checkpoint, nor one named so in {folder} (A1111's 'Unknown "
-                     "checkpoint'); give its path or file name")
-
-
 def line_settings(options: Mapping[str, object], given: Mapping[str, object], *, insert: str = "start",
                   log: Callable[[str], None] | None = None) -> dict[str, object]:
     """The :func:`~sdadapt.jobs.generate.run_generate` arguments a line's ``options`` change, over the run's
@@ -193,7 +165,7 @@ def line_settings(options: Mapping[str, object], given: Mapping[str, object], *,
     As A1111's script sets them on its copy of the run: ``prompt`` / ``negative_prompt`` joined to the given ones
     (:func:`_joined`), ``cfg_scale`` the guidance, ``sampler_name`` A1111's label, ``batch_size`` × ``n_iter`` the
     image count (the given ``count`` being ``n_iter``), ``seed_resize_from_h`` / ``_w`` the given size's parts,
-    ``outpath_samples`` the folder of the line's images, ``sd_model`` the model (:func:`_checkpoint`);
+    ``outpath_samples`` the folder of the line's images, ``sd_model`` the model (:func:`~sdadapt.jobs.models.checkpoint_by_name`);
     ``sampler_index`` does nothing (A1111 1.x ignores it: said), nor do ``outpath_grids``, ``do_not_save_grid``
     and ``prompt_for_display`` (no grids here).
 
@@ -202,6 +174,7 @@ def line_settings(options: Mapping[str, object], given: Mapping[str, object], *,
             an unknown sampler, a count or size below 1.
     """
     from ..sampler_tables import sampler_schedule_from_label
+    from .models import checkpoint_by_name
 
     settings: dict[str, object] = {}
     for key, value in options.items():
@@ -220,7 +193,8 @@ def line_settings(options: Mapping[str, object], given: Mapping[str, object], *,
                 raise ValueError(f"--sampler_name {value}: {exc}") from None
             settings["sampler"] = value
         elif key == "sd_model":
-            settings["model"] = _checkpoint(str(value), str(given.get("model", "toy")))
+            settings["model"] = checkpoint_by_name(str(value), beside=str(given.get("model", "toy")),
+                                                   option="--sd_model")
         elif key == "outpath_samples":
             settings["out"] = str(Path(str(value)) / Path(str(given["out"])).name)
         elif key in ("restore_faces", "do_not_save_samples") and value:

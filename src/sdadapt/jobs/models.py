@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_system", "resolve_device"]
+__all__ = ["CHECKPOINT_SUFFIXES", "checkpoint_by_name", "load_system", "resolve_device"]
 
 
 def _is_toy_file(model: str) -> bool:
@@ -87,3 +87,40 @@ def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None
         if log is not None:
             log(note)
     return system
+
+
+#: A1111's checkpoint files (``modules/sd_models.py`` ``list_models``)
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def checkpoint_by_name(name: str, *, beside: str | os.PathLike, option: str = "--model",
+                       suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> str:
+    """A model named as A1111 names checkpoints (a prompts file's ``--sd_model``, an X/Y/Z "Checkpoint name") as a
+    path: ``name`` itself where it exists, else A1111's ``get_closet_checkpoint_match`` over the files with
+    ``suffixes`` in the folder of ``beside`` (the run's model; recursively): the one whose path there, or whose
+    stem, is ``name``, else the shortest path containing ``name`` — each tried again without A1111's
+    ``" [hash]"`` suffix.
+
+    Raises:
+        ValueError: no such file nor one named so (A1111's "Unknown checkpoint"), named by ``option``.
+    """
+    import re
+
+    if Path(name).exists():
+        return name
+    base = Path(beside)
+    if not base.exists():
+        raise ValueError(f"{option} {name}: no such file, and {beside} names no folder to look in; give the "
+                         "checkpoint's path")
+    folder = base.parent
+    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in suffixes)
+    names = {path.relative_to(folder).as_posix(): path for path in files}
+    for wanted in (name, re.sub(r"\s*\[\w+\]$", "", name)):
+        exact = names.get(wanted) or next((path for key, path in names.items() if Path(key).stem == wanted), None)
+        if exact is not None:
+            return str(exact)
+        close = sorted((key for key in names if wanted in key), key=len)
+        if close:
+            return str(names[close[0]])
+    raise ValueError(f"{option} {name}: no such file, nor one named so in {folder} (A1111's 'Unknown checkpoint'); "
+                     "give its path or file name")
