@@ -477,3 +477,14 @@ def test_a_checkpoint_axis_loads_each_model_once_and_runs_it_outermost(tmp_path,
                      "a red circle", "--seed", "2", "--steps", steps, "-q", "-o", str(tmp_path / f"own{k}.png")]) == 0
         assert np.array_equal(_pixels(tmp_path / f"g-{k:02d}.png"), _pixels(tmp_path / f"own{k}.png")), k
     assert not np.array_equal(_pixels(tmp_path / "g-00.png"), _pixels(tmp_path / "g-02.png"))
+
+
+def test_an_axis_is_checked_on_the_run_the_other_axes_make():
+    given_ = {"prompt": "a cat", "model": "toy", "out": "x.png"}
+    XyzRun([("Var. strength", "0, 0.5"), ("RNG source", "CPU, GPU")], given_)  # (the noise from the other axis)
+    with pytest.raises(ValueError, match="--xyz-x 'Var. strength': a variation seed is A1111's noise"):
+        XyzRun([("Var. strength", "0, 0.5"), ("Steps", "1")], given_)
+    from sdadapt.jobs.generate_xyz import run_xyz_plot
+
+    with pytest.raises(ValueError, match="adds each cell's index to the -1"):
+        run_xyz_plot([("Steps", "1, 2")], vary_seeds=["x"], keep_random_seeds=True, seed=-1, **given_)

@@ -8,6 +8,7 @@ and checked — samplers, schedules, upscalers, checkpoints, sizes — before th
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -47,10 +48,15 @@ class XyzRun:
         if twice is not None:
             raise ValueError(f"--xyz-x/-y/-z: {twice!r} on two axes; give each type once")
         self.given = dict(given)
-        for name, (axis, values, _) in zip("xyz", self.axes):  # (every value's settings checked now)
-            for value in values:
+        for position, (name, (axis, values, _)) in enumerate(zip("xyz", self.axes)):  # (every value checked now,
+            for value in values:  # on the run as the other axes' first values set it: a refiner, A1111's noise)
+                settings = dict(self.given)
+                for other, (other_axis, other_values, _) in enumerate(self.axes):
+                    if other != position:
+                        with contextlib.suppress(ValueError):  # (its own values are checked in their turn)
+                            settings.update(xyz_cell_settings(other_axis, other_values[0], other_values, settings))
                 try:
-                    xyz_cell_settings(axis, value, values, self.given)
+                    xyz_cell_settings(axis, value, values, settings)
                 except ValueError as exc:
                     raise ValueError(f"--xyz-{name} {axis.label!r}: {exc}") from None
 
@@ -213,6 +219,10 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, legend: bool = True,
         except ImportError:
             raise ImportError("the X/Y/Z plot's legend is drawn with Pillow: pip install 'sdadapt[images]' (or "
                               "pillow), or --xyz-no-legend") from None
+    if vary_seeds and keep_random_seeds and int(given.get("seed", 0)) == RANDOM_SEED:  # type: ignore[call-overload]
+        raise ValueError("--xyz-vary-seeds with --xyz-keep-random-seeds and --seed -1: A1111 adds each cell's index "
+                         "to the -1 itself (seeds 0, 1, ... after a random first one); give a seed, or leave one of "
+                         "the two options out")
     run = XyzRun(axes, given, keep_random_seeds=keep_random_seeds)
     nx, ny, nz = run.lengths
     say = log if log is not None else (lambda _line: None)
