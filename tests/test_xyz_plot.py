@@ -17,15 +17,14 @@ from hypothesis import strategies as st
 from sdadapt.cli import main
 from sdadapt.images import decode_png, read_png_text
 from sdadapt.jobs.generate_xyz import XyzRun, xyz_cell_settings
+from sdadapt.labelled_grid import annotate_grid, cells_grid
 from sdadapt.xyz_plot import (
     XYZ_AXES,
-    annotate_grid,
     axis_label,
     axis_values,
     cell_order,
     csv_values,
     find_axis,
-    image_grid,
     prompt_order,
     prompt_sr,
 )
@@ -205,6 +204,9 @@ def _a1111_draw_grid_annotations(im, width, height, hor_texts, ver_texts, margin
                     break
             drawing.multiline_text((draw_x, draw_y + line.size[1] / 2), line.text, font=fnt,
                                    fill=color_active if line.is_active else color_inactive, anchor="mm", align="center")
+            if not line.is_active:
+                drawing.line((draw_x - line.size[0] // 2, draw_y + line.size[1] // 2, draw_x + line.size[0] // 2,
+                              draw_y + line.size[1] // 2), fill=color_inactive, width=4)
             draw_y += line.size[1] + line_spacing
 
     fontsize = (width + height) // 25
@@ -325,7 +327,7 @@ def test_image_grid_is_a1111s(sizes, rows, seed):
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
     expected = np.asarray(_a1111_image_grid([Image.fromarray(image) for image in images], rows))
-    assert np.array_equal(image_grid(images, rows=rows), expected)
+    assert np.array_equal(cells_grid(images, rows=rows), expected)
 
 
 @pytest.mark.parametrize(("cell", "hor", "ver", "margin"), [
@@ -333,6 +335,8 @@ def test_image_grid_is_a1111s(sizes, rows, seed):
     ((96, 64), ["a very long label that has to wrap over several lines", "x"], [""], 6),
     ((128, 128), ["Sampler"], ["Euler a", "DPM++ 2M Karras with a long tail of words"], 10),
     ((48, 80), ["", ""], ["", ""], 4),
+    ((64, 96), [[("a cat", False), ("on a mat", False)], [("a cat", True), ("on a mat", False)]],
+     [[("in the snow at night", True)], [("in the snow at night", False)]], 2),  # (a prompt matrix's)
 ])
 def test_the_legend_is_laid_out_as_a1111_lays_it_out(cell, hor, ver, margin):
     if not features.check("freetype2"):
@@ -340,8 +344,12 @@ def test_the_legend_is_laid_out_as_a1111_lays_it_out(cell, hor, ver, margin):
     width, height = cell
     rng = np.random.default_rng(0)
     grid = rng.integers(0, 256, (height * len(ver), width * len(hor), 3), dtype=np.uint8)
-    expected = _a1111_draw_grid_annotations(Image.fromarray(grid), width, height, [[GridAnnotation(t)] for t in hor],
-                                            [[GridAnnotation(t)] for t in ver], margin)
+    def annotations(labels):
+        return [[GridAnnotation(label)] if isinstance(label, str) else [GridAnnotation(*line) for line in label]
+                for label in labels]
+
+    expected = _a1111_draw_grid_annotations(Image.fromarray(grid), width, height, annotations(hor), annotations(ver),
+                                            margin)
     got = annotate_grid(grid, width, height, hor, ver, margin=margin)
     assert got.shape == np.asarray(expected).shape and np.array_equal(got, np.asarray(expected))
 
@@ -402,8 +410,8 @@ def test_every_cell_is_its_own_runs_image_and_the_grid_is_theirs(tmp_path, capsy
                              "-o", str(own)]) == 0
                 assert (tmp_path / f"g-{k:02d}.png").read_bytes() == own.read_bytes(), k
                 cells.append(_pixels(own))
-    subs = [image_grid(cells[:4], rows=2), image_grid(cells[4:], rows=2)]
-    assert np.array_equal(_pixels(tmp_path / "g.png"), image_grid(subs, rows=1))
+    subs = [cells_grid(cells[:4], rows=2), cells_grid(cells[4:], rows=2)]
+    assert np.array_equal(_pixels(tmp_path / "g.png"), cells_grid(subs, rows=1))
     assert np.array_equal(_pixels(tmp_path / "g-z01.png"), subs[1])
     text = read_png_text(tmp_path / "g.png")["parameters"]
     cell_text = read_png_text(tmp_path / "g-00.png")["parameters"]

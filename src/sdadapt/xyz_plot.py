@@ -3,9 +3,8 @@ them, the runs' order and seeds, and the grid it draws.
 
 The pure parts, torch-free: :func:`csv_values` and :func:`axis_values` (A1111's ``process_axis``: ``1-5``,
 ``1-9 (+2)``, ``0-1 [5]``), :data:`XYZ_AXES` (every axis type by its A1111 label, what it sets), :func:`prompt_sr`
-and :func:`prompt_order` (the two prompt axes), :func:`cell_order` (A1111's loop nesting by cost),
-:func:`image_grid` (A1111's ``images.image_grid``) and :func:`annotate_grid` (``images.draw_grid_annotations``, with
-Pillow). :mod:`sdadapt.jobs.generate_xyz` runs it (``generate --xyz-x TYPE VALUES``).
+and :func:`prompt_order` (the two prompt axes), :func:`cell_order` (A1111's loop nesting by cost). The grid is
+:mod:`sdadapt.labelled_grid`'s; :mod:`sdadapt.jobs.generate_xyz` runs it (``generate --xyz-x TYPE VALUES``).
 """
 
 from __future__ import annotations
@@ -14,23 +13,20 @@ import csv
 import dataclasses
 import io
 import itertools
-import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 __all__ = [
     "XYZ_AXES",
     "XyzAxis",
-    "annotate_grid",
     "axis_label",
     "axis_values",
     "cell_order",
     "csv_values",
     "find_axis",
-    "image_grid",
     "prompt_order",
     "prompt_sr",
 ]
@@ -247,119 +243,3 @@ def cell_order(lengths: tuple[int, int, int], costs: tuple[float, float, float])
                 index[first], index[second], index[third] = a, b, c
                 cells.append((index[0], index[1], index[2]))
     return cells
-
-
-def image_grid(images: Sequence[np.ndarray], *, rows: int) -> np.ndarray:
-    """A1111's ``images.image_grid``: ``images`` ``(H, W, 3)`` uint8 in ``rows`` rows (at most one per image) of
-    ``ceil(n / rows)`` columns, each cell the largest image's size, a smaller image centred in its cell, on A1111's
-    default grid background (white) -> ``(rows·H, cols·W, 3)`` uint8."""
-    rows = min(rows, len(images))
-    cols = math.ceil(len(images) / rows)
-    h = max(image.shape[0] for image in images)
-    w = max(image.shape[1] for image in images)
-    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        top = i // cols * h + (0 if image.shape[0] == h else (h - image.shape[0]) // 2)
-        left = i % cols * w + (0 if image.shape[1] == w else (w - image.shape[1]) // 2)
-        grid[top:top + image.shape[0], left:left + image.shape[1]] = image[..., :3]
-    return grid
-
-
-def _font_maker(font: str | os.PathLike | None) -> Callable[[int], object]:
-    """``size -> font``: ``font`` (a TrueType file, A1111's ``opts.font``) or Pillow's own scalable font."""
-    from PIL import ImageFont
-
-    def make(size: int) -> object:
-        if font is not None:
-            return ImageFont.truetype(str(font), max(size, 1))
-        try:
-            return ImageFont.load_default(size=max(size, 1))
-        except TypeError:  # pragma: no cover - Pillow before 10.1: its one bitmap font
-            return ImageFont.load_default()
-
-    return make
-
-
-def annotate_grid(grid: np.ndarray, width: int, height: int, hor_texts: Sequence[str], ver_texts: Sequence[str], *,
-                  margin: int = 0, font: str | os.PathLike | None = None) -> np.ndarray:
-    """A1111's ``images.draw_grid_annotations``: ``grid`` ``(rows·height, cols·width, 3)`` with a column label above
-    each column and a row label left of each row, the cells ``margin`` px apart on white -> the annotated image
-    ``(H', W', 3)`` uint8.
-
-    A1111's layout: font size ``(width + height) // 25``, line spacing half of it; labels wrapped at word breaks
-    to the column width (the row labels to ``width * 3 // 4``, the left pad, when any row label has text); a line
-    still too wide drawn a point smaller until it fits; black text centred on its cell. ``font``: a TrueType file
-    (A1111's "Font for image grids" setting; A1111 ships Roboto); default Pillow's own (Pillow 10.1+), so the text
-    looks otherwise than A1111's where the fonts differ, laid out by the same rules.
-
-    Raises:
-        ImportError: without Pillow (``pip install sdadapt[images]``).
-        ValueError: a label count that is not the grid's columns / rows.
-    """
-    try:
-        from PIL import Image, ImageDraw
-    except ImportError:
-        raise ImportError("the X/Y/Z plot's legend is drawn with Pillow: pip install 'sdadapt[images]' (or pillow), "
-                          "or leave the legend out") from None
-    cols, rows = grid.shape[1] // width, grid.shape[0] // height
-    if cols != len(hor_texts) or rows != len(ver_texts):
-        raise ValueError(f"{len(hor_texts)} column and {len(ver_texts)} row labels for a grid of {cols}x{rows} cells")
-    get_font = _font_maker(font)
-    fontsize = (width + height) // 25
-    line_spacing = fontsize // 2
-    fnt = get_font(fontsize)
-    pad_left = 0 if sum(len(text) for text in ver_texts) == 0 else width * 3 // 4
-    calc = ImageDraw.Draw(Image.new("RGB", (1, 1), (255, 255, 255)))
-
-    def wrap(text: str, allowed: int) -> list[str]:
-        lines = [""]
-        for word in text.split():
-            line = f"{lines[-1]} {word}".strip()
-            if calc.textlength(line, font=fnt) <= allowed:
-                lines[-1] = line
-            else:
-                lines.append(word)
-        return lines
-
-    def laid_out(texts: Sequence[str], allowed: int) -> list[list[tuple[str, tuple[int, int], int]]]:
-        out = []
-        for text in texts:
-            lines = []
-            for line in wrap(text, allowed):
-                box = calc.multiline_textbbox((0, 0), line, font=fnt)
-                lines.append((line, (box[2] - box[0], box[3] - box[1]), allowed))
-            out.append(lines)
-        return out
-
-    hor, ver = laid_out(hor_texts, width), laid_out(ver_texts, pad_left)
-    hor_heights = [sum(size[1] + line_spacing for _, size, _ in lines) - line_spacing for lines in hor]
-    ver_heights = [sum(size[1] + line_spacing for _, size, _ in lines) - line_spacing * len(lines) for lines in ver]
-    pad_top = 0 if sum(hor_heights) == 0 else max(hor_heights) + line_spacing * 2
-    result = Image.new("RGB", (grid.shape[1] + pad_left + margin * (cols - 1),
-                               grid.shape[0] + pad_top + margin * (rows - 1)), (255, 255, 255))
-    for row in range(rows):
-        for col in range(cols):
-            cell = grid[height * row:height * (row + 1), width * col:width * (col + 1)]
-            result.paste(Image.fromarray(np.ascontiguousarray(cell)),
-                         (pad_left + (width + margin) * col, pad_top + (height + margin) * row))
-    draw = ImageDraw.Draw(result)
-
-    def draw_texts(x: float, y: float, lines: list[tuple[str, tuple[int, int], int]]) -> None:
-        for text, size, allowed in lines:
-            font_now, points = fnt, fontsize
-            while True:
-                box = draw.multiline_textbbox((0, 0), text, font=font_now)
-                if box[2] - box[0] > allowed and points > 0:
-                    points -= 1
-                    font_now = get_font(points)
-                else:
-                    break
-            draw.multiline_text((x, y + size[1] / 2), text, font=font_now, fill=(0, 0, 0), anchor="mm",
-                                align="center")
-            y += size[1] + line_spacing
-
-    for col in range(cols):
-        draw_texts(pad_left + (width + margin) * col + width / 2, pad_top / 2 - hor_heights[col] / 2, hor[col])
-    for row in range(rows):
-        draw_texts(pad_left / 2, pad_top + (height + margin) * row + height / 2 - ver_heights[row] / 2, ver[row])
-    return np.array(result)

@@ -173,7 +173,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, legend: bool = True,
     Args:
         axes: up to three ``(A1111 axis label, values text)`` (``None``: "Nothing"), e.g.
             ``[("Steps", "10-30 (+10)"), ("CFG Scale", "5, 7.5"), None]``.
-        legend: A1111's "Draw legend" (Pillow draws it: :func:`sdadapt.xyz_plot.annotate_grid`).
+        legend: A1111's "Draw legend" (Pillow draws it: :func:`sdadapt.labelled_grid.annotate_grid`).
         keep_random_seeds: A1111's "Keep -1 for seeds": off, a seed -1 (the run's, a Seed axis's) is drawn once
             for every cell it applies to.
         vary_seeds: A1111's "Vary seeds for X/Y/Z" (``"x"``, ``"y"``, ``"z"``): the cell's seed plus its index
@@ -197,7 +197,8 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, legend: bool = True,
     """
     from ..errors import OutputExistsError
     from ..images import decode_png, read_png_text, write_png
-    from ..xyz_plot import annotate_grid, axis_label, cell_order, image_grid
+    from ..labelled_grid import annotate_grid, cells_grid
+    from ..xyz_plot import axis_label, cell_order
     from .generate import run_generate
     from .generate_seed import RANDOM_SEED, fixed_seed
     from .loaded_models import LoadedModels
@@ -276,12 +277,12 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, legend: bool = True,
     grids = []
     for iz in range(nz):
         cells = pictures[iz * nx * ny:(iz + 1) * nx * ny]
-        grid = image_grid(cells, rows=ny)
+        grid = cells_grid(cells, rows=ny)
         if legend:
             grid = annotate_grid(grid, max(c.shape[1] for c in cells), max(c.shape[0] for c in cells), x_labels,
                                  y_labels, margin=margin, font=font)
         grids.append(grid)
-    whole = image_grid(grids, rows=1)
+    whole = cells_grid(grids, rows=1)
     if legend:
         whole = annotate_grid(whole, max(g.shape[1] for g in grids), max(g.shape[0] for g in grids), z_labels, [""],
                               font=font)
