@@ -448,8 +448,12 @@ def test_nothing_runs_when_an_axis_or_an_output_is_wrong(tmp_path, capsys):
     assert main([*base, "--xyz-x", "Steps", "1, 2"]) == 8
     assert not (tmp_path / "g-00.png").exists() and (tmp_path / "g-01.png").read_bytes() == b"mine"
     assert main([*base, "--xyz-x", "Steps", "1, 2", "--prompts-file", str(tmp_path / "p.txt")]) == 2
+    assert "two of A1111's scripts" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([*base, "--xyz-margin", "4"])
+        main([*base, "--grid-margin", "4"])
+    assert "--xyz-x (-y, -z) or --prompt-matrix" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--xyz-sub-grids"])
     assert "--xyz-x, --xyz-y or --xyz-z" in capsys.readouterr().err
 
 

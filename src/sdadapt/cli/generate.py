@@ -145,15 +145,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         outpaint_mask_blur=args.outpaint_mask_blur, outpaint_fill=args.outpaint_fill,
     )
     axes = [args.xyz_x, args.xyz_y, args.xyz_z]
+    scripts = [option for option, given in (("--xyz-x/-y/-z", any(axis is not None for axis in axes)),
+                                            ("--prompts-file", args.prompts_file is not None),
+                                            ("--prompt-matrix", args.prompt_matrix)) if given]
+    if len(scripts) > 1:
+        raise InputError(f"{scripts[0]} and {scripts[1]} are two of A1111's scripts, which runs one at a time; leave "
+                         "one out")
+    if args.prompt_matrix:  # (A1111's "Prompt matrix": sdadapt.jobs.generate_prompt_matrix)
+        from ..jobs.generate_prompt_matrix import run_prompt_matrix
+
+        result = run_prompt_matrix(at_start=args.prompt_matrix_at_start,
+                                   different_seeds=args.prompt_matrix_different_seeds,
+                                   negative_matrix=args.prompt_matrix_negative, join=args.prompt_matrix_join,
+                                   margin=args.grid_margin, font=args.grid_font,
+                                   progress=progress_bar(args, "generate", unit="image"), log=log, **options)
+        for file in result["files"]:
+            print(f"wrote {file}")
+        return 0
     if any(axis is not None for axis in axes):  # (A1111's "X/Y/Z plot": sdadapt.jobs.generate_xyz)
         from ..jobs.generate_xyz import run_xyz_plot
 
-        if args.prompts_file is not None:
-            raise InputError("--xyz-x/-y/-z and --prompts-file are two of A1111's scripts, which runs one at a time; "
-                             "leave one out")
         result = run_xyz_plot(axes, legend=args.xyz_legend, keep_random_seeds=args.xyz_keep_random_seeds,
                               vary_seeds=args.xyz_vary_seeds or (), sub_grids=args.xyz_sub_grids,
-                              margin=args.xyz_margin, font=args.xyz_font,
+                              margin=args.grid_margin, font=args.grid_font,
                               progress=progress_bar(args, "generate", unit="cell"), log=log, **options)
         for file in result["files"]:
             print(f"wrote {file}")
@@ -641,10 +655,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="A1111's \"Vary seeds for X/Y/Z\": the seed moves along these axes (x y z)")
     xyz.add_argument("--xyz-sub-grids", action="store_true",
                      help="A1111's \"Include Sub Grids\": with a Z axis, each Z value's grid too (OUT-zNN.png)")
-    xyz.add_argument("--xyz-margin", type=int, default=0, metavar="PX",
-                     help="A1111's \"Grid margins (px)\" between the cells of a legend grid (default 0)")
-    xyz.add_argument("--xyz-font", default=None, metavar="TTF",
-                     help="a TrueType font for the legend (A1111's \"Font for image grids\"; default Pillow's)")
+    matrix = generate.add_argument_group("A1111's \"Prompt matrix\" (docs/prompts.md, 'Prompt matrix')")
+    matrix.add_argument("--prompt-matrix", action="store_true",
+                        help="one image per combination of the prompt's parts 'base | part | part ...' (the base "
+                        "always, each later part in or out), and their grid labelled with the parts; image i "
+                        "written as OUT-ii.png, the grid as OUT")
+    matrix.add_argument("--prompt-matrix-negative", action="store_true",
+                        help="A1111's \"Select prompt: negative\": the combinations of --negative's parts instead")
+    matrix.add_argument("--prompt-matrix-at-start", action="store_true",
+                        help="A1111's \"Put variable parts at start of prompt\"")
+    matrix.add_argument("--prompt-matrix-different-seeds", action="store_true",
+                        help="A1111's \"Use different seed for each picture\": image i with seed SEED+i")
+    matrix.add_argument("--prompt-matrix-join", choices=("comma", "space"), default="comma",
+                        help="A1111's \"Select joining char\" between the parts (default comma: ', ')")
+    grids = generate.add_argument_group("the grids of --xyz-x / --prompt-matrix (A1111's grid settings)")
+    grids.add_argument("--grid-margin", type=int, default=0, metavar="PX",
+                       help="A1111's \"Grid margins (px)\" between the cells of a labelled grid (default 0)")
+    grids.add_argument("--grid-font", default=None, metavar="TTF",
+                       help="a TrueType font for the grid's labels (A1111's \"Font for image grids\"; default "
+                       "Pillow's)")
     generate.add_argument("--tokenizer", default=None, metavar="DIR", help="CLIP tokenizer for a single-file checkpoint")
     generate.add_argument("--vae", default=None, metavar="FILE|DIR",
                           help="a VAE that decodes the images instead of the model's (kohya's --vae): an LDM or diffusers "
@@ -717,9 +746,15 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: args.outpaint is not None)
     only_with(generate, ["--sd-upscale", "--loopback", "--outpaint"], needs="--init-image IMAGE",
               when=lambda args: args.init_image is not None)
-    only_with(generate, ["--xyz-no-legend", "--xyz-keep-random-seeds", "--xyz-vary-seeds", "--xyz-sub-grids",
-                         "--xyz-margin", "--xyz-font"], needs="--xyz-x, --xyz-y or --xyz-z",
-              when=lambda args: any(getattr(args, f"xyz_{axis}") is not None for axis in "xyz"))
+    def xyz_plot(args: argparse.Namespace) -> bool:
+        return any(getattr(args, f"xyz_{axis}") is not None for axis in "xyz")
+
+    only_with(generate, ["--xyz-no-legend", "--xyz-keep-random-seeds", "--xyz-vary-seeds", "--xyz-sub-grids"],
+              needs="--xyz-x, --xyz-y or --xyz-z", when=xyz_plot)
+    only_with(generate, ["--prompt-matrix-negative", "--prompt-matrix-at-start", "--prompt-matrix-different-seeds",
+                         "--prompt-matrix-join"], needs="--prompt-matrix", when=lambda args: args.prompt_matrix)
+    only_with(generate, ["--grid-margin", "--grid-font"], needs="--xyz-x (-y, -z) or --prompt-matrix",
+              when=lambda args: xyz_plot(args) or args.prompt_matrix)
     only_with(generate, ["--prompts-file-iterate-seed", "--prompts-file-same-seed", "--prompts-file-insert"],
               needs="--prompts-file FILE", when=lambda args: args.prompts_file is not None)
     only_with(generate, ["--loopback-final-denoising", "--loopback-curve"], needs="--loopback N",

@@ -1,0 +1,99 @@
+"""``generate --prompt-matrix``: A1111's "Prompt matrix" script — one run per combination of the prompt's ``|``
+parts (:func:`sdadapt.prompt_matrix.matrix_prompts`), and their grid with the parts as A1111 labels them (a part
+left out grey and struck through)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["run_prompt_matrix"]
+
+
+def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, negative_matrix: bool = False,
+                      join: str = "comma", margin: int = 0, font: str | os.PathLike | None = None,
+                      progress: Callable[..., None] | None = None, log: Callable[[str], None] | None = None,
+                      **given: object) -> dict:
+    """Run A1111's prompt matrix: :func:`~sdadapt.jobs.generate.run_generate` once per combination of ``given``'s
+    ``prompt`` (``negative_matrix``: of its ``negative``; A1111's "Select prompt") split at ``|``, then the grid.
+
+    Combination ``i`` (its bits: which parts it has) is written as ``OUT-ii.png`` with seed ``seed`` (``+ i`` with
+    ``different_seeds``, "Use different seed for each picture") and, as A1111 hands a batch its variation seeds,
+    ``subseed + i``; a seed ``-1`` is drawn once (A1111's ``fix_seed``). The grid (``out``) is A1111's: ``1 << (k //
+    2)`` rows for ``k`` parts, the first half of the parts labelled over the columns and the rest left of the rows
+    (:func:`sdadapt.prompt_matrix.matrix_labels`, :func:`sdadapt.labelled_grid.annotate_grid`), ``margin`` px between
+    cells, with the first image's infotext. The model is loaded once, each combination run on its own copy
+    (:class:`~sdadapt.jobs.loaded_models.LoadedModels`).
+
+    Returns:
+        ``{"files": [grid, images...], "grid": path, "prompts": [...], "images": [each run_generate result]}``.
+
+    Raises:
+        ValueError: ``count`` above 1 (A1111 sets the batch count itself), another of A1111's scripts, ``join``
+            not comma / space.
+        FileExistsError: an output exists and ``overwrite`` is false (checked before anything runs).
+        ImportError: without Pillow (the grid's labels).
+    """
+    from ..errors import OutputExistsError
+    from ..images import decode_png, read_png_text, write_png
+    from ..labelled_grid import annotate_grid, cells_grid
+    from ..prompt_matrix import matrix_labels, matrix_prompts
+    from .generate import run_generate
+    from .generate_seed import RANDOM_SEED, fixed_seed
+    from .loaded_models import LoadedModels
+
+    scripts = [option for option, key in (("--sd-upscale", "sd_upscale"), ("--loopback", "loopback"),
+                                          ("--outpaint", "outpaint")) if given.get(key) is not None]
+    if scripts:
+        raise ValueError(f"--prompt-matrix: not with {scripts[0]}: each is one of A1111's scripts, and A1111 runs one "
+                         "at a time; leave one out")
+    if given.get("init_image") is not None and Path(str(given["init_image"])).is_dir():
+        raise ValueError("--prompt-matrix: not with --init-image FOLDER (A1111's img2img batch runs no script over "
+                         "its images); give one init image")
+    if int(given.get("count", 1)) != 1:  # type: ignore[call-overload]
+        raise ValueError(f"--prompt-matrix makes one image per combination (A1111 sets the batch count itself); leave "
+                         f"out --count {given['count']}")
+    try:
+        import PIL  # noqa: F401 - the grid's labels, drawn at the end: refused before the runs
+    except ImportError:
+        raise ImportError("the prompt matrix's labels are drawn with Pillow: pip install 'sdadapt[images]' (or "
+                          "pillow)") from None
+    key = "negative" if negative_matrix else "prompt"
+    prompts, parts = matrix_prompts(str(given.get(key) or ""), at_start=at_start, join=join)
+    say = log if log is not None else (lambda _line: None)
+    out = Path(str(given["out"]))
+    files = [out.with_name(f"{out.stem}-{i:02d}.png") for i in range(len(prompts))]
+    if not given.get("overwrite"):
+        existing = next((path for path in (out, *files) if path.exists()), None)
+        if existing is not None:
+            raise OutputExistsError(f"{existing}: already exists; pass --overwrite to replace it")
+    seed = fixed_seed(int(given.get("seed", 0)))  # type: ignore[call-overload]
+    subseed = fixed_seed(given.get("subseed"))  # type: ignore[arg-type]
+    if int(given.get("seed", 0)) == RANDOM_SEED:  # type: ignore[call-overload]
+        say(f"--seed -1: drew {seed} (pass --seed {seed} to make the same grid again)")
+    say(f"Prompt matrix will create {len(prompts)} images.")
+    loaded = LoadedModels()
+    results = []
+    for i, (text, file) in enumerate(zip(prompts, files)):
+        settings = {**given, key: text, "seed": seed + (i if different_seeds else 0), "out": str(file),
+                    **({} if subseed is None else {"subseed": subseed + i})}
+        try:
+            results.append(run_generate(**settings, loaded=loaded, log=log))  # type: ignore[arg-type]
+        except (ValueError, OSError) as exc:
+            if len(exc.args) == 1 and isinstance(exc.args[0], str):  # (the combination named, the type kept)
+                exc.args = (f"prompt matrix image {i} ({text!r}): {exc.args[0]}",)
+            raise
+        if progress is not None:
+            progress(i + 1, len(prompts), file.name)
+    pictures = [decode_png(file.read_bytes(), source=str(file))[..., :3] for file in files]
+    rows, columns, row_labels = matrix_labels(parts)
+    grid = annotate_grid(cells_grid(pictures, rows=rows), pictures[0].shape[1], pictures[0].shape[0], columns,
+                         row_labels, margin=margin, font=font)
+    text = read_png_text(files[0]).get("parameters", "")
+    grid_file = str(write_png(out, torch.from_numpy(np.ascontiguousarray(grid)), text={"parameters": text}))
+    return {"files": [grid_file, *(str(file) for file in files)], "grid": grid_file, "prompts": prompts,
+            "images": results}
