@@ -87,13 +87,12 @@ XYZ_AXES: dict[str, XyzAxis] = {axis.label: axis for axis in (
     XyzAxis("Refiner switch at", "float", "refiner_switch_at"),
     XyzAxis("RNG source", "str", "noise"),
     XyzAxis("Size", "str", None),
+    XyzAxis("Styles", "str", "styles"),
 )}
 
 #: A1111's axis types sdadapt does not run, and why
 _NOT_HERE = {
     "Image CFG Scale": "instruct-pix2pix models are not run here",
-    "Styles": "A1111's saved styles (styles.csv) are not read here: put the style's text in the prompt and use "
-              "Prompt S/R",
     "UniPC Order": "UniPC's order is not a setting here",
     "Face restore": "face restoration (GFPGAN / CodeFormer) is not in sdadapt",
     "SGM noise multiplier": "A1111's SGM noise multiplier is not a setting here",

@@ -90,7 +90,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if not args.quiet or line.startswith("warning:"):
             print(line, file=sys.stderr)
 
+    style_table = None
+    if args.styles_file or args.style:  # (A1111's saved styles: sdadapt.prompt_styles)
+        from ..prompt_styles import find_styles, read_styles
+
+        if not args.styles_file:
+            raise InputError(f"--style {args.style[0]}: give the styles file it is in (--styles-file styles.csv)")
+        style_table = read_styles(args.styles_file)
     options = dict(  # noqa: C408 - run_generate's keywords, as its call reads
+        styles=find_styles(args.style, style_table) if style_table is not None else (),
         model=args.model, prompt=args.prompt or "", negative=args.negative, comments=args.comments, loras=args.lora,
         embeddings=args.embedding, embeddings_dir=args.embeddings_dir,
         hypernetworks=args.hypernetwork, custom_diffusions=args.custom_diffusion,
@@ -165,7 +173,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if any(axis is not None for axis in axes):  # (A1111's "X/Y/Z plot": sdadapt.jobs.generate_xyz)
         from ..jobs.generate_xyz import run_xyz_plot
 
-        result = run_xyz_plot(axes, legend=args.xyz_legend, keep_random_seeds=args.xyz_keep_random_seeds,
+        result = run_xyz_plot(axes, style_table=style_table, legend=args.xyz_legend, keep_random_seeds=args.xyz_keep_random_seeds,
                               vary_seeds=args.xyz_vary_seeds or (), sub_grids=args.xyz_sub_grids,
                               margin=args.grid_margin, font=args.grid_font,
                               progress=progress_bar(args, "generate", unit="cell"), log=log, **options)
@@ -175,7 +183,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts_file is not None:  # (A1111's "Prompts from file or textbox": sdadapt.jobs.generate_prompt_lines)
         from ..jobs.generate_prompt_lines import read_prompts_file, run_prompt_lines
 
-        result = run_prompt_lines(read_prompts_file(args.prompts_file, log=log),
+        result = run_prompt_lines(read_prompts_file(args.prompts_file, log=log), style_table=style_table,
                                   iterate_seed=args.prompts_file_iterate_seed, same_seed=args.prompts_file_same_seed,
                                   insert=args.prompts_file_insert, source=args.prompts_file,
                                   progress=progress_bar(args, "generate", unit="line"),
@@ -626,6 +634,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--count", type=positive_int, default=1,
                           help="images (seeds SEED, SEED+1, ...; with --subseed-strength all SEED, as A1111; "
                           "OUT-00.png ...)")
+    generate.add_argument("--styles-file", action="append", default=[], metavar="CSV",
+                          help="A1111's styles file (styles.csv: name, prompt, negative_prompt; a pattern with * "
+                          "reads several), for --style; repeat for several files")
+    generate.add_argument("--style", action="append", default=[], metavar="NAME",
+                          help="a saved style of --styles-file merged into the prompts as A1111 does ({prompt} in "
+                          "its text: the prompt there; else appended after ', '); repeat for several, in order")
     lines = generate.add_argument_group("A1111's \"Prompts from file or textbox\" (docs/prompts.md, 'A prompts file')")
     lines.add_argument("--prompts-file", default=None, metavar="FILE",
                        help="one run per line of FILE: a prompt, or A1111's line options (--prompt TEXT "

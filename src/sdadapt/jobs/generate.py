@@ -15,6 +15,7 @@ import torch
 from ..dynamic_thresholding import DynamicThresholding
 from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
 from ..plurals import plural
+from ..prompt_styles import PromptStyle
 from ..soft_inpainting import SoftInpainting
 from ..token_merging import check_token_merging_ratio
 from .loaded_models import LoadedModels
@@ -176,6 +177,7 @@ def run_generate(
     outpaint_mask_blur: int = 4,
     outpaint_fill: str = "fill",
     vae_encode: str = "mean",
+    styles: Sequence[PromptStyle] = (),
     loaded: LoadedModels | None = None,
     progress: Callable[..., None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -449,6 +451,9 @@ def run_generate(
             :meth:`sdadapt.diffusers_system.DiffusersSystem.sample`): on an inpainting model ``"sample"`` needs no
             init image. ``"sample"`` is written in the infotext (``VAE encode: sample``). docs/samplers.md, "Encoding the init
             image".
+        styles: A1111's saved styles (:func:`sdadapt.prompt_styles.read_styles`) merged into the prompt and negative
+            prompt (and the hires pass's own texts) before anything reads them, as A1111's ``setup_prompts``
+            (:func:`sdadapt.prompt_styles.styled_prompts`); the infotext has the merged texts, as A1111's.
         loaded: models kept loaded over several runs (:class:`sdadapt.jobs.loaded_models.LoadedModels`: a
             prompts file's lines): ``model`` and ``refiner`` loaded once, each run given its own copy of them.
 
@@ -480,6 +485,14 @@ def run_generate(
     from ..sampling import unknown_words
 
     say = log or (lambda line: None)
+    if styles:  # A1111's saved styles (setup_prompts): merged in first, the hires pass's own texts too
+        from ..prompt_styles import apply_styles, styled_prompts
+
+        prompt, negative = styled_prompts(prompt, negative, styles)
+        if hires_prompt:
+            hires_prompt = apply_styles(hires_prompt, [style.prompt for style in styles])
+        if hires_negative:
+            hires_negative = apply_styles(hires_negative, [style.negative_prompt for style in styles])
     if comments and prompt:  # A1111's "Enable comments": before any other reading of the prompts
         from ..prompt_schedule import strip_comments, strip_prompt_comments
 

@@ -20,6 +20,8 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from ..prompt_styles import PromptStyle
+
 __all__ = [
     "PROMPT_LINE_OPTIONS",
     "PromptLine",
@@ -158,6 +160,7 @@ def _joined(line_text: str | None, given: str, insert: str) -> str | None:
 
 
 def line_settings(options: Mapping[str, object], given: Mapping[str, object], *, insert: str = "start",
+                  style_table: Mapping[str, PromptStyle] | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, object]:
     """The :func:`~sdadapt.jobs.generate.run_generate` arguments a line's ``options`` change, over the run's
     ``given`` ones (its ``prompt``, ``negative``, ``count``, ``seed_resize_from``, ``model``, ``out``).
@@ -166,13 +169,16 @@ def line_settings(options: Mapping[str, object], given: Mapping[str, object], *,
     (:func:`_joined`), ``cfg_scale`` the guidance, ``sampler_name`` A1111's label, ``batch_size`` × ``n_iter`` the
     image count (the given ``count`` being ``n_iter``), ``seed_resize_from_h`` / ``_w`` the given size's parts,
     ``outpath_samples`` the folder of the line's images, ``sd_model`` the model (:func:`~sdadapt.jobs.models.checkpoint_by_name`);
-    ``sampler_index`` does nothing (A1111 1.x ignores it: said), nor do ``outpath_grids``, ``do_not_save_grid``
-    and ``prompt_for_display`` (no grids here).
+    ``styles`` the saved styles of ``style_table`` it names (comma-separated; in place of the run's — A1111 sets
+    the attribute to the line's text, which it then reads letter by letter, so there the line's styles never
+    work); ``sampler_index`` does nothing (A1111 1.x ignores it: said), nor do ``outpath_grids``,
+    ``do_not_save_grid`` and ``prompt_for_display`` (no grids here).
 
     Raises:
-        ValueError: what sdadapt does not do — ``restore_faces true``, ``styles``, ``do_not_save_samples true`` —
-            an unknown sampler, a count or size below 1.
+        ValueError: what sdadapt does not do — ``restore_faces true``, ``do_not_save_samples true`` — an unknown
+            sampler or style, a count or size below 1.
     """
+    from ..prompt_styles import find_styles
     from ..sampler_tables import sampler_schedule_from_label
     from .models import checkpoint_by_name
 
@@ -201,9 +207,11 @@ def line_settings(options: Mapping[str, object], given: Mapping[str, object], *,
             what = "face restoration (GFPGAN / CodeFormer) is not in sdadapt" if key == "restore_faces" else \
                 "the line's images would be made and not written"
             raise ValueError(f"--{key} true: {what}; leave it out (or false)")
-        elif key == "styles":
-            raise ValueError("--styles: A1111's saved styles (styles.csv) are not read here; write the style's text "
-                             "into the line's --prompt / --negative_prompt")
+        elif key == "styles":  # (names, comma-separated, in place of the run's --style ones)
+            if style_table is None:
+                raise ValueError("--styles: give the styles file its names are in (--styles-file styles.csv)")
+            settings["styles"] = find_styles([name.strip() for name in str(value).split(",") if name.strip()],
+                                             style_table)
         elif key == "sampler_index" and log is not None:
             log("warning: --sampler_index does nothing (A1111 1.x ignores it too); use --sampler_name")
     noise_shaped = [key for key in ("subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w")
@@ -232,6 +240,7 @@ def _line_out(out: str | os.PathLike, index: int) -> Path:
 
 def run_prompt_lines(lines: Sequence[PromptLine], *, iterate_seed: bool = False, same_seed: bool = False,
                      insert: str = "start", source: str = "--prompts-file",
+                     style_table: Mapping[str, PromptStyle] | None = None,
                      progress: Callable[..., None] | None = None, log: Callable[[str], None] | None = None,
                      **given: object) -> dict:
     """Run :func:`~sdadapt.jobs.generate.run_generate` once per line, ``given`` (its arguments: ``prompt``,
@@ -276,8 +285,9 @@ def run_prompt_lines(lines: Sequence[PromptLine], *, iterate_seed: bool = False,
     jobs = []
     for index, line in enumerate(lines):  # (all read and checked before the model loads)
         try:
-            settings = line_settings(line.options, given, insert=insert, log=lambda text, n=line.number: say(
-                text.replace("warning: ", f"warning: {source}:{n}: ", 1)))
+            settings = line_settings(line.options, given, insert=insert, style_table=style_table,
+                                     log=lambda text, n=line.number: say(
+                                         text.replace("warning: ", f"warning: {source}:{n}: ", 1)))
         except ValueError as exc:
             raise ValueError(f"{source}:{line.number}: {exc}") from None
         out = Path(str(settings.pop("out", given["out"])))

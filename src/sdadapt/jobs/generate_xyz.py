@@ -28,7 +28,7 @@ class XyzRun:
     its values, the text they were read from)."""
 
     def __init__(self, axes: Sequence[tuple[str, str] | None], given: Mapping[str, object], *,
-                 keep_random_seeds: bool = False) -> None:
+                 keep_random_seeds: bool = False, style_table: Mapping[str, object] | None = None) -> None:
         from ..xyz_plot import axis_values, find_axis
         from .generate_seed import RANDOM_SEED, fixed_seed
 
@@ -54,9 +54,10 @@ class XyzRun:
                 for other, (other_axis, other_values, _) in enumerate(self.axes):
                     if other != position:
                         with contextlib.suppress(ValueError):  # (its own values are checked in their turn)
-                            settings.update(xyz_cell_settings(other_axis, other_values[0], other_values, settings))
+                            settings.update(xyz_cell_settings(other_axis, other_values[0], other_values, settings,
+                                                              style_table=style_table))
                 try:
-                    xyz_cell_settings(axis, value, values, settings)
+                    xyz_cell_settings(axis, value, values, settings, style_table=style_table)
                 except ValueError as exc:
                     raise ValueError(f"--xyz-{name} {axis.label!r}: {exc}") from None
 
@@ -78,7 +79,8 @@ class XyzRun:
         return fields
 
 
-def xyz_cell_settings(axis, value: object, values: Sequence[object], settings: Mapping[str, object]) -> dict:
+def xyz_cell_settings(axis, value: object, values: Sequence[object], settings: Mapping[str, object], *,
+                      style_table: Mapping[str, object] | None = None) -> dict:
     """What one axis value changes in :func:`~sdadapt.jobs.generate.run_generate`'s ``settings`` (the cell's so
     far: A1111 applies x, then y, then z to its copy of the run), as A1111's axis ``apply`` functions set it.
 
@@ -100,6 +102,13 @@ def xyz_cell_settings(axis, value: object, values: Sequence[object], settings: M
     hires = any(settings.get(key) is not None for key in ("hires_scale", "hires_width", "hires_height"))
     if label == "Nothing":
         return {}
+    if label == "Styles":  # (A1111's apply_styles: p.styles.extend(x.split(",")), after the run's own)
+        from ..prompt_styles import find_styles
+
+        if style_table is None:
+            raise ValueError("give the styles file its names are in (--styles-file styles.csv)")
+        names = [name.strip() for name in str(value).split(",") if name.strip()]
+        return {"styles": [*settings.get("styles", ()), *find_styles(names, style_table)]}  # type: ignore[arg-type]
     if label == "Prompt S/R":
         prompt, negative = prompt_sr(str(settings.get("prompt", "")), str(settings.get("negative", "")), str(value),
                                      str(values[0]))
@@ -163,7 +172,8 @@ def _grid_infotext(text: str, fields: Mapping[str, str]) -> str:
     return f"{head}, {added}{cut}{tail}" if cut else f"{text}, {added}"
 
 
-def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, legend: bool = True, keep_random_seeds: bool = False,
+def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping[str, object] | None = None,
+                 legend: bool = True, keep_random_seeds: bool = False,
                  vary_seeds: Sequence[str] = (), sub_grids: bool = False, margin: int = 0,
                  font: str | os.PathLike | None = None, progress: Callable[..., None] | None = None,
                  log: Callable[[str], None] | None = None, **given: object) -> dict:
@@ -182,6 +192,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, legend: bool = True,
             (``OUT-zNN.png``).
         margin: A1111's "Grid margins (px)", between the cells of a legend grid.
         font: a TrueType font for the legend (A1111's "Font for image grids"); default Pillow's.
+        style_table: the saved styles a Styles axis names (:func:`sdadapt.prompt_styles.read_styles`).
 
     Cell ``k = ix + iy·nx + iz·nx·ny`` writes ``OUT-kk.png`` (``OUT-kk-ii.png`` for several images); the grid of
     their first images is ``out``, with the first cell's infotext and A1111's "Script", "X Type", "X Values" ...
@@ -224,7 +235,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, legend: bool = True,
         raise ValueError("--xyz-vary-seeds with --xyz-keep-random-seeds and --seed -1: A1111 adds each cell's index "
                          "to the -1 itself (seeds 0, 1, ... after a random first one); give a seed, or leave one of "
                          "the two options out")
-    run = XyzRun(axes, given, keep_random_seeds=keep_random_seeds)
+    run = XyzRun(axes, given, keep_random_seeds=keep_random_seeds, style_table=style_table)
     nx, ny, nz = run.lengths
     say = log if log is not None else (lambda _line: None)
     out = Path(str(given["out"]))
@@ -252,7 +263,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, legend: bool = True,
         settings: dict[str, object] = {**given, "seed": seed}
         labels = []
         for position, ((axis, values, _), at) in enumerate(zip(run.axes, (ix, iy, iz))):
-            settings.update(xyz_cell_settings(axis, values[at], values, settings))
+            settings.update(xyz_cell_settings(axis, values[at], values, settings, style_table=style_table))
             if axis.label != "Nothing":
                 labels.append(axis_label(axis, values[at]) or f"{'xyz'[position]}={values[at]}")
         xdim, ydim = (nx if "x" in vary_seeds else 1), (ny if "y" in vary_seeds else 1)  # (A1111's cell())
