@@ -116,7 +116,24 @@ def test_split_and_combine_are_a1111s_bit_for_bit(w, h, tw, th, overlap, seed):
             item[2] = others[k]
             k += 1
     assert np.array_equal(np.asarray(combine_grid(ours, others)), np.asarray(_a1111_combine_grid(theirs)))
-    assert np.array_equal(np.asarray(combine_grid(ours)), np.asarray(image))  # (its own tiles: the image back)
+    # its own tiles: the image back where the tiles reach (A1111's rounding can leave the last row or column out:
+    # black there, in A1111's combine as in ours — TileGrid.uncovered says so)
+    right, bottom = ours.uncovered
+    back = np.asarray(combine_grid(ours))
+    assert np.array_equal(back[:h - bottom, :w - right], np.asarray(image)[:h - bottom, :w - right])
+    assert not back[h - bottom:].any() and not back[:, w - right:].any()
+
+
+def test_a1111s_rounding_can_leave_the_last_row_black_and_it_is_said():
+    """(w 16, h 117, 8 px tiles, overlap 3: int(22 * (109 / 22)) == 108, one row short of the clamp.)"""
+    image = _image(16, 117, 0)
+    grid = split_grid(image, tile_w=8, tile_h=8, overlap=3)
+    assert grid.uncovered == (0, 1)
+    back = np.asarray(combine_grid(grid))
+    assert np.array_equal(back, np.asarray(_a1111_combine_grid(_a1111_split_grid(image, tile_w=8, tile_h=8,
+                                                                                   overlap=3))))
+    assert not back[116].any() and back[115].any()
+    assert split_grid(_image(16, 116, 0), tile_w=8, tile_h=8, overlap=3).uncovered == (0, 0)
 
 
 @pytest.mark.parametrize("upscaler,resample", [("Lanczos", Image.LANCZOS), ("Nearest", Image.NEAREST)])

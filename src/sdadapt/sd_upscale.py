@@ -50,6 +50,15 @@ class TileGrid:
     size: tuple[int, int]
     overlap: int
 
+    @property
+    def uncovered(self) -> tuple[int, int]:
+        """The pixels at the right and bottom edges no tile reaches ``(columns, rows)``: ``(0, 0)`` but where
+        A1111's float steps round the last tile's place down without reaching the clamp (``int(22 * (109 / 22))``
+        is 108: a 117 px high image in 8 px tiles overlapping by 3), where :func:`combine_grid` leaves those pixels
+        black, as A1111's does."""
+        last_y, last_h, last_row = self.rows[-1]
+        return (self.size[0] - max(x + w for x, w in last_row), self.size[1] - (last_y + last_h))
+
 
 def check_sd_upscale(scale: float, overlap: int, upscaler: str) -> str:
     """The upscaler's A1111 name for ``upscaler`` (:data:`SD_UPSCALERS`, either spelling), the other settings checked
