@@ -1329,15 +1329,15 @@ def run_generate(
                                      upscaler=sd_upscaler, width=size_w, height=size_h)
             say(f"SD upscale of {init_image}: {tiled.grid.size[0]}x{tiled.grid.size[1]} by {sd_upscaler}, "
                 f"{plural(len(tiled.run), 'tile')} of {size_w}x{size_h} overlapping by {sd_upscale_overlap}")
-            if any(tiled.grid.uncovered):  # (A1111's rounding: its output has the same black edge)
-                say(f"warning: --sd-upscale: A1111's tile places leave the last {tiled.grid.uncovered[1]} pixel rows "
-                    f"and {tiled.grid.uncovered[0]} columns uncovered at this size, black in the result as in "
-                    "A1111's; another --sd-upscale-overlap avoids it")
         else:
             tiled = outpainting_tiles(init_image, folder, pixels=outpaint, mask_blur=outpaint_mask_blur,
                                       directions=outpaint_directions, width=size_w, height=size_h)
             say(f"poor man's outpainting of {init_image}: {tiled.grid.size[0]}x{tiled.grid.size[1]}, "
                 f"{plural(len(tiled.run), 'tile')} of {size_w}x{size_h} inpainted ({inpainting_fill})")
+        if any(tiled.grid.uncovered):  # (A1111's rounding: its output has the same black edge)
+            say(f"warning: {'--sd-upscale' if sd_upscaler is not None else '--outpaint'}: A1111's tile places leave "
+                f"the last {tiled.grid.uncovered[1]} pixel rows and {tiled.grid.uncovered[0]} columns uncovered at "
+                "this size, black in the result as in A1111's; another overlap or size avoids it")
     sources = tiled.sources if tiled is not None else batch  # (each image of a tiled run or a batch: its own inputs)
     if sources is not None:  # (the first one's made here: what the run's infotext reads, A1111's first image's)
         if sources[0][1] is not None:
