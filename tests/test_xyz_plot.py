@@ -500,3 +500,18 @@ def test_an_axis_is_checked_on_the_run_the_other_axes_make():
 
     with pytest.raises(ValueError, match="adds each cell's index to the -1"):
         run_xyz_plot([("Steps", "1, 2")], vary_seeds=["x"], keep_random_seeds=True, seed=-1, **given_)
+
+
+def test_the_grids_infotext_makes_the_same_grid_again(tmp_path, capsys):
+    base = ["generate", "--model", "toy", "--prompt", "a red circle", "--xyz-no-legend", "-q"]
+    assert main([*base, "--seed", "3", "--steps", "2", "--xyz-x", "Seed", "-1, 7", "--xyz-y", "CFG Scale", "2, 3",
+                 "-o", str(tmp_path / "g.png")]) == 0
+    assert main(["generate", "--model", "toy", "--infotext", str(tmp_path / "g.png"), "--xyz-no-legend",
+                 "-o", str(tmp_path / "again.png")]) == 0
+    assert "not taken" not in capsys.readouterr().err
+    for k in range(4):
+        assert np.array_equal(_pixels(tmp_path / f"again-{k:02d}.png"), _pixels(tmp_path / f"g-{k:02d}.png")), k
+    assert np.array_equal(_pixels(tmp_path / "again.png"), _pixels(tmp_path / "g.png"))
+    assert main(["generate", "--model", "toy", "--infotext", str(tmp_path / "g-00.png"), "--xyz-sub-grids",
+                 "-o", str(tmp_path / "one.png")]) == 2
+    assert "has no X/Y/Z axes" in capsys.readouterr().err

@@ -153,6 +153,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         outpaint_mask_blur=args.outpaint_mask_blur, outpaint_fill=args.outpaint_fill,
     )
     axes = [args.xyz_x, args.xyz_y, args.xyz_z]
+    grid_options = [option for option, given in (
+        ("--xyz-no-legend", not args.xyz_legend), ("--xyz-keep-random-seeds", args.xyz_keep_random_seeds),
+        ("--xyz-vary-seeds", args.xyz_vary_seeds), ("--xyz-sub-grids", args.xyz_sub_grids)) if given]
+    if grid_options and not any(axis is not None for axis in axes):  # (allowed at parsing for --infotext's axes)
+        raise InputError(f"{grid_options[0]} only applies with --xyz-x, --xyz-y or --xyz-z, and --infotext "
+                         f"{args.infotext} has no X/Y/Z axes: add one, or leave {grid_options[0]} out")
     scripts = [option for option, given in (("--xyz-x/-y/-z", any(axis is not None for axis in axes)),
                                             ("--prompts-file", args.prompts_file is not None),
                                             ("--prompt-matrix", args.prompt_matrix)) if given]
@@ -764,11 +770,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         return any(getattr(args, f"xyz_{axis}") is not None for axis in "xyz")
 
     only_with(generate, ["--xyz-no-legend", "--xyz-keep-random-seeds", "--xyz-vary-seeds", "--xyz-sub-grids"],
-              needs="--xyz-x, --xyz-y or --xyz-z", when=xyz_plot)
+              needs="--xyz-x, --xyz-y or --xyz-z", when=lambda args: xyz_plot(args) or args.infotext is not None)
     only_with(generate, ["--prompt-matrix-negative", "--prompt-matrix-at-start", "--prompt-matrix-different-seeds",
                          "--prompt-matrix-join"], needs="--prompt-matrix", when=lambda args: args.prompt_matrix)
     only_with(generate, ["--grid-margin", "--grid-font"], needs="--xyz-x (-y, -z) or --prompt-matrix",
-              when=lambda args: xyz_plot(args) or args.prompt_matrix)
+              when=lambda args: xyz_plot(args) or args.prompt_matrix or args.infotext is not None)
     only_with(generate, ["--prompts-file-iterate-seed", "--prompts-file-same-seed", "--prompts-file-insert"],
               needs="--prompts-file FILE", when=lambda args: args.prompts_file is not None)
     only_with(generate, ["--loopback-final-denoising", "--loopback-curve"], needs="--loopback N",

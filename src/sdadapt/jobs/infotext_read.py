@@ -387,6 +387,13 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take("Hires refiner", "refiner_hires_pass", lambda v: _HIRES_REFINER[v.strip()])
     if hires:
         take("Hires schedule type", "hires_schedule", canonical_schedule)
+    if fields.get("Script") == "X/Y/Z plot":  # (an X/Y/Z grid's: its axes again, with the seeds it drew for -1)
+        for axis in "XYZ":
+            if f"{axis} Type" in fields:
+                values = fields.get(f"Fixed {axis} Values", fields.get(f"{axis} Values", ""))
+                options[f"xyz_{axis.lower()}"] = [fields[f"{axis} Type"], values]
+                taken.update({f"{axis} Type", f"{axis} Values", f"Fixed {axis} Values"})
+        taken.add("Script")
     not_taken = []
     if half_alphas or by_version:  # (the field, or A1111's backcompat: its ᾱ was half before v1.7.0-225)
         unread = _passes_not_reading_half_alphas(options)
