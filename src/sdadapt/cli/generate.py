@@ -165,6 +165,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if len(scripts) > 1:
         raise InputError(f"{scripts[0]} and {scripts[1]} are two of A1111's scripts, which runs one at a time; leave "
                          "one out")
+    if args.grid:  # (A1111's batch grid, of one run's --count images)
+        import os
+
+        from ..errors import OutputExistsError
+
+        folder = args.init_image is not None and os.path.isdir(args.init_image)
+        if args.count < 2 or scripts or folder or any(option is not None for option in (
+                args.loopback, args.sd_upscale, args.outpaint)):
+            raise InputError("--grid is the grid of one run's --count N images (N 2 or more); the X/Y/Z plot and the "
+                             "prompt matrix make their own, the other scripts and a folder of init images none: "
+                             "leave it out")
+        if os.path.exists(args.out) and not args.overwrite:
+            raise OutputExistsError(f"{args.out}: already exists (the --grid); pass --overwrite to replace it")
     if args.prompt_matrix:  # (A1111's "Prompt matrix": sdadapt.jobs.generate_prompt_matrix)
         from ..jobs.generate_prompt_matrix import run_prompt_matrix
 
@@ -199,6 +212,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 0
     result = run_generate(**options, progress=progress_bar(args, "generate", unit="image") if _many_images(args)
                           else None, log=log)
+    if args.grid:  # (A1111's batch grid: sdadapt.jobs.generate_grid)
+        from ..jobs.generate_grid import write_batch_grid
+
+        print(f"wrote {write_batch_grid(result['files'], args.out)}")
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
     from ..jobs.generate import image_seed
 
@@ -640,6 +657,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--count", type=positive_int, default=1,
                           help="images (seeds SEED, SEED+1, ...; with --subseed-strength all SEED, as A1111; "
                           "OUT-00.png ...)")
+    generate.add_argument("--grid", action="store_true",
+                          help="with --count N: also the grid of the N images as OUT (A1111's batch grid: "
+                          "round(sqrt(N)) rows, the first image's infotext); the images are OUT-00.png ...")
     generate.add_argument("--styles-file", action="append", default=[], metavar="CSV",
                           help="A1111's styles file (styles.csv: name, prompt, negative_prompt; a pattern with * "
                           "reads several), for --style; repeat for several files")

@@ -120,15 +120,18 @@ def prompt_lines(text: str, *, log: Callable[[str], None] | None = None) -> list
 
 
 def read_prompts_file(path: str | os.PathLike, *, log: Callable[[str], None] | None = None) -> list[PromptLine]:
-    """:func:`prompt_lines` of the UTF-8 text file ``path`` (a byte-order mark left out).
+    """:func:`prompt_lines` of the UTF-8 text file ``path`` (a byte-order mark left out; ``"-"``: standard input,
+    A1111's text box).
 
     Raises:
         InputError: no such file, a file that is no UTF-8 text (the byte named), or one without a line to run.
     """
+    import sys
+
     from ..errors import InputError
 
     try:
-        data = Path(path).read_bytes()
+        data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
     except FileNotFoundError:
         raise InputError(f"--prompts-file {path}: no such file") from None
     except IsADirectoryError:
