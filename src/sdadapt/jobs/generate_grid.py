@@ -8,9 +8,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-
 __all__ = ["batch_grid_rows", "write_batch_grid"]
 
 
@@ -28,13 +25,12 @@ def write_batch_grid(files: Sequence[str | os.PathLike], out: str | os.PathLike)
     Raises:
         ValueError: fewer than two images (A1111 saves no grid of one: "Only if multiple images").
     """
-    from ..images import decode_png, read_png_text, write_png
+    from ..images import decode_png, read_png_text
     from ..labelled_grid import cells_grid
+    from .generate_runs import write_grid
 
     if len(files) < 2:
         raise ValueError(f"a grid needs two images or more, got {len(files)} (A1111 saves none of one)")
     pictures = [decode_png(Path(file).read_bytes(), source=str(file))[..., :3] for file in files]
     grid = cells_grid(pictures, rows=batch_grid_rows(len(pictures)))
-    text = read_png_text(files[0]).get("parameters")
-    return write_png(out, torch.from_numpy(np.ascontiguousarray(grid)),
-                     text=None if text is None else {"parameters": text})
+    return write_grid(out, grid, parameters=read_png_text(files[0]).get("parameters"))

@@ -267,21 +267,13 @@ def run_prompt_lines(lines: Sequence[PromptLine], *, iterate_seed: bool = False,
             outpainting) or a folder of init images; errors of a line's run name its line (``source:N``).
         FileExistsError: an output exists and ``overwrite`` is false.
     """
-    from ..errors import OutputExistsError
-    from .generate import run_generate
+    from .generate_runs import check_outputs_free, check_script_alone, run_named
     from .generate_seed import RANDOM_SEED, fixed_seed
     from .loaded_models import LoadedModels
 
     if insert not in ("start", "end"):
         raise ValueError(f"insert must be 'start' or 'end' (A1111's 'Insert prompts at the'), got {insert!r}")
-    scripts = [option for option, key in (("--sd-upscale", "sd_upscale"), ("--loopback", "loopback"),
-                                          ("--outpaint", "outpaint")) if given.get(key) is not None]
-    if scripts:
-        raise ValueError(f"{source}: not with {scripts[0]}: each is one of A1111's scripts, and A1111 runs one at a "
-                         "time; leave one out")
-    if given.get("init_image") is not None and Path(str(given["init_image"])).is_dir():
-        raise ValueError(f"{source}: not with --init-image FOLDER (A1111's img2img batch runs no script over its "
-                         "images); give one init image")
+    check_script_alone(source, given)
     if not lines:
         raise ValueError(f"{source}: no prompts to run")
     say = log if log is not None else (lambda _line: None)
@@ -296,15 +288,14 @@ def run_prompt_lines(lines: Sequence[PromptLine], *, iterate_seed: bool = False,
         out = Path(str(settings.pop("out", given["out"])))
         settings["out"] = str(_line_out(out, index))
         jobs.append((line, settings))
-    if not given.get("overwrite"):
-        for line, settings in jobs:
-            count = int(settings.get("count", given.get("count", 1)))  # type: ignore[call-overload]
-            first = Path(str(settings["out"]))
-            files = [first] if count == 1 else [first.with_name(f"{first.stem}-{i:02d}.png") for i in range(count)]
-            for file in files:
-                if file.exists():
-                    raise OutputExistsError(f"{file}: already exists (line {line.number} of {source}); pass "
-                                            "--overwrite to replace it")
+    writes: dict[Path, int] = {}  # (every file each line writes, and the line)
+    for line, settings in jobs:
+        count = int(settings.get("count", given.get("count", 1)))  # type: ignore[call-overload]
+        first = Path(str(settings["out"]))
+        for file in [first] if count == 1 else [first.with_name(f"{first.stem}-{i:02d}.png") for i in range(count)]:
+            writes[file] = line.number
+    check_outputs_free(writes, overwrite=bool(given.get("overwrite")),
+                       why=lambda file: f"line {writes[file]} of {source}")
     seed = int(given.get("seed", 0))  # type: ignore[call-overload]
     if (iterate_seed or same_seed) and seed == RANDOM_SEED:  # (the script draws it once for every line)
         seed = fixed_seed(seed)
@@ -314,13 +305,7 @@ def run_prompt_lines(lines: Sequence[PromptLine], *, iterate_seed: bool = False,
     results = []
     for done, (line, settings) in enumerate(jobs):
         say(f"{source}:{line.number}: {line.text}")
-        arguments = {**given, "seed": seed, **settings}
-        try:
-            result = run_generate(**arguments, loaded=loaded, log=log)  # type: ignore[arg-type]
-        except (ValueError, OSError) as exc:
-            if len(exc.args) == 1 and isinstance(exc.args[0], str):  # (the line named, the error's type kept)
-                exc.args = (f"{source}:{line.number}: {exc.args[0]}",)
-            raise
+        result = run_named(f"{source}:{line.number}", {**given, "seed": seed, **settings}, loaded=loaded, log=log)
         written += result["files"]
         results.append({**result, "line": line.number})
         if iterate_seed:  # (A1111: p.seed += p.batch_size * p.n_iter, the run's, not the line's)

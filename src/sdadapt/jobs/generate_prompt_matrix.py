@@ -8,9 +8,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
-
 __all__ = ["run_prompt_matrix"]
 
 
@@ -38,39 +35,30 @@ def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, 
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything runs).
         ImportError: without Pillow (the grid's labels).
     """
-    from ..errors import OutputExistsError
-    from ..images import decode_png, read_png_text, write_png
+    from ..images import decode_png, read_png_text
     from ..labelled_grid import annotate_grid, cells_grid
     from ..prompt_matrix import matrix_labels, matrix_prompts
-    from .generate import run_generate
+    from .generate_runs import (
+        check_outputs_free,
+        check_script_alone,
+        require_pillow,
+        run_named,
+        write_grid,
+    )
     from .generate_seed import RANDOM_SEED, fixed_seed
     from .loaded_models import LoadedModels
 
-    scripts = [option for option, key in (("--sd-upscale", "sd_upscale"), ("--loopback", "loopback"),
-                                          ("--outpaint", "outpaint")) if given.get(key) is not None]
-    if scripts:
-        raise ValueError(f"--prompt-matrix: not with {scripts[0]}: each is one of A1111's scripts, and A1111 runs one "
-                         "at a time; leave one out")
-    if given.get("init_image") is not None and Path(str(given["init_image"])).is_dir():
-        raise ValueError("--prompt-matrix: not with --init-image FOLDER (A1111's img2img batch runs no script over "
-                         "its images); give one init image")
+    check_script_alone("--prompt-matrix", given)
     if int(given.get("count", 1)) != 1:  # type: ignore[call-overload]
         raise ValueError(f"--prompt-matrix makes one image per combination (A1111 sets the batch count itself); leave "
                          f"out --count {given['count']}")
-    try:
-        import PIL  # noqa: F401 - the grid's labels, drawn at the end: refused before the runs
-    except ImportError:
-        raise ImportError("the prompt matrix's labels are drawn with Pillow: pip install 'sdadapt[images]' (or "
-                          "pillow)") from None
+    require_pillow("the prompt matrix's labels")
     key = "negative" if negative_matrix else "prompt"
     prompts, parts = matrix_prompts(str(given.get(key) or ""), at_start=at_start, join=join)
     say = log if log is not None else (lambda _line: None)
     out = Path(str(given["out"]))
     files = [out.with_name(f"{out.stem}-{i:02d}.png") for i in range(len(prompts))]
-    if not given.get("overwrite"):
-        existing = next((path for path in (out, *files) if path.exists()), None)
-        if existing is not None:
-            raise OutputExistsError(f"{existing}: already exists; pass --overwrite to replace it")
+    check_outputs_free((out, *files), overwrite=bool(given.get("overwrite")))
     seed = fixed_seed(int(given.get("seed", 0)))  # type: ignore[call-overload]
     subseed = fixed_seed(given.get("subseed"))  # type: ignore[arg-type]
     if int(given.get("seed", 0)) == RANDOM_SEED:  # type: ignore[call-overload]
@@ -81,19 +69,13 @@ def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, 
     for i, (text, file) in enumerate(zip(prompts, files)):
         settings = {**given, key: text, "seed": seed + (i if different_seeds else 0), "out": str(file),
                     **({} if subseed is None else {"subseed": subseed + i})}
-        try:
-            results.append(run_generate(**settings, loaded=loaded, log=log))  # type: ignore[arg-type]
-        except (ValueError, OSError) as exc:
-            if len(exc.args) == 1 and isinstance(exc.args[0], str):  # (the combination named, the type kept)
-                exc.args = (f"prompt matrix image {i} ({text!r}): {exc.args[0]}",)
-            raise
+        results.append(run_named(f"prompt matrix image {i} ({text!r})", settings, loaded=loaded, log=log))
         if progress is not None:
             progress(i + 1, len(prompts), file.name)
     pictures = [decode_png(file.read_bytes(), source=str(file))[..., :3] for file in files]
     rows, columns, row_labels = matrix_labels(parts)
     grid = annotate_grid(cells_grid(pictures, rows=rows), pictures[0].shape[1], pictures[0].shape[0], columns,
                          row_labels, margin=margin, font=font)
-    text = read_png_text(files[0]).get("parameters", "")
-    grid_file = str(write_png(out, torch.from_numpy(np.ascontiguousarray(grid)), text={"parameters": text}))
+    grid_file = str(write_grid(out, grid, parameters=read_png_text(files[0]).get("parameters")))
     return {"files": [grid_file, *(str(file) for file in files)], "grid": grid_file, "prompts": prompts,
             "images": results}

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 __all__ = ["XyzRun", "run_xyz_plot", "xyz_cell_settings"]
 
@@ -206,31 +205,25 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything runs).
         ImportError: ``legend`` without Pillow.
     """
-    from ..errors import OutputExistsError
-    from ..images import decode_png, read_png_text, write_png
+    from ..images import decode_png, read_png_text
     from ..labelled_grid import annotate_grid, cells_grid
     from ..xyz_plot import axis_label, cell_order
-    from .generate import run_generate
+    from .generate_runs import (
+        check_outputs_free,
+        check_script_alone,
+        require_pillow,
+        run_named,
+        write_grid,
+    )
     from .generate_seed import RANDOM_SEED, fixed_seed
     from .loaded_models import LoadedModels
 
-    scripts = [option for option, key in (("--sd-upscale", "sd_upscale"), ("--loopback", "loopback"),
-                                          ("--outpaint", "outpaint")) if given.get(key) is not None]
-    if scripts:
-        raise ValueError(f"--xyz-x: not with {scripts[0]}: each is one of A1111's scripts, and A1111 runs one at a "
-                         "time; leave one out")
-    if given.get("init_image") is not None and Path(str(given["init_image"])).is_dir():
-        raise ValueError("--xyz-x: not with --init-image FOLDER (A1111's img2img batch runs no script over its "
-                         "images); give one init image")
+    check_script_alone("--xyz-x", given)
     odd = [name for name in vary_seeds if name not in ("x", "y", "z")]
     if odd:
         raise ValueError(f"vary_seeds: {odd[0]!r}; the axes are 'x', 'y' and 'z'")
     if legend:
-        try:
-            import PIL  # noqa: F401 - the legend's drawing, needed at the end: refused before the runs
-        except ImportError:
-            raise ImportError("the X/Y/Z plot's legend is drawn with Pillow: pip install 'sdadapt[images]' (or "
-                              "pillow), or --xyz-no-legend") from None
+        require_pillow("the X/Y/Z plot's legend (or --xyz-no-legend)")
     if vary_seeds and keep_random_seeds and int(given.get("seed", 0)) == RANDOM_SEED:  # type: ignore[call-overload]
         raise ValueError("--xyz-vary-seeds with --xyz-keep-random-seeds and --seed -1: A1111 adds each cell's index "
                          "to the -1 itself (seeds 0, 1, ... after a random first one); give a seed, or leave one of "
@@ -245,10 +238,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
                       else [])]
     for cell in cell_files:
         outputs += [cell] if count == 1 else [cell.with_name(f"{cell.stem}-{i:02d}.png") for i in range(count)]
-    if not given.get("overwrite"):
-        existing = next((path for path in outputs if path.exists()), None)
-        if existing is not None:
-            raise OutputExistsError(f"{existing}: already exists; pass --overwrite to replace it")
+    check_outputs_free(outputs, overwrite=bool(given.get("overwrite")))
     seed = int(given.get("seed", 0))  # type: ignore[call-overload]
     if seed == RANDOM_SEED and not keep_random_seeds:  # (A1111's fix_seed: one seed for every cell)
         seed = fixed_seed(seed)
@@ -271,12 +261,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
             step for name, step in (("x", ix), ("y", iy * xdim), ("z", iz * xdim * ydim)) if name in vary_seeds)
         settings["out"] = str(cell_files[index])
         say(f"cell {index}: {'; '.join(labels) or 'the run as given'}")
-        try:
-            results[index] = run_generate(**settings, loaded=loaded, log=log)  # type: ignore[arg-type]
-        except (ValueError, OSError) as exc:
-            if len(exc.args) == 1 and isinstance(exc.args[0], str):  # (the cell named, the error's type kept)
-                exc.args = (f"X/Y/Z cell {index} ({'; '.join(labels)}): {exc.args[0]}",)
-            raise
+        results[index] = run_named(f"X/Y/Z cell {index} ({'; '.join(labels)})", settings, loaded=loaded, log=log)
         if progress is not None:
             progress(done + 1, len(order), cell_files[index].name)
     firsts = [Path(results[k]["files"][0]) for k in range(nx * ny * nz)]
@@ -297,14 +282,13 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
     if legend:
         whole = annotate_grid(whole, max(g.shape[1] for g in grids), max(g.shape[0] for g in grids), z_labels, [""],
                               font=font)
-    written = [str(write_png(out, torch.from_numpy(np.ascontiguousarray(whole)), text={"parameters": _grid_infotext(
-        first_text, run.fields(z=True, keep_random_seeds=keep_random_seeds))}))]
+    written = [str(write_grid(out, whole, parameters=_grid_infotext(
+        first_text, run.fields(z=True, keep_random_seeds=keep_random_seeds))))]
     if sub_grids and nz > 1:
         for iz, grid in enumerate(grids):
             text = read_png_text(firsts[iz * nx * ny]).get("parameters", "")
-            written.append(str(write_png(outputs[1 + iz], torch.from_numpy(np.ascontiguousarray(grid)), text={
-                "parameters": _grid_infotext(
-                    text, run.fields(z=False, keep_random_seeds=keep_random_seeds))})))
+            written.append(str(write_grid(outputs[1 + iz], grid, parameters=_grid_infotext(
+                text, run.fields(z=False, keep_random_seeds=keep_random_seeds)))))
     cells_written = [file for k in range(nx * ny * nz) for file in results[k]["files"]]
     return {"files": written + cells_written, "grid": written[0], "cells": [results[k] for k in range(nx * ny * nz)],
             "size": tuple(np.asarray(whole).shape[1::-1])}

@@ -1,0 +1,80 @@
+"""What A1111's multi-run scripts share here (``--prompts-file``, ``--xyz-x``, ``--prompt-matrix``): one script at
+a time, outputs checked before anything runs, each run's errors named by the run, the grid written as a PNG."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["check_outputs_free", "check_script_alone", "require_pillow", "run_named", "write_grid"]
+
+
+def check_script_alone(option: str, given: Mapping[str, object]) -> None:
+    """Refuse ``given`` (:func:`~sdadapt.jobs.generate.run_generate`'s arguments) with another of A1111's scripts
+    (SD upscale, Loopback, Poor man's outpainting) or a folder of init images, for the script ``option``.
+
+    Raises:
+        ValueError: naming both.
+    """
+    other = next((flag for flag, key in (("--sd-upscale", "sd_upscale"), ("--loopback", "loopback"),
+                                         ("--outpaint", "outpaint")) if given.get(key) is not None), None)
+    if other is not None:
+        raise ValueError(f"{option}: not with {other}: each is one of A1111's scripts, and A1111 runs one at a time; "
+                         "leave one out")
+    if given.get("init_image") is not None and Path(str(given["init_image"])).is_dir():
+        raise ValueError(f"{option}: not with --init-image FOLDER (A1111's img2img batch runs no script over its "
+                         "images); give one init image")
+
+
+def check_outputs_free(paths: Iterable[Path], *, overwrite: bool, why: Callable[[Path], str] | None = None) -> None:
+    """Refuse before anything runs when one of ``paths`` exists and ``overwrite`` is false.
+
+    Raises:
+        OutputExistsError: the first such path (``why(path)`` added, e.g. the line that writes it).
+    """
+    from ..errors import OutputExistsError
+
+    if overwrite:
+        return
+    for path in paths:
+        if path.exists():
+            raise OutputExistsError(f"{path}: already exists{'' if why is None else f' ({why(path)})'}; pass "
+                                    "--overwrite to replace it")
+
+
+def require_pillow(what: str) -> None:
+    """Refuse, before the runs, a grid whose labels Pillow draws when Pillow is missing.
+
+    Raises:
+        ImportError: saying how to install it.
+    """
+    try:
+        import PIL  # noqa: F401 - only whether it is there
+    except ImportError:
+        raise ImportError(f"{what} is drawn with Pillow: pip install 'sdadapt[images]' (or pillow)") from None
+
+
+def run_named(where: str, settings: Mapping[str, object], **keywords: object) -> dict:
+    """:func:`~sdadapt.jobs.generate.run_generate` of ``settings`` (and ``keywords``: ``loaded``, ``log``), its
+    errors' messages starting with ``where`` (the line, the cell, the combination), their types kept."""
+    from .generate import run_generate
+
+    try:
+        return run_generate(**settings, **keywords)  # type: ignore[arg-type]
+    except (ValueError, OSError) as exc:
+        if len(exc.args) == 1 and isinstance(exc.args[0], str):
+            exc.args = (f"{where}: {exc.args[0]}",)
+        raise
+
+
+def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None) -> Path:
+    """Write a grid ``(H, W, 3)`` uint8 as a PNG atomically, with ``parameters`` as its infotext."""
+    import torch
+
+    from ..images import write_png
+
+    return write_png(path, torch.from_numpy(np.ascontiguousarray(grid)),
+                     text=None if parameters is None else {"parameters": parameters})
