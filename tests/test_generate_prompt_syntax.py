@@ -130,14 +130,9 @@ def sd(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("syntax")
     pipe = _tiny_pipeline(root / "pipe")
-    g = torch.Generator().manual_seed(0)
-    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    unet = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-    state = {}
-    for key in (te, unet):
-        state[f"{key}.lora_down.weight"] = torch.randn(4, 32, generator=g)
-        state[f"{key}.lora_up.weight"] = torch.randn(32, 4, generator=g)
-        state[f"{key}.alpha"] = torch.tensor(4.0)
+    from tiny_lora import tiny_lora_state
+
+    state = tiny_lora_state(0)
     (root / "loras" / "sub").mkdir(parents=True)
     write_safetensors(root / "loras" / "sub" / "ink.safetensors", state, {})
     write_safetensors(root / "loras" / "renamed_v2.safetensors", state, {"ss_output_name": "inkwash"})

@@ -357,19 +357,13 @@ def test_full_and_norm_bias_deltas_keep_the_multiplier_as_the_extension():
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     from test_cli_train import _tiny_pipeline
+    from tiny_lora import tiny_lora_state
 
     from sdadapt.formats.files import write_safetensors
 
     root = tmp_path_factory.mktemp("hires_tags")
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"):
-        state[f"{key}.lora_down.weight"] = torch.randn(4, 32, generator=g)
-        state[f"{key}.lora_up.weight"] = torch.randn(32, 4, generator=g)
-        state[f"{key}.alpha"] = torch.tensor(4.0)
     (root / "loras").mkdir()
-    write_safetensors(root / "loras" / "ink.safetensors", state, {})
+    write_safetensors(root / "loras" / "ink.safetensors", tiny_lora_state(0), {})
     return _tiny_pipeline(root / "pipe"), root / "loras"
 
 

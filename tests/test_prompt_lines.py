@@ -276,20 +276,16 @@ def sd(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lines")
     pipe = _tiny_pipeline(root / "pipe")
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"):
-        state[f"{key}.lora_down.weight"] = torch.randn(4, 32, generator=g)
-        state[f"{key}.lora_up.weight"] = torch.randn(32, 4, generator=g)
-        state[f"{key}.alpha"] = torch.tensor(4.0)
+    from tiny_lora import tiny_lora_state
+
     (root / "loras").mkdir()
-    write_safetensors(root / "loras" / "ink.safetensors", state, {})
+    write_safetensors(root / "loras" / "ink.safetensors", tiny_lora_state(0), {})
     (root / "hn").mkdir()
     sdadapt.save_hypernetwork(root / "hn" / "style.pt", _random_hypernetwork([32, 64], seed=0))
     (root / "emb").mkdir()
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
     sdadapt.save_embedding(root / "emb" / "mystyle.safetensors",
-                           sdadapt.Embedding("mystyle", {"text_encoder": torch.randn(2, 32, generator=g)}))
+                           sdadapt.Embedding("mystyle", {"text_encoder": vectors}))
     return pipe, root
 
 
