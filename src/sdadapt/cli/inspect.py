@@ -32,7 +32,8 @@ def _describe(file: str) -> tuple[dict, int]:
     from .options import error_line, translate_error
 
     try:
-        return describe_file(file), 0
+        image = _image_summary(file)
+        return (image, 0) if image is not None else (describe_file(file), 0)
     except Exception as exc:  # noqa: BLE001 - each file's own error, named, then the next file
         error = translate_error(exc)
         code = exit_code_for(error)
@@ -43,8 +44,41 @@ def _describe(file: str) -> tuple[dict, int]:
         return {"file": file, "error": error_line(error), "exit_code": code}, code
 
 
+def _image_summary(file: str) -> dict | None:
+    """An image's report (A1111's "PNG Info"): ``{"file", "kind", "parameters", "fields"}`` — its infotext (a PNG's
+    ``parameters`` text, a JPEG's or WebP's EXIF UserComment) and the fields A1111 reads from it — or ``None`` for a
+    file that is no PNG, JPEG or WebP.
+
+    Raises:
+        ValueError: an image without an infotext.
+    """
+    from ..image_exif import image_kind
+    from ..jobs.infotext_read import parse_infotext, read_infotext
+
+    try:
+        with open(file, "rb") as handle:
+            kind = image_kind(handle.read(12))
+    except OSError:
+        return None  # (describe_file says what is wrong with it)
+    if kind is None:
+        return None
+    text = read_infotext(file)
+    return {"file": file, "kind": f"{kind.upper()} image with A1111's generation parameters (infotext)",
+            "parameters": text, "fields": parse_infotext(text)}
+
+
 def _print_summary(summary: dict) -> None:
     """One file's report as text lines (``file:``, ``kind:`` ... ``metadata:`` and its entries)."""
+    if "parameters" in summary:  # (an image: its infotext, then each field A1111 reads from it)
+        print(f"file:       {safe_text(summary['file'])}")
+        print(f"kind:       {summary['kind']}")
+        print("parameters:")
+        for line in summary["parameters"].splitlines():
+            print(f"  {safe_text(line)}")
+        print(f"fields:     {plural(len(summary['fields']), 'field')}")
+        for key, value in summary["fields"].items():
+            print(f"  {safe_text(key)}: {safe_text(str(value))}")
+        return
     print(f"file:       {safe_text(summary['file'])}")
     print(f"kind:       {summary['kind']}")
     print(f"tensors:    {summary['tensors']}")
@@ -97,12 +131,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``inspect`` to a CLI."""
     inspect = sub.add_parser(
         "inspect",
-        help="say what weights files are (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint)",
+        help="say what weights files are (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint), "
+        "or an image's A1111 generation parameters",
         description="Detect what each weights file is and print its module count, ranks, alphas, dtypes, size and "
         "metadata. Several files: each report under a '==> FILE <==' heading (--json: a list of objects, one per "
         "file, in the order given; an unreadable file's object holds its error and exit_code; --json-lines: one "
         "object per line for any number of files, for scripts); the exit code is "
-        "the highest of the files' (0: all were read).",
+        "the highest of the files' (0: all were read). A PNG, JPEG or WebP image: its A1111 generation parameters "
+        "(A1111's PNG Info) and the fields read from them.",
     )
     inspect.add_argument("files", nargs="+", metavar="FILE",
                          help=".safetensors (or legacy .pt/.ckpt/.bin, read with weights_only=True); several are "

@@ -70,22 +70,26 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 
 def read_infotext(path: str | os.PathLike) -> str:
-    """The infotext of ``path``: a PNG's ``parameters`` text chunk (A1111's and ``generate``'s), or a text file's
-    contents (A1111's "PNG Info" copied out).
+    """The infotext of ``path``: a PNG's ``parameters`` text chunk (A1111's and ``generate``'s), a JPEG's or WebP's
+    EXIF ``UserComment`` (where A1111 writes it in those formats: :func:`sdadapt.image_exif.exif_user_comment`), or
+    a text file's contents (A1111's "PNG Info" copied out).
 
     Raises:
-        ValueError: a PNG without a ``parameters`` chunk, or a file that is neither, naming it.
+        ValueError: an image without the infotext, or a file that is none of these, naming it.
     """
+    from ..image_exif import exif_user_comment, image_kind
     from ..images import read_png_text
 
     path = Path(path)
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head == b"\x89PNG\r\n\x1a\n":
-        text = read_png_text(path).get("parameters")
+        head = handle.read(12)
+    kind = image_kind(head)
+    if kind is not None:
+        text = read_png_text(path).get("parameters") if kind == "png" else exif_user_comment(path.read_bytes())
         if not text:
-            raise ValueError(f"{path}: this PNG has no 'parameters' text (A1111's infotext); it was not written by "
-                             "A1111 or generate, or its text was stripped")
+            where = "'parameters' text" if kind == "png" else "EXIF UserComment"
+            raise ValueError(f"{path}: this {kind.upper()} has no {where} (A1111's infotext); it was not written by "
+                             "A1111 or generate, or its metadata was stripped")
         return text
     try:
         return path.read_text(encoding="utf-8")

@@ -1,0 +1,99 @@
+"""A1111's infotext in JPEG and WebP images (EXIF ``UserComment``, written by piexif as A1111 writes it): read
+without Pillow or piexif (``sdadapt.image_exif``), by ``--infotext`` and by ``inspect``."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdadapt.cli import main
+from sdadapt.image_exif import exif_user_comment, image_kind
+from sdadapt.jobs.infotext_read import read_infotext
+
+Image = pytest.importorskip("PIL.Image")
+piexif = pytest.importorskip("piexif")
+helper = pytest.importorskip("piexif.helper")
+
+
+def _a1111_image(fmt: str, text: str, *, encoding: str = "unicode") -> bytes:
+    """An image saved as A1111's ``save_image_with_geninfo`` saves a JPEG / WebP: Pillow writes it, piexif inserts
+    the EXIF with the UserComment."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (10, 20, 30)).save(buffer, format=fmt)
+    exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: helper.UserComment.dump(text,
+                                                                                             encoding=encoding)}})
+    out = io.BytesIO()
+    piexif.insert(exif, buffer.getvalue(), out)
+    return out.getvalue()
+
+
+def _a1111_read(data: bytes) -> str:  # (modules/images.py read_info_from_image, its EXIF branch)
+    exif = piexif.load(data)
+    exif_comment = (exif or {}).get("Exif", {}).get(piexif.ExifIFD.UserComment, b'')
+    try:
+        exif_comment = helper.UserComment.load(exif_comment)
+    except ValueError:
+        exif_comment = exif_comment.decode('utf8', errors="ignore")
+    return exif_comment
+
+
+_TEXTS = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_TEXTS, st.sampled_from(["JPEG", "WEBP"]))
+def test_a1111s_exif_comment_reads_back_as_a1111_reads_it(text, fmt):
+    data = _a1111_image(fmt, text)
+    assert exif_user_comment(data) == _a1111_read(data) == text
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_other_encodings_and_pillows_own_exif(fmt):
+    assert exif_user_comment(_a1111_image(fmt, "Steps: 20", encoding="ascii")) == "Steps: 20"
+    exif = Image.Exif()  # (Pillow's writer: little-endian TIFF)
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + "a cat\nSteps: 5".encode("utf-16-be")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format=fmt, exif=exif.tobytes())
+    assert exif_user_comment(buffer.getvalue()) == "a cat\nSteps: 5"
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, format=fmt)
+    assert exif_user_comment(plain.getvalue()) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2000), st.sampled_from(["JPEG", "WEBP"]))
+def test_a_cut_file_gives_none_or_the_text_never_an_error(cut, fmt):
+    data = _a1111_image(fmt, "a long prompt " * 20)  # (the EXIF comes before the pixels: whole, or cut off)
+    assert exif_user_comment(data[:cut]) in (None, "a long prompt " * 20)
+    if cut >= len(data):
+        assert exif_user_comment(data[:cut]) == "a long prompt " * 20
+
+
+def test_kinds():
+    assert image_kind(b"\x89PNG\r\n\x1a\n\0\0\0\0") == "png" and image_kind(b"\xff\xd8\xff\xe0") == "jpeg"
+    assert image_kind(b"RIFF\0\0\0\0WEBP") == "webp" and image_kind(b"PK\x03\x04") is None
+
+
+def test_infotext_and_inspect_read_a_jpeg(tmp_path, capsys):
+    assert main(["generate", "--model", "toy", "--prompt", "a red circle", "--steps", "2", "--seed", "6", "-q",
+                 "-o", str(tmp_path / "a.png")]) == 0
+    text = read_infotext(tmp_path / "a.png")
+    (tmp_path / "a.jpg").write_bytes(_a1111_image("JPEG", text))
+    (tmp_path / "a.webp").write_bytes(_a1111_image("WEBP", text))
+    assert read_infotext(tmp_path / "a.jpg") == read_infotext(tmp_path / "a.webp") == text
+    assert main(["generate", "--model", "toy", "--infotext", str(tmp_path / "a.jpg"), "-q",
+                 "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(tmp_path / "a.webp")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"] == text and report["fields"]["Seed"] == "6" and "WEBP" in report["kind"]
+    assert main(["inspect", str(tmp_path / "a.jpg")]) == 0
+    assert "  Steps: 2" in capsys.readouterr().out
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.jpg")
+    assert main(["inspect", str(tmp_path / "plain.jpg")]) != 0
+    assert "has no EXIF UserComment" in capsys.readouterr().err
