@@ -50,8 +50,8 @@ def _upscaled(monkeypatch):
     made = []
     real = generate_hires.lanczos_upscale_pixels
 
-    def spy(decoded, size):
-        out = real(decoded, size)
+    def spy(decoded, size, **kw):
+        out = real(decoded, size, **kw)
         made.append(out.clone())
         return out
 

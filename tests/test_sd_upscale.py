@@ -75,14 +75,18 @@ def _a1111_combine_grid(grid):
 
 
 def _a1111_upscale(img, scale, resample):
-    """``Upscaler.upscale`` with ``UpscalerLanczos`` / ``UpscalerNearest``'s ``do_upscale``."""
+    """``Upscaler.upscale`` with ``UpscalerLanczos`` / ``UpscalerNearest``'s ``do_upscale`` (``resample``), or a
+    model upscaler's (``resample`` a callable)."""
     dest_w = int((img.width * scale) // 8 * 8)
     dest_h = int((img.height * scale) // 8 * 8)
-    for _ in range(3):
-        if img.width >= dest_w and img.height >= dest_h:
+    for i in range(3):
+        if img.width >= dest_w and img.height >= dest_h and (i > 0 or scale != 1):
             break
         shape = (img.width, img.height)
-        img = img.resize((int(img.width * scale), int(img.height * scale)), resample=resample)
+        if callable(resample):
+            img = resample(img)
+        else:
+            img = img.resize((int(img.width * scale), int(img.height * scale)), resample=resample)
         if shape == (img.width, img.height):
             break
     if img.width != dest_w or img.height != dest_h:
@@ -148,16 +152,22 @@ def test_upscale_is_a1111s_upscaler(upscaler, resample, size, scale):
 
 def test_check_and_split_refuse_what_a1111_cannot_run():
     assert check_sd_upscale(2.0, 64, "LANCZOS") == "Lanczos" and check_sd_upscale(1, 0, "none") == "None"
-    with pytest.raises(ValueError, match="ESRGAN"):
+    with pytest.raises(ValueError, match="ESRGAN model file"):
         check_sd_upscale(2.0, 64, "R-ESRGAN 4x+")
+    with pytest.raises(ValueError, match="no such file"):
+        check_sd_upscale(2.0, 64, "models/4x-UltraSharp.pth")
     with pytest.raises(ValueError, match="above 0"):
         check_sd_upscale(0.0, 64, "lanczos")
     with pytest.raises(ValueError, match="below the tile"):
         split_grid(_image(200, 200, 0), tile_w=64, tile_h=96, overlap=64)
     with pytest.raises(ValueError, match="at least 0"):
         check_sd_upscale(2.0, -1, "lanczos")
-    with pytest.raises(ValueError, match="smaller than a 64x64 tile"):
-        split_grid(_image(60, 80, 0), tile_w=64, tile_h=64, overlap=8)
+    small = _image(60, 80, 0)  # (smaller than a tile: one tile reaching past it, black there, as A1111's)
+    ours, theirs = split_grid(small, tile_w=64, tile_h=64, overlap=8), _a1111_split_grid(small, 64, 64, 8)
+    assert [(y, h, [(x, w) for x, w, _ in row]) for y, h, row in theirs.tiles] == [
+        (y, h, list(row)) for y, h, row in ours.rows]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip([t for _, _, row in theirs.tiles for _, _, t in row], ours.tiles))
 
 
 # --------------------------------------------------------------------------------------------- end to end (CLI)

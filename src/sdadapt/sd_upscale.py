@@ -21,6 +21,7 @@ upscaler" among the fields), as A1111 saves it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "TileGrid",
     "check_sd_upscale",
     "combine_grid",
+    "pixel_upscaler",
     "split_grid",
     "upscale_image",
 ]
@@ -60,8 +62,35 @@ class TileGrid:
         return (self.size[0] - max(x + w for x, w in last_row), self.size[1] - (last_y + last_h))
 
 
-def check_sd_upscale(scale: float, overlap: int, upscaler: str) -> str:
-    """The upscaler's A1111 name for ``upscaler`` (:data:`SD_UPSCALERS`, either spelling), the other settings checked
+def pixel_upscaler(option: str, text: str, labels: dict[str, str], *, device: str = "cpu"):
+    """``text`` of an upscaler option: one of ``labels``' names (either spelling: :func:`canonical_choice`), returned
+    as its name, or an ESRGAN model file (``.pth`` / ``.safetensors``: A1111's ``models/ESRGAN``), returned as an
+    :class:`sdadapt.esrgan.EsrganUpscaler` on ``device`` (loaded when first used; its ``name`` A1111's).
+
+    Raises:
+        ValueError: neither (the names listed), or a model file that does not exist.
+    """
+    from pathlib import Path
+
+    from .sampler_tables import canonical_choice
+
+    path = Path(str(text))
+    if path.suffix.lower() in (".pth", ".pt", ".safetensors", ".ckpt", ".bin") or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"{option} {text}: no such file (an ESRGAN upscaler model, .pth or .safetensors)")
+        from .esrgan import EsrganUpscaler
+
+        return EsrganUpscaler(path, device=device)
+    try:
+        return canonical_choice(option, str(text), labels)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or an ESRGAN model file (.pth / .safetensors: R-ESRGAN 4x+, 4x-UltraSharp, ... — "
+                         "other upscaler architectures are not run here)") from None
+
+
+def check_sd_upscale(scale: float, overlap: int, upscaler: str, *, device: str = "cpu"):
+    """The upscaler for ``upscaler``: A1111's name of a built-in one (:data:`SD_UPSCALERS`, either spelling) or an
+    ESRGAN model file's :class:`sdadapt.esrgan.EsrganUpscaler` (:func:`pixel_upscaler`), the other settings checked
     before the model's size is known (the overlap against the tile's sides: :func:`split_grid`).
 
     Raises:
@@ -69,33 +98,34 @@ def check_sd_upscale(scale: float, overlap: int, upscaler: str) -> str:
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"--sd-upscale is the scale factor, a number above 0 (A1111's slider: 1 to 4), got {scale}")
-    from .sampler_tables import canonical_choice
-
-    try:
-        name = canonical_choice("--sd-upscale-upscaler", upscaler, SD_UPSCALERS)
-    except ValueError as exc:
-        raise ValueError(f"{exc}: A1111's built-in upscalers (ESRGAN and its other model upscalers are not run "
-                         "here)") from None
+    chosen = pixel_upscaler("--sd-upscale-upscaler", upscaler, SD_UPSCALERS, device=device)
     if overlap < 0:
         raise ValueError(f"--sd-upscale-overlap must be at least 0 and below the tile's sides (--width x --height; "
                          f"A1111's slider: 0 to 256), got {overlap}")
-    return SD_UPSCALERS[name]
+    return SD_UPSCALERS[chosen] if isinstance(chosen, str) else chosen
 
 
-def upscale_image(image, scale: float, *, upscaler: str = "Lanczos"):
-    """A1111's ``Upscaler.upscale(image, scale)`` for its built-in ``upscaler`` ("Lanczos", "Nearest"; "None":
-    ``image`` as it is) on a PIL image (module docstring). Returns a PIL image."""
+def upscale_image(image, scale: float, *, upscaler: str | Callable = "Lanczos"):
+    """A1111's ``Upscaler.upscale(image, scale)`` on a PIL image (module docstring) for its built-in ``upscaler``
+    ("Lanczos", "Nearest"; "None": ``image`` as it is) or a model's ``do_upscale`` (a callable, PIL image -> the
+    image enlarged by the model's own scale: :class:`sdadapt.esrgan.EsrganUpscaler`). Returns a PIL image."""
     from PIL import Image
 
-    if upscaler == "None":
+    if isinstance(upscaler, str) and upscaler == "None":
         return image
-    resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[upscaler]
+    if isinstance(upscaler, str):
+        resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[upscaler]
+
+        def do_upscale(img):
+            return img.resize((int(img.width * scale), int(img.height * scale)), resample=resample)
+    else:
+        do_upscale = upscaler
     dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
-    for _ in range(3):  # (its loop: a do_upscale until the image covers dest, or stops growing)
-        if image.width >= dest_w and image.height >= dest_h:
+    for i in range(3):  # (its loop: a do_upscale until the image covers dest, or stops growing; at scale 1 one)
+        if image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1):
             break
         shape = image.size
-        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
+        image = do_upscale(image)
         if shape == image.size:
             break
     if image.size != (dest_w, dest_h):
@@ -107,13 +137,13 @@ def split_grid(image, *, tile_w: int, tile_h: int, overlap: int) -> TileGrid:
     """A1111's ``images.split_grid``: the PIL ``image`` cut into ``tile_w`` x ``tile_h`` tiles overlapping by
     ``overlap`` pixels (module docstring). Returns a :class:`TileGrid`.
 
+    An image smaller than a tile gets one tile that reaches past it (``x = w - tile_w`` below 0: PIL's crop fills
+    with black there), as in A1111 (its ESRGAN tiling of a small image).
+
     Raises:
-        ValueError: an image smaller than a tile, or an overlap not below the tile's sides.
+        ValueError: an overlap not below the tile's sides.
     """
     w, h = image.size
-    if w < tile_w or h < tile_h:
-        raise ValueError(f"SD upscale: the upscaled image is {w}x{h}, smaller than a {tile_w}x{tile_h} tile (the "
-                         "generation's --width x --height); raise --sd-upscale or make the tiles smaller")
     if not 0 <= overlap < min(tile_w, tile_h):
         raise ValueError(f"SD upscale: the overlap must be at least 0 and below the tile's sides, got {overlap}")
     cols = math.ceil((w - overlap) / (tile_w - overlap))

@@ -49,6 +49,26 @@ def _a1111_choice(option: str, labels: dict[str, str]) -> Callable[[str], str]:
     return read
 
 
+def _upscaler(option: str, labels: dict[str, str]) -> Callable[[str], str]:
+    """An argparse ``type`` for an upscaler option: :func:`_a1111_choice`'s names, or a model file's path (an
+    ESRGAN upscaler: checked and loaded by the run, :func:`sdadapt.sd_upscale.pixel_upscaler`)."""
+    choice = _a1111_choice(option, labels)
+
+    def read(text: str) -> str:
+        import os
+
+        if os.path.splitext(text)[1].lower() in (".pth", ".pt", ".safetensors", ".ckpt", ".bin") \
+                or os.path.isfile(text):
+            return text
+        try:
+            return choice(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}; or an ESRGAN model file (.pth / .safetensors)") from None
+
+    read.__name__ = option.lstrip("-").replace("-", "_")
+    return read
+
+
 def _schedule(text: str) -> str:
     """``--schedule``'s value, checked now (a name or A1111 label: "exponential", "Align Your Steps")."""
     try:
@@ -593,9 +613,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "writes the big image (docs/samplers.md)")
     img2img.add_argument("--sd-upscale-overlap", type=int, default=64, metavar="PX",
                          help="SD upscale: the tiles' overlap in pixels (default 64, A1111's)")
-    img2img.add_argument("--sd-upscale-upscaler", default="lanczos", metavar="NAME",
+    img2img.add_argument("--sd-upscale-upscaler", default="lanczos", metavar="NAME|FILE",
                          help="SD upscale: how the image is enlarged before tiling: lanczos (default), nearest or none "
-                         "(A1111's built-in upscalers, either spelling)")
+                         "(A1111's built-in upscalers, either spelling), or an ESRGAN model file (.pth / "
+                         ".safetensors: R-ESRGAN 4x+, 4x-UltraSharp ...)")
     img2img.add_argument("--loopback", type=positive_int, default=None, metavar="N",
                          help="A1111's 'Loopback' script: img2img N times, each output the next run's --init-image, "
                          "the strength moving from --denoising-strength to --loopback-final-denoising; every loop's "
@@ -635,11 +656,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="hires fix: the second pass's steps (default 0: --steps)")
     img2img.add_argument("--hires-denoising", type=float, default=0.7, metavar="S",
                          help="hires fix: the second pass's denoising strength (default 0.7, A1111's)")
-    img2img.add_argument("--hires-upscaler", default="latent", choices=HIRES_UPSCALERS,
-                         type=_a1111_choice("--hires-upscaler", HIRES_UPSCALER_LABELS),
+    img2img.add_argument("--hires-upscaler", default="latent", metavar="NAME|FILE",
+                         type=_upscaler("--hires-upscaler", HIRES_UPSCALER_LABELS),
                          help="hires fix: how the first pass is enlarged: A1111's latent upscalers (interpolate the "
-                         "latents) or pixel-lanczos (decode, Lanczos resize, encode); A1111's names as its infotext "
-                         "writes them work too ('Latent (bicubic antialiased)', 'Lanczos'); default latent")
+                         f"latents: {', '.join(HIRES_UPSCALERS[:-1])}), pixel-lanczos (decode, Lanczos resize, "
+                         "encode) or an ESRGAN model file (.pth / .safetensors: R-ESRGAN 4x+, 4x-UltraSharp ...; "
+                         "decode, the model, Lanczos to the size, encode); A1111's names as its infotext writes them "
+                         "work too ('Latent (bicubic antialiased)', 'Lanczos'); default latent")
     img2img.add_argument("--hires-prompt", default=None, metavar="TEXT",
                          help="hires fix: the second pass's prompt (A1111's 'Hires prompt'; default or empty: "
                               "--prompt)")

@@ -473,6 +473,8 @@ def run_generate(
     from ..images import write_png
     from ..sampler_tables import (
         CHURN_SAMPLERS,
+        HIRES_UPSCALER_LABELS,
+        LATENT_UPSCALERS,
         NOISE_SCHEDULE_LABELS,
         TIMESTEP_SAMPLERS,
         canonical_choice,
@@ -485,6 +487,12 @@ def run_generate(
     from ..sampling import unknown_words
 
     say = log or (lambda line: None)
+    if isinstance(hires_upscaler, str) and hires_upscaler not in HIRES_UPSCALER_LABELS:  # (another spelling of a
+        from ..sd_upscale import pixel_upscaler
+
+        # name, or an ESRGAN file: sdadapt.esrgan.EsrganUpscaler)
+        hires_upscaler = pixel_upscaler("--hires-upscaler", hires_upscaler, HIRES_UPSCALER_LABELS,
+                                        device=resolve_device(device))
     if styles:  # A1111's saved styles (setup_prompts): merged in first, the hires pass's own texts too
         from ..prompt_styles import apply_styles, styled_prompts
 
@@ -715,7 +723,7 @@ def run_generate(
     # (A1111's setup_prompts: an empty hires prompt or negative prompt is the first pass's, tags and all)
     hires_prompt, hires_negative = hires_prompt or None, hires_negative or None
     # (otherwise only an inpainting model's own image conditioning is encoded: checked once the model is loaded)
-    encodes_pixels = init_image is not None or (hires is not None and hires_upscaler == "pixel-lanczos")
+    encodes_pixels = init_image is not None or (hires is not None and hires_upscaler not in LATENT_UPSCALERS)
     if outpaint is not None:
         from ..inpaint import check_inpainting_fill
         from ..outpainting import check_outpainting
@@ -770,7 +778,8 @@ def run_generate(
     if sd_upscale is not None:
         from ..sd_upscale import check_sd_upscale
 
-        sd_upscaler = check_sd_upscale(sd_upscale, sd_upscale_overlap, sd_upscale_upscaler)
+        sd_upscaler = check_sd_upscale(sd_upscale, sd_upscale_overlap, sd_upscale_upscaler,
+                                       device=resolve_device(device))
         if init_image is None or mask is not None:
             raise ValueError("--sd-upscale is A1111's img2img script: give --init-image (the image to upscale) and no "
                              "--mask")
@@ -1327,7 +1336,8 @@ def run_generate(
         if sd_upscaler is not None:
             tiled = sd_upscale_tiles(init_image, folder, scale=sd_upscale, overlap=sd_upscale_overlap,
                                      upscaler=sd_upscaler, width=size_w, height=size_h)
-            say(f"SD upscale of {init_image}: {tiled.grid.size[0]}x{tiled.grid.size[1]} by {sd_upscaler}, "
+            say(f"SD upscale of {init_image}: {tiled.grid.size[0]}x{tiled.grid.size[1]} by "
+                f"{getattr(sd_upscaler, 'name', sd_upscaler)}, "
                 f"{plural(len(tiled.run), 'tile')} of {size_w}x{size_h} overlapping by {sd_upscale_overlap}")
         else:
             tiled = outpainting_tiles(init_image, folder, pixels=outpaint, mask_blur=outpaint_mask_blur,
@@ -1475,7 +1485,8 @@ def run_generate(
         freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
         tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass),
-        soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap, sd_upscaler),
+        soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap,
+                                                                  getattr(sd_upscaler, "name", sd_upscaler)),
         loopback=None if loop_curve is None else (float(loopback_final_denoising), loop_curve))
     written = []
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
@@ -1716,7 +1727,7 @@ def _check_img2img_options(sampler: str, *, init_image, denoising_strength: floa
         raise ValueError("give --hires-scale or --hires-width/--hires-height, not both")
     if hires_scale is not None and hires_scale <= 0:
         raise ValueError(f"--hires-scale must be > 0, got {hires_scale}")
-    if hires_upscaler not in HIRES_UPSCALERS:
+    if isinstance(hires_upscaler, str) and hires_upscaler not in HIRES_UPSCALERS:  # (else an ESRGAN upscaler)
         raise ValueError(f"--hires-upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {hires_upscaler!r}")
     if hires_steps < 0 or not 0.0 < hires_denoising <= 1.0:
         raise ValueError(f"--hires-steps must be >= 0 and --hires-denoising in (0, 1], got {hires_steps} and "

@@ -28,7 +28,8 @@ NO_STEP_REFUSED: tuple[str, ...] = ("dpm_fast", "dpm_adaptive")
 @dataclass(frozen=True)
 class HiresRequest:
     """The hires pass: its image ``size`` (height, width), ``steps`` (0: the first pass's), ``denoising``
-    strength and ``upscaler`` (:data:`sdadapt.img2img.HIRES_UPSCALERS`); ``upscale_to`` (height, width): what the
+    strength and ``upscaler`` (:data:`sdadapt.img2img.HIRES_UPSCALERS`, or an ESRGAN model's
+    :class:`sdadapt.esrgan.EsrganUpscaler`: a pixel upscaler); ``upscale_to (height, width): what the
     first pass is enlarged to before A1111's crop to ``size`` (``hr_upscale_to_y/x``, :func:`hires_upscale_size`;
     ``None``: ``size``, no crop); A1111's ``hr_prompt`` /
     ``hr_negative_prompt`` (``prompt``, ``negative``: the second pass's conditioning; ``None``: the first pass's)
@@ -39,7 +40,7 @@ class HiresRequest:
     size: tuple[int, int]
     steps: int = 0
     denoising: float = 0.7
-    upscaler: str = "latent"
+    upscaler: object = "latent"
     prompt: str | None = None
     negative: str | None = None
     sampler: str | None = None
@@ -99,7 +100,7 @@ def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresReq
     """
     from ..img2img import HIRES_UPSCALERS
 
-    if request.upscaler not in HIRES_UPSCALERS:
+    if isinstance(request.upscaler, str) and request.upscaler not in HIRES_UPSCALERS:  # (else an ESRGAN upscaler)
         raise ValueError(f"--hires-upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {request.upscaler!r}")
     if request.steps < 0:
         raise ValueError(f"--hires-steps must be >= 0 (0: the first pass's steps), got {request.steps}")
@@ -239,33 +240,35 @@ def seeded_encoding(system, encode: Callable[[torch.Generator], Tensor], *, seed
     return latents, None if a1111_noise else g
 
 
-def _lanczos_upscaler(image, width: int, height: int):
-    """A1111's ``images.resize_image(0, image, width, height, upscaler_name="Lanczos")`` on a PIL image, each step
-    PIL's own Lanczos resize (:func:`sdadapt.inpaint_crop.resize_image`, mode ``just``): with ``scale = max(width /
-    w, height / h)`` above 1, ``UpscalerLanczos.upscale`` (``modules/upscaler.py``) first — ``dest = int((w ·
-    scale) // 8 · 8)`` per side; unless the image already covers ``dest`` one ``do_upscale`` to ``(int(w · scale),
-    int(h · scale))`` (its loop stops there: ``int(x) >= int(x // 8 · 8)``), then a resize to ``dest`` where that
-    differs — and last a resize to ``width`` x ``height`` where the image still differs. A proportional hires size
-    that the float product hits exactly is one resize; a stretched one (``--hires-width`` and ``--hires-height``
-    out of proportion) or one the product misses by a rounding is two or three, as in A1111."""
+def _pixel_upscaler(image, width: int, height: int, upscaler: object = "Lanczos"):
+    """A1111's ``images.resize_image(0, image, width, height, upscaler_name=...)`` on a PIL image, each resize PIL's
+    own Lanczos (:func:`sdadapt.inpaint_crop.resize_image`, mode ``just``): with ``scale = max(width / w, height /
+    h)`` above 1, the upscaler's ``upscale`` (``modules/upscaler.py``, :func:`sdadapt.sd_upscale.upscale_image`)
+    first — ``dest = int((w · scale) // 8 · 8)`` per side; unless the image already covers ``dest`` one
+    ``do_upscale`` (Lanczos: to ``(int(w · scale), int(h · scale))``, its loop stopping there; an ESRGAN model: its
+    own scale, again until it covers ``dest``), then a resize to ``dest`` where that differs — and last a resize to
+    ``width`` x ``height`` where the image still differs. A proportional hires size that the float product hits
+    exactly is one Lanczos resize; a stretched one (``--hires-width`` and ``--hires-height`` out of proportion) or
+    one the product misses by a rounding is two or three, as in A1111."""
     from ..inpaint_crop import resize_image
     from ..sd_upscale import upscale_image
 
     scale = max(width / image.width, height / image.height)
     if scale > 1.0:
-        image = upscale_image(image, scale, upscaler="Lanczos")
+        image = upscale_image(image, scale, upscaler=upscaler)
     if (image.width, image.height) != (width, height):
         image = resize_image(image, width, height)
     return image
 
 
-def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int]) -> Tensor:
+def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int], *, upscaler: object = "Lanczos") -> Tensor:
     """The hires pass's ``pixel-lanczos`` input: the first pass's decoded images ``decoded`` (B, 3, h, w) in
     [-1, 1] brought to ``size`` = (H, W) -> (B, 3, H, W) float32 in [-1, 1] on the CPU — the pixels A1111's
     ``sample_hr_pass`` encodes for a non-latent upscaler (``modules/processing.py``, read at commit 0027ce1f6e58),
     bit for bit: ``torch.clamp((x + 1) / 2, 0, 1)`` in float32, ``255. · x`` made ``uint8`` by truncation (not
-    rounding), a PIL image resized by the "Lanczos" upscaler (:func:`_lanczos_upscaler`), then
-    ``np.array(image).astype(np.float32) / 255.0`` and ``· 2 − 1`` (:func:`sdadapt.resize_modes.pil_pixels`).
+    rounding), a PIL image resized by the "Lanczos" upscaler — or ``upscaler``, an ESRGAN model's
+    (:class:`sdadapt.esrgan.EsrganUpscaler`) — (:func:`_pixel_upscaler`), then ``np.array(image).astype(np.float32)
+    / 255.0`` and ``· 2 − 1`` (:func:`sdadapt.resize_modes.pil_pixels`).
 
     Without Pillow (an optional dependency): one float Lanczos resize of each image
     (:func:`sdadapt.resampling.resample`, PIL's filter and pass order, no 8-bit steps) — within a few levels of
@@ -276,6 +279,9 @@ def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int]) -> Tensor:
     try:
         import PIL.Image  # noqa: F401  (optional)
     except ImportError:
+        if upscaler != "Lanczos":
+            raise ImportError("--hires-upscaler with an ESRGAN model runs it as A1111 does, on 8-bit Pillow images: "
+                              "pip install 'sdadapt[images]' (or pillow)") from None
         from ..resampling import resample
 
         return torch.stack([resample(p, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
@@ -289,7 +295,7 @@ def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int]) -> Tensor:
     out = []
     for x in unit:
         eight = (255.0 * np.moveaxis(x.numpy(), 0, 2)).astype(np.uint8)  # (h, w, 3): truncated, as A1111
-        out.append(pil_pixels(_lanczos_upscaler(Image.fromarray(np.ascontiguousarray(eight)), width, height)))
+        out.append(pil_pixels(_pixel_upscaler(Image.fromarray(np.ascontiguousarray(eight)), width, height, upscaler)))
     return torch.stack(out)
 
 
@@ -493,12 +499,13 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     hires_generator = None  # (--vae-encode sample's, for the pixel hires pass: seeded_encoding)
     pixel_generator = None  # (--vae-encode sample: the generator the upscaled pixels' ε came from, either noise)
     weighted = None  # (mask weight < 1: what hires_image_conditioning makes the conditioning of, after the noise)
-    if hires.upscaler in LATENT_UPSCALERS:
+    if isinstance(hires.upscaler, str) and hires.upscaler in LATENT_UPSCALERS:
         start = upscale_latents(latents.float(), (up_h // factor, up_w // factor), upscaler=hires.upscaler)
         if inpainting_mask_weight < 1.0:  # (A1111: img2img_image_conditioning(decode_first_stage(samples), samples))
             weighted = {"latents": start}
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
-        pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w)).to(latents.device)
+        pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w), upscaler="Lanczos" if isinstance(
+            hires.upscaler, str) else hires.upscaler).to(latents.device)
         if vae_encode == "sample":  # (the seed's generator: the posterior sample, then this pass's start noise)
             spent: list[torch.Generator] = []
 

@@ -58,7 +58,7 @@ def _written(folder: str | os.PathLike, name: str, image) -> Path:
 
 
 def sd_upscale_tiles(init_image: str | os.PathLike, folder: str | os.PathLike, *, scale: float, overlap: int,
-                     upscaler: str, width: int, height: int) -> TiledRun:
+                     upscaler: object, width: int, height: int) -> TiledRun:
     """A1111's SD upscale script up to its img2img calls: the ``init_image`` file flattened on white
     (:func:`sdadapt.resize_modes.open_init_image`), enlarged by ``upscaler`` (an A1111 name, "Lanczos", "Nearest",
     "None") at ``scale`` (:func:`sdadapt.sd_upscale.upscale_image`), cut into ``width`` x ``height`` tiles overlapping
@@ -71,6 +71,10 @@ def sd_upscale_tiles(init_image: str | os.PathLike, folder: str | os.PathLike, *
     from ..sd_upscale import split_grid, upscale_image
 
     image = upscale_image(open_init_image(init_image), scale, upscaler=upscaler)
+    if image.width < width or image.height < height:
+        raise ValueError(f"SD upscale: the upscaled image is {image.width}x{image.height}, smaller than a {width}x"
+                         f"{height} tile (the generation's --width x --height); raise --sd-upscale or make the tiles "
+                         "smaller")
     grid = split_grid(image, tile_w=width, tile_h=height, overlap=overlap)
     sources = tuple((_written(folder, f"tile-{k:03d}.png", tile), None, None) for k, tile in enumerate(grid.tiles))
     return TiledRun(grid, tuple(range(len(grid.tiles))), sources)

@@ -454,7 +454,9 @@ class InfotextRun:
             else:
                 fields["Hires upscale"] = float(hires["scale"])
             fields["Hires steps"] = hires.get("steps") or None
-            fields["Hires upscaler"] = HIRES_UPSCALER_LABELS.get(str(hires.get("upscaler")), hires.get("upscaler"))
+            upscaler = hires.get("upscaler")  # (a name, or an ESRGAN model's EsrganUpscaler: its A1111 name)
+            fields["Hires upscaler"] = getattr(upscaler, "name", None) or HIRES_UPSCALER_LABELS.get(str(upscaler),
+                                                                                                  upscaler)
         if self.mask is not None:  # StableDiffusionProcessingImg2Img.init's order
             mask = dict(self.mask)
             fields["Mask mode"] = "Inpaint not masked" if mask.get("invert") else None
