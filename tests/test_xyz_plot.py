@@ -378,6 +378,11 @@ def test_a_cells_settings_and_what_is_refused(tmp_path):
         {"denoising_strength": 0.4}
     assert xyz_cell_settings(XYZ_AXES["Hires upscaler"], "Latent (bicubic antialiased)", [], hires) == \
         {"hires_upscaler": "latent-bicubic-antialiased"}
+    (tmp_path / "4x-Sharp.pth").write_bytes(b"")  # (an ESRGAN file: its path kept, loaded by the cell's run)
+    assert xyz_cell_settings(XYZ_AXES["Hires upscaler"], str(tmp_path / "4x-Sharp.pth"), [], hires) == \
+        {"hires_upscaler": str(tmp_path / "4x-Sharp.pth")}
+    with pytest.raises(ValueError, match="no such file"):
+        xyz_cell_settings(XYZ_AXES["Hires upscaler"], str(tmp_path / "none.pth"), [], hires)
     for label, value, settings_, message in (
             ("Denoising", 0.5, given_, "no denoising strength"), ("Hires steps", 5, given_, "hires fix"),
             ("Var. seed", 3, given_, "--noise a1111"), ("Refiner switch at", 0.5, given_, "no --refiner"),

@@ -141,8 +141,11 @@ def xyz_cell_settings(axis, value: object, values: Sequence[object], settings: M
         sampler_label(str(value))
     elif label == "Schedule type":
         value = canonical_schedule(str(value))
-    elif label == "Hires upscaler":
-        value = canonical_choice("--hires-upscaler", str(value), HIRES_UPSCALER_LABELS)
+    elif label == "Hires upscaler":  # (a name, or an ESRGAN model file: checked here, loaded by the cell's run)
+        from ..sd_upscale import pixel_upscaler
+
+        chosen = pixel_upscaler("--hires-upscaler", str(value), HIRES_UPSCALER_LABELS)
+        value = chosen if isinstance(chosen, str) else str(value)
     elif label == "Checkpoint name":
         value = checkpoint_by_name(str(value), beside=str(settings.get("model", "toy")), option="Checkpoint name")
     elif label == "Refiner checkpoint":
