@@ -90,7 +90,6 @@ def xyz_cell_settings(axis, value: object, values: Sequence[object], settings: M
     """
     from ..sampler_tables import (
         HIRES_UPSCALER_LABELS,
-        canonical_choice,
         canonical_schedule,
     )
     from ..sampler_tables import sampler_schedule_from_label as sampler_label
