@@ -14,32 +14,16 @@ import torch
 
 Image = pytest.importorskip("PIL.Image")
 
-from sdadapt.img2img import LATENT_UPSCALERS, upscale_latents  # noqa: E402
-from sdadapt.jobs.generate_hires import HiresRequest, lanczos_upscale_pixels, sample_image  # noqa: E402
+from test_sd_upscale import _a1111_upscale
+
+from sdadapt.img2img import LATENT_UPSCALERS, upscale_latents
+from sdadapt.jobs.generate_hires import (
+    HiresRequest,
+    lanczos_upscale_pixels,
+    sample_image,
+)
 
 LANCZOS = Image.Resampling.LANCZOS
-
-
-class _UpscalerLanczos:
-    """A1111's ``UpscalerLanczos`` with ``Upscaler.upscale`` (its three-try loop as written)."""
-
-    def do_upscale(self, img):
-        return img.resize((int(img.width * self.scale), int(img.height * self.scale)), resample=LANCZOS)
-
-    def upscale(self, img, scale):
-        self.scale = scale
-        dest_w = int((img.width * scale) // 8 * 8)
-        dest_h = int((img.height * scale) // 8 * 8)
-        for i in range(3):
-            if img.width >= dest_w and img.height >= dest_h and (i > 0 or scale != 1):
-                break
-            shape = (img.width, img.height)
-            img = self.do_upscale(img)
-            if shape == (img.width, img.height):
-                break
-        if img.width != dest_w or img.height != dest_h:
-            img = img.resize((int(dest_w), int(dest_h)), resample=LANCZOS)
-        return img
 
 
 def _a1111_resize_image_0(im, width, height, upscaler_name="Lanczos"):
@@ -47,8 +31,8 @@ def _a1111_resize_image_0(im, width, height, upscaler_name="Lanczos"):
     if upscaler_name is None or upscaler_name == "None" or im.mode == "L":
         return im.resize((width, height), resample=LANCZOS)
     scale = max(width / im.width, height / im.height)
-    if scale > 1.0:
-        im = _UpscalerLanczos().upscale(im, scale)
+    if scale > 1.0:  # (UpscalerLanczos with Upscaler.upscale: test_sd_upscale's transcription)
+        im = _a1111_upscale(im, scale, LANCZOS)
     if im.width != width or im.height != height:
         im = im.resize((width, height), resample=LANCZOS)
     return im
