@@ -212,7 +212,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if any(axis is not None for axis in axes):  # (A1111's "X/Y/Z plot": sdadapt.jobs.generate_xyz)
         from ..jobs.generate_xyz import run_xyz_plot
 
-        result = run_xyz_plot(axes, style_table=style_table, legend=args.xyz_legend, keep_random_seeds=args.xyz_keep_random_seeds,
+        result = run_xyz_plot(axes, style_table=style_table, legend=args.xyz_legend,
+                              keep_random_seeds=args.xyz_keep_random_seeds,
                               vary_seeds=args.xyz_vary_seeds or (), sub_grids=args.xyz_sub_grids,
                               margin=args.grid_margin, font=args.grid_font,
                               progress=progress_bar(args, "generate", unit="cell"), log=log, **options)

@@ -171,7 +171,8 @@ def line_settings(options: Mapping[str, object], given: Mapping[str, object], *,
     As A1111's script sets them on its copy of the run: ``prompt`` / ``negative_prompt`` joined to the given ones
     (:func:`_joined`), ``cfg_scale`` the guidance, ``sampler_name`` A1111's label, ``batch_size`` × ``n_iter`` the
     image count (the given ``count`` being ``n_iter``), ``seed_resize_from_h`` / ``_w`` the given size's parts,
-    ``outpath_samples`` the folder of the line's images, ``sd_model`` the model (:func:`~sdadapt.jobs.models.checkpoint_by_name`);
+    ``outpath_samples`` the folder of the line's images, ``sd_model`` the model
+    (:func:`~sdadapt.jobs.models.checkpoint_by_name`);
     ``styles`` the saved styles of ``style_table`` it names (comma-separated; in place of the run's — A1111 sets
     the attribute to the line's text, which it then reads letter by letter, so there the line's styles never
     work); ``sampler_index`` does nothing (A1111 1.x ignores it: said), nor do ``outpath_grids``,
