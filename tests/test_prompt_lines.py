@@ -265,6 +265,7 @@ def test_an_error_in_a_lines_run_names_the_line(tmp_path, capsys):
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
+from test_sdxl_refiner_handoff_reference import pair, pair_files  # noqa: E402, F401 - the tiny SDXL pair's fixtures
 
 
 @pytest.fixture(scope="module")
@@ -322,3 +323,24 @@ def test_the_docs_example():
     from docs_pages import run_block_with
 
     run_block_with("prompts.md", "prompt_lines(")
+
+
+def test_an_sdxl_base_and_its_refiner_are_kept_and_every_line_is_its_own_run(tmp_path, monkeypatch, pair_files):
+    """SDXL (two text encoders, the refiner's aesthetic conditioning): both models loaded once, each line on copies
+    of both, the image its own run makes."""
+    from sdadapt.jobs import loaded_models
+
+    base_file, refiner_file = pair_files
+
+    loads = []
+    real = loaded_models.load_system
+    monkeypatch.setattr(loaded_models, "load_system", lambda model, **k: loads.append(model) or real(model, **k))
+    base = ["generate", "--model", str(base_file), "--refiner", str(refiner_file), "--refiner-switch-at", "0.5",
+            "--steps", "2", "--sampler", "euler", "--width", "16", "--height", "16", "--seed", "3", "--device", "cpu",
+            "-q"]
+    (tmp_path / "p.txt").write_text("a photo\n--prompt a red photo --seed 5\n")
+    assert main([*base, "--prompt", "", "--prompts-file", str(tmp_path / "p.txt"), "-o", str(tmp_path / "o.png")]) == 0
+    assert sorted(loads) == sorted([str(base_file), str(refiner_file)])
+    for k, extra in enumerate([["--prompt", "a photo"], ["--prompt", "a red photo", "--seed", "5"]]):
+        assert main([*base, *extra, "-o", str(tmp_path / f"own{k}.png")]) == 0
+        assert (tmp_path / f"o-{k:02d}.png").read_bytes() == (tmp_path / f"own{k}.png").read_bytes(), k
