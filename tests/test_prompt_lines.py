@@ -265,7 +265,7 @@ def test_an_error_in_a_lines_run_names_the_line(tmp_path, capsys):
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-from test_sdxl_refiner_handoff_reference import pair, pair_files  # noqa: E402, F401 - the tiny SDXL pair's fixtures
+from test_sdxl_refiner_handoff_reference import pair, pair_files  # noqa: F401 - the tiny SDXL pair's fixtures
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,8 @@ def test_the_docs_example():
     run_block_with("prompts.md", "prompt_lines(")
 
 
-def test_an_sdxl_base_and_its_refiner_are_kept_and_every_line_is_its_own_run(tmp_path, monkeypatch, pair_files):
+def test_an_sdxl_base_and_its_refiner_are_kept_and_every_line_is_its_own_run(tmp_path, monkeypatch,
+                                                                             pair_files):  # noqa: F811 - fixture
     """SDXL (two text encoders, the refiner's aesthetic conditioning): both models loaded once, each line on copies
     of both, the image its own run makes."""
     from sdadapt.jobs import loaded_models
