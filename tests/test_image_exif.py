@@ -92,8 +92,10 @@ def test_infotext_and_inspect_read_a_jpeg(tmp_path, capsys):
     assert main(["inspect", "--json", str(tmp_path / "a.webp")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["parameters"] == text and report["fields"]["Seed"] == "6" and "WEBP" in report["kind"]
+    assert report["generate"]["--steps"] == 2 and report["generate"]["--seed"] == 6 and report["not_taken"] == []
     assert main(["inspect", str(tmp_path / "a.jpg")]) == 0
-    assert "  Steps: 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  Steps: 2" in out and "  --steps 2\n" in out and "  --seed 6\n" in out
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.jpg")
     assert main(["inspect", str(tmp_path / "plain.jpg")]) != 0
     assert "has no EXIF UserComment" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from ..plurals import plural
@@ -45,15 +46,16 @@ def _describe(file: str) -> tuple[dict, int]:
 
 
 def _image_summary(file: str) -> dict | None:
-    """An image's report (A1111's "PNG Info"): ``{"file", "kind", "parameters", "fields"}`` — its infotext (a PNG's
-    ``parameters`` text, a JPEG's or WebP's EXIF UserComment) and the fields A1111 reads from it — or ``None`` for a
-    file that is no PNG, JPEG or WebP.
+    """An image's report (A1111's "PNG Info"): ``{"file", "kind", "parameters", "fields", "generate", "not_taken"}``
+    — its infotext (a PNG's ``parameters`` text, a JPEG's or WebP's EXIF UserComment), the fields A1111 reads from
+    it, the options ``generate --infotext`` takes from them and the fields it does not take (why) — or ``None`` for
+    a file that is no PNG, JPEG or WebP.
 
     Raises:
         ValueError: an image without an infotext.
     """
     from ..image_exif import image_kind
-    from ..jobs.infotext_read import parse_infotext, read_infotext
+    from ..jobs.infotext_read import infotext_options, parse_infotext, read_infotext
 
     try:
         with open(file, "rb") as handle:
@@ -63,8 +65,13 @@ def _image_summary(file: str) -> dict | None:
     if kind is None:
         return None
     text = read_infotext(file)
+    fields = parse_infotext(text)
+    options, not_taken = infotext_options(fields)
+    taken = {f"--{name.replace('_', '-')}": list(value) if isinstance(value, (list, tuple)) else value
+             if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+             for name, value in options.items() if name not in ("prompt", "negative")}
     return {"file": file, "kind": f"{kind.upper()} image with A1111's generation parameters (infotext)",
-            "parameters": text, "fields": parse_infotext(text)}
+            "parameters": text, "fields": fields, "generate": taken, "not_taken": not_taken}
 
 
 def _print_summary(summary: dict) -> None:
@@ -78,6 +85,12 @@ def _print_summary(summary: dict) -> None:
         print(f"fields:     {plural(len(summary['fields']), 'field')}")
         for key, value in summary["fields"].items():
             print(f"  {safe_text(key)}: {safe_text(str(value))}")
+        print("generate --infotext takes (besides the prompts):")  # (jobs.infotext_read.infotext_options)
+        for option, value in summary["generate"].items():
+            words = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            print(f"  {option} {safe_text(shlex.join(words))}")
+        for line in summary["not_taken"]:
+            print(f"not taken:  {safe_text(line)}")
         return
     print(f"file:       {safe_text(summary['file'])}")
     print(f"kind:       {summary['kind']}")
