@@ -149,7 +149,8 @@ _COMMAND_MODULES = {
 #: importing the command modules (``train``'s methods, ``generate``'s samplers and ``merge``'s operators import torch,
 #: ~2 s). Each module's ``register`` passes the same text (tests/test_cli_startup.py checks that they agree).
 _COMMAND_HELP = {
-    "inspect": "say what weights files are (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint)",
+    "inspect": "say what weights files are (kohya/diffusers/peft LoRA, LyCORIS, embedding, hypernetwork, checkpoint), "
+               "or an image's A1111 generation parameters",
     "demo": "teach the built-in toy model a concept it has never seen and show before/after scores and pictures",
     "train": "train a method on your own images (toy, diffusers folder, SD1/SD2/SDXL single file; kohya-like options)",
     "generate": "make images from a prompt on the toy model or a Stable Diffusion model, with LoRAs and embeddings",
