@@ -141,6 +141,7 @@ _COMMAND_MODULES = {
     "convert": "convert",
     "merge": "merge",
     "merge-custom-diffusion": "custom_diffusion",
+    "upscale": "upscale",
 }
 
 
@@ -168,6 +169,8 @@ _COMMAND_HELP = {
     "merge": "merge checkpoints (weighted sum, add difference, TIES, DARE, SLERP, block weights, recipes)",
     "merge-custom-diffusion": "merge single-concept Custom Diffusion results into one (the paper's closed-form K/V "
                               "merge)",
+    "upscale": "upscale images as A1111's Extras tab does (Lanczos, Nearest or an ESRGAN model file: R-ESRGAN 4x+, "
+               "...)",
 }
 
 
