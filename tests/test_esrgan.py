@@ -282,3 +282,44 @@ def test_the_cli_runs_esrgan_files_and_writes_a1111s_upscaler_names(plain_sd, tm
     assert main([*base, "--width", "32", "--height", "32", "--hires-scale", "2", "--hires-upscaler",
                  str(tmp_path / "missing.pth"), "-o", str(tmp_path / "m.png")]) != 0
     assert "no such file" in capsys.readouterr().err
+
+
+class SRVGGNetCompactReference(nn.Module):  # (Real-ESRGAN's realesrgan/archs/srvgg_arch.py, PReLU)
+    def __init__(self, num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=16, upscale=4):
+        super().__init__()
+        self.upscale = upscale
+        self.body = nn.ModuleList()
+        self.body.append(nn.Conv2d(num_in_ch, num_feat, 3, 1, 1))
+        self.body.append(nn.PReLU(num_parameters=num_feat))
+        for _ in range(num_conv):
+            self.body.append(nn.Conv2d(num_feat, num_feat, 3, 1, 1))
+            self.body.append(nn.PReLU(num_parameters=num_feat))
+        self.body.append(nn.Conv2d(num_feat, num_out_ch * upscale * upscale, 3, 1, 1))
+        self.upsampler = nn.PixelShuffle(upscale)
+
+    def forward(self, x):
+        out = x
+        for i in range(0, len(self.body)):  # noqa: PIE808 - their line
+            out = self.body[i](out)
+        out = self.upsampler(out)
+        base = F.interpolate(x, scale_factor=self.upscale, mode='nearest')
+        out += base
+        return out
+
+
+@pytest.mark.parametrize(("num_conv", "upscale"), [(3, 4), (2, 2)])
+def test_real_esrgans_compact_models_load_as_theirs(tmp_path, num_conv, upscale):
+    torch.manual_seed(num_conv)
+    reference = SRVGGNetCompactReference(num_feat=8, num_conv=num_conv, upscale=upscale).eval()
+    torch.save({"params": reference.state_dict()}, tmp_path / "realesr-general-x4v3.pth")
+    model = load_esrgan(tmp_path / "realesr-general-x4v3.pth")
+    x = torch.rand(1, 3, 10, 12)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    assert EsrganUpscaler(tmp_path / "realesr-general-x4v3.pth").name == "R-ESRGAN General 4xV3"
+    image = _picture(20, 14, seed=2)
+    assert esrgan_upscale(model, image, tile_size=16, tile_overlap=4).size == (20 * upscale, 14 * upscale)
+    plain = {k: v for k, v in reference.state_dict().items() if not k.startswith("body.1.")}
+    torch.save(plain, tmp_path / "relu.pth")
+    with pytest.raises(WeightFileError, match="without PReLU"):
+        load_esrgan(tmp_path / "relu.pth")

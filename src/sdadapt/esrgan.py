@@ -11,6 +11,8 @@ the old ESRGAN repository's (``model.0`` ... ``model.1.sub.N.RDB1.conv1.0`` ... 
 the scale. :func:`esrgan_upscale` is A1111's ``upscale_with_model``: the image cut by ``split_grid`` into 192 px
 tiles overlapping by 8 (its "Tile size for ESRGAN upscalers" / "Tile overlap"), each tile through the model in BGR
 order and back to 8 bits by truncation, the tiles blended by ``combine_grid`` at the model's scale.
+Real-ESRGAN's compact models (``realesr-general-x4v3``, ``realesr-animevideov3``: A1111's "R-ESRGAN General 4xV3",
+"R-ESRGAN AnimeVideo") are :class:`SRVGGNetCompact`, read by the same :func:`load_esrgan`.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ESRGAN_TILE", "ESRGAN_TILE_OVERLAP", "EsrganUpscaler", "RRDBNet", "esrgan_state", "esrgan_upscale",
-           "load_esrgan"]
+__all__ = ["ESRGAN_TILE", "ESRGAN_TILE_OVERLAP", "EsrganUpscaler", "RRDBNet", "SRVGGNetCompact", "esrgan_state",
+           "esrgan_upscale", "load_esrgan"]
 
 #: A1111's defaults of "Tile size for ESRGAN upscalers" and "Tile overlap for ESRGAN upscalers" (pixels)
 ESRGAN_TILE, ESRGAN_TILE_OVERLAP = 192, 8
 
 #: A1111's names of the Real-ESRGAN files it downloads (``modules/realesrgan_model.py``), for its infotext
 _REAL_ESRGAN_NAMES = {"RealESRGAN_x4plus": "R-ESRGAN 4x+", "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
-                      "RealESRGAN_x2plus": "R-ESRGAN 2x+"}
+                      "RealESRGAN_x2plus": "R-ESRGAN 2x+", "realesr-general-x4v3": "R-ESRGAN General 4xV3",
+                      "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
+                      "realesr-animevideov3": "R-ESRGAN AnimeVideo"}
 
 
 class _DenseBlock(nn.Module):
@@ -94,6 +98,51 @@ class RRDBNet(nn.Module):
         return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
 
 
+class SRVGGNetCompact(nn.Module):
+    """Real-ESRGAN's compact network (``srvgg_arch.py``: "R-ESRGAN General 4xV3", "R-ESRGAN AnimeVideo"): a conv
+    and PReLU, ``num_conv`` more of each, a conv to ``out_nc · s²`` channels and a pixel shuffle, plus the input
+    enlarged by nearest. ``(B, in_nc, H, W)`` in [0, 1] -> ``(B, out_nc, H·s, W·s)``."""
+
+    def __init__(self, *, in_nc: int = 3, out_nc: int = 3, nf: int = 64, num_conv: int = 32, scale: int = 4) -> None:
+        super().__init__()
+        self.scale = scale
+        layers: list[nn.Module] = [nn.Conv2d(in_nc, nf, 3, 1, 1), nn.PReLU(num_parameters=nf)]
+        for _ in range(num_conv):
+            layers += [nn.Conv2d(nf, nf, 3, 1, 1), nn.PReLU(num_parameters=nf)]
+        layers.append(nn.Conv2d(nf, out_nc * scale * scale, 3, 1, 1))
+        self.body = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x
+        for layer in self.body:
+            out = layer(out)
+        return F.pixel_shuffle(out, self.scale) + F.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+def _compact_config(state: Mapping[str, Tensor], source: str) -> dict:
+    """:class:`SRVGGNetCompact`'s settings from its tensors' shapes (PReLU activations: Real-ESRGAN's models)."""
+    from .errors import WeightFileError
+
+    convs = sorted(int(key.split(".")[1]) for key in state if re.fullmatch(r"body\.\d+\.weight", key)
+                   and state[key].ndim == 4)
+    if any(f"body.{index + 1}.weight" not in state for index in convs[:-1]):
+        raise WeightFileError(f"{source}: a compact (SRVGGNet) upscaler without PReLU activations, which sdadapt "
+                              "does not run (Real-ESRGAN's own use PReLU)")
+    first, last = state["body.0.weight"], state[f"body.{convs[-1]}.weight"]
+    in_nc, nf = int(first.shape[1]), int(first.shape[0])
+    scale = math.isqrt(int(last.shape[0]) // in_nc)
+    return {"in_nc": in_nc, "out_nc": in_nc, "nf": nf, "num_conv": len(convs) - 2, "scale": scale}
+
+
+def _unwrapped(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """BasicSR's ``params_ema`` (else ``params``) taken out of its wrapper (read flattened:
+    ``params_ema.conv_first.weight``); another state as it is."""
+    for wrapper in ("params_ema.", "params."):
+        if any(key.startswith(wrapper) for key in state):
+            return {key[len(wrapper):]: value for key, value in state.items() if key.startswith(wrapper)}
+    return state
+
+
 def _old_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The old ESRGAN repository's ``model.N`` keys as BasicSR's: ``model.0`` conv_first, ``model.1.sub.i.RDBj.
     convk.0`` the blocks, ``model.1.sub.<nb>`` conv_body, then the upsampling convs, ``conv_hr`` and ``conv_last``
@@ -138,10 +187,7 @@ def esrgan_state(state: Mapping[str, Tensor], *, source: str = "the file") -> tu
     """
     from .errors import WeightFileError
 
-    for wrapper in ("params_ema.", "params."):  # (BasicSR's dicts, read flattened: "params_ema.conv_first.weight")
-        if any(key.startswith(wrapper) for key in state):
-            state = {key[len(wrapper):]: value for key, value in state.items() if key.startswith(wrapper)}
-            break
+    state = _unwrapped(state)
     if "model.0.weight" in state:
         state = _old_layout(state)
     elif "RRDB_trunk.0.RDB1.conv1.weight" in state:
@@ -149,7 +195,7 @@ def esrgan_state(state: Mapping[str, Tensor], *, source: str = "the file") -> tu
     if "conv_first.weight" not in state or "body.0.rdb1.conv1.weight" not in state:
         keys = ", ".join(list(state)[:4])
         raise WeightFileError(f"{source}: not an ESRGAN (RRDBNet) upscaler — its tensors ({keys}, ...) are another "
-                              "architecture (SwinIR, SRVGGNet 'realesr-general', DAT, ...), which sdadapt does not "
+                              "architecture (SwinIR, DAT, HAT, ...), which sdadapt does not "
                               "run; give an ESRGAN / Real-ESRGAN x4plus-style .pth")
     first, last = state["conv_first.weight"], state["conv_last.weight"]
     out_nc, nf = int(last.shape[0]), int(first.shape[0])
@@ -165,9 +211,10 @@ def esrgan_state(state: Mapping[str, Tensor], *, source: str = "the file") -> tu
     return dict(state), config
 
 
-def load_esrgan(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> RRDBNet:
+def load_esrgan(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """An ESRGAN upscaler file (``.pth`` read with ``weights_only=True``, or ``.safetensors``) as an
-    :class:`RRDBNet` in float32, eval mode, on ``device``.
+    :class:`RRDBNet` — or, for Real-ESRGAN's compact files (``realesr-general-x4v3``, ``realesr-animevideov3``:
+    ``body.N`` convs and PReLUs), an :class:`SRVGGNetCompact` — in float32, eval mode, on ``device``.
 
     Raises:
         WeightFileError: an unreadable file, or one of another architecture or with tensors the network does not
@@ -177,8 +224,12 @@ def load_esrgan(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
     from .formats.files import read_weights
 
     state, _ = read_weights(path)
-    tensors, config = esrgan_state(state, source=str(path))
-    model = RRDBNet(**config)
+    state = _unwrapped(state)
+    if "body.0.weight" in state and "conv_first.weight" not in state:  # (Real-ESRGAN's compact network)
+        tensors, model = dict(state), SRVGGNetCompact(**_compact_config(state, str(path)))
+    else:
+        tensors, config = esrgan_state(state, source=str(path))
+        model = RRDBNet(**config)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     if missing or unexpected:
         raise WeightFileError(f"{path}: an ESRGAN layout sdadapt does not read (missing {missing[:3]}, unexpected "
@@ -186,7 +237,7 @@ def load_esrgan(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
     return model.eval().to(device)
 
 
-def _tile_through(model: RRDBNet, tile):
+def _tile_through(model: nn.Module, tile):
     """A1111's ``upscale_without_tiling``: a PIL tile as BGR floats in [0, 1] (float64 / 255, then float32),
     through the model, clamped, ``· 255`` truncated to uint8, back to RGB."""
     import numpy as np
@@ -200,7 +251,7 @@ def _tile_through(model: RRDBNet, tile):
     return Image.fromarray(np.ascontiguousarray(out.astype(np.uint8)[:, :, ::-1]), "RGB")
 
 
-def esrgan_upscale(model: RRDBNet, image, *, tile_size: int = ESRGAN_TILE, tile_overlap: int = ESRGAN_TILE_OVERLAP):
+def esrgan_upscale(model: nn.Module, image, *, tile_size: int = ESRGAN_TILE, tile_overlap: int = ESRGAN_TILE_OVERLAP):
     """A1111's ``upscale_with_model``: the PIL ``image`` (RGB) enlarged ``model.scale`` times, in ``tile_size``
     tiles overlapping by ``tile_overlap`` (:func:`sdadapt.sd_upscale.split_grid`; 0: the whole image at once) each
     through :func:`_tile_through`, blended back by :func:`sdadapt.sd_upscale.combine_grid` at the model's scale.
@@ -227,10 +278,10 @@ class EsrganUpscaler:
     def __init__(self, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> None:
         self.path, self.device = Path(path), device
         self.name = _REAL_ESRGAN_NAMES.get(self.path.stem, self.path.stem)
-        self._model: RRDBNet | None = None
+        self._model: nn.Module | None = None
 
     @property
-    def model(self) -> RRDBNet:
+    def model(self) -> nn.Module:
         if self._model is None:
             self._model = load_esrgan(self.path, device=self.device)
         return self._model
