@@ -57,6 +57,8 @@ def _image_summary(file: str) -> dict | None:
     from ..image_exif import image_kind
     from ..jobs.infotext_read import infotext_options, parse_infotext, read_infotext
 
+    if file.lower().endswith((".safetensors", ".pt", ".pth", ".ckpt", ".bin")):
+        return None  # (an image saved under a weights name: describe_file names the mix-up)
     try:
         with open(file, "rb") as handle:
             kind = image_kind(handle.read(12))
