@@ -31,14 +31,15 @@ def _a1111_resize_image_0(im, width, height, upscaler_name="Lanczos"):
     if upscaler_name is None or upscaler_name == "None" or im.mode == "L":
         return im.resize((width, height), resample=LANCZOS)
     scale = max(width / im.width, height / im.height)
-    if scale > 1.0:  # (UpscalerLanczos with Upscaler.upscale: test_sd_upscale's transcription)
-        im = _a1111_upscale(im, scale, LANCZOS)
+    if scale > 1.0:  # (UpscalerLanczos / UpscalerNearest with Upscaler.upscale: test_sd_upscale's transcription)
+        im = _a1111_upscale(im, scale, {"Lanczos": LANCZOS, "Nearest": Image.Resampling.NEAREST}[upscaler_name])
     if im.width != width or im.height != height:
         im = im.resize((width, height), resample=LANCZOS)
     return im
 
 
-def _a1111_hires_input(decoded: torch.Tensor, target_width: int, target_height: int) -> torch.Tensor:
+def _a1111_hires_input(decoded: torch.Tensor, target_width: int, target_height: int,
+                       upscaler_name: str = "Lanczos") -> torch.Tensor:
     """``sample_hr_pass``'s non-latent branch up to the VAE (``images_tensor_to_samples``' ``2x − 1``)."""
     lowres_samples = torch.clamp((decoded.to(dtype=torch.float32) + 1.0) / 2.0, min=0.0, max=1.0)
     batch_images = []
@@ -46,7 +47,7 @@ def _a1111_hires_input(decoded: torch.Tensor, target_width: int, target_height: 
         x_sample = 255. * np.moveaxis(x_sample.cpu().numpy(), 0, 2)
         x_sample = x_sample.astype(np.uint8)
         image = Image.fromarray(x_sample)
-        image = _a1111_resize_image_0(image, target_width, target_height)
+        image = _a1111_resize_image_0(image, target_width, target_height, upscaler_name)
         image = np.array(image).astype(np.float32) / 255.0
         image = np.moveaxis(image, 2, 0)
         batch_images.append(image)
@@ -122,6 +123,21 @@ def test_pixel_lanczos_encodes_a1111s_hires_pixels_bit_for_bit(monkeypatch, firs
     rounded = torch.from_numpy(np.rint(255.0 * ((decoded + 1) / 2).clamp(0, 1).numpy()).astype(np.uint8))
     truncated = ((decoded + 1) / 2).clamp(0, 1).mul(255.0).to(torch.uint8)
     assert not torch.equal(rounded, truncated)
+
+
+@pytest.mark.parametrize(("name", "label"), [("pixel-nearest", "Nearest"), ("pixel-none", "None")])
+@pytest.mark.parametrize(("first", "target"), [((16, 24), (40, 56)), ((24, 16), (40, 24)), ((24, 24), (16, 16))])
+def test_a1111s_nearest_and_none_pixel_upscalers(monkeypatch, name, label, first, target):
+    """A1111's "Nearest" (UpscalerNearest, then its Lanczos steps) and "None" (one Lanczos resize to the size) hires
+    upscalers: the pixels the VAE is handed, bit for bit."""
+    decoded = _decoded(1, *first, seed=7)
+    system = _System(decoded)
+    _run(monkeypatch, system, torch.zeros(1, 4, first[0] // 8, first[1] // 8),
+         HiresRequest(target, denoising=0.5, upscaler=name))
+    (encoded,) = system.encoded
+    assert torch.equal(encoded, _a1111_hires_input(decoded, target[1], target[0], label))
+    if label == "Nearest" and first == (16, 24):  # (not the Lanczos chain: the check can fail)
+        assert not torch.equal(encoded, _a1111_hires_input(decoded, target[1], target[0]))
 
 
 @pytest.mark.parametrize("size, target", [

@@ -35,6 +35,7 @@ __all__ = [
     "INPAINTING_FILL_LABELS",
     "KARRAS_SAMPLERS",
     "LATENT_UPSCALERS",
+    "PIXEL_UPSCALERS",
     "NOISE_SCHEDULE_LABELS",
     "RESIZE_MODE_LABELS",
     "SAMPLERS",
@@ -418,14 +419,17 @@ LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
     "latent-nearest": ("nearest", False),            # "Latent (nearest)"
     "latent-nearest-exact": ("nearest-exact", False),  # "Latent (nearest-exact)"
 }
-#: every hires upscaler: the latent ones and the pixel one (decode, Lanczos resize, encode)
-HIRES_UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALERS, "pixel-lanczos")
+#: the pixel hires upscalers (decode, enlarge, encode) -> A1111's built-in upscaler each is (modules/upscaler.py:
+#: ``UpscalerLanczos``, ``UpscalerNearest``, ``UpscalerNone`` — "None" one Lanczos resize to the size)
+PIXEL_UPSCALERS: dict[str, str] = {"pixel-lanczos": "Lanczos", "pixel-nearest": "Nearest", "pixel-none": "None"}
+#: every hires upscaler: the latent ones and the pixel ones (or an ESRGAN model file: sdadapt.esrgan)
+HIRES_UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
 #: ``--hires-upscaler`` -> A1111's upscaler name, the infotext's "Hires upscaler" (modules/shared.py
-#: ``latent_upscale_modes``; "Lanczos": modules/upscaler.py ``UpscalerLanczos``)
+#: ``latent_upscale_modes``; the pixel ones: :data:`PIXEL_UPSCALERS`)
 HIRES_UPSCALER_LABELS: dict[str, str] = {
     "latent": "Latent", "latent-antialiased": "Latent (antialiased)", "latent-bicubic": "Latent (bicubic)",
     "latent-bicubic-antialiased": "Latent (bicubic antialiased)", "latent-nearest": "Latent (nearest)",
-    "latent-nearest-exact": "Latent (nearest-exact)", "pixel-lanczos": "Lanczos"}
+    "latent-nearest-exact": "Latent (nearest-exact)", **PIXEL_UPSCALERS}
 #: ``--resize-mode`` -> A1111's img2img "Resize mode" radio label (modules/ui.py ``resize_mode``, 0 to 3; the fourth
 #: resizes the init image's latents, not its pixels: :func:`sdadapt.resize_modes.latent_resize`)
 RESIZE_MODE_LABELS: dict[str, str] = {"just": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill",

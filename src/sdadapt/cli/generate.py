@@ -660,10 +660,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--hires-upscaler", default="latent", metavar="NAME|FILE",
                          type=_upscaler("--hires-upscaler", HIRES_UPSCALER_LABELS),
                          help="hires fix: how the first pass is enlarged: A1111's latent upscalers (interpolate the "
-                         f"latents: {', '.join(HIRES_UPSCALERS[:-1])}), pixel-lanczos (decode, Lanczos resize, "
-                         "encode) or an ESRGAN model file (.pth / .safetensors: R-ESRGAN 4x+, 4x-UltraSharp ...; "
-                         "decode, the model, Lanczos to the size, encode); A1111's names as its infotext writes them "
-                         "work too ('Latent (bicubic antialiased)', 'Lanczos'); default latent")
+                         f"latents: {', '.join(u for u in HIRES_UPSCALERS if u.startswith('latent'))}), its pixel "
+                         "ones (decode, enlarge, encode: pixel-lanczos, pixel-nearest, pixel-none) or an ESRGAN model "
+                         "file (.pth / .safetensors: R-ESRGAN 4x+, 4x-UltraSharp ...; decode, the model, Lanczos to "
+                         "the size, encode); A1111's names as its infotext writes them work too ('Latent (bicubic "
+                         "antialiased)', 'Lanczos', 'None'); default latent")
     img2img.add_argument("--hires-prompt", default=None, metavar="TEXT",
                          help="hires fix: the second pass's prompt (A1111's 'Hires prompt'; default or empty: "
                               "--prompt)")

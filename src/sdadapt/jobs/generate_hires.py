@@ -254,7 +254,7 @@ def _pixel_upscaler(image, width: int, height: int, upscaler: object = "Lanczos"
     from ..sd_upscale import upscale_image
 
     scale = max(width / image.width, height / image.height)
-    if scale > 1.0:
+    if scale > 1.0 and upscaler != "None":  # ("None": one Lanczos resize to the size, A1111's resize_image)
         image = upscale_image(image, scale, upscaler=upscaler)
     if (image.width, image.height) != (width, height):
         image = resize_image(image, width, height)
@@ -280,8 +280,8 @@ def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int], *, upscaler: 
         import PIL.Image  # noqa: F401  (optional)
     except ImportError:
         if upscaler != "Lanczos":
-            raise ImportError("--hires-upscaler with an ESRGAN model runs it as A1111 does, on 8-bit Pillow images: "
-                              "pip install 'sdadapt[images]' (or pillow)") from None
+            raise ImportError("--hires-upscaler: A1111's Nearest / None and ESRGAN models run on 8-bit Pillow "
+                              "images: pip install 'sdadapt[images]' (or pillow)") from None
         from ..resampling import resample
 
         return torch.stack([resample(p, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
@@ -475,6 +475,7 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     (A1111's ``sample`` keeps the model ``current`` after the first pass for ``sample_hr_pass``).
     """
     from ..img2img import LATENT_UPSCALERS, upscale_latents
+    from ..sampler_tables import PIXEL_UPSCALERS
     from ..sampling import generate
 
     first = dict(options)
@@ -504,8 +505,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         if inpainting_mask_weight < 1.0:  # (A1111: img2img_image_conditioning(decode_first_stage(samples), samples))
             weighted = {"latents": start}
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
-        pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w), upscaler="Lanczos" if isinstance(
-            hires.upscaler, str) else hires.upscaler).to(latents.device)
+        pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w), upscaler=PIXEL_UPSCALERS.get(
+            hires.upscaler, hires.upscaler) if isinstance(hires.upscaler, str) else hires.upscaler).to(latents.device)
         if vae_encode == "sample":  # (the seed's generator: the posterior sample, then this pass's start noise)
             spent: list[torch.Generator] = []
 
