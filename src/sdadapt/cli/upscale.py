@@ -54,7 +54,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     settings = ExtrasUpscale(upscaler=SD_UPSCALERS.get(upscaler, upscaler) if isinstance(upscaler, str) else upscaler,
-                             scale=args.scale, size=args.size, crop=args.crop, max_side_length=args.max_side_length,
+                             scale=args.scale_by, size=args.scale_to, crop=args.crop, max_side_length=args.max_side_length,
                              upscaler_2=SD_UPSCALERS.get(second, second) if isinstance(second, str) else second,
                              visibility_2=args.upscaler_2_visibility)
     inputs = []
@@ -110,14 +110,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     upscale.add_argument("--upscaler", default="lanczos", metavar="NAME|FILE",
                          help="lanczos (default), nearest, none, or an ESRGAN model file (.pth / .safetensors)")
     how = upscale.add_mutually_exclusive_group()
-    how.add_argument("--scale", type=float, default=4.0, metavar="F",
+    how.add_argument("--scale-by", type=float, default=4.0, metavar="F",
                      help="A1111's 'Scale by' / 'Resize' (default 4, its default)")
-    how.add_argument("--size", type=_size, default=None, metavar="WxH",
+    how.add_argument("--scale-to", type=_size, default=None, metavar="WxH",
                      help="A1111's 'Scale to': the factor that covers WxH, then cropped to it (centred)")
     upscale.add_argument("--no-crop", dest="crop", action="store_false",
-                         help="with --size: keep the upscaled image whole (A1111's 'Crop to fit' off)")
+                         help="with --scale-to: keep the upscaled image whole (A1111's 'Crop to fit' off)")
     upscale.add_argument("--max-side-length", type=int, default=0, metavar="PX",
-                         help="with --scale: bring the longer side down to PX (A1111's 'Max side length'; 0: none)")
+                         help="with --scale-by: bring the longer side down to PX (A1111's 'Max side length'; 0: none)")
     upscale.add_argument("--upscaler-2", default=None, metavar="NAME|FILE",
                          help="A1111's 'Upscaler 2': a second upscaler blended in at --upscaler-2-visibility")
     upscale.add_argument("--upscaler-2-visibility", type=float, default=0.0, metavar="V",
