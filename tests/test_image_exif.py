@@ -99,3 +99,27 @@ def test_infotext_and_inspect_read_a_jpeg(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.jpg")
     assert main(["inspect", str(tmp_path / "plain.jpg")]) != 0
     assert "has no EXIF UserComment" in capsys.readouterr().err
+
+
+def test_inspect_shows_a_pngs_other_text_and_one_without_parameters(tmp_path, capsys):
+    import torch as _torch
+
+    from sdadapt.images import write_png
+
+    workflow = json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20}}})
+    write_png(tmp_path / "comfy.png", _torch.zeros(4, 4, 3, dtype=_torch.uint8), text={"prompt": workflow})
+    assert main(["inspect", "--json", str(tmp_path / "comfy.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"] is None and report["other_text"] == {"prompt": workflow}
+    assert "without A1111's parameters (its text: prompt)" in report["kind"]
+    assert main(["inspect", str(tmp_path / "comfy.png")]) == 0
+    assert 'text prompt: {"3": {"class_type": "KSampler"' in capsys.readouterr().out
+    write_png(tmp_path / "up.png", _torch.zeros(4, 4, 3, dtype=_torch.uint8),
+              text={"parameters": "a cat\nSteps: 3, Seed: 2, CFG scale: 7",
+                    "postprocessing": "Postprocess upscale by: 2"})
+    assert main(["inspect", "--json", str(tmp_path / "up.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fields"]["Steps"] == "3" and report["other_text"] == {"postprocessing": "Postprocess upscale by: 2"}
+    write_png(tmp_path / "bare.png", _torch.zeros(4, 4, 3, dtype=_torch.uint8))
+    assert main(["inspect", str(tmp_path / "bare.png")]) != 0
+    assert "no 'parameters' text" in capsys.readouterr().err

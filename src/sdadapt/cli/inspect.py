@@ -46,13 +46,14 @@ def _describe(file: str) -> tuple[dict, int]:
 
 
 def _image_summary(file: str) -> dict | None:
-    """An image's report (A1111's "PNG Info"): ``{"file", "kind", "parameters", "fields", "generate", "not_taken"}``
-    — its infotext (a PNG's ``parameters`` text, a JPEG's or WebP's EXIF UserComment), the fields A1111 reads from
-    it, the options ``generate --infotext`` takes from them and the fields it does not take (why) — or ``None`` for
-    a file that is no PNG, JPEG or WebP.
+    """An image's report (A1111's "PNG Info"): ``{"file", "kind", "parameters", "fields", "generate", "not_taken",
+    "other_text"}`` — its infotext (a PNG's ``parameters`` text, a JPEG's or WebP's EXIF UserComment; ``None`` for
+    a PNG with other text only, e.g. ComfyUI's ``prompt`` / ``workflow``), the fields A1111 reads from it, the
+    options ``generate --infotext`` takes from them, the fields it does not take (why) and the PNG's other text
+    chunks — or ``None`` for a file that is no PNG, JPEG or WebP.
 
     Raises:
-        ValueError: an image without an infotext.
+        ValueError: an image without any of that text.
     """
     from ..image_exif import image_kind
     from ..jobs.infotext_read import infotext_options, parse_infotext, read_infotext
@@ -66,14 +67,25 @@ def _image_summary(file: str) -> dict | None:
         return None  # (describe_file says what is wrong with it)
     if kind is None:
         return None
-    text = read_infotext(file)
+    from ..images import read_png_text
+
+    others = {key: value for key, value in read_png_text(file).items() if key != "parameters"} if kind == "png" \
+        else {}  # (the PNG's other text: A1111's postprocessing / extras, ComfyUI's prompt / workflow JSON ...)
+    try:
+        text = read_infotext(file)
+    except ValueError:
+        if not others:
+            raise
+        return {"file": file, "kind": f"{kind.upper()} image without A1111's parameters (its text: "
+                f"{', '.join(others)})", "parameters": None, "fields": {}, "generate": {}, "not_taken": [],
+                "other_text": others}
     fields = parse_infotext(text)
     options, not_taken = infotext_options(fields)
     taken = {f"--{name.replace('_', '-')}": list(value) if isinstance(value, (list, tuple)) else value
              if isinstance(value, (str, int, float, bool, type(None))) else str(value)
              for name, value in options.items() if name not in ("prompt", "negative")}
     return {"file": file, "kind": f"{kind.upper()} image with A1111's generation parameters (infotext)",
-            "parameters": text, "fields": fields, "generate": taken, "not_taken": not_taken}
+            "parameters": text, "fields": fields, "generate": taken, "not_taken": not_taken, "other_text": others}
 
 
 def _print_summary(summary: dict) -> None:
@@ -81,8 +93,8 @@ def _print_summary(summary: dict) -> None:
     if "parameters" in summary:  # (an image: its infotext, then each field A1111 reads from it)
         print(f"file:       {safe_text(summary['file'])}")
         print(f"kind:       {summary['kind']}")
-        print("parameters:")
-        for line in summary["parameters"].splitlines():
+        print("parameters:" if summary["parameters"] is not None else "parameters: none")
+        for line in (summary["parameters"] or "").splitlines():
             print(f"  {safe_text(line)}")
         print(f"fields:     {plural(len(summary['fields']), 'field')}")
         for key, value in summary["fields"].items():
@@ -93,6 +105,9 @@ def _print_summary(summary: dict) -> None:
             print(f"  {option} {safe_text(shlex.join(words))}")
         for line in summary["not_taken"]:
             print(f"not taken:  {safe_text(line)}")
+        for key, value in summary["other_text"].items():  # (long JSON cut short: --json has it whole)
+            value = " ".join(str(value).split())
+            print(f"text {safe_text(key)}: {safe_text(value if len(value) <= 200 else value[:197] + '...')}")
         return
     print(f"file:       {safe_text(summary['file'])}")
     print(f"kind:       {summary['kind']}")
