@@ -112,8 +112,13 @@ def test_inspect_shows_a_pngs_other_text_and_one_without_parameters(tmp_path, ca
     report = json.loads(capsys.readouterr().out)
     assert report["parameters"] is None and report["other_text"] == {"prompt": workflow}
     assert "without A1111's parameters (its text: prompt)" in report["kind"]
+    assert report["comfyui"] == [{"node": "3", "class_type": "KSampler", "seed": 5, "steps": 20, "checkpoint": None,
+                                  "loras": [], "positive": None, "negative": None, "width": None, "height": None,
+                                  "batch_size": None}]
     assert main(["inspect", str(tmp_path / "comfy.png")]) == 0
-    assert 'text prompt: {"3": {"class_type": "KSampler"' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'text prompt: {"3": {"class_type": "KSampler"' in out
+    assert "ComfyUI KSampler (node 3): seed 5, steps 20" in out
     write_png(tmp_path / "up.png", _torch.zeros(4, 4, 3, dtype=_torch.uint8),
               text={"parameters": "a cat\nSteps: 3, Seed: 2, CFG scale: 7",
                     "postprocessing": "Postprocess upscale by: 2"})

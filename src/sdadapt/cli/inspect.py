@@ -71,6 +71,14 @@ def _image_summary(file: str) -> dict | None:
 
     others = {key: value for key, value in read_png_text(file).items() if key != "parameters"} if kind == "png" \
         else {}  # (the PNG's other text: A1111's postprocessing / extras, ComfyUI's prompt / workflow JSON ...)
+    comfy = []
+    if "prompt" in others:  # (ComfyUI's API graph: the settings its sampler nodes ran with)
+        from ..comfy_graph import comfy_samplers
+
+        try:
+            comfy = comfy_samplers(others["prompt"])
+        except ValueError:  # (another program's "prompt" text)
+            comfy = []
     try:
         text = read_infotext(file)
     except ValueError:
@@ -78,14 +86,15 @@ def _image_summary(file: str) -> dict | None:
             raise
         return {"file": file, "kind": f"{kind.upper()} image without A1111's parameters (its text: "
                 f"{', '.join(others)})", "parameters": None, "fields": {}, "generate": {}, "not_taken": [],
-                "other_text": others}
+                "other_text": others, "comfyui": comfy}
     fields = parse_infotext(text)
     options, not_taken = infotext_options(fields)
     taken = {f"--{name.replace('_', '-')}": list(value) if isinstance(value, (list, tuple)) else value
              if isinstance(value, (str, int, float, bool, type(None))) else str(value)
              for name, value in options.items() if name not in ("prompt", "negative")}
     return {"file": file, "kind": f"{kind.upper()} image with A1111's generation parameters (infotext)",
-            "parameters": text, "fields": fields, "generate": taken, "not_taken": not_taken, "other_text": others}
+            "parameters": text, "fields": fields, "generate": taken, "not_taken": not_taken, "other_text": others,
+            "comfyui": comfy}
 
 
 def _print_summary(summary: dict) -> None:
@@ -105,6 +114,17 @@ def _print_summary(summary: dict) -> None:
             print(f"  {option} {safe_text(shlex.join(words))}")
         for line in summary["not_taken"]:
             print(f"not taken:  {safe_text(line)}")
+        for sampler in summary["comfyui"]:  # (read from the graph: generate would not make ComfyUI's image)
+            settings = ", ".join(f"{key} {value}" for key, value in sampler.items()
+                                 if key not in ("node", "class_type", "positive", "negative", "loras")
+                                 and value is not None)
+            print(f"ComfyUI {sampler['class_type']} (node {sampler['node']}): {safe_text(settings)}")
+            for lora in sampler["loras"]:
+                print(f"  LoRA {safe_text(lora['lora'])}: model {lora['strength_model']}, "
+                      f"clip {lora['strength_clip']}")
+            for side in ("positive", "negative"):
+                if sampler[side] is not None:
+                    print(f"  {side}: {safe_text(' '.join(sampler[side].split()))}")
         for key, value in summary["other_text"].items():  # (long JSON cut short: --json has it whole)
             value = " ".join(str(value).split())
             print(f"text {safe_text(key)}: {safe_text(value if len(value) <= 200 else value[:197] + '...')}")
