@@ -136,3 +136,6 @@ def test_the_command(tmp_path, capsys):
     assert main(["upscale", str(tmp_path / "in" / "a.png"), "--upscaler", str(tmp_path / "none.pth"),
                  "-o", str(tmp_path / "x.png")]) == 2
     assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (a usage error: argparse's exit 2)
+        main(["upscale", str(tmp_path / "in" / "a.png"), "--no-crop", "-o", str(tmp_path / "y.png")])
+    assert "--no-crop only applies with --scale-to WxH" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .option_rules import only_with
 from .options import add_output_options, progress_bar
 
 __all__ = ["register"]
@@ -125,4 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     upscale.add_argument("--device", default="auto", help="where an ESRGAN model runs (auto, cpu, cuda, mps)")
     add_output_options(upscale, out_help="the output .png (one IMAGE) or folder (several, or a folder: NAME.png "
                        "each)", dtype_help="8-bit PNG; any other value is refused")
+    only_with(upscale, ["--no-crop"], needs="--scale-to WxH", when=lambda args: args.scale_to is not None)
+    only_with(upscale, ["--max-side-length"], needs="--scale-by (not --scale-to)", when=lambda args: args.scale_to is None)
+    only_with(upscale, ["--upscaler-2-visibility"], needs="--upscaler-2 NAME|FILE",
+              when=lambda args: args.upscaler_2 is not None)
     upscale.set_defaults(run=_cmd_upscale)
