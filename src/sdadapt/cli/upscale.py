@@ -44,7 +44,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     if args.dtype != "keep":
         raise InputError(f"--dtype {args.dtype}: upscale writes 8-bit PNG images; leave it out")
     if not 0.0 <= args.upscaler_2_visibility <= 1.0:
-        raise InputError(f"--upscaler-2-visibility must be in [0, 1] (A1111's slider), got {args.upscaler_2_visibility}")
+        raise InputError(f"--upscaler-2-visibility must be in [0, 1] (A1111's slider), got "
+                         f"{args.upscaler_2_visibility}")
     if args.max_side_length < 0:
         raise InputError(f"--max-side-length must be 0 (no limit) or more, got {args.max_side_length}")
     device = resolve_device(args.device)
@@ -55,7 +56,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     settings = ExtrasUpscale(upscaler=SD_UPSCALERS.get(upscaler, upscaler) if isinstance(upscaler, str) else upscaler,
-                             scale=args.scale_by, size=args.scale_to, crop=args.crop, max_side_length=args.max_side_length,
+                             scale=args.scale_by, size=args.scale_to, crop=args.crop,
+                             max_side_length=args.max_side_length,
                              upscaler_2=SD_UPSCALERS.get(second, second) if isinstance(second, str) else second,
                              visibility_2=args.upscaler_2_visibility)
     inputs = []
@@ -127,7 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output_options(upscale, out_help="the output .png (one IMAGE) or folder (several, or a folder: NAME.png "
                        "each)", dtype_help="8-bit PNG; any other value is refused")
     only_with(upscale, ["--no-crop"], needs="--scale-to WxH", when=lambda args: args.scale_to is not None)
-    only_with(upscale, ["--max-side-length"], needs="--scale-by (not --scale-to)", when=lambda args: args.scale_to is None)
+    only_with(upscale, ["--max-side-length"], needs="--scale-by (not --scale-to)",
+              when=lambda args: args.scale_to is None)
     only_with(upscale, ["--upscaler-2-visibility"], needs="--upscaler-2 NAME|FILE",
               when=lambda args: args.upscaler_2 is not None)
     upscale.set_defaults(run=_cmd_upscale)
