@@ -123,7 +123,8 @@ def test_the_command(tmp_path, capsys):
     assert main(["generate", "--model", "toy", "--prompt", "a red circle", "--steps", "1", "-q",
                  "-o", str(tmp_path / "in" / "a.png")]) == 0
     Image.new("RGBA", (20, 12), (9, 8, 7, 100)).save(tmp_path / "in" / "b.png")
-    assert main(["upscale", str(tmp_path / "in" / "a.png"), "--scale-by", "2", "-q", "-o", str(tmp_path / "a2.png")]) == 0
+    assert main(["upscale", str(tmp_path / "in" / "a.png"), "--scale-by", "2", "-q",
+                 "-o", str(tmp_path / "a2.png")]) == 0
     chunks = read_png_text(tmp_path / "a2.png")
     assert Image.open(tmp_path / "a2.png").size == (64, 64) and chunks["parameters"].startswith("a red circle")
     assert chunks["postprocessing"] == chunks["extras"] == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
