@@ -25,7 +25,8 @@ from sdadapt.sampler_tables import (
 #: sdadapt name -> A1111's label, written out from A1111's code (module docstring)
 A1111_UPSCALERS = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)", "latent-bicubic": "Latent (bicubic)",
                    "latent-bicubic-antialiased": "Latent (bicubic antialiased)", "latent-nearest": "Latent (nearest)",
-                   "latent-nearest-exact": "Latent (nearest-exact)", "pixel-lanczos": "Lanczos"}
+                   "latent-nearest-exact": "Latent (nearest-exact)", "pixel-lanczos": "Lanczos",
+                   "pixel-nearest": "Nearest", "pixel-none": "None"}  # (A1111's built-in upscalers: modules/upscaler.py)
 A1111_RESIZE = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]  # (resize_mode)
 A1111_FILLS = ["fill", "original", "latent noise", "latent nothing"]  # (index = A1111's inpainting_fill)
 
