@@ -21,7 +21,7 @@ from ..sampler_tables import (  # (torch-free: --help and usage errors import no
     sampler_schedule_from_label,
 )
 from .option_rules import only_with
-from .options import add_clip_stats_option, add_output_options, positive_int, progress_bar
+from .options import add_clip_stats_option, add_output_options, positive_int, progress_bar, width_height
 
 __all__ = ["register"]
 
@@ -79,15 +79,9 @@ def _schedule(text: str) -> str:
 
 
 def _height_width(text: str) -> tuple[int, int]:
-    """``--seed-resize-from WxH`` -> ``(height, width)``."""
-    width, _, height = text.lower().partition("x")
-    try:
-        w, h = int(width), int(height)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 512x768, got {text!r}") from None
-    if w <= 0 or h <= 0:
-        raise argparse.ArgumentTypeError(f"width and height must be > 0, got {text!r}")
-    return h, w
+    """``--seed-resize-from WxH`` -> ``(height, width)`` (:func:`.options.width_height` reversed)."""
+    width, height = width_height(text)
+    return height, width
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from ..held_signals import put_back, swap_in
 
 __all__ = [
     "tqdm_number",
+    "width_height",
     "quiet_library_bars",
     "DTYPE_CHOICES",
     "OUTPUT_OPTIONS",
@@ -121,6 +122,18 @@ def add_clip_stats_option(parser: argparse.ArgumentParser | argparse._ArgumentGr
                   when=lambda args: getattr(args, model_dest) not in ("toy", "toy-image"),
                   message="{option} is an SD 2.1 unCLIP-L model's CLIP-embedding mean/std; the toys have no image "
                   "normaliser: leave {option} out")
+
+
+def width_height(text: str) -> tuple[int, int]:
+    """argparse type: ``WIDTHxHEIGHT`` in pixels -> ``(width, height)``, both >= 1."""
+    width, _, height = text.lower().partition("x")
+    try:
+        w, h = int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 512x768, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"width and height must be > 0, got {text!r}")
+    return w, h
 
 
 def positive_int(text: str) -> int:

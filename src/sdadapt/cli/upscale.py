@@ -7,22 +7,11 @@ import argparse
 import sys
 
 from .option_rules import only_with
-from .options import add_output_options, progress_bar
+from .options import add_output_options, progress_bar, width_height
 
 __all__ = ["register"]
 
 _HELP = "upscale images as A1111's Extras tab does (Lanczos, Nearest or an ESRGAN model file: R-ESRGAN 4x+, ...)"
-
-
-def _size(text: str) -> tuple[int, int]:
-    width, _, height = text.lower().partition("x")
-    try:
-        w, h = int(width), int(height)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 2048x2048, got {text!r}") from None
-    if w <= 0 or h <= 0:
-        raise argparse.ArgumentTypeError(f"width and height must be > 0, got {text!r}")
-    return w, h
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
@@ -115,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     how = upscale.add_mutually_exclusive_group()
     how.add_argument("--scale-by", type=float, default=4.0, metavar="F",
                      help="A1111's 'Scale by' / 'Resize' (default 4, its default)")
-    how.add_argument("--scale-to", type=_size, default=None, metavar="WxH",
+    how.add_argument("--scale-to", type=width_height, default=None, metavar="WxH",
                      help="A1111's 'Scale to': the factor that covers WxH, then cropped to it (centred)")
     upscale.add_argument("--no-crop", dest="crop", action="store_false",
                          help="with --scale-to: keep the upscaled image whole (A1111's 'Crop to fit' off)")
