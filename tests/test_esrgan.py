@@ -16,6 +16,7 @@ from sdadapt.esrgan import (
     esrgan_state,
     esrgan_upscale,
     load_esrgan,
+    upscaler_in_folder,
 )
 from sdadapt.formats.files import write_safetensors
 
@@ -273,6 +274,10 @@ def test_the_cli_runs_esrgan_files_and_writes_a1111s_upscaler_names(plain_sd, tm
     assert main([*base, "--width", "32", "--height", "32", "--hires-scale", "2", "--hires-upscaler",
                  str(tmp_path / "RealESRGAN_x4plus.pth"), "-o", str(tmp_path / "h.png")]) == 0
     assert "Hires upscaler: R-ESRGAN 4x+" in read_png_text(tmp_path / "h.png")["parameters"]
+    # (its infotext again, the model found by A1111's name in the upscalers' folder: the same image)
+    assert main(["generate", "--model", str(plain_sd), "--infotext", str(tmp_path / "h.png"), "--upscaler-dir",
+                 str(tmp_path), "-q", "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "h.png").read_bytes()
     assert main([*base, "--width", "32", "--height", "32", "--init-image", str(tmp_path / "h.png"), "--sd-upscale",
                  "1.5", "--sd-upscale-upscaler", str(tmp_path / "4x-Sharp.safetensors"), "--sd-upscale-overlap", "8",
                  "--denoising-strength",
@@ -323,3 +328,12 @@ def test_real_esrgans_compact_models_load_as_theirs(tmp_path, num_conv, upscale)
     torch.save(plain, tmp_path / "relu.pth")
     with pytest.raises(WeightFileError, match="without PReLU"):
         load_esrgan(tmp_path / "relu.pth")
+
+
+def test_upscalers_are_found_by_a1111s_names(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("sub/4x-UltraSharp.pth", "RealESRGAN_x4plus.pth", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert upscaler_in_folder("4x-UltraSharp", tmp_path) == tmp_path / "sub" / "4x-UltraSharp.pth"
+    assert upscaler_in_folder("R-ESRGAN 4x+", tmp_path) == tmp_path / "RealESRGAN_x4plus.pth"
+    assert upscaler_in_folder("notes", tmp_path) is None and upscaler_in_folder("SwinIR 4x", tmp_path) is None

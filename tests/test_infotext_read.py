@@ -53,8 +53,8 @@ def test_the_fields_become_generates_options_and_the_rest_is_said():
     _, not_taken = infotext_options(parse_infotext("p\nSteps: 2, Eta DDIM: 0.5, Hires upscaler: R-ESRGAN 4x+, "
                                                    "Hires upscale: 2, Mask blur: 4"))
     assert not_taken == ["Eta DDIM: A1111's setting of its DDIM and DDIM CFG++; not taken with Sampler '(none)'",
-                         ("Hires upscaler: 'R-ESRGAN 4x+' is not one of sdadapt's: give another (the image will "
-                          "differ from A1111's)"),
+                         ("Hires upscaler: 'R-ESRGAN 4x+' is an upscaler model: give --upscaler-dir (A1111's "
+                          "models/ESRGAN folder) or the model's file"),
                          "Mask blur: needs the init image / mask: give --init-image (--mask)"]
 
 

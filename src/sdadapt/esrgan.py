@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 __all__ = ["ESRGAN_TILE", "ESRGAN_TILE_OVERLAP", "EsrganUpscaler", "RRDBNet", "SRVGGNetCompact", "esrgan_state",
-           "esrgan_upscale", "load_esrgan"]
+           "esrgan_upscale", "load_esrgan", "upscaler_in_folder"]
 
 #: A1111's defaults of "Tile size for ESRGAN upscalers" and "Tile overlap for ESRGAN upscalers" (pixels)
 ESRGAN_TILE, ESRGAN_TILE_OVERLAP = 192, 8
@@ -268,6 +268,14 @@ def esrgan_upscale(model: nn.Module, image, *, tile_size: int = ESRGAN_TILE, til
     scaled = TileGrid(rows, tuple(outputs), (grid.tile_size[0] * s, grid.tile_size[1] * s),
                       (grid.size[0] * s, grid.size[1] * s), grid.overlap * s)
     return combine_grid(scaled)
+
+
+def upscaler_in_folder(name: str, folder: str | os.PathLike) -> Path | None:
+    """The upscaler model A1111 names ``name`` under ``folder`` (its ``models/ESRGAN`` / ``models/RealESRGAN``,
+    searched recursively): a ``.pth`` / ``.safetensors`` file whose stem is ``name``, or a Real-ESRGAN file A1111
+    calls so ("R-ESRGAN 4x+": ``RealESRGAN_x4plus.pth``); ``None`` where there is none."""
+    files = sorted(path for path in Path(folder).rglob("*") if path.suffix.lower() in (".pth", ".safetensors"))
+    return next((path for path in files if name in (path.stem, _REAL_ESRGAN_NAMES.get(path.stem))), None)
 
 
 class EsrganUpscaler:

@@ -283,7 +283,7 @@ def _take_infotext(args: argparse.Namespace) -> None:
         options, not_taken = infotext_options(parse_infotext(read_infotext(args.infotext)),
                                               img2img=args.init_image is not None, inpaint=args.mask is not None,
                                               refiner=args.refiner is not None, sd_upscale=args.sd_upscale is not None,
-                                              loopback=args.loopback is not None)
+                                              loopback=args.loopback is not None, upscaler_dir=args.upscaler_dir)
     except (OSError, ValueError) as exc:
         raise InputError(f"--infotext {args.infotext}: {exc}") from None
     given = []
@@ -354,6 +354,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="A1111's generation parameters (an image's 'parameters' text, A1111's or generate's, or "
                                "that text saved in a file) as the options not given: prompt, sampler, seed, size, "
                                "hires fix, A1111's noise... (docs/samplers.md, 'Reading an infotext back')")
+    generate.add_argument("--upscaler-dir", default=None, metavar="DIR",
+                          help="with --infotext: where the ESRGAN models its upscaler fields name are (A1111's "
+                          "models/ESRGAN; 'Hires upscaler: 4x-UltraSharp' read as DIR/4x-UltraSharp.pth)")
     generate.add_argument("--prompt", default=None,
                           help="required (optional with --image-vectors, default empty): what to draw, in A1111's "
                           "prompt syntax (docs/prompts.md): emphasis (word:1.2), (word) "
@@ -799,6 +802,7 @@ def register(sub: argparse._SubParsersAction) -> None:
               and not isinstance(action, (argparse._AppendAction, argparse._CountAction))]
     only_with(generate, single, needs="no --image-vectors", when=lambda args: args.image_vectors is None,
               message=_IMAGE_VECTOR_MESSAGE)
+    only_with(generate, ["--upscaler-dir"], needs="--infotext PNG|TXT", when=lambda args: args.infotext is not None)
     only_with(generate, ["--inpaint-full-res", "--soft-inpainting"], needs="--mask IMAGE",
               when=lambda args: args.mask is not None)
     only_with(generate, ["--outpaint-directions", "--outpaint-mask-blur", "--outpaint-fill"], needs="--outpaint PX",

@@ -112,6 +112,20 @@ def _take_choice(fields: Mapping[str, str], field: str, option: str, flag: str, 
         taken.add(field)
 
 
+def _take_upscaler_file(fields: Mapping[str, str], field: str, option: str, folder: str | os.PathLike | None,
+                        options: dict[str, object], taken: set[str]) -> None:
+    """``options[option]``: the ESRGAN model file under ``folder`` that A1111 names ``fields[field]``
+    (:func:`sdadapt.esrgan.upscaler_in_folder`), when the field is not taken yet and there is one."""
+    if field not in fields or field in taken or folder is None:
+        return
+    from ..esrgan import upscaler_in_folder
+
+    found = upscaler_in_folder(fields[field], folder)
+    if found is not None:
+        options[option] = str(found)
+        taken.add(field)
+
+
 def _a1111_version(text: object) -> tuple | None:
     """A1111's ``parse_version`` of an infotext's Version (``modules/infotext_versions.py``: ``v1.6.0-2-gabc`` read
     as ``v1.6.0-2``) as a sortable key ``((major, minor, patch), rank, n)`` — rank −1 a pre-release (``-RC``), 0 the
@@ -187,13 +201,14 @@ def _made_before(version: object, release: tuple) -> bool:
 
 
 def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpaint: bool = False,
-                     refiner: bool = False, sd_upscale: bool = False,
-                     loopback: bool = False) -> tuple[dict[str, object], list[str]]:
+                     refiner: bool = False, sd_upscale: bool = False, loopback: bool = False,
+                     upscaler_dir: str | os.PathLike | None = None) -> tuple[dict[str, object], list[str]]:
     """``(options, not_taken)``: :func:`sdadapt.jobs.generate.run_generate` keywords of parsed infotext ``fields``
     (:func:`parse_infotext`) and the fields it did not take, each with why. ``img2img`` / ``inpaint`` / ``refiner``:
     the run has an init image / a mask / a refiner (their fields are taken only then: the infotext cannot give the
     images or the refiner's file); ``sd_upscale`` / ``loopback``: the run is an SD upscale / a loopback (A1111 writes
-    neither the scale nor the number of loops).
+    neither the scale nor the number of loops). ``upscaler_dir``: where the ESRGAN models an upscaler field names
+    are (A1111's ``models/ESRGAN``: "Hires upscaler: 4x-UltraSharp" taken as that folder's file).
 
     Raises:
         ValueError: a field whose value is not what A1111 writes there (a number that is not one), naming it.
@@ -354,6 +369,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         take("Hires steps", "hires_steps", int)
         _take_choice(fields, "Hires upscaler", "hires_upscaler", "--hires-upscaler", HIRES_UPSCALER_LABELS, options,
                      taken)
+        _take_upscaler_file(fields, "Hires upscaler", "hires_upscaler", upscaler_dir, options, taken)
         take("Hires sampler", "hires_sampler")
         take("Hires prompt", "hires_prompt")
         take("Hires negative prompt", "hires_negative")
@@ -382,6 +398,10 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     if sd_upscale:  # (A1111's SD upscale script: the overlap and the upscaler, not the scale)
         take("SD upscale overlap", "sd_upscale_overlap", int)
         take("SD upscale upscaler", "sd_upscale_upscaler")
+        if options.get("sd_upscale_upscaler", "").lower() not in ("lanczos", "nearest", "none"):
+            del options["sd_upscale_upscaler"]
+            taken.discard("SD upscale upscaler")
+            _take_upscaler_file(fields, "SD upscale upscaler", "sd_upscale_upscaler", upscaler_dir, options, taken)
     if loopback:  # (A1111's Loopback script: the final strength and the curve, not the loops)
         take("Final denoising strength", "loopback_final_denoising", float)
         take("Denoising curve", "loopback_curve")
@@ -433,7 +453,10 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
             reason = (f"A1111's setting of its {' and '.join(_ETA_DDIM_SAMPLERS)}; not taken with Sampler "
                       f"{fields.get('Sampler', '(none)')!r}" + (f" and Hires sampler {fields['Hires sampler']!r}"
                                                                 if "Hires sampler" in fields else ""))
-        elif base in ("Hires upscaler", "Masked content"):
+        elif base in ("Hires upscaler", "SD upscale upscaler") and upscaler_dir is None:
+            reason = (f"{fields[field]!r} is an upscaler model: give --upscaler-dir (A1111's models/ESRGAN folder) or "
+                      "the model's file")
+        elif base in ("Hires upscaler", "SD upscale upscaler", "Masked content"):
             reason = f"{fields[field]!r} is not one of sdadapt's: give another (the image will differ from A1111's)"
         else:
             reason = "sdadapt has no such setting: the image may differ from A1111's"
