@@ -13,8 +13,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["XyzRun", "run_xyz_plot", "xyz_cell_settings"]
 
 #: A1111's "RNG source" values -> ``--noise``
@@ -292,5 +290,4 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
             written.append(str(write_grid(outputs[1 + iz], grid, parameters=_grid_infotext(
                 text, run.fields(z=False, keep_random_seeds=keep_random_seeds)))))
     cells_written = [file for k in range(nx * ny * nz) for file in results[k]["files"]]
-    return {"files": written + cells_written, "grid": written[0], "cells": [results[k] for k in range(nx * ny * nz)],
-            "size": tuple(np.asarray(whole).shape[1::-1])}
+    return {"files": written + cells_written, "grid": written[0], "cells": [results[k] for k in range(nx * ny * nz)]}
