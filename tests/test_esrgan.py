@@ -337,3 +337,14 @@ def test_upscalers_are_found_by_a1111s_names(tmp_path):
     assert upscaler_in_folder("4x-UltraSharp", tmp_path) == tmp_path / "sub" / "4x-UltraSharp.pth"
     assert upscaler_in_folder("R-ESRGAN 4x+", tmp_path) == tmp_path / "RealESRGAN_x4plus.pth"
     assert upscaler_in_folder("notes", tmp_path) is None and upscaler_in_folder("SwinIR 4x", tmp_path) is None
+
+
+def test_a_file_that_is_no_upscaler_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from sdadapt.cli import main
+    from sdadapt.jobs import generate as generate_job
+
+    torch.save({"layers.0.weight": torch.ones(2)}, tmp_path / "swinir.pth")
+    monkeypatch.setattr(generate_job, "load_system", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["generate", "--model", str(tmp_path / "model.safetensors"), "--prompt", "a", "--hires-scale", "2",
+                 "--hires-upscaler", str(tmp_path / "swinir.pth"), "-o", str(tmp_path / "o.png")]) == 3
+    assert "not an ESRGAN" in capsys.readouterr().err and not (tmp_path / "o.png").exists()

@@ -493,6 +493,8 @@ def run_generate(
         # name, or an ESRGAN file: sdadapt.esrgan.EsrganUpscaler)
         hires_upscaler = pixel_upscaler("--hires-upscaler", hires_upscaler, HIRES_UPSCALER_LABELS,
                                         device=resolve_device(device))
+        if not isinstance(hires_upscaler, str):
+            hires_upscaler.model  # noqa: B018 - read now: a file that is no upscaler is refused before the model loads
     if styles:  # A1111's saved styles (setup_prompts): merged in first, the hires pass's own texts too
         from ..prompt_styles import apply_styles, styled_prompts
 
@@ -780,6 +782,8 @@ def run_generate(
 
         sd_upscaler = check_sd_upscale(sd_upscale, sd_upscale_overlap, sd_upscale_upscaler,
                                        device=resolve_device(device))
+        if not isinstance(sd_upscaler, str):
+            sd_upscaler.model  # noqa: B018 - read now: a file that is no upscaler is refused before the model loads
         if init_image is None or mask is not None:
             raise ValueError("--sd-upscale is A1111's img2img script: give --init-image (the image to upscale) and no "
                              "--mask")
