@@ -137,6 +137,15 @@ def test_the_command(tmp_path, capsys):
     assert main(["upscale", str(tmp_path / "in" / "a.png"), "--upscaler", str(tmp_path / "none.pth"),
                  "-o", str(tmp_path / "x.png")]) == 2
     assert "no such file" in capsys.readouterr().err
+    from test_esrgan import (
+        _basicsr,  # (an upscaler found by A1111's name in --upscaler-dir)
+    )
+
+    (tmp_path / "models").mkdir()
+    torch.save(_basicsr(2).state_dict(), tmp_path / "models" / "RealESRGAN_x2plus.pth")
+    assert main(["upscale", str(tmp_path / "in" / "a.png"), "--upscaler", "R-ESRGAN 2x+", "--upscaler-dir",
+                 str(tmp_path / "models"), "--scale-by", "2", "-q", "-o", str(tmp_path / "r.png")]) == 0
+    assert read_png_text(tmp_path / "r.png")["postprocessing"].endswith("Postprocess upscaler: R-ESRGAN 2x+")
     with pytest.raises(SystemExit):  # (a usage error: argparse's exit 2)
         main(["upscale", str(tmp_path / "in" / "a.png"), "--no-crop", "-o", str(tmp_path / "y.png")])
     assert "--no-crop only applies with --scale-to WxH" in capsys.readouterr().err

@@ -62,9 +62,11 @@ class TileGrid:
         return (self.size[0] - max(x + w for x, w in last_row), self.size[1] - (last_y + last_h))
 
 
-def pixel_upscaler(option: str, text: str, labels: dict[str, str], *, device: str = "cpu"):
+def pixel_upscaler(option: str, text: str, labels: dict[str, str], *, device: str = "cpu",
+                   folder: str | None = None):
     """``text`` of an upscaler option: one of ``labels``' names (either spelling: :func:`canonical_choice`), returned
-    as its name, or an ESRGAN model file (``.pth`` / ``.safetensors``: A1111's ``models/ESRGAN``), returned as an
+    as its name, or an ESRGAN model file (``.pth`` / ``.safetensors``: A1111's ``models/ESRGAN``) — its path, or with
+    ``folder`` A1111's name of one there (:func:`sdadapt.esrgan.upscaler_in_folder`) — returned as an
     :class:`sdadapt.esrgan.EsrganUpscaler` on ``device`` (loaded when first used; its ``name`` A1111's).
 
     Raises:
@@ -75,6 +77,11 @@ def pixel_upscaler(option: str, text: str, labels: dict[str, str], *, device: st
     from .sampler_tables import canonical_choice
 
     path = Path(str(text))
+    known = {*labels, *(label.lower() for label in labels.values())}
+    if folder is not None and not path.is_file() and str(text).lower() not in known:
+        from .esrgan import upscaler_in_folder
+
+        path = upscaler_in_folder(str(text), folder) or path
     if path.suffix.lower() in (".pth", ".pt", ".safetensors", ".ckpt", ".bin") or path.is_file():
         if not path.is_file():
             raise ValueError(f"{option} {text}: no such file (an ESRGAN upscaler model, .pth or .safetensors)")

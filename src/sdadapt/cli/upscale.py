@@ -39,9 +39,9 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         raise InputError(f"--max-side-length must be 0 (no limit) or more, got {args.max_side_length}")
     device = resolve_device(args.device)
     try:
-        upscaler = pixel_upscaler("--upscaler", args.upscaler, SD_UPSCALERS, device=device)
+        upscaler = pixel_upscaler("--upscaler", args.upscaler, SD_UPSCALERS, device=device, folder=args.upscaler_dir)
         second = None if args.upscaler_2 is None else pixel_upscaler("--upscaler-2", args.upscaler_2, SD_UPSCALERS,
-                                                                       device=device)
+                                                                       device=device, folder=args.upscaler_dir)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     settings = ExtrasUpscale(upscaler=SD_UPSCALERS.get(upscaler, upscaler) if isinstance(upscaler, str) else upscaler,
@@ -114,6 +114,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="A1111's 'Upscaler 2': a second upscaler blended in at --upscaler-2-visibility")
     upscale.add_argument("--upscaler-2-visibility", type=float, default=0.0, metavar="V",
                          help="how much of --upscaler-2's image is blended in (0 to 1, default 0)")
+    upscale.add_argument("--upscaler-dir", default=None, metavar="DIR",
+                         help="where --upscaler / --upscaler-2 find models by A1111's names (its models/ESRGAN: "
+                         "'4x-UltraSharp', 'R-ESRGAN 4x+')")
     upscale.add_argument("--device", default="auto", help="where an ESRGAN model runs (auto, cpu, cuda, mps)")
     add_output_options(upscale, out_help="the output .png (one IMAGE) or folder (several, or a folder: NAME.png "
                        "each)", dtype_help="8-bit PNG; any other value is refused")
