@@ -137,9 +137,9 @@ def test_the_command(tmp_path, capsys):
     assert main(["upscale", str(tmp_path / "in" / "a.png"), "--upscaler", str(tmp_path / "none.pth"),
                  "-o", str(tmp_path / "x.png")]) == 2
     assert "no such file" in capsys.readouterr().err
-    from test_esrgan import (
-        _basicsr,  # (an upscaler found by A1111's name in --upscaler-dir)
-    )
+    from test_esrgan import _basicsr
+
+    # (an upscaler found by A1111's name in --upscaler-dir)
 
     (tmp_path / "models").mkdir()
     torch.save(_basicsr(2).state_dict(), tmp_path / "models" / "RealESRGAN_x2plus.pth")
