@@ -149,3 +149,9 @@ def test_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit):  # (a usage error: argparse's exit 2)
         main(["upscale", str(tmp_path / "in" / "a.png"), "--no-crop", "-o", str(tmp_path / "y.png")])
     assert "--no-crop only applies with --scale-to WxH" in capsys.readouterr().err
+
+
+def test_the_docs_example():
+    from docs_pages import run_block_with
+
+    run_block_with("samplers.md", "extras_upscale(")

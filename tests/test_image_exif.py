@@ -128,3 +128,9 @@ def test_inspect_shows_a_pngs_other_text_and_one_without_parameters(tmp_path, ca
     write_png(tmp_path / "bare.png", _torch.zeros(4, 4, 3, dtype=_torch.uint8))
     assert main(["inspect", str(tmp_path / "bare.png")]) != 0
     assert "no 'parameters' text" in capsys.readouterr().err
+
+
+def test_the_docs_example():
+    from docs_pages import run_block_with
+
+    run_block_with("samplers.md", "exif_user_comment(")
