@@ -25,12 +25,10 @@ def write_batch_grid(files: Sequence[str | os.PathLike], out: str | os.PathLike)
     Raises:
         ValueError: fewer than two images (A1111 saves no grid of one: "Only if multiple images").
     """
-    from ..images import decode_png, read_png_text
     from ..labelled_grid import cells_grid
-    from .generate_runs import write_grid
+    from .generate_runs import read_written, write_grid
 
     if len(files) < 2:
         raise ValueError(f"a grid needs two images or more, got {len(files)} (A1111 saves none of one)")
-    pictures = [decode_png(Path(file).read_bytes(), source=str(file))[..., :3] for file in files]
-    grid = cells_grid(pictures, rows=batch_grid_rows(len(pictures)))
-    return write_grid(out, grid, parameters=read_png_text(files[0]).get("parameters"))
+    pictures, parameters = read_written(files)
+    return write_grid(out, cells_grid(pictures, rows=batch_grid_rows(len(pictures))), parameters=parameters)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -98,10 +97,11 @@ def parse_prompt_line(line: str) -> dict[str, object]:
     return found
 
 
-def prompt_lines(text: str, *, log: Callable[[str], None] | None = None) -> list[PromptLine]:
+def prompt_lines(text: str, *, source: str | os.PathLike | None = None,
+                 log: Callable[[str], None] | None = None) -> list[PromptLine]:
     """The lines of a prompts file's ``text`` as A1111's script reads them: stripped, the empty ones left out; a
     line with ``--`` parsed by :func:`parse_prompt_line`, or — when that fails, as in A1111 — the whole line as the
-    prompt (``log`` hears a warning why)."""
+    prompt (``log`` hears a warning why, naming ``SOURCE:N``, or ``line N`` without a ``source``)."""
     lines = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -113,8 +113,8 @@ def prompt_lines(text: str, *, log: Callable[[str], None] | None = None) -> list
                 options = parse_prompt_line(line)
             except ValueError as exc:
                 if log is not None:
-                    log(f"warning: line {number}: not read as options ({exc}); the whole line is its prompt, as in "
-                        "A1111")
+                    where = f"line {number}" if source is None else f"{source}:{number}"
+                    log(f"warning: {where}: not read as options ({exc}); the whole line is its prompt, as in A1111")
         lines.append(PromptLine(number, line, options))
     return lines
 
@@ -141,17 +141,10 @@ def read_prompts_file(path: str | os.PathLike, *, log: Callable[[str], None] | N
     except UnicodeDecodeError as exc:
         raise InputError(f"--prompts-file {path}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}); save "
                          "it as UTF-8") from None
-    lines = prompt_lines(text, log=None if log is None else (lambda line: log(_at(path, line))))
+    lines = prompt_lines(text, source=path, log=log)
     if not lines:
         raise InputError(f"--prompts-file {path}: no prompts in it (every line is empty)")
     return lines
-
-
-def _at(path: str | os.PathLike, line: str) -> str:
-    """A ``"warning: line N: ..."`` of :func:`prompt_lines` with the file named: ``"warning: FILE:N: ..."``."""
-    warning = line.startswith("warning: ")
-    rest = line[len("warning: "):] if warning else line
-    return ("warning: " if warning else "") + re.sub(r"^line (\d+): ", lambda m: f"{path}:{m.group(1)}: ", rest)
 
 
 def _joined(line_text: str | None, given: str, insert: str) -> str | None:

@@ -35,12 +35,12 @@ def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, 
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything runs).
         ImportError: without Pillow (the grid's labels).
     """
-    from ..images import decode_png, read_png_text
     from ..labelled_grid import annotate_grid, cells_grid
     from ..prompt_matrix import matrix_labels, matrix_prompts
     from .generate_runs import (
         check_outputs_free,
         check_script_alone,
+        read_written,
         require_pillow,
         run_named,
         write_grid,
@@ -72,10 +72,10 @@ def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, 
         results.append(run_named(f"prompt matrix image {i} ({text!r})", settings, loaded=loaded, log=log))
         if progress is not None:
             progress(i + 1, len(prompts), file.name)
-    pictures = [decode_png(file.read_bytes(), source=str(file))[..., :3] for file in files]
+    pictures, parameters = read_written(files)
     rows, columns, row_labels = matrix_labels(parts)
     grid = annotate_grid(cells_grid(pictures, rows=rows), pictures[0].shape[1], pictures[0].shape[0], columns,
                          row_labels, margin=margin, font=font)
-    grid_file = str(write_grid(out, grid, parameters=read_png_text(files[0]).get("parameters")))
+    grid_file = str(write_grid(out, grid, parameters=parameters))
     return {"files": [grid_file, *(str(file) for file in files)], "grid": grid_file, "prompts": prompts,
             "images": results}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["check_outputs_free", "check_script_alone", "require_pillow", "run_named", "write_grid"]
+__all__ = ["check_outputs_free", "check_script_alone", "read_written", "require_pillow", "run_named", "write_grid"]
 
 
 def check_script_alone(option: str, given: Mapping[str, object]) -> None:
@@ -68,6 +68,16 @@ def run_named(where: str, settings: Mapping[str, object], **keywords: object) ->
         if len(exc.args) == 1 and isinstance(exc.args[0], str):
             exc.args = (f"{where}: {exc.args[0]}",)
         raise
+
+
+def read_written(files: Iterable[str | os.PathLike]) -> tuple[list[np.ndarray], str | None]:
+    """The PNGs the runs wrote, read back for their grid: each ``(H, W, 3)`` uint8 (the 8-bit pixels A1111's grid is
+    made of), and the first one's infotext (the grid's, as A1111's)."""
+    from ..images import decode_png, read_png_text
+
+    paths = [Path(file) for file in files]
+    pictures = [decode_png(path.read_bytes(), source=str(path))[..., :3] for path in paths]
+    return pictures, read_png_text(paths[0]).get("parameters") if paths else None
 
 
 def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None) -> Path:

@@ -205,12 +205,13 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything runs).
         ImportError: ``legend`` without Pillow.
     """
-    from ..images import decode_png, read_png_text
+    from ..images import read_png_text
     from ..labelled_grid import annotate_grid, cells_grid
     from ..xyz_plot import axis_label, cell_order
     from .generate_runs import (
         check_outputs_free,
         check_script_alone,
+        read_written,
         require_pillow,
         run_named,
         write_grid,
@@ -265,8 +266,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         if progress is not None:
             progress(done + 1, len(order), cell_files[index].name)
     firsts = [Path(results[k]["files"][0]) for k in range(nx * ny * nz)]
-    pictures = [decode_png(path.read_bytes(), source=str(path))[..., :3] for path in firsts]
-    first_text = read_png_text(firsts[0]).get("parameters", "")
+    pictures, first_text = read_written(firsts)
     x_labels = [axis_label(run.axes[0][0], value) for value in run.axes[0][1]]
     y_labels = [axis_label(run.axes[1][0], value) for value in run.axes[1][1]]
     z_labels = [axis_label(run.axes[2][0], value) for value in run.axes[2][1]]
@@ -283,7 +283,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         whole = annotate_grid(whole, max(g.shape[1] for g in grids), max(g.shape[0] for g in grids), z_labels, [""],
                               font=font)
     written = [str(write_grid(out, whole, parameters=_grid_infotext(
-        first_text, run.fields(z=True, keep_random_seeds=keep_random_seeds))))]
+        first_text or "", run.fields(z=True, keep_random_seeds=keep_random_seeds))))]
     if sub_grids and nz > 1:
         for iz, grid in enumerate(grids):
             text = read_png_text(firsts[iz * nx * ny]).get("parameters", "")
