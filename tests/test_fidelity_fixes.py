@@ -161,10 +161,10 @@ def _recording(monkeypatch):
     from sdadapt import images
 
     written, calls = [], []
-    real_write, real_load = images.write_png, generate_job.load_system
+    real_write, real_load = images.write_image, generate_job.load_system
 
-    def write_png(path, image, *args, **kwargs):
-        written.append(image.detach().clone())
+    def write_image(path, image, *args, **kwargs):
+        written.append(torch.as_tensor(image).clone())
         return real_write(path, image, *args, **kwargs)
 
     def load_system(*args, **kwargs):
@@ -172,7 +172,7 @@ def _recording(monkeypatch):
         system.text_encoder.register_forward_hook(lambda module, inputs, output: calls.append(1))
         return system
 
-    monkeypatch.setattr(images, "write_png", write_png)
+    monkeypatch.setattr(images, "write_image", write_image)
     monkeypatch.setattr(generate_job, "load_system", load_system)
     return written, calls
 

@@ -2,13 +2,17 @@
 ``piexif.dump({"Exif": {UserComment: UserComment.dump(text, encoding="unicode")}})`` inserted into the file), read
 back as its ``read_info_from_image`` reads it — without Pillow or piexif: the JPEG ``APP1`` segment or the WebP
 ``EXIF`` chunk, the TIFF structure in it, the Exif IFD's ``UserComment`` and its character-code prefix.
+
+And written as A1111 writes it: :func:`user_comment_exif` is ``piexif.dump`` of that one entry byte for byte,
+:func:`insert_exif` is ``piexif.insert`` (a JPEG's ``APP0`` replaced by the ``APP1`` segment; a WebP made an extended
+one, ``VP8X``, with the ``EXIF`` chunk last).
 """
 
 from __future__ import annotations
 
 import struct
 
-__all__ = ["exif_user_comment", "image_kind"]
+__all__ = ["exif_user_comment", "image_kind", "insert_exif", "user_comment_exif"]
 
 _EXIF_HEADER = b"Exif\x00\x00"
 _EXIF_IFD_POINTER = 0x8769
@@ -107,3 +111,94 @@ def exif_user_comment(data: bytes) -> str | None:
     if encoding is not None:
         return raw[8:].decode(encoding, errors="replace")
     return raw.decode("utf-8", errors="ignore").lstrip("\x00")
+
+
+def user_comment_exif(text: str) -> bytes:
+    """``text`` as the EXIF block A1111 inserts into a JPEG or WebP: ``Exif\\0\\0`` and a big-endian TIFF whose IFD0
+    points to an Exif IFD holding one ``UserComment`` (``UNICODE\\0`` and UTF-16 big-endian, unencodable characters
+    replaced) — the bytes of ``piexif.dump({"Exif": {UserComment: UserComment.dump(text, encoding="unicode")}})``.
+
+    Raises:
+        ValueError: a text too long for a JPEG's metadata segment (64 KiB: about 32,000 characters).
+    """
+    comment = b"UNICODE\x00" + text.encode("utf_16_be", errors="replace")
+    ifd0 = struct.pack(">HHHII", 1, _EXIF_IFD_POINTER, 4, 1, 26) + b"\x00" * 4  # (one entry: the Exif IFD, at 26)
+    exif_ifd = struct.pack(">HHHII", 1, _USER_COMMENT, 7, len(comment), 40)  # (piexif writes no next-IFD link here)
+    block = _EXIF_HEADER + b"MM\x00\x2a" + struct.pack(">I", 8) + ifd0 + exif_ifd + comment
+    if len(block) + 2 > 0xFFFF:
+        raise ValueError(f"an infotext of {len(text)} characters does not fit a JPEG's EXIF segment (64 KiB); write "
+                         "a PNG, whose text chunks have no such limit")
+    return block
+
+
+def _jpeg_insert(data: bytes, segment: bytes) -> bytes:
+    """piexif's JPEG ``merge_segments``: ``segment`` (an ``APP1`` Exif) replaces an ``APP0`` right after the start
+    (and an Exif ``APP1`` after it), else an Exif ``APP1`` there, else goes in after the start."""
+    parts, at = [data[:2]], 2
+    while at < len(data) and data[at:at + 2] != b"\xff\xda" and len(parts) < 3:  # (the first two segments)
+        if at + 4 > len(data):
+            raise ValueError("not a whole JPEG (its header segments end early)")
+        (length,) = struct.unpack(">H", data[at + 2:at + 4])
+        parts.append(data[at:at + 2 + length])
+        at += 2 + length
+    rest = data[at:]
+    is_app0 = [part[:2] == b"\xff\xe0" for part in parts]
+    is_exif = [part[:2] == b"\xff\xe1" and part[4:10] == _EXIF_HEADER for part in parts]
+    if len(parts) > 2 and is_app0[1] and is_exif[2]:
+        return parts[0] + segment + rest
+    if len(parts) > 1 and (is_app0[1] or is_exif[1]):
+        return parts[0] + segment + b"".join(parts[2:]) + rest
+    return parts[0] + segment + b"".join(parts[1:]) + rest
+
+
+def _webp_insert(data: bytes, exif: bytes) -> bytes:
+    """piexif's WebP ``insert``: the chunks read, any ``EXIF`` chunk dropped, ``exif`` put before an ``XMP`` or ``ANIM``
+    chunk (else last), a ``VP8X`` header first with its flags and canvas size, the RIFF size set again."""
+    (riff,) = struct.unpack("<I", data[4:8])
+    chunks, at = [], 12
+    while at + 8 < 8 + riff:
+        kind, (size,) = data[at:at + 4], struct.unpack("<I", data[at + 4:at + 8])
+        chunks.append((kind, data[at + 8:at + 8 + size]))
+        at += 8 + size + (size & 1)
+    chunks = [chunk for chunk in chunks if chunk[0] != b"EXIF"]
+    before = next((k for k, (kind, _) in enumerate(chunks) if kind == b"XMP "), None)
+    if before is None:
+        before = next((k for k, (kind, _) in enumerate(chunks) if kind == b"ANIM"), len(chunks))
+    chunks.insert(before, (b"EXIF", exif))
+    flags, size = 0, None
+    for kind, body in chunks:
+        if kind == b"VP8X":
+            size = (int.from_bytes(body[4:7], "little") + 1, int.from_bytes(body[7:10], "little") + 1)
+        elif kind == b"VP8 ":
+            start = body.find(b"\x9d\x01\x2a") + 3  # (the key frame's start code, then width and height)
+            size = struct.unpack("<HH", body[start:start + 4])
+        elif kind == b"VP8L":
+            flags |= 0x10 if body[4] & 0x10 else 0  # (its alpha bit)
+            bits = int.from_bytes(body[1:5], "little")
+            size = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+        elif kind == b"ANMF":
+            size = (int.from_bytes(body[6:9], "little") + 1, int.from_bytes(body[9:12], "little") + 1)
+        flags |= {b"ICCP": 0x20, b"ALPH": 0x10, b"EXIF": 0x08, b"XMP ": 0x04, b"ANIM": 0x02}.get(kind, 0)
+    if size is None:
+        raise ValueError("a WebP without an image chunk (VP8, VP8L, VP8X or ANMF)")
+    header = bytes([flags, 0, 0, 0]) + (size[0] - 1).to_bytes(3, "little") + (size[1] - 1).to_bytes(3, "little")
+    chunks = [(b"VP8X", header), *(chunk for chunk in chunks if chunk[0] != b"VP8X")]
+    body = b"".join(kind + struct.pack("<I", len(part)) + part + b"\x00" * (len(part) & 1) for kind, part in chunks)
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+def insert_exif(data: bytes, exif: bytes) -> bytes:
+    """The JPEG or WebP file ``data`` with the EXIF block ``exif`` (``Exif\\0\\0`` and a TIFF, as
+    :func:`user_comment_exif` makes) put in as ``piexif.insert`` puts it (A1111's ``save_image_with_geninfo``).
+
+    Raises:
+        ValueError: ``data`` neither JPEG nor WebP, or cut short; ``exif`` without its header.
+    """
+    if not exif.startswith(_EXIF_HEADER):
+        raise ValueError("an EXIF block starts with 'Exif\\0\\0'")
+    kind = image_kind(data[:12])
+    if kind == "jpeg":
+        return _jpeg_insert(data, b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif)
+    if kind == "webp":
+        return _webp_insert(data, exif[len(_EXIF_HEADER):])
+    raise ValueError(f"EXIF goes into a JPEG or a WebP, not {kind or 'these bytes'}")

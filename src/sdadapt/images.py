@@ -21,9 +21,11 @@ from torch import Tensor
 from .formats.files import atomic_write
 
 __all__ = ["to_uint8", "write_png", "read_image", "read_image_channels", "scale_image", "image_grid", "load_image_folder", "ImageFolderError",
-           "IMAGE_SUFFIXES", "check_image_folder", "read_png_text"]
+           "IMAGE_SUFFIXES", "check_image_folder", "read_png_text", "OUTPUT_SUFFIXES", "check_output_suffix", "check_save_settings", "encode_image",
+           "write_image", "numbered"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # (what write_image writes: A1111's usual samples formats)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -81,6 +83,98 @@ def write_png(path: str | os.PathLike, image: Tensor, *, text: Mapping[str, str]
     """Write one image — (C, H, W) float in [-1, 1] or (H, W, C) uint8 — as PNG, atomically (``text``: key ->
     value, kept in the file as ``iTXt`` chunks)."""
     data = encode_png(to_uint8(image), text=text)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def numbered(path: str | os.PathLike, index: int) -> Path:
+    """The ``index``-th of several images written for ``path``: ``{stem}-{index:02d}{suffix}`` beside it
+    (``out.png`` -> ``out-00.png``, ``out-01.png``, ...)."""
+    target = Path(path)
+    return target.with_name(f"{target.stem}-{index:02d}{target.suffix}")
+
+
+def check_output_suffix(path: str | os.PathLike, *, what: str = "the output") -> str:
+    """``path``'s image format by its suffix: ``"png"``, ``"jpeg"`` or ``"webp"``.
+
+    Raises:
+        ValueError: another suffix (naming ``path`` and the ones written); ImportError: JPEG or WebP without Pillow.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"{path}: {what} is written as PNG, JPEG or WebP; name it *.png, *.jpg or *.webp")
+    if suffix == ".png":
+        return "png"
+    try:
+        import PIL  # noqa: F401 - only whether it is there
+    except ImportError:
+        raise ImportError(f"{path}: JPEG and WebP images are encoded by Pillow: pip install 'sdadapt[images]' (or "
+                          "pillow), or write *.png") from None
+    return "webp" if suffix == ".webp" else "jpeg"
+
+
+def check_save_settings(*, quality: int, lossless: bool) -> None:
+    """Refuse a JPEG/WebP ``quality`` that is not a whole number from 1 to 100 (A1111's slider), or a ``lossless``
+    that is not a bool.
+
+    Raises:
+        ValueError: a quality out of range; TypeError: a ``lossless`` that is not a bool.
+    """
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"the JPEG/WebP quality must be a whole number from 1 to 100 (A1111's slider), got "
+                         f"{quality!r}")
+    if not isinstance(lossless, bool):
+        raise TypeError(f"lossless must be True or False, got {lossless!r}")
+
+
+def encode_image(pixels: np.ndarray, *, kind: str, text: Mapping[str, str] | None = None,
+                 comment_key: str = "parameters", quality: int = 80, lossless: bool = False) -> bytes:
+    """(H, W, C) uint8, C in 1/3/4 -> the bytes of a ``kind`` (``"png"``, ``"jpeg"``, ``"webp"``) image, as A1111's
+    ``save_image_with_geninfo`` writes it: a PNG with every ``text`` entry as a text chunk; a JPEG or WebP encoded
+    by Pillow (alpha dropped, ``quality`` — A1111's "Quality for saved jpeg and avif images", default 80 — and
+    ``lossless`` for WebP) with ``text[comment_key]`` (the infotext) as its EXIF ``UserComment``, the other entries
+    left out as A1111 leaves them.
+
+    Raises:
+        ValueError: ``kind`` or ``quality`` (1-100) out of range, an image too large for the format.
+    """
+    check_save_settings(quality=quality, lossless=lossless)
+    if kind == "png":
+        return encode_png(pixels, text=text)
+    if kind not in ("jpeg", "webp"):
+        raise ValueError(f"kind must be 'png', 'jpeg' or 'webp', got {kind!r}")
+    import io
+
+    from PIL import Image
+
+    from .image_exif import insert_exif, user_comment_exif
+
+    comment = (text or {}).get(comment_key)
+    exif = None if comment is None else user_comment_exif(comment)  # (a text too long refused before encoding)
+    limit = 65535 if kind == "jpeg" else 16383
+    if max(pixels.shape[:2]) > limit:
+        raise ValueError(f"a {pixels.shape[1]}x{pixels.shape[0]} image is larger than {kind.upper()} holds "
+                         f"({limit} pixels a side); write a PNG")
+    image = Image.fromarray(pixels[..., :3] if pixels.shape[-1] == 4 else pixels if pixels.shape[-1] == 3
+                            else pixels[..., 0])
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind.upper(), quality=quality, **({"lossless": lossless} if kind == "webp" else {}))
+    return buffer.getvalue() if exif is None else insert_exif(buffer.getvalue(), exif)
+
+
+def write_image(path: str | os.PathLike, image: Tensor | np.ndarray, *, text: Mapping[str, str] | None = None,
+                comment_key: str = "parameters", quality: int = 80, lossless: bool = False) -> Path:
+    """Write one image — (C, H, W) float in [-1, 1], or (H, W, C) uint8 (a tensor or an array) — atomically as
+    PNG, JPEG or WebP by
+    ``path``'s suffix (:func:`check_output_suffix`), with ``text`` as :func:`encode_image` keeps it.
+
+    Raises:
+        ValueError: a suffix other than .png / .jpg / .jpeg / .webp, or as :func:`encode_image`.
+        ImportError: JPEG or WebP without Pillow.
+    """
+    kind = check_output_suffix(path)
+    pixels = image if isinstance(image, np.ndarray) else to_uint8(image)
+    data = encode_image(pixels, kind=kind, text=text, comment_key=comment_key, quality=quality,
+                        lossless=lossless)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 

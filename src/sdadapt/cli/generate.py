@@ -21,7 +21,14 @@ from ..sampler_tables import (  # (torch-free: --help and usage errors import no
     sampler_schedule_from_label,
 )
 from .option_rules import only_with
-from .options import add_clip_stats_option, add_output_options, positive_int, progress_bar, width_height
+from .options import (
+    add_clip_stats_option,
+    add_image_save_options,
+    add_output_options,
+    positive_int,
+    progress_bar,
+    width_height,
+)
 
 __all__ = ["register"]
 
@@ -91,7 +98,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from ..soft_inpainting import parse_soft_inpainting
 
     if args.dtype != "keep":  # (the shared output option: it casts written weight files, and this writes PNGs)
-        raise InputError(f"--dtype {args.dtype}: generate writes PNG images and runs the model in float32; --dtype casts "
+        raise InputError(f"--dtype {args.dtype}: generate writes 8-bit images and runs the model in float32; --dtype casts "
                          "the tensors of written weight files, so leave it out")
     if args.image_vectors is not None:
         return _cmd_generate_image_vectors(args)
@@ -138,7 +145,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         hypertile_unet=args.hypertile_unet, hypertile_unet_second_pass=args.hypertile_unet_second_pass,
         hypertile_vae=args.hypertile_vae,
         width=args.width,
-        height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
+        height=args.height, count=args.count, out=args.out, overwrite=args.overwrite, jpeg_quality=args.jpeg_quality,
+        webp_lossless=args.webp_lossless, image_format=args.image_format, tokenizer=args.tokenizer,
         prediction_type=args.prediction_type, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
         clip_stats=args.clip_stats, aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         refiner=args.refiner, refiner_switch_at=args.refiner_switch_at, refiner_hires_pass=args.refiner_hires_pass,
@@ -230,7 +238,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.grid:  # (A1111's batch grid: sdadapt.jobs.generate_grid)
         from ..jobs.generate_grid import write_batch_grid
 
-        print(f"wrote {write_batch_grid(result['files'], args.out)}")
+        print(f"wrote {write_batch_grid(result, args.out, given=options)}")
     drawn = args.seed == -1 or args.subseed == -1  # (A1111's random seed: the one drawn, to make the image again)
     from ..jobs.generate import image_seed
 
@@ -342,9 +350,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate = sub.add_parser(
         "generate",
         help="make images from a prompt on the toy model or a Stable Diffusion model, with LoRAs and embeddings",
-        description="Make a PNG from a prompt (kohya's and A1111's samplers, classifier-free guidance) on the toy model, "
-        "a diffusers "
-        "folder or an SD1/SD2/SDXL single-file checkpoint, with LoRA-family files merged in at a strength "
+        description="Make an image (PNG, JPEG or WebP) from a prompt (kohya's and A1111's samplers, classifier-free "
+        "guidance) on the toy model, a diffusers folder or an SD1/SD2/SDXL single-file checkpoint, with LoRA-family files merged in at a strength "
         "(--lora FILE:0.8), A1111 hypernetworks (--hypernetwork FILE:0.7) and textual-inversion embeddings (their file "
         "names become trigger words).",
     )
@@ -860,7 +867,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               needs="--aesthetic FILE", when=lambda args: args.aesthetic is not None)
     only_with(generate, ["--aesthetic-text-angle", "--aesthetic-text-negative"], needs="--aesthetic-text TEXT",
               when=lambda args: args.aesthetic_text is not None)
-    group = add_output_options(generate, out_help="output .png", dtype_help="images; any other value is refused")
-    del group
+    group = add_output_options(generate, out_help="output image: .png, .jpg or .webp",
+                               dtype_help="images; any other value is refused")
+    add_image_save_options(group, folder="--init-image FOLDER")
     generate.set_defaults(run=_cmd_generate)
     _DEFAULTS.update({action.dest: action.default for action in generate._actions})

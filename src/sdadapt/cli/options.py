@@ -36,6 +36,7 @@ __all__ = [
     "OUTPUT_OPTIONS",
     "add_output_options",
     "add_clip_stats_option",
+    "add_image_save_options",
     "numbers",
     "positive_int",
     "ExtendNumbers",
@@ -89,6 +90,30 @@ def add_output_options(
     group.add_argument("--dtype", dest=f"{dest_prefix}dtype", choices=DTYPE_CHOICES, default="keep",
                        help=f"dtype of the written float tensors (default keep: {dtype_help})")
     return group
+
+
+def _quality(text: str) -> int:
+    """``--jpeg-quality``'s value: a whole number from 1 to 100 (A1111's slider)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a whole number from 1 to 100 (A1111's slider), got {text!r}")
+    return value
+
+
+def add_image_save_options(group: argparse._ArgumentGroup, *, folder: str) -> None:
+    """Add ``--jpeg-quality``, ``--webp-lossless`` and ``--image-format`` (A1111's image-saving settings; ``folder``:
+    when OUT is a folder, for ``--image-format``'s help) to an output ``group``."""
+    group.add_argument("--jpeg-quality", type=_quality, default=80, metavar="Q",
+                       help="quality of a JPEG or WebP OUT (1-100, default 80: A1111's 'Quality for saved jpeg')")
+    group.add_argument("--webp-lossless", action="store_true",
+                       help="write a WebP OUT lossless (A1111's 'Use lossless compression for webp images')")
+    group.add_argument("--image-format", choices=("png", "jpg", "webp"), default="png",
+                       help=f"the format of the images written into an OUT folder ({folder}; default png); a file "
+                       "OUT's is its suffix: .png, .jpg / .jpeg or .webp, the infotext in a JPEG's or WebP's EXIF "
+                       "as A1111 writes it")
 
 
 def _clip_stats_path(text: str) -> str:

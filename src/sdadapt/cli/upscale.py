@@ -1,5 +1,6 @@
 """``python -m sdadapt upscale IMAGE ...``: A1111's Extras tab "Upscale" (:mod:`sdadapt.extras_upscale`) — images
-enlarged by Lanczos, Nearest or an ESRGAN model file, written as PNGs with A1111's ``postprocessing`` text."""
+enlarged by Lanczos, Nearest or an ESRGAN model file, written as PNGs with A1111's ``postprocessing`` text (or as
+JPEG / WebP with it as the EXIF comment, as A1111 writes them)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import argparse
 import sys
 
 from .option_rules import only_with
-from .options import add_output_options, progress_bar, width_height
+from .options import (
+    add_image_save_options,
+    add_output_options,
+    progress_bar,
+    width_height,
+)
 
 __all__ = ["register"]
 
@@ -23,7 +29,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 
     from ..errors import InputError
     from ..extras_upscale import ExtrasUpscale, extras_upscale, postprocessing_text
-    from ..images import write_png
+    from ..images import check_output_suffix, write_image
     from ..jobs.generate_batch import batch_images
     from ..jobs.generate_runs import check_outputs_free
     from ..jobs.infotext_read import read_infotext
@@ -31,7 +37,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from ..sd_upscale import SD_UPSCALERS, pixel_upscaler
 
     if args.dtype != "keep":
-        raise InputError(f"--dtype {args.dtype}: upscale writes 8-bit PNG images; leave it out")
+        raise InputError(f"--dtype {args.dtype}: upscale writes 8-bit images; leave it out")
     if not 0.0 <= args.upscaler_2_visibility <= 1.0:
         raise InputError(f"--upscaler-2-visibility must be in [0, 1] (A1111's slider), got "
                          f"{args.upscaler_2_visibility}")
@@ -59,7 +65,14 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             raise InputError(f"{given}: no such image or folder")
     single = len(args.images) == 1 and not os.path.isdir(args.images[0])
     out = Path(args.out)
-    outputs = [out] if single else [out / f"{image.stem}.png" for image in inputs]
+    outputs = [out] if single else [out / f"{image.stem}.{args.image_format}" for image in inputs]
+    if single and args.image_format != "png":
+        raise InputError(f"--image-format {args.image_format}: for an --out folder (several images); one output's "
+                         f"format is its name's suffix ({out.name})")
+    try:
+        check_output_suffix(outputs[0], what="upscale's output")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if len({path.name for path in outputs}) < len(outputs):
         raise InputError("two images of the same name would be written as one file in the --out folder; upscale the "
                          "folders one by one")
@@ -81,7 +94,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         except ValueError:
             pass
         chunks.update({"postprocessing": text, "extras": text} if text else {})
-        written = write_png(target, torch.from_numpy(np.ascontiguousarray(np.array(upscaled))), text=chunks)
+        written = write_image(target, torch.from_numpy(np.ascontiguousarray(np.array(upscaled))), text=chunks,
+                              comment_key="extras", quality=args.jpeg_quality, lossless=args.webp_lossless)  # (a JPEG's / WebP's comment: A1111's postprocessing)
         print(f"wrote {written} ({upscaled.width}x{upscaled.height})")
         if bar is not None:
             bar(done + 1, len(inputs), target.name)
@@ -118,8 +132,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="where --upscaler / --upscaler-2 find models by A1111's names (its models/ESRGAN: "
                          "'4x-UltraSharp', 'R-ESRGAN 4x+')")
     upscale.add_argument("--device", default="auto", help="where an ESRGAN model runs (auto, cpu, cuda, mps)")
-    add_output_options(upscale, out_help="the output .png (one IMAGE) or folder (several, or a folder: NAME.png "
-                       "each)", dtype_help="8-bit PNG; any other value is refused")
+    group = add_output_options(upscale, out_help="the output image (one IMAGE: .png, .jpg or .webp) or folder "
+                               "(several, or a folder: NAME.png each)", dtype_help="8-bit images; any other value "
+                               "is refused")
+    add_image_save_options(group, folder="several IMAGEs, or a folder")
     only_with(upscale, ["--no-crop"], needs="--scale-to WxH", when=lambda args: args.scale_to is not None)
     only_with(upscale, ["--max-side-length"], needs="--scale-by (not --scale-to)",
               when=lambda args: args.scale_to is None)

@@ -117,6 +117,9 @@ def run_generate(
     height: int | None = None,
     count: int = 1,
     overwrite: bool = False,
+    jpeg_quality: int = 80,
+    webp_lossless: bool = False,
+    image_format: str = "png",
     tokenizer: str | None = None,
     prediction_type: str | None = None,
     clip_skip: int = 1,
@@ -454,13 +457,19 @@ def run_generate(
         styles: A1111's saved styles (:func:`sdadapt.prompt_styles.read_styles`) merged into the prompt and negative
             prompt (and the hires pass's own texts) before anything reads them, as A1111's ``setup_prompts``
             (:func:`sdadapt.prompt_styles.styled_prompts`); the infotext has the merged texts, as A1111's.
+        jpeg_quality: an ``out`` named *.jpg / *.jpeg / *.webp is written in that format (Pillow), its infotext as
+            the EXIF ``UserComment`` (A1111's ``samples_format``: :func:`sdadapt.images.encode_image`) at this
+            quality (A1111's "Quality for saved jpeg and avif images", default 80; WebP's too).
+        webp_lossless: a WebP ``out`` written lossless (A1111's "Use lossless compression for webp images").
+        image_format: with ``init_image`` a folder (the outputs a folder too), the images' format: ``"png"``,
+            ``"jpg"`` or ``"webp"`` (A1111's "File format for images").
         loaded: models kept loaded over several runs (:class:`sdadapt.jobs.loaded_models.LoadedModels`: a
             prompts file's lines): ``model`` and ``refiner`` loaded once, each run given its own copy of them.
 
     Returns:
-        ``{"files": [...], "seed": int, "subseed": int | None, "seconds": ..., "loras": [...],
-        "hypernetworks": [...], "embeddings": [...],
-        "unknown_words": [...]}``.
+        ``{"files": [...], "pixels": [...], "infotexts": [...], "seed": int, "subseed": int | None, "seconds": ...,
+        "loras": [...], "hypernetworks": [...], "embeddings": [...], "unknown_words": [...]}`` — ``pixels``: each
+        file's ``(H, W, 3)`` uint8 image as encoded (before a JPEG's loss), ``infotexts``: each file's text.
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is false (checked before loading anything).
@@ -470,7 +479,13 @@ def run_generate(
     """
     from ..errors import OutputError
     from ..formats.files import check_output_file
-    from ..images import write_png
+    from ..images import (
+        OUTPUT_SUFFIXES,
+        check_output_suffix,
+        check_save_settings,
+        numbered,
+        to_uint8,
+    )
     from ..sampler_tables import (
         CHURN_SAMPLERS,
         HIRES_UPSCALER_LABELS,
@@ -640,7 +655,7 @@ def run_generate(
     if init_image is not None and Path(init_image).is_dir():
         from .generate_batch import batch_images, batch_masks
 
-        if target.suffix.lower() == ".png" or target.is_file():
+        if target.suffix.lower() in OUTPUT_SUFFIXES or target.is_file():
             raise OutputError(f"{target}: --init-image {init_image} is a folder (A1111's img2img batch); --out is the "
                               "folder its images are written into, under their own names")
         if loopback is not None or sd_upscale is not None:
@@ -651,8 +666,20 @@ def run_generate(
     elif mask is not None and Path(mask).is_dir():
         raise ValueError(f"--mask {mask} is a folder of masks for a folder of images (A1111's batch); --init-image "
                          f"{init_image} is one image: give its mask")
-    elif target.suffix.lower() != ".png":
-        raise OutputError(f"{target}: generate writes PNG images; name the output *.png")
+    else:
+        try:
+            check_output_suffix(target, what="generate's output")
+        except ValueError as exc:
+            raise OutputError(str(exc)) from None
+    if image_format.lower() not in ("png", "jpg", "jpeg", "webp"):
+        raise ValueError(f"image_format must be png, jpg or webp, got {image_format!r}")
+    if batch is None and image_format.lower() != "png":
+        raise ValueError(f"--image-format {image_format}: for a folder of outputs (--init-image FOLDER); one output's "
+                         f"format is its name's suffix ({target.name})")
+    if batch is not None:
+        check_output_suffix(target / f"image.{image_format.lower()}", what="--image-format")
+    save = {"quality": jpeg_quality, "lossless": webp_lossless}
+    check_save_settings(**save)
     if batch is None:
         check_output_file(target, overwrite=True, suffix=None)  # (a missing folder is made when the first image is written)
     from ..img2img import check_vae_encode
@@ -813,9 +840,10 @@ def run_generate(
     if outpaint is not None:  # (the script sets p.mask_blur = 2·its blur and p.inpainting_fill to its own)
         mask_blur, inpainting_fill = 2.0 * outpaint_mask_blur, outpaint_fill
     images = count * (loopback or 1)  # (--loopback: every loop's image is written)
-    files = [target] if images == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(images)]
+    files = [target] if images == 1 else [numbered(target, i) for i in range(images)]
     if batch is not None:  # (each image's outputs under its own name in the --out folder)
-        files = [file for group in batch_outputs([image for image, *_ in batch], target, count) for file in group]
+        files = [file for group in batch_outputs([image for image, *_ in batch], target, count, suffix=image_format)
+                 for file in group]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
@@ -1492,7 +1520,8 @@ def run_generate(
         soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap,
                                                                   getattr(sd_upscaler, "name", sd_upscaler)),
         loopback=None if loop_curve is None else (float(loopback_final_denoising), loop_curve))
-    written = []
+    written: list[str] = []
+    kept: tuple[list, list[str]] = ([], [])  # (each written image's 8-bit pixels and infotext: A1111's grids' cells)
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
     from ..unclip import unclip_image_scope
     from .generate_conditions import conditions_cached
@@ -1616,19 +1645,30 @@ def run_generate(
             if tiled is None:
                 parameters = infotext.for_image(i, **({} if loop_strengths is None else
                                                       {"denoising": job_strength, "fixed_subseed": True}))
-                written.append(str(write_png(file, image, text={"parameters": parameters})))
+                written.append(_write(file, to_uint8(image), parameters, kept, save))
             elif (combined := tiled.add(image)) is not None:  # (A1111 saves each with the first tile's infotext)
-                written.append(str(write_png(file, combined, text={"parameters": infotext.for_image(0)})))
+                written.append(_write(file, to_uint8(combined), infotext.for_image(0), kept, save))
             if progress is not None:
                 progress(done + 1, len(jobs), file.name)
     run_scope.close()  # (the run's models as loaded again; they are the run's own, so an error leaves nothing behind)
-    return {"files": written, "seed": seed, "subseed": subseed, "seconds": time.perf_counter() - start,
+    return {"files": written, "pixels": kept[0], "infotexts": kept[1], "seed": seed, "subseed": subseed,
+            "seconds": time.perf_counter() - start,
             "loras": applied,
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic),
             **({} if refiner is None else {"refiner": str(refiner), "refiner_switch_at": refiner_switch_at,
                                            "refiner_hires_pass": (refiner_hires_pass or "second") if hires else None})}
+
+
+def _write(file: Path, image, parameters: str, kept: tuple[list, list[str]], save: dict) -> str:
+    """Write ``image`` ((H, W, 3) uint8) to ``file`` in its suffix's format with ``parameters`` as its infotext;
+    keep both in ``kept`` (pixels, infotexts) for the run's result."""
+    from ..images import write_image
+
+    kept[0].append(image)
+    kept[1].append(parameters)
+    return str(write_image(file, image, text={"parameters": parameters}, **save))
 
 
 def _expanded(text: str | None, handles) -> str | None:

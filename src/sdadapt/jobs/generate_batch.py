@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from ..images import numbered
+
 __all__ = ["BATCH_IMAGE_SUFFIXES", "batch_images", "batch_masks", "batch_outputs"]
 
 #: the files A1111's batch reads (``process_batch``: ``shared.walk_files(input, allowed_extensions=...)``)
@@ -55,8 +57,8 @@ def batch_masks(mask: str | os.PathLike | None, images: list[Path]) -> list[Path
     return [next((path for path in files if path.name.startswith(f"{image.stem}.")), None) for image in images]
 
 
-def batch_outputs(images: list[Path], folder: str | os.PathLike, count: int) -> list[list[Path]]:
-    """Each image's output files in ``folder``: ``{stem}.png`` (``count`` 1) or ``{stem}-{n:02d}.png``.
+def batch_outputs(images: list[Path], folder: str | os.PathLike, count: int, *, suffix: str = "png") -> list[list[Path]]:
+    """Each image's output files in ``folder``: ``{stem}.{suffix}`` (``count`` 1) or ``{stem}-{n:02d}.{suffix}``.
 
     Raises:
         ValueError: two images of the same stem (in different subfolders, or with other extensions): their outputs
@@ -66,8 +68,8 @@ def batch_outputs(images: list[Path], folder: str | os.PathLike, count: int) -> 
     for image in images:
         if image.stem in seen:
             raise ValueError(f"--init-image: {seen[image.stem]} and {image} would both be written as "
-                             f"{image.stem}.png; rename one, or run the folders one by one")
+                             f"{image.stem}.{suffix}; rename one, or run the folders one by one")
         seen[image.stem] = image
     out = Path(folder)
-    return [[out / f"{image.stem}.png"] if count == 1 else [out / f"{image.stem}-{n:02d}.png" for n in range(count)]
-            for image in images]
+    return [[out / f"{image.stem}.{suffix}"] if count == 1 else [numbered(out / f"{image.stem}.{suffix}", n)
+                                                             for n in range(count)] for image in images]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["batch_grid_rows", "write_batch_grid"]
@@ -17,18 +17,20 @@ def batch_grid_rows(count: int) -> int:
     return min(round(math.sqrt(count)), count)
 
 
-def write_batch_grid(files: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """The grid of the PNG ``files`` (a run's images) written to ``out``: :func:`batch_grid_rows` rows, each cell the
-    largest image's size on white (:func:`sdadapt.labelled_grid.cells_grid`), the first image's infotext — as
+def write_batch_grid(result: Mapping, out: str | os.PathLike, *, given: Mapping[str, object]) -> Path:
+    """The grid of a run's images (``result``: :func:`~sdadapt.jobs.generate.run_generate`'s, its ``pixels``) written
+    to ``out`` (in its suffix's format, at ``given``'s JPEG/WebP settings): :func:`batch_grid_rows` rows, each cell
+    the largest image's size on white (:func:`sdadapt.labelled_grid.cells_grid`), the first image's infotext — as
     A1111 saves a batch's grid. Atomic.
 
     Raises:
         ValueError: fewer than two images (A1111 saves no grid of one: "Only if multiple images").
     """
     from ..labelled_grid import cells_grid
-    from .generate_runs import read_written, write_grid
+    from .generate_runs import write_grid
 
-    if len(files) < 2:
-        raise ValueError(f"a grid needs two images or more, got {len(files)} (A1111 saves none of one)")
-    pictures, parameters = read_written(files)
-    return write_grid(out, cells_grid(pictures, rows=batch_grid_rows(len(pictures))), parameters=parameters)
+    pictures = list(result["pixels"])
+    if len(pictures) < 2:
+        raise ValueError(f"a grid needs two images or more, got {len(pictures)} (A1111 saves none of one)")
+    return write_grid(out, cells_grid(pictures, rows=batch_grid_rows(len(pictures))),
+                      parameters=result["infotexts"][0], given=given)

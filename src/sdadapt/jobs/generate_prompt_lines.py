@@ -229,12 +229,6 @@ def line_settings(options: Mapping[str, object], given: Mapping[str, object], *,
     return settings
 
 
-def _line_out(out: str | os.PathLike, index: int) -> Path:
-    """Line ``index``'s (0-based among the lines run) output: ``OUT-{index:02d}.png`` beside ``out``."""
-    target = Path(out)
-    return target.with_name(f"{target.stem}-{index:02d}.png")
-
-
 def run_prompt_lines(lines: Sequence[PromptLine], *, iterate_seed: bool = False, same_seed: bool = False,
                      insert: str = "start", source: str = "--prompts-file",
                      style_table: Mapping[str, PromptStyle] | None = None,
@@ -261,6 +255,7 @@ def run_prompt_lines(lines: Sequence[PromptLine], *, iterate_seed: bool = False,
             outpainting) or a folder of init images; errors of a line's run name its line (``source:N``).
         FileExistsError: an output exists and ``overwrite`` is false.
     """
+    from ..images import numbered
     from .generate_runs import check_outputs_free, check_script_alone, run_named
     from .generate_seed import RANDOM_SEED, fixed_seed
     from .loaded_models import LoadedModels
@@ -280,13 +275,13 @@ def run_prompt_lines(lines: Sequence[PromptLine], *, iterate_seed: bool = False,
         except ValueError as exc:
             raise ValueError(f"{source}:{line.number}: {exc}") from None
         out = Path(str(settings.pop("out", given["out"])))
-        settings["out"] = str(_line_out(out, index))
+        settings["out"] = str(numbered(out, index))
         jobs.append((line, settings))
     writes: dict[Path, int] = {}  # (every file each line writes, and the line)
     for line, settings in jobs:
         count = int(settings.get("count", given.get("count", 1)))  # type: ignore[call-overload]
         first = Path(str(settings["out"]))
-        for file in [first] if count == 1 else [first.with_name(f"{first.stem}-{i:02d}.png") for i in range(count)]:
+        for file in [first] if count == 1 else [numbered(first, i) for i in range(count)]:
             writes[file] = line.number
     check_outputs_free(writes, overwrite=bool(given.get("overwrite")),
                        why=lambda file: f"line {writes[file]} of {source}")

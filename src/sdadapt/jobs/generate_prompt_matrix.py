@@ -35,12 +35,13 @@ def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, 
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything runs).
         ImportError: without Pillow (the grid's labels).
     """
+    from ..images import numbered
     from ..labelled_grid import annotate_grid, cells_grid
     from ..prompt_matrix import matrix_labels, matrix_prompts
     from .generate_runs import (
         check_outputs_free,
         check_script_alone,
-        read_written,
+        first_pictures,
         require_pillow,
         run_named,
         write_grid,
@@ -57,7 +58,7 @@ def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, 
     prompts, parts = matrix_prompts(str(given.get(key) or ""), at_start=at_start, join=join)
     say = log if log is not None else (lambda _line: None)
     out = Path(str(given["out"]))
-    files = [out.with_name(f"{out.stem}-{i:02d}.png") for i in range(len(prompts))]
+    files = [numbered(out, i) for i in range(len(prompts))]
     check_outputs_free((out, *files), overwrite=bool(given.get("overwrite")))
     seed = fixed_seed(int(given.get("seed", 0)))  # type: ignore[call-overload]
     subseed = fixed_seed(given.get("subseed"))  # type: ignore[arg-type]
@@ -72,10 +73,10 @@ def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, 
         results.append(run_named(f"prompt matrix image {i} ({text!r})", settings, loaded=loaded, log=log))
         if progress is not None:
             progress(i + 1, len(prompts), file.name)
-    pictures, parameters = read_written(files)
+    pictures, texts = first_pictures(results)
     rows, columns, row_labels = matrix_labels(parts)
     grid = annotate_grid(cells_grid(pictures, rows=rows), pictures[0].shape[1], pictures[0].shape[0], columns,
                          row_labels, margin=margin, font=font)
-    grid_file = str(write_grid(out, grid, parameters=parameters))
+    grid_file = str(write_grid(out, grid, parameters=texts[0], given=given))
     return {"files": [grid_file, *(str(file) for file in files)], "grid": grid_file, "prompts": prompts,
             "images": results}

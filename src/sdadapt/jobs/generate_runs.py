@@ -1,5 +1,6 @@
 """What A1111's multi-run scripts share here (``--prompts-file``, ``--xyz-x``, ``--prompt-matrix``): one script at
-a time, outputs checked before anything runs, each run's errors named by the run, the grid written as a PNG."""
+a time, outputs checked before anything runs, each run's errors named by the run, the grid written in the runs'
+format."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["check_outputs_free", "check_script_alone", "read_written", "require_pillow", "run_named", "write_grid"]
+__all__ = ["check_outputs_free", "check_script_alone", "first_pictures", "require_pillow", "run_named", "write_grid"]
 
 
 def check_script_alone(option: str, given: Mapping[str, object]) -> None:
@@ -70,21 +71,19 @@ def run_named(where: str, settings: Mapping[str, object], **keywords: object) ->
         raise
 
 
-def read_written(files: Iterable[str | os.PathLike]) -> tuple[list[np.ndarray], str | None]:
-    """The PNGs the runs wrote, read back for their grid: each ``(H, W, 3)`` uint8 (the 8-bit pixels A1111's grid is
-    made of), and the first one's infotext (the grid's, as A1111's)."""
-    from ..images import decode_png, read_png_text
-
-    paths = [Path(file) for file in files]
-    pictures = [decode_png(path.read_bytes(), source=str(path))[..., :3] for path in paths]
-    return pictures, read_png_text(paths[0]).get("parameters") if paths else None
+def first_pictures(results: Iterable[Mapping]) -> tuple[list[np.ndarray], list[str]]:
+    """Each run's first image (``run_generate``'s ``pixels``: ``(H, W, 3)`` uint8 as written — before a JPEG's loss
+    — the 8-bit pixels A1111's grid is made of) and its infotext (a grid's is its first image's, as A1111's)."""
+    runs = list(results)
+    return [run["pixels"][0] for run in runs], [run["infotexts"][0] for run in runs]
 
 
-def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None) -> Path:
-    """Write a grid ``(H, W, 3)`` uint8 as a PNG atomically, with ``parameters`` as its infotext."""
-    import torch
+def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None,
+               given: Mapping[str, object]) -> Path:
+    """Write a grid ``(H, W, 3)`` uint8 atomically, with ``parameters`` as its infotext, in ``path``'s format at the
+    runs' JPEG/WebP settings (``given``'s ``jpeg_quality``, ``webp_lossless``)."""
+    from ..images import write_image
 
-    from ..images import write_png
-
-    return write_png(path, torch.from_numpy(np.ascontiguousarray(grid)),
-                     text=None if parameters is None else {"parameters": parameters})
+    return write_image(path, np.ascontiguousarray(grid), text=None if parameters is None else {"parameters": parameters},
+                       quality=int(given.get("jpeg_quality", 80)),  # type: ignore[call-overload]
+                       lossless=bool(given.get("webp_lossless", False)))

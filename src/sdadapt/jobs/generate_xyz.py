@@ -205,13 +205,13 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything runs).
         ImportError: ``legend`` without Pillow.
     """
-    from ..images import read_png_text
+    from ..images import numbered
     from ..labelled_grid import annotate_grid, cells_grid
     from ..xyz_plot import axis_label, cell_order
     from .generate_runs import (
         check_outputs_free,
         check_script_alone,
-        read_written,
+        first_pictures,
         require_pillow,
         run_named,
         write_grid,
@@ -234,11 +234,11 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
     say = log if log is not None else (lambda _line: None)
     out = Path(str(given["out"]))
     count = int(given.get("count", 1))  # type: ignore[call-overload]
-    cell_files = [out.with_name(f"{out.stem}-{k:02d}.png") for k in range(nx * ny * nz)]
-    outputs = [out, *([out.with_name(f"{out.stem}-z{iz:02d}.png") for iz in range(nz)] if sub_grids and nz > 1
+    cell_files = [numbered(out, k) for k in range(nx * ny * nz)]
+    outputs = [out, *([out.with_name(f"{out.stem}-z{iz:02d}{out.suffix}") for iz in range(nz)] if sub_grids and nz > 1
                       else [])]
     for cell in cell_files:
-        outputs += [cell] if count == 1 else [cell.with_name(f"{cell.stem}-{i:02d}.png") for i in range(count)]
+        outputs += [cell] if count == 1 else [numbered(cell, i) for i in range(count)]
     check_outputs_free(outputs, overwrite=bool(given.get("overwrite")))
     seed = int(given.get("seed", 0))  # type: ignore[call-overload]
     if seed == RANDOM_SEED and not keep_random_seeds:  # (A1111's fix_seed: one seed for every cell)
@@ -265,8 +265,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         results[index] = run_named(f"X/Y/Z cell {index} ({'; '.join(labels)})", settings, loaded=loaded, log=log)
         if progress is not None:
             progress(done + 1, len(order), cell_files[index].name)
-    firsts = [Path(results[k]["files"][0]) for k in range(nx * ny * nz)]
-    pictures, first_text = read_written(firsts)
+    pictures, texts = first_pictures(results[k] for k in range(nx * ny * nz))
     x_labels = [axis_label(run.axes[0][0], value) for value in run.axes[0][1]]
     y_labels = [axis_label(run.axes[1][0], value) for value in run.axes[1][1]]
     z_labels = [axis_label(run.axes[2][0], value) for value in run.axes[2][1]]
@@ -283,11 +282,10 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         whole = annotate_grid(whole, max(g.shape[1] for g in grids), max(g.shape[0] for g in grids), z_labels, [""],
                               font=font)
     written = [str(write_grid(out, whole, parameters=_grid_infotext(
-        first_text or "", run.fields(z=True, keep_random_seeds=keep_random_seeds))))]
+        texts[0], run.fields(z=True, keep_random_seeds=keep_random_seeds)), given=given))]
     if sub_grids and nz > 1:
         for iz, grid in enumerate(grids):
-            text = read_png_text(firsts[iz * nx * ny]).get("parameters", "")
             written.append(str(write_grid(outputs[1 + iz], grid, parameters=_grid_infotext(
-                text, run.fields(z=False, keep_random_seeds=keep_random_seeds)))))
+                texts[iz * nx * ny], run.fields(z=False, keep_random_seeds=keep_random_seeds)), given=given)))
     cells_written = [file for k in range(nx * ny * nz) for file in results[k]["files"]]
     return {"files": written + cells_written, "grid": written[0], "cells": [results[k] for k in range(nx * ny * nz)]}
