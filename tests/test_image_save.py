@@ -198,3 +198,9 @@ def test_upscale_writes_the_postprocessing_text_as_a1111s_jpeg_comment(tmp_path,
     assert main(["upscale", str(tmp_path / "in" / "a.png"), "--image-format", "webp", "-q",
                  "-o", str(tmp_path / "b.png")]) == 2
     assert "an --out folder" in capsys.readouterr().err
+
+
+def test_the_docs_example():
+    from docs_pages import run_block_with
+
+    run_block_with("samplers.md", "encode_image(")

@@ -124,7 +124,7 @@ def test_cli_outpaint_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # noqa
     assert len(work) == 8 and [kw["seed"] for kw, _ in calls] == [5 + k for k in range(8)]
     for (_, tile, tile_mask, tile_latent), (image, mask, latent, blur, fill) in zip(work, inputs):
         assert np.array_equal(image, np.asarray(tile)) and np.array_equal(mask, np.asarray(tile_mask))
-        assert np.array_equal(latent, np.asarray(tile_latent)) and blur == 8 and fill == "fill"
+        assert np.array_equal(latent, np.asarray(tile_latent)) and blur == (8, 8) and fill == "fill"
     flat = [item for _, _, row in grid.tiles for item in row]
     for (index, *_), image in zip(work, generated):
         flat[index][2] = Image.fromarray(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

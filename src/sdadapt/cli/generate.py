@@ -172,7 +172,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sd_upscale_upscaler=args.sd_upscale_upscaler, loopback=args.loopback,
         loopback_final_denoising=args.loopback_final_denoising, loopback_curve=args.loopback_curve,
         outpaint=args.outpaint, outpaint_directions=args.outpaint_directions,
-        outpaint_mask_blur=args.outpaint_mask_blur, outpaint_fill=args.outpaint_fill,
+        outpaint_mask_blur=4 if args.outpaint_mask_blur is None else args.outpaint_mask_blur,
+        outpaint_fill=args.outpaint_fill,
     )
     axes = [args.xyz_x, args.xyz_y, args.xyz_z]
     grid_options = [option for option, given in (
@@ -183,6 +184,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                          f"{args.infotext} has no X/Y/Z axes: add one, or leave {grid_options[0]} out")
     scripts = [option for option, given in (("--xyz-x/-y/-z", any(axis is not None for axis in axes)),
                                             ("--prompts-file", args.prompts_file is not None),
+                                            ("--outpaint-mk2", args.outpaint_mk2 is not None),
                                             ("--prompt-matrix", args.prompt_matrix)) if given]
     if len(scripts) > 1:
         raise InputError(f"{scripts[0]} and {scripts[1]} are two of A1111's scripts, which runs one at a time; leave "
@@ -194,12 +196,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         folder = args.init_image is not None and os.path.isdir(args.init_image)
         if args.count < 2 or scripts or folder or any(option is not None for option in (
-                args.loopback, args.sd_upscale, args.outpaint)):
+                args.loopback, args.sd_upscale, args.outpaint, args.outpaint_mk2)):
             raise InputError("--grid is the grid of one run's --count N images (N 2 or more); the X/Y/Z plot and the "
                              "prompt matrix make their own, the other scripts and a folder of init images none: "
                              "leave it out")
         if os.path.exists(args.out) and not args.overwrite:
             raise OutputExistsError(f"{args.out}: already exists (the --grid); pass --overwrite to replace it")
+    if args.outpaint_mk2 is not None:  # (A1111's "Outpainting mk2": sdadapt.jobs.generate_outpaint_mk2)
+        from ..jobs.generate_outpaint_mk2 import run_outpainting_mk2
+
+        result = run_outpainting_mk2(pixels=args.outpaint_mk2, directions=args.outpaint_directions,
+                                     blur=8 if args.outpaint_mask_blur is None else args.outpaint_mask_blur,
+                                     noise_q=args.outpaint_falloff, color_variation=args.outpaint_color_variation,
+                                     progress=progress_bar(args, "generate", unit="run"), log=log, **options)
+        for file in result["files"]:
+            print(f"wrote {file}")
+        return 0
     if args.prompt_matrix:  # (A1111's "Prompt matrix": sdadapt.jobs.generate_prompt_matrix)
         from ..jobs.generate_prompt_matrix import run_prompt_matrix
 
@@ -634,11 +646,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--outpaint", type=positive_int, default=None, metavar="PX",
                          help="A1111's 'Poor man's outpainting' script: --init-image on a canvas grown by PX pixels on "
                          "each side of --outpaint-directions, the tiles reaching past it inpainted (docs/samplers.md)")
+    img2img.add_argument("--outpaint-mk2", type=positive_int, default=None, metavar="PX",
+                         help="A1111's 'Outpainting mk2' script: --init-image grown by PX pixels one side of "
+                         "--outpaint-directions at a time, each new border filled with noise matched to the image "
+                         "and inpainted (docs/samplers.md)")
     img2img.add_argument("--outpaint-directions", nargs="+", default=["left", "right", "up", "down"],
                          choices=["left", "right", "up", "down"], metavar="SIDE",
                          help="outpainting: the sides to grow (default all four)")
-    img2img.add_argument("--outpaint-mask-blur", type=int, default=4, metavar="PX",
-                         help="outpainting: the script's mask blur (default 4; the masks blur by twice it, as A1111)")
+    img2img.add_argument("--outpaint-mask-blur", type=int, default=None, metavar="PX",
+                         help="outpainting: the script's mask blur (default 4, mk2's 8; the masks blur by twice it, "
+                         "mk2's by four times, as A1111)")
+    img2img.add_argument("--outpaint-falloff", type=float, default=1.0, metavar="Q",
+                         help="outpainting mk2: the noise's 'Fall-off exponent' (0 to 4, default 1; lower: more "
+                         "detail)")
+    img2img.add_argument("--outpaint-color-variation", type=float, default=0.05, metavar="V",
+                         help="outpainting mk2: the noise's 'Color variation' (0 to 1, default 0.05)")
     img2img.add_argument("--outpaint-fill", default="fill", choices=tuple(INPAINTING_FILL_LABELS),
                          type=_a1111_choice("--outpaint-fill", INPAINTING_FILL_LABELS),
                          help="outpainting: what the new border starts as (the script's 'Masked content'; default "
@@ -812,9 +834,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     only_with(generate, ["--upscaler-dir"], needs="--infotext PNG|TXT", when=lambda args: args.infotext is not None)
     only_with(generate, ["--inpaint-full-res", "--soft-inpainting"], needs="--mask IMAGE",
               when=lambda args: args.mask is not None)
-    only_with(generate, ["--outpaint-directions", "--outpaint-mask-blur", "--outpaint-fill"], needs="--outpaint PX",
-              when=lambda args: args.outpaint is not None)
-    only_with(generate, ["--sd-upscale", "--loopback", "--outpaint"], needs="--init-image IMAGE",
+    only_with(generate, ["--outpaint-fill"], needs="--outpaint PX", when=lambda args: args.outpaint is not None)
+    only_with(generate, ["--outpaint-directions", "--outpaint-mask-blur"], needs="--outpaint PX or --outpaint-mk2 PX",
+              when=lambda args: args.outpaint is not None or args.outpaint_mk2 is not None)
+    only_with(generate, ["--outpaint-falloff", "--outpaint-color-variation"], needs="--outpaint-mk2 PX",
+              when=lambda args: args.outpaint_mk2 is not None)
+    only_with(generate, ["--sd-upscale", "--loopback", "--outpaint", "--outpaint-mk2"], needs="--init-image IMAGE",
               when=lambda args: args.init_image is not None)
     def xyz_plot(args: argparse.Namespace) -> bool:
         return any(getattr(args, f"xyz_{axis}") is not None for axis in "xyz")

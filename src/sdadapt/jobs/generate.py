@@ -162,7 +162,8 @@ def run_generate(
     hires_schedule: str | None = None,
     hires_guidance: float | None = None,
     mask: str | os.PathLike | None = None,
-    mask_blur: float | None = None,
+    mask_blur: float | tuple[float, float] | None = None,
+    latent_mask: str | os.PathLike | None = None,
     invert_mask: bool = False,
     inpainting_fill: str = "original",
     inpainting_mask_weight: float = 1.0,
@@ -390,10 +391,14 @@ def run_generate(
             as diffusers' schedulers; :func:`sdadapt.img2img.img2img_rule`).
         mask, mask_blur, invert_mask, inpainting_fill, inpainting_mask_weight: A1111's inpaint tab with
             ``init_image`` (:mod:`sdadapt.jobs.generate_inpaint`, :mod:`sdadapt.inpaint`): the mask image (white =
-            repaint), its Gaussian blur (``None``: A1111's 4), "Inpaint not masked", what the masked area starts as
+            repaint), its Gaussian blur (``None``: A1111's 4; a pair: A1111's ``mask_blur_x``, ``mask_blur_y``),
+            "Inpaint not masked", what the masked area starts as
             (``fill``, ``original``, ``latent-noise``, ``latent-nothing``; ``latent-noise`` with ``noise``: A1111's
             draw for the seed) and an inpainting model's "Inpainting conditioning mask strength" (also img2img
             without a mask: A1111's conditioning under a mask of ones).
+        latent_mask: with ``mask``, A1111's ``p.latent_mask``: a mask image of the generation's size taken as it is
+            for the fill and the latent blend (the blurred ``mask`` still makes the final overlay and an inpainting
+            model's conditioning), as its outpainting scripts set it (:func:`.generate_inpaint.inpaint_inputs`).
         inpaint_full_res, inpaint_full_res_padding: A1111's "Inpaint area: Only masked" and its padding (``None``:
             A1111's 32 pixels): the mask's region inpainted at ``width`` x ``height`` and pasted back into the init
             image, which keeps its size (:mod:`sdadapt.inpaint_crop`); a blank mask: plain img2img, with a warning.
@@ -839,6 +844,12 @@ def run_generate(
             open_init_image(image_file)  # (an unreadable image refused now, naming it: A1111 skips it)
     if outpaint is not None:  # (the script sets p.mask_blur = 2·its blur and p.inpainting_fill to its own)
         mask_blur, inpainting_fill = 2.0 * outpaint_mask_blur, outpaint_fill
+    from .generate_inpaint import blur_sides
+
+    blur_xy = blur_sides(4.0 if mask_blur is None else mask_blur)
+    if latent_mask is not None and (mask is None or batch is not None or not Path(latent_mask).is_file()):
+        raise ValueError(f"latent_mask {latent_mask}: A1111's separate latent mask of one --init-image's --mask: "
+                         + ("no such file" if mask is not None and batch is None else "give the image and its mask"))
     images = count * (loopback or 1)  # (--loopback: every loop's image is written)
     files = [target] if images == 1 else [numbered(target, i) for i in range(images)]
     if batch is not None:  # (each image's outputs under its own name in the --out folder)
@@ -1307,7 +1318,7 @@ def run_generate(
         from .generate_inpaint import inpaint_inputs
 
         inputs = inpaint_inputs(system, image_file, mask_file, height=size_h, width=size_w,
-                                mask_blur=4.0 if mask_blur is None else mask_blur, invert_mask=invert_mask,
+                                mask_blur=blur_xy, invert_mask=invert_mask,
                                 inpainting_fill=fill, inpainting_mask_weight=inpainting_mask_weight,
                                 resize_mode=resize_mode, inpaint_full_res=inpaint_full_res,
                                 inpaint_full_res_padding=32 if inpaint_full_res_padding is None
@@ -1325,13 +1336,14 @@ def run_generate(
             f"{denoising_strength:g} ({size_w}x{size_h}), written into {target}"
             + ("" if mask is None else f", inpainted with the masks of {mask}"))
     elif init_image is not None and mask is not None:  # A1111's inpaint tab (sdadapt.jobs.generate_inpaint)
-        inpainting, seeded = inpaint_for(init_image, inpainting_fill, mask)
+        inpainting, seeded = inpaint_for(init_image, inpainting_fill, mask, latent_mask)
         if inpainting is None:  # (A1111: 'Unable to perform "Inpaint Only mask" because mask is blank')
             say(f"warning: --inpaint-full-res: the mask {mask} is blank after --invert-mask / --mask-blur, so there "
                 "is no region to inpaint; running plain img2img on the whole image as A1111 does")
         else:
             say(f"inpainting with {mask}: fill {inpainting_fill}, mask blur "
-                f"{4.0 if mask_blur is None else mask_blur:g}{', inverted' if invert_mask else ''}"
+                f"{blur_xy[0]:g}{'' if blur_xy[0] == blur_xy[1] else f' x, {blur_xy[1]:g} y'}"
+                f"{', inverted' if invert_mask else ''}"
                 f"{', inpainting model' if inpainting.conditioning is not None else ''}"
                 + ("" if inpainting.region is None else f", only masked: region {inpainting.region} inpainted at "
                    f"{size_w}x{size_h}"))
@@ -1491,7 +1503,8 @@ def run_generate(
         mask=mask if mask is not None or sources is None else sources[0][1], inpainting=inpainting,
         # (A1111's is_using_inpainting_conditioning: an init image on an inpainting model, every script's too)
         inpainting_model=init_image is not None and _is_inpainting_model(system),
-        mask_options=dict(blur=4.0 if mask_blur is None else mask_blur, invert=invert_mask, fill=inpainting_fill,
+        mask_options=dict(blur=blur_xy[0] if blur_xy[0] == blur_xy[1] else None,  # (A1111's mask_blur property)
+                          invert=invert_mask, fill=inpainting_fill,
                           padding=32 if inpaint_full_res_padding is None else inpaint_full_res_padding,
                           weight=inpainting_mask_weight),
         loras=parsed, hypernetworks=hypernetwork_options, tag_loras=tag_loras,

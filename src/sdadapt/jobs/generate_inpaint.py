@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..samplers.a1111_noise import A1111Seeds
     from ..soft_inpainting import SoftInpainting
 
-__all__ = ["InpaintInputs", "check_inpaint_options", "img2img_conditioning", "img2img_pixels", "inpaint_inputs",
+__all__ = ["InpaintInputs", "blur_sides", "check_inpaint_options", "img2img_conditioning", "img2img_pixels", "inpaint_inputs",
            "sampled_encodings"]
 
 
@@ -125,7 +125,8 @@ class InpaintInputs:
         return {"inpaint_mask": self.latmask, "inpaint_conditioning": self.conditioning, **soft}
 
 
-def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_blur: float | None, invert_mask: bool,
+def check_inpaint_options(*, mask: str | os.PathLike | None, init_image,
+                          mask_blur: float | tuple[float, float] | None, invert_mask: bool,
                           inpainting_fill: str, inpainting_mask_weight: float, inpaint_full_res: bool = False,
                           inpaint_full_res_padding: int | None = None, hires: bool = False) -> None:
     """The inpainting options, checked before any loading. ``hires``: the run has a txt2img hires pass, whose
@@ -173,7 +174,7 @@ def check_inpaint_options(*, mask: str | os.PathLike | None, init_image, mask_bl
             opened.verify()
     except Exception as exc:  # (PIL raises several kinds for a file that is no image)
         raise ValueError(f"--mask {mask}: not an image PIL can read ({exc}); give a PNG, JPEG or WebP mask") from None
-    if mask_blur is not None and mask_blur < 0:
+    if mask_blur is not None and min(blur_sides(mask_blur)) < 0:
         raise ValueError(f"--mask-blur must be >= 0, got {mask_blur}")
     check_inpainting_fill(inpainting_fill)
     check_mask_weight(inpainting_mask_weight)
@@ -209,10 +210,19 @@ def _init_image(path):
     return open_init_image(path)
 
 
-def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool, rounded: bool = True):
+def blur_sides(mask_blur: float | tuple[float, float]) -> tuple[float, float]:
+    """A mask blur as A1111's ``(mask_blur_x, mask_blur_y)``: one number is both (its "Mask blur" slider), a pair
+    is each (Outpainting mk2 sets them apart)."""
+    if isinstance(mask_blur, (tuple, list)):
+        x, y = mask_blur
+        return float(x), float(y)
+    return float(mask_blur), float(mask_blur)
+
+
+def _prepared_mask(mask_path, *, mask_blur: float | tuple[float, float], invert_mask: bool, rounded: bool = True):
     """A1111's mask preparation at the mask's own size: made binary (an RGBA mask's alpha, ``> 128``; ``rounded=False``,
     soft inpainting's: the alpha as it is; other masks their luminance), inverted (``invert_mask``), blurred
-    (``mask_blur``, x and y). Returns a PIL ``L`` image."""
+    (``mask_blur``: x and y, or a pair, :func:`blur_sides`). Returns a PIL ``L`` image."""
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -223,14 +233,16 @@ def _prepared_mask(mask_path, *, mask_blur: float, invert_mask: bool, rounded: b
         mask = inpaint.binary_mask(ImageOps.exif_transpose(opened), rounded=rounded)
     if invert_mask:
         mask = inpaint.invert_mask(mask)
-    if mask_blur > 0:
-        blurred = inpaint.blur_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)), x=mask_blur, y=mask_blur)
+    blur_x, blur_y = blur_sides(mask_blur)
+    if blur_x > 0 or blur_y > 0:
+        blurred = inpaint.blur_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32)), x=blur_x, y=blur_y)
         mask = Image.fromarray(blurred.to(torch.uint8).numpy(), "L")
     return mask
 
 
 def inpaint_inputs(system, image_path: str | os.PathLike, mask_path: str | os.PathLike, *, height: int, width: int,
-                   mask_blur: float = 4.0, invert_mask: bool = False, inpainting_fill: str = "original",
+                   mask_blur: float | tuple[float, float] = 4.0, invert_mask: bool = False,
+                   inpainting_fill: str = "original",
                    inpainting_mask_weight: float = 1.0, resize_mode: str = "just", inpaint_full_res: bool = False,
                    inpaint_full_res_padding: int = 32, soft_inpainting: SoftInpainting | None = None,
                    latent_mask: str | os.PathLike | None = None) -> InpaintInputs | None:
