@@ -140,7 +140,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
         emphasis=args.emphasis, noise_schedule=args.noise_schedule,
         downcast_alphas_cumprod=args.downcast_alphas_cumprod,
-        old_prompt_editing_timelines=args.old_prompt_editing_timelines, tiling=args.tiling,
+        old_prompt_editing_timelines=args.old_prompt_editing_timelines, tiling=args.tiling, vae_tiling=args.vae_tiling,
         token_merging_ratio=args.token_merging_ratio, token_merging_ratio_hr=args.token_merging_ratio_hr,
         hypertile_unet=args.hypertile_unet, hypertile_unet_second_pass=args.hypertile_unet_second_pass,
         hypertile_vae=args.hypertile_vae,
@@ -520,6 +520,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a1111.add_argument("--tiling", action="store_true",
                        help="A1111's 'Tiling': every convolution of the UNet and VAE pads circularly, so the image "
                             "tiles without a seam (seamless textures)")
+    a1111.add_argument("--vae-tiling", action="store_true",
+                       help="the VAE decodes and encodes in overlapping tiles (diffusers' enable_vae_tiling): a large "
+                            "image in the memory of one tile, its seams blended")
     a1111.add_argument("--token-merging-ratio", "--tome", dest="token_merging_ratio", type=float, default=0.0,
                        metavar="F",
                        help="A1111's 'Token merging ratio' (ToMe, tomesd as A1111 runs it): the share of the "

@@ -108,6 +108,7 @@ def run_generate(
     downcast_alphas_cumprod: bool = False,
     old_prompt_editing_timelines: bool = False,
     tiling: bool = False,
+    vae_tiling: bool = False,
     token_merging_ratio: float = 0.0,
     token_merging_ratio_hr: float | None = None,
     hypertile_unet: object = False,
@@ -294,6 +295,8 @@ def run_generate(
         emphasis: A1111's "Emphasis mode" (:data:`sdadapt.diffusers_system.EMPHASIS_MODES`: "Original", "No norm",
             "Ignore", "None"; its labels in any case), for the model and the refiner; "Emphasis: X" in the infotext when not
             Original and a text encoded has "(" or "[", as A1111 writes it.
+        vae_tiling: the VAE decodes and encodes in overlapping tiles (diffusers' ``enable_vae_tiling``: a large
+            image in the memory of one tile; :mod:`sdadapt.vae_tiling`), the refiner's too; written "VAE tiling: True".
         tiling: A1111's "Tiling": every ``Conv2d`` of the UNet and VAE (the refiner's too) pads circularly for the
             run, so the image tiles without a seam (:func:`sdadapt.tiling.circular_padding`); "Tiling: True" in the
             infotext.
@@ -1049,6 +1052,10 @@ def run_generate(
 
         run_scope.enter_context(circular_padding(*models_of(system),
                                                  *(models_of(refiner_system) if refiner_system is not None else ())))
+    if vae_tiling:  # (diffusers' own tiled decode and encode, for the run)
+        from ..vae_tiling import tiled_vae
+
+        run_scope.enter_context(tiled_vae(system, refiner_system))
     tiles, tile_settings = None, None
     if hypertile_unet or hypertile_vae or hypertile_unet_second_pass:  # (A1111's Hypertile script's process())
         from ..hypertile import HYPERTILE_DEFAULTS, Hypertile, HypertileSettings
@@ -1528,7 +1535,7 @@ def run_generate(
         self_attention_guidance=None if sag is None else (sag_scale, sag_blur_sigma),
         dynamic_thresholding=dynamic_thresholding,
         freeu=None if freeu is None else (*freeu, freeu_version, *freeu_window),
-        tiling=tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
+        tiling=tiling, vae_tiling=vae_tiling, token_merging=(token_merging_ratio, hr_merging_ratio),
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass),
         soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap,
                                                                   getattr(sd_upscaler, "name", sd_upscaler)),

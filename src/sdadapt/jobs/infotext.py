@@ -52,7 +52,7 @@ from ..soft_inpainting import soft_inpainting_fields
 from ..tiling import TILING_FIELD
 from ..token_merging import TOKEN_MERGING_FIELD, TOKEN_MERGING_HR_FIELD
 
-__all__ = ["HIRES_UPSCALER_LABELS", "NOISE_FIELD", "VAE_ENCODE_FIELD", "InfotextRun", "a1111_number", "file_sha256",
+__all__ = ["HIRES_UPSCALER_LABELS", "NOISE_FIELD", "VAE_ENCODE_FIELD", "VAE_TILING_FIELD", "InfotextRun", "a1111_number", "file_sha256",
            "format_infotext", "option_network_tags", "quote", "run_infotext"]
 
 #: sampler names here whose A1111 sampler has ``uses_ensd`` (``sd_samplers_kdiffusion.samplers_k_diffusion``;
@@ -73,6 +73,8 @@ _MASKED_CONTENT: dict[str, str] = {"fill": "fill", "latent-noise": "latent noise
 #: ``sd_vae_encode_method``, "Full" or "TAESD" — which network encodes, not mean or sample —, read back by A1111
 #: into that setting; its "Full" draws an unseeded posterior sample, so neither value says what sdadapt ran)
 VAE_ENCODE_FIELD = "VAE encode"
+#: sdadapt's field for ``--vae-tiling`` (the VAE's tiles change the image at their seams): "VAE tiling: True"
+VAE_TILING_FIELD = "VAE tiling"
 #: the field that names ``--noise`` in a ``--vae-encode sample`` run (sdadapt's own; no A1111 setting or field is
 #: named so — its reader keeps it unapplied): there ``--noise a1111-cpu`` and sdadapt's generator both write ``RNG: CPU`` but draw differently
 #: (A1111's order: the start noise first, the posterior ε apart; sdadapt's: diffusers' order, the ε before or between
@@ -268,6 +270,7 @@ class InfotextRun:
             ``slerp``, ``text``, ``text_negative``, ``slerp_angle``), written as the A1111 extension
             stable-diffusion-webui-aesthetic-gradients writes them (aesthetic_clip.py ``set_aesthetic_params``).
         tiling: ``--tiling``, written "Tiling: True" after "RNG" as A1111 writes it (nothing when off).
+        vae_tiling: ``--vae-tiling``, written "VAE tiling: True" (:data:`VAE_TILING_FIELD`; nothing when off).
         hypertile: ``(UNet settings, VAE settings, second pass)`` of ``--hypertile-*``
             (:func:`sdadapt.hypertile.hypertile_fields`), or ``None``.
         token_merging: ``(first pass, hires pass)`` token merging ratios, written "Token merging ratio" / "Token
@@ -368,6 +371,7 @@ class InfotextRun:
     loopback: tuple | None = None
     freeu: tuple | None = None
     tiling: bool = False
+    vae_tiling: bool = False
     token_merging: tuple[float, float] = (0.0, 0.0)
     hypertile: tuple | None = None
     vae_encode: str = "mean"
@@ -468,6 +472,7 @@ class InfotextRun:
             if mask.get("applied"):
                 fields["Masked content"] = _MASKED_CONTENT.get(str(mask.get("fill")))
         fields[VAE_ENCODE_FIELD] = None if self.vae_encode == "mean" else self.vae_encode
+        fields[VAE_TILING_FIELD] = True if self.vae_tiling else None
         fields[NOISE_FIELD] = self.noise if self.vae_encode != "mean" and self.noise else None
         options = [_option_spec(item)[0] for item in self.loras]
         lora_pairs = [(name, _lora_hash(file)) for file in options if (name := _network_name(file)) is not None]
@@ -587,6 +592,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  emphasis: str | None = None, old_timelines: bool = False, guidance_rescale: object = None,
                  perturbed_attention: tuple | None = None, self_attention_guidance: tuple | None = None,
                  dynamic_thresholding: object = None, freeu: tuple | None = None, tiling: bool = False,
+                 vae_tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None,
                  soft_inpainting: object = None, sd_upscale: tuple | None = None,
                  loopback: tuple | None = None) -> InfotextRun:
@@ -689,5 +695,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         aesthetic=aesthetic, vae_encode=vae_encode, uncond_skip=uncond_skip, emphasis=emphasis,
         old_timelines=old_timelines, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
         self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu,
-        tiling=tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile,
+        tiling=tiling, vae_tiling=vae_tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile,
         soft_inpainting=soft_inpainting, sd_upscale=sd_upscale, loopback=loopback)

@@ -339,6 +339,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     if setting is not None:
         options["dynamic_thresholding"] = setting
     take("Tiling", "tiling", flag)
+    take("VAE tiling", "vae_tiling", flag)
     tile_options, tile_fields = hypertile_options(dict(fields))
     options.update(tile_options)
     taken.update(tile_fields)
