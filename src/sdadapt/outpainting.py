@@ -38,8 +38,8 @@ class OutpaintingCanvas:
     borders: tuple[int, int, int, int]
 
 
-def check_outpainting(pixels: int, mask_blur: int, directions) -> tuple[str, ...]:
-    """``directions`` as a tuple, the settings checked.
+def check_outpainting(pixels: int, mask_blur: int, directions, *, option: str = "--outpaint") -> tuple[str, ...]:
+    """``directions`` as a tuple, the settings checked (``option``: the script's flag, for the message).
 
     Raises:
         ValueError: no direction or an unknown one, ``pixels`` not above 0, a negative blur.
@@ -49,7 +49,7 @@ def check_outpainting(pixels: int, mask_blur: int, directions) -> tuple[str, ...
     if not directions or unknown:
         raise ValueError(f"--outpaint-directions takes {', '.join(OUTPAINT_DIRECTIONS)}, got {list(directions)}")
     if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels <= 0 or mask_blur < 0:
-        raise ValueError(f"--outpaint takes pixels above 0 (A1111's slider: 8 to 256) and --outpaint-mask-blur at "
+        raise ValueError(f"{option} takes pixels above 0 (A1111's slider: 8 to 256) and --outpaint-mask-blur at "
                          f"least 0, got {pixels} and {mask_blur}")
     return directions
 

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .outpainting import OUTPAINT_DIRECTIONS, check_outpainting
+
 __all__ = ["MK2_DIRECTIONS", "Mk2Step", "check_mk2", "match_histograms", "matched_noise", "mk2_blur", "mk2_step"]
 
-#: the sides the script grows, in its order (each grown from the side before's result)
-MK2_DIRECTIONS = ("left", "right", "up", "down")
+#: the sides the script grows, in its order (each grown from the side before's result): Poor man's outpainting's
+MK2_DIRECTIONS = OUTPAINT_DIRECTIONS
 
 
 def check_mk2(pixels: int, mask_blur: int, directions, noise_q: float, color_variation: float) -> tuple[str, ...]:
@@ -36,13 +38,7 @@ def check_mk2(pixels: int, mask_blur: int, directions, noise_q: float, color_var
         ValueError: no direction or an unknown one, ``pixels`` not above 0, a negative blur or fall-off exponent, a
             colour variation outside [0, 1].
     """
-    directions = tuple(directions)
-    unknown = [d for d in directions if d not in MK2_DIRECTIONS]
-    if not directions or unknown:
-        raise ValueError(f"--outpaint-directions takes {', '.join(MK2_DIRECTIONS)}, got {list(directions)}")
-    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels <= 0 or mask_blur < 0:
-        raise ValueError(f"--outpaint-mk2 takes pixels above 0 (A1111's slider: 8 to 256) and --outpaint-mask-blur at "
-                         f"least 0, got {pixels} and {mask_blur}")
+    directions = check_outpainting(pixels, mask_blur, directions, option="--outpaint-mk2")
     if not noise_q >= 0.0:
         raise ValueError(f"--outpaint-falloff must be >= 0 (A1111's 'Fall-off exponent', 0 to 4), got {noise_q}")
     if not 0.0 <= color_variation <= 1.0:
