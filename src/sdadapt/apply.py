@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .adapters.base import geometry_of
+from .adapters.base import LayerGeometry, geometry_of
 from .adapters.input_pad import is_inpainting_conv_in_delta
 from .adapters.registry import file_layer_delta
 from .checks import finite_number
@@ -47,6 +47,16 @@ class AppliedDelta:
         self.original_biases.clear()
 
 
+def _merge_geometry(layer: nn.Module, name: str):
+    """The layer's :func:`~sdadapt.adapters.base.geometry_of`; an ``nn.Embedding`` (a text encoder's token or
+    position table, which ComfyUI's extracted LoRAs and kohya's full fine-tune diffs reach) as the linear map of its
+    ``(num_embeddings, dim)`` weight: merging adds ``ΔW`` to the table as ComfyUI's loader does (the training path
+    still wraps Linear / Conv2d / norm layers only)."""
+    if isinstance(layer, nn.Embedding):
+        return LayerGeometry(layer.num_embeddings, layer.embedding_dim, has_bias=False)
+    return geometry_of(layer, name=name)
+
+
 def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 1.0) -> AppliedDelta:
     """``W ← W + scale · ΔW`` for each layer in ``state`` (canonical keys, any layer naming).
 
@@ -76,7 +86,7 @@ def apply_lora(model: nn.Module, state: Mapping[str, Tensor], *, scale: float = 
         layer = model.get_submodule(layer_name)
         weight = layer.weight.detach()
         acc = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
-        geometry = geometry_of(layer, name=layer_name)
+        geometry = _merge_geometry(layer, layer_name)
         padded = is_inpainting_conv_in_delta(groups[key_name], geometry, layer_name)
         delta, bias_delta = file_layer_delta(
             groups[key_name], dataclasses.replace(geometry, in_features=4) if padded else geometry,

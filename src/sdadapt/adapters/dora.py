@@ -239,6 +239,8 @@ class DoRAModule(AdapterModule):
             wd_on_out = dora_orientation(tuple(scale.shape), geometry)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
+        if "diff_b" in tensors:  # (DoRA's merge normalises the weight; a bias delta beside it is not defined here)
+            raise ValueError(f"{name}: a DoRA layer with a bias delta (diff_b), which sdadapt's DoRA does not hold")
         inner = adapter_from_file_tensors(
             geometry, {k: v for k, v in tensors.items() if k != "dora_scale"}, name=name
         )

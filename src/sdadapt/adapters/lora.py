@@ -224,11 +224,11 @@ class LoRAModule(AdapterModule):
 
     family: ClassVar[str] = "lora"
     scale_is_alpha_over_rank: ClassVar[bool] = True
-    file_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
+    file_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "diff_b")
     marker_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight")
     rank_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight",)
     tucker_keys: ClassVar[tuple[str, ...]] = ("lora_mid.weight",)
-    linear_keys: ClassVar[tuple[str, ...]] = ("lora_up.weight",)
+    linear_keys: ClassVar[tuple[str, ...]] = ("lora_up.weight", "diff_b")
     lycoris_algo: ClassVar[str] = "lora"
 
     def __init__(
@@ -258,6 +258,9 @@ class LoRAModule(AdapterModule):
         self.lora_down = nn.Parameter(torch.empty(rank, geometry.in_features, *down_kernel, **factory))
         self.lora_up = nn.Parameter((torch.zeros if init_weights else torch.empty)(up_shape, **factory))
         self.lora_mid = nn.Parameter(torch.empty(rank, rank, *geometry.kernel, **factory)) if tucker else None
+        # a file's bias delta beside the factors (ComfyUI's extraction with bias_diff): added to the bias at the
+        # strength alone, not at alpha / r (ComfyUI's loader patches the bias apart); None for trained LoRAs
+        self.diff_b: nn.Parameter | None = None
         # stored alpha follows the file convention scale = alpha / r; scale (alpha / r · multiplier) is
         # cached, not saved: one multiply per call on the hot path
         self._register_alpha_scale(scale * rank, scale, device)
@@ -288,8 +291,19 @@ class LoRAModule(AdapterModule):
         """(out, in, *k): ``scale · up ⋅ down``."""
         return lora_delta_weight(self.lora_up, self.lora_down, self.scale, mid=self.lora_mid)
 
+    def bias_delta(self) -> Tensor | None:
+        """(out,): ``multiplier · diff_b`` of a file's bias delta, or ``None``."""
+        return None if self.diff_b is None else self.diff_b * self.multiplier
+
     def forward(self, x: Tensor) -> Tensor:
-        """Δy for base input ``x`` (see :func:`lora_forward`)."""
+        """Δy for base input ``x`` (see :func:`lora_forward`), plus a file's bias delta."""
+        out = self._factors_forward(x)
+        if self.diff_b is None:
+            return out
+        bias = self.bias_delta()
+        return out + (bias.view(-1, 1, 1) if self.geometry.is_conv else bias)  # type: ignore[union-attr]
+
+    def _factors_forward(self, x: Tensor) -> Tensor:
         return lora_forward(
             x,
             self.lora_up,
@@ -318,6 +332,8 @@ class LoRAModule(AdapterModule):
         tensors = {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up, "alpha": self.alpha}
         if self.lora_mid is not None:
             tensors["lora_mid.weight"] = self.lora_mid
+        if self.diff_b is not None:
+            tensors["diff_b"] = self.diff_b
         return tensors
 
     @classmethod
@@ -349,7 +365,9 @@ class LoRAModule(AdapterModule):
     def from_file_tensors(
         cls, geometry: LayerGeometry, tensors: dict[str, Tensor], *, name: str = "<module>"
     ) -> "LoRAModule":
-        """Build from ``{"lora_down.weight", "lora_up.weight"[, "lora_mid.weight"][, "alpha"]}``; rank from shapes.
+        """Build from ``{"lora_down.weight", "lora_up.weight"[, "lora_mid.weight"][, "alpha"][, "diff_b"]}``; rank
+        from shapes. ``diff_b`` (out,): a bias delta beside the factors, added at the strength alone (ComfyUI's
+        "Extract and Save Lora" with bias_diff writes one for every layer with a bias).
 
         A convolution's ``lora_up.weight`` may be flat, ``(out, r)``: LyCORIS' DyLoRA saves its
         up blocks concatenated so (``up (out, r)``, ``down (r, in, kh, kw)``, ``alpha``), and A1111
@@ -362,6 +380,13 @@ class LoRAModule(AdapterModule):
         missing = [k for k in ("lora_down.weight", "lora_up.weight") if k not in tensors]
         if missing:
             raise ValueError(f"{name}: LoRA tensors {missing} are missing (have {sorted(tensors)})")
+        extra = sorted(set(tensors) - set(cls.file_keys))
+        if extra:  # (never dropped unsaid)
+            raise ValueError(f"{name}: a LoRA layer with {extra} beside its factors, which a LoRA layer does not hold")
+        diff_b = tensors.get("diff_b")
+        if diff_b is not None and tuple(diff_b.shape) != (geometry.out_features,):
+            raise ValueError(f"{name}: the LoRA layer's bias delta diff_b is {tuple(diff_b.shape)}, the layer's bias "
+                             f"({geometry.out_features},); the file was made for another model")
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
         mid = tensors.get("lora_mid.weight")
         rank = down.shape[0]
@@ -398,6 +423,8 @@ class LoRAModule(AdapterModule):
             module.lora_up.copy_(up.reshape(module.lora_up.shape))
             if mid is not None:
                 module.lora_mid.copy_(mid)  # type: ignore[union-attr]
+        if diff_b is not None:
+            module.diff_b = nn.Parameter(diff_b.detach().clone())
         return module
 
     @classmethod

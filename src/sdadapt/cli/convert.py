@@ -19,7 +19,7 @@ from .options import add_clip_stats_option, add_output_options, safe_text, torch
 
 __all__ = ["register"]
 
-_TARGETS = ("kohya", "diffusers", "peft", "a1111", "ldm")
+_TARGETS = ("kohya", "diffusers", "peft", "comfy", "a1111", "ldm")
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -113,7 +113,7 @@ def _convert(args: argparse.Namespace) -> int:
         return 0
     if kind in LORA_KINDS:
         if args.to not in LORA_TARGETS:
-            raise InputError(f"{args.input}: a LoRA-family file converts --to kohya|diffusers|peft; {args.to} is an "
+            raise InputError(f"{args.input}: a LoRA-family file converts --to kohya|diffusers|peft|comfy; {args.to} is an "
                              "embedding format (A1111 loads kohya LoRA files)")
         if args.token is not None:
             raise InputError("--token names an embedding's trigger word; a LoRA has none: leave it out")
@@ -141,7 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "its layers (vectors) and the largest |ΔW| between the input's and the output's dense deltas (float64; 0, "
         "or the rounding of --dtype). LoRA-family files (kohya, LyCORIS LoCon/LoHa/LoKr/full/DoRA/(IA)³, diffusers, "
         "peft folders) convert --to kohya (every family; LyCORIS naming for LyCORIS families), --to diffusers "
-        "(LoRA/LoCon and DoRA only) or --to peft (a folder; LoRA/DoRA, or (IA)³, LoHa or LoKr alone). "
+        "(LoRA/LoCon and DoRA only), --to peft (a folder; LoRA/DoRA, or (IA)³, LoHa or LoKr alone) or --to comfy "
+        "(ComfyUI's own naming, as its 'Extract and Save Lora' node writes; every family). "
         "Textual-inversion embeddings "
         "(A1111 .pt/.safetensors, kohya, diffusers learned_embeds, SDXL clip_l/clip_g) convert --to "
         "a1111|kohya|diffusers. Converting to the input's own format is refused unless --dtype (or --token) "
@@ -154,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("input", metavar="IN", help="LoRA-family file, peft adapter folder, embedding file, SD "
                          "checkpoint file or diffusers model folder")
     convert.add_argument("--to", required=True, choices=_TARGETS,
-                         help="target format: kohya|diffusers|peft for LoRA-family files, a1111|kohya|diffusers for "
+                         help="target format: kohya|diffusers|peft|comfy for LoRA-family files, a1111|kohya|diffusers for "
                          "embeddings, diffusers|ldm for whole checkpoints")
     convert.add_argument("--base-model", choices=("sd1", "sd2", "sd2-v", "sdxl"), default=None,
                          help="kohya naming/metadata (LoRA) or kohya metadata (embedding); default: from the input's "

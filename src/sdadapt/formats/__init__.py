@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from .comfy_lora import from_comfy, load_comfy, save_comfy, to_comfy
 from .detect import KOHYA_LAYOUT_KINDS, describe_file, detect_kind
 from .diffusers import from_diffusers, load_diffusers, load_peft, save_diffusers, save_peft, to_diffusers
 from .embeddings import EMBEDDING_FORMATS, load_embedding, save_embedding
@@ -50,6 +51,10 @@ __all__ = [
     "save_diffusers",
     "load_peft",
     "save_peft",
+    "from_comfy",
+    "to_comfy",
+    "load_comfy",
+    "save_comfy",
     "describe_file",
     "load_embedding",
     "save_embedding",
@@ -80,7 +85,7 @@ __all__ = [
 def load_lora(
     path: str | os.PathLike, *, layers_per_block: int = 2
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
-    """Read a kohya, LyCORIS (LoHa/LoKr/LoCon/full/DoRA), diffusers or peft LoRA file, whichever it is.
+    """Read a kohya, LyCORIS (LoHa/LoKr/LoCon/full/DoRA), diffusers, peft or ComfyUI LoRA file, whichever it is.
 
     ``layers_per_block`` (2 in SD1/SD2/SDXL) maps LDM-named UNet layers (SDXL kohya files) for a
     UNet with another number of resnets per block; a file cannot tell it.
@@ -106,6 +111,8 @@ def load_lora(
         return load_kohya(path, layers_per_block=layers_per_block)
     if kind == "diffusers-lora":
         return load_diffusers(path)
+    if kind == "comfy-lora":
+        return load_comfy(path, layers_per_block=layers_per_block)
     if kind in ("peft-lora", "peft-ia3"):
         return {"model": load_peft(path)}, metadata
     use_instead = {
@@ -131,14 +138,17 @@ def save_lora(
     base_model: str = "sd1",
     **options,
 ) -> None:
-    """Write a LoRA as ``format="kohya"`` (A1111, ComfyUI, kohya; LyCORIS naming for LoHa/LoKr/full/DoRA)
-    or ``"diffusers"`` (diffusers/peft; LoRA and output-axis DoRA only)."""
+    """Write a LoRA as ``format="kohya"`` (A1111, ComfyUI, kohya; LyCORIS naming for LoHa/LoKr/full/DoRA),
+    ``"diffusers"`` (diffusers/peft; LoRA and output-axis DoRA only) or ``"comfy"`` (ComfyUI's own naming,
+    :func:`save_comfy`)."""
     if format == "kohya":
         save_kohya(path, components, base_model=base_model, **options)
+    elif format == "comfy":
+        save_comfy(path, components, base_model=base_model, **options)
     elif format == "diffusers":
         save_diffusers(path, components, **options)
     elif format == "peft":
         raise ValueError("format='peft' is a folder of one model's adapter: use "
                          "sdadapt.formats.save_peft(folder, components['unet']) (or the component meant)")
     else:
-        raise ValueError(f"format must be 'kohya' or 'diffusers', got {format!r}")
+        raise ValueError(f"format must be 'kohya', 'diffusers' or 'comfy', got {format!r}")

@@ -13,7 +13,9 @@ from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_rank
 from .files import _check_is_file, read_safetensors_header, read_safetensors_scalars, sniff_format
+from .comfy_lora import COMFY_PREFIXES, is_comfy_lora_keys
 from .kohya import _component_of, _network_args, is_kohya_state
+from .layers import split_key
 
 __all__ = ["ADAPTER_KINDS", "FILE_KINDS", "KOHYA_LAYOUT_KINDS", "DyLoRANetwork", "detect_kind", "describe_file",
            "dylora_network"]
@@ -23,6 +25,7 @@ FILE_KINDS = (
     "lycoris",
     "kohya-oft",
     "diffusers-lora",
+    "comfy-lora",
     "peft-lora",
     "peft-ia3",
     "custom-diffusion",
@@ -59,6 +62,7 @@ _USES = {
     "lycoris": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "kohya-oft": "generate --lora FILE:SCALE; train --network-weights FILE; merge-lora, resize-lora, convert",
     "diffusers-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
+    "comfy-lora": "generate --lora FILE:SCALE; merge-lora, resize-lora, combine-loras, convert",
     "peft-lora": "generate --lora FOLDER:SCALE; convert --to kohya --component unet|text_encoder (then merge-lora, "
                  "resize-lora, combine-loras)",
     "peft-ia3": "generate --lora FOLDER:SCALE; convert --to kohya --component unet|text_encoder (then merge-lora)",
@@ -73,7 +77,7 @@ _USES = {
 #: the kinds kohya's layout holds (``lora_unet_…`` / ``oft_unet_…`` names, read by ``load_kohya``)
 KOHYA_LAYOUT_KINDS = ("kohya-lora", "lycoris", "kohya-oft")
 #: every adapter-file kind
-ADAPTER_KINDS = (*KOHYA_LAYOUT_KINDS, "diffusers-lora", "peft-lora", "peft-ia3")
+ADAPTER_KINDS = (*KOHYA_LAYOUT_KINDS, "diffusers-lora", "comfy-lora", "peft-lora", "peft-ia3")
 #: per-layer algorithms with no rank and no alpha: what ``ranks`` / ``alphas`` say instead
 _UNRANKED = {"ia3": "IA3 vectors", "norm": "norm weight/bias offsets", "full": "full weight deltas"}
 
@@ -162,6 +166,8 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         ("lora" in k) for k in keys
     ):
         return "diffusers-lora"
+    if is_comfy_lora_keys(keys):
+        return "comfy-lora"  # (ComfyUI's "Extract and Save Lora": diffusion_model.* / text_encoders.clip_*.*)
     if key_set in ({"aesthetic_embedding"}, {""}):  # sdadapt's .safetensors; the A1111 extension's .pt: a bare tensor
         return "aesthetic-embedding"
     if any(k.startswith("string_to_param") for k in keys) or key_set in ({"emb_params"}, {"clip_l", "clip_g"}):
@@ -318,7 +324,8 @@ def _adapter_summary(
 ) -> dict:
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
-        layer, _, suffix = key.partition(".") if kind in KOHYA_LAYOUT_KINDS else _split_diffusers(key)
+        layer, _, suffix = (key.partition(".") if kind in KOHYA_LAYOUT_KINDS else _split_comfy(key)
+                            if kind == "comfy-lora" else _split_diffusers(key))
         modules.setdefault(layer, {})[suffix] = shape
     ranks: Counter[int] = Counter()
     algorithms: Counter[str] = Counter()
@@ -458,6 +465,12 @@ def _config_alpha(configs: dict[str, dict], layer: str, rank: int, kind: str) ->
     return alpha
 
 
+def _split_comfy(key: str) -> tuple[str, str, str]:
+    """A ComfyUI LoRA key as ``(layer, ".", tensor name)``."""
+    layer, tensor = split_key(key)
+    return layer, ".", tensor
+
+
 def _split_diffusers(key: str) -> tuple[str, str, str]:
     for marker in (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_linear_layer.", "_lora.", ".lora_magnitude_vector"):
         index = key.find(marker)
@@ -509,6 +522,8 @@ def _component(layer: str, kind: str) -> str:
         return found[0]
     if kind in ("peft-lora", "peft-ia3"):
         return "model"
+    if kind == "comfy-lora":
+        return next((name for prefix, name in COMFY_PREFIXES.items() if layer.startswith(prefix)), "unknown")
     return layer.split(".", 1)[0]
 
 

@@ -65,6 +65,7 @@ from ..errors import (
 from ..formats import load_lora
 from ..formats.clip_keys import add_text_model
 from ..formats.detect import describe_file
+from ..formats.comfy_lora import save_comfy
 from ..formats.diffusers import save_diffusers, save_peft
 from ..formats.files import atomic_write, staged_outputs
 from ..formats.kohya import cast_factors, carried_metadata, save_kohya
@@ -91,13 +92,14 @@ __all__ = [
 ]
 
 #: the formats :func:`convert_lora` writes
-LORA_TARGETS: tuple[str, ...] = ("kohya", "diffusers", "peft")
+LORA_TARGETS: tuple[str, ...] = ("kohya", "diffusers", "peft", "comfy")
 #: :func:`sdadapt.formats.detect_kind` kinds :func:`convert_lora` reads, and the target each already is
 LORA_KINDS: dict[str, str] = {
     "kohya-lora": "kohya",
     "lycoris": "kohya",
     "kohya-oft": "kohya",
     "diffusers-lora": "diffusers",
+    "comfy-lora": "comfy",
     "peft-lora": "peft",
     "peft-ia3": "peft",
 }
@@ -155,7 +157,7 @@ def _families(components: Mapping[str, Mapping[str, Tensor]]) -> dict[str, int]:
 
 def _check_target_families(families: Mapping[str, int], target: str, source: str) -> None:
     """Refuse families the target format cannot hold, saying why and what to do instead."""
-    if target == "kohya":
+    if target in ("kohya", "comfy"):
         return
     other = {f: n for f, n in families.items() if f not in _PEFT_LORA_FAMILIES}
     if target == "peft" and set(other) == {"ia3"} and len(families) == 1:
@@ -245,7 +247,8 @@ def convert_lora(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
 ) -> ConvertReport:
-    """Write the LoRA-family file ``source`` as ``to`` (``"kohya"``, ``"diffusers"`` or ``"peft"``) at ``out``,
+    """Write the LoRA-family file ``source`` as ``to`` (``"kohya"``, ``"diffusers"``, ``"peft"`` or ``"comfy"``:
+    ComfyUI's own naming, :mod:`sdadapt.formats.comfy_lora`) at ``out``,
     read it back and report ``max |ΔW_out − ΔW_in|``.
 
     Args:
@@ -315,6 +318,12 @@ def convert_lora(
                 written = {c: components[c] for c in components}
             elif to == "diffusers":
                 save_diffusers(staging, components, dtype=dtype, metadata=carried_metadata(metadata))
+                written = dict(components)
+            elif to == "comfy":
+                model = _base_model_for_kohya(source, components, metadata, base_model)
+                save_comfy(staging, {c: cast_factors(s, dtype) for c, s in components.items()}, base_model=model,
+                           metadata=carried_metadata(metadata))
+                report.base_model = model
                 written = dict(components)
             else:
                 name = _peft_component(components, component if kind not in ("peft-lora", "peft-ia3") else None,

@@ -185,14 +185,15 @@ def resize_layer(
 
 
 def is_plain_lora(tensors: Mapping[str, Tensor]) -> bool:
-    """A LoRA/LoCon layer without a Tucker core (and not under DoRA): the layers the factored
-    (exact, thin-factor) paths take."""
+    """A LoRA/LoCon layer without a Tucker core (and not under DoRA) nor a bias delta (``diff_b``): the layers
+    the factored (exact, thin-factor) paths take; the others go the dense path, which reports a bias delta it
+    cannot write."""
     try:
         family = family_of_keys(tensors)
     except ValueError:
         return False
     return family.name == "lora" and "lora_down.weight" in tensors and "lora_up.weight" in tensors and (
-        "lora_mid.weight" not in tensors
+        "lora_mid.weight" not in tensors and "diff_b" not in tensors
     )
 
 
