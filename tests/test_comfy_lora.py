@@ -195,3 +195,15 @@ def test_comfyuis_zero_projection_of_clip_l_is_left_out():
     assert "text_projection.lora_up.weight" in from_comfy(moved)["text_encoder"]
     clip_g = {k.replace("clip_l", "clip_g"): v for k, v in zero.items()}  # (SDXL's second encoder has one)
     assert "text_projection.lora_up.weight" in from_comfy(clip_g)["text_encoder_2"]
+
+
+def test_inspect_counts_the_layers_with_a_bias_delta(tmp_path, capsys):
+    file = {"diffusion_model.input_blocks.1.1.proj_in.lora_up.weight": torch.zeros(320, 2, 1, 1),
+            "diffusion_model.input_blocks.1.1.proj_in.lora_down.weight": torch.zeros(2, 320, 1, 1),
+            "diffusion_model.input_blocks.1.1.proj_in.diff_b": torch.zeros(320),
+            "diffusion_model.input_blocks.1.1.proj_out.lora_up.weight": torch.zeros(320, 2, 1, 1),
+            "diffusion_model.input_blocks.1.1.proj_out.lora_down.weight": torch.zeros(2, 320, 1, 1)}
+    save_file(file, tmp_path / "b.safetensors")
+    assert main(["inspect", str(tmp_path / "b.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "bias_deltas: 1" in out and "family:     lora" in out

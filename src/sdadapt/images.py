@@ -21,8 +21,8 @@ from torch import Tensor
 from .formats.files import atomic_write
 
 __all__ = ["to_uint8", "write_png", "read_image", "read_image_channels", "scale_image", "image_grid", "load_image_folder", "ImageFolderError",
-           "IMAGE_SUFFIXES", "check_image_folder", "read_png_text", "OUTPUT_SUFFIXES", "check_output_suffix", "check_save_settings", "encode_image",
-           "write_image", "numbered"]
+           "IMAGE_SUFFIXES", "check_image_folder", "read_png_text", "OUTPUT_SUFFIXES", "check_output_suffix",
+           "check_save_settings", "encode_image", "write_image", "numbered"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # (what write_image writes: A1111's usual samples formats)

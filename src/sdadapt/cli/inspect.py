@@ -134,7 +134,8 @@ def _print_summary(summary: dict) -> None:
     print(f"tensors:    {summary['tensors']}")
     print(f"size:       {summary['size_bytes'] / 2**20:.2f} MiB ({summary['size_bytes']} bytes)")
     print(f"dtypes:     {', '.join(f'{k} x{v}' for k, v in summary['dtypes'].items())}")
-    fields = ("model", "modules", "components", "family", "algorithms", "ranks", "alphas", "dylora",  # adapters, checkpoints
+    fields = ("model", "modules", "components", "family", "algorithms", "ranks", "alphas",  # adapters, checkpoints
+              "bias_deltas", "dylora",
               "name", "vectors", "dims", "encoders", "written_by", "step",  # embeddings
               "widths", "layer_structure", "activation_func",  # hypernetworks
               "use")  # the commands that take it

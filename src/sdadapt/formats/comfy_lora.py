@@ -4,8 +4,8 @@
 
 Key = ``<module>.<tensor>``: the UNet's modules by their LDM names under ``diffusion_model.``
 (``diffusion_model.input_blocks.1.1.proj_in.lora_up.weight``), a text encoder's by ComfyUI's CLIP names under
-``text_encoders.`` — ``clip_l.transformer.`` (SD1, SDXL's first), ``clip_h.transformer.`` (SD2), ``clip_g.transformer.``
-(SDXL's second), then transformers' path (``text_model.encoder.layers.0.self_attn.q_proj``). Tensors are kohya's and
+``text_encoders.`` — ``clip_l.transformer.`` (SD1, SDXL's first), ``clip_h.transformer.`` (SD2),
+``clip_g.transformer.`` (SDXL's second), then transformers' path (``text_model.encoder.layers.0.self_attn.q_proj``). Tensors are kohya's and
 LyCORIS' (``lora_up.weight``, ``lora_down.weight``, optional ``alpha``, ``diff`` / ``diff_b`` for full deltas ...).
 The node writes no ``alpha`` (ComfyUI then scales by 1: alpha = rank), every weight of two or more dimensions as
 an SVD LoRA in float16 (``lora_type`` "standard") or whole as ``diff`` ("full_diff"), and with "bias_diff" (its

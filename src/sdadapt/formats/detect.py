@@ -388,6 +388,7 @@ def _adapter_summary(
                       1 for r in layer_ranks.values() if r is None) - algorithms.get("unknown", 0)) > 0 else {}),
                   **{f"none ({_UNRANKED[a]})": n for a, n in rankless.items()}, **rotations},
         "alphas": dict(alphas),
+        **({"bias_deltas": biases} if (biases := sum("diff_b" in parts for parts in modules.values())) else {}),
     }
 
 

@@ -17,8 +17,8 @@ __all__ = ["run_outpainting_mk2"]
 
 #: what the script sets itself, and so is refused when given: run_generate's keyword -> (its default, the option)
 _SET_BY_SCRIPT = {"mask": (None, "--mask"), "mask_blur": (None, "--mask-blur"),
-                  "inpainting_fill": ("original", "--inpainting-fill"), "inpaint_full_res": (False, "--inpaint-full-res"),
-                  "latent_mask": (None, "a latent mask")}
+                  "inpainting_fill": ("original", "--inpainting-fill"),
+                  "inpaint_full_res": (False, "--inpaint-full-res"), "latent_mask": (None, "a latent mask")}
 
 
 def _run_size(given: dict, loaded, say: Callable[[str], None]) -> tuple[int, int]:
