@@ -207,3 +207,28 @@ def test_inspect_counts_the_layers_with_a_bias_delta(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "b.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "bias_deltas: 1" in out and "family:     lora" in out
+
+
+def test_a_dora_layers_bias_delta_moves_the_bias_by_the_strength():
+    """DoRA over a LoRA with a bias delta: the weight as DoRA's, the bias moved by the strength alone — injected,
+    merged by apply_lora and merged by the handle, the same layer."""
+    from torch import nn
+
+    from sdadapt import apply_lora, load_adapter
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 6))
+    state = {"0.lora_down.weight": torch.randn(2, 8), "0.lora_up.weight": torch.randn(6, 2),
+             "0.dora_scale": torch.rand(6, 1) + 0.5, "0.diff_b": torch.randn(6)}
+    merged = nn.Sequential(nn.Linear(8, 6))
+    merged.load_state_dict(model.state_dict())
+    bias_before = merged[0].bias.detach().clone()
+    apply_lora(merged, state, scale=0.6)
+    assert torch.allclose(merged[0].bias, bias_before + 0.6 * state["0.diff_b"])
+    handle = load_adapter(model, state)
+    handle.set_scale(0.6)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(model[0](x), merged[0](x), atol=1e-5)
+        handle.merge()
+        assert torch.allclose(model[0](x), merged[0](x), atol=1e-5)

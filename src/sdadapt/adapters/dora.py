@@ -196,11 +196,21 @@ class DoRAModule(AdapterModule):
         base = base_weight.to(self.delta_dtype())
         return (self.adapted_weight(base) - base.reshape(self.geometry.weight_shape)) * self.strength
 
+    def bias_delta(self) -> Tensor | None:
+        """(out,): ``t · diff_b`` of the inner layer's bias delta (a file's, beside its factors), else ``None``: the
+        bias is not normalised, so it moves by the strength alone, as ComfyUI patches it."""
+        inner = self.inner.bias_delta()  # (the inner adapter runs at strength 1)
+        return None if inner is None else inner * self.strength
+
     def forward(self, x: Tensor, base_weight: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        """Δy = ``geometry.conv(x, t · (W' − W))`` (one extra pass of the layer's op over ``x``)."""
+        """Δy = ``geometry.conv(x, t · (W' − W))`` (one extra pass of the layer's op over ``x``), plus a bias delta."""
         if base_weight is None:
             raise TypeError("DoRAModule.forward needs the base layer's weight: forward(x, base_weight)")
-        return self.geometry.conv(x, self.merge_delta(base_weight))
+        out = self.geometry.conv(x, self.merge_delta(base_weight))
+        bias = self.bias_delta()
+        if bias is None:
+            return out
+        return out + (bias.view(-1, 1, 1) if self.geometry.is_conv else bias).to(out.dtype)
 
     def file_tensors(self) -> dict[str, Tensor]:
         return {**self.inner.file_tensors(), "dora_scale": self.dora_scale}
@@ -239,8 +249,6 @@ class DoRAModule(AdapterModule):
             wd_on_out = dora_orientation(tuple(scale.shape), geometry)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-        if "diff_b" in tensors:  # (DoRA's merge normalises the weight; a bias delta beside it is not defined here)
-            raise ValueError(f"{name}: a DoRA layer with a bias delta (diff_b), which sdadapt's DoRA does not hold")
         inner = adapter_from_file_tensors(
             geometry, {k: v for k, v in tensors.items() if k != "dora_scale"}, name=name
         )
