@@ -185,6 +185,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     scripts = [option for option, given in (("--xyz-x/-y/-z", any(axis is not None for axis in axes)),
                                             ("--prompts-file", args.prompts_file is not None),
                                             ("--outpaint-mk2", args.outpaint_mk2 is not None),
+                                            ("--inpaint-sketch", args.inpaint_sketch is not None),
                                             ("--prompt-matrix", args.prompt_matrix)) if given]
     if len(scripts) > 1:
         raise InputError(f"{scripts[0]} and {scripts[1]} are two of A1111's scripts, which runs one at a time; leave "
@@ -202,6 +203,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                              "leave it out")
         if os.path.exists(args.out) and not args.overwrite:
             raise OutputExistsError(f"{args.out}: already exists (the --grid); pass --overwrite to replace it")
+    if args.inpaint_sketch is not None:  # (A1111's "Inpaint sketch" tab: sdadapt.jobs.generate_inpaint_sketch)
+        from ..jobs.generate_inpaint_sketch import run_inpaint_sketch
+
+        result = run_inpaint_sketch(args.inpaint_sketch, mask_transparency=args.mask_transparency,
+                                    progress=progress_bar(args, "generate", unit="image") if _many_images(args)
+                                    else None, log=log, **options)
+        for file in result["files"]:
+            print(f"wrote {file}")
+        return 0
     if args.outpaint_mk2 is not None:  # (A1111's "Outpainting mk2": sdadapt.jobs.generate_outpaint_mk2)
         from ..jobs.generate_outpaint_mk2 import run_outpainting_mk2
 
@@ -612,6 +622,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "images: one mask for all, or a folder of masks named as the images")
     img2img.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                          help="Gaussian blur of the mask in pixels (default 4, A1111's)")
+    img2img.add_argument("--inpaint-sketch", default=None, metavar="ORIGINAL",
+                         help="A1111's 'Inpaint sketch': --init-image is ORIGINAL with colour strokes drawn on it; "
+                         "what the strokes cover is repainted, starting from the strokes blended in (docs/samplers.md)")
+    img2img.add_argument("--mask-transparency", type=float, default=0.0, metavar="PCT",
+                         help="--inpaint-sketch: A1111's 'Mask transparency' (0 to 100, default 0)")
     img2img.add_argument("--invert-mask", action="store_true", help="repaint the black area (A1111's 'Inpaint not masked')")
     img2img.add_argument("--inpainting-fill", default="original", choices=tuple(INPAINTING_FILL_LABELS),
                          type=_a1111_choice("--inpainting-fill", INPAINTING_FILL_LABELS),
@@ -838,6 +853,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     only_with(generate, ["--inpaint-full-res", "--soft-inpainting"], needs="--mask IMAGE",
               when=lambda args: args.mask is not None)
     only_with(generate, ["--outpaint-fill"], needs="--outpaint PX", when=lambda args: args.outpaint is not None)
+    only_with(generate, ["--mask-transparency"], needs="--inpaint-sketch ORIGINAL",
+              when=lambda args: args.inpaint_sketch is not None)
     only_with(generate, ["--outpaint-directions", "--outpaint-mask-blur"], needs="--outpaint PX or --outpaint-mk2 PX",
               when=lambda args: args.outpaint is not None or args.outpaint_mk2 is not None)
     only_with(generate, ["--outpaint-falloff", "--outpaint-color-variation"], needs="--outpaint-mk2 PX",
