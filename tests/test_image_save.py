@@ -114,7 +114,7 @@ def test_what_is_refused_and_the_names():
         encode_image(_pixels(0, (2, 2, 3)), kind="png", quality=True)  # (checked whatever the format)
     with pytest.raises(ValueError, match="16383 pixels"):
         encode_image(np.zeros((1, 16384, 3), np.uint8), kind="webp")
-    with pytest.raises(ValueError, match=r"\*.png, \*.jpg or \*.webp"):
+    with pytest.raises(ValueError, match=r"\*.png, \*.jpg, \*.webp or \*.avif"):
         check_output_suffix("a/b.gif")
     assert [check_output_suffix(f"b.{s}") for s in ("PNG", "jpg", "JPEG", "webp")] == ["png", "jpeg", "jpeg", "webp"]
     assert numbered("a/b.jpg", 3) == Path("a/b-03.jpg")
@@ -176,7 +176,7 @@ def test_a_folder_of_init_images_in_another_format(tmp_path, capsys):
     assert main([*_BASE, "--image-format", "jpg", "-o", str(tmp_path / "x.png")]) == 2
     assert "for a folder of outputs" in capsys.readouterr().err
     assert main([*_BASE, "-o", str(tmp_path / "x.gif")]) == 7
-    assert "*.png, *.jpg or *.webp" in capsys.readouterr().err
+    assert "*.png, *.jpg, *.webp or *.avif" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*_BASE, "--jpeg-quality", "101", "-o", str(tmp_path / "x.jpg")])
     assert "--jpeg-quality: a whole number from 1 to 100" in capsys.readouterr().err
@@ -204,3 +204,24 @@ def test_the_docs_example():
     from docs_pages import run_block_with
 
     run_block_with("samplers.md", "encode_image(")
+
+
+def test_avif_as_a1111_writes_it(tmp_path):
+    """A1111's AVIF branch: ``image.save(format="AVIF", quality=jpeg_quality, exif=piexif.dump(...))`` — the same
+    bytes here, the comment read back by A1111's reader and by ``--infotext`` / ``inspect``."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF encoder")
+    pixels = _pixels(5, (24, 40, 3))
+    saved = io.BytesIO()
+    Image.fromarray(pixels).save(saved, format="AVIF", quality=70, exif=_piexif_dump("Steps: 3, ünï"))
+    ours = encode_image(pixels, kind="avif", text={"parameters": "Steps: 3, ünï"}, quality=70)
+    assert ours == saved.getvalue()
+    assert exif_user_comment(ours) == _a1111_read(ours) == "Steps: 3, ünï"
+    assert main([*_BASE, "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*_BASE, "-o", str(tmp_path / "a.avif")]) == 0
+    assert main(["generate", "--model", "toy", "--infotext", str(tmp_path / "a.avif"), "-q",
+                 "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    assert main(["inspect", str(tmp_path / "a.avif")]) == 0

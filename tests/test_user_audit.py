@@ -392,7 +392,7 @@ def test_too_many_steps_name_the_option_and_the_limit(tmp_path, capsys, extra):
 def test_generate_to_a_gif_name_is_a_refused_output(tmp_path, capsys):
     """It exited 3 (an unusable input file); merge's -o X.ckpt exits 7 (an output that cannot be written)."""
     assert main(["generate", "--prompt", "a", "--steps", "1", "-q", "-o", str(tmp_path / "x.gif")]) == 7
-    assert "written as PNG, JPEG or WebP; name it *.png, *.jpg or *.webp" in capsys.readouterr().err
+    assert "written as PNG, JPEG, WebP or AVIF; name it *.png, *.jpg, *.webp or *.avif" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ small wording

@@ -21,14 +21,31 @@ _PREFIXES = {b"ASCII\x00\x00\x00": "ascii", b"JIS\x00\x00\x00\x00\x00": "shift_j
 
 
 def image_kind(head: bytes) -> str | None:
-    """``"png"``, ``"jpeg"`` or ``"webp"`` from a file's first 12 bytes, else ``None``."""
+    """``"png"``, ``"jpeg"``, ``"webp"`` or ``"avif"`` from a file's first 12 bytes, else ``None``."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "avif"
     return None
+
+
+def _avif_exif(data: bytes) -> bytes | None:
+    """The TIFF bytes of an AVIF's Exif item, as Pillow reads it (``info["exif"]``; A1111's
+    ``read_info_from_image``), else ``None`` (no Exif, or a Pillow without AVIF)."""
+    import io
+
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            exif = image.info.get("exif")
+    except (ImportError, OSError):
+        return None
+    return None if not exif else bytes(exif).removeprefix(_EXIF_HEADER)
 
 
 def _jpeg_exif(data: bytes) -> bytes | None:
@@ -96,14 +113,16 @@ def _user_comment(tiff: bytes) -> bytes | None:
 
 
 def exif_user_comment(data: bytes) -> str | None:
-    """The EXIF ``UserComment`` text of a JPEG or WebP file's bytes ``data`` (A1111's infotext there), else ``None``.
+    """The EXIF ``UserComment`` text of a JPEG, WebP or AVIF file's bytes ``data`` (A1111's infotext there), else
+    ``None`` (an AVIF's is read through Pillow).
 
     Decoded as piexif's ``UserComment.load``: by its 8-byte character-code prefix (``UNICODE``: UTF-16 big-endian,
     piexif's and so A1111's; ``ASCII``; ``JIS``); a value without a known prefix as UTF-8 with errors dropped (A1111's
     fallback), its leading NULs (an "undefined" prefix) left out.
     """
     kind = image_kind(data[:12])
-    tiff = _jpeg_exif(data) if kind == "jpeg" else _webp_exif(data) if kind == "webp" else None
+    readers = {"jpeg": _jpeg_exif, "webp": _webp_exif, "avif": _avif_exif}
+    tiff = readers[kind](data) if kind in readers else None
     raw = None if tiff is None else _user_comment(tiff)
     if raw is None:
         return None

@@ -25,7 +25,7 @@ __all__ = ["to_uint8", "write_png", "read_image", "read_image_channels", "scale_
            "check_save_settings", "encode_image", "write_image", "numbered"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # (what write_image writes: A1111's usual samples formats)
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".avif")  # (what write_image writes: A1111's samples formats)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,22 +94,28 @@ def numbered(path: str | os.PathLike, index: int) -> Path:
 
 
 def check_output_suffix(path: str | os.PathLike, *, what: str = "the output") -> str:
-    """``path``'s image format by its suffix: ``"png"``, ``"jpeg"`` or ``"webp"``.
+    """``path``'s image format by its suffix: ``"png"``, ``"jpeg"``, ``"webp"`` or ``"avif"``.
 
     Raises:
-        ValueError: another suffix (naming ``path`` and the ones written); ImportError: JPEG or WebP without Pillow.
+        ValueError: another suffix (naming ``path`` and the ones written); ImportError: JPEG, WebP or AVIF without
+            a Pillow that encodes it.
     """
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"{path}: {what} is written as PNG, JPEG or WebP; name it *.png, *.jpg or *.webp")
+        raise ValueError(f"{path}: {what} is written as PNG, JPEG, WebP or AVIF; name it *.png, *.jpg, *.webp or "
+                         "*.avif")
     if suffix == ".png":
         return "png"
     try:
-        import PIL  # noqa: F401 - only whether it is there
+        from PIL import features
     except ImportError:
-        raise ImportError(f"{path}: JPEG and WebP images are encoded by Pillow: pip install 'sdadapt[images]' (or "
-                          "pillow), or write *.png") from None
-    return "webp" if suffix == ".webp" else "jpeg"
+        raise ImportError(f"{path}: JPEG, WebP and AVIF images are encoded by Pillow: pip install 'sdadapt[images]' "
+                          "(or pillow), or write *.png") from None
+    kind = {".webp": "webp", ".avif": "avif"}.get(suffix, "jpeg")
+    if kind == "avif" and not features.check("avif"):
+        raise ImportError(f"{path}: this Pillow has no AVIF encoder (Pillow 11.3 or newer has one): pip install -U "
+                          "pillow, or write *.png / *.webp")
+    return kind
 
 
 def check_save_settings(*, quality: int, lossless: bool) -> None:
@@ -128,11 +134,12 @@ def check_save_settings(*, quality: int, lossless: bool) -> None:
 
 def encode_image(pixels: np.ndarray, *, kind: str, text: Mapping[str, str] | None = None,
                  comment_key: str = "parameters", quality: int = 80, lossless: bool = False) -> bytes:
-    """(H, W, C) uint8, C in 1/3/4 -> the bytes of a ``kind`` (``"png"``, ``"jpeg"``, ``"webp"``) image, as A1111's
-    ``save_image_with_geninfo`` writes it: a PNG with every ``text`` entry as a text chunk; a JPEG or WebP encoded
-    by Pillow (alpha dropped, ``quality`` — A1111's "Quality for saved jpeg and avif images", default 80 — and
-    ``lossless`` for WebP) with ``text[comment_key]`` (the infotext) as its EXIF ``UserComment``, the other entries
-    left out as A1111 leaves them.
+    """(H, W, C) uint8, C in 1/3/4 -> the bytes of a ``kind`` (``"png"``, ``"jpeg"``, ``"webp"``, ``"avif"``) image, as
+    A1111's ``save_image_with_geninfo`` writes it: a PNG with every ``text`` entry as a text chunk; a JPEG or WebP
+    encoded by Pillow (alpha dropped, ``quality`` — A1111's "Quality for saved jpeg and avif images", default 80 —
+    and ``lossless`` for WebP) with ``text[comment_key]`` (the infotext) as its EXIF ``UserComment``; an AVIF encoded
+    by Pillow at ``quality`` with that EXIF handed to the encoder (A1111's ``exif=``); the other entries left out as
+    A1111 leaves them.
 
     Raises:
         ValueError: ``kind`` or ``quality`` (1-100) out of range, an image too large for the format.
@@ -140,8 +147,8 @@ def encode_image(pixels: np.ndarray, *, kind: str, text: Mapping[str, str] | Non
     check_save_settings(quality=quality, lossless=lossless)
     if kind == "png":
         return encode_png(pixels, text=text)
-    if kind not in ("jpeg", "webp"):
-        raise ValueError(f"kind must be 'png', 'jpeg' or 'webp', got {kind!r}")
+    if kind not in ("jpeg", "webp", "avif"):
+        raise ValueError(f"kind must be 'png', 'jpeg', 'webp' or 'avif', got {kind!r}")
     import io
 
     from PIL import Image
@@ -150,13 +157,16 @@ def encode_image(pixels: np.ndarray, *, kind: str, text: Mapping[str, str] | Non
 
     comment = (text or {}).get(comment_key)
     exif = None if comment is None else user_comment_exif(comment)  # (a text too long refused before encoding)
-    limit = 65535 if kind == "jpeg" else 16383
-    if max(pixels.shape[:2]) > limit:
+    limit = {"jpeg": 65535, "webp": 16383}.get(kind)  # (an AVIF's: the encoder's to say)
+    if limit is not None and max(pixels.shape[:2]) > limit:
         raise ValueError(f"a {pixels.shape[1]}x{pixels.shape[0]} image is larger than {kind.upper()} holds "
                          f"({limit} pixels a side); write a PNG")
-    image = Image.fromarray(pixels[..., :3] if pixels.shape[-1] == 4 else pixels if pixels.shape[-1] == 3
-                            else pixels[..., 0])
+    channels = pixels.shape[-1]
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels[..., :3] if kind != "avif" else pixels)
     buffer = io.BytesIO()
+    if kind == "avif":  # (A1111: image.save(format=..., quality=jpeg_quality, exif=exif_bytes); RGBA kept)
+        image.save(buffer, format="AVIF", quality=quality, exif=exif)
+        return buffer.getvalue()
     image.save(buffer, format=kind.upper(), quality=quality, **({"lossless": lossless} if kind == "webp" else {}))
     return buffer.getvalue() if exif is None else insert_exif(buffer.getvalue(), exif)
 

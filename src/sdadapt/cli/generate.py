@@ -912,7 +912,7 @@ def register(sub: argparse._SubParsersAction) -> None:
               needs="--aesthetic FILE", when=lambda args: args.aesthetic is not None)
     only_with(generate, ["--aesthetic-text-angle", "--aesthetic-text-negative"], needs="--aesthetic-text TEXT",
               when=lambda args: args.aesthetic_text is not None)
-    group = add_output_options(generate, out_help="output image: .png, .jpg or .webp",
+    group = add_output_options(generate, out_help="output image: .png, .jpg, .webp or .avif",
                                dtype_help="images; any other value is refused")
     add_image_save_options(group, folder="--init-image FOLDER")
     generate.set_defaults(run=_cmd_generate)

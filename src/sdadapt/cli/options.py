@@ -110,10 +110,10 @@ def add_image_save_options(group: argparse._ArgumentGroup, *, folder: str) -> No
                        help="quality of a JPEG or WebP OUT (1-100, default 80: A1111's 'Quality for saved jpeg')")
     group.add_argument("--webp-lossless", action="store_true",
                        help="write a WebP OUT lossless (A1111's 'Use lossless compression for webp images')")
-    group.add_argument("--image-format", choices=("png", "jpg", "webp"), default="png",
+    group.add_argument("--image-format", choices=("png", "jpg", "webp", "avif"), default="png",
                        help=f"the format of the images written into an OUT folder ({folder}; default png); a file "
-                       "OUT's is its suffix: .png, .jpg / .jpeg or .webp, the infotext in a JPEG's or WebP's EXIF "
-                       "as A1111 writes it")
+                       "OUT's is its suffix: .png, .jpg / .jpeg, .webp or .avif, the infotext in the EXIF of the "
+                       "others as A1111 writes it")
 
 
 def _clip_stats_path(text: str) -> str:

@@ -132,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="where --upscaler / --upscaler-2 find models by A1111's names (its models/ESRGAN: "
                          "'4x-UltraSharp', 'R-ESRGAN 4x+')")
     upscale.add_argument("--device", default="auto", help="where an ESRGAN model runs (auto, cpu, cuda, mps)")
-    group = add_output_options(upscale, out_help="the output image (one IMAGE: .png, .jpg or .webp) or folder "
+    group = add_output_options(upscale, out_help="the output image (one IMAGE: .png, .jpg, .webp or .avif) or folder "
                                "(several, or a folder: NAME.png each)", dtype_help="8-bit images; any other value "
                                "is refused")
     add_image_save_options(group, folder="several IMAGEs, or a folder")

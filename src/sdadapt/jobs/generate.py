@@ -679,8 +679,8 @@ def run_generate(
             check_output_suffix(target, what="generate's output")
         except ValueError as exc:
             raise OutputError(str(exc)) from None
-    if image_format.lower() not in ("png", "jpg", "jpeg", "webp"):
-        raise ValueError(f"image_format must be png, jpg or webp, got {image_format!r}")
+    if image_format.lower() not in ("png", "jpg", "jpeg", "webp", "avif"):
+        raise ValueError(f"image_format must be png, jpg, webp or avif, got {image_format!r}")
     if batch is None and image_format.lower() != "png":
         raise ValueError(f"--image-format {image_format}: for a folder of outputs (--init-image FOLDER); one output's "
                          f"format is its name's suffix ({target.name})")
