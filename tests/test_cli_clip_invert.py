@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,12 @@ def test_generate_image_vectors_equals_generate_with_vectors(unclip, learnt, tmp
     other = generate_with_vectors(system, vectors, prompt="a cat", count=1, seed=3, steps=2, guidance=2.0)[0]
     assert not (to_uint8(other) == decode_png((tmp_path / "cat-00.png").read_bytes())).all()  # the guidance mattered
     assert default_guidance("class-labels") == 10.0 and DEFAULT_GUIDANCE["cross-attention"] == 7.5
+    assert main(["generate", "--model", str(unclip), "--image-vectors", str(out), "--prompt", "a cat", "--seed", "3",
+                 "--steps", "2", "-q", "--webp-lossless", "-o", str(tmp_path / "cat.webp")]) == 0  # (as generate writes)
+    from PIL import Image
+
+    with Image.open(tmp_path / "cat.webp") as webp:
+        assert (np.asarray(webp.convert("RGB")) == decode_png((tmp_path / "cat-00.png").read_bytes())).all()
 
 
 def _error(argv, capsys) -> tuple[int, str]:

@@ -335,7 +335,7 @@ _IMAGE_VECTOR_OPTIONS = ("image_vectors", "model", "prompt", "negative", "seed",
                          "clip_stats", "help", "sampler", "karras", "schedule",
                          # (A1111's noise and σ settings: the same sample_latents call as without --image-vectors)
                          "noise", "subseed", "subseed_strength", "seed_resize_from", "ensd", "sigma_min", "sigma_max",
-                         "rho", "beta_alpha", "beta_beta", "old_karras_sigmas")
+                         "rho", "beta_alpha", "beta_beta", "old_karras_sigmas", "jpeg_quality", "webp_lossless")
 _IMAGE_VECTOR_MESSAGE = ("{option} does not apply with --image-vectors (CLIP-inversion vectors are sampled at "
                          "the model's size from --prompt, --negative, --seed, --steps, --guidance, --count, --sampler, "
                          "--karras, --schedule and A1111's noise and σ settings (--noise, --subseed, --sigma-min, ...); "
@@ -360,7 +360,8 @@ def _cmd_generate_image_vectors(args: argparse.Namespace) -> int:
         sampler=args.sampler, karras=args.karras, schedule=args.schedule, noise=args.noise, subseed=args.subseed,
         subseed_strength=args.subseed_strength, seed_resize_from=args.seed_resize_from, ensd=args.ensd,
         sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, beta_alpha=args.beta_alpha,
-        beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas,
+        beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas, jpeg_quality=args.jpeg_quality,
+        webp_lossless=args.webp_lossless,
     )
     for file in result["files"]:
         print(f"wrote {file}")

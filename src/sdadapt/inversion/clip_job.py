@@ -165,12 +165,16 @@ def run_generate_image_vectors(
     beta_alpha: float = 0.6,
     beta_beta: float = 0.6,
     old_karras_sigmas: bool = False,
+    jpeg_quality: int = 80,
+    webp_lossless: bool = False,
 ) -> dict:
     """Images from a CLIP-inversion file (:func:`~.clip.load_image_vectors`) mixed with ``prompt``.
 
     Image ``i`` is :func:`~.clip.generate_with_vectors` with ``count=1, seed=seed + i`` (each image
     made again from its own seed, as ``generate``'s), at the noise level the file was learnt at.
-    ``out``: ``X.png``; ``count > 1`` writes ``X-00.png``, ``X-01.png`` …. ``steps`` default 25;
+    ``out``: ``X.png`` (or ``.jpg`` / ``.webp`` / ``.avif``, at ``jpeg_quality`` / ``webp_lossless`` as
+    :func:`sdadapt.images.write_image` writes them); ``count > 1`` writes ``X-00.png``, ``X-01.png`` …. ``steps``
+    default 25;
     ``guidance`` default per model (:data:`DEFAULT_GUIDANCE`: SD unCLIP 10, image variation 7.5, as
     their pipelines). The prompt is plain text (no A1111 emphasis or tags); an image-variation
     model takes none (``prompt`` and ``negative`` must be empty). ``clip_stats``: an SD 2.1 unCLIP-L single
@@ -189,7 +193,7 @@ def run_generate_image_vectors(
         WeightFileError: not a CLIP-inversion file. ValueError: vectors of another site or width
         than the model's image input. NoImageConditioningError: the model has no image input.
     """
-    from ..images import write_png
+    from ..images import check_output_suffix, check_save_settings, numbered, write_image
     from .clip import generate_with_vectors, image_conditioning, load_image_vectors
 
     if count < 1:
@@ -202,11 +206,11 @@ def run_generate_image_vectors(
         seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, beta_alpha=beta_alpha,
         beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas)
     target = Path(out)
-    if target.suffix.lower() != ".png":
-        raise ValueError(f"{target}: the output must be a .png file")
-    files = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
+    check_output_suffix(target)  # (PNG, JPEG, WebP or AVIF, as generate writes)
+    check_save_settings(quality=jpeg_quality, lossless=webp_lossless)
+    files = [target] if count == 1 else [numbered(target, i) for i in range(count)]
     for file in files:
-        check_output_file(file, overwrite=overwrite, suffix=".png")
+        check_output_file(file, overwrite=overwrite, suffix=None)
     learnt = load_image_vectors(check_input_file(vectors, what="CLIP-inversion file"))
     system = _load(model, device, clip_stats)
     if prompt or negative:
@@ -224,7 +228,7 @@ def run_generate_image_vectors(
                                       steps=steps, guidance=guidance, sampler=sampler, karras=karras,
                                       schedule=schedule, schedule_options=schedule_options,
                                       noise=None if seeds is None else _image_seeds(seeds, i))[0]
-        write_png(file, image)
+        write_image(file, image, quality=jpeg_quality, lossless=webp_lossless)
         if progress is not None:
             progress(i + 1, count, file.name)
     return {"files": [str(f) for f in files], "seed": seed, "steps": steps, "guidance": guidance, "site": site,
