@@ -94,8 +94,9 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         except ValueError:
             pass
         chunks.update({"postprocessing": text, "extras": text} if text else {})
+        # (a JPEG's / WebP's / AVIF's comment: A1111's postprocessing text, its "extras" section)
         written = write_image(target, torch.from_numpy(np.ascontiguousarray(np.array(upscaled))), text=chunks,
-                              comment_key="extras", quality=args.jpeg_quality, lossless=args.webp_lossless)  # (a JPEG's / WebP's comment: A1111's postprocessing)
+                              comment_key="extras", quality=args.jpeg_quality, lossless=args.webp_lossless)
         print(f"wrote {written} ({upscaled.width}x{upscaled.height})")
         if bar is not None:
             bar(done + 1, len(inputs), target.name)

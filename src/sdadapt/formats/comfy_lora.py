@@ -73,26 +73,27 @@ def from_comfy(state: Mapping[str, Tensor], *, source: str = "<state>",
     Raises:
         WeightFileError: keys that are not ComfyUI LoRA keys, or an LDM UNet name with no diffusers module.
     """
-    out: dict[str, dict[str, Tensor]] = {}
+    layers: dict[tuple[str, str], dict[str, Tensor]] = {}  # ((prefix, module path), {tensor name: tensor})
     unknown = []
-    norms = _norm_layers(state)
     for key, value in state.items():
         found = _split(key)
         if found is None:
             unknown.append(key)
-            continue
-        prefix, path, tensor = found
-        if path == "text_projection" and prefix in _NO_PROJECTION and _zero_layer(state, prefix + path):
+        else:
+            layers.setdefault(found[:2], {})[found[2]] = value
+    out: dict[str, dict[str, Tensor]] = {}
+    for (prefix, path), tensors in layers.items():
+        if path == "text_projection" and prefix in _NO_PROJECTION and _is_zero(tensors):
             continue  # (ComfyUI's CLIP-L / -H identity projection, unchanged: the model's encoder has none)
         component = COMFY_PREFIXES[prefix]
         canonical = canonical_layer_path(component, path if component != "unet" else prefix + path,
                                          layers_per_block=layers_per_block)
         if component == "unet" and canonical.startswith(prefix):
-            unknown.append(key)  # (an LDM name the UNet does not have)
+            unknown.extend(f"{prefix}{path}.{tensor}" for tensor in tensors)  # (an LDM name the UNet does not have)
             continue
-        if prefix + path in norms:  # (a norm's 1-D weight delta and its bias delta: LyCORIS' norm tensors)
-            tensor = _NORM_TENSORS[tensor]
-        out.setdefault(component, {})[f"{canonical}.{tensor}"] = value
+        norm = _is_norm(tensors)  # (a norm's 1-D weight delta and its bias delta: LyCORIS' norm tensors)
+        for tensor, value in tensors.items():
+            out.setdefault(component, {})[f"{canonical}.{_NORM_TENSORS[tensor] if norm else tensor}"] = value
     if unknown:
         raise WeightFileError(
             f"{source}: {len(unknown)} key(s) are not ComfyUI LoRA keys, e.g. {unknown[:5]}; expected "
@@ -113,21 +114,15 @@ _COMFY_NORM = {value: key for key, value in _NORM_TENSORS.items()}
 _NO_PROJECTION = ("text_encoders.clip_l.transformer.", "text_encoders.clip_h.transformer.")
 
 
-def _zero_layer(state: Mapping[str, Tensor], layer: str) -> bool:
-    """Whether every tensor of ``layer`` (a prefixed path) but its alpha is all zeros."""
-    tensors = [value for key, value in state.items() if key.startswith(layer + ".") and not key.endswith(".alpha")]
-    return bool(tensors) and all(not bool(value.any()) for value in tensors)
+def _is_zero(tensors: Mapping[str, Tensor]) -> bool:
+    """Whether every tensor of one layer but its alpha is all zeros."""
+    factors = [value for name, value in tensors.items() if name != "alpha"]
+    return bool(factors) and all(not bool(value.any()) for value in factors)
 
 
-def _norm_layers(state: Mapping[str, Tensor]) -> set[str]:
-    """The layers (prefixed paths) whose ``diff`` is one-dimensional, holding nothing but ``diff`` / ``diff_b``."""
-    layers: dict[str, dict[str, Tensor]] = {}
-    for key, value in state.items():
-        found = _split(key)
-        if found is not None:
-            layers.setdefault(found[0] + found[1], {})[found[2]] = value
-    return {layer for layer, tensors in layers.items()
-            if set(tensors) <= set(_NORM_TENSORS) and "diff" in tensors and tensors["diff"].dim() == 1}
+def _is_norm(tensors: Mapping[str, Tensor]) -> bool:
+    """Whether one layer is a norm's: nothing but ``diff`` / ``diff_b``, its ``diff`` one-dimensional."""
+    return set(tensors) <= set(_NORM_TENSORS) and "diff" in tensors and tensors["diff"].dim() == 1
 
 
 def _clip_names(base_model: str) -> dict[str, str]:

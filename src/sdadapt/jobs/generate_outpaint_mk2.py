@@ -73,10 +73,15 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
     """
     from PIL import Image
 
-    from ..images import check_output_suffix, numbered, write_image
+    from ..images import check_output_suffix, numbered
     from ..outpainting_mk2 import MK2_DIRECTIONS, check_mk2, mk2_blur, mk2_step
     from ..resize_modes import open_init_image
-    from .generate_runs import check_outputs_free, check_script_alone, run_named
+    from .generate_runs import (
+        check_outputs_free,
+        check_script_alone,
+        run_named,
+        write_grid,
+    )
     from .generate_seed import RANDOM_SEED
     from .loaded_models import LoadedModels
 
@@ -131,7 +136,5 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
                 infotext = result["infotexts"][0] if infotext is None else infotext
                 if progress is not None:
                     progress(n * len(sides) + k + 1, count * len(sides), f"{target.name}: {side}")
-            written.append(str(write_image(target, np.asarray(grown), text={"parameters": str(infotext)},
-                                           quality=int(given.get("jpeg_quality", 80)),  # type: ignore[call-overload]
-                                           lossless=bool(given.get("webp_lossless", False)))))
+            written.append(str(write_grid(target, np.asarray(grown), parameters=str(infotext), given=given)))
     return {"files": written, "runs": runs}

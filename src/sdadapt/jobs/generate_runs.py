@@ -80,8 +80,9 @@ def first_pictures(results: Iterable[Mapping]) -> tuple[list[np.ndarray], list[s
 
 def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None,
                given: Mapping[str, object]) -> Path:
-    """Write a grid ``(H, W, 3)`` uint8 atomically, with ``parameters`` as its infotext, in ``path``'s format at the
-    runs' JPEG/WebP settings (``given``'s ``jpeg_quality``, ``webp_lossless``)."""
+    """Write an image a script makes of its runs — a grid, Outpainting mk2's grown image — ``(H, W, 3)`` uint8,
+    atomically, with ``parameters`` as its infotext, in ``path``'s format at the runs' JPEG/WebP settings
+    (``given``'s ``jpeg_quality``, ``webp_lossless``)."""
     from ..images import write_image
 
     return write_image(path, np.ascontiguousarray(grid), text=None if parameters is None else {"parameters": parameters},
