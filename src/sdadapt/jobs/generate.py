@@ -679,7 +679,7 @@ def run_generate(
             check_output_suffix(target, what="generate's output")
         except ValueError as exc:
             raise OutputError(str(exc)) from None
-    if image_format.lower() not in ("png", "jpg", "jpeg", "webp", "avif"):
+    if f".{image_format.lower()}" not in OUTPUT_SUFFIXES:  # (the names the written suffixes have)
         raise ValueError(f"image_format must be png, jpg, webp or avif, got {image_format!r}")
     if batch is None and image_format.lower() != "png":
         raise ValueError(f"--image-format {image_format}: for a folder of outputs (--init-image FOLDER); one output's "
