@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -157,6 +157,18 @@ def _reference_layer(geometry: LayerGeometry, conv: nn.Conv2d | None, weight: to
     return layer
 
 
+def _torch_conv_is_right(geometry: LayerGeometry, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's own convolution in ``x``'s dtype is right here for this geometry (a plain layer, no LoRA):
+    torch 2.13's CPU oneDNN bfloat16 conv returns wrong numbers for some strided, dilated geometries whose output is
+    one column wide on some CPUs (error ~10 where the values are ~2); no LoRA math can be checked through it there."""
+    if not geometry.is_conv or x.dtype == torch.float64:
+        return True
+    got = geometry.conv(x, weight.to(x.dtype)).double()
+    reference = geometry.conv(x.double(), weight.to(x.dtype).double())
+    bound = geometry.conv(x.double().abs(), weight.to(x.dtype).double().abs())
+    return bool(((got - reference).abs() <= REL_TOL[x.dtype] * bound + 1e-300).all())
+
+
 def _input(geometry: LayerGeometry, size: int, batch: int, gen: torch.Generator) -> torch.Tensor:
     if geometry.is_conv:
         return _rand(gen, batch, geometry.in_features, size, size + 1)
@@ -171,6 +183,7 @@ def test_lora_forward_equals_layer_with_delta_weight(case):
     up, down = _factors(geometry, rank, gen)
     x = _input(geometry, size, batch, gen)
     up_t, down_t, x_t = up.to(dtype), down.to(dtype), x.to(dtype)
+    assume(_torch_conv_is_right(geometry, x_t, lora_delta_weight(up, down, scale)))
 
     got = lora_forward(x_t, up_t, down_t, scale, geometry)
     assert got.dtype == dtype
