@@ -118,6 +118,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if not args.styles_file:
             raise InputError(f"--style {args.style[0]}: give the styles file it is in (--styles-file styles.csv)")
         style_table = read_styles(args.styles_file)
+    img2img_alt = _img2img_alt(args)  # (before the options: it puts the script's overrides in args)
     options = dict(  # noqa: C408 - run_generate's keywords, as its call reads
         styles=find_styles(args.style, style_table) if style_table is not None else (),
         model=args.model, prompt=args.prompt or "", negative=args.negative, comments=args.comments, loras=args.lora,
@@ -157,7 +158,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         aesthetic_text=args.aesthetic_text, aesthetic_text_angle=args.aesthetic_text_angle,
         aesthetic_text_negative=args.aesthetic_text_negative, lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
         lbw_presets=args.lbw_presets,
-        init_image=args.init_image, denoising_strength=args.denoising_strength, hires_scale=args.hires_scale,
+        init_image=args.init_image, img2img_alt=img2img_alt, hires_scale=args.hires_scale,
+        denoising_strength=0.75 if args.denoising_strength is None else args.denoising_strength,
         hires_width=args.hires_width, hires_height=args.hires_height, hires_steps=args.hires_steps,
         hires_denoising=args.hires_denoising, hires_upscaler=args.hires_upscaler,
         resize_mode=args.resize_mode, vae_encode=args.vae_encode, img2img_fix_steps=args.img2img_fix_steps,
@@ -186,6 +188,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                             ("--prompts-file", args.prompts_file is not None),
                                             ("--outpaint-mk2", args.outpaint_mk2 is not None),
                                             ("--inpaint-sketch", args.inpaint_sketch is not None),
+                                            ("--img2img-alt", args.img2img_alt),
                                             ("--prompt-matrix", args.prompt_matrix)) if given]
     if len(scripts) > 1:
         raise InputError(f"{scripts[0]} and {scripts[1]} are two of A1111's scripts, which runs one at a time; leave "
@@ -297,6 +300,30 @@ def _setting_of_words(value: object, flag: str, parse) -> object:
         return parse(value)
     except ValueError as exc:
         raise InputError(f"{flag}: {exc}") from None
+
+
+def _img2img_alt(args: argparse.Namespace):
+    """``--img2img-alt``'s :class:`~sdadapt.inversion.euler_noise.Img2ImgAlternative` (``None`` without it), with
+    A1111's script's overrides put in ``args`` where not given: sampler Euler, steps = decode steps (50 when neither
+    is given), strength 1; the prompt and negative are the decode texts unless ``--decode-prompt`` /
+    ``--decode-negative`` are given."""
+    from ..errors import InputError
+
+    if not args.img2img_alt:
+        return None
+    from ..inversion.euler_noise import Img2ImgAlternative
+
+    args.steps = args.steps or args.decode_steps or 50
+    args.sampler = args.sampler or "euler"
+    args.denoising_strength = 1.0 if args.denoising_strength is None else args.denoising_strength
+    try:
+        return Img2ImgAlternative(
+            decode_prompt=(args.prompt or "") if args.decode_prompt is None else args.decode_prompt,
+            decode_negative=args.negative if args.decode_negative is None else args.decode_negative,
+            decode_steps=args.decode_steps or args.steps, decode_guidance=args.decode_guidance,
+            randomness=args.randomness, sigma_adjustment=args.sigma_adjustment)
+    except ValueError as exc:
+        raise InputError(f"--img2img-alt: {exc}") from None
 
 
 #: generate's option defaults (:func:`register`): an option still at its default takes ``--infotext``'s value
@@ -614,8 +641,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--img2img-fix-steps", action="store_true",
                          help="A1111's setting 'With img2img, do exactly the amount of steps the slider specifies': "
                          "--steps steps run (the grid is built for steps / strength); default: strength x steps")
-    img2img.add_argument("--denoising-strength", type=float, default=0.75, metavar="S",
-                         help="img2img denoising strength in [0, 1] (default 0.75, A1111's)")
+    img2img.add_argument("--denoising-strength", type=float, default=None, metavar="S",
+                         help="img2img denoising strength in [0, 1] (default 0.75, A1111's; 1 with --img2img-alt)")
     img2img.add_argument("--mask", default=None, metavar="IMAGE",
                          help="inpaint the --init-image: white = repaint, black = keep (an RGBA mask with transparency: "
                          "its alpha; any size, resized as A1111 resizes it); A1111's 'Inpaint whole picture', or 'Only "
@@ -680,6 +707,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "detail)")
     img2img.add_argument("--outpaint-color-variation", type=float, default=0.05, metavar="V",
                          help="outpainting mk2: the noise's 'Color variation' (0 to 1, default 0.05)")
+    img2img.add_argument("--img2img-alt", action="store_true",
+                         help="A1111's 'img2img alternative test' script: start from the --init-image's own noise, "
+                         "found by Euler steps up the σ grid on --decode-prompt; its defaults are the script's "
+                         "overrides: sampler euler, --steps = --decode-steps (50), --denoising-strength 1, --prompt "
+                         "as the decode prompt (docs/null-text-inversion.md)")
+    img2img.add_argument("--decode-prompt", default=None, metavar="TEXT",
+                         help="--img2img-alt: the prompt the image is inverted with (the script's 'Original prompt'; "
+                         "default --prompt); give --prompt as the edit")
+    img2img.add_argument("--decode-negative", default=None, metavar="TEXT",
+                         help="--img2img-alt: the negative prompt it is inverted with (default --negative)")
+    img2img.add_argument("--decode-steps", type=positive_int, default=None, metavar="N",
+                         help="--img2img-alt: the inversion's steps ('Decode steps'; default --steps, else 50, "
+                         "A1111's, for both)")
+    img2img.add_argument("--decode-guidance", type=float, default=1.0, metavar="F",
+                         help="--img2img-alt: the inversion's CFG scale ('Decode CFG scale', default 1; the script "
+                         "says 2 or lower)")
+    img2img.add_argument("--randomness", type=float, default=0.0, metavar="R",
+                         help="--img2img-alt: how much of the seed's own noise is blended in (0 to 1, default 0)")
+    img2img.add_argument("--sigma-adjustment", action="store_true",
+                         help="--img2img-alt: the script's 'Sigma adjustment for finding noise for image'")
     img2img.add_argument("--outpaint-fill", default="fill", choices=tuple(INPAINTING_FILL_LABELS),
                          type=_a1111_choice("--outpaint-fill", INPAINTING_FILL_LABELS),
                          help="outpainting: what the new border starts as (the script's 'Masked content'; default "
@@ -860,8 +907,10 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: args.outpaint is not None or args.outpaint_mk2 is not None)
     only_with(generate, ["--outpaint-falloff", "--outpaint-color-variation"], needs="--outpaint-mk2 PX",
               when=lambda args: args.outpaint_mk2 is not None)
-    only_with(generate, ["--sd-upscale", "--loopback", "--outpaint", "--outpaint-mk2"], needs="--init-image IMAGE",
-              when=lambda args: args.init_image is not None)
+    only_with(generate, ["--sd-upscale", "--loopback", "--outpaint", "--outpaint-mk2", "--img2img-alt"],
+              needs="--init-image IMAGE", when=lambda args: args.init_image is not None)
+    only_with(generate, ["--decode-prompt", "--decode-negative", "--decode-steps", "--decode-guidance", "--randomness",
+                         "--sigma-adjustment"], needs="--img2img-alt", when=lambda args: args.img2img_alt)
     def xyz_plot(args: argparse.Namespace) -> bool:
         return any(getattr(args, f"xyz_{axis}") is not None for axis in "xyz")
 

@@ -14,6 +14,7 @@ import torch
 
 from ..dynamic_thresholding import DynamicThresholding
 from ..guidance_rescale import GuidanceRescale, as_guidance_rescale
+from ..inversion.euler_noise import Img2ImgAlternative
 from ..plurals import plural
 from ..prompt_styles import PromptStyle
 from ..soft_inpainting import SoftInpainting
@@ -181,6 +182,7 @@ def run_generate(
     outpaint_directions: Sequence[str] = ("left", "right", "up", "down"),
     outpaint_mask_blur: int = 4,
     outpaint_fill: str = "fill",
+    img2img_alt: Img2ImgAlternative | None = None,
     vae_encode: str = "mean",
     styles: Sequence[PromptStyle] = (),
     loaded: LoadedModels | None = None,
@@ -430,6 +432,15 @@ def run_generate(
             with the border masked (blur ``2·outpaint_mask_blur``, content ``outpaint_fill``: A1111's "fill"), seeds
             ``seed + k``, blended back; one PNG, the first tile's infotext. Not with ``mask``, ``count`` above 1 or
             the other scripts.
+        img2img_alt: A1111's "img2img alternative test" script with ``init_image``
+            (:class:`~sdadapt.inversion.euler_noise.Img2ImgAlternative`, :mod:`sdadapt.jobs.generate_img2img_alt`):
+            each image starts from the init image's Euler-inverted noise (its decode prompt and negative, decode
+            steps and CFG scale; once per init image), blended with the seed's start noise by its randomness, as the
+            script's ``sample_extra`` hands it to img2img; its six fields ("Decode prompt" ... "Sigma Adjustment") in
+            the infotext. The sampler, steps, prompt and strength are the run's own: the script's overrides (Euler,
+            the decode steps, the decode prompt, strength 1) are ``generate``'s defaults for ``--img2img-alt``. Not
+            with ``mask``, a hires pass, ``refiner``, the other scripts, ``noise_multiplier`` or
+            ``downcast_alphas_cumprod``; a plain text-to-image UNet only.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
@@ -772,6 +783,14 @@ def run_generate(
             raise ValueError("--outpaint is A1111's img2img script on one --init-image, run once: not with --mask / "
                              "--inpaint-full-res (it masks the new border itself), --count, --loopback, --sd-upscale "
                              "or a folder of images")
+    if img2img_alt is not None:  # (A1111's "img2img alternative test": sdadapt.jobs.generate_img2img_alt)
+        from .generate_img2img_alt import check_img2img_alt_request
+
+        check_img2img_alt_request({
+            "init_image": init_image, "mask": mask, "hires_scale": hires_scale, "hires_width": hires_width,
+            "hires_height": hires_height, "refiner": refiner, "sd_upscale": sd_upscale, "loopback": loopback,
+            "outpaint": outpaint, "noise_multiplier": noise_multiplier,
+            "downcast_alphas_cumprod": downcast_alphas_cumprod})
     loop_strengths = loop_curve = None
     if loopback is not None:
         from ..loopback import LOOPBACK_CURVES, check_loopback, loopback_strengths
@@ -1242,6 +1261,14 @@ def run_generate(
         raise ValueError("--refiner: an embedding here is spelled out as placeholder tokens for the base, which the "
                          "refiner would read as words; leave out the embedding or --refiner")
     text, negative_text = _expanded(prompt, handles), _expanded(negative, handles)
+    alt_run = None
+    if img2img_alt is not None:  # (its decode texts read as A1111's get_learned_conditioning reads them, raw)
+        from .generate_img2img_alt import Img2ImgAltRun, check_img2img_alt_model
+
+        check_img2img_alt_model(system, model)
+        alt_run = Img2ImgAltRun(system, img2img_alt, texts=(_expanded(img2img_alt.decode_prompt, handles) or "",
+                                                            _expanded(img2img_alt.decode_negative, handles) or ""),
+                                log=say)
     from ..prompt_guidance import plan_prompt, reads_emphasis
     from ..prompt_schedule import schedule_steps
 
@@ -1539,7 +1566,8 @@ def run_generate(
         hypertile=None if tiles is None else (*tile_settings, hypertile_unet_second_pass),
         soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap,
                                                                   getattr(sd_upscaler, "name", sd_upscaler)),
-        loopback=None if loop_curve is None else (float(loopback_final_denoising), loop_curve))
+        loopback=None if loop_curve is None else (float(loopback_final_denoising), loop_curve),
+        img2img_alt=None if img2img_alt is None else img2img_alt.infotext_fields())
     written: list[str] = []
     kept: tuple[list, list[str]] = ([], [])  # (each written image's 8-bit pixels and infotext: A1111's grids' cells)
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
@@ -1627,6 +1655,8 @@ def run_generate(
             options.update(sampled)  # (after the mean conditioning: an inpainting model's sampled one replaces it)
             if vae_encode == "sample":  # (an inpainting model's txt2img grey, a hires pass's: drawn in sample)
                 options["vae_encode"] = vae_encode
+            if alt_run is not None:  # (the script's start noise: the image's inverted noise, blended, less init/σ_max)
+                options.update(alt_run.start_options(init_latents, options))
             handoff = None
             if refiner_system is not None:  # (the base, then the refiner, in one sampler run per pass)
                 from .generate_refiner import RefinerHandoff

@@ -369,6 +369,7 @@ class InfotextRun:
     soft_inpainting: object = None
     sd_upscale: tuple | None = None
     loopback: tuple | None = None
+    img2img_alt: Mapping[str, object] | None = None
     freeu: tuple | None = None
     tiling: bool = False
     vae_tiling: bool = False
@@ -428,6 +429,8 @@ class InfotextRun:
             fields.update(zip(SD_UPSCALE_FIELDS, self.sd_upscale))
         if self.loopback is not None:  # (the Loopback script's run(): its own extra_generation_params, the first)
             fields.update(zip(LOOPBACK_FIELDS, self.loopback))
+        if self.img2img_alt is not None:  # (the img2img alternative test's run(): its fields, before process_images)
+            fields.update(self.img2img_alt)
         if self.aesthetic is not None:  # (the extension's process(): before p.init, so before the hires fields)
             fields.update(_aesthetic_fields(self.aesthetic))
         rescale = as_guidance_rescale(self.guidance_rescale)
@@ -595,7 +598,7 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  vae_tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None,
                  soft_inpainting: object = None, sd_upscale: tuple | None = None,
-                 loopback: tuple | None = None) -> InfotextRun:
+                 loopback: tuple | None = None, img2img_alt: Mapping[str, object] | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -617,7 +620,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``soft_inpainting``: the run's :class:`~sdadapt.soft_inpainting.SoftInpainting` (A1111's fields, with a mask) or
     ``None``; ``sd_upscale``: ``(overlap, upscaler's A1111 name)`` of ``--sd-upscale`` (A1111's script's fields) or
     ``None``; ``loopback``: ``(final strength, curve's A1111 label)`` of ``--loopback`` (its script's fields) or
-    ``None``;
+    ``None``; ``img2img_alt``: the img2img alternative test's fields
+    (:meth:`sdadapt.inversion.euler_noise.Img2ImgAlternative.infotext_fields`) or ``None``;
     ``freeu``: ``(b1, b2, s1, s2, version[, start, end])`` of ``--freeu`` / ``--freeu-window`` (Forge's FreeU fields)
     or ``None``;
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written); ``old_timelines``: "Old prompt editing
@@ -696,4 +700,5 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         old_timelines=old_timelines, guidance_rescale=guidance_rescale, perturbed_attention=perturbed_attention,
         self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu,
         tiling=tiling, vae_tiling=vae_tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile,
-        soft_inpainting=soft_inpainting, sd_upscale=sd_upscale, loopback=loopback)
+        soft_inpainting=soft_inpainting, sd_upscale=sd_upscale, loopback=loopback,
+        img2img_alt=img2img_alt)

@@ -403,6 +403,14 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
             del options["sd_upscale_upscaler"]
             taken.discard("SD upscale upscaler")
             _take_upscaler_file(fields, "SD upscale upscaler", "sd_upscale_upscaler", upscaler_dir, options, taken)
+    if img2img and "Decode prompt" in fields:  # (A1111's img2img alternative test: every one of its fields)
+        options["img2img_alt"] = True
+        take("Decode prompt", "decode_prompt")
+        take("Decode negative prompt", "decode_negative")
+        take("Decode CFG scale", "decode_guidance", float)
+        take("Decode steps", "decode_steps", lambda v: int(float(v)))
+        take("Randomness", "randomness", float)
+        take("Sigma Adjustment", "sigma_adjustment", flag)
     if loopback:  # (A1111's Loopback script: the final strength and the curve, not the loops)
         take("Final denoising strength", "loopback_final_denoising", float)
         take("Denoising curve", "loopback_curve")
@@ -439,8 +447,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
         elif base in INFORMATIONAL_FIELDS:
             reason = "the run's networks and embeddings: give their folders (--lora-dir, --hypernetwork-dir, " \
                      "--embeddings-dir)"
-        elif base in ("Denoising strength", "Noise multiplier", "Extra noise") or base.startswith((
-                "Mask", "Masked", "Inpaint", "Conditional mask", "Soft inpainting")):
+        elif base in ("Denoising strength", "Noise multiplier", "Extra noise", "Randomness", "Sigma Adjustment") \
+                or base.startswith(("Mask", "Masked", "Inpaint", "Conditional mask", "Soft inpainting", "Decode ")):
             reason = "needs the init image / mask: give --init-image (--mask)"
         elif base.startswith(("Refiner", "Hires refiner")):
             reason = "needs the refiner: give --refiner FILE"
