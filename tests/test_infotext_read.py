@@ -45,7 +45,8 @@ def test_the_fields_become_generates_options_and_the_rest_is_said():
     assert options["prompt"] == "a castle, (masterpiece:1.2), <lora:style:0.8>\nat night"
     assert options["negative"] == "blurry, lowres\nugly"
     assert [line.split(":")[0] for line in not_taken] == ["Model hash", "Model", "Lora hashes", "TI hashes"]
-    assert not_taken[0] == "Model hash: 6ce0161689 — the run's model files: give them (--model, --vae, --refiner)"
+    assert not_taken[0] == ("Model hash: 6ce0161689 — the run's model files: give them (--model, --vae, --refiner, "
+                            "--hires-checkpoint)")
     options, not_taken = infotext_options(parse_infotext(TEXTS[-1]))
     assert (options["hires_width"], options["hires_height"], options["hires_prompt"]) == (
         1024, 1536, 'a "quoted" prompt, with commas')

@@ -165,7 +165,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         resize_mode=args.resize_mode, vae_encode=args.vae_encode, img2img_fix_steps=args.img2img_fix_steps,
         hires_prompt=args.hires_prompt,
         hires_negative=args.hires_negative, hires_sampler=args.hires_sampler, hires_schedule=args.hires_schedule,
-        hires_guidance=args.hires_guidance,
+        hires_guidance=args.hires_guidance, hires_checkpoint=args.hires_checkpoint,
         mask=args.mask, mask_blur=args.mask_blur, invert_mask=args.invert_mask, inpainting_fill=args.inpainting_fill,
         inpainting_mask_weight=args.inpainting_mask_weight, inpaint_full_res=args.inpaint_full_res,
         inpaint_full_res_padding=args.inpaint_full_res_padding,
@@ -766,6 +766,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     img2img.add_argument("--hires-guidance", type=float, default=None, metavar="F",
                          help="hires fix: the second pass's guidance scale (Forge's 'Hires CFG Scale'; default: "
                               "--guidance)")
+    img2img.add_argument("--hires-checkpoint", default=None, metavar="MODEL",
+                         help="hires fix: another model (file or folder) runs the second pass (A1111's 'Hires "
+                              "checkpoint'); the run's LoRAs, hypernetworks and embeddings act on it too")
     img2img.add_argument("--hires-sampler", type=_sampler, default=None, metavar="NAME",
                          help="hires fix: the second pass's sampler (A1111's 'Hires sampling method'; default: "
                          "--sampler; one that starts from an image, docs/samplers.md)")
@@ -948,7 +951,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         return args.hires_scale is not None or args.hires_width is not None or args.hires_height is not None
 
     only_with(generate, ["--hires-steps", "--hires-denoising", "--hires-upscaler", "--hires-prompt", "--hires-negative",
-                         "--hires-sampler", "--hires-schedule", "--hires-guidance", "--token-merging-ratio-hr",
+                         "--hires-sampler", "--hires-schedule", "--hires-guidance", "--hires-checkpoint",
+                         "--token-merging-ratio-hr",
                          "--hypertile-unet-second-pass"],
               needs=hires_size, when=wants_hires,
               message=f"{{option}} shapes the hires fix's second pass, which runs only with {hires_size}: add one, "

@@ -163,6 +163,7 @@ def run_generate(
     hires_sampler: str | None = None,
     hires_schedule: str | None = None,
     hires_guidance: float | None = None,
+    hires_checkpoint: str | os.PathLike | None = None,
     mask: str | os.PathLike | None = None,
     mask_blur: float | tuple[float, float] | None = None,
     latent_mask: str | os.PathLike | None = None,
@@ -460,6 +461,16 @@ def run_generate(
         hires_schedule: A1111's "Hires schedule type" (hr_scheduler): the hires pass's grid (``None``: ``schedule``'s).
         hires_guidance: Forge's "Hires CFG Scale" (hr_cfg): the hires pass's guidance scale (``None``: ``guidance``'s),
             "Hires CFG Scale" in the infotext when given.
+        hires_checkpoint: A1111's "Hires checkpoint" (hr_checkpoint_name): another model (file or folder) that runs
+            the hires pass, loaded as ``model`` is (``vae``, ``clip_skip``, ``prediction_type``, ...) and held beside
+            it (:mod:`sdadapt.jobs.generate_hires_checkpoint`). The first pass is ``model``'s; a pixel upscaler's
+            pixels are decoded by ``model``'s VAE and encoded by the hires model's, a latent upscaler hands the latents
+            over as they are (both must share a latent space); the hires pass is conditioned by the hires model's text
+            encoders and its image decoded by its VAE, as A1111 loads the checkpoint between the passes. The run's
+            networks act on it as A1111's act on whatever model is loaded: ``loras``, the prompt's tags (the hires
+            prompt's when it has its own), hypernetworks, embeddings (each must fit it). "Hires checkpoint: NAME
+            [HASH]" in the infotext. Not with ``refiner``, ``custom_diffusions``, ``aesthetic``, a LoRA tag's step
+            range, Hypertile, token merging, FreeU, PAG or SAG (each patches the one model they were set on).
         vae_encode: how ``init_image`` (img2img, inpainting) and the ``pixel-lanczos`` hires pass's pixels become
             latents: ``"mean"`` (the default) the VAE posterior's mean, the same latents for every seed; ``"sample"``
             a posterior sample drawn per image from ``torch.Generator().manual_seed(seed)`` before that generator
@@ -919,6 +930,15 @@ def run_generate(
                 raise ValueError(f"prompt tag {odd.tag}: start= / stop= / step= with a --hires-prompt whose tags or "
                                  "ranges differ is not built for the hires pass (the extension reads the ranges of "
                                  "the first pass's prompt only, by LoRA name); give --hires-prompt the same tags")
+    if hires_checkpoint is not None:  # (A1111's "Hires checkpoint": sdadapt.jobs.generate_hires_checkpoint)
+        from .generate_hires_checkpoint import check_hires_checkpoint_request
+
+        check_hires_checkpoint_request(hires_checkpoint, {
+            "refiner": refiner, "custom_diffusions": custom_diffusions, "aesthetic": aesthetic,
+            "hypertile_unet": hypertile_unet, "hypertile_vae": hypertile_vae,
+            "hypertile_unet_second_pass": hypertile_unet_second_pass, "token_merging_ratio": token_merging_ratio,
+            "token_merging_ratio_hr": token_merging_ratio_hr, "freeu": freeu, "pag_scale": pag_scale,
+            "sag_scale": sag_scale}, hires=hires is not None, stepped_tag=stepped[0].tag if stepped else None)
     parsed = _checked_specs("--lora", loras, folders=True)  # (a folder: a peft adapter)
     # (a file given both as an option and as a prompt tag at the same weight — an sdadapt PNG's prompt pasted back,
     # whose infotext writes the options as tags — is applied once: generate_prompt_tags.drop_tagged_options)
@@ -1065,16 +1085,27 @@ def run_generate(
         refiner_system.emphasis = emphasis
         say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
             f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
+    hires_system = None
+    if hires_checkpoint is not None:  # (both held: A1111 loads it between the passes, the first model each batch)
+        from .generate_hires_checkpoint import check_hires_pair
+
+        hires_system = load(str(hires_checkpoint), device=resolve_device(device), tokenizer=tokenizer,
+                            prediction_type=prediction_type, clip_skip=clip_skip, max_token_length=max_token_length,
+                            vae=vae, log=say, clip_stats=clip_stats)
+        check_hires_pair(system, hires_system, upscaler=hires_upscaler, hires_model=hires_checkpoint)
+        if emphasis != "Original":
+            hires_system.emphasis = emphasis
+        say(f"hires checkpoint {hires_checkpoint}: runs the hires pass")
     run_scope = contextlib.ExitStack()  # (what the run changes on its models, taken off at its end)
     if tiling:  # (A1111's apply_circular, before the init image is encoded: every Conv2d of the models it runs)
         from ..tiling import circular_padding, models_of
 
-        run_scope.enter_context(circular_padding(*models_of(system),
-                                                 *(models_of(refiner_system) if refiner_system is not None else ())))
+        run_scope.enter_context(circular_padding(*(module for held in (system, refiner_system, hires_system)
+                                                   if held is not None for module in models_of(held))))
     if vae_tiling:  # (diffusers' own tiled decode and encode, for the run)
         from ..vae_tiling import tiled_vae
 
-        run_scope.enter_context(tiled_vae(system, refiner_system))
+        run_scope.enter_context(tiled_vae(system, refiner_system, hires_system))
     tiles, tile_settings = None, None
     if hypertile_unet or hypertile_vae or hypertile_unet_second_pass:  # (A1111's Hypertile script's process())
         from ..hypertile import HYPERTILE_DEFAULTS, Hypertile, HypertileSettings
@@ -1132,13 +1163,13 @@ def run_generate(
             unet, scale=sag_scale, blur_sigma=sag_blur_sigma, alphas_cumprod=system.alphas_cumprod,
             prediction_type=getattr(system, "prediction_type", "epsilon")))
     if noise_schedule == "zero-terminal-snr":  # (A1111's apply_alpha_schedule_override: every model it samples)
-        for holder in (system, refiner_system):
+        for holder in (system, refiner_system, hires_system):
             if holder is not None:
                 holder.rescale_to_zero_terminal_snr()
     if downcast_alphas_cumprod:  # (apply_alpha_schedule_override: ᾱ halved, each model it samples, for the run)
         from ..samplers.sigma_space import downcast_alphas_cumprod as halved
 
-        for holder in (system, refiner_system):
+        for holder in (system, refiner_system, hires_system):
             if holder is not None:
                 original = holder.alphas_cumprod
                 try:
@@ -1165,7 +1196,7 @@ def run_generate(
         holder.zero_empty_negative = True
     _check_step_counts(system, step_grids=step_grids, fixed_grids=fixed_grids)
     if pad_conds:  # (A1111 pads with the states of "" it encoded at load, before any LoRA: kept before the merges)
-        for holder in (system, refiner_system):
+        for holder in (system, refiner_system, hires_system):
             if hasattr(holder, "keep_empty_prompt_states"):
                 holder.keep_empty_prompt_states()
     applied = []
@@ -1174,16 +1205,18 @@ def run_generate(
         say(f"applied {path} at {scale:g} ({plural(applied[-1]['layers'], 'layer')})")
     # the hires pass switches the tag LoRAs when its prompt names others (A1111 activates hr_extra_network_data):
     # only then are the undo handles (each a copy of the weights it changed) and the files read kept for the run
-    switch_networks = hires is not None and _networks(hires_tag_loras) != _networks(tag_loras)
+    other_hires_tags = hires is not None and _networks(hires_tag_loras) != _networks(tag_loras)
+    switch_networks = other_hires_tags and hires_system is None  # (a hires checkpoint gets the hires tags itself)
     tag_handles: list | None = [] if switch_networks else None
     tag_files: dict | None = {} if switch_networks else None
 
     step_parts: list = []  # (a tag's step range, its UNet groups): merged per model call by StepSwitchedLoRAs
 
-    def apply_tag_loras(items, handles: list | None, *, quiet: bool = False) -> list:
+    def apply_tag_loras(items, handles: list | None, *, quiet: bool = False, target=None) -> list:
         reports = []
         for item in items:
-            report, unet_groups = _apply_lora_parts(system, item.file, item.te, unet_scale=item.unet, option=item.tag,
+            report, unet_groups = _apply_lora_parts(system if target is None else target, item.file, item.te,
+                                                    unet_scale=item.unet, option=item.tag,
                                                     block_weights=item.block_weights, handles=handles,
                                                     files=tag_files, hold_unet=item.steps is not None, dyn=item.dyn)
             reports.append(report)
@@ -1199,6 +1232,14 @@ def run_generate(
         return reports
 
     applied.extend(apply_tag_loras(tag_loras, tag_handles))
+    if hires_system is not None:  # (A1111's networks act on whatever model is loaded: the hires pass's tags on it)
+        for path, scale in parsed:
+            report = _apply_lora_file(hires_system, path, scale)
+            say(f"applied {path} at {scale:g} on the hires checkpoint ({plural(report['layers'], 'layer')})")
+        for report, item in zip(apply_tag_loras(hires_tag_loras if other_hires_tags else tag_loras, None, quiet=True,
+                                                target=hires_system),
+                                hires_tag_loras if other_hires_tags else tag_loras):
+            say(f"applied {item.file} ({item.tag}) on the hires checkpoint ({plural(report['layers'], 'layer')})")
     step_switch = freeu_steps = None
     if freeu is not None and freeu_window != (0.0, 1.0):  # (Forge's denoiser_callback: FreeU per model call)
         from ..freeu import FreeUSteps
@@ -1221,6 +1262,10 @@ def run_generate(
                                     "unused_widths": list(handle.unused_widths)})
         unused = f"; widths {list(handle.unused_widths)} unused" if handle.unused_widths else ""
         say(f"hypernetwork {path} at {strength:g} ({plural(len(handle.layers), 'layer')}{unused})")
+        if hires_system is not None:  # (and on the hires checkpoint's: A1111 hooks every loaded model's attention)
+            on_hires = inject_hypernetwork_option(hires_system, module.to(unet_device), path=path, strength=strength,
+                                                  index=index)
+            hypernetwork_report[-1]["hires_checkpoint_layers"] = len(on_hires.layers)
         if refiner_system is not None:  # (A1111's loaded hypernetworks act on the refiner's attention too)
             from .generate_hypernetworks import inject_refiner_hypernetwork
 
@@ -1260,6 +1305,13 @@ def run_generate(
         # tokenizers would reach the refiner as those words; generate's SDXL embeddings are matched by ids)
         raise ValueError("--refiner: an embedding here is spelled out as placeholder tokens for the base, which the "
                          "refiner would read as words; leave out the embedding or --refiner")
+    if hires_system is not None and handles:  # (the hires model reads the same texts: the same embeddings, each
+        # fitting it and spelled the same; A1111 loads its embeddings folder for each model it loads)
+        from .generate_hires_checkpoint import embeddings_on_hires
+
+        embeddings_on_hires(hires_system, embedding_files, handles,
+                            texts=[prompt, negative, hires_prompt, hires_negative], inject=_inject_embedding_file,
+                            expand=_expanded, hires_model=hires_checkpoint)
     text, negative_text = _expanded(prompt, handles), _expanded(negative, handles)
     alt_run = None
     if img2img_alt is not None:  # (its decode texts read as A1111's get_learned_conditioning reads them, raw)
@@ -1567,7 +1619,7 @@ def run_generate(
         soft_inpainting=soft_inpainting, sd_upscale=None if sd_upscaler is None else (sd_upscale_overlap,
                                                                   getattr(sd_upscaler, "name", sd_upscaler)),
         loopback=None if loop_curve is None else (float(loopback_final_denoising), loop_curve),
-        img2img_alt=None if img2img_alt is None else img2img_alt.infotext_fields())
+        img2img_alt=None if img2img_alt is None else img2img_alt.infotext_fields(), hires_checkpoint=hires_checkpoint)
     written: list[str] = []
     kept: tuple[list, list[str]] = ([], [])  # (each written image's 8-bit pixels and infotext: A1111's grids' cells)
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
@@ -1586,7 +1638,7 @@ def run_generate(
     else:
         jobs = [(i, file, None) for i, file in enumerate(files)]
     script_seeds = tiled is not None or loop_strengths is not None
-    with conditions_cached(system), conditions_cached(refiner_system):
+    with conditions_cached(system), conditions_cached(refiner_system), conditions_cached(hires_system):
         for done, (i, file, source) in enumerate(jobs):
             image_file = init_image if source is None else source[0]
             job_strength = denoising_strength
@@ -1670,7 +1722,8 @@ def run_generate(
                                           fix_steps=img2img_fix_steps,
                                           hires_networks=hires_scope if hires_contexts else None,
                                           refiner=handoff, refiner_hires_pass=refiner_hires_pass or "second",
-                                          inpainting_mask_weight=inpainting_mask_weight, vae_encode=vae_encode)
+                                          inpainting_mask_weight=inpainting_mask_weight, vae_encode=vae_encode,
+                                          hires_system=hires_system)
             finally:  # (the next image starts from the weights without the step-switched parts)
                 if model_calls is not None:
                     model_calls.release()
@@ -1707,6 +1760,7 @@ def run_generate(
             "hypernetworks": hypernetwork_report, "custom_diffusions": custom_report,
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic),
+            **({} if hires_checkpoint is None else {"hires_checkpoint": str(hires_checkpoint)}),
             **({} if refiner is None else {"refiner": str(refiner), "refiner_switch_at": refiner_switch_at,
                                            "refiner_hires_pass": (refiner_hires_pass or "second") if hires else None})}
 

@@ -423,7 +423,7 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
                  plan_for: Callable[[int], object] | None = None, fix_steps: bool = False,
                  hires_networks: Callable[[], AbstractContextManager] | None = None, refiner=None,
                  refiner_hires_pass: str = "second", inpainting_mask_weight: float = 1.0,
-                 vae_encode: str = "mean") -> Tensor:
+                 vae_encode: str = "mean", hires_system=None) -> Tensor:
     """One :func:`sdadapt.sampling.generate` call's images (B, 3, H, W) in [-1, 1] with img2img and/or hires fix.
 
     ``options``: :func:`~sdadapt.sampling.generate`'s keywords (``steps``, ``seed``, ``height``, ``width``, ``plan``,
@@ -473,6 +473,10 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     only, ``"first"`` the first pass only, ``"both"`` either; once the refiner took over in the first pass it is the
     loaded model, so the whole hires pass is the refiner's, its pixels decoded and encoded by the refiner's VAE
     (A1111's ``sample`` keeps the model ``current`` after the first pass for ``sample_hr_pass``).
+    ``hires_system``: A1111's "Hires checkpoint" (``generate --hires-checkpoint``): the model that runs the hires pass —
+    a pixel upscaler's pixels decoded by ``system`` (A1111 decodes before it loads the checkpoint) and encoded by it,
+    a latent upscaler's latents handed over as they are, the pass conditioned by its encoders (``options["cond"]``,
+    the first model's, left out) and decoded by its VAE. Not with ``refiner``.
     """
     from ..img2img import LATENT_UPSCALERS, upscale_latents
     from ..sampler_tables import PIXEL_UPSCALERS
@@ -480,6 +484,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
 
     first = dict(options)
     check_refiner_hires_pass(refiner_hires_pass)
+    if hires_system is not None and refiner is not None:
+        raise ValueError("a hires checkpoint and the refiner: A1111 loads one model after the other; give one of them")
     if refiner is not None and (hires is None or refiner_hires_pass in ("first", "both")):
         first["refiner"] = refiner
     refined_before = refiner.calls["refiner"] if refiner is not None else 0
@@ -492,6 +498,9 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     latents = generate(system, prompts, **first, output="latents")
     took_over = refiner is not None and refiner.calls["refiner"] > refined_before  # (in the first pass)
     loaded = refiner.refiner if took_over else system  # (A1111's shared.sd_model after the first pass)
+    decoder = loaded  # (what decodes the first pass for a pixel upscaler: the model loaded before the hires checkpoint)
+    if hires_system is not None:  # (A1111: decode_latent_batch, then reload_model_weights(hr_checkpoint_info))
+        loaded = hires_system
     height, width = hires.size
     up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y/x: covers the size, then cropped)
     factor = int(getattr(system, "vae_factor", 8))
@@ -505,7 +514,7 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         if inpainting_mask_weight < 1.0:  # (A1111: img2img_image_conditioning(decode_first_stage(samples), samples))
             weighted = {"latents": start}
     else:  # pixel-lanczos: decode, resize, encode (A1111's pixel upscalers with Lanczos)
-        pixels = lanczos_upscale_pixels(loaded.decode_latents(latents), (up_h, up_w), upscaler=PIXEL_UPSCALERS.get(
+        pixels = lanczos_upscale_pixels(decoder.decode_latents(latents), (up_h, up_w), upscaler=PIXEL_UPSCALERS.get(
             hires.upscaler, hires.upscaler) if isinstance(hires.upscaler, str) else hires.upscaler).to(latents.device)
         if vae_encode == "sample":  # (the seed's generator: the posterior sample, then this pass's start noise)
             spent: list[torch.Generator] = []
@@ -534,7 +543,9 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
                          f"the hires size must be a multiple of {factor} (check_hires_request)")
     steps = hires.steps or int(options.get("steps", 25))
     second = dict(options, height=height, width=width)
-    second.pop("generator", None)  # (the first pass's, spent: the hires pass draws from the seed afresh)
+    second.pop("generator", None)
+    if hires_system is not None:  # (its own conditioning, from its own encoders)
+        second.pop("cond", None)  # (the first pass's, spent: the hires pass draws from the seed afresh)
     if hires_generator is not None:
         second["generator"] = hires_generator
     conditioning = None  # (an inpainting model's c_concat for the hires pass; None: its txt2img grey, drawn in sample)
@@ -592,5 +603,5 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         else:
             second["plan"] = plan
     with unclip_scope, (nullcontext() if hires_networks is None else hires_networks()):
-        return generate(system, second_prompts, **second, init_latents=start.to(latents.dtype),
-                        denoising_strength=hires.denoising, img2img_steps=steps)
+        return generate(system if hires_system is None else hires_system, second_prompts, **second,
+                        init_latents=start.to(latents.dtype), denoising_strength=hires.denoising, img2img_steps=steps)

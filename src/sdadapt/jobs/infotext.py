@@ -370,6 +370,7 @@ class InfotextRun:
     sd_upscale: tuple | None = None
     loopback: tuple | None = None
     img2img_alt: Mapping[str, object] | None = None
+    hires_checkpoint: str | os.PathLike | None = None
     freeu: tuple | None = None
     tiling: bool = False
     vae_tiling: bool = False
@@ -444,6 +445,9 @@ class InfotextRun:
             fields.update(soft_inpainting_fields(self.soft_inpainting))
         if self.hires is not None:  # StableDiffusionProcessingTxt2Img.init's order
             hires = dict(self.hires)
+            if self.hires_checkpoint is not None:  # (its short_title, "name [shorthash]")
+                name, short = _checkpoint(self.hires_checkpoint)
+                fields["Hires checkpoint"] = name if short is None else f"{name} [{short}]"
             hr_sampler = hires.get("sampler")
             fields["Hires sampler"] = (None if hr_sampler is None or hr_sampler == self.sampler
                                        else label(str(hr_sampler)))
@@ -598,7 +602,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
                  vae_tiling: bool = False,
                  token_merging: tuple[float, float] = (0.0, 0.0), hypertile: tuple | None = None,
                  soft_inpainting: object = None, sd_upscale: tuple | None = None,
-                 loopback: tuple | None = None, img2img_alt: Mapping[str, object] | None = None) -> InfotextRun:
+                 loopback: tuple | None = None, img2img_alt: Mapping[str, object] | None = None,
+                 hires_checkpoint: str | os.PathLike | None = None) -> InfotextRun:
     """The :class:`InfotextRun` of a ``generate`` run from its options as :func:`sdadapt.jobs.generate.run_generate`
     holds them once the model is loaded (``texts``: prompt, negative, hires prompt, hires negative as given, tags
     kept; ``guidance`` ``None``: the model's default; ``tokenize``: the model's text -> token ids, to list the
@@ -621,7 +626,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
     ``None``; ``sd_upscale``: ``(overlap, upscaler's A1111 name)`` of ``--sd-upscale`` (A1111's script's fields) or
     ``None``; ``loopback``: ``(final strength, curve's A1111 label)`` of ``--loopback`` (its script's fields) or
     ``None``; ``img2img_alt``: the img2img alternative test's fields
-    (:meth:`sdadapt.inversion.euler_noise.Img2ImgAlternative.infotext_fields`) or ``None``;
+    (:meth:`sdadapt.inversion.euler_noise.Img2ImgAlternative.infotext_fields`) or ``None``; ``hires_checkpoint``: the
+    hires pass's model (A1111's "Hires checkpoint", written before the other hires fields) or ``None``;
     ``freeu``: ``(b1, b2, s1, s2, version[, start, end])`` of ``--freeu`` / ``--freeu-window`` (Forge's FreeU fields)
     or ``None``;
     ``emphasis``: A1111's "Emphasis mode" to write (``None``: not written); ``old_timelines``: "Old prompt editing
@@ -701,4 +707,4 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         self_attention_guidance=self_attention_guidance, dynamic_thresholding=dynamic_thresholding, freeu=freeu,
         tiling=tiling, vae_tiling=vae_tiling, token_merging=tuple(map(float, token_merging)), hypertile=hypertile,
         soft_inpainting=soft_inpainting, sd_upscale=sd_upscale, loopback=loopback,
-        img2img_alt=img2img_alt)
+        img2img_alt=img2img_alt, hires_checkpoint=hires_checkpoint)

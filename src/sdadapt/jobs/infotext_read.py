@@ -443,7 +443,8 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
             continue
         base = field[:-2] if field.endswith(("-1", "-2")) else field
         if base in _MODEL_FILES:
-            reason = f"{fields[field]} — the run's model files: give them (--model, --vae, --refiner)"
+            reason = (f"{fields[field]} — the run's model files: give them (--model, --vae, --refiner, "
+                      "--hires-checkpoint)")
         elif base in INFORMATIONAL_FIELDS:
             reason = "the run's networks and embeddings: give their folders (--lora-dir, --hypernetwork-dir, " \
                      "--embeddings-dir)"
