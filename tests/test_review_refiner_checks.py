@@ -33,7 +33,7 @@ def _system(*, refiner=False, sdxl=True, channels=4, scaling=0.13025, prediction
 def test_pairs_that_cannot_hand_latents_over_are_refused_by_name():
     base, refiner = _system(), _system(refiner=True)
     check_refiner_pair(base, refiner)
-    for pair, match in (((base, _system()), "not the SDXL refiner"),
+    for pair, match in (((base, _system()), "no Stable Diffusion model"),  # (a model refiner needs a UNet)
                         ((_system(sdxl=False), refiner), "not SDXL"),
                         ((_system(refiner=True), refiner), "the refiner itself"),
                         ((base, _system(refiner=True, scaling=0.18215)), "latent space"),

@@ -845,8 +845,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--aesthetic-score", type=float, default=None, metavar="SCORE",
                           help="the SDXL refiner's aesthetic-score conditioning of the prompt (diffusers' option; default 6.0)")
     generate.add_argument("--refiner", default=None, metavar="MODEL",
-                          help="an SDXL refiner that takes over from the SDXL base --model in the same sampler run "
-                               "(A1111's Refiner; diffusers' denoising_end/denoising_start): both models held at once")
+                          help="a model that takes over from --model in the same sampler run (A1111's Refiner; "
+                               "diffusers' denoising_end/denoising_start): the SDXL refiner after an SDXL base, or any "
+                               "checkpoint of --model's latent space, which gets the run's LoRAs and embeddings too; "
+                               "both models held at once")
     generate.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
                           help="the fraction of the schedule the base runs before the refiner (default 0.8: the "
                                "timesteps >= round(1000 - 1000 F) are the base's, as diffusers cuts them)")

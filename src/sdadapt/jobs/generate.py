@@ -1080,11 +1080,14 @@ def run_generate(
         from .generate_refiner import check_refiner_pair
 
         refiner_system = load(str(refiner), device=resolve_device(device), prediction_type=prediction_type,
-                              vae=vae, log=say)
+                              clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
         check_refiner_pair(system, refiner_system)
         refiner_system.emphasis = emphasis
         say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
             f"{'sampling steps' if refiner_switch_by_steps else 'schedule'}")
+    # (A1111's Refiner takes any checkpoint: one that is not the SDXL refiner gets the run's networks, as A1111's act
+    # on whatever model is loaded; the SDXL refiner has no layer an SDXL base's LoRA names, nor its text widths)
+    model_refiner = refiner_system is not None and not getattr(refiner_system, "is_refiner", False)
     hires_system = None
     if hires_checkpoint is not None:  # (both held: A1111 loads it between the passes, the first model each batch)
         from .generate_hires_checkpoint import check_hires_pair
@@ -1191,8 +1194,9 @@ def run_generate(
     if refiner_empty_negative == "zeros":  # (A1111's force_zero_negative_prompt on the refiner too)
         holder = refiner_system if refiner_system is not None else system
         if not getattr(holder, "is_refiner", False):
-            raise ValueError(f"--refiner-empty-negative zeros: {model} is not the SDXL refiner and no --refiner is "
-                             "given; the SDXL base zeros an empty negative prompt already: leave it out")
+            raise ValueError(f"--refiner-empty-negative zeros: {refiner if refiner_system is not None else model} is "
+                             "not the SDXL refiner; the SDXL base zeros an empty negative prompt already, the other "
+                             "models encode it: leave it out")
         holder.zero_empty_negative = True
     _check_step_counts(system, step_grids=step_grids, fixed_grids=fixed_grids)
     if pad_conds:  # (A1111 pads with the states of "" it encoded at load, before any LoRA: kept before the merges)
@@ -1232,6 +1236,16 @@ def run_generate(
         return reports
 
     applied.extend(apply_tag_loras(tag_loras, tag_handles))
+    if model_refiner:  # (A1111's networks act on whatever model is loaded: the first pass's tags on the refiner)
+        if other_hires_tags or step_parts:
+            raise ValueError("--refiner: a model refiner here gets the prompt's LoRA tags as they are; a hires prompt "
+                             "with tags of its own, or a tag's start= / stop= / step=, switches LoRAs on --model "
+                             "only: leave those out with --refiner")
+        for path, scale in parsed:
+            report = _apply_lora_file(refiner_system, path, scale)
+            say(f"applied {path} at {scale:g} on the refiner ({plural(report['layers'], 'layer')})")
+        for report, item in zip(apply_tag_loras(tag_loras, None, quiet=True, target=refiner_system), tag_loras):
+            say(f"applied {item.file} ({item.tag}) on the refiner ({plural(report['layers'], 'layer')})")
     if hires_system is not None:  # (A1111's networks act on whatever model is loaded: the hires pass's tags on it)
         for path, scale in parsed:
             report = _apply_lora_file(hires_system, path, scale)
@@ -1300,18 +1314,24 @@ def run_generate(
                 continue
             say(f"embedding {handles[-1].name!r} from {path}")
             embedding_files[handles[-1].name] = Path(path)
-    if refiner is not None and not all(getattr(handle, "matched_by_ids", False) for handle in handles):
+    if model_refiner and handles:  # (a model refiner reads the same texts: the same embeddings, fitting it)
+        from .second_model import embeddings_on_second_model
+
+        embeddings_on_second_model(refiner_system, embedding_files, handles,
+                                   texts=[prompt, negative, hires_prompt, hires_negative], inject=_inject_embedding_file,
+                                   expand=_expanded, option=f"--refiner {refiner}")
+    elif refiner is not None and not all(getattr(handle, "matched_by_ids", False) for handle in handles):
         # (the texts go to both models as written: an embedding spelled out as placeholder tokens for the base's
         # tokenizers would reach the refiner as those words; generate's SDXL embeddings are matched by ids)
         raise ValueError("--refiner: an embedding here is spelled out as placeholder tokens for the base, which the "
                          "refiner would read as words; leave out the embedding or --refiner")
     if hires_system is not None and handles:  # (the hires model reads the same texts: the same embeddings, each
         # fitting it and spelled the same; A1111 loads its embeddings folder for each model it loads)
-        from .generate_hires_checkpoint import embeddings_on_hires
+        from .second_model import embeddings_on_second_model
 
-        embeddings_on_hires(hires_system, embedding_files, handles,
-                            texts=[prompt, negative, hires_prompt, hires_negative], inject=_inject_embedding_file,
-                            expand=_expanded, hires_model=hires_checkpoint)
+        embeddings_on_second_model(hires_system, embedding_files, handles,
+                                   texts=[prompt, negative, hires_prompt, hires_negative], inject=_inject_embedding_file,
+                                   expand=_expanded, option=f"--hires-checkpoint {hires_checkpoint}")
     text, negative_text = _expanded(prompt, handles), _expanded(negative, handles)
     alt_run = None
     if img2img_alt is not None:  # (its decode texts read as A1111's get_learned_conditioning reads them, raw)

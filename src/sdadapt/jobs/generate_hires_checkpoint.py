@@ -7,10 +7,10 @@ model again, ``process_images_inner``'s ``reload_model_weights()``). Here both m
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["check_hires_checkpoint_request", "check_hires_pair", "embeddings_on_hires"]
+__all__ = ["check_hires_checkpoint_request", "check_hires_pair"]
 
 #: run_generate's keyword -> (its value when not set, the option): what patches or personalises one model only
 _REFUSED = {"refiner": (None, "--refiner"), "custom_diffusions": ((), "--custom-diffusion"),
@@ -71,27 +71,3 @@ def check_hires_pair(system, hires_system, *, upscaler: object, hires_model: str
                          "upscaler hands the latents over undecoded (A1111 would sample noise): use --hires-upscaler "
                          "pixel-lanczos (or an ESRGAN model), which decodes and encodes again")
 
-
-def embeddings_on_hires(hires_system, files: Mapping[str, Path], handles: Sequence, *,
-                        texts: Sequence[str | None], inject: Callable, expand: Callable,
-                        hires_model: str | os.PathLike) -> list:
-    """The run's embeddings (``files``: name -> file, those ``handles`` hold on the first model) injected into the
-    hires model too (``inject(system, path)``), returned as its handles; the run's ``texts`` must read the same on
-    both (``expand(text, handles)``: the names spelled as each model's placeholder tokens), since one text goes to
-    both.
-
-    Raises:
-        ValueError: an embedding that does not fit the hires model (another width: an SD1 embedding on SDXL), or a
-            text spelled otherwise for it, naming ``hires_model``.
-    """
-    hires_handles = []
-    for path in files.values():
-        try:
-            hires_handles.append(inject(hires_system, Path(path)))
-        except ValueError as exc:
-            raise ValueError(f"--hires-checkpoint {hires_model}: {exc}") from None
-    for text in texts:
-        if text and expand(text, handles) != expand(text, hires_handles):
-            raise ValueError(f"--hires-checkpoint {hires_model}: the embeddings in {text!r} are spelled as other tokens "
-                             "for it than for --model, and one text goes to both; leave the embedding out")
-    return hires_handles

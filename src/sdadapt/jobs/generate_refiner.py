@@ -1,5 +1,6 @@
 """``generate --refiner``: the SDXL base then the SDXL refiner in one sampler run (diffusers' "ensemble of experts",
-A1111's "Refiner: switch at").
+A1111's "Refiner: switch at") — or any model then another of its latent space, as A1111's Refiner takes any
+checkpoint (:func:`check_refiner_pair`; that refiner gets the run's networks, :mod:`sdadapt.jobs.second_model`).
 
 diffusers runs two pipelines: ``StableDiffusionXLPipeline(denoising_end=f, output_type="latent")`` steps the grid's
 timesteps ``t >= round(T - f·T)`` (pipeline_stable_diffusion_xl.py, ``discrete_timestep_cutoff``), then
@@ -75,26 +76,44 @@ def refiner_cutoff(switch_at: float, num_train_timesteps: int = 1000) -> int:
 
 
 def check_refiner_pair(base, refiner, *, refiner_name: str = "--refiner") -> None:
-    """Refuse a pair that cannot hand latents over: ``refiner`` not an SDXL refiner, ``base`` not SDXL (or a refiner
-    itself), another latent space (latent channels, VAE scaling factor, VAE factor) or another training schedule.
+    """Refuse a pair that cannot hand latents over. The SDXL refiner (:attr:`is_refiner`) takes over from an SDXL base
+    only; any other model — A1111's "Refiner" takes any checkpoint — must be a plain text-to-image model (no image
+    conditioning, no EDM schedule) and ``base`` not the SDXL refiner. Either way both share a latent space (latent
+    channels, VAE scaling factor, VAE factor), a prediction type and a training schedule.
 
     Raises:
         ValueError: naming the model at fault and the fix.
     """
-    if not getattr(refiner, "is_refiner", False):
-        raise ValueError(f"{refiner_name}: not the SDXL refiner (sd_xl_refiner_1.0 or a model of its layout: "
-                         "OpenCLIP-G alone, an aesthetic score); give the refiner file or folder")
-    if not getattr(base, "is_sdxl", False) or getattr(base, "is_refiner", False):
-        raise ValueError(f"{refiner_name}: --model must be an SDXL base model (its two text encoders), the refiner "
-                         "then refining its latents; this --model is "
-                         + ("the refiner itself" if getattr(base, "is_refiner", False) else "not SDXL"))
+    if getattr(refiner, "is_refiner", False):
+        if not getattr(base, "is_sdxl", False) or getattr(base, "is_refiner", False):
+            raise ValueError(f"{refiner_name}: the SDXL refiner refines an SDXL base model's latents (its two text "
+                             "encoders) as --model; this --model is "
+                             + ("the refiner itself" if getattr(base, "is_refiner", False) else "not SDXL"))
+    else:
+        unet = getattr(refiner, "unet", None)
+        if getattr(base, "unet", None) is None or not hasattr(base, "vae"):
+            raise ValueError(f"{refiner_name}: --model is no Stable Diffusion model (the toy model), whose latents no "
+                             "refiner takes")
+        if unet is None or not hasattr(refiner, "vae"):
+            raise ValueError(f"{refiner_name}: it is no Stable Diffusion model (the toy model); give a checkpoint of "
+                             "--model's latent space, or the SDXL refiner")
+        if getattr(base, "is_refiner", False):
+            raise ValueError(f"{refiner_name}: --model is the SDXL refiner, which refines an SDXL base; give the base "
+                             "model as --model")
+        if getattr(refiner, "edm", None) is not None:
+            raise ValueError(f"{refiner_name}: it is an EDM model (Playground v2.5), which samples on its own schedule; "
+                             "give a model of --model's schedule")
+        if (int(unet.config.in_channels) != int(refiner.vae.config.latent_channels)
+                or getattr(unet.config, "class_embed_type", None) == "projection"):
+            raise ValueError(f"{refiner_name}: its UNet takes image conditioning (an inpainting, InstructPix2Pix or "
+                             "unCLIP model); a refiner here is a plain text-to-image model")
     mine = (int(base.vae.config.latent_channels), float(base.scaling_factor), int(getattr(base, "vae_factor", 8)))
     theirs = (int(refiner.vae.config.latent_channels), float(refiner.scaling_factor),
               int(getattr(refiner, "vae_factor", 8)))
     if mine != theirs:
         raise ValueError(f"{refiner_name}: its latent space (channels, VAE scaling factor, VAE factor) {theirs} is "
                          f"not the base's {mine}; the base's latents are handed over undecoded, so both must share "
-                         "one VAE's latent space (SDXL's)")
+                         "one VAE's latent space")
     if getattr(base, "prediction_type", "epsilon") != getattr(refiner, "prediction_type", "epsilon"):
         raise ValueError(f"{refiner_name}: it predicts {refiner.prediction_type}, the base {base.prediction_type}; "
                          "give both models the same prediction type (--prediction-type applies to both)")
@@ -104,13 +123,13 @@ def check_refiner_pair(base, refiner, *, refiner_name: str = "--refiner") -> Non
 
 
 class RefinerHandoff:
-    """The SDXL refiner taking over a sampler run of the base: :meth:`switched` sends each model call to the base while
-    its timestep ``t >= cutoff`` (:func:`refiner_cutoff` of ``switch_at``) and to the refiner after; ``switch_at=None``
+    """A refiner (the SDXL refiner, or any model :func:`check_refiner_pair` takes) taking over a sampler run of the
+    base: :meth:`switched` sends each model call to the base while its timestep ``t >= cutoff`` (:func:`refiner_cutoff` of ``switch_at``) and to the refiner after; ``switch_at=None``
     sends every call to the refiner (A1111's hires pass once the refiner took over in the first pass: the refiner is
     then the loaded model). :meth:`~sdadapt.diffusers_system.DiffusersSystem.sample` takes it as ``refiner=``.
 
     Args:
-        base, refiner: the SDXL base and refiner (:class:`~sdadapt.diffusers_system.DiffusersSystem`), both held.
+        base, refiner: the base and the refiner (:class:`~sdadapt.diffusers_system.DiffusersSystem`), both held.
         switch_at: A1111's "Switch at", in (0, 1); ``None``: every call the refiner's.
         by_steps: A1111's setting "Refiner switch by sampling steps" (``refiner_switch_by_sample_steps``,
             modules/shared_options.py): the switch counted in model calls over the calls A1111 expects of the run,
@@ -129,7 +148,7 @@ class RefinerHandoff:
         check_refiner_pair(base, refiner)
         if getattr(base, "edm", None) is not None:  # (its sampling runs diffusers' EDM schedulers, no handoff)
             raise ValueError("--refiner: this --model is an EDM model (Playground v2.5), which samples on its own EDM "
-                             "schedule; the SDXL refiner takes over from an SDXL base model")
+                             "schedule; a refiner takes over from a model on the ᾱ schedule")
         self.refiner = refiner
         self.switch_at = switch_at
         self.by_steps = bool(by_steps)
