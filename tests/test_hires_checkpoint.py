@@ -129,7 +129,7 @@ def test_refusals(plain_sd, other_sd, tmp_path):  # noqa: F811
     common = dict(RUN, model=str(plain_sd), out=str(tmp_path / "o.png"))
     with pytest.raises(ValueError, match="add --hires-scale"):
         run_generate(**{**common, "hires_scale": None}, hires_checkpoint=str(other_sd))
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ValueError, match="no such file, nor one named so"):
         run_generate(**common, hires_checkpoint=str(tmp_path / "missing"))
     for option, value, flag in (("pag_scale", 2.0, "--pag-scale"), ("token_merging_ratio", 0.3, "--token-merging-ratio"),
                                 ("freeu", (1.1, 1.2, 0.9, 0.2), "--freeu")):
@@ -167,3 +167,31 @@ def test_cli_option_and_infotext_reason(plain_sd, other_sd, tmp_path, capsys):  
     _, not_taken = infotext_options(parse_infotext(text))
     assert "Hires checkpoint: other_sd — the run's model files: give them (--model, --vae, --refiner, " \
            "--hires-checkpoint)" in not_taken
+
+
+def test_a1111_names_find_the_checkpoint_beside_the_model(plain_sd, tmp_path):  # noqa: F811
+    """A1111 names a checkpoint "NAME [HASH]": --hires-checkpoint / --refiner take such a name for a file beside the
+    model (A1111's lookup), and --infotext takes "Hires checkpoint" and "Refiner" so when there is one (else said)."""
+    from sdadapt.jobs.generate import run_generate
+    from sdadapt.jobs.infotext_read import infotext_options, parse_infotext
+    from sdadapt.jobs.models import load_system
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model = load_system(str(plain_sd)).save_model(folder / "base.safetensors")
+    load_system(str(plain_sd)).save_model(folder / "sub" / "real_v2.safetensors")
+    result = run_generate(model=str(model), out=str(tmp_path / "a.png"), hires_checkpoint="real_v2 [0123456789]",
+                          tokenizer=str(plain_sd / "tokenizer"),
+                          **{**RUN, "steps": 2})
+    assert result["hires_checkpoint"] == str(folder / "sub" / "real_v2.safetensors")
+    assert "Hires checkpoint: real_v2 [" in result["infotexts"][0]
+    text = ("a photo\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 32x32, Denoising strength: 0.7, "
+            "Hires checkpoint: real_v2 [0123456789], Hires upscale: 1.5, Hires upscaler: Latent, "
+            "Refiner: sub/real_v2.safetensors, Refiner switch at: 0.6")
+    options, not_taken = infotext_options(parse_infotext(text), model=str(model))
+    assert options["hires_checkpoint"] == options["refiner"] == str(folder / "sub" / "real_v2.safetensors")
+    assert options["refiner_switch_at"] == 0.6
+    assert not any(line.startswith(("Hires checkpoint", "Refiner")) for line in not_taken)
+    options, not_taken = infotext_options(parse_infotext(text.replace("real_v2", "missing")), model=str(model))
+    assert "hires_checkpoint" not in options and "refiner" not in options
+    assert any(line.startswith("Hires checkpoint: missing [0123456789] — the run's model files") for line in not_taken)

@@ -340,7 +340,8 @@ def _take_infotext(args: argparse.Namespace) -> None:
         options, not_taken = infotext_options(parse_infotext(read_infotext(args.infotext)),
                                               img2img=args.init_image is not None, inpaint=args.mask is not None,
                                               refiner=args.refiner is not None, sd_upscale=args.sd_upscale is not None,
-                                              loopback=args.loopback is not None, upscaler_dir=args.upscaler_dir)
+                                              loopback=args.loopback is not None, upscaler_dir=args.upscaler_dir,
+                                              model=args.model)
     except (OSError, ValueError) as exc:
         raise InputError(f"--infotext {args.infotext}: {exc}") from None
     given = []

@@ -933,12 +933,16 @@ def run_generate(
     if hires_checkpoint is not None:  # (A1111's "Hires checkpoint": sdadapt.jobs.generate_hires_checkpoint)
         from .generate_hires_checkpoint import check_hires_checkpoint_request
 
-        check_hires_checkpoint_request(hires_checkpoint, {
+        check_hires_checkpoint_request({
             "refiner": refiner, "custom_diffusions": custom_diffusions, "aesthetic": aesthetic,
             "hypertile_unet": hypertile_unet, "hypertile_vae": hypertile_vae,
             "hypertile_unet_second_pass": hypertile_unet_second_pass, "token_merging_ratio": token_merging_ratio,
             "token_merging_ratio_hr": token_merging_ratio_hr, "freeu": freeu, "pag_scale": pag_scale,
             "sag_scale": sag_scale}, hires=hires is not None, stepped_tag=stepped[0].tag if stepped else None)
+        if not Path(hires_checkpoint).exists():  # (A1111's name for it, "NAME [HASH]", found beside the model)
+            from .models import checkpoint_by_name
+
+            hires_checkpoint = checkpoint_by_name(str(hires_checkpoint), beside=model, option="--hires-checkpoint")
     parsed = _checked_specs("--lora", loras, folders=True)  # (a folder: a peft adapter)
     # (a file given both as an option and as a prompt tag at the same weight — an sdadapt PNG's prompt pasted back,
     # whose infotext writes the options as tags — is applied once: generate_prompt_tags.drop_tagged_options)
@@ -984,8 +988,10 @@ def run_generate(
         if refiner_hires_pass is not None and hires is None:
             raise ValueError("--refiner-hires-pass picks the hires-fix pass the refiner works in; add --hires-scale or "
                              "--hires-width/--hires-height, or leave it out")
-        if not Path(refiner).exists():
-            raise FileNotFoundError(f"--refiner {refiner}: no such file or folder")
+        if not Path(refiner).exists():  # (A1111's name for it, "NAME [HASH]", found beside the model)
+            from .models import checkpoint_by_name
+
+            refiner = checkpoint_by_name(str(refiner), beside=model, option="--refiner")
     elif refiner_hires_pass is not None:
         raise ValueError("--refiner-hires-pass picks the hires-fix pass the SDXL refiner works in; add --refiner, or "
                          "leave it out")

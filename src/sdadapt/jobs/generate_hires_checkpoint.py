@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 __all__ = ["check_hires_checkpoint_request", "check_hires_pair"]
 
@@ -21,21 +20,17 @@ _REFUSED = {"refiner": (None, "--refiner"), "custom_diffusions": ((), "--custom-
             "pag_scale": (0.0, "--pag-scale"), "sag_scale": (0.0, "--sag-scale")}
 
 
-def check_hires_checkpoint_request(hires_checkpoint: str | os.PathLike, given: Mapping[str, object], *,
-                                   hires: bool, stepped_tag: str | None = None) -> None:
-    """Refuse a hires checkpoint without a hires pass (``hires``), one that is not a file or folder, or beside an
-    option that patches or personalises one model only (``given``: those of ``run_generate``'s arguments;
-    ``stepped_tag``: a prompt LoRA tag with a step range, whose switches hook the first model).
+def check_hires_checkpoint_request(given: Mapping[str, object], *, hires: bool, stepped_tag: str | None = None) -> None:
+    """Refuse a hires checkpoint without a hires pass (``hires``) or beside an option that patches or personalises one
+    model only (``given``: those of ``run_generate``'s arguments; ``stepped_tag``: a prompt LoRA tag with a step
+    range, whose switches hook the first model).
 
     Raises:
         ValueError: naming the option and the fix.
-        FileNotFoundError: no such model.
     """
     if not hires:
         raise ValueError("--hires-checkpoint is A1111's model for the hires pass: add --hires-scale or "
                          "--hires-width/--hires-height, or leave it out")
-    if not Path(hires_checkpoint).exists():
-        raise FileNotFoundError(f"--hires-checkpoint {hires_checkpoint}: no such file or folder")
     for key, (unset, option) in _REFUSED.items():
         value = given.get(key, unset)
         if value not in (unset, None) and bool(value if not isinstance(value, (list, tuple)) else len(value)):

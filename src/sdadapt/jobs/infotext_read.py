@@ -202,13 +202,16 @@ def _made_before(version: object, release: tuple) -> bool:
 
 def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpaint: bool = False,
                      refiner: bool = False, sd_upscale: bool = False, loopback: bool = False,
-                     upscaler_dir: str | os.PathLike | None = None) -> tuple[dict[str, object], list[str]]:
+                     upscaler_dir: str | os.PathLike | None = None,
+                     model: str | os.PathLike | None = None) -> tuple[dict[str, object], list[str]]:
     """``(options, not_taken)``: :func:`sdadapt.jobs.generate.run_generate` keywords of parsed infotext ``fields``
     (:func:`parse_infotext`) and the fields it did not take, each with why. ``img2img`` / ``inpaint`` / ``refiner``:
     the run has an init image / a mask / a refiner (their fields are taken only then: the infotext cannot give the
     images or the refiner's file); ``sd_upscale`` / ``loopback``: the run is an SD upscale / a loopback (A1111 writes
     neither the scale nor the number of loops). ``upscaler_dir``: where the ESRGAN models an upscaler field names
-    are (A1111's ``models/ESRGAN``: "Hires upscaler: 4x-UltraSharp" taken as that folder's file).
+    are (A1111's ``models/ESRGAN``: "Hires upscaler: 4x-UltraSharp" taken as that folder's file). ``model``: the run's
+    model: "Refiner" (without ``refiner``) and "Hires checkpoint" are taken as the checkpoints of those names beside it
+    (:func:`sdadapt.jobs.models.checkpoint_by_name`, A1111's lookup), when there are such files.
 
     Raises:
         ValueError: a field whose value is not what A1111 writes there (a number that is not one), naming it.
@@ -414,6 +417,17 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     if loopback:  # (A1111's Loopback script: the final strength and the curve, not the loops)
         take("Final denoising strength", "loopback_final_denoising", float)
         take("Denoising curve", "loopback_curve")
+    if model is not None:  # (A1111's paste sets the refiner and hires checkpoint boxes by name)
+        from .models import checkpoint_by_name
+
+        for field, option in (("Refiner", "refiner"), ("Hires checkpoint", "hires_checkpoint")):
+            if field in fields and not (option == "refiner" and refiner):
+                try:
+                    options[option] = checkpoint_by_name(str(fields[field]).strip(), beside=model, option=field)
+                except ValueError:
+                    continue
+                taken.add(field)
+                refiner = refiner or option == "refiner"
     if refiner:
         take("Refiner switch at", "refiner_switch_at", float)
         take("Refiner switch by sampling steps", "refiner_switch_by_steps", flag)
