@@ -368,10 +368,11 @@ def test_a_cells_settings_and_what_is_refused(tmp_path):
     cell = {}
     for label, value, values in (("Prompt S/R", "blue", ["red", "blue"]), ("Size", "64x48", None),
                                  ("RNG source", "NV", None), ("Schedule type", "Karras", None),
-                                 ("Always discard next-to-last sigma", "True", None)):
+                                 ("Always discard next-to-last sigma", "True", None),
+                                 ("SGM noise multiplier", "False", None)):
         cell.update(xyz_cell_settings(XYZ_AXES[label], value, values or [value], {**given_, **cell}))
     assert cell == {"prompt": "a blue cat", "negative": "", "width": 64, "height": 48, "noise": "a1111-nv",
-                    "schedule": "karras", "always_discard_next_to_last_sigma": True}
+                    "schedule": "karras", "always_discard_next_to_last_sigma": True, "sgm_noise_multiplier": False}
     hires = {**given_, "hires_scale": 2.0}
     assert xyz_cell_settings(XYZ_AXES["Denoising"], 0.4, [0.4], hires) == {"hires_denoising": 0.4}
     assert xyz_cell_settings(XYZ_AXES["Denoising"], 0.4, [0.4], {**given_, "init_image": "i.png"}) == \

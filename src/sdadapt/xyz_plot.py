@@ -83,6 +83,7 @@ XYZ_AXES: dict[str, XyzAxis] = {axis.label: axis for axis in (
     XyzAxis("Token merging ratio", "float", "token_merging_ratio"),
     XyzAxis("Token merging ratio high-res", "float", "token_merging_ratio_hr"),
     XyzAxis("Always discard next-to-last sigma", "str", "always_discard_next_to_last_sigma"),
+    XyzAxis("SGM noise multiplier", "str", "sgm_noise_multiplier"),
     XyzAxis("Refiner checkpoint", "str", "refiner", cost=1.0, legend="basename"),
     XyzAxis("Refiner switch at", "float", "refiner_switch_at"),
     XyzAxis("RNG source", "str", "noise"),

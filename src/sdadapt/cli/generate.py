@@ -135,6 +135,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed_resize_from=args.seed_resize_from, ensd=args.ensd, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
         rho=args.rho, beta_alpha=args.beta_alpha, beta_beta=args.beta_beta, old_karras_sigmas=args.old_karras_sigmas,
         always_discard_next_to_last_sigma=args.always_discard_next_to_last_sigma,
+        sgm_noise_multiplier=args.sgm_noise_multiplier,
         skip_early_cfg=args.skip_early_cfg, ngms=args.ngms, ngms_all_steps=args.ngms_all_steps,
         pad_conds=args.pad_conds, pad_conds_v0=args.pad_conds_v0, eta=args.eta, eta_ddim=args.eta_ddim,
         noise_multiplier=args.noise_multiplier, extra_noise=args.extra_noise, sigma_churn=args.sigma_churn,
@@ -544,6 +545,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a1111.add_argument("--always-discard-next-to-last-sigma", action="store_true",
                        help="A1111's 'Always discard next-to-last sigma' for --schedule: n + 1 steps less the "
                             "next-to-last σ on every sampler (DPM2, DPM2 a, DPM++ 3M SDE do it anyway)")
+    a1111.add_argument("--sgm-noise-multiplier", action="store_true",
+                       help="A1111's 'SGM noise multiplier' for --schedule: a txt2img run starts from noise·√(1 + σ²) "
+                            "instead of noise·σ, as the official SDXL code does (only to reproduce such images)")
     a1111.add_argument("--skip-early-cfg", type=float, default=0.0, metavar="F",
                        help="A1111's 'Skip Early CFG': the first F (0-1) of each pass's model calls skip the negative "
                             "prompt (0: off)")

@@ -91,6 +91,7 @@ def run_generate(
     beta_beta: float = 0.6,
     old_karras_sigmas: bool = False,
     always_discard_next_to_last_sigma: bool = False,
+    sgm_noise_multiplier: bool = False,
     skip_early_cfg: float = 0.0,
     ngms: float = 0.0,
     ngms_all_steps: bool = False,
@@ -271,6 +272,10 @@ def run_generate(
             pass on A1111's grid runs n + 1 steps less the next-to-last σ (its timestep samplers one step more), as
             DPM2 / DPM2 a / DPM++ 3M SDE do by themselves; "Discard penultimate sigma: True" in the infotext where it
             changed a pass.
+        sgm_noise_multiplier: A1111's "SGM noise multiplier" (with a ``schedule``, txt2img): the first pass of its
+            σ samplers starts from ``x_T·√(1 + σ_0²)`` instead of ``x_T·σ_0`` (the official SDXL code's start;
+            :func:`sdadapt.samplers.sigma_space.first_sample`; a hires pass starts from its image, as A1111's
+            ``sample_img2img``); "SGM noise multiplier: True" in the infotext.
         sigma_min, sigma_max, rho, beta_alpha, beta_beta, old_karras_sigmas: A1111's schedule settings
             (:class:`sdadapt.samplers.schedules.ScheduleOptions`; 0 / 0.6 / False: A1111's defaults), with a
             ``schedule`` (or a sampler label that names one).
@@ -665,7 +670,10 @@ def run_generate(
         noise=noise, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
         ensd=ensd, seed=seed, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         beta_alpha=beta_alpha, beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas,
-        always_discard=always_discard_next_to_last_sigma)
+        always_discard=always_discard_next_to_last_sigma, sgm=sgm_noise_multiplier)
+    if sgm_noise_multiplier and init_image is not None:
+        raise ValueError("--sgm-noise-multiplier scales the start noise of a txt2img run (A1111's sample); an "
+                         "--init-image run starts from the image (its sample_img2img): leave it out")
     if _is_edm_own_grid(model, sampler=sampler, schedule=schedule, karras=karras, schedule_options=schedule_options):
         say(f"--model {model}: an EDM model (Playground v2.5) samples on its own σ grid, which is the "
             f"{schedule or 'karras'} grid asked for (as its infotext's Schedule type names it); nothing changes")
@@ -2104,7 +2112,7 @@ def _uncond_skip(skip_early_cfg: float, ngms: float, ngms_all_steps: bool, sampl
 def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed_strength: float,
                                seed_resize_from: tuple[int, int] | None, ensd: int, seed: int, schedule: str | None,
                                sigma_min: float, sigma_max: float, rho: float, beta_alpha: float, beta_beta: float,
-                               old_karras_sigmas: bool, always_discard: bool = False):
+                               old_karras_sigmas: bool, always_discard: bool = False, sgm: bool = False):
     """``(A1111Seeds or None, ScheduleOptions or None)`` of the generate options, checked before any loading.
 
     Raises:
@@ -2134,15 +2142,16 @@ def _a1111_noise_and_schedule(*, noise: str | None, subseed: int | None, subseed
     try:
         options = ScheduleOptions(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, beta_alpha=beta_alpha,
                                   beta_beta=beta_beta, old_karras_sigmas=old_karras_sigmas,
-                                  always_discard_next_to_last_sigma=bool(always_discard))
+                                  always_discard_next_to_last_sigma=bool(always_discard),
+                                  sgm_noise_multiplier=bool(sgm))
     except ValueError as exc:
         raise ValueError(f"--sigma-min/--sigma-max/--rho/--beta-alpha/--beta-beta: {exc}") from None
     if options.is_default:
         return seeds, None
     if schedule is None:
-        raise ValueError("--sigma-min, --sigma-max, --rho, --beta-alpha, --beta-beta, --old-karras-sigmas and "
-                         "--always-discard-next-to-last-sigma shape one of A1111's schedules: add --schedule (e.g. "
-                         "--schedule karras, or automatic)")
+        raise ValueError("--sigma-min, --sigma-max, --rho, --beta-alpha, --beta-beta, --old-karras-sigmas, "
+                         "--always-discard-next-to-last-sigma and --sgm-noise-multiplier shape a run on one of A1111's "
+                         "schedules: add --schedule (e.g. --schedule karras, or automatic)")
     return seeds, options
 
 

@@ -156,7 +156,7 @@ def xyz_cell_settings(axis, value: object, values: Sequence[object], settings: M
         if str(value).lower() not in _RNG_SOURCES:
             raise ValueError(f"{value!r}: A1111's RNG sources are GPU, CPU and NV")
         value = _RNG_SOURCES[str(value).lower()]
-    elif label == "Always discard next-to-last sigma":
+    elif label in ("Always discard next-to-last sigma", "SGM noise multiplier"):
         value = str(value).lower() == "true"  # (A1111's apply_override(boolean=True))
     return {axis.option: value}
 

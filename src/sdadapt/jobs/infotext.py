@@ -674,6 +674,8 @@ def run_infotext(system, *, texts: tuple[str, str, str | None, str | None], samp
         if grid not in (None, "automatic") and not (automatic and grid == "uniform") and getattr(system, "edm", None) is None:
             schedule_fields.update((schedule_options or ScheduleOptions()).infotext_fields(
                 str(grid), model_sigmas(system.alphas_cumprod, torch.float32)))
+    if getattr(schedule_options, "sgm_noise_multiplier", False) and init_image is None:  # (sample, after get_sigmas)
+        schedule_fields["SGM noise multiplier"] = True
     if extra_noise and (init_image is not None or hires is not None):  # (sample_img2img, after get_sigmas)
         schedule_fields["Extra noise"] = float(extra_noise)
     if eta is not None and eta != 1.0 and any(canonical_sampler(s) in ETA_SAMPLERS for s in passes):

@@ -276,6 +276,7 @@ def infotext_options(fields: Mapping[str, str], *, img2img: bool = False, inpain
     take("Noise", "noise")  # (generate's own, where RNG alone cannot tell: VAE encode sample)
     take("VAE encode", "vae_encode")
     take("Discard penultimate sigma", "always_discard_next_to_last_sigma", flag)
+    take("SGM noise multiplier", "sgm_noise_multiplier", flag)
     take("Schedule min sigma", "sigma_min", float)
     take("Schedule max sigma", "sigma_max", float)
     take("Schedule rho", "rho", float)

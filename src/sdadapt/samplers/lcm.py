@@ -28,8 +28,10 @@ from torch import Tensor
 from ..denoised_branches import ReadDenoised, denoised_of
 from .sigma_space import (
     check_prediction_type,
+    first_sample,
     model_input,
     model_sigmas,
+    sgm_of,
     step_noise,
     t_to_sigma,
     vp_data_prediction,
@@ -238,7 +240,7 @@ def _a1111_lcm(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_steps
         sigmas = sigmas[start_index(start, len(sigmas) - 1, rule="a1111"):]
         x = start.noised(x_T, float(sigmas[0]))
     else:
-        x = x_T.to(dt) * sigmas[0]
+        x = first_sample(x_T, sigmas[0], sgm_noise_multiplier=sgm_of(schedule_options))
     scaling = torch.tensor(LCM_TIMESTEP_SCALING, dtype=dt)
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]

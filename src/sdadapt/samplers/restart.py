@@ -35,13 +35,14 @@ from .schedules import ScheduleOptions, schedule_sigmas
 from .sigma_space import (
     check_grid_steps,
     check_prediction_type,
+    first_sample,
     grid_table,
     karras_sigmas,
+    sgm_of,
     sigma_slope,
     sigma_to_t,
     step_noise,
     timestep_batch,
-    work_dtype,
 )
 from .signatures import Denoise, StepCallback
 
@@ -144,7 +145,8 @@ def restart_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, num_s
         return (s_to ** 2 - s_from ** 2) ** 0.5
 
     first = float(grid[0])  # (the given grid's σ_0: from 20 steps on the rebuilt one's may differ in the last bit)
-    x = x_T.to(work_dtype(x_T)) * first if start is None else start.noised(x_T, first)
+    x = (first_sample(x_T, grid[0], sgm_noise_multiplier=sgm_of(schedule_options)) if start is None
+         else start.noised(x_T, first))
     last: float | None = None
     for i, (s, s_next) in enumerate(pairs):
         if last is not None and last < s:  # a restart: back up to σ with fresh noise

@@ -77,7 +77,9 @@ class ScheduleOptions:
     ``beta_alpha``, ``beta_beta`` (the Beta schedule's, 0.6 each), ``old_karras_sigmas`` (A1111's
     ``use_old_karras_scheduler_sigmas``: bounds 0.1 and 10), ``always_discard_next_to_last_sigma`` (A1111's "Always
     discard next-to-last sigma": every sampler on its grids runs n + 1 steps less the next-to-last σ, or its timestep
-    samplers one step more, as :func:`sdadapt.samplers.sample_latents`'s ``discard_next_to_last_sigma=True``).
+    samplers one step more, as :func:`sdadapt.samplers.sample_latents`'s ``discard_next_to_last_sigma=True``),
+    ``sgm_noise_multiplier`` (A1111's "SGM noise multiplier": a txt2img run of its σ samplers starts from
+    ``x_T·√(1 + σ_0²)``, not ``x_T·σ_0`` — the official SDXL code's start — :func:`.sigma_space.first_sample`).
 
     Raises:
         ValueError: a negative σ or ρ, a Beta parameter <= 0.
@@ -90,6 +92,7 @@ class ScheduleOptions:
     beta_beta: float = 0.6
     old_karras_sigmas: bool = False
     always_discard_next_to_last_sigma: bool = False
+    sgm_noise_multiplier: bool = False
 
     def __post_init__(self) -> None:
         if self.sigma_min < 0 or self.sigma_max < 0 or self.rho < 0:

@@ -51,12 +51,14 @@ __all__ = [
     "discrete_sigmas",
     "discrete_start",
     "downcast_alphas_cumprod",
+    "first_sample",
     "grid_table",
     "grid_timesteps",
     "initial_noise_sigma",
     "karras_sigmas",
     "model_input",
     "model_sigmas",
+    "sgm_of",
     "sigma_slope",
     "sigma_to_t",
     "sigmas_at",
@@ -351,6 +353,22 @@ def initial_noise_sigma(sigmas: Tensor, spacing: str = "linspace") -> float:
     return top if spacing in ("linspace", "trailing") else (top * top + 1) ** 0.5
 
 
+def first_sample(x_T: Tensor, sigma_0: Tensor, *, sgm_noise_multiplier: bool = False) -> Tensor:
+    """A txt2img run's first sample (B,C,H,W) from unit noise ``x_T`` in :func:`work_dtype`: ``x_T·σ_0``
+    (k-diffusion's ``x * sigmas[0]``), or with A1111's "SGM noise multiplier" ``x_T·√(1 + σ_0²)`` — A1111's
+    ``KDiffusionSampler.sample``: ``x * torch.sqrt(1.0 + sigmas[0] ** 2.0)``, on the 0-dim ``sigma_0`` in the grid's
+    dtype (the official SDXL code's start)."""
+    x = x_T.to(work_dtype(x_T))
+    if not sgm_noise_multiplier:
+        return x * float(sigma_0)
+    return x * torch.sqrt(1.0 + torch.as_tensor(sigma_0) ** 2.0).to(x.device)
+
+
+def sgm_of(schedule_options: ScheduleOptions | None) -> bool:
+    """Whether ``schedule_options`` ask for A1111's "SGM noise multiplier" (:func:`first_sample`)."""
+    return bool(getattr(schedule_options, "sgm_noise_multiplier", False))
+
+
 def work_dtype(x: Tensor) -> torch.dtype:
     """The dtype the samplers carry the sample in between steps: ``x``'s, at least float32
     (diffusers upcasts for its updates; the model still sees the caller's dtype)."""
@@ -392,6 +410,8 @@ def discrete_start(sampler: str, x_T: Tensor, *, alphas_cumprod: Tensor, num_ste
         x = start.noised(x_T, float(sigmas[0]))
         return timesteps.tolist(), sigmas.tolist(), x
     # (a schedule starts at its σ_0, as k-diffusion's x·σ_0; ``spacing`` is not used with it)
+    if schedule is not None and sgm_of(schedule_options):  # (A1111's "SGM noise multiplier": x·√(1 + σ_0²))
+        return timesteps.tolist(), sigmas.tolist(), first_sample(x_T, sigmas[0], sgm_noise_multiplier=True)
     x = x_T.to(work_dtype(x_T)) * initial_noise_sigma(sigmas, "linspace" if schedule is not None else spacing)
     return timesteps.tolist(), sigmas.tolist(), x
 
