@@ -75,6 +75,6 @@ def test_generate_writes_discard_penultimate_sigma_where_it_changed_a_pass_and_r
     run_generate(out=tmp_path / "dpm2_p.png", **dpm2)
     (a, a_text), (b, _) = _png(tmp_path / "dpm2_d.png"), _png(tmp_path / "dpm2_p.png")
     assert np.array_equal(a, b) and "Discard penultimate sigma" not in a_text
-    with pytest.raises(ValueError, match="--always-discard-next-to-last-sigma and --sgm-noise-multiplier shape a run on "
-                                         "one of A1111.s"):
+    with pytest.raises(ValueError, match="--always-discard-next-to-last-sigma and --sgm-noise-multiplier shape a "
+                                         "run on one of A1111.s"):
         run_generate(out=tmp_path / "x.png", prompt="a", always_discard_next_to_last_sigma=True)

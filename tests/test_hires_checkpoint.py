@@ -131,7 +131,8 @@ def test_refusals(plain_sd, other_sd, tmp_path):  # noqa: F811
         run_generate(**{**common, "hires_scale": None}, hires_checkpoint=str(other_sd))
     with pytest.raises(ValueError, match="no such file, nor one named so"):
         run_generate(**common, hires_checkpoint=str(tmp_path / "missing"))
-    for option, value, flag in (("pag_scale", 2.0, "--pag-scale"), ("token_merging_ratio", 0.3, "--token-merging-ratio"),
+    for option, value, flag in (("pag_scale", 2.0, "--pag-scale"),
+                                ("token_merging_ratio", 0.3, "--token-merging-ratio"),
                                 ("freeu", (1.1, 1.2, 0.9, 0.2), "--freeu")):
         with pytest.raises(ValueError, match=flag):
             run_generate(**common, hires_checkpoint=str(other_sd), **{option: value})

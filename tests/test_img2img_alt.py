@@ -58,7 +58,8 @@ class _KDiffusionDiscrete:
     @staticmethod
     def get_scalings(sigma: torch.Tensor, v: bool) -> tuple[torch.Tensor, ...]:
         if v:  # (CompVisVDenoiser, sigma_data 1: c_skip, c_out, c_in)
-            return 1 / (sigma ** 2 + 1), -sigma * 1.0 / (sigma ** 2 + 1.0 ** 2) ** 0.5, 1 / (sigma ** 2 + 1.0 ** 2) ** 0.5
+            c_in = 1 / (sigma ** 2 + 1.0 ** 2) ** 0.5
+            return 1 / (sigma ** 2 + 1), -sigma * 1.0 / (sigma ** 2 + 1.0 ** 2) ** 0.5, c_in
         return -sigma, 1 / (sigma ** 2 + 1.0 ** 2) ** 0.5  # (DiscreteEpsDDPMDenoiser: c_out, c_in)
 
 

@@ -74,7 +74,8 @@ def test_img2img_starts_are_untouched_and_other_samplers_refused():
 
     init = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
     start = Img2ImgStart(init, index=1)
-    assert all(torch.equal(a, b) for a, b in zip(_first_inputs("euler", None, start), _first_inputs("euler", SGM, start)))
+    assert all(torch.equal(a, b) for a, b in zip(_first_inputs("euler", None, start),
+                                                 _first_inputs("euler", SGM, start)))
     for name in ("ddim", "plms", "unipc_a1111", "dpm_fast", "dpm_adaptive", "dpmsolver", "unipc"):
         with pytest.raises(ValueError, match="SGM noise multiplier"):
             _first_inputs(name, SGM)

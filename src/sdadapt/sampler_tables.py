@@ -171,9 +171,10 @@ KARRAS_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", 
 SCHEDULE_SAMPLERS: tuple[str, ...] = ("lms", "euler", "heun", "dpm_2", "dpm_2_a", "euler_a", "dpmsolver", "dpmsolver++",
                                       "dpmsingle", "unipc", "dpmsolver++_sde", "dpmpp_sde", "dpmpp_2s_a",
                                       "dpmsolver++_3m_sde", "dpmsolver++_sde_heun", "restart", "lcm")
-#: the samplers whose txt2img run starts from ``x_T·σ_0`` on one of A1111's grids (its k-diffusion samplers), where A1111's
-#: "SGM noise multiplier" starts them from ``x_T·√(1 + σ_0²)`` (:func:`sdadapt.samplers.sigma_space.first_sample`)
-SGM_SAMPLERS: tuple[str, ...] = tuple(name for name in SCHEDULE_SAMPLERS if name not in ("dpmsolver", "dpmsingle", "unipc"))
+#: the samplers whose txt2img run starts from ``x_T·σ_0`` on one of A1111's grids (its k-diffusion samplers), where
+#: A1111's "SGM noise multiplier" starts them from ``x_T·√(1 + σ_0²)`` (:func:`.samplers.sigma_space.first_sample`)
+SGM_SAMPLERS: tuple[str, ...] = tuple(name for name in SCHEDULE_SAMPLERS
+                                      if name not in ("dpmsolver", "dpmsingle", "unipc"))
 #: samplers without a σ grid -> why no schedule applies
 _NO_SCHEDULE: dict[str, str] = {
     "ddim": "DDIM steps the model's integer timesteps (its own alphas), not a σ grid",

@@ -170,7 +170,7 @@ _COMMAND_HELP = {
     "merge-custom-diffusion": "merge single-concept Custom Diffusion results into one (the paper's closed-form K/V "
                               "merge)",
     "upscale": "upscale images as A1111's Extras tab does (Lanczos, Nearest or an ESRGAN model file: R-ESRGAN 4x+, "
-               "...)",
+               "...), and crop, flip and split them for training as its preprocessing steps do",
 }
 
 

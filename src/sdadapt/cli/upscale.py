@@ -17,7 +17,8 @@ from .options import (
 
 __all__ = ["register"]
 
-_HELP = "upscale images as A1111's Extras tab does (Lanczos, Nearest or an ESRGAN model file: R-ESRGAN 4x+, ...)"
+_HELP = ("upscale images as A1111's Extras tab does (Lanczos, Nearest or an ESRGAN model file: R-ESRGAN 4x+, "
+         "...), and crop, flip and split them for training as its preprocessing steps do")
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
@@ -28,7 +29,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import InputError
-    from ..extras_upscale import ExtrasUpscale, extras_upscale, postprocessing_text
+    from ..extras_postprocess import extras_images
+    from ..extras_upscale import ExtrasUpscale, postprocessing_text
     from ..images import check_output_suffix, write_image
     from ..jobs.generate_batch import batch_images
     from ..jobs.generate_runs import check_outputs_free
@@ -55,6 +57,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
                              max_side_length=args.max_side_length,
                              upscaler_2=SD_UPSCALERS.get(second, second) if isinstance(second, str) else second,
                              visibility_2=args.upscaler_2_visibility)
+    crop, flips, split = _preparation(args)
     inputs = []
     for given in args.images:
         if os.path.isdir(given):
@@ -77,6 +80,14 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         raise InputError("two images of the same name would be written as one file in the --out folder; upscale the "
                          "folders one by one")
     check_outputs_free(outputs, overwrite=args.overwrite)
+    if flips or split is not None:  # (NAME-1.png ... beside NAME.png: another input's name there would be overwritten)
+        import re
+
+        stems = {path.stem for path in outputs}
+        taken = sorted(stem for stem in stems if (m := re.fullmatch(r"(.+)-\d+", stem)) and m.group(1) in stems)
+        if taken:
+            raise InputError(f"{taken[0]}: the name the flipped copies or pieces of another image get (NAME-1, "
+                             "NAME-2, ...); upscale that image apart, or rename it")
     from PIL import Image
 
     bar = progress_bar(args, "upscale", unit="image") if len(inputs) > 1 else None
@@ -86,24 +97,45 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
                 image = opened.convert("RGB")
         except OSError as exc:
             raise InputError(f"{source}: not an image Pillow reads ({exc})") from None
-        upscaled, info = extras_upscale(image, settings)
-        text = postprocessing_text(info)
-        chunks = {}
+        results = extras_images(image, upscale=settings, crop=crop, flips=flips, split=split)
+        extra_targets = [target.with_name(f"{target.stem}{suffix}{target.suffix}") for _, _, suffix in results[1:]]
+        check_outputs_free(extra_targets, overwrite=args.overwrite)  # (the pieces and copies, before any is written)
         try:  # (A1111 keeps the image's own text, then adds its postprocessing)
-            chunks["parameters"] = read_infotext(source)
+            parameters = {"parameters": read_infotext(source)}
         except ValueError:
-            pass
-        chunks.update({"postprocessing": text, "extras": text} if text else {})
-        # (a JPEG's / WebP's / AVIF's comment: A1111's postprocessing text, its "extras" section)
-        written = write_image(target, torch.from_numpy(np.ascontiguousarray(np.array(upscaled))), text=chunks,
-                              comment_key="extras", quality=args.jpeg_quality, lossless=args.webp_lossless)
-        print(f"wrote {written} ({upscaled.width}x{upscaled.height})")
+            parameters = {}
+        for (picture, info, _), path in zip(results, [target, *extra_targets]):
+            text = postprocessing_text(info)
+            chunks = {**parameters, **({"postprocessing": text, "extras": text} if text else {})}
+            # (a JPEG's / WebP's / AVIF's comment: A1111's postprocessing text, its "extras" section)
+            written = write_image(path, torch.from_numpy(np.ascontiguousarray(np.array(picture))), text=chunks,
+                                  comment_key="extras", quality=args.jpeg_quality, lossless=args.webp_lossless)
+            print(f"wrote {written} ({picture.width}x{picture.height})")
         if bar is not None:
             bar(done + 1, len(inputs), target.name)
     if not args.quiet:
         print(f"{len(inputs)} image(s) upscaled by {getattr(settings.upscaler, 'name', settings.upscaler)}",
               file=sys.stderr)
     return 0
+
+
+def _preparation(args: argparse.Namespace) -> tuple:
+    """``(crop, flips, split)`` of the Extras steps after the upscale (:mod:`sdadapt.extras_postprocess`)."""
+    from ..errors import InputError
+    from ..extras_postprocess import AutosizedCrop, SplitOversized
+
+    try:
+        crop = None if not args.autosized_crop else AutosizedCrop(
+            min_dim=args.crop_dims[0], max_dim=args.crop_dims[1], min_area=args.crop_areas[0],
+            max_area=args.crop_areas[1], threshold=args.crop_error_threshold,
+            objective="Maximize area" if args.crop_objective == "area" else "Minimize error")
+        split = None if not args.split_oversized else SplitOversized(threshold=args.split_threshold,
+                                                                     overlap_ratio=args.overlap_ratio)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    flips = () if args.flipped_copies is None else tuple(flip.capitalize()
+                                                         for flip in (args.flipped_copies or ["horizontal"]))
+    return crop, flips, split
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -133,6 +165,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="where --upscaler / --upscaler-2 find models by A1111's names (its models/ESRGAN: "
                          "'4x-UltraSharp', 'R-ESRGAN 4x+')")
     upscale.add_argument("--device", default="auto", help="where an ESRGAN model runs (auto, cpu, cuda, mps)")
+    prepare = upscale.add_argument_group("A1111's Extras steps after the upscale (its preprocessing for training)")
+    prepare.add_argument("--autosized-crop", action="store_true",
+                         help="A1111's 'Auto-sized crop': each image centre-cropped to the largest 64-step size within "
+                         "--crop-dims and --crop-areas whose aspect is within --crop-error-threshold")
+    prepare.add_argument("--crop-dims", type=int, nargs=2, default=(384, 768), metavar=("MIN", "MAX"),
+                         help="auto-sized crop: the sides' bounds (default 384 768)")
+    prepare.add_argument("--crop-areas", type=int, nargs=2, default=(64 * 64, 640 * 640), metavar=("MIN", "MAX"),
+                         help="auto-sized crop: the area's bounds (default 4096 409600)")
+    prepare.add_argument("--crop-objective", choices=("area", "error"), default="area",
+                         help="auto-sized crop: 'Maximize area' (default) or 'Minimize error'")
+    prepare.add_argument("--crop-error-threshold", type=float, default=0.1, metavar="F",
+                         help="auto-sized crop: the largest aspect error (0 to 1, default 0.1)")
+    prepare.add_argument("--flipped-copies", nargs="*", default=None, choices=("horizontal", "vertical", "both"),
+                         metavar="FLIP", help="A1111's 'Create flipped copies': horizontal (the default), vertical, "
+                         "both — each copy written beside the image (NAME-1.png ...)")
+    prepare.add_argument("--split-oversized", action="store_true",
+                         help="A1111's 'Split oversized images': an image much longer than the --scale-to size (or "
+                         "the --max-side-length one) cut into overlapping pieces of that size")
+    prepare.add_argument("--split-threshold", type=float, default=0.5, metavar="F",
+                         help="split oversized: split when the aspect ratio over the target's is below F (default 0.5)")
+    prepare.add_argument("--overlap-ratio", type=float, default=0.2, metavar="F",
+                         help="split oversized: the share of a piece the next one overlaps (0 to 0.9, default 0.2)")
     group = add_output_options(upscale, out_help="the output image (one IMAGE: .png, .jpg, .webp or .avif) or folder "
                                "(several, or a folder: NAME.png each)", dtype_help="8-bit images; any other value "
                                "is refused")
@@ -142,4 +196,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: args.scale_to is None)
     only_with(upscale, ["--upscaler-2-visibility"], needs="--upscaler-2 NAME|FILE",
               when=lambda args: args.upscaler_2 is not None)
+    only_with(upscale, ["--crop-dims", "--crop-areas", "--crop-objective", "--crop-error-threshold"],
+              needs="--autosized-crop", when=lambda args: args.autosized_crop)
+    only_with(upscale, ["--split-threshold", "--overlap-ratio"], needs="--split-oversized",
+              when=lambda args: args.split_oversized)
     upscale.set_defaults(run=_cmd_upscale)

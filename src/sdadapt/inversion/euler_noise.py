@@ -145,7 +145,8 @@ def euler_noise_inversion(model: Callable[[Tensor, Tensor, object], Tensor], ini
             out = model(scaled, t, both).float()
         else:
             half = x.shape[0]
-            out = torch.cat([model(scaled[:half], t[:half], uncond).float(), model(scaled[half:], t[half:], cond).float()])
+            out = torch.cat([model(scaled[:half], t[:half], uncond).float(),
+                             model(scaled[half:], t[half:], cond).float()])
         s = at.to(device=x.device, dtype=x.dtype)
         c_out = -s if prediction_type == "epsilon" else -s / (s ** 2 + 1) ** 0.5
         denoised_uncond, denoised_cond = (x_in + out * c_out).chunk(2)

@@ -1332,8 +1332,8 @@ def run_generate(
         from .second_model import embeddings_on_second_model
 
         embeddings_on_second_model(refiner_system, embedding_files, handles,
-                                   texts=[prompt, negative, hires_prompt, hires_negative], inject=_inject_embedding_file,
-                                   expand=_expanded, option=f"--refiner {refiner}")
+                                   texts=[prompt, negative, hires_prompt, hires_negative],
+                                   inject=_inject_embedding_file, expand=_expanded, option=f"--refiner {refiner}")
     elif refiner is not None and not all(getattr(handle, "matched_by_ids", False) for handle in handles):
         # (the texts go to both models as written: an embedding spelled out as placeholder tokens for the base's
         # tokenizers would reach the refiner as those words; generate's SDXL embeddings are matched by ids)
@@ -1344,8 +1344,9 @@ def run_generate(
         from .second_model import embeddings_on_second_model
 
         embeddings_on_second_model(hires_system, embedding_files, handles,
-                                   texts=[prompt, negative, hires_prompt, hires_negative], inject=_inject_embedding_file,
-                                   expand=_expanded, option=f"--hires-checkpoint {hires_checkpoint}")
+                                   texts=[prompt, negative, hires_prompt, hires_negative],
+                                   inject=_inject_embedding_file, expand=_expanded,
+                                   option=f"--hires-checkpoint {hires_checkpoint}")
     text, negative_text = _expanded(prompt, handles), _expanded(negative, handles)
     alt_run = None
     if img2img_alt is not None:  # (its decode texts read as A1111's get_learned_conditioning reads them, raw)

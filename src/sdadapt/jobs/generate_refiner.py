@@ -101,8 +101,8 @@ def check_refiner_pair(base, refiner, *, refiner_name: str = "--refiner") -> Non
             raise ValueError(f"{refiner_name}: --model is the SDXL refiner, which refines an SDXL base; give the base "
                              "model as --model")
         if getattr(refiner, "edm", None) is not None:
-            raise ValueError(f"{refiner_name}: it is an EDM model (Playground v2.5), which samples on its own schedule; "
-                             "give a model of --model's schedule")
+            raise ValueError(f"{refiner_name}: it is an EDM model (Playground v2.5), which samples on its own "
+                             "schedule; give a model of --model's schedule")
         if (int(unet.config.in_channels) != int(refiner.vae.config.latent_channels)
                 or getattr(unet.config, "class_embed_type", None) == "projection"):
             raise ValueError(f"{refiner_name}: its UNet takes image conditioning (an inpainting, InstructPix2Pix or "
@@ -124,8 +124,9 @@ def check_refiner_pair(base, refiner, *, refiner_name: str = "--refiner") -> Non
 
 class RefinerHandoff:
     """A refiner (the SDXL refiner, or any model :func:`check_refiner_pair` takes) taking over a sampler run of the
-    base: :meth:`switched` sends each model call to the base while its timestep ``t >= cutoff`` (:func:`refiner_cutoff` of ``switch_at``) and to the refiner after; ``switch_at=None``
-    sends every call to the refiner (A1111's hires pass once the refiner took over in the first pass: the refiner is
+    base: :meth:`switched` sends each model call to the base while its timestep ``t >= cutoff``
+    (:func:`refiner_cutoff` of ``switch_at``) and to the refiner after; ``switch_at=None`` sends every call to the
+    refiner (A1111's hires pass once the refiner took over in the first pass: the refiner is
     then the loaded model). :meth:`~sdadapt.diffusers_system.DiffusersSystem.sample` takes it as ``refiner=``.
 
     Args:

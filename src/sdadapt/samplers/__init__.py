@@ -222,8 +222,8 @@ def sample_latents(model: Callable[[Tensor, Tensor, object], Tensor], x_T: Tenso
                          "give a schedule too (schedule='automatic' is A1111's default)")
     timesteps = runs_a1111_timesteps(name, schedule)  # (A1111's DDIM, PLMS, DDIM CFG++: .a1111_timesteps)
     if tuned and schedule_options.sgm_noise_multiplier and start is None and (timesteps or name not in SGM_SAMPLERS):
-        raise ValueError(f"A1111's SGM noise multiplier (schedule_options.sgm_noise_multiplier) starts a txt2img run of "
-                         f"its k-diffusion samplers from x_T·√(1 + σ_0²); {name} does not start from x_T·σ_0 on its "
+        raise ValueError(f"A1111's SGM noise multiplier (schedule_options.sgm_noise_multiplier) starts a txt2img run "
+                         f"of its k-diffusion samplers from x_T·√(1 + σ_0²); {name} does not start from x_T·σ_0 on its "
                          f"grid here (A1111's timestep samplers, DPM fast / adaptive and diffusers' own are not "
                          f"built for it): leave it out, or take one of {', '.join(SGM_SAMPLERS)}")
     if discard_next_to_last_sigma and schedule is None and not timesteps:
