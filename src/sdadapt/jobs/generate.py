@@ -1110,8 +1110,7 @@ def run_generate(
                             prediction_type=prediction_type, clip_skip=clip_skip, max_token_length=max_token_length,
                             vae=vae, log=say, clip_stats=clip_stats)
         check_hires_pair(system, hires_system, upscaler=hires_upscaler, hires_model=hires_checkpoint)
-        if emphasis != "Original":
-            hires_system.emphasis = emphasis
+        hires_system.emphasis = emphasis
         say(f"hires checkpoint {hires_checkpoint}: runs the hires pass")
     run_scope = contextlib.ExitStack()  # (what the run changes on its models, taken off at its end)
     if tiling:  # (A1111's apply_circular, before the init image is encoded: every Conv2d of the models it runs)
@@ -1250,24 +1249,21 @@ def run_generate(
         return reports
 
     applied.extend(apply_tag_loras(tag_loras, tag_handles))
-    if model_refiner:  # (A1111's networks act on whatever model is loaded: the first pass's tags on the refiner)
+    def loras_on(second, items, where: str) -> None:  # (A1111's networks act on whatever model is loaded)
+        for path, scale in parsed:
+            report = _apply_lora_file(second, path, scale)
+            say(f"applied {path} at {scale:g} on {where} ({plural(report['layers'], 'layer')})")
+        for report, item in zip(apply_tag_loras(items, None, quiet=True, target=second), items):
+            say(f"applied {item.file} ({item.tag}) on {where} ({plural(report['layers'], 'layer')})")
+
+    if model_refiner:  # (the first pass's tags on the refiner)
         if other_hires_tags or step_parts:
             raise ValueError("--refiner: a model refiner here gets the prompt's LoRA tags as they are; a hires prompt "
                              "with tags of its own, or a tag's start= / stop= / step=, switches LoRAs on --model "
                              "only: leave those out with --refiner")
-        for path, scale in parsed:
-            report = _apply_lora_file(refiner_system, path, scale)
-            say(f"applied {path} at {scale:g} on the refiner ({plural(report['layers'], 'layer')})")
-        for report, item in zip(apply_tag_loras(tag_loras, None, quiet=True, target=refiner_system), tag_loras):
-            say(f"applied {item.file} ({item.tag}) on the refiner ({plural(report['layers'], 'layer')})")
-    if hires_system is not None:  # (A1111's networks act on whatever model is loaded: the hires pass's tags on it)
-        for path, scale in parsed:
-            report = _apply_lora_file(hires_system, path, scale)
-            say(f"applied {path} at {scale:g} on the hires checkpoint ({plural(report['layers'], 'layer')})")
-        for report, item in zip(apply_tag_loras(hires_tag_loras if other_hires_tags else tag_loras, None, quiet=True,
-                                                target=hires_system),
-                                hires_tag_loras if other_hires_tags else tag_loras):
-            say(f"applied {item.file} ({item.tag}) on the hires checkpoint ({plural(report['layers'], 'layer')})")
+        loras_on(refiner_system, tag_loras, "the refiner")
+    if hires_system is not None:  # (the hires pass's tags on the hires checkpoint)
+        loras_on(hires_system, hires_tag_loras if other_hires_tags else tag_loras, "the hires checkpoint")
     step_switch = freeu_steps = None
     if freeu is not None and freeu_window != (0.0, 1.0):  # (Forge's denoiser_callback: FreeU per model call)
         from ..freeu import FreeUSteps
@@ -1328,25 +1324,21 @@ def run_generate(
                 continue
             say(f"embedding {handles[-1].name!r} from {path}")
             embedding_files[handles[-1].name] = Path(path)
-    if model_refiner and handles:  # (a model refiner reads the same texts: the same embeddings, fitting it)
-        from .second_model import embeddings_on_second_model
-
-        embeddings_on_second_model(refiner_system, embedding_files, handles,
-                                   texts=[prompt, negative, hires_prompt, hires_negative],
-                                   inject=_inject_embedding_file, expand=_expanded, option=f"--refiner {refiner}")
-    elif refiner is not None and not all(getattr(handle, "matched_by_ids", False) for handle in handles):
+    if refiner is not None and not model_refiner and not all(getattr(handle, "matched_by_ids", False)
+                                                             for handle in handles):
         # (the texts go to both models as written: an embedding spelled out as placeholder tokens for the base's
         # tokenizers would reach the refiner as those words; generate's SDXL embeddings are matched by ids)
         raise ValueError("--refiner: an embedding here is spelled out as placeholder tokens for the base, which the "
                          "refiner would read as words; leave out the embedding or --refiner")
-    if hires_system is not None and handles:  # (the hires model reads the same texts: the same embeddings, each
-        # fitting it and spelled the same; A1111 loads its embeddings folder for each model it loads)
-        from .second_model import embeddings_on_second_model
+    for second, option in ((refiner_system if model_refiner else None, f"--refiner {refiner}"),
+                           (hires_system, f"--hires-checkpoint {hires_checkpoint}")):
+        if second is not None and handles:  # (a second model reads the same texts: the same embeddings, each fitting
+            # it and spelled the same; A1111 loads its embeddings folder for each model it loads)
+            from .second_model import embeddings_on_second_model
 
-        embeddings_on_second_model(hires_system, embedding_files, handles,
-                                   texts=[prompt, negative, hires_prompt, hires_negative],
-                                   inject=_inject_embedding_file, expand=_expanded,
-                                   option=f"--hires-checkpoint {hires_checkpoint}")
+            embeddings_on_second_model(second, embedding_files, handles,
+                                       texts=[prompt, negative, hires_prompt, hires_negative],
+                                       inject=_inject_embedding_file, expand=_expanded, option=option)
     text, negative_text = _expanded(prompt, handles), _expanded(negative, handles)
     alt_run = None
     if img2img_alt is not None:  # (its decode texts read as A1111's get_learned_conditioning reads them, raw)
