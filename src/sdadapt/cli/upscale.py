@@ -91,6 +91,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
     bar = progress_bar(args, "upscale", unit="image") if len(inputs) > 1 else None
+    written_count = 0
     for done, (source, target) in enumerate(zip(inputs, outputs)):
         try:
             with Image.open(source) as opened:
@@ -111,11 +112,13 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             written = write_image(path, torch.from_numpy(np.ascontiguousarray(np.array(picture))), text=chunks,
                                   comment_key="extras", quality=args.jpeg_quality, lossless=args.webp_lossless)
             print(f"wrote {written} ({picture.width}x{picture.height})")
+            written_count += 1
         if bar is not None:
             bar(done + 1, len(inputs), target.name)
     if not args.quiet:
-        print(f"{len(inputs)} image(s) upscaled by {getattr(settings.upscaler, 'name', settings.upscaler)}",
-              file=sys.stderr)
+        name = getattr(settings.upscaler, "name", settings.upscaler)
+        print(f"{len(inputs)} image(s) " + ("processed" if name == "None" else f"upscaled by {name}")
+              + (f", {written_count} file(s) written" if written_count != len(inputs) else ""), file=sys.stderr)
     return 0
 
 
