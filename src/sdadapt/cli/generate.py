@@ -159,7 +159,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         aesthetic_text=args.aesthetic_text, aesthetic_text_angle=args.aesthetic_text_angle,
         aesthetic_text_negative=args.aesthetic_text_negative, lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
         lbw_presets=args.lbw_presets,
-        init_image=args.init_image, img2img_alt=img2img_alt, hires_scale=args.hires_scale,
+        init_image=args.init_image, img2img_alt=img2img_alt, color_correction=args.color_correction,
+        hires_scale=args.hires_scale,
         denoising_strength=0.75 if args.denoising_strength is None else args.denoising_strength,
         hires_width=args.hires_width, hires_height=args.hires_height, hires_steps=args.hires_steps,
         hires_denoising=args.hires_denoising, hires_upscaler=args.hires_upscaler,
@@ -712,6 +713,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "detail)")
     img2img.add_argument("--outpaint-color-variation", type=float, default=0.05, metavar="V",
                          help="outpainting mk2: the noise's 'Color variation' (0 to 1, default 0.05)")
+    img2img.add_argument("--color-correction", action="store_true",
+                         help="A1111's 'Apply color correction to img2img results to match original colors': each "
+                         "image histogram-matched in CIELAB to the init image, its luminosity kept (needs "
+                         "opencv-python-headless)")
     img2img.add_argument("--img2img-alt", action="store_true",
                          help="A1111's 'img2img alternative test' script: start from the --init-image's own noise, "
                          "found by Euler steps up the σ grid on --decode-prompt; its defaults are the script's "
@@ -917,7 +922,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               when=lambda args: args.outpaint is not None or args.outpaint_mk2 is not None)
     only_with(generate, ["--outpaint-falloff", "--outpaint-color-variation"], needs="--outpaint-mk2 PX",
               when=lambda args: args.outpaint_mk2 is not None)
-    only_with(generate, ["--sd-upscale", "--loopback", "--outpaint", "--outpaint-mk2", "--img2img-alt"],
+    only_with(generate, ["--sd-upscale", "--loopback", "--outpaint", "--outpaint-mk2", "--img2img-alt",
+                         "--color-correction"],
               needs="--init-image IMAGE", when=lambda args: args.init_image is not None)
     only_with(generate, ["--decode-prompt", "--decode-negative", "--decode-steps", "--decode-guidance", "--randomness",
                          "--sigma-adjustment"], needs="--img2img-alt", when=lambda args: args.img2img_alt)

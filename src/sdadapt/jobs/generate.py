@@ -185,6 +185,7 @@ def run_generate(
     outpaint_mask_blur: int = 4,
     outpaint_fill: str = "fill",
     img2img_alt: Img2ImgAlternative | None = None,
+    color_correction: bool = False,
     vae_encode: str = "mean",
     styles: Sequence[PromptStyle] = (),
     loaded: LoadedModels | None = None,
@@ -447,6 +448,11 @@ def run_generate(
             the decode steps, the decode prompt, strength 1) are ``generate``'s defaults for ``--img2img-alt``. Not
             with ``mask``, a hires pass, ``refiner``, the other scripts, ``noise_multiplier`` or
             ``downcast_alphas_cumprod``; a plain text-to-image UNet only.
+        color_correction: A1111's setting "Apply color correction to img2img results to match original colors"
+            (:mod:`sdadapt.color_correction`, OpenCV needed): each image of an ``init_image`` run histogram-matched in
+            CIELAB to the init image as it was encoded (resized; an inpainting run's after its fill), keeping its own
+            luminosity, before the inpainting overlay. Not with "Only masked", SD upscale, Loopback or the
+            outpaintings here. A1111 writes no field for it.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
@@ -802,6 +808,18 @@ def run_generate(
             raise ValueError("--outpaint is A1111's img2img script on one --init-image, run once: not with --mask / "
                              "--inpaint-full-res (it masks the new border itself), --count, --loopback, --sd-upscale "
                              "or a folder of images")
+    if color_correction:  # (A1111's img2img_color_correction: sdadapt.color_correction)
+        refused = [option for option, given in (("--inpaint-full-res", inpaint_full_res),
+                                                ("--sd-upscale", sd_upscale is not None),
+                                                ("--loopback", loopback is not None),
+                                                ("--outpaint", outpaint is not None)) if given]
+        if init_image is None or refused:
+            raise ValueError("--color-correction matches an img2img run's colours to its init image: give "
+                             "--init-image" + (f", and leave out {refused[0]} (not built for it here)" if refused
+                                               else ""))
+        from ..color_correction import _cv2
+
+        _cv2()  # (OpenCV's Lab conversion: said before any model loads)
     if img2img_alt is not None:  # (A1111's "img2img alternative test": sdadapt.jobs.generate_img2img_alt)
         from .generate_img2img_alt import check_img2img_alt_request
 
@@ -1665,6 +1683,25 @@ def run_generate(
     else:
         jobs = [(i, file, None) for i, file in enumerate(files)]
     script_seeds = tiled is not None or loop_strengths is not None
+    corrections: dict = {}  # (--color-correction: each init image's Lab reference, as A1111's init makes it)
+
+    def corrected(image: torch.Tensor, source: object) -> torch.Tensor:
+        """The decoded image (3, H, W) in [-1, 1], colour-corrected against its init image when asked (A1111:
+        before the overlay), on the 8 bits it is written in."""
+        if not color_correction:
+            return image
+        from ..color_correction import apply_color_correction, setup_color_correction
+        from ..resize_modes import init_image_pixels
+
+        key = (str(source), id(inpainting))  # (the pixels that were encoded: resized, an inpainting run's filled)
+        if key not in corrections:
+            pixels = inpainting.pixels if inpainting is not None else init_image_pixels(
+                source, (size_h, size_w), mode=resize_mode)
+            corrections.clear()  # (one init image's at a time, as A1111's p.color_corrections)
+            corrections[key] = (inpainting, setup_color_correction(to_uint8(pixels[0] if pixels.ndim == 4
+                                                                             else pixels)))
+        fixed = apply_color_correction(corrections[key][1], to_uint8(image))
+        return (torch.from_numpy(fixed).permute(2, 0, 1).float() / 127.5 - 1.0).to(image)
     with conditions_cached(system), conditions_cached(refiner_system), conditions_cached(hires_system):
         for done, (i, file, source) in enumerate(jobs):
             image_file = init_image if source is None else source[0]
@@ -1756,11 +1793,12 @@ def run_generate(
                     model_calls.release()
             if options.get("output") == "latents":  # (soft inpainting: decoded here, by the VAE generate uses)
                 decoder = system if handoff is None else handoff.decoder(system)
-                image = inpainting.overlay(decoder.decode_latents(result)[0], latents=result, init=init_latents)
+                decoded = corrected(decoder.decode_latents(result)[0], image_file)
+                image = inpainting.overlay(decoded, latents=result, init=init_latents)
             elif inpainting is not None:  # A1111's final overlay: the original pixels outside the mask
-                image = inpainting.overlay(result[0])
+                image = inpainting.overlay(corrected(result[0], image_file))
             else:
-                image = result[0]
+                image = corrected(result[0], image_file)
             if handoff is not None:
                 from .generate_refiner import handoff_report
 
