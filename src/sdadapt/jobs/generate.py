@@ -703,8 +703,8 @@ def run_generate(
             raise OutputError(f"{target}: --init-image {init_image} is a folder (A1111's img2img batch); --out is the "
                               "folder its images are written into, under their own names")
         if loopback is not None or sd_upscale is not None:
-            raise ValueError("--init-image FOLDER (A1111's img2img batch) runs each image once: run --loopback / "
-                             "--sd-upscale on one image at a time")
+            raise ValueError("--init-image FOLDER (A1111's img2img batch) with --loopback / --sd-upscale: A1111 runs "
+                             "the script on each image, which is not built here; run it on one image at a time")
         found = batch_images(init_image)  # ((image, mask, latent mask) as a tiled run's sources: no latent mask)
         batch = [(image, image_mask, None) for image, image_mask in zip(found, batch_masks(mask, found))]
     elif mask is not None and Path(mask).is_dir():

@@ -26,8 +26,8 @@ def check_script_alone(option: str, given: Mapping[str, object]) -> None:
         raise ValueError(f"{option}: not with {other}: each is one of A1111's scripts, and A1111 runs one at a time; "
                          "leave one out")
     if given.get("init_image") is not None and Path(str(given["init_image"])).is_dir():
-        raise ValueError(f"{option}: not with --init-image FOLDER (A1111's img2img batch runs no script over its "
-                         "images); give one init image")
+        raise ValueError(f"{option}: not with --init-image FOLDER (A1111's img2img batch runs the script on each "
+                         "image; not built here): give one init image at a time")
 
 
 def check_outputs_free(paths: Iterable[Path], *, overwrite: bool, why: Callable[[Path], str] | None = None) -> None:
