@@ -128,8 +128,8 @@ def test_bad_arrays_and_missing_opencv_are_said(monkeypatch):
 
 def test_generate_corrects_each_image_against_its_init_image(plain_sd, tmp_path):  # noqa: F811
     """generate --color-correction: the written image is the uncorrected run's (same seed) corrected against the
-    init image as it was encoded (resized to the run's size); refused without an init image and with "Only
-    masked"."""
+    init image as it was encoded (resized to the run's size); with a mask the overlay after the correction keeps the
+    unmasked pixels; refused without an init image."""
     from PIL import Image
 
     from sdadapt.images import to_uint8
@@ -159,9 +159,38 @@ def test_generate_corrects_each_image_against_its_init_image(plain_sd, tmp_path)
     original = np.asarray(Image.open(tmp_path / "in32.png"))
     assert np.array_equal(fixed["pixels"][0][:, :12], original[:, :12])  # (corrected, then the overlay: kept)
     assert not np.array_equal(fixed["pixels"][0][:, 20:], plain["pixels"][0][:, 20:])
-    with pytest.raises(ValueError, match="--inpaint-full-res"):
-        run_generate(out=str(tmp_path / "c.png"), color_correction=True, mask=str(tmp_path / "mask.png"),
-                     inpaint_full_res=True, **common)
+
+
+def test_the_reference_is_the_runs_first_as_a1111_keeps_it(plain_sd, tmp_path):  # noqa: F811
+    """A1111 keeps p.color_corrections from the first init image for the whole run: a folder's second image is
+    corrected against the first one's colours; Loopback's reference is the uploaded image as it is (not resized);
+    Outpainting mk2 (the first side's reference kept across sides) is refused."""
+    from PIL import Image
+
+    from sdadapt.images import to_uint8
+    from sdadapt.jobs.generate import run_generate
+    from sdadapt.jobs.generate_outpaint_mk2 import run_outpainting_mk2
+    from sdadapt.resize_modes import init_image_pixels
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_pixels(5, 40, 48, saturated=True)).save(folder / "a.png")
+    Image.fromarray(_pixels(9, 40, 48)).save(folder / "b.png")
+    common = {"model": str(plain_sd), "prompt": "a photo", "steps": 3, "sampler": "euler", "seed": 2,
+              "denoising_strength": 0.6, "width": 32, "height": 32, "overwrite": True}
+    plain = run_generate(init_image=str(folder), out=str(tmp_path / "p"), **common)
+    fixed = run_generate(init_image=str(folder), out=str(tmp_path / "f"), color_correction=True, **common)
+    first = setup_color_correction(to_uint8(init_image_pixels(str(folder / "a.png"), (32, 32), mode="just")))
+    assert [np.array_equal(f, apply_color_correction(first, p)) for f, p in zip(fixed["pixels"], plain["pixels"])] \
+        == [True, True]
+    looped = run_generate(init_image=str(folder / "a.png"), out=str(tmp_path / "l.png"), loopback=2,
+                          color_correction=True, **common)
+    alone = run_generate(init_image=str(folder / "a.png"), out=str(tmp_path / "o.png"), **common)
+    raw = setup_color_correction(np.asarray(Image.open(folder / "a.png").convert("RGB")))
+    assert np.array_equal(looped["pixels"][0], apply_color_correction(raw, alone["pixels"][0]))
+    with pytest.raises(ValueError, match="first side's colour reference"):
+        run_outpainting_mk2(pixels=16, **common, init_image=str(folder / "a.png"), out=str(tmp_path / "m.png"),
+                            color_correction=True)
 
 
 def test_the_example_in_docs_samplers_md_runs():

@@ -450,9 +450,11 @@ def run_generate(
             ``downcast_alphas_cumprod``; a plain text-to-image UNet only.
         color_correction: A1111's setting "Apply color correction to img2img results to match original colors"
             (:mod:`sdadapt.color_correction`, OpenCV needed): each image of an ``init_image`` run histogram-matched in
-            CIELAB to the init image as it was encoded (resized; an inpainting run's after its fill), keeping its own
-            luminosity, before the inpainting overlay. Not with "Only masked", SD upscale, Loopback or the
-            outpaintings here. A1111 writes no field for it.
+            CIELAB to the run's reference, keeping its own luminosity, before the inpainting overlay. The reference is
+            A1111's: the first init image as it was encoded (resized; an inpainting run's after its fill, "Only
+            masked"'s region) for the whole run — the later tiles of SD upscale and Poor man's outpainting and the
+            later images of a folder too, as A1111 keeps ``p.color_corrections`` — and with Loopback the init image
+            as it was given. A1111 writes no field for it.
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
@@ -809,14 +811,9 @@ def run_generate(
                              "--inpaint-full-res (it masks the new border itself), --count, --loopback, --sd-upscale "
                              "or a folder of images")
     if color_correction:  # (A1111's img2img_color_correction: sdadapt.color_correction)
-        refused = [option for option, given in (("--inpaint-full-res", inpaint_full_res),
-                                                ("--sd-upscale", sd_upscale is not None),
-                                                ("--loopback", loopback is not None),
-                                                ("--outpaint", outpaint is not None)) if given]
-        if init_image is None or refused:
+        if init_image is None:
             raise ValueError("--color-correction matches an img2img run's colours to its init image: give "
-                             "--init-image" + (f", and leave out {refused[0]} (not built for it here)" if refused
-                                               else ""))
+                             "--init-image")
         from ..color_correction import _cv2
 
         _cv2()  # (OpenCV's Lab conversion: said before any model loads)
@@ -1683,24 +1680,30 @@ def run_generate(
     else:
         jobs = [(i, file, None) for i, file in enumerate(files)]
     script_seeds = tiled is not None or loop_strengths is not None
-    corrections: dict = {}  # (--color-correction: each init image's Lab reference, as A1111's init makes it)
+    reference: list = []  # (--color-correction: the run's one Lab reference, A1111's p.color_corrections)
 
     def corrected(image: torch.Tensor, source: object) -> torch.Tensor:
-        """The decoded image (3, H, W) in [-1, 1], colour-corrected against its init image when asked (A1111:
-        before the overlay), on the 8 bits it is written in."""
+        """The decoded image (3, H, W) in [-1, 1], colour-corrected when asked (A1111: before the overlay), on the 8
+        bits it is written in, against the run's one reference: A1111's ``init`` makes ``p.color_corrections`` of
+        the first init image it encodes (resized, an inpainting run's filled, "Only masked"'s region) and keeps
+        them for every later ``process_images`` of the same ``p`` — the next tiles of SD upscale and Poor man's
+        outpainting, the next images of a folder — and Loopback sets them from the uploaded image as it is."""
         if not color_correction:
             return image
-        from ..color_correction import apply_color_correction, setup_color_correction
-        from ..resize_modes import init_image_pixels
+        import numpy as np
 
-        key = (str(source), id(inpainting))  # (the pixels that were encoded: resized, an inpainting run's filled)
-        if key not in corrections:
-            pixels = inpainting.pixels if inpainting is not None else init_image_pixels(
-                source, (size_h, size_w), mode=resize_mode)
-            corrections.clear()  # (one init image's at a time, as A1111's p.color_corrections)
-            corrections[key] = (inpainting, setup_color_correction(to_uint8(pixels[0] if pixels.ndim == 4
-                                                                             else pixels)))
-        fixed = apply_color_correction(corrections[key][1], to_uint8(image))
+        from ..color_correction import apply_color_correction, setup_color_correction
+        from ..resize_modes import init_image_pixels, open_init_image
+
+        if not reference:
+            if loop_strengths is not None:  # (the Loopback script's initial_color_corrections)
+                pixels = np.asarray(open_init_image(str(init_image)).convert("RGB"))
+            else:
+                encoded = inpainting.pixels if inpainting is not None else init_image_pixels(
+                    source, (size_h, size_w), mode=resize_mode)
+                pixels = to_uint8(encoded[0] if encoded.ndim == 4 else encoded)
+            reference.append(setup_color_correction(np.ascontiguousarray(pixels)))
+        fixed = apply_color_correction(reference[0], to_uint8(image))
         return (torch.from_numpy(fixed).permute(2, 0, 1).float() / 127.5 - 1.0).to(image)
     with conditions_cached(system), conditions_cached(refiner_system), conditions_cached(hires_system):
         for done, (i, file, source) in enumerate(jobs):

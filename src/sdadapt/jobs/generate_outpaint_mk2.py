@@ -93,6 +93,9 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
         raise ValueError("--outpaint-mk2 is A1111's img2img script: give --init-image, the image to grow")
     if not Path(str(init_image)).is_file():
         raise ValueError(f"--init-image {init_image}: no such image file")
+    if given.get("color_correction"):
+        raise ValueError("--outpaint-mk2 with --color-correction: A1111 keeps the first side's colour reference for "
+                         "every side of the same run, which is not built here; leave --color-correction out")
     for key, (default, option) in _SET_BY_SCRIPT.items():
         if given.get(key, default) != default:
             raise ValueError(f"--outpaint-mk2 makes its own mask and inpaints with its own settings (A1111's script "
