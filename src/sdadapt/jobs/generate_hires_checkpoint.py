@@ -31,11 +31,12 @@ def check_hires_checkpoint_request(given: Mapping[str, object], *, hires: bool, 
     if not hires:
         raise ValueError("--hires-checkpoint is A1111's model for the hires pass: add --hires-scale or "
                          "--hires-width/--hires-height, or leave it out")
-    for key, (unset, option) in _REFUSED.items():
-        value = given.get(key, unset)
-        if value not in (unset, None) and bool(value if not isinstance(value, (list, tuple)) else len(value)):
-            raise ValueError(f"--hires-checkpoint: not with {option}, which is set on the first model only here; "
-                             f"leave one of them out")
+    from .generate_runs import first_set
+
+    option = first_set(given, _REFUSED)
+    if option is not None:
+        raise ValueError(f"--hires-checkpoint: not with {option}, which is set on the first model only here; "
+                         "leave one of them out")
     if stepped_tag is not None:
         raise ValueError(f"--hires-checkpoint: prompt tag {stepped_tag}'s start= / stop= / step= switch the first "
                          "model's UNet per model call, not the hires model's; leave the range out")

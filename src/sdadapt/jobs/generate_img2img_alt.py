@@ -35,10 +35,12 @@ def check_img2img_alt_request(given: dict[str, object]) -> None:
     if init_image is None or Path(str(init_image)).is_dir():
         raise ValueError("--img2img-alt is A1111's img2img script ('img2img alternative test'): give one --init-image, "
                          "the image whose noise it finds")
-    for key, (unset, option) in _REFUSED.items():
-        if given.get(key, unset) != unset:
-            raise ValueError(f"--img2img-alt: not with {option} (A1111's script replaces the img2img sampling itself; "
-                             f"sdadapt runs it on plain img2img): leave {option} out")
+    from .generate_runs import first_set
+
+    option = first_set(given, _REFUSED)
+    if option is not None:
+        raise ValueError(f"--img2img-alt: not with {option} (A1111's script replaces the img2img sampling itself; "
+                         f"sdadapt runs it on plain img2img): leave {option} out")
 
 
 def check_img2img_alt_model(system, model: str | os.PathLike) -> None:

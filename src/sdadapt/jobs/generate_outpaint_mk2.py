@@ -79,6 +79,7 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
     from .generate_runs import (
         check_outputs_free,
         check_script_alone,
+        first_set,
         run_named,
         write_grid,
     )
@@ -96,10 +97,10 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
     if given.get("color_correction"):
         raise ValueError("--outpaint-mk2 with --color-correction: A1111 keeps the first side's colour reference for "
                          "every side of the same run, which is not built here; leave --color-correction out")
-    for key, (default, option) in _SET_BY_SCRIPT.items():
-        if given.get(key, default) != default:
-            raise ValueError(f"--outpaint-mk2 makes its own mask and inpaints with its own settings (A1111's script "
-                             f"sets them): leave {option} out")
+    option = first_set(given, _SET_BY_SCRIPT)
+    if option is not None:
+        raise ValueError(f"--outpaint-mk2 makes its own mask and inpaints with its own settings (A1111's script "
+                         f"sets them): leave {option} out")
     count = int(given.get("count", 1))  # type: ignore[call-overload]
     seed = int(given.get("seed", 0))  # type: ignore[call-overload]
     if count > 1 and seed != RANDOM_SEED:

@@ -10,7 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["check_outputs_free", "check_script_alone", "first_pictures", "require_pillow", "run_named", "write_grid"]
+__all__ = ["check_outputs_free", "check_script_alone", "first_pictures", "first_set", "require_pillow", "run_named",
+           "write_grid"]
+
+
+def first_set(given: Mapping[str, object], table: Mapping[str, tuple[object, str]]) -> str | None:
+    """The option of the first ``table`` entry (:func:`~sdadapt.jobs.generate.run_generate`'s keyword -> (its value
+    when not set, the option)) that ``given`` sets — its value neither that one, ``None`` nor an empty list where the
+    unset value is an empty tuple — else ``None``."""
+    for key, (unset, option) in table.items():
+        value = given.get(key, unset)
+        if value is None or value == unset or (isinstance(value, (list, tuple)) and not value and not unset):
+            continue
+        return option
+    return None
 
 
 def check_script_alone(option: str, given: Mapping[str, object]) -> None:
