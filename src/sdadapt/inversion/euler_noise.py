@@ -215,11 +215,11 @@ class GivenStartNoise:
         return getattr(self.noise, name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GivenStartSeeds:
     """A run's :class:`~sdadapt.samplers.a1111_noise.A1111Seeds` with the start noise the script set:
     :meth:`for_batch` gives a :class:`GivenStartNoise` of ``start`` (B, C, h, w); its other attributes are the
-    seeds'."""
+    seeds'. Compared by identity (a tensor field has no one truth value)."""
 
     seeds: A1111Seeds
     start: Tensor
