@@ -161,10 +161,11 @@ def test_generate_corrects_each_image_against_its_init_image(plain_sd, tmp_path)
     assert not np.array_equal(fixed["pixels"][0][:, 20:], plain["pixels"][0][:, 20:])
 
 
-def test_the_reference_is_the_runs_first_as_a1111_keeps_it(plain_sd, tmp_path):  # noqa: F811
+def test_the_reference_is_the_runs_first_as_a1111_keeps_it(plain_sd, tmp_path, monkeypatch):  # noqa: F811
     """A1111 keeps p.color_corrections from the first init image for the whole run: a folder's second image is
-    corrected against the first one's colours; Loopback's reference is the uploaded image as it is (not resized);
-    Outpainting mk2 (the first side's reference kept across sides) is refused."""
+    corrected against the first one's colours; Loopback's reference is the uploaded image as it is (not resized); a
+    reference handed over (a script's later run of the same p) is the one used — Outpainting mk2's second side gets
+    the first side's."""
     from PIL import Image
 
     from sdadapt.images import to_uint8
@@ -188,9 +189,30 @@ def test_the_reference_is_the_runs_first_as_a1111_keeps_it(plain_sd, tmp_path): 
     alone = run_generate(init_image=str(folder / "a.png"), out=str(tmp_path / "o.png"), **common)
     raw = setup_color_correction(np.asarray(Image.open(folder / "a.png").convert("RGB")))
     assert np.array_equal(looped["pixels"][0], apply_color_correction(raw, alone["pixels"][0]))
-    with pytest.raises(ValueError, match="first side's colour reference"):
-        run_outpainting_mk2(pixels=16, **common, init_image=str(folder / "a.png"), out=str(tmp_path / "m.png"),
-                            color_correction=True)
+    given = run_generate(init_image=str(folder / "b.png"), out=str(tmp_path / "g.png"), color_correction=True,
+                         color_reference=raw, **common)  # (a later run of the same p: the reference handed over)
+    alone_b = run_generate(init_image=str(folder / "b.png"), out=str(tmp_path / "h.png"), **common)
+    assert np.array_equal(given["pixels"][0], apply_color_correction(raw, alone_b["pixels"][0]))
+    assert given["color_reference"] is raw
+    from sdadapt.jobs import generate_runs
+
+    handed = []
+    real = generate_runs.run_named
+
+    def spy(where, settings, **kw):
+        handed.append(settings.get("color_reference"))
+        result = real(where, settings, **kw)
+        handed.append(result["color_reference"])
+        return result
+
+    monkeypatch.setattr(generate_runs, "run_named", spy)
+    run_outpainting_mk2(pixels=16, directions=("left", "right"), init_image=str(folder / "a.png"),
+                        out=str(tmp_path / "m.png"), color_correction=True,
+                        **{k: v for k, v in common.items() if k not in ("width", "height")}, width=64, height=64)
+    first_in, first_out, second_in, second_out = handed  # (mk2's sides: left, then right)
+    assert first_in is None and second_in is first_out and second_out is first_out  # (A1111's one p)
+    with pytest.raises(ValueError, match="color_correction=True"):
+        run_generate(init_image=str(folder / "b.png"), out=str(tmp_path / "i.png"), color_reference=raw, **common)
 
 
 def test_the_example_in_docs_samplers_md_runs():

@@ -186,6 +186,7 @@ def run_generate(
     outpaint_fill: str = "fill",
     img2img_alt: Img2ImgAlternative | None = None,
     color_correction: bool = False,
+    color_reference: object = None,
     vae_encode: str = "mean",
     styles: Sequence[PromptStyle] = (),
     loaded: LoadedModels | None = None,
@@ -454,7 +455,9 @@ def run_generate(
             A1111's: the first init image as it was encoded (resized; an inpainting run's after its fill, "Only
             masked"'s region) for the whole run — the later tiles of SD upscale and Poor man's outpainting and the
             later images of a folder too, as A1111 keeps ``p.color_corrections`` — and with Loopback the init image
-            as it was given. A1111 writes no field for it.
+            as it was given. A1111 writes no field for it. The result's ``color_reference`` is the reference used.
+        color_reference: with ``color_correction``, a reference (H, W, 3) uint8 Lab to correct against instead of
+            the run's own (a script's later run of the same A1111 ``p``: Outpainting mk2's next sides).
         hires_scale, hires_width, hires_height, hires_steps, hires_denoising, hires_upscaler: A1111's txt2img hires
             fix: a second pass at ``hires_scale`` times the size (or ``hires_width`` x ``hires_height``; one of them
             keeps the proportions; both out of proportion: enlarged to cover them and cropped, as A1111),
@@ -810,6 +813,8 @@ def run_generate(
             raise ValueError("--outpaint is A1111's img2img script on one --init-image, run once: not with --mask / "
                              "--inpaint-full-res (it masks the new border itself), --count, --loopback, --sd-upscale "
                              "or a folder of images")
+    if color_reference is not None and not color_correction:
+        raise ValueError("color_reference is --color-correction's reference: pass color_correction=True with it")
     if color_correction:  # (A1111's img2img_color_correction: sdadapt.color_correction)
         if init_image is None:
             raise ValueError("--color-correction matches an img2img run's colours to its init image: give "
@@ -1680,7 +1685,7 @@ def run_generate(
     else:
         jobs = [(i, file, None) for i, file in enumerate(files)]
     script_seeds = tiled is not None or loop_strengths is not None
-    reference: list = []  # (--color-correction: the run's one Lab reference, A1111's p.color_corrections)
+    reference: list = [] if color_reference is None else [color_reference]  # (A1111's p.color_corrections)
 
     def corrected(image: torch.Tensor, source: object) -> torch.Tensor:
         """The decoded image (3, H, W) in [-1, 1], colour-corrected when asked (A1111: before the overlay), on the 8
@@ -1829,6 +1834,7 @@ def run_generate(
             "embeddings": [h.name for h in handles], "unknown_words": unknown,
             "aesthetic": None if aesthetic is None else str(aesthetic),
             **({} if hires_checkpoint is None else {"hires_checkpoint": str(hires_checkpoint)}),
+            **({} if not reference else {"color_reference": reference[0]}),
             **({} if refiner is None else {"refiner": str(refiner), "refiner_switch_at": refiner_switch_at,
                                            "refiner_hires_pass": (refiner_hires_pass or "second") if hires else None})}
 

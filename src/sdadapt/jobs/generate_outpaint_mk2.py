@@ -94,9 +94,6 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
         raise ValueError("--outpaint-mk2 is A1111's img2img script: give --init-image, the image to grow")
     if not Path(str(init_image)).is_file():
         raise ValueError(f"--init-image {init_image}: no such image file")
-    if given.get("color_correction"):
-        raise ValueError("--outpaint-mk2 with --color-correction: A1111 keeps the first side's colour reference for "
-                         "every side of the same run, which is not built here; leave --color-correction out")
     option = first_set(given, _SET_BY_SCRIPT)
     if option is not None:
         raise ValueError(f"--outpaint-mk2 makes its own mask and inpaints with its own settings (A1111's script "
@@ -118,7 +115,7 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
     blur_xy = mk2_blur(blur, sides)
     say(f"outpainting mk2 of {init_image}: {pixels} pixels {', '.join(sides)}, regions up to {size[0]}x{size[1]}, "
         f"mask blur {4 * blur_xy[0]} x / {4 * blur_xy[1]} y")
-    runs, written = [], []
+    runs, written, reference = [], [], None
     with tempfile.TemporaryDirectory(prefix="sdadapt-outpaint-mk2-") as folder:
         for n, target in enumerate(outputs):
             grown, infotext = image, None
@@ -134,7 +131,10 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
                             "inpainting_fill": "original", "inpaint_full_res": False, "width": step.size[0],
                             "height": step.size[1], "count": 1, "out": str(Path(folder) / f"run-{n}-{side}.png"),
                             "overwrite": True}
+                if reference is not None:  # (--color-correction: A1111 keeps the first run's p.color_corrections)
+                    settings["color_reference"] = reference
                 result = run_named(f"outpainting mk2 ({side})", settings, loaded=loaded, log=log)
+                reference = result.get("color_reference", reference)
                 runs.append(result)
                 grown = step.paste(Image.fromarray(result["pixels"][0], "RGB"))
                 infotext = result["infotexts"][0] if infotext is None else infotext
