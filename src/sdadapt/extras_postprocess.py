@@ -6,7 +6,8 @@ flipped copies" (``scripts/postprocessing_create_flipped_copies.py``) and "Split
 size the split reads), then each script over every image so far, the images a script adds appended after them, in
 A1111's order — Upscale (order 1000), then the three of order 4000 by name: Auto-sized crop, Create flipped copies,
 Split oversized images. :func:`extras_images` returns each output with A1111's file-name suffix (``get_suffix``: the
-first image none, the next ``-1``, ``-2``, ...). Face restoration, the focal-point crop (OpenCV's face and corner
+first image none, the next ``-1``, ``-2``, ...; A1111 stops at ``-99`` and gives the 101st image on the bare name
+again, overwriting the first — here the numbers go on). Face restoration, the focal-point crop (OpenCV's face and corner
 detectors) and captioning (BLIP / DeepDanbooru) need models and are not run here.
 """
 
